@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine: `make drill` and `make test`.
+# Every step is idempotent and quick when already done.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+export TESTCONTAINERS_RYUK_DISABLED := true
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup venv docker images drill test lint bench clean-drills help
+
+help:
+	@echo "make drill   run every runbook feature against an ephemeral blue/green stack"
+	@echo "make test    the whole suite (lint, unit, integration, features)"
+	@echo "make images  build the drill images locally (no registry needed)"
+	@echo "make bench   run the benchmarks in bench/ and print their figures"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+docker:
+	@scripts/ensure-docker.sh
+
+images: venv docker
+	@$(PY) -m runbook.drill.images build
+
+setup: venv docker images
+
+lint: venv
+	@$(VENV)/bin/ruff check runbook steps tests conftest.py bench
+
+drill: setup
+	$(PYTEST) features/
+
+test: setup lint
+	$(PYTEST)
+
+bench: setup
+	@for b in bench/bench_*.py; do $(PY) $$b; done
+
+clean-drills: venv docker
+	@$(PY) -m runbook.drill.cleanup

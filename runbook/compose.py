@@ -1,0 +1,59 @@
+"""The Compose adapter: build the exact command a host runs, then run it.
+
+Kept separate (as Kamal does) so `--dry-run` can print the very argument list that execution
+would use. Only the target service is ever touched: never `down`, which would stop the
+shared database too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, RunbookError
+
+
+class ComposeError(RunbookError):
+    exit_code = ExitCode.FAILED_SAFELY
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables (never secrets)
+
+    def display(self) -> str:
+        import shlex
+
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env)
+        return (prefix + " " if prefix else "") + shlex.join(self.argv)
+
+
+def base(env: Environment) -> list[str]:
+    argv = [*env.compose.command, "-p", env.compose.project, "-f", str(env.compose.file)]
+    if env.compose.env_file is not None:
+        argv += ["--env-file", str(env.compose.env_file)]
+    return argv
+
+
+def recreate_slot(env: Environment, slot: Slot, tag: str) -> Command:
+    """`up -d --no-deps --force-recreate togather-<slot>` with IMAGE_TAG set, as on a host."""
+    service = env.slot(slot).service
+    return Command(
+        argv=(*base(env), "up", "-d", "--no-deps", "--force-recreate", "--pull", "never", service),
+        env=(("IMAGE_TAG", tag),),
+    )
+
+
+def run(command: Command, timeout: float = 300) -> str:
+    proc = subprocess.run(  # noqa: S603 - argument list, never a shell string
+        list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
+        env={**os.environ, **dict(command.env)},
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ComposeError(f"`{command.display()}` failed: {last[0]}",
+                           "read the compose output above and `docker compose ps`")
+    return proc.stdout

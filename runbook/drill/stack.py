@@ -1,0 +1,360 @@
+"""The ephemeral blue/green stack: Postgres, two app slots and Caddy, shaped like a host.
+
+Started through testcontainers' DockerCompose with docker-compose.test.yml. It yields the
+same `Environment` a real host has; the only extra is `allows_faults` and the fault helpers
+below. Every resource carries the label io.togather.drill.run=<run id> and is removed by
+label at teardown, since Ryuk (an image that would be pulled) is disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from runbook import environment as envmod
+from runbook.drill import images
+from runbook.drill.versions import VERSIONS, AppVersion
+from runbook.environment import Environment, ReloadMethod, Slot
+from runbook.errors import ExitCode, RunbookError
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.test.yml"
+RUN_LABEL = "io.togather.drill.run"
+DB_USER = "togather"
+DB_NAME = "togather"
+
+
+class DrillError(RunbookError):
+    exit_code = ExitCode.PRECONDITION
+
+
+@dataclass
+class Ports:
+    blue: int
+    green: int
+    postgres: int
+    proxy: int
+    admin: int
+    other_site: int
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(preferred: dict[str, int] | None = None) -> Ports:
+    """Free loopback ports; a preferred port held by someone else is replaced, never freed."""
+    preferred = preferred or {}
+    chosen: dict[str, int] = {}
+    holders = []
+    try:
+        for name in ("blue", "green", "postgres", "proxy", "admin", "other_site"):
+            want = preferred.get(name)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", want or 0))
+            except OSError:
+                s.bind(("127.0.0.1", 0))
+            holders.append(s)
+            chosen[name] = s.getsockname()[1]
+    finally:
+        for s in holders:
+            s.close()
+    return Ports(**chosen)
+
+
+def preferred_ports_from_env() -> dict[str, int]:
+    """RUNBOOK_DRILL_<NAME>_PORT lets a user ask for fixed ports (taken ones are replaced)."""
+    out = {}
+    for name in ("blue", "green", "postgres", "proxy", "admin", "other_site"):
+        value = os.environ.get(f"RUNBOOK_DRILL_{name.upper()}_PORT")
+        if value and value.isdigit():
+            out[name] = int(value)
+    return out
+
+
+CADDYFILE = """\
+# Togather drill proxy, run {run_id}: the same shape as /etc/caddy/Caddyfile on a host.
+{{
+	admin 127.0.0.1:{admin}
+	auto_https off
+}}
+
+# Another site on this host. Everything outside the markers survives a switch byte for byte.
+http://127.0.0.1:{other_site} {{
+	bind 127.0.0.1
+	respond /ping "pong" 200
+}}
+
+http://127.0.0.1:{proxy} {{
+	bind 127.0.0.1
+	@api path /api/*
+	header X-Drill-Run "{run_id}"
+	# BLUE_GREEN_SLOT_START
+	handle @api {{
+		reverse_proxy localhost:{port} {{
+			header_down X-Togather-Slot "{slot}"
+		}}
+	}}
+	handle {{
+		reverse_proxy localhost:{port} {{
+			header_down X-Togather-Slot "{slot}"
+		}}
+	}}
+	# BLUE_GREEN_SLOT_END
+}}
+"""
+
+
+@dataclass
+class DrillStack:
+    """One drill run: its files, ports, containers and the Environment that describes them."""
+
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    base_version: AppVersion = field(default_factory=lambda: VERSIONS["v1"])
+    reload: ReloadMethod = ReloadMethod.ADMIN_API
+    keep_dir: bool = False
+    run_dir: Path = field(init=False)
+    ports: Ports = field(init=False)
+    env: Environment = field(init=False)
+    password: str = field(init=False)
+    _compose: object | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"togather-drill-{self.run_id}-"))
+        self.password = f"Dr1ll@{secrets.token_hex(6)}/%x"  # @ / % on purpose: URL-encoding
+        self.ports = pick_ports(preferred_ports_from_env())
+
+    # -- names -----------------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        return f"drill-{self.run_id}-"
+
+    @property
+    def project(self) -> str:
+        return f"togather-drill-{self.run_id}"
+
+    @property
+    def caddy_container(self) -> str:
+        return f"{self.prefix}caddy"
+
+    @property
+    def db_container(self) -> str:
+        return f"{self.prefix}togather-db"
+
+    @property
+    def env_file(self) -> Path:
+        return self.run_dir / ".env.development"
+
+    @property
+    def caddy_dir(self) -> Path:
+        return self.run_dir / "caddy"
+
+    @property
+    def database_url(self) -> str:
+        return (f"postgresql://{DB_USER}:{quote(self.password, safe='')}"
+                f"@127.0.0.1:{self.ports.postgres}/{DB_NAME}")
+
+    def caddyfile_text(self, slot: Slot) -> str:
+        port = self.ports.blue if slot is Slot.BLUE else self.ports.green
+        return CADDYFILE.format(run_id=self.run_id, admin=self.ports.admin,
+                                other_site=self.ports.other_site, proxy=self.ports.proxy,
+                                port=port, slot=slot.value)
+
+    # -- files -----------------------------------------------------------------------------
+    def _write_files(self, image_set: images.ImageSet) -> None:
+        self.caddy_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("deploy/config", "db-snapshots", "logs", "runs"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        app_url = (f"postgresql://{DB_USER}:{quote(self.password, safe='')}"
+                   f"@togather-db:5432/{DB_NAME}")
+        values = {
+            "COMPOSE_PROJECT_NAME": self.project,
+            "DRILL_PREFIX": self.prefix,
+            "DRILL_RUN_ID": self.run_id,
+            "IMAGE_TAG": self.base_version.tag,
+            "POSTGRES_IMAGE": image_set.postgres,
+            "CADDY_IMAGE": image_set.caddy,
+            "POSTGRES_USER": DB_USER,
+            "POSTGRES_PASSWORD": self.password,
+            "POSTGRES_DB": DB_NAME,
+            "POSTGRES_PORT": str(self.ports.postgres),
+            "BLUE_PORT": str(self.ports.blue),
+            "GREEN_PORT": str(self.ports.green),
+            "CADDY_DIR": str(self.caddy_dir),
+            "APP_DATABASE_URL": app_url,
+            "DATABASE_URL": self.database_url,
+            "HEALTH_CHECK_PATH": "/health",
+        }
+        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.writelines(f"{k}={v}\n" for k, v in values.items())
+        (self.caddy_dir / "Caddyfile").write_text(self.caddyfile_text(Slot.BLUE))
+        env_toml = self.run_dir / "environment.toml"
+        self.env = self._environment(env_toml)
+        env_toml.write_text(envmod.to_toml(self.env))
+
+    def _environment(self, source: Path) -> Environment:
+        slots = {
+            slot: envmod.SlotConfig(slot=slot, container=f"{self.prefix}togather-server-{slot}",
+                                    service=f"togather-{slot}",
+                                    port=self.ports.blue if slot is Slot.BLUE else self.ports.green)
+            for slot in Slot
+        }
+        return Environment(
+            name="development",
+            label=f"drill {self.run_id}",
+            state_file=self.run_dir / "deploy/config/deployment-state.json",
+            lock_dir=self.run_dir,
+            log_dir=self.run_dir / "logs",
+            runs_dir=self.run_dir / "runs",
+            slots=slots,
+            caddy=envmod.CaddyConfig(
+                caddyfile=self.caddy_dir / "Caddyfile",
+                reload=self.reload,
+                admin_url=f"http://127.0.0.1:{self.ports.admin}",
+                proxy_url=f"http://127.0.0.1:{self.ports.proxy}",
+                command=("docker", "exec", self.caddy_container, "caddy"),
+            ),
+            compose=envmod.ComposeConfig(file=COMPOSE_FILE, project=self.project,
+                                         env_file=self.env_file),
+            health=envmod.HealthConfig(timeout=30.0, interval=0.1, max_interval=1.0),
+            database=envmod.DatabaseConfig(env_file=self.env_file,
+                                           container=self.db_container,
+                                           snapshot_dir=self.run_dir / "db-snapshots"),
+            source=source,
+            allows_faults=True,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> DrillStack:
+        """Bring the stack up; on any failure tear down what was started, then raise."""
+        image_set = images.require([self.base_version])
+        self._write_files(image_set)
+        from testcontainers.compose import DockerCompose
+
+        compose = DockerCompose(context=str(REPO_ROOT), compose_file_name=str(COMPOSE_FILE),
+                                env_file=str(self.env_file), wait=True, pull=False)
+        self._compose = compose
+        try:
+            try:
+                compose.start()
+            except subprocess.CalledProcessError as exc:
+                raise DrillError(f"drill stack {self.run_id} did not start: "
+                                 f"{_last_line(exc.stderr)}",
+                                 "see `docker compose logs`; a port clash retries on new ports"
+                                 ) from None
+            self.wait_caddy()
+            self.migrate(Slot.BLUE)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Remove everything of this run: compose down, then a sweep by label."""
+        if self._compose is not None:
+            with contextlib.suppress(Exception):
+                self._compose.stop(down=True)  # type: ignore[attr-defined]
+        sweep(self.run_id)
+        if not self.keep_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> DrillStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- helpers used by drills ------------------------------------------------------------
+    def wait_caddy(self, timeout: float = 15.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.env.caddy.admin_url}/config/", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise DrillError("drill Caddy admin API did not answer",
+                                 f"see `docker logs {self.caddy_container}`")
+            time.sleep(0.05)
+
+    def migrate(self, slot: Slot) -> str:
+        """Apply the migrations shipped in the image running on `slot`."""
+        out = subprocess.run(
+            ["docker", "exec", self.env.slot(slot).container, "python3", "/app/server.py",
+             "migrate", "up"], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise DrillError(f"migrations failed on {slot}: {_last_line(out.stderr)}",
+                             "see the container logs")
+        return out.stdout.strip()
+
+    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def _last_line(text: bytes | str | None) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def resources(run_id: str | None = None) -> dict[str, list[str]]:
+    """Containers, networks and volumes carrying the drill label (of one run, or of any)."""
+    label = f"{RUN_LABEL}={run_id}" if run_id else RUN_LABEL
+    out: dict[str, list[str]] = {}
+    for kind, fmt in (("container", "{{.Names}}"), ("network", "{{.Name}}"),
+                      ("volume", "{{.Name}}")):
+        cmd = ["docker", kind, "ls", "--filter", f"label={label}", "--format", fmt]
+        if kind == "container":
+            cmd.insert(3, "-a")
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out[kind] = [line for line in proc.stdout.split() if line]
+    return out
+
+
+def sweep(run_id: str) -> None:
+    """Remove every container, network and volume of one run, whatever state it is in."""
+    found = resources(run_id)
+    if found["container"]:
+        subprocess.run(["docker", "rm", "-f", "-v", *found["container"]],
+                       capture_output=True, check=False)
+    if found["network"]:
+        subprocess.run(["docker", "network", "rm", *found["network"]],
+                       capture_output=True, check=False)
+    if found["volume"]:
+        subprocess.run(["docker", "volume", "rm", "-f", *found["volume"]],
+                       capture_output=True, check=False)
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def running(**kwargs: object) -> Iterator[DrillStack]:
+    stack = DrillStack(**kwargs)  # type: ignore[arg-type]
+    with stack:
+        yield stack

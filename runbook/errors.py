@@ -1,0 +1,55 @@
+"""Errors that carry their exit code and the fix, so every front end reports them the same way."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Documented exit codes of `runbook` (and of the step library's failures)."""
+
+    OK = 0
+    FAILED_SAFELY = 1  # the action failed; traffic stays on a healthy slot, state tells the truth
+    USAGE = 2  # bad input or configuration; nothing was changed
+    LOCKED = 3  # another run holds the deploy lock; nothing was changed
+    PRECONDITION = 4  # e.g. no previous deployment, schema ahead, image gone; nothing was changed
+    ATTENTION = 5  # the action failed and could not be fully undone: read the message now
+
+
+class RunbookError(Exception):
+    """A failure with a one-line message, the fix, and an exit code."""
+
+    exit_code: ExitCode = ExitCode.FAILED_SAFELY
+
+    def __init__(self, message: str, fix: str | None = None, *,
+                 exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.fix}" if self.fix else self.message
+
+
+class ConfigError(RunbookError):
+    exit_code = ExitCode.USAGE
+
+
+class UsageError(RunbookError):
+    exit_code = ExitCode.USAGE
+
+
+class LockedError(RunbookError):
+    exit_code = ExitCode.LOCKED
+
+
+class PreconditionError(RunbookError):
+    exit_code = ExitCode.PRECONDITION
+
+
+class StateError(RunbookError):
+    """The state file is missing, unreadable or invalid."""
+
+    exit_code = ExitCode.PRECONDITION

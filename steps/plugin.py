@@ -1,0 +1,3 @@
+"""pytest plugin that loads every step module and the environment fixtures."""
+
+pytest_plugins = ["steps.fixtures"]

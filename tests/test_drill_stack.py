@@ -1,0 +1,221 @@
+"""The drill stack, run for real: bring-up, slots, proxy, broken builds, database, teardown."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+
+from runbook import compose, docker
+from runbook.drill import images
+from runbook.drill.stack import DrillError, DrillStack, resources
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[DrillStack]:
+    """A stack this module may break freely (the session stack stays pristine)."""
+    with DrillStack() as stack:
+        yield stack
+
+
+def health(stack: DrillStack, slot: Slot) -> httpx.Response:
+    return httpx.get(f"{stack.env.slot(slot).base_url}/health", timeout=5)
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_both_slots_healthy_on_their_own_ports(drill_stack: DrillStack) -> None:
+    env = drill_stack.env
+    assert env.slot("blue").port != env.slot("green").port
+    for slot in Slot:
+        response = health(drill_stack, slot)
+        body = response.json()
+        assert response.status_code == 200
+        assert body["status"] == "healthy"
+        assert body["slot"] == slot.value
+        assert body["version"] == VERSIONS["v1"].tag
+        assert body["git_commit"] == VERSIONS["v1"].git_commit
+        assert body["checks"]["database"]["status"] == "pass"
+        assert body["checks"]["migrations"]["details"] == {"version": 1, "dirty": False}
+        info = docker.inspect(env.slot(slot).container)
+        assert info.running and info.image == VERSIONS["v1"].image
+        assert info.labels is not None
+        assert info.labels["com.togather.deployment.slot"] == slot.value
+
+
+def test_endpoints_match_the_contract(drill_stack: DrillStack) -> None:
+    base = drill_stack.env.slot("blue").base_url
+    version = httpx.get(f"{base}/version").json()
+    assert set(version) == {"version", "git_commit", "build_date"}
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    ready = httpx.get(f"{base}/readyz").json()
+    assert set(ready["checks"]) == {"database", "migrations"}
+    assert ready["timestamp"].endswith("Z")
+
+
+def test_proxy_serves_the_active_slot_with_its_header(drill_stack: DrillStack) -> None:
+    env = drill_stack.env
+    for path in ("/version", "/api/version"):
+        response = httpx.get(f"{env.caddy.proxy_url}{path}")
+        assert response.headers["X-Togather-Slot"] == "blue"
+    assert httpx.get(f"{env.caddy.proxy_url}/version").json()["version"] == VERSIONS["v1"].tag
+    text = env.caddy.caddyfile.read_text()
+    assert "# BLUE_GREEN_SLOT_START" in text and "# BLUE_GREEN_SLOT_END" in text
+    assert f"localhost:{env.slot('blue').port}" in text
+    other = text.split("http://127.0.0.1:")[1].split(" ")[0]
+    assert httpx.get(f"http://127.0.0.1:{other}/ping").text == "pong"
+
+
+def test_dataset_is_read_and_written_through_the_app(drill_stack: DrillStack) -> None:
+    base = drill_stack.env.slot("green").base_url
+    created = httpx.post(f"{base}/items", json={"name": "drill-item"}).json()
+    items = httpx.get(f"{drill_stack.env.slot('blue').base_url}/items").json()
+    assert {"id": created["id"], "name": "drill-item"} in items
+    with psycopg.connect(drill_stack.env.database.url()) as conn:
+        assert conn.execute("SELECT name FROM items WHERE id = %s",
+                            (created["id"],)).fetchone() == ("drill-item",)
+
+
+def test_database_url_password_needs_encoding_and_works(drill_stack: DrillStack) -> None:
+    """The drill's password holds @, / and %: every client must cope with it."""
+    assert any(c in drill_stack.password for c in "@/%")
+    assert drill_stack.password not in drill_stack.env.database.url()
+    with psycopg.connect(drill_stack.env.database.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def recreate(stack: DrillStack, slot: Slot, version: str) -> None:
+    compose.run(compose.recreate_slot(stack.env, slot, VERSIONS[version].tag))
+
+
+def test_unhealthy_build_answers_503(scratch: DrillStack) -> None:
+    recreate(scratch, Slot.GREEN, "unhealthy")
+    response = wait_for(lambda: _try(lambda: health(scratch, Slot.GREEN)))
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy"
+    assert body["checks"]["app"]["status"] == "fail"
+    assert docker.inspect(scratch.env.slot("green").container).image == VERSIONS["unhealthy"].image
+    recreate(scratch, Slot.GREEN, "v1")
+
+
+def test_crashing_build_exits_on_start(scratch: DrillStack) -> None:
+    recreate(scratch, Slot.GREEN, "crash")
+    container = scratch.env.slot("green").container
+    info = wait_for(lambda: (i := docker.inspect(container)).status == "exited" and i)
+    assert info and info.exit_code == 3
+    assert "exits on start" in docker.logs(container)
+    with pytest.raises(httpx.ConnectError):
+        health(scratch, Slot.GREEN)
+    recreate(scratch, Slot.GREEN, "v1")
+
+
+def test_schema_ahead_of_the_build_fails_its_migrations_check(scratch: DrillStack) -> None:
+    recreate(scratch, Slot.GREEN, "v2")
+    wait_for(lambda: _try(lambda: health(scratch, Slot.GREEN)))
+    scratch.migrate(Slot.GREEN)
+    green = health(scratch, Slot.GREEN).json()
+    blue = health(scratch, Slot.BLUE)
+    assert green["status"] == "healthy"
+    assert blue.status_code == 503
+    assert blue.json()["checks"]["migrations"]["status"] == "fail"
+    assert "ahead" in blue.json()["checks"]["migrations"]["message"]
+    with psycopg.connect(scratch.env.database.url(), autocommit=True) as conn:
+        conn.execute("DROP TABLE orders; ALTER TABLE items DROP COLUMN priority;"
+                     "UPDATE schema_migrations SET version = 1")
+    assert health(scratch, Slot.BLUE).json()["status"] == "healthy"
+
+
+def test_database_restart_is_seen_by_health(scratch: DrillStack) -> None:
+    scratch.docker("stop", scratch.db_container)
+    down = health(scratch, Slot.BLUE)
+    assert down.status_code == 503
+    assert down.json()["checks"]["database"]["status"] == "fail"
+    scratch.docker("start", scratch.db_container)
+    up = wait_for(lambda: health(scratch, Slot.BLUE).status_code == 200, timeout=30)
+    assert up, "blue never saw the database come back"
+
+
+def test_app_stops_promptly_on_sigterm(scratch: DrillStack) -> None:
+    container = scratch.env.slot("green").container
+    scratch.docker("stop", "-t", "5", container)
+    info = docker.inspect(container)
+    assert info.status == "exited"
+    assert info.exit_code == 0, "SIGTERM was not handled (137 means it had to be killed)"
+    docker.start(container)
+
+
+def test_teardown_leaves_nothing_behind() -> None:
+    stack = DrillStack().start()
+    run_id = stack.run_id
+    assert resources(run_id)["container"], "the stack should be up"
+    stack.stop()
+    assert resources(run_id) == {"container": [], "network": [], "volume": []}
+    assert not stack.run_dir.exists()
+
+
+def test_a_port_held_by_a_foreign_process_is_avoided(monkeypatch: pytest.MonkeyPatch) -> None:
+    foreign = socket.socket()
+    foreign.bind(("127.0.0.1", 0))
+    foreign.listen()
+    taken = foreign.getsockname()[1]
+    monkeypatch.setenv("RUNBOOK_DRILL_PROXY_PORT", str(taken))
+    try:
+        with DrillStack() as stack:
+            assert stack.ports.proxy != taken
+            assert httpx.get(f"{stack.env.caddy.proxy_url}/version").status_code == 200
+        probe = socket.create_connection(("127.0.0.1", taken), timeout=2)
+        probe.close()  # the foreign listener is untouched
+    finally:
+        foreign.close()
+
+
+def test_missing_image_is_one_clear_error_and_nothing_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "LOCAL_POSTGRES", "togather-drill-postgres:absent")
+    stack = DrillStack()
+    with pytest.raises(images.ImageError) as err:
+        stack.start()
+    message = str(err.value)
+    assert "togather-drill-postgres:absent" in message and "make images" in message
+    assert "\n" not in message
+    assert resources(stack.run_id) == {"container": [], "network": [], "volume": []}
+    stack.stop()
+
+
+def test_pull_mode_must_be_an_explicit_known_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOK_IMAGES", "sometimes")
+    with pytest.raises(images.ImageError, match="RUNBOOK_IMAGES"):
+        images.selected()
+
+
+def test_drill_error_is_raised_for_a_failing_bring_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = DrillStack()
+    monkeypatch.setattr(stack, "base_version", VERSIONS["crash"])
+    # a crashing build can never become healthy, but compose --wait only needs it started;
+    # the migration step then fails with a clear DrillError and everything is removed.
+    with pytest.raises(DrillError):
+        stack.start()
+    assert resources(stack.run_id) == {"container": [], "network": [], "volume": []}
+
+
+def _try(fn):  # type: ignore[no-untyped-def]
+    try:
+        return fn()
+    except httpx.HTTPError:
+        return None
