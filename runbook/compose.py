@@ -48,7 +48,7 @@ def recreate_slot(env: Environment, slot: Slot, tag: str) -> Command:
 
 
 def run(command: Command, timeout: float = 300) -> str:
-    proc = subprocess.run(  # noqa: S603 - argument list, never a shell string
+    proc = subprocess.run(
         list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
         env={**os.environ, **dict(command.env)},
     )

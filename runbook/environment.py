@@ -120,6 +120,7 @@ class Environment:
     source: Path | None = None  # the TOML file it came from
     label: str = ""  # how to call it in output, e.g. "production" or "drill 3f2a"
     allows_faults: bool = False  # only drill stacks may be broken on purpose
+    migrate_command: tuple[str, ...] = ()  # run inside the new slot by deploy; () = app migrates
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -263,7 +264,7 @@ class _Reader:
 
 
 KNOWN_TABLES = {"name", "label", "state", "lock", "logs", "slots", "caddy", "compose", "health",
-                "database", "rollback", "drill"}
+                "database", "rollback", "deploy", "drill"}
 
 
 def load_file(path: Path) -> Environment:
@@ -282,7 +283,8 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     base = path.parent
     for key in data:
         if key not in KNOWN_TABLES:
-            r.errors.append(f"{path}: {key}: unknown key (known: {', '.join(sorted(KNOWN_TABLES))})")
+            known = ", ".join(sorted(KNOWN_TABLES))
+            r.errors.append(f"{path}: {key}: unknown key (known: {known})")
     name = r.choice("name", ENV_NAMES)
     slots: dict[Slot, SlotConfig] = {}
     for slot in Slot:
@@ -340,6 +342,8 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     stop_old = r.get("rollback.stop_old_slot", bool, True)
     allows_faults = r.get("drill.allows_faults", bool, False)
     label = r.get("label", str, "")
+    has_migrate = r._lookup("deploy.migrate_command")[0]
+    migrate = r.command("deploy.migrate_command", ("-",)) if has_migrate else ()
     if r.errors:
         raise ConfigError(f"{len(r.errors)} problem(s) in {path}:\n  " + "\n  ".join(r.errors),
                           "fix them and run again")
@@ -347,7 +351,9 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
         name=name, state_file=state_file, lock_dir=lock_dir, log_dir=log_dir,  # type: ignore[arg-type]
         runs_dir=runs_dir, slots=slots, caddy=caddy, compose=compose,  # type: ignore[arg-type]
         health=health, database=database, lock_stale_after=stale or 1800.0,
-        stop_old_slot=bool(stop_old), source=path, label=label or name, allows_faults=bool(allows_faults),
+        stop_old_slot=bool(stop_old), source=path, label=label or name,
+        allows_faults=bool(allows_faults),
+        migrate_command=tuple(migrate),
     )
     return env
 
@@ -366,7 +372,8 @@ def to_toml(env: Environment) -> str:
 
     lines = [f"name = {q(env.name)}", f"label = {q(env.display)}", "",
              "[state]", f"file = {q(env.state_file)}", "",
-             "[lock]", f"dir = {q(env.lock_dir)}", f"stale_after_seconds = {q(env.lock_stale_after)}", "",
+             "[lock]", f"dir = {q(env.lock_dir)}",
+             f"stale_after_seconds = {q(env.lock_stale_after)}", "",
              "[logs]", f"dir = {q(env.log_dir)}", f"runs_dir = {q(env.runs_dir)}", ""]
     for slot in Slot:
         s = env.slot(slot)
@@ -390,6 +397,8 @@ def to_toml(env: Environment) -> str:
               f"url_variable = {q(d.url_variable)}", f"container = {q(d.container)}",
               f"snapshot_dir = {q(d.snapshot_dir)}", f"retention_days = {d.retention_days}", "",
               "[rollback]", f"stop_old_slot = {q(env.stop_old_slot)}", ""]
+    if env.migrate_command:
+        lines += ["[deploy]", f"migrate_command = {q(env.migrate_command)}", ""]
     if env.allows_faults:
         lines += ["[drill]", "allows_faults = true", ""]
     return "\n".join(lines)

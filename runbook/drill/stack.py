@@ -242,6 +242,7 @@ class DrillStack:
                                            snapshot_dir=self.run_dir / "db-snapshots"),
             source=source,
             allows_faults=True,
+            migrate_command=("python3", "/app/server.py", "migrate", "up"),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class DrillStack:
                                  ) from None
             self.wait_caddy()
             self.migrate(Slot.BLUE)
+            self.write_baseline_state()
         except BaseException:
             self.stop()
             raise
@@ -309,6 +311,74 @@ class DrillStack:
             raise DrillError(f"migrations failed on {slot}: {_last_line(out.stderr)}",
                              "see the container logs")
         return out.stdout.strip()
+
+    def write_baseline_state(self) -> None:
+        """One deployment recorded: the base version on blue, schema 1, as after a first deploy."""
+        from runbook import state as states
+
+        v = self.base_version
+        dep = states.make_deployment(v.tag, v.git_commit, Slot.BLUE, status="active",
+                                     deployed_by="drill@runbook", migration_version=v.schema,
+                                     image=v.image)
+        states.write_state(self.env.state_file, states.after_deploy(
+            states.DeploymentState(environment=self.env.name),
+            dep.with_(health_status="healthy")))
+
+    def reset(self) -> None:
+        """Back to the baseline between scenarios: state, Caddyfile, containers, database.
+
+        Quick when little changed: only what differs from the baseline is redone.
+        """
+        import httpx
+
+        from runbook import compose, docker, health
+
+        shutil.rmtree(self.env.lock_path, ignore_errors=True)
+        for sub in ("logs", "runs"):
+            shutil.rmtree(self.run_dir / sub, ignore_errors=True)
+            (self.run_dir / sub).mkdir()
+        for leftover in self.caddy_dir.glob("*"):
+            if leftover.name != "Caddyfile":
+                leftover.unlink(missing_ok=True)
+        if not docker.inspect(self.caddy_container).running:
+            self.docker("start", self.caddy_container)
+        if not docker.inspect(self.db_container).running:
+            self.docker("start", self.db_container)
+        self.wait_db()
+        text = self.caddyfile_text(Slot.BLUE)
+        (self.caddy_dir / "Caddyfile").write_text(text)
+        self.wait_caddy()
+        httpx.post(f"{self.env.caddy.admin_url}/load", content=text,
+                   headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+        with self.connect() as conn:
+            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        for slot in Slot:
+            info = docker.inspect(self.env.slot(slot).container)
+            if not info.exists or info.image != self.base_version.image:
+                compose.run(compose.recreate_slot(self.env, slot, self.base_version.tag))
+            elif not info.running:
+                docker.start(info.name)
+        self.migrate(Slot.BLUE)
+        for slot in Slot:
+            health.wait_healthy(self.env, slot, timeout=30)
+        self.write_baseline_state()
+
+    def wait_db(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self.connect():
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise DrillError("drill database did not come back",
+                                     f"see `docker logs {self.db_container}`") from None
+                time.sleep(0.1)
+
+    def connect(self):  # type: ignore[no-untyped-def]
+        import psycopg
+
+        return psycopg.connect(self.database_url, autocommit=True, connect_timeout=3)
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)

@@ -1,0 +1,880 @@
+"""The Caddy adapter: point the managed Caddyfile block at a slot, prove it, or put it back.
+
+Only the text between the `# BLUE_GREEN_SLOT_START` and `# BLUE_GREEN_SLOT_END` comment lines is
+ever changed; everything else (other sites, CRLF line ends, comments) survives byte for byte.
+A switch refuses to touch anything while Caddy is down (the old tooling "succeeded" then), and
+any failure after the write restores the previous file and reloads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import httpx
+
+from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
+from runbook.errors import ExitCode, RunbookError
+
+START_MARKER = "# BLUE_GREEN_SLOT_START"
+END_MARKER = "# BLUE_GREEN_SLOT_END"
+SLOT_HEADER = "X-Togather-Slot"
+
+_START_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_START")
+_END_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_END")
+# [scheme://]host[:port]; a host is a name, an IPv4 address or a bracketed IPv6 address.
+_UPSTREAM_RE = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<host>\[[0-9A-Fa-f:.%]+\]|[^\s:/\[\]{}]+)"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
+_MATCHER_PREFIXES = ("@", "/", "*")
+_COMMAND_TIMEOUT = 60.0
+_ADMIN_TIMEOUT = 10.0
+
+
+class CaddyError(RunbookError):
+    """A Caddy step failed. `restored` tells whether the previous config is back in place."""
+
+    exit_code = ExitCode.FAILED_SAFELY
+
+    def __init__(self, message: str, fix: str | None = None, *,
+                 exit_code: ExitCode | None = None, stage: str | None = None,
+                 restored: bool | None = None, backup: Path | None = None) -> None:
+        super().__init__(message, fix, exit_code=exit_code)
+        self.stage = stage
+        self.restored = restored
+        self.backup = backup
+
+
+class CaddyNotRunningError(CaddyError):
+    """Caddy (or its admin API) does not answer: nothing may be written or reloaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure text functions
+# --------------------------------------------------------------------------------------------
+
+def find_block(text: str) -> tuple[int, int]:
+    """Offsets (start, end) of the managed block: text[start:end] is everything between the
+    marker lines, which themselves stay outside so they are never rewritten."""
+    starts: list[tuple[int, int, int]] = []  # (line number, line start, line end incl. newline)
+    ends: list[tuple[int, int, int]] = []
+    offset = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        line_end = offset + len(line) + 1  # past the "\n" (one past len(text) on the last line)
+        has_start, has_end = bool(_START_RE.search(line)), bool(_END_RE.search(line))
+        if has_start and has_end:
+            raise CaddyError(f"line {number} holds both {START_MARKER} and {END_MARKER}",
+                             "put each marker on its own comment line")
+        if has_start:
+            starts.append((number, offset, line_end))
+        if has_end:
+            ends.append((number, offset, line_end))
+        offset = line_end
+    fix = (f"the managed block must be delimited by exactly one '{START_MARKER}' line and, "
+           f"below it, exactly one '{END_MARKER}' line")
+    if not starts or not ends:
+        missing = " and ".join(m for m, found in ((START_MARKER, starts), (END_MARKER, ends))
+                               if not found)
+        raise CaddyError(f"the Caddyfile has no {missing} marker line", fix)
+    if len(starts) > 1 or len(ends) > 1:
+        lines = ", ".join(str(n) for n, _, _ in sorted(starts + ends))
+        raise CaddyError(f"the Caddyfile has duplicated slot markers (lines {lines})", fix)
+    (start_no, _, start_after), (end_no, end_at, _) = starts[0], ends[0]
+    if end_no < start_no:
+        raise CaddyError(f"{END_MARKER} (line {end_no}) comes before {START_MARKER} "
+                         f"(line {start_no})", fix)
+    return min(start_after, len(text)), end_at
+
+
+@dataclass(frozen=True)
+class _Token:
+    start: int
+    end: int
+    text: str
+
+    @property
+    def quote(self) -> str:
+        return self.text[0] if self.text[:1] in ('"', "`") else ""
+
+    @property
+    def value(self) -> str:
+        q = self.quote
+        return self.text[1:-1] if q and len(self.text) >= 2 and self.text.endswith(q) else self.text
+
+
+def _tokenize(line: str) -> list[_Token]:
+    """Caddyfile tokens of one line with their offsets; `#` at a token start begins a comment."""
+    tokens: list[_Token] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i].isspace():
+            i += 1
+            continue
+        if line[i] == "#":
+            break
+        start = i
+        if line[i] in ('"', "`"):
+            quote = line[i]
+            i += 1
+            while i < n and line[i] != quote:
+                i += 2 if line[i] == "\\" and quote == '"' else 1
+            i = min(i + 1, n)
+        else:
+            while i < n and not line[i].isspace():
+                i += 1
+        tokens.append(_Token(start, i, line[start:i]))
+    return tokens
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One reverse_proxy upstream inside the markers."""
+
+    line: int  # 1-based line number in the whole Caddyfile
+    text: str  # as written, without quotes
+    host: str | None
+    port: int | None
+    slot: Slot | None  # the slot whose port this is, if any
+
+
+@dataclass(frozen=True)
+class SlotHeader:
+    """One `header_down X-Togather-Slot <value>` inside the markers."""
+
+    line: int
+    value: str
+    slot: Slot | None
+
+
+@dataclass(frozen=True)
+class _Edit:
+    line_index: int
+    token: _Token
+    kind: str  # "upstream" | "header"
+    scheme: str = ""
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    upstreams: tuple[Upstream, ...]
+    headers: tuple[SlotHeader, ...]
+    edits: tuple[_Edit, ...]
+    unsupported: tuple[str, ...]
+
+
+def _slot_by_port(env: Environment) -> dict[int, Slot]:
+    return {cfg.port: slot for slot, cfg in env.slots.items()}
+
+
+def _header_name(token: str) -> str:
+    return token.lstrip("+>").lower()
+
+
+def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
+    """Find every upstream and slot header in the block, remembering where each token sits."""
+    ports = _slot_by_port(env)
+    upstreams: list[Upstream] = []
+    headers: list[SlotHeader] = []
+    edits: list[_Edit] = []
+    unsupported: list[str] = []
+    stack: list[str] = []  # directive names of the open `{` blocks
+    wanted = SLOT_HEADER.lower()
+    for index, line in enumerate(block.split("\n")):
+        number = first_line + index
+        tokens = _tokenize(line)
+        if not tokens:
+            continue
+        first = tokens[0].value
+        if first == "}":
+            if stack:
+                stack.pop()
+            continue
+        opens = tokens[-1].text == "{"
+        args = tokens[1:-1] if opens else tokens[1:]
+        parent = stack[-1] if stack else ""
+        candidates: list[_Token] = []
+        if first == "reverse_proxy":
+            if args and args[0].value.startswith(_MATCHER_PREFIXES):
+                args = args[1:]
+            candidates = args
+        elif first == "to" and parent == "reverse_proxy":
+            candidates = args
+        elif first in ("header_down", "header"):
+            if first == "header" and args and args[0].value.startswith(_MATCHER_PREFIXES):
+                args = args[1:]
+            if args and _header_name(args[0].value) == wanted:
+                if len(args) == 2:
+                    value = args[1].value
+                    headers.append(SlotHeader(number, value, _as_slot(value)))
+                    edits.append(_Edit(index, args[1], "header"))
+                else:
+                    unsupported.append(f"line {number}: unsupported {first} form "
+                                       f"{' '.join(t.text for t in tokens)!r}")
+        elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
+            # header { X-Togather-Slot "blue" }
+            value = tokens[1].value
+            headers.append(SlotHeader(number, value, _as_slot(value)))
+            edits.append(_Edit(index, tokens[1], "header"))
+        for token in candidates:
+            match = _UPSTREAM_RE.match(token.value)
+            if match is None:
+                unsupported.append(f"line {number}: upstream {token.value!r} is not host:port "
+                                   "(placeholders and unix sockets cannot be switched)")
+                upstreams.append(Upstream(number, token.value, None, None, None))
+                continue
+            port = int(match["port"]) if match["port"] else None
+            upstreams.append(Upstream(number, token.value, match["host"], port,
+                                      ports.get(port) if port is not None else None))
+            edits.append(_Edit(index, token, "upstream", match["scheme"] or "", match["host"]))
+        if opens:
+            stack.append(first)
+    return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
+
+
+def _as_slot(value: str) -> Slot | None:
+    try:
+        return Slot(value)
+    except ValueError:
+        return None
+
+
+def _first_line(text: str, start: int) -> int:
+    return text.count("\n", 0, start) + 1
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What the managed block points at, and why it cannot be trusted when it cannot."""
+
+    ports: tuple[int, ...]  # distinct upstream ports, in order of appearance
+    header_slots: tuple[str, ...]  # X-Togather-Slot values, in order of appearance
+    consistent: bool
+    problems: tuple[str, ...]
+    slot: Slot | None  # the one slot everything names; None when inconsistent
+    upstreams: tuple[Upstream, ...] = ()
+    headers: tuple[SlotHeader, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def inspect(text: str, env: Environment) -> Inspection:
+    """Read the managed block: which ports and slot headers it names, and whether they agree."""
+    start, end = find_block(text)
+    parsed = _parse_block(text[start:end], _first_line(text, start), env)
+    known = ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
+    problems: list[str] = list(parsed.unsupported)
+    warnings: list[str] = []
+    named: dict[Slot, list[str]] = {}
+    if not parsed.upstreams:
+        problems.append("no reverse_proxy upstream between the slot markers")
+    for up in parsed.upstreams:
+        if up.host is None:
+            continue
+        if up.port is None:
+            problems.append(f"line {up.line}: upstream {up.text!r} has no port")
+        elif up.slot is None:
+            problems.append(f"line {up.line}: upstream {up.text} targets port {up.port}, "
+                            f"which is no slot's port (known: {known})")
+        else:
+            named.setdefault(up.slot, []).append(f"upstream {up.text} (line {up.line})")
+    for header in parsed.headers:
+        if header.slot is None:
+            problems.append(f"line {header.line}: {SLOT_HEADER} header says {header.value!r}, "
+                            "which is not blue or green")
+        else:
+            named.setdefault(header.slot, []).append(
+                f"{SLOT_HEADER} {header.value} (line {header.line})")
+    if not parsed.headers:
+        warnings.append(f"no header_down {SLOT_HEADER} between the slot markers: verification "
+                        "through the proxy cannot tell the slots apart")
+    if len(named) > 1:
+        problems.append("the managed block names both slots: " + "; ".join(
+            f"{slot}: {', '.join(where)}" for slot, where in sorted(named.items())))
+    slot = next(iter(named)) if len(named) == 1 and not problems else None
+    ports = tuple(dict.fromkeys(u.port for u in parsed.upstreams if u.port is not None))
+    return Inspection(
+        ports=ports, header_slots=tuple(h.value for h in parsed.headers),
+        consistent=slot is not None, problems=tuple(problems), slot=slot,
+        upstreams=parsed.upstreams, headers=parsed.headers, warnings=tuple(warnings),
+    )
+
+
+def active_slot(text: str, env: Environment) -> Slot | None:
+    """The slot the managed block points at, or None when it is inconsistent (see inspect)."""
+    return inspect(text, env).slot
+
+
+def rewrite(text: str, env: Environment, target: Slot | str) -> str:
+    """Point every upstream and slot header inside the markers at `target`; bytes outside the
+    markers, and everything inside but those tokens, are returned unchanged."""
+    target = Slot(target)
+    port = env.slot(target).port
+    start, end = find_block(text)
+    block = text[start:end]
+    parsed = _parse_block(block, _first_line(text, start), env)
+    if parsed.unsupported:
+        raise CaddyError("cannot rewrite the managed block: " + "; ".join(parsed.unsupported),
+                         "use plain host:port upstreams between the slot markers")
+    if not parsed.upstreams:
+        raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
+                         "put the reverse_proxy directive(s) for the app between the markers")
+    lines = block.split("\n")
+    by_line: dict[int, list[_Edit]] = {}
+    for edit in parsed.edits:
+        by_line.setdefault(edit.line_index, []).append(edit)
+    for index, edits in by_line.items():
+        line = lines[index]
+        for edit in sorted(edits, key=lambda e: e.token.start, reverse=True):
+            q = edit.token.quote
+            value = (f"{edit.scheme}{edit.host}:{port}" if edit.kind == "upstream"
+                     else str(target))
+            line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
+        lines[index] = line
+    return text[:start] + "\n".join(lines) + text[end:]
+
+
+def unified_diff(old: str, new: str, path: str | Path) -> str:
+    """A unified diff for --dry-run output ('' when nothing changes)."""
+    def lines(text: str) -> list[str]:
+        out = text.splitlines(keepends=True)
+        if out and not out[-1].endswith(("\n", "\r")):
+            out[-1] += "\n\\ No newline at end of file\n"
+        return out
+
+    return "".join(difflib.unified_diff(lines(old), lines(new), f"{path} (current)",
+                                        f"{path} (after switch)"))
+
+
+# --------------------------------------------------------------------------------------------
+# Side effects: read, validate, reload, verify
+# --------------------------------------------------------------------------------------------
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CaddyError(f"cannot read the Caddyfile {path}: {exc.strerror}",
+                         "check [caddy] caddyfile in the environment file and its permissions",
+                         stage="read") from None
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CaddyError(f"{path} is not UTF-8 (byte {exc.start})",
+                         "Caddy reads UTF-8; fix the file's encoding", stage="read") from None
+
+
+def read(env: Environment) -> str:
+    """The Caddyfile's text, exactly as stored (CRLF and all)."""
+    path = env.caddy.caddyfile
+    return _decode(_read_bytes(path), path)
+
+
+def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
+    except FileNotFoundError:
+        raise CaddyError(f"cannot {what}: command {argv[0]!r} not found",
+                         "install it or set [caddy] command in the environment file",
+                         stage=stage) from None
+    except subprocess.TimeoutExpired:
+        raise CaddyError(f"cannot {what}: {' '.join(argv)} did not finish within "
+                         f"{_COMMAND_TIMEOUT:.0f}s", "check that Caddy is responsive",
+                         stage=stage) from None
+
+
+def _tail(output: str, lines: int = 12) -> str:
+    """The lines worth showing: Caddy's `Error:` lines if any, else the last few."""
+    kept = [line for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in kept if line.lstrip().startswith("Error")]
+    kept = (errors or kept)[-lines:]
+    return "\n    ".join(kept) if kept else "(no output)"
+
+
+@contextlib.contextmanager
+def _sibling_temp(path: Path, tag: str) -> Iterator[tuple[int, Path]]:
+    """A hidden temp file beside `path` (Caddy's `import` globs skip dot files), always removed."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.runbook-{tag}-",
+                                suffix=".tmp")
+    tmp = Path(name)
+    try:
+        yield fd, tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_fd(fd: int, tmp: Path, data: bytes, like: Path) -> None:
+    """Write, fsync and copy mode/owner of `like` so the result reads as the original did."""
+    with os.fdopen(os.dup(fd), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        st = like.stat()
+    except FileNotFoundError:
+        os.chmod(tmp, 0o644)
+        return
+    os.chmod(tmp, st.st_mode & 0o7777)
+    if hasattr(os, "chown"):
+        with contextlib.suppress(OSError):
+            os.chown(tmp, st.st_uid, st.st_gid)
+
+
+def validate_command(env: Environment, config: Path | str) -> list[str]:
+    return [*env.caddy.command, "validate", "--config", str(config), "--adapter", "caddyfile"]
+
+
+def validate(env: Environment, text: str) -> str:
+    """Have Caddy itself check a candidate config; returns its output, raises when rejected.
+
+    The candidate sits beside the Caddyfile so relative imports resolve the same way and a
+    containerised Caddy (directory bind-mounted at the same path) can read it.
+    """
+    path = env.caddy.caddyfile
+    try:
+        with _sibling_temp(path, "validate") as (fd, tmp):
+            _write_fd(fd, tmp, text.encode("utf-8"), path)
+            argv = validate_command(env, tmp)
+            done = _run(argv, "validate the new Caddyfile", "validate")
+    except OSError as exc:
+        raise CaddyError(f"cannot write a candidate Caddyfile beside {path}: {exc.strerror}",
+                         "check the directory's permissions", stage="validate") from None
+    output = (done.stdout or "") + (done.stderr or "")
+    if done.returncode != 0:
+        raise CaddyError(f"Caddy rejected the new Caddyfile (caddy validate exited "
+                         f"{done.returncode}):\n    {_tail(output)}",
+                         f"fix the managed block in {path}; nothing was changed",
+                         stage="validate")
+    return output
+
+
+def _client(timeout: float) -> httpx.Client:
+    # trust_env=False: loopback checks must never be sent through an HTTP(S)_PROXY.
+    return httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False)
+
+
+def admin_address(env: Environment) -> str:
+    """host:port of the admin API, as `caddy reload --address` wants it."""
+    parts = urlsplit(env.caddy.admin_url)
+    if not parts.hostname:
+        return env.caddy.admin_url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or 2019}"
+
+
+def running_problem(env: Environment) -> str | None:
+    """Why Caddy cannot take a reload right now, or None when it can."""
+    url = f"{env.caddy.admin_url}/config/"
+    try:
+        with _client(_ADMIN_TIMEOUT) as client:
+            response = client.get(url)
+    except httpx.HTTPError as exc:
+        return f"Caddy's admin API at {url} does not answer ({_describe_http_error(exc)})"
+    if response.status_code != 200:
+        return f"Caddy's admin API at {url} answered HTTP {response.status_code}"
+    if env.caddy.reload is ReloadMethod.SYSTEMCTL:
+        unit = env.caddy.systemd_unit
+        try:
+            done = subprocess.run(
+                ["systemctl", "is-active", unit], capture_output=True, text=True,
+                timeout=_ADMIN_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cannot ask systemd about {unit}: {exc}"
+        if done.returncode != 0:
+            state = (done.stdout.strip() or done.stderr.strip() or "unknown").splitlines()[0]
+            return f"systemd unit {unit} is not active ({state})"
+    return None
+
+
+def is_running(env: Environment) -> bool:
+    """Caddy answers on its admin API (and, for the systemctl method, its unit is active)."""
+    return running_problem(env) is None
+
+
+def check_running(env: Environment) -> None:
+    """Raise CaddyNotRunningError unless Caddy can take a reload."""
+    problem = running_problem(env)
+    if problem is not None:
+        start = (f"systemctl start {env.caddy.systemd_unit}"
+                 if env.caddy.reload is ReloadMethod.SYSTEMCTL else "start Caddy")
+        raise CaddyNotRunningError(
+            f"Caddy is not running: {problem}; the Caddyfile was not touched",
+            f"{start} (or fix [caddy] admin_url), then run again", stage="running")
+
+
+def _describe_http_error(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc)
+        return "connection refused" if "refused" in text.lower() else f"cannot connect: {text}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def reload_action(env: Environment) -> list[str]:
+    """What a reload runs, for --dry-run: an argv, or the admin API request."""
+    c = env.caddy
+    if c.reload is ReloadMethod.ADMIN_API:
+        return ["POST", f"{c.admin_url}/load", "Content-Type: text/caddyfile"]
+    if c.reload is ReloadMethod.CADDY_RELOAD:
+        return [*c.command, "reload", "--config", str(c.caddyfile), "--adapter", "caddyfile",
+                "--address", admin_address(env)]
+    return ["systemctl", "reload", c.systemd_unit]
+
+
+def reload(env: Environment, text: str) -> None:
+    """Make Caddy load `text` (already written to the Caddyfile) the way the environment says."""
+    c = env.caddy
+    if c.reload is ReloadMethod.ADMIN_API:
+        url = f"{c.admin_url}/load"
+        try:
+            with _client(_COMMAND_TIMEOUT) as client:
+                response = client.post(url, content=text.encode("utf-8"),
+                                       headers={"Content-Type": "text/caddyfile"})
+        except httpx.HTTPError as exc:
+            raise CaddyError(f"reload through {url} failed ({_describe_http_error(exc)})",
+                             "check that Caddy is running", stage="reload") from None
+        if response.status_code >= 400:
+            raise CaddyError(f"Caddy rejected the config (HTTP {response.status_code} from "
+                             f"{url}): {_admin_error(response)}",
+                             "Caddy keeps its old config on a rejected load", stage="reload")
+        return
+    argv = reload_action(env)
+    done = _run(argv, "reload Caddy", "reload")
+    if done.returncode != 0:
+        raise CaddyError(f"{' '.join(argv)} exited {done.returncode}:\n    "
+                         f"{_tail((done.stdout or '') + (done.stderr or ''))}",
+                         "check `journalctl -u caddy` or Caddy's log", stage="reload")
+
+
+def _admin_error(response: httpx.Response) -> str:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or "(empty body)"
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])[:500]
+    return str(body)[:500]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old or the new file,
+    never half of one. Mode and owner of the existing file are kept."""
+    with _sibling_temp(path, "write") as (fd, tmp):
+        _write_fd(fd, tmp, data, path)
+        os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def apply(env: Environment, text: str) -> None:
+    """Write the Caddyfile and reload Caddy. Refuses, before writing, when Caddy is down.
+
+    It does not undo a failed reload: switch() does, because it holds the previous text.
+    """
+    check_running(env)
+    path = env.caddy.caddyfile
+    try:
+        write_atomically(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
+                         "check the file's directory permissions (run as root?)",
+                         stage="write") from None
+    reload(env, text)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What the proxy answered on the last attempt."""
+
+    ok: bool
+    url: str
+    target: Slot
+    expected_version: str | None
+    attempts: int
+    http_status: int | None = None
+    slot_header: str | None = None
+    version: str | None = None
+    error: str | None = None
+    elapsed: float = 0.0
+
+    def describe(self) -> str:
+        if self.ok:
+            return (f"{self.url} answered from slot {self.slot_header}, version {self.version} "
+                    f"(attempt {self.attempts}, {self.elapsed:.2f}s)")
+        seen = (f"HTTP {self.http_status}, {SLOT_HEADER}={self.slot_header or '(none)'}, "
+                f"version={self.version or '(none)'}" if self.http_status is not None
+                else "no answer")
+        want = f"slot {self.target}" + (f" version {self.expected_version}"
+                                        if self.expected_version else "")
+        detail = f"; {self.error}" if self.error else ""
+        return (f"{self.url} did not answer as {want} after {self.attempts} attempt(s) "
+                f"in {self.elapsed:.1f}s: last saw {seen}{detail}")
+
+
+def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: str | None,
+           *, attempts: int = 10, interval: float = 0.3, timeout: float = 3.0) -> VerifyResult:
+    """Ask through Caddy who answers. A fresh connection per attempt, because a kept-alive one
+    can still reach the old upstream or be reset exactly at a reload."""
+    slot = target.slot if isinstance(target, SlotConfig) else Slot(target)
+    url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
+    began = time.monotonic()
+    result = VerifyResult(False, url, slot, expected_version, 0)
+    for attempt in range(1, max(1, attempts) + 1):
+        result = _verify_once(url, slot, expected_version, attempt, timeout, began)
+        if result.ok:
+            return result
+        if attempt < attempts:
+            time.sleep(interval)
+    return result
+
+
+def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeout: float,
+                 began: float) -> VerifyResult:
+    def done(ok: bool, **seen: Any) -> VerifyResult:
+        return VerifyResult(ok, url, slot, expected, attempt,
+                            elapsed=time.monotonic() - began, **seen)
+
+    try:
+        with _client(timeout) as client:
+            response = client.get(url, headers={"Connection": "close",
+                                                "Cache-Control": "no-cache"})
+    except httpx.HTTPError as exc:
+        return done(False, error=_describe_http_error(exc))
+    header = response.headers.get(SLOT_HEADER)
+    version: str | None = None
+    commit: str | None = None
+    error: str | None = None
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            version = None if body.get("version") is None else str(body["version"])
+            commit = None if body.get("git_commit") is None else str(body["git_commit"])
+        else:
+            error = "the body is not a JSON object"
+    except ValueError:
+        error = "the body is not JSON"
+    seen: dict[str, Any] = {"http_status": response.status_code, "slot_header": header,
+                            "version": version}
+    if response.status_code != 200:
+        return done(False, error=error or f"HTTP {response.status_code}", **seen)
+    if header != slot.value:
+        return done(False, error=error or f"{SLOT_HEADER} is {header!r}, not {slot.value!r}",
+                    **seen)
+    if expected is not None and expected not in (version, commit):
+        return done(False, error=error or f"version is {version!r}, not {expected!r}", **seen)
+    return done(True, **seen)
+
+
+# --------------------------------------------------------------------------------------------
+# The switch
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SwitchPlan:
+    """Everything a switch would do, computed without changing anything (for --dry-run)."""
+
+    environment: str
+    caddyfile: Path
+    target: Slot
+    target_port: int
+    current: Inspection
+    old_text: str
+    new_text: str
+    diff: str
+    reload: ReloadMethod
+    reload_action: tuple[str, ...]
+    validate_command: tuple[str, ...]
+    admin_url: str
+    verify_url: str
+
+    @property
+    def changed(self) -> bool:
+        return self.old_text != self.new_text
+
+    def describe(self) -> str:
+        now = self.current.slot or "inconsistent (" + "; ".join(self.current.problems) + ")"
+        lines = [
+            f"Caddy switch for {self.environment}: {now} -> {self.target} "
+            f"(port {self.target_port})",
+            f"  Caddyfile: {self.caddyfile}",
+            f"  check:     GET {self.admin_url}/config/ answers 200 (else stop, untouched)",
+            f"  validate:  {' '.join(self.validate_command)}",
+            f"  write:     {self.caddyfile} atomically (previous copy kept beside it)",
+            f"  reload:    {self.reload} -> {' '.join(self.reload_action)}",
+            f"  verify:    GET {self.verify_url}: {SLOT_HEADER} == {self.target} and version",
+            "  on failure: restore the previous Caddyfile byte for byte and reload it",
+        ]
+        lines += [f"  warning:   {w}" for w in self.current.warnings]
+        lines.append(self.diff.rstrip("\n") if self.changed
+                     else "  (the managed block already points at the target: no change)")
+        return "\n".join(lines)
+
+
+def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
+    """Compute a switch without touching the file or Caddy."""
+    target = Slot(target)
+    old = read(env)
+    current = inspect(old, env)
+    new = rewrite(old, env, target)
+    path = env.caddy.caddyfile
+    return SwitchPlan(
+        environment=env.display, caddyfile=path, target=target,
+        target_port=env.slot(target).port, current=current, old_text=old, new_text=new,
+        diff=unified_diff(old, new, path), reload=env.caddy.reload,
+        reload_action=tuple(reload_action(env)),
+        validate_command=tuple(validate_command(
+            env, path.parent / f".{path.name}.runbook-validate-XXXX.tmp")),
+        admin_url=env.caddy.admin_url,
+        verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}",
+    )
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    target: Slot
+    previous: Slot | None
+    changed: bool  # False when the block already pointed at the target (reloaded anyway)
+    caddyfile: Path
+    backup: Path | None  # copy of the previous Caddyfile
+    diff: str
+    verify: VerifyResult
+    reload: ReloadMethod
+    elapsed: float
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def backup_path(env: Environment) -> Path:
+    path = env.caddy.caddyfile
+    return path.parent / f".{path.name}.runbook-previous"
+
+
+def _write_backup(env: Environment, data: bytes) -> Path | None:
+    """Keep the previous Caddyfile where a human finds it; fall back to the temp dir."""
+    candidates = [backup_path(env),
+                  Path(tempfile.gettempdir()) / f"togather-runbook-{env.name}-Caddyfile.previous"]
+    for candidate in candidates:
+        try:
+            write_atomically(candidate, data)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            os.chmod(candidate, env.caddy.caddyfile.stat().st_mode & 0o7777)
+        return candidate
+    return None
+
+
+def switch(env: Environment, target: Slot | str, expected_version: str | None, *,
+           verify_attempts: int = 10, verify_interval: float = 0.3) -> SwitchResult:
+    """Validate, write, reload, verify; on any failure after the write, restore and reload the
+    previous Caddyfile byte for byte and raise a CaddyError saying so."""
+    began = time.monotonic()
+    target = Slot(target)
+    path = env.caddy.caddyfile
+    old_bytes = _read_bytes(path)
+    old = _decode(old_bytes, path)
+    before = inspect(old, env)
+    new = rewrite(old, env, target)
+    changed = new != old
+    check_running(env)  # before anything is written: a down Caddy must not look like success
+    if changed:
+        validate(env, new)
+    backup = _write_backup(env, old_bytes) if changed else None
+    if changed:
+        try:
+            write_atomically(path, new.encode("utf-8"))
+        except OSError as exc:
+            raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged and "
+                             f"traffic stays on {before.slot or 'the previous upstream'}",
+                             "check the directory's permissions (run as root?)",
+                             stage="write") from None
+    try:
+        reload(env, new)
+        result = verify(env, target, expected_version, attempts=verify_attempts,
+                        interval=verify_interval)
+        if not result.ok:
+            raise CaddyError(f"verification failed: {result.describe()}",
+                             f"check `docker logs --tail 100 {env.slot(target).container}` and "
+                             f"that {env.caddy.proxy_url} reaches Caddy", stage="verify")
+    except CaddyError as exc:
+        if not changed:
+            raise CaddyError(f"Caddy already pointed at {target} in the file, but {exc.message}"
+                             "; the Caddyfile was not modified",
+                             exc.fix, stage=exc.stage) from None
+        _restore(env, old_bytes, old, backup, before.slot, target, exc)
+    except BaseException:
+        if changed:
+            with contextlib.suppress(Exception):
+                write_atomically(path, old_bytes)
+                reload(env, old)
+        raise
+    return SwitchResult(target=target, previous=before.slot, changed=changed, caddyfile=path,
+                        backup=backup, diff=unified_diff(old, new, path), verify=result,
+                        reload=env.caddy.reload, elapsed=time.monotonic() - began,
+                        warnings=before.warnings)
+
+
+def _restore(env: Environment, old_bytes: bytes, old: str, backup: Path | None,
+             previous: Slot | None, target: Slot, failure: CaddyError) -> NoReturn:
+    """Put the previous Caddyfile back and reload it; always raises, loudly if it cannot."""
+    path = env.caddy.caddyfile
+    failed: list[str] = []
+    try:
+        write_atomically(path, old_bytes)
+    except OSError as exc:
+        failed.append(f"writing {path} back failed: {exc.strerror}")
+    else:
+        try:
+            reload(env, old)
+        except CaddyError as exc:
+            failed.append(f"reloading the previous config failed: {exc.message}")
+    what = f"traffic switch to {target} failed at {failure.stage or 'an unknown step'}: " \
+           f"{failure.message}"
+    if failed:
+        where = f"a copy of the previous Caddyfile is at {backup}" if backup else \
+            "no backup copy could be written"
+        raise CaddyError(
+            f"ATTENTION: {what}; AND restoring the previous Caddyfile failed: "
+            f"{'; '.join(failed)}; {where}",
+            f"restore by hand: cp {backup or '<previous Caddyfile>'} {path}, then "
+            f"{' '.join(reload_action(env))}; check which slot serves traffic",
+            exit_code=ExitCode.ATTENTION, stage=failure.stage, restored=False,
+            backup=backup) from failure
+    if previous is None:
+        raise CaddyError(
+            f"{what}; the previous Caddyfile was restored and reloaded (it pointed at no single "
+            "slot, so which one serves traffic could not be confirmed)",
+            failure.fix or "see the message above", stage=failure.stage, restored=True,
+            backup=backup) from failure
+    check = verify(env, previous, None, attempts=5, interval=0.3)
+    if not check.ok:
+        raise CaddyError(
+            f"ATTENTION: {what}; the previous Caddyfile was restored and reloaded, but the proxy "
+            f"does not answer as {previous} either: {check.describe()}",
+            f"check Caddy and the {previous} container now", exit_code=ExitCode.ATTENTION,
+            stage=failure.stage, restored=True, backup=backup) from failure
+    raise CaddyError(
+        f"{what}; the previous Caddyfile was restored and reloaded, traffic stays on {previous}",
+        failure.fix or "see the message above", stage=failure.stage, restored=True,
+        backup=backup) from failure

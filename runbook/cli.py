@@ -1,0 +1,309 @@
+"""`runbook`: the rollback runbook's actions for on-call, straight from a terminal.
+
+Heavy libraries (docker, httpx, psycopg) are imported inside commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from runbook.errors import ExitCode, RunbookError
+
+if TYPE_CHECKING:
+    from runbook.environment import Environment
+    from runbook.plan import Plan, Step
+    from runbook.run import RunResult
+
+EXIT_CODES = """\
+Exit codes: 0 success; 1 failed safely (traffic stayed on a healthy slot, state tells the
+truth); 2 bad input or configuration (nothing changed); 3 locked by another run (nothing
+changed); 4 precondition not met, e.g. no previous deployment, schema ahead, image gone
+(nothing changed); 5 failed and needs attention now (read the message)."""
+
+ENV_HELP = ("development, staging, production (alias: prod), or a path to an environment "
+            "TOML file")
+
+app = typer.Typer(
+    name="runbook", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="Executable rollback runbook for Togather's blue/green deployments.\n\n" + EXIT_CODES,
+)
+
+
+class Format(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class HealthFormat(StrEnum):
+    simple = "simple"
+    json = "json"
+    table = "table"
+
+
+class SlotChoice(StrEnum):
+    blue = "blue"
+    green = "green"
+
+
+class HealthSlot(StrEnum):
+    blue = "blue"
+    green = "green"
+    active = "active"
+    both = "both"
+
+
+EnvArg = Annotated[str, typer.Argument(help=ENV_HELP, metavar="ENV")]
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", envvar="RUNBOOK_CONFIG", help="environment TOML file (wins over ENV's default)")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="text for people, json for machines")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan with every resolved "
+                                         "value and change nothing")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why, for the journal")]
+
+
+def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
+    if fmt is Format.json:
+        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                          "exit_code": int(exc.exit_code)}))
+    message = str(exc)
+    first, *rest = message.splitlines() or [""]
+    typer.echo(f"runbook: error: {first}", err=True)
+    for line in rest:
+        typer.echo(f"  {line.strip()}", err=True)
+    log_file = getattr(exc, "log_file", None)
+    if log_file:
+        typer.echo(f"runbook: journal: {log_file}", err=True)
+    raise typer.Exit(int(exc.exit_code))
+
+
+def load_env(name: str, config: str | None) -> Environment:
+    from runbook import environment
+
+    return environment.load(name, config=config)
+
+
+def confirmer(yes: bool, fmt: Format):  # type: ignore[no-untyped-def]
+    """Ask on a terminal unless --yes; never block when stdin is not a terminal."""
+    if yes or not sys.stdin.isatty():
+        return None
+
+    def confirm(plan: Plan) -> bool:
+        typer.echo(plan.render(), err=fmt is Format.json)
+        return typer.confirm("Proceed?", default=False, err=True)
+
+    return confirm
+
+
+class Progress:
+    """One line per step while it runs, so a 60-second health gate never looks hung."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = 0.0
+
+    def __call__(self, event: str, step: Step) -> None:
+        if not self.enabled:
+            return
+        if event == "start":
+            self.started = time.monotonic()
+            typer.echo(f"-> {step.title} ...", err=True)
+        else:
+            took = time.monotonic() - self.started
+            typer.echo(f"   {'ok' if event == 'done' else 'FAILED'} ({took:.2f}s)", err=True)
+
+
+def report(result: RunResult, fmt: Format) -> None:
+    if fmt is Format.json:
+        print(json.dumps({"ok": True, **result.to_json()}, default=str))
+        return
+    if result.dry_run:
+        typer.echo(result.plan.render())
+        typer.echo("Dry run: nothing was changed.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.plan.action}: {result.plan.summary}", title_justify="left")
+    table.add_column("step")
+    table.add_column("status")
+    table.add_column("duration", justify="right")
+    for outcome in result.outcomes:
+        table.add_row(outcome.title, outcome.status, f"{outcome.duration_ms / 1000:.2f}s")
+    console = Console(width=110)
+    console.print(table)
+    total = sum(o.duration_ms for o in result.outcomes) / 1000
+    typer.echo(f"Done in {total:.2f}s. Journal: {result.log_file}")
+
+
+def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool) -> None:
+    try:
+        result = fn(confirm=None if dry_run else confirmer(yes, fmt),
+                    progress=Progress(fmt is Format.text and not dry_run))
+    except RunbookError as exc:
+        fail(exc, fmt)
+    report(result, fmt)
+
+
+@app.command()
+def rollback(
+    env: EnvArg,
+    to: Annotated[str | None, typer.Option("--to", help="version, commit or deployment id from "
+                                           "the history (default: the previous deployment)"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="skip the health gate and the schema "
+                                        "guard (never takes someone else's lock)")] = False,
+    dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
+    config: ConfigOpt = None, reason: ReasonOpt = None,
+) -> None:
+    """Put the previous deployment back in front of users: start its slot, gate, switch."""
+    from runbook import rollback as rb
+
+    try:
+        environment = load_env(env, config)
+    except RunbookError as exc:
+        fail(exc, fmt)
+    options = rb.Options(to=to, force=force, reason=reason or "rollback")
+    run_action(lambda **kw: rb.rollback(environment, options, dry_run=dry_run, **kw), fmt,
+               yes=yes, dry_run=dry_run)
+
+
+@app.command()
+def deploy(
+    env: EnvArg,
+    version: Annotated[str, typer.Option("--version", help="image tag (7-hex short commit)")],
+    force: Annotated[bool, typer.Option("--force", help="skip the health gate")] = False,
+    dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
+    config: ConfigOpt = None, reason: ReasonOpt = None,
+) -> None:
+    """Deploy a version to the standby slot: recreate, migrate, gate, switch, record."""
+    from runbook import deploy as dp
+
+    try:
+        environment = load_env(env, config)
+    except RunbookError as exc:
+        fail(exc, fmt)
+    options = dp.Options(version=version, force=force, reason=reason or "deploy")
+    run_action(lambda **kw: dp.deploy(environment, options, dry_run=dry_run, **kw), fmt,
+               yes=yes, dry_run=dry_run)
+
+
+@app.command()
+def switch(
+    env: EnvArg,
+    slot: Annotated[SlotChoice, typer.Option("--slot", help="the slot to send traffic to")],
+    force: Annotated[bool, typer.Option("--force", help="skip the health gate")] = False,
+    dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
+    config: ConfigOpt = None, reason: ReasonOpt = None,
+) -> None:
+    """Manual slot switch: send traffic to a slot you know is healthy (health-gated)."""
+    from runbook import switch as sw
+    from runbook.environment import Slot
+
+    try:
+        environment = load_env(env, config)
+    except RunbookError as exc:
+        fail(exc, fmt)
+    options = sw.Options(slot=Slot(slot.value), force=force, reason=reason or "manual switch")
+    run_action(lambda **kw: sw.switch(environment, options, dry_run=dry_run, **kw), fmt,
+               yes=yes, dry_run=dry_run)
+
+
+@app.command()
+def status(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -> None:
+    """Confirm the deployment state: the state file next to what really runs."""
+    from runbook import status as st
+
+    try:
+        data = st.gather(load_env(env, config))
+    except RunbookError as exc:
+        fail(exc, fmt)
+    if fmt is Format.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        typer.echo(st.render(data))
+    if data["problems"]:
+        raise typer.Exit(int(ExitCode.FAILED_SAFELY))
+
+
+@app.command()
+def healthcheck(
+    env: Annotated[str, typer.Argument(help=ENV_HELP, metavar="[ENV]")] = "production",
+    slot: Annotated[HealthSlot, typer.Option("--slot", help="blue, green, active (the one "
+                                             "taking traffic) or both")] = HealthSlot.both,
+    fmt: Annotated[HealthFormat, typer.Option("--format")] = HealthFormat.table,
+    config: ConfigOpt = None,
+) -> None:
+    """Verify health of a slot (degraded counts as healthy). Exit 1 when any is unhealthy."""
+    from runbook import caddy, health
+    from runbook.environment import Slot
+
+    try:
+        environment = load_env(env, config)
+        if slot is HealthSlot.active:
+            active = caddy.active_slot(caddy.read(environment), environment)
+            if active is None:
+                raise RunbookError("cannot tell the active slot from the Caddyfile",
+                                   "run `runbook status` to see what is wrong")
+            chosen = [active]
+        elif slot is HealthSlot.both:
+            chosen = list(Slot)
+        else:
+            chosen = [Slot(slot.value)]
+    except RunbookError as exc:
+        fail(exc)
+    reports = [health.probe(environment.slot(s), environment.health.path,
+                            environment.health.request_timeout) for s in chosen]
+    if fmt is HealthFormat.json:
+        data = [health.to_json(r) for r in reports]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+    elif fmt is HealthFormat.table:
+        typer.echo(health.to_table(reports))
+    else:
+        for r in reports:
+            typer.echo(health.simple(r))
+    if not all(r.ok for r in reports):
+        raise typer.Exit(int(ExitCode.FAILED_SAFELY))
+
+
+@app.command()
+def unlock(
+    env: EnvArg,
+    show: Annotated[bool, typer.Option("--status", help="only show who holds the lock")] = False,
+    force: Annotated[bool, typer.Option("--force", help="also remove a lock whose holder is "
+                                        "gone (never a live holder's)")] = False,
+    fmt: FormatOpt = Format.text, config: ConfigOpt = None,
+) -> None:
+    """Show or release the deploy lock. A live holder's lock is never removed."""
+    from runbook import lock as locks
+
+    try:
+        environment = load_env(env, config)
+        held = locks.status(environment)
+        if show:
+            if fmt is Format.json:
+                print(json.dumps({"locked": True, "summary": held.describe(), "stale": held.stale,
+                                  "why": held.why} if held else {"locked": False}))
+            else:
+                typer.echo(held.describe() if held else "free")
+            return
+        message = locks.unlock(environment, force=force)
+    except RunbookError as exc:
+        fail(exc, fmt)
+    typer.echo(message)
+
+
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Deploy a version to the standby slot: recreate, migrate, gate, switch, record.
+
+Drills need it to arrange a previous deployment, and so does recovery ("redeploy a known-good
+version"). The deployment records the image and the schema version it ran with, so a later
+rollback can tell whether migrations ran after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runbook import compose, database, docker, health, slots
+from runbook import state as states
+from runbook.environment import Environment, Slot
+from runbook.errors import PreconditionError, RunbookError
+from runbook.plan import Plan, Step, StepContext
+from runbook.rollback import live_slot
+from runbook.run import RunResult, perform
+
+
+@dataclass(frozen=True)
+class Options:
+    version: str
+    force: bool = False  # skip the health gate
+    reason: str = "deploy"
+    slot: Slot | None = None  # default: the standby slot
+
+
+def load_or_empty(env: Environment) -> states.DeploymentState:
+    if not env.state_file.exists():
+        return states.DeploymentState(environment=env.name)
+    return states.read_state(env.state_file, environment=env.name)
+
+
+def plan(env: Environment, options: Options, run_id: str) -> Plan:
+    version = options.version.strip().lower()
+    state = load_or_empty(env)
+    current = state.current
+    if current is not None and current.version == version and options.slot is None:
+        raise PreconditionError(f"{version} is already the current deployment",
+                                "nothing to deploy; use `runbook status` to see both slots")
+    warnings: list[str] = []
+    if current is None and state.previous is None:
+        live = Slot.BLUE
+        try:
+            live, warnings = live_slot(env, state.with_(current=None))
+        except RunbookError:
+            warnings.append("no deployment recorded and Caddy's block is unreadable: "
+                            "deploying to green")
+    else:
+        live, warnings = live_slot(env, state)
+    target = options.slot or live.other
+    image = slots.image_of(env, version)
+    if not docker.image_exists(image):
+        raise PreconditionError(f"image {image} is not present on this host",
+                                "build or load it first "
+                                f"(docker images {env.compose.image_repository})")
+    from runbook import caddy
+
+    caddy.check_running(env)
+    config = env.slot(target)
+    facts: dict[str, object] = {}
+    recreate = compose.recreate_slot(env, target, version)
+
+    def run_recreate(ctx: StepContext) -> None:
+        compose.run(recreate)
+        ctx.on_failure(f"stop {config.container} (it never took traffic)",
+                       lambda: docker.stop(config.container))
+
+    def run_migrate(ctx: StepContext) -> None:
+        before = _schema(env)
+        code, output = docker.exec_run(config.container, list(env.migrate_command))
+        if code != 0:
+            raise PreconditionError(f"migrations failed in {config.container} (exit {code}): "
+                                    f"{output.strip().splitlines()[-1] if output.strip() else ''}",
+                                    f"read `docker logs {config.container}`; the database "
+                                    "may need a restore (`runbook snapshot list`)")
+        after = _schema(env)
+        facts["migration_version"] = after
+        ctx.note(schema=f"{before} -> {after}")
+
+    def run_state(ctx: StepContext) -> None:
+        report = health.probe(config, env.health.path, env.health.request_timeout)
+        commit = report.git_commit or (current.git_commit if current else "0" * 40)
+        migration = facts.get("migration_version")
+        if migration is None:
+            migration = _schema(env)
+        new = states.make_deployment(
+            version, commit, target, migration_version=migration if isinstance(migration, int)
+            else None, image=image, status="active", deployment_id=states.new_id("dep"))
+        new = new.with_(health_status=report.status if report.ok else "unknown",
+                        migrations_run=int(bool(env.migrate_command)))
+        fresh = load_or_empty(env)
+        states.write_state(env.state_file, states.after_deploy(fresh, new))
+        ctx.note(current=f"{version} on {target} ({new.id})", migration_version=migration)
+
+    steps = [
+        Step("preflight", "Pre-flight checks (read-only, done)", {
+            "current": f"{current.version} on {live}" if current else "none recorded",
+            "target slot": f"{target} ({config.container}, port {config.port})",
+            "image": f"{image} (present)",
+            "caddy": f"answering at {env.caddy.admin_url}",
+        }),
+        Step("start-slot", f"Recreate the {target} container with {image}",
+             {"command": recreate.display()}, run=run_recreate),
+        Step("migrate", "Run the new version's migrations",
+             {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}"},
+             run=run_migrate, skip=None if env.migrate_command else "no migrate_command"),
+        slots.gate_step(env, target, force=options.force, expected_version=version,
+                        facts=facts),
+    ]
+    switch, diff = slots.switch_step(env, target, version, facts)
+    steps += [
+        switch,
+        Step("state", "Record the deployment in the deployment state",
+             {"file": str(env.state_file), "current": f"{version} on {target}, status active",
+              "previous": f"{current.version}, status superseded" if current else "none"},
+             run=run_state),
+        slots.stop_step(env, live, env.stop_old_slot),
+    ]
+    summary = f"deploy {version} to {env.display}'s {target} slot (traffic now on {live})"
+    return Plan("deploy", env, summary, steps, warnings, diff,
+                facts={"version": version, "to_slot": str(target), "from_slot": str(live)})
+
+
+def _schema(env: Environment) -> int | None:
+    try:
+        return database.schema_version(env).version
+    except RunbookError:
+        return None
+
+
+def deploy(env: Environment, options: Options, *, dry_run: bool = False, confirm=None,
+           progress=None) -> RunResult:  # type: ignore[no-untyped-def]
+    return perform(env, "deploy", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
+                   reason=options.reason, confirm=confirm, progress=progress)

@@ -1,0 +1,316 @@
+"""Slot health: one probe, the gate that waits for it, and how `runbook healthcheck` shows it.
+
+One rule everywhere (today's tools disagree about it): `degraded` is healthy enough to serve,
+`unhealthy` (HTTP 503, a `fail` check, or a body we cannot trust) is not, and a slot that does
+not answer is `unreachable`. A probe never raises for network trouble; it reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from runbook.environment import Environment, Slot, SlotConfig
+from runbook.errors import ExitCode, RunbookError
+
+HEALTHY = "healthy"
+DEGRADED = "degraded"
+UNHEALTHY = "unhealthy"
+UNREACHABLE = "unreachable"
+OK_STATUSES = frozenset({HEALTHY, DEGRADED})
+_RANK = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2, UNREACHABLE: 3}
+
+
+class HealthGateError(RunbookError):
+    """A slot did not become healthy in time (or its container exited while we waited)."""
+
+    exit_code = ExitCode.FAILED_SAFELY
+
+    def __init__(self, message: str, fix: str | None = None, *,
+                 report: HealthReport | None = None, attempts: int = 0,
+                 elapsed: float = 0.0) -> None:
+        super().__init__(message, fix)
+        self.report = report
+        self.attempts = attempts
+        self.elapsed = elapsed
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # pass | warn | fail (as reported)
+    message: str = ""
+    latency_ms: float | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """One answer of a slot's /health endpoint, judged."""
+
+    url: str
+    status: str  # healthy | degraded | unhealthy | unreachable (our verdict, not just the body's)
+    slot: str | None = None  # the slot probed (or, probing a bare URL, the one that answered)
+    http_status: int | None = None
+    reported_status: str | None = None  # the body's own `status`
+    version: str | None = None
+    git_commit: str | None = None
+    reported_slot: str | None = None
+    checks: tuple[Check, ...] = ()
+    timestamp: str | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    body: Mapping[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Serving traffic is fine: healthy or degraded."""
+        return self.status in OK_STATUSES
+
+    @property
+    def failing_checks(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.status == "fail")
+
+    @property
+    def warning_checks(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.status == "warn")
+
+    def reason(self) -> str:
+        """Why it is not ok, in one line ('' when it is)."""
+        if self.ok:
+            return ""
+        parts = [self.error] if self.error else []
+        parts += [f"{c.name}: {c.message or c.status}" for c in self.failing_checks]
+        return "; ".join(parts) or f"status {self.reported_status!r}"
+
+
+def _target(target: str | SlotConfig, path: str | None) -> tuple[str, str | None]:
+    if isinstance(target, SlotConfig):
+        return target.base_url + (path if path is not None else "/health"), target.slot.value
+    if path is None:
+        return target, None
+    return target.rstrip("/") + path, None
+
+
+def _describe_error(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out after {timeout:g}s"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc)
+        return "connection refused" if "refused" in text.lower() else f"cannot connect: {text}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"connection broken: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def probe(target: str | SlotConfig, path: str | None = None, timeout: float = 3.0) -> HealthReport:
+    """GET a slot's health endpoint and judge the answer. Never raises for network errors.
+
+    `target` is a SlotConfig (path defaults to /health, and the answer must come from that
+    slot) or a URL (used as is, or as a base when `path` is given).
+    """
+    url, expected_slot = _target(target, path)
+    began = time.monotonic()
+    try:
+        # trust_env=False: a loopback probe must never go through an HTTP(S)_PROXY;
+        # Connection: close so every probe sees the server as it is now.
+        with httpx.Client(timeout=timeout, trust_env=False) as client:
+            response = client.get(url, headers={"Connection": "close",
+                                                "Accept": "application/json"})
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        return HealthReport(url=url, status=UNREACHABLE, slot=expected_slot,
+                            latency_ms=_ms(began), error=_describe_error(exc, timeout))
+    return parse(url, response.status_code, response.content, slot=expected_slot,
+                 latency_ms=_ms(began))
+
+
+def _ms(began: float) -> float:
+    return round((time.monotonic() - began) * 1000, 1)
+
+
+def _worst(*statuses: str) -> str:
+    return max(statuses, key=lambda s: _RANK.get(s, _RANK[UNHEALTHY]))
+
+
+def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None = None,
+          latency_ms: float | None = None) -> HealthReport:
+    """Judge one /health response. The verdict is the worst of the body's status, its checks
+    and the HTTP status, so a 503 saying "healthy" or a fail check saying "ok" is unhealthy."""
+    base: dict[str, Any] = {"url": url, "slot": slot, "http_status": http_status,
+                            "latency_ms": latency_ms}
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        snippet = (content.decode("utf-8", "replace") if isinstance(content, bytes)
+                   else content).strip()[:80]
+        return HealthReport(status=UNHEALTHY, error=f"HTTP {http_status} with a body that is "
+                            f"not JSON: {snippet!r}", **base)
+    if not isinstance(body, dict):
+        return HealthReport(status=UNHEALTHY, error=f"HTTP {http_status} with a JSON body that "
+                            "is not an object", **base)
+    checks = _checks(body.get("checks"))
+    reported = body.get("status")
+    reported_status = reported if isinstance(reported, str) else None
+    reported_slot = _str(body.get("slot"))
+    errors: list[str] = []
+    verdicts = [HEALTHY]
+    if reported_status in (HEALTHY, DEGRADED, UNHEALTHY):
+        verdicts.append(reported_status)
+    else:
+        verdicts.append(UNHEALTHY)
+        errors.append(f"unknown status {reported!r}" if reported is not None
+                      else "the body has no status")
+    if any(c.status == "fail" for c in checks):
+        verdicts.append(UNHEALTHY)
+    elif any(c.status == "warn" for c in checks):
+        verdicts.append(DEGRADED)
+    if http_status == 503:
+        verdicts.append(UNHEALTHY)
+        errors.append("HTTP 503")
+    elif not 200 <= http_status < 300:
+        verdicts.append(UNHEALTHY)
+        errors.append(f"HTTP {http_status}")
+    if slot and reported_slot and reported_slot != slot:
+        # The wrong container answers on this slot's port: never let that pass a gate.
+        verdicts.append(UNHEALTHY)
+        errors.append(f"answered as slot {reported_slot}, expected {slot}")
+    return HealthReport(
+        status=_worst(*verdicts), reported_status=reported_status,
+        version=_str(body.get("version")), git_commit=_str(body.get("git_commit")),
+        reported_slot=reported_slot, checks=checks, timestamp=_str(body.get("timestamp")),
+        error="; ".join(errors) or None, body=body,
+        **{**base, "slot": slot or reported_slot},
+    )
+
+
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _checks(raw: object) -> tuple[Check, ...]:
+    if not isinstance(raw, dict):
+        return ()
+    out: list[Check] = []
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            out.append(Check(str(name), str(value)))
+            continue
+        latency = value.get("latency_ms")
+        details = value.get("details")
+        out.append(Check(
+            name=str(name), status=str(value.get("status", "unknown")),
+            message=str(value.get("message", "")),
+            latency_ms=float(latency) if isinstance(latency, int | float)
+            and not isinstance(latency, bool) else None,
+            details=details if isinstance(details, dict) else {},
+        ))
+    return tuple(out)
+
+
+def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = None, *,
+                 on_attempt: Callable[[int, HealthReport], None] | None = None,
+                 is_running: Callable[[], bool] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> HealthReport:
+    """Poll the slot until it is healthy or degraded, backing off exponentially.
+
+    `is_running`, when given, lets a container that exited end the wait at once instead of
+    after the whole timeout.
+    """
+    config = env.slot(slot)
+    limit = env.health.timeout if timeout is None else timeout
+    interval = env.health.interval
+    began = time.monotonic()
+    deadline = began + limit
+    attempt = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        request_timeout = max(0.1, min(env.health.request_timeout, remaining))
+        report = probe(config, env.health.path, request_timeout)
+        attempt += 1
+        if on_attempt is not None:
+            on_attempt(attempt, report)
+        if report.ok:
+            return report
+        elapsed = time.monotonic() - began
+        if is_running is not None and not is_running():
+            raise HealthGateError(
+                f"slot {config.slot}: container {config.container} is not running (it exited "
+                f"or was stopped) while waiting for {report.url} to become healthy; "
+                f"last: {_last(report)}", _fix(config), report=report, attempts=attempt,
+                elapsed=elapsed)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HealthGateError(
+                f"slot {config.slot} ({report.url}) did not become healthy within {limit:g}s "
+                f"({attempt} attempts): last {_last(report)}", _fix(config), report=report,
+                attempts=attempt, elapsed=elapsed)
+        sleep(min(interval, remaining))
+        interval = min(interval * 2, env.health.max_interval)
+
+
+def _last(report: HealthReport) -> str:
+    http = f" (HTTP {report.http_status})" if report.http_status is not None else ""
+    reason = report.reason()
+    return f"status {report.status}{http}" + (f": {reason}" if reason else "")
+
+
+def _fix(config: SlotConfig) -> str:
+    return f"check `docker logs --tail 100 {config.container}`"
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation for `runbook healthcheck`
+# --------------------------------------------------------------------------------------------
+
+def to_json(report: HealthReport) -> dict[str, Any]:
+    """The /health body, plus where it came from and our verdict (`status` is the verdict)."""
+    out: dict[str, Any] = dict(report.body or {})
+    if report.reported_slot is not None and report.reported_slot != report.slot:
+        out["reported_slot"] = report.reported_slot
+    if report.reported_status is not None and report.reported_status != report.status:
+        out["reported_status"] = report.reported_status
+    out.update(slot=report.slot, url=report.url, http_status=report.http_status, ok=report.ok,
+               status=report.status, latency_ms=report.latency_ms)
+    if report.error:
+        out["error"] = report.error
+    return out
+
+
+def _checks_text(report: HealthReport) -> str:
+    return " ".join(f"{c.name}:{c.status}" for c in report.checks) or "-"
+
+
+def _latency(report: HealthReport) -> str:
+    return f"{report.latency_ms:.0f} ms" if report.latency_ms is not None else "-"
+
+
+def to_table(reports: Sequence[HealthReport]) -> str:
+    """A plain-text table, one slot a row, with the reason under any row that is not ok."""
+    header = ("SLOT", "URL", "STATUS", "VERSION", "CHECKS", "LATENCY")
+    rows = [(r.slot or "-", r.url, r.status, r.version or "-", _checks_text(r), _latency(r))
+            for r in reports]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    out = [line(header)]
+    for report, row in zip(reports, rows, strict=True):
+        out.append(line(row))
+        if not report.ok:
+            out.append(f"  ! {report.reason()}")
+    return "\n".join(out)
+
+
+def simple(report: HealthReport) -> str:
+    """One line: `blue healthy 3f2a1b9 http://... (database:pass ...) 12 ms`."""
+    text = (f"{report.slot or '?'} {report.status} {report.version or '-'} {report.url} "
+            f"({_checks_text(report)}) {_latency(report)}")
+    if not report.ok:
+        text += f": {report.reason()}"
+    return text

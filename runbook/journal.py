@@ -1,0 +1,441 @@
+"""What a run did, for the operator now and for the post-mortem later.
+
+Two outputs: the contract's log file (`<log_dir>/<env>_<YYYYMMDD_HHMMSS>.log`, one JSON object
+a line, which the existing tooling and `jq` read) and a run record (`<runs_dir>/<run_id>.json`)
+that reports are built from. Every line goes through json.dumps (the old tooling printed
+unescaped strings into JSON) and through redact(), because logs get pasted into tickets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from runbook import state as statemod
+from runbook.environment import Environment
+from runbook.errors import ConfigError, ExitCode, RunbookError
+
+MASK = "***"
+RESERVED = ("timestamp", "level", "deployment_id", "message")
+RUN_ID_PREFIX = {"rollback": "rbk", "deploy": "dep"}
+MIN_SECRET_LENGTH = 4  # shorter known values would mask ordinary words
+
+
+class Level(StrEnum):
+    INFO = "INFO"
+    WARN = "WARN"
+    ERROR = "ERROR"
+    SUCCESS = "SUCCESS"
+
+    @classmethod
+    def of(cls, value: str | Level) -> Level:
+        text = str(value).upper()
+        return cls("WARN" if text == "WARNING" else text)
+
+
+class StepStatus(StrEnum):
+    RUNNING = "running"  # only seen in the record of a run that died mid-step
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    PLANNED = "planned"
+
+
+# --- redaction -------------------------------------------------------------------------------
+
+_WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key" \
+         r"|credentials?)"
+_QUOTED = r"\"(?:[^\"\\]|\\.)*\"(?=[\s,;}\]]|$)|'[^']*'(?=[\s,;}\]]|$)"
+_PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = []
+
+
+def _quoted_mask(value: str) -> str:
+    return f"{value[0]}{MASK}{value[0]}" if value[:1] in ("'", '"') else MASK
+
+
+# scheme://user:PASSWORD@host - the password may hold @ % / : (greedy to the last @)
+_PATTERNS.append((
+    re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/]*:)(?P<pw>\S*)@"),
+    lambda m: f"{m['pre']}{MASK}@",
+))
+# POSTGRES_PASSWORD=..., JWT_SECRET="...": env style, the value runs to whitespace
+_PATTERNS.append((
+    re.compile(r"\b(?P<key>[A-Z][A-Z0-9_]*" + _WORDS.upper().replace("[_-]", "_")
+               + r"[A-Z0-9_]*)=(?P<value>" + _QUOTED + r"|\S*)"),
+    lambda m: f"{m['key']}={_quoted_mask(m['value'])}",
+))
+# password=..., token: ..., "api_key": "...", db.password = ... (query strings stop at &)
+_PATTERNS.append((
+    re.compile(r"(?i)\b(?P<key>[\w.-]*" + _WORDS + r"[\w.-]*)(?P<sep>[\"']?\s*[=:]\s*)"
+               r"(?P<value>" + _QUOTED + r"|[^\s&;,\"']+)"),
+    lambda m: f"{m['key']}{m['sep']}{_quoted_mask(m['value'])}",
+))
+# --password SECRET
+_PATTERNS.append((
+    re.compile(r"(?i)(?P<flag>--?[\w-]*" + _WORDS + r"[\w-]*)\s+(?P<value>(?!-)\S+)"),
+    lambda m: f"{m['flag']} {MASK}",
+))
+# Authorization: Bearer xxx / Basic xxx
+_PATTERNS.append((
+    re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
+    lambda m: f"{m['kind']} {MASK}",
+))
+_SECRET_FLAG = re.compile(r"(?i)--?[\w-]*" + _WORDS + r"[\w-]*")
+_SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask secrets in free text: URL passwords, *_SECRET=, password=, token=, known values."""
+    for value in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len,
+                        reverse=True):
+        text = text.replace(value, MASK)
+        quoted = urllib.parse.quote(value, safe="")
+        if quoted != value:
+            text = text.replace(quoted, MASK)
+    for pattern, replace in _PATTERNS:
+        text = pattern.sub(replace, text)
+    return text
+
+
+def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
+    """JSON-safe and redacted: whatever a caller passes, the line stays one valid object."""
+    if depth > 20:
+        return "<too deep>"
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return redact(value, known)
+    if isinstance(value, datetime):
+        return statemod.format_time(value) if value.tzinfo else value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = str(key)
+            secret = bool(_SECRET_KEY.search(name)) and isinstance(item, str)
+            out[name] = MASK if secret and "://" not in item else _clean(item, known, depth + 1)
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        out_list: list[Any] = []
+        previous: Any = None
+        for item in value:
+            # argv: ["psql", "--password", "hunter2"] masks the value after the flag
+            flag = isinstance(previous, str) and _SECRET_FLAG.fullmatch(previous)
+            out_list.append(MASK if flag and isinstance(item, str)
+                            else _clean(item, known, depth + 1))
+            previous = item
+        return out_list
+    if isinstance(value, bytes):
+        return redact(value.decode("utf-8", "replace"), known)
+    return redact(str(value), known)
+
+
+def new_run_id(action: str) -> str:
+    """A run id shaped like the deploy script's ids, prefixed by what the run does."""
+    return statemod.new_id(RUN_ID_PREFIX.get(action, "run"))
+
+
+def _timestamp(when: datetime | None = None) -> str:
+    now = (when or datetime.now(UTC)).astimezone(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One step of a run, as it appears in the run record."""
+
+    name: str
+    title: str
+    status: StepStatus = StepStatus.PLANNED
+    started_at: datetime | None = None
+    duration_ms: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    _skip_reason: str | None = field(default=None, repr=False)
+
+    def detail(self, **values: Any) -> None:
+        """Attach resolved values (target image, ports, versions) for the record."""
+        self.details.update(values)
+
+    def skip(self, reason: str) -> None:
+        """Mark the step skipped; leave the `with` block normally afterwards."""
+        self._skip_reason = reason
+        self.details.setdefault("skipped_because", reason)
+
+    def to_json(self, known: Iterable[str] = ()) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "title": self.title,
+            "status": self.status.value,
+            "started_at": _timestamp(self.started_at) if self.started_at else None,
+            "duration_ms": self.duration_ms,
+            "detail": _clean(self.details, known),
+        }
+        if self.error is not None:
+            data["error"] = redact(self.error, known)
+        return data
+
+
+# --- the journal -----------------------------------------------------------------------------
+
+Echo = Callable[[Level, str, Mapping[str, Any]], None]
+
+
+class Journal:
+    """The log and the run record of one run. Open with Journal.open()."""
+
+    def __init__(self, env: Environment, action: str, run_id: str, who: str, why: str,
+                 log_path: Path, record_path: Path, started_at: datetime,
+                 echo: Echo | None = None) -> None:
+        self.env = env
+        self.action = action
+        self.run_id = run_id
+        self.who = who
+        self.why = why
+        self.log_path = log_path
+        self.record_path = record_path
+        self.started_at = started_at
+        self.finished_at: datetime | None = None
+        self.outcome = "running"
+        self.exit_code: int | None = None
+        self.steps: list[Step] = []
+        self.context: dict[str, Any] = {}
+        self.failure: dict[str, Any] | None = None  # the exception that ended the run
+        self.write_errors: list[str] = []
+        self._secrets: set[str] = set()
+        self._echo = echo
+        self._mutex = threading.RLock()
+
+    @classmethod
+    def open(cls, env: Environment, action: str, run_id: str | None = None,
+             who: str | None = None, why: str | None = None, *,
+             echo: Echo | None = None) -> Journal:
+        """Create the log file and a first run record ("running"), so even a killed run
+        leaves a trace."""
+        started = datetime.now(UTC)
+        run_id = run_id or new_run_id(action)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id):
+            raise ConfigError(f"run id {run_id!r} cannot name a file",
+                              "use letters, digits, '.', '_' and '-' only")
+        for directory, what in ((env.log_dir, "[logs] dir"), (env.runs_dir, "[logs] runs_dir")):
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create {directory}: {exc.strerror or exc}",
+                                  f"fix {what} in the environment file or its permissions"
+                                  ) from None
+        log_path = env.log_dir / f"{env.name}_{started:%Y%m%d_%H%M%S}.log"
+        journal = cls(env, action, run_id, who or statemod.current_operator(), why or "",
+                      log_path, env.runs_dir / f"{run_id}.json", started, echo)
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.close(fd)
+            os.chmod(log_path, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the log file {log_path}: {exc.strerror or exc}",
+                              "fix [logs] dir in the environment file or its permissions"
+                              ) from None
+        journal._write_record()
+        journal.log(Level.INFO, f"{action} started on {env.display} by {journal.who}"
+                    + (f": {journal.why}" if journal.why else ""), action=action,
+                    environment=env.name)
+        return journal
+
+    # -- logging --
+
+    def add_secret(self, *values: str) -> None:
+        """Values masked wherever they appear, e.g. the database password read from .env."""
+        self._secrets.update(v for v in values if v)
+
+    def set(self, **context: Any) -> None:
+        """Facts about the run for the record (target version, slots, snapshot path)."""
+        self.context.update(context)
+
+    def log(self, level: Level | str, message: str, /, **fields: Any) -> None:
+        lvl = Level.of(level)
+        known = self._secrets
+        entry: dict[str, Any] = {
+            "timestamp": _timestamp(),
+            "level": lvl.value,
+            "deployment_id": self.run_id,
+            "message": redact(str(message), known),
+        }
+        extra = _clean(fields, known)
+        for key, value in extra.items():
+            entry[f"{key}_" if key in RESERVED else key] = value
+        line = json.dumps(entry, ensure_ascii=True, allow_nan=False) + "\n"
+        with self._mutex:
+            try:
+                fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                try:
+                    os.write(fd, line.encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                # Losing a log line must not abort a rollback half-way; the record says so.
+                self.write_errors.append(f"{self.log_path}: {exc.strerror or exc}")
+        if self._echo is not None:
+            self._echo(lvl, entry["message"], extra)
+
+    def info(self, message: str, /, **fields: Any) -> None:
+        self.log(Level.INFO, message, **fields)
+
+    def warn(self, message: str, /, **fields: Any) -> None:
+        self.log(Level.WARN, message, **fields)
+
+    def error(self, message: str, /, **fields: Any) -> None:
+        self.log(Level.ERROR, message, **fields)
+
+    def success(self, message: str, /, **fields: Any) -> None:
+        self.log(Level.SUCCESS, message, **fields)
+
+    # -- steps --
+
+    @contextlib.contextmanager
+    def step(self, name: str, title: str) -> Iterator[Step]:
+        """Time a step, log its start and end, and record it; a failure is recorded and
+        re-raised, so the caller decides what happens next."""
+        step = Step(name=name, title=title, status=StepStatus.RUNNING,
+                    started_at=datetime.now(UTC))
+        self.steps.append(step)
+        self._write_record()
+        self.log(Level.INFO, f"{title} ...", step=name, event="start")
+        began = time.monotonic()
+        try:
+            yield step
+        except BaseException as exc:
+            step.duration_ms = round((time.monotonic() - began) * 1000)
+            step.status = StepStatus.FAILED
+            step.error = _describe(exc)
+            self.log(Level.ERROR, f"{title}: failed: {step.error}", step=name, event="end",
+                     status=step.status.value, duration_ms=step.duration_ms)
+            self._write_record()
+            raise
+        step.duration_ms = round((time.monotonic() - began) * 1000)
+        if step._skip_reason is not None:
+            step.status = StepStatus.SKIPPED
+            self.log(Level.INFO, f"{title}: skipped ({step._skip_reason})", step=name,
+                     event="end", status=step.status.value, duration_ms=step.duration_ms)
+        else:
+            step.status = StepStatus.OK
+            self.log(Level.SUCCESS, f"{title}: ok", step=name, event="end",
+                     status=step.status.value, duration_ms=step.duration_ms,
+                     **({"detail": step.details} if step.details else {}))
+        self._write_record()
+
+    def plan(self, name: str, title: str, **detail: Any) -> Step:
+        """A step a dry run would take, recorded as planned."""
+        step = Step(name=name, title=title, status=StepStatus.PLANNED, details=dict(detail))
+        self.steps.append(step)
+        self.log(Level.INFO, f"would: {title}", step=name, event="plan",
+                 **({"detail": step.details} if detail else {}))
+        self._write_record()
+        return step
+
+    # -- the end --
+
+    def finish(self, outcome: str, exit_code: int | ExitCode) -> Path:
+        """Close the run: final log line and record. Only the first call counts."""
+        with self._mutex:
+            if self.finished_at is not None:
+                return self.record_path
+            self.finished_at = datetime.now(UTC)
+            self.outcome = outcome
+            self.exit_code = int(exit_code)
+        level = Level.SUCCESS if self.exit_code == 0 else Level.ERROR
+        self.log(level, f"{self.action} {outcome} (exit code {self.exit_code})",
+                 outcome=outcome, exit_code=self.exit_code,
+                 duration_ms=round((self.finished_at - self.started_at).total_seconds() * 1000))
+        self._write_record()
+        return self.record_path
+
+    def fail(self, exc: BaseException) -> Path:
+        """Finish after an exception, with the exit code its error carries."""
+        if isinstance(exc, RunbookError):
+            self.failure = {"type": type(exc).__name__, "message": exc.message, "fix": exc.fix}
+            return self.finish("failed", exc.exit_code)
+        self.failure = {"type": type(exc).__name__, "message": _describe(exc)}
+        if isinstance(exc, KeyboardInterrupt):
+            return self.finish("interrupted", 130)
+        return self.finish("failed", ExitCode.ATTENTION)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:
+            self.fail(exc)
+        elif self.finished_at is None:
+            self.finish("succeeded", ExitCode.OK)
+
+    def to_json(self) -> dict[str, Any]:
+        known = self._secrets
+        data: dict[str, Any] = {
+            "run_id": self.run_id,
+            "action": self.action,
+            "environment": self.env.name,
+            "label": self.env.display,
+            "who": self.who,
+            "why": self.why,
+            "started_at": _timestamp(self.started_at),
+            "finished_at": _timestamp(self.finished_at) if self.finished_at else None,
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "log_file": str(self.log_path),
+            "steps": [s.to_json(known) for s in self.steps],
+            "context": self.context,
+        }
+        if self.failure is not None:
+            data["error"] = self.failure
+        if self.write_errors:
+            data["log_write_errors"] = self.write_errors[:10]
+        return _clean(data, known)  # type: ignore[no-any-return]
+
+    def _write_record(self) -> None:
+        """Atomic, so a report never reads half a record."""
+        with self._mutex:
+            payload = json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n"
+            tmp = self.record_path.with_name(
+                f".{self.record_path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, payload.encode("utf-8", "replace"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.record_path)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RunbookError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

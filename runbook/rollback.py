@@ -1,0 +1,166 @@
+"""Rollback: put the previous (or a named) deployment back in front of users, safely.
+
+lock -> load state -> pick target -> pre-flight (image, container, schema, Caddy) -> make the
+standby slot run the target -> health gate -> switch Caddy and verify -> update state ->
+stop the old slot -> release the lock. A failure before the switch leaves traffic where it
+was; a failed switch restores the previous Caddyfile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runbook import caddy, database, slots
+from runbook import state as states
+from runbook.environment import Environment, Slot
+from runbook.errors import PreconditionError, RunbookError
+from runbook.plan import Plan, Step, StepContext
+from runbook.run import RunResult, perform
+
+
+@dataclass(frozen=True)
+class Options:
+    to: str | None = None  # a version, commit prefix or deployment id from the history
+    force: bool = False  # skip the health gate and the schema guard (never a live lock)
+    reason: str = "rollback"
+
+
+NO_PREVIOUS_FIX = ("first deployment or cleared state: redeploy the target version with "
+                   "`runbook deploy {env} --version <known-good version>`")
+
+
+def live_slot(env: Environment, state: states.DeploymentState) -> tuple[Slot, list[str]]:
+    """Which slot takes traffic: Caddy's managed block when it is consistent, else the state."""
+    warnings: list[str] = []
+    recorded = state.current.active_slot if state.current else None
+    try:
+        inspection = caddy.inspect(caddy.read(env), env)
+    except RunbookError as exc:
+        warnings.append(f"cannot read the Caddyfile: {exc}")
+        inspection = None
+    if inspection is not None and inspection.slot is not None:
+        if recorded is not None and inspection.slot != recorded:
+            warnings.append(f"the state file says {recorded} is active but Caddy sends traffic "
+                            f"to {inspection.slot}; trusting Caddy")
+        return inspection.slot, warnings
+    if inspection is not None:
+        warnings.append("Caddy's managed block is inconsistent: " + "; ".join(inspection.problems))
+    if recorded is None:
+        raise PreconditionError("cannot tell which slot takes traffic",
+                                "fix the Caddyfile's managed block (see `runbook status`)")
+    return recorded, warnings
+
+
+def schema_guard(env: Environment, target: states.Deployment, force: bool,
+                 ) -> tuple[dict[str, str], list[str]]:
+    """Refuse to put old code on a newer schema (unless forced); say what was checked."""
+    details: dict[str, str] = {}
+    warnings: list[str] = []
+    try:
+        schema = database.schema_version(env)
+    except RunbookError as exc:
+        warnings.append(f"schema not checked: {exc}")
+        return {"database schema": "unknown (database unreachable)"}, warnings
+    recorded = target.migration_version
+    details["database schema"] = schema.describe()
+    details["target ran with"] = "not recorded" if recorded is None else str(recorded)
+    if recorded is None:
+        warnings.append(f"{target.version} did not record its migration version; the health "
+                        "gate will still refuse a build that rejects the schema")
+        return details, warnings
+    problem = None
+    if schema.dirty:
+        problem = f"the database schema is dirty at version {schema.version}"
+    elif schema.version > recorded:
+        problem = (f"migrations ran after the target deployment: the database schema is at "
+                   f"{schema.version} but {target.version} ran with {recorded}")
+    if problem and not force:
+        raise PreconditionError(problem, f"restore a snapshot taken before the migration "
+                                f"(`runbook snapshot list {env.name}`), or pass --force to roll "
+                                "back the code anyway")
+    if problem:
+        warnings.append(f"{problem}; --force: rolling back the code anyway")
+        details["schema guard"] = "skipped (--force)"
+    else:
+        details["schema guard"] = "compatible"
+    return details, warnings
+
+
+def plan(env: Environment, options: Options, run_id: str) -> Plan:
+    state = states.read_state(env.state_file, environment=env.name)
+    current = state.current
+    if current is None:
+        raise PreconditionError("no current deployment is recorded",
+                                NO_PREVIOUS_FIX.format(env=env.name))
+    if options.to:
+        target = state.find_version(options.to)
+        if target is None:
+            known = ", ".join(d.version for d in state.deployments()) or "none"
+            raise PreconditionError(f"version {options.to} is not in the deployment history "
+                                    f"(known: {known})", "pick one of the known versions")
+    else:
+        target = state.previous
+        if target is None:
+            raise PreconditionError("No previous deployment found",
+                                    NO_PREVIOUS_FIX.format(env=env.name))
+    if target.id == current.id or target.version == current.version:
+        raise PreconditionError(f"{target.version} is already the current deployment",
+                                "nothing to roll back to; pass --to <another version>")
+    live, warnings = live_slot(env, state)
+    standby = live.other
+    recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
+                f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
+                f"-t {target.image} .) and run the rollback again, or deploy a known-good "
+                f"version: `runbook deploy {env.name} --version <version>`")
+    prep = slots.prepare(env, standby, target.version, target.image, recovery=recovery)
+    caddy.check_running(env)
+    schema_details, schema_warnings = schema_guard(env, target, options.force)
+    warnings += schema_warnings
+    facts: dict[str, object] = {}
+    switch, diff = slots.switch_step(env, standby, target.version, facts)
+
+    def update_state(ctx: StepContext) -> None:
+        fresh = states.read_state(env.state_file, environment=env.name)
+        report = facts.get("health_status")
+        new = states.after_rollback(fresh, fresh.find_id(target.id) or target, slot=standby,
+                                    health_status=str(report) if report else None,
+                                    run_id=run_id)
+        states.write_state(env.state_file, new)
+        ctx.note(current=f"{target.version} on {standby} (active)",
+                 previous=f"{current.version} (rolled_back)")
+
+    gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
+                           facts=facts)
+    preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
+        "current": f"{current.version} on {live} ({current.id})",
+        "target": f"{target.version} ({target.id}, deployed "
+                  f"{states.format_time(target.deployed_at)}"
+                  f" by {target.deployed_by})",
+        "target slot": f"{standby} ({env.slot(standby).container}, port {env.slot(standby).port})",
+        "target image": prep.image,
+        "caddy": f"answering at {env.caddy.admin_url}",
+        **schema_details,
+    })
+    steps = [
+        preflight,
+        slots.run_step(env, prep),
+        gate,
+        switch,
+        Step("state", "Record the rollback in the deployment state",
+             {"file": str(env.state_file),
+              "current": f"{target.version} on {standby}, status active, rollback_count "
+                         f"{target.rollback_count + 1}",
+              "previous": f"{current.version}, status rolled_back"}, run=update_state),
+        slots.stop_step(env, live, env.stop_old_slot),
+    ]
+    summary = (f"roll back {env.display} from {current.version} ({live}) to "
+               f"{target.version} ({standby})")
+    return Plan("rollback", env, summary, steps, warnings, diff,
+                facts={"from": current.version, "to": target.version, "from_slot": str(live),
+                       "to_slot": str(standby), "container_action": prep.action})
+
+
+def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,
+             confirm=None, progress=None) -> RunResult:  # type: ignore[no-untyped-def]
+    return perform(env, "rollback", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
+                   reason=options.reason, confirm=confirm, progress=progress)

@@ -1,0 +1,153 @@
+"""Making a slot run a given version, and proving it healthy: shared by rollback, deploy and
+switch, so every path starts, recreates and gates a slot the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runbook import compose, docker, health
+from runbook.docker import ContainerInfo
+from runbook.environment import Environment, Slot
+from runbook.errors import PreconditionError
+from runbook.plan import Step, StepContext
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What it takes to make `slot` run `image`: nothing, a start, or a recreate."""
+
+    slot: Slot
+    container: ContainerInfo
+    image: str
+    tag: str
+    action: str  # none | start | recreate
+    reason: str
+
+    @property
+    def describe_container(self) -> str:
+        c = self.container
+        if not c.exists:
+            return f"{c.name}: gone (removed)"
+        return f"{c.name}: {c.status}, image {c.image}"
+
+
+def image_of(env: Environment, version: str, image: str | None = None) -> str:
+    return image or f"{env.compose.image_repository}:{version}"
+
+
+def prepare(env: Environment, slot: Slot, version: str, image: str | None = None,
+            *, recovery: str = "") -> Preparation:
+    """Inspect the slot's container (the running truth) and decide; never changes anything."""
+    image = image_of(env, version, image)
+    info = docker.inspect(env.slot(slot).container)
+    if info.exists and info.image == image:
+        if info.running:
+            return Preparation(slot, info, image, version, "none", f"already running {image}")
+        if info.status in ("exited", "created", "paused", "dead"):
+            return Preparation(slot, info, image, version, "start",
+                               f"start the {info.status} container (it keeps {image})")
+    if not docker.image_exists(image):
+        raise PreconditionError(
+            f"image {image} is gone and slot {slot}'s container "
+            + ("was removed" if not info.exists else f"runs {info.image}"),
+            recovery or f"rebuild {image} from its commit, or deploy a version whose image "
+                        f"exists: `runbook deploy {env.name} --version <version>`")
+    why = "the container was removed" if not info.exists else f"it runs {info.image}"
+    return Preparation(slot, info, image, version, "recreate",
+                       f"recreate through compose with {image} ({why})")
+
+
+def run_step(env: Environment, prep: Preparation) -> Step:
+    config = env.slot(prep.slot)
+    details = {"container": prep.describe_container, "wanted image": prep.image,
+               "decision": prep.reason}
+    if prep.action == "recreate":
+        details["command"] = compose.recreate_slot(env, prep.slot, prep.tag).display()
+    elif prep.action == "start":
+        details["command"] = f"docker start {config.container}"
+    titles = {"none": f"Keep the {prep.slot} slot running {prep.image}",
+              "start": f"Start the stopped {prep.slot} container",
+              "recreate": f"Recreate the {prep.slot} container with {prep.image}"}
+
+    def run(ctx: StepContext) -> None:
+        if prep.action == "start":
+            docker.start(config.container)
+            ctx.on_failure(f"stop {config.container} again", lambda: docker.stop(config.container))
+        elif prep.action == "recreate":
+            compose.run(compose.recreate_slot(env, prep.slot, prep.tag))
+            ctx.on_failure(f"stop {config.container} (it never took traffic)",
+                           lambda: docker.stop(config.container))
+        info = docker.inspect(config.container)
+        ctx.note(container=f"{info.status}, image {info.image}")
+
+    return Step("start-slot", titles[prep.action], details,
+                run=None if prep.action == "none" else run,
+                skip="already running the wanted image" if prep.action == "none" else None)
+
+
+def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
+              facts: dict[str, object] | None = None) -> Step:
+    """The health gate; the report's status lands in facts["health_status"] for the state."""
+    facts = facts if facts is not None else {}
+    config = env.slot(slot)
+    details = {"url": f"{config.base_url}{env.health.path}",
+               "passes on": "healthy or degraded (HTTP 200)",
+               "timeout": f"{env.health.timeout:g}s, backoff {env.health.interval:g}s"
+                          f" -> {env.health.max_interval:g}s"}
+    if expected_version:
+        details["expected version"] = expected_version
+
+    def run(ctx: StepContext) -> None:
+        if force:
+            report = health.probe(config, env.health.path, env.health.request_timeout)
+            facts["health_status"] = report.status if report.status != "unreachable" else "unknown"
+            ctx.note(health=f"{report.status} (not gated: --force)")
+            return
+        report = health.wait_healthy(
+            env, slot, is_running=lambda: docker.inspect(config.container).running)
+        if expected_version and report.version and report.version != expected_version:
+            raise PreconditionError(
+                f"slot {slot} answers version {report.version}, expected {expected_version}",
+                f"check `docker inspect {config.container}`")
+        facts["health_status"] = report.status
+        ctx.note(health=f"{report.status}, version {report.version}")
+
+    title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
+             else f"Probe the {slot} slot once (health gate skipped: --force)")
+    return Step("health-gate", title, details, run=run)
+
+
+def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
+    container = env.slot(slot).container
+
+    def run(ctx: StepContext) -> None:
+        docker.stop(container)
+        ctx.note(container=docker.inspect(container).status)
+
+    return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
+                {"container": container, "command": f"docker stop {container}"},
+                run=run, skip=None if enabled else "rollback.stop_old_slot = false")
+
+
+def switch_step(env: Environment, target: Slot, expected_version: str,
+                facts: dict[str, object]) -> tuple[Step, str]:
+    """The Caddy switch step, with the exact diff the plan shows; returns (step, diff)."""
+    from runbook import caddy
+
+    sp = caddy.plan_switch(env, target)
+    details = {
+        "Caddyfile": str(sp.caddyfile),
+        "now": str(sp.current.slot or "inconsistent: " + "; ".join(sp.current.problems)),
+        "target": f"{target} -> localhost:{sp.target_port}",
+        "validate": " ".join(sp.validate_command),
+        "reload": f"{sp.reload}: {' '.join(sp.reload_action)}",
+        "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
+        "on failure": "restore the previous Caddyfile byte for byte and reload",
+    }
+
+    def run(ctx: StepContext) -> None:
+        result = caddy.switch(env, target, expected_version)
+        facts["switch"] = result
+        ctx.note(verified=result.verify.describe(), backup=result.backup or "-")
+
+    return Step("switch", f"Switch Caddy to the {target} slot", details, run=run), sp.diff

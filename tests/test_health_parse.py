@@ -1,0 +1,282 @@
+"""Slot health against real HTTP: a stdlib server on 127.0.0.1 serves canned /health bodies."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from runbook import health
+from runbook.environment import Environment, HealthConfig, Slot, from_mapping
+from runbook.errors import ExitCode
+from runbook.health import HealthGateError
+
+COMMIT = "3f2a1b9" + "0" * 33
+
+
+def body(status: str, checks: dict[str, dict[str, object]],
+         slot: str = "blue") -> dict[str, object]:
+    return {"status": status, "version": "3f2a1b9", "git_commit": COMMIT, "slot": slot,
+            "checks": checks, "timestamp": "2026-11-27T11:00:00.123Z"}
+
+
+PASS = {"status": "pass", "message": "database reachable", "latency_ms": 2}
+MIGRATIONS_WARN = {"status": "warn", "message": "pending migrations: database at 1, build knows 2",
+                   "latency_ms": 3, "details": {"version": 1, "dirty": False}}
+MIGRATIONS_FAIL = {"status": "fail", "message": "database schema 3 is ahead of this build",
+                   "latency_ms": 4, "details": {"version": 3, "dirty": False}}
+
+ROUTES: dict[str, tuple[int, bytes]] = {
+    "/healthy": (200, json.dumps(body("healthy", {"database": PASS})).encode()),
+    "/degraded": (200, json.dumps(body("degraded", {"database": PASS,
+                                                    "migrations": MIGRATIONS_WARN})).encode()),
+    "/unhealthy": (503, json.dumps(body("unhealthy", {"database": PASS,
+                                                      "migrations": MIGRATIONS_FAIL})).encode()),
+    "/lying-503": (503, json.dumps(body("healthy", {"database": PASS})).encode()),
+    "/fail-check-says-healthy": (200, json.dumps(body("healthy", {"a": MIGRATIONS_FAIL})).encode()),
+    "/warn-check-says-healthy": (200, json.dumps(body("healthy", {"m": MIGRATIONS_WARN})).encode()),
+    "/garbage": (200, b"<html>502 Bad Gateway</html>"),
+    "/list": (200, b"[1, 2]"),
+    "/no-status": (200, b'{"version": "3f2a1b9"}'),
+    "/green": (200, json.dumps(body("healthy", {"database": PASS}, slot="green")).encode()),
+    "/not-found": (404, b'{"error": "not found"}'),
+}
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    flip_after: int = 3  # /flip answers 503 this many times, then healthy
+    hits: dict[str, int] = field(default_factory=dict)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv_state = Server(url="", port=0)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path
+            srv_state.hits[path] = srv_state.hits.get(path, 0) + 1
+            if path == "/slow":
+                time.sleep(1.0)
+                code, data = ROUTES["/healthy"]
+            elif path == "/flip":
+                code, data = ROUTES["/unhealthy" if srv_state.hits[path] <= srv_state.flip_after
+                                    else "/degraded"]
+            else:
+                code, data = ROUTES.get(path, (404, b"{}"))
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass  # the client gave up (the slow route)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    srv_state.port = int(httpd.server_address[1])
+    srv_state.url = f"http://127.0.0.1:{srv_state.port}"
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield srv_state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_env(blue_port: int, path: str = "/flip", timeout: float = 5.0) -> Environment:
+    env = from_mapping({
+        "name": "staging",
+        "slots": {"blue": {"container": "togather-server-blue", "service": "togather-blue",
+                           "port": blue_port},
+                  "green": {"container": "togather-server-green", "service": "togather-green",
+                            "port": closed_port()}},
+    }, Path("/tmp/test-env.toml"))
+    return env.with_(health=HealthConfig(path=path, timeout=timeout, interval=0.02,
+                                         max_interval=0.1, request_timeout=0.5))
+
+
+# --- probe and parse -----------------------------------------------------------------------
+
+def test_healthy(server: Server) -> None:
+    report = health.probe(server.url + "/healthy")
+    assert report.ok and report.status == "healthy" and report.http_status == 200
+    assert report.version == "3f2a1b9" and report.git_commit == COMMIT
+    assert report.reported_slot == "blue" and report.slot == "blue"
+    assert report.timestamp == "2026-11-27T11:00:00.123Z"
+    (check,) = report.checks
+    assert (check.name, check.status, check.message, check.latency_ms) == (
+        "database", "pass", "database reachable", 2.0)
+    assert report.error is None and report.latency_ms is not None and report.latency_ms >= 0
+
+
+def test_degraded_counts_as_ok(server: Server) -> None:
+    report = health.probe(server.url, "/degraded")
+    assert report.status == "degraded" and report.ok
+    assert [c.name for c in report.warning_checks] == ["migrations"]
+    assert report.checks[1].details == {"version": 1, "dirty": False}
+    assert report.reason() == ""
+
+
+def test_unhealthy_503_with_a_failing_check(server: Server) -> None:
+    report = health.probe(server.url + "/unhealthy")
+    assert report.status == "unhealthy" and not report.ok and report.http_status == 503
+    assert [c.name for c in report.failing_checks] == ["migrations"]
+    assert "database schema 3 is ahead of this build" in report.reason()
+
+
+@pytest.mark.parametrize(("path", "error"), [
+    ("/lying-503", "HTTP 503"),
+    ("/fail-check-says-healthy", None),
+    ("/garbage", "not JSON"),
+    ("/list", "not an object"),
+    ("/no-status", "no status"),
+    ("/not-found", "HTTP 404"),
+])
+def test_anything_untrustworthy_is_unhealthy(server: Server, path: str, error: str | None) -> None:
+    report = health.probe(server.url + path)
+    assert report.status == "unhealthy" and not report.ok
+    if error:
+        assert report.error is not None and error in report.error
+    assert health.simple(report)  # formatting never fails on partial reports
+
+
+def test_a_warn_check_makes_a_healthy_body_degraded(server: Server) -> None:
+    report = health.probe(server.url + "/warn-check-says-healthy")
+    assert report.status == "degraded" and report.ok and report.reported_status == "healthy"
+
+
+def test_unreachable_and_timeouts_are_reported_not_raised(server: Server) -> None:
+    refused = health.probe(f"http://127.0.0.1:{closed_port()}/health", timeout=1)
+    assert refused.status == "unreachable" and not refused.ok
+    assert refused.http_status is None and refused.error == "connection refused"
+
+    began = time.monotonic()
+    slow = health.probe(server.url + "/slow", timeout=0.2)
+    assert time.monotonic() - began < 0.9
+    assert slow.status == "unreachable" and slow.error == "timed out after 0.2s"
+
+    bad = health.probe("not a url at all")
+    assert bad.status == "unreachable" and bad.error
+
+
+def test_probing_a_slot_checks_who_answers(server: Server) -> None:
+    env = make_env(server.port, "/green")
+    report = health.probe(env.slot(Slot.BLUE), "/green")
+    assert report.url == f"{server.url}/green"
+    assert report.slot == "blue" and report.reported_slot == "green"
+    assert report.status == "unhealthy"
+    assert report.error and "answered as slot green, expected blue" in report.error
+    # by URL nothing is expected, so the answer names the slot
+    assert health.probe(server.url + "/green").slot == "green"
+    assert health.probe(server.url + "/green").ok
+
+
+def test_parse_without_a_network() -> None:
+    report = health.parse("http://x/health", 200, json.dumps(body("degraded", {})))
+    assert report.ok and report.status == "degraded"
+    report = health.parse("http://x/health", 200, json.dumps(body("sunny", {})))
+    assert not report.ok and report.error == "unknown status 'sunny'"
+
+
+# --- wait_healthy --------------------------------------------------------------------------
+
+def test_wait_healthy_backs_off_until_the_slot_turns_healthy(server: Server) -> None:
+    server.flip_after = 4
+    env = make_env(server.port)
+    seen: list[tuple[int, str]] = []
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    report = health.wait_healthy(env, Slot.BLUE, on_attempt=lambda n, r: seen.append((n, r.status)),
+                                 sleep=sleep)
+    assert report.ok and report.status == "degraded"
+    assert seen == [(1, "unhealthy"), (2, "unhealthy"), (3, "unhealthy"), (4, "unhealthy"),
+                    (5, "degraded")]
+    assert sleeps == pytest.approx([0.02, 0.04, 0.08, 0.1])  # doubling, capped at max_interval
+
+
+def test_wait_healthy_times_out_with_the_reason_and_the_fix(server: Server) -> None:
+    server.flip_after = 10_000
+    env = make_env(server.port, timeout=0.4)
+    began = time.monotonic()
+    with pytest.raises(HealthGateError) as err:
+        health.wait_healthy(env, "blue")
+    assert 0.35 < time.monotonic() - began < 2.0
+    message = str(err.value)
+    assert err.value.exit_code is ExitCode.FAILED_SAFELY
+    for part in ("slot blue", f"{server.url}/flip", "within 0.4s", "status unhealthy",
+                 "HTTP 503", "migrations: database schema 3 is ahead of this build",
+                 "docker logs --tail 100 togather-server-blue"):
+        assert part in message, part
+    assert err.value.report is not None and err.value.attempts >= 3
+
+
+def test_wait_healthy_on_an_unreachable_slot_names_it(server: Server) -> None:
+    env = make_env(server.port, timeout=0.2)
+    with pytest.raises(HealthGateError) as err:
+        health.wait_healthy(env, Slot.GREEN)
+    assert "status unreachable" in str(err.value) and "connection refused" in str(err.value)
+    assert "togather-server-green" in str(err.value)
+
+
+def test_wait_healthy_stops_early_when_the_container_exited(server: Server) -> None:
+    server.flip_after = 10_000
+    env = make_env(server.port, timeout=30)
+    began = time.monotonic()
+    with pytest.raises(HealthGateError) as err:
+        health.wait_healthy(env, Slot.BLUE, is_running=lambda: False)
+    assert time.monotonic() - began < 2
+    assert err.value.attempts == 1
+    assert "container togather-server-blue is not running" in str(err.value)
+
+
+# --- presentation --------------------------------------------------------------------------
+
+def test_to_json_adds_where_and_the_verdict(server: Server) -> None:
+    env = make_env(server.port)
+    report = health.probe(env.slot(Slot.BLUE), "/lying-503")
+    data = health.to_json(report)
+    assert data["status"] == "unhealthy" and data["reported_status"] == "healthy"
+    assert data["ok"] is False and data["http_status"] == 503 and data["slot"] == "blue"
+    assert data["url"] == f"{server.url}/lying-503" and data["version"] == "3f2a1b9"
+    assert data["checks"]["database"]["status"] == "pass"
+    json.dumps(data)  # serialisable as is
+    down = health.to_json(health.probe(env.slot(Slot.GREEN)))
+    assert down["status"] == "unreachable" and down["ok"] is False and down["error"]
+
+
+def test_table_and_simple_lines(server: Server) -> None:
+    env = make_env(server.port)
+    reports = [health.probe(env.slot(Slot.BLUE), "/degraded"), health.probe(env.slot(Slot.GREEN))]
+    table = health.to_table(reports).splitlines()
+    assert table[0].split() == ["SLOT", "URL", "STATUS", "VERSION", "CHECKS", "LATENCY"]
+    assert table[1].split()[:4] == ["blue", f"{server.url}/degraded", "degraded", "3f2a1b9"]
+    assert "database:pass migrations:warn" in table[1]
+    assert table[2].split()[:3] == ["green", reports[1].url, "unreachable"]
+    assert table[3].strip() == "! connection refused"
+    line = health.simple(reports[0])
+    assert line.startswith("blue degraded 3f2a1b9 ") and "\n" not in line

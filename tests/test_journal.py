@@ -1,0 +1,302 @@
+"""The run log and the run record: valid JSON every line, secrets never written, steps timed."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runbook.environment import Environment, from_mapping
+from runbook.errors import ExitCode, PreconditionError
+from runbook.journal import MASK, Journal, Level, new_run_id, redact
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def make_env(tmp_path: Path) -> Environment:
+    data = {
+        "name": "staging",
+        "state": {"file": str(tmp_path / "deployment-state.json")},
+        "lock": {"dir": str(tmp_path / "locks")},
+        "logs": {"dir": str(tmp_path / "home" / ".togather" / "logs" / "deployments"),
+                 "runs_dir": str(tmp_path / "home" / ".togather" / "runs")},
+        "slots": {
+            "blue": {"container": "togather-server-blue", "service": "togather-blue", "port": 8081},
+            "green": {"container": "togather-server-green", "service": "togather-green",
+                      "port": 8082},
+        },
+    }
+    return from_mapping(data, tmp_path / "env.toml")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Environment:
+    return make_env(tmp_path)
+
+
+def lines(journal: Journal) -> list[dict[str, Any]]:
+    text = journal.log_path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def record(journal: Journal) -> dict[str, Any]:
+    return json.loads(journal.record_path.read_text())  # type: ignore[no-any-return]
+
+
+# --- the log file ----------------------------------------------------------------------------
+
+
+def test_log_file_name_modes_and_line_shape(env: Environment) -> None:
+    j = Journal.open(env, "rollback", why="bad release")
+    assert re.fullmatch(r"staging_\d{8}_\d{6}\.log", j.log_path.name)
+    assert j.log_path.parent == env.log_dir
+    assert j.run_id.startswith("rbk_")
+    assert re.fullmatch(r"dep_[0-9a-f]{16}_[0-9a-f]{24}", new_run_id("deploy"))
+    assert new_run_id("switch").startswith("run_")
+    j.log("SUCCESS", "done", step="switch", duration_ms=12)
+    for path in (j.log_path, j.record_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for directory in (env.log_dir, env.runs_dir):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    first, last = lines(j)[0], lines(j)[-1]
+    assert list(first)[:4] == ["timestamp", "level", "deployment_id", "message"]
+    assert TIMESTAMP.fullmatch(last["timestamp"])
+    assert last == {"timestamp": last["timestamp"], "level": "SUCCESS",
+                    "deployment_id": j.run_id, "message": "done", "step": "switch",
+                    "duration_ms": 12}
+    assert "bad release" in first["message"]
+
+
+NASTY = [
+    'he said "roll back" now',
+    "line one\nline two\r\nline three",
+    "tab\there\x00nul\x07bell\x1b[31mred\x1b[0m",
+    "back\\slash \\\" and \u2028 separator \u2029 and ✓ emoji 🚀",
+    '{"level": "SUCCESS", "message": "forged"}',
+    "\ud800 lone surrogate",
+]
+
+
+@pytest.mark.parametrize("message", NASTY)
+def test_messages_are_escaped_one_object_per_line(env: Environment, message: str) -> None:
+    j = Journal.open(env, "deploy")
+    j.log(Level.WARN, message, note=message)
+    raw = j.log_path.read_text()
+    assert raw.isascii()
+    entries = lines(j)
+    assert len(entries) == len(raw.splitlines()) == 2
+    assert entries[-1]["message"] == message and entries[-1]["note"] == message
+    assert entries[-1]["level"] == "WARN"
+
+
+def test_fields_of_any_type_keep_the_line_valid(env: Environment, tmp_path: Path) -> None:
+    j = Journal.open(env, "deploy")
+    j.log("warning", "odd fields", path=tmp_path, when=datetime(2026, 1, 2, tzinfo=UTC),
+          ratio=float("nan"), obj=object(), nested={"a": [1, (2, 3)], 4: None},
+          message="shadow", level="shadow", blob=b"\xff\xfe")
+    entry = lines(j)[-1]
+    assert entry["level"] == "WARN" and entry["message"] == "odd fields"
+    assert entry["message_"] == "shadow" and entry["level_"] == "shadow"
+    assert entry["path"] == str(tmp_path) and entry["when"] == "2026-01-02T00:00:00Z"
+    assert entry["ratio"] == "nan" and entry["nested"] == {"a": [1, [2, 3]], "4": None}
+    with pytest.raises(ValueError):
+        j.log("DEBUG", "no such level")
+
+
+# --- redaction -------------------------------------------------------------------------------
+
+SECRET_SHAPES = [
+    ("postgresql://togather:hunter2@localhost:5433/togather",
+     "postgresql://togather:***@localhost:5433/togather", "hunter2"),
+    ("postgresql://togather:p@ss/w%rd:x@db:5432/togather?sslmode=disable",
+     "postgresql://togather:***@db:5432/togather?sslmode=disable", "p@ss/w%rd:x"),
+    ("DATABASE_URL=postgres://u:S3cr%40t%2Fx@127.0.0.1:5433/db",
+     "DATABASE_URL=postgres://u:***@127.0.0.1:5433/db", "S3cr%40t"),
+    ("redis://:onlypass@cache:6379/0", "redis://:***@cache:6379/0", "onlypass"),
+    ("JWT_SECRET=abc123def and more", "JWT_SECRET=*** and more", "abc123def"),
+    ("export ADMIN_API_KEY=k3y-value", "export ADMIN_API_KEY=***", "k3y-value"),
+    ("POSTGRES_PASSWORD=\"p@ss w/rd%\" next", "POSTGRES_PASSWORD=\"***\" next", "p@ss w/rd%"),
+    ("POSTGRES_PASSWORD=pa$$:w@rd/%41", "POSTGRES_PASSWORD=***", "pa$$"),
+    ("PGPASSWORD=s3cr3t psql -h db", "PGPASSWORD=*** psql -h db", "s3cr3t"),
+    ("connect password=hunter2 host=db", "connect password=*** host=db", "hunter2"),
+    ("GET /health?token=abc.def-ghi&x=1", "GET /health?token=***&x=1", "abc.def-ghi"),
+    ("user=bob password='a b c' dbname=x", "user=bob password='***' dbname=x", "a b c"),
+    ('{"password": "x\\"y", "user": "bob"}', '{"password": "***", "user": "bob"}', 'x\\"y'),
+    ("db.password = hunter2", "db.password = ***", "hunter2"),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig", "Authorization: Bearer ***",
+     "eyJhbGciOiJIUzI1NiJ9"),
+    ("pg_dump --password hunter22 -h db", "pg_dump --password *** -h db", "hunter22"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected", "secret"), SECRET_SHAPES,
+                         ids=[s[0][:30] for s in SECRET_SHAPES])
+def test_redact_every_secret_shape(text: str, expected: str, secret: str) -> None:
+    out = redact(text)
+    assert out == expected
+    assert secret not in out
+
+
+def test_redact_leaves_ordinary_text_alone() -> None:
+    for text in ("https://example.com:8080/health", "switched traffic to green (port 8082)",
+                 "schema_migrations.version 49, dirty false", "image togather-server:abc1234",
+                 "user@host rolled back"):
+        assert redact(text) == text
+
+
+def test_secrets_are_redacted_in_messages_fields_and_records(env: Environment) -> None:
+    j = Journal.open(env, "rollback", why="DATABASE_URL=postgresql://u:hunter2@db/x is wrong")
+    j.add_secret("Sup3r-S3cret/Value")
+    url = "postgresql://togather:hunter2@db:5432/togather"
+    with j.step("restore", "Restore the snapshot") as step:
+        step.detail(url=url, env={"POSTGRES_PASSWORD": "hunter2", "POSTGRES_DB": "togather"},
+                    note="the value Sup3r-S3cret/Value and Sup3r-S3cret%2FValue")
+    j.log("INFO", f"connecting to {url}", dsn="host=db password=hunter2",
+          api_token="tok-123456", args=["--password", "hunter2"])
+    j.set(database_url=url)
+    j.finish("succeeded", 0)
+    for text in (j.log_path.read_text(), j.record_path.read_text()):
+        assert "hunter2" not in text and "Sup3r" not in text and "tok-123456" not in text
+        assert MASK in text
+    rec = record(j)
+    assert rec["context"]["database_url"] == "postgresql://togather:***@db:5432/togather"
+    assert rec["steps"][0]["detail"]["env"] == {"POSTGRES_PASSWORD": MASK,
+                                                "POSTGRES_DB": "togather"}
+    assert rec["why"].startswith("DATABASE_URL=postgresql://u:***@db/x")
+
+
+password_chars = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="\"'"),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=300)
+@given(password_chars)
+def test_any_url_password_is_masked(password: str) -> None:
+    text = f"DATABASE_URL=postgresql://togather:{password}@db.internal:5433/togather"
+    assert redact(text) == "DATABASE_URL=postgresql://togather:***@db.internal:5433/togather"
+
+
+@settings(max_examples=300)
+@given(password_chars, st.sampled_from(["POSTGRES_PASSWORD", "JWT_SECRET", "GITHUB_TOKEN"]))
+def test_any_env_secret_is_masked(value: str, key: str) -> None:
+    assert redact(f"{key}={value} tail") == f"{key}=*** tail"
+
+
+@settings(max_examples=200)
+@given(st.text())
+def test_any_message_gives_one_valid_line(message: str) -> None:
+    entry = {"message": redact(message)}
+    assert "\n" not in json.dumps(entry)
+
+
+# --- steps and the run record ----------------------------------------------------------------
+
+
+def test_run_record_is_written_at_open(env: Environment) -> None:
+    j = Journal.open(env, "switch", run_id="run_test_1", who="alice@laptop", why="drill")
+    rec = record(j)
+    assert j.record_path == env.runs_dir / "run_test_1.json"
+    assert rec["run_id"] == "run_test_1" and rec["action"] == "switch"
+    assert rec["environment"] == "staging" and rec["who"] == "alice@laptop"
+    assert rec["why"] == "drill" and rec["outcome"] == "running" and rec["exit_code"] is None
+    assert rec["log_file"] == str(j.log_path) and rec["steps"] == []
+
+
+def test_steps_are_timed_and_recorded(env: Environment) -> None:
+    j = Journal.open(env, "rollback")
+    with j.step("start-slot", "Start the blue slot") as step:
+        time.sleep(0.05)
+        step.detail(container="togather-server-blue", image="togather-server:abc1234")
+    with j.step("snapshot", "Restore the database") as step:
+        step.skip("no migrations ran after abc1234")
+    j.plan("stop-old", "Stop the green slot", container="togather-server-green")
+    j.finish("succeeded", ExitCode.OK)
+    rec = record(j)
+    first, second, third = rec["steps"]
+    assert first["name"] == "start-slot" and first["status"] == "ok"
+    assert first["duration_ms"] >= 50 and TIMESTAMP.fullmatch(first["started_at"])
+    assert first["detail"] == {"container": "togather-server-blue",
+                               "image": "togather-server:abc1234"}
+    assert second["status"] == "skipped"
+    assert second["detail"]["skipped_because"] == "no migrations ran after abc1234"
+    assert third["status"] == "planned" and third["started_at"] is None
+    assert rec["outcome"] == "succeeded" and rec["exit_code"] == 0
+    assert TIMESTAMP.fullmatch(rec["finished_at"])
+    logged = [(e["level"], e.get("step"), e.get("event")) for e in lines(j)]
+    assert ("INFO", "start-slot", "start") in logged
+    assert ("SUCCESS", "start-slot", "end") in logged
+    assert logged[-1][0] == "SUCCESS"
+    assert [p.name for p in env.runs_dir.iterdir()] == [j.record_path.name]
+
+
+def test_failed_step_is_recorded_and_reraised(env: Environment) -> None:
+    j = Journal.open(env, "rollback")
+    with pytest.raises(PreconditionError), j.step("image", "Check the image") as step:
+        step.detail(image="togather-server:abc1234")
+        raise PreconditionError("image togather-server:abc1234 is gone",
+                                "rebuild it from commit abc1234")
+    rec = record(j)  # written at once, before anyone calls finish
+    failed = rec["steps"][0]
+    assert failed["status"] == "failed" and failed["duration_ms"] >= 0
+    assert failed["error"] == ("image togather-server:abc1234 is gone; "
+                               "rebuild it from commit abc1234")
+    assert failed["detail"] == {"image": "togather-server:abc1234"}
+    entry = lines(j)[-1]
+    assert entry["level"] == "ERROR" and entry["status"] == "failed"
+    assert rec["outcome"] == "running"
+
+
+def test_context_manager_records_failure_with_its_exit_code(env: Environment) -> None:
+    with pytest.raises(PreconditionError), Journal.open(env, "rollback") as j, \
+            j.step("check", "Check preconditions"):
+        raise PreconditionError("no previous deployment", "deploy first")
+    rec = record(j)
+    assert rec["outcome"] == "failed" and rec["exit_code"] == ExitCode.PRECONDITION
+    assert rec["error"] == {"type": "PreconditionError", "message": "no previous deployment",
+                            "fix": "deploy first"}
+    assert lines(j)[-1]["level"] == "ERROR"
+
+
+def test_unexpected_exception_is_attention(env: Environment) -> None:
+    with pytest.raises(ZeroDivisionError), Journal.open(env, "deploy") as j:
+        _ = 1 / 0
+    rec = record(j)
+    assert rec["exit_code"] == ExitCode.ATTENTION
+    assert rec["error"]["message"] == "ZeroDivisionError: division by zero"
+
+
+def test_finish_counts_once(env: Environment) -> None:
+    with Journal.open(env, "deploy") as j:
+        j.finish("rolled_back", ExitCode.FAILED_SAFELY)
+    rec = record(j)
+    assert rec["outcome"] == "rolled_back" and rec["exit_code"] == 1
+
+
+def test_bad_run_id_and_unwritable_dirs_are_config_errors(env: Environment,
+                                                          tmp_path: Path) -> None:
+    from runbook.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot name a file"):
+        Journal.open(env, "deploy", run_id="../../etc/passwd")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot create"):
+        Journal.open(env.with_(log_dir=blocker / "logs"), "deploy")
+
+
+def test_echo_sees_redacted_entries(env: Environment) -> None:
+    seen: list[tuple[Level, str, dict[str, Any]]] = []
+    j = Journal.open(env, "deploy", echo=lambda lvl, msg, fields: seen.append(
+        (lvl, msg, dict(fields))))
+    j.log("INFO", "password=hunter2", url="postgresql://a:hunter2@b/c")
+    assert seen[-1] == (Level.INFO, "password=***", {"url": "postgresql://a:***@b/c"})

@@ -1,0 +1,418 @@
+"""The deploy lock: atomic, shared with the shell tooling, stale only when truly stale."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runbook import lock as lockmod
+from runbook.environment import Environment, from_mapping
+from runbook.errors import ConfigError, ExitCode, LockedError
+from runbook.lock import acquire, release, status, unlock
+from runbook.state import format_time, read_state
+
+DATA = Path(__file__).parent / "data" / "state"
+HOST = socket.gethostname()
+
+
+def make_env(tmp_path: Path, *, stale: float = 1800.0, name: str = "production") -> Environment:
+    data = {
+        "name": name,
+        "state": {"file": str(tmp_path / "state" / "deployment-state.json")},
+        "lock": {"dir": str(tmp_path / "locks"), "stale_after_seconds": stale},
+        "logs": {"dir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs")},
+        "slots": {
+            "blue": {"container": "togather-server-blue", "service": "togather-blue", "port": 8081},
+            "green": {"container": "togather-server-green", "service": "togather-green",
+                      "port": 8082},
+        },
+    }
+    return from_mapping(data, tmp_path / "env.toml")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Environment:
+    return make_env(tmp_path)
+
+
+@pytest.fixture
+def with_state(env: Environment) -> Path:
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    return env.state_file
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """A process that is running on this host and is not us."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def plant(env: Environment, *, age: float = 0.0, pid: int | None = None,
+          hostname: str | None = HOST, legacy: bool = False, locked_by: str = "bob@ops-laptop",
+          reason: str = "deploy 1234abc") -> Path:
+    """A lock made by someone else: another process, another host, or the shell tooling."""
+    path = env.lock_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    epoch = time.time() - age
+    (path / "locked_at").write_text(f"{int(epoch)}\n")
+    if not legacy:
+        at = datetime.fromtimestamp(epoch, UTC)
+        holder = {"lock_id": "lock_foreign", "locked_by": locked_by, "pid": pid,
+                  "hostname": hostname, "reason": reason, "deployment_id": "dep_foreign",
+                  "locked_at": format_time(at),
+                  "expires_at": format_time(at + timedelta(seconds=env.lock_stale_after))}
+        (path / "holder.json").write_text(json.dumps(holder))
+    return path
+
+
+# --- acquire / release ----------------------------------------------------------------------
+
+
+def test_acquire_writes_the_contract_files_and_release_removes_them(env: Environment) -> None:
+    before = time.time()
+    lock = acquire(env, "rollback to abc1234", "rbk_1")
+    path = env.lock_path
+    assert path == env.lock_dir / "togather-deploy-production.lock" and path.is_dir()
+    assert before - 1 <= int((path / "locked_at").read_text()) <= time.time()
+    holder = json.loads((path / "holder.json").read_text())
+    assert holder["lock_id"] == lock.lock_id and holder["lock_id"].startswith("lock_")
+    assert holder["pid"] == os.getpid() and holder["hostname"] == HOST
+    assert holder["locked_by"].endswith(f"@{HOST}") and holder["reason"] == "rollback to abc1234"
+    assert holder["deployment_id"] == "rbk_1"
+    assert holder["locked_at"].endswith("Z") and holder["expires_at"].endswith("Z")
+    seen = status(env)
+    assert seen is not None and not seen.stale and seen.holder_alive is True and seen.is_ours
+    assert release(env, lock) is True
+    assert not path.exists() and status(env) is None
+    assert sorted(p.name for p in env.lock_dir.iterdir()) == [f".{path.name}.guard"]
+
+
+def test_context_manager_releases_on_error(env: Environment) -> None:
+    with pytest.raises(RuntimeError), acquire(env, "deploy", None):
+        assert env.lock_path.exists()
+        raise RuntimeError("boom")
+    assert not env.lock_path.exists()
+
+
+def test_second_acquire_names_the_holder_and_the_fix(env: Environment) -> None:
+    with acquire(env, "rollback to abc1234", "rbk_9"), pytest.raises(LockedError) as info:
+        acquire(env, "deploy", None)
+    err = info.value
+    assert err.exit_code == ExitCode.LOCKED
+    for part in (f"pid {os.getpid()}", f"on {HOST}", "'rollback to abc1234'", "rbk_9", "since"):
+        assert part in err.message
+    assert err.fix is not None and "runbook unlock production" in err.fix
+    assert "\n" not in str(err)
+
+
+def test_release_twice_is_harmless(env: Environment) -> None:
+    lock = acquire(env, "x", None)
+    assert lock.release() and lock.release()
+
+
+# --- the state-file mirror -------------------------------------------------------------------
+
+
+def test_lock_is_mirrored_into_the_state_file(env: Environment, with_state: Path) -> None:
+    before = read_state(with_state)
+    lock = acquire(env, "rollback", "rbk_2")
+    during = read_state(with_state)
+    assert during.lock == lock.state_json()
+    assert during.lock["locked"] is True and during.lock["deployment_id"] == "rbk_2"
+    assert during.lock["lock_expires_at"] == format_time(lock.expires_at)
+    assert during.current == before.current and during.history == before.history
+    assert lock.mirror_error is None
+    lock.release()
+    assert read_state(with_state).lock == {"locked": False}
+
+
+def test_no_state_file_is_not_created(env: Environment) -> None:
+    with acquire(env, "x", None):
+        assert not env.state_file.exists()
+
+
+def test_broken_state_file_does_not_block_the_lock(env: Environment) -> None:
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_text("{not json")
+    with acquire(env, "x", None) as lock:
+        assert lock.mirror_error is not None and "not valid JSON" in lock.mirror_error
+    assert env.state_file.read_text() == "{not json"
+
+
+def test_release_does_not_clear_someone_elses_mirror(env: Environment, with_state: Path) -> None:
+    lock = acquire(env, "x", None)
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "lock_id": "lock_other", "locked_by": "go@cli"}
+    with_state.write_text(json.dumps(state))
+    lock.release()
+    assert read_state(with_state).lock["lock_id"] == "lock_other"
+
+
+# --- races -----------------------------------------------------------------------------------
+
+
+def _race(env: Environment, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    try:
+        lock = acquire(env, "race", None)
+    except LockedError:
+        results.put("locked")
+        return
+    results.put("won")
+    time.sleep(0.5)  # hold it while the others try
+    lock.release()
+
+
+def _run_race(env: Environment, n: int = 8) -> list[str]:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(n)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(env, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return outcomes
+
+
+def test_racing_processes_exactly_one_wins(env: Environment) -> None:
+    outcomes = _run_race(env)
+    assert outcomes.count("won") == 1 and outcomes.count("locked") == 7
+    assert status(env) is None
+
+
+def test_racing_to_steal_a_stale_lock_exactly_one_wins(env: Environment) -> None:
+    plant(env, age=7200, legacy=True)
+    outcomes = _run_race(env)
+    assert outcomes.count("won") == 1 and outcomes.count("locked") == 7
+
+
+def test_a_lock_recreated_under_our_feet_is_put_back(env: Environment) -> None:
+    path = plant(env, legacy=True)
+    st = os.stat(path)
+    with pytest.raises(LockedError, match="re-created by another process"):
+        lockmod._entomb(path, (st.st_dev, st.st_ino + 1))
+    assert path.is_dir() and (path / "locked_at").exists()
+    assert [p.name for p in env.lock_dir.iterdir()] == [path.name]
+
+
+# --- staleness -------------------------------------------------------------------------------
+
+
+def test_stale_by_age_is_taken_over(env: Environment) -> None:
+    plant(env, age=3600, pid=4242, hostname="another-host")
+    seen = status(env)
+    assert seen is not None and seen.stale and seen.holder_alive is None
+    assert seen.why.startswith("expired 30 min ago")
+    with acquire(env, "rollback", None) as lock:
+        assert lock.stolen_from is not None and lock.stolen_from.holder is not None
+        assert lock.stolen_from.holder.lock_id == "lock_foreign"
+        holder = json.loads((env.lock_path / "holder.json").read_text())
+        assert holder["lock_id"] == lock.lock_id
+    assert [p.name for p in env.lock_dir.iterdir()] == [f".{env.lock_path.name}.guard"]
+
+
+def test_fresh_lock_from_another_host_is_live(env: Environment) -> None:
+    plant(env, age=60, pid=4242, hostname="another-host")
+    seen = status(env)
+    assert seen is not None and not seen.stale and "another host" in seen.why
+    with pytest.raises(LockedError, match="another-host"):
+        acquire(env, "x", None)
+
+
+def test_stale_by_dead_pid_is_taken_over(env: Environment, dead_pid: int) -> None:
+    plant(env, age=5, pid=dead_pid)
+    seen = status(env)
+    assert seen is not None and seen.stale and seen.holder_alive is False
+    assert f"its process {dead_pid} is no longer running" in seen.why
+    with acquire(env, "x", None) as lock:
+        assert lock.stolen_from is not None
+
+
+def test_reused_pid_is_not_taken_for_the_holder(env: Environment, live_pid: int) -> None:
+    path = plant(env, age=5, pid=live_pid)
+    holder = json.loads((path / "holder.json").read_text())
+    holder["pid_start"] = 1  # the process with this pid started at another time
+    (path / "holder.json").write_text(json.dumps(holder))
+    seen = status(env)
+    assert seen is not None and seen.holder_alive is False and seen.stale
+
+
+def test_live_foreign_lock_is_never_removed(env: Environment, live_pid: int) -> None:
+    path = plant(env, age=5, pid=live_pid)
+    for force in (False, True):
+        with pytest.raises(LockedError) as info:
+            unlock(env, force=force)
+        assert "never removed, not even with --force" in (info.value.fix or "")
+    with pytest.raises(LockedError, match=f"pid {live_pid}"):
+        acquire(env, "x", None)
+    assert path.is_dir() and json.loads((path / "holder.json").read_text())["pid"] == live_pid
+
+
+def test_expired_lock_of_a_running_process_needs_force(env: Environment, live_pid: int) -> None:
+    plant(env, age=3600, pid=live_pid)
+    seen = status(env)
+    assert seen is not None and seen.stale and seen.holder_alive is True
+    assert not seen.stealable and "still running" in seen.why
+    with pytest.raises(LockedError) as info:
+        acquire(env, "x", None)
+    assert "--force" in (info.value.fix or "")
+    with pytest.raises(LockedError):
+        unlock(env)
+    assert "removed a stale lock" in unlock(env, force=True)
+    assert status(env) is None
+
+
+def test_unlock_removes_stale_and_refuses_live(env: Environment) -> None:
+    assert "nothing to do" in unlock(env)
+    plant(env, age=30, legacy=True)
+    with pytest.raises(LockedError, match="held by the shell tooling"):
+        unlock(env)
+    assert env.lock_path.is_dir()
+
+
+def test_unlock_our_own_lock(env: Environment, with_state: Path) -> None:
+    acquire(env, "x", None)
+    assert "our own lock" in unlock(env)
+    assert status(env) is None and read_state(with_state).lock == {"locked": False}
+
+
+# --- the shell tooling's locks ---------------------------------------------------------------
+
+
+def test_legacy_lock_is_judged_by_locked_at(env: Environment) -> None:
+    plant(env, age=120, legacy=True)
+    seen = status(env)
+    assert seen is not None and seen.legacy and not seen.stale
+    assert seen.why == "expires in 28 min (by locked_at)"
+    with pytest.raises(LockedError, match="shell tooling"):
+        acquire(env, "x", None)
+
+
+def test_stale_legacy_lock_is_removed_and_its_mirror_cleared(env: Environment,
+                                                             with_state: Path) -> None:
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "lock_id": "lock_sh", "locked_by": "deploy@prod-1",
+                     "pid": 48213, "hostname": "prod-1", "deployment_id": "dep_sh",
+                     "locked_at": "2026-01-01T00:00:00Z", "lock_expires_at": "2026-01-01T00:30:00Z"}
+    with_state.write_text(json.dumps(state))
+    plant(env, age=1900, legacy=True)
+    seen = status(env)
+    assert seen is not None and seen.stale and "deploy@prod-1" in seen.describe()
+    assert "removed a stale lock" in unlock(env)
+    assert read_state(with_state).lock == {"locked": False}
+
+
+def test_legacy_lock_with_garbage_timestamp_uses_the_directory_age(env: Environment) -> None:
+    path = plant(env, legacy=True)
+    (path / "locked_at").write_text("garbage\n")
+    seen = status(env)
+    assert seen is not None and not seen.stale and "mtime" in seen.why
+    old = time.time() - 7200
+    os.utime(path, (old, old))
+    seen = status(env)
+    assert seen is not None and seen.stale
+
+
+def test_lock_dir_being_created_counts_as_held(env: Environment) -> None:
+    env.lock_path.parent.mkdir(parents=True)
+    env.lock_path.mkdir()  # mkdir done, locked_at not written yet
+    with pytest.raises(LockedError):
+        acquire(env, "x", None)
+
+
+# --- locks recorded only in the state file (the Go CLI) -------------------------------------
+
+
+def _state_lock(env: Environment, with_state: Path, *, expires_in: float) -> None:
+    now = datetime.now(UTC)
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "locked_by": "ci@build-runner", "reason": "deploy e4d2c1b",
+                     "locked_at": format_time(now - timedelta(minutes=5)),
+                     "expires_at": format_time(now + timedelta(seconds=expires_in))}
+    with_state.write_text(json.dumps(state))
+
+
+def test_live_state_file_lock_is_respected(env: Environment, with_state: Path) -> None:
+    _state_lock(env, with_state, expires_in=600)
+    seen = status(env)
+    assert seen is not None and seen.source == "state file" and not seen.stale
+    with pytest.raises(LockedError, match="recorded only in the state file") as info:
+        acquire(env, "x", None)
+    assert "ci@build-runner" in info.value.message and "'deploy e4d2c1b'" in info.value.message
+    with pytest.raises(LockedError):
+        unlock(env, force=True)
+
+
+def test_expired_state_file_lock_is_replaced(env: Environment, with_state: Path) -> None:
+    _state_lock(env, with_state, expires_in=-60)
+    with acquire(env, "x", None) as lock:
+        assert read_state(with_state).lock["lock_id"] == lock.lock_id
+    _state_lock(env, with_state, expires_in=-60)
+    assert "cleared the state file's lock" in unlock(env)
+    assert read_state(with_state).lock == {"locked": False}
+
+
+# --- keeping a lock ------------------------------------------------------------------------
+
+
+def test_refresh_restarts_the_expiry_clock(tmp_path: Path) -> None:
+    env = make_env(tmp_path, stale=2)
+    lock = acquire(env, "long restore", None)
+    time.sleep(2.2)
+    seen = status(env)
+    assert seen is not None and seen.stale and seen.holder_alive  # expired, still running
+    lock.refresh()
+    seen = status(env)
+    assert seen is not None and not seen.stale
+    lock.release()
+
+
+def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:
+    env = make_env(tmp_path, stale=1)
+    old = acquire(env, "hung", None)
+    time.sleep(1.2)
+    unlock(env, force=True)  # expired, its owner (us) still running: force takes it
+    new = acquire(env, "fresh", None)
+    assert old.release() is False
+    with pytest.raises(LockedError, match="no longer held by this run"):
+        old.refresh()
+    seen = status(env)
+    assert seen is not None and seen.holder is not None
+    assert seen.holder.lock_id == new.lock_id
+    new.release()
+
+
+def test_unusable_lock_dir_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "locks").write_text("a file, not a directory")
+    env = make_env(tmp_path)
+    with pytest.raises(ConfigError, match="lock directory") as info:
+        acquire(env, "x", None)
+    assert info.value.exit_code == ExitCode.USAGE

@@ -1,0 +1,272 @@
+"""The rollback engine against the real drill stack: every path, every refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook import caddy, deploy, docker, rollback
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, RunbookError
+
+pytestmark = pytest.mark.docker
+V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def deployed(stack: DrillStack, version: str = "v2", **env_changes: object) -> Environment:
+    env = stack.env.with_(**env_changes) if env_changes else stack.env
+    deploy.deploy(env, deploy.Options(version=VERSIONS[version].tag))
+    return env
+
+
+def two_deployments(stack: DrillStack) -> Environment:
+    """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
+    env = deployed(stack, "v2")
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    return env
+
+
+def through_proxy(env: Environment) -> tuple[str, str]:
+    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    return response.headers["X-Togather-Slot"], response.json()["version"]
+
+
+def snapshot(env: Environment) -> dict[str, object]:
+    """Everything a refused or dry run must leave untouched."""
+    return {
+        "state": env.state_file.read_bytes(),
+        "caddyfile": env.caddy.caddyfile.read_bytes(),
+        "containers": {s: dataclasses.astuple(docker.inspect(env.slot(s).container))[:4]
+                       for s in Slot},
+        "lock": env.lock_path.exists(),
+        "traffic": through_proxy(env),
+    }
+
+
+def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
+    env = deployed(stack)
+    assert through_proxy(env) == ("green", V2.tag)
+    st = states.read_state(env.state_file)
+    assert st.current and st.previous
+    assert (st.current.version, st.current.active_slot, st.current.migration_version) == (
+        V2.tag, Slot.GREEN, 2)
+    assert (st.previous.version, st.previous.status) == (V1.tag, "superseded")
+    assert not docker.inspect(env.slot("blue").container).running  # stopped, not removed
+    assert docker.inspect(env.slot("blue").container).exists
+
+
+def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")  # v1 -> v2: schema 1 -> 2
+    keep = env.with_(stop_old_slot=False)
+    deploy.deploy(keep, deploy.Options(version=V3.tag))  # v2 stays running on green
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert docker.inspect(env.slot("green").container).running
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "none"
+    assert through_proxy(env) == ("green", V2.tag)
+    st = states.read_state(env.state_file)
+    assert st.current and st.previous
+    assert (st.current.version, st.current.status, st.current.rollback_count) == (
+        V2.tag, "active", 1)
+    assert (st.previous.version, st.previous.status) == (V3.tag, "rolled_back")
+    assert not docker.inspect(env.slot("blue").container).running
+
+
+def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    deploy.deploy(env, deploy.Options(version=V3.tag))  # green v2 stopped, blue v3 live
+    assert docker.inspect(env.slot("green").container).status == "exited"
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "start"
+    assert through_proxy(env) == ("green", V2.tag)
+    steps = {o.name: o.status for o in result.outcomes}
+    assert steps == {"preflight": "skipped", "start-slot": "ok", "health-gate": "ok",
+                     "switch": "ok", "state": "ok", "stop-old-slot": "ok"}
+
+
+def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    docker.remove(env.slot("green").container)
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "recreate"
+    info = docker.inspect(env.slot("green").container)
+    assert info.running and info.image == V2.image
+    assert info.labels and info.labels["com.togather.deployment.slot"] == "green"
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    rollback.rollback(env)
+    assert through_proxy(env) == ("green", V2.tag)
+    rollback.rollback(env)
+    assert through_proxy(env) == ("blue", V3.tag)
+    st = states.read_state(env.state_file)
+    assert st.current and st.current.version == V3.tag and st.current.rollback_count == 1
+    assert st.previous and st.previous.version == V2.tag
+
+
+def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    # the previous deployment's build turns out broken (its container was pruned)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None
+    broken = st.previous.with_(version=VERSIONS["unhealthy"].tag,
+                               image=VERSIONS["unhealthy"].image, migration_version=2)
+    states.write_state(env.state_file, st.with_(previous=broken))
+    docker.remove(env.slot("blue").container)
+    before = snapshot(env)
+    fast = env.with_(health=dataclasses.replace(env.health, timeout=3.0))
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(fast)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    assert "did not become healthy" in str(err.value) and "app" in str(err.value)
+    after = snapshot(env)
+    assert after["traffic"] == ("green", V2.tag)
+    assert after["state"] == before["state"]
+    assert after["caddyfile"] == before["caddyfile"]
+    assert not after["lock"]
+    assert not docker.inspect(env.slot("blue").container).running  # undone: stopped again
+
+
+def test_caddy_not_running_is_a_clear_error_and_nothing_changes(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    stack.docker("stop", stack.caddy_container)
+    state_before = env.state_file.read_bytes()
+    caddy_before = env.caddy.caddyfile.read_bytes()
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert "Caddy" in str(err.value) and "\n" not in err.value.message
+    assert env.state_file.read_bytes() == state_before
+    assert env.caddy.caddyfile.read_bytes() == caddy_before
+    assert docker.inspect(env.slot("blue").container).status == "exited"
+    assert not env.lock_path.exists()
+
+
+def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
+    env = two_deployments(stack)
+    before = snapshot(env)
+    # fault: verification requests go to a port where nothing answers
+    wrong = env.with_(caddy=dataclasses.replace(env.caddy, proxy_url="http://127.0.0.1:9"))
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(wrong)
+    assert "restored" in str(err.value)
+    assert env.caddy.caddyfile.read_bytes() == before["caddyfile"]
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert env.state_file.read_bytes() == before["state"]
+
+
+def test_dry_run_changes_nothing_and_shows_every_value(stack: DrillStack) -> None:
+    env = two_deployments(stack)
+    before = snapshot(env)
+    logs = sorted(env.log_dir.glob("*.log"))
+    result = rollback.rollback(env, dry_run=True)
+    assert snapshot(env) == before
+    text = result.plan.render()
+    for expected in (env.slot("green").container, V2.image, env.caddy.admin_url,
+                     str(env.state_file), str(env.caddy.caddyfile), str(env.lock_path),
+                     f"-\t\treverse_proxy localhost:{env.slot('blue').port}",
+                     f"+\t\treverse_proxy localhost:{env.slot('green').port}"):
+        assert expected.replace("\t", "") in text.replace("\t", ""), expected
+    assert sorted(env.log_dir.glob("*.log")) == logs  # not even a journal entry
+
+
+def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")  # migrated to schema 2; v1 ran with 1
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "migrations ran after the target deployment" in str(err.value)
+    assert snapshot(env) == before
+
+
+def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    st = states.read_state(env.state_file)
+    assert st.previous is not None
+    gone = st.previous.with_(version="deadbee", image="togather-server:deadbee",
+                             migration_version=2)
+    states.write_state(env.state_file, st.with_(previous=gone))
+    docker.remove(env.slot("blue").container)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "togather-server:deadbee is gone" in str(err.value)
+    assert "docker build -t togather-server:deadbee" in str(err.value)
+
+
+def test_no_previous_deployment(stack: DrillStack) -> None:
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(stack.env)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "No previous deployment found" in str(err.value)
+    assert "runbook deploy" in str(err.value)
+
+
+def cli(env_file: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "runbook.cli", *args, str(env_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def test_two_concurrent_rollbacks_exactly_one_proceeds(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    assert env.source is not None
+    procs = [cli(env.source, "rollback", "--yes") for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read())  # type: ignore[union-attr]
+               for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 3], results
+    locked = next(err for code, _, err in results if code == 3)
+    assert "lock is held by" in locked and "pid" in locked
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_cli_errors_have_one_line_and_their_exit_code(stack: DrillStack) -> None:
+    assert stack.env.source is not None
+    cases = [
+        (["rollback", "--yes"], 4, "No previous deployment found"),
+        (["rollback", "--yes", "--to", "fffffff"], 4, "not in the deployment history"),
+    ]
+    for args, code, text in cases:
+        proc = cli(stack.env.source, *args)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, (args, out, err)
+        assert text in err and "Traceback" not in err
+    bad = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", "nowhere", "--yes"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown environment 'nowhere'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_cli_rollback_json_output(stack: DrillStack) -> None:
+    env = deployed(stack, "v2")
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    assert env.source is not None
+    proc = cli(env.source, "rollback", "--yes", "--format", "json")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    data = json.loads(out)
+    assert data["ok"] and data["plan"]["facts"]["to"] == V2.tag
+    assert [s["name"] for s in data["steps"]][-1] == "stop-old-slot"
+    assert caddy.active_slot(env.caddy.caddyfile.read_text(), env) == Slot.GREEN
