@@ -1,0 +1,140 @@
+"""The `runbook` CLI against the real drill stack: status, healthcheck, switch, deploy, unlock."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from runbook import lock as locks
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def runbook(stack: DrillStack, *args: str, env_arg: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    assert stack.env.source is not None
+    argv = [sys.executable, "-m", "runbook.cli", *args]
+    if env_arg:
+        argv.append(str(stack.env.source))
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def test_help_documents_exit_codes_and_the_prod_alias() -> None:
+    out = subprocess.run([sys.executable, "-m", "runbook.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "Exit codes" in out and "4 precondition not met" in out
+    rb = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", "--help"],
+                        capture_output=True, text=True, check=True).stdout
+    assert "prod" in rb and "--dry-run" in rb and "--to" in rb
+
+
+def test_status_shows_state_and_truth(stack: DrillStack) -> None:
+    proc = runbook(stack, "status", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["current"]["version"] == VERSIONS["v1"].tag
+    assert data["caddy"]["active_slot"] == "blue" and data["caddy"]["running"]
+    assert data["slots"]["blue"]["health"] == "healthy"
+    assert data["database"]["schema_version"] == 1
+    assert data["problems"] == []
+    text = runbook(stack, "status").stdout
+    assert "No problems found" in text and "traffic   blue" in text
+    assert stack.password not in proc.stdout + text
+
+
+def test_status_names_a_caddyfile_targeting_the_wrong_port(stack: DrillStack) -> None:
+    path = stack.env.caddy.caddyfile
+    path.write_text(path.read_text().replace(f"localhost:{stack.ports.blue}", "localhost:9"))
+    proc = runbook(stack, "status")
+    assert proc.returncode == 1
+    assert "port 9" in proc.stdout and "Problems" in proc.stdout
+
+
+def test_healthcheck_formats(stack: DrillStack) -> None:
+    assert stack.env.source is not None
+    argv = [sys.executable, "-m", "runbook.cli", "healthcheck", str(stack.env.source)]
+    data = json.loads(subprocess.run([*argv, "--slot", "green", "--format", "json"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert data["slot"] == "green" and data["status"] == "healthy" and data["ok"] is True
+    assert data["checks"]["migrations"]["details"]["version"] == 1
+    table = subprocess.run([*argv, "--slot", "both", "--format", "table"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "blue" in table and "green" in table and "healthy" in table
+    active = subprocess.run([*argv, "--slot", "active", "--format", "simple"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "blue" in active
+    stack.docker("stop", stack.env.slot("green").container)
+    down = subprocess.run([*argv, "--slot", "green"], capture_output=True, text=True,
+                          check=False)
+    assert down.returncode == 1 and "unreachable" in down.stdout
+
+
+def test_manual_switch_and_back(stack: DrillStack) -> None:
+    proc = runbook(stack, "switch", "--slot", "green", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    response = httpx.get(f"{stack.env.caddy.proxy_url}/version")
+    assert response.headers["X-Togather-Slot"] == "green"
+    assert "switch" in proc.stdout and "Journal" in proc.stdout
+    again = runbook(stack, "switch", "--slot", "green", "--yes")
+    assert again.returncode == 4 and "already takes traffic" in again.stderr
+    back = runbook(stack, "switch", "--slot", "blue", "--yes")
+    assert back.returncode == 0, back.stderr
+    assert httpx.get(f"{stack.env.caddy.proxy_url}/version").headers["X-Togather-Slot"] == "blue"
+
+
+def test_deploy_dry_run_then_deploy_then_rollback_plan(stack: DrillStack) -> None:
+    v2 = VERSIONS["v2"].tag
+    dry = runbook(stack, "deploy", "--version", v2, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "Dry run: nothing was changed" in dry.stdout and f"IMAGE_TAG={v2}" in dry.stdout
+    assert httpx.get(f"{stack.env.caddy.proxy_url}/version").json()["version"] != v2
+    done = runbook(stack, "deploy", "--version", v2, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert httpx.get(f"{stack.env.caddy.proxy_url}/version").json()["version"] == v2
+    refused = runbook(stack, "rollback", "--yes")
+    assert refused.returncode == 4
+    assert "migrations ran after the target deployment" in refused.stderr
+
+
+def test_deploy_of_an_absent_image_is_refused(stack: DrillStack) -> None:
+    proc = runbook(stack, "deploy", "--version", "abcdef0", "--yes")
+    assert proc.returncode == 4 and "togather-server:abcdef0 is not present" in proc.stderr
+
+
+def test_unlock_status_and_refusal_of_a_live_holder(stack: DrillStack) -> None:
+    assert runbook(stack, "unlock", "--status").stdout.strip() == "free"
+    held = locks.acquire(stack.env, reason="drill test", run_id="test_run")
+    try:
+        status = runbook(stack, "unlock", "--status")
+        assert "drill test" in status.stdout and "pid" in status.stdout
+        forced = runbook(stack, "unlock", "--force")
+        assert forced.returncode == 3
+        assert stack.env.lock_path.exists()
+        rb = runbook(stack, "rollback", "--yes")
+        assert rb.returncode == 3 and "drill test" in rb.stderr
+    finally:
+        locks.release(stack.env, held)
+    assert not stack.env.lock_path.exists()
+
+
+def test_cli_import_leaves_heavy_libraries_for_later() -> None:
+    """`runbook --help` stays fast because docker, httpx and psycopg load only when used."""
+    code = ("import sys, runbook.cli; "
+            "print(sorted(m for m in ('docker', 'httpx', 'psycopg') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

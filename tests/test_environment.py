@@ -1,0 +1,89 @@
+"""Environment files: defaults, aliases, every error at once, round trip through TOML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runbook import environment as envmod
+from runbook.environment import ReloadMethod, Slot
+from runbook.errors import ConfigError, ExitCode
+
+
+def test_production_defaults_match_the_contract() -> None:
+    env = envmod.load("production")
+    assert env.name == "production"
+    assert env.state_file == Path("/opt/togather/src/deploy/config/deployment-state.json")
+    assert env.lock_path == Path("/tmp/togather-deploy-production.lock")
+    assert env.slot(Slot.BLUE).container == "togather-server-blue"
+    assert (env.slot("blue").port, env.slot("green").port) == (8081, 8082)
+    assert env.slot("green").service == "togather-green"
+    assert env.caddy.caddyfile == Path("/etc/caddy/Caddyfile")
+    assert env.caddy.reload is ReloadMethod.ADMIN_API
+    assert env.caddy.admin_url == "http://localhost:2019"
+    assert env.compose.project == "togather-production"
+    assert env.database.snapshot_dir == Path("/var/lib/togather/db-snapshots")
+    assert env.database.retention_days == 7
+    assert env.lock_stale_after == 1800
+    assert not env.allows_faults
+
+
+def test_prod_is_an_alias_of_production() -> None:
+    assert envmod.load("prod") == envmod.load("production")
+    assert envmod.load("staging").name == "staging"
+
+
+def test_unknown_name_is_a_usage_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        envmod.load("qa")
+    assert err.value.exit_code == ExitCode.USAGE
+    assert "unknown environment 'qa'" in str(err.value)
+
+
+def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "qa"\nsurprise = 1\n[slots.blue]\nport = 70000\n'
+                   'container = "b"\nservice = "s"\n[caddy]\nreload = "restart"\n'
+                   "[health]\ntimeout_seconds = -1\n")
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(bad))
+    text = str(err.value)
+    for key in ("name", "surprise", "slots.blue.port", "slots.green.port", "caddy.reload",
+                "health.timeout_seconds"):
+        assert f"{bad}: {key}:" in text, key
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        envmod.load(str(bad))
+
+
+def test_round_trip_through_toml(tmp_path: Path) -> None:
+    env = envmod.load("production").with_(allows_faults=True, label="somewhere")
+    path = tmp_path / "env.toml"
+    path.write_text(envmod.to_toml(env))
+    assert envmod.load(str(path)) == env.with_(source=path)
+
+
+def test_config_option_must_describe_the_named_environment(tmp_path: Path) -> None:
+    path = tmp_path / "staging.toml"
+    path.write_text(envmod.to_toml(envmod.load("staging")))
+    with pytest.raises(ConfigError, match="not 'production'"):
+        envmod.load("production", config=str(path))
+
+
+def test_database_url_comes_from_the_env_file(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("# comment\nDATABASE_URL='postgresql://u:p%40ss@127.0.0.1:5433/db'\n")
+    env = envmod.load("production")
+    db = env.database.__class__(env_file=env_file)
+    assert db.url() == "postgresql://u:p%40ss@127.0.0.1:5433/db"
+    empty = tmp_path / ".env.empty"
+    empty.write_text("OTHER=1\n")
+    with pytest.raises(ConfigError, match="DATABASE_URL is missing"):
+        env.database.__class__(env_file=empty).url()
