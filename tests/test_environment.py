@@ -57,7 +57,7 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.toml"
     bad.write_text("name = \n")
-    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
         envmod.load(str(bad))
 
 
