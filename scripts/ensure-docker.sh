@@ -56,7 +56,7 @@ if ! compose_ok; then
     mirror=$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list)
   fi
   [ -n "$mirror" ] || die "cannot find the machine's Debian mirror in the apt sources; install Compose v2 by hand"
-  tmp=$(mktemp -d)
+  tmp=$(mktemp -d); chmod 755 "$tmp"
   trap 'rm -rf "$tmp"' EXIT
   mkdir -p "$tmp/lists/partial" "$tmp/archives/partial"
   cat >"$tmp/trixie.sources" <<SRC
