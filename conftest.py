@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,7 @@ class FeatureModule(pytest.Module):
         module.__file__ = str(self.path)
         code = compile("from pytest_bdd import scenarios\nscenarios(__file__)\n",
                        str(self.path), "exec")
-        exec(code, module.__dict__)  # noqa: S102 - fixed code, binds the scenarios
+        exec(code, module.__dict__)  # fixed code: binds the scenarios
         return module
 
 
