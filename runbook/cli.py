@@ -159,17 +159,28 @@ def rollback(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="skip the health gate and the schema "
                                         "guard (never takes someone else's lock)")] = False,
+    restore_snapshot: Annotated[bool, typer.Option(
+        "--restore-snapshot", help="when migrations ran after the target deployment: restore "
+        "the snapshot the schema guard names (or --snapshot FILE) first, then roll back")] = False,
+    snapshot: Annotated[str | None, typer.Option(
+        "--snapshot", metavar="FILE", help="the snapshot to restore with --restore-snapshot "
+        "(name or path; default: the newest taken at the target's schema)")] = None,
     dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
     config: ConfigOpt = None, reason: ReasonOpt = None,
 ) -> None:
     """Put the previous deployment back in front of users: start its slot, gate, switch."""
     from runbook import rollback as rb
+    from runbook.errors import UsageError
 
     try:
         environment = load_env(env, config)
+        if snapshot and not restore_snapshot:
+            raise UsageError("--snapshot only makes sense with --restore-snapshot",
+                             "add --restore-snapshot, or drop --snapshot")
     except RunbookError as exc:
         fail(exc, fmt)
-    options = rb.Options(to=to, force=force, reason=reason or "rollback")
+    options = rb.Options(to=to, force=force, reason=reason or "rollback",
+                         restore_snapshot=(snapshot or "auto") if restore_snapshot else None)
     run_action(lambda **kw: rb.rollback(environment, options, dry_run=dry_run, **kw), fmt,
                yes=yes, dry_run=dry_run)
 
@@ -299,6 +310,7 @@ def unlock(
     typer.echo(message)
 
 
+app.add_typer(__import__("runbook.cli_snapshot").cli_snapshot.snapshot_app, name="snapshot")
 
 
 def main() -> None:

@@ -61,6 +61,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     config = env.slot(target)
     facts: dict[str, object] = {}
     recreate = compose.recreate_slot(env, target, version)
+    deployment_id = states.new_id("dep")
+
+    def run_snapshot(ctx: StepContext) -> None:
+        from runbook import snapshots
+
+        snap = snapshots.pre_deploy_snapshot(env, deployment_id, _revision(image),
+                                             _schema(env))
+        facts["snapshot_path"] = str(snap.path)
+        ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
     def run_recreate(ctx: StepContext) -> None:
         compose.run(recreate)
@@ -87,9 +96,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             migration = _schema(env)
         new = states.make_deployment(
             version, commit, target, migration_version=migration if isinstance(migration, int)
-            else None, image=image, status="active", deployment_id=states.new_id("dep"))
+            else None, image=image, status="active", deployment_id=deployment_id)
+        extra = {"snapshot_path": facts["snapshot_path"]} if "snapshot_path" in facts else {}
         new = new.with_(health_status=report.status if report.ok else "unknown",
-                        migrations_run=int(bool(env.migrate_command)))
+                        migrations_run=int(bool(env.migrate_command)), extra=extra)
         fresh = load_or_empty(env)
         states.write_state(env.state_file, states.after_deploy(fresh, new))
         ctx.note(current=f"{version} on {target} ({new.id})", migration_version=migration)
@@ -103,6 +113,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         }),
         Step("start-slot", f"Recreate the {target} container with {image}",
              {"command": recreate.display()}, run=run_recreate),
+        Step("snapshot", "Snapshot the database before migrating",
+             {"folder": str(env.database.snapshot_dir),
+              "command": "pg_dump --format=plain --no-owner --no-acl --clean --if-exists | gzip "
+                         f"(inside {env.database.container})",
+              "deployment": deployment_id},
+             run=run_snapshot, skip=None if env.migrate_command else "no migrate_command"),
         Step("migrate", "Run the new version's migrations",
              {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}"},
              run=run_migrate, skip=None if env.migrate_command else "no migrate_command"),
@@ -121,6 +137,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     summary = f"deploy {version} to {env.display}'s {target} slot (traffic now on {live})"
     return Plan("deploy", env, summary, steps, warnings, diff,
                 facts={"version": version, "to_slot": str(target), "from_slot": str(live)})
+
+
+def _revision(image: str) -> str:
+    """The image's git commit label, when the build recorded one."""
+    try:
+        labels = docker.client().images.get(image).labels or {}
+    except Exception:
+        return ""
+    return str(labels.get("org.opencontainers.image.revision", ""))
 
 
 def _schema(env: Environment) -> int | None:

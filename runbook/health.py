@@ -227,11 +227,14 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
     began = time.monotonic()
     deadline = began + limit
     attempt = 0
+    answered: HealthReport | None = None  # the last probe the slot answered
     while True:
         remaining = deadline - time.monotonic()
         request_timeout = max(0.1, min(env.health.request_timeout, remaining))
         report = probe(config, env.health.path, request_timeout)
         attempt += 1
+        if report.http_status is not None:
+            answered = report
         if on_attempt is not None:
             on_attempt(attempt, report)
         if report.ok:
@@ -245,9 +248,14 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
                 elapsed=elapsed)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            # The final probe only gets what is left of the timeout; when it did not get an
+            # answer, the last answer is what says why the slot is not healthy.
+            shown, tail = report, ""
+            if report.http_status is None and answered is not None:
+                shown, tail = answered, f" (then: {report.error})"
             raise HealthGateError(
                 f"slot {config.slot} ({report.url}) did not become healthy within {limit:g}s "
-                f"({attempt} attempts): last {_last(report)}", _fix(config), report=report,
+                f"({attempt} attempts): last {_last(shown)}{tail}", _fix(config), report=shown,
                 attempts=attempt, elapsed=elapsed)
         sleep(min(interval, remaining))
         interval = min(interval * 2, env.health.max_interval)

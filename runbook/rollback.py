@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runbook import caddy, database, slots
+from runbook import caddy, database, slots, snapshots
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError, RunbookError
+from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
@@ -23,6 +23,8 @@ class Options:
     to: str | None = None  # a version, commit prefix or deployment id from the history
     force: bool = False  # skip the health gate and the schema guard (never a live lock)
     reason: str = "rollback"
+    # restore a snapshot first: "auto" = the one the schema guard names, else a name or path
+    restore_snapshot: str | None = None
 
 
 NO_PREVIOUS_FIX = ("first deployment or cleared state: redeploy the target version with "
@@ -51,39 +53,81 @@ def live_slot(env: Environment, state: states.DeploymentState) -> tuple[Slot, li
     return recorded, warnings
 
 
-def schema_guard(env: Environment, target: states.Deployment, force: bool,
-                 ) -> tuple[dict[str, str], list[str]]:
-    """Refuse to put old code on a newer schema (unless forced); say what was checked."""
-    details: dict[str, str] = {}
-    warnings: list[str] = []
+@dataclass
+class Guard:
+    """What the schema guard found: the values to show, warnings, and a snapshot to restore."""
+
+    details: dict[str, str]
+    warnings: list[str]
+    restore: snapshots.Snapshot | None = None
+
+
+def schema_guard(env: Environment, current: states.Deployment, target: states.Deployment,
+                 options: Options) -> Guard:
+    """Refuse to put old code on a newer schema unless a snapshot is restored first (or forced).
+
+    The refusal names the snapshot to restore and what restoring it would lose.
+    """
+    guard = Guard({}, [])
     try:
         schema = database.schema_version(env)
     except RunbookError as exc:
-        warnings.append(f"schema not checked: {exc}")
-        return {"database schema": "unknown (database unreachable)"}, warnings
+        if options.restore_snapshot:
+            raise
+        guard.warnings.append(f"schema not checked: {exc}")
+        guard.details["database schema"] = "unknown (database unreachable)"
+        return guard
     recorded = target.migration_version
-    details["database schema"] = schema.describe()
-    details["target ran with"] = "not recorded" if recorded is None else str(recorded)
-    if recorded is None:
-        warnings.append(f"{target.version} did not record its migration version; the health "
-                        "gate will still refuse a build that rejects the schema")
-        return details, warnings
+    guard.details["database schema"] = schema.describe()
+    guard.details["target ran with"] = "not recorded" if recorded is None else str(recorded)
     problem = None
     if schema.dirty:
         problem = f"the database schema is dirty at version {schema.version}"
-    elif schema.version > recorded:
+    elif recorded is not None and schema.version > recorded:
         problem = (f"migrations ran after the target deployment: the database schema is at "
                    f"{schema.version} but {target.version} ran with {recorded}")
-    if problem and not force:
-        raise PreconditionError(problem, f"restore a snapshot taken before the migration "
-                                f"(`runbook snapshot list {env.name}`), or pass --force to roll "
-                                "back the code anyway")
+    if options.restore_snapshot:
+        snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
+                if options.restore_snapshot == "auto"
+                else snapshots.find(env, options.restore_snapshot))
+        if snap is None:
+            raise PreconditionError(f"no usable snapshot at schema {recorded} was found in "
+                                    f"{env.database.snapshot_dir}",
+                                    f"list them with `runbook snapshot list {env.name}` and "
+                                    "pass one with --snapshot FILE")
+        if recorded is not None and snap.migration_version != recorded:
+            raise PreconditionError(f"snapshot {snap.name} is at schema "
+                                    f"{snap.migration_version}, but {target.version} ran with "
+                                    f"{recorded}", "pick a snapshot taken at the target's schema")
+        window = snapshots.loss_window(env, snap)
+        guard.restore = snap
+        guard.details["restore"] = snap.name
+        guard.details["data-loss window"] = window.describe()
+        guard.details["schema guard"] = "restoring the snapshot first"
+        return guard
+    if recorded is None:
+        guard.warnings.append(f"{target.version} did not record its migration version; the "
+                              "health gate will still refuse a build that rejects the schema")
+        guard.details["schema guard"] = "not checked (version not recorded)"
+        return guard
+    if problem and not options.force:
+        snap = snapshots.latest_before(env, recorded, deployment_id=current.id)
+        if snap is None:
+            fix = (f"no snapshot at schema {recorded} exists in {env.database.snapshot_dir}: "
+                   "roll the migrations back by hand, or pass --force to roll back the code "
+                   "anyway")
+        else:
+            window = snapshots.loss_window(env, snap)
+            fix = (f"restore snapshot {snap.name} and roll back in one go with "
+                   f"`runbook rollback {env.name} --restore-snapshot` ({window.describe()}), "
+                   "or pass --force to roll back the code anyway")
+        raise PreconditionError(problem, fix)
     if problem:
-        warnings.append(f"{problem}; --force: rolling back the code anyway")
-        details["schema guard"] = "skipped (--force)"
+        guard.warnings.append(f"{problem}; --force: rolling back the code anyway")
+        guard.details["schema guard"] = "skipped (--force)"
     else:
-        details["schema guard"] = "compatible"
-    return details, warnings
+        guard.details["schema guard"] = "compatible"
+    return guard
 
 
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
@@ -114,9 +158,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"version: `runbook deploy {env.name} --version <version>`")
     prep = slots.prepare(env, standby, target.version, target.image, recovery=recovery)
     caddy.check_running(env)
-    schema_details, schema_warnings = schema_guard(env, target, options.force)
-    warnings += schema_warnings
+    guard = schema_guard(env, current, target, options)
+    warnings += guard.warnings
     facts: dict[str, object] = {}
+    restore_steps: list[Step] = []
+    if guard.restore is not None:
+        restore_steps = snapshots.restore_steps(env, guard.restore, facts=facts)  # type: ignore[arg-type]
+        if prep.action == "none":  # the restore stops every app slot, the target's too
+            prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
+                                     "start it again after the restore stopped it")
     switch, diff = slots.switch_step(env, standby, target.version, facts)
 
     def update_state(ctx: StepContext) -> None:
@@ -139,13 +189,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         "target slot": f"{standby} ({env.slot(standby).container}, port {env.slot(standby).port})",
         "target image": prep.image,
         "caddy": f"answering at {env.caddy.admin_url}",
-        **schema_details,
+        **guard.details,
     })
+    after = [slots.run_step(env, prep), gate, switch]
+    if restore_steps:
+        for step in after:
+            _app_down_if_restored(step, facts, env)
     steps = [
         preflight,
-        slots.run_step(env, prep),
-        gate,
-        switch,
+        *restore_steps,
+        *after,
         Step("state", "Record the rollback in the deployment state",
              {"file": str(env.state_file),
               "current": f"{target.version} on {standby}, status active, rollback_count "
@@ -158,6 +211,30 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     return Plan("rollback", env, summary, steps, warnings, diff,
                 facts={"from": current.version, "to": target.version, "from_slot": str(live),
                        "to_slot": str(standby), "container_action": prep.action})
+
+
+def _app_down_if_restored(step: Step, facts: dict[str, object], env: Environment) -> None:
+    """After a restore, a failure cannot be undone by restarting the old slots (their code
+    expects the newer schema): say loudly that the app is down and how to finish."""
+    inner = step.run
+    if inner is None:
+        return
+
+    def run(ctx: StepContext) -> None:
+        try:
+            inner(ctx)
+        except RunbookError as exc:
+            if not facts.get("restored"):
+                raise
+            raise RunbookError(
+                f"{exc.message}; the database WAS restored to {facts.get('restore_snapshot')} "
+                "and the app slots are stopped: the service is down",
+                f"fix the cause and run `runbook switch {env.name} --slot <target slot>` or "
+                f"`runbook deploy {env.name} --version <known-good>`; the data from before the "
+                f"restore is in {facts.get('safety_snapshot')}", exit_code=ExitCode.ATTENTION,
+            ) from exc
+
+    step.run = run
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runbook import docker, slots
+from runbook import caddy, docker, slots
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError
+from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Plan, Step, StepContext
 from runbook.rollback import live_slot
 from runbook.run import RunResult, perform
@@ -33,8 +33,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     live, warnings = (live_slot(env, state) if state.current
                       else (target.other, ["no deployment recorded in the state file"]))
     if live == target:
-        raise PreconditionError(f"the {target} slot already takes traffic",
-                                "nothing to switch; see `runbook status`")
+        # live_slot falls back to the state file when Caddy's block names no single slot
+        # (e.g. it targets a dead port): repointing Caddy at the recorded slot is the fix then.
+        try:
+            pointed = caddy.active_slot(caddy.read(env), env)
+        except RunbookError:
+            pointed = None
+        if pointed == target:
+            raise PreconditionError(f"the {target} slot already takes traffic",
+                                    "nothing to switch; see `runbook status`")
+        warnings.append(f"Caddy's managed block points at no single slot; repointing it at "
+                        f"{target}")
     info = docker.inspect(config.container)
     if not info.exists or info.tag is None:
         raise PreconditionError(f"container {config.container} does not exist",

@@ -270,3 +270,40 @@ def test_cli_rollback_json_output(stack: DrillStack) -> None:
     assert data["ok"] and data["plan"]["facts"]["to"] == V2.tag
     assert [s["name"] for s in data["steps"]][-1] == "stop-old-slot"
     assert caddy.active_slot(env.caddy.caddyfile.read_text(), env) == Slot.GREEN
+
+
+def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
+        stack: DrillStack) -> None:
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) SELECT 'before-' || g FROM generate_series(1, 5) g")
+    env = deployed(stack, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    snaps = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(snaps) == 1
+    st = states.read_state(env.state_file)
+    assert st.current and st.current.snapshot_path == str(snaps[0])
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name, priority) VALUES ('after-1', 1), ('after-2', 2)")
+        conn.execute("INSERT INTO orders (item_id, quantity) SELECT id, 1 FROM items LIMIT 3")
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert snaps[0].name in text and "--restore-snapshot" in text
+    assert "items: 2" in text and "orders" in text  # the data-loss window, per table
+    dry = rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+    names = [s.name for s in dry.plan.steps]
+    assert names.index("safety-snapshot") < names.index("restore-database") < names.index(
+        "start-slot") < names.index("switch")
+    result = rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
+    assert through_proxy(env) == ("blue", V1.tag)
+    with stack.connect() as conn:
+        names_left = [r[0] for r in conn.execute("SELECT name FROM items ORDER BY id")]
+        version = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        orders = conn.execute("SELECT to_regclass('public.orders')").fetchone()
+    assert names_left == [f"before-{i}" for i in range(1, 6)]
+    assert version == (1,) and orders == (None,)
+    assert {o.name: o.status for o in result.outcomes}["restore-database"] == "ok"
+    st = states.read_state(env.state_file)
+    assert st.current and st.current.version == V1.tag and st.current.status == "active"
+    safety = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    assert len(safety) == 2  # the pre-deploy snapshot and the safety snapshot of the restore

@@ -334,7 +334,7 @@ class DrillStack:
         from runbook import compose, docker, health
 
         shutil.rmtree(self.env.lock_path, ignore_errors=True)
-        for sub in ("logs", "runs"):
+        for sub in ("logs", "runs", "db-snapshots"):
             shutil.rmtree(self.run_dir / sub, ignore_errors=True)
             (self.run_dir / sub).mkdir()
         for leftover in self.caddy_dir.glob("*"):

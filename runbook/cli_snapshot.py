@@ -1,0 +1,160 @@
+"""`runbook snapshot create|list|restore|cleanup`: database snapshots from a terminal.
+
+Mounted by runbook/cli.py as a sub-app. It must not import runbook.cli at import time (that
+module imports this one at its end, and `python -m runbook.cli` would import it twice), so
+the shared helpers (fail, run_action) are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+from runbook.errors import RunbookError
+
+if TYPE_CHECKING:
+    from runbook.environment import Environment
+
+ENV_HELP = ("development, staging, production (alias: prod), or a path to an environment "
+            "TOML file")
+
+snapshot_app = typer.Typer(
+    name="snapshot", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="Database snapshots: take one, list them, restore one safely, clean up old ones.\n\n"
+         "Restore takes a safety snapshot first, stops only the app slots (never the "
+         "database) and replays in one transaction: a failure leaves the database as it was.",
+)
+
+
+class Format(StrEnum):
+    text = "text"
+    json = "json"
+
+
+EnvArg = Annotated[str, typer.Argument(help=ENV_HELP, metavar="ENV")]
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", envvar="RUNBOOK_CONFIG", help="environment TOML file (wins over ENV's default)")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="text for people, json for machines")]
+
+
+def _fail(exc: RunbookError, fmt: Format) -> NoReturn:
+    from runbook import cli
+
+    cli.fail(exc, cli.Format(fmt.value))
+
+
+def _env(name: str, config: str | None, fmt: Format) -> Environment:
+    from runbook import environment
+
+    try:
+        return environment.load(name, config=config)
+    except RunbookError as exc:
+        _fail(exc, fmt)
+
+
+@snapshot_app.command("create")
+def create(
+    env: EnvArg,
+    reason: Annotated[str, typer.Option("--reason", help="why, part of the file name")] = "manual",
+    fmt: FormatOpt = Format.text, config: ConfigOpt = None,
+) -> None:
+    """Take a snapshot now (pg_dump inside the database container, gzip, sidecar)."""
+    from runbook import snapshots
+
+    environment = _env(env, config, fmt)
+    try:
+        snap = snapshots.create(environment, reason)
+    except RunbookError as exc:
+        _fail(exc, fmt)
+    data = snap.to_json(environment.database.retention_days)
+    if fmt is Format.json:
+        print(json.dumps({"ok": True, "snapshot": data}, indent=2))
+        return
+    rows = ", ".join(f"{k} {v}" for k, v in sorted(data["tables"].items())) or "no tables"
+    typer.echo(f"Snapshot taken: {snap.path}\n  {data['size_mb']} MB in "
+               f"{(snap.meta or {}).get('duration_seconds')}s, schema "
+               f"{snap.migration_version}, rows: {rows}\n  expires {data['expires_at']}")
+
+
+@snapshot_app.command("list")
+def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -> None:
+    """List snapshots, newest first, with their schema version and expiry."""
+    from runbook import snapshots
+
+    environment = _env(env, config, fmt)
+    snaps = snapshots.list_snapshots(environment)
+    retention = environment.database.retention_days
+    if fmt is Format.json:
+        print(json.dumps([s.to_json(retention) for s in snaps], indent=2))
+        return
+    if not snaps:
+        typer.echo(f"No snapshots in {environment.database.snapshot_dir}.")
+        return
+    header = ("name", "taken (UTC)", "schema", "MB", "expires", "deployment")
+    lines = []
+    for s in snaps:
+        d = s.to_json(retention)
+        schema = "?" if s.migration_version is None else str(s.migration_version)
+        lines.append((s.name, d["timestamp"], schema + (" dirty" if s.dirty else "")
+                      + (" !" if s.problems or s.meta is None else ""),
+                      f"{d['size_mb']:.3f}", d["expires_at"], s.deployment_id or "-"))
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    for row in [header, *lines]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    typer.echo(f"Folder: {environment.database.snapshot_dir}  (! = no or unreadable sidecar)")
+
+
+@snapshot_app.command("restore")
+def restore(
+    env: EnvArg,
+    snapshot: Annotated[str | None, typer.Argument(
+        help="file name or path (default: the newest snapshot)", metavar="[SNAPSHOT]")] = None,
+    keep_stopped: Annotated[bool, typer.Option(
+        "--keep-stopped", help="leave the app containers stopped after the restore")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="verify the file, show the plan "
+                                          "and the data-loss window; change nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    fmt: FormatOpt = Format.text, config: ConfigOpt = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="why, for the journal")] = None,
+) -> None:
+    """Restore a snapshot: safety snapshot, stop app slots, replay in one transaction, verify."""
+    from runbook import cli, snapshots
+
+    environment = _env(env, config, fmt)
+    cli.run_action(
+        lambda **kw: snapshots.restore(environment, snapshot, restart=not keep_stopped,
+                                       dry_run=dry_run, reason=reason or "snapshot restore",
+                                       **kw),
+        cli.Format(fmt.value), yes=yes, dry_run=dry_run)
+
+
+@snapshot_app.command("cleanup")
+def cleanup(
+    env: EnvArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+    fmt: FormatOpt = Format.text, config: ConfigOpt = None,
+) -> None:
+    """Delete snapshots past their own expires_at (default retention: 7 days)."""
+    from runbook import snapshots
+
+    environment = _env(env, config, fmt)
+    try:
+        result = snapshots.cleanup(environment, dry_run=dry_run)
+    except RunbookError as exc:
+        _fail(exc, fmt)
+    if fmt is Format.json:
+        print(json.dumps({"ok": True, "dry_run": dry_run,
+                          "removed": [s.name for s in result.removed],
+                          "kept": [s.name for s in result.kept],
+                          "orphans": [p.name for p in result.orphans]}, indent=2))
+        return
+    verb = "Would remove" if dry_run else "Removed"
+    for snap in result.removed:
+        typer.echo(f"{verb} {snap.name} (expired "
+                   f"{snap.to_json(environment.database.retention_days)['expires_at']})")
+    for path in result.orphans:
+        typer.echo(f"{verb} leftover {path.name}")
+    typer.echo(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}.")

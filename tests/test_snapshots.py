@@ -1,0 +1,471 @@
+"""Database snapshots against the real drill stack: round trips, restores that undo migrations,
+the data-loss window, and every bad input refused with nothing changed."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from runbook import deploy, docker, snapshots
+from runbook.database import DatabaseError
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, RunbookError
+
+pytestmark = pytest.mark.docker
+
+CONTRACT_KEYS = {"snapshot_name", "database", "host", "port", "timestamp", "reason",
+                 "git_commit", "deployment_id", "retention_days", "expires_at", "size_mb",
+                 "duration_seconds"}
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    shutil.rmtree(drill_stack.env.database.snapshot_dir, ignore_errors=True)
+    drill_stack.env.database.snapshot_dir.mkdir()
+    yield drill_stack
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def add_items(stack: DrillStack, *names: str) -> None:
+    with stack.connect() as conn:
+        for name in names:
+            conn.execute("INSERT INTO items (name) VALUES (%s)", (name,))
+
+
+def item_names(stack: DrillStack) -> list[str]:
+    with stack.connect() as conn:
+        return [r[0] for r in conn.execute("SELECT name FROM items ORDER BY id").fetchall()]
+
+
+def schema_version(stack: DrillStack) -> int:
+    with stack.connect() as conn:
+        return int(conn.execute("SELECT version FROM schema_migrations").fetchone()[0])
+
+
+def tables(stack: DrillStack) -> set[str]:
+    with stack.connect() as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r[0] for r in rows.fetchall()}
+
+
+def slot_states(env: Environment) -> dict[Slot, str]:
+    return {s: docker.inspect(env.slot(s).container).status for s in Slot}
+
+
+def untouched(stack: DrillStack) -> dict[str, object]:
+    """What a refused restore must leave exactly as it was."""
+    return {"items": item_names(stack), "schema": schema_version(stack),
+            "tables": tables(stack), "slots": slot_states(stack.env),
+            "snapshots": sorted(p.name for p in stack.env.database.snapshot_dir.iterdir())}
+
+
+def copy_as(snap: snapshots.Snapshot, directory: Path, stem: str,
+            meta_changes: dict[str, object] | None = None, *, with_meta: bool = True) -> Path:
+    target = directory / f"{stem}.sql.gz"
+    shutil.copy2(snap.path, target)
+    if with_meta:
+        meta = {**dict(snap.meta or {}), **(meta_changes or {})}
+        target.with_name(f"{stem}.meta.json").write_text(json.dumps(meta))
+    return target
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args], capture_output=True,
+                          text=True, check=False, timeout=180, stdin=subprocess.DEVNULL)
+
+
+# -- round trips ---------------------------------------------------------------------------------
+
+def test_create_list_restore_cleanup_round_trip(stack: DrillStack) -> None:
+    env = stack.env
+    add_items(stack, "alpha", "beta", "gamma")
+    snap = snapshots.create(env, "before cleanup test")
+    assert snap.path.exists() and snap.meta_path.exists()
+    assert snap.name.startswith("togather_togather_") and snap.name.endswith(
+        "_before-cleanup-test.sql.gz")
+    for path in (snap.path, snap.meta_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    meta = json.loads(snap.meta_path.read_text())
+    assert set(meta) >= CONTRACT_KEYS
+    assert meta["database"] == "togather" and meta["snapshot_name"] == snap.name
+    assert meta["migration_version"] == 1 and meta["dirty"] is False
+    assert meta["sha256"] == hashlib.sha256(snap.path.read_bytes()).hexdigest()
+    assert meta["tables"]["items"]["rows"] == 3
+    assert meta["retention_days"] == 7
+    taken, expires = (datetime.fromisoformat(meta[k].replace("Z", "+00:00"))
+                      for k in ("timestamp", "expires_at"))
+    assert expires - taken == timedelta(days=7)
+    sql = gzip.decompress(snap.path.read_bytes())
+    assert b"PostgreSQL database dump complete" in sql and b"DROP TABLE IF EXISTS" in sql
+    assert [s.name for s in snapshots.list_snapshots(env)] == [snap.name]
+
+    with stack.connect() as conn:
+        conn.execute("DELETE FROM items WHERE name = 'beta'")
+    add_items(stack, "written-after")
+    result = snapshots.restore(env, snap.name)
+    assert item_names(stack) == ["alpha", "beta", "gamma"]
+    assert [o.status for o in result.outcomes] == ["skipped", "ok", "ok", "ok", "ok", "ok"]
+    safety = result.plan.facts["safety_snapshot"]
+    assert safety and Path(safety).exists() and "_pre-restore" in safety
+    assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}
+    listed = snapshots.list_snapshots(env)
+    assert {s.name for s in listed} == {snap.name, Path(safety).name}
+    # the safety snapshot holds the state before the restore: restoring it brings that back
+    snapshots.restore(env, safety)
+    assert item_names(stack) == ["alpha", "gamma", "written-after"]
+
+    kept = snapshots.cleanup(env)
+    assert kept.removed == [] and len(kept.kept) == 3
+    gone = snapshots.cleanup(env, now=datetime.now(UTC) + timedelta(days=8))
+    assert len(gone.removed) == 3
+    assert list(env.database.snapshot_dir.iterdir()) == []
+
+
+def test_cleanup_honours_each_snapshots_own_expiry(stack: DrillStack) -> None:
+    env = stack.env
+    short = env.with_(database=dataclasses.replace(env.database, retention_days=1))
+    brief = snapshots.create(short, "short")
+    long = snapshots.create(env, "long")
+    assert brief.meta and brief.meta["retention_days"] == 1
+    dry = snapshots.cleanup(env, now=datetime.now(UTC) + timedelta(days=2), dry_run=True)
+    assert [s.name for s in dry.removed] == [brief.name] and brief.path.exists()
+    result = snapshots.cleanup(env, now=datetime.now(UTC) + timedelta(days=2))
+    assert [s.name for s in result.removed] == [brief.name]
+    assert not brief.path.exists() and not brief.meta_path.exists()
+    assert long.path.exists() and long.meta_path.exists()
+
+
+def test_restore_after_migration_2_brings_schema_1_back(stack: DrillStack) -> None:
+    env = stack.env
+    add_items(stack, "kept")
+    pre = snapshots.pre_deploy_snapshot(env, "dep_test", "a" * 40, migration_version=1)
+    assert pre.meta and pre.meta["deployment_id"] == "dep_test"
+    assert pre.meta["git_commit"] == "a" * 40 and pre.migration_version == 1
+    deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))
+    assert schema_version(stack) == 2 and "orders" in tables(stack)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name, priority) VALUES ('new-on-v2', 5)")
+        conn.execute("INSERT INTO orders (item_id, quantity) SELECT id, 2 FROM items")
+    assert snapshots.latest_before(env, 1, deployment_id="dep_test") == pre
+    assert snapshots.latest_before(env, 2) is None
+    window = snapshots.loss_window(env, pre)
+    by_table = {t.table: t for t in window.tables}
+    assert by_table["items"].written_since == 1 and by_table["items"].exact
+    assert by_table["orders"].rows_at_snapshot is None and by_table["orders"].written_since == 2
+    assert window.rows == 3 and "orders" in window.describe()
+
+    result = snapshots.restore(env, pre.name, restart=False)
+    assert result.outcomes[-1].status == "skipped"
+    assert schema_version(stack) == 1
+    assert tables(stack) == {"items", "schema_migrations"}
+    assert item_names(stack) == ["kept"]
+    with stack.connect() as conn:
+        columns = {r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'items'")}
+    assert "priority" not in columns
+    # the app slots were stopped, never the database
+    assert docker.inspect(env.database.container).running
+    assert not docker.inspect(env.slot("green").container).running
+
+
+def test_loss_window_reports_rows_that_the_restore_removes(stack: DrillStack) -> None:
+    env = stack.env
+    add_items(stack, "one", "two")
+    snap = snapshots.create(env, "window")
+    empty = snapshots.loss_window(env, snap)
+    assert empty.rows == 0 and empty.known and "no rows were added" in empty.describe()
+    add_items(stack, "late-1", "late-2", "late-3")
+    window = snapshots.loss_window(env, snap)
+    assert window.rows == 3 and window.seconds >= 0
+    assert "items: 3 new rows" in window.describe()
+    snapshots.restore(env, snap.name)
+    assert item_names(stack) == ["one", "two"]
+    assert snapshots.loss_window(env, snap).rows == 0
+
+
+def test_latest_before_prefers_the_deployments_own_snapshot(stack: DrillStack) -> None:
+    env = stack.env
+    own = snapshots.pre_deploy_snapshot(env, "dep_one", "b" * 40, 1)
+    newer = snapshots.create(env, "manual")
+    assert snapshots.latest_before(env, 1) == newer
+    assert snapshots.latest_before(env, 1, deployment_id="dep_one") == own
+    assert snapshots.latest_before(env, 1, before=own.timestamp) == own
+    assert snapshots.latest_before(env, 7) is None
+
+
+# -- failed restores leave the data intact --------------------------------------------------------
+
+def test_file_corrupted_mid_stream_rolls_back(stack: DrillStack) -> None:
+    env = stack.env
+    add_items(stack, "safe-1", "safe-2")
+    snap = snapshots.create(env, "to-corrupt")
+    add_items(stack, "after")
+    before = item_names(stack)
+    data = snap.path.read_bytes()
+
+    def corrupt_after_verification(plan: object) -> bool:
+        snap.path.write_bytes(data[: len(data) // 2])  # verified, then cut: seen mid-stream
+        return True
+
+    with pytest.raises(RunbookError) as err:
+        snapshots.restore(env, snap.name, confirm=corrupt_after_verification)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    message = str(err.value)
+    assert "rolled back" in message and "unchanged" in message and "truncated" in message
+    assert "_pre-restore.sql.gz" in message and "runbook snapshot restore" in message
+    assert "\n" not in err.value.message
+    assert item_names(stack) == before and schema_version(stack) == 1
+    assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}  # undone
+
+
+def test_sql_error_mid_restore_rolls_back_the_drop_schema(stack: DrillStack) -> None:
+    env = stack.env
+    add_items(stack, "x")
+    snap = snapshots.create(env, "base")
+    sql = gzip.decompress(snap.path.read_bytes())
+    marker = b"COPY public.items"
+    assert marker in sql
+    broken = sql.replace(marker, b"SELECT 1/0;\n" + marker, 1)
+    path = env.database.snapshot_dir / "togather_togather_20200101_000000_broken.sql.gz"
+    path.write_bytes(gzip.compress(broken))
+    meta = {**dict(snap.meta or {}), "snapshot_name": path.name,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    path.with_name(path.name.replace(".sql.gz", ".meta.json")).write_text(json.dumps(meta))
+    add_items(stack, "newer")
+    deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))  # schema 2, orders table
+    before = untouched(stack)
+    with pytest.raises(RunbookError) as err:
+        snapshots.restore(env, path.name)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    assert "division by zero" in str(err.value) and "unchanged" in str(err.value)
+    after = untouched(stack)
+    assert after["items"] == before["items"] == ["x", "newer"]
+    assert after["schema"] == 2 and after["tables"] == before["tables"]
+    assert after["slots"] == before["slots"]  # green running again, blue still stopped
+
+
+# -- bad input: one line, an exit code, nothing changed -------------------------------------------
+
+def expect_refused(stack: DrillStack, ref: str | Path, code: ExitCode, *words: str,
+                   env: Environment | None = None) -> RunbookError:
+    before = untouched(stack)
+    with pytest.raises(RunbookError) as err:
+        snapshots.restore(env or stack.env, ref)
+    assert err.value.exit_code == code, str(err.value)
+    assert err.value.fix and "\n" not in err.value.message
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+    assert untouched(stack) == before
+    return err.value
+
+
+def test_missing_truncated_and_corrupt_files_are_refused(stack: DrillStack) -> None:
+    add_items(stack, "keep")
+    snap = snapshots.create(stack.env, "good")
+    directory = stack.env.database.snapshot_dir
+    expect_refused(stack, "togather_togather_20200101_000000_nope.sql.gz", ExitCode.USAGE,
+                   "does not exist")
+    expect_refused(stack, "/nowhere/at/all.sql.gz", ExitCode.USAGE, "does not exist")
+
+    truncated = copy_as(snap, directory, "togather_togather_20200101_000001_truncated")
+    truncated.write_bytes(snap.path.read_bytes()[:-40])
+    expect_refused(stack, truncated.name, ExitCode.USAGE, "truncated")
+
+    no_meta = copy_as(snap, directory, "togather_togather_20200101_000002_nometa",
+                      with_meta=False)
+    no_meta.write_bytes(snap.path.read_bytes()[:-40])
+    expect_refused(stack, no_meta.name, ExitCode.USAGE, "truncated")
+
+    corrupt = copy_as(snap, directory, "togather_togather_20200101_000003_corrupt")
+    data = bytearray(snap.path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    expect_refused(stack, corrupt.name, ExitCode.USAGE, "corrupt")
+
+    cut_sql = directory / "togather_togather_20200101_000004_cut.sql.gz"
+    sql = gzip.decompress(snap.path.read_bytes())
+    cut_sql.write_bytes(gzip.compress(sql[: len(sql) // 2]))  # valid gzip, dump cut off
+    expect_refused(stack, cut_sql.name, ExitCode.USAGE, "trailer")
+
+    not_gzip = directory / "togather_togather_20200101_000005_text.sql.gz"
+    not_gzip.write_text("SELECT 1;\n")
+    expect_refused(stack, not_gzip.name, ExitCode.USAGE, "corrupt")
+
+    tampered = copy_as(snap, directory, "togather_togather_20200101_000006_tampered",
+                       {"sha256": "0" * 64})
+    expect_refused(stack, tampered.name, ExitCode.USAGE, "sha256")
+    assert item_names(stack) == ["keep"]
+
+
+def test_a_snapshot_of_another_database_is_refused(stack: DrillStack) -> None:
+    snap = snapshots.create(stack.env, "mine")
+    directory = stack.env.database.snapshot_dir
+    other = copy_as(snap, directory, "togather_billing_20200101_000000_manual",
+                    {"database": "billing"})
+    expect_refused(stack, other.name, ExitCode.USAGE, "database 'billing'", "'togather'")
+    bare = copy_as(snap, directory, "togather_billing_20200101_000001_manual", with_meta=False)
+    expect_refused(stack, bare.name, ExitCode.USAGE, "database 'billing'")
+    staging = copy_as(snap, directory, "togather_togather_20200101_000002_manual",
+                      {"environment": "staging"})
+    expect_refused(stack, staging.name, ExitCode.USAGE, "taken in staging")
+    anonymous = directory / "backup.sql.gz"
+    shutil.copy2(snap.path, anonymous)
+    expect_refused(stack, anonymous, ExitCode.USAGE, "cannot tell which database")
+
+
+def test_password_with_at_percent_slash_works_and_never_leaks(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = stack.env
+    password = stack.password
+    assert {"@", "%", "/"} <= set(password)
+    encoded = urllib.parse.quote(password, safe="")
+    tgt = snapshots.target(env)
+    assert tgt.password == password and tgt.dbname == "togather" and tgt.user == "togather"
+    argv = snapshots.dump_command(tgt) + snapshots.replay_command(tgt)
+    assert not any(password in a or encoded in a for a in argv)
+    add_items(stack, "secret-test")
+    snap = snapshots.create(env, "password")
+    result = snapshots.restore(env, snap.name)
+    assert item_names(stack) == ["secret-test"]
+    texts = [result.plan.render(), json.dumps(result.plan.to_json(), default=str)]
+    for directory in (env.database.snapshot_dir, env.log_dir, env.runs_dir):
+        texts += [p.read_text(errors="replace") for p in directory.rglob("*")
+                  if p.is_file() and not p.name.endswith(".gz")]
+    for text in texts:
+        assert password not in text and encoded not in text
+    files = sorted(env.database.snapshot_dir.iterdir())
+
+    wrong = urllib.parse.quote("Wr0ng@pa%ss/word", safe="")
+    monkeypatch.setenv("DATABASE_URL", stack.database_url.replace(encoded, wrong))
+    with pytest.raises(DatabaseError) as err:
+        snapshots.create(env, "wrong-password")
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "Wr0ng@pa%ss/word" not in str(err.value) and wrong not in str(err.value)
+    assert "\n" not in err.value.message
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://togather:p@ss/word@127.0.0.1:1/togather")
+    with pytest.raises(RunbookError) as bad:
+        snapshots.create(env, "unencoded")
+    assert bad.value.exit_code == ExitCode.USAGE and "percent-encode" in str(bad.value)
+    assert "p@ss/word" not in str(bad.value)
+    assert sorted(env.database.snapshot_dir.iterdir()) == files
+
+
+def test_database_unreachable_is_refused_and_nothing_is_written(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = stack.env
+    snap = snapshots.create(env, "reachable")
+    files = sorted(env.database.snapshot_dir.iterdir())
+    wrong_port = stack.database_url.replace(f":{stack.ports.postgres}/", ":1/")
+    monkeypatch.setenv("DATABASE_URL", wrong_port)
+    for call in (lambda: snapshots.create(env, "x"), lambda: snapshots.restore(env, snap.name)):
+        with pytest.raises(RunbookError) as err:
+            call()
+        assert err.value.exit_code == ExitCode.PRECONDITION
+        assert "database unreachable" in str(err.value)
+    monkeypatch.delenv("DATABASE_URL")
+    stack.docker("stop", stack.db_container)
+    try:
+        states = slot_states(env)
+        for call in (lambda: snapshots.create(env, "x"),
+                     lambda: snapshots.restore(env, snap.name)):
+            with pytest.raises(RunbookError) as err:
+                call()
+            assert err.value.exit_code == ExitCode.PRECONDITION
+            assert "database unreachable" in str(err.value) and "docker start" in str(err.value)
+        assert slot_states(env) == states
+        assert sorted(env.database.snapshot_dir.iterdir()) == files
+    finally:
+        stack.docker("start", stack.db_container)
+        stack.wait_db()
+
+
+@contextlib.contextmanager
+def full_disk(where: Path) -> Iterator[Path]:
+    """A real full filesystem: a 64 KiB tmpfs, filled to the last byte."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
+                              str(where)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for size in (4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+        finally:
+            os.close(fd)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True, check=False)
+
+
+def test_no_disk_space_for_the_safety_snapshot_changes_nothing(
+        stack: DrillStack, tmp_path: Path) -> None:
+    add_items(stack, "precious")
+    snap = snapshots.create(stack.env, "good")
+    with full_disk(tmp_path / "full") as full:
+        cramped = stack.env.with_(database=dataclasses.replace(stack.env.database,
+                                                               snapshot_dir=full))
+        with pytest.raises(RunbookError) as err:
+            snapshots.create(cramped, "wont-fit")
+        assert err.value.exit_code == ExitCode.PRECONDITION
+        assert "no disk space" in str(err.value)
+        assert [p.name for p in full.iterdir()] == ["filler"]
+        add_items(stack, "after-snapshot")
+        refused = expect_refused(stack, snap.path, ExitCode.PRECONDITION, "no disk space",
+                                 env=cramped)
+        assert "nothing was changed" in str(refused)
+        assert [p.name for p in full.iterdir()] == ["filler"]
+    assert item_names(stack) == ["precious", "after-snapshot"]
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def test_cli_create_list_restore_cleanup(stack: DrillStack) -> None:
+    source = str(stack.env.source)
+    add_items(stack, "cli-1")
+    made = cli("snapshot", "create", source, "--reason", "cli", "--format", "json")
+    assert made.returncode == 0, made.stderr
+    name = json.loads(made.stdout)["snapshot"]["name"]
+    listed = cli("snapshot", "list", source, "--format", "json")
+    assert listed.returncode == 0 and [s["name"] for s in json.loads(listed.stdout)] == [name]
+    text = cli("snapshot", "list", source)
+    assert name in text.stdout and "schema" in text.stdout
+    add_items(stack, "cli-2")
+    dry = cli("snapshot", "restore", source, name, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "items: 1 new row" in dry.stdout and "Dry run: nothing was changed." in dry.stdout
+    assert item_names(stack) == ["cli-1", "cli-2"]
+    done = cli("snapshot", "restore", source, name, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert item_names(stack) == ["cli-1"]
+    bad = cli("snapshot", "restore", source, "missing.sql.gz", "--yes")
+    assert bad.returncode == 2 and "runbook: error:" in bad.stderr
+    assert "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+    as_json = cli("snapshot", "restore", source, "missing.sql.gz", "--yes", "--format", "json")
+    assert as_json.returncode == 2 and json.loads(as_json.stdout)["exit_code"] == 2
+    cleaned = cli("snapshot", "cleanup", source, "--dry-run", "--format", "json")
+    assert cleaned.returncode == 0 and json.loads(cleaned.stdout)["removed"] == []
+    assert os.access(stack.env.database.snapshot_dir, os.W_OK)
