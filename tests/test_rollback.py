@@ -134,7 +134,8 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
     states.write_state(env.state_file, st.with_(previous=broken))
     docker.remove(env.slot("blue").container)
     before = snapshot(env)
-    fast = env.with_(health=dataclasses.replace(env.health, timeout=3.0))
+    # long enough for the broken build to answer (503) at least once, even on a busy machine
+    fast = env.with_(health=dataclasses.replace(env.health, timeout=10.0))
     with pytest.raises(RunbookError) as err:
         rollback.rollback(fast)
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
