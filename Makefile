@@ -7,10 +7,11 @@ PYTEST := $(VENV)/bin/pytest
 export TESTCONTAINERS_RYUK_DISABLED := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup venv docker images drill test lint bench clean-drills help
+.PHONY: setup venv docker images chromium drill test lint bench clean-drills help
 
 help:
-	@echo "make drill   run every runbook feature against an ephemeral blue/green stack"
+	@echo "make drill   run every runbook feature against an ephemeral blue/green stack;"
+	@echo "             the drill report goes to reports/drill/report.html"
 	@echo "make test    the whole suite (lint, unit, integration, features)"
 	@echo "make images  build the drill images locally (no registry needed)"
 	@echo "make bench   run the benchmarks in bench/ and print their figures"
@@ -34,10 +35,13 @@ lint: venv
 	@$(VENV)/bin/ruff check runbook steps tests conftest.py bench
 
 drill: setup
-	$(PYTEST) features/
+	$(PYTEST) features/ --report reports/drill
 
-test: setup lint
-	$(PYTEST)
+chromium:
+	@scripts/ensure-chromium.sh
+
+test: setup lint chromium
+	$(PYTEST) --report reports/drill
 
 bench: setup
 	@for b in bench/bench_*.py; do $(PY) $$b; done

@@ -1,8 +1,18 @@
-"""Root pytest configuration: `--env`, `--dry-run`, `.feature` collection, environment fixtures.
+"""Root pytest configuration: `--env`, `--dry-run`, `.feature` collection, and the safety rules.
 
 `pytest features/rollback.feature` works as typed: each .feature file is collected as a
 module whose tests pytest-bdd's `scenarios()` generates. Step definitions live in steps/,
 loaded as a plugin (see pyproject's addopts).
+
+The rules, enforced here:
+- a real host (`--env` other than drill) is checked before any scenario runs: an unknown
+  environment exits 2, a host that is not this machine (no state file, no Docker) exits 4,
+  each with one clear line;
+- on a real host, @fault scenarios are skipped ("injects faults: drill only"), and at most one
+  @mutating scenario runs per invocation unless the user selected tests explicitly (-k, -m or
+  a node id); with --dry-run nothing mutates, so the limit does not apply;
+- a drill run is strict: an undefined step, or a skipped scenario or step, fails the run
+  (except the Then-steps a --dry-run skips after printing the plan).
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import os
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +47,7 @@ class FeatureModule(pytest.Module):
         module.__file__ = str(self.path)
         code = compile("from pytest_bdd import scenarios\nscenarios(__file__)\n",
                        str(self.path), "exec")
-        exec(code, module.__dict__)  # fixed code: binds the scenarios
+        exec(code, module.__dict__)
         return module
 
 
@@ -44,3 +55,142 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     if file_path.suffix == ".feature":
         return FeatureModule.from_parent(parent, path=file_path)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the run goes: drill or a real host
+
+FAULT_SKIP = "injects faults: drill only"
+MUTATING_SKIP = ("at most one mutating scenario runs per invocation on a real host; to run this "
+                 "one, select it explicitly: -k <a word of its name>, -m mutating, or its "
+                 "node id (features/<file>.feature::test_<name>)")
+DRY_RUN_SKIP = "dry run: plan printed above"
+EXIT_USAGE = 2
+EXIT_PRECONDITION = 4
+
+
+def _env_name(config: pytest.Config) -> str:
+    return str(config.getoption("--env"))
+
+
+def _on_drill(config: pytest.Config) -> bool:
+    return _env_name(config) == "drill"
+
+
+def _is_feature(item: pytest.Item) -> bool:
+    return item.path.suffix == ".feature"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = _env_name(config)
+    if name == "drill":
+        return
+    from runbook import environment as envmod
+    from runbook.errors import RunbookError
+
+    try:
+        envmod.find_config(name)
+    except RunbookError as exc:
+        pytest.exit(f"runbook: --env {name}: {exc}", returncode=EXIT_USAGE)
+
+
+def _explicit_selection(config: pytest.Config) -> bool:
+    """-k, -m or a node id (path::name) on the command line."""
+    return bool(config.option.keyword or config.option.markexpr
+                or any("::" in str(arg) for arg in config.args))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _on_drill(config):
+        return
+    features = [item for item in items if _is_feature(item)]
+    for item in features:
+        if item.get_closest_marker("fault"):
+            item.add_marker(pytest.mark.skip(reason=FAULT_SKIP))
+    if config.getoption("--dry-run") or _explicit_selection(config):
+        return
+    mutating = [item for item in features
+                if item.get_closest_marker("mutating") and not item.get_closest_marker("fault")]
+    for item in mutating[1:]:
+        item.add_marker(pytest.mark.skip(reason=MUTATING_SKIP))
+
+
+def _host_problem(name: str) -> tuple[str, int] | None:
+    """Why this machine cannot run the scenarios against `name`, or None."""
+    from runbook import environment as envmod
+    from runbook.errors import RunbookError
+
+    try:
+        env = envmod.load(name)
+    except RunbookError as exc:
+        return f"runbook: --env {name}: {exc}", EXIT_USAGE
+    if not env.state_file.is_file():
+        return (f"runbook: --env {name}: {env.display}'s state file {env.state_file} does not "
+                "exist, so this machine is not that host; run on the host itself, or pass "
+                "--env <environment file> for this one", EXIT_PRECONDITION)
+    try:
+        from runbook import docker
+
+        docker.client().ping()
+    except Exception as exc:  # any failure means the same thing here
+        detail = exc.message if isinstance(exc, RunbookError) else type(exc).__name__
+        return (f"runbook: --env {name}: cannot reach the Docker engine ({detail}); start it "
+                "(systemctl start docker) and check `docker info`", EXIT_PRECONDITION)
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    if _on_drill(config) or config.option.collectonly:
+        return
+    if not any(_is_feature(item) for item in session.items):
+        return
+    problem = _host_problem(_env_name(config))
+    if problem is not None:
+        message, code = problem
+        pytest.exit(message, returncode=code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict drill runs
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    if hasattr(report, "wasxfail"):
+        return f"xfail: {report.wasxfail}"
+    longrepr: Any = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _scenario_line(item: pytest.Item) -> int | None:
+    from pytest_bdd.scenario import scenario_wrapper_template_registry
+
+    template = scenario_wrapper_template_registry.get(getattr(item, "obj", None))  # type: ignore[arg-type]
+    return template.line_number if template is not None else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if not (report.skipped and _is_feature(item)):
+        return report
+    reason = _skip_reason(report)
+    if _on_drill(item.config) and not (item.config.getoption("--dry-run")
+                                       and reason.startswith(DRY_RUN_SKIP)):
+        report.outcome = "failed"
+        report.longrepr = (f"strict drill run: a skipped scenario or step fails the run "
+                           f"({reason})")
+    elif isinstance(report.longrepr, tuple):
+        # point the skip summary at the scenario in its .feature file, not at pytest-bdd
+        report.longrepr = (str(item.path), _scenario_line(item), report.longrepr[2])
+    return report
+
+
+def pytest_bdd_step_func_lookup_error(request: pytest.FixtureRequest, feature: Any,
+                                      scenario: Any, step: Any, exception: Exception) -> None:
+    """An undefined step fails its scenario, anywhere, and says how to define it."""
+    pytest.fail(f"undefined step at {feature.rel_filename}:{step.line_number}: "
+                f"{step.keyword} {step.name}\n"
+                f"  define it in steps/: @{step.type}({step.name!r})", pytrace=False)

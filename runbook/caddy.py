@@ -57,7 +57,12 @@ class CaddyError(RunbookError):
 
 
 class CaddyNotRunningError(CaddyError):
-    """Caddy (or its admin API) does not answer: nothing may be written or reloaded."""
+    """Caddy (or its admin API) does not answer: nothing may be written or reloaded.
+
+    A precondition (exit 4): it is found before anything changes.
+    """
+
+    exit_code = ExitCode.PRECONDITION
 
 
 # --------------------------------------------------------------------------------------------

@@ -311,6 +311,7 @@ def unlock(
 
 
 app.add_typer(__import__("runbook.cli_snapshot").cli_snapshot.snapshot_app, name="snapshot")
+__import__("runbook.cli_docs").cli_docs.register(app)  # runbook docs, runbook drill
 
 
 def main() -> None:

@@ -156,6 +156,7 @@ def test_caddy_not_running_is_a_clear_error_and_nothing_changes(stack: DrillStac
     with pytest.raises(RunbookError) as err:
         rollback.rollback(env)
     assert "Caddy" in str(err.value) and "\n" not in err.value.message
+    assert err.value.exit_code == ExitCode.PRECONDITION
     assert env.state_file.read_bytes() == state_before
     assert env.caddy.caddyfile.read_bytes() == caddy_before
     assert docker.inspect(env.slot("blue").container).status == "exited"

@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -204,6 +205,7 @@ def test_loss_window_reports_rows_that_the_restore_removes(stack: DrillStack) ->
 def test_latest_before_prefers_the_deployments_own_snapshot(stack: DrillStack) -> None:
     env = stack.env
     own = snapshots.pre_deploy_snapshot(env, "dep_one", "b" * 40, 1)
+    time.sleep(1.1)  # snapshot names and timestamps have one-second precision
     newer = snapshots.create(env, "manual")
     assert snapshots.latest_before(env, 1) == newer
     assert snapshots.latest_before(env, 1, deployment_id="dep_one") == own

@@ -109,9 +109,21 @@ def debian_mirror() -> str:
                      "set RUNBOOK_IMAGES=pull on a machine with a registry")
 
 
+PULL_BASE_DOCKERFILE = """\
+FROM debian:bookworm
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \\
+      --no-install-recommends %(packages)s && rm -rf /var/lib/apt/lists/*
+ENV LANG=C.UTF-8
+"""
+
+
 def build_base(log: bool = True) -> str:
     image = base_image()
     if image_present(image):
+        return image
+    if pull_mode():  # the user opted in to a registry: Debian's image plus the same packages
+        dockerfile = PULL_BASE_DOCKERFILE % {"packages": " ".join(BASE_PACKAGES)}
+        _build(image, dockerfile, {}, base_inputs(), {})
         return image
     if shutil.which("debootstrap") is None:
         if os.geteuid() == 0 and shutil.which("apt-get"):

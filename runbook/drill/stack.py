@@ -190,6 +190,7 @@ class DrillStack:
             "COMPOSE_PROJECT_NAME": self.project,
             "DRILL_PREFIX": self.prefix,
             "DRILL_RUN_ID": self.run_id,
+            "DRILL_OWNER": f"{socket.gethostname()}:{os.getpid()}",
             "IMAGE_TAG": self.base_version.tag,
             "POSTGRES_IMAGE": image_set.postgres,
             "CADDY_IMAGE": image_set.caddy,

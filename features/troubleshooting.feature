@@ -1,0 +1,66 @@
+Feature: Troubleshoot a rollback that does not go through
+  When a rollback stops, it says why in one line, gives the fix and exits with a code that
+  tells you what happened (1 failed safely, 3 locked, 4 precondition not met); nothing is
+  left half done and traffic stays on a slot that answers. Each case below is caused on
+  purpose on a drill, so you see the diagnosis you will get, then the fix that works.
+  Start with `runbook status`: it compares the state file with what really runs.
+
+  @mutating @fault
+  Scenario: No previous deployment found
+    Given no previous deployment is recorded
+    When I roll back
+    Then the rollback is refused with exit code 4 saying "No previous deployment found"
+    And the advice is to redeploy a known-good version
+    And nothing has changed
+    When I redeploy the known-good version "v3"
+    Then users are served version "v3"
+
+  @mutating @fault
+  Scenario: Health checks fail on the previous deployment
+    Given a previous deployment exists whose build is broken
+    When I roll back
+    Then the rollback fails safely with exit code 1
+    And the failing health check is named
+    And users are still served by the healthy slot
+    And nothing has changed
+    When I redeploy the known-good version "v3"
+    Then users are served version "v3"
+    And the slot taking traffic is healthy
+
+  @mutating @fault
+  Scenario: Traffic does not switch because Caddy is not running
+    Given a previous deployment exists
+    And Caddy is not running
+    When I confirm the deployment state
+    Then the status says Caddy is not answering
+    When I roll back
+    Then the rollback is refused with exit code 4 saying "Caddy is not running"
+    And nothing has changed
+    When I start Caddy again
+    And I roll back
+    Then users are served the previous version from the other slot
+
+  @mutating @fault
+  Scenario: Traffic does not switch because the Caddyfile targets the wrong port
+    Given a deployment is live
+    And the Caddyfile sends traffic to a port where no slot listens
+    When I confirm the deployment state
+    Then the status names the wrong port
+    And users get an error from the proxy
+    When I switch traffic by hand to the slot the state file names as active
+    Then users are served by that slot
+    When I confirm the deployment state
+    Then what really runs matches the state file
+
+  @mutating @fault @database
+  Scenario: Schema mismatch between the previous version and the database
+    Given migrations ran after the previous deployment
+    When I roll back
+    Then the rollback is refused with exit code 4 saying "migrations ran after the target deployment"
+    And nothing has changed
+    When I confirm the deployment state
+    Then the status shows the database schema ahead of the previous deployment's
+    When I roll back the migrations to the schema the previous deployment ran with
+    And I roll back
+    Then users are served the previous version from the other slot
+    And the slot taking traffic is healthy

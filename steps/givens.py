@@ -1,0 +1,172 @@
+"""Givens: on a drill they ARRANGE the situation; on a real host they only CHECK it.
+
+One step function per phrase: `world.on_drill` decides. A real host whose situation does not
+match fails with the runbook's own advice, and is never changed by a Given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import httpx
+from pytest_bdd import given
+
+from runbook import caddy, database, deploy, docker
+from runbook import state as states
+from runbook.drill.versions import VERSIONS
+from runbook.errors import RunbookError
+from runbook.rollback import NO_PREVIOUS_FIX
+from steps.world import World
+
+# A broken build must fail the health gate quickly on a drill (a healthy slot passes in <1 s).
+BROKEN_BUILD_HEALTH_TIMEOUT = 4.0
+
+
+def arrange_deploys(world: World, *names: str, force: bool = False) -> None:
+    """Deploy drill versions through the runbook library, exactly as an operator would."""
+    for name in names:
+        deploy.deploy(world.env, deploy.Options(version=VERSIONS[name].tag, force=force,
+                                                reason=f"drill: arrange {name}"))
+
+
+def recorded_state(world: World) -> states.DeploymentState:
+    try:
+        return world.state()
+    except RunbookError as exc:
+        world.check(False, f"cannot read the deployment state: {exc}")
+        raise  # unreachable: check() failed the step
+
+
+@given("a deployment is live")
+def a_deployment_is_live(world: World) -> None:
+    if world.on_drill:
+        return  # the reset baseline: v1 live on blue (schema 1), green running v1 as well
+    st = recorded_state(world)
+    world.check(st.current is not None,
+                "no deployment is recorded; " + NO_PREVIOUS_FIX.format(env=world.env.name))
+
+
+@given("a previous deployment exists")
+def a_previous_deployment_exists(world: World) -> None:
+    if world.on_drill:
+        # v1 -> v2 -> v3: v3 is live on blue, v2 (same schema) is the previous deployment
+        arrange_deploys(world, "v2", "v3")
+        return
+    st = recorded_state(world)
+    world.check(st.previous is not None,
+                "No previous deployment found: " + NO_PREVIOUS_FIX.format(env=world.env.name))
+
+
+@given("no previous deployment is recorded")
+def no_previous_deployment(world: World) -> None:
+    if world.on_drill:
+        return  # the baseline is a first deployment: nothing before it
+    st = recorded_state(world)
+    world.check(st.previous is None,
+                f"a previous deployment is recorded ({st.previous.version if st.previous else ''})"
+                "; this case needs a first deployment or a cleared state")
+
+
+@given("migrations ran after the previous deployment")
+def migrations_ran_after_previous(world: World) -> None:
+    if world.on_drill:
+        arrange_deploys(world, "v2")  # v1 ran with schema 1; v2 migrates to 2
+        return
+    st = recorded_state(world)
+    world.check(st.previous is not None,
+                "No previous deployment found: " + NO_PREVIOUS_FIX.format(env=world.env.name))
+    assert st.previous is not None
+    schema = database.schema_version(world.env).version
+    recorded = st.previous.migration_version
+    world.check(recorded is not None and schema > recorded,
+                f"the database schema is {schema} and the previous deployment ran with "
+                f"{recorded}: no migration ran after it")
+
+
+@given("a previous deployment exists whose build is broken")
+def previous_build_is_broken(world: World) -> None:
+    world.drill()
+    arrange_deploys(world, "v2")  # v2 live on green; blue is the standby
+    st = world.state()
+    assert st.previous is not None
+    broken = VERSIONS["unhealthy"]
+    states.write_state(world.env.state_file, st.with_(previous=st.previous.with_(
+        version=broken.tag, git_commit=broken.git_commit, image=broken.image,
+        migration_version=broken.schema)))
+    # its container was pruned, so the rollback must recreate it from the broken image
+    docker.remove(world.env.slot(st.previous.active_slot or "blue").container)
+    world.env = world.env.with_(health=dataclasses.replace(
+        world.env.health, timeout=BROKEN_BUILD_HEALTH_TIMEOUT))
+
+
+@given("a broken version went live after a migration")
+def broken_version_live(world: World) -> None:
+    world.drill()
+    # forced past the health gate: it migrates to schema 2 and then answers 503
+    arrange_deploys(world, "unhealthy", force=True)
+
+
+@given("Caddy is not running")
+def caddy_is_not_running(world: World) -> None:
+    if world.on_drill:
+        stack = world.drill()
+        stack.docker("stop", "-t", "2", stack.caddy_container)
+        return
+    world.check(not caddy.is_running(world.env), "Caddy is running: nothing to fix here")
+
+
+def dead_loopback_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@given("the Caddyfile sends traffic to a port where no slot listens")
+def caddyfile_wrong_port(world: World) -> None:
+    if not world.on_drill:
+        inspection = caddy.inspect(caddy.read(world.env), world.env)
+        world.check(any("no slot's port" in p for p in inspection.problems),
+                    "the Caddyfile's managed block targets a slot's port: nothing to fix here")
+        return
+    env = world.env
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    dead = dead_loopback_port()
+    block = text[start:end]
+    for config in env.slots.values():
+        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
+    broken = text[:start] + block + text[end:]
+    assert broken != text
+    env.caddy.caddyfile.write_text(broken)
+    httpx.post(f"{env.caddy.admin_url}/load", content=broken,
+               headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    world.notes["dead port"] = dead
+
+
+def post_item(world: World, name: str) -> None:
+    response = httpx.post(f"{world.env.caddy.proxy_url}/items", json={"name": name},
+                          timeout=5, headers={"Connection": "close"})
+    assert response.status_code == 201, response.text
+
+
+@given("customer data was recorded before the migration")
+def data_before_migration(world: World) -> None:
+    world.drill()
+    names = ["before-migration-1", "before-migration-2"]
+    for name in names:
+        post_item(world, name)
+    world.notes["kept items"] = names
+
+
+@given("orders were taken after the migration")
+def orders_after_migration(world: World) -> None:
+    stack = world.drill()
+    names = ["after-migration-1"]
+    for name in names:
+        post_item(world, name)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO orders (item_id, quantity) "
+                     "SELECT id, 3 FROM items WHERE name = %s", (names[0],))
+    world.notes["lost items"] = names

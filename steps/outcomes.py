@@ -1,0 +1,540 @@
+"""Thens: what the on-call checks afterwards. Each reads the real system (state file, Docker,
+Caddy, the proxy, the database), never only what the action claimed."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from pytest_bdd import parsers, then
+
+from runbook import caddy, database, docker, health
+from runbook import state as states
+from runbook.environment import Slot
+from runbook.health import HealthGateError
+from steps.actions import version_tag
+from steps.world import Snapshot, World, outside_block, take_snapshot, through_proxy
+
+
+def before(world: World) -> Snapshot:
+    assert world.before is not None, "no action was taken in this scenario"
+    return world.before
+
+
+def state_before(world: World) -> states.DeploymentState:
+    raw = before(world).state
+    assert raw is not None, "there was no state file before the action"
+    return states.parse_state(raw, str(world.env.state_file), environment=world.env.name)
+
+
+def live_slot_before(world: World) -> Slot:
+    assert world.live_before is not None, "Caddy named no single slot before the action"
+    return world.live_before
+
+
+def probe(world: World, slot: Slot) -> health.HealthReport:
+    env = world.env
+    return health.probe(env.slot(slot), env.health.path, env.health.request_timeout)
+
+
+def current_live_slot(world: World) -> Slot:
+    live = world.live_slot()
+    assert live is not None, ("Caddy's managed block names no single slot: "
+                              + "; ".join(caddy.inspect(caddy.read(world.env), world.env).problems))
+    return live
+
+
+# -- traffic -----------------------------------------------------------------------------------
+
+
+@then("users are served the previous version from the other slot")
+def served_previous_version_from_other_slot(world: World) -> None:
+    world.succeeded()
+    previous = state_before(world).previous
+    assert previous is not None
+    target = live_slot_before(world).other
+    assert through_proxy(world.env) == (200, str(target), previous.version)
+    assert current_live_slot(world) == target
+
+
+@then(parsers.parse('users are served version "{name}"'))
+def served_version(world: World, name: str) -> None:
+    world.succeeded()
+    code, slot, version = through_proxy(world.env)
+    assert (code, version) == (200, version_tag(name))
+    assert slot == str(current_live_slot(world))
+
+
+@then("users are served by that slot")
+def served_by_that_slot(world: World) -> None:
+    world.succeeded()
+    target = world.notes["target slot"]
+    code, slot, _ = through_proxy(world.env)
+    assert (code, slot) == (200, str(target))
+
+
+@then("users are still served by the healthy slot")
+def still_served_by_healthy_slot(world: World) -> None:
+    world.outcome()
+    assert through_proxy(world.env) == before(world).traffic
+    live = current_live_slot(world)
+    assert live == live_slot_before(world)
+    report = probe(world, live)
+    assert report.ok, report.reason()
+
+
+@then("users get an error from the proxy")
+def users_get_an_error(world: World) -> None:
+    code, _, _ = through_proxy(world.env)
+    assert code == 0 or code >= 500, f"the proxy answered HTTP {code}"
+
+
+@then("the slot taking traffic is healthy")
+def slot_taking_traffic_is_healthy(world: World) -> None:
+    world.outcome()
+    live = current_live_slot(world)
+    report = probe(world, live)
+    assert report.ok, f"the {live} slot is {report.status}: {report.reason()}"
+    assert report.reported_slot == str(live)
+
+
+# -- the deployment state ----------------------------------------------------------------------
+
+
+@then("the deployment state records the rollback")
+def state_records_the_rollback(world: World) -> None:
+    world.succeeded()
+    old = state_before(world)
+    assert old.current is not None and old.previous is not None
+    new = world.state()
+    assert new.current is not None and new.previous is not None
+    assert (new.current.version, new.current.status, new.current.active_slot) == (
+        old.previous.version, "active", live_slot_before(world).other)
+    assert new.current.rollback_count == old.previous.rollback_count + 1
+    assert (new.previous.version, new.previous.status) == (old.current.version, "rolled_back")
+    assert not new.locked
+
+
+@then("the slot that was live is stopped but kept")
+def old_slot_stopped_but_kept(world: World) -> None:
+    world.succeeded()
+    info = docker.inspect(world.env.slot(live_slot_before(world)).container)
+    assert info.exists and not info.running, info
+
+
+@then("the state file names that slot as active")
+def state_names_that_slot(world: World) -> None:
+    world.succeeded()
+    current = world.state().current
+    assert current is not None and current.active_slot == world.notes["target slot"]
+
+
+@then("the slot that was live keeps running, so the switch can be undone at once")
+def old_slot_keeps_running(world: World) -> None:
+    world.succeeded()
+    info = docker.inspect(world.env.slot(live_slot_before(world)).container)
+    assert info.running, info
+    report = probe(world, live_slot_before(world))
+    assert report.ok, report.reason()
+
+
+@then(parsers.parse('the state file records "{name}" as the current deployment with the schema '
+                    "it ran with"))
+def state_records_deployment(world: World, name: str) -> None:
+    world.succeeded()
+    current = world.state().current
+    assert current is not None
+    assert current.version == version_tag(name)
+    assert current.migration_version == database.schema_version(world.env).version
+    assert current.image == docker.inspect(world.env.slot(current.slot).container).image
+
+
+# -- confirming the state ----------------------------------------------------------------------
+
+
+def state_json(world: World) -> dict[str, Any]:
+    data = world.notes.get("state file")
+    assert data is not None, "the state file does not exist"
+    return data  # type: ignore[no-any-return]
+
+
+@then("the state file names the live deployment, its slot and its image")
+def state_file_names_live_deployment(world: World) -> None:
+    state_json(world)  # the file exists and is JSON (what `jq .` shows)
+    current = world.state().current  # any of the three dialects, normalized
+    assert current is not None, "the state file records no current deployment"
+    assert current.id and current.version and current.git_commit and current.active_slot
+    assert current.active_slot == current_live_slot(world)
+    running = docker.inspect(world.env.slot(current.active_slot).container)
+    assert running.running, f"{running.name} is {running.status}"
+    if current.image:  # older dialects do not record the image: its tag is the version then
+        assert running.image == current.image, (running.image, current.image)
+    assert running.tag == current.version, (running.image, current.version)
+
+
+@then("the state file says whether a previous deployment is recorded to roll back to")
+def state_file_says_previous(world: World) -> None:
+    state_json(world)
+    st = world.state()
+    assert world.status is not None
+    if st.previous is None:
+        assert world.status["previous"] is None
+        return
+    assert st.current is not None and st.previous.version != st.current.version
+    assert st.previous.active_slot is not None
+    assert world.status["previous"]["version"] == st.previous.version
+
+
+@then("what really runs matches the state file")
+def what_runs_matches(world: World) -> None:
+    assert world.status is not None
+    assert world.status["problems"] == [], world.status["problems"]
+
+
+@then("the status says Caddy is not answering")
+def status_says_caddy_down(world: World) -> None:
+    assert world.status is not None
+    assert any("Caddy is not answering" in p for p in world.status["problems"]), \
+        world.status["problems"]
+
+
+@then("the status names the wrong port")
+def status_names_wrong_port(world: World) -> None:
+    assert world.status is not None
+    problems = [p for p in world.status["problems"] if "no slot's port" in p]
+    assert problems, world.status["problems"]
+    if "dead port" in world.notes:
+        assert str(world.notes["dead port"]) in problems[0]
+
+
+@then("the status shows the database schema ahead of the previous deployment's")
+def status_schema_ahead(world: World) -> None:
+    data = world.status
+    assert data is not None and data["previous"] is not None
+    schema = data["database"]["schema_version"]
+    assert schema > data["previous"]["migration_version"], data["database"]
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@then(parsers.parse('the rollback is refused with exit code {code:d} saying "{text}"'))
+def refused_with_code(world: World, code: int, text: str) -> None:
+    error = world.refused()
+    assert int(error.exit_code) == code, f"exit code {int(error.exit_code)}: {error}"
+    assert text in str(error), str(error)
+    assert "\n" not in error.message, "the message must fit on one line"
+    assert error.fix, "every refusal says what to do"
+
+
+@then(parsers.parse("the rollback fails safely with exit code {code:d}"))
+def fails_safely(world: World, code: int) -> None:
+    error = world.refused()
+    assert int(error.exit_code) == code, f"exit code {int(error.exit_code)}: {error}"
+
+
+@then("the advice is to redeploy a known-good version")
+def advice_is_redeploy(world: World) -> None:
+    error = world.refused()
+    assert error.fix and "runbook deploy" in error.fix and "--version" in error.fix, error.fix
+
+
+@then("the failing health check is named")
+def failing_check_named(world: World) -> None:
+    error = world.refused()
+    assert isinstance(error, HealthGateError), f"{type(error).__name__}: {error}"
+    assert error.report is not None and error.report.failing_checks
+    for check in error.report.failing_checks:
+        assert f"{check.name}: {check.message}" in str(error), str(error)
+
+
+@then("nothing has changed")
+def nothing_has_changed(world: World) -> None:
+    was = before(world)
+    now = take_snapshot(world.env)
+    assert now.unchanged() == was.unchanged()
+    if world.notes.get("preview"):
+        assert now.logs == was.logs, "a dry run writes no deployment log"
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+def plan_text(world: World) -> str:
+    result = world.succeeded()
+    return result.plan.render()
+
+
+@then("the plan shows every value it would use")
+def plan_shows_every_value(world: World) -> None:
+    text = plan_text(world)
+    env = world.env
+    st = world.state()
+    assert st.previous is not None
+    target = live_slot_before(world).other
+    for expected in (st.previous.version, st.previous.image, env.slot(target).container,
+                     f"{env.slot(target).base_url}{env.health.path}", env.caddy.admin_url,
+                     str(env.state_file), str(env.caddy.caddyfile), str(env.lock_path),
+                     f"{env.caddy.proxy_url}{env.caddy.verify_path}"):
+        assert expected in text, f"{expected!r} is not in the plan:\n{text}"
+
+
+@then("the plan shows the exact Caddyfile change")
+def plan_shows_caddyfile_change(world: World) -> None:
+    text = plan_text(world).replace("\t", "")
+    live = live_slot_before(world)
+    env = world.env
+    assert "Caddyfile change:" in text
+    for sign, slot in (("-", live), ("+", live.other)):
+        assert f"{sign}reverse_proxy localhost:{env.slot(slot).port}" in text, text
+        assert f'{sign}header_down X-Togather-Slot "{slot}"' in text, text
+
+
+# -- forcing -----------------------------------------------------------------------------------
+
+
+@then("the rollback says it skipped the health gate and the schema guard")
+def force_says_what_it_skipped(world: World) -> None:
+    result = world.succeeded()
+    text = result.plan.render()
+    assert "health gate skipped: --force" in text, text
+    assert "schema guard" in text and "skipped (--force)" in text, text
+    assert any("--force" in w for w in result.plan.warnings), result.plan.warnings
+
+
+@then("the health check of the slot taking traffic names the schema mismatch")
+def health_names_schema_mismatch(world: World) -> None:
+    world.outcome()
+    report = probe(world, current_live_slot(world))
+    assert not report.ok
+    failing = {c.name: c.message for c in report.failing_checks}
+    assert "migrations" in failing and "ahead" in failing["migrations"], failing
+
+
+# -- health reports ----------------------------------------------------------------------------
+
+
+@then("the JSON report names the slot, its status, its version and every check")
+def json_report(world: World) -> None:
+    data = world.notes["health json"]
+    slot = world.notes["health slot"]
+    assert data["slot"] == slot and data["url"].startswith(world.env.slot(slot).base_url)
+    assert data["status"] in ("healthy", "degraded", "unhealthy", "unreachable")
+    if data["status"] == "unreachable":
+        assert data["error"], data
+        return
+    assert re.fullmatch(r"[0-9a-f]{7}", data["version"]), data
+    assert {"database", "migrations"} <= set(data["checks"]), data
+    for check in data["checks"].values():
+        assert check["status"] in ("pass", "warn", "fail"), check
+
+
+@then("the table has a row for the slot with its status, its version and its checks")
+def table_report(world: World) -> None:
+    text = world.notes["health table"]
+    slot = world.notes["health slot"]
+    header, row, *_ = text.splitlines()
+    assert header.split()[:4] == ["SLOT", "URL", "STATUS", "VERSION"], text
+    report = world.notes["health reports"][0]
+    cells = row.split()
+    assert cells[0] == slot and cells[2] == report.status, text
+    if report.status != "unreachable":
+        assert cells[3] == report.version and "database:" in row and "migrations:" in row, text
+
+
+@then("every running slot answers for itself on its own port")
+def running_slots_answer(world: World) -> None:
+    reports = world.notes["health reports"]
+    running = 0
+    for slot, report in zip(Slot, reports, strict=True):
+        config = world.env.slot(slot)
+        assert report.url.startswith(f"{config.base_url}/")
+        if docker.inspect(config.container).running:
+            running += 1
+            assert report.ok, f"{slot}: {report.reason()}"
+            assert report.reported_slot == str(slot)
+        else:
+            assert report.status == "unreachable", report
+    assert running >= 1
+
+
+# -- what a rollback changes, and what it does not ------------------------------------------
+
+
+@then("the slot taking traffic changed and runs the previous version's image")
+def traffic_changed_to_previous_image(world: World) -> None:
+    world.succeeded()
+    previous = state_before(world).previous
+    assert previous is not None
+    live = current_live_slot(world)
+    assert live == live_slot_before(world).other
+    assert docker.inspect(world.env.slot(live).container).image == previous.image
+
+
+@then("the database schema version is the same as before")
+def schema_unchanged(world: World) -> None:
+    world.succeeded()
+    now = take_snapshot(world.env)
+    assert now.schema is not None and now.schema == before(world).schema
+
+
+@then("the environment file is byte for byte the same")
+def env_file_unchanged(world: World) -> None:
+    world.succeeded()
+    was = before(world).env_file
+    assert was is not None, "no environment file is configured"
+    assert take_snapshot(world.env).env_file == was
+
+
+@then("everything in the Caddyfile outside the managed block is byte for byte the same")
+def caddyfile_outside_block_unchanged(world: World) -> None:
+    world.succeeded()
+    old = before(world).caddyfile.decode()
+    new = world.env.caddy.caddyfile.read_bytes().decode()
+    assert new != old, "the managed block did not change"
+    assert outside_block(new).encode() == outside_block(old).encode()
+
+
+@then("the shared database kept running without a restart")
+def database_not_restarted(world: World) -> None:
+    world.succeeded()
+    info = docker.inspect(world.env.database.container)
+    assert info.running and info.started_at == before(world).database_started
+
+
+@then("the other sites on this host still answer as before")
+def other_sites_answer(world: World) -> None:
+    world.succeeded()
+    was = before(world).sites
+    if world.on_drill:
+        assert was and all(code == 200 for code in was.values()), was
+    assert take_snapshot(world.env).sites == was
+
+
+# -- getting help ------------------------------------------------------------------------------
+
+
+def log_entries(world: World) -> list[dict[str, Any]]:
+    files = sorted(world.env.log_dir.glob(f"{world.env.name}_*.log"))
+    assert files, f"no {world.env.name}_*.log in {world.env.log_dir}"
+    entries = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                raise AssertionError(f"{path}:{number} is not JSON: {line!r}") from None
+            assert isinstance(entry, dict), f"{path}:{number} is not a JSON object"
+            entries.append(entry)
+    return entries
+
+
+@then("the deployment log of this environment has one JSON object a line, each with a "
+      "timestamp, a level, a run id and a message")
+def log_lines_are_json(world: World) -> None:
+    for entry in log_entries(world):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["timestamp"]), entry
+        assert entry["level"] in ("INFO", "WARN", "ERROR", "SUCCESS"), entry
+        assert entry["deployment_id"] and isinstance(entry["message"], str), entry
+
+
+@then("the deployment log says what the rollback attempted, why it stopped and its exit code")
+def log_says_what_happened(world: World) -> None:
+    world.outcome()  # a dry run journals nothing
+    error = world.refused()
+    entries = log_entries(world)
+    runs = [e["deployment_id"] for e in entries if e.get("action") == "rollback"]
+    assert runs, "the log has no rollback run"
+    run = [e for e in entries if e["deployment_id"] == runs[-1]]
+    steps = {e.get("step") for e in run}
+    assert {"lock", "plan", "unlock"} <= steps, steps
+    errors = [e for e in run if e["level"] == "ERROR"]
+    assert any(error.message in e["message"] for e in errors), errors
+    assert any(e.get("exit_code") == int(error.exit_code) for e in run), run[-1]
+
+
+@then("the deployment log does not show the database password")
+def log_hides_password(world: World) -> None:
+    password = unquote(urlsplit(world.env.database.url()).password or "")
+    assert password, "the database URL has no password to hide"
+    text = "\n".join(p.read_text() for p in world.env.log_dir.glob("*.log"))
+    assert password not in text
+    assert quote(password, safe="") not in text
+
+
+@then("the state file names the live deployment and the schema each deployment ran with")
+def state_file_names_schema(world: World) -> None:
+    data = json.loads(world.env.state_file.read_bytes())
+    current, previous = data["current_deployment"], data["previous_deployment"]
+    assert current["active_slot"] == str(current_live_slot(world))
+    schema = database.schema_version(world.env).version
+    assert current["migration_version"] == schema
+    assert previous["migration_version"] < schema
+    assert data["lock"]["locked"] is False
+
+
+# -- database considerations -------------------------------------------------------------------
+
+SNAPSHOT_NAME = re.compile(r"togather_\w+?_\d{8}_\d{6}_[\w.-]+?\.sql\.gz")
+
+
+@then("the refusal names the snapshot to restore and the data that would be lost")
+def refusal_names_snapshot(world: World) -> None:
+    error = world.refused()
+    text = str(error)
+    match = SNAPSHOT_NAME.search(text)
+    assert match, f"the refusal names no snapshot to restore: {text}"
+    path = world.env.database.snapshot_dir / match.group(0)
+    assert path.is_file(), f"{path} does not exist"
+    # the data-loss window: every table written since the snapshot, and how long ago it was
+    for table in ("items", "orders"):
+        assert table in text, f"the refusal does not say that {table} writes would be lost: {text}"
+    assert re.search(r"\bundo|\blos[te]\b", text), f"no data-loss window in: {text}"
+    world.notes["snapshot"] = str(path)
+
+
+@then("the database is back at the schema the previous version ran with")
+def schema_back(world: World) -> None:
+    world.succeeded()
+    previous = state_before(world).previous
+    assert previous is not None
+    assert database.schema_version(world.env).version == previous.migration_version
+
+
+@then("the data is what the snapshot held, as announced")
+def data_as_announced(world: World) -> None:
+    world.succeeded()
+    stack = world.drill()
+    with stack.connect() as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM items").fetchall()}
+        orders = conn.execute("SELECT to_regclass('public.orders')").fetchone()
+    assert set(world.notes["kept items"]) <= names, names
+    assert not set(world.notes["lost items"]) & names, names
+    assert orders is not None and orders[0] is None, "the orders table should be gone"
+
+
+# -- help --------------------------------------------------------------------------------------
+
+
+@then("every command has help that says what it is for")
+def every_command_has_help(world: World) -> None:
+    helps = world.notes["help"]
+    assert len(helps) > 1, helps
+    for name, (code, text) in helps.items():
+        assert code == 0, f"{name} --help exited {code}: {text}"
+        usage, _, rest = text.partition("\n\n")
+        assert usage.startswith("Usage:") and rest.strip(), f"{name} --help says nothing:\n{text}"
+
+
+@then("the help explains:")
+def help_explains(world: World, datatable: list[list[str]]) -> None:
+    helps = world.notes["help"]
+    header, *rows = datatable
+    assert header == ["command", "topics"], header
+    for command, topics in rows:
+        assert command in helps, f"there is no {command!r} command (have: {', '.join(helps)})"
+        text = " ".join(helps[command][1].split())
+        for topic in (t.strip() for t in topics.split(",")):
+            assert topic in text, f"{command} --help does not explain {topic!r}:\n{text}"

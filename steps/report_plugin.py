@@ -1,0 +1,370 @@
+"""`--report DIR`: a drill report for every run of the features.
+
+Writes DIR/report.html and DIR/report.json (runbook.report renders them), and turns on
+pytest's junit XML (DIR/junit.xml) and pytest-bdd's cucumber JSON (DIR/cucumber.json) unless
+the command line already chose paths for them.
+
+Per step, pytest-bdd's hooks give status and duration: a step that raised pytest.skip gets
+neither after_step nor step_error, so a step still "running" when its scenario ends was
+skipped (or interrupted), which the call's report then tells apart. The engine's run records
+are read from env.runs_dir at the end of each scenario, before the next scenario's drill reset
+wipes that directory. The environment is captured when its fixture is set up, so the plugin
+never starts a drill stack by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runbook import report as reports
+
+PLUGIN_NAME = "runbook-drill-report"
+MESSAGE_LIMIT = 4000
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("runbook")
+    group.addoption("--report", metavar="DIR", default=None,
+                    help="write a drill report into DIR: report.html (self-contained), "
+                         "report.json, junit.xml and cucumber.json")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Runs before junitxml's and pytest-bdd's configure, so the paths set here count."""
+    target = config.getoption("--report", default=None)
+    if not target or hasattr(config, "workerinput"):
+        return
+    directory = Path(str(target)).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (reports.REPORT_JSON, reports.REPORT_HTML, reports.JUNIT_XML,
+                 reports.CUCUMBER_JSON):
+        (directory / name).unlink(missing_ok=True)  # never leave last night's report looking new
+    if not config.option.xmlpath:
+        config.option.xmlpath = str(directory / reports.JUNIT_XML)
+    if not getattr(config.option, "cucumber_json_path", None):
+        config.option.cucumber_json_path = str(directory / reports.CUCUMBER_JSON)
+    config.pluginmanager.register(DrillReport(config, directory), PLUGIN_NAME)
+
+
+def _template(item: pytest.Item) -> Any:
+    """The pytest-bdd ScenarioTemplate behind a test item, or None for ordinary tests."""
+    try:
+        from pytest_bdd.scenario import scenario_wrapper_template_registry
+    except ImportError:
+        return None
+    func = getattr(item, "obj", None)
+    try:
+        return scenario_wrapper_template_registry.get(func) if func is not None else None
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _short(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _failure(report: pytest.TestReport) -> str:
+    """The crash line first (what a person reads), then the end of the traceback."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = report.longreprtext
+    head = str(getattr(crash, "message", "") or "").strip()
+    if not head:
+        return _short(text)
+    tail = _short(text, 1500)
+    return head if head in text and len(text) < 200 else f"{_short(head, 1500)}\n\n{tail}"
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr: Any = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return _short(str(longrepr))
+
+
+class DrillReport:
+    """Collects one run's scenarios, steps and engine runs; writes the report at the end."""
+
+    def __init__(self, config: pytest.Config, directory: Path) -> None:
+        self.config = config
+        self.directory = directory
+        self.data = reports.new_report(
+            environment=str(config.getoption("--env", default="drill")),
+            command=["pytest", *map(str, config.invocation_params.args)],
+            dry_run=bool(config.getoption("--dry-run", default=False)))
+        self.began = time.monotonic()
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.scenario_began: dict[str, tuple[float, datetime]] = {}
+        self.step_index: dict[str, dict[int, int]] = {}
+        self.step_began: dict[tuple[str, int], float] = {}
+        self.seen_runs: set[str] = set()
+        self.images: set[str] = set()
+        self.env: Any = None
+        self.env_fingerprint: dict[str, Any] = {}
+        self.fingerprint_tries = 0
+        self.written: Path | None = None
+
+    # -- what will run ---------------------------------------------------------------------------
+
+    def _feature_file(self, filename: str) -> str:
+        try:
+            return os.path.relpath(filename, self.config.rootpath)
+        except ValueError:
+            return filename
+
+    def _entry(self, item: pytest.Item, feature: Any = None, template: Any = None
+               ) -> dict[str, Any] | None:
+        if item.nodeid in self.entries:
+            return self.entries[item.nodeid]
+        template = template or _template(item)
+        if template is None:
+            return None
+        feature = feature or template.feature
+        fentry = reports.feature_entry(self.data, self._feature_file(feature.filename),
+                                       feature.name, feature.description or "")
+        name = template.name
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and getattr(template, "templated", False):
+            name = f"{name} [{callspec.id}]"
+        entry = reports.scenario_entry(
+            fentry, nodeid=item.nodeid, name=name, line=template.line_number,
+            tags=sorted(template.tags | set(getattr(feature, "tags", set()))),
+            steps=[(s.keyword, s.name, s.line_number) for s in template.steps])
+        self.entries[item.nodeid] = entry
+        return entry
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        for item in session.items:
+            self._entry(item)
+
+    # -- the environment -------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[Any],
+                             request: pytest.FixtureRequest) -> Any:
+        result = yield
+        if fixturedef.argname == "environment" and hasattr(result, "runs_dir"):
+            self.env = result
+        return result
+
+    def _fingerprint(self) -> None:
+        """Once, at the start of a scenario (after its reset, when everything runs); again
+        later if a part was unknown, e.g. Caddy was stopped on purpose."""
+        if self.env is None or self.fingerprint_tries >= 3:
+            return
+        if self.env_fingerprint and not any(
+                str(v).startswith("unknown") for v in self.env_fingerprint.values()):
+            return
+        self.fingerprint_tries += 1
+        try:
+            fresh = reports.environment_fingerprint(self.env)
+        except Exception as exc:  # a report must never fail the drill
+            fresh = {"error": f"{type(exc).__name__}: {exc}"}
+        for key, value in fresh.items():
+            if key not in self.env_fingerprint or str(
+                    self.env_fingerprint[key]).startswith("unknown"):
+                self.env_fingerprint[key] = value
+
+    # -- scenarios and steps ---------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_bdd_before_scenario(self, request: pytest.FixtureRequest, feature: Any,
+                                   scenario: Any) -> None:
+        entry = self._entry(request.node, feature)
+        if entry is None:
+            return
+        nodeid = request.node.nodeid
+        entry["started_at"] = reports.now_iso()
+        entry["steps"] = [reports.step_entry(s.keyword, s.name, s.line_number, s.type)
+                          for s in scenario.steps]
+        self.step_index[nodeid] = {id(s): i for i, s in enumerate(scenario.steps)}
+        self.scenario_began[nodeid] = (time.monotonic(), datetime.now(UTC))
+        self._fingerprint()
+
+    def _step(self, request: pytest.FixtureRequest, step: Any) -> tuple[dict[str, Any], float
+                                                                          ] | None:
+        nodeid = request.node.nodeid
+        entry = self.entries.get(nodeid)
+        index = self.step_index.get(nodeid, {}).get(id(step))
+        if entry is None or index is None:
+            return None
+        began = self.step_began.get((nodeid, index), time.monotonic())
+        return entry["steps"][index], began
+
+    def pytest_bdd_before_step(self, request: pytest.FixtureRequest, feature: Any,
+                               scenario: Any, step: Any, step_func: Any) -> None:
+        found = self._step(request, step)
+        if found is None:
+            return
+        record, _ = found
+        nodeid = request.node.nodeid
+        now = time.monotonic()
+        index = self.step_index[nodeid][id(step)]
+        self.step_began[(nodeid, index)] = now
+        record["status"] = "running"
+        record["started_at"] = reports.now_iso()
+        record["offset_ms"] = round((now - self.scenario_began[nodeid][0]) * 1000)
+
+    def _end_step(self, request: pytest.FixtureRequest, step: Any, status: str,
+                  error: str | None = None) -> None:
+        found = self._step(request, step)
+        if found is None:
+            return
+        record, began = found
+        record["status"] = status
+        record["duration_ms"] = round((time.monotonic() - began) * 1000)
+        if error:
+            record["error"] = _short(error, 1000)
+
+    def pytest_bdd_after_step(self, request: pytest.FixtureRequest, feature: Any,
+                              scenario: Any, step: Any, step_func: Any,
+                              step_func_args: dict[str, Any]) -> None:
+        self._end_step(request, step, reports.PASSED)
+
+    def pytest_bdd_step_error(self, request: pytest.FixtureRequest, feature: Any,
+                              scenario: Any, step: Any, step_func: Any,
+                              step_func_args: dict[str, Any], exception: Exception) -> None:
+        self._end_step(request, step, reports.FAILED, str(exception) or type(exception).__name__)
+
+    @pytest.hookimpl(tryfirst=True)  # before a conftest's hook fails the test
+    def pytest_bdd_step_func_lookup_error(self, request: pytest.FixtureRequest, feature: Any,
+                                          scenario: Any, step: Any, exception: Exception
+                                          ) -> None:
+        found = self._step(request, step)
+        if found is not None:
+            found[0]["status"] = reports.UNDEFINED
+            found[0]["duration_ms"] = 0
+            found[0]["error"] = "no step definition matches this step"
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_bdd_after_scenario(self, request: pytest.FixtureRequest, feature: Any,
+                                  scenario: Any) -> None:
+        nodeid = request.node.nodeid
+        entry = self.entries.get(nodeid)
+        if entry is None:
+            return
+        now = time.monotonic()
+        for index, record in enumerate(entry["steps"]):
+            if record["status"] == "running":  # left by pytest.skip (or an interrupt)
+                record["duration_ms"] = round(
+                    (now - self.step_began.get((nodeid, index), now)) * 1000)
+        self._collect_runs(nodeid, entry)
+
+    def _collect_runs(self, nodeid: str, entry: dict[str, Any]) -> None:
+        if self.env is None:
+            return
+        since = self.scenario_began.get(nodeid, (0.0, None))[1]
+        try:
+            runs = reports.collect_runs(Path(self.env.runs_dir), since, self.seen_runs)
+        except Exception:  # a report must never fail the drill
+            return
+        entry["runs"].extend(runs)
+        for run in runs:
+            reports.images_in(run, self.images)
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """Innermost wrapper: sees the outcome before a conftest rewrites it (a strict drill
+        turns a skip into a failure; the report still says it was skipped)."""
+        report = yield
+        entry = self.entries.get(item.nodeid)
+        if entry is not None:
+            self._phase(entry, report, call)
+        return report
+
+    def _phase(self, entry: dict[str, Any], report: pytest.TestReport,
+               call: pytest.CallInfo[None]) -> None:
+        entry["duration_ms"] = (entry["duration_ms"] or 0) + round(report.duration * 1000)
+        skip_exc = pytest.skip.Exception
+        if report.when == "setup":
+            if report.skipped:
+                entry["status"] = reports.SKIPPED
+                entry["message"] = _skip_reason(report)
+                for record in entry["steps"]:
+                    record["status"] = reports.SKIPPED
+            elif report.failed:
+                entry["status"] = reports.ERROR
+                entry["message"] = "setup failed: " + _failure(report)
+        elif report.when == "call":
+            skipped = report.skipped or (call.excinfo is not None
+                                         and isinstance(call.excinfo.value, skip_exc))
+            reason = _skip_reason(report) if report.skipped else None
+            after_skip = False
+            for record in entry["steps"]:
+                if record["status"] == "running":
+                    record["status"] = reports.SKIPPED if skipped else reports.FAILED
+                    record["error"] = reason if skipped else (
+                        record["error"] or _short(report.longreprtext, 1000))
+                    after_skip = skipped
+                elif after_skip and record["status"] == reports.NOT_RUN:
+                    record["status"] = reports.SKIPPED
+                    record["error"] = "not reached: an earlier step was skipped"
+            if report.passed:
+                entry["status"] = reports.PASSED
+            elif skipped:
+                entry["status"] = reports.SKIPPED
+                entry["message"] = reason
+            else:
+                entry["status"] = reports.FAILED
+                entry["message"] = _failure(report)
+        elif report.when == "teardown" and report.failed:
+            if entry["status"] == reports.PASSED:
+                entry["status"] = reports.ERROR
+            entry["message"] = ((entry["message"] + "\n") if entry["message"] else "") + (
+                "teardown failed: " + _failure(report))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """The final word on the outcome (after every plugin had its say)."""
+        entry = self.entries.get(report.nodeid)
+        if entry is None or not report.failed or entry["status"] in (reports.FAILED,
+                                                                     reports.ERROR):
+            return
+        if entry["status"] == reports.SKIPPED:
+            entry["counted_as"] = "failed"
+            entry["message"] = (f"{entry['message'] or 'skipped'}\ncounted as a failure: "
+                                + _short(report.longreprtext, 500))
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        data = self.data
+        data["finished_at"] = reports.now_iso()
+        data["duration_ms"] = round((time.monotonic() - self.began) * 1000)
+        data["exit_status"] = int(exitstatus)
+        fingerprint = reports.tool_fingerprint()
+        fingerprint["timestamp"] = data["started_at"]
+        fingerprint.update(self.env_fingerprint)
+        slot_images = self.env_fingerprint.get("slot_images") or {}
+        images = self.images | {i for i in slot_images.values() if i}
+        fingerprint["app_images"] = sorted(images)
+        if images:
+            fingerprint["app_image_ids"] = reports.image_ids(images)
+        data["fingerprint"] = fingerprint
+        try:
+            _, self.written = reports.write(self.directory, data)
+        except Exception as exc:  # say so, loudly, but never hide the test outcome
+            self.written = None
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"drill report: could not be written: {exc}", red=True)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.written is None:
+            return
+        attention = self.data.get("attention") or []
+        terminalreporter.write_sep("-", "drill report")
+        terminalreporter.write_line(f"drill report: {self.written}")
+        if attention:
+            terminalreporter.write_line("ATTENTION: this run did not prove every step:",
+                                        yellow=True, bold=True)
+            for line in attention:
+                terminalreporter.write_line(f"  - {line[:300]}", yellow=True)

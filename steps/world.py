@@ -1,0 +1,249 @@
+"""The scenario's world: the environment, what the last action did, and a 'before' snapshot.
+
+One `World` per scenario (function scope). On a drill (`--env drill`, whose environment
+allows faults) it also holds the session's DrillStack, and creating it resets the stack to
+its baseline, so every drill scenario starts from the same place. On a real host there is no
+stack: Givens only check, and nothing here ever changes the host by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from runbook import caddy, database, docker
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.environment import Environment, Slot
+from runbook.errors import RunbookError
+from runbook.run import RunResult
+
+DRY_RUN_SKIP = "dry run: plan printed above"
+FAULT_ONLY = "injects faults: drill only"
+
+
+def is_feature_item(node: pytest.Item | pytest.Collector) -> bool:
+    return node.path is not None and node.path.suffix == ".feature"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a refused or dry run must leave untouched
+
+
+def through_proxy(env: Environment, path: str = "/version") -> tuple[int, str | None, str | None]:
+    """(HTTP status, X-Togather-Slot, version) as a user sees it through Caddy; 0 = no answer."""
+    try:
+        with httpx.Client(timeout=3, trust_env=False) as client:
+            response = client.get(f"{env.caddy.proxy_url}{path}",
+                                  headers={"Connection": "close"})
+    except httpx.HTTPError:
+        return 0, None, None
+    version = None
+    with contextlib.suppress(ValueError, AttributeError):
+        version = response.json().get("version")
+    return response.status_code, response.headers.get(caddy.SLOT_HEADER), version
+
+
+_SITE = re.compile(r"^(?:https?://)?(?:127\.0\.0\.1|localhost|\[::1\]):(\d+)\s*\{", re.M)
+
+
+def other_sites(env: Environment, text: str) -> list[str]:
+    """Loopback sites the Caddyfile serves besides the proxied app (e.g. the drill's other site)."""
+    proxied = env.caddy.proxy_url.rstrip("/").rsplit(":", 1)[-1]
+    return [f"http://127.0.0.1:{port}" for port in _SITE.findall(text) if port != proxied]
+
+
+def site_answer(url: str) -> int:
+    try:
+        with httpx.Client(timeout=3, trust_env=False) as client:
+            return client.get(f"{url}/ping", headers={"Connection": "close"}).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def outside_block(text: str) -> str:
+    start, end = caddy.find_block(text)
+    return text[:start] + text[end:]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: bytes | None
+    caddyfile: bytes
+    containers: dict[Slot, str | None]  # the image each slot runs; None when not running
+    lock: bool
+    traffic: tuple[int, str | None, str | None]
+    schema: int | None
+    env_file: bytes | None
+    database_started: str | None
+    sites: dict[str, int]
+    logs: frozenset[str]
+
+    def unchanged(self) -> dict[str, Any]:
+        """The parts a refused run or a preview must leave exactly as they were."""
+        return {"state file": self.state, "Caddyfile": self.caddyfile,
+                "running slots": self.containers, "deploy lock held": self.lock,
+                "traffic through Caddy": self.traffic, "database schema": self.schema}
+
+
+def running_image(container: str) -> str | None:
+    """What a slot serves: the image of its running container (a stopped one serves nothing)."""
+    info = docker.inspect(container)
+    return info.image if info.running else None
+
+
+def take_snapshot(env: Environment) -> Snapshot:
+    def read(path: Path | None) -> bytes | None:
+        try:
+            return path.read_bytes() if path else None
+        except OSError:
+            return None
+
+    text = caddy.read(env)
+    try:
+        schema: int | None = database.schema_version(env).version
+    except RunbookError:
+        schema = None
+    db = docker.inspect(env.database.container)
+    return Snapshot(
+        state=read(env.state_file),
+        caddyfile=env.caddy.caddyfile.read_bytes(),
+        containers={s: running_image(env.slot(s).container) for s in Slot},
+        lock=env.lock_path.exists(),
+        traffic=through_proxy(env),
+        schema=schema,
+        env_file=read(env.compose.env_file or env.database.env_file),
+        database_started=db.started_at if db.exists else None,
+        sites={url: site_answer(url) for url in other_sites(env, text)},
+        logs=frozenset(p.name for p in env.log_dir.glob("*")) if env.log_dir.is_dir()
+        else frozenset(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+
+
+@dataclass
+class World:
+    env: Environment
+    config: pytest.Config
+    stack: DrillStack | None = None
+    dry_run: bool = False
+    result: RunResult | None = None
+    error: RunbookError | None = None
+    before: Snapshot | None = None  # taken right before the last action
+    planned: bool = False  # a mutating step printed its plan instead of acting
+    status: dict[str, Any] | None = None
+    live_before: Slot | None = None  # the slot taking traffic before the last action
+    notes: dict[str, Any] = field(default_factory=dict)  # scenario facts between steps
+
+    # -- where we are --------------------------------------------------------------------------
+    @property
+    def on_drill(self) -> bool:
+        """Givens arrange only on a drill stack this session owns; elsewhere they check."""
+        return self.stack is not None and self.env.allows_faults
+
+    def drill(self) -> DrillStack:
+        """For steps that cause a fault: the stack, or a failure on anything but a drill."""
+        if not self.on_drill or self.stack is None:
+            pytest.fail(f"this step {FAULT_ONLY}: run it with --env drill", pytrace=False)
+        return self.stack
+
+    def check(self, condition: object, message: str) -> None:
+        """A real host's precondition: fail with the runbook's advice when it does not hold."""
+        if not condition:
+            pytest.fail(message, pytrace=False)
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> states.DeploymentState:
+        return states.read_state(self.env.state_file, environment=self.env.name)
+
+    def live_slot(self) -> Slot | None:
+        """The slot Caddy's managed block points at (None when it names no single slot)."""
+        return caddy.active_slot(caddy.read(self.env), self.env)
+
+    # -- acting ------------------------------------------------------------------------------
+    def act(self, what: str, run: Callable[[bool], RunResult], *, mutating: bool = True) -> None:
+        """Run a runbook action, keeping its result or its error and a snapshot from before.
+
+        With --dry-run a mutating action prints its plan instead (a refusal at planning time
+        is the same refusal either way, so it is kept as the error)."""
+        self.before = take_snapshot(self.env)
+        self.live_before = self.live_slot()
+        self.result = None
+        self.error = None
+        dry = self.dry_run and mutating
+        self.planned = self.planned or dry
+        try:
+            self.result = run(dry)
+        except RunbookError as exc:
+            self.error = exc
+            if dry:
+                self.show(f"--dry-run: {what} is refused", str(exc))
+            return
+        if dry:
+            self.show(f"--dry-run: {what} would do", self.result.plan.render())
+
+    def would(self, what: str, detail: str) -> bool:
+        """For a mutating step the runbook library does not plan itself: under --dry-run,
+        print what it would do and return True (the caller then does nothing)."""
+        if not self.dry_run:
+            return False
+        self.planned = True
+        self.show(f"--dry-run: {what} would do", detail)
+        return True
+
+    def show(self, title: str, text: str) -> None:
+        """Write to the terminal even while pytest captures output."""
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with ctx:
+            print(f"\n----- {title} -----\n{text}\n-----", flush=True)
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def outcome(self) -> None:
+        """Then-steps about an outcome have nothing to check after a printed plan."""
+        if self.planned:
+            pytest.skip(DRY_RUN_SKIP)
+
+    def succeeded(self) -> RunResult:
+        self.outcome()
+        if self.error is not None:
+            pytest.fail(f"the action failed (exit code {int(self.error.exit_code)}): "
+                        f"{self.error}", pytrace=False)
+        assert self.result is not None, "no action was run in this scenario"
+        return self.result
+
+    def refused(self) -> RunbookError:
+        if self.error is None:
+            self.outcome()  # a dry run that planned fine may still fail when executed
+            pytest.fail("expected the action to be refused, but it went through",
+                        pytrace=False)
+        return self.error
+
+
+@pytest.fixture
+def world(request: pytest.FixtureRequest, environment: Environment) -> World:
+    """A fresh world; on a drill the session stack is reset to its baseline first."""
+    config = request.config
+    stack = None
+    if config.getoption("--env") == "drill":
+        stack = request.getfixturevalue("drill_stack")
+        stack.reset()
+    return World(env=environment, config=config, stack=stack,
+                 dry_run=bool(config.getoption("--dry-run")))
+
+
+@pytest.fixture(autouse=True)
+def _scenario_world(request: pytest.FixtureRequest) -> None:
+    """Every scenario gets its world (and so its drill reset) before its first step."""
+    if is_feature_item(request.node):
+        request.getfixturevalue("world")

@@ -1,0 +1,82 @@
+"""A real host works: the rollback feature run as typed, `--env <file>`, against a host.
+
+The "host" is a drill stack started OUTSIDE pytest's fixtures, as a machine would be, with a
+previous deployment arranged through the library. Its environment file is written WITHOUT
+drill permission, so the features treat it as a real host: Givens only check, fault
+scenarios are skipped with their reason, and one mutating scenario (the rollback) runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook import deploy
+from runbook import environment as envmod
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = Path(__file__).resolve().parents[1]
+V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
+
+
+def through_proxy(proxy_url: str) -> tuple[str | None, str]:
+    response = httpx.get(f"{proxy_url}/version", headers={"Connection": "close"}, timeout=5)
+    return response.headers.get("X-Togather-Slot"), response.json()["version"]
+
+
+def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
+    stack = DrillStack().start()
+    try:
+        env = stack.env
+        for version in (V2, V3):  # v3 live on blue, v2 (same schema) the previous deployment
+            deploy.deploy(env, deploy.Options(version=version.tag, reason="arrange the host"))
+        assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
+        host = env.with_(allows_faults=False, label=f"host {stack.run_id}")
+        env_file = tmp_path / "host.toml"
+        env_file.write_text(envmod.to_toml(host))
+        assert "allows_faults" not in env_file.read_text()
+
+        def run_features(path: str) -> tuple[str, str]:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", path, "--env", str(env_file),
+                 "-p", "no:cacheprovider"],
+                cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=child_env,
+                check=False)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0, output
+            return output, output.strip().splitlines()[-1]
+
+        child_env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"}
+        output, summary = run_features("features/rollback.feature")
+
+        # the rollback really happened: users get v2 from green, and the state file says so
+        assert through_proxy(env.caddy.proxy_url) == ("green", V2.tag)
+        st = states.read_state(env.state_file)
+        assert st.current is not None and st.previous is not None
+        assert (st.current.version, st.current.active_slot) == (V2.tag, "green")
+        assert (st.previous.version, st.previous.status) == (V3.tag, "rolled_back")
+        # the fault scenarios never ran there, and the output says why
+        skipped = re.findall(r"SKIPPED \[1\] features/rollback.feature:\d+: injects faults: "
+                             r"drill only", output)
+        assert len(skipped) == 2, output
+        assert re.search(r"\b4 passed\b", summary) and re.search(r"\b2 skipped\b", summary), \
+            summary
+
+        # at most one mutating scenario per invocation: the manual switch runs, the next waits
+        output, summary = run_features("features/recovery.feature")
+        assert "at most one mutating scenario runs per invocation" in output, output
+        assert "injects faults: drill only" in output, output
+        assert re.search(r"\b2 passed\b", summary) and re.search(r"\b2 skipped\b", summary), \
+            summary
+        assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)  # switched by hand
+    finally:
+        stack.stop()
