@@ -198,6 +198,7 @@ def deploy(
 
     try:
         environment = load_env(env, config)
+        dp.check_version(version)  # bad input: refused before the lock or the journal
     except RunbookError as exc:
         fail(exc, fmt)
     options = dp.Options(version=version, force=force, reason=reason or "deploy")

@@ -7,12 +7,13 @@ rollback can tell whether migrations ran after it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from runbook import compose, database, docker, health, slots
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError, RunbookError
+from runbook.errors import PreconditionError, RunbookError, UsageError
 from runbook.plan import Plan, Step, StepContext
 from runbook.rollback import live_slot
 from runbook.run import RunResult, perform
@@ -32,8 +33,20 @@ def load_or_empty(env: Environment) -> states.DeploymentState:
     return states.read_state(env.state_file, environment=env.name)
 
 
+VERSION = re.compile(r"[0-9a-f]{7}")
+
+
+def check_version(version: str) -> str:
+    """A deployable version is an image tag: the 7-hex short commit (bad input otherwise)."""
+    version = version.strip().lower()
+    if not VERSION.fullmatch(version):
+        raise UsageError(f"version {version!r} is not a 7-hex short commit",
+                         "pass the image tag, e.g. --version abc1234 (git rev-parse --short=7)")
+    return version
+
+
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
-    version = options.version.strip().lower()
+    version = check_version(options.version)
     state = load_or_empty(env)
     current = state.current
     if current is not None and current.version == version and options.slot is None:

@@ -278,13 +278,50 @@ def load_file(path: Path) -> Environment:
     return from_mapping(data, path)
 
 
-def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
-    r = _Reader(data, path)
-    base = path.parent
+KNOWN_KEYS: dict[str, set[str]] = {
+    "state": {"file"},
+    "lock": {"dir", "stale_after_seconds"},
+    "logs": {"dir", "runs_dir"},
+    "slots.blue": {"container", "service", "port", "host"},
+    "slots.green": {"container", "service", "port", "host"},
+    "caddy": {"caddyfile", "reload", "admin_url", "proxy_url", "command", "systemd_unit",
+              "verify_path"},
+    "compose": {"file", "project", "env_file", "image_repository", "command"},
+    "health": {"path", "timeout_seconds", "interval_seconds", "max_interval_seconds",
+               "request_timeout_seconds"},
+    "database": {"env_file", "url_variable", "container", "snapshot_dir", "retention_days"},
+    "rollback": {"stop_old_slot"},
+    "deploy": {"migrate_command"},
+    "drill": {"allows_faults"},
+    "slots": {"blue", "green"},
+}
+
+
+def _unknown_keys(data: Mapping[str, Any], path: Path) -> list[str]:
+    """Typos must not pass silently: a misspelt key would otherwise fall back to a default."""
+    errors = []
     for key in data:
         if key not in KNOWN_TABLES:
             known = ", ".join(sorted(KNOWN_TABLES))
-            r.errors.append(f"{path}: {key}: unknown key (known: {known})")
+            errors.append(f"{path}: {key}: unknown key (known: {known})")
+    for table, keys in KNOWN_KEYS.items():
+        node: Any = data
+        for part in table.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            continue
+        if not isinstance(node, Mapping):
+            errors.append(f"{path}: {table}: expected a table")
+            continue
+        errors += [f"{path}: {table}.{key}: unknown key (known: {', '.join(sorted(keys))})"
+                   for key in node if key not in keys]
+    return errors
+
+
+def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
+    r = _Reader(data, path)
+    base = path.parent
+    r.errors += _unknown_keys(data, path)
     name = r.choice("name", ENV_NAMES)
     slots: dict[Slot, SlotConfig] = {}
     for slot in Slot:

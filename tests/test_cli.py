@@ -110,7 +110,10 @@ def test_deploy_dry_run_then_deploy_then_rollback_plan(stack: DrillStack) -> Non
     assert "migrations ran after the target deployment" in refused.stderr
 
 
-def test_deploy_of_an_absent_image_is_refused(stack: DrillStack) -> None:
+def test_deploy_of_an_absent_image_or_a_bad_version_is_refused(stack: DrillStack) -> None:
+    bad = runbook(stack, "deploy", "--version", "latest", "--yes")
+    assert bad.returncode == 2 and "'latest' is not a 7-hex short commit" in bad.stderr
+    assert not any(stack.env.log_dir.glob("*.log")), "bad input must not even be journaled"
     proc = runbook(stack, "deploy", "--version", "abcdef0", "--yes")
     assert proc.returncode == 4 and "togather-server:abcdef0 is not present" in proc.stderr
 

@@ -45,12 +45,12 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "qa"\nsurprise = 1\n[slots.blue]\nport = 70000\n'
                    'container = "b"\nservice = "s"\n[caddy]\nreload = "restart"\n'
-                   "[health]\ntimeout_seconds = -1\n")
+                   "[health]\ntimeout_seconds = -1\ntimout_seconds = 5\n")
     with pytest.raises(ConfigError) as err:
         envmod.load(str(bad))
     text = str(err.value)
     for key in ("name", "surprise", "slots.blue.port", "slots.green.port", "caddy.reload",
-                "health.timeout_seconds"):
+                "health.timeout_seconds", "health.timout_seconds"):
         assert f"{bad}: {key}:" in text, key
 
 

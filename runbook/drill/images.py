@@ -242,6 +242,9 @@ def build_all(versions: Iterable[AppVersion] = VERSIONS.values()) -> list[str]:
     for version in versions:
         if build_app(version, base):
             built.append(version.image)
+    if built:  # rebuilt images leave their predecessors dangling: remove only ours
+        subprocess.run(["docker", "image", "prune", "-f", "--filter", f"label={INPUTS_LABEL}"],
+                       capture_output=True, check=False)
     return built
 
 
