@@ -80,7 +80,7 @@ class Plan:
 class StepOutcome:
     name: str
     title: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | done (read-only checks made while planning)
     duration_ms: float
     error: str | None = None
 
@@ -91,10 +91,13 @@ def execute(plan: Plan, journal: Any, progress: Callable[[str, Step], None] | No
     outcomes: list[StepOutcome] = []
     undos: list[tuple[str, Callable[[], None]]] = []
     for step in plan.steps:
+        if step.run is None and not step.skip:  # read-only checks, already done while planning
+            outcomes.append(StepOutcome(step.name, step.title, "done", 0.0))
+            journal.log("INFO", f"checked: {step.title}", step=step.name, **step.details)
+            continue
         if step.skip or step.run is None:
             outcomes.append(StepOutcome(step.name, step.title, "skipped", 0.0, step.skip))
-            journal.log("INFO", f"skipped: {step.title}" + (f" ({step.skip})" if step.skip else ""),
-                        step=step.name)
+            journal.log("INFO", f"skipped: {step.title} ({step.skip})", step=step.name)
             continue
         if progress:
             progress("start", step)

@@ -96,7 +96,7 @@ def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
     assert result.plan.facts["container_action"] == "start"
     assert through_proxy(env) == ("green", V2.tag)
     steps = {o.name: o.status for o in result.outcomes}
-    assert steps == {"preflight": "skipped", "start-slot": "ok", "health-gate": "ok",
+    assert steps == {"preflight": "done", "start-slot": "ok", "health-gate": "ok",
                      "switch": "ok", "state": "ok", "stop-old-slot": "ok"}
 
 
@@ -309,3 +309,16 @@ def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
     assert st.current and st.current.version == V1.tag and st.current.status == "active"
     safety = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
     assert len(safety) == 2  # the pre-deploy snapshot and the safety snapshot of the restore
+
+
+def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
+    from runbook.run import NotConfirmed
+
+    env = two_deployments(stack)
+    before = snapshot(env)
+    shown: list[str] = []
+    with pytest.raises(NotConfirmed) as err:
+        rollback.rollback(env, confirm=lambda plan: shown.append(plan.render()) is not None)
+    assert err.value.exit_code == ExitCode.USAGE and "nothing was changed" in str(err.value)
+    assert shown and "Switch Caddy to the green slot" in shown[0]
+    assert snapshot(env) == before
