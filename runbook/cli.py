@@ -108,8 +108,11 @@ class Progress:
         self.enabled = enabled
         self.started = 0.0
 
-    def __call__(self, event: str, step: Step) -> None:
+    def __call__(self, event: str, step: Step, message: str = "") -> None:
         if not self.enabled:
+            return
+        if event == "note":
+            typer.echo(f"   ... {message}", err=True)
             return
         if event == "start":
             self.started = time.monotonic()

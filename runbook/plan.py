@@ -31,6 +31,7 @@ class StepContext:
     step: Step
     notes: dict[str, Any] = field(default_factory=dict)
     undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    say: Callable[[str], None] = lambda message: None  # live progress for people waiting
 
     def note(self, **values: Any) -> None:
         self.notes.update(values)
@@ -85,7 +86,7 @@ class StepOutcome:
     error: str | None = None
 
 
-def execute(plan: Plan, journal: Any, progress: Callable[[str, Step], None] | None = None,
+def execute(plan: Plan, journal: Any, progress: Callable[..., None] | None = None,
             ) -> list[StepOutcome]:
     """Run the plan's steps in order; on failure run the undos in reverse and re-raise."""
     outcomes: list[StepOutcome] = []
@@ -102,6 +103,8 @@ def execute(plan: Plan, journal: Any, progress: Callable[[str, Step], None] | No
         if progress:
             progress("start", step)
         ctx = StepContext(step)
+        if progress:
+            ctx.say = lambda message, step=step: progress("note", step, message)
         started = time.monotonic()
         try:
             with journal.step(step.name, step.title) as record:

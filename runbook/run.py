@@ -35,7 +35,7 @@ class RunResult:
 
 def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_run: bool,
             reason: str, confirm: Callable[[Plan], bool] | None = None,
-            progress: Callable[[str, Step], None] | None = None) -> RunResult:
+            progress: Callable[..., None] | None = None) -> RunResult:
     """Plan (under the lock) and execute; a dry run plans without lock and changes nothing."""
     run_id = journals.new_run_id(action)
     if dry_run:

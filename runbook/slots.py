@@ -103,8 +103,14 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             facts["health_status"] = report.status if report.status != "unreachable" else "unknown"
             ctx.note(health=f"{report.status} (not gated: --force)")
             return
+        def waiting(attempt: int, report: health.HealthReport) -> None:
+            if not report.ok:
+                ctx.say(f"attempt {attempt}: {report.status}"
+                        + (f" ({report.reason()})" if report.reason() else ""))
+
         report = health.wait_healthy(
-            env, slot, is_running=lambda: docker.inspect(config.container).running)
+            env, slot, on_attempt=waiting,
+            is_running=lambda: docker.inspect(config.container).running)
         if expected_version and report.version and report.version != expected_version:
             raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
