@@ -123,7 +123,7 @@ def test_create_list_restore_cleanup_round_trip(stack: DrillStack) -> None:
     add_items(stack, "written-after")
     result = snapshots.restore(env, snap.name)
     assert item_names(stack) == ["alpha", "beta", "gamma"]
-    assert [o.status for o in result.outcomes] == ["skipped", "ok", "ok", "ok", "ok", "ok"]
+    assert [o.status for o in result.outcomes] == ["done", "ok", "ok", "ok", "ok", "ok"]
     safety = result.plan.facts["safety_snapshot"]
     assert safety and Path(safety).exists() and "_pre-restore" in safety
     assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}
