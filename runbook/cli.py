@@ -13,6 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from runbook.cli_options import (
+    ENV_HELP,
+    ConfigOpt,
+    DryRunOpt,
+    EnvArg,
+    Format,
+    FormatOpt,
+    ReasonOpt,
+    YesOpt,
+)
 from runbook.errors import ExitCode, RunbookError
 
 if TYPE_CHECKING:
@@ -26,18 +36,10 @@ truth); 2 bad input or configuration (nothing changed); 3 locked by another run 
 changed); 4 precondition not met, e.g. no previous deployment, schema ahead, image gone
 (nothing changed); 5 failed and needs attention now (read the message)."""
 
-ENV_HELP = ("development, staging, production (alias: prod), or a path to an environment "
-            "TOML file")
-
 app = typer.Typer(
     name="runbook", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     help="Executable rollback runbook for Togather's blue/green deployments.\n\n" + EXIT_CODES,
 )
-
-
-class Format(StrEnum):
-    text = "text"
-    json = "json"
 
 
 class HealthFormat(StrEnum):
@@ -58,14 +60,6 @@ class HealthSlot(StrEnum):
     both = "both"
 
 
-EnvArg = Annotated[str, typer.Argument(help=ENV_HELP, metavar="ENV")]
-ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", envvar="RUNBOOK_CONFIG", help="environment TOML file (wins over ENV's default)")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="text for people, json for machines")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan with every resolved "
-                                         "value and change nothing")]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
-ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why, for the journal")]
 
 
 def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:

@@ -8,18 +8,15 @@ the shared helpers (fail, run_action) are imported inside the commands.
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
 from runbook.errors import RunbookError
 
 if TYPE_CHECKING:
     from runbook.environment import Environment
-
-ENV_HELP = ("development, staging, production (alias: prod), or a path to an environment "
-            "TOML file")
 
 snapshot_app = typer.Typer(
     name="snapshot", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -29,21 +26,10 @@ snapshot_app = typer.Typer(
 )
 
 
-class Format(StrEnum):
-    text = "text"
-    json = "json"
-
-
-EnvArg = Annotated[str, typer.Argument(help=ENV_HELP, metavar="ENV")]
-ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", envvar="RUNBOOK_CONFIG", help="environment TOML file (wins over ENV's default)")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="text for people, json for machines")]
-
-
 def _fail(exc: RunbookError, fmt: Format) -> NoReturn:
     from runbook import cli
 
-    cli.fail(exc, cli.Format(fmt.value))
+    cli.fail(exc, fmt)
 
 
 def _env(name: str, config: str | None, fmt: Format) -> Environment:
@@ -128,7 +114,7 @@ def restore(
         lambda **kw: snapshots.restore(environment, snapshot, restart=not keep_stopped,
                                        dry_run=dry_run, reason=reason or "snapshot restore",
                                        **kw),
-        cli.Format(fmt.value), yes=yes, dry_run=dry_run)
+        fmt, yes=yes, dry_run=dry_run)
 
 
 @snapshot_app.command("cleanup")
