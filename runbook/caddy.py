@@ -16,13 +16,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from runbook import files
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
 from runbook.errors import ExitCode, RunbookError
 
@@ -382,6 +383,13 @@ def _decode(data: bytes, path: Path) -> str:
                          "Caddy reads UTF-8; fix the file's encoding", stage="read") from None
 
 
+def read_bytes(env: Environment) -> bytes:
+    """The Caddyfile's bytes; also proves they are UTF-8 (Caddy reads nothing else)."""
+    data = _read_bytes(env.caddy.caddyfile)
+    _decode(data, env.caddy.caddyfile)
+    return data
+
+
 def read(env: Environment) -> str:
     """The Caddyfile's text, exactly as stored (CRLF and all)."""
     path = env.caddy.caddyfile
@@ -580,17 +588,8 @@ def _admin_error(response: httpx.Response) -> str:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old or the new file,
-    never half of one. Mode and owner of the existing file are kept."""
-    with _sibling_temp(path, "write") as (fd, tmp):
-        _write_fd(fd, tmp, data, path)
-        os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Readers see the old or the new file, never half; mode and owner are kept."""
+    files.atomic_write(path, data)
 
 
 def apply(env: Environment, text: str) -> None:
@@ -756,26 +755,12 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
     )
 
 
-@dataclass(frozen=True)
-class SwitchResult:
-    target: Slot
-    previous: Slot | None
-    changed: bool  # False when the block already pointed at the target (reloaded anyway)
-    caddyfile: Path
-    backup: Path | None  # copy of the previous Caddyfile
-    diff: str
-    verify: VerifyResult
-    reload: ReloadMethod
-    elapsed: float
-    warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
 def backup_path(env: Environment) -> Path:
     path = env.caddy.caddyfile
     return path.parent / f".{path.name}.runbook-previous"
 
 
-def _write_backup(env: Environment, data: bytes) -> Path | None:
+def write_backup(env: Environment, data: bytes) -> Path | None:
     """Keep the previous Caddyfile where a human finds it; fall back to the temp dir."""
     candidates = [backup_path(env),
                   Path(tempfile.gettempdir()) / f"togather-runbook-{env.name}-Caddyfile.previous"]
@@ -790,96 +775,26 @@ def _write_backup(env: Environment, data: bytes) -> Path | None:
     return None
 
 
-def switch(env: Environment, target: Slot | str, expected_version: str | None, *,
-           verify_attempts: int = 10, verify_interval: float = 0.3) -> SwitchResult:
-    """Validate, write, reload, verify; on any failure after the write, restore and reload the
-    previous Caddyfile byte for byte and raise a CaddyError saying so."""
-    began = time.monotonic()
-    target = Slot(target)
+def write_config(env: Environment, text: str) -> None:
+    """Write the Caddyfile (atomically); a CaddyError says the file was left unchanged."""
     path = env.caddy.caddyfile
-    old_bytes = _read_bytes(path)
-    old = _decode(old_bytes, path)
-    before = inspect(old, env)
-    new = rewrite(old, env, target)
-    changed = new != old
-    check_running(env)  # before anything is written: a down Caddy must not look like success
-    if changed:
-        validate(env, new)
-    backup = _write_backup(env, old_bytes) if changed else None
-    if changed:
-        try:
-            write_atomically(path, new.encode("utf-8"))
-        except OSError as exc:
-            raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged and "
-                             f"traffic stays on {before.slot or 'the previous upstream'}",
-                             "check the directory's permissions (run as root?)",
-                             stage="write") from None
     try:
-        reload(env, new)
-        result = verify(env, target, expected_version, attempts=verify_attempts,
-                        interval=verify_interval)
-        if not result.ok:
-            raise CaddyError(f"verification failed: {result.describe()}",
-                             f"check `docker logs --tail 100 {env.slot(target).container}` and "
-                             f"that {env.caddy.proxy_url} reaches Caddy", stage="verify")
-    except CaddyError as exc:
-        if not changed:
-            raise CaddyError(f"Caddy already pointed at {target} in the file, but {exc.message}"
-                             "; the Caddyfile was not modified",
-                             exc.fix, stage=exc.stage) from None
-        _restore(env, old_bytes, old, backup, before.slot, target, exc)
-    except BaseException:
-        if changed:
-            with contextlib.suppress(Exception):
-                write_atomically(path, old_bytes)
-                reload(env, old)
-        raise
-    return SwitchResult(target=target, previous=before.slot, changed=changed, caddyfile=path,
-                        backup=backup, diff=unified_diff(old, new, path), verify=result,
-                        reload=env.caddy.reload, elapsed=time.monotonic() - began,
-                        warnings=before.warnings)
-
-
-def _restore(env: Environment, old_bytes: bytes, old: str, backup: Path | None,
-             previous: Slot | None, target: Slot, failure: CaddyError) -> NoReturn:
-    """Put the previous Caddyfile back and reload it; always raises, loudly if it cannot."""
-    path = env.caddy.caddyfile
-    failed: list[str] = []
-    try:
-        write_atomically(path, old_bytes)
+        write_atomically(path, text.encode("utf-8"))
     except OSError as exc:
-        failed.append(f"writing {path} back failed: {exc.strerror}")
-    else:
-        try:
-            reload(env, old)
-        except CaddyError as exc:
-            failed.append(f"reloading the previous config failed: {exc.message}")
-    what = f"traffic switch to {target} failed at {failure.stage or 'an unknown step'}: " \
-           f"{failure.message}"
-    if failed:
-        where = f"a copy of the previous Caddyfile is at {backup}" if backup else \
-            "no backup copy could be written"
-        raise CaddyError(
-            f"ATTENTION: {what}; AND restoring the previous Caddyfile failed: "
-            f"{'; '.join(failed)}; {where}",
-            f"restore by hand: cp {backup or '<previous Caddyfile>'} {path}, then "
-            f"{' '.join(reload_action(env))}; check which slot serves traffic",
-            exit_code=ExitCode.ATTENTION, stage=failure.stage, restored=False,
-            backup=backup) from failure
-    if previous is None:
-        raise CaddyError(
-            f"{what}; the previous Caddyfile was restored and reloaded (it pointed at no single "
-            "slot, so which one serves traffic could not be confirmed)",
-            failure.fix or "see the message above", stage=failure.stage, restored=True,
-            backup=backup) from failure
-    check = verify(env, previous, None, attempts=5, interval=0.3)
-    if not check.ok:
-        raise CaddyError(
-            f"ATTENTION: {what}; the previous Caddyfile was restored and reloaded, but the proxy "
-            f"does not answer as {previous} either: {check.describe()}",
-            f"check Caddy and the {previous} container now", exit_code=ExitCode.ATTENTION,
-            stage=failure.stage, restored=True, backup=backup) from failure
-    raise CaddyError(
-        f"{what}; the previous Caddyfile was restored and reloaded, traffic stays on {previous}",
-        failure.fix or "see the message above", stage=failure.stage, restored=True,
-        backup=backup) from failure
+        raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
+                         "check the directory's permissions (run as root?)",
+                         stage="write") from None
+
+
+def restore(env: Environment, data: bytes, previous: Slot | None) -> None:
+    """Put a previous Caddyfile back, reload it and, when it named one slot, prove the proxy
+    answers from that slot again. The undo of a switch; raises when any part fails."""
+    write_config(env, data.decode("utf-8"))
+    reload(env, data.decode("utf-8"))
+    if previous is not None:
+        check = verify(env, previous, None, attempts=5, interval=0.2)
+        if not check.ok:
+            raise CaddyError(f"the previous Caddyfile was restored and reloaded, but the proxy "
+                             f"does not answer as {previous}: {check.describe()}",
+                             f"check Caddy and the {previous} container now", stage="restore",
+                             exit_code=ExitCode.ATTENTION)

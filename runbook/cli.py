@@ -34,10 +34,13 @@ EXIT_CODES = """\
 Exit codes: 0 success; 1 failed safely (traffic stayed on a healthy slot, state tells the
 truth); 2 bad input or configuration (nothing changed); 3 locked by another run (nothing
 changed); 4 precondition not met, e.g. no previous deployment, schema ahead, image gone
-(nothing changed); 5 failed and needs attention now (read the message)."""
+(nothing changed); 5 failed and needs attention now (read the message); 6 took effect
+(traffic moved and was verified) but finishing steps are left: run the same command again
+to finish it."""
 
 app = typer.Typer(
     name="runbook", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    pretty_exceptions_enable=False,
     help="Executable rollback runbook for Togather's blue/green deployments.\n\n" + EXIT_CODES,
 )
 
@@ -139,10 +142,15 @@ def report(result: RunResult, fmt: Format) -> None:
     typer.echo(f"Done in {total:.2f}s. Journal: {result.log_file}")
 
 
+def notice(message: str) -> None:
+    """Something on-call must see even when all goes well (a stale lock taken over)."""
+    typer.echo(f"runbook: note: {message}", err=True)
+
+
 def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool) -> None:
     try:
         result = fn(confirm=None if dry_run else confirmer(yes, fmt),
-                    progress=Progress(fmt is Format.text and not dry_run))
+                    progress=Progress(fmt is Format.text and not dry_run), notify=notice)
     except RunbookError as exc:
         fail(exc, fmt)
     report(result, fmt)
@@ -313,7 +321,18 @@ __import__("runbook.cli_docs").cli_docs.register(app)  # runbook docs, runbook d
 
 
 def main() -> None:
-    app()
+    """Every failure is one line and a documented exit code, never a traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("runbook: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        from runbook.journal import redact
+
+        typer.echo(redact(f"runbook: error: unexpected failure: {type(exc).__name__}: {exc}"),
+                   err=True)
+        sys.exit(int(ExitCode.ATTENTION))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from runbook import compose, database, docker, health, slots
+from runbook import compose, database, docker, finish, health, slots, traffic
+from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError, RunbookError, UsageError
-from runbook.plan import Plan, Step, StepContext
-from runbook.rollback import live_slot
+from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
 
@@ -45,8 +46,41 @@ def check_version(version: str) -> str:
     return version
 
 
+def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_id: str,
+           ctx: StepContext) -> None:
+    """Write the deployment into the state file; a no-op when it is already there."""
+    fresh = load_or_empty(env)
+    dep_id = str(intent.record["deployment_id"])
+    if fresh.current is not None and fresh.current.id == dep_id:
+        ctx.note(current=f"{intent.to_version} on {intent.to_slot} (already recorded)")
+        return
+    config = env.slot(intent.target)
+    report = health.probe(config, env.health.path, env.health.request_timeout)
+    commit = report.git_commit or str(intent.record.get("git_commit") or "0" * 40)
+    migration = facts.get("migration_version", intent.record.get("migration_version"))
+    if migration is None:
+        migration = _schema(env)
+    new = states.make_deployment(
+        intent.to_version, commit, intent.target,
+        migration_version=migration if isinstance(migration, int) else None,
+        image=intent.to_image or "", status="active", deployment_id=dep_id)
+    snapshot_path = facts.get("snapshot_path", intent.record.get("snapshot_path"))
+    extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
+    new = new.with_(health_status=report.status if report.ok else "unknown",
+                    migrations_run=int(bool(env.migrate_command)), extra=extra)
+    states.write_state(env.state_file, states.after_deploy(fresh, new))
+    ctx.note(current=f"{intent.to_version} on {intent.to_slot} ({new.id})",
+             migration_version=migration)
+
+
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     version = check_version(options.version)
+    found = finish.interrupted(env)
+    if found is not None and found[1] == "finish":
+        from runbook import rollback
+
+        return finish.finish_plan(env, found[0], run_id, rollback._record_for(found[0]),
+                                  rollback._resume_for(env, found[0]))
     state = load_or_empty(env)
     current = state.current
     if current is not None and current.version == version and options.slot is None:
@@ -56,12 +90,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if current is None and state.previous is None:
         live = Slot.BLUE
         try:
-            live, warnings = live_slot(env, state.with_(current=None))
+            live, warnings = traffic.live_slot(env, None)
         except RunbookError:
-            warnings.append("no deployment recorded and Caddy's block is unreadable: "
+            warnings.append("no deployment recorded and Caddy serves no single slot: "
                             "deploying to green")
     else:
-        live, warnings = live_slot(env, state)
+        live, warnings = traffic.live_slot(env, current.active_slot if current else None)
     target = options.slot or live.other
     image = slots.image_of(env, version)
     if not docker.image_exists(image):
@@ -81,13 +115,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
         snap = snapshots.pre_deploy_snapshot(env, deployment_id, _revision(image),
                                              _schema(env))
-        facts["snapshot_path"] = str(snap.path)
+        facts["snapshot_path"] = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
     def run_recreate(ctx: StepContext) -> None:
-        compose.run(recreate)
+        slots.recreate(env, target, version)
         ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                       lambda: docker.stop(config.container))
+                       lambda: slots.stop(env, target))
 
     def run_migrate(ctx: StepContext) -> None:
         before = _schema(env)
@@ -99,23 +133,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     "may need a restore (`runbook snapshot list`)")
         after = _schema(env)
         facts["migration_version"] = after
+        intent.record["migration_version"] = after  # a resumed run records it too
         ctx.note(schema=f"{before} -> {after}")
 
+    intent = intents.Intent(run_id=run_id, action="deploy", environment=env.name,
+                            from_slot=str(live), to_slot=str(target),
+                            from_version=current.version if current else None,
+                            to_version=version, to_image=image,
+                            record={"deployment_id": deployment_id,
+                                    "git_commit": _revision(image) or None})
+
     def run_state(ctx: StepContext) -> None:
-        report = health.probe(config, env.health.path, env.health.request_timeout)
-        commit = report.git_commit or (current.git_commit if current else "0" * 40)
-        migration = facts.get("migration_version")
-        if migration is None:
-            migration = _schema(env)
-        new = states.make_deployment(
-            version, commit, target, migration_version=migration if isinstance(migration, int)
-            else None, image=image, status="active", deployment_id=deployment_id)
-        extra = {"snapshot_path": facts["snapshot_path"]} if "snapshot_path" in facts else {}
-        new = new.with_(health_status=report.status if report.ok else "unknown",
-                        migrations_run=int(bool(env.migrate_command)), extra=extra)
-        fresh = load_or_empty(env)
-        states.write_state(env.state_file, states.after_deploy(fresh, new))
-        ctx.note(current=f"{version} on {target} ({new.id})", migration_version=migration)
+        record(env, intent, facts, run_id, ctx)
 
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
@@ -123,7 +152,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "target slot": f"{target} ({config.container}, port {config.port})",
             "image": f"{image} (present)",
             "caddy": f"answering at {env.caddy.admin_url}",
-        }),
+        }, phase=Phase.PREFLIGHT),
         Step("start-slot", f"Recreate the {target} container with {image}",
              {"command": recreate.display()}, run=run_recreate),
         Step("snapshot", "Snapshot the database before migrating",
@@ -144,12 +173,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("state", "Record the deployment in the deployment state",
              {"file": str(env.state_file), "current": f"{version} on {target}, status active",
               "previous": f"{current.version}, status superseded" if current else "none"},
-             run=run_state),
+             run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot),
     ]
     summary = f"deploy {version} to {env.display}'s {target} slot (traffic now on {live})"
     return Plan("deploy", env, summary, steps, warnings, diff,
-                facts={"version": version, "to_slot": str(target), "from_slot": str(live)})
+                facts={"version": version, "to": version, "to_slot": str(target),
+                       "from_slot": str(live)},
+                intent=intent, resume_command=f"runbook deploy {env.name} --version {version}")
 
 
 def _revision(image: str) -> str:
@@ -168,7 +199,7 @@ def _schema(env: Environment) -> int | None:
         return None
 
 
-def deploy(env: Environment, options: Options, *, dry_run: bool = False, confirm=None,
-           progress=None) -> RunResult:  # type: ignore[no-untyped-def]
+def deploy(env: Environment, options: Options, *, dry_run: bool = False, confirm: Any = None,
+           progress: Any = None, notify: Any = None) -> RunResult:
     return perform(env, "deploy", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
-                   reason=options.reason, confirm=confirm, progress=progress)
+                   reason=options.reason, confirm=confirm, progress=progress, notify=notify)

@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     LOCKED = 3  # another run holds the deploy lock; nothing was changed
     PRECONDITION = 4  # e.g. no previous deployment, schema ahead, image gone; nothing was changed
     ATTENTION = 5  # the action failed and could not be fully undone: read the message now
+    TOOK_EFFECT = 6  # traffic moved (verified) but finishing steps are left: run it again
 
 
 class RunbookError(Exception):

@@ -133,6 +133,7 @@ class Lock:
     mirror_error: str | None = None  # the state-file mirror failed; the lock itself holds
     stolen_from: LockStatus | None = None  # the stale lock this one replaced
     released: bool = field(default=False)
+    published: bool = field(default=False)  # mirrored into the state file
 
     def holder_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +147,8 @@ class Lock:
             "expires_at": statemod.format_time(self.expires_at),
             "pid_start": _pid_start(self.pid),
             "tool": "togather-runbook",
+            **({"took_over": self.stolen_from.describe() + f" ({self.stolen_from.why})"}
+               if self.stolen_from else {}),
         }
 
     def state_json(self) -> dict[str, Any]:
@@ -161,15 +164,27 @@ class Lock:
             "reason": self.reason,
         }
 
-    def refresh(self) -> None:
-        """Restart the expiry clock, so a long step is not mistaken for a crashed run."""
+    def refresh(self, *, mirror: bool = True) -> None:
+        """Restart the expiry clock, so a long step is not mistaken for a crashed run.
+
+        mirror=False touches only the lock directory: safe from a background thread while
+        the main thread may be writing the state file.
+        """
         with _guard(self.env):
             self._check_owned()
             now = time.time()
             self.locked_at = _from_epoch(now)
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
             _write_lock_files(self.path, self, now)
-        self.mirror_error = _mirror(self.env, self.state_json(), replace_if=self._mirror_is_ours)
+        if mirror and self.published:
+            self.mirror_error = _mirror(self.env, self.state_json(),
+                                        replace_if=self._mirror_is_ours)
+
+    def publish(self) -> None:
+        """Mirror the lock into the state file for tools that only read that. Done right
+        before the first change, so a run refused while planning leaves the file as it was."""
+        self.published = True
+        self.mirror_error = _mirror(self.env, self.state_json(), replace_if=lambda _: True)
 
     def release(self) -> bool:
         return release(self.env, self)
@@ -248,7 +263,6 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
         except OSError:
             _remove_dir(path, lock.ident)
             raise
-    lock.mirror_error = _mirror(env, lock.state_json(), replace_if=lambda _: True)
     return lock
 
 
@@ -264,7 +278,8 @@ def release(env: Environment, lock: Lock) -> bool:
             _remove_dir(lock.path, lock.ident)
             owned = True
     lock.released = True
-    _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
+    if lock.published:
+        _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
     return owned
 
 
@@ -276,8 +291,9 @@ def status(env: Environment) -> LockStatus | None:
 def unlock(env: Environment, force: bool = False) -> str:
     """`runbook unlock`: remove a stale lock (or our own), or raise LockedError saying why not.
 
-    Without force, a stale lock whose holder is still running on this host is kept (it may be
-    a long step that forgot to refresh); force removes it. A live lock is never removed.
+    A lock whose holder is still running on this host is never removed, not even with force
+    (runs refresh their lock, so an expired one with a live holder is a hung run: stop that
+    process first). Force removes an expired lock whose holder cannot be checked (another host).
     """
     with _guard(env):
         current = _inspect(env)
@@ -470,10 +486,16 @@ def _pid_alive(pid: int, start: int | None) -> bool:
 
 @contextlib.contextmanager
 def _guard(env: Environment) -> Iterator[None]:
-    """Serialize inspect-and-steal among runbook processes; the kernel frees it on death."""
-    guard = env.lock_dir / f".{env.lock_path.name}.guard"
+    """Serialize inspect-and-steal among runbook processes; the kernel frees it on death.
+
+    The guard file sits beside the state file, a directory only the deploying users may
+    write: in a world-writable lock directory (/tmp) another local user could pre-create it
+    and hold its flock to block every run.
+    """
+    guard = guard_path(env)
     try:
         env.lock_dir.mkdir(parents=True, exist_ok=True)
+        guard.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o666)
         except PermissionError:
@@ -498,6 +520,11 @@ def _guard(env: Environment) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def guard_path(env: Environment) -> Path:
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{env.lock_path.name}.guard")
 
 
 def _entomb(path: Path, ident: Ident | None) -> Path:
@@ -562,7 +589,9 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
 
 
 def _check_removable(env: Environment, current: LockStatus, force: bool) -> None:
-    if current.is_ours or current.stealable or (force and current.stale):
+    if current.is_ours or current.stealable:
+        return
+    if force and current.stale and current.holder_alive is not True:
         return
     if current.broken:
         raise LockedError(f"{current.why}; not touching it", f"remove {current.path} by hand")
@@ -578,8 +607,10 @@ def _locked_error(env: Environment, current: LockStatus, *,
     if current.broken:
         return LockedError(message, f"remove {current.path} by hand if nothing uses it")
     if current.stale and current.holder_alive:
-        fix = (f"that process is still running: stop it, or if you are sure it hangs run "
-               f"`runbook unlock {name} --force`")
+        pid = current.holder.pid if current.holder else "?"
+        fix = (f"its process {pid} is still running, so the lock is never removed, not even "
+               f"with --force: if that run hangs, stop it (kill {pid}); its lock is then stale "
+               "and the next run takes it over")
     elif unlocking:
         fix = ("a live lock is never removed, not even with --force: wait for that run to "
                f"finish (it expires in {_human(current.expires_in)} if it crashed)")

@@ -1,43 +1,83 @@
-"""Plan, then act: every mutating operation is a list of steps with their resolved values.
+"""Plan, then act, as one transaction with a commit point.
 
-`--dry-run` renders the plan; execution runs the very same steps in order, journaling each
-one with its duration. A step may register an undo, run in reverse order when a later step
-fails, so a failure leaves things as they were (traffic never moves to an unproved slot).
+A mutating run is a list of steps in four phases:
+
+    preflight (read-only, done while planning)
+    prepare   (undoable: start/recreate the standby, restore, migrate, health gate)
+    commit    (the verified traffic switch: the commit point)
+    finish    (record the state, stop the old slot)
+
+`--dry-run` renders the steps with every resolved value; execution runs the very same steps in
+order, journaling each. There is exactly one undo mechanism: a prepare or commit step registers
+what undoes it (`ctx.on_failure`). Before the commit, any failure or signal runs the undos in
+reverse and leaves traffic where it was. After the commit nothing is ever undone: a failure or
+signal in finish stops, says the change TOOK EFFECT and what is left (exit 6), and the next run
+of the same command finishes it from the intent record (runbook/intent.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+from runbook import faults
+from runbook import intent as intents
 from runbook.environment import Environment
+from runbook.errors import ExitCode, PreconditionError, RunbookError
+
+
+class Phase(StrEnum):
+    PREFLIGHT = "preflight"
+    PREPARE = "prepare"
+    COMMIT = "commit"
+    FINISH = "finish"
 
 
 @dataclass
 class Step:
-    name: str  # machine name: lock, preflight, start-slot, health-gate, switch, state, ...
+    name: str  # machine name: preflight, start-slot, health-gate, switch, state, ...
     title: str  # on-call words: "Start the stopped green container"
     details: dict[str, str] = field(default_factory=dict)  # every resolved value
     run: Callable[[StepContext], Any] | None = None
     skip: str | None = None  # why this step will not run (shown in the plan)
+    phase: Phase = Phase.PREPARE
 
 
 @dataclass
 class StepContext:
-    """What a running step may use: notes for the journal and an undo for failures."""
+    """What a running step may use: notes for the journal, its undo, live progress."""
 
     step: Step
+    env: Environment | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    irreversible: list[tuple[str, str]] = field(default_factory=list)
     say: Callable[[str], None] = lambda message: None  # live progress for people waiting
+    heartbeat: Callable[[], None] = lambda: None  # long waits call it: the lock stays fresh
+    commit: Callable[[], None] = lambda: None  # the commit step calls it once verified
 
     def note(self, **values: Any) -> None:
         self.notes.update(values)
 
     def on_failure(self, title: str, undo: Callable[[], None]) -> None:
+        """Register how to undo what this step just did, should the run stop before commit."""
         self.undos.append((title, undo))
+
+    def cannot_undo(self, message: str, fix: str) -> None:
+        """What this step did cannot be undone (a restored database): a later failure before
+        the commit is reported as needing attention, with this message and fix."""
+        self.irreversible.append((message, fix))
+
+    def fault(self, name: str) -> None:
+        """A named point a drill may break the run at (runbook/faults.py)."""
+        if self.env is not None:
+            faults.point(self.env, name)
 
 
 @dataclass
@@ -49,14 +89,28 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     caddy_diff: str = ""
     facts: dict[str, Any] = field(default_factory=dict)  # for --format json and reports
+    intent: intents.Intent | None = None  # written before the first change
+    resume_command: str = ""  # what to type to finish it after an interruption
+    finishing: str | None = None  # the interrupted run this plan finishes, if any
 
     def render(self) -> str:
         lines = [f"Plan: {self.summary}", f"Environment: {self.env.display}"
                  + (f" ({self.env.source})" if self.env.source else "")]
         for warning in self.warnings:
             lines.append(f"  ! {warning}")
-        for index, step in enumerate(self.steps, 1):
-            marker = "skip" if step.skip else f"{index:>2}."
+        index = 0
+        phase: Phase | None = None
+        for step in self.steps:
+            if step.phase is not phase and step.phase in (Phase.COMMIT, Phase.FINISH):
+                lines.append("   --- commit point: traffic moves here; nothing after it is "
+                             "undone ---" if step.phase is Phase.COMMIT
+                             else "   --- after the commit: finishing steps ---")
+            phase = step.phase
+            if step.skip:
+                marker = "skip"
+            else:
+                index += 1
+                marker = f"{index:>2}."
             skipped = f"  [skipped: {step.skip}]" if step.skip else ""
             lines.append(f"{marker} {step.title}{skipped}")
             width = max((len(k) for k in step.details), default=0)
@@ -71,8 +125,9 @@ class Plan:
         return {
             "action": self.action, "environment": self.env.name, "summary": self.summary,
             "warnings": self.warnings, "caddy_diff": self.caddy_diff,
-            "steps": [{"name": s.name, "title": s.title, "details": s.details, "skip": s.skip}
-                      for s in self.steps],
+            "finishing": self.finishing,
+            "steps": [{"name": s.name, "title": s.title, "phase": s.phase.value,
+                       "details": s.details, "skip": s.skip} for s in self.steps],
             "facts": self.facts,
         }
 
@@ -81,58 +136,296 @@ class Plan:
 class StepOutcome:
     name: str
     title: str
-    status: str  # ok | failed | skipped | done (read-only checks made while planning)
+    status: str  # ok | failed | skipped | done (read-only checks made while planning) | left
     duration_ms: float
     error: str | None = None
+    phase: str = Phase.PREPARE.value
 
 
-def execute(plan: Plan, journal: Any, progress: Callable[..., None] | None = None,
-            ) -> list[StepOutcome]:
-    """Run the plan's steps in order; on failure run the undos in reverse and re-raise."""
-    outcomes: list[StepOutcome] = []
-    undos: list[tuple[str, Callable[[], None]]] = []
-    for step in plan.steps:
-        if step.run is None and not step.skip:  # read-only checks, already done while planning
-            outcomes.append(StepOutcome(step.name, step.title, "done", 0.0))
-            journal.log("INFO", f"checked: {step.title}", step=step.name, **step.details)
-            continue
-        if step.skip or step.run is None:
-            outcomes.append(StepOutcome(step.name, step.title, "skipped", 0.0, step.skip))
-            journal.log("INFO", f"skipped: {step.title} ({step.skip})", step=step.name)
-            continue
-        if progress:
-            progress("start", step)
-        ctx = StepContext(step)
-        if progress:
-            ctx.say = lambda message, step=step: progress("note", step, message)
-        started = time.monotonic()
+class TookEffectError(RunbookError):
+    """The change committed (traffic moved, verified) but finishing steps did not all run."""
+
+    exit_code = ExitCode.TOOK_EFFECT
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class Interrupted(BaseException):
+    """A signal arrived where stopping at once is safe (inside an undoable step)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP become a decision, not a traceback.
+
+    Inside `interruptible()` (undoable waits such as the health gate) a signal raises
+    Interrupted at once; anywhere else (the switch, undos, finishing, journal writes) it is
+    only recorded, and the executor acts on it at the next step boundary.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._armed = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+        if self._armed:
+            self._armed = False
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals are only delivered to the main thread anyway
+            return
+        for handled in HANDLED:
+            self._previous[handled] = signal.signal(handled, self._handler)
         try:
-            with journal.step(step.name, step.title) as record:
-                record.detail(**step.details)
+            yield self
+        finally:
+            for handled, previous in self._previous.items():
+                signal.signal(handled, previous)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        if self.received is not None:
+            raise Interrupted(self.received)
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+
+
+def execute(plan: Plan, journal: Any, progress: Callable[..., None] | None = None, *,
+            signals: Signals | None = None,
+            heartbeat: Callable[[], None] = lambda: None) -> list[StepOutcome]:
+    """Run the plan as one transaction (see the module docstring)."""
+    run = _Execution(plan, journal, progress, signals or Signals(), heartbeat)
+    return run.go()
+
+
+@dataclass
+class _Execution:
+    plan: Plan
+    journal: Any
+    progress: Callable[..., None] | None
+    signals: Signals
+    heartbeat: Callable[[], None]
+    outcomes: list[StepOutcome] = field(default_factory=list)
+    undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    irreversible: list[tuple[str, str]] = field(default_factory=list)
+    committed: bool = False
+    intent_written: bool = False
+
+    @property
+    def env(self) -> Environment:
+        return self.plan.env
+
+    def _say(self, event: str, step: Step, message: str = "") -> None:
+        if self.progress is None:
+            return
+        with contextlib.suppress(OSError, ValueError):  # a closed terminal never stops a run
+            self.progress(event, step, message) if message else self.progress(event, step)
+
+    def go(self) -> list[StepOutcome]:
+        steps = self.plan.steps
+        for index, step in enumerate(steps):
+            if step.run is None or step.skip:
+                status = "skipped" if step.skip else "done"
+                self.outcomes.append(StepOutcome(step.name, step.title, status, 0.0, step.skip,
+                                                 step.phase.value))
+                self.journal.log("INFO", f"{'skipped' if step.skip else 'checked'}: "
+                                 f"{step.title}" + (f" ({step.skip})" if step.skip else ""),
+                                 step=step.name, phase=step.phase.value)
+                continue
+            self._begin_changes()
+            faults.point(self.env, f"before:{step.name}")
+            self._check_signal(steps[index:])
+            self.heartbeat()
+            self._run(step, steps[index + 1:])
+            faults.point(self.env, f"after:{step.name}")
+            self._check_signal(steps[index + 1:])
+        self._end()
+        return self.outcomes
+
+    def _begin_changes(self) -> None:
+        """Before the first change: the intent, durably; failing that, nothing happens."""
+        if self.intent_written or self.plan.intent is None:
+            return
+        try:
+            intents.write(self.env, self.plan.intent)
+        except OSError as exc:
+            raise PreconditionError(
+                f"cannot record the run's intent at {intents.path(self.env)}: "
+                f"{exc.strerror or exc}; nothing was changed",
+                "free disk space or fix the permissions of the state file's directory") from None
+        self.intent_written = True
+        if self.plan.intent.phase is intents.Phase.COMMITTED:
+            self.committed = True  # finishing an interrupted run that already took effect
+            self.journal.log("SUCCESS", "commit point reached: traffic moved and was verified "
+                             f"(by the interrupted run {self.plan.intent.run_id})",
+                             step="commit")
+
+    def _run(self, step: Step, rest: list[Step]) -> None:
+        ctx = StepContext(step, env=self.env, heartbeat=self.heartbeat)
+        ctx.say = lambda message: self._say("note", step, message)
+        ctx.commit = self._commit
+        self._say("start", step)
+        started = time.monotonic()
+        interruptible = step.phase is Phase.PREPARE
+        try:
+            with self.journal.step(step.name, step.title) as record:
+                record.detail(phase=step.phase.value, **step.details)
                 try:
-                    step.run(ctx)
+                    with self.signals.interruptible() if interruptible \
+                            else contextlib.nullcontext():
+                        step.run(ctx)  # type: ignore[misc]
                 finally:
-                    undos.extend(ctx.undos)
+                    self.undos.extend(ctx.undos)
+                    self.irreversible.extend(ctx.irreversible)
                     if ctx.notes:
                         record.detail(**{k: str(v) for k, v in ctx.notes.items()})
         except BaseException as exc:
-            outcomes.append(StepOutcome(step.name, step.title, "failed",
-                                        (time.monotonic() - started) * 1000, str(exc)))
-            if progress:
-                progress("failed", step)
-            _undo(undos, journal)
-            raise
-        outcomes.append(StepOutcome(step.name, step.title, "ok",
-                                    (time.monotonic() - started) * 1000))
-        if progress:
-            progress("done", step)
-    return outcomes
+            took = (time.monotonic() - started) * 1000
+            self.outcomes.append(StepOutcome(step.name, step.title, "failed", took,
+                                             _describe(exc), step.phase.value))
+            self._say("failed", step)
+            if self.committed:
+                raise self._took_effect(exc, rest, failed=step) from None
+            raise self._rolled_back(exc) from None
+        self.outcomes.append(StepOutcome(step.name, step.title, "ok",
+                                         (time.monotonic() - started) * 1000, None,
+                                         step.phase.value))
+        self._say("done", step)
+        if step.phase is Phase.COMMIT and not self.committed:
+            self._commit()
 
-
-def _undo(undos: list[tuple[str, Callable[[], None]]], journal: Any) -> None:
-    for title, undo in reversed(undos):
+    def _commit(self) -> None:
+        """The commit point: the switch is verified. A signal that arrived during the switch,
+        before this, still undoes it; from here on nothing is undone."""
+        if self.committed:
+            return
+        if self.signals.received is not None:
+            raise Interrupted(self.signals.received)
+        self.committed = True
+        self.journal.log("SUCCESS", "commit point reached: traffic moved and was verified",
+                         step="commit")
+        intent = self.plan.intent
+        if intent is None:
+            return
+        self.plan.intent = intent = intent.with_(phase=intents.Phase.COMMITTED)
         try:
-            undo()
-            journal.log("WARN", f"undone: {title}", step="undo")
-        except Exception as exc:  # keep undoing the rest; report loudly
-            journal.log("ERROR", f"could not undo: {title}: {exc}", step="undo")
+            intents.write(self.env, intent)
+        except OSError as exc:  # the next run reads Caddy anyway; say it, go on
+            self.journal.log("WARN", f"could not mark the intent as committed: "
+                             f"{exc.strerror or exc}", step="commit")
+
+    def _check_signal(self, rest: list[Step]) -> None:
+        if self.signals.received is None:
+            return
+        exc = Interrupted(self.signals.received)
+        if self.committed:
+            left = [s for s in rest if s.run and not s.skip]
+            if not left:  # everything is done: the signal came too late to matter
+                self.journal.log("WARN", f"{self.signals.name} received after the last step; "
+                                 "the run is complete", step="finish")
+                return
+            raise self._took_effect(exc, left)
+        raise self._rolled_back(exc)
+
+    def _end(self) -> None:
+        if self.intent_written and self.plan.intent is not None \
+                and not intents.clear(self.env, self.plan.intent.run_id):
+            self.journal.log("WARN", f"could not remove {intents.path(self.env)}; the next "
+                             "run will find the work done and remove it", step="finish")
+
+    # -- failure before the commit: undo everything, in reverse --------------------------
+    def _rolled_back(self, cause: BaseException) -> RunbookError:
+        failed: list[str] = []
+        done: list[str] = []
+        for title, undo in reversed(self.undos):
+            try:
+                undo()
+            except Exception as exc:  # keep undoing the rest; report loudly
+                failed.append(f"{title}: {_describe(exc)}")
+                self.journal.log("ERROR", f"could not undo: {title}: {_describe(exc)}",
+                                 step="undo")
+            else:
+                done.append(title)
+                self.journal.log("WARN", f"undone: {title}", step="undo")
+        self.undos.clear()
+        if self.intent_written and self.plan.intent is not None and not failed \
+                and not self.irreversible:
+            intents.clear(self.env, self.plan.intent.run_id)
+        what = (f"interrupted by {signal.Signals(cause.signum).name} before the commit point"
+                if isinstance(cause, Interrupted) else _describe(cause))
+        undone = f"; undone: {', '.join(done)}" if done else ""
+        if self.irreversible:
+            message, fix = self.irreversible[-1]
+            return RunbookError(f"{what}; {message}{undone}", fix,
+                                exit_code=ExitCode.ATTENTION)
+        if failed:
+            return RunbookError(f"ATTENTION: {what}; AND undoing failed: {'; '.join(failed)}"
+                                f"{undone}", "check `runbook status` now: traffic may not be "
+                                "where it was", exit_code=ExitCode.ATTENTION)
+        if isinstance(cause, RunbookError):  # keep its type and fields for front ends
+            cause.message = f"{cause.message}{undone}"
+            cause.args = (cause.message,)
+            return cause
+        if isinstance(cause, Interrupted):
+            return RunbookError(f"{what}: nothing took effect{undone}; traffic stays where it "
+                                "was", f"run `{self.plan.resume_command}` again when ready"
+                                if self.plan.resume_command else "run the command again",
+                                exit_code=ExitCode.FAILED_SAFELY)
+        return RunbookError(f"unexpected failure: {what}{undone}; traffic stays where it was",
+                            "this is a bug: the journal has the details",
+                            exit_code=ExitCode.FAILED_SAFELY)
+
+    # -- failure after the commit: never undo, say what took effect and what is left -----
+    def _took_effect(self, cause: BaseException, rest: list[Step],
+                     failed: Step | None = None) -> TookEffectError:
+        left = ([failed] if failed else []) + [s for s in rest if s.run and not s.skip]
+        for step in left[1 if failed else 0:]:
+            self.outcomes.append(StepOutcome(step.name, step.title, "left", 0.0, None,
+                                             step.phase.value))
+        facts = self.plan.facts
+        where = (f"traffic is on {facts.get('to_slot', '?')}"
+                 + (f" ({facts['to']})" if facts.get("to") else "")
+                 + " and was verified")
+        why = (f"interrupted by {signal.Signals(cause.signum).name}"
+               if isinstance(cause, Interrupted) else _describe(cause))
+        todo = ", ".join(s.title for s in left) or "nothing"
+        self.journal.log("WARN", f"{self.plan.action} took effect; left to do: {todo}",
+                         step="finish", left=[s.name for s in left])
+        return TookEffectError(
+            f"the {self.plan.action} TOOK EFFECT: {where}; left to do: {todo} ({why})",
+            f"run `{self.plan.resume_command or 'the same command'}` to finish it (it "
+            "finishes this run; it does not start another)")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, Interrupted):
+        return f"interrupted by {exc}"
+    if isinstance(exc, RunbookError):
+        return str(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

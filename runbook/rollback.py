@@ -1,20 +1,23 @@
 """Rollback: put the previous (or a named) deployment back in front of users, safely.
 
-lock -> load state -> pick target -> pre-flight (image, container, schema, Caddy) -> make the
-standby slot run the target -> health gate -> switch Caddy and verify -> update state ->
-stop the old slot -> release the lock. A failure before the switch leaves traffic where it
-was; a failed switch restores the previous Caddyfile.
+lock -> an interrupted run? finish it -> load state -> pick target -> pre-flight (what Caddy
+runs, image, container, schema) -> prepare: make the standby slot run the target, health gate
+-> commit: switch Caddy and verify -> finish: record the state, stop the old slot -> release
+the lock. The transaction (runbook/plan.py) guarantees that a failure before the commit
+leaves traffic where it was and that nothing after it is undone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from runbook import caddy, database, slots, snapshots
+from runbook import caddy, database, finish, slots, snapshots, traffic
+from runbook import intent as intents
 from runbook import state as states
-from runbook.environment import Environment, Slot
-from runbook.errors import ExitCode, PreconditionError, RunbookError
-from runbook.plan import Plan, Step, StepContext
+from runbook.environment import Environment
+from runbook.errors import PreconditionError, RunbookError, StateError
+from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
 
@@ -29,28 +32,6 @@ class Options:
 
 NO_PREVIOUS_FIX = ("first deployment or cleared state: redeploy the target version with "
                    "`runbook deploy {env} --version <known-good version>`")
-
-
-def live_slot(env: Environment, state: states.DeploymentState) -> tuple[Slot, list[str]]:
-    """Which slot takes traffic: Caddy's managed block when it is consistent, else the state."""
-    warnings: list[str] = []
-    recorded = state.current.active_slot if state.current else None
-    try:
-        inspection = caddy.inspect(caddy.read(env), env)
-    except RunbookError as exc:
-        warnings.append(f"cannot read the Caddyfile: {exc}")
-        inspection = None
-    if inspection is not None and inspection.slot is not None:
-        if recorded is not None and inspection.slot != recorded:
-            warnings.append(f"the state file says {recorded} is active but Caddy sends traffic "
-                            f"to {inspection.slot}; trusting Caddy")
-        return inspection.slot, warnings
-    if inspection is not None:
-        warnings.append("Caddy's managed block is inconsistent: " + "; ".join(inspection.problems))
-    if recorded is None:
-        raise PreconditionError("cannot tell which slot takes traffic",
-                                "fix the Caddyfile's managed block (see `runbook status`)")
-    return recorded, warnings
 
 
 @dataclass
@@ -130,7 +111,40 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     return guard
 
 
+def resume_command(env: Environment) -> str:
+    return f"runbook rollback {env.name}"
+
+
+def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_id: str,
+           ctx: StepContext) -> None:
+    """Write the rollback into the state file; a no-op when it is already there, so a rerun
+    after an interruption converges instead of rolling back again."""
+    fresh = states.read_state(env.state_file, environment=env.name)
+    target_id = str(intent.record["target_id"])
+    slot = intent.target
+    if fresh.current is not None and fresh.current.id == target_id \
+            and fresh.current.active_slot == slot:
+        ctx.note(current=f"{intent.to_version} on {slot} (already recorded)")
+        return
+    target = fresh.find_id(target_id)
+    if target is None:
+        raise StateError(f"deployment {target_id} ({intent.to_version}) is no longer in "
+                         f"{env.state_file}", "another tool rewrote the state file: record "
+                         f"the rollback with `runbook switch {env.name} --slot {slot}`")
+    report = facts.get("health_status")
+    new = states.after_rollback(fresh, target, slot=slot,
+                                health_status=str(report) if report else None, run_id=run_id)
+    states.write_state(env.state_file, new,
+                       before_rename=lambda: ctx.fault("state.before-rename"))
+    ctx.note(current=f"{intent.to_version} on {slot} (active)",
+             previous=f"{intent.from_version} (rolled_back)")
+
+
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
+    found = finish.interrupted(env)
+    if found is not None and found[1] == "finish":
+        return finish.finish_plan(env, found[0], run_id, _record_for(found[0]),
+                                  _resume_for(env, found[0]))
     state = states.read_state(env.state_file, environment=env.name)
     current = state.current
     if current is None:
@@ -150,7 +164,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if target.id == current.id or target.version == current.version:
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
-    live, warnings = live_slot(env, state)
+    live, warnings = traffic.live_slot(env, current.active_slot)
+    if found is not None:
+        warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
+                           f"{found[0].describe()}")
     standby = live.other
     recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
                 f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
@@ -160,29 +177,27 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     caddy.check_running(env)
     guard = schema_guard(env, current, target, options)
     warnings += guard.warnings
-    facts: dict[str, object] = {}
+    facts: dict[str, Any] = {}
     restore_steps: list[Step] = []
     if guard.restore is not None:
-        restore_steps = snapshots.restore_steps(env, guard.restore, facts=facts)  # type: ignore[arg-type]
+        restore_steps = snapshots.restore_steps(env, guard.restore, facts=facts)
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
     switch, diff = slots.switch_step(env, standby, target.version, facts)
+    intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
+                            from_slot=str(live), to_slot=str(standby),
+                            from_version=current.version, to_version=target.version,
+                            to_image=prep.image, record={"target_id": target.id})
 
     def update_state(ctx: StepContext) -> None:
-        fresh = states.read_state(env.state_file, environment=env.name)
-        report = facts.get("health_status")
-        new = states.after_rollback(fresh, fresh.find_id(target.id) or target, slot=standby,
-                                    health_status=str(report) if report else None,
-                                    run_id=run_id)
-        states.write_state(env.state_file, new)
-        ctx.note(current=f"{target.version} on {standby} (active)",
-                 previous=f"{current.version} (rolled_back)")
+        record(env, intent, facts, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
                            facts=facts)
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
         "current": f"{current.version} on {live} ({current.id})",
+        "traffic": f"{live} (as Caddy runs it)",
         "target": f"{target.version} ({target.id}, deployed "
                   f"{states.format_time(target.deployed_at)}"
                   f" by {target.deployed_by})",
@@ -190,54 +205,49 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         "target image": prep.image,
         "caddy": f"answering at {env.caddy.admin_url}",
         **guard.details,
-    })
-    after = [slots.run_step(env, prep), gate, switch]
-    if restore_steps:
-        for step in after:
-            _app_down_if_restored(step, facts, env)
+    }, phase=Phase.PREFLIGHT)
     steps = [
         preflight,
         *restore_steps,
-        *after,
+        slots.run_step(env, prep), gate, switch,
         Step("state", "Record the rollback in the deployment state",
              {"file": str(env.state_file),
               "current": f"{target.version} on {standby}, status active, rollback_count "
                          f"{target.rollback_count + 1}",
-              "previous": f"{current.version}, status rolled_back"}, run=update_state),
+              "previous": f"{current.version}, status rolled_back"}, run=update_state,
+             phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot),
     ]
     summary = (f"roll back {env.display} from {current.version} ({live}) to "
                f"{target.version} ({standby})")
     return Plan("rollback", env, summary, steps, warnings, diff,
                 facts={"from": current.version, "to": target.version, "from_slot": str(live),
-                       "to_slot": str(standby), "container_action": prep.action})
+                       "to_slot": str(standby), "container_action": prep.action},
+                intent=intent, resume_command=resume_command(env))
 
 
-def _app_down_if_restored(step: Step, facts: dict[str, object], env: Environment) -> None:
-    """After a restore, a failure cannot be undone by restarting the old slots (their code
-    expects the newer schema): say loudly that the app is down and how to finish."""
-    inner = step.run
-    if inner is None:
-        return
+def _record_for(intent: intents.Intent) -> finish.Record:
+    """How to record an interrupted run of any action (each verb owns its own)."""
+    if intent.action == "deploy":
+        from runbook import deploy
 
-    def run(ctx: StepContext) -> None:
-        try:
-            inner(ctx)
-        except RunbookError as exc:
-            if not facts.get("restored"):
-                raise
-            raise RunbookError(
-                f"{exc.message}; the database WAS restored to {facts.get('restore_snapshot')} "
-                "and the app slots are stopped: the service is down",
-                f"fix the cause and run `runbook switch {env.name} --slot <target slot>` or "
-                f"`runbook deploy {env.name} --version <known-good>`; the data from before the "
-                f"restore is in {facts.get('safety_snapshot')}", exit_code=ExitCode.ATTENTION,
-            ) from exc
+        return deploy.record
+    if intent.action == "switch":
+        from runbook import switch
 
-    step.run = run
+        return switch.record
+    return record
+
+
+def _resume_for(env: Environment, intent: intents.Intent) -> str:
+    if intent.action == "deploy":
+        return f"runbook deploy {env.name} --version {intent.to_version}"
+    if intent.action == "switch":
+        return f"runbook switch {env.name} --slot {intent.to_slot}"
+    return resume_command(env)
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,
-             confirm=None, progress=None) -> RunResult:  # type: ignore[no-untyped-def]
+             confirm: Any = None, progress: Any = None, notify: Any = None) -> RunResult:
     return perform(env, "rollback", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
-                   reason=options.reason, confirm=confirm, progress=progress)
+                   reason=options.reason, confirm=confirm, progress=progress, notify=notify)

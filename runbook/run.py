@@ -1,17 +1,25 @@
-"""Running an operation: lock, plan, confirm, execute, journal, release. One path for all."""
+"""Running an operation: lock, plan, confirm, execute, journal, release. One path for all.
+
+Every mutating command goes through `perform`, so every one gets the same guarantees: the
+deploy lock (kept fresh while the run lasts), signals handled (runbook/plan.py), the leftovers
+of a killed run cleaned, the intent of an interrupted run honoured, one line for any failure,
+and the process exit code equal to the one the journal records.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from runbook import files
 from runbook import journal as journals
 from runbook import lock as locks
 from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError, UsageError
-from runbook.plan import Plan, Step, StepOutcome, execute
+from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 
 
 class NotConfirmed(UsageError):
@@ -26,16 +34,18 @@ class RunResult:
     outcomes: list[StepOutcome] = field(default_factory=list)
     log_file: str | None = None
     record_file: str | None = None
+    notices: list[str] = field(default_factory=list)  # said on the terminal, e.g. a takeover
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "dry_run": self.dry_run, "plan": self.plan.to_json(),
                 "steps": [o.__dict__ for o in self.outcomes], "log_file": self.log_file,
-                "record_file": self.record_file}
+                "record_file": self.record_file, "notices": self.notices}
 
 
 def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_run: bool,
             reason: str, confirm: Callable[[Plan], bool] | None = None,
-            progress: Callable[..., None] | None = None) -> RunResult:
+            progress: Callable[..., None] | None = None,
+            notify: Callable[[str], None] | None = None) -> RunResult:
     """Plan (under the lock) and execute; a dry run plans without lock and changes nothing."""
     run_id = journals.new_run_id(action)
     if dry_run:
@@ -43,35 +53,88 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
         held = locks.status(env)
         plan.steps.insert(0, Step("lock", "Take the deploy lock",
                                   {"path": str(env.lock_path),
-                                   "now": held.describe() if held else "free"}))
+                                   "now": held.describe() if held else "free"},
+                                  phase=Phase.PREFLIGHT))
         return RunResult(plan, run_id, dry_run=True)
+    signals = Signals()
+    with signals.installed():
+        return _perform(env, action, build, run_id, reason, confirm, progress,
+                        notify or (lambda message: None), signals)
+
+
+def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id: str,
+             reason: str, confirm: Callable[[Plan], bool] | None,
+             progress: Callable[..., None] | None, notify: Callable[[str], None],
+             signals: Signals) -> RunResult:
     journal = journals.Journal.open(env, action, run_id=run_id, why=reason)
     result: RunResult | None = None
+    notices: list[str] = []
+
+    def say(message: str) -> None:
+        notices.append(message)
+        with contextlib.suppress(OSError, ValueError):  # a closed terminal never stops a run
+            notify(message)
+
     try:
         with journal.step("lock", "Take the deploy lock") as rec:
-            held = locks.acquire(env, reason=reason, run_id=run_id)
+            with signals.interruptible():
+                held = locks.acquire(env, reason=reason, run_id=run_id)
             rec.detail(path=str(env.lock_path))
+            if held.stolen_from is not None:
+                taken = (f"took over a stale deploy lock held by {held.stolen_from.describe()} "
+                         f"({held.stolen_from.why})")
+                journal.log("WARN", taken, step="lock")
+                journal.set(stale_lock_taken_over=taken)
+                say(taken)
         try:
-            with journal.step("plan", "Load state and check preconditions"):
-                plan = build(run_id)
+            with _heartbeat(held, env), journal.step("plan", "Load state and plan") as rec:
+                for swept in _sweep(env):
+                    journal.log("WARN", f"removed a temp file a killed run left: {swept}",
+                                step="plan")
+                with signals.interruptible():
+                    plan = build(run_id)
+                if plan.finishing:
+                    say(f"finishing an interrupted run: {plan.finishing}")
+                    journal.set(finishing=plan.finishing)
             journal.log("INFO", f"plan: {plan.summary}", plan=plan.to_json())
-            result = RunResult(plan, run_id, dry_run=False)
-            if confirm is not None and not confirm(plan):
-                raise NotConfirmed("not confirmed at the prompt; nothing was changed",
-                                   "run again and answer y, or pass --yes")
-            result.outcomes = execute(plan, journal, progress)
+            result = RunResult(plan, run_id, dry_run=False, notices=notices)
+            if confirm is not None:
+                with signals.interruptible():
+                    if not confirm(plan):
+                        raise NotConfirmed("not confirmed at the prompt; nothing was changed",
+                                           "run again and answer y, or pass --yes")
+            held.publish()
+            last = [0.0]
+
+            def beat() -> None:
+                import time
+
+                now = time.monotonic()
+                if now - last[0] >= _interval(env):
+                    last[0] = now
+                    with contextlib.suppress(RunbookError, OSError):
+                        held.refresh()
+
+            with _heartbeat(held, env):
+                result.outcomes = execute(plan, journal, progress, signals=signals,
+                                          heartbeat=beat)
         finally:
             with journal.step("unlock", "Release the deploy lock"):
                 locks.release(env, held)
+    except Interrupted as exc:
+        error = RunbookError(f"interrupted by {exc} before any change; nothing was changed",
+                             "run the command again when ready",
+                             exit_code=ExitCode.FAILED_SAFELY)
+        raise _failed(journal, error, result) from None
     except RunbookError as exc:
-        journal.log("ERROR", str(exc), exit_code=int(exc.exit_code))
-        journal.finish("failed", int(exc.exit_code))
-        _attach(exc, journal, result)
-        raise
-    except BaseException as exc:
-        journal.log("ERROR", f"unexpected failure: {type(exc).__name__}: {exc}")
-        journal.finish("failed", int(ExitCode.ATTENTION))
-        raise
+        raise _failed(journal, exc, result) from None
+    except Exception as exc:
+        error = RunbookError(f"unexpected failure: {type(exc).__name__}: {exc}",
+                             f"read the journal {journal.log_path}; run `runbook status "
+                             f"{env.name}` to see what runs", exit_code=ExitCode.ATTENTION)
+        journal.log("ERROR", f"unexpected failure: {type(exc).__name__}: {exc}",
+                    exception=repr(exc))
+        raise _failed(journal, error, result) from None
     journal.log("SUCCESS", f"{action} finished: {plan.summary}")
     journal.finish("success", 0)
     result.log_file = str(journal.log_path)
@@ -79,8 +142,45 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
     return result
 
 
-def _attach(exc: RunbookError, journal: Any, result: RunResult | None) -> None:
-    """Let front ends point at the journal of a failed run."""
+def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> RunbookError:
+    """Journal the failure with the exit code the process will exit with."""
+    journal.log("ERROR", str(exc), exit_code=int(exc.exit_code))
+    journal.failure = {"type": type(exc).__name__, "message": exc.message, "fix": exc.fix}
+    journal.finish("took effect" if exc.exit_code is ExitCode.TOOK_EFFECT else "failed",
+                   int(exc.exit_code))
     with contextlib.suppress(Exception):
         exc.log_file = str(journal.log_path)  # type: ignore[attr-defined]
         exc.result = result  # type: ignore[attr-defined]
+    return exc
+
+
+def _interval(env: Environment) -> float:
+    """How often the lock is refreshed: well before it could be judged expired."""
+    return max(1.0, min(60.0, env.lock_stale_after / 4))
+
+
+@contextlib.contextmanager
+def _heartbeat(held: locks.Lock, env: Environment) -> Iterator[None]:
+    """Refresh the lock directory from a thread while a step blocks (a long restore, a slow
+    Docker): the run never looks crashed. The state-file mirror is refreshed by the main
+    thread only, between steps, so the two never write the state file at once."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(_interval(env)):
+            with contextlib.suppress(RunbookError, OSError):
+                held.refresh(mirror=False)
+
+    thread = threading.Thread(target=loop, name="runbook-lock-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _sweep(env: Environment) -> list[str]:
+    """Temp files a killed writer left beside the state file and the Caddyfile."""
+    removed = files.sweep_temps(env.state_file) + files.sweep_temps(env.caddy.caddyfile)
+    return [str(p) for p in removed]

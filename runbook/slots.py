@@ -5,11 +5,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runbook import compose, docker, health
+from runbook import compose, docker, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
-from runbook.plan import Step, StepContext
+from runbook.plan import Phase, Step, StepContext
+
+
+def stop(env: Environment, slot: Slot, *, maintenance: bool = False) -> None:
+    """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
+
+    `maintenance` is for the snapshot restore alone, which the operator asked for and
+    confirmed: it stops every app slot so no code writes while the database is replaced.
+    """
+    if not maintenance:
+        traffic.refuse_if_serving(env, slot, "stop")
+    docker.stop(env.slot(slot).container)
+
+
+def recreate(env: Environment, slot: Slot, tag: str) -> None:
+    """Recreate a slot's container through compose; never the one that serves."""
+    traffic.refuse_if_serving(env, slot, "recreate")
+    compose.run(compose.recreate_slot(env, slot, tag))
 
 
 @dataclass(frozen=True)
@@ -72,11 +89,11 @@ def run_step(env: Environment, prep: Preparation) -> Step:
     def run(ctx: StepContext) -> None:
         if prep.action == "start":
             docker.start(config.container)
-            ctx.on_failure(f"stop {config.container} again", lambda: docker.stop(config.container))
+            ctx.on_failure(f"stop {config.container} again", lambda: stop(env, prep.slot))
         elif prep.action == "recreate":
-            compose.run(compose.recreate_slot(env, prep.slot, prep.tag))
+            recreate(env, prep.slot, prep.tag)
             ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                           lambda: docker.stop(config.container))
+                           lambda: stop(env, prep.slot))
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")
 
@@ -104,6 +121,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             ctx.note(health=f"{report.status} (not gated: --force)")
             return
         def waiting(attempt: int, report: health.HealthReport) -> None:
+            ctx.heartbeat()
             if not report.ok:
                 ctx.say(f"attempt {attempt}: {report.status}"
                         + (f" ({report.reason()})" if report.reason() else ""))
@@ -127,17 +145,26 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
     container = env.slot(slot).container
 
     def run(ctx: StepContext) -> None:
-        docker.stop(container)
+        if not docker.inspect(container).running:
+            ctx.note(container="already stopped")
+            return
+        stop(env, slot)
         ctx.note(container=docker.inspect(container).status)
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
-                {"container": container, "command": f"docker stop {container}"},
-                run=run, skip=None if enabled else "rollback.stop_old_slot = false")
+                {"container": container, "command": f"docker stop {container}",
+                 "guard": "refused if Caddy sends traffic to it at that moment"},
+                run=run, skip=None if enabled else "rollback.stop_old_slot = false",
+                phase=Phase.FINISH)
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,
                 facts: dict[str, object]) -> tuple[Step, str]:
-    """The Caddy switch step, with the exact diff the plan shows; returns (step, diff)."""
+    """The commit: point Caddy at `target`, reload, verify through the proxy.
+
+    Its undo (registered once the file is written) puts back the Caddyfile that matches what
+    Caddy ran before, reloads it and proves the proxy answers from that slot again.
+    """
     from runbook import caddy
 
     sp = caddy.plan_switch(env, target)
@@ -148,12 +175,43 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         "validate": " ".join(sp.validate_command),
         "reload": f"{sp.reload}: {' '.join(sp.reload_action)}",
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
-        "on failure": "restore the previous Caddyfile byte for byte and reload",
+        "on failure": "put back the Caddyfile matching what Caddy ran before and reload it",
     }
 
     def run(ctx: StepContext) -> None:
-        result = caddy.switch(env, target, expected_version)
-        facts["switch"] = result
-        ctx.note(verified=result.verify.describe(), backup=result.backup or "-")
+        old_bytes = caddy.read_bytes(env)
+        old = old_bytes.decode("utf-8")
+        new = caddy.rewrite(old, env, target)
+        try:
+            before = traffic.read(env, proxy=False).slot
+        except traffic.TrafficUnknownError:
+            before = None
+        caddy.check_running(env)  # a down Caddy must never look like a switch
+        if new != old:
+            caddy.validate(env, new)
+        # What to put back: the file as consistent with what runs (a killed run may have
+        # written the disk without reloading).
+        restore_bytes = (caddy.rewrite(old, env, before).encode("utf-8") if before is not None
+                         else old_bytes)
+        backup = caddy.write_backup(env, restore_bytes)
+        if new != old:
+            caddy.write_config(env, new)
+        ctx.on_failure("put back the previous Caddyfile and reload Caddy"
+                       + (f" (traffic back on {before})" if before else ""),
+                       lambda: caddy.restore(env, restore_bytes, before))
+        ctx.fault("switch.after-write")
+        caddy.reload(env, new)
+        ctx.fault("switch.after-reload")
+        result = caddy.verify(env, target, expected_version)
+        if not result.ok:
+            raise caddy.CaddyError(f"verification failed: {result.describe()}",
+                                   f"check `docker logs --tail 100 {env.slot(target).container}` "
+                                   f"and that {env.caddy.proxy_url} reaches Caddy",
+                                   stage="verify")
+        ctx.commit()
+        ctx.fault("switch.after-verify")
+        facts["verified"] = result.describe()
+        ctx.note(verified=result.describe(), backup=str(backup or "-"))
 
-    return Step("switch", f"Switch Caddy to the {target} slot", details, run=run), sp.diff
+    return Step("switch", f"Switch Caddy to the {target} slot", details, run=run,
+                phase=Phase.COMMIT), sp.diff

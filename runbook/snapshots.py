@@ -1091,9 +1091,11 @@ def restore_steps(env: Environment, snap: Snapshot | str | Path,
         ctx.note(safety_snapshot=str(run.safety.path))
 
     def stop_slots(ctx: StepContext) -> None:
-        for name in containers:
+        from runbook import slots as slotmod
+
+        for slot, name in zip(chosen, containers, strict=True):
             if docker.inspect(name).running:
-                docker.stop(name)
+                slotmod.stop(env, slot, maintenance=True)
                 run.stopped.append(name)
 
         def restart() -> None:
@@ -1113,6 +1115,11 @@ def restore_steps(env: Environment, snap: Snapshot | str | Path,
         except RunbookError as exc:
             raise _after_failed_replay(env, run, exc, safety) from None
         run.restored = facts["restored"] = True
+        ctx.cannot_undo(
+            f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
+            "service is down", f"fix the cause and run `runbook switch {env.name} --slot <target "
+            f"slot>` or `runbook deploy {env.name} --version <known-good>`; the data from "
+            f"before the restore is in {facts.get('safety_snapshot')}")
         ctx.note(restored=snapshot.name)
 
     def check(ctx: StepContext) -> None:

@@ -19,7 +19,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -521,8 +521,13 @@ def dumps(state: DeploymentState) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
-def write_state(path: Path, state: DeploymentState) -> None:
-    """Replace the file atomically: readers see the old file or the new one, never a mix."""
+def write_state(path: Path, state: DeploymentState, *,
+                before_rename: Callable[[], None] | None = None) -> None:
+    """Replace the file atomically: readers see the old file or the new one, never a mix.
+
+    The file keeps its mode, owner and group. `before_rename` is the drill's fault point
+    between the fsynced temp file and the rename (the kill matrix's "during the state write").
+    """
     target = Path(os.path.realpath(path))  # keep a symlinked state file a symlink
     try:
         payload = dumps(state)
@@ -535,7 +540,7 @@ def write_state(path: Path, state: DeploymentState) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.fchmod(fd, 0o600)
+            os.fchmod(fd, _mode_of(target))
             _keep_owner(fd, target)
             view = memoryview(payload)
             while view:
@@ -543,6 +548,8 @@ def write_state(path: Path, state: DeploymentState) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, target)
         _fsync_dir(directory)
     except OSError as exc:
@@ -553,6 +560,14 @@ def write_state(path: Path, state: DeploymentState) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _mode_of(target: Path) -> int:
+    """An existing file keeps its mode (other tools may need to read it); a new one is 0600."""
+    try:
+        return os.stat(target).st_mode & 0o7777
+    except OSError:
+        return 0o600
 
 
 def _keep_owner(fd: int, target: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from runbook import caddy, database, docker, health
+from runbook import caddy, database, docker, health, traffic
+from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
 from runbook.environment import Environment, Slot
@@ -45,19 +46,55 @@ def gather(env: Environment) -> dict[str, Any]:
         slots_out[str(slot)] = {"port": config.port, "container": container,
                                 "health": report.status, "version": report.version}
     out["slots"] = slots_out
+    # Which slot serves comes from what Caddy runs, never from the Caddyfile on disk.
+    running: str | None = None
+    try:
+        now = traffic.read(env)
+        running = now.slot and str(now.slot)
+        out["traffic"] = {"slot": running, "source": "Caddy's running config (admin API)",
+                          "dials": list(now.dials), "proxy_slot": now.proxy_slot}
+        trouble = now.problem(env)
+        if trouble:
+            problems.append(f"{trouble}: repoint Caddy with `runbook switch {env.name} --slot "
+                            "<the healthy slot>`")
+    except traffic.TrafficUnknownError as exc:
+        out["traffic"] = {"slot": None, "error": exc.message}
     try:
         inspection = caddy.inspect(caddy.read(env), env)
-        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "active_slot": inspection.slot
-                        and str(inspection.slot), "consistent": inspection.consistent,
+        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "active_slot": running,
+                        "file_slot": inspection.slot and str(inspection.slot),
+                        "consistent": inspection.consistent,
                         "problems": list(inspection.problems),
                         "running": caddy.is_running(env)}
         if not inspection.consistent:
             problems.append("Caddyfile managed block: " + "; ".join(inspection.problems))
         if not out["caddy"]["running"]:
             problems.append(f"Caddy is not answering at {env.caddy.admin_url}")
+        elif running and inspection.slot and str(inspection.slot) != running:
+            problems.append(f"the Caddyfile on disk points at {inspection.slot} but Caddy runs "
+                            f"{running}: a run stopped between writing it and reloading Caddy; "
+                            f"`runbook rollback {env.name}` finishes or redoes it (a reload "
+                            "would move traffic to what the file says)")
     except RunbookError as exc:
-        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "error": str(exc)}
+        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "error": str(exc),
+                        "active_slot": running}
         problems.append(str(exc))
+    try:
+        pending = intents.read(env)
+    except RunbookError as exc:
+        pending = None
+        problems.append(str(exc))
+    if pending is not None:
+        out["interrupted"] = {"run_id": pending.run_id, "action": pending.action,
+                              "phase": pending.phase.value, "summary": pending.describe()}
+        took = (pending.phase is intents.Phase.COMMITTED or running == pending.to_slot)
+        problems.append(
+            f"an interrupted run is unfinished: {pending.describe()}; "
+            + (f"traffic already moved to {pending.to_slot}: `runbook {pending.action} "
+               f"{env.name}` finishes it" if took else
+               f"traffic did not move: `runbook {pending.action} {env.name}` runs it again")
+            + (f" (add --version {pending.to_version})" if pending.action == "deploy" else "")
+            + (f" (add --slot {pending.to_slot})" if pending.action == "switch" else ""))
     try:
         schema = database.schema_version(env)
         out["database"] = {"schema_version": schema.version, "dirty": schema.dirty}

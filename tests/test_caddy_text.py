@@ -8,13 +8,6 @@ on the drill stack.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,9 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runbook import caddy
-from runbook.caddy import CaddyError, CaddyNotRunningError
+from runbook.caddy import CaddyError
 from runbook.environment import Environment, Slot, from_mapping
-from runbook.errors import ExitCode
 
 
 def make_env(caddyfile: Path = Path("/nonexistent/Caddyfile"), *, admin: str = "http://127.0.0.1:1",
@@ -357,185 +349,8 @@ def test_rewrite_never_changes_bytes_outside_the_markers_and_is_idempotent(
     assert caddy.rewrite(caddy.rewrite(new, ENV, target.other), ENV, target) == new
 
 
-# --- side effects against loopback HTTP (no Caddy binary needed) --------------------------
-
-VERSIONS = {"blue": "aaaaaaa", "green": "bbbbbbb"}
-
-
-@dataclass
-class FakeCaddy:
-    """Just enough Caddy: GET /config/, POST /load (Caddyfile text), and a proxy on /version
-    that answers as whatever slot the loaded managed block names."""
-
-    loaded: str
-    reject: Callable[[FakeCaddy, str], bool] = lambda fake, body: False  # answer /load with 500
-    loads: list[str] = field(default_factory=list)
-    url: str = ""
-
-
-@pytest.fixture
-def fake_caddy() -> Iterator[FakeCaddy]:
-    state = FakeCaddy(loaded=HOST_CADDYFILE)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def reply(self, code: int, body: object, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path == "/config/":
-                self.reply(200, {"apps": {}})
-            elif self.path == "/version":
-                slot = caddy.active_slot(state.loaded, ENV)
-                if slot is None:
-                    self.reply(502, {"error": "bad gateway"})
-                else:
-                    self.reply(200, {"version": VERSIONS[slot]},
-                               {"X-Togather-Slot": slot.value})
-            else:
-                self.reply(404, {})
-
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-            if self.path != "/load" or self.headers["Content-Type"] != "text/caddyfile":
-                self.reply(400, {"error": "bad request"})
-                return
-            if state.reject(state, body):
-                self.reply(500, {"error": "loading new config: simulated failure"})
-                return
-            state.loads.append(body)
-            state.loaded = body
-            self.reply(200, {})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def caddyfile_path(tmp_path: Path) -> Path:
-    path = tmp_path / "caddy" / "Caddyfile"
-    path.parent.mkdir()
-    path.write_bytes(HOST_CADDYFILE.replace("\n", "\r\n").encode())
-    path.chmod(0o640)
-    return path
-
-
-def env_for(path: Path, fake: FakeCaddy | None, **kw: object) -> Environment:
-    url = fake.url if fake else f"http://127.0.0.1:{closed_port()}"
-    return make_env(path, admin=url, proxy=url, command=("true",), **kw)  # type: ignore[arg-type]
-
-
-def test_switch_writes_reloads_and_verifies(caddyfile_path: Path, fake_caddy: FakeCaddy) -> None:
-    env = env_for(caddyfile_path, fake_caddy)
-    before = caddyfile_path.read_bytes()
-    plan = caddy.plan_switch(env, Slot.GREEN)
-    assert plan.changed and plan.current.slot is Slot.BLUE and plan.target_port == 8082
-    assert caddyfile_path.read_bytes() == before and fake_caddy.loads == []  # a plan only reads
-    assert "8082" in plan.diff and "blue -> green" in plan.describe()
-
-    result = caddy.switch(env, Slot.GREEN, "bbbbbbb", verify_interval=0.05)
-    assert result.verify.ok and result.verify.slot_header == "green"
-    assert result.previous is Slot.BLUE and result.changed
-    after = caddyfile_path.read_bytes()
-    assert after == caddy.rewrite(before.decode(), env, Slot.GREEN).encode()
-    assert fake_caddy.loads == [after.decode()]
-    assert result.backup is not None and result.backup.read_bytes() == before
-    assert caddyfile_path.stat().st_mode & 0o777 == 0o640
-    assert sorted(p.name for p in caddyfile_path.parent.iterdir()) == [
-        ".Caddyfile.runbook-previous", "Caddyfile"]  # no temp files left behind
-
-
-def test_a_failed_verification_restores_the_previous_file_byte_for_byte(
-        caddyfile_path: Path, fake_caddy: FakeCaddy) -> None:
-    env = env_for(caddyfile_path, fake_caddy)
-    before = caddyfile_path.read_bytes()
-    with pytest.raises(CaddyError) as err:
-        caddy.switch(env, Slot.GREEN, "ccccccc", verify_attempts=2, verify_interval=0.05)
-    assert err.value.restored is True and err.value.exit_code is ExitCode.FAILED_SAFELY
-    assert err.value.stage == "verify"
-    message = str(err.value)
-    assert "restored" in message and "traffic stays on blue" in message and "ccccccc" in message
-    assert caddyfile_path.read_bytes() == before
-    assert fake_caddy.loaded == before.decode()  # and Caddy runs the old config again
-
-
-def test_a_rejected_reload_restores_the_previous_file(
-        caddyfile_path: Path, fake_caddy: FakeCaddy) -> None:
-    fake_caddy.reject = lambda fake, body: caddy.active_slot(body, ENV) is Slot.GREEN
-    fake_caddy.loaded = caddyfile_path.read_text()
-    env = env_for(caddyfile_path, fake_caddy)
-    before = caddyfile_path.read_bytes()
-    with pytest.raises(CaddyError) as err:
-        caddy.switch(env, Slot.GREEN, "bbbbbbb")
-    assert err.value.stage == "reload"
-    assert "simulated failure" in str(err.value)
-    assert caddyfile_path.read_bytes() == before
-    # Caddy kept the old config (a rejected load changes nothing), so blue still answers
-    assert err.value.restored is True and err.value.exit_code is ExitCode.FAILED_SAFELY
-
-
-def test_a_failed_restore_says_so_loudly_with_the_backup_path(
-        caddyfile_path: Path, fake_caddy: FakeCaddy) -> None:
-    fake_caddy.reject = lambda fake, body: len(fake.loads) >= 1  # the restore is refused
-    env = env_for(caddyfile_path, fake_caddy)
-    before = caddyfile_path.read_bytes()
-    with pytest.raises(CaddyError) as err:
-        caddy.switch(env, Slot.GREEN, "ccccccc", verify_attempts=1)
-    assert err.value.exit_code is ExitCode.ATTENTION and err.value.restored is False
-    backup = err.value.backup
-    assert backup is not None and backup.read_bytes() == before
-    assert "ATTENTION" in str(err.value) and str(backup) in str(err.value)
-    assert caddyfile_path.read_bytes() == before  # the file itself was put back
-
-
-def test_caddy_not_running_is_an_error_before_anything_is_written(caddyfile_path: Path) -> None:
-    env = env_for(caddyfile_path, None)
-    before = caddyfile_path.read_bytes()
-    mtime = caddyfile_path.stat().st_mtime_ns
-    assert not caddy.is_running(env)
-    with pytest.raises(CaddyNotRunningError) as err:
-        caddy.switch(env, Slot.GREEN, "bbbbbbb")
-    assert "not running" in str(err.value) and "connection refused" in str(err.value)
-    assert "not touched" in str(err.value)
-    with pytest.raises(CaddyNotRunningError):
-        caddy.apply(env, caddy.rewrite(before.decode(), env, Slot.GREEN))
-    assert caddyfile_path.read_bytes() == before
-    assert caddyfile_path.stat().st_mtime_ns == mtime
-    assert os.listdir(caddyfile_path.parent) == ["Caddyfile"]
-
-
-def test_a_rejected_validation_changes_nothing(caddyfile_path: Path,
-                                               fake_caddy: FakeCaddy) -> None:
-    env = make_env(caddyfile_path, admin=fake_caddy.url, proxy=fake_caddy.url, command=("false",))
-    before = caddyfile_path.read_bytes()
-    with pytest.raises(CaddyError) as err:
-        caddy.switch(env, Slot.GREEN, "bbbbbbb")
-    assert err.value.stage == "validate" and "nothing was changed" in str(err.value)
-    assert caddyfile_path.read_bytes() == before and fake_caddy.loads == []
-    assert os.listdir(caddyfile_path.parent) == ["Caddyfile"]
+# --- commands (the switch itself is tested against the real Caddy of the drill stack:
+# tests/test_rollback.py and tests/test_interrupted.py) -------------------------------------
 
 
 def test_reload_commands_are_argument_lists_for_a_command_prefix(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 from runbook import lock as lockmod
 from runbook.environment import Environment, from_mapping
 from runbook.errors import ConfigError, ExitCode, LockedError
-from runbook.lock import acquire, release, status, unlock
+from runbook.lock import acquire, guard_path, release, status, unlock
 from runbook.state import format_time, read_state
 
 DATA = Path(__file__).parent / "data" / "state"
@@ -109,7 +109,8 @@ def test_acquire_writes_the_contract_files_and_release_removes_them(env: Environ
     assert seen is not None and not seen.stale and seen.holder_alive is True and seen.is_ours
     assert release(env, lock) is True
     assert not path.exists() and status(env) is None
-    assert sorted(p.name for p in env.lock_dir.iterdir()) == [f".{path.name}.guard"]
+    assert list(env.lock_dir.iterdir()) == []  # the guard file lives beside the state file
+    assert guard_path(env).parent == env.state_file.parent
 
 
 def test_context_manager_releases_on_error(env: Environment) -> None:
@@ -138,9 +139,13 @@ def test_release_twice_is_harmless(env: Environment) -> None:
 # --- the state-file mirror -------------------------------------------------------------------
 
 
-def test_lock_is_mirrored_into_the_state_file(env: Environment, with_state: Path) -> None:
+def test_lock_is_mirrored_into_the_state_file_once_published(env: Environment,
+                                                             with_state: Path) -> None:
     before = read_state(with_state)
+    untouched = with_state.read_bytes()
     lock = acquire(env, "rollback", "rbk_2")
+    assert with_state.read_bytes() == untouched  # a run refused while planning changes nothing
+    lock.publish()
     during = read_state(with_state)
     assert during.lock == lock.state_json()
     assert during.lock["locked"] is True and during.lock["deployment_id"] == "rbk_2"
@@ -160,12 +165,14 @@ def test_broken_state_file_does_not_block_the_lock(env: Environment) -> None:
     env.state_file.parent.mkdir(parents=True)
     env.state_file.write_text("{not json")
     with acquire(env, "x", None) as lock:
+        lock.publish()
         assert lock.mirror_error is not None and "not valid JSON" in lock.mirror_error
     assert env.state_file.read_text() == "{not json"
 
 
 def test_release_does_not_clear_someone_elses_mirror(env: Environment, with_state: Path) -> None:
     lock = acquire(env, "x", None)
+    lock.publish()
     state = json.loads(with_state.read_text())
     state["lock"] = {"locked": True, "lock_id": "lock_other", "locked_by": "go@cli"}
     with_state.write_text(json.dumps(state))
@@ -236,7 +243,7 @@ def test_stale_by_age_is_taken_over(env: Environment) -> None:
         assert lock.stolen_from.holder.lock_id == "lock_foreign"
         holder = json.loads((env.lock_path / "holder.json").read_text())
         assert holder["lock_id"] == lock.lock_id
-    assert [p.name for p in env.lock_dir.iterdir()] == [f".{env.lock_path.name}.guard"]
+    assert list(env.lock_dir.iterdir()) == []
 
 
 def test_fresh_lock_from_another_host_is_live(env: Environment) -> None:
@@ -276,18 +283,35 @@ def test_live_foreign_lock_is_never_removed(env: Environment, live_pid: int) -> 
     assert path.is_dir() and json.loads((path / "holder.json").read_text())["pid"] == live_pid
 
 
-def test_expired_lock_of_a_running_process_needs_force(env: Environment, live_pid: int) -> None:
-    plant(env, age=3600, pid=live_pid)
+def test_expired_lock_of_a_running_process_is_never_removed(env: Environment,
+                                                            live_pid: int) -> None:
+    """Runs refresh their lock, so an expired lock whose process still runs is a hung run:
+    the fix is to stop that process, never to remove the lock under it."""
+    path = plant(env, age=3600, pid=live_pid)
     seen = status(env)
     assert seen is not None and seen.stale and seen.holder_alive is True
     assert not seen.stealable and "still running" in seen.why
     with pytest.raises(LockedError) as info:
         acquire(env, "x", None)
-    assert "--force" in (info.value.fix or "")
-    with pytest.raises(LockedError):
-        unlock(env)
-    assert "removed a stale lock" in unlock(env, force=True)
-    assert status(env) is None
+    assert f"kill {live_pid}" in (info.value.fix or "")
+    for force in (False, True):
+        with pytest.raises(LockedError) as info:
+            unlock(env, force=force)
+        assert "not even with --force" in (info.value.fix or "")
+    assert path.is_dir()
+
+
+def test_a_guard_file_another_user_holds_cannot_block_runs(env: Environment) -> None:
+    """The old guard sat in the shared lock directory (/tmp): anyone could create it and
+    hold its flock. A file of that name there now means nothing to the runbook."""
+    import fcntl
+
+    env.lock_dir.mkdir(parents=True, exist_ok=True)
+    squatter = env.lock_dir / f".{env.lock_path.name}.guard"
+    with squatter.open("w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with acquire(env, "x", None):
+            assert env.lock_path.is_dir()
 
 
 def test_unlock_removes_stale_and_refuses_live(env: Environment) -> None:
@@ -374,6 +398,7 @@ def test_live_state_file_lock_is_respected(env: Environment, with_state: Path) -
 def test_expired_state_file_lock_is_replaced(env: Environment, with_state: Path) -> None:
     _state_lock(env, with_state, expires_in=-60)
     with acquire(env, "x", None) as lock:
+        lock.publish()
         assert read_state(with_state).lock["lock_id"] == lock.lock_id
     _state_lock(env, with_state, expires_in=-60)
     assert "cleared the state file's lock" in unlock(env)
@@ -393,6 +418,22 @@ def test_refresh_restarts_the_expiry_clock(tmp_path: Path) -> None:
     seen = status(env)
     assert seen is not None and not seen.stale
     lock.release()
+
+
+def test_a_run_longer_than_the_lock_lifetime_keeps_its_lock_fresh(tmp_path: Path) -> None:
+    """The heartbeat thread of a run refreshes the lock directory, so the shell tooling
+    (which only reads `locked_at`) never sees a live run's lock expire."""
+    from runbook.run import _heartbeat
+
+    env = make_env(tmp_path, stale=4)  # refreshed every second
+    lock = acquire(env, "long restore", None)
+    ages = []
+    with _heartbeat(lock, env):
+        for _ in range(12):
+            time.sleep(0.5)
+            ages.append(time.time() - int((env.lock_path / "locked_at").read_text()))
+    lock.release()
+    assert max(ages) < 4, ages  # never as old as the lifetime, over 6 s
 
 
 def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:

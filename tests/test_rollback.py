@@ -322,3 +322,61 @@ def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     assert err.value.exit_code == ExitCode.USAGE and "nothing was changed" in str(err.value)
     assert shown and "Switch Caddy to the green slot" in shown[0]
     assert snapshot(env) == before
+
+
+def test_a_caddyfile_caddy_rejects_changes_nothing_and_stops_the_standby_again(
+        stack: DrillStack) -> None:
+    """Someone edited the Caddyfile on disk (outside the markers) without reloading: Caddy
+    runs the old config, and the real `caddy validate` rejects the file. The rollback stops
+    before writing, undoes the standby's start, and traffic never moves."""
+    env = two_deployments(stack)
+    path = env.caddy.caddyfile
+    broken = path.read_text().replace("\theader X-Drill-Run", "\tnot_a_directive on\n"
+                                      "\theader X-Drill-Run")
+    path.write_text(broken)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    assert "rejected the new Caddyfile" in str(err.value) and "not_a_directive" in str(err.value)
+    assert "undone: stop" in str(err.value)
+    assert snapshot(env) == before  # green stopped again, file, state and traffic as they were
+
+
+def test_no_step_ever_stops_the_container_that_serves(stack: DrillStack) -> None:
+    """The invariant is checked when acting, against what Caddy runs, not what a plan
+    assumed: a stale plan that would stop the serving slot is refused."""
+    from runbook import slots
+    from runbook.traffic import ServingContainerError
+
+    env = two_deployments(stack)  # blue serves v3
+    with pytest.raises(ServingContainerError) as err:
+        slots.stop(env, Slot.BLUE)
+    assert "it is serving traffic" in str(err.value)
+    with pytest.raises(ServingContainerError):
+        slots.recreate(env, Slot.BLUE, V3.tag)
+    assert docker.inspect(env.slot("blue").container).running
+    assert through_proxy(env) == ("blue", V3.tag)
+    # a stale stop step, planned when green served, refused at execution time
+    step = slots.stop_step(env, Slot.BLUE, True)
+    from runbook.plan import StepContext
+
+    with pytest.raises(ServingContainerError):
+        assert step.run is not None
+        step.run(StepContext(step, env=env))
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStack) -> None:
+    """A run killed between writing the Caddyfile and reloading leaves a file that lies:
+    status names the slot Caddy serves and lists the difference as a problem."""
+    from runbook import status as statusmod
+
+    env = two_deployments(stack)  # blue serves v3
+    path = env.caddy.caddyfile
+    path.write_text(caddy.rewrite(path.read_text(), env, Slot.GREEN))  # written, not loaded
+    data = statusmod.gather(env)
+    assert data["traffic"]["slot"] == "blue" and data["caddy"]["file_slot"] == "green"
+    assert any("on disk points at green but Caddy runs blue" in p for p in data["problems"])
+    result = rollback.rollback(env, dry_run=True)
+    assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"

@@ -1,0 +1,98 @@
+"""Atomic file replacement and the clean-up of what a killed writer leaves behind.
+
+Every file the runbook rewrites on a host (state file, Caddyfile, intent record) goes through
+`atomic_write`: a hidden temp file beside the target, fsync, rename, fsync of the directory.
+Readers see the old bytes or the new ones, never half; a kill at any point leaves at most a
+temp file named `TEMP_PATTERN`, which `sweep_temps` removes on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+TEMP_TAG = "runbook-tmp"
+# .<target name>.<tag>.<12 hex>.tmp ; also the older writers' names, so their leftovers go too
+_TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:runbook-tmp\.[0-9a-f]{12}|[0-9a-f]{12}"
+                      r"|runbook-(?:write|validate)-[A-Za-z0-9_]+)\.tmp$")
+
+
+def temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{TEMP_TAG}.{secrets.token_hex(6)}.tmp")
+
+
+def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644) -> None:
+    """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
+
+    A symlinked target stays a symlink (its destination is replaced). Raises OSError; the
+    target is then unchanged and no temp file is left.
+    """
+    target = Path(os.path.realpath(target))
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    tmp = temp_path(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.fchmod(fd, (st.st_mode & 0o7777) if st else default_mode)
+            if st is not None and hasattr(os, "fchown"):
+                with contextlib.suppress(PermissionError):  # only root may give files away
+                    os.fchown(fd, st.st_uid, st.st_gid)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable; best effort where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sweep_temps(target: Path, *, older_than: float = 0.0) -> list[Path]:
+    """Remove the temp files a killed writer of `target` left beside it; returns them.
+
+    Only our own naming patterns are touched, and only while the caller holds the deploy lock
+    (no other runbook writer can be mid-write then).
+    """
+    target = Path(os.path.realpath(target))
+    removed: list[Path] = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = _TEMP_RE.match(entry.name)
+        if match is None or match["target"] != target.name:
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than or not entry.is_file():
+                continue
+            entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed

@@ -1,0 +1,86 @@
+"""What the next run does about an interrupted one: finish it, continue it, or stop and say.
+
+On-call types the same command again after a kill. This module compares the interrupted
+run's intent (runbook/intent.py) with what really runs (Caddy's loaded config and the proxy's
+answer) and decides:
+
+- traffic already moved to the intended slot and the proxy proves the intended version:
+  the run took effect, so FINISH it (record the state, stop the old slot), never another
+  rollback in the other direction;
+- traffic is still where the run started: nothing took effect; plan the command normally
+  (it converges on the same target, since the state file was not changed before the commit);
+- anything else: stop with the facts and the command that repairs it (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from runbook import caddy, health, slots, traffic
+from runbook import intent as intents
+from runbook.environment import Environment
+from runbook.errors import PreconditionError
+from runbook.plan import Phase, Plan, Step, StepContext
+
+Record = Callable[[Environment, intents.Intent, dict[str, Any], str, StepContext], None]
+
+
+def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
+    """(intent, "finish" | "continue") for an interrupted run, or None when there is none."""
+    intent = intents.read(env)
+    if intent is None:
+        return None
+    try:
+        found = traffic.read(env)
+    except traffic.TrafficUnknownError as exc:
+        raise PreconditionError(f"an interrupted run is unfinished ({intent.describe()}) and "
+                                f"{exc.message}", exc.fix) from None
+    if found.slot == intent.target:
+        check = caddy.verify(env, intent.target, intent.to_version, attempts=3, interval=0.2)
+        if check.ok:
+            return intent, "finish"
+        raise PreconditionError(
+            f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
+            f"{intent.to_version} now: {check.describe()} ({intent.describe()})",
+            f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
+            f"--slot {intent.from_slot}`, then check `runbook status {env.name}`")
+    if found.slot == intent.source:
+        return intent, "continue"
+    raise PreconditionError(
+        f"an interrupted run is unfinished ({intent.describe()}) and Caddy's running config "
+        f"names no single slot: {found.problem(env)}",
+        f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`")
+
+
+def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: Record,
+                resume_command: str) -> Plan:
+    """The steps left after the commit of an interrupted run, as a plan of their own."""
+    facts: dict[str, Any] = {"from": intent.from_version, "to": intent.to_version,
+                             "from_slot": intent.from_slot, "to_slot": intent.to_slot,
+                             "finishing": intent.run_id, "container_action": "none"}
+    report = health.probe(env.slot(intent.target), env.health.path, env.health.request_timeout)
+    facts["health_status"] = report.status if report.ok else "unknown"
+
+    def run_record(ctx: StepContext) -> None:
+        record(env, intent, facts, run_id, ctx)
+
+    steps = [
+        Step("preflight", "Check the interrupted run against what runs (read-only, done)", {
+            "interrupted run": intent.describe(),
+            "traffic": f"{intent.to_slot}: the proxy answers {intent.to_version} (verified)",
+            "so": "it took effect: finish it (no new switch, nothing undone)",
+        }, phase=Phase.PREFLIGHT),
+        Step("state", f"Record the {intent.action} in the deployment state",
+             {"file": str(env.state_file),
+              "current": f"{intent.to_version} on {intent.to_slot}",
+              "if already recorded": "left as it is"},
+             run=run_record, phase=Phase.FINISH),
+        slots.stop_step(env, intent.source, env.stop_old_slot),
+    ]
+    return Plan(intent.action, env,
+                f"finish the interrupted {intent.action} {intent.run_id} on {env.display}: "
+                f"{intent.to_version} on {intent.to_slot}", steps,
+                [f"an interrupted run took effect and is being finished: {intent.describe()}"],
+                facts=facts, intent=intent.with_(phase=intents.Phase.COMMITTED),
+                resume_command=resume_command, finishing=intent.describe())

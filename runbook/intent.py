@@ -1,0 +1,121 @@
+"""The intent of a mutating run, written (fsynced) before its first change.
+
+A run that is killed (SIGKILL, power loss, closed laptop) leaves its intent beside the state
+file. The next run of the same environment reads it, compares it with what really runs, and
+finishes the job instead of planning a new one from a state file that no longer tells the
+truth. `runbook status` reports it. The record holds only facts (slots, versions, ids, the
+phase reached), never secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from runbook import files
+from runbook import state as states
+from runbook.environment import Environment, Slot
+from runbook.errors import PreconditionError
+
+
+class Phase(StrEnum):
+    PREPARE = "prepare"  # changes so far are undoable; traffic has not moved
+    COMMITTED = "committed"  # traffic moved to `to_slot` and was verified: finish, never undo
+
+
+@dataclass(frozen=True)
+class Intent:
+    run_id: str
+    action: str  # rollback | deploy | switch
+    environment: str
+    from_slot: str
+    to_slot: str
+    from_version: str | None
+    to_version: str
+    to_image: str | None = None
+    phase: Phase = Phase.PREPARE
+    pid: int = field(default_factory=os.getpid)
+    hostname: str = field(default_factory=socket.gethostname)
+    operator: str = field(default_factory=states.current_operator)
+    started_at: str = field(default_factory=lambda: states.format_time(datetime.now(UTC)))
+    last_step: str | None = None  # the last step that started
+    record: dict[str, Any] = field(default_factory=dict)  # what "record the state" needs
+
+    @property
+    def target(self) -> Slot:
+        return Slot(self.to_slot)
+
+    @property
+    def source(self) -> Slot:
+        return Slot(self.from_slot)
+
+    def with_(self, **changes: Any) -> Intent:
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        where = {Phase.PREPARE: "before traffic moved",
+                 Phase.COMMITTED: "after traffic moved (it took effect)"}[self.phase]
+        step = f", in step {self.last_step}" if self.last_step else ""
+        return (f"{self.action} {self.run_id} ({self.from_version or '?'} on {self.from_slot} "
+                f"-> {self.to_version} on {self.to_slot}), started {self.started_at} by "
+                f"{self.operator} (pid {self.pid} on {self.hostname}), stopped {where}{step}")
+
+
+def path(env: Environment) -> Path:
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{state.name}.runbook-intent.json")
+
+
+def write(env: Environment, intent: Intent) -> None:
+    """Durably record the intent; OSError propagates (the caller decides what it means)."""
+    data = json.dumps(asdict(intent), indent=2, sort_keys=True) + "\n"
+    target = path(env)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(target, data.encode(), default_mode=0o600)
+
+
+def read(env: Environment) -> Intent | None:
+    """The interrupted run's intent, or None. A record that cannot be read is an error:
+    guessing would plan from the wrong picture."""
+    target = path(env)
+    try:
+        raw = target.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PreconditionError(f"cannot read the interrupted run's record {target}: "
+                                f"{exc.strerror or exc}", "fix its permissions, then run again"
+                                ) from None
+    try:
+        data = json.loads(raw)
+        data["phase"] = Phase(data["phase"])
+        known = set(Intent.__dataclass_fields__)
+        return Intent(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PreconditionError(
+            f"the interrupted run's record {target} is unreadable ({exc})",
+            f"check `runbook status`; if nothing is half-done, move {target} aside and run "
+            "again") from None
+
+
+def clear(env: Environment, run_id: str | None = None) -> bool:
+    """Remove the record (only `run_id`'s, when given). False when it could not be removed."""
+    target = path(env)
+    if run_id is not None:
+        current = read(env)
+        if current is None or current.run_id != run_id:
+            return True
+    try:
+        target.unlink()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    files.fsync_dir(target.parent)
+    return True

@@ -1,0 +1,200 @@
+"""Which slot takes traffic, as Caddy runs it: the truth every decision starts from.
+
+The Caddyfile on disk says what Caddy should run; a run killed between writing it and
+reloading Caddy makes it lie. So planning, `status`, the features and the serving-container
+invariant read Caddy's loaded config from its admin API (`GET /config/`): the slot whose port
+it dials serves. The proxy's `X-Togather-Slot` answer is a second witness. When the truth
+cannot be read, callers fail closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, PreconditionError, RunbookError
+
+SLOT_HEADER = "X-Togather-Slot"
+_TIMEOUT = 5.0
+
+
+class TrafficUnknownError(RunbookError):
+    """What Caddy runs cannot be read: nothing that depends on it may go ahead."""
+
+    exit_code = ExitCode.PRECONDITION
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What Caddy runs (and, when asked, what the proxy answers)."""
+
+    slots: frozenset[Slot]  # slots whose port Caddy's loaded config dials
+    dials: tuple[str, ...]  # every upstream address in the loaded config
+    proxy_slot: str | None = None  # X-Togather-Slot through the proxy (None: not asked/none)
+    proxy_error: str | None = None
+
+    @property
+    def slot(self) -> Slot | None:
+        """The one slot that serves; None when Caddy dials neither or both."""
+        return next(iter(self.slots)) if len(self.slots) == 1 else None
+
+    def problem(self, env: Environment) -> str | None:
+        known = ", ".join(f"{s} ({env.slot(s).port})" for s in Slot)
+        if not self.slots:
+            return (f"Caddy's running config dials no slot port (it dials "
+                    f"{', '.join(self.dials) or 'nothing'}; slots: {known})")
+        if len(self.slots) > 1:
+            return "Caddy's running config dials both slots' ports"
+        if self.proxy_slot is not None and self.proxy_slot != str(self.slot):
+            return (f"Caddy's running config dials {self.slot}, but the proxy answers with "
+                    f"{SLOT_HEADER}: {self.proxy_slot}")
+        return None
+
+    def describe(self) -> str:
+        if self.slot is None:
+            return "unknown"
+        seen = f", the proxy answers {self.proxy_slot}" if self.proxy_slot else ""
+        return f"{self.slot} (as Caddy runs it{seen})"
+
+
+def _dials(config: Any) -> Iterator[str]:
+    """Every `dial` in a Caddy JSON config, however deeply routes and subroutes nest."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "dial" and isinstance(value, str):
+                    yield value
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _port(dial: str) -> int | None:
+    _host, sep, port = dial.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return int(port)
+
+
+def loaded_config(env: Environment) -> Any:
+    """Caddy's running config (JSON), or TrafficUnknownError."""
+    url = f"{env.caddy.admin_url}/config/"
+    try:
+        with httpx.Client(timeout=_TIMEOUT, trust_env=False) as client:
+            response = client.get(url)
+    except httpx.HTTPError as exc:
+        raise TrafficUnknownError(
+            f"cannot read Caddy's running config at {url} ({type(exc).__name__})",
+            "start Caddy or fix [caddy] admin_url; which slot serves cannot be known "
+            "without it") from None
+    if response.status_code != 200:
+        raise TrafficUnknownError(f"Caddy's admin API answered HTTP {response.status_code} "
+                                  f"at {url}", "check Caddy's admin endpoint")
+    try:
+        return response.json()
+    except ValueError:
+        raise TrafficUnknownError(f"Caddy's admin API at {url} did not answer JSON",
+                                  "check [caddy] admin_url points at Caddy's admin API"
+                                  ) from None
+
+
+def from_config(env: Environment, config: Any) -> Traffic:
+    dials = tuple(dict.fromkeys(_dials(config)))
+    by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
+    slots = frozenset(by_port[p] for d in dials if (p := _port(d)) in by_port)
+    return Traffic(slots=slots, dials=dials)
+
+
+def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
+    """(X-Togather-Slot, error) as the proxy answers right now, on a fresh connection."""
+    url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
+    try:
+        with httpx.Client(timeout=_TIMEOUT, trust_env=False) as client:
+            response = client.get(url, headers={"Connection": "close"})
+    except httpx.HTTPError as exc:
+        return None, f"{url}: {type(exc).__name__}"
+    return response.headers.get(SLOT_HEADER), None
+
+
+def read(env: Environment, *, proxy: bool = True) -> Traffic:
+    """Where traffic goes now. Raises TrafficUnknownError when Caddy cannot be asked."""
+    found = from_config(env, loaded_config(env))
+    if not proxy:
+        return found
+    header, error = ask_proxy(env)
+    return Traffic(found.slots, found.dials, header, error)
+
+
+def serving_slot(env: Environment) -> Slot:
+    """The one slot Caddy sends traffic to, or PreconditionError (fail closed)."""
+    found = read(env)
+    problem = found.problem(env)
+    if found.slot is None or problem is not None:
+        raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
+                                "see `runbook status`; repoint Caddy at the healthy slot with "
+                                f"`runbook switch {env.name} --slot <blue|green>`")
+    return found.slot
+
+
+class ServingContainerError(RunbookError):
+    """A step tried to stop, recreate or remove the container that serves traffic."""
+
+    exit_code = ExitCode.ATTENTION
+
+
+def refuse_if_serving(env: Environment, slot: Slot, action: str) -> None:
+    """The invariant, checked at the moment of acting (not when planning): never stop,
+    recreate, restart or remove the container Caddy sends traffic to. Fails closed when
+    Caddy's running config cannot be read."""
+    container = env.slot(slot).container
+    try:
+        found = read(env, proxy=False)
+    except TrafficUnknownError as exc:
+        raise ServingContainerError(
+            f"refusing to {action} {container}: cannot tell whether it serves traffic "
+            f"({exc.message})", "check Caddy, then run again", exit_code=ExitCode.FAILED_SAFELY
+        ) from None
+    if slot in found.slots:
+        raise ServingContainerError(
+            f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
+            f"dials port {env.slot(slot).port})",
+            "this is a bug or a concurrent change; see `runbook status`")
+
+
+def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]:
+    """The slot that serves, as Caddy runs it, with warnings where files disagree with it.
+
+    `recorded` is what the state file says. Fails closed (PreconditionError) when Caddy's
+    running config names no single slot.
+    """
+    from runbook import caddy
+
+    found = read(env)
+    problem = found.problem(env)
+    if found.slot is None or (problem and found.proxy_slot is not None):
+        raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
+                                "see `runbook status`; repoint Caddy at the healthy slot with "
+                                f"`runbook switch {env.name} --slot <blue|green>`")
+    warnings: list[str] = []
+    if problem:
+        warnings.append(problem)
+    if recorded is not None and recorded != found.slot:
+        warnings.append(f"the state file says {recorded} is active but Caddy sends traffic to "
+                        f"{found.slot}; trusting Caddy")
+    try:
+        on_disk = caddy.inspect(caddy.read(env), env).slot
+    except RunbookError as exc:
+        warnings.append(f"cannot read the Caddyfile: {exc.message}")
+    else:
+        if on_disk != found.slot:
+            warnings.append(f"the Caddyfile on disk points at {on_disk or 'no single slot'} "
+                            f"but Caddy runs {found.slot} (a run stopped between writing it "
+                            "and reloading?); the switch rewrites it")
+    return found.slot, warnings

@@ -1,0 +1,253 @@
+"""The kill matrix: a rollback interrupted anywhere never makes an outage worse, and the next
+`runbook rollback` finishes it. Against the real drill stack, through the real CLI.
+
+Each cell: v2 on green (stopped) and v3 on blue (live), so the rollback goes v3 -> v2.
+`runbook rollback` runs with a drill fault (runbook/faults.py) that sends the process a signal
+at one point; meanwhile a client polls through Caddy every 10 ms. Then `runbook status` and one
+more `runbook rollback`. For every cell:
+- no request fails (one retry of an idempotent GET on a reset connection counts as served);
+- once v2 has been served (the commit point), v3 is never served again;
+- status names the slot the proxy really answers from;
+- the rerun converges: v2 on green, recorded once (rollback_count 1), blue stopped, no
+  intent, no lock, no temp file left; no hand edit anywhere.
+
+`make test` runs a sample (every point with SIGKILL, the switch's inner points with SIGINT and
+SIGTERM); RUNBOOK_KILL_MATRIX=full (the nightly drill) runs every point with every signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook import deploy, docker, faults
+from runbook import intent as intents
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment
+
+pytestmark = pytest.mark.docker
+V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
+
+# Step boundaries and the points inside the switch and the state write, in run order.
+POINTS = [
+    "before:start-slot",  # after the lock, the plan and the intent
+    "before:health-gate",  # the standby was started
+    "before:switch",  # the standby passed the gate
+    "switch.after-write",  # the Caddyfile on disk points at green, Caddy still runs blue
+    "switch.after-reload",  # Caddy runs green, not yet verified
+    "switch.after-verify",  # the commit point
+    "state.before-rename",  # the new state sits in a temp file
+    "before:stop-old-slot",  # the state says v2 on green
+    "after:stop-old-slot",  # all done but the intent and the lock
+]
+SIGNALS = ["SIGKILL", "SIGINT", "SIGTERM"]
+SAMPLE = ([(p, "SIGKILL") for p in POINTS]
+          + [(p, s) for p in ("before:health-gate", "switch.after-write", "switch.after-reload",
+                              "before:stop-old-slot") for s in ("SIGINT", "SIGTERM")])
+FULL = [(p, s) for p in POINTS for s in SIGNALS]
+CELLS = FULL if os.environ.get("RUNBOOK_KILL_MATRIX") == "full" else SAMPLE
+# A signal inside the switch is held until the switch is verified or undone; it undoes a
+# switch not yet verified. From the verification on (the commit point) nothing is undone.
+COMMITTED = set(POINTS[POINTS.index("switch.after-verify"):])
+
+
+@dataclass
+class Poller:
+    """A user: GET /version through Caddy every 10 ms on a kept-alive connection."""
+
+    env: Environment
+    seen: list[tuple[float, str | None, str | None]] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    resets: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _get(self, client: httpx.Client) -> httpx.Response:
+        url = f"{self.env.caddy.proxy_url}/version"
+        try:
+            return client.get(url)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
+            self.resets += 1  # a kept-alive connection closed at a reload: retry once
+            return client.get(url, headers={"Connection": "close"})
+
+    def run(self) -> None:
+        with httpx.Client(timeout=3, trust_env=False) as client:
+            while not self._stop.is_set():
+                now = time.time()  # when the request started
+                try:
+                    response = self._get(client)
+                except httpx.HTTPError as exc:
+                    self.failures.append((now, f"{type(exc).__name__}"))
+                else:
+                    if response.status_code != 200:
+                        self.failures.append((now, f"HTTP {response.status_code}"))
+                    else:
+                        self.seen.append((now, response.headers.get("X-Togather-Slot"),
+                                          response.json().get("version")))
+                self._stop.wait(0.01)
+
+    def __enter__(self) -> Poller:
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=10)
+
+
+def cli(env: Environment, *args: str, fault: str | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    assert env.source is not None
+    extra = {faults.VARIABLE: fault} if fault else {}
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE} | extra
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+                          capture_output=True, text=True, timeout=timeout, env=environ,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def through_proxy(env: Environment) -> tuple[str | None, str | None]:
+    with httpx.Client(timeout=3, trust_env=False) as client:
+        response = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    return response.headers.get("X-Togather-Slot"), response.json().get("version")
+
+
+def commit_time(env: Environment) -> float:
+    """When a rollback's journal says the commit point was reached (the earliest saying so)."""
+    times = []
+    for log in env.log_dir.glob("*.log"):
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["message"].startswith("commit point reached") \
+                    and entry["deployment_id"].startswith("rbk"):  # not the arranging deploys
+                when = datetime.strptime(entry["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                times.append(when.replace(tzinfo=UTC).timestamp())
+    assert times, "no run journaled its commit point"
+    return min(times)
+
+
+def leftovers(env: Environment) -> list[str]:
+    found = [p.name for p in env.state_file.parent.iterdir() if p.name.endswith(".tmp")]
+    found += [p.name for p in env.caddy.caddyfile.parent.iterdir() if p.name.endswith(".tmp")]
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    yield drill_stack
+
+
+def arrange(stack: DrillStack) -> Environment:
+    stack.reset()
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag))
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    assert through_proxy(env) == ("blue", V3.tag)
+    return env
+
+
+@pytest.mark.parametrize(("point", "signame"), CELLS, ids=[f"{p}-{s}" for p, s in CELLS])
+def test_an_interrupted_rollback_never_makes_it_worse_and_the_rerun_finishes_it(
+        stack: DrillStack, point: str, signame: str) -> None:
+    env = arrange(stack)
+    with Poller(env) as user:
+        first = cli(env, "rollback", "--yes", fault=f"{point}:{signame}")
+        status = cli(env, "status", "--format", "json")
+        serving = through_proxy(env)
+        second = cli(env, "rollback", "--yes")
+        time.sleep(0.2)
+    # 1. how the interrupted run ended, as documented
+    if signame == "SIGKILL":
+        assert first.returncode == -9, first.stderr
+    elif point == "after:stop-old-slot":
+        assert first.returncode == 0, first.stderr  # nothing was left to do
+    elif point in COMMITTED:
+        assert first.returncode == 6, first.stderr
+        assert "TOOK EFFECT" in first.stderr
+    else:
+        assert first.returncode == 1, first.stderr
+        assert "nothing took effect" in first.stderr, first.stderr
+    assert "Traceback" not in first.stderr + second.stderr
+    # 2. status names the slot that really serves
+    data = json.loads(status.stdout)
+    assert data["traffic"]["slot"] == serving[0], (data["traffic"], serving)
+    if signame == "SIGKILL" and point != "after:stop-old-slot":
+        assert data["problems"], "a killed run left work: status must say so"
+    # 3. the rerun converges on the intended end state, recording the rollback once
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.previous is not None
+    assert (st.current.version, str(st.current.active_slot), st.current.status) == (
+        V2.tag, "green", "active")
+    assert st.current.rollback_count == 1
+    assert (st.previous.version, st.previous.status) == (V3.tag, "rolled_back")
+    assert not docker.inspect(env.slot("blue").container).running
+    assert docker.inspect(env.slot("blue").container).exists
+    assert not intents.path(env).exists()
+    assert not env.lock_path.exists()
+    assert leftovers(env) == []
+    # 4. users: no failed request, and v3 never again once v2 was served
+    assert user.failures == [], user.failures[:5]
+    committed = commit_time(env)
+    after = [version for when, _, version in user.seen if when > committed]
+    assert after and set(after) == {V2.tag}, "the version rolled back from was served again"
+
+
+def test_a_full_disk_after_the_switch_leaves_traffic_moved_and_says_so(
+        stack: DrillStack) -> None:
+    """The disk fills up right after the commit (simulated with a file-size limit on the
+    process, which even root cannot write past): the rollback took effect and says so in one
+    line with exit 6, nothing is undone, and the rerun records it once there is room."""
+    env = arrange(stack)
+    with Poller(env) as user:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "runbook.cli", "rollback", "--yes", str(env.source)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+            env=os.environ | {faults.VARIABLE: "switch.after-verify:SIGSTOP"})
+        try:
+            _wait_stopped(first.pid)
+            resource.prlimit(first.pid, resource.RLIMIT_FSIZE, (512, 512))
+            os.kill(first.pid, signal.SIGCONT)
+            _, err = first.communicate(timeout=120)
+        finally:
+            first.kill()
+        stuck = states.read_state(env.state_file)
+        second = cli(env, "rollback", "--yes")
+    assert first.returncode == 6, err
+    assert "TOOK EFFECT" in err and "Record the rollback" in err
+    assert stuck.current is not None and stuck.current.version == V3.tag  # not recorded yet
+    assert docker.inspect(env.slot("blue").container).exists
+    assert second.returncode == 0, second.stderr
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V2.tag
+    assert st.current.rollback_count == 1
+    assert through_proxy(env) == ("green", V2.tag)
+    assert user.failures == []
+
+
+def _wait_stopped(pid: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        if stat[0] == "T":
+            return
+        time.sleep(0.02)
+    raise AssertionError("the rollback never reached the fault point")
