@@ -1217,7 +1217,8 @@ def start_step(env: Environment, facts: dict[str, Any], *, wait: bool = True) ->
 def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,
             dry_run: bool = False, reason: str = "snapshot restore",
             confirm: Callable[..., bool] | None = None,
-            progress: Callable[..., None] | None = None) -> RunResult:
+            progress: Callable[..., None] | None = None,
+            notify: Callable[[str], None] | None = None) -> RunResult:
     """`runbook snapshot restore`: lock, verify, safety snapshot, restore, restart, journal."""
     from runbook.plan import Plan
     from runbook.run import perform
@@ -1239,4 +1240,4 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)
 
     return perform(env, "snapshot-restore", build, dry_run=dry_run, reason=reason,
-                   confirm=confirm, progress=progress)
+                   confirm=confirm, progress=progress, notify=notify)

@@ -91,9 +91,9 @@ def loaded_config(env: Environment) -> Any:
             response = client.get(url)
     except httpx.HTTPError as exc:
         raise TrafficUnknownError(
-            f"cannot read Caddy's running config at {url} ({type(exc).__name__})",
-            "start Caddy or fix [caddy] admin_url; which slot serves cannot be known "
-            "without it") from None
+            f"Caddy is not running: its admin API at {url} does not answer "
+            f"({type(exc).__name__}), so which slot serves cannot be known; nothing was "
+            "touched", "start Caddy (or fix [caddy] admin_url), then run again") from None
     if response.status_code != 200:
         raise TrafficUnknownError(f"Caddy's admin API answered HTTP {response.status_code} "
                                   f"at {url}", "check Caddy's admin endpoint")
