@@ -258,17 +258,13 @@ def healthcheck(
     config: ConfigOpt = None,
 ) -> None:
     """Verify health of a slot (degraded counts as healthy). Exit 1 when any is unhealthy."""
-    from runbook import caddy, health
+    from runbook import health, traffic
     from runbook.environment import Slot
 
     try:
         environment = load_env(env, config)
         if slot is HealthSlot.active:
-            active = caddy.active_slot(caddy.read(environment), environment)
-            if active is None:
-                raise RunbookError("cannot tell the active slot from the Caddyfile",
-                                   "run `runbook status` to see what is wrong")
-            chosen = [active]
+            chosen = [traffic.serving_slot(environment)]  # as Caddy runs it
         elif slot is HealthSlot.both:
             chosen = list(Slot)
         else:

@@ -101,6 +101,9 @@ def gather(env: Environment) -> dict[str, Any]:
     except RunbookError as exc:
         out["database"] = {"error": str(exc)}
     held = locks.status(env)
+    last = _last_run(env)
+    if last is not None:
+        out["last_run"] = last
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
     active = out.get("caddy", {}).get("active_slot")
@@ -115,6 +118,27 @@ def gather(env: Environment) -> dict[str, Any]:
             problems.append(f"state says {st.current.image} is current, the active slot runs "
                             f"{running}")
     return out
+
+
+def _last_run(env: Environment) -> dict[str, Any] | None:
+    """The newest run record: its outcome, and a stale lock it took over (said here too)."""
+    import json
+
+    try:
+        records = sorted(env.runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return None
+    for record in reversed(records[-5:]):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        context = data.get("context") or {}
+        return {"run_id": data.get("run_id"), "action": data.get("action"),
+                "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
+                "finished_at": data.get("finished_at"),
+                "took_over": context.get("stale_lock_taken_over")}
+    return None
 
 
 def render(data: dict[str, Any]) -> str:
@@ -138,6 +162,11 @@ def render(data: dict[str, Any]) -> str:
     lock = data.get("lock", {})
     lines.append("  lock      " + ("free" if not lock.get("locked") else str(lock.get("summary")
                                                                               or lock)))
+    last = data.get("last_run")
+    if last:
+        lines.append(f"  last run  {last['action']} {last['run_id']}: {last['outcome']} (exit "
+                     f"{last['exit_code']})" + (f"; it {last['took_over']}" if last['took_over']
+                                                else ""))
     if data["problems"]:
         lines.append("Problems:")
         lines += [f"  ! {p}" for p in data["problems"]]

@@ -41,8 +41,9 @@ def probe(world: World, slot: Slot) -> health.HealthReport:
 
 def current_live_slot(world: World) -> Slot:
     live = world.live_slot()
-    assert live is not None, ("Caddy's managed block names no single slot: "
-                              + "; ".join(caddy.inspect(caddy.read(world.env), world.env).problems))
+    assert live is not None, (f"the proxy answers from no slot: {through_proxy(world.env)}; "
+                              "Caddyfile: " + "; ".join(
+                                  caddy.inspect(caddy.read(world.env), world.env).problems))
     return live
 
 

@@ -167,8 +167,13 @@ class World:
         return states.read_state(self.env.state_file, environment=self.env.name)
 
     def live_slot(self) -> Slot | None:
-        """The slot Caddy's managed block points at (None when it names no single slot)."""
-        return caddy.active_slot(caddy.read(self.env), self.env)
+        """The slot users are served by, as the proxy answers (its X-Togather-Slot), not as
+        any file says; None when the proxy answers from no slot."""
+        status, header, _ = through_proxy(self.env)
+        try:
+            return Slot(header) if status == 200 and header else None
+        except ValueError:
+            return None
 
     # -- acting ------------------------------------------------------------------------------
     def act(self, what: str, run: Callable[[bool], RunResult], *, mutating: bool = True) -> None:

@@ -251,3 +251,64 @@ def _wait_stopped(pid: int, timeout: float = 60) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("the rollback never reached the fault point")
+
+
+def test_a_closed_terminal_never_aborts_the_run(stack: DrillStack) -> None:
+    """stdout and stderr closed under the run (the ssh session dropped): it still completes,
+    and the journal records success."""
+    env = arrange(stack)
+    read_out, write_out = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "rollback", "--yes", str(env.source)],
+        stdout=write_out, stderr=write_out, stdin=subprocess.DEVNULL)
+    os.close(write_out)
+    os.close(read_out)  # nobody reads: every write of the run hits a closed pipe
+    proc.wait(timeout=120)
+    assert through_proxy(env) == ("green", V2.tag)
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V2.tag
+    records = [json.loads(p.read_text()) for p in env.runs_dir.glob("rbk_*.json")]
+    assert [r["outcome"] for r in records] == ["success"]
+    assert not intents.path(env).exists() and not env.lock_path.exists()
+
+
+def test_a_stale_takeover_is_said_on_the_terminal_in_the_journal_and_in_status(
+        stack: DrillStack) -> None:
+    env = arrange(stack)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    env.lock_path.mkdir()
+    (env.lock_path / "locked_at").write_text(f"{int(time.time())}\n")
+    (env.lock_path / "holder.json").write_text(json.dumps({
+        "lock_id": "lock_crashed", "locked_by": "alice@host", "pid": int(dead.stdout),
+        "hostname": os.uname().nodename, "reason": "rollback"}))
+    run = cli(env, "rollback", "--yes")
+    assert run.returncode == 0, run.stderr
+    assert "took over a stale deploy lock held by alice@host" in run.stderr
+    journal = "".join(p.read_text() for p in env.log_dir.glob("*.log"))
+    assert "took over a stale deploy lock held by alice@host" in journal
+    status = cli(env, "status")
+    assert "took over a stale deploy lock held by alice@host" in status.stdout
+
+
+def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> None:
+    """Even expired: the holder's process still runs, so it is a hung run to stop, not a
+    lock to delete under it."""
+    env = stack.env.with_(lock_stale_after=1)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        env.lock_path.mkdir()
+        (env.lock_path / "locked_at").write_text(f"{int(time.time()) - 3600}\n")
+        (env.lock_path / "holder.json").write_text(json.dumps({
+            "lock_id": "lock_live", "locked_by": "bob@host", "pid": holder.pid,
+            "hostname": os.uname().nodename, "reason": "deploy"}))
+        run = cli(stack.env, "unlock", "--force")
+        assert run.returncode == 3, run.stderr
+        assert "not even with --force" in run.stderr and f"kill {holder.pid}" in run.stderr
+        assert env.lock_path.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+        import shutil
+
+        shutil.rmtree(env.lock_path, ignore_errors=True)

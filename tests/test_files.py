@@ -1,0 +1,79 @@
+"""Atomic writes keep what other tools rely on (mode, owner, group) and leave nothing behind;
+the next run removes what a killed writer left. Real files, no Docker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from runbook import files
+from runbook import state as states
+from runbook.environment import Slot
+
+DATA = Path(__file__).parent / "data" / "state"
+
+
+def test_atomic_write_keeps_mode_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "Caddyfile"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    files.atomic_write(target, b"new\n")
+    assert target.read_bytes() == b"new\n"
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["Caddyfile"]
+
+
+def test_atomic_write_keeps_owner_and_group_when_root_rewrites(tmp_path: Path) -> None:
+    target = tmp_path / "deployment-state.json"
+    target.write_text("{}")
+    if os.geteuid() == 0:
+        os.chown(target, 1234, 5678)
+    before = target.stat()
+    files.atomic_write(target, b'{"a": 1}')
+    after = target.stat()
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+
+
+def test_a_symlinked_target_stays_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_text("1")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    files.atomic_write(link, b"2")
+    assert link.is_symlink() and real.read_text() == "2"
+
+
+def test_the_state_file_keeps_its_mode_across_a_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "deployment-state.json"
+    path.write_bytes((DATA / "documented.json").read_bytes())
+    path.chmod(0o644)  # the Go CLI reads it as another user
+    st = states.read_state(path)
+    assert st.current is not None
+    states.write_state(path, st.with_(current=st.current.with_(active_slot=Slot.GREEN)))
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_killed_writer_leaves_a_temp_file_the_next_run_sweeps(tmp_path: Path) -> None:
+    """SIGKILL between the fsynced temp file and the rename: the target is intact, the temp
+    file is ours by name and goes; other files, including other tools' temp files, stay."""
+    target = tmp_path / "deployment-state.json"
+    target.write_text("intact")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from runbook import state\n"
+        "p = Path(sys.argv[1])\n"
+        "st = state.DeploymentState(environment='production')\n"
+        "state.write_state(p, st, before_rename=lambda: os.kill(os.getpid(), 9))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(target)], check=False)
+    assert proc.returncode == -9
+    assert target.read_text() == "intact"
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1
+    other = tmp_path / ".deployment-state.json.goclisave.tmp"
+    other.write_text("not ours")
+    assert files.sweep_temps(target) == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".deployment-state.json.goclisave.tmp", "deployment-state.json"]
