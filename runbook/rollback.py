@@ -87,10 +87,10 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 f"tells whether {target.version} can run on it; nothing was changed",
                 (f"{exc.fix}; " if exc.fix else "") + "then run the rollback again, or pass "
                 "--force to roll back the code without the schema check") from None
-        guard.warnings.append(f"schema guard SKIPPED (--force): the database schema cannot be "
-                              f"read ({reason}); {target.version} may not run on it")
+        guard.warnings.append(f"schema guard skipped (--force): the database schema cannot "
+                              f"be read ({reason}); {target.version} may not run on it")
         guard.details["database schema"] = f"unknown: {reason}"
-        guard.details["schema guard"] = "SKIPPED (--force): the schema could not be read"
+        guard.details["schema guard"] = "skipped (--force): the schema could not be read"
         return guard
     found = migration_source.infer(env, current, target)
     recorded = found.version
@@ -143,9 +143,9 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                    "or pass --force to roll back the code anyway")
         raise PreconditionError(problem, fix)
     if problem:
-        guard.warnings.append(f"schema guard SKIPPED (--force): {problem}; rolling back the "
+        guard.warnings.append(f"schema guard skipped (--force): {problem}; rolling back the "
                               "code anyway")
-        guard.details["schema guard"] = "SKIPPED (--force)"
+        guard.details["schema guard"] = "skipped (--force)"
     else:
         guard.details["schema guard"] = "compatible"
     return guard

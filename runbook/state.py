@@ -713,7 +713,7 @@ class _Style:
     """How the file's writer formatted it, so our rewrite looks like theirs."""
 
     indent: str | None = "  "
-    item_sep: str = ", "
+    item_sep: str = ","  # json.dumps' own choice with an indent: no trailing spaces
     key_sep: str = ": "
     ensure_ascii: bool = False
     html_escape: bool = False  # Go's encoder writes <, >, & as \u003c, \u003e, \u0026
@@ -752,6 +752,8 @@ def _style_of(raw: bytes, dialect: str) -> _Style:
             else ":"
     if indent is None:
         item_sep = ", " if re.search(r'[\]}"0-9el], "', body) else ","
+    elif re.search(r", \r?\n", body):  # old Python json.dumps: trailing spaces after commas
+        item_sep = ", "
     has_non_ascii = any(ord(c) > 127 for c in text)
     return _Style(
         indent=indent, item_sep=item_sep, key_sep=key_sep,

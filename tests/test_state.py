@@ -868,3 +868,17 @@ def test_odd_values_in_each_dialect(name: str, path: tuple[str | int, ...], valu
         assert expected in info.value.message and "\n" not in str(info.value)
         assert info.value.fix and info.value.exit_code == ExitCode.PRECONDITION
     assert target.read_bytes() == before
+
+
+def test_a_new_file_and_its_lock_cycle_keep_one_format(tmp_path: Path) -> None:
+    """Our own new file: indent 2, no trailing spaces; a lock and release leave it as it was."""
+    path = tmp_path / "deployment-state.json"
+    write_state(path, after_deploy(DeploymentState(environment="staging"), dep(1)))
+    first = path.read_bytes()
+    assert first == (json.dumps(json.loads(first), indent=2) + "\n").encode()
+    held = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here", "pid": 42,
+            "locked_at": "2026-02-11T08:00:00Z", "lock_expires_at": "2026-02-11T08:30:00Z"}
+    write_state(path, with_lock(read_state(path), held))
+    assert b", \n" not in path.read_bytes()
+    write_state(path, with_lock(read_state(path), {"locked": False}))
+    assert path.read_bytes() == first
