@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 from runbook.environment import Environment, Slot
-from runbook.errors import ExitCode, RunbookError
+from runbook.errors import ExitCode, PreconditionError, RunbookError
 
 
 class ComposeError(RunbookError):
@@ -31,7 +31,38 @@ class Command:
         return (prefix + " " if prefix else "") + shlex.join(self.argv)
 
 
+def check_recreate(env: Environment, slot: Slot, image: str, why: str = "") -> None:
+    """Pre-flight for a plan that recreates `slot`: is there a compose file and service to do it.
+
+    Hosts whose slots were started with `docker run` have neither; then only the operator knows
+    how the container was created, so the plan stops (exit 4) before anything changes.
+    """
+    config = env.slot(slot)
+    file = env.compose.file
+    missing = []
+    if file is None:
+        missing.append("[compose] file is not set")
+    elif not file.is_file():
+        missing.append(f"the compose file {file} does not exist")
+    if not config.service:
+        missing.append(f"[slots.{slot}] service is not set")
+    if not missing:
+        return
+    because = f" ({why})" if why else ""
+    where = env.source or "the environment file"
+    raise PreconditionError(
+        f"slot {slot}'s container {config.container} must be recreated with {image}{because}, "
+        f"but this host has no compose to do it: {'; '.join(missing)}",
+        f"recreate {config.container} with {image} the way it was created (e.g. its `docker "
+        f"run` command, port {config.port}), then run the rollback again; or deploy: `runbook "
+        f"deploy {env.name} --version <version>`; or set [compose] file and [slots.{slot}] "
+        f"service in {where}")
+
+
 def base(env: Environment) -> list[str]:
+    if env.compose.file is None:
+        raise PreconditionError("this host has no compose file ([compose] file is not set)",
+                                "set [compose] file in the environment file")
     argv = [*env.compose.command, "-p", env.compose.project, "-f", str(env.compose.file)]
     if env.compose.env_file is not None:
         argv += ["--env-file", str(env.compose.env_file)]
@@ -41,6 +72,9 @@ def base(env: Environment) -> list[str]:
 def recreate_slot(env: Environment, slot: Slot, tag: str) -> Command:
     """`up -d --no-deps --force-recreate togather-<slot>` with IMAGE_TAG set, as on a host."""
     service = env.slot(slot).service
+    if not service:
+        check_recreate(env, slot, f"{env.compose.image_repository}:{tag}")
+    assert service is not None
     return Command(
         argv=(*base(env), "up", "-d", "--no-deps", "--force-recreate", "--pull", "never", service),
         env=(("IMAGE_TAG", tag),),

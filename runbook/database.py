@@ -36,12 +36,34 @@ def connect(env: Environment, timeout: int = 5):  # type: ignore[no-untyped-def]
 
 
 def schema_version(env: Environment) -> SchemaVersion:
-    """golang-migrate's schema_migrations(version, dirty): one row, or none."""
+    """golang-migrate's schema_migrations(version, dirty): one row, or none.
+
+    Any failure to read it is one DatabaseError naming why (never a traceback, never a guess):
+    the schema guard fails closed on it.
+    """
     import psycopg
 
-    with connect(env) as conn:
-        try:
-            row = conn.execute("SELECT version, dirty FROM schema_migrations LIMIT 1").fetchone()
-        except psycopg.errors.UndefinedTable:
-            return SchemaVersion(0, False)
-    return SchemaVersion(int(row[0]), bool(row[1])) if row else SchemaVersion(0, False)
+    from runbook.journal import redact
+
+    try:
+        with connect(env) as conn:
+            conn.execute("SET statement_timeout = 5000")  # a locked table must not hang us
+            try:
+                row = conn.execute(
+                    "SELECT version, dirty FROM schema_migrations LIMIT 1").fetchone()
+            except psycopg.errors.UndefinedTable:
+                return SchemaVersion(0, False)
+    except psycopg.Error as exc:
+        text = str(exc).strip()
+        first = redact(text.splitlines()[0]) if text else type(exc).__name__
+        raise DatabaseError(f"cannot read schema_migrations: {first}",
+                            f"check that {env.database.url_variable} in "
+                            f"{env.database.env_file or 'the environment'} names the app's "
+                            "database and user") from None
+    if row is None:
+        return SchemaVersion(0, False)
+    try:
+        return SchemaVersion(int(row[0]), bool(row[1]))
+    except (TypeError, ValueError):
+        raise DatabaseError(f"schema_migrations holds {row[0]!r}, not a version number",
+                            "repair schema_migrations (golang-migrate force VERSION)") from None

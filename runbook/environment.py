@@ -22,6 +22,9 @@ ALIASES = {"prod": "production", "stage": "staging", "dev": "development"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_DIR = REPO_ROOT / "environments"
 SYSTEM_DIR = Path("/etc/togather-runbook")
+# The contract's compose file: the default only on a host where it exists (issue 10: hosts that
+# start their slots with `docker run` have none, and a default to a missing file misleads).
+STANDARD_COMPOSE_FILE = Path("/opt/togather/src/deploy/docker/docker-compose.blue-green.yml")
 
 
 class Slot(StrEnum):
@@ -43,7 +46,7 @@ class ReloadMethod(StrEnum):
 class SlotConfig:
     slot: Slot
     container: str
-    service: str
+    service: str | None  # the compose service; None on hosts without compose (`docker run`)
     port: int
     host: str = "127.0.0.1"
 
@@ -65,7 +68,7 @@ class CaddyConfig:
 
 @dataclass(frozen=True)
 class ComposeConfig:
-    file: Path
+    file: Path | None  # None: this host has no compose file, slots cannot be recreated by us
     project: str
     env_file: Path | None
     image_repository: str = "togather-server"
@@ -327,9 +330,12 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     for slot in Slot:
         port = r.port(f"slots.{slot}.port")
         container = r.get(f"slots.{slot}.container", str)
-        service = r.get(f"slots.{slot}.service", str)
+        service = r.get(f"slots.{slot}.service", str, None)
+        if service is not None and not service.strip():
+            r.errors.append(f"{path}: slots.{slot}.service: is empty (remove it on a host "
+                            "without compose)")
         host = r.get(f"slots.{slot}.host", str, "127.0.0.1")
-        if port is not None and container and service:
+        if port is not None and container:
             slots[slot] = SlotConfig(slot, container, service, port, host)
     if len({s.port for s in slots.values()}) < len(slots):
         r.errors.append(f"{path}: slots: blue and green must use different ports")
@@ -345,9 +351,8 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     )
     compose_env = r.path_("compose.env_file", None, base)
     compose = ComposeConfig(
-        file=r.path_("compose.file",
-                     "/opt/togather/src/deploy/docker/docker-compose.blue-green.yml", base)
-        or Path(),
+        file=r.path_("compose.file", None, base)
+        or (STANDARD_COMPOSE_FILE if STANDARD_COMPOSE_FILE.is_file() else None),
         project=r.get("compose.project", str, f"togather-{name}"),
         env_file=compose_env,
         image_repository=r.get("compose.image_repository", str, "togather-server"),
@@ -414,7 +419,8 @@ def to_toml(env: Environment) -> str:
              "[logs]", f"dir = {q(env.log_dir)}", f"runs_dir = {q(env.runs_dir)}", ""]
     for slot in Slot:
         s = env.slot(slot)
-        lines += [f"[slots.{slot}]", f"container = {q(s.container)}", f"service = {q(s.service)}",
+        lines += [f"[slots.{slot}]", f"container = {q(s.container)}",
+                  *([f"service = {q(s.service)}"] if s.service else []),
                   f"port = {s.port}", f"host = {q(s.host)}", ""]
     c = env.caddy
     lines += ["[caddy]", f"caddyfile = {q(c.caddyfile)}", f"reload = {q(c.reload.value)}",
@@ -422,7 +428,8 @@ def to_toml(env: Environment) -> str:
               f"command = {q(c.command)}", f"systemd_unit = {q(c.systemd_unit)}",
               f"verify_path = {q(c.verify_path)}", ""]
     m = env.compose
-    lines += ["[compose]", f"file = {q(m.file)}", f"project = {q(m.project)}",
+    lines += ["[compose]", *([f"file = {q(m.file)}"] if m.file else []),
+              f"project = {q(m.project)}",
               *([f"env_file = {q(m.env_file)}"] if m.env_file else []),
               f"image_repository = {q(m.image_repository)}", f"command = {q(m.command)}", ""]
     h = env.health

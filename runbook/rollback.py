@@ -47,24 +47,41 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                  options: Options) -> Guard:
     """Refuse to put old code on a newer schema unless a snapshot is restored first (or forced).
 
-    The refusal names the snapshot to restore and what restoring it would lose.
+    The refusal names the snapshot to restore and what restoring it would lose. It fails
+    closed: an unreadable schema stops the rollback (exit 4) unless --force, and then the plan's
+    warnings say what was skipped. A target recorded without a migration version (older tooling)
+    gets one from the snapshot sidecars or the app's own migrations check, or the plan says
+    neither exists.
     """
+    from runbook import migration_source
+
     guard = Guard({}, [])
     try:
         schema = database.schema_version(env)
     except RunbookError as exc:
         if options.restore_snapshot:
             raise
-        guard.warnings.append(f"schema not checked: {exc}")
-        guard.details["database schema"] = "unknown (database unreachable)"
+        reason = exc.message
+        if not options.force:
+            raise PreconditionError(
+                f"schema guard: the database schema cannot be read ({reason}), so nothing "
+                f"tells whether {target.version} can run on it; nothing was changed",
+                (f"{exc.fix}; " if exc.fix else "") + "then run the rollback again, or pass "
+                "--force to roll back the code without the schema check") from None
+        guard.warnings.append(f"schema guard skipped (--force): the database schema cannot "
+                              f"be read ({reason}); {target.version} may not run on it")
+        guard.details["database schema"] = f"unknown: {reason}"
+        guard.details["schema guard"] = "skipped (--force): the schema could not be read"
         return guard
-    recorded = target.migration_version
+    found = migration_source.infer(env, current, target)
+    recorded = found.version
     guard.details["database schema"] = schema.describe()
-    guard.details["target ran with"] = "not recorded" if recorded is None else str(recorded)
-    problem = None
-    if schema.dirty:
+    guard.details["target ran with"] = (f"not known: {found.source}" if recorded is None
+                                        else f"{recorded} (from {found.source})")
+    problem = found.problem  # the target build itself rejects the schema
+    if problem is None and schema.dirty:
         problem = f"the database schema is dirty at version {schema.version}"
-    elif recorded is not None and schema.version > recorded:
+    elif problem is None and recorded is not None and schema.version > recorded:
         problem = (f"migrations ran after the target deployment: the database schema is at "
                    f"{schema.version} but {target.version} ran with {recorded}")
     if options.restore_snapshot:
@@ -86,15 +103,18 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["data-loss window"] = window.describe()
         guard.details["schema guard"] = "restoring the snapshot first"
         return guard
-    if recorded is None:
-        guard.warnings.append(f"{target.version} did not record its migration version; the "
-                              "health gate will still refuse a build that rejects the schema")
-        guard.details["schema guard"] = "not checked (version not recorded)"
+    if recorded is None and not problem:
+        guard.warnings.append(f"schema guard: the migration version {target.version} ran with "
+                              f"is unknown ({found.source}); the health gate will still refuse "
+                              "a build that rejects the schema")
+        guard.details["schema guard"] = "not checked (version not known)"
         return guard
     if problem and not options.force:
-        snap = snapshots.latest_before(env, recorded, deployment_id=current.id)
+        snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
+                if recorded is not None else None)
         if snap is None:
-            fix = (f"no snapshot at schema {recorded} exists in {env.database.snapshot_dir}: "
+            at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
+            fix = (f"no snapshot {at} exists in {env.database.snapshot_dir}: "
                    "roll the migrations back by hand, or pass --force to roll back the code "
                    "anyway")
         else:
@@ -104,7 +124,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                    "or pass --force to roll back the code anyway")
         raise PreconditionError(problem, fix)
     if problem:
-        guard.warnings.append(f"{problem}; --force: rolling back the code anyway")
+        guard.warnings.append(f"schema guard skipped (--force): {problem}; rolling back the "
+                              "code anyway")
         guard.details["schema guard"] = "skipped (--force)"
     else:
         guard.details["schema guard"] = "compatible"

@@ -70,6 +70,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
             recovery or f"rebuild {image} from its commit, or deploy a version whose image "
                         f"exists: `runbook deploy {env.name} --version <version>`")
     why = "the container was removed" if not info.exists else f"it runs {info.image}"
+    compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
 

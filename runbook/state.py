@@ -1,10 +1,13 @@
 """deployment-state.json: one model for the three dialects found on real hosts.
 
 The documented dialect, the deploy script's and the Go CLI's all describe the same facts with
-different keys. Reading normalizes them; writing produces the documented dialect but keeps every
-key this module does not understand, so a rewrite by us never destroys another tool's data (the
-bug that made the dialects corrupt each other). Every problem surfaces as one StateError line
-naming the file, the key and the fix, because an operator reads it in the middle of an incident.
+different keys. Reading normalizes them, and remembers what the file said. Writing patches that
+original: every key and value another tool wrote stays exactly as written (nanosecond times, slot
+keys, lock fields; absent fields stay absent), and only what changed is written, in the file's
+own dialect and formatting. A rewrite with no change is byte-identical, so a rewrite by us never
+destroys another tool's data (the bug that made the dialects corrupt each other). Every problem
+surfaces as one StateError line naming the file, the key and the fix, because an operator reads
+it in the middle of an incident.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from runbook.environment import ENV_NAMES, Slot, canonical_name
 from runbook.errors import StateError
 
 HISTORY_LIMIT = 50
+DOCUMENTED, DEPLOY_SCRIPT, GO_CLI = "documented", "deploy-script", "go-cli"
+DIALECTS = (DOCUMENTED, DEPLOY_SCRIPT, GO_CLI)
 MAX_STATE_BYTES = 8 * 1024 * 1024  # a real file is a few KiB; anything this big is not ours
 HEALTH_STATUSES = ("healthy", "degraded", "unhealthy", "unknown")
 STATUSES = ("active", "deploying", "failed", "rolled_back", "superseded")
@@ -51,6 +56,9 @@ _TOP_KEYS = frozenset({
 _LOCK_ORDER = ("locked", "lock_id", "locked_by", "locked_at", "lock_expires_at", "deployment_id",
                "pid", "hostname", "reason")
 _LOCK_TIME_KEYS = ("locked_at", "lock_expires_at")
+# The Go CLI's lock struct, in its field order; its zero times mean "not set".
+_GO_LOCK_ORDER = ("locked", "locked_at", "locked_by", "reason", "expires_at")
+_GO_ZERO = "0001-01-01T00:00:00Z"
 
 
 def new_id(prefix: str) -> str:
@@ -109,6 +117,10 @@ class Deployment:
     image: str = ""  # "" means togather-server:<version>
     migration_version: int | None = None  # schema_migrations.version this deployment ran with
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The record as read (itself, holding the file's object in `raw`); None for a new record.
+    # A writer patches `origin.raw` with what differs from `origin`, so nothing else moves.
+    origin: Deployment | None = field(default=None, compare=False, repr=False)
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.image:
@@ -152,6 +164,15 @@ class DeploymentState:
     lock: Mapping[str, Any] = field(default_factory=lambda: {"locked": False})
     extra: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""  # where it was read from, for messages
+    # The state as read (itself, holding the document and its bytes); None for a new state.
+    origin: DeploymentState | None = field(default=None, compare=False, repr=False)
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    raw_bytes: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def dialect(self) -> str:
+        """The dialect of the file this state was read from (new states: the documented one)."""
+        return dialect_of(self.origin.raw) if self.origin and self.origin.raw else DOCUMENTED
 
     def with_(self, **changes: Any) -> DeploymentState:
         return replace(self, **changes)
@@ -289,7 +310,7 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
                      "write one of " + ", ".join(STATUSES))
     image = r.string(obj, "docker_image", where, required=False) or ""
     migration_version = r.count(obj, "migration_version", where)
-    return Deployment(
+    dep = Deployment(
         id=(dep_id or _derived_id(version, commit, deployed_at)).strip(),
         version=version,
         git_commit=commit,
@@ -303,7 +324,10 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
         image=image.strip(),
         migration_version=migration_version,
         extra={k: copy.deepcopy(v) for k, v in obj.items() if k not in _DEPLOYMENT_KEYS},
+        raw=copy.deepcopy(dict(obj)),
     )
+    object.__setattr__(dep, "origin", dep)
+    return dep
 
 
 def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
@@ -319,18 +343,22 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
         raise r.fail("lock.locked", f"expected true or false, got {_show(obj['locked'])}",
                      "write \"locked\": false or true")
     data = {k: copy.deepcopy(v) for k, v in obj.items()}
+    named = {"locked_at": "locked_at", "lock_expires_at": "lock_expires_at"}
     if "expires_at" in data:  # the Go CLI's name
         go_value = data.pop("expires_at")
-        data.setdefault("lock_expires_at", go_value)
+        if "lock_expires_at" not in data:
+            data["lock_expires_at"] = go_value
+            named["lock_expires_at"] = "expires_at"  # errors name the key the file has
     for key in _LOCK_TIME_KEYS:
         value = data.get(key)
         if value is None:
             data.pop(key, None)
             continue
+        where = f"lock.{named[key]}"
         if not isinstance(value, str):
-            raise r.fail(f"lock.{key}", f"expected a time string, got {_show(value)}",
+            raise r.fail(where, f"expected a time string, got {_show(value)}",
                          "write an RFC 3339 time or remove the key")
-        if r.time(value, f"lock.{key}", "write an RFC 3339 time or remove the key") is None:
+        if r.time(value, where, "write an RFC 3339 time or remove the key") is None:
             del data[key]  # Go's zero time: "not set"
     pid = data.get("pid")
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
@@ -345,6 +373,13 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
     return ordered
 
 
+def _encode(text: str) -> bytes | None:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # lone surrogates: no file holds these bytes
+        return None
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -353,6 +388,7 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
                 environment: str | None = None) -> DeploymentState:
     """Parse any dialect. `environment`, when given, fills a blank one and must match."""
     r = _Reader(source)
+    raw_bytes = text if isinstance(text, bytes) else _encode(text)
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
@@ -371,10 +407,13 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
         raise r.fail("", f"expected a JSON object at the top, got {_show(data)}",
                      "restore it from a backup or re-record the deployment")
     try:
-        return _build(data, r, environment)
+        state = _build(data, r, environment)
     except RecursionError:
         raise r.fail("", "is nested too deeply to be a deployment state file",
                      "restore it from a backup") from None
+    state = replace(state, raw=data, raw_bytes=raw_bytes)
+    object.__setattr__(state, "origin", state)
+    return state
 
 
 def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> DeploymentState:
@@ -449,28 +488,139 @@ def read_state(path: Path, *, environment: str | None = None) -> DeploymentState
 # Writing
 
 
-def _deployment_json(dep: Deployment) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": dep.id,
-        "version": dep.version,
-        "git_commit": dep.git_commit,
-        "deployed_at": format_time(dep.deployed_at),
-        "deployed_by": dep.deployed_by,
-    }
-    if dep.active_slot is not None:
-        data["active_slot"] = dep.active_slot.value
-    data["health_status"] = dep.health_status
-    if dep.status is not None:
-        data["status"] = dep.status
-    data["migrations_run"] = dep.migrations_run
-    data["rollback_count"] = dep.rollback_count
-    data["docker_image"] = dep.image
+def dialect_of(doc: Mapping[str, Any]) -> str:
+    """Which tool wrote this document: its keys give it away (CONTRACTS: three dialects)."""
+    deps = [doc.get("current_deployment"), doc.get("previous_deployment")]
+    history = doc.get("deployment_history")
+    if isinstance(history, list):
+        deps += history
+    objects = [d for d in deps if isinstance(d, Mapping)]
+    lock = doc.get("lock")
+    if ((isinstance(lock, Mapping) and "expires_at" in lock)
+            or any("slot" in d and "active_slot" not in d for d in objects)):
+        return GO_CLI
+    if (any(k in doc for k in ("active_slot", "slots", "last_deployment"))
+            or any("environment" in d for d in objects)):
+        return DEPLOY_SCRIPT
+    return DOCUMENTED
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality that also tells true from 1 and keeps key order: 'as written'."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _unchanged(dep: Deployment | None, was: Deployment | None) -> bool:
+    """The same record as read, with no field changed (so its raw object is still the truth)."""
+    if dep is None or was is None:
+        return dep is was
+    return dep.origin is not None and dep.origin is was.origin and dep == was
+
+
+def format_time_as(value: datetime, dialect: str) -> str:
+    """A new time in the file's own style: Go's RFC3339Nano trims trailing zero digits."""
+    text = format_time(value)
+    if dialect == GO_CLI and "." in text:
+        head, frac = text[:-1].split(".")
+        frac = frac.rstrip("0")
+        text = f"{head}.{frac}Z" if frac else f"{head}Z"
+    return text
+
+
+def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dict[str, Any]:
+    """A record this tool creates (a deploy, a switch): in the file's dialect."""
+    slot = None if dep.active_slot is None else dep.active_slot.value
+    data: dict[str, Any]
+    if dialect == GO_CLI:
+        data = {"version": dep.version, "deployed_at": format_time_as(dep.deployed_at, dialect),
+                "git_commit": dep.git_commit, "docker_image": dep.image}
+        if slot is not None:
+            data["slot"] = slot
+        # The Go CLI ignores what it does not know; these keep our facts (and the id) readable.
+        data.update(deployed_by=dep.deployed_by, id=dep.id, health_status=dep.health_status)
+        if dep.status is not None:
+            data["status"] = dep.status
+        if dep.migrations_run:
+            data["migrations_run"] = dep.migrations_run
+        if dep.rollback_count:
+            data["rollback_count"] = dep.rollback_count
+    else:
+        data = {"id": dep.id, "version": dep.version, "git_commit": dep.git_commit,
+                "deployed_at": format_time(dep.deployed_at), "deployed_by": dep.deployed_by}
+        if slot is not None:
+            data["active_slot"] = slot
+        data["health_status"] = dep.health_status
+        if dep.status is not None:
+            data["status"] = dep.status
+        data["migrations_run"] = dep.migrations_run
+        data["rollback_count"] = dep.rollback_count
+        data["docker_image"] = dep.image
+        if dialect == DEPLOY_SCRIPT and environment and "environment" not in dep.extra:
+            data["environment"] = environment  # the deploy script stamps every deployment
     if dep.migration_version is not None:
         data["migration_version"] = dep.migration_version
     for key, value in dep.extra.items():
         if key not in data and key not in _DEPLOYMENT_KEYS:
             data[key] = copy.deepcopy(value)
     return data
+
+
+def _patch_extra(out: dict[str, Any], extra: Mapping[str, Any],
+                 was: Mapping[str, Any]) -> None:
+    for key in [k for k in was if k not in extra]:
+        out.pop(key, None)
+    for key, value in extra.items():
+        if key not in was or not _same(value, was[key]):
+            out[key] = copy.deepcopy(value)
+
+
+def _deployment_json(dep: Deployment, dialect: str = DOCUMENTED,
+                     environment: str = "") -> dict[str, Any]:
+    """The record as its file wrote it, with only the fields that changed written over it."""
+    was = dep.origin
+    if was is None or was.raw is None:
+        return _new_deployment_json(dep, dialect, environment)
+    out = copy.deepcopy(dict(was.raw))
+
+    def put(key: str, value: Any, old: Any) -> None:
+        if value == old and type(value) is type(old):
+            return
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+
+    put("id", dep.id, was.id)
+    put("version", dep.version, was.version)
+    put("git_commit", dep.git_commit, was.git_commit)
+    if dep.deployed_at != was.deployed_at:
+        out["deployed_at"] = format_time_as(dep.deployed_at, dialect)
+    put("deployed_by", dep.deployed_by, was.deployed_by)
+    if dep.active_slot != was.active_slot:
+        keys = [k for k in ("active_slot", "slot") if k in out]
+        if not keys:
+            keys = ["slot" if dialect == GO_CLI else "active_slot"]
+        for key in keys:
+            if dep.active_slot is not None:
+                out[key] = dep.active_slot.value
+            elif key == "slot":
+                out[key] = ""  # Go's "not set"
+            else:
+                del out[key]
+    put("health_status", dep.health_status, was.health_status)
+    put("status", dep.status, was.status)
+    put("migrations_run", dep.migrations_run, was.migrations_run)
+    put("rollback_count", dep.rollback_count, was.rollback_count)
+    put("docker_image", dep.image, was.image)
+    put("migration_version", dep.migration_version, was.migration_version)
+    _patch_extra(out, dep.extra, was.extra)
+    return out
 
 
 def normalized_history(history: tuple[Deployment, ...] | list[Deployment],
@@ -485,22 +635,66 @@ def normalized_history(history: tuple[Deployment, ...] | list[Deployment],
     return tuple(out[:limit])
 
 
+def _lock_json(lock: Mapping[str, Any], raw: Any, dialect: str) -> dict[str, Any]:
+    """The lock mirror in the file's dialect: the Go CLI's `expires_at` and zero times."""
+    data = copy.deepcopy(dict(lock)) if lock else {}
+    data.setdefault("locked", False)
+    raw_keys = list(raw) if isinstance(raw, Mapping) else []
+    go = dialect == GO_CLI or "expires_at" in raw_keys
+    if go:
+        if "lock_expires_at" in data:
+            data.setdefault("expires_at", data.pop("lock_expires_at"))
+        for key in ("locked_at", "expires_at"):  # Go's time.Time has no "absent"
+            data.setdefault(key, _GO_ZERO)
+        order: tuple[str, ...] = _GO_LOCK_ORDER
+    else:
+        order = _LOCK_ORDER
+    ordered = {k: data[k] for k in order if k in data}
+    ordered.update((k, data[k]) for k in raw_keys if k in data and k not in ordered)
+    ordered.update((k, v) for k, v in data.items() if k not in ordered)
+    return ordered
+
+
 def to_json(state: DeploymentState) -> dict[str, Any]:
-    """The documented dialect, with every unknown key kept."""
-    lock = dict(state.lock) if state.lock else {"locked": False}
-    lock.setdefault("locked", False)
-    data: dict[str, Any] = {
-        "environment": state.environment,
-        "current_deployment": None if state.current is None else _deployment_json(state.current),
-        "previous_deployment": None if state.previous is None else _deployment_json(
-            state.previous),
-        "deployment_history": [_deployment_json(d) for d in normalized_history(state.history)],
-        "lock": copy.deepcopy(lock),
-    }
-    for key, value in state.extra.items():
-        if key not in data:
-            data[key] = copy.deepcopy(value)
-    return data
+    """The document to write: the file as read with only what changed written over it.
+
+    A state with no file behind it gets the documented dialect.
+    """
+    was = state.origin
+    if was is None or was.raw is None:
+        lock = _lock_json(state.lock, None, DOCUMENTED)
+        data: dict[str, Any] = {
+            "environment": state.environment,
+            "current_deployment": None if state.current is None else _deployment_json(
+                state.current),
+            "previous_deployment": None if state.previous is None else _deployment_json(
+                state.previous),
+            "deployment_history": [_deployment_json(d)
+                                   for d in normalized_history(state.history)],
+            "lock": lock,
+        }
+        for key, value in state.extra.items():
+            if key not in data:
+                data[key] = copy.deepcopy(value)
+        return data
+    dialect = state.dialect
+    env = state.environment
+    out = copy.deepcopy(dict(was.raw))
+    if state.environment != was.environment:
+        out["environment"] = state.environment
+    for key, dep, old in (("current_deployment", state.current, was.current),
+                          ("previous_deployment", state.previous, was.previous)):
+        if not _unchanged(dep, old):
+            out[key] = None if dep is None else _deployment_json(dep, dialect, env)
+    history_same = len(state.history) == len(was.history) and all(
+        _unchanged(a, b) for a, b in zip(state.history, was.history, strict=True))
+    if not history_same:
+        out["deployment_history"] = [_deployment_json(d, dialect, env)
+                                     for d in normalized_history(state.history)]
+    if not _same(dict(state.lock), dict(was.lock)):
+        out["lock"] = _lock_json(state.lock, was.raw.get("lock"), dialect)
+    _patch_extra(out, state.extra, was.extra)
+    return out
 
 
 def _check_finite(value: Any) -> None:
@@ -514,11 +708,84 @@ def _check_finite(value: Any) -> None:
             _check_finite(item)
 
 
+@dataclass(frozen=True)
+class _Style:
+    """How the file's writer formatted it, so our rewrite looks like theirs."""
+
+    indent: str | None = "  "
+    item_sep: str = ","  # json.dumps' own choice with an indent: no trailing spaces
+    key_sep: str = ": "
+    ensure_ascii: bool = False
+    html_escape: bool = False  # Go's encoder writes <, >, & as \u003c, \u003e, \u0026
+    newline_at_end: bool = True
+    crlf: bool = False
+    bom: bool = False
+
+
+_NON_ASCII_ESCAPE = re.compile(r"\\u(?:00[89a-fA-F][0-9a-fA-F]|0[1-9a-fA-F][0-9a-fA-F]{2}|"
+                               r"[1-9a-fA-F][0-9a-fA-F]{3})")
+_HTML_ESCAPE = re.compile(r"\\u00(?:3[cCeE]|26)")
+_SEPARATORS = re.compile(r'"(\s*):(\s*)["\[{0-9tfn-]')
+
+
+def _style_of(raw: bytes, dialect: str) -> _Style:
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return _Style()
+    bom = text.startswith("\ufeff")
+    text = text.removeprefix("\ufeff")
+    body = text.strip()
+    indent: str | None = None
+    if "\n" in body:
+        for line in body.splitlines()[1:]:
+            lead = line[:len(line) - len(line.lstrip(" \t"))]
+            if lead and line.strip():
+                indent = lead
+                break
+        else:
+            indent = ""
+    key_sep, item_sep = ": ", ","
+    match = _SEPARATORS.search(body)
+    if match:
+        key_sep = f"{match.group(1)}:{match.group(2)}" if indent is not None or match.group(2) \
+            else ":"
+    if indent is None:
+        item_sep = ", " if re.search(r'[\]}"0-9el], "', body) else ","
+    elif re.search(r", \r?\n", body):  # old Python json.dumps: trailing spaces after commas
+        item_sep = ", "
+    has_non_ascii = any(ord(c) > 127 for c in text)
+    return _Style(
+        indent=indent, item_sep=item_sep, key_sep=key_sep,
+        ensure_ascii=not has_non_ascii and bool(_NON_ASCII_ESCAPE.search(text)),
+        html_escape=bool(_HTML_ESCAPE.search(text)) or dialect == GO_CLI,
+        newline_at_end=text.endswith("\n"), crlf="\r\n" in text, bom=bom,
+    )
+
+
+def _render(data: Mapping[str, Any], style: _Style) -> bytes:
+    text = json.dumps(data, indent=style.indent, separators=(style.item_sep, style.key_sep),
+                      ensure_ascii=style.ensure_ascii, allow_nan=False)
+    if style.html_escape:  # these characters only ever occur inside JSON strings
+        text = (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    if style.newline_at_end:
+        text += "\n"
+    if style.crlf:
+        text = text.replace("\n", "\r\n")
+    return (("\ufeff" if style.bom else "") + text).encode()
+
+
 def dumps(state: DeploymentState) -> bytes:
-    """The exact bytes write_state stores."""
+    """The exact bytes write_state stores: the file's own bytes when nothing changed."""
     data = to_json(state)
     _check_finite(data)
-    return (json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    was = state.origin
+    if was is None or was.raw is None:
+        return _render(data, _Style())
+    if was.raw_bytes is not None and _same(data, was.raw):
+        return was.raw_bytes
+    return _render(data, _style_of(was.raw_bytes or b"", state.dialect))
 
 
 def write_state(path: Path, state: DeploymentState, *,
@@ -684,7 +951,11 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
 
 
 def with_lock(state: DeploymentState, lock: Mapping[str, Any]) -> DeploymentState:
-    """The state with its `lock` mirror replaced (`locked` is always present)."""
+    """The state with its `lock` mirror replaced (`locked` is always present).
+
+    Give the documented keys; the writer puts them in the file's dialect (the Go CLI's
+    `expires_at`, its zero times when unlocked), keeping keys another tool added.
+    """
     data = dict(lock)
     data.setdefault("locked", False)
     return state.with_(lock=data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,45 @@ def test_database_url_comes_from_the_env_file(tmp_path: Path,
     empty.write_text("OTHER=1\n")
     with pytest.raises(ConfigError, match="DATABASE_URL is missing"):
         env.database.__class__(env_file=empty).url()
+
+
+NO_COMPOSE = '''name = "production"
+[slots.blue]
+container = "togather-server-blue"
+port = 8081
+[slots.green]
+container = "togather-server-green"
+port = 8082
+'''
+
+
+def test_a_host_without_compose_needs_no_compose_keys(tmp_path: Path) -> None:
+    """Slots started with `docker run`: no [compose], no service, and no invented file path."""
+    path = tmp_path / "docker-run.toml"
+    path.write_text(NO_COMPOSE)
+    env = envmod.load(str(path))
+    assert env.slot("blue").service is None and env.slot("green").service is None
+    assert not envmod.STANDARD_COMPOSE_FILE.exists()  # this machine is not a Togather host
+    assert env.compose.file is None
+    assert env.compose.image_repository == "togather-server"
+    again = tmp_path / "again.toml"
+    again.write_text(envmod.to_toml(env))
+    written = tomllib.loads(again.read_text())
+    assert "service" not in written["slots"]["blue"] and "file" not in written["compose"]
+    assert envmod.load(str(again)) == env.with_(source=again)
+
+
+def test_compose_file_given_is_kept_even_when_missing(tmp_path: Path) -> None:
+    """Loading does not judge the file: only a plan that recreates needs it (pre-flight)."""
+    path = tmp_path / "env.toml"
+    path.write_text(NO_COMPOSE + '[compose]\nfile = "compose.yml"\n')
+    assert envmod.load(str(path)).compose.file == tmp_path / "compose.yml"
+
+
+def test_empty_service_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "env.toml"
+    path.write_text(NO_COMPOSE.replace('port = 8081', 'port = 8081\nservice = " "'))
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(path))
+    assert f"{path}: slots.blue.service: is empty" in str(err.value)
+    assert err.value.exit_code == ExitCode.USAGE

@@ -1,4 +1,5 @@
-"""deployment-state.json: three dialects in, the documented one out, nothing lost, never torn."""
+"""deployment-state.json: three dialects in, each written back in its own dialect, nothing lost,
+never torn."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def test_go_cli_lock_keys_are_renamed() -> None:
     assert "expires_at" not in s.lock and s.lock["reason"] == "deploy e4d2c1b"
 
 
-# --- writing: documented dialect, nothing lost ------------------------------------------------
+# --- writing: the file's own dialect, nothing lost --------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.json")))
@@ -166,28 +167,21 @@ def test_deploy_script_keys_survive_a_rewrite(tmp_path: Path) -> None:
     written = json.loads(path.read_text())
     for key in ("active_slot", "slots", "last_deployment"):
         assert written[key] == original[key]
-    assert written["environment"] == "production"
+    assert written["environment"] == ""  # as the deploy script wrote it
     assert written["current_deployment"]["environment"] == "production"
     assert written["lock"] == original["lock"]
-    flat = _walk(written)
-    for key, value in _walk(original).items():
-        if key != "/environment":
-            assert flat[key] == value, key
+    assert written == original
 
 
-def test_go_cli_file_is_rewritten_in_documented_dialect(tmp_path: Path) -> None:
+def test_go_cli_file_is_rewritten_as_the_go_cli_wrote_it(tmp_path: Path) -> None:
+    for name in ("go_cli.json", "go_cli_locked.json"):
+        path = copy_fixture(name, tmp_path)
+        before = path.read_bytes()
+        write_state(path, read_state(path))
+        assert path.read_bytes() == before, name
     path = copy_fixture("go_cli.json", tmp_path)
-    write_state(path, read_state(path))
-    written = json.loads(path.read_text())
-    cur = written["current_deployment"]
-    assert "slot" not in cur and cur["active_slot"] == "blue"
-    assert cur["docker_image"] == "togather-server:e4d2c1b"
-    assert cur["rollback"] is True and cur["rollback_id"] == "rb-1739215327"
-    assert cur["id"].startswith("dep_") and cur["health_status"] == "unknown"
-    assert cur["deployed_at"] == "2026-02-10T19:22:07.482913Z"
-    assert written["previous_deployment"]["snapshot_path"].endswith(".sql.gz")
-    assert written["lock"] == {"locked": False}
-    assert [h["version"] for h in written["deployment_history"]] == ["9a8b7c6", "e4d2c1b"]
+    write_state(path, with_lock(read_state(path), {"locked": False}))
+    assert path.read_bytes() == (DATA / "go_cli.json").read_bytes()
 
 
 def test_unknown_keys_everywhere_survive(tmp_path: Path) -> None:
@@ -542,3 +536,349 @@ def test_mutated_valid_documents_parse_or_raise_and_round_trip(
     if parsed is not None:  # whatever parses survives its own rewrite unchanged
         again = parse_state(json.dumps(to_json(parsed)), "prop.json")
         assert again == parsed
+
+
+# --- other tools' state survives a round trip (issue 10) ------------------------------------
+#
+# The oracle is the document the test itself generated: JSON as the other tool wrote it, compared
+# key by key with what we wrote. Nothing from runbook.state decides what "unchanged" means here.
+
+HEX = "0123456789abcdef"
+hex_text = st.text(HEX, min_size=1, max_size=1)
+
+
+def _hex(n: int) -> st.SearchStrategy[str]:
+    return st.text(HEX, min_size=n, max_size=n)
+
+
+@st.composite
+def rfc3339(draw: st.DrawFn) -> str:
+    """Times as the tools write them: Z or an offset, no fraction up to nanoseconds."""
+    moment = draw(st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1)))
+    digits = draw(st.sampled_from(["", "3", "5", "6", "9"]))
+    frac = "." + draw(st.text("0123456789", min_size=int(digits), max_size=int(digits))) \
+        if digits else ""
+    zone = draw(st.sampled_from(["Z", "-05:00", "+01:00", "+05:30"]))
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + frac + zone
+
+
+extra_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False, width=32).filter(lambda f: f == int(f))
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text("abcxyz_", min_size=1, max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+extra_keys = st.text("abcdefghijklmnopqrstuvwxyz_<>&é", min_size=1, max_size=10).map(
+    lambda k: "x_" + k)
+
+
+@st.composite
+def deployment_doc(draw: st.DrawFn, dialect: str, env: str) -> dict[str, Any]:
+    commit = draw(_hex(40))
+    version = commit[:7] if draw(st.booleans()) else draw(_hex(7))
+    if draw(st.integers(0, 9)) == 0:
+        version = version.upper()  # odd, still valid: must stay as written
+    slot = draw(st.sampled_from(["blue", "green"]))
+    who = draw(st.sampled_from(["ci@build-runner", "deploy@host-1", "operator@example.com"]))
+    doc: dict[str, Any]
+    if dialect == "go":
+        doc = {"version": version, "deployed_at": draw(rfc3339()), "git_commit": commit,
+               "docker_image": f"togather-server:{version}", "slot": slot}
+        if draw(st.booleans()):
+            doc["deployed_by"] = who
+        if draw(st.booleans()):
+            doc["snapshot_path"] = "/var/lib/togather/db-snapshots/x.sql.gz"
+        if draw(st.booleans()):
+            doc.update(rollback=True, rollback_id=f"rb-{draw(st.integers(1, 10**10))}")
+    elif dialect == "script":
+        doc = {"id": f"dep_{draw(_hex(16))}_{draw(_hex(24))}", "version": version,
+               "git_commit": commit, "deployed_at": draw(rfc3339()), "deployed_by": who,
+               "active_slot": slot, "health_status": "unknown",
+               "status": draw(st.sampled_from(["active", "superseded"])), "environment": env}
+    else:
+        doc = {"id": f"dep_{draw(_hex(26))}", "version": version, "git_commit": commit,
+               "deployed_at": draw(rfc3339()), "deployed_by": who, "active_slot": slot,
+               "health_status": draw(st.sampled_from(["healthy", "degraded", "unknown"]))}
+        for key, values in (("status", st.sampled_from(["active", "superseded"])),
+                            ("migrations_run", st.integers(0, 9)),
+                            ("rollback_count", st.integers(0, 3)),
+                            ("migration_version", st.integers(0, 500))):
+            if draw(st.booleans()):
+                doc[key] = draw(values)
+    for key, value in draw(st.dictionaries(extra_keys, extra_values, max_size=2)).items():
+        doc[key] = value
+    keys = draw(st.permutations(list(doc)))
+    return {k: doc[k] for k in keys}
+
+
+@st.composite
+def lock_doc(draw: st.DrawFn, dialect: str) -> dict[str, Any]:
+    locked = draw(st.booleans())
+    if dialect == "go":
+        if not locked:
+            return {"locked": False, "locked_at": "0001-01-01T00:00:00Z",
+                    "expires_at": "0001-01-01T00:00:00Z"}
+        return {"locked": True, "locked_at": draw(rfc3339()), "locked_by": "ci@build-runner",
+                "reason": draw(st.text(max_size=15)), "expires_at": draw(rfc3339())}
+    if not locked:
+        return {"locked": False}
+    return {"locked": True, "lock_id": f"lock_{draw(_hex(16))}_{draw(_hex(24))}",
+            "deployment_id": f"dep_{draw(_hex(16))}_{draw(_hex(24))}",
+            "locked_by": "deploy@host-1", "locked_at": draw(rfc3339()),
+            "lock_expires_at": draw(rfc3339()), "pid": draw(st.integers(1, 4_000_000)),
+            "hostname": "host-1"}
+
+
+@st.composite
+def state_doc(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    dialect = draw(st.sampled_from(["documented", "script", "go"]))
+    env = draw(st.sampled_from(["production", "staging", "development"]))
+    deps = draw(st.lists(deployment_doc(dialect, env), min_size=2, max_size=5,
+                         unique_by=lambda d: (d["git_commit"], d["deployed_at"])))
+    doc: dict[str, Any] = {
+        "environment": "" if dialect == "script" and draw(st.booleans()) else env,
+        "current_deployment": deps[0], "previous_deployment": deps[1],
+    }
+    if len(deps) > 2 or draw(st.booleans()):
+        doc["deployment_history"] = deps[1:] if dialect == "go" else deps[2:]
+    doc["lock"] = draw(lock_doc(dialect))
+    if dialect == "script":
+        doc.update(active_slot=deps[0].get("active_slot"),
+                   slots={"blue": {"status": "inactive"}, "green": {"status": "inactive"}},
+                   last_deployment=None)
+    for key, value in draw(st.dictionaries(extra_keys, extra_values, max_size=2)).items():
+        doc[key] = value
+    keys = draw(st.permutations(list(doc)))
+    return dialect, {k: doc[k] for k in keys}
+
+
+@st.composite
+def written(draw: st.DrawFn) -> tuple[str, dict[str, Any], bytes]:
+    """A generated state file, formatted the way some tool formats it."""
+    dialect, doc = draw(state_doc())
+    indent = draw(st.sampled_from([2, 4, "\t", None]))
+    text = json.dumps(doc, indent=indent, ensure_ascii=draw(st.booleans()),
+                      separators=(",", ":") if indent is None and draw(st.booleans()) else None)
+    if dialect == "go" and draw(st.booleans()):
+        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    if draw(st.booleans()):
+        text += "\n"
+    return dialect, doc, text.encode()
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(written())
+def test_any_dialect_round_trips_byte_identical(case: tuple[str, dict[str, Any], bytes]) -> None:
+    _, doc, raw = case
+    assert statemod.dumps(parse_state(raw, "prop.json")) == raw
+    assert statemod.dumps(parse_state(raw.decode(), "prop.json",
+                                      environment=_env_of(doc))) == raw
+
+
+def _env_of(doc: dict[str, Any]) -> str:
+    return str(doc["environment"] or doc["current_deployment"]["environment"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.json")))
+def test_fixture_round_trip_is_byte_identical(name: str, tmp_path: Path) -> None:
+    path = copy_fixture(name, tmp_path)
+    write_state(path, read_state(path, environment="production" if "script" in name else None))
+    assert path.read_bytes() == (DATA / name).read_bytes()
+
+
+ROLLBACK_CHANGES = {"status", "rollback_count", "health_status", "active_slot", "slot",
+                    "rollback", "rollback_id"}
+
+
+def _differs_only_in(new: dict[str, Any], old: dict[str, Any], allowed: set[str]) -> set[str]:
+    """Which keys changed; fails when one outside `allowed` moved, vanished or appeared."""
+    changed = set()
+    assert [k for k in old if k in new] == [k for k in new if k in old]  # order kept
+    for key in old.keys() | new.keys():
+        if key not in new or key not in old or not _json_same(new[key], old[key]):
+            assert key in allowed, f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            changed.add(key)
+    return changed
+
+
+def _json_same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=False) == json.dumps(b, sort_keys=False)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(written(), st.sampled_from(["healthy", "degraded", None]), st.booleans(),
+       st.booleans())
+def test_rollback_changes_only_what_a_rollback_changes(
+        case: tuple[str, dict[str, Any], bytes], health: str | None, other_slot: bool,
+        to_history: bool) -> None:
+    dialect, doc, raw = case
+    s = parse_state(raw, "prop.json", environment=_env_of(doc))
+    target = s.history[-1] if to_history and s.history else s.previous
+    assert target is not None and s.current is not None
+    if target.id == s.current.id or target.version == s.current.version:
+        return
+    slot = (target.slot.other if other_slot else None)
+    out = json.loads(statemod.dumps(after_rollback(s, target, slot=slot, health_status=health,
+                                                   run_id="rbk_1")))
+    originals = [doc["current_deployment"], doc["previous_deployment"],
+                 *doc.get("deployment_history", [])]
+    target_raw = next(o for o in originals[1:] if o["git_commit"] == target.git_commit
+                      and o["deployed_at"] == target.raw["deployed_at"])  # type: ignore[index]
+    # top level: only the three deployment keys may change; lock and extras stay as written
+    _differs_only_in(out, doc, {"current_deployment", "previous_deployment",
+                                "deployment_history"})
+    cur, prev = out["current_deployment"], out["previous_deployment"]
+    changed = _differs_only_in(cur, target_raw, ROLLBACK_CHANGES)
+    assert cur.get("rollback") is True and cur.get("rollback_id") == "rbk_1"
+    assert cur["status"] == "active" and "rollback_count" in changed
+    slot_key = "slot" if dialect == "go" else "active_slot"
+    assert cur[slot_key] == str(slot or target.slot) and ("active_slot" in cur) == (
+        "active_slot" in target_raw)
+    assert _differs_only_in(prev, doc["current_deployment"], {"status"}) == {"status"}
+    assert prev["status"] == "rolled_back"
+    for entry in out.get("deployment_history", []):  # each one as some tool wrote it
+        assert any(set(entry) ^ set(o) <= {"status"} and all(
+            _json_same(entry[k], o[k]) for k in o if k != "status") for o in originals), entry
+    assert ("id" in cur) == ("id" in target_raw)  # never invent what the file did not say
+    assert ("deployed_by" in cur) == ("deployed_by" in target_raw)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(written())
+def test_lock_mirror_keeps_the_dialects_lock_fields(
+        case: tuple[str, dict[str, Any], bytes]) -> None:
+    dialect, doc, raw = case
+    s = parse_state(raw, "prop.json", environment=_env_of(doc))
+    held = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here",
+            "locked_at": "2026-02-11T08:00:00Z", "lock_expires_at": "2026-02-11T08:30:00Z",
+            "deployment_id": "rbk_1", "pid": 42, "hostname": "here", "reason": "rollback"}
+    locked_raw = statemod.dumps(with_lock(s, held))
+    locked = json.loads(locked_raw)
+    _differs_only_in(locked, doc, {"lock"})
+    if dialect == "go":
+        assert list(locked["lock"])[:5] == ["locked", "locked_at", "locked_by", "reason",
+                                            "expires_at"]
+        assert locked["lock"]["expires_at"] == "2026-02-11T08:30:00Z"
+        assert "lock_expires_at" not in locked["lock"]
+    else:
+        assert locked["lock"]["lock_expires_at"] == "2026-02-11T08:30:00Z"
+        assert "expires_at" not in locked["lock"]
+    again = parse_state(locked_raw, "prop.json", environment=s.environment)
+    assert again.lock["lock_expires_at"] == "2026-02-11T08:30:00Z" and again.locked
+    unlocked = json.loads(statemod.dumps(with_lock(again, {"locked": False})))
+    if not doc["lock"]["locked"]:  # lock then release: the file is as the other tool wrote it
+        assert _json_same(unlocked, doc)
+    else:
+        _differs_only_in(unlocked, doc, {"lock"})
+        assert unlocked["lock"]["locked"] is False
+
+
+def test_go_cli_lock_then_release_is_byte_identical(tmp_path: Path) -> None:
+    path = copy_fixture("go_cli.json", tmp_path)
+    held = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here",
+            "locked_at": "2026-02-11T08:00:00Z", "lock_expires_at": "2026-02-11T08:30:00Z",
+            "pid": 42, "reason": "rollback"}
+    write_state(path, with_lock(read_state(path), held))
+    lock = json.loads(path.read_text())["lock"]
+    assert lock == {"locked": True, "locked_at": "2026-02-11T08:00:00Z", "locked_by": "ops@here",
+                    "reason": "rollback", "expires_at": "2026-02-11T08:30:00Z",
+                    "lock_id": "lock_1", "pid": 42}
+    write_state(path, with_lock(read_state(path), {"locked": False}))
+    assert path.read_bytes() == (DATA / "go_cli.json").read_bytes()
+
+
+def test_go_cli_rollback_keeps_the_go_cli_dialect(tmp_path: Path) -> None:
+    """The issue's report: slot and lock fields dropped, nanoseconds cut, deployed_by invented."""
+    path = copy_fixture("go_cli_locked.json", tmp_path)
+    doc = load("go_cli.json")
+    doc["lock"] = load("go_cli_locked.json")["lock"]
+    del doc["previous_deployment"]["deployed_by"]
+    doc["previous_deployment"]["deployed_at"] = "2026-02-09T10:01:55.123456789Z"
+    path.write_text(json.dumps(doc, indent=2))
+    write_state(path, after_rollback(read_state(path), run_id="rbk_9", health_status="healthy"))
+    out = json.loads(path.read_text())
+    cur = out["current_deployment"]
+    assert cur["slot"] == "green" and "active_slot" not in cur
+    assert cur["deployed_at"] == "2026-02-09T10:01:55.123456789Z"
+    assert "deployed_by" not in cur and "id" not in cur
+    assert cur["rollback"] is True and cur["rollback_id"] == "rbk_9"
+    assert out["lock"] == doc["lock"]
+    assert out["previous_deployment"]["status"] == "rolled_back"
+    assert out["previous_deployment"]["deployed_at"] == "2026-02-10T14:22:07.482913577-05:00"
+
+
+def test_new_deployment_is_written_in_the_files_dialect(tmp_path: Path) -> None:
+    path = copy_fixture("go_cli.json", tmp_path)
+    new = dep(7, Slot.GREEN).with_(deployed_at=datetime(2026, 3, 1, 12, 0, 0, 500000,
+                                                        tzinfo=UTC))
+    write_state(path, after_deploy(read_state(path), new))
+    cur = json.loads(path.read_text())["current_deployment"]
+    assert cur["slot"] == "green" and "active_slot" not in cur
+    assert cur["deployed_at"] == "2026-03-01T12:00:00.5Z"
+    assert read_state(path).current.id == new.id  # type: ignore[union-attr]
+    path = copy_fixture("deploy_script.json", tmp_path)
+    write_state(path, after_deploy(read_state(path), new))
+    out = json.loads(path.read_text())
+    assert out["current_deployment"]["environment"] == "production"
+    assert out["current_deployment"]["active_slot"] == "green"
+    assert out["environment"] == "" and out["slots"] == load("deploy_script.json")["slots"]
+    assert out["previous_deployment"] == {**load("deploy_script.json")["current_deployment"],
+                                          "status": "superseded"}
+
+
+def test_dialect_detection() -> None:
+    assert read_state(DATA / "documented.json").dialect == statemod.DOCUMENTED
+    assert read_state(DATA / "deploy_script.json").dialect == statemod.DEPLOY_SCRIPT
+    assert read_state(DATA / "deploy_script_first.json").dialect == statemod.DEPLOY_SCRIPT
+    assert read_state(DATA / "go_cli.json").dialect == statemod.GO_CLI
+    assert read_state(DATA / "go_cli_locked.json").dialect == statemod.GO_CLI
+    assert DeploymentState(environment="staging").dialect == statemod.DOCUMENTED
+
+
+ODD_VALUES = [
+    ("go_cli.json", ("current_deployment", "slot"), "purple",
+     "current_deployment.slot: 'purple' is not a slot"),
+    ("go_cli.json", ("current_deployment", "deployed_at"), "2026-02-10 14:22",
+     "current_deployment.deployed_at: '2026-02-10 14:22' is not a valid time"),
+    ("go_cli.json", ("lock", "expires_at"), "soon", "lock.expires_at: 'soon' is not a valid time"),
+    ("go_cli_locked.json", ("lock", "locked_at"), 1739260800,
+     "lock.locked_at: expected a time string"),
+    ("go_cli_locked.json", ("lock", "reason"), ["deploy"], "lock.reason: expected a string"),
+    ("deploy_script.json", ("current_deployment", "environment"), "qa", None),
+    ("deploy_script.json", ("lock", "pid"), "48213", "lock.pid: expected an integer"),
+    ("deploy_script.json", ("previous_deployment", "health_status"), "", None),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "value", "expected"), ODD_VALUES,
+                         ids=[f"{n}:{'.'.join(map(str, p))}" for n, p, _, _ in ODD_VALUES])
+def test_odd_values_in_each_dialect(name: str, path: tuple[str | int, ...], value: Any,
+                                    expected: str | None, tmp_path: Path) -> None:
+    """Either a one-line error naming the key the file has, or it reads and rewrites as is."""
+    target = tmp_path / "deployment-state.json"
+    target.write_text(json.dumps(_mutate(load(name), path, value), indent=2))
+    before = target.read_bytes()
+    if expected is None:
+        write_state(target, read_state(target, environment="production"))
+    else:
+        with pytest.raises(StateError) as info:
+            read_state(target)
+        assert expected in info.value.message and "\n" not in str(info.value)
+        assert info.value.fix and info.value.exit_code == ExitCode.PRECONDITION
+    assert target.read_bytes() == before
+
+
+def test_a_new_file_and_its_lock_cycle_keep_one_format(tmp_path: Path) -> None:
+    """Our own new file: indent 2, no trailing spaces; a lock and release leave it as it was."""
+    path = tmp_path / "deployment-state.json"
+    write_state(path, after_deploy(DeploymentState(environment="staging"), dep(1)))
+    first = path.read_bytes()
+    assert first == (json.dumps(json.loads(first), indent=2) + "\n").encode()
+    held = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here", "pid": 42,
+            "locked_at": "2026-02-11T08:00:00Z", "lock_expires_at": "2026-02-11T08:30:00Z"}
+    write_state(path, with_lock(read_state(path), held))
+    assert b", \n" not in path.read_bytes()
+    write_state(path, with_lock(read_state(path), {"locked": False}))
+    assert path.read_bytes() == first

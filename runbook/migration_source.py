@@ -1,0 +1,99 @@
+"""The schema version a deployment ran with, when the tool that recorded it did not say.
+
+The deploy script and the Go CLI never record a migration version, so a rollback to one of
+their deployments cannot compare schemas from the state file alone. Two other witnesses exist
+on a host: the snapshot sidecars (`.meta.json`, whose `migration_version` is the schema at the
+moment of the dump) and the app itself (`/health` -> checks.migrations.details.version). Each
+answer names its witness, so the plan shows where the number came from, or that none exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runbook import docker, health, snapshots
+from runbook import state as states
+from runbook.environment import Environment, Slot
+from runbook.errors import RunbookError
+
+
+@dataclass(frozen=True)
+class Found:
+    """A migration version and its witness; `problem` when the app itself rejects the schema."""
+
+    version: int | None
+    source: str
+    problem: str | None = None
+
+
+def successor(env: Environment, target: states.Deployment,
+              current: states.Deployment) -> states.Deployment:
+    """The deployment that replaced `target`: the earliest one recorded after it."""
+    try:
+        state = states.read_state(env.state_file, environment=env.name)
+    except RunbookError:
+        return current
+    later = [d for d in state.deployments()
+             if d.id != target.id and d.deployed_at > target.deployed_at]
+    return min(later, key=lambda d: d.deployed_at, default=current)
+
+
+def from_sidecars(env: Environment, target: states.Deployment,
+                  after: states.Deployment) -> Found | None:
+    """A sidecar written while the database was at the target's schema.
+
+    The pre-deploy snapshot of the deployment that replaced the target (by deployment id, or
+    the Go CLI's `snapshot_path`) was dumped just before its migrations ran; any other snapshot
+    taken while the target was live saw the same schema.
+    """
+    snaps = [s for s in snapshots.list_snapshots(env)
+             if s.meta is not None and s.migration_version is not None and not s.dirty]
+    own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)
+           or (after.snapshot_path and str(s.path) == after.snapshot_path)]
+    if own:
+        snap = own[0]
+        return Found(snap.migration_version,
+                     f"sidecar {snap.meta_path.name} (pre-deploy snapshot of {after.version})")
+    live = [s for s in snaps if target.deployed_at <= s.timestamp < after.deployed_at]
+    if live:
+        snap = live[0]  # newest first
+        return Found(snap.migration_version,
+                     f"sidecar {snap.meta_path.name} (taken while {target.version} was live)")
+    return None
+
+
+def from_health(env: Environment, target: states.Deployment) -> Found | None:
+    """What the target build itself reports, when a slot already runs it (read-only probe)."""
+    for slot in Slot:
+        config = env.slot(slot)
+        info = docker.inspect(config.container)
+        if not (info.running and info.image == target.image):
+            continue
+        report = health.probe(config, env.health.path, env.health.request_timeout)
+        check = next((c for c in report.checks if c.name == "migrations"), None)
+        if check is None:
+            continue
+        version = check.details.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            continue
+        source = (f"the migrations check of {target.version} in {config.container} "
+                  f"({check.status}: {check.message or 'no message'})")
+        if check.status == "fail":
+            return Found(None, source, f"{target.version} in {config.container} rejects the "
+                                       f"database schema: {check.message or 'migrations fail'}")
+        return Found(version, source)
+    return None
+
+
+def infer(env: Environment, current: states.Deployment,
+          target: states.Deployment) -> Found:
+    """The target's migration version: recorded, from a sidecar, from the app, or none."""
+    if target.migration_version is not None:
+        return Found(target.migration_version, "the state file")
+    after = successor(env, target, current)
+    found = from_sidecars(env, target, after) or from_health(env, target)
+    if found is not None:
+        return found
+    return Found(None, f"not recorded by the tool that deployed {target.version}, and neither "
+                       f"a snapshot sidecar in {env.database.snapshot_dir} nor a running "
+                       f"{target.version} reports it")

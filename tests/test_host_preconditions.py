@@ -1,0 +1,226 @@
+"""Hosts the drill does not look like (issue 10): no compose, an unreadable schema, and
+deployments recorded by older tooling without a migration version. Against the real drill stack;
+every refusal is exit 4 with one line, before anything changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook import deploy, docker, rollback
+from runbook import environment as envmod
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, RunbookError
+
+pytestmark = pytest.mark.docker
+V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
+UNREACHABLE = "RUNBOOK_TEST_UNREACHABLE_DB_URL"
+SECRET = "s3cret-never-shown"
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def two_deployments(stack: DrillStack, **env_changes: object) -> Environment:
+    """v2 (green) then v3 (blue); v3 runs no new migration, so v3 -> v2 is schema-safe."""
+    env = stack.env.with_(**env_changes) if env_changes else stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag))
+    deploy.deploy(env, deploy.Options(version=V3.tag))
+    return stack.env
+
+
+def without_compose(env: Environment, file: Path | None = None) -> Environment:
+    """The same host, described as one whose slots were started with `docker run`."""
+    slots = {s: dataclasses.replace(c, service=None) for s, c in env.slots.items()}
+    return env.with_(slots=slots, compose=dataclasses.replace(env.compose, file=file))
+
+
+def through_proxy(env: Environment) -> tuple[str, str]:
+    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    return response.headers["X-Togather-Slot"], response.json()["version"]
+
+
+def snapshot(env: Environment) -> dict[str, object]:
+    """Everything a refused run must leave untouched."""
+    return {
+        "state": env.state_file.read_bytes(),
+        "caddyfile": env.caddy.caddyfile.read_bytes(),
+        "containers": {s: dataclasses.astuple(docker.inspect(env.slot(s).container))[:4]
+                       for s in Slot},
+        "lock": env.lock_path.exists(),
+        "traffic": through_proxy(env),
+    }
+
+
+def forget_migration_version(env: Environment, version: str) -> None:
+    """Make the target look recorded by older tooling (the deploy script, the Go CLI)."""
+    st = states.read_state(env.state_file)
+    target = st.find_version(version)
+    assert target is not None and target.migration_version is not None
+    old = target.with_(migration_version=None)
+    st = st.with_(previous=old if st.previous and st.previous.id == old.id else st.previous,
+                  history=tuple(old if d.id == old.id else d for d in st.history))
+    states.write_state(env.state_file, st)
+    assert "migration_version" not in json.loads(env.state_file.read_text())[
+        "previous_deployment"]
+
+
+def unreachable_db(env: Environment, monkeypatch: pytest.MonkeyPatch) -> Environment:
+    """DATABASE_URL as a host has it when Postgres answers only on Docker's network."""
+    monkeypatch.setenv(UNREACHABLE, f"postgresql://togather:{SECRET}@127.0.0.1:9/togather")
+    return env.with_(database=dataclasses.replace(env.database, url_variable=UNREACHABLE))
+
+
+# --- hosts without compose --------------------------------------------------------------------
+
+
+def test_no_compose_host_starts_a_stopped_slot(stack: DrillStack) -> None:
+    two_deployments(stack)
+    env = without_compose(stack.env)
+    assert docker.inspect(env.slot("green").container).status == "exited"
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "start"
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+@pytest.mark.parametrize("compose_file", [None, "missing"])
+def test_no_compose_host_refuses_to_recreate_a_removed_slot(
+        stack: DrillStack, compose_file: str | None, tmp_path: Path) -> None:
+    two_deployments(stack)
+    file = None if compose_file is None else tmp_path / "docker-compose.blue-green.yml"
+    env = without_compose(stack.env, file)
+    container = env.slot("green").container
+    docker.remove(container)
+    before = snapshot(env)
+    for dry_run in (True, False):
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env, dry_run=dry_run)
+        text = str(err.value)
+        assert err.value.exit_code == ExitCode.PRECONDITION and "\n" not in text
+        assert f"{container} must be recreated with {V2.image}" in text
+        assert "the way it was created" in text and "docker run" in text
+        assert f"runbook deploy {env.name} --version" in text
+        assert ("[compose] file is not set" if file is None
+                else f"the compose file {file} does not exist") in text
+        assert snapshot(env) == before
+
+
+def test_no_compose_host_cli_exit_4_one_line(stack: DrillStack, tmp_path: Path) -> None:
+    two_deployments(stack)
+    env = without_compose(stack.env)
+    toml = tmp_path / "docker-run-host.toml"
+    toml.write_text(envmod.to_toml(env))
+    assert "service" not in toml.read_text()
+    docker.remove(env.slot("green").container)
+    state_before = env.state_file.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(toml), "--yes"],
+                          capture_output=True, text=True, check=False, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"})
+    assert proc.returncode == 4, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "must be recreated" in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert env.state_file.read_bytes() == state_before
+
+
+# --- the schema guard fails closed ------------------------------------------------------------
+
+
+def test_unreadable_schema_stops_the_rollback(stack: DrillStack,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    env = unreachable_db(two_deployments(stack), monkeypatch)
+    before = snapshot(env)
+    for dry_run in (True, False):
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env, dry_run=dry_run)
+        text = str(err.value)
+        assert err.value.exit_code == ExitCode.PRECONDITION and "\n" not in text
+        assert "schema guard: the database schema cannot be read (database unreachable" in text
+        assert "--force" in text and SECRET not in text
+        assert snapshot(env) == before
+
+
+def test_unreadable_schema_with_force_says_what_was_skipped(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = unreachable_db(two_deployments(stack), monkeypatch)
+    forced = rollback.Options(force=True)
+    dry = rollback.rollback(env, forced, dry_run=True)
+    text = dry.plan.render()
+    assert "schema guard skipped (--force): the database schema cannot be read" in text
+    assert SECRET not in text
+    result = rollback.rollback(env, forced)
+    assert any("schema guard skipped" in w for w in result.plan.warnings)
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_unreadable_schema_cli_dry_run_prints_the_skip(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = unreachable_db(two_deployments(stack), monkeypatch)
+    toml = tmp_path / "env.toml"
+    toml.write_text(envmod.to_toml(env))
+    base = [sys.executable, "-m", "runbook.cli", "rollback", str(toml)]
+    refused = subprocess.run([*base, "--yes"], capture_output=True, text=True, check=False,
+                             timeout=120)
+    assert refused.returncode == 4 and "schema cannot be read" in refused.stderr
+    assert SECRET not in refused.stderr + refused.stdout
+    forced = subprocess.run([*base, "--force", "--dry-run"], capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    assert "schema guard skipped (--force)" in forced.stdout
+
+
+# --- deployments recorded without a migration version -------------------------------------------
+
+
+def test_missing_version_comes_from_the_pre_deploy_sidecar(stack: DrillStack) -> None:
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag))  # v1 (schema 1) -> v2 migrates to 2
+    forget_migration_version(env, V1.tag)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert f"schema is at 2 but {V1.tag} ran with 1" in str(err.value)
+    assert snapshot(env) == before
+    dry = rollback.rollback(env, rollback.Options(force=True), dry_run=True)
+    details = dry.plan.steps[1].details  # after the lock step: pre-flight
+    assert details["target ran with"].startswith("1 (from sidecar ")
+    assert "pre-deploy snapshot of" in details["target ran with"]
+
+
+def test_missing_version_comes_from_the_running_apps_migrations_check(
+        stack: DrillStack) -> None:
+    env = two_deployments(stack, stop_old_slot=False)  # v2 stays running on green
+    forget_migration_version(env, V2.tag)
+    for sidecar in env.database.snapshot_dir.glob("*.meta.json"):
+        sidecar.unlink()
+    dry = rollback.rollback(env, dry_run=True)
+    source = dry.plan.steps[1].details["target ran with"]
+    assert source.startswith("2 (from the migrations check of")
+    assert env.slot("green").container in source
+    assert dry.plan.steps[1].details["schema guard"] == "compatible"
+
+
+def test_missing_version_with_no_witness_the_plan_says_so(stack: DrillStack) -> None:
+    env = two_deployments(stack)  # v2 stopped on green
+    forget_migration_version(env, V2.tag)
+    for sidecar in env.database.snapshot_dir.glob("*.meta.json"):
+        sidecar.unlink()
+    dry = rollback.rollback(env, dry_run=True)
+    text = dry.plan.render()
+    assert f"the migration version {V2.tag} ran with is unknown" in text
+    assert "neither a snapshot sidecar" in text and "nor a running" in text
+    assert dry.plan.steps[1].details["schema guard"] == "not checked (version not known)"
