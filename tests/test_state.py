@@ -213,16 +213,21 @@ def test_migration_version_is_recorded(tmp_path: Path) -> None:
 # --- atomic writes ---------------------------------------------------------------------------
 
 
-def test_write_is_mode_0600_and_leaves_no_temp_file(tmp_path: Path) -> None:
+def test_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """Other tools (the Go CLI, monitoring) may read the file as another user: a rewrite
+    keeps its mode; a file the runbook creates is 0600."""
     path = copy_fixture("documented.json", tmp_path)
     path.chmod(0o644)
     old_umask = os.umask(0o022)
     try:
         write_state(path, read_state(path))
+        fresh = tmp_path / "new" / "deployment-state.json"
+        write_state(fresh, DeploymentState(environment="staging"))
     finally:
         os.umask(old_umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployment-state.json"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployment-state.json", "new"]
 
 
 def test_write_creates_missing_directory(tmp_path: Path) -> None:
