@@ -106,13 +106,9 @@ class Deployment:
     status: str | None = None
     migrations_run: int = 0
     rollback_count: int = 0
-    image: str = ""  # "" means togather-server:<version>
+    image: str = ""  # "" = not recorded: [compose] image_repository:<version> (slots.image_of)
     migration_version: int | None = None  # schema_migrations.version this deployment ran with
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.image:
-            object.__setattr__(self, "image", f"{DEFAULT_IMAGE_REPOSITORY}:{self.version}")
 
     def with_(self, **changes: Any) -> Deployment:
         return replace(self, **changes)
@@ -464,7 +460,8 @@ def _deployment_json(dep: Deployment) -> dict[str, Any]:
         data["status"] = dep.status
     data["migrations_run"] = dep.migrations_run
     data["rollback_count"] = dep.rollback_count
-    data["docker_image"] = dep.image
+    if dep.image:
+        data["docker_image"] = dep.image
     if dep.migration_version is not None:
         data["migration_version"] = dep.migration_version
     for key, value in dep.extra.items():
