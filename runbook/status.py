@@ -66,6 +66,16 @@ class Facts:
         return info is not None and info.running
 
 
+def _arg(env: Environment) -> str:
+    """How to name this environment in a command: its name, or the file it was read from
+    when that is not one of the default places (a drill, `--config`)."""
+    from runbook.environment import BUILTIN_DIR, SYSTEM_DIR
+
+    if env.source is None or env.source.resolve().parent in (BUILTIN_DIR, SYSTEM_DIR):
+        return env.name
+    return str(env.source)
+
+
 def expected_image(env: Environment, dep: states.Deployment) -> str:
     """The image a deployment runs: as recorded, else `[compose] image_repository:<version>`."""
     from runbook import slots
@@ -99,7 +109,7 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
     if f.caddy is not None and not f.caddy.consistent:
         yield Problem("Caddyfile managed block: " + "; ".join(f.caddy.problems),
                       "make every reverse_proxy and X-Togather-Slot header between the markers "
-                      f"name one slot: `runbook switch {f.env.name} --slot <slot>` rewrites it")
+                      f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if not f.caddy_running:
         yield Problem(f"Caddy is not answering at {f.env.caddy.admin_url}",
                       f"start it (systemctl start {f.env.caddy.systemd_unit}) and check "
@@ -122,7 +132,7 @@ def no_current_deployment(f: Facts) -> Iterator[Problem]:
     tag = info.tag if info is not None else None
     yield Problem(f"no current deployment is recorded, yet the {active} slot serves traffic "
                   f"({f.image(active)})",
-                  f"record it: `runbook deploy {f.env.name} --version {tag or '<version>'}` "
+                  f"record it: `runbook deploy {_arg(f.env)} --version {tag or '<version>'}` "
                   "deploys that version again and records it; until then a rollback has "
                   "nothing to roll back from")
 
@@ -133,16 +143,16 @@ def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
     if current is not None and active is not None and current.active_slot != active:
         yield Problem(f"state says {current.active_slot} is active, Caddy sends traffic to "
                       f"{active}",
-                      f"check both slots (`runbook healthcheck {f.env.name} --slot both`), then "
-                      f"`runbook switch {f.env.name} --slot <the right one>`")
+                      f"check both slots (`runbook healthcheck {_arg(f.env)} --slot both`), then "
+                      f"`runbook switch {_arg(f.env)} --slot <the right one>`")
 
 
 def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      f"roll back (`runbook rollback {f.env.name}`) or see "
-                      f"`runbook healthcheck {f.env.name} --slot {active}`")
+                      f"roll back (`runbook rollback {_arg(f.env)}`) or see "
+                      f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
 
 def image_differs(f: Facts) -> Iterator[Problem]:
@@ -161,7 +171,7 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
     held = f.lock
     if held is not None and held.stale:
         yield Problem(f"the deploy lock is stale: {held.why} (held by {held.describe()})",
-                      f"release it: `runbook unlock {f.env.name} --yes`"
+                      f"release it: `runbook unlock {_arg(f.env)} --yes`"
                       + (" (add --force: its process still runs)" if held.holder_alive
                          else ""))
 
