@@ -55,13 +55,17 @@ def password_of(url: str) -> str:
 
 def secrets_of(url: str) -> set[str]:
     """Every form of the password that could show up in a message: as written, decoded, and
-    the pieces a bare `@` would split it into."""
+    what a bare `@` `/` `?` `#` would cut it into (libpq shows the part after it as a host)."""
     raw = password_of(url)
     if not raw:
         return set()
-    found = {raw, urllib.parse.unquote(raw)}
-    found.update(piece for piece in re.split(r"[@/?#]", raw) if piece)
-    return found
+    found: set[str] = set()
+    for form in (raw, urllib.parse.unquote(raw)):
+        found.add(form)
+        found.update(re.split(r"[@/?#]", form))
+        for cut in re.finditer(r"[@/?#]", form):
+            found.update((form[:cut.start()], form[cut.end():]))
+    return {value for value in found if value}
 
 
 def check_url(url: str, variable: str, where: str) -> None:
