@@ -8,9 +8,12 @@ The rules, enforced here:
 - a real host (`--env` other than drill) is checked before any scenario runs: an unknown
   environment exits 2, a host that is not this machine (no state file, no Docker) exits 4,
   each with one clear line;
-- on a real host, @fault scenarios are skipped ("injects faults: drill only"), and at most one
-  @mutating scenario runs per invocation unless the user selected tests explicitly (-k, -m or
-  a node id); with --dry-run nothing mutates, so the limit does not apply;
+- on a real host, @fault scenarios are skipped ("injects faults: drill only"), and a @mutating
+  scenario runs only when asked for: `pytest features/rollback.feature` performs the rollback
+  (the guide's documented command), any invocation that does not name that file (e.g.
+  `pytest features/`) runs none, unless the user selected tests explicitly (-k, -m or a node
+  id). The manual switch and the redeploy never run unselected. With --dry-run nothing
+  mutates, so the rule does not apply;
 - a drill run is strict: an undefined step, or a skipped scenario or step, fails the run
   (except the Then-steps a --dry-run skips after printing the plan).
 """
@@ -61,9 +64,11 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 # Where the run goes: drill or a real host
 
 FAULT_SKIP = "injects faults: drill only"
-MUTATING_SKIP = ("at most one mutating scenario runs per invocation on a real host; to run this "
-                 "one, select it explicitly: -k <a word of its name>, -m mutating, or its "
-                 "node id (features/<file>.feature::test_<name>)")
+ROLLBACK_FEATURE = ("features", "rollback.feature")  # the file whose rollback runs when named
+MUTATING_SKIP = ("changes the host: on a real host a mutating scenario runs unselected only "
+                 "as the rollback of `pytest features/rollback.feature`; to run this one, "
+                 "select it explicitly: -k <a word of its name>, -m mutating, or its node id "
+                 "(features/<file>.feature::test_<name>)")
 DRY_RUN_SKIP = "dry run: plan printed above"
 EXIT_USAGE = 2
 EXIT_PRECONDITION = 4
@@ -100,6 +105,17 @@ def _explicit_selection(config: pytest.Config) -> bool:
                 or any("::" in str(arg) for arg in config.args))
 
 
+def _rollback_feature(config: pytest.Config) -> Path:
+    return Path(config.rootpath, *ROLLBACK_FEATURE).resolve()
+
+
+def _names_rollback_feature(config: pytest.Config) -> bool:
+    """The command line names features/rollback.feature itself (not a folder holding it)."""
+    wanted = _rollback_feature(config)
+    here = Path(config.invocation_params.dir)
+    return any((here / str(arg).split("::", 1)[0]).resolve() == wanted for arg in config.args)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _on_drill(config):
         return
@@ -111,8 +127,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     mutating = [item for item in features
                 if item.get_closest_marker("mutating") and not item.get_closest_marker("fault")]
-    for item in mutating[1:]:
-        item.add_marker(pytest.mark.skip(reason=MUTATING_SKIP))
+    rollback = _rollback_feature(config)
+    runs = [item for item in mutating
+            if _names_rollback_feature(config) and item.path.resolve() == rollback][:1]
+    for item in mutating:
+        if item not in runs:
+            item.add_marker(pytest.mark.skip(reason=MUTATING_SKIP))
 
 
 def _host_problem(name: str) -> tuple[str, int] | None:

@@ -86,9 +86,24 @@ def load_env(name: str, config: str | None) -> Environment:
     return environment.load(name, config=config)
 
 
-def confirmer(yes: bool, fmt: Format):  # type: ignore[no-untyped-def]
-    """Ask on a terminal unless --yes; never block when stdin is not a terminal."""
-    if yes or not sys.stdin.isatty():
+UNATTENDED_FIX = ("pass --yes to confirm it in advance (from cron, a pipe or `ssh host cmd`), "
+                  "or --dry-run to see the plan")
+
+
+def require_yes(yes: bool, what: str) -> None:
+    """Refuse to change a host unattended: without a terminal nobody can answer the prompt, and
+    a mutation from cron, a pipe or `ssh host cmd` must be asked for in advance with --yes."""
+    from runbook.errors import UsageError
+
+    if not yes and not sys.stdin.isatty():
+        raise UsageError(f"{what} changes the host and stdin is not a terminal, so nobody can "
+                         "confirm it; nothing was changed", UNATTENDED_FIX)
+
+
+def confirmer(yes: bool, fmt: Format, what: str = "this command"):  # type: ignore[no-untyped-def]
+    """Ask on a terminal unless --yes; without a terminal, refuse (exit 2) unless --yes."""
+    require_yes(yes, what)
+    if yes:
         return None
 
     def confirm(plan: Plan) -> bool:
@@ -147,9 +162,10 @@ def notice(message: str) -> None:
     typer.echo(f"runbook: note: {message}", err=True)
 
 
-def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool) -> None:
+def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool,
+               what: str = "this command") -> None:
     try:
-        result = fn(confirm=None if dry_run else confirmer(yes, fmt),
+        result = fn(confirm=None if dry_run else confirmer(yes, fmt, what),
                     progress=Progress(fmt is Format.text and not dry_run), notify=notice)
     except RunbookError as exc:
         fail(exc, fmt)
@@ -187,7 +203,7 @@ def rollback(
     options = rb.Options(to=to, force=force, reason=reason or "rollback",
                          restore_snapshot=(snapshot or "auto") if restore_snapshot else None)
     run_action(lambda **kw: rb.rollback(environment, options, dry_run=dry_run, **kw), fmt,
-               yes=yes, dry_run=dry_run)
+               yes=yes, dry_run=dry_run, what="`runbook rollback`")
 
 
 @app.command()
@@ -208,7 +224,7 @@ def deploy(
         fail(exc, fmt)
     options = dp.Options(version=version, force=force, reason=reason or "deploy")
     run_action(lambda **kw: dp.deploy(environment, options, dry_run=dry_run, **kw), fmt,
-               yes=yes, dry_run=dry_run)
+               yes=yes, dry_run=dry_run, what="`runbook deploy`")
 
 
 @app.command()
@@ -229,7 +245,7 @@ def switch(
         fail(exc, fmt)
     options = sw.Options(slot=Slot(slot.value), force=force, reason=reason or "manual switch")
     run_action(lambda **kw: sw.switch(environment, options, dry_run=dry_run, **kw), fmt,
-               yes=yes, dry_run=dry_run)
+               yes=yes, dry_run=dry_run, what="`runbook switch`")
 
 
 @app.command()
@@ -291,13 +307,15 @@ def unlock(
     show: Annotated[bool, typer.Option("--status", help="only show who holds the lock")] = False,
     force: Annotated[bool, typer.Option("--force", help="also remove a lock whose holder is "
                                         "gone (never a live holder's)")] = False,
-    fmt: FormatOpt = Format.text, config: ConfigOpt = None,
+    yes: YesOpt = False, fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Show or release the deploy lock. A live holder's lock is never removed."""
     from runbook import lock as locks
 
     try:
         environment = load_env(env, config)
+        if not show:
+            require_yes(yes, "`runbook unlock`")
         held = locks.status(environment)
         if show:
             if fmt is Format.json:

@@ -114,20 +114,23 @@ def restore(
         lambda **kw: snapshots.restore(environment, snapshot, restart=not keep_stopped,
                                        dry_run=dry_run, reason=reason or "snapshot restore",
                                        **kw),
-        fmt, yes=yes, dry_run=dry_run)
+        fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")
 
 
 @snapshot_app.command("cleanup")
 def cleanup(
     env: EnvArg,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Delete snapshots past their own expires_at (default retention: 7 days)."""
-    from runbook import snapshots
+    from runbook import cli, snapshots
 
     environment = _env(env, config, fmt)
     try:
+        if not dry_run:
+            cli.require_yes(yes, "`runbook snapshot cleanup`")
         result = snapshots.cleanup(environment, dry_run=dry_run)
     except RunbookError as exc:
         _fail(exc, fmt)

@@ -82,12 +82,30 @@ def recreate_slot(env: Environment, slot: Slot, tag: str) -> Command:
 
 
 def run(command: Command, timeout: float = 300) -> str:
-    proc = subprocess.run(
-        list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
-        env={**os.environ, **dict(command.env)},
-    )
+    """Run it; every way it can fail becomes one line (compose's own output is redacted)."""
+    from runbook.journal import redact
+
+    try:
+        proc = subprocess.run(
+            list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
+            env={**os.environ, **dict(command.env)}, stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise ComposeError(f"cannot run `{command.display()}`: {command.argv[0]} is not "
+                           "installed or not on PATH",
+                           "install Docker with the Compose v2 plugin (`docker compose "
+                           "version`), or set [compose] command in the environment file",
+                           exit_code=ExitCode.PRECONDITION) from None
+    except subprocess.TimeoutExpired:
+        raise ComposeError(f"`{command.display()}` did not finish within {timeout:g}s",
+                           "check `docker compose ps` and `docker info`; the engine may be "
+                           "overloaded") from None
+    except OSError as exc:
+        raise ComposeError(f"cannot run `{command.display()}`: {exc.strerror or exc}",
+                           "check [compose] command in the environment file",
+                           exit_code=ExitCode.PRECONDITION) from None
     if proc.returncode != 0:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ComposeError(f"`{command.display()}` failed: {last[0]}",
+        raise ComposeError(f"`{command.display()}` failed: {redact(last[0].strip())}",
                            "read the compose output above and `docker compose ps`")
     return proc.stdout

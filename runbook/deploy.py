@@ -35,6 +35,7 @@ def load_or_empty(env: Environment) -> states.DeploymentState:
 
 
 VERSION = re.compile(r"[0-9a-f]{7}")
+UNKNOWN_COMMIT = "0" * 40  # git's null object id: the commit is not known
 
 
 def check_version(version: str) -> str:
@@ -56,7 +57,9 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
         return
     config = env.slot(intent.target)
     report = health.probe(config, env.health.path, env.health.request_timeout)
-    commit = report.git_commit or str(intent.record.get("git_commit") or "0" * 40)
+    # this deployment's own commit, never the current one's: /health, else the image's
+    # revision label, else "unknown" as every dialect accepts it (git's null commit)
+    commit = report.git_commit or str(intent.record.get("git_commit") or UNKNOWN_COMMIT)
     migration = facts.get("migration_version", intent.record.get("migration_version"))
     if migration is None:
         migration = _schema(env)
@@ -153,14 +156,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "image": f"{image} (present)",
             "caddy": f"answering at {env.caddy.admin_url}",
         }, phase=Phase.PREFLIGHT),
-        Step("start-slot", f"Recreate the {target} container with {image}",
-             {"command": recreate.display()}, run=run_recreate),
-        Step("snapshot", "Snapshot the database before migrating",
+        # before the new slot starts: an app that migrates itself on start (no
+        # migrate_command) changes the schema then, and the schema guard must name this file
+        Step("snapshot", "Snapshot the database before the new version starts",
              {"folder": str(env.database.snapshot_dir),
               "command": "pg_dump --format=plain --no-owner --no-acl --clean --if-exists | gzip "
                          f"(inside {env.database.container})",
               "deployment": deployment_id},
-             run=run_snapshot, skip=None if env.migrate_command else "no migrate_command"),
+             run=run_snapshot,
+             skip=None if database.configured(env) else "no database configured"),
+        Step("start-slot", f"Recreate the {target} container with {image}",
+             {"command": recreate.display()}, run=run_recreate),
         Step("migrate", "Run the new version's migrations",
              {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}"},
              run=run_migrate, skip=None if env.migrate_command else "no migrate_command"),
@@ -184,12 +190,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
 
 def _revision(image: str) -> str:
-    """The image's git commit label, when the build recorded one."""
+    """The image's git commit label, when the build recorded a full (40-hex) one."""
     try:
         labels = docker.client().images.get(image).labels or {}
     except Exception:
         return ""
-    return str(labels.get("org.opencontainers.image.revision", ""))
+    revision = str(labels.get("org.opencontainers.image.revision", "")).strip().lower()
+    return revision if re.fullmatch(r"[0-9a-f]{40}", revision) else ""
 
 
 def _schema(env: Environment) -> int | None:

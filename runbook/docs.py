@@ -32,8 +32,9 @@ FEATURE_ORDER = ("rollback", "database", "troubleshooting", "recovery", "getting
                  "getting_help", "help")
 
 TAGS = {
-    "mutating": "changes the environment; on a real host at most one runs per invocation "
-                "unless selected explicitly",
+    "mutating": "changes the environment; on a real host only the rollback of `pytest "
+                "features/rollback.feature` runs unselected, any other only when selected "
+                "explicitly (-k, -m, node id)",
     "fault": "drill only: breaks things on purpose; skipped on a real host",
     "database": "about the database schema or its data",
 }

@@ -1,6 +1,6 @@
 """Where everything of one environment lives: the same type for a real host and a drill stack.
 
-An environment is read from a TOML file (environments/<name>.toml, `--config PATH` or
+An environment is read from a TOML file (runbook/environments/<name>.toml, `--config PATH` or
 RUNBOOK_CONFIG). A drill stack builds the same object; the only thing a drill adds is
 `allows_faults`, the permission to break things on purpose.
 """
@@ -20,7 +20,7 @@ from runbook.errors import ConfigError
 ENV_NAMES = ("development", "staging", "production")
 ALIASES = {"prod": "production", "stage": "staging", "dev": "development"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_DIR = REPO_ROOT / "environments"
+BUILTIN_DIR = Path(__file__).resolve().parent / "environments"  # package data: found installed
 SYSTEM_DIR = Path("/etc/togather-runbook")
 # The contract's compose file: the default only on a host where it exists (issue 10: hosts that
 # start their slots with `docker run` have none, and a default to a missing file misleads).

@@ -98,10 +98,19 @@ _SECRET_FLAG = re.compile(r"(?i)--?[\w-]*" + _WORDS + r"[\w-]*")
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
 
+_REGISTERED: set[str] = set()  # this process's known secret values (the database password)
+
+
+def register_secrets(*values: str) -> None:
+    """Known secret values every later redact() masks, whoever calls it and whatever the text
+    looks like (a misencoded URL defeats the patterns below, a known value does not)."""
+    _REGISTERED.update(v for v in values if v)
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Mask secrets in free text: URL passwords, *_SECRET=, password=, token=, known values."""
-    for value in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len,
-                        reverse=True):
+    known = {s for s in (*secrets, *_REGISTERED) if s and len(s) >= MIN_SECRET_LENGTH}
+    for value in sorted(known, key=len, reverse=True):
         text = text.replace(value, MASK)
         quoted = urllib.parse.quote(value, safe="")
         if quoted != value:
@@ -145,6 +154,11 @@ def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
     if isinstance(value, bytes):
         return redact(value.decode("utf-8", "replace"), known)
     return redact(str(value), known)
+
+
+def scrub(value: Any) -> Any:
+    """`value` made JSON-safe with every secret masked, for output that is not a log line."""
+    return _clean(value, ())
 
 
 def new_run_id(action: str) -> str:
@@ -255,6 +269,9 @@ class Journal:
             raise ConfigError(f"cannot write the log file {log_path}: {exc.strerror or exc}",
                               "fix [logs] dir in the environment file or its permissions"
                               ) from None
+        from runbook import database
+
+        journal.add_secret(*database.known_secrets(env))  # before the first line is written
         journal._write_record()
         journal.log(Level.INFO, f"{action} started on {env.display} by {journal.who}"
                     + (f": {journal.why}" if journal.why else ""), action=action,
@@ -264,8 +281,10 @@ class Journal:
     # -- logging --
 
     def add_secret(self, *values: str) -> None:
-        """Values masked wherever they appear, e.g. the database password read from .env."""
+        """Values masked wherever they appear, e.g. the database password read from .env;
+        also registered for the whole process, so errors printed outside the journal mask them."""
         self._secrets.update(v for v in values if v)
+        register_secrets(*values)
 
     def set(self, **context: Any) -> None:
         """Facts about the run for the record (target version, slots, snapshot path)."""

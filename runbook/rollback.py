@@ -16,7 +16,7 @@ from runbook import caddy, database, finish, slots, snapshots, traffic
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment
-from runbook.errors import PreconditionError, RunbookError, StateError
+from runbook.errors import ConfigError, PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
@@ -59,8 +59,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     try:
         schema = database.schema_version(env)
     except RunbookError as exc:
-        if options.restore_snapshot:
-            raise
+        if options.restore_snapshot or isinstance(exc, ConfigError):
+            raise  # a misencoded DATABASE_URL is bad input (exit 2), even with --force
         reason = exc.message
         if not options.force:
             raise PreconditionError(
@@ -190,11 +190,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
                            f"{found[0].describe()}")
     standby = live.other
+    wanted = slots.image_of(env, target.version, target.image or None)
     recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
                 f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
-                f"-t {target.image} .) and run the rollback again, or deploy a known-good "
+                f"-t {wanted} .) and run the rollback again, or deploy a known-good "
                 f"version: `runbook deploy {env.name} --version <version>`")
-    prep = slots.prepare(env, standby, target.version, target.image, recovery=recovery)
+    prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery)
     caddy.check_running(env)
     guard = schema_guard(env, current, target, options)
     warnings += guard.warnings

@@ -110,8 +110,10 @@ def target(env: Environment) -> Target:
     """Parse the environment's DATABASE_URL; never echo it, it holds the password."""
     from psycopg import conninfo
 
+    from runbook import database
+
     variable = env.database.url_variable
-    url = env.database.url()
+    url = database.url(env)  # checked encoding, password registered as a secret
     fix = (f"write {variable} as postgresql://USER:PASSWORD@HOST:PORT/DB and percent-encode "
            "@ % / : in the password (@ -> %40, % -> %25, / -> %2F)")
     try:

@@ -114,17 +114,13 @@ class Deployment:
     status: str | None = None
     migrations_run: int = 0
     rollback_count: int = 0
-    image: str = ""  # "" means togather-server:<version>
+    image: str = ""  # "" = not recorded: [compose] image_repository:<version> (slots.image_of)
     migration_version: int | None = None  # schema_migrations.version this deployment ran with
     extra: Mapping[str, Any] = field(default_factory=dict)
     # The record as read (itself, holding the file's object in `raw`); None for a new record.
     # A writer patches `origin.raw` with what differs from `origin`, so nothing else moves.
     origin: Deployment | None = field(default=None, compare=False, repr=False)
     raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.image:
-            object.__setattr__(self, "image", f"{DEFAULT_IMAGE_REPOSITORY}:{self.version}")
 
     def with_(self, **changes: Any) -> Deployment:
         return replace(self, **changes)
@@ -539,7 +535,9 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
     data: dict[str, Any]
     if dialect == GO_CLI:
         data = {"version": dep.version, "deployed_at": format_time_as(dep.deployed_at, dialect),
-                "git_commit": dep.git_commit, "docker_image": dep.image}
+                "git_commit": dep.git_commit}
+        if dep.image:
+            data["docker_image"] = dep.image
         if slot is not None:
             data["slot"] = slot
         # The Go CLI ignores what it does not know; these keep our facts (and the id) readable.
@@ -560,7 +558,8 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
             data["status"] = dep.status
         data["migrations_run"] = dep.migrations_run
         data["rollback_count"] = dep.rollback_count
-        data["docker_image"] = dep.image
+        if dep.image:
+            data["docker_image"] = dep.image
         if dialect == DEPLOY_SCRIPT and environment and "environment" not in dep.extra:
             data["environment"] = environment  # the deploy script stamps every deployment
     if dep.migration_version is not None:

@@ -1,7 +1,17 @@
-"""`runbook status`: what the state file claims next to what really runs, and where they differ."""
+"""`runbook status`: what the state file claims next to what really runs, and where they differ.
+
+`gather` reads the facts (never changing anything), `problems` judges them: every problem
+comes with its fix, and each kind of problem is one small check function in CHECKS, so a new
+one is one more function. "No problems" is printed only when every check found nothing.
+Everything shown is redacted (secrets) and, in text, escaped (a newline or an escape sequence
+inside a state field must not forge a status line).
+"""
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from runbook import caddy, database, docker, health, traffic
@@ -11,113 +21,277 @@ from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
 
-
-def _deployment(dep: states.Deployment | None) -> dict[str, Any] | None:
-    if dep is None:
-        return None
-    return {"id": dep.id, "version": dep.version, "slot": str(dep.active_slot),
-            "status": dep.status, "deployed_at": states.format_time(dep.deployed_at),
-            "deployed_by": dep.deployed_by, "image": dep.image,
-            "migration_version": dep.migration_version, "rollback_count": dep.rollback_count}
+NOT_RECORDED = "not recorded"
 
 
-def gather(env: Environment) -> dict[str, Any]:
-    out: dict[str, Any] = {"environment": env.name, "label": env.display,
-                           "state_file": str(env.state_file), "problems": []}
-    problems: list[str] = out["problems"]
+@dataclass(frozen=True)
+class Problem:
+    """Something that differs from what a rollback expects, and what to do about it."""
+
+    problem: str
+    fix: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"problem": self.problem, "fix": self.fix}
+
+
+@dataclass
+class Facts:
+    """What gather() found; the checks read only this (and the environment)."""
+
+    env: Environment
+    state: states.DeploymentState | None = None
+    state_error: RunbookError | None = None
+    containers: dict[Slot, docker.ContainerInfo | None] = field(default_factory=dict)
+    container_errors: dict[Slot, RunbookError] = field(default_factory=dict)
+    reports: dict[Slot, health.HealthReport] = field(default_factory=dict)
+    caddy: caddy.Inspection | None = None
+    caddy_running: bool = False
+    caddy_error: RunbookError | None = None
+    schema: database.SchemaVersion | None = None
+    database_error: RunbookError | None = None
+    lock: locks.LockStatus | None = None
+    traffic: traffic.Traffic | None = None  # what Caddy runs: the truth about traffic
+    traffic_error: RunbookError | None = None
+    intent: intents.Intent | None = None  # an interrupted run, if any
+    intent_error: RunbookError | None = None
+    last_run: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> Slot | None:
+        """The slot Caddy sends traffic to as it runs (its loaded config), never as the
+        Caddyfile on disk says; None when that is not one slot or cannot be read."""
+        return self.traffic.slot if self.traffic is not None else None
+
+    def image(self, slot: Slot) -> str | None:
+        info = self.containers.get(slot)
+        return info.image if info is not None and info.exists else None
+
+    def running(self, slot: Slot) -> bool:
+        info = self.containers.get(slot)
+        return info is not None and info.running
+
+
+def _arg(env: Environment) -> str:
+    """How to name this environment in a command: its name, or the file it was read from
+    when that is not one of the default places (a drill, `--config`)."""
+    from runbook.environment import BUILTIN_DIR, SYSTEM_DIR
+
+    if env.source is None or env.source.resolve().parent in (BUILTIN_DIR, SYSTEM_DIR):
+        return env.name
+    return str(env.source)
+
+
+def expected_image(env: Environment, dep: states.Deployment) -> str:
+    """The image a deployment runs: as recorded, else `[compose] image_repository:<version>`."""
+    from runbook import slots
+
+    return slots.image_of(env, dep.version, dep.image or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks: each yields the problems of one kind
+
+
+def _error(exc: RunbookError, default_fix: str) -> Problem:
+    return Problem(exc.message, exc.fix or default_fix)
+
+
+def state_unreadable(f: Facts) -> Iterator[Problem]:
+    if f.state_error is not None:
+        yield _error(f.state_error, f"fix {f.env.state_file}")
+
+
+def container_unknown(f: Facts) -> Iterator[Problem]:
+    for slot, exc in f.container_errors.items():
+        yield Problem(f"cannot inspect the {slot} container: {exc.message}",
+                      exc.fix or "check `docker info`")
+
+
+def caddy_problems(f: Facts) -> Iterator[Problem]:
+    if f.caddy_error is not None:
+        yield _error(f.caddy_error, f"check {f.env.caddy.caddyfile}")
+        return
+    if f.caddy is not None and not f.caddy.consistent:
+        yield Problem("Caddyfile managed block: " + "; ".join(f.caddy.problems),
+                      "make every reverse_proxy and X-Togather-Slot header between the markers "
+                      f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
+    if not f.caddy_running:
+        yield Problem(f"Caddy is not answering at {f.env.caddy.admin_url}",
+                      f"start it (systemctl start {f.env.caddy.systemd_unit}) and check "
+                      f"`curl {f.env.caddy.admin_url}/config/`")
+
+
+def database_unreachable(f: Facts) -> Iterator[Problem]:
+    if f.database_error is not None:
+        yield _error(f.database_error, f"check `docker ps` for {f.env.database.container}")
+
+
+def no_current_deployment(f: Facts) -> Iterator[Problem]:
+    """A slot serves but the state file records nothing: a rollback would have no anchor."""
+    active = f.active
+    if f.state is None or f.state.current is not None or active is None:
+        return
+    if not f.running(active):
+        return
+    info = f.containers.get(active)
+    tag = info.tag if info is not None else None
+    yield Problem(f"no current deployment is recorded, yet the {active} slot serves traffic "
+                  f"({f.image(active)})",
+                  f"record it: `runbook deploy {_arg(f.env)} --version {tag or '<version>'}` "
+                  "deploys that version again and records it; until then a rollback has "
+                  "nothing to roll back from")
+
+
+def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
+    current = f.state.current if f.state else None
+    active = f.active
+    if current is not None and active is not None and current.active_slot != active:
+        yield Problem(f"state says {current.active_slot} is active, Caddy sends traffic to "
+                      f"{active}",
+                      f"check both slots (`runbook healthcheck {_arg(f.env)} --slot both`), then "
+                      f"`runbook switch {_arg(f.env)} --slot <the right one>`")
+
+
+def active_unhealthy(f: Facts) -> Iterator[Problem]:
+    active = f.active
+    if active is not None and active in f.reports and not f.reports[active].ok:
+        yield Problem(f"the active slot {active} is {f.reports[active].status}",
+                      f"roll back (`runbook rollback {_arg(f.env)}`) or see "
+                      f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
+
+
+def image_differs(f: Facts) -> Iterator[Problem]:
+    current = f.state.current if f.state else None
+    active = f.active
+    if current is None or active is None:
+        return
+    running, expected = f.image(active), expected_image(f.env, current)
+    if running and running != expected:
+        yield Problem(f"state says {expected} is current, the active slot runs {running}",
+                      "someone changed the container outside the runbook: find out what runs "
+                      f"(`docker inspect {f.env.slot(active).container}`) before rolling back")
+
+
+def stale_lock(f: Facts) -> Iterator[Problem]:
+    held = f.lock
+    if held is not None and held.stale:
+        yield Problem(f"the deploy lock is stale: {held.why} (held by {held.describe()})",
+                      f"release it: `runbook unlock {_arg(f.env)} --yes`"
+                      + (" (add --force: its process still runs)" if held.holder_alive
+                         else ""))
+
+
+def standby_running(f: Facts) -> Iterator[Problem]:
+    """The standby should be stopped after a switch (`[rollback] stop_old_slot`). A standby
+    running the live image is a hot spare (both slots after `compose up`); one running anything
+    else is left over from an interrupted or manual run. A live run's lock explains it."""
+    active = f.active
+    if active is None or not f.env.stop_old_slot:
+        return
+    if f.lock is not None and not f.lock.stale:
+        return
+    standby = active.other
+    image = f.image(standby)
+    if not f.running(standby) or image is None or image == f.image(active):
+        return
+    yield Problem(f"the standby slot {standby} is left running ({image}) while {active} takes "
+                  "traffic",
+                  f"stop it (it takes no traffic): `docker stop {f.env.slot(standby).container}`"
+                  "; a rollback starts it again when needed")
+
+
+def traffic_unclear(f: Facts) -> Iterator[Problem]:
+    """Caddy runs a config that sends traffic to no slot, both, or not where the proxy says."""
+    if f.traffic is None:
+        return
+    trouble = f.traffic.problem(f.env)
+    if trouble:
+        yield Problem(trouble, "repoint Caddy at the slot you know is healthy: "
+                      f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
+
+
+def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
+    """A run stopped between writing the Caddyfile and reloading Caddy: the file lies."""
+    on_disk = f.caddy.slot if f.caddy is not None else None
+    if f.active is None or on_disk is None or on_disk == f.active:
+        return
+    yield Problem(f"the Caddyfile on disk points at {on_disk} but Caddy runs {f.active} (a run "
+                  "stopped between writing the file and reloading Caddy?); a reload would move "
+                  f"traffic to {on_disk}",
+                  f"`runbook rollback {_arg(f.env)}` finishes or redoes the interrupted run; "
+                  "do not reload Caddy by hand before that")
+
+
+def interrupted_run(f: Facts) -> Iterator[Problem]:
+    if f.intent_error is not None:
+        yield _error(f.intent_error, "see the journal in the logs directory")
+    pending = f.intent
+    if pending is None:
+        return
+    took = pending.phase is intents.Phase.COMMITTED or f.active == pending.target
+    command = f"runbook {pending.action} {_arg(f.env)}" + (
+        f" --version {pending.to_version}" if pending.action == "deploy" else
+        f" --slot {pending.to_slot}" if pending.action == "switch" else "")
+    yield Problem(f"an interrupted run is unfinished: {pending.describe()}; "
+                  + (f"it took effect: traffic is on {pending.to_slot}" if took
+                     else f"traffic did not move ({f.active or 'unknown'} serves)"),
+                  f"`{command}` " + ("finishes it (records the state, stops the old slot)"
+                                     if took else "runs it again"))
+
+
+Check = Callable[[Facts], Iterator[Problem]]
+CHECKS: list[Check] = [
+    state_unreadable, container_unknown, caddy_problems, traffic_unclear,
+    caddyfile_differs_from_what_runs, interrupted_run, database_unreachable,
+    no_current_deployment, state_disagrees_with_caddy, active_unhealthy, image_differs,
+    stale_lock, standby_running,
+]
+
+
+def problems(facts: Facts) -> list[Problem]:
+    """Every problem of every check, in CHECKS order."""
+    return [problem for check in CHECKS for problem in check(facts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the facts (read-only)
+
+
+def collect(env: Environment) -> Facts:
+    f = Facts(env)
     try:
-        st = states.read_state(env.state_file, environment=env.name)
-        out["current"] = _deployment(st.current)
-        out["previous"] = _deployment(st.previous)
-        out["history"] = [d.version for d in st.history]
+        f.state = states.read_state(env.state_file, environment=env.name)
     except RunbookError as exc:
-        st = None
-        out["current"] = out["previous"] = None
-        problems.append(str(exc))
-    slots_out: dict[str, Any] = {}
+        f.state_error = exc
     for slot in Slot:
         config = env.slot(slot)
         try:
-            info = docker.inspect(config.container)
-            container = {"name": config.container, "status": info.status, "image": info.image}
+            f.containers[slot] = docker.inspect(config.container)
         except RunbookError as exc:
-            container = {"name": config.container, "status": "unknown", "error": str(exc)}
-        report = health.probe(config, env.health.path, env.health.request_timeout)
-        slots_out[str(slot)] = {"port": config.port, "container": container,
-                                "health": report.status, "version": report.version}
-    out["slots"] = slots_out
-    # Which slot serves comes from what Caddy runs, never from the Caddyfile on disk.
-    running: str | None = None
+            f.containers[slot] = None
+            f.container_errors[slot] = exc
+        f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
     try:
-        now = traffic.read(env)
-        running = now.slot and str(now.slot)
-        out["traffic"] = {"slot": running, "source": "Caddy's running config (admin API)",
-                          "dials": list(now.dials), "proxy_slot": now.proxy_slot}
-        trouble = now.problem(env)
-        if trouble:
-            problems.append(f"{trouble}: repoint Caddy with `runbook switch {env.name} --slot "
-                            "<the healthy slot>`")
-    except traffic.TrafficUnknownError as exc:
-        out["traffic"] = {"slot": None, "error": exc.message}
-    try:
-        inspection = caddy.inspect(caddy.read(env), env)
-        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "active_slot": running,
-                        "file_slot": inspection.slot and str(inspection.slot),
-                        "consistent": inspection.consistent,
-                        "problems": list(inspection.problems),
-                        "running": caddy.is_running(env)}
-        if not inspection.consistent:
-            problems.append("Caddyfile managed block: " + "; ".join(inspection.problems))
-        if not out["caddy"]["running"]:
-            problems.append(f"Caddy is not answering at {env.caddy.admin_url}")
-        elif running and inspection.slot and str(inspection.slot) != running:
-            problems.append(f"the Caddyfile on disk points at {inspection.slot} but Caddy runs "
-                            f"{running}: a run stopped between writing it and reloading Caddy; "
-                            f"`runbook rollback {env.name}` finishes or redoes it (a reload "
-                            "would move traffic to what the file says)")
+        f.caddy = caddy.inspect(caddy.read(env), env)
+        f.caddy_running = caddy.is_running(env)
     except RunbookError as exc:
-        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "error": str(exc),
-                        "active_slot": running}
-        problems.append(str(exc))
+        f.caddy_error = exc
     try:
-        pending = intents.read(env)
+        f.traffic = traffic.read(env)
     except RunbookError as exc:
-        pending = None
-        problems.append(str(exc))
-    if pending is not None:
-        out["interrupted"] = {"run_id": pending.run_id, "action": pending.action,
-                              "phase": pending.phase.value, "summary": pending.describe()}
-        took = (pending.phase is intents.Phase.COMMITTED or running == pending.to_slot)
-        problems.append(
-            f"an interrupted run is unfinished: {pending.describe()}; "
-            + (f"traffic already moved to {pending.to_slot}: `runbook {pending.action} "
-               f"{env.name}` finishes it" if took else
-               f"traffic did not move: `runbook {pending.action} {env.name}` runs it again")
-            + (f" (add --version {pending.to_version})" if pending.action == "deploy" else "")
-            + (f" (add --slot {pending.to_slot})" if pending.action == "switch" else ""))
+        f.traffic_error = exc
     try:
-        schema = database.schema_version(env)
-        out["database"] = {"schema_version": schema.version, "dirty": schema.dirty}
+        f.intent = intents.read(env)
     except RunbookError as exc:
-        out["database"] = {"error": str(exc)}
-    held = locks.status(env)
-    last = _last_run(env)
-    if last is not None:
-        out["last_run"] = last
-    out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
-                    "why": held.why, "path": str(held.path)} if held else {"locked": False})
-    active = out.get("caddy", {}).get("active_slot")
-    if st and st.current and active and str(st.current.active_slot) != active:
-        problems.append(f"state says {st.current.active_slot} is active, Caddy sends traffic "
-                        f"to {active}")
-    if active and slots_out[active]["health"] not in health.OK_STATUSES:
-        problems.append(f"the active slot {active} is {slots_out[active]['health']}")
-    if st and st.current and active:
-        running = slots_out[active]["container"].get("image")
-        if running and running != st.current.image:
-            problems.append(f"state says {st.current.image} is current, the active slot runs "
-                            f"{running}")
-    return out
+        f.intent_error = exc
+    try:
+        f.schema = database.schema_version(env)
+    except RunbookError as exc:
+        f.database_error = exc
+    f.lock = locks.status(env)
+    f.last_run = _last_run(env)
+    return f
 
 
 def _last_run(env: Environment) -> dict[str, Any] | None:
@@ -141,35 +315,125 @@ def _last_run(env: Environment) -> dict[str, Any] | None:
     return None
 
 
+def _deployment(env: Environment, dep: states.Deployment | None) -> dict[str, Any] | None:
+    if dep is None:
+        return None
+    return {"id": dep.id, "version": dep.version,
+            "slot": str(dep.active_slot) if dep.active_slot else None,
+            "status": dep.status, "deployed_at": states.format_time(dep.deployed_at),
+            "deployed_by": dep.deployed_by, "image": expected_image(env, dep),
+            "migration_version": dep.migration_version, "rollback_count": dep.rollback_count}
+
+
+def to_json(f: Facts) -> dict[str, Any]:
+    env = f.env
+    st = f.state
+    out: dict[str, Any] = {
+        "environment": env.name, "label": env.display, "state_file": str(env.state_file),
+        "current": _deployment(env, st.current) if st else None,
+        "previous": _deployment(env, st.previous) if st else None,
+        "history": [d.version for d in st.history] if st else [],
+    }
+    slots_out: dict[str, Any] = {}
+    for slot in Slot:
+        config = env.slot(slot)
+        info = f.containers.get(slot)
+        if info is None:
+            error = f.container_errors.get(slot)
+            container: dict[str, Any] = {"name": config.container, "status": "unknown",
+                                         "error": str(error) if error else None}
+        else:
+            container = {"name": config.container, "status": info.status, "image": info.image}
+        report = f.reports[slot]
+        slots_out[str(slot)] = {"port": config.port, "container": container,
+                                "health": report.status, "version": report.version}
+    out["slots"] = slots_out
+    if f.caddy_error is not None:
+        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "error": str(f.caddy_error)}
+    elif f.caddy is not None:
+        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile),
+                        "active_slot": str(f.active) if f.active else None,
+                        "file_slot": str(f.caddy.slot) if f.caddy.slot else None,
+                        "consistent": f.caddy.consistent, "problems": list(f.caddy.problems),
+                        "running": f.caddy_running}
+    out["traffic"] = ({"slot": str(f.active) if f.active else None,
+                       "source": "Caddy's running config (admin API)",
+                       "dials": list(f.traffic.dials), "proxy_slot": f.traffic.proxy_slot}
+                      if f.traffic is not None else
+                      {"slot": None, "error": str(f.traffic_error)})
+    if f.intent is not None:
+        out["interrupted"] = {"run_id": f.intent.run_id, "action": f.intent.action,
+                              "phase": f.intent.phase.value, "summary": f.intent.describe()}
+    if f.last_run is not None:
+        out["last_run"] = f.last_run
+    out["database"] = ({"schema_version": f.schema.version, "dirty": f.schema.dirty}
+                       if f.schema is not None else {"error": str(f.database_error)})
+    held = f.lock
+    out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
+                    "why": held.why, "path": str(held.path)} if held else {"locked": False})
+    out["problems"] = [p.to_json() for p in problems(f)]
+    from runbook.journal import scrub
+
+    return scrub(out)  # type: ignore[no-any-return]
+
+
+def gather(env: Environment) -> dict[str, Any]:
+    """The status as data (what `--format json` prints); secrets masked."""
+    return to_json(collect(env))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def printable(value: object, missing: str = NOT_RECORDED) -> str:
+    """One line whatever the value holds: None -> `missing`, control and format characters
+    (newline, ESC, bidi overrides) escaped as \\n, \\x1b, \\u202e."""
+    if value is None or value == "":
+        return missing
+    text = str(value)
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+                   for ch in text)
+
+
 def render(data: dict[str, Any]) -> str:
-    lines = [f"Environment {data['label']} ({data['state_file']})"]
+    p = printable
+    lines = [f"Environment {p(data['label'])} ({p(data['state_file'])})"]
     for key in ("current", "previous"):
         dep = data.get(key)
-        lines.append(f"  {key:<9} " + (f"{dep['version']} on {dep['slot']} ({dep['status']}, "
-                                         f"{dep['deployed_at']} by {dep['deployed_by']}, "
-                                         f"schema {dep['migration_version']})" if dep else "none"))
+        lines.append(f"  {key:<9} " + (
+            f"{p(dep['version'])} on {p(dep['slot'], 'an unrecorded slot')} "
+            f"({p(dep['status'], 'status not recorded')}, {p(dep['deployed_at'])} by "
+            f"{p(dep['deployed_by'], 'someone not recorded')}, "
+            f"schema {p(dep['migration_version'])})" if dep else "none"))
     caddy_info = data.get("caddy", {})
-    lines.append(f"  traffic   {caddy_info.get('active_slot') or 'unknown'} "
-                 f"(Caddy {'answering' if caddy_info.get('running') else 'NOT answering'})")
+    lines.append(f"  traffic   {p(data.get('traffic', {}).get('slot'), 'unknown')} "
+                 f"(as Caddy runs it; Caddy "
+                 f"{'answering' if caddy_info.get('running') else 'NOT answering'})")
     for slot, info in data["slots"].items():
         c = info["container"]
-        lines.append(f"  {slot:<9} {c['name']}: {c['status']}, {c.get('image') or '-'}, "
-                     f"port {info['port']}, health {info['health']}")
+        lines.append(f"  {slot:<9} {p(c['name'])}: {p(c['status'], 'unknown')}, "
+                     f"{p(c.get('image'), '-')}, port {info['port']}, "
+                     f"health {p(info['health'], 'unknown')}")
     db = data.get("database", {})
     lines.append("  database  " + (f"schema {db['schema_version']}"
                                    + (" (dirty)" if db.get("dirty") else "")
-                                   if "schema_version" in db else db.get("error", "unknown")))
+                                   if "schema_version" in db else p(db.get("error"), "unknown")))
     lock = data.get("lock", {})
-    lines.append("  lock      " + ("free" if not lock.get("locked") else str(lock.get("summary")
-                                                                              or lock)))
+    lines.append("  lock      " + ("free" if not lock.get("locked")
+                                   else p(lock.get("summary"), "held (holder not recorded)")
+                                   + (" [stale]" if lock.get("stale") else "")))
     last = data.get("last_run")
     if last:
-        lines.append(f"  last run  {last['action']} {last['run_id']}: {last['outcome']} (exit "
-                     f"{last['exit_code']})" + (f"; it {last['took_over']}" if last['took_over']
-                                                else ""))
+        lines.append(f"  last run  {p(last['action'])} {p(last['run_id'])}: "
+                     f"{p(last['outcome'])} (exit {p(last['exit_code'])})"
+                     + (f"; it {p(last['took_over'])}" if last.get("took_over") else ""))
     if data["problems"]:
         lines.append("Problems:")
-        lines += [f"  ! {p}" for p in data["problems"]]
+        for problem in data["problems"]:
+            lines.append(f"  ! {p(problem['problem'])}")
+            lines.append(f"    fix: {p(problem['fix'])}")
     else:
         lines.append("No problems found: the state file matches what runs.")
     return "\n".join(lines)

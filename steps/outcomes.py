@@ -197,14 +197,14 @@ def what_runs_matches(world: World) -> None:
 @then("the status says Caddy is not answering")
 def status_says_caddy_down(world: World) -> None:
     assert world.status is not None
-    assert any("Caddy is not answering" in p for p in world.status["problems"]), \
+    assert any("Caddy is not answering" in p["problem"] for p in world.status["problems"]), \
         world.status["problems"]
 
 
 @then("the status names the wrong port")
 def status_names_wrong_port(world: World) -> None:
     assert world.status is not None
-    problems = [p for p in world.status["problems"] if "no slot's port" in p]
+    problems = [p["problem"] for p in world.status["problems"] if "no slot's port" in p["problem"]]
     assert problems, world.status["problems"]
     if "dead port" in world.notes:
         assert str(world.notes["dead port"]) in problems[0]

@@ -105,7 +105,7 @@ def keep_screenshot(page: Path, tmp_path: Path, name: str) -> Path:
 @pytest.fixture
 def run_record(tmp_path: Path) -> dict[str, Any]:
     """A rollback journaled by runbook.journal itself, with real measured (short) phases."""
-    env = envmod.load_file(REPO / "environments" / "staging.toml").with_(
+    env = envmod.load_file(REPO / "runbook" / "environments" / "staging.toml").with_(
         runs_dir=tmp_path / "runs", log_dir=tmp_path / "logs", label="drill test")
     journal = journals.Journal.open(env, "rollback", why="browser test")
     with journal:

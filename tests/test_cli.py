@@ -124,7 +124,7 @@ def test_unlock_status_and_refusal_of_a_live_holder(stack: DrillStack) -> None:
     try:
         status = runbook(stack, "unlock", "--status")
         assert "drill test" in status.stdout and "pid" in status.stdout
-        forced = runbook(stack, "unlock", "--force")
+        forced = runbook(stack, "unlock", "--force", "--yes")
         assert forced.returncode == 3
         assert stack.env.lock_path.exists()
         rb = runbook(stack, "rollback", "--yes")

@@ -3,7 +3,10 @@
 The "host" is a drill stack started OUTSIDE pytest's fixtures, as a machine would be, with a
 previous deployment arranged through the library. Its environment file is written WITHOUT
 drill permission, so the features treat it as a real host: Givens only check, fault
-scenarios are skipped with their reason, and one mutating scenario (the rollback) runs.
+scenarios are skipped with their reason, `pytest features/` and `pytest
+features/recovery.feature` change nothing (every mutating scenario is skipped, saying how to
+select it), `pytest features/rollback.feature` performs the rollback, and an explicitly
+selected scenario (-k) runs.
 """
 
 from __future__ import annotations
@@ -45,17 +48,42 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         env_file.write_text(envmod.to_toml(host))
         assert "allows_faults" not in env_file.read_text()
 
-        def run_features(path: str) -> tuple[str, str]:
+        def run_features(*args: str) -> tuple[str, str]:
             proc = subprocess.run(
-                [sys.executable, "-m", "pytest", path, "--env", str(env_file),
-                 "-p", "no:cacheprovider"],
+                [sys.executable, "-m", "pytest", *args, "--env", str(env_file),
+                 "-p", "no:cacheprovider", "-rs"],
                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=child_env,
                 check=False)
             output = proc.stdout + proc.stderr
             assert proc.returncode == 0, output
             return output, output.strip().splitlines()[-1]
 
+        def mutating_skips(output: str) -> list[str]:
+            return re.findall(r"SKIPPED \[1\] (features/\w+\.feature):\d+: changes the host: "
+                              r"on a real host a mutating scenario runs unselected only", output)
+
         child_env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"}
+        state_before = env.state_file.read_bytes()
+
+        # a whole folder: read-only scenarios run, no mutating one does
+        output, summary = run_features("features/")
+        assert sorted(mutating_skips(output)) == ["features/recovery.feature",
+                                                  "features/recovery.feature",
+                                                  "features/rollback.feature"], output
+        assert re.search(r"\b4 passed\b", summary) and re.search(r"\b11 skipped\b", summary), \
+            summary
+        assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
+        assert env.state_file.read_bytes() == state_before
+        # naming recovery.feature: neither the manual switch nor the redeploy runs
+        output, summary = run_features("features/recovery.feature")
+        assert mutating_skips(output) == ["features/recovery.feature"] * 2, output
+        assert "injects faults: drill only" in output, output
+        assert re.search(r"\b1 passed\b", summary) and re.search(r"\b3 skipped\b", summary), \
+            summary
+        assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
+        assert env.state_file.read_bytes() == state_before
+
+        # naming rollback.feature performs the rollback, as documented
         output, summary = run_features("features/rollback.feature")
 
         # the rollback really happened: users get v2 from green, and the state file says so
@@ -71,12 +99,9 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         assert re.search(r"\b4 passed\b", summary) and re.search(r"\b2 skipped\b", summary), \
             summary
 
-        # at most one mutating scenario per invocation: the manual switch runs, the next waits
-        output, summary = run_features("features/recovery.feature")
-        assert "at most one mutating scenario runs per invocation" in output, output
-        assert "injects faults: drill only" in output, output
-        assert re.search(r"\b2 passed\b", summary) and re.search(r"\b2 skipped\b", summary), \
-            summary
+        # an explicitly selected mutating scenario runs: the manual switch, back to blue
+        output, summary = run_features("features/recovery.feature", "-k", "hand")
+        assert re.search(r"\b1 passed\b", summary) and "skipped" not in summary, summary
         assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)  # switched by hand
     finally:
         stack.stop()

@@ -377,6 +377,7 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
     path.write_text(caddy.rewrite(path.read_text(), env, Slot.GREEN))  # written, not loaded
     data = statusmod.gather(env)
     assert data["traffic"]["slot"] == "blue" and data["caddy"]["file_slot"] == "green"
-    assert any("on disk points at green but Caddy runs blue" in p for p in data["problems"])
+    assert any("on disk points at green but Caddy runs blue" in p["problem"]
+               for p in data["problems"])
     result = rollback.rollback(env, dry_run=True)
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"

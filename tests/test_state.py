@@ -67,7 +67,7 @@ def test_documented_dialect() -> None:
     assert s.current.active_slot is Slot.BLUE and s.previous.active_slot is Slot.GREEN
     assert s.current.version == "abc1234" and s.current.migrations_run == 3
     assert s.current.deployed_at == datetime(2026, 1, 28, 10, 30, tzinfo=UTC)
-    assert s.current.image == "togather-server:abc1234"
+    assert s.current.image == ""  # not recorded: the environment's image_repository decides
     assert s.previous.status == "superseded"
     assert [d.version for d in s.history] == ["def9876"]
     assert s.history[0].extra == {"duration_seconds": 245}
@@ -469,7 +469,7 @@ def test_make_deployment_validates() -> None:
         make_deployment("abc1234", "abc1234", "green")
     d = make_deployment("ABC1234", "ABC1234" + "0" * 33, "green", migration_version=7)
     assert d.version == "abc1234" and d.active_slot is Slot.GREEN and d.id.startswith("dep_")
-    assert d.image == "togather-server:abc1234" and d.status == "deploying"
+    assert d.image == "" and d.status == "deploying"  # not recorded unless given
 
 
 # --- properties -----------------------------------------------------------------------------

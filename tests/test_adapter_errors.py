@@ -1,0 +1,132 @@
+"""Every Docker, Compose and database library error reaches the user as one line with the
+documented exit code, and the process exit code equals the journal's.
+
+Real failures, not mocks: an invalid image reference in the state file sent to the real
+engine, a Docker endpoint nobody listens on, a compose binary that does not exist, a database
+port nobody listens on and a wrong database password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from runbook import compose, database, docker
+from runbook import environment as envmod
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.errors import ExitCode, RunbookError
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = Path(__file__).resolve().parents[1]
+V2 = VERSIONS["v2"]
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def runbook(*args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"} | env_extra
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args], capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL, env=env,
+                          check=False, cwd=REPO_ROOT)
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("runbook: journal")]
+    assert len(lines) == 1 and lines[0].startswith("runbook: error: "), proc.stderr
+    return lines[0]
+
+
+def test_an_invalid_image_reference_in_the_state_file(stack: DrillStack) -> None:
+    env = stack.env
+    st = states.read_state(env.state_file)
+    assert st.current is not None
+    previous = states.make_deployment(V2.tag, V2.git_commit, "green", status="superseded",
+                                      migration_version=1, image="togather-server:NOT A REF")
+    states.write_state(env.state_file, st.with_(previous=previous))
+    before = env.state_file.read_bytes()
+    proc = runbook("rollback", str(env.source), "--yes")
+    line = one_line(proc)
+    assert proc.returncode == int(ExitCode.PRECONDITION), proc.stderr
+    assert "invalid reference format" in line and "NOT A REF" in line, line
+    record = json.loads(max(env.runs_dir.glob("*.json"), key=os.path.getmtime).read_text())
+    assert record["exit_code"] == proc.returncode, record
+    after = states.read_state(env.state_file)
+    assert after.current == st.current and after.previous == previous
+    assert before == env.state_file.read_bytes()
+
+
+def test_a_docker_engine_that_does_not_answer(stack: DrillStack) -> None:
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    dry = runbook("switch", str(stack.env.source), "--slot", "green", "--dry-run",
+                  DOCKER_HOST=dead)
+    assert dry.returncode == int(ExitCode.PRECONDITION), dry.stderr
+    assert "Docker engine" in one_line(dry)
+    status = runbook("status", str(stack.env.source), DOCKER_HOST=dead)
+    assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
+    assert "cannot inspect the blue container" in status.stdout, status.stdout
+
+
+def test_compose_that_cannot_run() -> None:
+    command = compose.Command(argv=("/nonexistent/docker", "compose", "ps"))
+    with pytest.raises(compose.ComposeError) as raised:
+        compose.run(command)
+    assert raised.value.exit_code == ExitCode.PRECONDITION
+    assert "not installed" in str(raised.value) and "\n" not in str(raised.value)
+    slow = compose.Command(argv=(sys.executable, "-c", "import time; time.sleep(5)"))
+    with pytest.raises(compose.ComposeError, match=r"did not finish within 0\.5s"):
+        compose.run(slow, timeout=0.5)
+
+
+def test_docker_api_errors_are_runbook_errors(stack: DrillStack) -> None:
+    with pytest.raises(docker.DockerError) as raised:
+        docker.image_exists("Togather-Server:UPPER CASE")
+    assert raised.value.exit_code == ExitCode.PRECONDITION
+    assert "\n" not in str(raised.value)
+    with pytest.raises(RunbookError):
+        docker.image_exists("")
+    assert docker.inspect("no-such-container-anywhere").exists is False
+
+
+def test_database_errors_are_one_line(stack: DrillStack, tmp_path: Path) -> None:
+    url = urlsplit(stack.database_url)
+    for name, bad_url in {
+        "nobody listens": f"postgresql://{url.username}:secretpw1@127.0.0.1:{free_port()}/x",
+        "wrong password": (f"postgresql://{url.username}:wrong-Pa55word@{url.hostname}:"
+                           f"{url.port}{url.path}"),
+    }.items():
+        env_file = tmp_path / f"{name.replace(' ', '-')}.env"
+        env_file.write_text(f"DATABASE_URL={bad_url}\n")
+        env = stack.env.with_(database=replace(stack.env.database, env_file=env_file))
+        with pytest.raises(database.DatabaseError) as raised:
+            database.schema_version(env)
+        message = str(raised.value)
+        assert message.startswith("database unreachable: ") and "\n" not in message, message
+        assert "secretpw1" not in message and "wrong-Pa55word" not in message, message
+        source = tmp_path / f"{name.replace(' ', '-')}.toml"
+        source.write_text(envmod.to_toml(env))
+        proc = runbook("snapshot", "create", str(source))
+        assert proc.returncode == int(ExitCode.PRECONDITION), proc.stderr
+        line = one_line(proc)
+        assert "secretpw1" not in line and "wrong-Pa55word" not in line, line

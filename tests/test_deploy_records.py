@@ -1,0 +1,121 @@
+"""What a deployment records is its own: image repository, commit, pre-deploy snapshot.
+
+- `[compose] image_repository` is honoured for targets read from a state file (which record
+  no image of their own);
+- a deploy records the commit of what it deployed: /health's, else the image's
+  org.opencontainers.image.revision label, else "unknown" (git's null commit), never the
+  current deployment's;
+- the pre-deploy snapshot is taken before the new slot starts, also when the app migrates
+  itself (no migrate_command), so the schema guard always has a snapshot to name.
+
+Variants of a drill version are built locally (FROM a drill image: no registry) with no
+commit in /health and a chosen revision label, and deployed for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from runbook import deploy, docker
+from runbook import environment as envmod
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = Path(__file__).resolve().parents[1]
+V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
+UNKNOWN = "0" * 40
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def build_variant(tag: str, revision: str) -> str:
+    """v3 as version `tag` whose /health reports no git_commit, labelled with `revision`."""
+    image = f"togather-server:{tag}"
+    dockerfile = (f"FROM {V3.image}\nENV APP_VERSION={tag} GIT_COMMIT=\n"
+                  f'LABEL org.opencontainers.image.revision="{revision}"\n')
+    subprocess.run(["docker", "build", "-q", "-t", image, "-"], input=dockerfile, text=True,
+                   capture_output=True, check=True, timeout=300)
+    return image
+
+
+def started_at(container: str) -> datetime:
+    info = docker.inspect(container)
+    assert info.started_at is not None
+    return datetime.fromisoformat(info.started_at[:26].rstrip("Z") + "+00:00")
+
+
+def test_a_deploy_records_its_own_commit_and_snapshots_before_the_new_slot_starts(
+        stack: DrillStack) -> None:
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag, reason="arrange"))  # green, schema 2
+    labelled, unlabelled = "c0ffee1", "c0ffee2"
+    revision = hashlib.sha1(b"c0ffee1").hexdigest()
+    images = [build_variant(labelled, revision), build_variant(unlabelled, "")]
+    self_migrating = env.with_(migrate_command=())  # the app migrates itself, if at all
+    try:
+        result = deploy.deploy(self_migrating, deploy.Options(version=labelled))
+        st = states.read_state(env.state_file)
+        assert st.current is not None and st.previous is not None
+        assert (st.current.version, st.current.git_commit) == (labelled, revision)
+        assert st.previous.git_commit == V2.git_commit  # untouched, and not copied
+
+        # the snapshot was taken (no migrate_command) and finished before blue started
+        steps = [s["name"] for s in json.loads(Path(str(result.record_file)).read_text())
+                 ["steps"]]
+        assert steps.index("snapshot") < steps.index("start-slot"), steps
+        snapshot = Path(st.current.extra["snapshot_path"])
+        assert snapshot.is_file()
+        meta = json.loads(snapshot.with_name(snapshot.name.removesuffix(".sql.gz")
+                                             + ".meta.json").read_text())
+        assert meta["deployment_id"] == st.current.id
+        taken = datetime.fromtimestamp(snapshot.stat().st_mtime).astimezone()
+        assert taken < started_at(env.slot("blue").container), "snapshot after the start"
+
+        deploy.deploy(self_migrating, deploy.Options(version=unlabelled))
+        st = states.read_state(env.state_file)
+        assert st.current is not None and st.previous is not None
+        assert (st.current.version, st.current.git_commit) == (unlabelled, UNKNOWN)
+        assert st.previous.git_commit == revision
+    finally:
+        subprocess.run(["docker", "rmi", "-f", *images], capture_output=True, check=False)
+
+
+def test_image_repository_is_honoured_for_targets_from_the_state_file(
+        stack: DrillStack, tmp_path: Path) -> None:
+    env = stack.env.with_(compose=replace(stack.env.compose, image_repository="togather-custom"))
+    custom = f"togather-custom:{V2.tag}"
+    subprocess.run(["docker", "tag", V2.image, custom], check=True, capture_output=True)
+    try:
+        st = states.read_state(env.state_file)
+        previous = states.make_deployment(V2.tag, V2.git_commit, "green", status="superseded",
+                                          migration_version=1)  # records no image
+        states.write_state(env.state_file, st.with_(previous=previous))
+        written = json.loads(env.state_file.read_text())
+        assert "docker_image" not in written["previous_deployment"]
+        source = tmp_path / "custom.toml"
+        source.write_text(envmod.to_toml(env))
+        proc = subprocess.run(
+            [sys.executable, "-m", "runbook.cli", "rollback", str(source), "--dry-run",
+             "--format", "json"], capture_output=True, text=True, timeout=120, check=False,
+            stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+            env={k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"})
+        assert proc.returncode == 0, proc.stderr
+        assert custom in proc.stdout and V2.image not in proc.stdout, proc.stdout
+    finally:
+        subprocess.run(["docker", "rmi", custom], capture_output=True, check=False)

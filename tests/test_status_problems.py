@@ -1,0 +1,125 @@
+"""`runbook status` says "No problems" only when there are none, and each problem has its fix.
+
+Every case is arranged for real on the drill stack (stopped database, a state file without a
+current deployment, a lock left by a dead process, a standby left running, fields a state file
+may leave out or fill with control characters) and `runbook status` is run as on-call would,
+through the stack's environment file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook import compose
+from runbook import state as states
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NO_PROBLEMS = "No problems found: the state file matches what runs."
+V1, V2 = VERSIONS["v1"], VERSIONS["v2"]
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def status(stack: DrillStack) -> tuple[int, str, list[dict[str, str]]]:
+    """(exit code, the text output, the JSON problems)."""
+    argv = [sys.executable, "-m", "runbook.cli", "status", str(stack.env.source)]
+    text = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    data = subprocess.run([*argv, "--format", "json"], capture_output=True, text=True,
+                          timeout=120, check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert "Traceback" not in text.stderr + data.stderr, text.stderr + data.stderr
+    assert text.returncode == data.returncode, (text.returncode, data.returncode)
+    return text.returncode, text.stdout, json.loads(data.stdout)["problems"]
+
+
+def problem(problems: list[dict[str, str]], words: str) -> dict[str, str]:
+    found = [p for p in problems if words in p["problem"]]
+    assert found, (words, problems)
+    assert found[0]["fix"], found[0]
+    return found[0]
+
+
+def assert_listed(code: int, text: str, problems: list[dict[str, str]]) -> None:
+    assert code == 1 and problems and NO_PROBLEMS not in text, text
+    assert "Problems:" in text
+    assert text.count("\n  ! ") == len(problems), text
+    for p in problems:  # each problem is printed with its fix
+        assert f"    fix: {p['fix']}" in text, text
+
+
+def test_the_baseline_has_no_problems_and_prints_no_none(stack: DrillStack) -> None:
+    code, text, problems = status(stack)
+    assert (code, problems) == (0, []), text
+    assert text.strip().splitlines()[-1] == NO_PROBLEMS
+    assert "None" not in text
+
+
+def test_database_unreachable_is_a_problem(stack: DrillStack) -> None:
+    stack.docker("stop", stack.env.database.container)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "database unreachable")
+    assert stack.env.database.container in found["fix"]
+    assert stack.password not in text + json.dumps(problems)
+
+
+def test_no_current_deployment_while_a_slot_serves(stack: DrillStack) -> None:
+    states.write_state(stack.env.state_file, states.DeploymentState(environment=stack.env.name))
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "no current deployment is recorded, yet the blue slot serves")
+    assert f"runbook deploy {stack.env.source} --version {V1.tag}" in found["fix"]
+
+
+def test_a_stale_lock_of_a_dead_process(stack: DrillStack) -> None:
+    code = ("import sys, pathlib; from runbook import environment, lock; "
+            "lock.acquire(environment.load_file(pathlib.Path(sys.argv[1])), reason='crashed')")
+    subprocess.run([sys.executable, "-c", code, str(stack.env.source)], check=True,
+                   cwd=REPO_ROOT, timeout=60)
+    code_, text, problems = status(stack)
+    assert_listed(code_, text, problems)
+    found = problem(problems, "the deploy lock is stale")
+    assert "no longer running" in found["problem"]
+    assert f"runbook unlock {stack.env.source} --yes" in found["fix"]
+
+
+def test_a_standby_left_running_another_version(stack: DrillStack) -> None:
+    # the baseline's green runs the live image (a hot spare): no problem; another image is one
+    compose.run(compose.recreate_slot(stack.env, Slot.GREEN, V2.tag))
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "the standby slot green is left running")
+    assert V2.image in found["problem"]
+    assert f"docker stop {stack.env.slot('green').container}" in found["fix"]
+
+
+def test_unrecorded_fields_and_control_characters(stack: DrillStack) -> None:
+    st = states.read_state(stack.env.state_file)
+    assert st.current is not None
+    forged = f"drill\n{NO_PROBLEMS}\n\x1b[2Jop\u202eerator"
+    states.write_state(stack.env.state_file, st.with_(current=st.current.with_(
+        migration_version=None, status=None, deployed_by=forged)))
+    code, text, problems = status(stack)
+    assert (code, problems) == (0, []), text
+    lines = text.splitlines()
+    assert lines.count(NO_PROBLEMS) == 1 and lines[-1] == NO_PROBLEMS, text
+    assert "None" not in text
+    current = next(line for line in lines if line.startswith("  current"))
+    assert "schema not recorded" in current and "status not recorded" in current, current
+    assert "\\n" in current and "\\x1b" in current and "\\u202e" in current, current
+    assert not re.search(r"[\x00-\x1f\x7f\u202e]", text.replace("\n", "")), text

@@ -1,0 +1,132 @@
+"""Mutating commands refuse to run unattended without --yes (cron, a pipe, `ssh host cmd`).
+
+Against the real drill stack, addressed through its environment file as a host would be:
+without a terminal on stdin and without --yes, each mutating command exits 2 with one line
+saying why and what to pass, and nothing changed (state file, Caddyfile, containers, lock,
+snapshots, no journal). Dry runs and read-only commands need no --yes. On a terminal the
+prompt still asks, and "n" changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook import docker, snapshots
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def runbook(*args: str, stdin: int | None = subprocess.DEVNULL,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args], capture_output=True,
+                          text=True, timeout=180, stdin=stdin, input=input_text, env=env,
+                          check=False, cwd=REPO_ROOT)
+
+
+def leave_crashed_lock(stack: DrillStack) -> None:
+    """A lock whose holder died: what `runbook unlock` exists to remove."""
+    code = ("import sys; from runbook import environment, lock; "
+            "lock.acquire(environment.load_file(__import__('pathlib').Path(sys.argv[1])), "
+            "reason='a run that crashed')")
+    subprocess.run([sys.executable, "-c", code, str(stack.env.source)], check=True,
+                   cwd=REPO_ROOT, timeout=60)
+    assert stack.env.lock_path.is_dir()
+
+
+def world(stack: DrillStack) -> dict[str, object]:
+    env = stack.env
+    return {
+        "state": env.state_file.read_bytes(),
+        "caddyfile": env.caddy.caddyfile.read_bytes(),
+        "containers": {s: (i.status, i.image) for s in ("blue", "green")
+                       for i in [docker.inspect(env.slot(s).container)]},
+        "lock": sorted(p.name for p in env.lock_path.iterdir())
+        if env.lock_path.exists() else None,
+        "snapshots": sorted(p.name for p in env.database.snapshot_dir.iterdir()),
+        "journal": sorted(p.name for p in env.log_dir.iterdir())
+        + sorted(p.name for p in env.runs_dir.iterdir()),
+    }
+
+
+MUTATING = [
+    ("rollback",),
+    ("deploy", "--version", VERSIONS["v2"].tag),
+    ("switch", "--slot", "green"),
+    ("unlock",),
+    ("unlock", "--force"),
+    ("snapshot", "restore"),
+    ("snapshot", "cleanup"),
+]
+
+
+def test_mutating_commands_refuse_without_yes_when_stdin_is_not_a_terminal(
+        stack: DrillStack) -> None:
+    source = str(stack.env.source)
+    snapshots.create(stack.env, "kept")  # something restore and cleanup could act on
+    leave_crashed_lock(stack)
+    before = world(stack)
+    for command in MUTATING:
+        argv = [*command[:2], source, *command[2:]] if command[0] == "snapshot" \
+            else [command[0], source, *command[1:]]
+        proc = runbook(*argv)
+        where = " ".join(command)
+        assert proc.returncode == 2, (where, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, (where, proc.stderr)
+        assert lines[0].startswith("runbook: error: ") and "stdin is not a terminal" in lines[0]
+        assert "--yes" in lines[0] and "nothing was changed" in lines[0], lines[0]
+        assert "Traceback" not in proc.stderr and proc.stdout == "", (where, proc.stdout)
+        assert world(stack) == before, f"{where} changed something"
+
+
+def test_dry_runs_and_read_only_commands_need_no_yes(stack: DrillStack) -> None:
+    source = str(stack.env.source)
+    before = world(stack)
+    for argv in (["switch", source, "--slot", "green", "--dry-run"],
+                 ["deploy", source, "--version", VERSIONS["v2"].tag, "--dry-run"],
+                 ["snapshot", "cleanup", source, "--dry-run"],
+                 ["unlock", source, "--status"],
+                 ["status", source]):
+        proc = runbook(*argv)
+        assert proc.returncode == 0, (argv, proc.stderr)
+    assert world(stack) == before
+
+
+def test_yes_runs_unattended_and_a_terminal_is_asked(stack: DrillStack) -> None:
+    source = str(stack.env.source)
+    leave_crashed_lock(stack)
+    done = runbook("unlock", source, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert not stack.env.lock_path.exists()
+
+    # on a terminal the prompt asks; "n" is a refusal that changes nothing (exit 2)
+    primary, replica = pty.openpty()
+    try:
+        os.write(primary, b"n\n")
+        asked = runbook("switch", source, "--slot", "green", stdin=replica)
+    finally:
+        os.close(primary)
+        os.close(replica)
+    assert "Proceed?" in asked.stderr, asked.stderr
+    assert asked.returncode == 2 and "not confirmed" in asked.stderr, asked.stderr
+    assert docker.inspect(stack.env.slot("green").container).running  # untouched baseline
+    from runbook import caddy
+
+    assert caddy.active_slot(caddy.read(stack.env), stack.env) == "blue"
