@@ -302,7 +302,7 @@ def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> No
         (env.lock_path / "holder.json").write_text(json.dumps({
             "lock_id": "lock_live", "locked_by": "bob@host", "pid": holder.pid,
             "hostname": os.uname().nodename, "reason": "deploy"}))
-        run = cli(stack.env, "unlock", "--force")
+        run = cli(stack.env, "unlock", "--force", "--yes")
         assert run.returncode == 3, run.stderr
         assert "not even with --force" in run.stderr and f"kill {holder.pid}" in run.stderr
         assert env.lock_path.is_dir()
