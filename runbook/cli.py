@@ -23,20 +23,14 @@ from runbook.cli_options import (
     ReasonOpt,
     YesOpt,
 )
-from runbook.errors import ExitCode, RunbookError
+from runbook.errors import ExitCode, RunbookError, exit_codes_text
 
 if TYPE_CHECKING:
     from runbook.environment import Environment
     from runbook.plan import Plan, Step
     from runbook.run import RunResult
 
-EXIT_CODES = """\
-Exit codes: 0 success; 1 failed safely (traffic stayed on a healthy slot, state tells the
-truth); 2 bad input or configuration (nothing changed); 3 locked by another run (nothing
-changed); 4 precondition not met, e.g. no previous deployment, schema ahead, image gone
-(nothing changed); 5 failed and needs attention now (read the message); 6 took effect
-(traffic moved and was verified) but finishing steps are left: run the same command again
-to finish it."""
+EXIT_CODES = exit_codes_text()
 
 app = typer.Typer(
     name="runbook", no_args_is_help=True, add_completion=False, rich_markup_mode=None,

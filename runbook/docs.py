@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runbook.errors import MEANINGS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FEATURES_DIR = REPO_ROOT / "features"
 STEPS_DIR = REPO_ROOT / "steps"
@@ -160,14 +162,7 @@ QUICK_REFERENCE: tuple[tuple[str, str, str], ...] = (
     ("Who holds the deploy lock", "runbook unlock <env> --status", ""),
 )
 
-EXIT_CODES = (("0", "success"),
-              ("1", "failed safely: traffic stayed on a healthy slot, the state file tells "
-                    "the truth"),
-              ("2", "usage or bad input/configuration; nothing changed"),
-              ("3", "locked by another run (the message names the holder); nothing changed"),
-              ("4", "precondition not met (no previous deployment, schema ahead, image gone); "
-                    "nothing changed"),
-              ("5", "failed and could not be fully undone: read the message now"))
+EXIT_CODES = tuple((str(int(code)), meaning) for code, meaning in MEANINGS.items())
 
 # ---------------------------------------------------------------------------------------------
 # The seed guide (the old on-call rollback guide) -> the scenarios that now carry each part.

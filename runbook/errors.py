@@ -17,6 +17,34 @@ class ExitCode(IntEnum):
     TOOK_EFFECT = 6  # traffic moved (verified) but finishing steps are left: run it again
 
 
+MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.FAILED_SAFELY: "failed safely: traffic stayed on a healthy slot, the state file "
+                            "tells the truth",
+    ExitCode.USAGE: "usage or bad input/configuration; nothing changed",
+    ExitCode.LOCKED: "locked by another run (the message names the holder); nothing changed",
+    ExitCode.PRECONDITION: "precondition not met (no previous deployment, schema ahead, image "
+                           "gone); nothing changed",
+    ExitCode.ATTENTION: "failed and could not be fully undone: read the message now",
+    ExitCode.TOOK_EFFECT: "took effect (traffic moved and was verified) but finishing steps "
+                          "are left: run the same command again to finish it",
+}
+"""The one definition of what each exit code means: `--help`, docs/runbook.md and the README
+table are rendered from it (tests/test_docs.py checks the README)."""
+
+
+def exit_codes_text() -> str:
+    """The exit codes as one paragraph, for `--help`."""
+    return "Exit codes: " + "; ".join(f"{int(code)} {meaning}"
+                                      for code, meaning in MEANINGS.items()) + "."
+
+
+def exit_codes_markdown() -> str:
+    """The exit codes as the README's table."""
+    rows = [f"| {int(code)} | {meaning} |" for code, meaning in MEANINGS.items()]
+    return "\n".join(["| code | meaning |", "|---|---|", *rows])
+
+
 class RunbookError(Exception):
     """A failure with a one-line message, the fix, and an exit code."""
 

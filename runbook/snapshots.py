@@ -1150,6 +1150,8 @@ def restore_steps(env: Environment, snap: Snapshot | str | Path,
         Step("stop-app-slots", "Stop the app slots that use the database (not the database)", {
             "containers": ", ".join(containers) or "none",
             "kept running": env.database.container,
+            "THE SERVICE IS DOWN": "from here until the switch: the one step allowed to stop "
+                                   "the serving slot, so no write is lost during the restore",
         }, run=stop_slots),
         Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
             "psql": " ".join(replay_command(tgt)),

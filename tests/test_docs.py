@@ -302,3 +302,11 @@ def test_runbook_docs_command_writes_checks_and_reads_a_report(sample: tuple[Pat
     assert "passed on drill at 2031-05-04T03:09:00.000Z" in out.read_text()
     bad = runbook("--report", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "cannot read the drill report" in bad.stderr
+
+
+def test_the_readme_exit_codes_are_the_ones_the_code_defines() -> None:
+    """One source: runbook/errors.py MEANINGS; `--help` and docs render it, README must match."""
+    from runbook.errors import exit_codes_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert exit_codes_markdown() in readme, "README's exit-code table differs from errors.py"
