@@ -33,6 +33,7 @@ setup: venv docker images
 
 lint: venv
 	@$(VENV)/bin/ruff check runbook steps tests conftest.py bench
+	@$(VENV)/bin/mypy runbook
 
 drill: setup
 	$(PYTEST) features/ --report reports/drill

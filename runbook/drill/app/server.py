@@ -117,6 +117,8 @@ def list_items() -> list[dict]:
 def add_item(name: str) -> dict:
     with connect() as conn:
         row = conn.execute("INSERT INTO items (name) VALUES (%s) RETURNING id", (name,)).fetchone()
+    if row is None:  # INSERT ... RETURNING always returns the row; psycopg types it optional
+        raise RuntimeError("INSERT returned no id")
     return {"id": row[0], "name": name}
 
 
