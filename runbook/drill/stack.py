@@ -447,6 +447,35 @@ class DrillStack:
             raise DrillError(f"docker run of the {slot} slot failed: {_last_line(proc.stderr)}",
                              "see `docker ps -a` and `docker logs`")
 
+    def deploy_docker_run(self, version: AppVersion) -> None:
+        """What a docker-run host's own deploy script does (the runbook's deploy needs compose):
+        `docker run` the version on the standby slot, migrate, switch Caddy, record it, stop
+        the old slot."""
+        from runbook import docker, health, switch, traffic
+        from runbook import state as states
+
+        before = states.read_state(self.env.state_file, environment=self.env.name)
+        live, _ = traffic.live_slot(self.env, before.current.active_slot
+                                    if before.current else None)
+        target = live.other
+        from runbook import database, snapshots
+
+        dep_id = states.new_id("dep")
+        snapshots.pre_deploy_snapshot(self.env, dep_id, version.git_commit,
+                                      database.schema_version(self.env).version)
+        self.docker("rm", "-f", self.env.slot(target).container, check=False)
+        self.docker_run(target, version.image)
+        health.wait_healthy(self.env, target, timeout=30)
+        self.migrate(target)
+        switch.switch(self.env, switch.Options(slot=target, reason="drill: docker-run deploy"))
+        dep = states.make_deployment(version.tag, version.git_commit, target, status="active",
+                                     deployed_by="deploy.sh@drill",
+                                     migration_version=version.schema, image=version.image,
+                                     deployment_id=dep_id)
+        states.write_state(self.env.state_file, states.after_deploy(
+            before, dep.with_(health_status="healthy")))
+        docker.stop(self.env.slot(live).container)
+
     def wait_db(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
