@@ -41,8 +41,15 @@ drill: setup
 chromium:
 	@scripts/ensure-chromium.sh
 
+# The drill host shapes (README, "Drill host shapes"): everything against the default shape,
+# then the rollback feature against each other shape (tests/test_shapes.py, in the first run,
+# has the targeted checks of every trait).
+SHAPES ?= container-caddy,docker-network-db,minimal-health container-caddy,caddy-reload,docker-run
+
 test: setup lint chromium
 	$(PYTEST) --report reports/drill
+	@for shape in $(SHAPES); do echo "== rollback.feature --shape $$shape"; \
+	  $(PYTEST) features/rollback.feature -q -p no:cacheprovider --shape $$shape || exit 1; done
 
 bench: setup
 	@for b in bench/bench_*.py; do $(PY) $$b; done

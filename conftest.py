@@ -40,6 +40,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--dry-run", action="store_true", default=False,
                     help="print the plan of every mutating step instead of doing it")
+    group.addoption(
+        "--shape", default="default", metavar="SHAPE",
+        help="the drill host's shape: default, or a comma-separated set of container-caddy, "
+             "caddy-reload, docker-network-db, minimal-health, docker-run (README: 'Drill host "
+             "shapes')",
+    )
 
 
 class FeatureModule(pytest.Module):

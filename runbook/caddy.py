@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -450,8 +450,24 @@ def _write_fd(fd: int, tmp: Path, data: bytes, like: Path) -> None:
             os.chown(tmp, st.st_uid, st.st_gid)
 
 
+def seen_by_caddy(env: Environment, path: Path | str) -> str:
+    """A file beside the Caddyfile, named as Caddy sees it: a containerised Caddy whose config
+    directory is bind-mounted at another path (`[caddy] container_path`) cannot read the host
+    path, and an error about the unreadable file would wrongly blame the managed block."""
+    seen = env.caddy.container_path
+    path = Path(path)
+    if not seen:
+        return str(path)
+    if path == env.caddy.caddyfile:
+        return seen
+    if path.parent == env.caddy.caddyfile.parent:
+        return str(PurePosixPath(seen).parent / path.name)
+    return str(path)
+
+
 def validate_command(env: Environment, config: Path | str) -> list[str]:
-    return [*env.caddy.command, "validate", "--config", str(config), "--adapter", "caddyfile"]
+    return [*env.caddy.command, "validate", "--config", seen_by_caddy(env, config),
+            "--adapter", "caddyfile"]
 
 
 def validate(env: Environment, text: str) -> str:
@@ -547,7 +563,8 @@ def reload_action(env: Environment) -> list[str]:
     if c.reload is ReloadMethod.ADMIN_API:
         return ["POST", f"{c.admin_url}/load", "Content-Type: text/caddyfile"]
     if c.reload is ReloadMethod.CADDY_RELOAD:
-        return [*c.command, "reload", "--config", str(c.caddyfile), "--adapter", "caddyfile",
+        return [*c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
+                "--adapter", "caddyfile",
                 "--address", admin_address(env)]
     return ["systemctl", "reload", c.systemd_unit]
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, RunbookError
@@ -129,12 +131,208 @@ def configured(env: Environment) -> bool:
     return _from_process(env) or env.database.env_file is not None
 
 
+def url_host(raw: str) -> str:
+    """The host part of a postgresql:// URL ('' for a socket or none)."""
+    from psycopg import conninfo
+
+    try:
+        host = str(conninfo.conninfo_to_dict(raw).get("host") or "")
+    except Exception:
+        return ""
+    return host.split(",")[0]
+
+
+def via_container(env: Environment) -> bool:
+    """Whether to reach the database through its container rather than from this machine.
+
+    `auto` picks the container when the URL's host does not resolve here: a host whose
+    Postgres listens on Docker's network only has one DATABASE_URL (the app's, host
+    `togather-db`), and no host connection can work there.
+    """
+    import socket
+
+    access = env.database.access
+    if access != "auto":
+        return access == "container"
+    host = url_host(url(env))
+    if not host or host.startswith("/"):
+        return False
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return True
+    return False
+
+
+def access_description(env: Environment) -> str:
+    """How the database is reached, for pre-flight and --dry-run (never the URL itself)."""
+    if via_container(env):
+        return (f"psql inside container {env.database.container} (docker exec; "
+                f"host {url_host(url(env)) or '-'} is on Docker's network only)"
+                if env.database.access == "auto"
+                else f"psql inside container {env.database.container} (docker exec)")
+    return f"from this machine to {url_host(url(env)) or 'the local socket'}"
+
+
+_END = "__runbook_end_{n}__"
+_WRAPPED = re.compile(r"^\s*(select|with|values)\b", re.IGNORECASE)
+
+
+class ContainerConnection:
+    """A database session through `psql` inside the database container (`docker exec -i`).
+
+    For hosts whose Postgres is reachable only on Docker's network. It offers what the
+    runbook uses of a psycopg connection: `execute(query, params).fetchone()/fetchall()` in
+    autocommit mode, one session (so BEGIN ... pg_export_snapshot() ... ROLLBACK holds).
+    SELECTs come back typed (each row as JSON); other statements as text. The password goes
+    to the exec in PGPASSWORD, never on a command line; any error ends the session.
+    """
+
+    def __init__(self, env: Environment, timeout: float = 30.0) -> None:
+        import os
+        import subprocess
+
+        from psycopg import conninfo
+
+        raw = url(env)
+        params = conninfo.conninfo_to_dict(raw)
+        self.container = env.database.container
+        self.timeout = timeout
+        self._count = 0
+        self._password = str(params.get("password") or "")
+        user = str(params.get("user") or "")
+        dbname = str(params.get("dbname") or user)
+        exec_env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        argv = ["docker", "exec", "-i"]
+        if self._password:
+            exec_env["PGPASSWORD"] = self._password
+            argv += ["-e", "PGPASSWORD"]  # no value: copied from exec_env, never argv
+        argv += [self.container, "psql", "-X", "-q", "-A", "-t", "-F", "\x1f",
+                 "--no-password", "-v", "ON_ERROR_STOP=1", "--host", "127.0.0.1",
+                 "--port", "5432", "--username", user, "--dbname", dbname]
+        try:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=exec_env)
+        except OSError as exc:
+            raise DatabaseError(f"database unreachable: cannot run docker exec ({exc.strerror})",
+                                "install Docker's CLI, or set [database] access = \"host\""
+                                ) from None
+        self._buffer = b""
+
+    def __enter__(self) -> ContainerConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import subprocess
+
+        proc = self._proc
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            proc.stdin.write(b"\\q\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                if stream is not None:
+                    stream.close()
+
+    def _fail(self, what: str) -> DatabaseError:
+        from runbook.journal import redact
+
+        self._proc.kill()
+        self._proc.wait()
+        err = b""
+        with contextlib.suppress(OSError, ValueError):
+            assert self._proc.stderr is not None
+            err = self._proc.stderr.read()
+        lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+        first = next((line for line in lines if "ERROR" in line or "FATAL" in line),
+                     lines[0] if lines else what)
+        first = redact(first.strip(), [self._password] if self._password else [])
+        return DatabaseError(f"database unreachable through container {self.container}: "
+                             f"{first}", f"check `docker ps` for {self.container} and the "
+                             "user, password and database in DATABASE_URL")
+
+    def _read_until(self, marker: bytes) -> list[bytes]:
+        import os
+        import select
+        import time
+
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            head, sep, tail = self._buffer.partition(marker + b"\n")
+            if sep:
+                self._buffer = tail
+                return [line for line in head.split(b"\n") if line]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._fail(f"no answer within {self.timeout:g}s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise self._fail("psql ended")
+                self._buffer += chunk
+
+    def execute(self, query: object, params: Sequence[object] | None = None) -> _Rows:
+        import json
+
+        from psycopg import sql
+
+        text = query.as_string(None) if isinstance(query, sql.Composable) else str(query)
+        if params:
+            pieces = text.split("%s")
+            text = pieces[0] + "".join(sql.Literal(value).as_string(None) + rest
+                                       for value, rest in zip(params, pieces[1:], strict=True))
+        text = text.strip().rstrip(";")
+        wrapped = bool(_WRAPPED.match(text))
+        if wrapped:
+            text = f"SELECT row_to_json(q)::text FROM ({text}) q"
+        self._count += 1
+        marker = _END.format(n=self._count).encode()
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(text.encode() + b";\n\\echo " + marker + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            raise self._fail("psql ended") from None
+        lines = self._read_until(marker)
+        if wrapped:
+            rows = [tuple(v for _, v in json.loads(line, object_pairs_hook=list))
+                    for line in lines]
+        else:
+            rows = [tuple(line.decode().split("\x1f")) for line in lines]
+        return _Rows(rows)
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self.rows)
+
+
 def connect(env: Environment, timeout: int = 5):  # type: ignore[no-untyped-def]
     import psycopg
 
     from runbook.journal import redact
 
     target = url(env)
+    if via_container(env):
+        return ContainerConnection(env)
     try:
         return psycopg.connect(target, connect_timeout=timeout, autocommit=True)
     except psycopg.Error as exc:
@@ -158,11 +356,12 @@ def schema_version(env: Environment) -> SchemaVersion:
     try:
         with connect(env) as conn:
             conn.execute("SET statement_timeout = 5000")  # a locked table must not hang us
-            try:
-                row = conn.execute(
-                    "SELECT version, dirty FROM schema_migrations LIMIT 1").fetchone()
-            except psycopg.errors.UndefinedTable:
+            # to_regclass, not a failing SELECT: the same in psql inside the container
+            if conn.execute("SELECT to_regclass('schema_migrations')::text AS t"
+                            ).fetchone()[0] is None:
                 return SchemaVersion(0, False)
+            row = conn.execute(
+                "SELECT version, dirty FROM schema_migrations LIMIT 1").fetchone()
     except psycopg.Error as exc:
         text = str(exc).strip()
         first = redact(text.splitlines()[0]) if text else type(exc).__name__

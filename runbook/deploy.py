@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import compose, database, docker, finish, health, slots, traffic
+from runbook import compose, database, docker, finish, health, preflight, slots, traffic
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
@@ -111,6 +111,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     config = env.slot(target)
     facts: dict[str, object] = {}
     recreate = compose.recreate_slot(env, target, version)
+    tools = preflight.check(env, candidate=caddy.rewrite(caddy.read(env), env, target),
+                            recreate=True, migrate_image=image)
     deployment_id = states.new_id("dep")
 
     def run_snapshot(ctx: StepContext) -> None:
@@ -155,6 +157,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "target slot": f"{target} ({config.container}, port {config.port})",
             "image": f"{image} (present)",
             "caddy": f"answering at {env.caddy.admin_url}",
+            **tools,
         }, phase=Phase.PREFLIGHT),
         # before the new slot starts: an app that migrates itself on start (no
         # migrate_command) changes the schema then, and the schema guard must name this file

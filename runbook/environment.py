@@ -64,6 +64,10 @@ class CaddyConfig:
     command: tuple[str, ...] = ("caddy",)  # how to run the caddy binary (validate, reload)
     systemd_unit: str = "caddy"
     verify_path: str = "/version"
+    # The Caddyfile's path as Caddy sees it, when Caddy runs in a container whose config
+    # directory is bind-mounted elsewhere (host /srv/caddy -> /etc/caddy): `caddy validate`
+    # and `caddy reload` run through `command` must name files by that path. None: the same.
+    container_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,10 @@ class DatabaseConfig:
     container: str = "togather-db"
     snapshot_dir: Path = Path("/var/lib/togather/db-snapshots")
     retention_days: int = 7
+    # How the runbook reaches the database: "host" (psycopg from this machine), "container"
+    # (psql inside `container` through `docker exec`), or "auto": container when the URL's
+    # host does not resolve here (e.g. `togather-db`, a name on Docker's network only).
+    access: str = "auto"
 
     def url(self) -> str:
         """The database URL from the process environment or the env file. Never log it."""
@@ -288,11 +296,12 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "slots.blue": {"container", "service", "port", "host"},
     "slots.green": {"container", "service", "port", "host"},
     "caddy": {"caddyfile", "reload", "admin_url", "proxy_url", "command", "systemd_unit",
-              "verify_path"},
+              "verify_path", "container_path"},
     "compose": {"file", "project", "env_file", "image_repository", "command"},
     "health": {"path", "timeout_seconds", "interval_seconds", "max_interval_seconds",
                "request_timeout_seconds"},
-    "database": {"env_file", "url_variable", "container", "snapshot_dir", "retention_days"},
+    "database": {"env_file", "url_variable", "container", "snapshot_dir", "retention_days",
+                 "access"},
     "rollback": {"stop_old_slot"},
     "deploy": {"migrate_command"},
     "drill": {"allows_faults"},
@@ -348,7 +357,11 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
         command=r.command("caddy.command", ("caddy",)),
         systemd_unit=r.get("caddy.systemd_unit", str, "caddy"),
         verify_path=r.get("caddy.verify_path", str, "/version"),
+        container_path=r.get("caddy.container_path", str, None),
     )
+    if caddy.container_path is not None and not caddy.container_path.startswith("/"):
+        r.errors.append(f"{path}: caddy.container_path: {caddy.container_path!r} is not an "
+                        "absolute path (the Caddyfile's path inside Caddy's container)")
     compose_env = r.path_("compose.env_file", None, base)
     compose = ComposeConfig(
         file=r.path_("compose.file", None, base)
@@ -373,6 +386,7 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
         snapshot_dir=r.path_("database.snapshot_dir", "/var/lib/togather/db-snapshots", base)
         or Path(),
         retention_days=retention if retention and retention > 0 else 7,
+        access=r.choice("database.access", ("auto", "host", "container"), "auto") or "auto",
     )
     stale = r.positive("lock.stale_after_seconds", 1800.0)
     env = None
@@ -426,7 +440,8 @@ def to_toml(env: Environment) -> str:
     lines += ["[caddy]", f"caddyfile = {q(c.caddyfile)}", f"reload = {q(c.reload.value)}",
               f"admin_url = {q(c.admin_url)}", f"proxy_url = {q(c.proxy_url)}",
               f"command = {q(c.command)}", f"systemd_unit = {q(c.systemd_unit)}",
-              f"verify_path = {q(c.verify_path)}", ""]
+              f"verify_path = {q(c.verify_path)}",
+              *([f"container_path = {q(c.container_path)}"] if c.container_path else []), ""]
     m = env.compose
     lines += ["[compose]", *([f"file = {q(m.file)}"] if m.file else []),
               f"project = {q(m.project)}",
@@ -439,7 +454,8 @@ def to_toml(env: Environment) -> str:
     d = env.database
     lines += ["[database]", *([f"env_file = {q(d.env_file)}"] if d.env_file else []),
               f"url_variable = {q(d.url_variable)}", f"container = {q(d.container)}",
-              f"snapshot_dir = {q(d.snapshot_dir)}", f"retention_days = {d.retention_days}", "",
+              f"snapshot_dir = {q(d.snapshot_dir)}", f"retention_days = {d.retention_days}",
+              f"access = {q(d.access)}", "",
               "[rollback]", f"stop_old_slot = {q(env.stop_old_slot)}", ""]
     if env.migrate_command:
         lines += ["[deploy]", f"migrate_command = {q(env.migrate_command)}", ""]

@@ -14,6 +14,7 @@ from typing import Any
 
 from runbook import caddy, database, finish, slots, snapshots, traffic
 from runbook import intent as intents
+from runbook import preflight as tool_checks
 from runbook import state as states
 from runbook.environment import Environment
 from runbook.errors import ConfigError, PreconditionError, RunbookError, StateError
@@ -199,6 +200,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     caddy.check_running(env)
     guard = schema_guard(env, current, target, options)
     warnings += guard.warnings
+    # every tool and file the plan will use, proved before the first change (issue 10)
+    tools = tool_checks.check(env, candidate=caddy.rewrite(caddy.read(env), env, standby),
+                             recreate=prep.action == "recreate")
     facts: dict[str, Any] = {}
     restore_steps: list[Step] = []
     if guard.restore is not None:
@@ -227,6 +231,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         "target image": prep.image,
         "caddy": f"answering at {env.caddy.admin_url}",
         **guard.details,
+        **tools,
     }, phase=Phase.PREFLIGHT)
     steps = [
         preflight,

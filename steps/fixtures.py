@@ -11,9 +11,9 @@ from runbook.environment import Environment
 
 
 @pytest.fixture(scope="session")
-def drill_stack() -> Iterator[DrillStack]:
-    """One ephemeral blue/green stack for the whole session."""
-    with DrillStack() as stack:
+def drill_stack(request: pytest.FixtureRequest) -> Iterator[DrillStack]:
+    """One ephemeral blue/green stack for the whole session, in the `--shape` asked for."""
+    with DrillStack(shape=str(request.config.getoption("--shape"))) as stack:
         yield stack
 
 

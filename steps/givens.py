@@ -24,7 +24,13 @@ BROKEN_BUILD_HEALTH_TIMEOUT = 4.0
 
 
 def arrange_deploys(world: World, *names: str, force: bool = False) -> None:
-    """Deploy drill versions through the runbook library, exactly as an operator would."""
+    """Deploy drill versions through the runbook library, exactly as an operator would (on a
+    docker-run host, which has no compose, the way its own deploy script does)."""
+    stack = world.stack
+    if stack is not None and stack.has("docker-run"):
+        for name in names:
+            stack.deploy_docker_run(VERSIONS[name])
+        return
     for name in names:
         deploy.deploy(world.env, deploy.Options(version=VERSIONS[name].tag, force=force,
                                                 reason=f"drill: arrange {name}"))

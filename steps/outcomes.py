@@ -39,6 +39,21 @@ def probe(world: World, slot: Slot) -> health.HealthReport:
     return health.probe(env.slot(slot), env.health.path, env.health.request_timeout)
 
 
+def assert_answers_as(world: World, slot: Slot, report: health.HealthReport) -> None:
+    """The answer came from `slot`: its port, published by its running container, and the
+    app's own `slot` field when it has one (an app may not: minimal-health hosts)."""
+    import subprocess
+
+    config = world.env.slot(slot)
+    assert report.url.startswith(f"{config.base_url}/"), report.url
+    assert docker.inspect(config.container).running, f"{config.container} is not running"
+    ports = subprocess.run(["docker", "port", config.container], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert any(p.endswith(f":{config.port}") for p in ports), (config.container, ports)
+    if report.reported_slot is not None:
+        assert report.reported_slot == str(slot)
+
+
 def current_live_slot(world: World) -> Slot:
     live = world.live_slot()
     assert live is not None, (f"the proxy answers from no slot: {through_proxy(world.env)}; "
@@ -98,7 +113,7 @@ def slot_taking_traffic_is_healthy(world: World) -> None:
     live = current_live_slot(world)
     report = probe(world, live)
     assert report.ok, f"the {live} slot is {report.status}: {report.reason()}"
-    assert report.reported_slot == str(live)
+    assert_answers_as(world, live, report)
 
 
 # -- the deployment state ----------------------------------------------------------------------
@@ -355,7 +370,7 @@ def running_slots_answer(world: World) -> None:
         if docker.inspect(config.container).running:
             running += 1
             assert report.ok, f"{slot}: {report.reason()}"
-            assert report.reported_slot == str(slot)
+            assert_answers_as(world, slot, report)
         else:
             assert report.status == "unreachable", report
     assert running >= 1

@@ -324,11 +324,11 @@ def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
-def test_a_caddyfile_caddy_rejects_changes_nothing_and_stops_the_standby_again(
+def test_a_caddyfile_caddy_rejects_is_refused_in_preflight_before_the_standby_starts(
         stack: DrillStack) -> None:
     """Someone edited the Caddyfile on disk (outside the markers) without reloading: Caddy
-    runs the old config, and the real `caddy validate` rejects the file. The rollback stops
-    before writing, undoes the standby's start, and traffic never moves."""
+    runs the old config, and the real `caddy validate` rejects the file. Pre-flight validates
+    the candidate (issue 10): exit 4 before anything changes, the standby is never started."""
     env = two_deployments(stack)
     path = env.caddy.caddyfile
     broken = path.read_text().replace("\theader X-Drill-Run", "\tnot_a_directive on\n"
@@ -337,10 +337,10 @@ def test_a_caddyfile_caddy_rejects_changes_nothing_and_stops_the_standby_again(
     before = snapshot(env)
     with pytest.raises(RunbookError) as err:
         rollback.rollback(env)
-    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    assert err.value.exit_code == ExitCode.PRECONDITION
     assert "rejected the new Caddyfile" in str(err.value) and "not_a_directive" in str(err.value)
-    assert "undone: stop" in str(err.value)
-    assert snapshot(env) == before  # green stopped again, file, state and traffic as they were
+    assert "pre-flight" in str(err.value)
+    assert snapshot(env) == before  # green never started; file, state and traffic as they were
 
 
 def test_no_step_ever_stops_the_container_that_serves(stack: DrillStack) -> None:

@@ -91,6 +91,30 @@ def preferred_ports_from_env() -> dict[str, int]:
     return out
 
 
+# Host shapes (issue 10): the drill reproduces hosts that look different from the contract's.
+# A shape is "default" or a comma-separated set of these traits.
+TRAITS: dict[str, str] = {
+    "container-caddy": "Caddy in a container, its config directory bind-mounted from the "
+                       "host at /etc/caddy (another path than on the host)",
+    "caddy-reload": "Caddy reloaded with `caddy reload` run through `docker exec`",
+    "docker-network-db": "one DATABASE_URL, the app's, resolving only on Docker's network "
+                         "(host togather-db): the runbook reaches Postgres through its container",
+    "minimal-health": "an app whose /health has no `slot` and no `git_commit`",
+    "docker-run": "slots created with plain `docker run`, no compose file",
+}
+CADDY_IN_CONTAINER = "/etc/caddy"
+
+
+def parse_shape(shape: str) -> frozenset[str]:
+    """`default` or `trait,trait`; an unknown trait is a one-line error naming the known ones."""
+    traits = frozenset(t.strip() for t in shape.split(",") if t.strip() and t.strip() != "default")
+    unknown = sorted(traits - TRAITS.keys())
+    if unknown:
+        raise DrillError(f"unknown drill shape trait {unknown[0]!r}",
+                         "use default or a comma-separated set of: " + ", ".join(TRAITS))
+    return traits
+
+
 CADDYFILE = """\
 # Togather drill proxy, run {run_id}: the same shape as /etc/caddy/Caddyfile on a host.
 {{
@@ -132,6 +156,8 @@ class DrillStack:
     base_version: AppVersion = field(default_factory=lambda: VERSIONS["v1"])
     reload: ReloadMethod = ReloadMethod.ADMIN_API
     keep_dir: bool = False
+    shape: str = "default"
+    traits: frozenset[str] = field(init=False)
     run_dir: Path = field(init=False)
     ports: Ports = field(init=False)
     env: Environment = field(init=False)
@@ -142,6 +168,23 @@ class DrillStack:
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"togather-drill-{self.run_id}-"))
         self.password = f"Dr1ll@{secrets.token_hex(6)}/%x"  # @ / % on purpose: URL-encoding
         self.ports = pick_ports(preferred_ports_from_env())
+        self.traits = parse_shape(self.shape)
+        if "caddy-reload" in self.traits:
+            self.reload = ReloadMethod.CADDY_RELOAD
+
+    def has(self, trait: str) -> bool:
+        return trait in self.traits
+
+    @property
+    def caddy_mount(self) -> str:
+        """Where Caddy sees the host's caddy_dir."""
+        return CADDY_IN_CONTAINER if self.has("container-caddy") else str(self.caddy_dir)
+
+    @property
+    def app_database_url(self) -> str:
+        """The app's URL: host togather-db, which resolves on Docker's network only."""
+        return (f"postgresql://{DB_USER}:{quote(self.password, safe='')}"
+                f"@togather-db:5432/{DB_NAME}")
 
     # -- names -----------------------------------------------------------------------------
     @property
@@ -184,8 +227,7 @@ class DrillStack:
         self.caddy_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("deploy/config", "db-snapshots", "logs", "runs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
-        app_url = (f"postgresql://{DB_USER}:{quote(self.password, safe='')}"
-                   f"@togather-db:5432/{DB_NAME}")
+        app_url = self.app_database_url
         values = {
             "COMPOSE_PROJECT_NAME": self.project,
             "DRILL_PREFIX": self.prefix,
@@ -201,8 +243,11 @@ class DrillStack:
             "BLUE_PORT": str(self.ports.blue),
             "GREEN_PORT": str(self.ports.green),
             "CADDY_DIR": str(self.caddy_dir),
+            "CADDY_MOUNT": self.caddy_mount,
+            "HEALTH_FIELDS": "minimal" if self.has("minimal-health") else "full",
             "APP_DATABASE_URL": app_url,
-            "DATABASE_URL": self.database_url,
+            # the runbook's URL: on a docker-network-db host only the app's exists
+            "DATABASE_URL": app_url if self.has("docker-network-db") else self.database_url,
             "HEALTH_CHECK_PATH": "/health",
         }
         fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -216,7 +261,8 @@ class DrillStack:
     def _environment(self, source: Path) -> Environment:
         slots = {
             slot: envmod.SlotConfig(slot=slot, container=f"{self.prefix}togather-server-{slot}",
-                                    service=f"togather-{slot}",
+                                    service=None if self.has("docker-run")
+                                    else f"togather-{slot}",
                                     port=self.ports.blue if slot is Slot.BLUE else self.ports.green)
             for slot in Slot
         }
@@ -234,9 +280,12 @@ class DrillStack:
                 admin_url=f"http://127.0.0.1:{self.ports.admin}",
                 proxy_url=f"http://127.0.0.1:{self.ports.proxy}",
                 command=("docker", "exec", self.caddy_container, "caddy"),
+                container_path=(f"{CADDY_IN_CONTAINER}/Caddyfile"
+                                if self.has("container-caddy") else None),
             ),
-            compose=envmod.ComposeConfig(file=COMPOSE_FILE, project=self.project,
-                                         env_file=self.env_file),
+            compose=envmod.ComposeConfig(
+                file=None if self.has("docker-run") else COMPOSE_FILE, project=self.project,
+                env_file=None if self.has("docker-run") else self.env_file),
             health=envmod.HealthConfig(timeout=30.0, interval=0.1, max_interval=1.0),
             database=envmod.DatabaseConfig(env_file=self.env_file,
                                            container=self.db_container,
@@ -254,7 +303,9 @@ class DrillStack:
         from testcontainers.compose import DockerCompose
 
         compose = DockerCompose(context=str(REPO_ROOT), compose_file_name=str(COMPOSE_FILE),
-                                env_file=str(self.env_file), wait=True, pull=False)
+                                env_file=str(self.env_file), wait=True, pull=False,
+                                services=(["togather-db", "caddy"] if self.has("docker-run")
+                                          else None))
         self._compose = compose
         try:
             try:
@@ -264,6 +315,9 @@ class DrillStack:
                                  f"{_last_line(exc.stderr)}",
                                  "see `docker compose logs`; a port clash retries on new ports"
                                  ) from None
+            if self.has("docker-run"):
+                for slot in Slot:
+                    self.docker_run(slot, self.base_version.image)
             self.wait_caddy()
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
@@ -356,13 +410,71 @@ class DrillStack:
         for slot in Slot:
             info = docker.inspect(self.env.slot(slot).container)
             if not info.exists or info.image != self.base_version.image:
-                compose.run(compose.recreate_slot(self.env, slot, self.base_version.tag))
+                if self.has("docker-run"):
+                    self.docker("rm", "-f", self.env.slot(slot).container, check=False)
+                    self.docker_run(slot, self.base_version.image)
+                else:
+                    compose.run(compose.recreate_slot(self.env, slot, self.base_version.tag))
             elif not info.running:
                 docker.start(info.name)
         self.migrate(Slot.BLUE)
         for slot in Slot:
             health.wait_healthy(self.env, slot, timeout=30)
         self.write_baseline_state()
+
+    def docker_run_argv(self, slot: Slot, image: str) -> list[str]:
+        """How a docker-run host created a slot: the contract's names, labels and ports, on the
+        database's network; no compose labels. The URL is passed by name (-e DATABASE_URL),
+        its value from our environment, so the password never sits in argv."""
+        config = self.env.slot(slot)
+        return ["docker", "run", "-d", "--name", config.container,
+                "--network", f"{self.project}_default",
+                "-p", f"127.0.0.1:{config.port}:8080",
+                "-e", f"SLOT={slot}", "-e", "DATABASE_URL",
+                "-e", f"HEALTH_FIELDS={'minimal' if self.has('minimal-health') else 'full'}",
+                "--label", f"com.togather.deployment.slot={slot}",
+                "--label", f"{RUN_LABEL}={self.run_id}",
+                "--label", f"io.togather.drill.owner={socket.gethostname()}:{os.getpid()}",
+                "--stop-timeout", "5", image]
+
+    def docker_run(self, slot: Slot, image: str) -> None:
+        """Create and start a slot the docker-run way (the drill's stand-in for the host's
+        own script); waits for nothing."""
+        proc = subprocess.run(self.docker_run_argv(slot, image), capture_output=True,
+                              text=True, check=False,
+                              env={**os.environ, "DATABASE_URL": self.app_database_url})
+        if proc.returncode != 0:
+            raise DrillError(f"docker run of the {slot} slot failed: {_last_line(proc.stderr)}",
+                             "see `docker ps -a` and `docker logs`")
+
+    def deploy_docker_run(self, version: AppVersion) -> None:
+        """What a docker-run host's own deploy script does (the runbook's deploy needs compose):
+        `docker run` the version on the standby slot, migrate, switch Caddy, record it, stop
+        the old slot."""
+        from runbook import docker, health, switch, traffic
+        from runbook import state as states
+
+        before = states.read_state(self.env.state_file, environment=self.env.name)
+        live, _ = traffic.live_slot(self.env, before.current.active_slot
+                                    if before.current else None)
+        target = live.other
+        from runbook import database, snapshots
+
+        dep_id = states.new_id("dep")
+        snapshots.pre_deploy_snapshot(self.env, dep_id, version.git_commit,
+                                      database.schema_version(self.env).version)
+        self.docker("rm", "-f", self.env.slot(target).container, check=False)
+        self.docker_run(target, version.image)
+        health.wait_healthy(self.env, target, timeout=30)
+        self.migrate(target)
+        switch.switch(self.env, switch.Options(slot=target, reason="drill: docker-run deploy"))
+        dep = states.make_deployment(version.tag, version.git_commit, target, status="active",
+                                     deployed_by="deploy.sh@drill",
+                                     migration_version=version.schema, image=version.image,
+                                     deployment_id=dep_id)
+        states.write_state(self.env.state_file, states.after_deploy(
+            before, dep.with_(health_status="healthy")))
+        docker.stop(self.env.slot(live).container)
 
     def wait_db(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

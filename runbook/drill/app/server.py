@@ -27,6 +27,8 @@ SLOT = os.environ.get("SLOT", "")
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 MIGRATIONS = Path(os.environ.get("MIGRATIONS_DIR", "/app/migrations"))
 PORT = int(os.environ.get("PORT", "8080"))
+# "minimal": /health without `slot` and `git_commit`, like apps that predate the contract
+HEALTH_FIELDS = os.environ.get("HEALTH_FIELDS", "full")
 
 
 def now() -> str:
@@ -105,6 +107,8 @@ def health(names: tuple[str, ...]) -> tuple[int, dict]:
     status = overall(checks)
     body = {"status": status, "version": VERSION, "git_commit": GIT_COMMIT, "slot": SLOT,
             "checks": checks, "timestamp": now()}
+    if HEALTH_FIELDS == "minimal":
+        del body["git_commit"], body["slot"]
     return (503 if status == "unhealthy" else 200), body
 
 

@@ -1,0 +1,164 @@
+"""Pre-flight proof of every tool and file a plan will use, before its first change.
+
+Why: a rollback that starts the standby, passes the health gate and only then finds no
+`caddy` binary (or a candidate file Caddy cannot see) fails late and blames the wrong thing.
+Each check here runs the very path the plan will take, read-only, and a failure is exit 4
+naming the tool and the fix, with nothing changed. The results become the pre-flight step's
+details, so `--dry-run` shows each one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+
+from runbook import caddy, database
+from runbook.environment import Environment, ReloadMethod
+from runbook.errors import PreconditionError, RunbookError
+
+_TIMEOUT = 15.0
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    """(exit code, last output line); 127 when the program does not exist."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
+                              check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return 127, f"{argv[0]}: command not found"
+    except subprocess.TimeoutExpired:
+        return 124, f"did not finish within {_TIMEOUT:g}s"
+    except OSError as exc:
+        return 126, f"{argv[0]}: {exc.strerror or exc}"
+    lines = [line for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
+    return done.returncode, (lines[-1].strip() if lines else "no output")
+
+
+def validation(env: Environment, candidate: str) -> str:
+    """Have Caddy validate the very config the switch will load, the way the switch will
+    (whatever caddy.validate does: a local or `docker exec` binary, or the admin API)."""
+    try:
+        caddy.validate(env, candidate)
+    except RunbookError as exc:
+        raise PreconditionError(f"pre-flight: Caddy's validation path does not work: "
+                                f"{exc.message}; nothing was changed",
+                                exc.fix or "set [caddy] command / container_path") from None
+    return "the new Caddyfile validates"
+
+
+def reload_path(env: Environment) -> str:
+    """Prove the reload method can run: the admin API answers, the `caddy` command runs and
+    sees the Caddyfile at the path it will be given, or systemctl exists."""
+    c = env.caddy
+    if c.reload is ReloadMethod.ADMIN_API:
+        problem = caddy.running_problem(env)
+        if problem:
+            raise PreconditionError(f"pre-flight: the reload path does not work: {problem}",
+                                    "start Caddy or fix [caddy] admin_url")
+        return f"POST {c.admin_url}/load: the admin API answers"
+    if c.reload is ReloadMethod.CADDY_RELOAD:
+        seen = caddy.seen_by_caddy(env, c.caddyfile)
+        argv = [*c.command, "adapt", "--config", seen, "--adapter", "caddyfile"]
+        code, last = _run(argv)
+        if code != 0:
+            where = f" (Caddy sees the Caddyfile as {seen})" if c.container_path else ""
+            raise PreconditionError(
+                f"pre-flight: the reload command cannot work: `{' '.join(argv)}` exited "
+                f"{code}: {last}{where}; nothing was changed",
+                "set [caddy] command to a working caddy (e.g. [\"docker\", \"exec\", "
+                "\"<caddy container>\", \"caddy\"]) and [caddy] container_path to the "
+                "Caddyfile's path inside that container")
+        return f"{' '.join(caddy.reload_action(env))}: `{c.command[0]}` runs and reads {seen}"
+    if shutil.which("systemctl") is None:
+        raise PreconditionError("pre-flight: the reload method is systemctl, but systemctl is "
+                                "not installed here; nothing was changed",
+                                "set [caddy] reload to admin-api or caddy-reload")
+    problem = caddy.running_problem(env)
+    if problem:
+        raise PreconditionError(f"pre-flight: the reload path does not work: {problem}",
+                                f"systemctl start {c.systemd_unit}")
+    return f"systemctl reload {c.systemd_unit}: unit active"
+
+
+def compose_path(env: Environment) -> str:
+    """The compose file exists and `docker compose` runs (only when the plan recreates)."""
+    file = env.compose.file
+    if file is None or not file.is_file():
+        raise PreconditionError(f"pre-flight: the plan recreates a slot, but the compose file "
+                                f"{file or '(not set)'} does not exist; nothing was changed",
+                                "set [compose] file in the environment file")
+    argv = [*env.compose.command, "version"]
+    code, last = _run(argv)
+    if code != 0:
+        raise PreconditionError(f"pre-flight: `{' '.join(argv)}` exited {code}: {last}; "
+                                "nothing was changed",
+                                "install Docker's Compose v2 plugin or set [compose] command")
+    return f"{file} present; `{' '.join(env.compose.command)}` runs"
+
+
+def image_path(image: str) -> list[str]:
+    """The image's PATH entries (where a relative program name is looked up)."""
+    code, _ = _run(["docker", "image", "inspect", image])
+    if code != 0:
+        return []
+    done = subprocess.run(["docker", "image", "inspect", "--format",
+                           "{{range .Config.Env}}{{println .}}{{end}}", image],
+                          capture_output=True, text=True, check=False, timeout=_TIMEOUT)
+    for line in done.stdout.splitlines():
+        if line.startswith("PATH="):
+            return [p for p in line[5:].split(":") if p]
+    return ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+
+
+def migrate_path(env: Environment, image: str) -> str:
+    """The migrate command's program exists in the image the new slot will run (checked in a
+    created, never started, container: nothing runs)."""
+    program = env.migrate_command[0]
+    candidates = [program] if program.startswith("/") else [
+        f"{d.rstrip('/')}/{program}" for d in image_path(image)]
+    code, cid = _run(["docker", "create", image])
+    if code != 0:
+        raise PreconditionError(f"pre-flight: cannot inspect {image} for the migrate command: "
+                                f"{cid}", "check `docker images`")
+    try:
+        for path in candidates:
+            proc = subprocess.run(["docker", "cp", f"{cid}:{path}", "-"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  check=False, timeout=60)
+            if proc.returncode == 0:
+                return f"{' '.join(env.migrate_command)}: {path} is in {image}"
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
+    raise PreconditionError(f"pre-flight: the migrate command's program {program!r} is not in "
+                            f"{image}; nothing was changed",
+                            "fix [deploy] migrate_command (or remove it when the app "
+                            "migrates itself on start)")
+
+
+def database_path(env: Environment) -> str:
+    """How the database is reached (host or its container), never the URL."""
+    if not database.configured(env):
+        return "not configured"
+    return database.access_description(env)
+
+
+def recreate_needed(action: str) -> bool:
+    return action == "recreate"
+
+
+def check(env: Environment, *, candidate: str | None, recreate: bool,
+          migrate_image: str | None = None) -> dict[str, str]:
+    """Run every check the plan needs; the results as pre-flight details (raises on the
+    first that fails, exit 4, nothing changed)."""
+    out: dict[str, str] = {}
+    if candidate is not None:
+        out["validate"] = validation(env, candidate)
+    out["reload"] = reload_path(env)
+    if recreate:
+        out["compose"] = compose_path(env)
+    if migrate_image is not None and env.migrate_command:
+        out["migrate command"] = migrate_path(env, migrate_image)
+    with contextlib.suppress(RunbookError):  # a misencoded URL: the schema check says so
+        out["database access"] = database_path(env)
+    return out
