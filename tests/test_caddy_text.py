@@ -369,6 +369,8 @@ class FakeCaddy:
 
     loaded: str
     reject: Callable[[FakeCaddy, str], bool] = lambda fake, body: False  # answer /load with 500
+    adapt_error: str | None = None  # answer POST /adapt with 400 and this error
+    adapts: list[str] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     url: str = ""
 
@@ -408,6 +410,14 @@ def fake_caddy() -> Iterator[FakeCaddy]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            if self.path == "/adapt" and self.headers["Content-Type"] == "text/caddyfile":
+                state.adapts.append(body)
+                if state.adapt_error:
+                    self.reply(400, {"error": state.adapt_error})
+                else:
+                    self.reply(200, {"result": {"apps": {}}, "warnings": [
+                        {"file": "Caddyfile", "line": 2, "message": "input is not formatted"}]})
+                return
             if self.path != "/load" or self.headers["Content-Type"] != "text/caddyfile":
                 self.reply(400, {"error": "bad request"})
                 return
@@ -529,12 +539,37 @@ def test_caddy_not_running_is_an_error_before_anything_is_written(caddyfile_path
 
 def test_a_rejected_validation_changes_nothing(caddyfile_path: Path,
                                                fake_caddy: FakeCaddy) -> None:
+    """admin-api: the candidate goes to POST /adapt (no process); Caddy's error is shown."""
     env = make_env(caddyfile_path, admin=fake_caddy.url, proxy=fake_caddy.url, command=("false",))
+    fake_caddy.adapt_error = "Caddyfile:14 - Error during parsing: unrecognized directive: x"
     before = caddyfile_path.read_bytes()
     with pytest.raises(CaddyError) as err:
         caddy.switch(env, Slot.GREEN, "bbbbbbb")
     assert err.value.stage == "validate" and "nothing was changed" in str(err.value)
+    assert "unrecognized directive: x" in str(err.value) and "/adapt" in str(err.value)
+    assert fake_caddy.adapts == [caddy.rewrite(before.decode(), env, Slot.GREEN)]
     assert caddyfile_path.read_bytes() == before and fake_caddy.loads == []
+    assert os.listdir(caddyfile_path.parent) == ["Caddyfile"]
+
+
+def test_validation_through_the_admin_api_returns_caddys_warnings(
+        caddyfile_path: Path, fake_caddy: FakeCaddy) -> None:
+    env = make_env(caddyfile_path, admin=fake_caddy.url, proxy=fake_caddy.url, command=("false",))
+    assert caddy.validate(env, HOST_CADDYFILE) == "input is not formatted"
+    assert fake_caddy.adapts == [HOST_CADDYFILE] and fake_caddy.loads == []
+    assert caddy.validate_command(env, "/x/.tmp") == [
+        "POST", f"{fake_caddy.url}/adapt", "Content-Type: text/caddyfile"]
+
+
+def test_a_file_based_reload_is_validated_by_the_caddy_command(
+        caddyfile_path: Path, fake_caddy: FakeCaddy) -> None:
+    """caddy-reload/systemctl read the file, so the file is checked the way they read it."""
+    env = make_env(caddyfile_path, admin=fake_caddy.url, proxy=fake_caddy.url,
+                   command=("false",), reload="caddy-reload")
+    with pytest.raises(CaddyError) as err:
+        caddy.validate(env, HOST_CADDYFILE)
+    assert err.value.stage == "validate" and "caddy validate exited 1" in str(err.value)
+    assert fake_caddy.adapts == []
     assert os.listdir(caddyfile_path.parent) == ["Caddyfile"]
 
 
