@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 
 POLL = 0.02
+STALE_AFTER_LOAD: list[str | None] = []  # answers from the old config after /load returned
 
 
 def arrange(stack: DrillStack, *, running: bool) -> Environment:
@@ -66,7 +68,11 @@ def floor(env: Environment, http: httpx.Client, *, running: bool) -> float:
     path.write_text(text)
     http.post(f"{env.caddy.admin_url}/load", content=text.encode(),
               headers={"Content-Type": "text/caddyfile"}).raise_for_status()
-    answer = http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    for _ in range(100):  # one GET; again only if Caddy still answered from the old config
+        answer = http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+        if answer.headers.get("X-Togather-Slot") == "green":
+            break
+        STALE_AFTER_LOAD.append(answer.headers.get("X-Togather-Slot"))
     took = time.perf_counter() - began
     assert answer.headers.get("X-Togather-Slot") == "green", answer.headers
     return took
@@ -97,6 +103,17 @@ def library(env: Environment) -> tuple[float, float]:
     return took, marks["switch"] - began
 
 
+def cli(stack: DrillStack) -> tuple[float, str]:
+    """`runbook rollback --yes` as on-call types it: (wall time, its "Done in" line)."""
+    began = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "runbook.cli", "rollback", stack.env.name, "--yes",
+         "--config", str(stack.env.source)], capture_output=True, text=True, check=True)
+    took = time.perf_counter() - began
+    line = next(x for x in done.stdout.splitlines() if x.startswith("Done in"))
+    return took, line.split(". Journal")[0]
+
+
 def med(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -104,7 +121,10 @@ def med(values: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-cli", dest="cli", action="store_false",
+                        help="skip `runbook rollback` as a process (item 2: <= library + 0.3 s)")
     args = parser.parse_args()
+    cli_walls: list[float] = []
     rows: dict[str, dict[str, list[float]]] = {}
     with DrillStack() as stack, httpx.Client(timeout=10, trust_env=False) as http:
         for round_no in range(args.rounds):
@@ -119,6 +139,12 @@ def main() -> int:
                 row["switched"].append(switched)
                 print(f"round {round_no + 1} {kind}: floor {row['floor'][-1]:.3f}s, library "
                       f"{took:.3f}s (switched at {switched:.3f}s)", flush=True)
+            if args.cli:
+                arrange(stack, running=True)
+                took, line = cli(stack)
+                cli_walls.append(took)
+                print(f"round {round_no + 1} cli (running standby): wall {took:.3f}s; {line}",
+                      flush=True)
     load = os.getloadavg()
     print(f"machine: {machine()}; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
     goals = {"running": 1.5, "stopped": 1.3}
@@ -128,6 +154,13 @@ def main() -> int:
         f, lib, sw = med(row["floor"]), med(row["library"]), med(row["switched"])
         print(f"{kind:<8} {f:>7.3f}s {lib:>7.3f}s {lib / f:>5.2f}x {goals[kind]:>4}x  "
               f"{sw:>10.3f}s {sw / f:>5.2f}x")
+    if STALE_AFTER_LOAD:
+        print(f"note: {len(STALE_AFTER_LOAD)} GET(s) through the proxy right after POST /load "
+              "returned were still answered by the old config")
+    if cli_walls:
+        lib = med(rows["running"]["library"])
+        print(f"`runbook rollback --yes` (running standby): wall {med(cli_walls):.3f}s, library "
+              f"{lib:.3f}s, CLI overhead {med(cli_walls) - lib:+.3f}s (goal <= +0.3 s)")
     return 0
 
 
