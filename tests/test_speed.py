@@ -65,12 +65,13 @@ def test_json_output_carries_the_same_timing(drill_stack: DrillStack) -> None:
     assert 0 < timing["switched_at_s"] < timing["done_in_s"] <= wall + 0.02
 
 
-def test_the_rollback_modules_import_neither_httpx_nor_rich() -> None:
+def test_the_rollback_modules_import_neither_httpx_nor_httpcore_nor_rich() -> None:
     """Each costs the on-call tens of milliseconds (httpx also builds a TLS context per
-    client); loopback calls go through runbook.bounded_http on httpcore instead."""
+    client); loopback calls go through runbook.bounded_http on http.client instead."""
     code = ("import sys, runbook.cli\n"
-            "from runbook import caddy, deploy, health, rollback, slots, status, switch\n"
-            "print(sorted(m for m in ('httpx', 'rich') if m in sys.modules))")
+            "from runbook import bounded_http, caddy, deploy, health, rollback, slots, status\n"
+            "from runbook import switch\n"
+            "print(sorted(m for m in ('httpx', 'httpcore', 'rich') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
