@@ -8,7 +8,9 @@ both on the same drill stack in one run, median of `--rounds` each, for a runnin
 stopped one. Besides end to end, it prints the time to traffic switched (the end of the
 library's `switch` step) since the floor records nothing and stops nothing.
 
-Goals: running standby <= 1.5x the floor end to end; stopped standby <= 1.3x.
+Goals: running standby <= 1.5x the floor end to end; stopped standby <= 1.3x. It also runs
+`runbook rollback --yes` as a process (a running standby; --no-cli skips it) against the
+library's time: goal <= library + 0.3 s (issue 14 item 2).
 """
 
 from __future__ import annotations
@@ -89,18 +91,25 @@ def undo_floor(stack: DrillStack, env: Environment, http: httpx.Client, *,
         docker.stop(env.slot(Slot.GREEN).container)
 
 
-def library(env: Environment) -> tuple[float, float]:
-    """The runbook's library rollback: (end to end, time to traffic switched)."""
-    marks: dict[str, float] = {}
+def library(env: Environment, parts: dict[str, list[float]]) -> tuple[float, float]:
+    """The runbook's library rollback: (end to end, time to traffic switched); where the time
+    went is appended to `parts` (lock+plan, each step that ran, unlock+journal)."""
+    marks: list[tuple[str, str, float]] = []
 
     def progress(event: str, step: object, message: str = "") -> None:
-        if event == "done":
-            marks[getattr(step, "name", "")] = time.perf_counter()
+        if event in ("start", "done"):
+            marks.append((event, getattr(step, "name", ""), time.perf_counter()))
 
     began = time.perf_counter()
     rollback.rollback(env, progress=progress)
-    took = time.perf_counter() - began
-    return took, marks["switch"] - began
+    ended = time.perf_counter()
+    parts.setdefault("lock+plan", []).append(marks[0][2] - began)
+    for (event, name, at), (_, _, done) in zip(marks[::2], marks[1::2], strict=True):
+        assert event == "start"
+        parts.setdefault(name, []).append(done - at)
+    parts.setdefault("unlock+journal", []).append(ended - marks[-1][2])
+    switched = next(at for event, name, at in marks if event == "done" and name == "switch")
+    return ended - began, switched - began
 
 
 def cli(stack: DrillStack) -> tuple[float, str]:
@@ -125,16 +134,18 @@ def main() -> int:
                         help="skip `runbook rollback` as a process (item 2: <= library + 0.3 s)")
     args = parser.parse_args()
     cli_walls: list[float] = []
+    breakdown: dict[str, dict[str, list[float]]] = {}
     rows: dict[str, dict[str, list[float]]] = {}
     with DrillStack() as stack, httpx.Client(timeout=10, trust_env=False) as http:
         for round_no in range(args.rounds):
             for running in (True, False):
                 kind = "running" if running else "stopped"
                 row = rows.setdefault(kind, {"floor": [], "library": [], "switched": []})
+                parts = breakdown.setdefault(kind, {})
                 env = arrange(stack, running=running)
                 row["floor"].append(floor(env, http, running=running))
                 undo_floor(stack, env, http, running=running)
-                took, switched = library(env)
+                took, switched = library(env, parts)
                 row["library"].append(took)
                 row["switched"].append(switched)
                 print(f"round {round_no + 1} {kind}: floor {row['floor'][-1]:.3f}s, library "
@@ -154,6 +165,9 @@ def main() -> int:
         f, lib, sw = med(row["floor"]), med(row["library"]), med(row["switched"])
         print(f"{kind:<8} {f:>7.3f}s {lib:>7.3f}s {lib / f:>5.2f}x {goals[kind]:>4}x  "
               f"{sw:>10.3f}s {sw / f:>5.2f}x")
+    for kind, parts in breakdown.items():
+        print(f"library, {kind} standby, median per part: " + ", ".join(
+            f"{name} {med(values):.3f}s" for name, values in parts.items()))
     if STALE_AFTER_LOAD:
         print(f"note: {len(STALE_AFTER_LOAD)} GET(s) through the proxy right after POST /load "
               "returned were still answered by the old config")
