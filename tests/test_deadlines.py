@@ -19,7 +19,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from runbook import bounded_http, caddy, deploy, docker, health, rollback
+from runbook import bounded_http, caddy, deploy, docker, drain, health, rollback
 from runbook import state as states
 from runbook.caddy import CaddyError
 from runbook.drill.stack import DrillStack
@@ -248,3 +248,62 @@ def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(drill_stack: Dri
     assert not env.lock_path.exists()
     blue = docker.inspect(env.slot("blue").container)
     assert blue.image == drip_build.image and not blue.running  # undone: stopped again
+
+
+# --- draining a slot before it is stopped (runbook.drain) ------------------------------------
+
+def test_ss_output_is_read_per_connection() -> None:
+    sample = ("0      0       127.0.0.1:8081  127.0.0.1:51296\n"
+              "\t bbr wscale:10,10 rto:204 bytes_sent:590 bytes_acked:590 bytes_received:453 "
+              "lastsnd:956 lastrcv:12 lastack:956\n"
+              "0      0       127.0.0.1:8081  127.0.0.1:51300\n"
+              "\t cubic bytes_sent:90 bytes_received:80 lastsnd:40 lastrcv:41 lastack:40\n")
+    first, second = drain.parse_ss(sample)
+    assert first.peer == "127.0.0.1:51296" and first.request_pending  # got data after it sent
+    assert (first.bytes_sent, first.bytes_received) == (590, 453)
+    assert second.peer == "127.0.0.1:51300" and not second.request_pending
+
+
+@pytest.mark.skipif(drain.connections(1) is None, reason="needs `ss` (iproute2) on this host")
+def test_a_slot_is_drained_only_after_its_pending_request_is_answered() -> None:
+    """A real server answers one request after 1.5 s: the wait must outlast it, and end soon
+    after (the quiet window), while an idle keep-alive connection does not hold it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    answered: list[float] = []
+
+    def serve() -> None:
+        idle, _ = listener.accept()  # a kept-alive connection that never sends anything
+        busy, _ = listener.accept()
+        busy.recv(65536)
+        time.sleep(1.5)
+        busy.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        answered.append(time.monotonic())
+        time.sleep(3)
+        idle.close()
+        busy.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    idle_client = socket.create_connection(("127.0.0.1", port))
+    busy_client = socket.create_connection(("127.0.0.1", port))
+    busy_client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    result, took = timed(lambda: drain.wait_drained(port, timeout=5.0, quiet=0.3))
+    assert isinstance(result, drain.Drain), result
+    assert answered and result.drained and result.idle == 2, result
+    assert 1.2 < took < 1.3 + 0.3 + SLACK, took
+    assert time.monotonic() - answered[0] >= 0.3  # the quiet window after the answer
+    idle_client.close()
+    busy_client.close()
+    listener.close()
+
+
+def test_a_drain_gives_up_at_its_timeout_and_says_so() -> None:
+    busy = [drain.Conn("127.0.0.1:1", last_sent_ms=900, last_received_ms=5, bytes_sent=1)]
+    result, took = timed(lambda: drain.wait_drained(8081, timeout=0.3, look=lambda port: busy))
+    assert isinstance(result, drain.Drain) and not result.drained and result.busy == 1
+    assert took < 0.3 + SLACK and "still busy after 0.3s" in result.describe()
+    unknown = drain.wait_drained(8081, look=lambda port: None)
+    assert unknown.busy is None and "cannot be observed" in unknown.describe()
