@@ -210,13 +210,19 @@ def test_an_oversized_answer_is_refused_not_buffered() -> None:
 
 # --- the drill: a rollback onto a build whose /health drips ---------------------------------
 
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    """The session stack, reset before and after: later modules expect it pristine."""
+    drill_stack.reset()
+    yield drill_stack
+    drill_stack.reset()
+
+
 @pytest.mark.docker
-def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(drill_stack: DrillStack) -> None:
+def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStack) -> None:
     """The target's /health sends headers, then one byte every 0.5 s. The gate (3 s, shorter
     than one probe's own 10 s timeout) gives up on time; traffic, state and the Caddyfile stay
     as they were, and the started slot is stopped again."""
-    stack = drill_stack
-    stack.reset()
     env = stack.env
     deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))  # v2 serves on green
     st = states.read_state(env.state_file)

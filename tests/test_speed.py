@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,9 +20,16 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 
 
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    """The session stack, reset before and after: later modules expect it pristine."""
+    drill_stack.reset()
+    yield drill_stack
+    drill_stack.reset()
+
+
 def two_deployments(stack: DrillStack) -> None:
     """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
-    stack.reset()
     deploy.deploy(stack.env, deploy.Options(version=VERSIONS["v2"].tag))
     deploy.deploy(stack.env, deploy.Options(version=VERSIONS["v3"].tag))
 
@@ -37,10 +45,9 @@ def rollback_cli(stack: DrillStack, *extra: str) -> tuple[subprocess.CompletedPr
 
 
 @pytest.mark.docker
-def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(
-        drill_stack: DrillStack) -> None:
-    two_deployments(drill_stack)
-    proc, wall = rollback_cli(drill_stack)
+def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(stack: DrillStack) -> None:
+    two_deployments(stack)
+    proc, wall = rollback_cli(stack)
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"Done in (\d+\.\d\d)s \(traffic switched at (\d+\.\d\d)s\)\. Journal: ",
                       proc.stdout)
@@ -57,9 +64,9 @@ def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(
 
 
 @pytest.mark.docker
-def test_json_output_carries_the_same_timing(drill_stack: DrillStack) -> None:
-    two_deployments(drill_stack)
-    proc, wall = rollback_cli(drill_stack, "--format", "json")
+def test_json_output_carries_the_same_timing(stack: DrillStack) -> None:
+    two_deployments(stack)
+    proc, wall = rollback_cli(stack, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     timing = json.loads(proc.stdout)["timing"]
     assert 0 < timing["switched_at_s"] < timing["done_in_s"] <= wall + 0.02
