@@ -18,14 +18,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from runbook import files
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
 from runbook.errors import ExitCode, RunbookError
+
+if TYPE_CHECKING:
+    from runbook.bounded_http import Answer
 
 START_MARKER = "# BLUE_GREEN_SLOT_START"
 END_MARKER = "# BLUE_GREEN_SLOT_END"
@@ -466,17 +467,28 @@ def seen_by_caddy(env: Environment, path: Path | str) -> str:
 
 
 def validate_command(env: Environment, config: Path | str) -> list[str]:
+    """What validation runs, for the plan: the same request or argv validate() uses.
+
+    With the admin-api reload method the candidate is adapted by the running Caddy itself
+    (POST /adapt: same adapter, same process and environment as the /load that follows, and
+    no process to spawn); a reload through `caddy reload` or systemd reads the file on disk,
+    so `caddy validate` checks it the same way (relative imports, environment placeholders),
+    naming the file as Caddy sees it (`[caddy] container_path`).
+    """
+    if env.caddy.reload is ReloadMethod.ADMIN_API:
+        return ["POST", f"{env.caddy.admin_url}/adapt", "Content-Type: text/caddyfile"]
     return [*env.caddy.command, "validate", "--config", seen_by_caddy(env, config),
             "--adapter", "caddyfile"]
 
 
 def validate(env: Environment, text: str) -> str:
-    """Have Caddy itself check a candidate config; returns its output, raises when rejected.
-
-    The candidate sits beside the Caddyfile so relative imports resolve the same way and a
-    containerised Caddy (directory bind-mounted at the same path) can read it.
-    """
+    """Have Caddy itself check a candidate config; returns its warnings/output, raises when
+    rejected. Nothing is loaded or written (for `caddy validate`, the candidate sits in a
+    temp file beside the Caddyfile so relative imports resolve the same way and a
+    containerised Caddy, the directory bind-mounted at the same path, can read it)."""
     path = env.caddy.caddyfile
+    if env.caddy.reload is ReloadMethod.ADMIN_API:
+        return _validate_by_api(env, text)
     try:
         with _sibling_temp(path, "validate") as (fd, tmp):
             _write_fd(fd, tmp, text.encode("utf-8"), path)
@@ -494,9 +506,33 @@ def validate(env: Environment, text: str) -> str:
     return output
 
 
-def _client(timeout: float) -> httpx.Client:
-    # trust_env=False: loopback checks must never be sent through an HTTP(S)_PROXY.
-    return httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False)
+def _validate_by_api(env: Environment, text: str) -> str:
+    from runbook import bounded_http
+
+    url = f"{env.caddy.admin_url}/adapt"
+    try:
+        answer = bounded_http.request("POST", url, timeout=_ADMIN_TIMEOUT,
+                                      content=text.encode("utf-8"),
+                                      headers={"Content-Type": "text/caddyfile"},
+                                      max_body=None)
+    except bounded_http.HttpFailure as exc:
+        raise CaddyError(f"cannot validate the new Caddyfile: {url} did not answer "
+                         f"({exc.reason}); nothing was changed", "check that Caddy is running",
+                         stage="validate") from None
+    if answer.status >= 400:
+        raise CaddyError(f"Caddy rejected the new Caddyfile (HTTP {answer.status} from {url}): "
+                         f"{_admin_error(answer)}",
+                         f"fix the managed block in {env.caddy.caddyfile}; nothing was changed",
+                         stage="validate")
+    try:
+        body = answer.json()
+    except ValueError:
+        return ""
+    warnings = body.get("warnings") if isinstance(body, dict) else None
+    if not isinstance(warnings, list):
+        return ""
+    return "\n".join(str(w.get("message", w)) if isinstance(w, dict) else str(w)
+                     for w in warnings)
 
 
 def admin_address(env: Environment) -> str:
@@ -509,15 +545,17 @@ def admin_address(env: Environment) -> str:
 
 
 def running_problem(env: Environment) -> str | None:
-    """Why Caddy cannot take a reload right now, or None when it can."""
+    """Why Caddy cannot take a reload right now, or None when it can. Each question is
+    bounded by _ADMIN_TIMEOUT in total: a stuck admin API cannot hold the run."""
+    from runbook import bounded_http
+
     url = f"{env.caddy.admin_url}/config/"
     try:
-        with _client(_ADMIN_TIMEOUT) as client:
-            response = client.get(url)
-    except httpx.HTTPError as exc:
-        return f"Caddy's admin API at {url} does not answer ({_describe_http_error(exc)})"
-    if response.status_code != 200:
-        return f"Caddy's admin API at {url} answered HTTP {response.status_code}"
+        answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
+    except bounded_http.HttpFailure as exc:
+        return f"Caddy's admin API at {url} does not answer ({exc.reason})"
+    if answer.status != 200:
+        return f"Caddy's admin API at {url} answered HTTP {answer.status}"
     if env.caddy.reload is ReloadMethod.SYSTEMCTL:
         unit = env.caddy.systemd_unit
         try:
@@ -548,15 +586,6 @@ def check_running(env: Environment) -> None:
             f"{start} (or fix [caddy] admin_url), then run again", stage="running")
 
 
-def _describe_http_error(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(exc, httpx.ConnectError):
-        text = str(exc)
-        return "connection refused" if "refused" in text.lower() else f"cannot connect: {text}"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def reload_action(env: Environment) -> list[str]:
     """What a reload runs, for --dry-run: an argv, or the admin API request."""
     c = env.caddy
@@ -573,17 +602,20 @@ def reload(env: Environment, text: str) -> None:
     """Make Caddy load `text` (already written to the Caddyfile) the way the environment says."""
     c = env.caddy
     if c.reload is ReloadMethod.ADMIN_API:
+        from runbook import bounded_http
+
         url = f"{c.admin_url}/load"
         try:
-            with _client(_COMMAND_TIMEOUT) as client:
-                response = client.post(url, content=text.encode("utf-8"),
-                                       headers={"Content-Type": "text/caddyfile"})
-        except httpx.HTTPError as exc:
-            raise CaddyError(f"reload through {url} failed ({_describe_http_error(exc)})",
+            answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT,
+                                          content=text.encode("utf-8"),
+                                          headers={"Content-Type": "text/caddyfile"},
+                                          max_body=None)
+        except bounded_http.HttpFailure as exc:
+            raise CaddyError(f"reload through {url} failed ({exc.reason})",
                              "check that Caddy is running", stage="reload") from None
-        if response.status_code >= 400:
-            raise CaddyError(f"Caddy rejected the config (HTTP {response.status_code} from "
-                             f"{url}): {_admin_error(response)}",
+        if answer.status >= 400:
+            raise CaddyError(f"Caddy rejected the config (HTTP {answer.status} from "
+                             f"{url}): {_admin_error(answer)}",
                              "Caddy keeps its old config on a rejected load", stage="reload")
         return
     argv = reload_action(env)
@@ -594,11 +626,11 @@ def reload(env: Environment, text: str) -> None:
                          "check `journalctl -u caddy` or Caddy's log", stage="reload")
 
 
-def _admin_error(response: httpx.Response) -> str:
+def _admin_error(answer: Answer) -> str:
     try:
-        body: Any = response.json()
+        body: Any = answer.json()
     except ValueError:
-        return response.text.strip()[:500] or "(empty body)"
+        return answer.text.strip()[:500] or "(empty body)"
     if isinstance(body, dict) and "error" in body:
         return str(body["error"])[:500]
     return str(body)[:500]
@@ -657,7 +689,9 @@ class VerifyResult:
 def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: str | None,
            *, attempts: int = 10, interval: float = 0.3, timeout: float = 3.0) -> VerifyResult:
     """Ask through Caddy who answers. A fresh connection per attempt, because a kept-alive one
-    can still reach the old upstream or be reset exactly at a reload."""
+    can still reach the old upstream or be reset exactly at a reload. `timeout` bounds each
+    attempt in total (body included), so the whole check ends within
+    attempts x (timeout + interval) whatever the proxy does."""
     slot = target.slot if isinstance(target, SlotConfig) else Slot(target)
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     began = time.monotonic()
@@ -677,13 +711,14 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
         return VerifyResult(ok, url, slot, expected, attempt,
                             elapsed=time.monotonic() - began, **seen)
 
+    from runbook import bounded_http
+
     try:
-        with _client(timeout) as client:
-            response = client.get(url, headers={"Connection": "close",
-                                                "Cache-Control": "no-cache"})
-    except httpx.HTTPError as exc:
-        return done(False, error=_describe_http_error(exc))
-    header = response.headers.get(SLOT_HEADER)
+        response = bounded_http.request("GET", url, timeout=timeout,
+                                        headers={"Cache-Control": "no-cache"})
+    except bounded_http.HttpFailure as exc:
+        return done(False, error=exc.reason)
+    header = response.header(SLOT_HEADER)
     version: str | None = None
     commit: str | None = None
     error: str | None = None
@@ -694,12 +729,12 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
             commit = None if body.get("git_commit") is None else str(body["git_commit"])
         else:
             error = "the body is not a JSON object"
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         error = "the body is not JSON"
-    seen: dict[str, Any] = {"http_status": response.status_code, "slot_header": header,
+    seen: dict[str, Any] = {"http_status": response.status, "slot_header": header,
                             "version": version}
-    if response.status_code != 200:
-        return done(False, error=error or f"HTTP {response.status_code}", **seen)
+    if response.status != 200:
+        return done(False, error=error or f"HTTP {response.status}", **seen)
     if header != slot.value:
         return done(False, error=error or f"{SLOT_HEADER} is {header!r}, not {slot.value!r}",
                     **seen)

@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from runbook.environment import Environment, Slot, SlotConfig
 from runbook.errors import ExitCode, RunbookError
 
@@ -97,36 +95,26 @@ def _target(target: str | SlotConfig, path: str | None) -> tuple[str, str | None
     return target.rstrip("/") + path, None
 
 
-def _describe_error(exc: Exception, timeout: float) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out after {timeout:g}s"
-    if isinstance(exc, httpx.ConnectError):
-        text = str(exc)
-        return "connection refused" if "refused" in text.lower() else f"cannot connect: {text}"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return f"connection broken: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def probe(target: str | SlotConfig, path: str | None = None, timeout: float = 3.0) -> HealthReport:
     """GET a slot's health endpoint and judge the answer. Never raises for network errors.
 
     `target` is a SlotConfig (path defaults to /health, and the answer must come from that
-    slot) or a URL (used as is, or as a base when `path` is given).
+    slot) or a URL (used as is, or as a base when `path` is given). `timeout` bounds the whole
+    probe, body included: a server dripping its answer cannot hold it longer.
     """
+    from runbook import bounded_http
+
     url, expected_slot = _target(target, path)
     began = time.monotonic()
     try:
-        # trust_env=False: a loopback probe must never go through an HTTP(S)_PROXY;
-        # Connection: close so every probe sees the server as it is now.
-        with httpx.Client(timeout=timeout, trust_env=False) as client:
-            response = client.get(url, headers={"Connection": "close",
-                                                "Accept": "application/json"})
-    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        # Connection: close (bounded_http's default), so every probe sees the server as it is
+        # now; never through an HTTP(S)_PROXY.
+        answer = bounded_http.request("GET", url, timeout=timeout,
+                                      headers={"Accept": "application/json"})
+    except bounded_http.HttpFailure as exc:
         return HealthReport(url=url, status=UNREACHABLE, slot=expected_slot,
-                            latency_ms=_ms(began), error=_describe_error(exc, timeout))
-    return parse(url, response.status_code, response.content, slot=expected_slot,
-                 latency_ms=_ms(began))
+                            latency_ms=_ms(began), error=exc.reason)
+    return parse(url, answer.status, answer.content, slot=expected_slot, latency_ms=_ms(began))
 
 
 def _ms(began: float) -> float:
@@ -212,25 +200,37 @@ def _checks(raw: object) -> tuple[Check, ...]:
     return tuple(out)
 
 
+FAST_INTERVAL = 0.05  # seconds between probes while a starting slot is likely to come up
+FAST_WINDOW = 3.0  # how long the fast cadence lasts before the configured backoff takes over
+RUNNING_CHECK_EVERY = 0.25  # at most this often ask Docker whether the container still runs
+
+
 def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = None, *,
                  on_attempt: Callable[[int, HealthReport], None] | None = None,
                  is_running: Callable[[], bool] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> HealthReport:
-    """Poll the slot until it is healthy or degraded, backing off exponentially.
+                 sleep: Callable[[float], None] = time.sleep,
+                 fast_window: float = FAST_WINDOW) -> HealthReport:
+    """Poll the slot until it is healthy or degraded, within `timeout` (the gate's deadline).
 
+    The first probe goes out at once, then every FAST_INTERVAL for `fast_window` seconds (a
+    slot ready at 0.3 s is seen at ~0.3 s, not at the next doubling), then the configured
+    interval doubling up to max_interval. Every probe gets only what is left of the deadline,
+    body included, so a slow-drip /health cannot hold the gate past it.
     `is_running`, when given, lets a container that exited end the wait at once instead of
     after the whole timeout.
     """
     config = env.slot(slot)
     limit = env.health.timeout if timeout is None else timeout
     interval = env.health.interval
+    fast = min(FAST_INTERVAL, interval)
     began = time.monotonic()
     deadline = began + limit
     attempt = 0
+    checked_running = float("-inf")
     answered: HealthReport | None = None  # the last probe the slot answered
     while True:
         remaining = deadline - time.monotonic()
-        request_timeout = max(0.1, min(env.health.request_timeout, remaining))
+        request_timeout = max(0.05, min(env.health.request_timeout, remaining))
         report = probe(config, env.health.path, request_timeout)
         attempt += 1
         if report.http_status is not None:
@@ -239,13 +239,16 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
             on_attempt(attempt, report)
         if report.ok:
             return report
-        elapsed = time.monotonic() - began
-        if is_running is not None and not is_running():
-            raise HealthGateError(
-                f"slot {config.slot}: container {config.container} is not running (it exited "
-                f"or was stopped) while waiting for {report.url} to become healthy; "
-                f"last: {_last(report)}", _fix(config), report=report, attempts=attempt,
-                elapsed=elapsed)
+        now = time.monotonic()
+        elapsed = now - began
+        if is_running is not None and now - checked_running >= RUNNING_CHECK_EVERY:
+            checked_running = now
+            if not is_running():
+                raise HealthGateError(
+                    f"slot {config.slot}: container {config.container} is not running (it "
+                    f"exited or was stopped) while waiting for {report.url} to become "
+                    f"healthy; last: {_last(report)}", _fix(config), report=report,
+                    attempts=attempt, elapsed=elapsed)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             # The final probe only gets what is left of the timeout; when it did not get an
@@ -256,9 +259,12 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
             raise HealthGateError(
                 f"slot {config.slot} ({report.url}) did not become healthy within {limit:g}s "
                 f"({attempt} attempts): last {_last(shown)}{tail}", _fix(config), report=shown,
-                attempts=attempt, elapsed=elapsed)
-        sleep(min(interval, remaining))
-        interval = min(interval * 2, env.health.max_interval)
+                attempts=attempt, elapsed=time.monotonic() - began)
+        if time.monotonic() - began < fast_window:
+            sleep(min(fast, remaining))
+        else:
+            sleep(min(interval, remaining))
+            interval = min(interval * 2, env.health.max_interval)
 
 
 def _last(report: HealthReport) -> str:

@@ -3,9 +3,10 @@ switch, so every path starts, recreates and gates a slot the same way."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from runbook import compose, docker, health, traffic
+from runbook import compose, docker, drain, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
@@ -20,6 +21,12 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False) -> None:
     """
     if not maintenance:
         traffic.refuse_if_serving(env, slot, "stop")
+        # Caddy's old config may still hand it requests after the switch: let them finish
+        # (runbook/drain.py); without a view of the connections, wait a fixed grace instead.
+        if docker.inspect(env.slot(slot).container).running:
+            drained = drain.wait_drained(env.slot(slot).port)
+            if drained.busy is None:
+                time.sleep(drain.FALLBACK_GRACE)
     docker.stop(env.slot(slot).container)
 
 
@@ -153,8 +160,11 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         ctx.note(container=docker.inspect(container).status)
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
-                {"container": container, "command": f"docker stop {container}",
-                 "guard": "refused if Caddy sends traffic to it at that moment"},
+                {"container": container,
+                 "guard": "refused if Caddy sends traffic to it at that moment",
+                 "drain": f"wait until no request is in flight on port {env.slot(slot).port} "
+                          f"(quiet {drain.QUIET:g}s, at most {drain.DRAIN_TIMEOUT:g}s)",
+                 "command": f"docker stop {container}"},
                 run=run, skip=None if enabled else "rollback.stop_old_slot = false",
                 phase=Phase.FINISH)
 

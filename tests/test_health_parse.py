@@ -212,11 +212,31 @@ def test_wait_healthy_backs_off_until_the_slot_turns_healthy(server: Server) -> 
         time.sleep(seconds)
 
     report = health.wait_healthy(env, Slot.BLUE, on_attempt=lambda n, r: seen.append((n, r.status)),
-                                 sleep=sleep)
+                                 sleep=sleep, fast_window=0)
     assert report.ok and report.status == "degraded"
     assert seen == [(1, "unhealthy"), (2, "unhealthy"), (3, "unhealthy"), (4, "unhealthy"),
                     (5, "degraded")]
     assert sleeps == pytest.approx([0.02, 0.04, 0.08, 0.1])  # doubling, capped at max_interval
+
+
+def test_wait_healthy_polls_fast_first_so_a_quick_slot_is_seen_at_once(server: Server) -> None:
+    """The production backoff (0.25 s doubling) would see a slot ready after 4 failed probes
+    at ~1.75 s; the fast first window sees it ~50 ms after it turns healthy."""
+    server.flip_after = 4
+    env = make_env(server.port)
+    env = env.with_(health=HealthConfig(path="/flip", timeout=5.0, interval=0.25,
+                                        max_interval=2.0, request_timeout=0.5))
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    began = time.monotonic()
+    report = health.wait_healthy(env, Slot.BLUE, sleep=sleep)
+    assert report.ok
+    assert sleeps == pytest.approx([health.FAST_INTERVAL] * 4)
+    assert time.monotonic() - began < 1.0
 
 
 def test_wait_healthy_times_out_with_the_reason_and_the_fix(server: Server) -> None:

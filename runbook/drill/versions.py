@@ -15,6 +15,7 @@ class Behaviour(StrEnum):
     NORMAL = "normal"
     UNHEALTHY = "unhealthy"  # starts, but /health answers 503
     CRASH = "crash"  # exits non-zero on start
+    SLOW_DRIP = "slow-drip"  # /health sends its headers, then one body byte every 0.5 s
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ VERSIONS: dict[str, AppVersion] = {
         AppVersion("v3", schema=2),
         AppVersion("unhealthy", schema=2, behaviour=Behaviour.UNHEALTHY),
         AppVersion("crash", schema=2, behaviour=Behaviour.CRASH),
+        AppVersion("slow-drip", schema=2, behaviour=Behaviour.SLOW_DRIP),
     )
 }
 

@@ -142,9 +142,29 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_drip(self, code: int, body: object) -> None:
+        """The slow-drip build: headers at once, then the body one byte every 0.5 s (a
+        stuck dependency, a proxy trickling): only a total deadline ends the wait."""
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            self.close_connection = True  # the client gave up, as it should
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/health":
+            if BEHAVIOUR == "slow-drip":
+                self.send_drip(*health(("database", "migrations", "app")))
+                return
             self.send_json(*health(("database", "migrations", "app")))
         elif path == "/readyz":
             self.send_json(*health(("database", "migrations")))

@@ -1,0 +1,183 @@
+"""One HTTP request whose timeout is a total deadline, not a per-read one.
+
+httpx's (and http.client's) timeouts bound each socket operation: a server that sends its
+headers and then one byte every 0.5 s never trips a 3-second read timeout, and holds a health
+gate, a verification or an admin API call (and the deploy lock) forever. Here every connect,
+send and receive gets only what is left of the deadline, so a request ends by `timeout`
+whatever the peer does.
+
+Built on the standard library's http.client (already loaded by the Docker SDK): no proxy from
+the environment (these are loopback calls), no TLS context for plain-HTTP URLs and no extra
+import on the on-call's path (httpx cost ~30 ms to import and ~30 ms per client for its TLS
+context).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import ssl
+
+MAX_BODY = 1 << 20  # a /health or /version answer is small; more is a broken or hostile server
+_CHUNK = 65536
+
+
+class HttpFailure(Exception):
+    """The request got no (complete) answer; `reason` says why in a few words."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]  # names lower-cased
+    content: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def json(self) -> Any:
+        """The body as JSON; raises ValueError when it is not."""
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """What the next socket operation may wait; raises TimeoutError when nothing is left."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline reached")
+        return left
+
+
+class _Reader(io.RawIOBase):
+    """What http.client reads headers and body through: each receive gets what is left."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.recv_into(buffer)
+
+
+class _Socket:
+    """The socket http.client sees: sends and the reader it makes are deadline-bound."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._deadline.left())  # bounds the whole sendall (3.5+)
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_Reader(self._sock, self._deadline), _CHUNK)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int | None, deadline: _Deadline,
+                 tls: ssl.SSLContext | None) -> None:
+        super().__init__(host, port, timeout=deadline.seconds)
+        self._deadline = deadline
+        self._tls = tls
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self._deadline.left())
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            sock.settimeout(self._deadline.left())
+            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        self.sock = _Socket(sock, self._deadline)
+
+
+@cache
+def _tls() -> ssl.SSLContext:
+    """Built once, and only when an https URL is asked for (an admin API behind TLS)."""
+    import ssl
+
+    return ssl.create_default_context()
+
+
+def _failure(exc: BaseException, deadline: _Deadline, status: int | None) -> HttpFailure:
+    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
+        if status is not None:
+            return HttpFailure(f"timed out after {deadline.seconds:g}s: HTTP {status} headers "
+                               "came, the body did not finish", timed_out=True)
+        return HttpFailure(f"timed out after {deadline.seconds:g}s", timed_out=True)
+    if isinstance(exc, ConnectionRefusedError):
+        return HttpFailure("connection refused")
+    if isinstance(exc, http.client.HTTPException | ConnectionError):
+        return HttpFailure(f"connection broken: {exc or type(exc).__name__}")
+    if isinstance(exc, socket.gaierror):
+        return HttpFailure(f"cannot connect: {exc.strerror or exc}")
+    return HttpFailure(f"cannot connect: {exc.strerror or exc}" if isinstance(exc, OSError)
+                       else f"{type(exc).__name__}: {exc}")
+
+
+def request(method: str, url: str, *, timeout: float,
+            headers: Mapping[str, str] | None = None, content: bytes | None = None,
+            max_body: int | None = MAX_BODY) -> Answer:
+    """Send one request on a fresh connection (closed afterwards) and read the whole answer,
+    all within `timeout` seconds. Raises HttpFailure when there is no complete answer."""
+    deadline = _Deadline(timeout)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise HttpFailure(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HttpFailure(f"unsupported URL {url!r}: only http:// and https:// with a host")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn = _Connection(parts.hostname, port, deadline,
+                       _tls() if parts.scheme == "https" else None)
+    status: int | None = None
+    body = bytearray()
+    try:
+        conn.request(method, target, body=content,
+                     headers={"Connection": "close", **(headers or {})})
+        response = conn.getresponse()
+        status = response.status
+        while chunk := response.read(_CHUNK):
+            body += chunk
+            if max_body is not None and len(body) > max_body:
+                raise HttpFailure(f"HTTP {status} with a body larger than {max_body} bytes")
+            deadline.left()
+        answer_headers = {k.lower(): v for k, v in response.getheaders()}
+        return Answer(status, answer_headers, bytes(body))
+    except HttpFailure:
+        raise
+    except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
+        raise _failure(exc, deadline, status) from None
+    finally:
+        conn.close()

@@ -1,0 +1,315 @@
+"""Every HTTP call the runbook makes ends by its deadline, whatever the peer does (issue 9 item 7).
+
+A real TCP server on 127.0.0.1 misbehaves the ways that beat per-read timeouts: headers then
+one body byte every 0.5 s, one header byte every 0.5 s, or accept and say nothing. The oracle
+is the clock: each call must return within its timeout plus a small slack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+
+from runbook import bounded_http, caddy, deploy, docker, drain, health, rollback
+from runbook import state as states
+from runbook.caddy import CaddyError
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment, HealthConfig, Slot, from_mapping
+from runbook.errors import ExitCode, RunbookError
+from runbook.health import HealthGateError
+from runbook.plan import Step
+
+DRIP = 0.5  # seconds between two bytes, as in the issue
+SLACK = 0.6  # scheduling on a busy 2-core machine; a drip holds a call for ever without the fix
+HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Togather-Slot: blue\r\n"
+           b"Content-Length: 4096\r\n\r\n")
+T = TypeVar("T")
+BODY = b'{"status": "healthy", "version": "3f2a1b9", "checks": {}}'
+
+
+@dataclass
+class Drip:
+    """A misbehaving HTTP server; `mode` is body | headers | silent."""
+
+    mode: str = "body"
+    port: int = 0
+    connections: int = 0
+    open_sockets: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            if self.mode == "silent":
+                time.sleep(60)
+                return
+            if self.mode == "headers":
+                for byte in HEADERS:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(DRIP)
+                return
+            conn.sendall(HEADERS)
+            for byte in BODY * 100:
+                conn.sendall(bytes([byte]))
+                time.sleep(DRIP)
+        except OSError:
+            pass  # the client gave up: that is the point
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def drip() -> Iterator[Drip]:
+    server = Drip()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.1)
+    server.port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            server.connections += 1
+            threading.Thread(target=server.handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(timeout=2)
+    listener.close()
+
+
+def env_on(port: int, *, gate: float = 1.5, request_timeout: float = 1.0,
+           tmp: Path = Path("/nonexistent")) -> Environment:
+    url = f"http://127.0.0.1:{port}"
+    env = from_mapping({
+        "name": "staging",
+        "slots": {"blue": {"container": "togather-server-blue", "service": "togather-blue",
+                           "port": port},
+                  "green": {"container": "togather-server-green", "service": "togather-green",
+                            "port": port + 1 if port < 65535 else port - 1}},
+        "caddy": {"caddyfile": str(tmp / "Caddyfile"), "reload": "admin-api",
+                  "admin_url": url, "proxy_url": url, "command": ["false"]},
+    }, Path("/tmp/test-env.toml"))
+    return env.with_(health=HealthConfig(timeout=gate, interval=0.05, max_interval=0.2,
+                                         request_timeout=request_timeout))
+
+
+def timed(fn: Callable[[], T]) -> tuple[T | Exception, float]:
+    began = time.monotonic()
+    try:
+        return fn(), time.monotonic() - began
+    except Exception as exc:  # the caller checks what was raised
+        return exc, time.monotonic() - began
+
+
+@pytest.mark.parametrize("mode", ["body", "headers", "silent"])
+def test_a_request_ends_by_its_deadline(drip: Drip, mode: str) -> None:
+    drip.mode = mode
+    outcome, took = timed(lambda: bounded_http.request("GET", drip.url + "/health", timeout=1.0))
+    assert isinstance(outcome, bounded_http.HttpFailure) and outcome.timed_out
+    assert 0.9 < took < 1.0 + SLACK, took
+    assert "timed out after 1s" in str(outcome)
+    if mode == "body":
+        assert "HTTP 200 headers came, the body did not finish" in str(outcome)
+
+
+def test_a_probe_of_a_slow_drip_health_is_unreachable_in_time(drip: Drip) -> None:
+    report, took = timed(lambda: health.probe(drip.url + "/health", timeout=1.0))
+    assert isinstance(report, health.HealthReport), report
+    assert took < 1.0 + SLACK, took
+    assert report.status == "unreachable" and not report.ok
+    assert report.error is not None and "the body did not finish" in report.error
+
+
+@pytest.mark.parametrize("mode", ["body", "headers"])
+def test_the_health_gate_fails_by_its_deadline_on_a_slow_drip(drip: Drip, mode: str) -> None:
+    """The per-request timeout (3 s) is longer than the whole gate (1.5 s): the gate wins."""
+    drip.mode = mode
+    env = env_on(drip.port, gate=1.5, request_timeout=3.0)
+    err, took = timed(lambda: health.wait_healthy(env, Slot.BLUE))
+    assert isinstance(err, HealthGateError), err
+    assert 1.4 < took < 1.5 + SLACK, took
+    assert "did not become healthy within 1.5s" in str(err) and "timed out" in str(err)
+
+
+def test_verification_through_a_slow_drip_proxy_ends_in_time(drip: Drip) -> None:
+    env = env_on(drip.port)
+    result, took = timed(lambda: caddy.verify(env, Slot.BLUE, None, attempts=2, interval=0.1,
+                                              timeout=0.8))
+    assert isinstance(result, caddy.VerifyResult), result
+    assert not result.ok and result.attempts == 2
+    assert took < 2 * 0.8 + 0.1 + SLACK, took
+    assert "timed out after 0.8s" in (result.error or "")
+
+
+def test_admin_api_calls_end_in_time(drip: Drip, monkeypatch: pytest.MonkeyPatch,
+                                     tmp_path: Path) -> None:
+    """A stuck admin API: running_problem, validate and reload each give up by their limit."""
+    monkeypatch.setattr(caddy, "_ADMIN_TIMEOUT", 1.0)
+    monkeypatch.setattr(caddy, "_COMMAND_TIMEOUT", 1.0)
+    env = env_on(drip.port, tmp=tmp_path)
+    problem, took = timed(lambda: caddy.running_problem(env))
+    assert isinstance(problem, str) and "does not answer (timed out after 1s" in problem
+    assert took < 1.0 + SLACK, took
+    err, took = timed(lambda: caddy.validate(env, "{\n}\n"))
+    assert isinstance(err, CaddyError) and err.stage == "validate", err
+    assert "timed out" in str(err) and took < 1.0 + SLACK, took
+    err, took = timed(lambda: caddy.reload(env, "{\n}\n"))
+    assert isinstance(err, CaddyError) and err.stage == "reload", err
+    assert "timed out" in str(err) and took < 1.0 + SLACK, took
+
+
+def test_an_oversized_answer_is_refused_not_buffered() -> None:
+    """A /health that never ends but is fast is cut at max_body, not read into memory."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def flood() -> None:
+        conn, _ = listener.accept()
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+            while True:
+                conn.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    threading.Thread(target=flood, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/health"
+    outcome, took = timed(lambda: bounded_http.request("GET", url, timeout=5.0,
+                                                       max_body=1 << 20))
+    listener.close()
+    assert isinstance(outcome, bounded_http.HttpFailure), outcome
+    assert "larger than 1048576 bytes" in str(outcome) and took < 5.0
+
+
+# --- the drill: a rollback onto a build whose /health drips ---------------------------------
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    """The session stack, reset before and after: later modules expect it pristine."""
+    drill_stack.reset()
+    yield drill_stack
+    drill_stack.reset()
+
+
+@pytest.mark.docker
+def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStack) -> None:
+    """The target's /health sends headers, then one byte every 0.5 s. The gate (3 s, shorter
+    than one probe's own 10 s timeout) gives up on time; traffic, state and the Caddyfile stay
+    as they were, and the started slot is stopped again."""
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))  # v2 serves on green
+    st = states.read_state(env.state_file)
+    assert st.previous is not None
+    drip_build = VERSIONS["slow-drip"]
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(
+        version=drip_build.tag, image=drip_build.image, migration_version=2)))
+    docker.remove(env.slot("blue").container)  # the rollback recreates it with the drip build
+    state_before = env.state_file.read_bytes()
+    caddyfile_before = env.caddy.caddyfile.read_bytes()
+    gated = env.with_(health=dataclasses.replace(env.health, timeout=3.0, request_timeout=10.0))
+    marks: dict[tuple[str, str], float] = {}
+
+    def progress(event: str, step: Step, message: str = "") -> None:
+        marks[(event, step.name)] = time.monotonic()
+
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(gated, progress=progress)
+    gate = marks[("failed", "health-gate")] - marks[("start", "health-gate")]
+    assert gate < 3.0 + 1.5, gate  # the gate's deadline plus Docker's answer on a busy host
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    assert "did not become healthy within 3s" in str(err.value)
+    assert "the body did not finish" in str(err.value)
+    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    assert (response.headers["X-Togather-Slot"], response.json()["version"]) == (
+        "green", VERSIONS["v2"].tag)
+    assert env.state_file.read_bytes() == state_before
+    assert env.caddy.caddyfile.read_bytes() == caddyfile_before
+    assert not env.lock_path.exists()
+    blue = docker.inspect(env.slot("blue").container)
+    assert blue.image == drip_build.image and not blue.running  # undone: stopped again
+
+
+# --- draining a slot before it is stopped (runbook.drain) ------------------------------------
+
+def test_ss_output_is_read_per_connection() -> None:
+    sample = ("0      0       127.0.0.1:8081  127.0.0.1:51296\n"
+              "\t bbr wscale:10,10 rto:204 bytes_sent:590 bytes_acked:590 bytes_received:453 "
+              "lastsnd:956 lastrcv:12 lastack:956\n"
+              "0      0       127.0.0.1:8081  127.0.0.1:51300\n"
+              "\t cubic bytes_sent:90 bytes_received:80 lastsnd:40 lastrcv:41 lastack:40\n")
+    first, second = drain.parse_ss(sample)
+    assert first.peer == "127.0.0.1:51296" and first.request_pending  # got data after it sent
+    assert (first.bytes_sent, first.bytes_received) == (590, 453)
+    assert second.peer == "127.0.0.1:51300" and not second.request_pending
+
+
+@pytest.mark.skipif(drain.connections(1) is None, reason="needs `ss` (iproute2) on this host")
+def test_a_slot_is_drained_only_after_its_pending_request_is_answered() -> None:
+    """A real server answers one request after 1.5 s: the wait must outlast it, and end soon
+    after (the quiet window), while an idle keep-alive connection does not hold it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    answered: list[float] = []
+
+    def serve() -> None:
+        idle, _ = listener.accept()  # a kept-alive connection that never sends anything
+        busy, _ = listener.accept()
+        busy.recv(65536)
+        time.sleep(1.5)
+        busy.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        answered.append(time.monotonic())
+        time.sleep(3)
+        idle.close()
+        busy.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    idle_client = socket.create_connection(("127.0.0.1", port))
+    busy_client = socket.create_connection(("127.0.0.1", port))
+    busy_client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    result, took = timed(lambda: drain.wait_drained(port, timeout=5.0, quiet=0.3))
+    assert isinstance(result, drain.Drain), result
+    assert answered and result.drained and result.idle == 2, result
+    assert 1.2 < took < 1.3 + 0.3 + SLACK, took
+    assert time.monotonic() - answered[0] >= 0.3  # the quiet window after the answer
+    idle_client.close()
+    busy_client.close()
+    listener.close()
+
+
+def test_a_drain_gives_up_at_its_timeout_and_says_so() -> None:
+    busy = [drain.Conn("127.0.0.1:1", last_sent_ms=900, last_received_ms=5, bytes_sent=1)]
+    result, took = timed(lambda: drain.wait_drained(8081, timeout=0.3, look=lambda port: busy))
+    assert isinstance(result, drain.Drain) and not result.drained and result.busy == 1
+    assert took < 0.3 + SLACK and "still busy after 0.3s" in result.describe()
+    unknown = drain.wait_drained(8081, look=lambda port: None)
+    assert unknown.busy is None and "cannot be observed" in unknown.describe()

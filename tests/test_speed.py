@@ -1,0 +1,84 @@
+"""What the CLI says about time is the time the person waited (issue 14 item 2).
+
+"Done in" counts from process start to exit (start-up, lock and plan included), with the time
+to traffic switched beside it. The oracle is the test's own clock around the process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from runbook import deploy
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    """The session stack, reset before and after: later modules expect it pristine."""
+    drill_stack.reset()
+    yield drill_stack
+    drill_stack.reset()
+
+
+def two_deployments(stack: DrillStack) -> None:
+    """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
+    deploy.deploy(stack.env, deploy.Options(version=VERSIONS["v2"].tag))
+    deploy.deploy(stack.env, deploy.Options(version=VERSIONS["v3"].tag))
+
+
+def rollback_cli(stack: DrillStack, *extra: str) -> tuple[subprocess.CompletedProcess[str],
+                                                           float]:
+    argv = [sys.executable, "-m", "runbook.cli", "rollback", str(stack.env.source), "--yes",
+            *extra]
+    began = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, check=False)
+    return proc, time.monotonic() - began
+
+
+@pytest.mark.docker
+def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(stack: DrillStack) -> None:
+    two_deployments(stack)
+    proc, wall = rollback_cli(stack)
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"Done in (\d+\.\d\d)s \(traffic switched at (\d+\.\d\d)s\)\. Journal: ",
+                      proc.stdout)
+    assert match, proc.stdout
+    done, switched = float(match[1]), float(match[2])
+    # from process start: at most the wall time the test saw, and not much less (only the
+    # interpreter's exit after the line is printed is missing)
+    assert wall - 0.5 <= done <= wall + 0.02, (done, wall)
+    steps = sum(float(x) for x in re.findall(r"(\d+\.\d\d)s$", proc.stdout, re.M))
+    assert done > steps  # start-up, lock and plan count too
+    assert 0 < switched < done
+    for title in ("Health gate", "Switch Caddy to the green slot", "Stop the old blue"):
+        assert title in proc.stdout
+
+
+@pytest.mark.docker
+def test_json_output_carries_the_same_timing(stack: DrillStack) -> None:
+    two_deployments(stack)
+    proc, wall = rollback_cli(stack, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    timing = json.loads(proc.stdout)["timing"]
+    assert 0 < timing["switched_at_s"] < timing["done_in_s"] <= wall + 0.02
+
+
+def test_the_rollback_modules_import_neither_httpx_nor_httpcore_nor_rich() -> None:
+    """Each costs the on-call tens of milliseconds (httpx also builds a TLS context per
+    client); loopback calls go through runbook.bounded_http on http.client instead."""
+    code = ("import sys, runbook.cli\n"
+            "from runbook import bounded_http, caddy, deploy, health, rollback, slots, status\n"
+            "from runbook import switch\n"
+            "print(sorted(m for m in ('httpx', 'httpcore', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
