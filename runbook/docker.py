@@ -58,7 +58,8 @@ def client() -> docker_sdk.DockerClient:
 def _not_found() -> type[Exception]:
     import docker.errors
 
-    return docker.errors.NotFound
+    found: type[Exception] = docker.errors.NotFound
+    return found
 
 
 def _one_line(text: object) -> str:
@@ -165,6 +166,7 @@ def exec_run(name: str, command: list[str]) -> tuple[int, str]:
 def logs(name: str, tail: int = 100) -> str:
     try:
         with api(f"read the logs of container {name!r}"):
-            return client().containers.get(name).logs(tail=tail).decode(errors="replace")
+            raw: bytes = client().containers.get(name).logs(tail=tail)
+            return raw.decode(errors="replace")
     except _not_found():
         return ""

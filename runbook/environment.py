@@ -257,14 +257,14 @@ class _Reader:
         if value is not None and not 1 <= value <= 65535:
             self.errors.append(f"{self.path}: {key}: port {value} is outside 1-65535")
             return None
-        return value
+        return None if value is None else int(value)
 
     def positive(self, key: str, default: Any = ...) -> float | None:
         value = self.get(key, float, default)
         if value is not None and value <= 0:
             self.errors.append(f"{self.path}: {key}: must be greater than 0, got {value}")
             return None
-        return value
+        return None if value is None else float(value)
 
     def command(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self.get(key, list, list(default))

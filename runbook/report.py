@@ -137,8 +137,8 @@ def run_duration_ms(run: Mapping[str, Any]) -> int | None:
     phases = run_phases(run)
     if not phases:
         return None
-    start = min(p["offset_ms"] for p in phases)
-    end = max(p["offset_ms"] + (p["duration_ms"] or 0) for p in phases)
+    start = min(int(p["offset_ms"]) for p in phases)
+    end = max(int(p["offset_ms"]) + int(p["duration_ms"] or 0) for p in phases)
     return end - start
 
 
@@ -479,7 +479,7 @@ STATUS_COLOURS = {"ok": "#1a7f37", "passed": "#1a7f37", "failed": "#cf222e",
 
 def _nice_step(total: float, ticks: int = 6) -> float:
     raw = max(total / ticks, 1e-9)
-    magnitude = 10 ** math.floor(math.log10(raw))
+    magnitude = 10.0 ** math.floor(math.log10(raw))
     for factor in (1, 2, 5, 10):
         if factor * magnitude >= raw:
             return factor * magnitude

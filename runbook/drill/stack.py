@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from runbook import environment as envmod
@@ -27,6 +28,9 @@ from runbook.drill import images
 from runbook.drill.versions import VERSIONS, AppVersion
 from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import ExitCode, RunbookError
+
+if TYPE_CHECKING:
+    import psycopg
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -488,7 +492,7 @@ class DrillStack:
                                      f"see `docker logs {self.db_container}`") from None
                 time.sleep(0.1)
 
-    def connect(self):  # type: ignore[no-untyped-def]
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         import psycopg
 
         return psycopg.connect(self.database_url, autocommit=True, connect_timeout=3)
