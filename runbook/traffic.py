@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
+from runbook import bounded_http
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
@@ -86,16 +85,15 @@ def _port(dial: str) -> int | None:
 def loaded_config(env: Environment) -> Any:
     """Caddy's running config (JSON), or TrafficUnknownError."""
     url = f"{env.caddy.admin_url}/config/"
-    try:
-        with httpx.Client(timeout=_TIMEOUT, trust_env=False) as client:
-            response = client.get(url)
-    except httpx.HTTPError as exc:
+    try:  # a total deadline: a hung admin API must not hold the run (and its lock)
+        response = bounded_http.request("GET", url, timeout=_TIMEOUT, max_body=None)
+    except bounded_http.HttpFailure as exc:
         raise TrafficUnknownError(
             f"Caddy is not running: its admin API at {url} does not answer "
-            f"({type(exc).__name__}), so which slot serves cannot be known; nothing was "
+            f"({exc.reason}), so which slot serves cannot be known; nothing was "
             "touched", "start Caddy (or fix [caddy] admin_url), then run again") from None
-    if response.status_code != 200:
-        raise TrafficUnknownError(f"Caddy's admin API answered HTTP {response.status_code} "
+    if response.status != 200:
+        raise TrafficUnknownError(f"Caddy's admin API answered HTTP {response.status} "
                                   f"at {url}", "check Caddy's admin endpoint")
     try:
         return response.json()
@@ -116,11 +114,10 @@ def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
     """(X-Togather-Slot, error) as the proxy answers right now, on a fresh connection."""
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     try:
-        with httpx.Client(timeout=_TIMEOUT, trust_env=False) as client:
-            response = client.get(url, headers={"Connection": "close"})
-    except httpx.HTTPError as exc:
-        return None, f"{url}: {type(exc).__name__}"
-    return response.headers.get(SLOT_HEADER), None
+        response = bounded_http.request("GET", url, timeout=_TIMEOUT)
+    except bounded_http.HttpFailure as exc:
+        return None, f"{url}: {exc.reason}"
+    return response.header(SLOT_HEADER), None
 
 
 def read(env: Environment, *, proxy: bool = True) -> Traffic:
