@@ -1,0 +1,270 @@
+"""A bounded user load through the drill's proxy: the evidence that a switch drops nobody.
+
+N keep-alive clients (threads, each with its own httpx.Client, so its own connection) GET a
+path through Caddy at a modest rate and record every request: when it started and ended, its
+HTTP status (0: no answer), the X-Togather-Slot header, the version the app answered and
+whether a retry was needed. A kept-alive connection closed under a client (Caddy reloading its
+config) is a *raw reset*: the idempotent GET is retried once on a fresh connection, and a
+retried request that is answered counts as served, as a browser would do it. Loopback only,
+bounded in clients, time and requests; drills and benchmarks only, never a real host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+SLOT_HEADER = "X-Togather-Slot"
+CLIENTS = 16
+INTERVAL = 0.05  # seconds between one client's requests: 16 clients -> about 320 requests/s
+MAX_SECONDS = 300.0  # a load nobody stopped ends by itself
+MAX_REQUESTS = 200_000
+TIMEOUT = 5.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# What a connection closed under a kept-alive client raises (the request may be retried).
+RESETS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One user request as the user saw it (times: epoch seconds, time.time())."""
+
+    started: float
+    ended: float
+    status: int  # the final answer's HTTP status; 0 when there was none
+    slot: str | None = None  # X-Togather-Slot of the answer
+    version: str | None = None  # "version" of the answer's JSON body
+    retried: bool = False  # the first attempt hit a reset connection (a raw reset)
+    error: str | None = None  # why there was no answer (after the retry, if any)
+
+    @property
+    def served(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The longest time between two successful answers (or a window's edge and one)."""
+
+    start: float
+    end: float
+
+    @property
+    def ms(self) -> int:
+        return round((self.end - self.start) * 1000)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What users saw in one window: the figures a drill asserts and its report shows."""
+
+    start: float
+    end: float
+    clients: int
+    requests: int
+    served: int
+    non_2xx: int  # answered, but not 2xx (e.g. a 502 from Caddy)
+    failed: int  # no answer even after the one retry
+    resets: int  # raw resets: first attempts on a reset connection (retried)
+    longest_gap: Gap | None
+    slots: tuple[str, ...]  # the slots that answered, in the order they first answered
+    versions: tuple[str, ...]
+    problems: tuple[Request, ...]  # the first non-2xx or failed requests, for a message
+
+    @property
+    def ok(self) -> bool:
+        """Every request of the window was served (retried ones included)."""
+        return self.non_2xx == 0 and self.failed == 0
+
+    def to_json(self, origin: float | None = None) -> dict[str, Any]:
+        """Plain data for a report; times as ms from `origin` (default: the window's start)."""
+        origin = self.start if origin is None else origin
+
+        def ms(t: float) -> int:
+            return round((t - origin) * 1000)
+
+        gap = self.longest_gap
+        return {
+            "clients": self.clients, "requests": self.requests, "served": self.served,
+            "non_2xx": self.non_2xx, "failed": self.failed, "resets": self.resets,
+            "longest_gap_ms": gap.ms if gap else None,
+            "longest_gap_at_ms": ms(gap.start) if gap else None,
+            "slots": list(self.slots), "versions": list(self.versions),
+            "window_ms": [ms(self.start), ms(self.end)],
+            "problems": [
+                {"at_ms": ms(r.started), "status": r.status, "error": r.error,
+                 "retried": r.retried} for r in self.problems],
+        }
+
+    def describe(self) -> str:
+        """One line: what users saw."""
+        gap = f"{self.longest_gap.ms} ms" if self.longest_gap else "no answer at all"
+        return (f"{self.clients} clients, {self.requests} requests: {self.served} served, "
+                f"{self.non_2xx} non-2xx, {self.failed} failed, {self.resets} raw resets "
+                f"(retried once), longest gap between answers {gap}; slots "
+                f"{' -> '.join(self.slots) or 'none'}")
+
+
+def summarize(records: Iterable[Request], start: float, end: float, clients: int = 0,
+              keep: int = 5) -> Summary:
+    """The requests that started in [start, end]; the gap also counts from `start` to the first
+    answer and from the last answer to `end`, so a window without answers is one long gap."""
+    chosen = sorted((r for r in records if start <= r.started <= end), key=lambda r: r.started)
+    points = sorted([start, end, *(r.ended for r in chosen if r.served)])
+    gap: Gap | None = None
+    for before, after in itertools.pairwise(points):
+        if gap is None or after - before > gap.end - gap.start:
+            gap = Gap(before, after)
+    slots: list[str] = []
+    versions: list[str] = []
+    for r in chosen:
+        if r.served and r.slot and r.slot not in slots:
+            slots.append(r.slot)
+        if r.served and r.version and r.version not in versions:
+            versions.append(r.version)
+    bad = [r for r in chosen if not r.served]
+    return Summary(
+        start=start, end=end, clients=clients, requests=len(chosen),
+        served=sum(r.served for r in chosen),
+        non_2xx=sum(1 for r in chosen if r.status and not r.served),
+        failed=sum(1 for r in chosen if not r.status),
+        resets=sum(r.retried for r in chosen), longest_gap=gap,
+        slots=tuple(slots), versions=tuple(versions), problems=tuple(bad[:keep]))
+
+
+def buckets(records: Iterable[Request], start: float, end: float, width: float = 0.05
+            ) -> list[dict[str, int]]:
+    """Requests per time bucket (by start time): served, bad (non-2xx or failed), resets."""
+    count = max(1, int((end - start) / width) + 1)
+    out = [{"served": 0, "bad": 0, "resets": 0} for _ in range(count)]
+    for r in records:
+        if not start <= r.started <= end:
+            continue
+        bucket = out[min(count - 1, int((r.started - start) / width))]
+        bucket["served" if r.served else "bad"] += 1
+        bucket["resets"] += r.retried
+    return out
+
+
+def _check_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    if host not in LOOPBACK:
+        raise ValueError(f"the drill load goes to loopback only, not to {host!r}")
+
+
+@dataclass
+class Load:
+    """`clients` keep-alive users of `url`, each a request every `interval` seconds.
+
+    Use as a context manager (or start()/stop()); starting costs a few ms and returns at once,
+    the clients' first requests spread over one interval. It stops by itself after
+    `max_seconds` or `max_requests`, so a forgotten load never runs on."""
+
+    url: str
+    clients: int = CLIENTS
+    interval: float = INTERVAL
+    max_seconds: float = MAX_SECONDS
+    max_requests: int = MAX_REQUESTS
+    timeout: float = TIMEOUT
+    started: float | None = None
+    stopped: float | None = None
+    _records: list[Request] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_loopback(self.url)
+        if not 1 <= self.clients <= 256:
+            raise ValueError(f"clients must be 1..256, not {self.clients}")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> Load:
+        if self._threads:
+            return self
+        self.started = time.time()
+        context = ssl.create_default_context()  # once: a context per client costs ~20 ms each
+        deadline = time.monotonic() + self.max_seconds
+        for index in range(self.clients):
+            delay = self.interval * index / self.clients
+            thread = threading.Thread(target=self._client, args=(context, delay, deadline),
+                                      name=f"drill-load-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return self
+
+    def stop(self, timeout: float = TIMEOUT + 1) -> list[Request]:
+        """Stop every client (an in-flight request finishes first); return all records."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        if self.stopped is None and self.started is not None:
+            self.stopped = time.time()
+        return self.records()
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- results -------------------------------------------------------------------------------
+    def records(self) -> list[Request]:
+        with self._lock:
+            return list(self._records)
+
+    def summary(self, start: float | None = None, end: float | None = None) -> Summary:
+        """What users saw between `start` and `end` (default: the whole load until now)."""
+        begin = start if start is not None else (self.started or time.time())
+        finish = end if end is not None else (self.stopped or time.time())
+        return summarize(self.records(), begin, finish, self.clients)
+
+    # -- one client ----------------------------------------------------------------------------
+    def _client(self, context: ssl.SSLContext, delay: float, deadline: float) -> None:
+        if self._stop.wait(delay):
+            return
+        with httpx.Client(timeout=self.timeout, trust_env=False, verify=context) as client:
+            next_at = time.monotonic()
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                record = self._request(client)
+                with self._lock:
+                    if len(self._records) >= self.max_requests:
+                        return
+                    self._records.append(record)
+                next_at = max(next_at + self.interval, time.monotonic())
+                self._stop.wait(next_at - time.monotonic())
+
+    def _request(self, client: httpx.Client) -> Request:
+        started = time.time()
+        retried = False
+        try:
+            try:
+                response = client.get(self.url)
+            except RESETS:
+                retried = True  # a raw reset: retry the idempotent GET once, fresh connection
+                response = client.get(self.url)
+        except httpx.HTTPError as exc:
+            return Request(started, time.time(), 0, retried=retried,
+                           error=type(exc).__name__)
+        version = None
+        with contextlib.suppress(ValueError, AttributeError):
+            version = response.json().get("version")
+        return Request(started, time.time(), response.status_code,
+                       response.headers.get(SLOT_HEADER), version, retried)
+
+
+def as_json(records: Sequence[Request]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in records]
