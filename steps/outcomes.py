@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import pytest
 from pytest_bdd import parsers, then
 
 from runbook import caddy, database, docker, health
@@ -84,6 +86,36 @@ def still_served_by_healthy_slot(world: World) -> None:
     assert live == live_slot_before(world)
     report = probe(world, live)
     assert report.ok, report.reason()
+
+
+NEEDS_LOAD = ("needs the drill's user load through Caddy (never run on a real host): "
+              "prove it with `pytest features/` on a drill")
+
+
+@then(parsers.re(r"users saw no failed request during the (?P<action>rollback|switch|redeploy)"))
+def users_saw_no_failed_request(world: World, action: str) -> None:
+    """Every request the simulated users sent since the last action began was answered 2xx
+    (one retry of the GET on a reset connection allowed), and they ended on the live slot."""
+    world.outcome()
+    if not world.on_drill:
+        pytest.skip(NEEDS_LOAD)
+    load, began = world.load, world.acted_at
+    assert load is not None and load.started is not None and began is not None, \
+        "no user load ran during this scenario's action (is the scenario tagged @mutating?)"
+    assert load.running, "the user load stopped before the end of the scenario"
+    assert load.started <= began, "the user load started after the action"
+    seen = load.summary(began, time.time())
+    assert seen.requests >= load.clients, f"too few requests to prove anything: {seen.describe()}"
+    problems = "; ".join(
+        f"+{round((r.started - began) * 1000)} ms: "
+        + (f"HTTP {r.status}" if r.status else f"no answer ({r.error})")
+        + (" after a retry" if r.retried else "") for r in seen.problems)
+    assert seen.ok, f"users saw failed requests during the {action}: {seen.describe()}; " \
+                    f"first: {problems}"
+    live = current_live_slot(world)
+    last = max((r for r in load.records() if r.served), key=lambda r: r.ended)
+    assert last.slot == str(live), f"the users' last answer came from {last.slot}, not {live}"
+    world.notes.setdefault("traffic", []).append(seen.describe())
 
 
 @then("users get an error from the proxy")
