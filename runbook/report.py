@@ -590,7 +590,7 @@ def traffic_line(users: Mapping[str, Any]) -> str:
     return (f"users: {users.get('clients')} clients, {users.get('requests')} requests, "
             f"{users.get('non_2xx')} non-2xx, {users.get('failed')} failed, "
             f"{users.get('resets')} raw resets (retried once), longest gap between answers "
-            f"{format_ms(gap)}")
+            f"{format_ms(gap)}, slowest answer {format_ms(users.get('slowest_ms'))}")
 
 
 def _traffic_row(users: Mapping[str, Any], y: int, label_w: int, scale: float,

@@ -88,8 +88,8 @@ def still_served_by_healthy_slot(world: World) -> None:
     assert report.ok, report.reason()
 
 
-NEEDS_LOAD = ("needs the drill's user load through Caddy (never run on a real host): "
-              "prove it with `pytest features/` on a drill")
+NEEDS_LOAD = ("not provable on a real host: it needs the drill's simulated users through Caddy "
+              "(the steps before it ran and passed); `make drill` proves it on every run")
 
 
 @then(parsers.re(r"users saw no failed request during the (?P<action>rollback|switch|redeploy)"))

@@ -131,16 +131,16 @@ class Tags(HTMLParser):
         self.tags.append((tag, {k: v or "" for k, v in attrs}))
 
 
-def test_no_answer_is_a_failure_after_one_retry() -> None:
-    """Nothing listens on the port: every request is retried once and then fails."""
+def test_a_refused_connection_is_a_failure_not_a_reset() -> None:
+    """Nothing listens on the port: every request fails at once, none counts as a reset."""
     with Load(f"http://127.0.0.1:{free_port()}/version", clients=2, interval=0.02) as load:
         time.sleep(0.3)
     records = load.records()
     assert records and all(
-        (r.status, r.retried, r.error) == (0, True, "ConnectError") for r in records)
+        (r.status, r.retried, r.error) == (0, False, "ConnectError") for r in records)
     seen = load.summary()
-    assert (seen.failed, seen.resets, seen.served, seen.ok) == (
-        len(records), len(records), 0, False)
+    assert (seen.failed, seen.resets, seen.served, seen.ok, seen.slowest_ms) == (
+        len(records), 0, 0, False, None)
     assert seen.longest_gap is not None
     assert seen.longest_gap.ms == round((seen.end - seen.start) * 1000)
 
@@ -173,11 +173,12 @@ def test_the_longest_gap_counts_from_the_window_edges() -> None:
         return Request(at, at + took, 200, "blue", "v")
 
     records = [served(10.0), served(10.1), Request(10.2, 10.25, 502), served(10.3, 0.4),
-               served(11.0), served(12.0)]
+               served(10.9, 0.5), served(12.0)]
     seen = summarize(records, 10.0, 11.0, clients=2)
-    # answers end at 10.01, 10.11, 10.7, 11.01 (started at 11.0, inside); the 502 is no answer
+    # answers in the window at 10.01, 10.11, 10.7; the one started at 10.9 ends after it (its
+    # 0.5 s is the slowest answer), the 502 is no answer: the longest gap is 10.11 -> 10.7
     assert seen.requests == 5 and seen.served == 4 and seen.non_2xx == 1 and seen.failed == 0
-    assert seen.longest_gap is not None
+    assert seen.longest_gap is not None and seen.slowest_ms == 500
     assert (seen.longest_gap.start, seen.longest_gap.end) == pytest.approx((10.11, 10.7))
     assert not seen.ok and seen.problems[0].status == 502
     empty = summarize(records, 20.0, 20.5)

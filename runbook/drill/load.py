@@ -30,8 +30,9 @@ MAX_SECONDS = 300.0  # a load nobody stopped ends by itself
 MAX_REQUESTS = 200_000
 TIMEOUT = 5.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# What a connection closed under a kept-alive client raises (the request may be retried).
-RESETS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError)
+# What a connection closed under a kept-alive client raises (the GET is retried once). A
+# refused connection (nothing listens: ConnectError) is no reset: it fails at once.
+RESETS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class Summary:
     failed: int  # no answer even after the one retry
     resets: int  # raw resets: first attempts on a reset connection (retried)
     longest_gap: Gap | None
+    slowest_ms: int | None  # the longest a served request took
     slots: tuple[str, ...]  # the slots that answered, in the order they first answered
     versions: tuple[str, ...]
     problems: tuple[Request, ...]  # the first non-2xx or failed requests, for a message
@@ -98,6 +100,7 @@ class Summary:
             "non_2xx": self.non_2xx, "failed": self.failed, "resets": self.resets,
             "longest_gap_ms": gap.ms if gap else None,
             "longest_gap_at_ms": ms(gap.start) if gap else None,
+            "slowest_ms": self.slowest_ms,
             "slots": list(self.slots), "versions": list(self.versions),
             "window_ms": [ms(self.start), ms(self.end)],
             "problems": [
@@ -110,16 +113,18 @@ class Summary:
         gap = f"{self.longest_gap.ms} ms" if self.longest_gap else "no answer at all"
         return (f"{self.clients} clients, {self.requests} requests: {self.served} served, "
                 f"{self.non_2xx} non-2xx, {self.failed} failed, {self.resets} raw resets "
-                f"(retried once), longest gap between answers {gap}; slots "
+                f"(retried once), longest gap between answers {gap}, slowest answer "
+                f"{self.slowest_ms if self.slowest_ms is not None else '-'} ms; slots "
                 f"{' -> '.join(self.slots) or 'none'}")
 
 
 def summarize(records: Iterable[Request], start: float, end: float, clients: int = 0,
               keep: int = 5) -> Summary:
-    """The requests that started in [start, end]; the gap also counts from `start` to the first
-    answer and from the last answer to `end`, so a window without answers is one long gap."""
+    """The requests that started in [start, end]. The longest gap is between answers received
+    in the window, counted from `start` and up to `end` too, so a window without answers is one
+    long gap (an answer of a request that outlives the window shows in `slowest_ms`)."""
     chosen = sorted((r for r in records if start <= r.started <= end), key=lambda r: r.started)
-    points = sorted([start, end, *(r.ended for r in chosen if r.served)])
+    points = sorted([start, end, *(r.ended for r in chosen if r.served and r.ended <= end)])
     gap: Gap | None = None
     for before, after in itertools.pairwise(points):
         if gap is None or after - before > gap.end - gap.start:
@@ -138,6 +143,8 @@ def summarize(records: Iterable[Request], start: float, end: float, clients: int
         non_2xx=sum(1 for r in chosen if r.status and not r.served),
         failed=sum(1 for r in chosen if not r.status),
         resets=sum(r.retried for r in chosen), longest_gap=gap,
+        slowest_ms=max((round((r.ended - r.started) * 1000) for r in chosen if r.served),
+                       default=None),
         slots=tuple(slots), versions=tuple(versions), problems=tuple(bad[:keep]))
 
 
