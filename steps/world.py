@@ -147,8 +147,9 @@ class World:
     status: dict[str, Any] | None = None
     live_before: Slot | None = None  # the slot taking traffic before the last action
     notes: dict[str, Any] = field(default_factory=dict)  # scenario facts between steps
-    wants_load: bool = False  # a @mutating scenario on a drill: users are simulated
-    load: Load | None = None  # started by the first action, stopped when the scenario ends
+    # simulated users (a @mutating scenario on a drill): prepared with the world, sending from
+    # the first action on, stopped when the scenario ends
+    load: Load | None = None
     acted_at: float | None = None  # time.time() when the last action began
 
     # -- where we are --------------------------------------------------------------------------
@@ -187,9 +188,8 @@ class World:
 
         With --dry-run a mutating action prints its plan instead (a refusal at planning time
         is the same refusal either way, so it is kept as the error)."""
-        if self.wants_load and self.load is None:  # warms up while the snapshot is taken
-            self.load = Load(f"{self.env.caddy.proxy_url}/version",
-                             max_seconds=LOAD_SECONDS).start()
+        if self.load is not None and self.load.started is None:  # warms up during the snapshot
+            self.load.start()
         self.before = take_snapshot(self.env)
         self.live_before = self.live_slot()
         self.result = None
@@ -249,8 +249,9 @@ class World:
 def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[World]:
     """A fresh world; on a drill the session stack is reset to its baseline first.
 
-    In a @mutating scenario on a drill (never on a real host, never under --dry-run) the
-    first action starts a bounded user load through Caddy; it stops when the scenario ends."""
+    In a @mutating scenario on a drill (never on a real host, never under --dry-run) a bounded
+    user load through Caddy is prepared here, starts with the first action and stops when the
+    scenario ends."""
     config = request.config
     stack = None
     if config.getoption("--env") == "drill":
@@ -258,8 +259,10 @@ def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[
         stack.reset()
     dry_run = bool(config.getoption("--dry-run"))
     world = World(env=environment, config=config, stack=stack, dry_run=dry_run)
-    world.wants_load = (world.on_drill and not dry_run and is_feature_item(request.node)
-                        and request.node.get_closest_marker("mutating") is not None)
+    if (world.on_drill and not dry_run and is_feature_item(request.node)
+            and request.node.get_closest_marker("mutating") is not None):
+        world.load = Load(f"{environment.caddy.proxy_url}/version",
+                          max_seconds=LOAD_SECONDS).prepare()
     try:
         yield world
     finally:

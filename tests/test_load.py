@@ -52,12 +52,13 @@ def free_port() -> int:
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("in_process", [False, True], ids=["own-process", "threads-here"])
 def test_every_client_keeps_one_connection_and_every_request_is_recorded(
-        stack: DrillStack) -> None:
+        stack: DrillStack, in_process: bool) -> None:
     env = stack.env
     port = int(env.caddy.proxy_url.rsplit(":", 1)[1])
     idle = connections_to(port)
-    with Load(f"{env.caddy.proxy_url}/version") as load:
+    with Load(f"{env.caddy.proxy_url}/version", in_process=in_process) as load:
         time.sleep(0.6)
         during = connections_to(port) - idle
         time.sleep(0.6)

@@ -1,23 +1,27 @@
 """A bounded user load through the drill's proxy: the evidence that a switch drops nobody.
 
-N keep-alive clients (threads, each with its own httpx.Client, so its own connection) GET a
-path through Caddy at a modest rate and record every request: when it started and ended, its
-HTTP status (0: no answer), the X-Togather-Slot header, the version the app answered and
-whether a retry was needed. A kept-alive connection closed under a client (Caddy reloading its
-config) is a *raw reset*: the idempotent GET is retried once on a fresh connection, and a
-retried request that is answered counts as served, as a browser would do it. Loopback only,
-bounded in clients, time and requests; drills and benchmarks only, never a real host.
+N keep-alive clients (threads of a child process, each with its own httpx.Client, so its own
+connection) GET a path through Caddy at a modest rate and record every request: when it
+started and ended, its HTTP status (0: no answer), the X-Togather-Slot header, the version the
+app answered and whether a retry was needed. A kept-alive connection closed under a client
+(Caddy reloading its config) is a *raw reset*: the idempotent GET is retried once on a fresh
+connection, and a retried request that is answered counts as served, as a browser would do
+it. Loopback only, bounded in clients, time and requests; drills and benchmarks only, never a
+real host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import ssl
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -169,12 +173,8 @@ def _check_loopback(url: str) -> None:
 
 
 @dataclass
-class Load:
-    """`clients` keep-alive users of `url`, each a request every `interval` seconds.
-
-    Use as a context manager (or start()/stop()); starting costs a few ms and returns at once,
-    the clients' first requests spread over one interval. It stops by itself after
-    `max_seconds` or `max_requests`, so a forgotten load never runs on."""
+class _Clients:
+    """The clients themselves: one thread each, in the process that runs them."""
 
     url: str
     clients: int = CLIENTS
@@ -189,13 +189,8 @@ class Load:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
-    def __post_init__(self) -> None:
-        _check_loopback(self.url)
-        if not 1 <= self.clients <= 256:
-            raise ValueError(f"clients must be 1..256, not {self.clients}")
-
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> Load:
+    def start(self) -> _Clients:
         if self._threads:
             return self
         self.started = time.time()
@@ -222,22 +217,10 @@ class Load:
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def __enter__(self) -> Load:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- results -------------------------------------------------------------------------------
     def records(self) -> list[Request]:
         with self._lock:
             return list(self._records)
-
-    def summary(self, start: float | None = None, end: float | None = None) -> Summary:
-        """What users saw between `start` and `end` (default: the whole load until now)."""
-        begin = start if start is not None else (self.started or time.time())
-        finish = end if end is not None else (self.stopped or time.time())
-        return summarize(self.records(), begin, finish, self.clients)
 
     # -- one client ----------------------------------------------------------------------------
     def _client(self, context: ssl.SSLContext, delay: float, deadline: float) -> None:
@@ -271,6 +254,154 @@ class Load:
             version = response.json().get("version")
         return Request(started, time.time(), response.status_code,
                        response.headers.get(SLOT_HEADER), version, retried)
+
+
+
+def _child(conn: Connection, settings: dict[str, Any]) -> None:
+    """A load process: waits for "go", answers "get" with the records since the last answer
+    (and whether its clients still run), and on "stop" (or its parent gone) stops them."""
+    clients = _Clients(**settings)
+    sent = 0
+    while True:
+        try:
+            command = conn.recv()
+        except (EOFError, OSError):
+            command = "stop"
+        if command == "go":
+            clients.start()
+            continue
+        if command == "stop":
+            clients.stop()
+        records = clients.records()
+        with contextlib.suppress(OSError):
+            conn.send(([astuple(r) for r in records[sent:]], clients.running))
+        sent = len(records)
+        if command == "stop":
+            return
+
+
+@dataclass
+class Load:
+    """`clients` keep-alive users of `url`, each a request every `interval` seconds.
+
+    Use as a context manager, or prepare()/start()/stop(). The clients run in a child process
+    of their own, so they never compete for this process's GIL with the rollback they watch;
+    prepare() starts that process ahead (returns at once), start() then costs a millisecond
+    and the clients' first requests spread over one interval. `in_process=True` runs them as
+    threads here instead. It stops by itself after `max_seconds` or `max_requests`, or when
+    this process ends, so a forgotten load never runs on."""
+
+    url: str
+    clients: int = CLIENTS
+    interval: float = INTERVAL
+    max_seconds: float = MAX_SECONDS
+    max_requests: int = MAX_REQUESTS
+    timeout: float = TIMEOUT
+    in_process: bool = False
+    started: float | None = None
+    stopped: float | None = None
+    _records: list[Request] = field(default_factory=list, repr=False)
+    _running: bool = field(default=False, repr=False)
+    _threads: _Clients | None = field(default=None, repr=False)
+    _process: BaseProcess | None = field(default=None, repr=False)
+    _conn: Connection | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_loopback(self.url)
+        if not 1 <= self.clients <= 256:
+            raise ValueError(f"clients must be 1..256, not {self.clients}")
+
+    def _settings(self) -> dict[str, Any]:
+        return {"url": self.url, "clients": self.clients, "interval": self.interval,
+                "max_seconds": self.max_seconds, "max_requests": self.max_requests,
+                "timeout": self.timeout}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def prepare(self) -> Load:
+        """Start the load's process, not its requests (a fresh interpreter: ~0.1 s, unwaited)."""
+        if self.in_process or self._process is not None:
+            return self
+        context = multiprocessing.get_context("spawn")  # nothing inherited from this process
+        mine, theirs = context.Pipe()
+        self._process = context.Process(target=_child, args=(theirs, self._settings()),
+                                        name="drill-load", daemon=True)
+        self._process.start()
+        theirs.close()
+        self._conn = mine
+        return self
+
+    def start(self) -> Load:
+        if self.started is not None:
+            return self
+        self.started = time.time()
+        self._running = True
+        if self.in_process:
+            self._threads = _Clients(**self._settings()).start()
+        else:
+            self.prepare()
+            assert self._conn is not None
+            self._conn.send("go")
+        return self
+
+    def stop(self, timeout: float = TIMEOUT + 5) -> list[Request]:
+        """Stop every client (an in-flight request finishes first); return all records."""
+        if self._threads is not None:
+            self._threads.stop(timeout)
+        elif self._conn is not None and self._process is not None:
+            self._ask("stop", timeout)
+            self._conn.close()
+            self._conn = None
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+        self._running = False
+        if self.stopped is None and self.started is not None:
+            self.stopped = time.time()
+        return self.records()
+
+    @property
+    def running(self) -> bool:
+        """The clients still send requests (they stop at a bound by themselves)."""
+        if self._threads is not None:
+            return self._threads.running
+        if self._conn is not None and self.started is not None:
+            self._ask("get")
+        return self._running
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- results -------------------------------------------------------------------------------
+    def _ask(self, command: str, timeout: float = TIMEOUT + 5) -> None:
+        """Fetch the child's new records (and whether it still runs)."""
+        assert self._conn is not None
+        try:
+            self._conn.send(command)
+            if not self._conn.poll(timeout):
+                raise TimeoutError(f"the load process did not answer {command!r} in {timeout} s")
+            rows, self._running = self._conn.recv()
+        except (EOFError, OSError):  # the child is gone: what it sent is all there is
+            self._running = False
+            return
+        self._records.extend(Request(*row) for row in rows)
+
+    def records(self) -> list[Request]:
+        """Every request so far, in the order they were recorded."""
+        if self._threads is not None:
+            return self._threads.records()
+        if self._conn is not None and self.started is not None:
+            self._ask("get")
+        return list(self._records)
+
+    def summary(self, start: float | None = None, end: float | None = None) -> Summary:
+        """What users saw between `start` and `end` (default: the whole load until now)."""
+        records = self.records()
+        begin = start if start is not None else (self.started or time.time())
+        finish = end if end is not None else (self.stopped or time.time())
+        return summarize(records, begin, finish, self.clients)
 
 
 def as_json(records: Sequence[Request]) -> list[dict[str, Any]]:
