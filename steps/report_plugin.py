@@ -284,9 +284,11 @@ class DrillReport:
                 window = reports.run_window(run)
                 if window is not None and window[0].timestamp() >= load.started:
                     try:
-                        run["traffic"] = reports.traffic(run, records, load.clients)
+                        users = reports.traffic(run, records, load.clients)
                     except Exception:  # a report must never fail the drill
                         continue
+                    if users and users["requests"]:  # the load was not paused for this run
+                        run["traffic"] = users
 
     # -- outcomes --------------------------------------------------------------------------------
 

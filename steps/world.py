@@ -147,10 +147,11 @@ class World:
     status: dict[str, Any] | None = None
     live_before: Slot | None = None  # the slot taking traffic before the last action
     notes: dict[str, Any] = field(default_factory=dict)  # scenario facts between steps
-    # simulated users (a @mutating scenario on a drill): prepared with the world, sending from
-    # the first action on, stopped when the scenario ends
+    # simulated users (a @mutating scenario on a drill): prepared with the world, sending
+    # during each action (paused between them), stopped when the scenario ends
     load: Load | None = None
     acted_at: float | None = None  # time.time() when the last action began
+    acted_until: float | None = None  # and when it ended
 
     # -- where we are --------------------------------------------------------------------------
     @property
@@ -188,7 +189,7 @@ class World:
 
         With --dry-run a mutating action prints its plan instead (a refusal at planning time
         is the same refusal either way, so it is kept as the error)."""
-        if self.load is not None and self.load.started is None:  # warms up during the snapshot
+        if self.load is not None:  # the users send while the snapshot is taken and the action runs
             self.load.start()
         self.before = take_snapshot(self.env)
         self.live_before = self.live_slot()
@@ -204,6 +205,10 @@ class World:
             if dry:
                 self.show(f"--dry-run: {what} is refused", str(exc))
             return
+        finally:
+            self.acted_until = time.time()
+            if self.load is not None:
+                self.load.pause()
         if dry:
             self.show(f"--dry-run: {what} would do", self.result.plan.render())
 

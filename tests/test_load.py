@@ -185,3 +185,24 @@ def test_the_longest_gap_counts_from_the_window_edges() -> None:
     empty = summarize(records, 20.0, 20.5)
     assert empty.requests == 0 and empty.longest_gap is not None
     assert empty.longest_gap.ms == 500
+
+
+@pytest.mark.docker
+def test_a_paused_load_sends_nothing_and_keeps_its_connections(stack: DrillStack) -> None:
+    env = stack.env
+    port = int(env.caddy.proxy_url.rsplit(":", 1)[1])
+    idle = connections_to(port)
+    with Load(f"{env.caddy.proxy_url}/version", clients=4) as load:
+        time.sleep(0.3)
+        load.pause()
+        paused = time.time()
+        time.sleep(0.4)
+        assert load.running and connections_to(port) - idle == 4
+        resumed = time.time()
+        load.start()
+        time.sleep(0.3)
+    records = load.records()
+    assert not [r for r in records if paused + 0.05 < r.started < resumed]
+    assert [r for r in records if r.started < paused] and [r for r in records
+                                                           if r.started > resumed]
+    assert all(r.served for r in records)

@@ -187,10 +187,13 @@ class _Clients:
     _records: list[Request] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _sending: threading.Event = field(default_factory=threading.Event, repr=False)
     _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> _Clients:
+        """Start the clients, or resume them after pause()."""
+        self._sending.set()
         if self._threads:
             return self
         self.started = time.time()
@@ -204,9 +207,14 @@ class _Clients:
             thread.start()
         return self
 
+    def pause(self) -> None:
+        """Send nothing more until start(); the kept-alive connections stay open."""
+        self._sending.clear()
+
     def stop(self, timeout: float = TIMEOUT + 1) -> list[Request]:
         """Stop every client (an in-flight request finishes first); return all records."""
         self._stop.set()
+        self._sending.set()
         for thread in self._threads:
             thread.join(timeout=timeout)
         if self.stopped is None and self.started is not None:
@@ -229,6 +237,12 @@ class _Clients:
         with httpx.Client(timeout=self.timeout, trust_env=False, verify=context) as client:
             next_at = time.monotonic()
             while not self._stop.is_set() and time.monotonic() < deadline:
+                if not self._sending.is_set():  # paused: resume in the same staggered order
+                    self._sending.wait(max(0.0, deadline - time.monotonic()))
+                    if self._stop.wait(delay):
+                        return
+                    next_at = time.monotonic()
+                    continue
                 record = self._request(client)
                 with self._lock:
                     if len(self._records) >= self.max_requests:
@@ -258,8 +272,9 @@ class _Clients:
 
 
 def _child(conn: Connection, settings: dict[str, Any]) -> None:
-    """A load process: waits for "go", answers "get" with the records since the last answer
-    (and whether its clients still run), and on "stop" (or its parent gone) stops them."""
+    """A load process: "go" starts (or resumes) its clients, "pause" pauses them, "get" is
+    answered with the records since the last answer (and whether its clients still run), and
+    "stop" (or its parent gone) stops them."""
     clients = _Clients(**settings)
     sent = 0
     while True:
@@ -269,6 +284,9 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
             command = "stop"
         if command == "go":
             clients.start()
+            continue
+        if command == "pause":
+            clients.pause()
             continue
         if command == "stop":
             clients.stop()
@@ -331,7 +349,12 @@ class Load:
         return self
 
     def start(self) -> Load:
+        """Start sending, or resume after pause()."""
         if self.started is not None:
+            if self._threads is not None:
+                self._threads.start()
+            elif self._conn is not None:
+                self._conn.send("go")
             return self
         self.started = time.time()
         self._running = True
@@ -342,6 +365,14 @@ class Load:
             assert self._conn is not None
             self._conn.send("go")
         return self
+
+    def pause(self) -> None:
+        """Send nothing until start() again (between the actions a drill watches); each client
+        keeps its connection, and resumes in its place of the stagger."""
+        if self._threads is not None:
+            self._threads.pause()
+        elif self._conn is not None and self.started is not None:
+            self._conn.send("pause")
 
     def stop(self, timeout: float = TIMEOUT + 5) -> list[Request]:
         """Stop every client (an in-flight request finishes first); return all records."""
