@@ -33,6 +33,7 @@ INTERVAL = 0.05  # seconds between one client's requests: 16 clients -> about 32
 MAX_SECONDS = 300.0  # a load nobody stopped ends by itself
 MAX_REQUESTS = 200_000
 TIMEOUT = 5.0
+READY_TIMEOUT = 30.0  # a fresh interpreter importing httpx, on a busy machine
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # What a connection closed under a kept-alive client raises (the GET is retried once). A
 # refused connection (nothing listens: ConnectError) is no reset: it fails at once.
@@ -277,6 +278,7 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
     "stop" (or its parent gone) stops them."""
     clients = _Clients(**settings)
     sent = 0
+    conn.send("ready")
     while True:
         try:
             command = conn.recv()
@@ -356,14 +358,19 @@ class Load:
             elif self._conn is not None:
                 self._conn.send("go")
             return self
-        self.started = time.time()
-        self._running = True
         if self.in_process:
+            self.started = time.time()
             self._threads = _Clients(**self._settings()).start()
         else:
             self.prepare()
             assert self._conn is not None
+            # a process prepared moments ago may still be importing: wait, so the users really
+            # send from now on (bounded: a process that never gets ready is an error)
+            if not self._conn.poll(READY_TIMEOUT) or self._conn.recv() != "ready":
+                raise TimeoutError(f"the load process was not ready in {READY_TIMEOUT} s")
+            self.started = time.time()
             self._conn.send("go")
+        self._running = True
         return self
 
     def pause(self) -> None:
