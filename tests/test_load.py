@@ -5,6 +5,8 @@ report lays what it saw on a rollback's timeline."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -18,6 +20,7 @@ from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 TCP_ESTABLISHED = "01"
 
@@ -206,3 +209,34 @@ def test_a_paused_load_sends_nothing_and_keeps_its_connections(stack: DrillStack
     assert [r for r in records if r.started < paused] and [r for r in records
                                                            if r.started > resumed]
     assert all(r.served for r in records)
+
+
+@pytest.mark.docker
+def test_the_drill_asserts_and_reports_what_users_saw(tmp_path: Path) -> None:
+    """The rollback scenario, run as on-call runs it with a report: its Then about users
+    passed, and the report's rollback timeline carries the users' requests (pytest and the
+    drill stack run in a child process, as `make drill` does)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "features/rollback.feature", "-k", "run_the_rollback",
+         "--report", str(tmp_path), "-p", "no:cacheprovider", "-q"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+        stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    data = reports.load(tmp_path)
+    (scenario,) = [s for _, s in reports.scenarios(data) if s["status"] != reports.NOT_RUN]
+    (step,) = [s for s in scenario["steps"] if s["name"].startswith("users saw no failed")]
+    assert step["status"] == reports.PASSED
+    (run,) = reports.recovery_runs(scenario)
+    users = run["traffic"]
+    assert run["action"] == "rollback" and users["clients"] == CLIENTS
+    assert users["requests"] > 0 and (users["non_2xx"], users["failed"]) == (0, 0)
+    assert users["slots"] == ["blue", "green"]
+    assert sum(a + b for a, b, _ in users["buckets"]) == users["requests"]
+    arranged = [r for r in scenario["runs"] if reports.is_arrangement(scenario, r)]
+    assert arranged and not any("traffic" in r for r in arranged)  # Givens: no users yet
+    page = (tmp_path / reports.REPORT_HTML).read_text(encoding="utf-8")
+    found = Tags()
+    found.feed(page)
+    (group,) = [a for t, a in found.tags if t == "g" and a.get("class") == "traffic"]
+    assert group["data-requests"] == str(users["requests"])
+    print(f"drill rollback: {reports.traffic_line(users)}")
