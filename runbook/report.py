@@ -579,7 +579,8 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
             f'<text x="{x + w + 6:.1f}" y="{y + bar_h - 3}" font-size="11" fill="#57606a">'
             f'{_e(format_ms(duration))}</text></g>')
     if users:
-        parts.append(_traffic_row(users, top + len(phases) * row_h, label_w, scale, bar_h))
+        parts.append(_traffic_row(users, top + len(phases) * row_h, label_w, scale, bar_h,
+                                  total))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -594,13 +595,12 @@ def traffic_line(users: Mapping[str, Any]) -> str:
 
 
 def _traffic_row(users: Mapping[str, Any], y: int, label_w: int, scale: float,
-                 bar_h: int) -> str:
+                 bar_h: int, total: float) -> str:
     """The users' row: requests per bucket (grey), failed or non-2xx (red), raw resets
     (orange tick) and the longest gap between answers (outlined)."""
     bucket_ms = float(users.get("bucket_ms") or 50)
     cells = [c for c in users.get("buckets") or [] if isinstance(c, list | tuple) and len(c) == 3]
     most = max((c[0] + c[1] for c in cells), default=0) or 1
-    width = max(bucket_ms * scale, 1.0)
     parts = [f'<g class="traffic" data-requests="{_e(users.get("requests"))}" '
              f'data-non-2xx="{_e(users.get("non_2xx"))}" data-failed="{_e(users.get("failed"))}" '
              f'data-resets="{_e(users.get("resets"))}" '
@@ -610,6 +610,7 @@ def _traffic_row(users: Mapping[str, Any], y: int, label_w: int, scale: float,
              f'text-anchor="end">users</text>']
     for index, (served, bad, resets) in enumerate(cells):
         x = label_w + index * bucket_ms * scale
+        width = max(min(bucket_ms, total - index * bucket_ms) * scale, 1.0)  # the last: clipped
         if served:
             h = max(bar_h * served / most, 1.0)
             parts.append(f'<rect x="{x:.1f}" y="{y + bar_h - h:.1f}" width="{width:.1f}" '
@@ -625,7 +626,7 @@ def _traffic_row(users: Mapping[str, Any], y: int, label_w: int, scale: float,
         x = label_w + max(at, 0) * scale
         parts.append(f'<rect class="gap" x="{x:.1f}" y="{y - 1}" width="{max(gap * scale, 1):.1f}" '
                      f'height="{bar_h + 2}" fill="none" stroke="#0969da" stroke-width="1.5"/>')
-    last = label_w + len(cells) * bucket_ms * scale
+    last = label_w + min(len(cells) * bucket_ms, total) * scale
     parts.append(f'<text x="{last + 6:.1f}" y="{y + bar_h - 3}" font-size="11" fill="#57606a">'
                  f'{_e(users.get("requests"))} req</text></g>')
     return "".join(parts)
