@@ -161,6 +161,7 @@ def test_a_load_is_bounded_in_requests_and_in_time(stack: DrillStack) -> None:
     with Load(url, clients=2, max_seconds=0.3) as load:
         time.sleep(1.0)
         assert not load.running, "the clients did not stop at max_seconds"
+    assert load.started is not None
     last = max(r.started for r in load.records()) - load.started
     assert last <= 0.3 + 0.2, f"a request started {last:.3f} s after the load began"
 
