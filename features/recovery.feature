@@ -12,6 +12,7 @@ Feature: Recover when a rollback is not enough
     Then users are served by that slot
     And the state file names that slot as active
     And the slot that was live keeps running, so the switch can be undone at once
+    And users saw no failed request during the switch
 
   @mutating @fault
   Scenario: Redeploy a known-good version when the service is down and rollback cannot help
@@ -22,6 +23,7 @@ Feature: Recover when a rollback is not enough
     Then users are served version "v3"
     And the slot taking traffic is healthy
     And the state file records "v3" as the current deployment with the schema it ran with
+    And users saw no failed request during the redeploy
 
   @mutating
   Scenario: The deployment log and the state file say what happened
@@ -32,6 +34,7 @@ Feature: Recover when a rollback is not enough
     And the deployment log says what the rollback attempted, why it stopped and its exit code
     And the deployment log does not show the database password
     And the state file names the live deployment and the schema each deployment ran with
+    And users saw no failed request during the rollback
 
   Scenario: Every command explains itself
     When I ask every command for its help

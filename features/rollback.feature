@@ -29,6 +29,7 @@ Feature: Roll back a deployment
     And everything in the Caddyfile outside the managed block is byte for byte the same
     And the shared database kept running without a restart
     And the other sites on this host still answer as before
+    And users saw no failed request during the rollback
 
   Scenario: Preview the rollback with a dry run
     Given a previous deployment exists
@@ -51,6 +52,7 @@ Feature: Roll back a deployment
     Then users are served the previous version from the other slot
     And the rollback says it skipped the health gate and the schema guard
     And the health check of the slot taking traffic names the schema mismatch
+    And users saw no failed request during the rollback
 
   Scenario: Verify the health of both slots
     Given a deployment is live

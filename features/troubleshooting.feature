@@ -14,6 +14,7 @@ Feature: Troubleshoot a rollback that does not go through
     And nothing has changed
     When I redeploy the known-good version "v3"
     Then users are served version "v3"
+    And users saw no failed request during the redeploy
 
   @mutating @fault
   Scenario: Health checks fail on the previous deployment
@@ -22,10 +23,12 @@ Feature: Troubleshoot a rollback that does not go through
     Then the rollback fails safely with exit code 1
     And the failing health check is named
     And users are still served by the healthy slot
+    And users saw no failed request during the rollback
     And nothing has changed
     When I redeploy the known-good version "v3"
     Then users are served version "v3"
     And the slot taking traffic is healthy
+    And users saw no failed request during the redeploy
 
   @mutating @fault
   Scenario: Traffic does not switch because Caddy is not running
@@ -64,3 +67,4 @@ Feature: Troubleshoot a rollback that does not go through
     And I roll back
     Then users are served the previous version from the other slot
     And the slot taking traffic is healthy
+    And users saw no failed request during the rollback

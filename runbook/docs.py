@@ -98,6 +98,10 @@ ACTIONS: tuple[Phrase, ...] = (
 PROXY_CHECK = "curl -si http://localhost/version   # X-Togather-Slot: the slot; body: version"
 OUTPUT = "# read it in the runbook command's output, or in its deployment log"
 CHECKS: tuple[Phrase, ...] = (
+    Phrase(r"^users saw no failed request", (
+        "while sleep 0.05; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+        "http://localhost/version; done | uniq -c   # in a second terminal while it runs; "
+        "Ctrl-C after: only 200s",), ("then",)),
     Phrase(r"users (?:are|get)|users are still", (PROXY_CHECK,), ("then",)),
     Phrase(r"exit code", ("echo $?   # right after the runbook command",), ("then",)),
     Phrase(r"^the (?:rollback says|advice|refusal|failing health check is named)", (OUTPUT,),

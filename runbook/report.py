@@ -19,7 +19,7 @@ import math
 import platform
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +130,39 @@ def run_phases(run: Mapping[str, Any]) -> list[dict[str, Any]]:
             "error": step.get("error"),
         })
     return phases
+
+
+def run_window(run: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
+    """The run's timeline as wall-clock times: its origin (offset 0) and its last step's end."""
+    phases = run_phases(run)
+    if not phases:
+        return None
+    origin = min(t for step in run.get("steps") or [] if isinstance(step, Mapping)
+                 and (t := parse_time(step.get("started_at"))) is not None)
+    run_start = parse_time(run.get("started_at"))
+    if run_start is not None and run_start <= origin:
+        origin = run_start
+    end = max(p["offset_ms"] + (p["duration_ms"] or 0) for p in phases)
+    return origin, origin + timedelta(milliseconds=end)
+
+
+def traffic(run: Mapping[str, Any], records: Iterable[Any], clients: int,
+            bucket_ms: int = 50) -> dict[str, Any] | None:
+    """What a drill's simulated users (runbook.drill.load Requests) saw during a run, laid on
+    the run's timeline: counts, the longest gap and requests per bucket, times in ms from the
+    run's origin. None when the run has no timeline."""
+    from runbook.drill import load
+
+    window = run_window(run)
+    if window is None:
+        return None
+    start, end = (t.timestamp() for t in window)
+    records = list(records)
+    data = load.summarize(records, start, end, clients).to_json(origin=start)
+    data["bucket_ms"] = bucket_ms
+    data["buckets"] = [[b["served"], b["bad"], b["resets"]]
+                       for b in load.buckets(records, start, end, bucket_ms / 1000)]
+    return data
 
 
 def run_duration_ms(run: Mapping[str, Any]) -> int | None:
@@ -499,7 +532,9 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
     plot_w = width - label_w - right_w
     total = max(p["offset_ms"] + (p["duration_ms"] or 0) for p in phases) or 1
     scale = plot_w / total
-    height = top + row_h * len(phases) + axis_h
+    users = run.get("traffic") if isinstance(run.get("traffic"), Mapping) else None
+    rows = len(phases) + (1 if users else 0)
+    height = top + row_h * rows + axis_h
     action = _e(run.get("action", "run"))
     run_id = _e(run.get("run_id", ""))
     outcome = _e(run.get("outcome", ""))
@@ -515,7 +550,7 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
     ]
     step = _nice_step(total)
     tick = 0.0
-    axis_y = top + row_h * len(phases) + 4
+    axis_y = top + row_h * rows + 4
     while tick <= total + 1e-9:
         x = label_w + tick * scale
         parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{axis_y}" '
@@ -543,7 +578,57 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
             f'fill="{colour}"/>'
             f'<text x="{x + w + 6:.1f}" y="{y + bar_h - 3}" font-size="11" fill="#57606a">'
             f'{_e(format_ms(duration))}</text></g>')
+    if users:
+        parts.append(_traffic_row(users, top + len(phases) * row_h, label_w, scale, bar_h,
+                                  total))
     parts.append("</svg>")
+    return "".join(parts)
+
+
+def traffic_line(users: Mapping[str, Any]) -> str:
+    """What the simulated users saw during a run, in one line."""
+    gap = users.get("longest_gap_ms")
+    return (f"users: {users.get('clients')} clients, {users.get('requests')} requests, "
+            f"{users.get('non_2xx')} non-2xx, {users.get('failed')} failed, "
+            f"{users.get('resets')} raw resets (retried once), longest gap between answers "
+            f"{format_ms(gap)}, slowest answer {format_ms(users.get('slowest_ms'))}")
+
+
+def _traffic_row(users: Mapping[str, Any], y: int, label_w: int, scale: float,
+                 bar_h: int, total: float) -> str:
+    """The users' row: requests per bucket (grey), failed or non-2xx (red), raw resets
+    (orange tick) and the longest gap between answers (outlined)."""
+    bucket_ms = float(users.get("bucket_ms") or 50)
+    cells = [c for c in users.get("buckets") or [] if isinstance(c, list | tuple) and len(c) == 3]
+    most = max((c[0] + c[1] for c in cells), default=0) or 1
+    parts = [f'<g class="traffic" data-requests="{_e(users.get("requests"))}" '
+             f'data-non-2xx="{_e(users.get("non_2xx"))}" data-failed="{_e(users.get("failed"))}" '
+             f'data-resets="{_e(users.get("resets"))}" '
+             f'data-longest-gap-ms="{_e(users.get("longest_gap_ms"))}">'
+             f"<title>{_e(traffic_line(users))}</title>"
+             f'<text x="{label_w - 8}" y="{y + bar_h - 3}" font-size="12" fill="#24292f" '
+             f'text-anchor="end">users</text>']
+    for index, (served, bad, resets) in enumerate(cells):
+        x = label_w + index * bucket_ms * scale
+        width = max(min(bucket_ms, total - index * bucket_ms) * scale, 1.0)  # the last: clipped
+        if served:
+            h = max(bar_h * served / most, 1.0)
+            parts.append(f'<rect x="{x:.1f}" y="{y + bar_h - h:.1f}" width="{width:.1f}" '
+                         f'height="{h:.1f}" fill="#8c959f"/>')
+        if bad:
+            parts.append(f'<rect class="bad" x="{x:.1f}" y="{y}" width="{width:.1f}" '
+                         f'height="{bar_h}" fill="#cf222e"/>')
+        if resets:
+            parts.append(f'<rect class="reset" x="{x:.1f}" y="{y - 3}" width="{width:.1f}" '
+                         f'height="3" fill="#bf8700"/>')
+    gap, at = users.get("longest_gap_ms"), users.get("longest_gap_at_ms")
+    if isinstance(gap, int | float) and isinstance(at, int | float):
+        x = label_w + max(at, 0) * scale
+        parts.append(f'<rect class="gap" x="{x:.1f}" y="{y - 1}" width="{max(gap * scale, 1):.1f}" '
+                     f'height="{bar_h + 2}" fill="none" stroke="#0969da" stroke-width="1.5"/>')
+    last = label_w + min(len(cells) * bucket_ms, total) * scale
+    parts.append(f'<text x="{last + 6:.1f}" y="{y + bar_h - 3}" font-size="11" fill="#57606a">'
+                 f'{_e(users.get("requests"))} req</text></g>')
     return "".join(parts)
 
 
@@ -662,7 +747,8 @@ def _figure(scenario: Mapping[str, Any], run: Mapping[str, Any]) -> str:
     return (f'<figure class="run-timeline">{svg}<figcaption>measured phases of '
             f"<code>{_e(run.get('run_id', ''))}</code> ({_e(run.get('action'))}, "
             f"{_e(run.get('outcome'))}, exit {_e(run.get('exit_code'))}){during}, from its "
-            "run record</figcaption></figure>")
+            "run record" + (f"; {_e(traffic_line(users))}" if isinstance(
+                users := run.get("traffic"), Mapping) else "") + "</figcaption></figure>")
 
 
 def _scenario_html(feature: Mapping[str, Any], scenario: Mapping[str, Any]) -> str:

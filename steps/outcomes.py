@@ -8,6 +8,7 @@ import re
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import pytest
 from pytest_bdd import parsers, then
 
 from runbook import caddy, database, docker, health
@@ -99,6 +100,35 @@ def still_served_by_healthy_slot(world: World) -> None:
     assert live == live_slot_before(world)
     report = probe(world, live)
     assert report.ok, report.reason()
+
+
+NEEDS_LOAD = ("not provable on a real host: it needs the drill's simulated users through Caddy "
+              "(the steps before it ran and passed); `make drill` proves it on every run")
+
+
+@then(parsers.re(r"users saw no failed request during the (?P<action>rollback|switch|redeploy)"))
+def users_saw_no_failed_request(world: World, action: str) -> None:
+    """Every request the simulated users sent while the last action ran was answered 2xx (one
+    retry of the GET on a reset connection allowed), and they ended on the live slot."""
+    world.outcome()
+    if not world.on_drill:
+        pytest.skip(NEEDS_LOAD)
+    load, began, ended = world.load, world.acted_at, world.acted_until
+    assert load is not None and load.started is not None and began and ended, \
+        "no user load ran during this scenario's action (is the scenario tagged @mutating?)"
+    assert load.running, "the user load stopped (at a bound) before the end of the scenario"
+    assert load.started <= began, "the user load started after the action"
+    seen = load.summary(began, ended)
+    assert seen.served >= 1, f"no request was served during the {action}: {seen.describe()}"
+    problems = "; ".join(
+        f"+{round((r.started - began) * 1000)} ms: "
+        + (f"HTTP {r.status}" if r.status else f"no answer ({r.error})")
+        + (" after a retry" if r.retried else "") for r in seen.problems)
+    assert seen.ok, f"users saw failed requests during the {action}: {seen.describe()}; " \
+                    f"first: {problems}"
+    live = current_live_slot(world)
+    last = max((r for r in load.records() if r.served), key=lambda r: r.ended)
+    assert last.slot == str(live), f"the users' last answer came from {last.slot}, not {live}"
 
 
 @then("users get an error from the proxy")

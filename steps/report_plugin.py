@@ -8,8 +8,10 @@ Per step, pytest-bdd's hooks give status and duration: a step that raised pytest
 neither after_step nor step_error, so a step still "running" when its scenario ends was
 skipped (or interrupted), which the call's report then tells apart. The engine's run records
 are read from env.runs_dir at the end of each scenario, before the next scenario's drill reset
-wipes that directory. The environment is captured when its fixture is set up, so the plugin
-never starts a drill stack by itself.
+wipes that directory; a run that the drill's user load (steps/world.py) watched gets what the
+users saw during it (`traffic`: requests, non-2xx, resets, the longest gap, per 50 ms). The
+environment is captured when its fixture is set up, so the plugin never starts a drill stack
+by itself.
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ def _skip_reason(report: pytest.TestReport) -> str:
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         return str(longrepr[2]).removeprefix("Skipped: ")
     return _short(str(longrepr))
+
+
+def _scenario_load(request: pytest.FixtureRequest) -> Any:
+    """The user load of the scenario's world (still running: the world is torn down later)."""
+    try:
+        return getattr(request.getfixturevalue("world"), "load", None)
+    except Exception:  # no world (not a feature), or it failed to set up
+        return None
 
 
 class DrillReport:
@@ -255,9 +265,9 @@ class DrillReport:
             if record["status"] == "running":  # left by pytest.skip (or an interrupt)
                 record["duration_ms"] = round(
                     (now - self.step_began.get((nodeid, index), now)) * 1000)
-        self._collect_runs(nodeid, entry)
+        self._collect_runs(nodeid, entry, _scenario_load(request))
 
-    def _collect_runs(self, nodeid: str, entry: dict[str, Any]) -> None:
+    def _collect_runs(self, nodeid: str, entry: dict[str, Any], load: Any = None) -> None:
         if self.env is None:
             return
         since = self.scenario_began.get(nodeid, (0.0, None))[1]
@@ -268,6 +278,17 @@ class DrillReport:
         entry["runs"].extend(runs)
         for run in runs:
             reports.images_in(run, self.images)
+        if load is not None and load.started is not None:
+            records = load.records()
+            for run in runs:
+                window = reports.run_window(run)
+                if window is not None and window[0].timestamp() >= load.started:
+                    try:
+                        users = reports.traffic(run, records, load.clients)
+                    except Exception:  # a report must never fail the drill
+                        continue
+                    if users and users["requests"]:  # the load was not paused for this run
+                        run["traffic"] = users
 
     # -- outcomes --------------------------------------------------------------------------------
 

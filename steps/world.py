@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 
 from runbook import caddy, database, docker
 from runbook import state as states
+from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
@@ -27,6 +29,7 @@ from runbook.run import RunResult
 
 DRY_RUN_SKIP = "dry run: plan printed above"
 FAULT_ONLY = "injects faults: drill only"
+LOAD_SECONDS = 120.0  # a scenario's load stops by itself after this, whatever happens
 
 
 def is_feature_item(node: pytest.Item | pytest.Collector) -> bool:
@@ -144,6 +147,11 @@ class World:
     status: dict[str, Any] | None = None
     live_before: Slot | None = None  # the slot taking traffic before the last action
     notes: dict[str, Any] = field(default_factory=dict)  # scenario facts between steps
+    # simulated users (a @mutating scenario on a drill): prepared with the world, sending
+    # during each action (paused between them), stopped when the scenario ends
+    load: Load | None = None
+    acted_at: float | None = None  # time.time() when the last action began
+    acted_until: float | None = None  # and when it ended
 
     # -- where we are --------------------------------------------------------------------------
     @property
@@ -181,12 +189,15 @@ class World:
 
         With --dry-run a mutating action prints its plan instead (a refusal at planning time
         is the same refusal either way, so it is kept as the error)."""
+        if self.load is not None:  # the users send while the snapshot is taken and the action runs
+            self.load.start()
         self.before = take_snapshot(self.env)
         self.live_before = self.live_slot()
         self.result = None
         self.error = None
         dry = self.dry_run and mutating
         self.planned = self.planned or dry
+        self.acted_at = time.time()
         try:
             self.result = run(dry)
         except RunbookError as exc:
@@ -194,6 +205,10 @@ class World:
             if dry:
                 self.show(f"--dry-run: {what} is refused", str(exc))
             return
+        finally:
+            self.acted_until = time.time()
+            if self.load is not None:
+                self.load.pause()
         if dry:
             self.show(f"--dry-run: {what} would do", self.result.plan.render())
 
@@ -236,15 +251,28 @@ class World:
 
 
 @pytest.fixture
-def world(request: pytest.FixtureRequest, environment: Environment) -> World:
-    """A fresh world; on a drill the session stack is reset to its baseline first."""
+def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[World]:
+    """A fresh world; on a drill the session stack is reset to its baseline first.
+
+    In a @mutating scenario on a drill (never on a real host, never under --dry-run) a bounded
+    user load through Caddy is prepared here, starts with the first action and stops when the
+    scenario ends."""
     config = request.config
     stack = None
     if config.getoption("--env") == "drill":
         stack = request.getfixturevalue("drill_stack")
         stack.reset()
-    return World(env=environment, config=config, stack=stack,
-                 dry_run=bool(config.getoption("--dry-run")))
+    dry_run = bool(config.getoption("--dry-run"))
+    world = World(env=environment, config=config, stack=stack, dry_run=dry_run)
+    if (world.on_drill and not dry_run and is_feature_item(request.node)
+            and request.node.get_closest_marker("mutating") is not None):
+        world.load = Load(f"{environment.caddy.proxy_url}/version",
+                          max_seconds=LOAD_SECONDS).prepare()
+    try:
+        yield world
+    finally:
+        if world.load is not None:
+            world.load.stop()
 
 
 @pytest.fixture(autouse=True)

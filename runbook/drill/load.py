@@ -1,0 +1,446 @@
+"""A bounded user load through the drill's proxy: the evidence that a switch drops nobody.
+
+N keep-alive clients (threads of a child process, each with its own httpx.Client, so its own
+connection) GET a path through Caddy at a modest rate and record every request: when it
+started and ended, its HTTP status (0: no answer), the X-Togather-Slot header, the version the
+app answered and whether a retry was needed. A kept-alive connection closed under a client
+(Caddy reloading its config) is a *raw reset*: the idempotent GET is retried once on a fresh
+connection, and a retried request that is answered counts as served, as a browser would do
+it. Loopback only, bounded in clients, time and requests; drills and benchmarks only, never a
+real host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, astuple, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+SLOT_HEADER = "X-Togather-Slot"
+CLIENTS = 16
+INTERVAL = 0.05  # seconds between one client's requests: 16 clients -> about 320 requests/s
+MAX_SECONDS = 300.0  # a load nobody stopped ends by itself
+MAX_REQUESTS = 200_000
+TIMEOUT = 5.0
+READY_TIMEOUT = 30.0  # a fresh interpreter importing httpx, on a busy machine
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# What a connection closed under a kept-alive client raises (the GET is retried once). A
+# refused connection (nothing listens: ConnectError) is no reset: it fails at once.
+RESETS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One user request as the user saw it (times: epoch seconds, time.time())."""
+
+    started: float
+    ended: float
+    status: int  # the final answer's HTTP status; 0 when there was none
+    slot: str | None = None  # X-Togather-Slot of the answer
+    version: str | None = None  # "version" of the answer's JSON body
+    retried: bool = False  # the first attempt hit a reset connection (a raw reset)
+    error: str | None = None  # why there was no answer (after the retry, if any)
+
+    @property
+    def served(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The longest time between two successful answers (or a window's edge and one)."""
+
+    start: float
+    end: float
+
+    @property
+    def ms(self) -> int:
+        return round((self.end - self.start) * 1000)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What users saw in one window: the figures a drill asserts and its report shows."""
+
+    start: float
+    end: float
+    clients: int
+    requests: int
+    served: int
+    non_2xx: int  # answered, but not 2xx (e.g. a 502 from Caddy)
+    failed: int  # no answer even after the one retry
+    resets: int  # raw resets: first attempts on a reset connection (retried)
+    longest_gap: Gap | None
+    slowest_ms: int | None  # the longest a served request took
+    slots: tuple[str, ...]  # the slots that answered, in the order they first answered
+    versions: tuple[str, ...]
+    problems: tuple[Request, ...]  # the first non-2xx or failed requests, for a message
+
+    @property
+    def ok(self) -> bool:
+        """Every request of the window was served (retried ones included)."""
+        return self.non_2xx == 0 and self.failed == 0
+
+    def to_json(self, origin: float | None = None) -> dict[str, Any]:
+        """Plain data for a report; times as ms from `origin` (default: the window's start)."""
+        origin = self.start if origin is None else origin
+
+        def ms(t: float) -> int:
+            return round((t - origin) * 1000)
+
+        gap = self.longest_gap
+        return {
+            "clients": self.clients, "requests": self.requests, "served": self.served,
+            "non_2xx": self.non_2xx, "failed": self.failed, "resets": self.resets,
+            "longest_gap_ms": gap.ms if gap else None,
+            "longest_gap_at_ms": ms(gap.start) if gap else None,
+            "slowest_ms": self.slowest_ms,
+            "slots": list(self.slots), "versions": list(self.versions),
+            "window_ms": [ms(self.start), ms(self.end)],
+            "problems": [
+                {"at_ms": ms(r.started), "status": r.status, "error": r.error,
+                 "retried": r.retried} for r in self.problems],
+        }
+
+    def describe(self) -> str:
+        """One line: what users saw."""
+        gap = f"{self.longest_gap.ms} ms" if self.longest_gap else "no answer at all"
+        return (f"{self.clients} clients, {self.requests} requests: {self.served} served, "
+                f"{self.non_2xx} non-2xx, {self.failed} failed, {self.resets} raw resets "
+                f"(retried once), longest gap between answers {gap}, slowest answer "
+                f"{self.slowest_ms if self.slowest_ms is not None else '-'} ms; slots "
+                f"{' -> '.join(self.slots) or 'none'}")
+
+
+def summarize(records: Iterable[Request], start: float, end: float, clients: int = 0,
+              keep: int = 5) -> Summary:
+    """The requests that started in [start, end]. The longest gap is between answers received
+    in the window, counted from `start` and up to `end` too, so a window without answers is one
+    long gap (an answer of a request that outlives the window shows in `slowest_ms`)."""
+    chosen = sorted((r for r in records if start <= r.started <= end), key=lambda r: r.started)
+    points = sorted([start, end, *(r.ended for r in chosen if r.served and r.ended <= end)])
+    gap: Gap | None = None
+    for before, after in itertools.pairwise(points):
+        if gap is None or after - before > gap.end - gap.start:
+            gap = Gap(before, after)
+    slots: list[str] = []
+    versions: list[str] = []
+    for r in chosen:
+        if r.served and r.slot and r.slot not in slots:
+            slots.append(r.slot)
+        if r.served and r.version and r.version not in versions:
+            versions.append(r.version)
+    bad = [r for r in chosen if not r.served]
+    return Summary(
+        start=start, end=end, clients=clients, requests=len(chosen),
+        served=sum(r.served for r in chosen),
+        non_2xx=sum(1 for r in chosen if r.status and not r.served),
+        failed=sum(1 for r in chosen if not r.status),
+        resets=sum(r.retried for r in chosen), longest_gap=gap,
+        slowest_ms=max((round((r.ended - r.started) * 1000) for r in chosen if r.served),
+                       default=None),
+        slots=tuple(slots), versions=tuple(versions), problems=tuple(bad[:keep]))
+
+
+def buckets(records: Iterable[Request], start: float, end: float, width: float = 0.05
+            ) -> list[dict[str, int]]:
+    """Requests per time bucket (by start time): served, bad (non-2xx or failed), resets."""
+    count = max(1, int((end - start) / width) + 1)
+    out = [{"served": 0, "bad": 0, "resets": 0} for _ in range(count)]
+    for r in records:
+        if not start <= r.started <= end:
+            continue
+        bucket = out[min(count - 1, int((r.started - start) / width))]
+        bucket["served" if r.served else "bad"] += 1
+        bucket["resets"] += r.retried
+    return out
+
+
+def _check_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    if host not in LOOPBACK:
+        raise ValueError(f"the drill load goes to loopback only, not to {host!r}")
+
+
+@dataclass
+class _Clients:
+    """The clients themselves: one thread each, in the process that runs them."""
+
+    url: str
+    clients: int = CLIENTS
+    interval: float = INTERVAL
+    max_seconds: float = MAX_SECONDS
+    max_requests: int = MAX_REQUESTS
+    timeout: float = TIMEOUT
+    started: float | None = None
+    stopped: float | None = None
+    _records: list[Request] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _sending: threading.Event = field(default_factory=threading.Event, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> _Clients:
+        """Start the clients, or resume them after pause()."""
+        self._sending.set()
+        if self._threads:
+            return self
+        self.started = time.time()
+        context = ssl.create_default_context()  # once: a context per client costs ~20 ms each
+        deadline = time.monotonic() + self.max_seconds
+        for index in range(self.clients):
+            delay = self.interval * index / self.clients
+            thread = threading.Thread(target=self._client, args=(context, delay, deadline),
+                                      name=f"drill-load-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return self
+
+    def pause(self) -> None:
+        """Send nothing more until start(); the kept-alive connections stay open."""
+        self._sending.clear()
+
+    def stop(self, timeout: float = TIMEOUT + 1) -> list[Request]:
+        """Stop every client (an in-flight request finishes first); return all records."""
+        self._stop.set()
+        self._sending.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        if self.stopped is None and self.started is not None:
+            self.stopped = time.time()
+        return self.records()
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # -- results -------------------------------------------------------------------------------
+    def records(self) -> list[Request]:
+        with self._lock:
+            return list(self._records)
+
+    # -- one client ----------------------------------------------------------------------------
+    def _client(self, context: ssl.SSLContext, delay: float, deadline: float) -> None:
+        if self._stop.wait(delay):
+            return
+        with httpx.Client(timeout=self.timeout, trust_env=False, verify=context) as client:
+            next_at = time.monotonic()
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                if not self._sending.is_set():  # paused: resume in the same staggered order
+                    self._sending.wait(max(0.0, deadline - time.monotonic()))
+                    if self._stop.wait(delay):
+                        return
+                    next_at = time.monotonic()
+                    continue
+                record = self._request(client)
+                with self._lock:
+                    if len(self._records) >= self.max_requests:
+                        return
+                    self._records.append(record)
+                next_at = max(next_at + self.interval, time.monotonic())
+                self._stop.wait(next_at - time.monotonic())
+
+    def _request(self, client: httpx.Client) -> Request:
+        started = time.time()
+        retried = False
+        try:
+            try:
+                response = client.get(self.url)
+            except RESETS:
+                retried = True  # a raw reset: retry the idempotent GET once, fresh connection
+                response = client.get(self.url)
+        except httpx.HTTPError as exc:
+            return Request(started, time.time(), 0, retried=retried,
+                           error=type(exc).__name__)
+        version = None
+        with contextlib.suppress(ValueError, AttributeError):
+            version = response.json().get("version")
+        return Request(started, time.time(), response.status_code,
+                       response.headers.get(SLOT_HEADER), version, retried)
+
+
+
+def _child(conn: Connection, settings: dict[str, Any]) -> None:
+    """A load process: "go" starts (or resumes) its clients, "pause" pauses them, "get" is
+    answered with the records since the last answer (and whether its clients still run), and
+    "stop" (or its parent gone) stops them."""
+    clients = _Clients(**settings)
+    sent = 0
+    conn.send("ready")
+    while True:
+        try:
+            command = conn.recv()
+        except (EOFError, OSError):
+            command = "stop"
+        if command == "go":
+            clients.start()
+            continue
+        if command == "pause":
+            clients.pause()
+            continue
+        if command == "stop":
+            clients.stop()
+        records = clients.records()
+        with contextlib.suppress(OSError):
+            conn.send(([astuple(r) for r in records[sent:]], clients.running))
+        sent = len(records)
+        if command == "stop":
+            return
+
+
+@dataclass
+class Load:
+    """`clients` keep-alive users of `url`, each a request every `interval` seconds.
+
+    Use as a context manager, or prepare()/start()/stop(). The clients run in a child process
+    of their own, so they never compete for this process's GIL with the rollback they watch;
+    prepare() starts that process ahead (returns at once), start() then costs a millisecond
+    and the clients' first requests spread over one interval. `in_process=True` runs them as
+    threads here instead. It stops by itself after `max_seconds` or `max_requests`, or when
+    this process ends, so a forgotten load never runs on."""
+
+    url: str
+    clients: int = CLIENTS
+    interval: float = INTERVAL
+    max_seconds: float = MAX_SECONDS
+    max_requests: int = MAX_REQUESTS
+    timeout: float = TIMEOUT
+    in_process: bool = False
+    started: float | None = None
+    stopped: float | None = None
+    _records: list[Request] = field(default_factory=list, repr=False)
+    _running: bool = field(default=False, repr=False)
+    _threads: _Clients | None = field(default=None, repr=False)
+    _process: BaseProcess | None = field(default=None, repr=False)
+    _conn: Connection | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_loopback(self.url)
+        if not 1 <= self.clients <= 256:
+            raise ValueError(f"clients must be 1..256, not {self.clients}")
+
+    def _settings(self) -> dict[str, Any]:
+        return {"url": self.url, "clients": self.clients, "interval": self.interval,
+                "max_seconds": self.max_seconds, "max_requests": self.max_requests,
+                "timeout": self.timeout}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def prepare(self) -> Load:
+        """Start the load's process, not its requests (a fresh interpreter: ~0.1 s, unwaited)."""
+        if self.in_process or self._process is not None:
+            return self
+        context = multiprocessing.get_context("spawn")  # nothing inherited from this process
+        mine, theirs = context.Pipe()
+        self._process = context.Process(target=_child, args=(theirs, self._settings()),
+                                        name="drill-load", daemon=True)
+        self._process.start()
+        theirs.close()
+        self._conn = mine
+        return self
+
+    def start(self) -> Load:
+        """Start sending, or resume after pause()."""
+        if self.started is not None:
+            if self._threads is not None:
+                self._threads.start()
+            elif self._conn is not None:
+                self._conn.send("go")
+            return self
+        if self.in_process:
+            self.started = time.time()
+            self._threads = _Clients(**self._settings()).start()
+        else:
+            self.prepare()
+            assert self._conn is not None
+            # a process prepared moments ago may still be importing: wait, so the users really
+            # send from now on (bounded: a process that never gets ready is an error)
+            if not self._conn.poll(READY_TIMEOUT) or self._conn.recv() != "ready":
+                raise TimeoutError(f"the load process was not ready in {READY_TIMEOUT} s")
+            self.started = time.time()
+            self._conn.send("go")
+        self._running = True
+        return self
+
+    def pause(self) -> None:
+        """Send nothing until start() again (between the actions a drill watches); each client
+        keeps its connection, and resumes in its place of the stagger."""
+        if self._threads is not None:
+            self._threads.pause()
+        elif self._conn is not None and self.started is not None:
+            self._conn.send("pause")
+
+    def stop(self, timeout: float = TIMEOUT + 5) -> list[Request]:
+        """Stop every client (an in-flight request finishes first); return all records."""
+        if self._threads is not None:
+            self._threads.stop(timeout)
+        elif self._conn is not None and self._process is not None:
+            self._ask("stop", timeout)
+            self._conn.close()
+            self._conn = None
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+        self._running = False
+        if self.stopped is None and self.started is not None:
+            self.stopped = time.time()
+        return self.records()
+
+    @property
+    def running(self) -> bool:
+        """The clients still send requests (they stop at a bound by themselves)."""
+        if self._threads is not None:
+            return self._threads.running
+        if self._conn is not None and self.started is not None:
+            self._ask("get")
+        return self._running
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- results -------------------------------------------------------------------------------
+    def _ask(self, command: str, timeout: float = TIMEOUT + 5) -> None:
+        """Fetch the child's new records (and whether it still runs)."""
+        assert self._conn is not None
+        try:
+            self._conn.send(command)
+            if not self._conn.poll(timeout):
+                raise TimeoutError(f"the load process did not answer {command!r} in {timeout} s")
+            rows, self._running = self._conn.recv()
+        except (EOFError, OSError):  # the child is gone: what it sent is all there is
+            self._running = False
+            return
+        self._records.extend(Request(*row) for row in rows)
+
+    def records(self) -> list[Request]:
+        """Every request so far, in the order they were recorded."""
+        if self._threads is not None:
+            return self._threads.records()
+        if self._conn is not None and self.started is not None:
+            self._ask("get")
+        return list(self._records)
+
+    def summary(self, start: float | None = None, end: float | None = None) -> Summary:
+        """What users saw between `start` and `end` (default: the whole load until now)."""
+        records = self.records()
+        begin = start if start is not None else (self.started or time.time())
+        finish = end if end is not None else (self.stopped or time.time())
+        return summarize(records, begin, finish, self.clients)
+
+
+def as_json(records: Sequence[Request]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in records]

@@ -1,0 +1,243 @@
+"""The drill's user load (runbook/drill/load.py) against the real drill proxy: it keeps one
+connection per client, records every request, counts what fails, stays bounded, and the drill
+report lays what it saw on a rollback's timeline."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from runbook import deploy, rollback
+from runbook import report as reports
+from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
+TCP_ESTABLISHED = "01"
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    drill_stack.reset()
+    yield drill_stack
+
+
+def connections_to(port: int) -> int:
+    """Established loopback TCP connections to `port` in this network namespace, as the
+    kernel lists them (/proc/net/tcp{,6}): the oracle for keep-alive."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote, state = fields[2], fields[3]
+            if state == TCP_ESTABLISHED and int(remote.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("in_process", [False, True], ids=["own-process", "threads-here"])
+def test_every_client_keeps_one_connection_and_every_request_is_recorded(
+        stack: DrillStack, in_process: bool) -> None:
+    env = stack.env
+    port = int(env.caddy.proxy_url.rsplit(":", 1)[1])
+    idle = connections_to(port)
+    with Load(f"{env.caddy.proxy_url}/version", in_process=in_process) as load:
+        time.sleep(0.6)
+        during = connections_to(port) - idle
+        time.sleep(0.6)
+        assert load.running
+    assert not load.running and load.started is not None and load.stopped is not None
+    assert load.clients == CLIENTS >= 16
+    assert during == CLIENTS, f"{during} connections for {CLIENTS} keep-alive clients"
+    records = load.records()
+    seconds = load.stopped - load.started
+    assert CLIENTS <= len(records) <= CLIENTS * (seconds / INTERVAL + 1), len(records)
+    for r in records:
+        assert (r.status, r.slot, r.version, r.retried, r.error) == (
+            200, "blue", V1.tag, False, None), r
+        assert load.started <= r.started <= r.ended <= load.stopped
+    seen = load.summary()
+    assert seen.ok and (seen.requests, seen.served, seen.resets) == (len(records),) * 2 + (0,)
+    assert seen.slots == ("blue",) and seen.versions == (V1.tag,)
+    assert seen.longest_gap is not None and seen.longest_gap.ms < 1000
+
+
+@pytest.mark.docker
+def test_a_rollback_under_load_drops_nobody_and_the_report_shows_it(
+        stack: DrillStack, tmp_path: Path) -> None:
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag))
+    deploy.deploy(env, deploy.Options(version=V3.tag))  # v3 on blue; green (v2) stopped
+    with Load(f"{env.caddy.proxy_url}/version") as load:
+        time.sleep(0.2)
+        began = time.time()
+        rollback.rollback(env, rollback.Options(reason="load test"))
+        ended = time.time()
+        time.sleep(0.2)
+    seen = load.summary(began, ended)
+    print(f"rollback to a stopped standby under load: {seen.describe()}")
+    assert seen.ok, seen.describe()
+    assert seen.slots == ("blue", "green") and seen.versions == (V3.tag, V2.tag)
+    assert seen.requests >= CLIENTS
+
+    (run,) = [r for r in reports.collect_runs(env.runs_dir) if r.get("action") == "rollback"]
+    window = reports.run_window(run)
+    assert window is not None
+    assert began - 0.01 <= window[0].timestamp() and window[1].timestamp() <= ended + 0.01
+    users = reports.traffic(run, load.records(), load.clients)
+    assert users is not None
+    inside = [r for r in load.records()
+              if window[0].timestamp() <= r.started <= window[1].timestamp()]
+    assert users["requests"] == len(inside) > 0
+    assert (users["non_2xx"], users["failed"]) == (0, 0)
+    assert users["resets"] == sum(r.retried for r in inside)
+    assert sum(s + b for s, b, _ in users["buckets"]) == len(inside)
+    assert 0 < users["longest_gap_ms"] <= reports.run_duration_ms(run)  # type: ignore[operator]
+
+    run["traffic"] = users
+    svg = reports.timeline_svg(run)
+    found = Tags()
+    found.feed(svg)
+    (group,) = [a for t, a in found.tags if t == "g" and a.get("class") == "traffic"]
+    assert (group["data-requests"], group["data-non-2xx"], group["data-resets"]) == (
+        str(users["requests"]), "0", str(users["resets"]))
+    assert group["data-longest-gap-ms"] == str(users["longest_gap_ms"])
+    gap = [a for t, a in found.tags if t == "rect" and a.get("class") == "gap"]
+    assert len(gap) == 1
+
+
+class Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+
+def test_a_refused_connection_is_a_failure_not_a_reset() -> None:
+    """Nothing listens on the port: every request fails at once, none counts as a reset."""
+    with Load(f"http://127.0.0.1:{free_port()}/version", clients=2, interval=0.02) as load:
+        time.sleep(0.3)
+    records = load.records()
+    assert records and all(
+        (r.status, r.retried, r.error) == (0, False, "ConnectError") for r in records)
+    seen = load.summary()
+    assert (seen.failed, seen.resets, seen.served, seen.ok, seen.slowest_ms) == (
+        len(records), 0, 0, False, None)
+    assert seen.longest_gap is not None
+    assert seen.longest_gap.ms == round((seen.end - seen.start) * 1000)
+
+
+@pytest.mark.docker
+def test_a_load_is_bounded_in_requests_and_in_time(stack: DrillStack) -> None:
+    url = f"{stack.env.caddy.proxy_url}/version"
+    with Load(url, clients=4, interval=0.01, max_requests=30) as load:
+        deadline = time.monotonic() + 10
+        while load.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not load.running, "the clients did not stop at max_requests"
+    assert len(load.records()) == 30
+    with Load(url, clients=2, max_seconds=0.3) as load:
+        time.sleep(1.0)
+        assert not load.running, "the clients did not stop at max_seconds"
+    assert load.started is not None
+    last = max(r.started for r in load.records()) - load.started
+    assert last <= 0.3 + 0.2, f"a request started {last:.3f} s after the load began"
+
+
+def test_the_load_goes_to_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback only"):
+        Load("http://192.0.2.10:8080/version")
+    with pytest.raises(ValueError, match="clients"):
+        Load("http://127.0.0.1:1/", clients=0)
+
+
+def test_the_longest_gap_counts_from_the_window_edges() -> None:
+    def served(at: float, took: float = 0.01) -> Request:
+        return Request(at, at + took, 200, "blue", "v")
+
+    records = [served(10.0), served(10.1), Request(10.2, 10.25, 502), served(10.3, 0.4),
+               served(10.9, 0.5), served(12.0)]
+    seen = summarize(records, 10.0, 11.0, clients=2)
+    # answers in the window at 10.01, 10.11, 10.7; the one started at 10.9 ends after it (its
+    # 0.5 s is the slowest answer), the 502 is no answer: the longest gap is 10.11 -> 10.7
+    assert seen.requests == 5 and seen.served == 4 and seen.non_2xx == 1 and seen.failed == 0
+    assert seen.longest_gap is not None and seen.slowest_ms == 500
+    assert (seen.longest_gap.start, seen.longest_gap.end) == pytest.approx((10.11, 10.7))
+    assert not seen.ok and seen.problems[0].status == 502
+    empty = summarize(records, 20.0, 20.5)
+    assert empty.requests == 0 and empty.longest_gap is not None
+    assert empty.longest_gap.ms == 500
+
+
+@pytest.mark.docker
+def test_a_paused_load_sends_nothing_and_keeps_its_connections(stack: DrillStack) -> None:
+    env = stack.env
+    port = int(env.caddy.proxy_url.rsplit(":", 1)[1])
+    idle = connections_to(port)
+    with Load(f"{env.caddy.proxy_url}/version", clients=4) as load:
+        time.sleep(0.3)
+        load.pause()
+        paused = time.time()
+        time.sleep(0.4)
+        assert load.running and connections_to(port) - idle == 4
+        resumed = time.time()
+        load.start()
+        time.sleep(0.3)
+    records = load.records()
+    assert not [r for r in records if paused + 0.05 < r.started < resumed]
+    assert [r for r in records if r.started < paused] and [r for r in records
+                                                           if r.started > resumed]
+    assert all(r.served for r in records)
+
+
+@pytest.mark.docker
+def test_the_drill_asserts_and_reports_what_users_saw(tmp_path: Path) -> None:
+    """The rollback scenario, run as on-call runs it with a report: its Then about users
+    passed, and the report's rollback timeline carries the users' requests (pytest and the
+    drill stack run in a child process, as `make drill` does)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "features/rollback.feature", "-k", "run_the_rollback",
+         "--report", str(tmp_path), "-p", "no:cacheprovider", "-q"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+        stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    data = reports.load(tmp_path)
+    (scenario,) = [s for _, s in reports.scenarios(data) if s["status"] != reports.NOT_RUN]
+    (step,) = [s for s in scenario["steps"] if s["name"].startswith("users saw no failed")]
+    assert step["status"] == reports.PASSED
+    (run,) = reports.recovery_runs(scenario)
+    users = run["traffic"]
+    assert run["action"] == "rollback" and users["clients"] == CLIENTS
+    assert users["requests"] > 0 and (users["non_2xx"], users["failed"]) == (0, 0)
+    assert users["slots"] == ["blue", "green"]
+    assert sum(a + b for a, b, _ in users["buckets"]) == users["requests"]
+    arranged = [r for r in scenario["runs"] if reports.is_arrangement(scenario, r)]
+    assert arranged and not any("traffic" in r for r in arranged)  # Givens: no users yet
+    page = (tmp_path / reports.REPORT_HTML).read_text(encoding="utf-8")
+    found = Tags()
+    found.feed(page)
+    (group,) = [a for t, a in found.tags if t == "g" and a.get("class") == "traffic"]
+    assert group["data-requests"] == str(users["requests"])
+    print(f"drill rollback: {reports.traffic_line(users)}")
