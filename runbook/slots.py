@@ -124,9 +124,17 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
 
     def run(ctx: StepContext) -> None:
         if force:
-            report = health.probe(config, env.health.path, env.health.request_timeout)
+            # Not gated on health, but traffic never goes to a slot that does not answer at
+            # all yet (a container still starting): that would be 502s for nothing.
+            deadline = time.monotonic() + env.health.timeout
+            while True:
+                report = health.probe(config, env.health.path, env.health.request_timeout)
+                if report.status != health.UNREACHABLE or time.monotonic() >= deadline:
+                    break
+                ctx.heartbeat()
+                time.sleep(0.05)
             facts["health_status"] = report.status if report.status != "unreachable" else "unknown"
-            ctx.note(health=f"{report.status} (not gated: --force)")
+            ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
             return
         def waiting(attempt: int, report: health.HealthReport) -> None:
             ctx.heartbeat()
@@ -145,7 +153,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
         ctx.note(health=f"{report.status}, version {report.version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
-             else f"Probe the {slot} slot once (health gate skipped: --force)")
+             else f"Wait until the {slot} slot answers (health gate skipped: --force)")
     return Step("health-gate", title, details, run=run)
 
 
