@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runbook import files
+from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
 from runbook.environment import Environment
@@ -182,5 +183,6 @@ def _heartbeat(held: locks.Lock, env: Environment) -> Iterator[None]:
 
 def _sweep(env: Environment) -> list[str]:
     """Temp files a killed writer left beside the state file and the Caddyfile."""
-    removed = files.sweep_temps(env.state_file) + files.sweep_temps(env.caddy.caddyfile)
+    removed = (files.sweep_temps(env.state_file) + files.sweep_temps(env.caddy.caddyfile)
+               + files.sweep_temps(intents.path(env)))
     return [str(p) for p in removed]
