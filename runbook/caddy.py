@@ -506,15 +506,22 @@ def validate(env: Environment, text: str) -> str:
     return output
 
 
+def _post_caddyfile(env: Environment, endpoint: str, text: str,
+                    timeout: float) -> Answer:
+    """POST Caddyfile text to the admin API (`/adapt` or `/load`); raises HttpFailure."""
+    from runbook import bounded_http
+
+    return bounded_http.request("POST", f"{env.caddy.admin_url}/{endpoint}", timeout=timeout,
+                                content=text.encode("utf-8"),
+                                headers={"Content-Type": "text/caddyfile"}, max_body=None)
+
+
 def _validate_by_api(env: Environment, text: str) -> str:
     from runbook import bounded_http
 
     url = f"{env.caddy.admin_url}/adapt"
     try:
-        answer = bounded_http.request("POST", url, timeout=_ADMIN_TIMEOUT,
-                                      content=text.encode("utf-8"),
-                                      headers={"Content-Type": "text/caddyfile"},
-                                      max_body=None)
+        answer = _post_caddyfile(env, "adapt", text, _ADMIN_TIMEOUT)
     except bounded_http.HttpFailure as exc:
         raise CaddyError(f"cannot validate the new Caddyfile: {url} did not answer "
                          f"({exc.reason}); nothing was changed", "check that Caddy is running",
@@ -606,10 +613,7 @@ def reload(env: Environment, text: str) -> None:
 
         url = f"{c.admin_url}/load"
         try:
-            answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT,
-                                          content=text.encode("utf-8"),
-                                          headers={"Content-Type": "text/caddyfile"},
-                                          max_body=None)
+            answer = _post_caddyfile(env, "load", text, _COMMAND_TIMEOUT)
         except bounded_http.HttpFailure as exc:
             raise CaddyError(f"reload through {url} failed ({exc.reason})",
                              "check that Caddy is running", stage="reload") from None

@@ -80,10 +80,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     version = check_version(options.version)
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
-        from runbook import rollback
-
-        return finish.finish_plan(env, found[0], run_id, rollback._record_for(found[0]),
-                                  rollback._resume_for(env, found[0]))
+        return finish.plan_for(env, found[0], run_id)
     state = load_or_empty(env)
     current = state.current
     if current is not None and current.version == version and options.slot is None:

@@ -53,6 +53,27 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`")
 
 
+def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
+    """The finish plan of an interrupted run of any action: each verb records its own kind
+    of run (imported here, when needed, so the verbs need not import each other)."""
+    if intent.action == "deploy":
+        from runbook import deploy
+
+        record: Record = deploy.record
+        command = f"runbook deploy {env.name} --version {intent.to_version}"
+    elif intent.action == "switch":
+        from runbook import switch
+
+        record = switch.record
+        command = f"runbook switch {env.name} --slot {intent.to_slot}"
+    else:
+        from runbook import rollback
+
+        record = rollback.record
+        command = rollback.resume_command(env)
+    return finish_plan(env, intent, run_id, record, command)
+
+
 def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: Record,
                 resume_command: str) -> Plan:
     """The steps left after the commit of an interrupted run, as a plan of their own."""

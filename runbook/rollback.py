@@ -165,8 +165,7 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
-        return finish.finish_plan(env, found[0], run_id, _record_for(found[0]),
-                                  _resume_for(env, found[0]))
+        return finish.plan_for(env, found[0], run_id)
     state = states.read_state(env.state_file, environment=env.name)
     current = state.current
     if current is None:
@@ -251,27 +250,6 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 facts={"from": current.version, "to": target.version, "from_slot": str(live),
                        "to_slot": str(standby), "container_action": prep.action},
                 intent=intent, resume_command=resume_command(env))
-
-
-def _record_for(intent: intents.Intent) -> finish.Record:
-    """How to record an interrupted run of any action (each verb owns its own)."""
-    if intent.action == "deploy":
-        from runbook import deploy
-
-        return deploy.record
-    if intent.action == "switch":
-        from runbook import switch
-
-        return switch.record
-    return record
-
-
-def _resume_for(env: Environment, intent: intents.Intent) -> str:
-    if intent.action == "deploy":
-        return f"runbook deploy {env.name} --version {intent.to_version}"
-    if intent.action == "switch":
-        return f"runbook switch {env.name} --slot {intent.to_slot}"
-    return resume_command(env)
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,

@@ -66,10 +66,7 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
-        from runbook import rollback
-
-        return finish.finish_plan(env, found[0], run_id, rollback._record_for(found[0]),
-                                  rollback._resume_for(env, found[0]))
+        return finish.plan_for(env, found[0], run_id)
     state = load_or_empty(env)
     target = options.slot
     config = env.slot(target)

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from runbook import deploy, docker, rollback
@@ -20,8 +19,9 @@ from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import snapshot, through_proxy
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -47,23 +47,6 @@ def without_compose(env: Environment, file: Path | None = None) -> Environment:
     """The same host, described as one whose slots were started with `docker run`."""
     slots = {s: dataclasses.replace(c, service=None) for s, c in env.slots.items()}
     return env.with_(slots=slots, compose=dataclasses.replace(env.compose, file=file))
-
-
-def through_proxy(env: Environment) -> tuple[str, str]:
-    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
-    return response.headers["X-Togather-Slot"], response.json()["version"]
-
-
-def snapshot(env: Environment) -> dict[str, object]:
-    """Everything a refused run must leave untouched."""
-    return {
-        "state": env.state_file.read_bytes(),
-        "caddyfile": env.caddy.caddyfile.read_bytes(),
-        "containers": {s: dataclasses.astuple(docker.inspect(env.slot(s).container))[:4]
-                       for s in Slot},
-        "lock": env.lock_path.exists(),
-        "traffic": through_proxy(env),
-    }
 
 
 def forget_migration_version(env: Environment, version: str) -> None:

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from runbook import caddy, deploy, docker, rollback
@@ -18,6 +17,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import snapshot, through_proxy
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -40,23 +40,6 @@ def two_deployments(stack: DrillStack) -> Environment:
     env = deployed(stack, "v2")
     deploy.deploy(env, deploy.Options(version=V3.tag))
     return env
-
-
-def through_proxy(env: Environment) -> tuple[str, str]:
-    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
-    return response.headers["X-Togather-Slot"], response.json()["version"]
-
-
-def snapshot(env: Environment) -> dict[str, object]:
-    """Everything a refused or dry run must leave untouched."""
-    return {
-        "state": env.state_file.read_bytes(),
-        "caddyfile": env.caddy.caddyfile.read_bytes(),
-        "containers": {s: dataclasses.astuple(docker.inspect(env.slot(s).container))[:4]
-                       for s in Slot},
-        "lock": env.lock_path.exists(),
-        "traffic": through_proxy(env),
-    }
 
 
 def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
