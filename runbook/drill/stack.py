@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from runbook import environment as envmod
+from runbook import files
 from runbook.drill import images
 from runbook.drill.versions import VERSIONS, AppVersion
 from runbook.environment import Environment, ReloadMethod, Slot
@@ -399,13 +400,15 @@ class DrillStack:
         for leftover in self.caddy_dir.glob("*"):
             if leftover.name != "Caddyfile":
                 leftover.unlink(missing_ok=True)
+        # The baseline Caddyfile first, atomically: a Caddy (re)started while the file is
+        # half written reads a broken config and exits.
+        text = self.caddyfile_text(Slot.BLUE)
+        files.atomic_write(self.caddy_dir / "Caddyfile", text.encode())
         if not docker.inspect(self.caddy_container).running:
             self.docker("start", self.caddy_container)
         if not docker.inspect(self.db_container).running:
             self.docker("start", self.db_container)
         self.wait_db()
-        text = self.caddyfile_text(Slot.BLUE)
-        (self.caddy_dir / "Caddyfile").write_text(text)
         self.wait_caddy()
         httpx.post(f"{self.env.caddy.admin_url}/load", content=text,
                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
