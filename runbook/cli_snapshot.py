@@ -107,11 +107,11 @@ def restore(
     reason: Annotated[str | None, typer.Option("--reason", help="why, for the journal")] = None,
 ) -> None:
     """Restore a snapshot: safety snapshot, stop app slots, replay in one transaction, verify."""
-    from runbook import cli, snapshots
+    from runbook import cli, snapshot_restore
 
     environment = _env(env, config, fmt)
     cli.run_action(
-        lambda **kw: snapshots.restore(environment, snapshot, restart=not keep_stopped,
+        lambda **kw: snapshot_restore.restore(environment, snapshot, restart=not keep_stopped,
                                        dry_run=dry_run, reason=reason or "snapshot restore",
                                        **kw),
         fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")

@@ -25,6 +25,12 @@ def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{TEMP_TAG}.{secrets.token_hex(6)}.tmp")
 
 
+def temp_target(name: str) -> str | None:
+    """The target's name when `name` is a temp file of one of our writers, else None."""
+    match = _TEMP_RE.match(name)
+    return match["target"] if match else None
+
+
 def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644) -> None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
