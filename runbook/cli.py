@@ -358,8 +358,12 @@ def unlock(
     typer.echo(message)
 
 
-app.add_typer(__import__("runbook.cli_snapshot").cli_snapshot.snapshot_app, name="snapshot")
-__import__("runbook.cli_docs").cli_docs.register(app)  # runbook docs, runbook drill
+# Sub-apps, registered once the shared helpers above exist (they import them lazily).
+from runbook.cli_docs import register as _register_docs  # noqa: E402
+from runbook.cli_snapshot import snapshot_app  # noqa: E402
+
+app.add_typer(snapshot_app, name="snapshot")
+_register_docs(app)  # runbook docs, runbook drill
 
 
 def main() -> None:
