@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from runbook import state as statemod
+from runbook import times
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, RunbookError
 
@@ -167,8 +168,7 @@ def new_run_id(action: str) -> str:
 
 
 def _timestamp(when: datetime | None = None) -> str:
-    now = (when or datetime.now(UTC)).astimezone(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
+    return times.format_ms_utc(when)
 
 
 # --- steps -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runbook import procs
 from runbook import state as statemod
 from runbook.environment import Environment
 from runbook.errors import ConfigError, LockedError, StateError
@@ -145,7 +146,7 @@ class Lock:
             "deployment_id": self.deployment_id,
             "locked_at": statemod.format_time(self.locked_at),
             "expires_at": statemod.format_time(self.expires_at),
-            "pid_start": _pid_start(self.pid),
+            "pid_start": procs.pid_start(self.pid),
             "tool": "togather-runbook",
             **({"took_over": self.stolen_from.describe() + f" ({self.stolen_from.why})"}
                if self.stolen_from else {}),
@@ -353,7 +354,7 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
     alive = None
     pid = holder.pid if holder is not None else None
     if holder is not None and pid is not None and holder.hostname == socket.gethostname():
-        alive = _pid_alive(pid, holder.pid_start)
+        alive = procs.pid_alive(pid, holder.pid_start)
     if expires_in <= 0:
         why = f"expired {_human(-expires_in)} ago (by {basis})"
         if alive:
@@ -441,43 +442,6 @@ def _read_locked_at(path: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return value if value >= 1_000_000_000 else None  # what the shell tooling also rejects
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) from /proc, or None where there is no /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rpartition(")")[2].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _pid_start(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return stat[1] if stat else None
-
-
-def _pid_alive(pid: int, start: int | None) -> bool:
-    if pid <= 0:
-        return False  # 0 and negatives address process groups, never a holder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    except OverflowError:
-        return False
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    if stat[0] in ("Z", "X"):
-        return False  # exited, not yet reaped
-    return start is None or stat[1] == start
 
 
 # ---------------------------------------------------------------------------------------------
