@@ -61,7 +61,7 @@ class Target:
                 "--username", self.user, "--dbname", self.dbname]
 
     def redact(self, text: str) -> str:
-        from runbook.journal import redact
+        from runbook.redact import redact
 
         return redact(text, [self.password] if self.password else [])
 
