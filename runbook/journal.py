@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runbook import files, times
 from runbook import state as statemod
-from runbook import times
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, RunbookError
 
@@ -333,19 +332,10 @@ class Journal:
         """Atomic, so a report never reads half a record."""
         with self._mutex:
             payload = json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n"
-            tmp = self.record_path.with_name(
-                f".{self.record_path.name}.{secrets.token_hex(4)}.tmp")
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, payload.encode("utf-8", "replace"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.record_path)
+                files.atomic_write(self.record_path, payload.encode("utf-8", "replace"),
+                                   default_mode=0o600)
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from runbook import procs
+from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
 from runbook.errors import ConfigError, LockedError, StateError
+from runbook.times import rough_duration
 
 LOCKED_AT = "locked_at"
 HOLDER = "holder.json"
@@ -111,7 +112,7 @@ class LockStatus:
             who = "the shell tooling (" + _state_holder(self.state_lock).describe() + ")"
         else:
             who = "the shell tooling (no holder recorded)"
-        since = (f" since {statemod.format_time(self.locked_at)} ({_human(self.age)} ago)"
+        since = (f" since {statemod.format_time(self.locked_at)} ({rough_duration(self.age)} ago)"
                  if self.locked_at else "")
         return f"{who}{since}"
 
@@ -240,6 +241,8 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             shutil.rmtree(tomb, ignore_errors=True)
             stolen = current
         try:
+            # mkdir, not files.atomic_write: its failing when the directory exists is the
+            # exclusion itself (and what the deploy script does); a rename would overwrite.
             os.mkdir(path, 0o755)
         except FileExistsError:
             # Someone outside the guard (the shell tooling) got in first.
@@ -356,7 +359,7 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
     if holder is not None and pid is not None and holder.hostname == socket.gethostname():
         alive = procs.pid_alive(pid, holder.pid_start)
     if expires_in <= 0:
-        why = f"expired {_human(-expires_in)} ago (by {basis})"
+        why = f"expired {rough_duration(-expires_in)} ago (by {basis})"
         if alive:
             why += f"; its process {pid} is still running on this host"
         stale = True
@@ -366,12 +369,12 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
     else:
         stale = False
         if alive:
-            why = f"its process is running; expires in {_human(expires_in)}"
+            why = f"its process is running; expires in {rough_duration(expires_in)}"
         elif holder is not None and holder.hostname and holder.hostname != socket.gethostname():
             why = (f"held from another host ({holder.hostname}); expires in "
-                   f"{_human(expires_in)}")
+                   f"{rough_duration(expires_in)}")
         else:
-            why = f"expires in {_human(expires_in)} (by {basis})"
+            why = f"expires in {rough_duration(expires_in)} (by {basis})"
     return LockStatus(path=path, source=source, holder=holder,
                       locked_at=_from_epoch(epoch), age=max(age, 0.0), stale=stale, why=why,
                       holder_alive=alive, expires_in=expires_in, ident=ident,
@@ -519,19 +522,10 @@ def _remove_dir(path: Path, ident: Ident | None) -> None:
 
 
 def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
-    _write_atomic(path / LOCKED_AT, f"{int(now)}\n")
-    _write_atomic(path / HOLDER, json.dumps(lock.holder_json(), indent=2) + "\n")
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+    """Inside the lock directory (made by mkdir, which is what excludes a second holder): these
+    files are only read, so a plain atomic replace (as every file the runbook writes) will do."""
+    files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
+    files.atomic_write(path / HOLDER, (json.dumps(lock.holder_json(), indent=2) + "\n").encode())
 
 
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
@@ -577,10 +571,10 @@ def _locked_error(env: Environment, current: LockStatus, *,
                "and the next run takes it over")
     elif unlocking:
         fix = ("a live lock is never removed, not even with --force: wait for that run to "
-               f"finish (it expires in {_human(current.expires_in)} if it crashed)")
+               f"finish (it expires in {rough_duration(current.expires_in)} if it crashed)")
     else:
         fix = (f"wait for that run to finish; if it crashed, `runbook unlock {name}` removes it "
-               f"once it is stale (in {_human(current.expires_in)})")
+               f"once it is stale (in {rough_duration(current.expires_in)})")
     return LockedError(message, fix)
 
 
@@ -589,17 +583,3 @@ def _from_epoch(epoch: float) -> datetime:
         return datetime.fromtimestamp(epoch, UTC)
     except (OverflowError, OSError, ValueError):
         return datetime.fromtimestamp(0, UTC)
-
-
-def _human(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "never"
-    s = int(abs(seconds))
-    if s < 90:
-        return f"{s} s"
-    if s < 90 * 60:
-        return f"{round(s / 60)} min"
-    if s < 48 * 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
-

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from typing import Any
 
-from runbook.state import format_time
+from runbook.times import format_rfc3339 as format_time
 
 MASK = "***"
 MIN_SECRET_LENGTH = 4  # shorter known values would mask ordinary words

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from runbook import files, times
 from runbook.environment import ENV_NAMES, Slot, canonical_name
 from runbook.errors import StateError
 
@@ -41,8 +42,6 @@ DEFAULT_IMAGE_REPOSITORY = "togather-server"
 
 _VERSION = re.compile(r"[0-9a-f]{7}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_ZERO_TIME = "0001-01-01T00:00:00"  # Go's time.Time{}: "never", not year one
-_TIME_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
 
 # Keys the model owns; everything else rides along in `extra` untouched.
 _DEPLOYMENT_KEYS = frozenset({
@@ -75,25 +74,9 @@ def current_operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with a Z, the form every dialect accepts."""
-    text = value.astimezone(UTC).isoformat()
-    return text.removesuffix("+00:00") + "Z"
-
-
-def parse_time(value: str) -> datetime | None:
-    """Parse an RFC 3339 time; None for Go's zero time. Raises ValueError when invalid."""
-    text = value.strip()
-    if text.startswith(_ZERO_TIME):
-        return None
-    if not _TIME_SHAPE.match(text):
-        raise ValueError("not an RFC 3339 date-time")
-    # Go writes nanoseconds; Python keeps microseconds.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        raise ValueError("has no timezone")
-    return parsed.astimezone(UTC)  # also rejects times that do not exist in UTC
+# One source for the state file's times: runbook/times.py (names kept for callers).
+format_time = times.format_rfc3339
+parse_time = times.parse_rfc3339
 
 
 @dataclass(frozen=True)
@@ -791,8 +774,9 @@ def write_state(path: Path, state: DeploymentState, *,
                 before_rename: Callable[[], None] | None = None) -> None:
     """Replace the file atomically: readers see the old file or the new one, never a mix.
 
-    The file keeps its mode, owner and group. `before_rename` is the drill's fault point
-    between the fsynced temp file and the rename (the kill matrix's "during the state write").
+    The file keeps its mode, owner and group (a new one is 0600). `before_rename` is the
+    drill's fault point between the fsynced temp file and the rename (the kill matrix's
+    "during the state write").
     """
     target = Path(os.path.realpath(path))  # keep a symlinked state file a symlink
     try:
@@ -800,59 +784,13 @@ def write_state(path: Path, state: DeploymentState, *,
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
         raise StateError(f"{target}: refusing to write, the state cannot be serialized ({exc})",
                          "this is a bug in the caller; the file was not changed") from None
-    directory = target.parent
-    tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, _mode_of(target))
-            _keep_owner(fd, target)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, target)
-        _fsync_dir(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(target, payload, default_mode=0o600, before_rename=before_rename)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc})",
                          "check free disk space and permissions; the old file is unchanged"
                          ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _mode_of(target: Path) -> int:
-    """An existing file keeps its mode (other tools may need to read it); a new one is 0600."""
-    try:
-        return os.stat(target).st_mode & 0o7777
-    except OSError:
-        return 0o600
-
-
-def _keep_owner(fd: int, target: Path) -> None:
-    """Root rewriting a deploy user's file must not take it away from that user."""
-    if os.geteuid() != 0:
-        return
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        return
-    os.fchown(fd, st.st_uid, st.st_gid)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,12 +4,19 @@
   `parse_utc` is lenient (None for anything unreadable) because it reads other tools' files.
 - `format_ms_utc`: the journal's form, milliseconds and a Z, so times in one report compare
   as text.
-- `human_duration`: "4m 05s", for the data-loss window and lock ages shown to people.
+- `format_rfc3339` / `parse_rfc3339`: the state file's times, strict (a bad time there is an
+  error to report, not to guess past), microseconds kept, Go's zero time read as "never".
+- `human_duration`: "4m 05s", for the data-loss window shown to people.
+- `rough_duration`: "28 min", for lock ages and expiries (judged at a glance, not to the second).
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+
+_ZERO_TIME = "0001-01-01T00:00:00"  # Go's time.Time{}: "never", not year one
+_TIME_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
 
 
 def now() -> datetime:
@@ -25,6 +32,28 @@ def format_ms_utc(value: datetime | None = None) -> str:
     """`2026-01-02T03:04:05.678Z`: UTC with milliseconds (now when not given)."""
     when = (value or now()).astimezone(UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{when.microsecond // 1000:03d}Z"
+
+
+def format_rfc3339(value: datetime) -> str:
+    """RFC 3339 in UTC with a Z (microseconds when there are any): the form every state file
+    dialect accepts."""
+    text = value.astimezone(UTC).isoformat()
+    return text.removesuffix("+00:00") + "Z"
+
+
+def parse_rfc3339(value: str) -> datetime | None:
+    """Parse an RFC 3339 time; None for Go's zero time. Raises ValueError when invalid."""
+    text = value.strip()
+    if text.startswith(_ZERO_TIME):
+        return None
+    if not _TIME_SHAPE.match(text):
+        raise ValueError("not an RFC 3339 date-time")
+    # Go writes nanoseconds; Python keeps microseconds.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError("has no timezone")
+    return parsed.astimezone(UTC)  # also rejects times that do not exist in UTC
 
 
 def parse_utc(value: object) -> datetime | None:
@@ -53,6 +82,20 @@ def human_duration(seconds: float) -> str:
     if hours < 48:
         return f"{hours}h {minutes:02d}m"
     return f"{hours // 24}d {hours % 24}h"
+
+
+def rough_duration(seconds: float) -> str:
+    """never, 45 s, 28 min, 3 h 07 min, 2 d 5 h: lock ages and expiries, whole units."""
+    if seconds == float("inf"):
+        return "never"
+    s = int(abs(seconds))
+    if s < 90:
+        return f"{s} s"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min"
+    if s < 48 * 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def format_ms(ms: float | None) -> str:
