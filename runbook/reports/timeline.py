@@ -1,12 +1,14 @@
-"""The timeline picture of an engine run: one bar per phase, and the simulated users' row."""
+"""The timeline picture of an engine run: one bar per phase, and the simulated users' row.
+
+The numbers are computed here; runbook/templates/timeline.svg.j2 writes the SVG (autoescaped)."""
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping
 from typing import Any
 
+from runbook import templating
 from runbook.reports.model import run_duration_ms, run_phases
 from runbook.times import format_ms
 
@@ -23,12 +25,15 @@ def _nice_step(total: float, ticks: int = 6) -> float:
     return 10 * magnitude
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+def _f(value: float) -> str:
+    """Coordinates to a tenth of a pixel: enough for a bar, short in the file."""
+    return f"{value:.1f}"
 
 
 def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
-    """One horizontal bar per phase of an engine run, at its measured offset and duration."""
+    """One horizontal bar per phase of an engine run, at its measured offset and duration.
+
+    The geometry is computed here; templates/timeline.svg.j2 lays it out, autoescaped."""
     phases = run_phases(run)
     if not phases:
         return ""
@@ -39,54 +44,38 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
     users = run.get("traffic") if isinstance(run.get("traffic"), Mapping) else None
     rows = len(phases) + (1 if users else 0)
     height = top + row_h * rows + axis_h
-    action = _e(run.get("action", "run"))
-    run_id = _e(run.get("run_id", ""))
-    outcome = _e(run.get("outcome", ""))
     measured = run_duration_ms(run)
-    title = f"{action} {run_id}: {outcome}, {format_ms(measured)} measured"
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="timeline" role="img" '
-        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        f'data-run-id="{run_id}" data-action="{action}" aria-label="{_e(title)}">',
-        f"<title>{_e(title)}</title>",
-        f'<text x="0" y="16" class="tl-title" font-size="13" font-weight="600" '
-        f'fill="#24292f">{_e(title)}</text>',
-    ]
+    title = (f"{run.get('action', 'run')} {run.get('run_id', '')}: {run.get('outcome', '')}, "
+             f"{format_ms(measured)} measured")
     step = _nice_step(total)
-    tick = 0.0
     axis_y = top + row_h * rows + 4
+    ticks = []
+    tick = 0.0
     while tick <= total + 1e-9:
-        x = label_w + tick * scale
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{axis_y}" '
-                     f'stroke="#d0d7de" stroke-width="1"/>')
-        parts.append(f'<text x="{x:.1f}" y="{axis_y + 14}" font-size="11" fill="#57606a" '
-                     f'text-anchor="middle">{_e(format_ms(tick))}</text>')
+        ticks.append({"x": _f(label_w + tick * scale), "y1": top - 4, "y2": axis_y,
+                      "label": format_ms(tick)})
         tick += step
+    bars = []
     for index, phase in enumerate(phases):
         y = top + index * row_h
         duration = phase["duration_ms"]
         x = label_w + phase["offset_ms"] * scale
         w = max((duration or 0) * scale, 2.0)
-        colour = STATUS_COLOURS.get(phase["status"], "#57606a")
         tip = (f"{phase['title']}: {phase['status']}, starts at +{format_ms(phase['offset_ms'])}"
                f", takes {format_ms(duration)}"
                + (f" - {phase['error']}" if phase.get("error") else ""))
-        parts.append(
-            f'<g class="phase phase-{_e(phase["status"])}" data-phase="{_e(phase["name"])}" '
-            f'data-status="{_e(phase["status"])}" data-offset-ms="{phase["offset_ms"]}" '
-            f'data-duration-ms="{duration if duration is not None else ""}">'
-            f'<title>{_e(tip)}</title>'
-            f'<text x="{label_w - 8}" y="{y + bar_h - 3}" font-size="12" fill="#24292f" '
-            f'text-anchor="end">{_e(phase["name"])}</text>'
-            f'<rect class="bar" x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" rx="3" '
-            f'fill="{colour}"/>'
-            f'<text x="{x + w + 6:.1f}" y="{y + bar_h - 3}" font-size="11" fill="#57606a">'
-            f'{_e(format_ms(duration))}</text></g>')
-    if users:
-        parts.append(_traffic_row(users, top + len(phases) * row_h, label_w, scale, bar_h,
-                                  total))
-    parts.append("</svg>")
-    return "".join(parts)
+        bars.append({"name": phase["name"], "status": phase["status"],
+                     "offset_ms": phase["offset_ms"],
+                     "duration_ms": duration if duration is not None else "",
+                     "tip": tip, "x": _f(x), "y": y, "w": _f(w), "text_y": y + bar_h - 3,
+                     "colour": STATUS_COLOURS.get(phase["status"], "#57606a"),
+                     "after_x": _f(x + w + 6), "took": format_ms(duration)})
+    return templating.render(
+        "timeline.svg.j2", width=width, height=height, title=title,
+        run_id=run.get("run_id", ""), action=run.get("action", "run"), ticks=ticks,
+        phases=bars, label_x=label_w - 8, bar_h=bar_h,
+        users=_traffic_row(users, top + len(phases) * row_h, label_w, scale, bar_h, total)
+        if users else None)
 
 
 def traffic_line(users: Mapping[str, Any]) -> str:
@@ -99,38 +88,26 @@ def traffic_line(users: Mapping[str, Any]) -> str:
 
 
 def _traffic_row(users: Mapping[str, Any], y: int, label_w: int, scale: float,
-                 bar_h: int, total: float) -> str:
+                 bar_h: int, total: float) -> dict[str, Any]:
     """The users' row: requests per bucket (grey), failed or non-2xx (red), raw resets
     (orange tick) and the longest gap between answers (outlined)."""
     bucket_ms = float(users.get("bucket_ms") or 50)
-    cells = [c for c in users.get("buckets") or [] if isinstance(c, list | tuple) and len(c) == 3]
-    most = max((c[0] + c[1] for c in cells), default=0) or 1
-    parts = [f'<g class="traffic" data-requests="{_e(users.get("requests"))}" '
-             f'data-non-2xx="{_e(users.get("non_2xx"))}" data-failed="{_e(users.get("failed"))}" '
-             f'data-resets="{_e(users.get("resets"))}" '
-             f'data-longest-gap-ms="{_e(users.get("longest_gap_ms"))}">'
-             f"<title>{_e(traffic_line(users))}</title>"
-             f'<text x="{label_w - 8}" y="{y + bar_h - 3}" font-size="12" fill="#24292f" '
-             f'text-anchor="end">users</text>']
-    for index, (served, bad, resets) in enumerate(cells):
+    buckets = [c for c in users.get("buckets") or []
+               if isinstance(c, list | tuple) and len(c) == 3]
+    most = max((c[0] + c[1] for c in buckets), default=0) or 1
+    cells = []
+    for index, (served, bad, resets) in enumerate(buckets):
         x = label_w + index * bucket_ms * scale
         width = max(min(bucket_ms, total - index * bucket_ms) * scale, 1.0)  # the last: clipped
-        if served:
-            h = max(bar_h * served / most, 1.0)
-            parts.append(f'<rect x="{x:.1f}" y="{y + bar_h - h:.1f}" width="{width:.1f}" '
-                         f'height="{h:.1f}" fill="#8c959f"/>')
-        if bad:
-            parts.append(f'<rect class="bad" x="{x:.1f}" y="{y}" width="{width:.1f}" '
-                         f'height="{bar_h}" fill="#cf222e"/>')
-        if resets:
-            parts.append(f'<rect class="reset" x="{x:.1f}" y="{y - 3}" width="{width:.1f}" '
-                         f'height="3" fill="#bf8700"/>')
+        h = max(bar_h * served / most, 1.0) if served else 0.0
+        cells.append({"x": _f(x), "w": _f(width), "served": served, "bad": bad,
+                      "resets": resets, "served_y": _f(y + bar_h - h), "served_h": _f(h)})
     gap, at = users.get("longest_gap_ms"), users.get("longest_gap_at_ms")
+    outline = None
     if isinstance(gap, int | float) and isinstance(at, int | float):
-        x = label_w + max(at, 0) * scale
-        parts.append(f'<rect class="gap" x="{x:.1f}" y="{y - 1}" width="{max(gap * scale, 1):.1f}" '
-                     f'height="{bar_h + 2}" fill="none" stroke="#0969da" stroke-width="1.5"/>')
-    last = label_w + min(len(cells) * bucket_ms, total) * scale
-    parts.append(f'<text x="{last + 6:.1f}" y="{y + bar_h - 3}" font-size="11" fill="#57606a">'
-                 f'{_e(users.get("requests"))} req</text></g>')
-    return "".join(parts)
+        outline = {"x": _f(label_w + max(at, 0) * scale), "w": _f(max(gap * scale, 1))}
+    return {"requests": users.get("requests"), "non_2xx": users.get("non_2xx"),
+            "failed": users.get("failed"), "resets": users.get("resets"),
+            "longest_gap_ms": users.get("longest_gap_ms"), "line": traffic_line(users),
+            "y": y, "text_y": y + bar_h - 3, "cells": cells, "gap": outline,
+            "last_x": _f(label_w + min(len(buckets) * bucket_ms, total) * scale + 6)}
