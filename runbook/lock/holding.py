@@ -1,16 +1,8 @@
-"""Taking, refreshing, releasing and removing the per-environment deploy lock.
+"""Taking, refreshing, releasing and removing the per-environment deploy lock (the lock
+itself, and what the old tooling got wrong, are described in runbook/lock/__init__.py).
 
-The lock is the directory `env.lock_path` (what the deploy script mkdirs), holding `locked_at`
-(epoch seconds, which the shell tooling reads) and `holder.json` (who, why, which process),
-mirrored into the state file's `lock` object for tools that only read that. What the old
-tooling got wrong and this module does not:
-
-- a crashed holder's lock expires (after env.lock_stale_after) and a lock whose process died
-  on this host is stale at once; a lock held by a live process is never removed, not even with
-  force;
-- stealing a stale lock is race-free: contenders on this host serialize on an flock'd guard
-  file, and the stale directory is renamed away and checked by inode before a new one is made,
-  so a lock someone else just created is never the one taken away.
+Every change happens under the flock'd guard; a stale lock is taken only on what
+policy.py judged, and only after its directory is renamed away and checked by inode.
 """
 
 from __future__ import annotations
