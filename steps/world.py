@@ -152,6 +152,7 @@ class World:
     load: Load | None = None
     acted_at: float | None = None  # time.time() when the last action began
     acted_until: float | None = None  # and when it ended
+    shown: list[str] = field(default_factory=list)  # everything the steps printed
 
     # -- where we are --------------------------------------------------------------------------
     @property
@@ -222,7 +223,9 @@ class World:
         return True
 
     def show(self, title: str, text: str) -> None:
-        """Write to the terminal even while pytest captures output."""
+        """Write to the terminal even while pytest captures output (and keep it: a Then
+        may judge what the on-call saw)."""
+        self.shown.append(f"{title}\n{text}")
         capman = self.config.pluginmanager.getplugin("capturemanager")
         ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
         with ctx:
