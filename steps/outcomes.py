@@ -170,6 +170,8 @@ def slot_taking_traffic_is_healthy(world: World) -> None:
     report = probe(world, live)
     assert report.ok, f"the {live} slot is {report.status}: {report.reason()}"
     assert_answers_as(world, live, report)
+    code, body = raw_health(world, live)
+    assert code == 200, f"the {live} slot's /health answered HTTP {code}: {body}"
 
 
 # -- the deployment state ----------------------------------------------------------------------
@@ -219,7 +221,7 @@ def state_records_deployment(world: World, name: str) -> None:
     current = world.state().current
     assert current is not None
     assert current.version == version_tag(name)
-    assert current.migration_version == database.schema_version(world.env).version
+    assert current.migration_version == schema_in_postgres(world)
     assert current.image == docker.inspect(world.env.slot(current.slot).container).image
 
 
@@ -261,13 +263,25 @@ def state_file_says_previous(world: World) -> None:
 
 @then("what really runs matches the state file")
 def what_runs_matches(world: World) -> None:
+    """The status finds no problem, and what runs agrees with the file when looked at
+    directly: the proxy's slot and that container's image are the ones recorded."""
     assert world.status is not None
     assert world.status["problems"] == [], world.status["problems"]
+    current = world.state().current
+    assert current is not None and current.active_slot == current_live_slot(world)
+    running = docker.inspect(world.env.slot(current.active_slot).container)
+    assert running.running and running.tag == current.version, (running, current.version)
 
 
 @then("the status says Caddy is not answering")
 def status_says_caddy_down(world: World) -> None:
     assert world.status is not None
+    try:  # and it is true: the admin API really does not answer
+        with httpx.Client(timeout=3, trust_env=False) as client:
+            answered = client.get(f"{world.env.caddy.admin_url}/config/").status_code
+    except httpx.HTTPError:
+        answered = 0
+    assert answered == 0, f"Caddy's admin API answered HTTP {answered}"
     assert any("Caddy is not answering" in p["problem"] for p in world.status["problems"]), \
         world.status["problems"]
 
@@ -286,6 +300,7 @@ def status_schema_ahead(world: World) -> None:
     data = world.status
     assert data is not None and data["previous"] is not None
     schema = data["database"]["schema_version"]
+    assert schema == schema_in_postgres(world), data["database"]
     assert schema > data["previous"]["migration_version"], data["database"]
 
 
@@ -416,13 +431,18 @@ def json_report(world: World) -> None:
     slot = world.notes["health slot"]
     assert data["slot"] == slot and data["url"].startswith(world.env.slot(slot).base_url)
     assert data["status"] in ("healthy", "degraded", "unhealthy", "unreachable")
+    code, raw = raw_health(world, Slot(slot))  # what the app itself said
     if data["status"] == "unreachable":
-        assert data["error"], data
+        assert data["error"] and code == 0, (data, code)
         return
+    body = json.loads(raw)
     assert re.fullmatch(r"[0-9a-f]{7}", data["version"]), data
-    assert {"database", "migrations"} <= set(data["checks"]), data
-    for check in data["checks"].values():
-        assert check["status"] in ("pass", "warn", "fail"), check
+    assert data["version"] == body["version"] == docker.inspect(
+        world.env.slot(slot).container).tag, (data, body)
+    assert data["status"] == body["status"], (data, body)
+    assert {"database", "migrations"} <= set(data["checks"]) == set(body["checks"]), data
+    for name, check in data["checks"].items():
+        assert check["status"] == body["checks"][name]["status"], (check, body)
 
 
 @then("the table has a row for the slot with its status, its version and its checks")
@@ -431,11 +451,16 @@ def table_report(world: World) -> None:
     slot = world.notes["health slot"]
     header, row, *_ = text.splitlines()
     assert header.split()[:4] == ["SLOT", "URL", "STATUS", "VERSION"], text
-    report = world.notes["health reports"][0]
+    code, raw = raw_health(world, Slot(slot))  # what the app itself said
     cells = row.split()
-    assert cells[0] == slot and cells[2] == report.status, text
-    if report.status != "unreachable":
-        assert cells[3] == report.version and "database:" in row and "migrations:" in row, text
+    assert cells[0] == slot, text
+    if code == 0:
+        assert cells[2] == "unreachable", text
+        return
+    body = json.loads(raw)
+    assert cells[2] == body["status"] and cells[3] == body["version"], (text, body)
+    for name, check in body["checks"].items():
+        assert f"{name}:{check['status']}" in row.split(), (name, check, text)
 
 
 @then("every running slot answers for itself on its own port")
@@ -592,7 +617,7 @@ def state_file_names_schema(world: World) -> None:
     data = json.loads(world.env.state_file.read_bytes())
     current, previous = data["current_deployment"], data["previous_deployment"]
     assert current["active_slot"] == str(current_live_slot(world))
-    schema = database.schema_version(world.env).version
+    schema = schema_in_postgres(world)
     assert current["migration_version"] == schema
     assert previous["migration_version"] < schema
     assert data["lock"]["locked"] is False
@@ -625,7 +650,7 @@ def schema_back(world: World) -> None:
     world.succeeded()
     previous = state_before(world).previous
     assert previous is not None
-    assert database.schema_version(world.env).version == previous.migration_version
+    assert schema_in_postgres(world) == previous.migration_version
 
 
 def dumped_rows(path: Path, table: str) -> list[dict[str, str]] | None:
