@@ -127,13 +127,6 @@ def run_record(tmp_path: Path) -> dict[str, Any]:
     return record
 
 
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    """The session stack at its baseline, and back to it after (test_drill_stack.py)."""
-    drill_stack.reset()
-    yield drill_stack
-    drill_stack.reset()
-
 
 def drill_report(stack: DrillStack, out: Path) -> subprocess.CompletedProcess[str]:
     """A real drill report: pytest runs two scenarios of features/rollback.feature with the

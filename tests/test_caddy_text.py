@@ -544,14 +544,6 @@ def test_caddy_sees_every_managed_upstream_and_slot_header_retargeted_and_nothin
 # --- what the real Caddy runs after a reload, and where a request through it goes ----------
 
 
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    """The session stack at its baseline (blue serves, green runs), and back to it after:
-    test_drill_stack.py expects it."""
-    drill_stack.reset()
-    yield drill_stack
-    drill_stack.reset()
-
 
 def running_config(env: Environment) -> Config:
     """What Caddy runs now, from its admin API."""

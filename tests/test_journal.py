@@ -21,33 +21,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runbook.environment import Environment, from_mapping
+from runbook.environment import Environment
 from runbook.errors import ExitCode, PreconditionError
 from runbook.journal import MASK, Journal, Level, new_run_id, redact
+from tests.drill_checks import host_env
 
 REPO = Path(__file__).resolve().parents[1]
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-def make_env(tmp_path: Path) -> Environment:
-    data = {
-        "name": "staging",
-        "state": {"file": str(tmp_path / "deployment-state.json")},
-        "lock": {"dir": str(tmp_path / "locks")},
-        "logs": {"dir": str(tmp_path / "home" / ".togather" / "logs" / "deployments"),
-                 "runs_dir": str(tmp_path / "home" / ".togather" / "runs")},
-        "slots": {
-            "blue": {"container": "togather-server-blue", "service": "togather-blue", "port": 8081},
-            "green": {"container": "togather-server-green", "service": "togather-green",
-                      "port": 8082},
-        },
-    }
-    return from_mapping(data, tmp_path / "env.toml")
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Environment:
-    return make_env(tmp_path)
+    return host_env(tmp_path, name="staging")
 
 
 def lines(journal: Journal) -> list[dict[str, Any]]:
@@ -207,7 +192,7 @@ def test_any_message_adds_exactly_one_valid_line_to_the_file(tmp_path: Path, mes
                                                              field: str) -> None:
     """Read back from the file on disk: one more line per call, each a JSON object, and the
     text comes back as logged whenever it holds nothing secret-shaped."""
-    j = Journal.open(make_env(tmp_path / secrets_token()), "deploy")
+    j = Journal.open(host_env(tmp_path / secrets_token(), name="staging"), "deploy")
     j.log("INFO", message, note=field)
     raw = j.log_path.read_bytes()
     assert raw.endswith(b"\n") and raw.count(b"\n") == 2
@@ -263,13 +248,9 @@ def test_a_reader_never_sees_half_a_run_record(env: Environment) -> None:
 KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from runbook.environment import from_mapping
 from runbook.journal import Journal
-root = Path(sys.argv[1])
-env = from_mapping({"name": "staging",
-    "logs": {"dir": str(root / "logs"), "runs_dir": str(root / "runs")},
-    "slots": {"blue": {"container": "b", "service": "b", "port": 8081},
-              "green": {"container": "g", "service": "g", "port": 8082}}}, root / "env.toml")
+from tests.drill_checks import host_env
+env = host_env(Path(sys.argv[1]), name="staging")
 j = Journal.open(env, "rollback", run_id="rbk_killed")
 j.add_secret(sys.argv[2])
 print("open", flush=True)
