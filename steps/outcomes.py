@@ -126,6 +126,8 @@ def still_served_by_healthy_slot(world: World) -> None:
     assert live == live_slot_before(world)
     report = probe(world, live)
     assert report.ok, report.reason()
+    code, body = raw_health(world, live)
+    assert code == 200, f"the {live} slot's /health answered HTTP {code}: {body}"
 
 
 NEEDS_LOAD = ("not provable on a real host: it needs the drill's simulated users through Caddy "
@@ -212,6 +214,8 @@ def old_slot_keeps_running(world: World) -> None:
     assert info.running, info
     report = probe(world, live_slot_before(world))
     assert report.ok, report.reason()
+    code, body = raw_health(world, live_slot_before(world))
+    assert code == 200, f"its /health answered HTTP {code}: {body}"
 
 
 @then(parsers.parse('the state file records "{name}" as the current deployment with the schema '
@@ -335,6 +339,8 @@ def failing_check_named(world: World) -> None:
     assert error.report is not None and error.report.failing_checks
     for check in error.report.failing_checks:
         assert f"{check.name}: {check.message}" in str(error), str(error)
+    if world.on_drill:  # the broken build's own words (runbook/drill/app/server.py)
+        assert "app: drill build: always unhealthy" in str(error), str(error)
 
 
 @then("nothing has changed")

@@ -72,8 +72,13 @@ def site_answer(url: str) -> int:
 
 
 def outside_block(text: str) -> str:
-    start, end = caddy.find_block(text)
-    return text[:start] + text[end:]
+    """The Caddyfile without the lines between the slot markers, found by plain line search
+    (not by runbook.caddy, whose rewrite this judges)."""
+    lines = text.splitlines(keepends=True)
+    start = [i for i, line in enumerate(lines) if "BLUE_GREEN_SLOT_START" in line]
+    end = [i for i, line in enumerate(lines) if "BLUE_GREEN_SLOT_END" in line]
+    assert len(start) == len(end) == 1 and start[0] < end[0], "not one pair of slot markers"
+    return "".join(lines[:start[0] + 1] + lines[end[0]:])
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from runbook.environment import Environment, Slot, from_mapping
 
 def through_proxy(env: Environment) -> tuple[str, str]:
     """(X-Togather-Slot, version) as a user sees them through Caddy."""
-    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
+                         timeout=5, trust_env=False)
     return response.headers["X-Togather-Slot"], response.json()["version"]
 
 
