@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
@@ -155,8 +156,23 @@ def users_saw_no_failed_request(world: World, action: str) -> None:
     assert seen.ok, f"users saw failed requests during the {action}: {seen.describe()}; " \
                     f"first: {problems}"
     live = current_live_slot(world)
-    last = max((r for r in load.records() if r.served), key=lambda r: r.ended)
-    assert last.slot == str(live), f"the users' last answer came from {last.slot}, not {live}"
+    # "Ended on the live slot" is judged on requests SENT after the action returned: one sent
+    # before it may legitimately finish last on the old slot (Caddy lets in-flight requests of
+    # the old config complete). The load pauses between actions, so resume it briefly.
+    resumed = time.time()
+    load.start()
+    try:
+        deadline = time.monotonic() + 5
+        after: list[Any] = []
+        while len(after) < min(load.clients, 8) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            after = [r for r in load.records() if r.started >= resumed]
+    finally:
+        load.pause()
+    assert after, f"no request sent after the {action} was answered within 5 s"
+    wrong = [r for r in after if not r.served or r.slot != str(live)]
+    assert not wrong, (f"{len(wrong)} of {len(after)} requests sent after the {action} were not "
+                       f"answered by the {live} slot (first: {wrong[0]})")
 
 
 @then("users get an error from the proxy")
