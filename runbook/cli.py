@@ -360,6 +360,7 @@ def unlock(
 
 app.add_typer(__import__("runbook.cli_snapshot").cli_snapshot.snapshot_app, name="snapshot")
 __import__("runbook.cli_docs").cli_docs.register(app)  # runbook docs, runbook drill
+app.add_typer(__import__("runbook.fleet.cli").fleet.cli.fleet_app, name="fleet")  # issue 13
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from runbook.drill import images
 from runbook.drill.stack import DrillError, DrillStack, _last_line, sweep
+from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
 
 FLEET_COMPOSE = Path(__file__).resolve().parent / "fleet-compose.yml"
@@ -116,6 +117,7 @@ class DrillFleet:
 
     size: int = 3
     canary: int = 1
+    base: str = "v2"  # each host starts on this version (v2 and v3 share schema 2)
     run_id: str = field(default_factory=lambda: os.urandom(3).hex())
     hosts: list[FleetHost] = field(default_factory=list)
     dir: Path = field(init=False)
@@ -148,11 +150,13 @@ class DrillFleet:
     def start(self) -> DrillFleet:
         sshd = find_sshd()
         try:
-            first = DrillStack(run_id=f"{self.run_id}h1")
+            base = VERSIONS[self.base]
+            first = DrillStack(run_id=f"{self.run_id}h1", base_version=base)
             first.start()
             self.hosts.append(FleetHost("host1", first, _free_port()))
             for i in range(2, self.size + 1):
-                stack = FleetHostStack(run_id=f"{self.run_id}h{i}", shared=first)
+                stack = FleetHostStack(run_id=f"{self.run_id}h{i}", shared=first,
+                                       base_version=base)
                 stack.start()
                 self.hosts.append(FleetHost(f"host{i}", stack, _free_port()))
             self._keys()
@@ -165,9 +169,17 @@ class DrillFleet:
         return self
 
     def stop(self) -> None:
+        # Ansible's ControlPersist masters (per fleet, in dir/cp): closing them ends their
+        # sshd connection processes, which outlive the listener otherwise.
+        for sock in (self.dir / "cp").glob("*"):
+            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "drill-fleet"],
+                           capture_output=True, check=False, timeout=10)
         for h in self.hosts:
-            if h.sshd is not None and h.sshd.poll() is None:
-                h.sshd.send_signal(signal.SIGTERM)
+            if h.sshd is not None:
+                # its own session: the listener and every connection it forked (the
+                # connections Ansible keeps open with ControlPersist end with it)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(h.sshd.pid, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     h.sshd.wait(timeout=5)
         for h in reversed(self.hosts):  # the shared database's host last
@@ -186,6 +198,31 @@ class DrillFleet:
         first.stack.reset()
         for h in rest:
             h.stack.reset()
+
+    def deploy_all(self, version: str) -> None:
+        """`runbook deploy` of `version` on every host (the single-host library, as a host's own
+        deploy would): afterwards each host's previous deployment is its base version."""
+        from runbook import deploy
+
+        for h in self.hosts:
+            deploy.deploy(h.env, deploy.Options(version=VERSIONS[version].tag,
+                                                reason=f"drill fleet: deploy {version}"))
+
+    def serving(self, name: str) -> tuple[int, str | None, str | None]:
+        """(status, X-Togather-Slot, version) through that host's Caddy, as its users see it."""
+        import httpx
+
+        try:
+            with httpx.Client(timeout=3, trust_env=False) as client:
+                r = client.get(f"{self.host(name).env.caddy.proxy_url}/version",
+                               headers={"Connection": "close"})
+        except httpx.HTTPError:
+            return 0, None, None
+        try:
+            version = r.json().get("version")
+        except ValueError:
+            version = None
+        return r.status_code, r.headers.get("X-Togather-Slot"), version
 
     # -- ssh -------------------------------------------------------------------------------
     def _keys(self) -> None:
@@ -220,7 +257,7 @@ class DrillFleet:
             "MaxStartups 30:30:60\nLogLevel ERROR\n"
             f"SetEnv RUNBOOK_CONFIG={h.env.source}\n")
         h.sshd = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)],
-                                  stdout=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, start_new_session=True,
                                   stderr=(self.dir / f"sshd.{h.name}.log").open("wb"))
         deadline = time.monotonic() + 10
         while True:
@@ -265,6 +302,8 @@ class DrillFleet:
             "    runbook_env: development\n"
             f"    runbook_command: {self.runbook_command}\n"
             f"    ansible_ssh_common_args: -F {self.ssh_config}\n"
+            "    ansible_python_interpreter: /usr/bin/python3\n"
+            f"    ansible_control_path_dir: {self.dir / 'cp'}\n"
             "  children:\n"
             "    canary:\n      hosts:\n" + "".join(hv(n) for n in canary)
             + "    web:\n      hosts:\n" + "".join(hv(n) for n in names[self.canary:]))
