@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook.errors import ExitCode, RunbookError, UsageError
-from runbook.fleet import FLEET_PROTOCOL
+from runbook.fleet import FLEET_PROTOCOL, hostlock
 from runbook.fleet import inventory as inv
 from runbook.fleet import journal as fjournal
 from runbook.fleet.inventory import Inventory
@@ -282,15 +282,19 @@ def _needs_restore(checks: dict[str, dict[str, Any]]) -> str | None:
 
 
 class _Interrupts:
-    """First Ctrl-C: start no further host; second: stop Ansible now."""
+    """First Ctrl-C (or SIGTERM): start no further batch (the playbook checks `stop_file` before
+    each); the second: stop Ansible now."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: Path) -> None:
         self.count = 0
+        self.stop_file = stop_file
 
     @contextlib.contextmanager
     def installed(self, say: Callable[[str], None]) -> Iterator[None]:
         def handler(signum: int, frame: object) -> None:
             self.count += 1
+            with contextlib.suppress(OSError):
+                self.stop_file.touch()
             say("interrupted: no further host will start; hosts already rolling back finish"
                 if self.count == 1 else "interrupted again: stopping Ansible now")
 
@@ -380,7 +384,7 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         exc.journal_file = journal.write(options.journal_dir)
         raise
     finally:
-        if locked:
+        if locked and not journal.record.get("fleet_lock_released_by_rollout"):
             _release(inventory, targets, fleet_run_id, options.reason, say)
 
 
@@ -388,7 +392,8 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
              options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
              say: Callable[[str], None], plan_lines: list[str]) -> FleetResult:
     task = "runbook rollback"
-    interrupts = _Interrupts()
+    stop_dir = tempfile.TemporaryDirectory(prefix="togather-fleet-stop-")
+    interrupts = _Interrupts(Path(stop_dir.name) / "stop")
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
@@ -426,16 +431,18 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
     events = Events(on_start=on_start, on_end=on_end)
 
     def cancel() -> bool:
-        if interrupts.count >= 2:
-            return True
-        return interrupts.count == 1 and not events.in_flight(task)
+        return interrupts.count >= 2
 
     extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
-                 "fleet_serial": plan.serial}
+                 "fleet_serial": plan.serial,
+                 "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
+                 "fleet_stop_file": str(interrupts.stop_file)}
     t0 = time.time()
-    with interrupts.installed(say):
+    with stop_dir, interrupts.installed(say):
         status = run_playbook("rollout.yml", inventory, extravars, events,
                               forks=max(plan.serial), cancel=cancel)
+    released = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
+    journal.set(fleet_lock_released_by_rollout=released.get("_event") == "runner_on_ok")
     refresh = events.results.get("fleet lock still ours", {})
     lost_lock = next((r for r in refresh.values() if r.get("_event") != "runner_on_ok"), None)
     journal.phase("rollout", t0, status, serial=plan.serial,
