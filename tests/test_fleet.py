@@ -250,3 +250,13 @@ def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lo
     record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
     assert record["hosts"]["host1"]["status"] == "rolled back"
     assert record["hosts"]["host2"]["status"] == "not started"
+
+
+def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-sshd.sh"
+    began = time.monotonic()
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("ensure-sshd: ok: ") and "OpenSSH" in proc.stderr
+    assert time.monotonic() - began < 5
