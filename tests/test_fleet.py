@@ -206,8 +206,11 @@ def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
 
 @pytest.mark.docker
 def test_a_live_fleet_lock_refuses_with_exit_3_and_changes_nothing(
-        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
     import socket
+
+    fleet_on_v3 = drill_fleet  # no deploy needed: the refusal comes before any host check
+    drill_fleet.write_inventory()
 
     lock_env = fleet_on_v3.hosts[0].env
     hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="alice@ops",
@@ -218,6 +221,9 @@ def test_a_live_fleet_lock_refuses_with_exit_3_and_changes_nothing(
         _out, err = proc.communicate(timeout=600)
         assert proc.returncode == 3, err
         assert "alice@ops" in err and "nothing was changed" in err
+        dry = _fleet_rollback(fleet_on_v3, tmp_path, "--dry-run")
+        _out, err = dry.communicate(timeout=600)
+        assert dry.returncode == 4 and "host1: fleet lock: held by alice@ops" in err, err
         assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
         held = hostlock.status(lock_env)
         assert held is not None and held.holder["fleet_run_id"] == "fleet_other"

@@ -85,6 +85,10 @@ class FleetHostStack(DrillStack):
                 raise DrillError(f"fleet host {self.run_id} did not start: "
                                  f"{_last_line(proc.stderr)}", "see `docker compose logs`")
             self.wait_caddy()
+            from runbook import health
+            from runbook.environment import Slot
+
+            health.wait_healthy(self.env, Slot.BLUE, timeout=30)  # serving, as after a deploy
             self.write_baseline_state()
         except BaseException:
             self.stop()

@@ -249,6 +249,10 @@ def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reaso
             problems.append(f"{host}: runbook {data.get('runbook_version')} speaks fleet protocol "
                             f"{data.get('fleet_protocol')}, this controller {FLEET_PROTOCOL}: "
                             "install the same togather-runbook version on every host")
+        held = data.get("fleet_lock", {})
+        if (not take_lock and host == inventory.lock_host and held.get("locked")
+                and not held.get("stale")):
+            problems.append(f"{host}: fleet lock: held by {held.get('summary')}")
         for p in data.get("problems", []):
             problems.append(f"{host}: {p.get('check')}: {p.get('message')}"
                             + (f" ({p['fix']})" if p.get("fix") else ""))
