@@ -204,13 +204,23 @@ class DrillFleet:
             h.stack.reset()
 
     def deploy_all(self, version: str) -> None:
-        """`runbook deploy` of `version` on every host (the single-host library, as a host's own
-        deploy would): afterwards each host's previous deployment is its base version."""
-        from runbook import deploy
-
-        for h in self.hosts:
-            deploy.deploy(h.env, deploy.Options(version=VERSIONS[version].tag,
-                                                reason=f"drill fleet: deploy {version}"))
+        """`runbook deploy` of `version` on every host at once, each with its own environment
+        file (as each host's own deploy would): afterwards each host's previous deployment is
+        its base version. The hosts share one database: a version whose migrations already ran
+        (v3 after v2) migrates nothing."""
+        procs = {h.name: subprocess.Popen(
+            [self.runbook_command, "deploy", "development", "--version", VERSIONS[version].tag,
+             "--yes", "--format", "json", "--reason", f"drill fleet: deploy {version}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, "RUNBOOK_CONFIG": str(h.env.source)}) for h in self.hosts}
+        failed = []
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                failed.append(f"{name}: exit {proc.returncode}: {_last_line(err)}")
+        if failed:
+            raise DrillError("drill fleet deploy failed: " + "; ".join(failed),
+                             "see each host's journal")
 
     def serving(self, name: str) -> tuple[int, str | None, str | None]:
         """(status, X-Togather-Slot, version) through that host's Caddy, as its users see it."""
