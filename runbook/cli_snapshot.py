@@ -1,8 +1,8 @@
 """`runbook snapshot create|list|restore|cleanup`: database snapshots from a terminal.
 
-Mounted by runbook/cli.py as a sub-app. It must not import runbook.cli at import time (that
-module imports this one at its end, and `python -m runbook.cli` would import it twice), so
-the shared helpers (fail, run_action) are imported inside the commands.
+Mounted by runbook/cli.py as a sub-app. The helpers it shares with cli.py (fail, run_action,
+require_yes) live in runbook/cli_common.py: this module never imports runbook.cli (which
+imports it, and `python -m runbook.cli` would load twice).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from runbook.cli_common import fail, require_yes, run_action
 from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
 from runbook.errors import RunbookError
 
@@ -27,9 +28,7 @@ snapshot_app = typer.Typer(
 
 
 def _fail(exc: RunbookError, fmt: Format) -> NoReturn:
-    from runbook import cli
-
-    cli.fail(exc, fmt)
+    fail(exc, fmt)
 
 
 def _env(name: str, config: str | None, fmt: Format) -> Environment:
@@ -107,11 +106,11 @@ def restore(
     reason: Annotated[str | None, typer.Option("--reason", help="why, for the journal")] = None,
 ) -> None:
     """Restore a snapshot: safety snapshot, stop app slots, replay in one transaction, verify."""
-    from runbook import cli, snapshots
+    from runbook import snapshot_restore
 
     environment = _env(env, config, fmt)
-    cli.run_action(
-        lambda **kw: snapshots.restore(environment, snapshot, restart=not keep_stopped,
+    run_action(
+        lambda **kw: snapshot_restore.restore(environment, snapshot, restart=not keep_stopped,
                                        dry_run=dry_run, reason=reason or "snapshot restore",
                                        **kw),
         fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")
@@ -125,12 +124,12 @@ def cleanup(
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Delete snapshots past their own expires_at (default retention: 7 days)."""
-    from runbook import cli, snapshots
+    from runbook import snapshots
 
     environment = _env(env, config, fmt)
     try:
         if not dry_run:
-            cli.require_yes(yes, "`runbook snapshot cleanup`")
+            require_yes(yes, "`runbook snapshot cleanup`")
         result = snapshots.cleanup(environment, dry_run=dry_run)
     except RunbookError as exc:
         _fail(exc, fmt)

@@ -91,11 +91,11 @@ def check_url(url: str, variable: str, where: str) -> None:
 def url(env: Environment) -> str:
     """The checked database URL; its password is registered as a secret before anything can
     print it. Raises ConfigError (exit 2) for a missing or misencoded URL."""
-    from runbook import journal
+    from runbook.redact import register_secrets
 
     config = env.database
     raw = config.url()
-    journal.register_secrets(*secrets_of(raw))
+    register_secrets(*secrets_of(raw))
     where = "environment" if _from_process(env) else str(config.env_file)
     check_url(raw, config.url_variable, where)
     return raw
@@ -244,7 +244,7 @@ class ContainerConnection:
                     stream.close()
 
     def _fail(self, what: str) -> DatabaseError:
-        from runbook.journal import redact
+        from runbook.redact import redact
 
         self._proc.kill()
         self._proc.wait()
@@ -328,7 +328,7 @@ class _Rows:
 def connect(env: Environment, timeout: int = 5):  # type: ignore[no-untyped-def]
     import psycopg
 
-    from runbook.journal import redact
+    from runbook.redact import redact
 
     target = url(env)
     if via_container(env):
@@ -351,7 +351,7 @@ def schema_version(env: Environment) -> SchemaVersion:
     """
     import psycopg
 
-    from runbook.journal import redact
+    from runbook.redact import redact
 
     try:
         with connect(env) as conn:

@@ -160,8 +160,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # migrate_command) changes the schema then, and the schema guard must name this file
         Step("snapshot", "Snapshot the database before the new version starts",
              {"folder": str(env.database.snapshot_dir),
-              "command": "pg_dump --format=plain --no-owner --no-acl --clean --if-exists | gzip "
-                         f"(inside {env.database.container})",
+              "command": _dump_shown(env),
               "deployment": deployment_id},
              run=run_snapshot,
              skip=None if database.configured(env) else "no database configured"),
@@ -210,3 +209,17 @@ def deploy(env: Environment, options: Options, *, dry_run: bool = False, confirm
            progress: Any = None, notify: Any = None) -> RunResult:
     return perform(env, "deploy", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
                    reason=options.reason, confirm=confirm, progress=progress, notify=notify)
+
+
+def _dump_shown(env: Environment) -> str:
+    """The pre-deploy snapshot's pg_dump as it will run (runbook/snapshots/commands.py)."""
+    from runbook.snapshots import commands
+
+    if not database.configured(env):
+        return "none"
+    try:
+        tgt = commands.target(env)
+    except RunbookError as exc:
+        return f"pg_dump in {env.database.container} (cannot be built yet: {exc.message})"
+    return commands.dump(tgt, "<exported snapshot>",
+                         into=f"{env.database.snapshot_dir}/<new>.sql.gz").describe()

@@ -1,8 +1,9 @@
 """Atomic file replacement and the clean-up of what a killed writer leaves behind.
 
-Every file the runbook rewrites on a host (state file, Caddyfile, intent record) goes through
-`atomic_write`: a hidden temp file beside the target, fsync, rename, fsync of the directory.
-Readers see the old bytes or the new ones, never half; a kill at any point leaves at most a
+Every file the runbook rewrites on a host (state file, Caddyfile, intent record, lock
+files, the journal's run record) goes through `atomic_write`: a hidden temp file beside the
+target, fsync, rename, fsync of the directory. Readers see the old bytes or the new ones,
+never half; a kill at any point leaves at most a
 temp file named `TEMP_PATTERN`, which `sweep_temps` removes on the next run.
 """
 
@@ -13,6 +14,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TEMP_TAG = "runbook-tmp"
@@ -25,11 +27,19 @@ def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{TEMP_TAG}.{secrets.token_hex(6)}.tmp")
 
 
-def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644) -> None:
+def temp_target(name: str) -> str | None:
+    """The target's name when `name` is a temp file of one of our writers, else None."""
+    match = _TEMP_RE.match(name)
+    return match["target"] if match else None
+
+
+def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
+                 before_rename: Callable[[], None] | None = None) -> None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
-    A symlinked target stays a symlink (its destination is replaced). Raises OSError; the
-    target is then unchanged and no temp file is left.
+    A new file gets `default_mode`. A symlinked target stays a symlink (its destination is
+    replaced). `before_rename` runs between the fsynced temp file and the rename (the drill's
+    fault point). Raises OSError; the target is then unchanged and no temp file is left.
     """
     target = Path(os.path.realpath(target))
     try:
@@ -40,16 +50,19 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644) -> Non
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            # mode and owner first: the one fsync below makes them durable with the bytes
             os.fchmod(fd, (st.st_mode & 0o7777) if st else default_mode)
             if st is not None and hasattr(os, "fchown"):
                 with contextlib.suppress(PermissionError):  # only root may give files away
                     os.fchown(fd, st.st_uid, st.st_gid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         finally:
             os.close(fd)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -372,7 +372,7 @@ def to_json(f: Facts) -> dict[str, Any]:
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
     out["problems"] = [p.to_json() for p in problems(f)]
-    from runbook.journal import scrub
+    from runbook.redact import scrub
 
     return scrub(out)  # type: ignore[no-any-return]
 

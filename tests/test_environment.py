@@ -130,3 +130,56 @@ def test_empty_service_is_a_config_error(tmp_path: Path) -> None:
         envmod.load(str(path))
     assert f"{path}: slots.blue.service: is empty" in str(err.value)
     assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_the_format_knows_exactly_the_documented_keys() -> None:
+    """The pydantic model is the one list of keys: it must be the format's list, no more, no
+    less (written out here, as the README documents it, not read from the model)."""
+    tables, keys = envmod.KNOWN_TABLES, envmod.KNOWN_KEYS
+    assert tables == {"name", "label", "state", "lock", "logs", "slots", "caddy", "compose",
+                      "health", "database", "rollback", "deploy", "drill"}
+    assert keys == {
+        "state": {"file"},
+        "lock": {"dir", "stale_after_seconds"},
+        "logs": {"dir", "runs_dir"},
+        "slots": {"blue", "green"},
+        "slots.blue": {"container", "service", "port", "host"},
+        "slots.green": {"container", "service", "port", "host"},
+        "caddy": {"caddyfile", "reload", "admin_url", "proxy_url", "command", "systemd_unit",
+                  "verify_path", "container_path"},
+        "compose": {"file", "project", "env_file", "image_repository", "command"},
+        "health": {"path", "timeout_seconds", "interval_seconds", "max_interval_seconds",
+                   "request_timeout_seconds"},
+        "database": {"env_file", "url_variable", "container", "snapshot_dir", "retention_days",
+                     "access"},
+        "rollback": {"stop_old_slot"},
+        "deploy": {"migrate_command"},
+        "drill": {"allows_faults"},
+    }
+
+
+def test_types_are_checked_as_written_and_reported_with_the_key(tmp_path: Path) -> None:
+    """TOML types as written (no "8081" for a port, no true for a number), each error on its
+    own line with file and key, all at once; the file changes nothing (exit 2)."""
+    bad = tmp_path / "types.toml"
+    bad.write_text(NO_COMPOSE.replace("port = 8081", 'port = "8081"')
+                   + "[health]\ntimeout_seconds = true\n[caddy]\ncommand = []\n"
+                   + 'container_path = "etc/caddy"\n[database]\naccess = "docker"\n')
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(bad))
+    assert err.value.exit_code == ExitCode.USAGE
+    lines = err.value.message.splitlines()
+    assert lines[0] == f"5 problem(s) in {bad}:"
+    assert f"  {bad}: slots.blue.port: expected int, got '8081'" in lines
+    assert f"  {bad}: health.timeout_seconds: expected float, got True" in lines
+    assert f"  {bad}: caddy.command: expected a non-empty list of strings" in lines
+    assert any(line.startswith(f"  {bad}: caddy.container_path: 'etc/caddy' is not an "
+                               "absolute path") for line in lines)
+    assert f"  {bad}: database.access: 'docker' is not one of auto, host, container" in lines
+
+
+def test_the_written_file_leaves_out_what_it_does_not_set(tmp_path: Path) -> None:
+    env = envmod.load("production").with_(migrate_command=())
+    written = tomllib.loads(envmod.to_toml(env))
+    assert "deploy" not in written and "drill" not in written
+    assert written["rollback"] == {"stop_old_slot": True}

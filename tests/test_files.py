@@ -77,3 +77,24 @@ def test_a_killed_writer_leaves_a_temp_file_the_next_run_sweeps(tmp_path: Path) 
     assert files.sweep_temps(target) == left
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".deployment-state.json.goclisave.tmp", "deployment-state.json"]
+
+
+def test_every_rename_into_place_is_the_one_atomic_write() -> None:
+    """Read from the source (ast): os.replace/os.rename appear only in runbook/files.py, the
+    snapshot dump (a stream to a .partial file, too big for bytes in memory) and the lock's
+    entombing of a stale lock directory (a directory, renamed so no one else takes it)."""
+    import ast
+
+    allowed = {"runbook/files.py", "runbook/snapshots/dump.py", "runbook/lock/holding.py"}
+    root = Path(__file__).resolve().parent.parent
+    found: set[str] = set()
+    for path in sorted((root / "runbook").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("replace", "rename")
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "os"):
+                found.add(str(path.relative_to(root)))
+    assert "runbook/files.py" in found
+    assert found <= allowed, f"a rename outside files.atomic_write: {sorted(found - allowed)}"
+    for lock_module in (root / "runbook" / "lock").glob("*.py"):
+        assert "os.replace" not in lock_module.read_text()  # lock files: files.atomic_write

@@ -7,7 +7,6 @@ that pid is dead on this host (another host's runs are left alone).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,19 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runbook import procs
 from runbook.drill.stack import RUN_LABEL, sweep
 
 OWNER_LABEL = "io.togather.drill.owner"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def owners() -> dict[str, str]:
@@ -52,7 +42,7 @@ def orphans() -> list[str]:
     out = []
     for run_id, owner in owners().items():
         owner_host, _, pid = owner.rpartition(":")
-        if (owner_host == host and pid.isdigit() and not _alive(int(pid))) or not owner:
+        if (owner_host == host and pid.isdigit() and not procs.pid_alive(int(pid))) or not owner:
             out.append(run_id)
     return out
 

@@ -1,22 +1,13 @@
-"""The per-environment deploy lock, shared with the shell tooling.
+"""Taking, refreshing, releasing and removing the per-environment deploy lock (the lock
+itself, and what the old tooling got wrong, are described in runbook/lock/__init__.py).
 
-The lock is the directory `env.lock_path` (what the deploy script mkdirs), holding `locked_at`
-(epoch seconds, which the shell tooling reads) and `holder.json` (who, why, which process),
-mirrored into the state file's `lock` object for tools that only read that. What the old
-tooling got wrong and this module does not:
-
-- a crashed holder's lock expires (after env.lock_stale_after) and a lock whose process died
-  on this host is stale at once; a lock held by a live process is never removed, not even with
-  force;
-- stealing a stale lock is race-free: contenders on this host serialize on an flock'd guard
-  file, and the stale directory is renamed away and checked by inode before a new one is made,
-  so a lock someone else just created is never the one taken away.
+Every change happens under the flock'd guard; a stale lock is taken only on what
+policy.py judged, and only after its directory is renamed away and checked by inode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -26,93 +17,28 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
 from runbook.errors import ConfigError, LockedError, StateError
+from runbook.lock.policy import (
+    HOLDER,
+    LOCKED_AT,
+    Ident,
+    LockStatus,
+    _from_epoch,
+    _inspect,
+    _state_lock_status,
+)
+from runbook.times import rough_duration
 
-LOCKED_AT = "locked_at"
-HOLDER = "holder.json"
 GUARD_TIMEOUT = 10.0  # seconds; the guarded sections take milliseconds
-FUTURE_SLACK = 300.0  # a locked_at further in the future than this is not believed
 
-Ident = tuple[int, int]  # (st_dev, st_ino): which directory, not just which name
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who holds a lock, as holder.json (or the state file's lock object) says."""
-
-    lock_id: str | None = None
-    locked_by: str | None = None
-    pid: int | None = None
-    hostname: str | None = None
-    reason: str | None = None
-    deployment_id: str | None = None
-    locked_at: datetime | None = None
-    expires_at: datetime | None = None
-    pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
-
-    def describe(self) -> str:
-        who = self.locked_by or "an unknown user"
-        where = []
-        if self.pid is not None:
-            where.append(f"pid {self.pid}")
-        if self.hostname:
-            where.append(f"on {self.hostname}")
-        text = f"{who} ({' '.join(where)})" if where else who
-        if self.reason:
-            text += f" for {self.reason!r}"
-        if self.deployment_id:
-            text += f", run {self.deployment_id}"
-        return text
-
-
-@dataclass(frozen=True)
-class LockStatus:
-    """What is known about a held lock, and whether it may be taken over."""
-
-    path: Path
-    source: str  # "directory", or "state file" for a lock only the state file records
-    holder: Holder | None  # None: created by the shell tooling (only locked_at)
-    locked_at: datetime | None
-    age: float  # seconds
-    stale: bool
-    why: str  # why it is (not) stale, in words
-    holder_alive: bool | None  # None: cannot tell (no pid, or another host)
-    expires_in: float  # seconds until it expires (<= 0 when expired)
-    ident: Ident | None = None
-    state_lock: Mapping[str, Any] | None = None  # the state file's mirror, for messages
-    broken: bool = False  # something that is not a lock directory sits at the path
-
-    @property
-    def legacy(self) -> bool:
-        return self.holder is None
-
-    @property
-    def stealable(self) -> bool:
-        """Stale and not demonstrably still running: safe to take without asking."""
-        return self.stale and self.holder_alive is not True
-
-    @property
-    def is_ours(self) -> bool:
-        h = self.holder
-        return (h is not None and h.pid == os.getpid() and h.hostname == socket.gethostname())
-
-    def describe(self) -> str:
-        if self.holder is not None:
-            who = self.holder.describe()
-        elif self.state_lock and self.state_lock.get("locked"):
-            who = "the shell tooling (" + _state_holder(self.state_lock).describe() + ")"
-        else:
-            who = "the shell tooling (no holder recorded)"
-        since = (f" since {statemod.format_time(self.locked_at)} ({_human(self.age)} ago)"
-                 if self.locked_at else "")
-        return f"{who}{since}"
 
 
 @dataclass
@@ -145,7 +71,7 @@ class Lock:
             "deployment_id": self.deployment_id,
             "locked_at": statemod.format_time(self.locked_at),
             "expires_at": statemod.format_time(self.expires_at),
-            "pid_start": _pid_start(self.pid),
+            "pid_start": procs.pid_start(self.pid),
             "tool": "togather-runbook",
             **({"took_over": self.stolen_from.describe() + f" ({self.stolen_from.why})"}
                if self.stolen_from else {}),
@@ -208,10 +134,6 @@ class Lock:
         self.release()
 
 
-# ---------------------------------------------------------------------------------------------
-# Public API
-
-
 def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
     """Take the deploy lock now or raise LockedError naming the holder and the way out."""
     try:
@@ -239,6 +161,8 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             shutil.rmtree(tomb, ignore_errors=True)
             stolen = current
         try:
+            # mkdir, not files.atomic_write: its failing when the directory exists is the
+            # exclusion itself (and what the deploy script does); a rename would overwrite.
             os.mkdir(path, 0o755)
         except FileExistsError:
             # Someone outside the guard (the shell tooling) got in first.
@@ -314,176 +238,6 @@ def unlock(env: Environment, force: bool = False) -> str:
     return f"{env.display}: removed {what}, held by {current.describe()}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Inspection
-
-
-def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
-    now = time.time() if now is None else now
-    path = env.lock_path
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    ident = (st.st_dev, st.st_ino)
-    if not os.path.isdir(path) or os.path.islink(path):
-        return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,
-                          stale=False, why=f"{path} is not a lock directory", holder_alive=None,
-                          expires_in=float("inf"), ident=ident, broken=True)
-    holder = _read_holder(path / HOLDER)
-    epoch = None
-    if holder is not None and holder.locked_at is not None:
-        epoch = holder.locked_at.timestamp()
-    basis = "holder.json"
-    if epoch is None:
-        epoch, basis = _read_locked_at(path / LOCKED_AT), "locked_at"
-    if epoch is None or epoch > now + FUTURE_SLACK:
-        # Not written yet (being acquired), or garbage: the directory's own age decides.
-        epoch, basis = st.st_mtime, "the directory's mtime"
-    state_lock = None if holder is not None else _state_lock_mapping(env)
-    return _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock)
-
-
-def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epoch: float,
-           basis: str, now: float, ident: Ident | None,
-           state_lock: Mapping[str, Any] | None, expires: float | None = None) -> LockStatus:
-    age = now - epoch
-    deadline = expires if expires is not None else epoch + env.lock_stale_after
-    expires_in = deadline - now
-    alive = None
-    pid = holder.pid if holder is not None else None
-    if holder is not None and pid is not None and holder.hostname == socket.gethostname():
-        alive = _pid_alive(pid, holder.pid_start)
-    if expires_in <= 0:
-        why = f"expired {_human(-expires_in)} ago (by {basis})"
-        if alive:
-            why += f"; its process {pid} is still running on this host"
-        stale = True
-    elif alive is False:
-        why = f"its process {pid} is no longer running on this host"
-        stale = True
-    else:
-        stale = False
-        if alive:
-            why = f"its process is running; expires in {_human(expires_in)}"
-        elif holder is not None and holder.hostname and holder.hostname != socket.gethostname():
-            why = (f"held from another host ({holder.hostname}); expires in "
-                   f"{_human(expires_in)}")
-        else:
-            why = f"expires in {_human(expires_in)} (by {basis})"
-    return LockStatus(path=path, source=source, holder=holder,
-                      locked_at=_from_epoch(epoch), age=max(age, 0.0), stale=stale, why=why,
-                      holder_alive=alive, expires_in=expires_in, ident=ident,
-                      state_lock=state_lock)
-
-
-def _state_lock_mapping(env: Environment) -> Mapping[str, Any] | None:
-    try:
-        return statemod.read_state(env.state_file).lock
-    except StateError:
-        return None
-
-
-def _state_lock_status(env: Environment, now: float | None = None) -> LockStatus | None:
-    """A lock recorded only in the state file (the Go CLI locks nowhere else)."""
-    now = time.time() if now is None else now
-    lock = _state_lock_mapping(env)
-    if not lock or not lock.get("locked"):
-        return None
-    holder = _state_holder(lock)
-    epoch = holder.locked_at.timestamp() if holder.locked_at else None
-    expires = holder.expires_at.timestamp() if holder.expires_at else None
-    if epoch is None:
-        epoch = expires - env.lock_stale_after if expires is not None else 0.0
-    return _judge(env, env.state_file, "state file", holder, epoch, "the state file", now,
-                  None, lock, expires)
-
-
-def _state_holder(lock: Mapping[str, Any]) -> Holder:
-    def text(key: str) -> str | None:
-        value = lock.get(key)
-        return value if isinstance(value, str) and value else None
-
-    def when(key: str) -> datetime | None:
-        value = lock.get(key)
-        if not isinstance(value, str):
-            return None
-        try:
-            return statemod.parse_time(value)
-        except (ValueError, OverflowError):
-            return None
-
-    pid = lock.get("pid")
-    return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"),
-                  pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-                  hostname=text("hostname"), reason=text("reason"),
-                  deployment_id=text("deployment_id"), locked_at=when("locked_at"),
-                  expires_at=when("lock_expires_at") or when("expires_at"))
-
-
-def _read_holder(path: Path) -> Holder | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    holder = _state_holder(data)
-    start = data.get("pid_start")
-    if isinstance(start, int) and not isinstance(start, bool):
-        holder = dataclasses.replace(holder, pid_start=start)
-    return holder
-
-
-def _read_locked_at(path: Path) -> float | None:
-    try:
-        value = float(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return value if value >= 1_000_000_000 else None  # what the shell tooling also rejects
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) from /proc, or None where there is no /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rpartition(")")[2].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _pid_start(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return stat[1] if stat else None
-
-
-def _pid_alive(pid: int, start: int | None) -> bool:
-    if pid <= 0:
-        return False  # 0 and negatives address process groups, never a holder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    except OverflowError:
-        return False
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    if stat[0] in ("Z", "X"):
-        return False  # exited, not yet reaped
-    return start is None or stat[1] == start
-
-
-# ---------------------------------------------------------------------------------------------
-# Mechanics
-
-
 @contextlib.contextmanager
 def _guard(env: Environment) -> Iterator[None]:
     """Serialize inspect-and-steal among runbook processes; the kernel frees it on death.
@@ -555,19 +309,10 @@ def _remove_dir(path: Path, ident: Ident | None) -> None:
 
 
 def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
-    _write_atomic(path / LOCKED_AT, f"{int(now)}\n")
-    _write_atomic(path / HOLDER, json.dumps(lock.holder_json(), indent=2) + "\n")
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+    """Inside the lock directory (made by mkdir, which is what excludes a second holder): these
+    files are only read, so a plain atomic replace (as every file the runbook writes) will do."""
+    files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
+    files.atomic_write(path / HOLDER, (json.dumps(lock.holder_json(), indent=2) + "\n").encode())
 
 
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
@@ -613,29 +358,8 @@ def _locked_error(env: Environment, current: LockStatus, *,
                "and the next run takes it over")
     elif unlocking:
         fix = ("a live lock is never removed, not even with --force: wait for that run to "
-               f"finish (it expires in {_human(current.expires_in)} if it crashed)")
+               f"finish (it expires in {rough_duration(current.expires_in)} if it crashed)")
     else:
         fix = (f"wait for that run to finish; if it crashed, `runbook unlock {name}` removes it "
-               f"once it is stale (in {_human(current.expires_in)})")
+               f"once it is stale (in {rough_duration(current.expires_in)})")
     return LockedError(message, fix)
-
-
-def _from_epoch(epoch: float) -> datetime:
-    try:
-        return datetime.fromtimestamp(epoch, UTC)
-    except (OverflowError, OSError, ValueError):
-        return datetime.fromtimestamp(0, UTC)
-
-
-def _human(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "never"
-    s = int(abs(seconds))
-    if s < 90:
-        return f"{s} s"
-    if s < 90 * 60:
-        return f"{round(s / 60)} min"
-    if s < 48 * 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
-

@@ -1,0 +1,170 @@
+"""What every `runbook` command module shares: one-line failures, the unattended-change
+guard, the confirmation prompt, step progress and the result report.
+
+A module of its own so the sub-apps (cli_snapshot, cli_docs) use them without importing
+runbook/cli.py, which imports them: no cycle, at load time or at call time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+
+from runbook.cli_options import Format
+from runbook.errors import RunbookError
+
+if TYPE_CHECKING:
+    from runbook.environment import Environment
+    from runbook.plan import Plan, Step
+    from runbook.run import RunResult
+
+_IMPORTED = time.monotonic()
+
+
+def _process_started() -> float:
+    """When this process started, on the time.monotonic() scale: "Done in" counts the
+    interpreter's start and the imports too, as the person waiting did. Linux reads it from
+    /proc (10 ms resolution); elsewhere it falls back to when this module was imported."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
+        since = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+    return min(time.monotonic() - since, _IMPORTED)
+
+
+PROCESS_STARTED = _process_started()
+
+
+def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
+    """One line (plus the fix) on stderr and the error's documented exit code, never a
+    traceback; with --format json also one JSON object on stdout for the caller's script."""
+    if fmt is Format.json:
+        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                          "exit_code": int(exc.exit_code)}))
+    message = str(exc)
+    first, *rest = message.splitlines() or [""]
+    typer.echo(f"runbook: error: {first}", err=True)
+    for line in rest:
+        typer.echo(f"  {line.strip()}", err=True)
+    log_file = getattr(exc, "log_file", None)
+    if log_file:
+        typer.echo(f"runbook: journal: {log_file}", err=True)
+    raise typer.Exit(int(exc.exit_code))
+
+
+def load_env(name: str, config: str | None) -> Environment:
+    """The environment, imported when a command needs it (`--help` stays instant)."""
+    from runbook import environment
+
+    return environment.load(name, config=config)
+
+
+UNATTENDED_FIX = ("pass --yes to confirm it in advance (from cron, a pipe or `ssh host cmd`), "
+                  "or --dry-run to see the plan")
+
+
+def require_yes(yes: bool, what: str) -> None:
+    """Refuse to change a host unattended: without a terminal nobody can answer the prompt, and
+    a mutation from cron, a pipe or `ssh host cmd` must be asked for in advance with --yes."""
+    from runbook.errors import UsageError
+
+    if not yes and not sys.stdin.isatty():
+        raise UsageError(f"{what} changes the host and stdin is not a terminal, so nobody can "
+                         "confirm it; nothing was changed", UNATTENDED_FIX)
+
+
+def confirmer(yes: bool, fmt: Format,
+              what: str = "this command") -> Callable[[Plan], bool] | None:
+    """Ask on a terminal unless --yes; without a terminal, refuse (exit 2) unless --yes."""
+    require_yes(yes, what)
+    if yes:
+        return None
+
+    def confirm(plan: Plan) -> bool:
+        typer.echo(plan.render(), err=fmt is Format.json)
+        return typer.confirm("Proceed?", default=False, err=True)
+
+    return confirm
+
+
+class Progress:
+    """One line per step while it runs, so a 60-second health gate never looks hung."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = 0.0
+        self.switched: float | None = None  # when the switch step ended: traffic moved
+
+    def __call__(self, event: str, step: Step, message: str = "") -> None:
+        if event == "done" and step.name == "switch":
+            self.switched = time.monotonic()
+        if not self.enabled:
+            return
+        if event == "note":
+            typer.echo(f"   ... {message}", err=True)
+            return
+        if event == "start":
+            self.started = time.monotonic()
+            typer.echo(f"-> {step.title} ...", err=True)
+        else:
+            took = time.monotonic() - self.started
+            typer.echo(f"   {'ok' if event == 'done' else 'FAILED'} ({took:.2f}s)", err=True)
+
+
+def timing(switched: float | None) -> dict[str, float]:
+    """Seconds from process start to now (the whole run: start-up, lock, plan, steps) and,
+    when traffic moved, to the end of the switch step."""
+    out = {"done_in_s": round(time.monotonic() - PROCESS_STARTED, 3)}
+    if switched is not None:
+        out["switched_at_s"] = round(switched - PROCESS_STARTED, 3)
+    return out
+
+
+def report(result: RunResult, fmt: Format, switched: float | None = None) -> None:
+    if fmt is Format.json:
+        print(json.dumps({"ok": True, **result.to_json(),
+                          **({} if result.dry_run else {"timing": timing(switched)})},
+                         default=str))
+        return
+    if result.dry_run:
+        typer.echo(result.plan.render())
+        typer.echo("Dry run: nothing was changed.")
+        return
+    # A plain table (no rich import: it cost the on-call ~25 ms for three columns).
+    rows = [(o.title, o.status, f"{o.duration_ms / 1000:.2f}s") for o in result.outcomes]
+    head = ("step", "status", "duration")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    typer.echo(f"{result.plan.action}: {result.plan.summary}")
+    for title, status, took in [head, *rows]:
+        typer.echo(f"  {title.ljust(widths[0])}  {status.ljust(widths[1])}  "
+                   f"{took.rjust(widths[2])}")
+    times = timing(switched)
+    moved = (f" (traffic switched at {times['switched_at_s']:.2f}s)"
+             if "switched_at_s" in times else "")
+    typer.echo(f"Done in {times['done_in_s']:.2f}s{moved}. Journal: {result.log_file}")
+
+
+def notice(message: str) -> None:
+    """Something on-call must see even when all goes well (a stale lock taken over)."""
+    typer.echo(f"runbook: note: {message}", err=True)
+
+
+def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool,
+               what: str = "this command") -> None:
+    """Run a verb the same way for every command: confirm, show progress, report, fail."""
+    progress = Progress(fmt is Format.text and not dry_run)
+    try:
+        result = fn(confirm=None if dry_run else confirmer(yes, fmt, what), progress=progress,
+                    notify=notice)
+    except RunbookError as exc:
+        fail(exc, fmt)
+    report(result, fmt, progress.switched)

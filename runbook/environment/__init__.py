@@ -1,0 +1,116 @@
+"""Where everything of one environment lives: the same type for a real host and a drill stack.
+
+An environment is read from a TOML file (runbook/environments/<name>.toml, `--config PATH` or
+RUNBOOK_CONFIG). A drill stack builds the same object; the only thing a drill adds is
+`allows_faults`, the permission to break things on purpose.
+
+model.py holds the values (Slot, Environment, ...); schema.py the file format, one pydantic
+model (imported when a file is read or written). Every name stays importable from here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runbook.environment.model import (
+    ENV_NAMES,
+    STANDARD_COMPOSE_FILE,
+    CaddyConfig,
+    ComposeConfig,
+    DatabaseConfig,
+    Environment,
+    HealthConfig,
+    ReloadMethod,
+    Slot,
+    SlotConfig,
+    read_env_file,
+)
+from runbook.errors import ConfigError
+
+ALIASES = {"prod": "production", "stage": "staging", "dev": "development"}
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "environments"  # package data
+SYSTEM_DIR = Path("/etc/togather-runbook")
+
+__all__ = [
+    "ALIASES", "BUILTIN_DIR", "ENV_NAMES", "REPO_ROOT", "STANDARD_COMPOSE_FILE", "SYSTEM_DIR",
+    "CaddyConfig", "ComposeConfig", "DatabaseConfig", "Environment", "HealthConfig",
+    "ReloadMethod", "Slot", "SlotConfig", "canonical_name", "find_config", "from_mapping",
+    "load", "load_file", "read_env_file", "to_toml",
+]
+
+
+def canonical_name(name: str) -> str:
+    """`prod` -> `production`; unknown names are returned unchanged (they may be files)."""
+    return ALIASES.get(name, name)
+
+
+def find_config(name_or_path: str) -> Path:
+    """Resolve an environment name or a path to its TOML file."""
+    explicit = Path(name_or_path).expanduser()
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        if not explicit.is_file():
+            raise ConfigError(f"environment file {explicit} does not exist",
+                              "pass an existing TOML file or one of: " + ", ".join(ENV_NAMES))
+        return explicit
+    name = canonical_name(name_or_path)
+    if name not in ENV_NAMES:
+        raise ConfigError(f"unknown environment {name_or_path!r}",
+                          "use development, staging, production (alias prod) or a .toml path")
+    for directory in (SYSTEM_DIR, BUILTIN_DIR):
+        candidate = directory / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no configuration for environment {name!r}",
+                      f"write {SYSTEM_DIR / (name + '.toml')} (see README, 'Environment files')")
+
+
+def load(name_or_path: str, *, config: str | None = None) -> Environment:
+    """Load an environment: `config` (or RUNBOOK_CONFIG) wins over the name's default file."""
+    chosen = config or os.environ.get("RUNBOOK_CONFIG")
+    path = find_config(chosen) if chosen else find_config(name_or_path)
+    env = load_file(path)
+    wanted = canonical_name(name_or_path)
+    if chosen and wanted in ENV_NAMES and env.name != wanted:
+        raise ConfigError(f"{path} describes environment {env.name!r}, not {wanted!r}",
+                          "pass the matching environment name or file")
+    return env
+
+
+def load_file(path: Path) -> Environment:
+    """Parse and validate one environment file; every problem is reported in one error."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", "check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", "fix the syntax at that line") from None
+    return from_mapping(data, path)
+
+
+def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
+    """A parsed TOML document as an Environment (relative paths: from the file's folder)."""
+    from runbook.environment import schema
+
+    return schema.parse(data, path)
+
+
+def to_toml(env: Environment) -> str:
+    """Write an environment back as TOML (what a drill hands to `--env <file>`)."""
+    from runbook.environment import schema
+
+    return schema.dump(env)
+
+
+def __getattr__(name: str) -> Any:
+    """KNOWN_TABLES / KNOWN_KEYS, the old hand-written lists, now read off the model."""
+    if name in ("KNOWN_TABLES", "KNOWN_KEYS"):
+        from runbook.environment import schema
+
+        keys = schema.known_keys()
+        return keys[""] if name == "KNOWN_TABLES" else {k: v for k, v in keys.items() if k}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

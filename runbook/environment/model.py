@@ -1,0 +1,160 @@
+"""The environment as the runbook uses it: frozen values, the same type for a real host and a
+drill stack (which builds them directly). The file format that fills them is schema.py."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from runbook.errors import ConfigError
+
+ENV_NAMES = ("development", "staging", "production")
+# The contract's compose file: the default only on a host where it exists (issue 10: hosts that
+# start their slots with `docker run` have none, and a default to a missing file misleads).
+STANDARD_COMPOSE_FILE = Path("/opt/togather/src/deploy/docker/docker-compose.blue-green.yml")
+
+
+class Slot(StrEnum):
+    BLUE = "blue"
+    GREEN = "green"
+
+    @property
+    def other(self) -> Slot:
+        return Slot.GREEN if self is Slot.BLUE else Slot.BLUE
+
+
+class ReloadMethod(StrEnum):
+    ADMIN_API = "admin-api"  # POST <admin_url>/load with the Caddyfile
+    CADDY_RELOAD = "caddy-reload"  # <command> reload --config <caddyfile>
+    SYSTEMCTL = "systemctl"  # systemctl reload <unit>
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    slot: Slot
+    container: str
+    service: str | None  # the compose service; None on hosts without compose (`docker run`)
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CaddyConfig:
+    caddyfile: Path
+    reload: ReloadMethod
+    admin_url: str
+    proxy_url: str  # where verification requests go, through Caddy
+    command: tuple[str, ...] = ("caddy",)  # how to run the caddy binary (validate, reload)
+    systemd_unit: str = "caddy"
+    verify_path: str = "/version"
+    # The Caddyfile's path as Caddy sees it, when Caddy runs in a container whose config
+    # directory is bind-mounted elsewhere (host /srv/caddy -> /etc/caddy): `caddy validate`
+    # and `caddy reload` run through `command` must name files by that path. None: the same.
+    container_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    file: Path | None  # None: this host has no compose file, slots cannot be recreated by us
+    project: str
+    env_file: Path | None
+    image_repository: str = "togather-server"
+    command: tuple[str, ...] = ("docker", "compose")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    path: str = "/health"
+    timeout: float = 60.0  # seconds the gate waits for healthy
+    interval: float = 0.25  # first poll interval; doubles up to max_interval
+    max_interval: float = 2.0
+    request_timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    env_file: Path | None
+    url_variable: str = "DATABASE_URL"
+    container: str = "togather-db"
+    snapshot_dir: Path = Path("/var/lib/togather/db-snapshots")
+    retention_days: int = 7
+    # How the runbook reaches the database: "host" (psycopg from this machine), "container"
+    # (psql inside `container` through `docker exec`), or "auto": container when the URL's
+    # host does not resolve here (e.g. `togather-db`, a name on Docker's network only).
+    access: str = "auto"
+
+    def url(self) -> str:
+        """The database URL from the process environment or the env file. Never log it."""
+        if value := os.environ.get(self.url_variable):
+            return value
+        if self.env_file is None:
+            raise ConfigError(f"{self.url_variable} is not set and no env file is configured",
+                              f"export {self.url_variable} or set [database] env_file")
+        values = read_env_file(self.env_file)
+        if self.url_variable not in values:
+            raise ConfigError(f"{self.url_variable} is missing from {self.env_file}",
+                              f"add {self.url_variable}=postgresql://... to that file")
+        return values[self.url_variable]
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str  # development | staging | production: the state file's `environment`
+    state_file: Path
+    lock_dir: Path
+    log_dir: Path
+    runs_dir: Path
+    slots: Mapping[Slot, SlotConfig]
+    caddy: CaddyConfig
+    compose: ComposeConfig
+    health: HealthConfig
+    database: DatabaseConfig
+    lock_stale_after: float = 1800.0
+    stop_old_slot: bool = True
+    source: Path | None = None  # the TOML file it came from
+    label: str = ""  # how to call it in output, e.g. "production" or "drill 3f2a"
+    allows_faults: bool = False  # only drill stacks may be broken on purpose
+    migrate_command: tuple[str, ...] = ()  # run inside the new slot by deploy; () = app migrates
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.lock_dir / f"togather-deploy-{self.name}.lock"
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    def slot(self, slot: Slot | str) -> SlotConfig:
+        return self.slots[Slot(slot)]
+
+    def with_(self, **changes: Any) -> Environment:
+        return replace(self, **changes)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read env file {path}: {exc.strerror}",
+                          "check the path and its permissions (mode 0600, owned by you)") from None
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values

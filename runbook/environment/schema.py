@@ -1,0 +1,367 @@
+"""The environment file's format (TOML) as one pydantic model: each key, its type, its default
+and its constraint written once. Reading reports every problem at once, one line each naming
+the file and the key; writing dumps the same model, so reader, known keys and writer agree.
+
+Imported only when a file is read or written: `import runbook.environment` stays light for
+the many modules that only need Slot or Environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from runbook.environment.model import (
+    ENV_NAMES,
+    STANDARD_COMPOSE_FILE,
+    CaddyConfig,
+    ComposeConfig,
+    DatabaseConfig,
+    Environment,
+    HealthConfig,
+    ReloadMethod,
+    Slot,
+    SlotConfig,
+)
+from runbook.errors import ConfigError
+
+
+def _fail(text: str) -> NoReturn:
+    """A constraint's own words, shown as they are (the context keeps braces in values safe)."""
+    raise PydanticCustomError("runbook", "{message}", {"message": text})
+
+
+def _choice(*options: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in options:
+            _fail(f"{value!r} is not one of {', '.join(options)}")
+        return value
+    return AfterValidator(check)
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        _fail(f"port {value} is outside 1-65535")
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        _fail(f"must be greater than 0, got {value}")
+    return value
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    """argv, never a shell string: a non-empty list of non-empty strings."""
+    if (not isinstance(value, list | tuple) or not value
+            or not all(isinstance(v, str) and v for v in value)):
+        _fail("expected a non-empty list of strings")
+    return tuple(value)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        _fail("is empty (remove it on a host without compose)")
+    return value
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        _fail(f"{value!r} is not an absolute path (the Caddyfile's path inside Caddy's "
+              "container)")
+    return value
+
+
+Port = Annotated[int, AfterValidator(_port)]
+Positive = Annotated[float, AfterValidator(_positive)]
+Command = Annotated[tuple[str, ...], PlainValidator(_command)]
+# Non-positive retention has always meant the default (a week), not an error.
+Retention = Annotated[int, AfterValidator(lambda days: days if days > 0 else 7)]
+
+
+class _Table(BaseModel):
+    """Strict (TOML types as written: no "8081" for 8081), unknown keys refused, frozen."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _table() -> Any:
+    """A table that may be left out: its keys then take their defaults, or are reported
+    missing one by one (slots.green.port, not just slots.green)."""
+    return Field(default_factory=dict, validate_default=True)
+
+
+class StateFile(_Table):
+    file: str = "/opt/togather/src/deploy/config/deployment-state.json"
+
+
+class LockFile(_Table):
+    dir: str = "/tmp"
+    stale_after_seconds: Positive = Environment.lock_stale_after
+
+
+class LogsFile(_Table):
+    dir: str = "~/.togather/logs/deployments"
+    runs_dir: str = "~/.togather/runs"
+
+
+class SlotFile(_Table):
+    container: str
+    # the compose service; left out on hosts without compose (`docker run`)
+    service: Annotated[str, AfterValidator(_not_blank)] | None = None
+    port: Port
+    host: str = SlotConfig.host
+
+
+class SlotsFile(_Table):
+    blue: SlotFile = _table()
+    green: SlotFile = _table()
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> SlotsFile:
+        if self.blue.port == self.green.port:
+            _fail("blue and green must use different ports")
+        return self
+
+
+class CaddyFile(_Table):
+    caddyfile: str = "/etc/caddy/Caddyfile"
+    reload: Annotated[str, _choice(*(m.value for m in ReloadMethod))] = "admin-api"
+    admin_url: str = "http://localhost:2019"
+    proxy_url: str = "http://localhost"
+    command: Command = CaddyConfig.command
+    systemd_unit: str = CaddyConfig.systemd_unit
+    verify_path: str = CaddyConfig.verify_path
+    container_path: Annotated[str, AfterValidator(_absolute)] | None = None
+
+
+class ComposeFile(_Table):
+    file: str | None = None  # default: STANDARD_COMPOSE_FILE where it exists
+    project: str | None = None  # default: togather-<name>
+    env_file: str | None = None
+    image_repository: str = ComposeConfig.image_repository
+    command: Command = ComposeConfig.command
+
+
+class HealthFile(_Table):
+    path: str = HealthConfig.path
+    timeout_seconds: Positive = HealthConfig.timeout
+    interval_seconds: Positive = HealthConfig.interval
+    max_interval_seconds: Positive = HealthConfig.max_interval
+    request_timeout_seconds: Positive = HealthConfig.request_timeout
+
+
+class DatabaseFile(_Table):
+    env_file: str | None = None  # default: compose.env_file
+    url_variable: str = DatabaseConfig.url_variable
+    container: str = DatabaseConfig.container
+    snapshot_dir: str = str(DatabaseConfig.snapshot_dir)
+    retention_days: Retention = DatabaseConfig.retention_days
+    access: Annotated[str, _choice("auto", "host", "container")] = DatabaseConfig.access
+
+
+class RollbackFile(_Table):
+    stop_old_slot: bool = Environment.stop_old_slot
+
+
+class DeployFile(_Table):
+    # run inside the new slot by deploy; left out: the app migrates by itself
+    migrate_command: Command | None = None
+
+
+class DrillFile(_Table):
+    allows_faults: bool = Environment.allows_faults
+
+
+class EnvironmentFile(_Table):
+    """One environment file: every key the format knows, and nothing else."""
+
+    name: Annotated[str, _choice(*ENV_NAMES)]
+    label: str = ""
+    state: StateFile = _table()
+    lock: LockFile = _table()
+    logs: LogsFile = _table()
+    slots: SlotsFile = _table()
+    caddy: CaddyFile = _table()
+    compose: ComposeFile = _table()
+    health: HealthFile = _table()
+    database: DatabaseFile = _table()
+    rollback: RollbackFile = _table()
+    deploy: DeployFile = _table()
+    drill: DrillFile = _table()
+
+
+def known_keys(model: type[BaseModel] = EnvironmentFile) -> dict[str, set[str]]:
+    """{"": top-level keys, "caddy": its keys, "slots.blue": ...}, from the model."""
+    out: dict[str, set[str]] = {"": set(model.model_fields)}
+    for key, info in model.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            for table, keys in known_keys(sub).items():
+                out[f"{key}.{table}" if table else key] = keys
+    return out
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+_KINDS = {"string_type": "str", "int_type": "int", "float_type": "float", "bool_type": "bool",
+          "list_type": "list", "tuple_type": "list"}
+
+
+def _describe(error: Mapping[str, Any], keys: Mapping[str, set[str]]) -> tuple[str, str]:
+    """(dotted key, problem) in the words the old reader used."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    kind = error["type"]
+    if kind == "missing":
+        return key, "required key is missing"
+    if kind == "extra_forbidden":
+        parent = ".".join(loc[:-1])
+        return key, f"unknown key (known: {', '.join(sorted(keys.get(parent, ())))})"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return key, "expected a table"
+    if kind in _KINDS:
+        return key, f"expected {_KINDS[kind]}, got {error['input']!r}"
+    return key, str(error["msg"])
+
+
+def _path(value: str | None, base: Path) -> Path | None:
+    if value is None:
+        return None
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Environment:
+    """Validate a parsed TOML document and build the Environment; every problem in one
+    ConfigError (exit 2), one line each: `<file>: <key>: <problem>`."""
+    try:
+        f = EnvironmentFile.model_validate(data)
+    except ValidationError as exc:
+        keys = known_keys()
+        lines = []
+        for error in exc.errors(include_url=False):
+            key, problem = _describe(error, keys)
+            lines.append(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+        raise ConfigError(f"{len(lines)} problem(s) in {path}:\n  " + "\n  ".join(lines),
+                          "fix them and run again") from None
+    return _build(f, path)
+
+
+def _build(f: EnvironmentFile, path: Path) -> Environment:
+    base = path.parent
+    p: Callable[[str], Path] = lambda value: _path(value, base) or Path()  # noqa: E731
+    compose_env = _path(f.compose.env_file, base)
+    slots = {slot: SlotConfig(slot, s.container, s.service, s.port, s.host)
+             for slot, s in ((Slot.BLUE, f.slots.blue), (Slot.GREEN, f.slots.green))}
+    return Environment(
+        name=f.name, state_file=p(f.state.file), lock_dir=p(f.lock.dir),
+        log_dir=p(f.logs.dir), runs_dir=p(f.logs.runs_dir), slots=slots,
+        caddy=CaddyConfig(
+            caddyfile=p(f.caddy.caddyfile), reload=ReloadMethod(f.caddy.reload),
+            admin_url=f.caddy.admin_url.rstrip("/"), proxy_url=f.caddy.proxy_url.rstrip("/"),
+            command=f.caddy.command, systemd_unit=f.caddy.systemd_unit,
+            verify_path=f.caddy.verify_path, container_path=f.caddy.container_path),
+        compose=ComposeConfig(
+            file=_path(f.compose.file, base)
+            or (STANDARD_COMPOSE_FILE if STANDARD_COMPOSE_FILE.is_file() else None),
+            project=f.compose.project if f.compose.project is not None else f"togather-{f.name}",
+            env_file=compose_env, image_repository=f.compose.image_repository,
+            command=f.compose.command),
+        health=HealthConfig(
+            path=f.health.path, timeout=f.health.timeout_seconds,
+            interval=f.health.interval_seconds, max_interval=f.health.max_interval_seconds,
+            request_timeout=f.health.request_timeout_seconds),
+        database=DatabaseConfig(
+            env_file=_path(f.database.env_file, base) or compose_env,
+            url_variable=f.database.url_variable, container=f.database.container,
+            snapshot_dir=p(f.database.snapshot_dir), retention_days=f.database.retention_days,
+            access=f.database.access),
+        lock_stale_after=f.lock.stale_after_seconds, stop_old_slot=f.rollback.stop_old_slot,
+        source=path, label=f.label or f.name, allows_faults=f.drill.allows_faults,
+        migrate_command=f.deploy.migrate_command or (),
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _file_of(env: Environment) -> EnvironmentFile:
+    """The file that loads back as `env` (its label: what it is called in output)."""
+    c, m, h, d = env.caddy, env.compose, env.health, env.database
+
+    def text(value: Path | None) -> str | None:
+        return None if value is None else str(value)
+
+    def slot(s: SlotConfig) -> SlotFile:
+        return SlotFile(container=s.container, service=s.service, port=s.port, host=s.host)
+
+    # [deploy] and [drill] only when they say something (dump leaves out what is not set)
+    optional: dict[str, Any] = {}
+    if env.migrate_command:
+        optional["deploy"] = DeployFile(migrate_command=env.migrate_command)
+    if env.allows_faults:
+        optional["drill"] = DrillFile(allows_faults=True)
+    return EnvironmentFile(
+        name=env.name, label=env.display,
+        state=StateFile(file=str(env.state_file)),
+        lock=LockFile(dir=str(env.lock_dir), stale_after_seconds=env.lock_stale_after),
+        logs=LogsFile(dir=str(env.log_dir), runs_dir=str(env.runs_dir)),
+        slots=SlotsFile(blue=slot(env.slot(Slot.BLUE)), green=slot(env.slot(Slot.GREEN))),
+        caddy=CaddyFile(caddyfile=str(c.caddyfile), reload=c.reload.value,
+                        admin_url=c.admin_url, proxy_url=c.proxy_url, command=c.command,
+                        systemd_unit=c.systemd_unit, verify_path=c.verify_path,
+                        container_path=c.container_path),
+        compose=ComposeFile(file=text(m.file), project=m.project, env_file=text(m.env_file),
+                            image_repository=m.image_repository, command=m.command),
+        health=HealthFile(path=h.path, timeout_seconds=h.timeout,
+                          interval_seconds=h.interval, max_interval_seconds=h.max_interval,
+                          request_timeout_seconds=h.request_timeout),
+        database=DatabaseFile(env_file=text(d.env_file), url_variable=d.url_variable,
+                              container=d.container, snapshot_dir=str(d.snapshot_dir),
+                              retention_days=d.retention_days, access=d.access),
+        rollback=RollbackFile(stop_old_slot=env.stop_old_slot), **optional,
+    )
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _toml_table(data: Mapping[str, Any], prefix: str, lines: list[str]) -> None:
+    """Keys first, then sub-tables; absent (None) keys and empty tables are left out."""
+    scalars = [(k, v) for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
+    if prefix and scalars:
+        lines.append(f"[{prefix}]")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars]
+    if scalars:
+        lines.append("")
+    for key, sub in tables:
+        _toml_table(sub, f"{prefix}.{key}" if prefix else key, lines)
+
+
+def dump(env: Environment) -> str:
+    """The environment as a TOML file (what a drill hands to `--env <file>`)."""
+    lines: list[str] = []
+    _toml_table(_file_of(env).model_dump(exclude_unset=True), "", lines)
+    return "\n".join(lines)

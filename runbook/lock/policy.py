@@ -1,0 +1,235 @@
+"""Who holds the deploy lock and whether it may be taken over: read-only.
+
+Reads the lock directory (`locked_at`, `holder.json`) and the state file's mirror, and judges
+staleness (expiry, a dead process on this host) without changing anything; runbook/lock/
+holding.py takes, refreshes and releases it on that judgement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from runbook import procs
+from runbook import state as statemod
+from runbook.environment import Environment
+from runbook.errors import StateError
+from runbook.times import rough_duration
+
+LOCKED_AT = "locked_at"
+HOLDER = "holder.json"
+FUTURE_SLACK = 300.0  # a locked_at further in the future than this is not believed
+
+Ident = tuple[int, int]  # (st_dev, st_ino): which directory, not just which name
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, as holder.json (or the state file's lock object) says."""
+
+    lock_id: str | None = None
+    locked_by: str | None = None
+    pid: int | None = None
+    hostname: str | None = None
+    reason: str | None = None
+    deployment_id: str | None = None
+    locked_at: datetime | None = None
+    expires_at: datetime | None = None
+    pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
+
+    def describe(self) -> str:
+        who = self.locked_by or "an unknown user"
+        where = []
+        if self.pid is not None:
+            where.append(f"pid {self.pid}")
+        if self.hostname:
+            where.append(f"on {self.hostname}")
+        text = f"{who} ({' '.join(where)})" if where else who
+        if self.reason:
+            text += f" for {self.reason!r}"
+        if self.deployment_id:
+            text += f", run {self.deployment_id}"
+        return text
+
+
+@dataclass(frozen=True)
+class LockStatus:
+    """What is known about a held lock, and whether it may be taken over."""
+
+    path: Path
+    source: str  # "directory", or "state file" for a lock only the state file records
+    holder: Holder | None  # None: created by the shell tooling (only locked_at)
+    locked_at: datetime | None
+    age: float  # seconds
+    stale: bool
+    why: str  # why it is (not) stale, in words
+    holder_alive: bool | None  # None: cannot tell (no pid, or another host)
+    expires_in: float  # seconds until it expires (<= 0 when expired)
+    ident: Ident | None = None
+    state_lock: Mapping[str, Any] | None = None  # the state file's mirror, for messages
+    broken: bool = False  # something that is not a lock directory sits at the path
+
+    @property
+    def legacy(self) -> bool:
+        return self.holder is None
+
+    @property
+    def stealable(self) -> bool:
+        """Stale and not demonstrably still running: safe to take without asking."""
+        return self.stale and self.holder_alive is not True
+
+    @property
+    def is_ours(self) -> bool:
+        h = self.holder
+        return (h is not None and h.pid == os.getpid() and h.hostname == socket.gethostname())
+
+    def describe(self) -> str:
+        if self.holder is not None:
+            who = self.holder.describe()
+        elif self.state_lock and self.state_lock.get("locked"):
+            who = "the shell tooling (" + _state_holder(self.state_lock).describe() + ")"
+        else:
+            who = "the shell tooling (no holder recorded)"
+        since = (f" since {statemod.format_time(self.locked_at)} ({rough_duration(self.age)} ago)"
+                 if self.locked_at else "")
+        return f"{who}{since}"
+
+
+def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
+    now = time.time() if now is None else now
+    path = env.lock_path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    ident = (st.st_dev, st.st_ino)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,
+                          stale=False, why=f"{path} is not a lock directory", holder_alive=None,
+                          expires_in=float("inf"), ident=ident, broken=True)
+    holder = _read_holder(path / HOLDER)
+    epoch = None
+    if holder is not None and holder.locked_at is not None:
+        epoch = holder.locked_at.timestamp()
+    basis = "holder.json"
+    if epoch is None:
+        epoch, basis = _read_locked_at(path / LOCKED_AT), "locked_at"
+    if epoch is None or epoch > now + FUTURE_SLACK:
+        # Not written yet (being acquired), or garbage: the directory's own age decides.
+        epoch, basis = st.st_mtime, "the directory's mtime"
+    state_lock = None if holder is not None else _state_lock_mapping(env)
+    return _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock)
+
+
+def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epoch: float,
+           basis: str, now: float, ident: Ident | None,
+           state_lock: Mapping[str, Any] | None, expires: float | None = None) -> LockStatus:
+    age = now - epoch
+    deadline = expires if expires is not None else epoch + env.lock_stale_after
+    expires_in = deadline - now
+    alive = None
+    pid = holder.pid if holder is not None else None
+    if holder is not None and pid is not None and holder.hostname == socket.gethostname():
+        alive = procs.pid_alive(pid, holder.pid_start)
+    if expires_in <= 0:
+        why = f"expired {rough_duration(-expires_in)} ago (by {basis})"
+        if alive:
+            why += f"; its process {pid} is still running on this host"
+        stale = True
+    elif alive is False:
+        why = f"its process {pid} is no longer running on this host"
+        stale = True
+    else:
+        stale = False
+        if alive:
+            why = f"its process is running; expires in {rough_duration(expires_in)}"
+        elif holder is not None and holder.hostname and holder.hostname != socket.gethostname():
+            why = (f"held from another host ({holder.hostname}); expires in "
+                   f"{rough_duration(expires_in)}")
+        else:
+            why = f"expires in {rough_duration(expires_in)} (by {basis})"
+    return LockStatus(path=path, source=source, holder=holder,
+                      locked_at=_from_epoch(epoch), age=max(age, 0.0), stale=stale, why=why,
+                      holder_alive=alive, expires_in=expires_in, ident=ident,
+                      state_lock=state_lock)
+
+
+def _state_lock_mapping(env: Environment) -> Mapping[str, Any] | None:
+    try:
+        return statemod.read_state(env.state_file).lock
+    except StateError:
+        return None
+
+
+def _state_lock_status(env: Environment, now: float | None = None) -> LockStatus | None:
+    """A lock recorded only in the state file (the Go CLI locks nowhere else)."""
+    now = time.time() if now is None else now
+    lock = _state_lock_mapping(env)
+    if not lock or not lock.get("locked"):
+        return None
+    holder = _state_holder(lock)
+    epoch = holder.locked_at.timestamp() if holder.locked_at else None
+    expires = holder.expires_at.timestamp() if holder.expires_at else None
+    if epoch is None:
+        epoch = expires - env.lock_stale_after if expires is not None else 0.0
+    return _judge(env, env.state_file, "state file", holder, epoch, "the state file", now,
+                  None, lock, expires)
+
+
+def _state_holder(lock: Mapping[str, Any]) -> Holder:
+    def text(key: str) -> str | None:
+        value = lock.get(key)
+        return value if isinstance(value, str) and value else None
+
+    def when(key: str) -> datetime | None:
+        value = lock.get(key)
+        if not isinstance(value, str):
+            return None
+        try:
+            return statemod.parse_time(value)
+        except (ValueError, OverflowError):
+            return None
+
+    pid = lock.get("pid")
+    return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"),
+                  pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                  hostname=text("hostname"), reason=text("reason"),
+                  deployment_id=text("deployment_id"), locked_at=when("locked_at"),
+                  expires_at=when("lock_expires_at") or when("expires_at"))
+
+
+def _read_holder(path: Path) -> Holder | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    holder = _state_holder(data)
+    start = data.get("pid_start")
+    if isinstance(start, int) and not isinstance(start, bool):
+        holder = dataclasses.replace(holder, pid_start=start)
+    return holder
+
+
+def _read_locked_at(path: Path) -> float | None:
+    try:
+        value = float(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return value if value >= 1_000_000_000 else None  # what the shell tooling also rejects
+
+
+def _from_epoch(epoch: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.fromtimestamp(0, UTC)

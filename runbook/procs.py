@@ -1,0 +1,48 @@
+"""Is a process alive: the one check the deploy lock and the drill clean-up share.
+
+A pid alone can be reused after its process died; with the start time /proc recorded when
+the lock was taken, a reused pid is told apart. A zombie counts as dead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) from /proc, or None where there is no /proc."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw.rpartition(")")[2].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_start(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Is `pid` a live process (and, given its /proc start time, the same one, not a reuse)?"""
+    if pid <= 0:
+        return False  # 0 and negatives address process groups, never a holder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    except OverflowError:
+        return False
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    if stat[0] in ("Z", "X"):
+        return False  # exited, not yet reaped
+    return start is None or stat[1] == start

@@ -1,0 +1,123 @@
+"""Secret masking for everything the runbook prints or writes: log lines, run records,
+errors, `status --format json`.
+
+A module of its own because the adapters (database, docker, compose, snapshots) mask their
+errors too and must not import the journal (which imports them) to do it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from datetime import date, datetime
+from typing import Any
+
+from runbook.times import format_rfc3339 as format_time
+
+MASK = "***"
+MIN_SECRET_LENGTH = 4  # shorter known values would mask ordinary words
+
+_WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key" \
+         r"|credentials?)"
+_QUOTED = r"\"(?:[^\"\\]|\\.)*\"(?=[\s,;}\]]|$)|'[^']*'(?=[\s,;}\]]|$)"
+_PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = []
+
+
+def _quoted_mask(value: str) -> str:
+    return f"{value[0]}{MASK}{value[0]}" if value[:1] in ("'", '"') else MASK
+
+
+# scheme://user:PASSWORD@host - the password may hold @ % / : (greedy to the last @)
+_PATTERNS.append((
+    re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/]*:)(?P<pw>\S*)@"),
+    lambda m: f"{m['pre']}{MASK}@",
+))
+# POSTGRES_PASSWORD=..., JWT_SECRET="...": env style, the value runs to whitespace
+_PATTERNS.append((
+    re.compile(r"\b(?P<key>[A-Z][A-Z0-9_]*" + _WORDS.upper().replace("[_-]", "_")
+               + r"[A-Z0-9_]*)=(?P<value>" + _QUOTED + r"|\S*)"),
+    lambda m: f"{m['key']}={_quoted_mask(m['value'])}",
+))
+# password=..., token: ..., "api_key": "...", db.password = ... (query strings stop at &)
+_PATTERNS.append((
+    re.compile(r"(?i)\b(?P<key>[\w.-]*" + _WORDS + r"[\w.-]*)(?P<sep>[\"']?\s*[=:]\s*)"
+               r"(?P<value>" + _QUOTED + r"|[^\s&;,\"']+)"),
+    lambda m: f"{m['key']}{m['sep']}{_quoted_mask(m['value'])}",
+))
+# --password SECRET
+_PATTERNS.append((
+    re.compile(r"(?i)(?P<flag>--?[\w-]*" + _WORDS + r"[\w-]*)\s+(?P<value>(?!-)\S+)"),
+    lambda m: f"{m['flag']} {MASK}",
+))
+# Authorization: Bearer xxx / Basic xxx
+_PATTERNS.append((
+    re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
+    lambda m: f"{m['kind']} {MASK}",
+))
+_SECRET_FLAG = re.compile(r"(?i)--?[\w-]*" + _WORDS + r"[\w-]*")
+_SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
+
+
+_REGISTERED: set[str] = set()  # this process's known secret values (the database password)
+
+
+def register_secrets(*values: str) -> None:
+    """Known secret values every later redact() masks, whoever calls it and whatever the text
+    looks like (a misencoded URL defeats the patterns below, a known value does not)."""
+    _REGISTERED.update(v for v in values if v)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask secrets in free text: URL passwords, *_SECRET=, password=, token=, known values."""
+    known = {s for s in (*secrets, *_REGISTERED) if s and len(s) >= MIN_SECRET_LENGTH}
+    for value in sorted(known, key=len, reverse=True):
+        text = text.replace(value, MASK)
+        quoted = urllib.parse.quote(value, safe="")
+        if quoted != value:
+            text = text.replace(quoted, MASK)
+    for pattern, replace in _PATTERNS:
+        text = pattern.sub(replace, text)
+    return text
+
+
+def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
+    """JSON-safe and redacted: whatever a caller passes, the line stays one valid object."""
+    if depth > 20:
+        return "<too deep>"
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return redact(value, known)
+    if isinstance(value, datetime):
+        return format_time(value) if value.tzinfo else value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = str(key)
+            secret = bool(_SECRET_KEY.search(name)) and isinstance(item, str)
+            out[name] = MASK if secret and "://" not in item else _clean(item, known, depth + 1)
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        out_list: list[Any] = []
+        previous: Any = None
+        for item in value:
+            # argv: ["psql", "--password", "hunter2"] masks the value after the flag
+            flag = isinstance(previous, str) and _SECRET_FLAG.fullmatch(previous)
+            out_list.append(MASK if flag and isinstance(item, str)
+                            else _clean(item, known, depth + 1))
+            previous = item
+        return out_list
+    if isinstance(value, bytes):
+        return redact(value.decode("utf-8", "replace"), known)
+    return redact(str(value), known)
+
+
+def scrub(value: Any) -> Any:
+    """`value` made JSON-safe with every secret masked, for output that is not a log line."""
+    return _clean(value, ())

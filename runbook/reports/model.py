@@ -1,0 +1,335 @@
+"""The drill report's data: what report.json holds, and what derives from it.
+
+The pytest plugin (steps/report_plugin.py) fills the data; this module builds and reads it,
+so a report can be rendered from any report.json (or from synthetic data in a test) without
+running a drill. Nothing here runs a command or opens a connection: the environment's
+fingerprint comes from runbook/reports/fingerprint.py, through the caller.
+
+report.json (FORMAT) holds: `features[].scenarios[]` with `status`, `duration_ms`, `steps[]`
+({keyword, name, line, status, duration_ms, offset_ms, error}), `runs[]` (the engine's run
+records, as runbook.journal writes them) and `time_to_recover_ms`; `fingerprint`; `summary`
+and `attention` (recomputed by finalize()).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from runbook.feature_order import feature_sort_key
+from runbook.times import format_ms_utc as now_iso
+from runbook.times import parse_utc as parse_time
+
+FORMAT = "togather-runbook/drill-report@1"
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+JUNIT_XML = "junit.xml"
+CUCUMBER_JSON = "cucumber.json"
+ENGINE_ACTIONS = ("rollback", "deploy", "switch")  # runs that get a timeline
+RECOVERY_ACTION = "rollback"  # time-to-recover counts these runs
+
+# Step and scenario statuses, in the words the page uses.
+PASSED, FAILED, SKIPPED, UNDEFINED, NOT_RUN, ERROR = (
+    "passed", "failed", "skipped", "undefined", "not run", "error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine run records
+
+
+def collect_runs(runs_dir: Path, since: datetime | None = None,
+                 seen: set[str] | None = None) -> list[dict[str, Any]]:
+    """Run records in `runs_dir` that started at or after `since` and are not in `seen`.
+
+    Called at the end of each scenario, before the next drill reset wipes the directory; on a
+    real host the directory holds history, which `since` leaves out."""
+    seen = seen if seen is not None else set()
+    found: list[dict[str, Any]] = []
+    try:
+        paths = sorted(p for p in runs_dir.glob("*.json") if not p.name.startswith("."))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        run_id = str(record.get("run_id") or path.stem)
+        started = parse_time(record.get("started_at"))
+        if run_id in seen or (since is not None and started is not None
+                              and started.timestamp() < since.timestamp() - 1.0):
+            continue
+        seen.add(run_id)
+        found.append(record)
+    found.sort(key=lambda r: (str(r.get("started_at") or ""), str(r.get("run_id") or "")))
+    return found
+
+
+def run_phases(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The measured phases of a run: offset from the run's start and duration, in ms."""
+    timed: list[tuple[datetime, Mapping[str, Any]]] = []
+    for step in run.get("steps") or []:
+        if isinstance(step, Mapping) and (began := parse_time(step.get("started_at"))):
+            timed.append((began, step))
+    if not timed:
+        return []
+    origin = min(t for t, _ in timed)
+    run_start = parse_time(run.get("started_at"))
+    if run_start is not None and run_start <= origin:
+        origin = run_start
+    phases = []
+    for started, step in timed:
+        duration = step.get("duration_ms")
+        phases.append({
+            "name": str(step.get("name") or "?"),
+            "title": str(step.get("title") or step.get("name") or ""),
+            "status": str(step.get("status") or "unknown"),
+            "offset_ms": round((started - origin).total_seconds() * 1000),
+            "duration_ms": int(duration) if isinstance(duration, int | float) else None,
+            "error": step.get("error"),
+        })
+    return phases
+
+
+def run_window(run: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
+    """The run's timeline as wall-clock times: its origin (offset 0) and its last step's end."""
+    phases = run_phases(run)
+    if not phases:
+        return None
+    origin = min(t for step in run.get("steps") or [] if isinstance(step, Mapping)
+                 and (t := parse_time(step.get("started_at"))) is not None)
+    run_start = parse_time(run.get("started_at"))
+    if run_start is not None and run_start <= origin:
+        origin = run_start
+    end = max(p["offset_ms"] + (p["duration_ms"] or 0) for p in phases)
+    return origin, origin + timedelta(milliseconds=end)
+
+
+def traffic(run: Mapping[str, Any], records: Iterable[Any], clients: int,
+            bucket_ms: int = 50) -> dict[str, Any] | None:
+    """What a drill's simulated users (runbook.drill.load Requests) saw during a run, laid on
+    the run's timeline: counts, the longest gap and requests per bucket, times in ms from the
+    run's origin. None when the run has no timeline."""
+    from runbook.drill import load
+
+    window = run_window(run)
+    if window is None:
+        return None
+    start, end = (t.timestamp() for t in window)
+    records = list(records)
+    data = load.summarize(records, start, end, clients).to_json(origin=start)
+    data["bucket_ms"] = bucket_ms
+    data["buckets"] = [[b["served"], b["bad"], b["resets"]]
+                       for b in load.buckets(records, start, end, bucket_ms / 1000)]
+    return data
+
+
+def run_duration_ms(run: Mapping[str, Any]) -> int | None:
+    """First step start to last step end, as measured by the journal."""
+    phases = run_phases(run)
+    if not phases:
+        return None
+    start = min(int(p["offset_ms"]) for p in phases)
+    end = max(int(p["offset_ms"]) + int(p["duration_ms"] or 0) for p in phases)
+    return end - start
+
+
+def time_to_recover(runs: Iterable[Mapping[str, Any]]) -> int | None:
+    """The measured time of the scenario's rollback runs, added up (refused attempts count:
+    the on-call spends that time too). None when the scenario ran no rollback."""
+    durations = [run_duration_ms(r) for r in runs if r.get("action") == RECOVERY_ACTION]
+    measured = [d for d in durations if d is not None]
+    return sum(measured) if measured else None
+
+
+def run_step(scenario: Mapping[str, Any], run: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The scenario step during which an engine run started (steps carry `started_at`)."""
+    started = parse_time(run.get("started_at"))
+    if started is None:
+        return None
+    during = None
+    for step in scenario.get("steps") or []:
+        began = parse_time(step.get("started_at"))
+        if began is not None and began <= started:
+            during = step
+    return during
+
+
+def is_arrangement(scenario: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
+    """A run a drill's Given made to set the scene (e.g. deploys v2 then v3): not recovery."""
+    step = run_step(scenario, run)
+    return step is not None and step.get("type") == "given"
+
+
+def recovery_runs(scenario: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [r for r in scenario.get("runs") or []
+            if isinstance(r, Mapping) and not is_arrangement(scenario, r)]
+
+
+def images_in(value: Any, found: set[str] | None = None) -> set[str]:
+    """Every `repo:tag` image named under an *image* key of a run record."""
+    found = found if found is not None else set()
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if "image" in str(key).lower() and isinstance(item, str) and ":" in item \
+                    and " " not in item:
+                found.add(item)
+            else:
+                images_in(item, found)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            images_in(item, found)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and finishing the data
+
+
+def new_report(*, environment: str, command: Iterable[str] = (), dry_run: bool = False,
+               started_at: str | None = None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "environment": environment,
+        "dry_run": dry_run,
+        "command": list(command),
+        "started_at": started_at or now_iso(),
+        "finished_at": None,
+        "duration_ms": None,
+        "exit_status": None,
+        "fingerprint": {},
+        "features": [],
+        "artifacts": {"html": REPORT_HTML, "json": REPORT_JSON, "junit": JUNIT_XML,
+                      "cucumber": CUCUMBER_JSON},
+    }
+
+
+def feature_entry(data: dict[str, Any], file: str, name: str,
+                  description: str = "") -> dict[str, Any]:
+    """The feature's entry (created on first use, in the order scenarios arrive)."""
+    for feature in data["features"]:
+        if feature["file"] == file:
+            return feature  # type: ignore[no-any-return]
+    feature = {"file": file, "name": name, "description": description.strip(),
+               "scenarios": []}
+    data["features"].append(feature)
+    return feature
+
+
+def scenario_entry(feature: dict[str, Any], *, nodeid: str, name: str, line: int | None = None,
+                   tags: Iterable[str] = (),
+                   steps: Iterable[tuple[str, str, int | None]] = ()) -> dict[str, Any]:
+    scenario = {
+        "nodeid": nodeid, "name": name, "line": line, "tags": sorted(tags),
+        "status": NOT_RUN, "message": None, "started_at": None, "duration_ms": None,
+        "steps": [step_entry(kw, text, ln) for kw, text, ln in steps],
+        "runs": [], "time_to_recover_ms": None,
+    }
+    feature["scenarios"].append(scenario)
+    return scenario
+
+
+def step_entry(keyword: str, name: str, line: int | None = None,
+               type_: str | None = None) -> dict[str, Any]:
+    """A step as the report keeps it; `type` is given/when/then (And takes the previous)."""
+    return {"keyword": keyword, "name": name, "line": line, "type": type_,
+            "status": NOT_RUN, "started_at": None, "offset_ms": None, "duration_ms": None,
+            "error": None}
+
+
+def scenarios(data: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for feature in data.get("features") or []:
+        for scenario in feature.get("scenarios") or []:
+            yield feature, scenario
+
+
+def summarize(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts of scenarios and steps by status."""
+    by_scenario: dict[str, int] = {}
+    by_step: dict[str, int] = {}
+    for _, scenario in scenarios(data):
+        by_scenario[scenario["status"]] = by_scenario.get(scenario["status"], 0) + 1
+        for step in scenario.get("steps") or []:
+            by_step[step["status"]] = by_step.get(step["status"], 0) + 1
+    return {"scenarios": sum(by_scenario.values()), "scenario_status": by_scenario,
+            "steps": sum(by_step.values()), "step_status": by_step}
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def attention(data: Mapping[str, Any]) -> list[str]:
+    """Plain sentences about everything the run did not prove; empty when it proved it all."""
+    failed, skipped_scenarios, skipped, undefined, not_run = [], [], [], [], 0
+    never: list[str] = []
+    for feature, scenario in scenarios(data):
+        where = f"{feature['name']} / {scenario['name']}"
+        steps = scenario.get("steps") or []
+        if scenario["status"] in (FAILED, ERROR):
+            failed.append(where)
+        if scenario["status"] == NOT_RUN:
+            never.append(where)
+            continue
+        if scenario["status"] == SKIPPED and not any(
+                s["status"] in (PASSED, FAILED, UNDEFINED) for s in steps):
+            reason = f" ({scenario['message']})" if scenario.get("message") else ""
+            skipped_scenarios.append(where + reason)
+            continue
+        for step in steps:
+            text = f"{where} / {step['keyword']} {step['name']}"
+            if step["status"] == SKIPPED:
+                skipped.append(text + (f" ({step['error']})" if step.get("error") else ""))
+            elif step["status"] == UNDEFINED:
+                undefined.append(text)
+            elif step["status"] == NOT_RUN and scenario["status"] in (FAILED, ERROR):
+                not_run += 1
+    lines = []
+    total = sum(1 for _ in scenarios(data))
+    if total == 0:
+        lines.append("No scenario ran: this report proves nothing.")
+    if failed:
+        lines.append(f"{len(failed)} of {_n(total, 'scenario')} FAILED: " + "; ".join(failed))
+    if skipped_scenarios:
+        lines.append(f"{_n(len(skipped_scenarios), 'scenario')} SKIPPED, so none of their "
+                     "steps ran: " + "; ".join(skipped_scenarios))
+    if skipped:
+        lines.append(f"{_n(len(skipped), 'step')} SKIPPED: " + "; ".join(skipped))
+    if undefined:
+        lines.append(f"{_n(len(undefined), 'step')} UNDEFINED (no step definition matched): "
+                     + "; ".join(undefined))
+    if never:
+        lines.append(f"{_n(len(never), 'scenario')} never ran (the run stopped early, was "
+                     "interrupted or only collected): " + "; ".join(never))
+    if not_run:
+        lines.append(f"{_n(not_run, 'step')} did not run because an earlier step of its "
+                     "scenario failed.")
+    return lines
+
+
+def finalize(data: dict[str, Any]) -> dict[str, Any]:
+    """Recompute what derives from the scenarios: time-to-recover, summary, attention."""
+    data["features"] = sorted(data.get("features") or [],
+                              key=lambda f: feature_sort_key(Path(f["file"])))
+    for _, scenario in scenarios(data):
+        scenario["time_to_recover_ms"] = time_to_recover(recovery_runs(scenario))
+    data["summary"] = summarize(data)
+    data["attention"] = attention(data)
+    return data
+
+
+def last_verified(data: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(feature file name, scenario name) -> {status, at, environment}: for `runbook docs`."""
+    at = data.get("finished_at") or data.get("started_at")
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for feature, scenario in scenarios(data):
+        out[(Path(feature["file"]).name, scenario["name"])] = {
+            "status": scenario["status"], "at": at,
+            "environment": data.get("environment"),
+            "time_to_recover_ms": scenario.get("time_to_recover_ms")}
+    return out

@@ -1,0 +1,200 @@
+"""The snapshot restore as plan steps, and `runbook snapshot restore` as a run.
+
+The restore's mechanics (verify, replay in one transaction, prove the result) live in the
+runbook/snapshots package, which knows nothing of plans or runs; this module composes them
+into steps for the one executor (runbook/plan.py, runbook/run.py), so the orchestrator calls
+snapshots and never the other way round. `rollback --restore-snapshot` uses `restore_steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, RunbookError
+from runbook.plan import Plan, Step, StepContext
+from runbook.run import RunResult, perform
+from runbook.snapshots import commands
+from runbook.snapshots.dump import create
+from runbook.snapshots.replay import (
+    RestoreRun,
+    after_failed_replay,
+    check_matches,
+    prelude,
+    replay,
+)
+from runbook.snapshots.stats import current_state, loss_window
+from runbook.snapshots.store import Snapshot, find
+from runbook.snapshots.verify import verify
+from runbook.times import format_utc as _fmt
+
+__all__ = ["restore", "restore_steps", "start_step"]
+
+
+def restore_steps(env: Environment, snap: Snapshot | str | Path,
+                  slots: Iterable[Slot | str] | None = None,
+                  facts: dict[str, Any] | None = None) -> list[Step]:
+    """The restore as plan steps; verifies the file NOW (raises, changing nothing).
+
+    Steps: verify (done) -> safety snapshot -> stop the app slots (never the database) ->
+    DROP SCHEMA + replay in one transaction -> verify schema_migrations and row counts.
+    Starting the target slot afterwards is the caller's step. `facts` (JSON-friendly) gets
+    restore_snapshot, restore_migration_version, and while running: safety_snapshot,
+    stopped_containers (a list filled in place) and restored.
+    """
+    from runbook import docker
+
+    snapshot = snap if isinstance(snap, Snapshot) else find(env, snap)
+    verified = verify(env, snapshot)
+    run = RestoreRun(snapshot, verified)
+    facts = facts if facts is not None else {}
+    facts.update(restore_snapshot=str(snapshot.path), safety_snapshot=None,
+                 stopped_containers=run.stopped, restored=False,
+                 restore_migration_version=verified.migration_version)
+    chosen = [Slot(s) for s in (slots if slots is not None else env.slots)]
+    containers = [env.slot(s).container for s in chosen]
+    tgt = commands.target(env)
+    commands.require_container(env)
+    now_schema, _ = current_state(env)  # unreachable -> refused here, before any change
+    window = loss_window(env, snapshot).describe()
+
+    def take_safety(ctx: StepContext) -> None:
+        run.safety = create(env, "pre-restore")
+        facts["safety_snapshot"] = str(run.safety.path)
+        ctx.note(safety_snapshot=str(run.safety.path))
+
+    def stop_slots(ctx: StepContext) -> None:
+        from runbook import slots as slotmod
+
+        for slot, name in zip(chosen, containers, strict=True):
+            if docker.inspect(name).running:
+                slotmod.stop(env, slot, maintenance=True)
+                run.stopped.append(name)
+
+        def restart() -> None:
+            if run.restored:
+                return  # old code on the restored schema: leave them stopped for a human
+            for name in run.stopped:
+                docker.start(name)
+
+        ctx.on_failure("start the stopped app containers again (only when the database "
+                       "was not restored)", restart)
+        ctx.note(stopped=", ".join(run.stopped) or "none were running")
+
+    def do_restore(ctx: StepContext) -> None:
+        safety = run.safety.path if run.safety else None
+        try:
+            replay(env, verified)
+        except RunbookError as exc:
+            raise after_failed_replay(env, run, exc, safety) from None
+        run.restored = facts["restored"] = True
+        ctx.cannot_undo(
+            f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
+            "service is down", f"fix the cause and run `runbook switch {env.name} --slot <target "
+            f"slot>` or `runbook deploy {env.name} --version <known-good>`; the data from "
+            f"before the restore is in {facts.get('safety_snapshot')}")
+        ctx.note(restored=snapshot.name)
+
+    def check(ctx: StepContext) -> None:
+        ctx.note(found=check_matches(env, run))
+
+    recorded = snapshot.tables
+    return [
+        Step("verify-snapshot", "Verify the snapshot file (read-only, done)", {
+            "file": str(snapshot.path),
+            "taken": f"{_fmt(snapshot.timestamp)} ({snapshot.reason or '?'})",
+            "database": f"{verified.database} (matches)",
+            "sha256": verified.sha256 + (" (matches the sidecar)" if snapshot.sha256
+                                         else " (no sidecar checksum)"),
+            "schema_migrations": f"{verified.migration_version}"
+                                 f"{' (dirty)' if verified.dirty else ''} (the database is at "
+                                 f"{now_schema.describe()} now)",
+            "rows recorded": ", ".join(f"{k} {v.rows}" for k, v in sorted(recorded.items()))
+                             or "not recorded",
+            "data written since": window,
+        }),
+        Step("safety-snapshot", "Take a safety snapshot of the database as it is now", {
+            "folder": str(env.database.snapshot_dir),
+            "command": commands.dump(tgt, "<exported snapshot>",
+                                     into=f"{env.database.snapshot_dir}/<new>.sql.gz").describe(),
+            "on failure": "stop here; nothing was changed",
+        }, run=take_safety),
+        Step("stop-app-slots", "Stop the app slots that use the database (not the database)", {
+            "containers": ", ".join(containers) or "none",
+            "kept running": env.database.container,
+            "THE SERVICE IS DOWN": "from here until the switch: the one step allowed to stop "
+                                   "the serving slot, so no write is lost during the restore",
+        }, run=stop_slots),
+        Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
+            "psql": commands.replay(tgt, str(snapshot.path)).describe(),
+            "stdin, first": prelude(verified).decode().replace("\n", " ").strip(),
+            "stdin, then": f"{snapshot.path}, decompressed in-process (sha256 checked while "
+                           "streaming)",
+            "on failure": "psql rolls back: the database stays exactly as it was",
+        }, run=do_restore),
+        Step("verify-restore", "Verify schema_migrations and the row counts", {
+            "expect": f"schema_migrations {verified.migration_version}; "
+                      + (", ".join(f"{k} {v.rows}" for k, v in sorted(recorded.items()))
+                         or "row counts not recorded"),
+        }, run=check),
+    ]
+
+
+def start_step(env: Environment, facts: dict[str, Any], *, wait: bool = True) -> Step:
+    """For a standalone restore: start again the app containers the restore stopped."""
+    from runbook import docker, health
+
+    def run(ctx: StepContext) -> None:
+        stopped: list[str] = facts.get("stopped_containers") or []
+        by_container = {env.slot(s).container: s for s in env.slots}
+        for name in stopped:
+            docker.start(name)
+        if wait:
+            for name in stopped:
+                slot = by_container.get(name)
+                if slot is None:
+                    continue
+                try:
+                    health.wait_healthy(env, slot)
+                except RunbookError as exc:
+                    raise RunbookError(
+                        f"the database was restored, but {name} is not healthy on it: "
+                        f"{exc.message}",
+                        f"its code may need the newer schema: roll the code back "
+                        f"(`runbook rollback {env.name}`) or redeploy",
+                        exit_code=ExitCode.ATTENTION) from None
+        ctx.note(started=", ".join(stopped) or "none (none were running)")
+
+    return Step("start-app-slots", "Start the app containers that were running, and gate them",
+                {"containers": "those the restore stopped",
+                 "health": f"wait up to {env.health.timeout:g}s each"}, run=run)
+
+
+def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,
+            dry_run: bool = False, reason: str = "snapshot restore",
+            confirm: Callable[..., bool] | None = None,
+            progress: Callable[..., None] | None = None,
+            notify: Callable[[str], None] | None = None) -> RunResult:
+    """`runbook snapshot restore`: lock, verify, safety snapshot, restore, restart, journal."""
+
+    def build(run_id: str) -> Plan:
+        snap = find(env, ref)
+        facts: dict[str, Any] = {}
+        steps = restore_steps(env, snap, facts=facts)
+        warnings = []
+        with contextlib.suppress(RunbookError):
+            warnings.append(loss_window(env, snap).describe())
+        if restart:
+            steps.append(start_step(env, facts))
+        else:
+            steps.append(Step("start-app-slots", "Start the app containers again",
+                              skip="--keep-stopped"))
+        summary = (f"restore {env.display}'s database from {snap.name} (schema "
+                   f"{facts['restore_migration_version']})")
+        return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)
+
+    return perform(env, "snapshot-restore", build, dry_run=dry_run, reason=reason,
+                   confirm=confirm, progress=progress, notify=notify)

@@ -1,0 +1,174 @@
+"""The external commands of snapshots, built once: the plan shows them, `spawn` runs them.
+
+As Kamal separates building commands from running them, every pg_dump and psql the
+snapshots run is a `DbCommand` value: its argv, and in words what feeds its stdin and what
+happens to its stdout. `describe()` is what `--dry-run` and the plan print; `spawn()` is the
+one place that starts it. Compression is done in this process (zlib, gzip format, level
+`GZIP_LEVEL`, the level `gzip` uses by default) and `describe()` says so, rather than showing
+a `| gzip` pipe that does not run.
+
+pg_dump and psql run INSIDE the database container (`docker exec`), so client and server
+versions always match and a host needs no Postgres client. The password travels in the
+exec's environment (`-e PGPASSWORD` with no value copies it from ours), never in argv.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from typing import IO
+
+from runbook import database
+from runbook.environment import Environment
+from runbook.errors import PreconditionError, UsageError
+
+IN_CONTAINER_HOST = "127.0.0.1"  # the server as seen from inside its own container
+IN_CONTAINER_PORT = "5432"
+DUMP_FLAGS = ("--format=plain", "--no-owner", "--no-acl", "--clean", "--if-exists")
+GZIP_LEVEL = 6  # what `gzip` uses by default: the contract's `| gzip`
+
+
+@dataclass(frozen=True)
+class Target:
+    """Who pg_dump/psql connect as, parsed from DATABASE_URL (percent-decoded)."""
+
+    user: str
+    password: str = field(repr=False)
+    host: str
+    port: int
+    dbname: str
+    container: str
+
+    def exec_env(self) -> dict[str, str]:
+        """Our environment plus PGPASSWORD, which `docker exec -e PGPASSWORD` copies inward."""
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+    def exec_prefix(self, *, stdin: bool = False) -> list[str]:
+        argv = ["docker", "exec"]
+        if stdin:
+            argv.append("-i")
+        if self.password:
+            argv += ["-e", "PGPASSWORD"]  # no value: taken from exec_env(), never argv
+        return [*argv, self.container]
+
+    def connection_args(self) -> list[str]:
+        return ["--no-password", "--host", IN_CONTAINER_HOST, "--port", IN_CONTAINER_PORT,
+                "--username", self.user, "--dbname", self.dbname]
+
+    def redact(self, text: str) -> str:
+        from runbook.redact import redact
+
+        return redact(text, [self.password] if self.password else [])
+
+
+def target(env: Environment) -> Target:
+    """Parse the environment's DATABASE_URL; never echo it, it holds the password."""
+    from psycopg import conninfo
+
+    variable = env.database.url_variable
+    url = database.url(env)  # checked encoding, password registered as a secret
+    fix = (f"write {variable} as postgresql://USER:PASSWORD@HOST:PORT/DB and percent-encode "
+           "@ % / : in the password (@ -> %40, % -> %25, / -> %2F)")
+    try:
+        params = conninfo.conninfo_to_dict(url)
+    except Exception:
+        raise UsageError(f"{variable} is not a valid PostgreSQL URL", fix) from None
+    user = str(params.get("user") or "")
+    dbname = str(params.get("dbname") or user)
+    if not user:
+        raise UsageError(f"{variable} names no user", fix)
+    if "@" in dbname or "/" in dbname or "@" in str(params.get("host") or ""):
+        raise UsageError(f"{variable} does not parse cleanly: its password probably holds an "
+                         "unencoded @ or /", fix)
+    try:
+        port = int(str(params.get("port") or "5432").split(",")[0])
+    except ValueError:
+        raise UsageError(f"{variable} has an invalid port", fix) from None
+    return Target(user=user, password=str(params.get("password") or ""),
+                  host=str(params.get("host") or "localhost"), port=port, dbname=dbname,
+                  container=env.database.container)
+
+
+@dataclass(frozen=True)
+class DbCommand:
+    """One external command: argv (no secret), and what feeds and takes its streams."""
+
+    argv: tuple[str, ...]
+    stdin: str = ""  # what this process writes to its stdin ("" = nothing)
+    stdout: str = ""  # what this process does with its stdout ("" = discarded)
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def describe(self) -> str:
+        """The command line as it runs, plus where its streams come from and go."""
+        text = shlex.join(self.argv)
+        if self.stdin:
+            text += f" < {self.stdin}"
+        if self.stdout:
+            text += f" > {self.stdout}"
+        return text
+
+
+def dump(tgt: Target, snapshot_id: str | None = None, into: str = "the snapshot file",
+         ) -> DbCommand:
+    """pg_dump of the whole database (reading an exported snapshot when given one)."""
+    argv = [*tgt.exec_prefix(), "pg_dump", *DUMP_FLAGS, *tgt.connection_args()]
+    if snapshot_id:
+        argv += ["--snapshot", snapshot_id]
+    return DbCommand(tuple(argv), stdout=f"(gzip level {GZIP_LEVEL}, in-process) {into}",
+                     env=tgt.exec_env())
+
+
+def replay(tgt: Target, source: str = "the snapshot file") -> DbCommand:
+    """psql reading stdin (`-f -`, which --single-transaction needs) in one transaction."""
+    argv = [*tgt.exec_prefix(stdin=True), "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+            "--single-transaction", "--file", "-", *tgt.connection_args()]
+    return DbCommand(tuple(argv), stdin=f"the prelude, then (gunzip in-process) {source}",
+                     env=tgt.exec_env())
+
+
+def dump_command(tgt: Target, snapshot_id: str | None = None) -> list[str]:
+    """The exact pg_dump argv (kept for callers that compose their own pipes, e.g. bench)."""
+    return list(dump(tgt, snapshot_id).argv)
+
+
+def replay_command(tgt: Target) -> list[str]:
+    """The exact psql argv of a restore's replay."""
+    return list(replay(tgt).argv)
+
+
+def spawn(cmd: DbCommand, *, stdin: int | IO[bytes] | None, stdout: int | IO[bytes] | None,
+          stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    """The one executor of snapshot commands: argv list, secrets only in the environment."""
+    try:
+        return subprocess.Popen(list(cmd.argv), stdin=stdin, stdout=stdout, stderr=stderr,
+                                env=cmd.env or None)
+    except FileNotFoundError:
+        raise PreconditionError(f"the {cmd.argv[0]} command is not installed",
+                                "install the Docker CLI") from None
+
+
+def stderr_line(fh: IO[bytes], tgt: Target) -> str:
+    """The line of a failed command's stderr that says why, with the password masked."""
+    fh.seek(0)
+    text = fh.read(65536).decode(errors="replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR" in ln or "error:" in ln or "FATAL" in ln]
+    chosen = (errors or lines or ["no output"])[0]
+    return tgt.redact(chosen)[:300]
+
+
+def require_container(env: Environment) -> None:
+    """The database container runs, or a one-line DatabaseError before anything is written."""
+    from runbook import docker
+
+    info = docker.inspect(env.database.container)
+    if not info.running:
+        state = "does not exist" if not info.exists else f"is {info.status}"
+        raise database.DatabaseError(
+            f"database unreachable: container {env.database.container} {state}",
+            f"start it (`docker start {env.database.container}`) and check `docker ps`")

@@ -1,0 +1,181 @@
+"""Taking a snapshot: pg_dump in the database's own MVCC snapshot, compressed, with a sidecar.
+
+The dump reads an exported snapshot (`pg_export_snapshot` + `pg_dump --snapshot`) of the same
+REPEATABLE READ transaction that counts the rows, so the sidecar describes the dump exactly.
+pg_dump's stdout is gzip-compressed in this process (the command's `describe()` says so) into
+a hidden `.partial` file (0600, fsynced) that is renamed only when the dump is complete: a
+full disk or a failed pg_dump leaves no snapshot behind, only nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import tempfile
+import time
+import zlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from runbook import database, files
+from runbook.environment import Environment
+from runbook.errors import PreconditionError
+from runbook.snapshots import commands
+from runbook.snapshots.commands import GZIP_LEVEL, DbCommand, Target, target
+from runbook.snapshots.stats import read_snapshot, schema_row, table_stats
+from runbook.snapshots.store import (
+    META_SUFFIX,
+    SUFFIX,
+    Snapshot,
+    ensure_dir,
+    free_stem,
+    no_space,
+    reason_slug,
+)
+from runbook.snapshots.verify import CHUNK, TRAILER
+from runbook.times import format_utc as _fmt
+
+
+class _Hasher:
+    """A write-through file wrapper that hashes and counts the compressed bytes."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.fh.write(data)
+            self.sha.update(data)
+            self.size += len(data)
+
+
+def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
+           deployment_id: str = "", expected_migration_version: int | None = None,
+           ) -> Snapshot:
+    """Dump the database to snapshot_dir; returns the finished, fsynced snapshot.
+
+    Fails before writing anything when the database is unreachable, and removes its partial
+    file when the disk fills up or pg_dump fails.
+    """
+    tgt = target(env)
+    directory = env.database.snapshot_dir
+    ensure_dir(directory)
+    commands.require_container(env)
+    began = time.monotonic()
+    when = datetime.now(UTC).replace(microsecond=0)
+    stem = free_stem(directory, tgt.dbname, when, reason)
+    final = directory / (stem + SUFFIX)
+    tmp = directory / f".{stem}{SUFFIX}.{secrets.token_hex(4)}.partial"
+    with read_snapshot(env) as conn:
+        snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        schema = schema_row(conn)
+        stats = table_stats(conn)
+        server = conn.execute("SHOW server_version").fetchone()[0]
+        sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory)
+    meta: dict[str, Any] = {
+        "snapshot_name": final.name,
+        "database": tgt.dbname,
+        "host": tgt.host,
+        "port": tgt.port,
+        "timestamp": _fmt(when),
+        "reason": reason_slug(reason),
+        "git_commit": git_commit or "",
+        "deployment_id": deployment_id or "",
+        "retention_days": env.database.retention_days,
+        "expires_at": _fmt(when + timedelta(days=env.database.retention_days)),
+        "size_mb": round(size / 1048576, 3),
+        "duration_seconds": round(time.monotonic() - began, 3),
+        "migration_version": schema.version,
+        "dirty": schema.dirty,
+        "sha256": sha,
+        "tables": {k: {"rows": v.rows, "max_created_at": v.max_created_at,
+                       "has_created_at": v.has_created_at} for k, v in stats.items()},
+        "environment": env.name,
+        "server_version": str(server),
+        "format": "pg_dump plain, gzip",
+        "created_by": "togather-runbook",
+    }
+    if expected_migration_version is not None and expected_migration_version != schema.version:
+        meta["warning"] = (f"the caller expected schema {expected_migration_version}, the "
+                           f"database was at {schema.version}")
+    try:
+        files.atomic_write(directory / (stem + META_SUFFIX),
+                           (json.dumps(meta, indent=2) + "\n").encode(), default_mode=0o600)
+        os.replace(tmp, final)
+        files.fsync_dir(directory)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        (directory / (stem + META_SUFFIX)).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(directory, "the snapshot") from None
+        raise PreconditionError(f"cannot write snapshot {final}: {exc.strerror}",
+                                "check the folder's permissions and disk") from None
+    return Snapshot(final, meta)
+
+
+def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path) -> tuple[str, int]:
+    """Stream pg_dump's stdout through gzip into `tmp` (0600, fsynced); (sha256, size)."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(directory, "the snapshot") from None
+        raise PreconditionError(f"cannot write in {directory}: {exc.strerror}",
+                                "check the folder's permissions") from None
+    proc: subprocess.Popen[bytes] | None = None
+    tail = b""
+    try:
+        with os.fdopen(fd, "wb", buffering=CHUNK) as fh, tempfile.TemporaryFile() as err:
+            out = _Hasher(fh)
+            proc = commands.spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=err)
+            assert proc.stdout is not None
+            compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+            while chunk := proc.stdout.read(CHUNK):
+                tail = (tail + chunk)[-4096:]
+                out.write(compressor.compress(chunk))
+            out.write(compressor.flush())
+            code = proc.wait()
+            if code != 0:
+                raise database.DatabaseError(
+                    f"pg_dump failed in {tgt.container} (exit {code}): "
+                    f"{commands.stderr_line(err, tgt)}",
+                    f"check the database (`docker logs {tgt.container}`) and "
+                    "DATABASE_URL's user and password")
+            if TRAILER not in tail:
+                raise database.DatabaseError("pg_dump ended without its 'dump complete' trailer",
+                                             f"check `docker logs {tgt.container}` and retry")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return out.sha.hexdigest(), out.size
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(directory, "the snapshot") from None
+        raise PreconditionError(f"cannot write the snapshot in {directory}: {exc.strerror}",
+                                "check the folder's permissions and disk") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def pre_deploy_snapshot(env: Environment, deployment_id: str, git_commit: str,
+                        migration_version: int | None = None) -> Snapshot:
+    """The snapshot deploy takes right before migrating, tied to the deployment it protects.
+
+    The recorded migration_version is read from the database in the dump's own snapshot;
+    the caller's value is only a cross-check (a mismatch is written as a warning).
+    """
+    return create(env, "pre-deploy", git_commit=git_commit, deployment_id=deployment_id,
+                  expected_migration_version=migration_version)

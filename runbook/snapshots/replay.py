@@ -1,0 +1,152 @@
+"""Replacing the database with a verified snapshot, in ONE transaction, and proving it.
+
+The replay feeds `DROP SCHEMA public CASCADE; CREATE SCHEMA public;` and the dump to one
+`psql --single-transaction` run with ON_ERROR_STOP: any failure (bad SQL, a file corrupted
+mid-stream, a lock timeout) leaves the database exactly as it was. The plan steps around it
+(safety snapshot, stopping the app slots) live in runbook/snapshot_restore.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import subprocess
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runbook.environment import Environment
+from runbook.errors import ExitCode, RunbookError
+from runbook.snapshots import commands
+from runbook.snapshots.stats import current_state
+from runbook.snapshots.store import Snapshot
+from runbook.snapshots.verify import TRAILER, Verified, chunks
+
+LOCK_TIMEOUT = "30s"  # a restore waits this long for locks, then rolls back and says so
+# Appended to psql's input when a restore must not commit: it raises an error in every lexer
+# state (ends a COPY, fails as a backslash command, fails as SQL), so ON_ERROR_STOP stops psql
+# and --single-transaction rolls everything back, the DROP SCHEMA included.
+ABORT = (b"\n\\.\n;\n\\runbook_restore_aborted\n"
+         b"SELECT 'restore aborted by runbook'::runbook_restore_aborted;\n")
+
+
+@dataclass
+class RestoreRun:
+    """Shared between the restore steps while they run (and readable by the caller after)."""
+
+    snapshot: Snapshot
+    verified: Verified
+    safety: Snapshot | None = None
+    stopped: list[str] = field(default_factory=list)
+    restored: bool = False
+
+
+def prelude(verified: Verified) -> bytes:
+    """Drop what the dump does not know about: its schemas go, then public comes back empty."""
+    drops = b"".join(b"DROP SCHEMA IF EXISTS " + name + b" CASCADE;\n"
+                     for name in verified.schemas if name != b"public")
+    return (b"SET client_min_messages = warning;\n"
+            b"SET lock_timeout = '" + LOCK_TIMEOUT.encode() + b"';\n"
+            + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\nCREATE SCHEMA public;\n"
+            b"GRANT USAGE ON SCHEMA public TO PUBLIC;\n")
+
+
+def replay(env: Environment, verified: Verified) -> None:
+    """Feed prelude + dump to one `psql --single-transaction`; commit only a clean, whole file.
+
+    The compressed bytes are hashed again while streaming: a file that changed or broke since
+    verify() gets ABORT instead of EOF, so psql rolls back and the database stays as it was.
+    """
+    tgt = commands.target(env)
+    snap = verified.snapshot
+    sha = hashlib.sha256()
+    problem: str | None = None
+    tail = b""
+    with tempfile.TemporaryFile() as err:
+        proc = commands.spawn(commands.replay(tgt, str(snap.path)), stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=err)
+        assert proc.stdin is not None
+        try:
+            try:
+                proc.stdin.write(prelude(verified))
+                for chunk in chunks(snap.path, sha):
+                    tail = (tail + chunk)[-4096:]
+                    proc.stdin.write(chunk)
+            except BrokenPipeError:
+                pass  # psql stopped on an error: its exit code tells
+            except EOFError:
+                problem = "it is truncated (the gzip stream ends early)"
+            except (gzip.BadGzipFile, zlib.error) as exc:
+                problem = f"it is corrupt ({exc})"
+            except OSError as exc:
+                problem = f"it cannot be read ({exc.strerror or exc})"
+            if problem is None and proc.poll() is None:
+                if sha.hexdigest() != verified.sha256:
+                    problem = "its checksum changed since it was verified"
+                elif TRAILER not in tail:
+                    problem = "it has no 'dump complete' trailer"
+            if problem is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(ABORT)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if problem is None and code == 0:
+            return
+        why = (f"{snap.name}: {problem}" if problem
+               else f"psql exit {code}: {commands.stderr_line(err, tgt)}")
+        raise RunbookError(f"restore failed and was rolled back ({why})",
+                           exit_code=ExitCode.FAILED_SAFELY)
+
+
+def check_matches(env: Environment, run: RestoreRun) -> str:
+    """After the replay: schema_migrations and every recorded row count match the snapshot."""
+    schema, stats = current_state(env)
+    want = run.verified
+    problems = []
+    if (schema.version, schema.dirty) != (want.migration_version, want.dirty):
+        problems.append(f"schema_migrations is {schema.describe()}, the snapshot holds "
+                        f"{want.migration_version}{' (dirty)' if want.dirty else ''}")
+    for table, old in run.snapshot.tables.items():
+        now = stats.get(table)
+        if now is None:
+            problems.append(f"table {table} is missing")
+        elif now.rows != old.rows:
+            problems.append(f"{table} has {now.rows} rows, the snapshot recorded {old.rows}")
+    extra = sorted(set(stats) - set(run.snapshot.tables)) if run.snapshot.tables else []
+    if extra:
+        problems.append("tables not in the snapshot: " + ", ".join(extra))
+    if problems:
+        raise RunbookError(
+            "the restored database does not match the snapshot: " + "; ".join(problems),
+            "do not start the app on it; investigate, or restore the safety snapshot "
+            f"{run.safety.path if run.safety else '(none)'}", exit_code=ExitCode.ATTENTION)
+    counted = ", ".join(f"{k} {v.rows}" for k, v in sorted(stats.items()))
+    return f"schema {schema.describe()}; rows: {counted or 'no tables'}"
+
+
+def after_failed_replay(env: Environment, run: RestoreRun, exc: RunbookError,
+                         safety: Path | None) -> RunbookError:
+    """Prove the rollback left the data as it was (compare with the safety snapshot)."""
+    back = (f"the safety snapshot {safety} holds the data as it was; restore it with "
+            f"`runbook snapshot restore {env.name} {safety.name}`" if safety
+            else "no safety snapshot was taken")
+    same = False
+    with contextlib.suppress(Exception):
+        if run.safety is not None and run.safety.tables:
+            schema, stats = current_state(env)
+            same = (schema.version == run.safety.migration_version
+                    and {k: v.rows for k, v in stats.items()}
+                    == {k: v.rows for k, v in run.safety.tables.items()})
+    if same:
+        return RunbookError(f"{exc.message}; the database is unchanged",
+                            f"fix the cause and run again; {back}",
+                            exit_code=ExitCode.FAILED_SAFELY)
+    return RunbookError(f"{exc.message}, but the database could not be proved unchanged",
+                        f"check it now; {back}", exit_code=ExitCode.ATTENTION)

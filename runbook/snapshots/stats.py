@@ -1,0 +1,179 @@
+"""What the database holds now: per-table stats in one consistent read, and the loss window.
+
+The sidecar's per-table row counts are taken in the very MVCC snapshot pg_dump reads
+(`pg_export_snapshot` + `pg_dump --snapshot`), so they describe the dump exactly: a restore
+is verified against them, and the data a restore would undo (the loss window) is measured
+against them. Everything here is read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from runbook import database
+from runbook.environment import Environment
+from runbook.snapshots.store import Snapshot, TableStats
+from runbook.times import format_utc as _fmt
+from runbook.times import human_duration
+from runbook.times import now as _now
+
+TABLES_SQL = """
+SELECT n.nspname, c.relname,
+       EXISTS (SELECT 1 FROM pg_attribute a
+               WHERE a.attrelid = c.oid AND a.attname = 'created_at' AND NOT a.attisdropped
+                 AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+ORDER BY 1, 2
+"""
+
+
+def _table_key(schema: str, table: str) -> str:
+    return table if schema == "public" else f"{schema}.{table}"
+
+
+def _tables(conn: Any) -> list[tuple[str, str, bool]]:
+    return [(r[0], r[1], bool(r[2])) for r in conn.execute(TABLES_SQL).fetchall()]
+
+
+def table_stats(conn: Any) -> dict[str, TableStats]:
+    """Exact row counts (and newest created_at) of every user table, in the caller's tx."""
+    from psycopg import sql
+
+    out: dict[str, TableStats] = {}
+    for schema, table, has_created in _tables(conn):
+        ident = sql.Identifier(schema, table)
+        if has_created:
+            row = conn.execute(sql.SQL("SELECT count(*), max(created_at)::text FROM {}")
+                               .format(ident)).fetchone()
+            out[_table_key(schema, table)] = TableStats(int(row[0]), row[1], True)
+        else:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+            out[_table_key(schema, table)] = TableStats(int(row[0]))
+    return out
+
+
+def schema_row(conn: Any) -> database.SchemaVersion:
+    if conn.execute("SELECT to_regclass('public.schema_migrations')").fetchone()[0] is None:
+        return database.SchemaVersion(0, False)
+    row = conn.execute("SELECT version, dirty FROM public.schema_migrations LIMIT 1").fetchone()
+    return database.SchemaVersion(int(row[0]), bool(row[1])) if row else database.SchemaVersion(
+        0, False)
+
+
+@contextlib.contextmanager
+def read_snapshot(env: Environment) -> Iterator[Any]:
+    """A read-only REPEATABLE READ transaction: one consistent view for stats (and pg_dump)."""
+    with database.connect(env) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+
+
+def current_state(env: Environment) -> tuple[database.SchemaVersion, dict[str, TableStats]]:
+    """The schema version and per-table stats right now, read consistently."""
+    with read_snapshot(env) as conn:
+        return schema_row(conn), table_stats(conn)
+
+
+
+# --- data-loss window ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TableLoss:
+    table: str
+    rows_at_snapshot: int | None  # None: the table did not exist when the snapshot was taken
+    rows_now: int
+    written_since: int  # rows a restore would drop (created_at based, else the net growth)
+    exact: bool  # counted by created_at; otherwise a lower bound
+
+    def describe(self) -> str:
+        if self.rows_at_snapshot is None:
+            return (f"{self.table}: {self.rows_now} rows (table created after the snapshot; "
+                    "the restore drops it)")
+        bound = "" if self.exact else "at least "
+        rows = "row" if self.written_since == 1 else "rows"
+        return f"{self.table}: {bound}{self.written_since} new {rows}"
+
+
+@dataclass(frozen=True)
+class LossWindow:
+    """What restoring `snapshot` now would undo: time since it was taken, rows since."""
+
+    snapshot: str
+    taken_at: datetime
+    seconds: float
+    tables: tuple[TableLoss, ...]
+    known: bool = True  # False when the snapshot recorded no row counts
+
+    @property
+    def rows(self) -> int:
+        return sum(t.written_since for t in self.tables)
+
+    @property
+    def affected(self) -> tuple[TableLoss, ...]:
+        return tuple(t for t in self.tables if t.written_since or t.rows_at_snapshot is None)
+
+    def describe(self) -> str:
+        ago = human_duration(self.seconds)
+        if not self.known:
+            return (f"{self.snapshot} was taken {ago} ago; it recorded no row counts, so the "
+                    "writes since then cannot be counted")
+        if not self.affected:
+            return (f"{self.snapshot} was taken {ago} ago; no rows were added since "
+                    "(updates and deletes since then are undone too)")
+        parts = "; ".join(t.describe() for t in self.affected)
+        return (f"restoring {self.snapshot} undoes {ago} of writes: {parts} "
+                "(updates and deletes since then are undone too)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "taken_at": _fmt(self.taken_at),
+                "seconds": round(self.seconds, 1), "rows": self.rows, "known": self.known,
+                "tables": [t.__dict__ for t in self.tables], "summary": self.describe()}
+
+
+def loss_window(env: Environment, snap: Snapshot, now: datetime | None = None) -> LossWindow:
+    """Compare the database now with the snapshot's recorded counts (read-only)."""
+    from psycopg import sql
+
+    now = now or _now()
+    then = snap.tables
+    seconds = (now - snap.timestamp).total_seconds()
+    if not then:
+        return LossWindow(snap.name, snap.timestamp, seconds, (), known=False)
+    losses: list[TableLoss] = []
+    with read_snapshot(env) as conn:
+        for schema, table, has_created in _tables(conn):
+            key = _table_key(schema, table)
+            ident = sql.Identifier(schema, table)
+            old = then.get(key)
+            if old is None:
+                rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+                losses.append(TableLoss(key, None, int(rows[0]), int(rows[0]), True))
+                continue
+            if has_created:
+                threshold = old.max_created_at if old.rows else None
+                if threshold is None and old.rows:
+                    threshold = _fmt(snap.timestamp)
+                query = (sql.SQL("SELECT count(*), count(*) FILTER (WHERE created_at > %s) "
+                                 "FROM {}") if threshold is not None
+                         else sql.SQL("SELECT count(*), count(*) FROM {}"))
+                row = conn.execute(query.format(ident),
+                                   (threshold,) if threshold is not None else None).fetchone()
+                now_rows, by_time = int(row[0]), int(row[1])
+                losses.append(TableLoss(key, old.rows, now_rows,
+                                        max(by_time, now_rows - old.rows), True))
+            else:
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+                now_rows = int(row[0])
+                losses.append(TableLoss(key, old.rows, now_rows, max(0, now_rows - old.rows),
+                                        False))
+    return LossWindow(snap.name, snap.timestamp, seconds, tuple(losses))

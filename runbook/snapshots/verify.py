@@ -1,0 +1,163 @@
+"""Proving a snapshot file before anything touches the database (read-only).
+
+A full read checks the gzip CRC, the sha256 the sidecar recorded, pg_dump's "dump complete"
+trailer, which database and environment it is of, and the schema_migrations rows the dump
+itself holds. The replay re-hashes while it streams (runbook/snapshots/replay.py), so a file
+that changes after this check is still caught.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from runbook.environment import Environment
+from runbook.snapshots.commands import target
+from runbook.snapshots.store import Snapshot, SnapshotError
+
+TRAILER = b"-- PostgreSQL database dump complete"
+CHUNK = 1 << 20
+
+@dataclass(frozen=True)
+class Verified:
+    """What a full read of the file proved, before anything touches the database."""
+
+    snapshot: Snapshot
+    sha256: str
+    migration_version: int  # from the dump's own schema_migrations (0: none)
+    dirty: bool
+    schemas: tuple[bytes, ...]  # `CREATE SCHEMA x` names in the dump, as written
+    database: str
+
+
+_SM_HEADER = b"\nCOPY public.schema_migrations "
+_SCHEMA_RE = re.compile(rb"^CREATE SCHEMA ([^;\n]+);$", re.M)
+_SM_RE = re.compile(rb"^COPY public\.schema_migrations \(([^)]*)\) FROM stdin;\n(.*?)^\\\.$",
+                    re.M | re.S)
+
+
+class _Scanner:
+    """Finds schema_migrations' rows and CREATE SCHEMA lines in the streamed SQL."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+        self.tail = b""
+        self.schemas: list[bytes] = []
+        self.sm: tuple[int, bool] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail = (self.tail + chunk)[-4096:]
+        buf = self.carry + chunk
+        cut = buf.rfind(b"\n") + 1
+        start = buf.rfind(_SM_HEADER, 0, cut)
+        if start != -1 and buf.find(b"\n\\.\n", start) == -1:
+            cut = start + 1  # keep the unfinished COPY block for the next chunk
+        self._scan(buf[:cut])
+        self.carry = buf[cut:]
+        if len(self.carry) > 16 * CHUNK:  # a pathological line: stop carrying it
+            self.carry = b""
+
+    def finish(self) -> None:
+        self._scan(self.carry + b"\n")
+        self.carry = b""
+
+    def _scan(self, piece: bytes) -> None:
+        if b"CREATE SCHEMA " in piece:
+            self.schemas += [m.group(1).strip() for m in _SCHEMA_RE.finditer(piece)]
+        if b"COPY public.schema_migrations " in piece:
+            match = _SM_RE.search(piece)
+            if match:
+                columns = [c.strip() for c in match.group(1).decode().split(",")]
+                rows = [r for r in match.group(2).decode().splitlines() if r]
+                if rows:
+                    values = dict(zip(columns, rows[0].split("\t"), strict=False))
+                    with contextlib.suppress(ValueError, KeyError):
+                        self.sm = (int(values["version"]), values.get("dirty") == "t")
+                else:
+                    self.sm = (0, False)
+
+
+def chunks(path: Path, sha: Any) -> Iterator[bytes]:
+    """Decompressed chunks of `path`, hashing the compressed bytes on the way."""
+
+    class Tee:
+        def __init__(self, raw: IO[bytes]) -> None:
+            self.raw = raw
+
+        def read(self, n: int = -1) -> bytes:
+            data = self.raw.read(n)
+            sha.update(data)
+            return data
+
+    with open(path, "rb") as raw:
+        tee = Tee(raw)
+        with gzip.GzipFile(fileobj=tee, mode="rb") as gz:  # type: ignore[call-overload]
+            while chunk := gz.read(CHUNK):
+                yield chunk
+        while rest := raw.read(CHUNK):  # gzip may stop short of trailing bytes
+            sha.update(rest)
+
+
+def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
+    return SnapshotError(f"snapshot {snap.name} {problem}; nothing was changed",
+                         "pick another one (`runbook snapshot list`); keep this file for "
+                         "inspection")
+
+
+def verify(env: Environment, snap: Snapshot) -> Verified:
+    """Read the whole file (checksum, gzip CRC, dump trailer) and check it fits this database.
+
+    Read-only; raises a one-line SnapshotError (USAGE) for a missing, truncated, corrupt or
+    foreign snapshot.
+    """
+    if not snap.path.is_file():
+        raise SnapshotError(f"snapshot {snap.path} does not exist; nothing was changed",
+                            f"pick one from `runbook snapshot list {env.name}`")
+    if snap.problems:
+        raise _bad_file(snap, "has an unreadable sidecar: " + "; ".join(snap.problems))
+    tgt = target(env)
+    if snap.database is None:
+        raise SnapshotError(f"cannot tell which database {snap.name} is of (no sidecar, "
+                            "no togather_<db>_... name); nothing was changed",
+                            "add its .meta.json or rename it "
+                            "togather_<db>_<YYYYMMDD_HHMMSS>_<reason>.sql.gz")
+    if snap.database != tgt.dbname:
+        raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r}, this "
+                            f"environment's database is {tgt.dbname!r}; nothing was changed",
+                            f"pick a snapshot of {tgt.dbname!r} "
+                            f"(`runbook snapshot list {env.name}`)")
+    recorded_env = (snap.meta or {}).get("environment")
+    if recorded_env and recorded_env != env.name:
+        raise SnapshotError(f"snapshot {snap.name} was taken in {recorded_env}, not "
+                            f"{env.name}; nothing was changed",
+                            f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`)")
+    sha = hashlib.sha256()
+    scanner = _Scanner()
+    try:
+        for chunk in chunks(snap.path, sha):
+            scanner.feed(chunk)
+    except EOFError:
+        raise _bad_file(snap, "is truncated (the gzip stream ends early)") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise _bad_file(snap, f"is corrupt ({exc})") from None
+    except OSError as exc:
+        raise _bad_file(snap, f"cannot be read ({exc.strerror or exc})") from None
+    scanner.finish()
+    digest = sha.hexdigest()
+    if snap.sha256 and digest != snap.sha256:
+        raise _bad_file(snap, "does not match its recorded sha256 (changed or corrupt)")
+    if TRAILER not in scanner.tail:
+        raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was cut off)")
+    version, dirty = scanner.sm or (0, False)
+    if snap.migration_version is not None and snap.migration_version != version:
+        raise _bad_file(snap, f"holds schema_migrations {version} but its sidecar says "
+                              f"{snap.migration_version}")
+    return Verified(snap, digest, version, dirty, tuple(dict.fromkeys(scanner.schemas)),
+                    tgt.dbname)

@@ -1,0 +1,137 @@
+"""The deployment state as the runbook thinks of it: one model for every dialect.
+
+Deployment (one record) and DeploymentState (the file: current, previous, history, lock,
+and what the file said, kept so a rewrite patches it instead of replacing it)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from runbook import times
+from runbook.environment import Slot
+from runbook.errors import StateError
+from runbook.state.schema import DOCUMENTED, dialect_of
+
+
+def new_id(prefix: str) -> str:
+    """An id shaped like the deploy script's (`dep_<16 hex ns>_<24 hex random>`): sortable."""
+    return f"{prefix}_{time.time_ns():016x}_{secrets.token_hex(12)}"
+
+
+def current_operator() -> str:
+    """`user@host`, the deploy script's `deployed_by`; works without a passwd entry too."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+# One source for the state file's times: runbook/times.py (names kept for callers).
+format_time = times.format_rfc3339
+parse_time = times.parse_rfc3339
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One deployment as every dialect describes it.
+
+    `active_slot` is None only for history entries that never recorded it (the documented
+    schema lets history omit it); current and previous deployments always have one.
+    """
+
+    id: str
+    version: str  # 7-hex short commit, also the image tag
+    git_commit: str
+    deployed_at: datetime
+    deployed_by: str
+    active_slot: Slot | None
+    health_status: str = "unknown"
+    status: str | None = None
+    migrations_run: int = 0
+    rollback_count: int = 0
+    image: str = ""  # "" = not recorded: [compose] image_repository:<version> (slots.image_of)
+    migration_version: int | None = None  # schema_migrations.version this deployment ran with
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    # The record as read (itself, holding the file's object in `raw`); None for a new record.
+    # A writer patches `origin.raw` with what differs from `origin`, so nothing else moves.
+    origin: Deployment | None = field(default=None, compare=False, repr=False)
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def with_(self, **changes: Any) -> Deployment:
+        return replace(self, **changes)
+
+    @property
+    def slot(self) -> Slot:
+        """The slot, for callers that need one; a history entry may not know it."""
+        if self.active_slot is None:
+            raise StateError(f"deployment {self.id} ({self.version}) does not record its slot",
+                             "choose the slot explicitly")
+        return self.active_slot
+
+    @property
+    def snapshot_path(self) -> str | None:
+        """The Go CLI's pre-deploy snapshot, when it recorded one."""
+        value = self.extra.get("snapshot_path")
+        return value if isinstance(value, str) and value and value != "none" else None
+
+    def matches(self, ref: str) -> bool:
+        """True for its id, its short version, or any 7+ hex prefix of its commit."""
+        ref = ref.strip().lower()
+        if not ref:
+            return False
+        if ref in (self.id.lower(), self.version):
+            return True
+        return len(ref) >= 7 and self.git_commit.startswith(ref)
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """The whole file. `environment` is "" only when the file never said (a first-ever file)."""
+
+    environment: str
+    current: Deployment | None = None
+    previous: Deployment | None = None
+    history: tuple[Deployment, ...] = ()  # newest first
+    lock: Mapping[str, Any] = field(default_factory=lambda: {"locked": False})
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""  # where it was read from, for messages
+    # The state as read (itself, holding the document and its bytes); None for a new state.
+    origin: DeploymentState | None = field(default=None, compare=False, repr=False)
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    raw_bytes: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def dialect(self) -> str:
+        """The dialect of the file this state was read from (new states: the documented one)."""
+        return dialect_of(self.origin.raw) if self.origin and self.origin.raw else DOCUMENTED
+
+    def with_(self, **changes: Any) -> DeploymentState:
+        return replace(self, **changes)
+
+    def deployments(self) -> Iterator[Deployment]:
+        """Current, previous, then history, each id once, newest information first."""
+        seen: set[str] = set()
+        for dep in (self.current, self.previous, *self.history):
+            if dep is not None and dep.id not in seen:
+                seen.add(dep.id)
+                yield dep
+
+    def find_version(self, ref: str) -> Deployment | None:
+        """The deployment a user means by a version, commit prefix or id, newest first."""
+        return next((d for d in self.deployments() if d.matches(ref)), None)
+
+    def find_id(self, deployment_id: str) -> Deployment | None:
+        return next((d for d in self.deployments() if d.id == deployment_id), None)
+
+    @property
+    def locked(self) -> bool:
+        return bool(self.lock.get("locked"))

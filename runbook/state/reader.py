@@ -1,0 +1,311 @@
+"""Reading deployment-state.json of any dialect into the model: every problem one
+StateError line naming the file, the key and the fix (an operator reads it mid-incident)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from runbook.environment import ENV_NAMES, Slot, canonical_name
+from runbook.errors import StateError
+from runbook.state.model import Deployment, DeploymentState, format_time, parse_time
+from runbook.state.schema import (
+    _COMMIT,
+    _DEPLOYMENT_KEYS,
+    _LOCK_ORDER,
+    _LOCK_TIME_KEYS,
+    _TOP_KEYS,
+    _VERSION,
+    HEALTH_STATUSES,
+    MAX_STATE_BYTES,
+    STATUSES,
+)
+
+
+class _Reader:
+    """Builds one-line StateErrors that name the file, the key and the fix."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str, fix: str) -> StateError:
+        where = f"{self.source}: {key}" if key else self.source
+        return StateError(f"{where}: {problem}", fix)
+
+    def string(self, obj: Mapping[str, Any], key: str, where: str, *,
+               required: bool = True) -> str | None:
+        if key not in obj or obj[key] is None:
+            if required:
+                raise self.fail(f"{where}.{key}", "required key is missing",
+                                f"add {key!r} to that object")
+            return None
+        value = obj[key]
+        if not isinstance(value, str):
+            raise self.fail(f"{where}.{key}", f"expected a string, got {_show(value)}",
+                            f"write {key!r} as a JSON string")
+        return value
+
+    def count(self, obj: Mapping[str, Any], key: str, where: str) -> int | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(f"{where}.{key}",
+                            f"expected a non-negative integer, got {_show(value)}",
+                            f"write {key!r} as a whole number >= 0")
+        return value
+
+    def time(self, value: str, key: str, fix: str) -> datetime | None:
+        try:
+            return parse_time(value)
+        except (ValueError, OverflowError) as exc:
+            raise self.fail(key, f"{_show(value)} is not a valid time ({exc})", fix) from None
+
+
+def _show(value: Any) -> str:
+    """A short, single-line rendering of a bad value for an error message."""
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value, default=repr)[:60]
+    except (ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _derived_id(version: str, commit: str, deployed_at: datetime) -> str:
+    """A stable id for the Go CLI's entries, which have none: same entry, same id, every read."""
+    digest = hashlib.sha256(f"{commit}|{version}|{format_time(deployed_at)}".encode()).hexdigest()
+    return f"dep_{digest[:16]}_{digest[16:40]}"
+
+
+def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deployment:
+    if not isinstance(obj, Mapping):
+        raise r.fail(where, f"expected an object or null, got {_show(obj)}",
+                     "restore the file from a backup or re-record the deployment")
+    raw_version = r.string(obj, "version", where)
+    assert raw_version is not None
+    version = raw_version.strip().lower()
+    if not _VERSION.fullmatch(version):
+        raise r.fail(f"{where}.version", f"{_show(raw_version)} is not a 7-hex short commit",
+                     "write the short git commit, e.g. \"abc1234\"")
+    raw_commit = r.string(obj, "git_commit", where)
+    assert raw_commit is not None
+    commit = raw_commit.strip().lower()
+    if not _COMMIT.fullmatch(commit):
+        raise r.fail(f"{where}.git_commit", f"{_show(raw_commit)} is not a 40-hex commit",
+                     "write the full git commit (git rev-parse HEAD)")
+    raw_at = r.string(obj, "deployed_at", where)
+    assert raw_at is not None
+    deployed_at = r.time(raw_at, f"{where}.deployed_at", "write an RFC 3339 time with a zone, "
+                         "e.g. 2026-01-28T10:30:00Z")
+    if deployed_at is None:
+        raise r.fail(f"{where}.deployed_at", "is the zero time, so the deployment has no date",
+                     "write the real deployment time (RFC 3339)")
+    dep_id = r.string(obj, "id", where, required=False)
+    if dep_id is not None and not dep_id.strip():
+        raise r.fail(f"{where}.id", "is empty", "write the deployment id or remove the key")
+    deployed_by = r.string(obj, "deployed_by", where, required=False) or "unknown"
+
+    slots: dict[str, str] = {}
+    for key in ("active_slot", "slot"):
+        value = r.string(obj, key, where, required=False)
+        if value:  # Go writes "" for an unset slot
+            if value.strip().lower() not in ("blue", "green"):
+                raise r.fail(f"{where}.{key}", f"{_show(value)} is not a slot",
+                             "write \"blue\" or \"green\"")
+            slots[key] = value.strip().lower()
+    if len(set(slots.values())) > 1:
+        raise r.fail(f"{where}.active_slot", f"says {slots['active_slot']} but slot says "
+                     f"{slots['slot']}", "check which slot serves it (docker ps) and keep that one")
+    slot_name = slots.get("active_slot") or slots.get("slot")
+    if slot_name is None and need_slot:
+        raise r.fail(f"{where}.active_slot", "required key is missing",
+                     "add \"active_slot\": \"blue\" or \"green\" (the slot it runs in)")
+
+    health = r.string(obj, "health_status", where, required=False) or "unknown"
+    if health not in HEALTH_STATUSES:
+        raise r.fail(f"{where}.health_status", f"{_show(health)} is not a health status",
+                     "write one of " + ", ".join(HEALTH_STATUSES))
+    status = r.string(obj, "status", where, required=False) or None
+    if status is not None and status not in STATUSES:
+        raise r.fail(f"{where}.status", f"{_show(status)} is not a deployment status",
+                     "write one of " + ", ".join(STATUSES))
+    image = r.string(obj, "docker_image", where, required=False) or ""
+    migration_version = r.count(obj, "migration_version", where)
+    dep = Deployment(
+        id=(dep_id or _derived_id(version, commit, deployed_at)).strip(),
+        version=version,
+        git_commit=commit,
+        deployed_at=deployed_at,
+        deployed_by=deployed_by,
+        active_slot=Slot(slot_name) if slot_name else None,
+        health_status=health,
+        status=status,
+        migrations_run=r.count(obj, "migrations_run", where) or 0,
+        rollback_count=r.count(obj, "rollback_count", where) or 0,
+        image=image.strip(),
+        migration_version=migration_version,
+        extra={k: copy.deepcopy(v) for k, v in obj.items() if k not in _DEPLOYMENT_KEYS},
+        raw=copy.deepcopy(dict(obj)),
+    )
+    object.__setattr__(dep, "origin", dep)
+    return dep
+
+
+def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
+    """Normalize the lock to the documented keys, keeping unknown ones."""
+    if obj is None:
+        return {"locked": False}
+    if not isinstance(obj, Mapping):
+        raise r.fail("lock", f"expected an object, got {_show(obj)}",
+                     "write {\"locked\": false} if no deployment is running")
+    if "locked" not in obj:
+        raise r.fail("lock.locked", "required key is missing", "add \"locked\": false or true")
+    if not isinstance(obj["locked"], bool):
+        raise r.fail("lock.locked", f"expected true or false, got {_show(obj['locked'])}",
+                     "write \"locked\": false or true")
+    data = {k: copy.deepcopy(v) for k, v in obj.items()}
+    named = {"locked_at": "locked_at", "lock_expires_at": "lock_expires_at"}
+    if "expires_at" in data:  # the Go CLI's name
+        go_value = data.pop("expires_at")
+        if "lock_expires_at" not in data:
+            data["lock_expires_at"] = go_value
+            named["lock_expires_at"] = "expires_at"  # errors name the key the file has
+    for key in _LOCK_TIME_KEYS:
+        value = data.get(key)
+        if value is None:
+            data.pop(key, None)
+            continue
+        where = f"lock.{named[key]}"
+        if not isinstance(value, str):
+            raise r.fail(where, f"expected a time string, got {_show(value)}",
+                         "write an RFC 3339 time or remove the key")
+        if r.time(value, where, "write an RFC 3339 time or remove the key") is None:
+            del data[key]  # Go's zero time: "not set"
+    pid = data.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        raise r.fail("lock.pid", f"expected an integer, got {_show(pid)}",
+                     "write the holder's process id as a number or remove the key")
+    for key in ("lock_id", "locked_by", "deployment_id", "hostname", "reason"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise r.fail(f"lock.{key}", f"expected a string, got {_show(data[key])}",
+                         f"write {key!r} as a string or remove it")
+    ordered = {k: data[k] for k in _LOCK_ORDER if k in data}
+    ordered.update((k, v) for k, v in data.items() if k not in ordered)
+    return ordered
+
+
+def _encode(text: str) -> bytes | None:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # lone surrogates: no file holds these bytes
+        return None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
+                environment: str | None = None) -> DeploymentState:
+    """Parse any dialect. `environment`, when given, fills a blank one and must match."""
+    r = _Reader(source)
+    raw_bytes = text if isinstance(text, bytes) else _encode(text)
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise r.fail("", "is not UTF-8 text (binary or corrupted)",
+                         "restore it from a backup or re-record the deployment") from None
+    try:
+        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
+            exc, json.JSONDecodeError) else ""
+        raise r.fail("", f"is not valid JSON ({detail}{where})",
+                     "fix the syntax or restore it from a backup") from None
+    if not isinstance(data, dict):
+        raise r.fail("", f"expected a JSON object at the top, got {_show(data)}",
+                     "restore it from a backup or re-record the deployment")
+    try:
+        state = _build(data, r, environment)
+    except RecursionError:
+        raise r.fail("", "is nested too deeply to be a deployment state file",
+                     "restore it from a backup") from None
+    state = replace(state, raw=data, raw_bytes=raw_bytes)
+    object.__setattr__(state, "origin", state)
+    return state
+
+
+def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> DeploymentState:
+    if "environment" not in data:
+        raise r.fail("environment", "required key is missing",
+                     "add \"environment\": one of " + ", ".join(ENV_NAMES))
+    env_value = data["environment"]
+    if not isinstance(env_value, str):
+        raise r.fail("environment", f"expected a string, got {_show(env_value)}",
+                     "write one of " + ", ".join(ENV_NAMES))
+    env_name = canonical_name(env_value.strip())
+    if env_name and env_name not in ENV_NAMES:
+        raise r.fail("environment", f"{_show(env_value)} is not an environment",
+                     "write one of " + ", ".join(ENV_NAMES))
+
+    current_raw = data.get("current_deployment")
+    previous_raw = data.get("previous_deployment")
+    history_raw = data.get("deployment_history")
+    if history_raw is None:
+        history_raw = []
+    if not isinstance(history_raw, list):
+        raise r.fail("deployment_history", f"expected an array, got {_show(history_raw)}",
+                     "write an array of deployments (newest first) or []")
+    current = None if current_raw is None else _deployment(
+        current_raw, "current_deployment", r, need_slot=True)
+    previous = None if previous_raw is None else _deployment(
+        previous_raw, "previous_deployment", r, need_slot=True)
+    history = tuple(_deployment(item, f"deployment_history[{i}]", r, need_slot=False)
+                    for i, item in enumerate(history_raw))
+
+    if not env_name and current is not None:
+        # The deploy script never fills the top-level key but stamps each deployment.
+        inner = current.extra.get("environment")
+        if isinstance(inner, str) and canonical_name(inner) in ENV_NAMES:
+            env_name = canonical_name(inner)
+    if environment is not None:
+        wanted = canonical_name(environment)
+        if env_name and env_name != wanted:
+            raise r.fail("environment", f"this file belongs to {env_name}, not {wanted}",
+                         "point [state] file at this environment's state file")
+        env_name = wanted
+    return DeploymentState(
+        environment=env_name,
+        current=current,
+        previous=previous,
+        history=history,
+        lock=_lock(data.get("lock"), r),
+        extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _TOP_KEYS},
+        source=r.source,
+    )
+
+
+def read_state(path: Path, *, environment: str | None = None) -> DeploymentState:
+    """Read and normalize the state file; a missing file is an error, never an empty state."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_STATE_BYTES + 1)
+    except FileNotFoundError:
+        raise StateError(f"{path}: no deployment has been recorded (the state file does not "
+                         "exist)", "deploy first, or check [state] file in the environment "
+                         "configuration") from None
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read the state file ({exc.strerror or exc})",
+                         "check the path and its permissions") from None
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(f"{path}: larger than {MAX_STATE_BYTES // (1024 * 1024)} MiB, so it is "
+                         "not a deployment state file", "restore it from a backup")
+    return parse_state(raw, str(path), environment=environment)

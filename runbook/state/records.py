@@ -1,0 +1,115 @@
+"""Transitions of the state (pure: they return new objects): a new deployment, after a
+deploy, after a rollback, the lock mirror."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from runbook.environment import Slot
+from runbook.errors import StateError
+from runbook.state.dialects import normalized_history
+from runbook.state.model import Deployment, DeploymentState, current_operator, new_id
+from runbook.state.schema import _COMMIT, _VERSION, HEALTH_STATUSES, HISTORY_LIMIT, STATUSES
+
+
+def make_deployment(version: str, git_commit: str, slot: Slot | str, *,
+                    deployed_by: str | None = None, deployed_at: datetime | None = None,
+                    migration_version: int | None = None, image: str = "",
+                    status: str = "deploying", deployment_id: str | None = None) -> Deployment:
+    """A new deployment record, validated like one read from a file."""
+    version = version.strip().lower()
+    git_commit = git_commit.strip().lower()
+    if not _VERSION.fullmatch(version):
+        raise StateError(f"version {version!r} is not a 7-hex short commit",
+                         "pass the short git commit, e.g. abc1234")
+    if not _COMMIT.fullmatch(git_commit):
+        raise StateError(f"git commit {git_commit!r} is not 40 hex characters",
+                         "pass the full commit (git rev-parse HEAD)")
+    if status not in STATUSES:
+        raise StateError(f"status {status!r} is not a deployment status",
+                         "use one of " + ", ".join(STATUSES))
+    return Deployment(
+        id=deployment_id or new_id("dep"), version=version, git_commit=git_commit,
+        deployed_at=deployed_at or datetime.now(UTC), deployed_by=deployed_by or
+        current_operator(), active_slot=Slot(slot), status=status,
+        migration_version=migration_version, image=image,
+    )
+
+
+def _with_history(state: DeploymentState, current: Deployment | None,
+                  *front: Deployment | None, limit: int = HISTORY_LIMIT,
+                  ) -> tuple[Deployment, ...]:
+    """Put `front` (updated records) first, drop stale copies and the current deployment."""
+    fresh = [d for d in front if d is not None]
+    fresh_ids = {d.id for d in fresh}
+    rest = [d for d in state.history if d.id not in fresh_ids]
+    skip = current.id if current is not None else None
+    return normalized_history([d for d in (*fresh, *rest) if d.id != skip], limit)
+
+
+def after_deploy(state: DeploymentState, new: Deployment, *,
+                 limit: int = HISTORY_LIMIT) -> DeploymentState:
+    """New deployment becomes current; the old current becomes previous (superseded)."""
+    if new.active_slot is None:
+        raise StateError(f"deployment {new.id} has no slot", "record the slot it runs in")
+    current = new if new.status is not None else new.with_(status="active")
+    old = state.current
+    if old is not None and old.id == current.id:
+        return state.with_(current=current)
+    previous = None
+    if old is not None:
+        previous = old.with_(status="superseded") if old.status in (None, "active") else old
+    return state.with_(current=current, previous=previous,
+                       history=_with_history(state, current, previous, state.previous,
+                                             limit=limit))
+
+
+def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
+                   slot: Slot | None = None, health_status: str | None = None,
+                   run_id: str | None = None, limit: int = HISTORY_LIMIT) -> DeploymentState:
+    """Target (default: previous) becomes current and active; the current is `rolled_back`.
+
+    `slot` overrides the slot the target now runs in (it may have been recreated in the other
+    one); `run_id` is recorded as the Go CLI's `rollback_id` so its readers see a rollback.
+    """
+    old = state.current
+    target = target or state.previous
+    if old is None:
+        raise StateError(f"{state.source or 'state'}: no current deployment to roll back from",
+                         "deploy first; nothing is running according to the state file")
+    if target is None:
+        raise StateError(f"{state.source or 'state'}: no previous deployment to roll back to",
+                         "name a version from the history, or deploy the version you want")
+    if target.id == old.id:
+        raise StateError(f"deployment {target.version} is already current",
+                         "choose a different version")
+    new_slot = slot or target.active_slot
+    if new_slot is None:
+        raise StateError(f"deployment {target.version} does not record its slot",
+                         "pass the slot it will run in")
+    if health_status is not None and health_status not in HEALTH_STATUSES:
+        raise StateError(f"health status {health_status!r} is not valid",
+                         "use one of " + ", ".join(HEALTH_STATUSES))
+    extra = dict(target.extra)
+    if run_id:
+        extra.update(rollback=True, rollback_id=run_id)
+    current = target.with_(status="active", rollback_count=target.rollback_count + 1,
+                           active_slot=new_slot, extra=extra,
+                           health_status=health_status or target.health_status)
+    previous = old.with_(status="rolled_back")
+    return state.with_(current=current, previous=previous,
+                       history=_with_history(state, current, previous, state.previous,
+                                             limit=limit))
+
+
+def with_lock(state: DeploymentState, lock: Mapping[str, Any]) -> DeploymentState:
+    """The state with its `lock` mirror replaced (`locked` is always present).
+
+    Give the documented keys; the writer puts them in the file's dialect (the Go CLI's
+    `expires_at`, its zero times when unlocked), keeping keys another tool added.
+    """
+    data = dict(lock)
+    data.setdefault("locked", False)
+    return state.with_(lock=data)

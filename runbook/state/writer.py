@@ -1,0 +1,121 @@
+"""The file's bytes: a rewrite with no change is byte-identical, a changed one keeps the
+file's formatting (indent, separators, escapes, newline, BOM); the write is atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runbook import files
+from runbook.errors import StateError
+from runbook.state.dialects import _check_finite, _same, to_json
+from runbook.state.model import DeploymentState
+from runbook.state.schema import GO_CLI
+
+
+@dataclass(frozen=True)
+class _Style:
+    """How the file's writer formatted it, so our rewrite looks like theirs."""
+
+    indent: str | None = "  "
+    item_sep: str = ","  # json.dumps' own choice with an indent: no trailing spaces
+    key_sep: str = ": "
+    ensure_ascii: bool = False
+    html_escape: bool = False  # Go's encoder writes <, >, & as \u003c, \u003e, \u0026
+    newline_at_end: bool = True
+    crlf: bool = False
+    bom: bool = False
+
+
+_NON_ASCII_ESCAPE = re.compile(r"\\u(?:00[89a-fA-F][0-9a-fA-F]|0[1-9a-fA-F][0-9a-fA-F]{2}|"
+                               r"[1-9a-fA-F][0-9a-fA-F]{3})")
+_HTML_ESCAPE = re.compile(r"\\u00(?:3[cCeE]|26)")
+_SEPARATORS = re.compile(r'"(\s*):(\s*)["\[{0-9tfn-]')
+
+
+def _style_of(raw: bytes, dialect: str) -> _Style:
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return _Style()
+    bom = text.startswith("\ufeff")
+    text = text.removeprefix("\ufeff")
+    body = text.strip()
+    indent: str | None = None
+    if "\n" in body:
+        for line in body.splitlines()[1:]:
+            lead = line[:len(line) - len(line.lstrip(" \t"))]
+            if lead and line.strip():
+                indent = lead
+                break
+        else:
+            indent = ""
+    key_sep, item_sep = ": ", ","
+    match = _SEPARATORS.search(body)
+    if match:
+        key_sep = f"{match.group(1)}:{match.group(2)}" if indent is not None or match.group(2) \
+            else ":"
+    if indent is None:
+        item_sep = ", " if re.search(r'[\]}"0-9el], "', body) else ","
+    elif re.search(r", \r?\n", body):  # old Python json.dumps: trailing spaces after commas
+        item_sep = ", "
+    has_non_ascii = any(ord(c) > 127 for c in text)
+    return _Style(
+        indent=indent, item_sep=item_sep, key_sep=key_sep,
+        ensure_ascii=not has_non_ascii and bool(_NON_ASCII_ESCAPE.search(text)),
+        html_escape=bool(_HTML_ESCAPE.search(text)) or dialect == GO_CLI,
+        newline_at_end=text.endswith("\n"), crlf="\r\n" in text, bom=bom,
+    )
+
+
+def _render(data: Mapping[str, Any], style: _Style) -> bytes:
+    text = json.dumps(data, indent=style.indent, separators=(style.item_sep, style.key_sep),
+                      ensure_ascii=style.ensure_ascii, allow_nan=False)
+    if style.html_escape:  # these characters only ever occur inside JSON strings
+        text = (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    if style.newline_at_end:
+        text += "\n"
+    if style.crlf:
+        text = text.replace("\n", "\r\n")
+    return (("\ufeff" if style.bom else "") + text).encode()
+
+
+def dumps(state: DeploymentState) -> bytes:
+    """The exact bytes write_state stores: the file's own bytes when nothing changed."""
+    data = to_json(state)
+    _check_finite(data)
+    was = state.origin
+    if was is None or was.raw is None:
+        return _render(data, _Style())
+    if was.raw_bytes is not None and _same(data, was.raw):
+        return was.raw_bytes
+    return _render(data, _style_of(was.raw_bytes or b"", state.dialect))
+
+
+def write_state(path: Path, state: DeploymentState, *,
+                before_rename: Callable[[], None] | None = None) -> None:
+    """Replace the file atomically: readers see the old file or the new one, never a mix.
+
+    The file keeps its mode, owner and group (a new one is 0600). `before_rename` is the
+    drill's fault point between the fsynced temp file and the rename (the kill matrix's
+    "during the state write").
+    """
+    target = Path(os.path.realpath(path))  # keep a symlinked state file a symlink
+    try:
+        payload = dumps(state)
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
+        raise StateError(f"{target}: refusing to write, the state cannot be serialized ({exc})",
+                         "this is a bug in the caller; the file was not changed") from None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(target, payload, default_mode=0o600, before_rename=before_rename)
+    except OSError as exc:
+        raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc})",
+                         "check free disk space and permissions; the old file is unchanged"
+                         ) from None
