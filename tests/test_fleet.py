@@ -266,3 +266,22 @@ def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("ensure-sshd: ok: ") and "OpenSSH" in proc.stderr
     assert time.monotonic() - began < 5
+
+
+@pytest.mark.docker
+def test_a_host_without_a_working_runbook_is_refused_in_preflight(
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+    """`runbook_command` pointing at a program that is not runbook: that host's line says to
+    install togather-runbook; exit 4; no host changed, the fleet lock released."""
+    drill_fleet.write_inventory(host_vars={"host3": {"runbook_command": "/bin/false"}})
+    try:
+        before = [drill_fleet.serving(h.name) for h in drill_fleet.hosts]
+        proc = _fleet_rollback(drill_fleet, tmp_path)
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 4, err
+        host3 = [line for line in err.splitlines() if line.strip().startswith("host3:")]
+        assert len(host3) == 1 and "install togather-runbook" in host3[0], err
+        assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before
+        assert hostlock.status(drill_fleet.hosts[0].env) is None
+    finally:
+        drill_fleet.write_inventory()

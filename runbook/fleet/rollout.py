@@ -141,10 +141,6 @@ class Events:
                 self.on_end(task, host, self.results[task][host])
         return False  # nothing kept on disk beyond what ansible-runner writes itself
 
-    def in_flight(self, task: str) -> list[str]:
-        done = self.results.get(task, {})
-        return [h for h in self.started.get(task, {}) if h not in done]
-
 
 def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], events: Events,
                  forks: int, cancel: Callable[[], bool] | None = None) -> str:
