@@ -285,3 +285,23 @@ def test_a_host_without_a_working_runbook_is_refused_in_preflight(
         assert hostlock.status(drill_fleet.hosts[0].env) is None
     finally:
         drill_fleet.write_inventory()
+
+
+@pytest.mark.docker
+def test_sigterm_during_preflight_releases_the_fleet_lock_and_changes_nothing(
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+    drill_fleet.write_inventory()
+    lock_env = drill_fleet.hosts[0].env
+    before = [drill_fleet.serving(h.name) for h in drill_fleet.hosts]
+    proc = _fleet_rollback(drill_fleet, tmp_path)
+    deadline = time.monotonic() + 120
+    while not hostlock.path(lock_env).exists():  # the fleet lock taken: pre-flight under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "interrupted before any host changed; nothing was changed" in err, (_out, err)
+    assert "Traceback" not in err
+    assert hostlock.status(lock_env) is None
+    assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before

@@ -10,9 +10,9 @@ runs as a subprocess; its per-host events come back here). Safety rules, in orde
   the new version would meet the old schema;
 - the rollout stops at the first failed host; hosts of the same batch already running finish;
   nothing is reverted fleet-wide; each host's own rollback left it on a healthy slot;
-- the fleet lock is released on every path, Ctrl-C included (a first Ctrl-C stops before the
-  next host starts; a second stops Ansible at once, each host's runbook then handles the
-  hang-up as on one host).
+- the fleet lock is released on every path, Ctrl-C and SIGTERM included (during the rollout a
+  first one starts no further batch, a second stops Ansible at once, each host's runbook then
+  handling the hang-up as on one host; before it, either stops the run).
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class FleetError(RunbookError):
         super().__init__(message, fix, exit_code=exit_code)
         self.lines = lines or []
         self.journal_file: Path | None = None
+        self.lock_not_taken = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,18 +212,22 @@ def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reaso
     lock_res = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
     if take_lock:
         if inventory.lock_host in events.unreachable:
-            raise FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
-                             f"{events.unreachable[inventory.lock_host]}; nothing was changed",
-                             "make it reachable, or name another with fleet_lock_host",
-                             exit_code=ExitCode.PRECONDITION)
+            error = FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
+                               f"{events.unreachable[inventory.lock_host]}; nothing was changed",
+                               "make it reachable, or name another with fleet_lock_host",
+                               exit_code=ExitCode.PRECONDITION)
+            error.lock_not_taken = True
+            raise error
         if lock_res.get("_event") != "runner_on_ok":
             err = _last_json(str(lock_res.get("stdout", ""))) or {}
             msg = err.get("error") or _one_line(str(lock_res.get("stderr") or
                                                     lock_res.get("msg", "")))
             code = err.get("exit_code", 3)
-            raise FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
-                             err.get("fix") or "see `runbook fleet lock ENV --status` there",
-                             exit_code=ExitCode(code) if code in (2, 3, 4) else ExitCode.LOCKED)
+            error = FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
+                               err.get("fix") or "see `runbook fleet lock ENV --status` there",
+                               exit_code=ExitCode(code) if code in (2, 3, 4) else ExitCode.LOCKED)
+            error.lock_not_taken = True
+            raise error
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     results = events.results.get("host-check", {})
@@ -308,6 +313,11 @@ class _Interrupts:
                 signal.signal(s, h)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM outside the rollout: stop like Ctrl-C, so the fleet lock is released."""
+    raise KeyboardInterrupt
+
+
 def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
              say: Callable[[str], None]) -> FleetResult:
     """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops."""
@@ -326,11 +336,11 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
 
     # -- pre-flight (and the fleet lock), read-only -------------------------------------------
     t0 = time.time()
-    locked = False
+    locked = not options.dry_run  # from the moment the take is asked for: released in finally
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         checks, problems, lock_res = preflight(inventory, targets, fleet_run_id, options.reason,
                                                take_lock=not options.dry_run)
-        locked = not options.dry_run
         if lock_res.get("stdout") and not options.dry_run:
             taken = _last_json(str(lock_res.get("stdout"))) or {}
             if taken.get("taken_over"):
@@ -378,12 +388,22 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         hosts = {h: HostResult(h) for h in targets}
         return _rollout(inventory, targets, plan, fleet_run_id, options, journal, hosts, say,
                         plan_lines)
+    except KeyboardInterrupt:
+        error = FleetError("interrupted before any host changed; nothing was changed",
+                           "run the same command again when ready",
+                           exit_code=ExitCode.FAILED_SAFELY)
+        journal.finish("interrupted", int(error.exit_code), error=error.message)
+        error.journal_file = journal.write(options.journal_dir)
+        raise error from None
     except FleetError as exc:
+        if exc.lock_not_taken:
+            locked = False  # someone else's lock (or none): nothing of ours to release
         journal.finish("refused" if exc.exit_code in (2, 3, 4) else "failed", int(exc.exit_code),
                        error=exc.message)
         exc.journal_file = journal.write(options.journal_dir)
         raise
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
             _release(inventory, targets, fleet_run_id, options.reason, say)
 
