@@ -305,3 +305,40 @@ def test_sigterm_during_preflight_releases_the_fleet_lock_and_changes_nothing(
     assert "Traceback" not in err
     assert hostlock.status(lock_env) is None
     assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before
+
+
+def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> None:
+    """A killed test leaves a fleet directory and its sshd listeners: `make clean-drills`
+    stops only processes whose command line names that directory, then removes it."""
+    import tempfile
+
+    from runbook.drill.fleet import clean_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fleet_dir = Path(tempfile.mkdtemp(prefix="togather-fleet-test-"))
+    (fleet_dir / "owner").write_text(str(dead.pid))
+    # a stand-in listener (sshd itself cannot be told apart from a real one here): a process
+    # whose command line names the fleet's directory, as the drill's sshd -f <dir>/... does
+    listener = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 str(fleet_dir / "ssh" / "sshd_config.host1")])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (fleet_dir / "sshd.host1.pid").write_text(str(listener.pid))
+    (fleet_dir / "sshd.host2.pid").write_text(str(bystander.pid))  # not naming the dir
+    live_dir = Path(tempfile.mkdtemp(prefix="togather-fleet-test-"))
+    (live_dir / "owner").write_text(str(os.getpid()))
+    try:
+        removed = clean_orphans()
+        assert fleet_dir.name in removed and not fleet_dir.exists()
+        assert listener.wait(timeout=10) == -signal.SIGTERM
+        assert bystander.poll() is None  # never a process that is not that fleet's
+        assert live_dir.exists() and live_dir.name not in removed  # a live owner's fleet
+    finally:
+        bystander.kill()
+        listener.kill()
+        bystander.wait()
+        listener.wait()
+        import shutil
+
+        shutil.rmtree(live_dir, ignore_errors=True)
+        shutil.rmtree(fleet_dir, ignore_errors=True)

@@ -128,6 +128,7 @@ class DrillFleet:
 
     def __post_init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"togather-fleet-{self.run_id}-"))
+        (self.dir / "owner").write_text(str(os.getpid()))  # for `make clean-drills`
 
     # -- files -----------------------------------------------------------------------------
     @property
@@ -273,6 +274,7 @@ class DrillFleet:
         h.sshd = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)],
                                   stdout=subprocess.DEVNULL, start_new_session=True,
                                   stderr=(self.dir / f"sshd.{h.name}.log").open("wb"))
+        (self.dir / f"sshd.{h.name}.pid").write_text(str(h.sshd.pid))
         deadline = time.monotonic() + 10
         while True:
             with socket.socket() as s:
@@ -340,3 +342,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def clean_orphans() -> list[str]:
+    """`make clean-drills`: fleets whose owner process is gone. Their containers go by label
+    with the drill's; here their sshd listeners (only a process whose command line names that
+    fleet's directory) are stopped and the directory removed."""
+    from runbook import procs
+
+    removed = []
+    for fleet_dir in Path(tempfile.gettempdir()).glob("togather-fleet-*"):
+        try:
+            owner = int((fleet_dir / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if procs.pid_alive(owner):
+            continue
+        for pid_file in fleet_dir.glob("sshd.*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if str(fleet_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(fleet_dir, ignore_errors=True)
+        removed.append(fleet_dir.name)
+    return removed

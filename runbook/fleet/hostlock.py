@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runbook import procs
 from runbook.environment import Environment
 from runbook.errors import LockedError, RunbookError
 
@@ -45,22 +46,6 @@ class Held:
                 "summary": self.describe()}
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if stat[0] in ("Z", "X"):
-            return False
-    return True
-
-
 def status(env: Environment, now: float | None = None) -> Held | None:
     """Who holds the fleet lock, and whether it is stale; None when free."""
     now = time.time() if now is None else now
@@ -81,7 +66,8 @@ def status(env: Environment, now: float | None = None) -> Held | None:
     if isinstance(expires, int | float) and expires <= now:
         return Held(holder, True, "expired")
     pid = holder.get("pid")
-    if holder.get("hostname") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+    here = holder.get("hostname") == socket.gethostname()
+    if here and isinstance(pid, int) and not procs.pid_alive(pid):
         return Held(holder, True, f"its controller (pid {pid} on this host) is gone")
     return Held(holder, False, "held by a live fleet run")
 
