@@ -3,11 +3,14 @@ Caddy, the proxy, the database), never only what the action claimed."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
+import httpx
 import pytest
 from pytest_bdd import parsers, then
 
@@ -63,6 +66,29 @@ def current_live_slot(world: World) -> Slot:
     return live
 
 
+def raw_health(world: World, slot: Slot) -> tuple[int, str]:
+    """(HTTP status, body) of the slot's own /health, read with a plain HTTP client: an
+    oracle apart from runbook.health's parser."""
+    url = f"{world.env.slot(slot).base_url}{world.env.health.path}"
+    try:
+        with httpx.Client(timeout=5, trust_env=False) as client:
+            answer = client.get(url, headers={"Connection": "close"})
+    except httpx.HTTPError as exc:
+        return 0, f"no answer: {exc}"
+    return answer.status_code, answer.text
+
+
+def schema_in_postgres(world: World) -> int:
+    """schema_migrations.version read straight from Postgres on a drill (the runbook's own
+    reader on a real host, which offers no other way in)."""
+    if not world.on_drill:
+        return database.schema_version(world.env).version
+    with world.drill().connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert row is not None, "schema_migrations is empty"
+    return int(row[0])
+
+
 # -- traffic -----------------------------------------------------------------------------------
 
 
@@ -100,6 +126,8 @@ def still_served_by_healthy_slot(world: World) -> None:
     assert live == live_slot_before(world)
     report = probe(world, live)
     assert report.ok, report.reason()
+    code, body = raw_health(world, live)
+    assert code == 200, f"the {live} slot's /health answered HTTP {code}: {body}"
 
 
 NEEDS_LOAD = ("not provable on a real host: it needs the drill's simulated users through Caddy "
@@ -144,6 +172,8 @@ def slot_taking_traffic_is_healthy(world: World) -> None:
     report = probe(world, live)
     assert report.ok, f"the {live} slot is {report.status}: {report.reason()}"
     assert_answers_as(world, live, report)
+    code, body = raw_health(world, live)
+    assert code == 200, f"the {live} slot's /health answered HTTP {code}: {body}"
 
 
 # -- the deployment state ----------------------------------------------------------------------
@@ -184,6 +214,8 @@ def old_slot_keeps_running(world: World) -> None:
     assert info.running, info
     report = probe(world, live_slot_before(world))
     assert report.ok, report.reason()
+    code, body = raw_health(world, live_slot_before(world))
+    assert code == 200, f"its /health answered HTTP {code}: {body}"
 
 
 @then(parsers.parse('the state file records "{name}" as the current deployment with the schema '
@@ -193,7 +225,7 @@ def state_records_deployment(world: World, name: str) -> None:
     current = world.state().current
     assert current is not None
     assert current.version == version_tag(name)
-    assert current.migration_version == database.schema_version(world.env).version
+    assert current.migration_version == schema_in_postgres(world)
     assert current.image == docker.inspect(world.env.slot(current.slot).container).image
 
 
@@ -235,13 +267,25 @@ def state_file_says_previous(world: World) -> None:
 
 @then("what really runs matches the state file")
 def what_runs_matches(world: World) -> None:
+    """The status finds no problem, and what runs agrees with the file when looked at
+    directly: the proxy's slot and that container's image are the ones recorded."""
     assert world.status is not None
     assert world.status["problems"] == [], world.status["problems"]
+    current = world.state().current
+    assert current is not None and current.active_slot == current_live_slot(world)
+    running = docker.inspect(world.env.slot(current.active_slot).container)
+    assert running.running and running.tag == current.version, (running, current.version)
 
 
 @then("the status says Caddy is not answering")
 def status_says_caddy_down(world: World) -> None:
     assert world.status is not None
+    try:  # and it is true: the admin API really does not answer
+        with httpx.Client(timeout=3, trust_env=False) as client:
+            answered = client.get(f"{world.env.caddy.admin_url}/config/").status_code
+    except httpx.HTTPError:
+        answered = 0
+    assert answered == 0, f"Caddy's admin API answered HTTP {answered}"
     assert any("Caddy is not answering" in p["problem"] for p in world.status["problems"]), \
         world.status["problems"]
 
@@ -260,6 +304,7 @@ def status_schema_ahead(world: World) -> None:
     data = world.status
     assert data is not None and data["previous"] is not None
     schema = data["database"]["schema_version"]
+    assert schema == schema_in_postgres(world), data["database"]
     assert schema > data["previous"]["migration_version"], data["database"]
 
 
@@ -294,6 +339,8 @@ def failing_check_named(world: World) -> None:
     assert error.report is not None and error.report.failing_checks
     for check in error.report.failing_checks:
         assert f"{check.name}: {check.message}" in str(error), str(error)
+    if world.on_drill:  # the broken build's own words (runbook/drill/app/server.py)
+        assert "app: drill build: always unhealthy" in str(error), str(error)
 
 
 @then("nothing has changed")
@@ -343,20 +390,42 @@ def plan_shows_caddyfile_change(world: World) -> None:
 
 @then("the rollback says it skipped the health gate and the schema guard")
 def force_says_what_it_skipped(world: World) -> None:
+    """What RAN, not the plan's words: the run switched traffic to a slot whose own /health
+    refuses it (so no health gate stood in the way) onto a database newer than the target
+    ran with (so no schema guard did), and the run's journal says both, with the reason."""
     result = world.succeeded()
-    text = result.plan.render()
-    assert "health gate skipped: --force" in text, text
-    assert "schema guard" in text and "skipped (--force)" in text, text
-    assert any("--force" in w for w in result.plan.warnings), result.plan.warnings
+    target = state_before(world).previous
+    assert target is not None and target.migration_version is not None
+    live = current_live_slot(world)
+    assert live == live_slot_before(world).other, "the forced rollback did not move traffic"
+    code, body = raw_health(world, live)
+    assert code != 200, f"the {live} slot is healthy ({body}): nothing was forced past a gate"
+    schema = schema_in_postgres(world)
+    assert schema > target.migration_version, (schema, target.migration_version)
+    entries = [e for e in log_entries(world) if e["deployment_id"] == result.run_id]
+    assert entries, f"the journal has no line of run {result.run_id}"
+    ran = {e.get("step"): e for e in entries if e.get("event") == "end"}
+    assert ran.get("switch", {}).get("status") == "ok", ran.get("switch")
+    gate = ran.get("health-gate")
+    assert gate is not None, f"no health-gate step ran: {sorted(filter(None, ran))}"
+    seen = str(gate.get("detail", {}).get("health", ""))
+    assert seen and not seen.startswith(("healthy", "degraded")), \
+        f"the gate step saw the slot as {seen!r}: nothing unhealthy went past it"
+    said = json.dumps(entries)
+    for words in ("health gate skipped: --force", "schema guard skipped (--force)"):
+        assert words in said, f"the run's journal never says {words!r}"
 
 
 @then("the health check of the slot taking traffic names the schema mismatch")
 def health_names_schema_mismatch(world: World) -> None:
     world.outcome()
-    report = probe(world, current_live_slot(world))
+    live = current_live_slot(world)
+    report = probe(world, live)
     assert not report.ok
     failing = {c.name: c.message for c in report.failing_checks}
     assert "migrations" in failing and "ahead" in failing["migrations"], failing
+    code, body = raw_health(world, live)  # the app's own answer, not the parser's reading
+    assert code != 200 and "migrations" in body and "ahead" in body, (code, body)
 
 
 # -- health reports ----------------------------------------------------------------------------
@@ -368,13 +437,18 @@ def json_report(world: World) -> None:
     slot = world.notes["health slot"]
     assert data["slot"] == slot and data["url"].startswith(world.env.slot(slot).base_url)
     assert data["status"] in ("healthy", "degraded", "unhealthy", "unreachable")
+    code, raw = raw_health(world, Slot(slot))  # what the app itself said
     if data["status"] == "unreachable":
-        assert data["error"], data
+        assert data["error"] and code == 0, (data, code)
         return
+    body = json.loads(raw)
     assert re.fullmatch(r"[0-9a-f]{7}", data["version"]), data
-    assert {"database", "migrations"} <= set(data["checks"]), data
-    for check in data["checks"].values():
-        assert check["status"] in ("pass", "warn", "fail"), check
+    assert data["version"] == body["version"] == docker.inspect(
+        world.env.slot(slot).container).tag, (data, body)
+    assert data["status"] == body["status"], (data, body)
+    assert {"database", "migrations"} <= set(data["checks"]) == set(body["checks"]), data
+    for name, check in data["checks"].items():
+        assert check["status"] == body["checks"][name]["status"], (check, body)
 
 
 @then("the table has a row for the slot with its status, its version and its checks")
@@ -383,11 +457,16 @@ def table_report(world: World) -> None:
     slot = world.notes["health slot"]
     header, row, *_ = text.splitlines()
     assert header.split()[:4] == ["SLOT", "URL", "STATUS", "VERSION"], text
-    report = world.notes["health reports"][0]
+    code, raw = raw_health(world, Slot(slot))  # what the app itself said
     cells = row.split()
-    assert cells[0] == slot and cells[2] == report.status, text
-    if report.status != "unreachable":
-        assert cells[3] == report.version and "database:" in row and "migrations:" in row, text
+    assert cells[0] == slot, text
+    if code == 0:
+        assert cells[2] == "unreachable", text
+        return
+    body = json.loads(raw)
+    assert cells[2] == body["status"] and cells[3] == body["version"], (text, body)
+    for name, check in body["checks"].items():
+        assert f"{name}:{check['status']}" in row.split(), (name, check, text)
 
 
 @then("every running slot answers for itself on its own port")
@@ -501,13 +580,42 @@ def log_says_what_happened(world: World) -> None:
     assert any(e.get("exit_code") == int(error.exit_code) for e in run), run[-1]
 
 
+def secret_forms(password: str) -> set[str]:
+    """The password as any output could spell it: raw and in every URL encoding."""
+    return {password, quote(password, safe=""), quote(password), quote_plus(password)}
+
+
+def files_under(*roots: Path) -> list[Path]:
+    return sorted({p for root in roots if root.exists()
+                   for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()})
+
+
 @then("the deployment log does not show the database password")
 def log_hides_password(world: World) -> None:
+    """The run really used the password (it read the schema from Postgres through the URL:
+    its refusal names the schema Postgres reports), then no form of it is in anything the
+    run wrote or said: log lines, run records, the state file, snapshot sidecars, the
+    refusal and its fix, and what the steps printed."""
     password = unquote(urlsplit(world.env.database.url()).password or "")
     assert password, "the database URL has no password to hide"
-    text = "\n".join(p.read_text() for p in world.env.log_dir.glob("*.log"))
-    assert password not in text
-    assert quote(password, safe="") not in text
+    error = world.refused()
+    schema = schema_in_postgres(world)
+    assert f"the database schema is at {schema}" in str(error), \
+        f"the run did not read the database (schema {schema}): {error}"
+    env = world.env
+    written = files_under(env.log_dir, env.runs_dir, env.state_file, env.lock_path,
+                          env.database.snapshot_dir)
+    assert any(p.suffix == ".log" for p in written), f"no log file in {env.log_dir}"
+    texts = {str(p): p.read_bytes().decode("utf-8", "replace") for p in written
+             if not p.name.endswith(".sql.gz")}
+    texts["the refusal"] = f"{error}\n{error.fix}"
+    texts["the terminal"] = "\n".join(world.shown)
+    forms = secret_forms(password)
+    if world.on_drill:  # the drill's password is Dr1ll@<12 random hex>/%x: its core too
+        forms.add(password.split("@", 1)[1].split("/", 1)[0])
+    leaks = [f"{where}: {form!r}" for where, text in texts.items() for form in forms
+             if form in text]
+    assert not leaks, "the database password leaked into: " + "; ".join(leaks)
 
 
 @then("the state file names the live deployment and the schema each deployment ran with")
@@ -515,7 +623,7 @@ def state_file_names_schema(world: World) -> None:
     data = json.loads(world.env.state_file.read_bytes())
     current, previous = data["current_deployment"], data["previous_deployment"]
     assert current["active_slot"] == str(current_live_slot(world))
-    schema = database.schema_version(world.env).version
+    schema = schema_in_postgres(world)
     assert current["migration_version"] == schema
     assert previous["migration_version"] < schema
     assert data["lock"]["locked"] is False
@@ -539,6 +647,8 @@ def refusal_names_snapshot(world: World) -> None:
         assert table in text, f"the refusal does not say that {table} writes would be lost: {text}"
     assert re.search(r"\bundo|\blos[te]\b", text), f"no data-loss window in: {text}"
     world.notes["snapshot"] = str(path)
+    if world.on_drill:  # what a restore will be judged against: Postgres, read directly
+        world.notes["rows at refusal"] = table_rows(world)
 
 
 @then("the database is back at the schema the previous version ran with")
@@ -546,19 +656,75 @@ def schema_back(world: World) -> None:
     world.succeeded()
     previous = state_before(world).previous
     assert previous is not None
-    assert database.schema_version(world.env).version == previous.migration_version
+    assert schema_in_postgres(world) == previous.migration_version
+
+
+def dumped_rows(path: Path, table: str) -> list[dict[str, str]] | None:
+    """The rows of `table` in a plain pg_dump (gzip), read as text: None when the dump has
+    no such table. An oracle apart from the runbook's snapshot code."""
+    header = re.compile(rf"^COPY public\.{table} \((?P<cols>[^)]*)\) FROM stdin;$")
+    rows: list[dict[str, str]] | None = None
+    columns: list[str] = []
+    with gzip.open(path, "rt", encoding="utf-8") as dump:
+        for line in dump:
+            line = line.rstrip("\n")
+            if rows is None:
+                match = header.match(line)
+                if match:
+                    columns = [c.strip().strip('"') for c in match["cols"].split(",")]
+                    rows = []
+                continue
+            if line == "\\.":
+                break
+            rows.append(dict(zip(columns, line.split("\t"), strict=True)))
+    return rows
+
+
+def table_rows(world: World) -> dict[str, int]:
+    """Row counts of the app's tables, straight from Postgres."""
+    with world.drill().connect() as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "AND tablename <> 'schema_migrations'").fetchall()]
+        counts = {t: conn.execute(f'SELECT count(*) FROM public."{t}"').fetchone()
+                  for t in tables}
+    return {t: int(row[0]) for t, row in counts.items() if row is not None}
+
+
+def announced(text: str, label: str) -> str:
+    match = re.search(rf"^\s*{label}\s+(.+)$", text, re.M)
+    assert match, f"the restore's plan does not announce {label!r}:\n{text}"
+    return match.group(1)
 
 
 @then("the data is what the snapshot held, as announced")
 def data_as_announced(world: World) -> None:
-    world.succeeded()
-    stack = world.drill()
-    with stack.connect() as conn:
-        names = {row[0] for row in conn.execute("SELECT name FROM items").fetchall()}
+    """Three oracles agree: the dump file itself (read as text), Postgres (read directly)
+    and what the restore announced before it ran (rows recorded, writes it would undo)."""
+    result = world.succeeded()
+    path = Path(world.notes["snapshot"])
+    held = dumped_rows(path, "items")
+    assert held is not None, f"{path.name} has no items table"
+    assert dumped_rows(path, "orders") is None, f"{path.name} holds an orders table"
+    with world.drill().connect() as conn:
+        names = sorted(r[0] for r in conn.execute("SELECT name FROM items").fetchall())
         orders = conn.execute("SELECT to_regclass('public.orders')").fetchone()
-    assert set(world.notes["kept items"]) <= names, names
-    assert not set(world.notes["lost items"]) & names, names
+    assert names == sorted(r["name"] for r in held), (names, held)
+    assert set(world.notes["kept items"]) <= set(names), names
+    assert not set(world.notes["lost items"]) & set(names), names
     assert orders is not None and orders[0] is None, "the orders table should be gone"
+    now = table_rows(world)
+    assert now == {"items": len(held)}, now
+    # what the run printed before it ran (its plan: what --dry-run and the prompt show)
+    plan = result.plan.render()
+    recorded = dict(re.findall(r"(\w+) (\d+)", announced(plan, "rows recorded")))
+    assert int(recorded.get("items", -1)) == len(held), (recorded, len(held))
+    window = announced(plan, "data written since")
+    before = world.notes["rows at refusal"]
+    lost_items = before["items"] - now["items"]
+    assert re.search(rf"\bitems: {lost_items} new rows?\b", window), (window, before, now)
+    assert re.search(rf"\borders: {before['orders']} rows \(table created after the "
+                     r"snapshot", window), (window, before)
 
 
 # -- help --------------------------------------------------------------------------------------

@@ -72,8 +72,13 @@ def site_answer(url: str) -> int:
 
 
 def outside_block(text: str) -> str:
-    start, end = caddy.find_block(text)
-    return text[:start] + text[end:]
+    """The Caddyfile without the lines between the slot markers, found by plain line search
+    (not by runbook.caddy, whose rewrite this judges)."""
+    lines = text.splitlines(keepends=True)
+    start = [i for i, line in enumerate(lines) if "BLUE_GREEN_SLOT_START" in line]
+    end = [i for i, line in enumerate(lines) if "BLUE_GREEN_SLOT_END" in line]
+    assert len(start) == len(end) == 1 and start[0] < end[0], "not one pair of slot markers"
+    return "".join(lines[:start[0] + 1] + lines[end[0]:])
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,7 @@ class World:
     load: Load | None = None
     acted_at: float | None = None  # time.time() when the last action began
     acted_until: float | None = None  # and when it ended
+    shown: list[str] = field(default_factory=list)  # everything the steps printed
 
     # -- where we are --------------------------------------------------------------------------
     @property
@@ -222,7 +228,9 @@ class World:
         return True
 
     def show(self, title: str, text: str) -> None:
-        """Write to the terminal even while pytest captures output."""
+        """Write to the terminal even while pytest captures output (and keep it: a Then
+        may judge what the on-call saw)."""
+        self.shown.append(f"{title}\n{text}")
         capman = self.config.pluginmanager.getplugin("capturemanager")
         ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
         with ctx:

@@ -1,19 +1,30 @@
-"""What drill tests read back from a stack to check a run: shared so every test judges the
-same way (through the proxy, not through the code under test)."""
+"""The suite's shared test helpers, in one place: what tests read back from a drill stack to
+judge a run (through the proxy and Docker, not through the code under test), the fixtures
+that put the session stack at its baseline, and the small arrangements many tests make.
+tests/conftest.py only re-exports the fixtures."""
 
 from __future__ import annotations
 
 import dataclasses
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import pytest
 
-from runbook import docker
-from runbook.environment import Environment, Slot
+from runbook import deploy, docker
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment, Slot, from_mapping
+
+# --- reading back what runs --------------------------------------------------------------------
 
 
 def through_proxy(env: Environment) -> tuple[str, str]:
     """(X-Togather-Slot, version) as a user sees them through Caddy."""
-    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
+                         timeout=5, trust_env=False)
     return response.headers["X-Togather-Slot"], response.json()["version"]
 
 
@@ -27,3 +38,57 @@ def snapshot(env: Environment) -> dict[str, object]:
         "lock": env.lock_path.exists(),
         "traffic": through_proxy(env),
     }
+
+
+# --- the session drill stack -------------------------------------------------------------------
+
+
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    """The session stack, reset to its baseline first (v1 on blue serving, green running v1,
+    schema 1). Nothing resets after: every user of the stack resets before it."""
+    drill_stack.reset()
+    yield drill_stack
+
+
+@pytest.fixture(scope="module")
+def baseline_stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
+    """For a module of read-only checks of the baseline: one reset for the whole module."""
+    drill_stack.reset()
+    yield drill_stack
+
+
+def two_deployments(stack: DrillStack, **env_changes: object) -> Environment:
+    """v1 -> v2 (green, schema 2) -> v3 (blue, no new migration): v3 serves and v2 is the
+    previous deployment, so rolling back v3 -> v2 is schema-safe. Returns the environment
+    used (with `env_changes`, e.g. stop_old_slot=False to keep v2 running)."""
+    env = stack.env.with_(**env_changes) if env_changes else stack.env
+    deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))
+    deploy.deploy(env, deploy.Options(version=VERSIONS["v3"].tag))
+    return env
+
+
+# --- hosts without Docker ---------------------------------------------------------------------
+
+
+def host_env(tmp_path: Path, *, name: str = "production", stale: float = 1800.0) -> Environment:
+    """A host's environment whose files (state, lock, logs, run records) all live under
+    `tmp_path`, for tests of the file formats and the lock that need no container."""
+    return from_mapping({
+        "name": name,
+        "state": {"file": str(tmp_path / "state" / "deployment-state.json")},
+        "lock": {"dir": str(tmp_path / "locks"), "stale_after_seconds": stale},
+        "logs": {"dir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs")},
+        "slots": {
+            "blue": {"container": "togather-server-blue", "service": "togather-blue", "port": 8081},
+            "green": {"container": "togather-server-green", "service": "togather-green",
+                      "port": 8082},
+        },
+    }, tmp_path / "env.toml")
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

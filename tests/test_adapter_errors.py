@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,22 +24,12 @@ from runbook import state as states
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import closed_port
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
 V2 = VERSIONS["v2"]
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def runbook(*args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
@@ -78,7 +66,7 @@ def test_an_invalid_image_reference_in_the_state_file(stack: DrillStack) -> None
 
 
 def test_a_docker_engine_that_does_not_answer(stack: DrillStack) -> None:
-    dead = f"tcp://127.0.0.1:{free_port()}"
+    dead = f"tcp://127.0.0.1:{closed_port()}"
     dry = runbook("switch", str(stack.env.source), "--slot", "green", "--dry-run",
                   DOCKER_HOST=dead)
     assert dry.returncode == int(ExitCode.PRECONDITION), dry.stderr
@@ -112,7 +100,7 @@ def test_docker_api_errors_are_runbook_errors(stack: DrillStack) -> None:
 def test_database_errors_are_one_line(stack: DrillStack, tmp_path: Path) -> None:
     url = urlsplit(stack.database_url)
     for name, bad_url in {
-        "nobody listens": f"postgresql://{url.username}:secretpw1@127.0.0.1:{free_port()}/x",
+        "nobody listens": f"postgresql://{url.username}:secretpw1@127.0.0.1:{closed_port()}/x",
         "wrong password": (f"postgresql://{url.username}:wrong-Pa55word@{url.hostname}:"
                            f"{url.port}{url.path}"),
     }.items():

@@ -1,5 +1,7 @@
-"""The drill report and the HTML runbook, opened in headless Chromium; and the report plugin
-end to end on a tiny feature (no Docker).
+"""The drill report and the HTML runbook, opened in headless Chromium: a real drill report
+(two scenarios of the rollback feature run with the report plugin against the session drill
+stack) checked against the engine's own run record; and the report plugin end to end on a
+tiny feature (no Docker).
 
 Chromium is Debian's `chromium` package, installed by `make test` (scripts/ensure-chromium.sh).
 Its absence fails these tests rather than skipping them: an unrendered report is a broken one.
@@ -21,10 +23,13 @@ from typing import Any
 
 import pytest
 
-from runbook import docs
+from runbook import deploy, docs
 from runbook import environment as envmod
 from runbook import journal as journals
 from runbook import report as reports
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from tests.drill_checks import through_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "reports" / "screenshots"
@@ -99,7 +104,7 @@ def keep_screenshot(page: Path, tmp_path: Path, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# A synthetic drill, made of a real engine run record
+# The report reads the engine's run records: a real one, with real measured (short) phases
 
 
 @pytest.fixture
@@ -122,72 +127,67 @@ def run_record(tmp_path: Path) -> dict[str, Any]:
     return record
 
 
-def synthetic_report(record: dict[str, Any]) -> dict[str, Any]:
-    data = reports.new_report(environment="drill", command=["pytest", "features/"])
-    feature = reports.feature_entry(data, "features/rollback.feature", "Roll back a deployment",
-                                    "Use this when a deployment fails.")
-    ok = reports.scenario_entry(feature, nodeid="features/rollback.feature::test_run",
-                                name="Run the rollback", tags=["mutating"],
-                                steps=[("Given", "a previous deployment exists", 3),
-                                       ("When", "I roll back", 4),
-                                       ("Then", "users are served the previous version", 5)])
-    ok["status"] = reports.PASSED
-    ok["duration_ms"] = 900
-    for offset, step in enumerate(ok["steps"]):
-        step.update(status=reports.PASSED, duration_ms=100 + offset, offset_ms=offset * 200)
-    ok["runs"] = [record]
-    skipped = reports.scenario_entry(feature, nodeid="features/rollback.feature::test_preview",
-                                     name="Preview the rollback",
-                                     steps=[("Given", "a previous deployment exists", 9),
-                                            ("When", "I preview the rollback", 10),
-                                            ("Then", "nothing has changed", 11)])
-    skipped["status"] = reports.SKIPPED
-    skipped["steps"][0].update(status=reports.PASSED, duration_ms=5)
-    skipped["steps"][1].update(status=reports.PASSED, duration_ms=7)
-    skipped["steps"][2].update(status=reports.SKIPPED, error="dry run: plan printed above")
-    data["fingerprint"] = {**reports.tool_fingerprint(), "caddy": "v2.6.2",
-                           "postgres": "PostgreSQL 15.8", "app_images": sorted(
-                               reports.images_in(record))}
-    data["finished_at"] = reports.now_iso()
-    data["duration_ms"] = 1234
-    return data
+
+def drill_report(stack: DrillStack, out: Path) -> subprocess.CompletedProcess[str]:
+    """A real drill report: pytest runs two scenarios of features/rollback.feature with the
+    report plugin against the session stack, addressed as a host by its environment file
+    (Givens check there; the rollback really runs; no second stack is started)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    argv = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "steps.plugin",
+            "-p", "no:cacheprovider", "--strict-markers", "-q", "features/rollback.feature",
+            "-k", "confirm or run_the_rollback", "--env", str(stack.env.source),
+            "--report", str(out)]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
 
 
-def test_time_to_recover_and_phases_come_from_the_run_record(run_record: dict[str, Any]
-                                                             ) -> None:
-    phases = reports.run_phases(run_record)
-    assert [p["name"] for p in phases] == ["lock", *PHASES, "unlock"]
-    offsets = [p["offset_ms"] for p in phases]
-    assert offsets == sorted(offsets) and offsets[-1] > 0
-    assert all(p["duration_ms"] is not None and p["status"] == "ok" for p in phases)
-    ttr = reports.time_to_recover([run_record])
-    assert ttr is not None and ttr >= sum(p["duration_ms"] for p in phases)
-    assert reports.time_to_recover([{**run_record, "action": "deploy"}]) is None
-    assert reports.images_in(run_record) == {"togather-server:abc1234"}
+@pytest.mark.docker
+def test_a_real_drill_report_renders_in_chromium(stack: DrillStack, tmp_path: Path) -> None:
+    """The page a drill leaves, opened in Chromium, shows what really ran: the scenarios'
+    outcomes, and the rollback's phases as the engine recorded them in its run record. (Run
+    as a host, the last Then, which needs the drill's simulated users, is skipped: the report
+    must say so in its banner, and does.)"""
+    for version in ("v2", "v3"):  # a previous deployment to roll back to, the operator's way
+        deploy.deploy(stack.env, deploy.Options(version=VERSIONS[version].tag,
+                                                reason="browser test: arrange"))
+    out = tmp_path / "report"
+    proc = drill_report(stack, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert through_proxy(stack.env) == ("green", VERSIONS["v2"].tag), "no rollback ran"
+    data = json.loads((out / reports.REPORT_JSON).read_text())
+    scenarios = {s["name"]: s for _, s in reports.scenarios(data)}
+    assert len(scenarios) == 2, list(scenarios)
+    (rollback_scenario,) = [s for n, s in scenarios.items() if n.startswith("Run the rollback")]
+    (run,) = [r for r in rollback_scenario["runs"] if r["action"] == "rollback"]
+    on_disk = json.loads((stack.env.runs_dir / f"{run['run_id']}.json").read_text())
+    assert on_disk["outcome"] == "success" and on_disk["exit_code"] == 0, on_disk["outcome"]
+    log = Path(on_disk["log_file"]).read_text()
+    assert f'"deployment_id": "{run["run_id"]}"' in log
 
-
-def test_the_drill_report_renders_in_chromium(run_record: dict[str, Any],
-                                              tmp_path: Path) -> None:
-    data = synthetic_report(run_record)
-    _, page = reports.write(tmp_path / "report", data)
+    page = out / reports.REPORT_HTML
     text = page.read_text(encoding="utf-8")
     assert "<link" not in text and "<script" not in text and "src=" not in text
-
-    dom = parse(browse(page, tmp_path))
+    rendered = browse(page, tmp_path)
+    dom = parse(rendered)
     (banner,) = dom.having("section", id="banner")
-    assert "attention" in banner["class"].split()
-    assert "1 step SKIPPED" in json.dumps(data["attention"])
+    assert ("attention" if data["attention"] else "ok") in banner["class"].split()
     assert dom.having("h2", id="fingerprint") and dom.having("h2", id="time-to-recover")
     assert len(dom.having("section", class_="scenario")) == 2
     (svg,) = dom.having("svg", class_="timeline")
-    assert svg["data-action"] == "rollback"
-    bars = [(t, a, anc) for t, a, anc in dom.found if t == "rect" and "bar" in
-            a.get("class", "").split()]
-    assert len(bars) == len(PHASES) + 2 and all("svg" in anc for _, _, anc in bars)
+    assert svg["data-action"] == "rollback" and svg["data-run-id"] == run["run_id"]
     groups = dom.having("g", class_="phase")
-    assert [g["data-phase"] for g in groups] == ["lock", *PHASES, "unlock"]
-    assert all(int(g["data-duration-ms"]) >= 0 for g in groups)
-    assert float(bars[-1][1]["x"]) > float(bars[0][1]["x"])  # later phases sit further right
+    recorded = [(s["name"], s["status"], s["duration_ms"]) for s in on_disk["steps"]]
+    shown = [(g["data-phase"], g["data-status"], int(g["data-duration-ms"])) for g in groups]
+    assert shown == recorded, (shown, recorded)
+    assert {"lock", "switch", "health-gate", "unlock"} <= {name for name, _, _ in shown}
+    bars = [a for t, a, anc in dom.found
+            if t == "rect" and "bar" in a.get("class", "").split() and "svg" in anc]
+    assert len(bars) == len(recorded)
+    assert float(bars[-1]["x"]) > float(bars[0]["x"])  # later phases sit further right
+    caddy_said = subprocess.run(["docker", "exec", stack.caddy_container, "caddy", "version"],
+                                capture_output=True, text=True, check=True).stdout.split()[0]
+    assert caddy_said in data["fingerprint"]["caddy"], data["fingerprint"]
+    assert caddy_said in rendered
     keep_screenshot(page, tmp_path, "drill-report.png")
 
 

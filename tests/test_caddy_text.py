@@ -1,22 +1,33 @@
-"""The Caddy adapter: pure Caddyfile functions, then the side effects against loopback HTTP.
-
-No Caddy binary is needed here: the last section runs a tiny stdlib "Caddy" (admin API + proxy
-on 127.0.0.1) that loads what it is posted and answers through the managed block, so the
-refuse/restore logic of switch() is exercised over real HTTP. Tests against a real Caddy run
-on the drill stack.
+"""The Caddy adapter: pure Caddyfile text functions, judged first by hand-written text and
+text properties (bytes outside the markers, idempotence, round trips), then by the real Caddy
+of the session drill stack: what its own adapter reads in a rewritten Caddyfile (POST /adapt),
+what it runs after a reload (GET /config/) and where a real request through it goes. Every
+reload method (admin API, `caddy reload`, `systemctl reload`) and `caddy validate` run against
+that Caddy; the parser under test is never its own oracle.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runbook import caddy
+from runbook import caddy, switch
 from runbook.caddy import CaddyError
-from runbook.environment import Environment, Slot, from_mapping
+from runbook.drill.stack import DrillStack
+from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
+from tests.drill_checks import through_proxy
 
 
 def make_env(caddyfile: Path = Path("/nonexistent/Caddyfile"), *, admin: str = "http://127.0.0.1:1",
@@ -202,7 +213,6 @@ def test_rewrite_switches_every_upstream_and_header_and_nothing_else() -> None:
     assert len(new) == len(HOST_CADDYFILE) + 2  # "green" is one char longer, twice
     # the unmanaged site keeps pointing at blue
     assert "\treverse_proxy localhost:8081   # NOT managed" in new
-    assert caddy.active_slot(new, ENV) is Slot.GREEN
     assert caddy.rewrite(new, ENV, Slot.BLUE) == HOST_CADDYFILE
 
 
@@ -252,7 +262,6 @@ def test_rewrite_preserves_crlf_files_byte_for_byte() -> None:
     assert new.encode() == caddy.rewrite(HOST_CADDYFILE, ENV, Slot.GREEN).replace(
         "\n", "\r\n").encode()
     assert new.count("\r\n") == crlf.count("\r\n")
-    assert caddy.active_slot(new, ENV) is Slot.GREEN
 
 
 def test_rewrite_preserves_mixed_line_ends_trailing_spaces_and_no_final_newline() -> None:
@@ -343,22 +352,320 @@ def test_rewrite_never_changes_bytes_outside_the_markers_and_is_idempotent(
     assert new.count("\n") == text.count("\n")
     assert new.count("\r") == text.count("\r")
     assert caddy.rewrite(new, ENV, target) == new
-    found = caddy.inspect(new, ENV)
-    assert found.slot is target, found.problems
-    assert set(found.ports) == {ENV.slot(target).port}
     assert caddy.rewrite(caddy.rewrite(new, ENV, target.other), ENV, target) == new
 
 
-# --- commands (the switch itself is tested against the real Caddy of the drill stack:
-# tests/test_rollback.py and tests/test_interrupted.py) -------------------------------------
+# --- what the real Caddy reads in a rewritten Caddyfile (POST /adapt: nothing is loaded) ------
+
+SLOT_HEADER_KEY = "X-Togather-Slot"
+Config = dict[str, Any]
 
 
-def test_reload_commands_are_argument_lists_for_a_command_prefix(tmp_path: Path) -> None:
-    env = make_env(tmp_path / "Caddyfile", admin="http://127.0.0.1:2999",
-                   command=("docker", "exec", "drill-caddy", "caddy"), reload="caddy-reload")
-    assert caddy.reload_action(env) == [
-        "docker", "exec", "drill-caddy", "caddy", "reload", "--config",
-        str(tmp_path / "Caddyfile"), "--adapter", "caddyfile", "--address", "127.0.0.1:2999"]
-    assert caddy.validate_command(env, "/x/.tmp")[:5] == [
-        "docker", "exec", "drill-caddy", "caddy", "validate"]
+@pytest.fixture
+def admin(drill_stack: DrillStack) -> Iterator[httpx.Client]:
+    """A client for the session drill Caddy's admin API; Caddy is (re)started first when an
+    earlier test left it stopped. /adapt changes nothing, so no reset is needed."""
+    if not caddy.is_running(drill_stack.env):
+        drill_stack.reset()
+    with httpx.Client(base_url=drill_stack.env.caddy.admin_url, timeout=10,
+                      trust_env=False) as client:
+        yield client
+
+
+def adapt(client: httpx.Client, text: str) -> Config:
+    """Caddy's own JSON for a Caddyfile: its adapter is the oracle of what the text means."""
+    answer = client.post("/adapt", content=text.encode(),
+                         headers={"Content-Type": "text/caddyfile"})
+    assert answer.status_code == 200, f"Caddy rejected it: {answer.text}\n{text}"
+    result: Config = answer.json()["result"]
+    return result
+
+
+def routes_of(config: Config) -> Iterator[tuple[list[str], Config]]:
+    """(listen addresses, top-level route) of every server."""
+    for server in config["apps"]["http"]["servers"].values():
+        for route in server.get("routes", []):
+            yield server["listen"], route
+
+
+def hosts(route: Config) -> set[str]:
+    return {h for m in route.get("match", []) for h in m.get("host", [])}
+
+
+def retarget(node: Any, port: int, slot: Slot) -> Any:
+    """`node` with every upstream dialling `port` and every X-Togather-Slot header saying
+    `slot`: what a switch must change in Caddy's view, and nothing else."""
+    if isinstance(node, dict):
+        out: Config = {}
+        for key, value in node.items():
+            if key == "dial" and isinstance(value, str):
+                out[key] = f"{value.rsplit(':', 1)[0]}:{port}"
+            elif key == SLOT_HEADER_KEY and isinstance(value, list):
+                out[key] = [str(slot)] * len(value)
+            else:
+                out[key] = retarget(value, port, slot)
+        return out
+    if isinstance(node, list):
+        return [retarget(item, port, slot) for item in node]
+    return node
+
+
+def expected_view(config: Config, managed: Callable[[list[str], Config], bool], port: int,
+                  slot: Slot) -> Config:
+    """Caddy's view of the old text with only the managed site's routes retargeted."""
+    out = copy.deepcopy(config)
+    for server in out["apps"]["http"]["servers"].values():
+        server["routes"] = [retarget(route, port, slot) if managed(server["listen"], route)
+                            else route for route in server.get("routes", [])]
+    return out
+
+
+def proxies(node: Any) -> list[tuple[list[str], list[str]]]:
+    """(dials, X-Togather-Slot values) of every reverse_proxy handler under `node`."""
+    found: list[tuple[list[str], list[str]]] = []
+    if isinstance(node, dict):
+        if node.get("handler") == "reverse_proxy":
+            headers = node.get("headers", {}).get("response", {})
+            values = [v for part in ("set", "add") for v in
+                      headers.get(part, {}).get(SLOT_HEADER_KEY, [])]
+            found.append(([u["dial"] for u in node.get("upstreams", [])], values))
+        for value in node.values():
+            found += proxies(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += proxies(item)
+    return found
+
+
+def togather_site(_listen: list[str], route: Config) -> bool:
+    return "togather.example.org" in hosts(route)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+@pytest.mark.parametrize("target", list(Slot))
+def test_caddy_reads_a_rewritten_host_caddyfile_as_the_target_and_nothing_else(
+        admin: httpx.Client, eol: str, target: Slot) -> None:
+    text = HOST_CADDYFILE.replace("\n", eol)
+    before = adapt(admin, text)
+    after = adapt(admin, caddy.rewrite(text, ENV, target))
+    port = ENV.slot(target).port
+    assert after == expected_view(before, togather_site, port, target)
+    managed = [p for _, r in routes_of(after) if togather_site([], r) for p in proxies(r)]
+    assert sorted(managed) == [([f"127.0.0.1:{port}"], [str(target)]),
+                               ([f"localhost:{port}"], [str(target)])], managed
+    other = [r for _, r in routes_of(after) if "status.example.org" in hosts(r)]
+    assert proxies(other) == [(["localhost:8081"], [])], "the unmanaged site moved"
+    assert f'"{SLOT_HEADER_KEY}":["blue"]' in json.dumps(other, separators=(",", ":"))
+
+
+MANAGED_LISTEN = ":18080"
+WRAPPER = (
+    "{{\n\tadmin off\n}}\n"
+    "http://127.0.0.1:18081 {{\n"
+    "\treverse_proxy localhost:8081 {{\n\t\theader_down X-Togather-Slot blue\n\t}}\n"
+    "}}\n"
+    "http://127.0.0.1:18080 {{\n"
+    "\t@api path /api/*\n"
+    "{block}"
+    "\n}}\n"
+)
+
+
+@st.composite
+def valid_unit(draw: st.DrawFn) -> str:
+    """A unit Caddy accepts: one scheme per reverse_proxy (Caddy 2.6 refuses to mix)."""
+    ind, eol = draw(INDENT), draw(EOL)
+    scheme = draw(st.sampled_from(["", "http://", "h2c://"]))
+
+    parts = []
+    for host in draw(st.lists(st.sampled_from(["localhost", "127.0.0.1", "[::1]"]),
+                              min_size=1, max_size=3)):
+        port = draw(st.sampled_from([8081, 8082, 8080, 9000, 1]))
+        quote = draw(st.sampled_from(["", '"']))
+        parts.append(f"{quote}{scheme}{host}:{port}{quote}")
+    upstreams = " ".join(parts)
+    matcher = draw(st.sampled_from(["", "@api ", "/api/* ", "* "]))
+    value = draw(st.sampled_from(['"blue"', '"green"', "blue", "green", "`blue`"]))
+    plus = draw(st.sampled_from(["", "+"]))
+    kind = draw(st.sampled_from(["plain", "block", "handle", "to", "comment", "respond",
+                                 "header", "blank"]))
+    if kind == "plain":
+        return f"{ind}reverse_proxy {matcher}{upstreams}{eol}"
+    if kind == "block":
+        return (f"{ind}reverse_proxy {matcher}{upstreams} {{{eol}{ind}\theader_down "
+                f"{plus}X-Togather-Slot {value}{eol}{ind}}}{eol}")
+    if kind == "to":
+        return (f"{ind}reverse_proxy {matcher}{{{eol}{ind}\tto {upstreams}{eol}{ind}"
+                f"\theader_down X-Togather-Slot {value}{eol}{ind}}}{eol}")
+    if kind == "handle":
+        return (f"{ind}handle {matcher}{{{eol}{ind}\treverse_proxy {upstreams} {{{eol}"
+                f"{ind}\t\theader_down X-Togather-Slot {value}{eol}{ind}\t}}{eol}{ind}}}{eol}")
+    if kind == "comment":
+        return f"{ind}# {draw(LINE_TEXT).replace(chr(13), ' ')}{eol}"
+    if kind == "respond":
+        return f'{ind}respond /where "localhost:{draw(st.sampled_from([8081, 8082]))}"{eol}'
+    if kind == "header":
+        return f"{ind}header {matcher}X-Togather-Slot {value}{eol}"
+    return f"{ind}{eol}"
+
+
+@st.composite
+def caddy_site(draw: st.DrawFn) -> str:
+    units = draw(st.lists(valid_unit(), min_size=0, max_size=5))
+    units.insert(draw(st.integers(0, len(units))), f"\treverse_proxy localhost:8081{draw(EOL)}")
+    start = "\t# BLUE_GREEN_SLOT_START" + draw(LINE_TEXT).replace("\r", " ") + draw(EOL)
+    end = "\t# BLUE_GREEN_SLOT_END" + draw(LINE_TEXT).replace("\r", " ")
+    return WRAPPER.format(block=start + "".join(units) + end)
+
+
+def managed_server(listen: list[str], _route: Config) -> bool:
+    return any(a.endswith(MANAGED_LISTEN) for a in listen)
+
+
+@pytest.mark.docker
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=caddy_site(), target=st.sampled_from(list(Slot)))
+def test_caddy_sees_every_managed_upstream_and_slot_header_retargeted_and_nothing_else(
+        admin: httpx.Client, text: str, target: Slot) -> None:
+    """Whatever valid block the generator writes, Caddy's own reading of the rewritten file
+    is its reading of the old one with exactly the managed dials and slot headers changed."""
+    before = adapt(admin, text)
+    after = adapt(admin, caddy.rewrite(text, ENV, target))
+    port = ENV.slot(target).port
+    assert after == expected_view(before, managed_server, port, target)
+    seen = [p for listen, r in routes_of(after) if managed_server(listen, r)
+            for p in proxies(r)]
+    assert seen and all(d.endswith(f":{port}") for dials, _ in seen for d in dials), seen
+    assert all(v == str(target) for _, values in seen for v in values), seen
+
+
+# --- what the real Caddy runs after a reload, and where a request through it goes ----------
+
+
+
+def running_config(env: Environment) -> Config:
+    """What Caddy runs now, from its admin API."""
+    answer = httpx.get(f"{env.caddy.admin_url}/config/", timeout=10, trust_env=False)
+    assert answer.status_code == 200, answer.text
+    config: Config = answer.json()
+    return config
+
+
+def served_dials(env: Environment) -> set[str]:
+    """Every upstream Caddy dials for the proxied app's site (the proxy port's server)."""
+    proxy_port = env.caddy.proxy_url.rsplit(":", 1)[1]
+    return {d for listen, route in routes_of(running_config(env))
+            if any(a.endswith(f":{proxy_port}") for a in listen)
+            for dials, _ in proxies(route) for d in dials}
+
+
+def assert_caddy_serves(env: Environment, slot: Slot) -> None:
+    assert served_dials(env) == {f"localhost:{env.slot(slot).port}"}, served_dials(env)
+    header, _ = through_proxy(env)
+    assert header == str(slot)
+
+
+SYSTEMCTL = """\
+#!{python}
+\"\"\"`systemctl` for this test: systemd cannot run in the test's container, so this stands in
+for it, doing what caddy.service does on a host: `is-active caddy` asks whether the Caddy
+process runs, `reload caddy` runs its ExecReload (`caddy reload --config ...`), here inside
+the drill's Caddy container. Every call is appended to {log!r}.\"\"\"
+import json, subprocess, sys
+CONTAINER, CADDYFILE, ADMIN, LOG = {container!r}, {caddyfile!r}, {address!r}, {log!r}
+with open(LOG, "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+verb, unit = sys.argv[1], sys.argv[-1]
+if unit != "caddy":
+    sys.exit(f"Unit {{unit}}.service could not be found.")
+if verb == "is-active":
+    out = subprocess.run(["docker", "inspect", "-f", "{{{{.State.Running}}}}", CONTAINER],
+                         capture_output=True, text=True, check=False)
+    running = out.stdout.strip() == "true"
+    print("active" if running else "inactive")
+    sys.exit(0 if running else 3)
+if verb == "reload":
+    sys.exit(subprocess.run(["docker", "exec", CONTAINER, "caddy", "reload", "--config",
+                             CADDYFILE, "--adapter", "caddyfile", "--address", ADMIN],
+                            check=False).returncode)
+sys.exit(f"unsupported: {{sys.argv[1:]}}")
+"""
+
+
+def with_reload(stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Environment:
+    """The stack's environment reloading Caddy the given way. For systemctl, a `systemctl`
+    executable first on PATH (see SYSTEMCTL) reloads the real Caddy; its calls are logged."""
+    env = stack.env
+    env = env.with_(caddy=dataclasses.replace(env.caddy, reload=method))
+    if method is ReloadMethod.SYSTEMCTL:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        shim = bin_dir / "systemctl"
+        shim.write_text(SYSTEMCTL.format(
+            python=sys.executable, log=str(tmp_path / "systemctl.log"),
+            container=stack.caddy_container, caddyfile=caddy.seen_by_caddy(
+                env, env.caddy.caddyfile), address=caddy.admin_address(env)))
+        shim.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("method", list(ReloadMethod))
+def test_a_switch_through_each_reload_method_changes_what_caddy_runs(
+        stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """admin-api POSTs /load; caddy-reload runs `docker exec <caddy> caddy reload`; systemctl
+    runs `systemctl reload caddy` (the stand-in above, which reloads the same real Caddy).
+    Each is judged by Caddy's running config and by a real request through it."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    assert_caddy_serves(env, Slot.BLUE)
+    switch.switch(env, switch.Options(slot=Slot.GREEN, reason=f"test: reload by {method}"))
+    assert_caddy_serves(env, Slot.GREEN)
+    if method is ReloadMethod.SYSTEMCTL:
+        calls = [json.loads(line) for line in (tmp_path / "systemctl.log").read_text()
+                 .splitlines()]
+        assert ["is-active", "caddy"] in calls and calls[-1] == ["reload", "caddy"], calls
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("method", list(ReloadMethod))
+def test_the_real_caddy_validates_each_way_and_a_rejected_file_changes_nothing(
+        stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation is Caddy's own: POST /adapt for admin-api, `caddy validate` run through
+    `docker exec` for the other two. A block Caddy refuses is rejected in Caddy's words, and
+    neither the file nor what Caddy runs changes."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    good = caddy.rewrite(caddy.read(env), env, Slot.GREEN)
+    caddy.validate(env, good)
+    broken = good.replace("\t# BLUE_GREEN_SLOT_END",
+                          "\tnot_a_directive on\n\t# BLUE_GREEN_SLOT_END")
+    on_disk, running = env.caddy.caddyfile.read_bytes(), running_config(env)
+    with pytest.raises(CaddyError) as err:
+        caddy.validate(env, broken)
+    assert "not_a_directive" in str(err.value) and err.value.stage == "validate"
+    assert env.caddy.caddyfile.read_bytes() == on_disk and running_config(env) == running
+    assert not list(env.caddy.caddyfile.parent.glob(".*validate*")), "a temp file was left"
+    assert_caddy_serves(env, Slot.BLUE)
+
+
+@pytest.mark.docker
+def test_reload_commands_are_argument_lists_caddy_accepts(stack: DrillStack) -> None:
+    """The argv a plan shows for caddy-reload is the one that runs: run it, and Caddy loads
+    the file it names."""
+    env = stack.env.with_(caddy=dataclasses.replace(stack.env.caddy,
+                                                    reload=ReloadMethod.CADDY_RELOAD))
+    argv = caddy.reload_action(env)
+    assert argv[:len(env.caddy.command)] == list(env.caddy.command)
+    assert argv[len(env.caddy.command):] == [
+        "reload", "--config", str(env.caddy.caddyfile), "--adapter", "caddyfile",
+        "--address", caddy.admin_address(env)]
+    caddy.write_config(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert_caddy_serves(env, Slot.GREEN)
     assert caddy.reload_action(make_env(reload="systemctl")) == ["systemctl", "reload", "caddy"]

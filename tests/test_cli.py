@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -16,11 +15,6 @@ from runbook.drill.versions import VERSIONS
 
 pytestmark = pytest.mark.docker
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
 
 
 def runbook(stack: DrillStack, *args: str, env_arg: bool = True,

@@ -210,13 +210,6 @@ def test_an_oversized_answer_is_refused_not_buffered() -> None:
 
 # --- the drill: a rollback onto a build whose /health drips ---------------------------------
 
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    """The session stack, reset before and after: later modules expect it pristine."""
-    drill_stack.reset()
-    yield drill_stack
-    drill_stack.reset()
-
 
 @pytest.mark.docker
 def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStack) -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -37,11 +36,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 UNKNOWN = "0" * 40
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
 
 
 def build_variant(tag: str, revision: str) -> str:

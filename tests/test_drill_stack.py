@@ -39,11 +39,11 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: 
         time.sleep(interval)
 
 
-def test_both_slots_healthy_on_their_own_ports(drill_stack: DrillStack) -> None:
-    env = drill_stack.env
+def test_both_slots_healthy_on_their_own_ports(baseline_stack: DrillStack) -> None:
+    env = baseline_stack.env
     assert env.slot("blue").port != env.slot("green").port
     for slot in Slot:
-        response = health(drill_stack, slot)
+        response = health(baseline_stack, slot)
         body = response.json()
         assert response.status_code == 200
         assert body["status"] == "healthy"
@@ -58,8 +58,8 @@ def test_both_slots_healthy_on_their_own_ports(drill_stack: DrillStack) -> None:
         assert info.labels["com.togather.deployment.slot"] == slot.value
 
 
-def test_endpoints_match_the_contract(drill_stack: DrillStack) -> None:
-    base = drill_stack.env.slot("blue").base_url
+def test_endpoints_match_the_contract(baseline_stack: DrillStack) -> None:
+    base = baseline_stack.env.slot("blue").base_url
     version = httpx.get(f"{base}/version").json()
     assert set(version) == {"version", "git_commit", "build_date"}
     assert httpx.get(f"{base}/healthz").status_code == 200
@@ -68,8 +68,8 @@ def test_endpoints_match_the_contract(drill_stack: DrillStack) -> None:
     assert ready["timestamp"].endswith("Z")
 
 
-def test_proxy_serves_the_active_slot_with_its_header(drill_stack: DrillStack) -> None:
-    env = drill_stack.env
+def test_proxy_serves_the_active_slot_with_its_header(baseline_stack: DrillStack) -> None:
+    env = baseline_stack.env
     for path in ("/version", "/api/version"):
         response = httpx.get(f"{env.caddy.proxy_url}{path}")
         assert response.headers["X-Togather-Slot"] == "blue"
@@ -81,21 +81,21 @@ def test_proxy_serves_the_active_slot_with_its_header(drill_stack: DrillStack) -
     assert httpx.get(f"http://127.0.0.1:{other}/ping").text == "pong"
 
 
-def test_dataset_is_read_and_written_through_the_app(drill_stack: DrillStack) -> None:
-    base = drill_stack.env.slot("green").base_url
+def test_dataset_is_read_and_written_through_the_app(baseline_stack: DrillStack) -> None:
+    base = baseline_stack.env.slot("green").base_url
     created = httpx.post(f"{base}/items", json={"name": "drill-item"}).json()
-    items = httpx.get(f"{drill_stack.env.slot('blue').base_url}/items").json()
+    items = httpx.get(f"{baseline_stack.env.slot('blue').base_url}/items").json()
     assert {"id": created["id"], "name": "drill-item"} in items
-    with psycopg.connect(drill_stack.env.database.url()) as conn:
+    with psycopg.connect(baseline_stack.env.database.url()) as conn:
         assert conn.execute("SELECT name FROM items WHERE id = %s",
                             (created["id"],)).fetchone() == ("drill-item",)
 
 
-def test_database_url_password_needs_encoding_and_works(drill_stack: DrillStack) -> None:
+def test_database_url_password_needs_encoding_and_works(baseline_stack: DrillStack) -> None:
     """The drill's password holds @, / and %: every client must cope with it."""
-    assert any(c in drill_stack.password for c in "@/%")
-    assert drill_stack.password not in drill_stack.env.database.url()
-    with psycopg.connect(drill_stack.env.database.url()) as conn:
+    assert any(c in baseline_stack.password for c in "@/%")
+    assert baseline_stack.password not in baseline_stack.env.database.url()
+    with psycopg.connect(baseline_stack.env.database.url()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from runbook import health
 from runbook.environment import Environment, HealthConfig, Slot, from_mapping
 from runbook.errors import ExitCode
 from runbook.health import HealthGateError
+from tests.drill_checks import closed_port
 
 COMMIT = "3f2a1b9" + "0" * 33
 
@@ -96,12 +96,6 @@ def server() -> Iterator[Server]:
     yield srv_state
     httpd.shutdown()
     httpd.server_close()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_env(blue_port: int, path: str = "/flip", timeout: float = 5.0) -> Environment:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,26 +20,13 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy
+from tests.drill_checks import snapshot, through_proxy, two_deployments
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 UNREACHABLE = "RUNBOOK_TEST_UNREACHABLE_DB_URL"
 SECRET = "s3cret-never-shown"
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
-
-
-def two_deployments(stack: DrillStack, **env_changes: object) -> Environment:
-    """v2 (green) then v3 (blue); v3 runs no new migration, so v3 -> v2 is schema-safe."""
-    env = stack.env.with_(**env_changes) if env_changes else stack.env
-    deploy.deploy(env, deploy.Options(version=V2.tag))
-    deploy.deploy(env, deploy.Options(version=V3.tag))
-    return stack.env
 
 
 def without_compose(env: Environment, file: Path | None = None) -> Environment:

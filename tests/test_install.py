@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LEFT_OUT = {".git", ".venv", "reports", "build", "dist", "__pycache__", ".pytest_cache",
             ".mypy_cache", ".ruff_cache"}
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
 
 
 def run(argv: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -3,43 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
+import signal
 import stat
+import subprocess
+import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runbook.environment import Environment, from_mapping
+from runbook.environment import Environment
 from runbook.errors import ExitCode, PreconditionError
 from runbook.journal import MASK, Journal, Level, new_run_id, redact
+from tests.drill_checks import host_env
 
+REPO = Path(__file__).resolve().parents[1]
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def make_env(tmp_path: Path) -> Environment:
-    data = {
-        "name": "staging",
-        "state": {"file": str(tmp_path / "deployment-state.json")},
-        "lock": {"dir": str(tmp_path / "locks")},
-        "logs": {"dir": str(tmp_path / "home" / ".togather" / "logs" / "deployments"),
-                 "runs_dir": str(tmp_path / "home" / ".togather" / "runs")},
-        "slots": {
-            "blue": {"container": "togather-server-blue", "service": "togather-blue", "port": 8081},
-            "green": {"container": "togather-server-green", "service": "togather-green",
-                      "port": 8082},
-        },
-    }
-    return from_mapping(data, tmp_path / "env.toml")
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Environment:
-    return make_env(tmp_path)
+    return host_env(tmp_path, name="staging")
 
 
 def lines(journal: Journal) -> list[dict[str, Any]]:
@@ -192,11 +185,116 @@ def test_any_env_secret_is_masked(value: str, key: str) -> None:
     assert redact(f"{key}={value} tail") == f"{key}=*** tail"
 
 
-@settings(max_examples=200)
-@given(st.text())
-def test_any_message_gives_one_valid_line(message: str) -> None:
-    entry = {"message": redact(message)}
-    assert "\n" not in json.dumps(entry)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(message=st.text(), field=st.text())
+def test_any_message_adds_exactly_one_valid_line_to_the_file(tmp_path: Path, message: str,
+                                                             field: str) -> None:
+    """Read back from the file on disk: one more line per call, each a JSON object, and the
+    text comes back as logged whenever it holds nothing secret-shaped."""
+    j = Journal.open(host_env(tmp_path / secrets_token(), name="staging"), "deploy")
+    j.log("INFO", message, note=field)
+    raw = j.log_path.read_bytes()
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 2
+    entry = json.loads(raw.splitlines()[-1])
+    assert isinstance(entry, dict) and entry["level"] == "INFO"
+    if redact(message) == message:
+        assert entry["message"] == message
+    if redact(field) == field:
+        assert entry["note"] == field
+
+
+def secrets_token() -> str:
+    return secrets.token_hex(6)
+
+
+# --- the files' guarantees under concurrency and kill -9 --------------------------------------
+
+
+def test_a_reader_never_sees_half_a_run_record(env: Environment) -> None:
+    """The record is rewritten at every step; a reader polling it meanwhile always parses a
+    whole JSON object (atomic replace), never a truncated one."""
+    j = Journal.open(env, "rollback")
+    done = threading.Event()
+    reads: list[int] = []
+    broken: list[str] = []
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                text = j.record_path.read_text()
+            except FileNotFoundError:
+                broken.append("the record vanished")
+                continue
+            try:
+                reads.append(len(json.loads(text)["steps"]))
+            except ValueError:
+                broken.append(text[-80:])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for index in range(40):
+            with j.step(f"step-{index}", f"Step {index}") as step:
+                step.detail(padding="x" * 1000)  # a record of ~50 kB by the end
+    finally:
+        done.set()
+        thread.join()
+    assert not broken, broken[:3]
+    assert len(reads) > 10 and reads == sorted(reads), "the reader saw steps go backwards"
+    assert len(record(j)["steps"]) == 40
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from runbook.journal import Journal
+from tests.drill_checks import host_env
+env = host_env(Path(sys.argv[1]), name="staging")
+j = Journal.open(env, "rollback", run_id="rbk_killed")
+j.add_secret(sys.argv[2])
+print("open", flush=True)
+index = 0
+while True:
+    with j.step(f"step-{index}", f"Step {index}") as step:
+        step.detail(url=f"postgresql://togather:{sys.argv[2]}@db/togather", n=index)
+        j.log("INFO", f"connecting with password={sys.argv[2]}", padding="y" * 500)
+    index += 1
+"""
+
+
+@pytest.mark.parametrize("after", [0.05, 0.2, 0.5])
+def test_a_run_killed_mid_write_leaves_a_whole_log_and_record_and_no_secret(
+        tmp_path: Path, after: float) -> None:
+    """kill -9 at an arbitrary moment: every log line on disk is whole JSON, the record
+    parses and says the run never finished, every step it calls done was logged as ended,
+    and the password the run used is in neither file."""
+    password = "Sup3r@" + secrets_token()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path), password],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+        time.sleep(after)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    (log,) = (tmp_path / "logs").glob("staging_*.log")
+    raw = log.read_text()
+    lines = raw.splitlines()
+    assert raw.endswith("\n") and len(lines) > 3, raw[-200:]
+    entries = [json.loads(line) for line in lines]  # a torn line would raise here
+    assert entries[0]["message"].startswith("rollback started")
+    rec = json.loads((tmp_path / "runs" / "rbk_killed.json").read_text())
+    assert rec["outcome"] == "running" and rec["exit_code"] is None
+    ended = [e["step"] for e in entries if e.get("event") == "end"]
+    done = [s["name"] for s in rec["steps"] if s["status"] == "ok"]
+    assert done == ended[:len(done)] and len(ended) - len(done) <= 1, (done[-3:], ended[-3:])
+    assert all(s["status"] == "running" for s in rec["steps"][len(done):]), rec["steps"][-2:]
+    for path in (log, *(tmp_path / "runs").iterdir()):
+        text = path.read_text()
+        assert password not in text and quote(password, safe="") not in text, path
 
 
 # --- steps and the run record ----------------------------------------------------------------

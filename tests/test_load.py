@@ -4,11 +4,9 @@ report lays what it saw on a rollback's timeline."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,16 +17,12 @@ from runbook import report as reports
 from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
+from tests.drill_checks import closed_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 TCP_ESTABLISHED = "01"
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
 
 
 def connections_to(port: int) -> int:
@@ -46,12 +40,6 @@ def connections_to(port: int) -> int:
             if state == TCP_ESTABLISHED and int(remote.rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.docker
@@ -137,7 +125,7 @@ class Tags(HTMLParser):
 
 def test_a_refused_connection_is_a_failure_not_a_reset() -> None:
     """Nothing listens on the port: every request fails at once, none counts as a reset."""
-    with Load(f"http://127.0.0.1:{free_port()}/version", clients=2, interval=0.02) as load:
+    with Load(f"http://127.0.0.1:{closed_port()}/version", clients=2, interval=0.02) as load:
         time.sleep(0.3)
     records = load.records()
     assert records and all(

@@ -17,33 +17,19 @@ from typing import Any
 import pytest
 
 from runbook import lock as lockmod
-from runbook.environment import Environment, from_mapping
+from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, LockedError
 from runbook.lock import acquire, guard_path, release, status, unlock
 from runbook.state import format_time, read_state
+from tests.drill_checks import host_env
 
 DATA = Path(__file__).parent / "data" / "state"
 HOST = socket.gethostname()
 
 
-def make_env(tmp_path: Path, *, stale: float = 1800.0, name: str = "production") -> Environment:
-    data = {
-        "name": name,
-        "state": {"file": str(tmp_path / "state" / "deployment-state.json")},
-        "lock": {"dir": str(tmp_path / "locks"), "stale_after_seconds": stale},
-        "logs": {"dir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs")},
-        "slots": {
-            "blue": {"container": "togather-server-blue", "service": "togather-blue", "port": 8081},
-            "green": {"container": "togather-server-green", "service": "togather-green",
-                      "port": 8082},
-        },
-    }
-    return from_mapping(data, tmp_path / "env.toml")
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Environment:
-    return make_env(tmp_path)
+    return host_env(tmp_path)
 
 
 @pytest.fixture
@@ -409,7 +395,7 @@ def test_expired_state_file_lock_is_replaced(env: Environment, with_state: Path)
 
 
 def test_refresh_restarts_the_expiry_clock(tmp_path: Path) -> None:
-    env = make_env(tmp_path, stale=2)
+    env = host_env(tmp_path, stale=2)
     lock = acquire(env, "long restore", None)
     time.sleep(2.2)
     seen = status(env)
@@ -425,7 +411,7 @@ def test_a_run_longer_than_the_lock_lifetime_keeps_its_lock_fresh(tmp_path: Path
     (which only reads `locked_at`) never sees a live run's lock expire."""
     from runbook.run import _heartbeat
 
-    env = make_env(tmp_path, stale=4)  # refreshed every second
+    env = host_env(tmp_path, stale=4)  # refreshed every second
     lock = acquire(env, "long restore", None)
     ages = []
     with _heartbeat(lock, env):
@@ -437,7 +423,7 @@ def test_a_run_longer_than_the_lock_lifetime_keeps_its_lock_fresh(tmp_path: Path
 
 
 def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:
-    env = make_env(tmp_path, stale=1)
+    env = host_env(tmp_path, stale=1)
     old = acquire(env, "hung", None)
     time.sleep(1.2)
     unlock(env, force=True)  # expired, its owner (us) still running: force takes it
@@ -453,7 +439,7 @@ def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:
 
 def test_unusable_lock_dir_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "locks").write_text("a file, not a directory")
-    env = make_env(tmp_path)
+    env = host_env(tmp_path)
     with pytest.raises(ConfigError, match="lock directory") as info:
         acquire(env, "x", None)
     assert info.value.exit_code == ExitCode.USAGE

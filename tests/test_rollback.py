@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,28 +16,16 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy
+from tests.drill_checks import snapshot, through_proxy, two_deployments
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 
 
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
-
 
 def deployed(stack: DrillStack, version: str = "v2", **env_changes: object) -> Environment:
     env = stack.env.with_(**env_changes) if env_changes else stack.env
     deploy.deploy(env, deploy.Options(version=VERSIONS[version].tag))
-    return env
-
-
-def two_deployments(stack: DrillStack) -> Environment:
-    """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
-    env = deployed(stack, "v2")
-    deploy.deploy(env, deploy.Options(version=V3.tag))
     return env
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -35,11 +34,6 @@ BAD_PASSWORDS = {
 }
 FRAGMENTS = ("Sesame", "Open-Kx81Lq")
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
 
 
 def host_with_password(stack: DrillStack, tmp_path: Path, password: str) -> Path:

@@ -20,6 +20,7 @@ from runbook.drill.stack import DrillStack, parse_shape
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import snapshot
 
 pytestmark = pytest.mark.docker
 SHAPE = "container-caddy,caddy-reload,docker-network-db,minimal-health,docker-run"
@@ -42,18 +43,6 @@ def previous_exists(stack: DrillStack) -> Environment:
     stack.deploy_docker_run(VERSIONS["v2"])
     stack.deploy_docker_run(VERSIONS["v3"])
     return stack.env
-
-
-def untouched(env: Environment) -> dict[str, object]:
-    """What a refused run must leave as it was: files, containers and who serves."""
-    with httpx.Client(timeout=3, trust_env=False) as client:
-        answer = client.get(f"{env.caddy.proxy_url}/version")
-    return {"state": env.state_file.read_bytes(),
-            "caddyfile": env.caddy.caddyfile.read_bytes(),
-            "containers": {s: dataclasses.astuple(docker.inspect(env.slot(s).container))[:4]
-                           for s in Slot},
-            "lock": env.lock_path.exists(),
-            "traffic": (answer.headers.get("X-Togather-Slot"), answer.json()["version"])}
 
 
 def test_an_unknown_shape_trait_is_one_line_naming_the_known_ones() -> None:
@@ -106,13 +95,13 @@ def test_a_container_connection_error_is_one_line_without_the_password(
 
 def test_dry_run_shows_each_preflight_result(stack: DrillStack) -> None:
     env = previous_exists(stack)
-    before = untouched(env)
+    before = snapshot(env)
     result = rollback.rollback(env, dry_run=True)
     text = result.plan.render()
     assert "the new Caddyfile validates" in text
     assert "caddy reload --config /etc/caddy/Caddyfile" in text
     assert "psql inside container" in text
-    assert untouched(env) == before
+    assert snapshot(env) == before
 
 
 @pytest.mark.parametrize("command", [
@@ -124,25 +113,25 @@ def test_a_reload_command_naming_a_missing_binary_is_refused_before_anything_cha
     env = previous_exists(stack)
     argv = tuple(part.format(caddy=stack.caddy_container) for part in command)
     broken = env.with_(caddy=dataclasses.replace(env.caddy, command=argv))
-    before = untouched(env)
+    before = snapshot(env)
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
     with pytest.raises(RunbookError) as err:
         rollback.rollback(broken)
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "pre-flight" in str(err.value) and "no-such-caddy-binary" in str(err.value)
-    assert untouched(env) == before  # the standby was never started
+    assert snapshot(env) == before  # the standby was never started
 
 
 def test_a_wrong_container_path_is_refused_in_preflight(stack: DrillStack) -> None:
     env = previous_exists(stack)
     broken = env.with_(caddy=dataclasses.replace(env.caddy,
                                                  container_path="/srv/nowhere/Caddyfile"))
-    before = untouched(env)
+    before = snapshot(env)
     with pytest.raises(RunbookError) as err:
         rollback.rollback(broken)
     assert err.value.exit_code == ExitCode.PRECONDITION and "pre-flight" in str(err.value)
     assert "/srv/nowhere" in str(err.value)
-    assert untouched(env) == before
+    assert snapshot(env) == before
 
 
 def test_the_rollback_starts_the_stopped_docker_run_slot(stack: DrillStack) -> None:
@@ -159,9 +148,9 @@ def test_a_removed_docker_run_slot_is_a_precondition_naming_what_to_run(
         stack: DrillStack) -> None:
     env = previous_exists(stack)
     stack.docker("rm", "-f", env.slot(Slot.GREEN).container)
-    before = untouched(env)
+    before = snapshot(env)
     with pytest.raises(RunbookError) as err:
         rollback.rollback(env)
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "docker run" in str(err.value) and env.slot(Slot.GREEN).container in str(err.value)
-    assert untouched(env) == before
+    assert snapshot(env) == before

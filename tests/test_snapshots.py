@@ -35,14 +35,6 @@ CONTRACT_KEYS = {"snapshot_name", "database", "host", "port", "timestamp", "reas
                  "duration_seconds"}
 
 
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    shutil.rmtree(drill_stack.env.database.snapshot_dir, ignore_errors=True)
-    drill_stack.env.database.snapshot_dir.mkdir()
-    yield drill_stack
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 def add_items(stack: DrillStack, *names: str) -> None:

@@ -11,27 +11,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from runbook import deploy
 from runbook.drill.stack import DrillStack
-from runbook.drill.versions import VERSIONS
-
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    """The session stack, reset before and after: later modules expect it pristine."""
-    drill_stack.reset()
-    yield drill_stack
-    drill_stack.reset()
-
-
-def two_deployments(stack: DrillStack) -> None:
-    """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
-    deploy.deploy(stack.env, deploy.Options(version=VERSIONS["v2"].tag))
-    deploy.deploy(stack.env, deploy.Options(version=VERSIONS["v3"].tag))
+from tests.drill_checks import two_deployments
 
 
 def rollback_cli(stack: DrillStack, *extra: str) -> tuple[subprocess.CompletedProcess[str],

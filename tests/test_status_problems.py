@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NO_PROBLEMS = "No problems found: the state file matches what runs."
 V1, V2 = VERSIONS["v1"], VERSIONS["v2"]
 
-
-@pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
 
 
 def status(stack: DrillStack) -> tuple[int, str, list[dict[str, str]]]:
