@@ -7,7 +7,7 @@ PYTEST := $(VENV)/bin/pytest
 export TESTCONTAINERS_RYUK_DISABLED := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup venv docker images chromium drill test lint bench clean-drills help
+.PHONY: setup venv docker sshd images chromium drill test lint bench clean-drills help
 
 help:
 	@echo "make drill   run every runbook feature against an ephemeral blue/green stack;"
@@ -26,10 +26,13 @@ venv: $(VENV)/.installed
 docker:
 	@scripts/ensure-docker.sh
 
+sshd:
+	@scripts/ensure-sshd.sh
+
 images: venv docker
 	@$(PY) -m runbook.drill.images build
 
-setup: venv docker images
+setup: venv docker sshd images
 
 lint: venv
 	@$(VENV)/bin/ruff check runbook steps tests conftest.py bench

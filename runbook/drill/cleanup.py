@@ -55,6 +55,11 @@ def main() -> int:
             shutil.rmtree(leftover, ignore_errors=True)
     print(f"clean-drills: removed {len(runs)} orphaned drill run(s)"
           + (f": {', '.join(runs)}" if runs else ""), file=sys.stderr)
+    from runbook.drill.fleet import clean_orphans
+
+    fleets = clean_orphans()  # issue 13: a killed drill fleet's sshd and directory
+    if fleets:
+        print(f"clean-drills: removed {len(fleets)} orphaned drill fleet(s)", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,368 @@
+"""The drill fleet (issue 13): several "hosts" on this one machine, reached over real SSH.
+
+A host here is its own drill slots + Caddy (the drill stack's pieces, runbook/drill/stack.py),
+its own environment file and state file, and its own `sshd` on a loopback port. The hosts
+share the filesystem, so what makes `runbook` on the far side of host N act on host N is
+that sshd's `SetEnv RUNBOOK_CONFIG=<host N's environment.toml>`, the way a real host has its
+own /etc/togather-runbook/<env>.toml. One Postgres (the first host's) serves every host.
+
+SSH is real and strict: generated host keys, a generated client key, a known_hosts file and
+an ssh_config with StrictHostKeyChecking yes, all in the fleet's temp directory; sshd listens
+on 127.0.0.1 only. Every container carries the drill's run label (cleanup by label).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runbook.drill import images
+from runbook.drill.stack import DrillError, DrillStack, _last_line, sweep
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment
+
+FLEET_COMPOSE = Path(__file__).resolve().parent / "fleet-compose.yml"
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+
+
+def find_sshd() -> str:
+    """The OpenSSH server binary, or a one-line error naming the setup script."""
+    found = shutil.which("sshd") or next((p for p in SSHD_CANDIDATES if os.access(p, os.X_OK)),
+                                         None)
+    if not found:
+        raise DrillError("sshd (OpenSSH server) is not installed: the drill fleet needs it",
+                         "run scripts/ensure-sshd.sh (make setup does)")
+    return found
+
+
+@dataclass
+class FleetHostStack(DrillStack):
+    """A drill stack without a database of its own: its slots use `shared`'s Postgres."""
+
+    shared: DrillStack | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        assert self.shared is not None
+        self.password = self.shared.password
+        self.ports.postgres = self.shared.ports.postgres
+
+    @property
+    def db_container(self) -> str:
+        assert self.shared is not None
+        return self.shared.db_container
+
+    def _write_files(self, image_set: images.ImageSet) -> None:
+        super()._write_files(image_set)
+        assert self.shared is not None
+        with self.env_file.open("a") as fh:
+            fh.write(f"SHARED_NETWORK={self.shared.project}_default\n")
+        self.env = self.env.with_(compose=dataclasses.replace(self.env.compose,
+                                                              file=FLEET_COMPOSE))
+        from runbook import environment as envmod
+
+        assert self.env.source is not None
+        self.env.source.write_text(envmod.to_toml(self.env))
+
+    def start(self) -> FleetHostStack:
+        image_set = images.require([self.base_version])
+        self._write_files(image_set)
+        try:
+            proc = subprocess.run(
+                ["docker", "compose", "-f", str(FLEET_COMPOSE), "--env-file", str(self.env_file),
+                 "up", "-d", "--wait"], capture_output=True, text=True, check=False, timeout=120)
+            if proc.returncode != 0:
+                raise DrillError(f"fleet host {self.run_id} did not start: "
+                                 f"{_last_line(proc.stderr)}", "see `docker compose logs`")
+            self.wait_caddy()
+            from runbook import health
+            from runbook.environment import Slot
+
+            health.wait_healthy(self.env, Slot.BLUE, timeout=30)  # serving, as after a deploy
+            self.write_baseline_state()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        sweep(self.run_id)
+        if not self.keep_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@dataclass
+class FleetHost:
+    """One host of the drill fleet: its name in the inventory, its stack, its sshd port."""
+
+    name: str
+    stack: DrillStack
+    port: int
+    sshd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> Environment:
+        return self.stack.env
+
+
+@dataclass
+class DrillFleet:
+    """N hosts (>= 3), the first one canary; one shared Postgres; real sshd on loopback."""
+
+    size: int = 3
+    canary: int = 1
+    base: str = "v2"  # each host starts on this version (v2 and v3 share schema 2)
+    run_id: str = field(default_factory=lambda: os.urandom(3).hex())
+    hosts: list[FleetHost] = field(default_factory=list)
+    dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"togather-fleet-{self.run_id}-"))
+        (self.dir / "owner").write_text(str(os.getpid()))  # for `make clean-drills`
+
+    # -- files -----------------------------------------------------------------------------
+    @property
+    def ssh_dir(self) -> Path:
+        return self.dir / "ssh"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.ssh_dir / "ssh_config"
+
+    @property
+    def inventory(self) -> Path:
+        return self.dir / "inventory.yml"
+
+    @property
+    def runbook_command(self) -> str:
+        """`runbook` on every host: this venv's executable (the hosts share the filesystem)."""
+        return str(Path(sys.executable).with_name("runbook"))
+
+    def host(self, name: str) -> FleetHost:
+        return next(h for h in self.hosts if h.name == name)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> DrillFleet:
+        sshd = find_sshd()
+        try:
+            base = VERSIONS[self.base]
+            first = DrillStack(run_id=f"{self.run_id}h1", base_version=base)
+            first.start()
+            self.hosts.append(FleetHost("host1", first, _free_port()))
+            for i in range(2, self.size + 1):
+                stack = FleetHostStack(run_id=f"{self.run_id}h{i}", shared=first,
+                                       base_version=base)
+                stack.start()
+                self.hosts.append(FleetHost(f"host{i}", stack, _free_port()))
+            self._keys()
+            for h in self.hosts:
+                self._start_sshd(sshd, h)
+            self.write_inventory()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        # Ansible's ControlPersist masters (per fleet, in dir/cp): closing them ends their
+        # sshd connection processes, which outlive the listener otherwise.
+        for sock in (self.dir / "cp").glob("*"):
+            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "drill-fleet"],
+                           capture_output=True, check=False, timeout=10)
+        for h in self.hosts:
+            if h.sshd is not None:
+                # its own session: the listener and every connection it forked (the
+                # connections Ansible keeps open with ControlPersist end with it)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(h.sshd.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    h.sshd.wait(timeout=5)
+        for h in reversed(self.hosts):  # the shared database's host last
+            h.stack.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> DrillFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Every host back to its baseline (v1 on blue, recorded); the shared schema reset once."""
+        first, *rest = self.hosts
+        first.stack.reset()
+        for h in rest:
+            h.stack.reset()
+
+    def deploy_all(self, version: str) -> None:
+        """`runbook deploy` of `version` on every host at once, each with its own environment
+        file (as each host's own deploy would): afterwards each host's previous deployment is
+        its base version. The hosts share one database: a version whose migrations already ran
+        (v3 after v2) migrates nothing."""
+        procs = {h.name: subprocess.Popen(
+            [self.runbook_command, "deploy", "development", "--version", VERSIONS[version].tag,
+             "--yes", "--format", "json", "--reason", f"drill fleet: deploy {version}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, "RUNBOOK_CONFIG": str(h.env.source)}) for h in self.hosts}
+        failed = []
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                failed.append(f"{name}: exit {proc.returncode}: {_last_line(err)}")
+        if failed:
+            raise DrillError("drill fleet deploy failed: " + "; ".join(failed),
+                             "see each host's journal")
+
+    def serving(self, name: str) -> tuple[int, str | None, str | None]:
+        """(status, X-Togather-Slot, version) through that host's Caddy, as its users see it."""
+        import httpx
+
+        try:
+            with httpx.Client(timeout=3, trust_env=False) as client:
+                r = client.get(f"{self.host(name).env.caddy.proxy_url}/version",
+                               headers={"Connection": "close"})
+        except httpx.HTTPError:
+            return 0, None, None
+        try:
+            version = r.json().get("version")
+        except ValueError:
+            version = None
+        return r.status_code, r.headers.get("X-Togather-Slot"), version
+
+    # -- ssh -------------------------------------------------------------------------------
+    def _keys(self) -> None:
+        self.ssh_dir.mkdir(mode=0o700)
+        for name in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                            f"togather-fleet-{self.run_id}", "-f", str(self.ssh_dir / name)],
+                           check=True, capture_output=True)
+        shutil.copy(self.ssh_dir / "client_key.pub", self.ssh_dir / "authorized_keys")
+        host_pub = (self.ssh_dir / "host_key.pub").read_text().split()
+        lines = [f"[127.0.0.1]:{h.port} {host_pub[0]} {host_pub[1]}" for h in self.hosts]
+        (self.ssh_dir / "known_hosts").write_text("\n".join(lines) + "\n")
+        blocks = [f"Host {h.name}\n  HostName 127.0.0.1\n  Port {h.port}\n" for h in self.hosts]
+        self.ssh_config.write_text(
+            "".join(blocks)
+            + f"Host *\n  User {_user()}\n  IdentityFile {self.ssh_dir / 'client_key'}\n"
+            f"  IdentitiesOnly yes\n  UserKnownHostsFile {self.ssh_dir / 'known_hosts'}\n"
+            "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
+            "  PasswordAuthentication no\n  BatchMode yes\n  ConnectTimeout 5\n")
+
+    def _start_sshd(self, sshd: str, h: FleetHost) -> None:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
+        config = self.ssh_dir / f"sshd_config.{h.name}"
+        assert h.env.source is not None
+        config.write_text(
+            f"ListenAddress 127.0.0.1:{h.port}\n"
+            f"HostKey {self.ssh_dir / 'host_key'}\n"
+            f"AuthorizedKeysFile {self.ssh_dir / 'authorized_keys'}\n"
+            f"PidFile {self.ssh_dir / f'sshd.{h.name}.pid'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "MaxStartups 30:30:60\nLogLevel ERROR\n"
+            f"SetEnv RUNBOOK_CONFIG={h.env.source}\n")
+        h.sshd = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)],
+                                  stdout=subprocess.DEVNULL, start_new_session=True,
+                                  stderr=(self.dir / f"sshd.{h.name}.log").open("wb"))
+        (self.dir / f"sshd.{h.name}.pid").write_text(str(h.sshd.pid))
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", h.port)) == 0:
+                    return
+            if h.sshd.poll() is not None or time.monotonic() > deadline:
+                log = (self.dir / f"sshd.{h.name}.log").read_text(errors="replace")
+                raise DrillError(f"sshd of {h.name} did not start: {_last_line(log)}",
+                                 "see scripts/ensure-sshd.sh")
+            time.sleep(0.05)
+
+    def ssh(self, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run a command on a drill host over its sshd, as an operator would."""
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), host, "--", *argv],
+                              capture_output=True, text=True, check=False, timeout=120)
+
+    # -- inventory -------------------------------------------------------------------------
+    def write_inventory(self, path: Path | None = None, *, extra_hosts: dict[str, int] | None
+                        = None, host_vars: dict[str, dict[str, object]] | None = None) -> Path:
+        """An Ansible inventory in the documented format: a canary group, each host's env."""
+        path = path or self.inventory
+        host_vars = host_vars or {}
+        names = [h.name for h in self.hosts] + list(extra_hosts or {})
+
+        def hv(name: str) -> str:
+            values = host_vars.get(name, {})
+            if not values:
+                return f"        {name}:\n"
+            body = "".join(f"          {k}: {_yaml(v)}\n" for k, v in values.items())
+            return f"        {name}:\n{body}"
+
+        canary = names[: self.canary]
+        extra = "".join(f"Host {n}\n  HostName 127.0.0.1\n  Port {p}\n"
+                        for n, p in (extra_hosts or {}).items())
+        if extra:  # hosts that exist only in the inventory (e.g. an unreachable one)
+            text = self.ssh_config.read_text()
+            if extra not in text:
+                self.ssh_config.write_text(extra + text)
+        path.write_text(
+            "all:\n  vars:\n"
+            "    runbook_env: development\n"
+            f"    runbook_command: {self.runbook_command}\n"
+            f"    ansible_ssh_common_args: -F {self.ssh_config}\n"
+            "    ansible_python_interpreter: /usr/bin/python3\n"
+            f"    ansible_control_path_dir: {self.dir / 'cp'}\n"
+            "  children:\n"
+            "    canary:\n      hosts:\n" + "".join(hv(n) for n in canary)
+            + "    web:\n      hosts:\n" + "".join(hv(n) for n in names[self.canary:]))
+        return path
+
+
+def _yaml(value: object) -> str:
+    import json
+
+    return json.dumps(value)  # JSON is YAML
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_orphans() -> list[str]:
+    """`make clean-drills`: fleets whose owner process is gone. Their containers go by label
+    with the drill's; here their sshd listeners (only a process whose command line names that
+    fleet's directory) are stopped and the directory removed."""
+    from runbook import procs
+
+    removed = []
+    for fleet_dir in Path(tempfile.gettempdir()).glob("togather-fleet-*"):
+        try:
+            owner = int((fleet_dir / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if procs.pid_alive(owner):
+            continue
+        for pid_file in fleet_dir.glob("sshd.*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if str(fleet_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(fleet_dir, ignore_errors=True)
+        removed.append(fleet_dir.name)
+    return removed

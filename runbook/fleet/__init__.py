@@ -1,0 +1,16 @@
+"""Fleet rollback (issue 13): the single-host rollback driven across an Ansible inventory.
+
+The controller (`runbook fleet rollback INVENTORY`) reads the inventory with
+`ansible-inventory --list`, plans the order (canary group, then batches), and runs the
+playbooks shipped in `playbooks/` through ansible-runner (Ansible is a subprocess, never
+imported). On each host the playbooks run the installed `runbook`: `runbook fleet host-check`
+(read-only pre-flight), `runbook fleet lock` (the fleet lock on one host) and
+`runbook rollback ENV --format json --yes`, so the single-host transaction, lock and journal
+stay the one implementation.
+"""
+
+from __future__ import annotations
+
+FLEET_PROTOCOL = 1
+"""What the controller and a host's `runbook fleet` commands agree on; bumped on a change of
+the JSON they exchange. A host answering another protocol is refused in pre-flight."""

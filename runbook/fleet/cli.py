@@ -1,0 +1,149 @@
+"""`runbook fleet ...`: the fleet rollback (operator side) and its host-side helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
+from runbook.errors import RunbookError, UsageError
+
+fleet_app = typer.Typer(
+    name="fleet", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Several hosts: roll back a fleet from an Ansible inventory, canary first, stop at the "
+         "first failure (needs the [fleet] extra: ansible-core + ansible-runner).")
+
+
+def _fail(exc: RunbookError, fmt: Format = Format.text, lines: list[str] | None = None) -> None:
+    if fmt is Format.json:
+        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                          "exit_code": int(exc.exit_code), "hosts": lines or []}))
+    typer.echo(f"runbook: error: {exc}", err=True)
+    for line in lines or []:
+        typer.echo(f"  {line}", err=True)
+    raise typer.Exit(int(exc.exit_code))
+
+
+@fleet_app.command("rollback")
+def rollback_cmd(
+    inventory: Annotated[Path, typer.Argument(help="an Ansible inventory (a `canary` group; "
+                                              "each host's `runbook_env`)", metavar="INVENTORY")],
+    limit: Annotated[str | None, typer.Option("--limit", help="only these hosts or groups "
+                                              "(comma-separated), e.g. the ones a stopped run "
+                                              "did not do")] = None,
+    batches: Annotated[str, typer.Option("--batches", help="batch sizes after the canary "
+                                         "group: counts or percentages, the last one "
+                                         "repeating")] = "1,25%,100%",
+    canary_group: Annotated[str, typer.Option("--canary-group")] = "canary",
+    resume: Annotated[str | None, typer.Option("--resume", metavar="FLEET_RUN_ID",
+                                               help="continue a stopped fleet run: its "
+                                               "database phase is not repeated")] = None,
+    maintenance: Annotated[bool, typer.Option(
+        "--maintenance", help="the maintenance path for a rollback that needs a snapshot "
+        "restore (drain all, restore once, switch all): not built yet")] = False,
+    journal_dir: Annotated[Path | None, typer.Option("--journal-dir", help="where the fleet "
+                                                     "journal goes (default ~/.togather/fleet, "
+                                                     "or RUNBOOK_FLEET_DIR)")] = None,
+    dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
+    reason: ReasonOpt = None,
+) -> None:
+    """Roll back every host of INVENTORY: pre-flight all, canary first, then batches."""
+    from runbook.fleet import rollout
+
+    options = rollout.Options(inventory=inventory, dry_run=dry_run, limit=limit, batches=batches,
+                              canary_group=canary_group, reason=reason or "fleet rollback",
+                              resume=resume, maintenance=maintenance, journal_dir=journal_dir)
+    try:
+        if maintenance:
+            raise UsageError("--maintenance (drain all hosts, restore once, switch all) is not "
+                             "built in this version", "follow README, Several hosts: the "
+                             "database rule, by hand")
+        if not dry_run and not yes and not sys.stdin.isatty():
+            raise UsageError("`runbook fleet rollback` changes hosts and stdin is not a "
+                             "terminal, so nobody can confirm it; nothing was changed",
+                             "pass --yes to confirm it in advance, or --dry-run to see the plan")
+
+        def confirm(plan: str) -> bool:
+            typer.echo(plan, err=True)
+            return typer.confirm("Proceed?", default=False, err=True)
+
+        def say(message: str) -> None:
+            if fmt is Format.text:
+                typer.echo(f"runbook: fleet: {message}", err=True)
+
+        result = rollout.rollback(options, confirm=None if (yes or dry_run) else confirm,
+                                  say=say)
+    except rollout.FleetError as exc:
+        lines = list(exc.lines)
+        if exc.journal_file:
+            lines.append(f"Fleet journal: {exc.journal_file}")
+        _fail(exc, fmt, lines)
+        return
+    except RunbookError as exc:
+        _fail(exc, fmt)
+        return
+    if fmt is Format.json:
+        print(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,
+                          "exit_code": result.exit_code, "lines": result.lines,
+                          "journal_file": str(result.journal_file or ""),
+                          "record": result.journal}, default=str))
+    else:
+        for line in result.lines:
+            typer.echo(line)
+    raise typer.Exit(result.exit_code)
+
+
+@fleet_app.command("host-check")
+def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
+                   to: Annotated[str | None, typer.Option("--to")] = None) -> None:
+    """(Run by the fleet on each host.) Read-only pre-flight of this host, as JSON."""
+    from runbook.fleet import hostcheck
+
+    data = hostcheck.check(env, config, to)
+    print(json.dumps(data, default=str))
+    raise typer.Exit(4 if data["problems"] else 0)
+
+
+@fleet_app.command("lock")
+def lock_cmd(
+    env: EnvArg,
+    take: Annotated[bool, typer.Option("--take")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh")] = False,
+    release: Annotated[bool, typer.Option("--release")] = False,
+    fleet_run: Annotated[str | None, typer.Option("--fleet-run")] = None,
+    holder: Annotated[str, typer.Option("--holder")] = "unknown",
+    controller_host: Annotated[str, typer.Option("--controller-host")] = "",
+    pid: Annotated[int, typer.Option("--pid")] = 0,
+    reason: ReasonOpt = None, config: ConfigOpt = None,
+) -> None:
+    """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet)."""
+    from runbook import environment
+    from runbook.fleet import hostlock
+
+    try:
+        env_ = environment.load(env, config=config)
+        if (take or refresh or release) and not fleet_run:
+            raise UsageError("--take, --refresh and --release need --fleet-run ID",
+                             "these are run by `runbook fleet rollback`; see --help")
+        if take:
+            out = hostlock.take(env_, fleet_run_id=str(fleet_run), locked_by=holder,
+                                hostname=controller_host, pid=pid,
+                                reason=reason or "fleet rollback")
+        elif refresh:
+            out = hostlock.refresh(env_, str(fleet_run))
+        elif release:
+            out = hostlock.release(env_, str(fleet_run))
+        else:
+            held = hostlock.status(env_)
+            out = held.to_json() if held else {"locked": False}
+    except RunbookError as exc:
+        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                          "exit_code": int(exc.exit_code)}))
+        typer.echo(f"runbook: error: {exc}", err=True)
+        raise typer.Exit(int(exc.exit_code)) from None
+    print(json.dumps(out, default=str))

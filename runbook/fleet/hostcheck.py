@@ -1,0 +1,64 @@
+"""`runbook fleet host-check ENV`: one host's pre-flight for a fleet rollout (read-only).
+
+Everything the controller must know before it touches any host, in one JSON object and one
+SSH round trip: this runbook's version and fleet protocol, the host's deploy lock, the fleet
+lock, and the single-host rollback's own dry run (state and Caddy read, target image present,
+the standby's state, the schema guard), whose plan and refusal are passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+from importlib import metadata
+from typing import Any
+
+from runbook.errors import RunbookError
+from runbook.fleet import FLEET_PROTOCOL
+
+
+def version() -> str:
+    try:
+        return metadata.version("togather-runbook")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def check(env_name: str, config: str | None, to: str | None = None) -> dict[str, Any]:
+    """Never raises for a host problem: each is a `problems` line (the controller prints them)."""
+    from runbook import environment
+    from runbook import lock as locks
+    from runbook import rollback as rb
+    from runbook.fleet import hostlock
+
+    out: dict[str, Any] = {"runbook_version": version(), "fleet_protocol": FLEET_PROTOCOL,
+                           "hostname": socket.gethostname(), "problems": []}
+    problems: list[dict[str, Any]] = out["problems"]
+    try:
+        env = environment.load(env_name, config=config)
+    except RunbookError as exc:
+        problems.append({"check": "environment", "message": str(exc),
+                         "exit_code": int(exc.exit_code)})
+        return out
+    out["environment"] = env.name
+    held = locks.status(env)
+    out["deploy_lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale}
+                          if held else {"locked": False})
+    if held is not None and not held.stealable:
+        problems.append({"check": "deploy lock", "exit_code": 3,
+                         "message": f"the deploy lock is held by {held.describe()}"})
+    fleet_held = hostlock.status(env)
+    out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
+    try:
+        result = rb.rollback(env, rb.Options(to=to, reason="fleet pre-flight"), dry_run=True)
+    except RunbookError as exc:
+        problems.append({"check": "rollback dry run", "message": exc.message, "fix": exc.fix,
+                         "exit_code": int(exc.exit_code)})
+        out["dry_run"] = {"ok": False, "error": exc.message, "fix": exc.fix,
+                          "exit_code": int(exc.exit_code)}
+        return out
+    plan = result.plan.to_json()
+    out["dry_run"] = {"ok": True, "summary": plan["summary"], "warnings": plan["warnings"],
+                      "preflight": next((s["details"] for s in plan["steps"]
+                                         if s["name"] == "preflight"), {}),
+                      "facts": plan["facts"]}
+    return out

@@ -1,0 +1,139 @@
+"""The fleet lock, held on one fixed host while a fleet rollout runs (host side).
+
+A directory `<lock dir>/togather-fleet-<env>.lock` holding `holder.json`: who (the operator
+and the controller's host and pid), why, the fleet run id, when, and when it expires. Taken
+with mkdir (atomic); refreshed before each batch; released by the holder's fleet run id only.
+Stale, as on one host (runbook/lock.py): expired, or its controller ran on this very host and
+that process is gone. A live holder's lock is never removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runbook import procs
+from runbook.environment import Environment
+from runbook.errors import LockedError, RunbookError
+
+DEFAULT_TTL = 1800.0
+
+
+def path(env: Environment) -> Path:
+    return env.lock_dir / f"togather-fleet-{env.name}.lock"
+
+
+@dataclass(frozen=True)
+class Held:
+    holder: dict[str, Any]
+    stale: bool
+    why: str
+
+    def describe(self) -> str:
+        h = self.holder
+        return (f"{h.get('locked_by', '?')} (pid {h.get('pid', '?')} on {h.get('hostname', '?')})"
+                f" for {h.get('reason', '?')!r}, fleet run {h.get('fleet_run_id', '?')}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"locked": True, "holder": self.holder, "stale": self.stale, "why": self.why,
+                "summary": self.describe()}
+
+
+def status(env: Environment, now: float | None = None) -> Held | None:
+    """Who holds the fleet lock, and whether it is stale; None when free."""
+    now = time.time() if now is None else now
+    try:
+        holder = json.loads((path(env) / "holder.json").read_text())
+    except FileNotFoundError:
+        if not path(env).exists():
+            return None
+        holder = {}
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    expires = holder.get("expires_at_epoch")
+    if not isinstance(expires, int | float):
+        with contextlib.suppress(OSError):
+            expires = path(env).stat().st_mtime + DEFAULT_TTL
+    if isinstance(expires, int | float) and expires <= now:
+        return Held(holder, True, "expired")
+    pid = holder.get("pid")
+    here = holder.get("hostname") == socket.gethostname()
+    if here and isinstance(pid, int) and not procs.pid_alive(pid):
+        return Held(holder, True, f"its controller (pid {pid} on this host) is gone")
+    return Held(holder, False, "held by a live fleet run")
+
+
+def take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, pid: int,
+         reason: str, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
+    """Take the fleet lock; a stale one is taken over (and said), a live one refused (exit 3)."""
+    env.lock_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    holder = {"fleet_run_id": fleet_run_id, "locked_by": locked_by, "hostname": hostname,
+              "pid": pid, "reason": reason, "locked_at_epoch": now,
+              "expires_at_epoch": now + ttl}
+    taken_over = None
+    for _ in range(2):
+        try:
+            path(env).mkdir()
+        except FileExistsError:
+            held = status(env)
+            if held is None:
+                continue
+            if held.holder.get("fleet_run_id") == fleet_run_id:
+                break  # ours already (a retried take)
+            if not held.stale:
+                raise LockedError(f"the fleet lock on this host is held by {held.describe()}",
+                                  "wait for that fleet run to finish, or stop its controller; "
+                                  "a stale one is taken over") from None
+            taken_over = held
+            aside = path(env).with_name(f"{path(env).name}.stale-{os.getpid()}")
+            with contextlib.suppress(OSError):
+                path(env).rename(aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            continue
+        break
+    else:
+        raise LockedError("the fleet lock could not be taken (another run raced for it)",
+                          "run the fleet command again")
+    tmp = path(env) / "holder.json.tmp"
+    tmp.write_text(json.dumps(holder))
+    tmp.replace(path(env) / "holder.json")
+    out: dict[str, Any] = {"ok": True, "taken": True, "path": str(path(env)), "holder": holder}
+    if taken_over is not None:
+        out["taken_over"] = {"holder": taken_over.holder, "why": taken_over.why}
+    return out
+
+
+def refresh(env: Environment, fleet_run_id: str, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
+    """Push the expiry forward; refused when the lock is no longer this fleet run's."""
+    held = status(env)
+    if held is None or held.holder.get("fleet_run_id") != fleet_run_id:
+        raise LockedError("the fleet lock is no longer held by fleet run " + fleet_run_id
+                          + (f" (now: {held.describe()})" if held else " (it is free)"),
+                          "someone took it over: stop here and find out who") from None
+    holder = {**held.holder, "expires_at_epoch": time.time() + ttl}
+    tmp = path(env) / "holder.json.tmp"
+    tmp.write_text(json.dumps(holder))
+    tmp.replace(path(env) / "holder.json")
+    return {"ok": True, "refreshed": True, "holder": holder}
+
+
+def release(env: Environment, fleet_run_id: str) -> dict[str, Any]:
+    """Remove the fleet lock if this fleet run holds it; someone else's is left alone."""
+    held = status(env)
+    if held is None:
+        return {"ok": True, "released": False, "why": "already free"}
+    if held.holder.get("fleet_run_id") != fleet_run_id:
+        raise RunbookError(f"the fleet lock is held by {held.describe()}, not by fleet run "
+                           f"{fleet_run_id}; left alone", "nothing to do")
+    shutil.rmtree(path(env), ignore_errors=True)
+    return {"ok": True, "released": True}

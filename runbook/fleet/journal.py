@@ -1,0 +1,86 @@
+"""The fleet journal: one JSON record per fleet run, holding each host's run record.
+
+Written on the controller, `~/.togather/fleet/<fleet run id>.json` (or `--journal-dir`, or
+RUNBOOK_FLEET_DIR): the plan (hosts, batches, lock host), each phase with its start and
+duration (pre-flight, database, rollout), each host's outcome with the JSON its own
+`runbook rollback` printed (steps, timings, its journal's path on that host), the database
+decision (so a `--resume` never repeats it) and the resume command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runbook import files
+from runbook.errors import UsageError
+from runbook.journal import scrub
+
+if TYPE_CHECKING:
+    from runbook.fleet.inventory import Batches, Inventory
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("RUNBOOK_FLEET_DIR") or "~/.togather/fleet").expanduser()
+
+
+def new_id() -> str:
+    return f"fleet_{datetime.now(UTC).strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
+
+
+class FleetJournal:
+    def __init__(self, fleet_run_id: str, options: Any, inventory: Inventory,
+                 targets: list[str], plan: Batches, who: str) -> None:
+        self.started = time.time()
+        self.record: dict[str, Any] = {
+            "fleet_run_id": fleet_run_id, "who": who, "why": options.reason,
+            "inventory": str(inventory.path), "dry_run": options.dry_run,
+            "limit": options.limit, "resumed_from": options.resume,
+            "lock_host": inventory.lock_host, "hosts_selected": targets,
+            "batches": plan.batches, "started": _iso(self.started), "phases": [],
+            "database": None, "hosts": {}, "outcome": None, "exit_code": None,
+        }
+
+    def set(self, **values: Any) -> None:
+        self.record.update(values)
+
+    def phase(self, name: str, started: float, status: str, **details: Any) -> None:
+        now = time.time()
+        self.record["phases"].append({"name": name, "status": status,
+                                      "offset_ms": round((started - self.started) * 1000),
+                                      "duration_ms": round((now - started) * 1000),
+                                      **details})
+
+    def finish(self, outcome: str, exit_code: int, **values: Any) -> None:
+        self.record.update(outcome=outcome, exit_code=exit_code, finished=_iso(time.time()),
+                           duration_ms=round((time.time() - self.started) * 1000), **values)
+
+    def write(self, directory: Path | None = None) -> Path:
+        directory = directory or default_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.record['fleet_run_id']}.json"
+        text = json.dumps(scrub(self.record), indent=2, default=str)
+        files.atomic_write(path, text.encode())
+        return path
+
+
+def load(fleet_run_id: str, directory: Path | None = None) -> dict[str, Any]:
+    path = (directory or default_dir()) / f"{fleet_run_id}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"--resume {fleet_run_id}: no readable fleet journal at {path}",
+                         "copy the fleet run id from the resume command the stopped run "
+                         "printed") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"fleet journal {path} is not a fleet record", "check the id")
+    return data
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")

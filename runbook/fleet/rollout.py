@@ -1,0 +1,520 @@
+"""The fleet rollback, controller side: plan, lock + pre-flight, database phase, rollout.
+
+Each phase is one run of a playbook shipped in `playbooks/` through ansible-runner (Ansible
+runs as a subprocess; its per-host events come back here). Safety rules, in order:
+
+- nothing changes before every selected host passed pre-flight (a failure: exit 4, one line
+  per host, the fleet lock released);
+- the shared database is judged once, in its own phase, from one host's schema guard; a plan
+  that needs a snapshot restore is refused for a rolling rollback (exit 4) since hosts still on
+  the new version would meet the old schema;
+- the rollout stops at the first failed host; hosts of the same batch already running finish;
+  nothing is reverted fleet-wide; each host's own rollback left it on a healthy slot;
+- the fleet lock is released on every path, Ctrl-C and SIGTERM included (during the rollout a
+  first one starts no further batch, a second stops Ansible at once, each host's runbook then
+  handling the hang-up as on one host; before it, either stops the run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runbook.errors import ExitCode, RunbookError, UsageError
+from runbook.fleet import FLEET_PROTOCOL, hostlock
+from runbook.fleet import inventory as inv
+from runbook.fleet import journal as fjournal
+from runbook.fleet.inventory import Inventory
+
+PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
+SCHEMA_WORDS = ("migrations ran after the target deployment", "the database schema is dirty")
+ROLLED_BACK = "rolled back"
+FAILED_SERVING = "failed but serving"
+FAILED_ATTENTION = "failed: needs attention"
+TOOK_EFFECT = "took effect: finish it"
+NOT_STARTED = "not started"
+
+
+@dataclass
+class Options:
+    inventory: Path
+    dry_run: bool = False
+    limit: str | None = None
+    batches: str = inv.DEFAULT_BATCHES
+    canary_group: str = "canary"
+    reason: str = "fleet rollback"
+    resume: str | None = None  # a fleet run id whose database phase is reused
+    maintenance: bool = False
+    journal_dir: Path | None = None
+
+
+@dataclass
+class HostResult:
+    host: str
+    status: str = NOT_STARTED
+    exit_code: int | None = None
+    message: str = ""
+    record: dict[str, Any] | None = None  # the host's `runbook rollback --format json` output
+    started: float | None = None
+    ended: float | None = None
+
+
+@dataclass
+class FleetResult:
+    fleet_run_id: str
+    exit_code: int
+    lines: list[str]
+    journal: dict[str, Any] = field(default_factory=dict)
+    journal_file: Path | None = None
+
+
+class FleetError(RunbookError):
+    """A fleet run that stopped; `lines` are printed one per host."""
+
+    def __init__(self, message: str, fix: str | None, *, exit_code: ExitCode,
+                 lines: list[str] | None = None) -> None:
+        super().__init__(message, fix, exit_code=exit_code)
+        self.lines = lines or []
+        self.journal_file: Path | None = None
+        self.lock_not_taken = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Ansible through ansible-runner
+
+
+def _envvars() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_HOST_KEY_CHECKING": "True",  # never accept an unknown host key
+        "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_DEPRECATION_WARNINGS": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_TIMEOUT": "10",
+    }
+
+
+@dataclass
+class Events:
+    """Per-host results of one playbook run, by task name, from ansible-runner's events."""
+
+    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    started: dict[str, dict[str, float]] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    on_start: Callable[[str, str], None] | None = None
+    on_end: Callable[[str, str, dict[str, Any]], None] | None = None
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data", {})
+        host = data.get("host") or data.get("remote_addr") or ""
+        task = data.get("task", "")
+        if kind == "runner_on_start":
+            self.started.setdefault(task, {})[host] = time.time()
+            if self.on_start:
+                self.on_start(task, host)
+        elif kind in ("runner_on_ok", "runner_on_failed", "runner_on_skipped"):
+            res = dict(data.get("res", {}))
+            res["_event"] = kind
+            self.results.setdefault(task, {})[host] = res
+            if self.on_end:
+                self.on_end(task, host, res)
+        elif kind == "runner_on_unreachable":
+            msg = str(data.get("res", {}).get("msg", "unreachable")).strip().splitlines()
+            self.unreachable[host] = msg[-1] if msg else "unreachable"
+            self.results.setdefault(task, {})[host] = {"_event": kind,
+                                                      "msg": self.unreachable[host]}
+            if self.on_end:
+                self.on_end(task, host, self.results[task][host])
+        return False  # nothing kept on disk beyond what ansible-runner writes itself
+
+
+def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], events: Events,
+                 forks: int, cancel: Callable[[], bool] | None = None) -> str:
+    """One ansible-playbook run; returns ansible-runner's status (successful, failed, ...)."""
+    import ansible_runner  # the [fleet] extra; it runs ansible-playbook as a subprocess
+
+    inv.ansible_tool("ansible-playbook")
+    with tempfile.TemporaryDirectory(prefix="togather-fleet-runner-") as pdd:
+        runner = ansible_runner.run(
+            private_data_dir=pdd, playbook=str(PLAYBOOKS / name),
+            inventory=str(inventory.path), extravars=extravars, forks=max(1, min(forks, 8)),
+            envvars=_envvars(), quiet=True, event_handler=events,
+            cancel_callback=cancel or (lambda: False), suppress_env_files=True,
+            settings={"suppress_ansible_output": True})
+        return str(runner.status)
+
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def _controller_vars(fleet_run_id: str, inventory: Inventory, targets: list[str],
+                     reason: str) -> dict[str, Any]:
+    return {"fleet_run_id": fleet_run_id, "fleet_lock_host": inventory.lock_host,
+            "fleet_targets": ",".join(targets), "fleet_holder": _who(),
+            "fleet_controller_host": socket.gethostname(), "fleet_controller_pid": os.getpid(),
+            "fleet_reason": reason}
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    for line in reversed((text or "").strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    return value
+    with contextlib.suppress(ValueError):
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _one_line(text: str) -> str:
+    lines = [x.strip() for x in (text or "").strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str, *,
+              take_lock: bool) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    """Lock (unless a dry run) and check every host; (checks, problem lines, lock result)."""
+    events = Events()
+    extravars = {**_controller_vars(fleet_run_id, inventory, targets, reason),
+                 "fleet_take_lock": take_lock}
+    run_playbook("preflight.yml", inventory, extravars, events, forks=len(targets))
+    lock_res = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
+    if take_lock:
+        if inventory.lock_host in events.unreachable:
+            error = FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
+                               f"{events.unreachable[inventory.lock_host]}; nothing was changed",
+                               "make it reachable, or name another with fleet_lock_host",
+                               exit_code=ExitCode.PRECONDITION)
+            error.lock_not_taken = True
+            raise error
+        if lock_res.get("_event") != "runner_on_ok":
+            err = _last_json(str(lock_res.get("stdout", ""))) or {}
+            msg = err.get("error") or _one_line(str(lock_res.get("stderr") or
+                                                    lock_res.get("msg", "")))
+            code = err.get("exit_code", 3)
+            error = FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
+                               err.get("fix") or "see `runbook fleet lock ENV --status` there",
+                               exit_code=ExitCode(code) if code in (2, 3, 4) else ExitCode.LOCKED)
+            error.lock_not_taken = True
+            raise error
+    checks: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    results = events.results.get("host-check", {})
+    for host in targets:
+        if host in events.unreachable:
+            problems.append(f"{host}: unreachable: {events.unreachable[host]}")
+            continue
+        res = results.get(host)
+        if res is None:
+            problems.append(f"{host}: no pre-flight result (the play did not reach it)")
+            continue
+        data = _last_json(str(res.get("stdout", "")))
+        if data is None:
+            problems.append(f"{host}: `runbook fleet host-check` failed (exit {res.get('rc')}): "
+                            f"{_one_line(str(res.get('stderr', '')))}; install togather-runbook "
+                            f"with fleet support (>= 0.1.0) there")
+            continue
+        checks[host] = data
+        if data.get("fleet_protocol") != FLEET_PROTOCOL:
+            problems.append(f"{host}: runbook {data.get('runbook_version')} speaks fleet protocol "
+                            f"{data.get('fleet_protocol')}, this controller {FLEET_PROTOCOL}: "
+                            "install the same togather-runbook version on every host")
+        held = data.get("fleet_lock", {})
+        if (not take_lock and host == inventory.lock_host and held.get("locked")
+                and not held.get("stale")):
+            problems.append(f"{host}: fleet lock: held by {held.get('summary')}")
+        for p in data.get("problems", []):
+            problems.append(f"{host}: {p.get('check')}: {p.get('message')}"
+                            + (f" ({p['fix']})" if p.get("fix") else ""))
+    return checks, problems, lock_res
+
+
+def database_phase(checks: dict[str, dict[str, Any]], db_host: str) -> dict[str, Any]:
+    """The shared database, judged once from one host's schema guard (read-only)."""
+    data = checks.get(db_host, {})
+    dry = data.get("dry_run", {})
+    if dry.get("ok"):
+        pre = dry.get("preflight", {})
+        return {"host": db_host, "status": "ok",
+                "database schema": pre.get("database schema", "not configured"),
+                "schema guard": pre.get("schema guard", "not run"),
+                "snapshot restore": "not needed"}
+    return {"host": db_host, "status": "refused", "error": dry.get("error", "no dry run"),
+            "fix": dry.get("fix")}
+
+
+def _needs_restore(checks: dict[str, dict[str, Any]]) -> str | None:
+    for data in checks.values():
+        err = str(data.get("dry_run", {}).get("error", ""))
+        if any(w in err for w in SCHEMA_WORDS):
+            return err
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+class _Interrupts:
+    """First Ctrl-C (or SIGTERM): start no further batch (the playbook checks `stop_file` before
+    each); the second: stop Ansible now."""
+
+    def __init__(self, stop_file: Path) -> None:
+        self.count = 0
+        self.stop_file = stop_file
+
+    @contextlib.contextmanager
+    def installed(self, say: Callable[[str], None]) -> Iterator[None]:
+        def handler(signum: int, frame: object) -> None:
+            self.count += 1
+            with contextlib.suppress(OSError):
+                self.stop_file.touch()
+            say("interrupted: no further host will start; hosts already rolling back finish"
+                if self.count == 1 else "interrupted again: stopping Ansible now")
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM outside the rollout: stop like Ctrl-C, so the fleet lock is released."""
+    raise KeyboardInterrupt
+
+
+def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
+             say: Callable[[str], None]) -> FleetResult:
+    """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops."""
+    inventory = inv.read(options.inventory, options.canary_group)
+    targets = inventory.select(options.limit)
+    if not targets:
+        raise UsageError("no host selected", "check --limit against the inventory")
+    plan = inv.batches(targets, inventory.canary, options.batches)
+    fleet_run_id = fjournal.new_id()
+    journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
+    resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    plan_lines = [f"fleet {fleet_run_id}: {len(targets)} host(s) from {inventory.path}",
+                  f"fleet lock on {inventory.lock_host}"]
+    plan_lines += [f"batch {i + 1}{' (canary)' if i == 0 and inventory.canary and b[0] in inventory.canary else ''}: {', '.join(b)}"  # noqa: E501
+                   for i, b in enumerate(plan.batches)]
+
+    # -- pre-flight (and the fleet lock), read-only -------------------------------------------
+    t0 = time.time()
+    locked = not options.dry_run  # from the moment the take is asked for: released in finally
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        checks, problems, lock_res = preflight(inventory, targets, fleet_run_id, options.reason,
+                                               take_lock=not options.dry_run)
+        if lock_res.get("stdout") and not options.dry_run:
+            taken = _last_json(str(lock_res.get("stdout"))) or {}
+            if taken.get("taken_over"):
+                say(f"took over a stale fleet lock: {taken['taken_over']}")
+                journal.set(stale_fleet_lock_taken_over=taken["taken_over"])
+        journal.phase("preflight", t0, "failed" if problems else "ok",
+                      hosts={h: checks.get(h) for h in targets}, problems=problems)
+        restore = _needs_restore(checks)
+        db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
+        if resumed is not None and resumed.get("database", {}).get("status") == "ok":
+            database = {**resumed["database"], "reused_from": resumed["fleet_run_id"]}
+        else:
+            database = database_phase(checks, db_host)
+        journal.phase("database", time.time(), str(database.get("status", "?")), decision=database)
+        journal.record["database"] = database
+        if restore is not None:
+            message = ("the shared database needs a snapshot restore before the code can go "
+                       f"back ({restore.split(';')[0]}): a rolling rollback is refused, since "
+                       "hosts still on the new version would meet the old schema; nothing was "
+                       "changed")
+            fix = ("take the maintenance path: drain every host, restore the snapshot once, "
+                   "switch every host, canary first (`--maintenance`: not built in this "
+                   "version; do it by hand with `runbook rollback ENV --restore-snapshot` on "
+                   "one host after draining all)")
+            raise FleetError(message, fix, exit_code=ExitCode.PRECONDITION,
+                             lines=[p for p in problems if not any(w in p for w in SCHEMA_WORDS)])
+        if problems:
+            raise FleetError(f"pre-flight failed on {len({p.split(':')[0] for p in problems})} "
+                             f"of {len(targets)} host(s); nothing was changed",
+                             "fix each host below, then run the same command again",
+                             exit_code=ExitCode.PRECONDITION, lines=problems)
+        if options.dry_run:
+            lines = plan_lines + [f"{h}: ready: {checks[h]['dry_run']['summary']}"
+                                  for h in targets]
+            lines.append(f"database (once, on {database['host']}): "
+                         f"{database.get('database schema')}, schema guard "
+                         f"{database.get('schema guard')}")
+            lines.append("Dry run: nothing was changed.")
+            return FleetResult(fleet_run_id, 0, lines)
+        if confirm is not None and not confirm("\n".join(plan_lines)):
+            raise FleetError("not confirmed at the prompt; nothing was changed",
+                             "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
+
+        # -- the rollout ---------------------------------------------------------------------
+        hosts = {h: HostResult(h) for h in targets}
+        return _rollout(inventory, targets, plan, fleet_run_id, options, journal, hosts, say,
+                        plan_lines)
+    except KeyboardInterrupt:
+        error = FleetError("interrupted before any host changed; nothing was changed",
+                           "run the same command again when ready",
+                           exit_code=ExitCode.FAILED_SAFELY)
+        journal.finish("interrupted", int(error.exit_code), error=error.message)
+        error.journal_file = journal.write(options.journal_dir)
+        raise error from None
+    except FleetError as exc:
+        if exc.lock_not_taken:
+            locked = False  # someone else's lock (or none): nothing of ours to release
+        journal.finish("refused" if exc.exit_code in (2, 3, 4) else "failed", int(exc.exit_code),
+                       error=exc.message)
+        exc.journal_file = journal.write(options.journal_dir)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if locked and not journal.record.get("fleet_lock_released_by_rollout"):
+            _release(inventory, targets, fleet_run_id, options.reason, say)
+
+
+def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_run_id: str,
+             options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
+             say: Callable[[str], None], plan_lines: list[str]) -> FleetResult:
+    task = "runbook rollback"
+    stop_dir = tempfile.TemporaryDirectory(prefix="togather-fleet-stop-")
+    interrupts = _Interrupts(Path(stop_dir.name) / "stop")
+
+    def on_start(t: str, host: str) -> None:
+        if t == task and host in hosts:
+            hosts[host].started = time.time()
+            say(f"{host}: rolling back ...")
+
+    def on_end(t: str, host: str, res: dict[str, Any]) -> None:
+        if t != task or host not in hosts:
+            return
+        r = hosts[host]
+        r.ended = time.time()
+        data = _last_json(str(res.get("stdout", ""))) or {}
+        r.record = data or None
+        if res.get("_event") == "runner_on_unreachable":
+            r.exit_code, r.status = None, FAILED_ATTENTION
+            r.message = f"connection lost: {res.get('msg')}; run `runbook status` there"
+        else:
+            r.exit_code = int(res.get("rc", 1) if res.get("rc") is not None else 1)
+            if r.exit_code == 0:
+                r.status = ROLLED_BACK
+                timing = data.get("timing", {})
+                r.message = f"done in {timing.get('done_in_s', '?')}s"
+            elif r.exit_code == 6:
+                r.status, r.message = TOOK_EFFECT, str(data.get("error", ""))
+            elif r.exit_code in (1, 2, 3, 4):
+                r.status = FAILED_SERVING
+                r.message = (f"exit {r.exit_code}: "
+                             f"{data.get('error') or _one_line(str(res.get('stderr', '')))}")
+            else:
+                r.status = FAILED_ATTENTION
+                r.message = (f"exit {r.exit_code}: "
+                             f"{data.get('error') or _one_line(str(res.get('stderr', '')))}")
+        say(f"{host}: {r.status} ({r.message})")
+
+    events = Events(on_start=on_start, on_end=on_end)
+
+    def cancel() -> bool:
+        return interrupts.count >= 2
+
+    extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
+                 "fleet_serial": plan.serial,
+                 "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
+                 "fleet_stop_file": str(interrupts.stop_file)}
+    t0 = time.time()
+    with stop_dir, interrupts.installed(say):
+        status = run_playbook("rollout.yml", inventory, extravars, events,
+                              forks=max(plan.serial), cancel=cancel)
+    released = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
+    journal.set(fleet_lock_released_by_rollout=released.get("_event") == "runner_on_ok")
+    refresh = events.results.get("fleet lock still ours", {})
+    lost_lock = next((r for r in refresh.values() if r.get("_event") != "runner_on_ok"), None)
+    journal.phase("rollout", t0, status, serial=plan.serial,
+                  hosts={h: {"status": r.status, "started": r.started, "ended": r.ended}
+                         for h, r in hosts.items()})
+    journal.record["hosts"] = {h: {"status": r.status, "exit_code": r.exit_code,
+                                   "message": r.message, "started": r.started,
+                                   "ended": r.ended, "run": r.record}
+                               for h, r in hosts.items()}
+    codes = [r.exit_code for r in hosts.values() if r.status != ROLLED_BACK
+             and r.status != NOT_STARTED]
+    not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
+    lines = [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
+             for h, r in hosts.items()]
+    if any(r.status == FAILED_ATTENTION for r in hosts.values()):
+        code = ExitCode.ATTENTION
+    elif any(r.status == TOOK_EFFECT for r in hosts.values()):
+        code = ExitCode.TOOK_EFFECT
+    elif codes or not_done:
+        code = ExitCode.FAILED_SAFELY
+    else:
+        code = ExitCode.OK
+    resume = None
+    if not_done:
+        resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
+                  f"--resume {fleet_run_id}")
+        why = ("interrupted" if interrupts.count else
+               "the fleet lock was lost" if lost_lock is not None else
+               "stopped at the first failed host")
+        lines.append(f"{why}: {len(not_done)} host(s) not rolled back; nothing was reverted "
+                     "fleet-wide. Resume with:")
+        lines.append(f"  {resume}")
+    journal.record["resume_command"] = resume
+    journal.finish("success" if code is ExitCode.OK else "stopped", int(code))
+    path = journal.write(options.journal_dir)
+    lines.append(f"Fleet journal: {path}")
+    return FleetResult(fleet_run_id, int(code), lines, journal.record, path)
+
+
+def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str,
+             say: Callable[[str], None]) -> None:
+    """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        events = Events()
+        run_playbook("unlock.yml", inventory,
+                     _controller_vars(fleet_run_id, inventory, targets, reason), events, forks=1)
+        res = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
+        if res.get("_event") != "runner_on_ok":
+            say(f"could not release the fleet lock on {inventory.lock_host}: "
+                f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it with "
+                f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there")
+    finally:
+        signal.signal(signal.SIGINT, old)
+

@@ -1,0 +1,248 @@
+"""Steps of features/fleet.feature: the fleet rollback against the drill fleet.
+
+The drill fleet (runbook/drill/fleet.py: >= 3 hosts, each its own slots, Caddy and sshd on a
+loopback port, one shared Postgres) is session-scoped and started only when a fleet scenario
+asks for it. `runbook fleet rollback` runs as the operator types it (a subprocess, real
+ansible-playbook over real SSH); its oracle is what each host's Caddy serves, each host's
+state file and fleet lock, and the fleet journal.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_bdd import given, parsers, then, when
+
+from runbook.drill.fleet import DrillFleet
+from runbook.drill.versions import VERSIONS
+from runbook.fleet import hostlock, rollout
+
+NEW, PREVIOUS = "v3", "v2"  # the fleet's hosts start on v2; the Given deploys v3 (same schema)
+
+
+@pytest.fixture(scope="session")
+def drill_fleet(request: pytest.FixtureRequest) -> Iterator[DrillFleet]:
+    """Three drill hosts (host1 the canary), up for the rest of the session once asked for."""
+    if request.config.getoption("--env") != "drill":
+        pytest.skip("the fleet scenarios need the drill fleet (drill only)")
+    with DrillFleet(size=3) as fleet:
+        fleet.fresh = True  # type: ignore[attr-defined]
+        yield fleet
+
+
+@dataclass
+class FleetWorld:
+    fleet: DrillFleet
+    journal_dir: Path
+    before: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.CompletedProcess[str] | None = None
+    out: dict[str, Any] = field(default_factory=dict)
+    first_run: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, *args: str) -> dict[str, Any]:
+        argv = [self.fleet.runbook_command, "fleet", "rollback", *args, "--yes",
+                "--format", "json", "--journal-dir", str(self.journal_dir)]
+        self.proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                                   timeout=600, stdin=subprocess.DEVNULL)
+        lines = [x for x in self.proc.stdout.splitlines() if x.startswith("{")]
+        assert lines, f"no JSON from the fleet rollback: {self.proc.stdout}{self.proc.stderr}"
+        self.out = json.loads(lines[-1])
+        return self.out
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return dict(self.out.get("record") or {})
+
+    def snapshot(self) -> dict[str, Any]:
+        return {h.name: (self.fleet.serving(h.name), h.env.state_file.read_bytes())
+                for h in self.fleet.hosts}
+
+
+@pytest.fixture
+def fleet_world(drill_fleet: DrillFleet, tmp_path: Path) -> FleetWorld:
+    """Each scenario starts from the fleet's baseline (every host on v2, recorded)."""
+    if not getattr(drill_fleet, "fresh", False):
+        drill_fleet.reset()
+    drill_fleet.fresh = False  # type: ignore[attr-defined]
+    drill_fleet.write_inventory()
+    return FleetWorld(drill_fleet, tmp_path / "fleet-journal")
+
+
+# -- Givens ------------------------------------------------------------------------------------
+
+
+@given("every host of the fleet runs a new deployment")
+def fleet_on_new(fleet_world: FleetWorld) -> None:
+    fleet_world.fleet.deploy_all(NEW)
+    for h in fleet_world.fleet.hosts:
+        assert fleet_world.fleet.serving(h.name)[2] == VERSIONS[NEW].tag, h.name
+    fleet_world.before = fleet_world.snapshot()
+
+
+@given(parsers.parse('the rollback of "{host}" will be interrupted before its switch'))
+def host_fault(fleet_world: FleetWorld, host: str) -> None:
+    # the drill's fault injection (runbook/faults.py), passed by the inventory's
+    # runbook_environment to that host's `runbook rollback` only
+    fleet_world.fleet.write_inventory(host_vars={host: {"runbook_environment": {
+        "RUNBOOK_DRILL_FAULT": "before:switch:SIGTERM"}}})
+
+
+@given("the inventory also names a host that does not answer")
+def unreachable_host(fleet_world: FleetWorld) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again at once: nothing listens there
+    fleet_world.fleet.write_inventory(extra_hosts={"host9": port})
+
+
+@given("migrations ran on the shared database after the new deployment")
+def migrations_ran(fleet_world: FleetWorld) -> None:
+    with fleet_world.fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+
+
+# -- Whens -------------------------------------------------------------------------------------
+
+
+@when("I roll back the fleet")
+def roll_back_fleet(fleet_world: FleetWorld) -> None:
+    fleet_world.run(str(fleet_world.fleet.inventory))
+    fleet_world.first_run = fleet_world.out
+
+
+@when("the fault is gone and I run the resume command")
+def run_resume(fleet_world: FleetWorld) -> None:
+    fleet_world.fleet.write_inventory()
+    command = fleet_world.record["resume_command"]
+    argv = shlex.split(command)
+    assert argv[:3] == ["runbook", "fleet", "rollback"], command
+    fleet_world.run(*argv[3:])
+
+
+# -- Thens -------------------------------------------------------------------------------------
+
+
+def _explain(fw: FleetWorld) -> str:
+    assert fw.proc is not None
+    return f"exit {fw.proc.returncode}: {fw.proc.stdout[-3000:]} {fw.proc.stderr[-3000:]}"
+
+
+@then("the fleet rollback succeeds")
+def fleet_ok(fleet_world: FleetWorld) -> None:
+    assert fleet_world.proc is not None
+    assert fleet_world.proc.returncode == 0, _explain(fleet_world)
+    assert all(h["status"] == rollout.ROLLED_BACK
+               for h in fleet_world.record["hosts"].values()), fleet_world.record["hosts"]
+
+
+@then(parsers.parse("the fleet rollback stops with exit code {code:d}"))
+def fleet_stops(fleet_world: FleetWorld, code: int) -> None:
+    assert fleet_world.proc is not None
+    assert fleet_world.proc.returncode == code, _explain(fleet_world)
+
+
+@then("every host of the fleet serves the previous version")
+def all_previous(fleet_world: FleetWorld) -> None:
+    for h in fleet_world.fleet.hosts:
+        status, slot, version = fleet_world.fleet.serving(h.name)
+        assert (status, slot, version) == (200, "blue", VERSIONS[PREVIOUS].tag), h.name
+        state = json.loads(h.env.state_file.read_text())
+        assert state["current_deployment"]["version"] == VERSIONS[PREVIOUS].tag, h.name
+
+
+@then("the canary host was rolled back before any other host started")
+def canary_first(fleet_world: FleetWorld) -> None:
+    hosts = fleet_world.record["hosts"]
+    assert fleet_world.record["batches"][0] == ["host1"]
+    assert all(hosts["host1"]["ended"] <= hosts[h]["started"] for h in ("host2", "host3")), hosts
+
+
+@then("the other hosts went one batch after another: one host, then the rest")
+def batches_in_order(fleet_world: FleetWorld) -> None:
+    record = fleet_world.record
+    assert record["batches"] == [["host1"], ["host2"], ["host3"]], record["batches"]
+    hosts = record["hosts"]
+    assert hosts["host2"]["ended"] <= hosts["host3"]["started"], hosts
+
+
+@then("the database step ran exactly once")
+def database_once(fleet_world: FleetWorld) -> None:
+    phases = [p for p in fleet_world.record["phases"] if p["name"] == "database"]
+    assert len(phases) == 1, fleet_world.record["phases"]
+    decision = fleet_world.record["database"]
+    assert decision["status"] == "ok" and decision["host"] == "host1", decision
+    assert decision["snapshot restore"] == "not needed", decision
+
+
+@then("the fleet lock is free")
+def fleet_lock_free(fleet_world: FleetWorld) -> None:
+    lock_host = fleet_world.fleet.hosts[0]
+    assert hostlock.status(lock_host.env) is None
+    assert not hostlock.path(lock_host.env).exists()
+
+
+@then(parsers.parse('"{host}" is rolled back'))
+def host_rolled_back(fleet_world: FleetWorld, host: str) -> None:
+    assert fleet_world.record["hosts"][host]["status"] == rollout.ROLLED_BACK
+    assert fleet_world.fleet.serving(host) == (200, "blue", VERSIONS[PREVIOUS].tag)
+
+
+@then(parsers.parse('"{host}" failed but still serves the new version from its old slot'))
+def host_failed_serving(fleet_world: FleetWorld, host: str) -> None:
+    entry = fleet_world.record["hosts"][host]
+    assert entry["status"] == rollout.FAILED_SERVING and entry["exit_code"] == 1, entry
+    assert fleet_world.fleet.serving(host) == (200, "green", VERSIONS[NEW].tag)
+    state = json.loads(fleet_world.fleet.host(host).env.state_file.read_text())
+    assert state["current_deployment"]["version"] == VERSIONS[NEW].tag
+
+
+@then(parsers.parse('"{host}" was not started and still serves the new version'))
+def host_not_started(fleet_world: FleetWorld, host: str) -> None:
+    entry = fleet_world.record["hosts"][host]
+    assert entry["status"] == rollout.NOT_STARTED and entry["started"] is None, entry
+    assert fleet_world.snapshot()[host] == fleet_world.before[host], "changed"
+
+
+@then(parsers.parse('the fleet rollback printed the command that resumes with "{hosts}"'))
+def printed_resume(fleet_world: FleetWorld, hosts: str) -> None:
+    command = fleet_world.record["resume_command"]
+    assert f"--limit {hosts}" in command and "--resume fleet_" in command, command
+    assert any(command in line for line in fleet_world.out["lines"]), fleet_world.out["lines"]
+
+
+@then("the resumed run did not repeat the database step")
+def resume_reused_db(fleet_world: FleetWorld) -> None:
+    decision = fleet_world.record["database"]
+    assert decision["reused_from"] == fleet_world.first_run["fleet_run_id"], decision
+    assert fleet_world.record["resumed_from"] == fleet_world.first_run["fleet_run_id"]
+
+
+@then(parsers.parse('the fleet rollback is refused with exit code {code:d}, one line per '
+                    'failing host naming "{words}"'))
+def refused_per_host(fleet_world: FleetWorld, code: int, words: str) -> None:
+    assert fleet_world.proc is not None
+    assert fleet_world.proc.returncode == code, _explain(fleet_world)
+    hosts = [line for line in fleet_world.out["hosts"] if not line.startswith("Fleet journal")]
+    assert len(hosts) == 1 and hosts[0].startswith("host9:") and words in hosts[0], hosts
+    assert "nothing was changed" in fleet_world.out["error"]
+
+
+@then(parsers.parse('the fleet rollback is refused with exit code {code:d} naming "{words}"'))
+def refused_naming(fleet_world: FleetWorld, code: int, words: str) -> None:
+    assert fleet_world.proc is not None
+    assert fleet_world.proc.returncode == code, _explain(fleet_world)
+    text = f"{fleet_world.out['error']}; {fleet_world.out['fix']}"
+    assert words in text and "nothing was changed" in text, text
+
+
+@then("no host of the fleet changed")
+def nothing_changed(fleet_world: FleetWorld) -> None:
+    assert fleet_world.snapshot() == fleet_world.before

@@ -1,0 +1,344 @@
+"""The fleet rollback's parts (issue 13): plan, inventory, fleet lock, refusals, Ctrl-C.
+
+The inventory is read by the real `ansible-inventory`; the lock tests use the real host-side
+code on a real directory; the end-to-end ones run `runbook fleet rollback` against the drill
+fleet (real sshd, real ansible-playbook), whose oracle is what each host's Caddy serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runbook import environment as envmod
+from runbook.drill.fleet import DrillFleet
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment
+from runbook.errors import LockedError, RunbookError, UsageError
+from runbook.fleet import hostlock
+from runbook.fleet import inventory as inv
+
+RUNBOOK = str(Path(sys.executable).with_name("runbook"))
+
+INVENTORY = """\
+all:
+  vars:
+    runbook_env: production
+  children:
+    canary:
+      hosts:
+        web3:
+    web:
+      hosts:
+        web1:
+          runbook_env: staging
+        web2:
+        web3:
+        web4:
+    db_side:
+      hosts:
+        web5:
+"""
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+
+def test_default_batches_are_canary_then_one_then_a_quarter_then_the_rest() -> None:
+    hosts = [f"h{i}" for i in range(10)]
+    plan = inv.batches(hosts, ["h0"], inv.DEFAULT_BATCHES)
+    assert plan.batches == [["h0"], ["h1"], ["h2", "h3"], ["h4", "h5", "h6", "h7", "h8", "h9"]]
+    assert plan.serial == [1, 1, 2, 6]
+
+
+def test_batches_of_three_hosts_with_a_canary_and_a_batch_of_two() -> None:
+    assert inv.batches(["a", "b", "c"], ["a"], "100%").batches == [["a"], ["b", "c"]]
+    assert inv.batches(["a", "b", "c"], [], "1").batches == [["a"], ["b"], ["c"]]
+
+
+@pytest.mark.parametrize("spec", ["", "x", "0", "1,abc%"])
+def test_a_bad_batch_spec_is_a_usage_error(spec: str) -> None:
+    with pytest.raises(UsageError):
+        inv.batches(["a", "b", "c"], ["a"], spec)
+
+
+# -- inventory (real ansible-inventory) --------------------------------------------------------
+
+
+def test_inventory_order_canary_and_vars(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    inventory = inv.read(path)
+    assert inventory.hosts == ["web3", "web1", "web2", "web4", "web5"]
+    assert inventory.canary == ["web3"]
+    assert inventory.lock_host == "web3"  # the first canary host by default
+    assert inventory.select(None) == ["web3", "web1", "web2", "web4", "web5"]
+    assert inventory.select("web,web5") == ["web3", "web1", "web2", "web4", "web5"]
+    assert inventory.select("web4,web1") == ["web1", "web4"]  # declared order, not --limit's
+    assert inventory.var("web1", "runbook_env") == "staging"
+    assert inventory.var("web2", "runbook_env") == "production"
+    with pytest.raises(UsageError, match="neither a host nor a group"):
+        inventory.select("web9")
+
+
+def test_fleet_lock_host_var_and_a_wrong_one(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY.replace("runbook_env: production",
+                                      "runbook_env: production\n    fleet_lock_host: web5"))
+    assert inv.read(path).lock_host == "web5"
+    path.write_text(INVENTORY.replace("runbook_env: production",
+                                      "runbook_env: production\n    fleet_lock_host: nope"))
+    with pytest.raises(RunbookError, match="not a host of the inventory"):
+        _ = inv.read(path).lock_host
+
+
+def test_an_unreadable_inventory_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("all: [unbalanced\n")
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(bad), "--dry-run"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "inventory" in proc.stderr
+    missing = subprocess.run([RUNBOOK, "fleet", "rollback", str(tmp_path / "no.yml"),
+                              "--dry-run"], capture_output=True, text=True, check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_unattended_without_yes_is_refused_before_anything(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path)], capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2
+    assert "stdin is not a terminal" in proc.stderr and "--yes" in proc.stderr
+
+
+def test_maintenance_path_is_said_not_built(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--maintenance", "--yes"],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 2 and "not built" in proc.stderr
+
+
+# -- the fleet lock (host side) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Environment:
+    return envmod.load("staging").with_(lock_dir=tmp_path)
+
+
+def _take(env: Environment, run: str, **kw: object) -> dict[str, object]:
+    args: dict[str, object] = {"locked_by": "ops@laptop", "hostname": "laptop", "pid": 1,
+                               "reason": "test"}
+    args.update(kw)
+    return hostlock.take(env, fleet_run_id=run, **args)  # type: ignore[arg-type]
+
+
+def test_fleet_lock_take_refuse_refresh_release(env: Environment) -> None:
+    out = _take(env, "fleet_a")
+    assert out["taken"] and "taken_over" not in out
+    held = hostlock.status(env)
+    assert held is not None and not held.stale
+    assert "ops@laptop" in held.describe() and "fleet_a" in held.describe()
+    with pytest.raises(LockedError, match="held by ops@laptop"):
+        _take(env, "fleet_b")
+    assert _take(env, "fleet_a")["taken"]  # a retried take by the same run
+    with pytest.raises(LockedError):
+        hostlock.refresh(env, "fleet_b")
+    assert hostlock.refresh(env, "fleet_a")["refreshed"]
+    with pytest.raises(RunbookError, match="left alone"):
+        hostlock.release(env, "fleet_b")
+    assert hostlock.path(env).exists()
+    assert hostlock.release(env, "fleet_a")["released"]
+    assert hostlock.status(env) is None
+
+
+def test_an_expired_fleet_lock_is_taken_over_and_said(env: Environment) -> None:
+    _take(env, "fleet_old", ttl=0.01)
+    time.sleep(0.05)
+    held = hostlock.status(env)
+    assert held is not None and held.stale and held.why == "expired"
+    out = _take(env, "fleet_new")
+    assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_old"  # type: ignore[index]
+
+
+def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -> None:
+    import socket
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    _take(env, "fleet_dead", hostname=socket.gethostname(), pid=child.pid)
+    held = hostlock.status(env)
+    assert held is not None and held.stale and "gone" in held.why
+    _take(env, "fleet_live", hostname=socket.gethostname(), pid=os.getpid())
+    live = hostlock.status(env)
+    assert live is not None and not live.stale  # a live holder is never stale
+
+
+# -- end to end against the drill fleet --------------------------------------------------------
+
+
+def _fleet_rollback(fleet: DrillFleet, journal: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                             "--yes", "--journal-dir", str(journal), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
+    if not getattr(drill_fleet, "fresh", False):
+        drill_fleet.reset()
+    drill_fleet.fresh = False  # type: ignore[attr-defined]
+    drill_fleet.write_inventory()
+    drill_fleet.deploy_all("v3")
+    return drill_fleet
+
+
+@pytest.mark.docker
+def test_a_live_fleet_lock_refuses_with_exit_3_and_changes_nothing(
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+    import socket
+
+    fleet_on_v3 = drill_fleet  # no deploy needed: the refusal comes before any host check
+    drill_fleet.write_inventory()
+
+    lock_env = fleet_on_v3.hosts[0].env
+    hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="alice@ops",
+                  hostname=socket.gethostname(), pid=os.getpid(), reason="another rollout")
+    try:
+        before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
+        proc = _fleet_rollback(fleet_on_v3, tmp_path)
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 3, err
+        assert "alice@ops" in err and "nothing was changed" in err
+        dry = _fleet_rollback(fleet_on_v3, tmp_path, "--dry-run")
+        _out, err = dry.communicate(timeout=600)
+        assert dry.returncode == 4 and "host1: fleet lock: held by alice@ops" in err, err
+        assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+        held = hostlock.status(lock_env)
+        assert held is not None and held.holder["fleet_run_id"] == "fleet_other"
+    finally:
+        hostlock.release(lock_env, "fleet_other")
+
+
+@pytest.mark.docker
+def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lock(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    proc = _fleet_rollback(fleet_on_v3, tmp_path)
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:  # the progress lines, as on a terminal
+        seen.append(line)
+        if "host1: rolling back" in line:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C while the canary rolls back
+            break
+        assert time.monotonic() < deadline, seen
+    out, err = proc.communicate(timeout=600)
+    text = "".join(seen) + err
+    assert proc.returncode == 1, text + out
+    assert "interrupted" in text
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    assert fleet_on_v3.serving("host1") == (200, "blue", v2)  # the in-flight host finished
+    assert fleet_on_v3.serving("host2")[2] == v3 and fleet_on_v3.serving("host3")[2] == v3
+    assert "--limit host2,host3 --resume fleet_" in out
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None  # released on Ctrl-C too
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["hosts"]["host1"]["status"] == "rolled back"
+    assert record["hosts"]["host2"]["status"] == "not started"
+
+
+def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-sshd.sh"
+    began = time.monotonic()
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("ensure-sshd: ok: ") and "OpenSSH" in proc.stderr
+    assert time.monotonic() - began < 5
+
+
+@pytest.mark.docker
+def test_a_host_without_a_working_runbook_is_refused_in_preflight(
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+    """`runbook_command` pointing at a program that is not runbook: that host's line says to
+    install togather-runbook; exit 4; no host changed, the fleet lock released."""
+    drill_fleet.write_inventory(host_vars={"host3": {"runbook_command": "/bin/false"}})
+    try:
+        before = [drill_fleet.serving(h.name) for h in drill_fleet.hosts]
+        proc = _fleet_rollback(drill_fleet, tmp_path)
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 4, err
+        host3 = [line for line in err.splitlines() if line.strip().startswith("host3:")]
+        assert len(host3) == 1 and "install togather-runbook" in host3[0], err
+        assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before
+        assert hostlock.status(drill_fleet.hosts[0].env) is None
+    finally:
+        drill_fleet.write_inventory()
+
+
+@pytest.mark.docker
+def test_sigterm_during_preflight_releases_the_fleet_lock_and_changes_nothing(
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+    drill_fleet.write_inventory()
+    lock_env = drill_fleet.hosts[0].env
+    before = [drill_fleet.serving(h.name) for h in drill_fleet.hosts]
+    proc = _fleet_rollback(drill_fleet, tmp_path)
+    deadline = time.monotonic() + 120
+    while not hostlock.path(lock_env).exists():  # the fleet lock taken: pre-flight under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "interrupted before any host changed; nothing was changed" in err, (_out, err)
+    assert "Traceback" not in err
+    assert hostlock.status(lock_env) is None
+    assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before
+
+
+def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> None:
+    """A killed test leaves a fleet directory and its sshd listeners: `make clean-drills`
+    stops only processes whose command line names that directory, then removes it."""
+    import tempfile
+
+    from runbook.drill.fleet import clean_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fleet_dir = Path(tempfile.mkdtemp(prefix="togather-fleet-test-"))
+    (fleet_dir / "owner").write_text(str(dead.pid))
+    # a stand-in listener (sshd itself cannot be told apart from a real one here): a process
+    # whose command line names the fleet's directory, as the drill's sshd -f <dir>/... does
+    listener = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 str(fleet_dir / "ssh" / "sshd_config.host1")])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (fleet_dir / "sshd.host1.pid").write_text(str(listener.pid))
+    (fleet_dir / "sshd.host2.pid").write_text(str(bystander.pid))  # not naming the dir
+    live_dir = Path(tempfile.mkdtemp(prefix="togather-fleet-test-"))
+    (live_dir / "owner").write_text(str(os.getpid()))
+    try:
+        removed = clean_orphans()
+        assert fleet_dir.name in removed and not fleet_dir.exists()
+        assert listener.wait(timeout=10) == -signal.SIGTERM
+        assert bystander.poll() is None  # never a process that is not that fleet's
+        assert live_dir.exists() and live_dir.name not in removed  # a live owner's fleet
+    finally:
+        bystander.kill()
+        listener.kill()
+        bystander.wait()
+        listener.wait()
+        import shutil
+
+        shutil.rmtree(live_dir, ignore_errors=True)
+        shutil.rmtree(fleet_dir, ignore_errors=True)
