@@ -12,10 +12,16 @@ wipes that directory; a run that the drill's user load (steps/world.py) watched 
 users saw during it (`traffic`: requests, non-2xx, resets, the longest gap, per 50 ms). The
 environment is captured when its fixture is set up, so the plugin never starts a drill stack
 by itself.
+
+Under pytest-xdist (`-n 2`) every worker runs its own drill stack and its own DrillReport,
+which records the scenarios that worker ran and hands them to the controller at its end
+(`workeroutput`); the controller merges them (pytest_testnodedown) and writes ONE report, as a
+run without xdist would: same scenarios, steps, engine runs and users' traffic.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import UTC, datetime
@@ -28,6 +34,7 @@ from runbook import report as reports
 
 PLUGIN_NAME = "runbook-drill-report"
 MESSAGE_LIMIT = 4000
+WORKER_OUTPUT = "runbook_drill_report"  # key of a worker's records in xdist's workeroutput
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,9 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Runs before junitxml's and pytest-bdd's configure, so the paths set here count."""
     target = config.getoption("--report", default=None)
-    if not target or hasattr(config, "workerinput"):
+    if not target:
         return
     directory = Path(str(target)).expanduser().resolve()
+    if hasattr(config, "workerinput"):  # an xdist worker: records, the controller writes
+        config.pluginmanager.register(DrillReport(config, directory, worker=True), PLUGIN_NAME)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     for name in (reports.REPORT_JSON, reports.REPORT_HTML, reports.JUNIT_XML,
                  reports.CUCUMBER_JSON):
@@ -102,9 +112,11 @@ def _scenario_load(request: pytest.FixtureRequest) -> Any:
 class DrillReport:
     """Collects one run's scenarios, steps and engine runs; writes the report at the end."""
 
-    def __init__(self, config: pytest.Config, directory: Path) -> None:
+    def __init__(self, config: pytest.Config, directory: Path, *, worker: bool = False) -> None:
         self.config = config
         self.directory = directory
+        self.worker = worker  # an xdist worker hands its records to the controller
+        self.ran: set[str] = set()  # nodeids this process ran (a worker collects them all)
         self.data = reports.new_report(
             environment=str(config.getoption("--env", default="drill")),
             command=["pytest", *map(str, config.invocation_params.args)],
@@ -304,6 +316,7 @@ class DrillReport:
 
     def _phase(self, entry: dict[str, Any], report: pytest.TestReport,
                call: pytest.CallInfo[None]) -> None:
+        self.ran.add(entry["nodeid"])
         entry["duration_ms"] = (entry["duration_ms"] or 0) + round(report.duration * 1000)
         skip_exc = pytest.skip.Exception
         if report.when == "setup":
@@ -356,7 +369,59 @@ class DrillReport:
 
     # -- the end ---------------------------------------------------------------------------------
 
+    # -- xdist: the workers' records, merged on the controller -----------------------------------
+
+    def _worker_output(self) -> str:
+        """What this worker ran, as JSON text (execnet carries only plain types)."""
+        features = []
+        for feature in self.data["features"]:
+            mine = [s for s in feature["scenarios"] if s["nodeid"] in self.ran]
+            rest = [s for s in feature["scenarios"] if s["nodeid"] not in self.ran]
+            features.append({**feature, "scenarios": mine, "not_here": rest})
+        return json.dumps({"features": features, "fingerprint": self.env_fingerprint,
+                           "images": sorted(self.images)}, default=str)
+
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent with -p no:xdist
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """Controller: take a finished worker's scenarios (a crashed worker has none to give:
+        its scenarios stay 'not run', and the run fails anyway)."""
+        output = getattr(node, "workeroutput", None) or {}
+        if WORKER_OUTPUT in output:
+            self.merge(json.loads(output[WORKER_OUTPUT]))
+
+    def merge(self, part: dict[str, Any]) -> None:
+        """Fold one worker's records into this report: a scenario it ran replaces the 'not run'
+        placeholder of another worker; within a feature, scenarios keep their file order."""
+        for feature in part["features"]:
+            fentry = reports.feature_entry(self.data, feature["file"], feature["name"],
+                                           feature["description"])
+            known = {s["nodeid"]: i for i, s in enumerate(fentry["scenarios"])}
+            for scenario in feature["scenarios"]:
+                if scenario["nodeid"] in known:
+                    fentry["scenarios"][known[scenario["nodeid"]]] = scenario
+                else:
+                    fentry["scenarios"].append(scenario)
+                self.ran.add(scenario["nodeid"])
+            for scenario in feature["not_here"]:  # run by another worker, or by none
+                if scenario["nodeid"] not in known:
+                    fentry["scenarios"].append(scenario)
+                    known[scenario["nodeid"]] = len(fentry["scenarios"]) - 1
+            fentry["scenarios"].sort(key=lambda s: (s["line"] is None, s["line"] or 0,
+                                                    s["name"]))
+        for key, value in (part.get("fingerprint") or {}).items():
+            if key not in self.env_fingerprint or str(
+                    self.env_fingerprint[key]).startswith("unknown"):
+                self.env_fingerprint[key] = value
+        self.images.update(part.get("images") or [])
+
+    # -- the end ---------------------------------------------------------------------------------
+
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.worker:
+            workeroutput = getattr(self.config, "workeroutput", None)
+            if workeroutput is not None:
+                workeroutput[WORKER_OUTPUT] = self._worker_output()
+            return
         data = self.data
         data["finished_at"] = reports.now_iso()
         data["duration_ms"] = round((time.monotonic() - self.began) * 1000)

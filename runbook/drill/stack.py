@@ -86,9 +86,28 @@ def pick_ports(preferred: dict[str, int] | None = None) -> Ports:
     return Ports(**chosen)
 
 
+def xdist_worker() -> str | None:
+    """The pytest-xdist worker this process is (gw0, gw1, ...), or None outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return worker if worker.isalnum() else None
+
+
+def new_run_id() -> str:
+    """A fresh run id; under pytest-xdist it starts with the worker id (gw1-3fa2b9c0), so
+    each worker's stack, containers and temp dir say whose they are."""
+    token = secrets.token_hex(4)
+    worker = xdist_worker()
+    return f"{worker}-{token}" if worker else token
+
+
 def preferred_ports_from_env() -> dict[str, int]:
-    """RUNBOOK_DRILL_<NAME>_PORT lets a user ask for fixed ports (taken ones are replaced)."""
-    out = {}
+    """RUNBOOK_DRILL_<NAME>_PORT lets a user ask for fixed ports (taken ones are replaced).
+
+    Under pytest-xdist only the first worker (gw0) asks for them: the workers start their
+    stacks at the same moment, and two asking for one port would race for it."""
+    out: dict[str, int] = {}
+    if xdist_worker() not in (None, "gw0"):
+        return out
     for name in ("blue", "green", "postgres", "proxy", "admin", "other_site"):
         value = os.environ.get(f"RUNBOOK_DRILL_{name.upper()}_PORT")
         if value and value.isdigit():
@@ -157,7 +176,7 @@ http://127.0.0.1:{proxy} {{
 class DrillStack:
     """One drill run: its files, ports, containers and the Environment that describes them."""
 
-    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    run_id: str = field(default_factory=new_run_id)
     base_version: AppVersion = field(default_factory=lambda: VERSIONS["v1"])
     reload: ReloadMethod = ReloadMethod.ADMIN_API
     keep_dir: bool = False
@@ -302,24 +321,35 @@ class DrillStack:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> DrillStack:
-        """Bring the stack up; on any failure tear down what was started, then raise."""
+        """Bring the stack up; on any failure tear down what was started, then raise.
+
+        Free ports are picked before Docker binds them, so a process starting beside us
+        (another drill, another pytest-xdist worker) can take one in between: such a clash
+        is retried on fresh ports (PORT_ATTEMPTS times), anything else raises at once."""
         image_set = images.require([self.base_version])
-        self._write_files(image_set)
         from testcontainers.compose import DockerCompose
 
-        compose = DockerCompose(context=str(REPO_ROOT), compose_file_name=str(COMPOSE_FILE),
-                                env_file=str(self.env_file), wait=True, pull=False,
-                                services=(["togather-db", "caddy"] if self.has("docker-run")
-                                          else None))
-        self._compose = compose
         try:
-            try:
-                compose.start()
-            except subprocess.CalledProcessError as exc:
-                raise DrillError(f"drill stack {self.run_id} did not start: "
-                                 f"{_last_line(exc.stderr)}",
-                                 "see `docker compose logs`; a port clash retries on new ports"
-                                 ) from None
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                self._write_files(image_set)
+                compose = DockerCompose(context=str(REPO_ROOT),
+                                        compose_file_name=str(COMPOSE_FILE),
+                                        env_file=str(self.env_file), wait=True, pull=False,
+                                        services=(["togather-db", "caddy"]
+                                                  if self.has("docker-run") else None))
+                self._compose = compose
+                try:
+                    compose.start()
+                    break
+                except subprocess.CalledProcessError as exc:
+                    if _port_clash(exc.stderr) and attempt < PORT_ATTEMPTS:
+                        self._down()
+                        self.ports = pick_ports()
+                        continue
+                    raise DrillError(f"drill stack {self.run_id} did not start: "
+                                     f"{_last_line(exc.stderr)}",
+                                     "see `docker compose logs`; a port clash retries on new "
+                                     "ports") from None
             if self.has("docker-run"):
                 for slot in Slot:
                     self.docker_run(slot, self.base_version.image)
@@ -331,12 +361,16 @@ class DrillStack:
             raise
         return self
 
-    def stop(self) -> None:
-        """Remove everything of this run: compose down, then a sweep by label."""
+    def _down(self) -> None:
+        """compose down and a sweep by label: nothing of this run is left in Docker."""
         if self._compose is not None:
             with contextlib.suppress(Exception):
                 self._compose.stop(down=True)  # type: ignore[attr-defined]
         sweep(self.run_id)
+
+    def stop(self) -> None:
+        """Remove everything of this run: compose down, then a sweep by label."""
+        self._down()
         if not self.keep_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -502,6 +536,15 @@ class DrillStack:
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+PORT_ATTEMPTS = 3
+_CLASH = ("address already in use", "port is already allocated")
+
+
+def _port_clash(stderr: bytes | str | None) -> bool:
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    return any(marker in text.lower() for marker in _CLASH)
 
 
 def _last_line(text: bytes | str | None) -> str:
