@@ -65,6 +65,39 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(DrillReport(config, directory), PLUGIN_NAME)
 
 
+# pytest-bdd keeps a scenario's cucumber data in a registry keyed by the report object, which
+# does not cross from an xdist worker to the controller (where cucumber.json is written). These
+# two hooks carry it along with the serialized report.
+BDD_CONTEXT = "runbook_bdd_context"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Any:
+    data = yield
+    if isinstance(data, dict) and hasattr(config, "workerinput"):
+        try:
+            from pytest_bdd.reporting import test_report_context_registry
+            context = test_report_context_registry.get(report)
+        except (ImportError, TypeError):
+            context = None
+        if context is not None:
+            data[BDD_CONTEXT] = {"scenario": context.scenario, "name": context.name}
+    return data
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_from_serializable(config: pytest.Config, data: Any) -> Any:
+    context = data.pop(BDD_CONTEXT, None) if isinstance(data, dict) else None
+    report = yield
+    if context is not None and report is not None:
+        try:
+            from pytest_bdd.reporting import ReportContext, test_report_context_registry
+            test_report_context_registry[report] = ReportContext(**context)
+        except (ImportError, TypeError):
+            pass
+    return report
+
+
 def _template(item: pytest.Item) -> Any:
     """The pytest-bdd ScenarioTemplate behind a test item, or None for ordinary tests."""
     try:
@@ -367,19 +400,14 @@ class DrillReport:
             entry["message"] = (f"{entry['message'] or 'skipped'}\ncounted as a failure: "
                                 + _short(report.longreprtext, 500))
 
-    # -- the end ---------------------------------------------------------------------------------
-
     # -- xdist: the workers' records, merged on the controller -----------------------------------
 
     def _worker_output(self) -> str:
-        """What this worker ran, as JSON text (execnet carries only plain types)."""
-        features = []
-        for feature in self.data["features"]:
-            mine = [s for s in feature["scenarios"] if s["nodeid"] in self.ran]
-            rest = [s for s in feature["scenarios"] if s["nodeid"] not in self.ran]
-            features.append({**feature, "scenarios": mine, "not_here": rest})
-        return json.dumps({"features": features, "fingerprint": self.env_fingerprint,
-                           "images": sorted(self.images)}, default=str)
+        """What this worker collected (every scenario, in collection order) and which of them
+        it ran, as JSON text (execnet carries only plain types)."""
+        return json.dumps({"features": self.data["features"], "ran": sorted(self.ran),
+                           "fingerprint": self.env_fingerprint, "images": sorted(self.images)},
+                          default=str)
 
     @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent with -p no:xdist
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -390,24 +418,22 @@ class DrillReport:
             self.merge(json.loads(output[WORKER_OUTPUT]))
 
     def merge(self, part: dict[str, Any]) -> None:
-        """Fold one worker's records into this report: a scenario it ran replaces the 'not run'
-        placeholder of another worker; within a feature, scenarios keep their file order."""
+        """Fold one worker's records into this report. Every worker collects the same
+        scenarios in the same order, so the first one sets the order; a scenario a worker ran
+        replaces the 'not run' entry another worker had for it."""
+        ran = set(part.get("ran") or ())
         for feature in part["features"]:
             fentry = reports.feature_entry(self.data, feature["file"], feature["name"],
                                            feature["description"])
             known = {s["nodeid"]: i for i, s in enumerate(fentry["scenarios"])}
             for scenario in feature["scenarios"]:
-                if scenario["nodeid"] in known:
-                    fentry["scenarios"][known[scenario["nodeid"]]] = scenario
-                else:
+                nodeid = scenario["nodeid"]
+                if nodeid not in known:
+                    known[nodeid] = len(fentry["scenarios"])
                     fentry["scenarios"].append(scenario)
-                self.ran.add(scenario["nodeid"])
-            for scenario in feature["not_here"]:  # run by another worker, or by none
-                if scenario["nodeid"] not in known:
-                    fentry["scenarios"].append(scenario)
-                    known[scenario["nodeid"]] = len(fentry["scenarios"]) - 1
-            fentry["scenarios"].sort(key=lambda s: (s["line"] is None, s["line"] or 0,
-                                                    s["name"]))
+                elif nodeid in ran:
+                    fentry["scenarios"][known[nodeid]] = scenario
+        self.ran |= ran
         for key, value in (part.get("fingerprint") or {}).items():
             if key not in self.env_fingerprint or str(
                     self.env_fingerprint[key]).startswith("unknown"):
