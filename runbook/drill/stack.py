@@ -9,6 +9,7 @@ label at teardown, since Ryuk (an image that would be pulled) is disabled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -17,7 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,6 +190,8 @@ class DrillStack:
     env: Environment = field(init=False)
     password: str = field(init=False)
     _compose: object | None = field(init=False, default=None)
+    _baseline_lsn: str | None = field(init=False, default=None)  # Postgres WAL after a reset
+    resets: Counter[str] = field(init=False, default_factory=Counter)  # rebuilt / kept database
 
     def __post_init__(self) -> None:
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"togather-drill-{self.run_id}-"))
@@ -356,6 +361,9 @@ class DrillStack:
             self.wait_caddy()
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
+            with self.connect() as conn:
+                conn.execute("VACUUM")  # see reset()
+                self._baseline_lsn = self._wal_position(conn)
         except BaseException:
             self.stop()
             raise
@@ -421,11 +429,17 @@ class DrillStack:
     def reset(self) -> None:
         """Back to the baseline between scenarios: state, Caddyfile, containers, database.
 
-        Quick when little changed: only what differs from the baseline is redone.
+        Quick when little changed: only what differs from the baseline is redone, and what is
+        independent runs at once (both slots recreated by one compose call, their health
+        polled together). The database is rebuilt (schema dropped, the base version's
+        migrations applied by the app) unless Postgres proves nothing was written since the
+        last reset: its WAL insert position and its sequences have not moved (every change
+        to a logged table writes WAL; a checkpoint or autovacuum moving it only costs a
+        rebuild).
         """
         import httpx
 
-        from runbook import compose, docker, health
+        from runbook import docker, health
 
         shutil.rmtree(self.env.lock_path, ignore_errors=True)
         for sub in ("logs", "runs", "db-snapshots"):
@@ -447,21 +461,61 @@ class DrillStack:
         httpx.post(f"{self.env.caddy.admin_url}/load", content=text,
                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
         with self.connect() as conn:
-            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+            rebuild = self._baseline_lsn is None or self._wal_position(conn) != self._baseline_lsn
+            if rebuild:
+                conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        self._baseline_lsn = None  # until this reset has finished
+        self._reset_slots()
+        if rebuild:
+            self.migrate(Slot.BLUE)
+        with ThreadPoolExecutor(max_workers=len(Slot)) as pool:
+            for waited in [pool.submit(health.wait_healthy, self.env, slot, timeout=30)
+                           for slot in Slot]:
+                waited.result()
+        self.write_baseline_state()
+        with self.connect() as conn:
+            if rebuild:  # prune the migration's dead rows now, not on a later read (WAL)
+                conn.execute("VACUUM")
+            self._baseline_lsn = self._wal_position(conn)
+        self.resets["rebuilt" if rebuild else "kept"] += 1
+
+    @staticmethod
+    def _wal_position(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
+        """Where Postgres's WAL is, and every sequence's value: a nextval() within the values
+        a sequence already logged writes no WAL, so the sequences are read too."""
+        row = conn.execute(
+            "SELECT pg_current_wal_insert_lsn()::text || ' ' || coalesce(string_agg("
+            "schemaname || '.' || sequencename || '=' || coalesce(last_value::text, '-'), ',' "
+            "ORDER BY schemaname, sequencename), '') FROM pg_sequences").fetchone()
+        return str(row[0]) if row else ""
+
+    def _reset_slots(self) -> None:
+        """Each slot back to the base version, running: started when only stopped, recreated
+        when gone or on another image (both in one compose call, or concurrently with
+        `docker run`)."""
+        from runbook import compose, docker
+
+        recreate = []
         for slot in Slot:
             info = docker.inspect(self.env.slot(slot).container)
             if not info.exists or info.image != self.base_version.image:
-                if self.has("docker-run"):
-                    self.docker("rm", "-f", self.env.slot(slot).container, check=False)
-                    self.docker_run(slot, self.base_version.image)
-                else:
-                    compose.run(compose.recreate_slot(self.env, slot, self.base_version.tag))
+                recreate.append(slot)
             elif not info.running:
                 docker.start(info.name)
-        self.migrate(Slot.BLUE)
-        for slot in Slot:
-            health.wait_healthy(self.env, slot, timeout=30)
-        self.write_baseline_state()
+        if not recreate:
+            return
+        if self.has("docker-run"):
+            def again(slot: Slot) -> None:
+                self.docker("rm", "-f", self.env.slot(slot).container, check=False)
+                self.docker_run(slot, self.base_version.image)
+
+            with ThreadPoolExecutor(max_workers=len(recreate)) as pool:
+                for done in [pool.submit(again, slot) for slot in recreate]:
+                    done.result()
+            return
+        first = compose.recreate_slot(self.env, recreate[0], self.base_version.tag)
+        services = tuple(str(self.env.slot(slot).service) for slot in recreate[1:])
+        compose.run(dataclasses.replace(first, argv=(*first.argv, *services)))
 
     def docker_run_argv(self, slot: Slot, image: str) -> list[str]:
         """How a docker-run host created a slot: the contract's names, labels and ports, on the
