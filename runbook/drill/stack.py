@@ -542,10 +542,10 @@ class DrillStack:
             raise DrillError(f"docker run of the {slot} slot failed: {_last_line(proc.stderr)}",
                              "see `docker ps -a` and `docker logs`")
 
-    def deploy_docker_run(self, version: AppVersion) -> None:
+    def deploy_docker_run(self, version: AppVersion, *, stop_old: bool = True) -> None:
         """What a docker-run host's own deploy script does (the runbook's deploy needs compose):
-        `docker run` the version on the standby slot, migrate, switch Caddy, record it, stop
-        the old slot."""
+        snapshot the database, `docker run` the version on the standby slot, migrate, switch
+        Caddy, record it (with its snapshot), stop the old slot (unless `stop_old` is False)."""
         from runbook import docker, health, switch, traffic
         from runbook import state as states
 
@@ -556,8 +556,8 @@ class DrillStack:
         from runbook import database, snapshots
 
         dep_id = states.new_id("dep")
-        snapshots.pre_deploy_snapshot(self.env, dep_id, version.git_commit,
-                                      database.schema_version(self.env).version)
+        snap = snapshots.pre_deploy_snapshot(self.env, dep_id, version.git_commit,
+                                             database.schema_version(self.env).version)
         self.docker("rm", "-f", self.env.slot(target).container, check=False)
         self.docker_run(target, version.image)
         health.wait_healthy(self.env, target, timeout=30)
@@ -568,8 +568,10 @@ class DrillStack:
                                      migration_version=version.schema, image=version.image,
                                      deployment_id=dep_id)
         states.write_state(self.env.state_file, states.after_deploy(
-            before, dep.with_(health_status="healthy")))
-        docker.stop(self.env.slot(live).container)
+            before, dep.with_(health_status="healthy",
+                              extra={"snapshot_path": str(snap.path)})))
+        if stop_old:
+            docker.stop(self.env.slot(live).container)
 
     def wait_db(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
