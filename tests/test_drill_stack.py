@@ -16,7 +16,8 @@ from runbook.drill.stack import DrillError, DrillStack, resources
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
 
-pytestmark = pytest.mark.docker
+# one xdist worker runs this module (make test: --dist loadgroup): its module fixture once
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("drill_stack")]
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,7 @@ def test_a_port_held_by_a_foreign_process_is_avoided(monkeypatch: pytest.MonkeyP
     foreign.listen()
     taken = foreign.getsockname()[1]
     monkeypatch.setenv("RUNBOOK_DRILL_PROXY_PORT", str(taken))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # honoured on gw0 only
     try:
         with DrillStack() as stack:
             assert stack.ports.proxy != taken
