@@ -52,12 +52,14 @@ chromium:
 # then features/ and tests/test_rollback.py against each group of traits below (together they
 # cover all five; tests/test_shapes.py, in the first run, has the targeted checks of every
 # trait at once). On a docker-run host `runbook deploy` has no compose and refuses (exit 4,
-# nothing changed: test_rollback.py proves it there), so the two scenarios whose recovery IS
-# `runbook deploy` are deselected on docker-run shapes. The kill matrix runs its sample here
+# nothing changed: test_rollback.py proves it there), so the three scenarios that end with
+# "I redeploy the known-good version" (`runbook deploy`) are deselected on docker-run shapes;
+# their refusals are proved there by test_rollback.py. The kill matrix runs its sample here
 # (RUNBOOK_KILL_MATRIX=full: every cell, as the nightly drill does).
 SHAPES ?= container-caddy,docker-network-db,minimal-health container-caddy,caddy-reload,docker-run
 NEEDS_COMPOSE_DEPLOY := \
   --deselect features/troubleshooting.feature::test_no_previous_deployment_found \
+  --deselect features/troubleshooting.feature::test_health_checks_fail_on_the_previous_deployment \
   --deselect features/recovery.feature::test_redeploy_a_knowngood_version_when_the_service_is_down_and_rollback_cannot_help
 
 test: setup lint chromium
