@@ -123,6 +123,9 @@ def _names_rollback_feature(config: pytest.Config) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:  # one worker brings up the drill fleet (3 hosts), not every worker
+        if item.get_closest_marker("fleet") or "drill_fleet" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("fleet"))
     if _on_drill(config):
         return
     features = [item for item in items if _is_feature(item)]

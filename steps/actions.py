@@ -152,7 +152,7 @@ def start_caddy_again(world: World) -> None:
 def roll_back_the_migrations(world: World) -> None:
     """golang-migrate style: run each newer migration's .down.sql, newest first, shipped in
     the image that applied it (the live slot's), and record the version it leaves."""
-    world.drill()
+    stack = world.drill()
     env = world.env
     previous = world.state().previous
     assert previous is not None and previous.migration_version is not None
@@ -165,7 +165,9 @@ def roll_back_the_migrations(world: World) -> None:
                    f"run the .down.sql of migrations {schema}..{target + 1} shipped in "
                    f"{container}, newest first, and record schema version {target}"):
         return
-    with database.connect(env) as conn:
+    # the drill's own connection: on a docker-network-db shape the runbook's goes through
+    # psql in the database container, one statement batch at a time, with no transaction
+    with stack.connect() as conn:
         for version in range(schema, target, -1):
             code, sql = docker.exec_run(container, [
                 "sh", "-c", f"cat /app/migrations/{version:06d}_*.down.sql"])

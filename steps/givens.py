@@ -15,6 +15,7 @@ from pytest_bdd import given
 from runbook import caddy, database, deploy, docker
 from runbook import state as states
 from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
 from runbook.errors import RunbookError
 from runbook.rollback import NO_PREVIOUS_FIX
 from steps.world import World
@@ -100,8 +101,14 @@ def previous_build_is_broken(world: World) -> None:
     states.write_state(world.env.state_file, st.with_(previous=st.previous.with_(
         version=broken.tag, git_commit=broken.git_commit, image=broken.image,
         migration_version=broken.schema)))
-    # its container was pruned, so the rollback must recreate it from the broken image
-    docker.remove(world.env.slot(st.previous.active_slot or "blue").container)
+    # its container was pruned, so the rollback must recreate it from the broken image; a
+    # docker-run host (no compose to recreate from) has it made by its own script, stopped
+    slot = st.previous.active_slot or Slot.BLUE
+    docker.remove(world.env.slot(slot).container)
+    stack = world.drill()
+    if stack.has("docker-run"):
+        stack.docker_run(Slot(slot), broken.image)
+        docker.stop(world.env.slot(slot).container)
     world.env = world.env.with_(health=dataclasses.replace(
         world.env.health, timeout=BROKEN_BUILD_HEALTH_TIMEOUT))
 

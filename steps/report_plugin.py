@@ -12,10 +12,16 @@ wipes that directory; a run that the drill's user load (steps/world.py) watched 
 users saw during it (`traffic`: requests, non-2xx, resets, the longest gap, per 50 ms). The
 environment is captured when its fixture is set up, so the plugin never starts a drill stack
 by itself.
+
+Under pytest-xdist (`-n 2`) every worker runs its own drill stack and its own DrillReport,
+which records the scenarios that worker ran and hands them to the controller at its end
+(`workeroutput`); the controller merges them (pytest_testnodedown) and writes ONE report, as a
+run without xdist would: same scenarios, steps, engine runs and users' traffic.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import UTC, datetime
@@ -28,6 +34,7 @@ from runbook import report as reports
 
 PLUGIN_NAME = "runbook-drill-report"
 MESSAGE_LIMIT = 4000
+WORKER_OUTPUT = "runbook_drill_report"  # key of a worker's records in xdist's workeroutput
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,9 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Runs before junitxml's and pytest-bdd's configure, so the paths set here count."""
     target = config.getoption("--report", default=None)
-    if not target or hasattr(config, "workerinput"):
+    if not target:
         return
     directory = Path(str(target)).expanduser().resolve()
+    if hasattr(config, "workerinput"):  # an xdist worker: records, the controller writes
+        config.pluginmanager.register(DrillReport(config, directory, worker=True), PLUGIN_NAME)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     for name in (reports.REPORT_JSON, reports.REPORT_HTML, reports.JUNIT_XML,
                  reports.CUCUMBER_JSON):
@@ -53,6 +63,39 @@ def pytest_configure(config: pytest.Config) -> None:
     if not getattr(config.option, "cucumber_json_path", None):
         config.option.cucumber_json_path = str(directory / reports.CUCUMBER_JSON)
     config.pluginmanager.register(DrillReport(config, directory), PLUGIN_NAME)
+
+
+# pytest-bdd keeps a scenario's cucumber data in a registry keyed by the report object, which
+# does not cross from an xdist worker to the controller (where cucumber.json is written). These
+# two hooks carry it along with the serialized report.
+BDD_CONTEXT = "runbook_bdd_context"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Any:
+    data = yield
+    if isinstance(data, dict) and hasattr(config, "workerinput"):
+        try:
+            from pytest_bdd.reporting import test_report_context_registry
+            context = test_report_context_registry.get(report)
+        except (ImportError, TypeError):
+            context = None
+        if context is not None:
+            data[BDD_CONTEXT] = {"scenario": context.scenario, "name": context.name}
+    return data
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_from_serializable(config: pytest.Config, data: Any) -> Any:
+    context = data.pop(BDD_CONTEXT, None) if isinstance(data, dict) else None
+    report = yield
+    if context is not None and report is not None:
+        try:
+            from pytest_bdd.reporting import ReportContext, test_report_context_registry
+            test_report_context_registry[report] = ReportContext(**context)
+        except (ImportError, TypeError):
+            pass
+    return report
 
 
 def _template(item: pytest.Item) -> Any:
@@ -102,9 +145,11 @@ def _scenario_load(request: pytest.FixtureRequest) -> Any:
 class DrillReport:
     """Collects one run's scenarios, steps and engine runs; writes the report at the end."""
 
-    def __init__(self, config: pytest.Config, directory: Path) -> None:
+    def __init__(self, config: pytest.Config, directory: Path, *, worker: bool = False) -> None:
         self.config = config
         self.directory = directory
+        self.worker = worker  # an xdist worker hands its records to the controller
+        self.ran: set[str] = set()  # nodeids this process ran (a worker collects them all)
         self.data = reports.new_report(
             environment=str(config.getoption("--env", default="drill")),
             command=["pytest", *map(str, config.invocation_params.args)],
@@ -304,6 +349,7 @@ class DrillReport:
 
     def _phase(self, entry: dict[str, Any], report: pytest.TestReport,
                call: pytest.CallInfo[None]) -> None:
+        self.ran.add(entry["nodeid"])
         entry["duration_ms"] = (entry["duration_ms"] or 0) + round(report.duration * 1000)
         skip_exc = pytest.skip.Exception
         if report.when == "setup":
@@ -354,9 +400,54 @@ class DrillReport:
             entry["message"] = (f"{entry['message'] or 'skipped'}\ncounted as a failure: "
                                 + _short(report.longreprtext, 500))
 
+    # -- xdist: the workers' records, merged on the controller -----------------------------------
+
+    def _worker_output(self) -> str:
+        """What this worker collected (every scenario, in collection order) and which of them
+        it ran, as JSON text (execnet carries only plain types)."""
+        return json.dumps({"features": self.data["features"], "ran": sorted(self.ran),
+                           "fingerprint": self.env_fingerprint, "images": sorted(self.images)},
+                          default=str)
+
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent with -p no:xdist
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """Controller: take a finished worker's scenarios (a crashed worker has none to give:
+        its scenarios stay 'not run', and the run fails anyway)."""
+        output = getattr(node, "workeroutput", None) or {}
+        if WORKER_OUTPUT in output:
+            self.merge(json.loads(output[WORKER_OUTPUT]))
+
+    def merge(self, part: dict[str, Any]) -> None:
+        """Fold one worker's records into this report. Every worker collects the same
+        scenarios in the same order, so the first one sets the order; a scenario a worker ran
+        replaces the 'not run' entry another worker had for it."""
+        ran = set(part.get("ran") or ())
+        for feature in part["features"]:
+            fentry = reports.feature_entry(self.data, feature["file"], feature["name"],
+                                           feature["description"])
+            known = {s["nodeid"]: i for i, s in enumerate(fentry["scenarios"])}
+            for scenario in feature["scenarios"]:
+                nodeid = scenario["nodeid"]
+                if nodeid not in known:
+                    known[nodeid] = len(fentry["scenarios"])
+                    fentry["scenarios"].append(scenario)
+                elif nodeid in ran:
+                    fentry["scenarios"][known[nodeid]] = scenario
+        self.ran |= ran
+        for key, value in (part.get("fingerprint") or {}).items():
+            if key not in self.env_fingerprint or str(
+                    self.env_fingerprint[key]).startswith("unknown"):
+                self.env_fingerprint[key] = value
+        self.images.update(part.get("images") or [])
+
     # -- the end ---------------------------------------------------------------------------------
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.worker:
+            workeroutput = getattr(self.config, "workeroutput", None)
+            if workeroutput is not None:
+                workeroutput[WORKER_OUTPUT] = self._worker_output()
+            return
         data = self.data
         data["finished_at"] = reports.now_iso()
         data["duration_ms"] = round((time.monotonic() - self.began) * 1000)

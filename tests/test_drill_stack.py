@@ -16,7 +16,8 @@ from runbook.drill.stack import DrillError, DrillStack, resources
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
 
-pytestmark = pytest.mark.docker
+# one xdist worker runs this module (make test: --dist loadgroup): its module fixture once
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("drill_stack")]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,53 @@ def test_app_stops_promptly_on_sigterm(scratch: DrillStack) -> None:
     docker.start(container)
 
 
+def database_contents(stack: DrillStack) -> dict[str, object]:
+    """Every table's columns and rows, the migrations record and the sequences, read directly
+    (not through the stack's own check)."""
+    with psycopg.connect(stack.env.database.url()) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
+            "ORDER BY table_name").fetchall()]
+        out: dict[str, object] = {"sequences": conn.execute(
+            "SELECT sequencename, last_value FROM pg_sequences ORDER BY 1").fetchall()}
+        for table in tables:
+            out[table] = (
+                conn.execute("SELECT column_name FROM information_schema.columns "
+                             "WHERE table_name = %s ORDER BY ordinal_position",
+                             (table,)).fetchall(),
+                conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall())
+    return out
+
+
+@pytest.mark.parametrize("write", [
+    "an item through the app", "DDL", "the migrations record", "a bare nextval()"])
+def test_reset_rebuilds_the_database_after_any_write_and_only_then(scratch: DrillStack,
+                                                                   write: str) -> None:
+    """A reset keeps the database only when Postgres proves nothing was written since the
+    last one (its WAL position and sequences); any write makes it rebuild to the baseline."""
+    scratch.reset()
+    baseline = database_contents(scratch)
+    assert baseline["schema_migrations"] == ([("version",), ("dirty",)], [(1, False)])
+    kept = scratch.resets["kept"]
+    scratch.reset()  # nothing written in between
+    assert scratch.resets["kept"] == kept + 1
+    assert database_contents(scratch) == baseline
+    rebuilt = scratch.resets["rebuilt"]
+    url = scratch.env.database.url()
+    if write == "an item through the app":
+        httpx.post(f"{scratch.env.slot('blue').base_url}/items", json={"name": "left"})
+    else:
+        sql = {"DDL": "CREATE TABLE left_behind (id int)",
+               "the migrations record": "UPDATE schema_migrations SET dirty = true",
+               "a bare nextval()": "SELECT nextval('items_id_seq')"}[write]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql)
+    assert database_contents(scratch) != baseline
+    scratch.reset()
+    assert scratch.resets["rebuilt"] == rebuilt + 1
+    assert database_contents(scratch) == baseline
+
+
 def test_teardown_leaves_nothing_behind() -> None:
     stack = DrillStack().start()
     run_id = stack.run_id
@@ -175,6 +223,7 @@ def test_a_port_held_by_a_foreign_process_is_avoided(monkeypatch: pytest.MonkeyP
     foreign.listen()
     taken = foreign.getsockname()[1]
     monkeypatch.setenv("RUNBOOK_DRILL_PROXY_PORT", str(taken))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # honoured on gw0 only
     try:
         with DrillStack() as stack:
             assert stack.ports.proxy != taken

@@ -22,7 +22,8 @@ from runbook import deploy
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 
-pytestmark = pytest.mark.docker
+# one xdist worker runs this module (make test: --dist loadgroup): its module fixture once
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("install")]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEFT_OUT = {".git", ".venv", "reports", "build", "dist", "__pycache__", ".pytest_cache",
             ".mypy_cache", ".ruff_cache"}

@@ -1,4 +1,9 @@
-"""The rollback engine against the real drill stack: every path, every refusal."""
+"""The rollback engine against the real drill stack: every path, every refusal.
+
+Runs against every drill host shape (`--shape`, Makefile `test`). The scenes are arranged the
+way the host deploys: `runbook deploy` where there is compose, the host's own script (`docker
+run`, DrillStack.deploy_docker_run) on a docker-run host, where a removed slot is a
+precondition (exit 4, nothing changed) instead of a recreate."""
 
 from __future__ import annotations
 
@@ -16,20 +21,49 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy, two_deployments
+from tests.drill_checks import snapshot, through_proxy
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 
 
 
+def deploy_to(stack: DrillStack, env: Environment, version: str, *,
+              stop_old: bool = True) -> None:
+    """Deploy `version` as this host shape deploys (see the module's docstring)."""
+    if stack.has("docker-run"):
+        stack.deploy_docker_run(VERSIONS[version], stop_old=stop_old)
+        return
+    deploy.deploy(env if stop_old else env.with_(stop_old_slot=False),
+                  deploy.Options(version=VERSIONS[version].tag))
+
+
 def deployed(stack: DrillStack, version: str = "v2", **env_changes: object) -> Environment:
     env = stack.env.with_(**env_changes) if env_changes else stack.env
-    deploy.deploy(env, deploy.Options(version=VERSIONS[version].tag))
+    deploy_to(stack, env, version)
     return env
 
 
+def two_deployments(stack: DrillStack) -> Environment:
+    """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
+    env = deployed(stack, "v2")
+    deploy_to(stack, env, "v3")
+    return env
+
+
+def docker_run_host(stack: DrillStack) -> bool:
+    return stack.has("docker-run")
+
+
 def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
+    if docker_run_host(stack):  # no compose: runbook deploy refuses before any change
+        before = snapshot(stack.env)
+        with pytest.raises(RunbookError) as err:
+            deploy.deploy(stack.env, deploy.Options(version=V2.tag))
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert "compose" in str(err.value)
+        assert snapshot(stack.env) == before
+        return
     env = deployed(stack)
     assert through_proxy(env) == ("green", V2.tag)
     st = states.read_state(env.state_file)
@@ -43,8 +77,7 @@ def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
 
 def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
     env = deployed(stack, "v2")  # v1 -> v2: schema 1 -> 2
-    keep = env.with_(stop_old_slot=False)
-    deploy.deploy(keep, deploy.Options(version=V3.tag))  # v2 stays running on green
+    deploy_to(stack, env, "v3", stop_old=False)  # v2 stays running on green
     assert through_proxy(env) == ("blue", V3.tag)
     assert docker.inspect(env.slot("green").container).running
     result = rollback.rollback(env)
@@ -59,8 +92,7 @@ def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
 
 
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
-    deploy.deploy(env, deploy.Options(version=V3.tag))  # green v2 stopped, blue v3 live
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
     assert docker.inspect(env.slot("green").container).status == "exited"
     result = rollback.rollback(env)
     assert result.plan.facts["container_action"] == "start"
@@ -71,9 +103,16 @@ def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
 
 
 def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
-    deploy.deploy(env, deploy.Options(version=V3.tag))
+    env = two_deployments(stack)
     docker.remove(env.slot("green").container)
+    if docker_run_host(stack):  # nothing to recreate it from: exit 4, naming what to run
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env)
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert env.slot("green").container in str(err.value)
+        assert snapshot(env) == before
+        return
     result = rollback.rollback(env)
     assert result.plan.facts["container_action"] == "recreate"
     info = docker.inspect(env.slot("green").container)
@@ -83,8 +122,7 @@ def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
 
 
 def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
-    deploy.deploy(env, deploy.Options(version=V3.tag))
+    env = two_deployments(stack)
     rollback.rollback(env)
     assert through_proxy(env) == ("green", V2.tag)
     rollback.rollback(env)
@@ -103,6 +141,9 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
                                image=VERSIONS["unhealthy"].image, migration_version=2)
     states.write_state(env.state_file, st.with_(previous=broken))
     docker.remove(env.slot("blue").container)
+    if docker_run_host(stack):  # the host's script made it; the rollback starts it
+        stack.docker_run(Slot.BLUE, VERSIONS["unhealthy"].image)
+        docker.stop(env.slot("blue").container)
     before = snapshot(env)
     # long enough for the broken build to answer (503) at least once, even on a busy machine
     fast = env.with_(health=dataclasses.replace(env.health, timeout=10.0))
@@ -201,8 +242,7 @@ def cli(env_file: Path, *args: str) -> subprocess.Popen[str]:
 
 
 def test_two_concurrent_rollbacks_exactly_one_proceeds(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
-    deploy.deploy(env, deploy.Options(version=V3.tag))
+    env = two_deployments(stack)
     assert env.source is not None
     procs = [cli(env.source, "rollback", "--yes") for _ in range(2)]
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read())  # type: ignore[union-attr]
@@ -232,8 +272,7 @@ def test_cli_errors_have_one_line_and_their_exit_code(stack: DrillStack) -> None
 
 
 def test_cli_rollback_json_output(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
-    deploy.deploy(env, deploy.Options(version=V3.tag))
+    env = two_deployments(stack)
     assert env.source is not None
     proc = cli(env.source, "rollback", "--yes", "--format", "json")
     out, err = proc.communicate(timeout=120)

@@ -22,7 +22,8 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import snapshot
 
-pytestmark = pytest.mark.docker
+# one xdist worker runs this module (make test: --dist loadgroup): its module fixture once
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("shapes")]
 SHAPE = "container-caddy,caddy-reload,docker-network-db,minimal-health,docker-run"
 
 

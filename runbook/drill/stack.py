@@ -9,6 +9,7 @@ label at teardown, since Ryuk (an image that would be pulled) is disabled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -17,7 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,9 +89,28 @@ def pick_ports(preferred: dict[str, int] | None = None) -> Ports:
     return Ports(**chosen)
 
 
+def xdist_worker() -> str | None:
+    """The pytest-xdist worker this process is (gw0, gw1, ...), or None outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return worker if worker.isalnum() else None
+
+
+def new_run_id() -> str:
+    """A fresh run id; under pytest-xdist it starts with the worker id (gw1-3fa2b9c0), so
+    each worker's stack, containers and temp dir say whose they are."""
+    token = secrets.token_hex(4)
+    worker = xdist_worker()
+    return f"{worker}-{token}" if worker else token
+
+
 def preferred_ports_from_env() -> dict[str, int]:
-    """RUNBOOK_DRILL_<NAME>_PORT lets a user ask for fixed ports (taken ones are replaced)."""
-    out = {}
+    """RUNBOOK_DRILL_<NAME>_PORT lets a user ask for fixed ports (taken ones are replaced).
+
+    Under pytest-xdist only the first worker (gw0) asks for them: the workers start their
+    stacks at the same moment, and two asking for one port would race for it."""
+    out: dict[str, int] = {}
+    if xdist_worker() not in (None, "gw0"):
+        return out
     for name in ("blue", "green", "postgres", "proxy", "admin", "other_site"):
         value = os.environ.get(f"RUNBOOK_DRILL_{name.upper()}_PORT")
         if value and value.isdigit():
@@ -157,7 +179,7 @@ http://127.0.0.1:{proxy} {{
 class DrillStack:
     """One drill run: its files, ports, containers and the Environment that describes them."""
 
-    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    run_id: str = field(default_factory=new_run_id)
     base_version: AppVersion = field(default_factory=lambda: VERSIONS["v1"])
     reload: ReloadMethod = ReloadMethod.ADMIN_API
     keep_dir: bool = False
@@ -168,6 +190,8 @@ class DrillStack:
     env: Environment = field(init=False)
     password: str = field(init=False)
     _compose: object | None = field(init=False, default=None)
+    _baseline_lsn: str | None = field(init=False, default=None)  # Postgres WAL after a reset
+    resets: Counter[str] = field(init=False, default_factory=Counter)  # rebuilt / kept database
 
     def __post_init__(self) -> None:
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"togather-drill-{self.run_id}-"))
@@ -302,41 +326,59 @@ class DrillStack:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> DrillStack:
-        """Bring the stack up; on any failure tear down what was started, then raise."""
+        """Bring the stack up; on any failure tear down what was started, then raise.
+
+        Free ports are picked before Docker binds them, so a process starting beside us
+        (another drill, another pytest-xdist worker) can take one in between: such a clash
+        is retried on fresh ports (PORT_ATTEMPTS times), anything else raises at once."""
         image_set = images.require([self.base_version])
-        self._write_files(image_set)
         from testcontainers.compose import DockerCompose
 
-        compose = DockerCompose(context=str(REPO_ROOT), compose_file_name=str(COMPOSE_FILE),
-                                env_file=str(self.env_file), wait=True, pull=False,
-                                services=(["togather-db", "caddy"] if self.has("docker-run")
-                                          else None))
-        self._compose = compose
         try:
-            try:
-                compose.start()
-            except subprocess.CalledProcessError as exc:
-                raise DrillError(f"drill stack {self.run_id} did not start: "
-                                 f"{_last_line(exc.stderr)}",
-                                 "see `docker compose logs`; a port clash retries on new ports"
-                                 ) from None
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                self._write_files(image_set)
+                compose = DockerCompose(context=str(REPO_ROOT),
+                                        compose_file_name=str(COMPOSE_FILE),
+                                        env_file=str(self.env_file), wait=True, pull=False,
+                                        services=(["togather-db", "caddy"]
+                                                  if self.has("docker-run") else None))
+                self._compose = compose
+                try:
+                    compose.start()
+                    break
+                except subprocess.CalledProcessError as exc:
+                    if _port_clash(exc.stderr) and attempt < PORT_ATTEMPTS:
+                        self._down()
+                        self.ports = pick_ports()
+                        continue
+                    raise DrillError(f"drill stack {self.run_id} did not start: "
+                                     f"{_last_line(exc.stderr)}",
+                                     "see `docker compose logs`; a port clash retries on new "
+                                     "ports") from None
             if self.has("docker-run"):
                 for slot in Slot:
                     self.docker_run(slot, self.base_version.image)
             self.wait_caddy()
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
+            with self.connect() as conn:
+                conn.execute("VACUUM")  # see reset()
+                self._baseline_lsn = self._wal_position(conn)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def stop(self) -> None:
-        """Remove everything of this run: compose down, then a sweep by label."""
+    def _down(self) -> None:
+        """compose down and a sweep by label: nothing of this run is left in Docker."""
         if self._compose is not None:
             with contextlib.suppress(Exception):
                 self._compose.stop(down=True)  # type: ignore[attr-defined]
         sweep(self.run_id)
+
+    def stop(self) -> None:
+        """Remove everything of this run: compose down, then a sweep by label."""
+        self._down()
         if not self.keep_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -387,11 +429,17 @@ class DrillStack:
     def reset(self) -> None:
         """Back to the baseline between scenarios: state, Caddyfile, containers, database.
 
-        Quick when little changed: only what differs from the baseline is redone.
+        Quick when little changed: only what differs from the baseline is redone, and what is
+        independent runs at once (both slots recreated by one compose call, their health
+        polled together). The database is rebuilt (schema dropped, the base version's
+        migrations applied by the app) unless Postgres proves nothing was written since the
+        last reset: its WAL insert position and its sequences have not moved (every change
+        to a logged table writes WAL; a checkpoint or autovacuum moving it only costs a
+        rebuild).
         """
         import httpx
 
-        from runbook import compose, docker, health
+        from runbook import docker, health
 
         shutil.rmtree(self.env.lock_path, ignore_errors=True)
         for sub in ("logs", "runs", "db-snapshots"):
@@ -413,21 +461,61 @@ class DrillStack:
         httpx.post(f"{self.env.caddy.admin_url}/load", content=text,
                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
         with self.connect() as conn:
-            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+            rebuild = self._baseline_lsn is None or self._wal_position(conn) != self._baseline_lsn
+            if rebuild:
+                conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        self._baseline_lsn = None  # until this reset has finished
+        self._reset_slots()
+        if rebuild:
+            self.migrate(Slot.BLUE)
+        with ThreadPoolExecutor(max_workers=len(Slot)) as pool:
+            for waited in [pool.submit(health.wait_healthy, self.env, slot, timeout=30)
+                           for slot in Slot]:
+                waited.result()
+        self.write_baseline_state()
+        with self.connect() as conn:
+            if rebuild:  # prune the migration's dead rows now, not on a later read (WAL)
+                conn.execute("VACUUM")
+            self._baseline_lsn = self._wal_position(conn)
+        self.resets["rebuilt" if rebuild else "kept"] += 1
+
+    @staticmethod
+    def _wal_position(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
+        """Where Postgres's WAL is, and every sequence's value: a nextval() within the values
+        a sequence already logged writes no WAL, so the sequences are read too."""
+        row = conn.execute(
+            "SELECT pg_current_wal_insert_lsn()::text || ' ' || coalesce(string_agg("
+            "schemaname || '.' || sequencename || '=' || coalesce(last_value::text, '-'), ',' "
+            "ORDER BY schemaname, sequencename), '') FROM pg_sequences").fetchone()
+        return str(row[0]) if row else ""
+
+    def _reset_slots(self) -> None:
+        """Each slot back to the base version, running: started when only stopped, recreated
+        when gone or on another image (both in one compose call, or concurrently with
+        `docker run`)."""
+        from runbook import compose, docker
+
+        recreate = []
         for slot in Slot:
             info = docker.inspect(self.env.slot(slot).container)
             if not info.exists or info.image != self.base_version.image:
-                if self.has("docker-run"):
-                    self.docker("rm", "-f", self.env.slot(slot).container, check=False)
-                    self.docker_run(slot, self.base_version.image)
-                else:
-                    compose.run(compose.recreate_slot(self.env, slot, self.base_version.tag))
+                recreate.append(slot)
             elif not info.running:
                 docker.start(info.name)
-        self.migrate(Slot.BLUE)
-        for slot in Slot:
-            health.wait_healthy(self.env, slot, timeout=30)
-        self.write_baseline_state()
+        if not recreate:
+            return
+        if self.has("docker-run"):
+            def again(slot: Slot) -> None:
+                self.docker("rm", "-f", self.env.slot(slot).container, check=False)
+                self.docker_run(slot, self.base_version.image)
+
+            with ThreadPoolExecutor(max_workers=len(recreate)) as pool:
+                for done in [pool.submit(again, slot) for slot in recreate]:
+                    done.result()
+            return
+        first = compose.recreate_slot(self.env, recreate[0], self.base_version.tag)
+        services = tuple(str(self.env.slot(slot).service) for slot in recreate[1:])
+        compose.run(dataclasses.replace(first, argv=(*first.argv, *services)))
 
     def docker_run_argv(self, slot: Slot, image: str) -> list[str]:
         """How a docker-run host created a slot: the contract's names, labels and ports, on the
@@ -454,10 +542,10 @@ class DrillStack:
             raise DrillError(f"docker run of the {slot} slot failed: {_last_line(proc.stderr)}",
                              "see `docker ps -a` and `docker logs`")
 
-    def deploy_docker_run(self, version: AppVersion) -> None:
+    def deploy_docker_run(self, version: AppVersion, *, stop_old: bool = True) -> None:
         """What a docker-run host's own deploy script does (the runbook's deploy needs compose):
-        `docker run` the version on the standby slot, migrate, switch Caddy, record it, stop
-        the old slot."""
+        snapshot the database, `docker run` the version on the standby slot, migrate, switch
+        Caddy, record it (with its snapshot), stop the old slot (unless `stop_old` is False)."""
         from runbook import docker, health, switch, traffic
         from runbook import state as states
 
@@ -468,8 +556,8 @@ class DrillStack:
         from runbook import database, snapshots
 
         dep_id = states.new_id("dep")
-        snapshots.pre_deploy_snapshot(self.env, dep_id, version.git_commit,
-                                      database.schema_version(self.env).version)
+        snap = snapshots.pre_deploy_snapshot(self.env, dep_id, version.git_commit,
+                                             database.schema_version(self.env).version)
         self.docker("rm", "-f", self.env.slot(target).container, check=False)
         self.docker_run(target, version.image)
         health.wait_healthy(self.env, target, timeout=30)
@@ -480,8 +568,10 @@ class DrillStack:
                                      migration_version=version.schema, image=version.image,
                                      deployment_id=dep_id)
         states.write_state(self.env.state_file, states.after_deploy(
-            before, dep.with_(health_status="healthy")))
-        docker.stop(self.env.slot(live).container)
+            before, dep.with_(health_status="healthy",
+                              extra={"snapshot_path": str(snap.path)})))
+        if stop_old:
+            docker.stop(self.env.slot(live).container)
 
     def wait_db(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -502,6 +592,15 @@ class DrillStack:
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+PORT_ATTEMPTS = 3
+_CLASH = ("address already in use", "port is already allocated")
+
+
+def _port_clash(stderr: bytes | str | None) -> bool:
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    return any(marker in text.lower() for marker in _CLASH)
 
 
 def _last_line(text: bytes | str | None) -> str:
