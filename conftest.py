@@ -122,6 +122,7 @@ def _names_rollback_feature(config: pytest.Config) -> bool:
     return any((here / str(arg).split("::", 1)[0]).resolve() == wanted for arg in config.args)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:  # one worker brings up the drill fleet (3 hosts), not every worker
         if item.get_closest_marker("fleet") or "drill_fleet" in getattr(item, "fixturenames", ()):
