@@ -551,18 +551,23 @@ def admin_address(env: Environment) -> str:
     return f"{host}:{parts.port or 2019}"
 
 
-def running_problem(env: Environment) -> str | None:
+def running_problem(env: Environment, *, admin_answered: bool = False) -> str | None:
     """Why Caddy cannot take a reload right now, or None when it can. Each question is
-    bounded by _ADMIN_TIMEOUT in total: a stuck admin API cannot hold the run."""
+    bounded by _ADMIN_TIMEOUT in total: a stuck admin API cannot hold the run.
+
+    `admin_answered`: the caller has just read Caddy's running config from this very admin
+    API (HTTP 200, JSON), so the same GET is not sent again; the systemd question still is.
+    """
     from runbook import bounded_http
 
     url = f"{env.caddy.admin_url}/config/"
-    try:
-        answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
-    except bounded_http.HttpFailure as exc:
-        return f"Caddy's admin API at {url} does not answer ({exc.reason})"
-    if answer.status != 200:
-        return f"Caddy's admin API at {url} answered HTTP {answer.status}"
+    if not admin_answered:
+        try:
+            answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
+        except bounded_http.HttpFailure as exc:
+            return f"Caddy's admin API at {url} does not answer ({exc.reason})"
+        if answer.status != 200:
+            return f"Caddy's admin API at {url} answered HTTP {answer.status}"
     if env.caddy.reload is ReloadMethod.SYSTEMCTL:
         unit = env.caddy.systemd_unit
         try:
@@ -582,9 +587,9 @@ def is_running(env: Environment) -> bool:
     return running_problem(env) is None
 
 
-def check_running(env: Environment) -> None:
-    """Raise CaddyNotRunningError unless Caddy can take a reload."""
-    problem = running_problem(env)
+def check_running(env: Environment, *, admin_answered: bool = False) -> None:
+    """Raise CaddyNotRunningError unless Caddy can take a reload (see running_problem)."""
+    problem = running_problem(env, admin_answered=admin_answered)
     if problem is not None:
         start = (f"systemctl start {env.caddy.systemd_unit}"
                  if env.caddy.reload is ReloadMethod.SYSTEMCTL else "start Caddy")
@@ -593,27 +598,57 @@ def check_running(env: Environment) -> None:
             f"{start} (or fix [caddy] admin_url), then run again", stage="running")
 
 
+@dataclass(frozen=True)
+class ReloadCommand:
+    """How Caddy is made to load the new config, built once from the environment: the plan
+    shows `display()`, `reload()` runs the very same request or argv."""
+
+    method: ReloadMethod
+    argv: tuple[str, ...] = ()  # `caddy reload ...` or `systemctl reload <unit>`
+    url: str = ""  # the admin API's /load (the new Caddyfile is the body)
+
+    def words(self) -> list[str]:
+        if self.method is ReloadMethod.ADMIN_API:
+            return ["POST", self.url, "Content-Type: text/caddyfile"]
+        return list(self.argv)
+
+    def display(self) -> str:
+        if self.method is ReloadMethod.ADMIN_API:
+            return f"POST {self.url} (Content-Type: text/caddyfile; body: the new Caddyfile)"
+        import shlex
+
+        return shlex.join(self.argv)
+
+
+def reload_command(env: Environment) -> ReloadCommand:
+    c = env.caddy
+    if c.reload is ReloadMethod.ADMIN_API:
+        return ReloadCommand(c.reload, url=f"{c.admin_url}/load")
+    if c.reload is ReloadMethod.CADDY_RELOAD:
+        return ReloadCommand(c.reload, argv=(
+            *c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
+            "--adapter", "caddyfile", "--address", admin_address(env)))
+    return ReloadCommand(c.reload, argv=("systemctl", "reload", c.systemd_unit))
+
+
 def reload_action(env: Environment) -> list[str]:
     """What a reload runs, for --dry-run: an argv, or the admin API request."""
-    c = env.caddy
-    if c.reload is ReloadMethod.ADMIN_API:
-        return ["POST", f"{c.admin_url}/load", "Content-Type: text/caddyfile"]
-    if c.reload is ReloadMethod.CADDY_RELOAD:
-        return [*c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
-                "--adapter", "caddyfile",
-                "--address", admin_address(env)]
-    return ["systemctl", "reload", c.systemd_unit]
+    return reload_command(env).words()
 
 
-def reload(env: Environment, text: str) -> None:
-    """Make Caddy load `text` (already written to the Caddyfile) the way the environment says."""
-    c = env.caddy
-    if c.reload is ReloadMethod.ADMIN_API:
+def reload(env: Environment, text: str, command: ReloadCommand | None = None) -> None:
+    """Make Caddy load `text` (already written to the Caddyfile) the way the environment says
+    (`command`: the one the plan showed; built here when not given)."""
+    command = command or reload_command(env)
+    if command.method is ReloadMethod.ADMIN_API:
         from runbook import bounded_http
 
-        url = f"{c.admin_url}/load"
+        url = command.url
         try:
-            answer = _post_caddyfile(env, "load", text, _COMMAND_TIMEOUT)
+            answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT,
+                                          content=text.encode("utf-8"),
+                                          headers={"Content-Type": "text/caddyfile"},
+                                          max_body=None)
         except bounded_http.HttpFailure as exc:
             raise CaddyError(f"reload through {url} failed ({exc.reason})",
                              "check that Caddy is running", stage="reload") from None
@@ -622,7 +657,7 @@ def reload(env: Environment, text: str) -> None:
                              f"{url}): {_admin_error(answer)}",
                              "Caddy keeps its old config on a rejected load", stage="reload")
         return
-    argv = reload_action(env)
+    argv = list(command.argv)
     done = _run(argv, "reload Caddy", "reload")
     if done.returncode != 0:
         raise CaddyError(f"{' '.join(argv)} exited {done.returncode}:\n    "

@@ -192,7 +192,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 def _revision(image: str) -> str:
     """The image's git commit label, when the build recorded a full (40-hex) one."""
     try:
-        labels = docker.client().images.get(image).labels or {}
+        labels = docker.image_labels(image) or {}
     except Exception:
         return ""
     revision = str(labels.get("org.opencontainers.image.revision", "")).strip().lower()

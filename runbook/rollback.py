@@ -10,13 +10,14 @@ leaves traffic where it was and that nothing after it is undone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from runbook import caddy, database, finish, slots, snapshots, traffic
+from runbook import caddy, database, docker, finish, slots, snapshots, traffic
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
@@ -185,23 +186,38 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if target.id == current.id or target.version == current.version:
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
-    live, warnings = traffic.live_slot(env, current.active_slot)
-    if found is not None:
-        warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
-                           f"{found[0].describe()}")
-    standby = live.other
-    wanted = slots.image_of(env, target.version, target.image or None)
-    recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
-                f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
-                f"-t {wanted} .) and run the rollback again, or deploy a known-good "
-                f"version: `runbook deploy {env.name} --version <version>`")
-    prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery)
-    caddy.check_running(env)
-    guard = schema_guard(env, current, target, options)
-    warnings += guard.warnings
-    # every tool and file the plan will use, proved before the first change (issue 10)
-    tools = tool_checks.check(env, candidate=caddy.rewrite(caddy.read(env), env, standby),
-                             recreate=prep.action == "recreate")
+    # Independent read-only probes run at once (runbook/preflight.py: Probe); each result is
+    # taken where the sequential plan used it, so the first failure reported is the same.
+    guard_probe = tool_checks.Probe(lambda: schema_guard(env, current, target, options),
+                                    "schema-guard")
+    containers = {s: tool_checks.Probe(partial(docker.inspect, env.slot(s).container),
+                                       f"inspect-{s}") for s in Slot}
+    try:
+        live, warnings = traffic.live_slot(env, current.active_slot)
+        if found is not None:
+            warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
+                               f"{found[0].describe()}")
+        standby = live.other
+        wanted = slots.image_of(env, target.version, target.image or None)
+        recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
+                    f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
+                    f"-t {wanted} .) and run the rollback again, or deploy a known-good "
+                    f"version: `runbook deploy {env.name} --version <version>`")
+        prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
+                             info=containers[standby].result())
+        # live_slot has just read Caddy's running config through its admin API: it answers
+        caddy.check_running(env, admin_answered=True)
+        guard = guard_probe.result()
+        warnings += guard.warnings
+        sp = caddy.plan_switch(env, standby)
+        # every tool and file the plan will use, proved before the first change (issue 10)
+        tools = tool_checks.check(env, candidate=sp.new_text, recreate=prep.action == "recreate",
+                                  admin_answered=True)
+    except BaseException:
+        guard_probe.settle(2.0)
+        for probe in containers.values():
+            probe.settle(2.0)
+        raise
     facts: dict[str, Any] = {}
     restore_steps: list[Step] = []
     if guard.restore is not None:
@@ -209,7 +225,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
-    switch, diff = slots.switch_step(env, standby, target.version, facts)
+    switch, diff = slots.switch_step(env, standby, target.version, facts, planned=sp,
+                                     validated=sp.new_text)
     intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
                             from_slot=str(live), to_slot=str(standby),
                             from_version=current.version, to_version=target.version,
