@@ -725,22 +725,33 @@ class VerifyResult:
                 f"in {self.elapsed:.1f}s: last saw {seen}{detail}")
 
 
+QUICK_RETRIES = (0.02, 0.05, 0.1)  # pauses before the regular cadence, for `quick=True`
+
+
 def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: str | None,
-           *, attempts: int = 10, interval: float = 0.3, timeout: float = 3.0) -> VerifyResult:
+           *, attempts: int = 10, interval: float = 0.3, timeout: float = 3.0,
+           quick: bool = False) -> VerifyResult:
     """Ask through Caddy who answers. A fresh connection per attempt, because a kept-alive one
     can still reach the old upstream or be reset exactly at a reload. `timeout` bounds each
     attempt in total (body included), so the whole check ends within
-    attempts x (timeout + interval) whatever the proxy does."""
+    attempts x (timeout + interval) whatever the proxy does.
+
+    `quick` (the switch, before the commit): a first answer from the old config right after a
+    reload is retried after 20, 50 and 100 ms before the regular `interval`; those retries
+    are extra attempts, so the window the proxy gets only grows.
+    """
     slot = target.slot if isinstance(target, SlotConfig) else Slot(target)
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     began = time.monotonic()
     result = VerifyResult(False, url, slot, expected_version, 0)
-    for attempt in range(1, max(1, attempts) + 1):
+    pauses = [p for p in QUICK_RETRIES if p < interval] if quick else []
+    pauses += [interval] * (max(1, attempts) - 1)
+    for attempt in range(1, len(pauses) + 2):
         result = _verify_once(url, slot, expected_version, attempt, timeout, began)
         if result.ok:
             return result
-        if attempt < attempts:
-            time.sleep(interval)
+        if attempt <= len(pauses):
+            time.sleep(pauses[attempt - 1])
     return result
 
 

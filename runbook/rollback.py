@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runbook import caddy, database, docker, finish, slots, snapshots, traffic
+from runbook import caddy, database, docker, finish, slots, traffic
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
@@ -21,6 +21,9 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
+
+if TYPE_CHECKING:  # imported where needed: most rollbacks never touch a snapshot
+    from runbook import snapshots
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     gets one from the snapshot sidecars or the app's own migrations check, or the plan says
     neither exists.
     """
-    from runbook import migration_source
+    from runbook import migration_source, snapshots
 
     guard = Guard({}, [])
     try:
@@ -221,6 +224,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     facts: dict[str, Any] = {}
     restore_steps: list[Step] = []
     if guard.restore is not None:
+        from runbook import snapshots
+
         restore_steps = snapshots.restore_steps(env, guard.restore, facts=facts)
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
