@@ -119,6 +119,24 @@ def test_the_plan_shows_the_start_and_stop_the_run_performs(stack: DrillStack) -
     assert same["start-slot"] == steps["start-slot"].details["command"]
 
 
+@pytest.mark.docker
+def test_the_rollback_path_never_imports_the_docker_sdk(stack: DrillStack) -> None:
+    """Issue 14 item 2: the SDK (and requests/urllib3) cost ~100 ms of the on-call's wait."""
+    env = v2_on_green(stack)
+    deploy.deploy(env, deploy.Options(version=VERSIONS["v3"].tag))  # v3 on blue, green stopped
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "runbook.cli", "rollback",
+                           env.name, "--dry-run", "--config", str(env.source)],
+                          capture_output=True, text=True, check=False)
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert done.returncode == 0, errors
+    assert f"docker start {env.slot(Slot.GREEN).container}" in done.stdout, done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "runbook.docker" in imported and "runbook.rollback" in imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("docker", "requests", "urllib3"))
+    assert heavy == [], heavy
+
+
 def test_probes_run_at_once_and_fail_in_the_order_asked() -> None:
     started: list[str] = []
     gate = threading.Event()
