@@ -141,7 +141,7 @@ def resume_command(env: Environment) -> str:
     return f"runbook rollback {env.name}"
 
 
-def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_id: str,
+def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Write the rollback into the state file; a no-op when it is already there, so a rerun
     after an interruption converges instead of rolling back again."""
@@ -157,9 +157,8 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
         raise StateError(f"deployment {target_id} ({intent.to_version}) is no longer in "
                          f"{env.state_file}", "another tool rewrote the state file: record "
                          f"the rollback with `runbook switch {env.name} --slot {slot}`")
-    report = facts.get("health_status")
     new = states.after_rollback(fresh, target, slot=slot,
-                                health_status=str(report) if report else None, run_id=run_id)
+                                health_status=observed.health_status or None, run_id=run_id)
     states.write_state(env.state_file, new,
                        before_rename=lambda: ctx.fault("state.before-rename"))
     ctx.note(current=f"{intent.to_version} on {slot} (active)",
@@ -221,16 +220,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         for probe in containers.values():
             probe.settle(2.0)
         raise
-    facts: dict[str, Any] = {}
+    observed = slots.Observed()
     restore_steps: list[Step] = []
     if guard.restore is not None:
         from runbook import snapshots
 
-        restore_steps = snapshots.restore_steps(env, guard.restore, facts=facts)
+        restore_steps = snapshots.restore_steps(env, guard.restore, facts={})
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
-    switch, diff = slots.switch_step(env, standby, target.version, facts, planned=sp,
+    switch, diff = slots.switch_step(env, standby, target.version, observed, planned=sp,
                                      validated=sp.new_text)
     intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
                             from_slot=str(live), to_slot=str(standby),
@@ -238,10 +237,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             to_image=prep.image, record={"target_id": target.id})
 
     def update_state(ctx: StepContext) -> None:
-        record(env, intent, facts, run_id, ctx)
+        record(env, intent, observed, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
-                           facts=facts)
+                           observed=observed)
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
         "current": f"{current.version} on {live} ({current.id})",
         "traffic": f"{live} (as Caddy runs it)",

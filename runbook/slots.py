@@ -62,6 +62,17 @@ class Preparation:
         return f"{c.name}: {c.status}, image {c.image}"
 
 
+@dataclass
+class Observed:
+    """What a run's steps learn for the steps after them, typed (it was a `facts` dict):
+    filled as the run goes, read by the state step that records the run."""
+
+    health_status: str | None = None  # the health gate's verdict on the target slot
+    verified: str | None = None  # what the proxy answered after the switch
+    migration_version: int | None = None  # deploy: the schema after its migrations
+    snapshot_path: str | None = None  # deploy: its pre-deploy snapshot
+
+
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
     return image or f"{env.compose.image_repository}:{version}"
 
@@ -124,9 +135,9 @@ def run_step(env: Environment, prep: Preparation) -> Step:
 
 
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
-              facts: dict[str, object] | None = None) -> Step:
-    """The health gate; the report's status lands in facts["health_status"] for the state."""
-    facts = facts if facts is not None else {}
+              observed: Observed | None = None) -> Step:
+    """The health gate; the report's status lands in `observed.health_status` for the state."""
+    observed = observed if observed is not None else Observed()
     config = env.slot(slot)
     details = {"url": f"{config.base_url}{env.health.path}",
                "passes on": "healthy or degraded (HTTP 200)",
@@ -146,7 +157,8 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                     break
                 ctx.heartbeat()
                 time.sleep(0.05)
-            facts["health_status"] = report.status if report.status != "unreachable" else "unknown"
+            observed.health_status = (report.status if report.status != health.UNREACHABLE
+                                      else "unknown")
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
             return
         def waiting(attempt: int, report: health.HealthReport) -> None:
@@ -162,7 +174,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
                 f"check `docker inspect {config.container}`")
-        facts["health_status"] = report.status
+        observed.health_status = report.status
         ctx.note(health=f"{report.status}, version {report.version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
@@ -192,7 +204,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,
-                facts: dict[str, object], *, planned: caddy.SwitchPlan | None = None,
+                observed: Observed, *, planned: caddy.SwitchPlan | None = None,
                 validated: str | None = None) -> tuple[Step, str]:
     """The commit: point Caddy at `target`, reload, verify through the proxy.
 
@@ -250,7 +262,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                                    stage="verify")
         ctx.commit()
         ctx.fault("switch.after-verify")
-        facts["verified"] = result.describe()
+        observed.verified = result.describe()
         ctx.note(verified=result.describe(), backup=str(backup or "-"))
 
     return Step("switch", f"Switch Caddy to the {target} slot", details, run=run,
