@@ -109,7 +109,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     config = env.slot(target)
     observed = slots.Observed()
     recreate = compose.recreate_slot(env, target, version)
-    tools = preflight.check(env, candidate=caddy.rewrite(caddy.read(env), env, target),
+    planned = caddy.plan_switch(env, target)
+    tools = preflight.check(env, candidate=planned.new_text,
                             recreate=True, migrate_image=image)
     deployment_id = states.new_id("dep")
 
@@ -174,7 +175,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         slots.gate_step(env, target, force=options.force, expected_version=version,
                         observed=observed),
     ]
-    switch, diff = slots.switch_step(env, target, version, observed)
+    switch, diff = slots.switch_step(env, target, version, observed, planned=planned,
+                                     validated=planned.new_text)
     steps += [
         switch,
         Step("state", "Record the deployment in the deployment state",
