@@ -1,12 +1,12 @@
 """How close the runbook's rollback is to the bare minimum (issue 14 item 1).
 
 The floor is what a person who knows the stack by heart would do, with nothing checked twice:
-docker start the standby -> poll its /health every 20 ms -> swap the port and slot name in the
-Caddyfile -> POST /load -> one GET through the proxy. Against it, the library rollback
-(`runbook.rollback.rollback`, the environment's defaults: the old slot is stopped afterwards),
-both on the same drill stack in one run, median of `--rounds` each, for a running standby and a
-stopped one. Besides end to end, it prints the time to traffic switched (the end of the
-library's `switch` step) since the floor records nothing and stops nothing.
+docker start the standby (one engine API request) -> poll its /health every 20 ms -> swap the
+port and slot name in the Caddyfile -> POST /load -> one GET through the proxy. Against it, the
+library rollback (`runbook.rollback.rollback`, the environment's defaults: the old slot is
+stopped afterwards), both on the same drill stack in one run, median of `--rounds` each, for a
+running standby and a stopped one. Besides end to end, it prints the time to traffic switched
+(the end of the library's `switch` step) since the floor records nothing and stops nothing.
 
 Goals: running standby <= 1.5x the floor end to end; stopped standby <= 1.3x. It also runs
 `runbook rollback --yes` as a process (a running standby; --no-cli skips it) against the
@@ -55,7 +55,7 @@ def floor(env: Environment, http: httpx.Client, *, running: bool) -> float:
     blue = env.slot(Slot.BLUE)
     began = time.perf_counter()
     if not running:
-        docker.client().containers.get(green.container).start()
+        docker.start(green.container)  # one engine request (POST /containers/X/start)
     while True:
         try:
             if http.get(f"{green.base_url}/health", headers={"Connection": "close"}

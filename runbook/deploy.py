@@ -47,7 +47,7 @@ def check_version(version: str) -> str:
     return version
 
 
-def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_id: str,
+def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Write the deployment into the state file; a no-op when it is already there."""
     fresh = load_or_empty(env)
@@ -60,14 +60,15 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
     # this deployment's own commit, never the current one's: /health, else the image's
     # revision label, else "unknown" as every dialect accepts it (git's null commit)
     commit = report.git_commit or str(intent.record.get("git_commit") or UNKNOWN_COMMIT)
-    migration = facts.get("migration_version", intent.record.get("migration_version"))
+    migration = (observed.migration_version if observed.migration_version is not None
+                 else intent.record.get("migration_version"))
     if migration is None:
         migration = _schema(env)
     new = states.make_deployment(
         intent.to_version, commit, intent.target,
         migration_version=migration if isinstance(migration, int) else None,
         image=intent.to_image or "", status="active", deployment_id=dep_id)
-    snapshot_path = facts.get("snapshot_path", intent.record.get("snapshot_path"))
+    snapshot_path = observed.snapshot_path or intent.record.get("snapshot_path")
     extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
     new = new.with_(health_status=report.status if report.ok else "unknown",
                     migrations_run=int(bool(env.migrate_command)), extra=extra)
@@ -106,9 +107,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     caddy.check_running(env)
     config = env.slot(target)
-    facts: dict[str, object] = {}
+    observed = slots.Observed()
     recreate = compose.recreate_slot(env, target, version)
-    tools = preflight.check(env, candidate=caddy.rewrite(caddy.read(env), env, target),
+    planned = caddy.plan_switch(env, target)
+    tools = preflight.check(env, candidate=planned.new_text,
                             recreate=True, migrate_image=image)
     deployment_id = states.new_id("dep")
 
@@ -117,7 +119,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
         snap = snapshots.pre_deploy_snapshot(env, deployment_id, _revision(image),
                                              _schema(env))
-        facts["snapshot_path"] = intent.record["snapshot_path"] = str(snap.path)
+        observed.snapshot_path = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
     def run_recreate(ctx: StepContext) -> None:
@@ -134,7 +136,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     f"read `docker logs {config.container}`; the database "
                                     "may need a restore (`runbook snapshot list`)")
         after = _schema(env)
-        facts["migration_version"] = after
+        observed.migration_version = after
         intent.record["migration_version"] = after  # a resumed run records it too
         ctx.note(schema=f"{before} -> {after}")
 
@@ -146,7 +148,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     "git_commit": _revision(image) or None})
 
     def run_state(ctx: StepContext) -> None:
-        record(env, intent, facts, run_id, ctx)
+        record(env, intent, observed, run_id, ctx)
 
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
@@ -170,9 +172,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}"},
              run=run_migrate, skip=None if env.migrate_command else "no migrate_command"),
         slots.gate_step(env, target, force=options.force, expected_version=version,
-                        facts=facts),
+                        observed=observed),
     ]
-    switch, diff = slots.switch_step(env, target, version, facts)
+    switch, diff = slots.switch_step(env, target, version, observed, planned=planned,
+                                     validated=planned.new_text)
     steps += [
         switch,
         Step("state", "Record the deployment in the deployment state",
@@ -191,7 +194,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 def _revision(image: str) -> str:
     """The image's git commit label, when the build recorded a full (40-hex) one."""
     try:
-        labels = docker.client().images.get(image).labels or {}
+        labels = docker.image_labels(image) or {}
     except Exception:
         return ""
     revision = str(labels.get("org.opencontainers.image.revision", "")).strip().lower()

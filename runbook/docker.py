@@ -1,21 +1,36 @@
 """The Docker adapter: what a slot's container really runs, and starting/stopping it.
 
 The running truth of a slot is `docker inspect <container>` -> `.Config.Image`, not the state
-file. The SDK is imported lazily so `runbook --help` stays fast.
+file. Every action is built once as a `DockerAction` (the engine request and the `docker` CLI
+line it is equivalent to, derived from the same fields): `--dry-run` shows it, `run` sends it.
+
+Why not the Docker SDK on this path: importing it (and requests/urllib3) cost the on-call
+~100 ms before anything happened, and each call ~10-30 ms more than a plain request. The engine
+API is a small HTTP API on a unix socket, so the adapter speaks it with the standard library
+(`DOCKER_HOST` unix:// or tcp://). An engine reached through TLS or ssh falls back to the SDK's
+own transport, behind the same `_Engine.request`. `client()` (the SDK) stays for the drill,
+reports and tests that want its object model.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import http.client
+import json
+import os
+import shlex
+import socket
+from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
 
 from runbook.errors import ExitCode, RunbookError
 
 if TYPE_CHECKING:
     import docker as docker_sdk
+
+_TIMEOUT = 30.0
+_SOCKET = "/var/run/docker.sock"
 
 
 class DockerError(RunbookError):
@@ -43,6 +58,215 @@ class ContainerInfo:
         return None
 
 
+# --------------------------------------------------------------------------------------------
+# Actions: built once, shown and run
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DockerAction:
+    """One engine request. `cli` is the `docker` command line that does the same, for the
+    plan and the journal; `request` is what `run` sends. Both come from these fields."""
+
+    verb: str  # what it does, in words: "start container", "stop container", ...
+    cli: tuple[str, ...]  # e.g. ("docker", "start", "togather-green")
+    method: str
+    path: str  # engine API path, unversioned (the engine's own API version)
+    query: tuple[tuple[str, str], ...] = ()
+    body: Any = None
+    target: str = ""  # the container or image it is about
+    ok_statuses: frozenset[int] = field(default=frozenset({200, 201, 204, 304}))
+
+    def display(self) -> str:
+        """The command on-call could type instead (what --dry-run prints)."""
+        return shlex.join(self.cli)
+
+    def request_line(self) -> str:
+        query = f"?{urlencode(self.query)}" if self.query else ""
+        return f"{self.method} {self.path}{query}"
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="/:@")
+
+
+def start_action(name: str) -> DockerAction:
+    return DockerAction("start container", ("docker", "start", name), "POST",
+                        f"/containers/{_q(name)}/start", target=name)
+
+
+def stop_action(name: str, timeout: int = 10) -> DockerAction:
+    return DockerAction("stop container", ("docker", "stop", "--time", str(timeout), name),
+                        "POST", f"/containers/{_q(name)}/stop", (("t", str(timeout)),),
+                        target=name)
+
+
+def inspect_action(name: str) -> DockerAction:
+    return DockerAction("inspect container", ("docker", "container", "inspect", name), "GET",
+                        f"/containers/{_q(name)}/json", target=name)
+
+
+def image_inspect_action(image: str) -> DockerAction:
+    return DockerAction("look up image", ("docker", "image", "inspect", image), "GET",
+                        f"/images/{_q(image)}/json", target=image)
+
+
+def remove_action(name: str) -> DockerAction:
+    return DockerAction("remove container", ("docker", "rm", "--force", name), "DELETE",
+                        f"/containers/{_q(name)}", (("force", "1"),), target=name)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine transport: one method, every failure mapped here
+# --------------------------------------------------------------------------------------------
+
+class _NotFound(Exception):
+    """The engine answered 404: each caller knows what "absent" means for it."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """Where the engine listens: a unix socket or plain tcp host:port; else the SDK."""
+
+    unix: str | None = None
+    host: str | None = None
+    port: int | None = None
+    sdk: bool = False
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.unix is not None:
+            return _UnixConnection(self.unix, timeout)
+        return http.client.HTTPConnection(self.host or "localhost", self.port or 2375,
+                                          timeout=timeout)
+
+    def request(self, method: str, path: str, *, body: Any = None,
+                timeout: float = _TIMEOUT) -> tuple[int, bytes]:
+        """(status, body). Raises OSError/TimeoutError when the engine does not answer."""
+        if self.sdk:
+            return _sdk_request(method, path, body, timeout)
+        conn = self.connection(timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        except http.client.HTTPException as exc:
+            raise ConnectionError(f"bad answer from the engine: {type(exc).__name__}") from None
+        finally:
+            conn.close()
+
+
+@cache
+def _engine() -> _Engine:
+    host = os.environ.get("DOCKER_HOST", "").strip()
+    if os.environ.get("DOCKER_TLS_VERIFY") or host.startswith(("ssh://", "npipe://")):
+        return _Engine(sdk=True)
+    if not host:
+        return _Engine(unix=_SOCKET)
+    if host.startswith("unix://"):
+        return _Engine(unix=host[len("unix://"):] or _SOCKET)
+    parts = urlsplit(host if "://" in host else f"tcp://{host}")
+    if parts.scheme in ("tcp", "http") and parts.hostname:
+        return _Engine(host=parts.hostname, port=parts.port or 2375)
+    return _Engine(sdk=True)
+
+
+def _sdk_request(method: str, path: str, body: Any, timeout: float) -> tuple[int, bytes]:
+    """The same request through the SDK's transport (TLS, ssh); its errors become OSError."""
+    import requests
+
+    api = client().api
+    try:
+        answer = api.request(method, f"{api.base_url}{path}", json=body, timeout=timeout)
+    except requests.exceptions.RequestException as exc:
+        raise ConnectionError(type(exc).__name__) from None
+    return answer.status_code, answer.content
+
+
+def _one_line(text: object) -> str:
+    from runbook.journal import redact
+
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return redact(lines[0] if lines else "no detail")
+
+
+def _message(content: bytes) -> str:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return _one_line(content.decode(errors="replace"))
+    if isinstance(body, dict) and "message" in body:
+        return _one_line(body["message"])
+    return _one_line(body)
+
+
+def send(action: DockerAction, timeout: float = _TIMEOUT) -> bytes:
+    """Run an action; returns the answer's body. 404 raises _NotFound (the caller decides).
+
+    A 4xx answer means the request itself was wrong (an invalid image reference read from the
+    state file, an invalid name): nothing was changed, a precondition is not met (4). An engine
+    that does not answer is a precondition too. Anything else failed safely (1); a run that
+    had already changed something decides its own exit code from there.
+    """
+    what = f"{action.verb} {action.target!r}"
+    if not action.target:
+        raise DockerError(f"docker refused to {what}: an empty name",
+                          "check the name or image reference (state file, environment file)",
+                          exit_code=ExitCode.PRECONDITION)
+    path = action.path + (f"?{urlencode(action.query)}" if action.query else "")
+    try:
+        status, content = _engine().request(action.method, path, body=action.body,
+                                            timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise DockerError(f"the Docker engine did not answer while trying to {what} "
+                          f"({type(exc).__name__})",
+                          "start it (systemctl start docker) and check `docker info`",
+                          exit_code=ExitCode.PRECONDITION) from None
+    if status == 404:
+        raise _NotFound(_message(content))
+    if status in action.ok_statuses:
+        return content
+    detail = _message(content)
+    if 400 <= status < 500:
+        raise DockerError(f"docker refused to {what}: {detail}",
+                          "check the name or image reference (state file, environment "
+                          "file) and `docker ps -a` / `docker images`",
+                          exit_code=ExitCode.PRECONDITION)
+    raise DockerError(f"docker failed to {what}: {detail}",
+                      "read `docker info` and the container's `docker logs`")
+
+
+def run(action: DockerAction) -> None:
+    """Run a start/stop/remove action: a missing container is an error for a start, and
+    nothing to do for a stop or a remove."""
+    try:
+        send(action)
+    except _NotFound:
+        if action.cli[1] == "start":
+            raise DockerError(f"container {action.target} does not exist",
+                              "recreate it") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The SDK, for the drill, reports and tests only
+# --------------------------------------------------------------------------------------------
+
 @cache
 def client() -> docker_sdk.DockerClient:
     import docker as docker_sdk
@@ -55,118 +279,91 @@ def client() -> docker_sdk.DockerClient:
                           exit_code=ExitCode.PRECONDITION) from exc
 
 
-def _not_found() -> type[Exception]:
-    import docker.errors
-
-    found: type[Exception] = docker.errors.NotFound
-    return found
-
-
-def _one_line(text: object) -> str:
-    from runbook.journal import redact
-
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return redact(lines[0] if lines else "no detail")
-
-
-@contextlib.contextmanager
-def api(what: str) -> Iterator[None]:
-    """Turn whatever the SDK raises while doing `what` into one line with an exit code.
-
-    A 4xx answer means the request itself was wrong (an invalid image reference read from the
-    state file, an invalid name): nothing was changed, a precondition is not met (4). An engine
-    that does not answer is a precondition too. Anything else failed safely (1); a run that
-    had already changed something decides its own exit code from there.
-    """
-    import docker.errors
-    import requests
-
-    try:
-        yield
-    except docker.errors.NotFound:
-        raise  # each caller knows what "absent" means for it
-    except docker.errors.APIError as exc:
-        detail = _one_line(exc.explanation or exc)
-        if exc.is_client_error():
-            raise DockerError(f"docker refused to {what}: {detail}",
-                              "check the name or image reference (state file, environment "
-                              "file) and `docker ps -a` / `docker images`",
-                              exit_code=ExitCode.PRECONDITION) from None
-        raise DockerError(f"docker failed to {what}: {detail}",
-                          "read `docker info` and the container's `docker logs`") from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise DockerError(f"the Docker engine did not answer while trying to {what} "
-                          f"({type(exc).__name__})",
-                          "start it (systemctl start docker) and check `docker info`",
-                          exit_code=ExitCode.PRECONDITION) from None
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        raise DockerError(f"docker failed to {what}: {_one_line(exc)}",
-                          "check the name or image reference and `docker info`",
-                          exit_code=ExitCode.PRECONDITION) from None
-
-
 def inspect(name: str) -> ContainerInfo:
     try:
-        with api(f"inspect container {name!r}"):
-            container = client().containers.get(name)
-    except _not_found():
+        content = send(inspect_action(name))
+    except _NotFound:
         return ContainerInfo(name=name, exists=False)
-    attrs: dict[str, Any] = container.attrs
-    state = attrs.get("State", {})
+    attrs: dict[str, Any] = json.loads(content)
+    state = attrs.get("State") or {}
+    config = attrs.get("Config") or {}
     return ContainerInfo(
         name=name, exists=True, status=state.get("Status", "unknown"),
-        image=attrs.get("Config", {}).get("Image"), exit_code=state.get("ExitCode"),
-        started_at=state.get("StartedAt"), labels=attrs.get("Config", {}).get("Labels") or {},
+        image=config.get("Image"), exit_code=state.get("ExitCode"),
+        started_at=state.get("StartedAt"), labels=config.get("Labels") or {},
     )
 
 
-def image_exists(image: str) -> bool:
+def image_labels(image: str) -> dict[str, str] | None:
+    """The image's labels; None when the image does not exist."""
     try:
-        with api(f"look up image {image!r}"):
-            client().images.get(image)
-    except _not_found():
-        return False
-    return True
+        content = send(image_inspect_action(image))
+    except _NotFound:
+        return None
+    attrs: dict[str, Any] = json.loads(content)
+    return dict((attrs.get("Config") or {}).get("Labels") or {})
+
+
+def image_exists(image: str) -> bool:
+    return image_labels(image) is not None
 
 
 def start(name: str) -> None:
-    try:
-        with api(f"start container {name!r}"):
-            client().containers.get(name).start()
-    except _not_found():
-        raise DockerError(f"container {name} does not exist", "recreate it") from None
+    run(start_action(name))
 
 
 def stop(name: str, timeout: int = 10) -> None:
-    try:
-        with api(f"stop container {name!r}"):
-            client().containers.get(name).stop(timeout=timeout)
-    except _not_found():
-        return
+    run(stop_action(name, timeout))
 
 
 def remove(name: str) -> None:
-    try:
-        with api(f"remove container {name!r}"):
-            client().containers.get(name).remove(force=True)
-    except _not_found():
-        return
+    run(remove_action(name))
 
 
-def exec_run(name: str, command: list[str]) -> tuple[int, str]:
+def _demux(raw: bytes) -> bytes:
+    """The payload of Docker's multiplexed stream (8-byte frame headers); raw when it is not
+    one (a container with a TTY)."""
+    out: list[bytes] = []
+    at = 0
+    while at + 8 <= len(raw):
+        kind, size = raw[at], int.from_bytes(raw[at + 4:at + 8], "big")
+        if kind not in (0, 1, 2) or raw[at + 1:at + 4] != b"\0\0\0":
+            return raw
+        out.append(raw[at + 8:at + 8 + size])
+        at += 8 + size
+    return b"".join(out) if at == len(raw) else raw
+
+
+def exec_run(name: str, command: list[str], timeout: float = 300) -> tuple[int, str]:
     """Run a command in a running container; returns (exit code, combined output)."""
+    create = DockerAction("run a command in container", ("docker", "exec", name, *command),
+                          "POST", f"/containers/{_q(name)}/exec",
+                          body={"Cmd": list(command), "AttachStdout": True,
+                                "AttachStderr": True}, target=name)
     try:
-        with api(f"run a command in container {name!r}"):
-            result = client().containers.get(name).exec_run(command)
-    except _not_found():
+        exec_id = str(json.loads(send(create))["Id"])
+    except _NotFound:
         raise DockerError(f"container {name} does not exist", "start it first") from None
-    return result.exit_code, result.output.decode(errors="replace")
+    started = DockerAction("run a command in container", create.cli, "POST",
+                           f"/exec/{exec_id}/start", body={"Detach": False, "Tty": False},
+                           target=name)
+    try:
+        output = _demux(send(started, timeout=timeout))
+        found = json.loads(send(DockerAction("run a command in container", create.cli, "GET",
+                                             f"/exec/{exec_id}/json", target=name)))
+    except _NotFound:
+        raise DockerError(f"container {name} went away while running a command",
+                          "start it first") from None
+    code = found.get("ExitCode")
+    return (int(code) if code is not None else -1), output.decode(errors="replace")
 
 
 def logs(name: str, tail: int = 100) -> str:
+    action = DockerAction("read the logs of container",
+                          ("docker", "logs", "--tail", str(tail), name), "GET",
+                          f"/containers/{_q(name)}/logs",
+                          (("stdout", "1"), ("stderr", "1"), ("tail", str(tail))), target=name)
     try:
-        with api(f"read the logs of container {name!r}"):
-            raw: bytes = client().containers.get(name).logs(tail=tail)
-            return raw.decode(errors="replace")
-    except _not_found():
+        return _demux(send(action)).decode(errors="replace")
+    except _NotFound:
         return ""

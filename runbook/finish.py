@@ -23,7 +23,7 @@ from runbook.environment import Environment
 from runbook.errors import PreconditionError
 from runbook.plan import Phase, Plan, Step, StepContext
 
-Record = Callable[[Environment, intents.Intent, dict[str, Any], str, StepContext], None]
+Record = Callable[[Environment, intents.Intent, slots.Observed, str, StepContext], None]
 
 
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
@@ -81,10 +81,11 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
                              "from_slot": intent.from_slot, "to_slot": intent.to_slot,
                              "finishing": intent.run_id, "container_action": "none"}
     report = health.probe(env.slot(intent.target), env.health.path, env.health.request_timeout)
-    facts["health_status"] = report.status if report.ok else "unknown"
+    observed = slots.Observed(health_status=report.status if report.ok else "unknown")
+    facts["health_status"] = observed.health_status
 
     def run_record(ctx: StepContext) -> None:
-        record(env, intent, facts, run_id, ctx)
+        record(env, intent, observed, run_id, ctx)
 
     steps = [
         Step("preflight", "Check the interrupted run against what runs (read-only, done)", {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runbook import docker, health, snapshots
+from runbook import docker, health
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
@@ -46,6 +46,8 @@ def from_sidecars(env: Environment, target: states.Deployment,
     the Go CLI's `snapshot_path`) was dumped just before its migrations ran; any other snapshot
     taken while the target was live saw the same schema.
     """
+    from runbook import snapshots  # only for targets recorded without a migration version
+
     snaps = [s for s in snapshots.list_snapshots(env)
              if s.meta is not None and s.migration_version is not None and not s.dirty]
     own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)

@@ -12,12 +12,52 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from runbook import caddy, database
 from runbook.environment import Environment, ReloadMethod
 from runbook.errors import PreconditionError, RunbookError
 
 _TIMEOUT = 15.0
+T = TypeVar("T")
+
+
+class Probe(Generic[T]):
+    """A read-only probe running in a thread while the planner does something else.
+
+    Why: pre-flight is a handful of independent questions to Caddy, Docker, Postgres and a few
+    processes, each mostly waiting on a socket; asked one after the other they were most of
+    the time before traffic moved. `result()` returns its value or raises its exception where
+    the planner asks for it, so the first failure reported is the one the sequential order
+    would have reported. Probes must be read-only (they may run although an earlier one
+    failed) and bounded by their own timeouts.
+    """
+
+    def __init__(self, fn: Callable[[], T], name: str = "probe") -> None:
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"runbook-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # handed to the planner by result()
+            self._error = exc
+
+    def settle(self, timeout: float) -> None:
+        """Give a probe whose result is no longer wanted (the plan failed) a moment to end,
+        so a refused run does not exit under a half-done connection."""
+        self._thread.join(timeout)
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
 
 
 def _run(argv: list[str]) -> tuple[int, str]:
@@ -47,12 +87,13 @@ def validation(env: Environment, candidate: str) -> str:
     return "the new Caddyfile validates"
 
 
-def reload_path(env: Environment) -> str:
+def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
     """Prove the reload method can run: the admin API answers, the `caddy` command runs and
-    sees the Caddyfile at the path it will be given, or systemctl exists."""
+    sees the Caddyfile at the path it will be given, or systemctl exists. `admin_answered`:
+    the planner has just read Caddy's running config (no second GET for the same answer)."""
     c = env.caddy
     if c.reload is ReloadMethod.ADMIN_API:
-        problem = caddy.running_problem(env)
+        problem = caddy.running_problem(env, admin_answered=admin_answered)
         if problem:
             raise PreconditionError(f"pre-flight: the reload path does not work: {problem}",
                                     "start Caddy or fix [caddy] admin_url")
@@ -74,7 +115,7 @@ def reload_path(env: Environment) -> str:
         raise PreconditionError("pre-flight: the reload method is systemctl, but systemctl is "
                                 "not installed here; nothing was changed",
                                 "set [caddy] reload to admin-api or caddy-reload")
-    problem = caddy.running_problem(env)
+    problem = caddy.running_problem(env, admin_answered=admin_answered)
     if problem:
         raise PreconditionError(f"pre-flight: the reload path does not work: {problem}",
                                 f"systemctl start {c.systemd_unit}")
@@ -148,17 +189,19 @@ def recreate_needed(action: str) -> bool:
 
 
 def check(env: Environment, *, candidate: str | None, recreate: bool,
-          migrate_image: str | None = None) -> dict[str, str]:
-    """Run every check the plan needs; the results as pre-flight details (raises on the
-    first that fails, exit 4, nothing changed)."""
-    out: dict[str, str] = {}
+          migrate_image: str | None = None, admin_answered: bool = False) -> dict[str, str]:
+    """Run every check the plan needs, at once (each waits on its own tool); the results as
+    pre-flight details. Raises the first that fails in the order below (exit 4, nothing
+    changed)."""
+    probes: dict[str, Probe[str]] = {}
     if candidate is not None:
-        out["validate"] = validation(env, candidate)
-    out["reload"] = reload_path(env)
+        probes["validate"] = Probe(lambda: validation(env, candidate), "validate")
+    probes["reload"] = Probe(lambda: reload_path(env, admin_answered=admin_answered), "reload")
     if recreate:
-        out["compose"] = compose_path(env)
+        probes["compose"] = Probe(lambda: compose_path(env), "compose")
     if migrate_image is not None and env.migrate_command:
-        out["migrate command"] = migrate_path(env, migrate_image)
+        probes["migrate command"] = Probe(lambda: migrate_path(env, migrate_image), "migrate")
+    out = {name: probe.result() for name, probe in probes.items()}
     with contextlib.suppress(RunbookError):  # a misencoded URL: the schema check says so
         out["database access"] = database_path(env)
     return out

@@ -10,16 +10,20 @@ leaves traffic where it was and that nothing after it is undone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from runbook import caddy, database, finish, slots, snapshots, traffic
+from runbook import caddy, database, docker, finish, slots, traffic
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
+
+if TYPE_CHECKING:  # imported where needed: most rollbacks never touch a snapshot
+    from runbook import snapshots
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     gets one from the snapshot sidecars or the app's own migrations check, or the plan says
     neither exists.
     """
-    from runbook import migration_source
+    from runbook import migration_source, snapshots
 
     guard = Guard({}, [])
     try:
@@ -137,7 +141,7 @@ def resume_command(env: Environment) -> str:
     return f"runbook rollback {env.name}"
 
 
-def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_id: str,
+def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Write the rollback into the state file; a no-op when it is already there, so a rerun
     after an interruption converges instead of rolling back again."""
@@ -153,9 +157,8 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
         raise StateError(f"deployment {target_id} ({intent.to_version}) is no longer in "
                          f"{env.state_file}", "another tool rewrote the state file: record "
                          f"the rollback with `runbook switch {env.name} --slot {slot}`")
-    report = facts.get("health_status")
     new = states.after_rollback(fresh, target, slot=slot,
-                                health_status=str(report) if report else None, run_id=run_id)
+                                health_status=observed.health_status or None, run_id=run_id)
     states.write_state(env.state_file, new,
                        before_rename=lambda: ctx.fault("state.before-rename"))
     ctx.note(current=f"{intent.to_version} on {slot} (active)",
@@ -185,41 +188,59 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if target.id == current.id or target.version == current.version:
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
-    live, warnings = traffic.live_slot(env, current.active_slot)
-    if found is not None:
-        warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
-                           f"{found[0].describe()}")
-    standby = live.other
-    wanted = slots.image_of(env, target.version, target.image or None)
-    recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
-                f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
-                f"-t {wanted} .) and run the rollback again, or deploy a known-good "
-                f"version: `runbook deploy {env.name} --version <version>`")
-    prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery)
-    caddy.check_running(env)
-    guard = schema_guard(env, current, target, options)
-    warnings += guard.warnings
-    # every tool and file the plan will use, proved before the first change (issue 10)
-    tools = tool_checks.check(env, candidate=caddy.rewrite(caddy.read(env), env, standby),
-                             recreate=prep.action == "recreate")
-    facts: dict[str, Any] = {}
+    # Independent read-only probes run at once (runbook/preflight.py: Probe); each result is
+    # taken where the sequential plan used it, so the first failure reported is the same.
+    guard_probe = tool_checks.Probe(lambda: schema_guard(env, current, target, options),
+                                    "schema-guard")
+    containers = {s: tool_checks.Probe(partial(docker.inspect, env.slot(s).container),
+                                       f"inspect-{s}") for s in Slot}
+    try:
+        live, warnings = traffic.live_slot(env, current.active_slot)
+        if found is not None:
+            warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
+                               f"{found[0].describe()}")
+        standby = live.other
+        wanted = slots.image_of(env, target.version, target.image or None)
+        recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
+                    f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
+                    f"-t {wanted} .) and run the rollback again, or deploy a known-good "
+                    f"version: `runbook deploy {env.name} --version <version>`")
+        prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
+                             info=containers[standby].result())
+        # live_slot has just read Caddy's running config through its admin API: it answers
+        caddy.check_running(env, admin_answered=True)
+        guard = guard_probe.result()
+        warnings += guard.warnings
+        sp = caddy.plan_switch(env, standby)
+        # every tool and file the plan will use, proved before the first change (issue 10)
+        tools = tool_checks.check(env, candidate=sp.new_text, recreate=prep.action == "recreate",
+                                  admin_answered=True)
+    except BaseException:
+        guard_probe.settle(2.0)
+        for probe in containers.values():
+            probe.settle(2.0)
+        raise
+    observed = slots.Observed()
     restore_steps: list[Step] = []
     if guard.restore is not None:
-        restore_steps = snapshots.restore_steps(env, guard.restore, facts=facts)
+        from runbook import snapshots
+
+        restore_steps = snapshots.restore_steps(env, guard.restore, facts={})
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
-    switch, diff = slots.switch_step(env, standby, target.version, facts)
+    switch, diff = slots.switch_step(env, standby, target.version, observed, planned=sp,
+                                     validated=sp.new_text)
     intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
                             from_slot=str(live), to_slot=str(standby),
                             from_version=current.version, to_version=target.version,
                             to_image=prep.image, record={"target_id": target.id})
 
     def update_state(ctx: StepContext) -> None:
-        record(env, intent, facts, run_id, ctx)
+        record(env, intent, observed, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
-                           facts=facts)
+                           observed=observed)
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
         "current": f"{current.version} on {live} ({current.id})",
         "traffic": f"{live} (as Caddy runs it)",

@@ -6,34 +6,41 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from runbook import compose, docker, drain, health, traffic
+from runbook import caddy, compose, docker, drain, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
 from runbook.plan import Phase, Step, StepContext
 
 
-def stop(env: Environment, slot: Slot, *, maintenance: bool = False) -> None:
+def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
+         running: bool | None = None) -> None:
     """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
 
     `maintenance` is for the snapshot restore alone, which the operator asked for and
     confirmed: it stops every app slot so no code writes while the database is replaced.
+    `running` is what the caller has just inspected (None: inspect here).
     """
+    container = env.slot(slot).container
     if not maintenance:
         traffic.refuse_if_serving(env, slot, "stop")
         # Caddy's old config may still hand it requests after the switch: let them finish
         # (runbook/drain.py); without a view of the connections, wait a fixed grace instead.
-        if docker.inspect(env.slot(slot).container).running:
+        if running is None:
+            running = docker.inspect(container).running
+        if running:
             drained = drain.wait_drained(env.slot(slot).port)
             if drained.busy is None:
                 time.sleep(drain.FALLBACK_GRACE)
-    docker.stop(env.slot(slot).container)
+    docker.run(docker.stop_action(container))
 
 
-def recreate(env: Environment, slot: Slot, tag: str) -> None:
-    """Recreate a slot's container through compose; never the one that serves."""
+def recreate(env: Environment, slot: Slot, tag: str,
+             command: compose.Command | None = None) -> None:
+    """Recreate a slot's container through compose; never the one that serves. `command` is
+    the one the plan showed (built here when not given)."""
     traffic.refuse_if_serving(env, slot, "recreate")
-    compose.run(compose.recreate_slot(env, slot, tag))
+    compose.run(command or compose.recreate_slot(env, slot, tag))
 
 
 @dataclass(frozen=True)
@@ -55,15 +62,28 @@ class Preparation:
         return f"{c.name}: {c.status}, image {c.image}"
 
 
+@dataclass
+class Observed:
+    """What a run's steps learn for the steps after them, typed (it was a `facts` dict):
+    filled as the run goes, read by the state step that records the run."""
+
+    health_status: str | None = None  # the health gate's verdict on the target slot
+    verified: str | None = None  # what the proxy answered after the switch
+    migration_version: int | None = None  # deploy: the schema after its migrations
+    snapshot_path: str | None = None  # deploy: its pre-deploy snapshot
+
+
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
     return image or f"{env.compose.image_repository}:{version}"
 
 
 def prepare(env: Environment, slot: Slot, version: str, image: str | None = None,
-            *, recovery: str = "") -> Preparation:
-    """Inspect the slot's container (the running truth) and decide; never changes anything."""
+            *, recovery: str = "", info: ContainerInfo | None = None) -> Preparation:
+    """Inspect the slot's container (the running truth) and decide; never changes anything.
+    `info`: the container as the caller has just inspected it (not asked twice)."""
     image = image_of(env, version, image)
-    info = docker.inspect(env.slot(slot).container)
+    if info is None:
+        info = docker.inspect(env.slot(slot).container)
     if info.exists and info.image == image:
         if info.running:
             return Preparation(slot, info, image, version, "none", f"already running {image}")
@@ -86,20 +106,24 @@ def run_step(env: Environment, prep: Preparation) -> Step:
     config = env.slot(prep.slot)
     details = {"container": prep.describe_container, "wanted image": prep.image,
                "decision": prep.reason}
-    if prep.action == "recreate":
-        details["command"] = compose.recreate_slot(env, prep.slot, prep.tag).display()
+    # built once: the plan shows the very command the step runs
+    recreate_command = (compose.recreate_slot(env, prep.slot, prep.tag)
+                        if prep.action == "recreate" else None)
+    start_action = docker.start_action(config.container)
+    if recreate_command is not None:
+        details["command"] = recreate_command.display()
     elif prep.action == "start":
-        details["command"] = f"docker start {config.container}"
+        details["command"] = start_action.display()
     titles = {"none": f"Keep the {prep.slot} slot running {prep.image}",
               "start": f"Start the stopped {prep.slot} container",
               "recreate": f"Recreate the {prep.slot} container with {prep.image}"}
 
     def run(ctx: StepContext) -> None:
         if prep.action == "start":
-            docker.start(config.container)
+            docker.run(start_action)
             ctx.on_failure(f"stop {config.container} again", lambda: stop(env, prep.slot))
-        elif prep.action == "recreate":
-            recreate(env, prep.slot, prep.tag)
+        elif recreate_command is not None:
+            recreate(env, prep.slot, prep.tag, recreate_command)
             ctx.on_failure(f"stop {config.container} (it never took traffic)",
                            lambda: stop(env, prep.slot))
         info = docker.inspect(config.container)
@@ -111,9 +135,9 @@ def run_step(env: Environment, prep: Preparation) -> Step:
 
 
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
-              facts: dict[str, object] | None = None) -> Step:
-    """The health gate; the report's status lands in facts["health_status"] for the state."""
-    facts = facts if facts is not None else {}
+              observed: Observed | None = None) -> Step:
+    """The health gate; the report's status lands in `observed.health_status` for the state."""
+    observed = observed if observed is not None else Observed()
     config = env.slot(slot)
     details = {"url": f"{config.base_url}{env.health.path}",
                "passes on": "healthy or degraded (HTTP 200)",
@@ -133,7 +157,8 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                     break
                 ctx.heartbeat()
                 time.sleep(0.05)
-            facts["health_status"] = report.status if report.status != "unreachable" else "unknown"
+            observed.health_status = (report.status if report.status != health.UNREACHABLE
+                                      else "unknown")
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
             return
         def waiting(attempt: int, report: health.HealthReport) -> None:
@@ -149,7 +174,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
                 f"check `docker inspect {config.container}`")
-        facts["health_status"] = report.status
+        observed.health_status = report.status
         ctx.note(health=f"{report.status}, version {report.version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
@@ -159,12 +184,13 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
 
 def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
     container = env.slot(slot).container
+    action = docker.stop_action(container)
 
     def run(ctx: StepContext) -> None:
         if not docker.inspect(container).running:
             ctx.note(container="already stopped")
             return
-        stop(env, slot)
+        stop(env, slot, running=True)
         ctx.note(container=docker.inspect(container).status)
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
@@ -172,27 +198,31 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
                  "guard": "refused if Caddy sends traffic to it at that moment",
                  "drain": f"wait until no request is in flight on port {env.slot(slot).port} "
                           f"(quiet {drain.QUIET:g}s, at most {drain.DRAIN_TIMEOUT:g}s)",
-                 "command": f"docker stop {container}"},
+                 "command": action.display()},
                 run=run, skip=None if enabled else "rollback.stop_old_slot = false",
                 phase=Phase.FINISH)
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,
-                facts: dict[str, object]) -> tuple[Step, str]:
+                observed: Observed, *, planned: caddy.SwitchPlan | None = None,
+                validated: str | None = None) -> tuple[Step, str]:
     """The commit: point Caddy at `target`, reload, verify through the proxy.
 
     Its undo (registered once the file is written) puts back the Caddyfile that matches what
     Caddy ran before, reloads it and proves the proxy answers from that slot again.
+    `planned`: the switch as the planner already computed it. `validated`: the candidate text
+    pre-flight had Caddy validate; when the switch writes exactly those bytes, Caddy is not
+    asked the same question again (any other text is validated here).
     """
-    from runbook import caddy
-
-    sp = caddy.plan_switch(env, target)
+    sp = planned or caddy.plan_switch(env, target)
+    reload_command = caddy.reload_command(env)  # built once: shown here, run by the switch
     details = {
         "Caddyfile": str(sp.caddyfile),
         "now": str(sp.current.slot or "inconsistent: " + "; ".join(sp.current.problems)),
         "target": f"{target} -> localhost:{sp.target_port}",
-        "validate": " ".join(sp.validate_command),
-        "reload": f"{sp.reload}: {' '.join(sp.reload_action)}",
+        "validate": " ".join(sp.validate_command)
+                    + (" (in pre-flight, the same bytes)" if validated is not None else ""),
+        "reload": f"{sp.reload}: {reload_command.display()}",
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
         "on failure": "put back the Caddyfile matching what Caddy ran before and reload it",
     }
@@ -203,10 +233,13 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         new = caddy.rewrite(old, env, target)
         try:
             before = traffic.read(env, proxy=False).slot
+            answered = True
         except traffic.TrafficUnknownError:
-            before = None
-        caddy.check_running(env)  # a down Caddy must never look like a switch
-        if new != old:
+            before, answered = None, False
+        # a down Caddy must never look like a switch (the config just read answered: the
+        # same GET is not sent twice; systemd is still asked when it reloads)
+        caddy.check_running(env, admin_answered=answered)
+        if new != old and new != validated:
             caddy.validate(env, new)
         # What to put back: the file as consistent with what runs (a killed run may have
         # written the disk without reloading).
@@ -219,9 +252,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                        + (f" (traffic back on {before})" if before else ""),
                        lambda: caddy.restore(env, restore_bytes, before))
         ctx.fault("switch.after-write")
-        caddy.reload(env, new)
+        caddy.reload(env, new, reload_command)
         ctx.fault("switch.after-reload")
-        result = caddy.verify(env, target, expected_version)
+        result = caddy.verify(env, target, expected_version, quick=True)
         if not result.ok:
             raise caddy.CaddyError(f"verification failed: {result.describe()}",
                                    f"check `docker logs --tail 100 {env.slot(target).container}` "
@@ -229,7 +262,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                                    stage="verify")
         ctx.commit()
         ctx.fault("switch.after-verify")
-        facts["verified"] = result.describe()
+        observed.verified = result.describe()
         ctx.note(verified=result.describe(), backup=str(backup or "-"))
 
     return Step("switch", f"Switch Caddy to the {target} slot", details, run=run,

@@ -32,7 +32,7 @@ def load_or_empty(env: Environment) -> states.DeploymentState:
     return states.read_state(env.state_file, environment=env.name)
 
 
-def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_id: str,
+def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Describe the switch in the state file; a no-op when it already does."""
     fresh = load_or_empty(env)
@@ -41,7 +41,7 @@ def record(env: Environment, intent: intents.Intent, facts: dict[str, Any], run_
             and fresh.current.active_slot == target:
         ctx.note(current=f"{version} on {target} (already recorded)")
         return
-    health_status = str(facts.get("health_status") or "unknown")
+    health_status = observed.health_status or "unknown"
     if health_status == "unreachable":
         health_status = "unknown"
     if fresh.previous is not None and fresh.previous.version == version:
@@ -85,7 +85,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                 f"deploy a version to it: `runbook deploy {env.name} "
                                 "--version <version>`")
     prep = slots.prepare(env, target, info.tag, info.image)
-    facts: dict[str, object] = {}
+    observed = slots.Observed()
     version = info.tag
     intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
@@ -93,15 +93,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             to_version=version, to_image=info.image)
 
     def run_state(ctx: StepContext) -> None:
-        record(env, intent, facts, run_id, ctx)
+        record(env, intent, observed, run_id, ctx)
 
-    switch, diff = slots.switch_step(env, target, version, facts)
+    switch, diff = slots.switch_step(env, target, version, observed)
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
             "traffic now": now.describe() if now.slot else f"no single slot ({now.problem(env)})",
             "target": f"{target}: {prep.describe_container}"}, phase=Phase.PREFLIGHT),
         slots.run_step(env, prep),
-        slots.gate_step(env, target, force=options.force, expected_version=version, facts=facts),
+        slots.gate_step(env, target, force=options.force, expected_version=version,
+                        observed=observed),
         switch,
         Step("state", "Record the switch in the deployment state",
              {"file": str(env.state_file), "current": f"{version} on {target}"}, run=run_state,

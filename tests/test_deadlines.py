@@ -166,8 +166,8 @@ def test_verification_through_a_slow_drip_proxy_ends_in_time(drip: Drip) -> None
 def test_admin_api_calls_end_in_time(drip: Drip, monkeypatch: pytest.MonkeyPatch,
                                      tmp_path: Path) -> None:
     """A stuck admin API: running_problem, validate and reload each give up by their limit."""
-    monkeypatch.setattr(caddy, "_ADMIN_TIMEOUT", 1.0)
-    monkeypatch.setattr(caddy, "_COMMAND_TIMEOUT", 1.0)
+    monkeypatch.setattr(caddy.admin, "_ADMIN_TIMEOUT", 1.0)
+    monkeypatch.setattr(caddy.admin, "_COMMAND_TIMEOUT", 1.0)
     env = env_on(drip.port, tmp=tmp_path)
     problem, took = timed(lambda: caddy.running_problem(env))
     assert isinstance(problem, str) and "does not answer (timed out after 1s" in problem

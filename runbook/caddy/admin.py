@@ -1,0 +1,441 @@
+"""Talking to Caddy: read the Caddyfile, have Caddy validate and load a config, ask whether it
+runs, and verify through the proxy who answers. Every call is bounded in time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from runbook import files
+from runbook.caddy.errors import CaddyError, CaddyNotRunningError
+from runbook.caddy.text import SLOT_HEADER
+from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
+
+if TYPE_CHECKING:
+    from runbook.bounded_http import Answer
+
+_COMMAND_TIMEOUT = 60.0
+_ADMIN_TIMEOUT = 10.0
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CaddyError(f"cannot read the Caddyfile {path}: {exc.strerror}",
+                         "check [caddy] caddyfile in the environment file and its permissions",
+                         stage="read") from None
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CaddyError(f"{path} is not UTF-8 (byte {exc.start})",
+                         "Caddy reads UTF-8; fix the file's encoding", stage="read") from None
+
+
+def read_bytes(env: Environment) -> bytes:
+    """The Caddyfile's bytes; also proves they are UTF-8 (Caddy reads nothing else)."""
+    data = _read_bytes(env.caddy.caddyfile)
+    _decode(data, env.caddy.caddyfile)
+    return data
+
+
+def read(env: Environment) -> str:
+    """The Caddyfile's text, exactly as stored (CRLF and all)."""
+    path = env.caddy.caddyfile
+    return _decode(_read_bytes(path), path)
+
+
+def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
+    except FileNotFoundError:
+        raise CaddyError(f"cannot {what}: command {argv[0]!r} not found",
+                         "install it or set [caddy] command in the environment file",
+                         stage=stage) from None
+    except subprocess.TimeoutExpired:
+        raise CaddyError(f"cannot {what}: {' '.join(argv)} did not finish within "
+                         f"{_COMMAND_TIMEOUT:.0f}s", "check that Caddy is responsive",
+                         stage=stage) from None
+
+
+def _tail(output: str, lines: int = 12) -> str:
+    """The lines worth showing: Caddy's `Error:` lines if any, else the last few."""
+    kept = [line for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in kept if line.lstrip().startswith("Error")]
+    kept = (errors or kept)[-lines:]
+    return "\n    ".join(kept) if kept else "(no output)"
+
+
+@contextlib.contextmanager
+def _sibling_temp(path: Path, tag: str) -> Iterator[tuple[int, Path]]:
+    """A hidden temp file beside `path` (Caddy's `import` globs skip dot files), always removed."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.runbook-{tag}-",
+                                suffix=".tmp")
+    tmp = Path(name)
+    try:
+        yield fd, tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_fd(fd: int, tmp: Path, data: bytes, like: Path) -> None:
+    """Write, fsync and copy mode/owner of `like` so the result reads as the original did."""
+    with os.fdopen(os.dup(fd), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        st = like.stat()
+    except FileNotFoundError:
+        os.chmod(tmp, 0o644)
+        return
+    os.chmod(tmp, st.st_mode & 0o7777)
+    if hasattr(os, "chown"):
+        with contextlib.suppress(OSError):
+            os.chown(tmp, st.st_uid, st.st_gid)
+
+
+def seen_by_caddy(env: Environment, path: Path | str) -> str:
+    """A file beside the Caddyfile, named as Caddy sees it: a containerised Caddy whose config
+    directory is bind-mounted at another path (`[caddy] container_path`) cannot read the host
+    path, and an error about the unreadable file would wrongly blame the managed block."""
+    seen = env.caddy.container_path
+    path = Path(path)
+    if not seen:
+        return str(path)
+    if path == env.caddy.caddyfile:
+        return seen
+    if path.parent == env.caddy.caddyfile.parent:
+        return str(PurePosixPath(seen).parent / path.name)
+    return str(path)
+
+
+def validate_command(env: Environment, config: Path | str) -> list[str]:
+    """What validation runs, for the plan: the same request or argv validate() uses.
+
+    With the admin-api reload method the candidate is adapted by the running Caddy itself
+    (POST /adapt: same adapter, same process and environment as the /load that follows, and
+    no process to spawn); a reload through `caddy reload` or systemd reads the file on disk,
+    so `caddy validate` checks it the same way (relative imports, environment placeholders),
+    naming the file as Caddy sees it (`[caddy] container_path`).
+    """
+    if env.caddy.reload is ReloadMethod.ADMIN_API:
+        return ["POST", f"{env.caddy.admin_url}/adapt", "Content-Type: text/caddyfile"]
+    return [*env.caddy.command, "validate", "--config", seen_by_caddy(env, config),
+            "--adapter", "caddyfile"]
+
+
+def validate(env: Environment, text: str) -> str:
+    """Have Caddy itself check a candidate config; returns its warnings/output, raises when
+    rejected. Nothing is loaded or written (for `caddy validate`, the candidate sits in a
+    temp file beside the Caddyfile so relative imports resolve the same way and a
+    containerised Caddy, the directory bind-mounted at the same path, can read it)."""
+    path = env.caddy.caddyfile
+    if env.caddy.reload is ReloadMethod.ADMIN_API:
+        return _validate_by_api(env, text)
+    try:
+        with _sibling_temp(path, "validate") as (fd, tmp):
+            _write_fd(fd, tmp, text.encode("utf-8"), path)
+            argv = validate_command(env, tmp)
+            done = _run(argv, "validate the new Caddyfile", "validate")
+    except OSError as exc:
+        raise CaddyError(f"cannot write a candidate Caddyfile beside {path}: {exc.strerror}",
+                         "check the directory's permissions", stage="validate") from None
+    output = (done.stdout or "") + (done.stderr or "")
+    if done.returncode != 0:
+        raise CaddyError(f"Caddy rejected the new Caddyfile (caddy validate exited "
+                         f"{done.returncode}):\n    {_tail(output)}",
+                         f"fix the managed block in {path}; nothing was changed",
+                         stage="validate")
+    return output
+
+
+def _post_caddyfile(env: Environment, endpoint: str, text: str,
+                    timeout: float) -> Answer:
+    """POST Caddyfile text to the admin API (`/adapt` or `/load`); raises HttpFailure."""
+    from runbook import bounded_http
+
+    return bounded_http.request("POST", f"{env.caddy.admin_url}/{endpoint}", timeout=timeout,
+                                content=text.encode("utf-8"),
+                                headers={"Content-Type": "text/caddyfile"}, max_body=None)
+
+
+def _validate_by_api(env: Environment, text: str) -> str:
+    from runbook import bounded_http
+
+    url = f"{env.caddy.admin_url}/adapt"
+    try:
+        answer = _post_caddyfile(env, "adapt", text, _ADMIN_TIMEOUT)
+    except bounded_http.HttpFailure as exc:
+        raise CaddyError(f"cannot validate the new Caddyfile: {url} did not answer "
+                         f"({exc.reason}); nothing was changed", "check that Caddy is running",
+                         stage="validate") from None
+    if answer.status >= 400:
+        raise CaddyError(f"Caddy rejected the new Caddyfile (HTTP {answer.status} from {url}): "
+                         f"{_admin_error(answer)}",
+                         f"fix the managed block in {env.caddy.caddyfile}; nothing was changed",
+                         stage="validate")
+    try:
+        body = answer.json()
+    except ValueError:
+        return ""
+    warnings = body.get("warnings") if isinstance(body, dict) else None
+    if not isinstance(warnings, list):
+        return ""
+    return "\n".join(str(w.get("message", w)) if isinstance(w, dict) else str(w)
+                     for w in warnings)
+
+
+def admin_address(env: Environment) -> str:
+    """host:port of the admin API, as `caddy reload --address` wants it."""
+    parts = urlsplit(env.caddy.admin_url)
+    if not parts.hostname:
+        return env.caddy.admin_url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or 2019}"
+
+
+def running_problem(env: Environment, *, admin_answered: bool = False) -> str | None:
+    """Why Caddy cannot take a reload right now, or None when it can. Each question is
+    bounded by _ADMIN_TIMEOUT in total: a stuck admin API cannot hold the run.
+
+    `admin_answered`: the caller has just read Caddy's running config from this very admin
+    API (HTTP 200, JSON), so the same GET is not sent again; the systemd question still is.
+    """
+    from runbook import bounded_http
+
+    url = f"{env.caddy.admin_url}/config/"
+    if not admin_answered:
+        try:
+            answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
+        except bounded_http.HttpFailure as exc:
+            return f"Caddy's admin API at {url} does not answer ({exc.reason})"
+        if answer.status != 200:
+            return f"Caddy's admin API at {url} answered HTTP {answer.status}"
+    if env.caddy.reload is ReloadMethod.SYSTEMCTL:
+        unit = env.caddy.systemd_unit
+        try:
+            done = subprocess.run(
+                ["systemctl", "is-active", unit], capture_output=True, text=True,
+                timeout=_ADMIN_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cannot ask systemd about {unit}: {exc}"
+        if done.returncode != 0:
+            state = (done.stdout.strip() or done.stderr.strip() or "unknown").splitlines()[0]
+            return f"systemd unit {unit} is not active ({state})"
+    return None
+
+
+def is_running(env: Environment) -> bool:
+    """Caddy answers on its admin API (and, for the systemctl method, its unit is active)."""
+    return running_problem(env) is None
+
+
+def check_running(env: Environment, *, admin_answered: bool = False) -> None:
+    """Raise CaddyNotRunningError unless Caddy can take a reload (see running_problem)."""
+    problem = running_problem(env, admin_answered=admin_answered)
+    if problem is not None:
+        start = (f"systemctl start {env.caddy.systemd_unit}"
+                 if env.caddy.reload is ReloadMethod.SYSTEMCTL else "start Caddy")
+        raise CaddyNotRunningError(
+            f"Caddy is not running: {problem}; the Caddyfile was not touched",
+            f"{start} (or fix [caddy] admin_url), then run again", stage="running")
+
+
+@dataclass(frozen=True)
+class ReloadCommand:
+    """How Caddy is made to load the new config, built once from the environment: the plan
+    shows `display()`, `reload()` runs the very same request or argv."""
+
+    method: ReloadMethod
+    argv: tuple[str, ...] = ()  # `caddy reload ...` or `systemctl reload <unit>`
+    url: str = ""  # the admin API's /load (the new Caddyfile is the body)
+
+    def words(self) -> list[str]:
+        if self.method is ReloadMethod.ADMIN_API:
+            return ["POST", self.url, "Content-Type: text/caddyfile"]
+        return list(self.argv)
+
+    def display(self) -> str:
+        if self.method is ReloadMethod.ADMIN_API:
+            return f"POST {self.url} (Content-Type: text/caddyfile; body: the new Caddyfile)"
+        import shlex
+
+        return shlex.join(self.argv)
+
+
+def reload_command(env: Environment) -> ReloadCommand:
+    c = env.caddy
+    if c.reload is ReloadMethod.ADMIN_API:
+        return ReloadCommand(c.reload, url=f"{c.admin_url}/load")
+    if c.reload is ReloadMethod.CADDY_RELOAD:
+        return ReloadCommand(c.reload, argv=(
+            *c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
+            "--adapter", "caddyfile", "--address", admin_address(env)))
+    return ReloadCommand(c.reload, argv=("systemctl", "reload", c.systemd_unit))
+
+
+def reload_action(env: Environment) -> list[str]:
+    """What a reload runs, for --dry-run: an argv, or the admin API request."""
+    return reload_command(env).words()
+
+
+def reload(env: Environment, text: str, command: ReloadCommand | None = None) -> None:
+    """Make Caddy load `text` (already written to the Caddyfile) the way the environment says
+    (`command`: the one the plan showed; built here when not given)."""
+    command = command or reload_command(env)
+    if command.method is ReloadMethod.ADMIN_API:
+        from runbook import bounded_http
+
+        url = command.url
+        try:
+            answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT,
+                                          content=text.encode("utf-8"),
+                                          headers={"Content-Type": "text/caddyfile"},
+                                          max_body=None)
+        except bounded_http.HttpFailure as exc:
+            raise CaddyError(f"reload through {url} failed ({exc.reason})",
+                             "check that Caddy is running", stage="reload") from None
+        if answer.status >= 400:
+            raise CaddyError(f"Caddy rejected the config (HTTP {answer.status} from "
+                             f"{url}): {_admin_error(answer)}",
+                             "Caddy keeps its old config on a rejected load", stage="reload")
+        return
+    argv = list(command.argv)
+    done = _run(argv, "reload Caddy", "reload")
+    if done.returncode != 0:
+        raise CaddyError(f"{' '.join(argv)} exited {done.returncode}:\n    "
+                         f"{_tail((done.stdout or '') + (done.stderr or ''))}",
+                         "check `journalctl -u caddy` or Caddy's log", stage="reload")
+
+
+def _admin_error(answer: Answer) -> str:
+    try:
+        body: Any = answer.json()
+    except ValueError:
+        return answer.text.strip()[:500] or "(empty body)"
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])[:500]
+    return str(body)[:500]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old or the new file, never half; mode and owner are kept."""
+    files.atomic_write(path, data)
+
+
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What the proxy answered on the last attempt."""
+
+    ok: bool
+    url: str
+    target: Slot
+    expected_version: str | None
+    attempts: int
+    http_status: int | None = None
+    slot_header: str | None = None
+    version: str | None = None
+    error: str | None = None
+    elapsed: float = 0.0
+
+    def describe(self) -> str:
+        if self.ok:
+            return (f"{self.url} answered from slot {self.slot_header}, version {self.version} "
+                    f"(attempt {self.attempts}, {self.elapsed:.2f}s)")
+        seen = (f"HTTP {self.http_status}, {SLOT_HEADER}={self.slot_header or '(none)'}, "
+                f"version={self.version or '(none)'}" if self.http_status is not None
+                else "no answer")
+        want = f"slot {self.target}" + (f" version {self.expected_version}"
+                                        if self.expected_version else "")
+        detail = f"; {self.error}" if self.error else ""
+        return (f"{self.url} did not answer as {want} after {self.attempts} attempt(s) "
+                f"in {self.elapsed:.1f}s: last saw {seen}{detail}")
+
+
+QUICK_RETRIES = (0.02, 0.05, 0.1)  # pauses before the regular cadence, for `quick=True`
+
+
+def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: str | None,
+           *, attempts: int = 10, interval: float = 0.3, timeout: float = 3.0,
+           quick: bool = False) -> VerifyResult:
+    """Ask through Caddy who answers. A fresh connection per attempt, because a kept-alive one
+    can still reach the old upstream or be reset exactly at a reload. `timeout` bounds each
+    attempt in total (body included), so the whole check ends within
+    attempts x (timeout + interval) whatever the proxy does.
+
+    `quick` (the switch, before the commit): a first answer from the old config right after a
+    reload is retried after 20, 50 and 100 ms before the regular `interval`; those retries
+    are extra attempts, so the window the proxy gets only grows.
+    """
+    slot = target.slot if isinstance(target, SlotConfig) else Slot(target)
+    url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
+    began = time.monotonic()
+    result = VerifyResult(False, url, slot, expected_version, 0)
+    pauses = [p for p in QUICK_RETRIES if p < interval] if quick else []
+    pauses += [interval] * (max(1, attempts) - 1)
+    for attempt in range(1, len(pauses) + 2):
+        result = _verify_once(url, slot, expected_version, attempt, timeout, began)
+        if result.ok:
+            return result
+        if attempt <= len(pauses):
+            time.sleep(pauses[attempt - 1])
+    return result
+
+
+def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeout: float,
+                 began: float) -> VerifyResult:
+    def done(ok: bool, **seen: Any) -> VerifyResult:
+        return VerifyResult(ok, url, slot, expected, attempt,
+                            elapsed=time.monotonic() - began, **seen)
+
+    from runbook import bounded_http
+
+    try:
+        response = bounded_http.request("GET", url, timeout=timeout,
+                                        headers={"Cache-Control": "no-cache"})
+    except bounded_http.HttpFailure as exc:
+        return done(False, error=exc.reason)
+    header = response.header(SLOT_HEADER)
+    version: str | None = None
+    commit: str | None = None
+    error: str | None = None
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            version = None if body.get("version") is None else str(body["version"])
+            commit = None if body.get("git_commit") is None else str(body["git_commit"])
+        else:
+            error = "the body is not a JSON object"
+    except (ValueError, UnicodeDecodeError):
+        error = "the body is not JSON"
+    seen: dict[str, Any] = {"http_status": response.status, "slot_header": header,
+                            "version": version}
+    if response.status != 200:
+        return done(False, error=error or f"HTTP {response.status}", **seen)
+    if header != slot.value:
+        return done(False, error=error or f"{SLOT_HEADER} is {header!r}, not {slot.value!r}",
+                    **seen)
+    if expected is not None and expected not in (version, commit):
+        return done(False, error=error or f"version is {version!r}, not {expected!r}", **seen)
+    return done(True, **seen)
+
+
+# --------------------------------------------------------------------------------------------

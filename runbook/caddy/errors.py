@@ -1,0 +1,33 @@
+"""Caddy's errors: one type for a failed step, one for a Caddy that does not answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runbook.errors import ExitCode, RunbookError
+
+
+class CaddyError(RunbookError):
+    """A Caddy step failed. `restored` tells whether the previous config is back in place."""
+
+    exit_code = ExitCode.FAILED_SAFELY
+
+    def __init__(self, message: str, fix: str | None = None, *,
+                 exit_code: ExitCode | None = None, stage: str | None = None,
+                 restored: bool | None = None, backup: Path | None = None) -> None:
+        super().__init__(message, fix, exit_code=exit_code)
+        self.stage = stage
+        self.restored = restored
+        self.backup = backup
+
+
+class CaddyNotRunningError(CaddyError):
+    """Caddy (or its admin API) does not answer: nothing may be written or reloaded.
+
+    A precondition (exit 4): it is found before anything changes.
+    """
+
+    exit_code = ExitCode.PRECONDITION
+
+
+# --------------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""The switch as a transaction's pieces: its plan (for --dry-run), the backup of the previous
+Caddyfile, the write, and the undo that puts the previous file back and proves it serves.
+
+A switch refuses to touch anything while Caddy is down (the old tooling "succeeded" then), and
+any failure after the write restores the previous file and reloads it (runbook/slots.py's
+switch step registers that undo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runbook.caddy.admin import (
+    check_running,
+    read,
+    reload,
+    reload_action,
+    validate_command,
+    verify,
+    write_atomically,
+)
+from runbook.caddy.errors import CaddyError
+from runbook.caddy.text import SLOT_HEADER, Inspection, inspect, rewrite, unified_diff
+from runbook.environment import Environment, ReloadMethod, Slot
+from runbook.errors import ExitCode
+
+
+def apply(env: Environment, text: str) -> None:
+    """Write the Caddyfile and reload Caddy. Refuses, before writing, when Caddy is down.
+
+    It does not undo a failed reload: switch() does, because it holds the previous text.
+    """
+    check_running(env)
+    path = env.caddy.caddyfile
+    try:
+        write_atomically(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
+                         "check the file's directory permissions (run as root?)",
+                         stage="write") from None
+    reload(env, text)
+
+
+@dataclass(frozen=True)
+class SwitchPlan:
+    """Everything a switch would do, computed without changing anything (for --dry-run)."""
+
+    environment: str
+    caddyfile: Path
+    target: Slot
+    target_port: int
+    current: Inspection
+    old_text: str
+    new_text: str
+    diff: str
+    reload: ReloadMethod
+    reload_action: tuple[str, ...]
+    validate_command: tuple[str, ...]
+    admin_url: str
+    verify_url: str
+
+    @property
+    def changed(self) -> bool:
+        return self.old_text != self.new_text
+
+    def describe(self) -> str:
+        now = self.current.slot or "inconsistent (" + "; ".join(self.current.problems) + ")"
+        lines = [
+            f"Caddy switch for {self.environment}: {now} -> {self.target} "
+            f"(port {self.target_port})",
+            f"  Caddyfile: {self.caddyfile}",
+            f"  check:     GET {self.admin_url}/config/ answers 200 (else stop, untouched)",
+            f"  validate:  {' '.join(self.validate_command)}",
+            f"  write:     {self.caddyfile} atomically (previous copy kept beside it)",
+            f"  reload:    {self.reload} -> {' '.join(self.reload_action)}",
+            f"  verify:    GET {self.verify_url}: {SLOT_HEADER} == {self.target} and version",
+            "  on failure: restore the previous Caddyfile byte for byte and reload it",
+        ]
+        lines += [f"  warning:   {w}" for w in self.current.warnings]
+        lines.append(self.diff.rstrip("\n") if self.changed
+                     else "  (the managed block already points at the target: no change)")
+        return "\n".join(lines)
+
+
+def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
+    """Compute a switch without touching the file or Caddy."""
+    target = Slot(target)
+    old = read(env)
+    current = inspect(old, env)
+    new = rewrite(old, env, target)
+    path = env.caddy.caddyfile
+    return SwitchPlan(
+        environment=env.display, caddyfile=path, target=target,
+        target_port=env.slot(target).port, current=current, old_text=old, new_text=new,
+        diff=unified_diff(old, new, path), reload=env.caddy.reload,
+        reload_action=tuple(reload_action(env)),
+        validate_command=tuple(validate_command(
+            env, path.parent / f".{path.name}.runbook-validate-XXXX.tmp")),
+        admin_url=env.caddy.admin_url,
+        verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}",
+    )
+
+
+def backup_path(env: Environment) -> Path:
+    path = env.caddy.caddyfile
+    return path.parent / f".{path.name}.runbook-previous"
+
+
+def write_backup(env: Environment, data: bytes) -> Path | None:
+    """Keep the previous Caddyfile where a human finds it; fall back to the temp dir."""
+    candidates = [backup_path(env),
+                  Path(tempfile.gettempdir()) / f"togather-runbook-{env.name}-Caddyfile.previous"]
+    for candidate in candidates:
+        try:
+            write_atomically(candidate, data)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            os.chmod(candidate, env.caddy.caddyfile.stat().st_mode & 0o7777)
+        return candidate
+    return None
+
+
+def write_config(env: Environment, text: str) -> None:
+    """Write the Caddyfile (atomically); a CaddyError says the file was left unchanged."""
+    path = env.caddy.caddyfile
+    try:
+        write_atomically(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
+                         "check the directory's permissions (run as root?)",
+                         stage="write") from None
+
+
+def restore(env: Environment, data: bytes, previous: Slot | None) -> None:
+    """Put a previous Caddyfile back, reload it and, when it named one slot, prove the proxy
+    answers from that slot again. The undo of a switch; raises when any part fails."""
+    write_config(env, data.decode("utf-8"))
+    reload(env, data.decode("utf-8"))
+    if previous is not None:
+        check = verify(env, previous, None, attempts=5, interval=0.2)
+        if not check.ok:
+            raise CaddyError(f"the previous Caddyfile was restored and reloaded, but the proxy "
+                             f"does not answer as {previous}: {check.describe()}",
+                             f"check Caddy and the {previous} container now", stage="restore",
+                             exit_code=ExitCode.ATTENTION)

@@ -1,0 +1,324 @@
+"""The managed Caddyfile block as text: find it, read what it points at, rewrite it.
+
+Pure functions, no I/O. Only the text between the `# BLUE_GREEN_SLOT_START` and
+`# BLUE_GREEN_SLOT_END` comment lines is ever changed; everything else (other sites, CRLF line
+ends, comments) survives byte for byte.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runbook.caddy.errors import CaddyError
+from runbook.environment import Environment, Slot
+
+START_MARKER = "# BLUE_GREEN_SLOT_START"
+END_MARKER = "# BLUE_GREEN_SLOT_END"
+SLOT_HEADER = "X-Togather-Slot"
+
+_START_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_START")
+_END_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_END")
+# [scheme://]host[:port]; a host is a name, an IPv4 address or a bracketed IPv6 address.
+_UPSTREAM_RE = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<host>\[[0-9A-Fa-f:.%]+\]|[^\s:/\[\]{}]+)"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
+_MATCHER_PREFIXES = ("@", "/", "*")
+
+
+def find_block(text: str) -> tuple[int, int]:
+    """Offsets (start, end) of the managed block: text[start:end] is everything between the
+    marker lines, which themselves stay outside so they are never rewritten."""
+    starts: list[tuple[int, int, int]] = []  # (line number, line start, line end incl. newline)
+    ends: list[tuple[int, int, int]] = []
+    offset = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        line_end = offset + len(line) + 1  # past the "\n" (one past len(text) on the last line)
+        has_start, has_end = bool(_START_RE.search(line)), bool(_END_RE.search(line))
+        if has_start and has_end:
+            raise CaddyError(f"line {number} holds both {START_MARKER} and {END_MARKER}",
+                             "put each marker on its own comment line")
+        if has_start:
+            starts.append((number, offset, line_end))
+        if has_end:
+            ends.append((number, offset, line_end))
+        offset = line_end
+    fix = (f"the managed block must be delimited by exactly one '{START_MARKER}' line and, "
+           f"below it, exactly one '{END_MARKER}' line")
+    if not starts or not ends:
+        missing = " and ".join(m for m, found in ((START_MARKER, starts), (END_MARKER, ends))
+                               if not found)
+        raise CaddyError(f"the Caddyfile has no {missing} marker line", fix)
+    if len(starts) > 1 or len(ends) > 1:
+        lines = ", ".join(str(n) for n, _, _ in sorted(starts + ends))
+        raise CaddyError(f"the Caddyfile has duplicated slot markers (lines {lines})", fix)
+    (start_no, _, start_after), (end_no, end_at, _) = starts[0], ends[0]
+    if end_no < start_no:
+        raise CaddyError(f"{END_MARKER} (line {end_no}) comes before {START_MARKER} "
+                         f"(line {start_no})", fix)
+    return min(start_after, len(text)), end_at
+
+
+@dataclass(frozen=True)
+class _Token:
+    start: int
+    end: int
+    text: str
+
+    @property
+    def quote(self) -> str:
+        return self.text[0] if self.text[:1] in ('"', "`") else ""
+
+    @property
+    def value(self) -> str:
+        q = self.quote
+        return self.text[1:-1] if q and len(self.text) >= 2 and self.text.endswith(q) else self.text
+
+
+def _tokenize(line: str) -> list[_Token]:
+    """Caddyfile tokens of one line with their offsets; `#` at a token start begins a comment."""
+    tokens: list[_Token] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i].isspace():
+            i += 1
+            continue
+        if line[i] == "#":
+            break
+        start = i
+        if line[i] in ('"', "`"):
+            quote = line[i]
+            i += 1
+            while i < n and line[i] != quote:
+                i += 2 if line[i] == "\\" and quote == '"' else 1
+            i = min(i + 1, n)
+        else:
+            while i < n and not line[i].isspace():
+                i += 1
+        tokens.append(_Token(start, i, line[start:i]))
+    return tokens
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One reverse_proxy upstream inside the markers."""
+
+    line: int  # 1-based line number in the whole Caddyfile
+    text: str  # as written, without quotes
+    host: str | None
+    port: int | None
+    slot: Slot | None  # the slot whose port this is, if any
+
+
+@dataclass(frozen=True)
+class SlotHeader:
+    """One `header_down X-Togather-Slot <value>` inside the markers."""
+
+    line: int
+    value: str
+    slot: Slot | None
+
+
+@dataclass(frozen=True)
+class _Edit:
+    line_index: int
+    token: _Token
+    kind: str  # "upstream" | "header"
+    scheme: str = ""
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    upstreams: tuple[Upstream, ...]
+    headers: tuple[SlotHeader, ...]
+    edits: tuple[_Edit, ...]
+    unsupported: tuple[str, ...]
+
+
+def _slot_by_port(env: Environment) -> dict[int, Slot]:
+    return {cfg.port: slot for slot, cfg in env.slots.items()}
+
+
+def _header_name(token: str) -> str:
+    return token.lstrip("+>").lower()
+
+
+def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
+    """Find every upstream and slot header in the block, remembering where each token sits."""
+    ports = _slot_by_port(env)
+    upstreams: list[Upstream] = []
+    headers: list[SlotHeader] = []
+    edits: list[_Edit] = []
+    unsupported: list[str] = []
+    stack: list[str] = []  # directive names of the open `{` blocks
+    wanted = SLOT_HEADER.lower()
+    for index, line in enumerate(block.split("\n")):
+        number = first_line + index
+        tokens = _tokenize(line)
+        if not tokens:
+            continue
+        first = tokens[0].value
+        if first == "}":
+            if stack:
+                stack.pop()
+            continue
+        opens = tokens[-1].text == "{"
+        args = tokens[1:-1] if opens else tokens[1:]
+        parent = stack[-1] if stack else ""
+        candidates: list[_Token] = []
+        if first == "reverse_proxy":
+            if args and args[0].value.startswith(_MATCHER_PREFIXES):
+                args = args[1:]
+            candidates = args
+        elif first == "to" and parent == "reverse_proxy":
+            candidates = args
+        elif first in ("header_down", "header"):
+            if first == "header" and args and args[0].value.startswith(_MATCHER_PREFIXES):
+                args = args[1:]
+            if args and _header_name(args[0].value) == wanted:
+                if len(args) == 2:
+                    value = args[1].value
+                    headers.append(SlotHeader(number, value, _as_slot(value)))
+                    edits.append(_Edit(index, args[1], "header"))
+                else:
+                    unsupported.append(f"line {number}: unsupported {first} form "
+                                       f"{' '.join(t.text for t in tokens)!r}")
+        elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
+            # header { X-Togather-Slot "blue" }
+            value = tokens[1].value
+            headers.append(SlotHeader(number, value, _as_slot(value)))
+            edits.append(_Edit(index, tokens[1], "header"))
+        for token in candidates:
+            match = _UPSTREAM_RE.match(token.value)
+            if match is None:
+                unsupported.append(f"line {number}: upstream {token.value!r} is not host:port "
+                                   "(placeholders and unix sockets cannot be switched)")
+                upstreams.append(Upstream(number, token.value, None, None, None))
+                continue
+            port = int(match["port"]) if match["port"] else None
+            upstreams.append(Upstream(number, token.value, match["host"], port,
+                                      ports.get(port) if port is not None else None))
+            edits.append(_Edit(index, token, "upstream", match["scheme"] or "", match["host"]))
+        if opens:
+            stack.append(first)
+    return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
+
+
+def _as_slot(value: str) -> Slot | None:
+    try:
+        return Slot(value)
+    except ValueError:
+        return None
+
+
+def _first_line(text: str, start: int) -> int:
+    return text.count("\n", 0, start) + 1
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What the managed block points at, and why it cannot be trusted when it cannot."""
+
+    ports: tuple[int, ...]  # distinct upstream ports, in order of appearance
+    header_slots: tuple[str, ...]  # X-Togather-Slot values, in order of appearance
+    consistent: bool
+    problems: tuple[str, ...]
+    slot: Slot | None  # the one slot everything names; None when inconsistent
+    upstreams: tuple[Upstream, ...] = ()
+    headers: tuple[SlotHeader, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def inspect(text: str, env: Environment) -> Inspection:
+    """Read the managed block: which ports and slot headers it names, and whether they agree."""
+    start, end = find_block(text)
+    parsed = _parse_block(text[start:end], _first_line(text, start), env)
+    known = ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
+    problems: list[str] = list(parsed.unsupported)
+    warnings: list[str] = []
+    named: dict[Slot, list[str]] = {}
+    if not parsed.upstreams:
+        problems.append("no reverse_proxy upstream between the slot markers")
+    for up in parsed.upstreams:
+        if up.host is None:
+            continue
+        if up.port is None:
+            problems.append(f"line {up.line}: upstream {up.text!r} has no port")
+        elif up.slot is None:
+            problems.append(f"line {up.line}: upstream {up.text} targets port {up.port}, "
+                            f"which is no slot's port (known: {known})")
+        else:
+            named.setdefault(up.slot, []).append(f"upstream {up.text} (line {up.line})")
+    for header in parsed.headers:
+        if header.slot is None:
+            problems.append(f"line {header.line}: {SLOT_HEADER} header says {header.value!r}, "
+                            "which is not blue or green")
+        else:
+            named.setdefault(header.slot, []).append(
+                f"{SLOT_HEADER} {header.value} (line {header.line})")
+    if not parsed.headers:
+        warnings.append(f"no header_down {SLOT_HEADER} between the slot markers: verification "
+                        "through the proxy cannot tell the slots apart")
+    if len(named) > 1:
+        problems.append("the managed block names both slots: " + "; ".join(
+            f"{slot}: {', '.join(where)}" for slot, where in sorted(named.items())))
+    slot = next(iter(named)) if len(named) == 1 and not problems else None
+    ports = tuple(dict.fromkeys(u.port for u in parsed.upstreams if u.port is not None))
+    return Inspection(
+        ports=ports, header_slots=tuple(h.value for h in parsed.headers),
+        consistent=slot is not None, problems=tuple(problems), slot=slot,
+        upstreams=parsed.upstreams, headers=parsed.headers, warnings=tuple(warnings),
+    )
+
+
+def active_slot(text: str, env: Environment) -> Slot | None:
+    """The slot the managed block points at, or None when it is inconsistent (see inspect)."""
+    return inspect(text, env).slot
+
+
+def rewrite(text: str, env: Environment, target: Slot | str) -> str:
+    """Point every upstream and slot header inside the markers at `target`; bytes outside the
+    markers, and everything inside but those tokens, are returned unchanged."""
+    target = Slot(target)
+    port = env.slot(target).port
+    start, end = find_block(text)
+    block = text[start:end]
+    parsed = _parse_block(block, _first_line(text, start), env)
+    if parsed.unsupported:
+        raise CaddyError("cannot rewrite the managed block: " + "; ".join(parsed.unsupported),
+                         "use plain host:port upstreams between the slot markers")
+    if not parsed.upstreams:
+        raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
+                         "put the reverse_proxy directive(s) for the app between the markers")
+    lines = block.split("\n")
+    by_line: dict[int, list[_Edit]] = {}
+    for edit in parsed.edits:
+        by_line.setdefault(edit.line_index, []).append(edit)
+    for index, edits in by_line.items():
+        line = lines[index]
+        for edit in sorted(edits, key=lambda e: e.token.start, reverse=True):
+            q = edit.token.quote
+            value = (f"{edit.scheme}{edit.host}:{port}" if edit.kind == "upstream"
+                     else str(target))
+            line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
+        lines[index] = line
+    return text[:start] + "\n".join(lines) + text[end:]
+
+
+def unified_diff(old: str, new: str, path: str | Path) -> str:
+    """A unified diff for --dry-run output ('' when nothing changes)."""
+    def lines(text: str) -> list[str]:
+        out = text.splitlines(keepends=True)
+        if out and not out[-1].endswith(("\n", "\r")):
+            out[-1] += "\n\\ No newline at end of file\n"
+        return out
+
+    return "".join(difflib.unified_diff(lines(old), lines(new), f"{path} (current)",
+                                        f"{path} (after switch)"))
+
+
+# --------------------------------------------------------------------------------------------
