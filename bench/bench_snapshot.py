@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runbook import snapshots
+from runbook import snapshot_restore, snapshots
 from runbook.drill.stack import DrillStack
 
 
@@ -106,7 +106,7 @@ def main() -> int:
         sizes["runbook"] = snap.size_bytes
         sizes["bare"] = bare_file.stat().st_size
         for i in range(args.repeat):
-            seconds, result = timed(lambda: snapshots.restore(env, snap.path, restart=False))
+            seconds, result = timed(lambda: snapshot_restore.restore(env, snap.path, restart=False))
             results["restore"].append(seconds)
             steps = {o.name: o.duration_ms / 1000 for o in result.outcomes}  # type: ignore[attr-defined]
             results["replay_step"].append(steps["restore-database"])

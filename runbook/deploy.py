@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import compose, database, docker, finish, health, preflight, slots, traffic
+from runbook import compose, database, docker, finish, preflight, recording, slots, traffic
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
@@ -28,14 +28,7 @@ class Options:
     slot: Slot | None = None  # default: the standby slot
 
 
-def load_or_empty(env: Environment) -> states.DeploymentState:
-    if not env.state_file.exists():
-        return states.DeploymentState(environment=env.name)
-    return states.read_state(env.state_file, environment=env.name)
-
-
 VERSION = re.compile(r"[0-9a-f]{7}")
-UNKNOWN_COMMIT = "0" * 40  # git's null object id: the commit is not known
 
 
 def check_version(version: str) -> str:
@@ -47,42 +40,12 @@ def check_version(version: str) -> str:
     return version
 
 
-def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
-           ctx: StepContext) -> None:
-    """Write the deployment into the state file; a no-op when it is already there."""
-    fresh = load_or_empty(env)
-    dep_id = str(intent.record["deployment_id"])
-    if fresh.current is not None and fresh.current.id == dep_id:
-        ctx.note(current=f"{intent.to_version} on {intent.to_slot} (already recorded)")
-        return
-    config = env.slot(intent.target)
-    report = health.probe(config, env.health.path, env.health.request_timeout)
-    # this deployment's own commit, never the current one's: /health, else the image's
-    # revision label, else "unknown" as every dialect accepts it (git's null commit)
-    commit = report.git_commit or str(intent.record.get("git_commit") or UNKNOWN_COMMIT)
-    migration = (observed.migration_version if observed.migration_version is not None
-                 else intent.record.get("migration_version"))
-    if migration is None:
-        migration = _schema(env)
-    new = states.make_deployment(
-        intent.to_version, commit, intent.target,
-        migration_version=migration if isinstance(migration, int) else None,
-        image=intent.to_image or "", status="active", deployment_id=dep_id)
-    snapshot_path = observed.snapshot_path or intent.record.get("snapshot_path")
-    extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
-    new = new.with_(health_status=report.status if report.ok else "unknown",
-                    migrations_run=int(bool(env.migrate_command)), extra=extra)
-    states.write_state(env.state_file, states.after_deploy(fresh, new))
-    ctx.note(current=f"{intent.to_version} on {intent.to_slot} ({new.id})",
-             migration_version=migration)
-
-
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     version = check_version(options.version)
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
         return finish.plan_for(env, found[0], run_id)
-    state = load_or_empty(env)
+    state = recording.load_or_empty(env)
     current = state.current
     if current is not None and current.version == version and options.slot is None:
         raise PreconditionError(f"{version} is already the current deployment",
@@ -118,7 +81,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         from runbook import snapshots
 
         snap = snapshots.pre_deploy_snapshot(env, deployment_id, _revision(image),
-                                             _schema(env))
+                                             recording.schema(env))
         observed.snapshot_path = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
@@ -128,14 +91,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                        lambda: slots.stop(env, target))
 
     def run_migrate(ctx: StepContext) -> None:
-        before = _schema(env)
+        before = recording.schema(env)
         code, output = docker.exec_run(config.container, list(env.migrate_command))
         if code != 0:
             raise PreconditionError(f"migrations failed in {config.container} (exit {code}): "
                                     f"{output.strip().splitlines()[-1] if output.strip() else ''}",
                                     f"read `docker logs {config.container}`; the database "
                                     "may need a restore (`runbook snapshot list`)")
-        after = _schema(env)
+        after = recording.schema(env)
         observed.migration_version = after
         intent.record["migration_version"] = after  # a resumed run records it too
         ctx.note(schema=f"{before} -> {after}")
@@ -148,7 +111,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     "git_commit": _revision(image) or None})
 
     def run_state(ctx: StepContext) -> None:
-        record(env, intent, observed, run_id, ctx)
+        recording.deploy(env, intent, observed, run_id, ctx)
 
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
@@ -199,13 +162,6 @@ def _revision(image: str) -> str:
         return ""
     revision = str(labels.get("org.opencontainers.image.revision", "")).strip().lower()
     return revision if re.fullmatch(r"[0-9a-f]{40}", revision) else ""
-
-
-def _schema(env: Environment) -> int | None:
-    try:
-        return database.schema_version(env).version
-    except RunbookError:
-        return None
 
 
 def deploy(env: Environment, options: Options, *, dry_run: bool = False, confirm: Any = None,

@@ -14,16 +14,15 @@ answer) and decides:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from runbook import caddy, health, slots, traffic
+from runbook import caddy, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook.environment import Environment
 from runbook.errors import PreconditionError
 from runbook.plan import Phase, Plan, Step, StepContext
 
-Record = Callable[[Environment, intents.Intent, slots.Observed, str, StepContext], None]
+Record = recording.Record
 
 
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
@@ -54,23 +53,15 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
 
 
 def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
-    """The finish plan of an interrupted run of any action: each verb records its own kind
-    of run (imported here, when needed, so the verbs need not import each other)."""
+    """The finish plan of an interrupted run of any action: its verb's recorder and the
+    command that reruns it (runbook/recording.py: no verb imported here)."""
+    record = recording.BY_ACTION.get(intent.action, recording.rollback)
     if intent.action == "deploy":
-        from runbook import deploy
-
-        record: Record = deploy.record
         command = f"runbook deploy {env.name} --version {intent.to_version}"
     elif intent.action == "switch":
-        from runbook import switch
-
-        record = switch.record
         command = f"runbook switch {env.name} --slot {intent.to_slot}"
     else:
-        from runbook import rollback
-
-        record = rollback.record
-        command = rollback.resume_command(env)
+        command = f"runbook rollback {env.name}"
     return finish_plan(env, intent, run_id, record, command)
 
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from runbook import caddy, database, docker, finish, slots, traffic
+from runbook import caddy, database, docker, finish, recording, slots, traffic
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import ConfigError, PreconditionError, RunbookError, StateError
+from runbook.errors import ConfigError, PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
@@ -141,30 +141,6 @@ def resume_command(env: Environment) -> str:
     return f"runbook rollback {env.name}"
 
 
-def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
-           ctx: StepContext) -> None:
-    """Write the rollback into the state file; a no-op when it is already there, so a rerun
-    after an interruption converges instead of rolling back again."""
-    fresh = states.read_state(env.state_file, environment=env.name)
-    target_id = str(intent.record["target_id"])
-    slot = intent.target
-    if fresh.current is not None and fresh.current.id == target_id \
-            and fresh.current.active_slot == slot:
-        ctx.note(current=f"{intent.to_version} on {slot} (already recorded)")
-        return
-    target = fresh.find_id(target_id)
-    if target is None:
-        raise StateError(f"deployment {target_id} ({intent.to_version}) is no longer in "
-                         f"{env.state_file}", "another tool rewrote the state file: record "
-                         f"the rollback with `runbook switch {env.name} --slot {slot}`")
-    new = states.after_rollback(fresh, target, slot=slot,
-                                health_status=observed.health_status or None, run_id=run_id)
-    states.write_state(env.state_file, new,
-                       before_rename=lambda: ctx.fault("state.before-rename"))
-    ctx.note(current=f"{intent.to_version} on {slot} (active)",
-             previous=f"{intent.from_version} (rolled_back)")
-
-
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
@@ -223,9 +199,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     observed = slots.Observed()
     restore_steps: list[Step] = []
     if guard.restore is not None:
-        from runbook import snapshots
+        from runbook import snapshot_restore
 
-        restore_steps = snapshots.restore_steps(env, guard.restore, facts={})
+        restore_steps = snapshot_restore.restore_steps(env, guard.restore, facts={})
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
@@ -237,7 +213,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             to_image=prep.image, record={"target_id": target.id})
 
     def update_state(ctx: StepContext) -> None:
-        record(env, intent, observed, run_id, ctx)
+        recording.rollback(env, intent, observed, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
                            observed=observed)

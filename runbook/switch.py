@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import docker, finish, health, slots, traffic
+from runbook import docker, finish, recording, slots, traffic
 from runbook import intent as intents
-from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
 from runbook.plan import Phase, Plan, Step, StepContext
@@ -26,48 +25,11 @@ class Options:
     reason: str = "manual slot switch"
 
 
-def load_or_empty(env: Environment) -> states.DeploymentState:
-    if not env.state_file.exists():
-        return states.DeploymentState(environment=env.name)
-    return states.read_state(env.state_file, environment=env.name)
-
-
-def record(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
-           ctx: StepContext) -> None:
-    """Describe the switch in the state file; a no-op when it already does."""
-    fresh = load_or_empty(env)
-    target, version = intent.target, intent.to_version
-    if fresh.current is not None and fresh.current.version == version \
-            and fresh.current.active_slot == target:
-        ctx.note(current=f"{version} on {target} (already recorded)")
-        return
-    health_status = observed.health_status or "unknown"
-    if health_status == "unreachable":
-        health_status = "unknown"
-    if fresh.previous is not None and fresh.previous.version == version:
-        new = states.after_rollback(fresh, slot=target, health_status=health_status,
-                                    run_id=run_id)
-    elif fresh.current is not None and fresh.current.version == version:
-        new = fresh.with_(current=fresh.current.with_(active_slot=target))
-    else:
-        known = fresh.find_version(version)
-        commit = known.git_commit if known else "0" * 40
-        report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
-        commit = report.git_commit or commit
-        dep = states.make_deployment(version, commit, target, image=intent.to_image or "",
-                                     status="active",
-                                     migration_version=known.migration_version if known
-                                     else None)
-        new = states.after_deploy(fresh, dep.with_(health_status=health_status))
-    states.write_state(env.state_file, new)
-    ctx.note(current=f"{version} on {target}")
-
-
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
         return finish.plan_for(env, found[0], run_id)
-    state = load_or_empty(env)
+    state = recording.load_or_empty(env)
     target = options.slot
     config = env.slot(target)
     warnings: list[str] = []
@@ -93,7 +55,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             to_version=version, to_image=info.image)
 
     def run_state(ctx: StepContext) -> None:
-        record(env, intent, observed, run_id, ctx)
+        recording.switch(env, intent, observed, run_id, ctx)
 
     switch, diff = slots.switch_step(env, target, version, observed)
     steps = [

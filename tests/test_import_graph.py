@@ -134,16 +134,7 @@ def edges(name: str, *, call_time: bool = False) -> set[str]:
 
 # Call-time edges that close a cycle on purpose. Each must still exist (the test says when one
 # goes, so the list only shrinks) and is the only way back along its cycle.
-CALL_TIME_CYCLES = {
-    ("runbook.snapshots", "runbook.snapshot_restore"):
-        "compat shim: the package's __getattr__ forwards the old dotted names "
-        "runbook.snapshots.restore/restore_steps/start_step on first use",
-    ("runbook.finish", "runbook.deploy"):
-        "finish.plan_for dispatches an interrupted run to the verb that records it; the verbs "
-        "call finish first (a registry would need each verb to register itself)",
-    ("runbook.finish", "runbook.switch"): "as for deploy",
-    ("runbook.finish", "runbook.rollback"): "as for deploy",
-}
+CALL_TIME_CYCLES: dict[tuple[str, str], str] = {}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

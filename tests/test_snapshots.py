@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import deploy, docker, snapshots
+from runbook import deploy, docker, snapshot_restore, snapshots
 from runbook.database import DatabaseError
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
@@ -113,7 +113,7 @@ def test_create_list_restore_cleanup_round_trip(stack: DrillStack) -> None:
     with stack.connect() as conn:
         conn.execute("DELETE FROM items WHERE name = 'beta'")
     add_items(stack, "written-after")
-    result = snapshots.restore(env, snap.name)
+    result = snapshot_restore.restore(env, snap.name)
     assert item_names(stack) == ["alpha", "beta", "gamma"]
     assert [o.status for o in result.outcomes] == ["done", "ok", "ok", "ok", "ok", "ok"]
     safety = result.plan.facts["safety_snapshot"]
@@ -122,7 +122,7 @@ def test_create_list_restore_cleanup_round_trip(stack: DrillStack) -> None:
     listed = snapshots.list_snapshots(env)
     assert {s.name for s in listed} == {snap.name, Path(safety).name}
     # the safety snapshot holds the state before the restore: restoring it brings that back
-    snapshots.restore(env, safety)
+    snapshot_restore.restore(env, safety)
     assert item_names(stack) == ["alpha", "gamma", "written-after"]
 
     kept = snapshots.cleanup(env)
@@ -165,7 +165,7 @@ def test_restore_after_migration_2_brings_schema_1_back(stack: DrillStack) -> No
     assert by_table["orders"].rows_at_snapshot is None and by_table["orders"].written_since == 2
     assert window.rows == 3 and "orders" in window.describe()
 
-    result = snapshots.restore(env, pre.name, restart=False)
+    result = snapshot_restore.restore(env, pre.name, restart=False)
     assert result.outcomes[-1].status == "skipped"
     assert schema_version(stack) == 1
     assert tables(stack) == {"items", "schema_migrations"}
@@ -189,7 +189,7 @@ def test_loss_window_reports_rows_that_the_restore_removes(stack: DrillStack) ->
     window = snapshots.loss_window(env, snap)
     assert window.rows == 3 and window.seconds >= 0
     assert "items: 3 new rows" in window.describe()
-    snapshots.restore(env, snap.name)
+    snapshot_restore.restore(env, snap.name)
     assert item_names(stack) == ["one", "two"]
     assert snapshots.loss_window(env, snap).rows == 0
 
@@ -220,7 +220,7 @@ def test_file_corrupted_mid_stream_rolls_back(stack: DrillStack) -> None:
         return True
 
     with pytest.raises(RunbookError) as err:
-        snapshots.restore(env, snap.name, confirm=corrupt_after_verification)
+        snapshot_restore.restore(env, snap.name, confirm=corrupt_after_verification)
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
     message = str(err.value)
     assert "rolled back" in message and "unchanged" in message and "truncated" in message
@@ -247,7 +247,7 @@ def test_sql_error_mid_restore_rolls_back_the_drop_schema(stack: DrillStack) -> 
     deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))  # schema 2, orders table
     before = untouched(stack)
     with pytest.raises(RunbookError) as err:
-        snapshots.restore(env, path.name)
+        snapshot_restore.restore(env, path.name)
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
     assert "division by zero" in str(err.value) and "unchanged" in str(err.value)
     after = untouched(stack)
@@ -262,7 +262,7 @@ def expect_refused(stack: DrillStack, ref: str | Path, code: ExitCode, *words: s
                    env: Environment | None = None) -> RunbookError:
     before = untouched(stack)
     with pytest.raises(RunbookError) as err:
-        snapshots.restore(env or stack.env, ref)
+        snapshot_restore.restore(env or stack.env, ref)
     assert err.value.exit_code == code, str(err.value)
     assert err.value.fix and "\n" not in err.value.message
     for word in words:
@@ -338,7 +338,7 @@ def test_password_with_at_percent_slash_works_and_never_leaks(
     assert not any(password in a or encoded in a for a in argv)
     add_items(stack, "secret-test")
     snap = snapshots.create(env, "password")
-    result = snapshots.restore(env, snap.name)
+    result = snapshot_restore.restore(env, snap.name)
     assert item_names(stack) == ["secret-test"]
     texts = [result.plan.render(), json.dumps(result.plan.to_json(), default=str)]
     for directory in (env.database.snapshot_dir, env.log_dir, env.runs_dir):
@@ -371,7 +371,8 @@ def test_database_unreachable_is_refused_and_nothing_is_written(
     files = sorted(env.database.snapshot_dir.iterdir())
     wrong_port = stack.database_url.replace(f":{stack.ports.postgres}/", ":1/")
     monkeypatch.setenv("DATABASE_URL", wrong_port)
-    for call in (lambda: snapshots.create(env, "x"), lambda: snapshots.restore(env, snap.name)):
+    for call in (lambda: snapshots.create(env, "x"),
+                 lambda: snapshot_restore.restore(env, snap.name)):
         with pytest.raises(RunbookError) as err:
             call()
         assert err.value.exit_code == ExitCode.PRECONDITION
@@ -381,7 +382,7 @@ def test_database_unreachable_is_refused_and_nothing_is_written(
     try:
         states = slot_states(env)
         for call in (lambda: snapshots.create(env, "x"),
-                     lambda: snapshots.restore(env, snap.name)):
+                     lambda: snapshot_restore.restore(env, snap.name)):
             with pytest.raises(RunbookError) as err:
                 call()
             assert err.value.exit_code == ExitCode.PRECONDITION

@@ -19,8 +19,6 @@ are loaded on first use, so importing this package does not import the orchestra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from runbook.snapshots.commands import (
     DbCommand,
     Target,
@@ -54,24 +52,10 @@ from runbook.snapshots.store import (
 from runbook.snapshots.verify import Verified
 from runbook.times import human_duration
 
-if TYPE_CHECKING:
-    from runbook.snapshot_restore import restore, restore_steps, start_step
-
 __all__ = [
     "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "LossWindow", "RestoreRun",
     "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified", "cleanup",
     "create", "current_state", "dump_command", "find", "human_duration", "latest_before",
-    "list_snapshots", "load", "loss_window", "pre_deploy_snapshot", "replay_command", "restore",
-    "restore_steps", "snapshot_stem", "start_step", "table_stats", "target",
+    "list_snapshots", "load", "loss_window", "pre_deploy_snapshot", "replay_command",
+    "snapshot_stem", "table_stats", "target",
 ]
-
-_MOVED = frozenset({"restore", "restore_steps", "start_step"})
-
-
-def __getattr__(name: str) -> Any:
-    """Forward the restore's plan-level names to runbook/snapshot_restore.py, on first use."""
-    if name in _MOVED:
-        from runbook import snapshot_restore
-
-        return getattr(snapshot_restore, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

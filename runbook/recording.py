@@ -1,0 +1,122 @@
+"""What each verb records in the state file once traffic has moved, shared by the verbs and by
+finish.py (which completes an interrupted run of any verb): one module, so neither the verbs
+import each other nor finish imports the verbs.
+
+Each recorder is idempotent (a no-op when the state file already says it), so a rerun after an
+interruption converges instead of acting again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from runbook import database, health, slots
+from runbook import intent as intents
+from runbook import state as states
+from runbook.environment import Environment
+from runbook.errors import RunbookError, StateError
+from runbook.plan import StepContext
+
+Record = Callable[[Environment, intents.Intent, slots.Observed, str, StepContext], None]
+UNKNOWN_COMMIT = "0" * 40  # git's null object id: the commit is not known
+
+
+def load_or_empty(env: Environment) -> states.DeploymentState:
+    if not env.state_file.exists():
+        return states.DeploymentState(environment=env.name)
+    return states.read_state(env.state_file, environment=env.name)
+
+
+def schema(env: Environment) -> int | None:
+    try:
+        return database.schema_version(env).version
+    except RunbookError:
+        return None
+
+
+def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
+           ctx: StepContext) -> None:
+    """Write the deployment into the state file; a no-op when it is already there."""
+    fresh = load_or_empty(env)
+    dep_id = str(intent.record["deployment_id"])
+    if fresh.current is not None and fresh.current.id == dep_id:
+        ctx.note(current=f"{intent.to_version} on {intent.to_slot} (already recorded)")
+        return
+    config = env.slot(intent.target)
+    report = health.probe(config, env.health.path, env.health.request_timeout)
+    # this deployment's own commit, never the current one's: /health, else the image's
+    # revision label, else "unknown" as every dialect accepts it (git's null commit)
+    commit = report.git_commit or str(intent.record.get("git_commit") or UNKNOWN_COMMIT)
+    migration = (observed.migration_version if observed.migration_version is not None
+                 else intent.record.get("migration_version"))
+    if migration is None:
+        migration = schema(env)
+    new = states.make_deployment(
+        intent.to_version, commit, intent.target,
+        migration_version=migration if isinstance(migration, int) else None,
+        image=intent.to_image or "", status="active", deployment_id=dep_id)
+    snapshot_path = observed.snapshot_path or intent.record.get("snapshot_path")
+    extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
+    new = new.with_(health_status=report.status if report.ok else "unknown",
+                    migrations_run=int(bool(env.migrate_command)), extra=extra)
+    states.write_state(env.state_file, states.after_deploy(fresh, new))
+    ctx.note(current=f"{intent.to_version} on {intent.to_slot} ({new.id})",
+             migration_version=migration)
+
+
+def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
+           ctx: StepContext) -> None:
+    """Describe the switch in the state file; a no-op when it already does."""
+    fresh = load_or_empty(env)
+    target, version = intent.target, intent.to_version
+    if fresh.current is not None and fresh.current.version == version \
+            and fresh.current.active_slot == target:
+        ctx.note(current=f"{version} on {target} (already recorded)")
+        return
+    health_status = observed.health_status or "unknown"
+    if health_status == "unreachable":
+        health_status = "unknown"
+    if fresh.previous is not None and fresh.previous.version == version:
+        new = states.after_rollback(fresh, slot=target, health_status=health_status,
+                                    run_id=run_id)
+    elif fresh.current is not None and fresh.current.version == version:
+        new = fresh.with_(current=fresh.current.with_(active_slot=target))
+    else:
+        known = fresh.find_version(version)
+        commit = known.git_commit if known else "0" * 40
+        report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
+        commit = report.git_commit or commit
+        dep = states.make_deployment(version, commit, target, image=intent.to_image or "",
+                                     status="active",
+                                     migration_version=known.migration_version if known
+                                     else None)
+        new = states.after_deploy(fresh, dep.with_(health_status=health_status))
+    states.write_state(env.state_file, new)
+    ctx.note(current=f"{version} on {target}")
+
+
+def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
+           ctx: StepContext) -> None:
+    """Write the rollback into the state file; a no-op when it is already there, so a rerun
+    after an interruption converges instead of rolling back again."""
+    fresh = states.read_state(env.state_file, environment=env.name)
+    target_id = str(intent.record["target_id"])
+    slot = intent.target
+    if fresh.current is not None and fresh.current.id == target_id \
+            and fresh.current.active_slot == slot:
+        ctx.note(current=f"{intent.to_version} on {slot} (already recorded)")
+        return
+    target = fresh.find_id(target_id)
+    if target is None:
+        raise StateError(f"deployment {target_id} ({intent.to_version}) is no longer in "
+                         f"{env.state_file}", "another tool rewrote the state file: record "
+                         f"the rollback with `runbook switch {env.name} --slot {slot}`")
+    new = states.after_rollback(fresh, target, slot=slot,
+                                health_status=observed.health_status or None, run_id=run_id)
+    states.write_state(env.state_file, new,
+                       before_rename=lambda: ctx.fault("state.before-rename"))
+    ctx.note(current=f"{intent.to_version} on {slot} (active)",
+             previous=f"{intent.from_version} (rolled_back)")
+
+
+BY_ACTION: dict[str, Record] = {"deploy": deploy, "switch": switch, "rollback": rollback}
