@@ -154,11 +154,24 @@ def test_database_restart_is_seen_by_health(scratch: DrillStack) -> None:
 
 def test_app_stops_promptly_on_sigterm(scratch: DrillStack) -> None:
     container = scratch.env.slot("green").container
+    if docker.inspect(container).status != "running":
+        docker.start(container)
+    # the app installs its SIGTERM handler before it listens: a container still importing
+    # ignores SIGTERM as PID 1 (the kernel drops default-action signals to PID 1), which is a
+    # race of this test, not the app's handling
+    assert wait_for(lambda: _answers(scratch, "green"), timeout=30), "green never answered"
     scratch.docker("stop", "-t", "5", container)
     info = docker.inspect(container)
     assert info.status == "exited"
     assert info.exit_code == 0, "SIGTERM was not handled (137 means it had to be killed)"
     docker.start(container)
+
+
+def _answers(stack: DrillStack, slot: Slot) -> bool:
+    try:
+        return health(stack, slot).status_code > 0  # any answer: it listens, so it handles TERM
+    except httpx.HTTPError:
+        return False
 
 
 def database_contents(stack: DrillStack) -> dict[str, object]:
