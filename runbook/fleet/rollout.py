@@ -203,11 +203,12 @@ def _one_line(text: str) -> str:
 
 
 def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str, *,
-              take_lock: bool) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+              take_lock: bool, maintenance: bool = False,
+              ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     """Lock (unless a dry run) and check every host; (checks, problem lines, lock result)."""
     events = Events()
     extravars = {**_controller_vars(fleet_run_id, inventory, targets, reason),
-                 "fleet_take_lock": take_lock}
+                 "fleet_take_lock": take_lock, "fleet_maintenance": maintenance}
     run_playbook("preflight.yml", inventory, extravars, events, forks=len(targets))
     lock_res = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
     if take_lock:
@@ -283,6 +284,121 @@ def _needs_restore(checks: dict[str, dict[str, Any]]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The maintenance path (a restore is needed): drain every host, restore once, then the rollout
+
+
+def _maintenance_plan(checks: dict[str, dict[str, Any]], problems: list[str], db_host: str,
+                      inventory: Inventory, count: int) -> tuple[dict[str, Any], list[str]]:
+    """The database decision of a maintenance run, and the pre-flight problems left.
+
+    The database host dry-ran its rollback WITH the restore (its snapshot verified, read-only);
+    the other hosts' schema-guard refusals are what the restore resolves, so they are dropped.
+    """
+    dry = checks.get(db_host, {}).get("dry_run", {})
+    pre = dry.get("preflight", {})
+    left = [p for p in problems if not (p.split(":")[0] != db_host
+                                        and any(w in p for w in SCHEMA_WORDS))]
+    if not dry.get("ok") or not pre.get("restore"):
+        if not any(p.startswith(f"{db_host}:") for p in left):
+            left.append(f"{db_host}: the restore cannot be planned there: "
+                        f"{dry.get('error') or 'no snapshot named by its dry run'}")
+        return {"host": db_host, "status": "refused"}, left
+    return {"host": db_host, "status": "restore planned", "snapshot": pre["restore"],
+            "data-loss window": pre.get("data-loss window"),
+            "database schema": pre.get("database schema"),
+            "target ran with": pre.get("target ran with"), "hosts down": count,
+            "lock host": inventory.lock_host}, left
+
+
+def _maintenance_lines(decision: dict[str, Any], count: int) -> list[str]:
+    return [f"MAINTENANCE: THE SERVICE IS DOWN on all {count} host(s): every host's app slots "
+            "stop first (drain), and each host serves again only once its own rollback "
+            "switched it",
+            f"database (once, on {decision['host']}): restore snapshot {decision['snapshot']} "
+            f"(database now {decision.get('database schema')}; "
+            f"{decision.get('data-loss window')}), then every host rolls back without a "
+            "restore, canary first"]
+
+
+def _drain_and_restore(inventory: Inventory, targets: list[str], fleet_run_id: str,
+                       options: Options, journal: fjournal.FleetJournal,
+                       decision: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Drain every host, then restore the snapshot once on the database host.
+
+    Stopped before the restore (a host could not drain): the drained hosts are started again
+    and nothing else changed (exit 1). A failed restore leaves the database as it was (the
+    single-host restore's promise): hosts started again, exit 1. A restore whose outcome is
+    unknown (exit 5): the hosts stay down, exit 5. The restore is journaled (and the journal
+    written) at once, so a resume never repeats it.
+    """
+    say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
+    journal.set(maintenance_drain_started=True)
+    events = Events()
+    extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
+                 "fleet_snapshot": decision["snapshot"]}
+    t0 = time.time()
+    run_playbook("maintenance.yml", inventory, extravars, events, forks=len(targets))
+    drained: dict[str, list[str]] = {}
+    failed: list[str] = []
+    for host in targets:
+        res = events.results.get("drain", {}).get(host)
+        data = _last_json(str((res or {}).get("stdout", ""))) or {}
+        if res is not None and res.get("_event") == "runner_on_ok":
+            drained[host] = list(data.get("stopped", []))
+        elif res is not None:
+            failed.append(f"{host}: drain failed: "
+                          f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
+    journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
+    res = events.results.get("restore the snapshot", {}).get(decision["host"])
+    t1 = (events.started.get("restore the snapshot", {}).get(decision["host"]) or time.time())
+    out = _last_json(str((res or {}).get("stdout", ""))) or {}
+    rc = None if res is None else res.get("rc")
+    if res is not None and res.get("_event") == "runner_on_ok":
+        database = {**decision, "status": "restored", "restored_at": time.time(),
+                    "restore_run": out}
+        journal.phase("database", t1, "restored", decision=database)
+        journal.record["database"] = database
+        journal.write(options.journal_dir)  # before any host switches: a resume must see it
+        say(f"maintenance: database restored once on {decision['host']} from "
+            f"{decision['snapshot']}")
+        return
+    if res is not None:
+        journal.phase("database", t1, "failed", decision={**decision, "status": "failed",
+                                                          "restore_run": out})
+    journal.record["database"] = {**decision, "status": "not restored"}
+    why = (out.get("error") or _one_line(str((res or {}).get("stderr") or "")) if res is not None
+           else "not run: " + ("; ".join(failed) or "the play stopped before it"))
+    if rc is not None and rc not in (1, 2, 3, 4):
+        raise FleetError(f"maintenance: the restore on {decision['host']} did not finish "
+                         f"cleanly (exit {rc}): {why}; THE SERVICE IS DOWN on every host",
+                         f"read `runbook snapshot list` and the journal on {decision['host']}; "
+                         "do not start the hosts on an unknown database",
+                         exit_code=ExitCode.ATTENTION, lines=failed)
+    undo = {h: ",".join(c) for h, c in drained.items() if c}
+    if undo:
+        say(f"maintenance: the database was not restored; starting again {len(undo)} "
+            "drained host(s)")
+        uevents = Events()
+        run_playbook("undrain.yml", inventory,
+                     {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
+                      "fleet_undo": undo}, uevents, forks=len(undo))
+        left = [h for h in undo
+                if uevents.results.get("undrain", {}).get(h, {}).get("_event") != "runner_on_ok"]
+        journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left)
+        if left:
+            raise FleetError(f"maintenance stopped before the restore ({why}); the database "
+                             f"was not touched, but {', '.join(left)} could not be started "
+                             "again: THE SERVICE IS DOWN there",
+                             "start its app slot there (`runbook fleet drain ENV --undo ...`, "
+                             "`runbook status ENV`)", exit_code=ExitCode.ATTENTION,
+                             lines=failed)
+    raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
+                     "touched and every drained host was started again", "fix the cause, then "
+                     "run the same command again", exit_code=ExitCode.FAILED_SAFELY,
+                     lines=failed)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -340,21 +456,38 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         checks, problems, lock_res = preflight(inventory, targets, fleet_run_id, options.reason,
-                                               take_lock=not options.dry_run)
+                                               take_lock=not options.dry_run,
+                                               maintenance=options.maintenance)
         if lock_res.get("stdout") and not options.dry_run:
             taken = _last_json(str(lock_res.get("stdout"))) or {}
             if taken.get("taken_over"):
                 say(f"took over a stale fleet lock: {taken['taken_over']}")
                 journal.set(stale_fleet_lock_taken_over=taken["taken_over"])
-        journal.phase("preflight", t0, "failed" if problems else "ok",
-                      hosts={h: checks.get(h) for h in targets}, problems=problems)
         restore = _needs_restore(checks)
         db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
-        if resumed is not None and resumed.get("database", {}).get("status") == "ok":
-            database = {**resumed["database"], "reused_from": resumed["fleet_run_id"]}
+        maintenance = None
+        if options.maintenance and restore is not None:
+            maintenance, problems = _maintenance_plan(checks, problems, db_host, inventory,
+                                                      len(targets))
+            restore = None
+        journal.phase("preflight", t0, "failed" if problems else "ok",
+                      hosts={h: checks.get(h) for h in targets}, problems=problems)
+        reused = (resumed or {}).get("database") or {}
+        if resumed is not None and reused.get("status") in ("ok", "restored"):
+            database = {**reused, "reused_from": resumed["fleet_run_id"]}
+            maintenance = None  # the restore is never repeated by a resume
+        elif maintenance is not None:
+            database = maintenance
         else:
             database = database_phase(checks, db_host)
-        journal.phase("database", time.time(), str(database.get("status", "?")), decision=database)
+        if options.maintenance and maintenance is None and "reused_from" not in database:
+            raise FleetError("--maintenance: this rollback needs no snapshot restore, so no "
+                             "host needs to go down; nothing was changed",
+                             "run the same command without --maintenance (a rolling "
+                             "rollback)", exit_code=ExitCode.USAGE, lines=problems)
+        if maintenance is None:
+            journal.phase("database", time.time(), str(database.get("status", "?")),
+                          decision=database)
         journal.record["database"] = database
         if restore is not None:
             message = ("the shared database needs a snapshot restore before the code can go "
@@ -362,9 +495,8 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                        "hosts still on the new version would meet the old schema; nothing was "
                        "changed")
             fix = ("take the maintenance path: drain every host, restore the snapshot once, "
-                   "switch every host, canary first (`--maintenance`: not built in this "
-                   "version; do it by hand with `runbook rollback ENV --restore-snapshot` on "
-                   "one host after draining all)")
+                   "switch every host, canary first: the same command with --maintenance "
+                   "(THE SERVICE IS DOWN meanwhile; --dry-run first shows the plan)")
             raise FleetError(message, fix, exit_code=ExitCode.PRECONDITION,
                              lines=[p for p in problems if not any(w in p for w in SCHEMA_WORDS)])
         if problems:
@@ -372,26 +504,43 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"of {len(targets)} host(s); nothing was changed",
                              "fix each host below, then run the same command again",
                              exit_code=ExitCode.PRECONDITION, lines=problems)
+        if maintenance is not None:
+            plan_lines += _maintenance_lines(maintenance, len(targets))
         if options.dry_run:
             lines = plan_lines + [f"{h}: ready: {checks[h]['dry_run']['summary']}"
+                                  if checks[h].get("dry_run", {}).get("ok") else
+                                  f"{h}: ready once the database is restored"
                                   for h in targets]
-            lines.append(f"database (once, on {database['host']}): "
-                         f"{database.get('database schema')}, schema guard "
-                         f"{database.get('schema guard')}")
+            if maintenance is None:
+                lines.append(f"database (once, on {database['host']}): "
+                             f"{database.get('database schema')}, schema guard "
+                             f"{database.get('schema guard')}")
             lines.append("Dry run: nothing was changed.")
             return FleetResult(fleet_run_id, 0, lines)
         if confirm is not None and not confirm("\n".join(plan_lines)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
                              "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
 
+        # -- the maintenance path: drain all, restore once ------------------------------------
+        if maintenance is not None:
+            _drain_and_restore(inventory, targets, fleet_run_id, options, journal, maintenance,
+                               say)
+
         # -- the rollout ---------------------------------------------------------------------
         hosts = {h: HostResult(h) for h in targets}
         return _rollout(inventory, targets, plan, fleet_run_id, options, journal, hosts, say,
                         plan_lines)
     except KeyboardInterrupt:
-        error = FleetError("interrupted before any host changed; nothing was changed",
-                           "run the same command again when ready",
-                           exit_code=ExitCode.FAILED_SAFELY)
+        if journal.record.get("maintenance_drain_started"):
+            error = FleetError("interrupted during the maintenance drain or restore: hosts may "
+                               "be down and the database may be restored", "run `runbook "
+                               "status ENV` on each host and read the fleet journal; resume "
+                               "with the same command and --resume",
+                               exit_code=ExitCode.ATTENTION)
+        else:
+            error = FleetError("interrupted before any host changed; nothing was changed",
+                               "run the same command again when ready",
+                               exit_code=ExitCode.FAILED_SAFELY)
         journal.finish("interrupted", int(error.exit_code), error=error.message)
         error.journal_file = journal.write(options.journal_dir)
         raise error from None
