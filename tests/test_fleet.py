@@ -120,14 +120,6 @@ def test_unattended_without_yes_is_refused_before_anything(tmp_path: Path) -> No
     assert "stdin is not a terminal" in proc.stderr and "--yes" in proc.stderr
 
 
-def test_maintenance_path_is_said_not_built(tmp_path: Path) -> None:
-    path = tmp_path / "inventory.yml"
-    path.write_text(INVENTORY)
-    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--maintenance", "--yes"],
-                          capture_output=True, text=True, check=False, timeout=60)
-    assert proc.returncode == 2 and "not built" in proc.stderr
-
-
 # -- the fleet lock (host side) ----------------------------------------------------------------
 
 
@@ -342,3 +334,38 @@ def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> No
 
         shutil.rmtree(live_dir, ignore_errors=True)
         shutil.rmtree(fleet_dir, ignore_errors=True)
+
+
+@pytest.mark.docker
+def test_maintenance_without_a_needed_restore_is_refused_and_a_real_run_renders_in_the_report(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    from runbook.reports import fleet as fleet_report
+    from runbook.reports.page import render_html
+
+    before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
+    proc = _fleet_rollback(fleet_on_v3, tmp_path / "refused", "--maintenance")
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "needs no snapshot restore" in err, err
+    assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None
+
+    proc = _fleet_rollback(fleet_on_v3, tmp_path / "run")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    record = json.loads(next((tmp_path / "run").glob("fleet_*.json")).read_text())
+    scenario = {"name": "fleet", "status": "passed", "steps": [], "runs": [],
+                "fleet_runs": [fleet_report.reduce(record)]}
+    html = render_html({"environment": "drill", "features": [
+        {"file": "features/fleet.feature", "name": "Fleet", "scenarios": [scenario]}]})
+    section = html[html.index(f'data-fleet-run="{record["fleet_run_id"]}"'):]
+    section = section[:section.index("</section>")]
+    # the timeline: the fleet's phases, then one bar per host by batch, canary first
+    for name in ("preflight", "database", "host1 (canary)", "host2 (batch 2)",
+                 "host3 (batch 3)"):
+        assert f">{name}<" in section, name
+    assert section.index(">host1 (canary)<") < section.index(">host2 (batch 2)<")
+    rows = [line for line in section.splitlines() if line.startswith("<tr><td>host")]
+    assert [r.split("</td>")[0] for r in rows] == ["<tr><td>host1", "<tr><td>host2",
+                                                    "<tr><td>host3"], rows
+    assert all("<td>rolled back</td>" in r for r in rows), rows
+    assert "database: host: host1, status: ok" in section
