@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -117,13 +118,19 @@ class Events:
     unreachable: dict[str, str] = field(default_factory=dict)
     on_start: Callable[[str, str], None] | None = None
     on_end: Callable[[str, str, dict[str, Any]], None] | None = None
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+
+    def gate(self, name: str) -> threading.Event:
+        return self.gates.setdefault(name, threading.Event())
 
     def __call__(self, event: dict[str, Any]) -> bool:
         kind = event.get("event", "")
         data = event.get("event_data", {})
         host = data.get("host") or data.get("remote_addr") or ""
         task = data.get("task", "")
-        if kind == "runner_on_start":
+        if kind == "playbook_on_task_start" and task.startswith("gate "):
+            self.gate(task.removeprefix("gate ")).set()  # the playbook waits there for us
+        elif kind == "runner_on_start":
             self.started.setdefault(task, {})[host] = time.time()
             if self.on_start:
                 self.on_start(task, host)
@@ -160,6 +167,75 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
 
 
 
+
+
+GATE_WAIT = ("import os, sys, time\n"
+             "while not os.path.exists(sys.argv[1]):\n"
+             "    time.sleep(0.02)\n")
+
+
+class PlaybookRun:
+    """One ansible-playbook process for the whole fleet run (fleet.yml), started at once.
+
+    The playbook stops at named gates (a wait on a file) until the controller, which reads
+    every host's result meanwhile, writes its decision: `go`, `maintenance` or `stop`. A gate
+    never decided (an exception, Ctrl-C, a refusal) is decided `stop` by `close`, so no play
+    after it runs. One process start instead of one per phase: the fleet's overhead.
+    """
+
+    def __init__(self, inventory: Inventory, extravars: dict[str, Any], events: Events,
+                 forks: int, cancel: Callable[[], bool]) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="togather-fleet-runner-")
+        self.gate_dir = Path(self.dir.name) / "gates"
+        self.gate_dir.mkdir()
+        self.events = events
+        self.decided: set[str] = set()
+        import ansible_runner  # the [fleet] extra; it runs ansible-playbook as a subprocess
+
+        inv.ansible_tool("ansible-playbook")
+        self.thread, self.runner = ansible_runner.run_async(
+            private_data_dir=self.dir.name,
+            playbook=str(PLAYBOOKS / "fleet.yml"), inventory=str(inventory.path),
+            extravars={**extravars, "fleet_gate_dir": str(self.gate_dir),
+                       "fleet_gate_wait": GATE_WAIT},
+            forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
+            event_handler=events, cancel_callback=cancel, suppress_env_files=True,
+            settings={"suppress_ansible_output": True})
+
+    def wait_gate(self, name: str) -> bool:
+        """True once the playbook waits at gate `name`; False if it ended before it."""
+        gate = self.events.gate(name)
+        while not gate.wait(0.05):  # short waits: signals reach the main thread
+            if not self.thread.is_alive():
+                return gate.is_set()
+        return True
+
+    def decide(self, name: str, decision: str, **files: str) -> None:
+        for key, value in files.items():
+            files_path = self.gate_dir / key
+            files_path.write_text(value)
+        tmp = self.gate_dir / f".{name}.tmp"
+        tmp.write_text(decision)
+        tmp.rename(self.gate_dir / name)  # atomic: the gate never reads half a word
+        self.decided.add(name)
+
+    def join(self) -> str:
+        while self.thread.is_alive():
+            self.thread.join(0.1)
+        return str(self.runner.status)
+
+    def close(self) -> None:
+        """Stop at every gate not decided yet, wait for Ansible to end, remove the files."""
+        for name in ("preflight", "rollout"):
+            if name not in self.decided:
+                with contextlib.suppress(OSError):
+                    self.decide(name, "stop")
+        with contextlib.suppress(Exception):
+            self.join()
+        if os.environ.get("RUNBOOK_FLEET_DEBUG"):  # Ansible's own output, for a developer
+            with contextlib.suppress(Exception):
+                sys.stderr.write(self.runner.stdout.read())
+        self.dir.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +278,9 @@ def _one_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str, *,
-              take_lock: bool, maintenance: bool = False,
-              ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
-    """Lock (unless a dry run) and check every host; (checks, problem lines, lock result)."""
-    events = Events()
-    extravars = {**_controller_vars(fleet_run_id, inventory, targets, reason),
-                 "fleet_take_lock": take_lock, "fleet_maintenance": maintenance}
-    run_playbook("preflight.yml", inventory, extravars, events, forks=len(targets))
+def preflight(events: Events, inventory: Inventory, targets: list[str], *,
+              take_lock: bool) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    """Read the lock and every host's pre-flight; (checks, problem lines, lock result)."""
     lock_res = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
     if take_lock:
         if inventory.lock_host in events.unreachable:
@@ -219,7 +290,7 @@ def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reaso
                                exit_code=ExitCode.PRECONDITION)
             error.lock_not_taken = True
             raise error
-        if lock_res.get("_event") != "runner_on_ok":
+        if lock_res.get("_event") != "runner_on_ok" or lock_res.get("rc") != 0:
             err = _last_json(str(lock_res.get("stdout", ""))) or {}
             msg = err.get("error") or _one_line(str(lock_res.get("stderr") or
                                                     lock_res.get("msg", "")))
@@ -320,8 +391,8 @@ def _maintenance_lines(decision: dict[str, Any], count: int) -> list[str]:
             "restore, canary first"]
 
 
-def _drain_and_restore(inventory: Inventory, targets: list[str], fleet_run_id: str,
-                       options: Options, journal: fjournal.FleetJournal,
+def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str],
+                       fleet_run_id: str, options: Options, journal: fjournal.FleetJournal,
                        decision: dict[str, Any], say: Callable[[str], None]) -> None:
     """Drain every host, then restore the snapshot once on the database host.
 
@@ -333,11 +404,11 @@ def _drain_and_restore(inventory: Inventory, targets: list[str], fleet_run_id: s
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
-    events = Events()
-    extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
-                 "fleet_snapshot": decision["snapshot"]}
+    events = run.events
     t0 = time.time()
-    run_playbook("maintenance.yml", inventory, extravars, events, forks=len(targets))
+    run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
+    if not run.wait_gate("rollout"):
+        run.join()
     drained: dict[str, list[str]] = {}
     failed: list[str] = []
     for host in targets:
@@ -362,6 +433,7 @@ def _drain_and_restore(inventory: Inventory, targets: list[str], fleet_run_id: s
         say(f"maintenance: database restored once on {decision['host']} from "
             f"{decision['snapshot']}")
         return
+    run.close()  # the playbook stops before the rollout (already ended if the play failed)
     if res is not None:
         journal.phase("database", t1, "failed", decision={**decision, "status": "failed",
                                                           "restore_run": out})
@@ -406,9 +478,13 @@ class _Interrupts:
     """First Ctrl-C (or SIGTERM): start no further batch (the playbook checks `stop_file` before
     each); the second: stop Ansible now."""
 
-    def __init__(self, stop_file: Path) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.stop_file = stop_file
+        self._dir = tempfile.TemporaryDirectory(prefix="togather-fleet-stop-")
+        self.stop_file = Path(self._dir.name) / "stop"
+
+    def cleanup(self) -> None:
+        self._dir.cleanup()
 
     @contextlib.contextmanager
     def installed(self, say: Callable[[str], None]) -> Iterator[None]:
@@ -454,10 +530,31 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     t0 = time.time()
     locked = not options.dry_run  # from the moment the take is asked for: released in finally
     old_term = signal.signal(signal.SIGTERM, _interrupt)
+    hosts = {h: HostResult(h) for h in targets}
+    interrupts = _Interrupts()
+    run: PlaybookRun | None = None
     try:
-        checks, problems, lock_res = preflight(inventory, targets, fleet_run_id, options.reason,
-                                               take_lock=not options.dry_run,
-                                               maintenance=options.maintenance)
+        events = _host_events(hosts, say)
+        extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
+                     "fleet_take_lock": not options.dry_run,
+                     "fleet_maintenance": options.maintenance,
+                     "fleet_preflight_hosts": ",".join(dict.fromkeys(
+                         [*targets, inventory.lock_host])),
+                     "fleet_serial": plan.serial,
+                     "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
+                     "fleet_stop_file": str(interrupts.stop_file)}
+        run = PlaybookRun(inventory, extravars, events, forks=len(targets) + 1,
+                          cancel=lambda: interrupts.count >= 2)
+        reached = run.wait_gate("preflight")
+        if not reached:
+            status = run.join()
+            if not events.results:
+                raise FleetError(f"ansible-playbook ended before pre-flight ({status}); "
+                                 "nothing was changed", "run with the same inventory "
+                                 "through `ansible-inventory --list` to see why",
+                                 exit_code=ExitCode.PRECONDITION)
+        checks, problems, lock_res = preflight(events, inventory, targets,
+                                               take_lock=not options.dry_run)
         if lock_res.get("stdout") and not options.dry_run:
             taken = _last_json(str(lock_res.get("stdout"))) or {}
             if taken.get("taken_over"):
@@ -504,6 +601,11 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"of {len(targets)} host(s); nothing was changed",
                              "fix each host below, then run the same command again",
                              exit_code=ExitCode.PRECONDITION, lines=problems)
+        if not reached:
+            raise FleetError(f"ansible-playbook ended before the controller's decision "
+                             f"({run.join()}); nothing was changed", "run the same command "
+                             "again; if it repeats, run the playbook by hand with -vvv",
+                             exit_code=ExitCode.PRECONDITION)
         if maintenance is not None:
             plan_lines += _maintenance_lines(maintenance, len(targets))
         if options.dry_run:
@@ -523,13 +625,13 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
 
         # -- the maintenance path: drain all, restore once ------------------------------------
         if maintenance is not None:
-            _drain_and_restore(inventory, targets, fleet_run_id, options, journal, maintenance,
-                               say)
+            _drain_and_restore(run, inventory, targets, fleet_run_id, options, journal,
+                               maintenance, say)
+        gate = "rollout" if maintenance is not None else "preflight"
 
         # -- the rollout ---------------------------------------------------------------------
-        hosts = {h: HostResult(h) for h in targets}
-        return _rollout(inventory, targets, plan, fleet_run_id, options, journal, hosts, say,
-                        plan_lines)
+        return _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
+                        interrupts, say, go=lambda: run.decide(gate, "go"))
     except KeyboardInterrupt:
         if journal.record.get("maintenance_drain_started"):
             error = FleetError("interrupted during the maintenance drain or restore: hosts may "
@@ -552,17 +654,17 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         exc.journal_file = journal.write(options.journal_dir)
         raise
     finally:
+        if run is not None:
+            run.close()
+        interrupts.cleanup()
         signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
             _release(inventory, targets, fleet_run_id, options.reason, say)
 
 
-def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_run_id: str,
-             options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
-             say: Callable[[str], None], plan_lines: list[str]) -> FleetResult:
+def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Events:
+    """Events whose `runbook rollback` results fill in each host's outcome as they come."""
     task = "runbook rollback"
-    stop_dir = tempfile.TemporaryDirectory(prefix="togather-fleet-stop-")
-    interrupts = _Interrupts(Path(stop_dir.name) / "stop")
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
@@ -570,7 +672,7 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
             say(f"{host}: rolling back ...")
 
     def on_end(t: str, host: str, res: dict[str, Any]) -> None:
-        if t != task or host not in hosts:
+        if t != task or host not in hosts or res.get("_event") == "runner_on_skipped":
             return
         r = hosts[host]
         r.ended = time.time()
@@ -597,23 +699,24 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
                              f"{data.get('error') or _one_line(str(res.get('stderr', '')))}")
         say(f"{host}: {r.status} ({r.message})")
 
-    events = Events(on_start=on_start, on_end=on_end)
+    return Events(on_start=on_start, on_end=on_end)
 
-    def cancel() -> bool:
-        return interrupts.count >= 2
 
-    extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
-                 "fleet_serial": plan.serial,
-                 "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
-                 "fleet_stop_file": str(interrupts.stop_file)}
+def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_run_id: str,
+             options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
+             interrupts: _Interrupts, say: Callable[[str], None],
+             go: Callable[[], None]) -> FleetResult:
+    """Open the gate to the rollout and follow it; Ctrl-C from here on lets hosts finish."""
+    events = run.events
     t0 = time.time()
-    with stop_dir, interrupts.installed(say):
-        status = run_playbook("rollout.yml", inventory, extravars, events,
-                              forks=max(plan.serial), cancel=cancel)
+    with interrupts.installed(say):
+        go()
+        status = run.join()
     released = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
     journal.set(fleet_lock_released_by_rollout=released.get("_event") == "runner_on_ok")
     refresh = events.results.get("fleet lock still ours", {})
-    lost_lock = next((r for r in refresh.values() if r.get("_event") != "runner_on_ok"), None)
+    lost_lock = next((r for r in refresh.values()
+                      if r.get("_event") in ("runner_on_failed", "runner_on_unreachable")), None)
     journal.phase("rollout", t0, status, serial=plan.serial,
                   hosts={h: {"status": r.status, "started": r.started, "ended": r.ended}
                          for h, r in hosts.items()})
