@@ -1,7 +1,11 @@
 """The fleet rollback, controller side: plan, lock + pre-flight, database phase, rollout.
 
-Each phase is one run of a playbook shipped in `playbooks/` through ansible-runner (Ansible
-runs as a subprocess; its per-host events come back here). Safety rules, in order:
+The whole run is ONE ansible-playbook start (`playbooks/fleet.yml`, through ansible-runner:
+Ansible runs as a subprocess; its per-host events come back here as they happen): the fleet
+lock and every host's pre-flight at once, then a gate where the playbook waits for this
+controller's decision, the maintenance path's drain and restore and a second gate, the
+rollout, the release. Only the undrain and a fallback release are runs of their own. Safety
+rules, in order:
 
 - nothing changes before every selected host passed pre-flight (a failure: exit 4, one line
   per host, the fleet lock released);
@@ -712,6 +716,10 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     with interrupts.installed(say):
         go()
         status = run.join()
+    if journal.record.get("maintenance_drain_started"):
+        for r in hosts.values():  # drained: no host that did not roll back serves anything
+            if r.status in (NOT_STARTED, FAILED_SERVING):
+                r.status = f"{r.status.removesuffix(' but serving')}: DOWN since the drain"
     released = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
     journal.set(fleet_lock_released_by_rollout=released.get("_event") == "runner_on_ok")
     refresh = events.results.get("fleet lock still ours", {})
@@ -729,7 +737,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
     lines = [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
              for h, r in hosts.items()]
-    if any(r.status == FAILED_ATTENTION for r in hosts.values()):
+    if any(r.status == FAILED_ATTENTION or "DOWN" in r.status for r in hosts.values()):
         code = ExitCode.ATTENTION
     elif any(r.status == TOOK_EFFECT for r in hosts.values()):
         code = ExitCode.TOOK_EFFECT
@@ -744,6 +752,9 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
                "stopped at the first failed host")
+        if journal.record.get("maintenance_drain_started"):
+            why += " (THE SERVICE IS DOWN on the hosts not rolled back; the database was " \
+                   "restored once and the resume does not restore it again)"
         lines.append(f"{why}: {len(not_done)} host(s) not rolled back; nothing was reverted "
                      "fleet-wide. Resume with:")
         lines.append(f"  {resume}")
