@@ -173,11 +173,6 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
 
 
 
-GATE_WAIT = ("import os, sys, time\n"
-             "while not os.path.exists(sys.argv[1]):\n"
-             "    time.sleep(0.02)\n")
-
-
 class PlaybookRun:
     """One ansible-playbook process for the whole fleet run (fleet.yml), started at once.
 
@@ -200,8 +195,7 @@ class PlaybookRun:
         self.thread, self.runner = ansible_runner.run_async(
             private_data_dir=self.dir.name,
             playbook=str(PLAYBOOKS / "fleet.yml"), inventory=str(inventory.path),
-            extravars={**extravars, "fleet_gate_dir": str(self.gate_dir),
-                       "fleet_gate_wait": GATE_WAIT},
+            extravars={**extravars, "fleet_gate_dir": str(self.gate_dir)},
             forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
             event_handler=events, cancel_callback=cancel, suppress_env_files=True,
             settings={"suppress_ansible_output": True})
