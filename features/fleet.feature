@@ -49,3 +49,16 @@ Feature: Roll back several hosts at once
     Then the fleet rollback is refused with exit code 4 naming "the maintenance path"
     And no host of the fleet changed
     And the fleet lock is free
+
+  @fleet @fault @database
+  Scenario: The maintenance path drains every host, restores the snapshot once, then rolls back canary first
+    Given every host of the fleet runs a new deployment
+    And migrations ran on the shared database after the new deployment
+    When I preview the fleet rollback on the maintenance path
+    Then the plan says THE SERVICE IS DOWN on all 3 hosts, and no host of the fleet changed
+    When I roll back the fleet on the maintenance path
+    Then the fleet rollback succeeds
+    And every host of the fleet serves the previous version
+    And the canary host was rolled back before any other host started
+    And the snapshot was restored exactly once, on the fleet lock host, before any host rolled back
+    And the fleet lock is free

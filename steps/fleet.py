@@ -46,6 +46,8 @@ class FleetWorld:
     proc: subprocess.CompletedProcess[str] | None = None
     out: dict[str, Any] = field(default_factory=dict)
     first_run: dict[str, Any] = field(default_factory=dict)
+    schema_before: int | None = None  # schema_migrations before the Given's fake migration
+    safety_before: set[Path] = field(default_factory=set)
 
     def run(self, *args: str) -> dict[str, Any]:
         argv = [self.fleet.runbook_command, "fleet", "rollback", *args, "--yes",
@@ -106,7 +108,10 @@ def unreachable_host(fleet_world: FleetWorld) -> None:
 @given("migrations ran on the shared database after the new deployment")
 def migrations_ran(fleet_world: FleetWorld) -> None:
     with fleet_world.fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        fleet_world.schema_before = int(row[0]) if row else None
         conn.execute("UPDATE schema_migrations SET version = version + 1")
+    fleet_world.before = fleet_world.snapshot()
 
 
 # -- Whens -------------------------------------------------------------------------------------
@@ -115,6 +120,25 @@ def migrations_ran(fleet_world: FleetWorld) -> None:
 @when("I roll back the fleet")
 def roll_back_fleet(fleet_world: FleetWorld) -> None:
     fleet_world.run(str(fleet_world.fleet.inventory))
+    fleet_world.first_run = fleet_world.out
+
+
+def _safety_snapshots(fw: FleetWorld) -> set[Path]:
+    """Every restore takes a `pre-restore` safety snapshot first: the files count restores."""
+    dirs = {h.env.database.snapshot_dir for h in fw.fleet.hosts}
+    return {p for d in dirs if d.is_dir() for p in d.glob("*_pre-restore.sql.gz")}
+
+
+@when("I preview the fleet rollback on the maintenance path")
+def preview_maintenance(fleet_world: FleetWorld) -> None:
+    fleet_world.safety_before = _safety_snapshots(fleet_world)
+    fleet_world.run(str(fleet_world.fleet.inventory), "--maintenance", "--dry-run")
+
+
+@when("I roll back the fleet on the maintenance path")
+def roll_back_maintenance(fleet_world: FleetWorld) -> None:
+    fleet_world.safety_before = _safety_snapshots(fleet_world)
+    fleet_world.run(str(fleet_world.fleet.inventory), "--maintenance")
     fleet_world.first_run = fleet_world.out
 
 
@@ -180,6 +204,36 @@ def database_once(fleet_world: FleetWorld) -> None:
     decision = fleet_world.record["database"]
     assert decision["status"] == "ok" and decision["host"] == "host1", decision
     assert decision["snapshot restore"] == "not needed", decision
+
+
+@then(parsers.parse("the plan says THE SERVICE IS DOWN on all {count:d} hosts, and no host "
+                    "of the fleet changed"))
+def plan_says_down(fleet_world: FleetWorld, count: int) -> None:
+    assert fleet_world.proc is not None
+    assert fleet_world.proc.returncode == 0, _explain(fleet_world)
+    text = "\n".join(fleet_world.out["lines"])
+    assert f"THE SERVICE IS DOWN on all {count} host(s)" in text, text
+    assert "restore snapshot togather_" in text and "Dry run: nothing was changed." in text, text
+    assert fleet_world.snapshot() == fleet_world.before
+    assert _safety_snapshots(fleet_world) == fleet_world.safety_before
+
+
+@then("the snapshot was restored exactly once, on the fleet lock host, before any host rolled "
+      "back")
+def restored_once(fleet_world: FleetWorld) -> None:
+    # the oracles: the safety snapshots on disk and schema_migrations in Postgres
+    new = _safety_snapshots(fleet_world) - fleet_world.safety_before
+    lock_dir = fleet_world.fleet.hosts[0].env.database.snapshot_dir
+    assert len(new) == 1 and next(iter(new)).parent == lock_dir, new
+    with fleet_world.fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version, dirty FROM schema_migrations").fetchone()
+    assert row is not None and int(row[0]) == fleet_world.schema_before, row
+    record = fleet_world.record
+    restores = [p for p in record["phases"] if p["name"] == "database"]
+    assert [p["status"] for p in restores] == ["restored"], record["phases"]
+    assert record["database"]["host"] == "host1", record["database"]
+    restored_at = record["database"]["restored_at"]
+    assert all(restored_at <= h["started"] for h in record["hosts"].values()), record["hosts"]
 
 
 @then("the fleet lock is free")

@@ -311,6 +311,26 @@ class DrillReport:
                 record["duration_ms"] = round(
                     (now - self.step_began.get((nodeid, index), now)) * 1000)
         self._collect_runs(nodeid, entry, _scenario_load(request))
+        self._collect_fleet(request, entry)
+
+    def _collect_fleet(self, request: pytest.FixtureRequest, entry: dict[str, Any]) -> None:
+        """The fleet journal records a fleet scenario wrote (steps/fleet.py's journal_dir)."""
+        if "fleet_world" not in request.fixturenames:  # set up by a step: never start it here
+            return
+        try:
+            directory = getattr(request.getfixturevalue("fleet_world"), "journal_dir", None)
+        except Exception:  # a report must never fail the drill
+            return
+        if directory is None or not Path(directory).is_dir():
+            return
+        from runbook.reports import fleet
+
+        for path in sorted(Path(directory).glob("fleet_*.json")):
+            try:
+                entry.setdefault("fleet_runs", []).append(
+                    fleet.reduce(json.loads(path.read_text())))
+            except Exception:  # a report must never fail the drill
+                continue
 
     def _collect_runs(self, nodeid: str, entry: dict[str, Any], load: Any = None) -> None:
         if self.env is None:

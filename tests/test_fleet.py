@@ -120,14 +120,6 @@ def test_unattended_without_yes_is_refused_before_anything(tmp_path: Path) -> No
     assert "stdin is not a terminal" in proc.stderr and "--yes" in proc.stderr
 
 
-def test_maintenance_path_is_said_not_built(tmp_path: Path) -> None:
-    path = tmp_path / "inventory.yml"
-    path.write_text(INVENTORY)
-    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--maintenance", "--yes"],
-                          capture_output=True, text=True, check=False, timeout=60)
-    assert proc.returncode == 2 and "not built" in proc.stderr
-
-
 # -- the fleet lock (host side) ----------------------------------------------------------------
 
 
@@ -342,3 +334,89 @@ def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> No
 
         shutil.rmtree(live_dir, ignore_errors=True)
         shutil.rmtree(fleet_dir, ignore_errors=True)
+
+
+@pytest.mark.docker
+def test_maintenance_without_a_needed_restore_is_refused_and_a_real_run_renders_in_the_report(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    from runbook.reports import fleet as fleet_report
+    from runbook.reports.page import render_html
+
+    before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
+    proc = _fleet_rollback(fleet_on_v3, tmp_path / "refused", "--maintenance")
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "needs no snapshot restore" in err, err
+    assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None
+
+    proc = _fleet_rollback(fleet_on_v3, tmp_path / "run")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    record = json.loads(next((tmp_path / "run").glob("fleet_*.json")).read_text())
+    scenario = {"name": "fleet", "status": "passed", "steps": [], "runs": [],
+                "fleet_runs": [fleet_report.reduce(record)]}
+    html = render_html({"environment": "drill", "features": [
+        {"file": "features/fleet.feature", "name": "Fleet", "scenarios": [scenario]}]})
+    section = html[html.index(f'data-fleet-run="{record["fleet_run_id"]}"'):]
+    section = section[:section.index("</section>")]
+    # the timeline: the fleet's phases, then one bar per host by batch, canary first
+    for name in ("preflight", "database", "host1 (canary)", "host2 (batch 2)",
+                 "host3 (batch 3)"):
+        assert f">{name}<" in section, name
+    assert section.index(">host1 (canary)<") < section.index(">host2 (batch 2)<")
+    rows = [line for line in section.splitlines() if line.startswith("<tr><td>host")]
+    assert [r.split("</td>")[0] for r in rows] == ["<tr><td>host1", "<tr><td>host2",
+                                                    "<tr><td>host3"], rows
+    assert all("<td>rolled back</td>" in r for r in rows), rows
+    assert "database: host: host1, status: ok" in section
+
+
+@pytest.mark.docker
+def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The restore is journaled once; the resume reuses it (oracles: the safety snapshots a
+    restore takes first, schema_migrations in Postgres, what each host's Caddy serves)."""
+    lock = fleet_on_v3.hosts[0]
+    dirs = {h.env.database.snapshot_dir for h in fleet_on_v3.hosts}
+
+    def safety() -> set[Path]:
+        return {p for d in dirs if d.is_dir() for p in d.glob("*_pre-restore.sql.gz")}
+
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    before = safety()
+    fleet_on_v3.write_inventory(host_vars={"host2": {"runbook_environment": {
+        "RUNBOOK_DRILL_FAULT": "before:switch:SIGTERM"}}})
+    proc = _fleet_rollback(fleet_on_v3, tmp_path, "--maintenance", "--format", "json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 5, out + err  # hosts are down: needs attention
+    first = json.loads(out.splitlines()[-1])
+    hosts = first["record"]["hosts"]
+    assert hosts["host1"]["status"] == "rolled back"
+    assert hosts["host2"]["status"] == "failed: DOWN since the drain", hosts["host2"]
+    assert hosts["host3"]["status"] == "not started: DOWN since the drain", hosts["host3"]
+    assert fleet_on_v3.serving("host1") == (200, "blue", VERSIONS["v2"].tag)
+    assert fleet_on_v3.serving("host3")[0] >= 500  # drained: its Caddy has no slot to reach
+    assert len(safety() - before) == 1
+    resume = first["record"]["resume_command"]
+    assert "--limit host2,host3 --resume fleet_" in resume, resume
+
+    fleet_on_v3.write_inventory()
+    argv = resume.split()[3:]
+    proc = subprocess.Popen([fleet_on_v3.runbook_command, "fleet", "rollback", *argv, "--yes",
+                             "--format", "json", "--journal-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    second = json.loads(out.splitlines()[-1])["record"]
+    assert second["database"]["reused_from"] == first["fleet_run_id"], second["database"]
+    assert [p["name"] for p in second["phases"]].count("drain") == 0, second["phases"]
+    assert len(safety() - before) == 1  # restored once in all
+    with lock.stack.connect() as conn:
+        row2 = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert row2 is not None and row2[0] == row[0]
+    for h in fleet_on_v3.hosts:
+        assert fleet_on_v3.serving(h.name) == (200, "blue", VERSIONS["v2"].tag), h.name

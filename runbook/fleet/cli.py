@@ -44,8 +44,9 @@ def rollback_cmd(
                                                help="continue a stopped fleet run: its "
                                                "database phase is not repeated")] = None,
     maintenance: Annotated[bool, typer.Option(
-        "--maintenance", help="the maintenance path for a rollback that needs a snapshot "
-        "restore (drain all, restore once, switch all): not built yet")] = False,
+        "--maintenance", help="for a rollback that needs a snapshot restore: drain every "
+        "host (THE SERVICE IS DOWN), restore the snapshot once on the fleet lock host, then "
+        "roll back every host, canary first")] = False,
     journal_dir: Annotated[Path | None, typer.Option("--journal-dir", help="where the fleet "
                                                      "journal goes (default ~/.togather/fleet, "
                                                      "or RUNBOOK_FLEET_DIR)")] = None,
@@ -59,10 +60,6 @@ def rollback_cmd(
                               canary_group=canary_group, reason=reason or "fleet rollback",
                               resume=resume, maintenance=maintenance, journal_dir=journal_dir)
     try:
-        if maintenance:
-            raise UsageError("--maintenance (drain all hosts, restore once, switch all) is not "
-                             "built in this version", "follow README, Several hosts: the "
-                             "database rule, by hand")
         if not dry_run and not yes and not sys.stdin.isatty():
             raise UsageError("`runbook fleet rollback` changes hosts and stdin is not a "
                              "terminal, so nobody can confirm it; nothing was changed",
@@ -100,13 +97,37 @@ def rollback_cmd(
 
 @fleet_app.command("host-check")
 def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
-                   to: Annotated[str | None, typer.Option("--to")] = None) -> None:
+                   to: Annotated[str | None, typer.Option("--to")] = None,
+                   restore_snapshot: Annotated[bool, typer.Option(
+                       "--restore-snapshot", help="dry-run the rollback with the snapshot "
+                       "restore (the maintenance path's database host)")] = False) -> None:
     """(Run by the fleet on each host.) Read-only pre-flight of this host, as JSON."""
     from runbook.fleet import hostcheck
 
-    data = hostcheck.check(env, config, to)
+    data = hostcheck.check(env, config, to, restore=restore_snapshot)
     print(json.dumps(data, default=str))
     raise typer.Exit(4 if data["problems"] else 0)
+
+
+@fleet_app.command("drain")
+def drain_cmd(env: EnvArg, config: ConfigOpt = None,
+              undo: Annotated[str | None, typer.Option(
+                  "--undo", metavar="CONTAINERS", help="start again these containers (comma-"
+                  "separated) that a drain stopped")] = None) -> None:
+    """(Run by the fleet's maintenance path.) Stop this host's app slots: THE SERVICE IS DOWN."""
+    from runbook import environment
+    from runbook.fleet import drain
+
+    try:
+        env_ = environment.load(env, config=config)
+        out = (drain.undo(env_, [c for c in undo.split(",") if c]) if undo is not None
+               else drain.drain(env_))
+    except RunbookError as exc:
+        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                          "exit_code": int(exc.exit_code)}))
+        typer.echo(f"runbook: error: {exc}", err=True)
+        raise typer.Exit(int(exc.exit_code)) from None
+    print(json.dumps(out))
 
 
 @fleet_app.command("lock")

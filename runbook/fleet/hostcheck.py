@@ -23,7 +23,8 @@ def version() -> str:
         return "0+unknown"
 
 
-def check(env_name: str, config: str | None, to: str | None = None) -> dict[str, Any]:
+def check(env_name: str, config: str | None, to: str | None = None, *,
+          restore: bool = False) -> dict[str, Any]:
     """Never raises for a host problem: each is a `problems` line (the controller prints them)."""
     from runbook import environment
     from runbook import lock as locks
@@ -49,7 +50,9 @@ def check(env_name: str, config: str | None, to: str | None = None) -> dict[str,
     fleet_held = hostlock.status(env)
     out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
     try:
-        result = rb.rollback(env, rb.Options(to=to, reason="fleet pre-flight"), dry_run=True)
+        options = rb.Options(to=to, reason="fleet pre-flight",
+                             restore_snapshot="auto" if restore else None)
+        result = rb.rollback(env, options, dry_run=True)
     except RunbookError as exc:
         problems.append({"check": "rollback dry run", "message": exc.message, "fix": exc.fix,
                          "exit_code": int(exc.exit_code)})

@@ -42,6 +42,7 @@ class FleetJournal:
             "inventory": str(inventory.path), "dry_run": options.dry_run,
             "limit": options.limit, "resumed_from": options.resume,
             "lock_host": inventory.lock_host, "hosts_selected": targets,
+            "canary": [h for h in targets if h in inventory.canary],
             "batches": plan.batches, "started": _iso(self.started), "phases": [],
             "database": None, "hosts": {}, "outcome": None, "exit_code": None,
         }

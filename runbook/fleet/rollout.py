@@ -1,7 +1,11 @@
 """The fleet rollback, controller side: plan, lock + pre-flight, database phase, rollout.
 
-Each phase is one run of a playbook shipped in `playbooks/` through ansible-runner (Ansible
-runs as a subprocess; its per-host events come back here). Safety rules, in order:
+The whole run is ONE ansible-playbook start (`playbooks/fleet.yml`, through ansible-runner:
+Ansible runs as a subprocess; its per-host events come back here as they happen): the fleet
+lock and every host's pre-flight at once, then a gate where the playbook waits for this
+controller's decision, the maintenance path's drain and restore and a second gate, the
+rollout, the release. Only the undrain and a fallback release are runs of their own. Safety
+rules, in order:
 
 - nothing changes before every selected host passed pre-flight (a failure: exit 4, one line
   per host, the fleet lock released);
@@ -25,6 +29,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -117,13 +122,19 @@ class Events:
     unreachable: dict[str, str] = field(default_factory=dict)
     on_start: Callable[[str, str], None] | None = None
     on_end: Callable[[str, str, dict[str, Any]], None] | None = None
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+
+    def gate(self, name: str) -> threading.Event:
+        return self.gates.setdefault(name, threading.Event())
 
     def __call__(self, event: dict[str, Any]) -> bool:
         kind = event.get("event", "")
         data = event.get("event_data", {})
         host = data.get("host") or data.get("remote_addr") or ""
         task = data.get("task", "")
-        if kind == "runner_on_start":
+        if kind == "playbook_on_task_start" and task.startswith("gate "):
+            self.gate(task.removeprefix("gate ")).set()  # the playbook waits there for us
+        elif kind == "runner_on_start":
             self.started.setdefault(task, {})[host] = time.time()
             if self.on_start:
                 self.on_start(task, host)
@@ -160,6 +171,69 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
 
 
 
+
+
+class PlaybookRun:
+    """One ansible-playbook process for the whole fleet run (fleet.yml), started at once.
+
+    The playbook stops at named gates (a wait on a file) until the controller, which reads
+    every host's result meanwhile, writes its decision: `go`, `maintenance` or `stop`. A gate
+    never decided (an exception, Ctrl-C, a refusal) is decided `stop` by `close`, so no play
+    after it runs. One process start instead of one per phase: the fleet's overhead.
+    """
+
+    def __init__(self, inventory: Inventory, extravars: dict[str, Any], events: Events,
+                 forks: int, cancel: Callable[[], bool]) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="togather-fleet-runner-")
+        self.gate_dir = Path(self.dir.name) / "gates"
+        self.gate_dir.mkdir()
+        self.events = events
+        self.decided: set[str] = set()
+        import ansible_runner  # the [fleet] extra; it runs ansible-playbook as a subprocess
+
+        inv.ansible_tool("ansible-playbook")
+        self.thread, self.runner = ansible_runner.run_async(
+            private_data_dir=self.dir.name,
+            playbook=str(PLAYBOOKS / "fleet.yml"), inventory=str(inventory.path),
+            extravars={**extravars, "fleet_gate_dir": str(self.gate_dir)},
+            forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
+            event_handler=events, cancel_callback=cancel, suppress_env_files=True,
+            settings={"suppress_ansible_output": True})
+
+    def wait_gate(self, name: str) -> bool:
+        """True once the playbook waits at gate `name`; False if it ended before it."""
+        gate = self.events.gate(name)
+        while not gate.wait(0.05):  # short waits: signals reach the main thread
+            if not self.thread.is_alive():
+                return gate.is_set()
+        return True
+
+    def decide(self, name: str, decision: str, **files: str) -> None:
+        for key, value in files.items():
+            files_path = self.gate_dir / key
+            files_path.write_text(value)
+        tmp = self.gate_dir / f".{name}.tmp"
+        tmp.write_text(decision)
+        tmp.rename(self.gate_dir / name)  # atomic: the gate never reads half a word
+        self.decided.add(name)
+
+    def join(self) -> str:
+        while self.thread.is_alive():
+            self.thread.join(0.1)
+        return str(self.runner.status)
+
+    def close(self) -> None:
+        """Stop at every gate not decided yet, wait for Ansible to end, remove the files."""
+        for name in ("preflight", "rollout"):
+            if name not in self.decided:
+                with contextlib.suppress(OSError):
+                    self.decide(name, "stop")
+        with contextlib.suppress(Exception):
+            self.join()
+        if os.environ.get("RUNBOOK_FLEET_DEBUG"):  # Ansible's own output, for a developer
+            with contextlib.suppress(Exception):
+                sys.stderr.write(self.runner.stdout.read())
+        self.dir.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,13 +276,9 @@ def _one_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str, *,
+def preflight(events: Events, inventory: Inventory, targets: list[str], *,
               take_lock: bool) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
-    """Lock (unless a dry run) and check every host; (checks, problem lines, lock result)."""
-    events = Events()
-    extravars = {**_controller_vars(fleet_run_id, inventory, targets, reason),
-                 "fleet_take_lock": take_lock}
-    run_playbook("preflight.yml", inventory, extravars, events, forks=len(targets))
+    """Read the lock and every host's pre-flight; (checks, problem lines, lock result)."""
     lock_res = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
     if take_lock:
         if inventory.lock_host in events.unreachable:
@@ -218,7 +288,7 @@ def preflight(inventory: Inventory, targets: list[str], fleet_run_id: str, reaso
                                exit_code=ExitCode.PRECONDITION)
             error.lock_not_taken = True
             raise error
-        if lock_res.get("_event") != "runner_on_ok":
+        if lock_res.get("_event") != "runner_on_ok" or lock_res.get("rc") != 0:
             err = _last_json(str(lock_res.get("stdout", ""))) or {}
             msg = err.get("error") or _one_line(str(lock_res.get("stderr") or
                                                     lock_res.get("msg", "")))
@@ -283,6 +353,122 @@ def _needs_restore(checks: dict[str, dict[str, Any]]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The maintenance path (a restore is needed): drain every host, restore once, then the rollout
+
+
+def _maintenance_plan(checks: dict[str, dict[str, Any]], problems: list[str], db_host: str,
+                      inventory: Inventory, count: int) -> tuple[dict[str, Any], list[str]]:
+    """The database decision of a maintenance run, and the pre-flight problems left.
+
+    The database host dry-ran its rollback WITH the restore (its snapshot verified, read-only);
+    the other hosts' schema-guard refusals are what the restore resolves, so they are dropped.
+    """
+    dry = checks.get(db_host, {}).get("dry_run", {})
+    pre = dry.get("preflight", {})
+    left = [p for p in problems if not (p.split(":")[0] != db_host
+                                        and any(w in p for w in SCHEMA_WORDS))]
+    if not dry.get("ok") or not pre.get("restore"):
+        if not any(p.startswith(f"{db_host}:") for p in left):
+            left.append(f"{db_host}: the restore cannot be planned there: "
+                        f"{dry.get('error') or 'no snapshot named by its dry run'}")
+        return {"host": db_host, "status": "refused"}, left
+    return {"host": db_host, "status": "restore planned", "snapshot": pre["restore"],
+            "data-loss window": pre.get("data-loss window"),
+            "database schema": pre.get("database schema"),
+            "target ran with": pre.get("target ran with"), "hosts down": count,
+            "lock host": inventory.lock_host}, left
+
+
+def _maintenance_lines(decision: dict[str, Any], count: int) -> list[str]:
+    return [f"MAINTENANCE: THE SERVICE IS DOWN on all {count} host(s): every host's app slots "
+            "stop first (drain), and each host serves again only once its own rollback "
+            "switched it",
+            f"database (once, on {decision['host']}): restore snapshot {decision['snapshot']} "
+            f"(database now {decision.get('database schema')}; "
+            f"{decision.get('data-loss window')}), then every host rolls back without a "
+            "restore, canary first"]
+
+
+def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str],
+                       fleet_run_id: str, options: Options, journal: fjournal.FleetJournal,
+                       decision: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Drain every host, then restore the snapshot once on the database host.
+
+    Stopped before the restore (a host could not drain): the drained hosts are started again
+    and nothing else changed (exit 1). A failed restore leaves the database as it was (the
+    single-host restore's promise): hosts started again, exit 1. A restore whose outcome is
+    unknown (exit 5): the hosts stay down, exit 5. The restore is journaled (and the journal
+    written) at once, so a resume never repeats it.
+    """
+    say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
+    journal.set(maintenance_drain_started=True)
+    events = run.events
+    t0 = time.time()
+    run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
+    if not run.wait_gate("rollout"):
+        run.join()
+    drained: dict[str, list[str]] = {}
+    failed: list[str] = []
+    for host in targets:
+        res = events.results.get("drain", {}).get(host)
+        data = _last_json(str((res or {}).get("stdout", ""))) or {}
+        if res is not None and res.get("_event") == "runner_on_ok":
+            drained[host] = list(data.get("stopped", []))
+        elif res is not None:
+            failed.append(f"{host}: drain failed: "
+                          f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
+    journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
+    res = events.results.get("restore the snapshot", {}).get(decision["host"])
+    t1 = (events.started.get("restore the snapshot", {}).get(decision["host"]) or time.time())
+    out = _last_json(str((res or {}).get("stdout", ""))) or {}
+    rc = None if res is None else res.get("rc")
+    if res is not None and res.get("_event") == "runner_on_ok":
+        database = {**decision, "status": "restored", "restored_at": time.time(),
+                    "restore_run": out}
+        journal.phase("database", t1, "restored", decision=database)
+        journal.record["database"] = database
+        journal.write(options.journal_dir)  # before any host switches: a resume must see it
+        say(f"maintenance: database restored once on {decision['host']} from "
+            f"{decision['snapshot']}")
+        return
+    run.close()  # the playbook stops before the rollout (already ended if the play failed)
+    if res is not None:
+        journal.phase("database", t1, "failed", decision={**decision, "status": "failed",
+                                                          "restore_run": out})
+    journal.record["database"] = {**decision, "status": "not restored"}
+    why = (out.get("error") or _one_line(str((res or {}).get("stderr") or "")) if res is not None
+           else "not run: " + ("; ".join(failed) or "the play stopped before it"))
+    if rc is not None and rc not in (1, 2, 3, 4):
+        raise FleetError(f"maintenance: the restore on {decision['host']} did not finish "
+                         f"cleanly (exit {rc}): {why}; THE SERVICE IS DOWN on every host",
+                         f"read `runbook snapshot list` and the journal on {decision['host']}; "
+                         "do not start the hosts on an unknown database",
+                         exit_code=ExitCode.ATTENTION, lines=failed)
+    undo = {h: ",".join(c) for h, c in drained.items() if c}
+    if undo:
+        say(f"maintenance: the database was not restored; starting again {len(undo)} "
+            "drained host(s)")
+        uevents = Events()
+        run_playbook("undrain.yml", inventory,
+                     {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
+                      "fleet_undo": undo}, uevents, forks=len(undo))
+        left = [h for h in undo
+                if uevents.results.get("undrain", {}).get(h, {}).get("_event") != "runner_on_ok"]
+        journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left)
+        if left:
+            raise FleetError(f"maintenance stopped before the restore ({why}); the database "
+                             f"was not touched, but {', '.join(left)} could not be started "
+                             "again: THE SERVICE IS DOWN there",
+                             "start its app slot there (`runbook fleet drain ENV --undo ...`, "
+                             "`runbook status ENV`)", exit_code=ExitCode.ATTENTION,
+                             lines=failed)
+    raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
+                     "touched and every drained host was started again", "fix the cause, then "
+                     "run the same command again", exit_code=ExitCode.FAILED_SAFELY,
+                     lines=failed)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -290,9 +476,13 @@ class _Interrupts:
     """First Ctrl-C (or SIGTERM): start no further batch (the playbook checks `stop_file` before
     each); the second: stop Ansible now."""
 
-    def __init__(self, stop_file: Path) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.stop_file = stop_file
+        self._dir = tempfile.TemporaryDirectory(prefix="togather-fleet-stop-")
+        self.stop_file = Path(self._dir.name) / "stop"
+
+    def cleanup(self) -> None:
+        self._dir.cleanup()
 
     @contextlib.contextmanager
     def installed(self, say: Callable[[str], None]) -> Iterator[None]:
@@ -338,23 +528,61 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     t0 = time.time()
     locked = not options.dry_run  # from the moment the take is asked for: released in finally
     old_term = signal.signal(signal.SIGTERM, _interrupt)
+    hosts = {h: HostResult(h) for h in targets}
+    interrupts = _Interrupts()
+    run: PlaybookRun | None = None
     try:
-        checks, problems, lock_res = preflight(inventory, targets, fleet_run_id, options.reason,
+        events = _host_events(hosts, say)
+        extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
+                     "fleet_take_lock": not options.dry_run,
+                     "fleet_maintenance": options.maintenance,
+                     "fleet_preflight_hosts": ",".join(dict.fromkeys(
+                         [*targets, inventory.lock_host])),
+                     "fleet_serial": plan.serial,
+                     "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
+                     "fleet_stop_file": str(interrupts.stop_file)}
+        run = PlaybookRun(inventory, extravars, events, forks=len(targets) + 1,
+                          cancel=lambda: interrupts.count >= 2)
+        reached = run.wait_gate("preflight")
+        if not reached:
+            status = run.join()
+            if not events.results:
+                raise FleetError(f"ansible-playbook ended before pre-flight ({status}); "
+                                 "nothing was changed", "run with the same inventory "
+                                 "through `ansible-inventory --list` to see why",
+                                 exit_code=ExitCode.PRECONDITION)
+        checks, problems, lock_res = preflight(events, inventory, targets,
                                                take_lock=not options.dry_run)
         if lock_res.get("stdout") and not options.dry_run:
             taken = _last_json(str(lock_res.get("stdout"))) or {}
             if taken.get("taken_over"):
                 say(f"took over a stale fleet lock: {taken['taken_over']}")
                 journal.set(stale_fleet_lock_taken_over=taken["taken_over"])
-        journal.phase("preflight", t0, "failed" if problems else "ok",
-                      hosts={h: checks.get(h) for h in targets}, problems=problems)
         restore = _needs_restore(checks)
         db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
-        if resumed is not None and resumed.get("database", {}).get("status") == "ok":
-            database = {**resumed["database"], "reused_from": resumed["fleet_run_id"]}
+        maintenance = None
+        if options.maintenance and restore is not None:
+            maintenance, problems = _maintenance_plan(checks, problems, db_host, inventory,
+                                                      len(targets))
+            restore = None
+        journal.phase("preflight", t0, "failed" if problems else "ok",
+                      hosts={h: checks.get(h) for h in targets}, problems=problems)
+        reused = (resumed or {}).get("database") or {}
+        if resumed is not None and reused.get("status") in ("ok", "restored"):
+            database = {**reused, "reused_from": resumed["fleet_run_id"]}
+            maintenance = None  # the restore is never repeated by a resume
+        elif maintenance is not None:
+            database = maintenance
         else:
             database = database_phase(checks, db_host)
-        journal.phase("database", time.time(), str(database.get("status", "?")), decision=database)
+        if options.maintenance and maintenance is None and "reused_from" not in database:
+            raise FleetError("--maintenance: this rollback needs no snapshot restore, so no "
+                             "host needs to go down; nothing was changed",
+                             "run the same command without --maintenance (a rolling "
+                             "rollback)", exit_code=ExitCode.USAGE, lines=problems)
+        if maintenance is None:
+            journal.phase("database", time.time(), str(database.get("status", "?")),
+                          decision=database)
         journal.record["database"] = database
         if restore is not None:
             message = ("the shared database needs a snapshot restore before the code can go "
@@ -362,9 +590,8 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                        "hosts still on the new version would meet the old schema; nothing was "
                        "changed")
             fix = ("take the maintenance path: drain every host, restore the snapshot once, "
-                   "switch every host, canary first (`--maintenance`: not built in this "
-                   "version; do it by hand with `runbook rollback ENV --restore-snapshot` on "
-                   "one host after draining all)")
+                   "switch every host, canary first: the same command with --maintenance "
+                   "(THE SERVICE IS DOWN meanwhile; --dry-run first shows the plan)")
             raise FleetError(message, fix, exit_code=ExitCode.PRECONDITION,
                              lines=[p for p in problems if not any(w in p for w in SCHEMA_WORDS)])
         if problems:
@@ -372,26 +599,48 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"of {len(targets)} host(s); nothing was changed",
                              "fix each host below, then run the same command again",
                              exit_code=ExitCode.PRECONDITION, lines=problems)
+        if not reached:
+            raise FleetError(f"ansible-playbook ended before the controller's decision "
+                             f"({run.join()}); nothing was changed", "run the same command "
+                             "again; if it repeats, run the playbook by hand with -vvv",
+                             exit_code=ExitCode.PRECONDITION)
+        if maintenance is not None:
+            plan_lines += _maintenance_lines(maintenance, len(targets))
         if options.dry_run:
             lines = plan_lines + [f"{h}: ready: {checks[h]['dry_run']['summary']}"
+                                  if checks[h].get("dry_run", {}).get("ok") else
+                                  f"{h}: ready once the database is restored"
                                   for h in targets]
-            lines.append(f"database (once, on {database['host']}): "
-                         f"{database.get('database schema')}, schema guard "
-                         f"{database.get('schema guard')}")
+            if maintenance is None:
+                lines.append(f"database (once, on {database['host']}): "
+                             f"{database.get('database schema')}, schema guard "
+                             f"{database.get('schema guard')}")
             lines.append("Dry run: nothing was changed.")
             return FleetResult(fleet_run_id, 0, lines)
         if confirm is not None and not confirm("\n".join(plan_lines)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
                              "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
 
+        # -- the maintenance path: drain all, restore once ------------------------------------
+        if maintenance is not None:
+            _drain_and_restore(run, inventory, targets, fleet_run_id, options, journal,
+                               maintenance, say)
+        gate = "rollout" if maintenance is not None else "preflight"
+
         # -- the rollout ---------------------------------------------------------------------
-        hosts = {h: HostResult(h) for h in targets}
-        return _rollout(inventory, targets, plan, fleet_run_id, options, journal, hosts, say,
-                        plan_lines)
+        return _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
+                        interrupts, say, go=lambda: run.decide(gate, "go"))
     except KeyboardInterrupt:
-        error = FleetError("interrupted before any host changed; nothing was changed",
-                           "run the same command again when ready",
-                           exit_code=ExitCode.FAILED_SAFELY)
+        if journal.record.get("maintenance_drain_started"):
+            error = FleetError("interrupted during the maintenance drain or restore: hosts may "
+                               "be down and the database may be restored", "run `runbook "
+                               "status ENV` on each host and read the fleet journal; resume "
+                               "with the same command and --resume",
+                               exit_code=ExitCode.ATTENTION)
+        else:
+            error = FleetError("interrupted before any host changed; nothing was changed",
+                               "run the same command again when ready",
+                               exit_code=ExitCode.FAILED_SAFELY)
         journal.finish("interrupted", int(error.exit_code), error=error.message)
         error.journal_file = journal.write(options.journal_dir)
         raise error from None
@@ -403,17 +652,17 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         exc.journal_file = journal.write(options.journal_dir)
         raise
     finally:
+        if run is not None:
+            run.close()
+        interrupts.cleanup()
         signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
             _release(inventory, targets, fleet_run_id, options.reason, say)
 
 
-def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_run_id: str,
-             options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
-             say: Callable[[str], None], plan_lines: list[str]) -> FleetResult:
+def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Events:
+    """Events whose `runbook rollback` results fill in each host's outcome as they come."""
     task = "runbook rollback"
-    stop_dir = tempfile.TemporaryDirectory(prefix="togather-fleet-stop-")
-    interrupts = _Interrupts(Path(stop_dir.name) / "stop")
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
@@ -421,7 +670,7 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
             say(f"{host}: rolling back ...")
 
     def on_end(t: str, host: str, res: dict[str, Any]) -> None:
-        if t != task or host not in hosts:
+        if t != task or host not in hosts or res.get("_event") == "runner_on_skipped":
             return
         r = hosts[host]
         r.ended = time.time()
@@ -448,23 +697,28 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
                              f"{data.get('error') or _one_line(str(res.get('stderr', '')))}")
         say(f"{host}: {r.status} ({r.message})")
 
-    events = Events(on_start=on_start, on_end=on_end)
+    return Events(on_start=on_start, on_end=on_end)
 
-    def cancel() -> bool:
-        return interrupts.count >= 2
 
-    extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
-                 "fleet_serial": plan.serial,
-                 "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
-                 "fleet_stop_file": str(interrupts.stop_file)}
+def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_run_id: str,
+             options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
+             interrupts: _Interrupts, say: Callable[[str], None],
+             go: Callable[[], None]) -> FleetResult:
+    """Open the gate to the rollout and follow it; Ctrl-C from here on lets hosts finish."""
+    events = run.events
     t0 = time.time()
-    with stop_dir, interrupts.installed(say):
-        status = run_playbook("rollout.yml", inventory, extravars, events,
-                              forks=max(plan.serial), cancel=cancel)
+    with interrupts.installed(say):
+        go()
+        status = run.join()
+    if journal.record.get("maintenance_drain_started"):
+        for r in hosts.values():  # drained: no host that did not roll back serves anything
+            if r.status in (NOT_STARTED, FAILED_SERVING):
+                r.status = f"{r.status.removesuffix(' but serving')}: DOWN since the drain"
     released = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
     journal.set(fleet_lock_released_by_rollout=released.get("_event") == "runner_on_ok")
     refresh = events.results.get("fleet lock still ours", {})
-    lost_lock = next((r for r in refresh.values() if r.get("_event") != "runner_on_ok"), None)
+    lost_lock = next((r for r in refresh.values()
+                      if r.get("_event") in ("runner_on_failed", "runner_on_unreachable")), None)
     journal.phase("rollout", t0, status, serial=plan.serial,
                   hosts={h: {"status": r.status, "started": r.started, "ended": r.ended}
                          for h, r in hosts.items()})
@@ -477,7 +731,7 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
     lines = [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
              for h, r in hosts.items()]
-    if any(r.status == FAILED_ATTENTION for r in hosts.values()):
+    if any(r.status == FAILED_ATTENTION or "DOWN" in r.status for r in hosts.values()):
         code = ExitCode.ATTENTION
     elif any(r.status == TOOK_EFFECT for r in hosts.values()):
         code = ExitCode.TOOK_EFFECT
@@ -492,6 +746,9 @@ def _rollout(inventory: Inventory, targets: list[str], plan: inv.Batches, fleet_
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
                "stopped at the first failed host")
+        if journal.record.get("maintenance_drain_started"):
+            why += " (THE SERVICE IS DOWN on the hosts not rolled back; the database was " \
+                   "restored once and the resume does not restore it again)"
         lines.append(f"{why}: {len(not_done)} host(s) not rolled back; nothing was reverted "
                      "fleet-wide. Resume with:")
         lines.append(f"  {resume}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook import templating
+from runbook.reports import fleet
 from runbook.reports.model import (
     ENGINE_ACTIONS,
     ERROR,
@@ -141,6 +142,8 @@ def _scenario(feature: Mapping[str, Any], scenario: Mapping[str, Any]) -> dict[s
         "arranged": arranged,
         "arranged_figures": [f for r in arranged if (f := _figure(scenario, r))],
         "runs": [_run_row(r) for r in runs],
+        "fleet": [fleet.section(r) for r in scenario.get("fleet_runs") or []
+                  if isinstance(r, Mapping)],
     }
 
 
