@@ -1,7 +1,9 @@
 """Ansible lookup `fleet_gate`: wait for the controller's decision file and return its word.
 
 Loaded by Ansible itself (beside fleet.yml), never imported by togather-runbook. Runs inside
-ansible-playbook: no module shipped to a host, no process started, polled every 20 ms.
+ansible-playbook: no module shipped to a host, no process started, polled every 20 ms. Bounded:
+a controller that died never leaves the playbook waiting for ever; after WAIT_S the lookup
+answers "stop", which the playbook treats like any word but "go" (nothing more changes).
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ import os
 import time
 from typing import Any
 
-from ansible.plugins.lookup import LookupBase  # type: ignore[import-not-found]
+from ansible.plugins.lookup import LookupBase  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+WAIT_S = float(os.environ.get("RUNBOOK_FLEET_GATE_WAIT_S", "900"))
 
 
 class LookupModule(LookupBase):  # type: ignore[misc]
     def run(self, terms: list[str], variables: Any = None, **kwargs: Any) -> list[str]:
         path = terms[0]
+        deadline = time.monotonic() + WAIT_S
         while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                return ["stop"]
             time.sleep(0.02)
         with open(path, encoding="utf-8") as f:
             return [f.read().strip()]
