@@ -201,7 +201,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if guard.restore is not None:
         from runbook import snapshot_restore
 
-        restore_steps = snapshot_restore.restore_steps(env, guard.restore, facts={})
+        restore_steps = snapshot_restore.restore_steps(
+            env, snapshot_restore.prepare(env, guard.restore), facts={})
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")

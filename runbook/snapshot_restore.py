@@ -31,25 +31,30 @@ from runbook.snapshots.store import Snapshot, find
 from runbook.snapshots.verify import verify
 from runbook.times import format_utc as _fmt
 
-__all__ = ["restore", "restore_steps", "start_step"]
+__all__ = ["prepare", "restore", "restore_steps", "start_step"]
 
 
-def restore_steps(env: Environment, snap: Snapshot | str | Path,
+def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
+    """Find and verify the snapshot NOW (raises, changing nothing): the typed record the
+    restore's steps share while they run (safety snapshot, stopped containers, restored)."""
+    snapshot = snap if isinstance(snap, Snapshot) else find(env, snap)
+    return RestoreRun(snapshot, verify(env, snapshot))
+
+
+def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
                   facts: dict[str, Any] | None = None) -> list[Step]:
-    """The restore as plan steps; verifies the file NOW (raises, changing nothing).
+    """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> safety snapshot -> stop the app slots (never the database) ->
     DROP SCHEMA + replay in one transaction -> verify schema_migrations and row counts.
-    Starting the target slot afterwards is the caller's step. `facts` (JSON-friendly) gets
-    restore_snapshot, restore_migration_version, and while running: safety_snapshot,
-    stopped_containers (a list filled in place) and restored.
+    Starting the target slot afterwards is the caller's step. `facts` is only the plan's
+    JSON summary (--format json, reports): restore_snapshot, restore_migration_version, and
+    once known safety_snapshot and restored; no step reads it.
     """
     from runbook import docker
 
-    snapshot = snap if isinstance(snap, Snapshot) else find(env, snap)
-    verified = verify(env, snapshot)
-    run = RestoreRun(snapshot, verified)
+    snapshot, verified = run.snapshot, run.verified
     facts = facts if facts is not None else {}
     facts.update(restore_snapshot=str(snapshot.path), safety_snapshot=None,
                  stopped_containers=run.stopped, restored=False,
@@ -91,11 +96,12 @@ def restore_steps(env: Environment, snap: Snapshot | str | Path,
         except RunbookError as exc:
             raise after_failed_replay(env, run, exc, safety) from None
         run.restored = facts["restored"] = True
+        safety_path = run.safety.path if run.safety else None
         ctx.cannot_undo(
             f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
             "service is down", f"fix the cause and run `runbook switch {env.name} --slot <target "
             f"slot>` or `runbook deploy {env.name} --version <known-good>`; the data from "
-            f"before the restore is in {facts.get('safety_snapshot')}")
+            f"before the restore is in {safety_path}")
         ctx.note(restored=snapshot.name)
 
     def check(ctx: StepContext) -> None:
@@ -143,12 +149,12 @@ def restore_steps(env: Environment, snap: Snapshot | str | Path,
     ]
 
 
-def start_step(env: Environment, facts: dict[str, Any], *, wait: bool = True) -> Step:
+def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True) -> Step:
     """For a standalone restore: start again the app containers the restore stopped."""
     from runbook import docker, health
 
     def run(ctx: StepContext) -> None:
-        stopped: list[str] = facts.get("stopped_containers") or []
+        stopped = list(restore_run.stopped)
         by_container = {env.slot(s).container: s for s in env.slots}
         for name in stopped:
             docker.start(name)
@@ -183,17 +189,18 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
     def build(run_id: str) -> Plan:
         snap = find(env, ref)
         facts: dict[str, Any] = {}
-        steps = restore_steps(env, snap, facts=facts)
+        restore_run = prepare(env, snap)
+        steps = restore_steps(env, restore_run, facts=facts)
         warnings = []
         with contextlib.suppress(RunbookError):
             warnings.append(loss_window(env, snap).describe())
         if restart:
-            steps.append(start_step(env, facts))
+            steps.append(start_step(env, restore_run))
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",
                               skip="--keep-stopped"))
         summary = (f"restore {env.display}'s database from {snap.name} (schema "
-                   f"{facts['restore_migration_version']})")
+                   f"{restore_run.verified.migration_version})")
         return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)
 
     return perform(env, "snapshot-restore", build, dry_run=dry_run, reason=reason,

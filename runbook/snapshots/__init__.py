@@ -10,11 +10,8 @@ One job per module:
     replay    the one-transaction replay and the proof of its result
 
 The package never calls the orchestrator (plans, runs): the restore as plan steps and as a
-command lives in runbook/snapshot_restore.py, which calls in here. `restore`, `restore_steps`
-and `start_step` are still reachable as `runbook.snapshots.<name>` for older callers; they
-are loaded on first use, so importing this package does not import the orchestrator.
-(`verify` and `replay` name modules here; their functions are `verify.verify` and
-`replay.replay`.)
+command lives in runbook/snapshot_restore.py, which calls in here. (`verify` and `replay`
+name modules here; their functions are `verify.verify` and `replay.replay`.)
 """
 
 from __future__ import annotations
