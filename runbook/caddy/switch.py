@@ -35,13 +35,7 @@ def apply(env: Environment, text: str) -> None:
     It does not undo a failed reload: switch() does, because it holds the previous text.
     """
     check_running(env)
-    path = env.caddy.caddyfile
-    try:
-        write_atomically(path, text.encode("utf-8"))
-    except OSError as exc:
-        raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
-                         "check the file's directory permissions (run as root?)",
-                         stage="write") from None
+    write_config(env, text)
     reload(env, text)
 
 
