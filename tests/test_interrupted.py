@@ -11,8 +11,8 @@ more `runbook rollback`. For every cell:
 - the rerun converges: v2 on green, recorded once (rollback_count 1), blue stopped, no
   intent, no lock, no temp file left; no hand edit anywhere.
 
-`make test` runs a sample (every point with SIGKILL, the switch's inner points with SIGINT and
-SIGTERM); RUNBOOK_KILL_MATRIX=full (the nightly drill) runs every point with every signal.
+`make test` runs a sample of 10 cells (SAMPLE: every point once, every signal); the nightly
+drill (RUNBOOK_KILL_MATRIX=full) runs all 27: every point with every signal.
 """
 
 from __future__ import annotations
@@ -56,9 +56,22 @@ POINTS = [
     "after:stop-old-slot",  # all done but the intent and the lock
 ]
 SIGNALS = ["SIGKILL", "SIGINT", "SIGTERM"]
-SAMPLE = ([(p, "SIGKILL") for p in POINTS]
-          + [(p, s) for p in ("before:health-gate", "switch.after-write", "switch.after-reload",
-                              "before:stop-old-slot") for s in ("SIGINT", "SIGTERM")])
+# make test's sample: every point once, every signal at least three times, and each signal
+# where its path differs most: SIGKILL (nothing runs after it) at the step boundaries, the
+# commit point and inside the state write; SIGINT/SIGTERM (handled) in an undoable wait, inside
+# the switch before its verification (held, then undone) and after the commit (nothing undone).
+SAMPLE = [
+    ("before:start-slot", "SIGKILL"),
+    ("before:health-gate", "SIGINT"),
+    ("before:switch", "SIGKILL"),
+    ("switch.after-write", "SIGTERM"),
+    ("switch.after-reload", "SIGKILL"),
+    ("switch.after-reload", "SIGINT"),
+    ("switch.after-verify", "SIGKILL"),
+    ("state.before-rename", "SIGKILL"),
+    ("before:stop-old-slot", "SIGTERM"),
+    ("after:stop-old-slot", "SIGKILL"),
+]
 FULL = [(p, s) for p in POINTS for s in SIGNALS]
 CELLS = FULL if os.environ.get("RUNBOOK_KILL_MATRIX") == "full" else SAMPLE
 # A signal inside the switch is held until the switch is verified or undone; it undoes a
