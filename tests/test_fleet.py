@@ -188,11 +188,8 @@ def _fleet_rollback(fleet: DrillFleet, journal: Path, *args: str) -> subprocess.
 
 @pytest.fixture
 def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
-    if not getattr(drill_fleet, "fresh", False):
-        drill_fleet.reset()
-    drill_fleet.fresh = False  # type: ignore[attr-defined]
     drill_fleet.write_inventory()
-    drill_fleet.deploy_all("v3")
+    drill_fleet.on_new_deployment("v3")
     return drill_fleet
 
 
