@@ -148,8 +148,8 @@ def plain_yaml(path: Path) -> dict[str, Any] | None:
     ANSIBLE_INVENTORY_* or ANSIBLE_CONFIG override in the environment, no ansible.cfg (working
     directory, home, /etc/ansible), groups of only `hosts`/`vars`/`children`, host and group
     names without ranges, ports or patterns, plain YAML values (no tags such as !vault). Each
-    host's vars are merged the way Ansible does: `all` first, then its groups by depth and name, then the
-    host's own (no ansible_group_priority: a file using it goes to Ansible).
+    host's vars are merged the way Ansible does: `all` first, then its groups by depth and
+    name, then the host's own (no ansible_group_priority: a file using it goes to Ansible).
     tests/test_fleet.py compares the result with the real `ansible-inventory` output.
     """
     import os
