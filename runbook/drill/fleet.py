@@ -226,11 +226,13 @@ class DrillFleet:
             first = DrillStack(run_id=f"{self.run_id}h1", base_version=base)
             first.start()
             self.hosts.append(FleetHost("host1", first, _free_port()))
-            for i in range(2, self.size + 1):
-                stack = FleetHostStack(run_id=f"{self.run_id}h{i}", shared=first,
-                                       base_version=base)
-                stack.start()
-                self.hosts.append(FleetHost(f"host{i}", stack, _free_port()))
+            rest = [FleetHostStack(run_id=f"{self.run_id}h{i}", shared=first, base_version=base)
+                    for i in range(2, self.size + 1)]
+            self.hosts += [FleetHost(f"host{i}", stack, _free_port())
+                           for i, stack in enumerate(rest, start=2)]
+            with ThreadPoolExecutor(max_workers=len(rest) or 1) as pool:  # independent hosts
+                for done in [pool.submit(stack.start) for stack in rest]:
+                    done.result()
             self._keys()
             for h in self.hosts:
                 self._start_sshd(sshd, h)
