@@ -222,18 +222,28 @@ class PlaybookRun:
             self.thread.join(0.1)
         return str(self.runner.status)
 
-    def close(self) -> None:
-        """Stop at every gate not decided yet, wait for Ansible to end, remove the files."""
+    def close(self, *, release: bool = False) -> None:
+        """Stop at every gate not decided yet, wait for Ansible to end, remove the files.
+
+        `release`: a run stopped at the pre-flight gate releases the fleet lock in the same
+        playbook (see `released`), not in an ansible-playbook start of its own."""
         for name in ("preflight", "rollout"):
             if name not in self.decided:
+                word = "stop, release the fleet lock" if release and name == "preflight" \
+                    else "stop"
                 with contextlib.suppress(OSError):
-                    self.decide(name, "stop")
+                    self.decide(name, word)
         with contextlib.suppress(Exception):
             self.join()
         if os.environ.get("RUNBOOK_FLEET_DEBUG"):  # Ansible's own output, for a developer
             with contextlib.suppress(Exception):
                 sys.stderr.write(self.runner.stdout.read())
         self.dir.cleanup()
+
+    def released(self, lock_host: str) -> bool:
+        """Whether the playbook released the fleet lock after a stop (exit 0 on the host)."""
+        res = self.events.results.get("release the fleet lock (stopped)", {}).get(lock_host, {})
+        return res.get("_event") == "runner_on_ok" and res.get("rc") == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,7 +677,16 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         raise
     finally:
         if run is not None:
-            run.close()
+            release = bool(locked and not journal.record.get("fleet_lock_released_by_rollout"))
+            held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)
+                    } if release else {}  # as in _release: a Ctrl-C cannot leak the lock
+            try:
+                run.close(release=release)
+            finally:
+                for s, h in held.items():
+                    signal.signal(s, h)
+            if release and run.released(inventory.lock_host):
+                locked = False  # released by the playbook itself
         interrupts.cleanup()
         signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
