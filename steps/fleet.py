@@ -34,7 +34,6 @@ def drill_fleet(request: pytest.FixtureRequest) -> Iterator[DrillFleet]:
     if request.config.getoption("--env") != "drill":
         pytest.skip("the fleet scenarios need the drill fleet (drill only)")
     with DrillFleet(size=3) as fleet:
-        fleet.fresh = True  # type: ignore[attr-defined]
         yield fleet
 
 
@@ -70,10 +69,7 @@ class FleetWorld:
 
 @pytest.fixture
 def fleet_world(drill_fleet: DrillFleet, tmp_path: Path) -> FleetWorld:
-    """Each scenario starts from the fleet's baseline (every host on v2, recorded)."""
-    if not getattr(drill_fleet, "fresh", False):
-        drill_fleet.reset()
-    drill_fleet.fresh = False  # type: ignore[attr-defined]
+    """Each scenario's inventory; its first Given arranges every host (on_new_deployment)."""
     drill_fleet.write_inventory()
     return FleetWorld(drill_fleet, tmp_path / "fleet-journal")
 
@@ -83,7 +79,8 @@ def fleet_world(drill_fleet: DrillFleet, tmp_path: Path) -> FleetWorld:
 
 @given("every host of the fleet runs a new deployment")
 def fleet_on_new(fleet_world: FleetWorld) -> None:
-    fleet_world.fleet.deploy_all(NEW)
+    # real deploys the first time; then the scene they left, put back (DrillFleet docstring)
+    fleet_world.fleet.on_new_deployment(NEW)
     for h in fleet_world.fleet.hosts:
         assert fleet_world.fleet.serving(h.name)[2] == VERSIONS[NEW].tag, h.name
     fleet_world.before = fleet_world.snapshot()

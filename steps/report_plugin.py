@@ -135,7 +135,10 @@ def _skip_reason(report: pytest.TestReport) -> str:
 
 
 def _scenario_load(request: pytest.FixtureRequest) -> Any:
-    """The user load of the scenario's world (still running: the world is torn down later)."""
+    """The user load of the scenario's world (still running: the world is torn down later).
+    A fleet scenario has no world (steps/world.py): never start one here."""
+    if request.node.get_closest_marker("fleet") is not None:
+        return None
     try:
         return getattr(request.getfixturevalue("world"), "load", None)
     except Exception:  # no world (not a feature), or it failed to set up

@@ -285,6 +285,7 @@ def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[
 
 @pytest.fixture(autouse=True)
 def _scenario_world(request: pytest.FixtureRequest) -> None:
-    """Every scenario gets its world (and so its drill reset) before its first step."""
-    if is_feature_item(request.node):
+    """Every scenario gets its world (and so its drill reset) before its first step; a fleet
+    scenario has its own (steps/fleet.py) and never needs the single-host drill stack."""
+    if is_feature_item(request.node) and request.node.get_closest_marker("fleet") is None:
         request.getfixturevalue("world")

@@ -88,6 +88,100 @@ def test_inventory_order_canary_and_vars(tmp_path: Path) -> None:
         inventory.select("web9")
 
 
+PLAIN_INVENTORIES = {
+    "documented": INVENTORY,
+    "readme": """\
+all:
+  hosts:
+    lonely:
+      x: 1
+  vars:
+    runbook_env: production
+    runbook_command: /usr/local/bin/runbook
+    fleet_lock_host: web1
+  children:
+    canary:
+      hosts:
+        web1:
+    web:
+      vars: {runbook_env: web-env, fleet_lock_host: web2}
+      hosts:
+        web2:
+        web3:
+          runbook_environment: {RUNBOOK_X: "1"}
+      children:
+        inner:
+          vars: {runbook_env: inner-env}
+          hosts: {web9: null, web1: null}
+        aaa:
+          vars: {runbook_env: aaa-env}
+          hosts: {web9: null}
+    empty:
+""",
+    "top-level groups": """\
+canary:
+  hosts:
+    h1:
+      n: [1, 2, {a: b}]
+web:
+  hosts: {h2: null, h1: null}
+  vars: {n: web}
+ungrouped:
+  hosts: {u1: null}
+""",
+    "same depth, by name": """\
+all:
+  children:
+    zeta:
+      hosts: {h1: {v: z}}
+    alpha:
+      hosts: {h1: null}
+      vars: {v: a, w: a}
+    mid:
+      children: {zeta: null}
+      vars: {v: m, w: m}
+""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_INVENTORIES))
+def test_a_plain_yaml_inventory_is_read_here_exactly_as_ansible_inventory_reads_it(
+        name: str, tmp_path: Path) -> None:
+    """The in-process reading (no 0.8 s `ansible-inventory` process) against its oracle, the
+    real `ansible-inventory --list` on the same file: hosts, groups, order, merged vars."""
+    path = tmp_path / "inventory.yml"
+    path.write_text(PLAIN_INVENTORIES[name])
+    here = inv.plain_yaml(path)
+    real = inv._ansible_inventory(path)
+    real.get("_meta", {}).pop("profile", None)
+    assert here == real
+
+
+@pytest.mark.parametrize("case", ["ini", "group_vars", "range", "vault", "plugin", "priority"])
+def test_an_inventory_that_needs_ansible_is_read_by_ansible(case: str, tmp_path: Path) -> None:
+    path = tmp_path / ("inventory.ini" if case == "ini" else "inventory.yml")
+    text = {"ini": "[canary]\nweb1\n[web]\nweb2\n",
+            "range": "all:\n  children:\n    web:\n      hosts:\n        web[1:3]:\n",
+            "vault": "all:\n  vars:\n    secret: !vault |\n      $ANSIBLE_VAULT;1.1;AES256\n"
+                     "      3133\n  hosts:\n    web1:\n",
+            "plugin": "plugin: ansible.builtin.constructed\n",
+            "priority": "all:\n  children:\n    web:\n      vars:\n"
+                        "        ansible_group_priority: 5\n      hosts:\n        web1:\n",
+            }.get(case, INVENTORY)
+    path.write_text(text)
+    if case == "group_vars":
+        (tmp_path / "group_vars").mkdir()
+        (tmp_path / "group_vars" / "web.yml").write_text("runbook_env: from-group-vars\n")
+    assert inv.plain_yaml(path) is None
+    if case in ("ini", "group_vars", "range"):
+        inventory = inv.read(path)  # through ansible-inventory, as before
+        expected = {"ini": ["web1", "web2"], "range": ["web1", "web2", "web3"],
+                    "group_vars": ["web3", "web1", "web2", "web4", "web5"]}[case]
+        assert inventory.hosts == expected
+        if case == "group_vars":
+            assert inventory.var("web2", "runbook_env") == "from-group-vars"
+
+
 def test_fleet_lock_host_var_and_a_wrong_one(tmp_path: Path) -> None:
     path = tmp_path / "inventory.yml"
     path.write_text(INVENTORY.replace("runbook_env: production",
@@ -188,11 +282,8 @@ def _fleet_rollback(fleet: DrillFleet, journal: Path, *args: str) -> subprocess.
 
 @pytest.fixture
 def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
-    if not getattr(drill_fleet, "fresh", False):
-        drill_fleet.reset()
-    drill_fleet.fresh = False  # type: ignore[attr-defined]
     drill_fleet.write_inventory()
-    drill_fleet.deploy_all("v3")
+    drill_fleet.on_new_deployment("v3")
     return drill_fleet
 
 

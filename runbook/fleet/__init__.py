@@ -11,6 +11,6 @@ stay the one implementation.
 
 from __future__ import annotations
 
-FLEET_PROTOCOL = 1
+FLEET_PROTOCOL = 2  # 2: `host-check --take-lock` (the lock host's take and check in one)
 """What the controller and a host's `runbook fleet` commands agree on; bumped on a change of
 the JSON they exchange. A host answering another protocol is refused in pre-flight."""

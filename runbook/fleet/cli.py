@@ -100,11 +100,25 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
                    to: Annotated[str | None, typer.Option("--to")] = None,
                    restore_snapshot: Annotated[bool, typer.Option(
                        "--restore-snapshot", help="dry-run the rollback with the snapshot "
-                       "restore (the maintenance path's database host)")] = False) -> None:
-    """(Run by the fleet on each host.) Read-only pre-flight of this host, as JSON."""
+                       "restore (the maintenance path's database host)")] = False,
+                   take_lock: Annotated[bool, typer.Option(
+                       "--take-lock", help="take the fleet lock first (the fleet lock host: "
+                       "one SSH round trip for both); needs --fleet-run")] = False,
+                   fleet_run: Annotated[str | None, typer.Option("--fleet-run")] = None,
+                   holder: Annotated[str, typer.Option("--holder")] = "unknown",
+                   controller_host: Annotated[str, typer.Option("--controller-host")] = "",
+                   pid: Annotated[int, typer.Option("--pid")] = 0,
+                   reason: ReasonOpt = None) -> None:
+    """(Run by the fleet on each host.) Read-only pre-flight of this host, as JSON (with
+    --take-lock: the fleet lock taken first)."""
     from runbook.fleet import hostcheck
 
-    data = hostcheck.check(env, config, to, restore=restore_snapshot)
+    if take_lock and not fleet_run:
+        _fail(UsageError("--take-lock needs --fleet-run ID", "this is run by `runbook fleet "
+                         "rollback`; see --help"))
+    lock = ({"fleet_run_id": str(fleet_run), "locked_by": holder, "hostname": controller_host,
+             "pid": pid, "reason": reason or "fleet rollback"} if take_lock else None)
+    data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock)
     print(json.dumps(data, default=str))
     raise typer.Exit(4 if data["problems"] else 0)
 

@@ -24,8 +24,13 @@ def version() -> str:
 
 
 def check(env_name: str, config: str | None, to: str | None = None, *,
-          restore: bool = False) -> dict[str, Any]:
-    """Never raises for a host problem: each is a `problems` line (the controller prints them)."""
+          restore: bool = False, take_lock: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Never raises for a host problem: each is a `problems` line (the controller prints them).
+
+    `take_lock` (the fleet lock host's check: hostlock.take's arguments) takes the fleet lock
+    first, in the same SSH round trip; its answer is "fleet_lock_take" (`taken`, or the
+    refusal's error, fix and exit code), and a refused take skips the checks: the controller
+    stops there."""
     from runbook import environment
     from runbook import lock as locks
     from runbook import rollback as rb
@@ -39,8 +44,18 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     except RunbookError as exc:
         problems.append({"check": "environment", "message": str(exc),
                          "exit_code": int(exc.exit_code)})
+        if take_lock is not None:
+            out["fleet_lock_take"] = {"taken": False, "error": exc.message, "fix": exc.fix,
+                                      "exit_code": int(exc.exit_code)}
         return out
     out["environment"] = env.name
+    if take_lock is not None:
+        try:
+            out["fleet_lock_take"] = hostlock.take(env, **take_lock)
+        except RunbookError as exc:
+            out["fleet_lock_take"] = {"taken": False, "error": exc.message, "fix": exc.fix,
+                                      "exit_code": int(exc.exit_code)}
+            return out
     held = locks.status(env)
     out["deploy_lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale}
                           if held else {"locked": False})

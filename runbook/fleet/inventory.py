@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -79,9 +80,18 @@ class Inventory:
 
 
 def read(path: Path, canary_group: str = "canary") -> Inventory:
+    """The inventory as `ansible-inventory --list` gives it: computed here for a plain YAML
+    file (`plain_yaml`: what costs 0.8 s as a process), through Ansible for anything else."""
     if not path.exists():
         raise UsageError(f"inventory {path} does not exist", "give the path of an Ansible "
                          "inventory (README: Several hosts)")
+    data = plain_yaml(path)
+    if data is None:
+        data = _ansible_inventory(path)
+    return _from_list(path, data, canary_group)
+
+
+def _ansible_inventory(path: Path) -> dict[str, Any]:
     proc = subprocess.run([ansible_tool("ansible-inventory"), "-i", str(path), "--list"],
                           capture_output=True, text=True, check=False, timeout=120,
                           env=_quiet_env())
@@ -94,6 +104,12 @@ def read(path: Path, canary_group: str = "canary") -> Inventory:
     except ValueError:
         raise UsageError(f"ansible-inventory gave no JSON for {path}",
                          "fix the inventory") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"ansible-inventory gave no JSON object for {path}", "fix the inventory")
+    return data
+
+
+def _from_list(path: Path, data: dict[str, Any], canary_group: str) -> Inventory:
     hosts: list[str] = []
     groups: dict[str, list[str]] = {}
 
@@ -117,6 +133,140 @@ def read(path: Path, canary_group: str = "canary") -> Inventory:
     inv = Inventory(path=path.resolve(), hosts=hosts, groups=groups,
                     hostvars=data.get("_meta", {}).get("hostvars", {}), canary_group=canary_group)
     return inv
+
+
+_GROUP_KEYS = frozenset({"hosts", "vars", "children"})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.@-]+")  # no ranges, ports, patterns or spaces
+
+
+def plain_yaml(path: Path) -> dict[str, Any] | None:
+    """`ansible-inventory --list`'s JSON for a plain YAML inventory file, or None when only
+    Ansible can say (then it is asked).
+
+    Plain means what Ansible's `yaml` inventory plugin reads with nothing else involved: a
+    `.yml`/`.yaml` file that is not executable, no `group_vars`/`host_vars` beside it, no
+    ANSIBLE_INVENTORY_* or ANSIBLE_CONFIG override in the environment, no ansible.cfg (working
+    directory, home, /etc/ansible), groups of only `hosts`/`vars`/`children`, host and group
+    names without ranges, ports or patterns, plain YAML values (no tags such as !vault). Each
+    host's vars are merged the way Ansible does: `all` first, then its groups by depth and
+    name, then the host's own (no ansible_group_priority: a file using it goes to Ansible).
+    tests/test_fleet.py compares the result with the real `ansible-inventory` output.
+    """
+    import os
+
+    try:
+        import yaml  # PyYAML: ansible-core's own dependency (the [fleet] extra)
+    except ImportError:
+        return None
+    if (path.suffix not in (".yml", ".yaml") or not path.is_file()
+            or os.access(path, os.X_OK) or (path.parent / "group_vars").exists()
+            or (path.parent / "host_vars").exists()
+            or any(Path(cfg).expanduser().exists()
+                   for cfg in ("ansible.cfg", "~/.ansible.cfg", "/etc/ansible/ansible.cfg"))
+            or any(k.startswith(("ANSIBLE_INVENTORY", "ANSIBLE_CONFIG")) for k in os.environ)):
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None  # Ansible's own loader says what is wrong (or reads what we cannot)
+    if not isinstance(doc, dict) or not doc:
+        return None
+    groups: dict[str, dict[str, Any]] = {}  # name -> {hosts, children, vars, parents}
+    host_vars: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+
+    def group(name: str) -> dict[str, Any]:
+        return groups.setdefault(name, {"hosts": [], "children": [], "vars": {},
+                                        "parents": set()})
+
+    def walk(name: Any, entry: Any, parent: str | None) -> bool:
+        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+            return False
+        g = group(name)
+        if parent is not None:
+            g["parents"].add(parent)
+            if name not in groups[parent]["children"]:
+                groups[parent]["children"].append(name)
+        if entry is None:
+            return True
+        if not isinstance(entry, dict) or not set(entry) <= _GROUP_KEYS:
+            return False
+        gvars = entry.get("vars") or {}
+        hosts = entry.get("hosts") or {}
+        children = entry.get("children") or {}
+        if not all(isinstance(x, dict) for x in (gvars, hosts, children)):
+            return False
+        if "ansible_group_priority" in gvars:
+            return False
+        g["vars"].update(gvars)
+        for host, hvars in hosts.items():
+            if not isinstance(host, str) or not _PLAIN_NAME.fullmatch(host):
+                return False
+            if hvars is not None and not isinstance(hvars, dict):
+                return False
+            if host not in g["hosts"]:
+                g["hosts"].append(host)
+            if host not in host_vars:
+                host_vars[host] = {}
+                order.append(host)
+            host_vars[host].update(hvars or {})
+        return all(walk(child, sub, name) for child, sub in children.items())
+
+    group("all")
+    for name, entry in doc.items():
+        if name in ("all", "ungrouped"):
+            if not walk(name, entry, None if name == "all" else "all"):
+                return None
+        elif not walk(name, entry, "all"):
+            return None
+    if "ungrouped" not in groups:
+        group("ungrouped")["parents"].add("all")
+        groups["all"]["children"].insert(0, "ungrouped")
+    elif "ungrouped" in groups["all"]["children"]:
+        groups["all"]["children"].remove("ungrouped")
+        groups["all"]["children"].insert(0, "ungrouped")
+    # hosts listed only under `all` are `ungrouped`, as Ansible files them
+    grouped = {h for n, g in groups.items() if n not in ("all", "ungrouped") for h in g["hosts"]}
+    groups["ungrouped"]["hosts"] = [h for h in groups["all"]["hosts"] + groups["ungrouped"]
+                                    ["hosts"] if h not in grouped]
+    groups["all"]["hosts"] = []
+
+    def depth(name: str, seen: frozenset[str] = frozenset()) -> int:
+        if name in seen:
+            raise ValueError(name)  # a cycle: Ansible's to judge
+        parents = groups[name]["parents"]
+        return 0 if not parents else 1 + max(depth(p, seen | {name}) for p in parents)
+
+    def members(name: str) -> set[str]:
+        out = set(groups[name]["hosts"])
+        for child in groups[name]["children"]:
+            out |= members(child)
+        return out
+
+    try:
+        ranked = sorted(groups, key=lambda n: (depth(n), n))
+        of_host = {n: members(n) for n in groups}
+    except (ValueError, RecursionError):
+        return None
+    meta: dict[str, dict[str, Any]] = {}
+    for host in order:
+        merged: dict[str, Any] = {}
+        for name in ranked:
+            if name == "all" or host in of_host[name]:
+                merged.update(groups[name]["vars"])
+        merged.update(host_vars[host])
+        if merged:  # as Ansible lists them: a host without vars has no entry
+            meta[host] = merged
+    out: dict[str, Any] = {"_meta": {"hostvars": meta}}
+    for name, g in groups.items():
+        listed: dict[str, Any] = {}
+        if g["hosts"]:
+            listed["hosts"] = list(g["hosts"])
+        if g["children"]:
+            listed["children"] = list(g["children"])
+        if listed or name == "all":
+            out[name] = listed
+    return out
 
 
 def _quiet_env() -> dict[str, str]:

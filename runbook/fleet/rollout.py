@@ -222,18 +222,28 @@ class PlaybookRun:
             self.thread.join(0.1)
         return str(self.runner.status)
 
-    def close(self) -> None:
-        """Stop at every gate not decided yet, wait for Ansible to end, remove the files."""
+    def close(self, *, release: bool = False) -> None:
+        """Stop at every gate not decided yet, wait for Ansible to end, remove the files.
+
+        `release`: a run stopped at the pre-flight gate releases the fleet lock in the same
+        playbook (see `released`), not in an ansible-playbook start of its own."""
         for name in ("preflight", "rollout"):
             if name not in self.decided:
+                word = "stop, release the fleet lock" if release and name == "preflight" \
+                    else "stop"
                 with contextlib.suppress(OSError):
-                    self.decide(name, "stop")
+                    self.decide(name, word)
         with contextlib.suppress(Exception):
             self.join()
         if os.environ.get("RUNBOOK_FLEET_DEBUG"):  # Ansible's own output, for a developer
             with contextlib.suppress(Exception):
                 sys.stderr.write(self.runner.stdout.read())
         self.dir.cleanup()
+
+    def released(self, lock_host: str) -> bool:
+        """Whether the playbook released the fleet lock after a stop (exit 0 on the host)."""
+        res = self.events.results.get("release the fleet lock (stopped)", {}).get(lock_host, {})
+        return res.get("_event") == "runner_on_ok" and res.get("rc") == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,8 +288,23 @@ def _one_line(text: str) -> str:
 
 def preflight(events: Events, inventory: Inventory, targets: list[str], *,
               take_lock: bool) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
-    """Read the lock and every host's pre-flight; (checks, problem lines, lock result)."""
-    lock_res = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
+    """Read the lock and every host's pre-flight; (checks, problem lines, what the take said).
+
+    A lock host that is also a target takes the lock in its own host-check (one SSH round
+    trip: `host-check --take-lock`, its answer under "fleet_lock_take"); otherwise the play's
+    "take the fleet lock" task did."""
+    if inventory.lock_host in targets:
+        check = events.results.get("host-check", {}).get(inventory.lock_host, {})
+        said = _last_json(str(check.get("stdout", ""))) or {}
+        lock_res = dict(said.get("fleet_lock_take") or {})
+        ok = bool(lock_res.get("taken"))
+        if not lock_res:
+            lock_res = {"error": _one_line(str(check.get("stderr") or check.get("msg", "")))}
+    else:
+        task = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
+        lock_res = _last_json(str(task.get("stdout", ""))) or {
+            "error": _one_line(str(task.get("stderr") or task.get("msg", "")))}
+        ok = task.get("_event") == "runner_on_ok" and task.get("rc") == 0
     if take_lock:
         if inventory.lock_host in events.unreachable:
             error = FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
@@ -288,10 +313,9 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                                exit_code=ExitCode.PRECONDITION)
             error.lock_not_taken = True
             raise error
-        if lock_res.get("_event") != "runner_on_ok" or lock_res.get("rc") != 0:
-            err = _last_json(str(lock_res.get("stdout", ""))) or {}
-            msg = err.get("error") or _one_line(str(lock_res.get("stderr") or
-                                                    lock_res.get("msg", "")))
+        if not ok:
+            err = lock_res
+            msg = err.get("error") or "no answer"
             code = err.get("exit_code", 3)
             error = FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
                                err.get("fix") or "see `runbook fleet lock ENV --status` there",
@@ -553,8 +577,8 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                  exit_code=ExitCode.PRECONDITION)
         checks, problems, lock_res = preflight(events, inventory, targets,
                                                take_lock=not options.dry_run)
-        if lock_res.get("stdout") and not options.dry_run:
-            taken = _last_json(str(lock_res.get("stdout"))) or {}
+        if not options.dry_run:
+            taken = lock_res
             if taken.get("taken_over"):
                 say(f"took over a stale fleet lock: {taken['taken_over']}")
                 journal.set(stale_fleet_lock_taken_over=taken["taken_over"])
@@ -653,7 +677,16 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         raise
     finally:
         if run is not None:
-            run.close()
+            release = bool(locked and not journal.record.get("fleet_lock_released_by_rollout"))
+            held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)
+                    } if release else {}  # as in _release: a Ctrl-C cannot leak the lock
+            try:
+                run.close(release=release)
+            finally:
+                for s, h in held.items():
+                    signal.signal(s, h)
+            if release and run.released(inventory.lock_host):
+                locked = False  # released by the playbook itself
         interrupts.cleanup()
         signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
