@@ -193,6 +193,8 @@ class DrillStack:
     # the database key of the scene last arranged and Postgres's WAL position after it
     _arranged: tuple[tuple[object, ...], str] | None = field(init=False, default=None)
     _scene_cache: dict[str, dict[str, bytes]] = field(init=False, default_factory=dict)
+    # what the last arrange() did, and how long each part took (seconds): for reports/tuning
+    arranged: list[tuple[str, float]] = field(init=False, default_factory=list)
     resets: Counter[str] = field(init=False, default_factory=Counter)  # rebuilt / kept database
 
     def __post_init__(self) -> None:
@@ -460,6 +462,8 @@ class DrillStack:
 
         from runbook import docker
 
+        self.arranged = []
+        began = time.monotonic()
         self.clean()
         # The scene's Caddyfile first, atomically: a Caddy (re)started while the file is
         # half written reads a broken config and exits.
@@ -481,20 +485,25 @@ class DrillStack:
                        or (scene.snapshots and cached is None))
             if rebuild:
                 conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        self._set_images(scene)
+        self._did("files, Caddy, database checked", began)
+        with self._timed("slot images"):
+            self._set_images(scene)
         if rebuild:
-            cached = self._build_database(scene)
+            with self._timed("database rebuilt"):
+                cached = self._build_database(scene)
             self._scene_cache[scene.name] = cached
-        for slot in Slot:
-            info = docker.inspect(self.env.slot(slot).container)
-            if scene.slot(slot).running and not info.running:
-                docker.start(info.name)
-            elif info.running and not scene.slot(slot).running:
-                docker.stop(info.name)
-        with ThreadPoolExecutor(max_workers=len(Slot)) as pool:
+        with self._timed("slots started/stopped"):
+            for slot in Slot:
+                info = docker.inspect(self.env.slot(slot).container)
+                if scene.slot(slot).running and not info.running:
+                    docker.start(info.name)
+                elif info.running and not scene.slot(slot).running:
+                    docker.stop(info.name)
+        with self._timed("slots answering"), ThreadPoolExecutor(max_workers=len(Slot)) as pool:
             for waited in [pool.submit(self._wait_answering, slot, scene.version(slot))
                            for slot in Slot if scene.slot(slot).running]:
                 waited.result()
+        began = time.monotonic()
         if cached is not None and scene.snapshots:  # the scene's own state and snapshots
             for name, data in cached.items():
                 files.atomic_write(self.run_dir / name, data)
@@ -504,9 +513,23 @@ class DrillStack:
             if rebuild:  # prune the migrations' dead rows now, not on a later read (WAL)
                 conn.execute("VACUUM")
             position = self._wal_position(conn)
-        self.prove(scene)
+        self._did("state written", began)
+        with self._timed("proved"):
+            self.prove(scene)
         self._arranged = (scene.database_key, position)
         self.resets["rebuilt" if rebuild else "kept"] += 1
+
+    def _did(self, what: str, began: float) -> None:
+        self.arranged.append((what, round(time.monotonic() - began, 3)))
+
+    @contextlib.contextmanager
+    def _timed(self, what: str) -> Iterator[None]:
+        """Record how long a part of the last arrangement took (self.arranged)."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self._did(what, began)
 
     @staticmethod
     def _wal_position(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
@@ -562,8 +585,9 @@ class DrillStack:
         schema = 0
         for index, (name, _) in enumerate(steps):
             if scene.snapshots and index > 0:
-                taken[index] = str(snapshots.pre_deploy_snapshot(
-                    self.env, ids[index], VERSIONS[name].git_commit, schema).path)
+                with self._timed(f"  snapshot at schema {schema}"):
+                    taken[index] = str(snapshots.pre_deploy_snapshot(
+                        self.env, ids[index], VERSIONS[name].git_commit, schema).path)
             want = max(schema, scene.schema if not scene.snapshots else VERSIONS[name].schema)
             if want == schema:
                 continue
@@ -574,8 +598,10 @@ class DrillStack:
                                  "give the scene a slot of that version")
             container = self.env.slot(slots[0]).container
             if not docker.inspect(container).running:
-                docker.start(container)  # stopped again with the others, as the scene says
-            self.migrate(slots[0])
+                with self._timed(f"  {slots[0]} started to migrate"):
+                    docker.start(container)  # stopped again with the others, as the scene says
+            with self._timed(f"  migrated to {want} in {slots[0]}"):
+                self.migrate(slots[0])
             schema = want
         if not scene.snapshots:
             return {}
