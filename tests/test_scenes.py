@@ -91,6 +91,12 @@ def test_an_unchanged_scene_is_kept_with_its_snapshot_and_a_written_one_rebuilt(
     assert stack.env.state_file.read_bytes() == state
     snapshot = Path(json.loads(state)["current_deployment"]["snapshot_path"])
     assert snapshot.is_file()
+    with stack.connect() as conn:  # WAL Postgres writes by itself (a checkpoint) is no write
+        before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+        conn.execute("CHECKPOINT")
+        assert conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone() != before
+    stack.arrange(scenes.MIGRATED)
+    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 2, rebuilt)
     httpx.post(f"{stack.env.caddy.proxy_url}/items", json={"name": "written"},
                timeout=5).raise_for_status()
     stack.arrange(scenes.MIGRATED)

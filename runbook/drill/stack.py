@@ -195,6 +195,7 @@ class DrillStack:
     _scene_cache: dict[str, dict[str, bytes]] = field(init=False, default_factory=dict)
     # what the last arrange() did, and how long each part took (seconds): for reports/tuning
     arranged: list[tuple[str, float]] = field(init=False, default_factory=list)
+    _walinspect: bool = field(init=False, default=False)
     resets: Counter[str] = field(init=False, default_factory=Counter)  # rebuilt / kept database
 
     def __post_init__(self) -> None:
@@ -367,6 +368,8 @@ class DrillStack:
             self.write_baseline_state()
             with self.connect() as conn:
                 conn.execute("VACUUM")  # see arrange()
+            self._enable_walinspect()
+            with self.connect() as conn:
                 self._arranged = (scenes.baseline(self.base_version.name).database_key,
                                   self._wal_position(conn))
         except BaseException:
@@ -481,7 +484,7 @@ class DrillStack:
         cached = self._scene_cache.get(scene.name)
         with self.connect() as conn:
             rebuild = (arranged is None or arranged[0] != scene.database_key
-                       or self._wal_position(conn) != arranged[1]
+                       or not self._unwritten_since(conn, arranged[1])
                        or (scene.snapshots and cached is None))
             if rebuild:
                 conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
@@ -530,6 +533,48 @@ class DrillStack:
             yield
         finally:
             self._did(what, began)
+
+    def _enable_walinspect(self) -> None:
+        """pg_walinspect (PostgreSQL >= 15 contrib) in the `postgres` database, never in the
+        app's: it lets a kept database tell a write from the WAL Postgres writes by itself."""
+        import psycopg
+
+        try:
+            with self.connect("postgres") as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            self._walinspect = True
+        except psycopg.Error:
+            self._walinspect = False  # an image without it: any WAL movement rebuilds
+
+    def _unwritten_since(self, conn: psycopg.Connection[tuple[Any, ...]], position: str) -> bool:
+        """Nothing was written since `position` (a _wal_position): the same WAL insert position
+        and sequences, or WAL moved only by records Postgres writes on its own (a running-
+        transactions snapshot every 15 s after activity, a checkpoint, page pruning by a
+        read): read with pg_walinspect. Anything else, or any doubt, is a write."""
+        import psycopg
+
+        now = self._wal_position(conn)
+        if now == position:
+            return True
+        lsn, _, sequences = position.partition(" ")
+        now_lsn, _, now_sequences = now.partition(" ")
+        if now_sequences != sequences or not self._walinspect:
+            return False
+        try:
+            with self.connect("postgres") as admin:
+                deadline = time.monotonic() + 2.0  # async commit: the WAL writer flushes soon
+                while not admin.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn",
+                                        (now_lsn,)).fetchone()[0]:  # type: ignore[index]
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.05)
+                kinds = admin.execute(
+                    "SELECT DISTINCT resource_manager, record_type "
+                    "FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn)",
+                    (lsn, now_lsn)).fetchall()
+        except psycopg.Error:
+            return False
+        return all((str(rm), str(kind)) in SELF_WRITTEN_WAL for rm, kind in kinds)
 
     @staticmethod
     def _wal_position(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
@@ -762,16 +807,24 @@ class DrillStack:
                                      f"see `docker logs {self.db_container}`") from None
                 time.sleep(0.1)
 
-    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+    def connect(self, dbname: str = DB_NAME) -> psycopg.Connection[tuple[Any, ...]]:
         import psycopg
 
-        return psycopg.connect(self.database_url, autocommit=True, connect_timeout=3)
+        return psycopg.connect(self.database_url, autocommit=True, connect_timeout=3,
+                               dbname=dbname)
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
 
 
 PORT_ATTEMPTS = 3
+# WAL records Postgres writes by itself, with no change to any row (pg_walinspect's resource
+# manager and record type): they do not make a kept database differ from its scene
+SELF_WRITTEN_WAL = frozenset({
+    ("Standby", "RUNNING_XACTS"), ("XLOG", "CHECKPOINT_ONLINE"),
+    ("XLOG", "CHECKPOINT_SHUTDOWN"), ("XLOG", "FPI_FOR_HINT"),
+    ("Heap2", "PRUNE"), ("Heap2", "PRUNE_ON_ACCESS"), ("Heap2", "VISIBLE"),
+})
 _CLASH = ("address already in use", "port is already allocated")
 
 
