@@ -501,6 +501,9 @@ class DrillStack:
                 if scene.slot(slot).running and not info.running:
                     docker.start(info.name)
                 elif info.running and not scene.slot(slot).running:
+                    # the app as PID 1 ignores SIGTERM until it has set its handler: a stop
+                    # right after a (re)start would wait out the whole grace period
+                    self._wait_answering(slot, scene.version(slot), path="/healthz")
                     docker.stop(info.name)
         with self._timed("slots answering"), ThreadPoolExecutor(max_workers=len(Slot)) as pool:
             for waited in [pool.submit(self._wait_answering, slot, scene.version(slot))
@@ -678,13 +681,15 @@ class DrillStack:
                 migrations_run=int(index > 0), extra=extra))
         states.write_state(self.env.state_file, state)
 
-    def _wait_answering(self, slot: Slot, version: AppVersion, timeout: float = 30.0) -> None:
+    def _wait_answering(self, slot: Slot, version: AppVersion, timeout: float = 30.0,
+                        path: str | None = None) -> None:
         """Until the slot's /health gives the answer its build gives once started (200, or 503
-        for the drill's unhealthy build), polled every 20 ms with a plain HTTP client."""
+        for the drill's unhealthy build), polled every 20 ms with a plain HTTP client; with
+        `path` (e.g. /healthz, the app's liveness) until that answers 200."""
         import httpx
 
-        want = 200 if version.behaviour == "normal" else 503
-        url = f"{self.env.slot(slot).base_url}{self.env.health.path}"
+        want = 200 if version.behaviour == "normal" or path else 503
+        url = f"{self.env.slot(slot).base_url}{path or self.env.health.path}"
         deadline = time.monotonic() + timeout
         last = "no answer"
         with httpx.Client(timeout=2, trust_env=False) as client:
