@@ -312,8 +312,9 @@ def _scenario_world(request: pytest.FixtureRequest) -> None:
 def pytest_bdd_before_step(request: pytest.FixtureRequest, feature: Any, scenario: Any,
                            step: Any, step_func: Callable[..., Any]) -> None:
     """On a drill, a scenario whose Givens arranged no scene starts from the baseline before
-    its first other step (a step marked `stackless`, e.g. reading the help, needs none)."""
-    if step.type == "given" or getattr(step_func, "stackless", False):
+    its first When (a When marked `stackless`, e.g. reading the help, needs none; its Thens
+    read only what it found)."""
+    if step.type != "when" or getattr(step_func, "stackless", False):
         return
     world: World = request.getfixturevalue("world")
     if world.on_drill and world.scene is None:
@@ -367,3 +368,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for (index, _, _), (_, item, (_, group)) in zip(chosen, ordered, strict=True):
         items[index] = item
         item.add_marker(pytest.mark.xdist_group(group))
+    if config.getvalue("loadgroup"):  # an xdist worker under --dist loadgroup
+        for item in items:
+            if is_feature_item(item):
+                group_nodeid(item)
+
+
+def group_nodeid(item: pytest.Item) -> None:
+    """Give a feature item its xdist group as the `@group` nodeid suffix loadgroup schedules
+    by. pytest-xdist 3.8 sets it as `item._nodeid`, which pytest 9 no longer reads (its
+    nodeid is `item._id`), so without this no group is kept together on one worker."""
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if not names or "@" in item.nodeid:
+        return
+    current = getattr(item, "_id", None)
+    parse = getattr(type(current), "parse", None)
+    if parse is not None:
+        item._id = parse(f"{item.nodeid}@{'_'.join(names)}")
