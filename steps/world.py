@@ -368,7 +368,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for (index, _, _), (_, item, (_, group)) in zip(chosen, ordered, strict=True):
         items[index] = item
         item.add_marker(pytest.mark.xdist_group(group))
-    if config.getvalue("loadgroup"):  # an xdist worker under --dist loadgroup
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         for item in items:
             if is_feature_item(item):
                 group_nodeid(item)
