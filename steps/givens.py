@@ -12,15 +12,17 @@ import socket
 import httpx
 from pytest_bdd import given
 
-from runbook import caddy, database, deploy, docker
+from runbook import caddy, database, deploy
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Slot
 from runbook.errors import RunbookError
 from runbook.rollback import NO_PREVIOUS_FIX
 from steps.world import World
 
-# A broken build must fail the health gate quickly on a drill (a healthy slot passes in <1 s).
+# A broken build must fail the health gate quickly on a drill (a healthy slot passes in <1 s),
+# but only after the gate saw its 503, to name the failing check: its container, started by
+# the rollback, took more than 2.5 s to answer on a machine at load 35 (measured), so 4 s.
 BROKEN_BUILD_HEALTH_TIMEOUT = 4.0
 
 
@@ -47,8 +49,9 @@ def recorded_state(world: World) -> states.DeploymentState:
 
 @given("a deployment is live")
 def a_deployment_is_live(world: World) -> None:
-    if world.on_drill:
-        return  # the reset baseline: v1 live on blue (schema 1), green running v1 as well
+    if world.on_drill:  # the baseline: v1 live on blue (schema 1), green running v1 as well
+        world.arrange(scenes.baseline(world.drill_base()))
+        return
     st = recorded_state(world)
     world.check(st.current is not None,
                 "no deployment is recorded; " + NO_PREVIOUS_FIX.format(env=world.env.name))
@@ -58,7 +61,7 @@ def a_deployment_is_live(world: World) -> None:
 def a_previous_deployment_exists(world: World) -> None:
     if world.on_drill:
         # v1 -> v2 -> v3: v3 is live on blue, v2 (same schema) is the previous deployment
-        arrange_deploys(world, "v2", "v3")
+        world.arrange(scenes.PREVIOUS)
         return
     st = recorded_state(world)
     world.check(st.previous is not None,
@@ -67,8 +70,9 @@ def a_previous_deployment_exists(world: World) -> None:
 
 @given("no previous deployment is recorded")
 def no_previous_deployment(world: World) -> None:
-    if world.on_drill:
-        return  # the baseline is a first deployment: nothing before it
+    if world.on_drill:  # the baseline is a first deployment: nothing before it
+        world.arrange(scenes.baseline(world.drill_base()))
+        return
     st = recorded_state(world)
     world.check(st.previous is None,
                 f"a previous deployment is recorded ({st.previous.version if st.previous else ''})"
@@ -77,8 +81,11 @@ def no_previous_deployment(world: World) -> None:
 
 @given("migrations ran after the previous deployment")
 def migrations_ran_after_previous(world: World) -> None:
-    if world.on_drill:
-        arrange_deploys(world, "v2")  # v1 ran with schema 1; v2 migrates to 2
+    if world.on_drill:  # v1 ran with schema 1; v2 migrated to 2 (after its snapshot)
+        if world.scene is None:
+            world.arrange(scenes.MIGRATED)
+        else:  # on top of what the Givens before did (e.g. data recorded): a real deploy
+            arrange_deploys(world, "v2")
         return
     st = recorded_state(world)
     world.check(st.previous is not None,
@@ -93,31 +100,17 @@ def migrations_ran_after_previous(world: World) -> None:
 
 @given("a previous deployment exists whose build is broken")
 def previous_build_is_broken(world: World) -> None:
-    world.drill()
-    arrange_deploys(world, "v2")  # v2 live on green; blue is the standby
-    st = world.state()
-    assert st.previous is not None
-    broken = VERSIONS["unhealthy"]
-    states.write_state(world.env.state_file, st.with_(previous=st.previous.with_(
-        version=broken.tag, git_commit=broken.git_commit, image=broken.image,
-        migration_version=broken.schema)))
-    # its container was pruned, so the rollback must recreate it from the broken image; a
-    # docker-run host (no compose to recreate from) has it made by its own script, stopped
-    slot = st.previous.active_slot or Slot.BLUE
-    docker.remove(world.env.slot(slot).container)
-    stack = world.drill()
-    if stack.has("docker-run"):
-        stack.docker_run(Slot(slot), broken.image)
-        docker.stop(world.env.slot(slot).container)
+    """v1, a broken build forced live on green, v2 deployed over it on blue: the previous
+    deployment is the broken build, kept stopped on green, so a rollback starts it."""
+    world.arrange(scenes.BROKEN_PREVIOUS)  # fails on a real host
     world.env = world.env.with_(health=dataclasses.replace(
         world.env.health, timeout=BROKEN_BUILD_HEALTH_TIMEOUT))
 
 
 @given("a broken version went live after a migration")
 def broken_version_live(world: World) -> None:
-    world.drill()
-    # forced past the health gate: it migrates to schema 2 and then answers 503
-    arrange_deploys(world, "unhealthy", force=True)
+    """Forced past the health gate, it migrated to schema 2 and answers 503 on green."""
+    world.arrange(scenes.BROKEN_LIVE)
 
 
 @given("Caddy is not running")
@@ -143,6 +136,7 @@ def caddyfile_wrong_port(world: World) -> None:
         world.check(any("no slot's port" in p for p in inspection.problems),
                     "the Caddyfile's managed block targets a slot's port: nothing to fix here")
         return
+    world.drill()
     env = world.env
     text = caddy.read(env)
     start, end = caddy.find_block(text)

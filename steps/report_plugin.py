@@ -98,6 +98,11 @@ def pytest_report_from_serializable(config: pytest.Config, data: Any) -> Any:
     return report
 
 
+def _line(item: pytest.Item) -> int:
+    template = _template(item)
+    return int(template.line_number) if template is not None else 0
+
+
 def _template(item: pytest.Item) -> Any:
     """The pytest-bdd ScenarioTemplate behind a test item, or None for ordinary tests."""
     try:
@@ -199,7 +204,9 @@ class DrillReport:
         return entry
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        for item in session.items:
+        # in the files' order, whatever order they run in (steps/world.py runs them scene
+        # by scene)
+        for item in sorted(session.items, key=lambda i: (str(i.path), _line(i))):
             self._entry(item)
 
     # -- the environment -------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The scenario's world: the environment, what the last action did, and a 'before' snapshot.
 
 One `World` per scenario (function scope). On a drill (`--env drill`, whose environment
-allows faults) it also holds the session's DrillStack, and creating it resets the stack to
-its baseline, so every drill scenario starts from the same place. On a real host there is no
+allows faults) it also holds the session's DrillStack, and the scenario's first Given (or its
+first step, when no Given arranges) brings the stack into the scene the scenario starts from
+(`World.arrange`, proved from what runs), so every drill scenario starts from a known place
+without a reset it would then undo. On a real host there is no
 stack: Givens only check, and nothing here ever changes the host by itself.
 """
 
@@ -21,6 +23,7 @@ import pytest
 
 from runbook import caddy, database, docker
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
@@ -158,6 +161,7 @@ class World:
     acted_at: float | None = None  # time.time() when the last action began
     acted_until: float | None = None  # and when it ended
     shown: list[str] = field(default_factory=list)  # everything the steps printed
+    scene: scenes.Scene | None = None  # the drill scene this scenario arranged, once
 
     # -- where we are --------------------------------------------------------------------------
     @property
@@ -166,10 +170,26 @@ class World:
         return self.stack is not None and self.env.allows_faults
 
     def drill(self) -> DrillStack:
-        """For steps that cause a fault: the stack, or a failure on anything but a drill."""
+        """For steps that cause a fault: the stack (in the baseline scene when no Given has
+        arranged one yet), or a failure on anything but a drill."""
         if not self.on_drill or self.stack is None:
             pytest.fail(f"this step {FAULT_ONLY}: run it with --env drill", pytrace=False)
+        if self.scene is None:
+            self.arrange(scenes.baseline(self.stack.base_version.name))
         return self.stack
+
+    def drill_base(self) -> str:
+        """The drill's base version (v1 unless the stack was made with another)."""
+        return self.stack.base_version.name if self.stack is not None else "v1"
+
+    def arrange(self, scene: scenes.Scene) -> None:
+        """On a drill: bring the stack into `scene` (only what differs is changed, then proved
+        from what runs); once per scenario, by its first Given or its first step."""
+        if not self.on_drill or self.stack is None:
+            pytest.fail(f"this step {FAULT_ONLY}: run it with --env drill", pytrace=False)
+        assert self.scene is None, f"the scene is already {self.scene.name!r}"
+        self.stack.arrange(scene)
+        self.scene = scene
 
     def check(self, condition: object, message: str) -> None:
         """A real host's precondition: fail with the runbook's advice when it does not hold."""
@@ -260,7 +280,7 @@ class World:
 
 @pytest.fixture
 def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[World]:
-    """A fresh world; on a drill the session stack is reset to its baseline first.
+    """A fresh world; on a drill its first Given (or first step) arranges the stack's scene.
 
     In a @mutating scenario on a drill (never on a real host, never under --dry-run) a bounded
     user load through Caddy is prepared here, starts with the first action and stops when the
@@ -269,7 +289,6 @@ def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[
     stack = None
     if config.getoption("--env") == "drill":
         stack = request.getfixturevalue("drill_stack")
-        stack.reset()
     dry_run = bool(config.getoption("--dry-run"))
     world = World(env=environment, config=config, stack=stack, dry_run=dry_run)
     if (world.on_drill and not dry_run and is_feature_item(request.node)
@@ -285,7 +304,86 @@ def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[
 
 @pytest.fixture(autouse=True)
 def _scenario_world(request: pytest.FixtureRequest) -> None:
-    """Every scenario gets its world (and so its drill reset) before its first step; a fleet
-    scenario has its own (steps/fleet.py) and never needs the single-host drill stack."""
+    """Every scenario gets its world before its first step; a fleet scenario has its own
+    (steps/fleet.py) and never needs the single-host drill stack."""
     if is_feature_item(request.node) and request.node.get_closest_marker("fleet") is None:
         request.getfixturevalue("world")
+
+
+def pytest_bdd_before_step(request: pytest.FixtureRequest, feature: Any, scenario: Any,
+                           step: Any, step_func: Callable[..., Any]) -> None:
+    """On a drill, a scenario whose Givens arranged no scene starts from the baseline before
+    its first When (a When marked `stackless`, e.g. reading the help, needs none; its Thens
+    read only what it found)."""
+    if step.type != "when" or getattr(step_func, "stackless", False):
+        return
+    world: World = request.getfixturevalue("world")
+    if world.on_drill and world.scene is None:
+        world.drill()
+
+
+# ---------------------------------------------------------------------------------------------
+# The order scenarios run in on a drill: consecutive ones share their scene
+
+# The scene each first Given arranges, in the order the scenes are visited (each a cheap step
+# from the one before: few slot recreations, the database kept where Postgres allows) and the
+# pytest-xdist group that keeps the scenarios of a scene (or neighbouring ones) on one
+# worker's stack; five small groups, so two workers (one busy with the fleet) stay balanced.
+# A scenario without a Given (it needs no stack) goes first; scenarios with other Givens
+# (e.g. the fleet's) keep their places. Only execution changes: the report and the docs keep
+# the feature files' order.
+SCENE_ORDER: dict[str | None, tuple[int, str]] = {
+    None: (0, "scenes-baseline"),
+    "a deployment is live": (1, "scenes-baseline"),
+    "no previous deployment is recorded": (2, "scenes-first-deploy"),
+    "customer data was recorded before the migration": (3, "scenes-first-deploy"),
+    "migrations ran after the previous deployment": (4, "scenes-migrated"),
+    "a broken version went live after a migration": (5, "scenes-broken"),
+    "a previous deployment exists whose build is broken": (6, "scenes-broken"),
+    "a previous deployment exists": (7, "scenes-previous"),
+}
+
+
+def first_given(item: pytest.Item) -> str | None:
+    """The text of the scenario's first Given step (None: it has none)."""
+    from pytest_bdd.scenario import scenario_wrapper_template_registry
+
+    template = scenario_wrapper_template_registry.get(getattr(item, "obj", None))  # type: ignore[arg-type]
+    if template is None:
+        return None
+    return next((step.name for step in template.steps if step.type == "given"), None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a drill, run the scenarios scene by scene (non-mutating ones first within a
+    scene), each scene group on one xdist worker; other items keep their place."""
+    if config.getoption("--env") != "drill":
+        return
+    chosen = [(index, item, SCENE_ORDER[given]) for index, item in enumerate(items)
+              if is_feature_item(item) and not item.get_closest_marker("fleet")
+              and not item.get_closest_marker("xdist_group")
+              and (given := first_given(item)) in SCENE_ORDER]
+    ordered = sorted(chosen, key=lambda c: (c[2][0], c[1].get_closest_marker("mutating")
+                                            is not None, c[0]))
+    for (index, _, _), (_, item, (_, group)) in zip(chosen, ordered, strict=True):
+        items[index] = item
+        item.add_marker(pytest.mark.xdist_group(group))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        for item in items:
+            if is_feature_item(item):
+                group_nodeid(item)
+
+
+def group_nodeid(item: pytest.Item) -> None:
+    """Give a feature item its xdist group as the `@group` nodeid suffix loadgroup schedules
+    by. pytest-xdist 3.8 sets it as `item._nodeid`, which pytest 9 no longer reads (its
+    nodeid is `item._id`), so without this no group is kept together on one worker."""
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if not names or "@" in item.nodeid:
+        return
+    current = getattr(item, "_id", None)
+    parse = getattr(type(current), "parse", None)
+    if parse is not None:
+        item._id = parse(f"{item.nodeid}@{'_'.join(names)}")

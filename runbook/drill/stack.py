@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from runbook import environment as envmod
 from runbook import files
-from runbook.drill import images
+from runbook.drill import images, scenes
 from runbook.drill.versions import VERSIONS, AppVersion
 from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import ExitCode, RunbookError
@@ -190,7 +190,12 @@ class DrillStack:
     env: Environment = field(init=False)
     password: str = field(init=False)
     _compose: object | None = field(init=False, default=None)
-    _baseline_lsn: str | None = field(init=False, default=None)  # Postgres WAL after a reset
+    # the database key of the scene last arranged and Postgres's WAL position after it
+    _arranged: tuple[tuple[object, ...], str] | None = field(init=False, default=None)
+    _scene_cache: dict[str, dict[str, bytes]] = field(init=False, default_factory=dict)
+    # what the last arrange() did, and how long each part took (seconds): for reports/tuning
+    arranged: list[tuple[str, float]] = field(init=False, default_factory=list)
+    _walinspect: bool = field(init=False, default=False)
     resets: Counter[str] = field(init=False, default_factory=Counter)  # rebuilt / kept database
 
     def __post_init__(self) -> None:
@@ -362,8 +367,11 @@ class DrillStack:
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
             with self.connect() as conn:
-                conn.execute("VACUUM")  # see reset()
-                self._baseline_lsn = self._wal_position(conn)
+                conn.execute("VACUUM")  # see arrange()
+            self._enable_walinspect()
+            with self.connect() as conn:
+                self._arranged = (scenes.baseline(self.base_version.name).database_key,
+                                  self._wal_position(conn))
         except BaseException:
             self.stop()
             raise
@@ -427,20 +435,13 @@ class DrillStack:
             dep.with_(health_status="healthy")))
 
     def reset(self) -> None:
-        """Back to the baseline between scenarios: state, Caddyfile, containers, database.
+        """Back to the baseline between scenarios: the base version on both slots, blue
+        serving, schema 1, one deployment recorded (see arrange)."""
+        self.arrange(scenes.baseline(self.base_version.name))
 
-        Quick when little changed: only what differs from the baseline is redone, and what is
-        independent runs at once (both slots recreated by one compose call, their health
-        polled together). The database is rebuilt (schema dropped, the base version's
-        migrations applied by the app) unless Postgres proves nothing was written since the
-        last reset: its WAL insert position and its sequences have not moved (every change
-        to a logged table writes WAL; a checkpoint or autovacuum moving it only costs a
-        rebuild).
-        """
-        import httpx
-
-        from runbook import docker, health
-
+    def clean(self) -> None:
+        """What a scenario leaves beside the stack: the lock, logs, run records, snapshots and
+        temp files in the Caddy directory."""
         shutil.rmtree(self.env.lock_path, ignore_errors=True)
         for sub in ("logs", "runs", "db-snapshots"):
             shutil.rmtree(self.run_dir / sub, ignore_errors=True)
@@ -448,9 +449,28 @@ class DrillStack:
         for leftover in self.caddy_dir.glob("*"):
             if leftover.name != "Caddyfile":
                 leftover.unlink(missing_ok=True)
-        # The baseline Caddyfile first, atomically: a Caddy (re)started while the file is
+
+    def arrange(self, scene: scenes.Scene) -> None:
+        """Bring the stack into `scene` from whatever it runs, then prove it (`prove`).
+
+        Quick when little differs: only what differs is redone (a slot on another image is
+        recreated, one only stopped is started), and the database is kept when it holds what
+        the scene needs and Postgres proves nothing was written since it was arranged: its WAL
+        insert position and its sequences have not moved (every change to a logged table
+        writes WAL; a checkpoint or autovacuum moving it only costs a rebuild). Otherwise the
+        schema is dropped and the apps' own migrations rebuild it, taking the pre-deploy
+        snapshots the scene's deployments took.
+        """
+        import httpx
+
+        from runbook import docker
+
+        self.arranged = []
+        began = time.monotonic()
+        self.clean()
+        # The scene's Caddyfile first, atomically: a Caddy (re)started while the file is
         # half written reads a broken config and exits.
-        text = self.caddyfile_text(Slot.BLUE)
+        text = self.caddyfile_text(scene.live)
         files.atomic_write(self.caddy_dir / "Caddyfile", text.encode())
         if not docker.inspect(self.caddy_container).running:
             self.docker("start", self.caddy_container)
@@ -460,24 +480,104 @@ class DrillStack:
         self.wait_caddy()
         httpx.post(f"{self.env.caddy.admin_url}/load", content=text,
                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+        arranged, self._arranged = self._arranged, None  # until this arrangement has finished
+        cached = self._scene_cache.get(scene.name)
         with self.connect() as conn:
-            rebuild = self._baseline_lsn is None or self._wal_position(conn) != self._baseline_lsn
+            rebuild = (arranged is None or arranged[0] != scene.database_key
+                       or not self._unwritten_since(conn, arranged[1])
+                       or (scene.snapshots and cached is None))
             if rebuild:
                 conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        self._baseline_lsn = None  # until this reset has finished
-        self._reset_slots()
+        self._did("files, Caddy, database checked", began)
+        with self._timed("slot images"):
+            self._set_images(scene)
         if rebuild:
-            self.migrate(Slot.BLUE)
-        with ThreadPoolExecutor(max_workers=len(Slot)) as pool:
-            for waited in [pool.submit(health.wait_healthy, self.env, slot, timeout=30)
-                           for slot in Slot]:
+            with self._timed("database rebuilt"):
+                cached = self._build_database(scene)
+            self._scene_cache[scene.name] = cached
+        with self._timed("slots started/stopped"):
+            for slot in Slot:
+                info = docker.inspect(self.env.slot(slot).container)
+                if scene.slot(slot).running and not info.running:
+                    docker.start(info.name)
+                elif info.running and not scene.slot(slot).running:
+                    # the app as PID 1 ignores SIGTERM until it has set its handler: a stop
+                    # right after a (re)start would wait out the whole grace period
+                    self._wait_answering(slot, scene.version(slot), path="/healthz")
+                    docker.stop(info.name)
+        with self._timed("slots answering"), ThreadPoolExecutor(max_workers=len(Slot)) as pool:
+            for waited in [pool.submit(self._wait_answering, slot, scene.version(slot))
+                           for slot in Slot if scene.slot(slot).running]:
                 waited.result()
-        self.write_baseline_state()
+        began = time.monotonic()
+        if cached is not None and scene.snapshots:  # the scene's own state and snapshots
+            for name, data in cached.items():
+                files.atomic_write(self.run_dir / name, data)
+        else:
+            self._write_state(scene, {})
         with self.connect() as conn:
-            if rebuild:  # prune the migration's dead rows now, not on a later read (WAL)
+            if rebuild:  # prune the migrations' dead rows now, not on a later read (WAL)
                 conn.execute("VACUUM")
-            self._baseline_lsn = self._wal_position(conn)
+            position = self._wal_position(conn)
+        self._did("state written", began)
+        with self._timed("proved"):
+            self.prove(scene)
+        self._arranged = (scene.database_key, position)
         self.resets["rebuilt" if rebuild else "kept"] += 1
+
+    def _did(self, what: str, began: float) -> None:
+        self.arranged.append((what, round(time.monotonic() - began, 3)))
+
+    @contextlib.contextmanager
+    def _timed(self, what: str) -> Iterator[None]:
+        """Record how long a part of the last arrangement took (self.arranged)."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self._did(what, began)
+
+    def _enable_walinspect(self) -> None:
+        """pg_walinspect (PostgreSQL >= 15 contrib) in the `postgres` database, never in the
+        app's: it lets a kept database tell a write from the WAL Postgres writes by itself."""
+        import psycopg
+
+        try:
+            with self.connect("postgres") as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            self._walinspect = True
+        except psycopg.Error:
+            self._walinspect = False  # an image without it: any WAL movement rebuilds
+
+    def _unwritten_since(self, conn: psycopg.Connection[tuple[Any, ...]], position: str) -> bool:
+        """Nothing was written since `position` (a _wal_position): the same WAL insert position
+        and sequences, or WAL moved only by records Postgres writes on its own (a running-
+        transactions snapshot every 15 s after activity, a checkpoint, page pruning by a
+        read): read with pg_walinspect. Anything else, or any doubt, is a write."""
+        import psycopg
+
+        now = self._wal_position(conn)
+        if now == position:
+            return True
+        lsn, _, sequences = position.partition(" ")
+        now_lsn, _, now_sequences = now.partition(" ")
+        if now_sequences != sequences or not self._walinspect:
+            return False
+        try:
+            with self.connect("postgres") as admin:
+                deadline = time.monotonic() + 2.0  # async commit: the WAL writer flushes soon
+                while not admin.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn",
+                                        (now_lsn,)).fetchone()[0]:  # type: ignore[index]
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.05)
+                kinds = admin.execute(
+                    "SELECT DISTINCT resource_manager, record_type "
+                    "FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn)",
+                    (lsn, now_lsn)).fetchall()
+        except psycopg.Error:
+            return False
+        return all((str(rm), str(kind)) in SELF_WRITTEN_WAL for rm, kind in kinds)
 
     @staticmethod
     def _wal_position(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
@@ -489,33 +589,160 @@ class DrillStack:
             "ORDER BY schemaname, sequencename), '') FROM pg_sequences").fetchone()
         return str(row[0]) if row else ""
 
-    def _reset_slots(self) -> None:
-        """Each slot back to the base version, running: started when only stopped, recreated
-        when gone or on another image (both in one compose call, or concurrently with
-        `docker run`)."""
+    def _set_images(self, scene: scenes.Scene) -> None:
+        """Each slot's container on the scene's image: recreated when gone or on another
+        image (one compose call per version, concurrently, or `docker run`)."""
         from runbook import compose, docker
 
-        recreate = []
+        recreate: dict[str, list[Slot]] = {}
         for slot in Slot:
+            version = scene.version(slot)
             info = docker.inspect(self.env.slot(slot).container)
-            if not info.exists or info.image != self.base_version.image:
-                recreate.append(slot)
-            elif not info.running:
-                docker.start(info.name)
+            if not info.exists or info.image != version.image:
+                recreate.setdefault(version.name, []).append(slot)
         if not recreate:
             return
-        if self.has("docker-run"):
-            def again(slot: Slot) -> None:
-                self.docker("rm", "-f", self.env.slot(slot).container, check=False)
-                self.docker_run(slot, self.base_version.image)
 
-            with ThreadPoolExecutor(max_workers=len(recreate)) as pool:
-                for done in [pool.submit(again, slot) for slot in recreate]:
-                    done.result()
-            return
-        first = compose.recreate_slot(self.env, recreate[0], self.base_version.tag)
-        services = tuple(str(self.env.slot(slot).service) for slot in recreate[1:])
-        compose.run(dataclasses.replace(first, argv=(*first.argv, *services)))
+        def again(name: str, chosen: list[Slot]) -> None:
+            version = VERSIONS[name]
+            if self.has("docker-run"):
+                for slot in chosen:
+                    self.docker("rm", "-f", self.env.slot(slot).container, check=False)
+                    self.docker_run(slot, version.image)
+                return
+            first = compose.recreate_slot(self.env, chosen[0], version.tag)
+            services = tuple(str(self.env.slot(slot).service) for slot in chosen[1:])
+            compose.run(dataclasses.replace(first, argv=(*first.argv, *services)))
+
+        with ThreadPoolExecutor(max_workers=len(recreate)) as pool:
+            for done in [pool.submit(again, name, chosen) for name, chosen in recreate.items()]:
+                done.result()
+
+    def _build_database(self, scene: scenes.Scene) -> dict[str, bytes]:
+        """Migrate the emptied schema as the scene's deployments did, with the app's own
+        migrations (run in a slot container of the wanted schema's version, started for it
+        when stopped). A scene with snapshots is built deployment by deployment, each one
+        after the first preceded by its pre-deploy snapshot; it then records its state and
+        returns its files (state, snapshots) to put back while its database is kept."""
+        from runbook import docker, snapshots
+        from runbook import state as states
+
+        steps = list(scene.history) if scene.snapshots else [scene.history[-1]]
+        ids = [states.new_id("dep") for _ in scene.history]
+        taken: dict[int, str] = {}
+        schema = 0
+        for index, (name, _) in enumerate(steps):
+            if scene.snapshots and index > 0:
+                with self._timed(f"  snapshot at schema {schema}"):
+                    taken[index] = str(snapshots.pre_deploy_snapshot(
+                        self.env, ids[index], VERSIONS[name].git_commit, schema).path)
+            want = max(schema, scene.schema if not scene.snapshots else VERSIONS[name].schema)
+            if want == schema:
+                continue
+            slots = sorted((s for s in Slot if scene.version(s).schema == want),
+                           key=lambda s: not scene.slot(s).running)
+            if not slots:
+                raise DrillError(f"scene {scene.name!r}: no slot runs a version of schema {want}",
+                                 "give the scene a slot of that version")
+            container = self.env.slot(slots[0]).container
+            if not docker.inspect(container).running:
+                with self._timed(f"  {slots[0]} started to migrate"):
+                    docker.start(container)  # stopped again with the others, as the scene says
+            with self._timed(f"  migrated to {want} in {slots[0]}"):
+                self.migrate(slots[0])
+            schema = want
+        if not scene.snapshots:
+            return {}
+        self._write_state(scene, taken, ids)
+        out = {str(self.env.state_file.relative_to(self.run_dir)):
+               self.env.state_file.read_bytes()}
+        for path in (self.run_dir / "db-snapshots").iterdir():
+            out[str(path.relative_to(self.run_dir))] = path.read_bytes()
+        return out
+
+    def _write_state(self, scene: scenes.Scene, snapshot_paths: dict[int, str],
+                     ids: list[str] | None = None) -> None:
+        """The scene's deployments, recorded as the runbook's deploys record them."""
+        from runbook import state as states
+
+        state = states.DeploymentState(environment=self.env.name)
+        schema = 0
+        for index, (name, slot) in enumerate(scene.history):
+            v = VERSIONS[name]
+            schema = max(schema, v.schema)
+            dep = states.make_deployment(v.tag, v.git_commit, slot, status="active",
+                                         deployed_by="drill@runbook", migration_version=schema,
+                                         image=v.image,
+                                         deployment_id=ids[index] if ids else None)
+            extra = {"snapshot_path": snapshot_paths[index]} if index in snapshot_paths else {}
+            healthy = v.behaviour == "normal"
+            state = states.after_deploy(state, dep.with_(
+                health_status="healthy" if healthy else "unknown",
+                migrations_run=int(index > 0), extra=extra))
+        states.write_state(self.env.state_file, state)
+
+    def _wait_answering(self, slot: Slot, version: AppVersion, timeout: float = 30.0,
+                        path: str | None = None) -> None:
+        """Until the slot's /health gives the answer its build gives once started (200, or 503
+        for the drill's unhealthy build), polled every 20 ms with a plain HTTP client; with
+        `path` (e.g. /healthz, the app's liveness) until that answers 200."""
+        import httpx
+
+        want = 200 if version.behaviour == "normal" or path else 503
+        url = f"{self.env.slot(slot).base_url}{path or self.env.health.path}"
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        with httpx.Client(timeout=2, trust_env=False) as client:
+            while True:
+                try:
+                    answer = client.get(url)
+                    if answer.status_code == want:
+                        return
+                    last = f"HTTP {answer.status_code}"
+                except httpx.HTTPError as exc:
+                    last = type(exc).__name__
+                if time.monotonic() > deadline:
+                    raise DrillError(f"the {slot} slot ({version.name}) did not answer "
+                                     f"{want} on {url} in {timeout:.0f} s ({last})",
+                                     f"see `docker logs {self.env.slot(slot).container}`")
+                time.sleep(0.02)
+
+    def prove(self, scene: scenes.Scene) -> None:
+        """The scene is what runs, read from Docker, Caddy's loaded config (admin API), the
+        proxy's answer and Postgres, never from a file: else a DrillError naming each
+        difference."""
+        import httpx
+
+        from runbook import docker
+
+        wrong: list[str] = []
+        for slot in Slot:
+            want = scene.slot(slot)
+            info = docker.inspect(self.env.slot(slot).container)
+            image = VERSIONS[want.version].image
+            if not info.exists or info.image != image or info.running != want.running:
+                wrong.append(f"{slot}: wanted {image} {'running' if want.running else 'stopped'}"
+                             f", found {info.image if info.exists else 'no container'}"
+                             f"{' running' if info.running else ''}")
+        config = httpx.get(f"{self.env.caddy.admin_url}/config/", timeout=5).json()
+        dials = {str(d) for d in _values(config, "dial")}
+        port = self.env.slot(scene.live).port
+        if dials != {f"localhost:{port}"}:
+            wrong.append(f"Caddy's loaded config dials {sorted(dials)}, not localhost:{port}")
+        answer = httpx.get(f"{self.env.caddy.proxy_url}/version", timeout=5,
+                           headers={"Connection": "close"})
+        live = scene.version(scene.live)
+        got = (answer.status_code, answer.headers.get("X-Togather-Slot"),
+               answer.json().get("version") if answer.status_code == 200 else None)
+        if got != (200, str(scene.live), live.tag):
+            wrong.append(f"the proxy answers {got}, not (200, {scene.live}, {live.tag})")
+        with self.connect() as conn:
+            rows = conn.execute("SELECT version, dirty FROM schema_migrations").fetchall()
+        if rows != [(scene.schema, False)]:
+            wrong.append(f"schema_migrations holds {rows}, not [({scene.schema}, False)]")
+        if wrong:
+            raise DrillError(f"the drill is not in the scene {scene.name!r}: "
+                             + "; ".join(wrong), "see `docker ps -a` and the Caddy admin API")
 
     def docker_run_argv(self, slot: Slot, image: str) -> list[str]:
         """How a docker-run host created a slot: the contract's names, labels and ports, on the
@@ -585,16 +812,24 @@ class DrillStack:
                                      f"see `docker logs {self.db_container}`") from None
                 time.sleep(0.1)
 
-    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+    def connect(self, dbname: str = DB_NAME) -> psycopg.Connection[tuple[Any, ...]]:
         import psycopg
 
-        return psycopg.connect(self.database_url, autocommit=True, connect_timeout=3)
+        return psycopg.connect(self.database_url, autocommit=True, connect_timeout=3,
+                               dbname=dbname)
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
 
 
 PORT_ATTEMPTS = 3
+# WAL records Postgres writes by itself, with no change to any row (pg_walinspect's resource
+# manager and record type): they do not make a kept database differ from its scene
+SELF_WRITTEN_WAL = frozenset({
+    ("Standby", "RUNNING_XACTS"), ("XLOG", "CHECKPOINT_ONLINE"),
+    ("XLOG", "CHECKPOINT_SHUTDOWN"), ("XLOG", "FPI_FOR_HINT"),
+    ("Heap2", "PRUNE"), ("Heap2", "PRUNE_ON_ACCESS"), ("Heap2", "VISIBLE"),
+})
 _CLASH = ("address already in use", "port is already allocated")
 
 
@@ -636,6 +871,19 @@ def sweep(run_id: str) -> None:
     if found["volume"]:
         subprocess.run(["docker", "volume", "rm", "-f", *found["volume"]],
                        capture_output=True, check=False)
+
+
+def _values(node: object, key: str) -> Iterator[object]:
+    """Every value of `key` anywhere in a JSON document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            else:
+                yield from _values(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _values(item, key)
 
 
 def print_json(obj: object) -> None:

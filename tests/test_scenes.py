@@ -1,0 +1,118 @@
+"""Drill scenes, arranged for real: each is what Docker, Caddy, the proxy and Postgres say runs.
+
+The oracle is read here with plain tools (`docker inspect`, Caddy's admin API, an HTTP GET
+through the proxy, SQL), never through DrillStack.prove, which these tests judge too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook.drill import scenes
+from runbook.drill.stack import DrillError, DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
+
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("drill_stack")]
+
+# every scene, then back to the baseline: each arranged from the one before
+CHAIN = [scenes.PREVIOUS, scenes.MIGRATED, scenes.BROKEN_LIVE, scenes.BROKEN_PREVIOUS,
+         scenes.BASELINE]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[DrillStack]:
+    """A stack of this module's own: the scenes leave it anywhere."""
+    with DrillStack() as drill:
+        yield drill
+
+
+def container(stack: DrillStack, slot: Slot) -> tuple[str, bool]:
+    out = subprocess.run(["docker", "inspect", "--format",
+                          "{{.Config.Image}} {{.State.Running}}",
+                          stack.env.slot(slot).container],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0], out[1] == "true"
+
+
+def assert_runs(stack: DrillStack, scene: scenes.Scene) -> None:
+    for slot in Slot:
+        want = scene.slot(slot)
+        assert container(stack, slot) == (VERSIONS[want.version].image, want.running), slot
+    config = json.dumps(httpx.get(f"{stack.env.caddy.admin_url}/config/", timeout=5).json())
+    live_port = stack.env.slot(scene.live).port
+    other_port = stack.env.slot(scene.live.other).port
+    assert f'"localhost:{live_port}"' in config and f'"localhost:{other_port}"' not in config
+    answer = httpx.get(f"{stack.env.caddy.proxy_url}/version", timeout=5)
+    assert (answer.status_code, answer.headers["X-Togather-Slot"], answer.json()["version"]) \
+        == (200, str(scene.live), VERSIONS[scene.history[-1][0]].tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version, dirty FROM schema_migrations").fetchall() \
+            == [(scene.schema, False)]
+    state = json.loads(stack.env.state_file.read_text())
+    current = state["current_deployment"]
+    assert (current["version"], current["active_slot"]) \
+        == (VERSIONS[scene.history[-1][0]].tag, str(scene.live))
+    previous = state.get("previous_deployment")
+    if len(scene.history) > 1:
+        name, slot = scene.history[-2]
+        assert (previous["version"], previous["active_slot"]) == (VERSIONS[name].tag, str(slot))
+    else:
+        assert not previous
+
+
+@pytest.mark.parametrize("scene", CHAIN, ids=[s.name for s in CHAIN])
+def test_a_scene_is_arranged_from_the_one_before_and_is_what_runs(stack: DrillStack,
+                                                                 scene: scenes.Scene) -> None:
+    stack.arrange(scene)
+    assert_runs(stack, scene)
+    if scene.snapshots:  # the last deployment's pre-deploy snapshot, taken before it migrated
+        state = json.loads(stack.env.state_file.read_text())
+        snapshot = Path(state["current_deployment"]["snapshot_path"])
+        assert snapshot.is_file()
+        meta = json.loads(Path(f"{str(snapshot).removesuffix('.sql.gz')}.meta.json")
+                          .read_text())
+        assert meta["migration_version"] == scene.schema - 1, meta
+
+
+def test_an_unchanged_scene_is_kept_with_its_snapshot_and_a_written_one_rebuilt(
+        stack: DrillStack) -> None:
+    stack.arrange(scenes.MIGRATED)
+    state = stack.env.state_file.read_bytes()
+    kept, rebuilt = stack.resets["kept"], stack.resets["rebuilt"]
+    stack.arrange(scenes.MIGRATED)  # nothing written in between
+    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 1, rebuilt)
+    assert stack.env.state_file.read_bytes() == state
+    snapshot = Path(json.loads(state)["current_deployment"]["snapshot_path"])
+    assert snapshot.is_file()
+    with stack.connect() as conn:  # WAL Postgres writes by itself (a checkpoint) is no write
+        before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+        conn.execute("CHECKPOINT")
+        assert conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone() != before
+    stack.arrange(scenes.MIGRATED)
+    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 2, rebuilt)
+    httpx.post(f"{stack.env.caddy.proxy_url}/items", json={"name": "written"},
+               timeout=5).raise_for_status()
+    stack.arrange(scenes.MIGRATED)
+    assert stack.resets["rebuilt"] == rebuilt + 1
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
+    assert_runs(stack, scenes.MIGRATED)
+
+
+def test_prove_names_what_differs_from_the_scene(stack: DrillStack) -> None:
+    stack.arrange(scenes.BASELINE)
+    subprocess.run(["docker", "stop", "-t", "1", stack.env.slot(Slot.GREEN).container],
+                   capture_output=True, check=True)
+    with pytest.raises(DrillError, match=r"green: wanted togather-server:\w+ running"):
+        stack.prove(scenes.BASELINE)
+    with pytest.raises(DrillError, match="dials"):
+        stack.prove(scenes.MIGRATED)  # served from green
+    stack.arrange(scenes.BASELINE)  # and arranging puts it right
+    assert_runs(stack, scenes.BASELINE)
