@@ -354,10 +354,12 @@ def first_given(item: pytest.Item) -> str | None:
     return next((step.name for step in template.steps if step.type == "given"), None)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+@pytest.hookimpl(trylast=True)  # after every hook that adds an xdist_group (conftest: fleet)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a drill, run the scenarios scene by scene (non-mutating ones first within a
-    scene), each scene group on one xdist worker; other items keep their place."""
+    scene), each scene group on one xdist worker; other items keep their place. Under
+    --dist loadgroup every item with an xdist_group keeps its group (the fleet's, the shapes
+    stack's, the wheel build's), not only the features."""
     if config.getoption("--env") != "drill":
         return
     chosen = [(index, item, SCENE_ORDER[given]) for index, item in enumerate(items)
@@ -371,12 +373,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
     if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         for item in items:
-            if is_feature_item(item):
-                group_nodeid(item)
+            group_nodeid(item)
 
 
 def group_nodeid(item: pytest.Item) -> None:
-    """Give a feature item its xdist group as the `@group` nodeid suffix loadgroup schedules
+    """Give an item its xdist group as the `@group` nodeid suffix loadgroup schedules
     by. pytest-xdist 3.8 sets it as `item._nodeid`, which pytest 9 no longer reads (its
     nodeid is `item._id`), so without this no group is kept together on one worker."""
     names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
