@@ -52,7 +52,7 @@ chromium:
 	@scripts/ensure-chromium.sh
 
 # The drill host shapes (README, "Drill host shapes"): everything against the default shape,
-# then features/ and tests/test_rollback.py against each group of traits below (together they
+# then SHAPE_TESTS (below) against each group of traits below (together they
 # cover all five; tests/test_shapes.py, in the first run, has the targeted checks of every
 # trait at once). On a docker-run host `runbook deploy` has no compose and refuses (exit 4,
 # nothing changed: test_rollback.py proves it there), so the three scenarios that end with
@@ -61,6 +61,10 @@ chromium:
 # (RUNBOOK_KILL_MATRIX=full: every cell, as the nightly drill does). The fleet scenarios run
 # once, in the first run: the drill fleet has its own shape (sshd per host) and ignores --shape.
 SHAPES ?= container-caddy,docker-network-db,minimal-health container-caddy,caddy-reload,docker-run
+# What runs per shape group: in make test a representative sample (the rollback feature and
+# tests/test_rollback.py: every rollback path, refusal and proof on that host's shape); the
+# nightly drill sets SHAPE_TESTS="features/ tests/test_rollback.py" (every feature per shape).
+SHAPE_TESTS ?= features/rollback.feature tests/test_rollback.py
 NEEDS_COMPOSE_DEPLOY := \
   --deselect features/troubleshooting.feature::test_no_previous_deployment_found \
   --deselect features/troubleshooting.feature::test_health_checks_fail_on_the_previous_deployment \
@@ -68,9 +72,9 @@ NEEDS_COMPOSE_DEPLOY := \
 
 test: setup lint chromium
 	$(PYTEST) $(XDIST) --report reports/drill
-	@for shape in $(SHAPES); do echo "== features/ tests/test_rollback.py --shape $$shape"; \
+	@for shape in $(SHAPES); do echo "== $(SHAPE_TESTS) --shape $$shape"; \
 	  case $$shape in *docker-run*) extra="$(NEEDS_COMPOSE_DEPLOY)";; *) extra="";; esac; \
-	  $(PYTEST) $(XDIST) features/ tests/test_rollback.py -q -p no:cacheprovider -m "not fleet" \
+	  $(PYTEST) $(XDIST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "not fleet" \
 	    --shape $$shape $$extra || exit 1; done
 
 bench: setup
