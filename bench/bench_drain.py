@@ -131,11 +131,17 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
     def wait(port: int, timeout: float = drain.DRAIN_TIMEOUT, **kw: Any) -> drain.Drain:
         if old_criterion:
             kw["front"] = None
-        d = real(port, timeout, **kw)
-        drains.append(d)
+        trace: list[tuple[float, int, int, int, int]] = []
+        d = real(port, timeout, trace=trace, **kw)
+        if recording and d.seconds > 1.0:
+            print("    trace (s, open front, new-config front, pending at slot, pending from "
+                  "Caddy): " + " ".join(f"{t:.2f}/{a}/{b}/{c}/{e}" for t, a, b, c, e in trace))
+        if recording:
+            drains.append(d)
         return d
 
     drain.wait_drained = wait  # type: ignore[assignment]
+    recording = False  # the rollbacks' drains, not the deploys'
     loads = []
     walls = []
     stop_steps = []
@@ -146,7 +152,9 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
             deploy.deploy(keep if i % 2 == 0 else env, deploy.Options(version=v3))
             with Load(f"{env.caddy.proxy_url}/version") as load:
                 began = time.monotonic()
+                recording = True
                 result = rollback.rollback(env)
+                recording = False
                 walls.append(time.monotonic() - began)
             loads.append(load)
             steps = {o.name: o.duration_ms / 1000 for o in result.outcomes}
@@ -154,7 +162,9 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
             d = drains[-1]
             print(f"  round {i + 1} ({'running' if i % 2 == 0 else 'stopped'} standby): "
                   f"{load.requests} requests, {load.errors_5xx} 5xx, {load.resets} resets, "
-                  f"{load.failures} failed; drain {d.seconds:.3f}s ({d.describe()})",
+                  f"{load.failures} failed; drain {d.seconds:.3f}s, {d.readings} readings, front "
+                  f"done at {d.front_done_at}, last request at {d.last_request} "
+                  f"({d.describe()})",
                   flush=True)
     finally:
         drain.wait_drained = real  # type: ignore[assignment]

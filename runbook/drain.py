@@ -109,6 +109,8 @@ class Drain:
     front_closed: int = 0  # of them, closed during the wait
     front_kept: int = 0  # of them, shown to be the new config's
     last_request: float | None = None  # seconds into the wait of the last pending request seen
+    front_done_at: float | None = None  # seconds into the wait when (a) first held
+    readings: int = 0  # `ss` readings taken
 
     @property
     def drained(self) -> bool:
@@ -299,7 +301,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                  read: Callable[[int, int | None], Look | None] = look,
                  visible: Callable[[Iterable[int]], set[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> Drain:
+                 sleep: Callable[[float], None] = time.sleep,
+                 trace: list[tuple[float, int, int, int, int]] | None = None) -> Drain:
     """Wait (at most `timeout`) until the old config is done with the slot on `port`: every
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
     and no request is pending on `port` (module docstring; unobservable sides fail closed)."""
@@ -314,9 +317,12 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     counters_before: dict[Key, tuple[int, int]] = {}
     first = True
     slot_observed = slot_listens
+    front_done_at: float | None = None
+    readings = 0
     while True:
         seen = read(port, front if front_observed else None)
         now = clock()
+        readings += 1
         if seen is None:  # `ss` failed: nothing observable, the fixed grace
             rest = FALLBACK_GRACE - (now - began)
             if rest > 0:
@@ -336,6 +342,9 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         open_front = [s for s in watch.front.values() if not s.kept]
         on_accepted, on_dialed = _slot_pending(seen, watch)
         pending = max(on_accepted, on_dialed)  # one connection may be seen from both ends
+        if trace is not None:  # for benchmarks: seconds, open front, new-config front, pending
+            trace.append((now - began, len(open_front), len(watch.front) - len(open_front),
+                          on_accepted, on_dialed))
         if pending:
             last_request = now - began
         counters = {c.key: (c.bytes_sent, c.bytes_received)
@@ -345,6 +354,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         counters_before = counters
         front_done = not open_front if front_observed else now - moved_at >= quiet
         slot_done = not pending if slot_observed else now - began >= FALLBACK_GRACE
+        if front_done and front_done_at is None:
+            front_done_at = now - began
         over = now - began >= timeout
         if (front_done and slot_done) or over:
             busy = (pending + len(open_front)) if over else 0
@@ -357,5 +368,6 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                          front_watched=watch.closed + len(watch.front),
                          front_closed=watch.closed,
                          front_kept=sum(s.kept for s in watch.front.values()),
-                         last_request=last_request)
+                         last_request=last_request, front_done_at=front_done_at,
+                         readings=readings)
         sleep(min(poll, max(0.0, timeout - (now - began))))

@@ -6,11 +6,20 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
 
 import pytest
 
-from runbook import drain
+from runbook import deploy, drain, rollback, slots
+from runbook import report as reports
+from runbook.drill.load import Load
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
+
+V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 
 FRONT, SLOT = 8443, 18081
 # `ss -H -t -i -n -e state established ( sport = :8443 or sport = :18081 or dport = :18081 )`
@@ -35,7 +44,7 @@ def reading(*socks: str) -> str:
 class Script:
     """Recorded readings played back against a fake clock: reading i is returned at i*POLL."""
 
-    def __init__(self, readings: list[str | None], listening: set[int] | None = None) -> None:
+    def __init__(self, readings: Sequence[str | None], listening: set[int] | None = None) -> None:
         self.readings = readings
         self.listening = {FRONT, SLOT} if listening is None else listening
         self.now = 0.0
@@ -160,7 +169,7 @@ def test_without_the_front_the_slot_must_be_quiet_as_before() -> None:
     """Caddy's port not visible here (Caddy in a container, its port not published on this
     host): today's criterion, nothing moved on the slot's port for QUIET."""
     moving = [reading(sock(SLOT, 41000, 903, 100 * i, 100 * i, 1, 1)) for i in range(1, 11)]
-    script = Script(moving + [moving[-1]], listening={SLOT})
+    script = Script([*moving, moving[-1]], listening={SLOT})
     result = script.wait(quiet=0.3, poll=0.02)
     assert result.drained and not result.front_observed
     assert result.seconds >= 10 * 0.02 + 0.3 - 0.03, result
@@ -257,3 +266,48 @@ def test_real_sockets_an_old_connection_answering_late_is_waited_for(
     assert ended - events["closed"] < 0.5, result
     for s in (old_client, new_client, new_conn):
         s.close()
+
+
+# --- on the drill: real Caddy, real load -------------------------------------------------------
+
+@pytest.mark.docker
+def test_a_rollback_under_load_stops_the_old_slot_once_caddy_is_done_with_it(
+        stack: DrillStack) -> None:
+    """64 keep-alive users through the drill's Caddy during a rollback to a stopped standby:
+    the drain watches Caddy's front port (Caddy runs on the host network here), nobody sees a
+    failed request, and every answer from the old slot had ended before it was stopped."""
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag))
+    deploy.deploy(env, deploy.Options(version=V3.tag))  # v3 on blue; green (v2) stopped
+    drains: list[drain.Drain] = []
+    real = drain.wait_drained
+
+    def watched(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        drains.append(real(port, *args, **kw))
+        return drains[-1]
+
+    drain.wait_drained = watched  # type: ignore[assignment]
+    try:
+        with Load(f"{env.caddy.proxy_url}/version", clients=64, interval=0.01) as load:
+            time.sleep(0.3)
+            began = time.time()
+            result = rollback.rollback(env, rollback.Options(reason="drain test"))
+            ended = time.time()
+            time.sleep(0.2)
+    finally:
+        drain.wait_drained = real  # type: ignore[assignment]
+    seen = load.summary(began, ended)
+    print(f"64 clients, rollback: {seen.describe()}; drain: {drains[-1].describe()}")
+    assert seen.ok and seen.failed == 0 and seen.non_2xx == 0, seen.describe()
+    (d,) = drains
+    assert d.drained and d.front_observed and d.slot_observed, d
+    assert d.front_port == slots.front_port(env) and d.port == env.slot(Slot.BLUE).port
+    assert d.front_watched >= 1 and d.seconds < drain.DRAIN_TIMEOUT
+    assert [o.name for o in result.outcomes][-1] == "stop-old-slot"
+    (run,) = [r for r in reports.collect_runs(env.runs_dir) if r.get("action") == "rollback"]
+    (step,) = [s for s in run["steps"] if s["name"] == "stop-old-slot"]
+    assert "front port" in step["detail"]["drain"] and "drained after" in step["detail"]["drain"]
+    stopped = datetime.fromisoformat(step["started_at"]).timestamp() + step["duration_ms"] / 1000
+    old = [r for r in load.records() if r.version == V3.tag and r.started >= began]
+    assert old and max(r.ended for r in old) <= stopped + 0.01
+    assert f"Caddy's port {d.front_port}" in slots.drain_plan(env, Slot.BLUE)
