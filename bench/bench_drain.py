@@ -163,7 +163,8 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
             print(f"  round {i + 1} ({'running' if i % 2 == 0 else 'stopped'} standby): "
                   f"{load.requests} requests, {load.errors_5xx} 5xx, {load.resets} resets, "
                   f"{load.failures} failed; drain {d.seconds:.3f}s, {d.readings} readings, front "
-                  f"done at {d.front_done_at}, last request at {d.last_request} "
+                  f"done at {d.front_done_at}, last request at {d.last_request}, old listener left "
+                  f"{d.listener_left_after} s after /load "
                   f"({d.describe()})",
                   flush=True)
     finally:

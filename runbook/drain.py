@@ -20,6 +20,11 @@ the kernel (`ss -tien`, iproute2, no shell):
     shutdown), so one that got a request after an answer, or that stays idle after answers
     for SETTLE, is not the old config's. One that never carried a request is waited for
     (it may still bring a request to the old config).
+    Where the switch itself was watched (`before_reload`/`after_reload` around Caddy's
+    reload), the front is sorted exactly: a connection open before the reload is the old
+    config's (it must close); one first seen after the old config's listening socket left
+    (2.6 gives each config its own SO_REUSEPORT socket) is the new config's (not watched);
+    only those accepted in between need the evidence above.
 (b) the old slot: no request pending on its port (data received after the last data sent),
     from the accepted side (the app or Docker's proxy, `sport`) and from Caddy's own client
     sockets where Caddy runs in this network namespace (`dport`).
@@ -35,9 +40,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 DRAIN_TIMEOUT = 10.0  # as long as `docker stop` itself waits for a graceful exit
 QUIET = 0.5  # front unobservable: no byte moved this long on the slot's port
@@ -108,6 +115,9 @@ class Drain:
     front_watched: int = 0  # front connections seen when the wait started
     front_closed: int = 0  # of them, closed during the wait
     front_kept: int = 0  # of them, shown to be the new config's
+    front_new: int = 0  # accepted after the old config's listener left (not watched)
+    switch_watched: bool = False  # the reload was watched: before/after sets known
+    listener_left_after: float | None = None  # seconds from /load's answer
     last_request: float | None = None  # seconds into the wait of the last pending request seen
     front_done_at: float | None = None  # seconds into the wait when (a) first held
     readings: int = 0  # `ss` readings taken
@@ -132,7 +142,10 @@ class Drain:
             return (f"connections on port {self.port} cannot be observed on this host (no "
                     f"`ss`, or no socket of it visible here); waited {self.seconds:.2f}s")
         front = (f"; front: {self.front_watched} connection(s) watched, {self.front_closed} "
-                 f"closed, {self.front_kept} the new config's" if self.front_observed else "")
+                 f"closed, {self.front_kept} shown to be the new config's, {self.front_new} "
+                 f"opened after the old listener left" if self.front_observed else "")
+        if self.front_observed and not self.switch_watched:
+            front += " (the reload itself was not watched: every connection needed evidence)"
         if self.drained:
             return (f"drained after {self.seconds:.2f}s ({self.how}{front}; {self.idle} idle "
                     f"keep-alive connection(s) on port {self.port})")
@@ -244,9 +257,10 @@ class _Front:
     idle_since: float | None = None
     idle_counters: tuple[int, int] = (-1, -1)
     kept: bool = False  # shown to be the new config's
+    old: bool = False  # open before the reload: the old config's, released only by its close
 
     def update(self, c: Conn, now: float, settle: float) -> None:
-        if self.kept:
+        if self.kept or self.old:
             return
         if self.received_at_answer is None and c.bytes_sent > self.first.bytes_sent:
             self.received_at_answer = c.bytes_received
@@ -271,6 +285,7 @@ class _Watch:
 
     front: dict[Key, _Front] = field(default_factory=dict)
     closed: int = 0
+    new: int = 0  # accepted after the old listener left: not watched
     previous: dict[Key, tuple[int, int]] = field(default_factory=dict)
     inbound: dict[Key, bool] = field(default_factory=dict)
 
@@ -296,17 +311,119 @@ def _slot_pending(seen: Look, watch: _Watch) -> tuple[int, int]:
     return len(accepted), len(dialed)
 
 
+CLOSE_WATCH = 2.0  # how long after /load the old listening socket is looked for
+
+
+@dataclass
+class Switch:
+    """Caddy's front port around one reload: the connections there before it, and the first
+    reading after the old config's listening socket(s) left."""
+
+    front: int
+    listeners: frozenset[int]  # inodes of the listening sockets before the reload
+    before: frozenset[Key]
+    loaded_at: float | None = None
+    at_close: frozenset[Key] | None = None  # None: the old listener was not seen leaving
+    closed_after: float | None = None  # seconds from /load's answer to that reading
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def watch_close(self, read: Callable[[int], tuple[set[int], set[Key]] | None],
+                    clock: Callable[[], float] = time.monotonic) -> None:
+        """Poll (at most CLOSE_WATCH) until none of the old listening sockets is left."""
+        assert self.loaded_at is not None
+        while clock() - self.loaded_at < CLOSE_WATCH:
+            seen = read(self.front)
+            if seen is None:
+                return
+            listeners, established = seen
+            if listeners and not listeners & self.listeners:
+                self.at_close = frozenset(established)
+                self.closed_after = clock() - self.loaded_at
+                return
+            time.sleep(0.002)
+
+
+_switches: dict[int, Switch] = {}
+_switches_lock = threading.Lock()
+
+
+def front_port(proxy_url: str) -> int | None:
+    """Caddy's listening port for the site, from the URL verification goes to."""
+    url = urlsplit(proxy_url)
+    try:
+        return url.port or {"http": 80, "https": 443}.get(url.scheme)
+    except ValueError:
+        return None
+
+
+def front_sockets(front: int) -> tuple[set[int], set[Key]] | None:
+    """Listening socket inodes and established connections on Caddy's port (one `ss`)."""
+    out = _ss(["-a", "-e", *_filter([front])])
+    return None if out is None else parse_states(out, front)
+
+
+def parse_states(output: str, port: int) -> tuple[set[int], set[Key]]:
+    """`ss -H -t -n -e` output with its State column: listening inodes, established keys."""
+    listeners: set[int] = set()
+    established: set[Key] = set()
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or _port(fields[3]) != port:
+            continue
+        inode = _INODE.search(" ".join(fields[5:]))
+        number = int(inode.group(1)) if inode else 0
+        if fields[0] == "LISTEN":
+            listeners.add(number)
+        elif fields[0] == "ESTAB":
+            established.add((fields[3], fields[4], number))
+    return listeners, established
+
+
+def before_reload(proxy_url: str) -> Switch | None:
+    """Read Caddy's front port before a reload (None: its listener is not visible here)."""
+    front = front_port(proxy_url)
+    seen = front_sockets(front) if front is not None else None
+    if front is None or seen is None or not seen[0]:
+        return None
+    return Switch(front, frozenset(seen[0]), frozenset(seen[1]))
+
+
+def after_reload(switch: Switch | None) -> None:
+    """Caddy answered the reload: watch for its old listener leaving, in the background (off
+    the rollback's path); the drain of the old slot picks the record up."""
+    if switch is None:
+        return
+    switch.loaded_at = time.monotonic()
+    switch.thread = threading.Thread(target=switch.watch_close, args=(front_sockets,),
+                                     name="drain-switch-watch", daemon=True)
+    switch.thread.start()
+    with _switches_lock:
+        _switches[switch.front] = switch
+
+
+def last_switch(front: int) -> Switch | None:
+    """The latest reload watched on `front`, taken (each record serves one drain)."""
+    with _switches_lock:
+        return _switches.pop(front, None)
+
+
 def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None = None,
                  quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
                  read: Callable[[int, int | None], Look | None] = look,
                  visible: Callable[[Iterable[int]], set[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 trace: list[tuple[float, int, int, int, int]] | None = None) -> Drain:
+                 trace: list[tuple[float, int, int, int, int]] | None = None,
+                 switch: Switch | None = None) -> Drain:
     """Wait (at most `timeout`) until the old config is done with the slot on `port`: every
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
     and no request is pending on `port` (module docstring; unobservable sides fail closed)."""
     began = clock()
+    if switch is None and front is not None and read is look:
+        switch = last_switch(front)
+    if switch is not None and switch.thread is not None:
+        switch.thread.join(max(0.0, min(timeout, CLOSE_WATCH)))
+    sorted_front = switch is not None and switch.at_close is not None
     ports = [port] + ([front] if front is not None else [])
     shown = visible(ports)
     front_observed = shown is not None and front is not None and front in shown
@@ -331,7 +448,15 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         # Caddy's own sockets to the slot are only seen where it runs in this namespace
         slot_observed = slot_listens or bool(seen.dialed) or slot_observed
         if first:
-            watch.front = {k: _Front(c) for k, c in seen.front.items()}
+            for k, c in seen.front.items():
+                if not sorted_front:
+                    watch.front[k] = _Front(c)
+                elif switch is not None and k in switch.before:
+                    watch.front[k] = _Front(c, old=True)  # the old config's: must close
+                elif switch is not None and switch.at_close is not None and k in switch.at_close:
+                    watch.front[k] = _Front(c)  # accepted while both listened
+                else:
+                    watch.new += 1  # accepted after the old listener left
             first = False
         for key, state in list(watch.front.items()):
             if key not in seen.front:
@@ -368,6 +493,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                          front_watched=watch.closed + len(watch.front),
                          front_closed=watch.closed,
                          front_kept=sum(s.kept for s in watch.front.values()),
+                         front_new=watch.new, switch_watched=sorted_front,
+                         listener_left_after=switch.closed_after if switch else None,
                          last_request=last_request, front_done_at=front_done_at,
                          readings=readings)
         sleep(min(poll, max(0.0, timeout - (now - began))))

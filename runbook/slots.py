@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from runbook import caddy, compose, docker, drain, health, traffic
 from runbook.docker import ContainerInfo
@@ -42,11 +41,7 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
 def front_port(env: Environment) -> int | None:
     """Caddy's listening port for the site (from proxy_url), whose connections the drain
     watches; None when the URL names none that can be known."""
-    url = urlsplit(env.caddy.proxy_url)
-    try:
-        return url.port or {"http": 80, "https": 443}.get(url.scheme)
-    except ValueError:
-        return None
+    return drain.front_port(env.caddy.proxy_url)
 
 
 def recreate(env: Environment, slot: Slot, tag: str,
