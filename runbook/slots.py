@@ -199,7 +199,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         if not docker.inspect(container).running:
             ctx.note(container="already stopped")
             return
-        stop(env, slot, running=True, on_drain=lambda d: ctx.note(drain=d.describe()))
+        stop(env, slot, running=True, on_drain=lambda d: ctx.note(drained=d.describe()))
         ctx.note(container=docker.inspect(container).status)
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",

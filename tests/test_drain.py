@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ from runbook import report as reports
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Slot
 
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 
@@ -352,44 +350,73 @@ def test_real_sockets_a_watched_reload_knows_the_old_connection_from_the_new() -
 
 # --- on the drill: real Caddy, real load -------------------------------------------------------
 
+LATE = 0.6  # longer than the old criterion's quiet window (0.5 s), well under Go's 5 s
+
+
 @pytest.mark.docker
-def test_a_rollback_under_load_stops_the_old_slot_once_caddy_is_done_with_it(
+def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
         stack: DrillStack) -> None:
-    """64 keep-alive users through the drill's Caddy during a rollback to a stopped standby:
-    the drain watches Caddy's front port (Caddy runs on the host network here), nobody sees a
-    failed request, and every answer from the old slot had ended before it was stopped."""
+    """The users' load through the drill's Caddy (on the host network) during a rollback to a
+    stopped standby, and one user who connected just before /load but sends its request only
+    LATE s after the drain began (the 0.72 s case): Caddy's old config serves it from the OLD
+    slot, so the drain must wait for that connection to close. It gets its 200 from the old
+    slot, the slot is stopped only after that, and nobody else saw a failed request."""
     env = stack.env
     deploy.deploy(env, deploy.Options(version=V2.tag))
     deploy.deploy(env, deploy.Options(version=V3.tag))  # v3 on blue; green (v2) stopped
+    front = slots.front_port(env)
+    assert front is not None
+    late: dict[str, Any] = {}
     drains: list[drain.Drain] = []
-    real = drain.wait_drained
+    real_before, real_wait = drain.before_reload, drain.wait_drained
 
-    def watched(port: int, *args: Any, **kw: Any) -> drain.Drain:
-        drains.append(real(port, *args, **kw))
+    def before(proxy_url: str) -> drain.Switch | None:
+        late["socket"] = socket.create_connection(("127.0.0.1", front))  # no request yet
+        time.sleep(0.05)  # accepted by the old config's server
+        return real_before(proxy_url)
+
+    def send_late() -> None:
+        time.sleep(LATE)
+        conn = late["socket"]
+        conn.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):  # the old config closes it after this answer
+            answer += chunk
+        late["answered"] = time.monotonic()
+        late["answer"] = answer.decode("utf-8", "replace")
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        threading.Thread(target=send_late, daemon=True).start()
+        drains.append(real_wait(port, *args, **kw))
+        late["drained"] = time.monotonic()
         return drains[-1]
 
-    drain.wait_drained = watched  # type: ignore[assignment]
+    drain.before_reload, drain.wait_drained = before, wait  # type: ignore[assignment]
     try:
-        with Load(f"{env.caddy.proxy_url}/version", clients=64, interval=0.01) as load:
-            time.sleep(0.3)
+        with Load(f"{env.caddy.proxy_url}/version") as load:
+            time.sleep(0.2)
             began = time.time()
             result = rollback.rollback(env, rollback.Options(reason="drain test"))
             ended = time.time()
             time.sleep(0.2)
     finally:
-        drain.wait_drained = real  # type: ignore[assignment]
+        drain.before_reload, drain.wait_drained = real_before, real_wait  # type: ignore[assignment]
+        if "socket" in late:
+            late["socket"].close()
     seen = load.summary(began, ended)
-    print(f"64 clients, rollback: {seen.describe()}; drain: {drains[-1].describe()}")
-    assert seen.ok and seen.failed == 0 and seen.non_2xx == 0, seen.describe()
-    (d,) = drains
-    assert d.drained and d.front_observed and d.slot_observed, d
-    assert d.front_port == slots.front_port(env) and d.port == env.slot(Slot.BLUE).port
-    assert d.front_watched >= 1 and d.seconds < drain.DRAIN_TIMEOUT
+    d = drains[-1]
+    print(f"rollback under load: {seen.describe()}; drain: {d.describe()}")
+    assert seen.ok, seen.describe()
+    answer = late.get("answer", "")
+    assert answer.startswith("HTTP/1.1 200"), answer or late
+    assert "x-togather-slot: blue" in answer.lower() and V3.tag in answer, answer
+    assert d.drained and d.front_observed and d.slot_observed and d.switch_watched, d
+    assert d.front_watched >= 1 and d.front_closed >= 1 and d.listener_left_after is not None
+    assert late["drained"] >= late["answered"] and d.seconds >= LATE, d
     assert [o.name for o in result.outcomes][-1] == "stop-old-slot"
     (run,) = [r for r in reports.collect_runs(env.runs_dir) if r.get("action") == "rollback"]
     (step,) = [s for s in run["steps"] if s["name"] == "stop-old-slot"]
-    assert "front port" in step["detail"]["drain"] and "drained after" in step["detail"]["drain"]
-    stopped = datetime.fromisoformat(step["started_at"]).timestamp() + step["duration_ms"] / 1000
-    old = [r for r in load.records() if r.version == V3.tag and r.started >= began]
-    assert old and max(r.ended for r in old) <= stopped + 0.01
-    assert f"Caddy's port {d.front_port}" in slots.drain_plan(env, Slot.BLUE)
+    # the plan says what the drain waits for; the journal says how it went
+    assert f"Caddy's port {front}" in step["detail"]["drain"]
+    assert step["detail"]["drained"].startswith("drained after"), step["detail"]
+    assert f"front port {front}: connections closed" in step["detail"]["drained"]
