@@ -37,7 +37,7 @@ def sample(env: Environment, old: Slot, stop: threading.Event,
            out: list[tuple[float, drain.Look]]) -> None:
     port, front = env.slot(old).port, slots.front_port(env)
     while not stop.is_set():
-        seen = drain.look(port, front)
+        seen = drain.read_sockets(port, front)
         if seen is not None:
             out.append((time.monotonic(), seen))
         time.sleep(SAMPLE)

@@ -197,7 +197,7 @@ def parse_listening(output: str) -> set[int]:
     return ports
 
 
-def look(slot_port: int, front_port: int | None) -> Look | None:
+def read_sockets(slot_port: int, front_port: int | None) -> Look | None:
     """One reading of both sides (one `ss` process); None when `ss` cannot tell."""
     ports = [slot_port] + ([front_port] if front_port is not None else [])
     out = _ss(["-i", "-e", "state", "established", *_filter(ports, dport=slot_port)])
@@ -311,26 +311,42 @@ def _slot_pending(seen: Look, watch: _Watch) -> tuple[int, int]:
     return len(accepted), len(dialed)
 
 
-CLOSE_WATCH = 2.0  # how long after /load the old listening socket is looked for
+CLOSE_WATCH = 1.0  # how long after /load the old listening socket is looked for
+SWITCH_MAX_AGE = 60.0  # a watched reload older than this is not used to sort the front
 
 
 @dataclass
 class Switch:
     """Caddy's front port around one reload: the connections there before it, and the first
-    reading after the old config's listening socket(s) left."""
+    reading after the old config's listening socket(s) left.
+
+    The reading before runs in a thread started just before /load is sent (off the
+    rollback's path). Should it land after the old listener left, the listeners it saw
+    never all leave, so the front is not sorted and every connection needs evidence: slower,
+    never unsafe."""
 
     front: int
-    listeners: frozenset[int]  # inodes of the listening sockets before the reload
-    before: frozenset[Key]
+    listeners: frozenset[int] = frozenset()  # listening socket inodes before the reload
+    before: frozenset[Key] = frozenset()
     loaded_at: float | None = None
     at_close: frozenset[Key] | None = None  # None: the old listener was not seen leaving
     closed_after: float | None = None  # seconds from /load's answer to that reading
+    reading: threading.Thread | None = field(default=None, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
+
+    def read_before(self, read: Callable[[int], tuple[set[int], set[Key]] | None]) -> None:
+        seen = read(self.front)
+        if seen is not None:
+            self.listeners, self.before = frozenset(seen[0]), frozenset(seen[1])
 
     def watch_close(self, read: Callable[[int], tuple[set[int], set[Key]] | None],
                     clock: Callable[[], float] = time.monotonic) -> None:
         """Poll (at most CLOSE_WATCH) until none of the old listening sockets is left."""
         assert self.loaded_at is not None
+        if self.reading is not None:
+            self.reading.join(CLOSE_WATCH)
+        if not self.listeners:  # Caddy's port not visible here: nothing to sort by
+            return
         while clock() - self.loaded_at < CLOSE_WATCH:
             seen = read(self.front)
             if seen is None:
@@ -380,12 +396,15 @@ def parse_states(output: str, port: int) -> tuple[set[int], set[Key]]:
 
 
 def before_reload(proxy_url: str) -> Switch | None:
-    """Read Caddy's front port before a reload (None: its listener is not visible here)."""
+    """Start reading Caddy's front port, right before a reload (returns at once)."""
     front = front_port(proxy_url)
-    seen = front_sockets(front) if front is not None else None
-    if front is None or seen is None or not seen[0]:
+    if front is None:
         return None
-    return Switch(front, frozenset(seen[0]), frozenset(seen[1]))
+    switch = Switch(front)
+    switch.reading = threading.Thread(target=switch.read_before, args=(front_sockets,),
+                                      name="drain-before-reload", daemon=True)
+    switch.reading.start()
+    return switch
 
 
 def after_reload(switch: Switch | None) -> None:
@@ -404,22 +423,35 @@ def after_reload(switch: Switch | None) -> None:
 def last_switch(front: int) -> Switch | None:
     """The latest reload watched on `front`, taken (each record serves one drain)."""
     with _switches_lock:
-        return _switches.pop(front, None)
+        switch = _switches.pop(front, None)
+    fresh = switch is not None and switch.loaded_at is not None \
+        and time.monotonic() - switch.loaded_at <= SWITCH_MAX_AGE
+    return switch if fresh else None
 
 
 def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None = None,
                  quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
-                 read: Callable[[int, int | None], Look | None] = look,
+                 read: Callable[[int, int | None], Look | None] = read_sockets,
                  visible: Callable[[Iterable[int]], set[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
                  trace: list[tuple[float, int, int, int, int]] | None = None,
-                 switch: Switch | None = None) -> Drain:
+                 switch: Switch | None = None,
+                 look: Callable[[int], list[Conn] | None] | None = None) -> Drain:
     """Wait (at most `timeout`) until the old config is done with the slot on `port`: every
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
     and no request is pending on `port` (module docstring; unobservable sides fail closed)."""
+    if look is not None:  # the slot's accepted connections alone, from the caller (tests)
+        given = look
+
+        def read(port: int, front: int | None) -> Look | None:
+            conns = given(port)
+            return None if conns is None else Look({}, conns, [])
+
+        def visible(ports: Iterable[int]) -> set[int] | None:
+            return set(ports)
     began = clock()
-    if switch is None and front is not None and read is look:
+    if switch is None and front is not None and read is read_sockets:
         switch = last_switch(front)
     if switch is not None and switch.thread is not None:
         switch.thread.join(max(0.0, min(timeout, CLOSE_WATCH)))

@@ -315,7 +315,9 @@ def test_real_sockets_a_watched_reload_knows_the_old_connection_from_the_new() -
     old_conn, _ = old_listener.accept()
     old_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
     switch = drain.before_reload(f"http://127.0.0.1:{port}")
-    assert switch is not None and switch.before
+    assert switch is not None and switch.reading is not None
+    switch.reading.join(3)  # in a rollback it races /load; a late reading only unsorts
+    assert switch.before and switch.listeners
     new_listener = socket.socket()
     new_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     new_listener.bind(("127.0.0.1", port))
@@ -346,6 +348,21 @@ def test_real_sockets_a_watched_reload_knows_the_old_connection_from_the_new() -
     finally:
         for s in (old_client, new_client, new_conn, new_listener, slot):
             s.close()
+
+
+def test_the_old_listener_leaving_is_seen_and_a_late_first_reading_only_unsorts() -> None:
+    conn: drain.Key = ("127.0.0.1:8443", "127.0.0.1:50000", 901)
+    readings = iter([({5001, 5002}, set()), ({5001, 5002}, {conn}), ({5002}, {conn})])
+    clock = iter(x * 0.01 for x in range(1000))
+    switch = drain.Switch(FRONT, frozenset({5001}), frozenset(), loaded_at=0.0)
+    switch.watch_close(lambda port: next(readings), clock=lambda: next(clock))
+    assert switch.at_close == {conn} and switch.closed_after is not None
+    # the reading "before" came after /load: it saw only the new listener, which never
+    # leaves: the front stays unsorted (every connection needs evidence), never misjudged
+    late = drain.Switch(FRONT, frozenset({5002}), frozenset({conn}), loaded_at=0.0)
+    clock = iter(x * 0.01 for x in range(1000))
+    late.watch_close(lambda port: ({5002}, {conn}), clock=lambda: next(clock))
+    assert late.at_close is None
 
 
 # --- on the drill: real Caddy, real load -------------------------------------------------------
