@@ -356,7 +356,7 @@ class Switch:
                 self.at_close = frozenset(established)
                 self.closed_after = clock() - self.loaded_at
                 return
-            time.sleep(0.002)
+            time.sleep(0.01)  # each reading is an `ss` process: keep the cores for the run
 
 
 _switches: dict[int, Switch] = {}
