@@ -254,6 +254,7 @@ class _Front:
 
     first: Conn
     received_at_answer: int | None = None  # bytes_received when an answer was first seen
+    answered_at: float | None = None  # when an answer was first seen going out
     idle_since: float | None = None
     idle_counters: tuple[int, int] = (-1, -1)
     kept: bool = False  # shown to be the new config's
@@ -263,10 +264,14 @@ class _Front:
         if self.kept or self.old:
             return
         if self.received_at_answer is None and c.bytes_sent > self.first.bytes_sent:
-            self.received_at_answer = c.bytes_received
-        elif self.received_at_answer is not None and c.bytes_received > self.received_at_answer:
-            # a request came after an answer went out and the connection stayed: the old
-            # config closes a connection right after its last answer
+            self.received_at_answer, self.answered_at = c.bytes_received, now
+        elif self.received_at_answer is not None and (
+                c.bytes_received > self.received_at_answer
+                or (self.answered_at is not None and now - self.answered_at >= settle)):
+            # a request came after an answer went out, or the connection outlived an answer
+            # by SETTLE: the old config closes a connection right after its last answer (and
+            # reads no request after it); were it the old one's after all, its one request is
+            # answered (a stream still running shows on the slot's port: see wait_drained)
             self.kept = True
             return
         counters = (c.bytes_sent, c.bytes_received)
@@ -461,7 +466,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     front_observed = shown is not None and front is not None and front in shown
     slot_listens = shown is not None and port in shown
     watch = _Watch()
-    moved_at = began
+    moved_at = began  # front not observable: the slot's port must be quiet for `quiet`
+    slot_moved_at = began - settle  # observable: quiet for `settle` (a stream still running)
     last_request: float | None = None
     counters_before: dict[Key, tuple[int, int]] = {}
     first = True
@@ -479,6 +485,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
             return Drain(port, clock() - began, None, front_port=front)
         # Caddy's own sockets to the slot are only seen where it runs in this namespace
         slot_observed = slot_listens or bool(seen.dialed) or slot_observed
+        first_reading = first
         if first:
             for k, c in seen.front.items():
                 if not sorted_front:
@@ -508,9 +515,12 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                     for c in seen.accepted + seen.dialed}
         if counters != counters_before:
             moved_at = now
+        if not first_reading and any(counters_before.get(k) != v for k, v in counters.items()):
+            slot_moved_at = now  # bytes moved, or a connection to the slot opened, since the last
         counters_before = counters
         front_done = not open_front if front_observed else now - moved_at >= quiet
-        slot_done = not pending if slot_observed else now - began >= FALLBACK_GRACE
+        slot_done = (not pending and now - slot_moved_at >= settle) if slot_observed \
+            else now - began >= FALLBACK_GRACE
         if front_done and front_done_at is None:
             front_done_at = now - began
         over = now - began >= timeout
