@@ -247,6 +247,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
     }
 
     def run(ctx: StepContext) -> None:
+        # who is on Caddy's port before the reload, read beside this step's own work (the
+        # drain of the old slot sorts the old config's connections by it: runbook/drain.py)
+        watch = drain.before_reload(env.caddy.proxy_url)
         old_bytes = caddy.read_bytes(env)
         old = old_bytes.decode("utf-8")
         new = caddy.rewrite(old, env, target)
@@ -271,7 +274,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                        + (f" (traffic back on {before})" if before else ""),
                        lambda: caddy.restore(env, restore_bytes, before))
         ctx.fault("switch.after-write")
-        caddy.reload(env, new, reload_command)
+        caddy.reload(env, new, reload_command, switch=watch)
         ctx.fault("switch.after-reload")
         result = caddy.verify(env, target, expected_version, quick=True)
         if not result.ok:

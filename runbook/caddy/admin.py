@@ -295,13 +295,15 @@ def reload_action(env: Environment) -> list[str]:
     return reload_command(env).words()
 
 
-def reload(env: Environment, text: str, command: ReloadCommand | None = None) -> None:
+def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
+           switch: drain.Switch | None = None) -> None:
     """Make Caddy load `text` (already written to the Caddyfile) the way the environment says
-    (`command`: the one the plan showed; built here when not given)."""
+    (`command`: the one the plan showed; built here when not given). `switch`: the reading of
+    Caddy's port the caller started before (one is started here otherwise)."""
     command = command or reload_command(env)
     # who is on Caddy's port before, and when its old listener leaves after: the drain of
     # the old slot sorts the old config's connections from the new one's (runbook/drain.py)
-    switch = drain.before_reload(env.caddy.proxy_url)
+    switch = switch or drain.before_reload(env.caddy.proxy_url)
     _reload(env, text, command)
     drain.after_reload(switch)
 
