@@ -17,9 +17,12 @@ the kernel (`ss -tien`, iproute2, no shell):
     starts (after the switch was verified, so after the old listener closed) is watched by
     identity (4-tuple and inode) until it closes, or until it shows it is the new config's: an
     old connection closes right after its one last answer (Go disables keep-alive in
-    shutdown), so one that got a request after an answer, or that stays idle after answers
-    for SETTLE, is not the old config's. One that never carried a request is waited for
-    (it may still bring a request to the old config).
+    shutdown) and reads no request after it, so one that got a request after an answer,
+    outlived an answer by SETTLE, or stays idle after answers for SETTLE, is not the old
+    config's (were it, its one request is answered; a stream still running shows as bytes
+    moving on the slot's port, which must be quiet for SETTLE). One that never carried a
+    request is waited for (it may still bring a request to the old config; Go closes such a
+    connection after 5-6 s, so a silent pre-connect can hold the drain that long).
     Where the switch itself was watched (`before_reload`/`after_reload` around Caddy's
     reload), the front is sorted exactly: a connection open before the reload is the old
     config's (it must close); one first seen after the old config's listening socket left
