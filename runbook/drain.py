@@ -1,57 +1,107 @@
 """Wait until the proxy has finished with a slot before that slot is stopped.
 
-Caddy (2.6.2 measured) answers POST /load as soon as the new config runs; the old config's
-in-flight requests keep going to the old upstream in the background (a 2-second request on the
-old config completed with 200 well after /load had returned in 35-94 ms). Stopping the old
-slot right after the switch cuts them: under 64 keep-alive clients, 134 of ~5000 requests got
-a 502 over 5 rollbacks (Caddy's log: "read tcp ...->127.0.0.1:<old port>: connection reset by
-peer").
+Caddy (2.6.2) answers POST /load as soon as the new config runs; the old config's servers are
+shut down in the background (`App.Stop` starts `http.Server.Shutdown` in a goroutine and
+returns). Shutdown closes the old listener (each config has its own SO_REUSEPORT socket) and
+its idle connections at once; a connection with a request in progress is served - proxied to
+the OLD upstream - and then closed; a connection accepted with no request read yet (StateNew)
+is kept up to 5-6 s and a request that comes on it is still served by the old config (seen:
+forwarded 0.72 s after /load). Stopping the old slot while any of that is pending cuts it:
+under 64 keep-alive clients, 134 of ~5000 requests got a 502 over 5 rollbacks.
 
-Counting connections is not enough: Caddy keeps idle keep-alive connections to the old upstream
-open for minutes, and under load the old config still hands requests it had already read from
-its clients to the old upstream a few hundred ms later (seen: up to 0.72 s after /load
-returned, 64 clients on 2 busy cores). So each connection on the slot's port is watched from
-the kernel's own view (`ss -tin`, iproute2; no shell): the slot is drained when no request is
-pending on any connection (data received after the last data sent: `lastrcv < lastsnd`) and no
-byte has moved on any of them for `quiet` seconds. The sockets seen are the ones accepted on
-the slot's port on this host (the app, or Docker's proxy in front of it), wherever Caddy runs.
+So the old config is done with the old slot exactly when (a) every client connection its
+server owned is closed and (b) no request is pending on the slot's port. Both are read from
+the kernel (`ss -tien`, iproute2, no shell):
+
+(a) the front: every established connection on Caddy's listening port seen when the wait
+    starts (after the switch was verified, so after the old listener closed) is watched by
+    identity (4-tuple and inode) until it closes, or until it shows it is the new config's: an
+    old connection closes right after its one last answer (Go disables keep-alive in
+    shutdown) and reads no request after it, so one that got a request after an answer,
+    outlived an answer by SETTLE, or stays idle after answers for SETTLE, is not the old
+    config's (were it, its one request is answered; a stream still running shows as bytes
+    moving on the slot's port, which must be quiet for SETTLE). One that never carried a
+    request is waited for (it may still bring a request to the old config; Go closes such a
+    connection after 5-6 s, so a silent pre-connect can hold the drain that long).
+    Where the switch itself was watched (`before_reload`/`after_reload` around Caddy's
+    reload), the front is sorted exactly: a connection open before the reload is the old
+    config's (it must close); one first seen after the old config's listening socket left
+    (2.6 gives each config its own SO_REUSEPORT socket) is the new config's (not watched);
+    only those accepted in between need the evidence above.
+(b) the old slot: no request pending on its port (data received after the last data sent),
+    from the accepted side (the app or Docker's proxy, `sport`) and from Caddy's own client
+    sockets where Caddy runs in this network namespace (`dport`).
+
+"Nothing seen" is only "nothing there" where the port's listening socket is visible here;
+otherwise (Docker publishing with DNAT instead of its proxy, Caddy in another namespace) that
+side cannot be observed and keeps the older behaviour: without the front, the slot's port
+must also be quiet (no byte moved) for QUIET; without the slot's port, the wait lasts at
+least FALLBACK_GRACE. Never fail open: an unobservable side is waited for, not assumed done.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 DRAIN_TIMEOUT = 10.0  # as long as `docker stop` itself waits for a graceful exit
-QUIET = 0.5  # no byte moved for this long on any connection: the old config is done with it
-FALLBACK_GRACE = 1.0  # where `ss` cannot tell, wait this long before stopping a slot
-POLL = 0.03
+QUIET = 0.5  # front unobservable: no byte moved this long on the slot's port
+SETTLE = 0.1  # a front connection idle after answers this long is not the old config's
+FALLBACK_GRACE = 1.0  # the slot's port unobservable: wait at least this long
+POLL = 0.02
 _FIELD = re.compile(r"\b(lastsnd|lastrcv|bytes_sent|bytes_received):(\d+)")
+_INODE = re.compile(r"\bino:(\d+)")
+
+Key = tuple[str, str, int]  # local address, peer address, socket inode
+
+
+def _port(address: str) -> int | None:
+    head, _, tail = address.rpartition(":")
+    return int(tail) if head and tail.isdigit() else None
 
 
 @dataclass(frozen=True)
 class Conn:
-    """One established connection on the slot's port, as the kernel sees it."""
+    """One established connection, as the kernel sees it from one end."""
 
     peer: str
     last_sent_ms: int | None
     last_received_ms: int | None
     bytes_sent: int
     bytes_received: int = 0
+    local: str = "?"
+    inode: int = 0
+
+    @property
+    def key(self) -> Key:
+        return (self.local, self.peer, self.inode)
 
     @property
     def request_pending(self) -> bool:
-        """A request waits for its answer: data came in after the last data went out, or a
-        connection got data and never answered (the kernel's times are whole milliseconds,
-        so a request arriving in the same ms as the connection is only seen this way)."""
+        """Server end: a request waits for its answer: data came in after the last data went
+        out, or a connection got data and never answered (the kernel's times are whole
+        milliseconds, so a request arriving in the same ms as the connection is only seen
+        this way)."""
         if self.bytes_received and not self.bytes_sent:
             return True
         if self.last_received_ms is None:
             return False
         return self.last_sent_ms is None or self.last_received_ms < self.last_sent_ms
+
+    @property
+    def answer_pending(self) -> bool:
+        """Client end (Caddy's socket to the slot): a request went out, its answer has not
+        fully come back (the mirror of `request_pending`)."""
+        if self.bytes_sent and not self.bytes_received:
+            return True
+        if self.last_sent_ms is None:
+            return False
+        return self.last_received_ms is None or self.last_sent_ms < self.last_received_ms
 
 
 @dataclass(frozen=True)
@@ -60,82 +110,436 @@ class Drain:
 
     port: int
     seconds: float
-    busy: int | None  # connections still busy when the wait ended; None: not observable
-    idle: int = 0  # idle keep-alive connections (harmless to cut)
+    busy: int | None  # connections still busy when the wait ended; None: nothing observable
+    idle: int = 0  # idle keep-alive connections on the slot's port (harmless to cut)
+    front_port: int | None = None
+    front_observed: bool = False  # Caddy's listening port visible here (criterion a)
+    slot_observed: bool = True  # the slot's listening port, or Caddy's sockets to it (b)
+    front_watched: int = 0  # front connections seen when the wait started
+    front_closed: int = 0  # of them, closed during the wait
+    front_kept: int = 0  # of them, shown to be the new config's
+    front_new: int = 0  # accepted after the old config's listener left (not watched)
+    switch_watched: bool = False  # the reload was watched: before/after sets known
+    listener_left_after: float | None = None  # seconds from /load's answer
+    last_request: float | None = None  # seconds into the wait of the last pending request seen
+    front_done_at: float | None = None  # seconds into the wait when (a) first held
+    readings: int = 0  # `ss` readings taken
 
     @property
     def drained(self) -> bool:
         return self.busy == 0
 
+    @property
+    def how(self) -> str:
+        """Which criterion decided, for the plan and the journal."""
+        if self.busy is None:
+            return f"nothing observable: fixed grace {FALLBACK_GRACE:g}s"
+        front = (f"front port {self.front_port}: connections closed" if self.front_observed
+                 else f"front not observable: port {self.port} quiet {QUIET:g}s")
+        slot = (f"no request pending on port {self.port}" if self.slot_observed
+                else f"port {self.port} not observable: at least {FALLBACK_GRACE:g}s")
+        return f"{front}; {slot}"
+
     def describe(self) -> str:
         if self.busy is None:
             return (f"connections on port {self.port} cannot be observed on this host (no "
-                    "`ss`); not waited")
+                    f"`ss`, or no socket of it visible here); waited {self.seconds:.2f}s")
+        front = (f"; front: {self.front_watched} connection(s) watched, {self.front_closed} "
+                 f"closed, {self.front_kept} shown to be the new config's, {self.front_new} "
+                 f"opened after the old listener left" if self.front_observed else "")
+        if self.front_observed and not self.switch_watched:
+            front += " (the reload itself was not watched: every connection needed evidence)"
         if self.drained:
-            return (f"no request in flight on port {self.port} after {self.seconds:.2f}s "
-                    f"({self.idle} idle keep-alive connection(s))")
-        return (f"{self.busy} connection(s) on port {self.port} still busy after "
-                f"{self.seconds:.1f}s (long-lived, e.g. streaming): stopping anyway")
+            return (f"drained after {self.seconds:.2f}s ({self.how}{front}; {self.idle} idle "
+                    f"keep-alive connection(s) on port {self.port})")
+        return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
+                f"{front}; long-lived, e.g. streaming): stopping anyway")
+
+
+@dataclass(frozen=True)
+class Look:
+    """One `ss` reading: Caddy's accepted connections, and both ends on the slot's port."""
+
+    front: dict[Key, Conn]
+    accepted: list[Conn]  # sport = the slot's port: the app, or Docker's proxy for it
+    dialed: list[Conn]  # dport = the slot's port: Caddy's own client sockets, if visible here
+
+
+def _ss(args: list[str]) -> str | None:
+    try:
+        done = subprocess.run(["ss", "-H", "-t", "-n", *args], capture_output=True, text=True,
+                              timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _filter(ports: Iterable[int], *, dport: int | None = None) -> list[str]:
+    terms: list[str] = []
+    for port in ports:
+        terms += (["or"] if terms else []) + ["sport", "=", f":{port}"]
+    if dport is not None:
+        terms += ["or", "dport", "=", f":{dport}"]
+    return ["(", *terms, ")"]
+
+
+def listening(ports: Iterable[int]) -> set[int] | None:
+    """Which of `ports` have a listening socket visible in this network namespace."""
+    wanted = list(ports)
+    out = _ss(["state", "listening", *_filter(wanted)])
+    return None if out is None else parse_listening(out) & set(wanted)
+
+
+def parse_listening(output: str) -> set[int]:
+    """`ss -H -t -n state listening` output: the local ports."""
+    ports = set()
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and (port := _port(fields[2])) is not None:
+            ports.add(port)
+    return ports
+
+
+def read_sockets(slot_port: int, front_port: int | None) -> Look | None:
+    """One reading of both sides (one `ss` process); None when `ss` cannot tell."""
+    ports = [slot_port] + ([front_port] if front_port is not None else [])
+    out = _ss(["-i", "-e", "state", "established", *_filter(ports, dport=slot_port)])
+    return None if out is None else split(parse_ss(out), slot_port, front_port)
+
+
+def split(conns: Iterable[Conn], slot_port: int, front_port: int | None) -> Look:
+    front: dict[Key, Conn] = {}
+    accepted: list[Conn] = []
+    dialed: list[Conn] = []
+    for c in conns:
+        local, peer = _port(c.local), _port(c.peer)
+        if front_port is not None and local == front_port:
+            front[c.key] = c
+        elif local == slot_port:
+            accepted.append(c)
+        elif peer == slot_port:
+            dialed.append(c)
+    return Look(front, accepted, dialed)
 
 
 def connections(port: int) -> list[Conn] | None:
     """Established TCP connections accepted on `port`; None when `ss` cannot tell."""
-    try:
-        done = subprocess.run(["ss", "-H", "-t", "-i", "-n", "state", "established",
-                               "(", "sport", "=", f":{port}", ")"],
-                              capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return None
-    return parse_ss(done.stdout)
+    out = _ss(["-i", "-e", "state", "established", *_filter([port])])
+    return None if out is None else parse_ss(out)
 
 
 def parse_ss(output: str) -> list[Conn]:
-    """`ss -H -t -i -n state established` output: a socket line, then its info line."""
+    """`ss -H -t -i -n [-e] state established` output: a socket line (Recv-Q, Send-Q, local,
+    peer, then -e's extras), then its info line."""
     out: list[Conn] = []
-    peer: str | None = None
+    head: list[str] | None = None
     for line in output.splitlines():
         if not line.strip():
             continue
         if not line[0].isspace():
-            fields = line.split()
-            peer = fields[-1] if fields else "?"
+            head = line.split()
             continue
         values = {k: int(v) for k, v in _FIELD.findall(line)}
-        out.append(Conn(peer or "?", values.get("lastsnd"), values.get("lastrcv"),
-                        values.get("bytes_sent", 0), values.get("bytes_received", 0)))
-        peer = None
+        fields = head or []
+        local = fields[2] if len(fields) >= 4 else "?"
+        peer = fields[3] if len(fields) >= 4 else (fields[-1] if fields else "?")
+        inode = _INODE.search(" ".join(fields[4:]))
+        out.append(Conn(peer, values.get("lastsnd"), values.get("lastrcv"),
+                        values.get("bytes_sent", 0), values.get("bytes_received", 0),
+                        local=local, inode=int(inode.group(1)) if inode else 0))
+        head = None
     return out
 
 
-def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, quiet: float = QUIET,
-                 poll: float = POLL,
-                 look: Callable[[int], list[Conn] | None] = connections) -> Drain:
-    """Wait (at most `timeout`) until no request is pending on `port` and nothing has moved
-    on it for `quiet` seconds."""
-    began = time.monotonic()
-    moved_at = began
-    previous: dict[str, tuple[int, int]] = {}
-    inbound: dict[str, bool] = {}  # per connection: was the last movement seen data coming in?
+@dataclass
+class _Front:
+    """What one watched front connection has shown since the wait started."""
+
+    first: Conn
+    received_at_answer: int | None = None  # bytes_received when an answer was first seen
+    answered_at: float | None = None  # when an answer was first seen going out
+    idle_since: float | None = None
+    idle_counters: tuple[int, int] = (-1, -1)
+    kept: bool = False  # shown to be the new config's
+    old: bool = False  # open before the reload: the old config's, released only by its close
+
+    def update(self, c: Conn, now: float, settle: float) -> None:
+        if self.kept or self.old:
+            return
+        if self.received_at_answer is None and c.bytes_sent > self.first.bytes_sent:
+            self.received_at_answer, self.answered_at = c.bytes_received, now
+        elif self.received_at_answer is not None and (
+                c.bytes_received > self.received_at_answer
+                or (self.answered_at is not None and now - self.answered_at >= settle)):
+            # a request came after an answer went out, or the connection outlived an answer
+            # by SETTLE: the old config closes a connection right after its last answer (and
+            # reads no request after it); were it the old one's after all, its one request is
+            # answered (a stream still running shows on the slot's port: see wait_drained)
+            self.kept = True
+            return
+        counters = (c.bytes_sent, c.bytes_received)
+        if c.bytes_sent and not c.request_pending:
+            if counters != self.idle_counters:
+                self.idle_counters, self.idle_since = counters, now
+            elif self.idle_since is not None and now - self.idle_since >= settle:
+                self.kept = True  # idle after answers: the old server closed its idle ones
+        else:
+            self.idle_counters, self.idle_since = (-1, -1), None
+
+
+@dataclass
+class _Watch:
+    """The state of one wait."""
+
+    front: dict[Key, _Front] = field(default_factory=dict)
+    closed: int = 0
+    new: int = 0  # accepted after the old listener left: not watched
+    previous: dict[Key, tuple[int, int]] = field(default_factory=dict)
+    inbound: dict[Key, bool] = field(default_factory=dict)
+
+
+def _slot_pending(seen: Look, watch: _Watch) -> tuple[int, int]:
+    """Requests pending on the slot's port, from either end; the counters' movement between
+    two looks also counts (a request arriving in the same kernel millisecond as its
+    connection, or as the last answer, has no telling timestamps)."""
+    flows: dict[Key, tuple[int, int]] = {}  # (request bytes, answer bytes) per connection
+    for c in seen.accepted:
+        flows[c.key] = (c.bytes_received, c.bytes_sent)
+    for c in seen.dialed:
+        flows[c.key] = (c.bytes_sent, c.bytes_received)
+    for key, (request, answer) in flows.items():
+        before = watch.previous.get(key)
+        if before is not None and answer != before[1]:
+            watch.inbound[key] = False
+        elif before is not None and request != before[0]:
+            watch.inbound[key] = True  # only request bytes since the last look
+    watch.previous = flows
+    accepted = [c for c in seen.accepted if c.request_pending or watch.inbound.get(c.key)]
+    dialed = [c for c in seen.dialed if c.answer_pending or watch.inbound.get(c.key)]
+    return len(accepted), len(dialed)
+
+
+CLOSE_WATCH = 1.0  # how long after /load the old listening socket is looked for
+SWITCH_MAX_AGE = 60.0  # a watched reload older than this is not used to sort the front
+
+
+@dataclass
+class Switch:
+    """Caddy's front port around one reload: the connections there before it, and the first
+    reading after the old config's listening socket(s) left.
+
+    The reading before runs in a thread started just before /load is sent (off the
+    rollback's path). Should it land after the old listener left, the listeners it saw
+    never all leave, so the front is not sorted and every connection needs evidence: slower,
+    never unsafe."""
+
+    front: int
+    listeners: frozenset[int] = frozenset()  # listening socket inodes before the reload
+    before: frozenset[Key] = frozenset()
+    loaded_at: float | None = None
+    at_close: frozenset[Key] | None = None  # None: the old listener was not seen leaving
+    closed_after: float | None = None  # seconds from /load's answer to that reading
+    reading: threading.Thread | None = field(default=None, repr=False)
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def read_before(self, read: Callable[[int], tuple[set[int], set[Key]] | None]) -> None:
+        seen = read(self.front)
+        if seen is not None:
+            self.listeners, self.before = frozenset(seen[0]), frozenset(seen[1])
+
+    def watch_close(self, read: Callable[[int], tuple[set[int], set[Key]] | None],
+                    clock: Callable[[], float] = time.monotonic) -> None:
+        """Poll (at most CLOSE_WATCH) until none of the old listening sockets is left."""
+        assert self.loaded_at is not None
+        if self.reading is not None:
+            self.reading.join(CLOSE_WATCH)
+        if not self.listeners:  # Caddy's port not visible here: nothing to sort by
+            return
+        while clock() - self.loaded_at < CLOSE_WATCH:
+            seen = read(self.front)
+            if seen is None:
+                return
+            listeners, established = seen
+            if listeners and not listeners & self.listeners:
+                self.at_close = frozenset(established)
+                self.closed_after = clock() - self.loaded_at
+                return
+            time.sleep(0.01)  # each reading is an `ss` process: keep the cores for the run
+
+
+_switches: dict[int, Switch] = {}
+_switches_lock = threading.Lock()
+
+
+def front_port(proxy_url: str) -> int | None:
+    """Caddy's listening port for the site, from the URL verification goes to."""
+    url = urlsplit(proxy_url)
+    try:
+        return url.port or {"http": 80, "https": 443}.get(url.scheme)
+    except ValueError:
+        return None
+
+
+def front_sockets(front: int) -> tuple[set[int], set[Key]] | None:
+    """Listening socket inodes and established connections on Caddy's port (one `ss`)."""
+    out = _ss(["-a", "-e", *_filter([front])])
+    return None if out is None else parse_states(out, front)
+
+
+def parse_states(output: str, port: int) -> tuple[set[int], set[Key]]:
+    """`ss -H -t -n -e` output with its State column: listening inodes, established keys."""
+    listeners: set[int] = set()
+    established: set[Key] = set()
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or _port(fields[3]) != port:
+            continue
+        inode = _INODE.search(" ".join(fields[5:]))
+        number = int(inode.group(1)) if inode else 0
+        if fields[0] == "LISTEN":
+            listeners.add(number)
+        elif fields[0] == "ESTAB":
+            established.add((fields[3], fields[4], number))
+    return listeners, established
+
+
+def before_reload(proxy_url: str) -> Switch | None:
+    """Start reading Caddy's front port, right before a reload (returns at once)."""
+    front = front_port(proxy_url)
+    if front is None:
+        return None
+    switch = Switch(front)
+    switch.reading = threading.Thread(target=switch.read_before, args=(front_sockets,),
+                                      name="drain-before-reload", daemon=True)
+    switch.reading.start()
+    return switch
+
+
+def after_reload(switch: Switch | None) -> None:
+    """Caddy answered the reload: watch for its old listener leaving, in the background (off
+    the rollback's path); the drain of the old slot picks the record up."""
+    if switch is None:
+        return
+    switch.loaded_at = time.monotonic()
+    switch.thread = threading.Thread(target=switch.watch_close, args=(front_sockets,),
+                                     name="drain-switch-watch", daemon=True)
+    switch.thread.start()
+    with _switches_lock:
+        _switches[switch.front] = switch
+
+
+def last_switch(front: int) -> Switch | None:
+    """The latest reload watched on `front`, taken (each record serves one drain)."""
+    with _switches_lock:
+        switch = _switches.pop(front, None)
+    fresh = switch is not None and switch.loaded_at is not None \
+        and time.monotonic() - switch.loaded_at <= SWITCH_MAX_AGE
+    return switch if fresh else None
+
+
+def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None = None,
+                 quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
+                 read: Callable[[int, int | None], Look | None] = read_sockets,
+                 visible: Callable[[Iterable[int]], set[int] | None] = listening,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 trace: list[tuple[float, int, int, int, int]] | None = None,
+                 switch: Switch | None = None,
+                 look: Callable[[int], list[Conn] | None] | None = None) -> Drain:
+    """Wait (at most `timeout`) until the old config is done with the slot on `port`: every
+    connection on Caddy's `front` port seen now has closed or shown it is the new config's,
+    and no request is pending on `port` (module docstring; unobservable sides fail closed)."""
+    if look is not None:  # the slot's accepted connections alone, from the caller (tests)
+        given = look
+
+        def read(port: int, front: int | None) -> Look | None:
+            conns = given(port)
+            return None if conns is None else Look({}, conns, [])
+
+        def visible(ports: Iterable[int]) -> set[int] | None:
+            return set(ports)
+    began = clock()
+    if switch is None and front is not None and read is read_sockets:
+        switch = last_switch(front)
+    if switch is not None and switch.thread is not None:
+        switch.thread.join(max(0.0, min(timeout, CLOSE_WATCH)))
+    sorted_front = switch is not None and switch.at_close is not None
+    ports = [port] + ([front] if front is not None else [])
+    shown = visible(ports)
+    front_observed = shown is not None and front is not None and front in shown
+    slot_listens = shown is not None and port in shown
+    watch = _Watch()
+    moved_at = began  # front not observable: the slot's port must be quiet for `quiet`
+    slot_moved_at = began - settle  # observable: quiet for `settle` (a stream still running)
+    last_request: float | None = None
+    counters_before: dict[Key, tuple[int, int]] = {}
+    first = True
+    slot_observed = slot_listens
+    front_done_at: float | None = None
+    readings = 0
     while True:
-        seen = look(port)
-        now = time.monotonic()
-        if seen is None:
-            return Drain(port, now - began, None)
-        counters = {c.peer: (c.bytes_sent, c.bytes_received) for c in seen}
-        if any(previous.get(peer) != value for peer, value in counters.items()):
+        seen = read(port, front if front_observed else None)
+        now = clock()
+        readings += 1
+        if seen is None:  # `ss` failed: nothing observable, the fixed grace
+            rest = FALLBACK_GRACE - (now - began)
+            if rest > 0:
+                sleep(min(rest, max(0.0, timeout - (now - began))))
+            return Drain(port, clock() - began, None, front_port=front)
+        # Caddy's own sockets to the slot are only seen where it runs in this namespace
+        slot_observed = slot_listens or bool(seen.dialed) or slot_observed
+        first_reading = first
+        if first:
+            for k, c in seen.front.items():
+                if not sorted_front:
+                    watch.front[k] = _Front(c)
+                elif switch is not None and k in switch.before:
+                    watch.front[k] = _Front(c, old=True)  # the old config's: must close
+                elif switch is not None and switch.at_close is not None and k in switch.at_close:
+                    watch.front[k] = _Front(c)  # accepted while both listened
+                else:
+                    watch.new += 1  # accepted after the old listener left
+            first = False
+        for key, state in list(watch.front.items()):
+            if key not in seen.front:
+                del watch.front[key]
+                watch.closed += 1
+            else:
+                state.update(seen.front[key], now, settle)
+        open_front = [s for s in watch.front.values() if not s.kept]
+        on_accepted, on_dialed = _slot_pending(seen, watch)
+        pending = max(on_accepted, on_dialed)  # one connection may be seen from both ends
+        if trace is not None:  # for benchmarks: seconds, open front, new-config front, pending
+            trace.append((now - began, len(open_front), len(watch.front) - len(open_front),
+                          on_accepted, on_dialed))
+        if pending:
+            last_request = now - began
+        counters = {c.key: (c.bytes_sent, c.bytes_received)
+                    for c in seen.accepted + seen.dialed}
+        if counters != counters_before:
             moved_at = now
-        for peer, (sent, received) in counters.items():
-            before = previous.get(peer)
-            if before is not None and received != before[1]:
-                inbound[peer] = sent == before[0]  # only data in since the last look: pending
-            elif before is not None and sent != before[0]:
-                inbound[peer] = False
-        pending = [c for c in seen if c.request_pending or inbound.get(c.peer)]
-        busy = len(pending) if pending or now - moved_at < quiet else 0
-        if (not pending and now - moved_at >= quiet) or now - began >= timeout:
-            return Drain(port, now - began, busy if now - began >= timeout else 0,
-                         idle=len(seen) - busy)
-        previous = counters
-        time.sleep(min(poll, max(0.0, timeout - (now - began))))
+        if not first_reading and any(counters_before.get(k) != v for k, v in counters.items()):
+            slot_moved_at = now  # bytes moved, or a connection to the slot opened, since the last
+        counters_before = counters
+        front_done = not open_front if front_observed else now - moved_at >= quiet
+        slot_done = (not pending and now - slot_moved_at >= settle) if slot_observed \
+            else now - began >= FALLBACK_GRACE
+        if front_done and front_done_at is None:
+            front_done_at = now - began
+        over = now - began >= timeout
+        if (front_done and slot_done) or over:
+            busy = (pending + len(open_front)) if over else 0
+            if over and not busy:
+                busy = 1  # the unobservable side's condition, not met in time
+            idle = (len(seen.accepted) - on_accepted if seen.accepted
+                    else len(seen.dialed) - on_dialed)
+            return Drain(port, now - began, busy, idle=idle, front_port=front,
+                         front_observed=front_observed, slot_observed=slot_observed,
+                         front_watched=watch.closed + len(watch.front),
+                         front_closed=watch.closed,
+                         front_kept=sum(s.kept for s in watch.front.values()),
+                         front_new=watch.new, switch_watched=sorted_front,
+                         listener_left_after=switch.closed_after if switch else None,
+                         last_request=last_request, front_done_at=front_done_at,
+                         readings=readings)
+        sleep(min(poll, max(0.0, timeout - (now - began))))

@@ -4,6 +4,7 @@ switch, so every path starts, recreates and gates a slot the same way."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from runbook import caddy, compose, docker, drain, health, traffic
@@ -14,25 +15,33 @@ from runbook.plan import Phase, Step, StepContext
 
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
-         running: bool | None = None) -> None:
+         running: bool | None = None,
+         on_drain: Callable[[drain.Drain], None] | None = None) -> None:
     """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
 
     `maintenance` is for the snapshot restore alone, which the operator asked for and
     confirmed: it stops every app slot so no code writes while the database is replaced.
-    `running` is what the caller has just inspected (None: inspect here).
+    `running` is what the caller has just inspected (None: inspect here). `on_drain` is told
+    how the drain before the stop went (for the journal).
     """
     container = env.slot(slot).container
     if not maintenance:
         traffic.refuse_if_serving(env, slot, "stop")
         # Caddy's old config may still hand it requests after the switch: let them finish
-        # (runbook/drain.py); without a view of the connections, wait a fixed grace instead.
+        # (runbook/drain.py); a side it cannot observe is waited for, not assumed done.
         if running is None:
             running = docker.inspect(container).running
         if running:
-            drained = drain.wait_drained(env.slot(slot).port)
-            if drained.busy is None:
-                time.sleep(drain.FALLBACK_GRACE)
+            drained = drain.wait_drained(env.slot(slot).port, front=front_port(env))
+            if on_drain is not None:
+                on_drain(drained)
     docker.run(docker.stop_action(container))
+
+
+def front_port(env: Environment) -> int | None:
+    """Caddy's listening port for the site (from proxy_url), whose connections the drain
+    watches; None when the URL names none that can be known."""
+    return drain.front_port(env.caddy.proxy_url)
 
 
 def recreate(env: Environment, slot: Slot, tag: str,
@@ -190,17 +199,27 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         if not docker.inspect(container).running:
             ctx.note(container="already stopped")
             return
-        stop(env, slot, running=True)
+        stop(env, slot, running=True, on_drain=lambda d: ctx.note(drained=d.describe()))
         ctx.note(container=docker.inspect(container).status)
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
                 {"container": container,
                  "guard": "refused if Caddy sends traffic to it at that moment",
-                 "drain": f"wait until no request is in flight on port {env.slot(slot).port} "
-                          f"(quiet {drain.QUIET:g}s, at most {drain.DRAIN_TIMEOUT:g}s)",
+                 "drain": drain_plan(env, slot),
                  "command": action.display()},
                 run=run, skip=None if enabled else "rollback.stop_old_slot = false",
                 phase=Phase.FINISH)
+
+
+def drain_plan(env: Environment, slot: Slot) -> str:
+    """The drain as the plan shows it: what it waits for, and its fallbacks."""
+    port, front = env.slot(slot).port, front_port(env)
+    where = (f"every connection on Caddy's port {front} open at the stop has closed (or "
+             "shown it is the new config's)" if front is not None
+             else f"no byte moved on port {port} for {drain.QUIET:g}s")
+    return (f"wait until {where} and no request is pending on port {port}, at most "
+            f"{drain.DRAIN_TIMEOUT:g}s; a side `ss` cannot see is waited for instead (front: "
+            f"port {port} quiet {drain.QUIET:g}s; slot: at least {drain.FALLBACK_GRACE:g}s)")
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,
@@ -228,6 +247,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
     }
 
     def run(ctx: StepContext) -> None:
+        # who is on Caddy's port before the reload, read beside this step's own work (the
+        # drain of the old slot sorts the old config's connections by it: runbook/drain.py)
+        watch = drain.before_reload(env.caddy.proxy_url)
         old_bytes = caddy.read_bytes(env)
         old = old_bytes.decode("utf-8")
         new = caddy.rewrite(old, env, target)
@@ -252,7 +274,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                        + (f" (traffic back on {before})" if before else ""),
                        lambda: caddy.restore(env, restore_bytes, before))
         ctx.fault("switch.after-write")
-        caddy.reload(env, new, reload_command)
+        caddy.reload(env, new, reload_command, switch=watch)
         ctx.fault("switch.after-reload")
         result = caddy.verify(env, target, expected_version, quick=True)
         if not result.ok:

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from runbook import files
+from runbook import drain, files
 from runbook.caddy.errors import CaddyError, CaddyNotRunningError
 from runbook.caddy.text import SLOT_HEADER
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
@@ -295,10 +295,20 @@ def reload_action(env: Environment) -> list[str]:
     return reload_command(env).words()
 
 
-def reload(env: Environment, text: str, command: ReloadCommand | None = None) -> None:
+def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
+           switch: drain.Switch | None = None) -> None:
     """Make Caddy load `text` (already written to the Caddyfile) the way the environment says
-    (`command`: the one the plan showed; built here when not given)."""
+    (`command`: the one the plan showed; built here when not given). `switch`: the reading of
+    Caddy's port the caller started before (one is started here otherwise)."""
     command = command or reload_command(env)
+    # who is on Caddy's port before, and when its old listener leaves after: the drain of
+    # the old slot sorts the old config's connections from the new one's (runbook/drain.py)
+    switch = switch or drain.before_reload(env.caddy.proxy_url)
+    _reload(env, text, command)
+    drain.after_reload(switch)
+
+
+def _reload(env: Environment, text: str, command: ReloadCommand) -> None:
     if command.method is ReloadMethod.ADMIN_API:
         from runbook import bounded_http
 
