@@ -170,6 +170,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     "schema-guard")
     containers = {s: tool_checks.Probe(partial(docker.inspect, env.slot(s).container),
                                        f"inspect-{s}") for s in Slot}
+    checks: tool_checks.Checks | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
         if found is not None:
@@ -185,16 +186,24 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                              info=containers[standby].result())
         # live_slot has just read Caddy's running config through its admin API: it answers
         caddy.check_running(env, admin_answered=True)
+        try:
+            sp = caddy.plan_switch(env, standby)
+        except RunbookError:
+            guard_probe.result()  # the schema guard's failure is reported first, as before
+            raise
+        # every tool and file the plan will use, proved before the first change (issue 10);
+        # started now, so Caddy validates while the schema guard still waits on the database
+        checks = tool_checks.start(env, candidate=sp.new_text,
+                                   recreate=prep.action == "recreate", admin_answered=True)
         guard = guard_probe.result()
         warnings += guard.warnings
-        sp = caddy.plan_switch(env, standby)
-        # every tool and file the plan will use, proved before the first change (issue 10)
-        tools = tool_checks.check(env, candidate=sp.new_text, recreate=prep.action == "recreate",
-                                  admin_answered=True)
+        tools = checks.result()
     except BaseException:
         guard_probe.settle(2.0)
         for probe in containers.values():
             probe.settle(2.0)
+        if checks is not None:
+            checks.settle(2.0)
         raise
     observed = slots.Observed()
     restore_steps: list[Step] = []
