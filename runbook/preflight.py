@@ -53,6 +53,10 @@ class Probe(Generic[T]):
         so a refused run does not exit under a half-done connection."""
         self._thread.join(timeout)
 
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
     def result(self) -> T:
         self._thread.join()
         if self._error is not None:

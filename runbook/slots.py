@@ -134,9 +134,42 @@ def run_step(env: Environment, prep: Preparation) -> Step:
                 skip="already running the wanted image" if prep.action == "none" else None)
 
 
+class EarlyHealth:
+    """The standby's /health, asked while the planner waits on other probes, when the
+    standby already runs (nothing will start it): the health gate's first attempt if it is
+    still fresh when the gate runs, so the gate does not wait on the app's answer again right
+    after it came. A stale one (a long confirmation prompt) is not used: the gate asks anew."""
+
+    FRESH = 1.0  # seconds
+
+    def __init__(self, env: Environment, slot: Slot) -> None:
+        from runbook.preflight import Probe
+
+        config = env.slot(slot)
+
+        def ask() -> tuple[health.HealthReport, float]:
+            report = health.probe(config, env.health.path, env.health.request_timeout)
+            return report, time.monotonic()
+
+        self._probe = Probe(ask, f"health-{slot}")
+
+    def fresh(self, wait: float) -> health.HealthReport | None:
+        """The report if it came less than FRESH ago; waits for an answer still on its way
+        at most `wait` seconds (the gate's timeout: the gate's deadline holds)."""
+        self._probe.settle(wait)
+        if not self._probe.done:
+            return None
+        report, at = self._probe.result()
+        return report if time.monotonic() - at <= self.FRESH else None
+
+    def settle(self, timeout: float) -> None:
+        self._probe.settle(timeout)
+
+
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
-              observed: Observed | None = None) -> Step:
-    """The health gate; the report's status lands in `observed.health_status` for the state."""
+              observed: Observed | None = None, early: EarlyHealth | None = None) -> Step:
+    """The health gate; the report's status lands in `observed.health_status` for the state.
+    `early`: the slot's health as asked while planning (see EarlyHealth)."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
     details = {"url": f"{config.base_url}{env.health.path}",
@@ -167,9 +200,12 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                 ctx.say(f"attempt {attempt}: {report.status}"
                         + (f" ({report.reason()})" if report.reason() else ""))
 
-        report = health.wait_healthy(
+        began = time.monotonic()
+        first = early.fresh(env.health.timeout) if early is not None else None
+        report = health.wait_healthy(  # its deadline counts the wait for the early answer
             env, slot, on_attempt=waiting,
-            is_running=lambda: docker.inspect(config.container).running)
+            is_running=lambda: docker.inspect(config.container).running,
+            first=first, began=began)
         if expected_version and report.version and report.version != expected_version:
             raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
