@@ -11,9 +11,11 @@ model (imported when a file is read or written). Every name stays importable fro
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from runbook.environment.model import (
@@ -94,23 +96,38 @@ def load_file(path: Path) -> Environment:
 
 def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     """A parsed TOML document as an Environment (relative paths: from the file's folder)."""
-    from runbook.environment import schema
-
-    return schema.parse(data, path)
+    return _schema().parse(data, path)
 
 
 def to_toml(env: Environment) -> str:
     """Write an environment back as TOML (what a drill hands to `--env <file>`)."""
+    return _schema().dump(env)
+
+
+def _schema() -> ModuleType:
+    """schema.py, imported (the first time) with pydantic's plugin discovery off: building
+    its models would otherwise read the entry points of every installed distribution (a
+    pydantic plugin has nothing to add to validating our own file format), ~20 ms of every
+    command's start-up. The variable is restored at once; typer builds its adapters the
+    same way."""
+    if "runbook.environment.schema" not in sys.modules:
+        previous = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+        os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"
+        try:
+            from runbook.environment import schema as _loaded  # noqa: F401
+        finally:
+            if previous is None:
+                del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+            else:
+                os.environ["PYDANTIC_DISABLE_PLUGINS"] = previous
     from runbook.environment import schema
 
-    return schema.dump(env)
+    return schema
 
 
 def __getattr__(name: str) -> Any:
     """KNOWN_TABLES / KNOWN_KEYS, the old hand-written lists, now read off the model."""
     if name in ("KNOWN_TABLES", "KNOWN_KEYS"):
-        from runbook.environment import schema
-
-        keys = schema.known_keys()
+        keys = _schema().known_keys()
         return keys[""] if name == "KNOWN_TABLES" else {k: v for k, v in keys.items() if k}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
