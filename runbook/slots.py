@@ -134,6 +134,9 @@ def run_step(env: Environment, prep: Preparation) -> Step:
                 skip="already running the wanted image" if prep.action == "none" else None)
 
 
+NOTE_EVERY = 0.5  # seconds between two identical health-gate notes
+
+
 class EarlyHealth:
     """The standby's /health, asked while the planner waits on other probes, when the
     standby already runs (nothing will start it): the health gate's first attempt if it is
@@ -194,11 +197,18 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                                       else "unknown")
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
             return
+        said: list[tuple[str, float]] = []  # the last note and when it was said
+
         def waiting(attempt: int, report: health.HealthReport) -> None:
             ctx.heartbeat()
             if not report.ok:
-                ctx.say(f"attempt {attempt}: {report.status}"
-                        + (f" ({report.reason()})" if report.reason() else ""))
+                # polled every 20 ms while a slot starts: a line when the answer changes or
+                # every NOTE_EVERY, not fifty lines a second on the on-call's terminal
+                what = report.status + (f" ({report.reason()})" if report.reason() else "")
+                now = time.monotonic()
+                if not said or said[-1][0] != what or now - said[-1][1] >= NOTE_EVERY:
+                    said[:] = [(what, now)]
+                    ctx.say(f"attempt {attempt}: {what}")
 
         began = time.monotonic()
         first = early.fresh(env.health.timeout) if early is not None else None
