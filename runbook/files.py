@@ -2,9 +2,10 @@
 
 Every file the runbook rewrites on a host (state file, Caddyfile, intent record, lock
 files, the journal's run record) goes through `atomic_write`: a hidden temp file beside the
-target, fsync, rename, fsync of the directory. Readers see the old bytes or the new ones,
-never half; a kill at any point leaves at most a
-temp file named `TEMP_PATTERN`, which `sweep_temps` removes on the next run.
+target, fsync, rename, fsync of the directory (the journal's run record skips the fsyncs
+until its last write). Readers see the old bytes or the new ones, never half; a kill at any
+point leaves at most a temp file named `TEMP_PATTERN`, which `sweep_temps` removes on the
+next run.
 """
 
 from __future__ import annotations
