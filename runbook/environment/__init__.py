@@ -15,7 +15,6 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from runbook.environment.model import (
@@ -96,38 +95,44 @@ def load_file(path: Path) -> Environment:
 
 def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     """A parsed TOML document as an Environment (relative paths: from the file's folder)."""
-    return _schema().parse(data, path)
+    _load_schema()
+    from runbook.environment import schema
+
+    return schema.parse(data, path)
 
 
 def to_toml(env: Environment) -> str:
     """Write an environment back as TOML (what a drill hands to `--env <file>`)."""
-    return _schema().dump(env)
-
-
-def _schema() -> ModuleType:
-    """schema.py, imported (the first time) with pydantic's plugin discovery off: building
-    its models would otherwise read the entry points of every installed distribution (a
-    pydantic plugin has nothing to add to validating our own file format), ~20 ms of every
-    command's start-up. The variable is restored at once; typer builds its adapters the
-    same way."""
-    if "runbook.environment.schema" not in sys.modules:
-        previous = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
-        os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"
-        try:
-            from runbook.environment import schema as _loaded  # noqa: F401
-        finally:
-            if previous is None:
-                del os.environ["PYDANTIC_DISABLE_PLUGINS"]
-            else:
-                os.environ["PYDANTIC_DISABLE_PLUGINS"] = previous
+    _load_schema()
     from runbook.environment import schema
 
-    return schema
+    return schema.dump(env)
+
+
+def _load_schema() -> None:
+    """Import schema.py (the first time) with pydantic's plugin discovery off: building its
+    models would otherwise read the entry points of every installed distribution (a pydantic
+    plugin has nothing to add to validating our own file format), on every command's
+    start-up. The variable is restored at once; typer builds its adapters the same way."""
+    if "runbook.environment.schema" in sys.modules:
+        return
+    previous = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"
+    try:
+        from runbook.environment import schema  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+        else:
+            os.environ["PYDANTIC_DISABLE_PLUGINS"] = previous
 
 
 def __getattr__(name: str) -> Any:
     """KNOWN_TABLES / KNOWN_KEYS, the old hand-written lists, now read off the model."""
     if name in ("KNOWN_TABLES", "KNOWN_KEYS"):
-        keys = _schema().known_keys()
+        _load_schema()
+        from runbook.environment import schema
+
+        keys = schema.known_keys()
         return keys[""] if name == "KNOWN_TABLES" else {k: v for k, v in keys.items() if k}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
