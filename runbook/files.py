@@ -2,9 +2,10 @@
 
 Every file the runbook rewrites on a host (state file, Caddyfile, intent record, lock
 files, the journal's run record) goes through `atomic_write`: a hidden temp file beside the
-target, fsync, rename, fsync of the directory. Readers see the old bytes or the new ones,
-never half; a kill at any point leaves at most a
-temp file named `TEMP_PATTERN`, which `sweep_temps` removes on the next run.
+target, fsync, rename, fsync of the directory (the journal's run record skips the fsyncs
+until its last write). Readers see the old bytes or the new ones, never half; a kill at any
+point leaves at most a temp file named `TEMP_PATTERN`, which `sweep_temps` removes on the
+next run.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ def temp_target(name: str) -> str | None:
 
 
 def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
-                 before_rename: Callable[[], None] | None = None) -> None:
+                 before_rename: Callable[[], None] | None = None, durable: bool = True) -> None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
     A new file gets `default_mode`. A symlinked target stays a symlink (its destination is
     replaced). `before_rename` runs between the fsynced temp file and the rename (the drill's
     fault point). Raises OSError; the target is then unchanged and no temp file is left.
+    `durable=False` skips both fsyncs: readers still see the old bytes or the new ones, but a
+    power loss may lose the write (for a record rewritten many times a run and made durable
+    by its last write; two fsyncs each were most of a fast rollback's journaling time).
     """
     target = Path(os.path.realpath(target))
     try:
@@ -58,7 +62,8 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if before_rename is not None:
@@ -68,7 +73,8 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
 
 
 def fsync_dir(directory: Path) -> None:

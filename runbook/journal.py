@@ -282,7 +282,7 @@ class Journal:
         self.log(level, f"{self.action} {outcome} (exit code {self.exit_code})",
                  outcome=outcome, exit_code=self.exit_code,
                  duration_ms=round((self.finished_at - self.started_at).total_seconds() * 1000))
-        self._write_record()
+        self._write_record(durable=True)
         return self.record_path
 
     def fail(self, exc: BaseException) -> Path:
@@ -328,13 +328,17 @@ class Journal:
             data["log_write_errors"] = self.write_errors[:10]
         return _clean(data, known)  # type: ignore[no-any-return]
 
-    def _write_record(self) -> None:
-        """Atomic, so a report never reads half a record."""
+    def _write_record(self, *, durable: bool = False) -> None:
+        """Atomic, so a report never reads half a record. Only the final record is fsynced:
+        the record is rewritten at every step's start and end, and those fsyncs sat between
+        the operator and the traffic switch; a killed process still leaves the last one (the
+        kernel has it), and what survives a power loss mid-run is the intent record's job
+        (runbook/intent.py), as for the log lines, which are never fsynced either."""
         with self._mutex:
             payload = json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n"
             try:
                 files.atomic_write(self.record_path, payload.encode("utf-8", "replace"),
-                                   default_mode=0o600)
+                                   default_mode=0o600, durable=durable)
             except OSError as exc:
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
 

@@ -53,6 +53,10 @@ class Probe(Generic[T]):
         so a refused run does not exit under a half-done connection."""
         self._thread.join(timeout)
 
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
     def result(self) -> T:
         self._thread.join()
         if self._error is not None:
@@ -188,11 +192,40 @@ def recreate_needed(action: str) -> bool:
     return action == "recreate"
 
 
+class Checks:
+    """The pre-flight checks of `start`, running; `result()` collects them."""
+
+    def __init__(self, env: Environment, probes: dict[str, Probe[str]]) -> None:
+        self._env = env
+        self._probes = probes
+
+    def result(self) -> dict[str, str]:
+        """The results as pre-flight details. Raises the first that fails in the order of
+        `start` (exit 4, nothing changed)."""
+        out = {name: probe.result() for name, probe in self._probes.items()}
+        with contextlib.suppress(RunbookError):  # a misencoded URL: the schema check says so
+            out["database access"] = database_path(self._env)
+        return out
+
+    def settle(self, timeout: float) -> None:
+        """The plan failed elsewhere: give the checks a moment to end (see Probe.settle)."""
+        for probe in self._probes.values():
+            probe.settle(timeout)
+
+
 def check(env: Environment, *, candidate: str | None, recreate: bool,
           migrate_image: str | None = None, admin_answered: bool = False) -> dict[str, str]:
     """Run every check the plan needs, at once (each waits on its own tool); the results as
     pre-flight details. Raises the first that fails in the order below (exit 4, nothing
     changed)."""
+    return start(env, candidate=candidate, recreate=recreate, migrate_image=migrate_image,
+                 admin_answered=admin_answered).result()
+
+
+def start(env: Environment, *, candidate: str | None, recreate: bool,
+          migrate_image: str | None = None, admin_answered: bool = False) -> Checks:
+    """Start the checks of `check` and return at once: a planner still waiting on another
+    probe (the schema guard's database) collects them afterwards."""
     probes: dict[str, Probe[str]] = {}
     if candidate is not None:
         probes["validate"] = Probe(lambda: validation(env, candidate), "validate")
@@ -201,7 +234,4 @@ def check(env: Environment, *, candidate: str | None, recreate: bool,
         probes["compose"] = Probe(lambda: compose_path(env), "compose")
     if migrate_image is not None and env.migrate_command:
         probes["migrate command"] = Probe(lambda: migrate_path(env, migrate_image), "migrate")
-    out = {name: probe.result() for name, probe in probes.items()}
-    with contextlib.suppress(RunbookError):  # a misencoded URL: the schema check says so
-        out["database access"] = database_path(env)
-    return out
+    return Checks(env, probes)

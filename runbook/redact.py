@@ -7,6 +7,7 @@ errors too and must not import the journal (which imports them) to do it.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import urllib.parse
@@ -56,6 +57,9 @@ _PATTERNS.append((
     re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
     lambda m: f"{m['kind']} {MASK}",
 ))
+# What every pattern above needs somewhere in the text (a URL password its `@`, the rest a
+# secret word or an auth scheme): text without any of it is left as is without running them.
+_MAY_MATCH = re.compile(r"(?i)@|" + _WORDS + r"|bearer|basic")
 _SECRET_FLAG = re.compile(r"(?i)--?[\w-]*" + _WORDS + r"[\w-]*")
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
@@ -69,14 +73,27 @@ def register_secrets(*values: str) -> None:
     _REGISTERED.update(v for v in values if v)
 
 
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Mask secrets in free text: URL passwords, *_SECRET=, password=, token=, known values."""
-    known = {s for s in (*secrets, *_REGISTERED) if s and len(s) >= MIN_SECRET_LENGTH}
+@functools.lru_cache(maxsize=64)
+def _forms(known: frozenset[str]) -> tuple[str, ...]:
+    """Each known value and its percent-encoded form, longest value first. Cached: the
+    journal redacts every string of its record at each write, and quote() per value per
+    string was most of a fast run's journaling CPU."""
+    out: list[str] = []
     for value in sorted(known, key=len, reverse=True):
-        text = text.replace(value, MASK)
+        out.append(value)
         quoted = urllib.parse.quote(value, safe="")
         if quoted != value:
-            text = text.replace(quoted, MASK)
+            out.append(quoted)
+    return tuple(out)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask secrets in free text: URL passwords, *_SECRET=, password=, token=, known values."""
+    known = frozenset(s for s in (*secrets, *_REGISTERED) if s and len(s) >= MIN_SECRET_LENGTH)
+    for form in _forms(known):
+        text = text.replace(form, MASK)
+    if _MAY_MATCH.search(text) is None:
+        return text
     for pattern, replace in _PATTERNS:
         text = pattern.sub(replace, text)
     return text

@@ -58,7 +58,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     gets one from the snapshot sidecars or the app's own migrations check, or the plan says
     neither exists.
     """
-    from runbook import migration_source, snapshots
+    from runbook import migration_source
 
     guard = Guard({}, [])
     try:
@@ -89,6 +89,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     elif problem is None and recorded is not None and schema.version > recorded:
         problem = (f"migrations ran after the target deployment: the database schema is at "
                    f"{schema.version} but {target.version} ran with {recorded}")
+    if options.restore_snapshot or (problem and not options.force):
+        from runbook import snapshots  # only when one is named or needed (~20 ms to import)
     if options.restore_snapshot:
         snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
                 if options.restore_snapshot == "auto"
@@ -170,6 +172,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     "schema-guard")
     containers = {s: tool_checks.Probe(partial(docker.inspect, env.slot(s).container),
                                        f"inspect-{s}") for s in Slot}
+    checks: tool_checks.Checks | None = None
+    early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
         if found is not None:
@@ -183,18 +187,30 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                     f"version: `runbook deploy {env.name} --version <version>`")
         prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
                              info=containers[standby].result())
+        if prep.action == "none" and not options.force:  # it runs: ask its health meanwhile
+            early = slots.EarlyHealth(env, standby)
         # live_slot has just read Caddy's running config through its admin API: it answers
         caddy.check_running(env, admin_answered=True)
+        try:
+            sp = caddy.plan_switch(env, standby)
+        except RunbookError:
+            guard_probe.result()  # the schema guard's failure is reported first, as before
+            raise
+        # every tool and file the plan will use, proved before the first change (issue 10);
+        # started now, so Caddy validates while the schema guard still waits on the database
+        checks = tool_checks.start(env, candidate=sp.new_text,
+                                   recreate=prep.action == "recreate", admin_answered=True)
         guard = guard_probe.result()
         warnings += guard.warnings
-        sp = caddy.plan_switch(env, standby)
-        # every tool and file the plan will use, proved before the first change (issue 10)
-        tools = tool_checks.check(env, candidate=sp.new_text, recreate=prep.action == "recreate",
-                                  admin_answered=True)
+        tools = checks.result()
     except BaseException:
         guard_probe.settle(2.0)
         for probe in containers.values():
             probe.settle(2.0)
+        if checks is not None:
+            checks.settle(2.0)
+        if early is not None:
+            early.settle(2.0)
         raise
     observed = slots.Observed()
     restore_steps: list[Step] = []
@@ -203,6 +219,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
         restore_steps = snapshot_restore.restore_steps(
             env, snapshot_restore.prepare(env, guard.restore), facts={})
+        early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action == "none":  # the restore stops every app slot, the target's too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
@@ -217,7 +234,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         recording.rollback(env, intent, observed, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
-                           observed=observed)
+                           observed=observed, early=early)
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
         "current": f"{current.version} on {live} ({current.id})",
         "traffic": f"{live} (as Caddy runs it)",

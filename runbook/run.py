@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
         with journal.step("lock", "Take the deploy lock") as rec:
             with signals.interruptible():
                 held = locks.acquire(env, reason=reason, run_id=run_id)
+            refreshed = [time.monotonic()]  # when the lock's expiry clock last restarted
             rec.detail(path=str(env.lock_path))
             if held.stolen_from is not None:
                 taken = (f"took over a stale deploy lock held by {held.stolen_from.describe()} "
@@ -105,14 +107,13 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
             held.publish()
-            last = [0.0]
 
             def beat() -> None:
-                import time
-
+                # due one interval after the lock was taken or last refreshed (a long prompt
+                # makes the first step refresh it; a quick run does not rewrite it at once)
                 now = time.monotonic()
-                if now - last[0] >= _interval(env):
-                    last[0] = now
+                if now - refreshed[0] >= _interval(env):
+                    refreshed[0] = now
                     with contextlib.suppress(RunbookError, OSError):
                         held.refresh()
 

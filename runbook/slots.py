@@ -143,9 +143,45 @@ def run_step(env: Environment, prep: Preparation) -> Step:
                 skip="already running the wanted image" if prep.action == "none" else None)
 
 
+NOTE_EVERY = 0.5  # seconds between two identical health-gate notes
+
+
+class EarlyHealth:
+    """The standby's /health, asked while the planner waits on other probes, when the
+    standby already runs (nothing will start it): the health gate's first attempt if it is
+    still fresh when the gate runs, so the gate does not wait on the app's answer again right
+    after it came. A stale one (a long confirmation prompt) is not used: the gate asks anew."""
+
+    FRESH = 1.0  # seconds
+
+    def __init__(self, env: Environment, slot: Slot) -> None:
+        from runbook.preflight import Probe
+
+        config = env.slot(slot)
+
+        def ask() -> tuple[health.HealthReport, float]:
+            report = health.probe(config, env.health.path, env.health.request_timeout)
+            return report, time.monotonic()
+
+        self._probe = Probe(ask, f"health-{slot}")
+
+    def fresh(self, wait: float) -> health.HealthReport | None:
+        """The report if it came less than FRESH ago; waits for an answer still on its way
+        at most `wait` seconds (the gate's timeout: the gate's deadline holds)."""
+        self._probe.settle(wait)
+        if not self._probe.done:
+            return None
+        report, at = self._probe.result()
+        return report if time.monotonic() - at <= self.FRESH else None
+
+    def settle(self, timeout: float) -> None:
+        self._probe.settle(timeout)
+
+
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
-              observed: Observed | None = None) -> Step:
-    """The health gate; the report's status lands in `observed.health_status` for the state."""
+              observed: Observed | None = None, early: EarlyHealth | None = None) -> Step:
+    """The health gate; the report's status lands in `observed.health_status` for the state.
+    `early`: the slot's health as asked while planning (see EarlyHealth)."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
     details = {"url": f"{config.base_url}{env.health.path}",
@@ -170,15 +206,25 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                                       else "unknown")
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
             return
+        said: list[tuple[str, float]] = []  # the last note and when it was said
+
         def waiting(attempt: int, report: health.HealthReport) -> None:
             ctx.heartbeat()
             if not report.ok:
-                ctx.say(f"attempt {attempt}: {report.status}"
-                        + (f" ({report.reason()})" if report.reason() else ""))
+                # polled every 20 ms while a slot starts: a line when the answer changes or
+                # every NOTE_EVERY, not fifty lines a second on the on-call's terminal
+                what = report.status + (f" ({report.reason()})" if report.reason() else "")
+                now = time.monotonic()
+                if not said or said[-1][0] != what or now - said[-1][1] >= NOTE_EVERY:
+                    said[:] = [(what, now)]
+                    ctx.say(f"attempt {attempt}: {what}")
 
-        report = health.wait_healthy(
+        began = time.monotonic()
+        first = early.fresh(env.health.timeout) if early is not None else None
+        report = health.wait_healthy(  # its deadline counts the wait for the early answer
             env, slot, on_attempt=waiting,
-            is_running=lambda: docker.inspect(config.container).running)
+            is_running=lambda: docker.inspect(config.container).running,
+            first=first, began=began)
         if expected_version and report.version and report.version != expected_version:
             raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",

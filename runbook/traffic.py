@@ -121,11 +121,22 @@ def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
 
 
 def read(env: Environment, *, proxy: bool = True) -> Traffic:
-    """Where traffic goes now. Raises TrafficUnknownError when Caddy cannot be asked."""
-    found = from_config(env, loaded_config(env))
+    """Where traffic goes now. Raises TrafficUnknownError when Caddy cannot be asked.
+
+    The proxy is asked at the same moment as the admin API (two independent witnesses, each
+    a loopback round trip through Caddy: asked one after the other they were most of the
+    planner's wait for a running standby)."""
     if not proxy:
-        return found
-    header, error = ask_proxy(env)
+        return from_config(env, loaded_config(env))
+    from runbook.preflight import Probe
+
+    witness = Probe(lambda: ask_proxy(env), "ask-proxy")
+    try:
+        found = from_config(env, loaded_config(env))
+    except BaseException:
+        witness.settle(1.0)  # a refused read is not held up by the other witness
+        raise
+    header, error = witness.result()
     return Traffic(found.slots, found.dials, header, error)
 
 

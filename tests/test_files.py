@@ -25,6 +25,17 @@ def test_atomic_write_keeps_mode_and_leaves_no_temp_file(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["Caddyfile"]
 
 
+def test_a_write_without_fsync_is_still_atomic_and_keeps_the_mode(tmp_path: Path) -> None:
+    """durable=False (the journal's intermediate run records) drops only the fsyncs."""
+    target = tmp_path / "run.json"
+    target.write_text("old\n")
+    target.chmod(0o600)
+    files.atomic_write(target, b"new\n", durable=False)
+    assert target.read_bytes() == b"new\n"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
 def test_atomic_write_keeps_owner_and_group_when_root_rewrites(tmp_path: Path) -> None:
     target = tmp_path / "deployment-state.json"
     target.write_text("{}")

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from runbook import health
+from runbook import health, slots
 from runbook.environment import Environment, HealthConfig, Slot, from_mapping
 from runbook.errors import ExitCode
 from runbook.health import HealthGateError
+from runbook.plan import StepContext
 from tests.drill_checks import closed_port
 
 COMMIT = "3f2a1b9" + "0" * 33
+SLACK = 0.6  # scheduling on a busy 2-core machine
 
 
 def body(status: str, checks: dict[str, dict[str, object]],
@@ -266,6 +268,59 @@ def test_wait_healthy_stops_early_when_the_container_exited(server: Server) -> N
     assert time.monotonic() - began < 2
     assert err.value.attempts == 1
     assert "container togather-server-blue is not running" in str(err.value)
+
+
+def test_a_fresh_answer_asked_while_planning_is_the_gates_first_attempt(server: Server) -> None:
+    """A running standby's /health, asked while the planner waited on other probes, is not
+    asked again by the gate right after (one request, not two, before traffic moves)."""
+    env = make_env(server.port, path="/healthy")
+    early = slots.EarlyHealth(env, Slot.BLUE)
+    step = slots.gate_step(env, Slot.BLUE, force=False, expected_version="3f2a1b9", early=early)
+    assert step.run is not None
+    ctx = StepContext(step)
+    step.run(ctx)
+    assert server.hits == {"/healthy": 1}
+    assert ctx.notes["health"] == "healthy, version 3f2a1b9"
+
+
+def test_a_stale_answer_from_planning_is_asked_again(server: Server,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a long confirmation prompt the planner's answer is old news: the gate asks."""
+    monkeypatch.setattr(slots.EarlyHealth, "FRESH", 0.05)
+    env = make_env(server.port, path="/healthy")
+    early = slots.EarlyHealth(env, Slot.BLUE)
+    time.sleep(0.3)
+    step = slots.gate_step(env, Slot.BLUE, force=False, expected_version=None, early=early)
+    assert step.run is not None
+    step.run(StepContext(step))
+    assert server.hits == {"/healthy": 2}
+
+
+def test_an_early_answer_that_is_not_ok_is_only_the_first_attempt(server: Server) -> None:
+    server.flip_after = 1
+    env = make_env(server.port)
+    first = health.probe(env.slot(Slot.BLUE), "/flip", 0.5)
+    assert first.status == "unhealthy"
+    seen: list[tuple[int, str]] = []
+    report = health.wait_healthy(env, Slot.BLUE, first=first,
+                                 on_attempt=lambda n, r: seen.append((n, r.status)))
+    assert report.ok and seen == [(1, "unhealthy"), (2, "degraded")]
+    assert server.hits == {"/flip": 2}
+
+
+def test_the_gates_deadline_counts_the_wait_for_the_early_answer(server: Server) -> None:
+    """An early probe still on its way when the gate begins is waited for within the gate's
+    timeout, not on top of it."""
+    env = make_env(server.port, path="/slow", timeout=0.4)
+    early = slots.EarlyHealth(env, Slot.BLUE)  # /slow answers after 1 s, past the timeout
+    step = slots.gate_step(env, Slot.BLUE, force=False, expected_version=None, early=early)
+    assert step.run is not None
+    began = time.monotonic()
+    with pytest.raises(HealthGateError) as err:  # no container here: ends as "not running"
+        step.run(StepContext(step))
+    assert time.monotonic() - began < 0.4 + SLACK
+    # the gate's own probe got only what was left of the 0.4 s (its floor, 0.05 s), not 0.4 s
+    assert "timed out after 0.05s" in str(err.value)
 
 
 # --- presentation --------------------------------------------------------------------------

@@ -66,3 +66,25 @@ def test_the_rollback_modules_import_neither_httpx_nor_httpcore_nor_rich() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.docker
+def test_a_rollback_without_a_snapshot_leaves_the_snapshot_modules_unimported(
+        stack: DrillStack) -> None:
+    """The schema guard imports them only when a snapshot is named or needed (they cost the
+    on-call ~20 ms of start-up otherwise)."""
+    two_deployments(stack)
+    code = ("import sys\n"
+            "from runbook import cli\n"
+            f"sys.argv = ['runbook', 'rollback', {str(stack.env.source)!r}, '--dry-run']\n"
+            "try:\n"
+            "    cli.app()\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print(sorted(m for m in sys.modules if m.startswith('runbook.snapshots')),"
+            " file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Dry run: nothing was changed." in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "[]"

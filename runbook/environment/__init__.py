@@ -11,6 +11,7 @@ model (imported when a file is read or written). Every name stays importable fro
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,6 +95,7 @@ def load_file(path: Path) -> Environment:
 
 def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
     """A parsed TOML document as an Environment (relative paths: from the file's folder)."""
+    _load_schema()
     from runbook.environment import schema
 
     return schema.parse(data, path)
@@ -101,14 +103,34 @@ def from_mapping(data: Mapping[str, Any], path: Path) -> Environment:
 
 def to_toml(env: Environment) -> str:
     """Write an environment back as TOML (what a drill hands to `--env <file>`)."""
+    _load_schema()
     from runbook.environment import schema
 
     return schema.dump(env)
 
 
+def _load_schema() -> None:
+    """Import schema.py (the first time) with pydantic's plugin discovery off: building its
+    models would otherwise read the entry points of every installed distribution (a pydantic
+    plugin has nothing to add to validating our own file format), on every command's
+    start-up. The variable is restored at once; typer builds its adapters the same way."""
+    if "runbook.environment.schema" in sys.modules:
+        return
+    previous = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"
+    try:
+        from runbook.environment import schema  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+        else:
+            os.environ["PYDANTIC_DISABLE_PLUGINS"] = previous
+
+
 def __getattr__(name: str) -> Any:
     """KNOWN_TABLES / KNOWN_KEYS, the old hand-written lists, now read off the model."""
     if name in ("KNOWN_TABLES", "KNOWN_KEYS"):
+        _load_schema()
         from runbook.environment import schema
 
         keys = schema.known_keys()
