@@ -23,10 +23,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, summary
 
-from runbook import deploy, docker, drain, rollback
+from runbook import deploy, rollback
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment
 
 CLIENTS = 64
 MAX_PER_CLIENT = 5000
@@ -88,35 +87,16 @@ class Load:
         self.process.join(timeout=30)
 
 
-def drain_before_stop(env: Environment, drains: list[float]) -> None:
-    """Stop a slot only once the proxy is done with it (runbook.drain): what
-    slots.stop_step should do; --drain measures it before it is wired in."""
-    real_stop = docker.stop
-    ports = {c.container: c.port for c in env.slots.values()}
-
-    def stop(name: str, timeout: int = 10) -> None:
-        if name in ports:
-            drains.append(drain.wait_drained(ports[name]).seconds)
-        real_stop(name, timeout)
-
-    docker.stop = stop  # type: ignore[assignment]
-
-
 def main(rounds: int = 5) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--drain", action="store_true",
-                        help="stop the old slot only after runbook.drain says it is drained")
     args = parser.parse_args()
     rounds = args.rounds
     v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
     running, stopped, start_health = [], [], []
     loads = []
-    drains: list[float] = []
     with DrillStack() as stack:
         env = stack.env
-        if args.drain:
-            drain_before_stop(env, drains)
         keep = env.with_(stop_old_slot=False)
         for _ in range(rounds):
             stack.reset()
@@ -155,8 +135,6 @@ def main(rounds: int = 5) -> None:
           f"{sum(x.failures for x in loads)} failures after one retry, {resets} raw resets "
           f"({resets / len(loads):.1f} per switch; per round: "
           f"{', '.join(str(x.resets) for x in loads)})")
-    if drains:
-        print(f"  old slot stopped after runbook.drain.wait_drained: {summary(drains)}")
     print(f"`runbook --help`: {summary(helps)}")
 
 
