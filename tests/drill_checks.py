@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook import deploy, docker
+from runbook import docker
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
-from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot, from_mapping
 
 # --- reading back what runs --------------------------------------------------------------------
@@ -58,14 +58,31 @@ def baseline_stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
     yield drill_stack
 
 
+@pytest.fixture
+def scene_stack(drill_stack: DrillStack) -> DrillStack:
+    """The session stack as the last test left it, for tests that begin by arranging their
+    own scene (`two_deployments`, `migrated`, `DrillStack.arrange`, or `reset()`): a reset
+    first would be undone straight away."""
+    return drill_stack
+
+
 def two_deployments(stack: DrillStack, **env_changes: object) -> Environment:
-    """v1 -> v2 (green, schema 2) -> v3 (blue, no new migration): v3 serves and v2 is the
-    previous deployment, so rolling back v3 -> v2 is schema-safe. Returns the environment
-    used (with `env_changes`, e.g. stop_old_slot=False to keep v2 running)."""
-    env = stack.env.with_(**env_changes) if env_changes else stack.env
-    deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))
-    deploy.deploy(env, deploy.Options(version=VERSIONS["v3"].tag))
-    return env
+    """What v1 -> v2 (green, schema 2) -> v3 (blue, no new migration) leave: v3 serves and v2
+    is the previous deployment, so rolling back v3 -> v2 is schema-safe. Arranged as a drill
+    scene (scenes.PREVIOUS, proved from Docker, Caddy, the proxy and Postgres), not by
+    deploying: tests/test_rollback.py proves the deploys themselves. Returns the environment
+    to use (with `env_changes`; stop_old_slot=False leaves v2 running, as such a deploy
+    would)."""
+    running = env_changes.get("stop_old_slot") is False
+    stack.arrange(scenes.PREVIOUS_RUNNING if running else scenes.PREVIOUS)
+    return stack.env.with_(**env_changes) if env_changes else stack.env
+
+
+def migrated(stack: DrillStack) -> Environment:
+    """What deploying v2 over the baseline leaves (a pre-deploy snapshot at schema 1, then
+    its migration to 2): v2 serves from green, v1 is the previous, stopped on blue."""
+    stack.arrange(scenes.MIGRATED)
+    return stack.env
 
 
 # --- hosts without Docker ---------------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_reset_rebuilds_the_database_after_any_write_and_only_then(scratch: Dril
     assert baseline["schema_migrations"] == ([("version",), ("dirty",)], [(1, False)])
     kept = scratch.resets["kept"]
     scratch.reset()  # nothing written in between
-    assert scratch.resets["kept"] == kept + 1
+    assert scratch.resets["kept"] == kept + 1, scratch.arranged
     assert database_contents(scratch) == baseline
     rebuilt = scratch.resets["rebuilt"]
     url = scratch.env.database.url()

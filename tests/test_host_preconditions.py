@@ -57,9 +57,9 @@ def unreachable_db(env: Environment, monkeypatch: pytest.MonkeyPatch) -> Environ
 # --- hosts without compose --------------------------------------------------------------------
 
 
-def test_no_compose_host_starts_a_stopped_slot(stack: DrillStack) -> None:
-    two_deployments(stack)
-    env = without_compose(stack.env)
+def test_no_compose_host_starts_a_stopped_slot(scene_stack: DrillStack) -> None:
+    two_deployments(scene_stack)
+    env = without_compose(scene_stack.env)
     assert docker.inspect(env.slot("green").container).status == "exited"
     result = rollback.rollback(env)
     assert result.plan.facts["container_action"] == "start"
@@ -68,10 +68,10 @@ def test_no_compose_host_starts_a_stopped_slot(stack: DrillStack) -> None:
 
 @pytest.mark.parametrize("compose_file", [None, "missing"])
 def test_no_compose_host_refuses_to_recreate_a_removed_slot(
-        stack: DrillStack, compose_file: str | None, tmp_path: Path) -> None:
-    two_deployments(stack)
+        scene_stack: DrillStack, compose_file: str | None, tmp_path: Path) -> None:
+    two_deployments(scene_stack)
     file = None if compose_file is None else tmp_path / "docker-compose.blue-green.yml"
-    env = without_compose(stack.env, file)
+    env = without_compose(scene_stack.env, file)
     container = env.slot("green").container
     docker.remove(container)
     before = snapshot(env)
@@ -88,9 +88,9 @@ def test_no_compose_host_refuses_to_recreate_a_removed_slot(
         assert snapshot(env) == before
 
 
-def test_no_compose_host_cli_exit_4_one_line(stack: DrillStack, tmp_path: Path) -> None:
-    two_deployments(stack)
-    env = without_compose(stack.env)
+def test_no_compose_host_cli_exit_4_one_line(scene_stack: DrillStack, tmp_path: Path) -> None:
+    two_deployments(scene_stack)
+    env = without_compose(scene_stack.env)
     toml = tmp_path / "docker-run-host.toml"
     toml.write_text(envmod.to_toml(env))
     assert "service" not in toml.read_text()
@@ -108,9 +108,9 @@ def test_no_compose_host_cli_exit_4_one_line(stack: DrillStack, tmp_path: Path) 
 # --- the schema guard fails closed ------------------------------------------------------------
 
 
-def test_unreadable_schema_stops_the_rollback(stack: DrillStack,
+def test_unreadable_schema_stops_the_rollback(scene_stack: DrillStack,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    env = unreachable_db(two_deployments(stack), monkeypatch)
+    env = unreachable_db(two_deployments(scene_stack), monkeypatch)
     before = snapshot(env)
     for dry_run in (True, False):
         with pytest.raises(RunbookError) as err:
@@ -123,8 +123,8 @@ def test_unreadable_schema_stops_the_rollback(stack: DrillStack,
 
 
 def test_unreadable_schema_with_force_says_what_was_skipped(
-        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = unreachable_db(two_deployments(stack), monkeypatch)
+        scene_stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = unreachable_db(two_deployments(scene_stack), monkeypatch)
     forced = rollback.Options(force=True)
     dry = rollback.rollback(env, forced, dry_run=True)
     text = dry.plan.render()
@@ -136,8 +136,8 @@ def test_unreadable_schema_with_force_says_what_was_skipped(
 
 
 def test_unreadable_schema_cli_dry_run_prints_the_skip(
-        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    env = unreachable_db(two_deployments(stack), monkeypatch)
+        scene_stack: DrillStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = unreachable_db(two_deployments(scene_stack), monkeypatch)
     toml = tmp_path / "env.toml"
     toml.write_text(envmod.to_toml(env))
     base = [sys.executable, "-m", "runbook.cli", "rollback", str(toml)]
@@ -171,8 +171,8 @@ def test_missing_version_comes_from_the_pre_deploy_sidecar(stack: DrillStack) ->
 
 
 def test_missing_version_comes_from_the_running_apps_migrations_check(
-        stack: DrillStack) -> None:
-    env = two_deployments(stack, stop_old_slot=False)  # v2 stays running on green
+        scene_stack: DrillStack) -> None:
+    env = two_deployments(scene_stack, stop_old_slot=False)  # v2 stays running on green
     forget_migration_version(env, V2.tag)
     for sidecar in env.database.snapshot_dir.glob("*.meta.json"):
         sidecar.unlink()
@@ -183,8 +183,8 @@ def test_missing_version_comes_from_the_running_apps_migrations_check(
     assert dry.plan.steps[1].details["schema guard"] == "compatible"
 
 
-def test_missing_version_with_no_witness_the_plan_says_so(stack: DrillStack) -> None:
-    env = two_deployments(stack)  # v2 stopped on green
+def test_missing_version_with_no_witness_the_plan_says_so(scene_stack: DrillStack) -> None:
+    env = two_deployments(scene_stack)  # v2 stopped on green
     forget_migration_version(env, V2.tag)
     for sidecar in env.database.snapshot_dir.glob("*.meta.json"):
         sidecar.unlink()

@@ -33,9 +33,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook import deploy, docker, faults
+from runbook import docker, faults
 from runbook import intent as intents
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
@@ -167,12 +168,11 @@ def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
 
 
 def arrange(stack: DrillStack) -> Environment:
-    stack.reset()
-    env = stack.env
-    deploy.deploy(env, deploy.Options(version=V2.tag))
-    deploy.deploy(env, deploy.Options(version=V3.tag))
-    assert through_proxy(env) == ("blue", V3.tag)
-    return env
+    """v3 serving from blue, v2 the previous deployment, stopped on green (the scene v1, v2,
+    v3 deployed leave, arranged and proved by DrillStack.arrange)."""
+    stack.arrange(scenes.PREVIOUS)
+    assert through_proxy(stack.env) == ("blue", V3.tag)
+    return stack.env
 
 
 @pytest.mark.parametrize(("point", "signame"), CELLS, ids=[f"{p}-{s}" for p, s in CELLS])

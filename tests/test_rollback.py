@@ -1,9 +1,11 @@
 """The rollback engine against the real drill stack: every path, every refusal.
 
-Runs against every drill host shape (`--shape`, Makefile `test`). The scenes are arranged the
-way the host deploys: `runbook deploy` where there is compose, the host's own script (`docker
-run`, DrillStack.deploy_docker_run) on a docker-run host, where a removed slot is a
-precondition (exit 4, nothing changed) instead of a recreate."""
+Runs against every drill host shape (`--shape`, Makefile `test`). Each test arranges its
+scene first: most as a drill scene (what the deploys leave, arranged directly and proved from
+Docker, Caddy, the proxy and Postgres: DrillStack.arrange), a few by deploying the way the host
+deploys (`runbook deploy` where there is compose, the host's own script, `docker run`,
+DrillStack.deploy_docker_run, on a docker-run host, where a removed slot is a precondition,
+exit 4, nothing changed, instead of a recreate), which also proves those deploys."""
 
 from __future__ import annotations
 
@@ -17,38 +19,36 @@ import pytest
 
 from runbook import caddy, deploy, docker, rollback
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy
+from tests.drill_checks import migrated, snapshot, through_proxy, two_deployments
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 
 
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> DrillStack:
+    """The session stack as the last test left it: every test here arranges its scene first."""
+    return drill_stack
 
-def deploy_to(stack: DrillStack, env: Environment, version: str, *,
-              stop_old: bool = True) -> None:
+
+def deploy_to(stack: DrillStack, env: Environment, version: str) -> None:
     """Deploy `version` as this host shape deploys (see the module's docstring)."""
     if stack.has("docker-run"):
-        stack.deploy_docker_run(VERSIONS[version], stop_old=stop_old)
+        stack.deploy_docker_run(VERSIONS[version])
         return
-    deploy.deploy(env if stop_old else env.with_(stop_old_slot=False),
-                  deploy.Options(version=VERSIONS[version].tag))
+    deploy.deploy(env, deploy.Options(version=VERSIONS[version].tag))
 
 
-def deployed(stack: DrillStack, version: str = "v2", **env_changes: object) -> Environment:
-    env = stack.env.with_(**env_changes) if env_changes else stack.env
-    deploy_to(stack, env, version)
-    return env
-
-
-def two_deployments(stack: DrillStack) -> Environment:
-    """v2 (green, stopped afterwards) then v3 (blue): rolling back v3 -> v2 is schema-safe."""
-    env = deployed(stack, "v2")
-    deploy_to(stack, env, "v3")
-    return env
+def deployed(stack: DrillStack) -> Environment:
+    """v2 deployed over the baseline, for real."""
+    stack.reset()
+    deploy_to(stack, stack.env, "v2")
+    return stack.env
 
 
 def docker_run_host(stack: DrillStack) -> bool:
@@ -76,8 +76,8 @@ def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
 
 
 def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")  # v1 -> v2: schema 1 -> 2
-    deploy_to(stack, env, "v3", stop_old=False)  # v2 stays running on green
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # v1, v2, v3 deployed; v2 still running on green
+    env = stack.env
     assert through_proxy(env) == ("blue", V3.tag)
     assert docker.inspect(env.slot("green").container).running
     result = rollback.rollback(env)
@@ -133,7 +133,7 @@ def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
 
 
 def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
+    env = migrated(stack)
     # the previous deployment's build turns out broken (its container was pruned)
     st = states.read_state(env.state_file)
     assert st.previous is not None
@@ -160,7 +160,7 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
 
 
 def test_caddy_not_running_is_a_clear_error_and_nothing_changes(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
+    env = migrated(stack)
     stack.docker("stop", stack.caddy_container)
     state_before = env.state_file.read_bytes()
     caddy_before = env.caddy.caddyfile.read_bytes()
@@ -203,7 +203,7 @@ def test_dry_run_changes_nothing_and_shows_every_value(stack: DrillStack) -> Non
 
 
 def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")  # migrated to schema 2; v1 ran with 1
+    env = migrated(stack)  # migrated to schema 2; v1 ran with 1
     before = snapshot(env)
     with pytest.raises(RunbookError) as err:
         rollback.rollback(env)
@@ -213,7 +213,7 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
 
 
 def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
-    env = deployed(stack, "v2")
+    env = migrated(stack)
     st = states.read_state(env.state_file)
     assert st.previous is not None
     gone = st.previous.with_(version="deadbee", image="togather-server:deadbee",
@@ -228,6 +228,7 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
 
 
 def test_no_previous_deployment(stack: DrillStack) -> None:
+    stack.reset()
     with pytest.raises(RunbookError) as err:
         rollback.rollback(stack.env)
     assert err.value.exit_code == ExitCode.PRECONDITION
@@ -255,6 +256,7 @@ def test_two_concurrent_rollbacks_exactly_one_proceeds(stack: DrillStack) -> Non
 
 
 def test_cli_errors_have_one_line_and_their_exit_code(stack: DrillStack) -> None:
+    stack.reset()
     assert stack.env.source is not None
     cases = [
         (["rollback", "--yes"], 4, "No previous deployment found"),
@@ -285,9 +287,11 @@ def test_cli_rollback_json_output(stack: DrillStack) -> None:
 
 def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
         stack: DrillStack) -> None:
+    stack.reset()
     with stack.connect() as conn:
         conn.execute("INSERT INTO items (name) SELECT 'before-' || g FROM generate_series(1, 5) g")
-    env = deployed(stack, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    deploy_to(stack, stack.env, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    env = stack.env
     snaps = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
     assert len(snaps) == 1
     st = states.read_state(env.state_file)

@@ -22,8 +22,8 @@ from runbook.environment import Slot
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("drill_stack")]
 
 # every scene, then back to the baseline: each arranged from the one before
-CHAIN = [scenes.PREVIOUS, scenes.MIGRATED, scenes.BROKEN_LIVE, scenes.BROKEN_PREVIOUS,
-         scenes.BASELINE]
+CHAIN = [scenes.PREVIOUS, scenes.PREVIOUS_RUNNING, scenes.MIGRATED, scenes.BROKEN_LIVE,
+         scenes.BROKEN_PREVIOUS, scenes.BASELINE]
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,13 @@ def test_prove_names_what_differs_from_the_scene(stack: DrillStack) -> None:
         stack.prove(scenes.MIGRATED)  # served from green
     stack.arrange(scenes.BASELINE)  # and arranging puts it right
     assert_runs(stack, scenes.BASELINE)
+
+
+def test_an_interrupted_runs_record_is_not_carried_into_the_next_scene(stack: DrillStack) -> None:
+    """A run that failed and could not undo keeps its intent record (the next run must check
+    it); the next scene is another world, where that record would be read as its own."""
+    stack.arrange(scenes.PREVIOUS)
+    record = stack.env.state_file.with_name(f".{stack.env.state_file.name}.runbook-intent.json")
+    record.write_text('{"phase": "prepare"}\n')
+    stack.arrange(scenes.PREVIOUS)
+    assert not record.exists()

@@ -29,9 +29,9 @@ def rollback_cli(stack: DrillStack, *extra: str) -> tuple[subprocess.CompletedPr
 
 
 @pytest.mark.docker
-def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(stack: DrillStack) -> None:
-    two_deployments(stack)
-    proc, wall = rollback_cli(stack)
+def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(scene_stack: DrillStack) -> None:
+    two_deployments(scene_stack)
+    proc, wall = rollback_cli(scene_stack)
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"Done in (\d+\.\d\d)s \(traffic switched at (\d+\.\d\d)s\)\. Journal: ",
                       proc.stdout)
@@ -48,9 +48,9 @@ def test_done_in_is_the_whole_run_with_the_switch_time_beside_it(stack: DrillSta
 
 
 @pytest.mark.docker
-def test_json_output_carries_the_same_timing(stack: DrillStack) -> None:
-    two_deployments(stack)
-    proc, wall = rollback_cli(stack, "--format", "json")
+def test_json_output_carries_the_same_timing(scene_stack: DrillStack) -> None:
+    two_deployments(scene_stack)
+    proc, wall = rollback_cli(scene_stack, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     timing = json.loads(proc.stdout)["timing"]
     assert 0 < timing["switched_at_s"] < timing["done_in_s"] <= wall + 0.02
@@ -70,13 +70,13 @@ def test_the_rollback_modules_import_neither_httpx_nor_httpcore_nor_rich() -> No
 
 @pytest.mark.docker
 def test_a_rollback_without_a_snapshot_leaves_the_snapshot_modules_unimported(
-        stack: DrillStack) -> None:
+        scene_stack: DrillStack) -> None:
     """The schema guard imports them only when a snapshot is named or needed (they cost the
     on-call ~20 ms of start-up otherwise)."""
-    two_deployments(stack)
+    two_deployments(scene_stack)
     code = ("import sys\n"
             "from runbook import cli\n"
-            f"sys.argv = ['runbook', 'rollback', {str(stack.env.source)!r}, '--dry-run']\n"
+            f"sys.argv = ['runbook', 'rollback', {str(scene_stack.env.source)!r}, '--dry-run']\n"
             "try:\n"
             "    cli.app()\n"
             "except SystemExit as exc:\n"

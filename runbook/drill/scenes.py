@@ -68,6 +68,9 @@ BASELINE = baseline()
 # v1, v2, v3 deployed: v3 serves from blue; v2 (same schema 2) is the previous, stopped on green
 PREVIOUS = Scene("previous", SlotScene("v3", True), SlotScene("v2", False),
                  (("v1", Slot.BLUE), ("v2", Slot.GREEN), ("v3", Slot.BLUE)))
+# PREVIOUS as a deploy with stop_old_slot = false leaves it: v2 still running on green
+PREVIOUS_RUNNING = Scene("previous, standby running", SlotScene("v3", True),
+                         SlotScene("v2", True), PREVIOUS.history)
 # v1, then v2 deployed (its migration took the schema to 2, after a pre-deploy snapshot): v2
 # serves from green, v1 is the previous, stopped on blue
 MIGRATED = Scene("migrated", SlotScene("v1", False), SlotScene("v2", True),
@@ -80,5 +83,5 @@ BROKEN_PREVIOUS = Scene("broken previous", SlotScene("v2", True), SlotScene("unh
 BROKEN_LIVE = Scene("broken live", SlotScene("v1", False), SlotScene("unhealthy", True),
                     (("v1", Slot.BLUE), ("unhealthy", Slot.GREEN)), snapshots=True)
 
-SCENES = {scene.name: scene for scene in (BASELINE, PREVIOUS, MIGRATED, BROKEN_PREVIOUS,
-                                          BROKEN_LIVE)}
+SCENES = {scene.name: scene for scene in (BASELINE, PREVIOUS, PREVIOUS_RUNNING, MIGRATED,
+                                          BROKEN_PREVIOUS, BROKEN_LIVE)}
