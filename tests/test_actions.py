@@ -14,16 +14,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, rollback
+from runbook import caddy, docker, rollback
 from runbook.drill.stack import DrillStack
-from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.preflight import Probe
+from tests.drill_checks import migrated, two_deployments
 from tests.test_caddy_text import make_env
 
 
@@ -35,15 +34,14 @@ def cli_status(name: str) -> str:
 
 
 @pytest.fixture
-def stack(drill_stack: DrillStack) -> Iterator[DrillStack]:
-    drill_stack.reset()
-    yield drill_stack
+def stack(drill_stack: DrillStack) -> DrillStack:
+    """The session stack as the last test left it: each test here arranges its scene."""
+    return drill_stack
 
 
 def v2_on_green(stack: DrillStack) -> Environment:
     """v2 serves on green; blue (v1) is stopped, not removed: free to start and stop."""
-    env = stack.env
-    deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))
+    env = migrated(stack)
     assert cli_status(env.slot(Slot.BLUE).container) == "exited"
     return env
 
@@ -80,6 +78,7 @@ def test_docker_actions_do_what_their_command_lines_say(stack: DrillStack) -> No
 
 @pytest.mark.docker
 def test_exec_logs_and_image_lookups_match_the_cli(stack: DrillStack) -> None:
+    stack.reset()
     env = stack.env
     serving = env.slot(Slot.BLUE).container
     code, output = docker.exec_run(serving, ["sh", "-c", "echo out; echo err >&2; exit 3"])
@@ -100,8 +99,7 @@ def test_exec_logs_and_image_lookups_match_the_cli(stack: DrillStack) -> None:
 
 @pytest.mark.docker
 def test_the_plan_shows_the_start_and_stop_the_run_performs(stack: DrillStack) -> None:
-    env = v2_on_green(stack)
-    deploy.deploy(env, deploy.Options(version=VERSIONS["v3"].tag))  # v3 on blue, green stopped
+    env = two_deployments(stack)  # v3 on blue, green (v2) stopped
     green, blue = env.slot(Slot.GREEN).container, env.slot(Slot.BLUE).container
     assert cli_status(green) == "exited"
     dry = rollback.rollback(env, dry_run=True)
@@ -122,8 +120,7 @@ def test_the_plan_shows_the_start_and_stop_the_run_performs(stack: DrillStack) -
 @pytest.mark.docker
 def test_the_rollback_path_never_imports_the_docker_sdk(stack: DrillStack) -> None:
     """Issue 14 item 2: the SDK (and requests/urllib3) cost ~100 ms of the on-call's wait."""
-    env = v2_on_green(stack)
-    deploy.deploy(env, deploy.Options(version=VERSIONS["v3"].tag))  # v3 on blue, green stopped
+    env = two_deployments(stack)  # v3 on blue, green (v2) stopped
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "runbook.cli", "rollback",
                            env.name, "--dry-run", "--config", str(env.source)],
                           capture_output=True, text=True, check=False)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from runbook import deploy, rollback
 from runbook import report as reports
+from runbook import rollback
 from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from tests.drill_checks import closed_port
+from tests.drill_checks import closed_port, two_deployments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -72,10 +72,8 @@ def test_every_client_keeps_one_connection_and_every_request_is_recorded(
 
 @pytest.mark.docker
 def test_a_rollback_under_load_drops_nobody_and_the_report_shows_it(
-        stack: DrillStack, tmp_path: Path) -> None:
-    env = stack.env
-    deploy.deploy(env, deploy.Options(version=V2.tag))
-    deploy.deploy(env, deploy.Options(version=V3.tag))  # v3 on blue; green (v2) stopped
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    env = two_deployments(scene_stack)  # v3 on blue; green (v2) stopped
     with Load(f"{env.caddy.proxy_url}/version") as load:
         time.sleep(0.2)
         began = time.time()

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from runbook import database, docker, rollback, snapshots
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack, parse_shape
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
@@ -35,14 +36,22 @@ def shaped() -> Iterator[DrillStack]:
 
 @pytest.fixture
 def stack(shaped: DrillStack) -> DrillStack:
-    shaped.reset()
+    """The module's stack as the last test left it: each test arranges its scene first."""
     return shaped
 
 
-def previous_exists(stack: DrillStack) -> Environment:
-    """v1 -> v2 -> v3 the docker-run way: v3 live on blue, v2 stopped on green."""
+def deployed_twice(stack: DrillStack) -> Environment:
+    """v1 -> v2 -> v3 the docker-run way (the host's own script): v3 live on blue, v2 stopped
+    on green."""
+    stack.reset()
     stack.deploy_docker_run(VERSIONS["v2"])
     stack.deploy_docker_run(VERSIONS["v3"])
+    return stack.env
+
+
+def previous_exists(stack: DrillStack) -> Environment:
+    """What deployed_twice leaves, arranged as a drill scene (proved from what runs)."""
+    stack.arrange(scenes.PREVIOUS)
     return stack.env
 
 
@@ -54,6 +63,7 @@ def test_an_unknown_shape_trait_is_one_line_naming_the_known_ones() -> None:
 
 
 def test_the_shape_is_what_the_host_would_be(stack: DrillStack) -> None:
+    stack.reset()
     env = stack.env
     assert env.compose.file is None and all(env.slot(s).service is None for s in Slot)
     assert env.caddy.container_path == "/etc/caddy/Caddyfile"
@@ -72,6 +82,7 @@ def test_schema_and_snapshots_go_through_the_database_container(
     def no_host_connection(*args: object, **kwargs: object) -> None:
         raise AssertionError("a host connection was attempted")
 
+    stack.reset()
     monkeypatch.setattr(psycopg, "connect", no_host_connection)
     env = stack.env
     assert database.via_container(env)
@@ -83,6 +94,7 @@ def test_schema_and_snapshots_go_through_the_database_container(
 
 def test_a_container_connection_error_is_one_line_without_the_password(
         stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.reset()
     url = stack.env.database.url()
     wrong = url.replace(database.password_of(url), "Wr0ng-pass", 1)
     monkeypatch.setenv("DATABASE_URL", wrong)
@@ -136,7 +148,7 @@ def test_a_wrong_container_path_is_refused_in_preflight(stack: DrillStack) -> No
 
 
 def test_the_rollback_starts_the_stopped_docker_run_slot(stack: DrillStack) -> None:
-    env = previous_exists(stack)
+    env = deployed_twice(stack)
     rollback.rollback(env)  # raises on any failure
     with httpx.Client(timeout=3, trust_env=False) as client:
         answer = client.get(f"{env.caddy.proxy_url}/version")
