@@ -1,8 +1,8 @@
 """A real host works: the rollback feature run as typed, `--env <file>`, against a host.
 
 The "host" is a drill stack started OUTSIDE pytest's fixtures, as a machine would be, with a
-previous deployment arranged through the library. Its environment file is written WITHOUT
-drill permission, so the features treat it as a real host: Givens only check, fault
+previous deployment arranged as a drill scene (DrillStack.arrange, proved from what runs).
+Its environment file is written WITHOUT drill permission, so the features treat it as a real host: Givens only check, fault
 scenarios are skipped with their reason, `pytest features/` and `pytest
 features/recovery.feature` change nothing (every mutating scenario is skipped, saying how to
 select it), `pytest features/rollback.feature` performs the rollback, and an explicitly
@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook import deploy
 from runbook import environment as envmod
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 
@@ -40,8 +40,7 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
     stack = DrillStack().start()
     try:
         env = stack.env
-        for version in (V2, V3):  # v3 live on blue, v2 (same schema) the previous deployment
-            deploy.deploy(env, deploy.Options(version=version.tag, reason="arrange the host"))
+        stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 (same schema) the previous one
         assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
         host = env.with_(allows_faults=False, label=f"host {stack.run_id}")
         env_file = tmp_path / "host.toml"

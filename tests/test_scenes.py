@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,11 +25,11 @@ CHAIN = [scenes.PREVIOUS, scenes.PREVIOUS_RUNNING, scenes.MIGRATED, scenes.BROKE
          scenes.BROKEN_PREVIOUS, scenes.BASELINE]
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[DrillStack]:
-    """A stack of this module's own: the scenes leave it anywhere."""
-    with DrillStack() as drill:
-        yield drill
+@pytest.fixture
+def stack(drill_stack: DrillStack) -> DrillStack:
+    """The worker's session stack, as the last test left it: arranging from anywhere is what
+    these tests prove (every other user of the stack arranges its own scene first)."""
+    return drill_stack
 
 
 def container(stack: DrillStack, slot: Slot) -> tuple[str, bool]:
