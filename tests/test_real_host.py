@@ -3,10 +3,10 @@
 The "host" is a drill stack started OUTSIDE pytest's fixtures, as a machine would be, with a
 previous deployment arranged as a drill scene (DrillStack.arrange, proved from what runs).
 Its environment file is written WITHOUT drill permission, so the features treat it as a real
-host: Givens only check, fault scenarios are skipped with their reason, `pytest features/` and `pytest
-features/recovery.feature` change nothing (every mutating scenario is skipped, saying how to
-select it), `pytest features/rollback.feature` performs the rollback, and an explicitly
-selected scenario (-k) runs.
+host: Givens only check, fault scenarios are skipped with their reason, `pytest features/`
+and `pytest features/recovery.feature` change nothing (every mutating scenario is skipped,
+saying how to select it), `pytest features/rollback.feature` performs the rollback, and an
+explicitly selected scenario (-k) runs.
 """
 
 from __future__ import annotations
