@@ -118,8 +118,8 @@ class FleetHost:
 
 @dataclass
 class _HostScene:
-    """What a real `runbook deploy` left on one host: the files it wrote (state, Caddyfile,
-    pre-deploy snapshot) byte for byte; the containers are found by their images."""
+    """What a deploy left on one host (`DrillFleet._as_deployed`): the files it wrote (state,
+    Caddyfile, pre-deploy snapshot) byte for byte; the containers are found by their images."""
 
     state: bytes
     caddyfile: bytes
@@ -285,8 +285,8 @@ class DrillFleet:
         scenarios get that scene back with the cheapest real operations: start the new slot,
         its health gate, the recorded Caddyfile written and loaded, the old slot stopped, the
         recorded files put back; the shared database rebuilt only when its content (schema,
-        rows, sequences) differs from the recorded one. Seconds instead of a reset and 3
-        deploys.
+        rows, sequences) differs from the recorded one. Seconds instead of a reset and a
+        new scene.
         """
         if self._scene is not None and self._scene.version == version and self._arrange():
             return "arranged"
@@ -360,7 +360,7 @@ class DrillFleet:
 
     def _arrange(self) -> bool:
         """Put the recorded scene back; False (nothing arranged) when a host's slots no longer
-        hold the recorded images, so the caller deploys for real."""
+        hold the recorded images, so the caller makes the scene again."""
         from runbook import docker
         from runbook.environment import Slot
 
