@@ -43,8 +43,8 @@ def main(runs: int = 3) -> None:
     phases: dict[str, list[float]] = {}
     with DrillFleet(size=3) as fleet, tempfile.TemporaryDirectory() as journal_dir:
         for _ in range(runs):
-            # each host on v3, its previous deployment v2: real deploys the first time, then
-            # the scene they left put back (DrillFleet.on_new_deployment)
+            # each host on v3, its previous deployment v2, as a deploy leaves it: made the
+            # first time, then put back (DrillFleet.on_new_deployment)
             fleet.on_new_deployment("v3")
             singles = {h.name: single(fleet, h.name) for h in fleet.hosts}
             sums.append(sum(singles.values()))

@@ -79,7 +79,7 @@ def fleet_world(drill_fleet: DrillFleet, tmp_path: Path) -> FleetWorld:
 
 @given("every host of the fleet runs a new deployment")
 def fleet_on_new(fleet_world: FleetWorld) -> None:
-    # real deploys the first time; then the scene they left, put back (DrillFleet docstring)
+    # made from the baseline the first time; then that scene put back (DrillFleet docstring)
     fleet_world.fleet.on_new_deployment(NEW)
     for h in fleet_world.fleet.hosts:
         assert fleet_world.fleet.serving(h.name)[2] == VERSIONS[NEW].tag, h.name

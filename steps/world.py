@@ -314,9 +314,12 @@ def pytest_bdd_before_step(request: pytest.FixtureRequest, feature: Any, scenari
                            step: Any, step_func: Callable[..., Any]) -> None:
     """On a drill, a scenario whose Givens arranged no scene starts from the baseline before
     its first When (a When marked `stackless`, e.g. reading the help, needs none; its Thens
-    read only what it found)."""
+    read only what it found). A fleet scenario never touches the single-host stack: asking
+    for `world` here started one (15 s loaded) and arranged its baseline before every When."""
     if step.type != "when" or getattr(step_func, "stackless", False):
         return
+    if request.node.get_closest_marker("fleet") is not None:
+        return  # the fleet has its own hosts (steps/fleet.py): no single-host stack to start
     world: World = request.getfixturevalue("world")
     if world.on_drill and world.scene is None:
         world.drill()

@@ -428,11 +428,8 @@ def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> No
 
 
 @pytest.mark.docker
-def test_maintenance_without_a_needed_restore_is_refused_and_a_real_run_renders_in_the_report(
+def test_maintenance_without_a_needed_restore_is_refused_and_changes_nothing(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
-    from runbook.reports import fleet as fleet_report
-    from runbook.reports.page import render_html
-
     before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
     proc = _fleet_rollback(fleet_on_v3, tmp_path / "refused", "--maintenance")
     _out, err = proc.communicate(timeout=600)
@@ -440,33 +437,27 @@ def test_maintenance_without_a_needed_restore_is_refused_and_a_real_run_renders_
     assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
     assert hostlock.status(fleet_on_v3.hosts[0].env) is None
 
-    proc = _fleet_rollback(fleet_on_v3, tmp_path / "run")
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out + err
-    record = json.loads(next((tmp_path / "run").glob("fleet_*.json")).read_text())
+
+def _report_section(record: dict[str, object]) -> str:
+    """The drill report's section for one fleet run, rendered from its fleet journal record."""
+    from runbook.reports import fleet as fleet_report
+    from runbook.reports.page import render_html
+
     scenario = {"name": "fleet", "status": "passed", "steps": [], "runs": [],
                 "fleet_runs": [fleet_report.reduce(record)]}
     html = render_html({"environment": "drill", "features": [
         {"file": "features/fleet.feature", "name": "Fleet", "scenarios": [scenario]}]})
     section = html[html.index(f'data-fleet-run="{record["fleet_run_id"]}"'):]
-    section = section[:section.index("</section>")]
-    # the timeline: the fleet's phases, then one bar per host by batch, canary first
-    for name in ("preflight", "database", "host1 (canary)", "host2 (batch 2)",
-                 "host3 (batch 3)"):
-        assert f">{name}<" in section, name
-    assert section.index(">host1 (canary)<") < section.index(">host2 (batch 2)<")
-    rows = [line for line in section.splitlines() if line.startswith("<tr><td>host")]
-    assert [r.split("</td>")[0] for r in rows] == ["<tr><td>host1", "<tr><td>host2",
-                                                    "<tr><td>host3"], rows
-    assert all("<td>rolled back</td>" in r for r in rows), rows
-    assert "database: host: host1, status: ok" in section
+    return section[:section.index("</section>")]
 
 
 @pytest.mark.docker
 def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The restore is journaled once; the resume reuses it (oracles: the safety snapshots a
-    restore takes first, schema_migrations in Postgres, what each host's Caddy serves)."""
+    restore takes first, schema_migrations in Postgres, what each host's Caddy serves). The
+    stopped run's record also renders in the drill report (one real run serves both: a run
+    of its own only for the report cost a whole fleet rollback)."""
     lock = fleet_on_v3.hosts[0]
     dirs = {h.env.database.snapshot_dir for h in fleet_on_v3.hosts}
 
@@ -493,6 +484,20 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
     assert len(safety() - before) == 1
     resume = first["record"]["resume_command"]
     assert "--limit host2,host3 --resume fleet_" in resume, resume
+    # the real run renders in the drill report: the fleet's phases, then one bar per host that
+    # started, by batch, canary first; one row per host with its outcome
+    section = _report_section(first["record"])
+    for name in ("preflight", "drain", "database", "host1 (canary)", "host2 (batch 2)"):
+        assert f">{name}<" in section, name
+    assert ">host3 (batch 3)<" not in section  # not started: no bar
+    assert section.index(">host1 (canary)<") < section.index(">host2 (batch 2)<")
+    rows = [line for line in section.splitlines() if line.startswith("<tr><td>host")]
+    assert [r.split("</td>")[0] for r in rows] == ["<tr><td>host1", "<tr><td>host2",
+                                                    "<tr><td>host3"], rows
+    assert "<td>rolled back</td>" in rows[0], rows
+    assert "<td>failed: DOWN since the drain</td>" in rows[1], rows
+    assert "<td>not started: DOWN since the drain</td>" in rows[2], rows
+    assert "database: host: host1, status: restored" in section
 
     fleet_on_v3.write_inventory()
     argv = resume.split()[3:]

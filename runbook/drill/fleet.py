@@ -118,8 +118,8 @@ class FleetHost:
 
 @dataclass
 class _HostScene:
-    """What a real `runbook deploy` left on one host: the files it wrote (state, Caddyfile,
-    pre-deploy snapshot) byte for byte; the containers are found by their images."""
+    """What a deploy left on one host (`DrillFleet._as_deployed`): the files it wrote (state,
+    Caddyfile, pre-deploy snapshot) byte for byte; the containers are found by their images."""
 
     state: bytes
     caddyfile: bytes
@@ -276,26 +276,64 @@ class DrillFleet:
 
     def on_new_deployment(self, version: str) -> str:
         """Every host serving `version`, its previous deployment the base version, exactly as
-        `runbook deploy` left it; returns how: "deployed" or "arranged".
+        `runbook deploy` left it; returns how: "made" or "arranged".
 
-        The first time (and whenever a host's slots no longer hold the two images) this is the
-        real thing: `reset` and `deploy_all`, and what the deploys left is recorded (each
-        state file, Caddyfile and snapshot directory, the database's WAL position). Later
+        The first time (and whenever a host's slots no longer hold the two images) each host
+        is made so from its baseline (`_as_deployed`: the deploy's own steps, without the
+        deploy process), and what that left is recorded (each state file, Caddyfile and
+        snapshot directory, the database's content). Later
         scenarios get that scene back with the cheapest real operations: start the new slot,
         its health gate, the recorded Caddyfile written and loaded, the old slot stopped, the
         recorded files put back; the shared database rebuilt only when its content (schema,
-        rows, sequences) differs from the recorded one. Seconds instead of a reset and 3
-        deploys.
+        rows, sequences) differs from the recorded one. Seconds instead of a reset and a
+        new scene.
         """
         if self._scene is not None and self._scene.version == version and self._arrange():
             return "arranged"
         if not self._fresh:
             self.reset()
         self._fresh = False
-        self.deploy_all(version)
+        with ThreadPoolExecutor(max_workers=len(self.hosts)) as pool:  # independent hosts
+            for done in [pool.submit(self._as_deployed, h, version) for h in self.hosts]:
+                done.result()
         self._scene = _Scene(version, {h.name: _HostScene.record(h) for h in self.hosts},
                              self._database_content())
-        return "deployed"
+        return "made"
+
+    def _as_deployed(self, h: FleetHost, version: str) -> None:
+        """Host `h`, on its baseline (the base version on blue, recorded), as `runbook deploy
+        --version <version>` leaves it, made with the deploy's own library calls in its order:
+        the standby slot recreated on the new image (`compose.recreate_slot`) and health-gated,
+        the pre-deploy snapshot (`snapshots.pre_deploy_snapshot`, each host its own, as each
+        host's deploy takes one), the Caddyfile switched and loaded, the old slot stopped, the
+        new deployment recorded as deploy records it (the schema is unchanged: v2 and v3 share
+        it, so there is nothing to migrate). Spares 3 `runbook deploy` processes (each a drain
+        wait and the CLI start) on the first scene: 9-29 s on this machine; the rollbacks the
+        scenarios prove stay real."""
+        import httpx
+
+        from runbook import compose, docker, files, health, recording, snapshots
+        from runbook import state as states
+        from runbook.environment import Slot
+
+        env, stack, new = h.env, h.stack, VERSIONS[version]
+        compose.run(compose.recreate_slot(env, Slot.GREEN, new.tag))
+        health.wait_healthy(env, Slot.GREEN, timeout=30)
+        deployment_id = states.new_id("dep")
+        schema = recording.schema(env)
+        snap = snapshots.pre_deploy_snapshot(env, deployment_id, new.git_commit, schema)
+        text = stack.caddyfile_text(Slot.GREEN).encode()
+        files.atomic_write(env.caddy.caddyfile, text)
+        httpx.post(f"{env.caddy.admin_url}/load", content=text,
+                   headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+        docker.stop(env.slot(Slot.BLUE).container)
+        fresh = recording.load_or_empty(env)
+        dep = states.make_deployment(new.tag, new.git_commit, Slot.GREEN,
+                                     migration_version=schema, image=new.image,
+                                     status="active", deployment_id=deployment_id)
+        dep = dep.with_(health_status="healthy", migrations_run=int(bool(env.migrate_command)),
+                        extra={"snapshot_path": str(snap.path)})
+        states.write_state(env.state_file, states.after_deploy(fresh, dep))
 
     def _database_content(self) -> str:
         """The shared database's content, as Postgres reads it: every public table's columns
@@ -322,7 +360,7 @@ class DrillFleet:
 
     def _arrange(self) -> bool:
         """Put the recorded scene back; False (nothing arranged) when a host's slots no longer
-        hold the recorded images, so the caller deploys for real."""
+        hold the recorded images, so the caller makes the scene again."""
         from runbook import docker
         from runbook.environment import Slot
 
@@ -356,26 +394,6 @@ class DrillFleet:
         first.migrate(Slot.GREEN)
         assert self._scene is not None
         self._scene.database = self._database_content()
-
-    def deploy_all(self, version: str) -> None:
-        """`runbook deploy` of `version` on every host at once, each with its own environment
-        file (as each host's own deploy would): afterwards each host's previous deployment is
-        its base version. The hosts share one database: a version whose migrations already ran
-        (v3 after v2) migrates nothing."""
-        self._fresh = False
-        procs = {h.name: subprocess.Popen(
-            [self.runbook_command, "deploy", "development", "--version", VERSIONS[version].tag,
-             "--yes", "--format", "json", "--reason", f"drill fleet: deploy {version}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-            env={**os.environ, "RUNBOOK_CONFIG": str(h.env.source)}) for h in self.hosts}
-        failed = []
-        for name, proc in procs.items():
-            _, err = proc.communicate(timeout=300)
-            if proc.returncode != 0:
-                failed.append(f"{name}: exit {proc.returncode}: {_last_line(err)}")
-        if failed:
-            raise DrillError("drill fleet deploy failed: " + "; ".join(failed),
-                             "see each host's journal")
 
     def serving(self, name: str) -> tuple[int, str | None, str | None]:
         """(status, X-Togather-Slot, version) through that host's Caddy, as its users see it."""
