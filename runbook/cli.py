@@ -5,10 +5,11 @@ Heavy libraries (docker, httpx, psycopg) are imported inside commands so `--help
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -231,15 +232,42 @@ def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
     try:
         app()
+    except SystemExit as done:  # how typer ends every command
+        _leave(done.code)
     except KeyboardInterrupt:
         typer.echo("runbook: interrupted", err=True)
-        sys.exit(130)
+        _leave(130)
     except Exception as exc:
         from runbook.journal import redact
 
         typer.echo(redact(f"runbook: error: unexpected failure: {type(exc).__name__}: {exc}"),
                    err=True)
-        sys.exit(int(ExitCode.ATTENTION))
+        _leave(int(ExitCode.ATTENTION))
+    _leave(0)
+
+
+def _leave(code: object) -> NoReturn:
+    """Exit without the interpreter's teardown: freeing every module (pydantic, psycopg) took
+    70-120 ms after the on-call's command had finished. Safe because the work is done: the
+    journal and state are written with os-level calls and closed, atexit handlers (temporary
+    directories) still run, and the output is flushed here."""
+    import atexit
+    import os
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): as the interpreter would, print it and exit 1
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe: nothing left to say
+                stream.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":
