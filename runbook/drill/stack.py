@@ -363,6 +363,7 @@ class DrillStack:
             if self.has("docker-run"):
                 for slot in Slot:
                     self.docker_run(slot, self.base_version.image)
+            self.wait_db()  # no healthcheck in the compose file (see there)
             self.wait_caddy()
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
