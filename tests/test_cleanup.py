@@ -10,7 +10,10 @@ import pytest
 from runbook.drill import cleanup
 from runbook.drill.stack import DrillStack, resources
 
-pytestmark = pytest.mark.docker
+# cleanup.main() also sweeps dead drill fleets (runbook.drill.fleet.clean_orphans): on the
+# fleet's worker, so that it never races tests/test_fleet.py's own orphan, which it would
+# remove half made (seen in CI: the stand-in sshd left running)
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("fleet")]
 
 KILLED_DRILL = """
 import os, sys
