@@ -390,6 +390,7 @@ def test_sigterm_during_preflight_releases_the_fleet_lock_and_changes_nothing(
     assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before
 
 
+@pytest.mark.xdist_group("fleet")  # with tests/test_cleanup.py: one cleaner at a time
 def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> None:
     """A killed test leaves a fleet directory and its sshd listeners: `make clean-drills`
     stops only processes whose command line names that directory, then removes it."""
