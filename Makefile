@@ -7,7 +7,7 @@ PYTEST := $(VENV)/bin/pytest
 export TESTCONTAINERS_RYUK_DISABLED := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup venv docker sshd images chromium drill test lint bench clean-drills help
+.PHONY: setup venv docker sshd images chromium drill test shapes lint bench clean-drills help
 
 help:
 	@echo "make drill   run every runbook feature against an ephemeral blue/green stack;"
@@ -72,10 +72,19 @@ NEEDS_COMPOSE_DEPLOY := \
 
 test: setup lint chromium
 	$(PYTEST) $(XDIST) --report reports/drill
-	@for shape in $(SHAPES); do echo "== $(SHAPE_TESTS) --shape $$shape"; \
+	@$(MAKE) --no-print-directory shapes
+
+# The shape groups run side by side, one pytest (one drill stack) each: two stacks instead of
+# a worker pair's four, and the cores are shared either way. Each group's output is printed
+# when both have finished; the target fails if either did.
+shapes: setup
+	@mkdir -p reports/shapes; for shape in $(SHAPES); do \
 	  case $$shape in *docker-run*) extra="$(NEEDS_COMPOSE_DEPLOY)";; *) extra="";; esac; \
-	  $(PYTEST) $(XDIST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "not fleet" \
-	    --shape $$shape $$extra || exit 1; done
+	  ( $(PYTEST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "not fleet" --shape $$shape $$extra \
+	      > reports/shapes/$$shape.log 2>&1; echo $$? > reports/shapes/$$shape.rc ) & \
+	done; wait; status=0; for shape in $(SHAPES); do \
+	  echo "== $(SHAPE_TESTS) --shape $$shape"; cat reports/shapes/$$shape.log; \
+	  [ "$$(cat reports/shapes/$$shape.rc)" = 0 ] || status=1; done; exit $$status
 
 bench: setup
 	@for b in bench/bench_*.py; do $(PY) $$b; done

@@ -56,6 +56,7 @@ def docker_run_host(stack: DrillStack) -> bool:
 
 
 def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
+    stack.reset()
     if docker_run_host(stack):  # no compose: runbook deploy refuses before any change
         before = snapshot(stack.env)
         with pytest.raises(RunbookError) as err:
