@@ -369,6 +369,37 @@ def test_the_old_listener_leaving_is_seen_and_a_late_first_reading_only_unsorts(
     assert late.at_close is None
 
 
+def test_a_reading_still_running_when_load_goes_out_is_dropped() -> None:
+    """One `ss` dump is not atomic: a reading that completes after /load went out may list a
+    connection the new config accepted among the "before" ones (seen holding a drain 10 s).
+    Only a reading complete before the send sorts the front; a late one is dropped."""
+    conn: drain.Key = ("127.0.0.1:8443", "127.0.0.1:50000", 901)
+    release = threading.Event()
+
+    def slow(port: int) -> tuple[set[int], set[drain.Key]]:
+        release.wait(3)
+        return {5001}, {conn}
+
+    late = drain.Switch(FRONT)
+    late.reading = threading.Thread(target=late.read_before, args=(slow,))
+    late.reading.start()
+    drain.sending_reload(late)
+    release.set()
+    late.reading.join(3)
+    assert late.late and not late.before and not late.listeners
+    # the watch then finds no listener to see leaving: the front stays unsorted
+    late.loaded_at = 0.0
+    late.watch_close(lambda port: ({5002}, {conn}))
+    assert late.at_close is None
+
+    done = drain.Switch(FRONT)
+    done.reading = threading.Thread(target=done.read_before, args=(lambda p: ({5001}, {conn}),))
+    done.reading.start()
+    done.reading.join(3)
+    drain.sending_reload(done)
+    assert not done.late and done.before == {conn} and done.listeners == {5001}
+
+
 # --- on the drill: real Caddy, real load -------------------------------------------------------
 
 LATE = 0.6  # longer than the old criterion's quiet window (0.5 s), well under Go's 5 s

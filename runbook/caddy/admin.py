@@ -304,6 +304,7 @@ def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
     # who is on Caddy's port before, and when its old listener leaves after: the drain of
     # the old slot sorts the old config's connections from the new one's (runbook/drain.py)
     switch = switch or drain.before_reload(env.caddy.proxy_url)
+    drain.sending_reload(switch)
     _reload(env, text, command)
     drain.after_reload(switch)
 
