@@ -17,6 +17,7 @@ import argparse
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,14 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
           f"{sum(x.errors_5xx for x in loads)} 5xx, {sum(x.failures for x in loads)} failures "
           f"after one retry, raw resets per switch {resets} (mean "
           f"{sum(resets) / n:.2f})")
+    kinds: Counter[str] = Counter()
+    for x in loads:
+        kinds.update(x.kinds)
+    print("  raw resets as the clients saw them: " + ("; ".join(
+        f"{count}x {kind}" for kind, count in kinds.most_common()) or "none"))
+    late = sum("not watched" in d.describe() for d in drains)
+    print(f"  reloads whose front was not sorted (reading before /load late or unusable): "
+          f"{late}/{len(drains)}")
     print(f"  drain wait: {summary([d.seconds for d in drains])}; stop-old-slot step: "
           f"{summary(stop_steps)}; rollback end to end: {summary(walls)}")
     print(f"  drained {sum(d.drained for d in drains)}/{len(drains)}; front observed "

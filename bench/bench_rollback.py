@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,22 @@ PAUSE = 0.002
 
 def _client(url: str, stop: Any, counts: Any) -> None:
     requests = errors_5xx = resets = failures = 0
+    kinds: Counter[str] = Counter()  # what each raw reset looked like to the client
     with httpx.Client(timeout=5, trust_env=False) as http:
         while not stop.is_set() and requests < MAX_PER_CLIENT:
             time.sleep(PAUSE)
             for attempt in (1, 2):
                 try:
                     response = http.get(url)
-                except httpx.TransportError:
+                except httpx.TransportError as exc:
                     resets += 1
+                    kinds[f"{type(exc).__name__}: {exc}"[:80]] += 1
                     failures += attempt == 2
                     continue
                 requests += 1
                 errors_5xx += response.status_code >= 500
                 break
-    counts.put((requests, errors_5xx, resets, failures))
+    counts.put((requests, errors_5xx, resets, failures, dict(kinds)))
 
 
 def _load_process(url: str, stop: Any, counts: Any) -> None:
@@ -69,6 +72,7 @@ class Load:
         self.counts = ctx.Queue()
         self.process = ctx.Process(target=_load_process, args=(url, self.stop, self.counts))
         self.requests = self.errors_5xx = self.resets = self.failures = 0
+        self.kinds: Counter[str] = Counter()
 
     def __enter__(self) -> Load:
         self.process.start()
@@ -79,7 +83,8 @@ class Load:
         time.sleep(0.5)
         self.stop.set()
         for _ in range(CLIENTS):
-            r, e, s, f = self.counts.get(timeout=30)
+            r, e, s, f, k = self.counts.get(timeout=30)
+            self.kinds.update(k)
             self.requests += r
             self.errors_5xx += e
             self.resets += s
