@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import socket
 
-import httpx
 from pytest_bdd import given
 
 from runbook import caddy, database, deploy
 from runbook import state as states
+from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.versions import VERSIONS
 from runbook.errors import RunbookError
@@ -147,14 +147,14 @@ def caddyfile_wrong_port(world: World) -> None:
     broken = text[:start] + block + text[end:]
     assert broken != text
     env.caddy.caddyfile.write_text(broken)
-    httpx.post(f"{env.caddy.admin_url}/load", content=broken,
-               headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    drill_http.post(f"{env.caddy.admin_url}/load", content=broken,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
     world.notes["dead port"] = dead
 
 
 def post_item(world: World, name: str) -> None:
-    response = httpx.post(f"{world.env.caddy.proxy_url}/items", json={"name": name},
-                          timeout=5, headers={"Connection": "close"})
+    response = drill_http.post(f"{world.env.caddy.proxy_url}/items", json={"name": name},
+                               timeout=5, headers={"Connection": "close"})
     assert response.status_code == 201, response.text
 
 

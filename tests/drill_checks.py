@@ -10,10 +10,10 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from runbook import docker
+from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot, from_mapping
@@ -23,8 +23,8 @@ from runbook.environment import Environment, Slot, from_mapping
 
 def through_proxy(env: Environment) -> tuple[str, str]:
     """(X-Togather-Slot, version) as a user sees them through Caddy."""
-    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
-                         timeout=5, trust_env=False)
+    response = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
+                              timeout=5, trust_env=False)
     return response.headers["X-Togather-Slot"], response.json()["version"]
 
 

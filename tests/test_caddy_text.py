@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from runbook import caddy, switch
 from runbook.caddy import CaddyError
+from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
 from tests.drill_checks import through_proxy
@@ -367,8 +368,8 @@ def admin(drill_stack: DrillStack) -> Iterator[httpx.Client]:
     earlier test left it stopped. /adapt changes nothing, so no reset is needed."""
     if not caddy.is_running(drill_stack.env):
         drill_stack.reset()
-    with httpx.Client(base_url=drill_stack.env.caddy.admin_url, timeout=10,
-                      trust_env=False) as client:
+    with drill_http.client(base_url=drill_stack.env.caddy.admin_url, timeout=10,
+                           trust_env=False) as client:
         yield client
 
 
@@ -547,7 +548,7 @@ def test_caddy_sees_every_managed_upstream_and_slot_header_retargeted_and_nothin
 
 def running_config(env: Environment) -> Config:
     """What Caddy runs now, from its admin API."""
-    answer = httpx.get(f"{env.caddy.admin_url}/config/", timeout=10, trust_env=False)
+    answer = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10, trust_env=False)
     assert answer.status_code == 200, answer.text
     config: Config = answer.json()
     return config

@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from runbook import lock as locks
+from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 
@@ -80,14 +80,15 @@ def test_healthcheck_formats(stack: DrillStack) -> None:
 def test_manual_switch_and_back(stack: DrillStack) -> None:
     proc = runbook(stack, "switch", "--slot", "green", "--yes")
     assert proc.returncode == 0, proc.stderr
-    response = httpx.get(f"{stack.env.caddy.proxy_url}/version")
+    response = drill_http.get(f"{stack.env.caddy.proxy_url}/version")
     assert response.headers["X-Togather-Slot"] == "green"
     assert "switch" in proc.stdout and "Journal" in proc.stdout
     again = runbook(stack, "switch", "--slot", "green", "--yes")
     assert again.returncode == 4 and "already takes traffic" in again.stderr
     back = runbook(stack, "switch", "--slot", "blue", "--yes")
     assert back.returncode == 0, back.stderr
-    assert httpx.get(f"{stack.env.caddy.proxy_url}/version").headers["X-Togather-Slot"] == "blue"
+    answer = drill_http.get(f"{stack.env.caddy.proxy_url}/version")
+    assert answer.headers["X-Togather-Slot"] == "blue"
 
 
 def test_deploy_dry_run_then_deploy_then_rollback_plan(stack: DrillStack) -> None:
@@ -95,10 +96,10 @@ def test_deploy_dry_run_then_deploy_then_rollback_plan(stack: DrillStack) -> Non
     dry = runbook(stack, "deploy", "--version", v2, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "Dry run: nothing was changed" in dry.stdout and f"IMAGE_TAG={v2}" in dry.stdout
-    assert httpx.get(f"{stack.env.caddy.proxy_url}/version").json()["version"] != v2
+    assert drill_http.get(f"{stack.env.caddy.proxy_url}/version").json()["version"] != v2
     done = runbook(stack, "deploy", "--version", v2, "--yes")
     assert done.returncode == 0, done.stderr
-    assert httpx.get(f"{stack.env.caddy.proxy_url}/version").json()["version"] == v2
+    assert drill_http.get(f"{stack.env.caddy.proxy_url}/version").json()["version"] == v2
     refused = runbook(stack, "rollback", "--yes")
     assert refused.returncode == 4
     assert "migrations ran after the target deployment" in refused.stderr

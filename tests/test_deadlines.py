@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
 import pytest
 
 from runbook import bounded_http, caddy, deploy, docker, drain, health, rollback
 from runbook import state as states
 from runbook.caddy import CaddyError
+from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, HealthConfig, Slot, from_mapping
@@ -239,7 +239,7 @@ def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStac
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
     assert "did not become healthy within 3s" in str(err.value)
     assert "the body did not finish" in str(err.value)
-    response = httpx.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    response = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
     assert (response.headers["X-Togather-Slot"], response.json()["version"]) == (
         "green", VERSIONS["v2"].tag)
     assert env.state_file.read_bytes() == state_before

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from runbook import compose, docker
+from runbook.drill import http as drill_http
 from runbook.drill import images
 from runbook.drill.stack import DrillError, DrillStack, resources
 from runbook.drill.versions import VERSIONS
@@ -28,7 +29,7 @@ def scratch() -> Iterator[DrillStack]:
 
 
 def health(stack: DrillStack, slot: Slot) -> httpx.Response:
-    return httpx.get(f"{stack.env.slot(slot).base_url}/health", timeout=5)
+    return drill_http.get(f"{stack.env.slot(slot).base_url}/health", timeout=5)
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
@@ -61,10 +62,10 @@ def test_both_slots_healthy_on_their_own_ports(baseline_stack: DrillStack) -> No
 
 def test_endpoints_match_the_contract(baseline_stack: DrillStack) -> None:
     base = baseline_stack.env.slot("blue").base_url
-    version = httpx.get(f"{base}/version").json()
+    version = drill_http.get(f"{base}/version").json()
     assert set(version) == {"version", "git_commit", "build_date"}
-    assert httpx.get(f"{base}/healthz").status_code == 200
-    ready = httpx.get(f"{base}/readyz").json()
+    assert drill_http.get(f"{base}/healthz").status_code == 200
+    ready = drill_http.get(f"{base}/readyz").json()
     assert set(ready["checks"]) == {"database", "migrations"}
     assert ready["timestamp"].endswith("Z")
 
@@ -72,20 +73,20 @@ def test_endpoints_match_the_contract(baseline_stack: DrillStack) -> None:
 def test_proxy_serves_the_active_slot_with_its_header(baseline_stack: DrillStack) -> None:
     env = baseline_stack.env
     for path in ("/version", "/api/version"):
-        response = httpx.get(f"{env.caddy.proxy_url}{path}")
+        response = drill_http.get(f"{env.caddy.proxy_url}{path}")
         assert response.headers["X-Togather-Slot"] == "blue"
-    assert httpx.get(f"{env.caddy.proxy_url}/version").json()["version"] == VERSIONS["v1"].tag
+    assert drill_http.get(f"{env.caddy.proxy_url}/version").json()["version"] == VERSIONS["v1"].tag
     text = env.caddy.caddyfile.read_text()
     assert "# BLUE_GREEN_SLOT_START" in text and "# BLUE_GREEN_SLOT_END" in text
     assert f"localhost:{env.slot('blue').port}" in text
     other = text.split("http://127.0.0.1:")[1].split(" ")[0]
-    assert httpx.get(f"http://127.0.0.1:{other}/ping").text == "pong"
+    assert drill_http.get(f"http://127.0.0.1:{other}/ping").text == "pong"
 
 
 def test_dataset_is_read_and_written_through_the_app(baseline_stack: DrillStack) -> None:
     base = baseline_stack.env.slot("green").base_url
-    created = httpx.post(f"{base}/items", json={"name": "drill-item"}).json()
-    items = httpx.get(f"{baseline_stack.env.slot('blue').base_url}/items").json()
+    created = drill_http.post(f"{base}/items", json={"name": "drill-item"}).json()
+    items = drill_http.get(f"{baseline_stack.env.slot('blue').base_url}/items").json()
     assert {"id": created["id"], "name": "drill-item"} in items
     with psycopg.connect(baseline_stack.env.database.url()) as conn:
         assert conn.execute("SELECT name FROM items WHERE id = %s",
@@ -208,7 +209,7 @@ def test_reset_rebuilds_the_database_after_any_write_and_only_then(scratch: Dril
     rebuilt = scratch.resets["rebuilt"]
     url = scratch.env.database.url()
     if write == "an item through the app":
-        httpx.post(f"{scratch.env.slot('blue').base_url}/items", json={"name": "left"})
+        drill_http.post(f"{scratch.env.slot('blue').base_url}/items", json={"name": "left"})
     else:
         sql = {"DDL": "CREATE TABLE left_behind (id int)",
                "the migrations record": "UPDATE schema_migrations SET dirty = true",
@@ -240,7 +241,7 @@ def test_a_port_held_by_a_foreign_process_is_avoided(monkeypatch: pytest.MonkeyP
     try:
         with DrillStack() as stack:
             assert stack.ports.proxy != taken
-            assert httpx.get(f"{stack.env.caddy.proxy_url}/version").status_code == 200
+            assert drill_http.get(f"{stack.env.caddy.proxy_url}/version").status_code == 200
         probe = socket.create_connection(("127.0.0.1", taken), timeout=2)
         probe.close()  # the foreign listener is untouched
     finally:

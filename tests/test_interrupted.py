@@ -36,6 +36,7 @@ import pytest
 from runbook import docker, faults
 from runbook import intent as intents
 from runbook import state as states
+from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
@@ -100,7 +101,7 @@ class Poller:
             return client.get(url, headers={"Connection": "close"})
 
     def run(self) -> None:
-        with httpx.Client(timeout=3, trust_env=False) as client:
+        with drill_http.client(timeout=3, trust_env=False) as client:
             while not self._stop.is_set():
                 now = time.time()  # when the request started
                 try:
@@ -137,7 +138,7 @@ def cli(env: Environment, *args: str, fault: str | None = None,
 
 
 def through_proxy(env: Environment) -> tuple[str | None, str | None]:
-    with httpx.Client(timeout=3, trust_env=False) as client:
+    with drill_http.client(timeout=3, trust_env=False) as client:
         response = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
     return response.headers.get("X-Togather-Slot"), response.json().get("version")
 

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from runbook import environment as envmod
 from runbook import state as states
+from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
@@ -32,7 +32,7 @@ V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 
 
 def through_proxy(proxy_url: str) -> tuple[str | None, str]:
-    response = httpx.get(f"{proxy_url}/version", headers={"Connection": "close"}, timeout=5)
+    response = drill_http.get(f"{proxy_url}/version", headers={"Connection": "close"}, timeout=5)
     return response.headers.get("X-Togather-Slot"), response.json()["version"]
 
 

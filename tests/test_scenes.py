@@ -10,9 +10,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 
+from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillError, DrillStack
 from runbook.drill.versions import VERSIONS
@@ -44,11 +44,11 @@ def assert_runs(stack: DrillStack, scene: scenes.Scene) -> None:
     for slot in Slot:
         want = scene.slot(slot)
         assert container(stack, slot) == (VERSIONS[want.version].image, want.running), slot
-    config = json.dumps(httpx.get(f"{stack.env.caddy.admin_url}/config/", timeout=5).json())
+    config = json.dumps(drill_http.get(f"{stack.env.caddy.admin_url}/config/", timeout=5).json())
     live_port = stack.env.slot(scene.live).port
     other_port = stack.env.slot(scene.live.other).port
     assert f'"localhost:{live_port}"' in config and f'"localhost:{other_port}"' not in config
-    answer = httpx.get(f"{stack.env.caddy.proxy_url}/version", timeout=5)
+    answer = drill_http.get(f"{stack.env.caddy.proxy_url}/version", timeout=5)
     assert (answer.status_code, answer.headers["X-Togather-Slot"], answer.json()["version"]) \
         == (200, str(scene.live), VERSIONS[scene.history[-1][0]].tag)
     with stack.connect() as conn:
@@ -96,8 +96,8 @@ def test_an_unchanged_scene_is_kept_with_its_snapshot_and_a_written_one_rebuilt(
         assert conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone() != before
     stack.arrange(scenes.MIGRATED)
     assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 2, rebuilt)
-    httpx.post(f"{stack.env.caddy.proxy_url}/items", json={"name": "written"},
-               timeout=5).raise_for_status()
+    drill_http.post(f"{stack.env.caddy.proxy_url}/items", json={"name": "written"},
+                    timeout=5).raise_for_status()
     stack.arrange(scenes.MIGRATED)
     assert stack.resets["rebuilt"] == rebuilt + 1
     with stack.connect() as conn:

@@ -135,9 +135,8 @@ class _HostScene:
         """This host as right after the deploy: locks, intents, journals and leftovers gone,
         the new slot started and healthy, the recorded Caddyfile loaded, the old slot
         stopped, the recorded state and snapshot files in place."""
-        import httpx
-
         from runbook import docker, files, health
+        from runbook.drill import http as drill_http
         from runbook.environment import Slot
         from runbook.fleet import hostlock
 
@@ -165,8 +164,8 @@ class _HostScene:
             docker.start(green)
         health.wait_healthy(env, Slot.GREEN, timeout=30)
         files.atomic_write(env.caddy.caddyfile, self.caddyfile)
-        httpx.post(f"{env.caddy.admin_url}/load", content=self.caddyfile,
-                   headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+        drill_http.post(f"{env.caddy.admin_url}/load", content=self.caddyfile,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
         blue = env.slot(Slot.BLUE).container
         if docker.inspect(blue).running:
             docker.stop(blue)
@@ -310,10 +309,9 @@ class DrillFleet:
         it, so there is nothing to migrate). Spares 3 `runbook deploy` processes (each a drain
         wait and the CLI start) on the first scene: 9-29 s on this machine; the rollbacks the
         scenarios prove stay real."""
-        import httpx
-
         from runbook import compose, docker, files, health, recording, snapshots
         from runbook import state as states
+        from runbook.drill import http as drill_http
         from runbook.environment import Slot
 
         env, stack, new = h.env, h.stack, VERSIONS[version]
@@ -324,8 +322,8 @@ class DrillFleet:
         snap = snapshots.pre_deploy_snapshot(env, deployment_id, new.git_commit, schema)
         text = stack.caddyfile_text(Slot.GREEN).encode()
         files.atomic_write(env.caddy.caddyfile, text)
-        httpx.post(f"{env.caddy.admin_url}/load", content=text,
-                   headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
         docker.stop(env.slot(Slot.BLUE).container)
         fresh = recording.load_or_empty(env)
         dep = states.make_deployment(new.tag, new.git_commit, Slot.GREEN,
@@ -399,8 +397,10 @@ class DrillFleet:
         """(status, X-Togather-Slot, version) through that host's Caddy, as its users see it."""
         import httpx
 
+        from runbook.drill import http as drill_http
+
         try:
-            with httpx.Client(timeout=3, trust_env=False) as client:
+            with drill_http.client(timeout=3, trust_env=False) as client:
                 r = client.get(f"{self.host(name).env.caddy.proxy_url}/version",
                                headers={"Connection": "close"})
         except httpx.HTTPError:

@@ -401,10 +401,13 @@ class DrillStack:
     def wait_caddy(self, timeout: float = 15.0) -> None:
         import httpx
 
+        from runbook.drill import http as drill_http
+
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"{self.env.caddy.admin_url}/config/", timeout=1).status_code == 200:
+                answer = drill_http.get(f"{self.env.caddy.admin_url}/config/", timeout=1)
+                if answer.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -466,9 +469,8 @@ class DrillStack:
         schema is dropped and the apps' own migrations rebuild it, taking the pre-deploy
         snapshots the scene's deployments took.
         """
-        import httpx
-
         from runbook import docker
+        from runbook.drill import http as drill_http
 
         self.arranged = []
         began = time.monotonic()
@@ -483,8 +485,8 @@ class DrillStack:
             self.docker("start", self.db_container)
         self.wait_db()
         self.wait_caddy()
-        httpx.post(f"{self.env.caddy.admin_url}/load", content=text,
-                   headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+        drill_http.post(f"{self.env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
         arranged, self._arranged = self._arranged, None  # until this arrangement has finished
         cached = self._scene_cache.get(scene.name)
         with self.connect() as conn:
@@ -699,11 +701,13 @@ class DrillStack:
         `path` (e.g. /healthz, the app's liveness) until that answers 200."""
         import httpx
 
+        from runbook.drill import http as drill_http
+
         want = 200 if version.behaviour == "normal" or path else 503
         url = f"{self.env.slot(slot).base_url}{path or self.env.health.path}"
         deadline = time.monotonic() + timeout
         last = "no answer"
-        with httpx.Client(timeout=2, trust_env=False) as client:
+        with drill_http.client(timeout=2, trust_env=False) as client:
             while True:
                 try:
                     answer = client.get(url)
@@ -722,9 +726,8 @@ class DrillStack:
         """The scene is what runs, read from Docker, Caddy's loaded config (admin API), the
         proxy's answer and Postgres, never from a file: else a DrillError naming each
         difference."""
-        import httpx
-
         from runbook import docker
+        from runbook.drill import http as drill_http
 
         wrong: list[str] = []
         for slot in Slot:
@@ -735,13 +738,13 @@ class DrillStack:
                 wrong.append(f"{slot}: wanted {image} {'running' if want.running else 'stopped'}"
                              f", found {info.image if info.exists else 'no container'}"
                              f"{' running' if info.running else ''}")
-        config = httpx.get(f"{self.env.caddy.admin_url}/config/", timeout=5).json()
+        config = drill_http.get(f"{self.env.caddy.admin_url}/config/", timeout=5).json()
         dials = {str(d) for d in _values(config, "dial")}
         port = self.env.slot(scene.live).port
         if dials != {f"localhost:{port}"}:
             wrong.append(f"Caddy's loaded config dials {sorted(dials)}, not localhost:{port}")
-        answer = httpx.get(f"{self.env.caddy.proxy_url}/version", timeout=5,
-                           headers={"Connection": "close"})
+        answer = drill_http.get(f"{self.env.caddy.proxy_url}/version", timeout=5,
+                                headers={"Connection": "close"})
         live = scene.version(scene.live)
         got = (answer.status_code, answer.headers.get("X-Togather-Slot"),
                answer.json().get("version") if answer.status_code == 200 else None)
