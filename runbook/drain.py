@@ -436,7 +436,7 @@ SEAL_WAIT = 0.05  # what the commit waits for the reading before, at most
 
 def sending_reload(switch: Switch | None) -> None:
     """The reload is about to be sent: only a reading complete by now (or within SEAL_WAIT,
-    ~10-30 ms is one `ss` here) sorts the front; the sorted front ends a drain ~0.4 s sooner
+    ~10-30 ms is one `ss` here) sorts the front; the sorted front ends a drain ~0.3 s sooner
     under load (bench/bench_drain.py), worth the wait before the commit."""
     if switch is not None:
         switch.seal(SEAL_WAIT)
