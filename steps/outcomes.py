@@ -73,7 +73,7 @@ def raw_health(world: World, slot: Slot) -> tuple[int, str]:
     oracle apart from runbook.health's parser."""
     url = f"{world.env.slot(slot).base_url}{world.env.health.path}"
     try:
-        with drill_http.client(timeout=5, trust_env=False) as client:
+        with drill_http.client(timeout=5) as client:
             answer = client.get(url, headers={"Connection": "close"})
     except httpx.HTTPError as exc:
         return 0, f"no answer: {exc}"
@@ -298,7 +298,7 @@ def what_runs_matches(world: World) -> None:
 def status_says_caddy_down(world: World) -> None:
     assert world.status is not None
     try:  # and it is true: the admin API really does not answer
-        with drill_http.client(timeout=3, trust_env=False) as client:
+        with drill_http.client(timeout=3) as client:
             answered = client.get(f"{world.env.caddy.admin_url}/config/").status_code
     except httpx.HTTPError:
         answered = 0

@@ -47,7 +47,7 @@ def is_feature_item(node: pytest.Item | pytest.Collector) -> bool:
 def through_proxy(env: Environment, path: str = "/version") -> tuple[int, str | None, str | None]:
     """(HTTP status, X-Togather-Slot, version) as a user sees it through Caddy; 0 = no answer."""
     try:
-        with drill_http.client(timeout=3, trust_env=False) as client:
+        with drill_http.client(timeout=3) as client:
             response = client.get(f"{env.caddy.proxy_url}{path}",
                                   headers={"Connection": "close"})
     except httpx.HTTPError:
@@ -69,7 +69,7 @@ def other_sites(env: Environment, text: str) -> list[str]:
 
 def site_answer(url: str) -> int:
     try:
-        with drill_http.client(timeout=3, trust_env=False) as client:
+        with drill_http.client(timeout=3) as client:
             return client.get(f"{url}/ping", headers={"Connection": "close"}).status_code
     except httpx.HTTPError:
         return 0

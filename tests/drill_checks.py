@@ -24,7 +24,7 @@ from runbook.environment import Environment, Slot, from_mapping
 def through_proxy(env: Environment) -> tuple[str, str]:
     """(X-Togather-Slot, version) as a user sees them through Caddy."""
     response = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
-                              timeout=5, trust_env=False)
+                              timeout=5)
     return response.headers["X-Togather-Slot"], response.json()["version"]
 
 

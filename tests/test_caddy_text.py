@@ -368,8 +368,7 @@ def admin(drill_stack: DrillStack) -> Iterator[httpx.Client]:
     earlier test left it stopped. /adapt changes nothing, so no reset is needed."""
     if not caddy.is_running(drill_stack.env):
         drill_stack.reset()
-    with drill_http.client(base_url=drill_stack.env.caddy.admin_url, timeout=10,
-                           trust_env=False) as client:
+    with drill_http.client(base_url=drill_stack.env.caddy.admin_url, timeout=10) as client:
         yield client
 
 
@@ -548,7 +547,7 @@ def test_caddy_sees_every_managed_upstream_and_slot_header_retargeted_and_nothin
 
 def running_config(env: Environment) -> Config:
     """What Caddy runs now, from its admin API."""
-    answer = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10, trust_env=False)
+    answer = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10)
     assert answer.status_code == 200, answer.text
     config: Config = answer.json()
     return config

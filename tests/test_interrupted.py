@@ -101,7 +101,7 @@ class Poller:
             return client.get(url, headers={"Connection": "close"})
 
     def run(self) -> None:
-        with drill_http.client(timeout=3, trust_env=False) as client:
+        with drill_http.client(timeout=3) as client:
             while not self._stop.is_set():
                 now = time.time()  # when the request started
                 try:
@@ -138,7 +138,7 @@ def cli(env: Environment, *args: str, fault: str | None = None,
 
 
 def through_proxy(env: Environment) -> tuple[str | None, str | None]:
-    with drill_http.client(timeout=3, trust_env=False) as client:
+    with drill_http.client(timeout=3) as client:
         response = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
     return response.headers.get("X-Togather-Slot"), response.json().get("version")
 

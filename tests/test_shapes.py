@@ -71,7 +71,7 @@ def test_the_shape_is_what_the_host_would_be(stack: DrillStack) -> None:
     labels = docker.client().containers.get(env.slot(Slot.BLUE).container).labels
     assert not any(k.startswith("com.docker.compose") for k in labels)  # plain docker run
     assert "@togather-db:" in env.database.url()  # the app's URL, nothing else
-    with drill_http.client(timeout=3, trust_env=False) as client:
+    with drill_http.client(timeout=3) as client:
         body = client.get(f"{env.slot(Slot.BLUE).base_url}/health").json()
     assert body["status"] == "healthy" and "slot" not in body and "git_commit" not in body
 
@@ -150,7 +150,7 @@ def test_a_wrong_container_path_is_refused_in_preflight(stack: DrillStack) -> No
 def test_the_rollback_starts_the_stopped_docker_run_slot(stack: DrillStack) -> None:
     env = deployed_twice(stack)
     rollback.rollback(env)  # raises on any failure
-    with drill_http.client(timeout=3, trust_env=False) as client:
+    with drill_http.client(timeout=3) as client:
         answer = client.get(f"{env.caddy.proxy_url}/version")
     assert answer.headers["X-Togather-Slot"] == "green"
     assert answer.json()["version"] == VERSIONS["v2"].tag

@@ -400,7 +400,7 @@ class DrillFleet:
         from runbook.drill import http as drill_http
 
         try:
-            with drill_http.client(timeout=3, trust_env=False) as client:
+            with drill_http.client(timeout=3) as client:
                 r = client.get(f"{self.host(name).env.caddy.proxy_url}/version",
                                headers={"Connection": "close"})
         except httpx.HTTPError:

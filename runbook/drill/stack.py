@@ -708,7 +708,7 @@ class DrillStack:
         url = f"{self.env.slot(slot).base_url}{path or self.env.health.path}"
         deadline = time.monotonic() + timeout
         last = "no answer"
-        with drill_http.client(timeout=2, trust_env=False) as client:
+        with drill_http.client(timeout=2) as client:
             while True:
                 try:
                     answer = client.get(url)
