@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runbook.drill import images
-from runbook.drill.stack import DrillError, DrillStack, _last_line, sweep
+from runbook.drill.stack import DrillError, DrillStack, _last_line, pick_ports, ports_claim, sweep
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
 
@@ -77,15 +77,20 @@ class FleetHostStack(DrillStack):
 
     def start(self) -> FleetHostStack:
         image_set = images.require([self.base_version])
-        self._write_files(image_set)
+        assert self.shared is not None
         try:
-            proc = subprocess.run(
-                ["docker", "compose", "-f", str(FLEET_COMPOSE), "--env-file", str(self.env_file),
-                 "up", "-d", "--wait"], capture_output=True, text=True, check=False, timeout=120)
-            if proc.returncode != 0:
-                raise DrillError(f"fleet host {self.run_id} did not start: "
-                                 f"{_last_line(proc.stderr)}", "see `docker compose logs`")
-            self.wait_caddy()
+            with ports_claim():  # see there: Caddy's ports, picked again and held until bound
+                self.ports = dataclasses.replace(pick_ports(),
+                                                 postgres=self.shared.ports.postgres)
+                self._write_files(image_set)
+                proc = subprocess.run(
+                    ["docker", "compose", "-f", str(FLEET_COMPOSE), "--env-file",
+                     str(self.env_file), "up", "-d", "--wait"],
+                    capture_output=True, text=True, check=False, timeout=120)
+                if proc.returncode != 0:
+                    raise DrillError(f"fleet host {self.run_id} did not start: "
+                                     f"{_last_line(proc.stderr)}", "see `docker compose logs`")
+                self.wait_caddy()
             from runbook import health
             from runbook.environment import Slot
 

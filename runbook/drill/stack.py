@@ -89,6 +89,40 @@ def pick_ports(preferred: dict[str, int] | None = None) -> Ports:
     return Ports(**chosen)
 
 
+PORTS_LOCK = Path(tempfile.gettempdir()) / "togather-drill-ports.lock"
+PORTS_LOCK_TIMEOUT = 180.0
+
+
+@contextlib.contextmanager
+def ports_claim(timeout: float = PORTS_LOCK_TIMEOUT) -> Iterator[None]:
+    """One drill stack at a time, machine-wide, from picking its ports until its Caddy
+    listens on them.
+
+    The drill's Caddy runs on the host network and binds with SO_REUSEPORT: a second Caddy
+    given the same port shares it silently, the kernel splitting connections between the two
+    (seen once, two shape groups side by side: one stack's admin API answered with the other
+    stack's config). Ports picked while no other stack is between its pick and its Caddy's
+    bind cannot collide that way; Docker's published ports fail loudly instead (retried). An
+    flock: the kernel drops it with its holder, so a killed run never leaves it taken."""
+    import fcntl
+
+    with PORTS_LOCK.open("a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DrillError(f"another drill stack held {PORTS_LOCK} for {timeout:g} s "
+                                     "while starting", "see `make clean-drills`") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def xdist_worker() -> str | None:
     """The pytest-xdist worker this process is (gw0, gw1, ...), or None outside xdist."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -335,36 +369,14 @@ class DrillStack:
 
         Free ports are picked before Docker binds them, so a process starting beside us
         (another drill, another pytest-xdist worker) can take one in between: such a clash
-        is retried on fresh ports (PORT_ATTEMPTS times), anything else raises at once."""
+        is retried on fresh ports (PORT_ATTEMPTS times), anything else raises at once. Caddy's
+        ports are shared silently instead, so the ports are picked again under `ports_claim`
+        and held until this stack's Caddy listens on them."""
         image_set = images.require([self.base_version])
-        from testcontainers.compose import DockerCompose
-
         try:
-            for attempt in range(1, PORT_ATTEMPTS + 1):
-                self._write_files(image_set)
-                compose = DockerCompose(context=str(REPO_ROOT),
-                                        compose_file_name=str(COMPOSE_FILE),
-                                        env_file=str(self.env_file), wait=True, pull=False,
-                                        services=(["togather-db", "caddy"]
-                                                  if self.has("docker-run") else None))
-                self._compose = compose
-                try:
-                    compose.start()
-                    break
-                except subprocess.CalledProcessError as exc:
-                    if _port_clash(exc.stderr) and attempt < PORT_ATTEMPTS:
-                        self._down()
-                        self.ports = pick_ports()
-                        continue
-                    raise DrillError(f"drill stack {self.run_id} did not start: "
-                                     f"{_last_line(exc.stderr)}",
-                                     "see `docker compose logs`; a port clash retries on new "
-                                     "ports") from None
-            if self.has("docker-run"):
-                for slot in Slot:
-                    self.docker_run(slot, self.base_version.image)
+            with ports_claim():
+                self._start_under_claim(image_set)
             self.wait_db()  # no healthcheck in the compose file (see there)
-            self.wait_caddy()
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
             with self.connect() as conn:
@@ -377,6 +389,36 @@ class DrillStack:
             self.stop()
             raise
         return self
+
+    def _start_under_claim(self, image_set: images.ImageSet) -> None:
+        """The containers up on ports picked now (ports_claim held), until Caddy listens."""
+        from testcontainers.compose import DockerCompose
+
+        self.ports = pick_ports(preferred_ports_from_env())
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self._write_files(image_set)
+            compose = DockerCompose(context=str(REPO_ROOT),
+                                    compose_file_name=str(COMPOSE_FILE),
+                                    env_file=str(self.env_file), wait=True, pull=False,
+                                    services=(["togather-db", "caddy"]
+                                              if self.has("docker-run") else None))
+            self._compose = compose
+            try:
+                compose.start()
+                break
+            except subprocess.CalledProcessError as exc:
+                if _port_clash(exc.stderr) and attempt < PORT_ATTEMPTS:
+                    self._down()
+                    self.ports = pick_ports()
+                    continue
+                raise DrillError(f"drill stack {self.run_id} did not start: "
+                                 f"{_last_line(exc.stderr)}",
+                                 "see `docker compose logs`; a port clash retries on new "
+                                 "ports") from None
+        if self.has("docker-run"):
+            for slot in Slot:
+                self.docker_run(slot, self.base_version.image)
+        self.wait_caddy()
 
     def _down(self) -> None:
         """compose down and a sweep by label: nothing of this run is left in Docker."""
