@@ -233,3 +233,12 @@ def test_the_drill_asserts_and_reports_what_users_saw(tmp_path: Path) -> None:
     (group,) = [a for t, a in found.tags if t == "g" and a.get("class") == "traffic"]
     assert group["data-requests"] == str(users["requests"])
     print(f"drill rollback: {reports.traffic_line(users)}")
+
+
+def test_a_load_prepared_but_never_started_stops_cleanly() -> None:
+    """A scenario that fails before its first action stops a load whose process only said
+    "ready": the stop says so (no records, not running) instead of misreading that word."""
+    load = Load(f"http://127.0.0.1:{closed_port()}/version").prepare()
+    time.sleep(1.0)  # the process is up and has said "ready"
+    assert load.stop() == []
+    assert not load.running and load.started is None

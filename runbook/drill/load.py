@@ -422,7 +422,13 @@ class Load:
             self._conn.send(command)
             if not self._conn.poll(timeout):
                 raise TimeoutError(f"the load process did not answer {command!r} in {timeout} s")
-            rows, self._running = self._conn.recv()
+            answer = self._conn.recv()
+            if answer == "ready":  # prepared, never started: its first word is still queued
+                if not self._conn.poll(timeout):
+                    raise TimeoutError(f"the load process did not answer {command!r} in "
+                                       f"{timeout} s")
+                answer = self._conn.recv()
+            rows, self._running = answer
         except (EOFError, OSError):  # the child is gone: what it sent is all there is
             self._running = False
             return
