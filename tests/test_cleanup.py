@@ -11,8 +11,7 @@ from runbook.drill import cleanup
 from runbook.drill.stack import DrillStack, resources
 
 # cleanup.main() also sweeps dead drill fleets (runbook.drill.fleet.clean_orphans): on the
-# fleet's worker, so that it never races tests/test_fleet.py's own orphan, which it would
-# remove half made (seen in CI: the stand-in sshd left running)
+# fleet's worker, beside the fleet tests rather than across them
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("fleet")]
 
 KILLED_DRILL = """

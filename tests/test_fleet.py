@@ -390,42 +390,46 @@ def test_sigterm_during_preflight_releases_the_fleet_lock_and_changes_nothing(
     assert [drill_fleet.serving(h.name) for h in drill_fleet.hosts] == before
 
 
-@pytest.mark.xdist_group("fleet")  # with tests/test_cleanup.py: one cleaner at a time
-def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory() -> None:
+def test_clean_drills_stops_a_dead_fleets_sshd_and_removes_its_directory(tmp_path: Path) -> None:
     """A killed test leaves a fleet directory and its sshd listeners: `make clean-drills`
     stops only processes whose command line names that directory, then removes it."""
-    import tempfile
-
     from runbook.drill.fleet import clean_orphans
 
+    # Swept under the test's own root: no other cleaner on the machine (`make clean-drills`,
+    # tests/test_cleanup.py) sweeps this half-made orphan, and this one sweeps nobody else's.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    fleet_dir = Path(tempfile.mkdtemp(prefix="togather-fleet-test-"))
+    fleet_dir = tmp_path / "togather-fleet-test-dead"
+    fleet_dir.mkdir()
     (fleet_dir / "owner").write_text(str(dead.pid))
     # a stand-in listener (sshd itself cannot be told apart from a real one here): a process
-    # whose command line names the fleet's directory, as the drill's sshd -f <dir>/... does
-    listener = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                 str(fleet_dir / "ssh" / "sshd_config.host1")])
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # whose command line names the fleet's directory, as the drill's sshd -f <dir>/... does.
+    # Each says "up" once running: Popen returns when exec has begun, and until the kernel has
+    # set up the new program's arguments /proc/<pid>/cmdline reads empty (1 start in 5 here
+    # under load), which the cleaner rightly takes for "not that fleet's".
+    up = "import time; print('up', flush=True); time.sleep(60)"
+    listener = subprocess.Popen([sys.executable, "-c", up,
+                                 str(fleet_dir / "ssh" / "sshd_config.host1")],
+                                stdout=subprocess.PIPE, text=True)
+    bystander = subprocess.Popen([sys.executable, "-c", up], stdout=subprocess.PIPE, text=True)
+    assert listener.stdout is not None and bystander.stdout is not None
+    assert listener.stdout.readline() == bystander.stdout.readline() == "up\n"
     (fleet_dir / "sshd.host1.pid").write_text(str(listener.pid))
     (fleet_dir / "sshd.host2.pid").write_text(str(bystander.pid))  # not naming the dir
-    live_dir = Path(tempfile.mkdtemp(prefix="togather-fleet-test-"))
+    live_dir = tmp_path / "togather-fleet-test-live"
+    live_dir.mkdir()
     (live_dir / "owner").write_text(str(os.getpid()))
     try:
-        removed = clean_orphans()
-        assert fleet_dir.name in removed and not fleet_dir.exists()
+        removed = clean_orphans(tmp_path)
+        assert removed == [fleet_dir.name] and not fleet_dir.exists()
         assert listener.wait(timeout=10) == -signal.SIGTERM
         assert bystander.poll() is None  # never a process that is not that fleet's
-        assert live_dir.exists() and live_dir.name not in removed  # a live owner's fleet
+        assert live_dir.exists()  # a live owner's fleet
     finally:
         bystander.kill()
         listener.kill()
-        bystander.wait()
-        listener.wait()
-        import shutil
-
-        shutil.rmtree(live_dir, ignore_errors=True)
-        shutil.rmtree(fleet_dir, ignore_errors=True)
+        for proc in (bystander, listener):
+            proc.communicate()
 
 
 @pytest.mark.docker

@@ -527,14 +527,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def clean_orphans() -> list[str]:
+def clean_orphans(root: Path | None = None) -> list[str]:
     """`make clean-drills`: fleets whose owner process is gone. Their containers go by label
     with the drill's; here their sshd listeners (only a process whose command line names that
-    fleet's directory) are stopped and the directory removed."""
+    fleet's directory) are stopped and the directory removed. `root` (the temp directory by
+    default) lets a test sweep a directory no other cleaner on the machine sees."""
     from runbook import procs
 
     removed = []
-    for fleet_dir in Path(tempfile.gettempdir()).glob("togather-fleet-*"):
+    for fleet_dir in (root or Path(tempfile.gettempdir())).glob("togather-fleet-*"):
         try:
             owner = int((fleet_dir / "owner").read_text())
         except (OSError, ValueError):
