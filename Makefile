@@ -55,9 +55,9 @@ chromium:
 	@scripts/ensure-chromium.sh
 
 # The drill host shapes (README, "Drill host shapes"): everything against the default shape,
-# then SHAPE_TESTS (below) against each group of traits below (together they
-# cover all five; tests/test_shapes.py, in the first run, has the targeted checks of every
-# trait at once). On a docker-run host `runbook deploy` has no compose and refuses (exit 4,
+# then SHAPE_TESTS (below) against each group of traits below (together they cover the
+# first five; h2c has tests/test_h2c.py); tests/test_shapes.py, in the first run, has the
+# targeted checks of those five at once). On a docker-run host `runbook deploy` has no compose and refuses (exit 4,
 # nothing changed: test_rollback.py proves it there), so the three scenarios that end with
 # "I redeploy the known-good version" (`runbook deploy`) are deselected on docker-run shapes;
 # their refusals are proved there by test_rollback.py. The kill matrix runs its sample here

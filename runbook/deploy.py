@@ -88,7 +88,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     def run_recreate(ctx: StepContext) -> None:
         slots.recreate(env, target, version)
         ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                       lambda: slots.stop(env, target))
+                       lambda: slots.stop_for_undo(env, target))
 
     def run_migrate(ctx: StepContext) -> None:
         before = recording.schema(env)

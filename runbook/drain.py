@@ -124,6 +124,7 @@ class Drain:
     last_request: float | None = None  # seconds into the wait of the last pending request seen
     front_done_at: float | None = None  # seconds into the wait when (a) first held
     readings: int = 0  # `ss` readings taken
+    kept_for_h2c: bool = False  # not drained, and Caddy holds h2c connections: left running
 
     @property
     def drained(self) -> bool:
@@ -152,6 +153,10 @@ class Drain:
         if self.drained:
             return (f"drained after {self.seconds:.2f}s ({self.how}{front}; {self.idle} idle "
                     f"keep-alive connection(s) on port {self.port})")
+        if self.kept_for_h2c:
+            return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
+                    f"{front}); Caddy's previous config keeps its cleartext HTTP/2 (h2c) "
+                    "connections: left running")
         return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
                 f"{front}; long-lived, e.g. streaming): stopping anyway")
 

@@ -3,6 +3,7 @@ switch, so every path starts, recreates and gates a slot the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,32 +11,58 @@ from dataclasses import dataclass
 from runbook import caddy, compose, docker, drain, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError
+from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Phase, Step, StepContext
 
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
          running: bool | None = None,
-         on_drain: Callable[[drain.Drain], None] | None = None) -> None:
+         on_drain: Callable[[drain.Drain], None] | None = None) -> str | None:
     """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
 
     `maintenance` is for the snapshot restore alone, which the operator asked for and
     confirmed: it stops every app slot so no code writes while the database is replaced.
     `running` is what the caller has just inspected (None: inspect here). `on_drain` is told
     how the drain before the stop went (for the journal).
+
+    Returns None once stopped, or why it was left running: connections Caddy's previous
+    config still holds over cleartext HTTP/2 never move to the new config (their clients
+    would get errors from a stopped slot, not the other slot), so it is not stopped under them.
     """
     container = env.slot(slot).container
     if not maintenance:
-        traffic.refuse_if_serving(env, slot, "stop")
+        running_config = traffic.refuse_if_serving(env, slot, "stop")
         # Caddy's old config may still hand it requests after the switch: let them finish
         # (runbook/drain.py); a side it cannot observe is waited for, not assumed done.
         if running is None:
             running = docker.inspect(container).running
         if running:
-            drained = drain.wait_drained(env.slot(slot).port, front=front_port(env))
+            front = front_port(env)
+            drained = drain.wait_drained(env.slot(slot).port, front=front)
+            kept = (drained.busy is not None and drained.busy > 0
+                    and traffic.accepts_h2c(running_config.h2c, front))
+            if kept:
+                drained = dataclasses.replace(drained, kept_for_h2c=True)
             if on_drain is not None:
                 on_drain(drained)
+            if kept:
+                return (f"{drained.busy} connection(s) of Caddy's previous config still "
+                        f"open after {drained.seconds:.0f}s, and Caddy takes cleartext HTTP/2 "
+                        f"(h2c) on port {front or 'unknown'}: h2c connections never move to "
+                        f"the new config, so their requests can still reach {container}. Stop "
+                        f"it with `docker stop {container}` once they have closed (`ss -tn "
+                        f"state established '( sport = :{front or 'PORT'} )'`), or move them "
+                        "now by restarting Caddy (which cuts every open connection)")
     docker.run(docker.stop_action(container))
+    return None
+
+
+def stop_for_undo(env: Environment, slot: Slot) -> None:
+    """`stop` as an undo: a slot left running for Caddy's h2c connections is reported (the
+    undo did not fully happen), never passed over in silence."""
+    kept = stop(env, slot)
+    if kept is not None:
+        raise RunbookError(f"left running: {kept}", "see `runbook status`")
 
 
 def front_port(env: Environment) -> int | None:
@@ -130,11 +157,12 @@ def run_step(env: Environment, prep: Preparation) -> Step:
     def run(ctx: StepContext) -> None:
         if prep.action == "start":
             docker.run(start_action)
-            ctx.on_failure(f"stop {config.container} again", lambda: stop(env, prep.slot))
+            ctx.on_failure(f"stop {config.container} again",
+                           lambda: stop_for_undo(env, prep.slot))
         elif recreate_command is not None:
             recreate(env, prep.slot, prep.tag, recreate_command)
             ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                           lambda: stop(env, prep.slot))
+                           lambda: stop_for_undo(env, prep.slot))
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")
 
@@ -245,7 +273,11 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         if not docker.inspect(container).running:
             ctx.note(container="already stopped")
             return
-        stop(env, slot, running=True, on_drain=lambda d: ctx.note(drained=d.describe()))
+        kept = stop(env, slot, running=True, on_drain=lambda d: ctx.note(drained=d.describe()))
+        if kept is not None:
+            ctx.note(container=f"left running: {kept}")
+            ctx.say(f"the old {slot} container is left running: {kept}")
+            return
         ctx.note(container=docker.inspect(container).status)
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",

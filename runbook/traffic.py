@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import bounded_http
+from runbook import bounded_http, drain
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
@@ -35,6 +35,7 @@ class Traffic:
     dials: tuple[str, ...]  # every upstream address in the loaded config
     proxy_slot: str | None = None  # X-Togather-Slot through the proxy (None: not asked/none)
     proxy_error: str | None = None
+    h2c: Listens = ()  # where Caddy's servers accept cleartext HTTP/2 (h2c_listens)
 
     @property
     def slot(self) -> Slot | None:
@@ -58,6 +59,34 @@ class Traffic:
             return "unknown"
         seen = f", the proxy answers {self.proxy_slot}" if self.proxy_slot else ""
         return f"{self.slot} (as Caddy runs it{seen})"
+
+
+Listens = tuple[tuple[int, int], ...]  # listening port ranges (first, last)
+
+
+def h2c_listens(config: Any) -> Listens:
+    """The ports (as ranges) of Caddy's HTTP servers that accept cleartext HTTP/2.
+
+    Why it matters: Go's `http.Server.Shutdown` neither closes nor hands over the connections
+    h2c took over (golang/go#26682), so on a reload Caddy 2.6's previous config goes on
+    serving every h2c connection it holds: after a switch, their requests still reach the
+    old slot until the client closes them."""
+    servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+    found: list[tuple[int, int]] = []
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if not isinstance(server, dict) or "h2c" not in (server.get("protocols") or ()):
+            continue
+        for address in server.get("listen") or ():
+            ports = str(address).rpartition(":")[2]
+            first, _, last = ports.partition("-")
+            if first.isdigit() and (not last or last.isdigit()):
+                found.append((int(first), int(last or first)))
+    return tuple(found)
+
+
+def accepts_h2c(h2c: Listens, front: int | None) -> bool:
+    """Does the server on Caddy's `front` port accept h2c? With the port unknown: any."""
+    return any(front is None or lo <= front <= hi for lo, hi in h2c)
 
 
 def _dials(config: Any) -> Iterator[str]:
@@ -107,7 +136,7 @@ def from_config(env: Environment, config: Any) -> Traffic:
     dials = tuple(dict.fromkeys(_dials(config)))
     by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
     slots = frozenset(by_port[p] for d in dials if (p := _port(d)) in by_port)
-    return Traffic(slots=slots, dials=dials)
+    return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config))
 
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
@@ -137,7 +166,7 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise
     header, error = witness.result()
-    return Traffic(found.slots, found.dials, header, error)
+    return Traffic(found.slots, found.dials, header, error, found.h2c)
 
 
 def serving_slot(env: Environment) -> Slot:
@@ -157,10 +186,10 @@ class ServingContainerError(RunbookError):
     exit_code = ExitCode.ATTENTION
 
 
-def refuse_if_serving(env: Environment, slot: Slot, action: str) -> None:
+def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
     """The invariant, checked at the moment of acting (not when planning): never stop,
     recreate, restart or remove the container Caddy sends traffic to. Fails closed when
-    Caddy's running config cannot be read."""
+    Caddy's running config cannot be read. Returns what it read."""
     container = env.slot(slot).container
     try:
         found = read(env, proxy=False)
@@ -174,6 +203,7 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> None:
             f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
             f"dials port {env.slot(slot).port})",
             "this is a bug or a concurrent change; see `runbook status`")
+    return found
 
 
 def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]:
@@ -193,6 +223,13 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
     warnings: list[str] = []
     if problem:
         warnings.append(problem)
+    front = drain.front_port(env.caddy.proxy_url)
+    if accepts_h2c(found.h2c, front):
+        warnings.append(
+            f"Caddy accepts cleartext HTTP/2 (h2c) on port {front or 'unknown'}: a reload does "
+            "not move the h2c connections it already holds (golang/go#26682), so their "
+            "requests still reach the old slot after the switch. The old slot is stopped only "
+            "once they have closed, else left running for them (the run says so)")
     if recorded is not None and recorded != found.slot:
         warnings.append(f"the state file says {recorded} is active but Caddy sends traffic to "
                         f"{found.slot}; trusting Caddy")

@@ -162,6 +162,8 @@ TRAITS: dict[str, str] = {
                          "(host togather-db): the runbook reaches Postgres through its container",
     "minimal-health": "an app whose /health has no `slot` and no `git_commit`",
     "docker-run": "slots created with plain `docker run`, no compose file",
+    "h2c": "Caddy also speaks cleartext HTTP/2 on the site (`servers { protocols h1 h2c }`), "
+           "as behind a load balancer that keeps HTTP/2 connections to it",
 }
 CADDY_IN_CONTAINER = "/etc/caddy"
 
@@ -180,7 +182,7 @@ CADDYFILE = """\
 # Togather drill proxy, run {run_id}: the same shape as /etc/caddy/Caddyfile on a host.
 {{
 	admin 127.0.0.1:{admin}
-	auto_https off
+	auto_https off{servers}
 }}
 
 # Another site on this host. Everything outside the markers survives a switch byte for byte.
@@ -286,7 +288,8 @@ class DrillStack:
 
     def caddyfile_text(self, slot: Slot) -> str:
         port = self.ports.blue if slot is Slot.BLUE else self.ports.green
-        return CADDYFILE.format(run_id=self.run_id, admin=self.ports.admin,
+        servers = "\n\tservers {\n\t\tprotocols h1 h2c\n\t}" if self.has("h2c") else ""
+        return CADDYFILE.format(run_id=self.run_id, admin=self.ports.admin, servers=servers,
                                 other_site=self.ports.other_site, proxy=self.ports.proxy,
                                 port=port, slot=slot.value)
 

@@ -1,0 +1,113 @@
+"""A host whose Caddy also speaks cleartext HTTP/2 (h2c), as behind a load balancer that keeps
+HTTP/2 connections to it: Caddy 2.6 never moves the h2c connections it holds to a new config
+on a reload (golang/go#26682), so after a switch their requests still reach the old slot.
+
+Measured first (bench/bench_drain.py --h2c): 64 h2c clients, 6 rollbacks, 0.17 raw resets
+per switch, but 4562 responses 502 once the drain gave up after 10 s and stopped the old slot
+under connections that still used it. The runbook now says so in the plan and leaves the old
+slot running for them. The oracle here is what runs: Caddy's answers on the connection that
+was open before the switch and on a fresh one, and Docker's view of the old container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook import docker, rollback, traffic
+from runbook.drill import http as drill_http
+from runbook.drill import scenes
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
+from tests.drill_checks import through_proxy
+
+
+def test_which_listeners_take_h2c_is_read_from_caddys_json_config() -> None:
+    """Caddy's own JSON shapes: no `protocols` is h1 h2 h3 (no h2c); listen addresses come
+    as ":port", "host:port", "tcp/host:first-last"."""
+    config = {"apps": {"http": {"servers": {
+        "srv0": {"listen": [":443"]},
+        "srv1": {"listen": ["127.0.0.1:8080", "tcp/[::1]:9000-9009"],
+                 "protocols": ["h1", "h2c"]},
+        "srv2": {"listen": [":8443"], "protocols": ["h1", "h2"]},
+    }}}}
+    h2c = traffic.h2c_listens(config)
+    assert h2c == ((8080, 8080), (9000, 9009))
+    assert traffic.accepts_h2c(h2c, 9005) and traffic.accepts_h2c(h2c, 8080)
+    assert not traffic.accepts_h2c(h2c, 443) and not traffic.accepts_h2c(h2c, 8443)
+    assert traffic.accepts_h2c(h2c, None)  # Caddy's port unknown: assume the worst
+    assert traffic.h2c_listens({}) == () and not traffic.accepts_h2c((), None)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[DrillStack]:
+    with DrillStack(shape="h2c") as stack:
+        yield stack
+
+
+def _h2c_client(stack: DrillStack) -> httpx.Client:
+    """One HTTP/2 connection with prior knowledge, reused for every request, as a load
+    balancer's pool keeps it."""
+    return httpx.Client(http1=False, http2=True, timeout=5, trust_env=False,
+                        verify=drill_http.context(),
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                            keepalive_expiry=None))
+
+
+def _answer(client: httpx.Client, stack: DrillStack) -> tuple[int, str, str | None, str]:
+    """(the client's port, so the same connection, HTTP version, slot, version)."""
+    response = client.get(f"{stack.env.caddy.proxy_url}/version")
+    port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    return (port, response.http_version, response.headers.get("X-Togather-Slot"),
+            response.json()["version"])
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_the_plan_says_what_h2c_means_for_the_switch(stack: DrillStack) -> None:
+    stack.arrange(scenes.PREVIOUS)
+    plan = rollback.rollback(stack.env, dry_run=True).plan
+    warning = next(w for w in plan.warnings if "h2c" in w)
+    assert f"port {stack.ports.proxy}" in warning and "still reach the old slot" in warning
+    assert through_proxy(stack.env)[0] == "blue"  # a dry run changed nothing
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_without_h2c_connections_the_old_slot_is_stopped_as_usual(stack: DrillStack) -> None:
+    stack.arrange(scenes.PREVIOUS)
+    rollback.rollback(stack.env)
+    assert through_proxy(stack.env) == ("green", VERSIONS["v2"].tag)
+    assert docker.inspect(stack.env.slot(Slot.BLUE).container).status == "exited"
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
+        stack: DrillStack) -> None:
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    said: list[str] = []
+
+    def progress(event: str, step: object = None, message: str = "") -> None:
+        if message:
+            said.append(message)
+
+    with _h2c_client(stack) as lb:
+        port, *answer = _answer(lb, stack)
+        assert answer == ["HTTP/2", "blue", VERSIONS["v3"].tag]
+        result = rollback.rollback(env, progress=progress)
+        # the connection opened before the switch is still served by Caddy's previous config
+        assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)  # a fresh connection moved
+    assert docker.inspect(env.slot(Slot.BLUE).container).running  # left running, not cut
+    stop = next(o for o in result.outcomes if o.name == "stop-old-slot")
+    assert stop.status == "ok"
+    assert any("left running" in m and "h2c" in m and "restarting Caddy" in m for m in said)
+    assert result.log_file is not None
+    journal = Path(result.log_file).read_text()
+    assert "left running" in journal and "cleartext HTTP/2" in journal
