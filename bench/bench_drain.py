@@ -9,6 +9,10 @@ Default: ROUNDS rollbacks alternating between a running and a stopped standby, e
 load, with the drain as wired in (`--old`: today's criterion before this change, the slot's
 port quiet for QUIET, no front view), printing 5xx, failures after one retry, raw resets per
 switch and the drain's times. Loopback only; the load is bounded (bench_rollback.Load).
+
+--h2c: Caddy also speaks cleartext HTTP/2 (the drill's `h2c` host shape) and each client keeps
+one HTTP/2 connection, as a load balancer's pool does: Caddy never moves those to the new
+config on a reload, so the old slot is left running for them (tests/test_h2c.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, summary
 from bench_rollback import CLIENTS, Load
 
-from runbook import bounded_http, deploy, drain, rollback, slots, traffic
+from runbook import bounded_http, deploy, docker, drain, rollback, slots, traffic
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
@@ -123,7 +127,8 @@ def _front(looks: list[tuple[float, drain.Look]], mark: float, label: str) -> No
           f"{summary(times) if times else '-'}; still open {WATCH:g}s later: {len(stayed)}")
 
 
-def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> None:
+def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
+           h2c: bool = False) -> None:
     v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
     keep = env.with_(stop_old_slot=False)
     drains: list[drain.Drain] = []
@@ -146,24 +151,29 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
     loads = []
     walls = []
     stop_steps = []
+    left_running: list[bool] = []  # the old slot, after the rollback (Docker's view)
     try:
         for i in range(n):
             stack.reset()
             deploy.deploy(env, deploy.Options(version=v2))
             deploy.deploy(keep if i % 2 == 0 else env, deploy.Options(version=v3))
-            with Load(f"{env.caddy.proxy_url}/version") as load:
+            old = traffic.serving_slot(env)
+            with Load(f"{env.caddy.proxy_url}/version", h2c=h2c) as load:
                 began = time.monotonic()
                 recording = True
                 result = rollback.rollback(env)
                 recording = False
                 walls.append(time.monotonic() - began)
             loads.append(load)
+            left_running.append(docker.inspect(env.slot(old).container).running)
             steps = {o.name: o.duration_ms / 1000 for o in result.outcomes}
             stop_steps.append(steps.get("stop-old-slot", float("nan")))
             d = drains[-1]
             print(f"  round {i + 1} ({'running' if i % 2 == 0 else 'stopped'} standby): "
                   f"{load.requests} requests, {load.errors_5xx} 5xx, {load.resets} resets, "
-                  f"{load.failures} failed; drain {d.seconds:.3f}s, {d.readings} readings, front "
+                  f"{load.failures} failed, answered by {dict(load.slots)} (old: {old}, "
+                  f"left running: {left_running[-1]}); drain "
+                  f"{d.seconds:.3f}s, {d.readings} readings, front "
                   f"done at {d.front_done_at}, last request at {d.last_request}, old listener left "
                   f"{d.listener_left_after} s after /load "
                   f"({d.describe()})",
@@ -182,6 +192,8 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool) -> 
         kinds.update(x.kinds)
     print("  raw resets as the clients saw them: " + ("; ".join(
         f"{count}x {kind}" for kind, count in kinds.most_common()) or "none"))
+    print(f"  old slot left running after the rollback (`docker inspect`): "
+          f"{sum(left_running)}/{len(left_running)}")
     late = sum("not watched" in d.describe() for d in drains)
     print(f"  reloads whose front was not sorted (reading before /load late or unusable): "
           f"{late}/{len(drains)}")
@@ -199,13 +211,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--watch", action="store_true")
     parser.add_argument("--old", action="store_true", help="today's criterion (before)")
+    parser.add_argument("--h2c", action="store_true",
+                        help="Caddy also speaks cleartext HTTP/2 and the clients use it, each "
+                             "on one kept connection (a load balancer's pool)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    with DrillStack() as stack:
+    with DrillStack(shape="h2c" if args.h2c else "default") as stack:
         if args.watch:
             watch(stack.env, stack)
         else:
-            rounds(stack.env, stack, args.rounds, args.old)
+            rounds(stack.env, stack, args.rounds, args.old, args.h2c)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ MAX_PER_CLIENT = 5000
 PAUSE = 0.002
 
 
-def _client(url: str, stop: Any, counts: Any) -> None:
+def _client(url: str, stop: Any, counts: Any, h2c: bool = False) -> None:
     requests = errors_5xx = resets = failures = 0
     kinds: Counter[str] = Counter()  # what each raw reset looked like to the client
-    with httpx.Client(timeout=5, trust_env=False) as http:
+    slots: Counter[str] = Counter()  # which slot answered (X-Togather-Slot)
+    # h2c: HTTP/2 with prior knowledge on one kept connection, as a load balancer's pool
+    with httpx.Client(timeout=5, trust_env=False, http1=not h2c, http2=h2c,
+                      limits=httpx.Limits(keepalive_expiry=None if h2c else 5.0)) as http:
         while not stop.is_set() and requests < MAX_PER_CLIENT:
             time.sleep(PAUSE)
             for attempt in (1, 2):
@@ -49,12 +52,13 @@ def _client(url: str, stop: Any, counts: Any) -> None:
                     continue
                 requests += 1
                 errors_5xx += response.status_code >= 500
+                slots[str(response.headers.get("X-Togather-Slot"))] += 1
                 break
-    counts.put((requests, errors_5xx, resets, failures, dict(kinds)))
+    counts.put((requests, errors_5xx, resets, failures, dict(kinds), dict(slots)))
 
 
-def _load_process(url: str, stop: Any, counts: Any) -> None:
-    threads = [threading.Thread(target=_client, args=(url, stop, counts))
+def _load_process(url: str, stop: Any, counts: Any, h2c: bool = False) -> None:
+    threads = [threading.Thread(target=_client, args=(url, stop, counts, h2c))
                for _ in range(CLIENTS)]
     for t in threads:
         t.start()
@@ -66,13 +70,15 @@ class Load:
     """CLIENTS client threads in their own process (so they do not share the rollback's GIL),
     each hammering GET /version through Caddy with keep-alive, bounded in time."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, h2c: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.stop = ctx.Event()
         self.counts = ctx.Queue()
-        self.process = ctx.Process(target=_load_process, args=(url, self.stop, self.counts))
+        self.process = ctx.Process(target=_load_process,
+                                   args=(url, self.stop, self.counts, h2c))
         self.requests = self.errors_5xx = self.resets = self.failures = 0
         self.kinds: Counter[str] = Counter()
+        self.slots: Counter[str] = Counter()
 
     def __enter__(self) -> Load:
         self.process.start()
@@ -83,8 +89,9 @@ class Load:
         time.sleep(0.5)
         self.stop.set()
         for _ in range(CLIENTS):
-            r, e, s, f, k = self.counts.get(timeout=30)
+            r, e, s, f, k, answered = self.counts.get(timeout=30)
             self.kinds.update(k)
+            self.slots.update(answered)
             self.requests += r
             self.errors_5xx += e
             self.resets += s
