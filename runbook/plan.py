@@ -59,6 +59,8 @@ class StepContext:
     undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     say: Callable[[str], None] = lambda message: None  # live progress for people waiting
+    # what on-call must see even when the run succeeds (shown, and in --format json notices)
+    notice: Callable[[str], None] = lambda message: None
     heartbeat: Callable[[], None] = lambda: None  # long waits call it: the lock stays fresh
     commit: Callable[[], None] = lambda: None  # the commit step calls it once verified
 
@@ -217,9 +219,10 @@ class Signals:
 
 def execute(plan: Plan, journal: Any, progress: Callable[..., None] | None = None, *,
             signals: Signals | None = None,
-            heartbeat: Callable[[], None] = lambda: None) -> list[StepOutcome]:
+            heartbeat: Callable[[], None] = lambda: None,
+            notice: Callable[[str], None] = lambda message: None) -> list[StepOutcome]:
     """Run the plan as one transaction (see the module docstring)."""
-    run = _Execution(plan, journal, progress, signals or Signals(), heartbeat)
+    run = _Execution(plan, journal, progress, signals or Signals(), heartbeat, notice)
     return run.go()
 
 
@@ -230,6 +233,7 @@ class _Execution:
     progress: Callable[..., None] | None
     signals: Signals
     heartbeat: Callable[[], None]
+    notice: Callable[[str], None]
     outcomes: list[StepOutcome] = field(default_factory=list)
     undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
@@ -288,6 +292,7 @@ class _Execution:
     def _run(self, step: Step, rest: list[Step]) -> None:
         ctx = StepContext(step, env=self.env, heartbeat=self.heartbeat)
         ctx.say = lambda message: self._say("note", step, message)
+        ctx.notice = self.notice
         ctx.commit = self._commit
         self._say("start", step)
         started = time.monotonic()

@@ -119,7 +119,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
 
             with _heartbeat(held, env):
                 result.outcomes = execute(plan, journal, progress, signals=signals,
-                                          heartbeat=beat)
+                                          heartbeat=beat, notice=say)
         finally:
             with journal.step("unlock", "Release the deploy lock"):
                 locks.release(env, held)

@@ -276,7 +276,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         kept = stop(env, slot, running=True, on_drain=lambda d: ctx.note(drained=d.describe()))
         if kept is not None:
             ctx.note(container=f"left running: {kept}")
-            ctx.say(f"the old {slot} container is left running: {kept}")
+            ctx.notice(f"the old {slot} container is left running: {kept}")
             return
         ctx.note(container=docker.inspect(container).status)
 

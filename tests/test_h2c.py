@@ -91,16 +91,11 @@ def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
         stack: DrillStack) -> None:
     stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
     env = stack.env
-    said: list[str] = []
-
-    def progress(event: str, step: object = None, message: str = "") -> None:
-        if message:
-            said.append(message)
-
+    said: list[str] = []  # what the CLI prints as "runbook: note: ..."
     with _h2c_client(stack) as lb:
         port, *answer = _answer(lb, stack)
         assert answer == ["HTTP/2", "blue", VERSIONS["v3"].tag]
-        result = rollback.rollback(env, progress=progress)
+        result = rollback.rollback(env, notify=said.append)
         # the connection opened before the switch is still served by Caddy's previous config
         assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
     assert through_proxy(env) == ("green", VERSIONS["v2"].tag)  # a fresh connection moved
@@ -108,6 +103,7 @@ def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
     stop = next(o for o in result.outcomes if o.name == "stop-old-slot")
     assert stop.status == "ok"
     assert any("left running" in m and "h2c" in m and "restarting Caddy" in m for m in said)
+    assert result.to_json()["notices"] == said  # --format json carries it too
     assert result.log_file is not None
     journal = Path(result.log_file).read_text()
     assert "left running" in journal and "cleartext HTTP/2" in journal
