@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import shutil
 import socket
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def run(kind: str, clients: int, reloads: int, caddy_image: str) -> str:
             t.join()
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
         for server, _port in servers:
             server.shutdown()
     stale = total = 0
