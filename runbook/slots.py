@@ -284,6 +284,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
                 {"container": container,
                  "guard": "refused if Caddy sends traffic to it at that moment",
                  "drain": drain_plan(env, slot),
+                 "left running": "instead, when the drain ends with connections still open "
+                                 "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
+                                 "those never move to the new config (said at the end)",
                  "command": action.display()},
                 run=run, skip=None if enabled else "rollback.stop_old_slot = false",
                 phase=Phase.FINISH)
