@@ -51,6 +51,27 @@ all:
 # -- plan --------------------------------------------------------------------------------------
 
 
+def test_a_hosts_notice_is_on_its_line_of_the_fleet_summary() -> None:
+    """A host whose rollback succeeded but left its old slot running (Caddy holds h2c
+    connections) says so on its fleet line, from its `--format json` notices; a host without
+    notices gets the plain line."""
+    from runbook.fleet.rollout import ROLLED_BACK, HostResult, _host_events
+
+    said: list[str] = []
+    hosts = {"host1": HostResult("host1"), "host2": HostResult("host2")}
+    events = _host_events(hosts, said.append)
+    note = "the old blue container is left running: 3 connection(s) of Caddy's previous config"
+    for host, notices in (("host1", [note]), ("host2", [])):
+        out = json.dumps({"ok": True, "notices": notices, "timing": {"done_in_s": 0.9}})
+        events.on_end("runbook rollback", host, {"_event": "runner_on_ok", "rc": 0,
+                                                 "stdout": f"progress\n{out}\n"})
+    assert hosts["host1"].status == hosts["host2"].status == ROLLED_BACK
+    assert hosts["host1"].message == f"done in 0.9s; note: {note}"
+    assert hosts["host2"].message == "done in 0.9s"
+    assert said == [f"host1: {ROLLED_BACK} (done in 0.9s; note: {note})",
+                    f"host2: {ROLLED_BACK} (done in 0.9s)"]
+
+
 def test_default_batches_are_canary_then_one_then_a_quarter_then_the_rest() -> None:
     hosts = [f"h{i}" for i in range(10)]
     plan = inv.batches(hosts, ["h0"], inv.DEFAULT_BATCHES)

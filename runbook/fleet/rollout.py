@@ -728,6 +728,11 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Ev
                 r.status = FAILED_ATTENTION
                 r.message = (f"exit {r.exit_code}: "
                              f"{data.get('error') or _one_line(str(res.get('stderr', '')))}")
+            # what the host's run said on-call must see even when it succeeded (e.g. its old
+            # slot left running for Caddy's h2c connections)
+            notes = [_one_line(str(n)) for n in data.get("notices") or []]
+            if notes:
+                r.message += "; note: " + "; ".join(notes)
         say(f"{host}: {r.status} ({r.message})")
 
     return Events(on_start=on_start, on_end=on_end)
