@@ -24,6 +24,24 @@ _TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:runbook-tmp\.[0-9a-f]{12}|[0-9a-f
                       r"|runbook-(?:write|validate)-[A-Za-z0-9_]+)\.tmp$")
 
 
+def flock_within(fd: int, timeout: float, poll: float) -> bool:
+    """Take an exclusive flock on `fd`, waiting at most `timeout` seconds; False if not.
+
+    Polled rather than blocking so that a signal (Ctrl-C) is handled while waiting; the
+    kernel drops the lock with its holder, so a killed process never leaves it taken."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)
+
+
 def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{TEMP_TAG}.{secrets.token_hex(6)}.tmp")
 

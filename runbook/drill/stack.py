@@ -107,16 +107,9 @@ def ports_claim(timeout: float = PORTS_LOCK_TIMEOUT) -> Iterator[None]:
     import fcntl
 
     with PORTS_LOCK.open("a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise DrillError(f"another drill stack held {PORTS_LOCK} for {timeout:g} s "
-                                     "while starting", "see `make clean-drills`") from None
-                time.sleep(0.05)
+        if not files.flock_within(handle.fileno(), timeout, 0.05):
+            raise DrillError(f"another drill stack held {PORTS_LOCK} for {timeout:g} s "
+                             "while starting", "see `make clean-drills`")
         try:
             yield
         finally:

@@ -8,7 +8,6 @@ policy.py judged, and only after its directory is renamed away and checked by in
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -260,17 +259,10 @@ def _guard(env: Environment) -> Iterator[None]:
                           "check [lock] dir in the environment file and its permissions"
                           ) from None
     try:
-        deadline = time.monotonic() + GUARD_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockedError(f"{env.display}: another runbook process has been "
-                                      f"inspecting the deploy lock for {GUARD_TIMEOUT:.0f} s",
-                                      f"find it with `fuser {guard}` and try again") from None
-                time.sleep(0.01)
+        if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
+            raise LockedError(f"{env.display}: another runbook process has been "
+                              f"inspecting the deploy lock for {GUARD_TIMEOUT:.0f} s",
+                              f"find it with `fuser {guard}` and try again")
         yield
     finally:
         os.close(fd)  # closing drops the flock
