@@ -266,6 +266,11 @@ def test_real_sockets_an_old_connection_answering_late_is_waited_for(
     assert result.front_watched == 2 and result.front_closed == 1 and result.front_kept == 1
     assert "closed" in events and ended >= events["closed"], (events, began, ended)
     assert ended - events["closed"] < 0.5, result
+    # wake the new config's pair before closing: a socket closed under a thread still using it
+    # raised EBADF there (seen in CI as an unhandled-thread warning)
+    new_client.shutdown(socket.SHUT_RDWR)
+    for t in threads:
+        t.join(timeout=3)
     for s in (old_client, new_client, new_conn):
         s.close()
 
