@@ -73,10 +73,39 @@ def front_port(env: Environment) -> int | None:
 
 def recreate(env: Environment, slot: Slot, tag: str,
              command: compose.Command | None = None) -> None:
-    """Recreate a slot's container through compose; never the one that serves. `command` is
-    the one the plan showed (built here when not given)."""
-    traffic.refuse_if_serving(env, slot, "recreate")
+    """Recreate a slot's container through compose; never the one that serves, nor a running
+    one Caddy's h2c connections may still use (`refuse_if_held`). `command` is the one the
+    plan showed (built here when not given)."""
+    found = traffic.refuse_if_serving(env, slot, "recreate")
+    refuse_if_held(env, slot, docker.inspect(env.slot(slot).container).running, found.h2c)
     compose.run(command or compose.recreate_slot(env, slot, tag))
+
+
+def refuse_if_held(env: Environment, slot: Slot, running: bool,
+                   h2c: traffic.Listens | None = None) -> None:
+    """Refuse to recreate a running slot when Caddy takes cleartext HTTP/2 on its front port.
+
+    Why: connections such a Caddy accepted before an earlier switch stay with the config that
+    accepted them (golang/go#26682), so they may still send their users' requests to this
+    slot; a rollback leaves it running for them (`stop`). Which connections those are cannot
+    be read from outside Caddy, so this fails closed; recreating it would answer them 502.
+    `h2c`: what the caller has just read from Caddy (None: read it here, only if running)."""
+    if not running:
+        return
+    if h2c is None:
+        h2c = traffic.read(env, proxy=False).h2c
+    front = front_port(env)
+    if not traffic.accepts_h2c(h2c, front):
+        return
+    container = env.slot(slot).container
+    raise PreconditionError(
+        f"refusing to recreate {container}: it is running and Caddy takes cleartext HTTP/2 "
+        f"(h2c) on port {front or 'unknown'}, so connections it accepted before an earlier "
+        "switch may still send requests to it (h2c connections never move to a new config); "
+        "recreating it would answer them 502",
+        f"stop it yourself once they have closed (`ss -tn state established '( sport = "
+        f":{front or 'PORT'} )'`, then `docker stop {container}`), or restart Caddy to move "
+        "them now (which cuts every open connection); then run again")
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
                         f"exists: `runbook deploy {env.name} --version <version>`")
     why = "the container was removed" if not info.exists else f"it runs {info.image}"
     compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
+    refuse_if_held(env, slot, info.running)
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook import docker, rollback, traffic
+from runbook import deploy, docker, rollback, slots, traffic
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
+from runbook.errors import PreconditionError
 from tests.drill_checks import through_proxy
 
 
@@ -107,3 +108,37 @@ def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
     assert result.log_file is not None
     journal = Path(result.log_file).read_text()
     assert "left running" in journal and "cleartext HTTP/2" in journal
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
+        stack: DrillStack) -> None:
+    """A later deploy would recreate that slot (it is the standby now): refused at planning
+    and again at the moment of acting, nothing changed; once on-call stopped it, it goes."""
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    new = VERSIONS["v3"].tag  # the version rolled back from, as after a fix (v1's schema is older)
+    with _h2c_client(stack) as lb:
+        port, *_ = _answer(lb, stack)
+        rollback.rollback(env)
+        left = docker.inspect(blue)
+        assert left.running  # left running for the connection above
+        state = env.state_file.read_bytes()
+        loaded = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
+        with pytest.raises(PreconditionError) as refused:
+            deploy.deploy(env, deploy.Options(version=new))
+        assert f"refusing to recreate {blue}" in refused.value.message
+        assert "h2c" in refused.value.message and f"docker stop {blue}" in str(refused.value.fix)
+        with pytest.raises(PreconditionError):  # a plan made before it was left running
+            slots.recreate(env, Slot.BLUE, new)
+        # nothing changed: the held connection is still answered by the same container
+        assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
+        assert docker.inspect(blue).started_at == left.started_at
+        assert env.state_file.read_bytes() == state
+        assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json() == loaded
+    docker.stop(blue)  # its users are gone and on-call stopped it, as the message says
+    deploy.deploy(env, deploy.Options(version=new))
+    assert through_proxy(env) == ("blue", new)
+    assert docker.inspect(blue).started_at != left.started_at  # recreated this time
