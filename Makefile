@@ -56,14 +56,14 @@ chromium:
 
 # The drill host shapes (README, "Drill host shapes"): everything against the default shape,
 # then SHAPE_TESTS (below) against each group of traits below (together they cover the
-# first five; h2c has tests/test_h2c.py); tests/test_shapes.py, in the first run, has the
+# six; h2c's own proofs are tests/test_h2c.py); tests/test_shapes.py, in the first run, has the
 # targeted checks of those five at once). On a docker-run host `runbook deploy` has no compose and refuses (exit 4,
 # nothing changed: test_rollback.py proves it there), so the three scenarios that end with
 # "I redeploy the known-good version" (`runbook deploy`) are deselected on docker-run shapes;
 # their refusals are proved there by test_rollback.py. The kill matrix runs its sample here
 # (RUNBOOK_KILL_MATRIX=full: every cell, as the nightly drill does). The fleet scenarios run
 # once, in the first run: the drill fleet has its own shape (sshd per host) and ignores --shape.
-SHAPES ?= container-caddy,docker-network-db,minimal-health container-caddy,caddy-reload,docker-run
+SHAPES ?= container-caddy,docker-network-db,minimal-health,h2c container-caddy,caddy-reload,docker-run
 # What runs per shape group: in make test a representative sample (the rollback feature and
 # tests/test_rollback.py: every rollback path, refusal and proof on that host's shape); the
 # nightly drill sets SHAPE_TESTS="features/ tests/test_rollback.py" (every feature per shape).

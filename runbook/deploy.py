@@ -70,9 +70,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     caddy.check_running(env)
     config = env.slot(target)
-    slots.refuse_if_held(env, target, docker.inspect(config.container).running)
     observed = slots.Observed()
     recreate = compose.recreate_slot(env, target, version)
+    slots.refuse_if_held(env, target, docker.inspect(config.container))
     planned = caddy.plan_switch(env, target)
     tools = preflight.check(env, candidate=planned.new_text,
                             recreate=True, migrate_image=image)

@@ -4,11 +4,13 @@ switch, so every path starts, recreates and gates a slot the same way."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from runbook import caddy, compose, docker, drain, health, traffic
+from runbook import caddy, compose, docker, drain, files, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError, RunbookError
@@ -46,13 +48,14 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
             if on_drain is not None:
                 on_drain(drained)
             if kept:
-                return (f"{drained.busy} connection(s) of Caddy's previous config still "
-                        f"open after {drained.seconds:.0f}s, and Caddy takes cleartext HTTP/2 "
-                        f"(h2c) on port {front or 'unknown'}: h2c connections never move to "
-                        f"the new config, so their requests can still reach {container}. Stop "
-                        f"it with `docker stop {container}` once they have closed (`ss -tn "
-                        f"state established '( sport = :{front or 'PORT'} )'`), or move them "
-                        "now by restarting Caddy (which cuts every open connection)")
+                return _record_held(env, slot, (
+                    f"{drained.busy} connection(s) of Caddy's previous config still open after "
+                    f"{drained.seconds:.0f}s, and Caddy takes cleartext HTTP/2 (h2c) on port "
+                    f"{front or 'unknown'}: h2c connections never move to the new config, so "
+                    f"their requests can still reach {container}. Stop it with `docker stop "
+                    f"{container}` once they have closed (`ss -tn state established '( sport = "
+                    f":{front or 'PORT'} )'`), or move them now by restarting Caddy (which cuts "
+                    "every open connection)"))
     docker.run(docker.stop_action(container))
     return None
 
@@ -73,38 +76,67 @@ def front_port(env: Environment) -> int | None:
 
 def recreate(env: Environment, slot: Slot, tag: str,
              command: compose.Command | None = None) -> None:
-    """Recreate a slot's container through compose; never the one that serves, nor a running
-    one Caddy's h2c connections may still use (`refuse_if_held`). `command` is the one the
-    plan showed (built here when not given)."""
-    found = traffic.refuse_if_serving(env, slot, "recreate")
-    refuse_if_held(env, slot, docker.inspect(env.slot(slot).container).running, found.h2c)
+    """Recreate a slot's container through compose; never the one that serves, nor one left
+    running for Caddy's h2c connections (`refuse_if_held`). `command` is the one the plan
+    showed (built here when not given)."""
+    traffic.refuse_if_serving(env, slot, "recreate")
+    refuse_if_held(env, slot, docker.inspect(env.slot(slot).container))
     compose.run(command or compose.recreate_slot(env, slot, tag))
 
 
-def refuse_if_held(env: Environment, slot: Slot, running: bool,
-                   h2c: traffic.Listens | None = None) -> None:
-    """Refuse to recreate a running slot when Caddy takes cleartext HTTP/2 on its front port.
+def held_marker(env: Environment, slot: Slot) -> Path:
+    """Where `stop` records that it left `slot` running for Caddy's h2c connections (not a
+    run record: no .json suffix)."""
+    return env.runs_dir / f"{env.name}.{slot}.held-for-h2c"
 
-    Why: connections such a Caddy accepted before an earlier switch stay with the config that
-    accepted them (golang/go#26682), so they may still send their users' requests to this
-    slot; a rollback leaves it running for them (`stop`). Which connections those are cannot
-    be read from outside Caddy, so this fails closed; recreating it would answer them 502.
-    `h2c`: what the caller has just read from Caddy (None: read it here, only if running)."""
-    if not running:
+
+def _record_held(env: Environment, slot: Slot, reason: str) -> str:
+    """Record which container was left running (its name and start time: a restarted or
+    recreated one is another), so a later run does not recreate it under those connections.
+    Returns the reason, with a warning if it could not be recorded."""
+    info = docker.inspect(env.slot(slot).container)
+    record = {"container": info.name, "started_at": info.started_at,
+              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "why": reason}
+    try:
+        env.runs_dir.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(held_marker(env, slot), json.dumps(record, indent=1).encode())
+    except OSError as exc:
+        return (f"{reason} (not recorded in {held_marker(env, slot)}: {exc.strerror}; a later "
+                "deploy will not know, so stop it before you deploy)")
+    return reason
+
+
+def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:
+    """Refuse to recreate the very container a rollback or deploy left running for Caddy's h2c
+    connections (still running, same start time).
+
+    Why: connections such a Caddy accepted before a switch stay with the config that accepted
+    them (golang/go#26682), so they may still send their users' requests to it; recreating it
+    would answer them 502. Which connections those are cannot be read from outside Caddy, so
+    the container stays until on-call stops it (or it is restarted): then this record no
+    longer matches what runs."""
+    if not info.running:
         return
-    if h2c is None:
-        h2c = traffic.read(env, proxy=False).h2c
+    try:
+        record = json.loads(held_marker(env, slot).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:  # unreadable: fail closed, say which file
+        raise PreconditionError(
+            f"cannot read {held_marker(env, slot)} ({exc}), which says whether {info.name} was "
+            "left running for Caddy's h2c connections",
+            f"if {info.name} has no users left, `docker stop {info.name}`, then run again"
+        ) from None
+    if record.get("container") != info.name or record.get("started_at") != info.started_at:
+        return
     front = front_port(env)
-    if not traffic.accepts_h2c(h2c, front):
-        return
-    container = env.slot(slot).container
     raise PreconditionError(
-        f"refusing to recreate {container}: it is running and Caddy takes cleartext HTTP/2 "
-        f"(h2c) on port {front or 'unknown'}, so connections it accepted before an earlier "
-        "switch may still send requests to it (h2c connections never move to a new config); "
-        "recreating it would answer them 502",
+        f"refusing to recreate {info.name}: it was left running at {record.get('at', '?')} for "
+        "connections Caddy's previous config held over cleartext HTTP/2 (h2c), which may still "
+        "send requests to it (h2c connections never move to a new config); recreating it "
+        "would answer them 502",
         f"stop it yourself once they have closed (`ss -tn state established '( sport = "
-        f":{front or 'PORT'} )'`, then `docker stop {container}`), or restart Caddy to move "
+        f":{front or 'PORT'} )'`, then `docker stop {info.name}`), or restart Caddy to move "
         "them now (which cuts every open connection); then run again")
 
 
@@ -163,7 +195,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
                         f"exists: `runbook deploy {env.name} --version <version>`")
     why = "the container was removed" if not info.exists else f"it runs {info.image}"
     compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
-    refuse_if_held(env, slot, info.running)
+    refuse_if_held(env, slot, info)
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
 
