@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runbook import caddy, compose, docker, drain, files, health, traffic
 from runbook.docker import ContainerInfo
@@ -106,38 +107,53 @@ def _record_held(env: Environment, slot: Slot, reason: str) -> str:
     return reason
 
 
+def held_record(env: Environment, slot: Slot, info: ContainerInfo) -> dict[str, Any] | None:
+    """What `stop` recorded when it left this very container running for Caddy's h2c
+    connections (still running, same start time), or None. An unreadable record is a
+    PreconditionError naming the file (fail closed: it may say exactly that)."""
+    if not info.running:
+        return None
+    path = held_marker(env, slot)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PreconditionError(
+            f"cannot read {path} ({exc}), which says whether {info.name} was left running for "
+            "Caddy's h2c connections",
+            f"if {info.name} has no users left, `docker stop {info.name}`, then run again"
+        ) from None
+    if not isinstance(record, dict) or (record.get("container"), record.get("started_at")) != (
+            info.name, info.started_at):
+        return None
+    return record
+
+
+def held_fix(env: Environment, container: str) -> str:
+    front = front_port(env)
+    return (f"stop it yourself once they have closed (`ss -tn state established '( sport = "
+            f":{front or 'PORT'} )'`, then `docker stop {container}`), or restart Caddy to move "
+            "them now (which cuts every open connection)")
+
+
 def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:
     """Refuse to recreate the very container a rollback or deploy left running for Caddy's h2c
-    connections (still running, same start time).
+    connections (`held_record`).
 
     Why: connections such a Caddy accepted before a switch stay with the config that accepted
     them (golang/go#26682), so they may still send their users' requests to it; recreating it
     would answer them 502. Which connections those are cannot be read from outside Caddy, so
-    the container stays until on-call stops it (or it is restarted): then this record no
+    the container stays until on-call stops it (or it is restarted): then the record no
     longer matches what runs."""
-    if not info.running:
+    record = held_record(env, slot, info)
+    if record is None:
         return
-    try:
-        record = json.loads(held_marker(env, slot).read_text())
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError) as exc:  # unreadable: fail closed, say which file
-        raise PreconditionError(
-            f"cannot read {held_marker(env, slot)} ({exc}), which says whether {info.name} was "
-            "left running for Caddy's h2c connections",
-            f"if {info.name} has no users left, `docker stop {info.name}`, then run again"
-        ) from None
-    if record.get("container") != info.name or record.get("started_at") != info.started_at:
-        return
-    front = front_port(env)
     raise PreconditionError(
         f"refusing to recreate {info.name}: it was left running at {record.get('at', '?')} for "
         "connections Caddy's previous config held over cleartext HTTP/2 (h2c), which may still "
         "send requests to it (h2c connections never move to a new config); recreating it "
-        "would answer them 502",
-        f"stop it yourself once they have closed (`ss -tn state established '( sport = "
-        f":{front or 'PORT'} )'`, then `docker stop {info.name}`), or restart Caddy to move "
-        "them now (which cuts every open connection); then run again")
+        "would answer them 502", held_fix(env, info.name) + "; then run again")
 
 
 @dataclass(frozen=True)

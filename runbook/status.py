@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import caddy, database, docker, health, traffic
+from runbook import caddy, database, docker, health, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
@@ -56,6 +56,8 @@ class Facts:
     intent: intents.Intent | None = None  # an interrupted run, if any
     intent_error: RunbookError | None = None
     last_run: dict[str, Any] | None = None
+    held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
+    held_error: RunbookError | None = None
 
     @property
     def active(self) -> Slot | None:
@@ -193,12 +195,27 @@ def standby_running(f: Facts) -> Iterator[Problem]:
         return
     standby = active.other
     image = f.image(standby)
+    if standby in f.held:  # its own check says why and what to do
+        return
     if not f.running(standby) or image is None or image == f.image(active):
         return
     yield Problem(f"the standby slot {standby} is left running ({image}) while {active} takes "
                   "traffic",
                   f"stop it (it takes no traffic): `docker stop {f.env.slot(standby).container}`"
                   "; a rollback starts it again when needed")
+
+
+def held_for_h2c(f: Facts) -> Iterator[Problem]:
+    """A slot a run left running for connections Caddy's previous config still held over h2c:
+    stopping it is on-call's call (when they have closed), and no deploy recreates it."""
+    if f.held_error is not None:
+        yield _error(f.held_error, "see the file named")
+    for slot, record in f.held.items():
+        container = f.env.slot(slot).container
+        yield Problem(f"the {slot} slot ({container}) was left running at "
+                      f"{record.get('at', '?')} for connections Caddy's previous config held "
+                      "over cleartext HTTP/2 (h2c): they may still be answered by it, and no "
+                      "deploy recreates it while it runs", slots.held_fix(f.env, container))
 
 
 def traffic_unclear(f: Facts) -> Iterator[Problem]:
@@ -245,7 +262,7 @@ CHECKS: list[Check] = [
     state_unreadable, container_unknown, caddy_problems, traffic_unclear,
     caddyfile_differs_from_what_runs, interrupted_run, database_unreachable,
     no_current_deployment, state_disagrees_with_caddy, active_unhealthy, image_differs,
-    stale_lock, standby_running,
+    stale_lock, held_for_h2c, standby_running,
 ]
 
 
@@ -291,6 +308,14 @@ def collect(env: Environment) -> Facts:
         f.database_error = exc
     f.lock = locks.status(env)
     f.last_run = _last_run(env)
+    for slot, info in f.containers.items():
+        try:
+            record = slots.held_record(env, slot, info) if info is not None else None
+        except RunbookError as exc:
+            f.held_error = exc
+            continue
+        if record is not None:
+            f.held[slot] = record
     return f
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook import deploy, docker, rollback, slots, traffic
+from runbook import deploy, docker, rollback, slots, status, traffic
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
@@ -131,6 +131,9 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
         assert left.running  # left running for the connection above
         held = json.loads(slots.held_marker(env, Slot.BLUE).read_text())
         assert (held["container"], held["started_at"]) == (blue, left.started_at)
+        said = [p["problem"] for p in status.gather(env)["problems"]]
+        assert any("left running" in p and "h2c" in p and blue in p for p in said), said
+        assert not any("it takes no traffic" in p for p in said), said  # it may: h2c
         state = env.state_file.read_bytes()
         loaded = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
         with pytest.raises(PreconditionError) as refused:
@@ -145,6 +148,7 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
         assert env.state_file.read_bytes() == state
         assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json() == loaded
     docker.stop(blue)  # its users are gone and on-call stopped it, as the message says
+    assert not any("left running" in p["problem"] for p in status.gather(env)["problems"])
     deploy.deploy(env, deploy.Options(version=new))
     assert through_proxy(env) == ("blue", new)
     assert docker.inspect(blue).started_at != left.started_at  # recreated this time
