@@ -53,10 +53,7 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
                     f"{drained.busy} connection(s) of Caddy's previous config still open after "
                     f"{drained.seconds:.0f}s, and Caddy takes cleartext HTTP/2 (h2c) on port "
                     f"{front or 'unknown'}: h2c connections never move to the new config, so "
-                    f"their requests can still reach {container}. Stop it with `docker stop "
-                    f"{container}` once they have closed (`ss -tn state established '( sport = "
-                    f":{front or 'PORT'} )'`), or move them now by restarting Caddy (which cuts "
-                    "every open connection)"))
+                    f"their requests can still reach {container}: {held_fix(env, container)}"))
     docker.run(docker.stop_action(container))
     return None
 
