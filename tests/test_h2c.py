@@ -12,6 +12,8 @@ was open before the switch and on a fresh one, and Docker's view of the old cont
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +144,11 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
         assert "h2c" in refused.value.message and f"docker stop {blue}" in str(refused.value.fix)
         with pytest.raises(PreconditionError):  # a plan made before it was left running
             slots.recreate(env, Slot.BLUE, new)
+        cli = subprocess.run(  # as on-call types it: one line, exit 4 (README, Exit codes)
+            [sys.executable, "-m", "runbook.cli", "deploy", str(env.source), "--version", new,
+             "--yes"], capture_output=True, text=True, timeout=60, check=False)
+        assert cli.returncode == 4, cli.stderr
+        assert f"refusing to recreate {blue}" in cli.stderr and "Traceback" not in cli.stderr
         # nothing changed: the held connection is still answered by the same container
         assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
         assert docker.inspect(blue).started_at == left.started_at
