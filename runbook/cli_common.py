@@ -140,7 +140,8 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
         typer.echo("Dry run: nothing was changed.")
         return
     # A plain table (no rich import: it cost the on-call ~25 ms for three columns).
-    rows = [(o.title, o.status, f"{o.duration_ms / 1000:.2f}s") for o in result.outcomes]
+    rows = [(o.title, f"{o.status}, {o.result}" if o.result else o.status,
+             f"{o.duration_ms / 1000:.2f}s") for o in result.outcomes]
     head = ("step", "status", "duration")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     typer.echo(f"{result.plan.action}: {result.plan.summary}")

@@ -63,6 +63,8 @@ class StepContext:
     notice: Callable[[str], None] = lambda message: None
     heartbeat: Callable[[], None] = lambda: None  # long waits call it: the lock stays fresh
     commit: Callable[[], None] = lambda: None  # the commit step calls it once verified
+    # a few words beside "ok" when the title is not the whole truth ("left running")
+    result: str | None = None
 
     def note(self, **values: Any) -> None:
         self.notes.update(values)
@@ -142,6 +144,7 @@ class StepOutcome:
     duration_ms: float
     error: str | None = None
     phase: str = Phase.PREPARE.value
+    result: str | None = None  # StepContext.result: what an "ok" step did instead of its title
 
 
 class TookEffectError(RunbookError):
@@ -319,7 +322,7 @@ class _Execution:
             raise self._rolled_back(exc) from None
         self.outcomes.append(StepOutcome(step.name, step.title, "ok",
                                          (time.monotonic() - started) * 1000, None,
-                                         step.phase.value))
+                                         step.phase.value, ctx.result))
         self._say("done", step)
         if step.phase is Phase.COMMIT and not self.committed:
             self._commit()

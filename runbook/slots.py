@@ -352,6 +352,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         if kept is not None:
             ctx.note(container=f"left running: {kept}")
             ctx.notice(f"the old {slot} container is left running: {kept}")
+            ctx.result = "left running"
             return
         ctx.note(container=docker.inspect(container).status)
 
