@@ -11,6 +11,7 @@ was open before the switch and on a fresh one, and Docker's view of the old cont
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
 from runbook.errors import PreconditionError
-from tests.drill_checks import through_proxy
+from tests.drill_checks import host_env, through_proxy
 
 
 def test_which_listeners_take_h2c_is_read_from_caddys_json_config() -> None:
@@ -159,3 +160,30 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
     deploy.deploy(env, deploy.Options(version=new))
     assert through_proxy(env) == ("blue", new)
     assert docker.inspect(blue).started_at != left.started_at  # recreated this time
+
+
+def test_the_held_record_matches_only_the_very_container_it_names(tmp_path: Path) -> None:
+    """No Docker here: the record against what `docker inspect` would say. A stopped,
+    restarted or other container is not held; an unreadable record fails closed."""
+    env = host_env(tmp_path, name="staging")
+    name = env.slot(Slot.BLUE).container
+    running = docker.ContainerInfo(name, True, "running", started_at="2026-12-02T05:56:43Z")
+    assert slots.held_record(env, Slot.BLUE, running) is None  # nothing recorded
+    marker = slots.held_marker(env, Slot.BLUE)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"container": name, "started_at": running.started_at,
+                                  "at": "2026-12-02T05:56:54+0000"}))
+    assert slots.held_record(env, Slot.BLUE, running) is not None
+    with pytest.raises(PreconditionError, match=f"refusing to recreate {name}"):
+        slots.refuse_if_held(env, Slot.BLUE, running)
+    restarted = dataclasses.replace(running, started_at="2026-12-02T06:00:00Z")
+    stopped = dataclasses.replace(running, status="exited")
+    for other in (restarted, stopped):
+        assert slots.held_record(env, Slot.BLUE, other) is None
+        slots.refuse_if_held(env, Slot.BLUE, other)  # goes ahead
+    assert slots.held_record(env, Slot.GREEN, running) is None  # the other slot's record
+    marker.write_text("{not json")
+    with pytest.raises(PreconditionError, match="cannot read") as unreadable:
+        slots.refuse_if_held(env, Slot.BLUE, running)
+    assert f"docker stop {name}" in str(unreadable.value.fix)
+    slots.refuse_if_held(env, Slot.BLUE, stopped)  # a stopped one needs no record
