@@ -187,3 +187,17 @@ def test_the_held_record_matches_only_the_very_container_it_names(tmp_path: Path
         slots.refuse_if_held(env, Slot.BLUE, running)
     assert f"docker stop {name}" in str(unreadable.value.fix)
     slots.refuse_if_held(env, Slot.BLUE, stopped)  # a stopped one needs no record
+
+
+def test_status_says_which_slot_is_held_or_that_the_record_cannot_be_read(
+        tmp_path: Path) -> None:
+    env = host_env(tmp_path, name="staging")
+    facts = status.Facts(env)
+    facts.held = {Slot.GREEN: {"at": "2026-12-02T05:56:54+0000"}}
+    facts.held_error = PreconditionError("cannot read /x/staging.blue.held-for-h2c (bad JSON)",
+                                         "if it has no users left, `docker stop it`")
+    said = {p.problem: p.fix for p in status.problems(facts)}
+    held = next(p for p in said if "was left running at 2026-12-02T05:56:54" in p)
+    assert env.slot(Slot.GREEN).container in held and "h2c" in held
+    assert f"docker stop {env.slot(Slot.GREEN).container}" in said[held]
+    assert any(p.startswith("cannot read /x/staging.blue.held-for-h2c") for p in said)
