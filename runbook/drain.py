@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-DRAIN_TIMEOUT = 10.0  # as long as `docker stop` itself waits for a graceful exit
+DRAIN_TIMEOUT = 10.0  # the default of [rollback] drain_timeout_seconds (Environment)
 QUIET = 0.5  # front unobservable: no byte moved this long on the slot's port
 SETTLE = 0.1  # a front connection idle after answers this long is not the old config's
 FALLBACK_GRACE = 1.0  # the slot's port unobservable: wait at least this long

@@ -41,7 +41,7 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
             running = docker.inspect(container).running
         if running:
             front = front_port(env)
-            drained = drain.wait_drained(env.slot(slot).port, front=front)
+            drained = drain.wait_drained(env.slot(slot).port, env.drain_timeout, front=front)
             kept = (drained.busy is not None and drained.busy > 0
                     and traffic.accepts_h2c(running_config.h2c, front))
             if kept:
@@ -375,8 +375,9 @@ def drain_plan(env: Environment, slot: Slot) -> str:
              "shown it is the new config's)" if front is not None
              else f"no byte moved on port {port} for {drain.QUIET:g}s")
     return (f"wait until {where} and no request is pending on port {port}, at most "
-            f"{drain.DRAIN_TIMEOUT:g}s; a side `ss` cannot see is waited for instead (front: "
-            f"port {port} quiet {drain.QUIET:g}s; slot: at least {drain.FALLBACK_GRACE:g}s)")
+            f"{env.drain_timeout:g}s ([rollback] drain_timeout_seconds); a side `ss` cannot "
+            f"see is waited for instead (front: port {port} quiet {drain.QUIET:g}s; slot: at "
+            f"least {drain.FALLBACK_GRACE:g}s)")
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,

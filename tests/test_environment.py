@@ -27,6 +27,7 @@ def test_production_defaults_match_the_contract() -> None:
     assert env.database.snapshot_dir == Path("/var/lib/togather/db-snapshots")
     assert env.database.retention_days == 7
     assert env.lock_stale_after == 1800
+    assert env.drain_timeout == 10.0  # as long as `docker stop` waits for a graceful exit
     assert not env.allows_faults
 
 
@@ -46,12 +47,14 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "qa"\nsurprise = 1\n[slots.blue]\nport = 70000\n'
                    'container = "b"\nservice = "s"\n[caddy]\nreload = "restart"\n'
-                   "[health]\ntimeout_seconds = -1\ntimout_seconds = 5\n")
+                   "[health]\ntimeout_seconds = -1\ntimout_seconds = 5\n"
+                   "[rollback]\ndrain_timeout_seconds = 0\n")
     with pytest.raises(ConfigError) as err:
         envmod.load(str(bad))
     text = str(err.value)
     for key in ("name", "surprise", "slots.blue.port", "slots.green.port", "caddy.reload",
-                "health.timeout_seconds", "health.timout_seconds"):
+                "health.timeout_seconds", "health.timout_seconds",
+                "rollback.drain_timeout_seconds"):
         assert f"{bad}: {key}:" in text, key
 
 
@@ -63,7 +66,8 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_round_trip_through_toml(tmp_path: Path) -> None:
-    env = envmod.load("production").with_(allows_faults=True, label="somewhere")
+    env = envmod.load("production").with_(allows_faults=True, label="somewhere",
+                                          drain_timeout=2.5)
     path = tmp_path / "env.toml"
     path.write_text(envmod.to_toml(env))
     assert envmod.load(str(path)) == env.with_(source=path)
@@ -152,7 +156,7 @@ def test_the_format_knows_exactly_the_documented_keys() -> None:
                    "request_timeout_seconds"},
         "database": {"env_file", "url_variable", "container", "snapshot_dir", "retention_days",
                      "access"},
-        "rollback": {"stop_old_slot"},
+        "rollback": {"stop_old_slot", "drain_timeout_seconds"},
         "deploy": {"migrate_command"},
         "drill": {"allows_faults"},
     }
@@ -182,4 +186,4 @@ def test_the_written_file_leaves_out_what_it_does_not_set(tmp_path: Path) -> Non
     env = envmod.load("production").with_(migrate_command=())
     written = tomllib.loads(envmod.to_toml(env))
     assert "deploy" not in written and "drill" not in written
-    assert written["rollback"] == {"stop_old_slot": True}
+    assert written["rollback"] == {"stop_old_slot": True, "drain_timeout_seconds": 10.0}

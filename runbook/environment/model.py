@@ -119,6 +119,9 @@ class Environment:
     database: DatabaseConfig
     lock_stale_after: float = 1800.0
     stop_old_slot: bool = True
+    # how long the old slot's stop waits for Caddy's previous config to finish with it
+    # (runbook/drain.py): as long as `docker stop` itself waits for a graceful exit
+    drain_timeout: float = 10.0
     source: Path | None = None  # the TOML file it came from
     label: str = ""  # how to call it in output, e.g. "production" or "drill 3f2a"
     allows_faults: bool = False  # only drill stacks may be broken on purpose

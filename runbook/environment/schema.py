@@ -175,6 +175,7 @@ class DatabaseFile(_Table):
 
 class RollbackFile(_Table):
     stop_old_slot: bool = Environment.stop_old_slot
+    drain_timeout_seconds: Positive = Environment.drain_timeout
 
 
 class DeployFile(_Table):
@@ -291,6 +292,7 @@ def _build(f: EnvironmentFile, path: Path) -> Environment:
             snapshot_dir=p(f.database.snapshot_dir), retention_days=f.database.retention_days,
             access=f.database.access),
         lock_stale_after=f.lock.stale_after_seconds, stop_old_slot=f.rollback.stop_old_slot,
+        drain_timeout=f.rollback.drain_timeout_seconds,
         source=path, label=f.label or f.name, allows_faults=f.drill.allows_faults,
         migrate_command=f.deploy.migrate_command or (),
     )
@@ -332,7 +334,8 @@ def _file_of(env: Environment) -> EnvironmentFile:
         database=DatabaseFile(env_file=text(d.env_file), url_variable=d.url_variable,
                               container=d.container, snapshot_dir=str(d.snapshot_dir),
                               retention_days=d.retention_days, access=d.access),
-        rollback=RollbackFile(stop_old_slot=env.stop_old_slot), **optional,
+        rollback=RollbackFile(stop_old_slot=env.stop_old_slot,
+                              drain_timeout_seconds=env.drain_timeout), **optional,
     )
 
 
