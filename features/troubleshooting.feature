@@ -68,3 +68,22 @@ Feature: Troubleshoot a rollback that does not go through
     Then users are served the previous version from the other slot
     And the slot taking traffic is healthy
     And users saw no failed request during the rollback
+
+  @mutating @fault
+  Scenario: The old slot stays up for a load balancer's HTTP/2 connections
+    A Caddy that also takes cleartext HTTP/2 (h2c) never moves the h2c connections it holds to
+    the new config: their requests keep reaching the old slot after the switch. The rollback
+    waits for them (`[rollback] drain_timeout_seconds`, 10 s unless set), then leaves the old
+    slot running for them instead of answering them 502, and says how to finish.
+    Given a previous deployment exists
+    And Caddy also takes cleartext HTTP/2 from a load balancer that keeps its connections open
+    And the old slot's stop waits at most 1 second for Caddy's previous config
+    And the load balancer holds a connection opened before the rollback
+    When I roll back
+    Then users are served the previous version from the other slot
+    And the load balancer's connection is still answered by the old slot, not cut
+    And the old slot was left running, and the rollback said how to stop it
+    And users saw no failed request during the rollback
+    And the status names the old slot as left running for those connections
+    When the load balancer closes its connection and I stop the old slot as advised
+    Then the status no longer names it

@@ -163,6 +163,8 @@ class World:
     acted_until: float | None = None  # and when it ended
     shown: list[str] = field(default_factory=list)  # everything the steps printed
     scene: scenes.Scene | None = None  # the drill scene this scenario arranged, once
+    # what a step opened for the rest of the scenario (a client's connection): closed at its end
+    closing: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     # -- where we are --------------------------------------------------------------------------
     @property
@@ -299,8 +301,11 @@ def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[
     try:
         yield world
     finally:
-        if world.load is not None:
-            world.load.stop()
+        try:
+            world.closing.close()
+        finally:
+            if world.load is not None:
+                world.load.stop()
 
 
 @pytest.fixture(autouse=True)

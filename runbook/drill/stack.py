@@ -279,9 +279,12 @@ class DrillStack:
         return (f"postgresql://{DB_USER}:{quote(self.password, safe='')}"
                 f"@127.0.0.1:{self.ports.postgres}/{DB_NAME}")
 
-    def caddyfile_text(self, slot: Slot) -> str:
+    def caddyfile_text(self, slot: Slot, *, h2c: bool | None = None) -> str:
+        """The Caddyfile serving `slot`; `h2c`: with Caddy also taking cleartext HTTP/2 (None:
+        as the stack's shape says). The next arrangement writes the shape's own again."""
         port = self.ports.blue if slot is Slot.BLUE else self.ports.green
-        servers = "\n\tservers {\n\t\tprotocols h1 h2c\n\t}" if self.has("h2c") else ""
+        with_h2c = self.has("h2c") if h2c is None else h2c
+        servers = "\n\tservers {\n\t\tprotocols h1 h2c\n\t}" if with_h2c else ""
         return CADDYFILE.format(run_id=self.run_id, admin=self.ports.admin, servers=servers,
                                 other_site=self.ports.other_site, proxy=self.ports.proxy,
                                 port=port, slot=slot.value)

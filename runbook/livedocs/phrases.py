@@ -67,6 +67,9 @@ ACTIONS: tuple[Phrase, ...] = (
     Phrase(r"holds the deploy lock", ("runbook unlock <env> --status",)),
     Phrase(r"releases the deploy lock", ("runbook unlock <env>   # only a dead or expired "
                                          "holder's lock is ever removed",)),
+    Phrase(r"I stop the old slot as advised", (
+        "ss -tn state established '( sport = :<caddy port> )'   # until its h2c clients are gone",
+        "docker stop <old container>   # named in the rollback's note and by runbook status")),
     Phrase(r"^I start Caddy", ("sudo systemctl start caddy",)),
     Phrase(r"^I take a snapshot", ("runbook snapshot create <env>",)),
     Phrase(r"^I restore", ("runbook snapshot restore <env> <snapshot>",)),
@@ -98,6 +101,10 @@ CHECKS: tuple[Phrase, ...] = (
         'tail -n 30 "$(ls -t ~/.togather/logs/deployments/<env>_*.log | head -n 1)"',),
         ("then",)),
     Phrase(r"snapshot", ("runbook snapshot list <env>",), ("then",)),
+    Phrase(r"still answered by the old slot", (
+        "ss -tn state established '( sport = :<caddy port> )'   # the load balancer's connections"
+        " are still open",), ("then",)),
+    Phrase(r"left running", (OUTPUT, "runbook status <env>"), ("then",)),
     Phrase(r"stopped|keeps running|running without a restart",
            ("docker ps -a --filter name=togather-",), ("then",)),
     Phrase(r"Caddyfile", ("sudo caddy validate --config /etc/caddy/Caddyfile",), ("then",)),
