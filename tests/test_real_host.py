@@ -79,8 +79,13 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         fleet_skips = re.findall(r"SKIPPED \[1\] features/fleet\.feature:\d+: [^\n]*drill only",
                                  output)
         assert fleet >= 1 and len(fleet_skips) == fleet, output
+        # and every single-host @fault scenario (tags on the line above its Scenario:)
+        faults = sum(len(re.findall(r"^\s*@[^\n]*@fault\b[^\n]*\n\s*Scenario:",
+                                    path.read_text(), re.M))
+                     for path in (REPO_ROOT / "features").glob("*.feature")
+                     if path.name != "fleet.feature")
         assert re.search(r"\b4 passed\b", summary) \
-            and re.search(rf"\b{11 + fleet} skipped\b", summary), summary
+            and re.search(rf"\b{3 + faults + fleet} skipped\b", summary), (faults, summary)
         assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
         assert env.state_file.read_bytes() == state_before
         # naming recovery.feature: neither the manual switch nor the redeploy runs
