@@ -19,14 +19,16 @@ from runbook.plan import Phase, Step, StepContext
 
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
-         running: bool | None = None,
+         running: bool | None = None, after_switch: bool = False,
          on_drain: Callable[[drain.Drain], None] | None = None) -> str | None:
     """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
 
     `maintenance` is for the snapshot restore alone, which the operator asked for and
     confirmed: it stops every app slot so no code writes while the database is replaced.
-    `running` is what the caller has just inspected (None: inspect here). `on_drain` is told
-    how the drain before the stop went (for the journal).
+    `running` is what the caller has just inspected (None: inspect here). `after_switch`:
+    the slot served until a switch (the stop-old-slot step), not one started by this run and
+    never switched to (an undo). `on_drain` is told how the drain before the stop went (for
+    the journal).
 
     Returns None once stopped, or why it was left running: connections Caddy's previous
     config still holds over cleartext HTTP/2 never move to the new config (their clients
@@ -42,19 +44,43 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
         if running:
             front = front_port(env)
             drained = drain.wait_drained(env.slot(slot).port, env.drain_timeout, front=front)
-            kept = (drained.busy is not None and drained.busy > 0
-                    and traffic.accepts_h2c(running_config.h2c, front))
-            if kept:
+            why = _held_for_h2c(drained, traffic.accepts_h2c(running_config.h2c, front),
+                                after_switch)
+            if why:
                 drained = dataclasses.replace(drained, kept_for_h2c=True)
             if on_drain is not None:
                 on_drain(drained)
-            if kept:
+            if why:
                 return _record_held(env, slot, (
-                    f"{drained.busy} connection(s) of Caddy's previous config still open after "
-                    f"{drained.seconds:.0f}s, and Caddy takes cleartext HTTP/2 (h2c) on port "
-                    f"{front or 'unknown'}: h2c connections never move to the new config, so "
-                    f"their requests can still reach {container}: {held_fix(env, container)}"))
+                    f"{why}, and Caddy takes cleartext HTTP/2 (h2c) on port {front or 'unknown'}:"
+                    " h2c connections never move to the new config, so their requests can still"
+                    f" reach {container}: {held_fix(env, container)}"))
     docker.run(docker.stop_action(container))
+    return None
+
+
+def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool) -> str | None:
+    """Why the old config may still hold h2c connections to the slot (None: it does not).
+
+    Over h2c the drain's evidence that a connection is the new config's (a request after an
+    answer, or idle after answers) fits the old config's h2c connections too, which Caddy
+    never closes. Only the reload watched by this process (connections open before it must
+    close) tells them apart; a run finishing an interrupted one watched none, so on such a
+    Caddy it cannot tell and fails closed after a switch, as when nothing can be observed.
+    A slot this run started and never switched to (an undo) had no config sending to it."""
+    if not h2c:
+        return None
+    if drained.busy is not None and drained.busy > 0:
+        return (f"{drained.busy} connection(s) of Caddy's previous config still open after "
+                f"{drained.seconds:.0f}s")
+    if not after_switch:
+        return None
+    if drained.busy is None:
+        return "Caddy's connections cannot be observed from here"
+    if not drained.switch_watched and drained.front_kept > 0:
+        return (f"{drained.front_kept} connection(s) on Caddy's port still carry requests, and "
+                "this run did not watch the switch (it finishes an interrupted one), so it "
+                "cannot tell whether they are the previous config's")
     return None
 
 
@@ -348,7 +374,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         if not docker.inspect(container).running:
             ctx.note(container="already stopped")
             return
-        kept = stop(env, slot, running=True, on_drain=lambda d: ctx.note(drained=d.describe()))
+        kept = stop(env, slot, running=True, after_switch=True,
+                    on_drain=lambda d: ctx.note(drained=d.describe()))
         if kept is not None:
             ctx.note(container=f"left running: {kept}")
             ctx.notice(f"the old {slot} container is left running: {kept}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -161,6 +163,33 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
     assert through_proxy(env) == ("blue", new)
     assert docker.inspect(blue).started_at != left.started_at  # recreated this time
 
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_a_run_killed_before_the_stop_is_finished_without_cutting_h2c_connections(
+        stack: DrillStack) -> None:
+    """The next run finishes a run killed after the switch by stopping the old slot. It did
+    not watch that switch, so it cannot tell the old config's h2c connections from the new
+    config's (both carry requests after answers): on an h2c Caddy it leaves the slot running."""
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    cli = [sys.executable, "-m", "runbook.cli", "rollback", str(env.source), "--yes"]
+    with _h2c_client(stack) as lb:
+        before = _answer(lb, stack)
+        killed = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False,
+                                env={**os.environ,
+                                     "RUNBOOK_DRILL_FAULT": "before:stop-old-slot:SIGKILL"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert through_proxy(env) == ("green", VERSIONS["v2"].tag)  # it took effect
+        assert _answer(lb, stack) == before
+        finished = subprocess.run(cli, capture_output=True, text=True, timeout=60,
+                                  check=False)
+        assert finished.returncode == 0, finished.stderr
+        assert _answer(lb, stack) == before  # not cut: still the old slot, same connection
+        assert docker.inspect(blue).running
+        assert "left running" in finished.stderr and f"docker stop {blue}" in finished.stderr
+        assert slots.held_marker(env, Slot.BLUE).exists()
 
 def test_the_held_record_matches_only_the_very_container_it_names(tmp_path: Path) -> None:
     """No Docker here: the record against what `docker inspect` would say. A stopped,
