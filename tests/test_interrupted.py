@@ -33,14 +33,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook import docker, faults
+from runbook import docker, faults, slots
 from runbook import intent as intents
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 
 pytestmark = pytest.mark.docker
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
@@ -215,8 +215,16 @@ def test_an_interrupted_rollback_never_makes_it_worse_and_the_rerun_finishes_it(
         V2.tag, "green", "active")
     assert st.current.rollback_count == 1
     assert (st.previous.version, st.previous.status) == (V3.tag, "rolled_back")
-    assert not docker.inspect(env.slot("blue").container).running
-    assert docker.inspect(env.slot("blue").container).exists
+    blue = docker.inspect(env.slot("blue").container)
+    if stack.has("h2c") and blue.running:
+        # an h2c Caddy: a rerun that finished a switch it did not watch cannot tell the user's
+        # kept-alive connection from one the old config holds over h2c; it leaves the old slot
+        # running, says so, and records it (tests/test_h2c.py)
+        assert "left running" in second.stderr, second.stderr
+        assert slots.held_record(env, Slot.BLUE, blue) is not None
+    else:
+        assert not blue.running
+    assert blue.exists
     assert not intents.path(env).exists()
     assert not env.lock_path.exists()
     assert leftovers(env) == []
