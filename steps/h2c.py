@@ -20,12 +20,9 @@ H2C_DRAIN_TIMEOUT = 1.0  # seconds: the drill's old-slot drain (a host waits 10 
 
 
 def _answer(client: httpx.Client, world: World) -> tuple[int, str, str | None, str | None]:
-    """(the client's own port: the same connection, HTTP version, slot, version)."""
-    response = client.get(f"{world.env.caddy.proxy_url}/version")
-    assert response.status_code == 200, f"the load balancer got HTTP {response.status_code}"
-    port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-    return (port, response.http_version, response.headers.get("X-Togather-Slot"),
-            response.json().get("version"))
+    """(the client's own port: the same connection, HTTP version, slot, version); a non-2xx
+    answer (the load balancer cut off: 502) fails the step."""
+    return drill_http.version_on(client, world.env.caddy.proxy_url)
 
 
 @given("Caddy also takes cleartext HTTP/2 from a load balancer that keeps its connections open")
@@ -50,10 +47,7 @@ def short_drain(world: World) -> None:
 @given("the load balancer holds a connection opened before the rollback")
 def load_balancer_connection(world: World) -> None:
     world.drill()
-    client = world.closing.enter_context(httpx.Client(
-        http1=False, http2=True, timeout=5, trust_env=False, verify=drill_http.context(),
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
-                            keepalive_expiry=None)))
+    client = world.closing.enter_context(drill_http.held_h2c_client())
     before = _answer(client, world)
     assert before[1] == "HTTP/2", before
     world.notes[LB] = (client, before)

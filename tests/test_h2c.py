@@ -56,21 +56,9 @@ def stack() -> Iterator[DrillStack]:
         yield stack
 
 
-def _h2c_client(stack: DrillStack) -> httpx.Client:
-    """One HTTP/2 connection with prior knowledge, reused for every request, as a load
-    balancer's pool keeps it."""
-    return httpx.Client(http1=False, http2=True, timeout=5, trust_env=False,
-                        verify=drill_http.context(),
-                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
-                                            keepalive_expiry=None))
-
-
-def _answer(client: httpx.Client, stack: DrillStack) -> tuple[int, str, str | None, str]:
+def _answer(client: httpx.Client, stack: DrillStack) -> tuple[int, str, str | None, str | None]:
     """(the client's port, so the same connection, HTTP version, slot, version)."""
-    response = client.get(f"{stack.env.caddy.proxy_url}/version")
-    port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-    return (port, response.http_version, response.headers.get("X-Togather-Slot"),
-            response.json()["version"])
+    return drill_http.version_on(client, stack.env.caddy.proxy_url)
 
 
 @pytest.mark.docker
@@ -100,7 +88,7 @@ def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
     stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
     env = stack.env
     said: list[str] = []  # what the CLI prints as "runbook: note: ..."
-    with _h2c_client(stack) as lb:
+    with drill_http.held_h2c_client() as lb:
         port, *answer = _answer(lb, stack)
         assert answer == ["HTTP/2", "blue", VERSIONS["v3"].tag]
         result = rollback.rollback(env, notify=said.append)
@@ -129,7 +117,7 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
     env = stack.env
     blue = env.slot(Slot.BLUE).container
     new = VERSIONS["v3"].tag  # the version rolled back from, as after a fix (v1's schema is older)
-    with _h2c_client(stack) as lb:
+    with drill_http.held_h2c_client() as lb:
         port, *_ = _answer(lb, stack)
         rollback.rollback(env)
         left = docker.inspect(blue)
@@ -175,7 +163,7 @@ def test_a_run_killed_before_the_stop_is_finished_without_cutting_h2c_connection
     env = stack.env
     blue = env.slot(Slot.BLUE).container
     cli = [sys.executable, "-m", "runbook.cli", "rollback", str(env.source), "--yes"]
-    with _h2c_client(stack) as lb:
+    with drill_http.held_h2c_client() as lb:
         before = _answer(lb, stack)
         killed = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False,
                                 env={**os.environ,

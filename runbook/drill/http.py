@@ -35,3 +35,20 @@ def get(url: str, **kwargs: Any) -> httpx.Response:
 def post(url: str, **kwargs: Any) -> httpx.Response:
     kwargs.setdefault("trust_env", False)
     return httpx.post(url, verify=context(), **kwargs)
+
+
+def held_h2c_client(timeout: float = 5.0) -> httpx.Client:
+    """One cleartext HTTP/2 connection (prior knowledge), reused for every request, as a load
+    balancer's pool keeps its connection to Caddy (needs the `h2` package)."""
+    return client(http1=False, http2=True, timeout=timeout,
+                  limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                      keepalive_expiry=None))
+
+
+def version_on(held: httpx.Client, proxy_url: str) -> tuple[int, str, str | None, str | None]:
+    """GET /version on that client's connection: (its own port, so which connection, the HTTP
+    version, X-Togather-Slot, the app's version). A non-2xx answer raises."""
+    response = held.get(f"{proxy_url}/version").raise_for_status()
+    port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    return (port, response.http_version, response.headers.get("X-Togather-Slot"),
+            response.json().get("version"))
