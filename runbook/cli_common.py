@@ -47,9 +47,11 @@ PROCESS_STARTED = _process_started()
 def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
     """One line (plus the fix) on stderr and the error's documented exit code, never a
     traceback; with --format json also one JSON object on stdout for the caller's script."""
+    lost = getattr(exc, "journal_incomplete", None)
     if fmt is Format.json:
         print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
-                          "exit_code": int(exc.exit_code)}))
+                          "exit_code": int(exc.exit_code)}
+                         | ({"journal_incomplete": lost} if lost else {})))
     message = str(exc)
     first, *rest = message.splitlines() or [""]
     typer.echo(f"runbook: error: {first}", err=True)
@@ -58,6 +60,8 @@ def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
     log_file = getattr(exc, "log_file", None)
     if log_file:
         typer.echo(f"runbook: journal: {log_file}", err=True)
+    if lost:
+        typer.echo(f"runbook: warning: {lost}", err=True)
     raise typer.Exit(int(exc.exit_code))
 
 

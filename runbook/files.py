@@ -11,6 +11,7 @@ next run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -22,6 +23,21 @@ TEMP_TAG = "runbook-tmp"
 # .<target name>.<tag>.<12 hex>.tmp ; also the older writers' names, so their leftovers go too
 _TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:runbook-tmp\.[0-9a-f]{12}|[0-9a-f]{12}"
                       r"|runbook-(?:write|validate)-[A-Za-z0-9_]+)\.tmp$")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
+    """The fix for a write that failed in `directory`: a full disk (or quota) and a read-only
+    filesystem are named as such, since "check the permissions" sends on-call the wrong way;
+    anything else gets the caller's hint."""
+    if exc.errno in NO_SPACE:
+        return f"free disk space where {directory} lives (`df -h {directory}`), then run again"
+    if exc.errno == errno.EROFS:
+        return (f"{directory} is on a read-only filesystem: remount it read-write, or point the "
+                "environment file at a writable directory")
+    return otherwise
 
 
 def flock_within(fd: int, timeout: float, poll: float) -> bool:

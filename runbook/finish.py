@@ -41,7 +41,7 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
             return intent, "finish"
         raise PreconditionError(
             f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
-            f"{intent.to_version} now: {check.describe()} ({intent.describe()})",
+            f"{intent.to_version} now: {check.describe()} ({intent.describe(moved=True)})",
             f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
             f"--slot {intent.from_slot}`, then check `runbook status {env.name}`")
     if found.slot == intent.source:
@@ -80,7 +80,7 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
 
     steps = [
         Step("preflight", "Check the interrupted run against what runs (read-only, done)", {
-            "interrupted run": intent.describe(),
+            "interrupted run": intent.describe(moved=True),
             "traffic": f"{intent.to_slot}: the proxy answers {intent.to_version} (verified)",
             "so": "it took effect: finish it (no new switch, nothing undone)",
         }, phase=Phase.PREFLIGHT),
@@ -94,6 +94,7 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
     return Plan(intent.action, env,
                 f"finish the interrupted {intent.action} {intent.run_id} on {env.display}: "
                 f"{intent.to_version} on {intent.to_slot}", steps,
-                [f"an interrupted run took effect and is being finished: {intent.describe()}"],
+                [f"an interrupted run took effect and is being finished: "
+                 f"{intent.describe(moved=True)}"],
                 facts=facts, intent=intent.with_(phase=intents.Phase.COMMITTED),
-                resume_command=resume_command, finishing=intent.describe())
+                resume_command=resume_command, finishing=intent.describe(moved=True))

@@ -58,9 +58,16 @@ class Intent:
     def with_(self, **changes: Any) -> Intent:
         return replace(self, **changes)
 
-    def describe(self) -> str:
-        where = {Phase.PREPARE: "before traffic moved",
-                 Phase.COMMITTED: "after traffic moved (it took effect)"}[self.phase]
+    def describe(self, *, moved: bool | None = None) -> str:
+        """`moved`: whether Caddy now serves `to_slot`, when the caller has read it. The
+        record's phase can lag what runs: a run killed inside the switch, or one whose disk
+        filled up, never marked the commit; what runs wins over what the record says."""
+        if self.phase is Phase.COMMITTED:
+            where = "after traffic moved (it took effect)"
+        elif moved:
+            where = "after traffic moved (its record was not updated)"
+        else:
+            where = "before traffic moved"
         step = f", in step {self.last_step}" if self.last_step else ""
         return (f"{self.action} {self.run_id} ({self.from_version or '?'} on {self.from_slot} "
                 f"-> {self.to_version} on {self.to_slot}), started {self.started_at} by "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from runbook import faults
+from runbook import faults, files
 from runbook import intent as intents
 from runbook.environment import Environment
 from runbook.errors import ExitCode, PreconditionError, RunbookError
@@ -284,7 +284,8 @@ class _Execution:
             raise PreconditionError(
                 f"cannot record the run's intent at {intents.path(self.env)}: "
                 f"{exc.strerror or exc}; nothing was changed",
-                "free disk space or fix the permissions of the state file's directory") from None
+                files.write_fix(exc, intents.path(self.env).parent,
+                                "fix the permissions of the state file's directory")) from None
         self.intent_written = True
         if self.plan.intent.phase is intents.Phase.COMMITTED:
             self.committed = True  # finishing an interrupted run that already took effect

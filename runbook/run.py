@@ -139,6 +139,8 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
         raise _failed(journal, error, result) from None
     journal.log("SUCCESS", f"{action} finished: {plan.summary}")
     journal.finish("success", 0)
+    if (lost := incomplete(journal)) is not None:
+        say(lost)
     result.log_file = str(journal.log_path)
     result.record_file = str(journal.record_path)
     return result
@@ -152,8 +154,20 @@ def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> Runboo
                    int(exc.exit_code))
     with contextlib.suppress(Exception):
         exc.log_file = str(journal.log_path)  # type: ignore[attr-defined]
+        exc.journal_incomplete = incomplete(journal)  # type: ignore[attr-defined]
         exc.result = result  # type: ignore[attr-defined]
     return exc
+
+
+def incomplete(journal: Any) -> str | None:
+    """What on-call must know when the journal could not be written (a full disk): the
+    journal would otherwise be cited as the record of a run it holds only part of."""
+    errors: list[str] = journal.write_errors
+    if not errors:
+        return None
+    return (f"the journal is incomplete: {len(errors)} write(s) failed (first: {errors[0]}); "
+            "this output is the full account of this run, and `runbook status` shows what "
+            "runs")
 
 
 def _interval(env: Environment) -> float:

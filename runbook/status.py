@@ -250,7 +250,7 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     command = f"runbook {pending.action} {_arg(f.env)}" + (
         f" --version {pending.to_version}" if pending.action == "deploy" else
         f" --slot {pending.to_slot}" if pending.action == "switch" else "")
-    yield Problem(f"an interrupted run is unfinished: {pending.describe()}; "
+    yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
                      else f"traffic did not move ({f.active or 'unknown'} serves)"),
                   f"`{command}` " + ("finishes it (records the state, stops the old slot)"
@@ -388,7 +388,8 @@ def to_json(f: Facts) -> dict[str, Any]:
                       {"slot": None, "error": str(f.traffic_error)})
     if f.intent is not None:
         out["interrupted"] = {"run_id": f.intent.run_id, "action": f.intent.action,
-                              "phase": f.intent.phase.value, "summary": f.intent.describe()}
+                              "phase": f.intent.phase.value,
+                              "summary": f.intent.describe(moved=f.active == f.intent.target)}
     if f.last_run is not None:
         out["last_run"] = f.last_run
     out["database"] = ({"schema_version": f.schema.version, "dirty": f.schema.dirty}

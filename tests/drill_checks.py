@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runbook import docker
@@ -38,6 +42,66 @@ def snapshot(env: Environment) -> dict[str, object]:
         "lock": env.lock_path.exists(),
         "traffic": through_proxy(env),
     }
+
+
+# --- a user, and a run held at a fault point ----------------------------------------------------
+
+
+@dataclass
+class Poller:
+    """A user: GET /version through Caddy every 10 ms on a kept-alive connection."""
+
+    env: Environment
+    seen: list[tuple[float, str | None, str | None]] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    resets: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _get(self, client: httpx.Client) -> httpx.Response:
+        url = f"{self.env.caddy.proxy_url}/version"
+        try:
+            return client.get(url)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
+            self.resets += 1  # a kept-alive connection closed at a reload: retry once
+            return client.get(url, headers={"Connection": "close"})
+
+    def run(self) -> None:
+        with drill_http.client(timeout=3) as client:
+            while not self._stop.is_set():
+                now = time.time()  # when the request started
+                try:
+                    response = self._get(client)
+                except httpx.HTTPError as exc:
+                    self.failures.append((now, f"{type(exc).__name__}"))
+                else:
+                    if response.status_code != 200:
+                        self.failures.append((now, f"HTTP {response.status_code}"))
+                    else:
+                        self.seen.append((now, response.headers.get("X-Togather-Slot"),
+                                          response.json().get("version")))
+                self._stop.wait(0.01)
+
+    def __enter__(self) -> Poller:
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=10)
+
+
+def wait_stopped(pid: int, timeout: float = 60) -> None:
+    """Until the process is stopped (a drill fault point's SIGSTOP reached)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        if stat[0] == "T":
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run never reached the fault point")
 
 
 # --- the session drill stack -------------------------------------------------------------------

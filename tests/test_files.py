@@ -3,10 +3,13 @@ the next run removes what a killed writer left. Real files, no Docker."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from runbook import files
 from runbook import state as states
@@ -109,3 +112,17 @@ def test_every_rename_into_place_is_the_one_atomic_write() -> None:
     assert found <= allowed, f"a rename outside files.atomic_write: {sorted(found - allowed)}"
     for lock_module in (root / "runbook" / "lock").glob("*.py"):
         assert "os.replace" not in lock_module.read_text()  # lock files: files.atomic_write
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    (errno.ENOSPC, "free disk space where /var/lib/togather lives (`df -h /var/lib/togather`)"),
+    (errno.EDQUOT, "free disk space where /var/lib/togather lives"),
+    (errno.EROFS, "/var/lib/togather is on a read-only filesystem"),
+    (errno.EACCES, "check the permissions"),
+])
+def test_a_failed_write_names_a_full_disk_or_a_read_only_one_not_permissions(
+        code: int, expected: str) -> None:
+    fix = files.write_fix(OSError(code, os.strerror(code)), Path("/var/lib/togather"),
+                          "check the permissions")
+    assert expected in fix
+    assert (code == errno.EACCES) == (fix == "check the permissions")

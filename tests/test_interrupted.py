@@ -23,14 +23,10 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
-import httpx
 import pytest
 
 from runbook import docker, faults, slots
@@ -41,6 +37,7 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
+from tests.drill_checks import Poller, wait_stopped
 
 pytestmark = pytest.mark.docker
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
@@ -79,52 +76,6 @@ CELLS = FULL if os.environ.get("RUNBOOK_KILL_MATRIX") == "full" else SAMPLE
 # A signal inside the switch is held until the switch is verified or undone; it undoes a
 # switch not yet verified. From the verification on (the commit point) nothing is undone.
 COMMITTED = set(POINTS[POINTS.index("switch.after-verify"):])
-
-
-@dataclass
-class Poller:
-    """A user: GET /version through Caddy every 10 ms on a kept-alive connection."""
-
-    env: Environment
-    seen: list[tuple[float, str | None, str | None]] = field(default_factory=list)
-    failures: list[tuple[float, str]] = field(default_factory=list)
-    resets: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def _get(self, client: httpx.Client) -> httpx.Response:
-        url = f"{self.env.caddy.proxy_url}/version"
-        try:
-            return client.get(url)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
-            self.resets += 1  # a kept-alive connection closed at a reload: retry once
-            return client.get(url, headers={"Connection": "close"})
-
-    def run(self) -> None:
-        with drill_http.client(timeout=3) as client:
-            while not self._stop.is_set():
-                now = time.time()  # when the request started
-                try:
-                    response = self._get(client)
-                except httpx.HTTPError as exc:
-                    self.failures.append((now, f"{type(exc).__name__}"))
-                else:
-                    if response.status_code != 200:
-                        self.failures.append((now, f"HTTP {response.status_code}"))
-                    else:
-                        self.seen.append((now, response.headers.get("X-Togather-Slot"),
-                                          response.json().get("version")))
-                self._stop.wait(0.01)
-
-    def __enter__(self) -> Poller:
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=10)
 
 
 def cli(env: Environment, *args: str, fault: str | None = None,
@@ -248,7 +199,7 @@ def test_a_full_disk_after_the_switch_leaves_traffic_moved_and_says_so(
             stdin=subprocess.DEVNULL,
             env=os.environ | {faults.VARIABLE: "switch.after-verify:SIGSTOP"})
         try:
-            _wait_stopped(first.pid)
+            wait_stopped(first.pid)
             resource.prlimit(first.pid, resource.RLIMIT_FSIZE, (512, 512))
             os.kill(first.pid, signal.SIGCONT)
             _, err = first.communicate(timeout=120)
@@ -266,16 +217,6 @@ def test_a_full_disk_after_the_switch_leaves_traffic_moved_and_says_so(
     assert st.current.rollback_count == 1
     assert through_proxy(env) == ("green", V2.tag)
     assert user.failures == []
-
-
-def _wait_stopped(pid: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        if stat[0] == "T":
-            return
-        time.sleep(0.02)
-    raise AssertionError("the rollback never reached the fault point")
 
 
 def test_a_closed_terminal_never_aborts_the_run(stack: DrillStack) -> None:

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from runbook import files
 from runbook.caddy.admin import (
     check_running,
     read,
@@ -126,7 +127,8 @@ def write_config(env: Environment, text: str) -> None:
         write_atomically(path, text.encode("utf-8"))
     except OSError as exc:
         raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
-                         "check the directory's permissions (run as root?)",
+                         files.write_fix(exc, path.parent,
+                                         "check the directory's permissions (run as root?)"),
                          stage="write") from None
 
 

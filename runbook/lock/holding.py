@@ -24,7 +24,7 @@ from typing import Any
 from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
-from runbook.errors import ConfigError, LockedError, StateError
+from runbook.errors import ConfigError, LockedError, PreconditionError, StateError
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
@@ -138,9 +138,13 @@ def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
     try:
         return _acquire(env, reason, run_id)
     except OSError as exc:
-        raise ConfigError(f"{env.display}: cannot take the deploy lock at {env.lock_path}: "
-                          f"{exc.strerror or exc}",
-                          "check [lock] dir in the environment file and its permissions") from None
+        message = (f"{env.display}: cannot take the deploy lock at {env.lock_path}: "
+                   f"{exc.strerror or exc}; nothing was changed")
+        if exc.errno in files.NO_SPACE:  # not a configuration error: exit 4, not 2
+            raise PreconditionError(message, files.write_fix(exc, env.lock_dir, "")) from None
+        raise ConfigError(message, files.write_fix(
+            exc, env.lock_dir, "check [lock] dir in the environment file and its permissions")
+                          ) from None
 
 
 def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
@@ -254,9 +258,12 @@ def _guard(env: Environment) -> Iterator[None]:
         except PermissionError:
             fd = os.open(guard, os.O_RDONLY)  # another user's guard file: flock still works
     except OSError as exc:
-        raise ConfigError(f"{env.display}: cannot use the lock directory {env.lock_dir}: "
-                          f"{exc.strerror or exc}",
-                          "check [lock] dir in the environment file and its permissions"
+        message = (f"{env.display}: cannot use the lock directory {env.lock_dir}: "
+                   f"{exc.strerror or exc}; nothing was changed")
+        if exc.errno in files.NO_SPACE:
+            raise PreconditionError(message, files.write_fix(exc, env.lock_dir, "")) from None
+        raise ConfigError(message, files.write_fix(
+            exc, env.lock_dir, "check [lock] dir in the environment file and its permissions")
                           ) from None
     try:
         if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):

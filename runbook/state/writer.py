@@ -116,6 +116,7 @@ def write_state(path: Path, state: DeploymentState, *,
         target.parent.mkdir(parents=True, exist_ok=True)
         files.atomic_write(target, payload, default_mode=0o600, before_rename=before_rename)
     except OSError as exc:
-        raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc})",
-                         "check free disk space and permissions; the old file is unchanged"
-                         ) from None
+        raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc}); the "
+                         "old file is unchanged",
+                         files.write_fix(exc, target.parent,
+                                         "check free disk space and permissions")) from None

@@ -1,0 +1,178 @@
+"""A full disk, for real: the runbook's own files (state file, deploy lock, journal, run
+records, intent record) on a small tmpfs that fills up to the last byte at a point of a real
+`runbook rollback` on the drill, through the real CLI, while a user polls through Caddy.
+
+The disk fills where the drill's fault point stops the run (SIGSTOP), before the run goes on
+(SIGCONT). Whatever the point:
+- users see no failed request, and traffic stays on a healthy slot;
+- the run says in one line what happened and names the full disk and the directory to free,
+  never a traceback and never "check the permissions" alone;
+- when journal writes were lost, the run says so: the journal is not the whole record;
+- `runbook status` tells what runs, not what the interrupted run's record last said;
+- once there is room again, one more `runbook rollback` finishes the job, with no hand edit.
+
+The Caddyfile stays on the machine's disk: the proxy's directory is Caddy's, and a full
+`/etc` is a different host. Needs root to mount the tmpfs (skipped, saying so, otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook import docker, faults
+from runbook import environment as envmod
+from runbook import intent as intents
+from runbook import state as states
+from runbook.drill import scenes
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment
+from tests.drill_checks import Poller, through_proxy, wait_stopped
+
+pytestmark = pytest.mark.docker
+V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
+
+# "start": full before the run begins; otherwise the fault point at which the disk fills.
+# Before the commit (the lock, the intent), at the commit (Caddy reloaded, not yet verified:
+# the intent cannot be marked committed), and after it (only the journal is left to write).
+CELLS = ["start", "before:start-slot", "switch.after-reload", "before:stop-old-slot"]
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str = "512k") -> Iterator[Path]:
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                              str(where)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True, check=False)
+
+
+def fill(where: Path) -> None:
+    """Write until the filesystem refuses: whole pages, then single bytes."""
+    fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as full:
+        (where / "probe").write_bytes(b"x" * 4096)
+    assert "No space left on device" in str(full.value)
+
+
+def cramped(stack: DrillStack, data: Path) -> Environment:
+    """The drill's environment with its state, lock, journal and run records on `data`."""
+    env = stack.env
+    for name in ("state", "lock", "logs", "runs"):
+        (data / name).mkdir()
+    state_file = data / "state" / env.state_file.name
+    state_file.write_bytes(env.state_file.read_bytes())
+    moved = env.with_(state_file=state_file, lock_dir=data / "lock", log_dir=data / "logs",
+                      runs_dir=data / "runs", source=None)
+    source = data.parent / f"{data.name}.toml"
+    source.write_text(envmod.to_toml(moved))
+    return moved.with_(source=source)
+
+
+def runbook(env: Environment, *args: str, fault: str | None = None) -> subprocess.Popen[str]:
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    if fault:
+        environ[faults.VARIABLE] = fault
+    return subprocess.Popen([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=environ)
+
+
+def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
+        drill_stack: DrillStack, tmp_path: Path, cell: str) -> None:
+    stack = drill_stack
+    stack.arrange(scenes.PREVIOUS)
+    assert through_proxy(stack.env) == ("blue", V3.tag)
+    with tmpfs(tmp_path / "data") as data:
+        env = cramped(stack, data)
+        before = env.state_file.read_bytes()
+        with Poller(env) as user:
+            if cell == "start":
+                fill(data)
+                first = runbook(env, "rollback", "--yes")
+            else:
+                first = runbook(env, "rollback", "--yes", fault=f"{cell}:SIGSTOP")
+                wait_stopped(first.pid)
+                fill(data)
+                os.kill(first.pid, signal.SIGCONT)
+            code, _, err = finished(first)
+            left = env.state_file.read_bytes()
+            serving = through_proxy(env)
+            status_code, status_out, _ = finished(runbook(env, "status", "--format", "json"))
+            os.unlink(data / "filler")
+            rerun = (finished(runbook(env, "rollback", "--yes")) if code != 0 else (0, "", ""))
+
+        assert "Traceback" not in err + rerun[2]
+        status = json.loads(status_out)
+        assert status["traffic"]["slot"] == serving[0], (status["traffic"], serving)
+        if cell == "start":
+            # refused before any change: exit 4 (not a configuration error), the disk named
+            assert code == 4, err
+            assert "No space left on device; nothing was changed" in err, err
+            assert f"free disk space where {env.lock_dir} lives" in err, err
+            assert serving == ("blue", V3.tag)
+            assert left == before
+            assert not intents.path(env).exists() and not env.lock_path.exists()
+        elif cell == "before:stop-old-slot":
+            # the state was recorded before the disk filled: the run completes; only the
+            # journal lost lines, and it says so
+            assert code == 0, err
+            assert "runbook: note: the journal is incomplete" in err, err
+            assert serving == ("green", V2.tag)
+        else:
+            # traffic moved (verified) and then the state could not be written: exit 6, the
+            # disk and the way to finish named; status speaks of what runs, not of the record
+            assert code == 6, err
+            assert "TOOK EFFECT" in err and "No space left on device" in err, err
+            assert f"free disk space where {env.state_file.parent} lives" in err, err
+            assert "runbook: warning: the journal is incomplete" in err, err
+            assert serving == ("green", V2.tag)
+            assert status_code == 1
+            assert status["interrupted"]["phase"] == "prepare"  # the record could not say more
+            assert "stopped after traffic moved" in status["interrupted"]["summary"], status
+            assert "finishing an interrupted run" in rerun[2]
+            assert "before traffic moved" not in rerun[2], rerun[2]
+
+        # once there is room, the job is finished: v2 on green recorded once, blue stopped,
+        # nothing left behind
+        assert rerun[0] == 0, rerun[2]
+        assert through_proxy(env) == ("green", V2.tag)
+        st = states.read_state(env.state_file)
+        assert st.current is not None
+        assert (st.current.version, str(st.current.active_slot), st.current.rollback_count) == (
+            V2.tag, "green", 1)
+        assert not docker.inspect(env.slot("blue").container).running
+        assert not intents.path(env).exists()
+        assert not env.lock_path.exists()
+        assert [p.name for p in env.state_file.parent.iterdir() if p.name.endswith(".tmp")] == []
+        assert user.failures == [], user.failures[:5]
