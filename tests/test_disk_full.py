@@ -18,6 +18,7 @@ The Caddyfile stays on the machine's disk: the proxy's directory is Caddy's, and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -44,7 +45,10 @@ V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 # "start": full before the run begins; otherwise the fault point at which the disk fills.
 # Before the commit (the lock, the intent), at the commit (Caddy reloaded, not yet verified:
 # the intent cannot be marked committed), and after it (only the journal is left to write).
-CELLS = ["start", "before:start-slot", "switch.after-reload", "before:stop-old-slot"]
+# "caddyfile": the Caddyfile on that disk too, full from the moment the gate has passed: the
+# switch cannot write it, so traffic never moves.
+CELLS = ["start", "before:start-slot", "switch.after-reload", "before:stop-old-slot",
+         "caddyfile"]
 
 
 @contextlib.contextmanager
@@ -75,15 +79,21 @@ def fill(where: Path) -> None:
     assert "No space left on device" in str(full.value)
 
 
-def cramped(stack: DrillStack, data: Path) -> Environment:
-    """The drill's environment with its state, lock, journal and run records on `data`."""
+def cramped(stack: DrillStack, data: Path, *, caddyfile: bool = False) -> Environment:
+    """The drill's environment with its state, lock, journal and run records on `data` (and
+    its Caddyfile, a copy of the one Caddy runs, when `caddyfile`: this drill's Caddy is
+    given its config through the admin API and never reads the file back)."""
     env = stack.env
-    for name in ("state", "lock", "logs", "runs"):
+    for name in ("state", "lock", "logs", "runs", "caddy"):
         (data / name).mkdir()
     state_file = data / "state" / env.state_file.name
     state_file.write_bytes(env.state_file.read_bytes())
     moved = env.with_(state_file=state_file, lock_dir=data / "lock", log_dir=data / "logs",
                       runs_dir=data / "runs", source=None)
+    if caddyfile:
+        copy = data / "caddy" / env.caddy.caddyfile.name
+        copy.write_bytes(env.caddy.caddyfile.read_bytes())
+        moved = moved.with_(caddy=dataclasses.replace(env.caddy, caddyfile=copy))
     source = data.parent / f"{data.name}.toml"
     source.write_text(envmod.to_toml(moved))
     return moved.with_(source=source)
@@ -114,19 +124,21 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
     stack.arrange(scenes.PREVIOUS)
     assert through_proxy(stack.env) == ("blue", V3.tag)
     with tmpfs(tmp_path / "data") as data:
-        env = cramped(stack, data)
+        env = cramped(stack, data, caddyfile=cell == "caddyfile")
+        point = "before:switch" if cell == "caddyfile" else cell
         before = env.state_file.read_bytes()
         with Poller(env) as user:
             if cell == "start":
                 fill(data)
                 first = runbook(env, "rollback", "--yes")
             else:
-                first = runbook(env, "rollback", "--yes", fault=f"{cell}:SIGSTOP")
+                first = runbook(env, "rollback", "--yes", fault=f"{point}:SIGSTOP")
                 wait_stopped(first.pid)
                 fill(data)
                 os.kill(first.pid, signal.SIGCONT)
             code, _, err = finished(first)
             left = env.state_file.read_bytes()
+            green_running = docker.inspect(env.slot("green").container).running
             serving = through_proxy(env)
             status_code, status_out, _ = finished(runbook(env, "status", "--format", "json"))
             os.unlink(data / "filler")
@@ -143,6 +155,15 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             assert serving == ("blue", V3.tag)
             assert left == before
             assert not intents.path(env).exists() and not env.lock_path.exists()
+        elif cell == "caddyfile":
+            # the switch could not write the Caddyfile: nothing took effect, all undone
+            assert code == 1, err
+            assert "No space left on device; it was left unchanged; undone:" in err, err
+            assert f"free disk space where {env.caddy.caddyfile.parent} lives" in err, err
+            assert serving == ("blue", V3.tag)
+            assert left == before
+            assert not green_running  # the standby it started is stopped again
+            assert status_code == 0, status_out
         elif cell == "before:stop-old-slot":
             # the state was recorded before the disk filled: the run completes; only the
             # journal lost lines, and it says so
