@@ -100,6 +100,8 @@ def wait_stopped(pid: int, timeout: float = 60) -> None:
         stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         if stat[0] == "T":
             return
+        if stat[0] in ("Z", "X"):
+            raise AssertionError("the run ended before it reached the fault point")
         time.sleep(0.02)
     raise AssertionError("the run never reached the fault point")
 

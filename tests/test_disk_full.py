@@ -29,14 +29,14 @@ from pathlib import Path
 
 import pytest
 
-from runbook import docker, faults
+from runbook import docker, faults, slots
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 from tests.drill_checks import Poller, through_proxy, wait_stopped
 
 pytestmark = pytest.mark.docker
@@ -121,6 +121,9 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         drill_stack: DrillStack, tmp_path: Path, cell: str) -> None:
     stack = drill_stack
+    if cell == "caddyfile" and stack.has("caddy-reload"):
+        pytest.skip("a caddy-reload host's Caddy reads the Caddyfile itself (`caddy reload "
+                    "--config`): a copy on another disk is not the file it runs")
     stack.arrange(scenes.PREVIOUS)
     assert through_proxy(stack.env) == ("blue", V3.tag)
     with tmpfs(tmp_path / "data") as data:
@@ -192,7 +195,15 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         assert st.current is not None
         assert (st.current.version, str(st.current.active_slot), st.current.rollback_count) == (
             V2.tag, "green", 1)
-        assert not docker.inspect(env.slot("blue").container).running
+        blue = docker.inspect(env.slot("blue").container)
+        if stack.has("h2c") and blue.running:
+            # an h2c Caddy: the rerun finished a switch it did not watch, so it cannot tell a
+            # user's kept-alive connection from one the old config holds; it leaves the old
+            # slot running, says so and records it (as in the kill matrix, tests/test_h2c.py)
+            assert "left running" in rerun[2], rerun[2]
+            assert slots.held_record(env, Slot.BLUE, blue) is not None
+        else:
+            assert not blue.running
         assert not intents.path(env).exists()
         assert not env.lock_path.exists()
         assert [p.name for p in env.state_file.parent.iterdir() if p.name.endswith(".tmp")] == []
