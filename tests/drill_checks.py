@@ -5,8 +5,11 @@ tests/conftest.py only re-exports the fixtures."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +107,36 @@ def wait_stopped(pid: int, timeout: float = 60) -> None:
             raise AssertionError("the run ended before it reached the fault point")
         time.sleep(0.02)
     raise AssertionError("the run never reached the fault point")
+
+
+# --- a real full disk ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` (skipped, saying why, where mounting needs a root
+    this run does not have)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                              str(where)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True, check=False)
+
+
+def fill(where: Path) -> None:
+    """Write `where/filler` until the filesystem refuses: whole pages, then single bytes."""
+    fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
 
 
 # --- the session drill stack -------------------------------------------------------------------

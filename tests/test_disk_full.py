@@ -17,14 +17,12 @@ The Caddyfile stays on the machine's disk: the proxy's directory is Caddy's, and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +35,7 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
-from tests.drill_checks import Poller, through_proxy, wait_stopped
+from tests.drill_checks import Poller, fill, through_proxy, tmpfs, wait_stopped
 
 pytestmark = pytest.mark.docker
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
@@ -51,29 +49,8 @@ CELLS = ["start", "before:start-slot", "switch.after-reload", "before:stop-old-s
          "caddyfile"]
 
 
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str = "512k") -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                              str(where)], capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "--lazy", str(where)], capture_output=True, check=False)
-
-
-def fill(where: Path) -> None:
-    """Write until the filesystem refuses: whole pages, then single bytes."""
-    fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
+def fill_up(where: Path) -> None:
+    fill(where)
     with pytest.raises(OSError) as full:
         (where / "probe").write_bytes(b"x" * 4096)
     assert "No space left on device" in str(full.value)
@@ -126,18 +103,18 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
                     "--config`): a copy on another disk is not the file it runs")
     stack.arrange(scenes.PREVIOUS)
     assert through_proxy(stack.env) == ("blue", V3.tag)
-    with tmpfs(tmp_path / "data") as data:
+    with tmpfs(tmp_path / "data", "512k") as data:
         env = cramped(stack, data, caddyfile=cell == "caddyfile")
         point = "before:switch" if cell == "caddyfile" else cell
         before = env.state_file.read_bytes()
         with Poller(env) as user:
             if cell == "start":
-                fill(data)
+                fill_up(data)
                 first = runbook(env, "rollback", "--yes")
             else:
                 first = runbook(env, "rollback", "--yes", fault=f"{point}:SIGSTOP")
                 wait_stopped(first.pid)
-                fill(data)
+                fill_up(data)
                 os.kill(first.pid, signal.SIGCONT)
             code, _, err = finished(first)
             left = env.state_file.read_bytes()

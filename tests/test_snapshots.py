@@ -27,6 +27,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import fill, tmpfs
 
 pytestmark = pytest.mark.docker
 
@@ -397,23 +398,9 @@ def test_database_unreachable_is_refused_and_nothing_is_written(
 @contextlib.contextmanager
 def full_disk(where: Path) -> Iterator[Path]:
     """A real full filesystem: a 64 KiB tmpfs, filled to the last byte."""
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
-                              str(where)], capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            for size in (4096, 1):
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, b"\0" * size)
-        finally:
-            os.close(fd)
+    with tmpfs(where, "64k"):
+        fill(where)
         yield where
-    finally:
-        subprocess.run(["umount", str(where)], capture_output=True, check=False)
 
 
 def test_no_disk_space_for_the_safety_snapshot_changes_nothing(
