@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import secrets
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,8 @@ def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
     filesystem are named as such, since "check the permissions" sends on-call the wrong way;
     anything else gets the caller's hint."""
     if exc.errno in NO_SPACE:
-        return f"free disk space where {directory} lives (`df -h {directory}`), then run again"
+        return (f"free disk space where {directory} lives (`df -h {shlex.quote(str(directory))}`), "
+                "then run again")
     if exc.errno == errno.EROFS:
         return (f"{directory} is on a read-only filesystem: remount it read-write, or point the "
                 "environment file at a writable directory")

@@ -126,3 +126,9 @@ def test_a_failed_write_names_a_full_disk_or_a_read_only_one_not_permissions(
                           "check the permissions")
     assert expected in fix
     assert (code == errno.EACCES) == (fix == "check the permissions")
+
+
+def test_the_df_command_in_a_full_disk_fix_can_be_pasted_as_it_is() -> None:
+    fix = files.write_fix(OSError(errno.ENOSPC, "No space left on device"),
+                          Path("/srv/my state"), "")
+    assert "(`df -h '/srv/my state'`)" in fix
