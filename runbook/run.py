@@ -121,8 +121,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 result.outcomes = execute(plan, journal, progress, signals=signals,
                                           heartbeat=beat, notice=say)
         finally:
-            with journal.step("unlock", "Release the deploy lock"):
-                locks.release(env, held)
+            _release(env, held, journal, say)
     except Interrupted as exc:
         error = RunbookError(f"interrupted by {exc} before any change; nothing was changed",
                              "run the command again when ready",
@@ -157,6 +156,21 @@ def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> Runboo
         exc.journal_incomplete = incomplete(journal)  # type: ignore[attr-defined]
         exc.result = result  # type: ignore[attr-defined]
     return exc
+
+
+def _release(env: Environment, held: locks.Lock, journal: Any,
+             say: Callable[[str], None]) -> None:
+    """Release the lock without ever replacing the run's outcome: it runs in a `finally`, and
+    an error raised there (a filesystem gone read-only) would stand in for the one in flight,
+    e.g. turn "the rollback TOOK EFFECT" into "cannot use the lock directory" with exit 2.
+    A lock left behind names this run's process, which has exited: the next run takes it over
+    and says so."""
+    try:
+        with journal.step("unlock", "Release the deploy lock"):
+            locks.release(env, held)
+    except (RunbookError, OSError) as exc:
+        say(f"the deploy lock {env.lock_path} could not be released ({exc}); the next run "
+            "takes it over and says so, since this run has exited")
 
 
 def incomplete(journal: Any) -> str | None:

@@ -45,8 +45,15 @@ V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 # the intent cannot be marked committed), and after it (only the journal is left to write).
 # "caddyfile": the Caddyfile on that disk too, full from the moment the gate has passed: the
 # switch cannot write it, so traffic never moves.
+# "read-only": the filesystem remounted read-only once the standby has started, as ext4 does
+# with errors=remount-ro when it finds an error, and read-write again before the next run.
 CELLS = ["start", "before:start-slot", "switch.after-reload", "before:stop-old-slot",
-         "caddyfile"]
+         "caddyfile", "read-only"]
+POINTS = {"caddyfile": "before:switch", "read-only": "before:start-slot"}
+
+
+def remount(where: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True)
 
 
 def fill_up(where: Path) -> None:
@@ -105,7 +112,7 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
     assert through_proxy(stack.env) == ("blue", V3.tag)
     with tmpfs(tmp_path / "data", "512k") as data:
         env = cramped(stack, data, caddyfile=cell == "caddyfile")
-        point = "before:switch" if cell == "caddyfile" else cell
+        point = POINTS.get(cell, cell)
         before = env.state_file.read_bytes()
         with Poller(env) as user:
             if cell == "start":
@@ -114,14 +121,14 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             else:
                 first = runbook(env, "rollback", "--yes", fault=f"{point}:SIGSTOP")
                 wait_stopped(first.pid)
-                fill_up(data)
+                remount(data, "ro") if cell == "read-only" else fill_up(data)
                 os.kill(first.pid, signal.SIGCONT)
             code, _, err = finished(first)
             left = env.state_file.read_bytes()
             green_running = docker.inspect(env.slot("green").container).running
             serving = through_proxy(env)
             status_code, status_out, _ = finished(runbook(env, "status", "--format", "json"))
-            os.unlink(data / "filler")
+            remount(data, "rw") if cell == "read-only" else os.unlink(data / "filler")
             rerun = (finished(runbook(env, "rollback", "--yes")) if code != 0 else (0, "", ""))
 
         assert "Traceback" not in err + rerun[2]
@@ -154,8 +161,16 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             # traffic moved (verified) and then the state could not be written: exit 6, the
             # disk and the way to finish named; status speaks of what runs, not of the record
             assert code == 6, err
-            assert "TOOK EFFECT" in err and "No space left on device" in err, err
-            assert f"free disk space where {env.state_file.parent} lives" in err, err
+            if cell == "read-only":
+                assert "TOOK EFFECT" in err and "Read-only file system" in err, err
+                assert f"{env.state_file.parent} is on a read-only filesystem" in err, err
+                # the lock could not be released either: said, and never in place of the
+                # outcome; the next run takes it over (its holder has exited) and says so
+                assert f"the deploy lock {env.lock_path} could not be released" in err, err
+                assert "took over a stale deploy lock" in rerun[2], rerun[2]
+            else:
+                assert "TOOK EFFECT" in err and "No space left on device" in err, err
+                assert f"free disk space where {env.state_file.parent} lives" in err, err
             assert "runbook: warning: the journal is incomplete" in err, err
             assert serving == ("green", V2.tag)
             assert status_code == 1

@@ -258,8 +258,9 @@ def _guard(env: Environment) -> Iterator[None]:
         except PermissionError:
             fd = os.open(guard, os.O_RDONLY)  # another user's guard file: flock still works
     except OSError as exc:
-        message = (f"{env.display}: cannot use the lock directory {env.lock_dir}: "
-                   f"{exc.strerror or exc}; nothing was changed")
+        # also met when releasing, after a run's changes: nothing here says "nothing changed"
+        message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
+                  f"{exc.strerror or exc}"
         if exc.errno in files.NO_SPACE:
             raise PreconditionError(message, files.write_fix(exc, env.lock_dir, "")) from None
         raise ConfigError(message, files.write_fix(
