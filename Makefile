@@ -66,7 +66,8 @@ chromium:
 SHAPES ?= container-caddy,docker-network-db,minimal-health,h2c container-caddy,caddy-reload,docker-run
 # What runs per shape group: in make test a representative sample (the rollback feature and
 # tests/test_rollback.py: every rollback path, refusal and proof on that host's shape); the
-# nightly drill sets SHAPE_TESTS="features/ tests/test_rollback.py" (every feature per shape).
+# nightly drill sets SHAPE_TESTS="features/ tests/test_rollback.py tests/test_disk_full.py"
+# (every feature, and the full-disk cells, per shape).
 SHAPE_TESTS ?= features/rollback.feature tests/test_rollback.py
 NEEDS_COMPOSE_DEPLOY := \
   --deselect features/troubleshooting.feature::test_no_previous_deployment_found \
