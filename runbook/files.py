@@ -18,6 +18,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 TEMP_TAG = "runbook-tmp"
@@ -34,12 +35,48 @@ def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
     filesystem are named as such, since "check the permissions" sends on-call the wrong way;
     anything else gets the caller's hint."""
     if exc.errno in NO_SPACE:
-        return (f"free disk space where {directory} lives (`df -h {shlex.quote(str(directory))}`), "
-                "then run again")
+        return no_space_fix(directory)
     if exc.errno == errno.EROFS:
-        return (f"{directory} is on a read-only filesystem: remount it read-write, or point the "
-                "environment file at a writable directory")
+        return f"{directory} is on a read-only filesystem: {read_only_fix()}"
     return otherwise
+
+
+def no_space_fix(directory: Path) -> str:
+    return (f"free disk space where {directory} lives (`df -h {shlex.quote(str(directory))}`), "
+            "then run again")
+
+
+def read_only_fix() -> str:
+    return "remount it read-write, or point the environment file at a writable directory"
+
+
+@dataclass(frozen=True)
+class Space:
+    """Room on the filesystem a directory lives on (statvfs of it, or of its nearest existing
+    parent: a directory a run would create counts where it would be created)."""
+
+    directory: Path
+    device: int
+    free: int  # bytes an unprivileged writer may still use
+    read_only: bool
+
+
+def space(directory: Path) -> Space | None:
+    """None when nothing on the path can be read (the run would say why in its own words)."""
+    probe = Path(directory)
+    while True:
+        try:
+            vfs = os.statvfs(probe)
+            device = os.stat(probe).st_dev
+        except FileNotFoundError:
+            if probe.parent == probe:
+                return None
+            probe = probe.parent
+            continue
+        except OSError:
+            return None
+        return Space(Path(directory), device, vfs.f_bavail * vfs.f_frsize,
+                     bool(vfs.f_flag & os.ST_RDONLY))
 
 
 def flock_within(fd: int, timeout: float, poll: float) -> bool:

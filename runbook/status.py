@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import caddy, database, docker, health, slots, traffic
+from runbook import caddy, database, docker, files, health, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
@@ -58,6 +58,7 @@ class Facts:
     last_run: dict[str, Any] | None = None
     held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
     held_error: RunbookError | None = None
+    space: list[files.Space] = field(default_factory=list)  # where a run writes
 
     @property
     def active(self) -> Slot | None:
@@ -257,12 +258,34 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                                      if took else "runs it again"))
 
 
+# Below this, say so before a run fails on it: a run writes its lock, intent, state file (a
+# temp copy, then a rename), Caddyfile, journal and run record, tens of KiB in all.
+LOW_SPACE = 1 << 20
+
+
+def disk_space(f: Facts) -> Iterator[Problem]:
+    seen: set[int] = set()
+    for room in f.space:
+        if room.device in seen:
+            continue  # one problem per filesystem, named by the first directory on it
+        where = room.directory
+        if room.read_only:
+            seen.add(room.device)
+            yield Problem(f"{where} is on a read-only filesystem: the next run cannot write its "
+                          "lock, its intent or the state", files.read_only_fix())
+        elif room.free < LOW_SPACE:
+            seen.add(room.device)
+            yield Problem(f"{room.free // 1024} KiB free where {where} lives: the next run may "
+                          "fail to take the lock or to record the state",
+                          files.no_space_fix(where))
+
+
 Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
     state_unreadable, container_unknown, caddy_problems, traffic_unclear,
     caddyfile_differs_from_what_runs, interrupted_run, database_unreachable,
     no_current_deployment, state_disagrees_with_caddy, active_unhealthy, image_differs,
-    stale_lock, held_for_h2c, standby_running,
+    stale_lock, held_for_h2c, standby_running, disk_space,
 ]
 
 
@@ -316,6 +339,11 @@ def collect(env: Environment) -> Facts:
             continue
         if record is not None:
             f.held[slot] = record
+    for directory in (env.state_file.parent, env.lock_dir, env.log_dir, env.runs_dir,
+                      env.caddy.caddyfile.parent):
+        room = files.space(directory)
+        if room is not None:
+            f.space.append(room)
     return f
 
 

@@ -110,7 +110,7 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
                     "--config`): a copy on another disk is not the file it runs")
     stack.arrange(scenes.PREVIOUS)
     assert through_proxy(stack.env) == ("blue", V3.tag)
-    with tmpfs(tmp_path / "data", "512k") as data:
+    with tmpfs(tmp_path / "data", "4m") as data:  # above status's 1 MiB low-space mark
         env = cramped(stack, data, caddyfile=cell == "caddyfile")
         point = POINTS.get(cell, cell)
         before = env.state_file.read_bytes()
@@ -134,6 +134,12 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         assert "Traceback" not in err + rerun[2]
         status = json.loads(status_out)
         assert status["traffic"]["slot"] == serving[0], (status["traffic"], serving)
+        # status, asked while the disk was still full, says so before any run fails on it
+        disk = [p for p in status["problems"]
+                if f"KiB free where {env.state_file.parent} lives" in p["problem"]
+                or p["problem"].startswith(f"{env.state_file.parent} is on a read-only")]
+        assert len(disk) == 1, status["problems"]
+        assert ("remount it read-write" if cell == "read-only" else "df -h") in disk[0]["fix"]
         if cell == "start":
             # refused before any change: exit 4 (not a configuration error), the disk named
             assert code == 4, err
@@ -150,7 +156,7 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             assert serving == ("blue", V3.tag)
             assert left == before
             assert not green_running  # the standby it started is stopped again
-            assert status_code == 0, status_out
+            assert status_code == 1 and status["problems"] == disk, status["problems"]
         elif cell == "before:stop-old-slot":
             # the state was recorded before the disk filled: the run completes; only the
             # journal lost lines, and it says so
@@ -199,4 +205,7 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         assert not intents.path(env).exists()
         assert not env.lock_path.exists()
         assert [p.name for p in env.state_file.parent.iterdir() if p.name.endswith(".tmp")] == []
+        _, after, _ = finished(runbook(env, "status", "--format", "json"))
+        assert not [p for p in json.loads(after)["problems"] if "free where" in p["problem"]
+                    or "read-only filesystem" in p["problem"]], after
         assert user.failures == [], user.failures[:5]
