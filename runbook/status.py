@@ -263,21 +263,38 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
 LOW_SPACE = 1 << 20
 
 
-def disk_space(f: Facts) -> Iterator[Problem]:
+def rooms(env: Environment) -> list[files.Space]:
+    """Room where a run writes: the state file's, the lock's, the journal's, the run records'
+    and the Caddyfile's directories."""
+    found = (files.space(directory) for directory in (
+        env.state_file.parent, env.lock_dir, env.log_dir, env.runs_dir,
+        env.caddy.caddyfile.parent))
+    return [room for room in found if room is not None]
+
+
+def space_problems(found: list[files.Space]) -> list[Problem]:
+    """One problem per filesystem (named by the first directory on it) that a run could not
+    write to: read-only, or under LOW_SPACE free. Also the fleet's pre-flight, per host."""
+    out: list[Problem] = []
     seen: set[int] = set()
-    for room in f.space:
+    for room in found:
         if room.device in seen:
-            continue  # one problem per filesystem, named by the first directory on it
+            continue
         where = room.directory
         if room.read_only:
             seen.add(room.device)
-            yield Problem(f"{where} is on a read-only filesystem: the next run cannot write its "
-                          "lock, its intent or the state", files.read_only_fix())
+            out.append(Problem(f"{where} is on a read-only filesystem: the next run cannot "
+                               "write its lock, its intent or the state", files.read_only_fix()))
         elif room.free < LOW_SPACE:
             seen.add(room.device)
-            yield Problem(f"{room.free // 1024} KiB free where {where} lives: the next run may "
-                          "fail to take the lock or to record the state",
-                          files.no_space_fix(where))
+            out.append(Problem(f"{room.free // 1024} KiB free where {where} lives: the next run "
+                               "may fail to take the lock or to record the state",
+                               files.no_space_fix(where)))
+    return out
+
+
+def disk_space(f: Facts) -> Iterator[Problem]:
+    yield from space_problems(f.space)
 
 
 Check = Callable[[Facts], Iterator[Problem]]
@@ -339,11 +356,7 @@ def collect(env: Environment) -> Facts:
             continue
         if record is not None:
             f.held[slot] = record
-    for directory in (env.state_file.parent, env.lock_dir, env.log_dir, env.runs_dir,
-                      env.caddy.caddyfile.parent):
-        room = files.space(directory)
-        if room is not None:
-            f.space.append(room)
+    f.space = rooms(env)
     return f
 
 

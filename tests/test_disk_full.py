@@ -117,6 +117,7 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         with Poller(env) as user:
             if cell == "start":
                 fill_up(data)
+                _, preflight, _ = finished(runbook(env, "fleet", "host-check"))
                 first = runbook(env, "rollback", "--yes")
             else:
                 first = runbook(env, "rollback", "--yes", fault=f"{point}:SIGSTOP")
@@ -148,6 +149,10 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             assert serving == ("blue", V3.tag)
             assert left == before
             assert not intents.path(env).exists() and not env.lock_path.exists()
+            # a fleet's pre-flight on this host refuses it before the rollout touches any host
+            checks = [p for p in json.loads(preflight)["problems"] if p["check"] == "disk space"]
+            assert len(checks) == 1 and checks[0]["exit_code"] == 4, preflight
+            assert f"KiB free where {env.state_file.parent} lives" in checks[0]["message"]
         elif cell == "caddyfile":
             # the switch could not write the Caddyfile: nothing took effect, all undone
             assert code == 1, err
