@@ -18,7 +18,6 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 TEMP_TAG = "runbook-tmp"
@@ -48,35 +47,6 @@ def no_space_fix(directory: Path) -> str:
 
 def read_only_fix() -> str:
     return "remount it read-write, or point the environment file at a writable directory"
-
-
-@dataclass(frozen=True)
-class Space:
-    """Room on the filesystem a directory lives on (statvfs of it, or of its nearest existing
-    parent: a directory a run would create counts where it would be created)."""
-
-    directory: Path
-    device: int
-    free: int  # bytes an unprivileged writer may still use
-    read_only: bool
-
-
-def space(directory: Path) -> Space | None:
-    """None when nothing on the path can be read (the run would say why in its own words)."""
-    probe = Path(directory)
-    while True:
-        try:
-            vfs = os.statvfs(probe)
-            device = os.stat(probe).st_dev
-        except FileNotFoundError:
-            if probe.parent == probe:
-                return None
-            probe = probe.parent
-            continue
-        except OSError:
-            return None
-        return Space(Path(directory), device, vfs.f_bavail * vfs.f_frsize,
-                     bool(vfs.f_flag & os.ST_RDONLY))
 
 
 def flock_within(fd: int, timeout: float, poll: float) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import files
+from runbook import disk, files
 from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
@@ -51,7 +51,7 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
     """Plan (under the lock) and execute; a dry run plans without lock and changes nothing."""
     run_id = journals.new_run_id(action)
     if dry_run:
-        plan = build(run_id)
+        plan = _with_room(env, build(run_id))
         held = locks.status(env)
         plan.steps.insert(0, Step("lock", "Take the deploy lock",
                                   {"path": str(env.lock_path),
@@ -95,7 +95,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     journal.log("WARN", f"removed a temp file a killed run left: {swept}",
                                 step="plan")
                 with signals.interruptible():
-                    plan = build(run_id)
+                    plan = _with_room(env, build(run_id))
                 if plan.finishing:
                     say(f"finishing an interrupted run: {plan.finishing}")
                     journal.set(finishing=plan.finishing)
@@ -156,6 +156,13 @@ def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> Runboo
         exc.journal_incomplete = incomplete(journal)  # type: ignore[attr-defined]
         exc.result = result  # type: ignore[attr-defined]
     return exc
+
+
+def _with_room(env: Environment, plan: Plan) -> Plan:
+    """The plan, warning of a filesystem the run may not be able to write to (nearly full,
+    or read-only) before on-call confirms: after the commit, the state file is written there."""
+    plan.warnings += [f"{problem}; {fix}" for problem, fix in disk.problems(disk.rooms(env))]
+    return plan
 
 
 def _release(env: Environment, held: locks.Lock, journal: Any,

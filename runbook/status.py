@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import caddy, database, docker, files, health, slots, traffic
+from runbook import caddy, database, disk, docker, health, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
@@ -58,7 +58,7 @@ class Facts:
     last_run: dict[str, Any] | None = None
     held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
     held_error: RunbookError | None = None
-    space: list[files.Space] = field(default_factory=list)  # where a run writes
+    space: list[disk.Space] = field(default_factory=list)  # where a run writes
 
     @property
     def active(self) -> Slot | None:
@@ -258,43 +258,9 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                                      if took else "runs it again"))
 
 
-# Below this, say so before a run fails on it: a run writes its lock, intent, state file (a
-# temp copy, then a rename), Caddyfile, journal and run record, tens of KiB in all.
-LOW_SPACE = 1 << 20
-
-
-def rooms(env: Environment) -> list[files.Space]:
-    """Room where a run writes: the state file's, the lock's, the journal's, the run records'
-    and the Caddyfile's directories."""
-    found = (files.space(directory) for directory in (
-        env.state_file.parent, env.lock_dir, env.log_dir, env.runs_dir,
-        env.caddy.caddyfile.parent))
-    return [room for room in found if room is not None]
-
-
-def space_problems(found: list[files.Space]) -> list[Problem]:
-    """One problem per filesystem (named by the first directory on it) that a run could not
-    write to: read-only, or under LOW_SPACE free. Also the fleet's pre-flight, per host."""
-    out: list[Problem] = []
-    seen: set[int] = set()
-    for room in found:
-        if room.device in seen:
-            continue
-        where = room.directory
-        if room.read_only:
-            seen.add(room.device)
-            out.append(Problem(f"{where} is on a read-only filesystem: the next run cannot "
-                               "write its lock, its intent or the state", files.read_only_fix()))
-        elif room.free < LOW_SPACE:
-            seen.add(room.device)
-            out.append(Problem(f"{room.free // 1024} KiB free where {where} lives: the next run "
-                               "may fail to take the lock or to record the state",
-                               files.no_space_fix(where)))
-    return out
-
-
 def disk_space(f: Facts) -> Iterator[Problem]:
-    yield from space_problems(f.space)
+    for problem, fix in disk.problems(f.space):
+        yield Problem(problem, fix)
 
 
 Check = Callable[[Facts], Iterator[Problem]]
@@ -356,7 +322,7 @@ def collect(env: Environment) -> Facts:
             continue
         if record is not None:
             f.held[slot] = record
-    f.space = rooms(env)
+    f.space = disk.rooms(env)
     return f
 
 

@@ -118,6 +118,7 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             if cell == "start":
                 fill_up(data)
                 _, preflight, _ = finished(runbook(env, "fleet", "host-check"))
+                dry = finished(runbook(env, "rollback", "--dry-run"))
                 first = runbook(env, "rollback", "--yes")
             else:
                 first = runbook(env, "rollback", "--yes", fault=f"{point}:SIGSTOP")
@@ -149,6 +150,9 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             assert serving == ("blue", V3.tag)
             assert left == before
             assert not intents.path(env).exists() and not env.lock_path.exists()
+            # the dry run's plan warns of it, as the prompt of a real run would
+            assert dry[0] == 0, dry[2]
+            assert f"KiB free where {env.state_file.parent} lives" in dry[1] + dry[2], dry
             # a fleet's pre-flight on this host refuses it before the rollout touches any host
             checks = [p for p in json.loads(preflight)["problems"] if p["check"] == "disk space"]
             assert len(checks) == 1 and checks[0]["exit_code"] == 4, preflight

@@ -31,7 +31,7 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     first, in the same SSH round trip; its answer is "fleet_lock_take" (`taken`, or the
     refusal's error, fix and exit code), and a refused take skips the checks: the controller
     stops there."""
-    from runbook import environment, status
+    from runbook import disk, environment
     from runbook import lock as locks
     from runbook import rollback as rb
     from runbook.fleet import hostlock
@@ -62,8 +62,8 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     if held is not None and not held.stealable:
         problems.append({"check": "deploy lock", "exit_code": 3,
                          "message": f"the deploy lock is held by {held.describe()}"})
-    for room in status.space_problems(status.rooms(env)):  # a rollout must not stop on it
-        problems.append({"check": "disk space", "message": room.problem, "fix": room.fix,
+    for problem, fix in disk.problems(disk.rooms(env)):  # a rollout must not stop on it
+        problems.append({"check": "disk space", "message": problem, "fix": fix,
                          "exit_code": 4})
     fleet_held = hostlock.status(env)
     out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
