@@ -9,6 +9,7 @@ there fails the run at its lock, or after the commit at the state file; saying s
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from runbook import files
 from runbook.environment import Environment
 
 LOW = 1 << 20  # bytes: well above what one run writes
+LOW_INODES = 64  # a run creates a dozen files (temp copies, lock, intent, records)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Space:
     device: int
     free: int  # bytes an unprivileged writer may still use
     read_only: bool
+    free_inodes: int | None = None  # None: the filesystem counts no inodes (btrfs, some NFS)
 
 
 def space(directory: Path) -> Space | None:
@@ -44,7 +47,7 @@ def space(directory: Path) -> Space | None:
         except OSError:
             return None
         return Space(Path(directory), device, vfs.f_bavail * vfs.f_frsize,
-                     bool(vfs.f_flag & os.ST_RDONLY))
+                     bool(vfs.f_flag & os.ST_RDONLY), vfs.f_favail if vfs.f_files else None)
 
 
 def rooms(env: Environment) -> list[Space]:
@@ -56,8 +59,8 @@ def rooms(env: Environment) -> list[Space]:
 
 
 def problems(found: list[Space]) -> list[tuple[str, str]]:
-    """(problem, fix) once per filesystem a run could not write to (read-only, or under LOW
-    free), named by the first directory on it."""
+    """(problem, fix) once per filesystem a run could not write to (read-only, under LOW
+    bytes or LOW_INODES inodes free), named by the first directory on it."""
     out: list[tuple[str, str]] = []
     seen: set[int] = set()
     for room in found:
@@ -73,4 +76,12 @@ def problems(found: list[Space]) -> list[tuple[str, str]]:
             out.append((f"{room.free // 1024} KiB free where {where} lives: the next run may "
                         "fail to take the lock or to record the state",
                         files.no_space_fix(where)))
+        elif room.free_inodes is not None and room.free_inodes < LOW_INODES:
+            # bytes to spare but no inode left: every new file fails with "No space left"
+            seen.add(room.device)
+            quoted = shlex.quote(str(where))
+            out.append((f"{room.free_inodes} free inodes where {where} lives: the next run may "
+                        "fail to create its lock or to record the state",
+                        f"remove files there (`df -i {quoted}` shows the inodes; many small "
+                        "files, such as old logs, use them up), then run again"))
     return out

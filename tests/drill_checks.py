@@ -113,18 +113,27 @@ def wait_stopped(pid: int, timeout: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `where` (skipped, saying why, where mounting needs a root
-    this run does not have)."""
+def tmpfs(where: Path, size: str, *, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of `size` (and at most `inodes` files) mounted at `where` (skipped, saying why,
+    where mounting needs a root this run does not have)."""
     where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                              str(where)], capture_output=True, text=True, check=False)
+    options = f"size={size},mode=0700" + (f",nr_inodes={inodes}" if inodes else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                             capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
         yield where
     finally:
         subprocess.run(["umount", "--lazy", str(where)], capture_output=True, check=False)
+
+
+def use_up_inodes(where: Path) -> None:
+    """Create empty files in `where/fillers` until the filesystem has no inode left."""
+    (where / "fillers").mkdir()
+    with contextlib.suppress(OSError):
+        for n in range(1_000_000):
+            (where / "fillers" / str(n)).touch()
 
 
 def fill(where: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
-from tests.drill_checks import Poller, fill, through_proxy, tmpfs, wait_stopped
+from tests.drill_checks import Poller, fill, through_proxy, tmpfs, use_up_inodes, wait_stopped
 
 pytestmark = pytest.mark.docker
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
@@ -47,8 +48,10 @@ V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 # switch cannot write it, so traffic never moves.
 # "read-only": the filesystem remounted read-only once the standby has started, as ext4 does
 # with errors=remount-ro when it finds an error, and read-write again before the next run.
+# "inodes": room in bytes, but no inode left before the run (many small files): `df -h` shows
+# space, so the fix must point at `df -i`.
 CELLS = ["start", "before:start-slot", "switch.after-reload", "before:stop-old-slot",
-         "caddyfile", "read-only"]
+         "caddyfile", "read-only", "inodes"]
 POINTS = {"caddyfile": "before:switch", "read-only": "before:start-slot"}
 
 
@@ -110,12 +113,16 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
                     "--config`): a copy on another disk is not the file it runs")
     stack.arrange(scenes.PREVIOUS)
     assert through_proxy(stack.env) == ("blue", V3.tag)
-    with tmpfs(tmp_path / "data", "4m") as data:  # above status's 1 MiB low-space mark
+    # 4 MiB: above the 1 MiB low-space mark once freed; 256 inodes for the "inodes" cell
+    with tmpfs(tmp_path / "data", "4m", inodes=256 if cell == "inodes" else None) as data:
         env = cramped(stack, data, caddyfile=cell == "caddyfile")
         point = POINTS.get(cell, cell)
         before = env.state_file.read_bytes()
         with Poller(env) as user:
-            if cell == "start":
+            if cell == "inodes":
+                use_up_inodes(data)
+                first = runbook(env, "rollback", "--yes")
+            elif cell == "start":
                 fill_up(data)
                 _, preflight, _ = finished(runbook(env, "fleet", "host-check"))
                 dry = finished(runbook(env, "rollback", "--dry-run"))
@@ -130,7 +137,12 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             green_running = docker.inspect(env.slot("green").container).running
             serving = through_proxy(env)
             status_code, status_out, _ = finished(runbook(env, "status", "--format", "json"))
-            remount(data, "rw") if cell == "read-only" else os.unlink(data / "filler")
+            if cell == "read-only":
+                remount(data, "rw")
+            elif cell == "inodes":
+                shutil.rmtree(data / "fillers")
+            else:
+                os.unlink(data / "filler")
             rerun = (finished(runbook(env, "rollback", "--yes")) if code != 0 else (0, "", ""))
 
         assert "Traceback" not in err + rerun[2]
@@ -139,9 +151,11 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         # status, asked while the disk was still full, says so before any run fails on it
         disk = [p for p in status["problems"]
                 if f"KiB free where {env.state_file.parent} lives" in p["problem"]
+                or f"free inodes where {env.state_file.parent} lives" in p["problem"]
                 or p["problem"].startswith(f"{env.state_file.parent} is on a read-only")]
         assert len(disk) == 1, status["problems"]
-        assert ("remount it read-write" if cell == "read-only" else "df -h") in disk[0]["fix"]
+        assert {"read-only": "remount it read-write", "inodes": "df -i"}.get(cell, "df -h") \
+            in disk[0]["fix"]
         if cell == "start":
             # refused before any change: exit 4 (not a configuration error), the disk named
             assert code == 4, err
@@ -157,6 +171,13 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             checks = [p for p in json.loads(preflight)["problems"] if p["check"] == "disk space"]
             assert len(checks) == 1 and checks[0]["exit_code"] == 4, preflight
             assert f"KiB free where {env.state_file.parent} lives" in checks[0]["message"]
+        elif cell == "inodes":
+            # refused before any change, the missing inodes named, not the bytes `df -h` shows
+            assert code == 4, err
+            assert "No space left on device; nothing was changed" in err, err
+            assert "no free inodes left" in err and "df -i" in err, err
+            assert serving == ("blue", V3.tag)
+            assert left == before
         elif cell == "caddyfile":
             # the switch could not write the Caddyfile: nothing took effect, all undone
             assert code == 1, err
