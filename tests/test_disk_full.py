@@ -239,3 +239,41 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         assert not [p for p in json.loads(after)["problems"] if "free where" in p["problem"]
                     or "read-only filesystem" in p["problem"]], after
         assert user.failures == [], user.failures[:5]
+
+
+def test_a_disk_that_fills_up_during_a_deploy_leaves_the_new_version_serving_and_says_so(
+        drill_stack: DrillStack, tmp_path: Path) -> None:
+    """`runbook deploy` (the recovery path) through the same executor: the disk fills once
+    Caddy has reloaded onto the new slot. Exit 6, the new version serves, the full disk named;
+    the same command, once there is room, finishes it."""
+    stack = drill_stack
+    if stack.has("docker-run"):
+        pytest.skip("a docker-run host has no compose: `runbook deploy` refuses before any "
+                    "change there (tests/test_rollback.py)")
+    stack.reset()  # v1 on blue serving, schema 1
+    with tmpfs(tmp_path / "data", "4m") as data:
+        env = cramped(stack, data)
+        with Poller(env) as user:
+            first = runbook(env, "deploy", "--version", V2.tag, "--yes",
+                            fault="switch.after-reload:SIGSTOP")
+            wait_stopped(first.pid)
+            fill_up(data)
+            os.kill(first.pid, signal.SIGCONT)
+            code, _, err = finished(first)
+            serving = through_proxy(env)
+            os.unlink(data / "filler")
+            rerun = finished(runbook(env, "deploy", "--version", V2.tag, "--yes"))
+        assert "Traceback" not in err + rerun[2]
+        assert code == 6, err
+        assert "TOOK EFFECT" in err and "No space left on device" in err, err
+        assert f"free disk space where {env.state_file.parent} lives" in err, err
+        assert serving == ("green", V2.tag)
+        assert rerun[0] == 0, rerun[2]
+        assert "finishing an interrupted run" in rerun[2], rerun[2]
+        assert through_proxy(env) == ("green", V2.tag)
+        st = states.read_state(env.state_file)
+        assert st.current is not None and st.previous is not None
+        assert (st.current.version, str(st.current.active_slot)) == (V2.tag, "green")
+        assert (st.previous.version, st.previous.status) == (VERSIONS["v1"].tag, "superseded")
+        assert not intents.path(env).exists() and not env.lock_path.exists()
+        assert user.failures == [], user.failures[:5]
