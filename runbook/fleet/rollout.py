@@ -238,7 +238,8 @@ class PlaybookRun:
         if os.environ.get("RUNBOOK_FLEET_DEBUG"):  # Ansible's own output, for a developer
             with contextlib.suppress(Exception):
                 sys.stderr.write(self.runner.stdout.read())
-        self.dir.cleanup()
+        with contextlib.suppress(OSError):  # runs in a `finally`: never replace the outcome
+            self.dir.cleanup()
 
     def released(self, lock_host: str) -> bool:
         """Whether the playbook released the fleet lock after a stop (exit 0 on the host)."""
@@ -801,6 +802,7 @@ def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason
              say: Callable[[str], None]) -> None:
     """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
     try:
         events = Events()
         run_playbook("unlock.yml", inventory,
@@ -809,7 +811,10 @@ def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason
         if res.get("_event") != "runner_on_ok":
             say(f"could not release the fleet lock on {inventory.lock_host}: "
                 f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it with "
-                f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there")
+                f"{manual}")
+    except Exception as exc:  # called from a `finally`: say it, never replace the outcome
+        say(f"could not release the fleet lock on {inventory.lock_host} "
+            f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
     finally:
         signal.signal(signal.SIGINT, old)
 
