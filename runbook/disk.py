@@ -9,7 +9,6 @@ there fails the run at its lock, or after the commit at the state file; saying s
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +78,7 @@ def problems(found: list[Space]) -> list[tuple[str, str]]:
         elif room.free_inodes is not None and room.free_inodes < LOW_INODES:
             # bytes to spare but no inode left: every new file fails with "No space left"
             seen.add(room.device)
-            quoted = shlex.quote(str(where))
             out.append((f"{room.free_inodes} free inodes where {where} lives: the next run may "
                         "fail to create its lock or to record the state",
-                        f"remove files there (`df -i {quoted}` shows the inodes; many small "
-                        "files, such as old logs, use them up), then run again"))
+                        files.no_inodes_fix(where)))
     return out

@@ -43,14 +43,18 @@ def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
 def no_space_fix(directory: Path) -> str:
     """"No space left on device" is also what a filesystem out of inodes says, while `df -h`
     shows room: name the one that is short."""
-    quoted = shlex.quote(str(directory))
     with contextlib.suppress(OSError):
         vfs = os.statvfs(directory)
         if vfs.f_files and vfs.f_favail == 0 and vfs.f_bavail * vfs.f_frsize >= 1 << 20:
-            return (f"the filesystem where {directory} lives has no free inodes left: remove "
-                    f"files there (`df -i {quoted}`; many small files, such as old logs, use "
-                    "them up), then run again")
-    return f"free disk space where {directory} lives (`df -h {quoted}`), then run again"
+            return f"the filesystem where {directory} lives has no free inodes left: " \
+                   + no_inodes_fix(directory)
+    return (f"free disk space where {directory} lives (`df -h {shlex.quote(str(directory))}`), "
+            "then run again")
+
+
+def no_inodes_fix(directory: Path) -> str:
+    return (f"remove files there (`df -i {shlex.quote(str(directory))}` shows the inodes; many "
+            "small files, such as old logs, use them up), then run again")
 
 
 def read_only_fix() -> str:
