@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from runbook.errors import ConfigError, PreconditionError, RunbookError
+
 TEMP_TAG = "runbook-tmp"
 # .<target name>.<tag>.<12 hex>.tmp ; also the older writers' names, so their leftovers go too
 _TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:runbook-tmp\.[0-9a-f]{12}|[0-9a-f]{12}"
@@ -38,6 +40,15 @@ def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
     if exc.errno == errno.EROFS:
         return f"{directory} is on a read-only filesystem: {read_only_fix()}"
     return otherwise
+
+
+def write_error(message: str, exc: OSError, directory: Path, otherwise: str) -> RunbookError:
+    """A setup write (lock, journal) that failed before any change: a full disk (or no inode
+    left) is a precondition, exit 4, not a configuration error, exit 2; anything else points at
+    the setting (`otherwise`), unless the filesystem is read-only."""
+    if exc.errno in NO_SPACE:
+        return PreconditionError(message, write_fix(exc, directory, ""))
+    return ConfigError(message, write_fix(exc, directory, otherwise))
 
 
 def no_space_fix(directory: Path) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from runbook import files, times
 from runbook import state as statemod
 from runbook.environment import Environment
-from runbook.errors import ConfigError, ExitCode, PreconditionError, RunbookError
+from runbook.errors import ConfigError, ExitCode, RunbookError
 
 # Secret masking lives in runbook/redact.py; its names stay importable from here.
 from runbook.redact import MASK as MASK
@@ -152,8 +152,10 @@ class Journal:
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
-                raise _cannot_write(f"cannot create {directory}: {exc.strerror or exc}", exc,
-                                    directory.parent, what) from None
+                raise files.write_error(
+                    f"cannot create {directory}: {exc.strerror or exc}; nothing was changed",
+                    exc, directory.parent,
+                    f"fix {what} in the environment file or its permissions") from None
         log_path = env.log_dir / f"{env.name}_{started:%Y%m%d_%H%M%S}.log"
         journal = cls(env, action, run_id, who or statemod.current_operator(), why or "",
                       log_path, env.runs_dir / f"{run_id}.json", started, echo)
@@ -162,8 +164,10 @@ class Journal:
             os.close(fd)
             os.chmod(log_path, 0o600)
         except OSError as exc:
-            raise _cannot_write(f"cannot write the log file {log_path}: {exc.strerror or exc}",
-                                exc, env.log_dir, "[logs] dir") from None
+            raise files.write_error(
+                f"cannot write the log file {log_path}: {exc.strerror or exc}; nothing was "
+                "changed", exc, env.log_dir,
+                "fix [logs] dir in the environment file or its permissions") from None
         from runbook import database
 
         journal.add_secret(*database.known_secrets(env))  # before the first line is written
@@ -339,16 +343,6 @@ class Journal:
                                    default_mode=0o600, durable=durable)
             except OSError as exc:
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
-
-
-def _cannot_write(message: str, exc: OSError, directory: Path, what: str) -> RunbookError:
-    """Before the lock, so nothing was changed. A full disk (or no inode left) is exit 4, not
-    a configuration error; anything else points at the setting and its permissions."""
-    if exc.errno in files.NO_SPACE:
-        return PreconditionError(f"{message}; nothing was changed",
-                                 files.write_fix(exc, directory, ""))
-    return ConfigError(message, files.write_fix(
-        exc, directory, f"fix {what} in the environment file or its permissions"))
 
 
 def _describe(exc: BaseException) -> str:

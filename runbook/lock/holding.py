@@ -24,7 +24,7 @@ from typing import Any
 from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
-from runbook.errors import ConfigError, LockedError, PreconditionError, StateError
+from runbook.errors import LockedError, StateError
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
@@ -133,6 +133,9 @@ class Lock:
         self.release()
 
 
+LOCK_DIR_FIX = "check [lock] dir in the environment file and its permissions"
+
+
 def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
     """Take the deploy lock now or raise LockedError naming the holder and the way out."""
     try:
@@ -140,11 +143,7 @@ def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
     except OSError as exc:
         message = (f"{env.display}: cannot take the deploy lock at {env.lock_path}: "
                    f"{exc.strerror or exc}; nothing was changed")
-        if exc.errno in files.NO_SPACE:  # not a configuration error: exit 4, not 2
-            raise PreconditionError(message, files.write_fix(exc, env.lock_dir, "")) from None
-        raise ConfigError(message, files.write_fix(
-            exc, env.lock_dir, "check [lock] dir in the environment file and its permissions")
-                          ) from None
+        raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
 
 
 def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
@@ -261,11 +260,7 @@ def _guard(env: Environment) -> Iterator[None]:
         # also met when releasing, after a run's changes: nothing here says "nothing changed"
         message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
                   f"{exc.strerror or exc}"
-        if exc.errno in files.NO_SPACE:
-            raise PreconditionError(message, files.write_fix(exc, env.lock_dir, "")) from None
-        raise ConfigError(message, files.write_fix(
-            exc, env.lock_dir, "check [lock] dir in the environment file and its permissions")
-                          ) from None
+        raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
     try:
         if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
             raise LockedError(f"{env.display}: another runbook process has been "
