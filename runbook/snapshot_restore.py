@@ -52,7 +52,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     JSON summary (--format json, reports): restore_snapshot, restore_migration_version, and
     once known safety_snapshot and restored; no step reads it.
     """
-    from runbook import docker
+    from runbook import docker, health
 
     snapshot, verified = run.snapshot, run.verified
     facts = facts if facts is not None else {}
@@ -74,19 +74,32 @@ def restore_steps(env: Environment, run: RestoreRun,
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
-        for slot, name in zip(chosen, containers, strict=True):
-            if docker.inspect(name).running:
-                slotmod.stop(env, slot, maintenance=True)
-                run.stopped.append(name)
-
         def restart() -> None:
             if run.restored:
                 return  # old code on the restored schema: leave them stopped for a human
-            for name in run.stopped:
-                docker.start(name)
+            started = []
+            for slot, name in zip(chosen, containers, strict=True):
+                if name in run.stopped and not docker.inspect(name).running:
+                    docker.start(name)
+                    started.append(slot)
+            for slot in started:  # "traffic stays where it was" must be true when we exit
+                report = health.wait_healthy(env, slot)
+                if not report.ok:
+                    raise RunbookError(f"the {slot} slot was started again but is not healthy: "
+                                       f"{report.reason()}", f"check `docker logs --tail 100 "
+                                       f"{env.slot(slot).container}`",
+                                       exit_code=ExitCode.ATTENTION)
 
+        # The undo is registered, and each container listed, BEFORE its stop: a Ctrl-C or a
+        # failure during the second stop (or inside the first, which Docker finishes anyway)
+        # must start the serving slot again, not report "nothing took effect" with it down.
         ctx.on_failure("start the stopped app containers again (only when the database "
                        "was not restored)", restart)
+        for slot, name in zip(chosen, containers, strict=True):
+            if docker.inspect(name).running:
+                run.stopped.append(name)
+                ctx.fault(f"restore.stopping-{slot}")
+                slotmod.stop(env, slot, maintenance=True)
         ctx.note(stopped=", ".join(run.stopped) or "none were running")
 
     def do_restore(ctx: StepContext) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runbook import deploy, docker, snapshot_restore, snapshots
@@ -451,3 +452,26 @@ def test_cli_create_list_restore_cleanup(stack: DrillStack) -> None:
     cleaned = cli("snapshot", "cleanup", source, "--dry-run", "--format", "json")
     assert cleaned.returncode == 0 and json.loads(cleaned.stdout)["removed"] == []
     assert os.access(stack.env.database.snapshot_dir, os.W_OK)
+
+
+def test_an_interrupted_stop_of_the_app_slots_starts_them_again(stack: DrillStack) -> None:
+    """Ctrl-C once the serving slot is stopped and before the other's stop (the restore's
+    one step allowed to stop the serving slot): the run must start it again and say nothing
+    took effect, never leave the service down behind "nothing was changed"."""
+    env = stack.env
+    add_items(stack, "before")
+    snap = snapshots.create(env, "interrupt")
+    add_items(stack, "after")
+    assert all(docker.inspect(env.slot(s).container).running for s in Slot)
+    before = untouched(stack)
+    fault = {**os.environ, "RUNBOOK_DRILL_FAULT": "restore.stopping-green:SIGINT"}
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                           str(env.source), snap.name, "--yes"], capture_output=True, text=True,
+                          check=False, timeout=180, stdin=subprocess.DEVNULL, env=fault)
+    assert done.returncode == int(ExitCode.FAILED_SAFELY), done.stderr
+    assert "Traceback" not in done.stderr and "interrupted" in done.stderr
+    after = untouched(stack)
+    after["snapshots"] = [n for n in after["snapshots"] if "pre-restore" not in str(n)]
+    assert after == before  # both slots running, the database as it was
+    answer = httpx.get(f"{env.caddy.proxy_url}/version", timeout=5)
+    assert answer.status_code == 200 and answer.headers.get("X-Togather-Slot") == "blue"
