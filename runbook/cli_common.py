@@ -159,7 +159,13 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
 
 
 def notice(message: str) -> None:
-    """Something on-call must see even when all goes well (a stale lock taken over)."""
+    """Something on-call must see even when all goes well (a stale lock taken over, a plan
+    warning no prompt showed under --yes)."""
+    from runbook.run import WARNING
+
+    if message.startswith(WARNING):
+        typer.echo(f"runbook: warning: {message.removeprefix(WARNING)}", err=True)
+        return
     typer.echo(f"runbook: note: {message}", err=True)
 
 

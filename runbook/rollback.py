@@ -177,8 +177,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
         if found is not None:
-            warnings.insert(0, f"an interrupted run changed nothing users see; continuing: "
-                               f"{found[0].describe()}")
+            # a killed restore may have stopped the serving slot (its maintenance stop): say
+            # so, never "nothing users see" while users get errors
+            seen = ("changed nothing users see" if containers[live].result().running
+                    else f"left the serving slot {live} STOPPED (users get errors until this "
+                         "run switches traffic)")
+            warnings.insert(0, f"an interrupted run {seen}; continuing: {found[0].describe()}")
         standby = live.other
         wanted = slots.image_of(env, target.version, target.image or None)
         recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "

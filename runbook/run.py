@@ -23,6 +23,8 @@ from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError, UsageError
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 
+WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
+
 
 class NotConfirmed(UsageError):
     """The operator said no at the prompt; nothing was changed."""
@@ -101,6 +103,9 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     journal.set(finishing=plan.finishing)
             journal.log("INFO", f"plan: {plan.summary}", plan=plan.to_json())
             result = RunResult(plan, run_id, dry_run=False, notices=notices)
+            if confirm is None:  # no prompt shows the plan (--yes): its warnings still show
+                for warning in plan.warnings:
+                    say(f"{WARNING}{warning}")
             if confirm is not None:
                 with signals.interruptible():
                     if not confirm(plan):

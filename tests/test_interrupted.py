@@ -278,3 +278,24 @@ def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> No
         import shutil
 
         shutil.rmtree(env.lock_path, ignore_errors=True)
+
+
+def test_a_restore_killed_once_the_serving_slot_is_stopped_is_said_and_finished(
+        stack: DrillStack) -> None:
+    """`rollback --restore-snapshot` killed (-9) right after its maintenance stop of the
+    serving slot: the rerun must not say the interrupted run "changed nothing users see"
+    (users get errors), and it finishes the job: the database restored, v1 served."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:stop-app-slots:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    again = cli(env, "rollback", "--restore-snapshot", "--yes")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "left the serving slot green STOPPED" in said
+    assert "changed nothing users see" not in said
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert intents.read(env) is None
