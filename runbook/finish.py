@@ -25,6 +25,16 @@ from runbook.plan import Phase, Plan, Step, StepContext
 Record = recording.Record
 
 
+class CannotFinish(PreconditionError):
+    """An interrupted run that this run can neither finish nor continue: traffic moved to a
+    slot that does not answer as intended, or Caddy names no single slot. Only an explicit
+    `runbook switch` (the repair this error prescribes) may go past it."""
+
+    def __init__(self, message: str, fix: str, intent: intents.Intent) -> None:
+        super().__init__(message, fix)
+        self.intent = intent
+
+
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     """(intent, "finish" | "continue") for an interrupted run, or None when there is none."""
     intent = intents.read(env)
@@ -39,17 +49,18 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         check = caddy.verify(env, intent.target, intent.to_version, attempts=3, interval=0.2)
         if check.ok:
             return intent, "finish"
-        raise PreconditionError(
+        raise CannotFinish(
             f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
             f"{intent.to_version} now: {check.describe()} ({intent.describe(moved=True)})",
             f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
-            f"--slot {intent.from_slot}`, then check `runbook status {env.name}`")
+            f"--slot {intent.from_slot}`, then check `runbook status {env.name}`", intent)
     if found.slot == intent.source:
         return intent, "continue"
-    raise PreconditionError(
+    raise CannotFinish(
         f"an interrupted run is unfinished ({intent.describe()}) and Caddy's running config "
         f"names no single slot: {found.problem(env)}",
-        f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`")
+        f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`",
+        intent)
 
 
 def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:

@@ -26,7 +26,11 @@ class Options:
 
 
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
-    found = finish.interrupted(env)
+    repairing: finish.CannotFinish | None = None
+    try:
+        found = finish.interrupted(env)
+    except finish.CannotFinish as exc:  # the repair that error names is this very command
+        found, repairing = None, exc
     if found is not None and found[1] == "finish":
         return finish.plan_for(env, found[0], run_id)
     state = recording.load_or_empty(env)
@@ -37,6 +41,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if now.slot == target and now.problem(env) is None:
         raise PreconditionError(f"the {target} slot already takes traffic (as Caddy runs it)",
                                 "nothing to switch; see `runbook status`")
+    if repairing is not None:
+        warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
+                        "record once it is done")
     if now.slot is None:
         warnings.append(f"Caddy serves no single slot ({now.problem(env)}); repointing it at "
                         f"{target}")
@@ -62,6 +69,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("preflight", "Pre-flight checks (read-only, done)", {
             "traffic now": now.describe() if now.slot else f"no single slot ({now.problem(env)})",
             "target": f"{target}: {prep.describe_container}"}, phase=Phase.PREFLIGHT),
+        *([_replace_record(env, repairing.intent)] if repairing is not None else []),
         slots.run_step(env, prep),
         slots.gate_step(env, target, force=options.force, expected_version=version,
                         observed=observed),
@@ -75,6 +83,20 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 steps, warnings, diff, facts={"from_slot": str(live), "to_slot": str(target),
                                               "version": version, "to": version},
                 intent=intent, resume_command=f"runbook switch {env.name} --slot {target}")
+
+
+def _replace_record(env: Environment, old: intents.Intent) -> Step:
+    """This switch's record (written before its first change) replaces the interrupted run's;
+    if the switch fails before traffic moves, the interrupted run's record is put back, so the
+    next run still knows of it."""
+    def run(ctx: StepContext) -> None:
+        ctx.on_failure("put back the interrupted run's record", lambda: intents.write(env, old))
+        ctx.note(replaced=old.run_id)
+
+    return Step("replace-record", "Replace the interrupted run's record with this switch's", {
+        "interrupted run": old.describe(),
+        "on failure": f"its record is put back ({intents.path(env)})",
+    }, run=run)
 
 
 def switch(env: Environment, options: Options, *, dry_run: bool = False, confirm: Any = None,

@@ -299,3 +299,32 @@ def test_a_restore_killed_once_the_serving_slot_is_stopped_is_said_and_finished(
     assert "changed nothing users see" not in said
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     assert intents.read(env) is None
+
+
+def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack) -> None:
+    """Killed once Caddy serves the target, which then crashes: the next rollback cannot
+    finish the run and names `runbook switch --slot blue`. That command must do it (not
+    refuse with the same error, leaving only a hand edit of the intent record)."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    subprocess.run(["docker", "kill", env.slot(Slot.GREEN).container], check=True,
+                   capture_output=True)  # the target crashes
+    blocked = cli(env, "rollback", "--yes")
+    assert blocked.returncode == 4, blocked.stderr
+    fix = f"runbook switch {env.name} --slot blue"
+    assert "does not answer as" in blocked.stderr and fix in blocked.stderr
+    interrupted = intents.read(env)
+    assert interrupted is not None
+    failed = cli(env, "switch", "--slot", "blue", "--yes", fault="before:switch:SIGINT")
+    assert failed.returncode == 1, failed.stderr  # Ctrl-C before the commit: undone
+    assert intents.read(env) == interrupted  # its record put back: the next run still knows
+    repaired = cli(env, "switch", "--slot", "blue", "--yes")
+    said = repaired.stdout + repaired.stderr
+    assert repaired.returncode == 0, said
+    assert "runbook: warning: repairing: an interrupted run moved traffic to green" in said
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert intents.read(env) is None
+    status = cli(env, "status", "--format", "json")
+    assert "interrupted" not in status.stdout.lower(), status.stdout
