@@ -93,6 +93,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     def run_migrate(ctx: StepContext) -> None:
         before = recording.schema(env)
+        ctx.fault("migrate.before-exec")
         code, output = docker.exec_run(config.container, list(env.migrate_command))
         if code != 0:
             raise PreconditionError(f"migrations failed in {config.container} (exit {code}): "
@@ -103,6 +104,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         observed.migration_version = after
         intent.record["migration_version"] = after  # a resumed run records it too
         ctx.note(schema=f"{before} -> {after}")
+        if after != before:  # a later failure must not say "nothing took effect"
+            ctx.cannot_undo(
+                f"the new version's migrations changed the database schema ({before} -> "
+                f"{after}) and stay: {current.version if current else 'the serving version'} "
+                f"serves on schema {after}",
+                f"check it: `runbook status {env.name}`; to put the schema back, restore the "
+                f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
+                f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
 
     intent = intents.Intent(run_id=run_id, action="deploy", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
@@ -133,8 +142,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("start-slot", f"Recreate the {target} container with {image}",
              {"command": recreate.display()}, run=run_recreate),
         Step("migrate", "Run the new version's migrations",
-             {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}"},
-             run=run_migrate, skip=None if env.migrate_command else "no migrate_command"),
+             {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}",
+              "Ctrl-C": "acted on once the migrations have ended, so their outcome is known"},
+             run=run_migrate, skip=None if env.migrate_command else "no migrate_command",
+             hold_signals=True),
         slots.gate_step(env, target, force=options.force, expected_version=version,
                         observed=observed),
     ]

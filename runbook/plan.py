@@ -47,6 +47,9 @@ class Step:
     run: Callable[[StepContext], Any] | None = None
     skip: str | None = None  # why this step will not run (shown in the plan)
     phase: Phase = Phase.PREPARE
+    # a step a signal must not cut in half (a migration, the restore's transaction): one that
+    # arrives meanwhile is acted on when the step ends, so what it did is known and reported
+    hold_signals: bool = False
 
 
 @dataclass
@@ -300,7 +303,7 @@ class _Execution:
         ctx.commit = self._commit
         self._say("start", step)
         started = time.monotonic()
-        interruptible = step.phase is Phase.PREPARE
+        interruptible = step.phase is Phase.PREPARE and not step.hold_signals
         try:
             with self.journal.step(step.name, step.title) as record:
                 record.detail(phase=step.phase.value, **step.details)

@@ -153,7 +153,8 @@ def restore_steps(env: Environment, run: RestoreRun,
             "stdin, then": f"{snapshot.path}, decompressed in-process (sha256 checked while "
                            "streaming)",
             "on failure": "psql rolls back: the database stays exactly as it was",
-        }, run=do_restore),
+            "Ctrl-C": "acted on once the transaction has ended, so its outcome is known",
+        }, run=do_restore, hold_signals=True),
         Step("verify-restore", "Verify schema_migrations and the row counts", {
             "expect": f"schema_migrations {verified.migration_version}; "
                       + (", ".join(f"{k} {v.rows}" for k, v in sorted(recorded.items()))

@@ -328,3 +328,24 @@ def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack)
     assert intents.read(env) is None
     status = cli(env, "status", "--format", "json")
     assert "interrupted" not in status.stdout.lower(), status.stdout
+
+
+def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
+        stack: DrillStack) -> None:
+    """A signal while the new version migrates is acted on once the migrations end (never a
+    migration cut in half), and the run then says the schema changed instead of "nothing took
+    effect"; the same command afterwards finishes the deploy."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes",
+                fault="migrate.before-exec:SIGINT")
+    assert first.returncode == 5, first.stderr
+    assert "migrations changed the database schema (1 -> 2)" in first.stderr
+    assert "nothing took effect" not in first.stderr
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version, dirty FROM schema_migrations").fetchone() == (2,
+                                                                                          False)
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
