@@ -81,8 +81,10 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
 
     try:
         with journal.step("lock", "Take the deploy lock") as rec:
-            with signals.interruptible():
-                held = locks.acquire(env, reason=reason, run_id=run_id)
+            # not interruptible: taking the lock never waits, and a signal between its mkdir
+            # and its holder file would leave a lock naming nobody (stale only after
+            # lock_stale_after); one that arrives now is acted on when planning starts
+            held = locks.acquire(env, reason=reason, run_id=run_id)
             refreshed = [time.monotonic()]  # when the lock's expiry clock last restarted
             rec.detail(path=str(env.lock_path))
             if held.stolen_from is not None:
