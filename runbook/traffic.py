@@ -9,7 +9,8 @@ cannot be read, callers fail closed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,10 @@ class Traffic:
     proxy_slot: str | None = None  # X-Togather-Slot through the proxy (None: not asked/none)
     proxy_error: str | None = None
     h2c: Listens = ()  # where Caddy's servers accept cleartext HTTP/2 (h2c_listens)
+    # slots whose port the Caddyfile's part OUTSIDE the markers dials too (another site that
+    # proxies to a slot on purpose): not what the switch moves, so not what "serves" means
+    pinned: frozenset[Slot] = frozenset()
+    dialed: tuple[tuple[int, int], ...] = ()  # (slot port, how many dials name it)
 
     @property
     def slot(self) -> Slot | None:
@@ -132,11 +137,49 @@ def loaded_config(env: Environment) -> Any:
                                   ) from None
 
 
-def from_config(env: Environment, config: Any) -> Traffic:
-    dials = tuple(dict.fromkeys(_dials(config)))
+def from_config(env: Environment, config: Any,
+                outside: Callable[[], Counter[int] | None] | None = None) -> Traffic:
+    """What `config` dials. When it dials both slots' ports, `outside` (the ports the
+    Caddyfile's part outside the markers dials, as Caddy adapts it) tells the managed block's
+    dials from other sites' by subtraction; when that leaves no slot, or cannot be told, both
+    stay (and every caller fails closed)."""
+    every = list(_dials(config))
+    dials = tuple(dict.fromkeys(every))
     by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
-    slots = frozenset(by_port[p] for d in dials if (p := _port(d)) in by_port)
-    return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config))
+    counts = Counter(p for d in every if (p := _port(d)) in by_port)
+    slots = frozenset(by_port[p] for p in counts)
+    pinned: frozenset[Slot] = frozenset()
+    if len(slots) > 1 and outside is not None and (fixed := outside()) is not None:
+        managed = frozenset(by_port[p] for p in counts - fixed)
+        if managed:
+            slots = managed
+            pinned = frozenset(by_port[p] for p in fixed if p in by_port)
+    return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
+                   dialed=tuple(sorted(counts.items())))
+
+
+def _pinned(env: Environment) -> frozenset[Slot]:
+    """Slots the part of the Caddyfile outside the markers proxies to (empty: none, or it
+    cannot be told)."""
+    by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
+    return frozenset(by_port[p] for p in (outside_dials(env) or ()) if p in by_port)
+
+
+def outside_dials(env: Environment) -> Counter[int] | None:
+    """The ports the Caddyfile's part outside the slot markers dials, as Caddy's own adapter
+    (`POST /adapt`, nothing loaded) reads it; None when the file or Caddy cannot say."""
+    from runbook.caddy import admin
+    from runbook.caddy import text as caddytext
+
+    try:
+        raw = env.caddy.caddyfile.read_text(encoding="utf-8")
+        start, end = caddytext.find_block(raw)
+        answer = admin.adapt(env, raw[:start] + raw[end:])
+    except (OSError, UnicodeError, RunbookError):
+        return None
+    if answer is None:
+        return None
+    return Counter(p for d in _dials(answer) if (p := _port(d)) is not None)
 
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
@@ -156,17 +199,18 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
     a loopback round trip through Caddy: asked one after the other they were most of the
     planner's wait for a running standby)."""
     if not proxy:
-        return from_config(env, loaded_config(env))
+        return from_config(env, loaded_config(env), lambda: outside_dials(env))
     from runbook.preflight import Probe
 
     witness = Probe(lambda: ask_proxy(env), "ask-proxy")
     try:
-        found = from_config(env, loaded_config(env))
+        found = from_config(env, loaded_config(env), lambda: outside_dials(env))
     except BaseException:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise
     header, error = witness.result()
-    return Traffic(found.slots, found.dials, header, error, found.h2c)
+    return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
+                   found.dialed)
 
 
 def serving_slot(env: Environment) -> Slot:
@@ -234,10 +278,21 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
         warnings.append(f"the state file says {recorded} is active but Caddy sends traffic to "
                         f"{found.slot}; trusting Caddy")
     try:
-        on_disk = caddy.inspect(caddy.read(env), env).slot
+        inspection = caddy.inspect(caddy.read(env), env)
     except RunbookError as exc:
         warnings.append(f"cannot read the Caddyfile: {exc.message}")
     else:
+        on_disk = inspection.slot
+        # Caddy dials the serving port more often than the managed block names it: ask
+        # Caddy's adapter whether another site, outside the markers, proxies to it for good
+        port = env.slot(found.slot).port
+        named = sum(1 for u in inspection.upstreams if u.port == port)
+        if env.stop_old_slot and dict(found.dialed).get(port, 0) > named \
+                and found.slot in (found.pinned or _pinned(env)):
+            warnings.append(f"another site outside the slot markers proxies to {found.slot}'s "
+                            f"port {port}: stopping the old {found.slot} slot after the switch "
+                            "cuts that site too ([rollback] stop_old_slot = false keeps it "
+                            "running)")
         if on_disk != found.slot:
             warnings.append(f"the Caddyfile on disk points at {on_disk or 'no single slot'} "
                             f"but Caddy runs {found.slot} (a run stopped between writing it "

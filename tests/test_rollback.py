@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, rollback
+from runbook import caddy, deploy, docker, files, rollback
 from runbook import state as states
+from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
@@ -395,3 +396,39 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
                for p in data["problems"])
     result = rollback.rollback(env, dry_run=True)
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
+
+
+def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slot_serves(
+        stack: DrillStack) -> None:
+    """Another site on the host proxies to blue's port for good (outside the slot markers,
+    which a switch never touches). Caddy then dials both slots' ports once green serves; the
+    managed block's dials are told from that site's by Caddy's own adapter, so both rollbacks
+    go through (before: the first refused to stop blue after its commit, exit 6, and the
+    second could not tell which slot serves), each saying what stopping blue cuts."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 the previous, stopped on green
+    text = env.caddy.caddyfile.read_text()
+    pinned = text.replace('respond /ping "pong" 200',
+                          f"reverse_proxy localhost:{env.slot(Slot.BLUE).port}")
+    assert pinned != text
+    files.atomic_write(env.caddy.caddyfile, pinned.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=pinned,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        assert env.source is not None
+        return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+                              capture_output=True, text=True, check=False, timeout=180,
+                              stdin=subprocess.DEVNULL)
+
+    away = cli("rollback", "--yes")
+    assert away.returncode == 0, away.stderr
+    assert ("another site outside the slot markers proxies to blue's port "
+            f"{env.slot(Slot.BLUE).port}: stopping the old blue slot") in away.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    status = json.loads(cli("status", "--format", "json").stdout)
+    assert status["traffic"]["slot"] == "green", status["traffic"]
+    back = cli("rollback", "--yes")
+    assert back.returncode == 0, back.stderr
+    assert "another site outside the slot markers" not in back.stderr  # green stops: not pinned
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert pinned.split("# BLUE_GREEN_SLOT_START")[0] in env.caddy.caddyfile.read_text()

@@ -175,6 +175,19 @@ def _post_caddyfile(env: Environment, endpoint: str, text: str,
                                 headers={"Content-Type": "text/caddyfile"}, max_body=None)
 
 
+def adapt(env: Environment, text: str) -> Any | None:
+    """Caddy's JSON for Caddyfile `text` (`POST /adapt`: nothing is loaded); None when Caddy
+    does not answer or rejects it."""
+    from runbook import bounded_http
+
+    try:
+        answer = _post_caddyfile(env, "adapt", text, _ADMIN_TIMEOUT)
+        body = answer.json() if answer.status < 400 else None
+    except (bounded_http.HttpFailure, ValueError):
+        return None
+    return body.get("result") if isinstance(body, dict) else None
+
+
 def _validate_by_api(env: Environment, text: str) -> str:
     from runbook import bounded_http
 
