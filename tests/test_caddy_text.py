@@ -145,14 +145,35 @@ def test_inspect_reads_ports_and_headers_of_every_upstream_block() -> None:
 
 
 def test_a_caddyfile_targeting_the_wrong_port_is_reported_not_guessed() -> None:
-    text = HOST_CADDYFILE.replace("127.0.0.1:8081", "127.0.0.1:8080")
+    """No upstream between the markers on a slot's port: the block is not the app's (or its
+    port is wrong), so no slot is guessed and a switch refuses rather than retarget it."""
+    text = HOST_CADDYFILE.replace("localhost:8081 {", "localhost:8080 {").replace(
+        "127.0.0.1:8081", "127.0.0.1:8080")
     found = caddy.inspect(text, ENV)
     assert not found.consistent
     assert found.slot is None
-    assert found.ports == (8081, 8080)
-    assert any("port 8080" in p and "line 23" in p and "blue (8081)" in p
-               for p in found.problems), found.problems
+    assert found.ports == (8080,)
+    assert [p for p in found.problems if "no slot's port" in p] == [
+        f"line {n}: upstream {host}:8080 targets port 8080, which is no slot's port "
+        "(known: blue (8081), green (8082))" for n, host in ((17, "localhost"), (23, "127.0.0.1"))]
     assert caddy.active_slot(text, ENV) is None
+    with pytest.raises(CaddyError) as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert str(err.value.message) == (
+        "no upstream between the slot markers is on a slot's port (found localhost:8080 on "
+        "line 17, 127.0.0.1:8080 on line 23; slot ports: blue (8081), green (8082)): "
+        "nothing to switch")
+    assert err.value.fix and "localhost:8082" in err.value.fix
+    assert err.value.exit_code == 4
+
+
+def test_an_upstream_on_another_port_beside_the_apps_is_a_warning_not_a_problem() -> None:
+    text = HOST_CADDYFILE.replace("127.0.0.1:8081", "127.0.0.1:8080")
+    found = caddy.inspect(text, ENV)
+    assert found.consistent and found.slot is Slot.BLUE and found.problems == ()
+    assert found.ports == (8081, 8080)
+    assert found.warnings == ("line 23: upstream 127.0.0.1:8080 is no slot's port (known: "
+                              "blue (8081), green (8082)): left as it is",)
 
 
 def test_upstreams_and_headers_that_disagree_are_inconsistent() -> None:
@@ -248,12 +269,67 @@ def test_rewrite_handles_to_subdirective_matchers_schemes_quotes_and_several_ups
     assert len(found.upstreams) == 4
 
 
-def test_rewrite_fixes_a_wrong_port() -> None:
+def test_rewrite_leaves_an_upstream_on_another_port_as_it_is() -> None:
+    """A port that is no slot's may be another service's: never retargeted to the app."""
     text = HOST_CADDYFILE.replace("localhost:8081 {", "localhost:9999 {")
-    assert caddy.active_slot(text, ENV) is None
-    fixed = caddy.rewrite(text, ENV, Slot.BLUE)
-    assert fixed == HOST_CADDYFILE
-    assert caddy.inspect(fixed, ENV).consistent
+    assert caddy.active_slot(text, ENV) is Slot.BLUE
+    assert caddy.rewrite(text, ENV, Slot.BLUE) == text
+    assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace(
+        "127.0.0.1:8081", "127.0.0.1:8082").replace('header_down X-Togather-Slot "blue"',
+                                                    'header_down X-Togather-Slot "green"')
+
+
+GRAFANA_BESIDE_THE_APP = """\
+togather.example.org {
+\t# BLUE_GREEN_SLOT_START
+\thandle_path /grafana/* {
+\t\treverse_proxy localhost:3000
+\t}
+\treverse_proxy /legacy/* localhost
+\treverse_proxy localhost:8081 {
+\t\theader_down X-Togather-Slot "blue"
+\t}
+\t# BLUE_GREEN_SLOT_END
+}
+"""
+
+
+def test_only_upstreams_on_a_slot_port_are_switched() -> None:
+    """The review's case: another service's route between the markers. Before, the switch
+    sent /grafana/* (port 3000) and /legacy/* (no port: 80) to the app too."""
+    assert caddy.rewrite(GRAFANA_BESIDE_THE_APP, ENV, Slot.GREEN) == """\
+togather.example.org {
+\t# BLUE_GREEN_SLOT_START
+\thandle_path /grafana/* {
+\t\treverse_proxy localhost:3000
+\t}
+\treverse_proxy /legacy/* localhost
+\treverse_proxy localhost:8082 {
+\t\theader_down X-Togather-Slot "green"
+\t}
+\t# BLUE_GREEN_SLOT_END
+}
+"""
+    found = caddy.inspect(GRAFANA_BESIDE_THE_APP, ENV)
+    assert found.slot is Slot.BLUE and found.consistent and found.problems == ()
+    assert found.warnings == (
+        "line 4: upstream localhost:3000 is no slot's port (known: blue (8081), green (8082)): "
+        "left as it is",
+        "line 6: upstream localhost (port 80) is no slot's port (known: blue (8081), "
+        "green (8082)): left as it is")
+
+
+def test_an_upstream_without_a_port_is_switched_only_when_its_default_port_is_a_slots() -> None:
+    env = make_env().with_(slots={
+        slot: dataclasses.replace(cfg, port=80 if slot is Slot.BLUE else cfg.port)
+        for slot, cfg in ENV.slots.items()})
+    text = ("# BLUE_GREEN_SLOT_START\nreverse_proxy localhost https://localhost\n"
+            "# BLUE_GREEN_SLOT_END\n")
+    assert caddy.active_slot(text, env) is Slot.BLUE  # port 80; https:// is 443
+    assert caddy.rewrite(text, env, Slot.GREEN) == text.replace(
+        "proxy localhost ", "proxy localhost:8082 ")
+    with pytest.raises(CaddyError, match=r"localhost \(port 80\) on line 2"):
+        caddy.rewrite(text, ENV, Slot.GREEN)
 
 
 def test_rewrite_preserves_crlf_files_byte_for_byte() -> None:
@@ -305,9 +381,9 @@ LINE_TEXT = FREE_TEXT.map(lambda s: s.replace("\n", " "))
 def upstream(draw: st.DrawFn) -> str:
     host = draw(st.sampled_from(["localhost", "127.0.0.1", "http://localhost", "[::1]",
                                  "h2c://127.0.0.1"]))
-    port = draw(st.sampled_from([8081, 8082, 8080, 9000, 1]))
+    port = draw(st.sampled_from([":8081", ":8082", ":8080", ":9000", ":1", ":3000", ""]))
     quote = draw(st.sampled_from(["", '"']))
-    return f"{quote}{host}:{port}{quote}"
+    return f"{quote}{host}{port}{quote}"
 
 
 @st.composite
@@ -392,13 +468,17 @@ def hosts(route: Config) -> set[str]:
     return {h for m in route.get("match", []) for h in m.get("host", [])}
 
 
+SLOT_PORTS = {str(c.port) for c in ENV.slots.values()}
+
+
 def retarget(node: Any, port: int, slot: Slot) -> Any:
-    """`node` with every upstream dialling `port` and every X-Togather-Slot header saying
-    `slot`: what a switch must change in Caddy's view, and nothing else."""
+    """`node` with every upstream Caddy dials on a slot's port dialling `port` instead and
+    every X-Togather-Slot header saying `slot`: what a switch must change in Caddy's view, and
+    nothing else (another service's upstream, on another port, keeps its dial)."""
     if isinstance(node, dict):
         out: Config = {}
         for key, value in node.items():
-            if key == "dial" and isinstance(value, str):
+            if key == "dial" and isinstance(value, str) and value.rsplit(":", 1)[1] in SLOT_PORTS:
                 out[key] = f"{value.rsplit(':', 1)[0]}:{port}"
             elif key == SLOT_HEADER_KEY and isinstance(value, list):
                 out[key] = [str(slot)] * len(value)
@@ -481,15 +561,15 @@ def valid_unit(draw: st.DrawFn) -> str:
     parts = []
     for host in draw(st.lists(st.sampled_from(["localhost", "127.0.0.1", "[::1]"]),
                               min_size=1, max_size=3)):
-        port = draw(st.sampled_from([8081, 8082, 8080, 9000, 1]))
+        port = draw(st.sampled_from([":8081", ":8082", ":8080", ":9000", ":1", ":3000", ""]))
         quote = draw(st.sampled_from(["", '"']))
-        parts.append(f"{quote}{scheme}{host}:{port}{quote}")
+        parts.append(f"{quote}{scheme}{host}{port}{quote}")
     upstreams = " ".join(parts)
     matcher = draw(st.sampled_from(["", "@api ", "/api/* ", "* "]))
     value = draw(st.sampled_from(['"blue"', '"green"', "blue", "green", "`blue`"]))
     plus = draw(st.sampled_from(["", "+"]))
     kind = draw(st.sampled_from(["plain", "block", "handle", "to", "comment", "respond",
-                                 "header", "blank"]))
+                                 "header", "blank", "other service"]))
     if kind == "plain":
         return f"{ind}reverse_proxy {matcher}{upstreams}{eol}"
     if kind == "block":
@@ -507,6 +587,9 @@ def valid_unit(draw: st.DrawFn) -> str:
         return f'{ind}respond /where "localhost:{draw(st.sampled_from([8081, 8082]))}"{eol}'
     if kind == "header":
         return f"{ind}header {matcher}X-Togather-Slot {value}{eol}"
+    if kind == "other service":
+        return (f"{ind}handle_path /grafana/* {{{eol}{ind}\treverse_proxy localhost:3000{eol}"
+                f"{ind}}}{eol}")
     return f"{ind}{eol}"
 
 
@@ -530,15 +613,34 @@ def managed_server(listen: list[str], _route: Config) -> bool:
 def test_caddy_sees_every_managed_upstream_and_slot_header_retargeted_and_nothing_else(
         admin: httpx.Client, text: str, target: Slot) -> None:
     """Whatever valid block the generator writes, Caddy's own reading of the rewritten file
-    is its reading of the old one with exactly the managed dials and slot headers changed."""
+    is its reading of the old one with exactly the managed dials on a slot's port and the
+    slot headers changed; dials on any other port (another service's) are Caddy's as before."""
     before = adapt(admin, text)
     after = adapt(admin, caddy.rewrite(text, ENV, target))
     port = ENV.slot(target).port
     assert after == expected_view(before, managed_server, port, target)
-    seen = [p for listen, r in routes_of(after) if managed_server(listen, r)
-            for p in proxies(r)]
-    assert seen and all(d.endswith(f":{port}") for dials, _ in seen for d in dials), seen
-    assert all(v == str(target) for _, values in seen for v in values), seen
+    seen = [d for listen, r in routes_of(after) if managed_server(listen, r)
+            for dials, _ in proxies(r) for d in dials if d.rsplit(":", 1)[1] in SLOT_PORTS]
+    assert seen and all(d.endswith(f":{port}") for d in seen), seen
+    values = [v for listen, r in routes_of(after) if managed_server(listen, r)
+              for _, vs in proxies(r) for v in vs]
+    assert all(v == str(target) for v in values), values
+
+
+@pytest.mark.docker
+def test_caddy_still_sends_another_services_route_to_its_own_port_after_a_switch(
+        admin: httpx.Client) -> None:
+    """The review's case, judged by Caddy's adapter: /grafana/* dials port 3000 and /legacy/*
+    port 80 after the switch as before; only the app's upstream moves."""
+    text = WRAPPER.format(block="".join(
+        GRAFANA_BESIDE_THE_APP.splitlines(keepends=True)[1:-1]))
+    before = adapt(admin, text)
+    after = adapt(admin, caddy.rewrite(text, ENV, Slot.GREEN))
+    assert after == expected_view(before, managed_server, 8082, Slot.GREEN)
+    managed = sorted(p for listen, r in routes_of(after) if managed_server(listen, r)
+                     for p in proxies(r))
+    assert managed == [(["localhost:3000"], []), (["localhost:80"], []),
+                       (["localhost:8082"], ["green"])], managed
 
 
 # --- what the real Caddy runs after a reload, and where a request through it goes ----------

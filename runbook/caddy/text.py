@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runbook.caddy.errors import CaddyError
 from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode
 
 START_MARKER = "# BLUE_GREEN_SLOT_START"
 END_MARKER = "# BLUE_GREEN_SLOT_END"
@@ -27,6 +28,7 @@ _UPSTREAM_RE = re.compile(
     r"(?::(?P<port>\d{1,5}))?$"
 )
 _MATCHER_PREFIXES = ("@", "/", "*")
+_DEFAULT_PORTS = {"https://": 443}  # any other scheme, or none, dials port 80
 
 
 def find_block(text: str) -> tuple[int, int]:
@@ -109,8 +111,9 @@ class Upstream:
     line: int  # 1-based line number in the whole Caddyfile
     text: str  # as written, without quotes
     host: str | None
-    port: int | None
-    slot: Slot | None  # the slot whose port this is, if any
+    port: int | None  # as written (None: none written, or not host:port)
+    slot: Slot | None  # the slot whose port Caddy dials, if any
+    dials: int | None = None  # the port Caddy dials (80, or 443 for https, when none is written)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ class _Edit:
 class _Parsed:
     upstreams: tuple[Upstream, ...]
     headers: tuple[SlotHeader, ...]
-    edits: tuple[_Edit, ...]
+    edits: tuple[_Edit, ...]  # slot headers, and the upstreams on a slot's port
     unsupported: tuple[str, ...]
 
 
@@ -199,10 +202,13 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                                    "(placeholders and unix sockets cannot be switched)")
                 upstreams.append(Upstream(number, token.value, None, None, None))
                 continue
+            scheme = match["scheme"] or ""
             port = int(match["port"]) if match["port"] else None
-            upstreams.append(Upstream(number, token.value, match["host"], port,
-                                      ports.get(port) if port is not None else None))
-            edits.append(_Edit(index, token, "upstream", match["scheme"] or "", match["host"]))
+            dials = port if port is not None else _DEFAULT_PORTS.get(scheme.lower(), 80)
+            slot = ports.get(dials)
+            upstreams.append(Upstream(number, token.value, match["host"], port, slot, dials))
+            if slot is not None:  # another service's upstream is never retargeted
+                edits.append(_Edit(index, token, "upstream", scheme, match["host"]))
         if opens:
             stack.append(first)
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
@@ -217,6 +223,14 @@ def _as_slot(value: str) -> Slot | None:
 
 def _first_line(text: str, start: int) -> int:
     return text.count("\n", 0, start) + 1
+
+
+def _known(env: Environment) -> str:
+    return ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
+
+
+def _named(up: Upstream) -> str:
+    return up.text if up.port is not None else f"{up.text} (port {up.dials})"
 
 
 @dataclass(frozen=True)
@@ -237,22 +251,26 @@ def inspect(text: str, env: Environment) -> Inspection:
     """Read the managed block: which ports and slot headers it names, and whether they agree."""
     start, end = find_block(text)
     parsed = _parse_block(text[start:end], _first_line(text, start), env)
-    known = ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
+    known = _known(env)
     problems: list[str] = list(parsed.unsupported)
     warnings: list[str] = []
     named: dict[Slot, list[str]] = {}
     if not parsed.upstreams:
         problems.append("no reverse_proxy upstream between the slot markers")
+    # Another service's upstream beside the app's (a /grafana/* route) is left as it is; a
+    # block with no upstream on a slot's port at all is not the app's: nothing to switch.
+    app_here = any(up.slot is not None for up in parsed.upstreams)
     for up in parsed.upstreams:
         if up.host is None:
             continue
-        if up.port is None:
-            problems.append(f"line {up.line}: upstream {up.text!r} has no port")
-        elif up.slot is None:
-            problems.append(f"line {up.line}: upstream {up.text} targets port {up.port}, "
-                            f"which is no slot's port (known: {known})")
-        else:
+        if up.slot is not None:
             named.setdefault(up.slot, []).append(f"upstream {up.text} (line {up.line})")
+        elif app_here:
+            warnings.append(f"line {up.line}: upstream {_named(up)} is no slot's port "
+                            f"(known: {known}): left as it is")
+        else:
+            problems.append(f"line {up.line}: upstream {up.text} targets port {up.dials}, "
+                            f"which is no slot's port (known: {known})")
     for header in parsed.headers:
         if header.slot is None:
             problems.append(f"line {header.line}: {SLOT_HEADER} header says {header.value!r}, "
@@ -281,8 +299,10 @@ def active_slot(text: str, env: Environment) -> Slot | None:
 
 
 def rewrite(text: str, env: Environment, target: Slot | str) -> str:
-    """Point every upstream and slot header inside the markers at `target`; bytes outside the
-    markers, and everything inside but those tokens, are returned unchanged."""
+    """Point every upstream on a slot's port and every slot header inside the markers at
+    `target`; bytes outside the markers, and everything inside but those tokens (upstreams
+    on other ports: another service's), are returned unchanged. Refuses (CaddyError, exit 4:
+    nothing was changed) a block it cannot switch whole."""
     target = Slot(target)
     port = env.slot(target).port
     start, end = find_block(text)
@@ -290,10 +310,19 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     parsed = _parse_block(block, _first_line(text, start), env)
     if parsed.unsupported:
         raise CaddyError("cannot rewrite the managed block: " + "; ".join(parsed.unsupported),
-                         "use plain host:port upstreams between the slot markers")
+                         "use plain host:port upstreams between the slot markers",
+                         exit_code=ExitCode.PRECONDITION)
     if not parsed.upstreams:
         raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
-                         "put the reverse_proxy directive(s) for the app between the markers")
+                         "put the reverse_proxy directive(s) for the app between the markers",
+                         exit_code=ExitCode.PRECONDITION)
+    if not any(up.slot is not None for up in parsed.upstreams):
+        found = ", ".join(f"{_named(up)} on line {up.line}" for up in parsed.upstreams)
+        raise CaddyError(f"no upstream between the slot markers is on a slot's port (found "
+                         f"{found}; slot ports: {_known(env)}): nothing to switch",
+                         "point the app's reverse_proxy between the markers at a slot's port "
+                         f"by hand (e.g. localhost:{port}), then run again",
+                         exit_code=ExitCode.PRECONDITION)
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
