@@ -221,6 +221,67 @@ def test_placeholder_upstreams_cannot_be_rewritten() -> None:
         caddy.rewrite(text, ENV, Slot.GREEN)
 
 
+IMPORT_IN_THE_BLOCK = """\
+{
+\tadmin off
+}
+(app_api) {
+\treverse_proxy /api/* localhost:8081
+}
+http://127.0.0.1:18080 {
+\t# BLUE_GREEN_SLOT_START
+\timport app_api
+\treverse_proxy localhost:8081 {
+\t\theader_down X-Togather-Slot "blue"
+\t}
+\t# BLUE_GREEN_SLOT_END
+}
+"""
+
+
+def test_an_import_between_the_markers_is_a_problem_and_refused() -> None:
+    """The review's case: the snippet's upstream was never rewritten, so the switch split the
+    traffic (/api/* stayed on blue) and verification, on /version, passed."""
+    found = caddy.inspect(IMPORT_IN_THE_BLOCK, ENV)
+    assert not found.consistent and found.slot is None
+    assert found.problems == (
+        "line 9: `import app_api` brings in text the switch cannot see or rewrite",)
+    with pytest.raises(CaddyError) as err:
+        caddy.rewrite(IMPORT_IN_THE_BLOCK, ENV, Slot.GREEN)
+    assert err.value.message == ("cannot rewrite the managed block: line 9: `import app_api` "
+                                 "brings in text the switch cannot see or rewrite")
+    assert err.value.fix == "inline the snippet between the slot markers"
+    assert err.value.exit_code == 4
+
+
+@pytest.mark.parametrize(("line", "words", "fix"), [
+    ("\treverse_proxy localhost:8081 {\n\t\timport upstreams\n\t}", "`import upstreams`",
+     "inline the snippet"),
+    ("\timport /etc/caddy/togather-*.caddy", "`import /etc/caddy/togather-*.caddy`",
+     "inline the snippet"),
+    ("\tinvoke app_route", "`invoke app_route` runs a named route", "inline the named route"),
+    ("\treverse_proxy /api/* {\n\t\tdynamic a localhost 8081\n\t}",
+     "`dynamic a localhost 8081` looks its upstreams up per request", "plain host:port"),
+])
+def test_directives_whose_upstreams_the_switch_cannot_see_are_refused(
+        line: str, words: str, fix: str) -> None:
+    text = ("site {\n\t# BLUE_GREEN_SLOT_START\n\treverse_proxy localhost:8081\n"
+            f"{line}\n\t# BLUE_GREEN_SLOT_END\n}}\n")
+    found = caddy.inspect(text, ENV)
+    assert found.slot is None and any(words in p for p in found.problems), found.problems
+    with pytest.raises(CaddyError) as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert words in err.value.message and "\n" not in err.value.message
+    assert err.value.fix and fix in err.value.fix
+
+
+def test_an_import_outside_the_markers_is_not_the_switchs() -> None:
+    text = ("(x) {\n\trespond ok\n}\nsite {\n\timport x\n\t# BLUE_GREEN_SLOT_START\n"
+            "\treverse_proxy localhost:8081\n\t# BLUE_GREEN_SLOT_END\n}\n")
+    assert caddy.active_slot(text, ENV) is Slot.BLUE
+    assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace(":8081", ":8082")
+
+
 # --- rewrite -------------------------------------------------------------------------------
 
 def test_rewrite_switches_every_upstream_and_header_and_nothing_else() -> None:
@@ -641,6 +702,19 @@ def test_caddy_still_sends_another_services_route_to_its_own_port_after_a_switch
                      for p in proxies(r))
     assert managed == [(["localhost:3000"], []), (["localhost:80"], []),
                        (["localhost:8082"], ["green"])], managed
+
+
+@pytest.mark.docker
+def test_caddy_dials_a_slot_through_an_import_the_switch_cannot_rewrite(
+        admin: httpx.Client) -> None:
+    """Caddy's adapter shows what the imported snippet brings between the markers: a second
+    upstream on blue's port. A rewrite could not move it, so it refuses."""
+    view = adapt(admin, IMPORT_IN_THE_BLOCK)
+    managed = sorted(p for listen, r in routes_of(view) if managed_server(listen, r)
+                     for p in proxies(r))
+    assert managed == [(["localhost:8081"], []), (["localhost:8081"], ["blue"])], managed
+    with pytest.raises(CaddyError, match="`import app_api`"):
+        caddy.rewrite(IMPORT_IN_THE_BLOCK, ENV, Slot.GREEN)
 
 
 # --- what the real Caddy runs after a reload, and where a request through it goes ----------

@@ -29,6 +29,18 @@ _UPSTREAM_RE = re.compile(
 )
 _MATCHER_PREFIXES = ("@", "/", "*")
 _DEFAULT_PORTS = {"https://": 443}  # any other scheme, or none, dials port 80
+_PLAIN_UPSTREAMS = "use plain host:port upstreams between the slot markers"
+# Directives between the markers whose upstreams the switch cannot see, so cannot rewrite
+# (a slot's upstream among them would keep its slot, the traffic split while verification
+# passes): (name, the block it counts in, "" for any; why; fix).
+_OPAQUE = (
+    ("import", "", "brings in text the switch cannot see or rewrite",
+     "inline the snippet between the slot markers"),
+    ("invoke", "", "runs a named route defined elsewhere, which the switch cannot rewrite",
+     "inline the named route's directives between the slot markers"),
+    ("dynamic", "reverse_proxy", "looks its upstreams up per request, which the switch "
+     "cannot rewrite", _PLAIN_UPSTREAMS),
+)
 
 
 def find_block(text: str) -> tuple[int, int]:
@@ -135,11 +147,17 @@ class _Edit:
 
 
 @dataclass(frozen=True)
+class _Unsupported:
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
 class _Parsed:
     upstreams: tuple[Upstream, ...]
     headers: tuple[SlotHeader, ...]
     edits: tuple[_Edit, ...]  # slot headers, and the upstreams on a slot's port
-    unsupported: tuple[str, ...]
+    unsupported: tuple[_Unsupported, ...]
 
 
 def _slot_by_port(env: Environment) -> dict[int, Slot]:
@@ -156,7 +174,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
     upstreams: list[Upstream] = []
     headers: list[SlotHeader] = []
     edits: list[_Edit] = []
-    unsupported: list[str] = []
+    unsupported: list[_Unsupported] = []
     stack: list[str] = []  # directive names of the open `{` blocks
     wanted = SLOT_HEADER.lower()
     for index, line in enumerate(block.split("\n")):
@@ -173,6 +191,10 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         args = tokens[1:-1] if opens else tokens[1:]
         parent = stack[-1] if stack else ""
         candidates: list[_Token] = []
+        for name, within, why, fix in _OPAQUE:
+            if first == name and within in ("", parent):
+                said = " ".join(t.text for t in tokens)
+                unsupported.append(_Unsupported(f"line {number}: `{said}` {why}", fix))
         if first == "reverse_proxy":
             if args and args[0].value.startswith(_MATCHER_PREFIXES):
                 args = args[1:]
@@ -188,8 +210,9 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                     headers.append(SlotHeader(number, value, _as_slot(value)))
                     edits.append(_Edit(index, args[1], "header"))
                 else:
-                    unsupported.append(f"line {number}: unsupported {first} form "
-                                       f"{' '.join(t.text for t in tokens)!r}")
+                    unsupported.append(_Unsupported(
+                        f"line {number}: unsupported {first} form "
+                        f"{' '.join(t.text for t in tokens)!r}", _PLAIN_UPSTREAMS))
         elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
             # header { X-Togather-Slot "blue" }
             value = tokens[1].value
@@ -198,8 +221,9 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         for token in candidates:
             match = _UPSTREAM_RE.match(token.value)
             if match is None:
-                unsupported.append(f"line {number}: upstream {token.value!r} is not host:port "
-                                   "(placeholders and unix sockets cannot be switched)")
+                unsupported.append(_Unsupported(
+                    f"line {number}: upstream {token.value!r} is not host:port "
+                    "(placeholders and unix sockets cannot be switched)", _PLAIN_UPSTREAMS))
                 upstreams.append(Upstream(number, token.value, None, None, None))
                 continue
             scheme = match["scheme"] or ""
@@ -252,7 +276,7 @@ def inspect(text: str, env: Environment) -> Inspection:
     start, end = find_block(text)
     parsed = _parse_block(text[start:end], _first_line(text, start), env)
     known = _known(env)
-    problems: list[str] = list(parsed.unsupported)
+    problems: list[str] = [u.message for u in parsed.unsupported]
     warnings: list[str] = []
     named: dict[Slot, list[str]] = {}
     if not parsed.upstreams:
@@ -309,8 +333,9 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     block = text[start:end]
     parsed = _parse_block(block, _first_line(text, start), env)
     if parsed.unsupported:
-        raise CaddyError("cannot rewrite the managed block: " + "; ".join(parsed.unsupported),
-                         "use plain host:port upstreams between the slot markers",
+        raise CaddyError("cannot rewrite the managed block: "
+                         + "; ".join(u.message for u in parsed.unsupported),
+                         "; ".join(dict.fromkeys(u.fix for u in parsed.unsupported)),
                          exit_code=ExitCode.PRECONDITION)
     if not parsed.upstreams:
         raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
