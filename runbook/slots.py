@@ -440,6 +440,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         old_bytes = caddy.read_bytes(env)
         old = old_bytes.decode("utf-8")
         new = caddy.rewrite(old, env, target)
+        caddy.check_imports(env, new)  # the file may have changed since the plan
         try:
             before = traffic.read(env, proxy=False).slot
             answered = True

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -280,6 +281,61 @@ def test_an_import_outside_the_markers_is_not_the_switchs() -> None:
             "\treverse_proxy localhost:8081\n\t# BLUE_GREEN_SLOT_END\n}\n")
     assert caddy.active_slot(text, ENV) is Slot.BLUE
     assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace(":8081", ":8082")
+
+
+# --- imports of files: where Caddy looks for them depends on how it is given the Caddyfile ---
+
+SITES_IMPORTED = HOST_CADDYFILE.replace(
+    "# Other sites on this host", "(common) {\n\tencode gzip\n}\nimport sites/*.caddy\r\n"
+    "import /etc/caddy/global.caddy # absolute\n\n# Other sites on this host").replace(
+    "\tencode gzip\n\t@api", "\timport common\n\t\"import\" later\n\t@api")
+SITES_LATER = SITES_IMPORTED + "(later) {\n\theader X-Later 1\n}\n"
+
+
+def test_file_imports_are_every_import_but_of_a_snippet_defined_above_it() -> None:
+    assert caddy.file_imports(SITES_LATER) == (
+        caddy.FileImport(9, "sites/*.caddy"), caddy.FileImport(10, "/etc/caddy/global.caddy"),
+        caddy.FileImport(20, "later"))  # defined below: Caddy globs a file (see the real test)
+    assert [i.relative for i in caddy.file_imports(SITES_LATER)] == [True, False, True]
+    assert caddy.file_imports(HOST_CADDYFILE) == ()
+
+
+def test_a_relative_file_import_is_refused_when_caddy_is_sent_the_text() -> None:
+    """The admin API gets the text with no path: Caddy would glob sites/*.caddy in its own
+    working directory, match nothing (a warning only) and drop those sites."""
+    env = make_env(Path("/etc/caddy/Caddyfile"))
+    with pytest.raises(CaddyError) as err:
+        caddy.check_imports(env, SITES_LATER)
+    assert err.value.message == (
+        '/etc/caddy/Caddyfile has a relative file import (line 9: import sites/*.caddy, line '
+        '20: import later): with reload = "admin-api" Caddy is sent the text without its path '
+        'and looks for the files in its own working directory, so the reload would drop what '
+        'they hold; nothing was changed')
+    assert err.value.fix == (
+        'make the import path absolute (import /etc/caddy/sites/*.caddy), or set reload = '
+        '"caddy-reload" or "systemctl" under [caddy] in /tmp/test-env.toml, so Caddy reads the '
+        'Caddyfile itself')
+    assert err.value.exit_code == 4
+    for method in ("caddy-reload", "systemctl"):  # Caddy reads the file: imports resolve
+        caddy.check_imports(make_env(reload=method), SITES_LATER)
+    caddy.check_imports(env, SITES_LATER.replace("import sites/", "import /etc/caddy/sites/")
+                        .replace("(later)", "(unused)").replace("\"import\" later", ""))
+    caddy.check_imports(env, HOST_CADDYFILE)
+
+
+@pytest.mark.parametrize("reload", ["admin-api", "caddy-reload"])
+def test_the_plan_refuses_a_relative_import_before_anything_changes(
+        tmp_path: Path, reload: str) -> None:
+    path = tmp_path / "Caddyfile"
+    path.write_bytes(SITES_IMPORTED.encode())
+    env = make_env(path, reload=reload)
+    if reload == "caddy-reload":
+        assert caddy.plan_switch(env, Slot.GREEN).changed
+        return
+    with pytest.raises(CaddyError, match="line 9: import sites/") as err:
+        caddy.plan_switch(env, Slot.GREEN)
+    assert f"import {tmp_path}/sites/*.caddy" in (err.value.fix or "")
+    assert path.read_bytes() == SITES_IMPORTED.encode()
 
 
 # --- rewrite -------------------------------------------------------------------------------
@@ -715,6 +771,70 @@ def test_caddy_dials_a_slot_through_an_import_the_switch_cannot_rewrite(
     assert managed == [(["localhost:8081"], []), (["localhost:8081"], ["blue"])], managed
     with pytest.raises(CaddyError, match="`import app_api`"):
         caddy.rewrite(IMPORT_IN_THE_BLOCK, ENV, Slot.GREEN)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("text", [
+    "(common) {\n\trespond ok\n}\nhttp://127.0.0.1:18080 {\n\timport common\n}\n",
+    "http://127.0.0.1:18080 {\n\timport common\n}\n(common) {\n\trespond ok\n}\n",
+    "http://127.0.0.1:18080 {\n\t\"import\" common\n}\n(common) {\n\trespond ok\n}\n",
+    "import /nonexistent/common\nhttp://127.0.0.1:18080 {\n\trespond ok\n}\n",
+])
+def test_file_imports_are_what_caddy_looks_for_as_files(admin: httpx.Client, text: str) -> None:
+    """Caddy's adapter is the oracle: it takes `import common` for a file, and says it found
+    none, exactly when file_imports names it."""
+    answer = admin.post("/adapt", content=text.encode(),
+                        headers={"Content-Type": "text/caddyfile"})
+    looked_for = re.findall(r"File to import not found: (\S+)$", answer.json().get("error", ""))
+    assert [i.pattern for i in caddy.file_imports(text)] == looked_for, answer.text
+
+
+def other_site_answers(stack: DrillStack) -> str:
+    """The drill's other site, as a request to it finds it ('' when Caddy serves it not)."""
+    answer = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/ping", timeout=5)
+    return answer.text if answer.status_code == 200 else ""
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("method", "path"), [
+    (ReloadMethod.ADMIN_API, "relative"), (ReloadMethod.CADDY_RELOAD, "relative"),
+    (ReloadMethod.ADMIN_API, "absolute")])
+def test_a_switch_never_drops_the_sites_the_caddyfile_imports(
+        stack: DrillStack, method: ReloadMethod, path: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case with the real Caddy: the drill's other site moved into a file the
+    Caddyfile imports (`import extra-*.caddy`) and Caddy loads it. Through the admin API the
+    switch used to POST the text and Caddy globbed its own working directory: the switch
+    said success and the site was gone. Now it is refused before anything changes; with
+    `caddy reload` (Caddy reads the file) or an absolute import it switches, site kept."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    text = caddy.read(env)
+    site = re.search(rf"\nhttp://127\.0\.0\.1:{stack.ports.other_site} {{\n.*?\n}}\n", text,
+                     re.DOTALL)
+    assert site is not None, text
+    (stack.caddy_dir / "extra-site.caddy").write_text(site[0])
+    where = "extra-*.caddy" if path == "relative" else f"{stack.caddy_mount}/extra-*.caddy"
+    text = text.replace(site[0], f"\nimport {where}\n")
+    env.caddy.caddyfile.write_text(text)
+    loads = caddy.reload_action(stack.env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=ReloadMethod.CADDY_RELOAD)))  # `caddy reload`: it reads the file
+    assert subprocess.run(loads, capture_output=True, timeout=60, check=False).returncode == 0
+    assert other_site_answers(stack) == "pong"
+    running = running_config(env)
+    if (method, path) == (ReloadMethod.ADMIN_API, "relative"):
+        with pytest.raises(CaddyError) as err:
+            switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: relative import"))
+        line = text[:text.index("import extra")].count("\n") + 1
+        assert f"line {line}: import extra-*.caddy" in err.value.message
+        assert err.value.exit_code == 4 and "\n" not in err.value.message
+        assert f"import {stack.caddy_mount}/extra-*.caddy" in (err.value.fix or "")
+        assert env.caddy.caddyfile.read_text() == text and running_config(env) == running
+        assert_caddy_serves(env, Slot.BLUE)
+    else:
+        switch.switch(env, switch.Options(slot=Slot.GREEN, reason=f"test: {path} import"))
+        assert_caddy_serves(env, Slot.GREEN)
+        assert f"\nimport {where}\n" in env.caddy.caddyfile.read_text()
+    assert other_site_answers(stack) == "pong"
 
 
 # --- what the real Caddy runs after a reload, and where a request through it goes ----------

@@ -28,6 +28,7 @@ _UPSTREAM_RE = re.compile(
     r"(?::(?P<port>\d{1,5}))?$"
 )
 _MATCHER_PREFIXES = ("@", "/", "*")
+_SNIPPET_RE = re.compile(r"^\((?P<name>[^()\s]+)\)$")  # `(name) {`: a snippet's definition
 _DEFAULT_PORTS = {"https://": 443}  # any other scheme, or none, dials port 80
 _PLAIN_UPSTREAMS = "use plain host:port upstreams between the slot markers"
 # Directives between the markers whose upstreams the switch cannot see, so cannot rewrite
@@ -361,6 +362,36 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
             line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
         lines[index] = line
     return text[:start] + "\n".join(lines) + text[end:]
+
+
+@dataclass(frozen=True)
+class FileImport:
+    """An `import` of files anywhere in the Caddyfile (not of a snippet)."""
+
+    line: int
+    pattern: str  # the path or glob, as written
+
+    @property
+    def relative(self) -> bool:
+        return not self.pattern.startswith("/")
+
+
+def file_imports(text: str) -> tuple[FileImport, ...]:
+    """Every `import` that names files. Caddy reads the name as a snippet only when
+    `(name) { ... }` came above it in the file; else it globs files, a relative pattern
+    from the directory of the file name it was given (with none: its working directory)."""
+    snippets: set[str] = set()
+    found: list[FileImport] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        tokens = _tokenize(line)
+        if not tokens:
+            continue
+        if (snippet := _SNIPPET_RE.match(tokens[0].value)) is not None:
+            snippets.add(snippet["name"])
+        elif tokens[0].value == "import" and len(tokens) > 1 \
+                and tokens[1].value not in snippets:
+            found.append(FileImport(number, tokens[1].value))
+    return tuple(found)
 
 
 def unified_diff(old: str, new: str, path: str | Path) -> str:
