@@ -430,6 +430,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
         "on failure": "put back the Caddyfile matching what Caddy ran before and reload it",
     }
+    if sp.current.warnings:  # e.g. another service's upstream between the markers, kept
+        details["warnings"] = "; ".join(sp.current.warnings)
 
     def run(ctx: StepContext) -> None:
         # who is on Caddy's port before the reload, read beside this step's own work (the
@@ -438,6 +440,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         old_bytes = caddy.read_bytes(env)
         old = old_bytes.decode("utf-8")
         new = caddy.rewrite(old, env, target)
+        caddy.check_imports(env, new)  # the file may have changed since the plan
         try:
             before = traffic.read(env, proxy=False).slot
             answered = True

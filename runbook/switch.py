@@ -2,7 +2,9 @@
 
 Health-gated unless --force; the old slot keeps running so the switch can be undone at once.
 The state file is updated to describe what now takes traffic. It also repairs a Caddy that
-serves no slot at all (a Caddyfile targeting a dead port): there is no slot to protect then.
+serves no slot at all (its Caddyfile fixed by hand, or never reloaded): there is no slot to
+protect then. A managed block with no upstream on a slot's port is refused, not retargeted:
+the port may be another service's.
 """
 
 from __future__ import annotations

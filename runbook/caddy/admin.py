@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 
 from runbook import drain, files
 from runbook.caddy.errors import CaddyError, CaddyNotRunningError
-from runbook.caddy.text import SLOT_HEADER
+from runbook.caddy.text import SLOT_HEADER, file_imports
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
+from runbook.errors import ExitCode
 
 if TYPE_CHECKING:
     from runbook.bounded_http import Answer
@@ -138,6 +139,29 @@ def validate_command(env: Environment, config: Path | str) -> list[str]:
         return ["POST", f"{env.caddy.admin_url}/adapt", "Content-Type: text/caddyfile"]
     return [*env.caddy.command, "validate", "--config", seen_by_caddy(env, config),
             "--adapter", "caddyfile"]
+
+
+def check_imports(env: Environment, text: str) -> None:
+    """Refuse (exit 4, before anything changes) a Caddyfile the admin API would load without
+    what it imports. /adapt and /load get the text with no file name, so Caddy resolves a
+    relative `import` from its own working directory: a glob matching nothing there is only
+    a warning, validation passes and the reload drops every imported site. `caddy reload`
+    and systemd's reload read the file itself, and import from its directory."""
+    if env.caddy.reload is not ReloadMethod.ADMIN_API:
+        return
+    relative = [i for i in file_imports(text) if i.relative]
+    if not relative:
+        return
+    path = env.caddy.caddyfile
+    where = ", ".join(f"line {i.line}: import {i.pattern}" for i in relative)
+    absolute = PurePosixPath(seen_by_caddy(env, path)).parent / relative[0].pattern
+    raise CaddyError(
+        f"{path} has a relative file import ({where}): with reload = \"admin-api\" Caddy is "
+        "sent the text without its path and looks for the files in its own working directory, "
+        "so the reload would drop what they hold; nothing was changed",
+        f"make the import path absolute (import {absolute}), or set reload = \"caddy-reload\" "
+        f"or \"systemctl\" under [caddy] in {env.source or 'the environment file'}, so Caddy "
+        "reads the Caddyfile itself", exit_code=ExitCode.PRECONDITION, stage="plan")
 
 
 def validate(env: Environment, text: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runbook import files
 from runbook.caddy.admin import (
+    check_imports,
     check_running,
     read,
     reload,
@@ -82,11 +83,13 @@ class SwitchPlan:
 
 
 def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
-    """Compute a switch without touching the file or Caddy."""
+    """Compute a switch without touching the file or Caddy; refuses (CaddyError) a Caddyfile
+    the switch cannot rewrite whole or Caddy would not load whole (check_imports)."""
     target = Slot(target)
     old = read(env)
     current = inspect(old, env)
     new = rewrite(old, env, target)
+    check_imports(env, new)
     path = env.caddy.caddyfile
     return SwitchPlan(
         environment=env.display, caddyfile=path, target=target,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runbook.caddy.errors import CaddyError
 from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode
 
 START_MARKER = "# BLUE_GREEN_SLOT_START"
 END_MARKER = "# BLUE_GREEN_SLOT_END"
@@ -27,6 +28,20 @@ _UPSTREAM_RE = re.compile(
     r"(?::(?P<port>\d{1,5}))?$"
 )
 _MATCHER_PREFIXES = ("@", "/", "*")
+_SNIPPET_RE = re.compile(r"^\((?P<name>[^()\s]+)\)$")  # `(name) {`: a snippet's definition
+_DEFAULT_PORTS = {"https://": 443}  # any other scheme, or none, dials port 80
+_PLAIN_UPSTREAMS = "use plain host:port upstreams between the slot markers"
+# Directives between the markers whose upstreams the switch cannot see, so cannot rewrite
+# (a slot's upstream among them would keep its slot, the traffic split while verification
+# passes): (name, the block it counts in, "" for any; why; fix).
+_OPAQUE = (
+    ("import", "", "brings in text the switch cannot see or rewrite",
+     "inline the snippet between the slot markers"),
+    ("invoke", "", "runs a named route defined elsewhere, which the switch cannot rewrite",
+     "inline the named route's directives between the slot markers"),
+    ("dynamic", "reverse_proxy", "looks its upstreams up per request, which the switch "
+     "cannot rewrite", _PLAIN_UPSTREAMS),
+)
 
 
 def find_block(text: str) -> tuple[int, int]:
@@ -109,8 +124,9 @@ class Upstream:
     line: int  # 1-based line number in the whole Caddyfile
     text: str  # as written, without quotes
     host: str | None
-    port: int | None
-    slot: Slot | None  # the slot whose port this is, if any
+    port: int | None  # as written (None: none written, or not host:port)
+    slot: Slot | None  # the slot whose port Caddy dials, if any
+    dials: int | None = None  # the port Caddy dials (80, or 443 for https, when none is written)
 
 
 @dataclass(frozen=True)
@@ -132,11 +148,17 @@ class _Edit:
 
 
 @dataclass(frozen=True)
+class _Unsupported:
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
 class _Parsed:
     upstreams: tuple[Upstream, ...]
     headers: tuple[SlotHeader, ...]
-    edits: tuple[_Edit, ...]
-    unsupported: tuple[str, ...]
+    edits: tuple[_Edit, ...]  # slot headers, and the upstreams on a slot's port
+    unsupported: tuple[_Unsupported, ...]
 
 
 def _slot_by_port(env: Environment) -> dict[int, Slot]:
@@ -153,7 +175,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
     upstreams: list[Upstream] = []
     headers: list[SlotHeader] = []
     edits: list[_Edit] = []
-    unsupported: list[str] = []
+    unsupported: list[_Unsupported] = []
     stack: list[str] = []  # directive names of the open `{` blocks
     wanted = SLOT_HEADER.lower()
     for index, line in enumerate(block.split("\n")):
@@ -170,6 +192,10 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         args = tokens[1:-1] if opens else tokens[1:]
         parent = stack[-1] if stack else ""
         candidates: list[_Token] = []
+        for name, within, why, fix in _OPAQUE:
+            if first == name and within in ("", parent):
+                said = " ".join(t.text for t in tokens)
+                unsupported.append(_Unsupported(f"line {number}: `{said}` {why}", fix))
         if first == "reverse_proxy":
             if args and args[0].value.startswith(_MATCHER_PREFIXES):
                 args = args[1:]
@@ -185,8 +211,9 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                     headers.append(SlotHeader(number, value, _as_slot(value)))
                     edits.append(_Edit(index, args[1], "header"))
                 else:
-                    unsupported.append(f"line {number}: unsupported {first} form "
-                                       f"{' '.join(t.text for t in tokens)!r}")
+                    unsupported.append(_Unsupported(
+                        f"line {number}: unsupported {first} form "
+                        f"{' '.join(t.text for t in tokens)!r}", _PLAIN_UPSTREAMS))
         elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
             # header { X-Togather-Slot "blue" }
             value = tokens[1].value
@@ -195,14 +222,18 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         for token in candidates:
             match = _UPSTREAM_RE.match(token.value)
             if match is None:
-                unsupported.append(f"line {number}: upstream {token.value!r} is not host:port "
-                                   "(placeholders and unix sockets cannot be switched)")
+                unsupported.append(_Unsupported(
+                    f"line {number}: upstream {token.value!r} is not host:port "
+                    "(placeholders and unix sockets cannot be switched)", _PLAIN_UPSTREAMS))
                 upstreams.append(Upstream(number, token.value, None, None, None))
                 continue
+            scheme = match["scheme"] or ""
             port = int(match["port"]) if match["port"] else None
-            upstreams.append(Upstream(number, token.value, match["host"], port,
-                                      ports.get(port) if port is not None else None))
-            edits.append(_Edit(index, token, "upstream", match["scheme"] or "", match["host"]))
+            dials = port if port is not None else _DEFAULT_PORTS.get(scheme.lower(), 80)
+            slot = ports.get(dials)
+            upstreams.append(Upstream(number, token.value, match["host"], port, slot, dials))
+            if slot is not None:  # another service's upstream is never retargeted
+                edits.append(_Edit(index, token, "upstream", scheme, match["host"]))
         if opens:
             stack.append(first)
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
@@ -217,6 +248,14 @@ def _as_slot(value: str) -> Slot | None:
 
 def _first_line(text: str, start: int) -> int:
     return text.count("\n", 0, start) + 1
+
+
+def _known(env: Environment) -> str:
+    return ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
+
+
+def _named(up: Upstream) -> str:
+    return up.text if up.port is not None else f"{up.text} (port {up.dials})"
 
 
 @dataclass(frozen=True)
@@ -237,22 +276,26 @@ def inspect(text: str, env: Environment) -> Inspection:
     """Read the managed block: which ports and slot headers it names, and whether they agree."""
     start, end = find_block(text)
     parsed = _parse_block(text[start:end], _first_line(text, start), env)
-    known = ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
-    problems: list[str] = list(parsed.unsupported)
+    known = _known(env)
+    problems: list[str] = [u.message for u in parsed.unsupported]
     warnings: list[str] = []
     named: dict[Slot, list[str]] = {}
     if not parsed.upstreams:
         problems.append("no reverse_proxy upstream between the slot markers")
+    # Another service's upstream beside the app's (a /grafana/* route) is left as it is; a
+    # block with no upstream on a slot's port at all is not the app's: nothing to switch.
+    app_here = any(up.slot is not None for up in parsed.upstreams)
     for up in parsed.upstreams:
         if up.host is None:
             continue
-        if up.port is None:
-            problems.append(f"line {up.line}: upstream {up.text!r} has no port")
-        elif up.slot is None:
-            problems.append(f"line {up.line}: upstream {up.text} targets port {up.port}, "
-                            f"which is no slot's port (known: {known})")
-        else:
+        if up.slot is not None:
             named.setdefault(up.slot, []).append(f"upstream {up.text} (line {up.line})")
+        elif app_here:
+            warnings.append(f"line {up.line}: upstream {_named(up)} is no slot's port "
+                            f"(known: {known}): left as it is")
+        else:
+            problems.append(f"line {up.line}: upstream {up.text} targets port {up.dials}, "
+                            f"which is no slot's port (known: {known})")
     for header in parsed.headers:
         if header.slot is None:
             problems.append(f"line {header.line}: {SLOT_HEADER} header says {header.value!r}, "
@@ -281,19 +324,31 @@ def active_slot(text: str, env: Environment) -> Slot | None:
 
 
 def rewrite(text: str, env: Environment, target: Slot | str) -> str:
-    """Point every upstream and slot header inside the markers at `target`; bytes outside the
-    markers, and everything inside but those tokens, are returned unchanged."""
+    """Point every upstream on a slot's port and every slot header inside the markers at
+    `target`; bytes outside the markers, and everything inside but those tokens (upstreams
+    on other ports: another service's), are returned unchanged. Refuses (CaddyError, exit 4:
+    nothing was changed) a block it cannot switch whole."""
     target = Slot(target)
     port = env.slot(target).port
     start, end = find_block(text)
     block = text[start:end]
     parsed = _parse_block(block, _first_line(text, start), env)
     if parsed.unsupported:
-        raise CaddyError("cannot rewrite the managed block: " + "; ".join(parsed.unsupported),
-                         "use plain host:port upstreams between the slot markers")
+        raise CaddyError("cannot rewrite the managed block: "
+                         + "; ".join(u.message for u in parsed.unsupported),
+                         "; ".join(dict.fromkeys(u.fix for u in parsed.unsupported)),
+                         exit_code=ExitCode.PRECONDITION)
     if not parsed.upstreams:
         raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
-                         "put the reverse_proxy directive(s) for the app between the markers")
+                         "put the reverse_proxy directive(s) for the app between the markers",
+                         exit_code=ExitCode.PRECONDITION)
+    if not any(up.slot is not None for up in parsed.upstreams):
+        found = ", ".join(f"{_named(up)} on line {up.line}" for up in parsed.upstreams)
+        raise CaddyError(f"no upstream between the slot markers is on a slot's port (found "
+                         f"{found}; slot ports: {_known(env)}): nothing to switch",
+                         "point the app's reverse_proxy between the markers at a slot's port "
+                         f"by hand (e.g. localhost:{port}), then run again",
+                         exit_code=ExitCode.PRECONDITION)
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
@@ -307,6 +362,36 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
             line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
         lines[index] = line
     return text[:start] + "\n".join(lines) + text[end:]
+
+
+@dataclass(frozen=True)
+class FileImport:
+    """An `import` of files anywhere in the Caddyfile (not of a snippet)."""
+
+    line: int
+    pattern: str  # the path or glob, as written
+
+    @property
+    def relative(self) -> bool:
+        return not self.pattern.startswith("/")
+
+
+def file_imports(text: str) -> tuple[FileImport, ...]:
+    """Every `import` that names files. Caddy reads the name as a snippet only when
+    `(name) { ... }` came above it in the file; else it globs files, a relative pattern
+    from the directory of the file name it was given (with none: its working directory)."""
+    snippets: set[str] = set()
+    found: list[FileImport] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        tokens = _tokenize(line)
+        if not tokens:
+            continue
+        if (snippet := _SNIPPET_RE.match(tokens[0].value)) is not None:
+            snippets.add(snippet["name"])
+        elif tokens[0].value == "import" and len(tokens) > 1 \
+                and tokens[1].value not in snippets:
+            found.append(FileImport(number, tokens[1].value))
+    return tuple(found)
 
 
 def unified_diff(old: str, new: str, path: str | Path) -> str:
