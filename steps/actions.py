@@ -7,7 +7,7 @@ import json
 
 from pytest_bdd import parsers, when
 
-from runbook import caddy, database, deploy, docker, health, rollback, switch
+from runbook import database, deploy, docker, health, rollback, switch
 from runbook import lock as locks
 from runbook import status as statuses
 from runbook.drill.versions import VERSIONS
@@ -95,19 +95,6 @@ def switch_to_the_recorded_slot(world: World) -> None:
     current = world.state().current
     assert current is not None and current.active_slot is not None
     switch_by_hand(world, current.active_slot)
-
-
-@when("I point the Caddyfile's managed block at that slot's port by hand")
-def point_the_caddyfile_at_the_slot_by_hand(world: World) -> None:
-    """What the switch's refusal says to do: a port that is no slot's may be another
-    service's, so only the on-call puts the slot's port in its place (in the file: the
-    switch run next has Caddy load it)."""
-    world.drill()
-    env, target, dead = world.env, world.notes["target slot"], world.notes["dead port"]
-    text = caddy.read(env)
-    fixed = text.replace(f"localhost:{dead}", f"localhost:{env.slot(target).port}")
-    assert fixed != text
-    env.caddy.caddyfile.write_text(fixed)
 
 
 # -- health ------------------------------------------------------------------------------------

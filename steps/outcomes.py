@@ -337,20 +337,6 @@ def refused_with_code(world: World, code: int, text: str) -> None:
     assert error.fix, "every refusal says what to do"
 
 
-@then(parsers.parse("the switch is refused with exit code {code:d} naming the wrong port and "
-                    "the slot ports"))
-def switch_refused_naming_ports(world: World, code: int) -> None:
-    error = world.refused()
-    assert int(error.exit_code) == code, f"exit code {int(error.exit_code)}: {error}"
-    assert "\n" not in error.message, "the message must fit on one line"
-    assert error.fix, "every refusal says what to do"
-    ports = [c.port for c in world.env.slots.values()]
-    if "dead port" in world.notes:
-        ports.append(world.notes["dead port"])
-    for port in ports:
-        assert str(port) in error.message, error.message
-
-
 @then(parsers.parse("the rollback fails safely with exit code {code:d}"))
 def fails_safely(world: World, code: int) -> None:
     error = world.refused()

@@ -146,8 +146,8 @@ def test_inspect_reads_ports_and_headers_of_every_upstream_block() -> None:
 
 
 def test_a_caddyfile_targeting_the_wrong_port_is_reported_not_guessed() -> None:
-    """No upstream between the markers on a slot's port: the block is not the app's (or its
-    port is wrong), so no slot is guessed and a switch refuses rather than retarget it."""
+    """No upstream between the markers on a slot's port: no slot is guessed; the switch, the
+    guide's repair of "the Caddyfile targets the wrong port", repoints every upstream in it."""
     text = HOST_CADDYFILE.replace("localhost:8081 {", "localhost:8080 {").replace(
         "127.0.0.1:8081", "127.0.0.1:8080")
     found = caddy.inspect(text, ENV)
@@ -158,14 +158,9 @@ def test_a_caddyfile_targeting_the_wrong_port_is_reported_not_guessed() -> None:
         f"line {n}: upstream {host}:8080 targets port 8080, which is no slot's port "
         "(known: blue (8081), green (8082))" for n, host in ((17, "localhost"), (23, "127.0.0.1"))]
     assert caddy.active_slot(text, ENV) is None
-    with pytest.raises(CaddyError) as err:
-        caddy.rewrite(text, ENV, Slot.GREEN)
-    assert str(err.value.message) == (
-        "no upstream between the slot markers is on a slot's port (found localhost:8080 on "
-        "line 17, 127.0.0.1:8080 on line 23; slot ports: blue (8081), green (8082)): "
-        "nothing to switch")
-    assert err.value.fix and "localhost:8082" in err.value.fix
-    assert err.value.exit_code == 4
+    repaired = caddy.rewrite(text, ENV, Slot.BLUE)
+    assert repaired == HOST_CADDYFILE  # the wrong ports, and only they, repointed
+    assert caddy.inspect(repaired, ENV).consistent
 
 
 def test_an_upstream_on_another_port_beside_the_apps_is_a_warning_not_a_problem() -> None:
@@ -445,8 +440,9 @@ def test_an_upstream_without_a_port_is_switched_only_when_its_default_port_is_a_
     assert caddy.active_slot(text, env) is Slot.BLUE  # port 80; https:// is 443
     assert caddy.rewrite(text, env, Slot.GREEN) == text.replace(
         "proxy localhost ", "proxy localhost:8082 ")
-    with pytest.raises(CaddyError, match=r"localhost \(port 80\) on line 2"):
-        caddy.rewrite(text, ENV, Slot.GREEN)
+    # with no upstream on a slot's port (80 is no slot's here), the repair repoints them all
+    assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace(
+        "proxy localhost https://localhost", "proxy localhost:8082 https://localhost:8082")
 
 
 def test_rewrite_preserves_crlf_files_byte_for_byte() -> None:

@@ -142,7 +142,7 @@ class SlotHeader:
 class _Edit:
     line_index: int
     token: _Token
-    kind: str  # "upstream" | "header"
+    kind: str  # "upstream" (on a slot's port) | "other" (another port) | "header"
     scheme: str = ""
     host: str = ""
 
@@ -232,8 +232,10 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
             dials = port if port is not None else _DEFAULT_PORTS.get(scheme.lower(), 80)
             slot = ports.get(dials)
             upstreams.append(Upstream(number, token.value, match["host"], port, slot, dials))
-            if slot is not None:  # another service's upstream is never retargeted
-                edits.append(_Edit(index, token, "upstream", scheme, match["host"]))
+            # another service's upstream is retargeted only by the repair of a block with no
+            # upstream on a slot's port at all (see rewrite)
+            edits.append(_Edit(index, token, "upstream" if slot is not None else "other",
+                               scheme, match["host"]))
         if opens:
             stack.append(first)
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
@@ -342,22 +344,21 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
         raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
                          "put the reverse_proxy directive(s) for the app between the markers",
                          exit_code=ExitCode.PRECONDITION)
-    if not any(up.slot is not None for up in parsed.upstreams):
-        found = ", ".join(f"{_named(up)} on line {up.line}" for up in parsed.upstreams)
-        raise CaddyError(f"no upstream between the slot markers is on a slot's port (found "
-                         f"{found}; slot ports: {_known(env)}): nothing to switch",
-                         "point the app's reverse_proxy between the markers at a slot's port "
-                         f"by hand (e.g. localhost:{port}), then run again",
-                         exit_code=ExitCode.PRECONDITION)
+    # A block with no upstream on a slot's port at all is the app's block pointed at a wrong
+    # (dead) port: the troubleshooting guide's "Caddyfile targets the wrong port", repaired by
+    # `runbook switch` (health-gated, verified through the proxy), so every upstream in it is
+    # repointed; beside an upstream on a slot's port, another one is another service's.
+    repair = not any(up.slot is not None for up in parsed.upstreams)
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
-        by_line.setdefault(edit.line_index, []).append(edit)
+        if edit.kind != "other" or repair:
+            by_line.setdefault(edit.line_index, []).append(edit)
     for index, edits in by_line.items():
         line = lines[index]
         for edit in sorted(edits, key=lambda e: e.token.start, reverse=True):
             q = edit.token.quote
-            value = (f"{edit.scheme}{edit.host}:{port}" if edit.kind == "upstream"
+            value = (f"{edit.scheme}{edit.host}:{port}" if edit.kind != "header"
                      else str(target))
             line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
         lines[index] = line

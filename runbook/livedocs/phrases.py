@@ -56,9 +56,6 @@ ACTIONS: tuple[Phrase, ...] = (
     Phrase(r"^I roll back$", ("runbook rollback <env>",)),
     Phrase(r"^I redeploy the known-good version", ("runbook deploy <env> --version <version>",)),
     Phrase(r"^I switch traffic by hand", ("runbook switch <env> --slot <slot>",)),
-    Phrase(r"^I point the Caddyfile's managed block at", (
-        "sudoedit /etc/caddy/Caddyfile   # between the slot markers: reverse_proxy "
-        "localhost:<slot port>",)),
     Phrase(r"^I check the health of the (?P<slot>blue|green) slot as JSON",
            (HEALTH.replace("{form}", "json"),)),
     Phrase(r"^I check the health of the (?P<slot>blue|green) slot as a table",
