@@ -19,7 +19,6 @@ from runbook import state as statemod
 from runbook.environment import Slot
 from runbook.errors import ExitCode, StateError
 from runbook.state import (
-    HISTORY_LIMIT,
     Deployment,
     DeploymentState,
     after_deploy,
@@ -395,15 +394,41 @@ def test_after_deploy_moves_current_to_previous() -> None:
     assert s1.current == first  # pure: the input is unchanged
 
 
-def test_history_is_newest_first_unique_and_bounded() -> None:
+def test_history_is_newest_first_unique_and_keeps_every_deployment() -> None:
     s = DeploymentState(environment="production")
-    for n in range(1, HISTORY_LIMIT + 20):
+    for n in range(1, 70):
         s = after_deploy(s, dep(n, Slot.BLUE if n % 2 else Slot.GREEN))
     ids = [d.id for d in s.history]
-    assert len(ids) == HISTORY_LIMIT == len(set(ids))
+    assert len(ids) == 68 == len(set(ids))  # 69 deployments: all but the current one
     assert ids == sorted(ids, reverse=True)
     assert s.current is not None and s.current.id not in ids
     assert s.previous is not None and ids[0] == s.previous.id
+
+
+def _others_history(n: int) -> list[dict[str, Any]]:
+    """`n` history entries another tool wrote, newest first, each with a key of its own."""
+    return [{"id": f"dep_other_{i:03d}", "version": sha(500 + i)[:7], "git_commit": sha(500 + i),
+             "deployed_at": f"2025-{1 + i // 28:02d}-{1 + i % 28:02d}T08:00:00Z",
+             "deployed_by": "ci@build-runner", "active_slot": "blue" if i % 2 else "green",
+             "health_status": "healthy", "status": "superseded", "pipeline_run": 9000 + i}
+            for i in reversed(range(n))]
+
+
+def test_a_deploy_and_a_rollback_keep_every_history_entry_another_tool_wrote(
+        tmp_path: Path) -> None:
+    doc = load("documented.json")
+    doc["deployment_history"] = _others_history(80)
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    write_state(path, after_deploy(read_state(path), dep(7, Slot.GREEN)))
+    write_state(path, after_rollback(read_state(path), run_id="rbk_1"))
+    history = json.loads(path.read_text())["deployment_history"]
+    ids = [h["id"] for h in history]
+    assert len(ids) == len(set(ids)) == 80 + 2  # theirs, the old previous, the rolled-back one
+    for entry in doc["deployment_history"]:  # each as the other tool wrote it, in its order
+        assert history[ids.index(entry["id"])] == entry
+    assert [i for i in ids if i.startswith("dep_other_")] == [
+        h["id"] for h in doc["deployment_history"]]
 
 
 def test_to_json_dedupes_history() -> None:

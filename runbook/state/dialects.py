@@ -18,7 +18,6 @@ from runbook.state.schema import (
     DEPLOY_SCRIPT,
     DOCUMENTED,
     GO_CLI,
-    HISTORY_LIMIT,
 )
 
 
@@ -144,15 +143,16 @@ def _deployment_json(dep: Deployment, dialect: str = DOCUMENTED,
 
 
 def normalized_history(history: tuple[Deployment, ...] | list[Deployment],
-                       limit: int = HISTORY_LIMIT) -> tuple[Deployment, ...]:
-    """Newest first, each id once (its first, newest entry wins), at most `limit` entries."""
+                       ) -> tuple[Deployment, ...]:
+    """Newest first, each id once (its first, newest entry wins). Never cut to a length: the
+    entries are other tools' records too, and a rewrite by us must not drop them."""
     seen: set[str] = set()
     out: list[Deployment] = []
     for dep in history:
         if dep.id not in seen:
             seen.add(dep.id)
             out.append(dep)
-    return tuple(out[:limit])
+    return tuple(out)
 
 
 def _lock_json(lock: Mapping[str, Any], raw: Any, dialect: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """What a deployment-state.json may hold: the three dialects, the keys the model owns, the
-statuses, the limits; and which dialect a document is in (its keys give it away)."""
+statuses, the size limit; and which dialect a document is in (its keys give it away)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-HISTORY_LIMIT = 50
 DOCUMENTED, DEPLOY_SCRIPT, GO_CLI = "documented", "deploy-script", "go-cli"
 DIALECTS = (DOCUMENTED, DEPLOY_SCRIPT, GO_CLI)
 MAX_STATE_BYTES = 8 * 1024 * 1024  # a real file is a few KiB; anything this big is not ours
