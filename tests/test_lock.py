@@ -178,6 +178,38 @@ def test_publishing_as_a_group_member_keeps_the_group_and_reports_the_lost_owner
     assert json.loads(state.read_text())["lock"] == {"locked": False}
 
 
+def _go_cli_expiry(lock: dict[str, Any]) -> datetime | None:
+    """When the Go CLI sees this lock expire: its `expires_at`; missing or zero, never."""
+    value = lock.get("expires_at")
+    if not value or value.startswith("0001-01-01"):
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize("fixture", ["documented.json", "go_cli.json"])
+def test_a_killed_runs_mirror_expires_for_every_tool_and_release_clears_it(
+        env: Environment, fixture: str) -> None:
+    """A run killed holding the lock leaves its mirror: the Go CLI reads `expires_at` (never
+    expiring without one), the deploy script `lock_expires_at`; both must say when it ends."""
+    env.state_file.parent.mkdir(parents=True)
+    doc = json.loads((DATA / fixture).read_text())
+    env.state_file.write_text(json.dumps({**doc, "environment": env.name}, indent=2))
+    lock = acquire(env, "rollback", "rbk_3")
+    lock.publish()  # the run is killed here: nothing releases it
+    assert lock.mirror_error is None
+    left = json.loads(env.state_file.read_text())["lock"]
+    expiry = _go_cli_expiry(left)
+    assert expiry is not None and abs((expiry - lock.expires_at).total_seconds()) < 1
+    assert left["lock_expires_at"] == left["expires_at"]
+    assert timedelta(0) < expiry - datetime.now(UTC) <= timedelta(seconds=env.lock_stale_after)
+    lock.release()
+    after = json.loads(env.state_file.read_text())["lock"]
+    assert after["locked"] is False and _go_cli_expiry(after) is None
+    assert "lock_expires_at" not in after
+    if fixture == "documented.json":
+        assert after == {"locked": False}
+
+
 def test_no_state_file_is_not_created(env: Environment) -> None:
     with acquire(env, "x", None):
         assert not env.state_file.exists()

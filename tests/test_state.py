@@ -119,6 +119,28 @@ def test_go_cli_lock_keys_are_renamed() -> None:
     assert "expires_at" not in s.lock and s.lock["reason"] == "deploy e4d2c1b"
 
 
+def _documented_lock(**lock: Any) -> bytes:
+    doc = load("documented.json")
+    doc["lock"] = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here",
+                   "locked_at": "2026-02-11T08:00:00Z", **lock}
+    return json.dumps(doc, indent=2).encode()
+
+
+def test_a_lock_with_both_expiry_names_reads_as_the_later_in_its_own_dialect() -> None:
+    """The runbook writes `lock_expires_at` and `expires_at` with one time; a tool that then
+    refreshes only its own name leaves them apart, and the lock ends at the later one."""
+    same = parse_state(_documented_lock(lock_expires_at="2026-02-11T08:30:00Z",
+                                        expires_at="2026-02-11T08:30:00Z"))
+    assert same.lock["lock_expires_at"] == "2026-02-11T08:30:00Z" and "expires_at" not in same.lock
+    assert same.dialect == statemod.DOCUMENTED
+    for ours, go in (("2026-02-11T08:30:00Z", "2026-02-11T09:00:00Z"),
+                     ("2026-02-11T09:00:00Z", "2026-02-11T08:30:00Z")):
+        apart = parse_state(_documented_lock(lock_expires_at=ours, expires_at=go))
+        assert apart.lock["lock_expires_at"] == "2026-02-11T09:00:00Z"
+    with pytest.raises(StateError, match=r"lock\.expires_at: 'soon' is not a valid time"):
+        parse_state(_documented_lock(lock_expires_at="2026-02-11T08:30:00Z", expires_at="soon"))
+
+
 # --- writing: the file's own dialect, nothing lost --------------------------------------------
 
 
@@ -661,6 +683,10 @@ def lock_doc(draw: st.DrawFn, dialect: str) -> dict[str, Any]:
             "hostname": "host-1"}
 
 
+GENERATED_DIALECTS = {"documented": statemod.DOCUMENTED, "script": statemod.DEPLOY_SCRIPT,
+                      "go": statemod.GO_CLI}
+
+
 @st.composite
 def state_doc(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     dialect = draw(st.sampled_from(["documented", "script", "go"]))
@@ -787,15 +813,16 @@ def test_lock_mirror_keeps_the_dialects_lock_fields(
     locked_raw = statemod.dumps(with_lock(s, held))
     locked = json.loads(locked_raw)
     _differs_only_in(locked, doc, {"lock"})
+    # both names, one time: the Go CLI reads `expires_at`, the others `lock_expires_at`
+    assert locked["lock"]["expires_at"] == locked["lock"]["lock_expires_at"] \
+        == "2026-02-11T08:30:00Z"
+    keys = list(locked["lock"])
     if dialect == "go":
-        assert list(locked["lock"])[:5] == ["locked", "locked_at", "locked_by", "reason",
-                                            "expires_at"]
-        assert locked["lock"]["expires_at"] == "2026-02-11T08:30:00Z"
-        assert "lock_expires_at" not in locked["lock"]
+        assert keys[:5] == ["locked", "locked_at", "locked_by", "reason", "expires_at"]
     else:
-        assert locked["lock"]["lock_expires_at"] == "2026-02-11T08:30:00Z"
-        assert "expires_at" not in locked["lock"]
+        assert keys.index("lock_expires_at") < keys.index("expires_at")
     again = parse_state(locked_raw, "prop.json", environment=s.environment)
+    assert again.dialect == GENERATED_DIALECTS[dialect]  # still the other tool's file
     assert again.lock["lock_expires_at"] == "2026-02-11T08:30:00Z" and again.locked
     unlocked = json.loads(statemod.dumps(with_lock(again, {"locked": False})))
     if not doc["lock"]["locked"]:  # lock then release: the file is as the other tool wrote it
@@ -814,7 +841,7 @@ def test_go_cli_lock_then_release_is_byte_identical(tmp_path: Path) -> None:
     lock = json.loads(path.read_text())["lock"]
     assert lock == {"locked": True, "locked_at": "2026-02-11T08:00:00Z", "locked_by": "ops@here",
                     "reason": "rollback", "expires_at": "2026-02-11T08:30:00Z",
-                    "lock_id": "lock_1", "pid": 42}
+                    "lock_expires_at": "2026-02-11T08:30:00Z", "lock_id": "lock_1", "pid": 42}
     write_state(path, with_lock(read_state(path), {"locked": False}))
     assert path.read_bytes() == (DATA / "go_cli.json").read_bytes()
 

@@ -18,6 +18,7 @@ from runbook.state.schema import (
     DEPLOY_SCRIPT,
     DOCUMENTED,
     GO_CLI,
+    go_lock,
 )
 
 
@@ -156,17 +157,23 @@ def normalized_history(history: tuple[Deployment, ...] | list[Deployment],
 
 
 def _lock_json(lock: Mapping[str, Any], raw: Any, dialect: str) -> dict[str, Any]:
-    """The lock mirror in the file's dialect: the Go CLI's `expires_at` and zero times."""
+    """The lock mirror in the file's dialect (the Go CLI's key order and zero times), its
+    expiry under both names with the same time: the Go CLI reads `expires_at` and takes a
+    missing one for "never expires", the documented schema and the deploy script read
+    `lock_expires_at`; a run killed holding the lock must be seen to expire by every tool."""
     data = copy.deepcopy(dict(lock)) if lock else {}
     data.setdefault("locked", False)
+    expiry = data.pop("lock_expires_at", None)
+    go_expiry = data.pop("expires_at", None)
+    if expiry is not None or go_expiry is not None:
+        data["lock_expires_at"] = data["expires_at"] = expiry if expiry is not None \
+            else go_expiry
     raw_keys = list(raw) if isinstance(raw, Mapping) else []
-    go = dialect == GO_CLI or "expires_at" in raw_keys
+    go = dialect == GO_CLI or (isinstance(raw, Mapping) and go_lock(raw))
     if go:
-        if "lock_expires_at" in data:
-            data.setdefault("expires_at", data.pop("lock_expires_at"))
         for key in ("locked_at", "expires_at"):  # Go's time.Time has no "absent"
             data.setdefault(key, _GO_ZERO)
-        order: tuple[str, ...] = _GO_LOCK_ORDER
+        order: tuple[str, ...] = (*_GO_LOCK_ORDER, "lock_expires_at")
     else:
         order = _LOCK_ORDER
     ordered = {k: data[k] for k in order if k in data}

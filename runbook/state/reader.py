@@ -170,23 +170,27 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
         raise r.fail("lock.locked", f"expected true or false, got {_show(obj['locked'])}",
                      "write \"locked\": false or true")
     data = {k: copy.deepcopy(v) for k, v in obj.items()}
-    named = {"locked_at": "locked_at", "lock_expires_at": "lock_expires_at"}
-    if "expires_at" in data:  # the Go CLI's name
-        go_value = data.pop("expires_at")
-        if "lock_expires_at" not in data:
-            data["lock_expires_at"] = go_value
-            named["lock_expires_at"] = "expires_at"  # errors name the key the file has
-    for key in _LOCK_TIME_KEYS:
+    times: dict[str, datetime] = {}
+    for key in (*_LOCK_TIME_KEYS, "expires_at"):  # the last one is the Go CLI's name
         value = data.get(key)
         if value is None:
             data.pop(key, None)
             continue
-        where = f"lock.{named[key]}"
+        where = f"lock.{key}"
         if not isinstance(value, str):
             raise r.fail(where, f"expected a time string, got {_show(value)}",
                          "write an RFC 3339 time or remove the key")
-        if r.time(value, where, "write an RFC 3339 time or remove the key") is None:
+        when = r.time(value, where, "write an RFC 3339 time or remove the key")
+        if when is None:
             del data[key]  # Go's zero time: "not set"
+        else:
+            times[key] = when
+    if "expires_at" in data:
+        # The runbook writes both names, equal. Another tool may refresh only its own: the
+        # later time is when the lock really ends (an earlier one would steal a live lock).
+        go_value = data.pop("expires_at")
+        if "lock_expires_at" not in times or times["expires_at"] > times["lock_expires_at"]:
+            data["lock_expires_at"] = go_value
     pid = data.get("pid")
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
         raise r.fail("lock.pid", f"expected an integer, got {_show(pid)}",

@@ -26,12 +26,21 @@ _DEPLOYMENT_KEYS = frozenset({
 _TOP_KEYS = frozenset({
     "environment", "current_deployment", "previous_deployment", "deployment_history", "lock",
 })
-_LOCK_ORDER = ("locked", "lock_id", "locked_by", "locked_at", "lock_expires_at", "deployment_id",
-               "pid", "hostname", "reason")
+# The documented lock; a writer adds the Go CLI's `expires_at` (same time) after its own key.
+_LOCK_ORDER = ("locked", "lock_id", "locked_by", "locked_at", "lock_expires_at", "expires_at",
+               "deployment_id", "pid", "hostname", "reason")
 _LOCK_TIME_KEYS = ("locked_at", "lock_expires_at")
 # The Go CLI's lock struct, in its field order; its zero times mean "not set".
 _GO_LOCK_ORDER = ("locked", "locked_at", "locked_by", "reason", "expires_at")
 _GO_ZERO = "0001-01-01T00:00:00Z"
+
+
+def go_lock(lock: Mapping[str, Any]) -> bool:
+    """A lock in the Go CLI's dialect: its `expires_at` comes first. Every writer of the
+    runbook's puts the expiry under both names, its dialect's own first (_GO_LOCK_ORDER or
+    _LOCK_ORDER), so the order still tells a Go CLI file from a documented one."""
+    keys = [k for k in lock if k in ("expires_at", "lock_expires_at")]
+    return bool(keys) and keys[0] == "expires_at"
 
 
 def dialect_of(doc: Mapping[str, Any]) -> str:
@@ -42,7 +51,7 @@ def dialect_of(doc: Mapping[str, Any]) -> str:
         deps += history
     objects = [d for d in deps if isinstance(d, Mapping)]
     lock = doc.get("lock")
-    if ((isinstance(lock, Mapping) and "expires_at" in lock)
+    if ((isinstance(lock, Mapping) and go_lock(lock))
             or any("slot" in d and "active_slot" not in d for d in objects)):
         return GO_CLI
     if (any(k in doc for k in ("active_slot", "slots", "last_deployment"))
