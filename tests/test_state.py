@@ -4,6 +4,7 @@ never torn."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import stat
@@ -54,6 +55,18 @@ def dep(n: int, slot: Slot = Slot.BLUE, **changes: Any) -> Deployment:
                            deployed_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=n),
                            deployment_id=f"dep_{n:04d}", status="active")
     return base.with_(**changes) if changes else base
+
+
+# The documented deployment's required keys (CONTRACTS.md, "deployment-state.json").
+REQUIRED = ("id", "version", "git_commit", "deployed_at", "deployed_by", "active_slot",
+            "health_status")
+
+
+def go_id(commit: str, version: str, utc_micro: str) -> str:
+    """The id the runbook gives a Go CLI entry (which has none), per its docstring: sha256 of
+    "<git_commit>|<version>|<deployed_at in UTC, RFC 3339 with microseconds>"."""
+    digest = hashlib.sha256(f"{commit}|{version}|{utc_micro}".encode()).hexdigest()
+    return f"dep_{digest[:16]}_{digest[16:40]}"
 
 
 # --- the three dialects ---------------------------------------------------------------------
@@ -746,6 +759,8 @@ def test_fixture_round_trip_is_byte_identical(name: str, tmp_path: Path) -> None
 
 ROLLBACK_CHANGES = {"status", "rollback_count", "health_status", "active_slot", "slot",
                     "rollback", "rollback_id"}
+# what a record the runbook rewrites gains when its file lacked them (the required keys)
+COMPLETED = {"id", "deployed_by", "active_slot", "health_status"}
 
 
 def _differs_only_in(new: dict[str, Any], old: dict[str, Any], allowed: set[str]) -> set[str]:
@@ -776,8 +791,10 @@ def test_rollback_changes_only_what_a_rollback_changes(
     if target.id == s.current.id or target.version == s.current.version:
         return
     slot = (target.slot.other if other_slot else None)
-    out = json.loads(statemod.dumps(after_rollback(s, target, slot=slot, health_status=health,
-                                                   run_id="rbk_1")))
+    written = statemod.dumps(after_rollback(s, target, slot=slot, health_status=health,
+                                            run_id="rbk_1"))
+    assert parse_state(written).dialect == GENERATED_DIALECTS[dialect]  # still that tool's file
+    out = json.loads(written)
     originals = [doc["current_deployment"], doc["previous_deployment"],
                  *doc.get("deployment_history", [])]
     target_raw = next(o for o in originals[1:] if o["git_commit"] == target.git_commit
@@ -786,19 +803,29 @@ def test_rollback_changes_only_what_a_rollback_changes(
     _differs_only_in(out, doc, {"current_deployment", "previous_deployment",
                                 "deployment_history"})
     cur, prev = out["current_deployment"], out["previous_deployment"]
-    changed = _differs_only_in(cur, target_raw, ROLLBACK_CHANGES)
+    changed = _differs_only_in(cur, target_raw, ROLLBACK_CHANGES | COMPLETED)
     assert cur.get("rollback") is True and cur.get("rollback_id") == "rbk_1"
     assert cur["status"] == "active" and "rollback_count" in changed
-    slot_key = "slot" if dialect == "go" else "active_slot"
-    assert cur[slot_key] == str(slot or target.slot) and ("active_slot" in cur) == (
-        "active_slot" in target_raw)
-    assert _differs_only_in(prev, doc["current_deployment"], {"status"}) == {"status"}
+    new_slot = str(slot or target.slot)
+    assert cur["active_slot"] == new_slot and cur.get("slot", new_slot) == new_slot
+    assert ("slot" in cur) == ("slot" in target_raw)  # the Go CLI's key stays, and only there
+    assert "status" in _differs_only_in(prev, doc["current_deployment"], {"status"} | COMPLETED)
     assert prev["status"] == "rolled_back"
-    for entry in out.get("deployment_history", []):  # each one as some tool wrote it
-        assert any(set(entry) ^ set(o) <= {"status"} and all(
+    for record, was in ((cur, target_raw), (prev, doc["current_deployment"])):
+        assert [k for k in REQUIRED if k not in record] == []
+        assert record["id"] == was.get("id", record["id"])
+        assert record["deployed_by"] == was.get("deployed_by", "unknown")
+    for entry in out.get("deployment_history", []):
+        if any(_json_same(entry, o) for o in originals):
+            continue  # as some tool wrote it
+        # one the runbook rewrote: an original with its status moved and the required keys
+        assert [k for k in REQUIRED if k not in entry] == [], entry
+        assert any(set(entry) ^ set(o) <= {"status"} | COMPLETED and all(
             _json_same(entry[k], o[k]) for k in o if k != "status") for o in originals), entry
-    assert ("id" in cur) == ("id" in target_raw)  # never invent what the file did not say
-    assert ("deployed_by" in cur) == ("deployed_by" in target_raw)
+    moved = {(o["git_commit"], o["deployed_at"]) for o in (target_raw, doc["previous_deployment"])}
+    for o in doc.get("deployment_history", []):  # the others' history entries all stay as is
+        if (o["git_commit"], o["deployed_at"]) not in moved:
+            assert any(_json_same(o, entry) for entry in out["deployment_history"]), o
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -847,7 +874,8 @@ def test_go_cli_lock_then_release_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_go_cli_rollback_keeps_the_go_cli_dialect(tmp_path: Path) -> None:
-    """The issue's report: slot and lock fields dropped, nanoseconds cut, deployed_by invented."""
+    """The issue's report: slot and lock fields dropped, nanoseconds cut, deployed_by invented
+    (the rollback's operator is not who deployed it: a deployment with none says "unknown")."""
     path = copy_fixture("go_cli_locked.json", tmp_path)
     doc = load("go_cli.json")
     doc["lock"] = load("go_cli_locked.json")["lock"]
@@ -857,13 +885,56 @@ def test_go_cli_rollback_keeps_the_go_cli_dialect(tmp_path: Path) -> None:
     write_state(path, after_rollback(read_state(path), run_id="rbk_9", health_status="healthy"))
     out = json.loads(path.read_text())
     cur = out["current_deployment"]
-    assert cur["slot"] == "green" and "active_slot" not in cur
+    assert cur["slot"] == cur["active_slot"] == "green"
     assert cur["deployed_at"] == "2026-02-09T10:01:55.123456789Z"
-    assert "deployed_by" not in cur and "id" not in cur
+    assert cur["deployed_by"] == "unknown"
+    assert cur["id"] == go_id("9a8b7c6d5e4f30211a2b3c4d5e6f708192a3b4c5", "9a8b7c6",
+                              "2026-02-09T10:01:55.123456Z")
     assert cur["rollback"] is True and cur["rollback_id"] == "rbk_9"
     assert out["lock"] == doc["lock"]
     assert out["previous_deployment"]["status"] == "rolled_back"
     assert out["previous_deployment"]["deployed_at"] == "2026-02-10T14:22:07.482913577-05:00"
+
+
+def test_a_go_cli_file_after_a_rollback_has_every_required_key_and_its_own(
+        tmp_path: Path) -> None:
+    """deploy.sh reads `.current_deployment.active_slot // "blue"` and refuses a deployment
+    without an id; the Go CLI reads `slot`. After a rollback to green both must say green."""
+    original = load("go_cli.json")
+    path = copy_fixture("go_cli.json", tmp_path)
+    write_state(path, after_rollback(read_state(path), run_id="rbk_9", health_status="healthy"))
+    out = json.loads(path.read_text())
+    cur, prev = out["current_deployment"], out["previous_deployment"]
+    for entry in (cur, prev, out["deployment_history"][0]):
+        assert [k for k in REQUIRED if k not in entry] == []
+        assert entry["active_slot"] == entry["slot"]
+    assert cur["active_slot"] == "green" and prev["active_slot"] == "blue"
+    assert cur["id"] == go_id("9a8b7c6d5e4f30211a2b3c4d5e6f708192a3b4c5", "9a8b7c6",
+                              "2026-02-09T15:01:55.102930Z")
+    assert prev["id"] == go_id("e4d2c1b0a9f8e7d6c5b4a3928170f6e5d4c3b2a1", "e4d2c1b",
+                               "2026-02-10T19:22:07.482913Z")
+    assert cur["health_status"] == "healthy" and cur["deployed_by"] == "ci@build-runner"
+    assert prev["health_status"] == "unknown" and prev["status"] == "rolled_back"
+    # the Go CLI's own keys and values stay as it wrote them
+    for key, value in original["previous_deployment"].items():
+        assert cur[key] == value, key
+    for key, value in original["current_deployment"].items():
+        assert prev[key] == value, key
+    assert out["deployment_history"][0] == prev
+    assert out["deployment_history"][1] == original["deployment_history"][1]  # not ours: as is
+    assert read_state(path).dialect == statemod.GO_CLI
+
+
+def test_a_go_cli_file_after_a_deploy_has_every_required_key(tmp_path: Path) -> None:
+    path = copy_fixture("go_cli.json", tmp_path)
+    write_state(path, after_deploy(read_state(path), dep(7, Slot.GREEN)))
+    out = json.loads(path.read_text())
+    for entry in (out["current_deployment"], out["previous_deployment"]):
+        assert [k for k in REQUIRED if k not in entry] == []
+        assert entry["active_slot"] == entry["slot"]
+    assert out["current_deployment"]["active_slot"] == "green"
+    assert out["current_deployment"]["id"] == "dep_0007"
+    assert read_state(path).dialect == statemod.GO_CLI
 
 
 def test_new_deployment_is_written_in_the_files_dialect(tmp_path: Path) -> None:
@@ -872,7 +943,7 @@ def test_new_deployment_is_written_in_the_files_dialect(tmp_path: Path) -> None:
                                                         tzinfo=UTC))
     write_state(path, after_deploy(read_state(path), new))
     cur = json.loads(path.read_text())["current_deployment"]
-    assert cur["slot"] == "green" and "active_slot" not in cur
+    assert cur["slot"] == cur["active_slot"] == "green"
     assert cur["deployed_at"] == "2026-03-01T12:00:00.5Z"
     assert read_state(path).current.id == new.id  # type: ignore[union-attr]
     path = copy_fixture("deploy_script.json", tmp_path)

@@ -61,6 +61,7 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
             data["docker_image"] = dep.image
         if slot is not None:
             data["slot"] = slot
+            data["active_slot"] = slot  # what the documented readers (deploy.sh) look for
         # The Go CLI ignores what it does not know; these keep our facts (and the id) readable.
         data.update(deployed_by=dep.deployed_by, id=dep.id, health_status=dep.health_status)
         if dep.status is not None:
@@ -88,6 +89,22 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
     for key, value in dep.extra.items():
         if key not in data and key not in _DEPLOYMENT_KEYS:
             data[key] = copy.deepcopy(value)
+    return data
+
+
+def _complete(data: dict[str, Any], dep: Deployment, dialect: str) -> dict[str, Any]:
+    """A record the runbook writes (new, changed, or moved into the history) with every key the
+    documented schema requires, added after the dialect's own keys, which stay as written:
+    deploy.sh reads `active_slot` (blue when missing) and refuses a record with no `id`, the
+    Go CLI reads `slot`; both slot keys say the same. An id the file never had is the one the
+    reader derives for that entry (reader._derived_id), so it is the same on every read."""
+    slot = None if dep.active_slot is None else dep.active_slot.value
+    for key, value in (("id", dep.id), ("deployed_by", dep.deployed_by), ("active_slot", slot),
+                       ("health_status", dep.health_status)):
+        if value is not None and key not in data:
+            data[key] = value
+    if dialect == GO_CLI and slot is not None and "slot" not in data:
+        data["slot"] = slot
     return data
 
 
@@ -192,11 +209,11 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
         lock = _lock_json(state.lock, None, DOCUMENTED)
         data: dict[str, Any] = {
             "environment": state.environment,
-            "current_deployment": None if state.current is None else _deployment_json(
-                state.current),
-            "previous_deployment": None if state.previous is None else _deployment_json(
-                state.previous),
-            "deployment_history": [_deployment_json(d)
+            "current_deployment": None if state.current is None else _complete(
+                _deployment_json(state.current), state.current, DOCUMENTED),
+            "previous_deployment": None if state.previous is None else _complete(
+                _deployment_json(state.previous), state.previous, DOCUMENTED),
+            "deployment_history": [_complete(_deployment_json(d), d, DOCUMENTED)
                                    for d in normalized_history(state.history)],
             "lock": lock,
         }
@@ -212,12 +229,17 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
     for key, dep, old in (("current_deployment", state.current, was.current),
                           ("previous_deployment", state.previous, was.previous)):
         if not _unchanged(dep, old):
-            out[key] = None if dep is None else _deployment_json(dep, dialect, env)
+            out[key] = None if dep is None else _complete(_deployment_json(dep, dialect, env),
+                                                          dep, dialect)
     history_same = len(state.history) == len(was.history) and all(
         _unchanged(a, b) for a, b in zip(state.history, was.history, strict=True))
     if not history_same:
-        out["deployment_history"] = [_deployment_json(d, dialect, env)
-                                     for d in normalized_history(state.history)]
+        # entries still as the file's history had them stay as written; the others are ours
+        as_read = {id(h) for h in was.history}
+        out["deployment_history"] = [
+            _deployment_json(d, dialect, env) if id(d.origin) in as_read and d == d.origin
+            else _complete(_deployment_json(d, dialect, env), d, dialect)
+            for d in normalized_history(state.history)]
     if not _same(dict(state.lock), dict(was.lock)):
         out["lock"] = _lock_json(state.lock, was.raw.get("lock"), dialect)
     _patch_extra(out, state.extra, was.extra)

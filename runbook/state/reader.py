@@ -78,7 +78,10 @@ def _show(value: Any) -> str:
 
 
 def _derived_id(version: str, commit: str, deployed_at: datetime) -> str:
-    """A stable id for the Go CLI's entries, which have none: same entry, same id, every read."""
+    """A stable id for an entry with none (the Go CLI writes none): same entry, same id, every
+    read, and the one written when the runbook rewrites that entry. `dep_<16 hex>_<24 hex>`
+    (the deploy script's shape), the first 40 hex digits of the sha256 of
+    "<git_commit>|<version>|<deployed_at in UTC, RFC 3339, microseconds>"."""
     digest = hashlib.sha256(f"{commit}|{version}|{format_time(deployed_at)}".encode()).hexdigest()
     return f"dep_{digest[:16]}_{digest[16:40]}"
 

@@ -52,7 +52,7 @@ def dialect_of(doc: Mapping[str, Any]) -> str:
     objects = [d for d in deps if isinstance(d, Mapping)]
     lock = doc.get("lock")
     if ((isinstance(lock, Mapping) and go_lock(lock))
-            or any("slot" in d and "active_slot" not in d for d in objects)):
+            or any("slot" in d for d in objects)):  # ours carry `active_slot` beside it
         return GO_CLI
     if (any(k in doc for k in ("active_slot", "slots", "last_deployment"))
             or any("environment" in d for d in objects)):
