@@ -384,6 +384,31 @@ def test_garbage_is_a_state_error(content: bytes, expected: str, tmp_path: Path)
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("path", "literal", "where", "shown"), [
+    (("current_deployment", "canary_percent"), "1e400", "current_deployment.canary_percent",
+     "1e400"),
+    (("operator_notes",), '{"pager": [1, -1E999]}', "operator_notes.pager[1]", "-1E999"),
+    (("deployment_history", 0, "duration_seconds"), "2.5e308",
+     "deployment_history[0].duration_seconds", "2.5e308"),
+    (("lock", "ttl"), "1e309", "lock.ttl", "1e309"),
+])
+def test_a_number_too_large_for_json_is_refused_when_read(
+        path: tuple[str | int, ...], literal: str, where: str, shown: str,
+        tmp_path: Path) -> None:
+    """1e400 parses as infinity, which no JSON can hold: refused at read, naming the key,
+    not after the commit point, when the state file is rewritten."""
+    target = tmp_path / "deployment-state.json"
+    marker = "__NUMBER__"
+    text = json.dumps(_mutate(load("documented.json"), path, marker), indent=2)
+    target.write_text(text.replace(f'"{marker}"', literal))
+    before = target.read_bytes()
+    with pytest.raises(StateError) as info:
+        read_state(target)
+    assert info.value.message.startswith(f"{target}: {where}: {shown} ")
+    assert "\n" not in str(info.value) and info.value.fix
+    assert target.read_bytes() == before
+
+
 def test_missing_file_says_nothing_was_recorded(tmp_path: Path) -> None:
     target = tmp_path / "nope" / "deployment-state.json"
     with pytest.raises(StateError) as info:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -218,6 +219,40 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _Overflow:
+    """A number literal too large for a float (1e400): Python reads it as infinity, which no
+    JSON can hold, so the rewrite after the commit point would fail. Kept to name it at read."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:  # for _show, should one sit where an object belongs
+        return self.text
+
+
+def _parse_float(text: str) -> float | _Overflow:
+    value = float(text)
+    return value if math.isfinite(value) else _Overflow(text)
+
+
+def _check_numbers(data: Any, r: _Reader) -> None:
+    """Refuse the first number too large for JSON, naming its key path (iterative: a deeply
+    nested document must not overflow the stack here)."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, _Overflow):
+            raise r.fail(where, f"{value.text[:40]} is too large a number (it reads as "
+                         "infinity, which JSON cannot hold)",
+                         "write a smaller number (or a string), or restore the file from a "
+                         "backup")
+        if isinstance(value, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), v)
+                        for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+
+
 def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
                 environment: str | None = None) -> DeploymentState:
     """Parse any dialect. `environment`, when given, fills a blank one and must match."""
@@ -230,7 +265,8 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
             raise r.fail("", "is not UTF-8 text (binary or corrupted)",
                          "restore it from a backup or re-record the deployment") from None
     try:
-        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant)
+        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant,
+                          parse_float=_parse_float)
     except (ValueError, RecursionError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
@@ -240,6 +276,7 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
     if not isinstance(data, dict):
         raise r.fail("", f"expected a JSON object at the top, got {_show(data)}",
                      "restore it from a backup or re-record the deployment")
+    _check_numbers(data, r)
     try:
         state = _build(data, r, environment)
     except RecursionError:
