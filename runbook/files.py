@@ -101,7 +101,8 @@ def temp_target(name: str) -> str | None:
 
 
 def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
-                 before_rename: Callable[[], None] | None = None, durable: bool = True) -> None:
+                 before_rename: Callable[[], None] | None = None,
+                 durable: bool = True) -> str | None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
     A new file gets `default_mode`. A symlinked target stays a symlink (its destination is
@@ -110,6 +111,8 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
     `durable=False` skips both fsyncs: readers still see the old bytes or the new ones, but a
     power loss may lose the write (for a record rewritten many times a run and made durable
     by its last write; two fsyncs each were most of a fast rollback's journaling time).
+    Returns None, or one line saying which of the owner and group could not be kept (only
+    root may give a file away): the write itself succeeded, the caller decides who is told.
     """
     target = Path(os.path.realpath(target))
     try:
@@ -117,14 +120,14 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
     except FileNotFoundError:
         st = None
     tmp = temp_path(target)
+    kept: tuple[int, int] | None = None  # the (uid, gid) the new file got, when it had an old
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
             # mode and owner first: the one fsync below makes them durable with the bytes
             os.fchmod(fd, (st.st_mode & 0o7777) if st else default_mode)
             if st is not None and hasattr(os, "fchown"):
-                with contextlib.suppress(PermissionError):  # only root may give files away
-                    os.fchown(fd, st.st_uid, st.st_gid)
+                kept = _keep_owner(fd, st)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -141,6 +144,36 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
         raise
     if durable:
         fsync_dir(target.parent)
+    return None if st is None or kept is None else _ownership_lost(target, st, kept)
+
+
+def _keep_owner(fd: int, st: os.stat_result) -> tuple[int, int]:
+    """Give the temp file `st`'s owner and group; returns the (uid, gid) it ended up with.
+
+    Only root may give a file away, but a member of the file's group may still keep the group:
+    a deploy user rewriting a 1001:deploy 0660 file must not lock the deploy group out of it."""
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    except PermissionError:
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, -1, st.st_gid)
+    now = os.fstat(fd)
+    return now.st_uid, now.st_gid
+
+
+def _ownership_lost(target: Path, st: os.stat_result, kept: tuple[int, int]) -> str | None:
+    """One line for on-call when the rewrite changed who owns `target`; None when it did not."""
+    uid, gid = kept
+    lost = [f"owner (uid {st.st_uid})"] if uid != st.st_uid else []
+    lost += [f"group (gid {st.st_gid})"] if gid != st.st_gid else []
+    if not lost:
+        return None
+    spec = (f"{st.st_uid}" if uid != st.st_uid else "") + (f":{st.st_gid}" if gid != st.st_gid
+                                                            else "")
+    return (f"{target} lost its {' and '.join(lost)} when rewritten and is now {uid}:{gid} "
+            "(only root may give a file to another user, or to a group its writer is not in): "
+            f"run `chown {spec} {shlex.quote(str(target))}` "
+            "as root, or run the runbook as the file's owner")
 
 
 def fsync_dir(directory: Path) -> None:

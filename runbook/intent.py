@@ -92,23 +92,28 @@ def read(env: Environment) -> Intent | None:
     guessing would plan from the wrong picture."""
     target = path(env)
     try:
-        raw = target.read_text()
+        raw = target.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise PreconditionError(f"cannot read the interrupted run's record {target}: "
                                 f"{exc.strerror or exc}", "fix its permissions, then run again"
                                 ) from None
+    fix = (f"check `runbook status`; if nothing is half-done, move {target} aside and run "
+           "again")
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # we write it as JSON in UTF-8: another writer, or a torn disk
+        raise PreconditionError(f"the interrupted run's record {target} is unreadable (not "
+                                "UTF-8 text: binary or corrupted)", fix) from None
+    try:
+        data = json.loads(text)
         data["phase"] = Phase(data["phase"])
         known = set(Intent.__dataclass_fields__)
         return Intent(**{k: v for k, v in data.items() if k in known})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PreconditionError(
-            f"the interrupted run's record {target} is unreadable ({exc})",
-            f"check `runbook status`; if nothing is half-done, move {target} aside and run "
-            "again") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise PreconditionError(f"the interrupted run's record {target} is unreadable ({exc})",
+                                fix) from None
 
 
 def clear(env: Environment, run_id: str | None = None) -> bool:

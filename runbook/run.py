@@ -114,6 +114,9 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
             held.publish()
+            if held.owner_lost:  # the run goes on: the file is written, its owner changed
+                journal.log("WARN", held.owner_lost, step="lock")
+                say(held.owner_lost)
 
             def beat() -> None:
                 # due one interval after the lock was taken or last refreshed (a long prompt

@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -217,3 +220,38 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- another user writes a file (real uids; needs root) ---------------------------------------
+
+# A state file on a host: owned by one user, shared with the deploy group (1001:1002, 0660),
+# rewritten by another member of that group who is not root (uid 1000).
+DEPLOY_UID, OWNER_UID, SHARED_GID = 1000, 1001, 1002
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving a file to uid 1001 and writing it as uid 1000 needs root "
+    "(CI runs the tests as root)")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory uid 1000 can reach and write (pytest's tmp_path is under a 0700 root one),
+    without the setgid bit, so a new file there gets its writer's own group."""
+    base = Path(tempfile.mkdtemp(prefix="runbook-owner-"))
+    try:
+        base.chmod(0o777)
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def as_deploy_user(groups: list[int], imports: str, code: str, *args: str) -> str:
+    """Run `imports` as root, then `code` as uid/gid 1000 with these supplementary groups, in
+    a child process; its stdout. Python itself may not be readable by uid 1000 (CI's lives
+    under /root), so `imports` loads everything `code` needs, lazily loaded codecs too."""
+    drop = (f"import os\nos.setgroups({groups!r}); os.setgid({DEPLOY_UID}); "
+            f"os.setuid({DEPLOY_UID})\n")
+    proc = subprocess.run([sys.executable, "-c", imports + drop + code, *args], cwd=ROOT,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

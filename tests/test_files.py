@@ -4,6 +4,7 @@ the next run removes what a killed writer left. Real files, no Docker."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,13 @@ import pytest
 from runbook import files
 from runbook import state as states
 from runbook.environment import Slot
+from tests.drill_checks import (
+    DEPLOY_UID,
+    OWNER_UID,
+    SHARED_GID,
+    as_deploy_user,
+    needs_root,
+)
 
 DATA = Path(__file__).parent / "data" / "state"
 
@@ -48,6 +56,50 @@ def test_atomic_write_keeps_owner_and_group_when_root_rewrites(tmp_path: Path) -
     files.atomic_write(target, b'{"a": 1}')
     after = target.stat()
     assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+
+
+def owned_file(directory: Path) -> Path:
+    target = directory / "deployment-state.json"
+    target.write_bytes((DATA / "documented.json").read_bytes())
+    os.chown(target, OWNER_UID, SHARED_GID)
+    target.chmod(0o660)
+    return target
+
+
+IMPORTS = "import json, sys\nfrom pathlib import Path\nfrom runbook import files\n"
+WRITE = "print(json.dumps(files.atomic_write(Path(sys.argv[1]), b'new\\n')))\n"
+
+
+@needs_root
+def test_a_group_member_keeps_the_group_and_is_told_the_owner_was_lost(
+        shared_dir: Path) -> None:
+    target = owned_file(shared_dir)
+    out = as_deploy_user([SHARED_GID], IMPORTS, WRITE, str(target))
+    after = target.stat()
+    assert target.read_bytes() == b"new\n"
+    assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (DEPLOY_UID, SHARED_GID, 0o660)
+    note = json.loads(out)
+    assert isinstance(note, str) and "\n" not in note
+    assert note.startswith(f"{target} lost its owner (uid {OWNER_UID}) when rewritten")
+    assert "group" not in note.split("when")[0]
+    assert f"`chown {OWNER_UID} {target}`" in note
+
+
+@needs_root
+def test_a_writer_outside_the_group_is_told_both_were_lost(shared_dir: Path) -> None:
+    target = owned_file(shared_dir)
+    note = json.loads(as_deploy_user([], IMPORTS, WRITE, str(target)))
+    after = target.stat()
+    assert (after.st_uid, after.st_gid) == (DEPLOY_UID, DEPLOY_UID)
+    assert f"lost its owner (uid {OWNER_UID}) and group (gid {SHARED_GID})" in note
+    assert f"`chown {OWNER_UID}:{SHARED_GID} {target}`" in note
+
+
+def test_a_rewrite_that_keeps_owner_and_group_says_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "Caddyfile"
+    target.write_text("old\n")
+    assert files.atomic_write(target, b"new\n") is None
+    assert files.atomic_write(tmp_path / "new-file", b"x") is None
 
 
 def test_a_symlinked_target_stays_a_symlink(tmp_path: Path) -> None:

@@ -21,7 +21,14 @@ from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, LockedError
 from runbook.lock import acquire, guard_path, release, status, unlock
 from runbook.state import format_time, read_state
-from tests.drill_checks import host_env
+from tests.drill_checks import (
+    DEPLOY_UID,
+    OWNER_UID,
+    SHARED_GID,
+    as_deploy_user,
+    host_env,
+    needs_root,
+)
 
 DATA = Path(__file__).parent / "data" / "state"
 HOST = socket.gethostname()
@@ -140,6 +147,67 @@ def test_lock_is_mirrored_into_the_state_file_once_published(env: Environment,
     assert lock.mirror_error is None
     lock.release()
     assert read_state(with_state).lock == {"locked": False}
+
+
+@needs_root
+def test_publishing_as_a_group_member_keeps_the_group_and_reports_the_lost_owner(
+        shared_dir: Path) -> None:
+    """The publish is a run's first rewrite of the state file: a deploy user who is not its
+    owner changes the owner there, keeps the group, and the lock says so for the run to tell."""
+    env = host_env(shared_dir)
+    state = env.state_file
+    state.parent.mkdir()
+    state.parent.chmod(0o777)
+    state.write_bytes((DATA / "documented.json").read_bytes())
+    os.chown(state, OWNER_UID, SHARED_GID)
+    state.chmod(0o660)
+    imports = ("import json, sys\nfrom pathlib import Path\nfrom runbook import lock\n"
+               "import encodings.utf_8_sig\nfrom tests.drill_checks import host_env\n"
+               "env = host_env(Path(sys.argv[1]))\n")
+    code = ("held = lock.acquire(env, 'rollback', 'rbk_owner')\n"
+            "held.publish()\n"
+            "print(json.dumps([held.owner_lost, held.mirror_error]))\n"
+            "held.release()\n")
+    owner_lost, mirror_error = json.loads(as_deploy_user([SHARED_GID], imports, code,
+                                                         str(shared_dir)))
+    assert mirror_error is None
+    assert owner_lost is not None and f"lost its owner (uid {OWNER_UID})" in owner_lost
+    assert str(state) in owner_lost and "group" not in owner_lost.split("when")[0]
+    after = state.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode & 0o777) == (DEPLOY_UID, SHARED_GID, 0o660)
+    assert json.loads(state.read_text())["lock"] == {"locked": False}
+
+
+def _go_cli_expiry(lock: dict[str, Any]) -> datetime | None:
+    """When the Go CLI sees this lock expire: its `expires_at`; missing or zero, never."""
+    value = lock.get("expires_at")
+    if not value or value.startswith("0001-01-01"):
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize("fixture", ["documented.json", "go_cli.json"])
+def test_a_killed_runs_mirror_expires_for_every_tool_and_release_clears_it(
+        env: Environment, fixture: str) -> None:
+    """A run killed holding the lock leaves its mirror: the Go CLI reads `expires_at` (never
+    expiring without one), the deploy script `lock_expires_at`; both must say when it ends."""
+    env.state_file.parent.mkdir(parents=True)
+    doc = json.loads((DATA / fixture).read_text())
+    env.state_file.write_text(json.dumps({**doc, "environment": env.name}, indent=2))
+    lock = acquire(env, "rollback", "rbk_3")
+    lock.publish()  # the run is killed here: nothing releases it
+    assert lock.mirror_error is None
+    left = json.loads(env.state_file.read_text())["lock"]
+    expiry = _go_cli_expiry(left)
+    assert expiry is not None and abs((expiry - lock.expires_at).total_seconds()) < 1
+    assert left["lock_expires_at"] == left["expires_at"]
+    assert timedelta(0) < expiry - datetime.now(UTC) <= timedelta(seconds=env.lock_stale_after)
+    lock.release()
+    after = json.loads(env.state_file.read_text())["lock"]
+    assert after["locked"] is False and _go_cli_expiry(after) is None
+    assert "lock_expires_at" not in after
+    if fixture == "documented.json":
+        assert after == {"locked": False}
 
 
 def test_no_state_file_is_not_created(env: Environment) -> None:

@@ -4,6 +4,7 @@ never torn."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import stat
@@ -19,7 +20,6 @@ from runbook import state as statemod
 from runbook.environment import Slot
 from runbook.errors import ExitCode, StateError
 from runbook.state import (
-    HISTORY_LIMIT,
     Deployment,
     DeploymentState,
     after_deploy,
@@ -55,6 +55,18 @@ def dep(n: int, slot: Slot = Slot.BLUE, **changes: Any) -> Deployment:
                            deployed_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=n),
                            deployment_id=f"dep_{n:04d}", status="active")
     return base.with_(**changes) if changes else base
+
+
+# The documented deployment's required keys (CONTRACTS.md, "deployment-state.json").
+REQUIRED = ("id", "version", "git_commit", "deployed_at", "deployed_by", "active_slot",
+            "health_status")
+
+
+def go_id(commit: str, version: str, utc_micro: str) -> str:
+    """The id the runbook gives a Go CLI entry (which has none), per its docstring: sha256 of
+    "<git_commit>|<version>|<deployed_at in UTC, RFC 3339 with microseconds>"."""
+    digest = hashlib.sha256(f"{commit}|{version}|{utc_micro}".encode()).hexdigest()
+    return f"dep_{digest[:16]}_{digest[16:40]}"
 
 
 # --- the three dialects ---------------------------------------------------------------------
@@ -118,6 +130,28 @@ def test_go_cli_lock_keys_are_renamed() -> None:
     assert s.locked
     assert s.lock["lock_expires_at"] == "2026-02-11T08:30:00.123456789Z"
     assert "expires_at" not in s.lock and s.lock["reason"] == "deploy e4d2c1b"
+
+
+def _documented_lock(**lock: Any) -> bytes:
+    doc = load("documented.json")
+    doc["lock"] = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here",
+                   "locked_at": "2026-02-11T08:00:00Z", **lock}
+    return json.dumps(doc, indent=2).encode()
+
+
+def test_a_lock_with_both_expiry_names_reads_as_the_later_in_its_own_dialect() -> None:
+    """The runbook writes `lock_expires_at` and `expires_at` with one time; a tool that then
+    refreshes only its own name leaves them apart, and the lock ends at the later one."""
+    same = parse_state(_documented_lock(lock_expires_at="2026-02-11T08:30:00Z",
+                                        expires_at="2026-02-11T08:30:00Z"))
+    assert same.lock["lock_expires_at"] == "2026-02-11T08:30:00Z" and "expires_at" not in same.lock
+    assert same.dialect == statemod.DOCUMENTED
+    for ours, go in (("2026-02-11T08:30:00Z", "2026-02-11T09:00:00Z"),
+                     ("2026-02-11T09:00:00Z", "2026-02-11T08:30:00Z")):
+        apart = parse_state(_documented_lock(lock_expires_at=ours, expires_at=go))
+        assert apart.lock["lock_expires_at"] == "2026-02-11T09:00:00Z"
+    with pytest.raises(StateError, match=r"lock\.expires_at: 'soon' is not a valid time"):
+        parse_state(_documented_lock(lock_expires_at="2026-02-11T08:30:00Z", expires_at="soon"))
 
 
 # --- writing: the file's own dialect, nothing lost --------------------------------------------
@@ -350,6 +384,31 @@ def test_garbage_is_a_state_error(content: bytes, expected: str, tmp_path: Path)
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("path", "literal", "where", "shown"), [
+    (("current_deployment", "canary_percent"), "1e400", "current_deployment.canary_percent",
+     "1e400"),
+    (("operator_notes",), '{"pager": [1, -1E999]}', "operator_notes.pager[1]", "-1E999"),
+    (("deployment_history", 0, "duration_seconds"), "2.5e308",
+     "deployment_history[0].duration_seconds", "2.5e308"),
+    (("lock", "ttl"), "1e309", "lock.ttl", "1e309"),
+])
+def test_a_number_too_large_for_json_is_refused_when_read(
+        path: tuple[str | int, ...], literal: str, where: str, shown: str,
+        tmp_path: Path) -> None:
+    """1e400 parses as infinity, which no JSON can hold: refused at read, naming the key,
+    not after the commit point, when the state file is rewritten."""
+    target = tmp_path / "deployment-state.json"
+    marker = "__NUMBER__"
+    text = json.dumps(_mutate(load("documented.json"), path, marker), indent=2)
+    target.write_text(text.replace(f'"{marker}"', literal))
+    before = target.read_bytes()
+    with pytest.raises(StateError) as info:
+        read_state(target)
+    assert info.value.message.startswith(f"{target}: {where}: {shown} ")
+    assert "\n" not in str(info.value) and info.value.fix
+    assert target.read_bytes() == before
+
+
 def test_missing_file_says_nothing_was_recorded(tmp_path: Path) -> None:
     target = tmp_path / "nope" / "deployment-state.json"
     with pytest.raises(StateError) as info:
@@ -395,15 +454,41 @@ def test_after_deploy_moves_current_to_previous() -> None:
     assert s1.current == first  # pure: the input is unchanged
 
 
-def test_history_is_newest_first_unique_and_bounded() -> None:
+def test_history_is_newest_first_unique_and_keeps_every_deployment() -> None:
     s = DeploymentState(environment="production")
-    for n in range(1, HISTORY_LIMIT + 20):
+    for n in range(1, 70):
         s = after_deploy(s, dep(n, Slot.BLUE if n % 2 else Slot.GREEN))
     ids = [d.id for d in s.history]
-    assert len(ids) == HISTORY_LIMIT == len(set(ids))
+    assert len(ids) == 68 == len(set(ids))  # 69 deployments: all but the current one
     assert ids == sorted(ids, reverse=True)
     assert s.current is not None and s.current.id not in ids
     assert s.previous is not None and ids[0] == s.previous.id
+
+
+def _others_history(n: int) -> list[dict[str, Any]]:
+    """`n` history entries another tool wrote, newest first, each with a key of its own."""
+    return [{"id": f"dep_other_{i:03d}", "version": sha(500 + i)[:7], "git_commit": sha(500 + i),
+             "deployed_at": f"2025-{1 + i // 28:02d}-{1 + i % 28:02d}T08:00:00Z",
+             "deployed_by": "ci@build-runner", "active_slot": "blue" if i % 2 else "green",
+             "health_status": "healthy", "status": "superseded", "pipeline_run": 9000 + i}
+            for i in reversed(range(n))]
+
+
+def test_a_deploy_and_a_rollback_keep_every_history_entry_another_tool_wrote(
+        tmp_path: Path) -> None:
+    doc = load("documented.json")
+    doc["deployment_history"] = _others_history(80)
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    write_state(path, after_deploy(read_state(path), dep(7, Slot.GREEN)))
+    write_state(path, after_rollback(read_state(path), run_id="rbk_1"))
+    history = json.loads(path.read_text())["deployment_history"]
+    ids = [h["id"] for h in history]
+    assert len(ids) == len(set(ids)) == 80 + 2  # theirs, the old previous, the rolled-back one
+    for entry in doc["deployment_history"]:  # each as the other tool wrote it, in its order
+        assert history[ids.index(entry["id"])] == entry
+    assert [i for i in ids if i.startswith("dep_other_")] == [
+        h["id"] for h in doc["deployment_history"]]
 
 
 def test_to_json_dedupes_history() -> None:
@@ -636,6 +721,10 @@ def lock_doc(draw: st.DrawFn, dialect: str) -> dict[str, Any]:
             "hostname": "host-1"}
 
 
+GENERATED_DIALECTS = {"documented": statemod.DOCUMENTED, "script": statemod.DEPLOY_SCRIPT,
+                      "go": statemod.GO_CLI}
+
+
 @st.composite
 def state_doc(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     dialect = draw(st.sampled_from(["documented", "script", "go"]))
@@ -695,6 +784,8 @@ def test_fixture_round_trip_is_byte_identical(name: str, tmp_path: Path) -> None
 
 ROLLBACK_CHANGES = {"status", "rollback_count", "health_status", "active_slot", "slot",
                     "rollback", "rollback_id"}
+# what a record the runbook rewrites gains when its file lacked them (the required keys)
+COMPLETED = {"id", "deployed_by", "active_slot", "health_status"}
 
 
 def _differs_only_in(new: dict[str, Any], old: dict[str, Any], allowed: set[str]) -> set[str]:
@@ -725,8 +816,10 @@ def test_rollback_changes_only_what_a_rollback_changes(
     if target.id == s.current.id or target.version == s.current.version:
         return
     slot = (target.slot.other if other_slot else None)
-    out = json.loads(statemod.dumps(after_rollback(s, target, slot=slot, health_status=health,
-                                                   run_id="rbk_1")))
+    written = statemod.dumps(after_rollback(s, target, slot=slot, health_status=health,
+                                            run_id="rbk_1"))
+    assert parse_state(written).dialect == GENERATED_DIALECTS[dialect]  # still that tool's file
+    out = json.loads(written)
     originals = [doc["current_deployment"], doc["previous_deployment"],
                  *doc.get("deployment_history", [])]
     target_raw = next(o for o in originals[1:] if o["git_commit"] == target.git_commit
@@ -735,19 +828,29 @@ def test_rollback_changes_only_what_a_rollback_changes(
     _differs_only_in(out, doc, {"current_deployment", "previous_deployment",
                                 "deployment_history"})
     cur, prev = out["current_deployment"], out["previous_deployment"]
-    changed = _differs_only_in(cur, target_raw, ROLLBACK_CHANGES)
+    changed = _differs_only_in(cur, target_raw, ROLLBACK_CHANGES | COMPLETED)
     assert cur.get("rollback") is True and cur.get("rollback_id") == "rbk_1"
     assert cur["status"] == "active" and "rollback_count" in changed
-    slot_key = "slot" if dialect == "go" else "active_slot"
-    assert cur[slot_key] == str(slot or target.slot) and ("active_slot" in cur) == (
-        "active_slot" in target_raw)
-    assert _differs_only_in(prev, doc["current_deployment"], {"status"}) == {"status"}
+    new_slot = str(slot or target.slot)
+    assert cur["active_slot"] == new_slot and cur.get("slot", new_slot) == new_slot
+    assert ("slot" in cur) == ("slot" in target_raw)  # the Go CLI's key stays, and only there
+    assert "status" in _differs_only_in(prev, doc["current_deployment"], {"status"} | COMPLETED)
     assert prev["status"] == "rolled_back"
-    for entry in out.get("deployment_history", []):  # each one as some tool wrote it
-        assert any(set(entry) ^ set(o) <= {"status"} and all(
+    for record, was in ((cur, target_raw), (prev, doc["current_deployment"])):
+        assert [k for k in REQUIRED if k not in record] == []
+        assert record["id"] == was.get("id", record["id"])
+        assert record["deployed_by"] == was.get("deployed_by", "unknown")
+    for entry in out.get("deployment_history", []):
+        if any(_json_same(entry, o) for o in originals):
+            continue  # as some tool wrote it
+        # one the runbook rewrote: an original with its status moved and the required keys
+        assert [k for k in REQUIRED if k not in entry] == [], entry
+        assert any(set(entry) ^ set(o) <= {"status"} | COMPLETED and all(
             _json_same(entry[k], o[k]) for k in o if k != "status") for o in originals), entry
-    assert ("id" in cur) == ("id" in target_raw)  # never invent what the file did not say
-    assert ("deployed_by" in cur) == ("deployed_by" in target_raw)
+    moved = {(o["git_commit"], o["deployed_at"]) for o in (target_raw, doc["previous_deployment"])}
+    for o in doc.get("deployment_history", []):  # the others' history entries all stay as is
+        if (o["git_commit"], o["deployed_at"]) not in moved:
+            assert any(_json_same(o, entry) for entry in out["deployment_history"]), o
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -762,15 +865,16 @@ def test_lock_mirror_keeps_the_dialects_lock_fields(
     locked_raw = statemod.dumps(with_lock(s, held))
     locked = json.loads(locked_raw)
     _differs_only_in(locked, doc, {"lock"})
+    # both names, one time: the Go CLI reads `expires_at`, the others `lock_expires_at`
+    assert locked["lock"]["expires_at"] == locked["lock"]["lock_expires_at"] \
+        == "2026-02-11T08:30:00Z"
+    keys = list(locked["lock"])
     if dialect == "go":
-        assert list(locked["lock"])[:5] == ["locked", "locked_at", "locked_by", "reason",
-                                            "expires_at"]
-        assert locked["lock"]["expires_at"] == "2026-02-11T08:30:00Z"
-        assert "lock_expires_at" not in locked["lock"]
+        assert keys[:5] == ["locked", "locked_at", "locked_by", "reason", "expires_at"]
     else:
-        assert locked["lock"]["lock_expires_at"] == "2026-02-11T08:30:00Z"
-        assert "expires_at" not in locked["lock"]
+        assert keys.index("lock_expires_at") < keys.index("expires_at")
     again = parse_state(locked_raw, "prop.json", environment=s.environment)
+    assert again.dialect == GENERATED_DIALECTS[dialect]  # still the other tool's file
     assert again.lock["lock_expires_at"] == "2026-02-11T08:30:00Z" and again.locked
     unlocked = json.loads(statemod.dumps(with_lock(again, {"locked": False})))
     if not doc["lock"]["locked"]:  # lock then release: the file is as the other tool wrote it
@@ -789,13 +893,14 @@ def test_go_cli_lock_then_release_is_byte_identical(tmp_path: Path) -> None:
     lock = json.loads(path.read_text())["lock"]
     assert lock == {"locked": True, "locked_at": "2026-02-11T08:00:00Z", "locked_by": "ops@here",
                     "reason": "rollback", "expires_at": "2026-02-11T08:30:00Z",
-                    "lock_id": "lock_1", "pid": 42}
+                    "lock_expires_at": "2026-02-11T08:30:00Z", "lock_id": "lock_1", "pid": 42}
     write_state(path, with_lock(read_state(path), {"locked": False}))
     assert path.read_bytes() == (DATA / "go_cli.json").read_bytes()
 
 
 def test_go_cli_rollback_keeps_the_go_cli_dialect(tmp_path: Path) -> None:
-    """The issue's report: slot and lock fields dropped, nanoseconds cut, deployed_by invented."""
+    """The issue's report: slot and lock fields dropped, nanoseconds cut, deployed_by invented
+    (the rollback's operator is not who deployed it: a deployment with none says "unknown")."""
     path = copy_fixture("go_cli_locked.json", tmp_path)
     doc = load("go_cli.json")
     doc["lock"] = load("go_cli_locked.json")["lock"]
@@ -805,13 +910,56 @@ def test_go_cli_rollback_keeps_the_go_cli_dialect(tmp_path: Path) -> None:
     write_state(path, after_rollback(read_state(path), run_id="rbk_9", health_status="healthy"))
     out = json.loads(path.read_text())
     cur = out["current_deployment"]
-    assert cur["slot"] == "green" and "active_slot" not in cur
+    assert cur["slot"] == cur["active_slot"] == "green"
     assert cur["deployed_at"] == "2026-02-09T10:01:55.123456789Z"
-    assert "deployed_by" not in cur and "id" not in cur
+    assert cur["deployed_by"] == "unknown"
+    assert cur["id"] == go_id("9a8b7c6d5e4f30211a2b3c4d5e6f708192a3b4c5", "9a8b7c6",
+                              "2026-02-09T10:01:55.123456Z")
     assert cur["rollback"] is True and cur["rollback_id"] == "rbk_9"
     assert out["lock"] == doc["lock"]
     assert out["previous_deployment"]["status"] == "rolled_back"
     assert out["previous_deployment"]["deployed_at"] == "2026-02-10T14:22:07.482913577-05:00"
+
+
+def test_a_go_cli_file_after_a_rollback_has_every_required_key_and_its_own(
+        tmp_path: Path) -> None:
+    """deploy.sh reads `.current_deployment.active_slot // "blue"` and refuses a deployment
+    without an id; the Go CLI reads `slot`. After a rollback to green both must say green."""
+    original = load("go_cli.json")
+    path = copy_fixture("go_cli.json", tmp_path)
+    write_state(path, after_rollback(read_state(path), run_id="rbk_9", health_status="healthy"))
+    out = json.loads(path.read_text())
+    cur, prev = out["current_deployment"], out["previous_deployment"]
+    for entry in (cur, prev, out["deployment_history"][0]):
+        assert [k for k in REQUIRED if k not in entry] == []
+        assert entry["active_slot"] == entry["slot"]
+    assert cur["active_slot"] == "green" and prev["active_slot"] == "blue"
+    assert cur["id"] == go_id("9a8b7c6d5e4f30211a2b3c4d5e6f708192a3b4c5", "9a8b7c6",
+                              "2026-02-09T15:01:55.102930Z")
+    assert prev["id"] == go_id("e4d2c1b0a9f8e7d6c5b4a3928170f6e5d4c3b2a1", "e4d2c1b",
+                               "2026-02-10T19:22:07.482913Z")
+    assert cur["health_status"] == "healthy" and cur["deployed_by"] == "ci@build-runner"
+    assert prev["health_status"] == "unknown" and prev["status"] == "rolled_back"
+    # the Go CLI's own keys and values stay as it wrote them
+    for key, value in original["previous_deployment"].items():
+        assert cur[key] == value, key
+    for key, value in original["current_deployment"].items():
+        assert prev[key] == value, key
+    assert out["deployment_history"][0] == prev
+    assert out["deployment_history"][1] == original["deployment_history"][1]  # not ours: as is
+    assert read_state(path).dialect == statemod.GO_CLI
+
+
+def test_a_go_cli_file_after_a_deploy_has_every_required_key(tmp_path: Path) -> None:
+    path = copy_fixture("go_cli.json", tmp_path)
+    write_state(path, after_deploy(read_state(path), dep(7, Slot.GREEN)))
+    out = json.loads(path.read_text())
+    for entry in (out["current_deployment"], out["previous_deployment"]):
+        assert [k for k in REQUIRED if k not in entry] == []
+        assert entry["active_slot"] == entry["slot"]
+    assert out["current_deployment"]["active_slot"] == "green"
+    assert out["current_deployment"]["id"] == "dep_0007"
+    assert read_state(path).dialect == statemod.GO_CLI
 
 
 def test_new_deployment_is_written_in_the_files_dialect(tmp_path: Path) -> None:
@@ -820,7 +968,7 @@ def test_new_deployment_is_written_in_the_files_dialect(tmp_path: Path) -> None:
                                                         tzinfo=UTC))
     write_state(path, after_deploy(read_state(path), new))
     cur = json.loads(path.read_text())["current_deployment"]
-    assert cur["slot"] == "green" and "active_slot" not in cur
+    assert cur["slot"] == cur["active_slot"] == "green"
     assert cur["deployed_at"] == "2026-03-01T12:00:00.5Z"
     assert read_state(path).current.id == new.id  # type: ignore[union-attr]
     path = copy_fixture("deploy_script.json", tmp_path)

@@ -56,6 +56,8 @@ class Lock:
     expires_at: datetime
     ident: Ident
     mirror_error: str | None = None  # the state-file mirror failed; the lock itself holds
+    # the mirror's rewrite could not keep the state file's owner or group (files.atomic_write)
+    owner_lost: str | None = None
     stolen_from: LockStatus | None = None  # the stale lock this one replaced
     released: bool = field(default=False)
     published: bool = field(default=False)  # mirrored into the state file
@@ -102,14 +104,16 @@ class Lock:
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
             _write_lock_files(self.path, self, now)
         if mirror and self.published:
-            self.mirror_error = _mirror(self.env, self.state_json(),
-                                        replace_if=self._mirror_is_ours)
+            self.mirror_error, lost = _mirror(self.env, self.state_json(),
+                                              replace_if=self._mirror_is_ours)
+            self.owner_lost = self.owner_lost or lost
 
     def publish(self) -> None:
         """Mirror the lock into the state file for tools that only read that. Done right
         before the first change, so a run refused while planning leaves the file as it was."""
         self.published = True
-        self.mirror_error = _mirror(self.env, self.state_json(), replace_if=lambda _: True)
+        self.mirror_error, lost = _mirror(self.env, self.state_json(), replace_if=lambda _: True)
+        self.owner_lost = self.owner_lost or lost
 
     def release(self) -> bool:
         return release(self.env, self)
@@ -311,21 +315,24 @@ def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
 
 
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
-            replace_if: Callable[[Mapping[str, Any]], bool]) -> str | None:
-    """Best effort: the directory is the lock; the state file only reports it to other tools."""
+            replace_if: Callable[[Mapping[str, Any]], bool]) -> tuple[str | None, str | None]:
+    """Best effort: the directory is the lock; the state file only reports it to other tools.
+
+    Returns (why the mirror failed, what of the file's owner and group its rewrite could not
+    keep): the publish is a run's first rewrite of the state file, so that is where a writer
+    that is not the file's owner changes it, and where the run must hear of it."""
     path = env.state_file
     if not path.exists():
-        return None
+        return None, None
     try:
         current = statemod.read_state(path, environment=env.name)
         if not replace_if(current.lock):
-            return None
-        statemod.write_state(path, statemod.with_lock(current, lock))
+            return None, None
+        return None, statemod.write_state(path, statemod.with_lock(current, lock))
     except StateError as exc:
-        return str(exc)
+        return str(exc), None
     except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    return None
+        return f"{path}: {exc.strerror or exc}", None
 
 
 def _check_removable(env: Environment, current: LockStatus, force: bool) -> None:

@@ -9,7 +9,7 @@ destroys another tool's data (the bug that made the dialects corrupt each other)
 surfaces as one StateError line naming the file, the key and the fix, because an operator reads
 it in the middle of an incident.
 
-One job a module: schema (dialects, keys, statuses, limits), model (Deployment,
+One job a module: schema (dialects, keys, statuses, size limit), model (Deployment,
 DeploymentState), reader (any dialect into the model), dialects (the model back into the
 file's own dialect), writer (the file's bytes and the atomic write), records (transitions:
 deploy, rollback, the lock mirror). Every name stays importable as `runbook.state.<name>`.
@@ -37,7 +37,6 @@ from runbook.state.schema import (
     DOCUMENTED,
     GO_CLI,
     HEALTH_STATUSES,
-    HISTORY_LIMIT,
     MAX_STATE_BYTES,
     STATUSES,
     dialect_of,
@@ -46,7 +45,7 @@ from runbook.state.writer import dumps, write_state
 
 __all__ = [
     "DEFAULT_IMAGE_REPOSITORY", "DEPLOY_SCRIPT", "DIALECTS", "DOCUMENTED", "GO_CLI",
-    "HEALTH_STATUSES", "HISTORY_LIMIT", "MAX_STATE_BYTES", "STATUSES", "Deployment",
+    "HEALTH_STATUSES", "MAX_STATE_BYTES", "STATUSES", "Deployment",
     "DeploymentState", "after_deploy", "after_rollback", "current_operator", "dialect_of",
     "dumps", "format_time", "format_time_as", "make_deployment", "new_id", "normalized_history",
     "parse_state", "parse_time", "read_state", "to_json", "with_lock", "write_state",

@@ -18,7 +18,7 @@ from runbook.state.schema import (
     DEPLOY_SCRIPT,
     DOCUMENTED,
     GO_CLI,
-    HISTORY_LIMIT,
+    go_lock,
 )
 
 
@@ -61,6 +61,7 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
             data["docker_image"] = dep.image
         if slot is not None:
             data["slot"] = slot
+            data["active_slot"] = slot  # what the documented readers (deploy.sh) look for
         # The Go CLI ignores what it does not know; these keep our facts (and the id) readable.
         data.update(deployed_by=dep.deployed_by, id=dep.id, health_status=dep.health_status)
         if dep.status is not None:
@@ -88,6 +89,22 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
     for key, value in dep.extra.items():
         if key not in data and key not in _DEPLOYMENT_KEYS:
             data[key] = copy.deepcopy(value)
+    return data
+
+
+def _complete(data: dict[str, Any], dep: Deployment, dialect: str) -> dict[str, Any]:
+    """A record the runbook writes (new, changed, or moved into the history) with every key the
+    documented schema requires, added after the dialect's own keys, which stay as written:
+    deploy.sh reads `active_slot` (blue when missing) and refuses a record with no `id`, the
+    Go CLI reads `slot`; both slot keys say the same. An id the file never had is the one the
+    reader derives for that entry (reader._derived_id), so it is the same on every read."""
+    slot = None if dep.active_slot is None else dep.active_slot.value
+    for key, value in (("id", dep.id), ("deployed_by", dep.deployed_by), ("active_slot", slot),
+                       ("health_status", dep.health_status)):
+        if value is not None and key not in data:
+            data[key] = value
+    if dialect == GO_CLI and slot is not None and "slot" not in data:
+        data["slot"] = slot
     return data
 
 
@@ -144,29 +161,36 @@ def _deployment_json(dep: Deployment, dialect: str = DOCUMENTED,
 
 
 def normalized_history(history: tuple[Deployment, ...] | list[Deployment],
-                       limit: int = HISTORY_LIMIT) -> tuple[Deployment, ...]:
-    """Newest first, each id once (its first, newest entry wins), at most `limit` entries."""
+                       ) -> tuple[Deployment, ...]:
+    """Newest first, each id once (its first, newest entry wins). Never cut to a length: the
+    entries are other tools' records too, and a rewrite by us must not drop them."""
     seen: set[str] = set()
     out: list[Deployment] = []
     for dep in history:
         if dep.id not in seen:
             seen.add(dep.id)
             out.append(dep)
-    return tuple(out[:limit])
+    return tuple(out)
 
 
 def _lock_json(lock: Mapping[str, Any], raw: Any, dialect: str) -> dict[str, Any]:
-    """The lock mirror in the file's dialect: the Go CLI's `expires_at` and zero times."""
+    """The lock mirror in the file's dialect (the Go CLI's key order and zero times), its
+    expiry under both names with the same time: the Go CLI reads `expires_at` and takes a
+    missing one for "never expires", the documented schema and the deploy script read
+    `lock_expires_at`; a run killed holding the lock must be seen to expire by every tool."""
     data = copy.deepcopy(dict(lock)) if lock else {}
     data.setdefault("locked", False)
+    expiry = data.pop("lock_expires_at", None)
+    go_expiry = data.pop("expires_at", None)
+    if expiry is not None or go_expiry is not None:
+        data["lock_expires_at"] = data["expires_at"] = expiry if expiry is not None \
+            else go_expiry
     raw_keys = list(raw) if isinstance(raw, Mapping) else []
-    go = dialect == GO_CLI or "expires_at" in raw_keys
+    go = dialect == GO_CLI or (isinstance(raw, Mapping) and go_lock(raw))
     if go:
-        if "lock_expires_at" in data:
-            data.setdefault("expires_at", data.pop("lock_expires_at"))
         for key in ("locked_at", "expires_at"):  # Go's time.Time has no "absent"
             data.setdefault(key, _GO_ZERO)
-        order: tuple[str, ...] = _GO_LOCK_ORDER
+        order: tuple[str, ...] = (*_GO_LOCK_ORDER, "lock_expires_at")
     else:
         order = _LOCK_ORDER
     ordered = {k: data[k] for k in order if k in data}
@@ -185,11 +209,11 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
         lock = _lock_json(state.lock, None, DOCUMENTED)
         data: dict[str, Any] = {
             "environment": state.environment,
-            "current_deployment": None if state.current is None else _deployment_json(
-                state.current),
-            "previous_deployment": None if state.previous is None else _deployment_json(
-                state.previous),
-            "deployment_history": [_deployment_json(d)
+            "current_deployment": None if state.current is None else _complete(
+                _deployment_json(state.current), state.current, DOCUMENTED),
+            "previous_deployment": None if state.previous is None else _complete(
+                _deployment_json(state.previous), state.previous, DOCUMENTED),
+            "deployment_history": [_complete(_deployment_json(d), d, DOCUMENTED)
                                    for d in normalized_history(state.history)],
             "lock": lock,
         }
@@ -205,12 +229,17 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
     for key, dep, old in (("current_deployment", state.current, was.current),
                           ("previous_deployment", state.previous, was.previous)):
         if not _unchanged(dep, old):
-            out[key] = None if dep is None else _deployment_json(dep, dialect, env)
+            out[key] = None if dep is None else _complete(_deployment_json(dep, dialect, env),
+                                                          dep, dialect)
     history_same = len(state.history) == len(was.history) and all(
         _unchanged(a, b) for a, b in zip(state.history, was.history, strict=True))
     if not history_same:
-        out["deployment_history"] = [_deployment_json(d, dialect, env)
-                                     for d in normalized_history(state.history)]
+        # entries still as the file's history had them stay as written; the others are ours
+        as_read = {id(h) for h in was.history}
+        out["deployment_history"] = [
+            _deployment_json(d, dialect, env) if id(d.origin) in as_read and d == d.origin
+            else _complete(_deployment_json(d, dialect, env), d, dialect)
+            for d in normalized_history(state.history)]
     if not _same(dict(state.lock), dict(was.lock)):
         out["lock"] = _lock_json(state.lock, was.raw.get("lock"), dialect)
     _patch_extra(out, state.extra, was.extra)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -78,7 +79,10 @@ def _show(value: Any) -> str:
 
 
 def _derived_id(version: str, commit: str, deployed_at: datetime) -> str:
-    """A stable id for the Go CLI's entries, which have none: same entry, same id, every read."""
+    """A stable id for an entry with none (the Go CLI writes none): same entry, same id, every
+    read, and the one written when the runbook rewrites that entry. `dep_<16 hex>_<24 hex>`
+    (the deploy script's shape), the first 40 hex digits of the sha256 of
+    "<git_commit>|<version>|<deployed_at in UTC, RFC 3339, microseconds>"."""
     digest = hashlib.sha256(f"{commit}|{version}|{format_time(deployed_at)}".encode()).hexdigest()
     return f"dep_{digest[:16]}_{digest[16:40]}"
 
@@ -170,23 +174,27 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
         raise r.fail("lock.locked", f"expected true or false, got {_show(obj['locked'])}",
                      "write \"locked\": false or true")
     data = {k: copy.deepcopy(v) for k, v in obj.items()}
-    named = {"locked_at": "locked_at", "lock_expires_at": "lock_expires_at"}
-    if "expires_at" in data:  # the Go CLI's name
-        go_value = data.pop("expires_at")
-        if "lock_expires_at" not in data:
-            data["lock_expires_at"] = go_value
-            named["lock_expires_at"] = "expires_at"  # errors name the key the file has
-    for key in _LOCK_TIME_KEYS:
+    times: dict[str, datetime] = {}
+    for key in (*_LOCK_TIME_KEYS, "expires_at"):  # the last one is the Go CLI's name
         value = data.get(key)
         if value is None:
             data.pop(key, None)
             continue
-        where = f"lock.{named[key]}"
+        where = f"lock.{key}"
         if not isinstance(value, str):
             raise r.fail(where, f"expected a time string, got {_show(value)}",
                          "write an RFC 3339 time or remove the key")
-        if r.time(value, where, "write an RFC 3339 time or remove the key") is None:
+        when = r.time(value, where, "write an RFC 3339 time or remove the key")
+        if when is None:
             del data[key]  # Go's zero time: "not set"
+        else:
+            times[key] = when
+    if "expires_at" in data:
+        # The runbook writes both names, equal. Another tool may refresh only its own: the
+        # later time is when the lock really ends (an earlier one would steal a live lock).
+        go_value = data.pop("expires_at")
+        if "lock_expires_at" not in times or times["expires_at"] > times["lock_expires_at"]:
+            data["lock_expires_at"] = go_value
     pid = data.get("pid")
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
         raise r.fail("lock.pid", f"expected an integer, got {_show(pid)}",
@@ -211,6 +219,40 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _Overflow:
+    """A number literal too large for a float (1e400): Python reads it as infinity, which no
+    JSON can hold, so the rewrite after the commit point would fail. Kept to name it at read."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:  # for _show, should one sit where an object belongs
+        return self.text
+
+
+def _parse_float(text: str) -> float | _Overflow:
+    value = float(text)
+    return value if math.isfinite(value) else _Overflow(text)
+
+
+def _check_numbers(data: Any, r: _Reader) -> None:
+    """Refuse the first number too large for JSON, naming its key path (iterative: a deeply
+    nested document must not overflow the stack here)."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, _Overflow):
+            raise r.fail(where, f"{value.text[:40]} is too large a number (it reads as "
+                         "infinity, which JSON cannot hold)",
+                         "write a smaller number (or a string), or restore the file from a "
+                         "backup")
+        if isinstance(value, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), v)
+                        for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+
+
 def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
                 environment: str | None = None) -> DeploymentState:
     """Parse any dialect. `environment`, when given, fills a blank one and must match."""
@@ -223,7 +265,8 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
             raise r.fail("", "is not UTF-8 text (binary or corrupted)",
                          "restore it from a backup or re-record the deployment") from None
     try:
-        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant)
+        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant,
+                          parse_float=_parse_float)
     except (ValueError, RecursionError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
@@ -233,6 +276,7 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
     if not isinstance(data, dict):
         raise r.fail("", f"expected a JSON object at the top, got {_show(data)}",
                      "restore it from a backup or re-record the deployment")
+    _check_numbers(data, r)
     try:
         state = _build(data, r, environment)
     except RecursionError:

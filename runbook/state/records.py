@@ -11,7 +11,7 @@ from runbook.environment import Slot
 from runbook.errors import StateError
 from runbook.state.dialects import normalized_history
 from runbook.state.model import Deployment, DeploymentState, current_operator, new_id
-from runbook.state.schema import _COMMIT, _VERSION, HEALTH_STATUSES, HISTORY_LIMIT, STATUSES
+from runbook.state.schema import _COMMIT, _VERSION, HEALTH_STATUSES, STATUSES
 
 
 def make_deployment(version: str, git_commit: str, slot: Slot | str, *,
@@ -39,18 +39,16 @@ def make_deployment(version: str, git_commit: str, slot: Slot | str, *,
 
 
 def _with_history(state: DeploymentState, current: Deployment | None,
-                  *front: Deployment | None, limit: int = HISTORY_LIMIT,
-                  ) -> tuple[Deployment, ...]:
+                  *front: Deployment | None) -> tuple[Deployment, ...]:
     """Put `front` (updated records) first, drop stale copies and the current deployment."""
     fresh = [d for d in front if d is not None]
     fresh_ids = {d.id for d in fresh}
     rest = [d for d in state.history if d.id not in fresh_ids]
     skip = current.id if current is not None else None
-    return normalized_history([d for d in (*fresh, *rest) if d.id != skip], limit)
+    return normalized_history([d for d in (*fresh, *rest) if d.id != skip])
 
 
-def after_deploy(state: DeploymentState, new: Deployment, *,
-                 limit: int = HISTORY_LIMIT) -> DeploymentState:
+def after_deploy(state: DeploymentState, new: Deployment) -> DeploymentState:
     """New deployment becomes current; the old current becomes previous (superseded)."""
     if new.active_slot is None:
         raise StateError(f"deployment {new.id} has no slot", "record the slot it runs in")
@@ -62,13 +60,12 @@ def after_deploy(state: DeploymentState, new: Deployment, *,
     if old is not None:
         previous = old.with_(status="superseded") if old.status in (None, "active") else old
     return state.with_(current=current, previous=previous,
-                       history=_with_history(state, current, previous, state.previous,
-                                             limit=limit))
+                       history=_with_history(state, current, previous, state.previous))
 
 
 def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                    slot: Slot | None = None, health_status: str | None = None,
-                   run_id: str | None = None, limit: int = HISTORY_LIMIT) -> DeploymentState:
+                   run_id: str | None = None) -> DeploymentState:
     """Target (default: previous) becomes current and active; the current is `rolled_back`.
 
     `slot` overrides the slot the target now runs in (it may have been recreated in the other
@@ -100,8 +97,7 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                            health_status=health_status or target.health_status)
     previous = old.with_(status="rolled_back")
     return state.with_(current=current, previous=previous,
-                       history=_with_history(state, current, previous, state.previous,
-                                             limit=limit))
+                       history=_with_history(state, current, previous, state.previous))
 
 
 def with_lock(state: DeploymentState, lock: Mapping[str, Any]) -> DeploymentState:

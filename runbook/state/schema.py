@@ -1,5 +1,5 @@
 """What a deployment-state.json may hold: the three dialects, the keys the model owns, the
-statuses, the limits; and which dialect a document is in (its keys give it away)."""
+statuses, the size limit; and which dialect a document is in (its keys give it away)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-HISTORY_LIMIT = 50
 DOCUMENTED, DEPLOY_SCRIPT, GO_CLI = "documented", "deploy-script", "go-cli"
 DIALECTS = (DOCUMENTED, DEPLOY_SCRIPT, GO_CLI)
 MAX_STATE_BYTES = 8 * 1024 * 1024  # a real file is a few KiB; anything this big is not ours
@@ -27,12 +26,21 @@ _DEPLOYMENT_KEYS = frozenset({
 _TOP_KEYS = frozenset({
     "environment", "current_deployment", "previous_deployment", "deployment_history", "lock",
 })
-_LOCK_ORDER = ("locked", "lock_id", "locked_by", "locked_at", "lock_expires_at", "deployment_id",
-               "pid", "hostname", "reason")
+# The documented lock; a writer adds the Go CLI's `expires_at` (same time) after its own key.
+_LOCK_ORDER = ("locked", "lock_id", "locked_by", "locked_at", "lock_expires_at", "expires_at",
+               "deployment_id", "pid", "hostname", "reason")
 _LOCK_TIME_KEYS = ("locked_at", "lock_expires_at")
 # The Go CLI's lock struct, in its field order; its zero times mean "not set".
 _GO_LOCK_ORDER = ("locked", "locked_at", "locked_by", "reason", "expires_at")
 _GO_ZERO = "0001-01-01T00:00:00Z"
+
+
+def go_lock(lock: Mapping[str, Any]) -> bool:
+    """A lock in the Go CLI's dialect: its `expires_at` comes first. Every writer of the
+    runbook's puts the expiry under both names, its dialect's own first (_GO_LOCK_ORDER or
+    _LOCK_ORDER), so the order still tells a Go CLI file from a documented one."""
+    keys = [k for k in lock if k in ("expires_at", "lock_expires_at")]
+    return bool(keys) and keys[0] == "expires_at"
 
 
 def dialect_of(doc: Mapping[str, Any]) -> str:
@@ -43,8 +51,8 @@ def dialect_of(doc: Mapping[str, Any]) -> str:
         deps += history
     objects = [d for d in deps if isinstance(d, Mapping)]
     lock = doc.get("lock")
-    if ((isinstance(lock, Mapping) and "expires_at" in lock)
-            or any("slot" in d and "active_slot" not in d for d in objects)):
+    if ((isinstance(lock, Mapping) and go_lock(lock))
+            or any("slot" in d for d in objects)):  # ours carry `active_slot` beside it
         return GO_CLI
     if (any(k in doc for k in ("active_slot", "slots", "last_deployment"))
             or any("environment" in d for d in objects)):

@@ -99,12 +99,13 @@ def dumps(state: DeploymentState) -> bytes:
 
 
 def write_state(path: Path, state: DeploymentState, *,
-                before_rename: Callable[[], None] | None = None) -> None:
+                before_rename: Callable[[], None] | None = None) -> str | None:
     """Replace the file atomically: readers see the old file or the new one, never a mix.
 
-    The file keeps its mode, owner and group (a new one is 0600). `before_rename` is the
-    drill's fault point between the fsynced temp file and the rename (the kill matrix's
-    "during the state write").
+    The file keeps its mode, owner and group (a new one is 0600); a writer that may not keep
+    the owner (not root) keeps the group when it can, and the one line saying what was lost
+    is returned (files.atomic_write), else None. `before_rename` is the drill's fault point
+    between the fsynced temp file and the rename (the kill matrix's "during the state write").
     """
     target = Path(os.path.realpath(path))  # keep a symlinked state file a symlink
     try:
@@ -114,7 +115,8 @@ def write_state(path: Path, state: DeploymentState, *,
                          "this is a bug in the caller; the file was not changed") from None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        files.atomic_write(target, payload, default_mode=0o600, before_rename=before_rename)
+        return files.atomic_write(target, payload, default_mode=0o600,
+                                  before_rename=before_rename)
     except OSError as exc:
         raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc}); the "
                          "old file is unchanged",

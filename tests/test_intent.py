@@ -1,0 +1,58 @@
+"""The interrupted run's intent record: a record that cannot be read is one line naming the file
+and the fix (exit 4), never an unexpected failure. Real files, no Docker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runbook import finish
+from runbook import intent as intents
+from runbook.environment import Environment
+from runbook.errors import ExitCode, PreconditionError
+from tests.drill_checks import host_env
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Environment:
+    return host_env(tmp_path)
+
+
+def test_a_written_record_reads_back(env: Environment) -> None:
+    intent = intents.Intent(run_id="rbk_1", action="rollback", environment=env.name,
+                            from_slot="green", to_slot="blue", from_version="def5678",
+                            to_version="abc1234")
+    intents.write(env, intent)
+    assert intents.read(env) == intent
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"\xff\xfe{\"phase\": \"prepare\"}\n", "not UTF-8"),  # binary or a torn foreign write
+    ("{\"phase\": \"préparé\"}".encode("latin-1"), "not UTF-8"),
+    (b"{\"phase\": ", "unreadable"),
+    (b"{\"run_id\": \"rbk_1\"}\n", "unreadable"),
+    (b"[" * 100_000 + b"]" * 100_000, "unreadable"),  # nested past the parser's recursion
+])
+def test_an_unreadable_record_is_one_line_naming_the_file_and_the_fix(
+        env: Environment, content: bytes, problem: str) -> None:
+    record = intents.path(env)
+    record.parent.mkdir(parents=True)
+    record.write_bytes(content)
+    for read in (lambda: intents.read(env), lambda: finish.interrupted(env)):
+        with pytest.raises(PreconditionError) as info:
+            read()
+        error = info.value
+        assert str(record) in error.message and problem in error.message
+        assert "\n" not in str(error) and error.exit_code == ExitCode.PRECONDITION
+        assert error.fix is not None and f"move {record} aside" in error.fix
+    assert record.read_bytes() == content  # left for on-call to look at
+
+
+def test_a_record_that_is_valid_json_but_not_an_object_is_unreadable(env: Environment) -> None:
+    record = intents.path(env)
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps(["rollback"]))
+    with pytest.raises(PreconditionError, match="unreadable"):
+        intents.read(env)
