@@ -542,3 +542,38 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
     assert row2 is not None and row2[0] == row[0]
     for h in fleet_on_v3.hosts:
         assert fleet_on_v3.serving(h.name) == (200, "blue", VERSIONS["v2"].tag), h.name
+
+
+@pytest.mark.docker
+def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Batches [host2, host3] then [host1] (`--canary-group web`): host3 goes dark when its
+    rollback is asked for (its sshd stops, its connection is cut), after a pre-flight that
+    passed. Ansible's max_fail_percentage does not count an unreachable host; the rollout must
+    stop all the same: host2 (same batch) finishes, host1 (next batch) never starts, host3 is
+    reported unknown (exit 5: needs attention) and the resume command names it. Oracles: what
+    each host's Caddy serves, the fleet lock's directory."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    fleet.write_inventory(host_vars={"host3": {
+        "runbook_command": fleet.cut_off_command("host3", "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--canary-group", "web", "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        record = json.loads(out.splitlines()[-1])["record"]
+        assert record["batches"] == [["host2", "host3"], ["host1"]], record["batches"]
+        assert proc.returncode == 5, out + err
+        assert fleet.serving("host1")[2] == v3  # the next batch never started
+        assert fleet.serving("host2") == (200, "blue", v2)  # its batch's other host finished
+        assert fleet.serving("host3")[2] == v3
+        hosts = record["hosts"]
+        assert hosts["host1"]["status"] == "not started", hosts["host1"]
+        assert hosts["host1"]["started"] is None, hosts["host1"]
+        assert hosts["host2"]["status"] == "rolled back", hosts["host2"]
+        assert hosts["host3"]["status"] == "unknown: unreachable", hosts["host3"]
+        assert "runbook status" in hosts["host3"]["message"], hosts["host3"]
+        assert "--limit host3,host1 --resume fleet_" in record["resume_command"], record
+        assert hostlock.status(fleet.host("host2").env) is None  # released (lock host: host2)
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()

@@ -49,6 +49,7 @@ FAILED_SERVING = "failed but serving"
 FAILED_ATTENTION = "failed: needs attention"
 TOOK_EFFECT = "took effect: finish it"
 NOT_STARTED = "not started"
+UNKNOWN = "unknown: unreachable"  # the connection was lost during its rollback
 
 
 @dataclass
@@ -711,8 +712,9 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Ev
         data = _last_json(str(res.get("stdout", ""))) or {}
         r.record = data or None
         if res.get("_event") == "runner_on_unreachable":
-            r.exit_code, r.status = None, FAILED_ATTENTION
-            r.message = f"connection lost: {res.get('msg')}; run `runbook status` there"
+            r.exit_code, r.status = None, UNKNOWN
+            r.message = (f"connection lost during its rollback, outcome unknown: "
+                         f"{res.get('msg')}; run `runbook status` there")
         else:
             r.exit_code = int(res.get("rc", 1) if res.get("rc") is not None else 1)
             if r.exit_code == 0:
@@ -770,7 +772,8 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
     lines = [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
              for h, r in hosts.items()]
-    if any(r.status == FAILED_ATTENTION or "DOWN" in r.status for r in hosts.values()):
+    if any(r.status in (FAILED_ATTENTION, UNKNOWN) or "DOWN" in r.status
+           for r in hosts.values()):
         code = ExitCode.ATTENTION
     elif any(r.status == TOOK_EFFECT for r in hosts.values()):
         code = ExitCode.TOOK_EFFECT
@@ -782,8 +785,10 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     if not_done:
         resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
                   f"--resume {fleet_run_id}")
+        unknown = [h for h, r in hosts.items() if r.status == UNKNOWN]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
+               f"stopped: {', '.join(unknown)} unreachable" if unknown else
                "stopped at the first failed host")
         if journal.record.get("maintenance_drain_started"):
             why += " (THE SERVICE IS DOWN on the hosts not rolled back; the database was " \
@@ -791,6 +796,9 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         lines.append(f"{why}: {len(not_done)} host(s) not rolled back; nothing was reverted "
                      "fleet-wide. Resume with:")
         lines.append(f"  {resume}")
+        if unknown:
+            lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there): the "
+                         "resume refuses a host whose rollback finished after all")
     journal.record["resume_command"] = resume
     journal.finish("success" if code is ExitCode.OK else "stopped", int(code))
     path = journal.write(options.journal_dir)
