@@ -7,6 +7,7 @@ fleet (real sshd, real ansible-playbook), whose oracle is what each host's Caddy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -577,3 +578,42 @@ def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
     finally:
         fleet.reachable_again("host3")
         fleet.write_inventory()
+
+
+@pytest.mark.docker
+def test_a_restore_whose_outcome_is_unknown_keeps_every_host_down(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The maintenance path; the restore host (host1) goes dark once its restore ran to the
+    end but before it could answer: the controller cannot know whether the database was
+    restored (here it was: the oracle is schema_migrations in Postgres). Starting the drained
+    hosts again would put the new code on the old schema: every host stays down, exit 5, and
+    the message says what to check instead of 'the database was not touched'."""
+    fleet = fleet_on_v3
+    lock = fleet.host("host1")
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.cut_off_command(
+        "host1", "snapshot", "restore", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 5, err
+        with lock.stack.connect() as conn:
+            restored = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert restored is not None and restored[0] == row[0]  # it did restore
+        for name in ("host2", "host3"):  # drained, and left so: never the new code on it
+            assert fleet.serving(name)[0] >= 500, (name, fleet.serving(name))
+        first = next(line for line in err.splitlines() if line.startswith("runbook: error:"))
+        assert "the outcome of the restore on host1 is unknown" in first, err
+        assert "THE SERVICE IS DOWN" in first, err
+        assert "not touched" not in err and "started again" not in err, err
+        assert "runbook status" in first, err
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+        for record in tmp_path.glob("fleet_*.json"):  # its lock host was dark at the release
+            with contextlib.suppress(RunbookError):
+                hostlock.release(lock.env, record.stem)
+        fleet.on_new_deployment("v3")  # the hosts serving again for the next test

@@ -423,8 +423,8 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     Stopped before the restore (a host could not drain): the drained hosts are started again
     and nothing else changed (exit 1). A failed restore leaves the database as it was (the
     single-host restore's promise): hosts started again, exit 1. A restore whose outcome is
-    unknown (exit 5): the hosts stay down, exit 5. The restore is journaled (and the journal
-    written) at once, so a resume never repeats it.
+    unknown (exit 5, its connection lost, no answer): the hosts stay down, exit 5. The restore
+    is journaled (and the journal written) at once, so a resume never repeats it.
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
@@ -464,12 +464,21 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     journal.record["database"] = {**decision, "status": "not restored"}
     why = (out.get("error") or _one_line(str((res or {}).get("stderr") or "")) if res is not None
            else "not run: " + ("; ".join(failed) or "the play stopped before it"))
-    if rc is not None and rc not in (1, 2, 3, 4):
-        raise FleetError(f"maintenance: the restore on {decision['host']} did not finish "
-                         f"cleanly (exit {rc}): {why}; THE SERVICE IS DOWN on every host",
-                         f"read `runbook snapshot list` and the journal on {decision['host']}; "
-                         "do not start the hosts on an unknown database",
-                         exit_code=ExitCode.ATTENTION, lines=failed)
+    started = decision["host"] in events.started.get("restore the snapshot", {})
+    if (res is None and started) or (res is not None and rc not in (1, 2, 3, 4)):
+        # only a restore that said it failed (exit 1-4) left the database as it was; one that
+        # lost its connection (no exit code), exit 5, or no answer at all may have restored it:
+        # the hosts stay down, never the new code started on an unknown database
+        how = (f"exit {rc}: {why}" if rc is not None else
+               f"the connection was lost: {(res or {}).get('msg') or 'no answer'}")
+        journal.record["database"] = {**decision, "status": "unknown"}
+        raise FleetError(f"maintenance: the outcome of the restore on {decision['host']} is "
+                         f"unknown ({how}); the database may or may not be restored; THE "
+                         "SERVICE IS DOWN on every host (left drained)",
+                         f"on {decision['host']} run `runbook status ENV` and read its last run "
+                         "record (~/.togather/runs/) and `runbook snapshot list ENV` to see "
+                         "whether the restore finished; do not start the hosts on an unknown "
+                         "database", exit_code=ExitCode.ATTENTION, lines=failed)
     undo = {h: ",".join(c) for h, c in drained.items() if c}
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
