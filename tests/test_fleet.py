@@ -617,3 +617,51 @@ def test_a_restore_whose_outcome_is_unknown_keeps_every_host_down(
             with contextlib.suppress(RunbookError):
                 hostlock.release(lock.env, record.stem)
         fleet.on_new_deployment("v3")  # the hosts serving again for the next test
+
+
+@pytest.mark.docker
+def test_a_resume_takes_an_unknown_host_only_when_named_and_never_once_it_rolled_back(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host3 goes dark right after its rollback ran to the end: it did roll back, but the
+    controller cannot know (unknown, exit 5). A resume that does not name it is refused
+    (exit 2); the printed resume command names it, and its pre-flight finds host3 no longer on
+    the deployment the run started from: refused (exit 4), never rolled 'back' to the release
+    it left. Left out, the rest finishes. Oracle: what each host's Caddy serves."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    fleet.write_inventory(host_vars={"host3": {"runbook_command": fleet.cut_off_command(
+        "host3", "rollback", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--canary-group", "web", "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 5, out + err
+        first = json.loads(out.splitlines()[-1])["record"]
+        assert first["hosts"]["host3"]["status"] == "unknown: unreachable", first["hosts"]
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    assert fleet.serving("host3") == (200, "blue", v2)  # it did roll back
+    assert fleet.serving("host1")[2] == v3
+
+    def resume(*args: str) -> tuple[int, str]:
+        proc = subprocess.Popen([fleet.runbook_command, "fleet", "rollback", *args, "--yes",
+                                 "--journal-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        out, err = proc.communicate(timeout=600)
+        return proc.returncode, out + err
+
+    code, text = resume(str(fleet.inventory), "--resume", first["fleet_run_id"])
+    assert code == 2 and "host3 had an unknown outcome" in text, text
+    assert "nothing was changed" in text, text
+    printed = first["resume_command"].split()[3:]
+    assert printed[1:3] == ["--limit", "host3,host1"], printed
+    code, text = resume(*printed)
+    assert code == 4, text
+    assert "host3: changed since fleet run" in text and "leave it out" in text, text
+    assert fleet.serving("host3") == (200, "blue", v2)  # never flipped forward
+    assert fleet.serving("host1")[2] == v3  # nothing changed
+    code, text = resume(str(fleet.inventory), "--limit", "host1", "--resume",
+                        first["fleet_run_id"])
+    assert code == 0, text
+    for name in ("host1", "host2", "host3"):
+        assert fleet.serving(name) == (200, "blue", v2), name

@@ -60,6 +60,11 @@ class Inventory:
                 return str(chosen)
         return (self.canary or self.hosts)[0]
 
+    def named(self, limit: str | None) -> set[str]:
+        """The hosts `--limit` names by their own name (not through a group)."""
+        items = {x.strip() for x in (limit or "").split(",")}
+        return {h for h in self.hosts if h in items and h not in self.groups}
+
     def select(self, limit: str | None) -> list[str]:
         """Hosts (canary first, then declared order) matching `--limit` (host or group names)."""
         ordered = self.canary + [h for h in self.hosts if h not in self.canary]

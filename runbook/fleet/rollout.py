@@ -504,6 +504,65 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
 
 
 # ---------------------------------------------------------------------------------------------
+# A resume: never roll a finished host again
+
+
+UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION)
+
+
+def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
+                                                      dict[str, dict[str, Any]]]:
+    """What the resumed run and the runs it resumed knew: each host's latest outcome (status,
+    fleet run id), and the deployment each host ran when a run of the chain first checked it."""
+    if resumed is None:
+        return {}, {}
+    outcomes = dict(resumed.get("earlier_outcomes") or {})
+    for host, entry in (resumed.get("hosts") or {}).items():
+        if isinstance(entry, dict) and entry.get("status"):
+            outcomes[host] = {"status": entry["status"], "fleet_run_id": resumed["fleet_run_id"]}
+    return outcomes, dict(resumed.get("started_from") or {})
+
+
+def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], named: set[str],
+                    resume: str | None) -> tuple[list[str], dict[str, str]]:
+    """The hosts a resume rolls back, and those it skips (rolled back in the chain, with why).
+
+    A host whose outcome is unknown there (unreachable during its rollback, or its own exit 5)
+    is taken only when `--limit` names it: the operator checked it first."""
+    skipped = {h: f"rolled back by fleet run {earlier[h]['fleet_run_id']}" for h in selected
+               if earlier.get(h, {}).get("status") == ROLLED_BACK}
+    unknown = [h for h in selected if h not in named
+               and earlier.get(h, {}).get("status") in UNKNOWN_OUTCOMES]
+    if unknown:
+        raise FleetError(f"--resume {resume}: {', '.join(unknown)} had an unknown outcome in "
+                         "that run and --limit does not name it; nothing was changed",
+                         "check it first (`runbook status ENV` there), then name it in --limit "
+                         "to include it (a host rolled back since is still refused), or leave "
+                         "it out", exit_code=ExitCode.USAGE,
+                         lines=[f"{h}: {earlier[h]['status']} in fleet run "
+                                f"{earlier[h]['fleet_run_id']}" for h in unknown])
+    return [h for h in selected if h not in skipped], skipped
+
+
+def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
+                   started_from: dict[str, dict[str, Any]]) -> list[str]:
+    """Pre-flight problems of a resume: a host that no longer runs the deployment its run
+    first saw was rolled back (or changed) since; its rollback now would go elsewhere (back
+    to the release that run rolled back from). A host finishing its own interrupted rollback
+    (its dry run is a finish plan) is let through."""
+    out = []
+    for host in targets:
+        then, now = started_from.get(host), (checks.get(host) or {}).get("deployment")
+        finishing = (checks.get(host) or {}).get("dry_run", {}).get("facts", {}).get("finishing")
+        if then and now and now.get("id") != then.get("id") and not finishing:
+            out.append(f"{host}: changed since fleet run {then.get('fleet_run_id')} checked it "
+                       f"(it ran {then.get('version')} ({then.get('id')}), now "
+                       f"{now.get('version')} ({now.get('id')})): already rolled back, so a "
+                       "rollback now would not be the one planned; leave it out of --limit")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -550,12 +609,23 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     targets = inventory.select(options.limit)
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
-    plan = inv.batches(targets, inventory.canary, options.batches)
-    fleet_run_id = fjournal.new_id()
-    journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    earlier, started_from = _earlier(resumed)
+    targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
+                                       options.resume)
+    fleet_run_id = fjournal.new_id()
+    skip_lines = [f"{h}: skipped: {why}" for h, why in skipped.items()]
+    for line in skip_lines:
+        say(line)
+    if not targets:
+        return FleetResult(fleet_run_id, 0, [*skip_lines, "nothing left to roll back: every "
+                                             "selected host was rolled back; nothing was "
+                                             "changed"])
+    plan = inv.batches(targets, inventory.canary, options.batches)
+    journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
+    journal.set(earlier_outcomes=earlier, skipped=skipped, started_from=started_from)
     plan_lines = [f"fleet {fleet_run_id}: {len(targets)} host(s) from {inventory.path}",
-                  f"fleet lock on {inventory.lock_host}"]
+                  *skip_lines, f"fleet lock on {inventory.lock_host}"]
     plan_lines += [f"batch {i + 1}{' (canary)' if i == 0 and inventory.canary and b[0] in inventory.canary else ''}: {', '.join(b)}"  # noqa: E501
                    for i, b in enumerate(plan.batches)]
 
@@ -588,6 +658,10 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                  exit_code=ExitCode.PRECONDITION)
         checks, problems, lock_res = preflight(events, inventory, targets,
                                                take_lock=not options.dry_run)
+        problems += _changed_since(checks, targets, started_from)
+        journal.set(started_from={**{h: {**checks[h]["deployment"], "fleet_run_id": fleet_run_id}
+                                     for h in targets if (checks.get(h) or {}).get("deployment")},
+                                  **started_from})
         if not options.dry_run:
             taken = lock_res
             if taken.get("taken_over"):
@@ -779,8 +853,9 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     codes = [r.exit_code for r in hosts.values() if r.status != ROLLED_BACK
              and r.status != NOT_STARTED]
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
-    lines = [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
-             for h, r in hosts.items()]
+    lines = [f"{h}: skipped: {why}" for h, why in (journal.record.get("skipped") or {}).items()]
+    lines += [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
+              for h, r in hosts.items()]
     if any(r.status in (FAILED_ATTENTION, UNKNOWN) or "DOWN" in r.status
            for r in hosts.values()):
         code = ExitCode.ATTENTION
