@@ -25,6 +25,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -867,8 +868,11 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         code = ExitCode.OK
     resume = None
     if not_done:
+        same = "".join(f" {flag} {shlex.quote(value)}" for flag, value, default in (
+            ("--canary-group", options.canary_group, "canary"),
+            ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
         resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
-                  f"--resume {fleet_run_id}")
+                  f"--resume {fleet_run_id}{same}")
         unknown = [h for h, r in hosts.items() if r.status == UNKNOWN]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
