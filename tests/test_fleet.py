@@ -85,6 +85,18 @@ def test_batches_of_three_hosts_with_a_canary_and_a_batch_of_two() -> None:
     assert inv.batches(["a", "b", "c"], [], "1").batches == [["a"], ["b"], ["c"]]
 
 
+def test_no_batch_is_larger_than_the_fork_count() -> None:
+    """Ansible starts at most MAX_FORKS hosts at once and judges a batch's failures only when
+    all its hosts ran: a batch of 20 would start its last 12 after a failure among the first
+    8. Every batch, the canary group's too, is split to at most MAX_FORKS hosts."""
+    assert inv.MAX_FORKS == 8
+    hosts = [f"h{i:02}" for i in range(30)]
+    plan = inv.batches(hosts, hosts[:10], "100%")
+    assert plan.serial == [8, 2, 8, 8, 4] and plan.split
+    assert [h for b in plan.batches for h in b] == hosts  # the order kept
+    assert not inv.batches(hosts[:9], [], "8").split
+
+
 @pytest.mark.parametrize("spec", ["", "x", "0", "1,abc%"])
 def test_a_bad_batch_spec_is_a_usage_error(spec: str) -> None:
     with pytest.raises(UsageError):

@@ -286,6 +286,7 @@ class Batches:
     """The rollout's batches: the canary group alone, then the rest per the batch spec."""
 
     batches: list[list[str]] = field(default_factory=list)
+    split: bool = False  # a batch was larger than MAX_FORKS hosts and was split
 
     @property
     def serial(self) -> list[int]:
@@ -293,7 +294,11 @@ class Batches:
 
 
 def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) -> Batches:
-    """`1,25%,100%`: a count or a percentage of the non-canary hosts, the last one repeating."""
+    """`1,25%,100%`: a count or a percentage of the non-canary hosts, the last one repeating.
+
+    No batch holds more than MAX_FORKS hosts (a larger one is split): Ansible starts at most
+    that many at once, and it judges a batch's failures only once all its hosts have run, so
+    the hosts of a larger batch that waited for a fork would start after a failure."""
     sizes: list[str] = [s.strip() for s in spec.split(",") if s.strip()]
     if not sizes:
         raise UsageError(f"--batches {spec!r} is empty", f"e.g. {DEFAULT_BATCHES}")
@@ -315,4 +320,8 @@ def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) 
         out.batches.append(rest[:n])
         rest = rest[n:]
         i += 1
+    if any(len(b) > MAX_FORKS for b in out.batches):
+        out.split = True
+        out.batches = [b[j:j + MAX_FORKS] for b in out.batches
+                       for j in range(0, len(b), MAX_FORKS)]
     return out

@@ -165,8 +165,9 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
     with tempfile.TemporaryDirectory(prefix="togather-fleet-runner-") as pdd:
         runner = ansible_runner.run(
             private_data_dir=pdd, playbook=str(PLAYBOOKS / name),
-            inventory=str(inventory.path), extravars=extravars, forks=max(1, min(forks, 8)),
-            envvars=_envvars(), quiet=True, event_handler=events,
+            inventory=str(inventory.path), extravars=extravars,
+            forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
+            event_handler=events,
             cancel_callback=cancel or (lambda: False), suppress_env_files=True,
             settings={"suppress_ansible_output": True})
         return str(runner.status)
@@ -627,8 +628,12 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     journal.set(earlier_outcomes=earlier, skipped=skipped, started_from=started_from)
     plan_lines = [f"fleet {fleet_run_id}: {len(targets)} host(s) from {inventory.path}",
                   *skip_lines, f"fleet lock on {inventory.lock_host}"]
-    plan_lines += [f"batch {i + 1}{' (canary)' if i == 0 and inventory.canary and b[0] in inventory.canary else ''}: {', '.join(b)}"  # noqa: E501
-                   for i, b in enumerate(plan.batches)]
+    plan_lines += [f"batch {i + 1}{' (canary)' if b[0] in inventory.canary else ''}: "
+                   f"{', '.join(b)}" for i, b in enumerate(plan.batches)]
+    if plan.split:
+        plan_lines.append(f"batches of more than {inv.MAX_FORKS} hosts were split: Ansible runs "
+                          f"at most {inv.MAX_FORKS} at once, and a failure must stop the rest "
+                          "of its batch")
 
     # -- pre-flight (and the fleet lock), read-only -------------------------------------------
     t0 = time.time()
