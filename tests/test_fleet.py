@@ -97,10 +97,20 @@ def test_no_batch_is_larger_than_the_fork_count() -> None:
     assert not inv.batches(hosts[:9], [], "8").split
 
 
-@pytest.mark.parametrize("spec", ["", "x", "0", "1,abc%"])
+@pytest.mark.parametrize("spec", ["", "x", "0", "1,abc%", "inf%", "1e999%", "nan%", "0%",
+                                  "-5%"])
 def test_a_bad_batch_spec_is_a_usage_error(spec: str) -> None:
     with pytest.raises(UsageError):
         inv.batches(["a", "b", "c"], ["a"], spec)
+
+
+def test_a_bad_batch_spec_is_one_line_exit_2_before_any_host(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run", "--batches",
+                           "1,inf%"], capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "'inf%'" in proc.stderr, proc.stderr
 
 
 # -- inventory (real ansible-inventory) --------------------------------------------------------

@@ -310,11 +310,16 @@ def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) 
     while rest:
         item = sizes[min(i, len(sizes) - 1)]
         try:
-            n = (max(1, math.floor(total * float(item[:-1]) / 100)) if item.endswith("%")
-                 else int(item))
+            if item.endswith("%"):
+                share = float(item[:-1])
+                if not math.isfinite(share) or share <= 0:
+                    raise ValueError(item)  # inf% (no integer), nan%, 0% or below
+                n = max(1, math.floor(total * share / 100))
+            else:
+                n = int(item)
         except ValueError:
-            raise UsageError(f"--batches item {item!r} is neither a count nor a percentage",
-                             f"e.g. {DEFAULT_BATCHES}") from None
+            raise UsageError(f"--batches item {item!r} is neither a count nor a percentage "
+                             "above 0", f"e.g. {DEFAULT_BATCHES}") from None
         if n < 1:
             raise UsageError(f"--batches item {item!r} is below 1", f"e.g. {DEFAULT_BATCHES}")
         out.batches.append(rest[:n])
