@@ -102,6 +102,8 @@ def test_no_batch_is_larger_than_the_fork_count() -> None:
 def test_a_bad_batch_spec_is_a_usage_error(spec: str) -> None:
     with pytest.raises(UsageError):
         inv.batches(["a", "b", "c"], ["a"], spec)
+    with pytest.raises(UsageError):  # judged even when no batch would use it
+        inv.batches(["a"], ["a"], f"1,{spec}" if spec else spec)
 
 
 def test_a_bad_batch_spec_is_one_line_exit_2_before_any_host(tmp_path: Path) -> None:

@@ -304,24 +304,12 @@ def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) 
         raise UsageError(f"--batches {spec!r} is empty", f"e.g. {DEFAULT_BATCHES}")
     first = [h for h in ordered if h in canary]
     rest = [h for h in ordered if h not in canary]
+    total = len(rest)
+    counts = [_batch_size(item, total) for item in sizes]  # every item judged, used or not
     out = Batches([first] if first else [])
     i = 0
-    total = len(rest)
     while rest:
-        item = sizes[min(i, len(sizes) - 1)]
-        try:
-            if item.endswith("%"):
-                share = float(item[:-1])
-                if not math.isfinite(share) or share <= 0:
-                    raise ValueError(item)  # inf% (no integer), nan%, 0% or below
-                n = max(1, math.floor(total * share / 100))
-            else:
-                n = int(item)
-        except ValueError:
-            raise UsageError(f"--batches item {item!r} is neither a count nor a percentage "
-                             "above 0", f"e.g. {DEFAULT_BATCHES}") from None
-        if n < 1:
-            raise UsageError(f"--batches item {item!r} is below 1", f"e.g. {DEFAULT_BATCHES}")
+        n = counts[min(i, len(counts) - 1)]
         out.batches.append(rest[:n])
         rest = rest[n:]
         i += 1
@@ -330,3 +318,21 @@ def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) 
         out.batches = [b[j:j + MAX_FORKS] for b in out.batches
                        for j in range(0, len(b), MAX_FORKS)]
     return out
+
+
+def _batch_size(item: str, total: int) -> int:
+    """One `--batches` item as a number of hosts: a count, or a percentage of `total`."""
+    try:
+        if item.endswith("%"):
+            share = float(item[:-1])
+            if not math.isfinite(share) or share <= 0:
+                raise ValueError(item)  # inf% (no integer), nan%, 0% or below
+            n = max(1, math.floor(total * share / 100))
+        else:
+            n = int(item)
+    except ValueError:
+        raise UsageError(f"--batches item {item!r} is neither a count nor a percentage "
+                         "above 0", f"e.g. {DEFAULT_BATCHES}") from None
+    if n < 1:
+        raise UsageError(f"--batches item {item!r} is below 1", f"e.g. {DEFAULT_BATCHES}")
+    return n
