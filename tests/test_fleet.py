@@ -251,6 +251,25 @@ def test_an_unreadable_inventory_is_one_line_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+@pytest.mark.parametrize("case", ["missing", "misspelled", "empty"])
+def test_no_canary_group_is_refused_in_one_line_naming_it(case: str, tmp_path: Path) -> None:
+    """A missing or misspelled canary group would silently mean no canary: refused, exit 2,
+    one line naming the group, before any host is asked anything."""
+    path = tmp_path / "inventory.yml"
+    text = {"missing": INVENTORY.replace("    canary:\n      hosts:\n        web3:\n", ""),
+            "misspelled": INVENTORY, "empty": INVENTORY.replace(
+                "    canary:\n      hosts:\n        web3:\n", "    canary:\n")}[case]
+    assert text != INVENTORY or case == "misspelled"
+    path.write_text(text)
+    group = "canray" if case == "misspelled" else "canary"
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run",
+                           "--canary-group", group], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"group '{group}'" in proc.stderr, proc.stderr
+    assert "nothing was changed" in proc.stderr and "--canary-group" in proc.stderr
+
+
 def test_unattended_without_yes_is_refused_before_anything(tmp_path: Path) -> None:
     path = tmp_path / "inventory.yml"
     path.write_text(INVENTORY)

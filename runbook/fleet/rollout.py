@@ -608,6 +608,14 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
              say: Callable[[str], None]) -> FleetResult:
     """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops."""
     inventory = inv.read(options.inventory, options.canary_group)
+    if not inventory.canary:  # a missing or misspelled group would silently mean no canary
+        raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
+                         f"{options.canary_group!r} (the canary hosts, rolled back first); "
+                         "nothing was changed", f"add a {options.canary_group!r} group naming "
+                         "the host(s) to roll back first, or name your canary group with "
+                         "--canary-group (groups: "
+                         + ", ".join(g for g in inventory.groups
+                                     if g not in ("all", "ungrouped")) + ")")
     targets = inventory.select(options.limit)
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
