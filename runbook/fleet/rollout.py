@@ -12,8 +12,12 @@ rules, in order:
 - the shared database is judged once, in its own phase, from one host's schema guard; a plan
   that needs a snapshot restore is refused for a rolling rollback (exit 4) since hosts still on
   the new version would meet the old schema;
-- the rollout stops at the first failed host; hosts of the same batch already running finish;
-  nothing is reverted fleet-wide; each host's own rollback left it on a healthy slot;
+- the rollout stops at the first failed host, or the first lost during its rollback (its
+  outcome unknown: exit 5); hosts of the same batch already running finish; nothing is
+  reverted fleet-wide; each host's own rollback left it on a healthy slot;
+- a resume never rolls a finished host again: the hosts its run rolled back are skipped, one
+  whose outcome was unknown is taken only when --limit names it, and one that no longer runs
+  the deployment the run first saw is refused in pre-flight;
 - the fleet lock is released on every path, Ctrl-C and SIGTERM included (during the rollout a
   first one starts no further batch, a second stops Ansible at once, each host's runbook then
   handling the hang-up as on one host; before it, either stops the run).
