@@ -525,7 +525,8 @@ def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
     outcomes = dict(resumed.get("earlier_outcomes") or {})
     for host, entry in (resumed.get("hosts") or {}).items():
         if isinstance(entry, dict) and entry.get("status"):
-            outcomes[host] = {"status": entry["status"], "fleet_run_id": resumed["fleet_run_id"]}
+            outcomes[host] = {"status": entry["status"],
+                              "fleet_run_id": resumed.get("fleet_run_id", "?")}
     return outcomes, dict(resumed.get("started_from") or {})
 
 
