@@ -33,6 +33,18 @@ Feature: Roll back several hosts at once
     And the resumed run did not repeat the database step
 
   @fleet @fault
+  Scenario: A resume never rolls a host back again: the hosts its run rolled back are skipped
+    Given every host of the fleet runs a new deployment
+    And the rollback of "host2" will be interrupted before its switch
+    When I roll back the fleet
+    Then the fleet rollback stops with exit code 1
+    And "host1" is rolled back
+    When the fault is gone and I resume that run without --limit
+    Then every host of the fleet serves the previous version
+    And the fleet rollback succeeds
+    And the resumed run skipped "host1", saying it was rolled back by the first run
+
+  @fleet @fault
   Scenario: A host that cannot be reached in pre-flight changes nothing
     Given every host of the fleet runs a new deployment
     And the inventory also names a host that does not answer

@@ -148,6 +148,13 @@ def run_resume(fleet_world: FleetWorld) -> None:
     fleet_world.run(*argv[3:])
 
 
+@when("the fault is gone and I resume that run without --limit")
+def run_resume_all(fleet_world: FleetWorld) -> None:
+    fleet_world.fleet.write_inventory()
+    fleet_world.run(str(fleet_world.fleet.inventory), "--resume",
+                    fleet_world.first_run["fleet_run_id"])
+
+
 # -- Thens -------------------------------------------------------------------------------------
 
 
@@ -297,3 +304,12 @@ def refused_naming(fleet_world: FleetWorld, code: int, words: str) -> None:
 @then("no host of the fleet changed")
 def nothing_changed(fleet_world: FleetWorld) -> None:
     assert fleet_world.snapshot() == fleet_world.before
+
+
+@then(parsers.parse('the resumed run skipped "{host}", saying it was rolled back by the first '
+                    'run'))
+def resume_skipped(fleet_world: FleetWorld, host: str) -> None:
+    first = fleet_world.first_run["fleet_run_id"]
+    line = f"{host}: skipped: rolled back by fleet run {first}"
+    assert line in fleet_world.out["lines"], fleet_world.out["lines"]
+    assert host not in fleet_world.record["hosts_selected"], fleet_world.record

@@ -7,6 +7,7 @@ fleet (real sshd, real ansible-playbook), whose oracle is what each host's Caddy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -84,10 +85,34 @@ def test_batches_of_three_hosts_with_a_canary_and_a_batch_of_two() -> None:
     assert inv.batches(["a", "b", "c"], [], "1").batches == [["a"], ["b"], ["c"]]
 
 
-@pytest.mark.parametrize("spec", ["", "x", "0", "1,abc%"])
+def test_no_batch_is_larger_than_the_fork_count() -> None:
+    """Ansible starts at most MAX_FORKS hosts at once and judges a batch's failures only when
+    all its hosts ran: a batch of 20 would start its last 12 after a failure among the first
+    8. Every batch, the canary group's too, is split to at most MAX_FORKS hosts."""
+    assert inv.MAX_FORKS == 8
+    hosts = [f"h{i:02}" for i in range(30)]
+    plan = inv.batches(hosts, hosts[:10], "100%")
+    assert plan.serial == [8, 2, 8, 8, 4] and plan.split
+    assert [h for b in plan.batches for h in b] == hosts  # the order kept
+    assert not inv.batches(hosts[:9], [], "8").split
+
+
+@pytest.mark.parametrize("spec", ["", "x", "0", "1,abc%", "inf%", "1e999%", "nan%", "0%",
+                                  "-5%"])
 def test_a_bad_batch_spec_is_a_usage_error(spec: str) -> None:
     with pytest.raises(UsageError):
         inv.batches(["a", "b", "c"], ["a"], spec)
+    with pytest.raises(UsageError):  # judged even when no batch would use it
+        inv.batches(["a"], ["a"], f"1,{spec}" if spec else spec)
+
+
+def test_a_bad_batch_spec_is_one_line_exit_2_before_any_host(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run", "--batches",
+                           "1,inf%"], capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "'inf%'" in proc.stderr, proc.stderr
 
 
 # -- inventory (real ansible-inventory) --------------------------------------------------------
@@ -224,6 +249,25 @@ def test_an_unreadable_inventory_is_one_line_exit_2(tmp_path: Path) -> None:
     missing = subprocess.run([RUNBOOK, "fleet", "rollback", str(tmp_path / "no.yml"),
                               "--dry-run"], capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "misspelled", "empty"])
+def test_no_canary_group_is_refused_in_one_line_naming_it(case: str, tmp_path: Path) -> None:
+    """A missing or misspelled canary group would silently mean no canary: refused, exit 2,
+    one line naming the group, before any host is asked anything."""
+    path = tmp_path / "inventory.yml"
+    text = {"missing": INVENTORY.replace("    canary:\n      hosts:\n        web3:\n", ""),
+            "misspelled": INVENTORY, "empty": INVENTORY.replace(
+                "    canary:\n      hosts:\n        web3:\n", "    canary:\n")}[case]
+    assert text != INVENTORY or case == "misspelled"
+    path.write_text(text)
+    group = "canray" if case == "misspelled" else "canary"
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run",
+                           "--canary-group", group], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"group '{group}'" in proc.stderr, proc.stderr
+    assert "nothing was changed" in proc.stderr and "--canary-group" in proc.stderr
 
 
 def test_unattended_without_yes_is_refused_before_anything(tmp_path: Path) -> None:
@@ -542,3 +586,126 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
     assert row2 is not None and row2[0] == row[0]
     for h in fleet_on_v3.hosts:
         assert fleet_on_v3.serving(h.name) == (200, "blue", VERSIONS["v2"].tag), h.name
+
+
+@pytest.mark.docker
+def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Batches [host2, host3] then [host1] (`--canary-group web`): host3 goes dark when its
+    rollback is asked for (its sshd stops, its connection is cut), after a pre-flight that
+    passed. Ansible's max_fail_percentage does not count an unreachable host; the rollout must
+    stop all the same: host2 (same batch) finishes, host1 (next batch) never starts, host3 is
+    reported unknown (exit 5: needs attention) and the resume command names it. Oracles: what
+    each host's Caddy serves, the fleet lock's directory."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    fleet.write_inventory(host_vars={"host3": {
+        "runbook_command": fleet.cut_off_command("host3", "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--canary-group", "web", "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        record = json.loads(out.splitlines()[-1])["record"]
+        assert record["batches"] == [["host2", "host3"], ["host1"]], record["batches"]
+        assert proc.returncode == 5, out + err
+        assert fleet.serving("host1")[2] == v3  # the next batch never started
+        assert fleet.serving("host2") == (200, "blue", v2)  # its batch's other host finished
+        assert fleet.serving("host3")[2] == v3
+        hosts = record["hosts"]
+        assert hosts["host1"]["status"] == "not started", hosts["host1"]
+        assert hosts["host1"]["started"] is None, hosts["host1"]
+        assert hosts["host2"]["status"] == "rolled back", hosts["host2"]
+        assert hosts["host3"]["status"] == "unknown: unreachable", hosts["host3"]
+        assert "runbook status" in hosts["host3"]["message"], hosts["host3"]
+        assert "--limit host3,host1 --resume fleet_" in record["resume_command"], record
+        assert record["resume_command"].endswith(" --canary-group web"), record
+        assert hostlock.status(fleet.host("host2").env) is None  # released (lock host: host2)
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+
+
+@pytest.mark.docker
+def test_a_restore_whose_outcome_is_unknown_keeps_every_host_down(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The maintenance path; the restore host (host1) goes dark once its restore ran to the
+    end but before it could answer: the controller cannot know whether the database was
+    restored (here it was: the oracle is schema_migrations in Postgres). Starting the drained
+    hosts again would put the new code on the old schema: every host stays down, exit 5, and
+    the message says what to check instead of 'the database was not touched'."""
+    fleet = fleet_on_v3
+    lock = fleet.host("host1")
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.cut_off_command(
+        "host1", "snapshot", "restore", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 5, err
+        with lock.stack.connect() as conn:
+            restored = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert restored is not None and restored[0] == row[0]  # it did restore
+        for name in ("host2", "host3"):  # drained, and left so: never the new code on it
+            assert fleet.serving(name)[0] >= 500, (name, fleet.serving(name))
+        first = next(line for line in err.splitlines() if line.startswith("runbook: error:"))
+        assert "the outcome of the restore on host1 is unknown" in first, err
+        assert "THE SERVICE IS DOWN" in first, err
+        assert "not touched" not in err and "started again" not in err, err
+        assert "runbook status" in first, err
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+        for record in tmp_path.glob("fleet_*.json"):  # its lock host was dark at the release
+            with contextlib.suppress(RunbookError):
+                hostlock.release(lock.env, record.stem)
+        fleet.on_new_deployment("v3")  # the hosts serving again for the next test
+
+
+@pytest.mark.docker
+def test_a_resume_takes_an_unknown_host_only_when_named_and_never_once_it_rolled_back(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host3 goes dark right after its rollback ran to the end: it did roll back, but the
+    controller cannot know (unknown, exit 5). A resume that does not name it is refused
+    (exit 2); the printed resume command names it, and its pre-flight finds host3 no longer on
+    the deployment the run started from: refused (exit 4), never rolled 'back' to the release
+    it left. Left out, the rest finishes. Oracle: what each host's Caddy serves."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    fleet.write_inventory(host_vars={"host3": {"runbook_command": fleet.cut_off_command(
+        "host3", "rollback", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--canary-group", "web", "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 5, out + err
+        first = json.loads(out.splitlines()[-1])["record"]
+        assert first["hosts"]["host3"]["status"] == "unknown: unreachable", first["hosts"]
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    assert fleet.serving("host3") == (200, "blue", v2)  # it did roll back
+    assert fleet.serving("host1")[2] == v3
+
+    def resume(*args: str) -> tuple[int, str]:
+        proc = subprocess.Popen([fleet.runbook_command, "fleet", "rollback", *args, "--yes",
+                                 "--journal-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        out, err = proc.communicate(timeout=600)
+        return proc.returncode, out + err
+
+    code, text = resume(str(fleet.inventory), "--resume", first["fleet_run_id"])
+    assert code == 2 and "host3 had an unknown outcome" in text, text
+    assert "nothing was changed" in text, text
+    printed = first["resume_command"].split()[3:]
+    assert printed[1:3] == ["--limit", "host3,host1"], printed
+    code, text = resume(*printed)
+    assert code == 4, text
+    assert "host3: changed since fleet run" in text and "leave it out" in text, text
+    assert fleet.serving("host3") == (200, "blue", v2)  # never flipped forward
+    assert fleet.serving("host1")[2] == v3  # nothing changed
+    code, text = resume(str(fleet.inventory), "--limit", "host1", "--resume",
+                        first["fleet_run_id"])
+    assert code == 0, text
+    for name in ("host1", "host2", "host3"):
+        assert fleet.serving(name) == (200, "blue", v2), name

@@ -469,6 +469,48 @@ class DrillFleet:
                                  "see scripts/ensure-sshd.sh")
             time.sleep(0.05)
 
+    def cut_off_command(self, name: str, *on: str, after: bool = False) -> str:
+        """A `runbook_command` for host `name` that makes the host unreachable at one moment.
+
+        It runs `runbook` as given, except `runbook <on...> ...`: there the host goes dark (its
+        sshd stops listening, and the SSH connection that asked is cut: every sshd process
+        above this command is killed, as a host that crashes or loses its network) before that
+        command runs, or, with `after`, once it ran to its end but before it could answer (the
+        controller never learns how it ended). `reachable_again` brings the host's sshd back.
+        """
+        h = self.host(name)
+        script = self.dir / f"cut-off.{name}.{'-'.join(on)}.{'after' if after else 'before'}"
+        script.write_text(f"""#!{sys.executable}
+import os, signal, subprocess, sys
+RUNBOOK, ON, AFTER = {self.runbook_command!r}, {list(on)!r}, {after!r}
+argv = sys.argv[1:]
+if argv[:len(ON)] != ON:
+    os.execv(RUNBOOK, [RUNBOOK, *argv])
+if AFTER:
+    subprocess.run([RUNBOOK, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+os.kill({h.sshd.pid if h.sshd else 0}, signal.SIGTERM)  # the listener: no new connection
+pid = os.getppid()
+while pid > 1:  # the connection that asked: every sshd process above this one
+    with open(f"/proc/{{pid}}/stat") as f:
+        stat = f.read()
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    parent = int(stat.rsplit(")", 1)[1].split()[1])
+    if comm.startswith("sshd"):
+        os.kill(pid, signal.SIGKILL)
+    pid = parent
+""")
+        script.chmod(0o755)
+        return str(script)
+
+    def reachable_again(self, name: str) -> None:
+        """Host `name`'s sshd listening again (after `cut_off_command` stopped it)."""
+        h = self.host(name)
+        if h.sshd is not None:
+            if h.sshd.poll() is None:
+                return
+            h.sshd.wait()
+        self._start_sshd(find_sshd(), h)
+
     def ssh(self, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
         """Run a command on a drill host over its sshd, as an operator would."""
         return subprocess.run(["ssh", "-F", str(self.ssh_config), host, "--", *argv],

@@ -11,6 +11,7 @@ stay the one implementation.
 
 from __future__ import annotations
 
-FLEET_PROTOCOL = 2  # 2: `host-check --take-lock` (the lock host's take and check in one)
+FLEET_PROTOCOL = 3  # 2: `host-check --take-lock` (the lock host's take and check in one);
+# 3: host-check says the current deployment (a resume refuses a host changed since)
 """What the controller and a host's `runbook fleet` commands agree on; bumped on a change of
 the JSON they exchange. A host answering another protocol is refused in pre-flight."""

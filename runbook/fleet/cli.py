@@ -42,7 +42,8 @@ def rollback_cmd(
     canary_group: Annotated[str, typer.Option("--canary-group")] = "canary",
     resume: Annotated[str | None, typer.Option("--resume", metavar="FLEET_RUN_ID",
                                                help="continue a stopped fleet run: its "
-                                               "database phase is not repeated")] = None,
+                                               "database phase is not repeated, the hosts it "
+                                               "rolled back are skipped")] = None,
     maintenance: Annotated[bool, typer.Option(
         "--maintenance", help="for a rollback that needs a snapshot restore: drain every "
         "host (THE SERVICE IS DOWN), restore the snapshot once on the fleet lock host, then "

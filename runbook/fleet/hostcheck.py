@@ -1,9 +1,10 @@
 """`runbook fleet host-check ENV`: one host's pre-flight for a fleet rollout (read-only).
 
 Everything the controller must know before it touches any host, in one JSON object and one
-SSH round trip: this runbook's version and fleet protocol, the host's deploy lock, the fleet
-lock, and the single-host rollback's own dry run (state and Caddy read, target image present,
-the standby's state, the schema guard), whose plan and refusal are passed on unchanged.
+SSH round trip: this runbook's version and fleet protocol, the current deployment, the host's
+deploy lock, the fleet lock, and the single-host rollback's own dry run (state and Caddy read,
+target image present, the standby's state, the schema guard), whose plan and refusal are passed
+on unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     first, in the same SSH round trip; its answer is "fleet_lock_take" (`taken`, or the
     refusal's error, fix and exit code), and a refused take skips the checks: the controller
     stops there."""
-    from runbook import disk, environment
+    from runbook import disk, environment, recording
     from runbook import lock as locks
     from runbook import rollback as rb
     from runbook.fleet import hostlock
@@ -49,6 +50,12 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
                                       "exit_code": int(exc.exit_code)}
         return out
     out["environment"] = env.name
+    try:  # what a resume compares with what its run saw first (never re-roll a finished host)
+        current = recording.load_or_empty(env).current
+        out["deployment"] = ({"id": current.id, "version": current.version}
+                             if current is not None else None)
+    except (RunbookError, OSError):
+        out["deployment"] = None  # the rollback's dry run below says why
     if take_lock is not None:
         try:
             out["fleet_lock_take"] = hostlock.take(env, **take_lock)

@@ -60,6 +60,11 @@ class Inventory:
                 return str(chosen)
         return (self.canary or self.hosts)[0]
 
+    def named(self, limit: str | None) -> set[str]:
+        """The hosts `--limit` names by their own name (not through a group)."""
+        items = {x.strip() for x in (limit or "").split(",")}
+        return {h for h in self.hosts if h in items and h not in self.groups}
+
     def select(self, limit: str | None) -> list[str]:
         """Hosts (canary first, then declared order) matching `--limit` (host or group names)."""
         ordered = self.canary + [h for h in self.hosts if h not in self.canary]
@@ -281,6 +286,7 @@ class Batches:
     """The rollout's batches: the canary group alone, then the rest per the batch spec."""
 
     batches: list[list[str]] = field(default_factory=list)
+    split: bool = False  # a batch was larger than MAX_FORKS hosts and was split
 
     @property
     def serial(self) -> list[int]:
@@ -288,26 +294,45 @@ class Batches:
 
 
 def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) -> Batches:
-    """`1,25%,100%`: a count or a percentage of the non-canary hosts, the last one repeating."""
+    """`1,25%,100%`: a count or a percentage of the non-canary hosts, the last one repeating.
+
+    No batch holds more than MAX_FORKS hosts (a larger one is split): Ansible starts at most
+    that many at once, and it judges a batch's failures only once all its hosts have run, so
+    the hosts of a larger batch that waited for a fork would start after a failure."""
     sizes: list[str] = [s.strip() for s in spec.split(",") if s.strip()]
     if not sizes:
         raise UsageError(f"--batches {spec!r} is empty", f"e.g. {DEFAULT_BATCHES}")
     first = [h for h in ordered if h in canary]
     rest = [h for h in ordered if h not in canary]
+    total = len(rest)
+    counts = [_batch_size(item, total) for item in sizes]  # every item judged, used or not
     out = Batches([first] if first else [])
     i = 0
-    total = len(rest)
     while rest:
-        item = sizes[min(i, len(sizes) - 1)]
-        try:
-            n = (max(1, math.floor(total * float(item[:-1]) / 100)) if item.endswith("%")
-                 else int(item))
-        except ValueError:
-            raise UsageError(f"--batches item {item!r} is neither a count nor a percentage",
-                             f"e.g. {DEFAULT_BATCHES}") from None
-        if n < 1:
-            raise UsageError(f"--batches item {item!r} is below 1", f"e.g. {DEFAULT_BATCHES}")
+        n = counts[min(i, len(counts) - 1)]
         out.batches.append(rest[:n])
         rest = rest[n:]
         i += 1
+    if any(len(b) > MAX_FORKS for b in out.batches):
+        out.split = True
+        out.batches = [b[j:j + MAX_FORKS] for b in out.batches
+                       for j in range(0, len(b), MAX_FORKS)]
     return out
+
+
+def _batch_size(item: str, total: int) -> int:
+    """One `--batches` item as a number of hosts: a count, or a percentage of `total`."""
+    try:
+        if item.endswith("%"):
+            share = float(item[:-1])
+            if not math.isfinite(share) or share <= 0:
+                raise ValueError(item)  # inf% (no integer), nan%, 0% or below
+            n = max(1, math.floor(total * share / 100))
+        else:
+            n = int(item)
+    except ValueError:
+        raise UsageError(f"--batches item {item!r} is neither a count nor a percentage "
+                         "above 0", f"e.g. {DEFAULT_BATCHES}") from None
+    if n < 1:
+        raise UsageError(f"--batches item {item!r} is below 1", f"e.g. {DEFAULT_BATCHES}")
+    return n

@@ -12,8 +12,12 @@ rules, in order:
 - the shared database is judged once, in its own phase, from one host's schema guard; a plan
   that needs a snapshot restore is refused for a rolling rollback (exit 4) since hosts still on
   the new version would meet the old schema;
-- the rollout stops at the first failed host; hosts of the same batch already running finish;
-  nothing is reverted fleet-wide; each host's own rollback left it on a healthy slot;
+- the rollout stops at the first failed host, or the first lost during its rollback (its
+  outcome unknown: exit 5); hosts of the same batch already running finish; nothing is
+  reverted fleet-wide; each host's own rollback left it on a healthy slot;
+- a resume never rolls a finished host again: the hosts its run rolled back are skipped, one
+  whose outcome was unknown is taken only when --limit names it, and one that no longer runs
+  the deployment the run first saw is refused in pre-flight;
 - the fleet lock is released on every path, Ctrl-C and SIGTERM included (during the rollout a
   first one starts no further batch, a second stops Ansible at once, each host's runbook then
   handling the hang-up as on one host; before it, either stops the run).
@@ -25,6 +29,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -49,6 +54,7 @@ FAILED_SERVING = "failed but serving"
 FAILED_ATTENTION = "failed: needs attention"
 TOOK_EFFECT = "took effect: finish it"
 NOT_STARTED = "not started"
+UNKNOWN = "unknown: unreachable"  # the connection was lost during its rollback
 
 
 @dataclass
@@ -163,8 +169,9 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
     with tempfile.TemporaryDirectory(prefix="togather-fleet-runner-") as pdd:
         runner = ansible_runner.run(
             private_data_dir=pdd, playbook=str(PLAYBOOKS / name),
-            inventory=str(inventory.path), extravars=extravars, forks=max(1, min(forks, 8)),
-            envvars=_envvars(), quiet=True, event_handler=events,
+            inventory=str(inventory.path), extravars=extravars,
+            forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
+            event_handler=events,
             cancel_callback=cancel or (lambda: False), suppress_env_files=True,
             settings={"suppress_ansible_output": True})
         return str(runner.status)
@@ -422,8 +429,8 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     Stopped before the restore (a host could not drain): the drained hosts are started again
     and nothing else changed (exit 1). A failed restore leaves the database as it was (the
     single-host restore's promise): hosts started again, exit 1. A restore whose outcome is
-    unknown (exit 5): the hosts stay down, exit 5. The restore is journaled (and the journal
-    written) at once, so a resume never repeats it.
+    unknown (exit 5, its connection lost, no answer): the hosts stay down, exit 5. The restore
+    is journaled (and the journal written) at once, so a resume never repeats it.
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
@@ -463,12 +470,21 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     journal.record["database"] = {**decision, "status": "not restored"}
     why = (out.get("error") or _one_line(str((res or {}).get("stderr") or "")) if res is not None
            else "not run: " + ("; ".join(failed) or "the play stopped before it"))
-    if rc is not None and rc not in (1, 2, 3, 4):
-        raise FleetError(f"maintenance: the restore on {decision['host']} did not finish "
-                         f"cleanly (exit {rc}): {why}; THE SERVICE IS DOWN on every host",
-                         f"read `runbook snapshot list` and the journal on {decision['host']}; "
-                         "do not start the hosts on an unknown database",
-                         exit_code=ExitCode.ATTENTION, lines=failed)
+    started = decision["host"] in events.started.get("restore the snapshot", {})
+    if (res is None and started) or (res is not None and rc not in (1, 2, 3, 4)):
+        # only a restore that said it failed (exit 1-4) left the database as it was; one that
+        # lost its connection (no exit code), exit 5, or no answer at all may have restored it:
+        # the hosts stay down, never the new code started on an unknown database
+        how = (f"exit {rc}: {why}" if rc is not None else
+               f"the connection was lost: {(res or {}).get('msg') or 'no answer'}")
+        journal.record["database"] = {**decision, "status": "unknown"}
+        raise FleetError(f"maintenance: the outcome of the restore on {decision['host']} is "
+                         f"unknown ({how}); the database may or may not be restored; THE "
+                         "SERVICE IS DOWN on every host (left drained)",
+                         f"on {decision['host']} run `runbook status ENV` and read its last run "
+                         "record (~/.togather/runs/) and `runbook snapshot list ENV` to see "
+                         "whether the restore finished; do not start the hosts on an unknown "
+                         "database", exit_code=ExitCode.ATTENTION, lines=failed)
     undo = {h: ",".join(c) for h, c in drained.items() if c}
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
@@ -491,6 +507,66 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
                      "touched and every drained host was started again", "fix the cause, then "
                      "run the same command again", exit_code=ExitCode.FAILED_SAFELY,
                      lines=failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# A resume: never roll a finished host again
+
+
+UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION)
+
+
+def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
+                                                      dict[str, dict[str, Any]]]:
+    """What the resumed run and the runs it resumed knew: each host's latest outcome (status,
+    fleet run id), and the deployment each host ran when a run of the chain first checked it."""
+    if resumed is None:
+        return {}, {}
+    outcomes = dict(resumed.get("earlier_outcomes") or {})
+    for host, entry in (resumed.get("hosts") or {}).items():
+        if isinstance(entry, dict) and entry.get("status"):
+            outcomes[host] = {"status": entry["status"],
+                              "fleet_run_id": resumed.get("fleet_run_id", "?")}
+    return outcomes, dict(resumed.get("started_from") or {})
+
+
+def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], named: set[str],
+                    resume: str | None) -> tuple[list[str], dict[str, str]]:
+    """The hosts a resume rolls back, and those it skips (rolled back in the chain, with why).
+
+    A host whose outcome is unknown there (unreachable during its rollback, or its own exit 5)
+    is taken only when `--limit` names it: the operator checked it first."""
+    skipped = {h: f"rolled back by fleet run {earlier[h]['fleet_run_id']}" for h in selected
+               if earlier.get(h, {}).get("status") == ROLLED_BACK}
+    unknown = [h for h in selected if h not in named
+               and earlier.get(h, {}).get("status") in UNKNOWN_OUTCOMES]
+    if unknown:
+        raise FleetError(f"--resume {resume}: {', '.join(unknown)} had an unknown outcome in "
+                         "that run and --limit does not name it; nothing was changed",
+                         "check it first (`runbook status ENV` there), then name it in --limit "
+                         "to include it (a host rolled back since is still refused), or leave "
+                         "it out", exit_code=ExitCode.USAGE,
+                         lines=[f"{h}: {earlier[h]['status']} in fleet run "
+                                f"{earlier[h]['fleet_run_id']}" for h in unknown])
+    return [h for h in selected if h not in skipped], skipped
+
+
+def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
+                   started_from: dict[str, dict[str, Any]]) -> list[str]:
+    """Pre-flight problems of a resume: a host that no longer runs the deployment its run
+    first saw was rolled back (or changed) since; its rollback now would go elsewhere (back
+    to the release that run rolled back from). A host finishing its own interrupted rollback
+    (its dry run is a finish plan) is let through."""
+    out = []
+    for host in targets:
+        then, now = started_from.get(host), (checks.get(host) or {}).get("deployment")
+        finishing = (checks.get(host) or {}).get("dry_run", {}).get("facts", {}).get("finishing")
+        if then and now and now.get("id") != then.get("id") and not finishing:
+            out.append(f"{host}: changed since fleet run {then.get('fleet_run_id')} checked it "
+                       f"(it ran {then.get('version')} ({then.get('id')}), now "
+                       f"{now.get('version')} ({now.get('id')})): already rolled back, so a "
+                       "rollback now would not be the one planned; leave it out of --limit")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,17 +613,40 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
              say: Callable[[str], None]) -> FleetResult:
     """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops."""
     inventory = inv.read(options.inventory, options.canary_group)
+    if not inventory.canary:  # a missing or misspelled group would silently mean no canary
+        raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
+                         f"{options.canary_group!r} (the canary hosts, rolled back first); "
+                         "nothing was changed", f"add a {options.canary_group!r} group naming "
+                         "the host(s) to roll back first, or name your canary group with "
+                         "--canary-group (groups: "
+                         + ", ".join(g for g in inventory.groups
+                                     if g not in ("all", "ungrouped")) + ")")
     targets = inventory.select(options.limit)
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
-    plan = inv.batches(targets, inventory.canary, options.batches)
-    fleet_run_id = fjournal.new_id()
-    journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    earlier, started_from = _earlier(resumed)
+    targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
+                                       options.resume)
+    fleet_run_id = fjournal.new_id()
+    skip_lines = [f"{h}: skipped: {why}" for h, why in skipped.items()]
+    for line in skip_lines:
+        say(line)
+    if not targets:
+        return FleetResult(fleet_run_id, 0, [*skip_lines, "nothing left to roll back: every "
+                                             "selected host was rolled back; nothing was "
+                                             "changed"])
+    plan = inv.batches(targets, inventory.canary, options.batches)
+    journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
+    journal.set(earlier_outcomes=earlier, skipped=skipped, started_from=started_from)
     plan_lines = [f"fleet {fleet_run_id}: {len(targets)} host(s) from {inventory.path}",
-                  f"fleet lock on {inventory.lock_host}"]
-    plan_lines += [f"batch {i + 1}{' (canary)' if i == 0 and inventory.canary and b[0] in inventory.canary else ''}: {', '.join(b)}"  # noqa: E501
-                   for i, b in enumerate(plan.batches)]
+                  *skip_lines, f"fleet lock on {inventory.lock_host}"]
+    plan_lines += [f"batch {i + 1}{' (canary)' if b[0] in inventory.canary else ''}: "
+                   f"{', '.join(b)}" for i, b in enumerate(plan.batches)]
+    if plan.split:
+        plan_lines.append(f"batches of more than {inv.MAX_FORKS} hosts were split: Ansible runs "
+                          f"at most {inv.MAX_FORKS} at once, and a failure must stop the rest "
+                          "of its batch")
 
     # -- pre-flight (and the fleet lock), read-only -------------------------------------------
     t0 = time.time()
@@ -578,6 +677,10 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                  exit_code=ExitCode.PRECONDITION)
         checks, problems, lock_res = preflight(events, inventory, targets,
                                                take_lock=not options.dry_run)
+        problems += _changed_since(checks, targets, started_from)
+        journal.set(started_from={**{h: {**checks[h]["deployment"], "fleet_run_id": fleet_run_id}
+                                     for h in targets if (checks.get(h) or {}).get("deployment")},
+                                  **started_from})
         if not options.dry_run:
             taken = lock_res
             if taken.get("taken_over"):
@@ -711,8 +814,9 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Ev
         data = _last_json(str(res.get("stdout", ""))) or {}
         r.record = data or None
         if res.get("_event") == "runner_on_unreachable":
-            r.exit_code, r.status = None, FAILED_ATTENTION
-            r.message = f"connection lost: {res.get('msg')}; run `runbook status` there"
+            r.exit_code, r.status = None, UNKNOWN
+            r.message = (f"connection lost during its rollback, outcome unknown: "
+                         f"{res.get('msg')}; run `runbook status` there")
         else:
             r.exit_code = int(res.get("rc", 1) if res.get("rc") is not None else 1)
             if r.exit_code == 0:
@@ -768,9 +872,11 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     codes = [r.exit_code for r in hosts.values() if r.status != ROLLED_BACK
              and r.status != NOT_STARTED]
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
-    lines = [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
-             for h, r in hosts.items()]
-    if any(r.status == FAILED_ATTENTION or "DOWN" in r.status for r in hosts.values()):
+    lines = [f"{h}: skipped: {why}" for h, why in (journal.record.get("skipped") or {}).items()]
+    lines += [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
+              for h, r in hosts.items()]
+    if any(r.status in (FAILED_ATTENTION, UNKNOWN) or "DOWN" in r.status
+           for r in hosts.values()):
         code = ExitCode.ATTENTION
     elif any(r.status == TOOK_EFFECT for r in hosts.values()):
         code = ExitCode.TOOK_EFFECT
@@ -780,10 +886,15 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         code = ExitCode.OK
     resume = None
     if not_done:
+        same = "".join(f" {flag} {shlex.quote(value)}" for flag, value, default in (
+            ("--canary-group", options.canary_group, "canary"),
+            ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
         resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
-                  f"--resume {fleet_run_id}")
+                  f"--resume {fleet_run_id}{same}")
+        unknown = [h for h, r in hosts.items() if r.status == UNKNOWN]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
+               f"stopped: {', '.join(unknown)} unreachable" if unknown else
                "stopped at the first failed host")
         if journal.record.get("maintenance_drain_started"):
             why += " (THE SERVICE IS DOWN on the hosts not rolled back; the database was " \
@@ -791,6 +902,9 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         lines.append(f"{why}: {len(not_done)} host(s) not rolled back; nothing was reverted "
                      "fleet-wide. Resume with:")
         lines.append(f"  {resume}")
+        if unknown:
+            lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there): the "
+                         "resume refuses a host whose rollback finished after all")
     journal.record["resume_command"] = resume
     journal.finish("success" if code is ExitCode.OK else "stopped", int(code))
     path = journal.write(options.journal_dir)

@@ -47,7 +47,7 @@ def _batch_of(record: Mapping[str, Any]) -> dict[str, str]:
     out = {}
     for index, batch in enumerate(record.get("batches") or []):
         for host in batch:
-            canary = index == 0 and host in (record.get("canary") or [])
+            canary = host in (record.get("canary") or [])  # first, maybe split in several
             out[host] = "canary" if canary else f"batch {index + 1}"
     return out
 
