@@ -48,6 +48,7 @@ class Facts:
     caddy: caddy.Inspection | None = None
     caddy_running: bool = False
     caddy_error: RunbookError | None = None
+    caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
     schema: database.SchemaVersion | None = None
     database_error: RunbookError | None = None
     lock: locks.LockStatus | None = None
@@ -119,6 +120,8 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
         yield Problem("Caddyfile managed block: " + "; ".join(f.caddy.problems),
                       "make every reverse_proxy and X-Togather-Slot header between the markers "
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
+    if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it
+        yield _error(f.caddy_imports, f"check {f.env.caddy.caddyfile}")
     if not f.caddy_running:
         yield Problem(f"Caddy is not answering at {f.env.caddy.admin_url}",
                       f"start it (systemctl start {f.env.caddy.systemd_unit}) and check "
@@ -296,10 +299,16 @@ def collect(env: Environment) -> Facts:
             f.container_errors[slot] = exc
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
     try:
-        f.caddy = caddy.inspect(caddy.read(env), env)
+        text = caddy.read(env)
+        f.caddy = caddy.inspect(text, env)
         f.caddy_running = caddy.is_running(env)
     except RunbookError as exc:
         f.caddy_error = exc
+    else:
+        try:
+            caddy.check_imports(env, text)
+        except RunbookError as exc:
+            f.caddy_imports = exc
     try:
         f.traffic = traffic.read(env)
     except RunbookError as exc:

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runbook import caddy, switch
+from runbook import caddy, status, switch
 from runbook.caddy import CaddyError
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
@@ -826,6 +826,8 @@ def test_a_switch_never_drops_the_sites_the_caddyfile_imports(
         assert f"import {stack.caddy_mount}/extra-*.caddy" in (err.value.fix or "")
         assert env.caddy.caddyfile.read_text() == text and running_config(env) == running
         assert_caddy_serves(env, Slot.BLUE)
+        said = [p.problem for p in status.problems(status.collect(env))]  # before 3 a.m.
+        assert any(f"line {line}: import extra-*.caddy" in p for p in said), said
     else:
         switch.switch(env, switch.Options(slot=Slot.GREEN, reason=f"test: {path} import"))
         assert_caddy_serves(env, Slot.GREEN)
