@@ -75,34 +75,54 @@ class _Deadline:
 class _Reader(io.RawIOBase):
     """What http.client reads headers and body through: each receive gets what is left."""
 
-    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
-        self._sock = sock
-        self._deadline = deadline
+    def __init__(self, owner: _Socket) -> None:
+        self._owner = owner
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        self._sock.settimeout(self._deadline.left())
-        return self._sock.recv_into(buffer)
+        sock = self._owner.sock
+        sock.settimeout(self._owner.deadline.left())
+        return sock.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._owner.reader_closed()
+        super().close()
 
 
 class _Socket:
-    """The socket http.client sees: sends and the reader it makes are deadline-bound."""
+    """The socket http.client sees: sends and the reader it makes are deadline-bound.
+
+    Closed only once its readers are, as socket.socket does with makefile(): an answer that
+    says `Connection: close` (ours always ask for it) makes http.client close the connection
+    right after the headers, and the body may still be on its way (a server that writes the
+    headers and the body apart): closing the socket then lost it ("Bad file descriptor")."""
 
     def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
-        self._sock = sock
-        self._deadline = deadline
+        self.sock = sock
+        self.deadline = deadline
+        self._readers = 0
+        self._closing = False
 
     def sendall(self, data: bytes) -> None:
-        self._sock.settimeout(self._deadline.left())  # bounds the whole sendall (3.5+)
-        self._sock.sendall(data)
+        self.sock.settimeout(self.deadline.left())  # bounds the whole sendall (3.5+)
+        self.sock.sendall(data)
 
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        return io.BufferedReader(_Reader(self._sock, self._deadline), _CHUNK)
+        self._readers += 1
+        return io.BufferedReader(_Reader(self), _CHUNK)
+
+    def reader_closed(self) -> None:
+        self._readers -= 1
+        if self._closing and self._readers <= 0:
+            self.sock.close()
 
     def close(self) -> None:
-        self._sock.close()
+        self._closing = True
+        if self._readers <= 0:
+            self.sock.close()
 
 
 class _Connection(http.client.HTTPConnection):
@@ -163,6 +183,7 @@ def request(method: str, url: str, *, timeout: float,
                        _tls() if parts.scheme == "https" else None)
     status: int | None = None
     body = bytearray()
+    response: http.client.HTTPResponse | None = None
     try:
         conn.request(method, target, body=content,
                      headers={"Connection": "close", **(headers or {})})
@@ -180,4 +201,6 @@ def request(method: str, url: str, *, timeout: float,
     except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
         raise _failure(exc, deadline, status) from None
     finally:
+        if response is not None:
+            response.close()  # its reader: the socket closes with the last one
         conn.close()

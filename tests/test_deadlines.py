@@ -208,6 +208,37 @@ def test_an_oversized_answer_is_refused_not_buffered() -> None:
     assert "larger than 1048576 bytes" in str(outcome) and took < 5.0
 
 
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
+def test_a_body_sent_after_its_headers_on_a_closing_connection_is_read(version: str) -> None:
+    """An answer that says it closes the connection (HTTP/1.0, or `Connection: close`: ours
+    always ask for it) makes http.client close the connection right after the headers; the
+    body, written apart 20 ms later as many servers do, must still be read. It was lost as
+    "Bad file descriptor", so a /health like that never passed the gate."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    close = "" if version == "HTTP/1.0" else "Connection: close\r\n"
+
+    def serve() -> None:
+        for _ in range(5):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(f"{version} 200 OK\r\nContent-Type: application/json\r\n"
+                             f"{close}Content-Length: {len(BODY)}\r\n\r\n".encode())
+                time.sleep(0.02)
+                conn.sendall(BODY)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/health"
+    try:
+        for _ in range(5):
+            answer = bounded_http.request("GET", url, timeout=5.0)
+            assert (answer.status, answer.content) == (200, BODY)
+    finally:
+        listener.close()
+
+
 # --- the drill: a rollback onto a build whose /health drips ---------------------------------
 
 
