@@ -8,6 +8,7 @@ not answer is `unreachable`. A probe never raises for network trouble; it report
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,11 +73,12 @@ class HealthReport:
 
     @property
     def failing_checks(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if c.status == "fail")
+        return tuple(c for c in self.checks
+                     if _CHECK_STATUS.get(c.status.lower(), "fail") == "fail")
 
     @property
     def warning_checks(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if c.status == "warn")
+        return tuple(c for c in self.checks if _CHECK_STATUS.get(c.status.lower()) == "warn")
 
     def reason(self) -> str:
         """Why it is not ok, in one line ('' when it is)."""
@@ -133,7 +135,7 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
                             "latency_ms": latency_ms}
     try:
         body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         snippet = (content.decode("utf-8", "replace") if isinstance(content, bytes)
                    else content).strip()[:80]
         return HealthReport(status=UNHEALTHY, error=f"HTTP {http_status} with a body that is "
@@ -141,7 +143,7 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
     if not isinstance(body, dict):
         return HealthReport(status=UNHEALTHY, error=f"HTTP {http_status} with a JSON body that "
                             "is not an object", **base)
-    checks = _checks(body.get("checks"))
+    checks, unreadable = _checks(body.get("checks"))
     reported = body.get("status")
     reported_status = reported if isinstance(reported, str) else None
     reported_slot = _str(body.get("slot"))
@@ -153,10 +155,17 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
         verdicts.append(UNHEALTHY)
         errors.append(f"unknown status {reported!r}" if reported is not None
                       else "the body has no status")
-    if any(c.status == "fail" for c in checks):
+    if unreadable:  # a check we cannot judge is never taken for a pass
         verdicts.append(UNHEALTHY)
-    elif any(c.status == "warn" for c in checks):
+        errors.append(unreadable)
+    if any(_CHECK_STATUS.get(c.status.lower()) == "fail" for c in checks):
+        verdicts.append(UNHEALTHY)
+    elif any(_CHECK_STATUS.get(c.status.lower()) == "warn" for c in checks):
         verdicts.append(DEGRADED)
+    strange = [f"{c.name}: {c.status!r}" for c in checks if c.status.lower() not in _CHECK_STATUS]
+    if strange:
+        verdicts.append(UNHEALTHY)
+        errors.append(f"check status(es) not pass, warn or fail: {', '.join(strange)}")
     if http_status == 503:
         verdicts.append(UNHEALTHY)
         errors.append("HTTP 503")
@@ -180,24 +189,52 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _checks(raw: object) -> tuple[Check, ...]:
-    if not isinstance(raw, dict):
-        return ()
+# A check's status as the contract says it (pass|warn|fail), and the words other apps use for
+# the same: anything else is unknown, which the verdict never takes for a pass.
+_CHECK_STATUS = {"pass": "pass", "ok": "pass", "up": "pass", "healthy": "pass",
+                 "warn": "warn", "degraded": "warn",
+                 "fail": "fail", "error": "fail", "down": "fail", "unhealthy": "fail",
+                 "critical": "fail"}
+
+
+def _checks(raw: object) -> tuple[tuple[Check, ...], str | None]:
+    """The checks, and why some could not be read (None: all could). The contract's form is
+    {name: {status, ...}}; also read: {name: [{status, ...}, ...]} (the IETF health-check
+    draft) and [{name, status, ...}, ...]."""
+    if raw is None:
+        return (), None  # an app with fewer /health fields: the body's status decides
+    items: list[tuple[str, object]] = []
+    if isinstance(raw, dict):
+        for name, value in raw.items():
+            entries = value if isinstance(value, list) else [value]
+            items += [(str(name), entry) for entry in entries]
+    elif isinstance(raw, list):
+        items = [(str(v.get("name", f"check {i + 1}")) if isinstance(v, dict)
+                  else f"check {i + 1}", v) for i, v in enumerate(raw)]
+    else:
+        return (), f"checks is a {type(raw).__name__}, not an object or a list"
     out: list[Check] = []
-    for name, value in raw.items():
+    for name, value in items:
         if not isinstance(value, dict):
-            out.append(Check(str(name), str(value)))
+            out.append(Check(name, str(value)))
             continue
-        latency = value.get("latency_ms")
         details = value.get("details")
         out.append(Check(
-            name=str(name), status=str(value.get("status", "unknown")),
-            message=str(value.get("message", "")),
-            latency_ms=float(latency) if isinstance(latency, int | float)
-            and not isinstance(latency, bool) else None,
+            name=name, status=str(value.get("status", "unknown")),
+            message=str(value.get("message", "")), latency_ms=_ms_value(value.get("latency_ms")),
             details=details if isinstance(details, dict) else {},
         ))
-    return tuple(out)
+    return tuple(out), None
+
+
+def _ms_value(value: object) -> float | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int of 400 digits: not a latency, never a crash
+        return None
+    return number if math.isfinite(number) else None
 
 
 FAST_INTERVAL = 0.02  # seconds between probes while a starting slot is likely to come up

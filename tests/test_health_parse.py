@@ -195,6 +195,39 @@ def test_parse_without_a_network() -> None:
     assert not report.ok and report.error == "unknown status 'sunny'"
 
 
+@pytest.mark.parametrize(("checks", "status", "error"), [
+    # the review's cases: a failing check the parser did not see passed as healthy
+    ([{"name": "database", "status": "fail"}], "unhealthy", None),
+    ({"database": {"status": "down"}}, "unhealthy", None),
+    ({"database": [{"status": "fail", "componentType": "datastore"}]}, "unhealthy", None),
+    ({"database": {"status": "purple"}}, "unhealthy", "not pass, warn or fail: database"),
+    ("all good", "unhealthy", "checks is a str"),
+    # other apps' words for the contract's pass and warn; no checks at all (fewer fields)
+    ({"database": {"status": "ok"}, "cache": {"status": "UP"}}, "healthy", None),
+    ([{"name": "cache", "status": "degraded"}], "degraded", None),
+    (None, "healthy", None),
+])
+def test_every_form_of_checks_is_judged(checks: object, status: str, error: str | None) -> None:
+    answer = {"status": "healthy", "version": "3f2a1b9"}
+    if checks is not None:
+        answer["checks"] = checks  # type: ignore[assignment]
+    report = health.parse("http://x/health", 200, json.dumps(answer))
+    assert report.status == status, report
+    if error:
+        assert report.error is not None and error in report.error
+    if status == "unhealthy" and error is None:
+        assert report.failing_checks and report.reason()
+
+
+def test_a_body_that_would_crash_a_parser_is_unhealthy_not_an_error() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    assert health.parse("http://x/health", 200, deep).status == "unhealthy"
+    huge = '{"status": "healthy", "checks": {"db": {"status": "pass", "latency_ms": 1%s}}}' % (
+        "0" * 400)
+    report = health.parse("http://x/health", 200, huge)
+    assert report.status == "healthy" and report.checks[0].latency_ms is None
+
+
 # --- wait_healthy --------------------------------------------------------------------------
 
 def test_wait_healthy_backs_off_until_the_slot_turns_healthy(server: Server) -> None:
