@@ -58,6 +58,27 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
         assert f"{bad}: {key}:" in text, key
 
 
+@pytest.mark.parametrize(("toml", "key", "words"), [
+    # the review's cases: either would make an act on the standby an act on the serving slot
+    ('[slots.blue]\ncontainer = "app"\nport = 8081\n'
+     '[slots.green]\ncontainer = "app"\nport = 8082\n', "slots",
+     "different containers (both are 'app')"),
+    ('[slots.blue]\ncontainer = "b"\nservice = "togather-blue"\nport = 8081\n'
+     '[slots.green]\ncontainer = "g"\nservice = "togather-blue"\nport = 8082\n', "slots",
+     "different compose services"),
+    ('[health]\npath = "health"\n', "health.path", "must start with '/'"),
+    ('[caddy]\nverify_path = "version"\n', "caddy.verify_path", "must start with '/'"),
+])
+def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
+        tmp_path: Path, toml: str, key: str, words: str) -> None:
+    bad = tmp_path / "production.toml"
+    bad.write_text('name = "production"\n' + toml)
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(bad))
+    assert f"{bad}: {key}" in str(err.value) and words in str(err.value), str(err.value)
+    assert err.value.exit_code == ExitCode.USAGE
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.toml"
     bad.write_text("name = \n")

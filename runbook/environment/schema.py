@@ -85,6 +85,15 @@ def _absolute(value: str) -> str:
     return value
 
 
+def _url_path(value: str) -> str:
+    if not value.startswith("/"):
+        _fail(f"{value!r} must start with '/' (it is appended to the slot's address)")
+    return value
+
+
+UrlPath = Annotated[str, AfterValidator(_url_path)]
+
+
 Port = Annotated[int, AfterValidator(_port)]
 Positive = Annotated[float, AfterValidator(_positive)]
 Command = Annotated[tuple[str, ...], PlainValidator(_command)]
@@ -132,8 +141,16 @@ class SlotsFile(_Table):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> SlotsFile:
+        # a shared container or service would make every act on the standby (recreate, stop)
+        # an act on the serving slot, which the serving-port check cannot see
         if self.blue.port == self.green.port:
             _fail("blue and green must use different ports")
+        if self.blue.container == self.green.container:
+            _fail(f"blue and green must use different containers (both are "
+                  f"{self.blue.container!r})")
+        if self.blue.service is not None and self.blue.service == self.green.service:
+            _fail(f"blue and green must use different compose services (both are "
+                  f"{self.blue.service!r})")
         return self
 
 
@@ -144,7 +161,7 @@ class CaddyFile(_Table):
     proxy_url: str = "http://localhost"
     command: Command = CaddyConfig.command
     systemd_unit: str = CaddyConfig.systemd_unit
-    verify_path: str = CaddyConfig.verify_path
+    verify_path: UrlPath = CaddyConfig.verify_path
     container_path: Annotated[str, AfterValidator(_absolute)] | None = None
 
 
@@ -157,7 +174,7 @@ class ComposeFile(_Table):
 
 
 class HealthFile(_Table):
-    path: str = HealthConfig.path
+    path: UrlPath = HealthConfig.path
     timeout_seconds: Positive = HealthConfig.timeout
     interval_seconds: Positive = HealthConfig.interval
     max_interval_seconds: Positive = HealthConfig.max_interval
