@@ -95,7 +95,11 @@ def confirmer(yes: bool, fmt: Format,
 
     def confirm(plan: Plan) -> bool:
         typer.echo(plan.render(), err=fmt is Format.json)
-        return typer.confirm("Proceed?", default=False, err=True)
+        try:
+            return typer.confirm("Proceed?", default=False, err=True)
+        except typer.Abort:  # Ctrl-D (end of input): as good as "no"
+            typer.echo("", err=True)
+            return False
 
     return confirm
 

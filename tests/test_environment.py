@@ -79,6 +79,55 @@ def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
     assert err.value.exit_code == ExitCode.USAGE
 
 
+def test_the_environment_argument_and_config_must_agree(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case: `runbook rollback prodution --config staging.toml` planned a
+    staging rollback; a file passed as ENV was silently replaced by RUNBOOK_CONFIG's."""
+    staging = tmp_path / "staging.toml"
+    staging.write_text(envmod.to_toml(envmod.load("staging")))
+    other = tmp_path / "other.toml"
+    other.write_text(envmod.to_toml(envmod.load("production")))
+    with pytest.raises(ConfigError, match="unknown environment 'prodution'"):
+        envmod.load("prodution", config=str(staging))
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(staging))
+    with pytest.raises(ConfigError, match="they disagree") as err:
+        envmod.load(str(other))
+    assert err.value.exit_code == ExitCode.USAGE
+    assert envmod.load(str(staging)).name == "staging"  # the same file: fine
+    assert envmod.load("staging").name == "staging"
+
+
+def test_files_that_cannot_be_read_are_config_errors(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('name = "production"\n# caf\xe9\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        envmod.load(str(latin))
+    with pytest.raises(ConfigError, match="is not a file"):
+        envmod.load(str(tmp_path))
+    host = tmp_path / "etc"
+    (host / "production.toml").mkdir(parents=True)  # the host's override, broken
+    monkeypatch.setattr(envmod, "SYSTEM_DIR", host)
+    with pytest.raises(ConfigError, match="is not a readable file"):
+        envmod.load("production")  # never the packaged defaults instead
+    secret = tmp_path / "secret.toml"
+    secret.write_text('name = "production"\n[database]\n'
+                      'url_variable = "postgresql://togather:S3cretPW@db/togather"\n'
+                      'env_file = {DATABASE_URL = "postgresql://u:An0therPW@db/x"}\n')
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(secret))
+    assert "url_variable" in str(err.value) and "env_file" in str(err.value)
+    assert "S3cretPW" not in str(err.value) and "An0therPW" not in str(err.value)
+
+
+def test_a_non_utf8_env_file_is_a_config_error(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"DATABASE_URL=postgresql://u:p\xe9ss@db/x\n")
+    with pytest.raises(ConfigError, match="not UTF-8") as err:
+        envmod.read_env_file(env_file)
+    assert "p\xe9ss" not in str(err.value)
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.toml"
     bad.write_text("name = \n")

@@ -120,6 +120,15 @@ def test_yes_runs_unattended_and_a_terminal_is_asked(stack: DrillStack) -> None:
         os.close(replica)
     assert "Proceed?" in asked.stderr, asked.stderr
     assert asked.returncode == 2 and "not confirmed" in asked.stderr, asked.stderr
+    # Ctrl-D (end of input) at the prompt is a "no" too, not an unexpected failure (exit 5)
+    primary, replica = pty.openpty()
+    try:
+        os.write(primary, b"\x04")
+        ended = runbook("switch", source, "--slot", "green", stdin=replica)
+    finally:
+        os.close(primary)
+        os.close(replica)
+    assert ended.returncode == 2 and "not confirmed" in ended.stderr, ended.stderr
     assert docker.inspect(stack.env.slot("green").container).running  # untouched baseline
     from runbook import caddy
 

@@ -54,6 +54,9 @@ def find_config(name_or_path: str) -> Path:
     """Resolve an environment name or a path to its TOML file."""
     explicit = Path(name_or_path).expanduser()
     if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        if explicit.exists() and not explicit.is_file():
+            raise ConfigError(f"environment file {explicit} is not a file",
+                              "pass the TOML file itself")
         if not explicit.is_file():
             raise ConfigError(f"environment file {explicit} does not exist",
                               "pass an existing TOML file or one of: " + ", ".join(ENV_NAMES))
@@ -66,6 +69,9 @@ def find_config(name_or_path: str) -> Path:
         candidate = directory / f"{name}.toml"
         if candidate.is_file():
             return candidate
+        if os.path.lexists(candidate):  # the host's own file, broken: never the defaults instead
+            raise ConfigError(f"{candidate} is not a readable file (a directory, or a link to "
+                              "nothing)", f"fix or remove {candidate}")
     raise ConfigError(f"no configuration for environment {name!r}",
                       f"write {SYSTEM_DIR / (name + '.toml')} (see README, 'Environment files')")
 
@@ -79,15 +85,26 @@ def load(name_or_path: str, *, config: str | None = None) -> Environment:
     if chosen and wanted in ENV_NAMES and env.name != wanted:
         raise ConfigError(f"{path} describes environment {env.name!r}, not {wanted!r}",
                           "pass the matching environment name or file")
+    if chosen and wanted not in ENV_NAMES:
+        # ENV is a file, or a typo: never let --config quietly stand in for what was typed
+        # ("prodution" must not become whatever environment the config file describes)
+        named = find_config(name_or_path)
+        if named.resolve() != path.resolve():
+            raise ConfigError(f"the environment argument {name_or_path!r} is {named}, but "
+                              f"--config/RUNBOOK_CONFIG is {path}: they disagree",
+                              "pass one of them, or the environment's name with --config")
     return env
 
 
 def load_file(path: Path) -> Environment:
     """Parse and validate one environment file; every problem is reported in one error."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})",
+                          "save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", "fix the syntax at that line") from None
     return from_mapping(data, path)

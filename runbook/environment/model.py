@@ -146,10 +146,13 @@ class Environment:
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}",
                           "check the path and its permissions (mode 0600, owned by you)") from None
+    except UnicodeDecodeError as exc:  # never its bytes: the file holds secrets
+        raise ConfigError(f"env file {path} is not UTF-8 text (byte {exc.start})",
+                          "save it as UTF-8") from None
     values: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()

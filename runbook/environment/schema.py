@@ -9,6 +9,7 @@ the many modules that only need Slot or Environment.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -37,6 +38,7 @@ from runbook.environment.model import (
     SlotConfig,
 )
 from runbook.errors import ConfigError
+from runbook.redact import redact
 
 
 def _fail(text: str) -> NoReturn:
@@ -92,6 +94,14 @@ def _url_path(value: str) -> str:
 
 
 UrlPath = Annotated[str, AfterValidator(_url_path)]
+
+
+def _variable_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        # never echoed: a URL put here by mistake holds the password
+        _fail("must be the NAME of the variable that holds the URL (like DATABASE_URL), "
+              "never the URL itself")
+    return value
 
 
 Port = Annotated[int, AfterValidator(_port)]
@@ -183,7 +193,7 @@ class HealthFile(_Table):
 
 class DatabaseFile(_Table):
     env_file: str | None = None  # default: compose.env_file
-    url_variable: str = DatabaseConfig.url_variable
+    url_variable: Annotated[str, AfterValidator(_variable_name)] = DatabaseConfig.url_variable
     container: str = DatabaseConfig.container
     snapshot_dir: str = str(DatabaseConfig.snapshot_dir)
     retention_days: Retention = DatabaseConfig.retention_days
@@ -251,9 +261,9 @@ def _describe(error: Mapping[str, Any], keys: Mapping[str, set[str]]) -> tuple[s
         return key, f"unknown key (known: {', '.join(sorted(keys.get(parent, ())))})"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return key, "expected a table"
-    if kind in _KINDS:
-        return key, f"expected {_KINDS[kind]}, got {error['input']!r}"
-    return key, str(error["msg"])
+    if kind in _KINDS:  # masked: a value typed in the wrong place may be a DATABASE_URL
+        return key, redact(f"expected {_KINDS[kind]}, got {error['input']!r}")
+    return key, redact(str(error["msg"]))
 
 
 def _path(value: str | None, base: Path) -> Path | None:
