@@ -174,7 +174,7 @@ def healthcheck(
         else:
             chosen = [Slot(slot.value)]
     except RunbookError as exc:
-        fail(exc)
+        fail(exc, Format.json if fmt is HealthFormat.json else Format.text)
     reports = [health.probe(environment.slot(s), environment.health.path,
                             environment.health.request_timeout) for s in chosen]
     if fmt is HealthFormat.json:
@@ -203,7 +203,8 @@ def unlock(
     try:
         environment = load_env(env, config)
         if not show:
-            require_yes(yes, "`runbook unlock`")
+            require_yes(yes, "`runbook unlock`", "pass --yes to confirm it in advance, or "
+                        "--status to see who holds the lock")
         held = locks.status(environment)
         if show:
             if fmt is Format.json:
@@ -215,6 +216,9 @@ def unlock(
         message = locks.unlock(environment, force=force)
     except RunbookError as exc:
         fail(exc, fmt)
+    if fmt is Format.json:
+        print(json.dumps({"ok": True, "message": message}))
+        return
     typer.echo(message)
 
 

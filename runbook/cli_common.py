@@ -76,14 +76,15 @@ UNATTENDED_FIX = ("pass --yes to confirm it in advance (from cron, a pipe or `ss
                   "or --dry-run to see the plan")
 
 
-def require_yes(yes: bool, what: str) -> None:
+def require_yes(yes: bool, what: str, fix: str = UNATTENDED_FIX) -> None:
     """Refuse to change a host unattended: without a terminal nobody can answer the prompt, and
-    a mutation from cron, a pipe or `ssh host cmd` must be asked for in advance with --yes."""
+    a mutation from cron, a pipe or `ssh host cmd` must be asked for in advance with --yes.
+    `fix`: for a command without --dry-run, one that does not name it."""
     from runbook.errors import UsageError
 
     if not yes and not sys.stdin.isatty():
         raise UsageError(f"{what} changes the host and stdin is not a terminal, so nobody can "
-                         "confirm it; nothing was changed", UNATTENDED_FIX)
+                         "confirm it; nothing was changed", fix)
 
 
 def confirmer(yes: bool, fmt: Format,

@@ -127,6 +127,20 @@ def test_unlock_status_and_refusal_of_a_live_holder(stack: DrillStack) -> None:
     finally:
         locks.release(stack.env, held)
     assert not stack.env.lock_path.exists()
+    # unattended without --yes: the fix names what unlock has (it has no --dry-run)
+    asked = runbook(stack, "unlock")
+    assert asked.returncode == 2 and "--status" in asked.stderr and "--dry-run" not in asked.stderr
+    freed = runbook(stack, "unlock", "--yes", "--format", "json")
+    assert freed.returncode == 0 and json.loads(freed.stdout)["ok"] is True, freed.stdout
+
+
+def test_json_is_printed_for_a_config_error_too() -> None:
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "healthcheck",
+                           "/nonexistent/env.toml", "--format", "json"], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    answer = json.loads(done.stdout)  # it printed nothing on stdout before
+    assert done.returncode == 2 and answer["ok"] is False and answer["exit_code"] == 2
+    assert "does not exist" in answer["error"] and answer["fix"]
 
 
 def test_cli_import_leaves_heavy_libraries_for_later() -> None:
