@@ -6,12 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from runbook import deploy, drain, rollback, slots
+from runbook import deploy, docker, drain, rollback, slots, traffic
 from runbook import report as reports
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
@@ -477,3 +478,66 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
     assert f"Caddy's port {front}" in step["detail"]["drain"]
     assert step["detail"]["drained"].startswith("drained after"), step["detail"]
     assert f"front port {front}: connections closed" in step["detail"]["drained"]
+
+
+@pytest.mark.docker
+def test_a_slot_switched_back_to_during_the_drain_is_not_stopped(stack: DrillStack) -> None:
+    """The stop checked that Caddy does not send to the slot, then drained (up to
+    drain_timeout). Another operator switches Caddy back to that slot through the admin API
+    during the drain: the stop must read Caddy again right before `docker stop` and refuse,
+    leaving the now serving container running."""
+    from runbook.caddy import switch as caddy_switch
+
+    env = stack.env  # the baseline: blue serves, green runs too
+    green = env.slot("green").container
+    assert docker.inspect(green).running
+    real_wait = drain.wait_drained
+    switched: list[drain.Drain] = []
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        result = real_wait(port, *args, **kw)
+        # the concurrent change: Caddy's config now dials green
+        caddy_switch.apply(env, caddy_switch.plan_switch(env, "green").new_text)
+        switched.append(result)
+        return result
+
+    drain.wait_drained = wait  # type: ignore[assignment]
+    try:
+        with pytest.raises(traffic.ServingContainerError, match="it is serving traffic"):
+            slots.stop(env, "green", after_switch=True)
+    finally:
+        drain.wait_drained = real_wait  # type: ignore[assignment]
+    assert switched, "the drain ran"
+    assert docker.inspect(green).running, "the serving container was stopped"
+    answer = urllib.request.urlopen(f"{env.caddy.proxy_url}{env.caddy.verify_path}", timeout=5)
+    assert answer.headers.get("X-Togather-Slot") == "green"  # Caddy really sends there
+
+
+@pytest.mark.docker
+def test_a_stop_fails_closed_when_caddy_cannot_be_read_after_the_drain(
+        stack: DrillStack) -> None:
+    """Caddy's admin API answers the check before the drain, then no longer does (here: the
+    environment's admin address now names a port nothing listens on): the check right before
+    `docker stop` cannot tell whether the slot serves, so the slot is not stopped."""
+    env = stack.env
+    green = env.slot("green").container
+    assert docker.inspect(green).running
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
+    real_wait, admin = drain.wait_drained, env.caddy.admin_url
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        result = real_wait(port, *args, **kw)
+        object.__setattr__(env.caddy, "admin_url", dead)  # Caddy's admin API goes away
+        return result
+
+    drain.wait_drained = wait  # type: ignore[assignment]
+    try:
+        with pytest.raises(traffic.ServingContainerError, match="cannot tell whether it serves"):
+            slots.stop(env, "green", after_switch=True)
+    finally:
+        drain.wait_drained = real_wait  # type: ignore[assignment]
+        object.__setattr__(env.caddy, "admin_url", admin)
+        closed.close()
+    assert docker.inspect(green).running
