@@ -49,10 +49,10 @@ class Script:
         self.now = 0.0
         self.reads = 0
 
-    def read(self, port: int, front: int | None) -> drain.Look | None:
+    def read(self, port: int, front: int | None) -> drain.Look | drain.Unread | None:
         text = self.readings[min(self.reads, len(self.readings) - 1)]
         self.reads += 1
-        return None if text is None else drain.split(drain.parse_ss(text), port, front)
+        return None if text is None else drain.look_at(text, port, front)
 
     def visible(self, ports: Iterable[int]) -> set[int] | None:
         return self.listening & set(ports)
@@ -184,6 +184,82 @@ def test_ss_failing_is_the_fixed_grace() -> None:
     assert result.busy is None and not result.drained
     assert result.seconds >= drain.FALLBACK_GRACE
     assert "cannot be observed" in result.describe()
+
+
+
+# a request in flight on an old front connection, forwarded to the slot and not yet answered
+IN_FLIGHT = (sock(FRONT, 50000, 901, 1000, 1200, 40, 3), sock(41000, SLOT, 902, 1100, 900, 3, 40),
+             sock(SLOT, 41000, 903, 900, 1100, 40, 3))
+
+
+def test_ss_failing_after_evidence_keeps_waiting_on_that_evidence() -> None:
+    """Readings showed an old connection and a pending request, then `ss` starts failing:
+    not 'nothing observable' (a 1 s grace, then the stop cuts the request), but the last
+    good reading stands until the timeout, and the message says the readings failed."""
+    script = Script([reading(*IN_FLIGHT)] * 3 + [None])
+    result = script.wait(timeout=2.0)
+    assert result.busy is not None and result.busy >= 1 and not result.drained, result
+    assert result.seconds >= 2.0 and script.reads > 10, (result, script.reads)  # retried
+    text = result.describe()
+    assert "no `ss`" not in text and "cannot be observed" not in text, text
+    assert "readings failed" in text and "`ss` gave no reading" in text, text
+    # a reading that works again decides as before: here the request was answered, closed
+    answered = (sock(41000, SLOT, 902, 1100, 1200, 10, 1),
+                sock(SLOT, 41000, 903, 1200, 1100, 1, 10))
+    recovers = Script([reading(*IN_FLIGHT)] * 3 + [None] * 20 + [reading(*answered)])
+    old = drain.parse_ss(IN_FLIGHT[0])[0].key
+    switch = drain.Switch(FRONT, frozenset({5001}), frozenset({old}), loaded_at=0.0,
+                          at_close=frozenset())
+    done = recovers.wait(timeout=5.0, switch=switch)
+    assert done.drained and done.failed_readings == 20 and recovers.reads >= 24, done
+    assert "20 failed reading(s) retried" in done.describe()
+
+
+@pytest.mark.parametrize("odd", [
+    # ss -O (oneline): the info on the socket line
+    SOCKET.format(local=SLOT, peer=41000, ino=903) + " " + INFO.format(
+        sent=900, received=1100, lastsnd=40, lastrcv=3).strip() + "\n",
+    # a State column before Recv-Q
+    "ESTAB " + sock(SLOT, 41000, 903, 900, 1100, 40, 3) + "\n",
+    # a socket line with no info line
+    SOCKET.format(local=SLOT, peer=41000, ino=903) + "\n",
+    # an info line with no socket line
+    INFO.format(sent=900, received=1100, lastsnd=40, lastrcv=3) + "\n",
+])
+def test_ss_output_in_an_unexpected_format_is_a_failed_reading(odd: str) -> None:
+    """Each of these once parsed to no connection at all, which reads as 'drained'."""
+    with pytest.raises(drain.Unparsable):
+        drain.parse_ss(odd)
+    look = drain.look_at(odd, SLOT, FRONT)
+    assert isinstance(look, drain.Unread) and "unexpected format" in look.why, look
+    # first reading: nothing observable (the fixed grace), never an immediate 'drained'
+    first = Script([odd]).wait()
+    assert first.busy is None and first.seconds >= drain.FALLBACK_GRACE, first
+    assert "unexpected format" in first.describe()
+    # after evidence of a pending request: that evidence stands until the timeout
+    later = Script([reading(*IN_FLIGHT)] * 3 + [odd]).wait(timeout=2.0)
+    assert not later.drained and later.busy and later.seconds >= 2.0, later
+
+
+def test_a_missing_lastrcv_after_bytes_came_is_this_millisecond() -> None:
+    """ss prints lastrcv/lastsnd only when nonzero: a request received in the very
+    millisecond of the reading has no lastrcv, and is pending (0 ms ago), not 'never'."""
+    line = (SOCKET.format(local=SLOT, peer=41000, ino=903) + "\n\t cubic bytes_sent:900 "
+            "bytes_acked:900 bytes_received:1100 segs_out:9 segs_in:9 lastsnd:40 lastack:40\n")
+    (conn,) = drain.parse_ss(line)
+    assert conn.last_received_ms == 0 and conn.last_sent_ms == 40 and conn.request_pending
+    dialed = (SOCKET.format(local=41000, peer=SLOT, ino=902) + "\n\t cubic bytes_sent:1100 "
+              "bytes_received:900 lastrcv:40 lastack:40\n")
+    (client,) = drain.parse_ss(dialed)
+    assert client.last_sent_ms == 0 and client.answer_pending
+    # nothing moved yet: no bytes, no times, still "never"
+    fresh = SOCKET.format(local=SLOT, peer=41000, ino=904) + "\n\t cubic segs_out:1\n"
+    (new,) = drain.parse_ss(fresh)
+    assert new.last_received_ms is None and new.last_sent_ms is None
+    # on the first reading: held, not drained at once
+    script = Script([line] * 5 + [reading()])
+    result = script.wait()
+    assert result.drained and script.reads == 6 and result.last_request is not None, result
 
 
 # --- on real sockets ---------------------------------------------------------------------------
