@@ -43,7 +43,7 @@ def sample(env: Environment, old: Slot, stop: threading.Event,
     port, front = env.slot(old).port, slots.front_port(env)
     while not stop.is_set():
         seen = drain.read_sockets(port, front)
-        if seen is not None:
+        if isinstance(seen, drain.Look):
             out.append((time.monotonic(), seen))
         time.sleep(SAMPLE)
 

@@ -37,6 +37,9 @@ otherwise (Docker publishing with DNAT instead of its proxy, Caddy in another na
 side cannot be observed and keeps the older behaviour: without the front, the slot's port
 must also be quiet (no byte moved) for QUIET; without the slot's port, the wait lasts at
 least FALLBACK_GRACE. Never fail open: an unobservable side is waited for, not assumed done.
+A reading that fails (`ss` times out or exits non-zero, or prints what cannot be parsed) is no
+evidence of quiet: before any good reading it is the fixed grace (nothing observable); after
+one, the last good reading stands (it was not drained) and is read again until the timeout.
 """
 
 from __future__ import annotations
@@ -125,6 +128,9 @@ class Drain:
     front_done_at: float | None = None  # seconds into the wait when (a) first held
     readings: int = 0  # `ss` readings taken
     kept_for_h2c: bool = False  # not drained, and Caddy holds h2c connections: left running
+    failed_readings: int = 0  # readings that failed (`ss` failed, or output unreadable)
+    unread: str | None = None  # why the last reading failed, when the wait ended on one
+    last_good: float | None = None  # seconds into the wait of the last good reading
 
     @property
     def drained(self) -> bool:
@@ -143,13 +149,19 @@ class Drain:
 
     def describe(self) -> str:
         if self.busy is None:
-            return (f"connections on port {self.port} cannot be observed on this host (no "
-                    f"`ss`, or no socket of it visible here); waited {self.seconds:.2f}s")
+            return (f"connections on port {self.port} cannot be observed: "
+                    f"{self.unread or '`ss` gave no reading'}; waited {self.seconds:.2f}s")
         front = (f"; front: {self.front_watched} connection(s) watched, {self.front_closed} "
                  f"closed, {self.front_kept} shown to be the new config's, {self.front_new} "
                  f"opened after the old listener left" if self.front_observed else "")
         if self.front_observed and not self.switch_watched:
             front += " (the reload itself was not watched: every connection needed evidence)"
+        if self.unread is not None:
+            front += (f"; readings failed from {self.last_good or 0.0:.2f}s on ({self.unread};"
+                      f" {self.failed_readings} failed in all): the last good one, not drained, "
+                      "was waited on until the timeout")
+        elif self.failed_readings:
+            front += f"; {self.failed_readings} failed reading(s) retried"
         if self.drained:
             return (f"drained after {self.seconds:.2f}s ({self.how}{front}; {self.idle} idle "
                     f"keep-alive connection(s) on port {self.port})")
@@ -157,8 +169,9 @@ class Drain:
             return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
                     f"{front}); Caddy's previous config keeps its cleartext HTTP/2 (h2c) "
                     "connections: left running")
+        kind = "" if self.unread is not None else "; long-lived, e.g. streaming"
         return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
-                f"{front}; long-lived, e.g. streaming): stopping anyway")
+                f"{front}{kind}): stopping anyway")
 
 
 @dataclass(frozen=True)
@@ -170,13 +183,40 @@ class Look:
     dialed: list[Conn]  # dport = the slot's port: Caddy's own client sockets, if visible here
 
 
-def _ss(args: list[str]) -> str | None:
+class Unparsable(ValueError):
+    """`ss` output not in the format the drain reads."""
+
+
+@dataclass(frozen=True)
+class Unread:
+    """A reading that failed: why, in words (`ss` missing, timed out, exited non-zero, or its
+    output could not be read)."""
+
+    why: str
+
+
+SS_TIMEOUT = 5.0
+
+
+def _run_ss(args: list[str]) -> str | Unread:
     try:
         done = subprocess.run(["ss", "-H", "-t", "-n", *args], capture_output=True, text=True,
-                              timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout if done.returncode == 0 else None
+                              timeout=SS_TIMEOUT, check=False)
+    except FileNotFoundError:
+        return Unread("no `ss` (iproute2) on this host")
+    except OSError as exc:
+        return Unread(f"`ss` could not run ({exc.strerror or exc})")
+    except subprocess.TimeoutExpired:
+        return Unread(f"`ss` timed out after {SS_TIMEOUT:g}s")
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()
+        return Unread(f"`ss` exited {done.returncode}" + (f": {tail[-1][:120]}" if tail else ""))
+    return done.stdout
+
+
+def _ss(args: list[str]) -> str | None:
+    out = _run_ss(args)
+    return None if isinstance(out, Unread) else out
 
 
 def _filter(ports: Iterable[int], *, dport: int | None = None) -> list[str]:
@@ -205,11 +245,19 @@ def parse_listening(output: str) -> set[int]:
     return ports
 
 
-def read_sockets(slot_port: int, front_port: int | None) -> Look | None:
-    """One reading of both sides (one `ss` process); None when `ss` cannot tell."""
+def read_sockets(slot_port: int, front_port: int | None) -> Look | Unread:
+    """One reading of both sides (one `ss` process); Unread when `ss` cannot tell."""
     ports = [slot_port] + ([front_port] if front_port is not None else [])
-    out = _ss(["-i", "-e", "state", "established", *_filter(ports, dport=slot_port)])
-    return None if out is None else split(parse_ss(out), slot_port, front_port)
+    out = _run_ss(["-i", "-e", "state", "established", *_filter(ports, dport=slot_port)])
+    return out if isinstance(out, Unread) else look_at(out, slot_port, front_port)
+
+
+def look_at(output: str, slot_port: int, front_port: int | None) -> Look | Unread:
+    """One `ss -i -e` output as a reading; Unread when it is not in the expected format."""
+    try:
+        return split(parse_ss(output), slot_port, front_port)
+    except Unparsable as exc:
+        return Unread(f"`ss` output in an unexpected format ({exc})")
 
 
 def split(conns: Iterable[Conn], slot_port: int, front_port: int | None) -> Look:
@@ -230,30 +278,51 @@ def split(conns: Iterable[Conn], slot_port: int, front_port: int | None) -> Look
 def connections(port: int) -> list[Conn] | None:
     """Established TCP connections accepted on `port`; None when `ss` cannot tell."""
     out = _ss(["-i", "-e", "state", "established", *_filter([port])])
-    return None if out is None else parse_ss(out)
+    try:
+        return None if out is None else parse_ss(out)
+    except Unparsable:
+        return None
 
 
 def parse_ss(output: str) -> list[Conn]:
     """`ss -H -t -i -n [-e] state established` output: a socket line (Recv-Q, Send-Q, local,
-    peer, then -e's extras), then its info line."""
+    peer, then -e's extras), then its info line. Anything else (a State column, the info on
+    the socket line, a socket line without its info line) raises Unparsable: a reading that
+    cannot be read is no evidence that the slot is quiet."""
     out: list[Conn] = []
     head: list[str] | None = None
     for line in output.splitlines():
         if not line.strip():
             continue
         if not line[0].isspace():
-            head = line.split()
+            if head is not None:
+                raise Unparsable(f"a socket line with no info line: {' '.join(head)[:80]!r}")
+            fields = line.split()
+            if (len(fields) < 4 or not fields[0].isdigit() or not fields[1].isdigit()
+                    or _port(fields[2]) is None or _port(fields[3]) is None):
+                raise Unparsable(f"a socket line in an unexpected format: {line.strip()[:80]!r}")
+            if _FIELD.search(line):
+                raise Unparsable(f"the info on the socket line: {line.strip()[:80]!r}")
+            head = fields
             continue
+        if head is None:
+            raise Unparsable(f"an info line with no socket line before it: {line.strip()[:80]!r}")
         values = {k: int(v) for k, v in _FIELD.findall(line)}
-        fields = head or []
-        local = fields[2] if len(fields) >= 4 else "?"
-        peer = fields[3] if len(fields) >= 4 else (fields[-1] if fields else "?")
-        inode = _INODE.search(" ".join(fields[4:]))
-        out.append(Conn(peer, values.get("lastsnd"), values.get("lastrcv"),
-                        values.get("bytes_sent", 0), values.get("bytes_received", 0),
-                        local=local, inode=int(inode.group(1)) if inode else 0))
+        sent, received = values.get("bytes_sent", 0), values.get("bytes_received", 0)
+        # ss prints lastsnd/lastrcv only when nonzero (iproute2 ss.c): missing after bytes
+        # moved is 0 ms ago (this very millisecond), not "never"
+        out.append(Conn(head[3], values.get("lastsnd", 0 if sent else None),
+                        values.get("lastrcv", 0 if received else None), sent, received,
+                        local=head[2], inode=_inode(head[4:])))
         head = None
+    if head is not None:
+        raise Unparsable(f"a socket line with no info line: {' '.join(head)[:80]!r}")
     return out
+
+
+def _inode(extras: list[str]) -> int:
+    found = _INODE.search(" ".join(extras))
+    return int(found.group(1)) if found else 0
 
 
 @dataclass
@@ -472,7 +541,7 @@ def last_switch(front: int) -> Switch | None:
 
 def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None = None,
                  quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
-                 read: Callable[[int, int | None], Look | None] = read_sockets,
+                 read: Callable[[int, int | None], Look | Unread | None] = read_sockets,
                  visible: Callable[[Iterable[int]], set[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
@@ -481,7 +550,12 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                  look: Callable[[int], list[Conn] | None] | None = None) -> Drain:
     """Wait (at most `timeout`) until the old config is done with the slot on `port`: every
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
-    and no request is pending on `port` (module docstring; unobservable sides fail closed)."""
+    and no request is pending on `port` (module docstring; unobservable sides fail closed).
+
+    A reading that fails (`ss` times out, exits non-zero, prints what cannot be read) before
+    any good one is the fixed grace, as with nothing observable; after one, the last good
+    reading (not drained, or the wait would have ended) stands and is read again until the
+    timeout: a failed reading is never evidence of quiet."""
     if look is not None:  # the slot's accepted connections alone, from the caller (tests)
         given = look
 
@@ -510,15 +584,36 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     slot_observed = slot_listens
     front_done_at: float | None = None
     readings = 0
+    failed = 0  # failed readings in all
+    last_good: float | None = None
+    last_busy = 1  # what the last good reading left open (at least the unmet condition)
     while True:
         seen = read(port, front if front_observed else None)
         now = clock()
         readings += 1
-        if seen is None:  # `ss` failed: nothing observable, the fixed grace
-            rest = FALLBACK_GRACE - (now - began)
-            if rest > 0:
-                sleep(min(rest, max(0.0, timeout - (now - began))))
-            return Drain(port, clock() - began, None, front_port=front)
+        if seen is None or isinstance(seen, Unread):
+            why = seen.why if isinstance(seen, Unread) else "`ss` gave no reading"
+            failed += 1
+            if last_good is None:  # no reading at all: nothing observable, the fixed grace
+                rest = FALLBACK_GRACE - (now - began)
+                if rest > 0:
+                    sleep(min(rest, max(0.0, timeout - (now - began))))
+                return Drain(port, clock() - began, None, front_port=front,
+                             failed_readings=failed, unread=why, readings=readings)
+            if now - began >= timeout:  # the last good reading still stands: busy
+                return Drain(port, now - began, last_busy, front_port=front,
+                             front_observed=front_observed, slot_observed=slot_observed,
+                             front_watched=watch.closed + len(watch.front),
+                             front_closed=watch.closed,
+                             front_kept=sum(s.kept for s in watch.front.values()),
+                             front_new=watch.new, switch_watched=sorted_front,
+                             listener_left_after=switch.closed_after if switch else None,
+                             last_request=last_request, front_done_at=front_done_at,
+                             readings=readings, failed_readings=failed, unread=why,
+                             last_good=last_good)
+            sleep(min(poll, max(0.0, timeout - (now - began))))
+            continue
+        last_good = now - began
         # Caddy's own sockets to the slot are only seen where it runs in this namespace
         slot_observed = slot_listens or bool(seen.dialed) or slot_observed
         first_reading = first
@@ -559,6 +654,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
             else now - began >= FALLBACK_GRACE
         if front_done and front_done_at is None:
             front_done_at = now - began
+        last_busy = max(1, pending + len(open_front))
         over = now - began >= timeout
         if (front_done and slot_done) or over:
             busy = (pending + len(open_front)) if over else 0
@@ -574,5 +670,5 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                          front_new=watch.new, switch_watched=sorted_front,
                          listener_left_after=switch.closed_after if switch else None,
                          last_request=last_request, front_done_at=front_done_at,
-                         readings=readings)
+                         readings=readings, failed_readings=failed)
         sleep(min(poll, max(0.0, timeout - (now - began))))

@@ -55,6 +55,10 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
                     f"{why}, and Caddy takes cleartext HTTP/2 (h2c) on port {front or 'unknown'}:"
                     " h2c connections never move to the new config, so their requests can still"
                     f" reach {container}: {held_fix(env, container)}"))
+        # the drain can last drain_timeout: Caddy may have been switched back to this slot
+        # meanwhile (another operator, a concurrent tool). Read it again right before the
+        # stop; refuses, and fails closed when Caddy cannot be read now.
+        traffic.refuse_if_serving(env, slot, "stop")
     docker.run(docker.stop_action(container))
     return None
 

@@ -337,3 +337,48 @@ def test_a_drain_gives_up_at_its_timeout_and_says_so() -> None:
     assert took < 0.3 + SLACK and "still busy after 0.3s" in result.describe()
     unknown = drain.wait_drained(8081, look=lambda port: None)
     assert unknown.busy is None and "cannot be observed" in unknown.describe()
+
+
+@pytest.mark.skipif(drain.connections(1) is None, reason="needs `ss` (iproute2) on this host")
+def test_ss_failing_mid_drain_keeps_a_pending_request_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real request waits on a real socket; the real `ss` reads it, then fails (exits 1,
+    as on a netlink error). The drain must keep waiting on what it saw until its timeout,
+    not fall back to 'nothing observable' (1 s, then a stop under the request), and say
+    what happened."""
+    import shutil
+
+    real = shutil.which("ss")
+    assert real is not None
+    calls = tmp_path / "calls"
+    fake = tmp_path / "ss"
+    # the listening check and two readings work; every later call fails
+    fake.write_text(f"""#!/bin/sh
+echo x >> {calls}
+if [ "$(wc -l < {calls})" -le 3 ]; then exec {real} "$@"; fi
+echo "Cannot open netlink socket: Operation not permitted" >&2
+exit 1
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{Path(real).parent}")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    server, _ = listener.accept()
+    client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # never answered
+    time.sleep(0.1)
+    try:
+        result, took = timed(lambda: drain.wait_drained(port, timeout=1.8, quiet=0.3))
+    finally:
+        client.close()
+        server.close()
+        listener.close()
+    assert isinstance(result, drain.Drain), result
+    assert not result.drained and result.busy is not None and result.busy >= 1, result
+    assert 1.8 <= took < 1.8 + SLACK + drain.SS_TIMEOUT, took
+    assert result.failed_readings >= 2, result  # retried, not given up on the first
+    text = result.describe()
+    assert "`ss` exited 1: Cannot open netlink socket" in text, text
+    assert "no `ss`" not in text and "cannot be observed" not in text, text

@@ -6,12 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from runbook import deploy, drain, rollback, slots
+from runbook import deploy, docker, drain, rollback, slots, traffic
 from runbook import report as reports
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
@@ -48,10 +49,10 @@ class Script:
         self.now = 0.0
         self.reads = 0
 
-    def read(self, port: int, front: int | None) -> drain.Look | None:
+    def read(self, port: int, front: int | None) -> drain.Look | drain.Unread | None:
         text = self.readings[min(self.reads, len(self.readings) - 1)]
         self.reads += 1
-        return None if text is None else drain.split(drain.parse_ss(text), port, front)
+        return None if text is None else drain.look_at(text, port, front)
 
     def visible(self, ports: Iterable[int]) -> set[int] | None:
         return self.listening & set(ports)
@@ -183,6 +184,82 @@ def test_ss_failing_is_the_fixed_grace() -> None:
     assert result.busy is None and not result.drained
     assert result.seconds >= drain.FALLBACK_GRACE
     assert "cannot be observed" in result.describe()
+
+
+
+# a request in flight on an old front connection, forwarded to the slot and not yet answered
+IN_FLIGHT = (sock(FRONT, 50000, 901, 1000, 1200, 40, 3), sock(41000, SLOT, 902, 1100, 900, 3, 40),
+             sock(SLOT, 41000, 903, 900, 1100, 40, 3))
+
+
+def test_ss_failing_after_evidence_keeps_waiting_on_that_evidence() -> None:
+    """Readings showed an old connection and a pending request, then `ss` starts failing:
+    not 'nothing observable' (a 1 s grace, then the stop cuts the request), but the last
+    good reading stands until the timeout, and the message says the readings failed."""
+    script = Script([reading(*IN_FLIGHT)] * 3 + [None])
+    result = script.wait(timeout=2.0)
+    assert result.busy is not None and result.busy >= 1 and not result.drained, result
+    assert result.seconds >= 2.0 and script.reads > 10, (result, script.reads)  # retried
+    text = result.describe()
+    assert "no `ss`" not in text and "cannot be observed" not in text, text
+    assert "readings failed" in text and "`ss` gave no reading" in text, text
+    # a reading that works again decides as before: here the request was answered, closed
+    answered = (sock(41000, SLOT, 902, 1100, 1200, 10, 1),
+                sock(SLOT, 41000, 903, 1200, 1100, 1, 10))
+    recovers = Script([reading(*IN_FLIGHT)] * 3 + [None] * 20 + [reading(*answered)])
+    old = drain.parse_ss(IN_FLIGHT[0])[0].key
+    switch = drain.Switch(FRONT, frozenset({5001}), frozenset({old}), loaded_at=0.0,
+                          at_close=frozenset())
+    done = recovers.wait(timeout=5.0, switch=switch)
+    assert done.drained and done.failed_readings == 20 and recovers.reads >= 24, done
+    assert "20 failed reading(s) retried" in done.describe()
+
+
+@pytest.mark.parametrize("odd", [
+    # ss -O (oneline): the info on the socket line
+    SOCKET.format(local=SLOT, peer=41000, ino=903) + " " + INFO.format(
+        sent=900, received=1100, lastsnd=40, lastrcv=3).strip() + "\n",
+    # a State column before Recv-Q
+    "ESTAB " + sock(SLOT, 41000, 903, 900, 1100, 40, 3) + "\n",
+    # a socket line with no info line
+    SOCKET.format(local=SLOT, peer=41000, ino=903) + "\n",
+    # an info line with no socket line
+    INFO.format(sent=900, received=1100, lastsnd=40, lastrcv=3) + "\n",
+])
+def test_ss_output_in_an_unexpected_format_is_a_failed_reading(odd: str) -> None:
+    """Each of these once parsed to no connection at all, which reads as 'drained'."""
+    with pytest.raises(drain.Unparsable):
+        drain.parse_ss(odd)
+    look = drain.look_at(odd, SLOT, FRONT)
+    assert isinstance(look, drain.Unread) and "unexpected format" in look.why, look
+    # first reading: nothing observable (the fixed grace), never an immediate 'drained'
+    first = Script([odd]).wait()
+    assert first.busy is None and first.seconds >= drain.FALLBACK_GRACE, first
+    assert "unexpected format" in first.describe()
+    # after evidence of a pending request: that evidence stands until the timeout
+    later = Script([reading(*IN_FLIGHT)] * 3 + [odd]).wait(timeout=2.0)
+    assert not later.drained and later.busy and later.seconds >= 2.0, later
+
+
+def test_a_missing_lastrcv_after_bytes_came_is_this_millisecond() -> None:
+    """ss prints lastrcv/lastsnd only when nonzero: a request received in the very
+    millisecond of the reading has no lastrcv, and is pending (0 ms ago), not 'never'."""
+    line = (SOCKET.format(local=SLOT, peer=41000, ino=903) + "\n\t cubic bytes_sent:900 "
+            "bytes_acked:900 bytes_received:1100 segs_out:9 segs_in:9 lastsnd:40 lastack:40\n")
+    (conn,) = drain.parse_ss(line)
+    assert conn.last_received_ms == 0 and conn.last_sent_ms == 40 and conn.request_pending
+    dialed = (SOCKET.format(local=41000, peer=SLOT, ino=902) + "\n\t cubic bytes_sent:1100 "
+              "bytes_received:900 lastrcv:40 lastack:40\n")
+    (client,) = drain.parse_ss(dialed)
+    assert client.last_sent_ms == 0 and client.answer_pending
+    # nothing moved yet: no bytes, no times, still "never"
+    fresh = SOCKET.format(local=SLOT, peer=41000, ino=904) + "\n\t cubic segs_out:1\n"
+    (new,) = drain.parse_ss(fresh)
+    assert new.last_received_ms is None and new.last_sent_ms is None
+    # on the first reading: held, not drained at once
+    script = Script([line] * 5 + [reading()])
+    result = script.wait()
+    assert result.drained and script.reads == 6 and result.last_request is not None, result
 
 
 # --- on real sockets ---------------------------------------------------------------------------
@@ -477,3 +554,66 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
     assert f"Caddy's port {front}" in step["detail"]["drain"]
     assert step["detail"]["drained"].startswith("drained after"), step["detail"]
     assert f"front port {front}: connections closed" in step["detail"]["drained"]
+
+
+@pytest.mark.docker
+def test_a_slot_switched_back_to_during_the_drain_is_not_stopped(stack: DrillStack) -> None:
+    """The stop checked that Caddy does not send to the slot, then drained (up to
+    drain_timeout). Another operator switches Caddy back to that slot through the admin API
+    during the drain: the stop must read Caddy again right before `docker stop` and refuse,
+    leaving the now serving container running."""
+    from runbook.caddy import switch as caddy_switch
+
+    env = stack.env  # the baseline: blue serves, green runs too
+    green = env.slot("green").container
+    assert docker.inspect(green).running
+    real_wait = drain.wait_drained
+    switched: list[drain.Drain] = []
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        result = real_wait(port, *args, **kw)
+        # the concurrent change: Caddy's config now dials green
+        caddy_switch.apply(env, caddy_switch.plan_switch(env, "green").new_text)
+        switched.append(result)
+        return result
+
+    drain.wait_drained = wait  # type: ignore[assignment]
+    try:
+        with pytest.raises(traffic.ServingContainerError, match="it is serving traffic"):
+            slots.stop(env, "green", after_switch=True)
+    finally:
+        drain.wait_drained = real_wait  # type: ignore[assignment]
+    assert switched, "the drain ran"
+    assert docker.inspect(green).running, "the serving container was stopped"
+    answer = urllib.request.urlopen(f"{env.caddy.proxy_url}{env.caddy.verify_path}", timeout=5)
+    assert answer.headers.get("X-Togather-Slot") == "green"  # Caddy really sends there
+
+
+@pytest.mark.docker
+def test_a_stop_fails_closed_when_caddy_cannot_be_read_after_the_drain(
+        stack: DrillStack) -> None:
+    """Caddy's admin API answers the check before the drain, then no longer does (here: the
+    environment's admin address now names a port nothing listens on): the check right before
+    `docker stop` cannot tell whether the slot serves, so the slot is not stopped."""
+    env = stack.env
+    green = env.slot("green").container
+    assert docker.inspect(green).running
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
+    real_wait, admin = drain.wait_drained, env.caddy.admin_url
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        result = real_wait(port, *args, **kw)
+        object.__setattr__(env.caddy, "admin_url", dead)  # Caddy's admin API goes away
+        return result
+
+    drain.wait_drained = wait  # type: ignore[assignment]
+    try:
+        with pytest.raises(traffic.ServingContainerError, match="cannot tell whether it serves"):
+            slots.stop(env, "green", after_switch=True)
+    finally:
+        drain.wait_drained = real_wait  # type: ignore[assignment]
+        object.__setattr__(env.caddy, "admin_url", admin)
+        closed.close()
+    assert docker.inspect(green).running

@@ -257,3 +257,23 @@ def test_the_written_file_leaves_out_what_it_does_not_set(tmp_path: Path) -> Non
     written = tomllib.loads(envmod.to_toml(env))
     assert "deploy" not in written and "drill" not in written
     assert written["rollback"] == {"stop_old_slot": True, "drain_timeout_seconds": 10.0}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_a_drain_timeout_that_is_no_duration_is_a_config_error(tmp_path: Path,
+                                                                 value: str) -> None:
+    """TOML has nan and inf, and `nan <= 0` is False: neither (nor a negative) may become the
+    drain's timeout. The command refuses before doing anything (exit 2), with the problem on
+    one line naming the file and the key, and no traceback."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "env.toml"
+    path.write_text(NO_COMPOSE + f"[rollback]\ndrain_timeout_seconds = {value}\n")
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "status", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == ExitCode.USAGE, (done.returncode, done.stdout, done.stderr)
+    problems = [line for line in done.stderr.splitlines()
+                if f"{path}: rollback.drain_timeout_seconds:" in line]
+    assert len(problems) == 1 and "greater than 0" in problems[0], done.stderr
+    assert "Traceback" not in done.stderr

@@ -8,6 +8,7 @@ the many modules that only need Slot or Environment.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -61,8 +62,9 @@ def _port(value: int) -> int:
 
 
 def _positive(value: float) -> float:
-    if value <= 0:
-        _fail(f"must be greater than 0, got {value}")
+    # TOML has nan and inf; nan <= 0 is False, and neither is a duration
+    if not math.isfinite(value) or value <= 0:
+        _fail(f"must be a finite number greater than 0, got {value}")
     return value
 
 
