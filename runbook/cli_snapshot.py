@@ -123,7 +123,8 @@ def cleanup(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
-    """Delete snapshots past their own expires_at (default retention: 7 days)."""
+    """Delete snapshots past their own expires_at (default retention: 7 days), keeping the
+    newest usable one and the current and previous deployments' pre-deploy snapshots."""
     from runbook import snapshots
 
     environment = _env(env, config, fmt)
@@ -137,12 +138,25 @@ def cleanup(
         print(json.dumps({"ok": True, "dry_run": dry_run,
                           "removed": [s.name for s in result.removed],
                           "kept": [s.name for s in result.kept],
-                          "orphans": [p.name for p in result.orphans]}, indent=2))
+                          "held": [{"name": s.name, "why": why} for s, why in result.held],
+                          "skipped": [{"name": p.name, "why": why}
+                                      for p, why in result.skipped],
+                          "orphans": [p.name for p in result.orphans],
+                          "warnings": result.warnings}, indent=2))
         return
     verb = "Would remove" if dry_run else "Removed"
+    retention = environment.database.retention_days
+    for warning in result.warnings:
+        typer.echo(f"Warning: {warning}")
     for snap in result.removed:
-        typer.echo(f"{verb} {snap.name} (expired "
-                   f"{snap.to_json(environment.database.retention_days)['expires_at']})")
+        typer.echo(f"{verb} {snap.name} (expired {snap.to_json(retention)['expires_at']})")
+    for snap, why in result.held:
+        typer.echo(f"{'Would keep' if dry_run else 'Kept'} {snap.name} (expired "
+                   f"{snap.to_json(retention)['expires_at']}): {why}")
     for path in result.orphans:
         typer.echo(f"{verb} leftover {path.name}")
-    typer.echo(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}.")
+    for path, why in result.skipped:
+        typer.echo(f"Skipped {path.name}: {why}")
+    typer.echo(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}"
+               + (f", {len(result.held)} of them expired but needed" if result.held else "")
+               + ".")

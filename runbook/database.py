@@ -39,13 +39,31 @@ ENCODE_FIX = ("percent-encode the password in {variable}: @ -> %40, % -> %25, / 
               "print(urllib.parse.quote(input(), safe=\"\"))' does it)")
 
 
+_QUERY = re.compile(r"\?[A-Za-z_][A-Za-z0-9_]*=[^&]*(?:&[A-Za-z_][A-Za-z0-9_]*=[^&]*)*$")
+
+
 def _credentials(url: str) -> str | None:
-    """The raw `user:password` part of a URL, taken up to the LAST `@` (a bare `@` in the
-    password must not cut it short), or None when the URL has none."""
+    """The raw `user:password` part of a URL, or None when the URL has none.
+
+    It ends at the LAST `@` before the query string (a bare `@` `/` `?` in the password must
+    not cut it short, so it is found and refused); the query string, where `@` is ordinary
+    (`?application_name=a@b`), is the first `?key=value&...` tail after a `/`. When nothing
+    before that tail holds an `@`, the tail may be a password's own text: the whole URL is
+    then read as before, which refuses rather than passes a misencoded password.
+    """
     _, sep, rest = url.partition("://")
     if not sep:
         return None
-    at = rest.rfind("@")
+    head = rest
+    slash = rest.find("/")
+    if slash >= 0:
+        for match in re.finditer(r"\?", rest[slash:]):
+            if _QUERY.match(rest, slash + match.start()):
+                head = rest[:slash + match.start()]
+                break
+    at = head.rfind("@")
+    if at < 0:
+        at = rest.rfind("@")
     return rest[:at] if at >= 0 else None
 
 

@@ -92,9 +92,19 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     if options.restore_snapshot or (problem and not options.force):
         from runbook import snapshots  # only when one is named or needed (~20 ms to import)
     if options.restore_snapshot:
-        snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
+        # the pre-deploy snapshot of the deployment that replaced the target (the current one
+        # unless --to goes further back) was dumped at the target's schema
+        after = migration_source.successor(env, target, current)
+        snap = (snapshots.latest_before(env, recorded, deployment_id=after.id)
                 if options.restore_snapshot == "auto"
                 else snapshots.find(env, options.restore_snapshot))
+        if snap is None and recorded is None:
+            raise PreconditionError(
+                f"the schema {target.version} ran with is unknown and the pre-deploy snapshot "
+                f"of {after.version} ({after.id}) is not in {env.database.snapshot_dir}, so no "
+                "snapshot can be chosen safely; nothing was changed",
+                f"pick the one taken at {target.version}'s schema from `runbook snapshot list "
+                f"{env.name}` and pass it with --snapshot FILE")
         if snap is None:
             raise PreconditionError(f"no usable snapshot at schema {recorded} was found in "
                                     f"{env.database.snapshot_dir}",

@@ -326,6 +326,53 @@ def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
     assert len(safety) == 2  # the pre-deploy snapshot and the safety snapshot of the restore
 
 
+def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapshot(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """The shell tooling records no migration version, in the state or the sidecar: the
+    newest snapshot (a manual one at the current schema) must never be the automatic choice."""
+    import time
+
+    from runbook import snapshots
+
+    if stack.has("docker-run"):
+        pytest.skip("the docker-run host's own deploy writes the sidecar this test rewrites")
+    stack.reset()
+    deploy_to(stack, stack.env, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    env = stack.env
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    sidecar = pre.with_name(pre.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(sidecar.read_text())
+    for key in ("migration_version", "sha256", "tables", "dirty"):
+        meta.pop(key, None)  # what scripts/ write: the contract's keys only
+    sidecar.write_text(json.dumps(meta))
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.current is not None
+    assert meta["deployment_id"] == st.current.id
+    states.write_state(env.state_file, dataclasses.replace(
+        st, previous=st.previous.with_(migration_version=None)))
+    stack.docker("stop", env.slot(Slot.BLUE).container)  # no running v1 to ask /health
+    time.sleep(1.1)  # snapshot names carry seconds
+    manual = snapshots.create(env, "manual")
+    assert manual.migration_version == 2
+
+    dry = rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+    shown = dry.plan.render()
+    assert pre.name in shown and manual.name not in shown
+
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for path in (pre, sidecar):
+        path.rename(aside / path.name)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "\n" not in err.value.message and "unknown" in err.value.message
+    assert err.value.fix and "--snapshot FILE" in err.value.fix
+    assert manual.name not in str(err.value)
+    assert snapshot(env) == before
+
+
 def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     from runbook.run import NotConfirmed
 

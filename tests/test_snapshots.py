@@ -124,14 +124,18 @@ def test_create_list_restore_cleanup_round_trip(stack: DrillStack) -> None:
     listed = snapshots.list_snapshots(env)
     assert {s.name for s in listed} == {snap.name, Path(safety).name}
     # the safety snapshot holds the state before the restore: restoring it brings that back
-    snapshot_restore.restore(env, safety)
+    second = snapshot_restore.restore(env, safety)
     assert item_names(stack) == ["alpha", "gamma", "written-after"]
+    newest = Path(second.plan.facts["safety_snapshot"])
 
     kept = snapshots.cleanup(env)
     assert kept.removed == [] and len(kept.kept) == 3
     gone = snapshots.cleanup(env, now=datetime.now(UTC) + timedelta(days=8))
-    assert len(gone.removed) == 3
-    assert list(env.database.snapshot_dir.iterdir()) == []
+    assert len(gone.removed) == 2  # all expired; the newest usable one is never removed
+    assert [(s.name, why) for s, why in gone.held] == [(newest.name,
+                                                        "the newest usable snapshot")]
+    assert sorted(p.name for p in env.database.snapshot_dir.iterdir()) == sorted(
+        [newest.name, newest.name.replace(".sql.gz", ".meta.json")])
 
 
 def test_cleanup_honours_each_snapshots_own_expiry(stack: DrillStack) -> None:

@@ -11,9 +11,10 @@ import contextlib
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,43 @@ def load(path: Path) -> Snapshot:
 
 
 def list_snapshots(env: Environment) -> list[Snapshot]:
-    """Every snapshot in the environment's folder, newest first."""
-    directory = env.database.snapshot_dir
-    if not directory.is_dir():
-        return []
-    found = [load(p) for p in directory.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
+    """Every snapshot in the environment's folder, newest first (see _scan for what is not)."""
+    found = [load(p) for p in _scan(env.database.snapshot_dir)[0]]
     return sorted(found, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
+
+
+def _scan(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The `*.sql.gz` entries that are snapshot files, and the others with why they are not.
+
+    A directory is never a snapshot. A symlink counts only when its name is a snapshot name
+    and it leads to a file: a convenience link such as `latest.sql.gz` would otherwise list
+    twice, sort first (its target's time) and become the default restore, which then cannot
+    tell what database it holds.
+    """
+    if not directory.is_dir():
+        return [], []
+    files_, others = [], []
+    for path in directory.glob(f"*{SUFFIX}"):
+        if path.name.startswith("."):
+            continue
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            others.append((path, "vanished while being read"))
+            continue
+        if stat.S_ISLNK(mode):
+            if not NAME_RE.match(path.name.removesuffix(SUFFIX)):
+                others.append((path, "a symlink without a snapshot name: ignored"))
+                continue
+            if not path.is_file():
+                others.append((path, "a symlink that leads to no file: left alone"))
+                continue
+        elif not stat.S_ISREG(mode):
+            others.append((path, "a directory (or other non-file) named like a snapshot: "
+                                 "left alone"))
+            continue
+        files_.append(path)
+    return files_, others
 
 
 def _mtime_ns(path: Path) -> int:
@@ -236,10 +268,23 @@ def latest_before(env: Environment, migration_version: int | None, *,
 
     That is the state a deployment which ran with that version can run on again, with the
     least data lost. A snapshot made for `deployment_id` (its pre-deploy snapshot) wins
-    when there is one; `before` drops snapshots taken later than that moment.
+    when there is one; `before` drops snapshots taken later than that moment. With the
+    version unknown (None), only that pre-deploy snapshot may be chosen, or None.
     """
+    if migration_version is None:
+        # The target's schema is unknown: only the snapshot dumped right before the deployment
+        # that replaced it (its pre-deploy snapshot, by deployment id) is known to hold that
+        # schema. The newest snapshot of any schema may be at the current one: restoring it
+        # helps nothing and drops the writes since. The sidecar then has no version either.
+        if not deployment_id:
+            return None
+        own = [s for s in list_snapshots(env)
+               if s.deployment_id == deployment_id and s.meta is not None and not s.problems
+               and not s.dirty and s.path.exists()
+               and (before is None or s.timestamp <= before)]
+        return own[0] if own else None
     found = [s for s in list_snapshots(env) if s.usable
-             and (migration_version is None or s.migration_version == migration_version)
+             and s.migration_version == migration_version
              and (before is None or s.timestamp <= before)]
     if deployment_id:
         own = [s for s in found if s.deployment_id == deployment_id]
@@ -270,8 +315,8 @@ def free_stem(directory: Path, db: str, when: datetime, reason: str) -> str:
 def no_space(directory: Path, what: str) -> PreconditionError:
     return PreconditionError(
         f"no disk space in {directory} for {what}; nothing was changed",
-        "free space there (`df -h`, `runbook snapshot cleanup`) or point SNAPSHOT_DIR / "
-        "[database] snapshot_dir at a bigger disk")
+        "free space there (`df -h`, `runbook snapshot cleanup`) or point [database] "
+        "snapshot_dir in the environment file at a bigger disk")
 
 
 def ensure_dir(directory: Path) -> None:
@@ -285,46 +330,136 @@ def ensure_dir(directory: Path) -> None:
                                 "fix its owner/permissions or set [database] snapshot_dir")
 
 
-
 @dataclass(frozen=True)
 class CleanupResult:
     removed: list[Snapshot]
-    kept: list[Snapshot]
+    kept: list[Snapshot]  # every snapshot left in place, expired or not
     orphans: list[Path]  # a killed writer's temp files, and sidecars without their dump
+    held: list[tuple[Snapshot, str]] = field(default_factory=list)  # expired, kept: why
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # left alone: why
+    warnings: list[str] = field(default_factory=list)
+
+
+def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str], str | None]:
+    """The snapshots cleanup keeps whatever their age, with why; or a warning that the state
+    file cannot be read (then the caller keeps every snapshot).
+
+    Kept: the newest usable snapshot, and the pre-deploy snapshots of the current and the
+    previous deployment (by the sidecar's deployment_id, or the Go CLI's snapshot_path):
+    the ones `runbook rollback --restore-snapshot` restores.
+    """
+    from runbook import state as states
+
+    why: dict[Path, list[str]] = {}
+    newest = next((s for s in snaps if s.usable), None)
+    if newest is not None:
+        why.setdefault(newest.path, []).append("the newest usable snapshot")
+    try:
+        state = states.read_state(env.state_file, environment=env.name)
+    except RunbookError as exc:
+        return ({s.path: "the state file cannot be read" for s in snaps},
+                f"cannot read the state file ({exc.message}), so nothing tells which "
+                "snapshots a rollback needs: kept every snapshot; fix the state file and run "
+                "the cleanup again")
+    for label, dep in (("current", state.current), ("previous", state.previous)):
+        if dep is None:
+            continue
+        for snap in snaps:
+            linked = dep.snapshot_path is not None and (
+                str(snap.path) == dep.snapshot_path or snap.name == Path(dep.snapshot_path).name)
+            if (snap.deployment_id and snap.deployment_id == dep.id) or linked:
+                why.setdefault(snap.path, []).append(
+                    f"the pre-deploy snapshot of the {label} deployment {dep.version} "
+                    f"({dep.id})")
+    return {path: "; ".join(reasons) for path, reasons in why.items()}, None
+
+
+def _unlink(path: Path) -> str | None:
+    """Delete one file; why not, instead of raising (a directory, a permission)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file: left alone"
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"cannot delete it ({exc.strerror or exc})"
+    return None
 
 
 def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = False,
             ) -> CleanupResult:
-    """Remove snapshots past their own expires_at (sidecar first read, then both files)."""
+    """Remove snapshots past their own expires_at (dump, then sidecar), except the ones a
+    rollback needs (`protected`); entries that are not files are skipped and reported."""
     now = now or datetime.now(UTC)
     retention = env.database.retention_days
-    removed, kept = [], []
-    for snap in list_snapshots(env):
-        if snap.expires_at(retention) <= now:
-            removed.append(snap)
-            if not dry_run:
-                snap.path.unlink(missing_ok=True)
-                snap.meta_path.unlink(missing_ok=True)
-        else:
-            kept.append(snap)
-    orphans: list[Path] = []
     directory = env.database.snapshot_dir
+    paths, skipped = _scan(directory)
+    snaps = sorted((load(p) for p in paths),
+                   key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
+    keep, warning = protected(env, snaps)
+    removed: list[Snapshot] = []
+    kept: list[Snapshot] = []
+    held: list[tuple[Snapshot, str]] = []
+    for snap in snaps:
+        if snap.expires_at(retention) > now:
+            kept.append(snap)
+            continue
+        if snap.path in keep:
+            kept.append(snap)
+            held.append((snap, keep[snap.path]))
+            continue
+        if not dry_run:
+            problem = _unlink(snap.path)
+            if problem is not None:
+                skipped.append((snap.path, problem))
+                kept.append(snap)
+                continue
+            problem = _unlink(snap.meta_path)
+            if problem is not None:
+                skipped.append((snap.meta_path, problem))
+        removed.append(snap)
+    orphans: list[Path] = []
     if directory.is_dir():
         day_ago = time.time() - 86400
-        for path in directory.iterdir():
+        for path in sorted(directory.iterdir()):
             leftover = path.name.endswith(".partial") or files.temp_target(path.name) is not None
-            stale_partial = leftover and path.stat().st_mtime < day_ago
-            lone_meta = (path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
-                         and not path.with_name(path.name.removesuffix(META_SUFFIX)
-                                                + SUFFIX).exists()
-                         and Snapshot(path.with_name(path.name.removesuffix(META_SUFFIX)
-                                                     + SUFFIX), _safe_json(path))
-                         .expires_at(retention) <= now)
-            if stale_partial or lone_meta:
-                orphans.append(path)
-                if not dry_run:
-                    path.unlink(missing_ok=True)
-    return CleanupResult(removed, kept, orphans)
+            meta_named = path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
+            if not (leftover or meta_named):
+                continue
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                skipped.append((path, "vanished while cleaning (a dump finishing?)"))
+                continue
+            except OSError as exc:
+                skipped.append((path, f"cannot read it ({exc.strerror or exc})"))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+                skipped.append((path, f"{kind}: left alone"))
+                continue
+            stale_partial = leftover and info.st_mtime < day_ago
+            dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
+            lone_meta = (meta_named and not os.path.lexists(dump)
+                         and Snapshot(dump, _safe_json(path)).expires_at(retention) <= now)
+            if not (stale_partial or lone_meta):
+                continue
+            if not dry_run:
+                if not path.exists():
+                    skipped.append((path, "vanished while cleaning (a dump finishing?)"))
+                    continue
+                problem = _unlink(path)
+                if problem is not None:
+                    skipped.append((path, problem))
+                    continue
+            orphans.append(path)
+    return CleanupResult(removed, kept, orphans, held, skipped,
+                         [warning] if warning else [])
 
 
 def _safe_json(path: Path) -> dict[str, Any] | None:
