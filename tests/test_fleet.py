@@ -335,6 +335,20 @@ def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -
     assert live is not None and not live.stale  # a live holder is never stale
 
 
+def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_dead(
+        env: Environment) -> None:
+    """The lock host cannot see the controller's machine: a live-looking lock (another
+    machine's pid) is taken over only when the resuming controller names its fleet run."""
+    _take(env, "fleet_dead", hostname="laptop", pid=1)
+    with pytest.raises(LockedError):
+        _take(env, "fleet_new", take_over="fleet_other")
+    out = _take(env, "fleet_new", take_over="fleet_dead")
+    assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_dead"  # type: ignore[index]
+    assert "found dead by the resume" in out["taken_over"]["why"]  # type: ignore[index]
+    held = hostlock.status(env)
+    assert held is not None and held.holder["fleet_run_id"] == "fleet_new"
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 
@@ -709,3 +723,63 @@ def test_a_resume_takes_an_unknown_host_only_when_named_and_never_once_it_rolled
     assert code == 0, text
     for name in ("host1", "host2", "host3"):
         assert fleet.serving(name) == (200, "blue", v2), name
+
+
+@pytest.mark.docker
+def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """kill -9 of the controller while the second batch starts (host2's rollback is asked for;
+    the drill's command there kills the controller first and leaves host2 as it was). The
+    fleet journal written as the run went says host1 rolled back and nothing of host2 and
+    host3: the resume skips host1 (never rolled twice), takes host2 and host3 only when
+    --limit names them (their outcome was not recorded), takes over the fleet lock of the
+    dead controller, and finishes: every host serves the previous version. Oracles: what
+    each host's Caddy serves, the fleet lock's directory."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.kill_controller_command(
+        "host2", pid_file, "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, journal)
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    assert fleet.serving("host1") == (200, "blue", v2)
+    assert fleet.serving("host2")[2] == v3 and fleet.serving("host3")[2] == v3
+    records = list(journal.glob("fleet_*.json"))
+    assert len(records) == 1, records
+    first = json.loads(records[0].read_text())
+    assert first["outcome"] is None and first["rollout_started"], first
+    assert first["hosts"]["host1"]["status"] == "rolled back", first["hosts"]
+    run_id = first["fleet_run_id"]
+    held = hostlock.status(fleet.hosts[0].env)
+    assert held is not None and held.stale, held  # the dead controller's lock, left behind
+
+    def resume(*args: str) -> tuple[int, str, str]:
+        p = subprocess.Popen([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                              *args, "--resume", run_id, "--yes", "--journal-dir",
+                              str(journal)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, stdin=subprocess.DEVNULL)
+        o, e = p.communicate(timeout=600)
+        return p.returncode, o, e
+
+    code, out, err = resume()
+    assert code == 2, out + err
+    assert "never finished" in err and "host2, host3 had an unknown outcome" in err, err
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v2, v3, v3]
+    code, out, err = resume("--limit", "host1,host2,host3")  # host1 named: still never again
+    assert code == 0, out + err
+    assert "host1: skipped: rolled back by fleet run " + run_id in out, out
+    for name in ("host1", "host2", "host3"):
+        assert fleet.serving(name) == (200, "blue", v2), name
+    second = json.loads(next(p for p in journal.glob("fleet_*.json")
+                             if p.stem != run_id).read_text())
+    assert second["hosts_selected"] == ["host2", "host3"], second
+    assert set(second["hosts"]) == {"host2", "host3"}  # host1 never rolled again
+    taken_over = second["stale_fleet_lock_taken_over"]  # the lock the dead controller left
+    assert taken_over["holder"]["fleet_run_id"] == run_id, taken_over
+    assert hostlock.status(fleet.hosts[0].env) is None

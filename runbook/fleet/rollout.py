@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runbook import procs
 from runbook.errors import ExitCode, RunbookError, UsageError
 from runbook.fleet import FLEET_PROTOCOL, hostlock
 from runbook.fleet import inventory as inv
@@ -55,6 +56,8 @@ FAILED_ATTENTION = "failed: needs attention"
 TOOK_EFFECT = "took effect: finish it"
 NOT_STARTED = "not started"
 UNKNOWN = "unknown: unreachable"  # the connection was lost during its rollback
+UNKNOWN_NOT_RECORDED = "unknown: no outcome recorded"  # its controller died (kill -9, power)
+STARTED = "started"  # journaled when a host's rollback starts; replaced by its outcome
 
 
 @dataclass
@@ -513,7 +516,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
 # A resume: never roll a finished host again
 
 
-UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION)
+UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION, UNKNOWN_NOT_RECORDED)
 
 
 def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
@@ -523,10 +526,19 @@ def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
     if resumed is None:
         return {}, {}
     outcomes = dict(resumed.get("earlier_outcomes") or {})
+    run_id = resumed.get("fleet_run_id", "?")
     for host, entry in (resumed.get("hosts") or {}).items():
         if isinstance(entry, dict) and entry.get("status"):
-            outcomes[host] = {"status": entry["status"],
-                              "fleet_run_id": resumed.get("fleet_run_id", "?")}
+            status = UNKNOWN_NOT_RECORDED if entry["status"] == STARTED else entry["status"]
+            outcomes[host] = {"status": status, "fleet_run_id": run_id}
+    if resumed.get("outcome") is None and resumed.get("rollout_started"):
+        # its controller died during the rollout: a host whose outcome it did not record may
+        # have rolled back (or be rolling back)
+        hosts = resumed.get("hosts") or {}
+        for host in resumed.get("hosts_selected") or []:
+            status = (hosts.get(host) or {}).get("status")
+            if status in (None, NOT_STARTED, STARTED):
+                outcomes[host] = {"status": UNKNOWN_NOT_RECORDED, "fleet_run_id": run_id}
     return outcomes, dict(resumed.get("started_from") or {})
 
 
@@ -549,6 +561,29 @@ def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], nam
                          lines=[f"{h}: {earlier[h]['status']} in fleet run "
                                 f"{earlier[h]['fleet_run_id']}" for h in unknown])
     return [h for h in selected if h not in skipped], skipped
+
+
+def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
+    """A resumed run that never finished: refused while its controller still runs (here);
+    otherwise say what happened (its controller died: kill -9, a crash, a power loss). Returns
+    its fleet run id when its controller ran on this machine and is gone (its fleet lock is
+    taken over: the lock host cannot see this machine's processes), else ""."""
+    ctl = resumed.get("controller") or {}
+    run_id = resumed.get("fleet_run_id", "?")
+    pid, here = ctl.get("pid"), ctl.get("hostname") == socket.gethostname()
+    start = ctl.get("pid_start") if isinstance(ctl.get("pid_start"), int) else None
+    if here and isinstance(pid, int) and pid != os.getpid() and procs.pid_alive(pid, start):
+        raise FleetError(f"--resume {run_id}: that fleet run is still running (pid {pid} on "
+                         "this machine); nothing was changed", "wait for it to end (or stop "
+                         "it with Ctrl-C), then resume", exit_code=ExitCode.LOCKED)
+    done = [h for h, e in (resumed.get("hosts") or {}).items()
+            if isinstance(e, dict) and e.get("status") == ROLLED_BACK]
+    say(f"fleet run {run_id} never finished: its controller (pid {pid} on "
+        f"{ctl.get('hostname', '?')}) stopped without a word (killed, crashed or a power loss); "
+        + (f"it recorded {', '.join(done)} rolled back; " if done else "")
+        + ("hosts without a recorded outcome are unknown" if resumed.get("rollout_started")
+           else "its rollout had not started: no host changed"))
+    return str(run_id) if here else ""
 
 
 def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
@@ -625,6 +660,9 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    take_over = ""
+    if resumed is not None and resumed.get("outcome") is None and not resumed.get("dry_run"):
+        take_over = _unfinished(resumed, say)
     earlier, started_from = _earlier(resumed)
     targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
                                        options.resume)
@@ -656,9 +694,12 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     interrupts = _Interrupts()
     run: PlaybookRun | None = None
     try:
-        events = _host_events(hosts, say)
+        if not options.dry_run:  # from its start: a controller killed later leaves a record
+            journal.write()
+        events = _host_events(hosts, say, None if options.dry_run else journal)
         extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
                      "fleet_take_lock": not options.dry_run,
+                     "fleet_take_over": take_over,
                      "fleet_maintenance": options.maintenance,
                      "fleet_preflight_hosts": ",".join(dict.fromkeys(
                          [*targets, inventory.lock_host])),
@@ -745,6 +786,7 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"{database.get('schema guard')}")
             lines.append("Dry run: nothing was changed.")
             return FleetResult(fleet_run_id, 0, lines)
+        journal.write()  # pre-flight decided (and the database judged)
         if confirm is not None and not confirm("\n".join(plan_lines)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
                              "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
@@ -797,13 +839,33 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             _release(inventory, targets, fleet_run_id, options.reason, say)
 
 
-def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Events:
-    """Events whose `runbook rollback` results fill in each host's outcome as they come."""
+def _host_entry(r: HostResult) -> dict[str, Any]:
+    return {"status": r.status, "exit_code": r.exit_code, "message": r.message,
+            "started": r.started, "ended": r.ended, "run": r.record}
+
+
+def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
+                 journal: fjournal.FleetJournal | None = None) -> Events:
+    """Events whose `runbook rollback` results fill in each host's outcome as they come; each
+    start and each outcome is written to the fleet journal at once (a controller killed later
+    leaves it behind for the resume)."""
     task = "runbook rollback"
+
+    def record(r: HostResult, status: str | None = None) -> None:
+        if journal is None:
+            return
+        entry = _host_entry(r)
+        if status:
+            entry["status"] = status
+        try:
+            journal.host(r.host, entry)
+        except OSError as exc:  # said, never fatal: the rollout goes on
+            say(f"could not write the fleet journal ({exc})")
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
             hosts[host].started = time.time()
+            record(hosts[host], STARTED)
             say(f"{host}: rolling back ...")
 
     def on_end(t: str, host: str, res: dict[str, Any]) -> None:
@@ -838,6 +900,7 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Ev
             notes = [_one_line(str(n)) for n in data.get("notices") or []]
             if notes:
                 r.message += "; note: " + "; ".join(notes)
+        record(r)
         say(f"{host}: {r.status} ({r.message})")
 
     return Events(on_start=on_start, on_end=on_end)
@@ -851,6 +914,10 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     events = run.events
     t0 = time.time()
     with interrupts.installed(say):
+        # written before the gate opens: a resume of a run whose controller died after this
+        # treats every host without a recorded outcome as unknown (it may have rolled back)
+        journal.set(rollout_started=True)
+        journal.write()
         go()
         status = run.join()
     if journal.record.get("maintenance_drain_started"):
@@ -865,10 +932,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     journal.phase("rollout", t0, status, serial=plan.serial,
                   hosts={h: {"status": r.status, "started": r.started, "ended": r.ended}
                          for h, r in hosts.items()})
-    journal.record["hosts"] = {h: {"status": r.status, "exit_code": r.exit_code,
-                                   "message": r.message, "started": r.started,
-                                   "ended": r.ended, "run": r.record}
-                               for h, r in hosts.items()}
+    journal.set(hosts={h: _host_entry(r) for h, r in hosts.items()})
     codes = [r.exit_code for r in hosts.values() if r.status != ROLLED_BACK
              and r.status != NOT_STARTED]
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
