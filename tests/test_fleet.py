@@ -420,6 +420,47 @@ def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lo
     assert record["hosts"]["host2"]["status"] == "not started"
 
 
+@pytest.mark.docker
+def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The canary (host1) is slow to start its rollback; two Ctrl-C while it runs stop
+    Ansible before it answered: it started, so it is 'unknown: started, no result' (exit 5,
+    check it), never 'not started'; its resume needs --limit naming it. Oracles: what each
+    host's Caddy serves, the exit code."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.slow_command(
+        "host1", 20, "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path)
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "host1: rolling back" in line:
+                time.sleep(1)
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)  # the second: Ansible stopped at once
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.write_inventory()
+    text = "".join(seen) + err + out
+    assert proc.returncode == 5, text
+    assert "host1: unknown: started, no result" in out, text
+    assert "host2: not started" in out and "check host1 first" in out, text
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["hosts"]["host1"]["status"] == "unknown: started, no result"
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v3, v3, v3]
+    resume = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                             "--resume", record["fleet_run_id"], "--yes", "--journal-dir",
+                             str(tmp_path)], capture_output=True, text=True, check=False,
+                            timeout=600)
+    assert resume.returncode == 2 and "host1 had an unknown outcome" in resume.stderr, resume
+    assert hostlock.status(fleet.hosts[0].env) is None
+
+
 def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-sshd.sh"
     began = time.monotonic()

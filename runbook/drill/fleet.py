@@ -529,6 +529,21 @@ sys.exit(1)
         script.chmod(0o755)
         return str(script)
 
+    def slow_command(self, name: str, seconds: float, *on: str) -> str:
+        """A `runbook_command` for host `name` that waits `seconds` before `runbook <on...>`
+        runs there (a slow host: time to interrupt the controller mid-host)."""
+        script = self.dir / f"slow.{name}.{'-'.join(on)}"
+        script.write_text(f"""#!{sys.executable}
+import os, sys, time
+RUNBOOK, ON = {self.runbook_command!r}, {list(on)!r}
+argv = sys.argv[1:]
+if argv[:len(ON)] == ON:
+    time.sleep({seconds!r})
+os.execv(RUNBOOK, [RUNBOOK, *argv])
+""")
+        script.chmod(0o755)
+        return str(script)
+
     def reachable_again(self, name: str) -> None:
         """Host `name`'s sshd listening again (after `cut_off_command` stopped it)."""
         h = self.host(name)

@@ -56,6 +56,7 @@ FAILED_ATTENTION = "failed: needs attention"
 TOOK_EFFECT = "took effect: finish it"
 NOT_STARTED = "not started"
 UNKNOWN = "unknown: unreachable"  # the connection was lost during its rollback
+UNKNOWN_STARTED = "unknown: started, no result"  # Ansible stopped (second Ctrl-C) mid-host
 UNKNOWN_NOT_RECORDED = "unknown: no outcome recorded"  # its controller died (kill -9, power)
 STARTED = "started"  # journaled when a host's rollback starts; replaced by its outcome
 
@@ -516,7 +517,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
 # A resume: never roll a finished host again
 
 
-UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION, UNKNOWN_NOT_RECORDED)
+UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION, UNKNOWN_STARTED, UNKNOWN_NOT_RECORDED)
 
 
 def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
@@ -920,6 +921,11 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         journal.write()
         go()
         status = run.join()
+    for r in hosts.values():  # started, but Ansible was stopped before it said how it ended
+        if r.status == NOT_STARTED and r.started is not None:
+            r.status = UNKNOWN_STARTED
+            r.message = ("its rollback started but Ansible was stopped before it answered; "
+                         "run `runbook status` there")
     if journal.record.get("maintenance_drain_started"):
         for r in hosts.values():  # drained: no host that did not roll back serves anything
             if r.status in (NOT_STARTED, FAILED_SERVING):
@@ -939,7 +945,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     lines = [f"{h}: skipped: {why}" for h, why in (journal.record.get("skipped") or {}).items()]
     lines += [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
               for h, r in hosts.items()]
-    if any(r.status in (FAILED_ATTENTION, UNKNOWN) or "DOWN" in r.status
+    if any(r.status in (FAILED_ATTENTION, UNKNOWN, UNKNOWN_STARTED) or "DOWN" in r.status
            for r in hosts.values()):
         code = ExitCode.ATTENTION
     elif any(r.status == TOOK_EFFECT for r in hosts.values()):
@@ -955,10 +961,12 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
             ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
         resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
                   f"--resume {fleet_run_id}{same}")
-        unknown = [h for h, r in hosts.items() if r.status == UNKNOWN]
+        unknown = [h for h, r in hosts.items() if r.status in (UNKNOWN, UNKNOWN_STARTED)]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
-               f"stopped: {', '.join(unknown)} unreachable" if unknown else
+               f"stopped: {', '.join(unknown)} unreachable" if unknown and all(
+                   hosts[h].status == UNKNOWN for h in unknown) else
+               f"stopped: {', '.join(unknown)} outcome unknown" if unknown else
                "stopped at the first failed host")
         if journal.record.get("maintenance_drain_started"):
             why += " (THE SERVICE IS DOWN on the hosts not rolled back; the database was " \
