@@ -461,6 +461,33 @@ def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
     assert hostlock.status(fleet.hosts[0].env) is None
 
 
+@pytest.mark.docker
+def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """On a terminal the fleet asks before any host changes; Ctrl-C there is the README's
+    "interrupted before any host changed; nothing was changed" (exit 1, journaled, the fleet
+    lock released), not click's bare "Aborted!". A real pty (pexpect). Oracles: what each
+    host's Caddy serves, the fleet lock's directory."""
+    import pexpect
+
+    v3 = VERSIONS["v3"].tag
+    child = pexpect.spawn(fleet_on_v3.runbook_command, ["fleet", "rollback",
+                          str(fleet_on_v3.inventory), "--journal-dir", str(tmp_path)],
+                          encoding="utf-8", timeout=300)
+    child.expect(r"Proceed\? \[y/N\]")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    text = (child.before or "")
+    assert child.exitstatus == 1, text
+    assert "interrupted before any host changed; nothing was changed" in text, text
+    assert "Aborted!" not in text, text
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["outcome"] == "interrupted" and record["exit_code"] == 1, record
+    assert [fleet_on_v3.serving(h.name)[2] for h in fleet_on_v3.hosts] == [v3, v3, v3]
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None
+
+
 def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-sshd.sh"
     began = time.monotonic()

@@ -68,7 +68,13 @@ def rollback_cmd(
 
         def confirm(plan: str) -> bool:
             typer.echo(plan, err=True)
-            return typer.confirm("Proceed?", default=False, err=True)
+            try:
+                return typer.confirm("Proceed?", default=False, err=True)
+            except typer.Abort as exc:  # click's word for Ctrl-C (and EOF) there
+                if isinstance(exc.__context__, EOFError):
+                    return False  # stdin closed: not confirmed
+                typer.echo("", err=True)  # the prompt's line ends
+                raise KeyboardInterrupt from None  # the fleet's own Ctrl-C path: journaled
 
         def say(message: str) -> None:
             if fmt is Format.text:
