@@ -488,6 +488,36 @@ def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
     assert hostlock.status(fleet_on_v3.hosts[0].env) is None
 
 
+@pytest.mark.docker
+def test_a_prompt_answered_after_the_gate_expired_says_so_and_changed_nothing(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The playbook waits at its gate for a bounded time (RUNBOOK_FLEET_GATE_WAIT_S, 15 min by
+    default; 2 s here). A y typed after that is told, in one line, that the run expired at the
+    prompt and nothing changed (exit 1), not 'stopped at the first failed host ... Resume
+    with'. Oracles: what each host's Caddy serves, the fleet lock's directory."""
+    import pexpect
+
+    v3 = VERSIONS["v3"].tag
+    child = pexpect.spawn(fleet_on_v3.runbook_command, ["fleet", "rollback",
+                          str(fleet_on_v3.inventory), "--journal-dir", str(tmp_path)],
+                          encoding="utf-8", timeout=300,
+                          env={**os.environ, "RUNBOOK_FLEET_GATE_WAIT_S": "2"})
+    child.expect(r"Proceed\? \[y/N\]")
+    time.sleep(5)
+    child.sendline("y")
+    child.expect(pexpect.EOF)
+    child.close()
+    text = child.before or ""
+    assert child.exitstatus == 1, text
+    errors = [line for line in text.splitlines() if line.startswith("runbook: error:")]
+    assert len(errors) == 1 and "expired at the prompt" in errors[0], text
+    assert "nothing was changed" in errors[0] and "Resume with" not in text, text
+    assert [fleet_on_v3.serving(h.name)[2] for h in fleet_on_v3.hosts] == [v3, v3, v3]
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["exit_code"] == 1 and not record["rollout_started"], record
+
+
 def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-sshd.sh"
     began = time.monotonic()

@@ -184,6 +184,18 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
 
 
 
+class GateExpired(Exception):
+    """The playbook stopped waiting at a gate (fleet_gate's WAIT_S) before the decision."""
+
+
+def _expired() -> FleetError:
+    wait = float(os.environ.get("RUNBOOK_FLEET_GATE_WAIT_S", "900"))
+    return FleetError(f"the run expired at the prompt: Ansible stops waiting for the answer "
+                      f"after {wait / 60:g} min, so it ended before any host changed; nothing "
+                      "was changed", "run the same command again and answer within that time "
+                      "(or pass --yes)", exit_code=ExitCode.FAILED_SAFELY)
+
+
 class PlaybookRun:
     """One ansible-playbook process for the whole fleet run (fleet.yml), started at once.
 
@@ -220,12 +232,21 @@ class PlaybookRun:
         return True
 
     def decide(self, name: str, decision: str, **files: str) -> None:
+        """Write the decision; raises GateExpired if the gate gave up waiting first."""
         for key, value in files.items():
             files_path = self.gate_dir / key
             files_path.write_text(value)
         tmp = self.gate_dir / f".{name}.tmp"
         tmp.write_text(decision)
-        tmp.rename(self.gate_dir / name)  # atomic: the gate never reads half a word
+        try:  # a link, not a rename: atomic (never half a word) and never over the gate's own
+            os.link(tmp, self.gate_dir / name)
+        except FileExistsError:
+            self.decided.add(name)
+            if (self.gate_dir / name).read_text().strip() == "expired":
+                raise GateExpired(name) from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
         self.decided.add(name)
 
     def join(self) -> str:
@@ -242,7 +263,7 @@ class PlaybookRun:
             if name not in self.decided:
                 word = "stop, release the fleet lock" if release and name == "preflight" \
                     else "stop"
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, GateExpired):
                     self.decide(name, word)
         with contextlib.suppress(Exception):
             self.join()
@@ -440,7 +461,11 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     journal.set(maintenance_drain_started=True)
     events = run.events
     t0 = time.time()
-    run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
+    try:
+        run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
+    except GateExpired:
+        journal.set(maintenance_drain_started=False)  # the playbook ended at the gate
+        raise _expired() from None
     if not run.wait_gate("rollout"):
         run.join()
     drained: dict[str, list[str]] = {}
@@ -919,7 +944,11 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         # treats every host without a recorded outcome as unknown (it may have rolled back)
         journal.set(rollout_started=True)
         journal.write()
-        go()
+        try:
+            go()
+        except GateExpired:
+            journal.set(rollout_started=False)  # the playbook ended at the gate
+            raise _expired() from None
         status = run.join()
     for r in hosts.values():  # started, but Ansible was stopped before it said how it ended
         if r.status == NOT_STARTED and r.started is not None:
