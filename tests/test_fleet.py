@@ -518,6 +518,39 @@ def test_a_prompt_answered_after_the_gate_expired_says_so_and_changed_nothing(
     assert record["exit_code"] == 1 and not record["rollout_started"], record
 
 
+@pytest.mark.docker
+def test_a_fleet_lock_not_released_is_in_the_json_output_and_the_journal(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The lock host (host1) goes dark when the fleet lock's release is asked for, after every
+    host rolled back: with --format json the failure is in the output (with the command that
+    releases it by hand) and in the fleet journal, not only in a text-mode line."""
+    fleet = fleet_on_v3
+    v2 = VERSIONS["v2"].tag
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.cut_off_command(
+        "host1", "fleet", "lock")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        assert out.strip(), err
+        data = json.loads(out.splitlines()[-1])
+        for name in ("host1", "host2", "host3"):
+            assert fleet.serving(name) == (200, "blue", v2), name
+        failed = data["fleet_lock_release_failed"]
+        assert failed and "could not release the fleet lock on host1" in failed, data
+        assert "--release --fleet-run " + data["fleet_run_id"] in failed, failed
+        assert failed in data["lines"], data["lines"]
+        record = json.loads(Path(data["journal_file"]).read_text())
+        assert record["fleet_lock_release_failed"] == failed, record
+        held = hostlock.status(fleet.host("host1").env)
+        assert held is not None and held.holder["fleet_run_id"] == data["fleet_run_id"]
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+        for path in tmp_path.glob("fleet_*.json"):
+            with contextlib.suppress(RunbookError):
+                hostlock.release(fleet.host("host1").env, path.stem)
+
+
 def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-sshd.sh"
     began = time.monotonic()

@@ -95,6 +95,8 @@ def rollback_cmd(
         print(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,
                           "exit_code": result.exit_code, "lines": result.lines,
                           "journal_file": str(result.journal_file or ""),
+                          "fleet_lock_release_failed":
+                              result.journal.get("fleet_lock_release_failed"),
                           "record": result.journal}, default=str))
     else:
         for line in result.lines:

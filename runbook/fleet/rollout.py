@@ -672,7 +672,22 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
              say: Callable[[str], None]) -> FleetResult:
-    """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops."""
+    """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops.
+
+    A fleet lock that could not be released is said, added to the result's lines (or the
+    error's), and journaled (`fleet_lock_release_failed`), whatever the output format."""
+    unreleased: list[str] = []
+    try:
+        result = _rollback(options, confirm=confirm, say=say, unreleased=unreleased)
+    except FleetError as exc:
+        exc.lines = [*exc.lines, *unreleased]
+        raise
+    result.lines = [*result.lines, *unreleased]
+    return result
+
+
+def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
+              say: Callable[[str], None], unreleased: list[str]) -> FleetResult:
     inventory = inv.read(options.inventory, options.canary_group)
     if not inventory.canary:  # a missing or misspelled group would silently mean no canary
         raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
@@ -862,7 +877,13 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         interrupts.cleanup()
         signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
-            _release(inventory, targets, fleet_run_id, options.reason, say)
+            failed = _release(inventory, targets, fleet_run_id, options.reason)
+            if failed:
+                say(failed)
+                unreleased.append(failed)
+                journal.set(fleet_lock_release_failed=failed)
+                with contextlib.suppress(OSError):  # in a `finally`: never replace it
+                    journal.write()
 
 
 def _host_entry(r: HostResult) -> dict[str, Any]:
@@ -1013,9 +1034,10 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     return FleetResult(fleet_run_id, int(code), lines, journal.record, path)
 
 
-def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str,
-             say: Callable[[str], None]) -> None:
-    """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak."""
+def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
+             reason: str) -> str | None:
+    """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak. Returns what
+    went wrong, in one line with the fix, or None once released."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
     try:
@@ -1024,12 +1046,13 @@ def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason
                      _controller_vars(fleet_run_id, inventory, targets, reason), events, forks=1)
         res = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
         if res.get("_event") != "runner_on_ok":
-            say(f"could not release the fleet lock on {inventory.lock_host}: "
-                f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it with "
-                f"{manual}")
+            return (f"could not release the fleet lock on {inventory.lock_host}: "
+                    f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it "
+                    f"with {manual}")
     except Exception as exc:  # called from a `finally`: say it, never replace the outcome
-        say(f"could not release the fleet lock on {inventory.lock_host} "
-            f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
+        return (f"could not release the fleet lock on {inventory.lock_host} "
+                f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
     finally:
         signal.signal(signal.SIGINT, old)
+    return None
 
