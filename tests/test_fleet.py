@@ -349,6 +349,27 @@ def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_
     assert held is not None and held.holder["fleet_run_id"] == "fleet_new"
 
 
+def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is_refused(
+) -> None:
+    """A maintenance run whose controller died after the drain began and before the restore's
+    outcome was journaled: the database may or may not be restored, so a resume (which never
+    restores again, and would otherwise plan a restore anew) refuses, exit 5, saying what to
+    check and how to finish."""
+    from runbook.errors import ExitCode
+    from runbook.fleet.rollout import FleetError, _unfinished
+
+    journal = {"fleet_run_id": "fleet_x", "outcome": None, "maintenance_drain_started": True,
+               "controller": {"hostname": "elsewhere", "pid": 1},
+               "database": {"host": "web1", "status": "restore planned"}, "hosts": {}}
+    with pytest.raises(FleetError) as caught:
+        _unfinished(journal, print)
+    assert caught.value.exit_code == ExitCode.ATTENTION
+    assert "may or may not be restored" in caught.value.message
+    assert caught.value.fix and "without --resume" in caught.value.fix
+    restored = {**journal, "database": {"host": "web1", "status": "restored"}}
+    assert _unfinished(restored, print) == ""  # its restore recorded: resumable (elsewhere)
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 

@@ -459,6 +459,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
+    journal.write()  # before any host drains: a resume after a crash must know
     events = run.events
     t0 = time.time()
     try:
@@ -479,6 +480,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
             failed.append(f"{host}: drain failed: "
                           f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
     journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
+    journal.write()
     res = events.results.get("restore the snapshot", {}).get(decision["host"])
     t1 = (events.started.get("restore the snapshot", {}).get(decision["host"]) or time.time())
     out = _last_json(str((res or {}).get("stdout", ""))) or {}
@@ -602,6 +604,17 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
         raise FleetError(f"--resume {run_id}: that fleet run is still running (pid {pid} on "
                          "this machine); nothing was changed", "wait for it to end (or stop "
                          "it with Ctrl-C), then resume", exit_code=ExitCode.LOCKED)
+    database = resumed.get("database") or {}
+    if resumed.get("maintenance_drain_started") and database.get("status") != "restored":
+        raise FleetError(f"--resume {run_id}: that maintenance run never finished (its "
+                         f"controller, pid {pid} on {ctl.get('hostname', '?')}, stopped during "
+                         "the drain or the restore): hosts may be DOWN and the database may or "
+                         "may not be restored; a resume would not know whether to restore; "
+                         "nothing was changed", f"on {database.get('host', 'the lock host')} "
+                         "run `runbook status ENV` and `runbook snapshot list ENV`, then run "
+                         "the fleet rollback again without --resume: its pre-flight judges the "
+                         "database anew (--maintenance only if it still needs the restore)",
+                         exit_code=ExitCode.ATTENTION)
     done = [h for h, e in (resumed.get("hosts") or {}).items()
             if isinstance(e, dict) and e.get("status") == ROLLED_BACK]
     say(f"fleet run {run_id} never finished: its controller (pid {pid} on "
