@@ -444,14 +444,15 @@ def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lo
 @pytest.mark.docker
 def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
-    """The canary (host1) is slow to start its rollback; two Ctrl-C while it runs stop
+    """The canary (host1) is held before its rollback; two Ctrl-C while it runs stop
     Ansible before it answered: it started, so it is 'unknown: started, no result' (exit 5,
     check it), never 'not started'; its resume needs --limit naming it. Oracles: what each
     host's Caddy serves, the exit code."""
     fleet = fleet_on_v3
     v3 = VERSIONS["v3"].tag
-    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.slow_command(
-        "host1", 20, "rollback")}})
+    gate = tmp_path / "host1.gate"
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.held_command(
+        "host1", gate, "rollback")}})
     try:
         proc = _fleet_rollback(fleet, tmp_path)
         assert proc.stderr is not None
@@ -466,6 +467,7 @@ def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
                 break
         out, err = proc.communicate(timeout=600)
     finally:
+        gate.write_text("never")  # host1's held rollback, cut off from its controller
         fleet.write_inventory()
     text = "".join(seen) + err + out
     assert proc.returncode == 5, text
@@ -555,7 +557,7 @@ def test_a_fleet_lock_not_released_is_in_the_json_output_and_the_journal(
         assert out.strip(), err
         data = json.loads(out.splitlines()[-1])
         for name in ("host1", "host2", "host3"):
-            assert fleet.serving(name) == (200, "blue", v2), name
+            assert fleet.serving(name) == (200, "blue", v2), (name, data)
         failed = data["fleet_lock_release_failed"]
         assert failed and "could not release the fleet lock on host1" in failed, data
         assert "--release --fleet-run " + data["fleet_run_id"] in failed, failed

@@ -529,16 +529,24 @@ sys.exit(1)
         script.chmod(0o755)
         return str(script)
 
-    def slow_command(self, name: str, seconds: float, *on: str) -> str:
-        """A `runbook_command` for host `name` that waits `seconds` before `runbook <on...>`
-        runs there (a slow host: time to interrupt the controller mid-host)."""
-        script = self.dir / f"slow.{name}.{'-'.join(on)}"
+    def held_command(self, name: str, gate: Path, *on: str) -> str:
+        """A `runbook_command` for host `name` that holds `runbook <on...>` there until the
+        file `gate` appears (at most 120 s): "run" runs it, anything else exits 1 without
+        running it (the host left as it was). Time to interrupt the controller mid-host; and,
+        since `raw` has no tty, an interrupted controller's session does not stop the command:
+        the test says, once it is done, that it must never run."""
+        script = self.dir / f"held.{name}.{'-'.join(on)}"
         script.write_text(f"""#!{sys.executable}
 import os, sys, time
-RUNBOOK, ON = {self.runbook_command!r}, {list(on)!r}
+from pathlib import Path
+RUNBOOK, ON, GATE = {self.runbook_command!r}, {list(on)!r}, Path({str(gate)!r})
 argv = sys.argv[1:]
 if argv[:len(ON)] == ON:
-    time.sleep({seconds!r})
+    deadline = time.monotonic() + 120
+    while not GATE.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not GATE.exists() or GATE.read_text().strip() != "run":
+        sys.exit(1)
 os.execv(RUNBOOK, [RUNBOOK, *argv])
 """)
         script.chmod(0o755)
