@@ -335,6 +335,41 @@ def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -
     assert live is not None and not live.stale  # a live holder is never stale
 
 
+def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_dead(
+        env: Environment) -> None:
+    """The lock host cannot see the controller's machine: a live-looking lock (another
+    machine's pid) is taken over only when the resuming controller names its fleet run."""
+    _take(env, "fleet_dead", hostname="laptop", pid=1)
+    with pytest.raises(LockedError):
+        _take(env, "fleet_new", take_over="fleet_other")
+    out = _take(env, "fleet_new", take_over="fleet_dead")
+    assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_dead"  # type: ignore[index]
+    assert "found dead by the resume" in out["taken_over"]["why"]  # type: ignore[index]
+    held = hostlock.status(env)
+    assert held is not None and held.holder["fleet_run_id"] == "fleet_new"
+
+
+def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is_refused(
+) -> None:
+    """A maintenance run whose controller died after the drain began and before the restore's
+    outcome was journaled: the database may or may not be restored, so a resume (which never
+    restores again, and would otherwise plan a restore anew) refuses, exit 5, saying what to
+    check and how to finish."""
+    from runbook.errors import ExitCode
+    from runbook.fleet.rollout import FleetError, _unfinished
+
+    journal = {"fleet_run_id": "fleet_x", "outcome": None, "maintenance_drain_started": True,
+               "controller": {"hostname": "elsewhere", "pid": 1},
+               "database": {"host": "web1", "status": "restore planned"}, "hosts": {}}
+    with pytest.raises(FleetError) as caught:
+        _unfinished(journal, print)
+    assert caught.value.exit_code == ExitCode.ATTENTION
+    assert "may or may not be restored" in caught.value.message
+    assert caught.value.fix and "without --resume" in caught.value.fix
+    restored = {**journal, "database": {"host": "web1", "status": "restored"}}
+    assert _unfinished(restored, print) == ""  # its restore recorded: resumable (elsewhere)
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 
@@ -404,6 +439,139 @@ def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lo
     record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
     assert record["hosts"]["host1"]["status"] == "rolled back"
     assert record["hosts"]["host2"]["status"] == "not started"
+
+
+@pytest.mark.docker
+def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The canary (host1) is held before its rollback; two Ctrl-C while it runs stop
+    Ansible before it answered: it started, so it is 'unknown: started, no result' (exit 5,
+    check it), never 'not started'; its resume needs --limit naming it. Oracles: what each
+    host's Caddy serves, the exit code."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    gate = tmp_path / "host1.gate"
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.held_command(
+        "host1", gate, "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path)
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "host1: rolling back" in line:
+                time.sleep(1)
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)  # the second: Ansible stopped at once
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        gate.write_text("never")  # host1's held rollback, cut off from its controller
+        fleet.write_inventory()
+    text = "".join(seen) + err + out
+    assert proc.returncode == 5, text
+    assert "host1: unknown: started, no result" in out, text
+    assert "host2: not started" in out and "check host1 first" in out, text
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["hosts"]["host1"]["status"] == "unknown: started, no result"
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v3, v3, v3]
+    resume = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                             "--resume", record["fleet_run_id"], "--yes", "--journal-dir",
+                             str(tmp_path)], capture_output=True, text=True, check=False,
+                            timeout=600)
+    assert resume.returncode == 2 and "host1 had an unknown outcome" in resume.stderr, resume
+    assert hostlock.status(fleet.hosts[0].env) is None
+
+
+@pytest.mark.docker
+def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """On a terminal the fleet asks before any host changes; Ctrl-C there is the README's
+    "interrupted before any host changed; nothing was changed" (exit 1, journaled, the fleet
+    lock released), not click's bare "Aborted!". A real pty (pexpect). Oracles: what each
+    host's Caddy serves, the fleet lock's directory."""
+    import pexpect
+
+    v3 = VERSIONS["v3"].tag
+    child = pexpect.spawn(fleet_on_v3.runbook_command, ["fleet", "rollback",
+                          str(fleet_on_v3.inventory), "--journal-dir", str(tmp_path)],
+                          encoding="utf-8", timeout=300)
+    child.expect(r"Proceed\? \[y/N\]")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    text = (child.before or "")
+    assert child.exitstatus == 1, text
+    assert "interrupted before any host changed; nothing was changed" in text, text
+    assert "Aborted!" not in text, text
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["outcome"] == "interrupted" and record["exit_code"] == 1, record
+    assert [fleet_on_v3.serving(h.name)[2] for h in fleet_on_v3.hosts] == [v3, v3, v3]
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None
+
+
+@pytest.mark.docker
+def test_a_prompt_answered_after_the_gate_expired_says_so_and_changed_nothing(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The playbook waits at its gate for a bounded time (RUNBOOK_FLEET_GATE_WAIT_S, 15 min by
+    default; 2 s here). A y typed after that is told, in one line, that the run expired at the
+    prompt and nothing changed (exit 1), not 'stopped at the first failed host ... Resume
+    with'. Oracles: what each host's Caddy serves, the fleet lock's directory."""
+    import pexpect
+
+    v3 = VERSIONS["v3"].tag
+    child = pexpect.spawn(fleet_on_v3.runbook_command, ["fleet", "rollback",
+                          str(fleet_on_v3.inventory), "--journal-dir", str(tmp_path)],
+                          encoding="utf-8", timeout=300,
+                          env={**os.environ, "RUNBOOK_FLEET_GATE_WAIT_S": "2"})
+    child.expect(r"Proceed\? \[y/N\]")
+    time.sleep(5)
+    child.sendline("y")
+    child.expect(pexpect.EOF)
+    child.close()
+    text = child.before or ""
+    assert child.exitstatus == 1, text
+    errors = [line for line in text.splitlines() if line.startswith("runbook: error:")]
+    assert len(errors) == 1 and "expired at the prompt" in errors[0], text
+    assert "nothing was changed" in errors[0] and "Resume with" not in text, text
+    assert [fleet_on_v3.serving(h.name)[2] for h in fleet_on_v3.hosts] == [v3, v3, v3]
+    assert hostlock.status(fleet_on_v3.hosts[0].env) is None
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["exit_code"] == 1 and not record["rollout_started"], record
+
+
+@pytest.mark.docker
+def test_a_fleet_lock_not_released_is_in_the_json_output_and_the_journal(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The lock host (host1) goes dark when the fleet lock's release is asked for, after every
+    host rolled back: with --format json the failure is in the output (with the command that
+    releases it by hand) and in the fleet journal, not only in a text-mode line."""
+    fleet = fleet_on_v3
+    v2 = VERSIONS["v2"].tag
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.cut_off_command(
+        "host1", "fleet", "lock")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        assert out.strip(), err
+        data = json.loads(out.splitlines()[-1])
+        for name in ("host1", "host2", "host3"):
+            assert fleet.serving(name) == (200, "blue", v2), (name, data)
+        failed = data["fleet_lock_release_failed"]
+        assert failed and "could not release the fleet lock on host1" in failed, data
+        assert "--release --fleet-run " + data["fleet_run_id"] in failed, failed
+        assert failed in data["lines"], data["lines"]
+        record = json.loads(Path(data["journal_file"]).read_text())
+        assert record["fleet_lock_release_failed"] == failed, record
+        held = hostlock.status(fleet.host("host1").env)
+        assert held is not None and held.holder["fleet_run_id"] == data["fleet_run_id"]
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+        for path in tmp_path.glob("fleet_*.json"):
+            with contextlib.suppress(RunbookError):
+                hostlock.release(fleet.host("host1").env, path.stem)
 
 
 def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
@@ -709,3 +877,63 @@ def test_a_resume_takes_an_unknown_host_only_when_named_and_never_once_it_rolled
     assert code == 0, text
     for name in ("host1", "host2", "host3"):
         assert fleet.serving(name) == (200, "blue", v2), name
+
+
+@pytest.mark.docker
+def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """kill -9 of the controller while the second batch starts (host2's rollback is asked for;
+    the drill's command there kills the controller first and leaves host2 as it was). The
+    fleet journal written as the run went says host1 rolled back and nothing of host2 and
+    host3: the resume skips host1 (never rolled twice), takes host2 and host3 only when
+    --limit names them (their outcome was not recorded), takes over the fleet lock of the
+    dead controller, and finishes: every host serves the previous version. Oracles: what
+    each host's Caddy serves, the fleet lock's directory."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.kill_controller_command(
+        "host2", pid_file, "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, journal)
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    assert fleet.serving("host1") == (200, "blue", v2)
+    assert fleet.serving("host2")[2] == v3 and fleet.serving("host3")[2] == v3
+    records = list(journal.glob("fleet_*.json"))
+    assert len(records) == 1, records
+    first = json.loads(records[0].read_text())
+    assert first["outcome"] is None and first["rollout_started"], first
+    assert first["hosts"]["host1"]["status"] == "rolled back", first["hosts"]
+    run_id = first["fleet_run_id"]
+    held = hostlock.status(fleet.hosts[0].env)
+    assert held is not None and held.stale, held  # the dead controller's lock, left behind
+
+    def resume(*args: str) -> tuple[int, str, str]:
+        p = subprocess.Popen([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                              *args, "--resume", run_id, "--yes", "--journal-dir",
+                              str(journal)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, stdin=subprocess.DEVNULL)
+        o, e = p.communicate(timeout=600)
+        return p.returncode, o, e
+
+    code, out, err = resume()
+    assert code == 2, out + err
+    assert "never finished" in err and "host2, host3 had an unknown outcome" in err, err
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v2, v3, v3]
+    code, out, err = resume("--limit", "host1,host2,host3")  # host1 named: still never again
+    assert code == 0, out + err
+    assert "host1: skipped: rolled back by fleet run " + run_id in out, out
+    for name in ("host1", "host2", "host3"):
+        assert fleet.serving(name) == (200, "blue", v2), name
+    second = json.loads(next(p for p in journal.glob("fleet_*.json")
+                             if p.stem != run_id).read_text())
+    assert second["hosts_selected"] == ["host2", "host3"], second
+    assert set(second["hosts"]) == {"host2", "host3"}  # host1 never rolled again
+    taken_over = second["stale_fleet_lock_taken_over"]  # the lock the dead controller left
+    assert taken_over["holder"]["fleet_run_id"] == run_id, taken_over
+    assert hostlock.status(fleet.hosts[0].env) is None

@@ -502,6 +502,56 @@ while pid > 1:  # the connection that asked: every sshd process above this one
         script.chmod(0o755)
         return str(script)
 
+    def kill_controller_command(self, name: str, pid_file: Path, *on: str) -> str:
+        """A `runbook_command` for host `name` that kills the fleet controller (kill -9, as a
+        crash or a power loss of the operator's machine would) when `runbook <on...>` is asked
+        for there, and then exits 1 without running it: the host is left as it was. The
+        controller's pid is read from `pid_file` (the test writes it once it started it)."""
+        script = self.dir / f"kill-controller.{name}.{'-'.join(on)}"
+        script.write_text(f"""#!{sys.executable}
+import os, signal, sys, time
+from pathlib import Path
+RUNBOOK, ON = {self.runbook_command!r}, {list(on)!r}
+argv = sys.argv[1:]
+if argv[:len(ON)] != ON:
+    os.execv(RUNBOOK, [RUNBOOK, *argv])
+pid = int(Path({str(pid_file)!r}).read_text())
+os.kill(pid, signal.SIGKILL)
+for _ in range(100):  # until it is gone: nothing of this host's command runs before
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.05)
+print("killed the fleet controller", file=sys.stderr)
+sys.exit(1)
+""")
+        script.chmod(0o755)
+        return str(script)
+
+    def held_command(self, name: str, gate: Path, *on: str) -> str:
+        """A `runbook_command` for host `name` that holds `runbook <on...>` there until the
+        file `gate` appears (at most 120 s): "run" runs it, anything else exits 1 without
+        running it (the host left as it was). Time to interrupt the controller mid-host; and,
+        since `raw` has no tty, an interrupted controller's session does not stop the command:
+        the test says, once it is done, that it must never run."""
+        script = self.dir / f"held.{name}.{'-'.join(on)}"
+        script.write_text(f"""#!{sys.executable}
+import os, sys, time
+from pathlib import Path
+RUNBOOK, ON, GATE = {self.runbook_command!r}, {list(on)!r}, Path({str(gate)!r})
+argv = sys.argv[1:]
+if argv[:len(ON)] == ON:
+    deadline = time.monotonic() + 120
+    while not GATE.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not GATE.exists() or GATE.read_text().strip() != "run":
+        sys.exit(1)
+os.execv(RUNBOOK, [RUNBOOK, *argv])
+""")
+        script.chmod(0o755)
+        return str(script)
+
     def reachable_again(self, name: str) -> None:
         """Host `name`'s sshd listening again (after `cut_off_command` stopped it)."""
         h = self.host(name)

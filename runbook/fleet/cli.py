@@ -68,7 +68,13 @@ def rollback_cmd(
 
         def confirm(plan: str) -> bool:
             typer.echo(plan, err=True)
-            return typer.confirm("Proceed?", default=False, err=True)
+            try:
+                return typer.confirm("Proceed?", default=False, err=True)
+            except typer.Abort as exc:  # click's word for Ctrl-C (and EOF) there
+                if isinstance(exc.__context__, EOFError):
+                    return False  # stdin closed: not confirmed
+                typer.echo("", err=True)  # the prompt's line ends
+                raise KeyboardInterrupt from None  # the fleet's own Ctrl-C path: journaled
 
         def say(message: str) -> None:
             if fmt is Format.text:
@@ -89,6 +95,8 @@ def rollback_cmd(
         print(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,
                           "exit_code": result.exit_code, "lines": result.lines,
                           "journal_file": str(result.journal_file or ""),
+                          "fleet_lock_release_failed":
+                              result.journal.get("fleet_lock_release_failed"),
                           "record": result.journal}, default=str))
     else:
         for line in result.lines:
@@ -109,6 +117,9 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
                    holder: Annotated[str, typer.Option("--holder")] = "unknown",
                    controller_host: Annotated[str, typer.Option("--controller-host")] = "",
                    pid: Annotated[int, typer.Option("--pid")] = 0,
+                   take_over: Annotated[str, typer.Option(
+                       "--take-over", metavar="FLEET_RUN_ID", help="take over that fleet "
+                       "run's lock (its controller was found dead)")] = "",
                    reason: ReasonOpt = None) -> None:
     """(Run by the fleet on each host.) Read-only pre-flight of this host, as JSON (with
     --take-lock: the fleet lock taken first)."""
@@ -118,7 +129,8 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
         _fail(UsageError("--take-lock needs --fleet-run ID", "this is run by `runbook fleet "
                          "rollback`; see --help"))
     lock = ({"fleet_run_id": str(fleet_run), "locked_by": holder, "hostname": controller_host,
-             "pid": pid, "reason": reason or "fleet rollback"} if take_lock else None)
+             "pid": pid, "reason": reason or "fleet rollback", "take_over": take_over}
+            if take_lock else None)
     data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock)
     print(json.dumps(data, default=str))
     raise typer.Exit(4 if data["problems"] else 0)
@@ -155,6 +167,7 @@ def lock_cmd(
     holder: Annotated[str, typer.Option("--holder")] = "unknown",
     controller_host: Annotated[str, typer.Option("--controller-host")] = "",
     pid: Annotated[int, typer.Option("--pid")] = 0,
+    take_over: Annotated[str, typer.Option("--take-over", metavar="FLEET_RUN_ID")] = "",
     reason: ReasonOpt = None, config: ConfigOpt = None,
 ) -> None:
     """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet)."""
@@ -169,7 +182,7 @@ def lock_cmd(
         if take:
             out = hostlock.take(env_, fleet_run_id=str(fleet_run), locked_by=holder,
                                 hostname=controller_host, pid=pid,
-                                reason=reason or "fleet rollback")
+                                reason=reason or "fleet rollback", take_over=take_over)
         elif refresh:
             out = hostlock.refresh(env_, str(fleet_run))
         elif release:

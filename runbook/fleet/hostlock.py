@@ -73,8 +73,12 @@ def status(env: Environment, now: float | None = None) -> Held | None:
 
 
 def take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, pid: int,
-         reason: str, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
-    """Take the fleet lock; a stale one is taken over (and said), a live one refused (exit 3)."""
+         reason: str, ttl: float = DEFAULT_TTL, take_over: str = "") -> dict[str, Any]:
+    """Take the fleet lock; a stale one is taken over (and said), a live one refused (exit 3).
+
+    `take_over`: the fleet run id of a run whose controller the resuming controller found dead
+    on its own machine (this host cannot see that machine's processes): its lock counts as
+    stale, and only its."""
     env.lock_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     holder = {"fleet_run_id": fleet_run_id, "locked_by": locked_by, "hostname": hostname,
@@ -90,6 +94,11 @@ def take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, 
                 continue
             if held.holder.get("fleet_run_id") == fleet_run_id:
                 break  # ours already (a retried take)
+            if (not held.stale and take_over
+                    and held.holder.get("fleet_run_id") == take_over):
+                held = Held(held.holder, True, f"its controller is gone (pid "
+                            f"{held.holder.get('pid', '?')} on "
+                            f"{held.holder.get('hostname', '?')}, found dead by the resume)")
             if not held.stale:
                 raise LockedError(f"the fleet lock on this host is held by {held.describe()}",
                                   "wait for that fleet run to finish, or stop its controller; "

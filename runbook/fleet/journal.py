@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runbook import files
+from runbook import files, procs
 from runbook.errors import UsageError
 from runbook.journal import scrub
 
@@ -34,9 +36,15 @@ def new_id() -> str:
 
 
 class FleetJournal:
+    """Written at the start of the run and again at each phase and each host's end (atomic
+    replace, fsynced), so that a controller killed at any line leaves a record a `--resume`
+    can read: `outcome` null means the run never finished (see `controller`)."""
+
     def __init__(self, fleet_run_id: str, options: Any, inventory: Inventory,
                  targets: list[str], plan: Batches, who: str) -> None:
         self.started = time.time()
+        self.directory: Path | None = getattr(options, "journal_dir", None)
+        self._lock = threading.RLock()  # host ends are written from ansible-runner's thread
         self.record: dict[str, Any] = {
             "fleet_run_id": fleet_run_id, "who": who, "why": options.reason,
             "inventory": str(inventory.path), "dry_run": options.dry_run,
@@ -45,28 +53,42 @@ class FleetJournal:
             "canary": [h for h in targets if h in inventory.canary],
             "batches": plan.batches, "started": _iso(self.started), "phases": [],
             "database": None, "hosts": {}, "outcome": None, "exit_code": None,
+            "controller": {"hostname": socket.gethostname(), "pid": os.getpid(),
+                           "pid_start": procs.pid_start(os.getpid())},
         }
 
     def set(self, **values: Any) -> None:
-        self.record.update(values)
+        with self._lock:
+            self.record.update(values)
+
+    def host(self, name: str, entry: dict[str, Any]) -> None:
+        """One host's outcome (or its start), written at once."""
+        with self._lock:
+            self.record["hosts"] = {**self.record.get("hosts", {}), name: entry}
+            self.write()
 
     def phase(self, name: str, started: float, status: str, **details: Any) -> None:
         now = time.time()
-        self.record["phases"].append({"name": name, "status": status,
-                                      "offset_ms": round((started - self.started) * 1000),
-                                      "duration_ms": round((now - started) * 1000),
-                                      **details})
+        with self._lock:
+            self.record["phases"].append({"name": name, "status": status,
+                                          "offset_ms": round((started - self.started)
+                                                             * 1000),
+                                          "duration_ms": round((now - started) * 1000),
+                                          **details})
 
     def finish(self, outcome: str, exit_code: int, **values: Any) -> None:
-        self.record.update(outcome=outcome, exit_code=exit_code, finished=_iso(time.time()),
-                           duration_ms=round((time.time() - self.started) * 1000), **values)
+        with self._lock:
+            self.record.update(outcome=outcome, exit_code=exit_code,
+                               finished=_iso(time.time()),
+                               duration_ms=round((time.time() - self.started) * 1000), **values)
 
     def write(self, directory: Path | None = None) -> Path:
-        directory = directory or default_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{self.record['fleet_run_id']}.json"
-        text = json.dumps(scrub(self.record), indent=2, default=str)
-        files.atomic_write(path, text.encode())
+        directory = directory or self.directory or default_dir()
+        with self._lock:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"{self.record['fleet_run_id']}.json"
+            text = json.dumps(scrub(self.record), indent=2, default=str)
+            files.atomic_write(path, text.encode())
         return path
 
 

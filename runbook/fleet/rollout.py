@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runbook import procs
 from runbook.errors import ExitCode, RunbookError, UsageError
 from runbook.fleet import FLEET_PROTOCOL, hostlock
 from runbook.fleet import inventory as inv
@@ -55,6 +56,9 @@ FAILED_ATTENTION = "failed: needs attention"
 TOOK_EFFECT = "took effect: finish it"
 NOT_STARTED = "not started"
 UNKNOWN = "unknown: unreachable"  # the connection was lost during its rollback
+UNKNOWN_STARTED = "unknown: started, no result"  # Ansible stopped (second Ctrl-C) mid-host
+UNKNOWN_NOT_RECORDED = "unknown: no outcome recorded"  # its controller died (kill -9, power)
+STARTED = "started"  # journaled when a host's rollback starts; replaced by its outcome
 
 
 @dataclass
@@ -180,6 +184,18 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
 
 
 
+class GateExpired(Exception):
+    """The playbook stopped waiting at a gate (fleet_gate's WAIT_S) before the decision."""
+
+
+def _expired() -> FleetError:
+    wait = float(os.environ.get("RUNBOOK_FLEET_GATE_WAIT_S", "900"))
+    return FleetError(f"the run expired at the prompt: Ansible stops waiting for the answer "
+                      f"after {wait / 60:g} min, so it ended before any host changed; nothing "
+                      "was changed", "run the same command again and answer within that time "
+                      "(or pass --yes)", exit_code=ExitCode.FAILED_SAFELY)
+
+
 class PlaybookRun:
     """One ansible-playbook process for the whole fleet run (fleet.yml), started at once.
 
@@ -216,12 +232,21 @@ class PlaybookRun:
         return True
 
     def decide(self, name: str, decision: str, **files: str) -> None:
+        """Write the decision; raises GateExpired if the gate gave up waiting first."""
         for key, value in files.items():
             files_path = self.gate_dir / key
             files_path.write_text(value)
         tmp = self.gate_dir / f".{name}.tmp"
         tmp.write_text(decision)
-        tmp.rename(self.gate_dir / name)  # atomic: the gate never reads half a word
+        try:  # a link, not a rename: atomic (never half a word) and never over the gate's own
+            os.link(tmp, self.gate_dir / name)
+        except FileExistsError:
+            self.decided.add(name)
+            if (self.gate_dir / name).read_text().strip() == "expired":
+                raise GateExpired(name) from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
         self.decided.add(name)
 
     def join(self) -> str:
@@ -238,7 +263,7 @@ class PlaybookRun:
             if name not in self.decided:
                 word = "stop, release the fleet lock" if release and name == "preflight" \
                     else "stop"
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, GateExpired):
                     self.decide(name, word)
         with contextlib.suppress(Exception):
             self.join()
@@ -434,9 +459,14 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
+    journal.write()  # before any host drains: a resume after a crash must know
     events = run.events
     t0 = time.time()
-    run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
+    try:
+        run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
+    except GateExpired:
+        journal.set(maintenance_drain_started=False)  # the playbook ended at the gate
+        raise _expired() from None
     if not run.wait_gate("rollout"):
         run.join()
     drained: dict[str, list[str]] = {}
@@ -450,6 +480,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
             failed.append(f"{host}: drain failed: "
                           f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
     journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
+    journal.write()
     res = events.results.get("restore the snapshot", {}).get(decision["host"])
     t1 = (events.started.get("restore the snapshot", {}).get(decision["host"]) or time.time())
     out = _last_json(str((res or {}).get("stdout", ""))) or {}
@@ -513,7 +544,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
 # A resume: never roll a finished host again
 
 
-UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION)
+UNKNOWN_OUTCOMES = (UNKNOWN, FAILED_ATTENTION, UNKNOWN_STARTED, UNKNOWN_NOT_RECORDED)
 
 
 def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
@@ -523,10 +554,19 @@ def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
     if resumed is None:
         return {}, {}
     outcomes = dict(resumed.get("earlier_outcomes") or {})
+    run_id = resumed.get("fleet_run_id", "?")
     for host, entry in (resumed.get("hosts") or {}).items():
         if isinstance(entry, dict) and entry.get("status"):
-            outcomes[host] = {"status": entry["status"],
-                              "fleet_run_id": resumed.get("fleet_run_id", "?")}
+            status = UNKNOWN_NOT_RECORDED if entry["status"] == STARTED else entry["status"]
+            outcomes[host] = {"status": status, "fleet_run_id": run_id}
+    if resumed.get("outcome") is None and resumed.get("rollout_started"):
+        # its controller died during the rollout: a host whose outcome it did not record may
+        # have rolled back (or be rolling back)
+        hosts = resumed.get("hosts") or {}
+        for host in resumed.get("hosts_selected") or []:
+            status = (hosts.get(host) or {}).get("status")
+            if status in (None, NOT_STARTED, STARTED):
+                outcomes[host] = {"status": UNKNOWN_NOT_RECORDED, "fleet_run_id": run_id}
     return outcomes, dict(resumed.get("started_from") or {})
 
 
@@ -549,6 +589,40 @@ def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], nam
                          lines=[f"{h}: {earlier[h]['status']} in fleet run "
                                 f"{earlier[h]['fleet_run_id']}" for h in unknown])
     return [h for h in selected if h not in skipped], skipped
+
+
+def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
+    """A resumed run that never finished: refused while its controller still runs (here);
+    otherwise say what happened (its controller died: kill -9, a crash, a power loss). Returns
+    its fleet run id when its controller ran on this machine and is gone (its fleet lock is
+    taken over: the lock host cannot see this machine's processes), else ""."""
+    ctl = resumed.get("controller") or {}
+    run_id = resumed.get("fleet_run_id", "?")
+    pid, here = ctl.get("pid"), ctl.get("hostname") == socket.gethostname()
+    start = ctl.get("pid_start") if isinstance(ctl.get("pid_start"), int) else None
+    if here and isinstance(pid, int) and pid != os.getpid() and procs.pid_alive(pid, start):
+        raise FleetError(f"--resume {run_id}: that fleet run is still running (pid {pid} on "
+                         "this machine); nothing was changed", "wait for it to end (or stop "
+                         "it with Ctrl-C), then resume", exit_code=ExitCode.LOCKED)
+    database = resumed.get("database") or {}
+    if resumed.get("maintenance_drain_started") and database.get("status") != "restored":
+        raise FleetError(f"--resume {run_id}: that maintenance run never finished (its "
+                         f"controller, pid {pid} on {ctl.get('hostname', '?')}, stopped during "
+                         "the drain or the restore): hosts may be DOWN and the database may or "
+                         "may not be restored; a resume would not know whether to restore; "
+                         "nothing was changed", f"on {database.get('host', 'the lock host')} "
+                         "run `runbook status ENV` and `runbook snapshot list ENV`, then run "
+                         "the fleet rollback again without --resume: its pre-flight judges the "
+                         "database anew (--maintenance only if it still needs the restore)",
+                         exit_code=ExitCode.ATTENTION)
+    done = [h for h, e in (resumed.get("hosts") or {}).items()
+            if isinstance(e, dict) and e.get("status") == ROLLED_BACK]
+    say(f"fleet run {run_id} never finished: its controller (pid {pid} on "
+        f"{ctl.get('hostname', '?')}) stopped without a word (killed, crashed or a power loss); "
+        + (f"it recorded {', '.join(done)} rolled back; " if done else "")
+        + ("hosts without a recorded outcome are unknown" if resumed.get("rollout_started")
+           else "its rollout had not started: no host changed"))
+    return str(run_id) if here else ""
 
 
 def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
@@ -611,7 +685,22 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
              say: Callable[[str], None]) -> FleetResult:
-    """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops."""
+    """The whole fleet rollback. Raises FleetError (with per-host lines) when it stops.
+
+    A fleet lock that could not be released is said, added to the result's lines (or the
+    error's), and journaled (`fleet_lock_release_failed`), whatever the output format."""
+    unreleased: list[str] = []
+    try:
+        result = _rollback(options, confirm=confirm, say=say, unreleased=unreleased)
+    except FleetError as exc:
+        exc.lines = [*exc.lines, *unreleased]
+        raise
+    result.lines = [*result.lines, *unreleased]
+    return result
+
+
+def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
+              say: Callable[[str], None], unreleased: list[str]) -> FleetResult:
     inventory = inv.read(options.inventory, options.canary_group)
     if not inventory.canary:  # a missing or misspelled group would silently mean no canary
         raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
@@ -625,6 +714,9 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    take_over = ""
+    if resumed is not None and resumed.get("outcome") is None and not resumed.get("dry_run"):
+        take_over = _unfinished(resumed, say)
     earlier, started_from = _earlier(resumed)
     targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
                                        options.resume)
@@ -656,9 +748,12 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     interrupts = _Interrupts()
     run: PlaybookRun | None = None
     try:
-        events = _host_events(hosts, say)
+        if not options.dry_run:  # from its start: a controller killed later leaves a record
+            journal.write()
+        events = _host_events(hosts, say, None if options.dry_run else journal)
         extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
                      "fleet_take_lock": not options.dry_run,
+                     "fleet_take_over": take_over,
                      "fleet_maintenance": options.maintenance,
                      "fleet_preflight_hosts": ",".join(dict.fromkeys(
                          [*targets, inventory.lock_host])),
@@ -745,6 +840,7 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"{database.get('schema guard')}")
             lines.append("Dry run: nothing was changed.")
             return FleetResult(fleet_run_id, 0, lines)
+        journal.write()  # pre-flight decided (and the database judged)
         if confirm is not None and not confirm("\n".join(plan_lines)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
                              "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
@@ -794,16 +890,42 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         interrupts.cleanup()
         signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
-            _release(inventory, targets, fleet_run_id, options.reason, say)
+            failed = _release(inventory, targets, fleet_run_id, options.reason)
+            if failed:
+                say(failed)
+                unreleased.append(failed)
+                journal.set(fleet_lock_release_failed=failed)
+                with contextlib.suppress(OSError):  # in a `finally`: never replace it
+                    journal.write()
 
 
-def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Events:
-    """Events whose `runbook rollback` results fill in each host's outcome as they come."""
+def _host_entry(r: HostResult) -> dict[str, Any]:
+    return {"status": r.status, "exit_code": r.exit_code, "message": r.message,
+            "started": r.started, "ended": r.ended, "run": r.record}
+
+
+def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
+                 journal: fjournal.FleetJournal | None = None) -> Events:
+    """Events whose `runbook rollback` results fill in each host's outcome as they come; each
+    start and each outcome is written to the fleet journal at once (a controller killed later
+    leaves it behind for the resume)."""
     task = "runbook rollback"
+
+    def record(r: HostResult, status: str | None = None) -> None:
+        if journal is None:
+            return
+        entry = _host_entry(r)
+        if status:
+            entry["status"] = status
+        try:
+            journal.host(r.host, entry)
+        except OSError as exc:  # said, never fatal: the rollout goes on
+            say(f"could not write the fleet journal ({exc})")
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
             hosts[host].started = time.time()
+            record(hosts[host], STARTED)
             say(f"{host}: rolling back ...")
 
     def on_end(t: str, host: str, res: dict[str, Any]) -> None:
@@ -838,6 +960,7 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None]) -> Ev
             notes = [_one_line(str(n)) for n in data.get("notices") or []]
             if notes:
                 r.message += "; note: " + "; ".join(notes)
+        record(r)
         say(f"{host}: {r.status} ({r.message})")
 
     return Events(on_start=on_start, on_end=on_end)
@@ -851,8 +974,21 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     events = run.events
     t0 = time.time()
     with interrupts.installed(say):
-        go()
+        # written before the gate opens: a resume of a run whose controller died after this
+        # treats every host without a recorded outcome as unknown (it may have rolled back)
+        journal.set(rollout_started=True)
+        journal.write()
+        try:
+            go()
+        except GateExpired:
+            journal.set(rollout_started=False)  # the playbook ended at the gate
+            raise _expired() from None
         status = run.join()
+    for r in hosts.values():  # started, but Ansible was stopped before it said how it ended
+        if r.status == NOT_STARTED and r.started is not None:
+            r.status = UNKNOWN_STARTED
+            r.message = ("its rollback started but Ansible was stopped before it answered; "
+                         "run `runbook status` there")
     if journal.record.get("maintenance_drain_started"):
         for r in hosts.values():  # drained: no host that did not roll back serves anything
             if r.status in (NOT_STARTED, FAILED_SERVING):
@@ -865,17 +1001,14 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     journal.phase("rollout", t0, status, serial=plan.serial,
                   hosts={h: {"status": r.status, "started": r.started, "ended": r.ended}
                          for h, r in hosts.items()})
-    journal.record["hosts"] = {h: {"status": r.status, "exit_code": r.exit_code,
-                                   "message": r.message, "started": r.started,
-                                   "ended": r.ended, "run": r.record}
-                               for h, r in hosts.items()}
+    journal.set(hosts={h: _host_entry(r) for h, r in hosts.items()})
     codes = [r.exit_code for r in hosts.values() if r.status != ROLLED_BACK
              and r.status != NOT_STARTED]
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]
     lines = [f"{h}: skipped: {why}" for h, why in (journal.record.get("skipped") or {}).items()]
     lines += [f"{h}: {r.status}" + (f" ({r.message})" if r.message else "")
               for h, r in hosts.items()]
-    if any(r.status in (FAILED_ATTENTION, UNKNOWN) or "DOWN" in r.status
+    if any(r.status in (FAILED_ATTENTION, UNKNOWN, UNKNOWN_STARTED) or "DOWN" in r.status
            for r in hosts.values()):
         code = ExitCode.ATTENTION
     elif any(r.status == TOOK_EFFECT for r in hosts.values()):
@@ -891,10 +1024,12 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
             ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
         resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
                   f"--resume {fleet_run_id}{same}")
-        unknown = [h for h, r in hosts.items() if r.status == UNKNOWN]
+        unknown = [h for h, r in hosts.items() if r.status in (UNKNOWN, UNKNOWN_STARTED)]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
-               f"stopped: {', '.join(unknown)} unreachable" if unknown else
+               f"stopped: {', '.join(unknown)} unreachable" if unknown and all(
+                   hosts[h].status == UNKNOWN for h in unknown) else
+               f"stopped: {', '.join(unknown)} outcome unknown" if unknown else
                "stopped at the first failed host")
         if journal.record.get("maintenance_drain_started"):
             why += " (THE SERVICE IS DOWN on the hosts not rolled back; the database was " \
@@ -912,9 +1047,10 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     return FleetResult(fleet_run_id, int(code), lines, journal.record, path)
 
 
-def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason: str,
-             say: Callable[[str], None]) -> None:
-    """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak."""
+def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
+             reason: str) -> str | None:
+    """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak. Returns what
+    went wrong, in one line with the fix, or None once released."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
     try:
@@ -923,12 +1059,13 @@ def _release(inventory: Inventory, targets: list[str], fleet_run_id: str, reason
                      _controller_vars(fleet_run_id, inventory, targets, reason), events, forks=1)
         res = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
         if res.get("_event") != "runner_on_ok":
-            say(f"could not release the fleet lock on {inventory.lock_host}: "
-                f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it with "
-                f"{manual}")
+            return (f"could not release the fleet lock on {inventory.lock_host}: "
+                    f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it "
+                    f"with {manual}")
     except Exception as exc:  # called from a `finally`: say it, never replace the outcome
-        say(f"could not release the fleet lock on {inventory.lock_host} "
-            f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
+        return (f"could not release the fleet lock on {inventory.lock_host} "
+                f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
     finally:
         signal.signal(signal.SIGINT, old)
+    return None
 
