@@ -50,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 DRAIN_TIMEOUT = 10.0  # the default of [rollback] drain_timeout_seconds (Environment)
@@ -587,6 +588,18 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     failed = 0  # failed readings in all
     last_good: float | None = None
     last_busy = 1  # what the last good reading left open (at least the unmet condition)
+
+    def seen_so_far(elapsed: float, busy: int, **more: Any) -> Drain:
+        """The drain's result from what the readings so far have seen."""
+        return Drain(port, elapsed, busy, front_port=front, front_observed=front_observed,
+                     slot_observed=slot_observed, front_watched=watch.closed + len(watch.front),
+                     front_closed=watch.closed,
+                     front_kept=sum(s.kept for s in watch.front.values()),
+                     front_new=watch.new, switch_watched=sorted_front,
+                     listener_left_after=switch.closed_after if switch else None,
+                     last_request=last_request, front_done_at=front_done_at,
+                     readings=readings, failed_readings=failed, **more)
+
     while True:
         seen = read(port, front if front_observed else None)
         now = clock()
@@ -601,16 +614,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                 return Drain(port, clock() - began, None, front_port=front,
                              failed_readings=failed, unread=why, readings=readings)
             if now - began >= timeout:  # the last good reading still stands: busy
-                return Drain(port, now - began, last_busy, front_port=front,
-                             front_observed=front_observed, slot_observed=slot_observed,
-                             front_watched=watch.closed + len(watch.front),
-                             front_closed=watch.closed,
-                             front_kept=sum(s.kept for s in watch.front.values()),
-                             front_new=watch.new, switch_watched=sorted_front,
-                             listener_left_after=switch.closed_after if switch else None,
-                             last_request=last_request, front_done_at=front_done_at,
-                             readings=readings, failed_readings=failed, unread=why,
-                             last_good=last_good)
+                return seen_so_far(now - began, last_busy, unread=why, last_good=last_good)
             sleep(min(poll, max(0.0, timeout - (now - began))))
             continue
         last_good = now - began
@@ -662,13 +666,5 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                 busy = 1  # the unobservable side's condition, not met in time
             idle = (len(seen.accepted) - on_accepted if seen.accepted
                     else len(seen.dialed) - on_dialed)
-            return Drain(port, now - began, busy, idle=idle, front_port=front,
-                         front_observed=front_observed, slot_observed=slot_observed,
-                         front_watched=watch.closed + len(watch.front),
-                         front_closed=watch.closed,
-                         front_kept=sum(s.kept for s in watch.front.values()),
-                         front_new=watch.new, switch_watched=sorted_front,
-                         listener_left_after=switch.closed_after if switch else None,
-                         last_request=last_request, front_done_at=front_done_at,
-                         readings=readings, failed_readings=failed)
+            return seen_so_far(now - began, busy, idle=idle)
         sleep(min(poll, max(0.0, timeout - (now - began))))
