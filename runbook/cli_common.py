@@ -87,6 +87,31 @@ def require_yes(yes: bool, what: str, fix: str = UNATTENDED_FIX) -> None:
                          "confirm it; nothing was changed", fix)
 
 
+def ask(question: str) -> bool:
+    """A y/N question on the terminal that Ctrl-C always interrupts.
+
+    typer.confirm blocks in a read of stdin; a SIGINT the kernel hands to another thread (the
+    fleet's Ansible runner, a health probe) then never interrupts it, since Python runs signal
+    handlers in the main thread only, and the prompt hung (seen in about one run in 15 under
+    load). Waiting for the answer in short select() slices lets the main thread act on it.
+    Ctrl-D (end of input) is a no."""
+    import select
+
+    typer.echo(f"{question} [y/N]: ", nl=False, err=True)
+    while True:
+        try:
+            ready, _, _ = select.select([sys.stdin], [], [], 0.2)
+        except (OSError, ValueError):  # not selectable (a test's stdin): read it plainly
+            ready = [sys.stdin]
+        if ready:
+            break
+    line = sys.stdin.readline()
+    if not line:
+        typer.echo("", err=True)
+        return False
+    return line.strip().lower() in ("y", "yes")
+
+
 def confirmer(yes: bool, fmt: Format,
               what: str = "this command") -> Callable[[Plan], bool] | None:
     """Ask on a terminal unless --yes; without a terminal, refuse (exit 2) unless --yes."""
@@ -96,11 +121,7 @@ def confirmer(yes: bool, fmt: Format,
 
     def confirm(plan: Plan) -> bool:
         typer.echo(plan.render(), err=fmt is Format.json)
-        try:
-            return typer.confirm("Proceed?", default=False, err=True)
-        except typer.Abort:  # Ctrl-D (end of input): as good as "no"
-            typer.echo("", err=True)
-            return False
+        return ask("Proceed?")
 
     return confirm
 

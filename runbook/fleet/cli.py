@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from runbook.cli_common import ask
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
 from runbook.errors import RunbookError, UsageError
 
@@ -69,12 +70,10 @@ def rollback_cmd(
         def confirm(plan: str) -> bool:
             typer.echo(plan, err=True)
             try:
-                return typer.confirm("Proceed?", default=False, err=True)
-            except typer.Abort as exc:  # click's word for Ctrl-C (and EOF) there
-                if isinstance(exc.__context__, EOFError):
-                    return False  # stdin closed: not confirmed
+                return ask("Proceed?")  # Ctrl-D: not confirmed
+            except KeyboardInterrupt:
                 typer.echo("", err=True)  # the prompt's line ends
-                raise KeyboardInterrupt from None  # the fleet's own Ctrl-C path: journaled
+                raise  # the fleet's own Ctrl-C path: journaled
 
         def say(message: str) -> None:
             if fmt is Format.text:

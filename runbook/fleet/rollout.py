@@ -196,6 +196,9 @@ def _expired() -> FleetError:
                       "(or pass --yes)", exit_code=ExitCode.FAILED_SAFELY)
 
 
+CLOSE_WAIT = 300.0  # seconds close() waits for the playbook before stopping it
+
+
 class PlaybookRun:
     """One ansible-playbook process for the whole fleet run (fleet.yml), started at once.
 
@@ -212,6 +215,7 @@ class PlaybookRun:
         self.gate_dir.mkdir()
         self.events = events
         self.decided: set[str] = set()
+        self.abandon = False  # close() gave up waiting: ansible-runner stops Ansible
         import ansible_runner  # the [fleet] extra; it runs ansible-playbook as a subprocess
 
         inv.ansible_tool("ansible-playbook")
@@ -220,7 +224,8 @@ class PlaybookRun:
             playbook=str(PLAYBOOKS / "fleet.yml"), inventory=str(inventory.path),
             extravars={**extravars, "fleet_gate_dir": str(self.gate_dir)},
             forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
-            event_handler=events, cancel_callback=cancel, suppress_env_files=True,
+            event_handler=events, cancel_callback=lambda: self.abandon or cancel(),
+            suppress_env_files=True,
             settings={"suppress_ansible_output": True})
 
     def wait_gate(self, name: str) -> bool:
@@ -249,9 +254,13 @@ class PlaybookRun:
             tmp.unlink(missing_ok=True)
         self.decided.add(name)
 
-    def join(self) -> str:
+    def join(self, limit: float | None = None) -> str:
+        """Wait for Ansible to end; after `limit` seconds, have ansible-runner stop it."""
+        began = time.monotonic()
         while self.thread.is_alive():
             self.thread.join(0.1)
+            if limit is not None and not self.abandon and time.monotonic() - began > limit:
+                self.abandon = True  # its cancel callback is asked between events
         return str(self.runner.status)
 
     def close(self, *, release: bool = False) -> None:
@@ -266,7 +275,10 @@ class PlaybookRun:
                 with contextlib.suppress(OSError, GateExpired):
                     self.decide(name, word)
         with contextlib.suppress(Exception):
-            self.join()
+            # every gate is decided: what is left is at most the lock's release and the
+            # running hosts' ends; a playbook still going after that is stopped, never waited
+            # for without end (the controller's exit must not hang on it)
+            self.join(limit=CLOSE_WAIT)
         if os.environ.get("RUNBOOK_FLEET_DEBUG"):  # Ansible's own output, for a developer
             with contextlib.suppress(Exception):
                 sys.stderr.write(self.runner.stdout.read())
