@@ -11,6 +11,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
+from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
@@ -57,6 +58,26 @@ def check_recreate(env: Environment, slot: Slot, image: str, why: str = "") -> N
         f"run` command, port {config.port}), then run the rollback again; or deploy: `runbook "
         f"deploy {env.name} --version <version>`; or set [compose] file and [slots.{slot}] "
         f"service in {where}")
+
+
+PROJECT_LABEL = "com.docker.compose.project"
+
+
+def check_project(env: Environment, *containers: ContainerInfo) -> None:
+    """Refuse a recreate under another compose project than the one that created the slots.
+
+    Why: the environment's project (`-p`) is a guess from its name (togather-<env>) unless
+    set; the host's own tooling may use another (COMPOSE_PROJECT_NAME). Compose would then
+    try to create a second container of the same name, and fail mid-plan. The label Docker
+    keeps on each container is the truth."""
+    for info in containers:
+        label = (info.labels or {}).get(PROJECT_LABEL)
+        if info.exists and label and label != env.compose.project:
+            raise PreconditionError(
+                f"container {info.name} was created by compose project {label!r}, but the "
+                f"environment's is {env.compose.project!r}: a recreate would run under the "
+                "wrong project",
+                f"set [compose] project = \"{label}\" in {env.source or 'the environment file'}")
 
 
 def base(env: Environment) -> list[str]:

@@ -94,6 +94,11 @@ def start_action(name: str) -> DockerAction:
                         f"/containers/{_q(name)}/start", target=name)
 
 
+def unpause_action(name: str) -> DockerAction:
+    return DockerAction("unpause container", ("docker", "unpause", name), "POST",
+                        f"/containers/{_q(name)}/unpause", target=name)
+
+
 def stop_action(name: str, timeout: int = 10) -> DockerAction:
     return DockerAction("stop container", ("docker", "stop", "--time", str(timeout), name),
                         "POST", f"/containers/{_q(name)}/stop", (("t", str(timeout)),),
@@ -258,7 +263,7 @@ def run(action: DockerAction) -> None:
     try:
         send(action)
     except _NotFound:
-        if action.cli[1] == "start":
+        if action.cli[1] in ("start", "unpause"):
             raise DockerError(f"container {action.target} does not exist",
                               "recreate it") from None
 

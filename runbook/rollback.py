@@ -234,7 +234,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         restore_steps = snapshot_restore.restore_steps(
             env, snapshot_restore.prepare(env, guard.restore), facts={})
         early = None  # asked before the restore, which stops the slot: never its gate's
-        if prep.action == "none":  # the restore stops every app slot, the target's too
+        if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
                                      "start it again after the restore stopped it")
     switch, diff = slots.switch_step(env, standby, target.version, observed, planned=sp,

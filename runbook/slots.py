@@ -185,13 +185,13 @@ def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:
 
 @dataclass(frozen=True)
 class Preparation:
-    """What it takes to make `slot` run `image`: nothing, a start, or a recreate."""
+    """What it takes to make `slot` run `image`: nothing, a start, an unpause or a recreate."""
 
     slot: Slot
     container: ContainerInfo
     image: str
     tag: str
-    action: str  # none | start | recreate
+    action: str  # none | start | unpause | recreate
     reason: str
 
     @property
@@ -227,17 +227,29 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     if info.exists and info.image == image:
         if info.running:
             return Preparation(slot, info, image, version, "none", f"already running {image}")
-        if info.status in ("exited", "created", "paused", "dead"):
+        if info.status in ("exited", "created"):
             return Preparation(slot, info, image, version, "start",
                                f"start the {info.status} container (it keeps {image})")
+        if info.status == "paused":  # Docker refuses to start a paused container
+            return Preparation(slot, info, image, version, "unpause",
+                               f"unpause the paused container (it keeps {image})")
+        if info.status == "restarting":  # its restart policy starts it; a start is refused
+            return Preparation(slot, info, image, version, "none",
+                               f"Docker is restarting it ({image}); the health gate decides")
+        # "dead" (Docker failed to remove it): it cannot be started, only replaced
     if not docker.image_exists(image):
         raise PreconditionError(
             f"image {image} is gone and slot {slot}'s container "
             + ("was removed" if not info.exists else f"runs {info.image}"),
             recovery or f"rebuild {image} from its commit, or deploy a version whose image "
                         f"exists: `runbook deploy {env.name} --version <version>`")
-    why = "the container was removed" if not info.exists else f"it runs {info.image}"
+    why = ("the container was removed" if not info.exists
+           else f"it is {info.status}: Docker cannot start it" if info.image == image
+           else f"it runs {info.image}")
     compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
+    # the label of the compose project that made it: the removed one's from its sibling
+    compose.check_project(env, info if info.exists
+                          else docker.inspect(env.slot(slot.other).container))
     refuse_if_held(env, slot, info)
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
@@ -250,17 +262,19 @@ def run_step(env: Environment, prep: Preparation) -> Step:
     # built once: the plan shows the very command the step runs
     recreate_command = (compose.recreate_slot(env, prep.slot, prep.tag)
                         if prep.action == "recreate" else None)
-    start_action = docker.start_action(config.container)
+    start_action = (docker.unpause_action(config.container) if prep.action == "unpause"
+                    else docker.start_action(config.container))
     if recreate_command is not None:
         details["command"] = recreate_command.display()
-    elif prep.action == "start":
+    elif prep.action in ("start", "unpause"):
         details["command"] = start_action.display()
     titles = {"none": f"Keep the {prep.slot} slot running {prep.image}",
               "start": f"Start the stopped {prep.slot} container",
+              "unpause": f"Unpause the paused {prep.slot} container",
               "recreate": f"Recreate the {prep.slot} container with {prep.image}"}
 
     def run(ctx: StepContext) -> None:
-        if prep.action == "start":
+        if prep.action in ("start", "unpause"):
             docker.run(start_action)
             ctx.on_failure(f"stop {config.container} again",
                            lambda: stop_for_undo(env, prep.slot))
@@ -273,7 +287,8 @@ def run_step(env: Environment, prep: Preparation) -> Step:
 
     return Step("start-slot", titles[prep.action], details,
                 run=None if prep.action == "none" else run,
-                skip="already running the wanted image" if prep.action == "none" else None)
+                skip=(None if prep.action != "none" else "already running the wanted image"
+                      if prep.container.running else prep.reason))
 
 
 NOTE_EVERY = 0.5  # seconds between two identical health-gate notes

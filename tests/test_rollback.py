@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, files, rollback
+from runbook import caddy, deploy, docker, files, rollback, slots
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
@@ -104,6 +104,45 @@ def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
                      "switch": "ok", "state": "ok", "stop-old-slot": "ok"}
 
 
+def test_rollback_to_a_paused_standby_unpauses_it(stack: DrillStack) -> None:
+    """Docker refuses `docker start` on a paused container ("try unpause instead")."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # v2 still running on green, blue v3 live
+    env = stack.env
+    stack.docker("pause", env.slot("green").container)
+    assert docker.inspect(env.slot("green").container).status == "paused"
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "unpause"
+    start = next(s for s in result.plan.steps if s.name == "start-slot")
+    assert start.details["command"] == f"docker unpause {env.slot('green').container}"
+    assert docker.inspect(env.slot("green").container).status == "running"
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+@pytest.mark.parametrize("status", ["dead", "restarting"])
+def test_a_dead_standby_is_replaced_and_a_restarting_one_is_left_to_docker(
+        stack: DrillStack, status: str) -> None:
+    """Neither can be started: a dead container only replaced, a restarting one is Docker's
+    (its restart policy) and the health gate decides. The states are hard to reach on purpose,
+    so the container is described as Docker would report it."""
+    env = stack.env
+    name = env.slot("green").container
+    info = docker.ContainerInfo(name, True, status, V2.image)
+    if status == "dead" and docker_run_host(stack):  # no compose to replace it with
+        with pytest.raises(RunbookError) as err:
+            slots.prepare(env, Slot.GREEN, V2.tag, info=info)
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert "dead" in str(err.value)
+        return
+    prep = slots.prepare(env, Slot.GREEN, V2.tag, info=info)
+    if status == "dead":
+        assert prep.action == "recreate"
+        assert "dead: Docker cannot start it" in prep.reason
+    else:
+        assert prep.action == "none"
+        step = slots.run_step(env, prep)
+        assert step.run is None and step.skip and "restarting" in step.skip
+
+
 def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
     env = two_deployments(stack)
     docker.remove(env.slot("green").container)
@@ -121,6 +160,26 @@ def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
     assert info.running and info.image == V2.image
     assert info.labels and info.labels["com.togather.deployment.slot"] == "green"
     assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing(
+        stack: DrillStack) -> None:
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: test_rollback_recreates_a_removed_"
+                    "container proves its refusal")
+    env = two_deployments(stack)
+    docker.remove(env.slot("green").container)
+    real = docker.inspect(env.slot("blue").container).labels or {}
+    assert real["com.docker.compose.project"] == env.compose.project  # the drill's own truth
+    other = dataclasses.replace(env, compose=dataclasses.replace(env.compose, project="togather-x"))
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(other)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"compose project {env.compose.project!r}" in str(err.value)
+    assert f'project = "{env.compose.project}"' in (err.value.fix or "")
+    assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
 
 
 def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
