@@ -25,6 +25,7 @@ from runbook.environment import Environment
 from runbook.errors import LockedError, RunbookError, UsageError
 from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
+from tests.matrix import nightly
 
 RUNBOOK = str(Path(sys.executable).with_name("runbook"))
 
@@ -442,6 +443,7 @@ def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lo
 
 
 @pytest.mark.docker
+@nightly
 def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The canary (host1) is held before its rollback; two Ctrl-C while it runs stop
@@ -519,6 +521,7 @@ def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
 
 
 @pytest.mark.docker
+@nightly
 def test_a_prompt_answered_after_the_gate_expired_says_so_and_changed_nothing(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The playbook waits at its gate for a bounded time (RUNBOOK_FLEET_GATE_WAIT_S, 15 min by
@@ -549,6 +552,7 @@ def test_a_prompt_answered_after_the_gate_expired_says_so_and_changed_nothing(
 
 
 @pytest.mark.docker
+@nightly
 def test_a_fleet_lock_not_released_is_in_the_json_output_and_the_journal(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The lock host (host1) goes dark when the fleet lock's release is asked for, after every
@@ -697,6 +701,7 @@ def _report_section(record: dict[str, object]) -> str:
 
 
 @pytest.mark.docker
+@nightly
 def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The restore is journaled once; the resume reuses it (oracles: the safety snapshots a
@@ -800,6 +805,7 @@ def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
 
 
 @pytest.mark.docker
+@nightly
 def test_a_restore_whose_outcome_is_unknown_keeps_every_host_down(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The maintenance path; the restore host (host1) goes dark once its restore ran to the
@@ -839,6 +845,7 @@ def test_a_restore_whose_outcome_is_unknown_keeps_every_host_down(
 
 
 @pytest.mark.docker
+@nightly
 def test_a_resume_takes_an_unknown_host_only_when_named_and_never_once_it_rolled_back(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """host3 goes dark right after its rollback ran to the end: it did roll back, but the

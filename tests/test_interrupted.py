@@ -38,6 +38,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from tests.drill_checks import Poller, wait_stopped
+from tests.matrix import sample
 
 pytestmark = pytest.mark.docker
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
@@ -72,7 +73,7 @@ SAMPLE = [
     ("after:stop-old-slot", "SIGKILL"),
 ]
 FULL = [(p, s) for p in POINTS for s in SIGNALS]
-CELLS = FULL if os.environ.get("RUNBOOK_KILL_MATRIX") == "full" else SAMPLE
+CELLS = sample(FULL, SAMPLE)
 # A signal inside the switch is held until the switch is verified or undone; it undoes a
 # switch not yet verified. From the verification on (the commit point) nothing is undone.
 COMMITTED = set(POINTS[POINTS.index("switch.after-verify"):])
