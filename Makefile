@@ -69,6 +69,9 @@ SHAPES ?= container-caddy,docker-network-db,minimal-health,h2c container-caddy,c
 # nightly drill sets SHAPE_TESTS="features/ tests/test_rollback.py tests/test_disk_full.py"
 # (every feature, and the full-disk cells, per shape).
 SHAPE_TESTS ?= features/rollback.feature tests/test_rollback.py
+# ... less the tests marked any_shape (they read nothing a shape changes: CLI output, the lock,
+# Docker's own refusals), run on the default shape only; nightly: SHAPE_MARKS="not fleet".
+SHAPE_MARKS ?= not fleet and not any_shape
 NEEDS_COMPOSE_DEPLOY := \
   --deselect features/troubleshooting.feature::test_no_previous_deployment_found \
   --deselect features/troubleshooting.feature::test_health_checks_fail_on_the_previous_deployment \
@@ -84,7 +87,7 @@ test: setup lint chromium
 shapes: setup
 	@mkdir -p reports/shapes; for shape in $(SHAPES); do \
 	  case $$shape in *docker-run*) extra="$(NEEDS_COMPOSE_DEPLOY)";; *) extra="";; esac; \
-	  ( $(PYTEST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "not fleet" --shape $$shape $$extra \
+	  ( $(PYTEST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "$(SHAPE_MARKS)" --shape $$shape $$extra \
 	      > reports/shapes/$$shape.log 2>&1; echo $$? > reports/shapes/$$shape.rc ) & \
 	done; wait; status=0; for shape in $(SHAPES); do \
 	  echo "== $(SHAPE_TESTS) --shape $$shape"; cat reports/shapes/$$shape.log; \

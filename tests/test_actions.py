@@ -16,9 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runbook import caddy, docker, rollback
+from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
 from runbook.preflight import Probe
@@ -39,6 +41,19 @@ def stack(drill_stack: DrillStack) -> DrillStack:
     return drill_stack
 
 
+def answering(env: Environment, slot: Slot, timeout: float = 20.0) -> None:
+    """Wait until the slot's app answers HTTP: only then has it its SIGTERM handler, so a
+    `docker stop` right after a start is not the 10 s wait for a PID 1 that ignores it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            drill_http.get(f"{env.slot(slot).base_url}/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, f"slot {slot} never answered"
+            time.sleep(0.05)
+
+
 def v2_on_green(stack: DrillStack) -> Environment:
     """v2 serves on green; blue (v1) is stopped, not removed: free to start and stop."""
     env = migrated(stack)
@@ -57,6 +72,7 @@ def test_docker_actions_do_what_their_command_lines_say(stack: DrillStack) -> No
 
     docker.run(start)  # the engine request
     assert cli_status(blue) == "running"
+    answering(env, Slot.BLUE)
     info = docker.inspect(blue)
     assert (info.exists, info.status) == (True, "running")
     assert info.image == subprocess.run(
@@ -67,6 +83,7 @@ def test_docker_actions_do_what_their_command_lines_say(stack: DrillStack) -> No
     assert cli_status(blue) == "exited" and docker.inspect(blue).status == "exited"
     subprocess.run(shlex.split(start.display()), check=True, capture_output=True)
     assert cli_status(blue) == "running"
+    answering(env, Slot.BLUE)
     docker.run(stop)
     assert cli_status(blue) == "exited"
     docker.run(stop)  # stopping a stopped container is nothing to do

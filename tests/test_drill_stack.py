@@ -222,16 +222,9 @@ def test_reset_rebuilds_the_database_after_any_write_and_only_then(scratch: Dril
     assert database_contents(scratch) == baseline
 
 
-def test_teardown_leaves_nothing_behind() -> None:
-    stack = DrillStack().start()
-    run_id = stack.run_id
-    assert resources(run_id)["container"], "the stack should be up"
-    stack.stop()
-    assert resources(run_id) == {"container": [], "network": [], "volume": []}
-    assert not stack.run_dir.exists()
-
-
-def test_a_port_held_by_a_foreign_process_is_avoided(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_port_held_by_a_foreign_process_is_avoided_and_teardown_leaves_nothing_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bring-up for both (each costs a whole stack)."""
     foreign = socket.socket()
     foreign.bind(("127.0.0.1", 0))
     foreign.listen()
@@ -239,9 +232,16 @@ def test_a_port_held_by_a_foreign_process_is_avoided(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("RUNBOOK_DRILL_PROXY_PORT", str(taken))
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # honoured on gw0 only
     try:
-        with DrillStack() as stack:
+        stack = DrillStack().start()
+        try:
+            run_id = stack.run_id
+            assert resources(run_id)["container"], "the stack should be up"
             assert stack.ports.proxy != taken
             assert drill_http.get(f"{stack.env.caddy.proxy_url}/version").status_code == 200
+        finally:
+            stack.stop()
+        assert resources(run_id) == {"container": [], "network": [], "volume": []}
+        assert not stack.run_dir.exists()
         probe = socket.create_connection(("127.0.0.1", taken), timeout=2)
         probe.close()  # the foreign listener is untouched
     finally:

@@ -104,6 +104,7 @@ def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
                      "switch": "ok", "state": "ok", "stop-old-slot": "ok"}
 
 
+@pytest.mark.any_shape
 def test_rollback_to_a_paused_standby_unpauses_it(stack: DrillStack) -> None:
     """Docker refuses `docker start` on a paused container ("try unpause instead")."""
     stack.arrange(scenes.PREVIOUS_RUNNING)  # v2 still running on green, blue v3 live
@@ -118,6 +119,7 @@ def test_rollback_to_a_paused_standby_unpauses_it(stack: DrillStack) -> None:
     assert through_proxy(env) == ("green", V2.tag)
 
 
+@pytest.mark.any_shape
 @pytest.mark.parametrize("status", ["dead", "restarting"])
 def test_a_dead_standby_is_replaced_and_a_restarting_one_is_left_to_docker(
         stack: DrillStack, status: str) -> None:
@@ -273,6 +275,7 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
+@pytest.mark.any_shape
 def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
     env = migrated(stack)
     st = states.read_state(env.state_file)
@@ -288,6 +291,7 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
     assert "docker build -t togather-server:deadbee" in str(err.value)
 
 
+@pytest.mark.any_shape
 def test_no_previous_deployment(stack: DrillStack) -> None:
     stack.reset()
     with pytest.raises(RunbookError) as err:
@@ -303,6 +307,7 @@ def cli(env_file: Path, *args: str) -> subprocess.Popen[str]:
                             stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.any_shape
 def test_two_concurrent_rollbacks_exactly_one_proceeds(stack: DrillStack) -> None:
     env = two_deployments(stack)
     assert env.source is not None
@@ -316,6 +321,7 @@ def test_two_concurrent_rollbacks_exactly_one_proceeds(stack: DrillStack) -> Non
     assert through_proxy(env) == ("green", V2.tag)
 
 
+@pytest.mark.any_shape
 def test_cli_errors_have_one_line_and_their_exit_code(stack: DrillStack) -> None:
     stack.reset()
     assert stack.env.source is not None
@@ -334,6 +340,7 @@ def test_cli_errors_have_one_line_and_their_exit_code(stack: DrillStack) -> None
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.any_shape
 def test_cli_rollback_json_output(stack: DrillStack) -> None:
     env = two_deployments(stack)
     assert env.source is not None
@@ -432,6 +439,7 @@ def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapsh
     assert snapshot(env) == before
 
 
+@pytest.mark.any_shape
 def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     from runbook.run import NotConfirmed
 
