@@ -277,3 +277,46 @@ def test_a_drain_timeout_that_is_no_duration_is_a_config_error(tmp_path: Path,
                 if f"{path}: rollback.drain_timeout_seconds:" in line]
     assert len(problems) == 1 and "greater than 0" in problems[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def production_with(env_file: Path) -> str:
+    """The packaged production environment, its host env file at `env_file`."""
+    text = envmod.to_toml(envmod.load("production"))
+    assert '"/opt/togather/.env.production"' in text
+    return text.replace('"/opt/togather/.env.production"', f'"{env_file}"')
+
+
+@pytest.mark.parametrize(("line", "key", "fix"), [
+    ("SNAPSHOT_DIR=/srv/togather/snapshots", "[database] snapshot_dir",
+     'set snapshot_dir = "/srv/togather/snapshots" under [database]'),
+    ("COMPOSE_PROJECT_NAME=togather", "[compose] project",
+     'set project = "togather" under [compose]'),
+    ("HEALTH_CHECK_PATH=/healthz", "[health] path", 'set path = "/healthz" under [health]'),
+])
+def test_a_host_env_file_that_disagrees_with_the_environment_is_refused(
+        tmp_path: Path, line: str, key: str, fix: str) -> None:
+    """The host's own tooling reads these from its env file (CONTRACTS): a runbook looking
+    elsewhere would miss the deploy's snapshots, or recreate under another project."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text(f"DATABASE_URL=postgresql://u:S3cretPW@db/x\n{line}\n")
+    env_file.chmod(0o600)
+    toml = tmp_path / "production.toml"
+    toml.write_text(production_with(env_file))
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(toml))
+    assert err.value.exit_code == ExitCode.USAGE
+    message = str(err.value)
+    assert f"{env_file} sets {line}" in message and key in message and "\n" not in message
+    assert err.value.fix is not None and fix in err.value.fix and str(toml) in err.value.fix
+    assert "S3cretPW" not in message + err.value.fix
+
+
+def test_a_host_env_file_that_agrees_or_cannot_be_read_is_fine(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("COMPOSE_PROJECT_NAME=togather-production\nHEALTH_CHECK_PATH=/health\n"
+                        "SNAPSHOT_DIR=/var/lib/togather/db-snapshots/\n# SNAPSHOT_DIR=/x\n")
+    toml = tmp_path / "production.toml"
+    toml.write_text(production_with(env_file))
+    assert envmod.load(str(toml)).compose.env_file == env_file
+    env_file.unlink()  # the database URL's reader reports a missing file when it is needed
+    assert envmod.load(str(toml)).compose.env_file == env_file

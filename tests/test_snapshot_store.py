@@ -265,4 +265,4 @@ def test_the_full_disk_hint_names_the_setting_that_is_read() -> None:
 
     error = store.no_space(Path("/var/lib/togather/db-snapshots"), "the snapshot")
     assert error.fix and "[database] snapshot_dir" in error.fix
-    assert "SNAPSHOT_DIR" not in error.fix  # an app env variable nothing here reads
+    assert "SNAPSHOT_DIR" not in error.fix  # the TOML's is read (SNAPSHOT_DIR must agree)

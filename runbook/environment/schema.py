@@ -288,7 +288,39 @@ def parse(data: Mapping[str, Any], path: Path) -> Environment:
             lines.append(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
         raise ConfigError(f"{len(lines)} problem(s) in {path}:\n  " + "\n  ".join(lines),
                           "fix them and run again") from None
-    return _build(f, path)
+    return _agree_with_env_files(_build(f, path))
+
+
+def _agree_with_env_files(env: Environment) -> Environment:
+    """Refuse an environment whose host env file says otherwise about where things are.
+
+    Why: the host's own tooling reads COMPOSE_PROJECT_NAME, HEALTH_CHECK_PATH and SNAPSHOT_DIR
+    from that file (CONTRACTS); a runbook looking elsewhere would not find the deploy's
+    snapshots, or ask another path for health. An env file this process cannot read is not
+    judged here: whatever needs it (the database URL, compose) reports it."""
+    from runbook.environment.model import read_env_file
+
+    files = dict.fromkeys(f for f in (env.compose.env_file, env.database.env_file) if f)
+    ours = {"COMPOSE_PROJECT_NAME": ("[compose] project", env.compose.project),
+            "HEALTH_CHECK_PATH": ("[health] path", env.health.path),
+            "SNAPSHOT_DIR": ("[database] snapshot_dir", str(env.database.snapshot_dir))}
+    for file in files:
+        try:
+            values = read_env_file(file)
+        except ConfigError:
+            continue
+        for variable, (key, mine) in ours.items():
+            theirs = values.get(variable, "")
+            if variable == "SNAPSHOT_DIR" and theirs.startswith("/"):
+                theirs = str(Path(theirs))  # a trailing slash is the same folder
+            if theirs and theirs != mine:
+                section, _, name = key.partition(" ")
+                raise ConfigError(
+                    f"{file} sets {variable}={theirs}, but {key} is {mine!r} in "
+                    f"{env.source}: the host's tooling and the runbook would disagree",
+                    f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
+                    f"{variable} in {file} agree")
+    return env
 
 
 def _build(f: EnvironmentFile, path: Path) -> Environment:
