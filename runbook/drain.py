@@ -152,6 +152,10 @@ class Drain:
         if self.busy is None:
             return (f"connections on port {self.port} cannot be observed: "
                     f"{self.unread or '`ss` gave no reading'}; waited {self.seconds:.2f}s")
+        if self.unread is not None and self.last_good is None:  # retried, never read
+            return (f"connections on port {self.port} never read: every `ss` reading failed "
+                    f"({self.unread}; {self.failed_readings} in all), so nothing showed them "
+                    f"quiet; waited the whole {self.seconds:.1f}s: stopping anyway")
         front = (f"; front: {self.front_watched} connection(s) watched, {self.front_closed} "
                  f"closed, {self.front_kept} shown to be the new config's, {self.front_new} "
                  f"opened after the old listener left" if self.front_observed else "")
@@ -191,9 +195,11 @@ class Unparsable(ValueError):
 @dataclass(frozen=True)
 class Unread:
     """A reading that failed: why, in words (`ss` missing, timed out, exited non-zero, or its
-    output could not be read)."""
+    output could not be read). `lasting`: it will fail the same way again (no `ss`, a format
+    not read here); a time-out or an error exit may not, so it is retried."""
 
     why: str
+    lasting: bool = True
 
 
 SS_TIMEOUT = 5.0
@@ -208,10 +214,11 @@ def _run_ss(args: list[str]) -> str | Unread:
     except OSError as exc:
         return Unread(f"`ss` could not run ({exc.strerror or exc})")
     except subprocess.TimeoutExpired:
-        return Unread(f"`ss` timed out after {SS_TIMEOUT:g}s")
+        return Unread(f"`ss` timed out after {SS_TIMEOUT:g}s", lasting=False)
     if done.returncode != 0:
         tail = (done.stderr or "").strip().splitlines()
-        return Unread(f"`ss` exited {done.returncode}" + (f": {tail[-1][:120]}" if tail else ""))
+        return Unread(f"`ss` exited {done.returncode}" + (f": {tail[-1][:120]}" if tail else ""),
+                      lasting=False)
     return done.stdout
 
 
@@ -553,10 +560,11 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
     and no request is pending on `port` (module docstring; unobservable sides fail closed).
 
-    A reading that fails (`ss` times out, exits non-zero, prints what cannot be read) before
-    any good one is the fixed grace, as with nothing observable; after one, the last good
-    reading (not drained, or the wait would have ended) stands and is read again until the
-    timeout: a failed reading is never evidence of quiet."""
+    A reading that fails for good (no `ss`, output it cannot read) before any good one is the
+    fixed grace, as with nothing observable; one that may pass (`ss` timed out or exited
+    non-zero: a loaded host) is retried until the timeout. After a good reading, the last one
+    (not drained, or the wait would have ended) stands and is read again until the timeout: a
+    failed reading is never evidence of quiet."""
     if look is not None:  # the slot's accepted connections alone, from the caller (tests)
         given = look
 
@@ -607,13 +615,14 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         if seen is None or isinstance(seen, Unread):
             why = seen.why if isinstance(seen, Unread) else "`ss` gave no reading"
             failed += 1
-            if last_good is None:  # no reading at all: nothing observable, the fixed grace
+            lasting = seen is None or seen.lasting
+            if last_good is None and lasting:  # nothing observable: the fixed grace
                 rest = FALLBACK_GRACE - (now - began)
                 if rest > 0:
                     sleep(min(rest, max(0.0, timeout - (now - began))))
                 return Drain(port, clock() - began, None, front_port=front,
                              failed_readings=failed, unread=why, readings=readings)
-            if now - began >= timeout:  # the last good reading still stands: busy
+            if now - began >= timeout:  # the last good reading (or none yet) stands: busy
                 return seen_so_far(now - began, last_busy, unread=why, last_good=last_good)
             sleep(min(poll, max(0.0, timeout - (now - began))))
             continue

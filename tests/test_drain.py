@@ -43,7 +43,8 @@ def reading(*socks: str) -> str:
 class Script:
     """Recorded readings played back against a fake clock: reading i is returned at i*POLL."""
 
-    def __init__(self, readings: Sequence[str | None], listening: set[int] | None = None) -> None:
+    def __init__(self, readings: Sequence[str | drain.Unread | None],
+                 listening: set[int] | None = None) -> None:
         self.readings = readings
         self.listening = {FRONT, SLOT} if listening is None else listening
         self.now = 0.0
@@ -52,7 +53,9 @@ class Script:
     def read(self, port: int, front: int | None) -> drain.Look | drain.Unread | None:
         text = self.readings[min(self.reads, len(self.readings) - 1)]
         self.reads += 1
-        return None if text is None else drain.look_at(text, port, front)
+        if text is None or isinstance(text, drain.Unread):
+            return text
+        return drain.look_at(text, port, front)
 
     def visible(self, ports: Iterable[int]) -> set[int] | None:
         return self.listening & set(ports)
@@ -213,6 +216,27 @@ def test_ss_failing_after_evidence_keeps_waiting_on_that_evidence() -> None:
     done = recovers.wait(timeout=5.0, switch=switch)
     assert done.drained and done.failed_readings == 20 and recovers.reads >= 24, done
     assert "20 failed reading(s) retried" in done.describe()
+
+
+def test_ss_that_times_out_before_any_reading_is_retried_not_the_fixed_grace() -> None:
+    """The review's case: on a loaded host the first `ss` timed out, and the drain took it for
+    'nothing observable' (1 s, then the stop cut a request in flight). A time-out or an error
+    exit may pass: retried until a reading shows the request answered, or until the timeout."""
+    slow = drain.Unread("`ss` timed out after 5s", lasting=False)
+    answered = (sock(41000, SLOT, 902, 1100, 1200, 10, 1),
+                sock(SLOT, 41000, 903, 1200, 1100, 1, 10))
+    old = drain.parse_ss(IN_FLIGHT[0])[0].key
+    switch = drain.Switch(FRONT, frozenset({5001}), frozenset({old}), loaded_at=0.0,
+                          at_close=frozenset())
+    script = Script([slow] * 60 + [reading(*IN_FLIGHT)] * 3 + [reading(*answered)])
+    done = script.wait(timeout=5.0, switch=switch)
+    assert done.drained and done.failed_readings == 60, done
+    assert done.seconds > drain.FALLBACK_GRACE and script.reads >= 64, (done, script.reads)
+    never = Script([drain.Unread("`ss` exited 1: Cannot open netlink socket", lasting=False)])
+    result = never.wait(timeout=2.0)
+    assert not result.drained and result.busy, result  # never read: not quiet
+    assert result.seconds >= 2.0 and never.reads > 10, (result, never.reads)
+    assert "never read" in result.describe() and "netlink" in result.describe()
 
 
 @pytest.mark.parametrize("odd", [
