@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -802,6 +803,42 @@ def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
     finally:
         fleet.reachable_again("host3")
         fleet.write_inventory()
+
+
+@pytest.mark.docker
+@nightly
+def test_a_lock_host_unreachable_when_a_batch_proves_the_lock_stops_the_rollout(
+        fleet_on_v3: DrillFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches [host1] (the canary, also the fleet lock's host) then [host2, host3]; the lock
+    is proved before every batch (RUNBOOK_FLEET_REFRESH_AFTER_S=0). host1 goes dark when
+    host2's batch asks it to refresh the lock. No host of that batch may start: none would
+    roll back under a lock anyone can prove (a review feared Ansible dropped only the host
+    whose turn ran the delegated refresh; it does not). Oracles: what each host's Caddy
+    serves, the lock's directory."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    monkeypatch.setenv("RUNBOOK_FLEET_REFRESH_AFTER_S", "0")
+    # the refresh runs with host2's variables, on host1: host2's command cuts host1 off
+    fleet.write_inventory(host_vars={"host2": {
+        "runbook_command": fleet.cut_off_command("host1", "fleet", "lock")}})
+    record: dict[str, Any] = {}
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--batches", "100%", "--format", "json")
+        out, err = proc.communicate(timeout=600)
+        record = json.loads(out.splitlines()[-1])["record"]
+        assert record["batches"] == [["host1"], ["host2", "host3"]], record["batches"]
+        assert proc.returncode != 0, out + err
+        assert fleet.serving("host1") == (200, "blue", v2)  # the canary, before the cut
+        assert fleet.serving("host2")[2] == v3 and fleet.serving("host3")[2] == v3
+        hosts = record["hosts"]
+        assert hosts["host2"]["status"] == hosts["host3"]["status"] == "not started", hosts
+        assert "fleet lock was lost" in out + err, out + err
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+        if record.get("fleet_run_id"):
+            hostlock.release(fleet.host("host1").env, record["fleet_run_id"])
+        assert hostlock.status(fleet.host("host1").env) is None
 
 
 @pytest.mark.docker

@@ -107,6 +107,14 @@ class FleetError(RunbookError):
 
 # ---------------------------------------------------------------------------------------------
 # Ansible through ansible-runner
+# ---------------------------------------------------------------------------------------------
+
+def refresh_after() -> float:
+    """Seconds into the run after which each batch first proves the fleet lock still ours
+    (refreshing it): a quarter of its time to live. RUNBOOK_FLEET_REFRESH_AFTER_S sets it
+    (0: before every batch), as RUNBOOK_FLEET_GATE_WAIT_S sets the gate's wait."""
+    value = os.environ.get("RUNBOOK_FLEET_REFRESH_AFTER_S")
+    return hostlock.DEFAULT_TTL / 4 if value is None else float(value)
 
 
 def _envvars() -> dict[str, str]:
@@ -770,7 +778,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                      "fleet_preflight_hosts": ",".join(dict.fromkeys(
                          [*targets, inventory.lock_host])),
                      "fleet_serial": plan.serial,
-                     "fleet_refresh_after": journal.started + hostlock.DEFAULT_TTL / 4,
+                     "fleet_refresh_after": journal.started + refresh_after(),
                      "fleet_stop_file": str(interrupts.stop_file)}
         run = PlaybookRun(inventory, extravars, events, forks=len(targets) + 1,
                           cancel=lambda: interrupts.count >= 2)
