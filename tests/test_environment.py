@@ -320,3 +320,10 @@ def test_a_host_env_file_that_agrees_or_cannot_be_read_is_fine(tmp_path: Path) -
     assert envmod.load(str(toml)).compose.env_file == env_file
     env_file.unlink()  # the database URL's reader reports a missing file when it is needed
     assert envmod.load(str(toml)).compose.env_file == env_file
+    # a host without compose (`docker run` slots) has no project to agree on
+    env_file.write_text("COMPOSE_PROJECT_NAME=togather\n")
+    text = toml.read_text()
+    compose_file = 'file = "/opt/togather/src/deploy/docker/docker-compose.blue-green.yml"\n'
+    assert compose_file in text
+    toml.write_text(text.replace(compose_file, ""))
+    assert envmod.load(str(toml)).compose.file is None

@@ -988,3 +988,18 @@ def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
     taken_over = second["stale_fleet_lock_taken_over"]  # the lock the dead controller left
     assert taken_over["holder"]["fleet_run_id"] == run_id, taken_over
     assert hostlock.status(fleet.hosts[0].env) is None
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf", "1800"])
+def test_a_bad_refresh_setting_is_one_line_exit_2_before_any_host(
+        value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(INVENTORY)
+    monkeypatch.setenv("RUNBOOK_FLEET_REFRESH_AFTER_S", value)
+    journal = tmp_path / "journal"
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(inventory), "--yes",
+                           "--journal-dir", str(journal)], capture_output=True, text=True,
+                          check=False, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "RUNBOOK_FLEET_REFRESH_AFTER_S" in proc.stderr and "Traceback" not in proc.stderr
+    assert not journal.exists()  # nothing written, no host asked

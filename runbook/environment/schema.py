@@ -311,6 +311,8 @@ def _agree_with_env_files(env: Environment) -> Environment:
             continue
         for variable, (key, mine) in ours.items():
             theirs = values.get(variable, "")
+            if variable == "COMPOSE_PROJECT_NAME" and env.compose.file is None:
+                continue  # no compose here (`docker run` slots): no project to agree on
             if variable == "SNAPSHOT_DIR" and theirs.startswith("/"):
                 theirs = str(Path(theirs))  # a trailing slash is the same folder
             if theirs and theirs != mine:

@@ -114,7 +114,17 @@ def refresh_after() -> float:
     (refreshing it): a quarter of its time to live. RUNBOOK_FLEET_REFRESH_AFTER_S sets it
     (0: before every batch), as RUNBOOK_FLEET_GATE_WAIT_S sets the gate's wait."""
     value = os.environ.get("RUNBOOK_FLEET_REFRESH_AFTER_S")
-    return hostlock.DEFAULT_TTL / 4 if value is None else float(value)
+    if value is None:
+        return hostlock.DEFAULT_TTL / 4
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < hostlock.DEFAULT_TTL:  # nan and inf fail this too
+        raise UsageError(f"RUNBOOK_FLEET_REFRESH_AFTER_S={value!r} is not a number of seconds "
+                         f"from 0 to {hostlock.DEFAULT_TTL:g}",
+                         "unset it (a quarter of the lock's time), or set 0 for every batch")
+    return seconds
 
 
 def _envvars() -> dict[str, str]:
@@ -721,6 +731,7 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
 
 def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
               say: Callable[[str], None], unreleased: list[str]) -> FleetResult:
+    refresh_in = refresh_after()  # a bad setting is refused before anything is written
     inventory = inv.read(options.inventory, options.canary_group)
     if not inventory.canary:  # a missing or misspelled group would silently mean no canary
         raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
@@ -778,7 +789,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                      "fleet_preflight_hosts": ",".join(dict.fromkeys(
                          [*targets, inventory.lock_host])),
                      "fleet_serial": plan.serial,
-                     "fleet_refresh_after": journal.started + refresh_after(),
+                     "fleet_refresh_after": journal.started + refresh_in,
                      "fleet_stop_file": str(interrupts.stop_file)}
         run = PlaybookRun(inventory, extravars, events, forks=len(targets) + 1,
                           cancel=lambda: interrupts.count >= 2)
