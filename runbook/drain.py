@@ -150,12 +150,10 @@ class Drain:
 
     def describe(self) -> str:
         if self.busy is None:
+            tries = (f" ({self.failed_readings} readings, none answered)"
+                     if self.failed_readings > 1 else "")
             return (f"connections on port {self.port} cannot be observed: "
-                    f"{self.unread or '`ss` gave no reading'}; waited {self.seconds:.2f}s")
-        if self.unread is not None and self.last_good is None:  # retried, never read
-            return (f"connections on port {self.port} never read: every `ss` reading failed "
-                    f"({self.unread}; {self.failed_readings} in all), so nothing showed them "
-                    f"quiet; waited the whole {self.seconds:.1f}s: stopping anyway")
+                    f"{self.unread or '`ss` gave no reading'}{tries}; waited {self.seconds:.2f}s")
         front = (f"; front: {self.front_watched} connection(s) watched, {self.front_closed} "
                  f"closed, {self.front_kept} shown to be the new config's, {self.front_new} "
                  f"opened after the old listener left" if self.front_observed else "")
@@ -195,8 +193,9 @@ class Unparsable(ValueError):
 @dataclass(frozen=True)
 class Unread:
     """A reading that failed: why, in words (`ss` missing, timed out, exited non-zero, or its
-    output could not be read). `lasting`: it will fail the same way again (no `ss`, a format
-    not read here); a time-out or an error exit may not, so it is retried."""
+    output could not be read). `lasting`: it will likely fail the same way again (no `ss`, an
+    error exit, e.g. an iproute2 too old for an option, a format not read here); a time-out
+    (a loaded host) may not, so it is retried."""
 
     why: str
     lasting: bool = True
@@ -217,8 +216,7 @@ def _run_ss(args: list[str]) -> str | Unread:
         return Unread(f"`ss` timed out after {SS_TIMEOUT:g}s", lasting=False)
     if done.returncode != 0:
         tail = (done.stderr or "").strip().splitlines()
-        return Unread(f"`ss` exited {done.returncode}" + (f": {tail[-1][:120]}" if tail else ""),
-                      lasting=False)
+        return Unread(f"`ss` exited {done.returncode}" + (f": {tail[-1][:120]}" if tail else ""))
     return done.stdout
 
 
@@ -560,9 +558,10 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
     and no request is pending on `port` (module docstring; unobservable sides fail closed).
 
-    A reading that fails for good (no `ss`, output it cannot read) before any good one is the
-    fixed grace, as with nothing observable; one that may pass (`ss` timed out or exited
-    non-zero: a loaded host) is retried until the timeout. After a good reading, the last one
+    A reading that fails for good (no `ss`, an error exit, output it cannot read) before any
+    good one is the fixed grace, as with nothing observable; a time-out (a loaded host) is
+    retried until the timeout, and if no reading ever comes, nothing was observed (busy None:
+    never "drained", never a connection it did not see). After a good reading, the last one
     (not drained, or the wait would have ended) stands and is read again until the timeout: a
     failed reading is never evidence of quiet."""
     if look is not None:  # the slot's accepted connections alone, from the caller (tests)
@@ -622,7 +621,10 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                     sleep(min(rest, max(0.0, timeout - (now - began))))
                 return Drain(port, clock() - began, None, front_port=front,
                              failed_readings=failed, unread=why, readings=readings)
-            if now - began >= timeout:  # the last good reading (or none yet) stands: busy
+            if now - began >= timeout:
+                if last_good is None:  # time-outs only, retried: nothing was ever observed
+                    return Drain(port, now - began, None, front_port=front, unread=why,
+                                 failed_readings=failed, readings=readings)
                 return seen_so_far(now - began, last_busy, unread=why, last_good=last_good)
             sleep(min(poll, max(0.0, timeout - (now - began))))
             continue

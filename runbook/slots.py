@@ -233,9 +233,12 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
         if info.status == "paused":  # Docker refuses to start a paused container
             return Preparation(slot, info, image, version, "unpause",
                                f"unpause the paused container (it keeps {image})")
-        if info.status == "restarting":  # its restart policy starts it; a start is refused
-            return Preparation(slot, info, image, version, "none",
-                               f"Docker is restarting it ({image}); the health gate decides")
+        if info.status == "restarting":  # its restart policy keeps starting it: it exits
+            raise PreconditionError(
+                f"slot {slot}'s container {info.name} is restarting: it keeps exiting and "
+                f"Docker's restart policy keeps starting it again ({image}); nothing was changed",
+                f"read `docker logs --tail 100 {info.name}`; once it runs (or after `docker "
+                f"stop {info.name}`, which ends the loop), run the same command again")
         # "dead" (Docker failed to remove it): it cannot be started, only replaced
     if not docker.image_exists(image):
         raise PreconditionError(
@@ -287,8 +290,7 @@ def run_step(env: Environment, prep: Preparation) -> Step:
 
     return Step("start-slot", titles[prep.action], details,
                 run=None if prep.action == "none" else run,
-                skip=(None if prep.action != "none" else "already running the wanted image"
-                      if prep.container.running else prep.reason))
+                skip="already running the wanted image" if prep.action == "none" else None)
 
 
 NOTE_EVERY = 0.5  # seconds between two identical health-gate notes

@@ -96,7 +96,9 @@ def restore_steps(env: Environment, run: RestoreRun,
         ctx.on_failure("start the stopped app containers again (only when the database "
                        "was not restored)", restart)
         for slot, name in zip(chosen, containers, strict=True):
-            if docker.inspect(name).running:
+            # a paused or restarting one too: `docker stop` ends both, and either could run
+            # old code against the database being replaced (a paused app may hold a lock)
+            if docker.inspect(name).status in ("running", "paused", "restarting"):
                 run.stopped.append(name)
                 ctx.fault(f"restore.stopping-{slot}")
                 slotmod.stop(env, slot, maintenance=True)

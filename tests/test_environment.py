@@ -313,11 +313,16 @@ def test_a_host_env_file_that_disagrees_with_the_environment_is_refused(
 
 def test_a_host_env_file_that_agrees_or_cannot_be_read_is_fine(tmp_path: Path) -> None:
     env_file = tmp_path / ".env.production"
-    env_file.write_text("COMPOSE_PROJECT_NAME=togather-production\nHEALTH_CHECK_PATH=/health\n"
+    env_file.write_text("COMPOSE_PROJECT_NAME=togather-production # prod\n"
+                        "HEALTH_CHECK_PATH='/health' # the full check\n"
                         "SNAPSHOT_DIR=/var/lib/togather/db-snapshots/\n# SNAPSHOT_DIR=/x\n")
     toml = tmp_path / "production.toml"
     toml.write_text(production_with(env_file))
     assert envmod.load(str(toml)).compose.env_file == env_file
+    for unjudged in ("SNAPSHOT_DIR=${SNAPSHOT_ROOT:-/srv}/snapshots", "SNAPSHOT_DIR=$HOME/s",
+                     "SNAPSHOT_DIR=./backups", "HEALTH_CHECK_PATH=${HEALTH_PATH}"):
+        env_file.write_text(unjudged + "\n")  # the host's tooling expands or places these
+        assert envmod.load(str(toml)).compose.env_file == env_file, unjudged
     env_file.unlink()  # the database URL's reader reports a missing file when it is needed
     assert envmod.load(str(toml)).compose.env_file == env_file
     # a host without compose (`docker run` slots) has no project to agree on
@@ -327,3 +332,12 @@ def test_a_host_env_file_that_agrees_or_cannot_be_read_is_fine(tmp_path: Path) -
     assert compose_file in text
     toml.write_text(text.replace(compose_file, ""))
     assert envmod.load(str(toml)).compose.file is None
+
+
+def test_env_file_values_are_read_as_compose_reads_them(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("A=plain # a comment\nB='quoted # not a comment' # one\n"
+                        'C="x#y"\nD=url#fragment\nexport E=e\nF=\nG="unclosed\n')
+    assert envmod.read_env_file(env_file) == {
+        "A": "plain", "B": "quoted # not a comment", "C": "x#y", "D": "url#fragment",
+        "E": "e", "F": "", "G": '"unclosed'}

@@ -121,28 +121,44 @@ def test_rollback_to_a_paused_standby_unpauses_it(stack: DrillStack) -> None:
 
 @pytest.mark.any_shape
 @pytest.mark.parametrize("status", ["dead", "restarting"])
-def test_a_dead_standby_is_replaced_and_a_restarting_one_is_left_to_docker(
+def test_a_dead_standby_is_replaced_and_a_restarting_one_is_refused(
         stack: DrillStack, status: str) -> None:
-    """Neither can be started: a dead container only replaced, a restarting one is Docker's
-    (its restart policy) and the health gate decides. The states are hard to reach on purpose,
-    so the container is described as Docker would report it."""
+    """Neither can be started: a dead container only replaced; a restarting one keeps exiting
+    (its restart policy starts it again), and the gate would call it "not running": refused
+    up front, naming its logs. The states are hard to reach on purpose, so the container is
+    described as Docker would report it."""
     env = stack.env
     name = env.slot("green").container
     info = docker.ContainerInfo(name, True, status, V2.image)
-    if status == "dead" and docker_run_host(stack):  # no compose to replace it with
+    if status == "restarting" or docker_run_host(stack):  # dead: no compose to replace it
         with pytest.raises(RunbookError) as err:
             slots.prepare(env, Slot.GREEN, V2.tag, info=info)
         assert err.value.exit_code == ExitCode.PRECONDITION, err.value
-        assert "dead" in str(err.value)
+        assert status in str(err.value)
+        if status == "restarting":
+            assert f"docker logs --tail 100 {name}" in (err.value.fix or "")
         return
     prep = slots.prepare(env, Slot.GREEN, V2.tag, info=info)
-    if status == "dead":
-        assert prep.action == "recreate"
-        assert "dead: Docker cannot start it" in prep.reason
-    else:
-        assert prep.action == "none"
-        step = slots.run_step(env, prep)
-        assert step.run is None and step.skip and "restarting" in step.skip
+    assert prep.action == "recreate"
+    assert "dead: Docker cannot start it" in prep.reason
+
+
+def test_a_restore_stops_a_paused_target_then_starts_it(stack: DrillStack) -> None:
+    """The review's case: the restore stopped only `running` slots, so a paused target was
+    left paused through the restore, and the `docker start` after it failed (409) with the
+    serving slot stopped and the database replaced: the service down."""
+    stack.reset()
+    deploy_to(stack, stack.env, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    env = stack.env
+    blue = env.slot("blue").container
+    stack.docker("start", blue)  # v1, the target, on a schema it does not know
+    stack.docker("pause", blue)
+    result = rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
+    assert result.plan.facts["container_action"] == "start"
+    assert docker.inspect(blue).status == "running"
+    assert through_proxy(env) == ("blue", V1.tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
 
 
 def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:

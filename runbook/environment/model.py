@@ -143,6 +143,19 @@ class Environment:
         return replace(self, **changes)
 
 
+def _env_value(value: str) -> str:
+    """One value as Compose reads it: a quoted one up to its closing quote; an unquoted one
+    up to an inline comment (` #`)."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end > 0:
+            return value[1:end]
+        return value
+    hash_at = next((i for i in range(1, len(value))
+                    if value[i] == "#" and value[i - 1] in " \t"), None)
+    return value if hash_at is None else value[:hash_at].rstrip()
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
     try:
@@ -159,8 +172,5 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
+        values[key.strip()] = _env_value(value.strip())
     return values

@@ -311,11 +311,16 @@ def _agree_with_env_files(env: Environment) -> Environment:
             continue
         for variable, (key, mine) in ours.items():
             theirs = values.get(variable, "")
+            if not theirs or "$" in theirs:  # interpolated by the host's tooling: not judged
+                continue
             if variable == "COMPOSE_PROJECT_NAME" and env.compose.file is None:
                 continue  # no compose here (`docker run` slots): no project to agree on
-            if variable == "SNAPSHOT_DIR" and theirs.startswith("/"):
-                theirs = str(Path(theirs))  # a trailing slash is the same folder
-            if theirs and theirs != mine:
+            if variable == "SNAPSHOT_DIR":
+                folder = Path(theirs).expanduser()
+                if not folder.is_absolute():  # relative to a directory only its tool knows
+                    continue
+                theirs = str(folder)  # a trailing slash is the same folder
+            if theirs != mine:
                 section, _, name = key.partition(" ")
                 raise ConfigError(
                     f"{file} sets {variable}={theirs}, but {key} is {mine!r} in "
