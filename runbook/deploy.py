@@ -7,6 +7,7 @@ rollback can tell whether migrations ran after it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +77,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     planned = caddy.plan_switch(env, target)
     tools = preflight.check(env, candidate=planned.new_text,
                             recreate=True, migrate_image=image)
-    deployment_id = states.new_id("dep")
+    # The same deploy rerun after an interruption before traffic moved is that deployment
+    # again: its id, and the pre-deploy snapshot it took before its migrations ran. A new one
+    # now would be at the migrated schema, and the schema guard, a restore and the cleanup
+    # would all take it for the state before this deploy.
+    again = found[0] if found is not None and found[0].action == "deploy" \
+        and found[0].to_version == version and found[0].record.get("deployment_id") else None
+    deployment_id = str(again.record["deployment_id"]) if again else states.new_id("dep")
+    taken = _taken_snapshot(env, deployment_id) if again else None
+    if taken is not None:
+        observed.snapshot_path = str(taken.path)
 
     def run_snapshot(ctx: StepContext) -> None:
         from runbook import snapshots
@@ -87,6 +97,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
     def run_recreate(ctx: StepContext) -> None:
+        if not env.migrate_command:
+            schema_at_start.append(recording.schema(env))
         slots.recreate(env, target, version)
         ctx.on_failure(f"stop {config.container} (it never took traffic)",
                        lambda: slots.stop_for_undo(env, target))
@@ -96,6 +108,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         ctx.fault("migrate.before-exec")
         code, output = docker.exec_run(config.container, list(env.migrate_command))
         if code != 0:
+            _schema_changed(ctx, before, "failed migrations")  # some may have run
             raise PreconditionError(f"migrations failed in {config.container} (exit {code}): "
                                     f"{output.strip().splitlines()[-1] if output.strip() else ''}",
                                     f"read `docker logs {config.container}`; the database "
@@ -113,12 +126,43 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
                 f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
 
+    def _schema_changed(ctx: StepContext, before: int | None, what: str) -> None:
+        """A failure after the new version could migrate: a changed (or unreadable) schema is
+        reported as needing attention, never as "nothing took effect"."""
+        now = recording.schema(env)
+        if now == before and now is not None:
+            return
+        seen = f"is at {now}" if now is not None else "cannot be read now"
+        ctx.cannot_undo(
+            f"the database schema was {before} before the new version started and {seen} "
+            f"after the {what}: it may have changed, and that stays",
+            f"check it: `runbook status {env.name}`; to put the schema back, restore the "
+            f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
+            f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
+
     intent = intents.Intent(run_id=run_id, action="deploy", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
                             from_version=current.version if current else None,
                             to_version=version, to_image=image,
                             record={"deployment_id": deployment_id,
-                                    "git_commit": _revision(image) or None})
+                                    "git_commit": _revision(image) or None,
+                                    **({"snapshot_path": str(taken.path)} if taken else {})})
+    schema_at_start: list[int | None] = []
+    gate = slots.gate_step(env, target, force=options.force, expected_version=version,
+                           observed=observed)
+    if not env.migrate_command and gate.run is not None:
+        # an app that migrates itself when it starts: a failed gate may follow a migration
+        checked_gate = gate.run
+
+        def run_gate(ctx: StepContext) -> None:
+            try:
+                checked_gate(ctx)
+            except BaseException:
+                if schema_at_start:
+                    _schema_changed(ctx, schema_at_start[0], "failed health gate")
+                raise
+
+        gate = dataclasses.replace(gate, run=run_gate)
 
     def run_state(ctx: StepContext) -> None:
         recording.deploy(env, intent, observed, run_id, ctx)
@@ -136,9 +180,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("snapshot", "Snapshot the database before the new version starts",
              {"folder": str(env.database.snapshot_dir),
               "command": _dump_shown(env),
-              "deployment": deployment_id},
-             run=run_snapshot,
-             skip=None if database.configured(env) else "no database configured"),
+              "deployment": deployment_id,
+              **({"taken": f"{taken.path} (schema {taken.migration_version}), by the "
+                           f"interrupted run {again.run_id if again else ''}"} if taken else {})},
+             run=None if taken else run_snapshot,
+             skip="no database configured" if not database.configured(env) else
+             "taken before the interrupted run of this deploy migrated: kept" if taken
+             else None),
         Step("start-slot", f"Recreate the {target} container with {image}",
              {"command": recreate.display()}, run=run_recreate),
         Step("migrate", "Run the new version's migrations",
@@ -146,8 +194,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
               "Ctrl-C": "acted on once the migrations have ended, so their outcome is known"},
              run=run_migrate, skip=None if env.migrate_command else "no migrate_command",
              hold_signals=True),
-        slots.gate_step(env, target, force=options.force, expected_version=version,
-                        observed=observed),
+        gate,
     ]
     switch, diff = slots.switch_step(env, target, version, observed, planned=planned,
                                      validated=planned.new_text)
@@ -164,6 +211,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},
                 intent=intent, resume_command=f"runbook deploy {env.name} --version {version}")
+
+
+def _taken_snapshot(env: Environment, deployment_id: str) -> Any:
+    """The usable pre-deploy snapshot an interrupted run of deployment `deployment_id` took,
+    or None (it was interrupted before the snapshot was done: nothing after it ran)."""
+    from runbook import snapshots
+
+    own = [s for s in snapshots.list_snapshots(env)
+           if s.deployment_id == deployment_id and s.usable and s.path.exists()]
+    return own[0] if own else None
 
 
 def _revision(image: str) -> str:

@@ -223,8 +223,13 @@ def held_for_h2c(f: Facts) -> Iterator[Problem]:
 
 
 def traffic_unclear(f: Facts) -> Iterator[Problem]:
-    """Caddy runs a config that sends traffic to no slot, both, or not where the proxy says."""
+    """Caddy runs a config that sends traffic to no slot, both, or not where the proxy says;
+    or which slot serves cannot be read at all: every check that needs the serving slot is
+    then skipped, so that alone is a problem (never "No problems found")."""
     if f.traffic is None:
+        if f.traffic_error is not None and f.caddy_running:  # Caddy down: said by caddy_problems
+            yield _error(f.traffic_error, f"check `curl {f.env.caddy.admin_url}/config/` and "
+                         f"`curl -sI {f.env.caddy.proxy_url}{f.env.caddy.verify_path}`")
         return
     trouble = f.traffic.problem(f.env)
     if trouble:

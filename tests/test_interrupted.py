@@ -17,6 +17,7 @@ drill (RUNBOOK_KILL_MATRIX=full) runs all 27: every point with every signal.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -26,10 +27,12 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from runbook import docker, faults, slots
+from runbook import deploy, docker, faults, slots
+from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
 from runbook.drill import http as drill_http
@@ -37,6 +40,7 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
+from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import Poller, wait_stopped
 from tests.matrix import sample
 
@@ -347,6 +351,61 @@ def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
         assert conn.execute("SELECT version, dirty FROM schema_migrations").fetchone() == (2,
                                                                                           False)
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(pre_deploy) == 1  # taken at schema 1, before the migrations
     again = cli(env, "deploy", "--version", V2.tag, "--yes")
     assert again.returncode == 0, again.stderr
     assert through_proxy(env) == ("green", V2.tag)
+    # the same deployment, finished: its snapshot is the one from before its migrations, not a
+    # new "pre-deploy" one at schema 2 (the guard, a restore and the cleanup would trust it)
+    assert sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")) == pre_deploy
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.snapshot_path == str(pre_deploy[0])
+    meta = json.loads(pre_deploy[0].with_name(
+        pre_deploy[0].name.removesuffix(".sql.gz") + ".meta.json").read_text())
+    assert meta["deployment_id"] == st.current.id and meta["migration_version"] == 1, meta
+
+
+def test_an_app_that_migrates_itself_then_fails_its_gate_says_the_schema_changed(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """No migrate_command (the app migrates when it starts): a failed gate was reported as
+    "undone; traffic stays where it was" whatever the new version did to the schema. The
+    drill app does not migrate itself, so the test does it while the run waits at its gate
+    (the fault point), as such an app would at start-up."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    toml = tmp_path / "self-migrating.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", VERSIONS["unhealthy"].tag,
+         "--yes", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+    wait_stopped(proc.pid)
+    with stack.connect() as conn:  # what the new version's own start-up migration does
+        conn.execute("UPDATE schema_migrations SET version = 2")
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "failed health gate" in err and "was 1 before" in err and "is at 2" in err, err
+    assert "nothing took effect" not in err
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
+
+
+def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_record(
+        stack: DrillStack) -> None:
+    """The review's case: a migrate command that exits non-zero after golang-migrate applied
+    some files was reported as exit 4, "nothing changed", the intent record cleared, while
+    the old version served on a changed schema."""
+    stack.reset()  # v1 serving from blue on schema 1
+    half = dataclasses.replace(stack.env, migrate_command=(
+        "sh", "-c", "python3 /app/server.py migrate up && exit 3"))
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(half, deploy.Options(version=V2.tag))
+    assert err.value.exit_code == ExitCode.ATTENTION, err.value
+    text = str(err.value)
+    assert "migrations failed" in text and "was 1 before" in text and "is at 2" in text, text
+    assert "nothing took effect" not in text and "pre-deploy snapshot" in (err.value.fix or "")
+    assert intents.read(half) is not None  # kept: the next run sees what happened
+    assert through_proxy(half) == ("blue", VERSIONS["v1"].tag)  # traffic never moved

@@ -117,3 +117,44 @@ def test_unrecorded_fields_and_control_characters(stack: DrillStack) -> None:
     assert "schema not recorded" in current and "status not recorded" in current, current
     assert "\\n" in current and "\\x1b" in current and "\\u202e" in current, current
     assert not re.search(r"[\x00-\x1f\x7f\u202e]", text.replace("\n", "")), text
+
+
+def test_traffic_that_cannot_be_read_is_a_problem_even_when_caddy_answers(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """The review's case: an admin URL that answers 200 with something that is not Caddy's
+    config (a site's catch-all page): which slot serves could not be read, every check that
+    needs it was skipped, and status said "No problems found", exit 0."""
+    import dataclasses
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from runbook import environment as envmod
+
+    class CatchAll(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>app</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CatchAll)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = stack.env
+        toml = tmp_path / "catch-all-admin.toml"
+        toml.write_text(envmod.to_toml(dataclasses.replace(env, caddy=dataclasses.replace(
+            env.caddy, admin_url=f"http://127.0.0.1:{server.server_address[1]}"))))
+        argv = [sys.executable, "-m", "runbook.cli", "status", str(toml), "--format", "json"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                              stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    finally:
+        server.shutdown()
+    assert "Traceback" not in done.stderr, done.stderr
+    problems = json.loads(done.stdout)["problems"]
+    assert done.returncode == 1 and problems, done.stdout
+    assert all(p["fix"] for p in problems), problems
