@@ -34,7 +34,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     except finish.CannotFinish as exc:  # the repair that error names is this very command
         found, repairing = None, exc
     if found is not None and found[1] == "finish":
-        return finish.plan_for(env, found[0], run_id)
+        if found[0].target == options.slot:
+            return finish.plan_for(env, found[0], run_id)
+        # the operator wants the other slot: finishing that run would stop the very slot asked
+        # for; this switch replaces its record instead (as in the repair above)
+        repairing = finish.CannotFinish(
+            f"an interrupted run moved traffic to {found[0].to_slot} "
+            f"({found[0].describe(moved=True)})", "", found[0])
+        found = None
     state = recording.load_or_empty(env)
     target = options.slot
     config = env.slot(target)

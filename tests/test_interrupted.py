@@ -335,6 +335,26 @@ def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack)
     assert "interrupted" not in status.stdout.lower(), status.stdout
 
 
+def test_a_switch_back_after_a_killed_run_that_took_effect_switches_back(
+        stack: DrillStack) -> None:
+    """The review's case: killed after its commit (green serves v2, healthy), then on-call
+    asks `runbook switch --slot blue`: the switch finished the interrupted run instead,
+    which stopped blue, the slot asked for, and said done (exit 0)."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    back = cli(env, "switch", "--slot", "blue", "--yes")
+    said = back.stdout + back.stderr
+    assert back.returncode == 0, said
+    assert "runbook: warning: repairing: an interrupted run moved traffic to green" in said
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
+    assert intents.read(env) is None
+    status = cli(env, "status", "--format", "json")
+    assert "interrupted" not in status.stdout.lower(), status.stdout
+
+
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
         stack: DrillStack) -> None:
     """A signal while the new version migrates is acted on once the migrations end (never a
