@@ -23,7 +23,9 @@ from pytest_bdd import given, parsers, then, when
 
 from runbook.drill.fleet import DrillFleet
 from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
 from runbook.fleet import hostlock, rollout
+from steps.world import caddy_config, container_identity
 
 NEW, PREVIOUS = "v3", "v2"  # the fleet's hosts start on v2; the Given deploys v3 (same schema)
 
@@ -63,7 +65,13 @@ class FleetWorld:
         return dict(self.out.get("record") or {})
 
     def snapshot(self) -> dict[str, Any]:
-        return {h.name: (self.fleet.serving(h.name), h.env.state_file.read_bytes())
+        """Per host what a refused or previewed run must leave as it was: what its proxy
+        answers, its state file, Caddyfile, Caddy's running config, its slot containers (the
+        docker CLI's id, state and start) and whether its deploy lock is held."""
+        return {h.name: (self.fleet.serving(h.name), h.env.state_file.read_bytes(),
+                         h.env.caddy.caddyfile.read_bytes(), caddy_config(h.env),
+                         {s: container_identity(h.env.slot(s).container) for s in Slot},
+                         h.env.lock_path.exists())
                 for h in self.fleet.hosts}
 
 

@@ -59,7 +59,7 @@ def still_answered_by_the_old_slot(world: World) -> None:
     world.succeeded()
     client, before = world.notes[LB]
     assert _answer(client, world) == before  # same connection, same slot, same version
-    assert world.live_slot() != before[2]  # while a fresh connection is on the other slot
+    assert world.live_slot() == Slot(before[2]).other  # a fresh connection: the other slot
 
 
 def _old_container(world: World) -> str:

@@ -11,7 +11,9 @@ stack: Givens only check, and nothing here ever changes the host by itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,8 +46,48 @@ def is_feature_item(node: pytest.Item | pytest.Collector) -> bool:
 # What a refused or dry run must leave untouched
 
 
+def caddy_config(env: Environment) -> bytes | None:
+    """Caddy's running config as its admin API gives it (None: no answer)."""
+    try:
+        with drill_http.client(timeout=3) as client:
+            response = client.get(f"{env.caddy.admin_url}/config/",
+                                  headers={"Connection": "close"})
+    except httpx.HTTPError:
+        return None
+    return response.content if response.status_code == 200 else None
+
+
+def dialed_slots(env: Environment) -> set[Slot] | None:
+    """The slots whose port Caddy's running config dials, read here from its admin API (not
+    by runbook.traffic, which the scenarios judge); None when it cannot be read."""
+    raw = caddy_config(env)
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    ports: set[int] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "dial" and isinstance(value, str) and value.rpartition(":")[2].isdigit():
+                    ports.add(int(value.rpartition(":")[2]))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return {slot for slot in Slot if env.slot(slot).port in ports}
+
+
 def through_proxy(env: Environment, path: str = "/version") -> tuple[int, str | None, str | None]:
-    """(HTTP status, X-Togather-Slot, version) as a user sees it through Caddy; 0 = no answer."""
+    """(HTTP status, slot, version) as a user sees it through Caddy; 0 = no answer. The slot is
+    the answer's X-Togather-Slot only when Caddy's running config dials that slot's port and no
+    other (the header is written by the block the runbook rewrites: alone it could lie)."""
     try:
         with drill_http.client(timeout=3) as client:
             response = client.get(f"{env.caddy.proxy_url}{path}",
@@ -55,7 +97,26 @@ def through_proxy(env: Environment, path: str = "/version") -> tuple[int, str | 
     version = None
     with contextlib.suppress(ValueError, AttributeError):
         version = response.json().get("version")
-    return response.status_code, response.headers.get(caddy.SLOT_HEADER), version
+    header = response.headers.get(caddy.SLOT_HEADER)
+    if header is not None:
+        dialed = dialed_slots(env)
+        if dialed is None or {str(s) for s in dialed} != {header}:
+            dials = "?" if dialed is None else ", ".join(sorted(map(str, dialed))) or "no slot"
+            header = f"{header} (but Caddy dials {dials})"
+    return response.status_code, header, version
+
+
+def container_identity(name: str) -> str | None:
+    """Which container it is, as the docker CLI says: a recreate changes its id even when
+    image and state end up the same, and a running one's start time shows a restart. A
+    stopped one's start time is left out: an undo may start it and stop it again."""
+    done = subprocess.run(["docker", "inspect", "--format",
+                           "{{.Id}} {{.State.Status}} {{.Config.Image}} {{.State.StartedAt}}",
+                           name], capture_output=True, text=True, check=False, timeout=30)
+    if done.returncode != 0:
+        return None
+    fields = done.stdout.split()
+    return " ".join(fields if fields[1:2] == ["running"] else fields[:3])
 
 
 _SITE = re.compile(r"^(?:https?://)?(?:127\.0\.0\.1|localhost|\[::1\]):(\d+)\s*\{", re.M)
@@ -97,12 +158,18 @@ class Snapshot:
     database_started: str | None
     sites: dict[str, int]
     logs: frozenset[str]
+    caddy_config: bytes | None = None  # what Caddy runs (admin API)
+    identities: dict[Slot, str | None] = field(default_factory=dict)  # docker CLI
 
     def unchanged(self) -> dict[str, Any]:
         """The parts a refused run or a preview must leave exactly as they were."""
         return {"state file": self.state, "Caddyfile": self.caddyfile,
                 "running slots": self.containers, "deploy lock held": self.lock,
-                "traffic through Caddy": self.traffic, "database schema": self.schema}
+                "traffic through Caddy": self.traffic, "database schema": self.schema,
+                "Caddy's running config": self.caddy_config,
+                "slot containers (id, state, start)": self.identities,
+                "env file": self.env_file, "database started": self.database_started,
+                "other sites' answers": self.sites}
 
 
 def running_image(container: str) -> str | None:
@@ -136,6 +203,8 @@ def take_snapshot(env: Environment) -> Snapshot:
         sites={url: site_answer(url) for url in other_sites(env, text)},
         logs=frozenset(p.name for p in env.log_dir.glob("*")) if env.log_dir.is_dir()
         else frozenset(),
+        caddy_config=caddy_config(env),
+        identities={s: container_identity(env.slot(s).container) for s in Slot},
     )
 
 
