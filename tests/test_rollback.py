@@ -143,6 +143,7 @@ def test_a_dead_standby_is_replaced_and_a_restarting_one_is_refused(
     assert "dead: Docker cannot start it" in prep.reason
 
 
+@pytest.mark.any_shape
 def test_a_restore_stops_a_paused_target_then_starts_it(stack: DrillStack) -> None:
     """The review's case: the restore stopped only `running` slots, so a paused target was
     left paused through the restore, and the `docker start` after it failed (409) with the
@@ -180,6 +181,7 @@ def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
     assert through_proxy(env) == ("green", V2.tag)
 
 
+@pytest.mark.any_shape
 def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing(
         stack: DrillStack) -> None:
     if docker_run_host(stack):
