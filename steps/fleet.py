@@ -15,6 +15,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,10 @@ class FleetWorld:
     first_run: dict[str, Any] = field(default_factory=dict)
     schema_before: int | None = None  # schema_migrations before the Given's fake migration
     safety_before: set[Path] = field(default_factory=set)
+    when_started: datetime = field(default_factory=lambda: datetime.now(UTC))  # last run's start
 
     def run(self, *args: str) -> dict[str, Any]:
+        self.when_started = datetime.now(UTC)
         argv = [self.fleet.runbook_command, "fleet", "rollback", *args, "--yes",
                 "--format", "json", "--journal-dir", str(self.journal_dir)]
         self.proc = subprocess.run(argv, capture_output=True, text=True, check=False,
@@ -194,11 +197,33 @@ def all_previous(fleet_world: FleetWorld) -> None:
         assert state["current_deployment"]["version"] == VERSIONS[PREVIOUS].tag, h.name
 
 
+def _docker_time(fleet_world: FleetWorld, host: str, slot: Slot, field_name: str) -> datetime:
+    """A slot container's State.StartedAt or State.FinishedAt, as the docker CLI says: the
+    order the hosts really changed in, not what the fleet's own journal says it was."""
+    name = fleet_world.fleet.host(host).env.slot(slot).container
+    done = subprocess.run(["docker", "inspect", "--format", f"{{{{.State.{field_name}}}}}", name],
+                          capture_output=True, text=True, check=True, timeout=30)
+    stamp = done.stdout.strip()  # 2026-12-02T15:17:49.073778169Z: to microseconds
+    head, _, frac = stamp.removesuffix("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
+
+
+def _rolled_back_before(fleet_world: FleetWorld, first: str, later: str) -> None:
+    """`first`'s rollback ended (its old slot, green, stopped) before `later`'s began (its
+    target, blue, started), both by Docker's clock; and both during this run."""
+    began = fleet_world.when_started
+    stopped = _docker_time(fleet_world, first, Slot.GREEN, "FinishedAt")
+    started = _docker_time(fleet_world, later, Slot.BLUE, "StartedAt")
+    assert began <= stopped <= started, (first, stopped, later, started, began)
+
+
 @then("the canary host was rolled back before any other host started")
 def canary_first(fleet_world: FleetWorld) -> None:
     hosts = fleet_world.record["hosts"]
     assert fleet_world.record["batches"][0] == ["host1"]
     assert all(hosts["host1"]["ended"] <= hosts[h]["started"] for h in ("host2", "host3")), hosts
+    for later in ("host2", "host3"):
+        _rolled_back_before(fleet_world, "host1", later)
 
 
 @then("the other hosts went one batch after another: one host, then the rest")
@@ -207,6 +232,7 @@ def batches_in_order(fleet_world: FleetWorld) -> None:
     assert record["batches"] == [["host1"], ["host2"], ["host3"]], record["batches"]
     hosts = record["hosts"]
     assert hosts["host2"]["ended"] <= hosts["host3"]["started"], hosts
+    _rolled_back_before(fleet_world, "host2", "host3")
 
 
 @then("the database step ran exactly once")
