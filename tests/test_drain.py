@@ -3,11 +3,12 @@ real thing on the drill (real Caddy, real load)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -585,6 +586,25 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
     assert f"front port {front}: connections closed" in step["detail"]["drained"]
 
 
+@contextlib.contextmanager
+def after_the_drain(then: Callable[[], object]) -> Iterator[list[drain.Drain]]:
+    """Run `then` right after each real drain (a change made by someone else meanwhile);
+    yields the drains seen."""
+    real_wait, seen = drain.wait_drained, []
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        result = real_wait(port, *args, **kw)
+        then()
+        seen.append(result)
+        return result
+
+    drain.wait_drained = wait  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        drain.wait_drained = real_wait  # type: ignore[assignment]
+
+
 @pytest.mark.docker
 def test_a_slot_switched_back_to_during_the_drain_is_not_stopped(stack: DrillStack) -> None:
     """The stop checked that Caddy does not send to the slot, then drained (up to
@@ -596,23 +616,12 @@ def test_a_slot_switched_back_to_during_the_drain_is_not_stopped(stack: DrillSta
     env = stack.env  # the baseline: blue serves, green runs too
     green = env.slot("green").container
     assert docker.inspect(green).running
-    real_wait = drain.wait_drained
-    switched: list[drain.Drain] = []
-
-    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
-        result = real_wait(port, *args, **kw)
-        # the concurrent change: Caddy's config now dials green
-        caddy_switch.apply(env, caddy_switch.plan_switch(env, "green").new_text)
-        switched.append(result)
-        return result
-
-    drain.wait_drained = wait  # type: ignore[assignment]
-    try:
-        with pytest.raises(traffic.ServingContainerError, match="it is serving traffic"):
-            slots.stop(env, "green", after_switch=True)
-    finally:
-        drain.wait_drained = real_wait  # type: ignore[assignment]
-    assert switched, "the drain ran"
+    # the concurrent change, once the drain is done: Caddy's config now dials green
+    with after_the_drain(lambda: caddy_switch.apply(
+            env, caddy_switch.plan_switch(env, "green").new_text)) as drained, \
+            pytest.raises(traffic.ServingContainerError, match="it is serving traffic"):
+        slots.stop(env, "green", after_switch=True)
+    assert drained, "the drain ran"
     assert docker.inspect(green).running, "the serving container was stopped"
     answer = urllib.request.urlopen(f"{env.caddy.proxy_url}{env.caddy.verify_path}", timeout=5)
     assert answer.headers.get("X-Togather-Slot") == "green"  # Caddy really sends there
@@ -630,19 +639,13 @@ def test_a_stop_fails_closed_when_caddy_cannot_be_read_after_the_drain(
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
-    real_wait, admin = drain.wait_drained, env.caddy.admin_url
-
-    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
-        result = real_wait(port, *args, **kw)
-        object.__setattr__(env.caddy, "admin_url", dead)  # Caddy's admin API goes away
-        return result
-
-    drain.wait_drained = wait  # type: ignore[assignment]
-    try:
-        with pytest.raises(traffic.ServingContainerError, match="cannot tell whether it serves"):
+    admin = env.caddy.admin_url
+    try:  # Caddy's admin API goes away once the drain is done
+        with after_the_drain(lambda: object.__setattr__(env.caddy, "admin_url", dead)), \
+                pytest.raises(traffic.ServingContainerError,
+                              match="cannot tell whether it serves"):
             slots.stop(env, "green", after_switch=True)
     finally:
-        drain.wait_drained = real_wait  # type: ignore[assignment]
         object.__setattr__(env.caddy, "admin_url", admin)
         closed.close()
     assert docker.inspect(green).running
