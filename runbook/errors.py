@@ -74,6 +74,10 @@ class LockedError(RunbookError):
     exit_code = ExitCode.LOCKED
 
 
+class LockLostError(LockedError):
+    """The lock this run took was removed or taken over: it must not change anything more."""
+
+
 class PreconditionError(RunbookError):
     exit_code = ExitCode.PRECONDITION
 

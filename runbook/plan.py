@@ -270,7 +270,7 @@ class _Execution:
             self._begin_changes()
             faults.point(self.env, f"before:{step.name}")
             self._check_signal(steps[index:])
-            self.heartbeat()
+            self._beat(steps[index:])
             self._run(step, steps[index + 1:])
             faults.point(self.env, f"after:{step.name}")
             self._check_signal(steps[index + 1:])
@@ -350,6 +350,17 @@ class _Execution:
         except OSError as exc:  # the next run reads Caddy anyway; say it, go on
             self.journal.log("WARN", f"could not mark the intent as committed: "
                              f"{exc.strerror or exc}", step="commit")
+
+    def _beat(self, rest: list[Step]) -> None:
+        """The heartbeat between steps: it raises when the run lost its lock (another run
+        or tool holds it now), which stops this one like any failure at that point."""
+        try:
+            self.heartbeat()
+        except RunbookError as exc:
+            if self.committed:
+                raise self._took_effect(exc, [s for s in rest if s.run and not s.skip]) \
+                    from None
+            raise self._rolled_back(exc) from None
 
     def _check_signal(self, rest: list[Step]) -> None:
         if self.signals.received is None:

@@ -20,7 +20,7 @@ from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
 from runbook.environment import Environment
-from runbook.errors import ExitCode, RunbookError, UsageError
+from runbook.errors import ExitCode, LockLostError, RunbookError, UsageError
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 
 WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
@@ -108,8 +108,8 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
             if confirm is None:  # no prompt shows the plan (--yes): its warnings still show
                 for warning in plan.warnings:
                     say(f"{WARNING}{warning}")
-            if confirm is not None:
-                with signals.interruptible():
+            if confirm is not None:  # a prompt may stay open: the lock is kept fresh
+                with signals.interruptible(), _heartbeat(held, env):
                     if not confirm(plan):
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
@@ -119,13 +119,21 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 say(held.owner_lost)
 
             def beat() -> None:
-                # due one interval after the lock was taken or last refreshed (a long prompt
-                # makes the first step refresh it; a quick run does not rewrite it at once)
+                # before every step and during long waits: a run whose lock was removed or
+                # taken over (LockLostError) stops, and undoes what it did before the commit.
+                # The refresh is due one interval after the lock was taken or last refreshed
+                # (a quick run does not rewrite the state file at once).
                 now = time.monotonic()
-                if now - refreshed[0] >= _interval(env):
-                    refreshed[0] = now
-                    with contextlib.suppress(RunbookError, OSError):
-                        held.refresh()
+                if now - refreshed[0] < _interval(env):
+                    held.check_owned()
+                    return
+                refreshed[0] = now
+                try:
+                    held.refresh()
+                except LockLostError:
+                    raise
+                except (RunbookError, OSError):
+                    pass  # a slow guard or a full disk: the lock itself still holds
 
             with _heartbeat(held, env):
                 result.outcomes = execute(plan, journal, progress, signals=signals,

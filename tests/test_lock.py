@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -511,3 +512,175 @@ def test_unusable_lock_dir_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="lock directory") as info:
         acquire(env, "x", None)
     assert info.value.exit_code == ExitCode.USAGE
+
+
+# --- another tool acting while a run holds the lock (review of 2026-12-02) ------------------
+
+
+def _go_cli_lock(with_state: Path, *, expires_in: float = 600) -> None:
+    """The Go CLI's lock: only in the state file, no lock_id, `expires_at`."""
+    now = datetime.now(UTC)
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "locked_by": "ci@build-runner", "reason": "deploy e4d2c1b",
+                     "locked_at": format_time(now),
+                     "expires_at": format_time(now + timedelta(seconds=expires_in))}
+    with_state.write_text(json.dumps(state))
+
+
+def test_publish_refuses_when_the_go_cli_locked_the_state_file_meanwhile(
+        env: Environment, with_state: Path) -> None:
+    """The mirror is published only once the plan is confirmed; the Go CLI, which locks only
+    in the state file, may have taken its lock in between. Both must never act."""
+    lock = acquire(env, "rollback", None)
+    _go_cli_lock(with_state)
+    before = with_state.read_bytes()
+    with pytest.raises(LockedError, match="recorded only in the state file") as info:
+        lock.publish()
+    assert "ci@build-runner" in info.value.message
+    assert with_state.read_bytes() == before  # its lock is still there, untouched
+    lock.release()
+    assert with_state.read_bytes() == before
+
+
+def test_publish_refuses_when_the_lock_was_taken_away(env: Environment, with_state: Path) -> None:
+    lock = acquire(env, "rollback", None)
+    unlock(env)  # our own lock, removed by hand (or by a tool that judged it stale)
+    plant(env, legacy=True)  # the shell tooling then takes it
+    before = with_state.read_bytes()
+    with pytest.raises(LockedError, match="no longer held by this run"):
+        lock.publish()
+    assert with_state.read_bytes() == before
+    assert lock.release() is False
+
+
+def test_a_stale_lock_directory_does_not_hide_a_live_go_cli_lock(env: Environment,
+                                                                 with_state: Path) -> None:
+    plant(env, age=4000, legacy=True)  # a crashed shell run's directory
+    _go_cli_lock(with_state)
+    with pytest.raises(LockedError, match="recorded only in the state file"):
+        acquire(env, "x", None)
+    assert env.lock_path.is_dir()  # the stale directory is left as it was
+
+
+def test_unlock_of_a_stale_directory_keeps_a_live_go_cli_lock(env: Environment,
+                                                              with_state: Path) -> None:
+    plant(env, age=4000, legacy=True)
+    _go_cli_lock(with_state)
+    before = read_state(with_state).lock
+    unlock(env)
+    assert not env.lock_path.exists()
+    assert read_state(with_state).lock == before  # the Go CLI's lock is not ours to clear
+
+
+def test_a_shell_deploy_still_running_keeps_its_expired_lock(env: Environment, with_state: Path,
+                                                            live_pid: int) -> None:
+    """The shell tooling's directory has only `locked_at`; its state-file mirror names the
+    pid. A deploy running past 1800 s is still running: its lock is not taken over."""
+    plant(env, age=2000, legacy=True)
+    state = json.loads(with_state.read_text())
+    at = datetime.now(UTC) - timedelta(seconds=2000)
+    state["lock"] = {"locked": True, "locked_by": "deploy@" + HOST, "pid": live_pid,
+                     "hostname": HOST, "locked_at": format_time(at),
+                     "lock_expires_at": format_time(at + timedelta(seconds=1800))}
+    with_state.write_text(json.dumps(state))
+    seen = status(env)
+    assert seen is not None and seen.holder_alive is True and not seen.stealable
+    with pytest.raises(LockedError, match=f"process {live_pid} is still running"):
+        acquire(env, "x", None)
+    with pytest.raises(LockedError):
+        unlock(env, force=True)
+    assert env.lock_path.is_dir()
+
+
+def test_force_removes_a_lock_directory_a_killed_run_left_empty(env: Environment) -> None:
+    """A run killed between its mkdir and its holder files leaves a directory naming nobody;
+    it counts as fresh for the lifetime, and --force is the way out, once it is not new."""
+    env.lock_path.parent.mkdir(parents=True)
+    env.lock_path.mkdir()
+    with pytest.raises(LockedError):
+        unlock(env, force=True)  # it may be a lock being taken at this instant
+    old = time.time() - 60
+    os.utime(env.lock_path, (old, old))
+    with pytest.raises(LockedError, match="--force"):
+        unlock(env)
+    assert "removed" in unlock(env, force=True)
+    assert not env.lock_path.exists()
+
+
+# --- a run whose lock is taken away stops (runbook/run.py, runbook/plan.py) ----------------
+
+
+def _fake_run(env: Environment, with_state: Path, *, during: str) -> tuple[list[str], Any]:
+    """`perform` with a plan of two steps (prepare, then the commit) that only record
+    themselves; the lock is taken away `during` the prompt or the prepare step, the way a
+    tool that judged it stale (or `rm -rf` by hand) would. Returns the calls and the error."""
+    from runbook.plan import Phase, Plan, Step, StepContext
+    from runbook.run import perform
+
+    calls: list[str] = []
+
+    def steal() -> None:
+        shutil.rmtree(env.lock_path)
+        plant(env, legacy=True)  # the shell tooling's lock now
+
+    def prepare(ctx: StepContext) -> None:
+        calls.append("prepare")
+        ctx.on_failure("stop the standby", lambda: calls.append("undo prepare"))
+        if during == "prepare":
+            steal()
+
+    def switch(ctx: StepContext) -> None:
+        calls.append("switch")
+
+    def build(run_id: str) -> Plan:
+        return Plan("rollback", env, "test", [
+            Step("start-slot", "Start the standby", run=prepare, phase=Phase.PREPARE),
+            Step("switch", "Switch Caddy", run=switch, phase=Phase.COMMIT)])
+
+    def confirm(plan: Plan) -> bool:
+        if during == "prompt":
+            steal()
+        return True
+
+    with pytest.raises(LockedError) as info:
+        perform(env, "rollback", build, dry_run=False, reason="test", confirm=confirm)
+    return calls, info.value
+
+
+def test_a_lock_taken_away_at_the_prompt_stops_the_run_before_any_change(
+        env: Environment, with_state: Path) -> None:
+    before = with_state.read_bytes()
+    calls, error = _fake_run(env, with_state, during="prompt")
+    assert calls == []
+    assert error.exit_code == ExitCode.LOCKED and "nothing was changed" in error.message
+    assert with_state.read_bytes() == before  # not mirrored over the new holder's view
+    assert env.lock_path.is_dir() and not (env.lock_path / "holder.json").exists()  # theirs
+
+
+def test_a_lock_taken_away_before_the_switch_undoes_and_never_switches(
+        env: Environment, with_state: Path) -> None:
+    calls, error = _fake_run(env, with_state, during="prepare")
+    assert calls == ["prepare", "undo prepare"]  # the switch never ran
+    assert error.exit_code == ExitCode.LOCKED and "no longer held by this run" in error.message
+    assert env.lock_path.is_dir() and not (env.lock_path / "holder.json").exists()
+
+
+def test_a_prompt_open_longer_than_the_lock_lifetime_keeps_the_lock_fresh(
+        tmp_path: Path) -> None:
+    from runbook.plan import Plan, Step
+    from runbook.run import perform
+
+    env = host_env(tmp_path, stale=4)  # refreshed every second
+    seen: list[bool] = []
+
+    def confirm(plan: Plan) -> bool:
+        for _ in range(12):  # 6 s at the prompt, longer than the lock's 4 s lifetime
+            time.sleep(0.5)
+            lock = status(env)
+            seen.append(lock is not None and not lock.stale)
+        return True
+
+    perform(env, "rollback", lambda run_id: Plan("rollback", env, "test", [
+        Step("noop", "Nothing", run=lambda ctx: None)]), dry_run=False, reason="test",
+        confirm=confirm)
+    assert all(seen), seen

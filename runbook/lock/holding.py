@@ -24,7 +24,7 @@ from typing import Any
 from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
-from runbook.errors import LockedError, StateError
+from runbook.errors import LockedError, LockLostError, StateError
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
@@ -32,11 +32,16 @@ from runbook.lock.policy import (
     LockStatus,
     _from_epoch,
     _inspect,
+    _judge_state_lock,
+    _state_lock_mapping,
     _state_lock_status,
 )
 from runbook.times import rough_duration
 
 GUARD_TIMEOUT = 10.0  # seconds; the guarded sections take milliseconds
+# a lock directory with nothing in it (its maker was killed between mkdir and its files) is
+# only removable with --force once it is this old: younger, it may be a lock being taken now
+EMPTY_DIR_GRACE = 10.0
 
 
 
@@ -98,7 +103,7 @@ class Lock:
         the main thread may be writing the state file.
         """
         with _guard(self.env):
-            self._check_owned()
+            self.check_owned()
             now = time.time()
             self.locked_at = _from_epoch(now)
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
@@ -110,21 +115,43 @@ class Lock:
 
     def publish(self) -> None:
         """Mirror the lock into the state file for tools that only read that. Done right
-        before the first change, so a run refused while planning leaves the file as it was."""
+        before the first change, so a run refused while planning leaves the file as it was.
+
+        Planning and the prompt took time: the lock is checked again here, as is the state
+        file, where the Go CLI (which locks nowhere else) may have taken its lock meanwhile.
+        Either raises LockedError, and nothing has changed yet."""
+        try:
+            with _guard(self.env):
+                self.check_owned()
+                self._refuse_a_live_state_lock(_state_lock_mapping(self.env))
+            self.mirror_error, lost = _mirror(self.env, self.state_json(),
+                                              replace_if=self._refuse_a_live_state_lock)
+        except LockedError as error:
+            error.message += "; nothing was changed"
+            error.args = (error.message,)
+            raise
         self.published = True
-        self.mirror_error, lost = _mirror(self.env, self.state_json(), replace_if=lambda _: True)
         self.owner_lost = self.owner_lost or lost
+
+    def _refuse_a_live_state_lock(self, lock: Mapping[str, Any] | None) -> bool:
+        if lock and not self._mirror_is_ours(lock):
+            other = _judge_state_lock(self.env, lock)
+            if other is not None and not other.stealable:
+                raise _locked_error(self.env, other)
+        return True
 
     def release(self) -> bool:
         return release(self.env, self)
 
-    def _check_owned(self) -> None:
+    def check_owned(self) -> None:
+        """Raise LockLostError unless the lock directory is still this run's (read-only)."""
         current = _inspect(self.env)
         if (current is None or current.ident != self.ident or current.holder is None
                 or current.holder.lock_id != self.lock_id):
-            raise LockedError(f"{self.env.display}: the deploy lock {self.lock_id} is no longer "
-                              "held by this run (it was removed or taken over)",
-                              "stop and check `runbook status` before changing anything else")
+            raise LockLostError(f"{self.env.display}: the deploy lock {self.lock_id} is no "
+                                "longer held by this run (it was removed or taken over)",
+                                "check `runbook status` and who holds the lock before "
+                                "changing anything else")
 
     def _mirror_is_ours(self, lock: Mapping[str, Any]) -> bool:
         return lock.get("lock_id") == self.lock_id
@@ -163,6 +190,11 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
         elif not current.stealable:
             raise _locked_error(env, current)
         else:
+            # the directory is stale, but a live lock in the state file (the Go CLI's, taken
+            # since) is a holder all the same
+            state_only = _state_lock_status(env)
+            if state_only is not None and not state_only.stealable:
+                raise _locked_error(env, state_only)
             tomb = _entomb(path, current.ident)
             shutil.rmtree(tomb, ignore_errors=True)
             stolen = current
@@ -238,8 +270,16 @@ def unlock(env: Environment, force: bool = False) -> str:
         _check_removable(env, current, force)
         _remove_dir(env.lock_path, current.ident)
     holder_id = current.holder.lock_id if current.holder else None
-    _mirror(env, {"locked": False},
-            replace_if=lambda lock: holder_id is None or lock.get("lock_id") in (None, holder_id))
+
+    def removed_ones(lock: Mapping[str, Any]) -> bool:
+        # the removed directory's mirror, or a lock nobody holds any more; never a live lock
+        # another tool (the Go CLI) recorded in the state file alone
+        if holder_id is not None and lock.get("lock_id") == holder_id:
+            return True
+        judged = _judge_state_lock(env, lock)
+        return judged is None or judged.stealable
+
+    _mirror(env, {"locked": False}, replace_if=removed_ones)
     what = "our own lock" if current.is_ours else f"a stale lock ({current.why})"
     return f"{env.display}: removed {what}, held by {current.describe()}"
 
@@ -340,9 +380,25 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
         return
     if force and current.stale and current.holder_alive is not True:
         return
+    if _left_empty(current):
+        if force:
+            return
+        raise LockedError(f"{env.display}: the deploy lock {current.path} names no holder: it "
+                          f"is empty, {rough_duration(current.age)} old (a run killed while "
+                          "taking it)", f"remove it with `runbook unlock {env.name} --force`")
     if current.broken:
         raise LockedError(f"{current.why}; not touching it", f"remove {current.path} by hand")
     raise _locked_error(env, current, unlocking=True)
+
+
+def _left_empty(current: LockStatus) -> bool:
+    """A directory with nothing in it, older than a lock being taken takes to fill."""
+    if current.source != "directory" or current.broken or current.age < EMPTY_DIR_GRACE:
+        return False
+    try:
+        return next(os.scandir(current.path), None) is None
+    except OSError:
+        return False
 
 
 def _locked_error(env: Environment, current: LockStatus, *,
@@ -354,7 +410,7 @@ def _locked_error(env: Environment, current: LockStatus, *,
     if current.broken:
         return LockedError(message, f"remove {current.path} by hand if nothing uses it")
     if current.stale and current.holder_alive:
-        pid = current.holder.pid if current.holder else "?"
+        pid = current.pid or "?"
         fix = (f"its process {pid} is still running, so the lock is never removed, not even "
                f"with --force: if that run hangs, stop it (kill {pid}); its lock is then stale "
                "and the next run takes it over")

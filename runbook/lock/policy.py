@@ -87,6 +87,13 @@ class LockStatus:
         return self.stale and self.holder_alive is not True
 
     @property
+    def pid(self) -> int | None:
+        """The holder's pid: holder.json's, or for the shell tooling its state-file mirror's."""
+        if self.holder is not None:
+            return self.holder.pid
+        return _state_holder(self.state_lock).pid if self.state_lock else None
+
+    @property
     def is_ours(self) -> bool:
         h = self.holder
         return (h is not None and h.pid == os.getpid() and h.hostname == socket.gethostname())
@@ -126,12 +133,26 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         # Not written yet (being acquired), or garbage: the directory's own age decides.
         epoch, basis = st.st_mtime, "the directory's mtime"
     state_lock = None if holder is not None else _state_lock_mapping(env)
-    return _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock)
+    return _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
+                  running=_mirror_running(state_lock))
+
+
+def _mirror_running(state_lock: Mapping[str, Any] | None) -> bool:
+    """Whether the state file's lock names a process running on this host. The shell tooling's
+    directory holds only `locked_at`; its mirror names the pid. Only ever evidence that the
+    holder runs, never that it died: the mirror may be an older run's, written before this
+    directory was made."""
+    if not state_lock or not state_lock.get("locked"):
+        return False
+    mirror = _state_holder(state_lock)
+    return (mirror.pid is not None and mirror.hostname == socket.gethostname()
+            and procs.pid_alive(mirror.pid, None) is True)
 
 
 def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epoch: float,
            basis: str, now: float, ident: Ident | None,
-           state_lock: Mapping[str, Any] | None, expires: float | None = None) -> LockStatus:
+           state_lock: Mapping[str, Any] | None, expires: float | None = None, *,
+           running: bool = False) -> LockStatus:
     age = now - epoch
     deadline = expires if expires is not None else epoch + env.lock_stale_after
     expires_in = deadline - now
@@ -139,6 +160,8 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
     pid = holder.pid if holder is not None else None
     if holder is not None and pid is not None and holder.hostname == socket.gethostname():
         alive = procs.pid_alive(pid, holder.pid_start)
+    elif running and state_lock:  # a legacy directory whose mirror's process still runs
+        alive, pid = True, _state_holder(state_lock).pid
     if expires_in <= 0:
         why = f"expired {rough_duration(-expires_in)} ago (by {basis})"
         if alive:
@@ -171,8 +194,12 @@ def _state_lock_mapping(env: Environment) -> Mapping[str, Any] | None:
 
 def _state_lock_status(env: Environment, now: float | None = None) -> LockStatus | None:
     """A lock recorded only in the state file (the Go CLI locks nowhere else)."""
+    return _judge_state_lock(env, _state_lock_mapping(env), now)
+
+
+def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
+                      now: float | None = None) -> LockStatus | None:
     now = time.time() if now is None else now
-    lock = _state_lock_mapping(env)
     if not lock or not lock.get("locked"):
         return None
     holder = _state_holder(lock)
