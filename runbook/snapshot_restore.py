@@ -46,8 +46,10 @@ def restore_steps(env: Environment, run: RestoreRun,
                   facts: dict[str, Any] | None = None) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
-    Steps: verify (done) -> safety snapshot -> stop the app slots (never the database) ->
+    Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
     DROP SCHEMA + replay in one transaction -> verify schema_migrations and row counts.
+    The safety snapshot comes after the stop: taken while the app still wrote, a write made
+    after its export and before the stop would be in neither it nor the restored database.
     Starting the target slot afterwards is the caller's step. `facts` is only the plan's
     JSON summary (--format json, reports): restore_snapshot, restore_migration_version, and
     once known safety_snapshot and restored; no step reads it.
@@ -137,18 +139,20 @@ def restore_steps(env: Environment, run: RestoreRun,
                              or "not recorded",
             "data written since": window,
         }),
-        Step("safety-snapshot", "Take a safety snapshot of the database as it is now", {
-            "folder": str(env.database.snapshot_dir),
-            "command": commands.dump(tgt, "<exported snapshot>",
-                                     into=f"{env.database.snapshot_dir}/<new>.sql.gz").describe(),
-            "on failure": "stop here; nothing was changed",
-        }, run=take_safety),
         Step("stop-app-slots", "Stop the app slots that use the database (not the database)", {
             "containers": ", ".join(containers) or "none",
             "kept running": env.database.container,
             "THE SERVICE IS DOWN": "from here until the switch: the one step allowed to stop "
                                    "the serving slot, so no write is lost during the restore",
         }, run=stop_slots),
+        Step("safety-snapshot", "Take a safety snapshot of the database as it is now", {
+            "folder": str(env.database.snapshot_dir),
+            "command": commands.dump(tgt, "<exported snapshot>",
+                                     into=f"{env.database.snapshot_dir}/<new>.sql.gz").describe(),
+            "taken": "once no app writes (after the stop): every write is in it or in the "
+                     "database, none is lost between the two",
+            "on failure": "the app slots are started again; the database was not touched",
+        }, run=take_safety),
         Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
             "psql": commands.replay(tgt, str(snapshot.path)).describe(),
             "stdin, first": prelude(verified).decode().replace("\n", " ").strip(),

@@ -429,3 +429,64 @@ def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_reco
     assert "nothing took effect" not in text and "pre-deploy snapshot" in (err.value.fix or "")
     assert intents.read(half) is not None  # kept: the next run sees what happened
     assert through_proxy(half) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
+
+
+def _database(stack: DrillStack) -> tuple[object, ...]:
+    """What the database holds: its schema version and every table's row count."""
+    with stack.connect() as conn:
+        version = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        tables = [r[0] for r in conn.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname NOT IN "
+            "('pg_catalog', 'information_schema') ORDER BY 1").fetchall()]
+        counts = tuple((t, conn.execute(f"SELECT count(*) FROM {t}").fetchone()) for t in tables)
+    return version, counts
+
+
+def test_a_restore_killed_mid_stream_commits_nothing(stack: DrillStack) -> None:
+    """SIGKILL while the dump streams into psql (the DROP SCHEMA already sent): psql's input
+    ends early. The database must be exactly as it was (`--single-transaction` committed the
+    DROP and half a dump here), and the next run restores it whole."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    before = _database(stack)
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="restore.mid-stream:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    deadline = time.monotonic() + 20  # psql reads what was sent, then ends at EOF
+    while time.monotonic() < deadline and subprocess.run(
+            ["docker", "exec", env.database.container, "pgrep", "-x", "psql"],
+            capture_output=True, check=False).returncode == 0:
+        time.sleep(0.2)
+    assert _database(stack) == before
+    again = cli(env, "rollback", "--restore-snapshot", "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert _database(stack)[0] != before[0]  # restored to v1's schema this time
+
+
+def test_the_safety_snapshot_is_taken_once_the_app_no_longer_writes(stack: DrillStack) -> None:
+    """Taken while the serving slot still wrote, a write after the snapshot's export and
+    before the stop would be in neither the safety snapshot nor the restored database. Held
+    (SIGSTOP) right before the safety snapshot, Docker says the serving slot is stopped."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green
+    env = stack.env
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    environ[faults.VARIABLE] = "before:safety-snapshot:SIGSTOP"
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--restore-snapshot",
+                             "--yes", str(env.source)], env=environ, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if Path(f"/proc/{proc.pid}/stat").read_text().split()[2] == "T":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        serving = docker.inspect(env.slot(Slot.GREEN).container)
+        assert not serving.running, serving.status
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)

@@ -124,9 +124,11 @@ def dump(tgt: Target, snapshot_id: str | None = None, into: str = "the snapshot 
 
 
 def replay(tgt: Target, source: str = "the snapshot file") -> DbCommand:
-    """psql reading stdin (`-f -`, which --single-transaction needs) in one transaction."""
+    """psql reading stdin; the transaction is the input's own (BEGIN in the prelude, COMMIT
+    only after the whole file checked out: runbook/snapshots/replay.py), never
+    --single-transaction, which commits whatever arrived when its input ends."""
     argv = [*tgt.exec_prefix(stdin=True), "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-            "--single-transaction", "--file", "-", *tgt.connection_args()]
+            "--file", "-", *tgt.connection_args()]
     return DbCommand(tuple(argv), stdin=f"the prelude, then (gunzip in-process) {source}",
                      env=tgt.exec_env())
 

@@ -1,9 +1,13 @@
 """Replacing the database with a verified snapshot, in ONE transaction, and proving it.
 
-The replay feeds `DROP SCHEMA public CASCADE; CREATE SCHEMA public;` and the dump to one
-`psql --single-transaction` run with ON_ERROR_STOP: any failure (bad SQL, a file corrupted
-mid-stream, a lock timeout) leaves the database exactly as it was. The plan steps around it
-(safety snapshot, stopping the app slots) live in runbook/snapshot_restore.py.
+The replay feeds `BEGIN; DROP SCHEMA public CASCADE; CREATE SCHEMA public;`, the dump and,
+only once the whole file streamed and checked out, `COMMIT;` to one psql run with
+ON_ERROR_STOP: any failure (bad SQL, a file corrupted mid-stream, a lock timeout) leaves the
+database exactly as it was. The COMMIT is ours, not psql's: `--single-transaction` commits at
+the end of its input, and a runbook killed mid-stream (SIGKILL, the OOM killer, a Ctrl-C that
+reaches `docker exec` too) ends that input early, which would commit the DROP and half a dump.
+Without our COMMIT, psql ends with the transaction open and Postgres rolls it back. The plan
+steps around it (stopping the app slots, the safety snapshot) live in runbook/snapshot_restore.py.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runbook import faults
 from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError
 from runbook.snapshots import commands
@@ -27,9 +32,10 @@ from runbook.snapshots.verify import TRAILER, Verified, chunks
 LOCK_TIMEOUT = "30s"  # a restore waits this long for locks, then rolls back and says so
 # Appended to psql's input when a restore must not commit: it raises an error in every lexer
 # state (ends a COPY, fails as a backslash command, fails as SQL), so ON_ERROR_STOP stops psql
-# and --single-transaction rolls everything back, the DROP SCHEMA included.
+# at once and the open transaction is rolled back, the DROP SCHEMA included.
 ABORT = (b"\n\\.\n;\n\\runbook_restore_aborted\n"
          b"SELECT 'restore aborted by runbook'::runbook_restore_aborted;\n")
+COMMIT = b"\nCOMMIT;\n"  # written only after the whole file streamed and checked out
 
 
 @dataclass
@@ -47,14 +53,14 @@ def prelude(verified: Verified) -> bytes:
     """Drop what the dump does not know about: its schemas go, then public comes back empty."""
     drops = b"".join(b"DROP SCHEMA IF EXISTS " + name + b" CASCADE;\n"
                      for name in verified.schemas if name != b"public")
-    return (b"SET client_min_messages = warning;\n"
+    return (b"BEGIN;\nSET client_min_messages = warning;\n"
             b"SET lock_timeout = '" + LOCK_TIMEOUT.encode() + b"';\n"
             + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\nCREATE SCHEMA public;\n"
             b"GRANT USAGE ON SCHEMA public TO PUBLIC;\n")
 
 
 def replay(env: Environment, verified: Verified) -> None:
-    """Feed prelude + dump to one `psql --single-transaction`; commit only a clean, whole file.
+    """Feed prelude + dump to one psql in one transaction; commit only a clean, whole file.
 
     The compressed bytes are hashed again while streaming: a file that changed or broke since
     verify() gets ABORT instead of EOF, so psql rolls back and the database stays as it was.
@@ -71,9 +77,12 @@ def replay(env: Environment, verified: Verified) -> None:
         try:
             try:
                 proc.stdin.write(prelude(verified))
-                for chunk in chunks(snap.path, sha):
+                for index, chunk in enumerate(chunks(snap.path, sha)):
                     tail = (tail + chunk)[-4096:]
                     proc.stdin.write(chunk)
+                    if index == 0:
+                        proc.stdin.flush()  # psql has the DROP before a fault here
+                        faults.point(env, "restore.mid-stream")
             except BrokenPipeError:
                 pass  # psql stopped on an error: its exit code tells
             except EOFError:
@@ -87,6 +96,9 @@ def replay(env: Environment, verified: Verified) -> None:
                     problem = "its checksum changed since it was verified"
                 elif TRAILER not in tail:
                     problem = "it has no 'dump complete' trailer"
+            if problem is None and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(COMMIT)
             if problem is not None:
                 with contextlib.suppress(OSError):
                     proc.stdin.write(ABORT)
