@@ -173,7 +173,8 @@ def request(method: str, url: str, *, timeout: float,
     deadline = _Deadline(timeout)
     try:
         parts = urlsplit(url)
-        port = parts.port
+        # http.client would dial 80 for an https:// URL without a port
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise HttpFailure(f"invalid URL {url!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:

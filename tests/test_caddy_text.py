@@ -29,6 +29,7 @@ from runbook.caddy import CaddyError
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
+from runbook.errors import ExitCode
 from tests.drill_checks import through_proxy
 
 
@@ -963,3 +964,34 @@ def test_reload_commands_are_argument_lists_caddy_accepts(stack: DrillStack) -> 
     assert done.returncode == 0, done.stderr
     assert_caddy_serves(env, Slot.GREEN)
     assert caddy.reload_action(make_env(reload="systemctl")) == ["systemctl", "reload", "caddy"]
+
+
+def test_the_repair_never_repoints_another_services_upstream() -> None:
+    """No upstream on a slot's port, and two services between the markers (a /grafana/*
+    route on 3000, the app's on a wrong 8018): which is the app's is not guessed."""
+    text = ("app.example.org {\n"
+            "\t# BLUE_GREEN_SLOT_START\n"
+            "\thandle /grafana/* {\n\t\treverse_proxy localhost:3000\n\t}\n"
+            "\thandle {\n\t\treverse_proxy localhost:8018 {\n"
+            '\t\t\theader_down X-Togather-Slot "blue"\n\t\t}\n\t}\n'
+            "\t# BLUE_GREEN_SLOT_END\n}\n")
+    with pytest.raises(caddy.CaddyError, match="different ports") as info:
+        caddy.rewrite(text, ENV, Slot.BLUE)
+    assert info.value.exit_code == ExitCode.PRECONDITION
+    assert "line 4: port 3000; line 7: port 8018" in info.value.message
+    # once the app's upstream is on a slot's port, the switch leaves Grafana's alone
+    fixed = text.replace("8018", "8081")
+    assert caddy.rewrite(fixed, ENV, Slot.GREEN) == fixed.replace("8081", "8082").replace(
+        '"blue"', '"green"')
+
+
+def test_a_forward_auth_to_a_slot_moves_with_the_switch() -> None:
+    """forward_auth proxies like reverse_proxy: left on the old slot's port, the switch would
+    look complete while /auth still went to the old slot (and its stop would be refused)."""
+    text = ("# BLUE_GREEN_SLOT_START\n"
+            "forward_auth localhost:8081 {\n\turi /auth\n}\n"
+            "forward_auth /admin/* localhost:9091 {\n\turi /api/verify\n}\n"
+            "reverse_proxy localhost:8081\n"
+            "# BLUE_GREEN_SLOT_END\n")
+    assert caddy.inspect(text, ENV).slot is Slot.BLUE
+    assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace("8081", "8082")

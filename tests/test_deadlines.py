@@ -382,3 +382,24 @@ exit 1
     text = result.describe()
     assert "`ss` exited 1: Cannot open netlink socket" in text, text
     assert "no `ss`" not in text and "cannot be observed" not in text, text
+
+
+def test_an_https_url_without_a_port_dials_443() -> None:
+    """`proxy_url = "https://togather.example.org"` is natural for a site on HTTPS: dialled
+    on 80 (http.client's default), every verification failed and every rollback was undone."""
+    listener = socket.socket()
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 443))
+    except OSError as exc:
+        listener.close()
+        pytest.skip(f"cannot listen on 127.0.0.1:443 here ({exc}); CI runs as root")
+    listener.listen(1)
+    listener.settimeout(3)
+    try:
+        with pytest.raises(bounded_http.HttpFailure):  # no TLS behind it: the dial is the point
+            bounded_http.request("GET", "https://127.0.0.1/health", timeout=1)
+        conn, _ = listener.accept()  # raises if nothing dialled 443
+        conn.close()
+    finally:
+        listener.close()

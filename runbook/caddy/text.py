@@ -127,6 +127,7 @@ class Upstream:
     port: int | None  # as written (None: none written, or not host:port)
     slot: Slot | None  # the slot whose port Caddy dials, if any
     dials: int | None = None  # the port Caddy dials (80, or 443 for https, when none is written)
+    directive: int = 0  # the line of the reverse_proxy (or forward_auth) it belongs to
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class _Parsed:
     unsupported: tuple[_Unsupported, ...]
 
 
+_PROXIES = ("reverse_proxy", "forward_auth")
+
+
 def _slot_by_port(env: Environment) -> dict[int, Slot]:
     return {cfg.port: slot for slot, cfg in env.slots.items()}
 
@@ -177,6 +181,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
     edits: list[_Edit] = []
     unsupported: list[_Unsupported] = []
     stack: list[str] = []  # directive names of the open `{` blocks
+    opened: list[int] = []  # the line each of them opened on
     wanted = SLOT_HEADER.lower()
     for index, line in enumerate(block.split("\n")):
         number = first_line + index
@@ -187,6 +192,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         if first == "}":
             if stack:
                 stack.pop()
+                opened.pop()
             continue
         opens = tokens[-1].text == "{"
         args = tokens[1:-1] if opens else tokens[1:]
@@ -196,12 +202,16 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
             if first == name and within in ("", parent):
                 said = " ".join(t.text for t in tokens)
                 unsupported.append(_Unsupported(f"line {number}: `{said}` {why}", fix))
-        if first == "reverse_proxy":
+        directive = number
+        if first in _PROXIES:  # forward_auth proxies too: a slot's port there moves with it
             if args and args[0].value.startswith(_MATCHER_PREFIXES):
                 args = args[1:]
+            if first == "forward_auth" and args and args[0].value.startswith("/"):
+                args = args[1:]  # a path matcher
             candidates = args
-        elif first == "to" and parent == "reverse_proxy":
+        elif first == "to" and parent in _PROXIES:
             candidates = args
+            directive = opened[-1]
         elif first in ("header_down", "header"):
             if first == "header" and args and args[0].value.startswith(_MATCHER_PREFIXES):
                 args = args[1:]
@@ -225,20 +235,41 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                 unsupported.append(_Unsupported(
                     f"line {number}: upstream {token.value!r} is not host:port "
                     "(placeholders and unix sockets cannot be switched)", _PLAIN_UPSTREAMS))
-                upstreams.append(Upstream(number, token.value, None, None, None))
+                upstreams.append(Upstream(number, token.value, None, None, None,
+                                          directive=directive))
                 continue
             scheme = match["scheme"] or ""
             port = int(match["port"]) if match["port"] else None
             dials = port if port is not None else _DEFAULT_PORTS.get(scheme.lower(), 80)
             slot = ports.get(dials)
-            upstreams.append(Upstream(number, token.value, match["host"], port, slot, dials))
+            upstreams.append(Upstream(number, token.value, match["host"], port, slot, dials,
+                                      directive))
             # another service's upstream is retargeted only by the repair of a block with no
             # upstream on a slot's port at all (see rewrite)
             edits.append(_Edit(index, token, "upstream" if slot is not None else "other",
                                scheme, match["host"]))
         if opens:
             stack.append(first)
+            opened.append(number)
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
+
+
+def _one_service(upstreams: tuple[Upstream, ...]) -> None:
+    """The repair repoints every upstream of the block: only when they are one service's,
+    i.e. every proxy directive dials the same ports. A `/grafana/*` route on 3000 beside the
+    app's on a wrong 8018 is two services, and which is the app's is not guessed."""
+    by_directive: dict[int, set[int | None]] = {}
+    for up in upstreams:
+        by_directive.setdefault(up.directive, set()).add(up.dials)
+    if len({frozenset(ports) for ports in by_directive.values()}) <= 1:
+        return
+    lines = "; ".join(f"line {line}: port {', '.join(str(p) for p in sorted(ports, key=str))}"
+                      for line, ports in sorted(by_directive.items()))
+    raise CaddyError("no upstream between the slot markers is on a slot's port, and they "
+                     f"proxy to different ports ({lines}): which is the app's is not guessed",
+                     "set the app's upstream to a slot's port by hand, then run `runbook "
+                     "switch` (it leaves the other services' upstreams as they are)",
+                     exit_code=ExitCode.PRECONDITION)
 
 
 def _as_slot(value: str) -> Slot | None:
@@ -349,6 +380,8 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     # `runbook switch` (health-gated, verified through the proxy), so every upstream in it is
     # repointed; beside an upstream on a slot's port, another one is another service's.
     repair = not any(up.slot is not None for up in parsed.upstreams)
+    if repair:
+        _one_service(parsed.upstreams)
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
