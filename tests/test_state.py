@@ -1035,3 +1035,23 @@ def test_a_new_file_and_its_lock_cycle_keep_one_format(tmp_path: Path) -> None:
     assert b", \n" not in path.read_bytes()
     write_state(path, with_lock(read_state(path), {"locked": False}))
     assert path.read_bytes() == first
+
+
+def test_the_deployment_that_replaced_the_previous_one_is_the_current_one(
+        tmp_path: Path) -> None:
+    """A (schema 49), B, a rollback to A (which keeps A's deployed_at), days on A, then C:
+    C replaced A, not B. Taking "the earliest deployment after A" picked B, so an automatic
+    restore chose B's pre-deploy snapshot and dropped everything written since."""
+    from runbook import migration_source
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    a, b, c = dep(1), dep(2, Slot.GREEN), dep(3, Slot.GREEN)
+    env.state_file.parent.mkdir(parents=True)
+    write_state(env.state_file, DeploymentState("production", current=c, previous=a,
+                                                history=(c, a, b)))
+    assert migration_source.successor(env, a, c).id == c.id
+    older = dep(0)  # further back (--to): the earliest recorded after it, as before
+    write_state(env.state_file, DeploymentState("production", current=c, previous=b,
+                                                history=(c, b, older)))
+    assert migration_source.successor(env, older, c).id == b.id
