@@ -45,7 +45,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     version = check_version(options.version)
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
-        return finish.plan_for(env, found[0], run_id)
+        done = found[0]
+        if done.action == "deploy" and done.to_version == version \
+                and options.slot in (None, done.target):
+            return finish.plan_for(env, done, run_id)
+        raise finish.not_what_it_did(env, done, f"a deploy of {version}")
     state = recording.load_or_empty(env)
     current = state.current
     if current is not None and current.version == version and options.slot is None:

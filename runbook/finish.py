@@ -67,13 +67,28 @@ def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
     """The finish plan of an interrupted run of any action: its verb's recorder and the
     command that reruns it (runbook/recording.py: no verb imported here)."""
     record = recording.BY_ACTION.get(intent.action, recording.rollback)
+    return finish_plan(env, intent, run_id, record, resume_command(env, intent))
+
+
+def resume_command(env: Environment, intent: intents.Intent) -> str:
+    """The command that reruns (so finishes) the interrupted run."""
     if intent.action == "deploy":
-        command = f"runbook deploy {env.name} --version {intent.to_version}"
-    elif intent.action == "switch":
-        command = f"runbook switch {env.name} --slot {intent.to_slot}"
-    else:
-        command = f"runbook rollback {env.name}"
-    return finish_plan(env, intent, run_id, record, command)
+        return f"runbook deploy {env.name} --version {intent.to_version}"
+    if intent.action == "switch":
+        return f"runbook switch {env.name} --slot {intent.to_slot}"
+    return f"runbook rollback {env.name}"
+
+
+def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> PreconditionError:
+    """A command asking for something else than the interrupted run that took effect did: it
+    is refused, not turned into that run's finish (which exited 0 without doing what was
+    asked: a `deploy --version Y` that finished a rollback and never deployed Y)."""
+    return PreconditionError(
+        f"an interrupted run took effect and is not finished ({intent.describe(moved=True)}); "
+        f"{asked} is not what it did, so nothing was changed",
+        f"finish it first with `{resume_command(env, intent)}`, then run this command again; "
+        f"or undo it: `runbook switch {env.name} --slot {intent.from_slot}` puts traffic back "
+        f"on {intent.from_version or intent.from_slot}")
 
 
 def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: Record,

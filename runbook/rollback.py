@@ -156,7 +156,12 @@ def resume_command(env: Environment) -> str:
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
-        return finish.plan_for(env, found[0], run_id)
+        done = found[0]
+        wanted = (options.to or "").strip().lower()
+        if done.action == "rollback" and (not wanted or wanted[:7] == done.to_version):
+            return finish.plan_for(env, done, run_id)
+        raise finish.not_what_it_did(env, done, "a rollback" + (f" to {wanted}" if wanted
+                                                                else ""))
     state = states.read_state(env.state_file, environment=env.name)
     current = state.current
     if current is None:
