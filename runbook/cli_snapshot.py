@@ -105,7 +105,7 @@ def restore(
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
     reason: Annotated[str | None, typer.Option("--reason", help="why, for the journal")] = None,
 ) -> None:
-    """Restore a snapshot: safety snapshot, stop app slots, replay in one transaction, verify."""
+    """Restore a snapshot: stop app slots, safety snapshot, replay in one transaction, verify."""
     from runbook import snapshot_restore
 
     environment = _env(env, config, fmt)

@@ -169,12 +169,18 @@ def restore_steps(env: Environment, run: RestoreRun,
     ]
 
 
-def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True) -> Step:
-    """For a standalone restore: start again the app containers the restore stopped."""
+def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
+               left_stopped: str | None = None) -> Step:
+    """For a standalone restore: start again the app containers the restore stopped, and the
+    serving one (`left_stopped`) when a killed restore had stopped it: this run then stops
+    nothing itself, and "none were running" would end it with the service down, exit 0."""
     from runbook import docker, health
 
     def run(ctx: StepContext) -> None:
         stopped = list(restore_run.stopped)
+        if left_stopped is not None and left_stopped not in stopped \
+                and not docker.inspect(left_stopped).running:
+            stopped.append(left_stopped)
         by_container = {env.slot(s).container: s for s in env.slots}
         for name in stopped:
             docker.start(name)
@@ -194,9 +200,27 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True) 
                         exit_code=ExitCode.ATTENTION) from None
         ctx.note(started=", ".join(stopped) or "none (none were running)")
 
+    containers = "those the restore stopped" + (
+        f", and {left_stopped}, which serves and was found stopped (an interrupted run's "
+        "maintenance stop)" if left_stopped else "")
     return Step("start-app-slots", "Start the app containers that were running, and gate them",
-                {"containers": "those the restore stopped",
+                {"containers": containers,
                  "health": f"wait up to {env.health.timeout:g}s each"}, run=run)
+
+
+def _serving_but_stopped(env: Environment) -> str | None:
+    """The container of the slot Caddy's running config serves, when it is not running."""
+    from runbook import docker, traffic
+
+    try:
+        serving = traffic.read(env, proxy=False).slot
+    except RunbookError:
+        return None  # Caddy cannot be read: only the containers this run stops are started
+    if serving is None:
+        return None
+    name = env.slot(serving).container
+    info = docker.inspect(name)
+    return name if info.exists and not info.running else None
 
 
 def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,
@@ -214,8 +238,14 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         warnings = []
         with contextlib.suppress(RunbookError):
             warnings.append(loss_window(env, snap).describe())
+        left = _serving_but_stopped(env)
+        if left is not None:
+            warnings.insert(0, f"the serving slot's container {left} is STOPPED (an interrupted "
+                               "restore's maintenance stop?): users get errors; "
+                               + ("this run starts it again once the database is restored"
+                                  if restart else "--keep-stopped leaves it so"))
         if restart:
-            steps.append(start_step(env, restore_run))
+            steps.append(start_step(env, restore_run, left_stopped=left))
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",
                               skip="--keep-stopped"))

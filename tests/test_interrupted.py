@@ -490,3 +490,59 @@ def test_the_safety_snapshot_is_taken_once_the_app_no_longer_writes(stack: Drill
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
+def test_another_command_after_a_committed_interruption_is_refused_not_turned_into_its_finish(
+        stack: DrillStack) -> None:
+    """A rollback killed after its commit (v2 serving from green, v3 still running on blue):
+    `deploy --version <v3>` or `rollback --to <other>` used to finish that rollback and exit
+    0, never doing what was asked. Refused, nothing changed; the rollback's own rerun
+    finishes it."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    record = intents.read(env)
+    state = env.state_file.read_bytes()
+    for args in (("deploy", "--version", V3.tag), ("rollback", "--to", VERSIONS["v1"].tag)):
+        refused = cli(env, *args, "--yes")
+        said = refused.stderr
+        assert refused.returncode == 4, refused.stdout + said
+        assert "is not what it did, so nothing was changed" in said, said
+        assert f"runbook rollback {env.name}" in said  # what finishes it
+        assert intents.read(env) == record and env.state_file.read_bytes() == state
+        assert docker.inspect(env.slot(Slot.BLUE).container).running  # not finished by it
+        assert through_proxy(env) == ("green", V2.tag)
+    done = cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert intents.read(env) is None
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
+
+
+def test_a_standalone_restore_killed_after_its_stop_is_finished_with_the_service_up(
+        stack: DrillStack) -> None:
+    """`runbook snapshot restore` killed (-9) right after its maintenance stop of the serving
+    slot: the rerun finds both slots stopped, stops nothing, and used to end "started: none
+    (none were running)", exit 0, users getting errors. It must start the serving slot."""
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    snap = snapshots.create(env, "manual")
+    assert env.source is not None
+
+    def restore(fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                               str(env.source), snap.name, "--yes"], capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+                              env=environ | ({faults.VARIABLE: fault} if fault else {}))
+
+    first = restore("after:stop-app-slots:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
+    again = restore()
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "is STOPPED" in said and "starts it again" in said
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
+    assert through_proxy(env) == ("blue", V3.tag)
