@@ -16,7 +16,7 @@ from runbook import compose, database, docker, finish, preflight, recording, slo
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError, RunbookError, UsageError
+from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
@@ -50,6 +50,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 and options.slot in (None, done.target):
             return finish.plan_for(env, done, run_id)
         raise finish.not_what_it_did(env, done, f"a deploy of {version}")
+    if not database.configured(env):
+        # its migrations (a migrate_command, or the app's own on start) would change the
+        # schema with no pre-deploy snapshot to bring it back: the rule is snapshot first
+        raise ConfigError(f"{env.display}: no database is configured, so the deploy cannot "
+                          "snapshot it before the new version migrates; nothing was changed",
+                          "set [database] env_file to the host's env file (/opt/togather/"
+                          f".env.{env.name}) or export DATABASE_URL")
     state = recording.load_or_empty(env)
     current = state.current
     if current is not None and current.version == version and options.slot is None:
@@ -188,8 +195,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
               **({"taken": f"{taken.path} (schema {taken.migration_version}), by the "
                            f"interrupted run {again.run_id if again else ''}"} if taken else {})},
              run=None if taken else run_snapshot,
-             skip="no database configured" if not database.configured(env) else
-             "taken before the interrupted run of this deploy migrated: kept" if taken
+             skip="taken before the interrupted run of this deploy migrated: kept" if taken
              else None),
         Step("start-slot", f"Recreate the {target} container with {image}",
              {"command": recreate.display()}, run=run_recreate),

@@ -113,3 +113,23 @@ def test_image_repository_is_honoured_for_targets_from_the_state_file(
         assert custom in proc.stdout and V2.image not in proc.stdout, proc.stdout
     finally:
         subprocess.run(["docker", "rmi", custom], capture_output=True, check=False)
+
+
+def test_a_deploy_with_no_database_configured_is_refused(stack: DrillStack,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No env file and no DATABASE_URL: the pre-deploy snapshot was skipped ("no database
+    configured") and the migrations ran anyway, nothing to bring the schema back."""
+    from runbook.errors import ConfigError, ExitCode
+
+    env = stack.env
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    bare = env.with_(database=replace(env.database, env_file=None))
+    state = env.state_file.read_bytes()
+    before = {s: docker.inspect(env.slot(s).container) for s in env.slots}
+    with pytest.raises(ConfigError) as info:
+        deploy.deploy(bare, deploy.Options(version=V2.tag))
+    assert info.value.exit_code == ExitCode.USAGE
+    assert "no database is configured" in info.value.message
+    assert "nothing was changed" in info.value.message and "env_file" in (info.value.fix or "")
+    assert env.state_file.read_bytes() == state
+    assert {s: docker.inspect(env.slot(s).container) for s in env.slots} == before
