@@ -110,10 +110,16 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                                     f"{env.database.snapshot_dir}",
                                     f"list them with `runbook snapshot list {env.name}` and "
                                     "pass one with --snapshot FILE")
-        if recorded is not None and snap.migration_version != recorded:
-            raise PreconditionError(f"snapshot {snap.name} is at schema "
-                                    f"{snap.migration_version}, but {target.version} ran with "
-                                    f"{recorded}", "pick a snapshot taken at the target's schema")
+        at = snap.migration_version
+        if recorded is not None and at is None:
+            # a sidecar the shell tooling wrote names no version: the dump itself does
+            from runbook.snapshots.verify import verify
+
+            at = verify(env, snap).migration_version
+        if recorded is not None and at != recorded:
+            raise PreconditionError(f"snapshot {snap.name} is at schema {at}, but "
+                                    f"{target.version} ran with {recorded}",
+                                    "pick a snapshot taken at the target's schema")
         window = snapshots.loss_window(env, snap)
         guard.restore = snap
         guard.details["restore"] = snap.name

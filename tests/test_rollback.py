@@ -457,6 +457,23 @@ def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapsh
     assert snapshot(env) == before
 
 
+def test_a_named_snapshot_whose_sidecar_has_no_version_is_judged_by_its_dump(
+        stack: DrillStack) -> None:
+    """`--snapshot FILE` whose sidecar the shell tooling wrote (the contract's keys only): it
+    was refused as "at schema None", a good snapshot and no usable fix. The dump says 1."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving on schema 2, v1 ran with 1
+    env = stack.env
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))[-1:]
+    sidecar = pre.with_name(pre.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(sidecar.read_text())
+    meta.pop("migration_version", None)
+    sidecar.write_text(json.dumps(meta))
+    dry = rollback.rollback(env, rollback.Options(restore_snapshot=str(pre)), dry_run=True)
+    assert pre.name in dry.plan.render()
+    later = rollback.rollback(env, rollback.Options(restore_snapshot=str(pre)))
+    assert later.outcomes[-1].status == "ok" and through_proxy(env) == ("blue", V1.tag)
+
+
 @pytest.mark.any_shape
 def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     from runbook.run import NotConfirmed
