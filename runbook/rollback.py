@@ -110,14 +110,14 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                                     f"{env.database.snapshot_dir}",
                                     f"list them with `runbook snapshot list {env.name}` and "
                                     "pass one with --snapshot FILE")
-        at = snap.migration_version
-        if recorded is not None and at is None:
+        snap_schema = snap.migration_version
+        if recorded is not None and snap_schema is None:
             # a sidecar the shell tooling wrote names no version: the dump itself does
             from runbook.snapshots.verify import verify
 
-            at = verify(env, snap).migration_version
-        if recorded is not None and at != recorded:
-            raise PreconditionError(f"snapshot {snap.name} is at schema {at}, but "
+            snap_schema = verify(env, snap).migration_version
+        if recorded is not None and snap_schema != recorded:
+            raise PreconditionError(f"snapshot {snap.name} is at schema {snap_schema}, but "
                                     f"{target.version} ran with {recorded}",
                                     "pick a snapshot taken at the target's schema")
         window = snapshots.loss_window(env, snap)
