@@ -165,9 +165,14 @@ def _pinned(env: Environment) -> frozenset[Slot]:
     return frozenset(by_port[p] for p in (outside_dials(env) or ()) if p in by_port)
 
 
-def outside_dials(env: Environment) -> Counter[int] | None:
+def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
     """The ports the Caddyfile's part outside the slot markers dials, as Caddy's own adapter
-    (`POST /adapt`, nothing loaded) reads it; None when the file or Caddy cannot say."""
+    (`POST /adapt`, nothing loaded) reads it; None when the file or Caddy cannot say.
+
+    With `running` (Caddy's loaded config), only when the whole file adapts to the ports that
+    config dials: a file edited since the last load (a pinned site moved from green to blue)
+    would otherwise tell the managed block's dials wrong, and the serving slot pass for the
+    standby."""
     from runbook.caddy import admin
     from runbook.caddy import text as caddytext
 
@@ -175,11 +180,18 @@ def outside_dials(env: Environment) -> Counter[int] | None:
         raw = env.caddy.caddyfile.read_text(encoding="utf-8")
         start, end = caddytext.find_block(raw)
         answer = admin.adapt(env, raw[:start] + raw[end:])
+        whole = admin.adapt(env, raw) if running is not None and answer is not None else None
     except (OSError, UnicodeError, RunbookError):
         return None
     if answer is None:
         return None
-    return Counter(p for d in _dials(answer) if (p := _port(d)) is not None)
+    if running is not None and (whole is None or _port_counts(whole) != _port_counts(running)):
+        return None  # the file is not what runs: which dials are whose cannot be told
+    return _port_counts(answer)
+
+
+def _port_counts(config: Any) -> Counter[int]:
+    return Counter(p for d in _dials(config) if (p := _port(d)) is not None)
 
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
@@ -199,12 +211,14 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
     a loopback round trip through Caddy: asked one after the other they were most of the
     planner's wait for a running standby)."""
     if not proxy:
-        return from_config(env, loaded_config(env), lambda: outside_dials(env))
+        running = loaded_config(env)
+        return from_config(env, running, lambda: outside_dials(env, running))
     from runbook.preflight import Probe
 
     witness = Probe(lambda: ask_proxy(env), "ask-proxy")
     try:
-        found = from_config(env, loaded_config(env), lambda: outside_dials(env))
+        running = loaded_config(env)
+        found = from_config(env, running, lambda: outside_dials(env, running))
     except BaseException:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise

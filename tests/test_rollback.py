@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, files, rollback, slots
+from runbook import caddy, deploy, docker, files, rollback, slots, traffic
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
@@ -545,6 +545,32 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
                for p in data["problems"])
     result = rollback.rollback(env, dry_run=True)
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
+
+
+def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slot_look_idle(
+        stack: DrillStack) -> None:
+    """Caddy runs the app on blue and a site pinned to green; the file on disk has that site
+    moved to blue, not loaded yet. Subtracting the file's outside dials from what runs named
+    green as serving, and blue (which serves) passed the guard against recreating it."""
+    env = two_deployments(stack)  # v3 serving from blue
+    text = env.caddy.caddyfile.read_text()
+    blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
+    stack.docker("start", env.slot(Slot.GREEN).container)
+    # as many dials as the managed block has (two): with the file's moved to blue, what
+    # runs minus the file's outside dials leaves green alone
+    running = text.replace('respond /ping "pong" 200',
+                           f"reverse_proxy localhost:{green} 127.0.0.1:{green}")
+    assert running != text
+    files.atomic_write(env.caddy.caddyfile, running.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=running,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert traffic.read(env, proxy=False).slots == {Slot.BLUE}  # file and config agree
+    edited = running.replace(f"reverse_proxy localhost:{green} 127.0.0.1:{green}",
+                             f"reverse_proxy localhost:{blue} 127.0.0.1:{blue}")
+    files.atomic_write(env.caddy.caddyfile, edited.encode())  # not loaded
+    assert traffic.read(env, proxy=False).slots == {Slot.BLUE, Slot.GREEN}  # cannot be told
+    with pytest.raises(traffic.ServingContainerError):
+        traffic.refuse_if_serving(env, Slot.BLUE, "recreate")
 
 
 def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slot_serves(
