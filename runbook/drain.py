@@ -34,12 +34,15 @@ the kernel (`ss -tien`, iproute2, no shell):
 
 "Nothing seen" is only "nothing there" where the port's listening socket is visible here;
 otherwise (Docker publishing with DNAT instead of its proxy, Caddy in another namespace) that
-side cannot be observed and keeps the older behaviour: without the front, the slot's port
-must also be quiet (no byte moved) for QUIET; without the slot's port, the wait lasts at
-least FALLBACK_GRACE. Never fail open: an unobservable side is waited for, not assumed done.
+side cannot be observed and is waited for: without the front, the slot's port must be quiet
+(no byte moved) for QUIET, and the wait lasts PRECONNECT, the life of a connection the old
+config accepted with no request yet (silent, it moves no byte, and a request it brings up to
+then is still forwarded to the old slot); without the slot's port, the wait lasts at least
+FALLBACK_GRACE. Never fail open: an unobservable side is waited for, not assumed done.
 A reading that fails (`ss` times out or exits non-zero, or prints what cannot be parsed) is no
-evidence of quiet: before any good reading it is the fixed grace (nothing observable); after
-one, the last good reading stands (it was not drained) and is read again until the timeout.
+evidence of quiet: before any good reading nothing is observable (PRECONNECT, as without the
+front); after one, the last good reading stands (it was not drained) and is read again until
+the timeout.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ DRAIN_TIMEOUT = 10.0  # the default of [rollback] drain_timeout_seconds (Environ
 QUIET = 0.5  # front unobservable: no byte moved this long on the slot's port
 SETTLE = 0.1  # a front connection idle after answers this long is not the old config's
 FALLBACK_GRACE = 1.0  # the slot's port unobservable: wait at least this long
+# the front unobservable: wait at least this long. Go closes a connection still waiting for its
+# first request 5 s after it was made (whole seconds, checked every <= 0.5 s while shutting
+# down), and every such connection of the old config was made before the wait began
+PRECONNECT = 6.5
 POLL = 0.02
 _FIELD = re.compile(r"\b(lastsnd|lastrcv|bytes_sent|bytes_received):(\d+)")
 _INODE = re.compile(r"\bino:(\d+)")
@@ -141,9 +148,10 @@ class Drain:
     def how(self) -> str:
         """Which criterion decided, for the plan and the journal."""
         if self.busy is None:
-            return f"nothing observable: fixed grace {FALLBACK_GRACE:g}s"
+            return f"nothing observable: fixed grace {PRECONNECT:g}s"
         front = (f"front port {self.front_port}: connections closed" if self.front_observed
-                 else f"front not observable: port {self.port} quiet {QUIET:g}s")
+                 else f"front not observable: port {self.port} quiet {QUIET:g}s, at least "
+                      f"{PRECONNECT:g}s")
         slot = (f"no request pending on port {self.port}" if self.slot_observed
                 else f"port {self.port} not observable: at least {FALLBACK_GRACE:g}s")
         return f"{front}; {slot}"
@@ -547,6 +555,7 @@ def last_switch(front: int) -> Switch | None:
 
 def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None = None,
                  quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
+                 preconnect: float = PRECONNECT,
                  read: Callable[[int, int | None], Look | Unread | None] = read_sockets,
                  visible: Callable[[Iterable[int]], set[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
@@ -616,7 +625,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
             failed += 1
             lasting = seen is None or seen.lasting
             if last_good is None and lasting:  # nothing observable: the fixed grace
-                rest = FALLBACK_GRACE - (now - began)
+                rest = max(FALLBACK_GRACE, preconnect) - (now - began)
                 if rest > 0:
                     sleep(min(rest, max(0.0, timeout - (now - began))))
                 return Drain(port, clock() - began, None, front_port=front,
@@ -664,7 +673,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         if not first_reading and any(counters_before.get(k) != v for k, v in counters.items()):
             slot_moved_at = now  # bytes moved, or a connection to the slot opened, since the last
         counters_before = counters
-        front_done = not open_front if front_observed else now - moved_at >= quiet
+        front_done = not open_front if front_observed \
+            else now - moved_at >= quiet and now - began >= preconnect
         slot_done = (not pending and now - slot_moved_at >= settle) if slot_observed \
             else now - began >= FALLBACK_GRACE
         if front_done and front_done_at is None:

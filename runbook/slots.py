@@ -421,11 +421,13 @@ def drain_plan(env: Environment, slot: Slot) -> str:
     port, front = env.slot(slot).port, front_port(env)
     where = (f"every connection on Caddy's port {front} open at the stop has closed (or "
              "shown it is the new config's)" if front is not None
-             else f"no byte moved on port {port} for {drain.QUIET:g}s")
+             else f"no byte moved on port {port} for {drain.QUIET:g}s, and at least "
+                  f"{drain.PRECONNECT:g}s")
     return (f"wait until {where} and no request is pending on port {port}, at most "
             f"{env.drain_timeout:g}s ([rollback] drain_timeout_seconds); a side `ss` cannot "
-            f"see is waited for instead (front: port {port} quiet {drain.QUIET:g}s; slot: at "
-            f"least {drain.FALLBACK_GRACE:g}s)")
+            f"see is waited for instead (front: port {port} quiet {drain.QUIET:g}s and at "
+            f"least {drain.PRECONNECT:g}s, the life of a connection with no request yet; slot: "
+            f"at least {drain.FALLBACK_GRACE:g}s)")
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,
