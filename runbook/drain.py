@@ -125,6 +125,9 @@ class Drain:
     idle: int = 0  # idle keep-alive connections on the slot's port (harmless to cut)
     front_port: int | None = None
     front_observed: bool = False  # Caddy's listening port visible here (criterion a)
+    # Caddy also serves the app on ports other than front_port (`:443` beside `proxy_url`'s
+    # 80): their connections are not watched, so the wait lasts at least PRECONNECT
+    other_fronts: bool = False
     slot_observed: bool = True  # the slot's listening port, or Caddy's sockets to it (b)
     front_watched: int = 0  # front connections seen when the wait started
     front_closed: int = 0  # of them, closed during the wait
@@ -152,6 +155,8 @@ class Drain:
         front = (f"front port {self.front_port}: connections closed" if self.front_observed
                  else f"front not observable: port {self.port} quiet {QUIET:g}s, at least "
                       f"{PRECONNECT:g}s")
+        if self.other_fronts and self.front_observed:
+            front += f"; Caddy's other ports not watched: at least {PRECONNECT:g}s"
         slot = (f"no request pending on port {self.port}" if self.slot_observed
                 else f"port {self.port} not observable: at least {FALLBACK_GRACE:g}s")
         return f"{front}; {slot}"
@@ -555,7 +560,7 @@ def last_switch(front: int) -> Switch | None:
 
 def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None = None,
                  quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
-                 preconnect: float = PRECONNECT,
+                 preconnect: float = PRECONNECT, other_fronts: bool = False,
                  read: Callable[[int, int | None], Look | Unread | None] = read_sockets,
                  visible: Callable[[Iterable[int]], set[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
@@ -608,6 +613,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     def seen_so_far(elapsed: float, busy: int, **more: Any) -> Drain:
         """The drain's result from what the readings so far have seen."""
         return Drain(port, elapsed, busy, front_port=front, front_observed=front_observed,
+                     other_fronts=other_fronts,
                      slot_observed=slot_observed, front_watched=watch.closed + len(watch.front),
                      front_closed=watch.closed,
                      front_kept=sum(s.kept for s in watch.front.values()),
@@ -673,8 +679,10 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         if not first_reading and any(counters_before.get(k) != v for k, v in counters.items()):
             slot_moved_at = now  # bytes moved, or a connection to the slot opened, since the last
         counters_before = counters
-        front_done = not open_front if front_observed \
-            else now - moved_at >= quiet and now - began >= preconnect
+        if front_observed:  # Caddy's ports not watched: their silent connections' life
+            front_done = not open_front and (not other_fronts or now - began >= preconnect)
+        else:
+            front_done = now - moved_at >= quiet and now - began >= preconnect
         slot_done = (not pending and now - slot_moved_at >= settle) if slot_observed \
             else now - began >= FALLBACK_GRACE
         if front_done and front_done_at is None:

@@ -43,16 +43,20 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
             running = docker.inspect(container).running
         if running:
             front = front_port(env)
-            drained = drain.wait_drained(env.slot(slot).port, env.drain_timeout, front=front)
-            why = _held_for_h2c(drained, traffic.accepts_h2c(running_config.h2c, front),
-                                after_switch)
+            # users may reach the app on more of Caddy's ports than proxy_url's (`:443`
+            # beside 80, an h2c port): those are not watched, and may take h2c
+            others = any(not lo == hi == front for lo, hi in running_config.fronts)
+            drained = drain.wait_drained(env.slot(slot).port, env.drain_timeout, front=front,
+                                         other_fronts=others)
+            h2c_port = traffic.h2c_port(running_config, front)
+            why = _held_for_h2c(drained, h2c_port is not None, after_switch)
             if why:
                 drained = dataclasses.replace(drained, kept_for_h2c=True)
             if on_drain is not None:
                 on_drain(drained)
             if why:
                 return _record_held(env, slot, (
-                    f"{why}, and Caddy takes cleartext HTTP/2 (h2c) on port {front or 'unknown'}:"
+                    f"{why}, and Caddy takes cleartext HTTP/2 (h2c) on port {h2c_port}:"
                     " h2c connections never move to the new config, so their requests can still"
                     f" reach {container}: {held_fix(env, container)}"))
         # the drain can last drain_timeout: Caddy may have been switched back to this slot

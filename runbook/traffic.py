@@ -10,7 +10,7 @@ cannot be read, callers fail closed.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,8 @@ class Traffic:
     # proxies to a slot on purpose): not what the switch moves, so not what "serves" means
     pinned: frozenset[Slot] = frozenset()
     dialed: tuple[tuple[int, int], ...] = ()  # (slot port, how many dials name it)
+    # where users reach the app: the listening ports of the servers that proxy to a slot
+    fronts: Listens = ()
 
     @property
     def slot(self) -> Slot | None:
@@ -87,6 +89,36 @@ def h2c_listens(config: Any) -> Listens:
             if first.isdigit() and (not last or last.isdigit()):
                 found.append((int(first), int(last or first)))
     return tuple(found)
+
+
+def slot_fronts(config: Any, ports: Iterable[int]) -> Listens:
+    """The listening ports (as ranges) of Caddy's HTTP servers whose routes dial one of
+    `ports`: every port a user may reach a slot through (`:80, :443`, an h2c port), not only
+    the one verification asks, `proxy_url`'s."""
+    wanted = set(ports)
+    servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+    found: list[tuple[int, int]] = []
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if not isinstance(server, dict) or not any(
+                _port(d) in wanted for d in _dials(server.get("routes"))):
+            continue
+        for address in server.get("listen") or ():
+            first, _, last = str(address).rpartition(":")[2].partition("-")
+            if first.isdigit() and (not last or last.isdigit()):
+                found.append((int(first), int(last or first)))
+    return tuple(dict.fromkeys(found))
+
+
+def h2c_port(found: Traffic, front: int | None) -> int | None:
+    """A port where users reach the app and Caddy takes h2c: `front` (or, unknown, any h2c
+    port), else any port of a server that proxies to a slot (`slot_fronts`); None: none."""
+    if accepts_h2c(found.h2c, front):
+        return front if front is not None else found.h2c[0][0]
+    for lo, hi in found.h2c:
+        for first, last in found.fronts:
+            if lo <= last and first <= hi:
+                return max(lo, first)
+    return None
 
 
 def accepts_h2c(h2c: Listens, front: int | None) -> bool:
@@ -155,7 +187,7 @@ def from_config(env: Environment, config: Any,
             slots = managed
             pinned = frozenset(by_port[p] for p in fixed if p in by_port)
     return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
-                   dialed=tuple(sorted(counts.items())))
+                   dialed=tuple(sorted(counts.items())), fronts=slot_fronts(config, by_port))
 
 
 def _pinned(env: Environment) -> frozenset[Slot]:
@@ -224,7 +256,7 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
         raise
     header, error = witness.result()
     return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
-                   found.dialed)
+                   found.dialed, found.fronts)
 
 
 def serving_slot(env: Environment) -> Slot:
@@ -281,10 +313,9 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
     warnings: list[str] = []
     if problem:
         warnings.append(problem)
-    front = drain.front_port(env.caddy.proxy_url)
-    if accepts_h2c(found.h2c, front):
+    if (h2c := h2c_port(found, drain.front_port(env.caddy.proxy_url))) is not None:
         warnings.append(
-            f"Caddy accepts cleartext HTTP/2 (h2c) on port {front or 'unknown'}: a reload does "
+            f"Caddy accepts cleartext HTTP/2 (h2c) on port {h2c}: a reload does "
             "not move the h2c connections it already holds (golang/go#26682), so their "
             "requests still reach the old slot after the switch. The old slot is stopped only "
             "once they have closed, else left running for them (the run says so)")

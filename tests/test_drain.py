@@ -196,6 +196,16 @@ def test_without_the_front_a_silent_connection_is_waited_out() -> None:
     assert capped.seconds == 2.0 and not capped.drained, capped
 
 
+def test_caddys_other_ports_unwatched_hold_the_drain_for_a_silent_connections_life() -> None:
+    """Users also reach the app on a Caddy port other than `proxy_url`'s (443 beside 80): the
+    drain watches one front port, so a silent connection on the other is waited out."""
+    watched = Script([reading()]).wait(other_fronts=True)
+    assert watched.drained and watched.front_observed and watched.other_fronts
+    assert watched.seconds >= drain.PRECONNECT, watched
+    assert "other ports not watched" in watched.how
+    assert Script([reading()]).wait().seconds == 0.0  # one port, all watched: no wait
+
+
 def test_ss_failing_is_the_fixed_grace() -> None:
     script = Script([None])
     result = script.wait()
@@ -664,3 +674,42 @@ def test_a_stop_fails_closed_when_caddy_cannot_be_read_after_the_drain(
         object.__setattr__(env.caddy, "admin_url", admin)
         closed.close()
     assert docker.inspect(green).running
+
+
+def test_users_on_another_caddy_port_hold_the_drain_for_a_silent_connections_life(
+        stack: DrillStack) -> None:
+    """The site is also served on a second port (`:443` beside `proxy_url`'s 80 on a host):
+    the drain watches `proxy_url`'s port only, so the other's silent connections are waited
+    out (PRECONNECT) before the stop, and the journal line says why."""
+    from runbook import files
+    from tests.drill_checks import closed_port
+
+    env = stack.env  # the baseline: blue serves, green runs too
+    front = slots.front_port(env)
+    text = env.caddy.caddyfile.read_text()
+    site = f"http://127.0.0.1:{front} {{"
+    assert site in text
+    extra = closed_port()
+    both = text.replace(site, f"http://127.0.0.1:{front}, http://127.0.0.1:{extra} {{")
+
+    def load(body: str) -> None:
+        files.atomic_write(env.caddy.caddyfile, body.encode())
+        request = urllib.request.Request(f"{env.caddy.admin_url}/load", data=body.encode(),
+                                         headers={"Content-Type": "text/caddyfile"})
+        urllib.request.urlopen(request, timeout=10).close()
+
+    load(both)
+    try:
+        answer = urllib.request.urlopen(f"http://127.0.0.1:{extra}{env.caddy.verify_path}",
+                                        timeout=5)
+        assert answer.headers.get("X-Togather-Slot") == "blue"  # users reach the app there
+        seen: list[drain.Drain] = []
+        began = time.monotonic()
+        assert slots.stop(env, "green", after_switch=True, on_drain=seen.append) is None
+        took = time.monotonic() - began
+    finally:
+        load(text)
+    (d,) = seen
+    assert d.drained and d.other_fronts and d.seconds >= drain.PRECONNECT, d
+    assert took >= drain.PRECONNECT and "other ports not watched" in d.describe()
+    assert not docker.inspect(env.slot("green").container).running

@@ -50,6 +50,29 @@ def test_which_listeners_take_h2c_is_read_from_caddys_json_config() -> None:
     assert traffic.h2c_listens({}) == () and not traffic.accepts_h2c((), None)
 
 
+def test_h2c_on_another_port_of_the_app_is_seen_not_only_on_proxy_urls() -> None:
+    """The review's case: `proxy_url = "http://localhost"` (port 80) while the app is also
+    served on 8443, where Caddy takes h2c (`servers :8443 { protocols h1 h2c }`). Asked
+    only about port 80, the stop took the site for h2c-free and stopped the old slot under
+    the held h2c connections."""
+    route = [{"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": "localhost:8081"}]}]}]
+    config = {"apps": {"http": {"servers": {
+        "srv0": {"listen": [":80"], "routes": route},
+        "srv1": {"listen": [":8443"], "routes": route, "protocols": ["h1", "h2c"]},
+        "other": {"listen": [":9000"], "protocols": ["h1", "h2c"],
+                  "routes": [{"handle": [{"handler": "reverse_proxy",
+                                          "upstreams": [{"dial": "localhost:3000"}]}]}]},
+    }}}}
+    found = traffic.from_config(host_env(Path("/nonexistent")), config)
+    assert found.fronts == ((80, 80), (8443, 8443))  # not the site proxying to 3000
+    assert not traffic.accepts_h2c(found.h2c, 80)
+    assert traffic.h2c_port(found, 80) == 8443
+    assert traffic.h2c_port(found, 8443) == 8443
+    plain = {"apps": {"http": {"servers": {"srv0": {"listen": [":80"], "routes": route}}}}}
+    assert traffic.h2c_port(traffic.from_config(host_env(Path("/nonexistent")), plain), 80) \
+        is None
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DrillStack]:
     with DrillStack(shape="h2c") as stack:
