@@ -41,7 +41,8 @@ class Traffic:
     # proxies to a slot on purpose): not what the switch moves, so not what "serves" means
     pinned: frozenset[Slot] = frozenset()
     dialed: tuple[tuple[int, int], ...] = ()  # (slot port, how many dials name it)
-    # where users reach the app: the listening ports of the servers that proxy to a slot
+    # where users reach the app: the listening ports of the servers that proxy to the slot(s)
+    # that serve
     fronts: Listens = ()
 
     @property
@@ -187,7 +188,10 @@ def from_config(env: Environment, config: Any,
             slots = managed
             pinned = frozenset(by_port[p] for p in fixed if p in by_port)
     return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
-                   dialed=tuple(sorted(counts.items())), fronts=slot_fronts(config, by_port))
+                   dialed=tuple(sorted(counts.items())),
+                   # the serving slot's sites: a site pinned to the other slot (outside the
+                   # markers) keeps dialing it whatever the drain waits for
+                   fronts=slot_fronts(config, [env.slot(s).port for s in slots]))
 
 
 def _pinned(env: Environment) -> frozenset[Slot]:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,14 @@ def test_h2c_on_another_port_of_the_app_is_seen_not_only_on_proxy_urls() -> None
     assert not traffic.accepts_h2c(found.h2c, 80)
     assert traffic.h2c_port(found, 80) == 8443
     assert traffic.h2c_port(found, 8443) == 8443
+    # a site pinned to the other slot (outside the markers) is not where the app is served:
+    # it dials green whatever the drain of green waits for
+    pinned = json.loads(json.dumps(config))
+    pinned["apps"]["http"]["servers"]["status"] = {"listen": [":9100"], "routes": [
+        {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": "localhost:8082"}]}]}]}
+    seen = traffic.from_config(host_env(Path("/nonexistent")), pinned,
+                               lambda: Counter({8082: 1}))
+    assert seen.slots == {Slot.BLUE} and seen.fronts == ((80, 80), (8443, 8443))
     plain = {"apps": {"http": {"servers": {"srv0": {"listen": [":80"], "routes": route}}}}}
     assert traffic.h2c_port(traffic.from_config(host_env(Path("/nonexistent")), plain), 80) \
         is None
