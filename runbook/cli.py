@@ -177,14 +177,18 @@ def healthcheck(
         fail(exc, Format.json if fmt is HealthFormat.json else Format.text)
     reports = [health.probe(environment.slot(s), environment.health.path,
                             environment.health.request_timeout) for s in chosen]
+    from runbook.redact import redact, scrub
+
+    # the app's own words (a check's message may quote a DSN or a password): masked, as
+    # everything the runbook prints
     if fmt is HealthFormat.json:
-        data = [health.to_json(r) for r in reports]
+        data = scrub([health.to_json(r) for r in reports])
         print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
     elif fmt is HealthFormat.table:
-        typer.echo(health.to_table(reports))
+        typer.echo(redact(health.to_table(reports)))
     else:
         for r in reports:
-            typer.echo(health.simple(r))
+            typer.echo(redact(health.simple(r)))
     if not all(r.ok for r in reports):
         raise typer.Exit(int(ExitCode.FAILED_SAFELY))
 

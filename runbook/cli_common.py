@@ -47,12 +47,15 @@ PROCESS_STARTED = _process_started()
 def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
     """One line (plus the fix) on stderr and the error's documented exit code, never a
     traceback; with --format json also one JSON object on stdout for the caller's script."""
+    from runbook.redact import redact
+
     lost = getattr(exc, "journal_incomplete", None)
     if fmt is Format.json:
-        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+        print(json.dumps({"ok": False, "error": redact(exc.message),
+                          "fix": redact(exc.fix) if exc.fix else exc.fix,
                           "exit_code": int(exc.exit_code)}
                          | ({"journal_incomplete": lost} if lost else {})))
-    message = str(exc)
+    message = redact(str(exc))  # an argument, a path or a tool's words may hold a secret
     first, *rest = message.splitlines() or [""]
     typer.echo(f"runbook: error: {first}", err=True)
     for line in rest:

@@ -73,13 +73,34 @@ def password_of(url: str) -> str:
     return creds.partition(":")[2] if creds else ""
 
 
+def _query_passwords(url: str) -> list[str]:
+    """A `password=` given in the URL's query string (libpq takes it there too), with what a
+    bare `&` cut off it (the pieces after it that are no `key=value`): libpq quotes those
+    back in its error, as it does a value with a space."""
+    _, sep, query = url.partition("?")
+    if not sep:
+        return []
+    found: list[str] = []
+    for piece in query.split("#")[0].split("&"):
+        if piece.startswith("password="):
+            found.append(piece[len("password="):])
+        elif found and "=" not in piece:
+            found[-1] += "&" + piece
+    return found
+
+
 def secrets_of(url: str) -> set[str]:
     """Every form of the password that could show up in a message: as written, decoded, and
-    what a bare `@` `/` `?` `#` would cut it into (libpq shows the part after it as a host)."""
+    what a bare `@` `/` `?` `#` would cut it into (libpq shows the part after it as a host);
+    a query string's `password=` as written and cut at each `&` and space."""
+    found: set[str] = set()
+    for value in _query_passwords(url):
+        for form in (value, urllib.parse.unquote(value)):
+            found.add(form)
+            found.update(re.split(r"[&\s]", form))
     raw = password_of(url)
     if not raw:
-        return set()
-    found: set[str] = set()
+        return {value for value in found if value}
     for form in (raw, urllib.parse.unquote(raw)):
         found.add(form)
         found.update(re.split(r"[@/?#]", form))
@@ -95,6 +116,11 @@ def check_url(url: str, variable: str, where: str) -> None:
     if not sep or scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"{variable} ({where}) is not a postgresql:// URL",
                           "write it as postgresql://USER:PASSWORD@HOST:PORT/DB")
+    for value in _query_passwords(url):
+        cut = sorted({repr(c) for c in value if c in "& \t"})
+        if cut:
+            raise ConfigError(f"the password in {variable}'s query string ({where}) holds a bare "
+                              + " and a bare ".join(cut), fix)
     creds = _credentials(url)
     if creds is None:
         return

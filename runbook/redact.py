@@ -30,9 +30,10 @@ def _quoted_mask(value: str) -> str:
     return f"{value[0]}{MASK}{value[0]}" if value[:1] in ("'", '"') else MASK
 
 
-# scheme://user:PASSWORD@host - the password may hold @ % / : (greedy to the last @)
+# scheme://user:PASSWORD@host - the password may hold @ % / : (greedy to the last @); also
+# scheme:/user:PASSWORD@host, a URL that went through a path (pathlib folds the `//`)
 _PATTERNS.append((
-    re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/]*:)(?P<pw>\S*)@"),
+    re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*:/{1,2}[^\s:/]*:)(?P<pw>\S*)@"),
     lambda m: f"{m['pre']}{MASK}@",
 ))
 # POSTGRES_PASSWORD=..., JWT_SECRET="...": env style, the value runs to whitespace
