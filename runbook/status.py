@@ -181,7 +181,12 @@ def image_differs(f: Facts) -> Iterator[Problem]:
 
 def stale_lock(f: Facts) -> Iterator[Problem]:
     held = f.lock
-    if held is not None and held.stale:
+    if held is not None and held.broken:  # every run is refused by it, stale or not
+        yield Problem(f"the deploy lock cannot be used: {held.why}",
+                      f"remove {held.path} by hand if nothing uses it"
+                      if held.path.parent.is_dir() else
+                      f"point [lock] dir at a directory ({held.path.parent} is not one)")
+    elif held is not None and held.stale:
         yield Problem(f"the deploy lock is stale: {held.why} (held by {held.describe()})",
                       f"release it: `runbook unlock {_arg(f.env)} --yes`"
                       + (" (add --force: its process still runs)" if held.holder_alive
@@ -348,12 +353,17 @@ def _last_run(env: Environment) -> dict[str, Any] | None:
         records = sorted(env.runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
     except OSError:
         return None
-    for record in reversed(records[-5:]):
+    for record in reversed(records[-50:]):
         try:
             data = json.loads(record.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
-        context = data.get("context") or {}
+        if not isinstance(data, dict):
+            continue  # a file another tool left here: not a run record
+        if data.get("environment") not in (None, env.name):
+            continue  # the runs folder may be shared by several environments
+        context = data.get("context")
+        context = context if isinstance(context, dict) else {}
         return {"run_id": data.get("run_id"), "action": data.get("action"),
                 "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
                 "finished_at": data.get("finished_at"),

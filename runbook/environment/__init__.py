@@ -99,7 +99,7 @@ def load(name_or_path: str, *, config: str | None = None) -> Environment:
 def load_file(path: Path) -> Environment:
     """Parse and validate one environment file; every problem is reported in one error."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no statement
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", "check the path") from None
     except UnicodeDecodeError as exc:

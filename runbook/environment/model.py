@@ -159,7 +159,7 @@ def _env_value(value: str) -> str:
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a key
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}",
                           "check the path and its permissions (mode 0600, owned by you)") from None
@@ -171,6 +171,8 @@ def read_env_file(path: Path) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
-        key, _, value = line.removeprefix("export ").partition("=")
+        if line.startswith(("export ", "export\t")):
+            line = line[len("export"):].lstrip()
+        key, _, value = line.partition("=")
         values[key.strip()] = _env_value(value.strip())
     return values

@@ -82,6 +82,14 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _host_name(value: str) -> str:
+    """A host name or address as a URL holds it: a space or control character in it (a
+    trailing space from a copy) made every probe fail with an uncaught InvalidURL."""
+    if not value or any(c.isspace() or not c.isprintable() or c in "/?#@" for c in value):
+        _fail(f"{value!r} is not a host name or address (e.g. localhost, 127.0.0.1)")
+    return value
+
+
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
         _fail(f"{value!r} is not an absolute path (the Caddyfile's path inside Caddy's "
@@ -144,7 +152,7 @@ class SlotFile(_Table):
     # the compose service; left out on hosts without compose (`docker run`)
     service: Annotated[str, AfterValidator(_not_blank)] | None = None
     port: Port
-    host: str = SlotConfig.host
+    host: Annotated[str, AfterValidator(_host_name)] = SlotConfig.host
 
 
 class SlotsFile(_Table):

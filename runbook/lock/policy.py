@@ -99,6 +99,8 @@ class LockStatus:
         return (h is not None and h.pid == os.getpid() and h.hostname == socket.gethostname())
 
     def describe(self) -> str:
+        if self.broken:
+            return self.why
         if self.holder is not None:
             who = self.holder.describe()
         elif self.state_lock and self.state_lock.get("locked"):
@@ -117,6 +119,11 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # the lock directory is a file, or cannot be searched
+        return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,
+                          stale=False, why=f"{path} cannot be read: {exc.strerror or exc} "
+                          f"(check [lock] dir {path.parent})", holder_alive=None,
+                          expires_in=float("inf"), broken=True)
     ident = (st.st_dev, st.st_ino)
     if not os.path.isdir(path) or os.path.islink(path):
         return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,

@@ -1,0 +1,85 @@
+"""Files other tools (or a hand) left where the runbook reads: `runbook status` says what is
+wrong in one line and its documented exit code, never a traceback, always valid JSON with
+--format json. No container: Docker is pointed at a closed port, Caddy too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runbook import environment as envmod
+from tests.drill_checks import closed_port, host_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    closed = closed_port()
+    env = host_env(tmp_path)
+    text = envmod.to_toml(env).replace('"http://localhost:2019"', f'"http://127.0.0.1:{closed}"')
+    text = text.replace('proxy_url = "http://localhost"',
+                        f'proxy_url = "http://127.0.0.1:{closed}"')
+    source = tmp_path / "host.toml"
+    source.write_text(text)
+    for folder in ("runs", "locks", "state"):
+        (tmp_path / folder).mkdir()
+    return source
+
+
+def status(source: Path, fmt: str = "json") -> tuple[int, dict[str, object] | None, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "status", str(source),
+                           "--format", fmt], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    assert "Traceback" not in done.stderr and "unexpected failure" not in done.stderr, done.stderr
+    data = json.loads(done.stdout) if fmt == "json" else None
+    return done.returncode, data, done.stdout + done.stderr
+
+
+def test_run_records_another_tool_or_environment_left_are_not_this_ones(host: Path) -> None:
+    runs = host.parent / "runs"
+    (runs / "junk.json").write_text('"just a string"')
+    (runs / "odd.json").write_text('{"context": "str", "environment": "production"}')
+    (runs / "staging.json").write_text(json.dumps({
+        "environment": "staging", "run_id": "rbk_staging1", "action": "rollback",
+        "outcome": "failed", "exit_code": 5}))
+    code, data, said = status(host)
+    assert code == 1 and data is not None  # problems (nothing runs here), listed
+    assert "rbk_staging1" not in said  # another environment's run is not this one's
+
+
+def test_a_lock_path_that_is_no_directory_is_a_problem_status_names(host: Path) -> None:
+    (host.parent / "locks" / "togather-deploy-production.lock").write_text("")
+    code, data, said = status(host, "text")
+    assert code == 1 and "the deploy lock cannot be used" in said, said
+    (host.parent / "locks" / "togather-deploy-production.lock").unlink()
+    (host.parent / "locks").rmdir()
+    (host.parent / "locks").write_text("a file, not a directory")
+    code, data, said = status(host)
+    assert code == 1 and data is not None and "[lock] dir" in said, said
+
+
+def test_a_slot_host_with_a_stray_space_is_a_config_error(host: Path) -> None:
+    host.write_text(host.read_text().replace('host = "127.0.0.1"', 'host = "localhost "', 1))
+    code, data, said = status(host)
+    assert code == 2 and data is not None and data["ok"] is False
+    assert "slots.blue.host" in said and "'localhost '" in said, said
+
+
+def test_files_saved_with_a_byte_order_mark_are_read(host: Path) -> None:
+    env_file = host.parent / "env.production"
+    env_file.write_bytes(b"\xef\xbb\xbfDATABASE_URL=postgresql://u:pw-Kx81@127.0.0.1:1/db\r\n")
+    env_file.chmod(0o600)
+    text = host.read_text().replace("[database]\n", f'[database]\nenv_file = "{env_file}"\n')
+    host.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    code, data, said = status(host)
+    assert code == 1 and data is not None, said
+    assert "DATABASE_URL is missing" not in said and "database unreachable" in said, said
+    assert "pw-Kx81" not in said
