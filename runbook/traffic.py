@@ -205,10 +205,13 @@ def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
     """The ports the Caddyfile's part outside the slot markers dials, as Caddy's own adapter
     (`POST /adapt`, nothing loaded) reads it; None when the file or Caddy cannot say.
 
-    With `running` (Caddy's loaded config), only when the whole file adapts to the ports that
-    config dials: a file edited since the last load (a pinned site moved from green to blue)
-    would otherwise tell the managed block's dials wrong, and the serving slot pass for the
-    standby."""
+    With `running` (Caddy's loaded config), only when the file's part outside the markers is
+    what runs: the file with its managed block pointed at one slot or the other must adapt
+    to the very config Caddy runs (its `apps`). A pinned site edited on disk but not loaded
+    (moved from green to blue) would otherwise tell the managed block's dials wrong, and the
+    serving slot pass for the standby. Either slot is tried because the managed block on disk may be
+    ahead of Caddy (a run killed between writing the file and reloading Caddy), which the
+    next run must still read, to finish it."""
     from runbook.caddy import admin
     from runbook.caddy import text as caddytext
 
@@ -216,13 +219,18 @@ def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
         raw = env.caddy.caddyfile.read_text(encoding="utf-8")
         start, end = caddytext.find_block(raw)
         answer = admin.adapt(env, raw[:start] + raw[end:])
-        whole = admin.adapt(env, raw) if running is not None and answer is not None else None
+        if answer is None:
+            return None
+        if running is not None:
+            # the whole apps tree, not the dial counts: a pinned site moved from green to
+            # blue while the block moved from blue to green dials the same ports as before
+            want = running.get("apps") if isinstance(running, dict) else None
+            if want is None or not any(
+                    isinstance(whole := admin.adapt(env, caddytext.rewrite(raw, env, slot)),
+                               dict) and whole.get("apps") == want for slot in env.slots):
+                return None  # the part outside the markers is not what runs: cannot tell
     except (OSError, UnicodeError, RunbookError):
         return None
-    if answer is None:
-        return None
-    if running is not None and (whole is None or _port_counts(whole) != _port_counts(running)):
-        return None  # the file is not what runs: which dials are whose cannot be told
     return _port_counts(answer)
 
 

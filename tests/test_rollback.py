@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -571,6 +572,39 @@ def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slo
     assert traffic.read(env, proxy=False).slots == {Slot.BLUE, Slot.GREEN}  # cannot be told
     with pytest.raises(traffic.ServingContainerError):
         traffic.refuse_if_serving(env, Slot.BLUE, "recreate")
+
+
+def test_a_run_killed_between_the_caddyfile_write_and_the_reload_is_finished_beside_a_pinned_site(
+        stack: DrillStack) -> None:
+    """With a site outside the markers pinned to green (so Caddy dials both slots), a
+    rollback to green killed once it wrote the Caddyfile and before Caddy loaded it: the
+    file's managed block is ahead of what runs. Comparing the whole file with Caddy's config
+    made the next run unable to tell which slot serves (exit 4, a slot to pick by hand); the
+    same command must finish the rollback."""
+    from runbook import faults
+
+    env = two_deployments(stack)  # v3 serving from blue, v2 the previous, stopped on green
+    text = env.caddy.caddyfile.read_text()
+    pinned = text.replace('respond /ping "pong" 200',
+                          f"reverse_proxy localhost:{env.slot(Slot.GREEN).port}")
+    files.atomic_write(env.caddy.caddyfile, pinned.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=pinned,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert env.source is not None
+
+    def cli(fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", "--yes",
+                               str(env.source)], capture_output=True, text=True, check=False,
+                              timeout=180, stdin=subprocess.DEVNULL,
+                              env=environ | ({faults.VARIABLE: fault} if fault else {}))
+
+    first = cli("switch.after-write:SIGKILL")
+    assert first.returncode == -9, first.stderr
+    assert through_proxy(env) == ("blue", V3.tag)  # Caddy has not loaded the new file
+    again = cli()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
 
 
 def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slot_serves(
