@@ -585,11 +585,20 @@ def test_a_shell_deploy_still_running_keeps_its_expired_lock(env: Environment, w
     with_state.write_text(json.dumps(state))
     seen = status(env)
     assert seen is not None and seen.holder_alive is True and not seen.stealable
-    with pytest.raises(LockedError, match=f"process {live_pid} is still running"):
+    with pytest.raises(LockedError, match=f"process {live_pid} is still running") as info:
         acquire(env, "x", None)
+    assert f"ps -o pid,lstart,args -p {live_pid}" in (info.value.fix or "")
     with pytest.raises(LockedError):
-        unlock(env, force=True)
+        unlock(env)
     assert env.lock_path.is_dir()
+    # a pid the mirror names may have been reused: once on-call checked it, --force removes it
+    assert "removed" in unlock(env, force=True)
+    # a mirror of another run (another locked_at) is no evidence for this directory
+    plant(env, age=2000, legacy=True)
+    state["lock"]["locked_at"] = format_time(at - timedelta(seconds=600))
+    with_state.write_text(json.dumps(state))
+    seen = status(env)
+    assert seen is not None and seen.stealable, seen
 
 
 def test_force_removes_a_lock_directory_a_killed_run_left_empty(env: Environment) -> None:

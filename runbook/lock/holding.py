@@ -378,8 +378,9 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
 def _check_removable(env: Environment, current: LockStatus, force: bool) -> None:
     if current.is_ours or current.stealable:
         return
-    if force and current.stale and current.holder_alive is not True:
-        return
+    if force and current.stale and (current.holder_alive is not True
+                                    or current.alive_by_mirror):
+        return  # (a pid named only by the mirror may be reused: on-call checked it)
     if _left_empty(current):
         if force:
             return
@@ -409,7 +410,12 @@ def _locked_error(env: Environment, current: LockStatus, *,
                f"{current.why}")
     if current.broken:
         return LockedError(message, f"remove {current.path} by hand if nothing uses it")
-    if current.stale and current.holder_alive:
+    if current.stale and current.alive_by_mirror:
+        pid = current.pid or "?"
+        fix = (f"the state file names its process {pid}, still running: if that is the "
+               f"deploy (`ps -o pid,lstart,args -p {pid}`), let it finish; if it is not (its "
+               f"pid was reused), remove the lock with `runbook unlock {name} --force`")
+    elif current.stale and current.holder_alive:
         pid = current.pid or "?"
         fix = (f"its process {pid} is still running, so the lock is never removed, not even "
                f"with --force: if that run hangs, stop it (kill {pid}); its lock is then stale "

@@ -76,6 +76,10 @@ class LockStatus:
     ident: Ident | None = None
     state_lock: Mapping[str, Any] | None = None  # the state file's mirror, for messages
     broken: bool = False  # something that is not a lock directory sits at the path
+    # holder_alive comes from the state file's mirror (the shell tooling names its pid only
+    # there), not from a holder.json with the process's start time: a reused pid would look
+    # alive, so --force may remove it once on-call has checked the process
+    alive_by_mirror: bool = False
 
     @property
     def legacy(self) -> bool:
@@ -140,19 +144,25 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         # Not written yet (being acquired), or garbage: the directory's own age decides.
         epoch, basis = st.st_mtime, "the directory's mtime"
     state_lock = None if holder is not None else _state_lock_mapping(env)
-    return _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
-                  running=_mirror_running(state_lock))
+    running = basis == "locked_at" and _mirror_running(state_lock, epoch)
+    judged = _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
+                    running=running)
+    return dataclasses.replace(judged, alive_by_mirror=running) if running else judged
 
 
-def _mirror_running(state_lock: Mapping[str, Any] | None) -> bool:
-    """Whether the state file's lock names a process running on this host. The shell tooling's
-    directory holds only `locked_at`; its mirror names the pid. Only ever evidence that the
-    holder runs, never that it died: the mirror may be an older run's, written before this
-    directory was made."""
+MIRROR_MATCH = 2.0  # seconds: the mirror's locked_at and the directory's are the same run's
+
+
+def _mirror_running(state_lock: Mapping[str, Any] | None, epoch: float) -> bool:
+    """Whether the state file's lock is this directory's (the same `locked_at`) and names a
+    process running on this host. The shell tooling's directory holds only `locked_at`; its
+    mirror names the pid. Only ever evidence that the holder runs, never that it died."""
     if not state_lock or not state_lock.get("locked"):
         return False
     mirror = _state_holder(state_lock)
     return (mirror.pid is not None and mirror.hostname == socket.gethostname()
+            and mirror.locked_at is not None
+            and abs(mirror.locked_at.timestamp() - epoch) <= MIRROR_MATCH
             and procs.pid_alive(mirror.pid, None) is True)
 
 
