@@ -995,3 +995,17 @@ def test_a_forward_auth_to_a_slot_moves_with_the_switch() -> None:
             "# BLUE_GREEN_SLOT_END\n")
     assert caddy.inspect(text, ENV).slot is Slot.BLUE
     assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace("8081", "8082")
+
+
+def test_a_forward_auth_to_an_auth_service_is_left_out_of_the_switch() -> None:
+    """An auth service's forward_auth (a placeholder, a socket, another port) is not the
+    app's: it neither blocks the switch nor the wrong-port repair."""
+    for auth in ("forward_auth {$AUTH_UPSTREAM} {\n\turi /verify\n}\n",
+                 "forward_auth unix//run/authelia.sock {\n\turi /verify\n}\n",
+                 "forward_auth localhost:9091 {\n\turi /api/verify\n}\n"):
+        text = (f"# BLUE_GREEN_SLOT_START\n{auth}reverse_proxy localhost:8081\n"
+                "# BLUE_GREEN_SLOT_END\n")
+        assert caddy.inspect(text, ENV).slot is Slot.BLUE, auth
+        assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace("8081", "8082")
+        wrong = text.replace("localhost:8081", "localhost:8018")  # the repair, beside it
+        assert caddy.rewrite(wrong, ENV, Slot.BLUE) == text

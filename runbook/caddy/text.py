@@ -203,7 +203,10 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                 said = " ".join(t.text for t in tokens)
                 unsupported.append(_Unsupported(f"line {number}: `{said}` {why}", fix))
         directive = number
-        if first in _PROXIES:  # forward_auth proxies too: a slot's port there moves with it
+        # forward_auth proxies too: an upstream of it on a slot's port moves with the switch;
+        # any other (an auth service, a placeholder, a socket) is none of the switch's business
+        auth_only = first == "forward_auth" or (first == "to" and parent == "forward_auth")
+        if first in _PROXIES:
             if args and args[0].value.startswith(_MATCHER_PREFIXES):
                 args = args[1:]
             if first == "forward_auth" and args and args[0].value.startswith("/"):
@@ -231,6 +234,10 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
             edits.append(_Edit(index, tokens[1], "header"))
         for token in candidates:
             match = _UPSTREAM_RE.match(token.value)
+            if auth_only and (match is None or ports.get(
+                    int(match["port"]) if match["port"]
+                    else _DEFAULT_PORTS.get((match["scheme"] or "").lower(), 80)) is None):
+                continue
             if match is None:
                 unsupported.append(_Unsupported(
                     f"line {number}: upstream {token.value!r} is not host:port "
