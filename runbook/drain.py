@@ -679,10 +679,13 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         if not first_reading and any(counters_before.get(k) != v for k, v in counters.items()):
             slot_moved_at = now  # bytes moved, or a connection to the slot opened, since the last
         counters_before = counters
-        if front_observed:  # Caddy's ports not watched: their silent connections' life
-            front_done = not open_front and (not other_fronts or now - began >= preconnect)
-        else:
-            front_done = now - moved_at >= quiet and now - began >= preconnect
+        # all the front can show: closed (or quiet, unobserved); then the minimum for what it
+        # cannot show (silent connections), which the timeout caps: not a busy connection
+        front_seen_done = not open_front if front_observed else now - moved_at >= quiet
+        waited_out = now - began >= preconnect or (
+            now - began >= timeout and front_seen_done)
+        front_done = front_seen_done and (waited_out if (other_fronts or not front_observed)
+                                          else True)
         slot_done = (not pending and now - slot_moved_at >= settle) if slot_observed \
             else now - began >= FALLBACK_GRACE
         if front_done and front_done_at is None:
@@ -690,8 +693,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
         last_busy = max(1, pending + len(open_front))
         over = now - began >= timeout
         if (front_done and slot_done) or over:
-            busy = (pending + len(open_front)) if over else 0
-            if over and not busy:
+            busy = 0 if front_done and slot_done else pending + len(open_front)
+            if not (front_done and slot_done) and not busy:
                 busy = 1  # the unobservable side's condition, not met in time
             idle = (len(seen.accepted) - on_accepted if seen.accepted
                     else len(seen.dialed) - on_dialed)

@@ -46,8 +46,11 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
             # users may reach the app on more of Caddy's ports than proxy_url's (`:443`
             # beside 80, an h2c port): those are not watched, and may take h2c
             others = any(not lo == hi == front for lo, hi in running_config.fronts)
+            # a slot never switched to (an undo) had no config sending to it: no connection of
+            # the old config can be silent on it, so no minimum wait
             drained = drain.wait_drained(env.slot(slot).port, env.drain_timeout, front=front,
-                                         other_fronts=others)
+                                         other_fronts=others,
+                                         preconnect=drain.PRECONNECT if after_switch else 0.0)
             h2c_port = traffic.h2c_port(running_config, front)
             why = _held_for_h2c(drained, h2c_port is not None, after_switch)
             if why:
@@ -430,8 +433,9 @@ def drain_plan(env: Environment, slot: Slot) -> str:
     return (f"wait until {where} and no request is pending on port {port}, at most "
             f"{env.drain_timeout:g}s ([rollback] drain_timeout_seconds); a side `ss` cannot "
             f"see is waited for instead (front: port {port} quiet {drain.QUIET:g}s and at "
-            f"least {drain.PRECONNECT:g}s, the life of a connection with no request yet; slot: "
-            f"at least {drain.FALLBACK_GRACE:g}s)")
+            f"least {drain.PRECONNECT:g}s, the life of a connection with no request yet, as "
+            f"when Caddy serves the app on more ports than {front or 'proxy_url'}'s; slot: at "
+            f"least {drain.FALLBACK_GRACE:g}s)")
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,

@@ -192,8 +192,12 @@ def test_without_the_front_a_silent_connection_is_waited_out() -> None:
     assert result.drained and not result.front_observed
     assert result.seconds >= drain.PRECONNECT > 6.0, result
     assert f"at least {drain.PRECONNECT:g}s" in result.how
-    capped = Script([reading()], listening={SLOT}).wait(timeout=2.0)  # the setting still caps
-    assert capped.seconds == 2.0 and not capped.drained, capped
+    # drain_timeout_seconds caps it; reaching the cap is not "a busy connection" (which made
+    # an h2c host leave the old slot running for a connection nobody saw)
+    capped = Script([reading()], listening={SLOT}).wait(timeout=2.0)
+    assert capped.seconds == 2.0 and capped.drained, capped
+    busy = Script([reading(*IN_FLIGHT)], listening={SLOT}).wait(timeout=2.0)
+    assert busy.seconds == 2.0 and not busy.drained  # what was seen busy still counts
 
 
 def test_caddys_other_ports_unwatched_hold_the_drain_for_a_silent_connections_life() -> None:
@@ -204,6 +208,8 @@ def test_caddys_other_ports_unwatched_hold_the_drain_for_a_silent_connections_li
     assert watched.seconds >= drain.PRECONNECT, watched
     assert "other ports not watched" in watched.how
     assert Script([reading()]).wait().seconds == 0.0  # one port, all watched: no wait
+    capped = Script([reading()]).wait(other_fronts=True, timeout=1.0)
+    assert capped.drained and capped.seconds == 1.0, capped
 
 
 def test_ss_failing_is_the_fixed_grace() -> None:
