@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 snapshot_app = typer.Typer(
     name="snapshot", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     help="Database snapshots: take one, list them, restore one safely, clean up old ones.\n\n"
-         "Restore takes a safety snapshot first, stops only the app slots (never the "
-         "database) and replays in one transaction: a failure leaves the database as it was.",
+         "Restore stops only the app slots (never the database), then takes a safety "
+         "snapshot (no write can fall between the two) and replays in one transaction: a "
+         "failure leaves the database as it was.",
 )
 
 

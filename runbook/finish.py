@@ -88,7 +88,9 @@ def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> Pre
         f"{asked} is not what it did, so nothing was changed",
         f"finish it first with `{resume_command(env, intent)}`, then run this command again; "
         f"or undo it: `runbook switch {env.name} --slot {intent.from_slot}` puts traffic back "
-        f"on {intent.from_version or intent.from_slot}")
+        f"on {intent.from_version or intent.from_slot} (a switch does not check the schema: "
+        "after a deploy that migrated, finish it and then `runbook rollback`, whose schema "
+        "guard does)")
 
 
 def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: Record,

@@ -33,6 +33,9 @@ class Options:
     reason: str = "rollback"
     # restore a snapshot first: "auto" = the one the schema guard names, else a name or path
     restore_snapshot: str | None = None
+    # refuse unless this is the current deployment (the fleet's pre-flight saw it: a host
+    # rolled back since, by hand or by another run, is never rolled again, i.e. forward)
+    expect_from: str | None = None
 
 
 NO_PREVIOUS_FIX = ("first deployment or cleared state: redeploy the target version with "
@@ -155,6 +158,17 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     return guard
 
 
+def _names(env: Environment, ref: str, version: str) -> bool:
+    """Whether `--to REF` (a version, commit prefix or deployment id) names `version`."""
+    if ref[:7] == version:
+        return True
+    try:
+        found = states.read_state(env.state_file, environment=env.name).find_version(ref)
+    except RunbookError:
+        return False
+    return found is not None and found.version == version
+
+
 def resume_command(env: Environment) -> str:
     return f"runbook rollback {env.name}"
 
@@ -164,7 +178,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if found is not None and found[1] == "finish":
         done = found[0]
         wanted = (options.to or "").strip().lower()
-        if done.action == "rollback" and (not wanted or wanted[:7] == done.to_version):
+        if done.action == "rollback" and (not wanted or _names(env, wanted, done.to_version)):
             return finish.plan_for(env, done, run_id)
         raise finish.not_what_it_did(env, done, "a rollback" + (f" to {wanted}" if wanted
                                                                 else ""))
@@ -173,6 +187,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if current is None:
         raise PreconditionError("no current deployment is recorded",
                                 NO_PREVIOUS_FIX.format(env=env.name))
+    if options.expect_from and not current.matches(options.expect_from):
+        raise PreconditionError(f"the current deployment is {current.version}, not "
+                                f"{options.expect_from} as expected (it changed since it was "
+                                "checked); nothing was changed",
+                                "read `runbook status` here; a fleet run: run it again, its "
+                                "pre-flight reads every host anew")
     if options.to:
         target = state.find_version(options.to)
         if target is None:
