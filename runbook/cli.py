@@ -74,6 +74,10 @@ def rollback(
     snapshot: Annotated[str | None, typer.Option(
         "--snapshot", metavar="FILE", help="the snapshot to restore with --restore-snapshot "
         "(name or path; default: the newest taken at the target's schema)")] = None,
+    expect_from: Annotated[str | None, typer.Option(
+        "--expect-from", metavar="VERSION", help="refuse (exit 4, nothing changed) unless "
+        "VERSION is the current deployment: what `runbook fleet rollback` passes, so a host "
+        "rolled back since its pre-flight is never rolled again")] = None,
     dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
     config: ConfigOpt = None, reason: ReasonOpt = None,
 ) -> None:
@@ -89,7 +93,8 @@ def rollback(
     except RunbookError as exc:
         fail(exc, fmt)
     options = rb.Options(to=to, force=force, reason=reason or "rollback",
-                         restore_snapshot=(snapshot or "auto") if restore_snapshot else None)
+                         restore_snapshot=(snapshot or "auto") if restore_snapshot else None,
+                         expect_from=expect_from)
     run_action(lambda **kw: rb.rollback(environment, options, dry_run=dry_run, **kw), fmt,
                yes=yes, dry_run=dry_run, what="`runbook rollback`")
 

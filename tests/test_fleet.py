@@ -1003,3 +1003,44 @@ def test_a_bad_refresh_setting_is_one_line_exit_2_before_any_host(
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "RUNBOOK_FLEET_REFRESH_AFTER_S" in proc.stderr and "Traceback" not in proc.stderr
     assert not journal.exists()  # nothing written, no host asked
+
+
+@pytest.mark.docker
+def test_a_host_already_rolled_back_is_refused_in_preflight_not_rolled_forward(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host3 was rolled back by hand (it runs v2, its previous deployment is v3): its own
+    `runbook rollback` would go to v3, forward, to the release the fleet is leaving, and the
+    fleet reported it "rolled back", exit 0. Refused in pre-flight, nothing changed."""
+    host3 = fleet_on_v3.host("host3")
+    assert host3.env.source is not None
+    by_hand = subprocess.run([fleet_on_v3.runbook_command, "rollback", str(host3.env.source),
+                              "--yes"], capture_output=True, text=True, check=False,
+                             timeout=300, stdin=subprocess.DEVNULL)
+    assert by_hand.returncode == 0, by_hand.stderr
+    before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
+    assert before[2][2] != before[0][2]  # host3 now runs another release than host1
+    proc = _fleet_rollback(fleet_on_v3, tmp_path)
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 4, err
+    assert f"host3: runs {VERSIONS['v2'].tag}, the other host(s) run {VERSIONS['v3'].tag}" \
+        in err, err
+    assert "nothing was changed" in err
+    assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+
+
+@pytest.mark.docker
+def test_a_hosts_rollback_refuses_when_its_deployment_is_not_the_one_expected(
+        fleet_on_v3: DrillFleet) -> None:
+    """What each host's rollback gets from the fleet: `--expect-from` what its pre-flight
+    saw. A host rolled back in between refuses (exit 4) instead of rolling on."""
+    host1 = fleet_on_v3.host("host1")
+    assert host1.env.source is not None
+    before = fleet_on_v3.serving("host1")
+    refused = subprocess.run([fleet_on_v3.runbook_command, "rollback", str(host1.env.source),
+                              "--yes", "--expect-from", VERSIONS["v2"].tag],
+                             capture_output=True, text=True, check=False, timeout=300,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode == 4, refused.stderr
+    assert f"the current deployment is {VERSIONS['v3'].tag}, not {VERSIONS['v2'].tag}" \
+        in refused.stderr and "nothing was changed" in refused.stderr
+    assert fleet_on_v3.serving("host1") == before

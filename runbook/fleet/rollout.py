@@ -673,6 +673,49 @@ def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
     return out
 
 
+def _mixed_releases(checks: dict[str, dict[str, Any]], targets: list[str]) -> list[str]:
+    """Pre-flight problems: hosts that do not run what the others run. A host already rolled
+    back (by hand, or by a run this one is not resuming) has the fleet's target as its current
+    deployment, and its own `rollback` would go to ITS previous one: forward, to the release
+    the fleet is leaving. Which host is odd is told by the majority; a tie names every host.
+    A host finishing its own interrupted rollback is let through (as in `_changed_since`)."""
+    runs = {}
+    for host in targets:
+        data = checks.get(host) or {}
+        if data.get("dry_run", {}).get("facts", {}).get("finishing"):
+            continue
+        version = (data.get("deployment") or {}).get("version")
+        if version:
+            runs[host] = version
+    counts = sorted(((list(runs.values()).count(v), v) for v in set(runs.values())),
+                    reverse=True)
+    if len(counts) <= 1:
+        return []
+    common = counts[0][1] if counts[0][0] > counts[1][0] else None
+    others = f"the other host(s) run {common}" if common else (
+        "the hosts run different releases: " + ", ".join(f"{h} {v}" for h, v in runs.items()))
+    return [f"{host}: runs {version}, {others}: rolled back or deployed apart, so its rollback "
+            "would not go where the others' go; roll it on its own (`runbook rollback` there) "
+            "or leave it out with --limit"
+            for host, version in runs.items() if version != common]
+
+
+def _pins(checks: dict[str, dict[str, Any]], targets: list[str]) -> dict[str, dict[str, str]]:
+    """What each host's rollback must find and where it must go, as its pre-flight saw it:
+    `--expect-from` (its current deployment) and `--to` (its dry run's target). A host that
+    changed in between (rolled back by hand meanwhile) then refuses instead of rolling on."""
+    pins: dict[str, dict[str, str]] = {}
+    for host in targets:
+        data = checks.get(host) or {}
+        pin = {}
+        if version := (data.get("deployment") or {}).get("version"):
+            pin["from"] = str(version)
+        if to := data.get("dry_run", {}).get("facts", {}).get("to"):
+            pin["to"] = str(to)
+        pins[host] = pin
+    return pins
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -804,6 +847,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         checks, problems, lock_res = preflight(events, inventory, targets,
                                                take_lock=not options.dry_run)
         problems += _changed_since(checks, targets, started_from)
+        problems += _mixed_releases(checks, targets)
         journal.set(started_from={**{h: {**checks[h]["deployment"], "fleet_run_id": fleet_run_id}
                                      for h in targets if (checks.get(h) or {}).get("deployment")},
                                   **started_from})
@@ -883,8 +927,9 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         gate = "rollout" if maintenance is not None else "preflight"
 
         # -- the rollout ---------------------------------------------------------------------
+        pins = json.dumps(_pins(checks, targets))
         return _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
-                        interrupts, say, go=lambda: run.decide(gate, "go"))
+                        interrupts, say, go=lambda: run.decide(gate, "go", pins=pins))
     except KeyboardInterrupt:
         if journal.record.get("maintenance_drain_started"):
             error = FleetError("interrupted during the maintenance drain or restore: hosts may "
