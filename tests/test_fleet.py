@@ -1044,3 +1044,47 @@ def test_a_hosts_rollback_refuses_when_its_deployment_is_not_the_one_expected(
     assert f"the current deployment is {VERSIONS['v3'].tag}, not {VERSIONS['v2'].tag}" \
         in refused.stderr and "nothing was changed" in refused.stderr
     assert fleet_on_v3.serving("host1") == before
+
+
+def test_two_controllers_racing_for_a_stale_fleet_lock_never_both_hold_it(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Y judges an expired fleet lock stale; before Y renames it away, X takes the same stale
+    lock over and writes its own. Y then renamed X's FRESH lock away: both said "taken",
+    and both controllers rolled hosts. Judging and taking are one guarded step now."""
+    import threading
+
+    hostlock.take(env, fleet_run_id="fleet_old", locked_by="old@ops", hostname="elsewhere",
+                  pid=1, reason="old", ttl=-1)  # expired at once
+    real_status = hostlock.status
+    judged, go_on = threading.Event(), threading.Event()
+
+    def slow_status(e: Environment, now: float | None = None) -> hostlock.Held | None:
+        held = real_status(e, now)
+        if threading.current_thread().name == "Y" and not judged.is_set():
+            judged.set()
+            go_on.wait(5)
+        return held
+
+    monkeypatch.setattr(hostlock, "status", slow_status)
+    results: dict[str, object] = {}
+
+    def contender(name: str) -> None:
+        try:
+            results[name] = hostlock.take(env, fleet_run_id=f"fleet_{name}", locked_by=name,
+                                          hostname="elsewhere", pid=1, reason=name)
+        except LockedError as exc:
+            results[name] = exc
+
+    y = threading.Thread(target=contender, args=("Y",), name="Y")
+    y.start()
+    assert judged.wait(5)
+    x = threading.Thread(target=contender, args=("X",), name="X")
+    x.start()
+    x.join(1.0)  # unguarded, X takes the stale lock over now
+    go_on.set()
+    y.join(10)
+    x.join(15)
+    taken = [n for n, r in results.items() if isinstance(r, dict) and r.get("taken")]
+    held = real_status(env)
+    assert held is not None
+    assert len(taken) == 1 and held.holder["fleet_run_id"] == f"fleet_{taken[0]}", results

@@ -15,11 +15,12 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runbook import procs
+from runbook import files, procs
 from runbook.environment import Environment
 from runbook.errors import LockedError, RunbookError
 
@@ -28,6 +29,25 @@ DEFAULT_TTL = 1800.0
 
 def path(env: Environment) -> Path:
     return env.lock_dir / f"togather-fleet-{env.name}.lock"
+
+
+GUARD_TIMEOUT = 10.0  # seconds; a guarded take, refresh or release takes milliseconds
+
+
+@contextlib.contextmanager
+def _guarded(env: Environment) -> Iterator[None]:
+    """Judge and change the fleet lock as one step among runbook processes: unguarded, a
+    contender that judged a stale lock renamed away the fresh lock another had just taken
+    over, and both controllers rolled hosts. The kernel drops the flock with its holder."""
+    env.lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path(env).with_name(f".{path(env).name}.guard"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
+            raise LockedError(f"another runbook process has been changing the fleet lock for "
+                              f"{GUARD_TIMEOUT:.0f} s", "run the fleet command again")
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,13 @@ def take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, 
     `take_over`: the fleet run id of a run whose controller the resuming controller found dead
     on its own machine (this host cannot see that machine's processes): its lock counts as
     stale, and only its."""
-    env.lock_dir.mkdir(parents=True, exist_ok=True)
+    with _guarded(env):
+        return _take(env, fleet_run_id=fleet_run_id, locked_by=locked_by, hostname=hostname,
+                     pid=pid, reason=reason, ttl=ttl, take_over=take_over)
+
+
+def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, pid: int,
+          reason: str, ttl: float, take_over: str) -> dict[str, Any]:
     now = time.time()
     holder = {"fleet_run_id": fleet_run_id, "locked_by": locked_by, "hostname": hostname,
               "pid": pid, "reason": reason, "locked_at_epoch": now,
@@ -124,6 +150,11 @@ def take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, 
 
 def refresh(env: Environment, fleet_run_id: str, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
     """Push the expiry forward; refused when the lock is no longer this fleet run's."""
+    with _guarded(env):
+        return _refresh(env, fleet_run_id, ttl)
+
+
+def _refresh(env: Environment, fleet_run_id: str, ttl: float) -> dict[str, Any]:
     held = status(env)
     if held is None or held.holder.get("fleet_run_id") != fleet_run_id:
         raise LockedError("the fleet lock is no longer held by fleet run " + fleet_run_id
@@ -138,6 +169,11 @@ def refresh(env: Environment, fleet_run_id: str, ttl: float = DEFAULT_TTL) -> di
 
 def release(env: Environment, fleet_run_id: str) -> dict[str, Any]:
     """Remove the fleet lock if this fleet run holds it; someone else's is left alone."""
+    with _guarded(env):
+        return _release(env, fleet_run_id)
+
+
+def _release(env: Environment, fleet_run_id: str) -> dict[str, Any]:
     held = status(env)
     if held is None:
         return {"ok": True, "released": False, "why": "already free"}
