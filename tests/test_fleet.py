@@ -1088,3 +1088,32 @@ def test_two_controllers_racing_for_a_stale_fleet_lock_never_both_hold_it(
     held = real_status(env)
     assert held is not None
     assert len(taken) == 1 and held.holder["fleet_run_id"] == f"fleet_{taken[0]}", results
+
+
+@pytest.mark.docker
+def test_a_fleet_lock_taken_by_a_host_check_whose_answer_was_lost_is_released(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The lock host's host-check took the fleet lock, then the connection dropped before it
+    answered: the run is refused (exit 4, nothing changed). The host being dark, its lock
+    cannot be released then; the error names the command that does (it used to name none,
+    and the retry was refused for 30 minutes as 'held by' this very operator's run)."""
+    fleet = fleet_on_v3
+    fleet.write_inventory(host_vars={"host1": {
+        "runbook_command": fleet.cut_off_command("host1", "fleet", "host-check", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path)
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 4 and "unreachable" in err, err
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+    held = hostlock.status(fleet.host("host1").env)
+    assert held is not None  # taken before the answer was lost: the host stayed dark
+    run_id = held.holder["fleet_run_id"]
+    release = f"runbook fleet lock development --release --fleet-run {run_id}"
+    assert release in err, err  # the error names the very command that releases it
+    done = fleet.ssh("host1", fleet.runbook_command, *release.split()[1:])
+    assert done.returncode == 0, done.stderr
+    again = _fleet_rollback(fleet, tmp_path)
+    _out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err

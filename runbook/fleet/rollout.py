@@ -350,7 +350,9 @@ def _one_line(text: str) -> str:
 
 
 def preflight(events: Events, inventory: Inventory, targets: list[str], *,
-              take_lock: bool) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+              take_lock: bool, fleet_run_id: str = "FLEET_RUN",
+              env_name: str = "ENV") -> tuple[dict[str, dict[str, Any]], list[str],
+                                               dict[str, Any]]:
     """Read the lock and every host's pre-flight; (checks, problem lines, what the take said).
 
     A lock host that is also a target takes the lock in its own host-check (one SSH round
@@ -361,20 +363,27 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
         said = _last_json(str(check.get("stdout", ""))) or {}
         lock_res = dict(said.get("fleet_lock_take") or {})
         ok = bool(lock_res.get("taken"))
+        answered = bool(lock_res)
         if not lock_res:
             lock_res = {"error": _one_line(str(check.get("stderr") or check.get("msg", "")))}
     else:
         task = events.results.get("take the fleet lock", {}).get(inventory.lock_host, {})
-        lock_res = _last_json(str(task.get("stdout", ""))) or {
-            "error": _one_line(str(task.get("stderr") or task.get("msg", "")))}
+        answer = _last_json(str(task.get("stdout", "")))
+        answered = answer is not None
+        lock_res = answer or {"error": _one_line(str(task.get("stderr") or task.get("msg", "")))}
         ok = task.get("_event") == "runner_on_ok" and task.get("rc") == 0
     if take_lock:
         if inventory.lock_host in events.unreachable:
             error = FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
                                f"{events.unreachable[inventory.lock_host]}; nothing was changed",
-                               "make it reachable, or name another with fleet_lock_host",
+                               "make it reachable, or name another with fleet_lock_host; if "
+                               "the connection dropped after the lock was taken, a retry is "
+                               "refused as 'held by' this run: release it there with `runbook "
+                               f"fleet lock {env_name} --release --fleet-run {fleet_run_id}`",
                                exit_code=ExitCode.PRECONDITION)
-            error.lock_not_taken = True
+            # the connection may have dropped after its take ran: released by this run's id
+            # (a lock that is not ours is left alone), not left to refuse the retry
+            error.lock_not_taken = False
             raise error
         if not ok:
             err = lock_res
@@ -383,7 +392,10 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             error = FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
                                err.get("fix") or "see `runbook fleet lock ENV --status` there",
                                exit_code=ExitCode(code) if code in (2, 3, 4) else ExitCode.LOCKED)
-            error.lock_not_taken = True
+            # refused in so many words: not ours. No answer (the connection dropped after the
+            # command ran): it may be ours, so it is released by this run's id (someone
+            # else's is left alone), never left for 30 minutes to refuse the retry
+            error.lock_not_taken = answered
             raise error
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
@@ -845,6 +857,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                  "through `ansible-inventory --list` to see why",
                                  exit_code=ExitCode.PRECONDITION)
         checks, problems, lock_res = preflight(events, inventory, targets,
+                                               fleet_run_id=fleet_run_id,
+                                               env_name=str(inventory.var(
+                                                   inventory.lock_host, "runbook_env",
+                                                   "production")),
                                                take_lock=not options.dry_run)
         problems += _changed_since(checks, targets, started_from)
         problems += _mixed_releases(checks, targets)
