@@ -1117,3 +1117,16 @@ def test_a_fleet_lock_taken_by_a_host_check_whose_answer_was_lost_is_released(
     again = _fleet_rollback(fleet, tmp_path)
     _out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
+
+
+def test_maintenance_with_a_limit_that_leaves_hosts_out_is_refused(tmp_path: Path) -> None:
+    """The restore replaces the database every host shares; a host --limit leaves out is not
+    drained and goes on serving the new code on the restored schema. Refused first."""
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--maintenance",
+                           "--limit", "web3,web1", "--dry-run"], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--limit leaves out web2, web4, web5" in proc.stderr, proc.stderr
+    assert "nothing was changed" in proc.stderr

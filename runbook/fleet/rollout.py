@@ -799,6 +799,15 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     targets = inventory.select(options.limit)
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
+    left_out = [h for h in inventory.hosts if h not in targets]
+    if options.maintenance and left_out and not options.resume:
+        # the restore replaces the database every host shares: a host not drained would go on
+        # serving the new code on the restored (older) schema
+        raise UsageError(f"--maintenance restores the database every host of the inventory "
+                         f"shares, so it drains them all, and --limit leaves out "
+                         f"{', '.join(left_out)}; nothing was changed",
+                         "drop --limit (or take out of the inventory the hosts that do not "
+                         "use this database)")
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
     take_over = ""
     if resumed is not None and resumed.get("outcome") is None and not resumed.get("dry_run"):
