@@ -83,3 +83,11 @@ def test_files_saved_with_a_byte_order_mark_are_read(host: Path) -> None:
     assert code == 1 and data is not None, said
     assert "DATABASE_URL is missing" not in said and "database unreachable" in said, said
     assert "pw-Kx81" not in said
+
+
+def test_prod_is_production_in_an_environment_file_too(host: Path) -> None:
+    """README: `prod` is accepted for `production` everywhere; a file's `name = "prod"` was
+    refused ('prod' is not one of development, staging, production), exit 2."""
+    host.write_text(host.read_text().replace('name = "production"', 'name = "prod"', 1))
+    code, data, said = status(host)
+    assert code == 1 and data is not None and "is not one of" not in said, said

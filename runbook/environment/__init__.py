@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook.environment.model import (
+    ALIASES,
     ENV_NAMES,
     STANDARD_COMPOSE_FILE,
     CaddyConfig,
@@ -32,7 +33,6 @@ from runbook.environment.model import (
 )
 from runbook.errors import ConfigError
 
-ALIASES = {"prod": "production", "stage": "staging", "dev": "development"}
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "environments"  # package data
 SYSTEM_DIR = Path("/etc/togather-runbook")

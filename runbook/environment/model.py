@@ -13,6 +13,8 @@ from typing import Any
 from runbook.errors import ConfigError
 
 ENV_NAMES = ("development", "staging", "production")
+# what users also say (CONTRACTS.md: `prod` is `production`), in a command or a file's `name`
+ALIASES = {"prod": "production", "stage": "staging", "dev": "development"}
 # The contract's compose file: the default only on a host where it exists (issue 10: hosts that
 # start their slots with `docker run` have none, and a default to a missing file misleads).
 STANDARD_COMPOSE_FILE = Path("/opt/togather/src/deploy/docker/docker-compose.blue-green.yml")

@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -27,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from runbook.environment.model import (
+    ALIASES,
     ENV_NAMES,
     STANDARD_COMPOSE_FILE,
     CaddyConfig,
@@ -227,7 +229,8 @@ class DrillFile(_Table):
 class EnvironmentFile(_Table):
     """One environment file: every key the format knows, and nothing else."""
 
-    name: Annotated[str, _choice(*ENV_NAMES)]
+    name: Annotated[str, BeforeValidator(lambda v: ALIASES.get(v, v) if isinstance(v, str)
+                                         else v), _choice(*ENV_NAMES)]
     label: str = ""
     state: StateFile = _table()
     lock: LockFile = _table()
