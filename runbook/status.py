@@ -115,8 +115,7 @@ def container_unknown(f: Facts) -> Iterator[Problem]:
 def caddy_problems(f: Facts) -> Iterator[Problem]:
     if f.caddy_error is not None:
         yield _error(f.caddy_error, f"check {f.env.caddy.caddyfile}")
-        return
-    if f.caddy is not None and not f.caddy.consistent:
+    elif f.caddy is not None and not f.caddy.consistent:
         yield Problem("Caddyfile managed block: " + "; ".join(f.caddy.problems),
                       "make every reverse_proxy and X-Togather-Slot header between the markers "
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
@@ -308,10 +307,12 @@ def collect(env: Environment) -> Facts:
             f.containers[slot] = None
             f.container_errors[slot] = exc
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
+    # whether Caddy answers is asked whatever the file says: an unreadable Caddyfile hid a
+    # Caddy that was down (and said "NOT answering" of one that answered)
+    f.caddy_running = caddy.is_running(env)
     try:
         text = caddy.read(env)
         f.caddy = caddy.inspect(text, env)
-        f.caddy_running = caddy.is_running(env)
     except RunbookError as exc:
         f.caddy_error = exc
     else:

@@ -91,3 +91,13 @@ def test_prod_is_production_in_an_environment_file_too(host: Path) -> None:
     host.write_text(host.read_text().replace('name = "production"', 'name = "prod"', 1))
     code, data, said = status(host)
     assert code == 1 and data is not None and "is not one of" not in said, said
+
+
+def test_caddy_down_is_said_even_when_the_caddyfile_cannot_be_read(host: Path) -> None:
+    """A Caddyfile without the slot markers hid that Caddy did not answer at all: the only
+    Caddy problem listed was the markers."""
+    caddyfile = host.parent / "Caddyfile"
+    caddyfile.write_text("example.org {\n\treverse_proxy localhost:8081\n}\n")
+    host.write_text(host.read_text().replace('"/etc/caddy/Caddyfile"', f'"{caddyfile}"'))
+    code, _data, said = status(host, "text")
+    assert code == 1 and "Caddy is not answering" in said and "BLUE_GREEN_SLOT" in said, said
