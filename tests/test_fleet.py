@@ -1130,3 +1130,27 @@ def test_maintenance_with_a_limit_that_leaves_hosts_out_is_refused(tmp_path: Pat
     assert proc.returncode == 2, proc.stderr
     assert "--limit leaves out web2, web4, web5" in proc.stderr, proc.stderr
     assert "nothing was changed" in proc.stderr
+
+
+@pytest.mark.docker
+def test_a_drain_lost_on_the_maintenance_path_is_not_reported_as_started_again(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host3 goes dark once its drain ran (its slots stopped) but before it answered: the
+    restore never starts, the other drained hosts are started again, and the run said
+    "every drained host was started again", exit 1, with host3 down."""
+    fleet = fleet_on_v3
+    with fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    fleet.write_inventory(host_vars={"host3": {
+        "runbook_command": fleet.cut_off_command("host3", "fleet", "drain", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+        _out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    assert proc.returncode == 5, err
+    assert "host3 failed or was lost: THE SERVICE MAY BE DOWN there" in err, err
+    assert "every drained host was started again" not in err
+    assert fleet.serving("host3")[0] >= 500  # it is down indeed (the oracle: its Caddy)
+    assert fleet.serving("host1")[0] == 200 and fleet.serving("host2")[0] == 200

@@ -576,6 +576,17 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
                              "start its app slot there (`runbook fleet drain ENV --undo ...`, "
                              "`runbook status ENV`)", exit_code=ExitCode.ATTENTION,
                              lines=failed)
+    # a drain that started and did not say what it stopped (it failed, or its connection was
+    # lost) may have stopped the host's slots: never reported as "started again"
+    lost = [h for h in targets if h not in drained
+            and (h in events.started.get("drain", {}) or h in events.unreachable)]
+    if lost:
+        raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
+                         "touched and the drained hosts were started again, but the drain of "
+                         f"{', '.join(lost)} failed or was lost: THE SERVICE MAY BE DOWN there",
+                         "on each, run `runbook status ENV`; if its slots are stopped, start "
+                         "the one Caddy serves (`docker start <container>`), then run the same "
+                         "command again", exit_code=ExitCode.ATTENTION, lines=failed)
     raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                      "touched and every drained host was started again", "fix the cause, then "
                      "run the same command again", exit_code=ExitCode.FAILED_SAFELY,
