@@ -967,7 +967,14 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         return _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
                         interrupts, say, go=lambda: run.decide(gate, "go", pins=pins))
     except KeyboardInterrupt:
-        if journal.record.get("maintenance_drain_started"):
+        if journal.record.get("rollout_started"):
+            # after the rollout began (its own handlers ended with it): hosts did change
+            error = FleetError("interrupted after the rollout started: hosts may have been "
+                               "rolled back, and a host's outcome may be unknown",
+                               "read the fleet journal and run `runbook status ENV` on each "
+                               "host; resume with the same command and --resume (it skips "
+                               "the hosts this run rolled back)", exit_code=ExitCode.ATTENTION)
+        elif journal.record.get("maintenance_drain_started"):
             error = FleetError("interrupted during the maintenance drain or restore: hosts may "
                                "be down and the database may be restored", "run `runbook "
                                "status ENV` on each host and read the fleet journal; resume "
