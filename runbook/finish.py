@@ -70,6 +70,15 @@ def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
     return finish_plan(env, intent, run_id, record, resume_command(env, intent))
 
 
+def _stop_old(env: Environment, intent: intents.Intent) -> Step:
+    """A switch keeps the old slot running (it can be switched back at once): finishing an
+    interrupted one must not stop it either; a rollback's or a deploy's is stopped."""
+    step = slots.stop_step(env, intent.source, env.stop_old_slot)
+    if intent.action == "switch":
+        step.skip = "a switch keeps the old slot running, to switch back at once"
+    return step
+
+
 def resume_command(env: Environment, intent: intents.Intent) -> str:
     """The command that reruns (so finishes) the interrupted run."""
     if intent.action == "deploy":
@@ -117,7 +126,7 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
               "current": f"{intent.to_version} on {intent.to_slot}",
               "if already recorded": "left as it is"},
              run=run_record, phase=Phase.FINISH),
-        slots.stop_step(env, intent.source, env.stop_old_slot),
+        _stop_old(env, intent),
     ]
     return Plan(intent.action, env,
                 f"finish the interrupted {intent.action} {intent.run_id} on {env.display}: "

@@ -546,3 +546,17 @@ def test_a_standalone_restore_killed_after_its_stop_is_finished_with_the_service
     assert "is STOPPED" in said and "starts it again" in said
     assert docker.inspect(env.slot(Slot.BLUE).container).running
     assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_finishing_an_interrupted_switch_keeps_the_old_slot_running(stack: DrillStack) -> None:
+    """A switch keeps the slot it left running (switching back is then immediate). Killed
+    after its commit and finished by the same command, it stopped that slot: what the
+    uninterrupted switch never does."""
+    stack.reset()  # blue serves v1, green runs v1 too
+    env = stack.env
+    first = cli(env, "switch", "--slot", "green", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    done = cli(env, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env)[0] == "green" and intents.read(env) is None
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
