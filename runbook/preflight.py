@@ -162,10 +162,20 @@ def migrate_path(env: Environment, image: str) -> str:
     program = env.migrate_command[0]
     candidates = [program] if program.startswith("/") else [
         f"{d.rstrip('/')}/{program}" for d in image_path(image)]
-    code, cid = _run(["docker", "create", image])
-    if code != 0:
+    # the id is docker's stdout; its stderr may carry a warning (another platform's image,
+    # DOCKER_HOST beside a context) that was taken for the id: deploy refused, and the real
+    # container left behind
+    try:
+        made = subprocess.run(["docker", "create", image], capture_output=True, text=True,
+                              timeout=_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
         raise PreconditionError(f"pre-flight: cannot inspect {image} for the migrate command: "
-                                f"{cid}", "check `docker images`")
+                                f"{exc}", "check `docker images`") from None
+    cid = made.stdout.strip().splitlines()[-1].strip() if made.stdout.strip() else ""
+    if made.returncode != 0 or not cid:
+        said = [ln for ln in made.stderr.splitlines() if ln.strip()] or ["no output"]
+        raise PreconditionError(f"pre-flight: cannot inspect {image} for the migrate command: "
+                                f"{said[-1].strip()}", "check `docker images`")
     try:
         for path in candidates:
             proc = subprocess.run(["docker", "cp", f"{cid}:{path}", "-"],
@@ -174,7 +184,8 @@ def migrate_path(env: Environment, image: str) -> str:
             if proc.returncode == 0:
                 return f"{' '.join(env.migrate_command)}: {path} is in {image}"
     finally:
-        subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
+        subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, check=False,
+                       timeout=_TIMEOUT)
     raise PreconditionError(f"pre-flight: the migrate command's program {program!r} is not in "
                             f"{image}; nothing was changed",
                             "fix [deploy] migrate_command (or remove it when the app "

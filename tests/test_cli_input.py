@@ -101,3 +101,31 @@ def test_caddy_down_is_said_even_when_the_caddyfile_cannot_be_read(host: Path) -
     host.write_text(host.read_text().replace('"/etc/caddy/Caddyfile"', f'"{caddyfile}"'))
     code, _data, said = status(host, "text")
     assert code == 1 and "Caddy is not answering" in said and "BLUE_GREEN_SLOT" in said, said
+
+
+def test_a_docker_cli_warning_is_not_taken_for_the_created_containers_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker create` succeeded but warned on stderr (an image for another platform): the
+    warning was read as the container id, the migrate check failed (deploy refused) and the
+    container was left behind. The docker CLI here is a stand-in that records its calls."""
+    from runbook import preflight
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+case "$1 $2" in
+  "image inspect") exit 1 ;;
+  "create "*) echo "WARNING: The requested image's platform (linux/arm64) does not match" >&2
+              echo 0123456789ab ;;
+  "cp "*) case "$2" in 0123456789ab:/app/server) exit 0 ;; *) exit 1 ;; esac ;;
+  "rm "*) exit 0 ;;
+esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    env = host_env(tmp_path).with_(migrate_command=("/app/server", "migrate", "up"))
+    said = preflight.migrate_path(env, "togather-server:abc1234")
+    assert "/app/server is in togather-server:abc1234" in said
+    assert "rm -f -v 0123456789ab" in calls.read_text()  # the created container removed
