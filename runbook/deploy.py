@@ -107,15 +107,24 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         observed.snapshot_path = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
+    def baseline() -> int | None:
+        """The schema before this deployment's migrations: a rerun of an interrupted deploy
+        reads it from the snapshot taken before them (the database may be migrated already,
+        and a change measured from there would be none: "nothing took effect", wrongly)."""
+        if taken is not None and isinstance(taken.migration_version, int):
+            return int(taken.migration_version)
+        return recording.schema(env)
+
     def run_recreate(ctx: StepContext) -> None:
         if not env.migrate_command:
-            schema_at_start.append(recording.schema(env))
-        slots.recreate(env, target, version)
+            schema_at_start.append(baseline())
+        # registered before the act (a Ctrl-C or time-out inside it may leave it running)
         ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                       lambda: slots.stop_for_undo(env, target))
+                       lambda: slots.stop_if_started(env, target))
+        slots.recreate(env, target, version)
 
     def run_migrate(ctx: StepContext) -> None:
-        before = recording.schema(env)
+        before = baseline()
         ctx.fault("migrate.before-exec")
         code, output = docker.exec_run(config.container, list(env.migrate_command))
         if code != 0:

@@ -95,6 +95,14 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool) -> str | 
     return None
 
 
+def stop_if_started(env: Environment, slot: Slot) -> None:
+    """The undo of a start or recreate that may not have happened (interrupted, timed out):
+    a container that is not there or not running has nothing to undo."""
+    info = docker.inspect(env.slot(slot).container)
+    if info.exists and info.status in ("running", "paused", "restarting"):
+        stop_for_undo(env, slot)
+
+
 def stop_for_undo(env: Environment, slot: Slot) -> None:
     """`stop` as an undo: a slot left running for Caddy's h2c connections is reported (the
     undo did not fully happen), never passed over in silence."""
@@ -284,14 +292,18 @@ def run_step(env: Environment, prep: Preparation) -> Step:
               "recreate": f"Recreate the {prep.slot} container with {prep.image}"}
 
     def run(ctx: StepContext) -> None:
+        # the undo is registered BEFORE the act: a Ctrl-C or a Docker time-out in the middle
+        # of it may leave the container started (Docker finishes what it was asked), and
+        # "nothing took effect" must then be true
         if prep.action in ("start", "unpause"):
-            docker.run(start_action)
             ctx.on_failure(f"stop {config.container} again",
-                           lambda: stop_for_undo(env, prep.slot))
+                           lambda: stop_if_started(env, prep.slot))
+            docker.run(start_action)
         elif recreate_command is not None:
-            recreate(env, prep.slot, prep.tag, recreate_command)
             ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                           lambda: stop_for_undo(env, prep.slot))
+                           lambda: stop_if_started(env, prep.slot))
+            recreate(env, prep.slot, prep.tag, recreate_command)
+        ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")
 

@@ -560,3 +560,41 @@ def test_finishing_an_interrupted_switch_keeps_the_old_slot_running(stack: Drill
     assert done.returncode == 0, done.stdout + done.stderr
     assert through_proxy(env)[0] == "green" and intents.read(env) is None
     assert docker.inspect(env.slot(Slot.BLUE).container).running
+
+
+def test_a_deploy_rerun_after_its_migrations_measures_the_schema_from_before_them(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """A deploy of a version whose gate fails, killed (-9) once its migrations ran (1 -> 2),
+    then run again: the rerun measured the change from the migrated schema (2 -> 2: none),
+    failed its gate, and said "undone", exit 1, with v1 serving on schema 2."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    toml = tmp_path / "quick-gate.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, health=dataclasses.replace(env.health, timeout=3.0))))
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    argv = [sys.executable, "-m", "runbook.cli", "deploy", "--version",
+            VERSIONS["unhealthy"].tag, "--yes", str(toml)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                           stdin=subprocess.DEVNULL,
+                           env=environ | {faults.VARIABLE: "after:migrate:SIGKILL"})
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                           stdin=subprocess.DEVNULL, env=environ)
+    assert again.returncode == 5, again.stderr
+    assert "changed the database schema (1 -> 2)" in again.stderr, again.stderr
+    assert "nothing took effect" not in again.stderr
+    assert intents.read(env) is not None  # kept: the next run still knows
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
+def test_a_signal_as_the_standby_starts_stops_it_again(stack: DrillStack) -> None:
+    """Ctrl-C while `docker start` (or compose's recreate) runs: Docker finishes what it was
+    asked, the step does not return. The undo was registered only after the call, so the
+    standby stayed running and the run said "nothing took effect"."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    failed = cli(env, "rollback", "--yes", fault="start-slot.acted:SIGINT")
+    assert failed.returncode == 1, failed.stderr
+    assert "nothing took effect" in failed.stderr, failed.stderr
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
