@@ -99,6 +99,10 @@ class Plan:
     intent: intents.Intent | None = None  # written before the first change
     resume_command: str = ""  # what to type to finish it after an interruption
     finishing: str | None = None  # the interrupted run this plan finishes, if any
+    # an interrupted run's record this plan's intent overwrites (a repairing switch): put back
+    # by an undo registered the moment it is overwritten, so every failure before the commit
+    # (a signal or a lost lock right after the write included) leaves it for the next run
+    replaces: intents.Intent | None = None
 
     def render(self) -> str:
         lines = [f"Plan: {self.summary}", f"Environment: {self.env.display}"
@@ -281,6 +285,10 @@ class _Execution:
         """Before the first change: the intent, durably; failing that, nothing happens."""
         if self.intent_written or self.plan.intent is None:
             return
+        old = self.plan.replaces
+        if old is not None:
+            self.undos.append(("put back the interrupted run's record",
+                               lambda: intents.write(self.env, old)))
         try:
             intents.write(self.env, self.plan.intent)
         except OSError as exc:

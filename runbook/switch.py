@@ -91,15 +91,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"{now.slot or 'no single slot'} to {target}",
                 steps, warnings, diff, facts={"from_slot": str(live), "to_slot": str(target),
                                               "version": version, "to": version},
-                intent=intent, resume_command=f"runbook switch {env.name} --slot {target}")
+                intent=intent, resume_command=f"runbook switch {env.name} --slot {target}",
+                replaces=repairing.intent if repairing is not None else None)
 
 
 def _replace_record(env: Environment, old: intents.Intent) -> Step:
     """This switch's record (written before its first change) replaces the interrupted run's;
     if the switch fails before traffic moves, the interrupted run's record is put back, so the
-    next run still knows of it."""
+    next run still knows of it (the undo is the executor's, registered as the record is
+    overwritten: Plan.replaces)."""
     def run(ctx: StepContext) -> None:
-        ctx.on_failure("put back the interrupted run's record", lambda: intents.write(env, old))
         ctx.note(replaced=old.run_id)
 
     return Step("replace-record", "Replace the interrupted run's record with this switch's", {

@@ -598,3 +598,23 @@ def test_a_signal_as_the_standby_starts_stops_it_again(stack: DrillStack) -> Non
     assert "nothing took effect" in failed.stderr, failed.stderr
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
     assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
+
+
+def test_a_repairing_switch_stopped_at_its_first_step_keeps_the_interrupted_runs_record(
+        stack: DrillStack) -> None:
+    """The repairing switch writes its record over the interrupted run's before its first
+    step; a Ctrl-C right then (before the step that registered the put-back) deleted both:
+    the next run no longer knew traffic was left on a crashed slot."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    subprocess.run(["docker", "kill", env.slot(Slot.GREEN).container], check=True,
+                   capture_output=True)  # the target crashes: the run cannot be finished
+    interrupted = intents.read(env)
+    assert interrupted is not None
+    stopped = cli(env, "switch", "--slot", "blue", "--yes", fault="before:replace-record:SIGINT")
+    assert stopped.returncode == 1, stopped.stderr
+    assert intents.read(env) == interrupted  # put back: the next run still knows
+    repaired = cli(env, "switch", "--slot", "blue", "--yes")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
