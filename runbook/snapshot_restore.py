@@ -97,7 +97,14 @@ def restore_steps(env: Environment, run: RestoreRun,
         # must start the serving slot again, not report "nothing took effect" with it down.
         ctx.on_failure("start the stopped app containers again (only when the database "
                        "was not restored)", restart)
+        # a serving slot an interrupted run already stopped is this run's to start again too:
+        # its undo otherwise left the service down under "traffic stays where it was"
+        left = _serving_but_stopped(env)
+        if left is not None and left in containers and left not in run.stopped:
+            run.stopped.append(left)
         for slot, name in zip(chosen, containers, strict=True):
+            if name in run.stopped:
+                continue
             # a paused or restarting one too: `docker stop` ends both, and either could run
             # old code against the database being replaced (a paused app may hold a lock)
             if docker.inspect(name).status in ("running", "paused", "restarting"):

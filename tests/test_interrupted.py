@@ -618,3 +618,22 @@ def test_a_repairing_switch_stopped_at_its_first_step_keeps_the_interrupted_runs
     repaired = cli(env, "switch", "--slot", "blue", "--yes")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
+
+
+def test_a_restore_continued_then_interrupted_starts_the_slot_the_first_run_stopped(
+        stack: DrillStack) -> None:
+    """`rollback --restore-snapshot` killed once its maintenance stop left the serving slot
+    down; its rerun is interrupted (Ctrl-C) before the restore: the undo started only what
+    the rerun itself stopped (nothing) and said "traffic stays where it was", the service
+    down. The slot that served is started again and serves."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:stop-app-slots:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    again = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="before:safety-snapshot:SIGINT")
+    assert again.returncode == 1, again.stderr
+    assert docker.inspect(env.slot(Slot.GREEN).container).running
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
