@@ -686,7 +686,8 @@ def test_users_on_another_caddy_port_hold_the_drain_for_a_silent_connections_lif
         stack: DrillStack) -> None:
     """The site is also served on a second port (`:443` beside `proxy_url`'s 80 on a host):
     the drain watches `proxy_url`'s port only, so the other's silent connections are waited
-    out (PRECONNECT) before the stop, and the journal line says why."""
+    out (PRECONNECT, capped by the drain timeout) before the stop, and the journal line says
+    why."""
     from runbook import files
     from tests.drill_checks import closed_port
 
@@ -710,12 +711,13 @@ def test_users_on_another_caddy_port_hold_the_drain_for_a_silent_connections_lif
                                         timeout=5)
         assert answer.headers.get("X-Togather-Slot") == "blue"  # users reach the app there
         seen: list[drain.Drain] = []
-        began = time.monotonic()
-        assert slots.stop(env, "green", after_switch=True, on_drain=seen.append) is None
-        took = time.monotonic() - began
+        # drain_timeout_seconds 1 s caps the 6.5 s wait (the cap itself is test_drain's
+        # scripted case): here the point is that the stop sees the second port at all
+        capped = env.with_(drain_timeout=1.0)
+        assert slots.stop(capped, "green", after_switch=True, on_drain=seen.append) is None
     finally:
         load(text)
     (d,) = seen
-    assert d.drained and d.other_fronts and d.seconds >= drain.PRECONNECT, d
-    assert took >= drain.PRECONNECT and "other ports not watched" in d.describe()
+    assert d.drained and d.other_fronts and d.seconds >= 1.0, d
+    assert "other ports not watched" in d.describe()
     assert not docker.inspect(env.slot("green").container).running

@@ -1091,6 +1091,7 @@ def test_two_controllers_racing_for_a_stale_fleet_lock_never_both_hold_it(
 
 
 @pytest.mark.docker
+@nightly  # its kind (a host unreachable in pre-flight) runs in make test: features/
 def test_a_fleet_lock_taken_by_a_host_check_whose_answer_was_lost_is_released(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The lock host's host-check took the fleet lock, then the connection dropped before it

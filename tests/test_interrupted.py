@@ -637,3 +637,30 @@ def test_a_restore_continued_then_interrupted_starts_the_slot_the_first_run_stop
     assert again.returncode == 1, again.stderr
     assert docker.inspect(env.slot(Slot.GREEN).container).running
     assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+
+
+def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
+        stack: DrillStack) -> None:
+    """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`
+    too, which died mid-stream (the step's "acted on once the transaction has ended" broken,
+    and a COMMIT already sent could land while the run said the restore failed). The replay
+    runs in a session of its own: the restore ends whole, then the run stops (exit 5: the
+    database WAS restored, the app slots are stopped)."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
+    env = stack.env
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=environ | {faults.VARIABLE: "restore.mid-stream:SIGSTOP"})
+    wait_stopped(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "WAS restored" in err, err
+    with stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert row is not None and int(row[0]) == 1  # the whole snapshot, committed

@@ -458,6 +458,7 @@ def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapsh
     assert snapshot(env) == before
 
 
+@pytest.mark.any_shape
 def test_a_named_snapshot_whose_sidecar_has_no_version_is_judged_by_its_dump(
         stack: DrillStack) -> None:
     """`--snapshot FILE` whose sidecar the shell tooling wrote (the contract's keys only): it
@@ -548,6 +549,7 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
 
 
+@pytest.mark.any_shape
 def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slot_look_idle(
         stack: DrillStack) -> None:
     """Caddy runs the app on blue and a site pinned to green; the file on disk has that site
@@ -574,6 +576,7 @@ def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slo
         traffic.refuse_if_serving(env, Slot.BLUE, "recreate")
 
 
+@pytest.mark.any_shape
 def test_a_run_killed_between_the_caddyfile_write_and_the_reload_is_finished_beside_a_pinned_site(
         stack: DrillStack) -> None:
     """With a site outside the markers pinned to green (so Caddy dials both slots), a

@@ -144,11 +144,15 @@ def replay_command(tgt: Target) -> list[str]:
 
 
 def spawn(cmd: DbCommand, *, stdin: int | IO[bytes] | None, stdout: int | IO[bytes] | None,
-          stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-    """The one executor of snapshot commands: argv list, secrets only in the environment."""
+          stderr: IO[bytes], own_session: bool = False) -> subprocess.Popen[bytes]:
+    """The one executor of snapshot commands: argv list, secrets only in the environment.
+
+    `own_session`: out of the terminal's process group, so a Ctrl-C there reaches only the
+    runbook, which holds it until the step ends (the restore's replay), instead of killing
+    the child in the middle of it."""
     try:
         return subprocess.Popen(list(cmd.argv), stdin=stdin, stdout=stdout, stderr=stderr,
-                                env=cmd.env or None)
+                                env=cmd.env or None, start_new_session=own_session)
     except FileNotFoundError:
         raise PreconditionError(f"the {cmd.argv[0]} command is not installed",
                                 "install the Docker CLI") from None

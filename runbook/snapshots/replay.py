@@ -82,7 +82,7 @@ def replay(env: Environment, verified: Verified) -> None:
     tail = b""
     with tempfile.TemporaryFile() as err:
         proc = commands.spawn(commands.replay(tgt, str(snap.path)), stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=err)
+                              stdout=subprocess.DEVNULL, stderr=err, own_session=True)
         assert proc.stdin is not None
         try:
             try:
