@@ -84,7 +84,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     config = env.slot(target)
     observed = slots.Observed()
     recreate = compose.recreate_slot(env, target, version)
-    slots.refuse_if_held(env, target, docker.inspect(config.container))
+    standby = docker.inspect(config.container)
+    # the compose project that made the slots (Docker's label), as a rollback's recreate
+    # checks: under another, compose fails on the name mid-run, or makes a slot on another
+    # network when the standby was removed
+    compose.check_project(env, standby if standby.exists
+                          else docker.inspect(env.slot(target.other).container))
+    slots.refuse_if_held(env, target, standby)
     planned = caddy.plan_switch(env, target)
     tools = preflight.check(env, candidate=planned.new_text,
                             recreate=True, migrate_image=image)

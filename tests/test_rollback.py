@@ -201,6 +201,14 @@ def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing
     assert f'project = "{env.compose.project}"' in (err.value.fix or "")
     assert snapshot(env) == before
     assert through_proxy(env) == ("blue", V3.tag)
+    # a deploy recreates too: the same refusal, before its snapshot and anything else
+    snapshots_before = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(other, deploy.Options(version=V2.tag))
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"compose project {env.compose.project!r}" in str(err.value)
+    assert sorted(env.database.snapshot_dir.glob("*.sql.gz")) == snapshots_before
+    assert snapshot(env) == before
 
 
 def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
