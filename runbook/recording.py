@@ -14,7 +14,7 @@ from runbook import database, health, slots
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment
-from runbook.errors import RunbookError, StateError
+from runbook.errors import RunbookError
 from runbook.plan import StepContext
 
 Record = Callable[[Environment, intents.Intent, slots.Observed, str, StepContext], None]
@@ -108,9 +108,13 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
         return
     target = fresh.find_id(target_id)
     if target is None:
-        raise StateError(f"deployment {target_id} ({intent.to_version}) is no longer in "
-                         f"{env.state_file}", "another tool rewrote the state file: record "
-                         f"the rollback with `runbook switch {env.name} --slot {slot}`")
+        # another tool rewrote the state file meanwhile: traffic moved and was verified, so
+        # what runs is recorded as a switch does (by version). Refused, every rerun failed
+        # here, and the `runbook switch` it prescribed finished this very run: the same error
+        switch(env, intent, observed, run_id, ctx)
+        ctx.note(recorded_as=f"a switch to {intent.to_version}: deployment {target_id} is no "
+                             f"longer in {env.state_file} (another tool rewrote it)")
+        return
     new = states.after_rollback(fresh, target, slot=slot,
                                 health_status=observed.health_status or None, run_id=run_id)
     states.write_state(env.state_file, new,

@@ -664,3 +664,24 @@ def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends
     with stack.connect() as conn:
         row = conn.execute("SELECT version FROM schema_migrations").fetchone()
     assert row is not None and int(row[0]) == 1  # the whole snapshot, committed
+
+
+def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_finished(
+        stack: DrillStack) -> None:
+    """Killed after its commit; then the shell tooling rewrote the state file without the
+    target deployment. Every rerun failed at its state step (exit 6), and the `runbook
+    switch` it prescribed finished this very run, failing the same way: a loop only a hand
+    edit of the intent record broke. What runs is recorded, as a switch records it."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    states.write_state(env.state_file, dataclasses.replace(
+        st, previous=None, history=tuple(d for d in st.history if d.version != V2.tag)))
+    done = cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    st = states.read_state(env.state_file)
+    assert st.current is not None and (st.current.version, st.current.active_slot) == (
+        V2.tag, Slot.GREEN)
+    assert intents.read(env) is None and through_proxy(env) == ("green", V2.tag)
