@@ -43,6 +43,7 @@ class ContainerInfo:
     exists: bool
     status: str = "absent"  # created | running | paused | restarting | exited | dead | absent
     image: str | None = None  # .Config.Image, e.g. togather-server:abc1234
+    image_id: str | None = None  # .Image: the build it runs, whatever its tag names now
     exit_code: int | None = None
     started_at: str | None = None
     labels: dict[str, str] | None = None
@@ -294,7 +295,8 @@ def inspect(name: str) -> ContainerInfo:
     config = attrs.get("Config") or {}
     return ContainerInfo(
         name=name, exists=True, status=state.get("Status", "unknown"),
-        image=config.get("Image"), exit_code=state.get("ExitCode"),
+        image=config.get("Image"), image_id=attrs.get("Image"),
+        exit_code=state.get("ExitCode"),
         started_at=state.get("StartedAt"), labels=config.get("Labels") or {},
     )
 
@@ -311,6 +313,16 @@ def image_labels(image: str) -> dict[str, str] | None:
 
 def image_exists(image: str) -> bool:
     return image_labels(image) is not None
+
+
+def image_id(image: str) -> str | None:
+    """The id of the build `image` (a tag) names now; None when there is no such image."""
+    try:
+        content = send(image_inspect_action(image))
+    except _NotFound:
+        return None
+    found = json.loads(content).get("Id")
+    return found if isinstance(found, str) else None
 
 
 def start(name: str) -> None:

@@ -240,14 +240,15 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     if info is None:
         info = docker.inspect(env.slot(slot).container)
     if info.exists and info.image == image:
+        kept = image + _tag_moved(info, image, version)
         if info.running:
-            return Preparation(slot, info, image, version, "none", f"already running {image}")
+            return Preparation(slot, info, image, version, "none", f"already running {kept}")
         if info.status in ("exited", "created"):
             return Preparation(slot, info, image, version, "start",
-                               f"start the {info.status} container (it keeps {image})")
+                               f"start the {info.status} container (it keeps {kept})")
         if info.status == "paused":  # Docker refuses to start a paused container
             return Preparation(slot, info, image, version, "unpause",
-                               f"unpause the paused container (it keeps {image})")
+                               f"unpause the paused container (it keeps {kept})")
         if info.status == "restarting":  # its restart policy keeps starting it: it exits
             raise PreconditionError(
                 f"slot {slot}'s container {info.name} is restarting: it keeps exiting and "
@@ -271,6 +272,17 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     refuse_if_held(env, slot, info)
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
+
+
+def _tag_moved(info: ContainerInfo, image: str, version: str) -> str:
+    """Said in the plan when the tag names another build than the container holds (rebuilt
+    or retagged since): the container keeps the build that ran as `version`, and that is
+    what starts, not what the tag names now. '' when they agree or cannot be told."""
+    now = docker.image_id(image)
+    if now is None or info.image_id is None or now == info.image_id:
+        return ""
+    return (f"; the tag now names another build, {now[:19]}: the container keeps "
+            f"{info.image_id[:19]}, the build that ran as {version}")
 
 
 def run_step(env: Environment, prep: Preparation) -> Step:

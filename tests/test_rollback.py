@@ -211,6 +211,43 @@ def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing
     assert snapshot(env) == before
 
 
+@pytest.mark.any_shape
+def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_so(
+        stack: DrillStack) -> None:
+    """The stopped standby's tag was rebuilt or retagged since it ran: the runbook compared
+    tag names only, planned "it keeps <tag>" and recorded the tag, though the tag names
+    another build now. The container (the build that ran) is what starts: the plan says so."""
+    if docker_run_host(stack):
+        pytest.skip("the deploys below recreate through compose; a docker-run host has none")
+    import secrets
+
+    stack.reset()  # v1 on blue, serving
+    env = stack.env
+    tag = secrets.token_hex(4)[:7]
+    moved = f"{env.compose.image_repository}:{tag}"
+
+    def build(base: str) -> None:  # a build of `base` that answers as version `tag`
+        subprocess.run(["docker", "build", "-q", "-t", moved, "-"], text=True,
+                       input=f"FROM {base}\nENV APP_VERSION={tag}\n", capture_output=True,
+                       check=True, timeout=300)
+
+    build(V2.image)
+    try:
+        deploy.deploy(env, deploy.Options(version=tag))  # green runs the tag (v2's build)
+        deploy.deploy(env, deploy.Options(version=V3.tag))  # blue serves; green stopped
+        green = docker.inspect(env.slot("green").container)
+        assert green.image == moved and not green.running
+        build(V3.image)  # the tag moves to another build
+        shown = rollback.rollback(env, dry_run=True).plan.render()
+        assert "the tag now names another build" in shown, shown
+        assert (green.image_id or "")[:19] in shown
+        rollback.rollback(env)
+        assert docker.inspect(env.slot("green").container).image_id == green.image_id
+        assert through_proxy(env) == ("green", tag)
+    finally:
+        stack.docker("rmi", "--no-prune", moved, check=False)
+
+
 def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
     env = two_deployments(stack)
     rollback.rollback(env)
