@@ -72,6 +72,16 @@ def check_project(env: Environment, *containers: ContainerInfo) -> None:
     keeps on each container is the truth."""
     for info in containers:
         label = (info.labels or {}).get(PROJECT_LABEL)
+        if info.exists and not label:
+            # made by `docker run` (no compose label), though a compose file is configured:
+            # compose would make a container of its own (its network, env, labels) or fail
+            # on the name mid-run; only the operator knows how this one was made
+            raise PreconditionError(
+                f"container {info.name} was not created by compose (it has no "
+                f"{PROJECT_LABEL} label): a recreate through compose would not make it the "
+                "way it was made; nothing was changed",
+                f"recreate it the way it was created (its `docker run` command), or leave "
+                f"[compose] file out of {env.source or 'the environment file'} on this host")
         if info.exists and label and label != env.compose.project:
             raise PreconditionError(
                 f"container {info.name} was created by compose project {label!r}, but the "

@@ -130,7 +130,8 @@ def test_a_dead_standby_is_replaced_and_a_restarting_one_is_refused(
     described as Docker would report it."""
     env = stack.env
     name = env.slot("green").container
-    info = docker.ContainerInfo(name, True, status, V2.image)
+    info = docker.ContainerInfo(name, True, status, V2.image,
+                                labels=docker.inspect(name).labels)  # compose's, as made
     if status == "restarting" or docker_run_host(stack):  # dead: no compose to replace it
         with pytest.raises(RunbookError) as err:
             slots.prepare(env, Slot.GREEN, V2.tag, info=info)
@@ -180,6 +181,32 @@ def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
     assert info.running and info.image == V2.image
     assert info.labels and info.labels["com.togather.deployment.slot"] == "green"
     assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_docker_run_slot_is_never_recreated_through_a_compose_file_configured_anyway(
+        stack: DrillStack) -> None:
+    """A host whose slots were made by `docker run` (no compose label) but whose environment
+    file names a compose file (the source checkout has one on every host): the project check
+    passed a container without the label, and compose made a slot of its own (its network,
+    env and labels, not the `docker run` ones). Refused, nothing changed."""
+    if not docker_run_host(stack):
+        pytest.skip("only a docker-run host's slots have no compose label (the docker-run "
+                    "shape group of make test runs this)")
+    from runbook.drill.stack import COMPOSE_FILE
+
+    env = two_deployments(stack)
+    docker.remove(env.slot("green").container)
+    configured = env.with_(compose=dataclasses.replace(env.compose, file=COMPOSE_FILE,
+                                                       env_file=stack.env_file),
+                           slots={s: dataclasses.replace(c, service=f"togather-{s}")
+                                  for s, c in env.slots.items()})
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(configured)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert "was not created by compose" in str(err.value), err.value
+    assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
 
 
 @pytest.mark.any_shape
