@@ -133,13 +133,28 @@ def compose_path(env: Environment) -> str:
         raise PreconditionError(f"pre-flight: the plan recreates a slot, but the compose file "
                                 f"{file or '(not set)'} does not exist; nothing was changed",
                                 "set [compose] file in the environment file")
-    argv = [*env.compose.command, "version"]
-    code, last = _run(argv)
+    # the recreate's very flags: `up --pull never` (never a registry) exists from Compose 2.6
+    # on; an older compose (docker-compose v1) failed on the flag mid-plan
+    argv = [*env.compose.command, "up", "--help"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
+                              check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        code, said = 127, f"{argv[0]}: command not found"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        code, said = 126, str(exc)
+    else:
+        code = done.returncode
+        said = ([ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+                or ["no output"])[-1]
+        if code == 0 and "--pull" not in done.stdout:
+            code, said = 1, "its `up` has no --pull option (Compose 2.6 or later has)"
     if code != 0:
-        raise PreconditionError(f"pre-flight: `{' '.join(argv)}` exited {code}: {last}; "
+        raise PreconditionError(f"pre-flight: `{' '.join(argv)}` exited {code}: {said}; "
                                 "nothing was changed",
-                                "install Docker's Compose v2 plugin or set [compose] command")
-    return f"{file} present; `{' '.join(env.compose.command)}` runs"
+                                "install Docker's Compose v2 plugin (2.6 or later) or set "
+                                "[compose] command")
+    return f"{file} present; `{' '.join(env.compose.command)} up --pull never` runs"
 
 
 def image_path(image: str) -> list[str]:

@@ -4,6 +4,7 @@ wrong in one line and its documented exit code, never a traceback, always valid 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -129,3 +130,31 @@ esac
     said = preflight.migrate_path(env, "togather-server:abc1234")
     assert "/app/server is in togather-server:abc1234" in said
     assert "rm -f -v 0123456789ab" in calls.read_text()  # the created container removed
+
+
+@pytest.mark.parametrize("help_text,ok", [
+    ("Usage: docker compose up [OPTIONS] [SERVICE...]\\n      --pull string   Pull image "
+     "before running\\n", True),
+    ("Usage: up [options] [--scale SERVICE=NUM...] [--] [SERVICE...]\\n  -d, --detach\\n", False),
+])
+def test_a_compose_without_up_pull_is_refused_in_preflight(
+        tmp_path: Path, help_text: str, ok: bool) -> None:
+    """The recreate runs `up ... --pull never`; docker-compose v1 (Debian 12's package) has
+    no such flag, passed `compose version`, and failed mid-plan. The stand-in prints the help
+    of each."""
+    from runbook import preflight
+    from runbook.errors import PreconditionError
+
+    fake = tmp_path / "compose"
+    fake.write_text(f"#!/bin/sh\nprintf '{help_text}'\n")
+    fake.chmod(0o755)
+    (tmp_path / "compose.yml").write_text("services: {}\n")
+    env = host_env(tmp_path)
+    env = env.with_(compose=dataclasses.replace(env.compose, file=tmp_path / "compose.yml",
+                                                command=(str(fake),)))
+    if ok:
+        assert "up --pull never` runs" in preflight.compose_path(env)
+        return
+    with pytest.raises(PreconditionError, match="no --pull option") as info:
+        preflight.compose_path(env)
+    assert "nothing was changed" in info.value.message
