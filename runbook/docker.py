@@ -178,9 +178,43 @@ class _Engine:
             conn.close()
 
 
+class _ContextError(OSError):
+    """The docker CLI's context names an engine this adapter cannot reach the same way."""
+
+
+def _context_host() -> str:
+    """The engine the docker CLI uses when DOCKER_HOST is unset: its current context's (as
+    `docker context use` left it in the CLI config, or DOCKER_CONTEXT). Compose and the CLI
+    calls follow it; this adapter read only the default socket, so on a host with a rootless
+    engine in a context it read "what runs" from the other engine. '' for the default."""
+    import hashlib
+    from pathlib import Path
+
+    config_dir = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    name = os.environ.get("DOCKER_CONTEXT", "").strip()
+    if not name:
+        try:
+            name = str(json.loads((config_dir / "config.json").read_text())
+                       .get("currentContext") or "")
+        except (OSError, ValueError, AttributeError):
+            name = ""
+    if not name or name == "default":
+        return ""
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    try:
+        meta = json.loads((config_dir / "contexts" / "meta" / digest / "meta.json").read_text())
+        host = str(meta["Endpoints"]["docker"]["Host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _ContextError(f"the docker CLI's context {name!r} cannot be read") from None
+    if (config_dir / "contexts" / "tls" / digest).exists() or not host.startswith(
+            ("unix://", "tcp://")):
+        raise _ContextError(f"the docker CLI's context {name!r} ({host}) needs TLS or ssh")
+    return host
+
+
 @cache
 def _engine() -> _Engine:
-    host = os.environ.get("DOCKER_HOST", "").strip()
+    host = os.environ.get("DOCKER_HOST", "").strip() or _context_host()
     if os.environ.get("DOCKER_TLS_VERIFY") or host.startswith(("ssh://", "npipe://")):
         return _Engine(sdk=True)
     if not host:
@@ -239,6 +273,10 @@ def send(action: DockerAction, timeout: float = _TIMEOUT) -> bytes:
     try:
         status, content = _engine().request(action.method, path, body=action.body,
                                             timeout=timeout)
+    except _ContextError as exc:
+        raise DockerError(f"{exc}; nothing was changed", "set DOCKER_HOST to that context's "
+                          "engine (`docker context inspect`), as the docker CLI would use it",
+                          exit_code=ExitCode.PRECONDITION) from None
     except (OSError, TimeoutError) as exc:
         raise DockerError(f"the Docker engine did not answer while trying to {what} "
                           f"({type(exc).__name__})",

@@ -118,3 +118,45 @@ def test_database_errors_are_one_line(stack: DrillStack, tmp_path: Path) -> None
         assert proc.returncode == int(ExitCode.PRECONDITION), proc.stderr
         line = one_line(proc)
         assert "secretpw1" not in line and "wrong-Pa55word" not in line, line
+
+
+def _context(config_dir: Path, name: str, host: str, *, tls: bool = False) -> None:
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta = config_dir / "contexts" / "meta" / digest
+    meta.mkdir(parents=True)
+    (meta / "meta.json").write_text(json.dumps(
+        {"Name": name, "Endpoints": {"docker": {"Host": host, "SkipTLSVerify": False}}}))
+    if tls:
+        (config_dir / "contexts" / "tls" / digest / "docker").mkdir(parents=True)
+    (config_dir / "config.json").write_text(json.dumps({"currentContext": name}))
+
+
+def test_the_engine_is_the_docker_clis_current_context(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker context use rootless`: compose and the CLI talk to that engine; the adapter
+    read the default socket, so "what runs" came from another engine than the one acted on."""
+    from runbook import docker
+
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    _context(tmp_path, "rootless", "unix:///run/user/1000/docker.sock")
+    docker._engine.cache_clear()
+    try:
+        assert docker._engine() == docker._Engine(unix="/run/user/1000/docker.sock")
+        monkeypatch.setenv("DOCKER_CONTEXT", "default")  # the variable wins, as in the CLI
+        docker._engine.cache_clear()
+        assert docker._engine() == docker._Engine(unix=docker._SOCKET)
+        monkeypatch.delenv("DOCKER_CONTEXT")
+        other = tmp_path / "tls"
+        monkeypatch.setenv("DOCKER_CONFIG", str(other))
+        _context(other, "remote", "tcp://10.0.0.5:2376", tls=True)
+        docker._engine.cache_clear()
+        with pytest.raises(docker.DockerError, match="needs TLS or ssh") as info:
+            docker.inspect("togather-server-blue")
+        assert info.value.exit_code == ExitCode.PRECONDITION
+        assert "DOCKER_HOST" in (info.value.fix or "")
+    finally:
+        docker._engine.cache_clear()
