@@ -53,6 +53,18 @@ def deployed(stack: DrillStack) -> Environment:
     return stack.env
 
 
+def pin_other_site(env: Environment, upstreams: str) -> str:
+    """The drill's other site (outside the slot markers) proxying to `upstreams` for good,
+    written and loaded into Caddy; returns the Caddyfile text now on disk and running."""
+    text = env.caddy.caddyfile.read_text()
+    pinned = text.replace('respond /ping "pong" 200', f"reverse_proxy {upstreams}")
+    assert pinned != text
+    files.atomic_write(env.caddy.caddyfile, pinned.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=pinned,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    return pinned
+
+
 def docker_run_host(stack: DrillStack) -> bool:
     return stack.has("docker-run")
 
@@ -628,17 +640,11 @@ def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slo
     moved to blue, not loaded yet. Subtracting the file's outside dials from what runs named
     green as serving, and blue (which serves) passed the guard against recreating it."""
     env = two_deployments(stack)  # v3 serving from blue
-    text = env.caddy.caddyfile.read_text()
     blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
     stack.docker("start", env.slot(Slot.GREEN).container)
     # as many dials as the managed block has (two): with the file's moved to blue, what
     # runs minus the file's outside dials leaves green alone
-    running = text.replace('respond /ping "pong" 200',
-                           f"reverse_proxy localhost:{green} 127.0.0.1:{green}")
-    assert running != text
-    files.atomic_write(env.caddy.caddyfile, running.encode())
-    drill_http.post(f"{env.caddy.admin_url}/load", content=running,
-                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    running = pin_other_site(env, f"localhost:{green} 127.0.0.1:{green}")
     assert traffic.read(env, proxy=False).slots == {Slot.BLUE}  # file and config agree
     edited = running.replace(f"reverse_proxy localhost:{green} 127.0.0.1:{green}",
                              f"reverse_proxy localhost:{blue} 127.0.0.1:{blue}")
@@ -659,12 +665,7 @@ def test_a_run_killed_between_the_caddyfile_write_and_the_reload_is_finished_bes
     from runbook import faults
 
     env = two_deployments(stack)  # v3 serving from blue, v2 the previous, stopped on green
-    text = env.caddy.caddyfile.read_text()
-    pinned = text.replace('respond /ping "pong" 200',
-                          f"reverse_proxy localhost:{env.slot(Slot.GREEN).port}")
-    files.atomic_write(env.caddy.caddyfile, pinned.encode())
-    drill_http.post(f"{env.caddy.admin_url}/load", content=pinned,
-                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    pin_other_site(env, f"localhost:{env.slot(Slot.GREEN).port}")
     assert env.source is not None
 
     def cli(fault: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -690,13 +691,7 @@ def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slo
     go through (before: the first refused to stop blue after its commit, exit 6, and the
     second could not tell which slot serves), each saying what stopping blue cuts."""
     env = two_deployments(stack)  # v3 serving from blue, v2 the previous, stopped on green
-    text = env.caddy.caddyfile.read_text()
-    pinned = text.replace('respond /ping "pong" 200',
-                          f"reverse_proxy localhost:{env.slot(Slot.BLUE).port}")
-    assert pinned != text
-    files.atomic_write(env.caddy.caddyfile, pinned.encode())
-    drill_http.post(f"{env.caddy.admin_url}/load", content=pinned,
-                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    pinned = pin_other_site(env, f"localhost:{env.slot(Slot.BLUE).port}")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         assert env.source is not None
