@@ -123,7 +123,9 @@ def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
     with drill_http.held_h2c_client() as lb:
         port, *answer = _answer(lb, stack)
         assert answer == ["HTTP/2", "blue", VERSIONS["v3"].tag]
-        result = rollback.rollback(env, notify=said.append)
+        # the held connection stays busy: the drain waits out its timeout, 2 s here (10 s
+        # by default; the cap itself is test_drain's)
+        result = rollback.rollback(env.with_(drain_timeout=2.0), notify=said.append)
         # the connection opened before the switch is still served by Caddy's previous config
         assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
     assert through_proxy(env) == ("green", VERSIONS["v2"].tag)  # a fresh connection moved
@@ -151,7 +153,7 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
     new = VERSIONS["v3"].tag  # the version rolled back from, as after a fix (v1's schema is older)
     with drill_http.held_h2c_client() as lb:
         port, *_ = _answer(lb, stack)
-        rollback.rollback(env)
+        rollback.rollback(env.with_(drain_timeout=2.0))  # busy until its timeout: 2 s
         left = docker.inspect(blue)
         assert left.running  # left running for the connection above
         held = json.loads(slots.held_marker(env, Slot.BLUE).read_text())

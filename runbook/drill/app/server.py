@@ -6,11 +6,19 @@ other dependency). `server.py migrate up` applies this build's migrations golang
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import sys
+
+# First, before the imports below (psycopg's takes ~0.2 s): as PID 1 the server ignores
+# SIGTERM until it has a handler, so a `docker stop` in that window waited out Docker's whole
+# grace period (10 s): an undo right after a start, a drill scene stopping a slot it just
+# started. `migrate up` keeps the default: it must never exit 0 half-way.
+if sys.argv[1:] != ["migrate", "up"]:
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+import json
+import re
 import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -232,7 +240,6 @@ def serve() -> int:
     if BEHAVIOUR == "crash":
         print(f"togather-server {VERSION}: fatal: drill build exits on start", file=sys.stderr)
         return 3
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
     server.daemon_threads = True
     print(f"togather-server {VERSION} slot={SLOT} listening on :{PORT}", flush=True)
