@@ -806,6 +806,45 @@ def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
 
 
 @pytest.mark.docker
+def test_a_host_that_goes_silent_during_its_rollback_is_given_up_not_waited_on_for_ever(
+        fleet_on_v3: DrillFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """host3 drops off the network without a word while its rollback runs: its sshd and the
+    command freeze (SIGSTOP), so the TCP connection stays open and nothing answers on it.
+    The controller waited on that connection for ever (no FIN, no RST: TCP never gives up on
+    a connection that only reads). SSH keepalives (1 s apart here, 4 unanswered) give it up
+    as unreachable: outcome unknown, exit 5, the next batch never starts. The operator's own
+    ssh_extra_args still apply (theirs run a LocalCommand that leaves a file)."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    monkeypatch.setenv("RUNBOOK_FLEET_SSH_ALIVE_S", "1")
+    theirs = tmp_path / "their-ssh-extra-args-ran"
+    fleet.write_inventory(host_vars={"host3": {
+        "runbook_command": fleet.cut_off_command("host3", "rollback", silent=True),
+        "ansible_ssh_extra_args": f"-o PermitLocalCommand=yes -o 'LocalCommand=touch {theirs}'"}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--canary-group", "web", "--format", "json")
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the controller still waited on the silent host after 120 s")
+        record = json.loads(out.splitlines()[-1])["record"]
+        assert record["batches"] == [["host2", "host3"], ["host1"]], record["batches"]
+        assert proc.returncode == 5, out + err
+        hosts = record["hosts"]
+        assert hosts["host3"]["status"] == "unknown: unreachable", hosts["host3"]
+        assert hosts["host1"]["status"] == "not started", hosts["host1"]
+        assert fleet.serving("host1")[2] == v3  # the next batch never started
+        assert fleet.serving("host2") == (200, "blue", v2)  # its batch's other host finished
+        assert theirs.exists()  # the operator's own ssh_extra_args were kept
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    assert fleet.serving("host3")[2] == v3  # frozen before its rollback ran: unchanged
+
+
+@pytest.mark.docker
 @nightly
 def test_a_lock_host_unreachable_when_a_batch_proves_the_lock_stops_the_rollout(
         fleet_on_v3: DrillFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -990,18 +1029,20 @@ def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
     assert hostlock.status(fleet.hosts[0].env) is None
 
 
-@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf", "1800"])
-def test_a_bad_refresh_setting_is_one_line_exit_2_before_any_host(
-        value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("name", "value"), [
+    *(("RUNBOOK_FLEET_REFRESH_AFTER_S", v) for v in ["soon", "-1", "nan", "inf", "1800"]),
+    *(("RUNBOOK_FLEET_SSH_ALIVE_S", v) for v in ["0", "1.5", "-3", "301", "often"])])
+def test_a_bad_refresh_or_keepalive_setting_is_one_line_exit_2_before_any_host(
+        name: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(INVENTORY)
-    monkeypatch.setenv("RUNBOOK_FLEET_REFRESH_AFTER_S", value)
+    monkeypatch.setenv(name, value)
     journal = tmp_path / "journal"
     proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(inventory), "--yes",
                            "--journal-dir", str(journal)], capture_output=True, text=True,
                           check=False, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "RUNBOOK_FLEET_REFRESH_AFTER_S" in proc.stderr and "Traceback" not in proc.stderr
+    assert name in proc.stderr and "Traceback" not in proc.stderr
     assert not journal.exists()  # nothing written, no host asked
 
 

@@ -469,17 +469,22 @@ class DrillFleet:
                                  "see scripts/ensure-sshd.sh")
             time.sleep(0.05)
 
-    def cut_off_command(self, name: str, *on: str, after: bool = False) -> str:
+    def cut_off_command(self, name: str, *on: str, after: bool = False,
+                        silent: bool = False) -> str:
         """A `runbook_command` for host `name` that makes the host unreachable at one moment.
 
         It runs `runbook` as given, except `runbook <on...> ...`: there the host goes dark (its
         sshd stops listening, and the SSH connection that asked is cut: every sshd process
         above this command is killed, as a host that crashes or loses its network) before that
         command runs, or, with `after`, once it ran to its end but before it could answer (the
-        controller never learns how it ended). `reachable_again` brings the host's sshd back.
+        controller never learns how it ended). `silent`: the host drops off the network
+        without a word instead (no FIN, no RST: its sshd processes, the listener and this
+        command are frozen with SIGSTOP, so the TCP connection stays open and nothing answers
+        on it). `reachable_again` brings the host's sshd back (and ends the frozen ones).
         """
         h = self.host(name)
-        script = self.dir / f"cut-off.{name}.{'-'.join(on)}.{'after' if after else 'before'}"
+        script = self.dir / (f"cut-off.{name}.{'-'.join(on)}.{'after' if after else 'before'}"
+                             + (".silent" if silent else ""))
         script.write_text(f"""#!{sys.executable}
 import os, signal, subprocess, sys
 RUNBOOK, ON, AFTER = {self.runbook_command!r}, {list(on)!r}, {after!r}
@@ -488,16 +493,31 @@ if argv[:len(ON)] != ON:
     os.execv(RUNBOOK, [RUNBOOK, *argv])
 if AFTER:
     subprocess.run([RUNBOOK, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-os.kill({h.sshd.pid if h.sshd else 0}, signal.SIGTERM)  # the listener: no new connection
+SILENT, FROZEN = {silent!r}, {str(self._frozen_file(name))!r}
+LISTENER = {h.sshd.pid if h.sshd else 0}
+if not LISTENER:
+    sys.exit("no sshd")
+above = []
 pid = os.getppid()
 while pid > 1:  # the connection that asked: every sshd process above this one
     with open(f"/proc/{{pid}}/stat") as f:
         stat = f.read()
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     parent = int(stat.rsplit(")", 1)[1].split()[1])
-    if comm.startswith("sshd"):
-        os.kill(pid, signal.SIGKILL)
+    if comm.startswith("sshd") and pid != LISTENER:
+        above.append(pid)
     pid = parent
+if not SILENT:
+    os.kill(LISTENER, signal.SIGTERM)  # the listener: no new connection
+    for pid in [*above, LISTENER]:
+        os.kill(pid, signal.SIGKILL)
+    sys.exit(0)
+with open(FROZEN, "a") as f:  # for reachable_again, which ends them
+    f.write("".join(f"{{pid}}\\n" for pid in [*above, os.getpid()]))
+os.kill(LISTENER, signal.SIGSTOP)
+for pid in above:
+    os.kill(pid, signal.SIGSTOP)
+os.kill(os.getpid(), signal.SIGSTOP)
 """)
         script.chmod(0o755)
         return str(script)
@@ -555,11 +575,22 @@ os.execv(RUNBOOK, [RUNBOOK, *argv])
     def reachable_again(self, name: str) -> None:
         """Host `name`'s sshd listening again (after `cut_off_command` stopped it)."""
         h = self.host(name)
+        frozen = self._frozen_file(name)
+        if frozen.exists():  # a silent cut-off: its frozen connection ends, the listener goes on
+            for pid in {int(p) for p in frozen.read_text().split()}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            frozen.unlink()
+            if h.sshd is not None and h.sshd.poll() is None:
+                os.kill(h.sshd.pid, signal.SIGCONT)
         if h.sshd is not None:
             if h.sshd.poll() is None:
                 return
             h.sshd.wait()
         self._start_sshd(find_sshd(), h)
+
+    def _frozen_file(self, name: str) -> Path:
+        return self.dir / f"frozen.{name}"
 
     def ssh(self, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
         """Run a command on a drill host over its sshd, as an operator would."""

@@ -318,7 +318,20 @@ def _controller_vars(fleet_run_id: str, inventory: Inventory, targets: list[str]
     return {"fleet_run_id": fleet_run_id, "fleet_lock_host": inventory.lock_host,
             "fleet_targets": ",".join(targets), "fleet_holder": _who(),
             "fleet_controller_host": socket.gethostname(), "fleet_controller_pid": os.getpid(),
-            "fleet_reason": reason}
+            "fleet_reason": reason, "fleet_ssh_alive": ssh_alive()}
+
+
+def ssh_alive() -> int:
+    """Seconds between the SSH keepalives of every host connection (fleet.yml: 4 unanswered
+    ones and the host is unreachable). RUNBOOK_FLEET_SSH_ALIVE_S sets it; 15 by default, so a
+    host that drops off the network silently is given up after about a minute."""
+    value = os.environ.get("RUNBOOK_FLEET_SSH_ALIVE_S")
+    if value is None:
+        return 15
+    if not value.isdigit() or not 1 <= int(value) <= 300:
+        raise UsageError(f"RUNBOOK_FLEET_SSH_ALIVE_S={value!r} is not a whole number of "
+                         "seconds from 1 to 300", "unset it (15 s), or set e.g. 5")
+    return int(value)
 
 
 def _who() -> str:
@@ -798,6 +811,7 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
 def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
               say: Callable[[str], None], unreleased: list[str]) -> FleetResult:
     refresh_in = refresh_after()  # a bad setting is refused before anything is written
+    ssh_alive()  # likewise
     inventory = inv.read(options.inventory, options.canary_group)
     if not inventory.canary:  # a missing or misspelled group would silently mean no canary
         raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
