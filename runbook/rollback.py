@@ -263,7 +263,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         from runbook import snapshot_restore
 
         restore_steps = snapshot_restore.restore_steps(
-            env, snapshot_restore.prepare(env, guard.restore), facts={})
+            env, snapshot_restore.prepare(env, guard.restore), facts={}, run_id=run_id)
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",

@@ -43,7 +43,8 @@ def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
 
 def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
-                  facts: dict[str, Any] | None = None) -> list[Step]:
+                  facts: dict[str, Any] | None = None,
+                  run_id: str | None = None) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -52,7 +53,10 @@ def restore_steps(env: Environment, run: RestoreRun,
     after its export and before the stop would be in neither it nor the restored database.
     Starting the target slot afterwards is the caller's step. `facts` is only the plan's
     JSON summary (--format json, reports): restore_snapshot, restore_migration_version, and
-    once known safety_snapshot and restored; no step reads it.
+    once known safety_snapshot and restored; no step reads it. `run_id` (this run's) lets the
+    plan find a previous run killed during or after its own restore (`killed_restore`): this
+    run's safety snapshot is then of the database as that run left it, and the data from
+    before it is in that run's safety snapshot, which the plan and every message name.
     """
     from runbook import docker, health
 
@@ -67,11 +71,25 @@ def restore_steps(env: Environment, run: RestoreRun,
     commands.require_container(env)
     now_schema, _ = current_state(env)  # unreachable -> refused here, before any change
     window = loss_window(env, snapshot).describe()
+    killed = killed_restore(env, run_id)
+    facts["earlier_safety_snapshot"] = killed["safety"] if killed else None
+
+    def before_restore() -> str:
+        """Where the data from before the restore is: a killed earlier run's safety
+        snapshot when there was one (this run's own then holds what that run left)."""
+        mine = run.safety.path if run.safety else None
+        if killed is None:
+            return f"the data from before the restore is in {mine}"
+        return (f"the data from before the restore is in {killed['safety']} (the safety "
+                f"snapshot of the killed run {killed['run_id']}; {mine} is the database as "
+                "that run left it)")
 
     def take_safety(ctx: StepContext) -> None:
         run.safety = create(env, "pre-restore")
         facts["safety_snapshot"] = str(run.safety.path)
         ctx.note(safety_snapshot=str(run.safety.path))
+        if killed is not None:  # carried on: a rerun of this run, killed too, still finds it
+            ctx.note(**{EARLIER: killed["safety"]})
 
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
@@ -120,12 +138,10 @@ def restore_steps(env: Environment, run: RestoreRun,
         except RunbookError as exc:
             raise after_failed_replay(env, run, exc, safety) from None
         run.restored = facts["restored"] = True
-        safety_path = run.safety.path if run.safety else None
         ctx.cannot_undo(
             f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
             "service is down", f"fix the cause and run `runbook switch {env.name} --slot <target "
-            f"slot>` or `runbook deploy {env.name} --version <known-good>`; the data from "
-            f"before the restore is in {safety_path}")
+            f"slot>` or `runbook deploy {env.name} --version <known-good>`; {before_restore()}")
         ctx.note(restored=snapshot.name)
 
     def check(ctx: StepContext) -> None:
@@ -159,6 +175,11 @@ def restore_steps(env: Environment, run: RestoreRun,
             "taken": "once no app writes (after the stop): every write is in it or in the "
                      "database, none is lost between the two",
             "on failure": "the app slots are started again; the database was not touched",
+            **({"the data from before": f"{killed['safety']}: the data from before the "
+                                           f"restore of the run {killed['run_id']} (started "
+                                           f"{killed['started_at']}), killed during or after "
+                                           "it; this one is of the database as it left it"}
+               if killed else {}),
         }, run=take_safety),
         Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
             "psql": commands.replay(tgt, str(snapshot.path)).describe(),
@@ -215,6 +236,48 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                  "health": f"wait up to {env.health.timeout:g}s each"}, run=run)
 
 
+EARLIER = "earlier safety snapshot"  # a step detail of the run record (killed_restore)
+
+
+def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | None:
+    """The environment's last run before `run_id`, when it was killed (its record still
+    says "running": a run that ends, however it ends, says how) once its restore had begun,
+    after its safety snapshot: {run_id, started_at, safety}. `safety` holds the data from
+    before that restore (carried on from an earlier killed run of the same kind); runs killed
+    before changing any data are looked past. None when there is none or the records cannot
+    tell: nothing here changes what runs, only what the plan and the messages name."""
+    import json
+
+    try:
+        records = sorted((p for p in env.runs_dir.glob("*.json") if p.stem != run_id),
+                         key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return None
+    for record in reversed(records[-50:]):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(data, dict) or data.get("environment") not in (None, env.name):
+            continue  # another tool's file, or another environment sharing the folder
+        if data.get("outcome") != "running":
+            return None  # the last run ended and said how
+        listed = data.get("steps")
+        steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
+                 if isinstance(s, dict)}
+        detail = (steps.get("safety-snapshot") or {}).get("detail")
+        detail = detail if isinstance(detail, dict) else {}
+        path = detail.get(EARLIER) or detail.get("safety_snapshot")
+        if "restore-database" in steps and isinstance(path, str):
+            return {"run_id": str(data.get("run_id")), "safety": path,
+                    "started_at": str(data.get("started_at"))}
+        if data.get("action") == "deploy" or "restore-database" in steps:
+            return None  # it may have changed the database since: what it left is unknown
+        # killed before any restore (a rollback's or a restore's), it changed no data: the
+        # run before it still tells where the data from before the last restore is
+    return None
+
+
 def _serving_but_stopped(env: Environment) -> str | None:
     """The container of the slot Caddy's running config serves, when it is not running."""
     from runbook import docker, traffic
@@ -241,8 +304,12 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         snap = find(env, ref)
         facts: dict[str, Any] = {}
         restore_run = prepare(env, snap)
-        steps = restore_steps(env, restore_run, facts=facts)
+        steps = restore_steps(env, restore_run, facts=facts, run_id=run_id)
         warnings = []
+        if facts.get("earlier_safety_snapshot"):
+            warnings.append(f"the last run was killed during or after its restore: the data "
+                            f"from before it is in {facts['earlier_safety_snapshot']}; this "
+                            "run's safety snapshot will hold the database as it left it")
         with contextlib.suppress(RunbookError):
             warnings.append(loss_window(env, snap).describe())
         left = _serving_but_stopped(env)

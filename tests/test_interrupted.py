@@ -548,6 +548,52 @@ def test_a_standalone_restore_killed_after_its_stop_is_finished_with_the_service
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safety_snapshot(
+        stack: DrillStack) -> None:
+    """`runbook snapshot restore` killed (-9) once its restore committed; on-call types it
+    again (killed the same way once more), then again. Each rerun's safety snapshot is of the
+    database as the killed run left it (already restored), and it was the only one a rerun
+    named: the data from before the restore (here a row written after the snapshot) is in the
+    FIRST run's safety snapshot, which the last run's plan, warnings and JSON must name."""
+    import gzip
+
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    snap = snapshots.create(env, "manual")
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) VALUES ('written-after-the-snapshot')")
+    assert env.source is not None
+
+    def restore(fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                               str(env.source), snap.name, "--yes", "--format", "json"],
+                              capture_output=True, text=True, timeout=120, check=False,
+                              stdin=subprocess.DEVNULL,
+                              env=environ | ({faults.VARIABLE: fault} if fault else {}))
+
+    def safety_files() -> list[Path]:
+        return sorted(p for p in env.database.snapshot_dir.glob("*pre-restore*.sql.gz"))
+
+    first = restore("after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    [before] = safety_files()  # the killed run's: the data from before the restore
+    assert b"written-after-the-snapshot" in gzip.decompress(before.read_bytes())
+    second = restore("after:restore-database:SIGKILL")  # killed the same way: carried on
+    assert second.returncode == -signal.SIGKILL, second.stderr
+    again = restore()
+    assert again.returncode == 0, again.stdout + again.stderr
+    [_, _, mine] = safety_files()  # the last run's: the database as the killed ones left it
+    assert b"written-after-the-snapshot" not in gzip.decompress(mine.read_bytes())
+    out = json.loads(again.stdout)
+    assert out["plan"]["facts"]["earlier_safety_snapshot"] == str(before), out["plan"]["facts"]
+    assert out["plan"]["facts"]["safety_snapshot"] == str(mine)
+    assert any(str(before) in w and "killed" in w for w in out["plan"]["warnings"]), out
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_finishing_an_interrupted_switch_keeps_the_old_slot_running(stack: DrillStack) -> None:
     """A switch keeps the slot it left running (switching back is then immediate). Killed
     after its commit and finished by the same command, it stopped that slot: what the
