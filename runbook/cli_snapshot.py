@@ -97,7 +97,8 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
 def restore(
     env: EnvArg,
     snapshot: Annotated[str | None, typer.Argument(
-        help="file name or path (default: the newest snapshot)", metavar="[SNAPSHOT]")] = None,
+        help="file name or path (default: the newest that is not a restore's safety "
+             "snapshot (pre-restore) or dirty)", metavar="[SNAPSHOT]")] = None,
     keep_stopped: Annotated[bool, typer.Option(
         "--keep-stopped", help="leave the app containers stopped after the restore")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="verify the file, show the plan "

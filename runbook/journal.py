@@ -9,6 +9,7 @@ unescaped strings into JSON) and through redact(), because logs get pasted into 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -206,7 +207,13 @@ class Journal:
             try:
                 fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 try:
-                    os.write(fd, line.encode())
+                    data = line.encode()
+                    written = os.write(fd, data)
+                    if written < len(data):  # a nearly full disk: the rest would fail, and
+                        # a half line glued to the next one breaks every reader after it
+                        os.ftruncate(fd, os.fstat(fd).st_size - written)
+                        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} "
+                                                    "bytes, taken back)")
                 finally:
                     os.close(fd)
             except OSError as exc:

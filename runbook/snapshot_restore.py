@@ -27,7 +27,7 @@ from runbook.snapshots.replay import (
     replay,
 )
 from runbook.snapshots.stats import current_state, loss_window
-from runbook.snapshots.store import Snapshot, find
+from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
 from runbook.snapshots.verify import verify
 from runbook.times import format_utc as _fmt
 
@@ -85,7 +85,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                 "that run left it)")
 
     def take_safety(ctx: StepContext) -> None:
-        run.safety = create(env, "pre-restore")
+        run.safety = create(env, SAFETY_REASON)
         facts["safety_snapshot"] = str(run.safety.path)
         ctx.note(safety_snapshot=str(run.safety.path))
         if killed is not None:  # carried on: a rerun of this run, killed too, still finds it

@@ -406,7 +406,10 @@ def to_json(f: Facts) -> dict[str, Any]:
                                 "health": report.status, "version": report.version}
     out["slots"] = slots_out
     if f.caddy_error is not None:
-        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "error": str(f.caddy_error)}
+        # whether Caddy answers is known without the file: dropping it said "NOT answering"
+        # of a Caddy that answered
+        out["caddy"] = {"caddyfile": str(env.caddy.caddyfile), "error": str(f.caddy_error),
+                        "running": f.caddy_running}
     elif f.caddy is not None:
         out["caddy"] = {"caddyfile": str(env.caddy.caddyfile),
                         "active_slot": str(f.active) if f.active else None,

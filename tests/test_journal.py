@@ -427,3 +427,35 @@ def test_echo_sees_redacted_entries(env: Environment) -> None:
         (lvl, msg, dict(fields))))
     j.log("INFO", "password=hunter2", url="postgresql://a:hunter2@b/c")
     assert seen[-1] == (Level.INFO, "password=***", {"url": "postgresql://a:***@b/c"})
+
+
+def test_a_short_write_on_a_nearly_full_disk_is_taken_back_and_said(tmp_path: Path) -> None:
+    """The file size limit (RLIMIT_FSIZE, as a nearly full disk would) cuts a log line short:
+    the half line was left in the log, the next line glued onto it (every JSON-lines reader
+    stops there), and the run record said nothing was lost. Run in a child process: the limit
+    is the process's."""
+    script = f"""
+import json, os, resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from tests.drill_checks import host_env
+from runbook.journal import Journal
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG / a short write instead of a kill
+env = host_env(Path({str(tmp_path)!r}))
+journal = Journal.open(env, "rollback", why="test")
+size = journal.log_path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, resource.RLIM_INFINITY))
+journal.info("a line much longer than the forty bytes the disk has left " * 3)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+journal.info("the next line")
+print(json.dumps({{"log": str(journal.log_path), "errors": journal.write_errors}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # every line whole JSON
+    logged = [json.loads(line) for line in Path(out["log"]).read_text().splitlines()]
+    assert [e["message"] for e in logged][-1] == "the next line"
+    assert not any("forty bytes" in e["message"] for e in logged)
+    assert len(out["errors"]) == 1 and "short write" in out["errors"][0], out["errors"]

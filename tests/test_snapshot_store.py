@@ -26,7 +26,10 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Environment:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Environment:
+    # the database whose snapshots these are (cleanup touches only that database's); never
+    # connected to here
+    monkeypatch.setenv("DATABASE_URL", "postgresql://togather:secret@localhost:5432/togather")
     base = host_env(tmp_path)
     folder = tmp_path / "db-snapshots"
     folder.mkdir()
@@ -93,21 +96,97 @@ def test_cleanup_keeps_current_previous_and_newest_and_removes_the_rest(
                expires_in_days=-23)
     cur = put(env, "20261103_000000", "pre-deploy", deployment_id="dep_c", age_days=29,
               expires_in_days=-22)
+    unusable = put(env, "20261105_000000", "manual", version=None, age_days=27,
+                   expires_in_days=-20)  # no migration version: not usable
     manual = put(env, "20261110_000000", "manual", age_days=22, expires_in_days=-15)
-    dirty_newer = put(env, "20261111_000000", "manual", version=None, age_days=21,
-                      expires_in_days=-14)  # no migration version: not usable
+    newest = put(env, "20261111_000000", "manual", version=None, age_days=21,
+                 expires_in_days=-14)  # not usable either, but the newest: kept
     dry = snapshots.cleanup(env, now=NOW, dry_run=True)
-    assert names([s.path for s in dry.removed]) == {old.name, dirty_newer.name}
-    assert old.exists() and dirty_newer.exists()
+    assert names([s.path for s in dry.removed]) == {old.name, unusable.name}
+    assert old.exists() and unusable.exists()
     why = {s.name: reason for s, reason in dry.held}
-    assert set(why) == {prev.name, cur.name, manual.name}
+    assert set(why) == {prev.name, cur.name, manual.name, newest.name}
     assert "previous deployment" in why[prev.name] and "dep_b" in why[prev.name]
     assert "current deployment" in why[cur.name] and "dep_c" in why[cur.name]
     assert "newest usable" in why[manual.name]
+    assert why[newest.name] == "the newest snapshot"
     done = snapshots.cleanup(env, now=NOW)
-    assert names([s.path for s in done.removed]) == {old.name, dirty_newer.name}
-    assert not old.exists() and not dirty_newer.exists()
-    assert prev.exists() and cur.exists() and manual.exists()
+    assert names([s.path for s in done.removed]) == {old.name, unusable.name}
+    assert not old.exists() and not unusable.exists()
+    assert prev.exists() and cur.exists() and manual.exists() and newest.exists()
+
+
+def test_cleanup_keeps_the_newest_shell_tooling_snapshot_and_leaves_other_files_alone(
+        env: Environment) -> None:
+    """Found by review: a host whose snapshots all come from the shell tooling (sidecars with
+    no checksum and no schema version: never "usable") idle for a week lost every snapshot,
+    the newest too; any `*.sql.gz` expired by its age alone (an operator's own backup), and
+    so did another environment's snapshots in the shared default folder."""
+    record(env, "dep_a", "dep_b")
+    older = put(env, "20261101_000000", "manual", version=None, age_days=31,
+                expires_in_days=-24)
+    newest = put(env, "20261102_000000", "manual", version=None, age_days=30,
+                 expires_in_days=-23)
+    for p in (older, newest):  # the shell tooling's sidecar: the contract's keys only
+        meta_path = p.with_name(p.name.removesuffix(".sql.gz") + ".meta.json")
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items()
+                                         if k not in ("sha256", "dirty")}))
+    own_backup = env.database.snapshot_dir / "backup-before-migration.sql.gz"
+    own_backup.write_bytes(gzip.compress(b"-- an operator's own dump\n"))
+    os.utime(own_backup, (0, 0))  # 1970: expired by any age
+    other_db = put(env, "20261101_000000", "other-env", age_days=31, expires_in_days=-24)
+    other = other_db.with_name(other_db.name.replace("togather_togather_", "togather_billing_"))
+    other_db.rename(other)
+    meta = json.loads(other_db.with_name(other_db.name.replace(".sql.gz", ".meta.json"))
+                      .read_text()) | {"database": "billing"}
+    other.with_name(other.name.replace(".sql.gz", ".meta.json")).write_text(json.dumps(meta))
+    result = snapshots.cleanup(env, now=NOW)
+    assert names([s.path for s in result.removed]) == {older.name}
+    assert newest.exists() and own_backup.exists() and other.exists()
+    skipped = {p.name: why for p, why in result.skipped}
+    assert "another tool's file" in skipped[own_backup.name]
+    assert "database billing" in skipped[other.name]
+
+
+def test_cleanup_keeps_what_the_schema_guard_would_restore_for_the_previous_deployment(
+        env: Environment) -> None:
+    """The previous deployment ran at schema 1 and has no pre-deploy snapshot of its own: the
+    guard restores the newest usable snapshot at schema 1, which cleanup deleted (a newer one
+    at schema 2 was the "newest usable"), so the rollback was then refused."""
+    state = states.DeploymentState(environment=env.name)
+    for n, (dep_id, schema) in enumerate((("dep_a", 1), ("dep_b", 2)), start=1):
+        dep = states.make_deployment(f"{n:07x}", f"{n:040x}", Slot.BLUE, status="active",
+                                     deployment_id=dep_id, migration_version=schema,
+                                     deployed_at=NOW - timedelta(days=30 - n))
+        state = states.after_deploy(state, dep)
+    env.state_file.parent.mkdir(parents=True, exist_ok=True)
+    states.write_state(env.state_file, state)
+    at_1_old = put(env, "20261101_000000", "manual", version=1, age_days=31,
+                   expires_in_days=-24)
+    at_1 = put(env, "20261102_000000", "manual", version=1, age_days=30, expires_in_days=-23)
+    at_2 = put(env, "20261103_000000", "manual", version=2, age_days=29, expires_in_days=-22)
+    result = snapshots.cleanup(env, now=NOW)
+    assert names([s.path for s in result.removed]) == {at_1_old.name}
+    why = {s.name: reason for s, reason in result.held}
+    assert "schema 1" in why[at_1.name] and "previous" in why[at_1.name]
+    assert at_2.exists() and at_1.exists()
+    assert snapshots.latest_before(env, 1) is not None
+
+
+def test_the_default_restore_is_never_a_safety_snapshot(env: Environment) -> None:
+    """Found by review: a restore whose replay failed (or was killed once it committed)
+    left its safety snapshot as the newest; the rerun its message asks for restored that one
+    (the current data onto itself, or the restore undone) and said it succeeded."""
+    wanted = put(env, "20261201_100000", "manual", age_days=1)
+    put(env, "20261202_110000", "pre-restore", age_days=0.1)
+    assert snapshots.find(env).path == wanted
+    only_safety = env.database.snapshot_dir
+    wanted.unlink()
+    with pytest.raises(snapshots.SnapshotError) as err:
+        snapshots.find(env)
+    assert "only safety or dirty snapshots" in err.value.message and only_safety.name in str(
+        err.value)
 
 
 @pytest.mark.parametrize("broken", ["missing", "garbage"])
@@ -266,3 +345,16 @@ def test_the_full_disk_hint_names_the_setting_that_is_read() -> None:
     error = store.no_space(Path("/var/lib/togather/db-snapshots"), "the snapshot")
     assert error.fix and "[database] snapshot_dir" in error.fix
     assert "SNAPSHOT_DIR" not in error.fix  # the TOML's is read (SNAPSHOT_DIR must agree)
+
+
+def test_cleanup_with_no_database_configured_deletes_nothing(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing then tells this environment's snapshots from another's in a shared folder:
+    fail closed, saying why."""
+    expired = put(env, "20261101_000000", "manual", age_days=31, expires_in_days=-24)
+    put(env, "20261102_000000", "manual", age_days=30, expires_in_days=-23)
+    monkeypatch.delenv("DATABASE_URL")
+    result = snapshots.cleanup(env, now=NOW)
+    assert result.removed == [] and expired.exists()
+    assert {why for _, why in result.skipped} == {
+        "no database is configured, so nothing tells whose snapshot it is: left alone"}

@@ -28,6 +28,7 @@ from runbook.times import parse_utc as _utc
 SUFFIX = ".sql.gz"
 META_SUFFIX = ".meta.json"
 PREFIX = "togather_"
+SAFETY_REASON = "pre-restore"  # a restore's safety snapshot (snapshot_restore.py)
 NAME_RE = re.compile(r"^togather_(?P<db>.+?)_(?P<date>\d{8})_(?P<time>\d{6})_(?P<reason>.+)$")
 
 
@@ -237,14 +238,24 @@ def _mtime_ns(path: Path) -> int:
 
 
 def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
-    """A snapshot by path, file name or stem (in snapshot_dir); None means the newest."""
+    """A snapshot by path, file name or stem (in snapshot_dir); None means the newest that
+    is neither a restore's safety snapshot nor dirty.
+
+    A safety snapshot is the database as it was just before a restore: after a restore that
+    failed (or was killed once it committed), "the newest" was that one, so the rerun the
+    message asks for restored the current data onto itself, or undid the restore, and said
+    it succeeded. Restoring one takes its name."""
     if ref is None or str(ref) == "":
         snaps = list_snapshots(env)
-        if not snaps:
-            raise SnapshotError(f"no snapshots in {env.database.snapshot_dir}",
-                                f"take one: `runbook snapshot create {env.name}`",
+        chosen = [s for s in snaps if s.reason != SAFETY_REASON and not s.dirty]
+        if not chosen:
+            what = (f"only safety or dirty snapshots ({len(snaps)}) in "
+                    if snaps else "no snapshots in ")
+            raise SnapshotError(f"{what}{env.database.snapshot_dir}",
+                                f"name the one to restore (`runbook snapshot list {env.name}`)"
+                                if snaps else f"take one: `runbook snapshot create {env.name}`",
                                 exit_code=ExitCode.PRECONDITION)
-        return snaps[0]
+        return chosen[0]
     text = str(ref)
     candidates = [Path(text).expanduser()]
     if os.sep not in text:
@@ -344,9 +355,12 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
     """The snapshots cleanup keeps whatever their age, with why; or a warning that the state
     file cannot be read (then the caller keeps every snapshot).
 
-    Kept: the newest usable snapshot, and the pre-deploy snapshots of the current and the
-    previous deployment (by the sidecar's deployment_id, or the Go CLI's snapshot_path):
-    the ones `runbook rollback --restore-snapshot` restores.
+    Kept: the newest snapshot and the newest usable one (a sidecar of the shell or Go
+    tooling has no checksum or schema version, so its snapshots are never "usable": the
+    newest of those went too), the pre-deploy snapshots of the current and the previous
+    deployment (by the sidecar's deployment_id, or the Go CLI's snapshot_path), and the
+    snapshot `rollback --restore-snapshot` would pick for each of the two (the newest usable
+    at its schema): the ones a rollback restores.
     """
     from runbook import state as states
 
@@ -354,6 +368,8 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
     newest = next((s for s in snaps if s.usable), None)
     if newest is not None:
         why.setdefault(newest.path, []).append("the newest usable snapshot")
+    if snaps and snaps[0] is not newest:
+        why.setdefault(snaps[0].path, []).append("the newest snapshot")
     try:
         state = states.read_state(env.state_file, environment=env.name)
     except RunbookError as exc:
@@ -371,6 +387,13 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
                 why.setdefault(snap.path, []).append(
                     f"the pre-deploy snapshot of the {label} deployment {dep.version} "
                     f"({dep.id})")
+        if dep.migration_version is not None:  # what the schema guard would restore
+            at = next((s for s in snaps if s.usable
+                       and s.migration_version == dep.migration_version), None)
+            if at is not None:
+                why.setdefault(at.path, []).append(
+                    f"the newest usable snapshot at schema {dep.migration_version}, the "
+                    f"{label} deployment {dep.version}'s")
     return {path: "; ".join(reasons) for path, reasons in why.items()}, None
 
 
@@ -399,7 +422,29 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     retention = env.database.retention_days
     directory = env.database.snapshot_dir
     paths, skipped = _scan(directory)
-    snaps = sorted((load(p) for p in paths),
+    # only this database's snapshots, named as the contract names them: the folder may be
+    # shared by several environments (the default one is), and hold an operator's own
+    # `backup-before-migration.sql.gz`, which an age alone deleted
+    mine = _database(env)
+    ours: list[Path] = []
+    for path in paths:
+        stem = path.name.removesuffix(SUFFIX)
+        match = NAME_RE.match(stem)
+        if match is None:
+            skipped.append((path, "not named as a snapshot (togather_<db>_<time>_<reason>): "
+                                  "another tool's file, left alone"))
+            continue
+        db = (_safe_json(path.with_name(stem + META_SUFFIX)) or {}).get("database") \
+            or match["db"]
+        if mine is None:  # fail closed: nothing tells this environment's from another's
+            skipped.append((path, "no database is configured, so nothing tells whose "
+                                  "snapshot it is: left alone"))
+            continue
+        if db != mine:
+            skipped.append((path, f"a snapshot of database {db}, not {mine}: left alone"))
+            continue
+        ours.append(path)
+    snaps = sorted((load(p) for p in ours),
                    key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
     keep, warning = protected(env, snaps)
     removed: list[Snapshot] = []
@@ -460,6 +505,16 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             orphans.append(path)
     return CleanupResult(removed, kept, orphans, held, skipped,
                          [warning] if warning else [])
+
+
+def _database(env: Environment) -> str | None:
+    """The environment's database name, or None when no database is configured."""
+    from runbook.snapshots import commands
+
+    try:
+        return commands.target(env).dbname
+    except RunbookError:
+        return None
 
 
 def _safe_json(path: Path) -> dict[str, Any] | None:
