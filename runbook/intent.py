@@ -110,10 +110,28 @@ def read(env: Environment) -> Intent | None:
         data = json.loads(text)
         data["phase"] = Phase(data["phase"])
         known = set(Intent.__dataclass_fields__)
-        return Intent(**{k: v for k, v in data.items() if k in known})
+        intent = Intent(**{k: v for k, v in data.items() if k in known})
+        _check_types(intent)
+        return intent
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable ({exc})",
                                 fix) from None
+
+
+def _check_types(intent: Intent) -> None:
+    """Each field as this module writes it: a slot named `Green`, or a `record` that is a
+    list, read fine and then failed wherever it was used (`runbook status` lost every other
+    fact to one "unexpected failure"). Raises ValueError or TypeError, as read() expects."""
+    for slot in (intent.from_slot, intent.to_slot):
+        Slot(slot)  # ValueError when it names no slot
+    for name in ("run_id", "action", "environment", "to_version"):
+        if not isinstance(getattr(intent, name), str):
+            raise TypeError(f"{name} is not a string")
+    for name in ("from_version", "to_image", "last_step"):
+        if getattr(intent, name) is not None and not isinstance(getattr(intent, name), str):
+            raise TypeError(f"{name} is not a string")
+    if not isinstance(intent.record, dict):
+        raise TypeError("record is not an object")
 
 
 def clear(env: Environment, run_id: str | None = None) -> bool:

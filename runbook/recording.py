@@ -8,6 +8,7 @@ interruption converges instead of acting again.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from runbook import database, health, slots
@@ -19,6 +20,18 @@ from runbook.plan import StepContext
 
 Record = Callable[[Environment, intents.Intent, slots.Observed, str, StepContext], None]
 UNKNOWN_COMMIT = "0" * 40  # git's null object id: the commit is not known
+_FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def full_commit(*candidates: object) -> str:
+    """The first candidate that is a full commit (40 hex), else the null commit. An app's
+    /health may say `abc1234` or `unknown`: taken as it was, the state write failed after
+    the commit point, and so did every rerun that would finish the run (exit 6 for ever)."""
+    for value in candidates:
+        text = str(value or "").strip().lower()
+        if _FULL_COMMIT.fullmatch(text):
+            return text
+    return UNKNOWN_COMMIT
 
 
 def load_or_empty(env: Environment) -> states.DeploymentState:
@@ -46,7 +59,7 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     report = health.probe(config, env.health.path, env.health.request_timeout)
     # this deployment's own commit, never the current one's: /health, else the image's
     # revision label, else "unknown" as every dialect accepts it (git's null commit)
-    commit = report.git_commit or str(intent.record.get("git_commit") or UNKNOWN_COMMIT)
+    commit = full_commit(report.git_commit, intent.record.get("git_commit"))
     migration = (observed.migration_version if observed.migration_version is not None
                  else intent.record.get("migration_version"))
     if migration is None:
@@ -83,9 +96,8 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
         new = fresh.with_(current=fresh.current.with_(active_slot=target))
     else:
         known = fresh.find_version(version)
-        commit = known.git_commit if known else "0" * 40
         report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
-        commit = report.git_commit or commit
+        commit = full_commit(report.git_commit, known.git_commit if known else None)
         dep = states.make_deployment(version, commit, target, image=intent.to_image or "",
                                      status="active",
                                      migration_version=known.migration_version if known

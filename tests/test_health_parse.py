@@ -49,6 +49,10 @@ ROUTES: dict[str, tuple[int, bytes]] = {
     "/no-status": (200, b'{"version": "3f2a1b9"}'),
     "/green": (200, json.dumps(body("healthy", {"database": PASS}, slot="green")).encode()),
     "/not-found": (404, b'{"error": "not found"}'),
+    "/short-commit": (200, json.dumps(body("healthy", {"database": PASS}) | {
+        "git_commit": "3f2a1b9"}).encode()),
+    "/unknown-commit": (200, json.dumps(body("healthy", {"database": PASS}) | {
+        "git_commit": "unknown"}).encode()),
 }
 
 
@@ -382,3 +386,27 @@ def test_table_and_simple_lines(server: Server) -> None:
     assert table[3].strip() == "! connection refused"
     line = health.simple(reports[0])
     assert line.startswith("blue degraded 3f2a1b9 ") and "\n" not in line
+
+
+@pytest.mark.parametrize("path", ["/short-commit", "/unknown-commit"])
+def test_a_health_commit_that_is_no_full_commit_never_fails_the_record_after_the_commit(
+        server: Server, tmp_path: Path, path: str) -> None:
+    """Found by review: an app whose /health says `git_commit: "3f2a1b9"` (or "unknown")
+    made the state write after the commit point raise, and every rerun that would finish the
+    run raised the same way (exit 6 for ever, the old slot never stopped). The record takes
+    the commit only when it is a full one; here, with none known, git's null commit."""
+    from runbook import intent as intents
+    from runbook import recording
+    from runbook import state as states
+    from runbook.plan import Step
+
+    env = make_env(server.port, path).with_(
+        state_file=tmp_path / "deployment-state.json")
+    intent = intents.Intent(run_id="run_1", action="switch", environment=env.name,
+                            from_slot="green", to_slot="blue", from_version=None,
+                            to_version="3f2a1b9")
+    ctx = StepContext(Step("state", "Record the switch"), env=env)
+    recording.switch(env, intent, slots.Observed(health_status="healthy"), "run_1", ctx)
+    current = states.read_state(env.state_file).current
+    assert current is not None and current.version == "3f2a1b9"
+    assert current.git_commit == "0" * 40

@@ -56,3 +56,22 @@ def test_a_record_that_is_valid_json_but_not_an_object_is_unreadable(env: Enviro
     record.write_text(json.dumps(["rollback"]))
     with pytest.raises(PreconditionError, match="unreadable"):
         intents.read(env)
+
+
+@pytest.mark.parametrize("change", [{"to_slot": "Green"}, {"from_slot": None},
+                                    {"record": []}, {"to_version": 1234567},
+                                    {"from_version": ["abc1234"]}])
+def test_a_record_with_a_field_of_the_wrong_kind_is_unreadable_not_a_crash_later(
+        env: Environment, change: dict[str, object]) -> None:
+    """Found by review: `"to_slot": "Green"` (or a list for `record`) read fine and then
+    failed where it was used: `runbook status` lost every other fact to one "unexpected
+    failure: ValueError". It is the one-line unreadable record, naming the fix."""
+    intent = intents.Intent(run_id="rbk_1", action="rollback", environment=env.name,
+                            from_slot="green", to_slot="blue", from_version="def5678",
+                            to_version="abc1234")
+    intents.write(env, intent)
+    record = intents.path(env)
+    record.write_text(json.dumps(json.loads(record.read_text()) | change))
+    with pytest.raises(PreconditionError, match="unreadable") as info:
+        intents.read(env)
+    assert f"move {record} aside" in str(info.value.fix)

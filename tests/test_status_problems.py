@@ -158,3 +158,28 @@ def test_traffic_that_cannot_be_read_is_a_problem_even_when_caddy_answers(
     problems = json.loads(done.stdout)["problems"]
     assert done.returncode == 1 and problems, done.stdout
     assert all(p["fix"] for p in problems), problems
+
+
+def test_a_caddyfile_that_cannot_be_read_never_says_caddy_is_not_answering(
+        stack: DrillStack) -> None:
+    """Found by review: with the Caddyfile unreadable (here moved away), status printed
+    "Caddy NOT answering" of a Caddy that answered (and served the traffic it showed): the
+    JSON's caddy section lost `running`. Oracle: Caddy's admin API answers here."""
+    from runbook.drill import http as drill_http
+
+    stack.reset()
+    caddyfile = stack.env.caddy.caddyfile
+    aside = caddyfile.with_name(caddyfile.name + ".aside")
+    caddyfile.rename(aside)
+    try:
+        assert drill_http.get(f"{stack.env.caddy.admin_url}/config/", timeout=5).status_code == 200
+        code, text, problems = status(stack)
+        data = json.loads(subprocess.run(
+            [sys.executable, "-m", "runbook.cli", "status", str(stack.env.source), "--format",
+             "json"], capture_output=True, text=True, timeout=120, check=False,
+            stdin=subprocess.DEVNULL, cwd=REPO_ROOT).stdout)
+    finally:
+        aside.rename(caddyfile)
+    assert "Caddy answering" in text and "NOT answering" not in text, text
+    assert data["caddy"]["running"] is True and data["caddy"]["error"], data["caddy"]
+    assert code == 1 and problem(problems, "Caddyfile")
