@@ -17,7 +17,7 @@ from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
-from runbook.plan import Phase, Plan, Step, StepContext
+from runbook.plan import Phase, Plan, Stays, Step, StepContext
 from runbook.run import RunResult, perform
 
 
@@ -31,6 +31,9 @@ class Options:
 
 VERSION = re.compile(r"[0-9a-f]{7}")
 
+
+# how long a migration may run (the exec waits for its end; Ctrl-C is held meanwhile)
+MIGRATE_TIMEOUT = 24 * 3600.0
 
 def check_version(version: str) -> str:
     """A deployable version is an image tag: the 7-hex short commit (bad input otherwise)."""
@@ -124,15 +127,32 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     def run_recreate(ctx: StepContext) -> None:
         if not env.migrate_command:
             schema_at_start.append(baseline())
+
+        def undo() -> Stays | None:
+            slots.stop_if_started(env, target)
+            # an app that migrates itself may have, from its start on, whatever stopped the
+            # run before the commit (its gate, the switch, Ctrl-C before its gate): said, and
+            # the record kept, never "nothing took effect" with the schema moved
+            if schema_at_start and not flagged:
+                return _schema_moved(schema_at_start[0], "new version's start")
+            return None
+
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
-        ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                       lambda: slots.stop_if_started(env, target))
+        ctx.on_failure(f"stop {config.container} (it never took traffic)", undo)
         slots.recreate(env, target, version)
 
     def run_migrate(ctx: StepContext) -> None:
         before = baseline()
         ctx.fault("migrate.before-exec")
-        code, output = docker.exec_run(config.container, list(env.migrate_command))
+        try:
+            # waited for as long as they run: a migration silent for the exec's usual 300 s
+            # (an index built on a big table) was given up on while it went on inside the
+            # container, and the run said nothing changed
+            code, output = docker.exec_run(config.container, list(env.migrate_command),
+                                           timeout=MIGRATE_TIMEOUT)
+        except BaseException:  # the engine lost, the exec gone: the outcome is unknown
+            _schema_changed(ctx, before, "migrations that did not report their end")
+            raise
         if code != 0:
             _schema_changed(ctx, before, "failed migrations")  # some may have run
             raise PreconditionError(f"migrations failed in {config.container} (exit {code}): "
@@ -152,19 +172,24 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
                 f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
 
-    def _schema_changed(ctx: StepContext, before: int | None, what: str) -> None:
-        """A failure after the new version could migrate: a changed (or unreadable) schema is
-        reported as needing attention, never as "nothing took effect"."""
+    def _schema_moved(before: int | None, what: str) -> Stays | None:
+        """After the new version could migrate: a changed (or unreadable) schema, as what
+        cannot be undone (needing attention, never "nothing took effect"), or None."""
         now = recording.schema(env)
         if now == before and now is not None:
-            return
+            return None
+        flagged.append(True)
         seen = f"is at {now}" if now is not None else "cannot be read now"
-        ctx.cannot_undo(
+        return Stays(
             f"the database schema was {before} before the new version started and {seen} "
             f"after the {what}: it may have changed, and that stays",
             f"check it: `runbook status {env.name}`; to put the schema back, restore the "
             f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
             f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
+
+    def _schema_changed(ctx: StepContext, before: int | None, what: str) -> None:
+        if (moved := _schema_moved(before, what)) is not None:
+            ctx.cannot_undo(moved.message, moved.fix)
 
     intent = intents.Intent(run_id=run_id, action="deploy", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
@@ -174,6 +199,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     "git_commit": _revision(image) or None,
                                     **({"snapshot_path": str(taken.path)} if taken else {})})
     schema_at_start: list[int | None] = []
+    flagged: list[bool] = []  # a schema change already said (one message, not two)
     gate = slots.gate_step(env, target, force=options.force, expected_version=version,
                            observed=observed)
     if not env.migrate_command and gate.run is not None:

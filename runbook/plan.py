@@ -52,6 +52,15 @@ class Step:
     hold_signals: bool = False
 
 
+class Stays:
+    """What an undo found it cannot undo (an app that migrated itself when it started): the
+    run then ends as needing attention with this message and fix, as `cannot_undo` makes
+    it, instead of "nothing took effect"."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        self.message, self.fix = message, fix
+
+
 @dataclass
 class StepContext:
     """What a running step may use: notes for the journal, its undo, live progress."""
@@ -59,7 +68,7 @@ class StepContext:
     step: Step
     env: Environment | None = None
     notes: dict[str, Any] = field(default_factory=dict)
-    undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    undos: list[tuple[str, Callable[[], Stays | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     say: Callable[[str], None] = lambda message: None  # live progress for people waiting
     # what on-call must see even when the run succeeds (shown, and in --format json notices)
@@ -72,7 +81,7 @@ class StepContext:
     def note(self, **values: Any) -> None:
         self.notes.update(values)
 
-    def on_failure(self, title: str, undo: Callable[[], None]) -> None:
+    def on_failure(self, title: str, undo: Callable[[], Stays | None]) -> None:
         """Register how to undo what this step just did, should the run stop before commit."""
         self.undos.append((title, undo))
 
@@ -245,7 +254,7 @@ class _Execution:
     heartbeat: Callable[[], None]
     notice: Callable[[str], None]
     outcomes: list[StepOutcome] = field(default_factory=list)
-    undos: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    undos: list[tuple[str, Callable[[], Stays | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     committed: bool = False
     intent_written: bool = False
@@ -395,7 +404,9 @@ class _Execution:
         done: list[str] = []
         for title, undo in reversed(self.undos):
             try:
-                undo()
+                stays = undo()
+                if stays is not None:  # undone, and it found what cannot be (ctx.cannot_undo)
+                    self.irreversible.append((stays.message, stays.fix))
             except Exception as exc:  # keep undoing the rest; report loudly
                 failed.append(f"{title}: {_describe(exc)}")
                 self.journal.log("ERROR", f"could not undo: {title}: {_describe(exc)}",

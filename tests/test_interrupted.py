@@ -413,6 +413,35 @@ def test_an_app_that_migrates_itself_then_fails_its_gate_says_the_schema_changed
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
 
 
+def test_an_app_that_migrates_itself_then_is_interrupted_before_the_commit_says_so(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: a self-migrating app's schema change was noticed only when its gate
+    failed. Stopped any other way once it had started (here Ctrl-C, acted on before its gate;
+    or a failed switch after a passed gate), the run said "nothing took effect", cleared the
+    intent record, and the next deploy's "pre-deploy" snapshot was of the migrated schema.
+    The test migrates while the run waits at its gate, as such an app would at start-up."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    toml = tmp_path / "self-migrating.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(env, migrate_command=())))
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", V2.tag, "--yes",
+         str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+    wait_stopped(proc.pid)
+    with stack.connect() as conn:  # what the new version's own start-up migration does
+        conn.execute("UPDATE schema_migrations SET version = 2")
+    proc.send_signal(signal.SIGINT)  # acted on at the next step boundary: after the gate
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "was 1 before" in err and "is at 2" in err, err
+    assert "nothing took effect" not in err
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
+    assert intents.read(env) is not None  # kept: the next run knows the schema moved
+
+
 def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_record(
         stack: DrillStack) -> None:
     """The review's case: a migrate command that exits non-zero after golang-migrate applied
