@@ -1055,3 +1055,23 @@ def test_the_deployment_that_replaced_the_previous_one_is_the_current_one(
     write_state(env.state_file, DeploymentState("production", current=c, previous=b,
                                                 history=(c, b, older)))
     assert migration_source.successor(env, older, c).id == b.id
+
+
+def test_a_write_over_another_tools_change_made_since_the_read_is_refused(
+        tmp_path: Path) -> None:
+    """Found by review: between our read and our write (a health probe sits there when a run
+    records itself) the Go CLI takes its lock in the state file; our write put the old file
+    back with our change, and its lock was gone: both tools then believed they held the lock.
+    Now nothing is written over the change, and the error says to run again."""
+    path = copy_fixture("go_cli.json", tmp_path)
+    ours = read_state(path)
+    theirs = load("go_cli_locked.json")  # the Go CLI took its lock meanwhile
+    path.write_text(json.dumps(theirs, indent=2))
+    written_by_them = path.read_bytes()
+    with pytest.raises(statemod.StateChangedError) as err:
+        write_state(path, with_lock(ours, {"locked": True, "locked_by": "runbook@host"}))
+    assert "another tool changed the state file" in err.value.message
+    assert "run the command again" in str(err.value.fix)
+    assert path.read_bytes() == written_by_them  # their lock stands
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+    write_state(path, read_state(path))  # read again: the write goes through

@@ -98,6 +98,10 @@ def dumps(state: DeploymentState) -> bytes:
     return _render(data, _style_of(was.raw_bytes or b"", state.dialect))
 
 
+class StateChangedError(StateError):
+    """The state file is no longer the one the state was read from: nothing was written."""
+
+
 def write_state(path: Path, state: DeploymentState, *,
                 before_rename: Callable[[], None] | None = None) -> str | None:
     """Replace the file atomically: readers see the old file or the new one, never a mix.
@@ -113,10 +117,33 @@ def write_state(path: Path, state: DeploymentState, *,
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
         raise StateError(f"{target}: refusing to write, the state cannot be serialized ({exc})",
                          "this is a bug in the caller; the file was not changed") from None
+    was = state.origin
+    expected = (was.raw_bytes if was is not None and was.source
+                and os.path.realpath(was.source) == str(target) else None)
+
+    def unchanged_since_read() -> None:
+        """Just before the rename: the file must still be the one this state was read
+        from. Another tool's write in between (the Go CLI taking its lock, the deploy
+        script recording a deployment) was replaced without a trace; now nothing is
+        written and the caller is told (the window left is the rename's microseconds)."""
+        if before_rename is not None:
+            before_rename()
+        if expected is None:
+            return
+        try:
+            now: bytes | None = target.read_bytes()
+        except FileNotFoundError:
+            now = None
+        if now != expected:
+            raise StateChangedError(
+                f"{target}: another tool changed the state file while this run updated it; "
+                "nothing was written over its change",
+                "run the command again: it reads the file as it is now")
+
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         return files.atomic_write(target, payload, default_mode=0o600,
-                                  before_rename=before_rename)
+                                  before_rename=unchanged_since_read)
     except OSError as exc:
         raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc}); the "
                          "old file is unchanged",
