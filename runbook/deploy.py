@@ -70,9 +70,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         live = Slot.BLUE
         try:
             live, warnings = traffic.live_slot(env, None)
-        except RunbookError:
-            warnings.append("no deployment recorded and Caddy serves no single slot: "
-                            "deploying to green")
+        except RunbookError as exc:
+            # a first deploy may go to a slot Caddy does not dial, never to one it does: with
+            # both dialed (or the proxy naming the other), green was planned as "free", its
+            # recreate was refused mid-run and the undo's stop raised a false alarm
+            if traffic.read(env, proxy=False).slots:
+                raise PreconditionError(
+                    f"no deployment is recorded and {exc.message}, so no slot is known to be "
+                    "free; nothing was changed", "repoint Caddy at the slot that should serve "
+                    f"(`runbook switch {env.name} --slot <blue|green>`), then deploy") from None
+            live = (options.slot or Slot.GREEN).other  # neither is dialed: either is free
+            warnings.append("no deployment recorded and Caddy dials neither slot: deploying "
+                            f"to {live.other}")
     else:
         live, warnings = traffic.live_slot(env, current.active_slot if current else None)
     target = options.slot or live.other

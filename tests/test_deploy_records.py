@@ -133,3 +133,34 @@ def test_a_deploy_with_no_database_configured_is_refused(stack: DrillStack,
     assert "nothing was changed" in info.value.message and "env_file" in (info.value.fix or "")
     assert env.state_file.read_bytes() == state
     assert {s: docker.inspect(env.slot(s).container) for s in env.slots} == before
+
+
+def test_a_first_deploy_never_plans_to_recreate_a_slot_caddy_dials(stack: DrillStack) -> None:
+    """Found by review: no deployment recorded (a new host, a lost state file) and Caddy
+    dialing both slots: the deploy fell back to "blue serves" and planned to recreate green,
+    which Caddy dials; the recreate was refused mid-run and the undo's stop raised a false
+    alarm. Refused at planning, exit 4, nothing changed. Oracles: Docker, Caddy's config."""
+    from runbook import files
+    from runbook.drill import http as drill_http
+    from runbook.errors import ExitCode, PreconditionError
+
+    stack.reset()  # v1 serving from blue, green stopped
+    env = stack.env
+    blue, green = env.slot("blue"), env.slot("green")
+    text = env.caddy.caddyfile.read_text()
+    both = text.replace(f"reverse_proxy localhost:{blue.port}",
+                        f"reverse_proxy localhost:{blue.port} localhost:{green.port}")
+    assert both != text
+    files.atomic_write(env.caddy.caddyfile, both.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=both,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    env.state_file.unlink()
+    loaded = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
+    green_before = docker.inspect(green.container)
+    with pytest.raises(PreconditionError) as err:
+        deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "no slot is known to be free" in err.value.message, err.value
+    assert docker.inspect(green.container) == green_before  # never recreated
+    assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json() == loaded
+    assert not env.state_file.exists()
