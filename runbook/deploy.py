@@ -117,11 +117,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if taken is not None:
         observed.snapshot_path = str(taken.path)
 
+    snapshot_schema: list[int | None] = []
+
     def run_snapshot(ctx: StepContext) -> None:
         from runbook import snapshots
 
         snap = snapshots.pre_deploy_snapshot(env, deployment_id, _revision(image),
                                              recording.schema(env))
+        snapshot_schema.append(snap.migration_version)
         observed.snapshot_path = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
 
@@ -131,17 +134,22 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         and a change measured from there would be none: "nothing took effect", wrongly)."""
         if taken is not None and isinstance(taken.migration_version, int):
             return int(taken.migration_version)
+        # this run's own pre-deploy snapshot, taken before the new version started: read
+        # at the migrate step instead, after an image that also migrates on start had run,
+        # "before" equalled "after" and a later failure said "nothing took effect"
+        if snapshot_schema and isinstance(snapshot_schema[0], int):
+            return int(snapshot_schema[0])
         return recording.schema(env)
 
     def run_recreate(ctx: StepContext) -> None:
-        if not env.migrate_command:
-            schema_at_start.append(baseline())
+        schema_at_start.append(baseline())
 
         def undo() -> Stays | None:
             slots.stop_if_started(env, target)
-            # an app that migrates itself may have, from its start on, whatever stopped the
-            # run before the commit (its gate, the switch, Ctrl-C before its gate): said, and
-            # the record kept, never "nothing took effect" with the schema moved
+            # an app that migrates itself (with or without a migrate_command) may have, from
+            # its start on, whatever stopped the run before the commit (its gate, the switch,
+            # Ctrl-C): said, and the record kept, never "nothing took effect" with the schema
+            # moved
             if schema_at_start and not flagged:
                 return _schema_moved(schema_at_start[0], "new version's start")
             return None
@@ -173,6 +181,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         intent.record["migration_version"] = after  # a resumed run records it too
         ctx.note(schema=f"{before} -> {after}")
         if after != before:  # a later failure must not say "nothing took effect"
+            flagged.append(True)
             ctx.cannot_undo(
                 f"the new version's migrations changed the database schema ({before} -> "
                 f"{after}) and stay: {current.version if current else 'the serving version'} "
@@ -213,6 +222,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                            observed=observed)
     if not env.migrate_command and gate.run is not None:
         # an app that migrates itself when it starts: a failed gate may follow a migration
+        # (said with the gate's failure; the undo checks the schema on every other failure)
         checked_gate = gate.run
 
         def run_gate(ctx: StepContext) -> None:

@@ -59,13 +59,18 @@ def parse_rfc3339(value: str) -> datetime | None:
 def parse_utc(value: object) -> datetime | None:
     """An ISO 8601 / RFC 3339 text as an aware datetime; None when absent or unreadable.
 
-    A time without an offset is taken as UTC (older sidecars wrote naive times).
+    A time without an offset is taken as UTC (older sidecars wrote naive times). Go's zero
+    time (0001-01-01T00:00:00Z, what a Go tool writes for "not set") is None, as
+    `parse_rfc3339` reads it: as a year-1 date, a fresh snapshot's `expires_at` made it
+    expired, so cleanup deleted it.
     """
     if not isinstance(value, str) or not value:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
+        return None
+    if parsed.year == 1:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 

@@ -442,6 +442,34 @@ def test_an_app_that_migrates_itself_then_is_interrupted_before_the_commit_says_
     assert intents.read(env) is not None  # kept: the next run knows the schema moved
 
 
+def test_an_image_that_migrates_on_start_beside_a_migrate_command_is_measured_from_the_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: with a migrate_command, the schema "before" was read at the migrate
+    step, after the new container had started; an image that also migrates on start had
+    moved it by then, so before == after and a later interruption said "nothing took
+    effect". The schema at the pre-deploy snapshot is the baseline. The test migrates while
+    the run waits before its migrate step, as such an image would at start-up."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    assert env.migrate_command and env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", V2.tag, "--yes",
+         str(env.source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:migrate:SIGSTOP"})
+    wait_stopped(proc.pid)
+    with stack.connect() as conn:  # the image's own start-up migration
+        conn.execute("UPDATE schema_migrations SET version = 2")
+    proc.send_signal(signal.SIGINT)  # acted on at the next step boundary
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "was 1 before" in err and "is at 2" in err, err
+    assert "nothing took effect" not in err
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
+    assert intents.read(env) is not None
+
+
 def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_record(
         stack: DrillStack) -> None:
     """The review's case: a migrate command that exits non-zero after golang-migrate applied

@@ -358,3 +358,28 @@ def test_cleanup_with_no_database_configured_deletes_nothing(
     assert result.removed == [] and expired.exists()
     assert {why for _, why in result.skipped} == {
         "no database is configured, so nothing tells whose snapshot it is: left alone"}
+
+
+def test_a_go_zero_time_in_a_sidecar_means_not_set_not_expired(env: Environment) -> None:
+    """Found by review: a sidecar whose `expires_at` is Go's zero time (a Go tool's "not
+    set") read as the year 1, so cleanup deleted a fresh snapshot at once."""
+    record(env, "dep_a", "dep_b")
+    older = put(env, "20261201_000000", "manual", age_days=1)
+    put(env, "20261202_000000", "manual", age_days=0.5)  # the newest: kept whatever it says
+    meta_path = older.with_name(older.name.replace(".sql.gz", ".meta.json"))
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text())
+                                    | {"expires_at": "0001-01-01T00:00:00Z"}))
+    result = snapshots.cleanup(env, now=NOW)
+    assert result.removed == [] and older.exists()
+
+
+def test_an_unfinished_dump_is_reported_not_silently_passed_over(env: Environment) -> None:
+    """Found by review: a dump killed an hour ago leaves a database-sized hidden `.partial`
+    (what may be filling the disk when the next snapshot fails for space); cleanup, which that
+    error names, skipped it without a word. It is left (it may still be written) and said."""
+    record(env, "dep_a", "dep_b")
+    partial = env.database.snapshot_dir / ".togather_togather_20261202_100000_pre-deploy.partial"
+    partial.write_bytes(b"\0" * (3 * 1024 * 1024))
+    result = snapshots.cleanup(env, now=NOW)
+    said = {p.name: why for p, why in result.skipped}
+    assert partial.exists() and "unfinished dump (3 MiB)" in said[partial.name], said

@@ -489,6 +489,13 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
                 skipped.append((path, f"{kind}: left alone"))
                 continue
             stale_partial = leftover and info.st_mtime < day_ago
+            if leftover and not stale_partial:  # said, never silently passed over: a dump
+                # killed an hour ago may be what fills the disk
+                skipped.append((path, f"an unfinished dump ({info.st_size // (1024 * 1024)} "
+                                      "MiB), written in the last day: still being written, "
+                                      "or left by a killed run (removed after a day, or by "
+                                      "hand once no dump runs)"))
+                continue
             dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
             lone_meta = (meta_named and not os.path.lexists(dump)
                          and Snapshot(dump, _safe_json(path)).expires_at(retention) <= now)
