@@ -850,9 +850,13 @@ class DrillStack:
                                      deployed_by="deploy.sh@drill",
                                      migration_version=version.schema, image=version.image,
                                      deployment_id=dep_id)
+        # the script records its deploy over what it read before the switch (the switch
+        # recorded itself meanwhile): read again, so the write is not over a change since
+        now = states.read_state(self.env.state_file, environment=self.env.name)
         states.write_state(self.env.state_file, states.after_deploy(
-            before, dep.with_(health_status="healthy",
-                              extra={"snapshot_path": str(snap.path)})))
+            now.with_(current=before.current, previous=before.previous,
+                      history=before.history),
+            dep.with_(health_status="healthy", extra={"snapshot_path": str(snap.path)})))
         if stop_old:
             docker.stop(self.env.slot(live).container)
 
