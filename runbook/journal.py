@@ -352,6 +352,25 @@ class Journal:
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
 
 
+def past_records(env: Environment, *, but: str | None = None,
+                 most: int = 50) -> Iterator[dict[str, Any]]:
+    """The environment's run records, newest first (the last `most` files, `but` that run
+    id's left out): the runs folder may be shared by several environments, and hold files
+    another tool left, which are passed over."""
+    try:
+        found = sorted((p for p in env.runs_dir.glob("*.json") if p.stem != but),
+                       key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    for record in reversed(found[-most:]):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and data.get("environment") in (None, env.name):
+            yield data
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, RunbookError):
         return str(exc)

@@ -246,20 +246,9 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
     before that restore (carried on from an earlier killed run of the same kind); runs killed
     before changing any data are looked past. None when there is none or the records cannot
     tell: nothing here changes what runs, only what the plan and the messages name."""
-    import json
+    from runbook import journal
 
-    try:
-        records = sorted((p for p in env.runs_dir.glob("*.json") if p.stem != run_id),
-                         key=lambda p: p.stat().st_mtime)
-    except OSError:
-        return None
-    for record in reversed(records[-50:]):
-        try:
-            data = json.loads(record.read_text())
-        except (OSError, ValueError, RecursionError):
-            continue
-        if not isinstance(data, dict) or data.get("environment") not in (None, env.name):
-            continue  # another tool's file, or another environment sharing the folder
+    for data in journal.past_records(env, but=run_id):
         if data.get("outcome") != "running":
             return None  # the last run ended and said how
         listed = data.get("steps")

@@ -348,21 +348,9 @@ def collect(env: Environment) -> Facts:
 
 def _last_run(env: Environment) -> dict[str, Any] | None:
     """The newest run record: its outcome, and a stale lock it took over (said here too)."""
-    import json
+    from runbook import journal
 
-    try:
-        records = sorted(env.runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    except OSError:
-        return None
-    for record in reversed(records[-50:]):
-        try:
-            data = json.loads(record.read_text())
-        except (OSError, ValueError, RecursionError):
-            continue
-        if not isinstance(data, dict):
-            continue  # a file another tool left here: not a run record
-        if data.get("environment") not in (None, env.name):
-            continue  # the runs folder may be shared by several environments
+    for data in journal.past_records(env):
         context = data.get("context")
         context = context if isinstance(context, dict) else {}
         return {"run_id": data.get("run_id"), "action": data.get("action"),

@@ -413,6 +413,25 @@ def test_an_app_that_migrates_itself_then_fails_its_gate_says_the_schema_changed
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
 
 
+def deploy_migrated_at_start_then_interrupted(stack: DrillStack, env_file: Path,
+                                              step: str) -> tuple[int, str]:
+    """`runbook deploy` of v2 stopped (SIGSTOP) before `step`, the schema moved to 2 meanwhile
+    as the new version's own start-up migration would, then Ctrl-C (acted on at the next step
+    boundary): (exit code, stderr)."""
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", V2.tag, "--yes",
+         str(env_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: f"before:{step}:SIGSTOP"})
+    wait_stopped(proc.pid)
+    with stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = 2")
+    proc.send_signal(signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 def test_an_app_that_migrates_itself_then_is_interrupted_before_the_commit_says_so(
         stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: a self-migrating app's schema change was noticed only when its gate
@@ -424,18 +443,8 @@ def test_an_app_that_migrates_itself_then_is_interrupted_before_the_commit_says_
     env = stack.env
     toml = tmp_path / "self-migrating.toml"
     toml.write_text(envmod.to_toml(dataclasses.replace(env, migrate_command=())))
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runbook.cli", "deploy", "--version", V2.tag, "--yes",
-         str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
-    wait_stopped(proc.pid)
-    with stack.connect() as conn:  # what the new version's own start-up migration does
-        conn.execute("UPDATE schema_migrations SET version = 2")
-    proc.send_signal(signal.SIGINT)  # acted on at the next step boundary: after the gate
-    os.kill(proc.pid, signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 5, err
+    code, err = deploy_migrated_at_start_then_interrupted(stack, toml, "health-gate")
+    assert code == 5, err
     assert "was 1 before" in err and "is at 2" in err, err
     assert "nothing took effect" not in err
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
@@ -452,18 +461,8 @@ def test_an_image_that_migrates_on_start_beside_a_migrate_command_is_measured_fr
     stack.reset()  # v1 serving from blue on schema 1
     env = stack.env
     assert env.migrate_command and env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runbook.cli", "deploy", "--version", V2.tag, "--yes",
-         str(env.source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:migrate:SIGSTOP"})
-    wait_stopped(proc.pid)
-    with stack.connect() as conn:  # the image's own start-up migration
-        conn.execute("UPDATE schema_migrations SET version = 2")
-    proc.send_signal(signal.SIGINT)  # acted on at the next step boundary
-    os.kill(proc.pid, signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 5, err
+    code, err = deploy_migrated_at_start_then_interrupted(stack, env.source, "migrate")
+    assert code == 5, err
     assert "was 1 before" in err and "is at 2" in err, err
     assert "nothing took effect" not in err
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
