@@ -629,8 +629,9 @@ def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safet
                               stdin=subprocess.DEVNULL,
                               env=environ | ({faults.VARIABLE: fault} if fault else {}))
 
-    def safety_files() -> list[Path]:
-        return sorted(p for p in env.database.snapshot_dir.glob("*pre-restore*.sql.gz"))
+    def safety_files() -> list[Path]:  # oldest first (names within a second get "-2")
+        return sorted(env.database.snapshot_dir.glob("*pre-restore*.sql.gz"),
+                      key=lambda p: p.stat().st_mtime_ns)
 
     first = restore("after:restore-database:SIGKILL")
     assert first.returncode == -signal.SIGKILL, first.stderr
