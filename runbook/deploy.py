@@ -35,6 +35,7 @@ VERSION = re.compile(r"[0-9a-f]{7}")
 # how long a migration may run (the exec waits for its end; Ctrl-C is held meanwhile)
 MIGRATE_TIMEOUT = 24 * 3600.0
 
+
 def check_version(version: str) -> str:
     """A deployable version is an image tag: the 7-hex short commit (bad input otherwise)."""
     version = version.strip().lower()

@@ -52,13 +52,14 @@ class Step:
     hold_signals: bool = False
 
 
+@dataclass(frozen=True)
 class Stays:
     """What an undo found it cannot undo (an app that migrated itself when it started): the
     run then ends as needing attention with this message and fix, as `cannot_undo` makes
     it, instead of "nothing took effect"."""
 
-    def __init__(self, message: str, fix: str) -> None:
-        self.message, self.fix = message, fix
+    message: str
+    fix: str
 
 
 @dataclass

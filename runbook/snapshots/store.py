@@ -426,26 +426,20 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     # shared by several environments (the default one is), and hold an operator's own
     # `backup-before-migration.sql.gz`, which an age alone deleted
     mine = _database(env)
-    ours: list[Path] = []
-    for path in paths:
-        stem = path.name.removesuffix(SUFFIX)
-        match = NAME_RE.match(stem)
-        if match is None:
-            skipped.append((path, "not named as a snapshot (togather_<db>_<time>_<reason>): "
-                                  "another tool's file, left alone"))
-            continue
-        db = (_safe_json(path.with_name(stem + META_SUFFIX)) or {}).get("database") \
-            or match["db"]
-        if mine is None:  # fail closed: nothing tells this environment's from another's
-            skipped.append((path, "no database is configured, so nothing tells whose "
-                                  "snapshot it is: left alone"))
-            continue
-        if db != mine:
-            skipped.append((path, f"a snapshot of database {db}, not {mine}: left alone"))
-            continue
-        ours.append(path)
-    snaps = sorted((load(p) for p in ours),
-                   key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
+    ours: list[Snapshot] = []
+    for snap in (load(p) for p in paths):
+        if NAME_RE.match(snap.stem) is None:
+            skipped.append((snap.path, "not named as a snapshot (togather_<db>_<time>_"
+                                       "<reason>): another tool's file, left alone"))
+        elif mine is None:  # fail closed: nothing tells this environment's from another's
+            skipped.append((snap.path, "no database is configured, so nothing tells whose "
+                                       "snapshot it is: left alone"))
+        elif snap.database != mine:
+            skipped.append((snap.path, f"a snapshot of database {snap.database}, not "
+                                       f"{mine}: left alone"))
+        else:
+            ours.append(snap)
+    snaps = sorted(ours, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
     keep, warning = protected(env, snaps)
     removed: list[Snapshot] = []
     kept: list[Snapshot] = []
