@@ -114,7 +114,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     again = found[0] if found is not None and found[0].action == "deploy" \
         and found[0].to_version == version and found[0].record.get("deployment_id") else None
     deployment_id = str(again.record["deployment_id"]) if again else states.new_id("dep")
-    taken = _taken_snapshot(env, deployment_id) if again else None
+    taken = finish.taken_snapshot(env, deployment_id) if again else None
     if taken is not None:
         observed.snapshot_path = str(taken.path)
 
@@ -277,21 +277,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot),
     ]
+    if (old_record := finish.replaced(found)) is not None:
+        warnings.insert(0, finish.replacing_warning(env, old_record, "deploy"))
     summary = f"deploy {version} to {env.display}'s {target} slot (traffic now on {live})"
     return Plan("deploy", env, summary, steps, warnings, diff,
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},
-                intent=intent, resume_command=f"runbook deploy {env.name} --version {version}")
-
-
-def _taken_snapshot(env: Environment, deployment_id: str) -> Any:
-    """The usable pre-deploy snapshot an interrupted run of deployment `deployment_id` took,
-    or None (it was interrupted before the snapshot was done: nothing after it ran)."""
-    from runbook import snapshots
-
-    own = [s for s in snapshots.list_snapshots(env)
-           if s.deployment_id == deployment_id and s.usable and s.path.exists()]
-    return own[0] if own else None
+                intent=intent, resume_command=f"runbook deploy {env.name} --version {version}",
+                replaces=finish.replaced(found))
 
 
 def _revision(image: str) -> str:

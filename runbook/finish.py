@@ -19,7 +19,7 @@ from typing import Any
 from runbook import caddy, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook.environment import Environment
-from runbook.errors import PreconditionError
+from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 
 Record = recording.Record
@@ -61,6 +61,41 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         f"names no single slot: {found.problem(env)}",
         f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`",
         intent)
+
+
+def replaced(found: tuple[intents.Intent, str] | None) -> intents.Intent | None:
+    """The record of an interrupted run that stopped before traffic moved ("continue"), which
+    this run's own record will overwrite: the plan names it, and a failure before the commit
+    puts it back (Plan.replaces). A record kept on purpose (a deploy whose schema moved) was
+    silently replaced by the next switch or deploy, and lost if that one failed in turn."""
+    if found is None or found[1] != "continue":
+        return None
+    return found[0]
+
+
+def taken_snapshot(env: Environment, deployment_id: str) -> Any:
+    """The usable pre-deploy snapshot an interrupted run of deployment `deployment_id` took,
+    or None (it was interrupted before the snapshot was done: nothing after it ran)."""
+    from runbook import snapshots
+
+    own = [s for s in snapshots.list_snapshots(env)
+           if s.deployment_id == deployment_id and s.usable and s.path.exists()]
+    return own[0] if own else None
+
+
+def replacing_warning(env: Environment, old: intents.Intent, action: str) -> str:
+    """What the plan says of the record it replaces, with a deploy's pre-deploy snapshot:
+    the database from before that deploy's migrations, which its record points to."""
+    deployment = old.record.get("deployment_id") if old.action == "deploy" else None
+    try:
+        snapshot = taken_snapshot(env, deployment) if isinstance(deployment, str) else None
+    except (OSError, RunbookError):  # a warning's detail: never what stops a repair
+        snapshot = None
+    kept = (f"; its pre-deploy snapshot {snapshot.path} holds the database from before it"
+            if snapshot is not None else "")
+    return (f"an interrupted run stopped before traffic moved: {old.describe()}{kept}; this "
+            f"{action} replaces its record once it changes anything, and puts it back if it "
+            "fails before traffic moves")
 
 
 def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:

@@ -295,10 +295,15 @@ class _Execution:
         """Before the first change: the intent, durably; failing that, nothing happens."""
         if self.intent_written or self.plan.intent is None:
             return
-        old = self.plan.replaces
-        if old is not None:
-            self.undos.append(("put back the interrupted run's record",
-                               lambda: intents.write(self.env, old)))
+        if (old := self.plan.replaces) is not None:
+            def put_back(old: intents.Intent = old) -> None:
+                # unless this run left something that stays: its own record says so then
+                if not self.irreversible:
+                    intents.write(self.env, old)
+
+            self.undos.append(("put back the interrupted run's record", put_back))
+            self.journal.log("WARN", f"this run's record replaces the interrupted run's: "
+                             f"{old.describe()}", step="intent", replaced=old.run_id)
         try:
             intents.write(self.env, self.plan.intent)
         except OSError as exc:

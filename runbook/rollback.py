@@ -309,7 +309,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     return Plan("rollback", env, summary, steps, warnings, diff,
                 facts={"from": current.version, "to": target.version, "from_slot": str(live),
                        "to_slot": str(standby), "container_action": prep.action},
-                intent=intent, resume_command=resume_command(env))
+                intent=intent, resume_command=resume_command(env), replaces=finish.replaced(found))
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,

@@ -53,6 +53,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if repairing is not None:
         warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
                         "record once it is done")
+    if (old_record := finish.replaced(found)) is not None:
+        warnings.append(finish.replacing_warning(env, old_record, "switch"))
     if now.slot is None:
         warnings.append(f"Caddy serves no single slot ({now.problem(env)}); repointing it at "
                         f"{target}")
@@ -92,7 +94,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 steps, warnings, diff, facts={"from_slot": str(live), "to_slot": str(target),
                                               "version": version, "to": version},
                 intent=intent, resume_command=f"runbook switch {env.name} --slot {target}",
-                replaces=repairing.intent if repairing is not None else None)
+                replaces=repairing.intent if repairing is not None else finish.replaced(found))
 
 
 def _replace_record(env: Environment, old: intents.Intent) -> Step:

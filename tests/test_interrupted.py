@@ -487,6 +487,38 @@ def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_reco
     assert through_proxy(half) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
 
 
+def test_a_record_kept_on_purpose_outlives_the_next_runs_that_fail(stack: DrillStack) -> None:
+    """Found by review: a deploy whose migrations moved the schema keeps its record (exit 5),
+    so the next run knows. The next `runbook switch` or `deploy` (traffic where it was) wrote
+    its own record over it without a word, and cleared that when it failed in turn before
+    traffic moved: the migrated schema and its pre-deploy snapshot were forgotten."""
+    stack.reset()  # v1 serving from blue on schema 1
+    half = dataclasses.replace(stack.env, migrate_command=(
+        "sh", "-c", "python3 /app/server.py migrate up && exit 3"))
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(half, deploy.Options(version=V2.tag))
+    assert err.value.exit_code == ExitCode.ATTENTION, err.value
+    kept = intents.read(half)
+    assert kept is not None
+    env = stack.env
+    taken = [meta.name.removesuffix(".meta.json")
+             for meta in env.database.snapshot_dir.glob("*.meta.json")
+             if json.loads(meta.read_text()).get("deployment_id")
+             == kept.record["deployment_id"]]
+    assert len(taken) == 1, taken  # its pre-deploy snapshot
+    for args, fault in ((("switch", "--slot", "green"), "before:switch:SIGINT"),
+                        (("deploy", "--version", V3.tag), "before:start-slot:SIGINT")):
+        failed = cli(env, *args, "--yes", fault=fault)
+        said = failed.stdout + failed.stderr
+        assert failed.returncode == 1, said  # Ctrl-C before the commit: undone
+        assert f"an interrupted run stopped before traffic moved: deploy {kept.run_id}" in said
+        assert f"its pre-deploy snapshot {env.database.snapshot_dir / taken[0]}" in said, said
+        assert intents.read(env) == kept, args  # put back: the next run still knows
+        assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    status = cli(env, "status")
+    assert f"an interrupted run is unfinished: deploy {kept.run_id}" in status.stdout
+
+
 def _database(stack: DrillStack) -> tuple[object, ...]:
     """What the database holds: its schema version and every table's row count."""
     with stack.connect() as conn:

@@ -13,9 +13,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
+from runbook.snapshots import dump as dump_module
 from tests.drill_checks import fill, tmpfs
 
 pytestmark = pytest.mark.docker
@@ -150,6 +153,39 @@ def test_cleanup_honours_each_snapshots_own_expiry(stack: DrillStack) -> None:
     assert [s.name for s in result.removed] == [brief.name]
     assert not brief.path.exists() and not brief.meta_path.exists()
     assert long.path.exists() and long.meta_path.exists()
+
+
+def test_two_snapshots_finished_in_the_same_second_are_both_kept(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a snapshot's name was chosen free when its dump began, so two taken
+    in the same second with the same reason (a `snapshot create` beside another) both chose
+    it and the second rename replaced the first's dump and sidecar. Both dumps here end before
+    either is named (a barrier after each), in the same second (a fixed clock)."""
+    fixed = datetime.now(UTC).replace(microsecond=0)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return fixed
+
+    monkeypatch.setattr(dump_module, "datetime", Clock)
+    both_dumped = threading.Barrier(2, timeout=60)
+    dump_to = dump_module._dump_to
+
+    def dump_then_wait(*args: object) -> tuple[str, int]:
+        result = dump_to(*args)  # type: ignore[arg-type]
+        both_dumped.wait()
+        return result
+
+    monkeypatch.setattr(dump_module, "_dump_to", dump_then_wait)
+    with ThreadPoolExecutor(2) as pool:
+        taken = list(pool.map(lambda _: snapshots.create(stack.env, "same second"), range(2)))
+    names = {snap.path.name for snap in taken}
+    assert len(names) == 2, names
+    for snap in taken:
+        meta = json.loads(snap.meta_path.read_text())
+        assert meta["snapshot_name"] == snap.path.name
+        assert hashlib.sha256(snap.path.read_bytes()).hexdigest() == meta["sha256"]
 
 
 def test_restore_after_migration_2_brings_schema_1_back(stack: DrillStack) -> None:

@@ -40,6 +40,8 @@ from runbook.snapshots.store import (
 from runbook.snapshots.verify import CHUNK, TRAILER
 from runbook.times import format_utc as _fmt
 
+NAME_GUARD_WAIT = 30.0  # a flock on the folder is held only while a finished dump is named
+
 
 class _Hasher:
     """A write-through file wrapper that hashes and counts the compressed bytes."""
@@ -70,8 +72,7 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     commands.require_container(env)
     began = time.monotonic()
     when = datetime.now(UTC).replace(microsecond=0)
-    stem = free_stem(directory, tgt.dbname, when, reason)
-    final = directory / (stem + SUFFIX)
+    stem = free_stem(directory, tgt.dbname, when, reason)  # the dump's name while it runs
     tmp = directory / f".{stem}{SUFFIX}.{secrets.token_hex(4)}.partial"
     with read_snapshot(env) as conn:
         snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
@@ -80,7 +81,7 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
         server = conn.execute("SHOW server_version").fetchone()[0]
         sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory)
     meta: dict[str, Any] = {
-        "snapshot_name": final.name,
+        "snapshot_name": "",  # chosen when the dump is done (_publish)
         "database": tgt.dbname,
         "host": tgt.host,
         "port": tgt.port,
@@ -105,19 +106,46 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     if expected_migration_version is not None and expected_migration_version != schema.version:
         meta["warning"] = (f"the caller expected schema {expected_migration_version}, the "
                            f"database was at {schema.version}")
+    return Snapshot(_publish(tmp, directory, tgt.dbname, when, reason, meta), meta)
+
+
+def _publish(tmp: Path, directory: Path, db: str, when: datetime, reason: str,
+             meta: dict[str, Any]) -> Path:
+    """Name the finished dump and write its sidecar, under a flock on the folder itself (no
+    file of ours among the host's snapshots): two runs ending in the same second (a
+    `snapshot create` beside another) each chose the name free when they began, and the
+    second rename replaced the first's snapshot."""
+    final = directory / "?"
+    stem = ""
     try:
-        files.atomic_write(directory / (stem + META_SUFFIX),
-                           (json.dumps(meta, indent=2) + "\n").encode(), default_mode=0o600)
-        os.replace(tmp, final)
-        files.fsync_dir(directory)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if not files.flock_within(fd, NAME_GUARD_WAIT, 0.05):
+                raise PreconditionError(
+                    f"another process has held a lock on {directory} for over "
+                    f"{NAME_GUARD_WAIT:.0f} s; the snapshot was not kept",
+                    f"find it (`fuser {directory}`), then run again")
+            stem = free_stem(directory, db, when, reason)
+            final = directory / (stem + SUFFIX)
+            meta["snapshot_name"] = final.name
+            files.atomic_write(directory / (stem + META_SUFFIX),
+                               (json.dumps(meta, indent=2) + "\n").encode(), default_mode=0o600)
+            os.replace(tmp, final)
+            files.fsync_dir(directory)
+        finally:
+            os.close(fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        (directory / (stem + META_SUFFIX)).unlink(missing_ok=True)
+        if stem:
+            (directory / (stem + META_SUFFIX)).unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_space(directory, "the snapshot") from None
         raise PreconditionError(f"cannot write snapshot {final}: {exc.strerror}",
                                 "check the folder's permissions and disk") from None
-    return Snapshot(final, meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
 
 
 def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path) -> tuple[str, int]:
