@@ -128,7 +128,9 @@ def accepts_h2c(h2c: Listens, front: int | None) -> bool:
 
 
 def _dials(config: Any) -> Iterator[str]:
-    """Every `dial` in a Caddy JSON config, however deeply routes and subroutes nest."""
+    """Every `dial` in a Caddy JSON config, however deeply routes and subroutes nest, and
+    every active health check's port (`health_port`, `health_upstream`): Caddy dials those
+    too, and one on a slot stopped after the switch marks the serving upstream down."""
     stack = [config]
     while stack:
         node = stack.pop()
@@ -136,6 +138,12 @@ def _dials(config: Any) -> Iterator[str]:
             for key, value in node.items():
                 if key == "dial" and isinstance(value, str):
                     yield value
+                elif key == "health_checks" and isinstance(value, dict) \
+                        and isinstance(active := value.get("active"), dict):
+                    if isinstance(port := active.get("port"), int) and port > 0:
+                        yield f":{port}"
+                    if isinstance(upstream := active.get("upstream"), str):
+                        yield upstream
                 else:
                     stack.append(value)
         elif isinstance(node, list):

@@ -392,6 +392,27 @@ def test_rewrite_leaves_an_upstream_on_another_port_as_it_is() -> None:
                                                     'header_down X-Togather-Slot "green"')
 
 
+def test_health_check_ports_on_a_slot_move_with_the_switch() -> None:
+    """A health_port or health_upstream left on the old slot's port marks the new upstream
+    down once the old slot stops: they are rewritten with the upstreams, and one naming the
+    other slot makes the block inconsistent (refused, never guessed)."""
+    text = HOST_CADDYFILE.replace("\t\t\thealth_uri /health\n",
+                                  "\t\t\thealth_uri /health\n\t\t\thealth_port 8081\n"
+                                  "\t\t\thealth_upstream 127.0.0.1:8081\n")
+    assert caddy.active_slot(text, ENV) is Slot.BLUE
+    green = caddy.rewrite(text, ENV, Slot.GREEN)
+    assert "health_port 8082\n" in green and "health_upstream 127.0.0.1:8082\n" in green
+    assert "8081" not in green.split("# BLUE_GREEN_SLOT_START")[1].split("# BLUE_GREEN")[0]
+    assert caddy.rewrite(green, ENV, Slot.BLUE) == text
+    mixed = text.replace("health_port 8081", "health_port 8082")
+    found = caddy.inspect(mixed, ENV)
+    assert found.slot is None and any("names both slots" in p for p in found.problems)
+    elsewhere = text.replace("health_port 8081", "health_port 9100")  # a port of its own
+    assert "health_port 9100" in caddy.rewrite(elsewhere, ENV, Slot.GREEN)
+    bad = text.replace("health_port 8081", "health_port {$HEALTH_PORT}")
+    assert caddy.inspect(bad, ENV).problems
+
+
 GRAFANA_BESIDE_THE_APP = """\
 togather.example.org {
 \t# BLUE_GREEN_SLOT_START

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,33 @@ def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
         V2.tag, "active", 1)
     assert (st.previous.version, st.previous.status) == (V3.tag, "rolled_back")
     assert not docker.inspect(env.slot("blue").container).running
+
+
+def test_active_health_checks_move_with_the_switch(stack: DrillStack) -> None:
+    """Found by review: a `health_port` in the managed block stayed on the old slot's port.
+    The switch was verified (the old slot still answered its checks), then the old slot was
+    stopped and Caddy marked the new upstream down: every user got 503 after a run that
+    said done."""
+    two_deployments(stack)  # green v2 stopped, blue v3 live
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
+    text = env.caddy.caddyfile.read_text()
+    checked = text.replace(f'reverse_proxy localhost:{blue} {{\n\t\t\theader_down',
+                           f"reverse_proxy localhost:{blue} {{\n\t\t\thealth_uri /healthz\n"
+                           f"\t\t\thealth_port {blue}\n\t\t\thealth_interval 100ms\n"
+                           "\t\t\theader_down")
+    assert checked.count(f"health_port {blue}") == 2, checked
+    files.atomic_write(env.caddy.caddyfile, checked.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=checked,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert through_proxy(env) == ("blue", V3.tag)
+    rollback.rollback(env)
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
+    running = json.dumps(drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json())
+    assert f'"port": {green}' in running and f'"port": {blue}' not in running, running
+    time.sleep(1.0)  # ten health intervals with the old slot stopped
+    for _ in range(5):
+        assert through_proxy(env) == ("green", V2.tag)
 
 
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:

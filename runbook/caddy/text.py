@@ -140,10 +140,24 @@ class SlotHeader:
 
 
 @dataclass(frozen=True)
+class HealthProbe:
+    """A reverse_proxy's `health_port` or `health_upstream`: where Caddy's active health
+    checks go. One left on the old slot's port marks the new upstream down once that slot
+    stops, after the switch was verified (the old slot still answered then)."""
+
+    line: int
+    text: str
+    port: int
+    slot: Slot | None
+
+
+@dataclass(frozen=True)
 class _Edit:
     line_index: int
     token: _Token
-    kind: str  # "upstream" (on a slot's port) | "other" (another port) | "header"
+    # "upstream" (on a slot's port) | "other" (another port) | "header" | "health" (a health
+    # check's port on a slot's port) | "health-other" (on another port)
+    kind: str
     scheme: str = ""
     host: str = ""
 
@@ -160,6 +174,7 @@ class _Parsed:
     headers: tuple[SlotHeader, ...]
     edits: tuple[_Edit, ...]  # slot headers, and the upstreams on a slot's port
     unsupported: tuple[_Unsupported, ...]
+    probes: tuple[HealthProbe, ...] = ()
 
 
 _PROXIES = ("reverse_proxy", "forward_auth")
@@ -180,6 +195,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
     headers: list[SlotHeader] = []
     edits: list[_Edit] = []
     unsupported: list[_Unsupported] = []
+    probes: list[HealthProbe] = []
     stack: list[str] = []  # directive names of the open `{` blocks
     opened: list[int] = []  # the line each of them opened on
     wanted = SLOT_HEADER.lower()
@@ -227,6 +243,14 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                     unsupported.append(_Unsupported(
                         f"line {number}: unsupported {first} form "
                         f"{' '.join(t.text for t in tokens)!r}", _PLAIN_UPSTREAMS))
+        elif first in _HEALTH_PORTS and parent == "reverse_proxy":
+            probe = _health_probe(number, args, ports)
+            if isinstance(probe, _Unsupported):
+                unsupported.append(probe)
+            else:
+                probes.append(probe[0])
+                edits.append(_Edit(index, args[0], "health" if probe[0].slot is not None
+                                   else "health-other", *probe[1:]))
         elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
             # header { X-Togather-Slot "blue" }
             value = tokens[1].value
@@ -258,7 +282,29 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         if opens:
             stack.append(first)
             opened.append(number)
-    return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported))
+    return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported),
+                   tuple(probes))
+
+
+_HEALTH_PORTS = ("health_port", "health_upstream")
+
+
+def _health_probe(number: int, args: list[_Token], ports: dict[int, Slot],
+                  ) -> tuple[HealthProbe, str, str] | _Unsupported:
+    """(probe, scheme, host) of `health_port N` / `health_upstream host:N`, as an edit
+    needs them (no scheme or host for a bare port)."""
+    said = " ".join(t.text for t in args)
+    if len(args) == 1 and args[0].value.isdigit():
+        port = int(args[0].value)
+        return HealthProbe(number, said, port, ports.get(port)), "", ""
+    match = _UPSTREAM_RE.match(args[0].value) if len(args) == 1 else None
+    if match is None or not match["port"]:
+        return _Unsupported(f"line {number}: health check target {said!r} is not a port or "
+                            "host:port (the switch must move it with the upstream)",
+                            "write health_port or health_upstream as a plain port or host:port")
+    port = int(match["port"])
+    return (HealthProbe(number, said, port, ports.get(port)), match["scheme"] or "",
+            match["host"])
 
 
 def _one_service(upstreams: tuple[Upstream, ...]) -> None:
@@ -343,6 +389,10 @@ def inspect(text: str, env: Environment) -> Inspection:
         else:
             named.setdefault(header.slot, []).append(
                 f"{SLOT_HEADER} {header.value} (line {header.line})")
+    for probe in parsed.probes:
+        if probe.slot is not None:
+            named.setdefault(probe.slot, []).append(f"health check {probe.text} "
+                                                    f"(line {probe.line})")
     if not parsed.headers:
         warnings.append(f"no header_down {SLOT_HEADER} between the slot markers: verification "
                         "through the proxy cannot tell the slots apart")
@@ -392,14 +442,14 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
-        if edit.kind != "other" or repair:
+        if edit.kind not in ("other", "health-other") or repair:
             by_line.setdefault(edit.line_index, []).append(edit)
     for index, edits in by_line.items():
         line = lines[index]
         for edit in sorted(edits, key=lambda e: e.token.start, reverse=True):
             q = edit.token.quote
-            value = (f"{edit.scheme}{edit.host}:{port}" if edit.kind != "header"
-                     else str(target))
+            value = (str(target) if edit.kind == "header"
+                     else f"{edit.scheme}{edit.host}:{port}" if edit.host else str(port))
             line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
         lines[index] = line
     return text[:start] + "\n".join(lines) + text[end:]
