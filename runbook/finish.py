@@ -137,6 +137,38 @@ def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> Pre
         "guard does)")
 
 
+def _caddyfile_step(env: Environment, intent: intents.Intent) -> Step:
+    """The file on disk made to name the slot Caddy runs. An undo that wrote the old file back
+    and then could not reload it (or was killed between the two) left the file naming the
+    old slot while Caddy runs the new one; finishing then stopped that old slot, and the next
+    Caddy restart or reload sent every user to a stopped container."""
+    from runbook.caddy import switch as caddy_switch
+    from runbook.caddy import text as caddy_text
+
+    target = intent.target
+    path = env.caddy.caddyfile
+    try:
+        names: str = str(caddy_text.inspect(caddy.read(env), env).slot or "no single slot")
+    except RunbookError as exc:
+        names = f"unreadable now ({exc.message})"
+    details = {"file": str(path), "names": names, "Caddy runs": str(target)}
+
+    def run(ctx: StepContext) -> None:
+        text = caddy.read(env)
+        if caddy_text.inspect(text, env).slot == target:
+            ctx.note(caddyfile=f"names {target}")
+            return
+        caddy_switch.write_config(env, caddy_text.rewrite(text, env, target))  # no reload:
+        ctx.note(caddyfile=f"rewritten to name {target}")  # Caddy already runs the target
+
+    step = Step("caddyfile", f"Make the Caddyfile on disk name {target}, as Caddy runs it",
+                details | {"then": f"rewrite its managed block to {target} (no reload)"},
+                run=run, phase=Phase.FINISH)
+    if names == str(target):
+        step.skip = f"the Caddyfile on disk already names {target}"
+    return step
+
+
 def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: Record,
                 resume_command: str) -> Plan:
     """The steps left after the commit of an interrupted run, as a plan of their own."""
@@ -156,6 +188,7 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
             "traffic": f"{intent.to_slot}: the proxy answers {intent.to_version} (verified)",
             "so": "it took effect: finish it (no new switch, nothing undone)",
         }, phase=Phase.PREFLIGHT),
+        _caddyfile_step(env, intent),
         Step("state", f"Record the {intent.action} in the deployment state",
              {"file": str(env.state_file),
               "current": f"{intent.to_version} on {intent.to_slot}",

@@ -3,8 +3,10 @@
 The deploy script and the Go CLI never record a migration version, so a rollback to one of
 their deployments cannot compare schemas from the state file alone. Two other witnesses exist
 on a host: the snapshot sidecars (`.meta.json`, whose `migration_version` is the schema at the
-moment of the dump) and the app itself (`/health` -> checks.migrations.details.version). Each
-answer names its witness, so the plan shows where the number came from, or that none exists.
+moment of the dump). The app's `/health` is no witness of it: its migrations check reports
+the database's version as it reads it; only a failing check (the build rejects the schema) is
+taken, as a problem. Each answer names its witness, so the plan shows where the number came
+from, or that none exists.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def from_sidecars(env: Environment, target: states.Deployment,
     """
     from runbook import snapshots  # only for targets recorded without a migration version
 
-    snaps = [s for s in snapshots.list_snapshots(env)
+    snaps = [s for s in snapshots.own_snapshots(env)
              if s.meta is not None and s.migration_version is not None and not s.dirty]
     own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)
            or (after.snapshot_path and str(s.path) == after.snapshot_path)]
@@ -72,7 +74,11 @@ def from_sidecars(env: Environment, target: states.Deployment,
 
 
 def from_health(env: Environment, target: states.Deployment) -> Found | None:
-    """What the target build itself reports, when a slot already runs it (read-only probe)."""
+    """A slot already running the target build whose migrations check fails: the build
+    itself rejects the schema (a problem, never a version). The check's `details.version` is
+    the database's version as the app reads it, not the one its build ran with: the real app
+    reports whatever `schema_migrations` holds, so taking it for the target's schema made the
+    guard say "compatible" on any schema (read-only probe)."""
     for slot in Slot:
         config = env.slot(slot)
         info = docker.inspect(config.container)
@@ -80,17 +86,12 @@ def from_health(env: Environment, target: states.Deployment) -> Found | None:
             continue
         report = health.probe(config, env.health.path, env.health.request_timeout)
         check = next((c for c in report.checks if c.name == "migrations"), None)
-        if check is None:
-            continue
-        version = check.details.get("version")
-        if isinstance(version, bool) or not isinstance(version, int):
+        if check is None or check.status != "fail":
             continue
         source = (f"the migrations check of {target.version} in {config.container} "
                   f"({check.status}: {check.message or 'no message'})")
-        if check.status == "fail":
-            return Found(None, source, f"{target.version} in {config.container} rejects the "
-                                       f"database schema: {check.message or 'migrations fail'}")
-        return Found(version, source)
+        return Found(None, source, f"{target.version} in {config.container} rejects the "
+                                   f"database schema: {check.message or 'migrations fail'}")
     return None
 
 
@@ -103,6 +104,7 @@ def infer(env: Environment, current: states.Deployment,
     found = from_sidecars(env, target, after) or from_health(env, target)
     if found is not None:
         return found
-    return Found(None, f"not recorded by the tool that deployed {target.version}, and neither "
-                       f"a snapshot sidecar in {env.database.snapshot_dir} nor a running "
-                       f"{target.version} reports it")
+    return Found(None, f"not recorded by the tool that deployed {target.version}, and no "
+                       f"snapshot sidecar in {env.database.snapshot_dir} says it (a running "
+                       f"{target.version}'s /health reports the database's version, not its "
+                       "own)")

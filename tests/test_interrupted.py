@@ -335,6 +335,54 @@ def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack)
     assert "interrupted" not in status.stdout.lower(), status.stdout
 
 
+def test_finishing_a_run_makes_the_caddyfile_on_disk_name_the_slot_caddy_runs(
+        stack: DrillStack) -> None:
+    """Found by review: an undo that wrote the old Caddyfile back and could not reload it (or
+    was killed between the two) leaves the file naming blue while Caddy runs green. The
+    finish stopped blue and left the file so: the next Caddy restart or reload sent every
+    user to a stopped container."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    text = env.caddy.caddyfile.read_text()
+    behind = text.replace(f"localhost:{env.slot(Slot.GREEN).port}",
+                          f"localhost:{env.slot(Slot.BLUE).port}").replace(
+        'X-Togather-Slot "green"', 'X-Togather-Slot "blue"')
+    assert behind != text
+    env.caddy.caddyfile.write_text(behind)  # what the undo's write left
+    done = cli(env, "rollback", "--yes")
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
+    on_disk = env.caddy.caddyfile.read_text()
+    assert on_disk == text, on_disk
+    # what a restart of Caddy would load: the file, serving green
+    drill_http.post(f"{env.caddy.admin_url}/load", content=on_disk,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_run_started_under_nohup_outlives_the_hangup(stack: DrillStack) -> None:
+    """Found by review: the runbook's SIGHUP handler replaced the SIG_IGN that `nohup` (or a
+    script's background job, for SIGINT) started it with, so a dropped ssh session undid a
+    rollback meant to outlive it. A hangup as the gate waits: undone when SIGHUP is the
+    runbook's to handle, ignored (the run goes on) under nohup."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    hung = cli(env, "rollback", "--yes", fault="before:health-gate:SIGHUP")
+    assert hung.returncode == 1 and "SIGHUP" in hung.stderr, hung.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    nohup = subprocess.run(
+        [sys.executable, "-m", "runbook.cli", "rollback", "--yes", str(env.source)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+        env=environ | {faults.VARIABLE: "before:health-gate:SIGHUP"},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert nohup.returncode == 0, nohup.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+
+
 def test_a_switch_back_after_a_killed_run_that_took_effect_switches_back(
         stack: DrillStack) -> None:
     """The review's case: killed after its commit (green serves v2, healthy), then on-call

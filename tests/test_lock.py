@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from runbook import files
 from runbook import lock as lockmod
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, LockedError
@@ -540,6 +541,31 @@ def test_publish_refuses_when_the_go_cli_locked_the_state_file_meanwhile(
     assert with_state.read_bytes() == before  # its lock is still there, untouched
     lock.release()
     assert with_state.read_bytes() == before
+
+
+def test_publish_refuses_when_the_go_cli_locks_the_state_file_as_the_mirror_is_written(
+        env: Environment, with_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the Go CLI's lock written between the mirror's read and its rename
+    made the state write refuse (the file changed), and publish took that for a mirror that
+    merely failed: the run went on beside the Go CLI's lock."""
+    lock = acquire(env, "rollback", None)
+    real = files.atomic_write
+    raced: list[bool] = []
+
+    def racing(target: Path, data: bytes, **kwargs: Any) -> str | None:
+        if Path(target).name == with_state.name and not raced:
+            raced.append(True)
+            _go_cli_lock(with_state)  # the other tool's write, just before ours lands
+        return real(target, data, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_write", racing)
+    with pytest.raises(LockedError, match="recorded only in the state file") as info:
+        lock.publish()
+    assert raced and "nothing was changed" in info.value.message
+    assert json.loads(with_state.read_text())["lock"]["locked_by"] == "ci@build-runner"
+    assert not lock.published
+    lock.release()
+    assert json.loads(with_state.read_text())["lock"]["locked_by"] == "ci@build-runner"
 
 
 def test_publish_refuses_when_the_lock_was_taken_away(env: Environment, with_state: Path) -> None:

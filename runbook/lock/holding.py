@@ -109,8 +109,11 @@ class Lock:
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
             _write_lock_files(self.path, self, now)
         if mirror and self.published:
-            self.mirror_error, lost = _mirror(self.env, self.state_json(),
-                                              replace_if=self._mirror_is_ours)
+            try:
+                self.mirror_error, lost = _mirror(self.env, self.state_json(),
+                                                  replace_if=self._mirror_is_ours)
+            except statemod.StateChangedError as exc:
+                self.mirror_error, lost = exc.message, None
             self.owner_lost = self.owner_lost or lost
 
     def publish(self) -> None:
@@ -126,6 +129,11 @@ class Lock:
                 self._refuse_a_live_state_lock(_state_lock_mapping(self.env))
             self.mirror_error, lost = _mirror(self.env, self.state_json(),
                                               replace_if=self._refuse_a_live_state_lock)
+        except statemod.StateChangedError:
+            raise LockedError(f"{self.env.state_file} kept changing while this run mirrored "
+                              "its lock into it (another tool is writing it); nothing was "
+                              "changed", "run the command again in a moment; `runbook status "
+                              f"{self.env.name}` shows who holds the lock") from None
         except LockedError as error:
             error.message += "; nothing was changed"
             error.args = (error.message,)
@@ -241,7 +249,8 @@ def release(env: Environment, lock: Lock) -> bool:
             owned = True
     lock.released = True
     if lock.published:
-        _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
+        with contextlib.suppress(statemod.StateChangedError):  # never replaces the outcome
+            _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
     return owned
 
 
@@ -264,7 +273,10 @@ def unlock(env: Environment, force: bool = False) -> str:
             if state_only is None:
                 return f"{env.display}: no deploy lock is held; nothing to do"
             _check_removable(env, state_only, force)
-            _mirror(env, {"locked": False}, replace_if=lambda _: True)
+            judged = _state_lock_mapping(env)
+            # only the lock judged removable: a file written since (the Go CLI's new lock)
+            # is read again by _mirror and left alone
+            _mirror(env, {"locked": False}, replace_if=lambda lock: lock == judged)
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
         _check_removable(env, current, force)
@@ -279,9 +291,13 @@ def unlock(env: Environment, force: bool = False) -> str:
         judged = _judge_state_lock(env, lock)
         return judged is None or judged.stealable
 
-    _mirror(env, {"locked": False}, replace_if=removed_ones)
+    note = ""
+    try:
+        _mirror(env, {"locked": False}, replace_if=removed_ones)
+    except statemod.StateChangedError:
+        note = f"; {env.state_file} kept changing, so its copy of the lock was left as it is"
     what = "our own lock" if current.is_ours else f"a stale lock ({current.why})"
-    return f"{env.display}: removed {what}, held by {current.describe()}"
+    return f"{env.display}: removed {what}, held by {current.describe()}{note}"
 
 
 @contextlib.contextmanager
@@ -354,6 +370,9 @@ def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
     files.atomic_write(path / HOLDER, (json.dumps(lock.holder_json(), indent=2) + "\n").encode())
 
 
+_MIRROR_TRIES = 3
+
+
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
             replace_if: Callable[[Mapping[str, Any]], bool]) -> tuple[str | None, str | None]:
     """Best effort: the directory is the lock; the state file only reports it to other tools.
@@ -362,17 +381,26 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
     keep): the publish is a run's first rewrite of the state file, so that is where a writer
     that is not the file's owner changes it, and where the run must hear of it."""
     path = env.state_file
-    if not path.exists():
-        return None, None
-    try:
-        current = statemod.read_state(path, environment=env.name)
-        if not replace_if(current.lock):
+    changed = statemod.StateChangedError(f"{path} kept changing", "")
+    for _ in range(_MIRROR_TRIES):
+        if not path.exists():
             return None, None
-        return None, statemod.write_state(path, statemod.with_lock(current, lock))
-    except StateError as exc:
-        return str(exc), None
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}", None
+        try:
+            current = statemod.read_state(path, environment=env.name)
+            if not replace_if(current.lock):
+                return None, None
+            return None, statemod.write_state(path, statemod.with_lock(current, lock))
+        except statemod.StateChangedError as exc:
+            # another tool wrote the file since it was read (the Go CLI taking its lock):
+            # read it again, so `replace_if` judges what is there now (publish refuses a
+            # live foreign lock); passed over, the run went on beside that lock
+            changed = exc
+            continue
+        except StateError as exc:
+            return str(exc), None
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}", None
+    raise changed  # still changing: the caller decides (publish refuses)
 
 
 def _check_removable(env: Environment, current: LockStatus, force: bool) -> None:

@@ -44,6 +44,7 @@ from runbook.snapshots.store import (
     latest_before,
     list_snapshots,
     load,
+    own_snapshots,
     snapshot_stem,
 )
 from runbook.snapshots.verify import Verified
@@ -53,6 +54,6 @@ __all__ = [
     "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "LossWindow", "RestoreRun",
     "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified", "cleanup",
     "create", "current_state", "dump_command", "find", "human_duration", "latest_before",
-    "list_snapshots", "load", "loss_window", "pre_deploy_snapshot", "replay_command",
-    "snapshot_stem", "table_stats", "target",
+    "list_snapshots", "load", "loss_window", "own_snapshots", "pre_deploy_snapshot",
+    "replay_command", "snapshot_stem", "table_stats", "target",
 ]

@@ -195,6 +195,15 @@ def list_snapshots(env: Environment) -> list[Snapshot]:
     return sorted(found, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
 
 
+def own_snapshots(env: Environment) -> list[Snapshot]:
+    """This environment's database's snapshots, newest first: what a default pick or a
+    schema witness may use. The folder may be shared (the default one is): another
+    database's snapshot taken while the target was live said which schema it "ran with", and
+    was picked to restore (then refused by its verification, over a usable one of ours)."""
+    database = _database(env)
+    return [s for s in list_snapshots(env) if database is not None and s.database == database]
+
+
 def _scan(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The `*.sql.gz` entries that are snapshot files, and the others with why they are not.
 
@@ -246,7 +255,7 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
     message asks for restored the current data onto itself, or undid the restore, and said
     it succeeded. Restoring one takes its name."""
     if ref is None or str(ref) == "":
-        snaps = list_snapshots(env)
+        snaps = own_snapshots(env)
         chosen = [s for s in snaps if s.reason != SAFETY_REASON and not s.dirty]
         if not chosen:
             what = (f"only safety or dirty snapshots ({len(snaps)}) in "
@@ -289,12 +298,12 @@ def latest_before(env: Environment, migration_version: int | None, *,
         # helps nothing and drops the writes since. The sidecar then has no version either.
         if not deployment_id:
             return None
-        own = [s for s in list_snapshots(env)
+        own = [s for s in own_snapshots(env)
                if s.deployment_id == deployment_id and s.meta is not None and not s.problems
                and not s.dirty and s.path.exists()
                and (before is None or s.timestamp <= before)]
         return own[0] if own else None
-    found = [s for s in list_snapshots(env) if s.usable
+    found = [s for s in own_snapshots(env) if s.usable
              and s.migration_version == migration_version
              and (before is None or s.timestamp <= before)]
     if deployment_id:
