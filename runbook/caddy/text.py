@@ -325,6 +325,37 @@ def _one_service(upstreams: tuple[Upstream, ...]) -> None:
                      exit_code=ExitCode.PRECONDITION)
 
 
+_THIS_HOST = {"localhost", "host.docker.internal"}
+
+
+def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
+    """The repair keeps each upstream's host and puts the slot's port on it: right for this
+    host's loopback (or an address of it), wrong for a container's name, where the slot's
+    published port listens on nothing (`togather-server-blue:8080` became
+    `togather-server-blue:8082`: a 502 for every user until verification put it back)."""
+    allowed = _THIS_HOST | {cfg.host.lower() for cfg in env.slots.values()}
+    for up in upstreams:
+        host = (up.host or "").strip("[]").lower()
+        if not host or host in allowed or _is_address(host):
+            continue
+        raise CaddyError(
+            f"no upstream between the slot markers is on a slot's port, and line {up.line} "
+            f"dials {up.text} by name: repointing it at {host}:<slot port> would reach no "
+            "slot (a container's name is not where the slots' published ports listen)",
+            "proxy to the slots' published ports on this host (localhost:<port>) between "
+            "the markers by hand, then run `runbook switch`", exit_code=ExitCode.PRECONDITION)
+
+
+def _is_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _as_slot(value: str) -> Slot | None:
     try:
         return Slot(value)
@@ -439,6 +470,7 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     repair = not any(up.slot is not None for up in parsed.upstreams)
     if repair:
         _one_service(parsed.upstreams)
+        _on_this_host(parsed.upstreams, env)
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
