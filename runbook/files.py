@@ -29,6 +29,7 @@ _TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:runbook-tmp\.[0-9a-f]{12}|[0-9a-f
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+UNLOCKED_TEMP_AGE = 60.0  # a temp file a run without the lock may be using (a dry run's)
 
 
 def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
@@ -193,7 +194,9 @@ def sweep_temps(target: Path, *, older_than: float = 0.0) -> list[Path]:
     """Remove the temp files a killed writer of `target` left beside it; returns them.
 
     Only our own naming patterns are touched, and only while the caller holds the deploy lock
-    (no other runbook writer can be mid-write then).
+    (no other runbook writer can be mid-write then), except a Caddyfile validation's copy: a
+    dry run (no lock) makes one while planning, and sweeping it made that dry run report
+    "Caddy rejected the new Caddyfile"; those are removed once a minute old.
     """
     target = Path(os.path.realpath(target))
     removed: list[Path] = []
@@ -206,8 +209,9 @@ def sweep_temps(target: Path, *, older_than: float = 0.0) -> list[Path]:
         match = _TEMP_RE.match(entry.name)
         if match is None or match["target"] != target.name:
             continue
+        wait = max(older_than, UNLOCKED_TEMP_AGE if ".runbook-validate-" in entry.name else 0.0)
         try:
-            if now - entry.lstat().st_mtime < older_than or not entry.is_file():
+            if now - entry.lstat().st_mtime < wait or not entry.is_file():
                 continue
             entry.unlink()
         except OSError:

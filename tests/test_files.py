@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,24 @@ def test_a_killed_writer_leaves_a_temp_file_the_next_run_sweeps(tmp_path: Path) 
     assert files.sweep_temps(target) == left
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".deployment-state.json.goclisave.tmp", "deployment-state.json"]
+
+
+def test_a_dry_runs_fresh_validation_copy_is_not_swept(tmp_path: Path) -> None:
+    """Found by review: a dry run (no lock) validates its candidate Caddyfile through a copy
+    beside it; a locked run starting then swept every such file whatever its age, and the dry
+    run said "Caddy rejected the new Caddyfile". A fresh one stays, an old one goes, and a
+    killed writer's own temp file still goes at once."""
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text("x")
+    fresh = tmp_path / ".Caddyfile.runbook-validate-abc123.tmp"
+    old = tmp_path / ".Caddyfile.runbook-validate-def456.tmp"
+    killed = tmp_path / ".Caddyfile.runbook-tmp.0123456789ab.tmp"
+    for path in (fresh, old, killed):
+        path.write_text("candidate")
+    past = time.time() - 2 * files.UNLOCKED_TEMP_AGE
+    os.utime(old, (past, past))
+    assert sorted(files.sweep_temps(caddyfile)) == sorted([old, killed])
+    assert fresh.exists()
 
 
 def test_every_rename_into_place_is_the_one_atomic_write() -> None:
