@@ -31,6 +31,7 @@ from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
 from runbook.snapshots import dump as dump_module
+from runbook.snapshots import store as store_module
 from tests.drill_checks import fill, tmpfs
 
 pytestmark = pytest.mark.docker
@@ -186,6 +187,36 @@ def test_two_snapshots_finished_in_the_same_second_are_both_kept(
         meta = json.loads(snap.meta_path.read_text())
         assert meta["snapshot_name"] == snap.path.name
         assert hashlib.sha256(snap.path.read_bytes()).hexdigest() == meta["sha256"]
+
+
+def test_a_killed_dumps_partial_is_removed_by_the_next_snapshot_a_live_one_never(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a run killed mid-dump leaves a database-sized hidden `.partial`; the
+    next snapshot (the rerun's) found the disk still full and cleanup kept the file a day, so
+    the rerun needed a hand edit. A partial whose writer is gone (no flock on it) is removed
+    by the next snapshot; one being written (flocked by its writer) never is."""
+    env = stack.env
+    folder = env.database.snapshot_dir
+    killed = folder / ".togather_togather_20261203_010203_pre-deploy.sql.gz.0a1b2c3d.partial"
+    killed.write_bytes(b"\0" * 4096)  # what SIGKILL leaves: the kernel dropped its flock
+    past = time.time() - 3600
+    os.utime(killed, (past, past))
+    seen_while_writing: list[list[Path]] = []
+    dump_to = dump_module._dump_to
+
+    def dump_then_look(*args: object) -> tuple[str, int]:
+        result = dump_to(*args)  # type: ignore[arg-type]
+        (partial,) = [p for p in folder.iterdir() if p.name.endswith(".partial")]
+        os.utime(partial, (past, past))  # past the grace: only its flock tells it is live
+        seen_while_writing.append(store_module.dead_partials(folder))
+        return result
+
+    monkeypatch.setattr(dump_module, "_dump_to", dump_then_look)
+    snap = snapshots.create(env, "after a kill")
+    assert not killed.exists()
+    assert seen_while_writing == [[]]  # its own partial, flocked, was never taken for dead
+    assert snap.path.exists() and not [p for p in folder.iterdir()
+                                       if p.name.endswith(".partial")]
 
 
 def test_restore_after_migration_2_brings_schema_1_back(stack: DrillStack) -> None:

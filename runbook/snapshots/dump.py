@@ -10,6 +10,7 @@ full disk or a failed pg_dump leaves no snapshot behind, only nothing.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from runbook.snapshots.store import (
     META_SUFFIX,
     SUFFIX,
     Snapshot,
+    dead_partials,
     ensure_dir,
     free_stem,
     no_space,
@@ -74,39 +76,45 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     when = datetime.now(UTC).replace(microsecond=0)
     stem = free_stem(directory, tgt.dbname, when, reason)  # the dump's name while it runs
     tmp = directory / f".{stem}{SUFFIX}.{secrets.token_hex(4)}.partial"
-    with read_snapshot(env) as conn:
-        snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        schema = schema_row(conn)
-        stats = table_stats(conn)
-        server = conn.execute("SHOW server_version").fetchone()[0]
-        sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory)
-    meta: dict[str, Any] = {
-        "snapshot_name": "",  # chosen when the dump is done (_publish)
-        "database": tgt.dbname,
-        "host": tgt.host,
-        "port": tgt.port,
-        "timestamp": _fmt(when),
-        "reason": reason_slug(reason),
-        "git_commit": git_commit or "",
-        "deployment_id": deployment_id or "",
-        "retention_days": env.database.retention_days,
-        "expires_at": _fmt(when + timedelta(days=env.database.retention_days)),
-        "size_mb": round(size / 1048576, 3),
-        "duration_seconds": round(time.monotonic() - began, 3),
-        "migration_version": schema.version,
-        "dirty": schema.dirty,
-        "sha256": sha,
-        "tables": {k: {"rows": v.rows, "max_created_at": v.max_created_at,
-                       "has_created_at": v.has_created_at} for k, v in stats.items()},
-        "environment": env.name,
-        "server_version": str(server),
-        "format": "pg_dump plain, gzip",
-        "created_by": "togather-runbook",
-    }
-    if expected_migration_version is not None and expected_migration_version != schema.version:
-        meta["warning"] = (f"the caller expected schema {expected_migration_version}, the "
-                           f"database was at {schema.version}")
-    return Snapshot(_publish(tmp, directory, tgt.dbname, when, reason, meta), meta)
+    dead_partials(directory, remove=True)  # a killed run's dump may be what fills the disk
+    held: list[int] = []  # the partial's flock, until the dump is named
+    try:
+        with read_snapshot(env) as conn:
+            snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            schema = schema_row(conn)
+            stats = table_stats(conn)
+            server = conn.execute("SHOW server_version").fetchone()[0]
+            sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory, held)
+        meta: dict[str, Any] = {
+            "snapshot_name": "",  # chosen when the dump is done (_publish)
+            "database": tgt.dbname,
+            "host": tgt.host,
+            "port": tgt.port,
+            "timestamp": _fmt(when),
+            "reason": reason_slug(reason),
+            "git_commit": git_commit or "",
+            "deployment_id": deployment_id or "",
+            "retention_days": env.database.retention_days,
+            "expires_at": _fmt(when + timedelta(days=env.database.retention_days)),
+            "size_mb": round(size / 1048576, 3),
+            "duration_seconds": round(time.monotonic() - began, 3),
+            "migration_version": schema.version,
+            "dirty": schema.dirty,
+            "sha256": sha,
+            "tables": {k: {"rows": v.rows, "max_created_at": v.max_created_at,
+                           "has_created_at": v.has_created_at} for k, v in stats.items()},
+            "environment": env.name,
+            "server_version": str(server),
+            "format": "pg_dump plain, gzip",
+            "created_by": "togather-runbook",
+        }
+        if expected_migration_version is not None and expected_migration_version != schema.version:
+            meta["warning"] = (f"the caller expected schema {expected_migration_version}, the "
+                               f"database was at {schema.version}")
+        return Snapshot(_publish(tmp, directory, tgt.dbname, when, reason, meta), meta)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _publish(tmp: Path, directory: Path, db: str, when: datetime, reason: str,
@@ -148,8 +156,13 @@ def _publish(tmp: Path, directory: Path, db: str, when: datetime, reason: str,
     return final
 
 
-def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path) -> tuple[str, int]:
-    """Stream pg_dump's stdout through gzip into `tmp` (0600, fsynced); (sha256, size)."""
+def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
+             held: list[int]) -> tuple[str, int]:
+    """Stream pg_dump's stdout through gzip into `tmp` (0600, fsynced); (sha256, size).
+
+    The file is flocked from its creation through a duplicate descriptor appended to `held`
+    (the caller closes it once the dump is named): a `.partial` whose lock can be taken is a
+    killed run's, removed by the next snapshot or cleanup whatever its age."""
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -157,6 +170,8 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path) -> tuple[s
             raise no_space(directory, "the snapshot") from None
         raise PreconditionError(f"cannot write in {directory}: {exc.strerror}",
                                 "check the folder's permissions") from None
+    held.append(os.dup(fd))
+    fcntl.flock(held[-1], fcntl.LOCK_EX)  # a new file: nobody else holds it
     proc: subprocess.Popen[bytes] | None = None
     tail = b""
     try:

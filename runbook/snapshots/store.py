@@ -8,6 +8,7 @@ sidecar says is read leniently: a file without one still lists, with its problem
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -193,6 +194,47 @@ def list_snapshots(env: Environment) -> list[Snapshot]:
     """Every snapshot in the environment's folder, newest first (see _scan for what is not)."""
     found = [load(p) for p in _scan(env.database.snapshot_dir)[0]]
     return sorted(found, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
+
+
+_PARTIAL_RE = re.compile(r"^\..+\.sql\.gz\.[0-9a-f]{8}\.partial$")  # dump.create's
+PARTIAL_GRACE = 10.0  # seconds: a partial this young may not be flocked by its writer yet
+
+
+def dead_partials(directory: Path, *, remove: bool = False) -> list[Path]:
+    """Our unfinished dumps whose writer is gone: a writer holds a flock on its `.partial`
+    from its creation until the dump is named, so one whose lock can be taken was left by a
+    killed run. Such a file waited a day for cleanup, and the rerun of the run it belonged
+    to found the disk still full of it: "finish without hand edits" failed."""
+    found: list[Path] = []
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return found
+    now = time.time()
+    for path in entries:
+        if not _PARTIAL_RE.match(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < PARTIAL_GRACE:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer holds it: a dump still running
+            if remove:
+                try:
+                    path.unlink()
+                except OSError:
+                    continue
+            found.append(path)
+        finally:
+            os.close(fd)
+    return found
 
 
 def own_snapshots(env: Environment) -> list[Snapshot]:
@@ -474,6 +516,7 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     orphans: list[Path] = []
     if directory.is_dir():
         day_ago = time.time() - 86400
+        dead = set(dead_partials(directory))  # a killed run's: removed whatever its age
         for path in sorted(directory.iterdir()):
             leftover = path.name.endswith(".partial") or files.temp_target(path.name) is not None
             meta_named = path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
@@ -491,13 +534,13 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
                 kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
                 skipped.append((path, f"{kind}: left alone"))
                 continue
-            stale_partial = leftover and info.st_mtime < day_ago
+            stale_partial = leftover and (info.st_mtime < day_ago or path in dead)
             if leftover and not stale_partial:  # said, never silently passed over: a dump
                 # killed an hour ago may be what fills the disk
                 skipped.append((path, f"an unfinished dump ({info.st_size // (1024 * 1024)} "
-                                      "MiB), written in the last day: still being written, "
-                                      "or left by a killed run (removed after a day, or by "
-                                      "hand once no dump runs)"))
+                                      "MiB) still being written (its writer holds it), or "
+                                      "not lockable here: removed after a day, or by hand "
+                                      "once no dump runs"))
                 continue
             dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
             lone_meta = (meta_named and not os.path.lexists(dump)
