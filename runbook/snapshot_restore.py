@@ -243,28 +243,33 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
     """The environment's last run before `run_id`, when it was killed (its record still
     says "running": a run that ends, however it ends, says how) once its restore had begun,
     after its safety snapshot: {run_id, started_at, safety}. `safety` holds the data from
-    before that restore (carried on from an earlier killed run of the same kind); runs killed
-    before changing any data are looked past. None when there is none or the records cannot
+    before that restore (carried on from an earlier killed run of the same kind); runs that
+    changed no data (ended or not) are looked past. None when there is none or the records cannot
     tell: nothing here changes what runs, only what the plan and the messages name."""
     from runbook import journal
 
     for data in journal.past_records(env, but=run_id):
-        if data.get("outcome") != "running":
-            return None  # the last run ended and said how
         listed = data.get("steps")
         steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
-                 if isinstance(s, dict)}
+                 if isinstance(s, dict) and s.get("status") != "planned"}  # started ones
         detail = (steps.get("safety-snapshot") or {}).get("detail")
         detail = detail if isinstance(detail, dict) else {}
         path = detail.get(EARLIER) or detail.get("safety_snapshot")
-        if "restore-database" in steps and isinstance(path, str):
+        killed = data.get("outcome") == "running"  # a run that ends says how
+        if killed and "restore-database" in steps and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
                     "started_at": str(data.get("started_at"))}
-        if data.get("action") == "deploy" or "restore-database" in steps:
+        if "restore-database" in steps or (data.get("action") == "deploy"
+                                           and DEPLOY_CHANGES & steps.keys()):
             return None  # it may have changed the database since: what it left is unknown
-        # killed before any restore (a rollback's or a restore's), it changed no data: the
-        # run before it still tells where the data from before the last restore is
+        # it changed no data (killed or stopped before any restore, refused, declined, a dry
+        # run): the run before it still tells where the data from before the last restore is
+        # (an ended run used to end the search, and the next run named only its own safety
+        # snapshot, of the already-restored data)
     return None
+
+
+DEPLOY_CHANGES = {"start-slot", "migrate"}  # a deploy's steps that may change the schema
 
 
 def _serving_but_stopped(env: Environment) -> str | None:

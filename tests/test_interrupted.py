@@ -701,10 +701,11 @@ def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safet
         conn.execute("INSERT INTO items (name) VALUES ('written-after-the-snapshot')")
     assert env.source is not None
 
-    def restore(fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    def restore(fault: str | None = None, *extra: str) -> subprocess.CompletedProcess[str]:
         environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
         return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
-                               str(env.source), snap.name, "--yes", "--format", "json"],
+                               str(env.source), snap.name, "--yes", "--format", "json",
+                               *extra],
                               capture_output=True, text=True, timeout=120, check=False,
                               stdin=subprocess.DEVNULL,
                               env=environ | ({faults.VARIABLE: fault} if fault else {}))
@@ -719,6 +720,12 @@ def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safet
     assert b"written-after-the-snapshot" in gzip.decompress(before.read_bytes())
     second = restore("after:restore-database:SIGKILL")  # killed the same way: carried on
     assert second.returncode == -signal.SIGKILL, second.stderr
+    # runs that end without changing data in between (found by review: they hid it)
+    looked = restore(None, "--dry-run")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    assert json.loads(looked.stdout)["plan"]["facts"]["earlier_safety_snapshot"] == str(before)
+    refused = restore("before:stop-app-slots:SIGINT")  # Ctrl-C before any data changed
+    assert refused.returncode == 1, refused.stdout + refused.stderr
     again = restore()
     assert again.returncode == 0, again.stdout + again.stderr
     [_, _, mine] = safety_files()  # the last run's: the database as the killed ones left it
