@@ -568,6 +568,27 @@ def test_publish_refuses_when_the_go_cli_locks_the_state_file_as_the_mirror_is_w
     assert json.loads(with_state.read_text())["lock"]["locked_by"] == "ci@build-runner"
 
 
+def test_a_mirror_whose_pid_was_reused_after_a_power_loss_is_taken_over(
+        env: Environment, with_state: Path, live_pid: int) -> None:
+    """Found by review: a power loss leaves the state file's copy of the lock and empties
+    /tmp (the lock directory). After boot its pid belonged to another process, so the lock
+    looked live: every run refused for 30 minutes, and `unlock --force` refused ("a live lock
+    is never removed"). The mirror now carries the holder's /proc start time."""
+    lock = acquire(env, "rollback", None)
+    lock.publish()
+    mirrored = json.loads(with_state.read_text())["lock"]
+    assert isinstance(mirrored.get("pid_start"), int)
+    shutil.rmtree(lock.path)  # the directory went with /tmp
+    mirrored["pid"] = live_pid  # the number now belongs to another process
+    state = json.loads(with_state.read_text())
+    state["lock"] = mirrored
+    with_state.write_text(json.dumps(state))
+    judged = status(env)
+    assert judged is not None and judged.stale, judged
+    taken = acquire(env, "rollback", None)
+    taken.release()
+
+
 def test_publish_refuses_when_the_lock_was_taken_away(env: Environment, with_state: Path) -> None:
     lock = acquire(env, "rollback", None)
     unlock(env)  # our own lock, removed by hand (or by a tool that judged it stale)

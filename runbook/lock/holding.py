@@ -92,6 +92,9 @@ class Lock:
             "lock_expires_at": statemod.format_time(self.expires_at),
             "deployment_id": self.deployment_id,
             "pid": self.pid,
+            # with it, a pid reused after a power loss (the lock directory on /tmp gone, the
+            # mirror left) is not taken for a live holder: no run for 30 min, no unlock
+            "pid_start": procs.pid_start(self.pid),
             "hostname": self.hostname,
             "reason": self.reason,
         }

@@ -163,7 +163,7 @@ def _mirror_running(state_lock: Mapping[str, Any] | None, epoch: float) -> bool:
     return (mirror.pid is not None and mirror.hostname == socket.gethostname()
             and mirror.locked_at is not None
             and abs(mirror.locked_at.timestamp() - epoch) <= MIRROR_MATCH
-            and procs.pid_alive(mirror.pid, None) is True)
+            and procs.pid_alive(mirror.pid, mirror.pid_start) is True)
 
 
 def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epoch: float,
@@ -242,9 +242,12 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
         except (ValueError, OverflowError):
             return None
 
-    pid = lock.get("pid")
-    return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"),
-                  pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+    def number(key: str) -> int | None:
+        value = lock.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"), pid=number("pid"),
+                  pid_start=number("pid_start"),
                   hostname=text("hostname"), reason=text("reason"),
                   deployment_id=text("deployment_id"), locked_at=when("locked_at"),
                   expires_at=when("lock_expires_at") or when("expires_at"))
@@ -257,11 +260,7 @@ def _read_holder(path: Path) -> Holder | None:
         return None
     if not isinstance(data, dict):
         return None
-    holder = _state_holder(data)
-    start = data.get("pid_start")
-    if isinstance(start, int) and not isinstance(start, bool):
-        holder = dataclasses.replace(holder, pid_start=start)
-    return holder
+    return _state_holder(data)
 
 
 def _read_locked_at(path: Path) -> float | None:
