@@ -244,6 +244,36 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
         assert user.failures == [], user.failures[:5]
 
 
+def test_a_failed_verification_on_a_full_disk_still_puts_traffic_back(
+        drill_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: Caddy reloaded onto green, the disk then filled, and green failed its
+    verification. The undo wrote the previous Caddyfile first; that write failed, so it never
+    reloaded, and traffic stayed on the unverified green (exit 5, "traffic may not be where
+    it was"). With the admin API the previous config is loaded all the same, and the run
+    says the file on disk could not be put back."""
+    stack = drill_stack
+    if stack.has("caddy-reload"):
+        pytest.skip("a caddy-reload host's Caddy reads the Caddyfile itself: with the file "
+                    "unwritable the previous config cannot be loaded (the run says so)")
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    with tmpfs(tmp_path / "data", "4m") as data:
+        env = cramped(stack, data, caddyfile=True)
+        first = runbook(env, "rollback", "--yes", fault="switch.after-reload:SIGSTOP")
+        wait_stopped(first.pid)
+        fill_up(data)
+        subprocess.run(["docker", "kill", env.slot(Slot.GREEN).container], check=True,
+                       capture_output=True)  # green fails its verification
+        os.kill(first.pid, signal.SIGCONT)
+        code, _, err = finished(first)
+        serving = through_proxy(env)
+        os.unlink(data / "filler")
+    assert "Traceback" not in err
+    assert code == 5, err
+    assert "traffic is back on blue through the admin API" in err, err
+    assert "No space left on device" in err and "still names the new slot" in err, err
+    assert serving == ("blue", V3.tag)
+
+
 def test_a_disk_that_fills_up_during_a_deploy_leaves_the_new_version_serving_and_says_so(
         drill_stack: DrillStack, tmp_path: Path) -> None:
     """`runbook deploy` (the recovery path) through the same executor: the disk fills once

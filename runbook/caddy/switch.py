@@ -138,8 +138,25 @@ def write_config(env: Environment, text: str) -> None:
 def restore(env: Environment, data: bytes, previous: Slot | None) -> None:
     """Put a previous Caddyfile back, reload it and, when it named one slot, prove the proxy
     answers from that slot again. The undo of a switch; raises when any part fails."""
-    write_config(env, data.decode("utf-8"))
-    reload(env, data.decode("utf-8"))
+    text = data.decode("utf-8")
+    try:
+        write_config(env, text)
+    except CaddyError as exc:
+        if env.caddy.reload is not ReloadMethod.ADMIN_API:
+            raise  # caddy reload and systemctl read the file: it still names the new slot
+        # the admin API loads the text itself: traffic goes back even when the file cannot
+        # (a disk that filled up since the switch's own write), then the file is named
+        reload(env, text)
+        back = verify(env, previous, None, attempts=5, interval=0.2) if previous else None
+        where = (f"traffic is back on {previous}" if back is not None and back.ok
+                 else "the previous config was loaded")
+        raise CaddyError(
+            f"{where} through the admin API, but the previous Caddyfile could not be written "
+            f"back ({exc.message}): {env.caddy.caddyfile} on disk still names the new slot, "
+            "and a Caddy restart or reload would load it", f"{exc.fix}; then run `runbook "
+            f"status {env.name}` and put the file back", stage="restore",
+            exit_code=ExitCode.ATTENTION) from None
+    reload(env, text)
     if previous is not None:
         check = verify(env, previous, None, attempts=5, interval=0.2)
         if not check.ok:
