@@ -23,6 +23,17 @@ UNKNOWN_COMMIT = "0" * 40  # git's null object id: the commit is not known
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def _exclusive(record: Record) -> Record:
+    """The recorder's read-modify-write under states.WRITING (see there)."""
+    def recorder(env: Environment, intent: intents.Intent, observed: slots.Observed,
+                 run_id: str, ctx: StepContext) -> None:
+        with states.WRITING:
+            record(env, intent, observed, run_id, ctx)
+
+    recorder.__doc__ = record.__doc__
+    return recorder
+
+
 def full_commit(*candidates: object) -> str:
     """The first candidate that is a full commit (40 hex), else the null commit. An app's
     /health may say `abc1234` or `unknown`: taken as it was, the state write failed after
@@ -47,6 +58,7 @@ def schema(env: Environment) -> int | None:
         return None
 
 
+@_exclusive
 def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Write the deployment into the state file; a no-op when it is already there."""
@@ -77,6 +89,7 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
              migration_version=migration)
 
 
+@_exclusive
 def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Describe the switch in the state file; a no-op when it already does."""
@@ -107,6 +120,7 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     ctx.note(current=f"{version} on {target}")
 
 
+@_exclusive
 def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Write the rollback into the state file; a no-op when it is already there, so a rerun

@@ -216,15 +216,16 @@ def _interval(env: Environment) -> float:
 
 @contextlib.contextmanager
 def _heartbeat(held: locks.Lock, env: Environment) -> Iterator[None]:
-    """Refresh the lock directory from a thread while a step blocks (a long restore, a slow
-    Docker): the run never looks crashed. The state-file mirror is refreshed by the main
-    thread only, between steps, so the two never write the state file at once."""
+    """Refresh the lock from a thread while a step blocks (a long restore, a slow Docker):
+    the run never looks crashed. The state file's copy is refreshed by the main thread
+    between steps and, during a step longer than half the lock's lifetime, by this thread,
+    never inside one of this process's state writes (Lock.refresh_from_thread)."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(_interval(env)):
             with contextlib.suppress(RunbookError, OSError):
-                held.refresh(mirror=False)
+                held.refresh_from_thread()
 
     thread = threading.Thread(target=loop, name="runbook-lock-heartbeat", daemon=True)
     thread.start()

@@ -19,6 +19,7 @@ import pytest
 
 from runbook import files
 from runbook import lock as lockmod
+from runbook import state as states
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, LockedError
 from runbook.lock import acquire, guard_path, release, status, unlock
@@ -490,6 +491,36 @@ def test_a_run_longer_than_the_lock_lifetime_keeps_its_lock_fresh(tmp_path: Path
             ages.append(time.time() - int((env.lock_path / "locked_at").read_text()))
     lock.release()
     assert max(ages) < 4, ages  # never as old as the lifetime, over 6 s
+
+
+def test_a_step_longer_than_the_lock_lifetime_keeps_the_state_files_copy_fresh(
+        tmp_path: Path) -> None:
+    """Found by review: the state file's copy of the lock was refreshed between steps only,
+    so during a step longer than the lock's lifetime (a big restore, migrations) it expired,
+    and a tool that locks only there (the Go CLI) could take the lock beside the run. The
+    heartbeat's thread refreshes it; never while this process writes the state file (a run's
+    own record would then be refused as changed by another tool)."""
+    from runbook.run import _heartbeat
+
+    env = host_env(tmp_path, stale=4)  # refreshed every second
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    lock = acquire(env, "long restore", None)
+    lock.publish()
+    left: list[float] = []
+    with _heartbeat(lock, env):
+        for _ in range(14):  # 7 s of one step, no beat between steps
+            time.sleep(0.5)
+            expiry = read_state(env.state_file).lock or {}
+            left.append(datetime.fromisoformat(
+                str(expiry["lock_expires_at"]).replace("Z", "+00:00")).timestamp()
+                - time.time())
+        assert min(left) > 0, left  # never expired
+        with states.WRITING:  # this process writing the state file: the copy waits
+            before = env.state_file.read_bytes()
+            time.sleep(3)
+            assert env.state_file.read_bytes() == before
+    lock.release()
 
 
 def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:

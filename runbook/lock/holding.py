@@ -66,6 +66,7 @@ class Lock:
     stolen_from: LockStatus | None = None  # the stale lock this one replaced
     released: bool = field(default=False)
     published: bool = field(default=False)  # mirrored into the state file
+    _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
 
     def holder_json(self) -> dict[str, Any]:
         return {
@@ -112,11 +113,33 @@ class Lock:
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
             _write_lock_files(self.path, self, now)
         if mirror and self.published:
+            self._refresh_mirror()
+
+    def refresh_from_thread(self) -> None:
+        """The heartbeat thread's refresh: the directory always; the state file's copy only
+        once half its lifetime is gone (a step longer than that: a big restore, migrations)
+        and only when no state write of this process is under way. Refreshed by the main
+        thread alone, between steps, the copy expired during a 30-minute step, and a tool
+        that locks only there (the Go CLI) could take the lock beside this run."""
+        self.refresh(mirror=False)
+        due = self._mirrored_at + self.env.lock_stale_after / 2
+        if not self.published or time.time() < due \
+                or not statemod.WRITING.acquire(blocking=False):
+            return
+        try:
+            self._refresh_mirror()
+        finally:
+            statemod.WRITING.release()
+
+    def _refresh_mirror(self) -> None:
+        with statemod.WRITING:
             try:
                 self.mirror_error, lost = _mirror(self.env, self.state_json(),
                                                   replace_if=self._mirror_is_ours)
             except statemod.StateChangedError as exc:
                 self.mirror_error, lost = exc.message, None
+            if self.mirror_error is None:
+                self._mirrored_at = time.time()
             self.owner_lost = self.owner_lost or lost
 
     def publish(self) -> None:
@@ -130,8 +153,10 @@ class Lock:
             with _guard(self.env):
                 self.check_owned()
                 self._refuse_a_live_state_lock(_state_lock_mapping(self.env))
-            self.mirror_error, lost = _mirror(self.env, self.state_json(),
-                                              replace_if=self._refuse_a_live_state_lock)
+            with statemod.WRITING:
+                self.mirror_error, lost = _mirror(self.env, self.state_json(),
+                                                  replace_if=self._refuse_a_live_state_lock)
+            self._mirrored_at = time.time()
         except statemod.StateChangedError:
             raise LockedError(f"{self.env.state_file} kept changing while this run mirrored "
                               "its lock into it (another tool is writing it); nothing was "
@@ -252,7 +277,8 @@ def release(env: Environment, lock: Lock) -> bool:
             owned = True
     lock.released = True
     if lock.published:
-        with contextlib.suppress(statemod.StateChangedError):  # never replaces the outcome
+        with contextlib.suppress(statemod.StateChangedError), statemod.WRITING:
+            # (a changed file never replaces the outcome)
             _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
     return owned
 

@@ -41,7 +41,7 @@ from runbook.state.schema import (
     STATUSES,
     dialect_of,
 )
-from runbook.state.writer import StateChangedError, dumps, write_state
+from runbook.state.writer import WRITING, StateChangedError, dumps, write_state
 
 __all__ = [
     "DEFAULT_IMAGE_REPOSITORY",
@@ -52,6 +52,7 @@ __all__ = [
     "HEALTH_STATUSES",
     "MAX_STATE_BYTES",
     "STATUSES",
+    "WRITING",
     "Deployment",
     "DeploymentState",
     "StateChangedError",

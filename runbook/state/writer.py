@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,13 @@ def dumps(state: DeploymentState) -> bytes:
     if was.raw_bytes is not None and _same(data, was.raw):
         return was.raw_bytes
     return _render(data, _style_of(was.raw_bytes or b"", state.dialect))
+
+
+# Held by this process's read-modify-writes of the state file (the recorders, the lock's
+# mirror): the lock heartbeat's thread refreshes the mirror during a long step only when it
+# can take it at once, so it never lands inside the main thread's write (whose last-moment
+# check would then refuse the run's own record).
+WRITING = threading.RLock()
 
 
 class StateChangedError(StateError):
