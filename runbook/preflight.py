@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from runbook import caddy, database
 from runbook.environment import Environment, ReloadMethod
@@ -89,6 +89,53 @@ def validation(env: Environment, candidate: str) -> str:
                                 f"{exc.message}; nothing was changed",
                                 exc.fix or "set [caddy] command / container_path") from None
     return "the new Caddyfile validates"
+
+
+def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> str:
+    """Every site Caddy serves now (`loaded()`: its running config, traffic.loaded_config)
+    is in the config the switch will load. `/load` replaces Caddy's whole config: with
+    [caddy] caddyfile naming a fragment (a host whose Caddyfile imports one file per site)
+    or a stale copy, the switch loaded that alone, every other site vanished (the admin
+    listener's setting with them), and verification, of the app's site, still passed."""
+    try:
+        running = loaded()
+    except RunbookError as exc:
+        raise PreconditionError(f"pre-flight: {exc.message}", exc.fix) from None
+    new = caddy.adapt(env, candidate)
+    if new is None:  # refused or unanswered: the validation says which, and stops the run
+        return "not compared (Caddy did not adapt the new Caddyfile)"
+    missing = sorted(_sites(running) - _sites(new))
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more"
+                                          if len(missing) > 4 else "")
+        raise PreconditionError(
+            f"pre-flight: loading {env.caddy.caddyfile} would drop what Caddy serves now "
+            f"({shown}): it is not the whole config Caddy runs (a file it imports, or "
+            "another copy); nothing was changed",
+            "set [caddy] caddyfile to the file Caddy runs (its global options and every "
+            "site), or load this one first if it is what Caddy should run")
+    return "every site Caddy serves now is in the new Caddyfile"
+
+
+def _sites(config: object) -> set[str]:
+    """What a config serves, as `<hosts> on <listen address>` and `app <name>`; comparable
+    across two adaptations (server names such as srv0 are not)."""
+    apps = (config.get("apps") if isinstance(config, dict) else None) or {}
+    found = {f"app {name}" for name in apps if name != "http"} if isinstance(apps, dict) \
+        else set()
+    http = apps.get("http") if isinstance(apps, dict) else None
+    servers = (http.get("servers") if isinstance(http, dict) else None) or {}
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if not isinstance(server, dict):
+            continue
+        hosts: set[str] = set()
+        for route in server.get("routes") or ():
+            for match in (route.get("match") if isinstance(route, dict) else None) or ():
+                if isinstance(match, dict):
+                    hosts.update(str(h) for h in match.get("host") or ())
+        for listen in server.get("listen") or ():
+            found.update(f"{host} on {listen}" for host in (hosts or {"*"}))
+    return found
 
 
 def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
@@ -240,21 +287,25 @@ class Checks:
 
 
 def check(env: Environment, *, candidate: str | None, recreate: bool,
-          migrate_image: str | None = None, admin_answered: bool = False) -> dict[str, str]:
+          migrate_image: str | None = None, admin_answered: bool = False,
+          loaded: Callable[[], Any] | None = None) -> dict[str, str]:
     """Run every check the plan needs, at once (each waits on its own tool); the results as
     pre-flight details. Raises the first that fails in the order below (exit 4, nothing
     changed)."""
     return start(env, candidate=candidate, recreate=recreate, migrate_image=migrate_image,
-                 admin_answered=admin_answered).result()
+                 admin_answered=admin_answered, loaded=loaded).result()
 
 
 def start(env: Environment, *, candidate: str | None, recreate: bool,
-          migrate_image: str | None = None, admin_answered: bool = False) -> Checks:
+          migrate_image: str | None = None, admin_answered: bool = False,
+          loaded: Callable[[], Any] | None = None) -> Checks:
     """Start the checks of `check` and return at once: a planner still waiting on another
     probe (the schema guard's database) collects them afterwards."""
     probes: dict[str, Probe[str]] = {}
     if candidate is not None:
         probes["validate"] = Probe(lambda: validation(env, candidate), "validate")
+        if loaded is not None:
+            probes["sites kept"] = Probe(lambda: kept_sites(env, candidate, loaded), "sites")
     probes["reload"] = Probe(lambda: reload_path(env, admin_answered=admin_answered), "reload")
     if recreate:
         probes["compose"] = Probe(lambda: compose_path(env), "compose")

@@ -244,7 +244,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # every tool and file the plan will use, proved before the first change (issue 10);
         # started now, so Caddy validates while the schema guard still waits on the database
         checks = tool_checks.start(env, candidate=sp.new_text,
-                                   recreate=prep.action == "recreate", admin_answered=True)
+                                   recreate=prep.action == "recreate", admin_answered=True,
+                                   loaded=lambda: traffic.loaded_config(env))
         guard = guard_probe.result()
         warnings += guard.warnings
         tools = checks.result()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import docker, finish, recording, slots, traffic
+from runbook import caddy, docker, finish, preflight, recording, slots, traffic
 from runbook import intent as intents
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
@@ -75,11 +75,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     def run_state(ctx: StepContext) -> None:
         recording.switch(env, intent, observed, run_id, ctx)
 
-    switch, diff = slots.switch_step(env, target, version, observed)
+    planned = caddy.plan_switch(env, target)
+    # /load replaces Caddy's whole config: every site it serves now must be in the new one
+    kept = preflight.kept_sites(env, planned.new_text, lambda: traffic.loaded_config(env))
+    switch, diff = slots.switch_step(env, target, version, observed, planned=planned)
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
             "traffic now": now.describe() if now.slot else f"no single slot ({now.problem(env)})",
-            "target": f"{target}: {prep.describe_container}"}, phase=Phase.PREFLIGHT),
+            "target": f"{target}: {prep.describe_container}", "sites kept": kept},
+             phase=Phase.PREFLIGHT),
         *([_replace_record(env, repairing.intent)] if repairing is not None else []),
         slots.run_step(env, prep),
         slots.gate_step(env, target, force=options.force, expected_version=version,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, files, rollback, slots, traffic
+from runbook import caddy, deploy, docker, files, rollback, slots, switch, traffic
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
@@ -132,6 +132,32 @@ def test_active_health_checks_move_with_the_switch(stack: DrillStack) -> None:
     time.sleep(1.0)  # ten health intervals with the old slot stopped
     for _ in range(5):
         assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_caddyfile_that_is_not_the_whole_config_caddy_runs_is_refused(
+        stack: DrillStack) -> None:
+    """Found by review: `/load` replaces Caddy's whole config. With [caddy] caddyfile naming
+    one site's file (a host whose Caddyfile imports a file per site) the switch loaded that
+    alone: every other site vanished, and verification, of the app's site, passed."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    site = text[text.index(f"http://127.0.0.1:{stack.ports.proxy} {{"):]
+    fragment = env.caddy.caddyfile.with_name("togather.caddy")
+    fragment.write_text(site)  # the app's site alone, slot markers and all
+    partial = env.with_(caddy=dataclasses.replace(env.caddy, caddyfile=fragment))
+    before = snapshot(env)
+    for attempt in (lambda: rollback.rollback(partial),
+                    lambda: switch.switch(partial, switch.Options(slot=Slot.GREEN))):
+        with pytest.raises(RunbookError) as err:
+            attempt()
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert "would drop what Caddy serves now" in str(err.value), err.value
+        assert f"127.0.0.1 on 127.0.0.1:{stack.ports.other_site}" in str(err.value)
+    assert snapshot(env) == before
+    assert fragment.read_text() == site
+    ping = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/ping", timeout=5)
+    assert ping.status_code == 200 and ping.text == "pong"  # the other site still served
+    assert through_proxy(env) == ("blue", V3.tag)
 
 
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
