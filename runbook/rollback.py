@@ -223,6 +223,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             seen = ("changed nothing users see" if containers[live].result().running
                     else f"left the serving slot {live} STOPPED (users get errors until this "
                          "run switches traffic)")
+            # a `rollback --restore-snapshot` killed once its restore began is resumed by
+            # the command it names, without the flag: it must still say the database was
+            # replaced, and where the data from before is (it said "nothing users see")
+            from runbook.snapshot_restore import killed_restore
+
+            restored = killed_restore(env, run_id)
+            if restored is not None:
+                seen = (f"restored the database before it stopped (the data from before that "
+                        f"restore is in {restored['safety']}, its safety snapshot: keep it)"
+                        + ("" if containers[live].result().running
+                           else f" and left the serving slot {live} STOPPED"))
             warnings.insert(0, f"an interrupted run {seen}; continuing: {found[0].describe()}")
         standby = live.other
         wanted = slots.image_of(env, target.version, target.image or None)

@@ -810,6 +810,26 @@ def test_a_repairing_switch_stopped_at_its_first_step_keeps_the_interrupted_runs
     assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
 
 
+def test_a_rollback_resumed_without_its_restore_flag_says_the_database_was_restored(
+        stack: DrillStack) -> None:
+    """Found by review: `rollback --restore-snapshot` killed once its restore had replaced
+    the database is resumed by the command it names, `runbook rollback` (no flag). That
+    plan said the interrupted run "changed nothing users see" and never named the safety
+    snapshot: the data from before the restore, which nothing else pointed to."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    [safety] = env.database.snapshot_dir.glob("*pre-restore*.sql.gz")
+    again = cli(env, "rollback", "--yes")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "restored the database before it stopped" in said and str(safety) in said, said
+    assert "changed nothing users see" not in said
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
 def test_a_restore_continued_then_interrupted_starts_the_slot_the_first_run_stopped(
         stack: DrillStack) -> None:
     """`rollback --restore-snapshot` killed once its maintenance stop left the serving slot
