@@ -26,9 +26,9 @@ from runbook.snapshots.replay import (
     prelude,
     replay,
 )
-from runbook.snapshots.stats import current_state, loss_window
+from runbook.snapshots.stats import current_state, loss_window, server_version
 from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
-from runbook.snapshots.verify import verify
+from runbook.snapshots.verify import check_server, verify
 from runbook.times import format_utc as _fmt
 
 __all__ = ["prepare", "restore", "restore_steps", "start_step"]
@@ -70,6 +70,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     tgt = commands.target(env)
     commands.require_container(env)
     now_schema, _ = current_state(env)  # unreachable -> refused here, before any change
+    check_server(snapshot, verified, server_version(env))
     window = loss_window(env, snapshot).describe()
     killed = killed_restore(env, run_id)
     facts["earlier_safety_snapshot"] = killed["safety"] if killed else None

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -32,6 +33,7 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
 from runbook.snapshots import dump as dump_module
 from runbook.snapshots import store as store_module
+from runbook.snapshots import verify as verify_module
 from tests.drill_checks import fill, tmpfs
 
 pytestmark = pytest.mark.docker
@@ -323,6 +325,45 @@ def test_file_corrupted_mid_stream_rolls_back(stack: DrillStack) -> None:
     assert "\n" not in err.value.message
     assert item_names(stack) == before and schema_version(stack) == 1
     assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}  # undone
+
+
+def test_a_dump_by_a_newer_pg_dump_is_refused_before_the_app_stops(stack: DrillStack) -> None:
+    """Found by review: the tooling dumps with the host's pg_dump. One by pg_dump 17 sets
+    `transaction_timeout`, which an older server rejects: found mid-replay, the restore had
+    stopped the app and taken its safety snapshot before failing and rolling back. It is now
+    refused from the dump's header while planning, nothing changed."""
+    env = stack.env
+    add_items(stack, "kept")
+    snap = snapshots.create(env, "base")
+    sql = gzip.decompress(snap.path.read_bytes())
+    header = re.search(rb"-- Dumped by pg_dump version [^\n]+", sql)
+    assert header is not None and b"SET statement_timeout = 0;" in sql
+    newer = sql.replace(header.group(0), b"-- Dumped by pg_dump version 17.3", 1).replace(
+        b"SET statement_timeout = 0;", b"SET statement_timeout = 0;\nSET transaction_timeout = 0;",
+        1)
+    path = env.database.snapshot_dir / "togather_togather_20200101_000000_go-cli.sql.gz"
+    path.write_bytes(gzip.compress(newer))  # no sidecar, as the shell tooling's
+    before = untouched(stack)
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, path.name)
+    assert "pg_dump 17.3" in str(err.value) and "nothing was changed" in str(err.value)
+    assert untouched(stack) == before  # the app never stopped, no safety snapshot taken
+
+
+def test_the_restrict_meta_command_is_refused_only_where_psql_predates_it() -> None:
+    """psql learnt `\\restrict` in 17.6, 16.10, 15.14, 14.19 and 13.22; dumps from those
+    pg_dumps carry it."""
+    snap = snapshots.Snapshot(Path("/x/togather_togather_20200101_000000_x.sql.gz"), None)
+    made = verify_module.Verified(snap, "", 1, False, (), "togather", (16, 10), True)
+    with pytest.raises(RunbookError, match="predates"):
+        verify_module.check_server(snap, made, (16, 4))
+    verify_module.check_server(snap, made, (16, 10))  # knows it
+    verify_module.check_server(snap, made, (18, 0))
+    plain = dataclasses.replace(made, restrict=False, dumped_by=(16, 11))
+    verify_module.check_server(snap, plain, (15, 2))  # an older major's dump mostly loads
+    with pytest.raises(RunbookError, match="does not know"):
+        verify_module.check_server(snap, dataclasses.replace(plain, dumped_by=(17, 0)),
+                                   (16, 9))
 
 
 def test_sql_error_mid_restore_rolls_back_the_drop_schema(stack: DrillStack) -> None:

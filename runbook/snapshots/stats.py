@@ -78,6 +78,14 @@ def read_snapshot(env: Environment) -> Iterator[Any]:
                 conn.execute("ROLLBACK")
 
 
+def server_version(env: Environment) -> tuple[int, int]:
+    """The server's (major, minor), e.g. (15, 4): what its psql, which replays a restore,
+    understands."""
+    with read_snapshot(env) as conn:
+        number = int(conn.execute("SHOW server_version_num").fetchone()[0])
+    return number // 10000, number % 10000
+
+
 def current_state(env: Environment) -> tuple[database.SchemaVersion, dict[str, TableStats]]:
     """The schema version and per-table stats right now, read consistently."""
     with read_snapshot(env) as conn:

@@ -35,6 +35,8 @@ class Verified:
     dirty: bool
     schemas: tuple[bytes, ...]  # `CREATE SCHEMA x` names in the dump, as written
     database: str
+    dumped_by: tuple[int, int] | None = None  # pg_dump's version, from the dump's header
+    restrict: bool = False  # the dump holds psql's `\restrict` (pg_dump 17.6, 16.10, ...)
 
 
 _SM_HEADER = b"\nCOPY public.schema_migrations "
@@ -43,16 +45,32 @@ _SM_RE = re.compile(rb"^COPY public\.schema_migrations \(([^)]*)\) FROM stdin;\n
                     re.M | re.S)
 
 
+_DUMPED_BY_RE = re.compile(rb"^-- Dumped by pg_dump version (\d+)(?:\.(\d+))?", re.M)
+_RESTRICT_RE = re.compile(rb"^\\restrict ", re.M)
+# the first minor of each major whose psql knows `\restrict` (the August 2025 releases)
+RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+
+
 class _Scanner:
-    """Finds schema_migrations' rows and CREATE SCHEMA lines in the streamed SQL."""
+    """Finds schema_migrations' rows, CREATE SCHEMA lines, pg_dump's version and psql's
+    restrict meta-command in the streamed SQL."""
 
     def __init__(self) -> None:
         self.carry = b""
         self.tail = b""
         self.schemas: list[bytes] = []
         self.sm: tuple[int, bool] | None = None
+        self.head = True
+        self.dumped_by: tuple[int, int] | None = None
+        self.restrict = False
 
     def feed(self, chunk: bytes) -> None:
+        if self.head:  # pg_dump writes its version in the first lines
+            self.head = False
+            if found := _DUMPED_BY_RE.search(chunk[:8192]):
+                self.dumped_by = (int(found.group(1)), int(found.group(2) or 0))
+        if not self.restrict and b"\\restrict " in self.carry[-64:] + chunk:
+            self.restrict = bool(_RESTRICT_RE.search(self.carry[-64:] + chunk))
         self.tail = (self.tail + chunk)[-4096:]
         buf = self.carry + chunk
         cut = buf.rfind(b"\n") + 1
@@ -160,4 +178,29 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
         raise _bad_file(snap, f"holds schema_migrations {version} but its sidecar says "
                               f"{snap.migration_version}")
     return Verified(snap, digest, version, dirty, tuple(dict.fromkeys(scanner.schemas)),
-                    tgt.dbname)
+                    tgt.dbname, scanner.dumped_by, scanner.restrict)
+
+
+def check_server(snap: Snapshot, verified: Verified, server: tuple[int, int]) -> None:
+    """Refuse, before anything changes, a dump the server's own psql cannot replay: one by
+    a pg_dump 17 or later into an older server (`SET transaction_timeout`), or one holding
+    the restrict meta-command that the server's psql predates. Found only mid-replay, it
+    stopped the app, took the safety snapshot, failed and rolled back: downtime for a cryptic
+    psql error. The tooling dumps with the host's pg_dump; the runbook's runs in the database
+    container."""
+    if verified.dumped_by is None:
+        return
+    dumped, (major, minor) = verified.dumped_by, server
+    knows_restrict = major >= 18 or minor >= RESTRICT_SINCE.get(major, 10**6)
+    # pg_dump 17 writes `SET transaction_timeout` whatever the server it dumped: older
+    # servers reject it (older pg_dumps into older servers mostly load, and are let be)
+    why = (f"which writes settings the server ({major}.{minor}) does not know"
+           if dumped[0] > major and dumped[0] >= 17
+           else f"with psql's \\restrict, which the server's psql {major}.{minor} predates"
+           if verified.restrict and not knows_restrict else None)
+    if why is not None:
+        raise SnapshotError(
+            f"snapshot {snap.name} was written by pg_dump {dumped[0]}.{dumped[1]}, {why}: "
+            "its replay would fail after the app was stopped; nothing was changed",
+            "pick a snapshot taken by the runbook (pg_dump inside the database container), "
+            "or take a new one: `runbook snapshot create`")
