@@ -357,7 +357,10 @@ class _Execution:
                                          step.phase.value, ctx.result))
         self._say("done", step)
         if step.phase is Phase.COMMIT and not self.committed:
-            self._commit()
+            try:  # a commit step that returned without committing: a pending signal still
+                self._commit()  # undoes it (raised bare, it read "before any change")
+            except Interrupted as exc:
+                raise self._rolled_back(exc) from None
 
     def _commit(self) -> None:
         """The commit point: the switch is verified. A signal that arrived during the switch,

@@ -752,6 +752,34 @@ def test_a_lock_taken_away_before_the_switch_undoes_and_never_switches(
     assert env.lock_path.is_dir() and not (env.lock_path / "holder.json").exists()
 
 
+def test_a_signal_pending_when_a_commit_step_returns_without_committing_undoes_it(
+        env: Environment, with_state: Path) -> None:
+    """Found by review: the executor's fallback commit (a COMMIT step that returned without
+    `ctx.commit()`) ran outside the step's handler; a signal pending then escaped as "before
+    any change; nothing was changed", no undo run."""
+    import signal as signals
+
+    from runbook.errors import RunbookError
+    from runbook.plan import Phase, Plan, Step, StepContext
+    from runbook.run import perform
+
+    calls: list[str] = []
+
+    def switch(ctx: StepContext) -> None:
+        calls.append("switch")
+        ctx.on_failure("put Caddy back", lambda: calls.append("undo switch"))
+        os.kill(os.getpid(), signals.SIGTERM)  # held: the switch is not interruptible
+        time.sleep(0.1)  # the handler runs; the step returns without ctx.commit()
+
+    with pytest.raises(RunbookError) as info:
+        perform(env, "switch", lambda run_id: Plan("switch", env, "test", [
+            Step("switch", "Switch Caddy", run=switch, phase=Phase.COMMIT)]), dry_run=False,
+            reason="test", confirm=lambda plan: True)
+    assert calls == ["switch", "undo switch"], calls
+    assert "before any change" not in info.value.message, info.value.message
+    assert info.value.exit_code == ExitCode.FAILED_SAFELY
+
+
 def test_a_prompt_open_longer_than_the_lock_lifetime_keeps_the_lock_fresh(
         tmp_path: Path) -> None:
     from runbook.plan import Plan, Step
