@@ -558,6 +558,45 @@ def test_no_disk_space_for_the_safety_snapshot_changes_nothing(
     assert item_names(stack) == ["precious", "after-snapshot"]
 
 
+def test_a_dump_stops_before_it_fills_the_disk(stack: DrillStack, tmp_path: Path) -> None:
+    """A dump that filled its filesystem failed cleanly, but only once the disk was full,
+    and the database, the app's logs and the runbook's records usually share that disk (a
+    full one can stop Postgres). It now keeps 5 % of it (at most 256 MiB) free: stopped
+    there, its partial removed, the disk never full. Measured by polling the filesystem
+    while the dump runs."""
+    with stack.connect() as conn:  # ~4 MiB compressed: more than the room given below
+        conn.execute("INSERT INTO items (name) SELECT md5(random()::text) || "
+                     "md5(random()::text) FROM generate_series(1, 120000)")
+    with tmpfs(tmp_path / "small", "40m") as small:  # 2 MiB kept free
+        (small / "filler").write_bytes(b"\0" * (75 * 512 * 1024))  # 2.5 MiB left
+        st = os.statvfs(small)
+        reserve = int(st.f_blocks * st.f_frsize * 0.05)
+        cramped = stack.env.with_(database=dataclasses.replace(stack.env.database,
+                                                               snapshot_dir=small))
+        lowest: list[int] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                probe = os.statvfs(small)
+                lowest.append(probe.f_bavail * probe.f_frsize)
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with pytest.raises(RunbookError) as err:
+                snapshots.create(cramped, "big")
+        finally:
+            done.set()
+            watcher.join()
+        # never full: at most one compressed chunk (~0.6 MiB) below the reserve
+        assert min(lowest) > reserve - 768 * 1024, (min(lowest), reserve)
+        assert err.value.exit_code == ExitCode.PRECONDITION
+        assert "no disk space" in str(err.value) and "stopped after" in str(err.value)
+        assert [p.name for p in small.iterdir()] == ["filler"]
+
+
 # -- the command line --------------------------------------------------------------------------
 
 def test_cli_create_list_restore_cleanup(stack: DrillStack) -> None:

@@ -163,6 +163,8 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
     The file is flocked from its creation through a duplicate descriptor appended to `held`
     (the caller closes it once the dump is named): a `.partial` whose lock can be taken is a
     killed run's, removed by the next snapshot or cleanup whatever its age."""
+    reserve = _reserve(directory)
+    _keep_room(directory, reserve, 0)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -184,6 +186,8 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
             while chunk := proc.stdout.read(CHUNK):
                 tail = (tail + chunk)[-4096:]
                 out.write(compressor.compress(chunk))
+                fh.flush()  # what the disk holds, so the room left is measured truly
+                _keep_room(directory, reserve, out.size)
             out.write(compressor.flush())
             code = proc.wait()
             if code != 0:
@@ -211,6 +215,41 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+RESERVE_FRACTION = 0.05  # of the filesystem, kept free while a dump grows ...
+RESERVE_MAX = 256 * 1024 * 1024  # ... but never more than this
+
+
+def _reserve(directory: Path) -> int:
+    """The room a dump leaves free on its filesystem: the database (WAL), the app's logs and
+    the runbook's own records usually share it, and a dump that filled it could stop
+    Postgres, an outage the snapshot was taken to prevent."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return int(min(RESERVE_MAX, st.f_blocks * st.f_frsize * RESERVE_FRACTION))
+
+
+def _keep_room(directory: Path, reserve: int, written: int) -> None:
+    """Stop the dump (its partial file removed by the caller) once the filesystem is down to
+    `reserve` free; before the first byte, refuse it."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free >= reserve and (free > 0 or reserve > 0):
+        return
+    mib = 1024 * 1024
+    done = f"stopped after {written / mib:.1f} MiB: " if written else ""
+    raise PreconditionError(
+        f"no disk space in {directory} for the snapshot: {done}{free / mib:.1f} MiB free, "
+        f"under the {reserve / mib:.1f} MiB kept free for the database and the host (a full "
+        "disk can stop Postgres); nothing was changed",
+        "free space there (`df -h`, `runbook snapshot cleanup`) or point [database] "
+        "snapshot_dir in the environment file at a bigger disk")
 
 
 def pre_deploy_snapshot(env: Environment, deployment_id: str, git_commit: str,
