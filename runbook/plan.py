@@ -215,10 +215,11 @@ class Signals:
             yield self  # signals are only delivered to the main thread anyway
             return
         for handled in HANDLED:
-            # one the run was started to ignore stays ignored: `nohup runbook ...` (SIGHUP)
-            # or a background job of a script (SIGINT) must outlive the closed session, not
-            # undo itself, or stop after its commit with the old slot left running
-            if signal.getsignal(handled) is signal.SIG_IGN:
+            # a hangup the run was started to ignore stays ignored: `nohup runbook ...` must
+            # outlive the closed session, not undo itself (or stop after its commit with the
+            # old slot left running). SIGINT is always handled: a shell ignores it in its
+            # background jobs, and Ctrl-C there is still on-call's way to stop a run
+            if handled == signal.SIGHUP and signal.getsignal(handled) is signal.SIG_IGN:
                 continue
             self._previous[handled] = signal.signal(handled, self._handler)
         try:

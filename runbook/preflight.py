@@ -97,6 +97,12 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     [caddy] caddyfile naming a fragment (a host whose Caddyfile imports one file per site)
     or a stale copy, the switch loaded that alone, every other site vanished (the admin
     listener's setting with them), and verification, of the app's site, still passed."""
+    if env.caddy.reload is ReloadMethod.SYSTEMCTL:
+        return "not compared: systemctl reloads the config file Caddy's own unit names"
+    if env.caddy.reload is ReloadMethod.CADDY_RELOAD and any(
+            i.relative for i in caddy.file_imports(candidate)):
+        # `caddy reload` reads the file and resolves them beside it; `/adapt` has no path
+        return "not compared: relative imports, which only `caddy reload` resolves"
     try:
         running = loaded()
     except RunbookError as exc:
