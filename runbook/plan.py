@@ -265,6 +265,7 @@ class _Execution:
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     committed: bool = False
     intent_written: bool = False
+    undo_failed: bool = False
 
     @property
     def env(self) -> Environment:
@@ -303,8 +304,9 @@ class _Execution:
             return
         if (old := self.plan.replaces) is not None:
             def put_back(old: intents.Intent = old) -> None:
-                # unless this run left something that stays: its own record says so then
-                if not self.irreversible:
+                # unless this run left something that stays, or an undo failed: its own
+                # record says so then (the run keeps it, and the next one must read it)
+                if not self.irreversible and not self.undo_failed:
                     intents.write(self.env, old)
 
             self.undos.append(("put back the interrupted run's record", put_back))
@@ -424,6 +426,7 @@ class _Execution:
                     self.irreversible.append((stays.message, stays.fix))
             except Exception as exc:  # keep undoing the rest; report loudly
                 failed.append(f"{title}: {_describe(exc)}")
+                self.undo_failed = True
                 self.journal.log("ERROR", f"could not undo: {title}: {_describe(exc)}",
                                  step="undo")
             else:

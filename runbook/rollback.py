@@ -229,7 +229,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             from runbook.snapshot_restore import killed_restore
 
             restored = killed_restore(env, run_id)
-            if restored is not None:
+            if restored is not None and restored["run_id"] == found[0].run_id:
                 seen = (f"restored the database before it stopped (the data from before that "
                         f"restore is in {restored['safety']}, its safety snapshot: keep it)"
                         + ("" if containers[live].result().running

@@ -260,17 +260,18 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         if killed and "restore-database" in steps and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
                     "started_at": str(data.get("started_at"))}
-        if "restore-database" in steps or (data.get("action") == "deploy"
-                                           and DEPLOY_CHANGES & steps.keys()):
-            return None  # it may have changed the database since: what it left is unknown
-        # it changed no data (killed or stopped before any restore, refused, declined, a dry
-        # run): the run before it still tells where the data from before the last restore is
-        # (an ended run used to end the search, and the next run named only its own safety
-        # snapshot, of the already-restored data)
+        if SERVED_OR_CHANGED & steps.keys():
+            return None  # the app may have served (and written) since, or the data changed:
+            # the database is no longer what that restore left, so its pointer is stale
+        # it changed nothing and let nothing serve (killed or stopped before any such step,
+        # refused, declined, a dry run): the run before it still tells where the data from
+        # before the last restore is (an ended run used to end the search, and the next run
+        # named only its own safety snapshot, of the already-restored data)
     return None
 
 
-DEPLOY_CHANGES = {"start-slot", "migrate"}  # a deploy's steps that may change the schema
+# steps after which the app may have served, or the data changed (any verb's)
+SERVED_OR_CHANGED = {"start-slot", "migrate", "switch", "restore-database", "start-app-slots"}
 
 
 def _serving_but_stopped(env: Environment) -> str | None:

@@ -416,15 +416,18 @@ def test_health_check_ports_on_a_slot_move_with_the_switch() -> None:
 def test_the_wrong_port_repair_refuses_an_upstream_named_after_a_container() -> None:
     """Found by review: with Caddy in a container proxying to `togather-server-blue:8080`
     (the slots' network, no slot's port), the repair kept the name and put a slot's port on
-    it: a 502 for every user until verification put the file back. An address of this host
-    is still repaired."""
+    it: a 502 for every user until verification put the file back. So is a container's (or
+    another machine's) address; one of this host is still repaired."""
     text = HOST_CADDYFILE.replace("localhost:8081 {", "togather-server-blue:8080 {").replace(
         "127.0.0.1:8081 {", "togather-server-blue:8080 {")
-    with pytest.raises(CaddyError, match="by name") as err:
+    with pytest.raises(CaddyError, match="not this host") as err:
         caddy.rewrite(text, ENV, Slot.GREEN)
     assert err.value.exit_code == ExitCode.PRECONDITION
-    gateway = text.replace("togather-server-blue:8080", "172.17.0.1:8018")
-    assert "172.17.0.1:8082" in caddy.rewrite(gateway, ENV, Slot.GREEN)
+    elsewhere = text.replace("togather-server-blue:8080", "192.0.2.7:8080")  # TEST-NET-1
+    with pytest.raises(CaddyError, match="not this host"):
+        caddy.rewrite(elsewhere, ENV, Slot.GREEN)
+    loopback = text.replace("togather-server-blue:8080", "127.0.0.2:8018")
+    assert "127.0.0.2:8082" in caddy.rewrite(loopback, ENV, Slot.GREEN)
 
 
 GRAFANA_BESIDE_THE_APP = """\

@@ -364,10 +364,10 @@ def test_finishing_a_run_makes_the_caddyfile_on_disk_name_the_slot_caddy_runs(
 
 
 def test_a_run_started_under_nohup_outlives_the_hangup(stack: DrillStack) -> None:
-    """Found by review: the runbook's SIGHUP handler replaced the SIG_IGN that `nohup` (or a
-    script's background job, for SIGINT) started it with, so a dropped ssh session undid a
-    rollback meant to outlive it. A hangup as the gate waits: undone when SIGHUP is the
-    runbook's to handle, ignored (the run goes on) under nohup."""
+    """Found by review: the runbook's SIGHUP handler replaced the SIG_IGN that `nohup`
+    started it with, so a dropped ssh session undid a rollback meant to outlive it. A
+    hangup as the gate waits: undone when SIGHUP is the runbook's to handle, ignored (the
+    run goes on) under nohup."""
     env = arrange(stack)  # v3 serving from blue, v2 stopped on green
     hung = cli(env, "rollback", "--yes", fault="before:health-gate:SIGHUP")
     assert hung.returncode == 1 and "SIGHUP" in hung.stderr, hung.stderr
@@ -381,6 +381,16 @@ def test_a_run_started_under_nohup_outlives_the_hangup(stack: DrillStack) -> Non
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     assert nohup.returncode == 0, nohup.stderr
     assert through_proxy(env) == ("green", V2.tag)
+    # Ctrl-C stays on-call's way to stop a run, even in a background job that inherited
+    # SIGINT ignored (as a shell's `cmd &` does, and CI runs this suite so)
+    env = arrange(stack)
+    background = subprocess.run(
+        [sys.executable, "-m", "runbook.cli", "rollback", "--yes", str(env.source)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+        env=environ | {faults.VARIABLE: "before:health-gate:SIGINT"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert background.returncode == 1 and "SIGINT" in background.stderr, background.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
 
 
 def test_a_switch_back_after_a_killed_run_that_took_effect_switches_back(
@@ -828,6 +838,14 @@ def test_a_rollback_resumed_without_its_restore_flag_says_the_database_was_resto
     assert "restored the database before it stopped" in said and str(safety) in said, said
     assert "changed nothing users see" not in said
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    # the app has served since: a later restore's "data from before" is its own safety
+    # snapshot, never that old one (found by review: it was named, weeks of writes later)
+    later = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                            str(env.source), safety.name, "--dry-run", "--format", "json"],
+                           capture_output=True, text=True, timeout=120, check=False,
+                           stdin=subprocess.DEVNULL)
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert json.loads(later.stdout)["plan"]["facts"]["earlier_safety_snapshot"] is None
 
 
 def test_a_restore_continued_then_interrupted_starts_the_slot_the_first_run_stopped(

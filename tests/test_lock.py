@@ -780,6 +780,48 @@ def test_a_signal_pending_when_a_commit_step_returns_without_committing_undoes_i
     assert info.value.exit_code == ExitCode.FAILED_SAFELY
 
 
+def test_a_replaced_record_is_not_put_back_over_a_run_whose_undo_failed(
+        env: Environment, with_state: Path) -> None:
+    """Found by review: the put-back of the interrupted run's record (Plan.replaces) ran
+    even after another undo failed; the run then kept "its" record, which was the other
+    run's, and status and the next run reasoned from a deploy that never moved traffic."""
+    from runbook import intent as intents
+    from runbook.errors import RunbookError
+    from runbook.plan import Phase, Plan, Step, StepContext
+    from runbook.run import perform
+
+    old = intents.Intent(run_id="dep_old", action="deploy", environment=env.name,
+                         from_slot="blue", to_slot="green", from_version="aaaaaaa",
+                         to_version="bbbbbbb")
+    intents.write(env, old)
+    mine: list[str] = []
+
+    def prepare(ctx: StepContext) -> None:
+        def cannot() -> None:
+            raise OSError("the engine is gone")
+
+        ctx.on_failure("stop the standby", cannot)
+
+    def switch(ctx: StepContext) -> None:
+        raise RunbookError("verification failed", "check the proxy")
+
+    def build(run_id: str) -> Plan:
+        mine.append(run_id)
+        return Plan("switch", env, "test", [
+            Step("start-slot", "Start the standby", run=prepare, phase=Phase.PREPARE),
+            Step("switch", "Switch Caddy", run=switch, phase=Phase.COMMIT)],
+            intent=intents.Intent(run_id=run_id, action="switch", environment=env.name,
+                                  from_slot="blue", to_slot="green", from_version=None,
+                                  to_version="ccccccc"),
+            replaces=old)
+
+    with pytest.raises(RunbookError) as info:
+        perform(env, "switch", build, dry_run=False, reason="test", confirm=lambda plan: True)
+    assert "undoing failed" in info.value.message, info.value.message
+    kept = intents.read(env)
+    assert kept is not None and kept.run_id == mine[0], kept  # this run's, not dep_old's
+
+
 def test_a_prompt_open_longer_than_the_lock_lifetime_keeps_the_lock_fresh(
         tmp_path: Path) -> None:
     from runbook.plan import Plan, Step

@@ -333,25 +333,40 @@ def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
     host's loopback (or an address of it), wrong for a container's name, where the slot's
     published port listens on nothing (`togather-server-blue:8080` became
     `togather-server-blue:8082`: a 502 for every user until verification put it back)."""
-    allowed = _THIS_HOST | {cfg.host.lower() for cfg in env.slots.values()}
+    import socket
+
+    allowed = _THIS_HOST | {cfg.host.lower() for cfg in env.slots.values()} | {
+        socket.gethostname().lower(), socket.getfqdn().lower()}
     for up in upstreams:
         host = (up.host or "").strip("[]").lower()
-        if not host or host in allowed or _is_address(host):
+        if not host or host in allowed or _local_address(host):
             continue
         raise CaddyError(
             f"no upstream between the slot markers is on a slot's port, and line {up.line} "
-            f"dials {up.text} by name: repointing it at {host}:<slot port> would reach no "
-            "slot (a container's name is not where the slots' published ports listen)",
+            f"dials {up.text}, which is not this host: repointing it at {host}:<slot port> "
+            "would reach no slot (a container's name or address is not where the slots' "
+            "published ports listen)",
             "proxy to the slots' published ports on this host (localhost:<port>) between "
             "the markers by hand, then run `runbook switch`", exit_code=ExitCode.PRECONDITION)
 
 
-def _is_address(host: str) -> bool:
+def _local_address(host: str) -> bool:
+    """An IP address of this host: loopback, or one a socket can bind to here (the one
+    read of the machine in this module; a container's address on a Docker network is not)."""
     import ipaddress
+    import socket
 
     try:
-        ipaddress.ip_address(host.split("%")[0])
+        address = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
         return False
     return True
 

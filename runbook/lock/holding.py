@@ -298,14 +298,18 @@ def unlock(env: Environment, force: bool = False) -> str:
     with _guard(env):
         current = _inspect(env)
         if current is None:
-            state_only = _state_lock_status(env)
+            judged = _state_lock_mapping(env)
+            state_only = _judge_state_lock(env, judged)
             if state_only is None:
                 return f"{env.display}: no deploy lock is held; nothing to do"
             _check_removable(env, state_only, force)
-            judged = _state_lock_mapping(env)
             # only the lock judged removable: a file written since (the Go CLI's new lock)
             # is read again by _mirror and left alone
-            _mirror(env, {"locked": False}, replace_if=lambda lock: lock == judged)
+            try:
+                _mirror(env, {"locked": False}, replace_if=lambda lock: lock == judged)
+            except statemod.StateChangedError:
+                return (f"{env.display}: the state file's lock ({state_only.why}) was left as "
+                        f"it is: {env.state_file} kept changing (another tool writes it)")
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
         _check_removable(env, current, force)

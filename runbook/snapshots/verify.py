@@ -195,7 +195,7 @@ def check_server(snap: Snapshot, verified: Verified, server: tuple[int, int]) ->
     # pg_dump 17 writes `SET transaction_timeout` whatever the server it dumped: older
     # servers reject it (older pg_dumps into older servers mostly load, and are let be)
     why = (f"which writes settings the server ({major}.{minor}) does not know"
-           if dumped[0] > major and dumped[0] >= 17
+           if dumped[0] >= 17 > major
            else f"with psql's \\restrict, which the server's psql {major}.{minor} predates"
            if verified.restrict and not knows_restrict else None)
     if why is not None:
