@@ -127,17 +127,18 @@ class _Socket:
 
 class _Connection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int | None, deadline: _Deadline,
-                 tls: ssl.SSLContext | None) -> None:
+                 tls: ssl.SSLContext | None, server_name: str | None = None) -> None:
         super().__init__(host, port, timeout=deadline.seconds)
         self._deadline = deadline
         self._tls = tls
+        self._server_name = server_name or host
 
     def connect(self) -> None:
         sock = socket.create_connection((self.host, self.port), self._deadline.left())
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
             sock.settimeout(self._deadline.left())
-            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            sock = self._tls.wrap_socket(sock, server_hostname=self._server_name)
         self.sock = _Socket(sock, self._deadline)
 
 
@@ -167,9 +168,11 @@ def _failure(exc: BaseException, deadline: _Deadline, status: int | None) -> Htt
 
 def request(method: str, url: str, *, timeout: float,
             headers: Mapping[str, str] | None = None, content: bytes | None = None,
-            max_body: int | None = MAX_BODY) -> Answer:
+            max_body: int | None = MAX_BODY, site: str | None = None) -> Answer:
     """Send one request on a fresh connection (closed afterwards) and read the whole answer,
-    all within `timeout` seconds. Raises HttpFailure when there is no complete answer."""
+    all within `timeout` seconds. Raises HttpFailure when there is no complete answer.
+    `site`: the host name asked for (Host header, TLS server name and certificate check)
+    while connecting to the URL's address."""
     deadline = _Deadline(timeout)
     try:
         parts = urlsplit(url)
@@ -181,7 +184,9 @@ def request(method: str, url: str, *, timeout: float,
         raise HttpFailure(f"unsupported URL {url!r}: only http:// and https:// with a host")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     conn = _Connection(parts.hostname, port, deadline,
-                       _tls() if parts.scheme == "https" else None)
+                       _tls() if parts.scheme == "https" else None, site)
+    if site:
+        headers = {**(headers or {}), "Host": site}
     status: int | None = None
     body = bytearray()
     response: http.client.HTTPResponse | None = None

@@ -232,8 +232,9 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
     then skipped, so that alone is a problem (never "No problems found")."""
     if f.traffic is None:
         if f.traffic_error is not None and f.caddy_running:  # Caddy down: said by caddy_problems
+            site = f" -H 'Host: {f.env.caddy.site}'" if f.env.caddy.site else ""
             yield _error(f.traffic_error, f"check `curl {f.env.caddy.admin_url}/config/` and "
-                         f"`curl -sI {f.env.caddy.proxy_url}{f.env.caddy.verify_path}`")
+                         f"`curl -sI{site} {f.env.caddy.proxy_url}{f.env.caddy.verify_path}`")
         return
     trouble = f.traffic.problem(f.env)
     if trouble:

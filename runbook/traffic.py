@@ -250,7 +250,7 @@ def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
     """(X-Togather-Slot, error) as the proxy answers right now, on a fresh connection."""
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     try:
-        response = bounded_http.request("GET", url, timeout=_TIMEOUT)
+        response = bounded_http.request("GET", url, timeout=_TIMEOUT, site=env.caddy.site)
     except bounded_http.HttpFailure as exc:
         return None, f"{url}: {exc.reason}"
     return response.header(SLOT_HEADER), None

@@ -220,7 +220,7 @@ def test_the_format_knows_exactly_the_documented_keys() -> None:
         "slots.blue": {"container", "service", "port", "host"},
         "slots.green": {"container", "service", "port", "host"},
         "caddy": {"caddyfile", "reload", "admin_url", "proxy_url", "command", "systemd_unit",
-                  "verify_path", "container_path"},
+                  "verify_path", "container_path", "site"},
         "compose": {"file", "project", "env_file", "image_repository", "command"},
         "health": {"path", "timeout_seconds", "interval_seconds", "max_interval_seconds",
                    "request_timeout_seconds"},
@@ -238,18 +238,21 @@ def test_types_are_checked_as_written_and_reported_with_the_key(tmp_path: Path) 
     bad = tmp_path / "types.toml"
     bad.write_text(NO_COMPOSE.replace("port = 8081", 'port = "8081"')
                    + "[health]\ntimeout_seconds = true\n[caddy]\ncommand = []\n"
-                   + 'container_path = "etc/caddy"\n[database]\naccess = "docker"\n')
+                   + 'container_path = "etc/caddy"\nsite = "https://togather.example.org"\n'
+                   + '[database]\naccess = "docker"\n')
     with pytest.raises(ConfigError) as err:
         envmod.load(str(bad))
     assert err.value.exit_code == ExitCode.USAGE
     lines = err.value.message.splitlines()
-    assert lines[0] == f"5 problem(s) in {bad}:"
+    assert lines[0] == f"6 problem(s) in {bad}:"
     assert f"  {bad}: slots.blue.port: expected int, got '8081'" in lines
     assert f"  {bad}: health.timeout_seconds: expected float, got True" in lines
     assert f"  {bad}: caddy.command: expected a non-empty list of strings" in lines
     assert any(line.startswith(f"  {bad}: caddy.container_path: 'etc/caddy' is not an "
                                "absolute path") for line in lines)
     assert f"  {bad}: database.access: 'docker' is not one of auto, host, container" in lines
+    assert any(line.startswith(f"  {bad}: caddy.site: 'https://togather.example.org' is not a "
+                               "host name") for line in lines)
 
 
 def test_the_written_file_leaves_out_what_it_does_not_set(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from runbook import caddy, deploy, docker, files, rollback, slots, switch, traffic
+from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
@@ -158,6 +159,31 @@ def test_a_caddyfile_that_is_not_the_whole_config_caddy_runs_is_refused(
     ping = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/ping", timeout=5)
     assert ping.status_code == 200 and ping.text == "pong"  # the other site still served
     assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_a_site_served_by_name_is_verified_through_this_hosts_caddy(stack: DrillStack) -> None:
+    """Found by review: a host's Caddyfile serves the app by name (togather.example.org),
+    so the default proxy_url (http://localhost) reached no site, every verification failed
+    and every switch was undone; the only way round was proxy_url = the public name, which
+    goes through DNS to whatever answers it. `[caddy] site` asks this host's Caddy for it."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    named = text.replace(f"http://127.0.0.1:{stack.ports.proxy} {{",
+                         f"http://togather.test:{stack.ports.proxy} {{")
+    assert named != text
+    files.atomic_write(env.caddy.caddyfile, named.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=named,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    plain = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5)
+    assert "X-Togather-Slot" not in plain.headers  # no site answers for the address alone
+    site = env.with_(caddy=dataclasses.replace(env.caddy, site="togather.test"))
+    toml = stack.run_dir / "site.toml"
+    toml.write_text(envmod.to_toml(site))
+    assert envmod.load_file(toml).caddy.site == "togather.test"  # the file says it too
+    rollback.rollback(site)
+    seen = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Host": "togather.test"},
+                          timeout=5)
+    assert (seen.headers["X-Togather-Slot"], seen.json()["version"]) == ("green", V2.tag)
 
 
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:

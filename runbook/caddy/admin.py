@@ -440,7 +440,8 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
     pauses = [p for p in QUICK_RETRIES if p < interval] if quick else []
     pauses += [interval] * (max(1, attempts) - 1)
     for attempt in range(1, len(pauses) + 2):
-        result = _verify_once(url, slot, expected_version, attempt, timeout, began)
+        result = _verify_once(url, slot, expected_version, attempt, timeout, began,
+                              env.caddy.site)
         if result.ok:
             return result
         if attempt <= len(pauses):
@@ -449,7 +450,7 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
 
 
 def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeout: float,
-                 began: float) -> VerifyResult:
+                 began: float, site: str | None = None) -> VerifyResult:
     def done(ok: bool, **seen: Any) -> VerifyResult:
         return VerifyResult(ok, url, slot, expected, attempt,
                             elapsed=time.monotonic() - began, **seen)
@@ -458,7 +459,7 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
 
     try:
         response = bounded_http.request("GET", url, timeout=timeout,
-                                        headers={"Cache-Control": "no-cache"})
+                                        headers={"Cache-Control": "no-cache"}, site=site)
     except bounded_http.HttpFailure as exc:
         return done(False, error=exc.reason)
     header = response.header(SLOT_HEADER)

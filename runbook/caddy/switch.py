@@ -99,7 +99,8 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
         validate_command=tuple(validate_command(
             env, path.parent / f".{path.name}.runbook-validate-XXXX.tmp")),
         admin_url=env.caddy.admin_url,
-        verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}",
+        verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}"
+        + (f" (Host: {env.caddy.site})" if env.caddy.site else ""),
     )
 
 

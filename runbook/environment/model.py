@@ -61,6 +61,11 @@ class CaddyConfig:
     # directory is bind-mounted elsewhere (host /srv/caddy -> /etc/caddy): `caddy validate`
     # and `caddy reload` run through `command` must name files by that path. None: the same.
     container_path: str | None = None
+    # The app's site name when the Caddyfile serves it by name (togather.example.org {...}):
+    # verification connects to proxy_url (this host's Caddy) and asks for that site (the
+    # Host header, and the TLS server name for https), never through DNS to whatever answers
+    # for the name (a load balancer, another host already rolled back). None: proxy_url's.
+    site: str | None = None
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,16 @@ def _absolute(value: str) -> str:
     return value
 
 
+_SITE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _site(value: str) -> str:
+    if not _SITE.fullmatch(value):
+        _fail(f"{value!r} is not a host name (the app's site in the Caddyfile, e.g. "
+              "togather.example.org: no scheme, port or path)")
+    return value.lower()
+
+
 def _url_path(value: str) -> str:
     if not value.startswith("/"):
         _fail(f"{value!r} must start with '/' (it is appended to the slot's address)")
@@ -185,6 +195,7 @@ class CaddyFile(_Table):
     systemd_unit: str = CaddyConfig.systemd_unit
     verify_path: UrlPath = CaddyConfig.verify_path
     container_path: Annotated[str, AfterValidator(_absolute)] | None = None
+    site: Annotated[str, AfterValidator(_site)] | None = None
 
 
 class ComposeFile(_Table):
@@ -354,7 +365,8 @@ def _build(f: EnvironmentFile, path: Path) -> Environment:
             caddyfile=p(f.caddy.caddyfile), reload=ReloadMethod(f.caddy.reload),
             admin_url=f.caddy.admin_url.rstrip("/"), proxy_url=f.caddy.proxy_url.rstrip("/"),
             command=f.caddy.command, systemd_unit=f.caddy.systemd_unit,
-            verify_path=f.caddy.verify_path, container_path=f.caddy.container_path),
+            verify_path=f.caddy.verify_path, container_path=f.caddy.container_path,
+            site=f.caddy.site),
         compose=ComposeConfig(
             file=_path(f.compose.file, base)
             or (STANDARD_COMPOSE_FILE if STANDARD_COMPOSE_FILE.is_file() else None),
@@ -404,7 +416,7 @@ def _file_of(env: Environment) -> EnvironmentFile:
         caddy=CaddyFile(caddyfile=str(c.caddyfile), reload=c.reload.value,
                         admin_url=c.admin_url, proxy_url=c.proxy_url, command=c.command,
                         systemd_unit=c.systemd_unit, verify_path=c.verify_path,
-                        container_path=c.container_path),
+                        container_path=c.container_path, site=c.site),
         compose=ComposeFile(file=text(m.file), project=m.project, env_file=text(m.env_file),
                             image_repository=m.image_repository, command=m.command),
         health=HealthFile(path=h.path, timeout_seconds=h.timeout,
