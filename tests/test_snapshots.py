@@ -350,6 +350,24 @@ def test_a_dump_by_a_newer_pg_dump_is_refused_before_the_app_stops(stack: DrillS
     assert untouched(stack) == before  # the app never stopped, no safety snapshot taken
 
 
+def test_a_dump_with_large_objects_is_refused_before_anything_changes(
+        stack: DrillStack) -> None:
+    """Found by review: pg_dump writes large objects' data between a BEGIN; and a COMMIT; of
+    its own. Inside the replay's one transaction that COMMIT committed the DROP SCHEMA and
+    everything before it; a kill or an error after it left a mix (rows without their
+    constraints) while the run said "rolled back". Such a dump is refused while planning."""
+    env = stack.env
+    with stack.connect() as conn:
+        conn.execute("SELECT lo_from_bytea(0, 'a large object'::bytea)")
+    snap = snapshots.create(env, "with-a-large-object")
+    assert b"lo_open(" in gzip.decompress(snap.path.read_bytes())
+    before = untouched(stack)
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, snap.name)
+    assert "large objects" in str(err.value) and "nothing was changed" in str(err.value)
+    assert untouched(stack) == before  # the app never stopped, no safety snapshot taken
+
+
 def test_the_restrict_meta_command_is_refused_only_where_psql_predates_it() -> None:
     """psql learnt `\\restrict` in 17.6, 16.10, 15.14, 14.19 and 13.22; dumps from those
     pg_dumps carry it."""

@@ -47,6 +47,8 @@ _SM_RE = re.compile(rb"^COPY public\.schema_migrations \(([^)]*)\) FROM stdin;\n
 
 _DUMPED_BY_RE = re.compile(rb"^-- Dumped by pg_dump version (\d+)(?:\.(\d+))?", re.M)
 _RESTRICT_RE = re.compile(rb"^\\restrict ", re.M)
+# pg_dump writes large objects' data between its own BEGIN; and COMMIT;
+_LARGE_OBJECT_RE = re.compile(rb"^SELECT pg_catalog\.lo_open\(", re.M)
 # the first minor of each major whose psql knows `\restrict` (the August 2025 releases)
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
 
@@ -63,6 +65,7 @@ class _Scanner:
         self.head = True
         self.dumped_by: tuple[int, int] | None = None
         self.restrict = False
+        self.large_objects = False
 
     def feed(self, chunk: bytes) -> None:
         if self.head:  # pg_dump writes its version in the first lines
@@ -71,6 +74,8 @@ class _Scanner:
                 self.dumped_by = (int(found.group(1)), int(found.group(2) or 0))
         if not self.restrict and b"\\restrict " in self.carry[-64:] + chunk:
             self.restrict = bool(_RESTRICT_RE.search(self.carry[-64:] + chunk))
+        if not self.large_objects and b"lo_open(" in self.carry[-64:] + chunk:
+            self.large_objects = bool(_LARGE_OBJECT_RE.search(self.carry[-64:] + chunk))
         self.tail = (self.tail + chunk)[-4096:]
         buf = self.carry + chunk
         cut = buf.rfind(b"\n") + 1
@@ -171,6 +176,12 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
     digest = sha.hexdigest()
     if snap.sha256 and digest != snap.sha256:
         raise _bad_file(snap, "does not match its recorded sha256 (changed or corrupt)")
+    if scanner.large_objects:
+        # their BEGIN;/COMMIT; inside the replay's one transaction would commit the DROP
+        # SCHEMA and what came before: a kill or an error later left a mix of old and new
+        raise _bad_file(snap, "holds large objects, whose data pg_dump writes in a "
+                              "transaction of its own, which the one-transaction restore "
+                              "cannot hold")
     if TRAILER not in scanner.tail:
         raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was cut off)")
     version, dirty = scanner.sm or (0, False)
