@@ -260,7 +260,8 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         if killed and "restore-database" in steps and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
                     "started_at": str(data.get("started_at"))}
-        if SERVED_OR_CHANGED & steps.keys():
+        if SERVED_OR_CHANGED & steps.keys() or (not killed and "stop-app-slots" in steps):
+            # (an ended run that stopped the app slots started them again in its undo)
             return None  # the app may have served (and written) since, or the data changed:
             # the database is no longer what that restore left, so its pointer is stale
         # it changed nothing and let nothing serve (killed or stopped before any such step,

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from runbook import caddy, database, disk, docker, health, slots, traffic
 from runbook import intent as intents
@@ -226,15 +227,26 @@ def held_for_h2c(f: Facts) -> Iterator[Problem]:
                       "deploy recreates it while it runs", slots.held_fix(f.env, container))
 
 
+def _curl_through_proxy(env: Environment) -> str:
+    """The curl that asks what verification asks: with a site, this host's Caddy for it
+    (`--connect-to`, so the TLS name and the certificate are the site's)."""
+    c = env.caddy
+    if not c.site:
+        return f"curl -sI {c.proxy_url}{c.verify_path}"
+    parts = urlsplit(c.proxy_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (f"curl -sI --connect-to {c.site}:{port}:{parts.hostname}:{port} "
+            f"{parts.scheme}://{c.site}:{port}{c.verify_path}")
+
+
 def traffic_unclear(f: Facts) -> Iterator[Problem]:
     """Caddy runs a config that sends traffic to no slot, both, or not where the proxy says;
     or which slot serves cannot be read at all: every check that needs the serving slot is
     then skipped, so that alone is a problem (never "No problems found")."""
     if f.traffic is None:
         if f.traffic_error is not None and f.caddy_running:  # Caddy down: said by caddy_problems
-            site = f" -H 'Host: {f.env.caddy.site}'" if f.env.caddy.site else ""
             yield _error(f.traffic_error, f"check `curl {f.env.caddy.admin_url}/config/` and "
-                         f"`curl -sI{site} {f.env.caddy.proxy_url}{f.env.caddy.verify_path}`")
+                         f"`{_curl_through_proxy(f.env)}`")
         return
     trouble = f.traffic.problem(f.env)
     if trouble:

@@ -22,7 +22,7 @@ from runbook import lock as lockmod
 from runbook import state as states
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, LockedError
-from runbook.lock import acquire, guard_path, release, status, unlock
+from runbook.lock import acquire, guard_path, holding, release, status, unlock
 from runbook.state import format_time, read_state
 from tests.drill_checks import (
     DEPLOY_UID,
@@ -618,6 +618,26 @@ def test_a_mirror_whose_pid_was_reused_after_a_power_loss_is_taken_over(
     assert judged is not None and judged.stale, judged
     taken = acquire(env, "rollback", None)
     taken.release()
+
+
+def test_unlock_never_says_cleared_when_the_state_files_lock_is_still_there(
+        env: Environment, with_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: `unlock` said "cleared the state file's lock" when the Go CLI had
+    written a fresh lock between the judgement and the write (left alone, rightly), and when
+    the write failed: on-call believed the lock gone while every tool still saw it."""
+    _go_cli_lock(with_state, expires_in=-60)  # expired: unlock may clear it
+    judged = holding._state_lock_mapping
+
+    def judged_then_relocked(e: Environment) -> Any:
+        seen = judged(e)
+        monkeypatch.setattr(holding, "_state_lock_mapping", judged)
+        _go_cli_lock(with_state)  # the Go CLI takes the lock anew, live
+        return seen
+
+    monkeypatch.setattr(holding, "_state_lock_mapping", judged_then_relocked)
+    with pytest.raises(LockedError, match="left as it is"):
+        unlock(env)
+    assert json.loads(with_state.read_text())["lock"]["locked"] is True
 
 
 def test_publish_refuses_when_the_lock_was_taken_away(env: Environment, with_state: Path) -> None:

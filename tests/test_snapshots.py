@@ -359,13 +359,17 @@ def test_a_dump_with_large_objects_is_refused_before_anything_changes(
     env = stack.env
     with stack.connect() as conn:
         conn.execute("SELECT lo_from_bytea(0, 'a large object'::bytea)")
-    snap = snapshots.create(env, "with-a-large-object")
-    assert b"lo_open(" in gzip.decompress(snap.path.read_bytes())
-    before = untouched(stack)
-    with pytest.raises(RunbookError) as err:
-        snapshot_restore.restore(env, snap.name)
-    assert "large objects" in str(err.value) and "nothing was changed" in str(err.value)
-    assert untouched(stack) == before  # the app never stopped, no safety snapshot taken
+    try:
+        snap = snapshots.create(env, "with-a-large-object")
+        assert b"lo_open(" in gzip.decompress(snap.path.read_bytes())
+        before = untouched(stack)
+        with pytest.raises(RunbookError) as err:
+            snapshot_restore.restore(env, snap.name)
+        assert "large objects" in str(err.value) and "nothing was changed" in str(err.value)
+        assert untouched(stack) == before  # the app never stopped, no safety snapshot taken
+    finally:  # large objects live outside every schema: the stack's reset keeps them
+        with stack.connect() as conn:
+            conn.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
 
 
 def test_the_restrict_meta_command_is_refused_only_where_psql_predates_it() -> None:

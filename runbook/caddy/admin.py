@@ -4,6 +4,7 @@ runs, and verify through the proxy who answers. Every call is bounded in time.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -436,17 +437,23 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
     slot = target.slot if isinstance(target, SlotConfig) else Slot(target)
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     began = time.monotonic()
-    result = VerifyResult(False, url, slot, expected_version, 0)
+    result = VerifyResult(False, _shown(env, url), slot, expected_version, 0)
     pauses = [p for p in QUICK_RETRIES if p < interval] if quick else []
     pauses += [interval] * (max(1, attempts) - 1)
     for attempt in range(1, len(pauses) + 2):
         result = _verify_once(url, slot, expected_version, attempt, timeout, began,
                               env.caddy.site)
+        result = dataclasses.replace(result, url=_shown(env, url))
         if result.ok:
             return result
         if attempt <= len(pauses):
             time.sleep(pauses[attempt - 1])
     return result
+
+
+def _shown(env: Environment, url: str) -> str:
+    """The verification URL as messages name it: with the site asked for, when one is."""
+    return f"{url} (Host: {env.caddy.site})" if env.caddy.site else url
 
 
 def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeout: float,
@@ -477,6 +484,11 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
         error = "the body is not JSON"
     seen: dict[str, Any] = {"http_status": response.status, "slot_header": header,
                             "version": version}
+    if 300 <= response.status < 400:
+        location = response.header("location") or "?"
+        hint = ("; Caddy sends the site to https: set [caddy] proxy_url = "
+                "\"https://localhost\"" if location.startswith("https://") else "")
+        return done(False, error=f"HTTP {response.status} redirect to {location}{hint}", **seen)
     if response.status != 200:
         return done(False, error=error or f"HTTP {response.status}", **seen)
     if header != slot.value:

@@ -306,10 +306,16 @@ def unlock(env: Environment, force: bool = False) -> str:
             # only the lock judged removable: a file written since (the Go CLI's new lock)
             # is read again by _mirror and left alone
             try:
-                _mirror(env, {"locked": False}, replace_if=lambda lock: lock == judged)
+                failed, _ = _mirror(env, {"locked": False},
+                                    replace_if=lambda lock: lock == judged)
             except statemod.StateChangedError:
-                return (f"{env.display}: the state file's lock ({state_only.why}) was left as "
-                        f"it is: {env.state_file} kept changing (another tool writes it)")
+                failed = f"{env.state_file} kept changing (another tool writes it)"
+            now = _state_lock_mapping(env)
+            if failed is not None or (now and now.get("locked")):
+                why = failed or "it changed since it was judged (another tool's lock now)"
+                raise LockedError(f"{env.display}: the state file's lock was left as it is: "
+                                  f"{why}", f"read `runbook unlock {env.name} --status`, "
+                                  "then run this again")
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
         _check_removable(env, current, force)

@@ -179,9 +179,14 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
     if scanner.large_objects:
         # their BEGIN;/COMMIT; inside the replay's one transaction would commit the DROP
         # SCHEMA and what came before: a kill or an error later left a mix of old and new
-        raise _bad_file(snap, "holds large objects, whose data pg_dump writes in a "
-                              "transaction of its own, which the one-transaction restore "
-                              "cannot hold")
+        raise SnapshotError(
+            f"snapshot {snap.name} holds large objects, whose data pg_dump writes in a "
+            "transaction of its own: the one-transaction restore cannot hold it (every "
+            "snapshot of this database will); nothing was changed",
+            "restore it by hand: stop the app slots, take a snapshot, then `gunzip -c FILE | "
+            f"docker exec -i {tgt.container or 'CONTAINER'} psql -X -v ON_ERROR_STOP=1 "
+            f"-U USER {tgt.dbname}` after dropping the schema; or move the large objects into "
+            "a bytea column")
     if TRAILER not in scanner.tail:
         raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was cut off)")
     version, dirty = scanner.sm or (0, False)
