@@ -527,20 +527,29 @@ def test_an_image_that_migrates_on_start_beside_a_migrate_command_is_measured_fr
     assert intents.read(env) is not None
 
 
-def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_record(
-        stack: DrillStack) -> None:
-    """The review's case: a migrate command that exits non-zero after golang-migrate applied
-    some files was reported as exit 4, "nothing changed", the intent record cleared, while
-    the old version served on a changed schema."""
-    stack.reset()  # v1 serving from blue on schema 1
+def deploy_whose_migrations_fail_halfway(stack: DrillStack) -> tuple[Environment,
+                                                                      RunbookError]:
+    """v1 serving from blue on schema 1, then a deploy of v2 whose migrate command exits 3
+    after applying migration 2 (golang-migrate failing on a later file): exit 5, record kept.
+    Returns the environment it ran with and its error."""
+    stack.reset()
     half = dataclasses.replace(stack.env, migrate_command=(
         "sh", "-c", "python3 /app/server.py migrate up && exit 3"))
     with pytest.raises(RunbookError) as err:
         deploy.deploy(half, deploy.Options(version=V2.tag))
     assert err.value.exit_code == ExitCode.ATTENTION, err.value
-    text = str(err.value)
+    return half, err.value
+
+
+def test_migrations_that_fail_after_changing_the_schema_say_so_and_keep_the_record(
+        stack: DrillStack) -> None:
+    """The review's case: a migrate command that exits non-zero after golang-migrate applied
+    some files was reported as exit 4, "nothing changed", the intent record cleared, while
+    the old version served on a changed schema."""
+    half, err = deploy_whose_migrations_fail_halfway(stack)
+    text = str(err)
     assert "migrations failed" in text and "was 1 before" in text and "is at 2" in text, text
-    assert "nothing took effect" not in text and "pre-deploy snapshot" in (err.value.fix or "")
+    assert "nothing took effect" not in text and "pre-deploy snapshot" in (err.fix or "")
     assert intents.read(half) is not None  # kept: the next run sees what happened
     assert through_proxy(half) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
 
@@ -550,12 +559,7 @@ def test_a_record_kept_on_purpose_outlives_the_next_runs_that_fail(stack: DrillS
     so the next run knows. The next `runbook switch` or `deploy` (traffic where it was) wrote
     its own record over it without a word, and cleared that when it failed in turn before
     traffic moved: the migrated schema and its pre-deploy snapshot were forgotten."""
-    stack.reset()  # v1 serving from blue on schema 1
-    half = dataclasses.replace(stack.env, migrate_command=(
-        "sh", "-c", "python3 /app/server.py migrate up && exit 3"))
-    with pytest.raises(RunbookError) as err:
-        deploy.deploy(half, deploy.Options(version=V2.tag))
-    assert err.value.exit_code == ExitCode.ATTENTION, err.value
+    half, _ = deploy_whose_migrations_fail_halfway(stack)
     kept = intents.read(half)
     assert kept is not None
     env = stack.env

@@ -61,10 +61,15 @@ def pin_other_site(env: Environment, upstreams: str) -> str:
     text = env.caddy.caddyfile.read_text()
     pinned = text.replace('respond /ping "pong" 200', f"reverse_proxy {upstreams}")
     assert pinned != text
-    files.atomic_write(env.caddy.caddyfile, pinned.encode())
-    drill_http.post(f"{env.caddy.admin_url}/load", content=pinned,
-                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    write_and_load(env, pinned)
     return pinned
+
+
+def write_and_load(env: Environment, text: str) -> None:
+    """`text` as the Caddyfile on disk and the config Caddy runs (a host's own edit)."""
+    files.atomic_write(env.caddy.caddyfile, text.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
 
 
 def docker_run_host(stack: DrillStack) -> bool:
@@ -122,9 +127,7 @@ def test_active_health_checks_move_with_the_switch(stack: DrillStack) -> None:
                            f"\t\t\thealth_port {blue}\n\t\t\thealth_interval 100ms\n"
                            "\t\t\theader_down")
     assert checked.count(f"health_port {blue}") == 2, checked
-    files.atomic_write(env.caddy.caddyfile, checked.encode())
-    drill_http.post(f"{env.caddy.admin_url}/load", content=checked,
-                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    write_and_load(env, checked)
     assert through_proxy(env) == ("blue", V3.tag)
     rollback.rollback(env)
     assert not docker.inspect(env.slot(Slot.BLUE).container).running
@@ -171,9 +174,7 @@ def test_a_site_served_by_name_is_verified_through_this_hosts_caddy(stack: Drill
     named = text.replace(f"http://127.0.0.1:{stack.ports.proxy} {{",
                          f"http://togather.test:{stack.ports.proxy} {{")
     assert named != text
-    files.atomic_write(env.caddy.caddyfile, named.encode())
-    drill_http.post(f"{env.caddy.admin_url}/load", content=named,
-                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    write_and_load(env, named)
     plain = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5)
     assert "X-Togather-Slot" not in plain.headers  # no site answers for the address alone
     site = env.with_(caddy=dataclasses.replace(env.caddy, site="togather.test"))
