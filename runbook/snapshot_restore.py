@@ -245,8 +245,9 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
     says "running": a run that ends, however it ends, says how) once its restore had begun,
     after its safety snapshot: {run_id, started_at, safety}. `safety` holds the data from
     before that restore (carried on from an earlier killed run of the same kind); runs that
-    changed no data (ended or not) are looked past. None when there is none or the records cannot
-    tell: nothing here changes what runs, only what the plan and the messages name."""
+    changed no data and let the app serve nothing, ended or not, are looked past. None when
+    there is none or the records cannot tell: nothing here changes what runs, only what the
+    plan and the messages name."""
     from runbook import journal
 
     for data in journal.past_records(env, but=run_id):
@@ -260,14 +261,13 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         if killed and "restore-database" in steps and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
                     "started_at": str(data.get("started_at"))}
+        # Since this run, the app may have served (and written), or the data changed: the
+        # database is no longer what that restore left, so its pointer is stale. An ended
+        # run that stopped the app slots started them again (its undo, or its last step).
         if SERVED_OR_CHANGED & steps.keys() or (not killed and "stop-app-slots" in steps):
-            # (an ended run that stopped the app slots started them again in its undo)
-            return None  # the app may have served (and written) since, or the data changed:
-            # the database is no longer what that restore left, so its pointer is stale
-        # it changed nothing and let nothing serve (killed or stopped before any such step,
-        # refused, declined, a dry run): the run before it still tells where the data from
-        # before the last restore is (an ended run used to end the search, and the next run
-        # named only its own safety snapshot, of the already-restored data)
+            return None
+        # It changed nothing and let nothing serve (stopped before any such step, refused,
+        # declined, a dry run): the run before it still tells.
     return None
 
 

@@ -247,9 +247,7 @@ def _keep_room(directory: Path, reserve: int, written: int) -> None:
     raise PreconditionError(
         f"no disk space in {directory} for the snapshot: {done}{free / mib:.1f} MiB free, "
         f"under the {reserve / mib:.1f} MiB kept free for the database and the host (a full "
-        "disk can stop Postgres); nothing was changed",
-        "free space there (`df -h`, `runbook snapshot cleanup`) or point [database] "
-        "snapshot_dir in the environment file at a bigger disk")
+        "disk can stop Postgres); nothing was changed", no_space(directory, "it").fix)
 
 
 def pre_deploy_snapshot(env: Environment, deployment_id: str, git_commit: str,
