@@ -30,6 +30,7 @@ from runbook import faults, files
 from runbook import intent as intents
 from runbook.environment import Environment
 from runbook.errors import ExitCode, PreconditionError, RunbookError
+from runbook.redact import redact
 
 
 class Phase(StrEnum):
@@ -329,7 +330,7 @@ class _Execution:
 
     def _run(self, step: Step, rest: list[Step]) -> None:
         ctx = StepContext(step, env=self.env, heartbeat=self.heartbeat)
-        ctx.say = lambda message: self._say("note", step, message)
+        ctx.say = lambda message: self._say("note", step, redact(message))  # app text too
         ctx.notice = self.notice
         ctx.commit = self._commit
         self._say("start", step)

@@ -102,7 +102,10 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     health_status = observed.health_status or "unknown"
     if health_status == "unreachable":
         health_status = "unknown"
-    if fresh.previous is not None and fresh.previous.version == version:
+    # a rollback needs a deployment to roll back from: with `current_deployment: null` (a
+    # valid file) the switch is recorded as a deploy of that version, from its known record
+    if fresh.current is not None and fresh.previous is not None \
+            and fresh.previous.version == version:
         new = states.after_rollback(fresh, slot=target, health_status=health_status,
                                     run_id=run_id)
     elif fresh.current is not None and fresh.current.version == version:

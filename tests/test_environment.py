@@ -344,3 +344,25 @@ def test_env_file_values_are_read_as_compose_reads_them(tmp_path: Path) -> None:
     assert envmod.read_env_file(env_file) == {
         "A": "plain", "B": "quoted # not a comment", "C": "x#y", "D": "url#fragment",
         "E": "e", "F": "", "G": '"unclosed'}
+
+
+def test_an_exported_database_url_unlike_the_apps_env_file_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DATABASE_URL left in on-call's shell (another database) never silently replaces the
+    env file's, the one the app reads: the guard and a restore would act on the wrong one."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("DATABASE_URL=postgresql://togather:Pr0dPW@togather-db:5432/togather\n")
+    db = envmod.load("production").database.__class__(env_file=env_file)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://dev:D3vPW@localhost:5432/togather_dev")
+    with pytest.raises(ConfigError) as refused:
+        db.url()
+    said = f"{refused.value} {refused.value.fix}"
+    assert "differs from the one in" in said and str(env_file) in said, said
+    assert "Pr0dPW" not in said and "D3vPW" not in said and "localhost" not in said, said
+    # the same URL in both places, or an env file without it: the exported one is used
+    monkeypatch.setenv("DATABASE_URL", "postgresql://togather:Pr0dPW@togather-db:5432/togather")
+    assert db.url() == "postgresql://togather:Pr0dPW@togather-db:5432/togather"
+    other = tmp_path / ".env.other"
+    other.write_text("OTHER=1\n")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://dev:D3vPW@localhost:5432/togather_dev")
+    assert db.__class__(env_file=other).url().endswith("/togather_dev")

@@ -324,6 +324,44 @@ def test_an_expired_fleet_lock_is_taken_over_and_said(env: Environment) -> None:
     assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_old"  # type: ignore[index]
 
 
+def test_a_take_that_cannot_write_its_holder_leaves_no_lock_behind(env: Environment) -> None:
+    """A full disk (here: a file size limit of 0, so the write fails for real) between the
+    lock's mkdir and its holder file left an empty lock naming nobody: every fleet run was
+    refused with exit 3 for 30 minutes, and no release could clear it."""
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "from runbook import environment as envmod\n"
+              "from runbook.fleet import hostlock\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]))\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+              "try:\n"
+              "    hostlock.take(env, fleet_run_id='fleet_full', locked_by='ops', "
+              "hostname='laptop', pid=1, reason='test')\n"
+              "except Exception as exc:\n"
+              "    print('refused', int(exc.exit_code), exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(env.lock_dir)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    # one line naming the write (EFBIG here is exit 2; ENOSPC the precondition, exit 4)
+    assert done.stdout.startswith("refused 2 cannot write the fleet lock's holder"), \
+        done.stdout + done.stderr
+    assert "nothing changed" in done.stdout and done.stdout.count("\n") == 1, done.stdout
+    assert not hostlock.path(env).exists()  # no lock naming nobody
+    assert hostlock.status(env) is None
+    out = _take(env, "fleet_next")
+    assert out["taken"] is True
+
+
+def test_an_empty_lock_left_by_a_killed_take_is_taken_over(env: Environment) -> None:
+    """A take killed between its mkdir and its holder file (takes are serialised under the
+    guard, so no live take is ever half done when another judges it) is stale, not live."""
+    hostlock.path(env).mkdir(parents=True)
+    out = _take(env, "fleet_next")
+    assert out["taken"] is True and "taken_over" in out, out
+    held = hostlock.status(env)
+    assert held is not None and held.holder["fleet_run_id"] == "fleet_next"
+
+
 def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -> None:
     import socket
 
@@ -857,9 +895,10 @@ def test_a_lock_host_unreachable_when_a_batch_proves_the_lock_stops_the_rollout(
     fleet = fleet_on_v3
     v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
     monkeypatch.setenv("RUNBOOK_FLEET_REFRESH_AFTER_S", "0")
-    # the refresh runs with host2's variables, on host1: host2's command cuts host1 off
-    fleet.write_inventory(host_vars={"host2": {
-        "runbook_command": fleet.cut_off_command("host1", "fleet", "lock")}})
+    # the refresh runs host1's own command, on host1: its second one (host2's batch) cuts
+    # host1 off; the first (the canary's batch) goes through
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.cut_off_command(
+        "host1", "fleet", "lock", "development", "--refresh", skip=1)}})
     record: dict[str, Any] = {}
     try:
         proc = _fleet_rollback(fleet, tmp_path, "--batches", "100%", "--format", "json")
@@ -878,6 +917,42 @@ def test_a_lock_host_unreachable_when_a_batch_proves_the_lock_stops_the_rollout(
         if record.get("fleet_run_id"):
             hostlock.release(fleet.host("host1").env, record["fleet_run_id"])
         assert hostlock.status(fleet.host("host1").env) is None
+
+
+@pytest.mark.docker
+def test_the_lock_refresh_runs_the_lock_hosts_own_runbook_not_the_batch_hosts(
+        fleet_on_v3: DrillFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refresh is delegated to the lock host, where Ansible still reads the batch host's
+    variables: a `runbook_command` or `runbook_env` set per host ran the batch host's runbook
+    on the lock host (command not found there, or another environment's lock), and the run
+    said "the fleet lock was lost". Oracle: which host's command logged the refreshes."""
+    fleet = fleet_on_v3
+    monkeypatch.setenv("RUNBOOK_FLEET_REFRESH_AFTER_S", "0")  # proved before every batch
+    logs = {name: tmp_path / f"{name}.argv" for name in ("lock-host", "others")}
+    commands = {}
+    for name, log in logs.items():
+        script = tmp_path / f"runbook-{name}"
+        script.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                          f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                          f"os.execv({fleet.runbook_command!r}, "
+                          f"[{fleet.runbook_command!r}, *sys.argv[1:]])\n")
+        script.chmod(0o755)
+        commands[name] = str(script)
+    fleet.write_inventory(host_vars={
+        "host1": {"runbook_command": commands["lock-host"]},
+        **{h: {"runbook_command": commands["others"]} for h in ("host2", "host3")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path / "journal", "--batches", "100%")
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        by = {name: log.read_text() if log.exists() else "" for name, log in logs.items()}
+        assert by["lock-host"].count(" --refresh ") == 2, by  # before each of the 2 batches
+        assert "--refresh" not in by["others"], by
+        assert "rollback" in by["others"]  # the batch hosts' own commands ran their rollbacks
+        v2 = VERSIONS["v2"].tag
+        assert all(fleet.serving(h.name)[2] == v2 for h in fleet.hosts)
+    finally:
+        fleet.write_inventory()
 
 
 @pytest.mark.docker

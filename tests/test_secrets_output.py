@@ -100,3 +100,30 @@ def test_a_query_string_password_is_checked_and_registered(password: str, bare: 
     assert set(password.replace("&", " ").split()) <= database.secrets_of(url)
     fine = "postgresql://togather@127.0.0.1:1/togather?password=hun%26ter2pw&sslmode=disable"
     database.check_url(fine, "DATABASE_URL", "env file")  # encoded, then another key: fine
+
+
+def test_the_health_gates_live_progress_masks_the_apps_secrets(tmp_path: Path,
+                                                                leaky_app: int) -> None:
+    """The gate's "attempt N: ..." lines on the terminal quote the app's failing checks: they
+    went to the screen unmasked while the journal and `healthcheck` masked the same text."""
+    from runbook import slots
+    from runbook.errors import RunbookError
+    from runbook.plan import Plan
+    from runbook.run import perform
+
+    env = host_env(tmp_path)
+    env = env.with_(slots={s: dataclasses.replace(c, port=leaky_app) if s is Slot.BLUE else c
+                           for s, c in env.slots.items()},
+                    health=dataclasses.replace(env.health, timeout=1.0))
+    shown: list[str] = []
+
+    def progress(event: str, step: object, message: str = "") -> None:
+        shown.append(message)
+
+    with pytest.raises(RunbookError):
+        perform(env, "rollback", lambda run_id: Plan("rollback", env, "test", [
+            slots.gate_step(env, Slot.BLUE, force=False, expected_version=None)]),
+            dry_run=False, reason="test", progress=progress)
+    notes = [m for m in shown if m.startswith("attempt")]
+    assert notes and any("dial postgres://" in m for m in notes), shown  # the checks are said
+    assert not any(DSN_PASSWORD in m or REDIS_PASSWORD in m for m in shown), notes

@@ -1075,3 +1075,30 @@ def test_a_write_over_another_tools_change_made_since_the_read_is_refused(
     assert path.read_bytes() == written_by_them  # their lock stands
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
     write_state(path, read_state(path))  # read again: the write goes through
+
+
+def test_a_switch_recorded_over_a_file_with_no_current_deployment_is_written(
+        tmp_path: Path) -> None:
+    """`current_deployment: null` with a previous deployment recorded is a valid file; a
+    switch to the previous deployment's version wrote it as a rollback "from" nothing, which
+    raised after traffic had moved: exit 6 on every rerun, the host stuck until a hand edit."""
+    from runbook import intent as intents
+    from runbook import recording, slots
+    from runbook.plan import Step, StepContext
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    data = json.loads((DATA / "documented.json").read_text())
+    data["current_deployment"] = None
+    env.state_file.parent.mkdir(parents=True, exist_ok=True)
+    env.state_file.write_text(json.dumps(data, indent=2) + "\n")
+    previous = data["previous_deployment"]
+    intent = intents.Intent("switch-1", "switch", env.name, "blue", "green", None,
+                            previous["version"])
+    ctx = StepContext(Step("state", "Record the switch"), env=env)
+    recording.switch(env, intent, slots.Observed(health_status="healthy"), "switch-1", ctx)
+    after = json.loads(env.state_file.read_text())
+    assert after["current_deployment"]["version"] == previous["version"]
+    assert after["current_deployment"]["active_slot"] == "green"
+    assert after["current_deployment"]["git_commit"] == previous["git_commit"]
+    assert after["lock"] == data["lock"]

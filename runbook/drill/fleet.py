@@ -470,7 +470,7 @@ class DrillFleet:
             time.sleep(0.05)
 
     def cut_off_command(self, name: str, *on: str, after: bool = False,
-                        silent: bool = False) -> str:
+                        silent: bool = False, skip: int = 0) -> str:
         """A `runbook_command` for host `name` that makes the host unreachable at one moment.
 
         It runs `runbook` as given, except `runbook <on...> ...`: there the host goes dark (its
@@ -480,17 +480,28 @@ class DrillFleet:
         controller never learns how it ended). `silent`: the host drops off the network
         without a word instead (no FIN, no RST: its sshd processes, the listener and this
         command are frozen with SIGSTOP, so the TCP connection stays open and nothing answers
-        on it). `reachable_again` brings the host's sshd back (and ends the frozen ones).
+        on it). `skip`: the first `skip` such commands run as usual (a count kept beside the
+        script). `reachable_again` brings the host's sshd back (and ends the frozen ones).
         """
         h = self.host(name)
         script = self.dir / (f"cut-off.{name}.{'-'.join(on)}.{'after' if after else 'before'}"
-                             + (".silent" if silent else ""))
+                             + (".silent" if silent else "") + (f".skip{skip}" if skip else ""))
+        count = script.with_name(script.name + ".count")
+        count.unlink(missing_ok=True)
         script.write_text(f"""#!{sys.executable}
 import os, signal, subprocess, sys
 RUNBOOK, ON, AFTER = {self.runbook_command!r}, {list(on)!r}, {after!r}
+SKIP, COUNT = {skip!r}, {str(count)!r}
 argv = sys.argv[1:]
 if argv[:len(ON)] != ON:
     os.execv(RUNBOOK, [RUNBOOK, *argv])
+if SKIP:
+    with open(COUNT, "a+") as f:
+        f.seek(0)
+        seen = len(f.read())
+        f.write("x")
+    if seen < SKIP:
+        os.execv(RUNBOOK, [RUNBOOK, *argv])
 if AFTER:
     subprocess.run([RUNBOOK, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 SILENT, FROZEN = {silent!r}, {str(self._frozen_file(name))!r}

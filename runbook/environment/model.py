@@ -99,8 +99,24 @@ class DatabaseConfig:
     access: str = "auto"
 
     def url(self) -> str:
-        """The database URL from the process environment or the env file. Never log it."""
+        """The database URL from the process environment or the env file. Never log it.
+
+        The env file is what the app reads: a different URL exported in on-call's shell (a
+        staging database, say) is refused rather than used, or the schema guard, snapshots
+        and restores would act on a database the app does not use. An env file this process
+        cannot read leaves the exported URL as the operator's own choice."""
         if value := os.environ.get(self.url_variable):
+            if self.env_file is not None:
+                try:
+                    recorded = read_env_file(self.env_file).get(self.url_variable)
+                except ConfigError:
+                    recorded = None
+                if recorded is not None and recorded != value:
+                    raise ConfigError(
+                        f"{self.url_variable} in this process's environment differs from the "
+                        f"one in {self.env_file}, which the app reads",
+                        f"unset {self.url_variable} (the env file's is used), or make the two "
+                        "equal")
             return value
         if self.env_file is None:
             raise ConfigError(f"{self.url_variable} is not set and no env file is configured",

@@ -118,6 +118,10 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
             held = status(env)
             if held is None:
                 continue
+            if not (path(env) / "holder.json").exists():
+                # takes are serialised under the guard, and each writes its holder before
+                # letting go: a lock naming nobody is what a take killed in between left
+                held = Held({}, True, "left empty by a take that did not finish")
             if held.holder.get("fleet_run_id") == fleet_run_id:
                 break  # ours already (a retried take)
             if (not held.stale and take_over
@@ -140,8 +144,17 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
         raise LockedError("the fleet lock could not be taken (another run raced for it)",
                           "run the fleet command again")
     tmp = path(env) / "holder.json.tmp"
-    tmp.write_text(json.dumps(holder))
-    tmp.replace(path(env) / "holder.json")
+    try:
+        tmp.write_text(json.dumps(holder))
+        tmp.replace(path(env) / "holder.json")
+    except BaseException as exc:  # a full disk: no lock naming nobody refuses every run
+        shutil.rmtree(path(env), ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise files.write_error(f"cannot write the fleet lock's holder file in "
+                                    f"{path(env).parent} ({exc.strerror}); the lock was not "
+                                    "taken, nothing changed", exc, path(env).parent,
+                                    "fix the permissions of the lock directory") from None
+        raise
     out: dict[str, Any] = {"ok": True, "taken": True, "path": str(path(env)), "holder": holder}
     if taken_over is not None:
         out["taken_over"] = {"holder": taken_over.holder, "why": taken_over.why}
