@@ -788,6 +788,20 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
     assert "<td>not started: DOWN since the drain</td>" in rows[2], rows
     assert "database: host: host1, status: restored" in section
 
+    # resumed while host2 still fails: the hosts it resumes are still drained, so host2 is
+    # down (exit 5), never "failed but serving" with exit 1 as a rolling rollback's would be
+    argv = resume.split()[3:]
+    again = subprocess.run([fleet_on_v3.runbook_command, "fleet", "rollback", *argv, "--yes",
+                            "--format", "json", "--journal-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=600, check=False,
+                           stdin=subprocess.DEVNULL)
+    assert again.returncode == 5, again.stdout + again.stderr
+    middle = json.loads(again.stdout.splitlines()[-1])["record"]
+    assert middle["hosts"]["host2"]["status"] == "failed: DOWN since the drain", middle["hosts"]
+    assert middle["hosts"]["host3"]["status"] == "not started: DOWN since the drain"
+    assert fleet_on_v3.serving("host2")[0] >= 500 and fleet_on_v3.serving("host3")[0] >= 500
+    resume = middle["resume_command"]
+
     fleet_on_v3.write_inventory()
     argv = resume.split()[3:]
     proc = subprocess.Popen([fleet_on_v3.runbook_command, "fleet", "rollback", *argv, "--yes",
@@ -797,7 +811,7 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     second = json.loads(out.splitlines()[-1])["record"]
-    assert second["database"]["reused_from"] == first["fleet_run_id"], second["database"]
+    assert second["database"]["reused_from"] == middle["fleet_run_id"], second["database"]
     assert [p["name"] for p in second["phases"]].count("drain") == 0, second["phases"]
     assert len(safety() - before) == 1  # restored once in all
     with lock.stack.connect() as conn:
@@ -953,6 +967,52 @@ def test_the_lock_refresh_runs_the_lock_hosts_own_runbook_not_the_batch_hosts(
         assert all(fleet.serving(h.name)[2] == v2 for h in fleet.hosts)
     finally:
         fleet.write_inventory()
+
+
+@pytest.mark.docker
+def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Ctrl-C while the hosts drain: the restore that follows the drain ran anyway (Ansible
+    runs in its own session and the stop was only asked at the rollout's gate), replacing the
+    database after on-call asked to stop, and the journal still said "restore planned". Now
+    the restore never starts, the drained hosts are started again and the run says so, exit 1.
+    Oracles: schema_migrations in Postgres, what each host's Caddy serves, the lock's dir."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    with fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert row is not None
+    gate = tmp_path / "host2.gate"
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.held_command(
+        "host2", gate, "fleet", "drain")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "maintenance: draining" in line:
+                time.sleep(1.5)  # host1 and host3 drained, host2's drain held
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.5)
+                gate.write_text("run")  # host2's drain goes on: it stops its slots
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        gate.write_text("run")
+        fleet.write_inventory()
+    text = "".join(seen) + err + out
+    with fleet.hosts[0].stack.connect() as conn:
+        after = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert after == row, (after, row, text)  # the restore never ran
+    assert proc.returncode == 1, text
+    assert "interrupted" in err and "the database was not touched" in err, text
+    assert "every drained host was started again" in err, text
+    assert [fleet.serving(h.name)[:3:2] for h in fleet.hosts] == [(200, v3)] * 3, text
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["database"]["status"] == "not restored", record["database"]
+    assert hostlock.status(fleet.hosts[0].env) is None
 
 
 @pytest.mark.docker

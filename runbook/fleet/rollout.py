@@ -503,8 +503,15 @@ def _maintenance_lines(decision: dict[str, Any], count: int) -> list[str]:
 
 def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str],
                        fleet_run_id: str, options: Options, journal: fjournal.FleetJournal,
-                       decision: dict[str, Any], say: Callable[[str], None]) -> None:
+                       decision: dict[str, Any], say: Callable[[str], None],
+                       interrupts: _Interrupts) -> None:
     """Drain every host, then restore the snapshot once on the database host.
+
+    A first Ctrl-C (or SIGTERM) here is taken like a failed drain: no host not yet drained
+    drains, the restore never starts (the playbook reads the stop file), the drained hosts
+    are started again, exit 1. One that comes once the restore has started waits for it:
+    restored, the run stops before the rollout (every host down, exit 5) and its resume
+    rolls the hosts back on the restored database. A second one stops Ansible at once.
 
     Stopped before the restore (a host could not drain): the drained hosts are started again
     and nothing else changed (exit 1). A failed restore leaves the database as it was (the
@@ -515,6 +522,17 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
     journal.write()  # before any host drains: a resume after a crash must know
+    with interrupts.installed(say, "interrupted: the restore will not start; the drained "
+                              "hosts will be started again (a restore already running is "
+                              "waited for)"):
+        _drain_and_restore_held(run, inventory, targets, fleet_run_id, options, journal,
+                                decision, say, interrupts)
+
+
+def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: list[str],
+                            fleet_run_id: str, options: Options,
+                            journal: fjournal.FleetJournal, decision: dict[str, Any],
+                            say: Callable[[str], None], interrupts: _Interrupts) -> None:
     events = run.events
     t0 = time.time()
     try:
@@ -526,9 +544,14 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
         run.join()
     drained: dict[str, list[str]] = {}
     failed: list[str] = []
+    skipped = {host for host in targets  # after a Ctrl-C: never drained
+               if events.results.get("drain", {}).get(host, {}).get("_event")
+               == "runner_on_skipped"}
     for host in targets:
         res = events.results.get("drain", {}).get(host)
         data = _last_json(str((res or {}).get("stdout", ""))) or {}
+        if host in skipped:
+            continue
         if res is not None and res.get("_event") == "runner_on_ok":
             drained[host] = list(data.get("stopped", []))
         elif res is not None:
@@ -537,6 +560,9 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
     journal.write()
     res = events.results.get("restore the snapshot", {}).get(decision["host"])
+    restore_skipped = res is not None and res.get("_event") == "runner_on_skipped"
+    if restore_skipped:
+        res = None  # never started (a Ctrl-C before it): as if the play had stopped
     t1 = (events.started.get("restore the snapshot", {}).get(decision["host"]) or time.time())
     out = _last_json(str((res or {}).get("stdout", ""))) or {}
     rc = None if res is None else res.get("rc")
@@ -548,6 +574,15 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
         journal.write(options.journal_dir)  # before any host switches: a resume must see it
         say(f"maintenance: database restored once on {decision['host']} from "
             f"{decision['snapshot']}")
+        if interrupts.count:
+            resume = f"runbook fleet rollback {options.inventory} --resume {fleet_run_id}"
+            journal.record["resume_command"] = resume
+            raise FleetError(f"interrupted during the restore, which was waited for: the "
+                             f"database was restored once on {decision['host']}; no host was "
+                             "rolled back: THE SERVICE IS DOWN on every host (drained)",
+                             f"resume now: `{resume}` rolls every host back on the restored "
+                             "database (it never restores again)",
+                             exit_code=ExitCode.ATTENTION)
         return
     run.close()  # the playbook stops before the rollout (already ended if the play failed)
     if res is not None:
@@ -555,8 +590,10 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
                                                           "restore_run": out})
     journal.record["database"] = {**decision, "status": "not restored"}
     why = (out.get("error") or _one_line(str((res or {}).get("stderr") or "")) if res is not None
-           else "not run: " + ("; ".join(failed) or "the play stopped before it"))
-    started = decision["host"] in events.started.get("restore the snapshot", {})
+           else "interrupted (Ctrl-C or SIGTERM) before it started" if interrupts.count
+           and not failed else "not run: " + ("; ".join(failed) or "the play stopped before it"))
+    started = (decision["host"] in events.started.get("restore the snapshot", {})
+               and not restore_skipped)
     if (res is None and started) or (res is not None and rc not in (1, 2, 3, 4)):
         # only a restore that said it failed (exit 1-4) left the database as it was; one that
         # lost its connection (no exit code), exit 5, or no answer at all may have restored it:
@@ -591,7 +628,7 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
                              lines=failed)
     # a drain that started and did not say what it stopped (it failed, or its connection was
     # lost) may have stopped the host's slots: never reported as "started again"
-    lost = [h for h in targets if h not in drained
+    lost = [h for h in targets if h not in drained and h not in skipped
             and (h in events.started.get("drain", {}) or h in events.unreachable)]
     if lost:
         raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
@@ -769,13 +806,13 @@ class _Interrupts:
         self._dir.cleanup()
 
     @contextlib.contextmanager
-    def installed(self, say: Callable[[str], None]) -> Iterator[None]:
+    def installed(self, say: Callable[[str], None], first: str = "interrupted: no further host "
+                  "will start; hosts already rolling back finish") -> Iterator[None]:
         def handler(signum: int, frame: object) -> None:
             self.count += 1
             with contextlib.suppress(OSError):
                 self.stop_file.touch()
-            say("interrupted: no further host will start; hosts already rolling back finish"
-                if self.count == 1 else "interrupted again: stopping Ansible now")
+            say(first if self.count == 1 else "interrupted again: stopping Ansible now")
 
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in old:
@@ -919,6 +956,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         if resumed is not None and reused.get("status") in ("ok", "restored"):
             database = {**reused, "reused_from": resumed["fleet_run_id"]}
             maintenance = None  # the restore is never repeated by a resume
+            if reused.get("status") == "restored" and resumed.get("maintenance_drain_started"):
+                # its hosts not rolled back are still drained: one that fails again is down
+                # (exit 5, "DOWN since the drain"), never "failed but serving"
+                journal.set(maintenance_drain_started=True)
         elif maintenance is not None:
             database = maintenance
         else:
@@ -973,7 +1014,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         # -- the maintenance path: drain all, restore once ------------------------------------
         if maintenance is not None:
             _drain_and_restore(run, inventory, targets, fleet_run_id, options, journal,
-                               maintenance, say)
+                               maintenance, say, interrupts)
         gate = "rollout" if maintenance is not None else "preflight"
 
         # -- the rollout ---------------------------------------------------------------------
