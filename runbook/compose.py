@@ -39,14 +39,7 @@ def check_recreate(env: Environment, slot: Slot, image: str, why: str = "") -> N
     how the container was created, so the plan stops (exit 4) before anything changes.
     """
     config = env.slot(slot)
-    file = env.compose.file
-    missing = []
-    if file is None:
-        missing.append("[compose] file is not set")
-    elif not file.is_file():
-        missing.append(f"the compose file {file} does not exist")
-    if not config.service:
-        missing.append(f"[slots.{slot}] service is not set")
+    missing = _missing(env, slot)
     if not missing:
         return
     because = f" ({why})" if why else ""
@@ -55,9 +48,32 @@ def check_recreate(env: Environment, slot: Slot, image: str, why: str = "") -> N
         f"slot {slot}'s container {config.container} must be recreated with {image}{because}, "
         f"but this host has no compose to do it: {'; '.join(missing)}",
         f"recreate {config.container} with {image} the way it was created (e.g. its `docker "
-        f"run` command, port {config.port}), then run the rollback again; or deploy: `runbook "
-        f"deploy {env.name} --version <version>`; or set [compose] file and [slots.{slot}] "
-        f"service in {where}")
+        f"run` command, port {config.port}), then run the rollback again; or set [compose] "
+        f"file and [slots.{slot}] service in {where}")
+
+
+def _missing(env: Environment, slot: Slot) -> list[str]:
+    """What this host lacks for compose to recreate `slot` (nothing: it can)."""
+    file = env.compose.file
+    missing = []
+    if file is None:
+        missing.append("[compose] file is not set")
+    elif not file.is_file():
+        missing.append(f"the compose file {file} does not exist")
+    if not env.slot(slot).service:
+        missing.append(f"[slots.{slot}] service is not set")
+    return missing
+
+
+def deploy_hint(env: Environment, version: str = "<version>") -> str:
+    """How on-call puts `version` on a slot here: `runbook deploy` needs compose; on a host
+    whose slots were made by `docker run` it refuses, so naming it would send on-call round
+    in a circle: there it is the host's own way, then `runbook switch`."""
+    if not any(_missing(env, slot) for slot in Slot):
+        return f"`runbook deploy {env.name} --version {version}`"
+    return (f"run {version} in the standby slot's container the way this host's own deploy "
+            f"does (its `docker run`: `runbook deploy` needs compose, which this host has not), "
+            f"then `runbook switch {env.name} --slot <that slot>`")
 
 
 PROJECT_LABEL = "com.docker.compose.project"

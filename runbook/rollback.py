@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from runbook import caddy, database, docker, finish, recording, slots, traffic
+from runbook import caddy, compose, database, docker, finish, recording, slots, traffic
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
@@ -38,8 +38,9 @@ class Options:
     expect_from: str | None = None
 
 
-NO_PREVIOUS_FIX = ("first deployment or cleared state: redeploy the target version with "
-                   "`runbook deploy {env} --version <known-good version>`")
+def no_previous_fix(env: Environment) -> str:
+    return ("first deployment or cleared state: redeploy the target version with "
+            + compose.deploy_hint(env, "<known-good version>"))
 
 
 @dataclass
@@ -186,7 +187,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     current = state.current
     if current is None:
         raise PreconditionError("no current deployment is recorded",
-                                NO_PREVIOUS_FIX.format(env=env.name))
+                                no_previous_fix(env))
     if options.expect_from and not current.matches(options.expect_from):
         raise PreconditionError(f"the current deployment is {current.version}, not "
                                 f"{options.expect_from} as expected (it changed since it was "
@@ -203,7 +204,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         target = state.previous
         if target is None:
             raise PreconditionError("No previous deployment found",
-                                    NO_PREVIOUS_FIX.format(env=env.name))
+                                    no_previous_fix(env))
     if target.id == current.id or target.version == current.version:
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
@@ -240,7 +241,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
                     f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
                     f"-t {wanted} .) and run the rollback again, or deploy a known-good "
-                    f"version: `runbook deploy {env.name} --version <version>`")
+                    f"version: {compose.deploy_hint(env)}")
         prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
                              info=containers[standby].result())
         if prep.action == "none" and not options.force:  # it runs: ask its health meanwhile

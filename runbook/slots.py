@@ -261,7 +261,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
             f"image {image} is gone and slot {slot}'s container "
             + ("was removed" if not info.exists else f"runs {info.image}"),
             recovery or f"rebuild {image} from its commit, or deploy a version whose image "
-                        f"exists: `runbook deploy {env.name} --version <version>`")
+                        f"exists: {compose.deploy_hint(env)}")
     why = ("the container was removed" if not info.exists
            else f"it is {info.status}: Docker cannot start it" if info.image == image
            else f"it runs {info.image}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import caddy, docker, finish, preflight, recording, slots, traffic
+from runbook import caddy, compose, docker, finish, preflight, recording, slots, traffic
 from runbook import intent as intents
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
@@ -62,8 +62,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     info = docker.inspect(config.container)
     if not info.exists or info.tag is None:
         raise PreconditionError(f"container {config.container} does not exist",
-                                f"deploy a version to it: `runbook deploy {env.name} "
-                                "--version <version>`")
+                                f"deploy a version to it: {compose.deploy_hint(env)}")
     prep = slots.prepare(env, target, info.tag, info.image)
     observed = slots.Observed()
     version = info.tag

@@ -17,7 +17,7 @@ from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.versions import VERSIONS
 from runbook.errors import RunbookError
-from runbook.rollback import NO_PREVIOUS_FIX
+from runbook.rollback import no_previous_fix
 from steps.world import World
 
 # A broken build must fail the health gate quickly on a drill (a healthy slot passes in <1 s),
@@ -54,7 +54,7 @@ def a_deployment_is_live(world: World) -> None:
         return
     st = recorded_state(world)
     world.check(st.current is not None,
-                "no deployment is recorded; " + NO_PREVIOUS_FIX.format(env=world.env.name))
+                "no deployment is recorded; " + no_previous_fix(world.env))
 
 
 @given("a previous deployment exists")
@@ -65,7 +65,7 @@ def a_previous_deployment_exists(world: World) -> None:
         return
     st = recorded_state(world)
     world.check(st.previous is not None,
-                "No previous deployment found: " + NO_PREVIOUS_FIX.format(env=world.env.name))
+                "No previous deployment found: " + no_previous_fix(world.env))
 
 
 @given("no previous deployment is recorded")
@@ -89,7 +89,7 @@ def migrations_ran_after_previous(world: World) -> None:
         return
     st = recorded_state(world)
     world.check(st.previous is not None,
-                "No previous deployment found: " + NO_PREVIOUS_FIX.format(env=world.env.name))
+                "No previous deployment found: " + no_previous_fix(world.env))
     assert st.previous is not None
     schema = database.schema_version(world.env).version
     recorded = st.previous.migration_version

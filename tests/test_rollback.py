@@ -474,6 +474,13 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "togather-server:deadbee is gone" in str(err.value)
     assert "docker build -t togather-server:deadbee" in str(err.value)
+    # the other way out names what works on this host: `runbook deploy` needs compose, and
+    # on a `docker run` host it refuses (it sent on-call round in a circle there)
+    if docker_run_host(stack):
+        assert f"runbook deploy {env.name} --version" not in str(err.value), err.value
+        assert "docker run" in str(err.value) and "runbook switch" in str(err.value), err.value
+    else:
+        assert f"runbook deploy {env.name} --version" in str(err.value), err.value
 
 
 @pytest.mark.any_shape
