@@ -970,6 +970,42 @@ def test_the_lock_refresh_runs_the_lock_hosts_own_runbook_not_the_batch_hosts(
 
 
 @pytest.mark.docker
+def test_a_sigterm_while_the_fleet_lock_is_released_never_leaves_it_held(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """A run stopped at a failed host releases the fleet lock in a playbook start of its own,
+    after its journal is finished; SIGTERM there (a CI timeout, a closed session) killed the
+    controller with the release half done: the lock stayed held, for 30 minutes when the
+    controller ran on another machine than the lock host. Now the release is finished first.
+    Oracles: the lock's directory, the controller's exit code."""
+    fleet = fleet_on_v3
+    gate = tmp_path / "release.gate"
+    fleet.write_inventory(host_vars={
+        "host1": {"runbook_command": fleet.held_command(
+            "host1", gate, "fleet", "lock", "development", "--release")},
+        "host2": {"runbook_environment": {"RUNBOOK_DRILL_FAULT": "before:switch:SIGTERM"}}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path)
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "host2: failed" in line:
+                time.sleep(2)  # the release asked for on host1, and held there
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                gate.write_text("run")
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        gate.write_text("run")
+        fleet.write_inventory()
+    text = "".join(seen) + err + out
+    assert proc.returncode == 1, text  # the stopped run's own exit, not killed by SIGTERM
+    assert hostlock.status(fleet.hosts[0].env) is None, text
+    assert "could not release" not in text, text
+
+
+@pytest.mark.docker
 def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """Ctrl-C while the hosts drain: the restore that follows the drain ran anyway (Ansible

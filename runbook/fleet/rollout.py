@@ -1062,7 +1062,6 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             if release and run.released(inventory.lock_host):
                 locked = False  # released by the playbook itself
         interrupts.cleanup()
-        signal.signal(signal.SIGTERM, old_term)
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
             failed = _release(inventory, targets, fleet_run_id, options.reason)
             if failed:
@@ -1071,6 +1070,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                 journal.set(fleet_lock_release_failed=failed)
                 with contextlib.suppress(OSError):  # in a `finally`: never replace it
                     journal.write()
+        signal.signal(signal.SIGTERM, old_term)  # after the release: none is cut short
 
 
 def _host_entry(r: HostResult) -> dict[str, Any]:
@@ -1223,9 +1223,11 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
 
 def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
              reason: str) -> str | None:
-    """Release the fleet lock; Ctrl-C is held off meanwhile so it cannot leak. Returns what
-    went wrong, in one line with the fix, or None once released."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Release the fleet lock; Ctrl-C and SIGTERM are held off meanwhile so it cannot leak (a
+    lock left by a controller on another machine than the lock host blocks every fleet run
+    for its 30 minutes). Returns what went wrong, in one line with the fix, or None once
+    released."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
     try:
         events = Events()
@@ -1240,6 +1242,7 @@ def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
         return (f"could not release the fleet lock on {inventory.lock_host} "
                 f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     return None
 
