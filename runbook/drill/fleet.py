@@ -239,7 +239,15 @@ class DrillFleet:
                     done.result()
             self._keys()
             for h in self.hosts:
-                self._start_sshd(sshd, h)
+                for attempt in range(3):  # a port taken meanwhile by another listener: anew
+                    try:
+                        self._start_sshd(sshd, h)
+                        break
+                    except DrillError:
+                        if attempt == 2:
+                            raise
+                        h.port = _free_port()
+            self._ssh_files()
             self.write_inventory()
         except BaseException:
             self.stop()
@@ -424,6 +432,9 @@ class DrillFleet:
                             f"togather-fleet-{self.run_id}", "-f", str(self.ssh_dir / name)],
                            check=True, capture_output=True)
         shutil.copy(self.ssh_dir / "client_key.pub", self.ssh_dir / "authorized_keys")
+
+    def _ssh_files(self) -> None:
+        """known_hosts and ssh_config, once every sshd listens on its final port."""
         host_pub = (self.ssh_dir / "host_key.pub").read_text().split()
         lines = [f"[127.0.0.1]:{h.port} {host_pub[0]} {host_pub[1]}" for h in self.hosts]
         (self.ssh_dir / "known_hosts").write_text("\n".join(lines) + "\n")
@@ -460,10 +471,12 @@ class DrillFleet:
         (self.dir / f"sshd.{h.name}.pid").write_text(str(h.sshd.pid))
         deadline = time.monotonic() + 10
         while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", h.port)) == 0:
-                    return
+            if h.sshd.poll() is None and _ssh_banner(h.port):
+                return  # our sshd answers there (not something else that took the port)
             if h.sshd.poll() is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(h.sshd.pid, signal.SIGTERM)
+                h.sshd.wait(timeout=5)
                 log = (self.dir / f"sshd.{h.name}.log").read_text(errors="replace")
                 raise DrillError(f"sshd of {h.name} did not start: {_last_line(log)}",
                                  "see scripts/ensure-sshd.sh")
@@ -653,6 +666,17 @@ def _user() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _ssh_banner(port: int) -> bool:
+    """Whether an SSH server answers on the loopback port (its identification line)."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", port))
+            return s.recv(8).startswith(b"SSH-")
+        except OSError:
+            return False
 
 
 def _free_port() -> int:
