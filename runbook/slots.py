@@ -52,7 +52,8 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
                                          other_fronts=others,
                                          preconnect=drain.PRECONNECT if after_switch else 0.0)
             h2c_port = traffic.h2c_port(running_config, front)
-            why = _held_for_h2c(drained, h2c_port is not None, after_switch)
+            why = _held_for_h2c(drained, h2c_port is not None, after_switch,
+                                watched=h2c_port == front)
             if why:
                 drained = dataclasses.replace(drained, kept_for_h2c=True)
             if on_drain is not None:
@@ -70,7 +71,8 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
     return None
 
 
-def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool) -> str | None:
+def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool, *,
+                  watched: bool = True) -> str | None:
     """Why the old config may still hold h2c connections to the slot (None: it does not).
 
     Over h2c the drain's evidence that a connection is the new config's (a request after an
@@ -78,6 +80,9 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool) -> str | 
     never closes. Only the reload watched by this process (connections open before it must
     close) tells them apart; a run finishing an interrupted one watched none, so on such a
     Caddy it cannot tell and fails closed after a switch, as when nothing can be observed.
+    The same when the h2c port is not the one the drain watched (`watched` False: h2c on a
+    load balancer's port beside the users' 80/443), or Caddy's port cannot be seen at all: a
+    quiet wait proves nothing about connections that never close.
     A slot this run started and never switched to (an undo) had no config sending to it."""
     if not h2c:
         return None
@@ -88,6 +93,10 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool) -> str | 
         return None
     if drained.busy is None:
         return "Caddy's connections cannot be observed from here"
+    if not watched:
+        return "the drain watches another port of Caddy's than the h2c one"
+    if not drained.front_observed:
+        return "Caddy's listening port cannot be observed from here"
     if not drained.switch_watched and drained.front_kept > 0:
         return (f"{drained.front_kept} connection(s) on Caddy's port still carry requests, and "
                 "this run did not watch the switch (it finishes an interrupted one), so it "

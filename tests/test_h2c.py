@@ -252,3 +252,28 @@ def test_status_says_which_slot_is_held_or_that_the_record_cannot_be_read(
     assert env.slot(Slot.GREEN).container in held and "h2c" in held
     assert f"docker stop {env.slot(Slot.GREEN).container}" in said[held]
     assert any(p.startswith("cannot read /x/staging.blue.held-for-h2c") for p in said)
+
+
+def test_a_quiet_drain_that_could_not_watch_the_h2c_port_never_stops_the_old_slot() -> None:
+    """The drain watches proxy_url's port; Caddy may take h2c on another (a load balancer's
+    `:8080` beside the users' 80/443), or its port may not be visible here at all (Docker's
+    DNAT). A quiet wait of 6.5 s proves nothing about h2c connections, which never close:
+    the old slot was stopped under them (502 for the load balancer). Now it is left running,
+    as when nothing at all can be observed. The decision's inputs are a drain as `ss` showed
+    it; the stop itself over h2c is proved against the drill above."""
+    from runbook import drain
+
+    quiet = drain.Drain(port=8082, seconds=6.5, busy=0, front_port=80, front_observed=True,
+                        switch_watched=True)
+    # h2c on the watched port, the reload watched, nothing left: stopped as usual
+    assert slots._held_for_h2c(quiet, True, True, watched=True) is None
+    # h2c on a port the drain never watched
+    why = slots._held_for_h2c(quiet, True, True, watched=False)
+    assert why is not None and "another port" in why
+    # Caddy's own port not visible from here: the wait was a guess
+    blind = dataclasses.replace(quiet, front_observed=False)
+    why = slots._held_for_h2c(blind, True, True, watched=True)
+    assert why is not None and "cannot be observed" in why
+    # an undo (never switched to) and a Caddy without h2c stay as they were
+    assert slots._held_for_h2c(blind, True, False, watched=False) is None
+    assert slots._held_for_h2c(blind, False, True, watched=False) is None

@@ -97,9 +97,16 @@ def test_a_container_connection_error_is_one_line_without_the_password(
     stack.reset()
     url = stack.env.database.url()
     wrong = url.replace(database.password_of(url), "Wr0ng-pass", 1)
-    monkeypatch.setenv("DATABASE_URL", wrong)
-    with pytest.raises(RunbookError) as err:
-        database.schema_version(stack.env)
+    env_file = stack.env.database.env_file
+    assert env_file is not None
+    kept = env_file.read_bytes()
+    # in the env file the runbook reads (an exported DATABASE_URL unlike it is refused)
+    env_file.write_bytes(kept.replace(url.encode(), wrong.encode()))
+    try:
+        with pytest.raises(RunbookError) as err:
+            database.schema_version(stack.env)
+    finally:
+        env_file.write_bytes(kept)
     text = str(err.value)
     assert err.value.exit_code == ExitCode.PRECONDITION and "\n" not in text.strip()
     assert "password authentication failed" in text

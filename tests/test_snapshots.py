@@ -484,6 +484,11 @@ def test_a_snapshot_of_another_database_is_refused(stack: DrillStack) -> None:
     expect_refused(stack, anonymous, ExitCode.USAGE, "cannot tell which database")
 
 
+def shell_url_only(env: Environment) -> Environment:
+    """`env` reading DATABASE_URL from the process environment only (no env file)."""
+    return env.with_(database=dataclasses.replace(env.database, env_file=None))
+
+
 def test_password_with_at_percent_slash_works_and_never_leaks(
         stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
     env = stack.env
@@ -507,6 +512,7 @@ def test_password_with_at_percent_slash_works_and_never_leaks(
     files = sorted(env.database.snapshot_dir.iterdir())
 
     wrong = urllib.parse.quote("Wr0ng@pa%ss/word", safe="")
+    env = shell_url_only(env)  # the URL from the shell alone (an env file's must agree)
     monkeypatch.setenv("DATABASE_URL", stack.database_url.replace(encoded, wrong))
     with pytest.raises(DatabaseError) as err:
         snapshots.create(env, "wrong-password")
@@ -529,8 +535,9 @@ def test_database_unreachable_is_refused_and_nothing_is_written(
     files = sorted(env.database.snapshot_dir.iterdir())
     wrong_port = stack.database_url.replace(f":{stack.ports.postgres}/", ":1/")
     monkeypatch.setenv("DATABASE_URL", wrong_port)
-    for call in (lambda: snapshots.create(env, "x"),
-                 lambda: snapshot_restore.restore(env, snap.name)):
+    shell = shell_url_only(env)  # the URL from the shell alone (an env file's must agree)
+    for call in (lambda: snapshots.create(shell, "x"),
+                 lambda: snapshot_restore.restore(shell, snap.name)):
         with pytest.raises(RunbookError) as err:
             call()
         assert err.value.exit_code == ExitCode.PRECONDITION
