@@ -339,6 +339,17 @@ def inspect(name: str) -> ContainerInfo:
     )
 
 
+def bind_sources(name: str) -> list[str] | None:
+    """The host paths bind-mounted into container `name`; None when it does not exist."""
+    try:
+        content = send(inspect_action(name))
+    except _NotFound:
+        return None
+    attrs: dict[str, Any] = json.loads(content)
+    return [str(m.get("Source")) for m in attrs.get("Mounts") or ()
+            if isinstance(m, dict) and m.get("Type") == "bind" and m.get("Source")]
+
+
 def image_labels(image: str) -> dict[str, str] | None:
     """The image's labels; None when the image does not exist."""
     try:

@@ -10,13 +10,15 @@ details, so `--dry-run` shows each one.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from runbook import caddy, database
+from runbook import caddy, database, docker
 from runbook.environment import Environment, ReloadMethod
 from runbook.errors import PreconditionError, RunbookError
 
@@ -142,6 +144,48 @@ def _sites(config: object) -> set[str]:
         for listen in server.get("listen") or ():
             found.update(f"{host} on {listen}" for host in (hosts or {"*"}))
     return found
+
+
+# `docker exec` options that take a value (the container's name is the first other word)
+_EXEC_VALUED = {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir",
+                "--detach-keys"}
+
+
+def exec_container(command: tuple[str, ...]) -> str | None:
+    """The container a `docker exec ... NAME caddy` command runs Caddy in; None otherwise."""
+    if len(command) < 3 or Path(command[0]).name not in ("docker", "podman") \
+            or command[1] != "exec":
+        return None
+    words = iter(command[2:])
+    for word in words:
+        if word in _EXEC_VALUED:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def caddyfile_mount(env: Environment) -> str:
+    """Caddy's container must see the Caddyfile the runbook writes. Every write is atomic (a
+    new file renamed over the old), which a bind mount of the FILE never sees: the mount
+    keeps the old inode. The switch itself loads the text through the admin API and
+    succeeds, but Caddy's copy of the file still names the old slot, now stopped; its next
+    restart or `caddy reload` sends every user there. A mount of the directory sees it."""
+    name = exec_container(env.caddy.command)
+    if name is None:
+        return "not checked: Caddy is not run through `docker exec`"
+    sources = docker.bind_sources(name)
+    if sources is None:
+        return f"not checked: container {name} does not exist"
+    target = os.path.realpath(env.caddy.caddyfile)
+    if any(os.path.realpath(src) == target for src in sources):
+        raise PreconditionError(
+            f"pre-flight: Caddy's container {name} bind-mounts the Caddyfile itself "
+            f"({env.caddy.caddyfile}): the runbook replaces it by a rename, which a mount of "
+            "the file never sees, so Caddy would keep a copy naming the old slot; nothing was "
+            "changed", f"mount its directory instead (e.g. -v {Path(target).parent}:/etc/caddy"
+            ") and set [caddy] container_path, then run again")
+    return f"container {name} sees the Caddyfile's directory"
 
 
 def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
@@ -313,6 +357,8 @@ def start(env: Environment, *, candidate: str | None, recreate: bool,
         if loaded is not None:
             probes["sites kept"] = Probe(lambda: kept_sites(env, candidate, loaded), "sites")
     probes["reload"] = Probe(lambda: reload_path(env, admin_answered=admin_answered), "reload")
+    if candidate is not None and exec_container(env.caddy.command) is not None:
+        probes["caddyfile mount"] = Probe(lambda: caddyfile_mount(env), "mount")
     if recreate:
         probes["compose"] = Probe(lambda: compose_path(env), "compose")
     if migrate_image is not None and env.migrate_command:

@@ -222,3 +222,46 @@ def test_missing_version_with_no_witness_the_plan_says_so(scene_stack: DrillStac
     assert f"the migration version {V2.tag} ran with is unknown" in text
     assert "no snapshot sidecar" in text and "/health reports the database's version" in text
     assert dry.plan.steps[1].details["schema guard"] == "not checked (version not known)"
+
+
+@pytest.mark.parametrize("mount", ["file", "directory"])
+def test_a_caddy_container_that_mounts_the_caddyfile_itself_is_refused_in_preflight(
+        tmp_path: Path, mount: str) -> None:
+    """`-v ./Caddyfile:/etc/caddy/Caddyfile` (the Caddy image's own example): the runbook's
+    atomic write (a rename) never reaches such a mount, so Caddy's copy would keep naming the
+    old slot, stopped after the switch, for its next restart. Refused before anything
+    changes; a mount of the directory is fine. The premise is shown first: after a rename
+    the container still reads the old bytes through a file mount."""
+    from runbook import files, preflight
+    from runbook.drill import images
+    from runbook.errors import PreconditionError
+    from tests.drill_checks import host_env
+
+    folder = tmp_path / "caddy"
+    folder.mkdir()
+    caddyfile = folder / "Caddyfile"
+    caddyfile.write_text(":80 {\n\trespond old\n}\n")
+    name = f"togather-mount-test-{os.getpid()}-{mount}"
+    source, target = ((caddyfile, "/etc/caddy/Caddyfile") if mount == "file"
+                      else (folder, "/etc/caddy"))
+    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--label",
+                    "togather.drill=mount-test", "-v", f"{source}:{target}", "--entrypoint",
+                    "sleep", images.LOCAL_CADDY, "120"], check=True, capture_output=True)
+    try:
+        files.atomic_write(caddyfile, b":80 {\n\trespond new\n}\n")
+        seen = subprocess.run(["docker", "exec", name, "cat", "/etc/caddy/Caddyfile"],
+                              capture_output=True, text=True, check=True).stdout
+        assert ("respond old" in seen) == (mount == "file"), seen  # the premise
+        base = host_env(tmp_path)
+        env = base.with_(caddy=dataclasses.replace(
+            base.caddy, caddyfile=caddyfile, command=("docker", "exec", "-i", name, "caddy"),
+            container_path="/etc/caddy/Caddyfile"))
+        if mount == "file":
+            with pytest.raises(PreconditionError) as err:
+                preflight.caddyfile_mount(env)
+            assert "bind-mounts the Caddyfile itself" in err.value.message
+            assert "mount its directory" in (err.value.fix or "")
+        else:
+            assert "sees the Caddyfile's directory" in preflight.caddyfile_mount(env)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
