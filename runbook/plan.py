@@ -32,6 +32,8 @@ from runbook.environment import Environment
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.redact import redact
 
+PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
+
 
 class Phase(StrEnum):
     PREFLIGHT = "preflight"
@@ -310,7 +312,7 @@ class _Execution:
                 if not self.irreversible and not self.undo_failed:
                     intents.write(self.env, old)
 
-            self.undos.append(("put back the interrupted run's record", put_back))
+            self.undos.append((PUT_BACK, put_back))
             self.journal.log("WARN", f"this run's record replaces the interrupted run's: "
                              f"{old.describe()}", step="intent", replaced=old.run_id)
         try:
@@ -418,7 +420,8 @@ class _Execution:
 
     # -- failure before the commit: undo everything, in reverse --------------------------
     def _rolled_back(self, cause: BaseException) -> RunbookError:
-        failed: list[str] = []
+        failed: list[str] = []  # undos of what users reach (traffic, slots)
+        unkept: list[str] = []  # the replaced record not put back: no traffic of it
         done: list[str] = []
         for title, undo in reversed(self.undos):
             try:
@@ -426,6 +429,12 @@ class _Execution:
                 if stays is not None:  # undone, and it found what cannot be (ctx.cannot_undo)
                     self.irreversible.append((stays.message, stays.fix))
             except Exception as exc:  # keep undoing the rest; report loudly
+                if title == PUT_BACK:
+                    unkept.append(f"the interrupted run's record could not be put back at "
+                                  f"{intents.path(self.env)} ({_describe(exc)}): the next "
+                                  "run will not name it")
+                    self.journal.log("ERROR", unkept[-1], step="undo")
+                    continue
                 failed.append(f"{title}: {_describe(exc)}")
                 self.undo_failed = True
                 self.journal.log("ERROR", f"could not undo: {title}: {_describe(exc)}",
@@ -440,8 +449,14 @@ class _Execution:
         what = (f"interrupted by {signal.Signals(cause.signum).name} before the commit point"
                 if isinstance(cause, Interrupted) else _describe(cause))
         undone = f"; undone: {', '.join(done)}" if done else ""
+        undone += "".join(f"; {line}" for line in unkept)
         if self.irreversible:
             message, fix = self.irreversible[-1]
+            if failed:  # both: the failed undo first, it is what users may meet now
+                return RunbookError(f"ATTENTION: {what}; AND undoing failed: "
+                                    f"{'; '.join(failed)}; {message}{undone}",
+                                    f"check `runbook status` now: traffic may not be where it "
+                                    f"was; then: {fix}", exit_code=ExitCode.ATTENTION)
             return RunbookError(f"{what}; {message}{undone}", fix,
                                 exit_code=ExitCode.ATTENTION)
         if failed:

@@ -21,7 +21,7 @@ from runbook import files
 from runbook import lock as lockmod
 from runbook import state as states
 from runbook.environment import Environment
-from runbook.errors import ConfigError, ExitCode, LockedError
+from runbook.errors import ConfigError, ExitCode, LockedError, RunbookError
 from runbook.lock import acquire, guard_path, holding, release, status, unlock
 from runbook.state import format_time, read_state
 from tests.drill_checks import (
@@ -840,6 +840,81 @@ def test_a_replaced_record_is_not_put_back_over_a_run_whose_undo_failed(
     assert "undoing failed" in info.value.message, info.value.message
     kept = intents.read(env)
     assert kept is not None and kept.run_id == mine[0], kept  # this run's, not dep_old's
+
+
+def test_a_failed_undo_is_said_even_when_something_irreversible_stays(
+        tmp_path: Path) -> None:
+    """A deploy whose migrations moved the schema (it stays), then a verification that fails
+    and an undo that fails too (Caddy could not be put back): the run said only "the schema
+    changed and stays" and "restore the pre-deploy snapshot", while the new version may still
+    serve: restoring then would lose data. Both are said, the failed undo first."""
+    from runbook.plan import Phase, Plan, Stays, Step, StepContext
+    from runbook.run import perform
+
+    env = host_env(tmp_path)
+
+    def migrate(ctx: StepContext) -> None:
+        ctx.on_failure("check the schema", lambda: Stays(
+            "the migrations changed the schema (1 -> 2) and stay", "restore the snapshot"))
+
+    def switch(ctx: StepContext) -> None:
+        def cannot() -> None:
+            raise OSError("the Caddyfile cannot be written")
+
+        ctx.on_failure("put back the previous Caddyfile", cannot)
+        raise RunbookError("verification failed", "check the proxy")
+
+    with pytest.raises(RunbookError) as info:
+        perform(env, "deploy", lambda run_id: Plan("deploy", env, "test", [
+            Step("migrate", "Migrate", run=migrate, phase=Phase.PREPARE),
+            Step("switch", "Switch Caddy", run=switch, phase=Phase.PREPARE)]),
+            dry_run=False, reason="test", confirm=lambda plan: True)
+    err = info.value
+    assert err.exit_code == ExitCode.ATTENTION
+    assert "undoing failed: put back the previous Caddyfile" in err.message, err.message
+    assert "changed the schema (1 -> 2) and stay" in err.message, err.message
+    assert (err.fix or "").startswith("check `runbook status` now"), err.fix
+    assert "restore the snapshot" in (err.fix or ""), err.fix
+
+
+def test_a_record_that_cannot_be_put_back_is_not_said_to_have_moved_traffic(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Putting back the interrupted run's record moves no traffic: its write failing (a full
+    disk, here injected into that one write) made the run say "ATTENTION ... traffic may not
+    be where it was" (exit 5) after a health gate that failed before any switch."""
+    from runbook import intent as intents
+    from runbook.plan import Phase, Plan, Step, StepContext
+    from runbook.run import perform
+
+    env = host_env(tmp_path)
+    old = intents.Intent(run_id="dep_old", action="deploy", environment=env.name,
+                         from_slot="blue", to_slot="green", from_version="aaaaaaa",
+                         to_version="bbbbbbb")
+    intents.write(env, old)
+    real_write = intents.write
+
+    def full_disk_for_the_put_back(e: Environment, intent: intents.Intent) -> None:
+        if intent.run_id == old.run_id:
+            raise OSError(28, "No space left on device")
+        real_write(e, intent)
+
+    monkeypatch.setattr(intents, "write", full_disk_for_the_put_back)
+
+    def gate(ctx: StepContext) -> None:
+        raise RunbookError("health gate: the standby did not become healthy", "read its logs")
+
+    with pytest.raises(RunbookError) as info:
+        perform(env, "switch", lambda run_id: Plan("switch", env, "test", [
+            Step("health-gate", "Health gate", run=gate, phase=Phase.PREPARE)],
+            intent=intents.Intent(run_id=run_id, action="switch", environment=env.name,
+                                  from_slot="blue", to_slot="green", from_version=None,
+                                  to_version="ccccccc"), replaces=old),
+            dry_run=False, reason="test", confirm=lambda plan: True)
+    err = info.value
+    assert err.exit_code == ExitCode.FAILED_SAFELY, (err.exit_code, err.message)
+    assert "traffic may not be where it was" not in f"{err.message} {err.fix}", err
+    assert "the interrupted run's record could not be put back" in err.message, err.message
+    assert "No space left on device" in err.message
 
 
 def test_a_prompt_open_longer_than_the_lock_lifetime_keeps_the_lock_fresh(
