@@ -18,8 +18,9 @@ from typing import Any
 
 from runbook import caddy, health, recording, slots, traffic
 from runbook import intent as intents
+from runbook import lock as locks
 from runbook.environment import Environment
-from runbook.errors import PreconditionError, RunbookError
+from runbook.errors import LockedError, PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 
 Record = recording.Record
@@ -35,11 +36,31 @@ class CannotFinish(PreconditionError):
         self.intent = intent
 
 
+def in_progress(intent: intents.Intent, held: locks.LockStatus | None) -> bool:
+    """Whether the run that wrote `intent` still runs: it holds the deploy lock (`held`, read
+    by the caller) and its process is alive. Its record is then a run in progress, not an
+    interrupted one: calling it "interrupted, `runbook rollback` finishes it" in the middle
+    of a long restore pushed on-call towards `unlock --force`."""
+    h = held.holder if held is not None else None
+    return (held is not None and h is not None and not held.is_ours
+            and held.holder_alive is True and h.pid == intent.pid
+            and h.hostname == intent.hostname)
+
+
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     """(intent, "finish" | "continue") for an interrupted run, or None when there is none."""
     intent = intents.read(env)
     if intent is None:
         return None
+    try:
+        held = locks.status(env)
+    except RunbookError:
+        held = None
+    if held is not None and in_progress(intent, held):
+        raise LockedError(f"a run is in progress, not interrupted: {intent.describe()}, "
+                          f"holding the deploy lock ({held.describe()}); nothing was changed",
+                          f"wait for it to end; `runbook status {env.name}` then says how it "
+                          "ended")
     try:
         found = traffic.read(env)
     except traffic.TrafficUnknownError as exc:

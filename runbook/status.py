@@ -272,6 +272,14 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     pending = f.intent
     if pending is None:
         return
+    from runbook import finish
+
+    if finish.in_progress(pending, f.lock):
+        yield Problem(f"a run is in progress: {pending.describe()}; it holds the deploy lock "
+                      f"({f.lock.describe() if f.lock else '?'})",
+                      f"wait for it to end (`runbook status {_arg(f.env)}` again says how it "
+                      "ended); do not unlock or start another run meanwhile")
+        return
     took = pending.phase is intents.Phase.COMMITTED or f.active == pending.target
     command = f"runbook {pending.action} {_arg(f.env)}" + (
         f" --version {pending.to_version}" if pending.action == "deploy" else

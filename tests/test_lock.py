@@ -936,3 +936,50 @@ def test_a_prompt_open_longer_than_the_lock_lifetime_keeps_the_lock_fresh(
         Step("noop", "Nothing", run=lambda ctx: None)]), dry_run=False, reason="test",
         confirm=confirm)
     assert all(seen), seen
+
+
+def _hold_lock_and_record(env: Environment, ready: Any, done: Any) -> None:
+    """A run in progress: it holds the deploy lock and has written its intent record."""
+    from runbook import intent as intents
+
+    lock = acquire(env, "a long restore", "rbk_live")
+    intents.write(env, intents.Intent(run_id="rbk_live", action="rollback",
+                                      environment=env.name, from_slot="green",
+                                      to_slot="blue", from_version="bbbbbbb",
+                                      to_version="aaaaaaa"))
+    ready.set()
+    done.wait(30)
+    assert lock is not None
+    os._exit(0)  # dies holding both, as a killed run would
+
+
+def test_a_run_in_progress_is_not_called_interrupted(tmp_path: Path) -> None:
+    """While a rollback runs (a long restore), `runbook status` and a dry run called its
+    record "an interrupted run is unfinished; `runbook rollback` finishes it", pushing on-call
+    towards `unlock --force` mid-run. The same record is a run in progress while its process
+    holds the lock, and an interrupted run once that process is gone."""
+    from runbook import finish
+    from runbook import intent as intents
+    from runbook import status as statusmod
+
+    env = host_env(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_lock_and_record, args=(env, ready, done))
+    child.start()
+    try:
+        assert ready.wait(30)
+        facts = statusmod.Facts(env)
+        facts.intent, facts.lock = intents.read(env), status(env)
+        said = [p.problem for p in statusmod.interrupted_run(facts)]
+        assert len(said) == 1 and said[0].startswith("a run is in progress"), said
+        with pytest.raises(LockedError) as err:
+            finish.interrupted(env)
+        assert "in progress, not interrupted" in err.value.message
+    finally:
+        done.set()
+        child.join(30)
+    facts = statusmod.Facts(env)
+    facts.intent, facts.lock = intents.read(env), status(env)
+    said = [p.problem for p in statusmod.interrupted_run(facts)]
+    assert len(said) == 1 and said[0].startswith("an interrupted run is unfinished"), said
