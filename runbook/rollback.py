@@ -235,7 +235,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                         f"restore is in {restored['safety']}, its safety snapshot: keep it)"
                         + ("" if containers[live].result().running
                            else f" and left the serving slot {live} STOPPED"))
-            warnings.insert(0, f"an interrupted run {seen}; continuing: {found[0].describe()}")
+            warnings.insert(0, f"an interrupted run {seen}; continuing: {found[0].describe()}"
+                            if found[0].action == "rollback" else
+                            # another verb's record (a deploy whose schema moved keeps it):
+                            # this rollback replaces it, and names its pre-deploy snapshot
+                            finish.replacing_warning(env, found[0], "rollback"))
         standby = live.other
         wanted = slots.image_of(env, target.version, target.image or None)
         recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "

@@ -581,6 +581,30 @@ def test_a_record_kept_on_purpose_outlives_the_next_runs_that_fail(stack: DrillS
     assert f"an interrupted run is unfinished: deploy {kept.run_id}" in status.stdout
 
 
+def test_a_rollback_after_a_kept_deploy_record_says_it_replaces_it(stack: DrillStack) -> None:
+    """A deploy that stopped before traffic moved and kept its record (its schema moved):
+    a rollback's plan said "an interrupted run changed nothing users see; continuing:
+    deploy ...", though the rollback continues no deploy and its record will replace that
+    one. It now says so, as a deploy's or a switch's plan does. The record is written as a
+    deploy leaves it (runbook/intent.py's file)."""
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    env = stack.env
+    kept = intents.Intent(run_id="dep_kept", action="deploy", environment=env.name,
+                          from_slot="blue", to_slot="green", from_version=V3.tag,
+                          to_version=VERSIONS["v1"].tag,
+                          record={"deployment_id": "dep_kept_deployment"})
+    intents.write(env, kept)
+    try:
+        planned = cli(env, "rollback", "--dry-run")
+    finally:
+        intents.clear(env, kept.run_id)
+    said = planned.stdout + planned.stderr
+    assert planned.returncode == 0, said
+    assert "an interrupted run stopped before traffic moved: deploy dep_kept" in said, said
+    assert "this rollback replaces its record" in said, said
+    assert "continuing" not in said, said
+
+
 def _database(stack: DrillStack) -> tuple[object, ...]:
     """What the database holds: its schema version and every table's row count."""
     with stack.connect() as conn:
