@@ -77,6 +77,11 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
             f"--slot {intent.from_slot}`, then check `runbook status {env.name}`", intent)
     if found.slot == intent.source:
         return intent, "continue"
+    if intent.phase is intents.Phase.PREPARE and not found.slots:
+        # Caddy dials neither slot (a first deploy on a host whose Caddyfile names a wrong
+        # port) and the run never reached its switch: traffic did not move, so the next run
+        # goes on under its own checks; refusing it left only a hand edit of the record
+        return intent, "continue"
     raise CannotFinish(
         f"an interrupted run is unfinished ({intent.describe()}) and Caddy's running config "
         f"names no single slot: {found.problem(env)}",

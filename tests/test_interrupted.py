@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import deploy, docker, faults, slots
+from runbook import caddy, deploy, docker, faults, slots, traffic
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
@@ -603,6 +603,43 @@ def test_a_rollback_after_a_kept_deploy_record_says_it_replaces_it(stack: DrillS
     assert "an interrupted run stopped before traffic moved: deploy dep_kept" in said, said
     assert "this rollback replaces its record" in said, said
     assert "continuing" not in said, said
+
+
+def test_a_run_stopped_before_the_switch_on_a_caddy_that_dials_no_slot_can_be_run_again(
+        stack: DrillStack) -> None:
+    """A first deploy on a host whose Caddy dials neither slot (a wrong port), stopped before
+    its switch (a failed gate keeping its record, or a kill): every later run was refused
+    ("Caddy's running config names no single slot"), and the switch it prescribed could not
+    work either, until the record was removed by hand. Traffic never moved (the record is
+    before its commit), so the next run goes on, under its own checks."""
+    from runbook import finish
+    from steps.givens import dead_loopback_port
+
+    stack.reset()  # v1 serving from blue
+    env = stack.env
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block = text[start:end]
+    dead = dead_loopback_port()
+    for config in env.slots.values():
+        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
+    broken = text[:start] + block + text[end:]
+    record = intents.Intent(run_id="dep_first", action="deploy", environment=env.name,
+                            from_slot="blue", to_slot="green", from_version=None,
+                            to_version=V2.tag)
+    try:
+        env.caddy.caddyfile.write_text(broken)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=broken,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        assert traffic.read(env).slots == set()  # Caddy dials neither slot: the premise
+        intents.write(env, record)
+        found = finish.interrupted(env)
+        assert found is not None and found[1] == "continue", found
+    finally:
+        intents.clear(env, record.run_id)
+        env.caddy.caddyfile.write_text(text)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
 
 
 def _database(stack: DrillStack) -> tuple[object, ...]:
