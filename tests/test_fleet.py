@@ -420,6 +420,18 @@ def _fleet_rollback(fleet: DrillFleet, journal: Path, *args: str) -> subprocess.
                             stdin=subprocess.DEVNULL)
 
 
+def _read_until(proc: subprocess.Popen[str], marker: str) -> list[str]:
+    """The controller's stderr lines up to the first that contains `marker` (all of them if
+    none does): the moment a test acts on the running controller."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            break
+    return seen
+
+
 @pytest.fixture
 def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
     drill_fleet.write_inventory()
@@ -496,16 +508,11 @@ def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
         "host1", gate, "rollback")}})
     try:
         proc = _fleet_rollback(fleet, tmp_path)
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "host1: rolling back" in line:
-                time.sleep(1)
-                proc.send_signal(signal.SIGINT)
-                time.sleep(0.5)
-                proc.send_signal(signal.SIGINT)  # the second: Ansible stopped at once
-                break
+        seen = _read_until(proc, "host1: rolling back")
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # the second: Ansible stopped at once
         out, err = proc.communicate(timeout=600)
     finally:
         gate.write_text("never")  # host1's held rollback, cut off from its controller
@@ -985,16 +992,11 @@ def test_a_sigterm_while_the_fleet_lock_is_released_never_leaves_it_held(
         "host2": {"runbook_environment": {"RUNBOOK_DRILL_FAULT": "before:switch:SIGTERM"}}})
     try:
         proc = _fleet_rollback(fleet, tmp_path)
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "host2: failed" in line:
-                time.sleep(2)  # the release asked for on host1, and held there
-                proc.send_signal(signal.SIGTERM)
-                time.sleep(0.5)
-                gate.write_text("run")
-                break
+        seen = _read_until(proc, "host2: failed")
+        time.sleep(2)  # the release asked for on host1, and held there
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        gate.write_text("run")
         out, err = proc.communicate(timeout=600)
     finally:
         gate.write_text("run")
@@ -1024,16 +1026,11 @@ def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
         "host2", gate, "fleet", "drain")}})
     try:
         proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "maintenance: draining" in line:
-                time.sleep(1.5)  # host1 and host3 drained, host2's drain held
-                proc.send_signal(signal.SIGINT)
-                time.sleep(0.5)
-                gate.write_text("run")  # host2's drain goes on: it stops its slots
-                break
+        seen = _read_until(proc, "maintenance: draining")
+        time.sleep(1.5)  # host1 and host3 drained, host2's drain held
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        gate.write_text("run")  # host2's drain goes on: it stops its slots
         out, err = proc.communicate(timeout=600)
     finally:
         gate.write_text("run")
