@@ -52,8 +52,11 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
                                          other_fronts=others,
                                          preconnect=drain.PRECONNECT if after_switch else 0.0)
             h2c_port = traffic.h2c_port(running_config, front)
+            elsewhere = traffic.unwatched_h2c(running_config, front)
+            if elsewhere is not None and after_switch:
+                h2c_port = elsewhere  # the one to check before stopping it
             why = _held_for_h2c(drained, h2c_port is not None, after_switch,
-                                watched=h2c_port == front)
+                                watched=elsewhere is None)
             if why:
                 drained = dataclasses.replace(drained, kept_for_h2c=True)
             if on_drain is not None:
@@ -62,7 +65,7 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
                 return _record_held(env, slot, (
                     f"{why}, and Caddy takes cleartext HTTP/2 (h2c) on port {h2c_port}:"
                     " h2c connections never move to the new config, so their requests can still"
-                    f" reach {container}: {held_fix(env, container)}"))
+                    f" reach {container}: {held_fix(env, container, h2c_port)}"), h2c_port)
         # the drain can last drain_timeout: Caddy may have been switched back to this slot
         # meanwhile (another operator, a concurrent tool). Read it again right before the
         # stop; refuses, and fails closed when Caddy cannot be read now.
@@ -142,13 +145,13 @@ def held_marker(env: Environment, slot: Slot) -> Path:
     return env.runs_dir / f"{env.name}.{slot}.held-for-h2c"
 
 
-def _record_held(env: Environment, slot: Slot, reason: str) -> str:
+def _record_held(env: Environment, slot: Slot, reason: str, port: int | None = None) -> str:
     """Record which container was left running (its name and start time: a restarted or
     recreated one is another), so a later run does not recreate it under those connections.
     Returns the reason, with a warning if it could not be recorded."""
     info = docker.inspect(env.slot(slot).container)
     record = {"container": info.name, "started_at": info.started_at,
-              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "why": reason}
+              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "why": reason, "port": port}
     try:
         env.runs_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write(held_marker(env, slot), json.dumps(record, indent=1).encode())
@@ -156,6 +159,12 @@ def _record_held(env: Environment, slot: Slot, reason: str) -> str:
         return (f"{reason} (not recorded in {held_marker(env, slot)}: {exc.strerror}; a later "
                 "deploy will not know, so stop it before you deploy)")
     return reason
+
+
+def held_port(record: dict[str, Any]) -> int | None:
+    """The h2c port a held record names (None: an older record: proxy_url's)."""
+    port = record.get("port")
+    return port if isinstance(port, int) and not isinstance(port, bool) else None
 
 
 def held_record(env: Environment, slot: Slot, info: ContainerInfo) -> dict[str, Any] | None:
@@ -181,11 +190,16 @@ def held_record(env: Environment, slot: Slot, info: ContainerInfo) -> dict[str, 
     return record
 
 
-def held_fix(env: Environment, container: str) -> str:
-    front = front_port(env)
+def held_fix(env: Environment, container: str, port: int | None = None) -> str:
+    """`port`: the h2c port whose connections hold it (default: proxy_url's). `ss` run where
+    Caddy's sockets are: on the host, or in Caddy's network namespace when it runs in a
+    container whose port is published (the host's `ss` then shows none of them)."""
+    port = port or front_port(env)
     return (f"stop it yourself once they have closed (`ss -tn state established '( sport = "
-            f":{front or 'PORT'} )'`, then `docker stop {container}`), or restart Caddy to move "
-            "them now (which cuts every open connection)")
+            f":{port or 'PORT'} )'`, run where Caddy's sockets are: on the host, or `nsenter "
+            f"-t <caddy pid> -n ss ...` for a Caddy in a container; then `docker stop "
+            f"{container}`), or restart Caddy to move them now (which cuts every open "
+            "connection)")
 
 
 def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:
@@ -204,7 +218,7 @@ def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:
         f"refusing to recreate {info.name}: it was left running at {record.get('at', '?')} for "
         "connections Caddy's previous config held over cleartext HTTP/2 (h2c), which may still "
         "send requests to it (h2c connections never move to a new config); recreating it "
-        "would answer them 502", held_fix(env, info.name) + "; then run again")
+        "would answer them 502", held_fix(env, info.name, held_port(record)) + "; then run again")
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,8 @@ def held_for_h2c(f: Facts) -> Iterator[Problem]:
         yield Problem(f"the {slot} slot ({container}) was left running at "
                       f"{record.get('at', '?')} for connections Caddy's previous config held "
                       "over cleartext HTTP/2 (h2c): they may still be answered by it, and no "
-                      "deploy recreates it while it runs", slots.held_fix(f.env, container))
+                      "deploy recreates it while it runs",
+                      slots.held_fix(f.env, container, slots.held_port(record)))
 
 
 def _curl_through_proxy(env: Environment) -> str:

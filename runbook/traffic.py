@@ -122,6 +122,17 @@ def h2c_port(found: Traffic, front: int | None) -> int | None:
     return None
 
 
+def unwatched_h2c(found: Traffic, front: int | None) -> int | None:
+    """A port of a server that proxies to a slot and takes h2c, other than `front` (the one
+    the drain watches): its held connections are never seen there. A global `servers {
+    protocols h1 h2c }` makes the users' port AND a load balancer's take h2c."""
+    for lo, hi in found.h2c:
+        for first, last in found.fronts:
+            if lo <= last and first <= hi and not (front is not None and first == last == front):
+                return max(lo, first) if max(lo, first) != front else min(hi, last)
+    return None
+
+
 def accepts_h2c(h2c: Listens, front: int | None) -> bool:
     """Does the server on Caddy's `front` port accept h2c? With the port unknown: any."""
     return any(front is None or lo <= front <= hi for lo, hi in h2c)

@@ -277,3 +277,19 @@ def test_a_quiet_drain_that_could_not_watch_the_h2c_port_never_stops_the_old_slo
     # an undo (never switched to) and a Caddy without h2c stay as they were
     assert slots._held_for_h2c(blind, True, False, watched=False) is None
     assert slots._held_for_h2c(blind, False, True, watched=False) is None
+
+
+def test_h2c_on_a_port_beside_the_watched_one_is_found_and_named_in_the_fix(
+        tmp_path: Path) -> None:
+    """A global `servers { protocols h1 h2c }` makes the users' port (the one the drain
+    watches) AND a load balancer's take h2c: the watched one was found first, so the other's
+    held connections were never considered, and the fix told on-call to watch the wrong
+    port. Caddy's listens are as its loaded config gives them (traffic.Traffic)."""
+    both = traffic.Traffic(slots=frozenset({Slot.GREEN}), dials=(),
+                           h2c=((80, 80), (8080, 8080)), fronts=((80, 80), (8080, 8080)))
+    assert traffic.unwatched_h2c(both, 80) == 8080
+    users_only = traffic.Traffic(slots=frozenset({Slot.GREEN}), dials=(), h2c=((80, 80),),
+                                 fronts=((80, 80), (443, 443)))
+    assert traffic.unwatched_h2c(users_only, 80) is None  # 443 takes no h2c
+    fix = slots.held_fix(host_env(tmp_path), "togather-server-blue", 8080)
+    assert "sport = :8080" in fix and "nsenter" in fix, fix
