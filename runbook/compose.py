@@ -58,8 +58,12 @@ def _missing(env: Environment, slot: Slot) -> list[str]:
     missing = []
     if file is None:
         missing.append("[compose] file is not set")
-    elif not file.is_file():
-        missing.append(f"the compose file {file} does not exist")
+    else:
+        try:
+            if not file.is_file():
+                missing.append(f"the compose file {file} does not exist")
+        except OSError as exc:  # a directory this user cannot search: never a crash here
+            missing.append(f"the compose file {file} cannot be read here ({exc.strerror})")
     if not env.slot(slot).service:
         missing.append(f"[slots.{slot}] service is not set")
     return missing

@@ -149,17 +149,43 @@ def _sites(config: object) -> set[str]:
 # `docker exec` options that take a value (the container's name is the first other word)
 _EXEC_VALUED = {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir",
                 "--detach-keys"}
+# the docker CLI's global options that take a value (before its command)
+_GLOBAL_VALUED = {"-c", "--context", "-H", "--host", "--config", "-l", "--log-level",
+                  "--tlscacert", "--tlscert", "--tlskey"}
+_SUDO_VALUED = {"-u", "--user", "-g", "--group", "-h", "--host", "-C", "--close-from"}
+
+
+def _docker_words(command: tuple[str, ...]) -> list[str] | None:
+    """The words after the docker (or podman) binary and its global options, past a leading
+    `sudo ...`; None when `command` does not run docker."""
+    words = list(command)
+    if words and Path(words[0]).name == "sudo":
+        words.pop(0)
+        while words and words[0].startswith("-"):
+            if words.pop(0) in _SUDO_VALUED and words:
+                words.pop(0)
+    if not words or Path(words[0]).name not in ("docker", "podman"):
+        return None
+    words.pop(0)
+    while words and words[0].startswith("-"):
+        if words.pop(0) in _GLOBAL_VALUED and words:
+            words.pop(0)
+    return words
 
 
 def exec_container(command: tuple[str, ...]) -> str | None:
-    """The container a `docker exec ... NAME caddy` command runs Caddy in; None otherwise."""
-    if len(command) < 3 or Path(command[0]).name not in ("docker", "podman") \
-            or command[1] != "exec":
+    """The container a `docker [container] exec ... NAME caddy` command runs Caddy in (also
+    under sudo, with global options); None otherwise (not docker, or `docker compose exec`,
+    which names a service)."""
+    words = _docker_words(command)
+    if words and words[0] == "container":
+        words.pop(0)
+    if not words or words[0] != "exec":
         return None
-    words = iter(command[2:])
-    for word in words:
+    rest = iter(words[1:])
+    for word in rest:
         if word in _EXEC_VALUED:
-            next(words, None)
+            next(rest, None)
         elif not word.startswith("-"):
             return word
     return None
@@ -173,7 +199,8 @@ def caddyfile_mount(env: Environment) -> str:
     restart or `caddy reload` sends every user there. A mount of the directory sees it."""
     name = exec_container(env.caddy.command)
     if name is None:
-        return "not checked: Caddy is not run through `docker exec`"
+        return ("not checked: Caddy is not run through `docker exec NAME` (mount the "
+                "Caddyfile's directory into its container, never the file)")
     sources = docker.bind_sources(name)
     if sources is None:
         return f"not checked: container {name} does not exist"
@@ -357,7 +384,7 @@ def start(env: Environment, *, candidate: str | None, recreate: bool,
         if loaded is not None:
             probes["sites kept"] = Probe(lambda: kept_sites(env, candidate, loaded), "sites")
     probes["reload"] = Probe(lambda: reload_path(env, admin_answered=admin_answered), "reload")
-    if candidate is not None and exec_container(env.caddy.command) is not None:
+    if candidate is not None and _docker_words(env.caddy.command) is not None:
         probes["caddyfile mount"] = Probe(lambda: caddyfile_mount(env), "mount")
     if recreate:
         probes["compose"] = Probe(lambda: compose_path(env), "compose")

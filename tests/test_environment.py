@@ -359,9 +359,13 @@ def test_an_exported_database_url_unlike_the_apps_env_file_is_refused(
     said = f"{refused.value} {refused.value.fix}"
     assert "differs from the one in" in said and str(env_file) in said, said
     assert "Pr0dPW" not in said and "D3vPW" not in said and "localhost" not in said, said
-    # the same URL in both places, or an env file without it: the exported one is used
+    # the same database in both places, however written, or an env file without it: the
+    # exported one is used
     monkeypatch.setenv("DATABASE_URL", "postgresql://togather:Pr0dPW@togather-db:5432/togather")
     assert db.url() == "postgresql://togather:Pr0dPW@togather-db:5432/togather"
+    same = "postgres://togather:Pr0d%50W@togather-db/togather?sslmode=disable"
+    monkeypatch.setenv("DATABASE_URL", same)
+    assert db.url() == same
     other = tmp_path / ".env.other"
     other.write_text("OTHER=1\n")
     monkeypatch.setenv("DATABASE_URL", "postgresql://dev:D3vPW@localhost:5432/togather_dev")

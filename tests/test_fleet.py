@@ -1050,6 +1050,51 @@ def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
 
 @pytest.mark.docker
 @nightly
+def test_ctrl_c_during_the_maintenance_restore_waits_for_it_and_stops_before_the_rollout(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Ctrl-C once the restore has started: it is waited for (never cut in half), journaled
+    as restored, and the run stops before any host rolls back: every host down, exit 5, and
+    the resume named with the run's own options (here --batches). Oracles: schema_migrations
+    in Postgres, what each host's Caddy serves, the journal."""
+    fleet = fleet_on_v3
+    with fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    gate = tmp_path / "restore.gate"
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.held_command(
+        "host1", gate, "snapshot", "restore")}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance", "--batches", "100%")
+        seen = _read_until(proc, "maintenance: draining")
+        time.sleep(3)  # every host drained, the restore asked for on host1 and held there
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        gate.write_text("run")  # the restore goes on, and is waited for
+        out, err = proc.communicate(timeout=600)
+    finally:
+        gate.write_text("run")
+        fleet.write_inventory()
+    text = "".join(seen) + err + out
+    assert proc.returncode == 5, text
+    with fleet.hosts[0].stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == row, text
+    assert all(fleet.serving(h.name)[0] >= 500 for h in fleet.hosts), text  # all still down
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["database"]["status"] == "restored", record["database"]
+    assert "--batches 100%" in record["resume_command"], record["resume_command"]
+    assert "interrupted during the restore" in err and record["resume_command"] in err, err
+    resume = subprocess.run([fleet.runbook_command, "fleet", "rollback",
+                             *record["resume_command"].split()[3:], "--yes", "--journal-dir",
+                             str(tmp_path)], capture_output=True, text=True, check=False,
+                            timeout=600, stdin=subprocess.DEVNULL)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    v2 = VERSIONS["v2"].tag
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v2, v2, v2]
+
+
+@pytest.mark.docker
+@nightly
 def test_a_restore_whose_outcome_is_unknown_keeps_every_host_down(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The maintenance path; the restore host (host1) goes dark once its restore ran to the

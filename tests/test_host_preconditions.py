@@ -21,7 +21,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy, two_deployments
+from tests.drill_checks import needs_root, snapshot, through_proxy, two_deployments
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -266,3 +266,46 @@ def test_a_caddy_container_that_mounts_the_caddyfile_itself_is_refused_in_prefli
             assert "sees the Caddyfile's directory" in preflight.caddyfile_mount(env)
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+@needs_root
+def test_a_compose_file_this_user_cannot_reach_is_said_never_a_crash(tmp_path: Path) -> None:
+    """A rollback's recovery text asks whether compose can recreate a slot: a compose file
+    in a directory the runbook's user cannot search made `Path.is_file()` raise, and every
+    rollback, even one that only starts a stopped slot, ended as an unexpected failure. The
+    user is a real unprivileged one (uid 1000)."""
+    from tests.drill_checks import DEPLOY_UID, as_deploy_user
+
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "docker-compose.blue-green.yml").write_text("services: {}\n")
+    private.chmod(0o700)  # root's: uid 1000 cannot search it
+    tmp_path.chmod(0o755)
+    imports = ("import dataclasses, sys\nfrom pathlib import Path\nfrom runbook import compose\n"
+               "from runbook.environment import Slot\nfrom tests.drill_checks import host_env\n"
+               "base = host_env(Path(sys.argv[1]))\n"
+               "env = base.with_(compose=dataclasses.replace(base.compose, "
+               "file=Path(sys.argv[1]) / 'private' / 'docker-compose.blue-green.yml'))\n")
+    code = "print(compose.deploy_hint(env))\n"
+    said = as_deploy_user([DEPLOY_UID], imports, code, str(tmp_path))
+    assert "runbook switch" in said and "cannot be read" not in said, said  # no crash: a hint
+
+
+@pytest.mark.parametrize("command,container", [
+    (("docker", "exec", "caddy", "caddy"), "caddy"),
+    (("docker", "container", "exec", "-i", "edge", "caddy"), "edge"),
+    (("sudo", "docker", "exec", "edge", "caddy"), "edge"),
+    (("sudo", "-u", "ops", "docker", "--context", "prod", "exec", "-u", "root", "edge",
+      "caddy"), "edge"),
+    (("/usr/bin/podman", "exec", "edge", "caddy"), "edge"),
+    (("docker", "compose", "exec", "caddy", "caddy"), None),  # a service, not a container
+    (("caddy",), None),
+])
+def test_the_caddy_container_is_read_from_every_usual_command_form(
+        command: tuple[str, ...], container: str | None) -> None:
+    """The mount check found the container only in `docker exec NAME ...`: `docker container
+    exec`, `sudo docker exec` or a `--context` skipped it without a word. Every docker form
+    now gets the check, or says it could not make it."""
+    from runbook import preflight
+
+    assert preflight.exec_container(command) == container

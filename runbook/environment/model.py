@@ -111,12 +111,13 @@ class DatabaseConfig:
                     recorded = read_env_file(self.env_file).get(self.url_variable)
                 except ConfigError:
                     recorded = None
-                if recorded is not None and recorded != value:
+                if recorded is not None and _database_of(recorded) != _database_of(value):
                     raise ConfigError(
                         f"{self.url_variable} in this process's environment differs from the "
                         f"one in {self.env_file}, which the app reads",
-                        f"unset {self.url_variable} (the env file's is used), or make the two "
-                        "equal")
+                        f"unset {self.url_variable} (the env file's is used), make the two "
+                        "name the same database, or set [database] url_variable to another "
+                        "variable")
             return value
         if self.env_file is None:
             raise ConfigError(f"{self.url_variable} is not set and no env file is configured",
@@ -177,6 +178,23 @@ def _env_value(value: str) -> str:
     hash_at = next((i for i in range(1, len(value))
                     if value[i] == "#" and value[i - 1] in " \t"), None)
     return value if hash_at is None else value[:hash_at].rstrip()
+
+
+def _database_of(url: str) -> tuple[str, ...] | str:
+    """Which database a URL names (user, password, database, host, port: the same database
+    written another way, `postgres://` or an encoded `%2f`, a default port or an added
+    `?sslmode=`, is the same); the text itself when libpq cannot read it (its own check
+    names the problem later)."""
+    if url.strip() == "":
+        return url
+    try:
+        from psycopg import conninfo
+
+        d = conninfo.conninfo_to_dict(url.strip())
+    except Exception:  # any parse failure: compared as text, never a traceback here
+        return url.strip()
+    return (str(d.get("user") or ""), str(d.get("password") or ""),
+            str(d.get("dbname") or ""), str(d.get("host") or ""), str(d.get("port") or "5432"))
 
 
 def read_env_file(path: Path) -> dict[str, str]:

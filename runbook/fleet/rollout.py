@@ -575,7 +575,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         say(f"maintenance: database restored once on {decision['host']} from "
             f"{decision['snapshot']}")
         if interrupts.count:
-            resume = f"runbook fleet rollback {options.inventory} --resume {fleet_run_id}"
+            resume = (f"runbook fleet rollback {options.inventory} --resume {fleet_run_id}"
+                      f"{_same_options(options)}")
             journal.record["resume_command"] = resume
             raise FleetError(f"interrupted during the restore, which was waited for: the "
                              f"database was restored once on {decision['host']}; no host was "
@@ -1193,11 +1194,8 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         code = ExitCode.OK
     resume = None
     if not_done:
-        same = "".join(f" {flag} {shlex.quote(value)}" for flag, value, default in (
-            ("--canary-group", options.canary_group, "canary"),
-            ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
         resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
-                  f"--resume {fleet_run_id}{same}")
+                  f"--resume {fleet_run_id}{_same_options(options)}")
         unknown = [h for h, r in hosts.items() if r.status in (UNKNOWN, UNKNOWN_STARTED)]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
@@ -1219,6 +1217,14 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     path = journal.write(options.journal_dir)
     lines.append(f"Fleet journal: {path}")
     return FleetResult(fleet_run_id, int(code), lines, journal.record, path)
+
+
+def _same_options(options: Options) -> str:
+    """The run's own --canary-group and --batches for its resume command (a resume without
+    them has another canary, and maybe another lock host)."""
+    return "".join(f" {flag} {shlex.quote(value)}" for flag, value, default in (
+        ("--canary-group", options.canary_group, "canary"),
+        ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
 
 
 def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
