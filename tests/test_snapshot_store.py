@@ -383,3 +383,28 @@ def test_an_unfinished_dump_is_reported_not_silently_passed_over(env: Environmen
     result = snapshots.cleanup(env, now=NOW)
     said = {p.name: why for p, why in result.skipped}
     assert partial.exists() and "unfinished dump (3 MiB)" in said[partial.name], said
+
+
+def test_cleanup_removes_only_its_own_leftovers(env: Environment) -> None:
+    """Found by review: every `*.meta.json` without a dump counted as an orphan (an operator's
+    `fresh-notes.meta.json`, created a moment ago, read as expired since 1970), and so did
+    another database's lone sidecar and any `*.partial` a day old. Only this database's
+    contract-named sidecars and this tool's own partial dumps are its leftovers."""
+    record(env, "dep_a", "dep_b")
+    folder = env.database.snapshot_dir
+    ours = put(env, "20261001_000000", "manual", age_days=60, expires_in_days=-53)
+    ours_meta = ours.with_name(ours.name.removesuffix(".sql.gz") + ".meta.json")
+    ours.unlink()  # a lone sidecar of this database's, expired: an orphan
+    notes = folder / "fresh-notes.meta.json"
+    notes.write_text('{"note": "an operator\'s own"}')
+    other = folder / "togather_billing_20190101_000000_x.meta.json"
+    other.write_text(json.dumps({"database": "billing", "expires_at": "2019-01-08T00:00:00Z"}))
+    partial = folder / "weird name.partial"
+    partial.write_bytes(b"an operator's download")
+    os.utime(partial, (0, 0))
+    result = snapshots.cleanup(env, now=NOW)
+    assert [p.name for p in result.orphans] == [ours_meta.name], result.orphans
+    assert notes.exists() and other.exists() and partial.exists()
+    assert not ours_meta.exists()
+    skipped = {p.name for p, why in result.skipped if "left alone" in why}
+    assert {notes.name, other.name, partial.name} <= skipped, result.skipped  # and said

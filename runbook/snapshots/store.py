@@ -518,9 +518,23 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
         day_ago = time.time() - 86400
         dead = set(dead_partials(directory))  # a killed run's: removed whatever its age
         for path in sorted(directory.iterdir()):
-            leftover = path.name.endswith(".partial") or files.temp_target(path.name) is not None
-            meta_named = path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
+            # only what this tool leaves: its own partial dumps and temp files, and lone
+            # sidecars named as the contract names this database's snapshots (an operator's
+            # `notes.meta.json` or another database's sidecar is left alone, as their dumps are)
+            leftover = _own_partial(path.name) or files.temp_target(path.name) is not None
+            named = NAME_RE.match(path.name.removesuffix(META_SUFFIX))
+            meta_named = (path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
+                          and named is not None and mine is not None
+                          and Snapshot(path.with_name(path.name.removesuffix(META_SUFFIX)
+                                                      + SUFFIX), _safe_json(path)).database
+                          == mine)
             if not (leftover or meta_named):
+                dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
+                if (path.name.endswith(".partial") or (path.name.endswith(META_SUFFIX)
+                                                       and not os.path.lexists(dump))) \
+                        and not path.name.startswith("."):
+                    skipped.append((path, "not this database's snapshot or this tool's "
+                                          "partial dump (by its name): left alone"))
                 continue
             try:
                 info = path.lstat()
@@ -558,6 +572,18 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             orphans.append(path)
     return CleanupResult(removed, kept, orphans, held, skipped,
                          [warning] if warning else [])
+
+
+def _own_partial(name: str) -> bool:
+    """A partial dump named after a snapshot (`.togather_<db>_<time>_<reason>.sql.gz.<hex>
+    .partial`, dump.create's, or the tooling's `<snapshot name>[.sql.gz].partial`): never an
+    operator's own `*.partial` download."""
+    if _PARTIAL_RE.match(name):
+        return True
+    if not name.endswith(".partial"):
+        return False
+    stem = re.sub(r"(\.sql\.gz)?(\.[0-9a-f]{8})?\.partial$", "", name.lstrip("."))
+    return NAME_RE.match(stem) is not None
 
 
 def _database(env: Environment) -> str | None:
