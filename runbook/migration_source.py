@@ -57,7 +57,11 @@ def from_sidecars(env: Environment, target: states.Deployment,
     """
     from runbook import snapshots  # only for targets recorded without a migration version
 
-    snaps = [s for s in snapshots.own_snapshots(env)
+    try:
+        listed = snapshots.own_snapshots(env)
+    except RunbookError as exc:  # a folder this user cannot list: said, never "no sidecar"
+        return Found(None, exc.message.removesuffix("; nothing was changed"))
+    snaps = [s for s in listed
              if s.meta is not None and s.migration_version is not None and not s.dirty]
     own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)
            or (after.snapshot_path and str(s.path) == after.snapshot_path)]

@@ -20,7 +20,7 @@ from runbook import database, snapshots
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError
-from tests.drill_checks import host_env
+from tests.drill_checks import DEPLOY_UID, as_deploy_user, host_env, needs_root
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -408,3 +408,42 @@ def test_cleanup_removes_only_its_own_leftovers(env: Environment) -> None:
     assert not ours_meta.exists()
     skipped = {p.name for p, why in result.skipped if "left alone" in why}
     assert {notes.name, other.name, partial.name} <= skipped, result.skipped  # and said
+
+
+@needs_root
+def test_a_snapshot_folder_this_user_cannot_list_is_said_never_read_as_empty() -> None:
+    """Found by review: a 0700 folder (the mode the runbook creates it with) read by another
+    user listed as "No snapshots" (exit 0), and a rollback then said "no snapshot at schema N
+    exists: ... or pass --force". Now every reader says it cannot read the folder (exit 4);
+    the schema guard's evidence says so too. The reader is a real unprivileged user."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="togather-perm-", dir="/tmp"))  # searchable by all
+    base.chmod(0o755)
+    folder = base / "db-snapshots"
+    folder.mkdir()
+    (folder / "togather_togather_20261101_000000_manual.sql.gz").write_bytes(
+        gzip.compress(b"-- dump\n"))
+    folder.chmod(0o700)  # root's
+    imports = ("import dataclasses, json, sys\nfrom pathlib import Path\n"
+               "from runbook import snapshots\nfrom runbook.errors import RunbookError\n"
+               "from tests.drill_checks import host_env\n"
+               "base = host_env(Path(sys.argv[1]))\n"
+               "env = base.with_(database=dataclasses.replace(base.database, "
+               "snapshot_dir=Path(sys.argv[1]) / 'db-snapshots'))\n")
+    code = ("out = []\n"
+            "for call in (lambda: snapshots.list_snapshots(env),\n"
+            "             lambda: snapshots.find(env, 'togather_togather_20261101_000000_"
+            "manual')):\n"
+            "    try:\n"
+            "        out.append(['listed', len(call())])\n"
+            "    except RunbookError as exc:\n"
+            "        out.append([int(exc.exit_code), exc.message])\n"
+            "print(json.dumps(out))\n")
+    try:
+        said = json.loads(as_deploy_user([DEPLOY_UID], imports, code, str(base)))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    for code_, message in said:
+        assert code_ == 4 and "cannot read the snapshot folder" in message, said

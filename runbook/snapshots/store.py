@@ -254,10 +254,14 @@ def _scan(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     twice, sort first (its target's time) and become the default restore, which then cannot
     tell what database it holds.
     """
-    if not directory.is_dir():
-        return [], []
+    try:  # not glob(): it reads a folder it may not list as empty ("no snapshots")
+        if not directory.is_dir():
+            return [], []
+        names = sorted(e.name for e in os.scandir(directory) if e.name.endswith(SUFFIX))
+    except OSError as exc:
+        raise unreadable(directory, exc) from None
     files_, others = [], []
-    for path in directory.glob(f"*{SUFFIX}"):
+    for path in (directory / name for name in names):
         if path.name.startswith("."):
             continue
         try:
@@ -316,7 +320,11 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
     for candidate in candidates:
         if candidate.name.endswith(META_SUFFIX):
             candidate = candidate.with_name(candidate.name.removesuffix(META_SUFFIX) + SUFFIX)
-        if candidate.is_file():
+        try:
+            found = candidate.is_file()
+        except OSError as exc:  # its folder cannot be searched by this user
+            raise unreadable(candidate.parent, exc) from None
+        if found:
             return load(candidate)
     raise SnapshotError(f"snapshot {text} does not exist",
                         f"pick one from `runbook snapshot list {env.name}` (folder "
@@ -372,6 +380,15 @@ def free_stem(directory: Path, db: str, when: datetime, reason: str) -> str:
         n += 1
         candidate = f"{stem}-{n}"
     return candidate
+
+
+def unreadable(directory: Path, exc: OSError) -> PreconditionError:
+    """A snapshot folder this user cannot list: never read as "no snapshots" (which sent
+    on-call to --force, the guard's evidence gone), nor a traceback."""
+    return PreconditionError(f"cannot read the snapshot folder {directory} "
+                             f"({exc.strerror or exc}); nothing was changed",
+                             "run as the folder's owner (or root), or give this user read "
+                             "and search permission on it")
 
 
 def no_space(directory: Path, what: str) -> PreconditionError:
