@@ -12,6 +12,7 @@ from, or that none exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from runbook import docker, health
 from runbook import state as states
@@ -26,6 +27,7 @@ class Found:
     version: int | None
     source: str
     problem: str | None = None
+    witness: Path | None = None  # the snapshot whose sidecar said it (kept by cleanup)
 
 
 def successor(env: Environment, target: states.Deployment,
@@ -61,20 +63,11 @@ def from_sidecars(env: Environment, target: states.Deployment,
         listed = snapshots.own_snapshots(env)
     except RunbookError as exc:  # a folder this user cannot list: said, never "no sidecar"
         return Found(None, exc.message.removesuffix("; nothing was changed"))
-    snaps = [s for s in listed
-             if s.meta is not None and s.migration_version is not None and not s.dirty]
-    own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)
-           or (after.snapshot_path and str(s.path) == after.snapshot_path)]
-    if own:
-        snap = own[0]
-        return Found(snap.migration_version,
-                     f"sidecar {snap.meta_path.name} (pre-deploy snapshot of {after.version})")
-    live = [s for s in snaps if target.deployed_at <= s.timestamp < after.deployed_at]
-    if live:
-        snap = live[0]  # newest first
-        return Found(snap.migration_version,
-                     f"sidecar {snap.meta_path.name} (taken while {target.version} was live)")
-    return None
+    snap, how = snapshots.schema_witness(listed, target, after)
+    if snap is None:
+        return None
+    return Found(snap.migration_version, f"sidecar {snap.meta_path.name} ({how})",
+                 witness=snap.path)
 
 
 def from_health(env: Environment, target: states.Deployment) -> Found | None:

@@ -447,3 +447,25 @@ def test_a_snapshot_folder_this_user_cannot_list_is_said_never_read_as_empty() -
         shutil.rmtree(base, ignore_errors=True)
     for code_, message in said:
         assert code_ == 4 and "cannot read the snapshot folder" in message, said
+
+
+def test_cleanup_keeps_the_sidecar_the_schema_guard_reads_the_targets_schema_from(
+        env: Environment) -> None:
+    """Found by review: deployments recorded by the tooling name no migration version, so
+    the schema guard reads the rollback target's from a sidecar taken while it was live.
+    Cleanup kept only "the newest usable" and deleted that witness once expired: the guard
+    then said "not checked (version not known)" and the restore point was gone."""
+    record(env, "dep_a", "dep_b")  # no migration_version: the previous one is dep_a
+    witness = put(env, "20261103_120000", "manual", version=1, age_days=29.5,
+                  expires_in_days=-22)  # taken while dep_a was live, at schema 1
+    newest = put(env, "20261202_000000", "manual", version=2, age_days=1, expires_in_days=-1)
+    from runbook import migration_source
+
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.previous is not None and state.current is not None
+    found = migration_source.from_sidecars(env, state.previous, state.current)
+    assert found is not None and found.version == 1  # the premise: the guard's witness
+    result = snapshots.cleanup(env, now=NOW)
+    assert witness.exists() and newest.exists(), [s.name for s in result.removed]
+    held = {s.path.name: why for s, why in result.held}
+    assert "schema guard" in held[witness.name], held

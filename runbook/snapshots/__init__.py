@@ -45,6 +45,7 @@ from runbook.snapshots.store import (
     list_snapshots,
     load,
     own_snapshots,
+    schema_witness,
     snapshot_stem,
 )
 from runbook.snapshots.verify import Verified
@@ -55,5 +56,5 @@ __all__ = [
     "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified", "cleanup",
     "create", "current_state", "dump_command", "find", "human_duration", "latest_before",
     "list_snapshots", "load", "loss_window", "own_snapshots", "pre_deploy_snapshot",
-    "replay_command", "snapshot_stem", "table_stats", "target",
+    "replay_command", "schema_witness", "snapshot_stem", "table_stats", "target",
 ]

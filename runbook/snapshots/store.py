@@ -18,11 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook import files
 from runbook.environment import Environment
 from runbook.errors import ExitCode, PreconditionError, RunbookError
+
+if TYPE_CHECKING:
+    from runbook import state as states
 from runbook.times import format_utc as _fmt
 from runbook.times import parse_utc as _utc
 
@@ -455,14 +458,42 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
                 why.setdefault(snap.path, []).append(
                     f"the pre-deploy snapshot of the {label} deployment {dep.version} "
                     f"({dep.id})")
-        if dep.migration_version is not None:  # what the schema guard would restore
-            at = next((s for s in snaps if s.usable
-                       and s.migration_version == dep.migration_version), None)
+        version = dep.migration_version
+        if version is None and label == "previous" and state.current is not None:
+            # the schema guard reads the rollback target's schema from a sidecar then: that
+            # sidecar is its only witness, and the snapshot it would restore depends on it
+            # (the previous deployment's successor is the current one: migration_source)
+            witness, _ = schema_witness(snaps, dep, state.current)
+            if witness is not None:
+                why.setdefault(witness.path, []).append(
+                    f"the sidecar the schema guard reads the previous deployment "
+                    f"{dep.version}'s schema from")
+                version = witness.migration_version
+        if version is not None:  # what the schema guard would restore
+            at = next((s for s in snaps if s.usable and s.migration_version == version), None)
             if at is not None:
                 why.setdefault(at.path, []).append(
-                    f"the newest usable snapshot at schema {dep.migration_version}, the "
+                    f"the newest usable snapshot at schema {version}, the "
                     f"{label} deployment {dep.version}'s")
     return {path: "; ".join(reasons) for path, reasons in why.items()}, None
+
+
+def schema_witness(listed: list[Snapshot], target: states.Deployment,
+                   after: states.Deployment) -> tuple[Snapshot | None, str]:
+    """The snapshot whose sidecar says the schema `target` ran with, and how it knows: the
+    pre-deploy snapshot of `after`, the deployment that replaced it (by deployment id, or the
+    Go CLI's `snapshot_path`), dumped just before its migrations; else the newest taken
+    while `target` was live (it saw the same schema). `listed`: newest first."""
+    snaps = [s for s in listed
+             if s.meta is not None and s.migration_version is not None and not s.dirty]
+    own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)
+           or (after.snapshot_path and str(s.path) == after.snapshot_path)]
+    if own:
+        return own[0], f"pre-deploy snapshot of {after.version}"
+    live = [s for s in snaps if target.deployed_at <= s.timestamp < after.deployed_at]
+    if live:
+        return live[0], f"taken while {target.version} was live"
+    return None, ""
 
 
 def _unlink(path: Path) -> str | None:
