@@ -370,3 +370,37 @@ def test_an_exported_database_url_unlike_the_apps_env_file_is_refused(
     other.write_text("OTHER=1\n")
     monkeypatch.setenv("DATABASE_URL", "postgresql://dev:D3vPW@localhost:5432/togather_dev")
     assert db.__class__(env_file=other).url().endswith("/togather_dev")
+
+
+@pytest.mark.parametrize("table,key,value,said", [
+    ("database", "snapshot_dir", "", "is empty"),
+    ("state", "file", "   ", "is empty"),
+    ("caddy", "caddyfile", "", "is empty"),
+    ("database", "snapshot_dir", "~nosuchuser-xyz/snaps", "does not have"),
+    ("state", "file", "~nosuchuser-xyz/state.json", "does not have"),
+])
+def test_a_path_key_that_names_no_usable_path_is_refused_at_load(
+        tmp_path: Path, table: str, key: str, value: str, said: str) -> None:
+    """Found by review: `""` became the config file's own folder (pre-deploy dumps of the
+    whole database written into /etc/togather-runbook/, or a state "file" that is a folder,
+    refused only mid-run), and `~someone` of a user this machine lacks was a bare
+    RuntimeError, exit 5. Both are the file's error: one line naming the key, exit 2."""
+    path = tmp_path / "host.toml"
+    path.write_text(NO_COMPOSE + f'[{table}]\n{key} = "{value}"\n')
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(path))
+    assert err.value.exit_code == ExitCode.USAGE
+    text = str(err.value)
+    assert f"{table}.{key}: " in text and said in text, text  # the loader's list of problems
+
+
+def test_an_ipv6_slot_host_makes_a_url_that_works(tmp_path: Path) -> None:
+    """`host = "::1"` passed the loader, then every probe of that slot failed ("Port could
+    not be cast to integer value"): a deploy learnt it only after recreating the standby."""
+    path = tmp_path / "host.toml"
+    path.write_text(NO_COMPOSE.replace('port = 8082\n', 'port = 8082\nhost = "::1"\n'))
+    env = envmod.load(str(path))
+    assert env.slot(Slot.GREEN).base_url == "http://[::1]:8082"
+    import httpx
+
+    assert httpx.URL(env.slot(Slot.GREEN).base_url + "/health").port == 8082

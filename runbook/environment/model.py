@@ -45,7 +45,9 @@ class SlotConfig:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") \
+            else self.host  # an IPv6 address (`::1`) in a URL
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True)

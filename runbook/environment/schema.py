@@ -118,6 +118,23 @@ def _url_path(value: str) -> str:
 UrlPath = Annotated[str, AfterValidator(_url_path)]
 
 
+def _file_path(value: str) -> str:
+    """A path key: never empty (`""` became the config file's own folder: dumps of the whole
+    database written to /etc/togather-runbook/), and a `~user` that exists here (expanding
+    an unknown one raised a bare RuntimeError, exit 5)."""
+    if not value.strip():
+        _fail("is empty: remove the key to use its default, or give a path")
+    try:
+        Path(os.path.expandvars(value)).expanduser()
+    except RuntimeError:
+        _fail(f"{value!r} names a home directory of a user this machine does not have; "
+              "write the path in full")
+    return value
+
+
+FilePath = Annotated[str, AfterValidator(_file_path)]
+
+
 def _variable_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
         # never echoed: a URL put here by mistake holds the password
@@ -146,17 +163,17 @@ def _table() -> Any:
 
 
 class StateFile(_Table):
-    file: str = "/opt/togather/src/deploy/config/deployment-state.json"
+    file: FilePath = "/opt/togather/src/deploy/config/deployment-state.json"
 
 
 class LockFile(_Table):
-    dir: str = "/tmp"
+    dir: FilePath = "/tmp"
     stale_after_seconds: Positive = Environment.lock_stale_after
 
 
 class LogsFile(_Table):
-    dir: str = "~/.togather/logs/deployments"
-    runs_dir: str = "~/.togather/runs"
+    dir: FilePath = "~/.togather/logs/deployments"
+    runs_dir: FilePath = "~/.togather/runs"
 
 
 class SlotFile(_Table):
@@ -187,7 +204,7 @@ class SlotsFile(_Table):
 
 
 class CaddyFile(_Table):
-    caddyfile: str = "/etc/caddy/Caddyfile"
+    caddyfile: FilePath = "/etc/caddy/Caddyfile"
     reload: Annotated[str, _choice(*(m.value for m in ReloadMethod))] = "admin-api"
     admin_url: str = "http://localhost:2019"
     proxy_url: str = "http://localhost"
@@ -199,9 +216,9 @@ class CaddyFile(_Table):
 
 
 class ComposeFile(_Table):
-    file: str | None = None  # default: STANDARD_COMPOSE_FILE where it exists
+    file: FilePath | None = None  # default: STANDARD_COMPOSE_FILE where it exists
     project: str | None = None  # default: togather-<name>
-    env_file: str | None = None
+    env_file: FilePath | None = None
     image_repository: str = ComposeConfig.image_repository
     command: Command = ComposeConfig.command
 
@@ -215,10 +232,10 @@ class HealthFile(_Table):
 
 
 class DatabaseFile(_Table):
-    env_file: str | None = None  # default: compose.env_file
+    env_file: FilePath | None = None  # default: compose.env_file
     url_variable: Annotated[str, AfterValidator(_variable_name)] = DatabaseConfig.url_variable
     container: str = DatabaseConfig.container
-    snapshot_dir: str = str(DatabaseConfig.snapshot_dir)
+    snapshot_dir: FilePath = str(DatabaseConfig.snapshot_dir)
     retention_days: Retention = DatabaseConfig.retention_days
     access: Annotated[str, _choice("auto", "host", "container")] = DatabaseConfig.access
 
@@ -338,7 +355,10 @@ def _agree_with_env_files(env: Environment) -> Environment:
             if variable == "COMPOSE_PROJECT_NAME" and env.compose.file is None:
                 continue  # no compose here (`docker run` slots): no project to agree on
             if variable == "SNAPSHOT_DIR":
-                folder = Path(theirs).expanduser()
+                try:
+                    folder = Path(theirs).expanduser()
+                except RuntimeError:  # `~user` of a user this machine does not have
+                    continue
                 if not folder.is_absolute():  # relative to a directory only its tool knows
                     continue
                 theirs = str(folder)  # a trailing slash is the same folder
