@@ -278,14 +278,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot),
     ]
-    if (old_record := finish.replaced(found)) is not None:
+    # the same deploy rerun is that run again: its record is superseded, never put back (a
+    # rerun that failed too put the dead run's record back, and the host kept "an
+    # interrupted run is unfinished" for good)
+    old_record = None if again else finish.replaced(found)
+    if old_record is not None:
         warnings.insert(0, finish.replacing_warning(env, old_record, "deploy"))
     summary = f"deploy {version} to {env.display}'s {target} slot (traffic now on {live})"
     return Plan("deploy", env, summary, steps, warnings, diff,
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},
                 intent=intent, resume_command=f"runbook deploy {env.name} --version {version}",
-                replaces=finish.replaced(found))
+                replaces=old_record)
 
 
 def _revision(image: str) -> str:

@@ -642,6 +642,34 @@ def test_a_run_stopped_before_the_switch_on_a_caddy_that_dials_no_slot_can_be_ru
                         headers={"Content-Type": "text/caddyfile"}, timeout=10)
 
 
+def test_a_failed_rerun_of_a_killed_deploy_leaves_no_record_behind(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """`kill -9` of a deploy of a broken build during its gate, then the same deploy again,
+    which fails its gate too (nothing took effect either time): the rerun put the dead run's
+    record back as "the record it replaced", so status said "an interrupted run is
+    unfinished" for good, and only a hand edit cleared it. The rerun is that deployment again:
+    its record supersedes the dead one's."""
+    stack.reset()  # v1 serving from blue
+    env = stack.env
+    broken = VERSIONS["unhealthy"]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs: the killed deploy's
+    intents.write(env, intents.Intent(
+        run_id="dep_killed", action="deploy", environment=env.name, from_slot="blue",
+        to_slot="green", from_version=VERSIONS["v1"].tag, to_version=broken.tag,
+        pid=child.pid, record={"deployment_id": "dep_killed_deployment"}))
+    toml = tmp_path / "short-gate.toml"  # no migrations: the failed gate changes nothing
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
+    rerun = subprocess.run([sys.executable, "-m", "runbook.cli", "deploy", "--version",
+                            broken.tag, "--yes", str(toml)], capture_output=True, text=True,
+                           check=False, timeout=180, stdin=subprocess.DEVNULL,
+                           env={k: v for k, v in os.environ.items() if k != faults.VARIABLE})
+    assert rerun.returncode == 1, rerun.stdout + rerun.stderr  # its gate failed, undone
+    assert intents.read(env) is None, intents.read(env)  # no record left to "finish"
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
 def _database(stack: DrillStack) -> tuple[object, ...]:
     """What the database holds: its schema version and every table's row count."""
     with stack.connect() as conn:
