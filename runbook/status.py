@@ -142,11 +142,19 @@ def no_current_deployment(f: Facts) -> Iterator[Problem]:
         return
     info = f.containers.get(active)
     tag = info.tag if info is not None else None
+    from runbook import compose
+
+    hint = compose.deploy_hint(f.env, tag or "<version>")
+    record = (f"record it: {hint} deploys that version again and records it"
+              if hint.startswith("`runbook deploy") else
+              # no compose: `runbook deploy` refuses here, and a switch to the slot that
+              # already serves changes nothing: the host's own deploy is what records it
+              "record it by deploying that version again the way this host's own deploy "
+              "does (it writes the state file; `runbook deploy` needs compose, which this "
+              "host has not)")
     yield Problem(f"no current deployment is recorded, yet the {active} slot serves traffic "
                   f"({f.image(active)})",
-                  f"record it: `runbook deploy {_arg(f.env)} --version {tag or '<version>'}` "
-                  "deploys that version again and records it; until then a rollback has "
-                  "nothing to roll back from")
+                  f"{record}; until then a rollback has nothing to roll back from")
 
 
 def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:

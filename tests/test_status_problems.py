@@ -183,3 +183,34 @@ def test_a_caddyfile_that_cannot_be_read_never_says_caddy_is_not_answering(
     assert "Caddy answering" in text and "NOT answering" not in text, text
     assert data["caddy"]["running"] is True and data["caddy"]["error"], data["caddy"]
     assert code == 1 and problem(problems, "Caddyfile")
+
+
+def test_no_recorded_deployment_on_a_host_without_compose_names_what_works_there(
+        tmp_path: Path) -> None:
+    """On a `docker run` host, status told on-call to record the serving version with
+    `runbook deploy`, which needs compose and refuses there. The facts are as `gather` reads
+    them: Caddy serves blue, blue runs, the state file records nothing."""
+    import dataclasses
+
+    from runbook import docker, traffic
+    from runbook import status as statusmod
+    from tests.drill_checks import host_env
+
+    base = host_env(tmp_path)
+    compose_file = tmp_path / "docker-compose.blue-green.yml"
+    compose_file.write_text("services: {}\n")
+    with_compose = base.with_(
+        compose=dataclasses.replace(base.compose, file=compose_file),
+        slots={s: dataclasses.replace(c, service=c.service or f"togather-{s}")
+               for s, c in base.slots.items()})
+    for env, says_deploy in ((base.with_(compose=dataclasses.replace(base.compose, file=None)),
+                              False),
+                             (with_compose, True)):
+        f = statusmod.Facts(env)
+        f.state = states.DeploymentState(environment=env.name)
+        f.traffic = traffic.Traffic(slots=frozenset({Slot.BLUE}), dials=())
+        f.containers[Slot.BLUE] = docker.ContainerInfo(
+            env.slot(Slot.BLUE).container, True, "running", "togather-server:abc1234")
+        [found] = list(statusmod.no_current_deployment(f))
+        assert (f"runbook deploy {env.name} --version abc1234" in found.fix) == says_deploy, \
+            found.fix
