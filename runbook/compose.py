@@ -69,11 +69,16 @@ def _missing(env: Environment, slot: Slot) -> list[str]:
     return missing
 
 
+def can_recreate(env: Environment) -> bool:
+    """Whether compose can recreate both slots here (so `runbook deploy` can work)."""
+    return not any(_missing(env, slot) for slot in Slot)
+
+
 def deploy_hint(env: Environment, version: str = "<version>") -> str:
     """How on-call puts `version` on a slot here: `runbook deploy` needs compose; on a host
     whose slots were made by `docker run` it refuses, so naming it would send on-call round
     in a circle: there it is the host's own way, then `runbook switch`."""
-    if not any(_missing(env, slot) for slot in Slot):
+    if can_recreate(env):
         return f"`runbook deploy {env.name} --version {version}`"
     return (f"run {version} in the standby slot's container the way this host's own deploy "
             f"does (its `docker run`: `runbook deploy` needs compose, which this host has not), "

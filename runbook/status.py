@@ -144,9 +144,8 @@ def no_current_deployment(f: Facts) -> Iterator[Problem]:
     tag = info.tag if info is not None else None
     from runbook import compose
 
-    hint = compose.deploy_hint(f.env, tag or "<version>")
-    record = (f"record it: {hint} deploys that version again and records it"
-              if hint.startswith("`runbook deploy") else
+    record = (f"record it: `runbook deploy {_arg(f.env)} --version {tag or '<version>'}` "
+              "deploys that version again and records it" if compose.can_recreate(f.env) else
               # no compose: `runbook deploy` refuses here, and a switch to the slot that
               # already serves changes nothing: the host's own deploy is what records it
               "record it by deploying that version again the way this host's own deploy "
