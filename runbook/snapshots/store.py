@@ -570,14 +570,12 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             # sidecars named as the contract names this database's snapshots (an operator's
             # `notes.meta.json` or another database's sidecar is left alone, as their dumps are)
             leftover = _own_partial(path.name) or files.temp_target(path.name) is not None
-            named = NAME_RE.match(path.name.removesuffix(META_SUFFIX))
-            meta_named = (path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
-                          and named is not None and mine is not None
-                          and Snapshot(path.with_name(path.name.removesuffix(META_SUFFIX)
-                                                      + SUFFIX), _safe_json(path)).database
-                          == mine)
+            dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
+            sidecar = (Snapshot(dump, _safe_json(path))
+                       if path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
+                       and NAME_RE.match(path.name.removesuffix(META_SUFFIX)) else None)
+            meta_named = sidecar is not None and mine is not None and sidecar.database == mine
             if not (leftover or meta_named):
-                dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
                 if (path.name.endswith(".partial") or (path.name.endswith(META_SUFFIX)
                                                        and not os.path.lexists(dump))) \
                         and not path.name.startswith("."):
@@ -604,9 +602,8 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
                                       "not lockable here: removed after a day, or by hand "
                                       "once no dump runs"))
                 continue
-            dump = path.with_name(path.name.removesuffix(META_SUFFIX) + SUFFIX)
-            lone_meta = (meta_named and not os.path.lexists(dump)
-                         and Snapshot(dump, _safe_json(path)).expires_at(retention) <= now)
+            lone_meta = (sidecar is not None and meta_named and not os.path.lexists(dump)
+                         and sidecar.expires_at(retention) <= now)
             if not (stale_partial or lone_meta):
                 continue
             if not dry_run:
