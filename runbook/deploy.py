@@ -67,6 +67,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         raise PreconditionError(f"{version} is already the current deployment",
                                 "nothing to deploy; use `runbook status` to see both slots")
     warnings: list[str] = []
+    dialed_none = False  # Caddy sends users to neither slot (a first deploy)
     if current is None and state.previous is None:
         live = Slot.BLUE
         try:
@@ -81,6 +82,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                     "free; nothing was changed", "repoint Caddy at the slot that should serve "
                     f"(`runbook switch {env.name} --slot <blue|green>`), then deploy") from None
             live = (options.slot or Slot.GREEN).other  # neither is dialed: either is free
+            dialed_none = True
             warnings.append("no deployment recorded and Caddy dials neither slot: deploying "
                             f"to {live.other}")
     else:
@@ -147,7 +149,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         schema_at_start.append(baseline())
 
         def undo() -> Stays | None:
-            slots.stop_if_started(env, target)
+            slots.stop_if_started(env, target, observed)
             # an app that migrates itself (with or without a migrate_command) may have, from
             # its start on, whatever stopped the run before the commit (its gate, the switch,
             # Ctrl-C): said, and the record kept, never "nothing took effect" with the schema
@@ -157,7 +159,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             return None
 
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
-        ctx.on_failure(f"stop {config.container} (it never took traffic)", undo)
+        ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
         slots.recreate(env, target, version)
 
     def run_migrate(ctx: StepContext) -> None:
@@ -284,7 +286,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     old_record = None if again else finish.replaced(found)
     if old_record is not None:
         warnings.insert(0, finish.replacing_warning(env, old_record, "deploy"))
-    summary = f"deploy {version} to {env.display}'s {target} slot (traffic now on {live})"
+    summary = (f"deploy {version} to {env.display}'s {target} slot ("
+               + ("Caddy dials neither slot now)" if dialed_none else f"traffic now on {live})"))
     return Plan("deploy", env, summary, steps, warnings, diff,
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},

@@ -112,6 +112,8 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     new = caddy.adapt(env, candidate)
     if new is None:  # refused or unanswered: the validation says which, and stops the run
         return "not compared (Caddy did not adapt the new Caddyfile)"
+    if env.caddy.reload is ReloadMethod.CADDY_RELOAD and "{$" in candidate:
+        _same_environment(env, candidate, new)
     missing = sorted(_sites(running) - _sites(new))
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more"
@@ -123,6 +125,33 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
             "set [caddy] caddyfile to the file Caddy runs (its global options and every "
             "site), or load this one first if it is what Caddy should run")
     return "every site Caddy serves now is in the new Caddyfile"
+
+
+def _same_environment(env: Environment, candidate: str, by_caddy: Any) -> None:
+    """`caddy reload` run here expands the Caddyfile's `{$VAR}` placeholders with this
+    process's environment, not with the one of the Caddy that loads the result (a systemd
+    unit's EnvironmentFile, a container's env): a placeholder set only there became empty
+    and the reload changed more than the slot (a site address, a header, a secret). Caddy's
+    own adaptation (`/adapt`) is the oracle; any difference, or none to compare with, is
+    refused before anything changes."""
+    here = caddy.adapt_as_reload(env, candidate)
+    if here is None:
+        raise PreconditionError(
+            f"pre-flight: {env.caddy.caddyfile} uses {{$VAR}} placeholders and `caddy adapt`, "
+            "run by [caddy] command, could not adapt it here, so what `caddy reload` would "
+            "load cannot be checked; nothing was changed",
+            "run `caddy adapt --config <file>` to see why, or set [caddy] reload = admin-api "
+            "(Caddy then expands them itself)")
+    where = caddy.first_difference(by_caddy, here)
+    if where is not None:
+        raise PreconditionError(
+            "pre-flight: `caddy reload`, run by [caddy] command, would load another config "
+            f"than Caddy's own reading of {env.caddy.caddyfile} (first at {where}): "
+            "its {$VAR} placeholders are expanded with this shell's environment, not "
+            "Caddy's (or this caddy is another version); nothing was changed",
+            "set [caddy] reload = admin-api (Caddy expands them itself), or [caddy] command "
+            "to run caddy where Caddy runs (e.g. `docker exec <container> caddy`), or export "
+            "the same variables here")
 
 
 def _sites(config: object) -> set[str]:

@@ -312,7 +312,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     steps = [
         preflight,
         *restore_steps,
-        slots.run_step(env, prep), gate, switch,
+        slots.run_step(env, prep, observed), gate, switch,
         Step("state", "Record the rollback in the deployment state",
              {"file": str(env.state_file),
               "current": f"{target.version} on {standby}, status active, rollback_count "

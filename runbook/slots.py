@@ -107,18 +107,20 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool, *,
     return None
 
 
-def stop_if_started(env: Environment, slot: Slot) -> None:
+def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = None) -> None:
     """The undo of a start or recreate that may not have happened (interrupted, timed out):
-    a container that is not there or not running has nothing to undo."""
+    a container that is not there or not running has nothing to undo. `observed`: the run's,
+    which says whether its switch had sent users to the slot before the run failed."""
     info = docker.inspect(env.slot(slot).container)
     if info.exists and info.status in ("running", "paused", "restarting"):
-        stop_for_undo(env, slot)
+        stop_for_undo(env, slot, after_switch=observed is not None and observed.sent_to_target)
 
 
-def stop_for_undo(env: Environment, slot: Slot) -> None:
+def stop_for_undo(env: Environment, slot: Slot, *, after_switch: bool = False) -> None:
     """`stop` as an undo: a slot left running for Caddy's h2c connections is reported (the
-    undo did not fully happen), never passed over in silence."""
-    kept = stop(env, slot)
+    undo did not fully happen), never passed over in silence. `after_switch`: a failed
+    verification's config sent users to it, so it is drained as an old slot is."""
+    kept = stop(env, slot, after_switch=after_switch)
     if kept is not None:
         raise RunbookError(f"left running: {kept}", "see `runbook status`")
 
@@ -249,6 +251,10 @@ class Observed:
     verified: str | None = None  # what the proxy answered after the switch
     migration_version: int | None = None  # deploy: the schema after its migrations
     snapshot_path: str | None = None  # deploy: its pre-deploy snapshot
+    # the switch wrote or loaded a Caddy config that sends users to the target: an undo's
+    # stop of the target then waits as the stop of an old slot does (users' connections the
+    # failed config accepted may still hand it a request), never at once
+    sent_to_target: bool = False
 
 
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
@@ -308,7 +314,7 @@ def _tag_moved(info: ContainerInfo, image: str, version: str) -> str:
             f"{info.image_id[:19]}, the build that ran as {version}")
 
 
-def run_step(env: Environment, prep: Preparation) -> Step:
+def run_step(env: Environment, prep: Preparation, observed: Observed | None = None) -> Step:
     config = env.slot(prep.slot)
     details = {"container": prep.describe_container, "wanted image": prep.image,
                "decision": prep.reason}
@@ -332,11 +338,11 @@ def run_step(env: Environment, prep: Preparation) -> Step:
         # "nothing took effect" must then be true
         if prep.action in ("start", "unpause"):
             ctx.on_failure(f"stop {config.container} again",
-                           lambda: stop_if_started(env, prep.slot))
+                           lambda: stop_if_started(env, prep.slot, observed))
             docker.run(start_action)
         elif recreate_command is not None:
-            ctx.on_failure(f"stop {config.container} (it never took traffic)",
-                           lambda: stop_if_started(env, prep.slot))
+            ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
+                           lambda: stop_if_started(env, prep.slot, observed))
             recreate(env, prep.slot, prep.tag, recreate_command)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
@@ -534,6 +540,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         restore_bytes = (caddy.rewrite(old, env, before).encode("utf-8") if before is not None
                          else old_bytes)
         backup = caddy.write_backup(env, restore_bytes)
+        observed.sent_to_target = True  # from the write on: a Caddy may watch its file
         if new != old:
             caddy.write_config(env, new)
         ctx.on_failure("put back the previous Caddyfile and reload Caddy"

@@ -84,7 +84,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "target": f"{target}: {prep.describe_container}", "sites kept": kept},
              phase=Phase.PREFLIGHT),
         *([_replace_record(env, repairing.intent)] if repairing is not None else []),
-        slots.run_step(env, prep),
+        slots.run_step(env, prep, observed),
         slots.gate_step(env, target, force=options.force, expected_version=version,
                         observed=observed),
         switch,

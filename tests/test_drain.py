@@ -4,6 +4,7 @@ real thing on the drill (real Caddy, real load)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -13,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from runbook import deploy, docker, drain, rollback, slots, traffic
+from runbook import caddy, deploy, docker, drain, rollback, slots, traffic
 from runbook import report as reports
+from runbook.drill import scenes
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
+from runbook.errors import RunbookError
 
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 
@@ -721,3 +724,60 @@ def test_users_on_another_caddy_port_hold_the_drain_for_a_silent_connections_lif
     assert d.drained and d.other_fronts and d.seconds >= 1.0, d
     assert "other ports not watched" in d.describe()
     assert not docker.inspect(env.slot("green").container).running
+
+
+@pytest.mark.docker
+def test_the_undo_of_a_failed_verification_waits_for_a_late_request_to_the_target(
+        stack: DrillStack) -> None:
+    """Found by review: the switch reloaded Caddy onto green, and its verification failed; the
+    undo put blue back, then stopped green as if no config had ever sent a user to it. A
+    user who connected to the failed config (no request yet) and sends it LATE s after the
+    undo began is served by that config, from green. Where Caddy's port can be read, the
+    drain saw that connection open; where it cannot (Caddy in another network namespace,
+    here: the drain is shown the slot's port alone), nothing was waited for and the late
+    request got a 502. The undo's stop now waits as the stop of an old slot does."""
+    env = stack.env
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    front = slots.front_port(env)
+    assert front is not None
+    late: dict[str, Any] = {}
+    drains: list[drain.Drain] = []
+    real_verify, real_wait = caddy.verify, drain.wait_drained
+
+    def verify(*args: Any, **kw: Any) -> caddy.VerifyResult:
+        result = real_verify(*args, **kw)  # green answers: the reload did send users to it
+        late["socket"] = socket.create_connection(("127.0.0.1", front))  # no request yet
+        time.sleep(0.05)  # accepted by the config under verification
+        return dataclasses.replace(result, ok=False, error="a verification that failed")
+
+    def send_late() -> None:
+        time.sleep(LATE)
+        conn = late["socket"]
+        conn.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        late["answered"] = time.monotonic()
+        late["answer"] = answer.decode("utf-8", "replace")
+
+    def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
+        threading.Thread(target=send_late, daemon=True).start()
+        kw["visible"] = lambda ports: {p for p in drain.listening(ports) or () if p != front}
+        drains.append(real_wait(port, *args, **kw))
+        late["drained"] = time.monotonic()
+        return drains[-1]
+    caddy.verify, drain.wait_drained = verify, wait  # type: ignore[assignment]
+    try:
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env, rollback.Options(reason="undo drain test"))
+    finally:
+        caddy.verify, drain.wait_drained = real_verify, real_wait  # type: ignore[assignment]
+        if "socket" in late:
+            late["socket"].close()
+    assert "verification failed" in str(err.value), err.value
+    assert traffic.read(env).slot == "blue"
+    assert docker.inspect(env.slot("green").container).running is False
+    answer = late.get("answer", "")
+    assert answer.startswith("HTTP/1.1 200"), answer or late
+    assert "x-togather-slot: green" in answer.lower(), answer
+    assert late["drained"] >= late["answered"], (late, drains)

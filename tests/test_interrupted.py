@@ -17,6 +17,7 @@ drill (RUNBOOK_KILL_MATRIX=full) runs all 27: every point with every signal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -605,6 +606,31 @@ def test_a_rollback_after_a_kept_deploy_record_says_it_replaces_it(stack: DrillS
     assert "continuing" not in said, said
 
 
+@contextlib.contextmanager
+def caddy_dialing_no_slot(env: Environment) -> Iterator[None]:
+    """Caddy's running config (and its file) dial a dead port in place of either slot's,
+    as on a host whose upstream is wrong; put back after."""
+    from steps.givens import dead_loopback_port
+
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block = text[start:end]
+    dead = dead_loopback_port()
+    for config in env.slots.values():
+        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
+    broken = text[:start] + block + text[end:]
+    try:
+        env.caddy.caddyfile.write_text(broken)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=broken,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        assert traffic.read(env).slots == set()  # Caddy dials neither slot: the premise
+        yield
+    finally:
+        env.caddy.caddyfile.write_text(text)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+
+
 def test_a_run_stopped_before_the_switch_on_a_caddy_that_dials_no_slot_can_be_run_again(
         stack: DrillStack) -> None:
     """A first deploy on a host whose Caddy dials neither slot (a wrong port), stopped before
@@ -613,33 +639,37 @@ def test_a_run_stopped_before_the_switch_on_a_caddy_that_dials_no_slot_can_be_ru
     work either, until the record was removed by hand. Traffic never moved (the record is
     before its commit), so the next run goes on, under its own checks."""
     from runbook import finish
-    from steps.givens import dead_loopback_port
 
     stack.reset()  # v1 serving from blue
     env = stack.env
-    text = caddy.read(env)
-    start, end = caddy.find_block(text)
-    block = text[start:end]
-    dead = dead_loopback_port()
-    for config in env.slots.values():
-        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
-    broken = text[:start] + block + text[end:]
     record = intents.Intent(run_id="dep_first", action="deploy", environment=env.name,
                             from_slot="blue", to_slot="green", from_version=None,
                             to_version=V2.tag)
     try:
-        env.caddy.caddyfile.write_text(broken)
-        drill_http.post(f"{env.caddy.admin_url}/load", content=broken,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
-        assert traffic.read(env).slots == set()  # Caddy dials neither slot: the premise
-        intents.write(env, record)
-        found = finish.interrupted(env)
-        assert found is not None and found[1] == "continue", found
+        with caddy_dialing_no_slot(env):
+            intents.write(env, record)
+            found = finish.interrupted(env)
+            assert found is not None and found[1] == "continue", found
     finally:
         intents.clear(env, record.run_id)
-        env.caddy.caddyfile.write_text(text)
-        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+
+
+def test_a_first_deploy_beside_a_caddy_that_dials_no_slot_never_names_a_slot_as_serving(
+        stack: DrillStack) -> None:
+    """Found by review: with no deployment recorded and Caddy dialing neither slot, the
+    first deploy's plan said "(traffic now on blue)", which nothing served."""
+    stack.reset()
+    env = stack.env
+    saved = env.state_file.read_bytes()
+    try:
+        env.state_file.unlink()  # a host that has never recorded a deployment
+        with caddy_dialing_no_slot(env):
+            result = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+    finally:
+        env.state_file.write_bytes(saved)
+    summary = result.plan.render().splitlines()[0]
+    assert "Caddy dials neither slot now" in summary, summary
+    assert "traffic now on" not in summary, summary
 
 
 def test_a_failed_rerun_of_a_killed_deploy_leaves_no_record_behind(

@@ -422,6 +422,44 @@ def test_caddy_not_running_is_a_clear_error_and_nothing_changes(stack: DrillStac
     assert not env.lock_path.exists()
 
 
+@pytest.mark.any_shape
+def test_a_caddy_reload_that_would_expand_placeholders_in_another_environment_is_refused(
+        stack: DrillStack) -> None:
+    """Found by review: `caddy reload` expands the Caddyfile's {$VAR} placeholders in the
+    environment of the process that runs it, not in the one of the Caddy that loads the
+    result (a systemd unit's EnvironmentFile). A reload run with another environment changed
+    what another site answers, or a secret. Refused in pre-flight, nothing changed, the value
+    never shown; with the same environment the rollback goes on."""
+    env = two_deployments(stack)
+    text = caddy.read(env)
+    probed = text.replace('respond /ping "pong" 200', 'respond /ping "{$RUNBOOK_PROBE:pong}" 200')
+    assert probed != text
+    container = env.caddy.command[2]
+    here = dataclasses.replace(env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD)
+    other = env.with_(caddy=dataclasses.replace(
+        here, command=("docker", "exec", "-e", "RUNBOOK_PROBE=s3cr3t-probe", container,
+                       "caddy")))
+    try:
+        env.caddy.caddyfile.write_text(probed)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=probed,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(other)
+        assert snapshot(env) == before
+        same = rollback.rollback(env.with_(caddy=here), dry_run=True)
+    finally:
+        env.caddy.caddyfile.write_text(text)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+    message = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION, message
+    assert "{$VAR} placeholders" in message and "reload = admin-api" in message, message
+    assert "s3cr3t" not in message + (err.value.fix or ""), message
+    assert "every site Caddy serves now is in the new Caddyfile" in same.plan.render(), \
+        same.plan.render()
+
+
 def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)

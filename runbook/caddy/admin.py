@@ -213,6 +213,51 @@ def adapt(env: Environment, text: str) -> Any | None:
     return body.get("result") if isinstance(body, dict) else None
 
 
+def adapt_as_reload(env: Environment, text: str) -> Any | None:
+    """Caddy's JSON for `text` as `caddy reload` run here adapts it: by [caddy] command, in
+    the environment that command gets (Caddyfile `{$VAR}` placeholders are expanded by the
+    process that adapts, not by the Caddy that loads the result). None when it cannot be
+    run or rejects the file (the validation says why)."""
+    import json
+
+    path = env.caddy.caddyfile
+    try:
+        with _sibling_temp(path, "adapt") as (fd, tmp):
+            _write_fd(fd, tmp, text.encode("utf-8"), path)
+            done = _run([*env.caddy.command, "adapt", "--config", seen_by_caddy(env, tmp),
+                         "--adapter", "caddyfile"], "adapt the new Caddyfile", "validate")
+    except (OSError, CaddyError):
+        return None
+    if done.returncode != 0:
+        return None
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        return None
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """The JSON path of the first value two configs disagree on (never the values: an
+    expanded placeholder may be a secret); None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key not in a or key not in b:
+                return f"{where}.{key}".lstrip(".")
+            found = first_difference(a[key], b[key], f"{where}.{key}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return where.lstrip(".") or "(top)"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (where.lstrip(".") or "(top)")
+
+
 def _validate_by_api(env: Environment, text: str) -> str:
     from runbook import bounded_http
 
