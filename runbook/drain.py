@@ -142,10 +142,18 @@ class Drain:
     failed_readings: int = 0  # readings that failed (`ss` failed, or output unreadable)
     unread: str | None = None  # why the last reading failed, when the wait ended on one
     last_good: float | None = None  # seconds into the wait of the last good reading
+    minimum: float = 0.0  # the least the wait had to last for what cannot be seen (PRECONNECT)
 
     @property
     def drained(self) -> bool:
         return self.busy == 0
+
+    @property
+    def cut_short(self) -> bool:
+        """The minimum wait for connections nobody can see (Caddy's other ports, or its port
+        not observable) was ended by the timeout, not waited out."""
+        unseen = self.other_fronts or not self.front_observed
+        return unseen and self.minimum > 0 and self.seconds < self.minimum
 
     @property
     def how(self) -> str:
@@ -178,6 +186,13 @@ class Drain:
                       "was waited on until the timeout")
         elif self.failed_readings:
             front += f"; {self.failed_readings} failed reading(s) retried"
+        if self.drained and self.cut_short:
+            # nothing seen busy, but the cap ended the wait for what cannot be seen
+            return (f"nothing seen busy after {self.seconds:.2f}s, the drain's cap "
+                    f"(drain_timeout_seconds), short of the {self.minimum:g}s a connection "
+                    "Caddy's previous config accepted can wait for its first request: such a "
+                    f"connection may still get an error ({self.how}{front}; {self.idle} idle "
+                    f"keep-alive connection(s) on port {self.port})")
         if self.drained:
             return (f"drained after {self.seconds:.2f}s ({self.how}{front}; {self.idle} idle "
                     f"keep-alive connection(s) on port {self.port})")
@@ -613,6 +628,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     def seen_so_far(elapsed: float, busy: int, **more: Any) -> Drain:
         """The drain's result from what the readings so far have seen."""
         return Drain(port, elapsed, busy, front_port=front, front_observed=front_observed,
+                     minimum=preconnect,
                      other_fronts=other_fronts,
                      slot_observed=slot_observed, front_watched=watch.closed + len(watch.front),
                      front_closed=watch.closed,

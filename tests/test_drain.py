@@ -213,6 +213,11 @@ def test_caddys_other_ports_unwatched_hold_the_drain_for_a_silent_connections_li
     assert Script([reading()]).wait().seconds == 0.0  # one port, all watched: no wait
     capped = Script([reading()]).wait(other_fronts=True, timeout=1.0)
     assert capped.drained and capped.seconds == 1.0, capped
+    # the cap below the minimum is said, not "drained" (found by review)
+    said = capped.describe()
+    assert said.startswith("nothing seen busy after 1.00s, the drain's cap") \
+        and f"short of the {drain.PRECONNECT:g}s" in said, said
+    assert watched.describe().startswith("drained after"), watched.describe()
 
 
 def test_ss_failing_is_the_fixed_grace() -> None:
@@ -728,7 +733,7 @@ def test_users_on_another_caddy_port_hold_the_drain_for_a_silent_connections_lif
 
 @pytest.mark.docker
 def test_the_undo_of_a_failed_verification_waits_for_a_late_request_to_the_target(
-        stack: DrillStack) -> None:
+        scene_stack: DrillStack) -> None:
     """Found by review: the switch reloaded Caddy onto green, and its verification failed; the
     undo put blue back, then stopped green as if no config had ever sent a user to it. A
     user who connected to the failed config (no request yet) and sends it LATE s after the
@@ -736,6 +741,7 @@ def test_the_undo_of_a_failed_verification_waits_for_a_late_request_to_the_targe
     drain saw that connection open; where it cannot (Caddy in another network namespace,
     here: the drain is shown the slot's port alone), nothing was waited for and the late
     request got a 502. The undo's stop now waits as the stop of an old slot does."""
+    stack = scene_stack
     env = stack.env
     stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
     front = slots.front_port(env)
