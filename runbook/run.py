@@ -118,6 +118,8 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 journal.log("WARN", held.owner_lost, step="lock")
                 say(held.owner_lost)
 
+            told: set[str] = set()
+
             def beat() -> None:
                 # before every step and during long waits: a run whose lock was removed or
                 # taken over (LockLostError) stops, and undoes what it did before the commit.
@@ -134,6 +136,11 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     raise
                 except (RunbookError, OSError):
                     pass  # a slow guard or a full disk: the lock itself still holds
+                if held.mirror_error and held.mirror_error not in told:
+                    # e.g. another tool's lock taken in the state file beside this run
+                    told.add(held.mirror_error)
+                    journal.log("WARN", f"deploy lock: {held.mirror_error}", step="lock")
+                    say(f"{WARNING}deploy lock: {held.mirror_error}")
 
             with _heartbeat(held, env):
                 result.outcomes = execute(plan, journal, progress, signals=signals,

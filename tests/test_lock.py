@@ -69,7 +69,7 @@ def dead_pid() -> int:
 
 def plant(env: Environment, *, age: float = 0.0, pid: int | None = None,
           hostname: str | None = HOST, legacy: bool = False, locked_by: str = "bob@ops-laptop",
-          reason: str = "deploy 1234abc") -> Path:
+          reason: str = "deploy 1234abc", pid_start: int | None = None) -> Path:
     """A lock made by someone else: another process, another host, or the shell tooling."""
     path = env.lock_path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +82,8 @@ def plant(env: Environment, *, age: float = 0.0, pid: int | None = None,
                   "hostname": hostname, "reason": reason, "deployment_id": "dep_foreign",
                   "locked_at": format_time(at),
                   "expires_at": format_time(at + timedelta(seconds=env.lock_stale_after))}
+        if pid_start is not None:
+            holder["pid_start"] = pid_start
         (path / "holder.json").write_text(json.dumps(holder))
     return path
 
@@ -342,9 +344,12 @@ def test_live_foreign_lock_is_never_removed(env: Environment, live_pid: int) -> 
 
 def test_expired_lock_of_a_running_process_is_never_removed(env: Environment,
                                                             live_pid: int) -> None:
-    """Runs refresh their lock, so an expired lock whose process still runs is a hung run:
-    the fix is to stop that process, never to remove the lock under it."""
-    path = plant(env, age=3600, pid=live_pid)
+    """Runs refresh their lock, so an expired lock whose process (known by its start time
+    too) still runs is a hung run: the fix is to stop that process, never to remove the lock
+    under it. Known by its pid alone, the pid may have been reused: --force, once checked."""
+    from runbook import procs
+
+    path = plant(env, age=3600, pid=live_pid, pid_start=procs.pid_start(live_pid))
     seen = status(env)
     assert seen is not None and seen.stale and seen.holder_alive is True
     assert not seen.stealable and "still running" in seen.why
@@ -559,6 +564,43 @@ def _go_cli_lock(with_state: Path, *, expires_in: float = 600) -> None:
     with_state.write_text(json.dumps(state))
 
 
+def test_a_stale_lock_directory_never_hides_the_go_clis_live_lock(
+        env: Environment, with_state: Path) -> None:
+    """Found by review: a crashed deploy.sh's stale directory beside the Go CLI's live lock
+    in the state file: status said the lock was stale ("release it"), and status's standby
+    check then advised stopping the slot that deploy was about to switch to."""
+    plant(env, age=4000, legacy=True)
+    _go_cli_lock(with_state)
+    seen = status(env)
+    assert seen is not None and not seen.stale and seen.source == "state file", seen
+    assert "ci@build-runner" in seen.describe()
+    with pytest.raises(LockedError):
+        acquire(env, "x", None)
+
+
+def test_a_refresh_puts_back_the_copy_another_tool_cleared(
+        env: Environment, with_state: Path) -> None:
+    """Found by review: the Go CLI saves the whole state file it read before this run
+    published its copy, `locked: false` included; every refresh then saw a lock not its own
+    and skipped it, silently: that CLI saw no lock for the rest of the run. The copy is put
+    back; a live lock of another tool found there is said."""
+    lock = acquire(env, "rollback", None)
+    lock.publish()
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": False, "locked_at": "0001-01-01T00:00:00Z",
+                     "expires_at": "0001-01-01T00:00:00Z"}
+    with_state.write_text(json.dumps(state))
+    lock.refresh()
+    copy = json.loads(with_state.read_text())["lock"]
+    assert copy["locked"] is True and copy["lock_id"] == lock.lock_id, copy
+    assert lock.mirror_error is None
+    _go_cli_lock(with_state)  # another tool's live lock, taken beside this run
+    lock.refresh()
+    assert "another tool's lock" in (lock.mirror_error or ""), lock.mirror_error
+    assert json.loads(with_state.read_text())["lock"]["locked_by"] == "ci@build-runner"
+    lock.release()
+
+
 def test_publish_refuses_when_the_go_cli_locked_the_state_file_meanwhile(
         env: Environment, with_state: Path) -> None:
     """The mirror is published only once the plan is confirmed; the Go CLI, which locks only
@@ -697,6 +739,64 @@ def test_a_shell_deploy_still_running_keeps_its_expired_lock(env: Environment, w
     with_state.write_text(json.dumps(state))
     seen = status(env)
     assert seen is not None and seen.stealable, seen
+
+
+def test_force_clears_a_shell_deploys_copy_whose_pid_was_reused(
+        env: Environment, with_state: Path, live_pid: int) -> None:
+    """Found by review: a shell deploy killed (OOM, power loss) leaves its directory and its
+    state-file copy naming `pid: $$`, with no start time; the pid is reused by a long-lived
+    process. `unlock --force` removed the directory and kept the copy, then every run, and
+    --force too, refused for as long as that process lived, advising to kill it (it may be
+    dockerd). After a reboot that emptied /tmp, the copy alone did the same."""
+    at = datetime.now(UTC) - timedelta(seconds=4000)
+    copy = {"locked": True, "locked_by": "deploy@" + HOST, "pid": live_pid, "hostname": HOST,
+            "locked_at": format_time(at), "lock_expires_at": format_time(at + timedelta(
+                seconds=1800))}
+    for with_directory in (True, False):
+        if with_directory:
+            plant(env, age=4000, legacy=True)
+        state = json.loads(with_state.read_text())
+        state["lock"] = dict(copy)
+        with_state.write_text(json.dumps(state))
+        with pytest.raises(LockedError) as refused:
+            acquire(env, "x", None)
+        fix = refused.value.fix or ""
+        assert f"runbook unlock {env.name} --force" in fix and "kill" not in fix, fix
+        said = unlock(env, force=True)
+        assert "removed" in said or "cleared" in said, said
+        assert not env.lock_path.exists()
+        assert json.loads(with_state.read_text())["lock"].get("locked") is False, with_directory
+        acquire(env, "x", None).release()
+
+
+def test_a_run_killed_between_its_two_lock_files_never_blocks_the_next(
+        env: Environment) -> None:
+    """Found by review: `locked_at` was written before holder.json; a run killed between
+    the two (kill -9 while it waited on fsync, the OOM killer) left what reads as the shell
+    tooling's lock, naming nobody: every run refused for 30 minutes, and --force too. The
+    holder is now written first, so the next run sees a dead pid and takes the lock over."""
+    real = files.atomic_write
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child exits inside the second write
+        written: list[Path] = []
+
+        def dies_on_second(target: Path, data: bytes, **kw: Any) -> str | None:
+            if target.parent == env.lock_path:
+                written.append(target)
+                if len(written) == 2:
+                    os._exit(9)
+            return real(target, data, **kw)
+
+        files.atomic_write = dies_on_second  # type: ignore[assignment]
+        try:
+            acquire(env, "killed", None)
+        finally:
+            os._exit(1)
+    _, code = os.waitpid(child, 0)
+    assert os.WIFEXITED(code) and os.WEXITSTATUS(code) == 9, code
+    seen = status(env)
+    assert seen is not None and seen.stealable, seen
+    acquire(env, "next", None).release()
 
 
 def test_force_removes_a_lock_directory_a_killed_run_left_empty(env: Environment) -> None:

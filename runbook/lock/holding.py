@@ -67,6 +67,7 @@ class Lock:
     released: bool = field(default=False)
     published: bool = field(default=False)  # mirrored into the state file
     _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
+    _foreign: str | None = field(default=None)  # a live lock of another tool the refresh met
 
     def holder_json(self) -> dict[str, Any]:
         return {
@@ -133,11 +134,13 @@ class Lock:
 
     def _refresh_mirror(self) -> None:
         with statemod.WRITING:
+            self._foreign = None
             try:
                 self.mirror_error, lost = _mirror(self.env, self.state_json(),
-                                                  replace_if=self._mirror_is_ours)
+                                                  replace_if=self._ours_or_cleared)
             except statemod.StateChangedError as exc:
                 self.mirror_error, lost = exc.message, None
+            self.mirror_error = self.mirror_error or self._foreign
             if self.mirror_error is None:
                 self._mirrored_at = time.time()
             self.owner_lost = self.owner_lost or lost
@@ -168,6 +171,20 @@ class Lock:
             raise
         self.published = True
         self.owner_lost = self.owner_lost or lost
+
+    def _ours_or_cleared(self, lock: Mapping[str, Any]) -> bool:
+        """The refresh rewrites our copy, and puts it back where another tool's write
+        cleared it (the Go CLI saves the whole file it read before this run published: its
+        `locked: false` went unnoticed, and that CLI then saw no lock for the rest of the
+        run). A live lock of another tool there is left, and said (mirror_error)."""
+        if self._mirror_is_ours(lock):
+            return True
+        other = _judge_state_lock(self.env, lock)
+        if other is None or other.stealable:
+            return True
+        self._foreign = (f"the state file now records another tool's lock "
+                         f"({other.describe()}), taken while this run held the deploy lock")
+        return False
 
     def _refuse_a_live_state_lock(self, lock: Mapping[str, Any] | None) -> bool:
         if lock and not self._mirror_is_ours(lock):
@@ -284,8 +301,16 @@ def release(env: Environment, lock: Lock) -> bool:
 
 
 def status(env: Environment) -> LockStatus | None:
-    """The lock as it stands, or None when nobody holds it."""
-    return _inspect(env) or _state_lock_status(env)
+    """The lock as it stands, or None when nobody holds it. A stale lock directory never
+    hides a live lock the state file records (the Go CLI's): status said "stale, release
+    it" and named the standby of that deploy as left running (found by review)."""
+    current = _inspect(env)
+    if current is not None and not current.stale:
+        return current
+    recorded = _state_lock_status(env)
+    if current is None or (recorded is not None and not recorded.stale):
+        return recorded
+    return current
 
 
 def unlock(env: Environment, force: bool = False) -> str:
@@ -328,7 +353,10 @@ def unlock(env: Environment, force: bool = False) -> str:
         if holder_id is not None and lock.get("lock_id") == holder_id:
             return True
         judged = _judge_state_lock(env, lock)
-        return judged is None or judged.stealable
+        # with --force, also an expired copy whose pid may be reused (no start time: the
+        # shell tooling's): kept, it blocked every run, and --force too, for ever
+        return judged is None or judged.stealable or (
+            force and judged.stale and judged.pid_unverified)
 
     note = ""
     try:
@@ -405,8 +433,12 @@ def _remove_dir(path: Path, ident: Ident | None) -> None:
 def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
     """Inside the lock directory (made by mkdir, which is what excludes a second holder): these
     files are only read, so a plain atomic replace (as every file the runbook writes) will do."""
-    files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
+    # holder.json first: a run killed between the two leaves a lock naming its (dead) pid,
+    # which the next run takes over at once; the other way round it left a bare `locked_at`,
+    # read as the shell tooling's, that blocked every run (and --force) for its lifetime. The
+    # shell tooling takes a directory without `locked_at` for one being taken: never stolen
     files.atomic_write(path / HOLDER, (json.dumps(lock.holder_json(), indent=2) + "\n").encode())
+    files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
 
 
 _MIRROR_TRIES = 3
@@ -446,8 +478,8 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
     if current.is_ours or current.stealable:
         return
     if force and current.stale and (current.holder_alive is not True
-                                    or current.alive_by_mirror):
-        return  # (a pid named only by the mirror may be reused: on-call checked it)
+                                    or current.pid_unverified):
+        return  # (a pid known without its start time may be reused: on-call checked it)
     if _left_empty(current):
         if force:
             return
@@ -464,7 +496,9 @@ def _left_empty(current: LockStatus) -> bool:
     if current.source != "directory" or current.broken or current.age < EMPTY_DIR_GRACE:
         return False
     try:
-        return next(os.scandir(current.path), None) is None
+        # a temp file of our own writer (a run killed inside its write) is not content
+        with os.scandir(current.path) as entries:
+            return all(files.temp_target(e.name) in (HOLDER, LOCKED_AT) for e in entries)
     except OSError:
         return False
 
@@ -477,7 +511,7 @@ def _locked_error(env: Environment, current: LockStatus, *,
                f"{current.why}")
     if current.broken:
         return LockedError(message, f"remove {current.path} by hand if nothing uses it")
-    if current.stale and current.alive_by_mirror:
+    if current.stale and current.pid_unverified:
         pid = current.pid or "?"
         fix = (f"the state file names its process {pid}, still running: if that is the "
                f"deploy (`ps -o pid,lstart,args -p {pid}`), let it finish; if it is not (its "

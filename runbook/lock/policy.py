@@ -91,6 +91,14 @@ class LockStatus:
         return self.stale and self.holder_alive is not True
 
     @property
+    def pid_unverified(self) -> bool:
+        """The holder looks alive by its pid alone (the shell tooling's mirror, or a copy with
+        no start time): a pid reused after a crash or a reboot looks the same, so on-call,
+        having checked the process, may remove it with --force."""
+        return self.holder_alive is True and (
+            self.alive_by_mirror or (self.holder is not None and self.holder.pid_start is None))
+
+    @property
     def pid(self) -> int | None:
         """The holder's pid: holder.json's, or for the shell tooling its state-file mirror's."""
         if self.holder is not None:
