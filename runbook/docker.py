@@ -47,6 +47,9 @@ class ContainerInfo:
     exit_code: int | None = None
     started_at: str | None = None
     labels: dict[str, str] | None = None
+    # the host ports it publishes (HostConfig.PortBindings); None: not known (host network,
+    # or not inspected), () none
+    published: tuple[int, ...] | None = None
 
     @property
     def running(self) -> bool:
@@ -336,7 +339,21 @@ def inspect(name: str) -> ContainerInfo:
         image=config.get("Image"), image_id=attrs.get("Image"),
         exit_code=state.get("ExitCode"),
         started_at=state.get("StartedAt"), labels=config.get("Labels") or {},
+        published=_published(attrs.get("HostConfig") or {}),
     )
+
+
+def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:
+    """The host ports a container publishes, from its configuration (known stopped too)."""
+    if str(host_config.get("NetworkMode") or "") == "host":
+        return None  # it listens on the host's ports itself: nothing to read here
+    ports: set[int] = set()
+    for bindings in (host_config.get("PortBindings") or {}).values():
+        for binding in bindings or ():
+            port = str((binding or {}).get("HostPort") or "")
+            if port.isdigit():
+                ports.add(int(port))
+    return tuple(sorted(ports))
 
 
 def bind_sources(name: str) -> list[str] | None:

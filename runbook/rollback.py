@@ -131,9 +131,15 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["schema guard"] = "restoring the snapshot first"
         return guard
     if recorded is None and not problem:
-        guard.warnings.append(f"schema guard: the migration version {target.version} ran with "
-                              f"is unknown ({found.source}); the health gate will still refuse "
-                              "a build that rejects the schema")
+        # not "the health gate will refuse a build that rejects the schema": the real app's
+        # migrations check reports the database's version and passes (found by review)
+        guard.warnings.append(
+            f"schema guard NOT checked: the migration version {target.version} ran with is "
+            f"unknown ({found.source}). If migrations ran since {target.version} was live, "
+            f"it will run on a schema it does not know, and its health check may not notice: "
+            f"answer no, and restore the snapshot taken before them with `runbook rollback "
+            f"{env.name} --restore-snapshot --snapshot FILE` (`runbook snapshot list "
+            f"{env.name}`)")
         guard.details["schema guard"] = "not checked (version not known)"
         return guard
     if problem and not options.force:

@@ -59,6 +59,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         warnings.append(f"Caddy serves no single slot ({now.problem(env)}); repointing it at "
                         f"{target}")
     live = now.slot or target.other
+    traffic.check_slot_ports(env)
     info = docker.inspect(config.container)
     if not info.exists or info.tag is None:
         raise PreconditionError(f"container {config.container} does not exist",

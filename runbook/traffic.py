@@ -307,10 +307,40 @@ class ServingContainerError(RunbookError):
     exit_code = ExitCode.ATTENTION
 
 
+def _dial_port(address: str) -> int | None:
+    head, _, tail = address.rpartition(":")
+    return int(tail) if head and tail.isdigit() else None
+
+
+def check_slot_ports(env: Environment) -> None:
+    """Each slot's container publishes the port the environment names for it. Which slot
+    serves is read from the ports Caddy dials: with the ports swapped (a `-p` typo, a
+    swapped compose file, a wrong [slots] entry) the serving container was taken for the
+    standby, recreated and then stopped. Refused (exit 4) before anything changes; a
+    container whose ports cannot be read (host network) is not judged here."""
+    from runbook import docker
+
+    for slot in Slot:
+        config = env.slot(slot)
+        info = docker.inspect(config.container)
+        if not info.exists or not info.published or config.port in info.published:
+            continue
+        shown = ", ".join(str(p) for p in info.published)
+        raise PreconditionError(
+            f"{config.container} publishes port {shown}, but the environment names port "
+            f"{config.port} for the {slot} slot: which slot serves cannot be told from the "
+            "ports Caddy dials; nothing was changed",
+            f"set [slots.{slot}] port to the one `docker port {config.container}` shows (or "
+            "fix the container's published port)")
+
+
 def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
     """The invariant, checked at the moment of acting (not when planning): never stop,
     recreate, restart or remove the container Caddy sends traffic to. Fails closed when
-    Caddy's running config cannot be read. Returns what it read."""
+    Caddy's running config cannot be read. Returns what it read. The container is judged
+    by the port the environment names for it and by the ports Docker says it publishes."""
+    from runbook import docker
+
     container = env.slot(slot).container
     try:
         found = read(env, proxy=False)
@@ -324,6 +354,17 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
             f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
             f"dials port {env.slot(slot).port})",
             "this is a bug or a concurrent change; see `runbook status`")
+    # a port it publishes other than its own (ports swapped against the environment) that
+    # Caddy dials: its own port is judged above (a site outside the markers may pin it)
+    dialed = {p for p in map(_dial_port, found.dials) if p is not None}
+    published = (set(docker.inspect(container).published or ())
+                 - {env.slot(slot).port}) & dialed
+    if published:
+        raise ServingContainerError(
+            f"refusing to {action} {container}: it publishes port "
+            f"{', '.join(map(str, sorted(published)))}, which Caddy's running config dials",
+            f"compare `docker port {container}` with [slots] in the environment file; see "
+            "`runbook status`")
     return found
 
 
@@ -335,6 +376,7 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
     """
     from runbook import caddy
 
+    check_slot_ports(env)
     found = read(env)
     problem = found.problem(env)
     if found.slot is None or (problem and found.proxy_slot is not None):

@@ -460,6 +460,35 @@ def test_a_caddy_reload_that_would_expand_placeholders_in_another_environment_is
         same.plan.render()
 
 
+@pytest.mark.any_shape
+def test_slot_ports_that_do_not_match_the_containers_are_refused_before_any_change(
+        stack: DrillStack) -> None:
+    """Found by review: which slot serves is read from the ports Caddy dials. With the
+    environment's slot ports swapped against what the containers publish (a `-p` typo, a
+    swapped compose file or [slots] entry), the serving blue container was taken for the
+    standby "green": recreated, gated on the wrong port, then stopped by the undo. Refused
+    in pre-flight (exit 4, nothing changed), and the act-time invariant itself asks Docker."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    swapped = env.with_(slots={Slot.BLUE: dataclasses.replace(blue, port=green.port),
+                               Slot.GREEN: dataclasses.replace(green, port=blue.port)})
+    # the act-time invariant itself: never the container whose published port Caddy dials
+    with pytest.raises(traffic.ServingContainerError) as refused:
+        traffic.refuse_if_serving(swapped, Slot.BLUE, "stop")
+    assert f"it publishes port {blue.port}, which Caddy's running config dials" \
+        in str(refused.value), refused.value
+    before = snapshot(env)
+    for run in (lambda: rollback.rollback(swapped),
+                lambda: switch.switch(swapped, switch.Options(slot=Slot.BLUE))):
+        with pytest.raises(RunbookError) as err:
+            run()
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert f"{blue.container} publishes port {blue.port}, but the environment names " \
+               f"port {green.port} for the blue slot" in str(err.value), err.value
+        assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)
