@@ -278,7 +278,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              {"file": str(env.state_file), "current": f"{version} on {target}, status active",
               "previous": f"{current.version}, status superseded" if current else "none"},
              run=run_state, phase=Phase.FINISH),
-        slots.stop_step(env, live, env.stop_old_slot),
+        slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
     ]
     # the same deploy rerun is that run again: its record is superseded, never put back (a
     # rerun that failed too put the dead run's record back, and the host kept "an

@@ -134,7 +134,9 @@ def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
 def _stop_old(env: Environment, intent: intents.Intent) -> Step:
     """A switch keeps the old slot running (it can be switched back at once): finishing an
     interrupted one must not stop it either; a rollback's or a deploy's is stopped."""
-    step = slots.stop_step(env, intent.source, env.stop_old_slot)
+    # not re-gated: the interrupted run's gate may have been skipped (--force), which its
+    # record does not say; a rerun that refused for ever would never finish it
+    step = slots.stop_step(env, intent.source, env.stop_old_slot, gated=False)
     if intent.action == "switch":
         step.skip = "a switch keeps the old slot running, to switch back at once"
     return step

@@ -9,8 +9,10 @@ leaves traffic where it was and that nothing after it is undone.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook import caddy, compose, database, docker, finish, recording, slots, traffic
@@ -176,6 +178,33 @@ def _names(env: Environment, ref: str, version: str) -> bool:
     return found is not None and found.version == version
 
 
+def restoring_command(name: str, record: intents.Intent) -> str | None:
+    """The command that finishes an interrupted `rollback --restore-snapshot` as it was
+    started, or None when it restored nothing."""
+    snap = record.record.get("restore_snapshot") if record.action == "rollback" else None
+    if not isinstance(snap, str) or not snap:
+        return None
+    return (f"runbook rollback {name} --restore-snapshot --snapshot "
+            f"{shlex.quote(Path(snap).name)}")
+
+
+def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
+                           refused: RunbookError) -> PreconditionError:
+    """A rerun refused while the interrupted run left the serving slot stopped (a restore's
+    maintenance stop, killed before its COMMIT): the refusal alone (the schema guard's
+    "or pass --force") hid that users get errors, and --force would put old code on the
+    newer schema (found by review)."""
+    container = env.slot(live).container
+    again = restoring_command(env.name, dead)
+    fix = (f"finish the interrupted run as it was started: `{again}`; or serve again at once "
+           f"with the code that ran: `docker start {container}`" if again else
+           f"serve again at once with the code that ran: `docker start {container}`; then "
+           f"{refused.fix or 'see `runbook status`'}")
+    return PreconditionError(
+        f"an interrupted run ({dead.describe()}) left the serving slot {live} ({container}) "
+        f"STOPPED: users get errors now; this run was refused: {refused.message}", fix)
+
+
 def resume_command(env: Environment) -> str:
     return f"runbook rollback {env.name}"
 
@@ -268,7 +297,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         checks = tool_checks.start(env, candidate=sp.new_text,
                                    recreate=prep.action == "recreate", admin_answered=True,
                                    loaded=lambda: traffic.loaded_config(env))
-        guard = guard_probe.result()
+        try:
+            guard = guard_probe.result()
+        except PreconditionError as exc:
+            if found is None or containers[live].result().running:
+                raise
+            raise down_after_interrupted(env, found[0], live, exc) from None
         warnings += guard.warnings
         tools = checks.result()
     except BaseException:
@@ -296,7 +330,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
                             from_slot=str(live), to_slot=str(standby),
                             from_version=current.version, to_version=target.version,
-                            to_image=prep.image, record={"target_id": target.id})
+                            to_image=prep.image, record={
+                                "target_id": target.id,
+                                # a rerun without the flag is told the command that finishes it
+                                **({"restore_snapshot": str(guard.restore.path)}
+                                   if guard.restore is not None else {})})
 
     def update_state(ctx: StepContext) -> None:
         recording.rollback(env, intent, observed, run_id, ctx)
@@ -325,7 +363,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                          f"{target.rollback_count + 1}",
               "previous": f"{current.version}, status rolled_back"}, run=update_state,
              phase=Phase.FINISH),
-        slots.stop_step(env, live, env.stop_old_slot),
+        slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
     ]
     summary = (f"roll back {env.display} from {current.version} ({live}) to "
                f"{target.version} ({standby})")

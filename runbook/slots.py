@@ -14,7 +14,7 @@ from typing import Any
 from runbook import caddy, compose, docker, drain, files, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError, RunbookError
+from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import Phase, Step, StepContext
 
 
@@ -447,7 +447,36 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
     return Step("health-gate", title, details, run=run)
 
 
-def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
+RECHECK_TRIES = 3  # answers of the new slot asked before the old one is stopped
+RECHECK_PAUSE = 0.3  # seconds between them: one slow or reset answer is not a dead slot
+
+
+def check_still_healthy(env: Environment, serving: Slot, old: Slot) -> str:
+    """Right before the old slot is stopped (after the drain), the slot that now serves
+    must still answer healthy: one that passed its gate and then died (a worker that panics
+    after start, its first cron tick) had the last good slot stopped under it, a full outage
+    reported as a success. Raises (exit 1, the old slot kept) when none of a few answers is
+    ok; returns the answer it saw."""
+    config = env.slot(serving)
+    report = health.probe(config, env.health.path, env.health.request_timeout)
+    for _ in range(RECHECK_TRIES - 1):
+        if report.ok:
+            break
+        time.sleep(RECHECK_PAUSE)
+        report = health.probe(config, env.health.path, env.health.request_timeout)
+    if report.ok:
+        return report.status
+    raise RunbookError(
+        f"not stopping {env.slot(old).container}: the {serving} slot, which now takes the "
+        f"traffic, no longer answers healthy ({report.status}: {report.reason()}); the old "
+        f"{old} slot is kept running so traffic can go back to it",
+        f"switch back now: `runbook switch {env.name} --slot {old}`; then read "
+        f"`docker logs --tail 100 {config.container}`", exit_code=ExitCode.ATTENTION)
+
+
+def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True) -> Step:
+    """`gated`: the run's health gate passed (not --force), so the slot that now serves
+    must still answer healthy before this one is stopped (check_still_healthy)."""
     container = env.slot(slot).container
     action = docker.stop_action(container)
 
@@ -455,8 +484,13 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
         if not docker.inspect(container).running:
             ctx.note(container="already stopped")
             return
-        kept = stop(env, slot, running=True, after_switch=True,
-                    on_drain=lambda d: ctx.note(drained=d.describe()))
+
+        def drained(d: drain.Drain) -> None:
+            ctx.note(drained=d.describe())
+            if gated:  # after the drain, the last moment before the stop
+                ctx.note(serving=check_still_healthy(env, slot.other, slot))
+
+        kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
         if kept is not None:
             ctx.note(container=f"left running: {kept}")
             ctx.notice(f"the old {slot} container is left running: {kept}")
@@ -466,7 +500,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool) -> Step:
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
                 {"container": container,
-                 "guard": "refused if Caddy sends traffic to it at that moment",
+                 "guard": "refused if Caddy sends traffic to it at that moment"
+                          + (f"; kept running if the {slot.other} slot no longer answers "
+                             "healthy" if gated else ""),
                  "drain": drain_plan(env, slot),
                  "left running": "instead, when the drain ends with connections still open "
                                  "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "

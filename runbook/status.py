@@ -292,6 +292,10 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     command = f"runbook {pending.action} {_arg(f.env)}" + (
         f" --version {pending.to_version}" if pending.action == "deploy" else
         f" --slot {pending.to_slot}" if pending.action == "switch" else "")
+    if not took:  # a restoring rollback runs again only with its restore (rollback.py)
+        from runbook.rollback import restoring_command
+
+        command = restoring_command(_arg(f.env), pending) or command
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
                      else f"traffic did not move ({f.active or 'unknown'} serves)"),

@@ -264,8 +264,10 @@ def test_a_stale_takeover_is_said_on_the_terminal_in_the_journal_and_in_status(
 
 
 def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> None:
-    """Even expired: the holder's process still runs, so it is a hung run to stop, not a
-    lock to delete under it."""
+    """Even expired: the holder's process (known by its start time too) still runs, so it is
+    a hung run to stop, not a lock to delete under it."""
+    from runbook import procs
+
     env = stack.env.with_(lock_stale_after=1)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -273,7 +275,8 @@ def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> No
         (env.lock_path / "locked_at").write_text(f"{int(time.time()) - 3600}\n")
         (env.lock_path / "holder.json").write_text(json.dumps({
             "lock_id": "lock_live", "locked_by": "bob@host", "pid": holder.pid,
-            "hostname": os.uname().nodename, "reason": "deploy"}))
+            "hostname": os.uname().nodename, "reason": "deploy",
+            "pid_start": procs.pid_start(holder.pid)}))
         run = cli(stack.env, "unlock", "--force", "--yes")
         assert run.returncode == 3, run.stderr
         assert "not even with --force" in run.stderr and f"kill {holder.pid}" in run.stderr
@@ -1036,3 +1039,60 @@ def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_fin
     assert st.current is not None and (st.current.version, st.current.active_slot) == (
         V2.tag, Slot.GREEN)
     assert intents.read(env) is None and through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_target_that_dies_after_its_gate_never_has_the_old_slot_stopped_under_it(
+        stack: DrillStack) -> None:
+    """Found by review: one healthy answer passed the gate, and nothing asked the new slot
+    again before the old one was stopped. A build that dies seconds after it starts (a
+    worker that panics, its first cron tick) had the last good slot stopped under it: a
+    full outage, reported as a success. Now the old slot is kept, the run says the change
+    took effect and how to switch back, and the switch back works."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    environ[faults.VARIABLE] = "before:stop-old-slot:SIGSTOP"
+    run = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--yes",
+                            str(env.source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, stdin=subprocess.DEVNULL, env=environ)
+    try:
+        wait_stopped(run.pid)
+        green = env.slot(Slot.GREEN).container
+        subprocess.run(["docker", "kill", green], check=True, capture_output=True)
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+    _, err = run.communicate(timeout=120)
+    assert "Traceback" not in err
+    assert run.returncode == ExitCode.TOOK_EFFECT, err
+    assert "no longer answers healthy" in err and \
+        f"`runbook switch {env.name} --slot blue`" in err, err
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
+    back = cli(env, "switch", "--slot", "blue", "--yes")
+    assert back.returncode == 0, back.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_a_rerun_without_the_restore_flag_says_the_service_is_down_and_names_the_finish(
+        stack: DrillStack) -> None:
+    """Found by review: `rollback --restore-snapshot` killed once its maintenance stop had
+    stopped the serving slot, before its restore committed. status advised `runbook rollback`
+    (no flag); that rerun was refused by the schema guard ("or pass --force", which puts the
+    old code on the newer schema) and never said users were getting errors. Now both name
+    the stopped slot's state and the command that finishes the run as it was started."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:stop-app-slots:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == ExitCode.PRECONDITION, again.stderr
+    assert "left the serving slot green" in again.stderr and "STOPPED: users get errors" \
+        in again.stderr, again.stderr
+    assert f"runbook rollback {env.name} --restore-snapshot --snapshot " in again.stderr
+    status = cli(env, "status")
+    assert "--restore-snapshot --snapshot " in status.stdout + status.stderr, status.stdout
+    command = again.stderr.split("`runbook rollback ", 1)[1].split("`", 1)[0].split()
+    assert command[0] == env.name, command
+    done = cli(env, "rollback", *command[1:], "--yes")
+    assert done.returncode == 0, done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)

@@ -799,6 +799,19 @@ def test_a_run_killed_between_its_two_lock_files_never_blocks_the_next(
     acquire(env, "next", None).release()
 
 
+def test_a_guard_that_cannot_be_opened_names_where_it_is(tmp_path: Path) -> None:
+    """Found by review: the guard sits beside the state file, but its errors named [lock]
+    dir (a read-only /opt was "/tmp is on a read-only filesystem")."""
+    blocked = tmp_path / "config"
+    blocked.write_text("a file where the state file's directory should be")
+    env = host_env(tmp_path).with_(state_file=blocked / "deployment-state.json")
+    with pytest.raises(RunbookError) as err:
+        acquire(env, "x", None)
+    said = str(err.value)
+    assert f"guard {blocked}/" in said and "beside the state file" in said, said
+    assert "lock directory" not in said and str(blocked) in (err.value.fix or ""), said
+
+
 def test_force_removes_a_lock_directory_a_killed_run_left_empty(env: Environment) -> None:
     """A run killed between its mkdir and its holder files leaves a directory naming nobody;
     it counts as fresh for the lifetime, and --force is the way out, once it is not new."""

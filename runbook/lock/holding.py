@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import time
@@ -378,16 +379,26 @@ def _guard(env: Environment) -> Iterator[None]:
     guard = guard_path(env)
     try:
         env.lock_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # also met when releasing, after a run's changes: nothing here says "nothing changed"
+        message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
+                  f"{exc.strerror or exc}"
+        raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
+    try:
         guard.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o666)
         except PermissionError:
             fd = os.open(guard, os.O_RDONLY)  # another user's guard file: flock still works
     except OSError as exc:
-        # also met when releasing, after a run's changes: nothing here says "nothing changed"
-        message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
-                  f"{exc.strerror or exc}"
-        raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
+        # the guard sits beside the state file, not in [lock] dir: name where it is (a
+        # read-only /opt named "/tmp is on a read-only filesystem")
+        message = (f"{env.display}: cannot open the deploy lock's guard {guard} (beside the "
+                   f"state file): {exc.strerror or exc}")
+        raise files.write_error(message, exc, guard.parent,
+                                f"let the deploying user write {guard.parent} (the state "
+                                "file's directory), or create the guard file there once: "
+                                f"`touch {shlex.quote(str(guard))}`") from None
     try:
         if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
             raise LockedError(f"{env.display}: another runbook process has been "
