@@ -38,7 +38,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Environment:
 
 def put(env: Environment, stamp: str, reason: str, *, deployment_id: str = "",
         version: int | None = 1, age_days: float = 0.0, expires_in_days: float = 7.0,
-        ) -> Path:
+        environment: str | None = None) -> Path:
     """A real snapshot: a gzip file and its sidecar, taken `age_days` before NOW."""
     taken = NOW - timedelta(days=age_days)
     path = env.database.snapshot_dir / f"togather_togather_{stamp}_{reason}.sql.gz"
@@ -52,6 +52,8 @@ def put(env: Environment, stamp: str, reason: str, *, deployment_id: str = "",
     }
     if version is not None:
         meta["migration_version"] = version
+    if environment is not None:
+        meta["environment"] = environment
     path.with_name(path.name.removesuffix(".sql.gz") + ".meta.json").write_text(json.dumps(meta))
     return path
 
@@ -469,3 +471,22 @@ def test_cleanup_keeps_the_sidecar_the_schema_guard_reads_the_targets_schema_fro
     assert witness.exists() and newest.exists(), [s.name for s in result.removed]
     held = {s.path.name: why for s, why in result.held}
     assert "schema guard" in held[witness.name], held
+
+
+def test_another_environments_snapshots_in_a_shared_folder_are_never_ours(
+        env: Environment) -> None:
+    """Found by review: two environments with the same database name share the default
+    folder. Only the database name was compared, so cleanup deleted staging's expired
+    pre-deploy snapshot of its current deployment (which production's state file does not
+    protect), and the default restore and the schema witnesses used staging's snapshots."""
+    record(env, "dep_old", "dep_current")
+    theirs = put(env, "20261128_120000", "pre-deploy", deployment_id="dep_staging_current",
+                 age_days=5, expires_in_days=-1, environment="staging")
+    ours = put(env, "20261120_120000", "manual", age_days=13, environment=env.name)
+    assert [s.path for s in snapshots.own_snapshots(env)] == [ours]
+    assert snapshots.find(env).path == ours  # the default restore: ours, though older
+    result = snapshots.cleanup(env, now=NOW)
+    assert theirs.exists() and theirs.with_name(
+        theirs.name.replace(".sql.gz", ".meta.json")).exists()
+    assert any(p == theirs and "taken in staging" in why for p, why in result.skipped), \
+        result.skipped

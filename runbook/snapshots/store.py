@@ -76,6 +76,12 @@ class Snapshot:
         return (self.meta or {}).get(key)
 
     @property
+    def environment(self) -> str | None:
+        """The environment the runbook's sidecar says took it (the tooling records none)."""
+        value = self._m("environment")
+        return str(value) if value else None
+
+    @property
     def database(self) -> str | None:
         if self._m("database"):
             return str(self._m("database"))
@@ -246,7 +252,11 @@ def own_snapshots(env: Environment) -> list[Snapshot]:
     database's snapshot taken while the target was live said which schema it "ran with", and
     was picked to restore (then refused by its verification, over a usable one of ours)."""
     database = _database(env)
-    return [s for s in list_snapshots(env) if database is not None and s.database == database]
+    # two environments with the same database name may share the folder: a sidecar that
+    # names another environment is never ours (a staging snapshot in production's "target
+    # was live" window said which schema production's target ran with)
+    return [s for s in list_snapshots(env) if database is not None and s.database == database
+            and s.environment in (None, env.name)]
 
 
 def _scan(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -536,6 +546,10 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
         elif snap.database != mine:
             skipped.append((snap.path, f"a snapshot of database {snap.database}, not "
                                        f"{mine}: left alone"))
+        elif snap.environment not in (None, env.name):
+            # its own environment's state file protects it, not this one's
+            skipped.append((snap.path, f"taken in {snap.environment}, not {env.name}: left "
+                                       "alone"))
         else:
             ours.append(snap)
     snaps = sorted(ours, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
