@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runbook import docker, health
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
+
+if TYPE_CHECKING:
+    from runbook import snapshots as snapshots_type
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,33 @@ def from_sidecars(env: Environment, target: states.Deployment,
         return Found(None, exc.message.removesuffix("; nothing was changed"))
     snap, how = snapshots.schema_witness(listed, target, after)
     if snap is None:
-        return None
+        return from_dump(env, listed, after)
     return Found(snap.migration_version, f"sidecar {snap.meta_path.name} ({how})",
                  witness=snap.path)
+
+
+def from_dump(env: Environment, listed: list[snapshots_type.Snapshot],
+              after: states.Deployment) -> Found | None:
+    """The pre-deploy snapshot of the deployment that replaced the target, taken by the
+    tooling (its sidecar names no version, or it has none): the dump's own schema_migrations
+    is the target's schema. Without it, every rollback on a host whose history predates the
+    runbook went ahead unchecked (found by review). Reads the whole dump (verify), so only
+    when nothing cheaper says it."""
+    from runbook.snapshots.verify import verify
+
+    mine = [s for s in listed if not s.dirty and s.migration_version is None
+            and ((s.deployment_id and s.deployment_id == after.id)
+                 or (after.snapshot_path and str(s.path) == after.snapshot_path))]
+    if not mine:
+        return None
+    snap = mine[0]
+    try:
+        version = verify(env, snap).migration_version
+    except RunbookError as exc:
+        return Found(None, f"the pre-deploy snapshot of {after.version}, {snap.name}, cannot "
+                           f"be read: {exc.message}", witness=snap.path)
+    return Found(version, f"the dump of {snap.name} (pre-deploy snapshot of {after.version}, "
+                          "its schema_migrations)", witness=snap.path)
 
 
 def from_health(env: Environment, target: states.Deployment) -> Found | None:

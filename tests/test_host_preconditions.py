@@ -17,6 +17,7 @@ import pytest
 from runbook import deploy, docker, rollback
 from runbook import environment as envmod
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
@@ -211,6 +212,29 @@ def test_a_running_targets_health_is_no_witness_of_the_schema_it_ran_with(
     assert details["schema guard"] == "not checked (version not known)", details
     assert "migrations check" not in details["target ran with"], details
     assert f"the migration version {V2.tag} ran with is unknown" in dry.plan.render()
+
+
+def test_a_tooling_pre_deploy_snapshot_without_a_version_is_read_for_the_targets_schema(
+        scene_stack: DrillStack) -> None:
+    """Found by review: on a host whose history the tooling recorded (no migration version
+    in the state file, none in its snapshot sidecars), the guard said "not checked" and the
+    rollback went ahead onto the newer schema. The pre-deploy snapshot of the deployment
+    that replaced the target holds the target's schema in its own schema_migrations: read
+    from the dump, the guard refuses as it does with a recorded version."""
+    scene_stack.arrange(scenes.MIGRATED)  # v1 (schema 1) then v2 migrated to 2, snapshot
+    env = scene_stack.env
+    forget_migration_version(env, V1.tag)
+    for sidecar in env.database.snapshot_dir.glob("*.meta.json"):
+        meta = json.loads(sidecar.read_text())
+        meta.pop("migration_version", None)  # as the tooling's sidecars: no version
+        sidecar.write_text(json.dumps(meta))
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"the database schema is at 2 but {V1.tag} ran with 1" in str(err.value), err.value
+    forced = rollback.rollback(env, rollback.Options(force=True), dry_run=True)
+    details = forced.plan.steps[1].details
+    assert details["target ran with"].startswith("1 (from the dump of "), details
 
 
 def test_missing_version_with_no_witness_the_plan_says_so(scene_stack: DrillStack) -> None:
