@@ -219,6 +219,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             to_version=version, to_image=image,
                             record={"deployment_id": deployment_id,
                                     "git_commit": _revision(image) or None,
+                                    # its finish re-checks the new slot before stopping the
+                                    # old one unless the gate was skipped (finish.py)
+                                    "gated": not options.force,
                                     **({"snapshot_path": str(taken.path)} if taken else {})})
     schema_at_start: list[int | None] = []
     flagged: list[bool] = []  # a schema change already said (one message, not two)

@@ -25,7 +25,7 @@ from runbook.errors import ConfigError, PreconditionError, RunbookError
 TEMP_TAG = "runbook-tmp"
 # .<target name>.<tag>.<12 hex>.tmp ; also the older writers' names, so their leftovers go too
 _TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:runbook-tmp\.[0-9a-f]{12}|[0-9a-f]{12}"
-                      r"|runbook-(?:write|validate)-[A-Za-z0-9_]+)\.tmp$")
+                      r"|runbook-(?:write|validate|adapt)-[A-Za-z0-9_]+)\.tmp$")
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -209,7 +209,8 @@ def sweep_temps(target: Path, *, older_than: float = 0.0) -> list[Path]:
         match = _TEMP_RE.match(entry.name)
         if match is None or match["target"] != target.name:
             continue
-        wait = max(older_than, UNLOCKED_TEMP_AGE if ".runbook-validate-" in entry.name else 0.0)
+        wait = max(older_than, UNLOCKED_TEMP_AGE if ".runbook-validate-" in entry.name
+                                       or ".runbook-adapt-" in entry.name else 0.0)
         try:
             if now - entry.lstat().st_mtime < wait or not entry.is_file():
                 continue

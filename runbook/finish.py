@@ -134,9 +134,11 @@ def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
 def _stop_old(env: Environment, intent: intents.Intent) -> Step:
     """A switch keeps the old slot running (it can be switched back at once): finishing an
     interrupted one must not stop it either; a rollback's or a deploy's is stopped."""
-    # not re-gated: the interrupted run's gate may have been skipped (--force), which its
-    # record does not say; a rerun that refused for ever would never finish it
-    step = slots.stop_step(env, intent.source, env.stop_old_slot, gated=False)
+    # re-gated as the interrupted run was (its record says whether --force skipped its gate):
+    # ungated, the finish a refused stop names would stop the last good slot under an
+    # unhealthy new one
+    step = slots.stop_step(env, intent.source, env.stop_old_slot,
+                           gated=intent.record.get("gated") is not False)
     if intent.action == "switch":
         step.skip = "a switch keeps the old slot running, to switch back at once"
     return step

@@ -104,7 +104,8 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     if env.caddy.reload is ReloadMethod.CADDY_RELOAD and any(
             i.relative for i in caddy.file_imports(candidate)):
         # `caddy reload` reads the file and resolves them beside it; `/adapt` has no path
-        return "not compared: relative imports, which only `caddy reload` resolves"
+        return ("not compared: relative imports, which only `caddy reload` resolves (nor are "
+                "its {$VAR} placeholders compared with Caddy's own reading)")
     try:
         running = loaded()
     except RunbookError as exc:
@@ -112,7 +113,7 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     new = caddy.adapt(env, candidate)
     if new is None:  # refused or unanswered: the validation says which, and stops the run
         return "not compared (Caddy did not adapt the new Caddyfile)"
-    if env.caddy.reload is ReloadMethod.CADDY_RELOAD and "{$" in candidate:
+    if env.caddy.reload is ReloadMethod.CADDY_RELOAD:  # {$VAR} may sit in an imported file
         _same_environment(env, candidate, new)
     missing = sorted(_sites(running) - _sites(new))
     if missing:
@@ -137,9 +138,9 @@ def _same_environment(env: Environment, candidate: str, by_caddy: Any) -> None:
     here = caddy.adapt_as_reload(env, candidate)
     if here is None:
         raise PreconditionError(
-            f"pre-flight: {env.caddy.caddyfile} uses {{$VAR}} placeholders and `caddy adapt`, "
-            "run by [caddy] command, could not adapt it here, so what `caddy reload` would "
-            "load cannot be checked; nothing was changed",
+            f"pre-flight: `caddy adapt`, run by [caddy] command, could not adapt "
+            f"{env.caddy.caddyfile} here, so what `caddy reload` would load (its {{$VAR}} "
+            "placeholders expanded here) cannot be checked; nothing was changed",
             "run `caddy adapt --config <file>` to see why, or set [caddy] reload = admin-api "
             "(Caddy then expands them itself)")
     where = caddy.first_difference(by_caddy, here)

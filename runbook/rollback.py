@@ -12,7 +12,6 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook import caddy, compose, database, docker, finish, recording, slots, traffic
@@ -184,8 +183,7 @@ def restoring_command(name: str, record: intents.Intent) -> str | None:
     snap = record.record.get("restore_snapshot") if record.action == "rollback" else None
     if not isinstance(snap, str) or not snap:
         return None
-    return (f"runbook rollback {name} --restore-snapshot --snapshot "
-            f"{shlex.quote(Path(snap).name)}")
+    return f"runbook rollback {name} --restore-snapshot --snapshot {shlex.quote(snap)}"
 
 
 def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
@@ -332,6 +330,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             from_version=current.version, to_version=target.version,
                             to_image=prep.image, record={
                                 "target_id": target.id,
+                                "gated": not options.force,  # for its finish (finish.py)
                                 # a rerun without the flag is told the command that finishes it
                                 **({"restore_snapshot": str(guard.restore.path)}
                                    if guard.restore is not None else {})})

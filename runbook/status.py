@@ -292,10 +292,13 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     command = f"runbook {pending.action} {_arg(f.env)}" + (
         f" --version {pending.to_version}" if pending.action == "deploy" else
         f" --slot {pending.to_slot}" if pending.action == "switch" else "")
-    if not took:  # a restoring rollback runs again only with its restore (rollback.py)
+    if not took:  # a restoring rollback killed before its restore began runs again with it
         from runbook.rollback import restoring_command
+        from runbook.snapshot_restore import killed_restore
 
-        command = restoring_command(_arg(f.env), pending) or command
+        began = killed_restore(f.env, None)
+        if began is None or began["run_id"] != pending.run_id:
+            command = restoring_command(_arg(f.env), pending) or command
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
                      else f"traffic did not move ({f.active or 'unknown'} serves)"),

@@ -323,7 +323,8 @@ def check_slot_ports(env: Environment) -> None:
     for slot in Slot:
         config = env.slot(slot)
         info = docker.inspect(config.container)
-        if not info.exists or not info.published or config.port in info.published:
+        # a stopped one is judged when it runs (a recreate may change its ports)
+        if not info.running or not info.published or config.port in info.published:
             continue
         shown = ", ".join(str(p) for p in info.published)
         raise PreconditionError(
@@ -354,11 +355,12 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
             f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
             f"dials port {env.slot(slot).port})",
             "this is a bug or a concurrent change; see `runbook status`")
-    # a port it publishes other than its own (ports swapped against the environment) that
-    # Caddy dials: its own port is judged above (a site outside the markers may pin it)
+    # the OTHER slot's port, published by this container (ports swapped against the
+    # environment) and dialed by Caddy; its own port is judged above (a site outside the
+    # markers may pin it), and another port it publishes (metrics) is not the app's
     dialed = {p for p in map(_dial_port, found.dials) if p is not None}
     published = (set(docker.inspect(container).published or ())
-                 - {env.slot(slot).port}) & dialed
+                 & {env.slot(slot.other).port} & dialed)
     if published:
         raise ServingContainerError(
             f"refusing to {action} {container}: it publishes port "

@@ -203,3 +203,13 @@ def test_the_df_command_in_a_full_disk_fix_can_be_pasted_as_it_is() -> None:
     fix = files.write_fix(OSError(errno.ENOSPC, "No space left on device"),
                           Path("/srv/my state"), "")
     assert "(`df -h '/srv/my state'`)" in fix
+
+
+def test_every_temp_file_the_runbook_makes_beside_the_caddyfile_is_its_own() -> None:
+    """Found by the self-review: the pre-flight's `caddy adapt` copy was not recognised as
+    the runbook's, so one left by a killed dry run stayed in /etc/caddy for good."""
+    from runbook import files
+
+    for tag in ("write", "validate", "adapt"):
+        assert files.temp_target(f".Caddyfile.runbook-{tag}-k2j4h5.tmp") == "Caddyfile", tag
+    assert files.temp_target(".Caddyfile.someone-else.tmp") is None

@@ -1041,13 +1041,15 @@ def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_fin
     assert intents.read(env) is None and through_proxy(env) == ("green", V2.tag)
 
 
-def test_a_target_that_dies_after_its_gate_never_has_the_old_slot_stopped_under_it(
+def test_a_target_that_fails_after_its_gate_never_has_the_old_slot_stopped_under_it(
         stack: DrillStack) -> None:
     """Found by review: one healthy answer passed the gate, and nothing asked the new slot
-    again before the old one was stopped. A build that dies seconds after it starts (a
-    worker that panics, its first cron tick) had the last good slot stopped under it: a
-    full outage, reported as a success. Now the old slot is kept, the run says the change
-    took effect and how to switch back, and the switch back works."""
+    again before the old one was stopped. A build that fails seconds after it starts (here:
+    its database stops answering, so /health fails while /version still answers) had the
+    last good slot stopped under it: an outage reported as a success. Now the old slot is
+    kept, the run says the change took effect and how to switch back, and the finish it
+    names checks again (it stopped the old slot regardless, the self-review found): only
+    once the new slot is healthy does the old one stop."""
     env = arrange(stack)  # v3 serving from blue, v2 stopped on green
     assert env.source is not None
     environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
@@ -1055,21 +1057,32 @@ def test_a_target_that_dies_after_its_gate_never_has_the_old_slot_stopped_under_
     run = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--yes",
                             str(env.source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, stdin=subprocess.DEVNULL, env=environ)
+    paused = False
     try:
         wait_stopped(run.pid)
-        green = env.slot(Slot.GREEN).container
-        subprocess.run(["docker", "kill", green], check=True, capture_output=True)
-    finally:
+        subprocess.run(["docker", "pause", stack.db_container], check=True, capture_output=True)
+        paused = True
         os.kill(run.pid, signal.SIGCONT)
-    _, err = run.communicate(timeout=120)
-    assert "Traceback" not in err
-    assert run.returncode == ExitCode.TOOK_EFFECT, err
-    assert "no longer answers healthy" in err and \
-        f"`runbook switch {env.name} --slot blue`" in err, err
-    assert docker.inspect(env.slot(Slot.BLUE).container).running
-    back = cli(env, "switch", "--slot", "blue", "--yes")
-    assert back.returncode == 0, back.stderr
-    assert through_proxy(env) == ("blue", V3.tag)
+        _, err = run.communicate(timeout=120)
+        assert "Traceback" not in err
+        assert run.returncode == ExitCode.TOOK_EFFECT, err
+        assert "no longer answers healthy" in err and \
+            f"`runbook switch {env.name} --slot blue`" in err, err
+        assert docker.inspect(env.slot(Slot.BLUE).container).running
+        finish = cli(env, "rollback", "--yes")  # the command the message names
+        assert finish.returncode == ExitCode.TOOK_EFFECT, finish.stderr
+        assert "no longer answers healthy" in finish.stderr, finish.stderr
+        assert docker.inspect(env.slot(Slot.BLUE).container).running
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.pid, signal.SIGCONT)
+        if paused:
+            subprocess.run(["docker", "unpause", stack.db_container], check=True,
+                           capture_output=True)
+    done = cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
+    assert through_proxy(env) == ("green", V2.tag)
 
 
 def test_a_rerun_without_the_restore_flag_says_the_service_is_down_and_names_the_finish(

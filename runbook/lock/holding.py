@@ -135,7 +135,6 @@ class Lock:
 
     def _refresh_mirror(self) -> None:
         with statemod.WRITING:
-            self._foreign = None
             try:
                 self.mirror_error, lost = _mirror(self.env, self.state_json(),
                                                   replace_if=self._ours_or_cleared)
@@ -174,6 +173,9 @@ class Lock:
         self.owner_lost = self.owner_lost or lost
 
     def _ours_or_cleared(self, lock: Mapping[str, Any]) -> bool:
+        self._foreign = None  # judged anew on each try (_mirror reads again on a change)
+        if self.released:
+            return False  # a refresh that outlived the release never puts the copy back
         """The refresh rewrites our copy, and puts it back where another tool's write
         cleared it (the Go CLI saves the whole file it read before this run published: its
         `locked: false` went unnoticed, and that CLI then saw no lock for the rest of the
@@ -183,8 +185,9 @@ class Lock:
         other = _judge_state_lock(self.env, lock)
         if other is None or other.stealable:
             return True
-        self._foreign = (f"the state file now records another tool's lock "
-                         f"({other.describe()}), taken while this run held the deploy lock")
+        holder = other.holder.describe() if other.holder is not None else "another tool"
+        self._foreign = (f"the state file now records another tool's lock (held by {holder}), "
+                         "taken while this run held the deploy lock")
         return False
 
     def _refuse_a_live_state_lock(self, lock: Mapping[str, Any] | None) -> bool:

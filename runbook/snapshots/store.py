@@ -354,25 +354,34 @@ def latest_before(env: Environment, migration_version: int | None, *,
     when there is one; `before` drops snapshots taken later than that moment. With the
     version unknown (None), only that pre-deploy snapshot may be chosen, or None.
     """
+    listed = own_snapshots(env)
+    # The snapshot dumped right before the deployment that replaced it (its pre-deploy
+    # snapshot, by deployment id) holds the target's schema. With the schema unknown it is
+    # the only one known to: the newest snapshot of any schema may be at the current one
+    # (restoring it helps nothing and drops the writes since). The tooling's sidecar names no
+    # version: such a one is taken too, and the caller reads the version from the dump.
+    unversioned = [s for s in listed
+                   if deployment_id and s.deployment_id == deployment_id
+                   and s.meta is not None and not s.problems and not s.dirty
+                   and s.migration_version is None and s.path.exists()
+                   and (before is None or s.timestamp <= before)]
     if migration_version is None:
-        # The target's schema is unknown: only the snapshot dumped right before the deployment
-        # that replaced it (its pre-deploy snapshot, by deployment id) is known to hold that
-        # schema. The newest snapshot of any schema may be at the current one: restoring it
-        # helps nothing and drops the writes since. The sidecar then has no version either.
         if not deployment_id:
             return None
-        own = [s for s in own_snapshots(env)
+        own = [s for s in listed
                if s.deployment_id == deployment_id and s.meta is not None and not s.problems
                and not s.dirty and s.path.exists()
                and (before is None or s.timestamp <= before)]
         return own[0] if own else None
-    found = [s for s in own_snapshots(env) if s.usable
+    found = [s for s in listed if s.usable
              and s.migration_version == migration_version
              and (before is None or s.timestamp <= before)]
     if deployment_id:
         own = [s for s in found if s.deployment_id == deployment_id]
         if own:
             return own[0]
+        if unversioned:
+            return unversioned[0]
     return found[0] if found else None
 
 
