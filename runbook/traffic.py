@@ -360,7 +360,7 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
     # markers may pin it), and another port it publishes (metrics) is not the app's
     dialed = {p for p in map(_dial_port, found.dials) if p is not None}
     published = (set(docker.inspect(container).published or ())
-                 & {env.slot(slot.other).port} & dialed)
+                 & {env.slot(Slot(slot).other).port} & dialed)
     if published:
         raise ServingContainerError(
             f"refusing to {action} {container}: it publishes port "
