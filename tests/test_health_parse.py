@@ -410,3 +410,47 @@ def test_a_health_commit_that_is_no_full_commit_never_fails_the_record_after_the
     current = states.read_state(env.state_file).current
     assert current is not None and current.version == "3f2a1b9"
     assert current.git_commit == "0" * 40
+
+
+def test_verification_waits_as_long_as_the_health_request_timeout_says(tmp_path: Path) -> None:
+    """Found by review: verification gave each attempt 3 s whatever [health]
+    request_timeout_seconds said, so an app answering in 3.3 s (a cold start) had every
+    switch undone, and the undo's own verification failed the same way. A real HTTP server
+    on loopback stands in for the proxy."""
+    import dataclasses
+
+    from runbook import caddy
+    from tests.drill_checks import host_env
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(3.3)
+            data = b'{"version": "abc1234"}'
+            try:
+                self.send_response(200)
+                self.send_header("X-Togather-Slot", "green")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass  # the client gave up
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = host_env(tmp_path)
+        env = base.with_(caddy=dataclasses.replace(
+            base.caddy, proxy_url=f"http://127.0.0.1:{httpd.server_address[1]}"))
+        patient = env.with_(health=dataclasses.replace(env.health, request_timeout=5.0))
+        assert caddy.verify(patient, "green", "abc1234", attempts=1).ok
+        short = caddy.verify(env, "green", "abc1234", attempts=1)  # the default 3 s
+        assert not short.ok and env.health.request_timeout <= 3.0, short
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -467,12 +467,16 @@ class VerifyResult:
 QUICK_RETRIES = (0.02, 0.05, 0.1)  # pauses before the regular cadence, for `quick=True`
 
 
+VERIFY_TIMEOUT = 3.0  # seconds per attempt at least; [health] request_timeout_seconds if more
+
+
 def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: str | None,
-           *, attempts: int = 10, interval: float = 0.3, timeout: float = 3.0,
+           *, attempts: int = 10, interval: float = 0.3, timeout: float | None = None,
            quick: bool = False) -> VerifyResult:
     """Ask through Caddy who answers. A fresh connection per attempt, because a kept-alive one
     can still reach the old upstream or be reset exactly at a reload. `timeout` bounds each
-    attempt in total (body included), so the whole check ends within
+    attempt in total (body included; by default the larger of VERIFY_TIMEOUT and the
+    environment's health request timeout), so the whole check ends within
     attempts x (timeout + interval) whatever the proxy does.
 
     `quick` (the switch, before the commit): a first answer from the old config right after a
@@ -480,6 +484,10 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
     are extra attempts, so the window the proxy gets only grows.
     """
     slot = target.slot if isinstance(target, SlotConfig) else Slot(target)
+    # an app that answers slowly (a cold start) was undone after ~40 s whatever
+    # request_timeout_seconds said, and the undo's own verify then failed the same way
+    timeout = timeout if timeout is not None else max(VERIFY_TIMEOUT,
+                                                      env.health.request_timeout)
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     began = time.monotonic()
     result = VerifyResult(False, _shown(env, url), slot, expected_version, 0)
