@@ -107,9 +107,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                           else docker.inspect(env.slot(target.other).container))
     slots.refuse_if_held(env, target, standby)
     planned = caddy.plan_switch(env, target)
-    tools = preflight.check(env, candidate=planned.new_text,
-                            recreate=True, migrate_image=image,
-                            loaded=lambda: traffic.loaded_config(env))
+    checks = preflight.start(env, candidate=planned.new_text,
+                             recreate=True, migrate_image=image,
+                             loaded=lambda: traffic.loaded_config(env))
+    tools = checks.result()
+    warnings += checks.warnings
     # The same deploy rerun after an interruption before traffic moved is that deployment
     # again: its id, and the pre-deploy snapshot it took before its migrations ran. A new one
     # now would be at the migrated schema, and the schema guard, a restore and the cleanup

@@ -115,6 +115,7 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
         return "not compared (Caddy did not adapt the new Caddyfile)"
     if env.caddy.reload is ReloadMethod.CADDY_RELOAD:  # {$VAR} may sit in an imported file
         _same_environment(env, candidate, new)
+    drift = _drift(env, running)
     missing = sorted(_sites(running) - _sites(new))
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more"
@@ -125,7 +126,42 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
             "another copy); nothing was changed",
             "set [caddy] caddyfile to the file Caddy runs (its global options and every "
             "site), or load this one first if it is what Caddy should run")
-    return "every site Caddy serves now is in the new Caddyfile"
+    return "every site Caddy serves now is in the new Caddyfile" + (
+        f"{WARNING_MARK}{drift}" if drift else "")
+
+
+WARNING_MARK = "\n! "  # a probe's result: the detail, then what the plan must warn about
+
+
+def split_warnings(result: str) -> tuple[str, list[str]]:
+    """A probe's result as (pre-flight detail, plan warnings)."""
+    detail, *warnings = result.split(WARNING_MARK)
+    return detail, warnings
+
+
+def _drift(env: Environment, running: Any) -> str | None:
+    """Caddy runs a config that differs from its Caddyfile beyond the slot (a route loaded
+    through the admin API during an incident, an edit to the file not yet reloaded): the
+    switch loads the file, so that difference is lost or goes live with it, and verification
+    of the app's site still passes (found by review). Said, not refused: the file is what
+    the host says Caddy runs. None when they agree or it cannot be told."""
+    from runbook import traffic
+
+    try:
+        now = traffic.from_config(env, running).slot
+        if now is None:
+            return None  # which slot runs is said elsewhere (and fails closed there)
+        as_file = caddy.adapt(env, caddy.rewrite(caddy.read(env), env, now))
+    except RunbookError:
+        return None
+    if as_file is None:
+        return None
+    where = caddy.first_difference(running, as_file)
+    if where is None:
+        return None
+    return (f"Caddy runs a config that differs from {env.caddy.caddyfile} beyond the slot "
+            f"(first at {where}): the switch loads the file, so that difference is dropped "
+            "(a change made through the admin API) or goes live (an edit not yet reloaded)")
 
 
 def _same_environment(env: Environment, candidate: str, by_caddy: Any) -> None:
@@ -378,11 +414,17 @@ class Checks:
     def __init__(self, env: Environment, probes: dict[str, Probe[str]]) -> None:
         self._env = env
         self._probes = probes
+        self.warnings: list[str] = []  # what the plan must warn about (result() fills it)
 
     def result(self) -> dict[str, str]:
-        """The results as pre-flight details. Raises the first that fails in the order of
-        `start` (exit 4, nothing changed)."""
-        out = {name: probe.result() for name, probe in self._probes.items()}
+        """The results as pre-flight details (what the plan must warn about goes to
+        `warnings`). Raises the first that fails in the order of `start` (exit 4, nothing
+        changed)."""
+        out: dict[str, str] = {}
+        self.warnings = []
+        for name, probe in self._probes.items():
+            out[name], said = split_warnings(probe.result())
+            self.warnings += said
         with contextlib.suppress(RunbookError):  # a misencoded URL: the schema check says so
             out["database access"] = database_path(self._env)
         return out
@@ -393,21 +435,13 @@ class Checks:
             probe.settle(timeout)
 
 
-def check(env: Environment, *, candidate: str | None, recreate: bool,
-          migrate_image: str | None = None, admin_answered: bool = False,
-          loaded: Callable[[], Any] | None = None) -> dict[str, str]:
-    """Run every check the plan needs, at once (each waits on its own tool); the results as
-    pre-flight details. Raises the first that fails in the order below (exit 4, nothing
-    changed)."""
-    return start(env, candidate=candidate, recreate=recreate, migrate_image=migrate_image,
-                 admin_answered=admin_answered, loaded=loaded).result()
-
-
 def start(env: Environment, *, candidate: str | None, recreate: bool,
           migrate_image: str | None = None, admin_answered: bool = False,
           loaded: Callable[[], Any] | None = None) -> Checks:
-    """Start the checks of `check` and return at once: a planner still waiting on another
-    probe (the schema guard's database) collects them afterwards."""
+    """Start every check the plan needs, at once (each waits on its own tool), and return:
+    the planner collects them with `result()` (raising the first that fails, in the order
+    below: exit 4, nothing changed), after what it still waits on (the schema guard's
+    database)."""
     probes: dict[str, Probe[str]] = {}
     if candidate is not None:
         probes["validate"] = Probe(lambda: validation(env, candidate), "validate")

@@ -303,6 +303,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             raise down_after_interrupted(env, found[0], live, exc) from None
         warnings += guard.warnings
         tools = checks.result()
+        warnings += checks.warnings
     except BaseException:
         guard_probe.settle(2.0)
         for probe in containers.values():

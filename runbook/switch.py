@@ -77,7 +77,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     planned = caddy.plan_switch(env, target)
     # /load replaces Caddy's whole config: every site it serves now must be in the new one
-    kept = preflight.kept_sites(env, planned.new_text, lambda: traffic.loaded_config(env))
+    kept, drift = preflight.split_warnings(
+        preflight.kept_sites(env, planned.new_text, lambda: traffic.loaded_config(env)))
+    warnings += drift
     switch, diff = slots.switch_step(env, target, version, observed, planned=planned)
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {

@@ -489,6 +489,32 @@ def test_slot_ports_that_do_not_match_the_containers_are_refused_before_any_chan
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+@pytest.mark.any_shape
+def test_a_running_config_that_differs_from_the_caddyfile_is_said_in_the_plan(
+        stack: DrillStack) -> None:
+    """Found by review: a route loaded through the admin API during an incident (or an edit
+    to the file not yet reloaded) was dropped (or went live) with the switch's load of the
+    file, and verification of the app's site still passed. The plans now say so."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    text = caddy.read(env)
+    patched = text.replace('respond /ping "pong" 200',
+                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
+    assert patched != text
+    try:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=patched,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        plans = [rollback.rollback(env, dry_run=True).plan,
+                 switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan]
+    finally:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+    for plan in plans:
+        said = "\n".join(plan.warnings)
+        assert "differs from" in said and "beyond the slot" in said, plan.render()
+    calm = rollback.rollback(env, dry_run=True).plan
+    assert not any("beyond the slot" in w for w in calm.warnings), calm.warnings
+
+
 def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)
