@@ -13,59 +13,16 @@ import contextlib
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from runbook import caddy, database, docker
 from runbook.environment import Environment, ReloadMethod
 from runbook.errors import PreconditionError, RunbookError
+from runbook.probes import Probe as Probe  # re-exported: the plans start probes from here
 
 _TIMEOUT = 15.0
-T = TypeVar("T")
-
-
-class Probe(Generic[T]):
-    """A read-only probe running in a thread while the planner does something else.
-
-    Why: pre-flight is a handful of independent questions to Caddy, Docker, Postgres and a few
-    processes, each mostly waiting on a socket; asked one after the other they were most of
-    the time before traffic moved. `result()` returns its value or raises its exception where
-    the planner asks for it, so the first failure reported is the one the sequential order
-    would have reported. Probes must be read-only (they may run although an earlier one
-    failed) and bounded by their own timeouts.
-    """
-
-    def __init__(self, fn: Callable[[], T], name: str = "probe") -> None:
-        self._fn = fn
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"runbook-{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as exc:  # handed to the planner by result()
-            self._error = exc
-
-    def settle(self, timeout: float) -> None:
-        """Give a probe whose result is no longer wanted (the plan failed) a moment to end,
-        so a refused run does not exit under a half-done connection."""
-        self._thread.join(timeout)
-
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
-
 def _run(argv: list[str]) -> tuple[int, str]:
     """(exit code, last output line); 127 when the program does not exist."""
     try:

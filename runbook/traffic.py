@@ -276,7 +276,7 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
     if not proxy:
         running = loaded_config(env)
         return from_config(env, running, lambda: outside_dials(env, running))
-    from runbook.preflight import Probe
+    from runbook.probes import Probe
 
     witness = Probe(lambda: ask_proxy(env), "ask-proxy")
     try:
