@@ -232,7 +232,7 @@ class ContainerConnection:
     to the exec in PGPASSWORD, never on a command line; any error ends the session.
     """
 
-    def __init__(self, env: Environment, timeout: float = 30.0) -> None:
+    def __init__(self, env: Environment, timeout: float | None = 30.0) -> None:
         import os
         import subprocess
 
@@ -311,14 +311,14 @@ class ContainerConnection:
 
         assert self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
-        deadline = time.monotonic() + self.timeout
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             head, sep, tail = self._buffer.partition(marker + b"\n")
             if sep:
                 self._buffer = tail
                 return [line for line in head.split(b"\n") if line]
-            left = deadline - time.monotonic()
-            if left <= 0:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise self._fail(f"no answer within {self.timeout:g}s")
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
@@ -369,14 +369,17 @@ class _Rows:
         return list(self.rows)
 
 
-def connect(env: Environment, timeout: int = 5):  # type: ignore[no-untyped-def]
+def connect(env: Environment, timeout: int = 5,  # type: ignore[no-untyped-def]
+            read_timeout: float | None = 30.0):
+    """A session, autocommit. `read_timeout` bounds each answer through the container (None:
+    as long as psql runs, for reads that scan whole tables under their own lock_timeout)."""
     import psycopg
 
     from runbook.redact import redact
 
     target = url(env)
     if via_container(env):
-        return ContainerConnection(env)
+        return ContainerConnection(env, timeout=read_timeout)
     try:
         return psycopg.connect(target, connect_timeout=timeout, autocommit=True)
     except psycopg.Error as exc:

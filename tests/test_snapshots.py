@@ -17,10 +17,11 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -557,6 +558,96 @@ def test_database_unreachable_is_refused_and_nothing_is_written(
     finally:
         stack.docker("start", stack.db_container)
         stack.wait_db()
+
+
+@contextlib.contextmanager
+def watchdog(stack: DrillStack, pid: Callable[[], int | None], after: float = 20.0,
+             ) -> Iterator[None]:
+    """Ends the session `pid()` names after `after` seconds: a snapshot that waits for its
+    lock for ever then goes on, so the test fails on what it asserts instead of hanging."""
+    done = threading.Event()
+
+    def end() -> None:
+        if not done.wait(after) and (which := pid()) is not None:
+            with stack.connect() as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (which,))
+
+    thread = threading.Thread(target=end, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def refused_for_the_lock(stack: DrillStack, env: Environment, locker: Callable[[], int | None],
+                         how: str) -> None:
+    """snapshots.create refused within the lock wait (1 s here), long before the watchdog
+    (20 s), naming the session, how it locks and the table; nothing was written."""
+    before = sorted(p.name for p in env.database.snapshot_dir.iterdir())
+    began = time.monotonic()
+    with watchdog(stack, locker), pytest.raises(DatabaseError) as err:
+        snapshots.create(env, "locked")
+    took = time.monotonic() - began
+    text, pid = str(err.value), locker()
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert f"session {pid} " in text and f"{how} an exclusive lock on items" in text, text
+    assert f"pg_terminate_backend({pid})" in text, text
+    assert stack.password not in text
+    assert sorted(p.name for p in env.database.snapshot_dir.iterdir()) == before
+    assert took < 15, f"refused after {took:.1f} s: the watchdog ended the wait, not the run"
+
+
+@pytest.mark.parametrize("access", ["host", "container"])
+def test_a_table_locked_by_another_session_fails_the_snapshot_naming_it(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, access: str) -> None:
+    """A session left open after `LOCK TABLE` (or an ALTER in a transaction) made the
+    snapshot's counts wait for ever: during a restore, with the app slots stopped. The reads
+    now give up after the lock wait and name the session and its table."""
+    monkeypatch.setattr(snapshots.commands, "LOCK_WAIT_SECONDS", 1, raising=False)
+    env = stack.env.with_(database=dataclasses.replace(stack.env.database, access=access))
+    with stack.connect() as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        pid = int(holder.execute("SELECT pg_backend_pid()").fetchone()[0])
+        refused_for_the_lock(stack, env, lambda: pid, "holds")
+        holder.execute("ROLLBACK")
+    assert snapshots.create(env, "unlocked").path.is_file()
+
+
+def test_a_dump_queued_behind_an_alter_queued_behind_it_fails_instead_of_hanging(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counts hold every table's shared lock until pg_dump is done; an ALTER (here a
+    LOCK TABLE) arriving in between queues behind them, and pg_dump's own lock queues behind
+    the ALTER: a wait Postgres never detects, so the dump hung for ever. pg_dump now has a
+    lock wait, and the error names the queued session."""
+    monkeypatch.setattr(snapshots.commands, "LOCK_WAIT_SECONDS", 1, raising=False)
+    env = stack.env
+    queued: list[int] = []
+    original = dump_module._dump_to
+
+    def alter_arrives(*args: Any, **kwargs: Any) -> tuple[str, int]:
+        def lock() -> None:
+            with contextlib.suppress(Exception), stack.connect() as conn:
+                queued.append(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))
+                with conn.transaction():
+                    conn.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+
+        threading.Thread(target=lock, daemon=True).start()
+        with stack.connect() as conn:  # until it waits behind the snapshot's shared lock
+            for _ in range(100):
+                if queued and conn.execute(
+                        "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+                        (queued[0],)).fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the LOCK TABLE never queued")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dump_module, "_dump_to", alter_arrives)
+    refused_for_the_lock(stack, env, lambda: queued[0] if queued else None, "is queued for")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,12 @@ from runbook.errors import PreconditionError, UsageError
 
 IN_CONTAINER_HOST = "127.0.0.1"  # the server as seen from inside its own container
 IN_CONTAINER_PORT = "5432"
+LOCK_WAIT_SECONDS = 10
+"""How long a snapshot's reads (the counts, and pg_dump's `--lock-wait-timeout`) wait for a
+table another session holds exclusively (an ALTER, a TRUNCATE, a `LOCK TABLE` left open), then
+fail naming it. Without it the read waited for ever: with the app slots stopped, during a
+restore. And a pg_dump queued behind an ALTER that queues behind this very transaction's own
+locks is a wait Postgres never detects."""
 DUMP_FLAGS = ("--format=plain", "--no-owner", "--no-acl", "--clean", "--if-exists")
 GZIP_LEVEL = 6  # what `gzip` uses by default: the contract's `| gzip`
 
@@ -116,7 +122,8 @@ class DbCommand:
 def dump(tgt: Target, snapshot_id: str | None = None, into: str = "the snapshot file",
          ) -> DbCommand:
     """pg_dump of the whole database (reading an exported snapshot when given one)."""
-    argv = [*tgt.exec_prefix(), "pg_dump", *DUMP_FLAGS, *tgt.connection_args()]
+    argv = [*tgt.exec_prefix(), "pg_dump", *DUMP_FLAGS,
+            f"--lock-wait-timeout={LOCK_WAIT_SECONDS}s", *tgt.connection_args()]
     if snapshot_id:
         argv += ["--snapshot", snapshot_id]
     return DbCommand(tuple(argv), stdout=f"(gzip level {GZIP_LEVEL}, in-process) {into}",

@@ -16,6 +16,7 @@ from typing import Any
 
 from runbook import database
 from runbook.environment import Environment
+from runbook.snapshots import commands
 from runbook.snapshots.store import Snapshot, TableStats
 from runbook.times import format_utc as _fmt
 from runbook.times import human_duration
@@ -68,14 +69,50 @@ def schema_row(conn: Any) -> database.SchemaVersion:
 
 @contextlib.contextmanager
 def read_snapshot(env: Environment) -> Iterator[Any]:
-    """A read-only REPEATABLE READ transaction: one consistent view for stats (and pg_dump)."""
-    with database.connect(env) as conn:
+    """A read-only REPEATABLE READ transaction: one consistent view for stats (and pg_dump).
+
+    No limit per answer through the container (counting a large table takes what it takes);
+    waiting for a lock is limited instead (commands.LOCK_WAIT_SECONDS)."""
+    with database.connect(env, read_timeout=None) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
+            conn.execute(f"SET LOCAL lock_timeout = '{commands.LOCK_WAIT_SECONDS}s'")
             yield conn
         finally:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
+
+
+HOLDERS_SQL = """
+SELECT l.pid, l.granted, coalesce(a.usename, ''), coalesce(a.application_name, ''),
+       coalesce(a.state, ''),
+       coalesce(to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), ''),
+       string_agg(DISTINCT c.relname, ', ')
+FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.pid IS NOT NULL
+  AND l.pid <> pg_backend_pid()
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND c.relkind IN ('r', 'p', 'm', 'S')
+GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1
+"""
+
+
+def exclusive_lockers(env: Environment) -> list[tuple[int, str]]:
+    """(pid, description) of every other session holding or queued for an exclusive lock on
+    a table: what makes a snapshot's reads wait. Empty when none, or when it cannot be read
+    (this only words an error already being raised)."""
+    found: list[tuple[int, str]] = []
+    with contextlib.suppress(Exception), database.connect(env) as conn:
+        for pid, granted, user, app, state, since, rels in conn.execute(HOLDERS_SQL).fetchall():
+            who = ", ".join(part for part in (f"user {user}" if user else "",
+                                              f"application {app!r}" if app else "",
+                                              f"{state} since {since}" if state and since
+                                              else state) if part)
+            verb = "holds" if granted else "is queued for"
+            found.append((int(pid), f"session {pid} ({who or 'no details'}) {verb} an "
+                                    f"exclusive lock on {rels}"))
+    return found
 
 
 def server_version(env: Environment) -> tuple[int, int]:
