@@ -548,7 +548,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                     + (" (in pre-flight, the same bytes)" if validated is not None else ""),
         "reload": f"{sp.reload}: {reload_command.display()}",
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
-        "on failure": "put back the Caddyfile matching what Caddy ran before and reload it",
+        "on failure": "put back the Caddyfile matching what Caddy ran before, and load back "
+                      "the config Caddy ran (its JSON, read just before the write)",
     }
     if sp.current.warnings:  # e.g. another service's upstream between the markers, kept
         details["warnings"] = "; ".join(sp.current.warnings)
@@ -561,11 +562,13 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         old = old_bytes.decode("utf-8")
         new = caddy.rewrite(old, env, target)
         caddy.check_imports(env, new)  # the file may have changed since the plan
-        try:
-            before = traffic.read(env, proxy=False).slot
+        try:  # what Caddy runs: the undo loads it back as it was (caddy.restore)
+            running = traffic.loaded_config(env)
+            before = traffic.from_config(
+                env, running, lambda: traffic.outside_dials(env, running)).slot
             answered = True
         except traffic.TrafficUnknownError:
-            before, answered = None, False
+            running, before, answered = None, None, False
         # a down Caddy must never look like a switch (the config just read answered: the
         # same GET is not sent twice; systemd is still asked when it reloads)
         caddy.check_running(env, admin_answered=answered)
@@ -579,9 +582,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         observed.sent_to_target = True  # from the write on: a Caddy may watch its file
         if new != old:
             caddy.write_config(env, new)
-        ctx.on_failure("put back the previous Caddyfile and reload Caddy"
+        ctx.on_failure("put back the previous Caddyfile and load the config Caddy ran before"
                        + (f" (traffic back on {before})" if before else ""),
-                       lambda: caddy.restore(env, restore_bytes, before))
+                       lambda: caddy.restore(env, restore_bytes, before, running))
         ctx.fault("switch.after-write")
         caddy.reload(env, new, reload_command, switch=watch)
         ctx.fault("switch.after-reload")

@@ -528,6 +528,40 @@ def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
     assert env.state_file.read_bytes() == before["state"]
 
 
+def test_the_undo_of_a_failed_switch_loads_back_what_caddy_ran_not_the_file(
+        stack: DrillStack) -> None:
+    """Found by review: the undo of a failed verification reloaded the previous Caddyfile.
+    A route loaded through the admin API during an incident (here: /export answered 503
+    "closed") is not in that file, so the undo, the "traffic stays where it was" path, took
+    it away. The undo now loads back the JSON Caddy ran before the switch."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    text = caddy.read(env)
+    patched = text.replace('respond /ping "pong" 200',
+                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
+    assert patched != text
+    config_url = f"{env.caddy.admin_url}/config/"
+    try:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=patched,
+                        headers={"Content-Type": "text/caddyfile"},
+                        timeout=10).raise_for_status()
+        ran = drill_http.get(config_url, timeout=10).json()
+        before = snapshot(env)
+        wrong = env.with_(caddy=dataclasses.replace(env.caddy, proxy_url="http://127.0.0.1:9"))
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(wrong)  # verification asks a port where nothing answers
+        after = drill_http.get(config_url, timeout=10).json()
+        export = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/export/all",
+                                timeout=10)
+    finally:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+    assert "restored" in str(err.value), err.value
+    assert after == ran, "Caddy runs another config than before the failed switch"
+    assert (export.status_code, export.text) == (503, "closed")
+    assert env.caddy.caddyfile.read_bytes() == before["caddyfile"]
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_dry_run_changes_nothing_and_shows_every_value(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)

@@ -392,23 +392,38 @@ def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
     drain.after_reload(switch)
 
 
+def load_running(env: Environment, config: Any) -> None:
+    """Load a config Caddy ran (its JSON, as GET /config/ gave it) through the admin API,
+    whatever the reload method: the undo of a switch puts back exactly what ran, a route
+    loaded through the API during an incident included, not the previous Caddyfile adapted
+    again (which never had it). `caddy reload` and systemd's reload POST /load the same way."""
+    import json
+
+    switch = drain.before_reload(env.caddy.proxy_url)
+    drain.sending_reload(switch)
+    _post_load(f"{env.caddy.admin_url}/load", json.dumps(config).encode("utf-8"),
+               "application/json")
+    drain.after_reload(switch)
+
+
+def _post_load(url: str, body: bytes, content_type: str) -> None:
+    from runbook import bounded_http
+
+    try:
+        answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT, content=body,
+                                      headers={"Content-Type": content_type}, max_body=None)
+    except bounded_http.HttpFailure as exc:
+        raise CaddyError(f"reload through {url} failed ({exc.reason})",
+                         "check that Caddy is running", stage="reload") from None
+    if answer.status >= 400:
+        raise CaddyError(f"Caddy rejected the config (HTTP {answer.status} from "
+                         f"{url}): {_admin_error(answer)}",
+                         "Caddy keeps its old config on a rejected load", stage="reload")
+
+
 def _reload(env: Environment, text: str, command: ReloadCommand) -> None:
     if command.method is ReloadMethod.ADMIN_API:
-        from runbook import bounded_http
-
-        url = command.url
-        try:
-            answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT,
-                                          content=text.encode("utf-8"),
-                                          headers={"Content-Type": "text/caddyfile"},
-                                          max_body=None)
-        except bounded_http.HttpFailure as exc:
-            raise CaddyError(f"reload through {url} failed ({exc.reason})",
-                             "check that Caddy is running", stage="reload") from None
-        if answer.status >= 400:
-            raise CaddyError(f"Caddy rejected the config (HTTP {answer.status} from "
-                             f"{url}): {_admin_error(answer)}",
-                             "Caddy keeps its old config on a rejected load", stage="reload")
+        _post_load(command.url, text.encode("utf-8"), "text/caddyfile")
         return
     argv = list(command.argv)
     done = _run(argv, "reload Caddy", "reload")

@@ -13,11 +13,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runbook import files
 from runbook.caddy.admin import (
     check_imports,
     check_running,
+    load_running,
     read,
     reload,
     reload_action,
@@ -136,18 +138,28 @@ def write_config(env: Environment, text: str) -> None:
                          stage="write") from None
 
 
-def restore(env: Environment, data: bytes, previous: Slot | None) -> None:
-    """Put a previous Caddyfile back, reload it and, when it named one slot, prove the proxy
-    answers from that slot again. The undo of a switch; raises when any part fails."""
+def restore(env: Environment, data: bytes, previous: Slot | None,
+            running: Any | None = None) -> None:
+    """Put a previous Caddyfile back, load what Caddy ran before and, when it named one slot,
+    prove the proxy answers from that slot again. The undo of a switch; raises when any part
+    fails. `running`: Caddy's config JSON read before the switch, loaded back as it was (a
+    route loaded through the admin API is not in the file); without it the file is reloaded."""
     text = data.decode("utf-8")
+
+    def put_back() -> None:
+        if running is not None:
+            load_running(env, running)
+        else:
+            reload(env, text)
+
     try:
         write_config(env, text)
     except CaddyError as exc:
-        if env.caddy.reload is not ReloadMethod.ADMIN_API:
+        if env.caddy.reload is not ReloadMethod.ADMIN_API and running is None:
             raise  # caddy reload and systemctl read the file: it still names the new slot
-        # the admin API loads the text itself: traffic goes back even when the file cannot
+        # the admin API loads the config itself: traffic goes back even when the file cannot
         # (a disk that filled up since the switch's own write), then the file is named
-        reload(env, text)
+        put_back()
         back = verify(env, previous, None, attempts=5, interval=0.2) if previous else None
         where = (f"traffic is back on {previous}" if back is not None and back.ok
                  else "the previous config was loaded")
@@ -157,7 +169,7 @@ def restore(env: Environment, data: bytes, previous: Slot | None) -> None:
             "and a Caddy restart or reload would load it", f"{exc.fix}; then run `runbook "
             f"status {env.name}` and put the file back", stage="restore",
             exit_code=ExitCode.ATTENTION) from None
-    reload(env, text)
+    put_back()
     if previous is not None:
         check = verify(env, previous, None, attempts=5, interval=0.2)
         if not check.ok:
