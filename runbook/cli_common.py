@@ -143,7 +143,9 @@ class Progress:
         if not self.enabled:
             return
         if event == "note":
-            typer.echo(f"   ... {message}", err=True)
+            from runbook.redact import redact
+
+            typer.echo(redact(f"   ... {message}"), err=True)
             return
         if event == "start":
             self.started = time.monotonic()
@@ -164,9 +166,10 @@ def timing(switched: float | None) -> dict[str, float]:
 
 def report(result: RunResult, fmt: Format, switched: float | None = None) -> None:
     if fmt is Format.json:
-        print(json.dumps({"ok": True, **result.to_json(),
-                          **({} if result.dry_run else {"timing": timing(switched)})},
-                         default=str))
+        from runbook.redact import scrub
+
+        print(json.dumps(scrub({"ok": True, **result.to_json(),
+                                **({} if result.dry_run else {"timing": timing(switched)})})))
         return
     if result.dry_run:
         typer.echo(result.plan.render())
@@ -177,10 +180,12 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
              f"{o.duration_ms / 1000:.2f}s") for o in result.outcomes]
     head = ("step", "status", "duration")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
-    typer.echo(f"{result.plan.action}: {result.plan.summary}")
+    from runbook.redact import redact
+
+    typer.echo(redact(f"{result.plan.action}: {result.plan.summary}"))
     for title, status, took in [head, *rows]:
-        typer.echo(f"  {title.ljust(widths[0])}  {status.ljust(widths[1])}  "
-                   f"{took.rjust(widths[2])}")
+        typer.echo(redact(f"  {title.ljust(widths[0])}  {status.ljust(widths[1])}  "
+                          f"{took.rjust(widths[2])}"))
     times = timing(switched)
     moved = (f" (traffic switched at {times['switched_at_s']:.2f}s)"
              if "switched_at_s" in times else "")
@@ -190,8 +195,10 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
 def notice(message: str) -> None:
     """Something on-call must see even when all goes well (a stale lock taken over, a plan
     warning no prompt showed under --yes)."""
+    from runbook.redact import redact
     from runbook.run import WARNING
 
+    message = redact(message)
     if message.startswith(WARNING):
         typer.echo(f"runbook: warning: {message.removeprefix(WARNING)}", err=True)
         return

@@ -143,17 +143,22 @@ class Plan:
         if self.caddy_diff:
             lines.append("Caddyfile change:")
             lines.extend("      " + line for line in self.caddy_diff.rstrip("\n").splitlines())
-        return "\n".join(lines)
+        # what a prompt, --dry-run and a ticket show: a migrate command or a Caddyfile line
+        # may hold a password, which the journal masks too
+        return redact("\n".join(lines))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        from runbook.redact import scrub
+
+        data: dict[str, Any] = scrub({
             "action": self.action, "environment": self.env.name, "summary": self.summary,
             "warnings": self.warnings, "caddy_diff": self.caddy_diff,
             "finishing": self.finishing,
             "steps": [{"name": s.name, "title": s.title, "phase": s.phase.value,
                        "details": s.details, "skip": s.skip} for s in self.steps],
             "facts": self.facts,
-        }
+        })
+        return data
 
 
 @dataclass

@@ -132,3 +132,21 @@ def test_bad_encodings_are_refused_before_libpq_sees_them(stack: DrillStack,
     good = host_with_password(stack, tmp_path, quote(unquote(
         urlsplit(stack.database_url).password or ""), safe=""))
     assert database.schema_version(envmod.load_file(good)).version == 1
+
+
+def test_a_password_in_the_migrate_command_never_prints_with_the_plan(
+        stack: DrillStack) -> None:
+    """Found by review: golang-migrate's own CLI takes the database URL as an argument. The
+    journal masked it, but the plan (the terminal's, --dry-run's and --format json's) printed
+    it in clear, into tickets and CI logs."""
+    from runbook import deploy, run
+    from runbook.drill.versions import VERSIONS
+
+    secret = "Migr4te-Pw-Zq93"
+    env = stack.env.with_(migrate_command=(  # a program the drill image has, then the URL
+        "env", "-database", f"postgres://togather:{secret}@togather-db:5432/togather", "up"))
+    result = deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag), dry_run=True)
+    assert isinstance(result, run.RunResult)
+    text, data = result.plan.render(), json.dumps(result.to_json(), default=str)
+    assert "-database" in text and "togather-db:5432" in text, text  # the command is shown
+    assert secret not in text and secret not in data
