@@ -106,6 +106,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     compose.check_project(env, standby if standby.exists
                           else docker.inspect(env.slot(target.other).container))
     slots.refuse_if_held(env, target, standby)
+    slots.refuse_if_migrating(env, target, standby)
     planned = caddy.plan_switch(env, target)
     checks = preflight.start(env, candidate=planned.new_text,
                              recreate=True, migrate_image=image,

@@ -356,6 +356,32 @@ def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(sorted(ports))
 
 
+def running_execs(name: str) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of each command `docker exec` runs in container `name` now. A run killed
+    while it waited on one (its migrations) leaves it running: Docker does not stop an exec
+    whose client died."""
+    try:
+        attrs: dict[str, Any] = json.loads(send(inspect_action(name)))
+    except _NotFound:
+        return []
+    found: list[tuple[int, list[str]]] = []
+    for exec_id in attrs.get("ExecIDs") or ():
+        action = DockerAction("inspect a command running in container",
+                              ("docker", "top", name), "GET", f"/exec/{_q(str(exec_id))}/json",
+                              target=name)
+        try:
+            info: dict[str, Any] = json.loads(send(action))
+        except _NotFound:
+            continue  # ended between the two reads
+        if not info.get("Running"):
+            continue
+        process = info.get("ProcessConfig") or {}
+        argv = [str(process.get("entrypoint") or ""),
+                *(str(a) for a in process.get("arguments") or ())]
+        found.append((int(info.get("Pid") or 0), argv))
+    return found
+
+
 def bind_sources(name: str) -> list[str] | None:
     """The host paths bind-mounted into container `name`; None when it does not exist."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,7 +138,9 @@ def recreate(env: Environment, slot: Slot, tag: str,
     running for Caddy's h2c connections (`refuse_if_held`). `command` is the one the plan
     showed (built here when not given)."""
     traffic.refuse_if_serving(env, slot, "recreate")
-    refuse_if_held(env, slot, docker.inspect(env.slot(slot).container))
+    info = docker.inspect(env.slot(slot).container)
+    refuse_if_held(env, slot, info)
+    refuse_if_migrating(env, slot, info)
     compose.run(command or compose.recreate_slot(env, slot, tag))
 
 
@@ -223,6 +226,27 @@ def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:
         "would answer them 502", held_fix(env, info.name, held_port(record)) + "; then run again")
 
 
+def refuse_if_migrating(env: Environment, slot: Slot, info: ContainerInfo) -> None:
+    """Refuse to recreate a container in which migrations still run through `docker exec`.
+
+    Why: a deploy killed (SIGKILL, OOM, a lost session) while its migrations ran leaves them
+    running inside the new slot; the rerun's recreate cut them off halfway, golang-migrate's
+    `dirty` flag stayed set, and the rerun's own `migrate up` then failed on it: a half
+    migrated schema under the serving version, and a hand-run `migrate force` to get out.
+    Matched: the environment's migrate_command, or any command with a `migrate` argument."""
+    if not info.exists or info.status != "running":
+        return
+    wanted = list(env.migrate_command)
+    for pid, argv in docker.running_execs(info.name):
+        if (wanted and argv == wanted) or "migrate" in argv[1:] or argv[:1] == ["migrate"]:
+            raise PreconditionError(
+                f"refusing to recreate {info.name}: migrations still run inside it "
+                f"(`{shlex.join(argv)}`, pid {pid} on this host), probably those of a run "
+                "that was killed; recreating it would cut them off and leave the schema dirty",
+                f"wait until they end (`docker top {info.name}` no longer lists them), then "
+                "run the same command again")
+
+
 @dataclass(frozen=True)
 class Preparation:
     """What it takes to make `slot` run `image`: nothing, a start, an unpause or a recreate."""
@@ -299,6 +323,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     compose.check_project(env, info if info.exists
                           else docker.inspect(env.slot(slot.other).container))
     refuse_if_held(env, slot, info)
+    refuse_if_migrating(env, slot, info)
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
 

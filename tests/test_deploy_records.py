@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +32,8 @@ from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
+from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import snapshot, through_proxy
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -164,3 +168,37 @@ def test_a_first_deploy_never_plans_to_recreate_a_slot_caddy_dials(stack: DrillS
     assert docker.inspect(green.container) == green_before  # never recreated
     assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json() == loaded
     assert not env.state_file.exists()
+
+
+def test_a_rerun_never_recreates_the_slot_under_migrations_a_killed_run_left_running(
+        stack: DrillStack) -> None:
+    """Found by review: Docker does not stop a `docker exec` whose client died, so a deploy
+    killed (SIGKILL, OOM, a lost session) while its migrations ran leaves them running in the
+    new slot. The rerun recreated that container, cutting them off halfway (golang-migrate's
+    dirty flag set, the rerun's own `migrate up` refused on it). It is refused now (exit 4,
+    nothing changed) until they end; then the same command deploys."""
+    env = stack.env.with_(migrate_command=(  # slow (an index build) where /tmp/slow exists
+        "sh", "-c", "if [ -e /tmp/slow ]; then sleep 25; fi; exec python3 /app/server.py "
+        "migrate up"))
+    green = env.slot("green").container  # the standby the deploy targets
+    stack.docker("exec", green, "touch", "/tmp/slow")  # gone with the container's recreate
+    # what the killed run left: its migrate command still running inside the new slot
+    stack.docker("exec", "-d", green, *env.migrate_command)
+    deadline = time.monotonic() + 10
+    while not any(argv == list(env.migrate_command) for _, argv in docker.running_execs(green)):
+        assert time.monotonic() < deadline, "the exec never showed up"
+        time.sleep(0.1)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(env, deploy.Options(version=V2.tag))
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"refusing to recreate {green}: migrations still run inside it" in str(err.value)
+    assert f"docker top {green}" in (err.value.fix or "")
+    assert snapshot(env) == before  # green not recreated: same container, same start time
+    for pid, _ in docker.running_execs(green):  # "they ended" (host pids: the test is root)
+        os.kill(pid, signal.SIGKILL)
+    while docker.running_execs(green):
+        assert time.monotonic() < deadline + 30, "the exec never ended"
+        time.sleep(0.1)
+    deploy.deploy(env, deploy.Options(version=V2.tag))
+    assert through_proxy(env) == ("green", V2.tag)
