@@ -79,13 +79,19 @@ UNATTENDED_FIX = ("pass --yes to confirm it in advance (from cron, a pipe or `ss
                   "or --dry-run to see the plan")
 
 
+def stdin_is_terminal() -> bool:
+    """A closed stdin (`<&-`, a daemon) is no terminal either: Python sets sys.stdin to None,
+    and asking it crashed with exit 5 ("could not be fully undone") before anything ran."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def require_yes(yes: bool, what: str, fix: str = UNATTENDED_FIX) -> None:
     """Refuse to change a host unattended: without a terminal nobody can answer the prompt, and
     a mutation from cron, a pipe or `ssh host cmd` must be asked for in advance with --yes.
     `fix`: for a command without --dry-run, one that does not name it."""
     from runbook.errors import UsageError
 
-    if not yes and not sys.stdin.isatty():
+    if not yes and not stdin_is_terminal():
         raise UsageError(f"{what} changes the host and stdin is not a terminal, so nobody can "
                          "confirm it; nothing was changed", fix)
 

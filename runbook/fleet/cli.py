@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from runbook.cli_common import ask
+from runbook.cli_common import ask, stdin_is_terminal
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
 from runbook.errors import RunbookError, UsageError
 
@@ -62,7 +61,7 @@ def rollback_cmd(
                               canary_group=canary_group, reason=reason or "fleet rollback",
                               resume=resume, maintenance=maintenance, journal_dir=journal_dir)
     try:
-        if not dry_run and not yes and not sys.stdin.isatty():
+        if not dry_run and not yes and not stdin_is_terminal():
             raise UsageError("`runbook fleet rollback` changes hosts and stdin is not a "
                              "terminal, so nobody can confirm it; nothing was changed",
                              "pass --yes to confirm it in advance, or --dry-run to see the plan")
