@@ -14,6 +14,7 @@ from typing import Any
 
 from runbook import caddy, compose, docker, finish, preflight, recording, slots, traffic
 from runbook import intent as intents
+from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
 from runbook.plan import Phase, Plan, Step, StepContext
@@ -61,9 +62,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     live = now.slot or target.other
     traffic.check_slot_ports(env)
     info = docker.inspect(config.container)
-    if not info.exists or info.tag is None:
+    if not info.exists:
         raise PreconditionError(f"container {config.container} does not exist",
                                 f"deploy a version to it: {compose.deploy_hint(env)}")
+    if info.tag is None or not states.is_version(info.tag):
+        # the state step comes after the commit: traffic would move, then every run (and
+        # every rerun of this one) would fail to record it
+        raise PreconditionError(
+            f"{config.container} runs {info.image}, whose tag is not a version the state file "
+            "can record (a 7-hex short commit); switching would move traffic and then fail to "
+            "record it; nothing was changed",
+            f"deploy a version to it: {compose.deploy_hint(env)}")
     prep = slots.prepare(env, target, info.tag, info.image)
     observed = slots.Observed()
     version = info.tag

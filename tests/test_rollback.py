@@ -562,6 +562,33 @@ def test_the_undo_of_a_failed_switch_loads_back_what_caddy_ran_not_the_file(
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+@pytest.mark.any_shape  # compose's recreate arranges it; the check reads Docker alone
+def test_a_switch_to_a_container_whose_tag_is_no_version_is_refused_before_traffic_moves(
+        stack: DrillStack) -> None:
+    """Found by review: `runbook switch` took the version to record from the container's
+    tag. To one run from `:latest` (or pinned by digest), with --force or an app whose /health
+    names no version, traffic moved, then the state step refused the tag: exit 6, and every
+    rerun failed the same way. Refused in the plan now."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    green = env.slot(Slot.GREEN).container
+    stack.docker("tag", V2.image, f"{env.compose.image_repository}:latest")
+    try:
+        from runbook import compose
+
+        compose.run(compose.recreate_slot(env, Slot.GREEN, "latest"))
+        assert docker.inspect(green).tag == "latest"
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as err:  # --force: no gate to ask the app's version
+            switch.switch(env, switch.Options(slot=Slot.GREEN, force=True))
+    finally:
+        stack.docker("rmi", f"{env.compose.image_repository}:latest", check=False)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"{green} runs {env.compose.image_repository}:latest, whose tag is not a version" \
+        in str(err.value), err.value
+    assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_dry_run_changes_nothing_and_shows_every_value(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)

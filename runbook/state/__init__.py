@@ -29,7 +29,13 @@ from runbook.state.model import (
     parse_time,
 )
 from runbook.state.reader import parse_state, read_state
-from runbook.state.records import after_deploy, after_rollback, make_deployment, with_lock
+from runbook.state.records import (
+    after_deploy,
+    after_rollback,
+    is_version,
+    make_deployment,
+    with_lock,
+)
 from runbook.state.schema import (
     DEFAULT_IMAGE_REPOSITORY,
     DEPLOY_SCRIPT,
@@ -63,6 +69,7 @@ __all__ = [
     "dumps",
     "format_time",
     "format_time_as",
+    "is_version",
     "make_deployment",
     "new_id",
     "normalized_history",

@@ -14,6 +14,11 @@ from runbook.state.model import Deployment, DeploymentState, current_operator, n
 from runbook.state.schema import _COMMIT, _VERSION, HEALTH_STATUSES, STATUSES
 
 
+def is_version(text: str) -> bool:
+    """Whether `text` is a version a deployment record can hold (a 7-hex short commit)."""
+    return bool(_VERSION.fullmatch(text.strip().lower()))
+
+
 def make_deployment(version: str, git_commit: str, slot: Slot | str, *,
                     deployed_by: str | None = None, deployed_at: datetime | None = None,
                     migration_version: int | None = None, image: str = "",
