@@ -214,6 +214,11 @@ def exec_container(command: tuple[str, ...]) -> str | None:
     return None
 
 
+def runs_in_container(env: Environment) -> bool:
+    """Whether Caddy's command goes through `docker ...` (its container's mounts matter)."""
+    return _docker_words(env.caddy.command) is not None
+
+
 def caddyfile_mount(env: Environment) -> str:
     """Caddy's container must see the Caddyfile the runbook writes. Every write is atomic (a
     new file renamed over the old), which a bind mount of the FILE never sees: the mount
@@ -405,7 +410,7 @@ def start(env: Environment, *, candidate: str | None, recreate: bool,
         if loaded is not None:
             probes["sites kept"] = Probe(lambda: kept_sites(env, candidate, loaded), "sites")
     probes["reload"] = Probe(lambda: reload_path(env, admin_answered=admin_answered), "reload")
-    if candidate is not None and _docker_words(env.caddy.command) is not None:
+    if candidate is not None and runs_in_container(env):
         probes["caddyfile mount"] = Probe(lambda: caddyfile_mount(env), "mount")
     if recreate:
         probes["compose"] = Probe(lambda: compose_path(env), "compose")

@@ -85,6 +85,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         recording.switch(env, intent, observed, run_id, ctx)
 
     planned = caddy.plan_switch(env, target)
+    # as rollback and deploy ask it: a Caddy container that mounts the file itself never sees
+    # the switch's write, and its next reload sends users back to the old slot
+    mount = (preflight.caddyfile_mount(env) if preflight.runs_in_container(env)
+             else "not a container")
     # /load replaces Caddy's whole config: every site it serves now must be in the new one
     kept, drift = preflight.split_warnings(
         preflight.kept_sites(env, planned.new_text, lambda: traffic.loaded_config(env)))
@@ -93,7 +97,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
             "traffic now": now.describe() if now.slot else f"no single slot ({now.problem(env)})",
-            "target": f"{target}: {prep.describe_container}", "sites kept": kept},
+            "target": f"{target}: {prep.describe_container}", "sites kept": kept,
+            "caddyfile mount": mount},
              phase=Phase.PREFLIGHT),
         *([_replace_record(env, repairing.intent)] if repairing is not None else []),
         slots.run_step(env, prep, observed),

@@ -292,6 +292,36 @@ def test_a_caddy_container_that_mounts_the_caddyfile_itself_is_refused_in_prefli
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
 
 
+def test_a_switch_beside_a_caddy_container_that_mounts_the_caddyfile_itself_is_refused(
+        stack: DrillStack) -> None:
+    """Found by review: rollback and deploy refuse a Caddy container that bind-mounts the
+    Caddyfile itself (above), but `runbook switch` never asked: it loaded the new text through
+    the admin API and exited 0, while the container's copy of the file kept naming the old
+    slot for its next `caddy reload`. Refused the same way now, nothing changed."""
+    from runbook import switch
+    from runbook.drill import images
+    from runbook.environment import Slot
+
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    name = f"togather-mount-test-{os.getpid()}-switch"
+    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--label",
+                    "togather.drill=mount-test", "-v",
+                    f"{env.caddy.caddyfile}:/etc/caddy/Caddyfile", "--entrypoint", "sleep",
+                    images.LOCAL_CADDY, "120"], check=True, capture_output=True)
+    try:
+        mounted = env.with_(caddy=dataclasses.replace(
+            env.caddy, command=("docker", "exec", "-i", name, "caddy"),
+            container_path="/etc/caddy/Caddyfile"))
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as err:
+            switch.switch(mounted, switch.Options(slot=Slot.GREEN))
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert "bind-mounts the Caddyfile itself" in err.value.message, err.value
+    assert snapshot(env) == before
+
+
 @needs_root
 def test_a_compose_file_this_user_cannot_reach_is_said_never_a_crash(tmp_path: Path) -> None:
     """A rollback's recovery text asks whether compose can recreate a slot: a compose file
