@@ -48,6 +48,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     config = env.slot(target)
     warnings: list[str] = []
     now = traffic.read(env)
+    traffic.refuse_if_unverifiable(env, now)
     if now.slot == target and now.problem(env) is None:
         raise PreconditionError(f"the {target} slot already takes traffic (as Caddy runs it)",
                                 "nothing to switch; see `runbook status`")

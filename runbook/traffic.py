@@ -44,6 +44,9 @@ class Traffic:
     # where users reach the app: the listening ports of the servers that proxy to the slot(s)
     # that serve
     fronts: Listens = ()
+    # the proxy answered, below 500, without SLOT_HEADER: not through the managed block's
+    # upstream (another site, an HTTPS redirect), so no switch can be verified where it asks
+    proxy_unverifiable: str | None = None
 
     @property
     def slot(self) -> Slot | None:
@@ -257,14 +260,23 @@ def _port_counts(config: Any) -> Counter[int]:
     return Counter(p for d in _dials(config) if (p := _port(d)) is not None)
 
 
-def ask_proxy(env: Environment) -> tuple[str | None, str | None]:
-    """(X-Togather-Slot, error) as the proxy answers right now, on a fresh connection."""
+def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None]:
+    """(X-Togather-Slot, error, unverifiable) as the proxy answers right now, on a fresh
+    connection. `unverifiable` describes an answer below 500 without the header (a 5xx
+    without it is Caddy's own, an upstream down: an outage to roll back from, not a fault of
+    the URL)."""
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     try:
         response = bounded_http.request("GET", url, timeout=_TIMEOUT, site=env.caddy.site)
     except bounded_http.HttpFailure as exc:
-        return None, f"{url}: {exc.reason}"
-    return response.header(SLOT_HEADER), None
+        return None, f"{url}: {exc.reason}", None
+    header = response.header(SLOT_HEADER)
+    if header is None and response.status < 500:
+        where = response.header("Location")
+        return None, None, (f"GET {url}" + (f" (Host: {env.caddy.site})" if env.caddy.site
+                                            else "") + f" answers HTTP {response.status}"
+                            + (f" (to {where})" if where else ""))
+    return header, None, None
 
 
 def read(env: Environment, *, proxy: bool = True) -> Traffic:
@@ -285,9 +297,25 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
     except BaseException:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise
-    header, error = witness.result()
+    header, error, unverifiable = witness.result()
     return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
-                   found.dialed, found.fronts)
+                   found.dialed, found.fronts, unverifiable)
+
+
+def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
+    """Refuse a switch that could never be verified: where verification asks, the proxy
+    answers without the slot header, so the switch would move users, fail its verification,
+    and its undo's own verification would fail the same way (a false "could not be undone"
+    after stopping the slot that had passed its gate). Said before anything changes."""
+    if found.slot is None or found.proxy_slot is not None or not found.proxy_unverifiable:
+        return
+    raise PreconditionError(
+        f"{found.proxy_unverifiable} without {SLOT_HEADER}, although Caddy's running config "
+        f"sends the app to {found.slot}: that answer does not come through the slot markers' "
+        "upstream, so no switch could be verified there; nothing was changed",
+        "set [caddy] site to the host name Caddy serves the app at (and proxy_url to "
+        "https://127.0.0.1 when it serves HTTPS only) or fix [caddy] proxy_url and "
+        f"verify_path, then check with `runbook status {env.name}`")
 
 
 def serving_slot(env: Environment) -> Slot:
@@ -385,6 +413,7 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
         raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
                                 "see `runbook status`; repoint Caddy at the healthy slot with "
                                 f"`runbook switch {env.name} --slot <blue|green>`")
+    refuse_if_unverifiable(env, found)
     warnings: list[str] = []
     if problem:
         warnings.append(problem)

@@ -589,6 +589,30 @@ def test_a_switch_to_a_container_whose_tag_is_no_version_is_refused_before_traff
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+@pytest.mark.any_shape
+def test_a_verification_url_that_cannot_see_the_slot_is_refused_before_any_change(
+        stack: DrillStack) -> None:
+    """Found by review: where verification asks (a site served by name with automatic HTTPS
+    and no [caddy] site: a 308), the proxy answered without the slot header, and nothing
+    looked at that before the switch. The rollback started the target, moved users, failed
+    its verification; the undo's own verification failed the same way, so the run said the
+    undo failed and stopped the slot that had passed its gate. Refused in the plan now
+    (here the URL reaches the drill's other site: 200 "pong", no header)."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    elsewhere = env.with_(caddy=dataclasses.replace(
+        env.caddy, proxy_url=f"http://127.0.0.1:{stack.ports.other_site}", verify_path="/ping"))
+    before = snapshot(env)
+    for run in (lambda: rollback.rollback(elsewhere),
+                lambda: switch.switch(elsewhere, switch.Options(slot=Slot.GREEN))):
+        with pytest.raises(RunbookError) as err:
+            run()
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert "/ping answers HTTP 200 without X-Togather-Slot" in str(err.value), err.value
+        assert "[caddy] site" in (err.value.fix or "")
+        assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_dry_run_changes_nothing_and_shows_every_value(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)
