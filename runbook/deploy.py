@@ -121,6 +121,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         and found[0].to_version == version and found[0].record.get("deployment_id") else None
     deployment_id = str(again.record["deployment_id"]) if again else states.new_id("dep")
     taken = finish.taken_snapshot(env, deployment_id) if again else None
+    # kept only when the schema moved since it was taken (the killed run migrated): with the
+    # schema where it was, nothing migrated, and the snapshot (a day old, maybe) would be
+    # what a restore of this deploy loses every write since to; a new one is taken instead
+    stale = taken if taken is not None and isinstance(taken.migration_version, int) \
+        and recording.schema(env) == taken.migration_version else None
+    if stale is not None:
+        taken = None
     if taken is not None:
         observed.snapshot_path = str(taken.path)
 
@@ -263,7 +270,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
               "command": _dump_shown(env),
               "deployment": deployment_id,
               **({"taken": f"{taken.path} (schema {taken.migration_version}), by the "
-                           f"interrupted run {again.run_id if again else ''}"} if taken else {})},
+                           f"interrupted run {again.run_id if again else ''}"} if taken else {}),
+              **({"not reused": f"{stale.path}, by the interrupted run "
+                                f"{again.run_id if again else ''}: the schema is still "
+                                f"{stale.migration_version} (nothing migrated since), so a new "
+                                "snapshot holds the writes made since"} if stale else {})},
              run=None if taken else run_snapshot,
              skip="taken before the interrupted run of this deploy migrated: kept" if taken
              else None),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import json
 import os
 import resource
@@ -415,6 +416,36 @@ def test_a_switch_back_after_a_killed_run_that_took_effect_switches_back(
     assert intents.read(env) is None
     status = cli(env, "status", "--format", "json")
     assert "interrupted" not in status.stdout.lower(), status.stdout
+
+
+def test_a_rerun_of_a_deploy_killed_before_it_migrated_takes_a_new_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: a rerun of a killed deploy kept the killed run's pre-deploy snapshot
+    whenever one existed, saying it was "taken before the interrupted run of this deploy
+    migrated". Killed before any migration (the schema where it was), that snapshot, maybe a
+    day old, became what a restore of this deploy would lose every write since to. Kept
+    only when the schema moved since; here a new one is taken and holds the later write."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes",
+                fault="before:start-slot:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    old = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(old) == 1
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) VALUES ('written-after-the-kill')")
+    time.sleep(1.1)  # a new snapshot's name (to the second) differs from the first's
+    dry = cli(env, "deploy", "--version", V2.tag, "--dry-run")
+    assert "not reused" in dry.stdout and "nothing migrated since" in dry.stdout, dry.stdout
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    new = [p for p in sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+           if p not in old]
+    assert len(new) == 1, new
+    assert b"written-after-the-kill" in gzip.decompress(new[0].read_bytes())
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.snapshot_path == str(new[0])
 
 
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
