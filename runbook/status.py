@@ -267,11 +267,25 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
     on_disk = f.caddy.slot if f.caddy is not None else None
     if f.active is None or on_disk is None or on_disk == f.active:
         return
+    pending = f.intent
+    if pending is not None:  # its own command rewrites the file (a rollback would not)
+        fix = (f"`{_command(f, pending)}` finishes or redoes the interrupted run, which "
+               "rewrites the file; do not reload Caddy by hand before that")
+    else:  # no run of the runbook's left it: an edit, or another tool
+        fix = (f"put the block between the markers back to {f.active} (port "
+               f"{f.env.slot(f.active).port}) or, once {on_disk} is healthy, switch to it on "
+               f"purpose (`runbook switch {_arg(f.env)} --slot {on_disk}`); do not reload "
+               "Caddy by hand before that")
     yield Problem(f"the Caddyfile on disk points at {on_disk} but Caddy runs {f.active} (a run "
-                  "stopped between writing the file and reloading Caddy?); a reload would move "
-                  f"traffic to {on_disk}",
-                  f"`runbook rollback {_arg(f.env)}` finishes or redoes the interrupted run; "
-                  "do not reload Caddy by hand before that")
+                  "stopped between writing the file and reloading Caddy, or an edit not "
+                  f"reloaded); a reload would move traffic to {on_disk}", fix)
+
+
+def _command(f: Facts, pending: intents.Intent) -> str:
+    """The command that finishes (or runs again) the interrupted run `pending`."""
+    return f"runbook {pending.action} {_arg(f.env)}" + (
+        f" --version {pending.to_version}" if pending.action == "deploy" else
+        f" --slot {pending.to_slot}" if pending.action == "switch" else "")
 
 
 def interrupted_run(f: Facts) -> Iterator[Problem]:
@@ -289,9 +303,7 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                       "ended); do not unlock or start another run meanwhile")
         return
     took = pending.phase is intents.Phase.COMMITTED or f.active == pending.target
-    command = f"runbook {pending.action} {_arg(f.env)}" + (
-        f" --version {pending.to_version}" if pending.action == "deploy" else
-        f" --slot {pending.to_slot}" if pending.action == "switch" else "")
+    command = _command(f, pending)
     if not took:  # a restoring rollback killed before its restore began runs again with it
         from runbook.rollback import restoring_command
         from runbook.snapshot_restore import killed_restore
@@ -299,6 +311,14 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         began = killed_restore(f.env, None)
         if began is None or began["run_id"] != pending.run_id:
             command = restoring_command(_arg(f.env), pending) or command
+    if not took and f.active is None:  # what runs is not known: never "did not move"
+        why = ("Caddy's running config cannot be read" if f.traffic is None
+               else "Caddy's running config names no single slot")
+        yield Problem(f"an interrupted run is unfinished: {pending.describe()}; whether it "
+                      f"moved traffic is unknown ({why})",
+                      f"once Caddy is fixed (see above), `runbook status {_arg(f.env)}` says "
+                      f"whether it took effect; `{command}` then finishes it or runs it again")
+        return
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
                      else f"traffic did not move ({f.active or 'unknown'} serves)"),

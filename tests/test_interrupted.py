@@ -43,7 +43,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import Poller, wait_stopped
+from tests.drill_checks import Poller, closed_port, wait_stopped
 from tests.matrix import sample
 
 pytestmark = pytest.mark.docker
@@ -446,6 +446,38 @@ def test_a_rerun_of_a_deploy_killed_before_it_migrated_takes_a_new_snapshot(
     assert b"written-after-the-kill" in gzip.decompress(new[0].read_bytes())
     st = states.read_state(env.state_file)
     assert st.current is not None and st.current.snapshot_path == str(new[0])
+
+
+def test_status_after_a_deploy_killed_between_write_and_reload_names_the_deploy(
+        stack: DrillStack) -> None:
+    """Found by review: killed between writing the Caddyfile and reloading Caddy, a deploy
+    left the file naming green while Caddy ran blue; `runbook status` said `runbook rollback`
+    finishes or redoes it. That rolls back to the previous (older) version instead. It names
+    the interrupted deploy's own command now, and with Caddy's config unreadable, it no
+    longer says traffic "did not move"."""
+    from runbook import status
+
+    stack.reset()  # v1 serving from blue
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes",
+                fault="switch.after-write:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    found = status.problems(status.collect(env))
+    differs = [p for p in found if "the Caddyfile on disk points at green" in p.problem]
+    assert len(differs) == 1, found
+    assert f"`runbook deploy {env.source} --version {V2.tag}` finishes or redoes" \
+        in differs[0].fix, differs[0].fix
+    assert "runbook rollback" not in differs[0].fix
+    blind = env.with_(caddy=dataclasses.replace(
+        env.caddy, admin_url=f"http://127.0.0.1:{closed_port()}"))
+    said = " | ".join(f"{p.problem} -> {p.fix}"
+                      for p in status.problems(status.collect(blind)))
+    assert "whether it moved traffic is unknown" in said, said
+    assert "did not move" not in said, said
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
 
 
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
