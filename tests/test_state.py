@@ -547,6 +547,27 @@ def test_with_lock_replaces_only_the_lock() -> None:
     assert unlocked.current == s.current
 
 
+def test_a_lock_key_no_tool_here_knows_survives_a_lock_and_its_release(tmp_path: Path) -> None:
+    """Found by review: CONTRACTS says a writer keeps keys it does not know, and with_lock's
+    docstring says it does, but the lock mirror was rebuilt from the runbook's own keys: a
+    third tool's `team` key in the lock was gone after the first run."""
+    for fixture in ("documented.json", "go_cli.json"):
+        path = copy_fixture(fixture, tmp_path)
+        doc = json.loads(path.read_text())
+        doc["lock"]["team"] = {"name": "sre", "pager": "#ops"}
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        written = path.read_bytes()
+        held = {"locked": True, "lock_id": "lock_1", "locked_by": "ops@here",
+                "locked_at": "2026-02-11T08:00:00Z", "lock_expires_at": "2026-02-11T08:30:00Z",
+                "pid": 42, "reason": "rollback"}
+        write_state(path, with_lock(read_state(path), held))
+        locked = json.loads(path.read_text())["lock"]
+        assert locked["locked"] is True and locked["team"] == {"name": "sre", "pager": "#ops"}
+        write_state(path, with_lock(read_state(path), {"locked": False}))
+        assert json.loads(path.read_text())["lock"]["team"] == {"name": "sre", "pager": "#ops"}
+        assert json.loads(path.read_bytes()) == json.loads(written), fixture
+
+
 def test_make_deployment_validates() -> None:
     with pytest.raises(StateError, match="7-hex"):
         make_deployment("main", "a" * 40, Slot.BLUE)

@@ -186,6 +186,11 @@ def _lock_json(lock: Mapping[str, Any], raw: Any, dialect: str) -> dict[str, Any
         data["lock_expires_at"] = data["expires_at"] = expiry if expiry is not None \
             else go_expiry
     raw_keys = list(raw) if isinstance(raw, Mapping) else []
+    if isinstance(raw, Mapping):  # keys no tool here knows are another's: kept as written
+        known = {*_LOCK_ORDER, *_GO_LOCK_ORDER}
+        for key in raw_keys:
+            if key not in known and key not in data:
+                data[key] = copy.deepcopy(raw[key])
     go = dialect == GO_CLI or (isinstance(raw, Mapping) and go_lock(raw))
     if go:
         for key in ("locked_at", "expires_at"):  # Go's time.Time has no "absent"
