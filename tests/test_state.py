@@ -568,6 +568,19 @@ def test_a_lock_key_no_tool_here_knows_survives_a_lock_and_its_release(tmp_path:
         assert json.loads(path.read_bytes()) == json.loads(written), fixture
 
 
+def test_a_null_history_entry_is_named_as_what_to_remove() -> None:
+    """Found by review: `[.previous_deployment] + .deployment_history` with a null previous
+    writes a null entry; the refusal said "expected an object or null, got null"."""
+    doc = load("documented.json")
+    doc["deployment_history"].insert(0, None)
+    with pytest.raises(StateError) as err:
+        parse_state(json.dumps(doc).encode(), "deployment-state.json",
+                    environment=doc["environment"])
+    assert "deployment_history[0]: expected an object, got null" in err.value.message
+    assert "or null" not in err.value.message
+    assert "remove that entry from deployment_history" in (err.value.fix or "")
+
+
 def test_make_deployment_validates() -> None:
     with pytest.raises(StateError, match="7-hex"):
         make_deployment("main", "a" * 40, Slot.BLUE)

@@ -89,6 +89,11 @@ def _derived_id(version: str, commit: str, deployed_at: datetime) -> str:
 
 def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deployment:
     if not isinstance(obj, Mapping):
+        if where.startswith("deployment_history"):  # a null is no entry (a jq prepend of a
+            # null previous_deployment writes one): named as what to remove, not restore
+            raise r.fail(where, f"expected an object, got {_show(obj)}",
+                         "remove that entry from deployment_history (each one is a "
+                         "deployment object)")
         raise r.fail(where, f"expected an object or null, got {_show(obj)}",
                      "restore the file from a backup or re-record the deployment")
     raw_version = r.string(obj, "version", where)
