@@ -22,6 +22,12 @@ class DatabaseError(RunbookError):
     exit_code = ExitCode.PRECONDITION
 
 
+class LockWaitError(DatabaseError):
+    """A read gave up waiting for a table lock (lock_timeout, SQLSTATE 55P03, or pg_dump's
+    --lock-wait-timeout on its LOCK TABLE): the one failure a session holding a table
+    exclusively explains, so the only one worded as such (snapshots.stats.worded)."""
+
+
 @dataclass(frozen=True)
 class SchemaVersion:
     version: int  # 0 when no migration was ever applied
@@ -252,7 +258,8 @@ class ContainerConnection:
             exec_env["PGPASSWORD"] = self._password
             argv += ["-e", "PGPASSWORD"]  # no value: copied from exec_env, never argv
         argv += [self.container, "psql", "-X", "-q", "-A", "-t", "-F", "\x1f",
-                 "--no-password", "-v", "ON_ERROR_STOP=1", "--host", "127.0.0.1",
+                 "--no-password", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose",
+                 "--host", "127.0.0.1",
                  "--port", "5432", "--username", user, "--dbname", dbname]
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -300,6 +307,10 @@ class ContainerConnection:
         first = next((line for line in lines if "ERROR" in line or "FATAL" in line),
                      lines[0] if lines else what)
         first = redact(first.strip(), [self._password] if self._password else [])
+        if "55P03" in first:  # lock_timeout (verbose errors carry the SQLSTATE, any locale)
+            return LockWaitError(f"a read through container {self.container} gave up waiting "
+                                 f"for a table lock: {first}", "see which session holds it "
+                                 "(pg_locks), then run again")
         return DatabaseError(f"database unreachable through container {self.container}: "
                              f"{first}", f"check `docker ps` for {self.container} and the "
                              "user, password and database in DATABASE_URL")

@@ -61,7 +61,7 @@ _PATTERNS.append((
 # What every pattern above needs somewhere in the text (a URL password its `@`, the rest a
 # secret word or an auth scheme): text without any of it is left as is without running them.
 _MAY_MATCH = re.compile(r"(?i)@|" + _WORDS + r"|bearer|basic")
-_SECRET_FLAG = re.compile(r"(?i)--?[\w-]*" + _WORDS + r"[\w-]*")
+_SECRET_FLAG = re.compile(r"(?i)--?(?!no-)[\w-]*" + _WORDS + r"[\w-]*")  # not --no-password
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
 

@@ -28,7 +28,7 @@ from runbook.environment import Environment
 from runbook.errors import PreconditionError
 from runbook.snapshots import commands
 from runbook.snapshots.commands import GZIP_LEVEL, DbCommand, Target, target
-from runbook.snapshots.stats import exclusive_lockers, read_snapshot, schema_row, table_stats
+from runbook.snapshots.stats import read_snapshot, schema_row, table_stats
 from runbook.snapshots.store import (
     META_SUFFIX,
     SUFFIX,
@@ -79,15 +79,12 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     dead_partials(directory, remove=True)  # a killed run's dump may be what fills the disk
     held: list[int] = []  # the partial's flock, until the dump is named
     try:
-        with read_snapshot(env) as conn:
-            try:
-                snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-                schema = schema_row(conn)
-                stats = table_stats(conn)
-                server = conn.execute("SHOW server_version").fetchone()[0]
-                sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory, held)
-            except Exception as exc:  # worded while this transaction still holds its locks
-                raise _worded(env, tgt, exc) from None
+        with read_snapshot(env) as conn:  # a lock wait that ran out is worded there
+            snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            schema = schema_row(conn)
+            stats = table_stats(conn)
+            server = conn.execute("SHOW server_version").fetchone()[0]
+            sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory, held)
         meta: dict[str, Any] = {
             "snapshot_name": "",  # chosen when the dump is done (_publish)
             "database": tgt.dbname,
@@ -118,31 +115,6 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     finally:
         for fd in held:
             os.close(fd)
-
-
-def _worded(env: Environment, tgt: Target, exc: Exception) -> Exception:
-    """A failed read or dump as the error to raise: the sessions holding (or queued for) a
-    table exclusively when there are any (a lock wait ran out: the SQL error alone says only
-    "canceling statement", in the server's language), else the error as it was, a psycopg
-    one as a DatabaseError."""
-    import psycopg
-
-    if not isinstance(exc, database.DatabaseError | psycopg.Error):
-        return exc
-    lockers = exclusive_lockers(env)
-    if lockers:
-        first = lockers[0][0]
-        return database.DatabaseError(
-            f"cannot take the snapshot: {'; '.join(text for _, text in lockers)}, and the "
-            f"snapshot's reads waited {commands.LOCK_WAIT_SECONDS} s for it",
-            f"let that session finish, or end it in psql (`SELECT pg_terminate_backend({first})`)"
-            ", then run again")
-    if isinstance(exc, psycopg.Error):
-        text = str(exc).strip()
-        line = tgt.redact(text.splitlines()[0]) if text else type(exc).__name__
-        return database.DatabaseError(f"cannot read the database for the snapshot: {line}",
-                                      f"check `docker logs {tgt.container}` and retry")
-    return exc
 
 
 def _publish(tmp: Path, directory: Path, db: str, when: datetime, reason: str,
@@ -219,7 +191,11 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
             out.write(compressor.flush())
             code = proc.wait()
             if code != 0:
-                raise database.DatabaseError(
+                err.seek(0)
+                # its --lock-wait-timeout, in any locale: the query it names is SQL
+                kind = (database.LockWaitError if b"LOCK TABLE" in err.read(65536)
+                        else database.DatabaseError)
+                raise kind(
                     f"pg_dump failed in {tgt.container} (exit {code}): "
                     f"{commands.stderr_line(err, tgt)}",
                     f"check the database (`docker logs {tgt.container}`) and "

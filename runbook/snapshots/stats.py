@@ -73,11 +73,17 @@ def read_snapshot(env: Environment) -> Iterator[Any]:
 
     No limit per answer through the container (counting a large table takes what it takes);
     waiting for a lock is limited instead (commands.LOCK_WAIT_SECONDS)."""
+    import psycopg
+
     with database.connect(env, read_timeout=None) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
             conn.execute(f"SET LOCAL lock_timeout = '{commands.LOCK_WAIT_SECONDS}s'")
             yield conn
+        except (psycopg.Error, database.DatabaseError) as exc:
+            # worded while this transaction still holds its locks (a session queued behind
+            # them is still to be seen); a psycopg error never leaves as a traceback
+            raise worded(env, exc) from None
         finally:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
@@ -93,7 +99,7 @@ LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.pid IS NOT NULL
   AND l.pid <> pg_backend_pid()
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND c.relkind IN ('r', 'p', 'm', 'S')
+  AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'  -- what the reads and pg_dump lock
 GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1
 """
 
@@ -113,6 +119,33 @@ def exclusive_lockers(env: Environment) -> list[tuple[int, str]]:
             found.append((int(pid), f"session {pid} ({who or 'no details'}) {verb} an "
                                     f"exclusive lock on {rels}"))
     return found
+
+
+def worded(env: Environment, exc: Exception) -> Exception:
+    """A failed read (or dump) inside read_snapshot as the error to raise. A lock wait that
+    ran out names the sessions holding (or queued for) a table exclusively; any other
+    failure keeps its own words (a psycopg one as a one-line DatabaseError)."""
+    import psycopg
+
+    from runbook.redact import redact
+
+    waited = isinstance(exc, database.LockWaitError | psycopg.errors.LockNotAvailable)
+    lockers = exclusive_lockers(env) if waited else []
+    if lockers:
+        first = lockers[0][0]
+        return database.DatabaseError(
+            f"a table the runbook must read is locked: {'; '.join(t for _, t in lockers)}, "
+            f"and the read waited {commands.LOCK_WAIT_SECONDS} s for it",
+            f"let that session finish, or end it in psql (`SELECT pg_terminate_backend({first})`)"
+            ", then run again")
+    if isinstance(exc, psycopg.Error):
+        text = str(exc).strip()
+        line = redact(text.splitlines()[0]) if text else type(exc).__name__
+        cls = database.LockWaitError if waited else database.DatabaseError
+        return cls(f"cannot read the database: {line}",
+                   "see which session holds the table (pg_locks), then run again" if waited
+                   else f"check `docker logs {env.database.container}` and retry")
+    return exc
 
 
 def server_version(env: Environment) -> tuple[int, int]:
