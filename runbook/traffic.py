@@ -309,10 +309,19 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
     after stopping the slot that had passed its gate). Said before anything changes."""
     if found.slot is None or found.proxy_slot is not None or not found.proxy_unverifiable:
         return
+    from runbook import health
+
+    # the serving slot down: Caddy's own error handling (`handle_errors` redirecting to a
+    # status page, a maintenance route) may answer without the header, and the healthy
+    # target's answers would carry it: an outage to roll back from, not a wrong URL
+    serving = health.probe(env.slot(found.slot), env.health.path, env.health.request_timeout)
+    if not serving.ok:
+        return
     raise PreconditionError(
         f"{found.proxy_unverifiable} without {SLOT_HEADER}, although Caddy's running config "
-        f"sends the app to {found.slot}: that answer does not come through the slot markers' "
-        "upstream, so no switch could be verified there; nothing was changed",
+        f"sends the app to {found.slot}, which is healthy: that answer does not come through "
+        "the slot markers' upstream, so no switch could be verified there; nothing was "
+        "changed",
         "set [caddy] site to the host name Caddy serves the app at (and proxy_url to "
         "https://127.0.0.1 when it serves HTTPS only) or fix [caddy] proxy_url and "
         f"verify_path, then check with `runbook status {env.name}`")

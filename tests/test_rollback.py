@@ -613,6 +613,29 @@ def test_a_verification_url_that_cannot_see_the_slot_is_refused_before_any_chang
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+@pytest.mark.any_shape
+def test_a_serving_slot_down_behind_caddys_error_redirect_still_rolls_back(
+        stack: DrillStack) -> None:
+    """The check above must not refuse an outage: with the serving slot down, a site's
+    `handle_errors` (here a redirect to a status page) answers without the slot header, and
+    the healthy target's answers, after the switch, carry it. The serving slot is asked
+    directly: down, so the rollback goes ahead and is verified."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    text = caddy.read(env)
+    marker = f'header X-Drill-Run "{stack.run_id}"'
+    errors = marker + "\n\thandle_errors {\n\t\tredir https://status.example.com 302\n\t}"
+    assert marker in text
+    write_and_load(env, text.replace(marker, errors))
+    try:
+        stack.docker("stop", "-t", "1", env.slot(Slot.BLUE).container)
+        answer = drill_http.get(f"{env.caddy.proxy_url}{env.caddy.verify_path}", timeout=10)
+        assert answer.status_code == 302 and "X-Togather-Slot" not in answer.headers
+        rollback.rollback(env)
+        assert through_proxy(env) == ("green", V2.tag)
+    finally:
+        write_and_load(env, caddy.read(env).replace(errors, marker))
+
+
 def test_dry_run_changes_nothing_and_shows_every_value(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)
