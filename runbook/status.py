@@ -268,14 +268,19 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
     if f.active is None or on_disk is None or on_disk == f.active:
         return
     pending = f.intent
-    if pending is not None:  # its own command rewrites the file (a rollback would not)
-        fix = (f"`{_command(f, pending)}` finishes or redoes the interrupted run, which "
-               "rewrites the file; do not reload Caddy by hand before that")
+    back = (f"put the block between the markers back to {f.active} (port "
+            f"{f.env.slot(f.active).port})")
+    if pending is not None and pending.target == on_disk:
+        # killed between its write and its reload, or failed with an undo that could not
+        # write the file back (it loaded what ran through the admin API): only its journal
+        # tells which, and redoing a failed switch would send users to the slot that failed
+        fix = (f"if that run was killed, `{_command(f, pending)}` redoes it (it rewrites the "
+               f"file); if it failed and was undone (its journal says so), {back} instead; "
+               "do not reload Caddy by hand before that")
     else:  # no run of the runbook's left it: an edit, or another tool
-        fix = (f"put the block between the markers back to {f.active} (port "
-               f"{f.env.slot(f.active).port}) or, once {on_disk} is healthy, switch to it on "
-               f"purpose (`runbook switch {_arg(f.env)} --slot {on_disk}`); do not reload "
-               "Caddy by hand before that")
+        fix = (f"{back} or, once {on_disk} is healthy, switch to it on purpose (`runbook "
+               f"switch {_arg(f.env)} --slot {on_disk}`); do not reload Caddy by hand before "
+               "that")
     yield Problem(f"the Caddyfile on disk points at {on_disk} but Caddy runs {f.active} (a run "
                   "stopped between writing the file and reloading Caddy, or an edit not "
                   f"reloaded); a reload would move traffic to {on_disk}", fix)
