@@ -253,6 +253,28 @@ def test_an_unreadable_inventory_is_one_line_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_without_ansible_runner_the_fleet_is_one_line_exit_2_before_any_lock(
+        tmp_path: Path) -> None:
+    """Found by review: with a system Ansible on PATH and the package installed without the
+    [fleet] extra, the inventory was read, then `import ansible_runner` failed: a traceback,
+    exit 1, and "could not release the fleet lock" for a lock never taken. Here the import
+    fails for real (a module of that name that raises ImportError, first on the path)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "ansible_runner.py").write_text("raise ImportError('not installed here')\n")
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(INVENTORY)
+    env = {**os.environ, "PYTHONPATH": str(shadow)}
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(inventory), "--yes"],
+                          capture_output=True, text=True, check=False, timeout=120, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "ansible-runner is not installed" in proc.stderr
+    assert "pip install 'togather-runbook[fleet]'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "release" not in proc.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "misspelled", "empty"])
 def test_no_canary_group_is_refused_in_one_line_naming_it(case: str, tmp_path: Path) -> None:
     """A missing or misspelled canary group would silently mean no canary: refused, exit 2,
@@ -406,6 +428,10 @@ def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is
     assert caught.value.exit_code == ExitCode.ATTENTION
     assert "may or may not be restored" in caught.value.message
     assert caught.value.fix and "without --resume" in caught.value.fix
+    # found by review: that fresh run met the dead controller's live fleet lock (the lock
+    # host cannot see a controller elsewhere), exit 3, for up to 30 minutes, all hosts down;
+    # the fix now names the release of that lock
+    assert "runbook fleet lock ENV --release --fleet-run fleet_x" in caught.value.fix
     restored = {**journal, "database": {"host": "web1", "status": "restored"}}
     assert _unfinished(restored, print) == ""  # its restore recorded: resumable (elsewhere)
 
@@ -1278,6 +1304,30 @@ def test_a_host_already_rolled_back_is_refused_in_preflight_not_rolled_forward(
     assert proc.returncode == 4, err
     assert f"host3: runs {VERSIONS['v2'].tag}, the other host(s) run {VERSIONS['v3'].tag}" \
         in err, err
+    assert "nothing was changed" in err
+    assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+
+
+@pytest.mark.docker
+def test_a_limit_of_hosts_all_rolled_back_already_is_refused_not_rolled_forward(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Found by review: the refusal above tells the odd host by the majority. With every
+    selected host rolled back already (a run that failed after rolling back some, then a
+    rerun with --limit of those, as the majority's message suggests), no majority told them,
+    and each host's own rollback went to its previous deployment: forward to the release
+    left, reported "rolled back", exit 0. Refused in pre-flight, nothing changed."""
+    host3 = fleet_on_v3.host("host3")
+    assert host3.env.source is not None
+    by_hand = subprocess.run([fleet_on_v3.runbook_command, "rollback", str(host3.env.source),
+                              "--yes"], capture_output=True, text=True, check=False,
+                             timeout=300, stdin=subprocess.DEVNULL)
+    assert by_hand.returncode == 0, by_hand.stderr
+    before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
+    proc = _fleet_rollback(fleet_on_v3, tmp_path, "--limit", "host3")
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 4, err
+    assert f"host3: already rolled back (it runs {VERSIONS['v2'].tag}, rolled back from " \
+           f"{VERSIONS['v3'].tag})" in err, err
     assert "nothing was changed" in err
     assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
 

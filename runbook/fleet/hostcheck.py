@@ -51,8 +51,13 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
         return out
     out["environment"] = env.name
     try:  # what a resume compares with what its run saw first (never re-roll a finished host)
-        current = recording.load_or_empty(env).current
-        out["deployment"] = ({"id": current.id, "version": current.version}
+        state = recording.load_or_empty(env)
+        current, previous = state.current, state.previous
+        out["deployment"] = ({"id": current.id, "version": current.version,
+                              # rolled back already: its own rollback would go forward to it
+                              "rolled_back_from": previous.version
+                              if previous is not None and previous.status == "rolled_back"
+                              else None}
                              if current is not None else None)
     except (RunbookError, OSError):
         out["deployment"] = None  # the rollback's dry run below says why

@@ -33,6 +33,20 @@ def ansible_tool(name: str) -> str:
     return found
 
 
+def runner() -> Any:
+    """ansible-runner (the [fleet] extra), or the same one-line refusal as a missing Ansible:
+    with a system Ansible on PATH and the package installed without the extra, the inventory
+    read worked, then the import failed with a traceback (exit 1) and a false "could not
+    release the fleet lock" for a lock never taken."""
+    try:
+        import ansible_runner
+    except ImportError:
+        raise ConfigError("ansible-runner is not installed: the fleet commands need it to run "
+                          "Ansible", "pip install 'togather-runbook[fleet]' (ansible-core + "
+                          "ansible-runner)") from None
+    return ansible_runner
+
+
 @dataclass
 class Inventory:
     path: Path

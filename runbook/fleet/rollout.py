@@ -185,8 +185,7 @@ class Events:
 def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], events: Events,
                  forks: int, cancel: Callable[[], bool] | None = None) -> str:
     """One ansible-playbook run; returns ansible-runner's status (successful, failed, ...)."""
-    import ansible_runner  # the [fleet] extra; it runs ansible-playbook as a subprocess
-
+    ansible_runner = inv.runner()  # the [fleet] extra; it runs ansible-playbook as a subprocess
     inv.ansible_tool("ansible-playbook")
     with tempfile.TemporaryDirectory(prefix="togather-fleet-runner-") as pdd:
         runner = ansible_runner.run(
@@ -234,8 +233,7 @@ class PlaybookRun:
         self.events = events
         self.decided: set[str] = set()
         self.abandon = False  # close() gave up waiting: ansible-runner stops Ansible
-        import ansible_runner  # the [fleet] extra; it runs ansible-playbook as a subprocess
-
+        ansible_runner = inv.runner()  # the [fleet] extra: runs ansible-playbook
         inv.ansible_tool("ansible-playbook")
         self.thread, self.runner = ansible_runner.run_async(
             private_data_dir=self.dir.name,
@@ -575,8 +573,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         say(f"maintenance: database restored once on {decision['host']} from "
             f"{decision['snapshot']}")
         if interrupts.count:
-            resume = (f"runbook fleet rollback {options.inventory} --resume {fleet_run_id}"
-                      f"{_same_options(options)}")
+            resume = (f"runbook fleet rollback {_inventory_arg(options)} --resume "
+                      f"{fleet_run_id}{_same_options(options)}")
             journal.record["resume_command"] = resume
             raise FleetError(f"interrupted during the restore, which was waited for: the "
                              f"database was restored once on {decision['host']}; no host was "
@@ -715,9 +713,13 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
                          "the drain or the restore): hosts may be DOWN and the database may or "
                          "may not be restored; a resume would not know whether to restore; "
                          "nothing was changed", f"on {database.get('host', 'the lock host')} "
-                         "run `runbook status ENV` and `runbook snapshot list ENV`, then run "
-                         "the fleet rollback again without --resume: its pre-flight judges the "
-                         "database anew (--maintenance only if it still needs the restore)",
+                         "run `runbook status ENV` and `runbook snapshot list ENV`; once its "
+                         f"controller is surely gone, release its fleet lock on the lock host "
+                         f"(`runbook fleet lock ENV --release --fleet-run {run_id}`: the lock "
+                         "host cannot see the controller's process, so the lock would hold for "
+                         "its whole lifetime), then run the fleet rollback again without "
+                         "--resume: its pre-flight judges the database anew (--maintenance only "
+                         "if it still needs the restore)",
                          exit_code=ExitCode.ATTENTION)
     done = [h for h, e in (resumed.get("hosts") or {}).items()
             if isinstance(e, dict) and e.get("status") == ROLLED_BACK]
@@ -744,6 +746,26 @@ def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
                        f"(it ran {then.get('version')} ({then.get('id')}), now "
                        f"{now.get('version')} ({now.get('id')})): already rolled back, so a "
                        "rollback now would not be the one planned; leave it out of --limit")
+    return out
+
+
+def _rolled_back_already(checks: dict[str, dict[str, Any]], targets: list[str]) -> list[str]:
+    """Pre-flight problems: hosts whose last change was a rollback. Their own `rollback` goes
+    to their previous deployment, the release they were rolled back from: forward. With every
+    selected host rolled back already (a rerun after a failed run, a --limit of the done
+    ones) no majority tells them apart, and the fleet rolled them forward, "rolled back",
+    exit 0. A host finishing its own interrupted rollback is let through."""
+    out = []
+    for host in targets:
+        data = checks.get(host) or {}
+        if data.get("dry_run", {}).get("facts", {}).get("finishing"):
+            continue
+        deployment = data.get("deployment") or {}
+        if left := deployment.get("rolled_back_from"):
+            out.append(f"{host}: already rolled back (it runs {deployment.get('version')}, "
+                       f"rolled back from {left}): its rollback would go forward to {left}; "
+                       "leave it out with --limit (to go further back, roll it on its own: "
+                       "`runbook rollback ENV --to VERSION` there)")
     return out
 
 
@@ -850,6 +872,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
               say: Callable[[str], None], unreleased: list[str]) -> FleetResult:
     refresh_in = refresh_after()  # a bad setting is refused before anything is written
     ssh_alive()  # likewise
+    inv.runner()  # likewise: before any lock or journal
     inventory = inv.read(options.inventory, options.canary_group)
     if not inventory.canary:  # a missing or misspelled group would silently mean no canary
         raise UsageError(f"the inventory {options.inventory} has no hosts in a group "
@@ -935,6 +958,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                                    "production")),
                                                take_lock=not options.dry_run)
         problems += _changed_since(checks, targets, started_from)
+        problems += _rolled_back_already(checks, targets)
         problems += _mixed_releases(checks, targets)
         journal.set(started_from={**{h: {**checks[h]["deployment"], "fleet_run_id": fleet_run_id}
                                      for h in targets if (checks.get(h) or {}).get("deployment")},
@@ -1194,8 +1218,9 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         code = ExitCode.OK
     resume = None
     if not_done:
-        resume = (f"runbook fleet rollback {options.inventory} --limit {','.join(not_done)} "
-                  f"--resume {fleet_run_id}{_same_options(options)}")
+        resume = (f"runbook fleet rollback {_inventory_arg(options)} --limit "
+                  f"{shlex.quote(','.join(not_done))} --resume {fleet_run_id}"
+                  f"{_same_options(options)}")
         unknown = [h for h, r in hosts.items() if r.status in (UNKNOWN, UNKNOWN_STARTED)]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
@@ -1217,6 +1242,12 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     path = journal.write(options.journal_dir)
     lines.append(f"Fleet journal: {path}")
     return FleetResult(fleet_run_id, int(code), lines, journal.record, path)
+
+
+def _inventory_arg(options: Options) -> str:
+    """The inventory as a resume command names it: absolute (the command may be pasted in
+    another directory) and quoted (a path with a space split into two arguments)."""
+    return shlex.quote(str(Path(options.inventory).absolute()))
 
 
 def _same_options(options: Options) -> str:
