@@ -9,7 +9,7 @@ Feature: Roll back a deployment
   database server or anything else Caddy serves.
 
   Scenario: Confirm the deployment state before rolling back
-    Given a deployment is live
+    Given a previous deployment exists
     When I confirm the deployment state
     Then the state file names the live deployment, its slot and its image
     And the state file says whether a previous deployment is recorded to roll back to

@@ -21,7 +21,14 @@ from runbook.drill import http as drill_http
 from runbook.environment import Slot
 from runbook.health import HealthGateError
 from steps.actions import version_tag
-from steps.world import Snapshot, World, outside_block, take_snapshot, through_proxy
+from steps.world import (
+    Snapshot,
+    World,
+    container_identity,
+    outside_block,
+    take_snapshot,
+    through_proxy,
+)
 
 
 def before(world: World) -> Snapshot:
@@ -196,25 +203,42 @@ def slot_taking_traffic_is_healthy(world: World) -> None:
 # -- the deployment state ----------------------------------------------------------------------
 
 
+def _slot_of(deployment: dict[str, Any]) -> Any:
+    return deployment.get("active_slot", deployment.get("slot"))  # the Go CLI's `slot`
+
+
 @then("the deployment state records the rollback")
 def state_records_the_rollback(world: World) -> None:
+    """Read from the file itself (its JSON, in whichever tool's format): the previous version
+    is current and active on the other slot, the one rolled back from is marked rolled_back,
+    and the lock is free."""
     world.succeeded()
-    old = state_before(world)
-    assert old.current is not None and old.previous is not None
-    new = world.state()
-    assert new.current is not None and new.previous is not None
-    assert (new.current.version, new.current.status, new.current.active_slot) == (
-        old.previous.version, "active", live_slot_before(world).other)
-    assert new.current.rollback_count == old.previous.rollback_count + 1
-    assert (new.previous.version, new.previous.status) == (old.current.version, "rolled_back")
-    assert not new.locked
+    raw = before(world).state
+    assert raw is not None, "there was no state file before the action"
+    old, new = json.loads(raw), json.loads(world.env.state_file.read_bytes())
+    was_current, was_previous = old["current_deployment"], old["previous_deployment"]
+    assert was_current and was_previous, old
+    current, previous = new["current_deployment"], new["previous_deployment"]
+    assert (current["version"], current.get("status"), _slot_of(current)) == (
+        was_previous["version"], "active", str(live_slot_before(world).other)), current
+    if "rollback_count" in current:
+        assert current["rollback_count"] == was_previous.get("rollback_count", 0) + 1, current
+    assert (previous["version"], previous.get("status")) == (was_current["version"],
+                                                             "rolled_back"), previous
+    assert new["lock"]["locked"] is False, new["lock"]
 
 
 @then("the slot that was live is stopped but kept")
 def old_slot_stopped_but_kept(world: World) -> None:
+    """The same container as before (its id in `docker inspect`), now exited: not removed,
+    not recreated."""
     world.succeeded()
-    info = docker.inspect(world.env.slot(live_slot_before(world)).container)
-    assert info.exists and not info.running, info
+    slot = live_slot_before(world)
+    was, now = before(world).identities.get(slot), container_identity(
+        world.env.slot(slot).container)
+    assert was is not None and now is not None, (was, now)
+    assert now.split()[0] == was.split()[0], f"another container now: {now} (was {was})"
+    assert now.split()[1] == "exited", now
 
 
 @then("the state file names that slot as active")
@@ -271,15 +295,24 @@ def state_file_names_live_deployment(world: World) -> None:
 
 @then("the state file says whether a previous deployment is recorded to roll back to")
 def state_file_says_previous(world: World) -> None:
-    state_json(world)
-    st = world.state()
+    """Read from the file itself (`jq .`), as status reports it; the image a rollback would
+    start is on this host (`docker image inspect`)."""
+    import subprocess
+
+    data = state_json(world)
     assert world.status is not None
-    if st.previous is None:
-        assert world.status["previous"] is None
+    previous, current = data.get("previous_deployment"), data.get("current_deployment") or {}
+    if previous is None:
+        assert world.status["previous"] is None, world.status["previous"]
         return
-    assert st.current is not None and st.previous.version != st.current.version
-    assert st.previous.active_slot is not None
-    assert world.status["previous"]["version"] == st.previous.version
+    assert previous["version"] != current.get("version"), (previous, current)
+    assert _slot_of(previous) in ("blue", "green"), previous
+    assert world.status["previous"]["version"] == previous["version"], world.status
+    image = (previous.get("image") or previous.get("docker_image")
+             or f"{world.env.compose.image_repository}:{previous['version']}")
+    found = subprocess.run(["docker", "image", "inspect", image], capture_output=True,
+                           check=False, timeout=30)
+    assert found.returncode == 0, f"the previous deployment's image {image} is not here"
 
 
 @then("what really runs matches the state file")
@@ -363,7 +396,8 @@ def failing_check_named(world: World) -> None:
 @then("nothing has changed")
 def nothing_has_changed(world: World) -> None:
     was = before(world)
-    now = take_snapshot(world.env)
+    now = take_snapshot(world.env, world.stack if world.on_drill else None)
+    assert was.schema is not None, "the schema could not be read before the action"
     assert now.unchanged() == was.unchanged()
     if world.notes.get("preview"):
         assert now.logs == was.logs, "a dry run writes no deployment log"
@@ -518,8 +552,11 @@ def traffic_changed_to_previous_image(world: World) -> None:
 @then("the database schema version is the same as before")
 def schema_unchanged(world: World) -> None:
     world.succeeded()
-    now = take_snapshot(world.env)
+    now = take_snapshot(world.env, world.stack if world.on_drill else None)
     assert now.schema is not None and now.schema == before(world).schema
+    if world.on_drill:  # read straight from Postgres: the version and its dirty flag
+        assert now.database is not None and before(world).database is not None
+        assert now.database[0] == before(world).database[0], (now.database, before(world))
 
 
 @then("the environment file is byte for byte the same")

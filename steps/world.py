@@ -160,6 +160,10 @@ class Snapshot:
     logs: frozenset[str]
     caddy_config: bytes | None = None  # what Caddy runs (admin API)
     identities: dict[Slot, str | None] = field(default_factory=dict)  # docker CLI
+    # on a drill, read straight from Postgres (not through the runbook's reader): the schema
+    # row with its dirty flag, and each user table's rows; and the snapshot folder's names
+    database: tuple[Any, ...] | None = None
+    snapshots: frozenset[str] = frozenset()
 
     def unchanged(self) -> dict[str, Any]:
         """The parts a refused run or a preview must leave exactly as they were."""
@@ -169,7 +173,9 @@ class Snapshot:
                 "Caddy's running config": self.caddy_config,
                 "slot containers (id, state, start)": self.identities,
                 "env file": self.env_file, "database started": self.database_started,
-                "other sites' answers": self.sites}
+                "other sites' answers": self.sites,
+                "database (schema_migrations, rows per table)": self.database,
+                "snapshot files": self.snapshots}
 
 
 def running_image(container: str) -> str | None:
@@ -178,7 +184,19 @@ def running_image(container: str) -> str | None:
     return info.image if info.running else None
 
 
-def take_snapshot(env: Environment) -> Snapshot:
+def database_in_postgres(stack: DrillStack) -> tuple[Any, ...]:
+    """(schema_migrations rows, {table: rows}) read with plain SQL on the drill's Postgres."""
+    with stack.connect() as conn:
+        schema = tuple(conn.execute("SELECT version, dirty FROM schema_migrations").fetchall())
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").fetchall()]
+        rows = tuple((t, conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0])
+                     for t in tables)
+    return schema, rows
+
+
+def take_snapshot(env: Environment, stack: DrillStack | None = None) -> Snapshot:
+    """`stack`: on a drill, the database is also read straight from Postgres."""
     def read(path: Path | None) -> bytes | None:
         try:
             return path.read_bytes() if path else None
@@ -205,6 +223,9 @@ def take_snapshot(env: Environment) -> Snapshot:
         else frozenset(),
         caddy_config=caddy_config(env),
         identities={s: container_identity(env.slot(s).container) for s in Slot},
+        database=database_in_postgres(stack) if stack is not None else None,
+        snapshots=frozenset(p.name for p in env.database.snapshot_dir.iterdir())
+        if env.database.snapshot_dir.is_dir() else frozenset(),
     )
 
 
@@ -289,7 +310,7 @@ class World:
         is the same refusal either way, so it is kept as the error)."""
         if self.load is not None:  # the users send while the snapshot is taken and the action runs
             self.load.start()
-        self.before = take_snapshot(self.env)
+        self.before = take_snapshot(self.env, self.stack if self.on_drill else None)
         self.live_before = self.live_slot()
         self.result = None
         self.error = None
