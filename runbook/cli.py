@@ -87,6 +87,13 @@ def rollback(
 
     try:
         environment = load_env(env, config)
+        # given but blank (`--to "$TARGET"` with TARGET unset): never the default instead
+        for flag, value in (("--to", to), ("--expect-from", expect_from),
+                            ("--snapshot", snapshot)):
+            if value is not None and not value.strip():
+                raise UsageError(f"{flag} is empty; nothing was changed",
+                                 f"give {flag} a value (an unset shell variable?), or leave "
+                                 "it out")
         if snapshot and not restore_snapshot:
             raise UsageError("--snapshot only makes sense with --restore-snapshot",
                              "add --restore-snapshot, or drop --snapshot")

@@ -71,7 +71,10 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
     from runbook import snapshots
 
     environment = _env(env, config, fmt)
-    snaps = snapshots.list_snapshots(environment)
+    try:  # an unreadable folder is a precondition (exit 4), never "unexpected" (exit 5)
+        snaps = snapshots.list_snapshots(environment)
+    except RunbookError as exc:
+        _fail(exc, fmt)
     retention = environment.database.retention_days
     if fmt is Format.json:
         print(json.dumps([s.to_json(retention) for s in snaps], indent=2))

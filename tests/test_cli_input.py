@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runbook import environment as envmod
-from tests.drill_checks import closed_port, host_env
+from tests.drill_checks import DEPLOY_UID, closed_port, host_env, needs_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,3 +158,46 @@ def test_a_compose_without_up_pull_is_refused_in_preflight(
     with pytest.raises(PreconditionError, match="no --pull option") as info:
         preflight.compose_path(env)
     assert "nothing was changed" in info.value.message
+
+
+@pytest.mark.parametrize("flag", ["--to", "--expect-from", "--snapshot"])
+def test_a_blank_target_or_guard_is_refused_never_taken_for_the_default(
+        host: Path, flag: str) -> None:
+    """Found by review: `--to "$TARGET"` with TARGET unset rolled back to the previous
+    deployment instead of the one asked for, and a blank --expect-from skipped the fleet's
+    guard. Exit 2 before anything is read, one line."""
+    extra = ["--restore-snapshot"] if flag == "--snapshot" else []
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(host), flag, "",
+                           *extra, "--yes"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stderr
+    assert f"{flag} is empty; nothing was changed" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@needs_root
+def test_snapshot_list_of_an_unreadable_folder_is_exit_4_not_an_unexpected_failure(
+        shared_dir: Path) -> None:
+    """Found by review: `snapshot list` let the folder's error through as "unexpected
+    failure", exit 5 ("could not be fully undone") for a read-only command. Here a user who
+    is not root lists a root-only (0700) snapshot folder, as on-call on a host may."""
+    folder = shared_dir / "snapshots"
+    folder.mkdir(mode=0o700)
+    env = host_env(shared_dir)
+    env = env.with_(database=dataclasses.replace(env.database, snapshot_dir=folder))
+    source = shared_dir / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    # the same reads done once as root first, so every module they load lazily is loaded
+    # (Python itself may not be readable by uid 1000); then the CLI runs as uid 1000, its
+    # exit code the process's
+    code = ("import sys, os\nimport runbook.cli\n"
+            "from runbook import environment, snapshots\n"
+            "snapshots.list_snapshots(environment.load(sys.argv[1]))\n"
+            f"os.setgroups([]); os.setgid({DEPLOY_UID}); os.setuid({DEPLOY_UID})\n"
+            "sys.argv = ['runbook', 'snapshot', 'list', sys.argv[1]]\nrunbook.cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", code, str(source)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 4, (done.returncode, done.stderr)
+    assert "Permission denied" in done.stderr, done.stderr
+    assert "unexpected failure" not in done.stderr and done.stderr.count("\n") == 1

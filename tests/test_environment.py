@@ -68,6 +68,18 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
      "different compose services"),
     ('[health]\npath = "health"\n', "health.path", "must start with '/'"),
     ('[caddy]\nverify_path = "version"\n', "caddy.verify_path", "must start with '/'"),
+    # found by review: a slot naming the database's container: every stop of the old slot
+    # (and a deploy's recreate, a restore's stop) hit Postgres
+    ('[slots.blue]\ncontainer = "togather-db"\nport = 8081\n'
+     '[slots.green]\ncontainer = "g"\nport = 8082\n', "",
+     "slots.blue names the database's container 'togather-db'"),
+    # an unset variable (sudo, cron) was a folder literally named "$SNAPSHOT_DIR" beside the
+    # environment file, where every dump went and no guard looked
+    ('[database]\nsnapshot_dir = "$RUNBOOK_TEST_UNSET_DIR/snaps"\n', "database.snapshot_dir",
+     "names an environment variable that is not set here"),
+    # too large to be meant: 1e12 s overflowed the lock's dates (exit 5, a lock left behind)
+    ('[lock]\nstale_after_seconds = 1e12\n', "lock.stale_after_seconds", "over a week"),
+    ('[database]\nretention_days = 3000000\n', "database.retention_days", "over 3650"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:
@@ -75,7 +87,8 @@ def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
     bad.write_text('name = "production"\n' + toml)
     with pytest.raises(ConfigError) as err:
         envmod.load(str(bad))
-    assert f"{bad}: {key}" in str(err.value) and words in str(err.value), str(err.value)
+    assert (f"{bad}: {key}" if key else f"{bad}: ") in str(err.value), str(err.value)
+    assert words in str(err.value), str(err.value)
     assert err.value.exit_code == ExitCode.USAGE
 
 

@@ -63,11 +63,27 @@ def _port(value: int) -> int:
     return value
 
 
+MAX_SECONDS = 7 * 86400.0  # a week: longer is a typo (1e12 overflowed the lock's dates)
+
+
 def _positive(value: float) -> float:
     # TOML has nan and inf; nan <= 0 is False, and neither is a duration
     if not math.isfinite(value) or value <= 0:
         _fail(f"must be a finite number greater than 0, got {value}")
+    if value > MAX_SECONDS:
+        _fail(f"{value:g} s is over a week ({MAX_SECONDS:g} s): surely a typo")
     return value
+
+
+MAX_RETENTION_DAYS = 3650
+
+
+def _retention(days: int) -> int:
+    """Non-positive retention has always meant the default (a week), not an error; beyond
+    ten years the expiry date overflowed (a traceback, after the dump)."""
+    if days > MAX_RETENTION_DAYS:
+        _fail(f"{days} days is over {MAX_RETENTION_DAYS} (ten years): surely a typo")
+    return days if days > 0 else 7
 
 
 def _command(value: Any) -> tuple[str, ...]:
@@ -125,9 +141,14 @@ def _file_path(value: str) -> str:
     if not value.strip():
         _fail("is empty: remove the key to use its default, or give a path")
     try:
-        Path(os.path.expandvars(value)).expanduser()
+        expanded = os.path.expandvars(value)
+        Path(expanded).expanduser()
     except RuntimeError:
         _fail(f"{value!r} names a home directory of a user this machine does not have; "
+              "write the path in full")
+    if "$" in expanded:  # an unset variable (under sudo, cron): a folder named "$VAR"
+        _fail(f"{value!r} names an environment variable that is not set here (it would be a "
+              "folder literally named after it, beside the environment file); set it, or "
               "write the path in full")
     return value
 
@@ -146,8 +167,7 @@ def _variable_name(value: str) -> str:
 Port = Annotated[int, AfterValidator(_port)]
 Positive = Annotated[float, AfterValidator(_positive)]
 Command = Annotated[tuple[str, ...], PlainValidator(_command)]
-# Non-positive retention has always meant the default (a week), not an error.
-Retention = Annotated[int, AfterValidator(lambda days: days if days > 0 else 7)]
+Retention = Annotated[int, AfterValidator(_retention)]
 
 
 class _Table(BaseModel):
@@ -256,6 +276,18 @@ class DrillFile(_Table):
 
 class EnvironmentFile(_Table):
     """One environment file: every key the format knows, and nothing else."""
+
+    @model_validator(mode="after")
+    def _slots_are_not_the_database(self) -> EnvironmentFile:
+        # a slot naming the database's container or service: a rollback's stop of the old
+        # slot stopped Postgres, a deploy's recreate recreated it, a restore stopped it
+        db = self.database.container
+        for slot in ("blue", "green"):
+            config = getattr(self.slots, slot)
+            if db in (config.container, config.service):
+                _fail(f"slots.{slot} names the database's container {db!r} ([database] "
+                      "container): every stop and recreate of that slot would hit Postgres")
+        return self
 
     name: Annotated[str, BeforeValidator(lambda v: ALIASES.get(v, v) if isinstance(v, str)
                                          else v), _choice(*ENV_NAMES)]
