@@ -297,11 +297,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
     ]
-    # the same deploy rerun is that run again: its record is superseded, never put back (a
+    # the same deploy rerun is that run again: its record is superseded, not put back (a
     # rerun that failed too put the dead run's record back, and the host kept "an
-    # interrupted run is unfinished" for good)
-    old_record = None if again else finish.replaced(found)
-    if old_record is not None:
+    # interrupted run is unfinished" for good), unless the dead run migrated (its snapshot
+    # kept: `taken`): a rerun stopped before its first change then cleared the only record
+    # of a migrated schema, and the next deploy took a "pre-deploy" snapshot at it
+    old_record = (again if taken is not None else None) if again \
+        else finish.replaced(found)
+    if old_record is not None and not again:
         warnings.insert(0, finish.replacing_warning(env, old_record, "deploy"))
     summary = (f"deploy {version} to {env.display}'s {target} slot ("
                + ("Caddy dials neither slot now)" if dialed_none else f"traffic now on {live})"))

@@ -65,6 +65,10 @@ class Stays:
     fix: str
 
 
+class NotPutBack(Exception):
+    """The replaced record was left replaced on purpose (this run's own says what stays)."""
+
+
 @dataclass
 class StepContext:
     """What a running step may use: notes for the journal, its undo, live progress."""
@@ -316,6 +320,10 @@ class _Execution:
                 # record says so then (the run keeps it, and the next one must read it)
                 if not self.irreversible and not self.undo_failed:
                     intents.write(self.env, old)
+                    return
+                raise NotPutBack(f"the interrupted run's record ({old.describe()}) was not "
+                                 "put back: this run's record, which says what stays, "
+                                 "replaces it")
 
             self.undos.append((PUT_BACK, put_back))
             self.journal.log("WARN", f"this run's record replaces the interrupted run's: "
@@ -433,6 +441,10 @@ class _Execution:
                 stays = undo()
                 if stays is not None:  # undone, and it found what cannot be (ctx.cannot_undo)
                     self.irreversible.append((stays.message, stays.fix))
+            except NotPutBack as kept_own:  # said as it is, never "undone: put back"
+                unkept.append(str(kept_own))
+                self.journal.log("WARN", str(kept_own), step="undo")
+                continue
             except Exception as exc:  # keep undoing the rest; report loudly
                 if title == PUT_BACK:
                     unkept.append(f"the interrupted run's record could not be put back at "

@@ -482,6 +482,35 @@ def test_status_after_a_deploy_killed_between_write_and_reload_names_the_deploy(
     assert through_proxy(env) == ("green", V2.tag)
 
 
+def test_a_rerun_stopped_before_its_first_change_keeps_a_migrated_deploys_record(
+        stack: DrillStack) -> None:
+    """Found by review: a deploy killed after its migrations (schema 1 -> 2), rerun, and the
+    rerun stopped (Ctrl-C) before its first change: the rerun's record had replaced the
+    killed run's and was cleared ("nothing took effect"), so nothing remembered the migrated
+    schema, and the next deploy took a new "pre-deploy" snapshot at schema 2. The killed
+    run's record is put back; the next run finishes the same deployment."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault="after:migrate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None
+    pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(pre_deploy) == 1
+    stopped = cli(env, "deploy", "--version", V2.tag, "--yes",
+                  fault="before:start-slot:SIGINT")
+    assert stopped.returncode == 1, stopped.stderr
+    kept = intents.read(env)
+    assert kept is not None and kept.run_id == killed.run_id, kept
+    assert kept.record.get("deployment_id") == killed.record.get("deployment_id")
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")) == pre_deploy
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.snapshot_path == str(pre_deploy[0])
+
+
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
         stack: DrillStack) -> None:
     """A signal while the new version migrates is acted on once the migrations end (never a

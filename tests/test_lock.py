@@ -953,6 +953,10 @@ def test_a_replaced_record_is_not_put_back_over_a_run_whose_undo_failed(
     assert "undoing failed" in info.value.message, info.value.message
     kept = intents.read(env)
     assert kept is not None and kept.run_id == mine[0], kept  # this run's, not dep_old's
+    # found by review: the message said "undone: put back the interrupted run's record"
+    said = str(info.value)
+    assert "undone: put back" not in said, said
+    assert "the interrupted run's record (" in said and "was not put back" in said, said
 
 
 def test_a_failed_undo_is_said_even_when_something_irreversible_stays(
