@@ -80,6 +80,13 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     # too large to be meant: 1e12 s overflowed the lock's dates (exit 5, a lock left behind)
     ('[lock]\nstale_after_seconds = 1e12\n', "lock.stale_after_seconds", "over a week"),
     ('[database]\nretention_days = 3000000\n', "database.retention_days", "over 3650"),
+    # accepted, they failed mid-run ("Caddy is not running", InvalidURL after the start)
+    ('[caddy]\nadmin_url = "localhost:2019"\n', "caddy.admin_url",
+     "is not an http(s) URL with a host"),
+    ('[caddy]\nproxy_url = "http://localhost/app"\n', "caddy.proxy_url", "has a path"),
+    ('[caddy]\nadmin_url = "http://ops:s3cr3t-adm@localhost:2019"\n', "caddy.admin_url",
+     "holds credentials"),
+    ('[health]\npath = "/health "\n', "health.path", "space or control character"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:
@@ -89,6 +96,7 @@ def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         envmod.load(str(bad))
     assert (f"{bad}: {key}" if key else f"{bad}: ") in str(err.value), str(err.value)
     assert words in str(err.value), str(err.value)
+    assert "s3cr3t" not in str(err.value)
     assert err.value.exit_code == ExitCode.USAGE
 
 

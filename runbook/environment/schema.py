@@ -128,7 +128,37 @@ def _site(value: str) -> str:
 def _url_path(value: str) -> str:
     if not value.startswith("/"):
         _fail(f"{value!r} must start with '/' (it is appended to the slot's address)")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        # a trailing space from a copy: every probe failed with InvalidURL, after the start
+        _fail(f"{value!r} holds a space or control character")
     return value
+
+
+def _http_url(value: str) -> str:
+    """Caddy's admin API or proxy address: an http(s) URL with a host and nothing after it
+    (the runbook appends /config/, /load, verify_path). `localhost:2019` or a URL with a
+    path was accepted and failed mid-run as "Caddy is not running"."""
+    from urllib.parse import urlsplit
+
+    shown = redact(repr(value))
+    if any(c.isspace() or not c.isprintable() for c in value):
+        _fail(f"{shown} holds a space or control character")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises on a port that is no number)
+    except ValueError:
+        _fail(f"{shown} is not a valid URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(f"{shown} is not an http(s) URL with a host (e.g. http://localhost:2019)")
+    if parts.username is not None or parts.password is not None:
+        _fail("holds credentials: give the address only")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        _fail(f"{shown} has a path, query or fragment: give the address only (the runbook "
+              "appends the paths it asks)")
+    return value.rstrip("/")
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 UrlPath = Annotated[str, AfterValidator(_url_path)]
@@ -226,8 +256,8 @@ class SlotsFile(_Table):
 class CaddyFile(_Table):
     caddyfile: FilePath = "/etc/caddy/Caddyfile"
     reload: Annotated[str, _choice(*(m.value for m in ReloadMethod))] = "admin-api"
-    admin_url: str = "http://localhost:2019"
-    proxy_url: str = "http://localhost"
+    admin_url: HttpUrl = "http://localhost:2019"
+    proxy_url: HttpUrl = "http://localhost"
     command: Command = CaddyConfig.command
     systemd_unit: str = CaddyConfig.systemd_unit
     verify_path: UrlPath = CaddyConfig.verify_path
