@@ -76,7 +76,7 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
             f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
             f"--slot {intent.from_slot}`, then check `runbook status {env.name}`", intent)
     if found.slot == intent.source:
-        return intent, "continue"
+        return intents.standing(intent, found.slot), "continue"
     if intent.phase is intents.Phase.PREPARE and not found.slots:
         # Caddy dials neither slot (a first deploy on a host whose Caddyfile names a wrong
         # port) and the run never reached its switch: traffic did not move, so the next run

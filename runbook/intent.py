@@ -107,15 +107,41 @@ def read(env: Environment) -> Intent | None:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable (not "
                                 "UTF-8 text: binary or corrupted)", fix) from None
     try:
-        data = json.loads(text)
-        data["phase"] = Phase(data["phase"])
-        known = set(Intent.__dataclass_fields__)
-        intent = Intent(**{k: v for k, v in data.items() if k in known})
-        _check_types(intent)
-        return intent
+        return from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable ({exc})",
                                 fix) from None
+
+
+def from_dict(data: Any) -> Intent:
+    """An intent as write() stores it; ValueError, KeyError or TypeError when it is not one."""
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    data = dict(data)
+    data["phase"] = Phase(data["phase"])
+    known = set(Intent.__dataclass_fields__)
+    intent = Intent(**{k: v for k, v in data.items() if k in known})
+    _check_types(intent)
+    return intent
+
+
+REPLACES = "replaces"  # in a record: the interrupted run's record this run's replaced
+
+
+def standing(intent: Intent, serving: Slot | None) -> Intent:
+    """The record that stands for what is unfinished. A run that replaced an interrupted
+    run's record keeps a copy of it (REPLACES): killed itself (SIGKILL, power loss) before
+    traffic moved, its put-back never ran, and the replaced record (a deploy whose schema
+    moved, and its pre-deploy snapshot) would be lost; with traffic still on that run's
+    source, the replaced record is the one to go on from."""
+    older = intent.record.get(REPLACES)
+    if intent.phase is not Phase.PREPARE or serving != intent.source or older is None:
+        return intent
+    try:
+        kept = from_dict(older)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return intent
+    return kept if kept.source == serving else intent
 
 
 def _check_types(intent: Intent) -> None:

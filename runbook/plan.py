@@ -328,6 +328,13 @@ class _Execution:
             self.undos.append((PUT_BACK, put_back))
             self.journal.log("WARN", f"this run's record replaces the interrupted run's: "
                              f"{old.describe()}", step="intent", replaced=old.run_id)
+            # and keeps a copy of it: killed before traffic moves, this run never puts it
+            # back, and the next run reads it from here (intents.standing)
+            from dataclasses import asdict
+
+            copy = asdict(old)
+            copy["record"] = {k: v for k, v in copy["record"].items() if k != intents.REPLACES}
+            self.plan.intent.record[intents.REPLACES] = copy
         try:
             intents.write(self.env, self.plan.intent)
         except OSError as exc:

@@ -394,6 +394,11 @@ def collect(env: Environment) -> Facts:
     except RunbookError as exc:
         f.database_error = exc
     f.lock = locks.status(env)
+    if f.intent is not None:
+        from runbook import finish
+
+        if not finish.in_progress(f.intent, f.lock):  # a killed replacer: what it replaced
+            f.intent = intents.standing(f.intent, f.active)
     f.last_run = _last_run(env)
     for slot, info in f.containers.items():
         try:

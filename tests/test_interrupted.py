@@ -675,6 +675,16 @@ def test_a_record_kept_on_purpose_outlives_the_next_runs_that_fail(stack: DrillS
         assert f"its pre-deploy snapshot {env.database.snapshot_dir / taken[0]}" in said, said
         assert intents.read(env) == kept, args  # put back: the next run still knows
         assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    # found by review: killed (SIGKILL, power loss) before traffic moved, the replacing run
+    # never put the kept record back; it keeps a copy, which the next run goes on from
+    killed = cli(env, "switch", "--slot", "green", "--yes", fault="before:switch:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    on_disk = intents.read(env)
+    assert on_disk is not None and on_disk.run_id != kept.run_id  # the switch's own record
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    planned = cli(env, "switch", "--slot", "green", "--dry-run")
+    assert f"an interrupted run stopped before traffic moved: deploy {kept.run_id}" \
+        in planned.stdout + planned.stderr, planned.stdout + planned.stderr
     status = cli(env, "status")
     assert f"an interrupted run is unfinished: deploy {kept.run_id}" in status.stdout
 
