@@ -162,6 +162,7 @@ def run_resume(fleet_world: FleetWorld) -> None:
 @when("the fault is gone and I resume that run without --limit")
 def run_resume_all(fleet_world: FleetWorld) -> None:
     fleet_world.fleet.write_inventory()
+    fleet_world.before = fleet_world.snapshot()  # each host as the first run left it
     fleet_world.run(str(fleet_world.fleet.inventory), "--resume",
                     fleet_world.first_run["fleet_run_id"])
 
@@ -343,7 +344,11 @@ def nothing_changed(fleet_world: FleetWorld) -> None:
 @then(parsers.parse('the resumed run skipped "{host}", saying it was rolled back by the first '
                     'run'))
 def resume_skipped(fleet_world: FleetWorld, host: str) -> None:
+    """The run says so, and the host itself shows it: what its proxy answers, its state
+    file, Caddyfile, Caddy's running config, its slot containers (the docker CLI's id and
+    state) and its deploy lock are as the first run left them."""
     first = fleet_world.first_run["fleet_run_id"]
     line = f"{host}: skipped: rolled back by fleet run {first}"
     assert line in fleet_world.out["lines"], fleet_world.out["lines"]
     assert host not in fleet_world.record["hosts_selected"], fleet_world.record
+    assert fleet_world.snapshot()[host] == fleet_world.before[host], f"{host} changed"
