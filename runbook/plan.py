@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -330,8 +330,6 @@ class _Execution:
                              f"{old.describe()}", step="intent", replaced=old.run_id)
             # and keeps a copy of it: killed before traffic moves, this run never puts it
             # back, and the next run reads it from here (intents.standing)
-            from dataclasses import asdict
-
             copy = asdict(old)
             copy["record"] = {k: v for k, v in copy["record"].items() if k != intents.REPLACES}
             self.plan.intent.record[intents.REPLACES] = copy

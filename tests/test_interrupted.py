@@ -482,6 +482,18 @@ def test_status_after_a_deploy_killed_between_write_and_reload_names_the_deploy(
     assert through_proxy(env) == ("green", V2.tag)
 
 
+def deploy_finishes_as_the_same_deployment(env: Environment, pre_deploy: list[Path]) -> None:
+    """`runbook deploy --version v2` again finishes the interrupted deployment: v2 serves,
+    and its snapshot is the one from before its migrations, not a new "pre-deploy" one at the
+    migrated schema (the guard, a restore and the cleanup would trust it)."""
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")) == pre_deploy
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.snapshot_path == str(pre_deploy[0])
+
+
 def test_a_rerun_stopped_before_its_first_change_keeps_a_migrated_deploys_record(
         stack: DrillStack) -> None:
     """Found by review: a deploy killed after its migrations (schema 1 -> 2), rerun, and the
@@ -503,12 +515,7 @@ def test_a_rerun_stopped_before_its_first_change_keeps_a_migrated_deploys_record
     kept = intents.read(env)
     assert kept is not None and kept.run_id == killed.run_id, kept
     assert kept.record.get("deployment_id") == killed.record.get("deployment_id")
-    again = cli(env, "deploy", "--version", V2.tag, "--yes")
-    assert again.returncode == 0, again.stderr
-    assert through_proxy(env) == ("green", V2.tag)
-    assert sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")) == pre_deploy
-    st = states.read_state(env.state_file)
-    assert st.current is not None and st.current.snapshot_path == str(pre_deploy[0])
+    deploy_finishes_as_the_same_deployment(env, pre_deploy)
 
 
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
@@ -529,16 +536,11 @@ def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
     assert len(pre_deploy) == 1  # taken at schema 1, before the migrations
-    again = cli(env, "deploy", "--version", V2.tag, "--yes")
-    assert again.returncode == 0, again.stderr
-    assert through_proxy(env) == ("green", V2.tag)
-    # the same deployment, finished: its snapshot is the one from before its migrations, not a
-    # new "pre-deploy" one at schema 2 (the guard, a restore and the cleanup would trust it)
-    assert sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")) == pre_deploy
-    st = states.read_state(env.state_file)
-    assert st.current is not None and st.current.snapshot_path == str(pre_deploy[0])
+    deploy_finishes_as_the_same_deployment(env, pre_deploy)
     meta = json.loads(pre_deploy[0].with_name(
         pre_deploy[0].name.removesuffix(".sql.gz") + ".meta.json").read_text())
+    st = states.read_state(env.state_file)
+    assert st.current is not None
     assert meta["deployment_id"] == st.current.id and meta["migration_version"] == 1, meta
 
 
