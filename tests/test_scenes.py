@@ -105,6 +105,42 @@ def test_an_unchanged_scene_is_kept_with_its_snapshot_and_a_written_one_rebuilt(
     assert_runs(stack, scenes.MIGRATED)
 
 
+def _database(stack: DrillStack) -> tuple[object, ...]:
+    """Every column, constraint, sequence and row of the app's schema, read from the catalog."""
+    with stack.connect() as conn:
+        return tuple(conn.execute(sql).fetchall() for sql in (
+            "SELECT table_name, column_name, data_type, is_nullable, column_default "
+            "FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2",
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+            "FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2",
+            "SELECT sequencename, last_value, increment_by FROM pg_sequences ORDER BY 1",
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+            "SELECT version, dirty FROM schema_migrations",
+            "SELECT count(*) FROM items"))
+
+
+def test_a_rebuilt_database_holds_what_the_apps_migrations_built(stack: DrillStack) -> None:
+    """A rebuild after the first replays the database the apps' migrations built; it must be
+    that database, and the apps must take it as theirs."""
+    for scene in (scenes.MIGRATED, scenes.PREVIOUS):
+        stack._schema_sql.clear()  # built by the migrations first, whatever ran before
+        with stack.connect() as conn:  # a write: the next arrangement rebuilds
+            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        stack.arrange(scene)
+        assert any(what.startswith("  migrated to") for what, _ in stack.arranged)
+        built = _database(stack)
+        assert built[4] == [(scene.schema, False)], built
+        drill_http.post(f"{stack.env.caddy.proxy_url}/items", json={"name": "written"},
+                        timeout=5).raise_for_status()
+        stack.arrange(scene)
+        assert any("replayed" in what for what, _ in stack.arranged), stack.arranged
+        assert _database(stack) == built
+        port = stack.env.slot(scene.live).port
+        health = drill_http.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["checks"]["migrations"]["status"] == "pass", health
+        assert_runs(stack, scene)
+
+
 def test_prove_names_what_differs_from_the_scene(stack: DrillStack) -> None:
     stack.arrange(scenes.BASELINE)
     subprocess.run(["docker", "stop", "-t", "1", stack.env.slot(Slot.GREEN).container],

@@ -222,6 +222,7 @@ class DrillStack:
     # the database key of the scene last arranged and Postgres's WAL position after it
     _arranged: tuple[tuple[object, ...], str] | None = field(init=False, default=None)
     _scene_cache: dict[str, dict[str, bytes]] = field(init=False, default_factory=dict)
+    _schema_sql: dict[int, str] = field(init=False, default_factory=dict)  # _build_database
     # what the last arrange() did, and how long each part took (seconds): for reports/tuning
     arranged: list[tuple[str, float]] = field(init=False, default_factory=list)
     _walinspect: bool = field(init=False, default=False)
@@ -679,6 +680,34 @@ class DrillStack:
         when stopped). A scene with snapshots is built deployment by deployment, each one
         after the first preceded by its pre-deploy snapshot; it then records its state and
         returns its files (state, snapshots) to put back while its database is kept."""
+        # What the apps' migrations made of an empty schema is the same every time: once a
+        # scene's schema has been built here, later rebuilds replay its dump (one statement
+        # list through psycopg, ~50 ms) instead of a `docker exec` of the app per migration
+        # (~0.4 s CPU each). A scene with snapshots replays only once its files are cached.
+        cached = self._scene_cache.get(scene.name)
+        sql = self._schema_sql.get(scene.schema)
+        if sql is not None and (cached is not None or not scene.snapshots):
+            with self._timed(f"  schema {scene.schema} replayed"), self.connect() as conn:
+                conn.execute(sql.encode())
+            return cached or {}
+        built = self._migrate_database(scene)
+        self._schema_sql[scene.schema] = self._dump_database()
+        return built
+
+    def _dump_database(self) -> str:
+        """The app database as SQL statements (no COPY: psycopg runs them as one script)."""
+        done = self.docker("exec", self.db_container, "pg_dump", "--username", DB_USER,
+                           "--dbname", DB_NAME, "--inserts", "--no-owner",
+                           "--no-acl", check=False)
+        if done.returncode != 0:
+            raise DrillError(f"pg_dump of the drill database failed: {_last_line(done.stderr)}",
+                             f"see `docker logs {self.db_container}`")
+        # psql's meta-commands (pg_dump >= 17.6 brackets its output in \\restrict) are no SQL
+        return "".join(line for line in done.stdout.splitlines(keepends=True)
+                       if not line.startswith("\\"))
+
+    def _migrate_database(self, scene: scenes.Scene) -> dict[str, bytes]:
+        """The scene's database built as its deployments did (see _build_database)."""
         from runbook import docker, snapshots
         from runbook import state as states
 
