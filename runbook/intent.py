@@ -44,7 +44,7 @@ class Intent:
     hostname: str = field(default_factory=socket.gethostname)
     operator: str = field(default_factory=states.current_operator)
     started_at: str = field(default_factory=lambda: states.format_time(datetime.now(UTC)))
-    last_step: str | None = None  # the last step that started
+    last_step: str | None = None  # the last step its run record shows (read() fills it in)
     record: dict[str, Any] = field(default_factory=dict)  # what "record the state" needs
 
     @property
@@ -68,7 +68,7 @@ class Intent:
             where = "after traffic moved (its record was not updated)"
         else:
             where = "before traffic moved"
-        step = f", in step {self.last_step}" if self.last_step else ""
+        step = f"; its last recorded step: {self.last_step}" if self.last_step else ""
         return (f"{self.action} {self.run_id} ({self.from_version or '?'} on {self.from_slot} "
                 f"-> {self.to_version} on {self.to_slot}), started {self.started_at} by "
                 f"{self.operator} (pid {self.pid} on {self.hostname}), stopped {where}{step}")
@@ -107,10 +107,33 @@ def read(env: Environment) -> Intent | None:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable (not "
                                 "UTF-8 text: binary or corrupted)", fix) from None
     try:
-        return from_dict(json.loads(text))
+        intent = from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable ({exc})",
                                 fix) from None
+    return intent if intent.last_step else intent.with_(last_step=last_recorded_step(env, intent))
+
+
+def last_recorded_step(env: Environment, intent: Intent) -> str | None:
+    """Where the run stopped, as its own run record says: for a run that never finished
+    (killed), the last step it began and how far that got; for one that finished and kept
+    its record, the step that failed. The record is rewritten at each step without fsync
+    (the journal's log is the durable account), so after a power loss it may lag:
+    "recorded", never "was in". None when there is no such record or it cannot be read, or
+    no step to name: nothing is claimed then."""
+    record_path = env.runs_dir / f"{intent.run_id}.json"
+    try:
+        record = json.loads(record_path.read_bytes())
+        steps = [s for s in record["steps"] if s.get("started_at")]
+        if record.get("finished_at"):  # its later steps (the lock's release) say nothing
+            steps = [s for s in steps if s.get("status") == "failed"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    if not steps or not isinstance(steps[-1].get("title"), str):
+        return None
+    last = steps[-1]
+    status = last.get("status")
+    return f"{last['title']} ({status})" if isinstance(status, str) else last["title"]
 
 
 def from_dict(data: Any) -> Intent:

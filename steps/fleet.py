@@ -95,6 +95,8 @@ def fleet_on_new(fleet_world: FleetWorld) -> None:
     for h in fleet_world.fleet.hosts:
         assert fleet_world.fleet.serving(h.name)[2] == VERSIONS[NEW].tag, h.name
     fleet_world.before = fleet_world.snapshot()
+    fleet_world.safety_before = _safety_snapshots(fleet_world)
+    fleet_world.schema_before = _schema(fleet_world)[0]
 
 
 @given(parsers.parse('the rollback of "{host}" will be interrupted before its switch'))
@@ -129,6 +131,27 @@ def migrations_ran(fleet_world: FleetWorld) -> None:
 def roll_back_fleet(fleet_world: FleetWorld) -> None:
     fleet_world.run(str(fleet_world.fleet.inventory))
     fleet_world.first_run = fleet_world.out
+
+
+def _schema(fw: FleetWorld) -> tuple[int | None, bool | None]:
+    """schema_migrations (version, dirty), read from the shared Postgres itself."""
+    with fw.fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version, dirty FROM schema_migrations").fetchone()
+    return (int(row[0]), bool(row[1])) if row else (None, None)
+
+
+def _restore_runs(fw: FleetWorld) -> dict[str, list[dict[str, Any]]]:
+    """Per host, the run records its own runbook wrote for each snapshot restore that began
+    since the last fleet run started: the host's witness, not the fleet's journal."""
+    since = fw.when_started
+    out: dict[str, list[dict[str, Any]]] = {}
+    for h in fw.fleet.hosts:
+        for path in sorted(h.env.runs_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            began = datetime.fromisoformat(record["started_at"])
+            if record["action"] == "snapshot-restore" and began >= since:
+                out.setdefault(h.name, []).append(record)
+    return out
 
 
 def _safety_snapshots(fw: FleetWorld) -> set[Path]:
@@ -243,6 +266,10 @@ def database_once(fleet_world: FleetWorld) -> None:
     decision = fleet_world.record["database"]
     assert decision["status"] == "ok" and decision["host"] == "host1", decision
     assert decision["snapshot restore"] == "not needed", decision
+    # what the shared database and every host say: no restore ran, the schema is as it was
+    assert not _restore_runs(fleet_world), _restore_runs(fleet_world)
+    assert _safety_snapshots(fleet_world) == fleet_world.safety_before
+    assert _schema(fleet_world) == (fleet_world.schema_before, False)
 
 
 @then(parsers.parse("the plan says THE SERVICE IS DOWN on all {count:d} hosts, and no host "
@@ -264,9 +291,16 @@ def restored_once(fleet_world: FleetWorld) -> None:
     new = _safety_snapshots(fleet_world) - fleet_world.safety_before
     lock_dir = fleet_world.fleet.hosts[0].env.database.snapshot_dir
     assert len(new) == 1 and next(iter(new)).parent == lock_dir, new
-    with fleet_world.fleet.hosts[0].stack.connect() as conn:
-        row = conn.execute("SELECT version, dirty FROM schema_migrations").fetchone()
-    assert row is not None and int(row[0]) == fleet_world.schema_before, row
+    assert _schema(fleet_world) == (fleet_world.schema_before, False)
+    # the lock host's own run record of its restore ended before any host's target started
+    # (Docker's clock): the order the database and the hosts really changed in
+    runs = _restore_runs(fleet_world)
+    assert list(runs) == ["host1"] and len(runs["host1"]) == 1, runs
+    restore = runs["host1"][0]
+    assert restore["outcome"] == "success" and restore["finished_at"], restore
+    finished = datetime.fromisoformat(restore["finished_at"])
+    for h in fleet_world.fleet.hosts:
+        assert finished <= _docker_time(fleet_world, h.name, Slot.BLUE, "StartedAt"), h.name
     record = fleet_world.record
     restores = [p for p in record["phases"] if p["name"] == "database"]
     assert [p["status"] for p in restores] == ["restored"], record["phases"]
@@ -316,6 +350,9 @@ def resume_reused_db(fleet_world: FleetWorld) -> None:
     decision = fleet_world.record["database"]
     assert decision["reused_from"] == fleet_world.first_run["fleet_run_id"], decision
     assert fleet_world.record["resumed_from"] == fleet_world.first_run["fleet_run_id"]
+    # and the database itself: no host restored anything, the schema is as it was
+    assert not _restore_runs(fleet_world), _restore_runs(fleet_world)
+    assert _schema(fleet_world) == (fleet_world.schema_before, False)
 
 
 @then(parsers.parse('the fleet rollback is refused with exit code {code:d}, one line per '

@@ -75,3 +75,42 @@ def test_a_record_with_a_field_of_the_wrong_kind_is_unreadable_not_a_crash_later
     with pytest.raises(PreconditionError, match="unreadable") as info:
         intents.read(env)
     assert f"move {record} aside" in str(info.value.fix)
+
+
+def test_an_interrupted_run_says_its_last_recorded_step(env: Environment) -> None:
+    """A run killed inside a step: its intent names the step its own run record shows."""
+    from runbook import journal
+
+    intent = intents.Intent(run_id="rbk_2", action="rollback", environment=env.name,
+                            from_slot="green", to_slot="blue", from_version="def5678",
+                            to_version="abc1234")
+    intents.write(env, intent)
+    assert "last recorded step" not in intents.read(env).describe()  # no run record yet
+    run = journal.Journal.open(env, "rollback", run_id="rbk_2", why="test")
+    with run.step("preflight", "Pre-flight checks"):
+        pass
+    with run.step("start-slot", "Start the stopped blue container"):
+        # killed here (SIGKILL): the step never ends, the run is never finished
+        said = intents.read(env).describe()
+    assert said.endswith("stopped before traffic moved; its last recorded step: Start the "
+                         "stopped blue container (running)"), said
+    (env.runs_dir / "rbk_2.json").write_text("{torn")  # unreadable: nothing is claimed
+    assert "last recorded step" not in intents.read(env).describe()
+
+
+def test_a_finished_run_that_kept_its_record_names_the_step_that_failed(
+        env: Environment) -> None:
+    from runbook import journal
+
+    intent = intents.Intent(run_id="dep_3", action="deploy", environment=env.name,
+                            from_slot="blue", to_slot="green", from_version="def5678",
+                            to_version="abc1234")
+    intents.write(env, intent)
+    run = journal.Journal.open(env, "deploy", run_id="dep_3", why="test")
+    with pytest.raises(RuntimeError), run.step("migrate", "Run the migrations"):
+        raise RuntimeError("migration 3 failed")
+    with run.step("unlock", "Release the deploy lock"):
+        pass
+    run.finish("failed", ExitCode.ATTENTION)
+    said = intents.read(env).describe()
+    assert said.endswith("; its last recorded step: Run the migrations (failed)"), said
