@@ -217,9 +217,16 @@ def host_env(tmp_path: Path, *, name: str = "production", stale: float = 1800.0)
 
 def closed_port() -> int:
     """A loopback port where nothing listens (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return closed_ports(1)[0]
+
+
+def closed_ports(count: int) -> list[int]:
+    """`count` different loopback ports where nothing listens (bound together, released)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 # --- another user writes a file (real uids; needs root) ---------------------------------------

@@ -34,7 +34,7 @@ from tests.drill_checks import through_proxy
 
 
 def make_env(caddyfile: Path = Path("/nonexistent/Caddyfile"), *, admin: str = "http://127.0.0.1:1",
-             proxy: str = "http://127.0.0.1:1", command: tuple[str, ...] = ("caddy",),
+             proxy: str = "http://127.0.0.1:2", command: tuple[str, ...] = ("caddy",),
              reload: str = "admin-api") -> Environment:
     return from_mapping({
         "name": "staging",

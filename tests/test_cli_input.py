@@ -14,18 +14,17 @@ from pathlib import Path
 import pytest
 
 from runbook import environment as envmod
-from tests.drill_checks import DEPLOY_UID, closed_port, host_env, needs_root
+from tests.drill_checks import DEPLOY_UID, closed_port, closed_ports, host_env, needs_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def host(tmp_path: Path) -> Path:
-    closed = closed_port()
     env = host_env(tmp_path)
-    text = envmod.to_toml(env).replace('"http://localhost:2019"', f'"http://127.0.0.1:{closed}"')
-    text = text.replace('proxy_url = "http://localhost"',
-                        f'proxy_url = "http://127.0.0.1:{closed}"')
+    admin, proxy = closed_ports(2)
+    text = envmod.to_toml(env).replace('"http://localhost:2019"', f'"http://127.0.0.1:{admin}"')
+    text = text.replace('proxy_url = "http://localhost"', f'proxy_url = "http://127.0.0.1:{proxy}"')
     source = tmp_path / "host.toml"
     source.write_text(text)
     for folder in ("runs", "locks", "state"):

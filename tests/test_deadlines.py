@@ -28,6 +28,7 @@ from runbook.environment import Environment, HealthConfig, Slot, from_mapping
 from runbook.errors import ExitCode, RunbookError
 from runbook.health import HealthGateError
 from runbook.plan import Step
+from tests.drill_checks import closed_ports
 
 DRIP = 0.5  # seconds between two bytes, as in the issue
 SLACK = 0.6  # scheduling on a busy 2-core machine; a drip holds a call for ever without the fix
@@ -99,17 +100,21 @@ def drip() -> Iterator[Drip]:
     listener.close()
 
 
-def env_on(port: int, *, gate: float = 1.5, request_timeout: float = 1.0,
+def env_on(port: int, role: str, *, gate: float = 1.5, request_timeout: float = 1.0,
            tmp: Path = Path("/nonexistent")) -> Environment:
-    url = f"http://127.0.0.1:{port}"
+    """An environment whose `role` (the blue slot, Caddy's proxy or its admin API) is the
+    drip server at `port`; the others are ports nothing listens on."""
+    free = closed_ports(3)
+    ports = {r: port if r == role else free.pop() for r in ("slot", "proxy", "admin")}
     env = from_mapping({
         "name": "staging",
         "slots": {"blue": {"container": "togather-server-blue", "service": "togather-blue",
-                           "port": port},
+                           "port": ports["slot"]},
                   "green": {"container": "togather-server-green", "service": "togather-green",
-                            "port": port + 1 if port < 65535 else port - 1}},
+                            "port": free.pop()}},
         "caddy": {"caddyfile": str(tmp / "Caddyfile"), "reload": "admin-api",
-                  "admin_url": url, "proxy_url": url, "command": ["false"]},
+                  "admin_url": f"http://127.0.0.1:{ports['admin']}",
+                  "proxy_url": f"http://127.0.0.1:{ports['proxy']}", "command": ["false"]},
     }, Path("/tmp/test-env.toml"))
     return env.with_(health=HealthConfig(timeout=gate, interval=0.05, max_interval=0.2,
                                          request_timeout=request_timeout))
@@ -146,7 +151,7 @@ def test_a_probe_of_a_slow_drip_health_is_unreachable_in_time(drip: Drip) -> Non
 def test_the_health_gate_fails_by_its_deadline_on_a_slow_drip(drip: Drip, mode: str) -> None:
     """The per-request timeout (3 s) is longer than the whole gate (1.5 s): the gate wins."""
     drip.mode = mode
-    env = env_on(drip.port, gate=1.5, request_timeout=3.0)
+    env = env_on(drip.port, "slot", gate=1.5, request_timeout=3.0)
     err, took = timed(lambda: health.wait_healthy(env, Slot.BLUE))
     assert isinstance(err, HealthGateError), err
     assert 1.4 < took < 1.5 + SLACK, took
@@ -154,7 +159,7 @@ def test_the_health_gate_fails_by_its_deadline_on_a_slow_drip(drip: Drip, mode: 
 
 
 def test_verification_through_a_slow_drip_proxy_ends_in_time(drip: Drip) -> None:
-    env = env_on(drip.port)
+    env = env_on(drip.port, "proxy")
     result, took = timed(lambda: caddy.verify(env, Slot.BLUE, None, attempts=2, interval=0.1,
                                               timeout=0.8))
     assert isinstance(result, caddy.VerifyResult), result
@@ -168,7 +173,7 @@ def test_admin_api_calls_end_in_time(drip: Drip, monkeypatch: pytest.MonkeyPatch
     """A stuck admin API: running_problem, validate and reload each give up by their limit."""
     monkeypatch.setattr(caddy.admin, "_ADMIN_TIMEOUT", 1.0)
     monkeypatch.setattr(caddy.admin, "_COMMAND_TIMEOUT", 1.0)
-    env = env_on(drip.port, tmp=tmp_path)
+    env = env_on(drip.port, "admin", tmp=tmp_path)
     problem, took = timed(lambda: caddy.running_problem(env))
     assert isinstance(problem, str) and "does not answer (timed out after 1s" in problem
     assert took < 1.0 + SLACK, took

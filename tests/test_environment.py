@@ -87,6 +87,17 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     ('[caddy]\nadmin_url = "http://ops:s3cr3t-adm@localhost:2019"\n', "caddy.admin_url",
      "holds credentials"),
     ('[health]\npath = "/health "\n', "health.path", "space or control character"),
+    # found by review: the site's address given as the admin API's (or the same port twice)
+    ('[caddy]\nadmin_url = "http://127.0.0.1:2019"\nproxy_url = "http://127.0.0.1:2019/"\n',
+     "caddy", "admin_url and proxy_url are the same address"),
+    ('[caddy]\nadmin_url = "http://LOCALHOST"\nproxy_url = "http://localhost:80"\n',
+     "caddy", "admin_url and proxy_url are the same address"),
+    ('[slots.blue]\ncontainer = "b"\nport = 2019\n[slots.green]\ncontainer = "g"\n'
+     'port = 8082\n', "",
+     "slots.blue port 2019 is Caddy's own (caddy.admin_url http://localhost:2019)"),
+    ('[caddy]\nproxy_url = "http://127.0.0.1:8080"\n[slots.blue]\ncontainer = "b"\n'
+     'port = 8081\n[slots.green]\ncontainer = "g"\nport = 8080\n', "",
+     "slots.green port 8080 is Caddy's own (caddy.proxy_url"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:

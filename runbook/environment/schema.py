@@ -159,6 +159,16 @@ def _http_url(value: str) -> str:
 
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _address(url: str) -> tuple[str, int]:
+    """An http(s) URL's host (lowercase) and port (the scheme's when none is given)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return ((parts.hostname or "").lower(),
+            parts.port or (443 if parts.scheme == "https" else 80))
 
 
 UrlPath = Annotated[str, AfterValidator(_url_path)]
@@ -264,6 +274,15 @@ class CaddyFile(_Table):
     container_path: Annotated[str, AfterValidator(_absolute)] | None = None
     site: Annotated[str, AfterValidator(_site)] | None = None
 
+    @model_validator(mode="after")
+    def _admin_api_is_not_the_site(self) -> CaddyFile:
+        # verification asked the admin API for the site's page: no slot header, so every
+        # switch was refused as unverifiable, or undone
+        if _address(self.admin_url) == _address(self.proxy_url):
+            _fail(f"admin_url and proxy_url are the same address ({self.proxy_url}): "
+                  "proxy_url is where users' requests go, admin_url Caddy's admin API")
+        return self
+
 
 class ComposeFile(_Table):
     file: FilePath | None = None  # default: STANDARD_COMPOSE_FILE where it exists
@@ -317,6 +336,16 @@ class EnvironmentFile(_Table):
             if db in (config.container, config.service):
                 _fail(f"slots.{slot} names the database's container {db!r} ([database] "
                       "container): every stop and recreate of that slot would hit Postgres")
+        # a slot port that is Caddy's own on this machine: the Caddyfile would send users
+        # to Caddy itself, and a health probe of that slot would ask Caddy
+        for key in ("proxy_url", "admin_url"):
+            host, port = _address(getattr(self.caddy, key))
+            for slot in ("blue", "green"):
+                config = getattr(self.slots, slot)
+                if host in LOOPBACK_HOSTS and config.port == port:
+                    _fail(f"slots.{slot} port {port} is Caddy's own (caddy.{key} "
+                          f"{getattr(self.caddy, key)}): give the port the {slot} container "
+                          "publishes")
         return self
 
     name: Annotated[str, BeforeValidator(lambda v: ALIASES.get(v, v) if isinstance(v, str)
