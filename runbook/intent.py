@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -114,6 +115,10 @@ def read(env: Environment) -> Intent | None:
     return intent if intent.last_step else intent.with_(last_step=last_recorded_step(env, intent))
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_RECORD = 16 * 1024 * 1024  # a run record is a few KiB; a larger file is not one
+
+
 def last_recorded_step(env: Environment, intent: Intent) -> str | None:
     """Where the run stopped, as its own run record says: for a run that never finished
     (killed), the last step it began and how far that got; for one that finished and kept
@@ -121,9 +126,17 @@ def last_recorded_step(env: Environment, intent: Intent) -> str | None:
     (the journal's log is the durable account), so after a power loss it may lag:
     "recorded", never "was in". None when there is no such record or it cannot be read, or
     no step to name: nothing is claimed then."""
+    if not RUN_ID.fullmatch(intent.run_id):  # a name, never a path out of runs_dir
+        return None
     record_path = env.runs_dir / f"{intent.run_id}.json"
     try:
-        record = json.loads(record_path.read_bytes())
+        if not record_path.is_file():  # never a FIFO or a device: status must not hang
+            return None
+        with record_path.open("rb") as f:
+            raw = f.read(MAX_RECORD + 1)
+        if len(raw) > MAX_RECORD:
+            return None
+        record = json.loads(raw)
         steps = [s for s in record["steps"] if s.get("started_at")]
         if record.get("finished_at"):  # its later steps (the lock's release) say nothing
             steps = [s for s in steps if s.get("status") == "failed"]

@@ -95,6 +95,8 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     ('[slots.blue]\ncontainer = "b"\nport = 2019\n[slots.green]\ncontainer = "g"\n'
      'port = 8082\n', "",
      "slots.blue port 2019 is Caddy's own (caddy.admin_url http://localhost:2019)"),
+    ('[caddy]\nadmin_url = "http://localhost:2019"\nproxy_url = "http://[::1]:2019"\n',
+     "caddy", "admin_url and proxy_url are the same address"),
     ('[caddy]\nproxy_url = "http://127.0.0.1:8080"\n[slots.blue]\ncontainer = "b"\n'
      'port = 8081\n[slots.green]\ncontainer = "g"\nport = 8080\n', "",
      "slots.green port 8080 is Caddy's own (caddy.proxy_url"),
@@ -109,6 +111,14 @@ def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
     assert words in str(err.value), str(err.value)
     assert "s3cr3t" not in str(err.value)
     assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_a_slot_on_another_machine_may_use_caddys_port_number(tmp_path: Path) -> None:
+    """Only a slot on this machine's loopback collides with Caddy's own port."""
+    path = tmp_path / "production.toml"
+    path.write_text('name = "production"\n[slots.blue]\ncontainer = "b"\nport = 80\n'
+                    'host = "10.0.0.11"\n[slots.green]\ncontainer = "g"\nport = 8082\n')
+    assert envmod.load(str(path)).slot(Slot.BLUE).port == 80
 
 
 def test_the_environment_argument_and_config_must_agree(tmp_path: Path,

@@ -114,3 +114,16 @@ def test_a_finished_run_that_kept_its_record_names_the_step_that_failed(
     run.finish("failed", ExitCode.ATTENTION)
     said = intents.read(env).describe()
     assert said.endswith("; its last recorded step: Run the migrations (failed)"), said
+
+
+def test_a_run_id_that_is_no_name_reads_no_file_outside_the_runs_folder(
+        env: Environment) -> None:
+    """Found by review: the run id names the run record to read; `../x` read outside it."""
+    env.runs_dir.mkdir(parents=True, exist_ok=True)
+    outside = env.runs_dir.parent / "x.json"
+    outside.write_text(json.dumps({"steps": [{"title": "Elsewhere", "status": "running",
+                                              "started_at": "2026-12-03T00:00:00.000Z"}]}))
+    intents.write(env, intents.Intent(run_id="../x", action="rollback", environment=env.name,
+                                      from_slot="green", to_slot="blue", from_version=None,
+                                      to_version="abc1234"))
+    assert "Elsewhere" not in intents.read(env).describe()

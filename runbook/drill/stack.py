@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -696,15 +697,20 @@ class DrillStack:
 
     def _dump_database(self) -> str:
         """The app database as SQL statements (no COPY: psycopg runs them as one script)."""
+        # public only: arrange empties public alone, and a schema another test left behind
+        # (a failed test's `audit`) must neither be replayed nor break every later replay
         done = self.docker("exec", self.db_container, "pg_dump", "--username", DB_USER,
-                           "--dbname", DB_NAME, "--inserts", "--no-owner",
-                           "--no-acl", check=False)
+                           "--dbname", DB_NAME, "--schema", "public", "--inserts",
+                           "--no-owner", "--no-acl", check=False)
         if done.returncode != 0:
             raise DrillError(f"pg_dump of the drill database failed: {_last_line(done.stderr)}",
                              f"see `docker logs {self.db_container}`")
-        # psql's meta-commands (pg_dump >= 17.6 brackets its output in \\restrict) are no SQL
-        return "".join(line for line in done.stdout.splitlines(keepends=True)
-                       if not line.startswith("\\"))
+        # psql's meta-commands (recent pg_dumps bracket their output in \\restrict KEY and
+        # \\unrestrict KEY) are no SQL; public itself exists already (arrange made it)
+        return "".join(
+            "CREATE SCHEMA IF NOT EXISTS public;\n" if line == "CREATE SCHEMA public;\n"
+            else line for line in done.stdout.splitlines(keepends=True)
+            if not RESTRICT.match(line))
 
     def _migrate_database(self, scene: scenes.Scene) -> dict[str, bytes]:
         """The scene's database built as its deployments did (see _build_database)."""
@@ -912,6 +918,7 @@ class DrillStack:
 
 
 PORT_ATTEMPTS = 3
+RESTRICT = re.compile(r"\\(un)?restrict \S+\s*$")  # pg_dump's psql meta-commands
 # WAL records Postgres writes by itself, with no change to any row (pg_walinspect's resource
 # manager and record type): they do not make a kept database differ from its scene
 SELF_WRITTEN_WAL = frozenset({

@@ -159,15 +159,29 @@ def _http_url(value: str) -> str:
 
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+LOOPBACK = "loopback"  # what _host calls every name of this machine's loopback
+
+
+def _host(name: str) -> str:
+    """A host as compared here: every loopback name and address (localhost, 127.0.0.2, ::1)
+    is one host; any other name lowercase."""
+    import ipaddress
+
+    name = name.lower().strip("[]")
+    if name == "localhost":
+        return LOOPBACK
+    try:
+        return LOOPBACK if ipaddress.ip_address(name).is_loopback else name
+    except ValueError:
+        return name
 
 
 def _address(url: str) -> tuple[str, int]:
-    """An http(s) URL's host (lowercase) and port (the scheme's when none is given)."""
+    """An http(s) URL's host (_host) and port (the scheme's when none is given)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    return ((parts.hostname or "").lower(),
+    return (_host(parts.hostname or ""),
             parts.port or (443 if parts.scheme == "https" else 80))
 
 
@@ -342,7 +356,7 @@ class EnvironmentFile(_Table):
             host, port = _address(getattr(self.caddy, key))
             for slot in ("blue", "green"):
                 config = getattr(self.slots, slot)
-                if host in LOOPBACK_HOSTS and config.port == port:
+                if host == LOOPBACK == _host(config.host) and config.port == port:
                     _fail(f"slots.{slot} port {port} is Caddy's own (caddy.{key} "
                           f"{getattr(self.caddy, key)}): give the port the {slot} container "
                           "publishes")
