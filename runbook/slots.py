@@ -483,12 +483,7 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot) -> str:
     reported as a success. Raises (exit 1, the old slot kept) when none of a few answers is
     ok; returns the answer it saw."""
     config = env.slot(serving)
-    report = health.probe(config, env.health.path, env.health.request_timeout)
-    for _ in range(RECHECK_TRIES - 1):
-        if report.ok:
-            break
-        time.sleep(RECHECK_PAUSE)
-        report = health.probe(config, env.health.path, env.health.request_timeout)
+    report = _recheck(env, serving)
     if report.ok:
         return report.status
     raise RunbookError(
@@ -499,9 +494,29 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot) -> str:
         f"`docker logs --tail 100 {config.container}`", exit_code=ExitCode.ATTENTION)
 
 
+def _recheck(env: Environment, serving: Slot) -> health.HealthReport:
+    """The serving slot's health, asked up to RECHECK_TRIES times until one answer is ok."""
+    config = env.slot(serving)
+    report = health.probe(config, env.health.path, env.health.request_timeout)
+    for _ in range(RECHECK_TRIES - 1):
+        if report.ok:
+            break
+        time.sleep(RECHECK_PAUSE)
+        report = health.probe(config, env.health.path, env.health.request_timeout)
+    return report
+
+
+class _KeptForForce(Exception):
+    """A forced run's new slot does not answer healthy: the old one is what traffic can go
+    back to, so it is left running (not an error: the operator forced past the gate)."""
+
+
 def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True) -> Step:
     """`gated`: the run's health gate passed (not --force), so the slot that now serves
-    must still answer healthy before this one is stopped (check_still_healthy)."""
+    must still answer healthy before this one is stopped (check_still_healthy). A forced
+    run (no gate) leaves the old slot running instead when the new one is not healthy: it
+    forced past the gate on purpose, and stopping the slot users can go back to would make
+    a bad outcome worse (found by review: old code forced onto a newer schema)."""
     container = env.slot(slot).container
     action = docker.stop_action(container)
 
@@ -514,8 +529,20 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
             ctx.note(drained=d.describe())
             if gated:  # after the drain, the last moment before the stop
                 ctx.note(serving=check_still_healthy(env, slot.other, slot))
+                return
+            report = _recheck(env, slot.other)
+            ctx.note(serving=report.status)
+            if not report.ok:
+                raise _KeptForForce(
+                    f"the {slot.other} slot, forced past its health gate, does not answer "
+                    f"healthy ({report.status}: {report.reason()}), so traffic can go back to "
+                    f"{slot} (`runbook switch {env.name} --slot {slot}`); stop it once that "
+                    f"is no longer needed: `docker stop {container}`")
 
-        kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
+        try:
+            kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
+        except _KeptForForce as why:
+            kept = str(why)
         if kept is not None:
             ctx.note(container=f"left running: {kept}")
             ctx.notice(f"the old {slot} container is left running: {kept}")
@@ -526,8 +553,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
                 {"container": container,
                  "guard": "refused if Caddy sends traffic to it at that moment"
-                          + (f"; kept running if the {slot.other} slot no longer answers "
-                             "healthy" if gated else ""),
+                          + f"; kept running if the {slot.other} slot "
+                          + ("no longer answers healthy" if gated else
+                             "does not answer healthy (forced: its gate was skipped)"),
                  "drain": drain_plan(env, slot),
                  "left running": "instead, when the drain ends with connections still open "
                                  "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "

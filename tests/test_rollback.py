@@ -661,6 +661,23 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
+def test_a_forced_rollback_onto_an_unhealthy_slot_leaves_the_old_one_running(
+        stack: DrillStack) -> None:
+    """Found by review: --force skipped the recheck before the old slot's stop, so old code
+    forced onto a newer schema (its /health failing, /version fine) had the slot users could
+    go back to stopped under it. It is left running now, and the run says so."""
+    env = migrated(stack)  # v2 serving from green on schema 2; v1 (schema 1) stopped on blue
+    result = rollback.rollback(env, rollback.Options(force=True))
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    inspected = subprocess.run(["docker", "inspect", "--format", "{{.State.Running}}",
+                                env.slot(Slot.GREEN).container],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert inspected == "true"  # the docker CLI's word: still running
+    said = " ".join(result.notices)
+    assert "forced past its health gate, does not answer healthy" in said, said
+    assert f"runbook switch {env.name} --slot green" in said, said
+
+
 @pytest.mark.any_shape
 def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
     env = migrated(stack)
