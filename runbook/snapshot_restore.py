@@ -168,7 +168,10 @@ def restore_steps(env: Environment, run: RestoreRun,
             "kept running": env.database.container,
             "THE SERVICE IS DOWN": "from here until the switch: the one step allowed to stop "
                                    "the serving slot, so no write is lost during the restore",
-        }, run=stop_slots),
+        # a Ctrl-C or a closed terminal while Docker stops a slot is held until the stops
+        # end (found by review): Docker finishes a stop it has begun, and an undo run at once
+        # saw the container still running, skipped it, and said "undone" with it then down
+        }, run=stop_slots, hold_signals=True),
         Step("safety-snapshot", "Take a safety snapshot of the database as it is now", {
             "folder": str(env.database.snapshot_dir),
             "command": commands.dump(tgt, "<exported snapshot>",
