@@ -18,6 +18,7 @@ from runbook.errors import RunbookError
 
 if TYPE_CHECKING:
     from runbook.environment import Environment
+    from runbook.snapshots import CleanupResult
 
 snapshot_app = typer.Typer(
     name="snapshot", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -121,6 +122,20 @@ def restore(
         fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")
 
 
+def _cleanup_locked(environment: Environment) -> CleanupResult:
+    """Under the deploy lock (found by review): a cron cleanup deleted an expired snapshot
+    that a restore, waiting at its prompt or taking its safety snapshot, was about to replay.
+    A held lock refuses (exit 3) and deletes nothing; the next cron run does the work."""
+    from runbook import lock as locks
+    from runbook import snapshots
+
+    held = locks.acquire(environment, reason="snapshot cleanup")
+    try:
+        return snapshots.cleanup(environment)
+    finally:
+        locks.release(environment, held)
+
+
 @snapshot_app.command("cleanup")
 def cleanup(
     env: EnvArg,
@@ -134,9 +149,11 @@ def cleanup(
 
     environment = _env(env, config, fmt)
     try:
-        if not dry_run:
+        if dry_run:
+            result = snapshots.cleanup(environment, dry_run=True)
+        else:
             require_yes(yes, "`runbook snapshot cleanup`")
-        result = snapshots.cleanup(environment, dry_run=dry_run)
+            result = _cleanup_locked(environment)
     except RunbookError as exc:
         _fail(exc, fmt)
     if fmt is Format.json:

@@ -341,6 +341,55 @@ snapshot_dir = "{env.database.snapshot_dir}"
     assert pre.exists() and gone.exists()
 
 
+def test_cli_cleanup_waits_for_no_one_and_deletes_nothing_under_a_held_deploy_lock(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: a cron cleanup deleted the expired snapshot a restore waiting at its
+    prompt was about to replay. Under a held deploy lock it refuses (exit 3), deleting
+    nothing; once the lock is free it cleans up."""
+    import subprocess
+    import sys
+
+    from runbook import environment as envmod
+    from runbook import lock as locks
+
+    record(env, "dep_old", "dep_current")
+    gone = put(env, "20261121_120000", "manual", age_days=11, expires_in_days=-4)
+    put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
+    toml = tmp_path / "production.toml"
+    toml.write_text(f"""name = "production"
+[state]
+file = "{env.state_file}"
+[lock]
+dir = "{tmp_path / 'locks'}"
+[logs]
+dir = "{tmp_path / 'logs'}"
+runs_dir = "{tmp_path / 'runs'}"
+[slots.blue]
+container = "togather-server-blue"
+port = 8081
+[slots.green]
+container = "togather-server-green"
+port = 8082
+[database]
+snapshot_dir = "{env.database.snapshot_dir}"
+""")
+    run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml), "--yes"]
+    host = envmod.load(str(toml))
+    held = locks.acquire(host, reason="snapshot restore")  # a restore at its prompt
+    try:
+        refused = subprocess.run(run, capture_output=True, text=True, check=False,
+                                 timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        locks.release(host, held)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "deploy lock" in refused.stderr and gone.exists(), refused.stderr
+    done = subprocess.run(run, capture_output=True, text=True, check=False, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert not gone.exists() and f"Removed {gone.name}" in done.stdout
+    assert not host.lock_path.exists()  # released
+
+
 def test_the_full_disk_hint_names_the_setting_that_is_read() -> None:
     from runbook.snapshots import store
 
