@@ -44,7 +44,7 @@ def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
 def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
                   facts: dict[str, Any] | None = None,
-                  run_id: str | None = None) -> list[Step]:
+                  run_id: str | None = None, standalone: bool = False) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -57,6 +57,8 @@ def restore_steps(env: Environment, run: RestoreRun,
     plan find a previous run killed during or after its own restore (`killed_restore`): this
     run's safety snapshot is then of the database as that run left it, and the data from
     before it is in that run's safety snapshot, which the plan and every message name.
+    `standalone`: `runbook snapshot restore`, with no target slot to switch to afterwards
+    (what a failure after the restore tells on-call to run differs).
     """
     from runbook import docker, health
 
@@ -139,10 +141,17 @@ def restore_steps(env: Environment, run: RestoreRun,
         except RunbookError as exc:
             raise after_failed_replay(env, run, exc, safety) from None
         run.restored = facts["restored"] = True
+        if standalone:  # Caddy still dials the slot it served: a switch to it is refused
+            then = (f"start the stopped app containers on the restored database (`docker "
+                    f"start {' '.join(run.stopped) or '<container>'}`, then `runbook health "
+                    f"{env.name}`), or, if their code needs another schema, `runbook rollback "
+                    f"{env.name}` or `runbook deploy {env.name} --version <known-good>`")
+        else:
+            then = (f"fix the cause and run `runbook switch {env.name} --slot <target slot>` "
+                    f"or `runbook deploy {env.name} --version <known-good>`")
         ctx.cannot_undo(
             f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
-            "service is down", f"fix the cause and run `runbook switch {env.name} --slot <target "
-            f"slot>` or `runbook deploy {env.name} --version <known-good>`; {before_restore()}")
+            "service is down", f"{then}; {before_restore()}")
         ctx.note(restored=snapshot.name)
 
     def check(ctx: StepContext) -> None:
@@ -304,7 +313,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         snap = find(env, ref)
         facts: dict[str, Any] = {}
         restore_run = prepare(env, snap)
-        steps = restore_steps(env, restore_run, facts=facts, run_id=run_id)
+        steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True)
         warnings = []
         if facts.get("earlier_safety_snapshot"):
             warnings.append(f"the last run was killed during or after its restore: the data "

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, faults, slots, traffic
+from runbook import caddy, deploy, docker, faults, health, slots, traffic
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
@@ -923,6 +923,33 @@ def test_a_standalone_restore_killed_after_its_stop_is_finished_with_the_service
     assert again.returncode == 0, said
     assert "is STOPPED" in said and "starts it again" in said
     assert docker.inspect(env.slot(Slot.BLUE).container).running
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_a_standalone_restore_stopped_after_its_restore_names_a_fix_that_works(
+        stack: DrillStack) -> None:
+    """Found by review: `runbook snapshot restore` stopped once the database was restored
+    told on-call to `runbook switch --slot <target slot>`, which a standalone restore has
+    none of (and a switch to the slot Caddy serves is refused): it names the containers to
+    start again."""
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    snap = snapshots.create(env, "manual")
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                           str(env.source), snap.name, "--yes"], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+                          env=environ | {faults.VARIABLE: "before:verify-restore:SIGINT"})
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    blue = env.slot(Slot.BLUE).container
+    assert "the database WAS restored" in said and f"docker start {blue}" in said, said
+    assert "--slot <target slot>" not in said, said
+    assert not docker.inspect(blue).running  # what the message says to start
+    subprocess.run(["docker", "start", blue], check=True, capture_output=True)  # as it says
+    health.wait_healthy(env, Slot.BLUE)
     assert through_proxy(env) == ("blue", V3.tag)
 
 
