@@ -62,6 +62,12 @@ class RunbookError(Exception):
         return f"{self.message}; {self.fix}" if self.fix else self.message
 
 
+class ActFirstError(RunbookError):
+    """A failure after the commit whose own fix comes before finishing the run: finishing
+    (the same command again) is what it must not be read as (found by review: "switch back
+    now" and "run it again to finish" were said side by side)."""
+
+
 class ConfigError(RunbookError):
     exit_code = ExitCode.USAGE
 

@@ -29,7 +29,7 @@ from typing import Any
 from runbook import faults, files
 from runbook import intent as intents
 from runbook.environment import Environment
-from runbook.errors import ExitCode, PreconditionError, RunbookError
+from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.redact import redact
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
@@ -514,10 +514,12 @@ class _Execution:
         todo = ", ".join(s.title for s in left) or "nothing"
         self.journal.log("WARN", f"{self.plan.action} took effect; left to do: {todo}",
                          step="finish", left=[s.name for s in left])
+        finish = (f"run `{self.plan.resume_command or 'the same command'}` to finish it (it "
+                  "finishes this run; it does not start another)")
+        if isinstance(cause, ActFirstError) and cause.fix:
+            why, finish = cause.message, f"first {cause.fix}; only after that, {finish}"
         return TookEffectError(
-            f"the {self.plan.action} TOOK EFFECT: {where}; left to do: {todo} ({why})",
-            f"run `{self.plan.resume_command or 'the same command'}` to finish it (it "
-            "finishes this run; it does not start another)")
+            f"the {self.plan.action} TOOK EFFECT: {where}; left to do: {todo} ({why})", finish)
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from runbook import caddy, compose, docker, drain, files, health, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
-from runbook.errors import ExitCode, PreconditionError, RunbookError
+from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.plan import Phase, Step, StepContext
 
 
@@ -486,7 +486,7 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot) -> str:
     report = _recheck(env, serving)
     if report.ok:
         return report.status
-    raise RunbookError(
+    raise ActFirstError(
         f"not stopping {env.slot(old).container}: the {serving} slot, which now takes the "
         f"traffic, no longer answers healthy ({report.status}: {report.reason()}); the old "
         f"{old} slot is kept running so traffic can go back to it",

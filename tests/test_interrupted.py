@@ -1201,6 +1201,10 @@ def test_a_target_that_fails_after_its_gate_never_has_the_old_slot_stopped_under
         assert run.returncode == ExitCode.TOOK_EFFECT, err
         assert "no longer answers healthy" in err and \
             f"`runbook switch {env.name} --slot blue`" in err, err
+        # the switch back comes first, the finish only after it (found by review: the two
+        # were said side by side, and a rerun while the new slot flaps stops the old one)
+        assert f"first switch back now: `runbook switch {env.name} --slot blue`" in err, err
+        assert err.index("first switch back now") < err.index("only after that, run"), err
         assert docker.inspect(env.slot(Slot.BLUE).container).running
         finish = cli(env, "rollback", "--yes")  # the command the message names
         assert finish.returncode == ExitCode.TOOK_EFFECT, finish.stderr
