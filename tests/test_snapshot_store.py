@@ -298,15 +298,8 @@ def test_a_bare_delimiter_in_the_password_is_still_refused_without_printing_it(
 
 # -- the command line says what it kept and why ---------------------------------------------------
 
-def test_cli_cleanup_dry_run_names_what_it_keeps_and_why(env: Environment,
-                                                         tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    record(env, "dep_old", "dep_current")
-    pre = put(env, "20261122_120000", "pre-deploy", deployment_id="dep_current",
-              age_days=10, expires_in_days=-3)
-    gone = put(env, "20261121_120000", "manual", age_days=11, expires_in_days=-4)
+def host_toml(env: Environment, tmp_path: Path) -> Path:
+    """`env` as a host's environment file, for the command line."""
     toml = tmp_path / "production.toml"
     toml.write_text(f"""name = "production"
 [state]
@@ -327,6 +320,19 @@ port = 8082
 [database]
 snapshot_dir = "{env.database.snapshot_dir}"
 """)
+    return toml
+
+
+def test_cli_cleanup_dry_run_names_what_it_keeps_and_why(env: Environment,
+                                                         tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    record(env, "dep_old", "dep_current")
+    pre = put(env, "20261122_120000", "pre-deploy", deployment_id="dep_current",
+              age_days=10, expires_in_days=-3)
+    gone = put(env, "20261121_120000", "manual", age_days=11, expires_in_days=-4)
+    toml = host_toml(env, tmp_path)
     run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml), "--dry-run"]
     text = subprocess.run(run, capture_output=True, text=True, check=False, timeout=120,
                           stdin=subprocess.DEVNULL)
@@ -355,24 +361,7 @@ def test_cli_cleanup_waits_for_no_one_and_deletes_nothing_under_a_held_deploy_lo
     record(env, "dep_old", "dep_current")
     gone = put(env, "20261121_120000", "manual", age_days=11, expires_in_days=-4)
     put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
-    toml = tmp_path / "production.toml"
-    toml.write_text(f"""name = "production"
-[state]
-file = "{env.state_file}"
-[lock]
-dir = "{tmp_path / 'locks'}"
-[logs]
-dir = "{tmp_path / 'logs'}"
-runs_dir = "{tmp_path / 'runs'}"
-[slots.blue]
-container = "togather-server-blue"
-port = 8081
-[slots.green]
-container = "togather-server-green"
-port = 8082
-[database]
-snapshot_dir = "{env.database.snapshot_dir}"
-""")
+    toml = host_toml(env, tmp_path)
     run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml), "--yes"]
     host = envmod.load(str(toml))
     held = locks.acquire(host, reason="snapshot restore")  # a restore at its prompt
