@@ -5,7 +5,8 @@ environment `point()` returns at once, whatever the process environment says. A 
 `RUNBOOK_DRILL_FAULT=<point>:<SIGNAL>`, e.g. `switch.after-reload:SIGKILL`: when the run
 reaches that point it sends itself the signal, as an operator or the OOM killer would.
 Points: `before:<step>` and `after:<step>` for every executed step, and inside the switch
-`switch.after-write`, `switch.after-reload`, `switch.after-verify`, and `state.before-rename`.
+`switch.after-write`, `switch.after-reload`, `switch.after-verify`, and `state.before-rename`;
+inside a restore's replay `restore.mid-stream` and `restore.before-commit`.
 """
 
 from __future__ import annotations

@@ -15,11 +15,12 @@ from typing import Any
 
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from runbook.plan import Plan, Step, StepContext
+from runbook.plan import Plan, Stays, Step, StepContext
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands
 from runbook.snapshots.dump import create
 from runbook.snapshots.replay import (
+    OutcomeUnknown,
     RestoreRun,
     after_failed_replay,
     check_matches,
@@ -97,9 +98,11 @@ def restore_steps(env: Environment, run: RestoreRun,
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
-        def restart() -> None:
+        def restart() -> Stays | None:
             if run.restored:
-                return  # old code on the restored schema: leave them stopped for a human
+                return None  # old code on the restored schema: leave them stopped for a human
+            if run.outcome_unknown:  # maybe restored: neither code is known to fit it
+                return Stays("the app slots were left stopped", run.outcome_unknown)
             started = []
             for slot, name in zip(chosen, containers, strict=True):
                 if name in run.stopped and not docker.inspect(name).running:
@@ -112,6 +115,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                                        f"{report.reason()}", f"check `docker logs --tail 100 "
                                        f"{env.slot(slot).container}`",
                                        exit_code=ExitCode.ATTENTION)
+            return None
 
         # The undo is registered, and each container listed, BEFORE its stop: a Ctrl-C or a
         # failure during the second stop (or inside the first, which Docker finishes anyway)
@@ -137,10 +141,16 @@ def restore_steps(env: Environment, run: RestoreRun,
     def do_restore(ctx: StepContext) -> None:
         safety = run.safety.path if run.safety else None
         try:
-            replay(env, verified)
+            committed_anyway = replay(env, verified)
+        except OutcomeUnknown as exc:
+            run.outcome_unknown = exc.fix or "check the database"
+            raise
         except RunbookError as exc:
             raise after_failed_replay(env, run, exc, safety) from None
         run.restored = facts["restored"] = True
+        if committed_anyway:
+            ctx.notice(committed_anyway)
+            ctx.note(exec_failed_but_committed=committed_anyway)
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
             then = (f"start the stopped app containers on the restored database (`docker "
                     f"start {' '.join(run.stopped) or '<container>'}`, then `runbook health "

@@ -1153,6 +1153,73 @@ def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends
     assert row is not None and int(row[0]) == 1  # the whole snapshot, committed
 
 
+def _children(pid: int, name: str) -> list[int]:
+    """The pids of `pid`'s child processes whose command line contains `name`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            if ppid == pid and name.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
+def _restore_psql(stack: DrillStack) -> list[int]:
+    """Host pids of the restore's psql (`--file -`) inside the database container."""
+    top = subprocess.run(["docker", "top", stack.db_container, "-eo", "pid,args"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()[1:]
+    return [int(line.split()[0]) for line in top if "psql" in line and "--file" in line]
+
+
+def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_called_rolled_back(
+        stack: DrillStack) -> None:
+    """Found by review: once COMMIT was sent, a `docker exec` that failed (the Docker CLI
+    killed, the daemon restarted) was read as psql's own failure: "restore failed and was
+    rolled back", and the undo started the newer code again on the restored, older schema.
+    Here psql is held (SIGSTOP) as COMMIT goes out, the Docker CLI is killed, then psql goes
+    on and commits. Postgres knows what became of the transaction: the run finishes the
+    rollback on the restored database and says so."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP"})
+    held: list[int] = []
+    try:
+        wait_stopped(proc.pid)
+        execs = _children(proc.pid, "psql")
+        deadline = time.monotonic() + 10  # the exec may still be starting psql
+        while not (held := _restore_psql(stack)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert execs and held, "no docker exec psql under the run"
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGCONT)  # COMMIT goes into psql's input, unread
+        time.sleep(1)
+        for pid in execs:  # the Docker CLI dies; psql in the container lives on
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        for pid in held:  # psql reads COMMIT: the restore commits
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert "rolled back" not in err, err
+    assert proc.returncode == 0, out + err
+    assert "committed" in out + err, out + err  # the exec's failure and Postgres's answer
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running  # v2 never on schema 1
+    assert _database(stack)[0] == (1,)
+
+
 def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_finished(
         stack: DrillStack) -> None:
     """Killed after its commit; then the shell tooling rewrote the state file without the

@@ -277,6 +277,28 @@ def test_a_schema_made_after_the_snapshot_does_not_survive_the_restore(
     assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}
 
 
+def test_postgres_answers_what_became_of_a_restores_transaction(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `docker exec psql` fails with COMMIT sent, the restore asks Postgres: a
+    transaction committed or rolled back is said as such; one Postgres cannot place (here an
+    id it never issued; in life, forgotten, or the database unreachable) is never guessed."""
+    from runbook.snapshots import replay
+
+    monkeypatch.setattr(replay, "OUTCOME_WAIT", 0.5)
+    ids = {}
+    with stack.connect() as conn:
+        for end in ("COMMIT", "ROLLBACK"):
+            conn.execute("BEGIN")
+            row = conn.execute("SELECT txid_current()").fetchone()
+            assert row is not None
+            ids[end] = int(row[0])
+            conn.execute(end)
+    assert replay.transaction_outcome(stack.env, ids["COMMIT"]) == "committed"
+    assert replay.transaction_outcome(stack.env, ids["ROLLBACK"]) == "aborted"
+    unknown = replay.transaction_outcome(stack.env, ids["COMMIT"] + 10_000_000)
+    assert unknown not in ("committed", "aborted") and "future" in unknown, unknown
+
+
 def test_loss_window_reports_rows_that_the_restore_removes(stack: DrillStack) -> None:
     env = stack.env
     add_items(stack, "one", "two")

@@ -6,8 +6,16 @@ ON_ERROR_STOP: any failure (bad SQL, a file corrupted mid-stream, a lock timeout
 database exactly as it was. The COMMIT is ours, not psql's: `--single-transaction` commits at
 the end of its input, and a runbook killed mid-stream (SIGKILL, the OOM killer, a Ctrl-C that
 reaches `docker exec` too) ends that input early, which would commit the DROP and half a dump.
-Without our COMMIT, psql ends with the transaction open and Postgres rolls it back. The plan
-steps around it (stopping the app slots, the safety snapshot) live in runbook/snapshot_restore.py.
+Without our COMMIT, psql ends with the transaction open and Postgres rolls it back.
+
+Once COMMIT is sent, psql's (or `docker exec`'s) exit code no longer says what happened: the
+Docker CLI can die, or the daemon drop the exec, after Postgres committed. The prelude has psql
+print its transaction id, and COMMIT is sent only once it is known; after a failure Postgres
+itself says (`txid_status`) whether that transaction committed. Committed: the restore is done
+and the run goes on. Unknown: the run stops and leaves the app slots stopped, since old code
+started on a restored schema, or new code on an old one, is worse than the service down.
+The plan steps around it (stopping the app slots, the safety snapshot) live in
+runbook/snapshot_restore.py.
 """
 
 from __future__ import annotations
@@ -15,13 +23,17 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import os
+import re
 import subprocess
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from runbook import faults
+from runbook import database, faults
 from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError
 from runbook.snapshots import commands
@@ -36,6 +48,19 @@ LOCK_TIMEOUT = "30s"  # a restore waits this long for locks, then rolls back and
 ABORT = (b"\n\\.\n;\n\\runbook_restore_aborted\n"
          b"SELECT 'restore aborted by runbook'::runbook_restore_aborted;\n")
 COMMIT = b"\nCOMMIT;\n"  # written only after the whole file streamed and checked out
+TXID = b"runbook-restore-txid:"  # psql prints it with the transaction's id, first thing
+TXID_WAIT = 30.0  # for psql to print it (it does so right after connecting)
+OUTCOME_WAIT = 30.0  # for a transaction still "in progress" after psql's exec failed
+
+
+class ReplayFailed(RunbookError):
+    """The replay failed and its transaction did not commit: the database is as it was
+    (proved: COMMIT was never sent, or Postgres says the transaction aborted)."""
+
+
+class OutcomeUnknown(RunbookError):
+    """COMMIT was sent, psql's exec failed, and Postgres could not say what became of the
+    transaction: the database may or may not be restored."""
 
 
 @dataclass
@@ -47,6 +72,8 @@ class RestoreRun:
     safety: Snapshot | None = None
     stopped: list[str] = field(default_factory=list)
     restored: bool = False
+    # COMMIT sent, psql's exec failed, Postgres could not say: what on-call must do then
+    outcome_unknown: str | None = None
 
 
 # Every schema left once the dump's own are dropped was made after the snapshot (a migration's
@@ -65,24 +92,29 @@ def prelude(verified: Verified) -> bytes:
                      for name in verified.schemas if name != b"public")
     return (b"BEGIN;\nSET client_min_messages = warning;\n"
             b"SET lock_timeout = '" + LOCK_TIMEOUT.encode() + b"';\n"
+            b"SELECT '" + TXID + b"' || txid_current();\n"
             + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\n" + DROP_THE_REST
             + b"CREATE SCHEMA public;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n")
 
 
-def replay(env: Environment, verified: Verified) -> None:
+def replay(env: Environment, verified: Verified) -> str | None:
     """Feed prelude + dump to one psql in one transaction; commit only a clean, whole file.
 
     The compressed bytes are hashed again while streaming: a file that changed or broke since
     verify() gets ABORT instead of EOF, so psql rolls back and the database stays as it was.
+    Returns None, or what on-call must know when the restore committed although psql's exec
+    failed; raises ReplayFailed (not committed) or OutcomeUnknown.
     """
     tgt = commands.target(env)
     snap = verified.snapshot
     sha = hashlib.sha256()
     problem: str | None = None
     tail = b""
-    with tempfile.TemporaryFile() as err:
+    commit_sent = False
+    txid: int | None = None
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         proc = commands.spawn(commands.replay(tgt, str(snap.path)), stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=err, own_session=True)
+                              stdout=out, stderr=err, own_session=True)
         assert proc.stdin is not None
         try:
             try:
@@ -108,6 +140,15 @@ def replay(env: Environment, verified: Verified) -> None:
                     problem = "it has no 'dump complete' trailer"
             if problem is None and proc.poll() is None:
                 with contextlib.suppress(OSError):
+                    proc.stdin.flush()
+                txid = _wait_txid(out, proc)
+                if txid is None and proc.poll() is None:
+                    problem = (f"psql did not print its transaction id within {TXID_WAIT:g} s, "
+                               "so the outcome of a COMMIT could not be checked")
+            if problem is None and proc.poll() is None:
+                faults.point(env, "restore.before-commit")
+                commit_sent = True  # from here on, psql's exit code alone proves nothing
+                with contextlib.suppress(OSError):
                     proc.stdin.write(COMMIT)
             if problem is not None:
                 with contextlib.suppress(OSError):
@@ -120,11 +161,61 @@ def replay(env: Environment, verified: Verified) -> None:
                 proc.kill()
                 proc.wait()
         if problem is None and code == 0:
-            return
+            return None
         why = (f"{snap.name}: {problem}" if problem
                else f"psql exit {code}: {commands.stderr_line(err, tgt)}")
-        raise RunbookError(f"restore failed and was rolled back ({why})",
+    if not commit_sent:
+        raise ReplayFailed(f"restore failed and was rolled back ({why})",
                            exit_code=ExitCode.FAILED_SAFELY)
+    assert txid is not None
+    outcome = transaction_outcome(env, txid)
+    if outcome == "committed":
+        return (f"psql's exec failed after COMMIT was sent ({why}), but Postgres reports the "
+                f"restore's transaction {txid} committed: the database is restored")
+    if outcome == "aborted":
+        raise ReplayFailed(f"restore failed and was rolled back ({why}; Postgres reports "
+                           f"transaction {txid} aborted)", exit_code=ExitCode.FAILED_SAFELY)
+    raise OutcomeUnknown(
+        f"the restore's outcome is unknown: psql's exec failed after COMMIT was sent ({why}), "
+        f"and Postgres could not say whether transaction {txid} committed ({outcome}); the app "
+        "slots stay stopped: the service is down",
+        f"see `SELECT txid_status({txid})` and `SELECT version FROM schema_migrations` in "
+        f"{env.database.container} (the snapshot holds {verified.migration_version}); run the "
+        "same command again to restore it whole", exit_code=ExitCode.ATTENTION)
+
+
+def _wait_txid(out: IO[bytes], proc: subprocess.Popen[bytes]) -> int | None:
+    """The id psql printed for the restore's transaction (read without moving the file
+    offset psql writes at); None when psql ended or stayed silent for TXID_WAIT."""
+    deadline = time.monotonic() + TXID_WAIT
+    while True:
+        found = re.search(re.escape(TXID) + rb"(\d+)", os.pread(out.fileno(), 4096, 0))
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+def transaction_outcome(env: Environment, txid: int) -> str:
+    """Postgres's word on a transaction: "committed", "aborted", or why it cannot tell (still
+    "in progress" after OUTCOME_WAIT, forgotten, or the database unreachable)."""
+    deadline = time.monotonic() + OUTCOME_WAIT
+    while True:
+        try:
+            with database.connect(env) as conn:
+                row = conn.execute("SELECT txid_status(%s)", (txid,)).fetchone()
+            status = str(row[0]) if row and row[0] is not None else "forgotten by the server"
+        except Exception as exc:  # unreachable, or an id it never issued: cannot tell
+            from runbook.redact import redact
+
+            said = (str(exc) or type(exc).__name__).splitlines()[0]
+            status = f"asking failed: {redact(said)[:200]}"
+        if status in ("committed", "aborted"):
+            return status
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
 
 
 def check_matches(env: Environment, run: RestoreRun) -> str:
@@ -159,6 +250,10 @@ def after_failed_replay(env: Environment, run: RestoreRun, exc: RunbookError,
     back = (f"the safety snapshot {safety} holds the data as it was; restore it with "
             f"`runbook snapshot restore {env.name} {safety.name}`" if safety
             else "no safety snapshot was taken")
+    if isinstance(exc, ReplayFailed):  # COMMIT never sent, or Postgres says it aborted
+        return RunbookError(f"{exc.message}; the database is unchanged",
+                            f"fix the cause and run again; {back}",
+                            exit_code=ExitCode.FAILED_SAFELY)
     same = False
     with contextlib.suppress(Exception):
         if run.safety is not None and run.safety.tables:
