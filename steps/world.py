@@ -36,6 +36,7 @@ from runbook.run import RunResult
 DRY_RUN_SKIP = "dry run: plan printed above"
 FAULT_ONLY = "injects faults: drill only"
 LOAD_SECONDS = 120.0  # a scenario's load stops by itself after this, whatever happens
+DATA_CLIENTS = 2  # of the load's 16: they ask /items, which reads the database
 
 
 def is_feature_item(node: pytest.Item | pytest.Collector) -> bool:
@@ -386,8 +387,9 @@ def world(request: pytest.FixtureRequest, environment: Environment) -> Iterator[
     world = World(env=environment, config=config, stack=stack, dry_run=dry_run)
     if (world.on_drill and not dry_run and is_feature_item(request.node)
             and request.node.get_closest_marker("mutating") is not None):
-        world.load = Load(f"{environment.caddy.proxy_url}/version",
-                          max_seconds=LOAD_SECONDS).prepare()
+        proxy = environment.caddy.proxy_url
+        world.load = Load(f"{proxy}/version", data_url=f"{proxy}/items",
+                          data_clients=DATA_CLIENTS, max_seconds=LOAD_SECONDS).prepare()
     try:
         yield world
     finally:

@@ -71,6 +71,33 @@ def test_every_client_keeps_one_connection_and_every_request_is_recorded(
 
 
 @pytest.mark.docker
+def test_the_data_clients_see_a_database_the_version_page_never_touches(
+        stack: DrillStack) -> None:
+    """/version answers without the database: a load asking only it said "no failed request"
+    while every page that reads data failed. The data clients ask /items; with the database
+    frozen their requests fail, named by path, while /version stays served."""
+    env = stack.env
+    with Load(f"{env.caddy.proxy_url}/version", clients=4, data_clients=2,
+              data_url=f"{env.caddy.proxy_url}/items") as load:
+        time.sleep(0.5)
+        subprocess.run(["docker", "pause", stack.db_container], check=True,
+                       capture_output=True)
+        try:
+            time.sleep(3)  # the app gives up on the database after 2 s: a 500
+        finally:
+            subprocess.run(["docker", "unpause", stack.db_container], check=True,
+                           capture_output=True)
+        time.sleep(0.5)
+    records = load.records()
+    assert {r.path for r in records} == {"/version", "/items"}
+    assert all(r.served for r in records if r.path == "/version")
+    bad = [r for r in records if not r.served]
+    assert bad and {r.path for r in bad} == {"/items"}, bad
+    assert not load.summary().ok
+    assert any(r.served for r in records if r.path == "/items")  # before and after
+
+
+@pytest.mark.docker
 def test_a_rollback_under_load_drops_nobody_and_the_report_shows_it(
         scene_stack: DrillStack, tmp_path: Path) -> None:
     env = two_deployments(scene_stack)  # v3 on blue; green (v2) stopped

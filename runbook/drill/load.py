@@ -54,6 +54,7 @@ class Request:
     version: str | None = None  # "version" of the answer's JSON body
     retried: bool = False  # the first attempt hit a reset connection (a raw reset)
     error: str | None = None  # why there was no answer (after the retry, if any)
+    path: str = ""  # what it asked (the data clients' path reads the database)
 
     @property
     def served(self) -> bool:
@@ -113,7 +114,7 @@ class Summary:
             "window_ms": [ms(self.start), ms(self.end)],
             "problems": [
                 {"at_ms": ms(r.started), "status": r.status, "error": r.error,
-                 "retried": r.retried} for r in self.problems],
+                 "retried": r.retried, "path": r.path} for r in self.problems],
         }
 
     def describe(self) -> str:
@@ -186,6 +187,8 @@ class _Clients:
     max_seconds: float = MAX_SECONDS
     max_requests: int = MAX_REQUESTS
     timeout: float = TIMEOUT
+    data_url: str | None = None
+    data_clients: int = 0
     started: float | None = None
     stopped: float | None = None
     _records: list[Request] = field(default_factory=list, repr=False)
@@ -205,7 +208,9 @@ class _Clients:
         deadline = time.monotonic() + self.max_seconds
         for index in range(self.clients):
             delay = self.interval * index / self.clients
-            thread = threading.Thread(target=self._client, args=(context, delay, deadline),
+            url = self.data_url if self.data_url and index < self.data_clients else self.url
+            thread = threading.Thread(target=self._client,
+                                      args=(context, delay, deadline, url),
                                       name=f"drill-load-{index}", daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -235,7 +240,8 @@ class _Clients:
             return list(self._records)
 
     # -- one client ----------------------------------------------------------------------------
-    def _client(self, context: ssl.SSLContext, delay: float, deadline: float) -> None:
+    def _client(self, context: ssl.SSLContext, delay: float, deadline: float,
+                url: str) -> None:
         if self._stop.wait(delay):
             return
         with httpx.Client(timeout=self.timeout, trust_env=False, verify=context) as client:
@@ -247,7 +253,7 @@ class _Clients:
                         return
                     next_at = time.monotonic()
                     continue
-                record = self._request(client)
+                record = self._request(client, url)
                 with self._lock:
                     if len(self._records) >= self.max_requests:
                         return
@@ -255,23 +261,24 @@ class _Clients:
                 next_at = max(next_at + self.interval, time.monotonic())
                 self._stop.wait(next_at - time.monotonic())
 
-    def _request(self, client: httpx.Client) -> Request:
+    def _request(self, client: httpx.Client, url: str) -> Request:
         started = time.time()
         retried = False
+        path = urlsplit(url).path
         try:
             try:
-                response = client.get(self.url)
+                response = client.get(url)
             except RESETS:
                 retried = True  # a raw reset: retry the idempotent GET once, fresh connection
-                response = client.get(self.url)
+                response = client.get(url)
         except httpx.HTTPError as exc:
             return Request(started, time.time(), 0, retried=retried,
-                           error=type(exc).__name__)
+                           error=type(exc).__name__, path=path)
         version = None
         with contextlib.suppress(ValueError, AttributeError):
             version = response.json().get("version")
         return Request(started, time.time(), response.status_code,
-                       response.headers.get(SLOT_HEADER), version, retried)
+                       response.headers.get(SLOT_HEADER), version, retried, path=path)
 
 
 
@@ -305,7 +312,9 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
 
 @dataclass
 class Load:
-    """`clients` keep-alive users of `url`, each a request every `interval` seconds.
+    """`clients` keep-alive users of `url`, each a request every `interval` seconds; the
+    first `data_clients` of them ask `data_url` instead (a page that reads the database: an
+    app whose data access broke fails users even while /version answers).
 
     Use as a context manager, or prepare()/start()/stop(). The clients run in a child process
     of their own, so they never compete for this process's GIL with the rollback they watch;
@@ -320,6 +329,8 @@ class Load:
     max_seconds: float = MAX_SECONDS
     max_requests: int = MAX_REQUESTS
     timeout: float = TIMEOUT
+    data_url: str | None = None
+    data_clients: int = 0
     in_process: bool = False
     started: float | None = None
     stopped: float | None = None
@@ -331,13 +342,18 @@ class Load:
 
     def __post_init__(self) -> None:
         _check_loopback(self.url)
+        if self.data_url is not None:
+            _check_loopback(self.data_url)
+        if not 0 <= self.data_clients <= self.clients:
+            raise ValueError(f"data_clients must be 0..{self.clients}, not {self.data_clients}")
         if not 1 <= self.clients <= 256:
             raise ValueError(f"clients must be 1..256, not {self.clients}")
 
     def _settings(self) -> dict[str, Any]:
         return {"url": self.url, "clients": self.clients, "interval": self.interval,
                 "max_seconds": self.max_seconds, "max_requests": self.max_requests,
-                "timeout": self.timeout}
+                "timeout": self.timeout, "data_url": self.data_url,
+                "data_clients": self.data_clients}
 
     # -- lifecycle -----------------------------------------------------------------------------
     def prepare(self) -> Load:
