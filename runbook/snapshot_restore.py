@@ -15,7 +15,7 @@ from typing import Any
 
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from runbook.plan import Plan, Stays, Step, StepContext
+from runbook.plan import NotPutBack, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands
 from runbook.snapshots.dump import create
@@ -98,11 +98,12 @@ def restore_steps(env: Environment, run: RestoreRun,
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
-        def restart() -> Stays | None:
+        def restart() -> None:
             if run.restored:
-                return None  # old code on the restored schema: leave them stopped for a human
+                return  # old code on the restored schema: leave them stopped for a human
             if run.outcome_unknown:  # maybe restored: neither code is known to fit it
-                return Stays("the app slots were left stopped", run.outcome_unknown)
+                raise NotPutBack("the app slots were left stopped: the database may be "
+                                 "restored, and neither code is known to fit it")
             started = []
             for slot, name in zip(chosen, containers, strict=True):
                 if name in run.stopped and not docker.inspect(name).running:
@@ -115,7 +116,6 @@ def restore_steps(env: Environment, run: RestoreRun,
                                        f"{report.reason()}", f"check `docker logs --tail 100 "
                                        f"{env.slot(slot).container}`",
                                        exit_code=ExitCode.ATTENTION)
-            return None
 
         # The undo is registered, and each container listed, BEFORE its stop: a Ctrl-C or a
         # failure during the second stop (or inside the first, which Docker finishes anyway)
@@ -141,9 +141,11 @@ def restore_steps(env: Environment, run: RestoreRun,
     def do_restore(ctx: StepContext) -> None:
         safety = run.safety.path if run.safety else None
         try:
-            committed_anyway = replay(env, verified)
+            committed_anyway = replay(env, verified, ctx.heartbeat)
         except OutcomeUnknown as exc:
-            run.outcome_unknown = exc.fix or "check the database"
+            run.outcome_unknown = True
+            ctx.note(restore_outcome=UNKNOWN)  # the next run's killed_restore reads it
+            exc.fix = f"{exc.fix}; {before_restore()}"
             raise
         except RunbookError as exc:
             raise after_failed_replay(env, run, exc, safety) from None
@@ -209,7 +211,9 @@ def restore_steps(env: Environment, run: RestoreRun,
             "stdin, first": prelude(verified).decode().replace("\n", " ").strip(),
             "stdin, then": f"{snapshot.path}, decompressed in-process (sha256 checked while "
                            "streaming)",
-            "on failure": "psql rolls back: the database stays exactly as it was",
+            "on failure": "psql rolls back: the database stays exactly as it was; once COMMIT "
+                          "is sent, Postgres is asked whether it committed (txid_status): "
+                          "unknown leaves the app slots stopped",
             "Ctrl-C": "acted on once the transaction has ended, so its outcome is known",
         }, run=do_restore, hold_signals=True),
         Step("verify-restore", "Verify schema_migrations and the row counts", {
@@ -260,6 +264,9 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
 
 
 EARLIER = "earlier safety snapshot"  # a step detail of the run record (killed_restore)
+# restore_outcome of a restore-database step whose COMMIT Postgres could not place: that
+# run is finished like a killed one (its safety snapshot holds the data from before)
+UNKNOWN = "unknown"
 
 
 def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | None:
@@ -279,7 +286,11 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         detail = (steps.get("safety-snapshot") or {}).get("detail")
         detail = detail if isinstance(detail, dict) else {}
         path = detail.get(EARLIER) or detail.get("safety_snapshot")
-        killed = data.get("outcome") == "running"  # a run that ends says how
+        restore_detail = (steps.get("restore-database") or {}).get("detail")
+        unknown = isinstance(restore_detail, dict) \
+            and restore_detail.get("restore_outcome") == UNKNOWN
+        # a run that ends says how; one whose restore's outcome is unknown is as good as killed
+        killed = data.get("outcome") == "running" or unknown
         if killed and "restore-database" in steps and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
                     "started_at": str(data.get("started_at"))}

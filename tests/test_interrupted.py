@@ -22,6 +22,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -1217,6 +1218,72 @@ def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_calle
     assert "committed" in out + err, out + err  # the exec's failure and Postgres's answer
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     assert not docker.inspect(env.slot(Slot.GREEN).container).running  # v2 never on schema 1
+    assert _database(stack)[0] == (1,)
+
+
+def _postmaster(stack: DrillStack) -> int:
+    """The host pid of the database container's main Postgres process."""
+    top = subprocess.run(["docker", "top", stack.db_container, "-eo", "pid,ppid,args"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()[1:]
+    rows = [line.split(None, 2) for line in top]
+    pids = {int(r[0]) for r in rows}
+    return next(int(r[0]) for r in rows if "postgres" in r[2] and int(r[1]) not in pids)
+
+
+def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and_is_finished(
+        stack: DrillStack) -> None:
+    """The same exec failure, but Postgres does not answer while the run asks it (here: its
+    main process held, so no new session starts). Restored or not is unknown: old code on a
+    restored schema, or new code on the old one, is worse than the service down, so the app
+    slots stay stopped (exit 5), the message names the safety snapshot with the data from
+    before, and the same command finishes it once Postgres answers, naming that snapshot."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP"})
+    held: list[int] = []
+    try:
+        wait_stopped(proc.pid)
+        execs = _children(proc.pid, "psql")
+        deadline = time.monotonic() + 10
+        while not (found := _restore_psql(stack)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert execs and found, "no docker exec psql under the run"
+        held = [*found, _postmaster(stack)]
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(1)
+        for pid in execs:
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        for pid in reversed(held):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == ExitCode.ATTENTION, out + err
+    assert "outcome is unknown" in err and "left stopped" in err, err
+    assert "undone" not in err, err
+    first_safety = re.search(r"the data from before the restore is in (\S+\.sql\.gz)", err)
+    assert first_safety, err
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running  # left stopped
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
+    looked = cli(env, "rollback", "--restore-snapshot", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    steps = {s["name"]: s for s in json.loads(looked.stdout)["plan"]["steps"]}
+    # the data from before, not this run's own safety snapshot (of the database as it is)
+    assert steps["safety-snapshot"]["details"]["the data from before"].startswith(
+        f"{first_safety.group(1)}: "), steps["safety-snapshot"]
+    again = cli(env, "rollback", "--restore-snapshot", "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     assert _database(stack)[0] == (1,)
 
 

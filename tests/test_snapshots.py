@@ -284,7 +284,7 @@ def test_postgres_answers_what_became_of_a_restores_transaction(
     id it never issued; in life, forgotten, or the database unreachable) is never guessed."""
     from runbook.snapshots import replay
 
-    monkeypatch.setattr(replay, "OUTCOME_WAIT", 0.5)
+    monkeypatch.setattr(replay, "UNANSWERED_WAIT", 0.5)
     ids = {}
     with stack.connect() as conn:
         for end in ("COMMIT", "ROLLBACK"):

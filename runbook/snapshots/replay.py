@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -50,7 +51,10 @@ ABORT = (b"\n\\.\n;\n\\runbook_restore_aborted\n"
 COMMIT = b"\nCOMMIT;\n"  # written only after the whole file streamed and checked out
 TXID = b"runbook-restore-txid:"  # psql prints it with the transaction's id, first thing
 TXID_WAIT = 30.0  # for psql to print it (it does so right after connecting)
-OUTCOME_WAIT = 30.0  # for a transaction still "in progress" after psql's exec failed
+# For a transaction still "in progress" after psql's exec failed: psql in the container may
+# still be building the dump's indexes, minutes on a large database (the lock is kept fresh)
+OUTCOME_WAIT = 600.0
+UNANSWERED_WAIT = 30.0  # for Postgres to answer at all (restarting, or a connection refused)
 
 
 class ReplayFailed(RunbookError):
@@ -72,8 +76,7 @@ class RestoreRun:
     safety: Snapshot | None = None
     stopped: list[str] = field(default_factory=list)
     restored: bool = False
-    # COMMIT sent, psql's exec failed, Postgres could not say: what on-call must do then
-    outcome_unknown: str | None = None
+    outcome_unknown: bool = False  # COMMIT sent, psql's exec failed, Postgres could not say
 
 
 # Every schema left once the dump's own are dropped was made after the snapshot (a migration's
@@ -97,7 +100,8 @@ def prelude(verified: Verified) -> bytes:
             + b"CREATE SCHEMA public;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n")
 
 
-def replay(env: Environment, verified: Verified) -> str | None:
+def replay(env: Environment, verified: Verified,
+           heartbeat: Callable[[], None] = lambda: None) -> str | None:
     """Feed prelude + dump to one psql in one transaction; commit only a clean, whole file.
 
     The compressed bytes are hashed again while streaming: a file that changed or broke since
@@ -111,6 +115,7 @@ def replay(env: Environment, verified: Verified) -> str | None:
     problem: str | None = None
     tail = b""
     commit_sent = False
+    stopped_reading = False  # psql closed its input: it stopped on an error
     txid: int | None = None
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         proc = commands.spawn(commands.replay(tgt, str(snap.path)), stdin=subprocess.PIPE,
@@ -126,7 +131,7 @@ def replay(env: Environment, verified: Verified) -> str | None:
                         proc.stdin.flush()  # psql has the DROP before a fault here
                         faults.point(env, "restore.mid-stream")
             except BrokenPipeError:
-                pass  # psql stopped on an error: its exit code tells
+                stopped_reading = True  # psql stopped on an error: its exit code tells
             except EOFError:
                 problem = "it is truncated (the gzip stream ends early)"
             except (gzip.BadGzipFile, zlib.error) as exc:
@@ -145,7 +150,7 @@ def replay(env: Environment, verified: Verified) -> str | None:
                 if txid is None and proc.poll() is None:
                     problem = (f"psql did not print its transaction id within {TXID_WAIT:g} s, "
                                "so the outcome of a COMMIT could not be checked")
-            if problem is None and proc.poll() is None:
+            if problem is None and proc.poll() is None and not stopped_reading:
                 faults.point(env, "restore.before-commit")
                 commit_sent = True  # from here on, psql's exit code alone proves nothing
                 with contextlib.suppress(OSError):
@@ -168,7 +173,7 @@ def replay(env: Environment, verified: Verified) -> str | None:
         raise ReplayFailed(f"restore failed and was rolled back ({why})",
                            exit_code=ExitCode.FAILED_SAFELY)
     assert txid is not None
-    outcome = transaction_outcome(env, txid)
+    outcome = transaction_outcome(env, txid, heartbeat)
     if outcome == "committed":
         return (f"psql's exec failed after COMMIT was sent ({why}), but Postgres reports the "
                 f"restore's transaction {txid} committed: the database is restored")
@@ -179,9 +184,10 @@ def replay(env: Environment, verified: Verified) -> str | None:
         f"the restore's outcome is unknown: psql's exec failed after COMMIT was sent ({why}), "
         f"and Postgres could not say whether transaction {txid} committed ({outcome}); the app "
         "slots stay stopped: the service is down",
-        f"see `SELECT txid_status({txid})` and `SELECT version FROM schema_migrations` in "
-        f"{env.database.container} (the snapshot holds {verified.migration_version}); run the "
-        "same command again to restore it whole", exit_code=ExitCode.ATTENTION)
+        f"once `SELECT txid_status({txid})` in {env.database.container} no longer says "
+        f"'in progress', `SELECT version FROM schema_migrations` tells (the snapshot holds "
+        f"{verified.migration_version}); then run the same command again: it restores the "
+        "snapshot whole either way", exit_code=ExitCode.ATTENTION)
 
 
 def _wait_txid(out: IO[bytes], proc: subprocess.Popen[bytes]) -> int | None:
@@ -197,23 +203,29 @@ def _wait_txid(out: IO[bytes], proc: subprocess.Popen[bytes]) -> int | None:
         time.sleep(0.01)
 
 
-def transaction_outcome(env: Environment, txid: int) -> str:
-    """Postgres's word on a transaction: "committed", "aborted", or why it cannot tell (still
-    "in progress" after OUTCOME_WAIT, forgotten, or the database unreachable)."""
+def transaction_outcome(env: Environment, txid: int,
+                        heartbeat: Callable[[], None] = lambda: None) -> str:
+    """Postgres's word on a transaction: "committed", "aborted", or why it cannot tell: still
+    "in progress" after OUTCOME_WAIT, forgotten, or no answer for UNANSWERED_WAIT (the
+    database unreachable, or a server before 10, which has no txid_status)."""
     deadline = time.monotonic() + OUTCOME_WAIT
+    answered = time.monotonic()  # when Postgres last answered
     while True:
+        heartbeat()
         try:
             with database.connect(env) as conn:
                 row = conn.execute("SELECT txid_status(%s)", (txid,)).fetchone()
             status = str(row[0]) if row and row[0] is not None else "forgotten by the server"
-        except Exception as exc:  # unreachable, or an id it never issued: cannot tell
+            answered = time.monotonic()
+        except Exception as exc:  # unreachable, or an id it never issued: cannot tell yet
             from runbook.redact import redact
 
             said = (str(exc) or type(exc).__name__).splitlines()[0]
             status = f"asking failed: {redact(said)[:200]}"
-        if status in ("committed", "aborted"):
+        if status in ("committed", "aborted", "forgotten by the server"):
             return status
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline or now - answered > UNANSWERED_WAIT:
             return status
         time.sleep(0.2)
 
