@@ -119,6 +119,27 @@ def probe(target: str | SlotConfig, path: str | None = None, timeout: float = 3.
     return parse(url, answer.status, answer.content, slot=expected_slot, latency_ms=_ms(began))
 
 
+VERSION_PATH = "/version"  # the app's own (CONTRACTS): {"version", "git_commit", "build_date"}
+
+
+def version_of(config: SlotConfig, timeout: float = 3.0) -> tuple[str | None, str | None] | None:
+    """(version, git_commit) as the slot's own /version says them, asked directly (never
+    through Caddy); None when it does not answer 200 with a JSON object naming either. For
+    the gate, when /health names neither: an app with fewer /health fields."""
+    from runbook import bounded_http
+
+    try:
+        answer = bounded_http.request("GET", f"{config.base_url}{VERSION_PATH}",
+                                      timeout=timeout, headers={"Accept": "application/json"})
+        body = answer.json() if answer.status == 200 else None
+    except (bounded_http.HttpFailure, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    version, commit = _str(body.get("version")), _str(body.get("git_commit"))
+    return (version, commit) if version or commit else None
+
+
 def _ms(began: float) -> float:
     return round((time.monotonic() - began) * 1000, 1)
 

@@ -464,8 +464,22 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
                 f"check `docker inspect {config.container}`")
+        version = report.version
+        if expected_version and version is None and report.git_commit is None:
+            # /health names no build (an app with fewer fields): the slot's own /version,
+            # asked now, so a wrong build is refused before traffic moves, not after
+            seen = health.version_of(config, env.health.request_timeout)
+            if seen is not None and expected_version not in seen:
+                raise PreconditionError(
+                    f"slot {slot} answers version {seen[0] or '(none)'} (git_commit "
+                    f"{seen[1] or '(none)'}) at {health.VERSION_PATH}, expected "
+                    f"{expected_version}; its {env.health.path} names no version",
+                    f"check `docker inspect {config.container}`")
+            version = (f"{seen[0] or seen[1]} (from {health.VERSION_PATH})" if seen
+                       else f"not checked here: neither {env.health.path} nor "
+                            f"{health.VERSION_PATH} names one (the switch verifies it)")
         observed.health_status = report.status
-        ctx.note(health=f"{report.status}, version {report.version}")
+        ctx.note(health=f"{report.status}, version {version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
              else f"Wait until the {slot} slot answers (health gate skipped: --force)")

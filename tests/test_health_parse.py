@@ -14,7 +14,7 @@ import pytest
 
 from runbook import health, slots
 from runbook.environment import Environment, HealthConfig, Slot, from_mapping
-from runbook.errors import ExitCode
+from runbook.errors import ExitCode, PreconditionError
 from runbook.health import HealthGateError
 from runbook.plan import StepContext
 from tests.drill_checks import closed_port
@@ -318,6 +318,39 @@ def test_a_fresh_answer_asked_while_planning_is_the_gates_first_attempt(server: 
     step.run(ctx)
     assert server.hits == {"/healthy": 1}
     assert ctx.notes["health"] == "healthy, version 3f2a1b9"
+
+
+BARE = {"status": "healthy", "checks": {"database": PASS}}  # no version, no git_commit
+
+
+@pytest.mark.parametrize(("answer", "refused"), [
+    ({"version": "1a2b3c4", "git_commit": "1a2b3c4" + "0" * 33}, True),
+    ({"version": "3f2a1b9", "git_commit": COMMIT}, False),
+    (None, False),  # no /version at all: left to the switch's verification
+])
+def test_a_health_without_a_version_is_checked_against_the_slots_own_version(
+        server: Server, monkeypatch: pytest.MonkeyPatch, answer: dict[str, str] | None,
+        refused: bool) -> None:
+    """Found by review: an app whose /health names no version passed the gate whatever build
+    it ran; a wrong one was caught only through the proxy, after users had reached it. The
+    gate asks the slot's own /version (CONTRACTS) then, and refuses a wrong build before
+    traffic moves."""
+    monkeypatch.setitem(ROUTES, "/bare", (200, json.dumps(BARE).encode()))
+    if answer is not None:
+        monkeypatch.setitem(ROUTES, "/version", (200, json.dumps(answer).encode()))
+    env = make_env(server.port, path="/bare")
+    step = slots.gate_step(env, Slot.BLUE, force=False, expected_version="3f2a1b9")
+    assert step.run is not None
+    ctx = StepContext(step)
+    if refused:
+        with pytest.raises(PreconditionError) as err:
+            step.run(ctx)
+        assert "answers version 1a2b3c4" in str(err.value) and "expected 3f2a1b9" in str(
+            err.value), err.value
+    else:
+        step.run(ctx)
+        assert ("from /version" if answer else "not checked here") in ctx.notes["health"]
+    assert server.hits.get("/version") == 1
 
 
 def test_a_stale_answer_from_planning_is_asked_again(server: Server,
