@@ -858,9 +858,13 @@ def test_rollback_changes_only_what_a_rollback_changes(
                  *doc.get("deployment_history", [])]
     target_raw = next(o for o in originals[1:] if o["git_commit"] == target.git_commit
                       and o["deployed_at"] == target.raw["deployed_at"])  # type: ignore[index]
-    # top level: only the three deployment keys may change; lock and extras stay as written
+    # top level: only the three deployment keys may change (and a blank environment is
+    # filled: the deploy script refuses its own ""); lock and extras stay as written
+    filled = set() if doc.get("environment") else {"environment"}
     _differs_only_in(out, doc, {"current_deployment", "previous_deployment",
-                                "deployment_history"})
+                                "deployment_history"} | filled)
+    if filled:
+        assert out["environment"] == s.environment != ""
     cur, prev = out["current_deployment"], out["previous_deployment"]
     changed = _differs_only_in(cur, target_raw, ROLLBACK_CHANGES | COMPLETED)
     assert cur.get("rollback") is True and cur.get("rollback_id") == "rbk_1"
@@ -1010,7 +1014,10 @@ def test_new_deployment_is_written_in_the_files_dialect(tmp_path: Path) -> None:
     out = json.loads(path.read_text())
     assert out["current_deployment"]["environment"] == "production"
     assert out["current_deployment"]["active_slot"] == "green"
-    assert out["environment"] == "" and out["slots"] == load("deploy_script.json")["slots"]
+    # the blank top-level environment is filled (the script's own validation refuses "");
+    # the keys of its first-ever file are kept
+    assert out["environment"] == "production"
+    assert out["slots"] == load("deploy_script.json")["slots"]
     assert out["previous_deployment"] == {**load("deploy_script.json")["current_deployment"],
                                           "status": "superseded"}
 

@@ -248,6 +248,15 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
     if not _same(dict(state.lock), dict(was.lock)):
         out["lock"] = _lock_json(state.lock, was.raw.get("lock"), dialect)
     _patch_extra(out, state.extra, was.extra)
+    # A write that records a deployment fills a blank environment (the deploy script's
+    # first-ever file) with the name the run knows: the script's own validation refuses "" on
+    # its next update, and the contract requires it. A lock and its release, or a write that
+    # changes nothing, leave the file as the other tool wrote it.
+    raw_env = out.get("environment")
+    recorded = any(out.get(k) != was.raw.get(k) for k in (
+        "current_deployment", "previous_deployment", "deployment_history"))
+    if recorded and state.environment and not (isinstance(raw_env, str) and raw_env.strip()):
+        out["environment"] = state.environment
     return out
 
 
