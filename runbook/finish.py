@@ -14,6 +14,8 @@ answer) and decides:
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from runbook import caddy, health, recording, slots, traffic
@@ -231,5 +233,9 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
                 f"{intent.to_version} on {intent.to_slot}", steps,
                 [f"an interrupted run took effect and is being finished: "
                  f"{intent.describe(moved=True)}"],
-                facts=facts, intent=intent.with_(phase=intents.Phase.COMMITTED),
+                # the process that carries the run now: with the killed run's pid, status
+                # and a dry run called this very run "interrupted, finish it" while it ran
+                facts=facts, intent=intent.with_(phase=intents.Phase.COMMITTED,
+                                                 pid=os.getpid(),
+                                                 hostname=socket.gethostname()),
                 resume_command=resume_command, finishing=intent.describe(moved=True))

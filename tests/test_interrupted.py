@@ -1222,12 +1222,12 @@ def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_calle
 
 
 def _postmaster(stack: DrillStack) -> int:
-    """The host pid of the database container's main Postgres process."""
-    top = subprocess.run(["docker", "top", stack.db_container, "-eo", "pid,ppid,args"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()[1:]
-    rows = [line.split(None, 2) for line in top]
-    pids = {int(r[0]) for r in rows}
-    return next(int(r[0]) for r in rows if "postgres" in r[2] and int(r[1]) not in pids)
+    """The host pid of the database container's main Postgres process (its init process:
+    never an exec'd psql, whose parent is outside the container too)."""
+    pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", stack.db_container],
+                             capture_output=True, text=True, check=True).stdout)
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"postgres")
+    return pid
 
 
 def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and_is_finished(
@@ -1285,6 +1285,36 @@ def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and
     assert again.returncode == 0, again.stdout + again.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     assert _database(stack)[0] == (1,)
+
+
+def test_a_finishing_run_is_called_in_progress_while_it_runs(stack: DrillStack) -> None:
+    """Found by review: the run finishing a killed rollback wrote the killed run's record
+    back with the dead run's pid, so while it ran (its old slot's drain and stop) `runbook
+    status` said "an interrupted run is unfinished; `runbook rollback` finishes it", and a
+    dry run planned a second finish instead of being refused (exit 3). The record names the
+    process that carries the run now."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    finishing = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--yes",
+                                  str(env.source)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                 env=environ | {faults.VARIABLE: "before:stop-old-slot:SIGSTOP"})
+    try:
+        wait_stopped(finishing.pid)
+        status = cli(env, "status")
+        assert "a run is in progress" in status.stdout + status.stderr, status.stdout
+        assert "interrupted run is unfinished" not in status.stdout + status.stderr
+        planned = cli(env, "rollback", "--dry-run")
+        assert planned.returncode == ExitCode.LOCKED, planned.stdout + planned.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(finishing.pid, signal.SIGCONT)
+    out, err = finishing.communicate(timeout=120)
+    assert finishing.returncode == 0, out + err
+    assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
 
 
 def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_finished(
