@@ -49,6 +49,25 @@ def in_progress(intent: intents.Intent, held: locks.LockStatus | None) -> bool:
             and h.hostname == intent.hostname)
 
 
+def superseded(intent: intents.Intent, state: Any) -> Any:
+    """The deployment another tool recorded on the record's target slot since the
+    interrupted run started, when that run never moved traffic (killed before its switch)
+    and the version differs: the host's deploy script deployed to the same standby slot
+    and switched to it. Traffic on the target is then that deploy's, not this run's; read
+    as this run's, every command was refused with a repair that reverts the fresh deploy.
+    None otherwise (`state`: a DeploymentState, or None when unreadable)."""
+    from runbook.times import parse_utc
+
+    current = getattr(state, "current", None)
+    started = parse_utc(intent.started_at)
+    if intent.phase is not intents.Phase.PREPARE or current is None or started is None:
+        return None
+    if current.active_slot != intent.target or current.version == intent.to_version \
+            or current.deployed_at <= started:
+        return None
+    return current
+
+
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     """(intent, "finish" | "continue") for an interrupted run, or None when there is none."""
     intent = intents.read(env)
@@ -68,6 +87,8 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     except traffic.TrafficUnknownError as exc:
         raise PreconditionError(f"an interrupted run is unfinished ({intent.describe()}) and "
                                 f"{exc.message}", exc.fix) from None
+    if found.slot == intent.target and superseded(intent, _state(env)) is not None:
+        return intent, "continue"  # another tool's deploy serves: this run's record is old
     if found.slot == intent.target:
         check = caddy.verify(env, intent.target, intent.to_version, attempts=3, interval=0.2)
         if check.ok:
@@ -89,6 +110,17 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         f"names no single slot: {found.problem(env)}",
         f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`",
         intent)
+
+
+def _state(env: Environment) -> Any:
+    """The deployment state as written now, or None when it cannot be read (then nothing is
+    taken as superseded: the record is judged by what runs, as before)."""
+    from runbook import state as states
+
+    try:
+        return states.read_state(env.state_file, environment=env.name)
+    except (RunbookError, OSError):
+        return None
 
 
 def replaced(found: tuple[intents.Intent, str] | None) -> intents.Intent | None:

@@ -307,6 +307,14 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                       f"wait for it to end (`runbook status {_arg(f.env)}` again says how it "
                       "ended); do not unlock or start another run meanwhile")
         return
+    later = finish.superseded(pending, f.state) if f.active == pending.target else None
+    if later is not None:
+        yield Problem(f"an interrupted run's record is out of date: {pending.describe()}; "
+                      f"since, {later.version} was deployed to {pending.to_slot} "
+                      f"({later.deployed_at:%Y-%m-%dT%H:%M:%SZ} by {later.deployed_by}), "
+                      "which serves", "nothing of it to finish: the next `runbook` command "
+                      "replaces the record (`runbook rollback` rolls back from what serves)")
+        return
     took = pending.phase is intents.Phase.COMMITTED or f.active == pending.target
     command = _command(f, pending)
     if not took:  # a restoring rollback killed before its restore began runs again with it

@@ -1317,6 +1317,35 @@ def test_a_finishing_run_is_called_in_progress_while_it_runs(stack: DrillStack) 
     assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
 
 
+def test_a_record_older_than_another_tools_deploy_to_its_slot_blocks_nothing(
+        stack: DrillStack) -> None:
+    """Found by review: a rollback killed before its switch (v3 on blue -> v2 on green) left
+    its record; then the host's deploy script deployed v3 to green, the same standby slot,
+    and switched Caddy to it. The record was read as having moved traffic to a green that
+    "does not answer as v2": every command was refused, and the one repair offered switched
+    back, undoing the fresh deploy. The state file says what happened since: the record is
+    old, status says so, and the next rollback goes on from what serves."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="before:health-gate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert intents.read(env) is not None
+    # the host's deploy script: v3 onto green (compose), Caddy switched, its deploy recorded
+    slots.recreate(env, Slot.GREEN, V3.tag)
+    health.wait_healthy(env, Slot.GREEN, timeout=30)
+    caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
+    before = states.read_state(env.state_file, environment=env.name)
+    states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
+        V3.tag, V3.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
+        migration_version=V3.schema, image=V3.image)))
+    assert through_proxy(env) == ("green", V3.tag)
+    status = cli(env, "status")
+    said = status.stdout + status.stderr
+    assert "record is out of date" in said and "took effect" not in said, said
+    planned = cli(env, "rollback", "--dry-run", "--to", V2.tag)  # previous is v3 too now
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "does not answer as" not in planned.stdout + planned.stderr
+
+
 def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_finished(
         stack: DrillStack) -> None:
     """Killed after its commit; then the shell tooling rewrote the state file without the
