@@ -1174,6 +1174,29 @@ def _restore_psql(stack: DrillStack) -> list[int]:
     return [int(line.split()[0]) for line in top if "psql" in line and "--file" in line]
 
 
+def _restore_held_before_commit(env: Environment) -> subprocess.Popen[str]:
+    """`rollback --restore-snapshot`, stopped (SIGSTOP) right before it sends COMMIT."""
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP"})
+    wait_stopped(proc.pid)
+    return proc
+
+
+def _exec_and_psql(stack: DrillStack, pid: int) -> tuple[list[int], list[int]]:
+    """The run's `docker exec psql` (here) and that psql (in the database container)."""
+    execs = _children(pid, "psql")
+    deadline = time.monotonic() + 10  # the exec may still be starting psql
+    while not (found := _restore_psql(stack)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert execs and found, "no docker exec psql under the run"
+    return execs, found
+
+
 def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_called_rolled_back(
         stack: DrillStack) -> None:
     """Found by review: once COMMIT was sent, a `docker exec` that failed (the Docker CLI
@@ -1184,21 +1207,10 @@ def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_calle
     rollback on the restored database and says so."""
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
     env = stack.env
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
-                             "--restore-snapshot", "--yes", str(env.source)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP"})
+    proc = _restore_held_before_commit(env)
     held: list[int] = []
     try:
-        wait_stopped(proc.pid)
-        execs = _children(proc.pid, "psql")
-        deadline = time.monotonic() + 10  # the exec may still be starting psql
-        while not (held := _restore_psql(stack)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert execs and held, "no docker exec psql under the run"
+        execs, held = _exec_and_psql(stack, proc.pid)
         for pid in held:
             os.kill(pid, signal.SIGSTOP)
         os.kill(proc.pid, signal.SIGCONT)  # COMMIT goes into psql's input, unread
@@ -1239,21 +1251,10 @@ def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and
     before, and the same command finishes it once Postgres answers, naming that snapshot."""
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
     env = stack.env
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
-                             "--restore-snapshot", "--yes", str(env.source)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP"})
+    proc = _restore_held_before_commit(env)
     held: list[int] = []
     try:
-        wait_stopped(proc.pid)
-        execs = _children(proc.pid, "psql")
-        deadline = time.monotonic() + 10
-        while not (found := _restore_psql(stack)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert execs and found, "no docker exec psql under the run"
+        execs, found = _exec_and_psql(stack, proc.pid)
         held = [*found, _postmaster(stack)]
         for pid in held:
             os.kill(pid, signal.SIGSTOP)
