@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook import caddy, health, recording, slots, traffic
 from runbook import intent as intents
@@ -24,6 +24,9 @@ from runbook import lock as locks
 from runbook.environment import Environment
 from runbook.errors import LockedError, PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
+
+if TYPE_CHECKING:
+    from runbook import state as states
 
 Record = recording.Record
 
@@ -49,7 +52,8 @@ def in_progress(intent: intents.Intent, held: locks.LockStatus | None) -> bool:
             and h.hostname == intent.hostname)
 
 
-def superseded(intent: intents.Intent, state: Any) -> Any:
+def superseded(intent: intents.Intent,
+               state: states.DeploymentState | None) -> states.Deployment | None:
     """The deployment another tool recorded on the record's target slot since the
     interrupted run started, when that run never moved traffic (killed before its switch)
     and the version differs: the host's deploy script deployed to the same standby slot
@@ -58,7 +62,7 @@ def superseded(intent: intents.Intent, state: Any) -> Any:
     None otherwise (`state`: a DeploymentState, or None when unreadable)."""
     from runbook.times import parse_utc
 
-    current = getattr(state, "current", None)
+    current = state.current if state is not None else None
     started = parse_utc(intent.started_at)
     if intent.phase is not intents.Phase.PREPARE or current is None or started is None:
         return None
@@ -112,7 +116,7 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         intent)
 
 
-def _state(env: Environment) -> Any:
+def _state(env: Environment) -> states.DeploymentState | None:
     """The deployment state as written now, or None when it cannot be read (then nothing is
     taken as superseded: the record is judged by what runs, as before)."""
     from runbook import state as states
