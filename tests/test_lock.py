@@ -29,8 +29,10 @@ from tests.drill_checks import (
     OWNER_UID,
     SHARED_GID,
     as_deploy_user,
+    fill,
     host_env,
     needs_root,
+    tmpfs,
 )
 
 DATA = Path(__file__).parent / "data" / "state"
@@ -1100,3 +1102,64 @@ def test_a_run_in_progress_is_not_called_interrupted(tmp_path: Path) -> None:
     facts.intent, facts.lock = intents.read(env), status(env)
     said = [p.problem for p in statusmod.interrupted_run(facts)]
     assert len(said) == 1 and said[0].startswith("an interrupted run is unfinished"), said
+
+
+def test_a_takeover_that_cannot_finish_leaves_the_stale_lock_as_it_was(tmp_path: Path) -> None:
+    """A full /tmp: the stale lock was removed, the new one could not be written, and the
+    error said "nothing was changed" (found by review). The stale lock is now only renamed
+    aside until the new one stands, and put back when it cannot."""
+    env = host_env(tmp_path)
+    with tmpfs(env.lock_dir, "256k"):
+        path = plant(env, age=env.lock_stale_after + 600, legacy=True)  # the shell tooling's
+        before = (path / "locked_at").read_bytes()
+        fill(env.lock_dir)
+        with pytest.raises(RunbookError) as refused:
+            acquire(env, "rollback")
+        assert refused.value.exit_code == ExitCode.PRECONDITION, refused.value
+        assert "nothing was changed" in refused.value.message
+        assert "free disk space" in (refused.value.fix or "")
+        assert sorted(p.name for p in path.iterdir()) == ["locked_at"]
+        assert (path / "locked_at").read_bytes() == before
+        assert sorted(p.name for p in env.lock_dir.iterdir()) == ["filler", path.name]
+        seen = status(env)
+        assert seen is not None and seen.stale and seen.locked_at is not None
+
+
+@needs_root
+def test_another_users_stale_lock_in_a_sticky_directory_is_named_with_the_way_out(
+        shared_dir: Path, dead_pid: int) -> None:
+    """The contract's lock lives in /tmp, which is sticky: a lock another user's crashed run
+    left there cannot be renamed or removed by this user. It was exit 2, "check [lock] dir in
+    the environment file"; it is the lock's owner, and who may remove it, that matter."""
+    env = host_env(shared_dir)
+    env.state_file.parent.mkdir()
+    env.state_file.parent.chmod(0o777)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    env.state_file.chmod(0o666)
+    env.lock_dir.mkdir()
+    env.lock_dir.chmod(0o1777)
+    path = plant(env, age=env.lock_stale_after + 600, pid=dead_pid)
+    for made in (path, *path.iterdir()):
+        os.chown(made, OWNER_UID, OWNER_UID)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    imports = ("import json, sys\nfrom pathlib import Path\nfrom runbook import lock\n"
+               "from runbook.errors import RunbookError\n"
+               "import encodings.utf_8_sig\nfrom tests.drill_checks import host_env\n"
+               "env = host_env(Path(sys.argv[1]))\n")
+    code = ("said = []\n"
+            "for act in (lambda: lock.acquire(env, 'rollback'), lambda: lock.unlock(env),\n"
+            "            lambda: lock.unlock(env, force=True)):\n"
+            "    try:\n"
+            "        said.append(['done', str(act())])\n"
+            "    except RunbookError as exc:\n"
+            "        said.append([int(exc.exit_code), exc.message, exc.fix])\n"
+            "print(json.dumps(said))\n")
+    said = json.loads(as_deploy_user([], imports, code, str(shared_dir)))
+    for answer in said:
+        assert answer[0] == ExitCode.LOCKED, answer
+        _, message, fix = answer
+        assert f"{path}" in message and f"uid {OWNER_UID}" in message, message
+        assert "sticky" in message and "stale" in message, message
+        assert f"sudo rm -r {path}" in fix, fix
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in env.lock_dir.iterdir()) == [path.name]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import secrets
 import shlex
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +40,11 @@ from runbook.lock.policy import (
     _state_lock_status,
 )
 from runbook.times import rough_duration
+
+
+class LockNotRemovable(LockedError):
+    """A stale lock this user may not remove (another user's, in a sticky directory)."""
+
 
 GUARD_TIMEOUT = 10.0  # seconds; the guarded sections take milliseconds
 # a lock directory with nothing in it (its maker was killed between mkdir and its files) is
@@ -237,6 +244,7 @@ def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
 def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
     path = env.lock_path
     stolen: LockStatus | None = None
+    tomb: Path | None = None
     with _guard(env):
         current = _inspect(env)
         if current is None:
@@ -252,22 +260,41 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             state_only = _state_lock_status(env)
             if state_only is not None and not state_only.stealable:
                 raise _locked_error(env, state_only)
-            tomb = _entomb(path, current.ident)
-            shutil.rmtree(tomb, ignore_errors=True)
+            tomb = _entomb(path, current.ident, env=env, judged=current)
             stolen = current
+        # The stale lock stays aside (renamed, whole) until the new one stands: a takeover
+        # that fails (a full /tmp) puts it back, so "nothing was changed" is true; it was
+        # removed first, and its holder.json was lost with it (found by review).
         try:
-            # mkdir, not files.atomic_write: its failing when the directory exists is the
-            # exclusion itself (and what the deploy script does); a rename would overwrite.
-            os.mkdir(path, 0o755)
+            lock = _make(env, path, reason, run_id, stolen)
         except FileExistsError:
-            # Someone outside the guard (the shell tooling) got in first.
+            # Someone outside the guard (the shell tooling) got in first; what was stale stays
+            # removed (it was judged so, and the name is theirs now).
+            if tomb is not None:
+                shutil.rmtree(tomb, ignore_errors=True)
             other = _inspect(env) or current
             if other is None:
                 raise LockedError(f"{env.display}: the deploy lock was taken at this moment",
                                   "run `runbook status` and try again") from None
             raise _locked_error(env, other) from None
+        except BaseException:
+            if tomb is not None:
+                _put_back(path, tomb)
+            raise
+        if tomb is not None:
+            shutil.rmtree(tomb, ignore_errors=True)
+    return lock
+
+
+def _make(env: Environment, path: Path, reason: str, run_id: str | None,
+          stolen: LockStatus | None) -> Lock:
+    """mkdir, not files.atomic_write: its failing when the directory exists is the exclusion
+    itself (and what the deploy script does); a rename would overwrite."""
+    os.mkdir(path, 0o755)
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino)
+    try:
         now = time.time()
-        st = os.stat(path)
         locked_at = _from_epoch(now)
         lock = Lock(
             env=env, path=path, lock_id=statemod.new_id("lock"),
@@ -275,14 +302,26 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             locked_by=statemod.current_operator(), pid=os.getpid(),
             hostname=socket.gethostname(), locked_at=locked_at,
             expires_at=locked_at + timedelta(seconds=env.lock_stale_after),
-            ident=(st.st_dev, st.st_ino), stolen_from=stolen,
+            ident=ident, stolen_from=stolen,
         )
+        _write_lock_files(path, lock, now)
+    except BaseException:
         try:
-            _write_lock_files(path, lock, now)
+            _remove_dir(path, ident)
         except OSError:
-            _remove_dir(path, lock.ident)
-            raise
+            shutil.rmtree(path, ignore_errors=True)  # ours, made just now under the guard
+        raise
     return lock
+
+
+def _put_back(path: Path, tomb: Path) -> None:
+    """The stale lock back under its name, unless another tool took the name meanwhile (a
+    rename would replace its lock while it is still empty)."""
+    if os.path.lexists(path):
+        shutil.rmtree(tomb, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        os.rename(tomb, path)
 
 
 def release(env: Environment, lock: Lock) -> bool:
@@ -348,7 +387,8 @@ def unlock(env: Environment, force: bool = False) -> str:
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
         _check_removable(env, current, force)
-        _remove_dir(env.lock_path, current.ident)
+        tomb = _entomb(env.lock_path, current.ident, env=env, judged=current)
+        shutil.rmtree(tomb, ignore_errors=True)
     holder_id = current.holder.lock_id if current.holder else None
 
     def removed_ones(lock: Mapping[str, Any]) -> bool:
@@ -417,7 +457,8 @@ def guard_path(env: Environment) -> Path:
     return state.with_name(f".{env.lock_path.name}.guard")
 
 
-def _entomb(path: Path, ident: Ident | None) -> Path:
+def _entomb(path: Path, ident: Ident | None, *, env: Environment | None = None,
+            judged: LockStatus | None = None) -> Path:
     """Rename the judged directory away; refuse if the name now points at another one."""
     tomb = path.with_name(f".{path.name}.stale-{secrets.token_hex(6)}")
     try:
@@ -425,6 +466,12 @@ def _entomb(path: Path, ident: Ident | None) -> Path:
     except FileNotFoundError:
         raise LockedError(f"{path} vanished while it was being taken over",
                           "run again") from None
+    except PermissionError as exc:
+        if env is not None and judged is not None:
+            refused = _not_ours_to_remove(env, path, judged)
+            if refused is not None:
+                raise refused from exc
+        raise
     st = os.lstat(tomb)
     if ident is not None and (st.st_dev, st.st_ino) != ident:
         # A fresh lock replaced the stale one between judging and renaming: put it back.
@@ -435,10 +482,36 @@ def _entomb(path: Path, ident: Ident | None) -> Path:
     return tomb
 
 
+def _not_ours_to_remove(env: Environment, path: Path,
+                        judged: LockStatus) -> LockNotRemovable | None:
+    """The contract's lock lives in /tmp, which is sticky: a lock another user's crashed run
+    left there may be removed by that user or root only. It was exit 2, "check [lock] dir in
+    the environment file", which names neither who owns it nor the way out."""
+    try:
+        owner = os.lstat(path).st_uid
+        sticky = bool(os.stat(path.parent).st_mode & stat.S_ISVTX)
+    except OSError:
+        return None
+    if not sticky or owner == os.geteuid():
+        return None
+    try:
+        who = f"{pwd.getpwuid(owner).pw_name} (uid {owner})"
+    except KeyError:
+        who = f"uid {owner}"
+    return LockNotRemovable(
+        f"{env.display}: the deploy lock {path} is stale, {judged.why}, but it belongs to "
+        f"{who} and {path.parent} is sticky: only its owner or root may remove it; nothing "
+        "was changed",
+        f"check that no deploy of {who} still runs (`ps -u {owner} -o pid,lstart,args`), "
+        f"then remove it as root: `sudo rm -r {shlex.quote(str(path))}`, and run again")
+
+
 def _remove_dir(path: Path, ident: Ident | None) -> None:
     """Atomic removal: readers see the whole lock or none, never a half-deleted one."""
     try:
         tomb = _entomb(path, ident)
+    except LockNotRemovable:
+        raise
     except LockedError:
         return
     shutil.rmtree(tomb, ignore_errors=True)
