@@ -1174,15 +1174,17 @@ def _restore_psql(stack: DrillStack) -> list[int]:
     return [int(line.split()[0]) for line in top if "psql" in line and "--file" in line]
 
 
-def _restore_held_before_commit(env: Environment) -> subprocess.Popen[str]:
-    """`rollback --restore-snapshot`, stopped (SIGSTOP) right before it sends COMMIT."""
+def _restore_held(env: Environment, point: str = "restore.before-commit",
+                  ) -> subprocess.Popen[str]:
+    """`rollback --restore-snapshot`, stopped (SIGSTOP) at `point`: by default right before
+    it sends COMMIT."""
     assert env.source is not None
     environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
     proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
                              "--restore-snapshot", "--yes", str(env.source)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP"})
+                            env=environ | {faults.VARIABLE: f"{point}:SIGSTOP"})
     wait_stopped(proc.pid)
     return proc
 
@@ -1207,7 +1209,7 @@ def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_calle
     rollback on the restored database and says so."""
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
     env = stack.env
-    proc = _restore_held_before_commit(env)
+    proc = _restore_held(env)
     held: list[int] = []
     try:
         execs, held = _exec_and_psql(stack, proc.pid)
@@ -1233,6 +1235,75 @@ def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_calle
     assert _database(stack)[0] == (1,)
 
 
+def _wait_dead(pid: int) -> None:
+    """Until `pid` has closed its files: a Go program's main thread is a zombie ("Z") while
+    its other threads, which share its files (the pipe), may still be exiting."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            if state in ("Z", "X") and os.listdir(f"/proc/{pid}/task") == [str(pid)]:
+                return  # only the zombie leader is left: every thread has exited
+        except OSError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die")
+
+
+def _dropped_and_held(stack: DrillStack) -> None:
+    """Wait until another session holds a table's ACCESS EXCLUSIVE lock (the restore's DROP
+    SCHEMA ran, its transaction open)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with stack.connect() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND granted AND "
+                "mode = 'AccessExclusiveLock' AND pid <> pg_backend_pid()").fetchone()
+        if row and row[0]:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the restore's DROP SCHEMA never held its locks")
+
+
+@pytest.mark.parametrize("point", ["restore.mid-stream", "restore.before-commit"])
+def test_a_restore_whose_docker_exec_dies_before_its_commit_ends_its_session_first(
+        stack: DrillStack, point: str) -> None:
+    """Found by review: when the Docker CLI died mid-stream (killed, or the daemon dropping
+    the exec), psql in the container lived on, its transaction open with the DROP SCHEMA's
+    locks held: the undo started the app slots again at once, their /health (which reads the
+    database) waited on those locks, and "traffic stays where it was" ended as exit 5 with an
+    unhealthy slot. No COMMIT was sent, so the run now ends that session (Postgres rolls it
+    back) before it starts the slots. Here psql is held (SIGSTOP) for the whole run. At the
+    COMMIT, the pipe says the exec is gone (EPIPE): COMMIT never reached psql, which the run
+    took for "sent" and then waited 10 minutes on a transaction "in progress"."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    before = _database(stack)
+    proc = _restore_held(env, point)
+    held: list[int] = []
+    try:
+        execs, held = _exec_and_psql(stack, proc.pid)
+        _dropped_and_held(stack)
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        for pid in execs:  # the Docker CLI dies; psql in the container lives on, held
+            os.kill(pid, signal.SIGKILL)
+        for pid in execs:  # dead (a zombie of the held run) before the run goes on
+            _wait_dead(pid)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == ExitCode.FAILED_SAFELY, out + err
+    assert "rolled back" in err and "not healthy" not in err, err
+    assert through_proxy(env) == ("green", V2.tag)
+    assert _database(stack) == before
+
+
 def _postmaster(stack: DrillStack) -> int:
     """The host pid of the database container's main Postgres process (its init process:
     never an exec'd psql, whose parent is outside the container too)."""
@@ -1251,7 +1322,7 @@ def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and
     before, and the same command finishes it once Postgres answers, naming that snapshot."""
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
     env = stack.env
-    proc = _restore_held_before_commit(env)
+    proc = _restore_held(env)
     held: list[int] = []
     try:
         execs, found = _exec_and_psql(stack, proc.pid)

@@ -34,6 +34,9 @@ restore. And a pg_dump queued behind an ALTER that queues behind this very trans
 locks is a wait Postgres never detects."""
 DUMP_FLAGS = ("--format=plain", "--no-owner", "--no-acl", "--clean", "--if-exists")
 GZIP_LEVEL = 6  # what `gzip` uses by default: the contract's `| gzip`
+# the restore's psql session's application_name: what the run ends when its `docker exec` died
+# before COMMIT while psql lived on in the container (runbook/snapshots/replay.py)
+RESTORE_APP = "runbook-restore"
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,14 @@ class Target:
             env["PGPASSWORD"] = self.password
         return env
 
-    def exec_prefix(self, *, stdin: bool = False) -> list[str]:
+    def exec_prefix(self, *, stdin: bool = False, app: str | None = None) -> list[str]:
         argv = ["docker", "exec"]
         if stdin:
             argv.append("-i")
         if self.password:
             argv += ["-e", "PGPASSWORD"]  # no value: taken from exec_env(), never argv
+        if app:
+            argv += ["-e", f"PGAPPNAME={app}"]  # its session, found in pg_stat_activity
         return [*argv, self.container]
 
     def connection_args(self) -> list[str]:
@@ -134,7 +139,8 @@ def replay(tgt: Target, source: str = "the snapshot file") -> DbCommand:
     """psql reading stdin; the transaction is the input's own (BEGIN in the prelude, COMMIT
     only after the whole file checked out: runbook/snapshots/replay.py), never
     --single-transaction, which commits whatever arrived when its input ends."""
-    argv = [*tgt.exec_prefix(stdin=True), "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+    argv = [*tgt.exec_prefix(stdin=True, app=RESTORE_APP), "psql", "-X", "-q", "-v",
+            "ON_ERROR_STOP=1",
             "--file", "-", *tgt.connection_args()]
     return DbCommand(tuple(argv), stdin=f"the prelude, then (gunzip in-process) {source}",
                      env=tgt.exec_env())

@@ -55,6 +55,7 @@ TXID_WAIT = 30.0  # for psql to print it (it does so right after connecting)
 # still be building the dump's indexes, minutes on a large database (the lock is kept fresh)
 OUTCOME_WAIT = 600.0
 UNANSWERED_WAIT = 30.0  # for Postgres to answer at all (restarting, or a connection refused)
+END_WAIT = 10.0  # for a terminated session of a failed restore to end
 
 
 class ReplayFailed(RunbookError):
@@ -153,8 +154,16 @@ def replay(env: Environment, verified: Verified,
             if problem is None and proc.poll() is None and not stopped_reading:
                 faults.point(env, "restore.before-commit")
                 commit_sent = True  # from here on, psql's exit code alone proves nothing
-                with contextlib.suppress(OSError):
-                    proc.stdin.write(COMMIT)
+                try:
+                    proc.stdin.write(COMMIT)  # (the buffer is empty: flushed above)
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    # the exec's input was closed before it: ten bytes into a pipe are
+                    # written whole or not at all, so COMMIT never reached psql
+                    commit_sent = False
+                    stopped_reading = True
+                except OSError:
+                    pass
             if problem is not None:
                 with contextlib.suppress(OSError):
                     proc.stdin.write(ABORT)
@@ -170,7 +179,10 @@ def replay(env: Environment, verified: Verified,
         why = (f"{snap.name}: {problem}" if problem
                else f"psql exit {code}: {commands.stderr_line(err, tgt)}")
     if not commit_sent:
-        raise ReplayFailed(f"restore failed and was rolled back ({why})",
+        left = end_session(env, heartbeat)
+        note = (f"; its session could not be ended ({left}): the app may wait for its locks "
+                "until psql ends") if left else ""
+        raise ReplayFailed(f"restore failed and was rolled back ({why}){note}",
                            exit_code=ExitCode.FAILED_SAFELY)
     assert txid is not None
     outcome = transaction_outcome(env, txid, heartbeat)
@@ -201,6 +213,35 @@ def _wait_txid(out: IO[bytes], proc: subprocess.Popen[bytes]) -> int | None:
         if proc.poll() is not None or time.monotonic() > deadline:
             return None
         time.sleep(0.01)
+
+
+def end_session(env: Environment, heartbeat: Callable[[], None] = lambda: None) -> str | None:
+    """End the restore's psql session if it outlived its `docker exec` (the Docker CLI killed,
+    the daemon dropping the exec: psql lives on in the container, mid-statement or waiting
+    for input), so Postgres rolls its transaction back now. Only ever called before COMMIT
+    was sent, so ending it never loses a restore. Left, it held the DROP SCHEMA's locks, and
+    the app slots started again at once waited on them (found by review). None when no such
+    session is left; else why it could not be ended."""
+    deadline = time.monotonic() + END_WAIT
+    while True:
+        heartbeat()
+        try:
+            with database.connect(env) as conn:
+                rows = conn.execute(
+                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    (commands.RESTORE_APP,)).fetchall()
+        except Exception as exc:  # unreachable: nothing more to do here
+            from runbook.redact import redact
+
+            said = (str(exc) or type(exc).__name__).splitlines()[0]
+            return f"Postgres could not be asked: {redact(said)[:200]}"
+        if not rows:
+            return None
+        if time.monotonic() > deadline:
+            pids = ", ".join(str(row[0]) for row in rows)
+            return f"its backend {pids} was still there after {END_WAIT:g} s"
+        time.sleep(0.1)
 
 
 def transaction_outcome(env: Environment, txid: int,
