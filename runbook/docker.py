@@ -50,6 +50,9 @@ class ContainerInfo:
     # the host ports it publishes (HostConfig.PortBindings); None: not known (host network,
     # or not inspected), () none
     published: tuple[int, ...] | None = None
+    # the names and addresses other containers reach it by (its name, hostname, network
+    # aliases and DNS names, IP addresses): what a Caddy on Docker's network dials
+    addresses: frozenset[str] = frozenset()
 
     @property
     def running(self) -> bool:
@@ -340,7 +343,21 @@ def inspect(name: str) -> ContainerInfo:
         exit_code=state.get("ExitCode"),
         started_at=state.get("StartedAt"), labels=config.get("Labels") or {},
         published=_published(attrs.get("HostConfig") or {}),
+        addresses=_addresses(attrs),
     )
+
+
+def _addresses(attrs: dict[str, Any]) -> frozenset[str]:
+    found = {str(attrs.get("Name") or "").lstrip("/"), str(attrs.get("Id") or "")[:12],
+             str((attrs.get("Config") or {}).get("Hostname") or "")}
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    for network in networks.values() if isinstance(networks, dict) else ():
+        if not isinstance(network, dict):
+            continue
+        found.update(str(a) for a in (network.get("Aliases") or ()))
+        found.update(str(a) for a in (network.get("DNSNames") or ()))
+        found.update(str(network.get(k) or "") for k in ("IPAddress", "GlobalIPv6Address"))
+    return frozenset(a.lower() for a in found if a)
 
 
 def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:

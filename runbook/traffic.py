@@ -349,6 +349,13 @@ def _dial_port(address: str) -> int | None:
     return int(tail) if head and tail.isdigit() else None
 
 
+def _dial_host(address: str) -> str:
+    """The host of a dial address (`name:8080`, `[fd00::2]:8080`), lower-cased."""
+    head, _, tail = address.rpartition(":")
+    host = head if head and tail.isdigit() else address
+    return host.strip("[]").lower()
+
+
 def check_slot_ports(env: Environment) -> None:
     """Each slot's container publishes the port the environment names for it. Which slot
     serves is read from the ports Caddy dials: with the ports swapped (a `-p` typo, a
@@ -392,11 +399,21 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
             f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
             f"dials port {env.slot(slot).port})",
             "this is a bug or a concurrent change; see `runbook status`")
+    info = docker.inspect(container)
+    # Caddy on Docker's network dials the container itself (its name, an alias, its IP and
+    # the app's port inside it), not the host port the environment names: by port alone the
+    # container that serves passed for one Caddy does not dial
+    by_name = sorted(d for d in found.dials if _dial_host(d) in info.addresses)
+    if by_name:
+        raise ServingContainerError(
+            f"refusing to {action} {container}: Caddy's running config dials it by name or "
+            f"address ({', '.join(by_name)})",
+            "this is a bug or a concurrent change; see `runbook status`")
     # the OTHER slot's port, published by this container (ports swapped against the
     # environment) and dialed by Caddy; its own port is judged above (a site outside the
     # markers may pin it), and another port it publishes (metrics) is not the app's
     dialed = {p for p in map(_dial_port, found.dials) if p is not None}
-    published = (set(docker.inspect(container).published or ())
+    published = (set(info.published or ())
                  & {env.slot(Slot(slot).other).port} & dialed)
     if published:
         raise ServingContainerError(
