@@ -357,7 +357,8 @@ def _addresses(attrs: dict[str, Any]) -> frozenset[str]:
         found.update(str(a) for a in (network.get("Aliases") or ()))
         found.update(str(a) for a in (network.get("DNSNames") or ()))
         found.update(str(network.get(k) or "") for k in ("IPAddress", "GlobalIPv6Address"))
-    return frozenset(a.lower() for a in found if a)
+    # a hostname set to "localhost" names the host's loopback to a Caddy on the host: not it
+    return frozenset(a.lower() for a in found if a) - {"localhost", "127.0.0.1", "::1"}
 
 
 def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:
