@@ -429,16 +429,33 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
     def run(ctx: StepContext) -> None:
         if force:
             # Not gated on health, but traffic never goes to a slot that does not answer at
-            # all yet (a container still starting): that would be 502s for nothing.
-            deadline = time.monotonic() + env.health.timeout
+            # all (a container still starting, crashed, hung): that would be 502s for nothing
+            # until verification gave up. At the deadline it went on all the same (found by
+            # review); it fails now, before anything moved.
+            began = time.monotonic()
+            deadline = began + env.health.timeout
+            asked_running = began
             while True:
                 report = health.probe(config, env.health.path, env.health.request_timeout)
-                if report.status != health.UNREACHABLE or time.monotonic() >= deadline:
+                if report.status != health.UNREACHABLE:
                     break
+                now = time.monotonic()
+                gone = False
+                if now - asked_running >= 1.0 or now >= deadline:
+                    asked_running = now
+                    gone = not docker.inspect(config.container).running
+                if now >= deadline or gone:
+                    why = (f"its container {config.container} is not running" if gone
+                           else f"within {env.health.timeout:g}s")
+                    raise health.HealthGateError(
+                        f"slot {slot} did not answer {config.base_url}{env.health.path} {why} "
+                        f"({report.reason() or report.status}): --force skips the health "
+                        "verdict, never an answer; traffic stays where it was",
+                        f"check `docker logs --tail 100 {config.container}`",
+                        report=report, elapsed=now - began)
                 ctx.heartbeat()
                 time.sleep(0.05)
-            observed.health_status = (report.status if report.status != health.UNREACHABLE
-                                      else "unknown")
+            observed.health_status = report.status
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
             return
         said: list[tuple[str, float]] = []  # the last note and when it was said
@@ -465,11 +482,22 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
                 f"check `docker inspect {config.container}`")
         version = report.version
+        if expected_version and version is None and report.git_commit:
+            # a /health naming its commit alone: the version is its first 7 hex (CONTRACTS);
+            # it compared nothing, and a wrong build passed the gate (found by review)
+            if not report.git_commit.lower().startswith(expected_version.lower()):
+                raise PreconditionError(
+                    f"slot {slot} answers git_commit {report.git_commit}, expected version "
+                    f"{expected_version} (its {env.health.path} names no version)",
+                    f"check `docker inspect {config.container}`")
+            version = f"{report.git_commit} (git_commit)"
         if expected_version and version is None and report.git_commit is None:
             # /health names no build (an app with fewer fields): the slot's own /version,
             # asked now, so a wrong build is refused before traffic moves, not after
             seen = health.version_of(config, env.health.request_timeout)
-            if seen is not None and expected_version not in seen:
+            if seen is not None and not (seen[0] == expected_version or (
+                    not seen[0] and (seen[1] or '').lower().startswith(
+                        expected_version.lower()))):
                 raise PreconditionError(
                     f"slot {slot} answers version {seen[0] or '(none)'} (git_commit "
                     f"{seen[1] or '(none)'}) at {health.VERSION_PATH}, expected "

@@ -353,6 +353,44 @@ def test_a_health_without_a_version_is_checked_against_the_slots_own_version(
     assert server.hits.get("/version") == 1
 
 
+@pytest.mark.parametrize(("commit", "refused"), [("1a2b3c4" + "0" * 33, True), (COMMIT, False)])
+def test_a_health_naming_only_its_commit_is_checked_against_it(
+        server: Server, monkeypatch: pytest.MonkeyPatch, commit: str, refused: bool) -> None:
+    """Found by review: a /health with a git_commit and no version compared nothing (the
+    version check needs `version`, the /version fallback was asked only when both were
+    missing): a wrong build passed the gate. Its commit must begin with the version (CONTRACTS:
+    7 hex of the 40)."""
+    answer = {"status": "healthy", "git_commit": commit, "checks": {"database": PASS}}
+    monkeypatch.setitem(ROUTES, "/commit", (200, json.dumps(answer).encode()))
+    env = make_env(server.port, path="/commit")
+    step = slots.gate_step(env, Slot.BLUE, force=False, expected_version="3f2a1b9")
+    assert step.run is not None
+    ctx = StepContext(step)
+    if refused:
+        with pytest.raises(PreconditionError) as err:
+            step.run(ctx)
+        assert f"git_commit {commit}" in str(err.value) and "expected version 3f2a1b9" in str(
+            err.value), err.value
+    else:
+        step.run(ctx)
+        assert ctx.notes["health"] == f"healthy, version {COMMIT} (git_commit)"
+
+
+def test_force_never_sends_traffic_to_a_slot_that_never_answered(server: Server) -> None:
+    """Found by review: --force skips the health verdict, and its step waits "until the slot
+    answers", but at the deadline it went on all the same: the switch then sent every user to
+    a slot that did not answer, until verification gave up. It fails (exit 1) instead."""
+    env = make_env(closed_port(), timeout=0.3)
+    step = slots.gate_step(env, Slot.BLUE, force=True, expected_version="3f2a1b9")
+    assert step.run is not None
+    began = time.monotonic()
+    with pytest.raises(HealthGateError) as err:
+        step.run(StepContext(step))
+    assert time.monotonic() - began < 0.3 + 2.0
+    assert err.value.exit_code is ExitCode.FAILED_SAFELY
+    assert "did not answer" in str(err.value) and "--force" in str(err.value), err.value
+
+
 def test_a_stale_answer_from_planning_is_asked_again(server: Server,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """After a long confirmation prompt the planner's answer is old news: the gate asks."""
