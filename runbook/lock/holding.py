@@ -315,13 +315,31 @@ def _make(env: Environment, path: Path, reason: str, run_id: str | None,
 
 
 def _put_back(path: Path, tomb: Path) -> None:
-    """The stale lock back under its name, unless another tool took the name meanwhile (a
-    rename would replace its lock while it is still empty)."""
-    if os.path.lexists(path):
+    """The stale lock back under its name, unless another tool took the name meanwhile: a
+    plain rename replaces a directory that is still empty, the shell tooling's lock the
+    instant after its `mkdir` (found by review), so it is renameat2(RENAME_NOREPLACE); where
+    that is not available, the stale lock stays renamed aside (it was judged removable)."""
+    if not _rename_noreplace(tomb, path):
         shutil.rmtree(tomb, ignore_errors=True)
-        return
-    with contextlib.suppress(OSError):
-        os.rename(tomb, path)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(source: Path, target: Path) -> bool:
+    """rename(2) that fails when `target` exists; False when it did not rename."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    return bool(renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                          _RENAME_NOREPLACE) == 0)
 
 
 def release(env: Environment, lock: Lock) -> bool:
@@ -499,7 +517,9 @@ def _not_ours_to_remove(env: Environment, path: Path,
     except KeyError:
         who = f"uid {owner}"
     return LockNotRemovable(
-        f"{env.display}: the deploy lock {path} is stale, {judged.why}, but it belongs to "
+        f"{env.display}: the deploy lock {path} "
+        f"{f'is stale, {judged.why},' if judged.stale else f'names no holder ({judged.why}),'}"
+        " but it belongs to "
         f"{who} and {path.parent} is sticky: only its owner or root may remove it; nothing "
         "was changed",
         f"check that no deploy of {who} still runs (`ps -u {owner} -o pid,lstart,args`), "

@@ -174,14 +174,15 @@ def replay(env: Environment, verified: Verified,
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if problem is None and code == 0:
-            return None
+        if problem is None and code == 0 and commit_sent:
+            return None  # (an exec that ends 0 without our COMMIT restored nothing)
         why = (f"{snap.name}: {problem}" if problem
                else f"psql exit {code}: {commands.stderr_line(err, tgt)}")
     if not commit_sent:
         left = end_session(env, heartbeat)
-        note = (f"; its session could not be ended ({left}): the app may wait for its locks "
-                "until psql ends") if left else ""
+        note = (f"; whether psql's session is still open could not be checked or ended "
+                f"({left}): if it is, the app waits on its locks until psql ends (it can "
+                "never commit)") if left else ""
         raise ReplayFailed(f"restore failed and was rolled back ({why}){note}",
                            exit_code=ExitCode.FAILED_SAFELY)
     assert txid is not None
