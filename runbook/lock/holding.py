@@ -291,9 +291,10 @@ def _make(env: Environment, path: Path, reason: str, run_id: str | None,
     """mkdir, not files.atomic_write: its failing when the directory exists is the exclusion
     itself (and what the deploy script does); a rename would overwrite."""
     os.mkdir(path, 0o755)
-    st = os.stat(path)
-    ident = (st.st_dev, st.st_ino)
+    ident: Ident | None = None
     try:
+        st = os.stat(path)
+        ident = (st.st_dev, st.st_ino)
         now = time.time()
         locked_at = _from_epoch(now)
         lock = Lock(
@@ -306,8 +307,12 @@ def _make(env: Environment, path: Path, reason: str, run_id: str | None,
         )
         _write_lock_files(path, lock, now)
     except BaseException:
+        # (an interrupt right after the mkdir too: an empty lock left here needed --force)
         try:
-            _remove_dir(path, ident)
+            if ident is None:
+                os.rmdir(path)  # still empty: nothing was written into it
+            else:
+                _remove_dir(path, ident)
         except OSError:
             shutil.rmtree(path, ignore_errors=True)  # ours, made just now under the guard
         raise

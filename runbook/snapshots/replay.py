@@ -230,7 +230,8 @@ def end_session(env: Environment, heartbeat: Callable[[], None] = lambda: None) 
             with database.connect(env) as conn:
                 rows = conn.execute(
                     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    "WHERE application_name = %s AND datname = current_database() "
+                    "AND pid <> pg_backend_pid()",
                     (commands.RESTORE_APP,)).fetchall()
         except Exception as exc:  # unreachable: nothing more to do here
             from runbook.redact import redact
