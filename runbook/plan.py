@@ -83,8 +83,16 @@ class StepContext:
     notice: Callable[[str], None] = lambda message: None
     heartbeat: Callable[[], None] = lambda: None  # long waits call it: the lock stays fresh
     commit: Callable[[], None] = lambda: None  # the commit step calls it once verified
+    signalled: Callable[[], int | None] = lambda: None  # a signal held since the step began
     # a few words beside "ok" when the title is not the whole truth ("left running")
     result: str | None = None
+
+    def stop_if_signalled(self) -> None:
+        """Right before a step that holds signals makes its first change: a Ctrl-C that came
+        while it only read stops it here, where nothing needs undoing. Acted on only at the
+        commit, it moved the users to the target and back again (found by review)."""
+        if (signum := self.signalled()) is not None:
+            raise Interrupted(signum)
 
     def note(self, **values: Any) -> None:
         self.notes.update(values)
@@ -353,6 +361,7 @@ class _Execution:
         ctx.say = lambda message: self._say("note", step, redact(message))  # app text too
         ctx.notice = self.notice
         ctx.commit = self._commit
+        ctx.signalled = lambda: self.signals.received
         self._say("start", step)
         started = time.monotonic()
         interruptible = step.phase is Phase.PREPARE and not step.hold_signals

@@ -673,6 +673,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         # written the disk without reloading).
         restore_bytes = (caddy.rewrite(old, env, before).encode("utf-8") if before is not None
                          else old_bytes)
+        ctx.fault("switch.before-write")
+        ctx.stop_if_signalled()  # the last moment nothing needs undoing
         backup = caddy.write_backup(env, restore_bytes)
         observed.sent_to_target = True  # from the write on: a Caddy may watch its file
         if new != old:

@@ -1154,6 +1154,27 @@ def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends
     assert row is not None and int(row[0]) == 1  # the whole snapshot, committed
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_switch_only_reads_never_moves_the_users(
+        stack: DrillStack, signame: str) -> None:
+    """Found by review: the switch step holds signals, and one that came while it still only
+    read (Caddy's config, the Caddyfile, its validation) was acted on at the commit: the
+    users were moved to the target, verified there, and moved back by the undo. It stops
+    before the write now: the Caddyfile and Caddy are never touched."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    caddyfile = env.caddy.caddyfile.read_bytes()
+    with Poller(env) as user:
+        first = cli(env, "rollback", "--yes", fault=f"switch.before-write:{signame}")
+        time.sleep(0.2)
+    assert first.returncode == ExitCode.FAILED_SAFELY, first.stdout + first.stderr
+    assert "nothing took effect" in first.stderr, first.stderr
+    assert "previous Caddyfile" not in first.stderr, first.stderr  # no undo of the switch
+    assert env.caddy.caddyfile.read_bytes() == caddyfile
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert {slot for _, slot, _ in user.seen} == {"blue"} and user.failures == []
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running  # started, stopped again
+
+
 def _children(pid: int, name: str) -> list[int]:
     """The pids of `pid`'s child processes whose command line contains `name`."""
     found = []
