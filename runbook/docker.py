@@ -348,6 +348,10 @@ def inspect(name: str) -> ContainerInfo:
 
 
 def _addresses(attrs: dict[str, Any]) -> frozenset[str]:
+    if str((attrs.get("HostConfig") or {}).get("NetworkMode") or "") == "host":
+        # it shares the host's network and hostname: reached on its port (judged by port),
+        # and the machine's name in a dial is not this container (both slots carry it)
+        return frozenset()
     found = {str(attrs.get("Name") or "").lstrip("/"), str(attrs.get("Id") or "")[:12],
              str((attrs.get("Config") or {}).get("Hostname") or "")}
     networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}

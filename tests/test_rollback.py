@@ -948,6 +948,28 @@ def test_a_slot_caddy_dials_by_container_name_is_never_stopped_or_recreated(
     traffic.refuse_if_serving(env, Slot.GREEN, "recreate")  # the other one is free to go
 
 
+@pytest.mark.any_shape
+def test_a_host_network_container_is_never_named_by_the_machines_hostname(
+        stack: DrillStack) -> None:
+    """Both slots on the host's network carry the machine's hostname: a Caddy dialing
+    `<hostname>:8082` would have made the guard refuse the idle slot (found by review). Such a
+    container is reached on its port only; a bridge one by its name too."""
+    name = f"{stack.prefix}hostnet-probe"
+    image = VERSIONS["v1"].image
+    for network in ("host", "bridge"):
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        subprocess.run(["docker", "run", "-d", "--name", name, "--network", network,
+                        "--entrypoint", "sleep", image, "60"], capture_output=True, check=True)
+        try:
+            found = docker.inspect(name).addresses
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        if network == "host":
+            assert found == frozenset(), found
+        else:
+            assert name in found and any(a.count(".") == 3 for a in found), found
+
+
 def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStack) -> None:
     """A run killed between writing the Caddyfile and reloading leaves a file that lies:
     status names the slot Caddy serves and lists the difference as a problem."""
