@@ -398,7 +398,8 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
         raise ServingContainerError(
             f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
             f"dials port {env.slot(slot).port})",
-            "this is a bug or a concurrent change; see `runbook status`")
+            "it is left running; see `runbook status` (an earlier step that could not put "
+            "Caddy back, said above, a concurrent change, or a bug)")
     info = docker.inspect(container)
     # Caddy on Docker's network dials the container itself (its name, an alias, its IP and
     # the app's port inside it), not the host port the environment names: by port alone the
@@ -408,7 +409,8 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
         raise ServingContainerError(
             f"refusing to {action} {container}: Caddy's running config dials it by name or "
             f"address ({', '.join(by_name)})",
-            "this is a bug or a concurrent change; see `runbook status`")
+            "it is left running; see `runbook status` (an earlier step that could not put "
+            "Caddy back, said above, a concurrent change, or a bug)")
     # the OTHER slot's port, published by this container (ports swapped against the
     # environment) and dialed by Caddy; its own port is judged above (a site outside the
     # markers may pin it), and another port it publishes (metrics) is not the app's
