@@ -122,6 +122,16 @@ def probe(target: str | SlotConfig, path: str | None = None, timeout: float = 3.
 VERSION_PATH = "/version"  # the app's own (CONTRACTS): {"version", "git_commit", "build_date"}
 
 
+def names_build(expected: str, version: str | None, commit: str | None) -> bool | None:
+    """Does an answer name the `expected` build (the contract's version: the first 7 hex of
+    its git_commit)? None when it names neither."""
+    if not version and not commit:
+        return None
+    if expected in (version, commit):
+        return True
+    return not version and bool(commit) and str(commit).lower().startswith(expected.lower())
+
+
 def version_of(config: SlotConfig, timeout: float = 3.0) -> tuple[str | None, str | None] | None:
     """(version, git_commit) as the slot's own /version says them, asked directly (never
     through Caddy); None when it does not answer 200 with a JSON object naming either. For

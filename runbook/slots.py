@@ -485,7 +485,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
         if expected_version and version is None and report.git_commit:
             # a /health naming its commit alone: the version is its first 7 hex (CONTRACTS);
             # it compared nothing, and a wrong build passed the gate (found by review)
-            if not report.git_commit.lower().startswith(expected_version.lower()):
+            if not health.names_build(expected_version, None, report.git_commit):
                 raise PreconditionError(
                     f"slot {slot} answers git_commit {report.git_commit}, expected version "
                     f"{expected_version} (its {env.health.path} names no version)",
@@ -495,9 +495,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # /health names no build (an app with fewer fields): the slot's own /version,
             # asked now, so a wrong build is refused before traffic moves, not after
             seen = health.version_of(config, env.health.request_timeout)
-            if seen is not None and not (seen[0] == expected_version or (
-                    not seen[0] and (seen[1] or '').lower().startswith(
-                        expected_version.lower()))):
+            if seen is not None and not health.names_build(expected_version, *seen):
                 raise PreconditionError(
                     f"slot {slot} answers version {seen[0] or '(none)'} (git_commit "
                     f"{seen[1] or '(none)'}) at {health.VERSION_PATH}, expected "

@@ -344,16 +344,16 @@ class ServingContainerError(RunbookError):
     exit_code = ExitCode.ATTENTION
 
 
+def _dial(address: str) -> tuple[str, int | None]:
+    """(host, port) of a dial address (`name:8080`, `[fd00::2]:8080`), the host lower-cased."""
+    head, _, tail = address.rpartition(":")
+    if head and tail.isdigit():
+        return head.strip("[]").lower(), int(tail)
+    return address.strip("[]").lower(), None
+
+
 def _dial_port(address: str) -> int | None:
-    head, _, tail = address.rpartition(":")
-    return int(tail) if head and tail.isdigit() else None
-
-
-def _dial_host(address: str) -> str:
-    """The host of a dial address (`name:8080`, `[fd00::2]:8080`), lower-cased."""
-    head, _, tail = address.rpartition(":")
-    host = head if head and tail.isdigit() else address
-    return host.strip("[]").lower()
+    return _dial(address)[1]
 
 
 def check_slot_ports(env: Environment) -> None:
@@ -379,6 +379,10 @@ def check_slot_ports(env: Environment) -> None:
             "fix the container's published port)")
 
 
+_LEFT_RUNNING = ("it is left running; see `runbook status` (an earlier step that could not put "
+                 "Caddy back, said above, a concurrent change, or a bug)")
+
+
 def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
     """The invariant, checked at the moment of acting (not when planning): never stop,
     recreate, restart or remove the container Caddy sends traffic to. Fails closed when
@@ -398,19 +402,17 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
         raise ServingContainerError(
             f"refusing to {action} {container}: it is serving traffic (Caddy's running config "
             f"dials port {env.slot(slot).port})",
-            "it is left running; see `runbook status` (an earlier step that could not put "
-            "Caddy back, said above, a concurrent change, or a bug)")
+            _LEFT_RUNNING)
     info = docker.inspect(container)
     # Caddy on Docker's network dials the container itself (its name, an alias, its IP and
     # the app's port inside it), not the host port the environment names: by port alone the
     # container that serves passed for one Caddy does not dial
-    by_name = sorted(d for d in found.dials if _dial_host(d) in info.addresses)
+    by_name = sorted(d for d in found.dials if _dial(d)[0] in info.addresses)
     if by_name:
         raise ServingContainerError(
             f"refusing to {action} {container}: Caddy's running config dials it by name or "
             f"address ({', '.join(by_name)})",
-            "it is left running; see `runbook status` (an earlier step that could not put "
-            "Caddy back, said above, a concurrent change, or a bug)")
+            _LEFT_RUNNING)
     # the OTHER slot's port, published by this container (ports swapped against the
     # environment) and dialed by Caddy; its own port is judged above (a site outside the
     # markers may pin it), and another port it publishes (metrics) is not the app's

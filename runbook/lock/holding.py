@@ -535,8 +535,6 @@ def _remove_dir(path: Path, ident: Ident | None) -> None:
     """Atomic removal: readers see the whole lock or none, never a half-deleted one."""
     try:
         tomb = _entomb(path, ident)
-    except LockNotRemovable:
-        raise
     except LockedError:
         return
     shutil.rmtree(tomb, ignore_errors=True)

@@ -234,16 +234,21 @@ def end_session(env: Environment, heartbeat: Callable[[], None] = lambda: None) 
                     "AND pid <> pg_backend_pid()",
                     (commands.RESTORE_APP,)).fetchall()
         except Exception as exc:  # unreachable: nothing more to do here
-            from runbook.redact import redact
-
-            said = (str(exc) or type(exc).__name__).splitlines()[0]
-            return f"Postgres could not be asked: {redact(said)[:200]}"
+            return f"Postgres could not be asked: {_first_line(exc)}"
         if not rows:
             return None
         if time.monotonic() > deadline:
             pids = ", ".join(str(row[0]) for row in rows)
             return f"its backend {pids} was still there after {END_WAIT:g} s"
         time.sleep(0.1)
+
+
+def _first_line(exc: Exception) -> str:
+    """Why a question to Postgres failed, in one redacted line (a URL may hold a password)."""
+    from runbook.redact import redact
+
+    said = (str(exc) or type(exc).__name__).splitlines()[0]
+    return redact(said)[:200]
 
 
 def transaction_outcome(env: Environment, txid: int,
@@ -261,10 +266,7 @@ def transaction_outcome(env: Environment, txid: int,
             status = str(row[0]) if row and row[0] is not None else "forgotten by the server"
             answered = time.monotonic()
         except Exception as exc:  # unreachable, or an id it never issued: cannot tell yet
-            from runbook.redact import redact
-
-            said = (str(exc) or type(exc).__name__).splitlines()[0]
-            status = f"asking failed: {redact(said)[:200]}"
+            status = f"asking failed: {_first_line(exc)}"
         if status in ("committed", "aborted", "forgotten by the server"):
             return status
         now = time.monotonic()
