@@ -620,6 +620,15 @@ def drain_plan(env: Environment, slot: Slot) -> str:
             f"least {drain.FALLBACK_GRACE:g}s)")
 
 
+def _refuse_unverifiable(env: Environment, target: Slot, serving: Slot | None) -> None:
+    """With no slot header in the managed block, verification through the proxy sees the
+    target only when the app sends the header itself: asked of the target directly (the
+    plan asked the proxy, but a serving slot that is down answers nothing there)."""
+    problem = caddy.slot_header_problem(env, target)
+    if problem is not None:
+        raise caddy.no_slot_header(env, serving, problem)
+
+
 def switch_step(env: Environment, target: Slot, expected_version: str,
                 observed: Observed, *, planned: caddy.SwitchPlan | None = None,
                 validated: str | None = None) -> tuple[Step, str]:
@@ -667,6 +676,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         caddy.check_running(env, admin_answered=answered)
         if new != old and new != validated:
             caddy.validate(env, new)
+        if not caddy.inspect(old, env).headers:
+            _refuse_unverifiable(env, target, before)
         # What to put back: the file as consistent with what runs (a killed run may have
         # written the disk without reloading).
         restore_bytes = (caddy.rewrite(old, env, before).encode("utf-8") if before is not None

@@ -316,7 +316,12 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
     # target's answers would carry it: an outage to roll back from, not a wrong URL
     serving = health.probe(env.slot(found.slot), env.health.path, env.health.request_timeout)
     if not serving.ok:
-        return
+        return  # a block with no slot header: the switch asks the target itself
+    if _block_without_header(env):  # the healthy app answered: it does not send the header
+        from runbook import caddy
+
+        raise caddy.no_slot_header(env, found.slot, f"the app does not send it either "
+                                   f"({found.proxy_unverifiable} without it)")
     raise PreconditionError(
         f"{found.proxy_unverifiable} without {SLOT_HEADER}, although Caddy's running config "
         f"sends the app to {found.slot}, which is healthy: that answer does not come through "
@@ -325,6 +330,15 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
         "set [caddy] site to the host name Caddy serves the app at (and proxy_url to "
         "https://127.0.0.1 when it serves HTTPS only) or fix [caddy] proxy_url and "
         f"verify_path, then check with `runbook status {env.name}`")
+
+
+def _block_without_header(env: Environment) -> bool:
+    from runbook import caddy
+
+    try:
+        return not caddy.inspect(caddy.read(env), env).headers
+    except RunbookError:
+        return False  # a file that cannot be read or parsed is refused on its own
 
 
 def serving_slot(env: Environment) -> Slot:

@@ -35,13 +35,13 @@ from tests.drill_checks import through_proxy
 
 def make_env(caddyfile: Path = Path("/nonexistent/Caddyfile"), *, admin: str = "http://127.0.0.1:1",
              proxy: str = "http://127.0.0.1:2", command: tuple[str, ...] = ("caddy",),
-             reload: str = "admin-api") -> Environment:
+             reload: str = "admin-api", green_port: int = 8082) -> Environment:
     return from_mapping({
         "name": "staging",
         "slots": {"blue": {"container": "togather-server-blue", "service": "togather-blue",
                            "port": 8081},
                   "green": {"container": "togather-server-green", "service": "togather-green",
-                            "port": 8082}},
+                            "port": green_port}},
         "caddy": {"caddyfile": str(caddyfile), "reload": reload, "admin_url": admin,
                   "proxy_url": proxy, "command": list(command)},
     }, Path("/tmp/test-env.toml"))
@@ -962,6 +962,79 @@ def test_a_switch_through_each_reload_method_changes_what_caddy_runs(
         calls = [json.loads(line) for line in (tmp_path / "systemctl.log").read_text()
                  .splitlines()]
         assert ["is-active", "caddy"] in calls and calls[-1] == ["reload", "caddy"], calls
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("serving", ["healthy", "down"])
+def test_a_block_without_the_slot_header_is_refused_before_caddy_is_touched(
+        stack: DrillStack, serving: str) -> None:
+    """Found by review: with no `header_down X-Togather-Slot` between the markers (and an
+    app that does not send the header itself) verification through the proxy can never see
+    the target. With the serving slot healthy the plan refused, but blamed [caddy] proxy_url;
+    with it down (the outage a rollback is for) the switch was written, failed to verify and
+    was undone, users moved to the target and back, and the undo's own verification failed
+    the same way. Both are refused before the Caddyfile is written, naming the header."""
+    env = stack.env
+    text = caddy.read(env)
+    bare = re.sub(r"\n\s*header_down X-Togather-Slot \"blue\"", "", text)
+    assert bare.count("header_down") == 0 and "reverse_proxy localhost:" in bare
+    caddy.apply(env, bare)  # what the host runs: the proxy answers without the header
+    assert served_dials(env) == {f"localhost:{env.slot(Slot.BLUE).port}"}
+    if serving == "down":
+        stack.docker("stop", env.slot(Slot.BLUE).container)
+    inode, running = env.caddy.caddyfile.stat().st_ino, running_config(env)
+    with pytest.raises(CaddyError) as err:
+        switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: no slot header"))
+    said = f"{err.value.message} / {err.value.fix}"
+    assert err.value.exit_code == ExitCode.PRECONDITION, said
+    assert "no header_down X-Togather-Slot" in said and "not moved" in said, said
+    assert 'add header_down X-Togather-Slot "blue"' in (err.value.fix or ""), said
+    assert env.caddy.caddyfile.stat().st_ino == inode, "the Caddyfile was written"
+    assert env.caddy.caddyfile.read_text() == bare
+    assert running_config(env) == running
+
+
+def test_the_slot_header_check_asks_the_target_itself(tmp_path: Path) -> None:
+    """An app that sends X-Togather-Slot itself needs no header_down: the switch asks the
+    target slot directly, on the verification path, what it sends (real HTTP servers)."""
+    import http.server
+    import threading
+
+    def serve(header: str | None) -> tuple[http.server.ThreadingHTTPServer, int]:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.path)
+                self.send_response(200)
+                if header is not None:
+                    self.send_header("X-Togather-Slot", header)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, server.server_address[1]
+
+    seen: list[str] = []
+    for header, expected in (("green", None), (None, "carries no X-Togather-Slot"),
+                             ("blue", "X-Togather-Slot: blue")):
+        server, port = serve(header)
+        try:
+            env = make_env(green_port=port)
+            problem = caddy.slot_header_problem(env, Slot.GREEN)
+        finally:
+            server.shutdown()
+            server.server_close()
+        if expected is None:
+            assert problem is None
+        else:
+            assert problem is not None and expected in problem, problem
+    assert seen == [ENV.caddy.verify_path] * 3
+    closed = caddy.slot_header_problem(make_env(green_port=port), Slot.GREEN)
+    assert closed is not None and "did not answer" in closed, closed
 
 
 @pytest.mark.docker

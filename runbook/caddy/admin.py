@@ -519,6 +519,38 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
     return result
 
 
+def slot_header_problem(env: Environment, target: Slot) -> str | None:
+    """Why verification could not tell `target` from the other slot when the managed block
+    sets no slot header: then only the app's own answer can carry it, so the target is asked
+    directly, on the path verification asks. None when it sends `X-Togather-Slot: <target>`;
+    anything else (no answer included) is a reason, so the switch fails closed."""
+    from runbook import bounded_http
+
+    url = f"{env.slot(target).base_url}{env.caddy.verify_path}"
+    try:
+        answer = bounded_http.request("GET", url, timeout=VERIFY_TIMEOUT)
+    except bounded_http.HttpFailure as exc:
+        return f"the {target} slot did not answer GET {url} ({exc.reason})"
+    header = answer.header(SLOT_HEADER)
+    if header == target.value:
+        return None
+    sent = f"{SLOT_HEADER}: {header}" if header else f"carries no {SLOT_HEADER}"
+    return f"the {target} slot's own answer to GET {url} {sent}"
+
+
+def no_slot_header(env: Environment, serving: Slot | None, why: str) -> CaddyError:
+    """The refusal of a switch no verification could see, before anything moves: written,
+    it would fail to verify and be undone, the users moved to the target and back (and the
+    undo's own verification failing the same way)."""
+    return CaddyError(
+        f"no header_down {SLOT_HEADER} between the slot markers of {env.caddy.caddyfile}, and "
+        f"{why}: verification through the proxy could not tell the slots apart, so a switch "
+        "would be undone; traffic was not moved",
+        f"add header_down {SLOT_HEADER} \"{serving or '<serving slot>'}\" inside each "
+        "reverse_proxy between the markers (the switch rewrites it), reload Caddy, then run "
+        "again", exit_code=ExitCode.PRECONDITION, stage="verify")
+
+
 def _shown(env: Environment, url: str) -> str:
     """The verification URL as messages name it: with the site asked for, when one is."""
     return f"{url} (Host: {env.caddy.site})" if env.caddy.site else url

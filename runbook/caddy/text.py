@@ -441,7 +441,8 @@ def inspect(text: str, env: Environment) -> Inspection:
                                                     f"(line {probe.line})")
     if not parsed.headers:
         warnings.append(f"no header_down {SLOT_HEADER} between the slot markers: verification "
-                        "through the proxy cannot tell the slots apart")
+                        "through the proxy cannot tell the slots apart unless the app sends "
+                        "it; a switch asks the target first and refuses before writing if not")
     if len(named) > 1:
         problems.append("the managed block names both slots: " + "; ".join(
             f"{slot}: {', '.join(where)}" for slot, where in sorted(named.items())))
