@@ -251,8 +251,8 @@ def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
     if c.reload is ReloadMethod.ADMIN_API:
         problem = caddy.running_problem(env, admin_answered=admin_answered)
         if problem:
-            raise PreconditionError(f"pre-flight: the reload path does not work: {problem}",
-                                    "start Caddy or fix [caddy] admin_url")
+            raise PreconditionError("pre-flight: the reload path does not work: "
+                                    f"{problem.problem}", problem.fix)
         return f"POST {c.admin_url}/load: the admin API answers"
     if c.reload is ReloadMethod.CADDY_RELOAD:
         seen = caddy.seen_by_caddy(env, c.caddyfile)
@@ -273,8 +273,8 @@ def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
                                 "set [caddy] reload to admin-api or caddy-reload")
     problem = caddy.running_problem(env, admin_answered=admin_answered)
     if problem:
-        raise PreconditionError(f"pre-flight: the reload path does not work: {problem}",
-                                f"systemctl start {c.systemd_unit}")
+        raise PreconditionError("pre-flight: the reload path does not work: "
+                                f"{problem.problem}", problem.fix)
     return f"systemctl reload {c.systemd_unit}: unit active"
 
 

@@ -19,6 +19,7 @@ from runbook import caddy, database, disk, docker, health, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
+from runbook.caddy import Unreloadable
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
 
@@ -47,7 +48,8 @@ class Facts:
     container_errors: dict[Slot, RunbookError] = field(default_factory=dict)
     reports: dict[Slot, health.HealthReport] = field(default_factory=dict)
     caddy: caddy.Inspection | None = None
-    caddy_running: bool = False
+    caddy_running: bool = False  # its admin API answers
+    caddy_down: Unreloadable | None = None  # why it cannot take a reload
     caddy_error: RunbookError | None = None
     caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
     schema: database.SchemaVersion | None = None
@@ -122,10 +124,11 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it
         yield _error(f.caddy_imports, f"check {f.env.caddy.caddyfile}")
-    if not f.caddy_running:
+    if f.caddy_down is not None and f.caddy_down.answering:
+        yield Problem(f.caddy_down.problem, f.caddy_down.fix)
+    elif f.caddy_down is not None:
         yield Problem(f"Caddy is not answering at {f.env.caddy.admin_url}",
-                      f"start it (systemctl start {f.env.caddy.systemd_unit}) and check "
-                      f"`curl {f.env.caddy.admin_url}/config/`")
+                      f"{f.caddy_down.fix} and check `curl {f.env.caddy.admin_url}/config/`")
 
 
 def database_unreachable(f: Facts) -> Iterator[Problem]:
@@ -378,7 +381,8 @@ def collect(env: Environment) -> Facts:
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
     # whether Caddy answers is asked whatever the file says: an unreadable Caddyfile hid a
     # Caddy that was down (and said "NOT answering" of one that answered)
-    f.caddy_running = caddy.is_running(env)
+    f.caddy_down = caddy.running_problem(env)
+    f.caddy_running = f.caddy_down is None or f.caddy_down.answering
     try:
         text = caddy.read(env)
         f.caddy = caddy.inspect(text, env)

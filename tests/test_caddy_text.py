@@ -29,7 +29,7 @@ from runbook.caddy import CaddyError
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
-from runbook.errors import ExitCode
+from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import through_proxy
 
 
@@ -914,6 +914,9 @@ verb, unit = sys.argv[1], sys.argv[-1]
 if unit != "caddy":
     sys.exit(f"Unit {{unit}}.service could not be found.")
 if verb == "is-active":
+    if {outside!r}:  # a Caddy started by hand or by another supervisor: not the unit's
+        print("inactive")
+        sys.exit(3)
     out = subprocess.run(["docker", "inspect", "-f", "{{{{.State.Running}}}}", CONTAINER],
                          capture_output=True, text=True, check=False)
     running = out.stdout.strip() == "true"
@@ -928,9 +931,10 @@ sys.exit(f"unsupported: {{sys.argv[1:]}}")
 
 
 def with_reload(stack: DrillStack, method: ReloadMethod, tmp_path: Path,
-                monkeypatch: pytest.MonkeyPatch) -> Environment:
+                monkeypatch: pytest.MonkeyPatch, *, outside: bool = False) -> Environment:
     """The stack's environment reloading Caddy the given way. For systemctl, a `systemctl`
-    executable first on PATH (see SYSTEMCTL) reloads the real Caddy; its calls are logged."""
+    executable first on PATH (see SYSTEMCTL) reloads the real Caddy; its calls are logged.
+    `outside`: Caddy runs, but not as the unit (is-active says inactive)."""
     env = stack.env
     env = env.with_(caddy=dataclasses.replace(env.caddy, reload=method))
     if method is ReloadMethod.SYSTEMCTL:
@@ -938,7 +942,7 @@ def with_reload(stack: DrillStack, method: ReloadMethod, tmp_path: Path,
         bin_dir.mkdir()
         shim = bin_dir / "systemctl"
         shim.write_text(SYSTEMCTL.format(
-            python=sys.executable, log=str(tmp_path / "systemctl.log"),
+            python=sys.executable, log=str(tmp_path / "systemctl.log"), outside=outside,
             container=stack.caddy_container, caddyfile=caddy.seen_by_caddy(
                 env, env.caddy.caddyfile), address=caddy.admin_address(env)))
         shim.chmod(0o755)
@@ -1035,6 +1039,34 @@ def test_the_slot_header_check_asks_the_target_itself(tmp_path: Path) -> None:
     assert seen == [ENV.caddy.verify_path] * 3
     closed = caddy.slot_header_problem(make_env(green_port=port), Slot.GREEN)
     assert closed is not None and "did not answer" in closed, closed
+
+
+@pytest.mark.docker
+def test_a_caddy_started_outside_systemd_is_not_called_down(
+        stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: with reload = "systemctl" and a Caddy that answers but was not
+    started by its unit, the switch said "Caddy is not running" and its fix was `systemctl
+    start caddy` (a second Caddy on a taken port), and status said Caddy was "not answering".
+    The refusal stands (systemctl reload cannot reach that Caddy), but says what is true and
+    what fixes it."""
+    env = with_reload(stack, ReloadMethod.SYSTEMCTL, tmp_path, monkeypatch, outside=True)
+    before = env.caddy.caddyfile.read_bytes(), running_config(env)
+    with pytest.raises(RunbookError) as err:
+        switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: outside systemd"))
+    said = f"{err.value.message} / {err.value.fix}"
+    assert err.value.exit_code == ExitCode.PRECONDITION, said
+    assert "not running" not in said, said
+    assert not (err.value.fix or "").startswith("systemctl start"), said
+    assert "answers" in said and "not started by systemd" in said, said
+    assert 'reload = "admin-api"' in said, said
+    assert (env.caddy.caddyfile.read_bytes(), running_config(env)) == before
+    assert_caddy_serves(env, Slot.BLUE)
+    found = status.gather(env)
+    assert found["caddy"]["running"] is True, found["caddy"]
+    problems = [f"{p['problem']} / {p['fix']}" for p in found["problems"]]
+    assert not any("not answering" in p for p in problems), problems
+    assert any("not started by systemd" in p and 'reload = "admin-api"' in p
+               for p in problems), problems
 
 
 @pytest.mark.docker

@@ -13,6 +13,7 @@ from __future__ import annotations
 from runbook.caddy.admin import (
     QUICK_RETRIES,
     ReloadCommand,
+    Unreloadable,
     VerifyResult,
     adapt,
     adapt_as_reload,
@@ -76,6 +77,7 @@ __all__ = [
     "ReloadCommand",
     "SlotHeader",
     "SwitchPlan",
+    "Unreloadable",
     "Upstream",
     "VerifyResult",
     "active_slot",

@@ -293,7 +293,17 @@ def admin_address(env: Environment) -> str:
     return f"{host}:{parts.port or 2019}"
 
 
-def running_problem(env: Environment, *, admin_answered: bool = False) -> str | None:
+@dataclass(frozen=True)
+class Unreloadable:
+    """Why Caddy cannot take a reload now, and what fixes it. `answering`: its admin API
+    answers (Caddy runs; systemd just does not hold it)."""
+
+    problem: str
+    fix: str
+    answering: bool = False
+
+
+def running_problem(env: Environment, *, admin_answered: bool = False) -> Unreloadable | None:
     """Why Caddy cannot take a reload right now, or None when it can. Each question is
     bounded by _ADMIN_TIMEOUT in total: a stuck admin API cannot hold the run.
 
@@ -302,25 +312,39 @@ def running_problem(env: Environment, *, admin_answered: bool = False) -> str | 
     """
     from runbook import bounded_http
 
-    url = f"{env.caddy.admin_url}/config/"
+    c = env.caddy
+    start = (f"systemctl start {c.systemd_unit}" if c.reload is ReloadMethod.SYSTEMCTL
+             else "start Caddy")
+    url = f"{c.admin_url}/config/"
     if not admin_answered:
         try:
             answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
         except bounded_http.HttpFailure as exc:
-            return f"Caddy's admin API at {url} does not answer ({exc.reason})"
+            return Unreloadable(f"Caddy's admin API at {url} does not answer ({exc.reason})",
+                                f"{start} (or fix [caddy] admin_url)")
         if answer.status != 200:
-            return f"Caddy's admin API at {url} answered HTTP {answer.status}"
-    if env.caddy.reload is ReloadMethod.SYSTEMCTL:
-        unit = env.caddy.systemd_unit
+            return Unreloadable(f"Caddy's admin API at {url} answered HTTP {answer.status}",
+                                f"{start} (or fix [caddy] admin_url)")
+    if c.reload is ReloadMethod.SYSTEMCTL:
+        unit = c.systemd_unit
         try:
             done = subprocess.run(
                 ["systemctl", "is-active", unit], capture_output=True, text=True,
                 timeout=_ADMIN_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"cannot ask systemd about {unit}: {exc}"
+            return Unreloadable(f"cannot ask systemd about {unit}: {exc}",
+                                f"check `systemctl status {unit}`", answering=True)
         if done.returncode != 0:
+            # the admin API answered: a Caddy runs, started by hand or another supervisor,
+            # which `systemctl reload` cannot reach (and `systemctl start` would not replace)
             state = (done.stdout.strip() or done.stderr.strip() or "unknown").splitlines()[0]
-            return f"systemd unit {unit} is not active ({state})"
+            return Unreloadable(
+                f"Caddy answers at {c.admin_url}, but systemd unit {unit} is not active "
+                f"({state}): this Caddy was not started by systemd, so `systemctl reload "
+                f"{unit}` cannot reach it",
+                f"set reload = \"admin-api\" under [caddy] in "
+                f"{env.source or 'the environment file'} (or stop that Caddy and `systemctl "
+                f"start {unit}`)", answering=True)
     return None
 
 
@@ -333,11 +357,9 @@ def check_running(env: Environment, *, admin_answered: bool = False) -> None:
     """Raise CaddyNotRunningError unless Caddy can take a reload (see running_problem)."""
     problem = running_problem(env, admin_answered=admin_answered)
     if problem is not None:
-        start = (f"systemctl start {env.caddy.systemd_unit}"
-                 if env.caddy.reload is ReloadMethod.SYSTEMCTL else "start Caddy")
-        raise CaddyNotRunningError(
-            f"Caddy is not running: {problem}; the Caddyfile was not touched",
-            f"{start} (or fix [caddy] admin_url), then run again", stage="running")
+        down = "" if problem.answering else "Caddy is not running: "
+        raise CaddyNotRunningError(f"{down}{problem.problem}; the Caddyfile was not touched",
+                                   f"{problem.fix}, then run again", stage="running")
 
 
 @dataclass(frozen=True)
