@@ -358,8 +358,15 @@ class ServingContainerError(RunbookError):
     exit_code = ExitCode.ATTENTION
 
 
+_NETWORKS = frozenset({"tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"})
+
+
 def _dial(address: str) -> tuple[str, int | None]:
-    """(host, port) of a dial address (`name:8080`, `[fd00::2]:8080`), the host lower-cased."""
+    """(host, port) of a dial address (`name:8080`, `[fd00::2]:8080`, with Caddy's network
+    first: `tcp/name:8080`), the host lower-cased."""
+    network, slash, rest = address.partition("/")
+    if slash and network.lower() in _NETWORKS:
+        address = rest
     head, _, tail = address.rpartition(":")
     if head and tail.isdigit():
         return head.strip("[]").lower(), int(tail)
