@@ -271,8 +271,8 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
     if f.active is None or on_disk is None or on_disk == f.active:
         return
     pending = f.intent
-    back = (f"put the block between the markers back to {f.active} (port "
-            f"{f.env.slot(f.active).port})")
+    back = (f"`runbook switch {_arg(f.env)} --slot {f.active}` writes the file back in line "
+            f"with what Caddy runs (traffic stays on {f.active})")
     if pending is not None and pending.target == on_disk:
         # killed between its write and its reload, or failed with an undo that could not
         # write the file back (it loaded what ran through the admin API): only its journal

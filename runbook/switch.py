@@ -50,8 +50,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     now = traffic.read(env)
     traffic.refuse_if_unverifiable(env, now)
     if now.slot == target and now.problem(env) is None:
-        raise PreconditionError(f"the {target} slot already takes traffic (as Caddy runs it)",
-                                "nothing to switch; see `runbook status`")
+        on_disk = caddy.inspect(caddy.read(env), env).slot
+        if on_disk == target:
+            raise PreconditionError(f"the {target} slot already takes traffic (as Caddy runs "
+                                    "it)", "nothing to switch; see `runbook status`")
+        # the file names the other slot (an edit, a killed run of another tool, a config
+        # loaded through the admin API): a reload, a restart or a reboot would move traffic
+        # there. Writing the file back in line with what runs is this very switch, and no
+        # hand edit at 3 a.m.: the verified reload of what already runs moves nobody
+        warnings.append(f"Caddy already runs {target}, but {env.caddy.caddyfile} names "
+                        f"{on_disk or 'no single slot'}: this switch writes the file back in "
+                        f"line with what runs and reloads it; traffic stays on {target}")
     if repairing is not None:
         warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
                         "record once it is done")

@@ -989,6 +989,45 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
 
 
+def test_switch_puts_a_caddyfile_that_names_the_other_slot_back_in_line(
+        stack: DrillStack) -> None:
+    """Caddy runs green (a config loaded through the admin API, another tool's killed run)
+    while the file names blue: a reload, a restart or a reboot would move the users to blue.
+    `runbook switch --slot green` refused ("already takes traffic") and status prescribed a
+    hand edit of the managed block. The switch now writes the file back in line with what
+    runs and reloads it: the users stay on green throughout, and the state says so."""
+    from runbook import health
+    from runbook import status as statusmod
+    from tests.drill_checks import Poller
+
+    env = two_deployments(stack)  # v3 serving from blue; v2, the previous, on green
+    green = env.slot(Slot.GREEN)
+    stack.docker("start", green.container)
+    health.wait_healthy(env, Slot.GREEN)
+    on_disk = caddy.read(env)
+    on_green = caddy.rewrite(on_disk, env, Slot.GREEN)
+    drill_http.post(f"{env.caddy.admin_url}/load", content=on_green,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert through_proxy(env)[0] == "green" and caddy.read(env) == on_disk
+    said = [f"{p['problem']} / {p['fix']}" for p in statusmod.gather(env)["problems"]]
+    assert any("on disk points at blue but Caddy runs green" in p
+               and "--slot green` writes the file back" in p for p in said), said
+    with Poller(env) as users:
+        switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: file back in line"))
+    assert caddy.read(env) == on_green  # the slot's tokens only, byte for byte otherwise
+    assert users.seen and not users.failures, users.failures
+    assert {slot for _, slot, _ in users.seen} == {"green"}, "users were moved"
+    assert through_proxy(env)[0] == "green"
+    after = statusmod.gather(env)
+    assert not any("on disk points at" in p["problem"] for p in after["problems"]), after
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.current is not None and state.current.active_slot == Slot.GREEN
+    assert state.current.version == VERSIONS["v2"].tag
+    with pytest.raises(RunbookError) as again:  # in line now: nothing left to switch
+        switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: again"))
+    assert "already takes traffic" in again.value.message
+
+
 @pytest.mark.any_shape
 def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slot_look_idle(
         stack: DrillStack) -> None:
