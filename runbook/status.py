@@ -272,7 +272,9 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
         return
     pending = f.intent
     back = (f"`runbook switch {_arg(f.env)} --slot {f.active}` writes the file back in line "
-            f"with what Caddy runs (traffic stays on {f.active})")
+            f"with what Caddy runs (traffic stays on {f.active})" if pending is None
+            else f"put the block between the markers back to {f.active} (port "
+                 f"{f.env.slot(f.active).port})")
     if pending is not None and pending.target == on_disk:
         # killed between its write and its reload, or failed with an undo that could not
         # write the file back (it loaded what ran through the admin API): only its journal
@@ -338,7 +340,9 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
                      else f"traffic did not move ({f.active or 'unknown'} serves)"),
-                  f"`{command}` " + ("finishes it (records the state, stops the old slot)"
+                  f"`{command}` " + (("finishes it (records the state)"
+                                      if pending.action == "switch" else
+                                      "finishes it (records the state, stops the old slot)")
                                      if took else "runs it again"))
 
 

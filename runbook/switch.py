@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import caddy, compose, docker, finish, preflight, recording, slots, traffic
+from runbook import caddy, compose, docker, finish, health, preflight, recording, slots, traffic
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError
+from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
@@ -50,17 +50,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     now = traffic.read(env)
     traffic.refuse_if_unverifiable(env, now)
     if now.slot == target and now.problem(env) is None:
-        on_disk = caddy.inspect(caddy.read(env), env).slot
-        if on_disk == target:
-            raise PreconditionError(f"the {target} slot already takes traffic (as Caddy runs "
-                                    "it)", "nothing to switch; see `runbook status`")
+        _in_line_or_refuse(env, target, found is None and repairing is None)
         # the file names the other slot (an edit, a killed run of another tool, a config
         # loaded through the admin API): a reload, a restart or a reboot would move traffic
         # there. Writing the file back in line with what runs is this very switch, and no
         # hand edit at 3 a.m.: the verified reload of what already runs moves nobody
         warnings.append(f"Caddy already runs {target}, but {env.caddy.caddyfile} names "
-                        f"{on_disk or 'no single slot'}: this switch writes the file back in "
-                        f"line with what runs and reloads it; traffic stays on {target}")
+                        f"{target.other}: this switch writes the file back in line with what "
+                        f"runs and reloads it; traffic stays on {target}")
     if repairing is not None:
         warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
                         "record once it is done")
@@ -125,6 +122,33 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                               "version": version, "to": version},
                 intent=intent, resume_command=f"runbook switch {env.name} --slot {target}",
                 replaces=repairing.intent if repairing is not None else finish.replaced(found))
+
+
+def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> None:
+    """Caddy already runs `target`. Refused (nothing to switch) unless the Caddyfile on disk
+    names the other slot, the target answers healthy (a serving slot that is down is never
+    started or stopped by this switch: switch to the other one), and no interrupted run's
+    record is open (its own finish, or the repair it names, puts the file in line)."""
+    refused = f"the {target} slot already takes traffic (as Caddy runs it)"
+    try:
+        on_disk = caddy.inspect(caddy.read(env), env).slot
+    except RunbookError as exc:
+        raise PreconditionError(f"{refused}, and {exc.message}",
+                                exc.fix or f"check {env.caddy.caddyfile}") from None
+    if on_disk != target.other:
+        raise PreconditionError(refused, "nothing to switch; see `runbook status`")
+    if not unrecorded:
+        raise PreconditionError(f"{refused}; the Caddyfile on disk names {on_disk}, and an "
+                                "interrupted run's record is open",
+                                f"see `runbook status {env.name}`: it names the command that "
+                                "finishes that run (which puts the file in line)")
+    report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
+    if not report.ok:
+        raise PreconditionError(
+            f"{refused}, but does not answer healthy ({report.status}: {report.reason()}); "
+            f"the Caddyfile on disk names {on_disk}",
+            f"switch to the slot you know is healthy: `runbook switch {env.name} --slot "
+            f"{on_disk}`, or get {target} healthy first (`runbook status {env.name}`)")
 
 
 def _replace_record(env: Environment, old: intents.Intent) -> Step:

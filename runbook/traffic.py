@@ -317,11 +317,12 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
     serving = health.probe(env.slot(found.slot), env.health.path, env.health.request_timeout)
     if not serving.ok:
         return  # a block with no slot header: the switch asks the target itself
-    if _block_without_header(env):  # the healthy app answered: it does not send the header
+    if _block_without_header(env):  # does the app itself send it? asked of it directly
         from runbook import caddy
 
-        raise caddy.no_slot_header(env, found.slot, f"the app does not send it either "
-                                   f"({found.proxy_unverifiable} without it)")
+        problem = caddy.slot_header_problem(env, found.slot, attempts=1)
+        if problem is not None:
+            raise caddy.no_slot_header(env, found.slot, problem)
     raise PreconditionError(
         f"{found.proxy_unverifiable} without {SLOT_HEADER}, although Caddy's running config "
         f"sends the app to {found.slot}, which is healthy: that answer does not come through "

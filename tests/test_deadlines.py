@@ -175,7 +175,8 @@ def test_admin_api_calls_end_in_time(drip: Drip, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(caddy.admin, "_COMMAND_TIMEOUT", 1.0)
     env = env_on(drip.port, "admin", tmp=tmp_path)
     problem, took = timed(lambda: caddy.running_problem(env))
-    assert isinstance(problem, str) and "does not answer (timed out after 1s" in problem
+    assert isinstance(problem, caddy.Unreloadable), problem
+    assert "does not answer (timed out after 1s" in problem.problem and not problem.answering
     assert took < 1.0 + SLACK, took
     err, took = timed(lambda: caddy.validate(env, "{\n}\n"))
     assert isinstance(err, CaddyError) and err.stage == "validate", err

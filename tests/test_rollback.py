@@ -1028,6 +1028,31 @@ def test_switch_puts_a_caddyfile_that_names_the_other_slot_back_in_line(
     assert "already takes traffic" in again.value.message
 
 
+def test_a_caddyfile_out_of_line_with_a_serving_slot_that_is_down_is_never_put_back_by_starting_it(
+        stack: DrillStack) -> None:
+    """Found by review of the test above's fix: with the slot Caddy runs down, the switch
+    that puts the file back in line would start that very container (the one Caddy sends
+    users to), and on a failed gate its undo could not stop it. Refused (exit 4), naming a
+    switch to the other slot; nothing is touched."""
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    on_green = caddy.rewrite(caddy.read(env), env, Slot.GREEN)
+    drill_http.post(f"{env.caddy.admin_url}/load", content=on_green,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    def untouched() -> tuple[object, ...]:  # snapshot() less the proxy, which answers 502
+        return (env.state_file.read_bytes(), env.caddy.caddyfile.read_bytes(),
+                traffic.loaded_config(env), env.lock_path.exists(),
+                [docker.inspect(env.slot(s).container).status for s in Slot])
+
+    before = untouched()  # Caddy dials green, which is stopped; the file names blue
+    with pytest.raises(RunbookError) as refused:
+        switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: serving slot down"))
+    assert refused.value.exit_code == ExitCode.PRECONDITION, refused.value.message
+    assert "does not answer healthy" in refused.value.message, refused.value.message
+    assert "--slot blue" in (refused.value.fix or ""), refused.value.fix
+    assert untouched() == before
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+
+
 @pytest.mark.any_shape
 def test_a_pinned_site_edited_on_disk_but_not_loaded_never_makes_the_serving_slot_look_idle(
         stack: DrillStack) -> None:

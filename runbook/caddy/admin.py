@@ -340,11 +340,11 @@ def running_problem(env: Environment, *, admin_answered: bool = False) -> Unrelo
             state = (done.stdout.strip() or done.stderr.strip() or "unknown").splitlines()[0]
             return Unreloadable(
                 f"Caddy answers at {c.admin_url}, but systemd unit {unit} is not active "
-                f"({state}): this Caddy was not started by systemd, so `systemctl reload "
-                f"{unit}` cannot reach it",
-                f"set reload = \"admin-api\" under [caddy] in "
-                f"{env.source or 'the environment file'} (or stop that Caddy and `systemctl "
-                f"start {unit}`)", answering=True)
+                f"({state}): `systemctl reload {unit}` cannot reach the Caddy that answers "
+                "(started outside that unit, or [caddy] systemd_unit names another one)",
+                f"set [caddy] systemd_unit to the unit that runs Caddy (`systemctl status "
+                f"caddy`), or reload = \"admin-api\" under [caddy] in "
+                f"{env.source or 'the environment file'}", answering=True)
     return None
 
 
@@ -541,23 +541,34 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
     return result
 
 
-def slot_header_problem(env: Environment, target: Slot) -> str | None:
+def slot_header_problem(env: Environment, target: Slot, *, attempts: int = 5,
+                        interval: float = 0.3) -> str | None:
     """Why verification could not tell `target` from the other slot when the managed block
-    sets no slot header: then only the app's own answer can carry it, so the target is asked
-    directly, on the path verification asks. None when it sends `X-Togather-Slot: <target>`;
-    anything else (no answer included) is a reason, so the switch fails closed."""
+    sets no slot header: then only the app's own answer can carry it, so the slot is asked
+    directly, on the path verification asks, as verification asks it (the site's name, the
+    same time per attempt, a few attempts: a slot just started may be slow). None when it
+    sends `X-Togather-Slot: <target>`; anything else is a reason, so the switch fails closed."""
     from runbook import bounded_http
 
     url = f"{env.slot(target).base_url}{env.caddy.verify_path}"
-    try:
-        answer = bounded_http.request("GET", url, timeout=VERIFY_TIMEOUT)
-    except bounded_http.HttpFailure as exc:
-        return f"the {target} slot did not answer GET {url} ({exc.reason})"
-    header = answer.header(SLOT_HEADER)
-    if header == target.value:
-        return None
-    sent = f"{SLOT_HEADER}: {header}" if header else f"carries no {SLOT_HEADER}"
-    return f"the {target} slot's own answer to GET {url} {sent}"
+    timeout = max(VERIFY_TIMEOUT, env.health.request_timeout)
+    problem = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(interval)
+        try:
+            answer = bounded_http.request("GET", url, timeout=timeout, site=env.caddy.site)
+        except bounded_http.HttpFailure as exc:
+            problem = f"the {target} slot did not answer GET {url} ({exc.reason})"
+            continue
+        header = answer.header(SLOT_HEADER)
+        if header == target.value:
+            return None
+        sent = f"{SLOT_HEADER}: {header}" if header else f"carries no {SLOT_HEADER}"
+        problem = f"the {target} slot's own answer to GET {url} {sent}"
+        if answer.status < 500:
+            break  # an answer, not a slot still starting: asking again changes nothing
+    return problem
 
 
 def no_slot_header(env: Environment, serving: Slot | None, why: str) -> CaddyError:
