@@ -63,10 +63,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                           f".env.{env.name}) or export DATABASE_URL")
     state = recording.load_or_empty(env)
     current = state.current
-    if current is not None and current.version == version and options.slot is None:
-        raise PreconditionError(f"{version} is already the current deployment",
-                                "nothing to deploy; use `runbook status` to see both slots")
     warnings: list[str] = []
+    if current is not None and current.version == version and options.slot is None:
+        # what serves decides, not the file: the old tooling's rollback swaps current and
+        # previous in it without switching Caddy, and this recovery path was refused then
+        serving, _ = traffic.live_slot(env, current.active_slot)
+        runs = docker.inspect(env.slot(serving).container).tag
+        if runs == version:
+            raise PreconditionError(f"{version} already serves, from the {serving} slot (as "
+                                    "Caddy runs it)", "nothing to deploy; use `runbook status` "
+                                    "to see both slots")
+        warnings.append(f"the state file names {version} as the current deployment, but the "
+                        f"{serving} slot serves {runs or 'another image'}: deploying {version}")
     dialed_none = False  # Caddy sends users to neither slot (a first deploy)
     if current is None and state.previous is None:
         live = Slot.BLUE
@@ -86,7 +94,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             warnings.append("no deployment recorded and Caddy dials neither slot: deploying "
                             f"to {live.other}")
     else:
-        live, warnings = traffic.live_slot(env, current.active_slot if current else None)
+        live, said = traffic.live_slot(env, current.active_slot if current else None)
+        warnings += said
     target = options.slot or live.other
     image = slots.image_of(env, version)
     if not docker.image_exists(image):

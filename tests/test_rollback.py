@@ -989,6 +989,26 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
 
 
+def test_a_deploy_of_the_version_the_state_file_calls_current_but_that_does_not_serve_goes_ahead(
+        stack: DrillStack) -> None:
+    """Found by review: "already the current deployment" was read from the state file. The
+    old tooling's rollback swaps current and previous in that file without switching Caddy,
+    so it can name v2 while v3 serves: `runbook deploy --version v2`, the recovery path,
+    was refused (exit 4, "nothing to deploy"). What serves decides: v2 is deployed."""
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    lying = states.read_state(env.state_file, environment=env.name)
+    assert lying.current is not None and lying.previous is not None
+    states.write_state(env.state_file, lying.with_(current=lying.previous,
+                                                   previous=lying.current))
+    assert through_proxy(env) == ("blue", V3.tag)
+    deploy.deploy(env, deploy.Options(version=V2.tag, reason="test: state file lies"))
+    assert through_proxy(env) == ("green", V2.tag)
+    with pytest.raises(RunbookError) as again:  # now it does serve: nothing to deploy
+        deploy.deploy(env, deploy.Options(version=V2.tag, reason="test: again"))
+    assert again.value.exit_code == ExitCode.PRECONDITION
+    assert "already" in again.value.message and "serves" in again.value.message
+
+
 def test_switch_puts_a_caddyfile_that_names_the_other_slot_back_in_line(
         stack: DrillStack) -> None:
     """Caddy runs green (a config loaded through the admin API, another tool's killed run)
