@@ -126,8 +126,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # again: its id, and the pre-deploy snapshot it took before its migrations ran. A new one
     # now would be at the migrated schema, and the schema guard, a restore and the cleanup
     # would all take it for the state before this deploy.
+    # Only the same run on the same slots: after another tool's deploy took the killed run's
+    # slot (and serves from it), this one goes to the other slot, from another schema, and
+    # reusing the old snapshot would record data from before that deploy as this one's
     again = found[0] if found is not None and found[0].action == "deploy" \
-        and found[0].to_version == version and found[0].record.get("deployment_id") else None
+        and found[0].to_version == version and found[0].record.get("deployment_id") \
+        and (found[0].source, found[0].target) == (target.other, target) \
+        and finish.superseded(found[0], state) is None else None
     deployment_id = str(again.record["deployment_id"]) if again else states.new_id("dep")
     taken = finish.taken_snapshot(env, deployment_id) if again else None
     # kept only when the schema moved since it was taken (the killed run migrated): with the

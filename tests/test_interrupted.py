@@ -519,6 +519,43 @@ def test_a_rerun_stopped_before_its_first_change_keeps_a_migrated_deploys_record
     deploy_finishes_as_the_same_deployment(env, pre_deploy)
 
 
+def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: a deploy of v2 killed after its migrations (its pre-deploy snapshot
+    at schema 1); then the host's deploy script put v3 on that same slot and switched to it.
+    `runbook deploy --version v2` (now onto the other slot) took itself for the killed run:
+    it reused that run's deployment id and its schema-1 snapshot, took none, and recorded a
+    snapshot from before v3 as the data from before this deploy; a restore of it loses v3's
+    schema and every write since. Only the same run on the same slots is that deployment."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault="after:migrate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None and killed.target == Slot.GREEN
+    pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(pre_deploy) == 1
+    # the host's deploy script: v3 onto green (compose), Caddy switched, its deploy recorded
+    slots.recreate(env, Slot.GREEN, V3.tag)
+    health.wait_healthy(env, Slot.GREEN, timeout=30)
+    caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
+    before = states.read_state(env.state_file, environment=env.name)
+    states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
+        V3.tag, V3.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
+        migration_version=V3.schema, image=V3.image)))
+    assert through_proxy(env) == ("green", V3.tag)
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("blue", V2.tag)
+    taken = [p for p in sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+             if p not in pre_deploy]
+    assert len(taken) == 1, "no snapshot was taken before this deploy"
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V2.tag
+    assert st.current.id != killed.record["deployment_id"]
+    assert st.current.snapshot_path == str(taken[0]), st.current.snapshot_path
+
+
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
         stack: DrillStack) -> None:
     """A signal while the new version migrates is acted on once the migrations end (never a
