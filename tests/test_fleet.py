@@ -855,18 +855,27 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("settings", ["ansible defaults", "operator's strategy free"])
 def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
-        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+        fleet_on_v3: DrillFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        settings: str) -> None:
     """Batches [host2, host3] then [host1] (`--canary-group web`): host3 goes dark when its
     rollback is asked for (its sshd stops, its connection is cut), after a pre-flight that
     passed. Ansible's max_fail_percentage does not count an unreachable host; the rollout must
     stop all the same: host2 (same batch) finishes, host1 (next batch) never starts, host3 is
     reported unknown (exit 5: needs attention) and the resume command names it. Oracles: what
-    each host's Caddy serves, the fleet lock's directory."""
+    each host's Caddy serves, the fleet lock's directory. The same with the operator's own
+    Ansible settings of `strategy = free` (which ignores max_fail_percentage) and SSH retries
+    (which re-run a command whose connection dropped): found by review."""
     fleet = fleet_on_v3
     v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    theirs: dict[str, object] = {}
+    if settings != "ansible defaults":
+        monkeypatch.setenv("ANSIBLE_STRATEGY", "free")
+        monkeypatch.setenv("ANSIBLE_SSH_RETRIES", "3")
+        theirs = {"ansible_ssh_retries": 3}
     fleet.write_inventory(host_vars={"host3": {
-        "runbook_command": fleet.cut_off_command("host3", "rollback")}})
+        "runbook_command": fleet.cut_off_command("host3", "rollback"), **theirs}})
     try:
         proc = _fleet_rollback(fleet, tmp_path, "--canary-group", "web", "--format", "json")
         out, err = proc.communicate(timeout=600)

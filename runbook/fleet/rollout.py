@@ -138,7 +138,17 @@ def _envvars() -> dict[str, str]:
         "ANSIBLE_DEPRECATION_WARNINGS": "False",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_TIMEOUT": "10",
+        # the operator's own settings must not change what a failure means: under `strategy
+        # = free` max_fail_percentage is ignored (a failed host no longer stops the rollout),
+        # so every play runs linear unless it names its own (the pre-flight's free)...
+        "ANSIBLE_STRATEGY": "linear",
+        # ... and an SSH retry re-runs a command whose connection dropped while it ran: a
+        # second rollback or restore beside the first (FORCED_VARS beats inventory vars)
+        "ANSIBLE_SSH_RETRIES": "0",
     }
+
+
+FORCED_VARS: dict[str, Any] = {"ansible_ssh_retries": 0}  # extra vars: above host vars
 
 
 @dataclass
@@ -190,7 +200,7 @@ def run_playbook(name: str, inventory: Inventory, extravars: dict[str, Any], eve
     with tempfile.TemporaryDirectory(prefix="togather-fleet-runner-") as pdd:
         runner = ansible_runner.run(
             private_data_dir=pdd, playbook=str(PLAYBOOKS / name),
-            inventory=str(inventory.path), extravars=extravars,
+            inventory=str(inventory.path), extravars={**extravars, **FORCED_VARS},
             forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
             event_handler=events,
             cancel_callback=cancel or (lambda: False), suppress_env_files=True,
@@ -238,7 +248,7 @@ class PlaybookRun:
         self.thread, self.runner = ansible_runner.run_async(
             private_data_dir=self.dir.name,
             playbook=str(PLAYBOOKS / "fleet.yml"), inventory=str(inventory.path),
-            extravars={**extravars, "fleet_gate_dir": str(self.gate_dir)},
+            extravars={**extravars, **FORCED_VARS, "fleet_gate_dir": str(self.gate_dir)},
             forks=max(1, min(forks, inv.MAX_FORKS)), envvars=_envvars(), quiet=True,
             event_handler=events, cancel_callback=lambda: self.abandon or cancel(),
             suppress_env_files=True,
