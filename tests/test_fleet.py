@@ -1433,6 +1433,29 @@ def test_maintenance_with_a_limit_that_leaves_hosts_out_is_refused(tmp_path: Pat
     assert "nothing was changed" in proc.stderr
 
 
+@pytest.mark.parametrize("database", ["not restored", "restored"])
+def test_a_maintenance_resume_leaves_hosts_out_only_once_the_database_is_restored(
+        tmp_path: Path, database: str) -> None:
+    """Found by review: a resume was exempt from the check above. A maintenance run stopped
+    before its restore (the database "not restored") is restored again by its resume, and
+    `--limit web1,web2` then drained those two only: the others went on serving the new code
+    on the restored schema. Exempt only when the resumed run restored it (never again)."""
+    path = tmp_path / "inventory.yml"
+    path.write_text(INVENTORY)
+    journal = {"fleet_run_id": "fleet_stopped", "outcome": "stopped",
+               "maintenance_drain_started": True, "hosts": {},
+               "database": {"host": "web1", "status": database}}
+    (tmp_path / "fleet_stopped.json").write_text(json.dumps(journal))
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--maintenance",
+                           "--limit", "web3,web1", "--resume", "fleet_stopped",
+                           "--journal-dir", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    refused = "--limit leaves out web2, web4, web5" in proc.stderr
+    assert refused == (database == "not restored"), proc.stderr
+    if refused:
+        assert proc.returncode == 2 and "nothing was changed" in proc.stderr, proc.stderr
+
+
 @pytest.mark.docker
 def test_a_drain_lost_on_the_maintenance_path_is_not_reported_as_started_again(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:

@@ -896,7 +896,12 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
     left_out = [h for h in inventory.hosts if h not in targets]
-    if options.maintenance and left_out and not options.resume:
+    resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    # a resume drains only what it names when the run it resumes has restored the database
+    # (never restored again); one that stopped before its restore restores it now, so every
+    # host must be drained first, as on a first run (found by review)
+    restored = ((resumed or {}).get("database") or {}).get("status") in ("ok", "restored")
+    if options.maintenance and left_out and not restored:
         # the restore replaces the database every host shares: a host not drained would go on
         # serving the new code on the restored (older) schema
         raise UsageError(f"--maintenance restores the database every host of the inventory "
@@ -904,7 +909,6 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                          f"{', '.join(left_out)}; nothing was changed",
                          "drop --limit (or take out of the inventory the hosts that do not "
                          "use this database)")
-    resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
     take_over = ""
     if resumed is not None and resumed.get("outcome") is None and not resumed.get("dry_run"):
         take_over = _unfinished(resumed, say)
