@@ -65,6 +65,12 @@ _SECRET_FLAG = re.compile(r"(?i)--?(?!no-)[\w-]*" + _WORDS + r"[\w-]*")  # not -
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
 
+def holds_secret(name: str, value: str) -> bool:
+    """Whether an environment variable would carry a secret: by its name (DATABASE_URL,
+    *_PASSWORD, *_TOKEN, ...) or its value (a URL with a password)."""
+    return bool(_SECRET_KEY.search(name)) or redact(value) != value
+
+
 _REGISTERED: set[str] = set()  # this process's known secret values (the database password)
 
 

@@ -151,7 +151,29 @@ def _from_list(path: Path, data: dict[str, Any], canary_group: str) -> Inventory
         raise UsageError(f"inventory {path} has no hosts", "add hosts (README: Several hosts)")
     inv = Inventory(path=path.resolve(), hosts=hosts, groups=groups,
                     hostvars=data.get("_meta", {}).get("hostvars", {}), canary_group=canary_group)
+    _no_secret_on_the_command_line(inv)
     return inv
+
+
+def _no_secret_on_the_command_line(inv: Inventory) -> None:
+    """A host's runbook_environment rides on its SSH command line (`env NAME=VALUE runbook
+    ...`), readable in `ps` by every user of the controller and of the host, and in Ansible's
+    -vvv output: a secret there is refused before anything runs (found by review)."""
+    from runbook.redact import holds_secret
+
+    for host in inv.hosts:
+        extra = inv.var(host, "runbook_environment", {}) or {}
+        if not isinstance(extra, dict):
+            continue
+        for name, value in extra.items():
+            if holds_secret(str(name), str(value)):
+                raise UsageError(
+                    f"inventory {inv.path}: {host}'s runbook_environment sets {name}, a secret, "
+                    "which would be on that host's SSH command line (visible in `ps` to every "
+                    "user here and there); nothing was changed",
+                    f"leave {name} out: each host's runbook reads the database URL from the "
+                    "app's env file ([database] env_file in the host's environment file), and "
+                    "RUNBOOK_CONFIG can name that file")
 
 
 _GROUP_KEYS = frozenset({"hosts", "vars", "children"})
