@@ -173,6 +173,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         schema_at_start.append(baseline())
 
         def undo() -> Stays | None:
+            busy = _still_migrating(env, target)
+            if busy is not None:  # cut off half-way, the schema stays dirty under what serves
+                flagged.append(True)
+                return Stays(
+                    f"{config.container} is left running: {busy}, and stopping it would cut "
+                    "them off and leave the database schema dirty under the serving version",
+                    f"wait until they end (`runbook status {env.name}` shows the schema "
+                    f"without \"dirty\"), then `docker stop {config.container}`; to put the "
+                    "schema back, restore the pre-deploy snapshot "
+                    f"{observed.snapshot_path or '(see `runbook snapshot list`)'}")
             slots.stop_if_started(env, target, observed)
             # an app that migrates itself (with or without a migrate_command) may have, from
             # its start on, whatever stopped the run before the commit (its gate, the switch,
@@ -327,6 +337,28 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                        "from_slot": str(live)},
                 intent=intent, resume_command=f"runbook deploy {env.name} --version {version}",
                 replaces=old_record)
+
+
+def _still_migrating(env: Environment, slot: Slot) -> str | None:
+    """Why the new container must not be stopped now: migrations run in it (a migrate exec)
+    or the schema is `dirty` (golang-migrate sets it while a migration runs, which an app
+    that migrates itself at start-up does in its main process). None when neither is seen,
+    or the database cannot be read (then nothing migrates through it either)."""
+    info = docker.inspect(env.slot(slot).container)
+    if not info.running:
+        return None
+    try:
+        slots.refuse_if_migrating(env, slot, info)
+    except PreconditionError:
+        return "migrations still run inside it (a migrate exec)"
+    try:
+        schema = database.schema_version(env)
+    except RunbookError:
+        return None
+    if schema.dirty:
+        return (f"the database schema is dirty at version {schema.version} (a migration is "
+                "under way, or was cut off)")
+    return None
 
 
 def _revision(image: str) -> str:

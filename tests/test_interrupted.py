@@ -609,6 +609,40 @@ def test_an_app_that_migrates_itself_then_fails_its_gate_says_the_schema_changed
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
 
 
+def test_an_app_still_migrating_itself_when_its_gate_fails_is_left_running(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: the undo of a failed deploy stopped the new container whatever it was
+    doing. An app that migrates itself at start-up and is still at it when its gate gives up
+    (golang-migrate's `dirty` set while a migration runs) was cut off half-way: the shared
+    schema left dirty under the serving version, which then answers unhealthy. The container
+    is left running, and the run says why and what to do (exit 5)."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    green = env.slot(Slot.GREEN).container
+    toml = tmp_path / "self-migrating.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", VERSIONS["unhealthy"].tag,
+         "--yes", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+    try:
+        wait_stopped(proc.pid)
+        with stack.connect() as conn:  # the new version's start-up migration, under way
+            conn.execute("UPDATE schema_migrations SET version = 2, dirty = true")
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 5, err
+        assert docker.inspect(green).running, "the migrating container was stopped"
+        assert f"{green} is left running" in err and "dirty" in err, err
+        assert f"docker stop {green}" in err, err
+        assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # traffic never moved
+    finally:
+        with stack.connect() as conn:
+            conn.execute("UPDATE schema_migrations SET dirty = false")
+
+
 def deploy_migrated_at_start_then_interrupted(stack: DrillStack, env_file: Path,
                                               step: str) -> tuple[int, str]:
     """`runbook deploy` of v2 stopped (SIGSTOP) before `step`, the schema moved to 2 meanwhile
