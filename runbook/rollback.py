@@ -203,6 +203,30 @@ def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
         f"STOPPED: users get errors now; this run was refused: {refused.message}", fix)
 
 
+def _serving_is_current(env: Environment, state: states.DeploymentState,
+                        current: states.Deployment, target: states.Deployment, live: Slot,
+                        serving: docker.ContainerInfo, *, named: bool) -> None:
+    """What serves decides what is rolled back from, not the state file: the old tooling's
+    rollback swaps current and previous there without switching Caddy, and this run then
+    rebuilt the version serving as the "previous" one and said "rolled back". A serving
+    container whose tag names no version (`:latest`) cannot be compared: the file is used."""
+    runs = serving.tag if serving.tag and states.is_version(serving.tag) else None
+    if runs is not None and runs != current.version and not named:
+        known = ", ".join(d.version for d in state.deployments())
+        raise PreconditionError(
+            f"the state file says the current deployment is {current.version}, but the "
+            f"{live} slot, which serves (as Caddy runs it), runs {runs}: the file is out of "
+            "date (a rollback that rewrote it without switching?), so what to roll back to "
+            "is not known; nothing was changed",
+            f"check `runbook status {env.name}`, then name the version to go to: `runbook "
+            f"rollback {env.name} --to <version>` (known: {known})")
+    if (runs is not None and target.version == runs) or (
+            runs is None and (target.id == current.id or target.version == current.version)):
+        raise PreconditionError(f"{target.version} already serves, from the {live} slot (as "
+                                "Caddy runs it); nothing was changed",
+                                "nothing to roll back to; pass --to <another version>")
+
+
 def resume_command(env: Environment) -> str:
     return f"runbook rollback {env.name}"
 
@@ -238,7 +262,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         if target is None:
             raise PreconditionError("No previous deployment found",
                                     no_previous_fix(env))
-    if target.id == current.id or target.version == current.version:
+    if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
     # Independent read-only probes run at once (runbook/preflight.py: Probe); each result is
@@ -251,6 +275,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
+        _serving_is_current(env, state, current, target, live, containers[live].result(),
+                            named=bool(options.to))
         if found is not None:
             # a killed restore may have stopped the serving slot (its maintenance stop): say
             # so, never "nothing users see" while users get errors

@@ -1009,6 +1009,34 @@ def test_a_deploy_of_the_version_the_state_file_calls_current_but_that_does_not_
     assert "already" in again.value.message and "serves" in again.value.message
 
 
+def test_a_rollback_never_takes_the_state_files_current_for_what_serves(
+        stack: DrillStack) -> None:
+    """The old tooling's rollback swaps current and previous in the state file without
+    switching Caddy: the file then calls v2 current while v3 serves. A rollback read "from"
+    and "to" from the file: it planned "from v2 (blue) to v3", rebuilt green with v3, the
+    very version serving, switched to it and said "rolled back", the users still on v3; and
+    `--to v2` was refused as "already the current deployment". What serves decides: without
+    --to it refuses (exit 4, naming both versions), `--to v2` rolls back to v2, and `--to v3`
+    (serving) is refused."""
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    lying = states.read_state(env.state_file, environment=env.name)
+    assert lying.current is not None and lying.previous is not None
+    states.write_state(env.state_file, lying.with_(current=lying.previous,
+                                                   previous=lying.current))
+    with pytest.raises(RunbookError) as refused:
+        rollback.rollback(env, dry_run=True)
+    said = f"{refused.value.message} / {refused.value.fix}"
+    assert refused.value.exit_code == ExitCode.PRECONDITION, said
+    assert f"says the current deployment is {V2.tag}" in said and f"runs {V3.tag}" in said, said
+    assert "--to <version>" in said, said
+    with pytest.raises(RunbookError) as serving:
+        rollback.rollback(env, rollback.Options(to=V3.tag), dry_run=True)
+    assert serving.value.exit_code == ExitCode.PRECONDITION
+    assert f"{V3.tag} already serves" in serving.value.message, serving.value.message
+    rollback.rollback(env, rollback.Options(to=V2.tag, reason="test: state file lies"))
+    assert through_proxy(env) == ("green", V2.tag)
+
+
 def test_switch_puts_a_caddyfile_that_names_the_other_slot_back_in_line(
         stack: DrillStack) -> None:
     """Caddy runs green (a config loaded through the admin API, another tool's killed run)
