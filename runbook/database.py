@@ -401,6 +401,25 @@ def connect(env: Environment, timeout: int = 5,  # type: ignore[no-untyped-def]
                             f"{env.database.url_variable} in {env.database.env_file}") from None
 
 
+def migration_under_way(env: Environment) -> bool:
+    """Whether a session of this database holds an advisory lock, as golang-migrate does for
+    the whole of a migration: a `dirty` schema with none is a migration that failed or was
+    cut off, not one still running. Raises DatabaseError when it cannot be read."""
+    import psycopg
+
+    try:
+        with connect(env) as conn:
+            conn.execute("SET statement_timeout = 5000")
+            row = conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise DatabaseError(f"cannot read pg_locks: {type(exc).__name__}",
+                            "check the database") from None
+    return bool(row and row[0])
+
+
 def schema_version(env: Environment) -> SchemaVersion:
     """golang-migrate's schema_migrations(version, dirty): one row, or none.
 

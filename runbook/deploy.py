@@ -68,13 +68,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # what serves decides, not the file: the old tooling's rollback swaps current and
         # previous in it without switching Caddy, and this recovery path was refused then
         serving, _ = traffic.live_slot(env, current.active_slot)
-        runs = docker.inspect(env.slot(serving).container).tag
-        if runs == version:
+        info = docker.inspect(env.slot(serving).container)
+        runs = info.tag if info.tag and states.is_version(info.tag) else None
+        if runs in (version, None) and info.running:  # a tag not a version: the file says
             raise PreconditionError(f"{version} already serves, from the {serving} slot (as "
                                     "Caddy runs it)", "nothing to deploy; use `runbook status` "
                                     "to see both slots")
         warnings.append(f"the state file names {version} as the current deployment, but the "
-                        f"{serving} slot serves {runs or 'another image'}: deploying {version}")
+                        f"{serving} slot serves "
+                        + (f"{runs}" if info.running else "nothing (its container is "
+                           f"{info.status})") + f": deploying {version}")
     dialed_none = False  # Caddy sends users to neither slot (a first deploy)
     if current is None and state.previous is None:
         live = Slot.BLUE
@@ -132,7 +135,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     again = found[0] if found is not None and found[0].action == "deploy" \
         and found[0].to_version == version and found[0].record.get("deployment_id") \
         and (found[0].source, found[0].target) == (target.other, target) \
-        and finish.superseded(found[0], state) is None else None
+        and not _recorded_since(state, found[0]) else None
     deployment_id = str(again.record["deployment_id"]) if again else states.new_id("dep")
     taken = finish.taken_snapshot(env, deployment_id) if again else None
     # kept only when the schema moved since it was taken (the killed run migrated): with the
@@ -339,11 +342,21 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 replaces=old_record)
 
 
+def _recorded_since(state: states.DeploymentState, intent: intents.Intent) -> bool:
+    """Whether another tool recorded a deployment after the interrupted run started (its
+    deploy, then a rollback back onto the same slots, included): that run's snapshot is then
+    from before another deployment, not from before this one."""
+    from runbook.times import parse_utc
+
+    started = parse_utc(intent.started_at)
+    return started is None or any(d.deployed_at > started for d in state.deployments())
+
+
 def _still_migrating(env: Environment, slot: Slot) -> str | None:
     """Why the new container must not be stopped now: migrations run in it (a migrate exec)
-    or the schema is `dirty` (golang-migrate sets it while a migration runs, which an app
-    that migrates itself at start-up does in its main process). None when neither is seen,
-    or the database cannot be read (then nothing migrates through it either)."""
+    or the schema is `dirty` while a session holds golang-migrate's advisory lock (an app
+    that migrates itself at start-up does so in its main process). None when neither is
+    seen, or the schema cannot be read (then nothing migrates through it either)."""
     info = docker.inspect(env.slot(slot).container)
     if not info.running:
         return None
@@ -355,9 +368,15 @@ def _still_migrating(env: Environment, slot: Slot) -> str | None:
         schema = database.schema_version(env)
     except RunbookError:
         return None
-    if schema.dirty:
-        return (f"the database schema is dirty at version {schema.version} (a migration is "
-                "under way, or was cut off)")
+    if not schema.dirty:
+        return None
+    try:  # dirty, and a migration's lock held: under way (dirty alone: failed or cut off)
+        running = database.migration_under_way(env)
+    except RunbookError:
+        running = True  # cannot tell: the container is not cut off on a guess
+    if running:
+        return (f"a migration is under way (the database schema is dirty at version "
+                f"{schema.version} and a session holds a migration lock)")
     return None
 
 

@@ -497,6 +497,10 @@ class _Execution:
         if isinstance(cause, RunbookError):  # keep its type and fields for front ends
             cause.message = f"{cause.message}{undone}"
             cause.args = (cause.message,)
+            if cause.exit_code == ExitCode.PRECONDITION and any(t != PUT_BACK for t in done):
+                # exit 4 says "nothing was changed": after undoing what this run did (a
+                # standby started or recreated), the run failed safely instead (exit 1)
+                cause.exit_code = ExitCode.FAILED_SAFELY
             return cause
         if isinstance(cause, Interrupted):
             return RunbookError(f"{what}: nothing took effect{undone}; traffic stays where it "

@@ -136,6 +136,14 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
         ctx.note(current=f"{intent.to_version} on {slot} (already recorded)")
         return
     target = fresh.find_id(target_id)
+    if target is not None and fresh.current is not None and fresh.current.id == target_id:
+        # the file called the target current while another version served (the old
+        # tooling's rollback swaps the records without switching; `--to` it was asked for):
+        # it now serves, from `slot`, which only the record's slot has to say
+        switch(env, intent, observed, run_id, ctx)
+        ctx.note(recorded_as=f"{intent.to_version}, already current in {env.state_file}, now "
+                             f"on {slot}")
+        return
     if target is None:
         # another tool rewrote the state file meanwhile: traffic moved and was verified, so
         # what runs is recorded as a switch does (by version). Refused, every rerun failed

@@ -65,10 +65,20 @@ _SECRET_FLAG = re.compile(r"(?i)--?(?!no-)[\w-]*" + _WORDS + r"[\w-]*")  # not -
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
 
+_PASSWORD_IN_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:[^\s@]+@")
+_SECRET_NAME = re.compile(r"(?i)" + _WORDS + r"|authorization")
+_NAMES_A_PLACE = re.compile(r"(?i)_(?:file|path|dir)$")
+
+
 def holds_secret(name: str, value: str) -> bool:
-    """Whether an environment variable would carry a secret: by its name (DATABASE_URL,
-    *_PASSWORD, *_TOKEN, ...) or its value (a URL with a password)."""
-    return bool(_SECRET_KEY.search(name)) or redact(value) != value
+    """Whether an environment variable carries a secret itself: a URL with a password in its
+    value, or a secret's name (*_PASSWORD, *_TOKEN, ...) with a value that is not a path to
+    a file holding it (GOOGLE_APPLICATION_CREDENTIALS=/etc/..., TOKEN_FILE=...)."""
+    if _PASSWORD_IN_URL.search(value):
+        return True
+    if not value or value.startswith(("/", "./", "~")) or _NAMES_A_PLACE.search(name):
+        return False
+    return bool(_SECRET_NAME.search(name))
 
 
 _REGISTERED: set[str] = set()  # this process's known secret values (the database password)

@@ -477,10 +477,8 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             env, slot, on_attempt=waiting,
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
-        # a wrong build is a failed gate (exit 1), not a precondition (exit 4: "nothing was
-        # changed"): the slot was started or recreated for it already (found by review)
         if expected_version and report.version and report.version != expected_version:
-            raise health.HealthGateError(
+            raise PreconditionError(
                 f"slot {slot} answers version {report.version}, expected {expected_version}",
                 f"check `docker inspect {config.container}`")
         version = report.version
@@ -488,7 +486,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # a /health naming its commit alone: the version is its first 7 hex (CONTRACTS);
             # it compared nothing, and a wrong build passed the gate (found by review)
             if not health.names_build(expected_version, None, report.git_commit):
-                raise health.HealthGateError(
+                raise PreconditionError(
                     f"slot {slot} answers git_commit {report.git_commit}, expected version "
                     f"{expected_version} (its {env.health.path} names no version)",
                     f"check `docker inspect {config.container}`")
@@ -498,7 +496,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # asked now, so a wrong build is refused before traffic moves, not after
             seen = health.version_of(config, env.health.request_timeout)
             if seen is not None and not health.names_build(expected_version, *seen):
-                raise health.HealthGateError(
+                raise PreconditionError(
                     f"slot {slot} answers version {seen[0] or '(none)'} (git_commit "
                     f"{seen[1] or '(none)'}) at {health.VERSION_PATH}, expected "
                     f"{expected_version}; its {env.health.path} names no version",

@@ -1021,8 +1021,11 @@ def test_a_rollback_never_takes_the_state_files_current_for_what_serves(
     env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
     lying = states.read_state(env.state_file, environment=env.name)
     assert lying.current is not None and lying.previous is not None
-    states.write_state(env.state_file, lying.with_(current=lying.previous,
-                                                   previous=lying.current))
+    # the swap, its current record naming the slot that serves (v3's): found by review, a
+    # rollback `--to v2` switched traffic and then failed at every state write ("v2 is
+    # already current"), exit 6 for good
+    states.write_state(env.state_file, lying.with_(
+        current=lying.previous.with_(active_slot=Slot.BLUE), previous=lying.current))
     with pytest.raises(RunbookError) as refused:
         rollback.rollback(env, dry_run=True)
     said = f"{refused.value.message} / {refused.value.fix}"
@@ -1035,6 +1038,30 @@ def test_a_rollback_never_takes_the_state_files_current_for_what_serves(
     assert f"{V3.tag} already serves" in serving.value.message, serving.value.message
     rollback.rollback(env, rollback.Options(to=V2.tag, reason="test: state file lies"))
     assert through_proxy(env) == ("green", V2.tag)
+    after = states.read_state(env.state_file, environment=env.name)
+    assert after.current is not None and after.current.version == V2.tag
+    assert after.current.active_slot == Slot.GREEN
+
+
+def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_changed(
+        stack: DrillStack) -> None:
+    """Exit 4 promises "nothing was changed". A refusal met once the run had started the
+    standby (here the switch's: the managed block sets no X-Togather-Slot and the app does
+    not send it, found only when the serving slot is down) is undone first, so the run
+    failed safely: exit 1, the standby stopped again, traffic where it was."""
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    text = caddy.read(env)
+    bare = text.replace('header_down X-Togather-Slot "blue"', "")
+    assert "header_down" not in bare
+    write_and_load(env, bare)
+    stack.docker("stop", env.slot(Slot.BLUE).container)  # the outage a rollback is for
+    with pytest.raises(RunbookError) as failed:
+        rollback.rollback(env, rollback.Options(reason="test: refused mid-run"))
+    said = failed.value.message
+    assert failed.value.exit_code == ExitCode.FAILED_SAFELY, said
+    assert "no header_down X-Togather-Slot" in said and "undone" in said, said
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    assert caddy.read(env) == bare
 
 
 def test_switch_puts_a_caddyfile_that_names_the_other_slot_back_in_line(
