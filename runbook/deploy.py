@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,10 +361,8 @@ def _still_migrating(env: Environment, slot: Slot) -> str | None:
     info = docker.inspect(env.slot(slot).container)
     if not info.running:
         return None
-    try:
-        slots.refuse_if_migrating(env, slot, info)
-    except PreconditionError:
-        return "migrations still run inside it (a migrate exec)"
+    if (execs := slots.migrate_exec(env, info)) is not None:
+        return f"migrations still run inside it (`{shlex.join(execs[1])}`)"
     try:
         schema = database.schema_version(env)
     except RunbookError:

@@ -234,17 +234,27 @@ def refuse_if_migrating(env: Environment, slot: Slot, info: ContainerInfo) -> No
     `dirty` flag stayed set, and the rerun's own `migrate up` then failed on it: a half
     migrated schema under the serving version, and a hand-run `migrate force` to get out.
     Matched: the environment's migrate_command, or any command with a `migrate` argument."""
+    found = migrate_exec(env, info)
+    if found is not None:
+        pid, argv = found
+        raise PreconditionError(
+            f"refusing to recreate {info.name}: migrations still run inside it "
+            f"(`{shlex.join(argv)}`, pid {pid} on this host), probably those of a run "
+            "that was killed; recreating it would cut them off and leave the schema dirty",
+            f"wait until they end (`docker top {info.name}` no longer lists them), then "
+            "run the same command again")
+
+
+def migrate_exec(env: Environment, info: ContainerInfo) -> tuple[int, list[str]] | None:
+    """(pid, argv) of migrations running through `docker exec` in a running container: the
+    environment's migrate_command, or any command with a `migrate` argument."""
     if not info.exists or info.status != "running":
-        return
+        return None
     wanted = list(env.migrate_command)
     for pid, argv in docker.running_execs(info.name):
         if (wanted and argv == wanted) or "migrate" in argv[1:] or argv[:1] == ["migrate"]:
-            raise PreconditionError(
-                f"refusing to recreate {info.name}: migrations still run inside it "
-                f"(`{shlex.join(argv)}`, pid {pid} on this host), probably those of a run "
-                "that was killed; recreating it would cut them off and leave the schema dirty",
-                f"wait until they end (`docker top {info.name}` no longer lists them), then "
-                "run the same command again")
+            return pid, argv
+    return None
 
 
 @dataclass(frozen=True)

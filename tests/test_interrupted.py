@@ -519,6 +519,19 @@ def test_a_rerun_stopped_before_its_first_change_keeps_a_migrated_deploys_record
     deploy_finishes_as_the_same_deployment(env, pre_deploy)
 
 
+def host_deploys_v3_to_green(env: Environment) -> None:
+    """What the host's own deploy script does: v3 onto green (compose), Caddy switched to
+    it, its deploy recorded in the state file."""
+    slots.recreate(env, Slot.GREEN, V3.tag)
+    health.wait_healthy(env, Slot.GREEN, timeout=30)
+    caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
+    before = states.read_state(env.state_file, environment=env.name)
+    states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
+        V3.tag, V3.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
+        migration_version=V3.schema, image=V3.image)))
+    assert through_proxy(env) == ("green", V3.tag)
+
+
 def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_snapshot(
         stack: DrillStack) -> None:
     """Found by review: a deploy of v2 killed after its migrations (its pre-deploy snapshot
@@ -535,15 +548,7 @@ def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_sna
     assert killed is not None and killed.target == Slot.GREEN
     pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
     assert len(pre_deploy) == 1
-    # the host's deploy script: v3 onto green (compose), Caddy switched, its deploy recorded
-    slots.recreate(env, Slot.GREEN, V3.tag)
-    health.wait_healthy(env, Slot.GREEN, timeout=30)
-    caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
-    before = states.read_state(env.state_file, environment=env.name)
-    states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
-        V3.tag, V3.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
-        migration_version=V3.schema, image=V3.image)))
-    assert through_proxy(env) == ("green", V3.tag)
+    host_deploys_v3_to_green(env)
     again = cli(env, "deploy", "--version", V2.tag, "--yes")
     assert again.returncode == 0, again.stdout + again.stderr
     assert through_proxy(env) == ("blue", V2.tag)
@@ -582,6 +587,21 @@ def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
     assert meta["deployment_id"] == st.current.id and meta["migration_version"] == 1, meta
 
 
+def self_migrating_deploy_held_at_its_gate(env: Environment,
+                                           tmp_path: Path) -> subprocess.Popen[str]:
+    """`runbook deploy` of a build that never turns healthy, on a host with no
+    migrate_command (the app migrates itself at start-up) and a 3 s gate, stopped (SIGSTOP)
+    before its gate: the test then does what such an app's start-up would, and SIGCONTs."""
+    toml = tmp_path / "self-migrating.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    return subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", VERSIONS["unhealthy"].tag,
+         "--yes", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+
+
 def test_an_app_that_migrates_itself_then_fails_its_gate_says_the_schema_changed(
         stack: DrillStack, tmp_path: Path) -> None:
     """No migrate_command (the app migrates when it starts): a failed gate was reported as
@@ -590,14 +610,7 @@ def test_an_app_that_migrates_itself_then_fails_its_gate_says_the_schema_changed
     (the fault point), as such an app would at start-up."""
     stack.reset()  # v1 serving from blue on schema 1
     env = stack.env
-    toml = tmp_path / "self-migrating.toml"
-    toml.write_text(envmod.to_toml(dataclasses.replace(
-        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runbook.cli", "deploy", "--version", VERSIONS["unhealthy"].tag,
-         "--yes", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+    proc = self_migrating_deploy_held_at_its_gate(env, tmp_path)
     wait_stopped(proc.pid)
     with stack.connect() as conn:  # what the new version's own start-up migration does
         conn.execute("UPDATE schema_migrations SET version = 2")
@@ -619,14 +632,7 @@ def test_an_app_still_migrating_itself_when_its_gate_fails_is_left_running(
     stack.reset()  # v1 serving from blue on schema 1
     env = stack.env
     green = env.slot(Slot.GREEN).container
-    toml = tmp_path / "self-migrating.toml"
-    toml.write_text(envmod.to_toml(dataclasses.replace(
-        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runbook.cli", "deploy", "--version", VERSIONS["unhealthy"].tag,
-         "--yes", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+    proc = self_migrating_deploy_held_at_its_gate(env, tmp_path)
     migrating = stack.connect()  # golang-migrate's session: its advisory lock, held
     try:
         wait_stopped(proc.pid)
@@ -653,14 +659,7 @@ def test_a_dirty_schema_no_migration_holds_does_not_keep_a_failed_container_runn
     stack.reset()  # v1 serving from blue on schema 1
     env = stack.env
     green = env.slot(Slot.GREEN).container
-    toml = tmp_path / "self-migrating.toml"
-    toml.write_text(envmod.to_toml(dataclasses.replace(
-        env, migrate_command=(), health=dataclasses.replace(env.health, timeout=3.0))))
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runbook.cli", "deploy", "--version", VERSIONS["unhealthy"].tag,
-         "--yes", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: "before:health-gate:SIGSTOP"})
+    proc = self_migrating_deploy_held_at_its_gate(env, tmp_path)
     try:
         wait_stopped(proc.pid)
         with stack.connect() as conn:  # a start-up migration that failed half-way
@@ -1525,15 +1524,7 @@ def test_a_record_older_than_another_tools_deploy_to_its_slot_blocks_nothing(
     first = cli(env, "rollback", "--yes", fault="before:health-gate:SIGKILL")
     assert first.returncode == -signal.SIGKILL, first.stderr
     assert intents.read(env) is not None
-    # the host's deploy script: v3 onto green (compose), Caddy switched, its deploy recorded
-    slots.recreate(env, Slot.GREEN, V3.tag)
-    health.wait_healthy(env, Slot.GREEN, timeout=30)
-    caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
-    before = states.read_state(env.state_file, environment=env.name)
-    states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
-        V3.tag, V3.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
-        migration_version=V3.schema, image=V3.image)))
-    assert through_proxy(env) == ("green", V3.tag)
+    host_deploys_v3_to_green(env)
     status = cli(env, "status")
     said = status.stdout + status.stderr
     assert "record is out of date" in said and "took effect" not in said, said
