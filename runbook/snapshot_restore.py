@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot
-from runbook.errors import ExitCode, RunbookError
+from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import NotPutBack, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands
@@ -73,6 +74,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     tgt = commands.target(env)
     commands.require_container(env)
     now_schema, _ = current_state(env)  # unreachable -> refused here, before any change
+    run.schema_now = now_schema
     check_server(snapshot, verified, server_version(env))
     window = loss_window(env, snapshot).describe()
     killed = killed_restore(env, run_id)
@@ -323,6 +325,25 @@ def _serving_but_stopped(env: Environment) -> str | None:
     return name if info.exists and not info.running else None
 
 
+def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
+    """A standalone restore starts again the code that runs now: on a snapshot at another
+    schema it would run on one it never ran on (a /health that does not check the schema
+    passes, and it serves without its tables; or, migrating itself on start, it migrates the
+    restored data forward). The database's schema now is the one that code runs on: read
+    from what runs, not from the state file."""
+    verified, now = run.verified, run.schema_now
+    at = SchemaVersion(verified.migration_version, verified.dirty)
+    if now is None or at == now:
+        return
+    raise PreconditionError(
+        f"{run.snapshot.name} is at schema {at.describe()} and the database at schema "
+        f"{now.describe()}, the one the app code that runs now runs on: started again after "
+        "the restore, that code would run on a schema it never ran on",
+        f"move code and schema together with `runbook rollback {env.name} --restore-snapshot "
+        f"--snapshot {run.snapshot.name}`, or restore and start nothing with --keep-stopped "
+        "(then start the code that fits that schema yourself)")
+
+
 def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,
             dry_run: bool = False, reason: str = "snapshot restore",
             confirm: Callable[..., bool] | None = None,
@@ -349,6 +370,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
                                + ("this run starts it again once the database is restored"
                                   if restart else "--keep-stopped leaves it so"))
         if restart:
+            _refuse_other_schema(env, restore_run)
             steps.append(start_step(env, restore_run, left_stopped=left))
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",

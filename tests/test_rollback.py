@@ -867,6 +867,37 @@ def test_a_named_snapshot_whose_sidecar_has_no_version_is_judged_by_its_dump(
     assert later.outcomes[-1].status == "ok" and through_proxy(env) == ("blue", V1.tag)
 
 
+def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_refused(
+        stack: DrillStack) -> None:
+    """Found by review: `runbook snapshot restore` of a snapshot at schema 1 while v2 serves
+    on schema 2 restored it, started v2 again and ended exit 0: v2 (its /health does not
+    check the schema) then served on a schema it never ran on, its `orders` table gone, and
+    nothing said so; an app that migrates itself on start would have migrated the restored
+    data forward. Code and schema move together with `rollback --restore-snapshot`: this is
+    refused, nothing changed, and `--keep-stopped` (restore, start nothing) does it by hand."""
+    from runbook import snapshot_restore
+
+    env = migrated(stack)  # v2 serving from green on schema 2; v1 stopped, schema 1 before
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))[-1:]
+    before = snapshot(env)
+    listed = sorted(env.database.snapshot_dir.iterdir())
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, pre.name)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION, text
+    assert "schema 1" in text and "schema 2" in text, text
+    assert f"runbook rollback {env.name} --restore-snapshot --snapshot {pre.name}" in text, text
+    assert "--keep-stopped" in text, text
+    assert snapshot(env) == before and sorted(env.database.snapshot_dir.iterdir()) == listed
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
+    kept = snapshot_restore.restore(env, pre.name, restart=False)  # as the message says
+    assert {o.name: o.status for o in kept.outcomes}["verify-restore"] == "ok"
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
+    assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+
+
 @pytest.mark.any_shape
 def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     from runbook.run import NotConfirmed

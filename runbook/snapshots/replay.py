@@ -78,6 +78,7 @@ class RestoreRun:
     stopped: list[str] = field(default_factory=list)
     restored: bool = False
     outcome_unknown: bool = False  # COMMIT sent, psql's exec failed, Postgres could not say
+    schema_now: database.SchemaVersion | None = None  # the database's, read while planning
 
 
 # Every schema left once the dump's own are dropped was made after the snapshot (a migration's
