@@ -78,6 +78,7 @@ class UsageError(RunbookError):
 
 class LockedError(RunbookError):
     exit_code = ExitCode.LOCKED
+    holder: dict[str, object] | None = None  # who holds it, as its lock file says (fleet lock)
 
 
 class LockLostError(LockedError):

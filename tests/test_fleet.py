@@ -23,7 +23,7 @@ from runbook import environment as envmod
 from runbook.drill.fleet import DrillFleet
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
-from runbook.errors import LockedError, RunbookError, UsageError
+from runbook.errors import ExitCode, LockedError, RunbookError, UsageError
 from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
 from tests.matrix import nightly
@@ -1250,6 +1250,23 @@ def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
     run_id = first["fleet_run_id"]
     held = hostlock.status(fleet.hosts[0].env)
     assert held is not None and held.stale, held  # the dead controller's lock, left behind
+    # A lock host on another machine than the controller cannot see its pid: to it the lock
+    # is live until it expires. A plain rerun was refused "wait for that fleet run to finish"
+    # (exit 3) for 30 minutes; the controller's own journal says that run's controller is
+    # gone, so the refusal names the resume that finishes it.
+    holder_file = hostlock.path(fleet.hosts[0].env) / "holder.json"
+    holder = json.loads(holder_file.read_text())
+    holder_file.write_text(json.dumps({**holder, "hostname": "controller-elsewhere"}))
+    assert not hostlock.status(fleet.hosts[0].env).stale  # type: ignore[union-attr]
+    plain = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                            "--yes", "--journal-dir", str(journal)], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
+    assert plain.returncode == ExitCode.LOCKED, plain.stdout + plain.stderr
+    assert "never finished" in plain.stderr and "controller" in plain.stderr, plain.stderr
+    assert f"--resume {run_id}" in plain.stderr, plain.stderr
+    assert f"--journal-dir {journal}" in plain.stderr, plain.stderr
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v2, v3, v3]
+    refused_runs = {p.stem for p in journal.glob("fleet_*.json")} - {run_id}
 
     def resume(*args: str) -> tuple[int, str, str]:
         p = subprocess.Popen([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
@@ -1269,7 +1286,7 @@ def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
     for name in ("host1", "host2", "host3"):
         assert fleet.serving(name) == (200, "blue", v2), name
     second = json.loads(next(p for p in journal.glob("fleet_*.json")
-                             if p.stem != run_id).read_text())
+                             if p.stem not in {run_id, *refused_runs}).read_text())
     assert second["hosts_selected"] == ["host2", "host3"], second
     assert set(second["hosts"]) == {"host2", "host3"}  # host1 never rolled again
     taken_over = second["stale_fleet_lock_taken_over"]  # the lock the dead controller left

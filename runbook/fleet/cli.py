@@ -10,7 +10,7 @@ import typer
 
 from runbook.cli_common import ask, stdin_is_terminal
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
-from runbook.errors import RunbookError, UsageError
+from runbook.errors import LockedError, RunbookError, UsageError
 
 fleet_app = typer.Typer(
     name="fleet", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -190,7 +190,9 @@ def lock_cmd(
             out = held.to_json() if held else {"locked": False}
     except RunbookError as exc:
         print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
-                          "exit_code": int(exc.exit_code)}))
+                          "exit_code": int(exc.exit_code),
+                          "holder": exc.holder if isinstance(exc, LockedError) else None},
+                         default=str))
         typer.echo(f"runbook: error: {exc}", err=True)
         raise typer.Exit(int(exc.exit_code)) from None
     print(json.dumps(out, default=str))

@@ -13,7 +13,7 @@ import socket
 from importlib import metadata
 from typing import Any
 
-from runbook.errors import RunbookError
+from runbook.errors import LockedError, RunbookError
 from runbook.fleet import FLEET_PROTOCOL
 
 
@@ -66,7 +66,9 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
             out["fleet_lock_take"] = hostlock.take(env, **take_lock)
         except RunbookError as exc:
             out["fleet_lock_take"] = {"taken": False, "error": exc.message, "fix": exc.fix,
-                                      "exit_code": int(exc.exit_code)}
+                                      "exit_code": int(exc.exit_code),
+                                      "holder": exc.holder if isinstance(exc, LockedError)
+                                      else None}
             return out
     held = locks.status(env)
     out["deploy_lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale}

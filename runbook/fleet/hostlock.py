@@ -130,9 +130,11 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
                             f"{held.holder.get('pid', '?')} on "
                             f"{held.holder.get('hostname', '?')}, found dead by the resume)")
             if not held.stale:
-                raise LockedError(f"the fleet lock on this host is held by {held.describe()}",
-                                  "wait for that fleet run to finish, or stop its controller; "
-                                  "a stale one is taken over") from None
+                refused = LockedError(f"the fleet lock on this host is held by "
+                                      f"{held.describe()}", "wait for that fleet run to finish, "
+                                      "or stop its controller; a stale one is taken over")
+                refused.holder = held.holder  # its controller may know that run is dead
+                raise refused from None
             taken_over = held
             aside = path(env).with_name(f"{path(env).name}.stale-{os.getpid()}")
             with contextlib.suppress(OSError):

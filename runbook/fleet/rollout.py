@@ -103,6 +103,7 @@ class FleetError(RunbookError):
         self.lines = lines or []
         self.journal_file: Path | None = None
         self.lock_not_taken = False
+        self.holder: dict[str, Any] | None = None  # a fleet lock's, when it refused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +418,8 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             # command ran): it may be ours, so it is released by this run's id (someone
             # else's is left alone), never left for 30 minutes to refuse the retry
             error.lock_not_taken = answered
+            holder = err.get("holder")
+            error.holder = holder if isinstance(holder, dict) else None
             raise error
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
@@ -741,6 +744,36 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
     return str(run_id) if here else ""
 
 
+def _name_the_resume(refused: FleetError, options: Options) -> None:
+    """A fleet lock held by a run of this machine whose controller is gone (kill -9, a crash):
+    the lock host cannot see this machine's processes, so it refuses for the lock's whole
+    lifetime with "wait for it to finish". That run's journal is here: name its resume, which
+    takes the lock over and never rolls a finished host back again."""
+    run_id = (refused.holder or {}).get("fleet_run_id")
+    if not isinstance(run_id, str) or refused.exit_code != ExitCode.LOCKED:
+        return
+    try:
+        record = fjournal.load(run_id, options.journal_dir)
+    except RunbookError:
+        return  # another machine's run, or its journal elsewhere: nothing here tells
+    ctl = record.get("controller") or {}
+    pid, start = ctl.get("pid"), ctl.get("pid_start")
+    if (record.get("outcome") is not None or record.get("dry_run")
+            or ctl.get("hostname") != socket.gethostname() or not isinstance(pid, int)
+            or procs.pid_alive(pid, start if isinstance(start, int) else None)):
+        return
+    resume = str(record.get("resume_command") or (
+        f"runbook fleet rollback {_inventory_arg(options)} --resume {run_id}"
+        f"{_same_options(options)}"))
+    if options.journal_dir is not None:  # where this run looked: the resume must look there
+        resume += f" --journal-dir {shlex.quote(str(options.journal_dir))}"
+    refused.message += (f"; that fleet run never finished: its controller (pid {pid} on this "
+                        "machine) is gone")
+    refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
+                   "host it rolled back again); or, to start afresh, release the lock there "
+                   f"(`runbook fleet lock ENV --release --fleet-run {run_id}`)")
+
+
 def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
                    started_from: dict[str, dict[str, Any]]) -> list[str]:
     """Pre-flight problems of a resume: a host that no longer runs the deployment its run
@@ -965,12 +998,16 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                  "nothing was changed", "run with the same inventory "
                                  "through `ansible-inventory --list` to see why",
                                  exit_code=ExitCode.PRECONDITION)
-        checks, problems, lock_res = preflight(events, inventory, targets,
-                                               fleet_run_id=fleet_run_id,
-                                               env_name=str(inventory.var(
-                                                   inventory.lock_host, "runbook_env",
-                                                   "production")),
-                                               take_lock=not options.dry_run)
+        try:
+            checks, problems, lock_res = preflight(events, inventory, targets,
+                                                   fleet_run_id=fleet_run_id,
+                                                   env_name=str(inventory.var(
+                                                       inventory.lock_host, "runbook_env",
+                                                       "production")),
+                                                   take_lock=not options.dry_run)
+        except FleetError as exc:
+            _name_the_resume(exc, options)
+            raise
         problems += _changed_since(checks, targets, started_from)
         problems += _rolled_back_already(checks, targets)
         problems += _mixed_releases(checks, targets)
