@@ -18,6 +18,7 @@ of the same command finishes it from the intent record (runbook/intent.py).
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import time
@@ -495,12 +496,14 @@ class _Execution:
                                 f"{undone}", "check `runbook status` now: traffic may not be "
                                 "where it was", exit_code=ExitCode.ATTENTION)
         if isinstance(cause, RunbookError):  # keep its type and fields for front ends
-            cause.message = f"{cause.message}{undone}"
-            cause.args = (cause.message,)
             if cause.exit_code == ExitCode.PRECONDITION and any(t != PUT_BACK for t in done):
                 # exit 4 says "nothing was changed": after undoing what this run did (a
-                # standby started or recreated), the run failed safely instead (exit 1)
+                # standby started or recreated), the run failed safely instead (exit 1), and
+                # the refusal's own words, written for before any change, say so too
                 cause.exit_code = ExitCode.FAILED_SAFELY
+                cause.message = _NOTHING_CHANGED.sub(_UNDONE_WORDS, cause.message)
+            cause.message = f"{cause.message}{undone}"
+            cause.args = (cause.message,)
             return cause
         if isinstance(cause, Interrupted):
             return RunbookError(f"{what}: nothing took effect{undone}; traffic stays where it "
@@ -533,6 +536,10 @@ class _Execution:
             why, finish = cause.message, f"first {cause.fix}; only after that, {finish}"
         return TookEffectError(
             f"the {self.plan.action} TOOK EFFECT: {where}; left to do: {todo} ({why})", finish)
+
+
+_NOTHING_CHANGED = re.compile(r"\bnothing (?:was |has been )?changed\b")
+_UNDONE_WORDS = "traffic stayed where it was and what this run did was undone"
 
 
 def _describe(exc: BaseException) -> str:

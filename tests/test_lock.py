@@ -915,6 +915,37 @@ def test_a_signal_pending_when_a_commit_step_returns_without_committing_undoes_i
     assert info.value.exit_code == ExitCode.FAILED_SAFELY
 
 
+def test_a_refusal_after_undos_never_says_nothing_was_changed(
+        env: Environment, with_state: Path) -> None:
+    """A refusal raised mid-run (exit 4's words: "...; nothing was changed") after this run
+    had started a standby is exit 1 once that start is undone (the executor's rule); its
+    text still said "nothing was changed", next to "undone: stop the standby"."""
+    from runbook.errors import PreconditionError, RunbookError
+    from runbook.plan import Phase, Plan, Step, StepContext
+    from runbook.run import perform
+
+    calls: list[str] = []
+
+    def start(ctx: StepContext) -> None:
+        calls.append("start")
+        ctx.on_failure("stop the standby", lambda: calls.append("undo start"))
+
+    def gate(ctx: StepContext) -> None:
+        raise PreconditionError("the standby runs another build; nothing was changed",
+                                "rebuild it")
+
+    with pytest.raises(RunbookError) as info:
+        perform(env, "rollback", lambda run_id: Plan("rollback", env, "test", [
+            Step("start-slot", "Start the standby", run=start, phase=Phase.PREPARE),
+            Step("health-gate", "Gate", run=gate, phase=Phase.PREPARE)]), dry_run=False,
+            reason="test", confirm=lambda plan: True)
+    assert calls == ["start", "undo start"], calls
+    said = str(info.value)
+    assert info.value.exit_code == ExitCode.FAILED_SAFELY, said
+    assert "nothing was changed" not in said, said
+    assert "undone: stop the standby" in said, said
+
+
 def test_a_replaced_record_is_not_put_back_over_a_run_whose_undo_failed(
         env: Environment, with_state: Path) -> None:
     """Found by review: the put-back of the interrupted run's record (Plan.replaces) ran

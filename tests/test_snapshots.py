@@ -707,7 +707,9 @@ def test_no_disk_space_for_the_safety_snapshot_changes_nothing(
         # exit 1, not 4: the restore had stopped the app slots, and started them again
         refused = expect_refused(stack, snap.path, ExitCode.FAILED_SAFELY, "no disk space",
                                  env=cramped)
-        assert "nothing was changed" in str(refused)
+        assert "nothing was changed" not in str(refused), str(refused)  # it stopped them
+        assert "what this run did was undone" in str(refused), str(refused)
+        assert "undone: start the stopped app containers again" in str(refused), str(refused)
         assert [p.name for p in full.iterdir()] == ["filler"]
     assert item_names(stack) == ["precious", "after-snapshot"]
 
