@@ -75,6 +75,11 @@ SHAPE_TESTS ?= features/rollback.feature tests/test_rollback.py
 # ... less the tests marked any_shape (they read nothing a shape changes: CLI output, the lock,
 # Docker's own refusals), run on the default shape only; nightly: SHAPE_MARKS="not fleet".
 SHAPE_MARKS ?= not fleet and not any_shape
+# ... and each group runs its share of those tests under tests/ (conftest.py --shape-share:
+# every 2nd, one group from the first, the other from the second; the features whole), so
+# each runs once on a non-default shape; the nightly drill sets SHAPE_SHARE= (every test on
+# every group).
+SHAPE_SHARE ?= yes
 NEEDS_COMPOSE_DEPLOY := \
   --deselect features/troubleshooting.feature::test_no_previous_deployment_found \
   --deselect features/troubleshooting.feature::test_health_checks_fail_on_the_previous_deployment \
@@ -95,8 +100,10 @@ shapes: setup
 	@$(MAKE) --no-print-directory shapes-report
 
 shapes-run:
-	@mkdir -p reports/shapes; for shape in $(SHAPES); do \
+	@mkdir -p reports/shapes; groups=$$(echo $(SHAPES) | wc -w); k=0; for shape in $(SHAPES); do \
+	  k=$$((k + 1)); \
 	  case $$shape in *docker-run*) extra="$(NEEDS_COMPOSE_DEPLOY)";; *) extra="";; esac; \
+	  [ -z "$(SHAPE_SHARE)" ] || extra="$$extra --shape-share $$k/$$groups"; \
 	  ( $(PYTEST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "$(SHAPE_MARKS)" --shape $$shape $$extra \
 	      > reports/shapes/$$shape.log 2>&1; echo $$? > reports/shapes/$$shape.rc ) & \
 	done; wait

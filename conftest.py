@@ -46,6 +46,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "caddy-reload, docker-network-db, minimal-health, docker-run (README: 'Drill host "
              "shapes')",
     )
+    group.addoption(
+        "--shape-share", default=None, metavar="K/N",
+        help="run only the K-th of N shares of the tests under tests/ (every N-th, from the "
+             "K-th, of those not marked any_shape); features run whole. make test gives each "
+             "shape group one share; the nightly drill none (README: 'Drill host shapes')",
+    )
 
 
 class FeatureModule(pytest.Module):
@@ -122,8 +128,43 @@ def _names_rollback_feature(config: pytest.Config) -> bool:
     return any((here / str(arg).split("::", 1)[0]).resolve() == wanted for arg in config.args)
 
 
+def _share(config: pytest.Config) -> tuple[int, int] | None:
+    raw = config.getoption("--shape-share")
+    if raw is None:
+        return None
+    k, _, n = str(raw).partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise pytest.UsageError(f"--shape-share {raw}: expected K/N with 1 <= K <= N, e.g. 1/2")
+    return int(k), int(n)
+
+
+def _take_share(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--shape-share K/N: a shape group's share of the shape-sensitive tests under tests/
+    (in file order, every N-th from the K-th), so that N groups together run each of them
+    once on a non-default shape; the rest are deselected, as -m does. A test that runs on
+    some shapes only (`shape_specific`) is in every share: each group runs or skips it."""
+    share = _share(config)
+    if share is None:
+        return
+    k, n = share
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    index = 0
+    for item in items:
+        if _is_feature(item) or item.get_closest_marker("any_shape") \
+                or item.get_closest_marker("shape_specific"):  # skipped where it does not fit
+            kept.append(item)
+            continue
+        (kept if index % n == k - 1 else dropped).append(item)
+        index += 1
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _take_share(config, items)
     for item in items:  # one worker brings up the drill fleet (3 hosts), not every worker
         if item.get_closest_marker("fleet") or "drill_fleet" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("fleet"))

@@ -276,6 +276,7 @@ def test_rollback_recreates_a_removed_container(stack: DrillStack) -> None:
     assert through_proxy(env) == ("green", V2.tag)
 
 
+@pytest.mark.shape_specific
 def test_a_docker_run_slot_is_never_recreated_through_a_compose_file_configured_anyway(
         stack: DrillStack) -> None:
     """A host whose slots were made by `docker run` (no compose label) but whose environment
@@ -303,6 +304,7 @@ def test_a_docker_run_slot_is_never_recreated_through_a_compose_file_configured_
 
 
 @pytest.mark.any_shape
+@pytest.mark.shape_specific
 def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing(
         stack: DrillStack) -> None:
     if docker_run_host(stack):
@@ -332,6 +334,7 @@ def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing
 
 
 @pytest.mark.any_shape
+@pytest.mark.shape_specific
 def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_so(
         stack: DrillStack) -> None:
     """The stopped standby's tag was rebuilt or retagged since it ran: the runbook compared
@@ -802,6 +805,7 @@ def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
     assert len(safety) == 2  # the pre-deploy snapshot and the safety snapshot of the restore
 
 
+@pytest.mark.shape_specific
 def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapshot(
         stack: DrillStack, tmp_path: Path) -> None:
     """The shell tooling records no migration version, in the state or the sidecar: the
@@ -1020,6 +1024,7 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
 
 
+@pytest.mark.shape_specific
 def test_a_deploy_of_the_version_the_state_file_calls_current_but_that_does_not_serve_goes_ahead(
         stack: DrillStack) -> None:
     """Found by review: "already the current deployment" was read from the state file. The
