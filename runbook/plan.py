@@ -502,6 +502,7 @@ class _Execution:
                 # the refusal's own words, written for before any change, say so too
                 cause.exit_code = ExitCode.FAILED_SAFELY
                 cause.message = _NOTHING_CHANGED.sub(_UNDONE_WORDS, cause.message)
+                cause.fix = cause.fix and _NOTHING_CHANGED.sub(_UNDONE_WORDS, cause.fix)
             cause.message = f"{cause.message}{undone}"
             cause.args = (cause.message,)
             return cause
@@ -539,7 +540,7 @@ class _Execution:
 
 
 _NOTHING_CHANGED = re.compile(r"\bnothing (?:was |has been )?changed\b")
-_UNDONE_WORDS = "traffic stayed where it was and what this run did was undone"
+_UNDONE_WORDS = "what this run did was undone"
 
 
 def _describe(exc: BaseException) -> str:

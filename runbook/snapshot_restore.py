@@ -326,22 +326,50 @@ def _serving_but_stopped(env: Environment) -> str | None:
 
 
 def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
-    """A standalone restore starts again the code that runs now: on a snapshot at another
-    schema it would run on one it never ran on (a /health that does not check the schema
-    passes, and it serves without its tables; or, migrating itself on start, it migrates the
-    restored data forward). The database's schema now is the one that code runs on: read
-    from what runs, not from the state file."""
-    verified, now = run.verified, run.schema_now
+    """A standalone restore starts again the code that serves: on a snapshot at another
+    schema than the one that code ran with, it runs on a schema it never ran on (a /health
+    that does not check the schema passes, and it serves without its tables; or, migrating
+    itself on start, it migrates the restored data forward).
+
+    Which code serves comes from what runs (the slot Caddy's loaded config dials, its
+    container's version tag), the schema it ran with from its deployment's record; the
+    database's schema now is only the fallback when none is recorded: after a failed deploy
+    or a lost volume it is not the serving code's, and a restore of its pre-deploy snapshot
+    is the way back."""
+    import shlex
+
+    from runbook import docker, traffic
+    from runbook import state as states
+
+    verified = run.verified
     at = SchemaVersion(verified.migration_version, verified.dirty)
-    if now is None or at == now:
+    expected: SchemaVersion | None = None
+    serving = "the code that serves"
+    try:
+        slot = traffic.read(env, proxy=False).slot
+        tag = docker.inspect(env.slot(slot).container).tag if slot is not None else None
+        if tag and states.is_version(tag):
+            serving = f"{tag}, which serves from the {slot} slot,"
+            recorded = next((d for d in states.read_state(env.state_file,
+                                                          environment=env.name).deployments()
+                             if d.version == tag and d.migration_version is not None), None)
+            if recorded is not None and recorded.migration_version is not None:
+                expected = SchemaVersion(recorded.migration_version, False)
+    except RunbookError:
+        pass  # Caddy, Docker or the state file cannot tell: the database's schema now
+    witness = "ran with (as its deployment recorded)"
+    if expected is None:
+        expected, witness = run.schema_now, "runs on now (its deployment recorded none)"
+    if expected is None or at == expected:
         return
+    name = shlex.quote(run.snapshot.name)
     raise PreconditionError(
-        f"{run.snapshot.name} is at schema {at.describe()} and the database at schema "
-        f"{now.describe()}, the one the app code that runs now runs on: started again after "
-        "the restore, that code would run on a schema it never ran on",
+        f"{run.snapshot.name} is at schema {at.describe()}, and {serving} {witness} schema "
+        f"{expected.describe()}: started again after the restore, it would run on a schema "
+        "it never ran on; nothing was changed",
         f"move code and schema together with `runbook rollback {env.name} --restore-snapshot "
-        f"--snapshot {run.snapshot.name}`, or restore and start nothing with --keep-stopped "
-        "(then start the code that fits that schema yourself)")
+        f"--snapshot {name}`, or restore and start nothing with --keep-stopped (then start "
+        "the code that fits that schema yourself)")
 
 
 def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,

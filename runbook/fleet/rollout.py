@@ -29,6 +29,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -744,14 +745,18 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
     return str(run_id) if here else ""
 
 
+_RUN_ID = re.compile(r"fleet_\d{8}_\d{6}_[0-9a-f]{6}")
+
+
 def _name_the_resume(refused: FleetError, options: Options) -> None:
     """A fleet lock held by a run of this machine whose controller is gone (kill -9, a crash):
     the lock host cannot see this machine's processes, so it refuses for the lock's whole
     lifetime with "wait for it to finish". That run's journal is here: name its resume, which
     takes the lock over and never rolls a finished host back again."""
     run_id = (refused.holder or {}).get("fleet_run_id")
-    if not isinstance(run_id, str) or refused.exit_code != ExitCode.LOCKED:
-        return
+    if not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)) \
+            or refused.exit_code != ExitCode.LOCKED:
+        return  # the id names the journal file: only the shape fjournal.new_id makes
     try:
         record = fjournal.load(run_id, options.journal_dir)
     except RunbookError:
@@ -762,16 +767,28 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
             or ctl.get("hostname") != socket.gethostname() or not isinstance(pid, int)
             or procs.pid_alive(pid, start if isinstance(start, int) else None)):
         return
-    resume = str(record.get("resume_command") or (
-        f"runbook fleet rollback {_inventory_arg(options)} --resume {run_id}"
-        f"{_same_options(options)}"))
-    if options.journal_dir is not None:  # where this run looked: the resume must look there
-        resume += f" --journal-dir {shlex.quote(str(options.journal_dir))}"
     refused.message += (f"; that fleet run never finished: its controller (pid {pid} on this "
                         "machine) is gone")
+    release = f"`runbook fleet lock ENV --release --fleet-run {run_id}`"
+    database = record.get("database") or {}
+    if record.get("maintenance_drain_started") and database.get("status") != "restored":
+        # its resume is refused (_unfinished): whether the database was restored is unknown
+        refused.fix = (f"it stopped during its maintenance drain or restore: hosts may be DOWN "
+                       "and the database may or may not be restored; check `runbook status "
+                       "ENV` and `runbook snapshot list ENV` on the lock host, release its "
+                       f"lock there ({release}), then run the fleet rollback again without "
+                       "--resume")
+        return
+    inventory = record.get("inventory")
+    where = (shlex.quote(inventory) if isinstance(inventory, str) and Path(inventory).is_absolute()
+             else _inventory_arg(options))  # the dead run's inventory, when its path says
+    resume = str(record.get("resume_command") or (
+        f"runbook fleet rollback {where} --resume {run_id}{_same_options(options)}"))
+    if options.journal_dir is not None:  # where this run looked: the resume must look there
+        resume += f" --journal-dir {shlex.quote(str(options.journal_dir))}"
     refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
-                   "host it rolled back again); or, to start afresh, release the lock there "
-                   f"(`runbook fleet lock ENV --release --fleet-run {run_id}`)")
+                   f"host it rolled back again); or, to start afresh, release the lock there "
+                   f"({release})")
 
 
 def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
