@@ -436,6 +436,53 @@ def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is
     assert _unfinished(restored, print) == ""  # its restore recorded: resumable (elsewhere)
 
 
+def test_a_lock_held_by_a_dead_maintenance_run_names_the_release_not_a_refused_resume(
+        tmp_path: Path) -> None:
+    """The refusal of a fleet lock held by a run of this machine whose controller is gone
+    names that run's resume (end to end: the controller-killed test below). Found by
+    review: for a maintenance run stopped before its restore was recorded, that resume is
+    refused (exit 5, the database may or may not be restored): the refusal names what that
+    refusal names instead, the checks and the release. A holder id that is not a fleet run
+    id is never read as a journal's file name."""
+    import socket
+
+    from runbook.fleet.rollout import FleetError, Options, _name_the_resume
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that is no longer alive
+    run_id = "fleet_20261204_101010_abc123"
+    record = {"fleet_run_id": run_id, "outcome": None, "dry_run": False,
+              "inventory": str(tmp_path / "hosts.yml"), "maintenance_drain_started": True,
+              "controller": {"hostname": socket.gethostname(), "pid": gone.pid},
+              "database": {"host": "web1", "status": "restore planned"}, "hosts": {}}
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    options = Options(inventory=tmp_path / "hosts.yml", journal_dir=journal)
+
+    def refused(holder_id: str) -> FleetError:
+        error = FleetError(f"fleet lock on web1: held by fleet run {holder_id}; nothing was "
+                           "changed", "wait for that fleet run to finish",
+                           exit_code=ExitCode.LOCKED)
+        error.holder = {"fleet_run_id": holder_id}
+        _name_the_resume(error, options)
+        return error
+
+    (journal / f"{run_id}.json").write_text(json.dumps(record))
+    maintenance = refused(run_id)
+    assert "never finished" in maintenance.message, maintenance.message
+    assert maintenance.fix and f"--resume {run_id}" not in maintenance.fix, maintenance.fix
+    assert f"--release --fleet-run {run_id}" in maintenance.fix, maintenance.fix
+    assert "without --resume" in maintenance.fix, maintenance.fix
+    (journal / f"{run_id}.json").write_text(json.dumps(
+        {**record, "maintenance_drain_started": False}))
+    plain = refused(run_id)
+    assert plain.fix and f"--resume {run_id}" in plain.fix, plain.fix
+    assert f"--journal-dir {journal}" in plain.fix and str(tmp_path / "hosts.yml") in plain.fix
+    (journal / "evil.json").write_text(json.dumps({**record, "fleet_run_id": "../evil"}))
+    odd = refused("../evil")
+    assert odd.fix == "wait for that fleet run to finish" and "never" not in odd.message
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 
