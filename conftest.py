@@ -48,9 +48,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--shape-share", default=None, metavar="K/N",
-        help="run only the K-th of N shares of the tests under tests/ (every N-th, from the "
-             "K-th, of those not marked any_shape); features run whole. make test gives each "
-             "shape group one share; the nightly drill none (README: 'Drill host shapes')",
+        help="run only the K-th of N shares of the tests (every N-th, from the K-th, of those "
+             "not marked any_shape or shape_specific); features run whole. make test gives "
+             "each shape group one share; the nightly drill none (README: 'Drill host shapes')",
     )
 
 
@@ -139,10 +139,11 @@ def _share(config: pytest.Config) -> tuple[int, int] | None:
 
 
 def _take_share(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """--shape-share K/N: a shape group's share of the shape-sensitive tests under tests/
-    (in file order, every N-th from the K-th), so that N groups together run each of them
-    once on a non-default shape; the rest are deselected, as -m does. A test that runs on
-    some shapes only (`shape_specific`) is in every share: each group runs or skips it."""
+    """--shape-share K/N: a shape group's share of the shape-sensitive tests (not the
+    features; in collection order, every N-th from the K-th, counted before -m deselects),
+    so that N groups together run each of them once on a non-default shape; the rest are
+    deselected, as -m does. A test that takes another path, or skips, on some shapes
+    (`shape_specific`) is in every share."""
     share = _share(config)
     if share is None:
         return
