@@ -141,6 +141,7 @@ def drill_report(stack: DrillStack, out: Path) -> subprocess.CompletedProcess[st
                           timeout=300, check=False)
 
 
+@pytest.mark.long
 @pytest.mark.docker
 def test_a_real_drill_report_renders_in_chromium(stack: DrillStack, tmp_path: Path) -> None:
     """The page a drill leaves, opened in Chromium, shows what really ran: the scenarios'

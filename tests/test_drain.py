@@ -731,6 +731,7 @@ def test_users_on_another_caddy_port_hold_the_drain_for_a_silent_connections_lif
     assert not docker.inspect(env.slot("green").container).running
 
 
+@pytest.mark.long
 @pytest.mark.docker
 def test_the_undo_of_a_failed_verification_waits_for_a_late_request_to_the_target(
         scene_stack: DrillStack) -> None:

@@ -1150,6 +1150,7 @@ def test_a_deploy_rerun_after_its_migrations_measures_the_schema_from_before_the
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
 
 
+@pytest.mark.long
 def test_a_signal_as_the_standby_starts_stops_it_again(stack: DrillStack) -> None:
     """Ctrl-C while `docker start` (or compose's recreate) runs: Docker finishes what it was
     asked, the step does not return. The undo was registered only after the call, so the
@@ -1437,6 +1438,7 @@ def _postmaster(stack: DrillStack) -> int:
     return pid
 
 
+@pytest.mark.long
 def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and_is_finished(
         stack: DrillStack) -> None:
     """The same exec failure, but Postgres does not answer while the run asks it (here: its
@@ -1555,6 +1557,7 @@ def test_a_rollback_whose_target_another_tool_removed_from_the_state_file_is_fin
     assert intents.read(env) is None and through_proxy(env) == ("green", V2.tag)
 
 
+@pytest.mark.long
 def test_a_target_that_fails_after_its_gate_never_has_the_old_slot_stopped_under_it(
         stack: DrillStack) -> None:
     """Found by review: one healthy answer passed the gate, and nothing asked the new slot

@@ -225,6 +225,7 @@ def test_a_paused_load_sends_nothing_and_keeps_its_connections(stack: DrillStack
     assert all(r.served for r in records)
 
 
+@pytest.mark.long
 @pytest.mark.docker
 def test_the_drill_asserts_and_reports_what_users_saw(tmp_path: Path) -> None:
     """The rollback scenario, run as on-call runs it with a report: its Then about users

@@ -500,6 +500,7 @@ def test_a_run_longer_than_the_lock_lifetime_keeps_its_lock_fresh(tmp_path: Path
     assert max(ages) < 4, ages  # never as old as the lifetime, over 6 s
 
 
+@pytest.mark.long
 def test_a_step_longer_than_the_lock_lifetime_keeps_the_state_files_copy_fresh(
         tmp_path: Path) -> None:
     """Found by review: the state file's copy of the lock was refreshed between steps only,

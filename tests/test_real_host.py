@@ -36,6 +36,7 @@ def through_proxy(proxy_url: str) -> tuple[str | None, str]:
     return response.headers.get("X-Togather-Slot"), response.json()["version"]
 
 
+@pytest.mark.long
 def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
     stack = DrillStack().start()
     try:

@@ -521,6 +521,7 @@ def test_a_running_config_that_differs_from_the_caddyfile_is_said_in_the_plan(
     assert not any("beyond the slot" in w for w in calm.warnings), calm.warnings
 
 
+@pytest.mark.long
 def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
     env = two_deployments(stack)
     before = snapshot(env)
@@ -534,6 +535,7 @@ def test_failed_verification_restores_the_caddyfile(stack: DrillStack) -> None:
     assert env.state_file.read_bytes() == before["state"]
 
 
+@pytest.mark.long
 def test_the_undo_of_a_failed_switch_loads_back_what_caddy_ran_not_the_file(
         stack: DrillStack) -> None:
     """Found by review: the undo of a failed verification reloaded the previous Caddyfile.
@@ -1235,6 +1237,7 @@ def test_a_run_killed_between_the_caddyfile_write_and_the_reload_is_finished_bes
     assert through_proxy(env) == ("green", V2.tag)
 
 
+@pytest.mark.long
 def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slot_serves(
         stack: DrillStack) -> None:
     """Another site on the host proxies to blue's port for good (outside the slot markers,
