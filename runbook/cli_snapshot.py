@@ -128,10 +128,11 @@ def _cleanup_locked(environment: Environment) -> CleanupResult:
     A held lock refuses (exit 3) and deletes nothing; the next cron run does the work."""
     from runbook import lock as locks
     from runbook import snapshots
+    from runbook.snapshot_restore import kept_for_killed_restore
 
     held = locks.acquire(environment, reason="snapshot cleanup")
     try:
-        return snapshots.cleanup(environment)
+        return snapshots.cleanup(environment, also_keep=kept_for_killed_restore(environment))
     finally:
         locks.release(environment, held)
 
@@ -144,13 +145,17 @@ def cleanup(
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Delete snapshots past their own expires_at (default retention: 7 days), keeping the
-    newest usable one and the current and previous deployments' pre-deploy snapshots."""
+    newest usable one, the current and previous deployments' pre-deploy snapshots, and a
+    killed restore's safety snapshot."""
     from runbook import snapshots
 
     environment = _env(env, config, fmt)
     try:
         if dry_run:
-            result = snapshots.cleanup(environment, dry_run=True)
+            from runbook.snapshot_restore import kept_for_killed_restore
+
+            result = snapshots.cleanup(environment, dry_run=True,
+                                       also_keep=kept_for_killed_restore(environment))
         else:
             require_yes(yes, "`runbook snapshot cleanup`")
             result = _cleanup_locked(environment)

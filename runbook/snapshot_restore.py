@@ -33,7 +33,7 @@ from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
 from runbook.snapshots.verify import check_server, verify
 from runbook.times import format_utc as _fmt
 
-__all__ = ["prepare", "restore", "restore_steps", "start_step"]
+__all__ = ["kept_for_killed_restore", "prepare", "restore", "restore_steps", "start_step"]
 
 
 def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
@@ -304,6 +304,20 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         # It changed nothing and let nothing serve (stopped before any such step, refused,
         # declined, a dry run): the run before it still tells.
     return None
+
+
+def kept_for_killed_restore(env: Environment) -> dict[str, str]:
+    """What `snapshot cleanup` keeps whatever its age for a killed restore (file name: why):
+    that run's safety snapshot, the only copy of the data from before its restore until a
+    run finishes the job. Only the run records know it, which the snapshots package never
+    reads."""
+    killed = killed_restore(env, None)
+    if killed is None:
+        return {}
+    return {Path(killed["safety"]).name: (
+        f"the safety snapshot of the restore run {killed['run_id']} (started "
+        f"{killed['started_at']}), killed during or after its restore: the only copy of the "
+        "data from before it")}
 
 
 # steps after which the app may have served, or the data changed (any verb's)

@@ -528,3 +528,53 @@ def test_another_environments_snapshots_in_a_shared_folder_are_never_ours(
         theirs.name.replace(".sql.gz", ".meta.json")).exists()
     assert any(p == theirs and "taken in staging" in why for p, why in result.skipped), \
         result.skipped
+
+
+def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_data_before_it(
+        env: Environment, tmp_path: Path) -> None:
+    """A restore killed after its replay began leaves the data from before it only in its
+    safety snapshot, until a run finishes the job. Expired and no longer the newest, it was
+    deleted by the next cron cleanup. Kept now, with why; once a run has ended after it, the
+    ordinary retention applies again. The killed run's record is written by the journal, as
+    a real run writes it, and left "running" as a kill leaves it."""
+    import subprocess
+    import sys
+
+    from runbook import environment as envmod
+    from runbook import journal
+
+    record(env, "dep_old", "dep_current")
+    safety = put(env, "20261120_120000", "pre-restore", age_days=12, expires_in_days=-5)
+    put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
+    toml = host_toml(env, tmp_path)
+    host = envmod.load(str(toml))
+    killed = journal.Journal.open(host, "snapshot-restore", run_id="restore_killed_1")
+    with killed.step("stop-app-slots", "Stop the app slots"):
+        pass
+    with killed.step("safety-snapshot", "Take a safety snapshot") as step:
+        step.detail(safety_snapshot=str(safety))
+    replaying = killed.step("restore-database", "Replace the database")
+    replaying.__enter__()  # killed here: the record says "running", this step started
+    run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml)]
+    dry = subprocess.run([*run, "--dry-run"], capture_output=True, text=True, check=False,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0, dry.stderr
+    assert f"Would keep {safety.name}" in dry.stdout, dry.stdout
+    assert "restore_killed_1" in dry.stdout and "the only copy of the data" in dry.stdout
+    done = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert safety.exists() and safety.with_name(
+        "togather_togather_20261120_120000_pre-restore.meta.json").exists(), done.stdout
+    # a later run finished the job (its own record ended): the killed one no longer tells
+    later = journal.Journal.open(host, "snapshot-restore", run_id="restore_later_2")
+    with later.step("stop-app-slots", "Stop the app slots"):
+        pass
+    with later.step("restore-database", "Replace the database"):
+        pass
+    later.finish("succeeded", 0)
+    os.utime(later.record_path, (NOW.timestamp() + 60, NOW.timestamp() + 60))
+    again = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert not safety.exists() and f"Removed {safety.name}" in again.stdout, again.stdout

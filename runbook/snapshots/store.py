@@ -533,9 +533,11 @@ def _unlink(path: Path) -> str | None:
 
 
 def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = False,
-            ) -> CleanupResult:
+            also_keep: Mapping[str, str] | None = None) -> CleanupResult:
     """Remove snapshots past their own expires_at (dump, then sidecar), except the ones a
-    rollback needs (`protected`); entries that are not files are skipped and reported."""
+    rollback needs (`protected`) and `also_keep` (file name: why; what only the run records
+    know, read by the caller: a killed restore's safety snapshot); entries that are not
+    files are skipped and reported."""
     now = now or datetime.now(UTC)
     retention = env.database.retention_days
     directory = env.database.snapshot_dir
@@ -563,6 +565,10 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             ours.append(snap)
     snaps = sorted(ours, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
     keep, warning = protected(env, snaps)
+    for snap in snaps:
+        if snap.name in (also_keep or {}):
+            why = (also_keep or {})[snap.name]
+            keep[snap.path] = f"{keep[snap.path]}; {why}" if snap.path in keep else why
     removed: list[Snapshot] = []
     kept: list[Snapshot] = []
     held: list[tuple[Snapshot, str]] = []
