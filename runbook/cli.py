@@ -74,6 +74,9 @@ def rollback(
     snapshot: Annotated[str | None, typer.Option(
         "--snapshot", metavar="FILE", help="the snapshot to restore with --restore-snapshot "
         "(name or path; default: the newest taken at the target's schema)")] = None,
+    end_sessions: Annotated[bool, typer.Option(
+        "--end-sessions", help="with --restore-snapshot: end other sessions connected to the "
+        "database once the app slots are stopped (default: refuse, naming them)")] = False,
     expect_from: Annotated[str | None, typer.Option(
         "--expect-from", metavar="VERSION", help="refuse (exit 4, nothing changed) unless "
         "VERSION is the current deployment: what `runbook fleet rollback` passes, so a host "
@@ -94,14 +97,15 @@ def rollback(
                 raise UsageError(f"{flag} is empty; nothing was changed",
                                  f"give {flag} a value (an unset shell variable?), or leave "
                                  "it out")
-        if snapshot and not restore_snapshot:
-            raise UsageError("--snapshot only makes sense with --restore-snapshot",
-                             "add --restore-snapshot, or drop --snapshot")
+        for flag, given in (("--snapshot", snapshot), ("--end-sessions", end_sessions)):
+            if given and not restore_snapshot:
+                raise UsageError(f"{flag} only makes sense with --restore-snapshot",
+                                 f"add --restore-snapshot, or drop {flag}")
     except RunbookError as exc:
         fail(exc, fmt)
     options = rb.Options(to=to, force=force, reason=reason or "rollback",
                          restore_snapshot=(snapshot or "auto") if restore_snapshot else None,
-                         expect_from=expect_from)
+                         expect_from=expect_from, end_sessions=end_sessions)
     run_action(lambda **kw: rb.rollback(environment, options, dry_run=dry_run, **kw), fmt,
                yes=yes, dry_run=dry_run, what="`runbook rollback`")
 

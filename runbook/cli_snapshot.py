@@ -105,6 +105,9 @@ def restore(
              "snapshot (pre-restore) or dirty)", metavar="[SNAPSHOT]")] = None,
     keep_stopped: Annotated[bool, typer.Option(
         "--keep-stopped", help="leave the app containers stopped after the restore")] = False,
+    end_sessions: Annotated[bool, typer.Option(
+        "--end-sessions", help="end other sessions connected to the database once the app "
+        "slots are stopped (default: refuse, naming them)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="verify the file, show the plan "
                                           "and the data-loss window; change nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
@@ -118,7 +121,7 @@ def restore(
     run_action(
         lambda **kw: snapshot_restore.restore(environment, snapshot, restart=not keep_stopped,
                                        dry_run=dry_run, reason=reason or "snapshot restore",
-                                       **kw),
+                                       end_sessions=end_sessions, **kw),
         fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")
 
 

@@ -37,6 +37,8 @@ class Options:
     # refuse unless this is the current deployment (the fleet's pre-flight saw it: a host
     # rolled back since, by hand or by another run, is never rolled again, i.e. forward)
     expect_from: str | None = None
+    # with restore_snapshot: end other sessions on the database instead of refusing
+    end_sessions: bool = False
 
 
 def no_previous_fix(env: Environment) -> str:
@@ -345,7 +347,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         from runbook import snapshot_restore
 
         restore_steps = snapshot_restore.restore_steps(
-            env, snapshot_restore.prepare(env, guard.restore), facts={}, run_id=run_id)
+            env, snapshot_restore.prepare(env, guard.restore), facts={}, run_id=run_id,
+            end_sessions=options.end_sessions)
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",

@@ -18,7 +18,7 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import NotPutBack, Plan, Step, StepContext
 from runbook.run import RunResult, perform
-from runbook.snapshots import commands
+from runbook.snapshots import commands, sessions
 from runbook.snapshots.dump import create
 from runbook.snapshots.replay import (
     OutcomeUnknown,
@@ -46,7 +46,8 @@ def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
 def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
                   facts: dict[str, Any] | None = None,
-                  run_id: str | None = None, standalone: bool = False) -> list[Step]:
+                  run_id: str | None = None, standalone: bool = False,
+                  end_sessions: bool = False) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -60,7 +61,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     run's safety snapshot is then of the database as that run left it, and the data from
     before it is in that run's safety snapshot, which the plan and every message name.
     `standalone`: `runbook snapshot restore`, with no target slot to switch to afterwards
-    (what a failure after the restore tells on-call to run differs).
+    (what a failure after the restore tells on-call to run differs). `end_sessions`: other
+    sessions on the database found before the safety snapshot are ended, not refused
+    (snapshots/sessions.py: the app slots are not the only writers a host has).
     """
     from runbook import docker, health
 
@@ -91,6 +94,24 @@ def restore_steps(env: Environment, run: RestoreRun,
                 "that run left it)")
 
     def take_safety(ctx: StepContext) -> None:
+        found = sessions.wait_alone(env, ctx.heartbeat)
+        if found and end_sessions:
+            left = sessions.end(env, found, ctx.heartbeat)
+            ctx.note(ended_sessions=sessions.refusal_text(found))
+            if left:
+                raise PreconditionError(
+                    f"other sessions on database {verified.database} could not be ended: "
+                    f"{sessions.refusal_text(left)}; the restore did not begin",
+                    "end them as a database superuser (`SELECT pg_terminate_backend(PID)`), "
+                    "or stop what they belong to, then run again")
+        elif found:
+            raise PreconditionError(
+                f"other sessions are connected to database {verified.database} with the app "
+                f"slots stopped: {sessions.refusal_text(found)}; a write one made after the "
+                "safety snapshot would be in neither it nor the restored database, so the "
+                "restore did not begin",
+                "stop what they belong to (a worker, a cron job, a psql, a pooler), or run "
+                "again with --end-sessions to end them (their open transactions roll back)")
         run.safety = create(env, SAFETY_REASON)
         facts["safety_snapshot"] = str(run.safety.path)
         ctx.note(safety_snapshot=str(run.safety.path))
@@ -201,6 +222,10 @@ def restore_steps(env: Environment, run: RestoreRun,
                                      into=f"{env.database.snapshot_dir}/<new>.sql.gz").describe(),
             "taken": "once no app writes (after the stop): every write is in it or in the "
                      "database, none is lost between the two",
+            "other sessions": "none may be connected to the database (waited for up to "
+                              f"{sessions.WAIT:g} s): "
+                              + ("they are ended (--end-sessions)" if end_sessions else
+                                 "refused, naming them (--end-sessions ends them)"),
             "on failure": "the app slots are started again; the database was not touched",
             **({"the data from before": f"{killed['safety']}: the data from before the "
                                            f"restore of the run {killed['run_id']} (started "
@@ -211,6 +236,8 @@ def restore_steps(env: Environment, run: RestoreRun,
         Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
             "psql": commands.replay(tgt, str(snapshot.path)).describe(),
             "stdin, first": prelude(verified).decode().replace("\n", " ").strip(),
+            "other sessions": "once its DROPs hold every table, a session connected since "
+                              "the safety snapshot rolls the restore back (up to 3 s wait)",
             "stdin, then": f"{snapshot.path}, decompressed in-process (sha256 checked while "
                            "streaming)",
             "on failure": "psql rolls back: the database stays exactly as it was; once COMMIT "
@@ -390,14 +417,16 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
             dry_run: bool = False, reason: str = "snapshot restore",
             confirm: Callable[..., bool] | None = None,
             progress: Callable[..., None] | None = None,
-            notify: Callable[[str], None] | None = None) -> RunResult:
+            notify: Callable[[str], None] | None = None,
+            end_sessions: bool = False) -> RunResult:
     """`runbook snapshot restore`: lock, verify, safety snapshot, restore, restart, journal."""
 
     def build(run_id: str) -> Plan:
         snap = find(env, ref)
         facts: dict[str, Any] = {}
         restore_run = prepare(env, snap)
-        steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True)
+        steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
+                              end_sessions=end_sessions)
         warnings = []
         if facts.get("earlier_safety_snapshot"):
             warnings.append(f"the last run was killed during or after its restore: the data "

@@ -806,6 +806,42 @@ def test_maintenance_without_a_needed_restore_is_refused_and_changes_nothing(
     assert hostlock.status(fleet_on_v3.hosts[0].env) is None
 
 
+@pytest.mark.docker
+def test_end_sessions_reaches_the_maintenance_restore_which_ends_another_writer(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """A writer on the shared database that is no host's app slot (a worker, a cron job) is
+    still connected once every host is drained; the single-host restore refuses it (its own
+    tests). `fleet rollback --maintenance --end-sessions` passes the flag to the lock
+    host's restore, which ends that session and restores once. (Without the flag the run
+    stops before the restore; in the drill that leaves v3 unhealthy on the schema bumped
+    below, so only the flag's way through is tested here.)"""
+    import psycopg
+
+    refused = _fleet_rollback(fleet_on_v3, tmp_path / "usage", "--end-sessions")
+    _out, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "only makes sense with --maintenance" in err, err
+    lock = fleet_on_v3.hosts[0]
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    worker = psycopg.connect(lock.stack.database_url, autocommit=True, connect_timeout=3,
+                             application_name="nightly-report")
+    try:
+        proc = _fleet_rollback(fleet_on_v3, tmp_path / "ended", "--maintenance",
+                               "--end-sessions")
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out + err
+        with lock.stack.connect() as conn:
+            assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0],)
+        with pytest.raises(psycopg.OperationalError):  # its session was ended
+            worker.execute("SELECT 1")
+        for h in fleet_on_v3.hosts:
+            assert fleet_on_v3.serving(h.name)[0] == 200, h.name
+    finally:
+        worker.close()
+
+
 def _report_section(record: dict[str, object]) -> str:
     """The drill report's section for one fleet run, rendered from its fleet journal record."""
     from runbook.reports import fleet as fleet_report

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -804,3 +805,90 @@ def test_an_interrupted_stop_of_the_app_slots_starts_them_again(stack: DrillStac
     assert after == before  # both slots running, the database as it was
     answer = httpx.get(f"{env.caddy.proxy_url}/version", timeout=5)
     assert answer.status_code == 200 and answer.headers.get("X-Togather-Slot") == "blue"
+
+
+# -- other writers than the app slots --------------------------------------------------------
+
+def _worker(stack: DrillStack, name: str) -> Any:
+    """Another writer on the shared database, as a host has (a worker, a cron job, an
+    operator's psql): a session left connected, idle, between its writes."""
+    import psycopg
+
+    conn = psycopg.connect(stack.database_url, autocommit=True, connect_timeout=3,
+                           application_name=name)
+    conn.execute("INSERT INTO items (name) VALUES (%s)", (f"by {name}",))
+    return conn
+
+
+def test_a_restore_with_another_session_connected_is_refused_or_ends_it_when_asked(
+        stack: DrillStack) -> None:
+    """The safety snapshot was taken once the app slots stopped, on the promise that nothing
+    writes any more; the app is not the only writer a host has. A write another session
+    made after the safety snapshot was in neither it nor the restored database: lost.
+    Refused now, naming the session, with the app slots started again and the database
+    unchanged; `--end-sessions` ends it and restores."""
+    env = stack.env
+    add_items(stack, "before")
+    snap = snapshots.create(env, "sessions")
+    worker = _worker(stack, "nightly-report")
+    try:
+        before = untouched(stack)
+        refused = cli("snapshot", "restore", str(env.source), snap.name, "--yes")
+        assert refused.returncode in (int(ExitCode.FAILED_SAFELY), int(ExitCode.PRECONDITION)), \
+            refused.stdout + refused.stderr
+        assert "'nightly-report'" in refused.stderr and "--end-sessions" in refused.stderr, \
+            refused.stderr
+        assert "Traceback" not in refused.stderr
+        after = untouched(stack)
+        assert after["snapshots"] == before["snapshots"]  # refused before the safety snapshot
+        assert after == before  # both slots running again, the database as it was
+        worker.execute("INSERT INTO items (name) VALUES ('still connected')")  # never ended
+        done = cli("snapshot", "restore", str(env.source), snap.name, "--yes", "--end-sessions")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert item_names(stack) == ["before"]
+        import psycopg
+
+        with pytest.raises(psycopg.OperationalError):  # its session was ended
+            worker.execute("SELECT 1")
+        record = json.loads(max(env.runs_dir.glob("*.json"),
+                                key=lambda p: p.stat().st_mtime).read_text())
+        [safety] = [s for s in record["steps"] if s["name"] == "safety-snapshot"]
+        assert "'nightly-report'" in safety["detail"]["ended_sessions"], safety
+    finally:
+        worker.close()
+
+
+def test_a_session_connecting_after_the_safety_snapshot_rolls_the_restore_back(
+        stack: DrillStack) -> None:
+    """A writer that connects once the safety snapshot is taken (a cron job starting then)
+    may write what neither the safety snapshot nor the restored database holds. The
+    restore's own transaction asks again once its DROPs hold every table: it rolls back,
+    and says why. The run is held (SIGSTOP) right after its safety snapshot while the
+    writer connects and writes."""
+    from tests.drill_checks import wait_stopped
+
+    env = stack.env
+    add_items(stack, "before")
+    snap = snapshots.create(env, "late-session")
+    add_items(stack, "after")
+    assert env.source is not None
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ,
+                                 "RUNBOOK_DRILL_FAULT": "after:safety-snapshot:SIGSTOP"})
+    worker = None
+    try:
+        wait_stopped(proc.pid)
+        worker = _worker(stack, "late-cron")  # writes "by late-cron", stays connected
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if worker is not None:
+            worker.close()
+    assert proc.returncode == int(ExitCode.FAILED_SAFELY), out + err
+    assert "rolled back" in err and "late-cron" in err, err
+    assert item_names(stack) == ["before", "after", "by late-cron"]  # nothing lost
+    assert all(docker.inspect(env.slot(s).container).running for s in Slot)

@@ -48,6 +48,10 @@ def rollback_cmd(
         "--maintenance", help="for a rollback that needs a snapshot restore: drain every "
         "host (THE SERVICE IS DOWN), restore the snapshot once on the fleet lock host, then "
         "roll back every host, canary first")] = False,
+    end_sessions: Annotated[bool, typer.Option(
+        "--end-sessions", help="with --maintenance: the restore ends other sessions "
+        "connected to the database once every host is drained (default: refuse, naming "
+        "them)")] = False,
     journal_dir: Annotated[Path | None, typer.Option("--journal-dir", help="where the fleet "
                                                      "journal goes (default ~/.togather/fleet, "
                                                      "or RUNBOOK_FLEET_DIR)")] = None,
@@ -59,7 +63,8 @@ def rollback_cmd(
 
     options = rollout.Options(inventory=inventory, dry_run=dry_run, limit=limit, batches=batches,
                               canary_group=canary_group, reason=reason or "fleet rollback",
-                              resume=resume, maintenance=maintenance, journal_dir=journal_dir)
+                              resume=resume, maintenance=maintenance, journal_dir=journal_dir,
+                              end_sessions=end_sessions)
     try:
         if not dry_run and not yes and not stdin_is_terminal():
             raise UsageError("`runbook fleet rollback` changes hosts and stdin is not a "

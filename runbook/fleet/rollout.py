@@ -73,6 +73,7 @@ class Options:
     resume: str | None = None  # a fleet run id whose database phase is reused
     maintenance: bool = False
     journal_dir: Path | None = None
+    end_sessions: bool = False  # the maintenance restore ends other sessions on the database
 
 
 @dataclass
@@ -951,6 +952,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     # (never restored again); one that stopped before its restore restores it now, so every
     # host must be drained first, as on a first run (found by review)
     restored = ((resumed or {}).get("database") or {}).get("status") in ("ok", "restored")
+    if options.end_sessions and not options.maintenance:
+        raise UsageError("--end-sessions only makes sense with --maintenance (the only fleet "
+                         "rollback that restores the database); nothing was changed",
+                         "add --maintenance, or drop --end-sessions")
     if options.maintenance and left_out and not restored:
         # the restore replaces the database every host shares: a host not drained would go on
         # serving the new code on the restored (older) schema
@@ -1000,6 +1005,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                      "fleet_take_lock": not options.dry_run,
                      "fleet_take_over": take_over,
                      "fleet_maintenance": options.maintenance,
+                     "fleet_end_sessions": options.end_sessions,
                      "fleet_preflight_hosts": ",".join(dict.fromkeys(
                          [*targets, inventory.lock_host])),
                      "fleet_serial": plan.serial,

@@ -37,7 +37,7 @@ from typing import IO
 from runbook import database, faults
 from runbook.environment import Environment
 from runbook.errors import ExitCode, RunbookError
-from runbook.snapshots import commands
+from runbook.snapshots import commands, sessions
 from runbook.snapshots.stats import current_state
 from runbook.snapshots.store import Snapshot
 from runbook.snapshots.verify import TRAILER, Verified, chunks
@@ -92,13 +92,16 @@ DROP_THE_REST = (b"DO $runbook$ DECLARE s name; BEGIN FOR s IN SELECT nspname FR
 
 def prelude(verified: Verified) -> bytes:
     """Drop what the dump does not know about: its schemas go, then every other one made
-    since, then public comes back empty."""
+    since, then public comes back empty. Between the two, with every table held, no other
+    session may be connected (snapshots/sessions.py): one that connected since the safety
+    snapshot may have written what neither holds, so the restore rolls back."""
     drops = b"".join(b"DROP SCHEMA IF EXISTS " + name + b" CASCADE;\n"
                      for name in verified.schemas if name != b"public")
     return (b"BEGIN;\nSET client_min_messages = warning;\n"
             b"SET lock_timeout = '" + LOCK_TIMEOUT.encode() + b"';\n"
             b"SELECT '" + TXID + b"' || txid_current();\n"
             + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\n" + DROP_THE_REST
+            + sessions.IN_TRANSACTION.encode()
             + b"CREATE SCHEMA public;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n")
 
 
