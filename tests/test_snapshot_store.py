@@ -573,7 +573,8 @@ def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_da
     with later.step("restore-database", "Replace the database"):
         pass
     later.finish("succeeded", 0)
-    os.utime(later.record_path, (NOW.timestamp() + 60, NOW.timestamp() + 60))
+    newer = killed.record_path.stat().st_mtime + 60  # listed after it (NOW is import time)
+    os.utime(later.record_path, (newer, newer))
     again = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
                            timeout=120, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr
