@@ -185,7 +185,9 @@ def restoring_command(name: str, record: intents.Intent) -> str | None:
     snap = record.record.get("restore_snapshot") if record.action == "rollback" else None
     if not isinstance(snap, str) or not snap:
         return None
-    return f"runbook rollback {name} --restore-snapshot --snapshot {shlex.quote(snap)}"
+    ended = " --end-sessions" if record.record.get("end_sessions") else ""
+    return (f"runbook rollback {name} --restore-snapshot --snapshot {shlex.quote(snap)}"
+            f"{ended}")
 
 
 def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
@@ -362,7 +364,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                 "target_id": target.id,
                                 "gated": not options.force,  # for its finish (finish.py)
                                 # a rerun without the flag is told the command that finishes it
-                                **({"restore_snapshot": str(guard.restore.path)}
+                                **({"restore_snapshot": str(guard.restore.path),
+                                    "end_sessions": options.end_sessions}
                                    if guard.restore is not None else {})})
 
     def update_state(ctx: StepContext) -> None:

@@ -96,14 +96,24 @@ def restore_steps(env: Environment, run: RestoreRun,
     def take_safety(ctx: StepContext) -> None:
         found = sessions.wait_alone(env, ctx.heartbeat)
         if found and end_sessions:
+            # said before it is done: a run killed while ending them still records it
+            ctx.note(ending_sessions=sessions.refusal_text(found))
             left = sessions.end(env, found, ctx.heartbeat)
-            ctx.note(ended_sessions=sessions.refusal_text(found))
+            ctx.note(ended_sessions=sessions.refusal_text(
+                [s for s in found if s not in left]) or "none")
             if left:
                 raise PreconditionError(
                     f"other sessions on database {verified.database} could not be ended: "
                     f"{sessions.refusal_text(left)}; the restore did not begin",
                     "end them as a database superuser (`SELECT pg_terminate_backend(PID)`), "
                     "or stop what they belong to, then run again")
+            found = sessions.wait_alone(env, ctx.heartbeat)  # one reconnecting at once
+            if found:
+                raise PreconditionError(
+                    f"other sessions connected to database {verified.database} again once "
+                    f"the ones found were ended: {sessions.refusal_text(found)}; the restore "
+                    "did not begin", "stop what they belong to (a worker, a pooler that "
+                    "reconnects), then run again")
         elif found:
             raise PreconditionError(
                 f"other sessions are connected to database {verified.database} with the app "

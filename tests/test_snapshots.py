@@ -892,3 +892,85 @@ def test_a_session_connecting_after_the_safety_snapshot_rolls_the_restore_back(
     assert "rolled back" in err and "late-cron" in err, err
     assert item_names(stack) == ["before", "after", "by late-cron"]  # nothing lost
     assert all(docker.inspect(env.slot(s).container).running for s in Slot)
+
+
+def test_a_session_that_ends_while_the_restores_transaction_waits_lets_it_restore(
+        stack: DrillStack) -> None:
+    """The restore's transaction waits up to 3 s for another session to end (one connecting
+    for a moment) before it rolls back. Found by review: Postgres shows a transaction the
+    same pg_stat_activity until it ends, so the wait saw its first reading for 3 s and a
+    session gone a moment later still rolled the restore back. Here the session closes
+    once the restore's transaction is seen waiting (its query, in pg_stat_activity)."""
+    from tests.drill_checks import wait_stopped
+
+    env = stack.env
+    add_items(stack, "before")
+    snap = snapshots.create(env, "brief-session")
+    add_items(stack, "after")
+    assert env.source is not None
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ,
+                                 "RUNBOOK_DRILL_FAULT": "after:safety-snapshot:SIGSTOP"})
+    worker = None
+    try:
+        wait_stopped(proc.pid)
+        worker = _worker(stack, "brief-probe")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert worker is not None
+    try:
+        deadline = time.monotonic() + 30
+        waiting = False
+        while not waiting and time.monotonic() < deadline:
+            with stack.connect() as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'runbook-restore' AND query LIKE 'DO $runbook$%pg_sleep%' "
+                    "AND state = 'active'").fetchone()
+            waiting = bool(row and row[0])
+            time.sleep(0.02)
+        assert waiting, "the restore's transaction was never seen waiting for the session"
+    finally:
+        worker.close()  # gone while the transaction waits
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    assert item_names(stack) == ["before"]
+
+
+def test_end_sessions_refuses_a_writer_that_reconnects_at_once(stack: DrillStack) -> None:
+    """Found by review: --end-sessions checked only that the sessions it ended were gone,
+    and took the safety snapshot with a pooler's or a worker's new connection open. A
+    writer that reconnects the moment it is ended now refuses the restore before the
+    safety snapshot, the database unchanged and the app slots started again."""
+    import psycopg
+
+    env = stack.env
+    add_items(stack, "before")
+    snap = snapshots.create(env, "reconnecting")
+    stop = threading.Event()
+
+    def pooler() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(psycopg.Error), psycopg.connect(
+                    stack.database_url, autocommit=True, connect_timeout=3,
+                    application_name="pooler") as conn:
+                while not stop.is_set():
+                    conn.execute("SELECT 1")
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=pooler, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        before = untouched(stack)
+        done = cli("snapshot", "restore", str(env.source), snap.name, "--yes", "--end-sessions")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert done.returncode == int(ExitCode.FAILED_SAFELY), done.stdout + done.stderr
+    assert "again once the ones found were ended" in done.stderr, done.stderr
+    assert "'pooler'" in done.stderr, done.stderr
+    after = untouched(stack)
+    assert after == before  # no safety snapshot, the database and the slots as they were

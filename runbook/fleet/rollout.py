@@ -651,10 +651,13 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                          "on each, run `runbook status ENV`; if its slots are stopped, start "
                          "the one Caddy serves (`docker start <container>`), then run the same "
                          "command again", exit_code=ExitCode.ATTENTION, lines=failed)
+    sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
     raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                      "touched and every drained host was started again", "fix the cause, then "
-                     "run the same command again", exit_code=ExitCode.FAILED_SAFELY,
-                     lines=failed)
+                     "run the same command again" + (
+                         " (other sessions on the shared database: stop what they belong to, "
+                         "or add --end-sessions to end them)" if sessions else ""),
+                     exit_code=ExitCode.FAILED_SAFELY, lines=failed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,28 +22,35 @@ from dataclasses import dataclass
 
 from runbook import database
 from runbook.environment import Environment
+from runbook.snapshots.commands import RESTORE_APP
 
 WAIT = 5.0  # for the sessions of the containers just stopped, or a probe's, to end
-# Client sessions on this database but ours; a row whose type this user may not see counts
-# when a role owns it (Postgres's own background processes have none, or none here).
-WHO = ("datname = current_database() AND pid <> pg_backend_pid() AND "
-       "(backend_type = 'client backend' OR (backend_type IS NULL AND usename IS NOT NULL))")
+SETTLE = 0.5  # seen with no other session this long: none is there
+# Every process on this database that a role runs, but ours: client sessions, and background
+# workers that write (a logical replication apply worker, pg_cron's); Postgres's own
+# (autovacuum, the checkpointer) have no role. A walsender only reads (logical decoding).
+# A row whose type this user may not see counts: fail closed.
+WHO = ("datname = current_database() AND pid <> pg_backend_pid() AND usesysid IS NOT NULL "
+       "AND coalesce(backend_type, '') <> 'walsender'")
 SESSIONS_SQL = (
     "SELECT pid, coalesce(usename, ''), coalesce(application_name, ''), "
     "coalesce(host(client_addr), ''), coalesce(state, ''), "
     "coalesce(to_char(state_change AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), "
     f"backend_type IS NULL FROM pg_stat_activity WHERE {WHO} ORDER BY pid")
 # The same question inside the restore's transaction, after its DROPs: waits up to 3 s for
-# such sessions to end (one connecting for a moment), then raises, and psql rolls back.
+# such sessions to end (one connecting for a moment, the safety snapshot's own exiting),
+# then raises, and psql rolls back. pg_stat_activity is read once per transaction unless
+# its snapshot is cleared: without that, the loop saw its first reading 30 times.
 IN_TRANSACTION = (
-    "DO $runbook$ DECLARE found text; BEGIN FOR i IN 1..30 LOOP "
+    "DO $runbook$ DECLARE others text; BEGIN FOR i IN 1..30 LOOP "
+    "PERFORM pg_stat_clear_snapshot(); "
     "SELECT string_agg(format('%s (user %s%s)', pid, coalesce(usename, '?'), "
     "CASE WHEN coalesce(application_name, '') <> '' THEN ', application ' || application_name "
-    "ELSE '' END), ', ') INTO found FROM pg_stat_activity WHERE " + WHO + "; "
-    "EXIT WHEN found IS NULL; PERFORM pg_sleep(0.1); END LOOP; "
-    "IF found IS NOT NULL THEN RAISE EXCEPTION 'runbook: another session connected to the "
-    "database after the safety snapshot was taken: %; a write it made since would be lost, "
-    "so nothing was restored', found; END IF; END $runbook$;\n")
+    "ELSE '' END), ', ') INTO others FROM pg_stat_activity WHERE " + WHO + "; "
+    "EXIT WHEN others IS NULL; PERFORM pg_sleep(0.1); END LOOP; "
+    "IF others IS NOT NULL THEN RAISE EXCEPTION 'runbook: another session is connected to "
+    "the database (since or during the safety snapshot): %; a write it made since would be "
+    "lost, so nothing was restored', others; END IF; END $runbook$;\n")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,9 @@ class Session:
     hidden: bool  # this user may not see its details (another role's, no pg_read_all_stats)
 
     def describe(self) -> str:
+        if self.application == RESTORE_APP:  # its psql: found only while its run lives
+            return (f"session {self.pid} (a runbook restore's psql: a restore running from "
+                    "another host or environment on this database, or one a killed run left)")
         if self.hidden:
             return (f"session {self.pid} (user {self.user or '?'}; its details are hidden "
                     "from this database user)")
@@ -76,16 +86,26 @@ def other(env: Environment) -> list[Session]:
 
 
 def wait_alone(env: Environment, heartbeat: Callable[[], None] = lambda: None,
-               wait: float = WAIT) -> list[Session]:
+               wait: float = WAIT, settle: float = SETTLE) -> list[Session]:
     """The sessions still there after up to `wait` seconds: a stopped container's backends
-    end a moment after it, and a probe's (pg_isready, a monitor) within a second."""
+    end a moment after it, and a probe's (pg_isready, a monitor) within a second. None only
+    once none was seen for `settle` seconds: a pooler or a worker that reconnects the moment
+    it is ended leaves gaps a single reading can fall into."""
     deadline = time.monotonic() + wait
+    empty_since: float | None = None
     while True:
         heartbeat()
         found = other(env)
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+        now = time.monotonic()
+        if found:
+            empty_since = None
+            if now > deadline:
+                return found
+        else:
+            empty_since = now if empty_since is None else empty_since
+            if now - empty_since >= settle:
+                return []
+        time.sleep(0.05)
 
 
 def end(env: Environment, found: list[Session],
@@ -94,10 +114,9 @@ def end(env: Environment, found: list[Session],
     them to be gone; the ones still there after WAIT (not ours to end: another role's
     without pg_signal_backend)."""
     pids = [s.pid for s in found]
-    with database.connect(env) as conn:
-        for pid in pids:
-            with contextlib.suppress(Exception):  # not ours to end: still there, said below
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for pid in pids:  # one connection each: a refusal ends a `docker exec` psql connection
+        with contextlib.suppress(Exception), database.connect(env) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))  # not ours: left, said
     deadline = time.monotonic() + WAIT
     while True:
         heartbeat()
