@@ -82,6 +82,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     window = loss_window(env, snapshot).describe()
     killed = killed_restore(env, run_id)
     facts["earlier_safety_snapshot"] = killed["safety"] if killed else None
+    kept_down = _kept_down(killed, now_schema)
 
     def before_restore() -> str:
         """Where the data from before the restore is: a killed earlier run's safety
@@ -131,12 +132,20 @@ def restore_steps(env: Environment, run: RestoreRun,
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
+        held_down: list[str] = []  # the serving one a killed restore stopped, left so
+
         def restart() -> None:
             if run.restored:
                 return  # old code on the restored schema: leave them stopped for a human
             if run.outcome_unknown:  # maybe restored: neither code is known to fit it
                 raise NotPutBack("the app slots were left stopped: the database may be "
                                  "restored, and neither code is known to fit it")
+            _start_again()
+            if held_down:
+                raise NotPutBack(f"{held_down[0]}, which serves, was left stopped as the "
+                                 f"killed run left it: {kept_down}")
+
+        def _start_again() -> None:
             started = []
             for slot, name in zip(chosen, containers, strict=True):
                 if name in run.stopped and not docker.inspect(name).running:
@@ -159,7 +168,10 @@ def restore_steps(env: Environment, run: RestoreRun,
         # its undo otherwise left the service down under "traffic stays where it was"
         left = _serving_but_stopped(env)
         if left is not None and left in containers and left not in run.stopped:
-            run.stopped.append(left)
+            if kept_down is None:
+                run.stopped.append(left)
+            else:  # the killed run may have restored: its code may not fit the schema now
+                held_down.append(left)
         for slot, name in zip(chosen, containers, strict=True):
             if name in run.stopped:
                 continue
@@ -359,6 +371,29 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
 
 # steps after which the app may have served, or the data changed (any verb's)
 SERVED_OR_CHANGED = {"start-slot", "migrate", "switch", "restore-database", "start-app-slots"}
+
+
+def _kept_down(killed: dict[str, str] | None, now: SchemaVersion) -> str | None:
+    """Why the serving container a killed restore stopped is not this run's to start again
+    on an undo, or None when it is. That run may have committed its restore: the database
+    may be at the snapshot's schema, which the code that served may not fit (started, it
+    serves without its tables, or migrates the restored data forward). Its schema before
+    that restore is in its safety snapshot; the same schema now means it fits."""
+    from runbook.snapshots.store import load
+
+    if killed is None:
+        return None
+    try:
+        before = load(Path(killed["safety"])).migration_version
+    except (OSError, ValueError, RunbookError):
+        before = None
+    if before is not None and not now.dirty and now.version == before:
+        return None
+    return (f"the run {killed['run_id']} was killed during or after its restore, and the "
+            f"database is at schema {now.describe()}, not the "
+            + (f"{before} " if before is not None else "")
+            + f"its safety snapshot {killed['safety']} holds: the code that served may not "
+            "fit it; run the same command again once the cause is fixed")
 
 
 def _serving_but_stopped(env: Environment) -> str | None:

@@ -1231,6 +1231,32 @@ def test_a_restore_continued_then_interrupted_starts_the_slot_the_first_run_stop
     assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
 
 
+def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_restore_unfits(
+        stack: DrillStack) -> None:
+    """The counterpart of the test above, found by review: `rollback --restore-snapshot`
+    killed once its restore had committed (schema 1 now, v2's slot stopped); its rerun is
+    stopped before its own restore (here a Ctrl-C; a refusal of other sessions is the same
+    undo). Its undo started the serving slot again: v2 on schema 1, which it never ran on.
+    It stays stopped, as the killed run left it, and the message says why; the same
+    command then finishes the rollback."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert _database(stack)[0] == (1,)  # the restore committed
+    again = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="before:safety-snapshot:SIGINT")
+    assert again.returncode == 1, again.stderr
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running, again.stderr
+    assert "was left stopped as the killed run left it" in again.stderr, again.stderr
+    assert "schema 1" in again.stderr, again.stderr
+    done = cli(env, "rollback", "--restore-snapshot", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert _database(stack)[0] == (1,)
+
+
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
         stack: DrillStack) -> None:
     """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`
