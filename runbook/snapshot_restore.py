@@ -9,6 +9,7 @@ snapshots and never the other way round. `rollback --restore-snapshot` uses `res
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -356,17 +357,48 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
 
 
 def kept_for_killed_restore(env: Environment) -> dict[str, str]:
-    """What `snapshot cleanup` keeps whatever its age for a killed restore (file name: why):
-    that run's safety snapshot, the only copy of the data from before its restore until a
-    run finishes the job. Only the run records know it, which the snapshots package never
-    reads."""
-    killed = killed_restore(env, None)
-    if killed is None:
+    """What `snapshot cleanup` keeps whatever its age for killed restores (file name: why):
+    the safety snapshot of each run killed during or after its restore (or whose COMMIT's
+    outcome was unknown) since the last restore that finished: the only copy of the data
+    from before it. Only the run records know it, which the snapshots package never reads.
+    A run refused or stopped since (before its own restore) does not end it, unlike
+    `killed_restore`'s pointer for messages. Run records that cannot be listed keep every
+    safety snapshot (fail closed)."""
+    from runbook import journal
+    from runbook.snapshots.store import list_snapshots
+
+    try:
+        os.listdir(env.runs_dir)
+    except FileNotFoundError:
         return {}
-    return {Path(killed["safety"]).name: (
-        f"the safety snapshot of the restore run {killed['run_id']} (started "
-        f"{killed['started_at']}), killed during or after its restore: the only copy of the "
-        "data from before it")}
+    except OSError as exc:
+        why = (f"a restore's safety snapshot, kept: the run records ({env.runs_dir}) cannot be "
+               f"read ({exc.strerror or exc}), so nothing tells whether a killed restore "
+               "needs it")
+        return {s.name: why for s in list_snapshots(env) if s.reason == SAFETY_REASON}
+    kept: dict[str, str] = {}
+    for data in journal.past_records(env):
+        listed = data.get("steps")
+        steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
+                 if isinstance(s, dict) and s.get("status") != "planned"}
+        restore = steps.get("restore-database")
+        if restore is None:
+            continue
+        detail = restore.get("detail")
+        unknown = isinstance(detail, dict) and detail.get("restore_outcome") == UNKNOWN
+        if restore.get("status") == "ok" and data.get("outcome") != "running" and not unknown:
+            break  # a restore that finished: from here on, ordinary retention
+        if data.get("outcome") != "running" and not unknown:
+            continue  # it failed and was rolled back: its safety snapshot is a copy
+        safety = (steps.get("safety-snapshot") or {}).get("detail")
+        safety = safety if isinstance(safety, dict) else {}
+        for path in (safety.get("safety_snapshot"), safety.get(EARLIER)):
+            if isinstance(path, str) and path:
+                kept.setdefault(Path(path).name, (
+                    f"the safety snapshot of the restore run {data.get('run_id')} (started "
+                    f"{data.get('started_at')}), killed during or after its restore: the only "
+                    "copy of the data from before it"))
+    return kept
 
 
 # steps after which the app may have served, or the data changed (any verb's)

@@ -6,6 +6,7 @@ expected names are spelled out here, never computed by the code under test."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -566,8 +567,21 @@ def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_da
     assert done.returncode == 0, done.stderr
     assert safety.exists() and safety.with_name(
         "togather_togather_20261120_120000_pre-restore.meta.json").exists(), done.stdout
+    # a rerun refused before its own restore (other sessions connected; found by review:
+    # it ended the protection) changes nothing of it
+    refused = journal.Journal.open(host, "snapshot-restore", run_id="restore_refused_2")
+    with refused.step("stop-app-slots", "Stop the app slots"):
+        pass
+    with contextlib.suppress(RuntimeError), refused.step("safety-snapshot", "Take a safety "
+                                                         "snapshot"):
+        raise RuntimeError("other sessions are connected")
+    refused.finish("failed", 1)
+    os.utime(refused.record_path, (newest := killed.record_path.stat().st_mtime + 30, newest))
+    kept = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert kept.returncode == 0 and safety.exists(), kept.stdout + kept.stderr
     # a later run finished the job (its own record ended): the killed one no longer tells
-    later = journal.Journal.open(host, "snapshot-restore", run_id="restore_later_2")
+    later = journal.Journal.open(host, "snapshot-restore", run_id="restore_later_3")
     with later.step("stop-app-slots", "Stop the app slots"):
         pass
     with later.step("restore-database", "Replace the database"):
