@@ -71,7 +71,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     snapshot, verified = run.snapshot, run.verified
     facts = facts if facts is not None else {}
     facts.update(restore_snapshot=str(snapshot.path), safety_snapshot=None,
-                 stopped_containers=run.stopped, restored=False,
+                 stopped_containers=run.stopped, held_down=run.held_down, restored=False,
                  restore_migration_version=verified.migration_version)
     chosen = [Slot(s) for s in (slots if slots is not None else env.slots)]
     containers = [env.slot(s).container for s in chosen]
@@ -83,7 +83,8 @@ def restore_steps(env: Environment, run: RestoreRun,
     window = loss_window(env, snapshot).describe()
     killed = killed_restore(env, run_id)
     facts["earlier_safety_snapshot"] = killed["safety"] if killed else None
-    kept_down = _kept_down(killed, now_schema)
+    run.schema_before_killed = _schema_before(killed)
+    kept_down = _kept_down(killed, run.schema_before_killed, now_schema)
 
     def before_restore() -> str:
         """Where the data from before the restore is: a killed earlier run's safety
@@ -133,8 +134,6 @@ def restore_steps(env: Environment, run: RestoreRun,
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
-        held_down: list[str] = []  # the serving one a killed restore stopped, left so
-
         def restart() -> None:
             if run.restored:
                 return  # old code on the restored schema: leave them stopped for a human
@@ -142,9 +141,9 @@ def restore_steps(env: Environment, run: RestoreRun,
                 raise NotPutBack("the app slots were left stopped: the database may be "
                                  "restored, and neither code is known to fit it")
             _start_again()
-            if held_down:
-                raise NotPutBack(f"{held_down[0]}, which serves, was left stopped as the "
-                                 f"killed run left it: {kept_down}")
+            if run.held_down:
+                raise NotPutBack(f"{run.held_down[0]}, which serves, was left stopped as "
+                                 f"the killed run left it: {kept_down}")
 
         def _start_again() -> None:
             started = []
@@ -172,7 +171,9 @@ def restore_steps(env: Environment, run: RestoreRun,
             if kept_down is None:
                 run.stopped.append(left)
             else:  # the killed run may have restored: its code may not fit the schema now
-                held_down.append(left)
+                run.held_down.append(left)
+                # read by the next run's killed_restore: this run let nothing serve
+                ctx.note(held_down=left)
         for slot, name in zip(chosen, containers, strict=True):
             if name in run.stopped:
                 continue
@@ -201,7 +202,8 @@ def restore_steps(env: Environment, run: RestoreRun,
             ctx.note(exec_failed_but_committed=committed_anyway)
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
             then = (f"start the stopped app containers on the restored database (`docker "
-                    f"start {' '.join(run.stopped) or '<container>'}`, then `runbook health "
+                    f"start {' '.join(run.stopped + run.held_down) or '<container>'}`, then "
+                    f"`runbook health "
                     f"{env.name}`), or, if their code needs another schema, `runbook rollback "
                     f"{env.name}` or `runbook deploy {env.name} --version <known-good>`")
         else:
@@ -349,7 +351,10 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         # Since this run, the app may have served (and written), or the data changed: the
         # database is no longer what that restore left, so its pointer is stale. An ended
         # run that stopped the app slots started them again (its undo, or its last step).
-        if SERVED_OR_CHANGED & steps.keys() or (not killed and "stop-app-slots" in steps):
+        stop = (steps.get("stop-app-slots") or {}).get("detail")
+        held = isinstance(stop, dict) and bool(stop.get("held_down"))
+        if SERVED_OR_CHANGED & steps.keys() or (not killed and "stop-app-slots" in steps
+                                                and not held):
             return None
         # It changed nothing and let nothing serve (stopped before any such step, refused,
         # declined, a dry run): the run before it still tells.
@@ -362,22 +367,19 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
     outcome was unknown) since the last restore that finished: the only copy of the data
     from before it. Only the run records know it, which the snapshots package never reads.
     A run refused or stopped since (before its own restore) does not end it, unlike
-    `killed_restore`'s pointer for messages. Run records that cannot be listed keep every
-    safety snapshot (fail closed)."""
-    from runbook import journal
+    `killed_restore`'s pointer for messages. Every record is read, not the last 50, and run
+    records that cannot be listed or read keep every safety snapshot (fail closed)."""
     from runbook.snapshots.store import list_snapshots
 
     try:
-        os.listdir(env.runs_dir)
-    except FileNotFoundError:
-        return {}
+        records = _all_records(env)
     except OSError as exc:
         why = (f"a restore's safety snapshot, kept: the run records ({env.runs_dir}) cannot be "
                f"read ({exc.strerror or exc}), so nothing tells whether a killed restore "
                "needs it")
         return {s.name: why for s in list_snapshots(env) if s.reason == SAFETY_REASON}
     kept: dict[str, str] = {}
-    for data in journal.past_records(env):
+    for data in records:
         listed = data.get("steps")
         steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
                  if isinstance(s, dict) and s.get("status") != "planned"}
@@ -401,31 +403,73 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
     return kept
 
 
+def _all_records(env: Environment) -> list[dict[str, Any]]:
+    """Every run record of the environment, newest first; raises OSError when one cannot be
+    listed or read (a record of another user's, mode 0600): `journal.past_records`, made
+    for messages, passes over those and reads the last 50 only. A file that is not JSON is
+    another tool's, passed over."""
+    import json
+
+    if not env.runs_dir.exists():
+        return []
+    found: list[tuple[float, Path]] = []
+    with os.scandir(env.runs_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".json"):
+                try:
+                    found.append((entry.stat().st_mtime, Path(entry.path)))
+                except FileNotFoundError:
+                    continue  # removed while listing
+    records = []
+    for _, path in sorted(found, reverse=True):
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and data.get("environment") in (None, env.name):
+            records.append(data)
+    return records
+
+
 # steps after which the app may have served, or the data changed (any verb's)
 SERVED_OR_CHANGED = {"start-slot", "migrate", "switch", "restore-database", "start-app-slots"}
 
 
-def _kept_down(killed: dict[str, str] | None, now: SchemaVersion) -> str | None:
-    """Why the serving container a killed restore stopped is not this run's to start again
-    on an undo, or None when it is. That run may have committed its restore: the database
-    may be at the snapshot's schema, which the code that served may not fit (started, it
-    serves without its tables, or migrates the restored data forward). Its schema before
-    that restore is in its safety snapshot; the same schema now means it fits."""
+def _schema_before(killed: dict[str, str] | None) -> SchemaVersion | None:
+    """The schema a killed restore's safety snapshot holds (the database's before that
+    restore, which the code that served then ran on), or None when there is none or its
+    sidecar cannot tell."""
     from runbook.snapshots.store import load
 
     if killed is None:
         return None
     try:
-        before = load(Path(killed["safety"])).migration_version
-    except (OSError, ValueError, RunbookError):
-        before = None
-    if before is not None and not now.dirty and now.version == before:
+        snap = load(Path(killed["safety"]))
+        version = snap.migration_version
+        return None if version is None else SchemaVersion(version, snap.dirty)
+    except (OSError, ValueError, RecursionError, RunbookError):
         return None
-    return (f"the run {killed['run_id']} was killed during or after its restore, and the "
-            f"database is at schema {now.describe()}, not the "
-            + (f"{before} " if before is not None else "")
-            + f"its safety snapshot {killed['safety']} holds: the code that served may not "
-            "fit it; run the same command again once the cause is fixed")
+
+
+def _kept_down(killed: dict[str, str] | None, before: SchemaVersion | None,
+               now: SchemaVersion) -> str | None:
+    """Why the serving container a killed restore stopped is not this run's to start again
+    on an undo, or None when it is. That run may have committed its restore: the database
+    may be at the snapshot's schema, which the code that served may not fit (started, it
+    serves without its tables, or migrates the restored data forward). Its schema before
+    that restore is in its safety snapshot; the same schema now means it fits."""
+    if killed is None or before == now:
+        return None
+    why = (f"the database is at schema {now.describe()}, not the {before.describe()} its "
+           f"safety snapshot {killed['safety']} holds" if before is not None else
+           f"the schema before it could not be read from its safety snapshot "
+           f"{killed['safety']}, so it cannot be checked that the database still fits the "
+           "code that served")
+    return (f"the run {killed['run_id']} was killed during or after its restore, and {why}: "
+            "the code that served may not fit it; run the same command again once the cause "
+            "is fixed")
 
 
 def _serving_but_stopped(env: Environment) -> str | None:
@@ -477,7 +521,12 @@ def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
         pass  # Caddy, Docker or the state file cannot tell: the database's schema now
     witness = "ran with (as its deployment recorded)"
     if expected is None:
-        expected, witness = run.schema_now, "runs on now (its deployment recorded none)"
+        if run.schema_before_killed is not None:  # the database now is what that run left
+            expected, witness = run.schema_before_killed, (
+                "ran on before a killed restore (its safety snapshot; its deployment "
+                "recorded none)")
+        else:
+            expected, witness = run.schema_now, "runs on now (its deployment recorded none)"
     if expected is None or at == expected:
         return
     name = shlex.quote(run.snapshot.name)

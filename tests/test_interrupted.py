@@ -1251,6 +1251,13 @@ def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_re
     assert not docker.inspect(env.slot(Slot.GREEN).container).running, again.stderr
     assert "was left stopped as the killed run left it" in again.stderr, again.stderr
     assert "schema 1" in again.stderr, again.stderr
+    # a second rerun stopped the same way (found by review: the first rerun's record ended
+    # the look back, and the second one started v2 on schema 1)
+    third = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="before:safety-snapshot:SIGINT")
+    assert third.returncode == 1, third.stderr
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running, third.stderr
+    assert "was left stopped as the killed run left it" in third.stderr, third.stderr
     done = cli(env, "rollback", "--restore-snapshot", "--yes")
     assert done.returncode == 0, done.stdout + done.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)

@@ -79,6 +79,9 @@ class RestoreRun:
     restored: bool = False
     outcome_unknown: bool = False  # COMMIT sent, psql's exec failed, Postgres could not say
     schema_now: database.SchemaVersion | None = None  # the database's, read while planning
+    # a killed earlier restore's: the schema in its safety snapshot (before that restore)
+    schema_before_killed: database.SchemaVersion | None = None
+    held_down: list[str] = field(default_factory=list)  # serving, stopped by it, left so
 
 
 # Every schema left once the dump's own are dropped was made after the snapshot (a migration's
