@@ -17,7 +17,7 @@ from typing import Any
 from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
-from runbook.plan import NotPutBack, Plan, Step, StepContext
+from runbook.plan import NotPutBack, Plan, Stays, Step, StepContext
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands, sessions
 from runbook.snapshots.dump import create
@@ -134,16 +134,19 @@ def restore_steps(env: Environment, run: RestoreRun,
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
-        def restart() -> None:
+        def restart() -> Stays | None:
             if run.restored:
-                return  # old code on the restored schema: leave them stopped for a human
+                return None  # old code on the restored schema: leave them stopped for a human
             if run.outcome_unknown:  # maybe restored: neither code is known to fit it
                 raise NotPutBack("the app slots were left stopped: the database may be "
                                  "restored, and neither code is known to fit it")
             _start_again()
-            if run.held_down:
-                raise NotPutBack(f"{run.held_down[0]}, which serves, was left stopped as "
-                                 f"the killed run left it: {kept_down}")
+            if run.held_down:  # the service stays down: exit 5, never "traffic stays" (1)
+                return Stays(f"THE SERVICE IS DOWN: {run.held_down[0]}, which serves, was "
+                             f"left stopped as the killed run left it: {kept_down}",
+                             "fix the cause and run the same command again: it restores the "
+                             "snapshot whole, then starts the code that fits it")
+            return None
 
         def _start_again() -> None:
             started = []

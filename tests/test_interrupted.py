@@ -1247,7 +1247,10 @@ def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_re
     assert _database(stack)[0] == (1,)  # the restore committed
     again = cli(env, "rollback", "--restore-snapshot", "--yes",
                 fault="before:safety-snapshot:SIGINT")
-    assert again.returncode == 1, again.stderr
+    # the service stays down: exit 5 (read the message), never 1 ("traffic stayed on a
+    # healthy slot")
+    assert again.returncode == int(ExitCode.ATTENTION), again.stderr
+    assert "THE SERVICE IS DOWN" in again.stderr, again.stderr
     assert not docker.inspect(env.slot(Slot.GREEN).container).running, again.stderr
     assert "was left stopped as the killed run left it" in again.stderr, again.stderr
     assert "schema 1" in again.stderr, again.stderr
@@ -1255,7 +1258,7 @@ def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_re
     # the look back, and the second one started v2 on schema 1)
     third = cli(env, "rollback", "--restore-snapshot", "--yes",
                 fault="before:safety-snapshot:SIGINT")
-    assert third.returncode == 1, third.stderr
+    assert third.returncode == int(ExitCode.ATTENTION), third.stderr
     assert not docker.inspect(env.slot(Slot.GREEN).container).running, third.stderr
     assert "was left stopped as the killed run left it" in third.stderr, third.stderr
     done = cli(env, "rollback", "--restore-snapshot", "--yes")
