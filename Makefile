@@ -99,12 +99,17 @@ shapes: setup
 	@rm -rf reports/shapes; $(MAKE) --no-print-directory shapes-run
 	@$(MAKE) --no-print-directory shapes-report
 
+# A job a non-interactive shell starts with `&` ignores SIGINT, so a Ctrl-C of `make test`
+# stopped the main run and left the shape groups running to their end: each pytest gets
+# SIGINT's default back (coreutils env >= 8.31; without it, as before).
+DEFAULT_INT := $(shell env --default-signal=INT true 2>/dev/null && echo env --default-signal=INT)
+
 shapes-run:
 	@mkdir -p reports/shapes; groups=$$(echo $(SHAPES) | wc -w); k=0; for shape in $(SHAPES); do \
 	  k=$$((k + 1)); \
 	  case $$shape in *docker-run*) extra="$(NEEDS_COMPOSE_DEPLOY)";; *) extra="";; esac; \
 	  [ -z "$(SHAPE_SHARE)" ] || extra="$$extra --shape-share $$k/$$groups"; \
-	  ( $(PYTEST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "$(SHAPE_MARKS)" --shape $$shape $$extra \
+	  ( $(DEFAULT_INT) $(PYTEST) $(SHAPE_TESTS) -q -p no:cacheprovider -m "$(SHAPE_MARKS)" --shape $$shape $$extra \
 	      > reports/shapes/$$shape.log 2>&1; echo $$? > reports/shapes/$$shape.rc ) & \
 	done; wait
 
