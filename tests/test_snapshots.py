@@ -820,6 +820,27 @@ def _worker(stack: DrillStack, name: str) -> Any:
     return conn
 
 
+def _writer_after_safety(stack: DrillStack, snap: snapshots.Snapshot,
+                         name: str) -> tuple[subprocess.Popen[str], Any]:
+    """`runbook snapshot restore` of `snap`, held (SIGSTOP) right after its safety snapshot
+    while a writer named `name` connects and writes (`_worker`), then let go."""
+    from tests.drill_checks import wait_stopped
+
+    assert stack.env.source is not None
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                             str(stack.env.source), snap.name, "--yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env={**os.environ,
+                                 "RUNBOOK_DRILL_FAULT": "after:safety-snapshot:SIGSTOP"})
+    try:
+        wait_stopped(proc.pid)
+        worker = _worker(stack, name)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    return proc, worker
+
+
 def test_a_restore_with_another_session_connected_is_refused_or_ends_it_when_asked(
         stack: DrillStack) -> None:
     """The safety snapshot was taken once the app slots stopped, on the promise that nothing
@@ -865,29 +886,15 @@ def test_a_session_connecting_after_the_safety_snapshot_rolls_the_restore_back(
     restore's own transaction asks again once its DROPs hold every table: it rolls back,
     and says why. The run is held (SIGSTOP) right after its safety snapshot while the
     writer connects and writes."""
-    from tests.drill_checks import wait_stopped
-
     env = stack.env
     add_items(stack, "before")
     snap = snapshots.create(env, "late-session")
     add_items(stack, "after")
-    assert env.source is not None
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
-                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env={**os.environ,
-                                 "RUNBOOK_DRILL_FAULT": "after:safety-snapshot:SIGSTOP"})
-    worker = None
-    try:
-        wait_stopped(proc.pid)
-        worker = _worker(stack, "late-cron")  # writes "by late-cron", stays connected
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
+    proc, worker = _writer_after_safety(stack, snap, "late-cron")  # writes, stays connected
     try:
         out, err = proc.communicate(timeout=180)
     finally:
-        if worker is not None:
-            worker.close()
+        worker.close()
     assert proc.returncode == int(ExitCode.FAILED_SAFELY), out + err
     assert "rolled back" in err and "late-cron" in err, err
     assert item_names(stack) == ["before", "after", "by late-cron"]  # nothing lost
@@ -901,25 +908,11 @@ def test_a_session_that_ends_while_the_restores_transaction_waits_lets_it_restor
     same pg_stat_activity until it ends, so the wait saw its first reading for 3 s and a
     session gone a moment later still rolled the restore back. Here the session closes
     once the restore's transaction is seen waiting (its query, in pg_stat_activity)."""
-    from tests.drill_checks import wait_stopped
-
     env = stack.env
     add_items(stack, "before")
     snap = snapshots.create(env, "brief-session")
     add_items(stack, "after")
-    assert env.source is not None
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
-                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env={**os.environ,
-                                 "RUNBOOK_DRILL_FAULT": "after:safety-snapshot:SIGSTOP"})
-    worker = None
-    try:
-        wait_stopped(proc.pid)
-        worker = _worker(stack, "brief-probe")
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-    assert worker is not None
+    proc, worker = _writer_after_safety(stack, snap, "brief-probe")
     try:
         deadline = time.monotonic() + 30
         waiting = False
