@@ -55,14 +55,11 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     is in the config the switch will load. `/load` replaces Caddy's whole config: with
     [caddy] caddyfile naming a fragment (a host whose Caddyfile imports one file per site)
     or a stale copy, the switch loaded that alone, every other site vanished (the admin
-    listener's setting with them), and verification, of the app's site, still passed."""
-    if env.caddy.reload is ReloadMethod.SYSTEMCTL:
-        return "not compared: systemctl reloads the config file Caddy's own unit names"
-    if env.caddy.reload is ReloadMethod.CADDY_RELOAD and any(
-            i.relative for i in caddy.file_imports(candidate)):
-        # `caddy reload` reads the file and resolves them beside it; `/adapt` has no path
-        return ("not compared: relative imports, which only `caddy reload` resolves (nor are "
-                "its {$VAR} placeholders compared with Caddy's own reading)")
+    listener's setting with them), and verification, of the app's site, still passed.
+    The switch asks again just before it writes (sites_dropped_now)."""
+    uncompared = sites_uncompared(env, candidate)
+    if uncompared is not None:
+        return uncompared
     try:
         running = loaded()
     except RunbookError as exc:
@@ -73,18 +70,45 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     if env.caddy.reload is ReloadMethod.CADDY_RELOAD:  # {$VAR} may sit in an imported file
         _same_environment(env, candidate, new)
     drift = _drift(env, running)
-    missing = sorted(_sites(running) - _sites(new))
+    missing = caddy.dropped_sites(running, new)
     if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more"
-                                          if len(missing) > 4 else "")
         raise PreconditionError(
             f"pre-flight: loading {env.caddy.caddyfile} would drop what Caddy serves now "
-            f"({shown}): it is not the whole config Caddy runs (a file it imports, or "
+            f"({missing}): it is not the whole config Caddy runs (a file it imports, or "
             "another copy); nothing was changed",
             "set [caddy] caddyfile to the file Caddy runs (its global options and every "
             "site), or load this one first if it is what Caddy should run")
     return "every site Caddy serves now is in the new Caddyfile" + (
         f"{WARNING_MARK}{drift}" if drift else "")
+
+
+def sites_uncompared(env: Environment, candidate: str) -> str | None:
+    """Why the sites Caddy serves cannot be compared with `candidate`'s; None when they can."""
+    if env.caddy.reload is ReloadMethod.SYSTEMCTL:
+        return "not compared: systemctl reloads the config file Caddy's own unit names"
+    if env.caddy.reload is ReloadMethod.CADDY_RELOAD and any(
+            i.relative for i in caddy.file_imports(candidate)):
+        # `caddy reload` reads the file and resolves them beside it; `/adapt` has no path
+        return ("not compared: relative imports, which only `caddy reload` resolves (nor are "
+                "its {$VAR} placeholders compared with Caddy's own reading)")
+    return None
+
+
+def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
+    """The switch's own check, just before it writes: a site loaded into Caddy since the
+    plan (through the admin API during the health gate, or `caddy reload` of another file)
+    would be dropped by the load, and verification, of the app's site, would still pass."""
+    if sites_uncompared(env, candidate) is not None:
+        return
+    new = caddy.adapt(env, candidate)
+    if new is None:  # as in pre-flight: the switch's own validation and reload say why
+        return
+    missing = caddy.dropped_sites(running, new)
+    if missing:
+        raise PreconditionError(
+            f"Caddy serves what {env.caddy.caddyfile} does not ({missing}; loaded since the "
+            "plan, e.g. through the admin API): the switch would drop it; nothing was changed",
+            f"add it to {env.caddy.caddyfile} (or take it out of Caddy), then run again")
 
 
 WARNING_MARK = "\n! "  # a probe's result: the detail, then what the plan must warn about
@@ -146,27 +170,6 @@ def _same_environment(env: Environment, candidate: str, by_caddy: Any) -> None:
             "set [caddy] reload = admin-api (Caddy expands them itself), or [caddy] command "
             "to run caddy where Caddy runs (e.g. `docker exec <container> caddy`), or export "
             "the same variables here")
-
-
-def _sites(config: object) -> set[str]:
-    """What a config serves, as `<hosts> on <listen address>` and `app <name>`; comparable
-    across two adaptations (server names such as srv0 are not)."""
-    apps = (config.get("apps") if isinstance(config, dict) else None) or {}
-    found = {f"app {name}" for name in apps if name != "http"} if isinstance(apps, dict) \
-        else set()
-    http = apps.get("http") if isinstance(apps, dict) else None
-    servers = (http.get("servers") if isinstance(http, dict) else None) or {}
-    for server in servers.values() if isinstance(servers, dict) else ():
-        if not isinstance(server, dict):
-            continue
-        hosts: set[str] = set()
-        for route in server.get("routes") or ():
-            for match in (route.get("match") if isinstance(route, dict) else None) or ():
-                if isinstance(match, dict):
-                    hosts.update(str(h) for h in match.get("host") or ())
-        for listen in server.get("listen") or ():
-            found.update(f"{host} on {listen}" for host in (hosts or {"*"}))
-    return found
 
 
 # `docker exec` options that take a value (the container's name is the first other word)

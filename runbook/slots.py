@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runbook import caddy, compose, docker, drain, files, health, traffic
+from runbook import caddy, compose, docker, drain, files, health, preflight, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
@@ -639,6 +639,16 @@ def _refuse_unverifiable(env: Environment, target: Slot, serving: Slot | None) -
         raise caddy.no_slot_header(env, serving, problem)
 
 
+def _changed_since_plan(env: Environment) -> PreconditionError:
+    """The Caddyfile was edited since the plan read it (by hand, or by another tool): the
+    switch would load an edit nobody reviewed, or write over it."""
+    return PreconditionError(
+        f"{env.caddy.caddyfile} changed since the plan: the switch would write and load a "
+        "file that is not the one the plan showed; nothing was changed",
+        "check who edits it, then run the command again to see the plan for the file as it "
+        "is now")
+
+
 def switch_step(env: Environment, target: Slot, expected_version: str,
                 observed: Observed, *, planned: caddy.SwitchPlan | None = None,
                 validated: str | None = None) -> tuple[Step, str]:
@@ -672,8 +682,10 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         watch = drain.before_reload(env.caddy.proxy_url)
         old_bytes = caddy.read_bytes(env)
         old = old_bytes.decode("utf-8")
+        if old != sp.old_text:  # what would be written is not the change the plan showed
+            raise _changed_since_plan(env)
         new = caddy.rewrite(old, env, target)
-        caddy.check_imports(env, new)  # the file may have changed since the plan
+        caddy.check_imports(env, new)  # an imported file may have changed since the plan
         try:  # what Caddy runs: the undo loads it back as it was (caddy.restore)
             running = traffic.loaded_config(env)
             before = traffic.from_config(
@@ -684,6 +696,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         # a down Caddy must never look like a switch (the config just read answered: the
         # same GET is not sent twice; systemd is still asked when it reloads)
         caddy.check_running(env, admin_answered=answered)
+        if running is not None:  # a site loaded into Caddy during the gate is not dropped
+            preflight.sites_dropped_now(env, new, running)
         if new != old and new != validated:
             caddy.validate(env, new)
         if not caddy.inspect(old, env).headers:
@@ -695,9 +709,13 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         ctx.fault("switch.before-write")
         ctx.stop_if_signalled()  # the last moment nothing needs undoing
         backup = caddy.write_backup(env, restore_bytes)
+        if caddy.read_bytes(env) != old_bytes:  # an edit during this step: never overwritten
+            raise _changed_since_plan(env)
         observed.sent_to_target = True  # from the write on: a Caddy may watch its file
         if new != old:
-            caddy.write_config(env, new)
+            owner = caddy.write_config(env, new)
+            if owner is not None:  # written, but by a user that cannot give it away
+                ctx.note(caddyfile_owner=owner)
         ctx.on_failure("put back the previous Caddyfile and load the config Caddy ran before"
                        + (f" (traffic back on {before})" if before else ""),
                        lambda: caddy.restore(env, restore_bytes, before, running))

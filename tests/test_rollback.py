@@ -15,7 +15,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,6 +167,92 @@ def test_a_caddyfile_that_is_not_the_whole_config_caddy_runs_is_refused(
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+def _at_switch(action: Callable[[], None]) -> Callable[..., None]:
+    """A progress callback that runs `action` as the switch step starts: a colleague's
+    change between the plan (and its health gate) and the switch's write."""
+    def progress(event: str, step: object, message: str = "") -> None:
+        if event == "start" and getattr(step, "name", "") == "switch":
+            action()
+    return progress
+
+
+def _another_site(text: str, port: int, host: str) -> str:
+    """A site block for `host` on the app's port, bound as this shape binds the app's site
+    (so the same Caddy server takes it), answering its own name."""
+    head = f"http://127.0.0.1:{port} {{\n"
+    bind = text[text.index(head) + len(head):].split("\n", 1)[0]
+    assert bind.strip().startswith("bind "), bind
+    return f'\nhttp://{host}:{port} {{\n{bind}\n\trespond "{host}"\n}}\n'
+
+
+def _refused_unchanged(stack: DrillStack, env: Environment, err: RunbookError) -> None:
+    """The standby the rollback started is stopped again and users stay on blue v3."""
+    assert err.exit_code == ExitCode.FAILED_SAFELY, err
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    assert through_proxy(env) == ("blue", V3.tag)
+    current = states.read_state(env.state_file).current
+    assert current is not None and current.version == V3.tag
+
+
+def test_a_site_loaded_into_caddy_during_the_rollback_is_never_dropped(
+        stack: DrillStack) -> None:
+    """Found by review: the sites Caddy serves were compared with the new Caddyfile's at plan
+    time only. A site loaded through the admin API during the health gate was dropped by the
+    switch's load, and the run, verifying only the app's site, ended with exit 0."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    extra = text + _another_site(text, stack.ports.proxy, "extra.test")
+
+    def load_extra() -> None:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=extra,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10
+                        ).raise_for_status()
+
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, progress=_at_switch(load_extra))
+    assert "(extra.test on " in err.value.message, err.value
+    _refused_unchanged(stack, env, err.value)
+    assert env.caddy.caddyfile.read_text() == text
+    seen = drill_http.get(f"{env.caddy.proxy_url}/", headers={"Host": "extra.test"},
+                          timeout=5)
+    assert (seen.status_code, seen.text) == (200, "extra.test")  # still served
+
+
+@pytest.mark.parametrize("when", ["before the switch step", "inside the switch step"])
+def test_a_caddyfile_edited_during_the_rollback_is_neither_loaded_nor_overwritten(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """Found by review: the switch rewrote the Caddyfile as it was at the switch, not as the
+    plan showed it, so an edit made during the health gate (here a new site, not yet
+    reloaded) went live unseen; one made while the switch step ran (its validation, its
+    backup) was written over."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    edited = text + _another_site(text, stack.ports.proxy, "edited.test")
+
+    def edit() -> None:
+        files.atomic_write(env.caddy.caddyfile, edited.encode())
+
+    progress = None
+    if when == "before the switch step":
+        progress = _at_switch(edit)
+    else:
+        real = caddy.write_backup
+
+        def edit_then_back_up(*args: Any, **kwargs: Any) -> Any:
+            edit()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(caddy, "write_backup", edit_then_back_up)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, progress=progress)
+    assert "changed since the plan" in err.value.message, err.value
+    _refused_unchanged(stack, env, err.value)
+    assert env.caddy.caddyfile.read_text() == edited  # the colleague's edit is kept
+    seen = drill_http.get(f"{env.caddy.proxy_url}/", headers={"Host": "edited.test"},
+                          timeout=5)
+    assert seen.text != "edited.test"  # and was not loaded by this run
+
+
 def test_a_site_served_by_name_is_verified_through_this_hosts_caddy(stack: DrillStack) -> None:
     """Found by review: a host's Caddyfile serves the app by name (togather.example.org),
     so the default proxy_url (http://localhost) reached no site, every verification failed
@@ -186,6 +274,25 @@ def test_a_site_served_by_name_is_verified_through_this_hosts_caddy(stack: Drill
     seen = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Host": "togather.test"},
                           timeout=5)
     assert (seen.headers["X-Togather-Slot"], seen.json()["version"]) == ("green", V2.tag)
+
+
+@pytest.mark.any_shape
+def test_a_previous_deployment_with_no_slot_is_rolled_back_to(stack: DrillStack) -> None:
+    """Found by review: today's Go CLI rewrites the previous deployment with `"slot": ""`
+    (its struct has no `active_slot`), and every runbook command refused such a file. The
+    slot the previous deployment returns to is the one Caddy does not serve."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    doc = json.loads(env.state_file.read_text())
+    previous = doc["previous_deployment"]
+    previous.pop("active_slot")
+    previous["slot"] = ""
+    files.atomic_write(env.state_file, json.dumps(doc, indent=2).encode())
+    read = states.read_state(env.state_file).previous
+    assert read is not None and read.active_slot is None
+    rollback.rollback(env)
+    assert through_proxy(env) == ("green", V2.tag)
+    current = states.read_state(env.state_file).current
+    assert current is not None and (current.version, current.active_slot) == (V2.tag, Slot.GREEN)
 
 
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:

@@ -258,6 +258,37 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return None if a == b else (where.lstrip(".") or "(top)")
 
 
+def served_sites(config: object) -> set[str]:
+    """What a config serves, as `<hosts> on <listen address>` and `app <name>`; comparable
+    across two adaptations (server names such as srv0 are not)."""
+    apps = (config.get("apps") if isinstance(config, dict) else None) or {}
+    found = {f"app {name}" for name in apps if name != "http"} if isinstance(apps, dict) \
+        else set()
+    http = apps.get("http") if isinstance(apps, dict) else None
+    servers = (http.get("servers") if isinstance(http, dict) else None) or {}
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if not isinstance(server, dict):
+            continue
+        hosts: set[str] = set()
+        for route in server.get("routes") or ():
+            for match in (route.get("match") if isinstance(route, dict) else None) or ():
+                if isinstance(match, dict):
+                    hosts.update(str(h) for h in match.get("host") or ())
+        for listen in server.get("listen") or ():
+            found.update(f"{host} on {listen}" for host in (hosts or {"*"}))
+    return found
+
+
+def dropped_sites(running: Any, new: Any) -> str | None:
+    """What `running` serves and `new` does not, as the refusals name it (the first four);
+    None when nothing would be dropped. `/load` replaces Caddy's whole config."""
+    missing = sorted(served_sites(running) - served_sites(new))
+    if not missing:
+        return None
+    return ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4
+                                     else "")
+
+
 def _validate_by_api(env: Environment, text: str) -> str:
     from runbook import bounded_http
 
@@ -465,9 +496,10 @@ def _admin_error(answer: Answer) -> str:
     return str(body)[:500]
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old or the new file, never half; mode and owner are kept."""
-    files.atomic_write(path, data)
+def write_atomically(path: Path, data: bytes) -> str | None:
+    """Readers see the old or the new file, never half; mode and owner are kept (or the line
+    saying which of owner and group could not be: only root may give a file away)."""
+    return files.atomic_write(path, data)
 
 
 

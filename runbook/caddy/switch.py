@@ -126,11 +126,12 @@ def write_backup(env: Environment, data: bytes) -> Path | None:
     return None
 
 
-def write_config(env: Environment, text: str) -> None:
-    """Write the Caddyfile (atomically); a CaddyError says the file was left unchanged."""
+def write_config(env: Environment, text: str) -> str | None:
+    """Write the Caddyfile (atomically); a CaddyError says the file was left unchanged.
+    Returns None, or the line saying its owner or group could not be kept."""
     path = env.caddy.caddyfile
     try:
-        write_atomically(path, text.encode("utf-8"))
+        return write_atomically(path, text.encode("utf-8"))
     except OSError as exc:
         raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
                          files.write_fix(exc, path.parent,
