@@ -125,6 +125,50 @@ def test_go_cli_dialect() -> None:
     assert s.lock == {"locked": False}  # zero times mean "not set"
 
 
+def test_a_file_todays_go_cli_rolled_back_is_read_and_rolled_back_again(
+        tmp_path: Path) -> None:
+    """Found by review: the Go CLI's rollback reads deploy.sh's or the documented records
+    into a struct with `slot` only, so the deployment it moves to previous_deployment says
+    `"slot": ""` (go_cli_after_rollback.json: its output for documented.json). Every runbook
+    command then refused the file (previous_deployment.active_slot missing) until a hand
+    edit, on exactly the host whose rollback the runbook is there to fix."""
+    path = copy_fixture("go_cli_after_rollback.json", tmp_path)
+    s = read_state(path)
+    assert s.current is not None and s.previous is not None
+    assert s.current.active_slot is Slot.BLUE and s.previous.active_slot is None
+    assert (s.current.version, s.previous.version) == ("abc5678", "abc1234")
+    written = statemod.dumps(after_rollback(s, slot=Slot.GREEN, run_id="rbk_1"))
+    out = json.loads(written)
+    assert out["current_deployment"]["version"] == "abc1234"
+    assert out["current_deployment"]["slot"] == out["current_deployment"]["active_slot"] \
+        == "green"
+    assert out["previous_deployment"]["version"] == "abc5678"
+    again = parse_state(written, "again.json")
+    assert again.current is not None and again.current.active_slot is Slot.GREEN
+
+
+def test_a_lone_surrogate_escape_another_tool_wrote_does_not_block_the_record(
+        tmp_path: Path) -> None:
+    """Found by review: a file with literal non-ASCII text ("zoë") is rewritten with literal
+    non-ASCII, and a lone surrogate escape elsewhere ("\\ud83d", half an emoji, in a key
+    another tool added) then could not be encoded: every rollback's record failed after
+    traffic had moved, "a bug in the caller". It is now kept as the escape it was."""
+    doc = json.loads((DATA / "documented.json").read_text())
+    doc["current_deployment"]["deployed_by"] = "zoë@host"
+    doc["note"] = "\ud83d"
+    raw = json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    assert b"zo\xc3\xab" in raw  # literal, as a tool writing UTF-8 leaves it
+    path = tmp_path / "deployment-state.json"
+    path.write_bytes(raw.replace("\ud83d".encode("utf-8", "surrogatepass"), b"\\ud83d"))
+    s = read_state(path)
+    assert s.previous is not None
+    statemod.write_state(path, after_rollback(s, run_id="rbk_1"))
+    out = json.loads(path.read_bytes())
+    assert out["note"] == "\ud83d"  # the same value, escaped
+    assert out["previous_deployment"]["deployed_by"] == "zoë@host"
+    assert out["current_deployment"]["version"] == s.previous.version
+
+
 def test_go_cli_lock_keys_are_renamed() -> None:
     s = read_state(DATA / "go_cli_locked.json")
     assert s.locked

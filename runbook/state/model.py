@@ -44,8 +44,9 @@ parse_time = times.parse_rfc3339
 class Deployment:
     """One deployment as every dialect describes it.
 
-    `active_slot` is None only for history entries that never recorded it (the documented
-    schema lets history omit it); current and previous deployments always have one.
+    `active_slot` is None for history entries that never recorded it (the documented schema
+    lets history omit it) and for a previous deployment today's Go CLI rollback rewrote with
+    `"slot": ""`; a current deployment always has one.
     """
 
     id: str

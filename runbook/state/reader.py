@@ -315,8 +315,11 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> Deploym
                      "write an array of deployments (newest first) or []")
     current = None if current_raw is None else _deployment(
         current_raw, "current_deployment", r, need_slot=True)
+    # The previous deployment may not know its slot: today's Go CLI rollback reads a record
+    # deploy.sh wrote (`active_slot`, a key its struct lacks) and writes it back as
+    # previous_deployment with `"slot": ""`. Which slot serves is read from Caddy, never here.
     previous = None if previous_raw is None else _deployment(
-        previous_raw, "previous_deployment", r, need_slot=True)
+        previous_raw, "previous_deployment", r, need_slot=False)
     history = tuple(_deployment(item, f"deployment_history[{i}]", r, need_slot=False)
                     for i, item in enumerate(history_raw))
 

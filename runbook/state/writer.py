@@ -8,7 +8,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,15 @@ def _style_of(raw: bytes, dialect: str) -> _Style:
 
 
 def _render(data: Mapping[str, Any], style: _Style) -> bytes:
+    try:
+        return _text(data, style).encode()
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud83d") another tool wrote,
+        # in a file with literal non-ASCII text: only an escape can keep it (a rollback's
+        # record failed here after traffic had moved, and on every rerun)
+        return _text(data, replace(style, ensure_ascii=True)).encode()
+
+
+def _text(data: Mapping[str, Any], style: _Style) -> str:
     text = json.dumps(data, indent=style.indent, separators=(style.item_sep, style.key_sep),
                       ensure_ascii=style.ensure_ascii, allow_nan=False)
     if style.html_escape:  # these characters only ever occur inside JSON strings
@@ -84,7 +93,7 @@ def _render(data: Mapping[str, Any], style: _Style) -> bytes:
         text += "\n"
     if style.crlf:
         text = text.replace("\n", "\r\n")
-    return (("\ufeff" if style.bom else "") + text).encode()
+    return ("\ufeff" if style.bom else "") + text
 
 
 def dumps(state: DeploymentState) -> bytes:
