@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -906,9 +907,10 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
 
     # resumed while host2 still fails: the hosts it resumes are still drained, so host2 is
     # down (exit 5), never "failed but serving" with exit 1 as a rolling rollback's would be
-    argv = resume.split()[3:]
+    assert f"--journal-dir {tmp_path}" in resume, resume  # the journal is found as printed
+    argv = shlex.split(resume)[3:]
     again = subprocess.run([fleet_on_v3.runbook_command, "fleet", "rollback", *argv, "--yes",
-                            "--format", "json", "--journal-dir", str(tmp_path)],
+                            "--format", "json"],
                            capture_output=True, text=True, timeout=600, check=False,
                            stdin=subprocess.DEVNULL)
     assert again.returncode == 5, again.stdout + again.stderr
@@ -919,9 +921,9 @@ def test_a_stopped_maintenance_run_says_down_and_its_resume_never_restores_again
     resume = middle["resume_command"]
 
     fleet_on_v3.write_inventory()
-    argv = resume.split()[3:]
+    argv = shlex.split(resume)[3:]
     proc = subprocess.Popen([fleet_on_v3.runbook_command, "fleet", "rollback", *argv, "--yes",
-                             "--format", "json", "--journal-dir", str(tmp_path)],
+                             "--format", "json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=600)

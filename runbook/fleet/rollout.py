@@ -588,8 +588,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         say(f"maintenance: database restored once on {decision['host']} from "
             f"{decision['snapshot']}")
         if interrupts.count:
-            resume = (f"runbook fleet rollback {_inventory_arg(options)} --resume "
-                      f"{fleet_run_id}{_same_options(options)}")
+            resume = _resume_command(options, fleet_run_id)
             journal.record["resume_command"] = resume
             raise FleetError(f"interrupted during the restore, which was waited for: the "
                              f"database was restored once on {decision['host']}; no host was "
@@ -786,10 +785,10 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
     inventory = record.get("inventory")
     where = (shlex.quote(inventory) if isinstance(inventory, str) and Path(inventory).is_absolute()
              else _inventory_arg(options))  # the dead run's inventory, when its path says
-    resume = str(record.get("resume_command") or (
-        f"runbook fleet rollback {where} --resume {run_id}{_same_options(options)}"))
-    if options.journal_dir is not None:  # where this run looked: the resume must look there
-        resume += f" --journal-dir {shlex.quote(str(options.journal_dir))}"
+    resume = str(record.get("resume_command") or _resume_command(options, run_id, where=where))
+    if options.journal_dir is not None and " --journal-dir " not in resume:
+        # where this run looked (a record written before resume commands named it)
+        resume += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
     refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
                    f"host it rolled back again); or, to start afresh, release the lock there "
                    f"({release})")
@@ -1295,9 +1294,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         code = ExitCode.OK
     resume = None
     if not_done:
-        resume = (f"runbook fleet rollback {_inventory_arg(options)} --limit "
-                  f"{shlex.quote(','.join(not_done))} --resume {fleet_run_id}"
-                  f"{_same_options(options)}")
+        resume = _resume_command(options, fleet_run_id, limit=not_done)
         unknown = [h for h, r in hosts.items() if r.status in (UNKNOWN, UNKNOWN_STARTED)]
         why = ("interrupted" if interrupts.count else
                "the fleet lock was lost" if lost_lock is not None else
@@ -1325,6 +1322,20 @@ def _inventory_arg(options: Options) -> str:
     """The inventory as a resume command names it: absolute (the command may be pasted in
     another directory) and quoted (a path with a space split into two arguments)."""
     return shlex.quote(str(Path(options.inventory).absolute()))
+
+
+def _resume_command(options: Options, fleet_run_id: str, *, limit: list[str] | None = None,
+                    where: str | None = None) -> str:
+    """The command that finishes a stopped fleet run, as printed and journaled: its inventory
+    (`where`: as the dead run named it), the hosts left, its options, and the journal
+    directory it wrote (a resume looking in the default one found no journal)."""
+    command = f"runbook fleet rollback {where or _inventory_arg(options)}"
+    if limit:
+        command += f" --limit {shlex.quote(','.join(limit))}"
+    command += f" --resume {fleet_run_id}{_same_options(options)}"
+    if options.journal_dir is not None:
+        command += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
+    return command
 
 
 def _same_options(options: Options) -> str:
