@@ -89,7 +89,7 @@ NEEDS_COMPOSE_DEPLOY := \
 # of all at its end, when the last worker finishes alone); their output is printed after it.
 test: setup lint chromium
 	@rm -rf reports/shapes; $(MAKE) --no-print-directory shapes-run & shapes=$$!; \
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --report reports/drill; status=$$?; \
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --durations=20 --report reports/drill; status=$$?; \
 	wait $$shapes; $(MAKE) --no-print-directory shapes-report || status=1; exit $$status
 
 # The shape groups run side by side, one pytest (one drill stack) each: two stacks instead of
