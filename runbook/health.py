@@ -122,14 +122,24 @@ def probe(target: str | SlotConfig, path: str | None = None, timeout: float = 3.
 VERSION_PATH = "/version"  # the app's own (CONTRACTS): {"version", "git_commit", "build_date"}
 
 
+def build_key(value: object) -> str | None:
+    """A version or commit as compared: an app may say it in upper case or with a trailing
+    newline (a version read from a file into the build), never otherwise; "" names nothing
+    (a Go build without -ldflags reports "")."""
+    text = "" if value is None else str(value).strip().lower()
+    return text or None
+
+
 def names_build(expected: str, version: str | None, commit: str | None) -> bool | None:
     """Does an answer name the `expected` build (the contract's version: the first 7 hex of
-    its git_commit)? None when it names neither."""
+    its git_commit)? None when it names neither. The gate and the switch's verification both
+    ask this, so a build one accepts is never one the other refuses."""
+    want, version, commit = build_key(expected), build_key(version), build_key(commit)
     if not version and not commit:
         return None
-    if expected in (version, commit):
+    if want is not None and want in (version, commit):
         return True
-    return not version and bool(commit) and str(commit).lower().startswith(expected.lower())
+    return not version and commit is not None and want is not None and commit.startswith(want)
 
 
 def version_of(config: SlotConfig, timeout: float = 3.0) -> tuple[str | None, str | None] | None:
@@ -142,7 +152,7 @@ def version_of(config: SlotConfig, timeout: float = 3.0) -> tuple[str | None, st
         answer = bounded_http.request("GET", f"{config.base_url}{VERSION_PATH}",
                                       timeout=timeout, headers={"Accept": "application/json"})
         body = answer.json() if answer.status == 200 else None
-    except (bounded_http.HttpFailure, ValueError, UnicodeDecodeError):
+    except (bounded_http.HttpFailure, ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(body, dict):
         return None
@@ -180,8 +190,10 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
     reported_slot = _str(body.get("slot"))
     errors: list[str] = []
     verdicts = [HEALTHY]
-    if reported_status in (HEALTHY, DEGRADED, UNHEALTHY):
-        verdicts.append(reported_status)
+    said = _BODY_STATUS.get(_CHECK_STATUS.get(reported_status.strip().lower(), "")
+                            if reported_status is not None else "")
+    if said is not None:  # the contract's words, or the ones checks use ("ok", "Healthy")
+        verdicts.append(said)
     else:
         verdicts.append(UNHEALTHY)
         errors.append(f"unknown status {reported!r}" if reported is not None
@@ -226,6 +238,9 @@ _CHECK_STATUS = {"pass": "pass", "ok": "pass", "up": "pass", "healthy": "pass",
                  "warn": "warn", "degraded": "warn",
                  "fail": "fail", "error": "fail", "down": "fail", "unhealthy": "fail",
                  "critical": "fail"}
+
+
+_BODY_STATUS = {"pass": HEALTHY, "warn": DEGRADED, "fail": UNHEALTHY}
 
 
 def _checks(raw: object) -> tuple[tuple[Check, ...], str | None]:

@@ -487,21 +487,22 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             env, slot, on_attempt=waiting,
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
-        if expected_version and report.version and report.version != expected_version:
-            raise PreconditionError(
-                f"slot {slot} answers version {report.version}, expected {expected_version}",
-                f"check `docker inspect {config.container}`")
         version = report.version
-        if expected_version and version is None and report.git_commit:
-            # a /health naming its commit alone: the version is its first 7 hex (CONTRACTS);
-            # it compared nothing, and a wrong build passed the gate (found by review)
-            if not health.names_build(expected_version, None, report.git_commit):
-                raise PreconditionError(
-                    f"slot {slot} answers git_commit {report.git_commit}, expected version "
-                    f"{expected_version} (its {env.health.path} names no version)",
-                    f"check `docker inspect {config.container}`")
+        # the build /health names, compared as the switch's verification compares it: an
+        # empty version skipped every check here (found by review), a commit alone is its
+        # version's 40 hex (CONTRACTS), case and a trailing newline do not count
+        named = (health.names_build(expected_version, report.version, report.git_commit)
+                 if expected_version else None)
+        if named is False:
+            answer = (f"version {report.version}, expected {expected_version}"
+                      if health.build_key(report.version) else
+                      f"git_commit {report.git_commit}, expected version {expected_version} "
+                      f"(its {env.health.path} names no version)")
+            raise PreconditionError(f"slot {slot} answers {answer}",
+                                    f"check `docker inspect {config.container}`")
+        if named and not health.build_key(report.version):
             version = f"{report.git_commit} (git_commit)"
-        if expected_version and version is None and report.git_commit is None:
+        if expected_version and named is None:
             # /health names no build (an app with fewer fields): the slot's own /version,
             # asked now, so a wrong build is refused before traffic moves, not after
             seen = health.version_of(config, env.health.request_timeout)

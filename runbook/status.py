@@ -263,6 +263,19 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
     if trouble:
         yield Problem(trouble, "repoint Caddy at the slot you know is healthy: "
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
+    # Caddy's config names the slot, but users are served through the proxy: one that is
+    # refused or answers 5xx on its own is an outage, never "No problems found" (found by
+    # review: the slot's own /health is asked on its port, not through Caddy)
+    if f.traffic.proxy_error is not None:
+        yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
+                      f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
+                      f"{f.active or 'serving'} slot; if that slot is down, roll back")
+    elif f.traffic.proxy_unverifiable is not None:
+        yield Problem(f"{f.traffic.proxy_unverifiable} without X-Togather-Slot: which slot "
+                      "users reach cannot be told there (nor a switch verified while the "
+                      "serving slot answers)",
+                      "set [caddy] site to the host name Caddy serves the app at, or fix "
+                      "[caddy] proxy_url and verify_path")
 
 
 def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
@@ -488,7 +501,9 @@ def to_json(f: Facts) -> dict[str, Any]:
                         "running": f.caddy_running}
     out["traffic"] = ({"slot": str(f.active) if f.active else None,
                        "source": "Caddy's running config (admin API)",
-                       "dials": list(f.traffic.dials), "proxy_slot": f.traffic.proxy_slot}
+                       "dials": list(f.traffic.dials), "proxy_slot": f.traffic.proxy_slot,
+                       "proxy_error": f.traffic.proxy_error,
+                       "proxy_unverifiable": f.traffic.proxy_unverifiable}
                       if f.traffic is not None else
                       {"slot": None, "error": str(f.traffic_error)})
     if f.intent is not None:

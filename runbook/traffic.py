@@ -262,15 +262,17 @@ def _port_counts(config: Any) -> Counter[int]:
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None]:
     """(X-Togather-Slot, error, unverifiable) as the proxy answers right now, on a fresh
-    connection. `unverifiable` describes an answer below 500 without the header (a 5xx
-    without it is Caddy's own, an upstream down: an outage to roll back from, not a fault of
-    the URL)."""
+    connection. `unverifiable` describes an answer below 500 without the header; `error` no
+    answer, or a 5xx without it (Caddy's own, an upstream down: an outage to roll back from,
+    not a fault of the URL)."""
     url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
     try:
         response = bounded_http.request("GET", url, timeout=_TIMEOUT, site=env.caddy.site)
     except bounded_http.HttpFailure as exc:
         return None, f"{url}: {exc.reason}", None
     header = response.header(SLOT_HEADER)
+    if header is None and response.status >= 500:  # Caddy's own: users get this too
+        return None, f"{url} answers HTTP {response.status} without {SLOT_HEADER}", None
     if header is None and response.status < 500:
         where = response.header("Location")
         return None, None, (f"GET {url}" + (f" (Host: {env.caddy.site})" if env.caddy.site

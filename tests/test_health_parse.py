@@ -88,6 +88,7 @@ def server() -> Iterator[Server]:
             try:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
+                self.send_header("X-Togather-Slot", "blue")  # read by verification only
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -376,6 +377,71 @@ def test_a_health_naming_only_its_commit_is_checked_against_it(
     else:
         assert refusal == ""
         assert ctx.notes["health"] == f"healthy, version {COMMIT} (git_commit)"
+
+
+BUILD_ANSWERS = [  # (what /health and /version say of the build, is it 3f2a1b9)
+    ({"version": "", "git_commit": "1a2b3c4" + "0" * 33}, False),  # a Go build without ldflags
+    ({"version": "", "git_commit": COMMIT}, True),
+    ({"version": "3F2A1B9", "git_commit": COMMIT.upper()}, True),
+    ({"version": "3f2a1b9\n"}, True),  # read from a file into the build
+    ({"version": "3f2a1b"}, False),  # a prefix of the version is another build's too
+    ({"git_commit": COMMIT}, True),  # the commit alone: its first 7 hex (CONTRACTS)
+]
+
+
+@pytest.mark.parametrize(("build", "matches"), BUILD_ANSWERS)
+def test_the_gate_and_verification_judge_a_build_alike(
+        server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        build: dict[str, str], matches: bool) -> None:
+    """Found by review: an empty version skipped every check of the gate (a wrong build went
+    on to take traffic until verification undid it); the gate took a commit alone that
+    verification, comparing exactly, then refused on every attempt (such an app could never
+    be rolled back to); both refused the right build said in upper case or with a newline."""
+    import dataclasses
+
+    from runbook import caddy
+    from tests.drill_checks import host_env
+
+    answer = {"status": "healthy", "checks": {"database": PASS}} | build
+    monkeypatch.setitem(ROUTES, "/build", (200, json.dumps(answer).encode()))
+    _ctx, refusal = _gate(server, "/build")
+    assert (refusal == "") is matches, refusal
+    if not matches:
+        assert "expected" in refusal and "3f2a1b9" in refusal, refusal
+    base = host_env(tmp_path)
+    env = base.with_(caddy=dataclasses.replace(base.caddy, proxy_url=server.url,
+                                               verify_path="/build"))
+    verified = caddy.verify(env, "blue", "3f2a1b9", attempts=1)
+    assert verified.ok is matches, verified
+
+
+@pytest.mark.parametrize(("said", "status"), [
+    ("ok", "healthy"), ("Healthy", "healthy"), ("UP", "healthy"), ("warn", "degraded"),
+    ("down", "unhealthy"), ("starting", "unhealthy"), ("", "unhealthy")])
+def test_a_body_status_in_the_words_checks_use_is_understood(said: str, status: str) -> None:
+    """Found by review: a check saying "ok" passed, but a body saying "ok" or "Healthy" was
+    unhealthy, so a minimal app could never pass a gate. A word nobody uses stays unhealthy."""
+    report = health.parse("http://x/health", 200, json.dumps({"status": said}).encode())
+    assert report.status == status, report
+
+
+def test_a_deeply_nested_body_is_an_answer_that_names_nothing(
+        server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Found by review: /health's parser took a body nested past Python's recursion limit for
+    unhealthy, but /version's and verification's raised RecursionError (after the reload)."""
+    import dataclasses
+
+    from runbook import caddy
+    from tests.drill_checks import host_env
+
+    monkeypatch.setitem(ROUTES, "/version", (200, b"[" * 200_000 + b"]" * 200_000))
+    blue = make_env(server.port).slot(Slot.BLUE)
+    assert health.version_of(blue, 2.0) is None
+    base = host_env(tmp_path)
+    env = base.with_(caddy=dataclasses.replace(base.caddy, proxy_url=server.url,
+                                               verify_path="/version"))
+    verified = caddy.verify(env, "blue", "3f2a1b9", attempts=1)
+    assert not verified.ok and "not JSON" in verified.describe(), verified
 
 
 def test_force_never_sends_traffic_to_a_slot_that_never_answered(server: Server) -> None:

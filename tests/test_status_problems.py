@@ -214,3 +214,35 @@ def test_no_recorded_deployment_on_a_host_without_compose_names_what_works_there
         [found] = list(statusmod.no_current_deployment(f))
         assert ("`runbook deploy " in found.fix and "--version abc1234`" in found.fix) \
             == says_deploy, found.fix
+
+
+def test_a_proxy_that_serves_nobody_is_a_problem(stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: status read which slot serves from Caddy's config and asked that
+    slot's /health on its own port, never what users get through Caddy: with the proxy
+    refusing connections, or answering 502 on its own, it said "No problems found"."""
+    import dataclasses
+
+    from runbook import environment as envmod
+    from tests.drill_checks import closed_port
+
+    env = stack.env
+    toml = tmp_path / "closed-proxy.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(env, caddy=dataclasses.replace(
+        env.caddy, proxy_url=f"http://127.0.0.1:{closed_port()}"))))
+    argv = [sys.executable, "-m", "runbook.cli", "status", str(toml), "--format", "json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert "Traceback" not in done.stderr, done.stderr
+    found = json.loads(done.stdout)
+    assert done.returncode == 1, done.stdout
+    assert "connection refused" in problem(found["problems"],
+                                           "users are not served through the proxy")["problem"]
+    assert "connection refused" in found["traffic"]["proxy_error"], found["traffic"]
+
+    serving = env.slot(Slot.BLUE).container  # the baseline: blue serves
+    stack.docker("stop", serving)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    said = problem(problems, "users are not served through the proxy")["problem"]
+    assert "HTTP 502" in said, said
+    problem(problems, "the active slot blue is")  # and its own /health, as before

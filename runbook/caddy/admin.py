@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from runbook import drain, files
+from runbook import drain, files, health
 from runbook.caddy.errors import CaddyError, CaddyNotRunningError
 from runbook.caddy.text import SLOT_HEADER, file_imports
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
@@ -645,7 +645,7 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
             commit = None if body.get("git_commit") is None else str(body["git_commit"])
         else:
             error = "the body is not a JSON object"
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         error = "the body is not JSON"
     seen: dict[str, Any] = {"http_status": response.status, "slot_header": header,
                             "version": version}
@@ -659,7 +659,7 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
     if header != slot.value:
         return done(False, error=error or f"{SLOT_HEADER} is {header!r}, not {slot.value!r}",
                     **seen)
-    if expected is not None and expected not in (version, commit):
+    if expected is not None and health.names_build(expected, version, commit) is not True:
         return done(False, error=error or f"version is {version!r}, not {expected!r}", **seen)
     return done(True, **seen)
 
