@@ -17,7 +17,7 @@ from runbook.cli_common import PROCESS_STARTED as PROCESS_STARTED
 from runbook.cli_common import UNATTENDED_FIX as UNATTENDED_FIX
 from runbook.cli_common import Progress as Progress
 from runbook.cli_common import confirmer as confirmer
-from runbook.cli_common import fail, load_env, require_yes, run_action
+from runbook.cli_common import fail, load_env, refuse_blank, require_yes, run_action
 from runbook.cli_common import notice as notice
 from runbook.cli_common import report as report
 from runbook.cli_common import timing as timing
@@ -90,13 +90,7 @@ def rollback(
 
     try:
         environment = load_env(env, config)
-        # given but blank (`--to "$TARGET"` with TARGET unset): never the default instead
-        for flag, value in (("--to", to), ("--expect-from", expect_from),
-                            ("--snapshot", snapshot)):
-            if value is not None and not value.strip():
-                raise UsageError(f"{flag} is empty; nothing was changed",
-                                 f"give {flag} a value (an unset shell variable?), or leave "
-                                 "it out")
+        refuse_blank(("--to", to), ("--expect-from", expect_from), ("--snapshot", snapshot))
         for flag, given in (("--snapshot", snapshot), ("--end-sessions", end_sessions)):
             if given and not restore_snapshot:
                 raise UsageError(f"{flag} only makes sense with --restore-snapshot",

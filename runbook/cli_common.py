@@ -75,6 +75,18 @@ def load_env(name: str, config: str | None) -> Environment:
     return environment.load(name, config=config)
 
 
+def refuse_blank(*given: tuple[str, str | None]) -> None:
+    """An option or argument given but blank (`--to "$TARGET"` with TARGET unset) is refused,
+    never taken for its default: a blank SNAPSHOT restored the newest one, a blank --limit
+    rolled back every host of the inventory."""
+    from runbook.errors import UsageError
+
+    for flag, value in given:
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} is empty; nothing was changed",
+                             f"give {flag} a value (an unset shell variable?), or leave it out")
+
+
 UNATTENDED_FIX = ("pass --yes to confirm it in advance (from cron, a pipe or `ssh host cmd`), "
                   "or --dry-run to see the plan")
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from runbook.cli_common import fail, require_yes, run_action
+from runbook.cli_common import fail, refuse_blank, require_yes, run_action
 from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
 from runbook.errors import RunbookError
 
@@ -117,6 +117,10 @@ def restore(
     """Restore a snapshot: stop app slots, safety snapshot, replay in one transaction, verify."""
     from runbook import snapshot_restore
 
+    try:
+        refuse_blank(("SNAPSHOT", snapshot))  # blank: never "the newest" instead
+    except RunbookError as exc:
+        _fail(exc, fmt)
     environment = _env(env, config, fmt)
     run_action(
         lambda **kw: snapshot_restore.restore(environment, snapshot, restart=not keep_stopped,

@@ -159,20 +159,51 @@ def test_a_compose_without_up_pull_is_refused_in_preflight(
     assert "nothing was changed" in info.value.message
 
 
-@pytest.mark.parametrize("flag", ["--to", "--expect-from", "--snapshot"])
-def test_a_blank_target_or_guard_is_refused_never_taken_for_the_default(
-        host: Path, flag: str) -> None:
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["rollback", "HOST", "--to", "", "--yes"], "--to"),
+    (["rollback", "HOST", "--expect-from", "", "--yes"], "--expect-from"),
+    (["rollback", "HOST", "--snapshot", "", "--restore-snapshot", "--yes"], "--snapshot"),
+    # found by review: a blank SNAPSHOT restored the newest, a blank --config loaded the
+    # built-in file of that name, a blank --limit rolled back every host of the inventory,
+    # a blank --resume started afresh
+    (["snapshot", "restore", "HOST", "", "--yes"], "SNAPSHOT"),
+    (["rollback", "production", "--config", "", "--yes"], "--config (or RUNBOOK_CONFIG)"),
+    (["status", ""], "ENV"),
+    (["fleet", "rollback", "INVENTORY", "--limit", "", "--yes"], "--limit"),
+    (["fleet", "rollback", "INVENTORY", "--resume", "", "--yes"], "--resume"),
+])
+def test_a_blank_value_is_refused_never_taken_for_the_default(
+        host: Path, argv: list[str], flag: str) -> None:
     """Found by review: `--to "$TARGET"` with TARGET unset rolled back to the previous
     deployment instead of the one asked for, and a blank --expect-from skipped the fleet's
-    guard. Exit 2 before anything is read, one line."""
-    extra = ["--restore-snapshot"] if flag == "--snapshot" else []
+    guard. Exit 2 before anything is read, one line, nothing written."""
+    inventory = host.parent / "hosts.yml"
+    inventory.write_text("all:\n  hosts:\n    h1:\n")
+    before = sorted(p.relative_to(host.parent) for p in host.parent.rglob("*"))
+    argv = [str(host) if a == "HOST" else str(inventory) if a == "INVENTORY" else a
+            for a in argv]
     env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
-    done = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(host), flag, "",
-                           *extra, "--yes"], capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    env["RUNBOOK_FLEET_DIR"] = str(host.parent / "fleet")
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", *argv], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+                          check=False, cwd=REPO_ROOT)
     assert done.returncode == 2, done.stderr
     assert f"{flag} is empty; nothing was changed" in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert sorted(p.relative_to(host.parent) for p in host.parent.rglob("*")) == before
+
+
+def test_a_path_naming_no_users_home_is_a_usage_error(host: Path) -> None:
+    """Found by review: `--config ~nosuchuser/x.toml` was "unexpected failure:
+    RuntimeError", exit 5 ("could not be fully undone")."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    for argv in (["status", "~nosuchuser-rb/x.toml"],
+                 ["status", "production", "--config", "~nosuchuser-rb/x.toml"]):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", *argv],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+        assert done.returncode == 2, done.stderr
+        assert "~nosuchuser-rb is no user's home on this machine" in done.stderr, done.stderr
 
 
 @needs_root
@@ -200,3 +231,26 @@ def test_snapshot_list_of_an_unreadable_folder_is_exit_4_not_an_unexpected_failu
     assert done.returncode == 4, (done.returncode, done.stderr)
     assert "Permission denied" in done.stderr, done.stderr
     assert "unexpected failure" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_the_fleets_host_commands_mask_secrets_and_lock_status_exists(host: Path) -> None:
+    """Found by review: `runbook fleet lock`, `drain` and `host-check` printed an argument
+    holding a DATABASE_URL with its password (the main CLI masks it), host-check exited 4 on
+    a configuration error its JSON called exit 2, and `runbook fleet lock ENV --status`,
+    which README and the fleet's own refusal name, did not exist."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+
+    def fleet(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "fleet", *argv],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+
+    secret = "postgresql://togather:S3cretPw@db/x.toml"
+    for argv in (["lock", secret], ["drain", secret], ["host-check", secret]):
+        done = fleet(*argv)
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert "S3cretPw" not in done.stdout + done.stderr, (argv, done.stdout, done.stderr)
+        assert json.loads(done.stdout.splitlines()[-1]), done.stdout  # still JSON
+    status = fleet("lock", str(host), "--status")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == {"locked": False}

@@ -85,7 +85,7 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
      "is not an http(s) URL with a host"),
     ('[caddy]\nproxy_url = "http://localhost/app"\n', "caddy.proxy_url", "has a path"),
     ('[caddy]\nadmin_url = "http://ops:s3cr3t-adm@localhost:2019"\n', "caddy.admin_url",
-     "holds credentials"),
+     "holds a user and password, which the runbook never sends: give the address only"),
     ('[health]\npath = "/health "\n', "health.path", "space or control character"),
     # found by review: the site's address given as the admin API's (or the same port twice)
     ('[caddy]\nadmin_url = "http://127.0.0.1:2019"\nproxy_url = "http://127.0.0.1:2019/"\n',
@@ -100,6 +100,15 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     ('[caddy]\nproxy_url = "http://127.0.0.1:8080"\n[slots.blue]\ncontainer = "b"\n'
      'port = 8081\n[slots.green]\ncontainer = "g"\nport = 8080\n', "",
      "slots.green port 8080 is Caddy's own (caddy.proxy_url"),
+    # found by review: a NUL in a path was a bare ValueError (exit 5) naming no key; an empty
+    # name passed, and status then named the wrong problem (or compose chose a project)
+    ('[state]\nfile = "/tmp/st\\u0000ate.json"\n', "state.file", "holds a NUL character"),
+    ('[slots.blue]\ncontainer = ""\nport = 8081\n[slots.green]\ncontainer = "g"\n'
+     'port = 8082\n', "slots.blue.container", "is empty"),
+    ('[database]\ncontainer = " "\n', "database.container", "is empty"),
+    ('[compose]\nproject = ""\n', "compose.project", "is empty"),
+    ('[compose]\nimage_repository = ""\n', "compose.image_repository", "is empty"),
+    ('[caddy]\nsystemd_unit = ""\n', "caddy.systemd_unit", "is empty"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:

@@ -593,3 +593,28 @@ def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_da
                            timeout=120, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr
     assert not safety.exists() and f"Removed {safety.name}" in again.stdout, again.stdout
+
+
+def test_a_sidecar_dated_near_year_9999_is_listed_and_kept(env: Environment,
+                                                           tmp_path: Path) -> None:
+    """Found by review: a sidecar taken "9999-12-31" with no expires_at overflowed the
+    expiry's date: `snapshot list` and `snapshot cleanup` (a cron job) ended in exit 5."""
+    import subprocess
+    import sys
+
+    record(env, "dep_a", "dep_b")
+    far = put(env, "20261201_000000", "manual", age_days=1)
+    meta_path = far.with_name(far.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta.pop("expires_at")
+    meta_path.write_text(json.dumps(meta | {"timestamp": "9999-12-31T23:59:59Z"}))
+    put(env, "20261202_000000", "manual", age_days=0.5)
+    toml = host_toml(env, tmp_path)
+    for command in (["list"], ["cleanup", "--dry-run"]):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", *command,
+                               str(toml)], capture_output=True, text=True, check=False,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        said = far.name if command == ["list"] else "Would remove 0 snapshot(s)"
+        assert said in done.stdout, done.stdout
+    assert snapshots.cleanup(env, now=NOW).removed == [] and far.exists()

@@ -52,7 +52,15 @@ def canonical_name(name: str) -> str:
 
 def find_config(name_or_path: str) -> Path:
     """Resolve an environment name or a path to its TOML file."""
-    explicit = Path(name_or_path).expanduser()
+    try:
+        explicit = Path(name_or_path).expanduser()
+    except RuntimeError:  # `~nosuchuser/...`: a bare RuntimeError was exit 5
+        raise ConfigError(f"environment file {name_or_path}: "
+                          f"{name_or_path.split(os.sep, 1)[0]} is no user's home on this machine",
+                          "write the path in full") from None
+    if "\x00" in name_or_path:
+        raise ConfigError("the environment argument holds a NUL character",
+                          "pass the environment's name or its TOML file")
     if name_or_path.endswith(".toml") or os.sep in name_or_path:
         if explicit.exists() and not explicit.is_file():
             raise ConfigError(f"environment file {explicit} is not a file",
@@ -78,6 +86,10 @@ def find_config(name_or_path: str) -> Path:
 
 def load(name_or_path: str, *, config: str | None = None) -> Environment:
     """Load an environment: `config` (or RUNBOOK_CONFIG) wins over the name's default file."""
+    for what, value in (("--config (or RUNBOOK_CONFIG)", config), ("ENV", name_or_path)):
+        if value is not None and not value.strip():  # `--config "$CFG"` with CFG unset: never
+            raise ConfigError(f"{what} is empty; nothing was changed",  # the default file
+                              f"give {what.split()[0]} a value (an unset shell variable?)")
     chosen = config or os.environ.get("RUNBOOK_CONFIG")
     path = find_config(chosen) if chosen else find_config(name_or_path)
     env = load_file(path)

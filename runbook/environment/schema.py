@@ -100,6 +100,17 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _filled(value: str) -> str:
+    """A name Docker, compose or systemd is asked for: "" passed, and status then named the
+    wrong problem (a container "not recorded"), compose picked a project itself."""
+    if not value.strip():
+        _fail("is empty: give the name, or remove the key to use its default")
+    return value
+
+
+Filled = Annotated[str, AfterValidator(_filled)]
+
+
 def _host_name(value: str) -> str:
     """A host name or address as a URL holds it: a space or control character in it (a
     trailing space from a copy) made every probe fail with an uncaught InvalidURL."""
@@ -151,7 +162,7 @@ def _http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         _fail(f"{shown} is not an http(s) URL with a host (e.g. http://localhost:2019)")
     if parts.username is not None or parts.password is not None:
-        _fail("holds credentials: give the address only")
+        _fail("holds a user and password, which the runbook never sends: give the address only")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         _fail(f"{shown} has a path, query or fragment: give the address only (the runbook "
               "appends the paths it asks)")
@@ -194,6 +205,8 @@ def _file_path(value: str) -> str:
     an unknown one raised a bare RuntimeError, exit 5)."""
     if not value.strip():
         _fail("is empty: remove the key to use its default, or give a path")
+    if "\x00" in value:  # every file call raised a bare ValueError (exit 5), naming no key
+        _fail("holds a NUL character: write the path without it")
     try:
         expanded = os.path.expandvars(value)
         Path(expanded).expanduser()
@@ -251,7 +264,7 @@ class LogsFile(_Table):
 
 
 class SlotFile(_Table):
-    container: str
+    container: Filled
     # the compose service; left out on hosts without compose (`docker run`)
     service: Annotated[str, AfterValidator(_not_blank)] | None = None
     port: Port
@@ -283,7 +296,7 @@ class CaddyFile(_Table):
     admin_url: HttpUrl = "http://localhost:2019"
     proxy_url: HttpUrl = "http://localhost"
     command: Command = CaddyConfig.command
-    systemd_unit: str = CaddyConfig.systemd_unit
+    systemd_unit: Filled = CaddyConfig.systemd_unit
     verify_path: UrlPath = CaddyConfig.verify_path
     container_path: Annotated[str, AfterValidator(_absolute)] | None = None
     site: Annotated[str, AfterValidator(_site)] | None = None
@@ -300,9 +313,9 @@ class CaddyFile(_Table):
 
 class ComposeFile(_Table):
     file: FilePath | None = None  # default: STANDARD_COMPOSE_FILE where it exists
-    project: str | None = None  # default: togather-<name>
+    project: Filled | None = None  # default: togather-<name>
     env_file: FilePath | None = None
-    image_repository: str = ComposeConfig.image_repository
+    image_repository: Filled = ComposeConfig.image_repository
     command: Command = ComposeConfig.command
 
 
@@ -317,7 +330,7 @@ class HealthFile(_Table):
 class DatabaseFile(_Table):
     env_file: FilePath | None = None  # default: compose.env_file
     url_variable: Annotated[str, AfterValidator(_variable_name)] = DatabaseConfig.url_variable
-    container: str = DatabaseConfig.container
+    container: Filled = DatabaseConfig.container
     snapshot_dir: FilePath = str(DatabaseConfig.snapshot_dir)
     retention_days: Retention = DatabaseConfig.retention_days
     access: Annotated[str, _choice("auto", "host", "container")] = DatabaseConfig.access

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from runbook.cli_common import ask, stdin_is_terminal
+from runbook.cli_common import ask, refuse_blank, stdin_is_terminal
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
 from runbook.errors import LockedError, RunbookError, UsageError
 
@@ -19,13 +19,20 @@ fleet_app = typer.Typer(
          "first failure (needs the [fleet] extra: ansible-core + ansible-runner).")
 
 
-def _fail(exc: RunbookError, fmt: Format = Format.text, lines: list[str] | None = None) -> None:
+def _fail(exc: RunbookError, fmt: Format = Format.text, lines: list[str] | None = None,
+          **extra: Any) -> NoReturn:
+    """One error, masked as the main CLI masks it (a path argument holding a DATABASE_URL
+    was printed with its password), as JSON too when asked (the fleet's own commands on a
+    host always answer JSON: `extra` is their fields)."""
+    from runbook.redact import redact
+
     if fmt is Format.json:
-        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
-                          "exit_code": int(exc.exit_code), "hosts": lines or []}))
-    typer.echo(f"runbook: error: {exc}", err=True)
+        print(redact(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                                 "exit_code": int(exc.exit_code), "hosts": lines or [],
+                                 **extra}, default=str)))
+    typer.echo(redact(f"runbook: error: {exc}"), err=True)
     for line in lines or []:
-        typer.echo(f"  {line}", err=True)
+        typer.echo(redact(f"  {line}"), err=True)
     raise typer.Exit(int(exc.exit_code))
 
 
@@ -66,6 +73,8 @@ def rollback_cmd(
                               resume=resume, maintenance=maintenance, journal_dir=journal_dir,
                               end_sessions=end_sessions)
     try:
+        # blank: a --limit "" rolled back every host, a --resume "" started afresh
+        refuse_blank(("--limit", limit), ("--resume", resume), ("--canary-group", canary_group))
         if not dry_run and not yes and not stdin_is_terminal():
             raise UsageError("`runbook fleet rollback` changes hosts and stdin is not a "
                              "terminal, so nobody can confirm it; nothing was changed",
@@ -134,9 +143,12 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
     lock = ({"fleet_run_id": str(fleet_run), "locked_by": holder, "hostname": controller_host,
              "pid": pid, "reason": reason or "fleet rollback", "take_over": take_over}
             if take_lock else None)
+    from runbook.redact import redact
+
     data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock)
-    print(json.dumps(data, default=str))
-    raise typer.Exit(4 if data["problems"] else 0)
+    print(redact(json.dumps(data, default=str)))
+    # the first problem's own code (a config error is 2, as its JSON says), else 0
+    raise typer.Exit(int(data["problems"][0].get("exit_code", 4)) if data["problems"] else 0)
 
 
 @fleet_app.command("drain")
@@ -153,16 +165,15 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
         out = (drain.undo(env_, [c for c in undo.split(",") if c]) if undo is not None
                else drain.drain(env_))
     except RunbookError as exc:
-        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
-                          "exit_code": int(exc.exit_code)}))
-        typer.echo(f"runbook: error: {exc}", err=True)
-        raise typer.Exit(int(exc.exit_code)) from None
+        _fail(exc, Format.json)
     print(json.dumps(out))
 
 
 @fleet_app.command("lock")
 def lock_cmd(
     env: EnvArg,
+    status: Annotated[bool, typer.Option("--status", help="show the fleet lock (the "
+                                         "default)")] = False,
     take: Annotated[bool, typer.Option("--take")] = False,
     refresh: Annotated[bool, typer.Option("--refresh")] = False,
     release: Annotated[bool, typer.Option("--release")] = False,
@@ -179,6 +190,9 @@ def lock_cmd(
 
     try:
         env_ = environment.load(env, config=config)
+        if status and (take or refresh or release):
+            raise UsageError("--status only reads the fleet lock", "drop --status, or the "
+                             "--take/--refresh/--release the fleet itself runs")
         if (take or refresh or release) and not fleet_run:
             raise UsageError("--take, --refresh and --release need --fleet-run ID",
                              "these are run by `runbook fleet rollback`; see --help")
@@ -194,10 +208,5 @@ def lock_cmd(
             held = hostlock.status(env_)
             out = held.to_json() if held else {"locked": False}
     except RunbookError as exc:
-        print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
-                          "exit_code": int(exc.exit_code),
-                          "holder": exc.holder if isinstance(exc, LockedError) else None},
-                         default=str))
-        typer.echo(f"runbook: error: {exc}", err=True)
-        raise typer.Exit(int(exc.exit_code)) from None
+        _fail(exc, Format.json, holder=exc.holder if isinstance(exc, LockedError) else None)
     print(json.dumps(out, default=str))

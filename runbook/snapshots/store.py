@@ -144,7 +144,13 @@ class Snapshot:
 
     def expires_at(self, retention_days: int) -> datetime:
         """Its own expires_at when recorded, else taken + the environment's retention."""
-        return _utc(self._m("expires_at")) or self.timestamp + timedelta(days=retention_days)
+        own = _utc(self._m("expires_at"))
+        if own is not None:
+            return own
+        try:
+            return self.timestamp + timedelta(days=retention_days)
+        except OverflowError:  # a sidecar dated near year 9999: `snapshot list` and the
+            return datetime.max.replace(tzinfo=UTC)  # cleanup crashed, exit 5; never expires
 
     @property
     def size_bytes(self) -> int:
