@@ -109,6 +109,30 @@ def pytest_configure(config: pytest.Config) -> None:
         envmod.find_config(name)
     except RunbookError as exc:
         pytest.exit(f"runbook: --env {name}: {exc}", returncode=EXIT_USAGE)
+    config.pluginmanager.register(RealHostSelection(), "runbook-real-host-selection")
+    if not config.getoption("--dry-run"):
+        # the guide's order is a gate on a real host: a Confirm that fails (the state file
+        # and what runs disagree) stops the run before its rollback (found by review)
+        config.option.maxfail = 1
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """On a real host, the environment file the run acts on, first thing on screen (without
+    /etc/togather-runbook/<env>.toml it is the built-in defaults: said, never silent)."""
+    if _on_drill(config):
+        return None
+    from runbook import environment as envmod
+    from runbook.errors import RunbookError
+
+    name = _env_name(config)
+    try:
+        path = envmod.find_config(os.environ.get("RUNBOOK_CONFIG") or name)
+    except RunbookError:  # pytest_configure has refused a bad one already
+        return None
+    builtin = path.resolve().is_relative_to(envmod.BUILTIN_DIR.resolve())
+    return (f"runbook: --env {name}: {path}"
+            + (f" (the built-in defaults: this host has no {envmod.SYSTEM_DIR}/"
+               f"{envmod.canonical_name(name)}.toml)" if builtin else ""))
 
 
 def _explicit_selection(config: pytest.Config) -> bool:
@@ -181,16 +205,49 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in features:
         if item.get_closest_marker("fault"):
             item.add_marker(pytest.mark.skip(reason=FAULT_SKIP))
-    if config.getoption("--dry-run") or _explicit_selection(config):
+
+
+class RealHostSelection:
+    """Registered on a real host only (pytest_configure)."""
+
+    @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: what will really run
+    def pytest_collection_modifyitems(self, config: pytest.Config,
+                                      items: list[pytest.Item]) -> None:
+        _real_host_selection(config, items)
+
+
+def _real_host_selection(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a real host: the features only, and at most one mutating scenario per run (found
+    by review: any -k or -m, even `-m "not fleet"`, counted as selecting, so the manual
+    switch ran and then the rollback rolled back to the release just left)."""
+    if config.option.collectonly:
         return
-    mutating = [item for item in features
-                if item.get_closest_marker("mutating") and not item.get_closest_marker("fault")]
-    rollback = _rollback_feature(config)
-    runs = [item for item in mutating
-            if _names_rollback_feature(config) and item.path.resolve() == rollback][:1]
+    others = [item.nodeid for item in items if not _is_feature(item)]
+    if others:
+        pytest.exit(f"runbook: --env {_env_name(config)} runs the runbook's features only; "
+                    f"{others[0]} (and {len(others) - 1} more) needs the drill: run "
+                    "`pytest features/rollback.feature --env ...` on a host, `pytest` alone "
+                    "on the drill", returncode=EXIT_USAGE)
+    if config.getoption("--dry-run"):
+        return
+    mutating = [item for item in items if item.get_closest_marker("mutating")
+                and not item.get_closest_marker("fault")]
+    if _explicit_selection(config):
+        runs = mutating
+    else:
+        rollback = _rollback_feature(config)
+        runs = [item for item in mutating
+                if _names_rollback_feature(config) and item.path.resolve() == rollback][:1]
+    if len(runs) > 1:
+        pytest.exit(f"runbook: --env {_env_name(config)}: {len(runs)} scenarios that change "
+                    f"the host are selected ({', '.join(item.name for item in runs[:3])}"
+                    f"{', ...' if len(runs) > 3 else ''}); one run performs at most one: "
+                    "select it by its node id (features/<file>.feature::test_<name>)",
+                    returncode=EXIT_USAGE)
     for item in mutating:
         if item not in runs:
             item.add_marker(pytest.mark.skip(reason=MUTATING_SKIP))
+
 
 
 def _host_problem(name: str) -> tuple[str, int] | None:

@@ -15,6 +15,13 @@ Feature: Roll back a deployment
     And the state file says whether a previous deployment is recorded to roll back to
     And what really runs matches the state file
 
+  Scenario: Preview the rollback with a dry run
+    Given a previous deployment exists
+    When I preview the rollback
+    Then the plan shows every value it would use
+    And the plan shows the exact Caddyfile change
+    And nothing has changed
+
   @mutating
   Scenario: Run the rollback, then check what it changed and what it did not
     Given a previous deployment exists
@@ -30,13 +37,6 @@ Feature: Roll back a deployment
     And the shared database kept running without a restart
     And the other sites on this host still answer as before
     And users saw no failed request during the rollback
-
-  Scenario: Preview the rollback with a dry run
-    Given a previous deployment exists
-    When I preview the rollback
-    Then the plan shows every value it would use
-    And the plan shows the exact Caddyfile change
-    And nothing has changed
 
   @mutating @fault
   Scenario: Force a rollback past the health gate and the schema guard, never past a lock

@@ -266,6 +266,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         if target is None:
             raise PreconditionError("No previous deployment found",
                                     no_previous_fix(env))
+        if target.status == "rolled_back":
+            # the deployment this host was rolled back FROM: a rollback typed again (its
+            # output lost, a scenario reported skipped, a terminal that dropped) went forward,
+            # back to the release users were just taken off (found by review)
+            raise PreconditionError(
+                f"the previous deployment {target.version} is the one this host was rolled "
+                f"back from: rolling back again would put it back in front of users; nothing "
+                "was changed",
+                f"to return to it on purpose: `runbook rollback {env.name} --to "
+                f"{target.version}`; to go further back, name that version with --to "
+                f"(`runbook status {env.name}` lists the deployments)")
     if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")

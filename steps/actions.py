@@ -35,20 +35,21 @@ def confirm_the_deployment_state(world: World) -> None:
 
 @when("I roll back")
 def roll_back(world: World) -> None:
-    world.act("rollback", lambda dry: rollback.rollback(
-        world.env, rollback.Options(reason="runbook feature: rollback"), dry_run=dry))
+    world.act("rollback", lambda dry, **kw: rollback.rollback(
+        world.env, rollback.Options(reason="runbook feature: rollback"), dry_run=dry, **kw))
 
 
 @when("I force the rollback")
 def force_the_rollback(world: World) -> None:
-    world.act("rollback --force", lambda dry: rollback.rollback(
+    world.act("rollback --force", lambda dry, **kw: rollback.rollback(
         world.env, rollback.Options(force=True, reason="runbook feature: forced rollback"),
-        dry_run=dry))
+        dry_run=dry, **kw))
 
 
 @when("I preview the rollback")
 def preview_the_rollback(world: World) -> None:
-    world.act("rollback --dry-run", lambda _dry: rollback.rollback(world.env, dry_run=True),
+    world.act("rollback --dry-run", lambda _dry, **_kw: rollback.rollback(world.env,
+                                                                          dry_run=True),
               mutating=False)
     world.notes["preview"] = True
     if world.result is not None:
@@ -58,10 +59,10 @@ def preview_the_rollback(world: World) -> None:
 @when("I roll back restoring that snapshot")
 def roll_back_restoring_the_snapshot(world: World) -> None:
     snapshot = world.notes["snapshot"]
-    world.act("rollback with snapshot restore", lambda dry: rollback.rollback(
+    world.act("rollback with snapshot restore", lambda dry, **kw: rollback.rollback(
         world.env, rollback.Options(restore_snapshot=snapshot,  # type: ignore[call-arg]
                                     reason="runbook feature: rollback with snapshot restore"),
-        dry_run=dry))
+        dry_run=dry, **kw))
 
 
 # -- recovery ----------------------------------------------------------------------------------
@@ -71,16 +72,16 @@ def roll_back_restoring_the_snapshot(world: World) -> None:
 def redeploy_known_good_version(world: World, name: str) -> None:
     tag = version_tag(name)
     world.notes["deployed version"] = tag
-    world.act(f"deploy {tag}", lambda dry: deploy.deploy(
+    world.act(f"deploy {tag}", lambda dry, **kw: deploy.deploy(
         world.env, deploy.Options(version=tag, reason="runbook feature: redeploy known-good"),
-        dry_run=dry))
+        dry_run=dry, **kw))
 
 
 def switch_by_hand(world: World, target: Slot) -> None:
     world.notes["target slot"] = target
-    world.act(f"switch to {target}", lambda dry: switch.switch(
+    world.act(f"switch to {target}", lambda dry, **kw: switch.switch(
         world.env, switch.Options(slot=target, reason="runbook feature: manual slot switch"),
-        dry_run=dry))
+        dry_run=dry, **kw))
 
 
 @when("I switch traffic by hand to the standby slot")

@@ -31,6 +31,7 @@ from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
+from runbook.plan import Plan
 from runbook.run import RunResult
 
 DRY_RUN_SKIP = "dry run: plan printed above"
@@ -304,11 +305,12 @@ class World:
             return None
 
     # -- acting ------------------------------------------------------------------------------
-    def act(self, what: str, run: Callable[[bool], RunResult], *, mutating: bool = True) -> None:
+    def act(self, what: str, run: Callable[..., RunResult], *, mutating: bool = True) -> None:
         """Run a runbook action, keeping its result or its error and a snapshot from before.
 
         With --dry-run a mutating action prints its plan instead (a refusal at planning time
-        is the same refusal either way, so it is kept as the error)."""
+        is the same refusal either way, so it is kept as the error). On a real host `run`
+        also gets the action's `confirm` and `notify` (on_host)."""
         if self.load is not None:  # the users send while the snapshot is taken and the action runs
             self.load.start()
         self.before = take_snapshot(self.env, self.stack if self.on_drill else None)
@@ -319,7 +321,7 @@ class World:
         self.planned = self.planned or dry
         self.acted_at = time.time()
         try:
-            self.result = run(dry)
+            self.result = run(dry, **(self.on_host(what) if mutating and not dry else {}))
         except RunbookError as exc:
             self.error = exc
             if dry:
@@ -331,6 +333,28 @@ class World:
                 self.load.pause()
         if dry:
             self.show(f"--dry-run: {what} would do", self.result.plan.render())
+
+    def on_host(self, what: str) -> dict[str, Callable[..., Any]]:
+        """On a real host, what the CLI's prompt gives on-call: the plan on screen before
+        anything changes, and every notice the run gives (a stale lock taken over, the old
+        slot left running). A plan with warnings ("the schema guard was NOT checked ...
+        answer no") is not run: nobody is at a prompt to answer them (found by review: a
+        pytest rollback on a host printed nothing and went ahead). On the drill: nothing."""
+        if self.on_drill:
+            return {}
+
+        def confirm(plan: Plan) -> bool:
+            self.show(f"{what}: the plan on {self.env.display}", plan.render())
+            if plan.warnings:
+                self.show(f"{what}: not run, the plan warns",
+                          "\n".join(f"! {w}" for w in plan.warnings)
+                          + f"\nread them, then run it as `runbook {what.split()[0]}`, "
+                            "whose prompt asks")
+                return False
+            return True
+
+        return {"confirm": confirm,
+                "notify": lambda message: self.show(f"{what}: notice", str(message))}
 
     def would(self, what: str, detail: str) -> bool:
         """For a mutating step the runbook library does not plan itself: under --dry-run,

@@ -48,14 +48,17 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         env_file.write_text(envmod.to_toml(host))
         assert "allows_faults" not in env_file.read_text()
 
-        def run_features(*args: str) -> tuple[str, str]:
+        def run_pytest(*args: str) -> tuple[int, str]:
             proc = subprocess.run(
-                [sys.executable, "-m", "pytest", *args, "--env", str(env_file),
+                [sys.executable, "-m", "pytest", *args, f"--env={env_file}",
                  "-p", "no:cacheprovider", "-rs"],
                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=child_env,
                 check=False)
-            output = proc.stdout + proc.stderr
-            assert proc.returncode == 0, output
+            return proc.returncode, proc.stdout + proc.stderr
+
+        def run_features(*args: str) -> tuple[str, str]:
+            code, output = run_pytest(*args)
+            assert code == 0, output
             return output, output.strip().splitlines()[-1]
 
         def mutating_skips(output: str) -> list[str]:
@@ -115,6 +118,34 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         assert len(load_skips(output, "rollback")) == 1, output
         assert re.search(r"\b3 passed\b", summary) and re.search(r"\b3 skipped\b", summary), \
             summary
+
+        # the header names the environment file the run acts on
+        assert f"runbook: --env {env_file}: {env_file}" in output, output
+
+        # found by review: typed again (its last step was reported skipped), it rolled
+        # forward to the release just left. The preview, now before the rollback, is refused
+        # (the previous deployment is the one rolled back from), and on a real host the
+        # first failure ends the run: the rollback is never tried, nothing changes
+        state_after = env.state_file.read_bytes()
+        code, output = run_pytest("features/rollback.feature")
+        assert code == 1, output
+        assert "is the one this host was rolled back from" in output, output
+        assert re.search(r"\b1 failed\b", output) and "stopping after 1 failures" in output, \
+            output
+        assert through_proxy(env.caddy.proxy_url) == ("green", V2.tag)
+        assert env.state_file.read_bytes() == state_after
+
+        # found by review: any -k or -m counted as selecting, so a negative filter ran every
+        # mutating scenario (the manual switch, then the rollback); one run performs at most
+        # one, and the integration tests never run against a host
+        for args in (["features/", "-m", "not fleet"], []):
+            code, output = run_pytest(*args)
+            assert code == 2, output
+            said = ("scenarios that change the host are selected" if args
+                    else "runs the runbook's features only")
+            assert said in output, output
+        assert through_proxy(env.caddy.proxy_url) == ("green", V2.tag)
+        assert env.state_file.read_bytes() == state_after
 
         # an explicitly selected mutating scenario runs: the manual switch, back to blue
         output, summary = run_features("features/recovery.feature", "-k", "hand")
