@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,41 @@ def test_the_fleets_host_commands_mask_secrets_and_lock_status_exists(host: Path
     status = fleet("lock", str(host), "--status")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout) == {"locked": False}
+
+
+def test_a_stale_runbook_config_a_fifo_env_file_and_a_snapshot_dir_that_is_a_file(
+        host: Path) -> None:
+    """Found by review: a stale RUNBOOK_CONFIG was reported as if the ENV typed did not
+    exist; a FIFO as [database] env_file hung `runbook status` until killed; a snapshot_dir
+    that is a file was "No snapshots", exit 0, and the restore advised taking one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+
+    def cli(*argv: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", *argv],
+                              capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL, env=env | extra, check=False,
+                              cwd=REPO_ROOT)
+
+    gone = cli("status", "staging", RUNBOOK_CONFIG=str(host.parent / "gone.toml"))
+    assert gone.returncode == 2 and "(from RUNBOOK_CONFIG)" in gone.stderr, gone.stderr
+    assert "unset RUNBOOK_CONFIG" in gone.stderr, gone.stderr
+
+    fifo = host.parent / "env.fifo"
+    os.mkfifo(fifo)
+    piped = host.parent / "fifo.toml"
+    assert "[database]\n" in host.read_text()
+    piped.write_text(host.read_text().replace("[database]\n",
+                                              f'[database]\nenv_file = "{fifo}"\n', 1))
+    hung = cli("status", str(piped))  # the timeout would raise: it must not hang
+    assert hung.returncode == 1, hung.stdout + hung.stderr  # a problem status lists
+    assert f"env file {fifo} is not a regular file" in hung.stdout, hung.stdout
+
+    folder_file = host.parent / "snapfile"
+    folder_file.write_text("")
+    text = host.read_text()
+    assert "snapshot_dir = " in text, text
+    as_file = host.parent / "snapfile.toml"
+    as_file.write_text(re.sub(r'snapshot_dir = "[^"]*"', f'snapshot_dir = "{folder_file}"', text))
+    listed = cli("snapshot", "list", str(as_file))
+    assert listed.returncode == 4, listed.stdout + listed.stderr
+    assert "is not a directory" in listed.stderr and "No snapshots" not in listed.stdout

@@ -91,7 +91,14 @@ def load(name_or_path: str, *, config: str | None = None) -> Environment:
             raise ConfigError(f"{what} is empty; nothing was changed",  # the default file
                               f"give {what.split()[0]} a value (an unset shell variable?)")
     chosen = config or os.environ.get("RUNBOOK_CONFIG")
-    path = find_config(chosen) if chosen else find_config(name_or_path)
+    try:
+        path = find_config(chosen) if chosen else find_config(name_or_path)
+    except ConfigError as exc:  # a stale RUNBOOK_CONFIG: say where the path came from
+        if chosen and chosen == os.environ.get("RUNBOOK_CONFIG"):
+            exc.message = f"{exc.message} (from RUNBOOK_CONFIG)"
+            exc.fix = f"{exc.fix}; or unset RUNBOOK_CONFIG"
+            exc.args = (exc.message,)
+        raise
     env = load_file(path)
     wanted = canonical_name(name_or_path)
     if chosen and wanted in ENV_NAMES and env.name != wanted:

@@ -201,7 +201,12 @@ def _database_of(url: str) -> tuple[str, ...] | str:
 
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
+    import stat
+
     try:
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO hung the run
+            raise ConfigError(f"env file {path} is not a regular file",
+                              "point the env_file setting at the file itself")
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a key
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}",

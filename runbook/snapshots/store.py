@@ -275,6 +275,10 @@ def _scan(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """
     try:  # not glob(): it reads a folder it may not list as empty ("no snapshots")
         if not directory.is_dir():
+            if os.path.lexists(directory):  # a file or a dangling link: never "no snapshots"
+                raise PreconditionError(
+                    f"the snapshot folder {directory} is not a directory; nothing was changed",
+                    "point [database] snapshot_dir at the folder the snapshots are in")
             return [], []
         names = sorted(e.name for e in os.scandir(directory) if e.name.endswith(SUFFIX))
     except OSError as exc:
