@@ -423,6 +423,44 @@ class EarlyHealth:
         self._probe.settle(timeout)
 
 
+def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
+                report: health.HealthReport, *, ask_version: bool) -> str:
+    """The build the slot names, checked against `expected_version` the way the switch's
+    verification checks it (health.names_build: an empty version skipped every check here,
+    found by review; a commit alone is its version's 40 hex, CONTRACTS; case and a trailing
+    newline do not count). Raises when it names another build. `ask_version`: when /health
+    names none (an app with fewer fields), the slot's own /version is asked."""
+    config = env.slot(slot)
+    version = report.version
+    named = (health.names_build(expected_version, report.version, report.git_commit)
+             if expected_version else None)
+    if named is False:
+        answer = (f"version {report.version}, expected {expected_version}"
+                  if health.build_key(report.version) else
+                  f"git_commit {report.git_commit}, expected version {expected_version} "
+                  f"(its {env.health.path} names no version)")
+        raise PreconditionError(f"slot {slot} answers {answer}",
+                                f"check `docker inspect {config.container}`")
+    if named and not health.build_key(report.version):
+        version = f"{report.git_commit} (git_commit)"
+    if expected_version and named is None:
+        if not ask_version:
+            return f"not named by {env.health.path} (the switch verifies it)"
+        # /health names no build (an app with fewer fields): the slot's own /version,
+        # asked now, so a wrong build is refused before traffic moves, not after
+        seen = health.version_of(config, env.health.request_timeout)
+        if seen is not None and not health.names_build(expected_version, *seen):
+            raise PreconditionError(
+                f"slot {slot} answers version {seen[0] or '(none)'} (git_commit "
+                f"{seen[1] or '(none)'}) at {health.VERSION_PATH}, expected "
+                f"{expected_version}; its {env.health.path} names no version",
+                f"check `docker inspect {config.container}`")
+        version = (f"{seen[0] or seen[1]} (from {health.VERSION_PATH})" if seen
+                   else f"not checked here: neither {env.health.path} nor "
+                        f"{health.VERSION_PATH} names one (the switch verifies it)")
+    return str(version)
+
+
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
               observed: Observed | None = None, early: EarlyHealth | None = None) -> Step:
     """The health gate; the report's status lands in `observed.health_status` for the state.
@@ -465,8 +503,12 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                         report=report, elapsed=now - began)
                 ctx.heartbeat()
                 time.sleep(0.05)
+            # the build is checked all the same (found by review): a wrong one would take
+            # users until the switch's verification undid it
+            seen = _build_seen(env, slot, expected_version, report, ask_version=False)
             observed.health_status = report.status
-            ctx.note(health=f"{report.status} (not gated: --force; waited until it answers)")
+            ctx.note(health=f"{report.status} (not gated: --force; waited until it answers), "
+                            f"version {seen}")
             return
         said: list[tuple[str, float]] = []  # the last note and when it was said
 
@@ -487,34 +529,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             env, slot, on_attempt=waiting,
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
-        version = report.version
-        # the build /health names, compared as the switch's verification compares it: an
-        # empty version skipped every check here (found by review), a commit alone is its
-        # version's 40 hex (CONTRACTS), case and a trailing newline do not count
-        named = (health.names_build(expected_version, report.version, report.git_commit)
-                 if expected_version else None)
-        if named is False:
-            answer = (f"version {report.version}, expected {expected_version}"
-                      if health.build_key(report.version) else
-                      f"git_commit {report.git_commit}, expected version {expected_version} "
-                      f"(its {env.health.path} names no version)")
-            raise PreconditionError(f"slot {slot} answers {answer}",
-                                    f"check `docker inspect {config.container}`")
-        if named and not health.build_key(report.version):
-            version = f"{report.git_commit} (git_commit)"
-        if expected_version and named is None:
-            # /health names no build (an app with fewer fields): the slot's own /version,
-            # asked now, so a wrong build is refused before traffic moves, not after
-            seen = health.version_of(config, env.health.request_timeout)
-            if seen is not None and not health.names_build(expected_version, *seen):
-                raise PreconditionError(
-                    f"slot {slot} answers version {seen[0] or '(none)'} (git_commit "
-                    f"{seen[1] or '(none)'}) at {health.VERSION_PATH}, expected "
-                    f"{expected_version}; its {env.health.path} names no version",
-                    f"check `docker inspect {config.container}`")
-            version = (f"{seen[0] or seen[1]} (from {health.VERSION_PATH})" if seen
-                       else f"not checked here: neither {env.health.path} nor "
-                            f"{health.VERSION_PATH} names one (the switch verifies it)")
+        version = _build_seen(env, slot, expected_version, report, ask_version=True)
         observed.health_status = report.status
         ctx.note(health=f"{report.status}, version {version}")
 

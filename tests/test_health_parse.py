@@ -415,6 +415,27 @@ def test_the_gate_and_verification_judge_a_build_alike(
     assert verified.ok is matches, verified
 
 
+@pytest.mark.parametrize(("build", "matches"), BUILD_ANSWERS)
+def test_force_skips_the_health_verdict_never_the_build(
+        server: Server, monkeypatch: pytest.MonkeyPatch, build: dict[str, str],
+        matches: bool) -> None:
+    """Found by review: --force waited until the slot answered and checked nothing else, so
+    a wrong build took users until the switch's verification undid it. The build it names
+    is checked as the gate checks it (an unhealthy answer still passes: that is --force)."""
+    answer = {"status": "unhealthy", "checks": {"database": MIGRATIONS_FAIL}} | build
+    monkeypatch.setitem(ROUTES, "/forced", (503, json.dumps(answer).encode()))
+    step = slots.gate_step(make_env(server.port, path="/forced"), Slot.BLUE, force=True,
+                           expected_version="3f2a1b9")
+    assert step.run is not None
+    ctx = StepContext(step)
+    if matches:
+        step.run(ctx)
+        assert ctx.notes["health"].startswith("unhealthy (not gated: --force"), ctx.notes
+    else:
+        with pytest.raises(PreconditionError, match="expected"):
+            step.run(ctx)
+
+
 @pytest.mark.parametrize(("said", "status"), [
     ("ok", "healthy"), ("Healthy", "healthy"), ("UP", "healthy"), ("warn", "degraded"),
     ("down", "unhealthy"), ("starting", "unhealthy"), ("", "unhealthy")])
