@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from enum import StrEnum
 from typing import Annotated, NoReturn
@@ -165,7 +166,9 @@ def status(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) 
 
 @app.command()
 def healthcheck(
-    env: Annotated[str, typer.Argument(help=ENV_HELP, metavar="[ENV]")] = "production",
+    env: Annotated[str | None, typer.Argument(
+        help=ENV_HELP + " (default: the --config/RUNBOOK_CONFIG file's, else production)",
+        metavar="[ENV]")] = None,
     slot: Annotated[HealthSlot, typer.Option("--slot", help="blue, green, active (the one "
                                              "taking traffic) or both")] = HealthSlot.both,
     fmt: Annotated[HealthFormat, typer.Option("--format")] = HealthFormat.table,
@@ -176,7 +179,10 @@ def healthcheck(
     from runbook.environment import Slot
 
     try:
-        environment = load_env(env, config)
+        # no ENV: the environment the config file describes (found by review: it was always
+        # production, so with RUNBOOK_CONFIG naming a staging file it refused every call)
+        environment = load_env(env or config or os.environ.get("RUNBOOK_CONFIG")
+                               or "production", config)
         if slot is HealthSlot.active:
             chosen = [traffic.serving_slot(environment)]  # as Caddy runs it
         elif slot is HealthSlot.both:

@@ -293,3 +293,18 @@ def test_a_stale_runbook_config_a_fifo_env_file_and_a_snapshot_dir_that_is_a_fil
     listed = cli("snapshot", "list", str(as_file))
     assert listed.returncode == 4, listed.stdout + listed.stderr
     assert "is not a directory" in listed.stderr and "No snapshots" not in listed.stdout
+
+
+def test_healthcheck_without_env_takes_the_config_files_environment(host: Path) -> None:
+    """Found by review: `runbook healthcheck` without ENV meant production, so with
+    RUNBOOK_CONFIG (or --config) naming a staging file every call was refused, exit 2."""
+    staging = host.parent / "staging.toml"
+    staging.write_text(re.sub(r'(?m)^name = "[^"]*"', 'name = "staging"', host.read_text()))
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    for argv, extra in ((["--config", str(staging)], {}), ([], {"RUNBOOK_CONFIG": str(staging)})):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", "healthcheck", *argv,
+                               "--format", "json"], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env | extra, check=False,
+                              cwd=REPO_ROOT)
+        assert "describes environment" not in done.stdout + done.stderr, done.stdout
+        assert done.returncode == 1, done.stdout + done.stderr  # nothing answers here
