@@ -9,6 +9,7 @@ inside a state field must not forge a status line).
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,9 +33,10 @@ class Problem:
 
     problem: str
     fix: str
+    check: str = ""  # which check found it (CHECKS: its function's name), for machines
 
     def to_json(self) -> dict[str, str]:
-        return {"problem": self.problem, "fix": self.fix}
+        return {"problem": self.problem, "fix": self.fix, "check": self.check}
 
 
 @dataclass
@@ -263,13 +265,21 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
     if trouble:
         yield Problem(trouble, "repoint Caddy at the slot you know is healthy: "
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
-    # Caddy's config names the slot, but users are served through the proxy: one that is
-    # refused or answers 5xx on its own is an outage, never "No problems found" (found by
-    # review: the slot's own /health is asked on its port, not through Caddy)
+
+
+def proxy_unanswered(f: Facts) -> Iterator[Problem]:
+    """Caddy's config names the slot, but users are served through the proxy: one that is
+    refused or answers 5xx on its own is an outage, never "No problems found" (found by
+    review: the slot's own /health is asked on its port, not through Caddy)."""
+    if f.traffic is None:
+        return
     if f.traffic.proxy_error is not None:
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
-                      f"{f.active or 'serving'} slot; if that slot is down, roll back")
+                      f"{f.active or 'serving'} slot; if that slot is down: `runbook rollback "
+                      f"{_arg(f.env)}`, or `runbook switch {_arg(f.env)} --slot "
+                      f"{f.active.other if f.active else '<blue|green>'}` when that one is "
+                      "healthy")
     elif f.traffic.proxy_unverifiable is not None:
         yield Problem(f"{f.traffic.proxy_unverifiable} without X-Togather-Slot: which slot "
                       "users reach cannot be told there (nor a switch verified while the "
@@ -366,7 +376,7 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 
 Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
-    state_unreadable, container_unknown, caddy_problems, traffic_unclear,
+    state_unreadable, container_unknown, caddy_problems, traffic_unclear, proxy_unanswered,
     caddyfile_differs_from_what_runs, interrupted_run, database_unreachable,
     no_current_deployment, state_disagrees_with_caddy, active_unhealthy, image_differs,
     stale_lock, held_for_h2c, standby_running, disk_space,
@@ -375,7 +385,8 @@ CHECKS: list[Check] = [
 
 def problems(facts: Facts) -> list[Problem]:
     """Every problem of every check, in CHECKS order."""
-    return [problem for check in CHECKS for problem in check(facts)]
+    return [dataclasses.replace(problem, check=check.__name__)
+            for check in CHECKS for problem in check(facts)]
 
 
 # ---------------------------------------------------------------------------------------------

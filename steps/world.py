@@ -304,6 +304,16 @@ class World:
         except ValueError:
             return None
 
+    def routed_slot(self) -> Slot | None:
+        """The slot Caddy sends users to: as the proxy answers, or, when the proxy answers
+        from no slot because that slot is down (the outage a rollback is for: 502), the one
+        slot whose port Caddy's running config dials (read here, not by runbook.traffic)."""
+        live = self.live_slot()
+        if live is None:
+            dialed = dialed_slots(self.env)
+            live = next(iter(dialed)) if dialed is not None and len(dialed) == 1 else None
+        return live
+
     # -- acting ------------------------------------------------------------------------------
     def act(self, what: str, run: Callable[..., RunResult], *, mutating: bool = True) -> None:
         """Run a runbook action, keeping its result or its error and a snapshot from before.
@@ -314,7 +324,7 @@ class World:
         if self.load is not None:  # the users send while the snapshot is taken and the action runs
             self.load.start()
         self.before = take_snapshot(self.env, self.stack if self.on_drill else None)
-        self.live_before = self.live_slot()
+        self.live_before = self.routed_slot()  # down or not: what the action moves from
         self.result = None
         self.error = None
         dry = self.dry_run and mutating

@@ -977,7 +977,8 @@ def test_a_host_unreachable_in_its_batch_stops_the_rollout_like_a_failed_host(
         assert hosts["host3"]["status"] == "unknown: unreachable", hosts["host3"]
         assert "runbook status" in hosts["host3"]["message"], hosts["host3"]
         assert "--limit host3,host1 --resume fleet_" in record["resume_command"], record
-        assert record["resume_command"].endswith(" --canary-group web"), record
+        assert record["resume_command"].endswith(f" --canary-group web --journal-dir {tmp_path}"), \
+            record
         assert hostlock.status(fleet.host("host2").env) is None  # released (lock host: host2)
     finally:
         fleet.reachable_again("host3")

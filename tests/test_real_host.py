@@ -101,7 +101,11 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
         assert env.state_file.read_bytes() == state_before
 
-        # naming rollback.feature performs the rollback, as documented
+        # naming rollback.feature performs the rollback, as documented, in the outage it is
+        # for: the live slot is down (users get 502). Found by review: with the first failure
+        # ending a real host's run, a Confirm that demanded "no problems" stopped it here
+        stack.docker("stop", env.slot("blue").container)
+        assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
         output, summary = run_features("features/rollback.feature")
 
         # the rollback really happened: users get v2 from green, and the state file says so

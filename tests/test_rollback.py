@@ -480,11 +480,20 @@ def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_
         stack.docker("rmi", "--no-prune", moved, check=False)
 
 
-def test_second_rollback_goes_back_again(stack: DrillStack) -> None:
+def test_a_second_rollback_goes_back_only_when_named(stack: DrillStack) -> None:
+    """A rollback typed again (its output lost, a scenario reported skipped) used to roll
+    forward, back to the release users were just taken off (found by review): it is refused,
+    exit 4, nothing changed; `--to` that version goes back on purpose."""
     env = two_deployments(stack)
     rollback.rollback(env)
     assert through_proxy(env) == ("green", V2.tag)
-    rollback.rollback(env)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"--to {V3.tag}" in str(err.value), err.value
+    assert snapshot(env) == before
+    rollback.rollback(env, rollback.Options(to=V3.tag))
     assert through_proxy(env) == ("blue", V3.tag)
     st = states.read_state(env.state_file)
     assert st.current and st.current.version == V3.tag and st.current.rollback_count == 1
@@ -1368,7 +1377,7 @@ def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slo
     assert through_proxy(env) == ("green", V2.tag)
     status = json.loads(cli("status", "--format", "json").stdout)
     assert status["traffic"]["slot"] == "green", status["traffic"]
-    back = cli("rollback", "--yes")
+    back = cli("rollback", "--to", V3.tag, "--yes")  # back on purpose (never unnamed)
     assert back.returncode == 0, back.stderr
     assert "another site outside the slot markers" not in back.stderr  # green stops: not pinned
     assert through_proxy(env) == ("blue", V3.tag)
