@@ -109,6 +109,10 @@ def pytest_configure(config: pytest.Config) -> None:
         envmod.find_config(name)
     except RunbookError as exc:
         pytest.exit(f"runbook: --env {name}: {exc}", returncode=EXIT_USAGE)
+    if (config.getoption("numprocesses", None) or 0) and not hasattr(config, "workerinput"):
+        # workers would run Confirm and the rollback at once: no gate, no one-at-a-time
+        pytest.exit(f"runbook: --env {name}: -n (pytest-xdist) is for the drill; on a host "
+                    "the scenarios run one after another: drop -n", returncode=EXIT_USAGE)
     config.pluginmanager.register(RealHostSelection(), "runbook-real-host-selection")
     if not config.getoption("--dry-run"):
         # the guide's order is a gate on a real host: a Confirm that fails (the state file

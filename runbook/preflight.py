@@ -101,8 +101,11 @@ def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
     if sites_uncompared(env, candidate) is not None:
         return
     new = caddy.adapt(env, candidate)
-    if new is None:  # as in pre-flight: the switch's own validation and reload say why
-        return
+    if new is None:  # fail closed: the file's validation may have been pre-flight's
+        raise PreconditionError(
+            f"Caddy did not adapt {env.caddy.caddyfile} just before the switch, so whether "
+            "loading it would drop a site Caddy serves cannot be told; nothing was changed",
+            f"check `curl {env.caddy.admin_url}/config/` answers, then run again")
     missing = caddy.dropped_sites(running, new)
     if missing:
         raise PreconditionError(

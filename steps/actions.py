@@ -43,7 +43,7 @@ def roll_back(world: World) -> None:
 def force_the_rollback(world: World) -> None:
     world.act("rollback --force", lambda dry, **kw: rollback.rollback(
         world.env, rollback.Options(force=True, reason="runbook feature: forced rollback"),
-        dry_run=dry, **kw))
+        dry_run=dry, **kw), cli="--force")
 
 
 @when("I preview the rollback")
@@ -62,7 +62,7 @@ def roll_back_restoring_the_snapshot(world: World) -> None:
     world.act("rollback with snapshot restore", lambda dry, **kw: rollback.rollback(
         world.env, rollback.Options(restore_snapshot=snapshot,  # type: ignore[call-arg]
                                     reason="runbook feature: rollback with snapshot restore"),
-        dry_run=dry, **kw))
+        dry_run=dry, **kw), cli=f"--restore-snapshot --snapshot {snapshot}")
 
 
 # -- recovery ----------------------------------------------------------------------------------
@@ -74,14 +74,14 @@ def redeploy_known_good_version(world: World, name: str) -> None:
     world.notes["deployed version"] = tag
     world.act(f"deploy {tag}", lambda dry, **kw: deploy.deploy(
         world.env, deploy.Options(version=tag, reason="runbook feature: redeploy known-good"),
-        dry_run=dry, **kw))
+        dry_run=dry, **kw), cli=f"--version {tag}")
 
 
 def switch_by_hand(world: World, target: Slot) -> None:
     world.notes["target slot"] = target
     world.act(f"switch to {target}", lambda dry, **kw: switch.switch(
         world.env, switch.Options(slot=target, reason="runbook feature: manual slot switch"),
-        dry_run=dry, **kw))
+        dry_run=dry, **kw), cli=f"--slot {target}")
 
 
 @when("I switch traffic by hand to the standby slot")

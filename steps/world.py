@@ -30,7 +30,7 @@ from runbook.drill import scenes
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
-from runbook.errors import RunbookError
+from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Plan
 from runbook.run import RunResult
 
@@ -315,12 +315,14 @@ class World:
         return live
 
     # -- acting ------------------------------------------------------------------------------
-    def act(self, what: str, run: Callable[..., RunResult], *, mutating: bool = True) -> None:
+    def act(self, what: str, run: Callable[..., RunResult], *, mutating: bool = True,
+            cli: str = "") -> None:
         """Run a runbook action, keeping its result or its error and a snapshot from before.
 
         With --dry-run a mutating action prints its plan instead (a refusal at planning time
         is the same refusal either way, so it is kept as the error). On a real host `run`
-        also gets the action's `confirm` and `notify` (on_host)."""
+        also gets the action's `confirm` and `notify` (on_host); `cli` is the same action as
+        `runbook` arguments after ENV, for its refusal's fix."""
         if self.load is not None:  # the users send while the snapshot is taken and the action runs
             self.load.start()
         self.before = take_snapshot(self.env, self.stack if self.on_drill else None)
@@ -331,7 +333,7 @@ class World:
         self.planned = self.planned or dry
         self.acted_at = time.time()
         try:
-            self.result = run(dry, **(self.on_host(what) if mutating and not dry else {}))
+            self.result = run(dry, **(self.on_host(what, cli) if mutating and not dry else {}))
         except RunbookError as exc:
             self.error = exc
             if dry:
@@ -344,7 +346,7 @@ class World:
         if dry:
             self.show(f"--dry-run: {what} would do", self.result.plan.render())
 
-    def on_host(self, what: str) -> dict[str, Callable[..., Any]]:
+    def on_host(self, what: str, cli: str) -> dict[str, Callable[..., Any]]:
         """On a real host, what the CLI's prompt gives on-call: the plan on screen before
         anything changes, and every notice the run gives (a stale lock taken over, the old
         slot left running). A plan with warnings ("the schema guard was NOT checked ...
@@ -356,11 +358,12 @@ class World:
         def confirm(plan: Plan) -> bool:
             self.show(f"{what}: the plan on {self.env.display}", plan.render())
             if plan.warnings:
-                self.show(f"{what}: not run, the plan warns",
-                          "\n".join(f"! {w}" for w in plan.warnings)
-                          + f"\nread them, then run it as `runbook {what.split()[0]}`, "
-                            "whose prompt asks")
-                return False
+                command = (f"runbook {what.split()[0]} {self.env.source or self.env.name}"
+                           + (f" {cli}" if cli else ""))
+                raise PreconditionError(
+                    f"{what}: not run, its plan warns (nobody is at a prompt to answer): "
+                    + "; ".join(plan.warnings) + "; nothing was changed",
+                    f"read the plan above, then run `{command}`, whose prompt asks")
             return True
 
         return {"confirm": confirm,

@@ -142,11 +142,13 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         # found by review: any -k or -m counted as selecting, so a negative filter ran every
         # mutating scenario (the manual switch, then the rollback); one run performs at most
         # one, and the integration tests never run against a host
-        for args in (["features/", "-m", "not fleet"], []):
+        for args, said in ((["features/", "-m", "not fleet"],
+                            "scenarios that change the host are selected"),
+                           ([], "runs the runbook's features only"),
+                           (["features/rollback.feature", "-n", "2"],
+                            "-n (pytest-xdist) is for the drill")):
             code, output = run_pytest(*args)
             assert code == 2, output
-            said = ("scenarios that change the host are selected" if args
-                    else "runs the runbook's features only")
             assert said in output, output
         assert through_proxy(env.caddy.proxy_url) == ("green", V2.tag)
         assert env.state_file.read_bytes() == state_after
