@@ -188,7 +188,9 @@ def resume_command(env: Environment, intent: intents.Intent) -> str:
         return f"runbook deploy {env.name} --version {intent.to_version}"
     if intent.action == "switch":
         return f"runbook switch {env.name} --slot {intent.to_slot}"
-    return f"runbook rollback {env.name}"
+    # named: a rerun without it goes to the previous deployment, not to the version a
+    # `rollback --to` was going to (found by review)
+    return f"runbook rollback {env.name} --to {intent.to_version}"
 
 
 def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> PreconditionError:

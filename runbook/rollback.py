@@ -231,8 +231,9 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
                                 "nothing to roll back to; pass --to <another version>")
 
 
-def resume_command(env: Environment) -> str:
-    return f"runbook rollback {env.name}"
+def resume_command(env: Environment, version: str) -> str:
+    """What reruns this rollback: its target named (the previous deployment or a --to one)."""
+    return f"runbook rollback {env.name} --to {version}"
 
 
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
@@ -277,6 +278,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"to return to it on purpose: `runbook rollback {env.name} --to "
                 f"{target.version}`; to go further back, name that version with --to "
                 f"(`runbook status {env.name}` lists the deployments)")
+    if (found is not None and found[0].action == "rollback" and not options.to
+            and found[0].from_version == current.version
+            and found[0].to_version != target.version):
+        # an interrupted `rollback --to X`: typed again without --to, it went to the
+        # previous deployment instead, the version on-call had chosen to skip (found by review)
+        raise PreconditionError(
+            f"an interrupted rollback was going to {found[0].to_version}, and this one would "
+            f"go to {target.version}; nothing was changed",
+            f"name the one you want: `runbook rollback {env.name} --to "
+            f"{found[0].to_version}` (the interrupted one) or `--to {target.version}`")
     if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
@@ -413,7 +424,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     return Plan("rollback", env, summary, steps, warnings, diff,
                 facts={"from": current.version, "to": target.version, "from_slot": str(live),
                        "to_slot": str(standby), "container_action": prep.action},
-                intent=intent, resume_command=resume_command(env), replaces=finish.replaced(found))
+                intent=intent, resume_command=resume_command(env, target.version),
+                replaces=finish.replaced(found))
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,

@@ -318,7 +318,8 @@ def _command(f: Facts, pending: intents.Intent) -> str:
     """The command that finishes (or runs again) the interrupted run `pending`."""
     return f"runbook {pending.action} {_arg(f.env)}" + (
         f" --version {pending.to_version}" if pending.action == "deploy" else
-        f" --slot {pending.to_slot}" if pending.action == "switch" else "")
+        f" --slot {pending.to_slot}" if pending.action == "switch" else
+        f" --to {pending.to_version}")  # a rollback: its target, never "the previous" again
 
 
 def interrupted_run(f: Facts) -> Iterator[Problem]:

@@ -1666,3 +1666,27 @@ def test_a_rerun_without_the_restore_flag_says_the_service_is_down_and_names_the
     done = cli(env, "rollback", *command[1:], "--yes")
     assert done.returncode == 0, done.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
+def test_an_interrupted_rollback_to_a_named_version_is_never_rerun_to_another(
+        stack: DrillStack) -> None:
+    """Found by review: `rollback --to v1` killed before its switch said "run `runbook
+    rollback ENV` again", and status the same: that command went to the previous deployment
+    (v2), the version on-call had chosen to skip. The commands name v1 now, and a rerun
+    without --to is refused (exit 4) until on-call names the one meant."""
+    env = arrange(stack)  # v3 serves, v2 the previous, v1 before it (schema 1: --force)
+    v1 = VERSIONS["v1"].tag
+    first = cli(env, "rollback", "--to", v1, "--force", "--yes",
+                fault="before:switch:SIGKILL")
+    assert first.returncode == -9, first.stderr
+    assert through_proxy(env) == ("blue", V3.tag)  # killed before the switch
+    status = json.loads(cli(env, "status", "--format", "json").stdout)
+    said = " ".join(p["problem"] + " " + p["fix"] for p in status["problems"])
+    assert f"--to {v1}" in said, status["problems"]
+    state_before = env.state_file.read_bytes()
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == 4, again.stderr
+    assert f"an interrupted rollback was going to {v1}" in again.stderr, again.stderr
+    assert f"--to {v1}" in again.stderr and "nothing was changed" in again.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert env.state_file.read_bytes() == state_before
