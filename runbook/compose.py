@@ -145,7 +145,8 @@ def run(command: Command, timeout: float = 300) -> str:
         proc = subprocess.run(
             list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
             env={**os.environ, **dict(command.env)}, stdin=subprocess.DEVNULL,
-        )
+            start_new_session=True,  # a terminal's Ctrl-C never cuts a recreate in half: the
+        )  # runbook holds the signal until the step ends, then undoes what it did
     except FileNotFoundError:
         raise ComposeError(f"cannot run `{command.display()}`: {command.argv[0]} is not "
                            "installed or not on PATH",

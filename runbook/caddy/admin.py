@@ -60,8 +60,13 @@ def read(env: Environment) -> str:
 
 def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[str]:
     try:
+        # its own session: a terminal's Ctrl-C goes to the whole foreground process group,
+        # and the runbook holds it off until the step ends, but a `caddy reload` (or
+        # `systemctl reload`) in that group died mid-commit, its job possibly still landing
+        # after the undo (found by review)
         return subprocess.run(
-            argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
+            argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False,
+            start_new_session=True)
     except FileNotFoundError:
         raise CaddyError(f"cannot {what}: command {argv[0]!r} not found",
                          "install it or set [caddy] command in the environment file",
