@@ -22,7 +22,7 @@ from typing import Any
 from runbook import files
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import PreconditionError
+from runbook.errors import PreconditionError, RunbookError
 
 
 class Phase(StrEnum):
@@ -200,7 +200,10 @@ def clear(env: Environment, run_id: str | None = None) -> bool:
     """Remove the record (only `run_id`'s, when given). False when it could not be removed."""
     target = path(env)
     if run_id is not None:
-        current = read(env)
+        try:
+            current = read(env)
+        except RunbookError:  # unreadable now (EIO, EACCES): after the commit that turned a
+            return False  # rollback that worked into exit 4 (found by review); left, said
         if current is None or current.run_id != run_id:
             return True
     try:

@@ -127,3 +127,15 @@ def test_a_run_id_that_is_no_name_reads_no_file_outside_the_runs_folder(
                                       from_slot="green", to_slot="blue", from_version=None,
                                       to_version="abc1234"))
     assert "Elsewhere" not in intents.read(env).describe()
+
+
+def test_clearing_a_record_that_became_unreadable_says_false_never_raises(
+        env: Environment) -> None:
+    """Found by review: a record unreadable when the run clears it (after its commit) raised
+    out of the clear, and a rollback that worked was journaled as exit 4. The clear says it
+    could not (the run warns) and leaves the file for the next run, which says why."""
+    record = intents.path(env)
+    record.parent.mkdir(parents=True)
+    record.write_bytes(b"{\"phase\": ")
+    assert intents.clear(env, "rbk_1") is False
+    assert record.read_bytes() == b"{\"phase\": "
