@@ -365,6 +365,26 @@ def test_expired_lock_of_a_running_process_is_never_removed(env: Environment,
     assert path.is_dir()
 
 
+def test_an_expired_lock_whose_pid_proc_cannot_show_is_removed_with_force(
+        env: Environment, live_pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: with its start time recorded but /proc unreadable for that pid
+    (hidepid; a pid another user got after a reboot), the holder looked alive for ever and
+    even --force refused: only a hand edit cleared it. Unreadable /proc is stood in for
+    (this suite runs as root, which hidepid does not hide from)."""
+    from runbook import procs
+
+    path = plant(env, age=3600, pid=live_pid, pid_start=procs.pid_start(live_pid))
+    real = procs._proc_stat
+    monkeypatch.setattr(procs, "_proc_stat",
+                        lambda pid: None if pid == live_pid else real(pid))
+    seen = status(env)
+    assert seen is not None and seen.stale and seen.pid_unverified, seen
+    with pytest.raises(LockedError):
+        unlock(env)  # never without --force: it may be alive
+    assert "removed" in unlock(env, force=True)
+    assert not path.exists()
+
+
 def test_a_guard_file_another_user_holds_cannot_block_runs(env: Environment) -> None:
     """The old guard sat in the shared lock directory (/tmp): anyone could create it and
     hold its flock. A file of that name there now means nothing to the runbook."""

@@ -96,7 +96,12 @@ class LockStatus:
         no start time): a pid reused after a crash or a reboot looks the same, so on-call,
         having checked the process, may remove it with --force."""
         return self.holder_alive is True and (
-            self.alive_by_mirror or (self.holder is not None and self.holder.pid_start is None))
+            self.alive_by_mirror or (self.holder is not None and (
+                self.holder.pid_start is None
+                # its start time recorded, but /proc cannot show this pid's (hidepid, another
+                # user's process after a reboot): alive by its pid alone, so --force may
+                # remove it once checked, never only a hand edit (found by review)
+                or (self.holder.pid is not None and procs.pid_start(self.holder.pid) is None))))
 
     @property
     def pid(self) -> int | None:
