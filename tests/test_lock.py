@@ -850,6 +850,23 @@ def test_force_removes_a_lock_directory_a_killed_run_left_empty(env: Environment
     assert not env.lock_path.exists()
 
 
+def test_a_lock_left_holding_only_a_killed_writers_temp_file_is_taken_at_once(
+        env: Environment) -> None:
+    """Found by review: a run SIGKILLed inside its holder.json write (the fsync) left the lock
+    directory holding only that write's temp file; it read as the shell tooling's lock and
+    refused every run for 30 minutes, and `runbook unlock` asked for --force. Under the guard
+    no runbook is writing one, and the shell tooling never does: the next run takes it, and
+    says so."""
+    env.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    env.lock_path.mkdir()
+    files.temp_path(env.lock_path / holding.HOLDER).write_text('{"pid": 1')
+    lock = acquire(env, "next", None)
+    assert lock.stolen_from is not None
+    assert (env.lock_path / holding.HOLDER).is_file()
+    lock.release()
+    assert not env.lock_path.exists()
+
+
 # --- a run whose lock is taken away stops (runbook/run.py, runbook/plan.py) ----------------
 
 

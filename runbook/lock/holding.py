@@ -252,7 +252,7 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             state_only = _state_lock_status(env)
             if state_only is not None and not state_only.stealable:
                 raise _locked_error(env, state_only)
-        elif not current.stealable:
+        elif not current.stealable and not _killed_taking_it(current):
             raise _locked_error(env, current)
         else:
             # the directory is stale, but a live lock in the state file (the Go CLI's, taken
@@ -599,6 +599,22 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
     if current.broken:
         raise LockedError(f"{current.why}; not touching it", f"remove {current.path} by hand")
     raise _locked_error(env, current, unlocking=True)
+
+
+def _killed_taking_it(current: LockStatus) -> bool:
+    """A lock directory holding only our own writer's temp files (a run killed inside its
+    holder.json write), seen under the guard: every runbook takes the lock under it, so no
+    one is writing them now, and the shell tooling never writes such files. It read as the
+    shell tooling's lock, and blocked every run for 30 minutes (found by review). An empty
+    directory is not this: it may be the shell tooling's, the instant after its mkdir."""
+    if current.source != "directory" or current.broken or current.holder is not None:
+        return False
+    try:
+        with os.scandir(current.path) as entries:
+            names = [e.name for e in entries]
+    except OSError:
+        return False
+    return bool(names) and all(files.temp_target(n) in (HOLDER, LOCKED_AT) for n in names)
 
 
 def _left_empty(current: LockStatus) -> bool:
