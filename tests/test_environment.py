@@ -346,6 +346,8 @@ def production_with(env_file: Path) -> str:
     ("COMPOSE_PROJECT_NAME=togather", "[compose] project",
      'set project = "togather" under [compose]'),
     ("HEALTH_CHECK_PATH=/healthz", "[health] path", 'set path = "/healthz" under [health]'),
+    # found by review: without its slash the fix offered `path = "healthz"`, which is refused
+    ("HEALTH_CHECK_PATH=healthz", "[health] path", 'set path = "/healthz" under [health]'),
 ])
 def test_a_host_env_file_that_disagrees_with_the_environment_is_refused(
         tmp_path: Path, line: str, key: str, fix: str) -> None:

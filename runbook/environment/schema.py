@@ -467,7 +467,7 @@ def _agree_with_env_files(env: Environment) -> Environment:
         except ConfigError:
             continue
         for variable, (key, mine) in ours.items():
-            theirs = values.get(variable, "")
+            theirs = said = values.get(variable, "")
             if not theirs or "$" in theirs:  # interpolated by the host's tooling: not judged
                 continue
             if variable == "COMPOSE_PROJECT_NAME" and env.compose.file is None:
@@ -480,10 +480,12 @@ def _agree_with_env_files(env: Environment) -> Environment:
                 if not folder.is_absolute():  # relative to a directory only its tool knows
                     continue
                 theirs = str(folder)  # a trailing slash is the same folder
+            if variable == "HEALTH_CHECK_PATH" and not theirs.startswith("/"):
+                theirs = f"/{theirs}"  # the same path (the fix offered "health", refused)
             if theirs != mine:
                 section, _, name = key.partition(" ")
                 raise ConfigError(
-                    f"{file} sets {variable}={theirs}, but {key} is {mine!r} in "
+                    f"{file} sets {variable}={said}, but {key} is {mine!r} in "
                     f"{env.source}: the host's tooling and the runbook would disagree",
                     f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
                     f"{variable} in {file} agree")
