@@ -330,6 +330,18 @@ class _Execution:
                 if not self.irreversible and not self.undo_failed:
                     intents.write(self.env, old)
                     return
+                # this run's record stands now: without its copy of the one it replaced,
+                # which the next run would otherwise go on from (intents.standing; found by
+                # review: a second failed deploy was forgotten for the first one)
+                mine = self.plan.intent
+                if mine is not None and intents.REPLACES in mine.record:
+                    mine = mine.with_(record={k: v for k, v in mine.record.items()
+                                              if k != intents.REPLACES})
+                    try:
+                        intents.write(self.env, mine)
+                        self.plan.intent = mine
+                    except OSError:
+                        pass  # the copy stays; the message below still names the record
                 raise NotPutBack(f"the interrupted run's record ({old.describe()}) was not "
                                  "put back: this run's record, which says what stays, "
                                  "replaces it")

@@ -1024,6 +1024,13 @@ def test_a_replaced_record_is_not_put_back_over_a_run_whose_undo_failed(
     assert "undoing failed" in info.value.message, info.value.message
     kept = intents.read(env)
     assert kept is not None and kept.run_id == mine[0], kept  # this run's, not dep_old's
+    # found by review: it kept its copy of the record it replaced, so the next run, with
+    # traffic still on the source, went on from dep_old's record (intents.standing), not
+    # from this one's, which says what stays
+    from runbook.environment import Slot
+
+    assert intents.REPLACES not in kept.record, kept.record
+    assert intents.standing(kept, Slot.BLUE).run_id == mine[0]
     # found by review: the message said "undone: put back the interrupted run's record"
     said = str(info.value)
     assert "undone: put back" not in said, said
