@@ -145,8 +145,9 @@ def run(command: Command, timeout: float = 300) -> str:
         proc = subprocess.run(
             list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
             env={**os.environ, **dict(command.env)}, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a terminal's Ctrl-C never cuts a recreate in half: the
-        )  # runbook holds the signal until the step ends, then undoes what it did
+        )  # in the terminal's process group: its Ctrl-C reaches compose, which cancels
+        # cleanly (in its own session, the runbook's interrupt killed the docker CLI and left
+        # the compose plugin running on, racing the undo; found by review)
     except FileNotFoundError:
         raise ComposeError(f"cannot run `{command.display()}`: {command.argv[0]} is not "
                            "installed or not on PATH",

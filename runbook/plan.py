@@ -455,8 +455,9 @@ class _Execution:
     def _end(self) -> None:
         if self.intent_written and self.plan.intent is not None \
                 and not intents.clear(self.env, self.plan.intent.run_id):
-            self.journal.log("WARN", f"could not remove {intents.path(self.env)}; the next "
-                             "run will find the work done and remove it", step="finish")
+            self.journal.log("WARN", f"could not remove {intents.path(self.env)} (or read "
+                             "it): the next run finds the work done and removes it, or, "
+                             "unreadable, says so and how to move it aside", step="finish")
 
     # -- failure before the commit: undo everything, in reverse --------------------------
     def _rolled_back(self, cause: BaseException) -> RunbookError:

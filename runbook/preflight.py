@@ -101,8 +101,10 @@ def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
     if sites_uncompared(env, candidate) is not None:
         return
     new = caddy.adapt(env, candidate)
-    if new is None:  # fail closed: the file's validation may have been pre-flight's
-        raise PreconditionError(
+    if new is None and env.caddy.reload is ReloadMethod.CADDY_RELOAD:
+        return  # as pre-flight: `caddy reload` adapts it itself (its validation passed)
+    if new is None:  # fail closed: /load adapts it the same way, and its validation may
+        raise PreconditionError(  # have been pre-flight's
             f"Caddy did not adapt {env.caddy.caddyfile} just before the switch, so whether "
             "loading it would drop a site Caddy serves cannot be told; nothing was changed",
             f"check `curl {env.caddy.admin_url}/config/` answers, then run again")

@@ -186,8 +186,8 @@ def restoring_command(name: str, record: intents.Intent) -> str | None:
     if not isinstance(snap, str) or not snap:
         return None
     ended = " --end-sessions" if record.record.get("end_sessions") else ""
-    return (f"runbook rollback {name} --restore-snapshot --snapshot {shlex.quote(snap)}"
-            f"{ended}")
+    return (f"runbook rollback {name} --to {record.to_version} --restore-snapshot "
+            f"--snapshot {shlex.quote(snap)}{ended}")
 
 
 def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
@@ -267,10 +267,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         if target is None:
             raise PreconditionError("No previous deployment found",
                                     no_previous_fix(env))
-        if target.status == "rolled_back":
+        if target.status == "rolled_back" and target.deployed_at > current.deployed_at:
             # the deployment this host was rolled back FROM: a rollback typed again (its
             # output lost, a scenario reported skipped, a terminal that dropped) went forward,
-            # back to the release users were just taken off (found by review)
+            # back to the release users were just taken off (found by review). An older one
+            # marked so (users switched forward again by hand since) is a real rollback.
             raise PreconditionError(
                 f"the previous deployment {target.version} is the one this host was rolled "
                 f"back from: rolling back again would put it back in front of users; nothing "
@@ -278,16 +279,19 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"to return to it on purpose: `runbook rollback {env.name} --to "
                 f"{target.version}`; to go further back, name that version with --to "
                 f"(`runbook status {env.name}` lists the deployments)")
+    other_target: PreconditionError | None = None
     if (found is not None and found[0].action == "rollback" and not options.to
             and found[0].from_version == current.version
             and found[0].to_version != target.version):
         # an interrupted `rollback --to X`: typed again without --to, it went to the
         # previous deployment instead, the version on-call had chosen to skip (found by review)
-        raise PreconditionError(
+        again = restoring_command(env.name, found[0]) or (
+            f"runbook rollback {env.name} --to {found[0].to_version}")
+        other_target = PreconditionError(
             f"an interrupted rollback was going to {found[0].to_version}, and this one would "
             f"go to {target.version}; nothing was changed",
-            f"name the one you want: `runbook rollback {env.name} --to "
-            f"{found[0].to_version}` (the interrupted one) or `--to {target.version}`")
+            f"name the one you want: `{again}` (the interrupted one) or `runbook rollback "
+            f"{env.name} --to {target.version}`")
     if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
@@ -301,6 +305,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
+        if other_target is not None:  # said with the outage it may have left (a restore's)
+            if not containers[live].result().running and found is not None:
+                raise down_after_interrupted(env, found[0], live, other_target)
+            raise other_target
         _serving_is_current(env, state, current, target, live, containers[live].result(),
                             named=bool(options.to))
         if found is not None:

@@ -171,11 +171,24 @@ def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
                       f"`runbook switch {_arg(f.env)} --slot <the right one>`")
 
 
+def _rollback_command(f: Facts) -> str:
+    """`runbook rollback ENV`, or, when the previous deployment is the newer one this host
+    was rolled back from (which that command refuses), the same with --to to fill in."""
+    state = f.state
+    previous = state.previous if state else None
+    current = state.current if state else None
+    if previous is not None and current is not None and previous.status == "rolled_back" \
+            and previous.deployed_at > current.deployed_at:
+        return (f"runbook rollback {_arg(f.env)} --to <an older version than "
+                f"{current.version}>")
+    return f"runbook rollback {_arg(f.env)}"
+
+
 def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      f"roll back (`runbook rollback {_arg(f.env)}`) or see "
+                      f"roll back (`{_rollback_command(f)}`) or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
 
@@ -276,8 +289,8 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
     if f.traffic.proxy_error is not None:
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
-                      f"{f.active or 'serving'} slot; if that slot is down: `runbook rollback "
-                      f"{_arg(f.env)}`, or `runbook switch {_arg(f.env)} --slot "
+                      f"{f.active or 'serving'} slot; if that slot is down: "
+                      f"`{_rollback_command(f)}`, or `runbook switch {_arg(f.env)} --slot "
                       f"{f.active.other if f.active else '<blue|green>'}` when that one is "
                       "healthy")
     elif f.traffic.proxy_unverifiable is not None:

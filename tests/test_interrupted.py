@@ -1658,7 +1658,9 @@ def test_a_rerun_without_the_restore_flag_says_the_service_is_down_and_names_the
     assert again.returncode == ExitCode.PRECONDITION, again.stderr
     assert "left the serving slot green" in again.stderr and "STOPPED: users get errors" \
         in again.stderr, again.stderr
-    assert f"runbook rollback {env.name} --restore-snapshot --snapshot " in again.stderr
+    v1 = VERSIONS["v1"].tag  # the command names its target too (found by review)
+    assert f"runbook rollback {env.name} --to {v1} --restore-snapshot --snapshot " \
+        in again.stderr, again.stderr
     status = cli(env, "status")
     assert "--restore-snapshot --snapshot " in status.stdout + status.stderr, status.stdout
     command = again.stderr.split("`runbook rollback ", 1)[1].split("`", 1)[0].split()

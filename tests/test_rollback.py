@@ -498,6 +498,11 @@ def test_a_second_rollback_goes_back_only_when_named(stack: DrillStack) -> None:
     st = states.read_state(env.state_file)
     assert st.current and st.current.version == V3.tag and st.current.rollback_count == 1
     assert st.previous and st.previous.version == V2.tag
+    # found by review: now v2, the older one, is marked rolled_back: a rollback from v3 is a
+    # real one again (the refusal is for going forward only)
+    assert st.previous.status == "rolled_back"
+    rollback.rollback(env)
+    assert through_proxy(env) == ("green", V2.tag)
 
 
 @pytest.mark.shape_specific

@@ -246,3 +246,18 @@ def test_a_proxy_that_serves_nobody_is_a_problem(stack: DrillStack, tmp_path: Pa
     said = problem(problems, "users are not served through the proxy")["problem"]
     assert "HTTP 502" in said, said
     problem(problems, "the active slot blue is")  # and its own /health, as before
+
+
+def test_after_a_rollback_the_fix_never_names_the_refused_command(stack: DrillStack) -> None:
+    """Found by review: after a rollback, an unhealthy live slot's fix said `runbook rollback
+    ENV`, which is refused then (it would go forward, to the release rolled back from)."""
+    from runbook import rollback
+    from tests.drill_checks import two_deployments
+
+    env = two_deployments(stack)  # v3 on blue, v2 the previous
+    rollback.rollback(env)  # v2 on green serves, v3 is the one rolled back from
+    stack.docker("stop", env.slot(Slot.GREEN).container)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    fix = problem(problems, "the active slot green is")["fix"]
+    assert "--to <an older version than" in fix, fix

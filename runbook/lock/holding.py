@@ -8,6 +8,7 @@ policy.py judged, and only after its directory is renamed away and checked by in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pwd
@@ -255,6 +256,10 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
         elif not current.stealable and not _killed_taking_it(current):
             raise _locked_error(env, current)
         else:
+            if not current.stealable:  # said as what it is, not as the shell tooling's lock
+                current = dataclasses.replace(
+                    current, why="a run killed while taking it left only its half-written "
+                    "holder file")
             # the directory is stale, but a live lock in the state file (the Go CLI's, taken
             # since) is a holder all the same
             state_only = _state_lock_status(env)
@@ -639,9 +644,10 @@ def _locked_error(env: Environment, current: LockStatus, *,
         return LockedError(message, f"remove {current.path} by hand if nothing uses it")
     if current.stale and current.pid_unverified:
         pid = current.pid or "?"
-        fix = (f"the state file names its process {pid}, still running: if that is the "
-               f"deploy (`ps -o pid,lstart,args -p {pid}`), let it finish; if it is not (its "
-               f"pid was reused), remove the lock with `runbook unlock {name} --force`")
+        fix = (f"its process {pid} looks alive, but by its pid alone: if that is the deploy "
+               f"(`sudo ps -o pid,lstart,args -p {pid}`: as root, which /proc's hidepid does "
+               f"not hide from), let it finish; if it is not (its pid was reused), remove the "
+               f"lock with `runbook unlock {name} --force`")
     elif current.stale and current.holder_alive:
         pid = current.pid or "?"
         fix = (f"its process {pid} is still running, so the lock is never removed, not even "
