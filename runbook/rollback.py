@@ -256,6 +256,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                 "checked); nothing was changed",
                                 "read `runbook status` here; a fleet run: run it again, its "
                                 "pre-flight reads every host anew")
+    forward: PreconditionError | None = None
     if options.to:
         target = state.find_version(options.to)
         if target is None:
@@ -272,7 +273,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             # output lost, a scenario reported skipped, a terminal that dropped) went forward,
             # back to the release users were just taken off (found by review). An older one
             # marked so (users switched forward again by hand since) is a real rollback.
-            raise PreconditionError(
+            # Raised once what serves is known, after an interrupted run's own refusal.
+            forward = PreconditionError(
                 f"the previous deployment {target.version} is the one this host was rolled "
                 f"back from: rolling back again would put it back in front of users; nothing "
                 "was changed",
@@ -305,10 +307,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
-        if other_target is not None:  # said with the outage it may have left (a restore's)
-            if not containers[live].result().running and found is not None:
-                raise down_after_interrupted(env, found[0], live, other_target)
-            raise other_target
+        refusal = other_target or forward
+        if refusal is not None:  # said with the outage an interrupted run may have left
+            if found is not None and not containers[live].result().running:
+                raise down_after_interrupted(env, found[0], live, refusal)
+            raise refusal
         _serving_is_current(env, state, current, target, live, containers[live].result(),
                             named=bool(options.to))
         if found is not None:

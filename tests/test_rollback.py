@@ -501,6 +501,10 @@ def test_a_second_rollback_goes_back_only_when_named(stack: DrillStack) -> None:
     # found by review: now v2, the older one, is marked rolled_back: a rollback from v3 is a
     # real one again (the refusal is for going forward only)
     assert st.previous.status == "rolled_back"
+    from runbook.fleet import hostcheck  # the fleet's pre-flight judges it alike
+
+    seen = hostcheck.check(str(env.source), None, None)
+    assert seen["deployment"]["rolled_back_from"] is None, seen["deployment"]
     rollback.rollback(env)
     assert through_proxy(env) == ("green", V2.tag)
 

@@ -55,9 +55,11 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
         current, previous = state.current, state.previous
         out["deployment"] = ({"id": current.id, "version": current.version,
                               # rolled back already: its own rollback would go forward to it
+                              # (the newer one: an older one marked so is a real rollback,
+                              # as runbook rollback judges it)
                               "rolled_back_from": previous.version
                               if previous is not None and previous.status == "rolled_back"
-                              else None}
+                              and previous.deployed_at > current.deployed_at else None}
                              if current is not None else None)
     except (RunbookError, OSError):
         out["deployment"] = None  # the rollback's dry run below says why
