@@ -254,9 +254,24 @@ app.add_typer(fleet_app, name="fleet")  # issue 13: several hosts
 
 def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app()
-    except SystemExit as done:  # how typer ends every command
+        # not standalone: a usage error (an unknown flag, a bad choice) comes back here to be
+        # said in one line; click printed four (usage, hint, blank, error; found by review)
+        code = app(prog_name="runbook", standalone_mode=False)
+    except NoArgsIsHelpError as asked:  # `runbook` alone: the help and exit 2, as before
+        asked.show()
+        _leave(asked.exit_code)
+    except UsageError as bad:
+        where = bad.ctx.command_path if bad.ctx is not None else "runbook"
+        message, fix = bad.format_message(), f"see `{where} --help`"
+        if "json" in sys.argv and "--format" in sys.argv:
+            print(json.dumps({"ok": False, "error": message, "fix": fix,
+                              "exit_code": int(ExitCode.USAGE)}))
+        typer.echo(f"runbook: error: {message}; {fix}", err=True)
+        _leave(int(ExitCode.USAGE))
+    except SystemExit as done:  # a command that ends with sys.exit
         _leave(done.code)
     except KeyboardInterrupt:
         typer.echo("runbook: interrupted", err=True)
@@ -267,7 +282,7 @@ def main() -> None:
         typer.echo(redact(f"runbook: error: unexpected failure: {type(exc).__name__}: {exc}"),
                    err=True)
         _leave(int(ExitCode.ATTENTION))
-    _leave(0)
+    _leave(code if isinstance(code, int) else 0)  # typer.Exit's code, or 0
 
 
 def _leave(code: object) -> NoReturn:

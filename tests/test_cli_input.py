@@ -308,3 +308,22 @@ def test_healthcheck_without_env_takes_the_config_files_environment(host: Path) 
                               cwd=REPO_ROOT)
         assert "describes environment" not in done.stdout + done.stderr, done.stdout
         assert done.returncode == 1, done.stdout + done.stderr  # nothing answers here
+
+
+def test_a_usage_error_is_one_line_and_json_when_asked() -> None:
+    """Found by review: click printed four lines (usage, hint, blank, error) for an unknown
+    flag or a bad choice, and nothing on stdout with --format json."""
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", *argv],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, check=False, cwd=REPO_ROOT)
+
+    bad = cli("rollback", "production", "--bogus")
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr == ("runbook: error: No such option: --bogus; see `runbook rollback "
+                          "--help`\n"), bad.stderr
+    choice = cli("healthcheck", "--slot", "purple", "--format", "json")
+    assert choice.returncode == 2 and choice.stderr.count("\n") == 1, choice.stderr
+    assert json.loads(choice.stdout)["exit_code"] == 2, choice.stdout
+    alone = cli()  # the help, as before
+    assert alone.returncode == 2 and "Commands:" in alone.stdout + alone.stderr
