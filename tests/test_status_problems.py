@@ -41,6 +41,20 @@ def status(stack: DrillStack) -> tuple[int, str, list[dict[str, str]]]:
     return text.returncode, text.stdout, json.loads(data.stdout)["problems"]
 
 
+def status_with(stack: DrillStack, toml: Path, **caddy: str) -> subprocess.CompletedProcess[str]:
+    """`runbook status --format json` through an environment file whose [caddy] differs."""
+    import dataclasses
+
+    from runbook import environment as envmod
+
+    env = stack.env
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, caddy=dataclasses.replace(env.caddy, **caddy))))
+    argv = [sys.executable, "-m", "runbook.cli", "status", str(toml), "--format", "json"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+
+
 def problem(problems: list[dict[str, str]], words: str) -> dict[str, str]:
     found = [p for p in problems if words in p["problem"]]
     assert found, (words, problems)
@@ -124,11 +138,9 @@ def test_traffic_that_cannot_be_read_is_a_problem_even_when_caddy_answers(
     """The review's case: an admin URL that answers 200 with something that is not Caddy's
     config (a site's catch-all page): which slot serves could not be read, every check that
     needs it was skipped, and status said "No problems found", exit 0."""
-    import dataclasses
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from runbook import environment as envmod
 
     class CatchAll(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -145,13 +157,8 @@ def test_traffic_that_cannot_be_read_is_a_problem_even_when_caddy_answers(
     server = ThreadingHTTPServer(("127.0.0.1", 0), CatchAll)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = stack.env
-        toml = tmp_path / "catch-all-admin.toml"
-        toml.write_text(envmod.to_toml(dataclasses.replace(env, caddy=dataclasses.replace(
-            env.caddy, admin_url=f"http://127.0.0.1:{server.server_address[1]}"))))
-        argv = [sys.executable, "-m", "runbook.cli", "status", str(toml), "--format", "json"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
-                              stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+        done = status_with(stack, tmp_path / "catch-all-admin.toml",
+                           admin_url=f"http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
     assert "Traceback" not in done.stderr, done.stderr
@@ -220,18 +227,12 @@ def test_a_proxy_that_serves_nobody_is_a_problem(stack: DrillStack, tmp_path: Pa
     """Found by review: status read which slot serves from Caddy's config and asked that
     slot's /health on its own port, never what users get through Caddy: with the proxy
     refusing connections, or answering 502 on its own, it said "No problems found"."""
-    import dataclasses
 
-    from runbook import environment as envmod
     from tests.drill_checks import closed_port
 
     env = stack.env
-    toml = tmp_path / "closed-proxy.toml"
-    toml.write_text(envmod.to_toml(dataclasses.replace(env, caddy=dataclasses.replace(
-        env.caddy, proxy_url=f"http://127.0.0.1:{closed_port()}"))))
-    argv = [sys.executable, "-m", "runbook.cli", "status", str(toml), "--format", "json"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
-                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    done = status_with(stack, tmp_path / "closed-proxy.toml",
+                       proxy_url=f"http://127.0.0.1:{closed_port()}")
     assert "Traceback" not in done.stderr, done.stderr
     found = json.loads(done.stdout)
     assert done.returncode == 1, done.stdout
