@@ -254,7 +254,7 @@ app.add_typer(fleet_app, name="fleet")  # issue 13: several hosts
 
 def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     try:
         # not standalone: a usage error (an unknown flag, a bad choice) comes back here to be
@@ -263,10 +263,11 @@ def main() -> None:
     except NoArgsIsHelpError as asked:  # `runbook` alone: the help and exit 2, as before
         asked.show()
         _leave(asked.exit_code)
-    except UsageError as bad:
-        where = bad.ctx.command_path if bad.ctx is not None else "runbook"
-        message, fix = bad.format_message(), f"see `{where} --help`"
-        if "json" in sys.argv and "--format" in sys.argv:
+    except (UsageError, ClickException) as bad:
+        where = (bad.ctx.command_path if isinstance(bad, UsageError) and bad.ctx is not None
+                 else "runbook")
+        message, fix = bad.format_message().rstrip("."), f"see `{where} --help`"
+        if _asked_for_json(sys.argv[1:]):
             print(json.dumps({"ok": False, "error": message, "fix": fix,
                               "exit_code": int(ExitCode.USAGE)}))
         typer.echo(f"runbook: error: {message}; {fix}", err=True)
@@ -283,6 +284,12 @@ def main() -> None:
                    err=True)
         _leave(int(ExitCode.ATTENTION))
     _leave(code if isinstance(code, int) else 0)  # typer.Exit's code, or 0
+
+
+def _asked_for_json(argv: list[str]) -> bool:
+    """`--format json` or `--format=json` on the command line, as click would read it."""
+    return any(arg == "--format=json" or (arg == "--format" and following == "json")
+               for arg, following in zip(argv, [*argv[1:], ""], strict=True))
 
 
 def _leave(code: object) -> NoReturn:

@@ -322,8 +322,12 @@ def test_a_usage_error_is_one_line_and_json_when_asked() -> None:
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr == ("runbook: error: No such option: --bogus; see `runbook rollback "
                           "--help`\n"), bad.stderr
-    choice = cli("healthcheck", "--slot", "purple", "--format", "json")
-    assert choice.returncode == 2 and choice.stderr.count("\n") == 1, choice.stderr
-    assert json.loads(choice.stdout)["exit_code"] == 2, choice.stdout
+    for fmt in (["--format", "json"], ["--format=json"]):
+        choice = cli("healthcheck", "--slot", "purple", *fmt)
+        assert choice.returncode == 2 and choice.stderr.count("\n") == 1, choice.stderr
+        assert ".;" not in choice.stderr, choice.stderr  # click's period, then ours
+        assert json.loads(choice.stdout)["exit_code"] == 2, choice.stdout
+    table = cli("healthcheck", "--format", "table", "--slot", "json")  # "json", not a format
+    assert table.returncode == 2 and table.stdout == "", table.stdout
     alone = cli()  # the help, as before
     assert alone.returncode == 2 and "Commands:" in alone.stdout + alone.stderr
