@@ -158,5 +158,23 @@ def test_rollback_feature_runs_on_a_real_host(tmp_path: Path) -> None:
         assert len(load_skips(output, "recovery")) == 1, output  # the switch itself ran
         assert re.search(r"\b1 skipped\b", summary) and "passed" not in summary, summary
         assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)  # switched by hand
+
+        # a plan that warns is not run on a host (nobody is at a prompt to answer it): here
+        # Caddy runs a header the Caddyfile does not have (loaded through the admin API), so
+        # the plan warns that the switch would drop it. v2, older, is a real rollback now.
+        text = env.caddy.caddyfile.read_text()
+        drifted = text.replace(f'header X-Drill-Run "{stack.run_id}"',
+                               'header X-Drill-Run "loaded-by-hand"')
+        assert drifted != text
+        drill_http.post(f"{env.caddy.admin_url}/load", content=drifted,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10
+                        ).raise_for_status()
+        state_before = env.state_file.read_bytes()
+        code, output = run_pytest("features/rollback.feature")
+        assert code == 1, output
+        assert "not run, its plan warns" in output and "differs from" in output, output
+        assert f"`runbook rollback {env_file}`, whose prompt asks" in output, output
+        assert through_proxy(env.caddy.proxy_url) == ("blue", V3.tag)
+        assert env.state_file.read_bytes() == state_before
     finally:
         stack.stop()
