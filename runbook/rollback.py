@@ -268,7 +268,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         if target is None:
             raise PreconditionError("No previous deployment found",
                                     no_previous_fix(env))
-        if target.status == "rolled_back" and target.deployed_at > current.deployed_at:
+        if state.rolled_back_from is not None:
             # the deployment this host was rolled back FROM: a rollback typed again (its
             # output lost, a scenario reported skipped, a terminal that dropped) went forward,
             # back to the release users were just taken off (found by review). An older one
@@ -287,8 +287,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             and found[0].to_version != target.version):
         # an interrupted `rollback --to X`: typed again without --to, it went to the
         # previous deployment instead, the version on-call had chosen to skip (found by review)
-        again = restoring_command(env.name, found[0]) or (
-            f"runbook rollback {env.name} --to {found[0].to_version}")
+        again = restoring_command(env.name, found[0]) or finish.resume_command(env, found[0])
         other_target = PreconditionError(
             f"an interrupted rollback was going to {found[0].to_version}, and this one would "
             f"go to {target.version}; nothing was changed",

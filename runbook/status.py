@@ -175,12 +175,9 @@ def _rollback_command(f: Facts) -> str:
     """`runbook rollback ENV`, or, when the previous deployment is the newer one this host
     was rolled back from (which that command refuses), the same with --to to fill in."""
     state = f.state
-    previous = state.previous if state else None
-    current = state.current if state else None
-    if previous is not None and current is not None and previous.status == "rolled_back" \
-            and previous.deployed_at > current.deployed_at:
+    if state is not None and state.rolled_back_from is not None and state.current is not None:
         return (f"runbook rollback {_arg(f.env)} --to <an older version than "
-                f"{current.version}>")
+                f"{state.current.version}>")
     return f"runbook rollback {_arg(f.env)}"
 
 

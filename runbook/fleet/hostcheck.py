@@ -52,14 +52,11 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     out["environment"] = env.name
     try:  # what a resume compares with what its run saw first (never re-roll a finished host)
         state = recording.load_or_empty(env)
-        current, previous = state.current, state.previous
+        current = state.current
         out["deployment"] = ({"id": current.id, "version": current.version,
                               # rolled back already: its own rollback would go forward to it
-                              # (the newer one: an older one marked so is a real rollback,
-                              # as runbook rollback judges it)
-                              "rolled_back_from": previous.version
-                              if previous is not None and previous.status == "rolled_back"
-                              and previous.deployed_at > current.deployed_at else None}
+                              "rolled_back_from": state.rolled_back_from.version
+                              if state.rolled_back_from is not None else None}
                              if current is not None else None)
     except (RunbookError, OSError):
         out["deployment"] = None  # the rollback's dry run below says why

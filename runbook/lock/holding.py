@@ -614,24 +614,25 @@ def _killed_taking_it(current: LockStatus) -> bool:
     directory is not this: it may be the shell tooling's, the instant after its mkdir."""
     if current.source != "directory" or current.broken or current.holder is not None:
         return False
-    try:
-        with os.scandir(current.path) as entries:
-            names = [e.name for e in entries]
-    except OSError:
-        return False
-    return bool(names) and all(files.temp_target(n) in (HOLDER, LOCKED_AT) for n in names)
+    return bool(_only_our_temp_files(current))
 
 
 def _left_empty(current: LockStatus) -> bool:
     """A directory with nothing in it, older than a lock being taken takes to fill."""
     if current.source != "directory" or current.broken or current.age < EMPTY_DIR_GRACE:
         return False
+    return _only_our_temp_files(current) is not None
+
+
+def _only_our_temp_files(current: LockStatus) -> list[str] | None:
+    """The lock directory's entries when each is a temp file of our own lock writer (a run
+    killed inside its write: not content), [] when it is empty; None otherwise."""
     try:
-        # a temp file of our own writer (a run killed inside its write) is not content
         with os.scandir(current.path) as entries:
-            return all(files.temp_target(e.name) in (HOLDER, LOCKED_AT) for e in entries)
+            names = [e.name for e in entries]
     except OSError:
-        return False
+        return None
+    return names if all(files.temp_target(n) in (HOLDER, LOCKED_AT) for n in names) else None
 
 
 def _locked_error(env: Environment, current: LockStatus, *,

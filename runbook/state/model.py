@@ -118,6 +118,17 @@ class DeploymentState:
     def with_(self, **changes: Any) -> DeploymentState:
         return replace(self, **changes)
 
+    @property
+    def rolled_back_from(self) -> Deployment | None:
+        """The previous deployment when it is the newer one this host was rolled back from:
+        a plain rollback to it would go forward (an older one marked so, users switched
+        forward by hand since, is a real rollback). runbook rollback refuses it, status's
+        fixes and the fleet's pre-flight say so."""
+        previous, current = self.previous, self.current
+        if previous is None or current is None or previous.status != "rolled_back":
+            return None
+        return previous if previous.deployed_at > current.deployed_at else None
+
     def deployments(self) -> Iterator[Deployment]:
         """Current, previous, then history, each id once, newest information first."""
         seen: set[str] = set()
