@@ -66,6 +66,14 @@ class Stays:
     fix: str
 
 
+@dataclass(frozen=True)
+class Aside:
+    """What an undo kept aside rather than write over (an edit made to the Caddyfile while
+    the switch verified): said with the run's outcome; the undo itself was done."""
+
+    message: str
+
+
 class NotPutBack(Exception):
     """The replaced record was left replaced on purpose (this run's own says what stays)."""
 
@@ -77,7 +85,7 @@ class StepContext:
     step: Step
     env: Environment | None = None
     notes: dict[str, Any] = field(default_factory=dict)
-    undos: list[tuple[str, Callable[[], Stays | None]]] = field(default_factory=list)
+    undos: list[tuple[str, Callable[[], Stays | Aside | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     say: Callable[[str], None] = lambda message: None  # live progress for people waiting
     # what on-call must see even when the run succeeds (shown, and in --format json notices)
@@ -98,7 +106,7 @@ class StepContext:
     def note(self, **values: Any) -> None:
         self.notes.update(values)
 
-    def on_failure(self, title: str, undo: Callable[[], Stays | None]) -> None:
+    def on_failure(self, title: str, undo: Callable[[], Stays | Aside | None]) -> None:
         """Register how to undo what this step just did, should the run stop before commit."""
         self.undos.append((title, undo))
 
@@ -282,7 +290,7 @@ class _Execution:
     heartbeat: Callable[[], None]
     notice: Callable[[str], None]
     outcomes: list[StepOutcome] = field(default_factory=list)
-    undos: list[tuple[str, Callable[[], Stays | None]]] = field(default_factory=list)
+    undos: list[tuple[str, Callable[[], Stays | Aside | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     committed: bool = False
     intent_written: bool = False
@@ -462,12 +470,15 @@ class _Execution:
     # -- failure before the commit: undo everything, in reverse --------------------------
     def _rolled_back(self, cause: BaseException) -> RunbookError:
         failed: list[str] = []  # undos of what users reach (traffic, slots)
-        unkept: list[str] = []  # the replaced record not put back: no traffic of it
+        unkept: list[str] = []  # what was not put back, or was kept aside: said as it is
         done: list[str] = []
         for title, undo in reversed(self.undos):
             try:
                 stays = undo()
-                if stays is not None:  # undone, and it found what cannot be (ctx.cannot_undo)
+                if isinstance(stays, Aside):  # undone; what it kept aside is said with it
+                    unkept.append(stays.message)
+                    self.journal.log("WARN", stays.message, step="undo")
+                elif stays is not None:  # undone, and found what cannot be (ctx.cannot_undo)
                     self.irreversible.append((stays.message, stays.fix))
             except NotPutBack as kept_own:  # said as it is, never "undone: put back"
                 unkept.append(str(kept_own))

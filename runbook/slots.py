@@ -16,7 +16,7 @@ from runbook import caddy, compose, docker, drain, files, health, preflight, tra
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
-from runbook.plan import Phase, Step, StepContext
+from runbook.plan import Aside, Phase, Step, StepContext
 
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
@@ -646,6 +646,10 @@ def drain_plan(env: Environment, slot: Slot) -> str:
             f"least {drain.FALLBACK_GRACE:g}s)")
 
 
+def _aside(said: str | None) -> Aside | None:
+    return Aside(said) if said else None
+
+
 def _refuse_unverifiable(env: Environment, target: Slot, serving: Slot | None) -> None:
     """With no slot header in the managed block, verification through the proxy sees the
     target only when the app sends the header itself: asked of the target directly (the
@@ -734,7 +738,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                 ctx.note(caddyfile_owner=owner)
         ctx.on_failure("put back the previous Caddyfile and load the config Caddy ran before"
                        + (f" (traffic back on {before})" if before else ""),
-                       lambda: caddy.restore(env, restore_bytes, before, running))
+                       lambda: _aside(caddy.restore(env, restore_bytes, before, running,
+                                                    written=new.encode("utf-8"))))
         ctx.fault("switch.after-write")
         caddy.reload(env, new, reload_command, switch=watch)
         ctx.fault("switch.after-reload")

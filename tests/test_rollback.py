@@ -253,6 +253,34 @@ def test_a_caddyfile_edited_during_the_rollback_is_neither_loaded_nor_overwritte
     assert seen.text != "edited.test"  # and was not loaded by this run
 
 
+def test_an_edit_made_while_the_switch_verifies_is_kept_aside_by_its_undo(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a colleague edited the Caddyfile in the seconds between the switch's
+    write and its failed verification; the undo wrote the previous file over the edit, which
+    was lost without a word. Traffic still goes back; the edit is copied aside and named."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    edits: list[bytes] = []
+    real_verify = caddy.verify
+
+    def edit_then_fail(*args: Any, **kwargs: Any) -> caddy.VerifyResult:
+        result = real_verify(*args, **kwargs)
+        edited = env.caddy.caddyfile.read_bytes() + b"\n# a colleague's edit\n"
+        files.atomic_write(env.caddy.caddyfile, edited)
+        edits.append(edited)
+        return dataclasses.replace(result, ok=False, error="a verification that failed")
+
+    monkeypatch.setattr(caddy, "verify", edit_then_fail)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    _refused_unchanged(stack, env, err.value)
+    assert env.caddy.caddyfile.read_text() == text  # the previous file, as the undo says
+    assert len(edits) == 1
+    kept = [p for p in env.caddy.caddyfile.parent.glob(".*runbook-edited-*")]
+    assert [p.read_bytes() for p in kept] == edits, kept  # the edit, byte for byte
+    assert f"that edit was kept at {kept[0]}" in err.value.message, err.value
+
+
 def test_a_site_served_by_name_is_verified_through_this_hosts_caddy(stack: DrillStack) -> None:
     """Found by review: a host's Caddyfile serves the app by name (togather.example.org),
     so the default proxy_url (http://localhost) reached no site, every verification failed

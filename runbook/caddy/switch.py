@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,13 +140,48 @@ def write_config(env: Environment, text: str) -> str | None:
                          stage="write") from None
 
 
+def edited_path(env: Environment, stamp: str) -> Path:
+    path = env.caddy.caddyfile
+    return path.parent / f".{path.name}.runbook-edited-{stamp}"
+
+
+def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
+    """Before an undo writes `data` over the Caddyfile the switch wrote (`written`): when
+    someone edited it meanwhile (the seconds of the verification), copy their edit aside, so
+    traffic goes back and the edit is not lost. Returns what to say, or None (no edit)."""
+    path = env.caddy.caddyfile
+    try:
+        now = path.read_bytes()
+    except OSError:
+        return None  # nothing readable to keep; the write below says what it finds
+    if now in (written, data):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for candidate in (edited_path(env, stamp), Path(tempfile.gettempdir())
+                      / f"togather-runbook-{env.name}-Caddyfile.edited-{stamp}"):
+        try:
+            write_atomically(candidate, now)
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+            continue
+        with contextlib.suppress(OSError):
+            os.chmod(candidate, path.stat().st_mode & 0o7777)
+        return (f"{path} was edited during the switch: that edit was kept at {candidate} "
+                "(not loaded), and the previous Caddyfile put back")
+    return (f"{path} was edited during the switch and the edit could not be copied aside "
+            f"({error}): the previous Caddyfile was put back over it")
+
+
 def restore(env: Environment, data: bytes, previous: Slot | None,
-            running: Any | None = None) -> None:
+            running: Any | None = None, *, written: bytes | None = None) -> str | None:
     """Put a previous Caddyfile back, load what Caddy ran before and, when it named one slot,
     prove the proxy answers from that slot again. The undo of a switch; raises when any part
     fails. `running`: Caddy's config JSON read before the switch, loaded back as it was (a
-    route loaded through the admin API is not in the file); without it the file is reloaded."""
+    route loaded through the admin API is not in the file); without it the file is reloaded.
+    `written`: what the switch wrote; an edit made since is kept aside (keep_an_edit), and
+    what to say of it is returned."""
     text = data.decode("utf-8")
+    kept = keep_an_edit(env, written, data) if written is not None else None
 
     def put_back() -> None:
         if running is not None:
@@ -167,7 +203,8 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
         raise CaddyError(
             f"{where} through the admin API, but the previous Caddyfile could not be written "
             f"back ({exc.message}): {env.caddy.caddyfile} on disk still names the new slot, "
-            "and a Caddy restart or reload would load it", f"{exc.fix}; then run `runbook "
+            "and a Caddy restart or reload would load it" + (f"; {kept}" if kept else ""),
+            f"{exc.fix}; then run `runbook "
             f"status {env.name}` and put the file back", stage="restore",
             exit_code=ExitCode.ATTENTION) from None
     put_back()
@@ -175,6 +212,8 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
         check = verify(env, previous, None, attempts=5, interval=0.2)
         if not check.ok:
             raise CaddyError(f"the previous Caddyfile was restored and reloaded, but the proxy "
-                             f"does not answer as {previous}: {check.describe()}",
+                             f"does not answer as {previous}: {check.describe()}"
+                             + (f"; {kept}" if kept else ""),
                              f"check Caddy and the {previous} container now", stage="restore",
                              exit_code=ExitCode.ATTENTION)
+    return kept
