@@ -341,8 +341,8 @@ class World:
             return
         finally:
             self.acted_until = time.time()
-            if self.load is not None:
-                self.load.pause()
+            if self.load is not None:  # paused, and every request sent during it recorded
+                self.load.settle()
         if dry:
             self.show(f"--dry-run: {what} would do", self.result.plan.render())
 

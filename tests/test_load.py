@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -202,6 +204,51 @@ def test_the_longest_gap_counts_from_the_window_edges() -> None:
     empty = summarize(records, 20.0, 20.5)
     assert empty.requests == 0 and empty.longest_gap is not None
     assert empty.longest_gap.ms == 500
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["child process", "threads"])
+def test_a_settled_load_has_recorded_every_request_sent_before_it(in_process: bool) -> None:
+    """Found by review: the drill's "users saw no failed request" judged the requests that
+    had ENDED when its Then ran; a request sent late in the action that failed a moment
+    later (a slow 503) was never counted. settle() returns once every request already sent
+    is recorded. A real HTTP server on loopback: every request sent after `slow` is set is
+    held 0.6 s and answered 503."""
+    slow = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            failing = slow.is_set()
+            if failing:
+                time.sleep(0.6)
+            body = b'{"version": "x"}'
+            self.send_response(503 if failing else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        load = Load(f"http://127.0.0.1:{server.server_port}/version", clients=4,
+                    max_seconds=30, in_process=in_process)
+        with load:
+            time.sleep(0.2)
+            began = time.time()
+            slow.set()  # "the action": what users send from now on fails, slowly
+            time.sleep(0.1)
+            ended = time.time()
+            load.settle()
+            settled = time.time()
+            seen = load.summary(began, ended)
+    finally:
+        server.shutdown()
+    assert settled - ended >= 0.3, "settle() returned with requests still in flight"
+    assert not seen.ok and seen.non_2xx >= 1, seen.describe()
 
 
 @pytest.mark.docker

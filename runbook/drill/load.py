@@ -36,6 +36,7 @@ MAX_SECONDS = 300.0  # a load nobody stopped ends by itself
 MAX_REQUESTS = 200_000
 TIMEOUT = 5.0
 READY_TIMEOUT = 30.0  # a fresh interpreter importing httpx, on a busy machine
+SETTLE_TIMEOUT = 4 * TIMEOUT + 1  # a request retried once: two connects and two reads
 WARM_TIMEOUT = 5.0  # for the users' first requests after a start (a refused one counts too)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # What a connection closed under a kept-alive client raises (the GET is retried once). A
@@ -196,6 +197,10 @@ class _Clients:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _sending: threading.Event = field(default_factory=threading.Event, repr=False)
     _threads: list[threading.Thread] = field(default_factory=list, repr=False)
+    # requests sent and not yet recorded: settle() waits for them (guarded by _idle, which
+    # also guards the check of _sending before a request, so none starts unseen)
+    _inflight: int = field(default=0, repr=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> _Clients:
@@ -218,7 +223,16 @@ class _Clients:
 
     def pause(self) -> None:
         """Send nothing more until start(); the kept-alive connections stay open."""
-        self._sending.clear()
+        with self._idle:
+            self._sending.clear()
+
+    def settle(self, timeout: float) -> bool:
+        """Pause, then wait until every request already sent is recorded (answered, failed
+        or timed out): a window judged before then missed a request sent late in it that
+        failed a moment after. False when some were still in flight at `timeout`."""
+        self.pause()
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     def stop(self, timeout: float = TIMEOUT + 1) -> list[Request]:
         """Stop every client (an in-flight request finishes first); return all records."""
@@ -247,17 +261,26 @@ class _Clients:
         with httpx.Client(timeout=self.timeout, trust_env=False, verify=context) as client:
             next_at = time.monotonic()
             while not self._stop.is_set() and time.monotonic() < deadline:
-                if not self._sending.is_set():  # paused: resume in the same staggered order
+                with self._idle:
+                    sending = self._sending.is_set()
+                    if sending:
+                        self._inflight += 1
+                if not sending:  # paused: resume in the same staggered order
                     self._sending.wait(max(0.0, deadline - time.monotonic()))
                     if self._stop.wait(delay):
                         return
                     next_at = time.monotonic()
                     continue
-                record = self._request(client, url)
-                with self._lock:
-                    if len(self._records) >= self.max_requests:
-                        return
-                    self._records.append(record)
+                try:
+                    record = self._request(client, url)
+                    with self._lock:
+                        if len(self._records) >= self.max_requests:
+                            return
+                        self._records.append(record)
+                finally:
+                    with self._idle:
+                        self._inflight -= 1
+                        self._idle.notify_all()
                 next_at = max(next_at + self.interval, time.monotonic())
                 self._stop.wait(next_at - time.monotonic())
 
@@ -300,6 +323,8 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
         if command == "pause":
             clients.pause()
             continue
+        if command == "settle":  # answered like "get", once nothing is in flight
+            clients.settle(SETTLE_TIMEOUT)
         if command == "stop":
             clients.stop()
         records = clients.records()
@@ -416,6 +441,14 @@ class Load:
             self._threads.pause()
         elif self._conn is not None and self.started is not None:
             self._conn.send("pause")
+
+    def settle(self) -> None:
+        """Pause, and return once every request already sent is recorded (bounded by
+        SETTLE_TIMEOUT): a window judged right after an action holds all of its requests."""
+        if self._threads is not None:
+            self._threads.settle(SETTLE_TIMEOUT)
+        elif self._conn is not None and self.started is not None:
+            self._ask("settle", SETTLE_TIMEOUT + 5)
 
     def stop(self, timeout: float = TIMEOUT + 5) -> list[Request]:
         """Stop every client (an in-flight request finishes first); return all records."""
