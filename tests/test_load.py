@@ -221,7 +221,7 @@ def test_a_settled_load_has_recorded_every_request_sent_before_it(in_process: bo
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             failing = slow.is_set()
             if failing:
                 time.sleep(0.6)
