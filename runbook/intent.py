@@ -63,8 +63,12 @@ class Intent:
         """`moved`: whether Caddy now serves `to_slot`, when the caller has read it. The
         record's phase can lag what runs: a run killed inside the switch, or one whose disk
         filled up, never marked the commit; what runs wins over what the record says."""
-        if self.phase is Phase.COMMITTED:
-            where = "after traffic moved (it took effect)"
+        if self.phase is Phase.COMMITTED and moved is False:
+            where = (f"after traffic moved, its record says; Caddy does not serve {self.to_slot} "
+                     "now")
+        elif self.phase is Phase.COMMITTED:
+            where = ("after traffic moved (it took effect)" if moved
+                     else "after traffic moved, its record says")
         elif moved:
             where = "after traffic moved (its record was not updated)"
         else:

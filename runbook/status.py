@@ -354,7 +354,9 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                       "which serves", "nothing of it to finish: the next `runbook` command "
                       "replaces the record (`runbook rollback` rolls back from what serves)")
         return
-    took = pending.phase is intents.Phase.COMMITTED or f.active == pending.target
+    # what runs decides, as the finishing run decides (finish.interrupted): a record marked
+    # committed whose target Caddy does not serve (switched back by hand) is run again
+    took = f.active is not None and f.active == pending.target
     command = _command(f, pending)
     if not took:  # a restoring rollback killed before its restore began runs again with it
         from runbook.rollback import restoring_command
@@ -531,7 +533,9 @@ def to_json(f: Facts) -> dict[str, Any]:
     if f.intent is not None:
         out["interrupted"] = {"run_id": f.intent.run_id, "action": f.intent.action,
                               "phase": f.intent.phase.value,
-                              "summary": f.intent.describe(moved=f.active == f.intent.target)}
+                              "summary": f.intent.describe(
+                                  moved=None if f.active is None
+                                  else f.active == f.intent.target)}
     if f.last_run is not None:
         out["last_run"] = f.last_run
     out["database"] = ({"schema_version": f.schema.version, "dirty": f.schema.dirty}

@@ -312,6 +312,40 @@ def test_a_restore_killed_once_the_serving_slot_is_stopped_is_said_and_finished(
     assert intents.read(env) is None
 
 
+def test_status_judges_a_committed_record_by_what_caddy_serves(stack: DrillStack) -> None:
+    """Found by review: a record marked committed made `runbook status` say "it took effect:
+    traffic is on green" and "`runbook rollback` finishes it (... stops the old slot)"
+    whatever Caddy served: after a hand switch back to blue (the old slot would be the one
+    serving) and when Caddy could not be read. The next run decides by what runs."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    record = intents.read(env)
+    assert record is not None and record.phase is intents.Phase.COMMITTED
+    back = caddy.rewrite(env.caddy.caddyfile.read_text(), env, Slot.BLUE)
+    drill_http.post(f"{env.caddy.admin_url}/load", content=back,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert through_proxy(env) == ("blue", V3.tag)  # a colleague switched users back
+
+    def interrupted_problem() -> dict[str, str]:
+        out = cli(env, "status", "--format", "json")
+        found = [p for p in json.loads(out.stdout)["problems"]
+                 if p["check"] == "interrupted_run"]
+        assert len(found) == 1, out.stdout
+        return found[0]
+
+    said = interrupted_problem()
+    assert "took effect" not in said["problem"], said
+    assert "does not serve green" in said["problem"] and "runs it again" in said["fix"], said
+    stack.docker("stop", "-t", "2", stack.caddy_container)
+    try:
+        said = interrupted_problem()
+    finally:
+        stack.docker("start", stack.caddy_container)
+        stack.wait_caddy()
+    assert "took effect" not in said["problem"] and "unknown" in said["problem"], said
+
+
 def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack) -> None:
     """Killed once Caddy serves the target, which then crashes: the next rollback cannot
     finish the run and names `runbook switch --slot blue`. That command must do it (not
