@@ -230,6 +230,8 @@ def standby_running(f: Facts) -> Iterator[Problem]:
         return
     if not f.running(standby) or image is None or image == f.image(active):
         return
+    if f.traffic is not None and standby in f.traffic.pinned:
+        return  # another site proxies to it (outside the markers): stopping it cuts that site
     yield Problem(f"the standby slot {standby} is left running ({image}) while {active} takes "
                   "traffic",
                   f"stop it (it takes no traffic): `docker stop {f.env.slot(standby).container}`"

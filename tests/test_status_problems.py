@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from runbook import compose
+from runbook import compose, files
 from runbook import state as states
+from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
@@ -114,6 +115,22 @@ def test_a_standby_left_running_another_version(stack: DrillStack) -> None:
     found = problem(problems, "the standby slot green is left running")
     assert V2.image in found["problem"]
     assert f"docker stop {stack.env.slot('green').container}" in found["fix"]
+
+
+def test_a_standby_another_site_proxies_to_is_never_to_be_stopped(stack: DrillStack) -> None:
+    """Found by review: with another site of the Caddyfile (outside the markers) proxying to
+    the standby's port, status said "stop it (it takes no traffic)": that site's traffic."""
+    compose.run(compose.recreate_slot(stack.env, Slot.GREEN, V2.tag))
+    text = stack.env.caddy.caddyfile.read_text()
+    pinned = text.replace('respond /ping "pong" 200',
+                          f"reverse_proxy localhost:{stack.env.slot(Slot.GREEN).port}")
+    assert pinned != text
+    files.atomic_write(stack.env.caddy.caddyfile, pinned.encode())
+    drill_http.post(f"{stack.env.caddy.admin_url}/load", content=pinned,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    _, text_out, problems = status(stack)
+    assert not [p for p in problems if "docker stop" in p["fix"]], problems
+    assert "it takes no traffic" not in text_out, text_out
 
 
 def test_unrecorded_fields_and_control_characters(stack: DrillStack) -> None:
