@@ -17,13 +17,14 @@ Feature: Recover when a rollback is not enough
   @mutating @fault
   Scenario: Redeploy a known-good version when the service is down and rollback cannot help
     Given a broken version went live after a migration
+    And the live slot has crashed, so users get errors
     When I roll back
     Then the rollback is refused with exit code 4 saying "migrations ran after the target deployment"
     When I redeploy the known-good version "v3"
     Then users are served version "v3"
     And the slot taking traffic is healthy
     And the state file records "v3" as the current deployment with the schema it ran with
-    And users saw no failed request during the redeploy
+    And users were served without a failed request from the redeploy's switch on
 
   @mutating
   Scenario: The deployment log and the state file say what happened

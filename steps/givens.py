@@ -18,7 +18,7 @@ from runbook.drill import scenes
 from runbook.drill.versions import VERSIONS
 from runbook.errors import RunbookError
 from runbook.rollback import no_previous_fix
-from steps.world import World
+from steps.world import World, through_proxy
 
 # A broken build must fail the health gate quickly on a drill (a healthy slot passes in <1 s),
 # but only after the gate saw its 503, to name the failing check: its container, started by
@@ -111,6 +111,21 @@ def previous_build_is_broken(world: World) -> None:
 def broken_version_live(world: World) -> None:
     """Forced past the health gate, it migrated to schema 2 and answers 503 on green."""
     world.arrange(scenes.BROKEN_LIVE)
+
+
+@given("the live slot has crashed, so users get errors")
+def live_slot_crashed(world: World) -> None:
+    """The outage of the guide's "rollback fails and the service is down": on a drill the
+    live slot's container is killed (Caddy still sends users to it: 502); on a real host it
+    is only checked that the proxy answers with an error."""
+    if world.on_drill:
+        stack = world.drill()
+        live = world.routed_slot()
+        assert live is not None, "no slot takes traffic to crash"
+        stack.docker("kill", world.env.slot(live).container)
+    code, _, _ = through_proxy(world.env)
+    world.check(code == 0 or code >= 500,
+                f"the proxy answers HTTP {code}: the service is not down, roll back instead")
 
 
 @given("Caddy is not running")

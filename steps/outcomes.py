@@ -195,6 +195,32 @@ def users_saw_no_failed_request(world: World, action: str) -> None:
                        f"answered by the {live} slot (first: {wrong[0]})")
 
 
+@then("users were served without a failed request from the redeploy's switch on")
+def users_served_from_the_switch_on(world: World) -> None:
+    """In an outage users fail until traffic moves: judged on what the simulated users saw,
+    not on the run's word: they failed before the first answer of the deployed version, and
+    every request sent after that answer was served (2xx, one retry on a reset allowed)."""
+    world.outcome()
+    if not world.on_drill:
+        pytest.skip(NEEDS_LOAD)
+    load, began, ended = world.load, world.acted_at, world.acted_until
+    assert load is not None and began and ended, "no user load ran during the redeploy"
+    wanted = world.notes["deployed version"]
+    seen = sorted((r for r in load.records() if began <= r.started <= ended),
+                  key=lambda r: r.started)
+    first = next((r for r in seen if r.served and r.version == wanted), None)
+    assert first is not None, f"no user was served {wanted} during the redeploy"
+    before_it = [r for r in seen if r.ended <= first.started]
+    assert any(not r.served for r in before_it), \
+        "users were never failed before the switch: the service was not down"
+    after = [r for r in seen if r.started > first.ended]
+    bad = [r for r in after  # /items answers carry no version
+           if not r.served or (r.version is not None and r.version != wanted)]
+    assert after and not bad, (f"{len(bad)} of {len(after)} requests sent after users were "
+                               f"first served {wanted} failed or got another version "
+                               f"(first: {bad[0] if bad else None})")
+
+
 @then("users get an error from the proxy")
 def users_get_an_error(world: World) -> None:
     code, _, _ = through_proxy(world.env)

@@ -79,7 +79,8 @@ MIGRATED = Scene("migrated", SlotScene("v1", False), SlotScene("v2", True),
 # deployment is the broken build, its container stopped on green
 BROKEN_PREVIOUS = Scene("broken previous", SlotScene("v2", True), SlotScene("unhealthy", False),
                         (("v1", Slot.BLUE), ("unhealthy", Slot.GREEN), ("v2", Slot.BLUE)))
-# v1, then a broken build forced live on green after its migration: users get its 503s
+# v1, then a broken build forced live on green after its migration: its /health answers 503
+# (users' pages still answer; "the live slot has crashed" makes it an outage)
 BROKEN_LIVE = Scene("broken live", SlotScene("v1", False), SlotScene("unhealthy", True),
                     (("v1", Slot.BLUE), ("unhealthy", Slot.GREEN)), snapshots=True)
 
