@@ -3,6 +3,7 @@ Caddy, the proxy, the database), never only what the action claimed."""
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import json
 import re
@@ -486,6 +487,38 @@ def plan_shows_caddyfile_change(world: World) -> None:
     for sign, slot in (("-", live), ("+", live.other)):
         assert f"{sign}reverse_proxy localhost:{env.slot(slot).port}" in text, text
         assert f'{sign}header_down X-Togather-Slot "{slot}"' in text, text
+    # exact: the changed lines are those of the file as it was with every upstream and slot
+    # header between the markers moved to the target (found here by line search, not by
+    # runbook.caddy), and nothing else
+    old = before(world).caddyfile.decode("utf-8")
+    expected = switched_by_hand(old, live, live.other, env)
+    wanted = [line for line in difflib.unified_diff(old.splitlines(), expected.splitlines(),
+                                                    lineterm="")
+              if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+    shown = text.split("Caddyfile change:", 1)[1].splitlines()
+    changed = [line.strip() for line in shown
+               if line.strip().startswith(("+", "-"))
+               and not line.strip().startswith(("+++", "---"))]
+    assert changed == [line.replace("\t", "").strip() for line in wanted], (changed, wanted)
+
+
+def switched_by_hand(text: str, live: Slot, target: Slot, env: Any) -> str:
+    """The Caddyfile with every `:<live port>` and `X-Togather-Slot "<live>"` between the
+    slot markers moved to `target`: the change the guide describes, made by line search."""
+    lines = text.splitlines(keepends=True)
+    inside = False
+    out = []
+    for line in lines:
+        if "BLUE_GREEN_SLOT_START" in line:
+            inside = True
+        elif "BLUE_GREEN_SLOT_END" in line:
+            inside = False
+        elif inside:
+            line = re.sub(rf":{env.slot(live).port}\b", f":{env.slot(target).port}", line)
+            if "X-Togather-Slot" in line:
+                line = line.replace(f'"{live}"', f'"{target}"')
+        out.append(line)
+    return "".join(out)
 
 
 # -- forcing -----------------------------------------------------------------------------------
