@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from runbook import caddy, database, docker
+from runbook import lock as locks
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
@@ -344,7 +345,24 @@ class World:
             if self.load is not None:  # paused, and every request sent during it recorded
                 self.load.settle()
         if dry:
-            self.show(f"--dry-run: {what} would do", self.result.plan.render())
+            refusal = self.dry_refusal(self.result.plan)
+            self.show(f"--dry-run: {what} would " + (f"be refused: {refusal}" if refusal
+                                                     else "do"), self.result.plan.render())
+
+    def dry_refusal(self, plan: Plan) -> str | None:
+        """Why the same step without --dry-run would not run this plan (found by review: a
+        plan printed as "would do" that the real run refuses): a deploy lock a live run
+        holds (exit 3), or, on a real host, plan warnings nobody is at a prompt to answer."""
+        try:
+            held = locks.status(self.env)
+        except RunbookError as exc:  # the real run would stop on it as well
+            return str(exc)
+        if held is not None and not held.stale:
+            return f"the deploy lock is held ({held.describe()})"
+        if not self.on_drill and plan.warnings:
+            return ("its plan warns (nobody is at a prompt to answer): "
+                    + "; ".join(plan.warnings))
+        return None
 
     def on_host(self, what: str, cli: str) -> dict[str, Callable[..., Any]]:
         """On a real host, what the CLI's prompt gives on-call: the plan on screen before
