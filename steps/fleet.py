@@ -26,7 +26,7 @@ from runbook.drill.fleet import DrillFleet
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
 from runbook.fleet import hostlock, rollout
-from steps.world import caddy_config, container_identity
+from steps.world import caddy_config, container_identity, database_in_postgres
 
 NEW, PREVIOUS = "v3", "v2"  # the fleet's hosts start on v2; the Given deploys v3 (same schema)
 
@@ -70,12 +70,23 @@ class FleetWorld:
     def snapshot(self) -> dict[str, Any]:
         """Per host what a refused or previewed run must leave as it was: what its proxy
         answers, its state file, Caddyfile, Caddy's running config, its slot containers (the
-        docker CLI's id, state and start) and whether its deploy lock is held."""
-        return {h.name: (self.fleet.serving(h.name), h.env.state_file.read_bytes(),
-                         h.env.caddy.caddyfile.read_bytes(), caddy_config(h.env),
-                         {s: container_identity(h.env.slot(s).container) for s in Slot},
-                         h.env.lock_path.exists())
-                for h in self.fleet.hosts}
+        docker CLI's id, state and start) and whether its deploy lock is held; and, under
+        "shared database", what the hosts share (found by review: a restore before a refusal
+        passed "no host changed"): schema_migrations and every table's rows read with plain
+        SQL, the snapshot files, and the database container's start."""
+        hosts: dict[str, Any] = {
+            h.name: (self.fleet.serving(h.name), h.env.state_file.read_bytes(),
+                     h.env.caddy.caddyfile.read_bytes(), caddy_config(h.env),
+                     {s: container_identity(h.env.slot(s).container) for s in Slot},
+                     h.env.lock_path.exists())
+            for h in self.fleet.hosts}
+        first = self.fleet.hosts[0]
+        dirs = {h.env.database.snapshot_dir for h in self.fleet.hosts}
+        hosts["shared database"] = (
+            database_in_postgres(first.stack),
+            sorted(str(p) for d in dirs if d.is_dir() for p in d.iterdir()),
+            container_identity(first.env.database.container))
+        return hosts
 
 
 @pytest.fixture
