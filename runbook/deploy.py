@@ -13,7 +13,17 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import compose, database, docker, finish, preflight, recording, slots, traffic
+from runbook import (
+    compose,
+    database,
+    docker,
+    finish,
+    health,
+    preflight,
+    recording,
+    slots,
+    traffic,
+)
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
@@ -71,14 +81,21 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         serving, _ = traffic.live_slot(env, current.active_slot)
         info = docker.inspect(env.slot(serving).container)
         runs = info.tag if info.tag and states.is_version(info.tag) else None
-        if runs in (version, None) and info.running:  # a tag not a version: the file says
+        report = (health.probe(env.slot(serving), env.health.path, env.health.request_timeout)
+                  if runs in (version, None) and info.running else None)
+        if report is not None and report.ok:  # a tag not a version: the file says
             raise PreconditionError(f"{version} already serves, from the {serving} slot (as "
                                     "Caddy runs it)", "nothing to deploy; use `runbook status` "
                                     "to see both slots")
-        warnings.append(f"the state file names {version} as the current deployment, but the "
-                        f"{serving} slot serves "
-                        + (f"{runs}" if info.running else "nothing (its container is "
-                           f"{info.status})") + f": deploying {version}")
+        if report is not None:  # found by review: the guide's recovery when it is broken
+            warnings.append(f"{version} serves from the {serving} slot but its health check "
+                            f"fails ({report.status}: {report.reason()}): deploying "
+                            f"{version} again, to the other slot")
+        else:
+            warnings.append(f"the state file names {version} as the current deployment, but "
+                            f"the {serving} slot serves "
+                            + (f"{runs}" if info.running else "nothing (its container is "
+                               f"{info.status})") + f": deploying {version}")
     dialed_none = False  # Caddy sends users to neither slot (a first deploy)
     if current is None and state.previous is None:
         live = Slot.BLUE

@@ -1221,6 +1221,28 @@ def test_a_deploy_of_the_version_the_state_file_calls_current_but_that_does_not_
     assert "already" in again.value.message and "serves" in again.value.message
 
 
+def test_redeploying_the_serving_version_goes_ahead_when_it_is_broken(
+        stack: DrillStack) -> None:
+    """Found by review: `runbook deploy --version X` was refused ("X already serves, nothing
+    to deploy") while X served and failed its health check: the guide's recovery "redeploy a
+    version you know is good" when a rollback cannot help. Refused still when it serves
+    healthy; planned, with a warning naming the failing check, when not (here the drill's
+    broken build, live, its /health answering 503: the state file names it current)."""
+    if docker_run_host(stack):
+        pytest.skip("no compose on a docker-run host: runbook deploy refuses before it asks "
+                    "what serves (test_deploy_moves_traffic_and_records_the_schema)")
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    with pytest.raises(RunbookError) as healthy:
+        deploy.deploy(env, deploy.Options(version=V3.tag), dry_run=True)
+    assert "already serves" in healthy.value.message, healthy.value
+    stack.arrange(scenes.BROKEN_LIVE)  # the broken build serves from green
+    broken = VERSIONS["unhealthy"].tag
+    health = drill_http.get(f"{env.slot(Slot.GREEN).base_url}/health", timeout=5)
+    assert health.status_code == 503  # the oracle: the slot's own answer
+    planned = deploy.deploy(env, deploy.Options(version=broken), dry_run=True)
+    assert any("health check fails" in w for w in planned.plan.warnings), planned.plan.warnings
+
+
 def test_a_rollback_never_takes_the_state_files_current_for_what_serves(
         stack: DrillStack) -> None:
     """The old tooling's rollback swaps current and previous in the state file without
