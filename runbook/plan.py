@@ -226,6 +226,11 @@ class Signals:
         self.received: int | None = None
         self._armed = False
         self._previous: dict[signal.Signals, Any] = {}
+        # the step that cannot stop half-way, while it runs, and how to tell on-call that
+        # their Ctrl-C was heard (found by review: a held migration or restore took it in
+        # silence, for as long as it ran, and a second Ctrl-C too)
+        self.holding: str | None = None
+        self.tell: Callable[[str], None] | None = None
 
     @property
     def name(self) -> str:
@@ -237,6 +242,12 @@ class Signals:
         if self._armed:
             self._armed = False
             raise Interrupted(signum)
+        if self.holding is not None and self.tell is not None:
+            with contextlib.suppress(Exception):  # a closed terminal never stops the run
+                self.tell(f"{signal.Signals(signum).name} received while \"{self.holding}\" "
+                          "runs: it cannot be stopped half-way, so the run stops when it ends "
+                          "(undoing what it did if traffic has not moved yet, or saying what "
+                          "is left to finish if it has)")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Signals]:
@@ -386,6 +397,8 @@ class _Execution:
         self._say("start", step)
         started = time.monotonic()
         interruptible = step.phase is Phase.PREPARE and not step.hold_signals
+        self.signals.tell = self.notice
+        self.signals.holding = None if interruptible else step.title
         try:
             with self.journal.step(step.name, step.title) as record:
                 record.detail(phase=step.phase.value, **step.details)
@@ -399,6 +412,7 @@ class _Execution:
                     if ctx.notes:
                         record.detail(**{k: str(v) for k, v in ctx.notes.items()})
         except BaseException as exc:
+            self.signals.holding = None  # the undos say their own
             took = (time.monotonic() - started) * 1000
             self.outcomes.append(StepOutcome(step.name, step.title, "failed", took,
                                              _describe(exc), step.phase.value))
@@ -406,6 +420,8 @@ class _Execution:
             if self.committed:
                 raise self._took_effect(exc, rest, failed=step) from None
             raise self._rolled_back(exc) from None
+        finally:
+            self.signals.holding = None
         self.outcomes.append(StepOutcome(step.name, step.title, "ok",
                                          (time.monotonic() - started) * 1000, None,
                                          step.phase.value, ctx.result))

@@ -312,6 +312,21 @@ def test_a_restore_killed_once_the_serving_slot_is_stopped_is_said_and_finished(
     assert intents.read(env) is None
 
 
+def test_a_ctrl_c_inside_a_step_that_cannot_stop_is_answered_at_once(
+        stack: DrillStack) -> None:
+    """Found by review: a signal that arrived inside a step that cannot stop half-way (the
+    switch, a migration, a restore) was only recorded: on-call saw nothing for as long as
+    the step ran, a second Ctrl-C too. It is answered on the terminal when it arrives."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    done = cli(env, "rollback", "--yes", fault="switch.after-write:SIGINT")
+    assert done.returncode == 1, done.stderr  # before the commit: undone
+    heard = [line for line in done.stderr.splitlines() if "SIGINT received while" in line]
+    assert len(heard) == 1 and "Switch Caddy to the green slot" in heard[0], done.stderr
+    said = done.stderr.index(heard[0])
+    assert said < done.stderr.index("interrupted by SIGINT"), done.stderr  # before the end
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_status_judges_a_committed_record_by_what_caddy_serves(stack: DrillStack) -> None:
     """Found by review: a record marked committed made `runbook status` say "it took effect:
     traffic is on green" and "`runbook rollback` finishes it (... stops the old slot)"
