@@ -96,23 +96,38 @@ def _query_passwords(url: str) -> list[str]:
 
 
 def secrets_of(url: str) -> set[str]:
-    """Every form of the password that could show up in a message: as written, decoded, and
-    what a bare `@` `/` `?` `#` would cut it into (libpq shows the part after it as a host);
-    a query string's `password=` as written and cut at each `&` and space."""
+    """Every form of the password that could show up in a message: as written and decoded
+    (redact adds its percent-encoding), the URL's own and a query string's `password=`.
+
+    Pieces of it only when the URL is misencoded (what check_url refuses): the runbook
+    never hands such a URL to libpq, but the app reads the same env file, and its libpq
+    shows what a bare `@` `/` `?` `#` `&` or space cuts off (as a host, as a query key) in
+    errors that reach /health. A well-encoded password is never cut, and registering its
+    pieces masked ordinary words everywhere (`green`, `2025` of `Winter%402025%2Fgreen`)."""
     found: set[str] = set()
-    for value in _query_passwords(url):
-        for form in (value, urllib.parse.unquote(value)):
-            found.add(form)
-            found.update(re.split(r"[&\s]", form))
+    queried = _query_passwords(url)
     raw = password_of(url)
-    if not raw:
-        return {value for value in found if value}
-    for form in (raw, urllib.parse.unquote(raw)):
-        found.add(form)
-        found.update(re.split(r"[@/?#]", form))
-        for cut in re.finditer(r"[@/?#]", form):
-            found.update((form[:cut.start()], form[cut.end():]))
+    for value in (*queried, raw):
+        found.update((value, urllib.parse.unquote(value)))
+    if _misencoded(url):
+        for value in queried:
+            for form in (value, urllib.parse.unquote(value)):
+                found.update(re.split(r"[&\s]", form))
+        for form in (raw, urllib.parse.unquote(raw)) if raw else ():
+            found.update(re.split(r"[@/?#]", form))
+            for cut in re.finditer(r"[@/?#]", form):
+                found.update((form[:cut.start()], form[cut.end():]))
     return {value for value in found if value}
+
+
+def _misencoded(url: str) -> bool:
+    """Whether check_url refuses the URL's password (a bare delimiter or `%`)."""
+    _, sep, rest = url.partition("://")
+    try:
+        check_url(f"postgresql://{rest}" if sep else url, "DATABASE_URL", "")
+    except ConfigError:
+        return True
+    return False
 
 
 def check_url(url: str, variable: str, where: str) -> None:

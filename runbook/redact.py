@@ -19,6 +19,7 @@ from runbook.times import format_rfc3339 as format_time
 
 MASK = "***"
 MIN_SECRET_LENGTH = 4  # shorter known values would mask ordinary words
+STRONG_SECRET_LENGTH = 6  # a known value this long, of mixed kinds, is masked even in a word
 
 _WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key" \
          r"|credentials?)"
@@ -90,25 +91,46 @@ def register_secrets(*values: str) -> None:
     _REGISTERED.update(v for v in values if v)
 
 
+# What may touch a weak known value without it being masked there: a weak value inside a
+# longer name or word (`togather` in togather-server-blue, `2025` in 2025-03-01) is that
+# word, not the password.
+_WORD_CHAR = r"[A-Za-z0-9_.-]"
+
+
+def _weak(value: str) -> bool:
+    """A value that is also an ordinary word or number (`togather`, `green`, `2025`): short,
+    or all letters, all digits or all punctuation. Masked only where it stands alone."""
+    classes = {"a" if c.isalpha() else "0" if c.isdigit() else "." for c in value}
+    return len(value) < STRONG_SECRET_LENGTH or len(classes) < 2
+
+
 @functools.lru_cache(maxsize=64)
-def _forms(known: frozenset[str]) -> tuple[str, ...]:
-    """Each known value and its percent-encoded form, longest value first. Cached: the
-    journal redacts every string of its record at each write, and quote() per value per
-    string was most of a fast run's journaling CPU."""
-    out: list[str] = []
+def _forms(known: frozenset[str]) -> tuple[tuple[str, ...], re.Pattern[str] | None]:
+    """Each known value and its percent-encoded forms (`/` kept or not, space as `+`): the
+    strong ones longest first, to mask wherever they appear; the weak ones as one pattern
+    that masks them only as a whole token (no letter, digit, `_` `.` `-` either side).
+    Cached: the journal redacts every string of its record at each write, and quote() per
+    value per string was most of a fast run's journaling CPU."""
+    strong: list[str] = []
+    weak: list[str] = []
     for value in sorted(known, key=len, reverse=True):
-        out.append(value)
-        quoted = urllib.parse.quote(value, safe="")
-        if quoted != value:
-            out.append(quoted)
-    return tuple(out)
+        into = weak if _weak(value) else strong
+        into.extend(dict.fromkeys((value, urllib.parse.quote(value, safe=""),
+                                   urllib.parse.quote(value), urllib.parse.quote_plus(value))))
+    if not weak:
+        return tuple(strong), None
+    alternatives = "|".join(re.escape(v) for v in sorted(weak, key=len, reverse=True))
+    return tuple(strong), re.compile(f"(?<!{_WORD_CHAR})(?:{alternatives})(?!{_WORD_CHAR})")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Mask secrets in free text: URL passwords, *_SECRET=, password=, token=, known values."""
     known = frozenset(s for s in (*secrets, *_REGISTERED) if s and len(s) >= MIN_SECRET_LENGTH)
-    for form in _forms(known):
+    strong, weak = _forms(known)
+    for form in strong:
         text = text.replace(form, MASK)
+    if weak is not None:
+        text = weak.sub(MASK, text)
     if _MAY_MATCH.search(text) is None:
         return text
     for pattern, replace in _PATTERNS:

@@ -105,18 +105,23 @@ def test_a_misencoded_password_never_prints(stack: DrillStack, tmp_path: Path,
 
 def test_the_real_password_is_registered_with_the_journal(stack: DrillStack,
                                                           tmp_path: Path) -> None:
-    """Even text that no pattern recognises (a bare password, a broken URL) is masked."""
+    """Even text that no pattern recognises (a bare password, a broken URL) is masked; what
+    a bare `@` cuts off is masked too where the URL has one (the app's libpq, reading the
+    same env file, shows it as a host), and only there: a well-encoded password is never
+    cut, and its pieces would mask ordinary words."""
     password = unquote(urlsplit(stack.database_url).password or "")
     assert len(password) >= journal.MIN_SECRET_LENGTH
-    env = stack.env.with_(log_dir=tmp_path / "logs", runs_dir=tmp_path / "runs")
-    run = journal.Journal.open(env, "deploy", why="secret test")
     tail = password.split("@", 1)[-1]  # what libpq shows as a host past a bare @
-    run.log("INFO", f"libpq said: failed to resolve host '{tail}@db' for {password}",
-            detail=f"x{password}y")
-    run.finish("success", 0)
-    written = run.log_path.read_text() + run.record_path.read_text()
-    assert password not in written and tail not in written
-    assert journal.MASK in written
+    misencoded = envmod.load_file(host_with_password(stack, tmp_path, password))
+    for env, cut in ((stack.env, False), (misencoded, True)):
+        env = env.with_(log_dir=tmp_path / f"logs-{cut}", runs_dir=tmp_path / f"runs-{cut}")
+        run = journal.Journal.open(env, "deploy", why="secret test")
+        run.log("INFO", f"libpq said: failed to resolve host '{tail}@db' for {password}",
+                detail=f"x{password}y")
+        run.finish("success", 0)
+        written = run.log_path.read_text() + run.record_path.read_text()
+        assert password not in written and journal.MASK in written
+        assert (tail not in written) is cut, written
 
 
 def test_bad_encodings_are_refused_before_libpq_sees_them(stack: DrillStack,

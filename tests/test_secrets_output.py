@@ -127,3 +127,80 @@ def test_the_health_gates_live_progress_masks_the_apps_secrets(tmp_path: Path,
     notes = [m for m in shown if m.startswith("attempt")]
     assert notes and any("dial postgres://" in m for m in notes), shown  # the checks are said
     assert not any(DSN_PASSWORD in m or REDIS_PASSWORD in m for m in shown), notes
+
+
+# --- known secrets mask the password, not the words it is made of ------------------------------
+
+WORDY_URL = "postgresql://togather:Winter%402025%2Fgreen@127.0.0.1:1/togather"
+
+
+def host_with_wordy_password(tmp_path: Path) -> Path:
+    """A host whose database password is made of ordinary words (`Winter@2025/green`, well
+    encoded) and whose env file's POSTGRES_PASSWORD is the dev default `togather`, recording
+    a deployment on green made on 2025-03-01."""
+    from datetime import UTC, datetime
+
+    from runbook import state as states
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DATABASE_URL={WORDY_URL}\nPOSTGRES_PASSWORD=togather\n")
+    env_file.chmod(0o600)
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, env_file=env_file))
+    states.write_state(env.state_file, states.DeploymentState(
+        environment=env.name, current=states.Deployment(
+            id="d1", version="abc1234", git_commit="abc1234" + "0" * 33,
+            deployed_at=datetime(2025, 3, 1, 10, 15, tzinfo=UTC), deployed_by="ops",
+            active_slot=Slot.GREEN)))
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    return source
+
+
+def test_status_masks_a_wordy_password_but_not_the_words_in_it(tmp_path: Path) -> None:
+    """Found by review: the pieces of a decoded password (`green`, `2025`) were registered
+    as secrets, so status printed `current abc1234 on *** (... ***-03-01T10:15:00Z)`,
+    `togather-server-***` and JSON `"slot": "***"`."""
+    source = str(host_with_wordy_password(tmp_path))
+    text = runbook("status", source)
+    data = runbook("status", source, "--format", "json")
+    for done in (text, data):
+        said = done.stdout + done.stderr
+        assert "Traceback" not in said and "Winter" not in said, said
+    assert "current   abc1234 on green (" in text.stdout, text.stdout
+    assert "2025-03-01T10:15:00Z" in text.stdout and "togather-server-green" in text.stdout
+    report = json.loads(data.stdout)
+    assert report["current"]["slot"] == "green"
+    assert report["current"]["deployed_at"] == "2025-03-01T10:15:00Z"
+    assert report["slots"]["green"]["container"]["name"] == "togather-server-green"
+
+
+def test_a_well_encoded_password_is_registered_whole_a_misencoded_one_in_pieces() -> None:
+    assert database.secrets_of(WORDY_URL) == {"Winter%402025%2Fgreen", "Winter@2025/green"}
+    cut = database.secrets_of("postgresql://togather:Winter@2025/green@127.0.0.1:1/togather")
+    assert {"Winter@2025/green", "Winter", "2025/green", "green"} <= cut
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("togather-server-blue", "togather-server-blue"),
+    ("docker compose -p togather_prod up", "docker compose -p togather_prod up"),
+    ("snapshot togather.2026-03-01.sql.gz", "snapshot togather.2026-03-01.sql.gz"),
+    ("xtogathery", "xtogathery"),
+    ("said 'togather' to psql", "said '***' to psql"),
+    ("user togather logged in", "user *** logged in"),
+    ("connect as togather:togather@db", "connect as ***:***@db"),
+    ("key\ttogather\n", "key\t***\n"),
+])
+def test_a_weak_known_value_is_masked_only_as_a_whole_token(text: str, expected: str) -> None:
+    """A known value that is also a word (the dev POSTGRES_PASSWORD `togather`) masked every
+    container, network and snapshot name; where it stands alone it is still masked."""
+    from runbook.redact import redact
+
+    assert redact(text, {"togather"}) == expected
+
+
+def test_a_strong_known_value_is_masked_even_inside_a_word() -> None:
+    from runbook.redact import redact
+
+    assert redact("xWinter@2025/greeny and Winter%402025%2Fgreen",
+                  {"Winter@2025/green"}) == "x***y and ***"
