@@ -67,15 +67,19 @@ _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
 
 _PASSWORD_IN_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:[^\s@]+@")
+# libpq takes a password as a key too: in a URL's query string (`...?password=x`) and in a
+# key=value connection string (`host=db password=x`); an empty one holds none
+_PASSWORD_KEY = re.compile(r"(?i)(?:^|[?&\s])(?:ssl)?password\s*=\s*[^\s&]")
 _SECRET_NAME = re.compile(r"(?i)" + _WORDS + r"|authorization")
 _NAMES_A_PLACE = re.compile(r"(?i)_(?:file|path|dir)$")
 
 
 def holds_secret(name: str, value: str) -> bool:
     """Whether an environment variable carries a secret itself: a URL with a password in its
-    value, or a secret's name (*_PASSWORD, *_TOKEN, ...) with a value that is not a path to
-    a file holding it (GOOGLE_APPLICATION_CREDENTIALS=/etc/..., TOKEN_FILE=...)."""
-    if _PASSWORD_IN_URL.search(value):
+    value (user:password@ or ?password=), a libpq `password=` key (host=db password=...),
+    or a secret's name (*_PASSWORD, *_TOKEN, ...) with a value that is not a path to a file
+    holding it (GOOGLE_APPLICATION_CREDENTIALS=/etc/..., TOKEN_FILE=...)."""
+    if _PASSWORD_IN_URL.search(value) or _PASSWORD_KEY.search(value):
         return True
     if not value or value.startswith(("/", "./", "~")) or _NAMES_A_PLACE.search(name):
         return False

@@ -1527,7 +1527,13 @@ def test_a_fleet_lock_taken_by_a_host_check_whose_answer_was_lost_is_released(
     ("DATABASE_URL", "postgresql://app:hunter22@db/togather", True),
     ("PGPASSWORD", "hunter22", True),
     ("RUNBOOK_X", "postgresql://app:hunter22@db/togather", True),
+    ("DATABASE_URL", "postgresql://app@db/togather?password=hunter22", True),  # libpq reads it
+    ("DATABASE_URL", "postgresql://app@db/togather?sslmode=require&password=hunter22", True),
+    ("DATABASE_URL", "host=db user=app password=hunter22 dbname=togather", True),  # key=value
+    ("PGSERVICE_DSN", "host=db password = 'hunter22'", True),
     ("DATABASE_URL", "postgresql://app@db/togather", False),  # peer auth: no password
+    ("DATABASE_URL", "postgresql://app@db/togather?sslmode=require", False),
+    ("DATABASE_URL", "host=db user=app dbname=togather", False),
     ("GOOGLE_APPLICATION_CREDENTIALS", "/etc/gcp/key.json", False),  # a path to one
     ("RUNBOOK_NOTE", "basic maintenance", False),
 ])
