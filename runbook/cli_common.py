@@ -69,10 +69,28 @@ def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
 
 
 def load_env(name: str, config: str | None) -> Environment:
-    """The environment, imported when a command needs it (`--help` stays instant)."""
+    """The environment, imported when a command needs it (`--help` stays instant), with its
+    known secrets registered for every command."""
     from runbook import environment
 
-    return environment.load(name, config=config)
+    env = environment.load(name, config=config)
+    register_known_secrets(env)
+    return env
+
+
+def register_known_secrets(env: Environment) -> None:
+    """Register the environment's known secrets (the database password, the env file's
+    *PASSWORD and *_SECRET values) before anything prints. Only Journal.open did: `status`
+    and `healthcheck` masked by patterns alone, which stop at `,` `;` `&` or a space
+    (`password=Winter,2025` was printed `password=***,2025`). A broken configuration
+    registers what it can and is reported, with its own error, by whoever uses it."""
+    import contextlib
+
+    from runbook import database
+    from runbook.redact import register_secrets
+
+    with contextlib.suppress(RunbookError, OSError, ValueError):
+        register_secrets(*database.known_secrets(env))
 
 
 def refuse_blank(*given: tuple[str, str | None]) -> None:

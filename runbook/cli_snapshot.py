@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from runbook.cli_common import fail, refuse_blank, require_yes, run_action
+from runbook.cli_common import fail, load_env, refuse_blank, require_yes, run_action
 from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
 from runbook.errors import RunbookError
 
@@ -34,10 +34,8 @@ def _fail(exc: RunbookError, fmt: Format) -> NoReturn:
 
 
 def _env(name: str, config: str | None, fmt: Format) -> Environment:
-    from runbook import environment
-
     try:
-        return environment.load(name, config=config)
+        return load_env(name, config)
     except RunbookError as exc:
         _fail(exc, fmt)
 

@@ -204,3 +204,77 @@ def test_a_strong_known_value_is_masked_even_inside_a_word() -> None:
 
     assert redact("xWinter@2025/greeny and Winter%402025%2Fgreen",
                   {"Winter@2025/green"}) == "x***y and ***"
+
+
+# --- every command registers the environment's known secrets -----------------------------------
+
+ENV_SECRET = "Winter,2025;Kx&91"  # the patterns' `password=` value stops at `,` `;` `&`
+
+
+@pytest.fixture
+def app_quoting_the_env_secret() -> Iterator[int]:
+    """An app whose /health answers 503 quoting the env file's secret after `password=`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": "unhealthy", "checks": {"cache": {
+                "status": "fail", "message": f"AUTH failed: password={ENV_SECRET} rejected"}},
+            }).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def host_with_env_secret(tmp_path: Path, port: int) -> Path:
+    """A host whose app env file holds REDIS_PASSWORD=ENV_SECRET and a deployment recorded by
+    someone whose name quotes it (a tool's words in the state file, as status prints them)."""
+    from datetime import UTC, datetime
+
+    from runbook import state as states
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=postgresql://togather:Db-Pw-9x2@127.0.0.1:1/togather\n"
+                        f"REDIS_PASSWORD='{ENV_SECRET}'\n")
+    env_file.chmod(0o600)
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, env_file=env_file),
+                    slots={s: dataclasses.replace(c, port=port) if s is Slot.BLUE else c
+                           for s, c in env.slots.items()})
+    states.write_state(env.state_file, states.DeploymentState(
+        environment=env.name, current=states.Deployment(
+            id="d1", version="abc1234", git_commit="abc1234" + "0" * 33,
+            deployed_at=datetime(2025, 3, 1, 10, 15, tzinfo=UTC),
+            deployed_by=f"ci password={ENV_SECRET}", active_slot=Slot.BLUE)))
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    return source
+
+
+@pytest.mark.parametrize("command", [
+    ("healthcheck", "--slot", "blue", "--format", "table"),
+    ("healthcheck", "--slot", "blue", "--format", "json"),
+    ("status",), ("status", "--format", "json"),
+])
+def test_status_and_healthcheck_mask_the_env_files_secrets_whole(
+        tmp_path: Path, app_quoting_the_env_secret: int, command: tuple[str, ...]) -> None:
+    """Found by review: only Journal.open registered the env file's secrets, so status and
+    healthcheck masked by pattern alone, up to the first `,`: `password=***,2025;Kx&91`."""
+    source = str(host_with_env_secret(tmp_path, app_quoting_the_env_secret))
+    done = runbook(command[0], source, *command[1:])
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in said, said
+    assert "password=***" in said, said  # the text is shown, masked
+    assert "2025;Kx" not in said and "Kx&91" not in said and "Winter" not in said, said

@@ -8,7 +8,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from runbook.cli_common import ask, refuse_blank, stdin_is_terminal
+from runbook.cli_common import ask, load_env, refuse_blank, stdin_is_terminal
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
 from runbook.errors import LockedError, RunbookError, UsageError
 
@@ -157,11 +157,10 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
                   "--undo", metavar="CONTAINERS", help="start again these containers (comma-"
                   "separated) that a drain stopped")] = None) -> None:
     """(Run by the fleet's maintenance path.) Stop this host's app slots: THE SERVICE IS DOWN."""
-    from runbook import environment
     from runbook.fleet import drain
 
     try:
-        env_ = environment.load(env, config=config)
+        env_ = load_env(env, config)
         out = (drain.undo(env_, [c for c in undo.split(",") if c]) if undo is not None
                else drain.drain(env_))
     except RunbookError as exc:
@@ -185,11 +184,10 @@ def lock_cmd(
     reason: ReasonOpt = None, config: ConfigOpt = None,
 ) -> None:
     """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet)."""
-    from runbook import environment
     from runbook.fleet import hostlock
 
     try:
-        env_ = environment.load(env, config=config)
+        env_ = load_env(env, config)
         if status and (take or refresh or release):
             raise UsageError("--status only reads the fleet lock", "drop --status, or the "
                              "--take/--refresh/--release the fleet itself runs")
