@@ -266,7 +266,10 @@ def main() -> None:
     except (UsageError, ClickException) as bad:
         where = (bad.ctx.command_path if isinstance(bad, UsageError) and bad.ctx is not None
                  else "runbook")
-        message, fix = bad.format_message().rstrip("."), f"see `{where} --help`"
+        from runbook.redact import redact
+
+        # the message quotes the arguments, and one may be a URL with its password
+        message, fix = redact(bad.format_message()).rstrip("."), f"see `{where} --help`"
         if _asked_for_json(sys.argv[1:]):
             print(json.dumps({"ok": False, "error": message, "fix": fix,
                               "exit_code": int(ExitCode.USAGE)}))

@@ -278,3 +278,21 @@ def test_status_and_healthcheck_mask_the_env_files_secrets_whole(
     assert done.returncode == 1 and "Traceback" not in said, said
     assert "password=***" in said, said  # the text is shown, masked
     assert "2025;Kx" not in said and "Kx&91" not in said and "Winter" not in said, said
+
+
+@pytest.mark.parametrize("args", [
+    ("status", "production", "postgresql://u:hunter22@h/db"),  # an extra argument
+    ("healthcheck", "--format", "password=hunter22"),  # a bad choice
+    ("snapshot", "create", "production", "postgresql://u:hunter22@h/db"),  # a sub-app
+])
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_usage_error_masks_the_argument_it_quotes(args: tuple[str, ...], fmt: str) -> None:
+    """Found by review: click's message (`Got unexpected extra argument(s) (...)`, `Invalid
+    value for '--format': '...'`) was printed as is, on stderr and in the JSON."""
+    extra = ("--format", "json") if fmt == "json" and "--format" not in args else ()
+    done = runbook(*args, *extra)
+    said = done.stdout + done.stderr
+    assert done.returncode == 2 and "hunter22" not in said, said
+    assert "runbook: error: " in done.stderr and "***" in done.stderr, said
+    if extra:
+        assert "***" in json.loads(done.stdout)["error"], done.stdout
