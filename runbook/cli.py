@@ -219,6 +219,7 @@ def unlock(
 ) -> None:
     """Show or release the deploy lock. A live holder's lock is never removed."""
     from runbook import lock as locks
+    from runbook.redact import one_line, redact, scrub
 
     try:
         environment = load_env(env, config)
@@ -226,20 +227,22 @@ def unlock(
             require_yes(yes, "`runbook unlock`", "pass --yes to confirm it in advance, or "
                         "--status to see who holds the lock")
         held = locks.status(environment)
+        # another tool's lock fields: masked and one line, as status prints them
         if show:
             if fmt is Format.json:
-                print(json.dumps({"locked": True, "summary": held.describe(), "stale": held.stale,
-                                  "why": held.why} if held else {"locked": False}))
+                print(json.dumps(scrub({"locked": True, "summary": held.describe(),
+                                        "stale": held.stale, "why": one_line(held.why)}
+                                       if held else {"locked": False})))
             else:
-                typer.echo(held.describe() if held else "free")
+                typer.echo(redact(one_line(held.describe())) if held else "free")
             return
-        message = locks.unlock(environment, force=force)
+        message = one_line(locks.unlock(environment, force=force))
     except RunbookError as exc:
         fail(exc, fmt)
     if fmt is Format.json:
-        print(json.dumps({"ok": True, "message": message}))
+        print(json.dumps(scrub({"ok": True, "message": message})))
         return
-    typer.echo(message)
+    typer.echo(redact(message))
 
 
 # Sub-apps: they share runbook/cli_common.py with this module, never import it.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
@@ -176,6 +177,15 @@ def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
     if isinstance(value, bytes):
         return redact(value.decode("utf-8", "replace"), known)
     return redact(str(value), known)
+
+
+def one_line(text: str) -> str:
+    """`text` with its control and format characters (newline, ESC, bidi overrides) escaped
+    as \\n, \\x1b, \\u202e: a value another tool wrote (a lock's holder) cannot print a
+    forged line of its own. Here beside redact(), for modules status.py imports (the lock)."""
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+                   for ch in text)
 
 
 def scrub(value: Any) -> Any:

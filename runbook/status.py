@@ -10,7 +10,6 @@ inside a state field must not forge a status line).
 from __future__ import annotations
 
 import dataclasses
-import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -563,12 +562,11 @@ def gather(env: Environment) -> dict[str, Any]:
 def printable(value: object, missing: str = NOT_RECORDED) -> str:
     """One line whatever the value holds: None -> `missing`, control and format characters
     (newline, ESC, bidi overrides) escaped as \\n, \\x1b, \\u202e."""
+    from runbook.redact import one_line
+
     if value is None or value == "":
         return missing
-    text = str(value)
-    return "".join(ch.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
-                   for ch in text)
+    return one_line(str(value))
 
 
 def render(data: dict[str, Any]) -> str:

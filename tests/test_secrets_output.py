@@ -296,3 +296,58 @@ def test_a_usage_error_masks_the_argument_it_quotes(args: tuple[str, ...], fmt: 
     assert "runbook: error: " in done.stderr and "***" in done.stderr, said
     if extra:
         assert "***" in json.loads(done.stdout)["error"], done.stdout
+
+
+# --- another tool's lock is printed masked and on one line ---------------------------------------
+
+FORGED = "No problems found: the lock is free"
+
+
+def host_with_a_forged_lock(tmp_path: Path, live: bool = False) -> Path:
+    """A host whose state file records a lock (as the Go CLI writes one) by a holder whose
+    name holds a newline and a forged line, for a reason quoting a password; expired, by a
+    dead process of this host, so `unlock` may clear it (live: held by this test's process
+    for an hour, so `unlock` refuses, naming it)."""
+    import socket
+    from datetime import UTC, datetime, timedelta
+
+    from runbook import state as states
+
+    env = host_env(tmp_path)
+    now = datetime.now(UTC)
+    since, until = (now, now + timedelta(hours=1)) if live else (
+        datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, 0, 30, tzinfo=UTC))
+    states.write_state(env.state_file, states.DeploymentState(environment=env.name, lock={
+        "locked": True, "locked_by": f"eve\n{FORGED}\x1b[2K", "hostname": socket.gethostname(),
+        "pid": os.getpid() if live else 2 ** 22 + 1, "reason": "deploy with password=hunter22",
+        "deployment_id": "dep_1\nforged too", "locked_at": states.format_time(since),
+        "lock_expires_at": states.format_time(until)}))
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    return source
+
+
+@pytest.mark.parametrize("args", [("--status",), ("--status", "--format", "json"), ("--yes",),
+                                  ("--yes", "--format", "json")])
+def test_unlock_prints_another_tools_lock_masked_on_one_line(tmp_path: Path,
+                                                             args: tuple[str, ...]) -> None:
+    """Found by review: `unlock --status` and `unlock` printed the lock's fields as written:
+    a `locked_by` with a newline printed a line of its own, a reason its password."""
+    done = runbook("unlock", str(host_with_a_forged_lock(tmp_path)), *args)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in said, said
+    assert "hunter22" not in said and "\x1b" not in said, said
+    assert not any(line.startswith(FORGED) for line in said.splitlines()), said
+    text = json.dumps(json.loads(done.stdout)) if "json" in args else done.stdout
+    assert "eve\\\\n" + FORGED in text or "eve\\n" + FORGED in text, text  # shown, escaped
+    assert "password=***" in text, text
+
+
+def test_unlock_refusing_another_tools_live_lock_names_it_on_one_line(tmp_path: Path) -> None:
+    """The refusal (LockedError, said by fail(), which prints each line of a message) names
+    the holder: its fields are escaped where the lock describes itself."""
+    done = runbook("unlock", str(host_with_a_forged_lock(tmp_path, live=True)), "--yes")
+    said = done.stdout + done.stderr
+    assert done.returncode == 3 and "eve\\n" + FORGED in done.stderr, said
+    assert "hunter22" not in said and "\x1b" not in said, said
+    assert not any(FORGED in line and "eve" not in line for line in said.splitlines()), said

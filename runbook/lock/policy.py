@@ -46,17 +46,21 @@ class Holder:
     pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
 
     def describe(self) -> str:
-        who = self.locked_by or "an unknown user"
+        """One line whatever another tool wrote in the lock: its fields' control characters
+        escaped (a `locked_by` holding a newline printed a forged line of its own)."""
+        from runbook.redact import one_line
+
+        who = one_line(self.locked_by or "an unknown user")
         where = []
         if self.pid is not None:
             where.append(f"pid {self.pid}")
         if self.hostname:
-            where.append(f"on {self.hostname}")
+            where.append(f"on {one_line(self.hostname)}")
         text = f"{who} ({' '.join(where)})" if where else who
         if self.reason:
-            text += f" for {self.reason!r}"
+            text += f" for {self.reason!r}"  # repr: escaped already
         if self.deployment_id:
-            text += f", run {self.deployment_id}"
+            text += f", run {one_line(self.deployment_id)}"
         return text
 
 
