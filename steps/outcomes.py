@@ -756,9 +756,11 @@ def log_says_what_happened(world: World) -> None:
     assert any(e.get("exit_code") == int(error.exit_code) for e in run), run[-1]
 
 
-def secret_forms(password: str) -> set[str]:
-    """The password as any output could spell it: raw and in every URL encoding."""
-    return {password, quote(password, safe=""), quote(password), quote_plus(password)}
+def secret_forms(password: str) -> dict[str, str]:
+    """The password as any output could spell it, raw and in every URL encoding, by the name
+    a failure gives each (never the form itself)."""
+    return {"as written": password, "percent-encoded": quote(password, safe=""),
+            "URL-quoted (/ kept)": quote(password), "form-encoded": quote_plus(password)}
 
 
 def files_under(*roots: Path) -> list[Path]:
@@ -788,9 +790,10 @@ def log_hides_password(world: World) -> None:
     texts["the terminal"] = "\n".join(world.shown)
     forms = secret_forms(password)
     if world.on_drill:  # the drill's password is Dr1ll@<12 random hex>/%x: its core too
-        forms.add(password.split("@", 1)[1].split("/", 1)[0])
-    leaks = [f"{where}: {form!r}" for where, text in texts.items() for form in forms
-             if form in text]
+        forms["its random core"] = password.split("@", 1)[1].split("/", 1)[0]
+    # where, and which form: never the form itself (this message goes into the drill report)
+    leaks = [f"{where} (at character {text.index(form)}, {name})"
+             for where, text in texts.items() for name, form in forms.items() if form in text]
     assert not leaks, "the database password leaked into: " + "; ".join(leaks)
 
 

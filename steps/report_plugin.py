@@ -117,7 +117,12 @@ def _template(item: pytest.Item) -> Any:
 
 
 def _short(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    text = text.strip()
+    """Masked, then shortened: every step error, failure and traceback the report keeps goes
+    through here, and a failed step's message may quote the database password (the report
+    is read, attached and archived like a log)."""
+    from runbook.redact import redact
+
+    text = redact(text).strip()
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
@@ -135,7 +140,7 @@ def _failure(report: pytest.TestReport) -> str:
 def _skip_reason(report: pytest.TestReport) -> str:
     longrepr: Any = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
-        return str(longrepr[2]).removeprefix("Skipped: ")
+        return _short(str(longrepr[2]).removeprefix("Skipped: "))
     return _short(str(longrepr))
 
 
@@ -148,6 +153,20 @@ def _scenario_load(request: pytest.FixtureRequest) -> Any:
         return getattr(request.getfixturevalue("world"), "load", None)
     except Exception:  # no world (not a feature), or it failed to set up
         return None
+
+
+def _register_secrets(env: Any) -> None:
+    """The environment's known secrets (its database password, its env file's *PASSWORD
+    values), registered so that _short masks them even where no pattern would (a bare
+    password in an assertion message). Never fails the drill: a broken configuration is the
+    steps' to report."""
+    import contextlib
+
+    from runbook import database
+    from runbook.redact import register_secrets
+
+    with contextlib.suppress(Exception):
+        register_secrets(*database.known_secrets(env))
 
 
 class DrillReport:
@@ -217,6 +236,7 @@ class DrillReport:
         result = yield
         if fixturedef.argname == "environment" and hasattr(result, "runs_dir"):
             self.env = result
+            _register_secrets(result)
         return result
 
     def _fingerprint(self) -> None:
@@ -231,7 +251,7 @@ class DrillReport:
         try:
             fresh = reports.environment_fingerprint(self.env)
         except Exception as exc:  # a report must never fail the drill
-            fresh = {"error": f"{type(exc).__name__}: {exc}"}
+            fresh = {"error": _short(f"{type(exc).__name__}: {exc}", 1000)}
         for key, value in fresh.items():
             if key not in self.env_fingerprint or str(
                     self.env_fingerprint[key]).startswith("unknown"):

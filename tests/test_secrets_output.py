@@ -351,3 +351,124 @@ def test_unlock_refusing_another_tools_live_lock_names_it_on_one_line(tmp_path: 
     assert done.returncode == 3 and "eve\\n" + FORGED in done.stderr, said
     assert "hunter22" not in said and "\x1b" not in said, said
     assert not any(FORGED in line and "eve" not in line for line in said.splitlines()), said
+
+
+# --- the drill report masks what failed steps say ------------------------------------------------
+
+REPORT_PASSWORD = "Drill-Pw-5mQz8"  # no pattern finds it bare: only its registration masks it
+
+LEAKY_FEATURE = """\
+Feature: Leaky
+  Scenario: A step's assertion quotes the password
+    Given the environment
+    Then the check fails
+
+  Scenario: A step's exception quotes it
+    Given the environment
+    Then the tool breaks
+
+  Scenario: A step skips, quoting it
+    Given the environment
+    Then the tool skips
+"""
+
+LEAKY_STEPS = '''\
+import dataclasses
+from pathlib import Path
+
+import pytest
+from pytest_bdd import given, scenarios, then
+
+from tests.drill_checks import host_env
+
+scenarios("leaky.feature")
+PASSWORD = "{password}"
+
+
+@pytest.fixture
+def environment(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DATABASE_URL=postgresql://togather:{{PASSWORD}}@127.0.0.1:1/db\\\\n"
+                        f"POSTGRES_PASSWORD={{PASSWORD}}\\\\n")
+    env = host_env(tmp_path)
+    return env.with_(database=dataclasses.replace(env.database, env_file=env_file))
+
+
+@given("the environment")
+def given_env(environment):
+    pass
+
+
+@then("the check fails")
+def check_fails():
+    assert False, "it leaked " + PASSWORD + " here"
+
+
+@then("the tool breaks")
+def tool_breaks():
+    raise RuntimeError("pg said: bad login " + PASSWORD)
+
+
+@then("the tool skips")
+def tool_skips():
+    pytest.skip("cannot reach " + PASSWORD)
+'''
+
+
+def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
+        tmp_path: Path) -> None:
+    """Found by review: the report plugin stored step errors, scenario failures and their
+    tracebacks as pytest gave them; a step that quoted the password put it in report.json
+    and report.html. The plugin now registers the environment fixture's known secrets."""
+    work = tmp_path / "leaky"
+    work.mkdir()
+    (work / "leaky.feature").write_text(LEAKY_FEATURE)
+    (work / "test_leaky.py").write_text(LEAKY_STEPS.format(password=REPORT_PASSWORD))
+    out = work / "report"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "steps.report_plugin", "-p", "no:cacheprovider",
+         "--rootdir", str(work), "-q", "--report", str(out), "test_leaky.py"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads((out / "report.json").read_text())
+    scenarios = [s for f in data["features"] for s in f["scenarios"]]
+    assert [s["status"] for s in scenarios] == ["failed", "failed", "skipped"], scenarios
+    errors = [st["error"] for s in scenarios for st in s["steps"] if st["error"]]
+    assert len(errors) == 3 and all("***" in e for e in errors), errors  # said, masked
+    assert "it leaked *** here" in scenarios[0]["message"], scenarios[0]["message"]
+    for name in ("report.json", "report.html"):
+        assert REPORT_PASSWORD not in (out / name).read_text(), name
+
+
+def test_the_password_step_says_where_it_leaked_never_what(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: "the deployment log does not show the database password" listed every
+    form of the real password it found in its assertion message, which the drill report and
+    the terminal show. It names the place and the kind of form instead."""
+    from types import SimpleNamespace
+    from urllib.parse import quote
+
+    from runbook.errors import PreconditionError
+    from steps import outcomes
+
+    password = "Dr1ll@0123456789ab/%x"  # the drill's shape: Dr1ll@<12 hex>/%x
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DATABASE_URL=postgresql://togather:{quote(password, safe='')}"
+                        "@127.0.0.1:1/togather\n")
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, env_file=env_file))
+    env.log_dir.mkdir(parents=True)
+    log = env.log_dir / "production_20260301_101500.log"
+    log.write_text(f'{{"message": "connecting with {password}"}}\n')
+    refusal = PreconditionError("the database schema is at 3, the build needs 4", "migrate")
+    world = SimpleNamespace(env=env, refused=lambda: refusal, on_drill=True,
+                            shown=[f"psql {quote(password, safe='')}", "core 0123456789ab"])
+    monkeypatch.setattr(outcomes, "schema_in_postgres", lambda world: 3)
+    with pytest.raises(AssertionError) as failed:
+        outcomes.log_hides_password(world)  # type: ignore[arg-type]
+    said = str(failed.value)
+    assert str(log) in said and "the terminal" in said, said  # where
+    assert "as written" in said and "percent-encoded" in said and "core" in said, said
+    assert "0123456789ab" not in said and "Dr1ll" not in said, said  # never what
