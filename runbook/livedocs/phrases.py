@@ -50,8 +50,11 @@ ACTIONS: tuple[Phrase, ...] = (
     Phrase(r"^I roll back restoring", (
         "runbook rollback <env> --restore-snapshot   # or add --snapshot FILE to choose one",)),
     Phrase(r"^I roll back the migrations", (
-        "runbook status <env>   # the schema each deployment ran with",
-        "# run each newer migration's .down.sql, newest first (golang-migrate down), then:",
+        "runbook status <env>   # the database's schema, and the one each deployment ran with",
+        "runbook snapshot create <env> --reason before-migrate-down   # a down migration "
+        "drops data",
+        "migrate -path <migrations dir> -database \"$DATABASE_URL\" down <N>   # golang-migrate, "
+        "where the live release's migrations are; N = database schema - previous deployment's",
         "runbook rollback <env>")),
     Phrase(r"^I roll back$", ("runbook rollback <env>",)),
     Phrase(r"^I redeploy the known-good version", ("runbook deploy <env> --version <version>",)),
