@@ -115,6 +115,48 @@ def check_project(env: Environment, *containers: ContainerInfo) -> None:
                 f"set [compose] project = \"{label}\" in {env.source or 'the environment file'}")
 
 
+SERVICE_LABEL = "com.docker.compose.service"
+
+
+def check_service(env: Environment, slot: Slot, target: ContainerInfo, other: ContainerInfo,
+                  *, planning: bool = True) -> None:
+    """Refuse a recreate whose `[slots.<slot>] service` is not the compose service that made
+    the slot's container (Docker's `com.docker.compose.service` label).
+
+    Why: compose recreates the container its service names, whatever the environment calls
+    it. With blue's and green's services swapped in the environment file, a deploy to green
+    recreated the serving blue container with an ungated image. `other` is the other slot's
+    container (the serving one, for a deploy or rollback). A container without the label (a
+    `docker run` host, or a removed one) is not judged here. `planning`: said before anything
+    changed (else right before the recreate, after earlier steps)."""
+    service = env.slot(slot).service
+    if not service:
+        return  # check_recreate says so
+    where = env.source or "the environment file"
+    unchanged = "; nothing was changed" if planning else ""
+    shown = ("`docker inspect -f '{{index .Config.Labels \"" + SERVICE_LABEL
+             + "\"}}' <container>` shows it")
+    made = (target.labels or {}).get(SERVICE_LABEL) if target.exists else None
+    if made and made != service:
+        raise PreconditionError(
+            f"[slots.{slot}] service is {service!r}, but {target.name} was created by compose "
+            f"service {made!r}: a recreate of {service!r} would replace another container "
+            f"than {target.name}{unchanged}",
+            f"set [slots.{slot}] service = \"{made}\" in {where} (each slot's service is the "
+            f"one that created its container: {shown})")
+    labels = other.labels or {}
+    theirs = labels.get(SERVICE_LABEL) if other.exists else None
+    # under another project, `-p <ours> up <service>` would not touch it
+    if theirs and theirs == service and labels.get(PROJECT_LABEL) in (None,
+                                                                      env.compose.project):
+        raise PreconditionError(
+            f"[slots.{slot}] service is {service!r}, the compose service of the {slot.other} "
+            f"slot's container {other.name}: a recreate would replace {other.name}, not "
+            f"{env.slot(slot).container}{unchanged}",
+            f"correct [slots.blue] service and [slots.green] service in {where}: each is the "
+            f"compose service that created that slot's container ({shown})")
+
+
 def base(env: Environment) -> list[str]:
     if env.compose.file is None:
         raise PreconditionError("this host has no compose file ([compose] file is not set)",

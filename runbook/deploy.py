@@ -133,8 +133,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # the compose project that made the slots (Docker's label), as a rollback's recreate
     # checks: under another, compose fails on the name mid-run, or makes a slot on another
     # network when the standby was removed
-    compose.check_project(env, standby if standby.exists
-                          else docker.inspect(env.slot(target.other).container))
+    live_info = docker.inspect(env.slot(target.other).container)
+    compose.check_project(env, standby if standby.exists else live_info)
+    # the service compose recreates is the standby's, never the serving container's
+    compose.check_service(env, target, standby, live_info)
     slots.refuse_if_held(env, target, standby)
     slots.refuse_if_migrating(env, target, standby)
     planned = caddy.plan_switch(env, target)

@@ -134,11 +134,15 @@ def front_port(env: Environment) -> int | None:
 
 def recreate(env: Environment, slot: Slot, tag: str,
              command: compose.Command | None = None) -> None:
-    """Recreate a slot's container through compose; never the one that serves, nor one left
-    running for Caddy's h2c connections (`refuse_if_held`). `command` is the one the plan
+    """Recreate a slot's container through compose; never the one that serves, nor another
+    slot's (`compose.check_service`), nor one left running for Caddy's h2c connections
+    (`refuse_if_held`). `command` is the one the plan
     showed (built here when not given)."""
     traffic.refuse_if_serving(env, slot, "recreate")
     info = docker.inspect(env.slot(slot).container)
+    # the service compose recreates must be this slot's, checked again at the act
+    compose.check_service(env, slot, info, docker.inspect(env.slot(slot.other).container),
+                          planning=False)
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     compose.run(command or compose.recreate_slot(env, slot, tag))
@@ -330,8 +334,9 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
            else f"it runs {info.image}")
     compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
     # the label of the compose project that made it: the removed one's from its sibling
-    compose.check_project(env, info if info.exists
-                          else docker.inspect(env.slot(slot.other).container))
+    other = docker.inspect(env.slot(slot.other).container)
+    compose.check_project(env, info if info.exists else other)
+    compose.check_service(env, slot, info, other)  # never the other slot's container
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     return Preparation(slot, info, image, version, "recreate",

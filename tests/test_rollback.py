@@ -470,6 +470,57 @@ def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing
     assert snapshot(env) == before
 
 
+def container_identity(stack: DrillStack, name: str) -> str:
+    """Docker's own id, start time and image of a container: a recreate changes the first."""
+    return stack.docker("inspect", "-f", "{{.Id}} {{.State.StartedAt}} {{.Config.Image}}",
+                        name).stdout.strip()
+
+
+@pytest.mark.any_shape
+@pytest.mark.shape_specific
+def test_swapped_compose_services_never_recreate_the_serving_container(
+        stack: DrillStack) -> None:
+    """[slots.blue] service and [slots.green] service swapped in the environment file: a
+    deploy to green ran `compose up --force-recreate togather-blue`, which recreated the
+    SERVING blue container with the ungated image, then said "failed safely". The compose
+    service label Docker keeps on each container is the truth: refused before anything
+    changed (exit 4), at the rollback's recreate too, and at the act itself."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose service labels (and no compose)")
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    label = "com.docker.compose.service"
+    assert (docker.inspect(blue.container).labels or {})[label] == blue.service  # the truth
+    swapped = env.with_(slots={Slot.BLUE: dataclasses.replace(blue, service=green.service),
+                               Slot.GREEN: dataclasses.replace(green, service=blue.service)})
+    serving = container_identity(stack, blue.container)
+    before = snapshot(env)
+    snapshots_before = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(swapped, deploy.Options(version=V2.tag))
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert "nothing was changed" in err.value.message
+    assert f"[slots.green] service is {blue.service!r}" in err.value.message
+    assert f'[slots.green] service = "{green.service}"' in (err.value.fix or "")
+    assert container_identity(stack, blue.container) == serving
+    assert sorted(env.database.snapshot_dir.glob("*.sql.gz")) == snapshots_before
+    assert snapshot(env) == before
+    # a rollback that recreates (green removed): the service it would recreate is blue's
+    docker.remove(green.container)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(swapped)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"would replace {blue.container}" in err.value.message
+    assert container_identity(stack, blue.container) == serving
+    assert snapshot(env) == before
+    # and right at the act (a plan made before someone edited the file): still refused
+    with pytest.raises(RunbookError):
+        slots.recreate(swapped, Slot.GREEN, V2.tag)
+    assert container_identity(stack, blue.container) == serving
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 @pytest.mark.any_shape
 @pytest.mark.shape_specific
 def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_so(
