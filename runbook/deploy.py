@@ -139,6 +139,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     compose.check_service(env, target, standby, live_info)
     slots.refuse_if_held(env, target, standby)
     slots.refuse_if_migrating(env, target, standby)
+    traffic.refuse_recreate_if_pinned(env, target)  # another site's upstream: it serves
     planned = caddy.plan_switch(env, target)
     checks = preflight.start(env, candidate=planned.new_text,
                              recreate=True, migrate_image=image,
@@ -215,9 +216,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 return _schema_moved(schema_at_start[0], "new version's start")
             return None
 
+        # refused (it serves, another site proxies to it, ...): nothing to undo, and the
+        # undo's stop would cut what it serves
+        slots.refuse_recreate(env, target)
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
         ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
-        slots.recreate(env, target, version)
+        slots.recreate(env, target, version, checked=True)
 
     def run_migrate(ctx: StepContext) -> None:
         before = baseline()

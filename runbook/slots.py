@@ -133,11 +133,21 @@ def front_port(env: Environment) -> int | None:
 
 
 def recreate(env: Environment, slot: Slot, tag: str,
-             command: compose.Command | None = None) -> None:
-    """Recreate a slot's container through compose; never the one that serves, nor another
-    slot's (`compose.check_service`), nor one left running for Caddy's h2c connections
-    (`refuse_if_held`). `command` is the one the plan
-    showed (built here when not given)."""
+             command: compose.Command | None = None, *, checked: bool = False) -> None:
+    """Recreate a slot's container through compose, after `refuse_recreate` (`checked`: the
+    caller has just made it). `command` is the one the plan showed (built here when not
+    given)."""
+    if not checked:
+        refuse_recreate(env, slot)
+    compose.run(command or compose.recreate_slot(env, slot, tag))
+
+
+def refuse_recreate(env: Environment, slot: Slot) -> None:
+    """The checks made right before a recreate: never the container that serves (nor one a
+    site outside the slot markers proxies to), nor another slot's (`compose.check_service`),
+    nor one left running for Caddy's h2c connections (`refuse_if_held`), nor one migrations
+    run in. A step makes them BEFORE it registers its undo: a refused recreate changed
+    nothing, and the undo's stop would cut what the container still serves."""
     traffic.refuse_if_serving(env, slot, "recreate")
     info = docker.inspect(env.slot(slot).container)
     # the service compose recreates must be this slot's, checked again at the act
@@ -145,7 +155,6 @@ def recreate(env: Environment, slot: Slot, tag: str,
                           planning=False)
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
-    compose.run(command or compose.recreate_slot(env, slot, tag))
 
 
 def held_marker(env: Environment, slot: Slot) -> Path:
@@ -339,6 +348,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     compose.check_service(env, slot, info, other)  # never the other slot's container
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
+    traffic.refuse_recreate_if_pinned(env, slot)  # another site's upstream: it serves
     return Preparation(slot, info, image, version, "recreate",
                        f"recreate through compose with {image} ({why})")
 
@@ -381,9 +391,10 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
                            lambda: stop_if_started(env, prep.slot, observed))
             docker.run(start_action)
         elif recreate_command is not None:
+            refuse_recreate(env, prep.slot)  # refused: nothing to undo
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
                            lambda: stop_if_started(env, prep.slot, observed))
-            recreate(env, prep.slot, prep.tag, recreate_command)
+            recreate(env, prep.slot, prep.tag, recreate_command, checked=True)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")

@@ -428,6 +428,10 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
             f"dials port {env.slot(slot).port})",
             _LEFT_RUNNING)
     info = docker.inspect(container)
+    if action == "recreate" and slot in found.pinned and _up(info.status):
+        raise ServingContainerError(
+            f"refusing to {action} {container}: {pinned_by(env, found, slot)}",
+            _PINNED_FIX, exit_code=ExitCode.FAILED_SAFELY)  # refused before the act
     # Caddy on Docker's network dials the container itself (its name, an alias, its IP and
     # the app's port inside it), not the host port the environment names: by port alone the
     # container that serves passed for one Caddy does not dial
@@ -450,6 +454,45 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
             f"compare `docker port {container}` with [slots] in the environment file; see "
             "`runbook status`")
     return found
+
+
+def pinned_by(env: Environment, found: Traffic, slot: Slot) -> str:
+    """Says which dials of a site outside the slot markers reach `slot` (one in
+    `found.pinned`)."""
+    port = env.slot(slot).port
+    dials = ", ".join(d for d in found.dials if _dial_port(d) == port) or f":{port}"
+    return (f"a site outside the slot markers of {env.caddy.caddyfile} proxies to it "
+            f"({dials}), so it serves that site")
+
+
+def _up(status: str) -> bool:
+    """Whether a container in this state may be answering (or holding) requests."""
+    return status in ("running", "paused", "restarting")
+
+
+def refuse_recreate_if_pinned(env: Environment, slot: Slot) -> None:
+    """Refuse, when planning, to recreate a slot that a site outside the slot markers proxies
+    to (`Traffic.pinned`) while its container runs: for a recreate it counts as serving.
+
+    Why: a deploy force-recreated such a standby, so the other site was served by the
+    unverified build during the gate, and when the gate failed the undo stopped it: that site
+    answered 502 while the run said traffic stayed where it was. Reads Caddy's running config
+    (unreadable: exit 4, nothing changed)."""
+    from runbook import docker
+
+    found = read(env, proxy=False)
+    container = env.slot(slot).container
+    if slot not in found.pinned or not _up(docker.inspect(container).status):
+        return  # a stopped or removed one serves that site nothing: no outage to make worse
+    raise PreconditionError(
+        f"refusing to recreate {container}: {pinned_by(env, found, slot)}; recreating it would "
+        "hand that site an unverified build, and a failed health gate would stop it; nothing "
+        "was changed",
+        _PINNED_FIX)
+
+
+_PINNED_FIX = ("point that site's reverse_proxy at another upstream (or move it between the "
+               "slot markers, so it follows the switch), reload Caddy, then run again")
 
 
 def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from runbook import caddy, deploy, docker, files, rollback, slots, switch, traffic
+from runbook import caddy, compose, deploy, docker, files, rollback, slots, switch, traffic
 from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill import http as drill_http
@@ -1461,6 +1461,73 @@ def test_a_run_killed_between_the_caddyfile_write_and_the_reload_is_finished_bes
     again = cli()
     assert again.returncode == 0, again.stdout + again.stderr
     assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_running_standby_another_site_proxies_to_is_never_recreated(
+        stack: DrillStack) -> None:
+    """A status page outside the slot markers proxies to green's port; blue serves, green
+    runs (stop_old_slot = false). A deploy of a bad build force-recreated green (the status
+    page served the unverified build during the gate), the gate failed, the undo stopped
+    green: the status page answered 502 and the run said "traffic stays where it is". For a
+    recreate such a slot counts as serving: refused before anything changes (exit 4), for a
+    deploy and for a rollback that would recreate it. The oracle is the other site itself."""
+    if docker_run_host(stack):
+        pytest.skip("the deploy and the rollback below recreate through compose")
+    env = two_deployments(stack, stop_old_slot=False)  # v3 serving blue, v2 running on green
+    green = env.slot(Slot.GREEN)
+    pin_other_site(env, f"localhost:{green.port}")
+    site = f"http://127.0.0.1:{stack.ports.other_site}/version"
+
+    def other_site() -> tuple[int, str]:
+        answer = drill_http.get(site, headers={"Connection": "close"}, timeout=5)
+        return answer.status_code, answer.json().get("version", "") \
+            if answer.status_code == 200 else ""
+
+    assert other_site() == (200, V2.tag)
+    kept = container_identity(stack, green.container)
+    before = snapshot(env)
+    snapshots_before = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(env, deploy.Options(version=VERSIONS["unhealthy"].tag))
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert "nothing was changed" in err.value.message
+    assert f"localhost:{green.port}" in err.value.message  # the other site's dial, named
+    assert other_site() == (200, V2.tag)
+    assert container_identity(stack, green.container) == kept
+    assert sorted(env.database.snapshot_dir.glob("*.sql.gz")) == snapshots_before
+    assert snapshot(env) == before
+    # a rollback that would recreate it: green runs v3 now (not the previous v2)
+    subprocess.run([*compose.base(env), "up", "-d", "--no-deps", "--force-recreate",
+                    "--pull", "never", green.service or ""], check=True, capture_output=True,
+                   env={**os.environ, "IMAGE_TAG": V3.tag}, timeout=120)
+    wait_for(lambda: other_site() == (200, V3.tag))
+    kept = container_identity(stack, green.container)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"localhost:{green.port}" in err.value.message
+    assert other_site() == (200, V3.tag)
+    assert container_identity(stack, green.container) == kept
+    assert snapshot(env) == before
+    # and at the act itself (a plan made before the site was pinned)
+    with pytest.raises(traffic.ServingContainerError):
+        slots.recreate(env, Slot.GREEN, V2.tag)
+    assert container_identity(stack, green.container) == kept
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
+def wait_for(ready: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll until `ready` holds (a container compose has just started)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.2)
 
 
 @pytest.mark.long
