@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -158,8 +159,16 @@ def refuse_recreate(env: Environment, slot: Slot) -> None:
 
 
 def held_marker(env: Environment, slot: Slot) -> Path:
-    """Where `stop` records that it left `slot` running for Caddy's h2c connections (not a
-    run record: no .json suffix)."""
+    """Where `stop` records that it left `slot` running for Caddy's h2c connections: beside
+    the state file, as the intent record is, so every operator's run sees it. Under the
+    runs_dir (a home folder: `~/.togather/runs`), another operator's deploy, or sudo's, never
+    saw it and recreated the held container under those connections."""
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{state.name}.{env.name}.{slot}.held-for-h2c")
+
+
+def legacy_held_marker(env: Environment, slot: Slot) -> Path:
+    """Where earlier versions recorded it (per user, under runs_dir): still read."""
     return env.runs_dir / f"{env.name}.{slot}.held-for-h2c"
 
 
@@ -170,11 +179,13 @@ def _record_held(env: Environment, slot: Slot, reason: str, port: int | None = N
     info = docker.inspect(env.slot(slot).container)
     record = {"container": info.name, "started_at": info.started_at,
               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "why": reason, "port": port}
+    target = held_marker(env, slot)
     try:
-        env.runs_dir.mkdir(parents=True, exist_ok=True)
-        files.atomic_write(held_marker(env, slot), json.dumps(record, indent=1).encode())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # readable by every operator (it holds no secret): each one's deploy must see it
+        files.atomic_write(target, json.dumps(record, indent=1).encode(), default_mode=0o644)
     except OSError as exc:
-        return (f"{reason} (not recorded in {held_marker(env, slot)}: {exc.strerror}; a later "
+        return (f"{reason} (not recorded in {target}: {exc.strerror}; a later "
                 "deploy will not know, so stop it before you deploy)")
     return reason
 
@@ -191,21 +202,21 @@ def held_record(env: Environment, slot: Slot, info: ContainerInfo) -> dict[str, 
     PreconditionError naming the file (fail closed: it may say exactly that)."""
     if not info.running:
         return None
-    path = held_marker(env, slot)
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise PreconditionError(
-            f"cannot read {path} ({exc}), which says whether {info.name} was left running for "
-            "Caddy's h2c connections",
-            f"if {info.name} has no users left, `docker stop {info.name}`, then run again"
-        ) from None
-    if not isinstance(record, dict) or (record.get("container"), record.get("started_at")) != (
-            info.name, info.started_at):
-        return None
-    return record
+    for path in (held_marker(env, slot), legacy_held_marker(env, slot)):
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise PreconditionError(
+                f"cannot read {path} ({exc}), which says whether {info.name} was left running "
+                "for Caddy's h2c connections",
+                f"if {info.name} has no users left, `docker stop {info.name}`, then run again"
+            ) from None
+        if isinstance(record, dict) and (record.get("container"), record.get("started_at")) \
+                == (info.name, info.started_at):
+            return record
+    return None
 
 
 def held_fix(env: Environment, container: str, port: int | None = None) -> str:

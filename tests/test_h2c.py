@@ -188,6 +188,45 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
 
 @pytest.mark.docker
 @pytest.mark.xdist_group("h2c")
+def test_another_operators_deploy_never_recreates_a_slot_held_for_h2c(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """The record that a slot was left running for h2c connections lived under runs_dir,
+    `~/.togather/runs` by default: per user. Another operator's deploy (or one under sudo),
+    with its own runs_dir, did not see it and recreated the held container under those
+    connections. Kept beside the state file, it is every operator's."""
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    new = VERSIONS["v3"].tag
+    other = env.with_(runs_dir=tmp_path / "another-operator" / ".togather" / "runs")
+    with drill_http.held_h2c_client() as lb:
+        port, *_ = _answer(lb, stack)
+        rollback.rollback(env.with_(drain_timeout=2.0))  # busy until its timeout: 2 s
+        left = docker.inspect(blue)
+        assert left.running  # left running for the connection above
+        with pytest.raises(PreconditionError) as refused:
+            deploy.deploy(other, deploy.Options(version=new))
+        assert f"refusing to recreate {blue}" in refused.value.message
+        # nothing changed: the held connection is still answered by the same container
+        assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
+        assert docker.inspect(blue).started_at == left.started_at
+
+
+def test_a_held_record_where_earlier_versions_kept_it_is_still_honoured(
+        tmp_path: Path) -> None:
+    """Records written before the move (under runs_dir) still hold their container."""
+    env = host_env(tmp_path, name="staging")
+    name = env.slot(Slot.BLUE).container
+    running = docker.ContainerInfo(name, True, "running", started_at="2026-12-02T05:56:43Z")
+    old = env.runs_dir / f"{env.name}.blue.held-for-h2c"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_text(json.dumps({"container": name, "started_at": running.started_at}))
+    with pytest.raises(PreconditionError, match=f"refusing to recreate {name}"):
+        slots.refuse_if_held(env, Slot.BLUE, running)
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
 def test_a_run_killed_before_the_stop_is_finished_without_cutting_h2c_connections(
         stack: DrillStack) -> None:
     """The next run finishes a run killed after the switch by stopping the old slot. It did
