@@ -143,7 +143,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     planned = caddy.plan_switch(env, target)
     checks = preflight.start(env, candidate=planned.new_text,
                              recreate=True, migrate_image=image,
-                             loaded=lambda: traffic.loaded_config(env))
+                             loaded=lambda: traffic.loaded_config(env), tag=version)
     tools = checks.result()
     warnings += checks.warnings
     # The same deploy rerun after an interruption before traffic moved is that deployment

@@ -10,7 +10,9 @@ details, so `--dry-run` shows each one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -286,8 +288,9 @@ def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
     return f"systemctl reload {c.systemd_unit}: unit active"
 
 
-def compose_path(env: Environment) -> str:
-    """The compose file exists and `docker compose` runs (only when the plan recreates)."""
+def compose_path(env: Environment, tag: str | None = None) -> str:
+    """The compose file exists, `docker compose` runs and reads the project with its env file
+    (only when the plan recreates; `tag`: the IMAGE_TAG the recreate sets)."""
     file = env.compose.file
     if file is None or not file.is_file():
         raise PreconditionError(f"pre-flight: the plan recreates a slot, but the compose file "
@@ -314,7 +317,70 @@ def compose_path(env: Environment) -> str:
                                 "nothing was changed",
                                 "install Docker's Compose v2 plugin (2.6 or later) or set "
                                 "[compose] command")
-    return f"{file} present; `{' '.join(env.compose.command)} up --pull never` runs"
+    compose_config(env, tag)
+    return (f"{file} present; `{' '.join(env.compose.command)} up --pull never` runs; "
+            "`config` reads it" + (f" with {env.compose.env_file}" if env.compose.env_file
+                                   else ""))
+
+
+def compose_config(env: Environment, tag: str | None = None) -> None:
+    """Have compose read the very project the recreate will use (`-p`, `-f`, `--env-file`,
+    IMAGE_TAG): `up --help` proved only the program. Why: a missing or unreadable [compose]
+    env_file passed pre-flight, and the real deploy took its snapshot, then failed at the
+    recreate (exit 1, a snapshot left). Also: each slot's service is in the file and, when it
+    names a container_name, names that slot's container (compose recreates by service: a
+    swapped or misspelt one recreated another container, or failed mid-run). The output
+    (which holds the env file's secrets) is never shown; the error line is redacted."""
+    from runbook import compose
+    from runbook.journal import redact
+
+    argv = [*compose.base(env), "config", "--format", "json"]
+    where = (f"the compose file {env.compose.file}" + (
+        f" with the env file {env.compose.env_file}" if env.compose.env_file else ""))
+    extra = {"IMAGE_TAG": tag} if tag else {}
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
+                              check=False, stdin=subprocess.DEVNULL,
+                              env={**os.environ, **extra})
+        code, out = done.returncode, done.stdout
+        said = ([ln.strip() for ln in (done.stderr or "").splitlines() if ln.strip()]
+                or ["no output"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        code, out, said = 126, "", str(exc)
+    if code != 0:
+        raise PreconditionError(
+            f"pre-flight: compose cannot read {where}: `{shlex.join(argv)}` exited {code}: "
+            f"{redact(said)}; nothing was changed",
+            "fix [compose] file / env_file in the environment file (the env file must exist "
+            "and be readable by the user that runs the runbook), then run again")
+    try:
+        services = json.loads(out).get("services")
+        if not isinstance(services, dict):
+            raise ValueError("no services")
+    except (ValueError, AttributeError):
+        raise PreconditionError(
+            f"pre-flight: `{shlex.join(argv)}` did not print the project as JSON, so which "
+            "container each slot's service makes cannot be checked; nothing was changed",
+            "install Docker's Compose v2 plugin (2.6 or later) or set [compose] command"
+        ) from None
+    for slot, config in env.slots.items():
+        if not config.service:
+            continue
+        found = services.get(config.service)
+        if not isinstance(found, dict):
+            raise PreconditionError(
+                f"pre-flight: [slots.{slot}] service is {config.service!r}, but {where} has "
+                f"no such service (it has {', '.join(sorted(services)) or 'none'}); nothing "
+                "was changed", f"set [slots.{slot}] service to the compose service of "
+                f"{config.container}")
+        name = found.get("container_name")
+        if isinstance(name, str) and name and name != config.container:
+            raise PreconditionError(
+                f"pre-flight: [slots.{slot}] service {config.service!r} makes the container "
+                f"{name!r} ({where}), not {config.container!r}: a recreate of the {slot} "
+                "slot would replace another container; nothing was changed",
+                f"set [slots.{slot}] service to the compose service whose container_name is "
+                f"{config.container} (or [slots.{slot}] container to {name!r})")
 
 
 def image_path(image: str) -> list[str]:
@@ -407,7 +473,7 @@ class Checks:
 
 def start(env: Environment, *, candidate: str | None, recreate: bool,
           migrate_image: str | None = None, admin_answered: bool = False,
-          loaded: Callable[[], Any] | None = None) -> Checks:
+          loaded: Callable[[], Any] | None = None, tag: str | None = None) -> Checks:
     """Start every check the plan needs, at once (each waits on its own tool), and return:
     the planner collects them with `result()` (raising the first that fails, in the order
     below: exit 4, nothing changed), after what it still waits on (the schema guard's
@@ -421,7 +487,7 @@ def start(env: Environment, *, candidate: str | None, recreate: bool,
     if candidate is not None and runs_in_container(env):
         probes["caddyfile mount"] = Probe(lambda: caddyfile_mount(env), "mount")
     if recreate:
-        probes["compose"] = Probe(lambda: compose_path(env), "compose")
+        probes["compose"] = Probe(lambda: compose_path(env, tag), "compose")
     if migrate_image is not None and env.migrate_command:
         probes["migrate command"] = Probe(lambda: migrate_path(env, migrate_image), "migrate")
     return Checks(env, probes)

@@ -356,7 +356,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # started now, so Caddy validates while the schema guard still waits on the database
         checks = tool_checks.start(env, candidate=sp.new_text,
                                    recreate=prep.action == "recreate", admin_answered=True,
-                                   loaded=lambda: traffic.loaded_config(env))
+                                   loaded=lambda: traffic.loaded_config(env),
+                                   tag=prep.tag)
         try:
             guard = guard_probe.result()
         except PreconditionError as exc:

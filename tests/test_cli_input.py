@@ -145,11 +145,15 @@ def test_a_compose_without_up_pull_is_refused_in_preflight(
     from runbook import preflight
     from runbook.errors import PreconditionError
 
+    env = host_env(tmp_path)
+    # `config --format json` (pre-flight reads the project too): the slots' services
+    project = json.dumps({"services": {s.service: {"container_name": s.container}
+                                       for s in env.slots.values()}})
     fake = tmp_path / "compose"
-    fake.write_text(f"#!/bin/sh\nprintf '{help_text}'\n")
+    fake.write_text(f"#!/bin/sh\ncase \"$*\" in *' config '*) echo '{project}'; exit 0;; "
+                    f"esac\nprintf '{help_text}'\n")
     fake.chmod(0o755)
     (tmp_path / "compose.yml").write_text("services: {}\n")
-    env = host_env(tmp_path)
     env = env.with_(compose=dataclasses.replace(env.compose, file=tmp_path / "compose.yml",
                                                 command=(str(fake),)))
     if ok:

@@ -470,6 +470,46 @@ def test_a_recreate_under_another_compose_project_is_refused_and_changes_nothing
     assert snapshot(env) == before
 
 
+@pytest.mark.any_shape
+@pytest.mark.shape_specific
+def test_a_compose_env_file_or_service_compose_cannot_use_is_refused_before_the_snapshot(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Pre-flight proved compose only with `up --help`: a missing or unreadable [compose]
+    env_file (or a service the compose file lacks) passed the dry run, then the real deploy
+    took its snapshot and failed at the recreate (exit 1, a snapshot left). Compose now reads
+    the very project first (`config`): exit 4, nothing changed, the file named."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose")
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    unreadable = tmp_path / ".env.production"
+    unreadable.write_text("IMAGE_TAG=abc1234\n")
+    unreadable.chmod(0)
+    if os.access(unreadable, os.R_OK):
+        unreadable = tmp_path / "missing" / ".env.production"  # root reads anything
+    green = env.slot(Slot.GREEN)
+    broken = [env.with_(compose=dataclasses.replace(env.compose, env_file=unreadable)),
+              env.with_(slots={**env.slots, Slot.GREEN: dataclasses.replace(
+                  green, service="togather-gren")})]
+    before = snapshot(env)
+    snapshots_before = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    for bad, named in zip(broken, (str(unreadable), "'togather-gren'"), strict=True):
+        with pytest.raises(RunbookError) as err:
+            deploy.deploy(bad, deploy.Options(version=V2.tag))
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert "nothing was changed" in err.value.message and named in err.value.message
+        assert sorted(env.database.snapshot_dir.glob("*.sql.gz")) == snapshots_before
+        assert snapshot(env) == before
+    # a rollback that recreates (green removed) reads it too
+    docker.remove(green.container)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(broken[0])
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert str(unreadable) in err.value.message
+    assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def container_identity(stack: DrillStack, name: str) -> str:
     """Docker's own id, start time and image of a container: a recreate changes the first."""
     return stack.docker("inspect", "-f", "{{.Id}} {{.State.StartedAt}} {{.Config.Image}}",
