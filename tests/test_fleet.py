@@ -1380,6 +1380,63 @@ def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
     assert hostlock.status(fleet.hosts[0].env) is None
 
 
+@pytest.mark.docker
+def test_the_resume_named_for_a_run_killed_before_its_rollout_keeps_its_limit(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """`--limit host1,host2`, its controller killed (kill -9) in pre-flight once it holds the
+    fleet lock. A rerun is refused by that lock and names the dead run's resume; found by
+    review: that command had no --limit, and following it rolled back host3 too, a host the
+    operator had left out. Followed as printed, it now rolls back host1 and host2 only.
+    Oracle: what each host's Caddy serves."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    holder_file = hostlock.path(fleet.hosts[0].env) / "holder.json"
+    kill = fleet.kill_controller_command("host2", pid_file, "fleet", "host-check")
+    after_lock = tmp_path / "kill-once-locked"  # host1's own host-check takes the lock
+    after_lock.write_text(f"""#!{sys.executable}
+import os, sys, time
+from pathlib import Path
+argv = sys.argv[1:]
+for _ in range(1200):
+    if argv[:2] != ["fleet", "host-check"] or Path({str(holder_file)!r}).exists():
+        break
+    time.sleep(0.05)
+os.execv({kill!r}, [{kill!r}, *argv])
+""")
+    after_lock.chmod(0o755)
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": str(after_lock)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--limit", "host1,host2")
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    run_id = record["fleet_run_id"]
+    assert record["outcome"] is None and not record.get("rollout_started"), record
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v3, v3, v3]
+    # as seen from a lock host on another machine: live, so the rerun is refused
+    holder = json.loads(holder_file.read_text())
+    holder_file.write_text(json.dumps({**holder, "hostname": "controller-elsewhere"}))
+    plain = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                            "--yes", "--journal-dir", str(journal)], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
+    assert plain.returncode == ExitCode.LOCKED, plain.stdout + plain.stderr
+    named = plain.stderr.split("finish it with `", 1)[1].split("`", 1)[0]
+    argv = shlex.split(named)
+    assert argv[:3] == ["runbook", "fleet", "rollback"] and f"--resume {run_id}" in named, named
+    resumed = subprocess.run([fleet.runbook_command, *argv[1:], "--yes"], capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert fleet.serving("host1") == (200, "blue", v2)
+    assert fleet.serving("host2") == (200, "blue", v2)
+    assert fleet.serving("host3")[2] == v3, named  # left out by the run's --limit: untouched
+    assert hostlock.status(fleet.hosts[0].env) is None
+
+
 @pytest.mark.parametrize(("name", "value"), [
     *(("RUNBOOK_FLEET_REFRESH_AFTER_S", v) for v in ["soon", "-1", "nan", "inf", "1800"]),
     *(("RUNBOOK_FLEET_SSH_ALIVE_S", v) for v in ["0", "1.5", "-3", "301", "often"])])

@@ -51,6 +51,8 @@ class FleetJournal:
             "limit": options.limit, "resumed_from": options.resume,
             "lock_host": inventory.lock_host, "hosts_selected": targets,
             "canary": [h for h in targets if h in inventory.canary],
+            # as given: the resume command a dead run's refusal names is built from them
+            "canary_group": inventory.canary_group, "batches_spec": options.batches,
             "batches": plan.batches, "started": _iso(self.started), "phases": [],
             "database": None, "hosts": {}, "outcome": None, "exit_code": None,
             "controller": {"hostname": socket.gethostname(), "pid": os.getpid(),

@@ -785,13 +785,32 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
     inventory = record.get("inventory")
     where = (shlex.quote(inventory) if isinstance(inventory, str) and Path(inventory).is_absolute()
              else _inventory_arg(options))  # the dead run's inventory, when its path says
-    resume = str(record.get("resume_command") or _resume_command(options, run_id, where=where))
+    # its own --limit: a resume without one selects the whole inventory (found by review: a
+    # run limited to two hosts was "resumed" on every host)
+    limit = record.get("limit")
+    resume = str(record.get("resume_command") or _resume_command(
+        _recorded_options(record, options), run_id, where=where,
+        limit=[limit] if isinstance(limit, str) and limit.strip() else None))
     if options.journal_dir is not None and " --journal-dir " not in resume:
         # where this run looked (a record written before resume commands named it)
         resume += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
+    check = ("; first check each host it recorded no outcome for (`runbook status ENV` "
+             "there)" if record.get("rollout_started") else "")
     refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
-                   f"host it rolled back again); or, to start afresh, release the lock there "
-                   f"({release})")
+                   f"host it rolled back again{check}); or, to start afresh, release the lock "
+                   f"there ({release})")
+
+
+def _recorded_options(record: dict[str, Any], options: Options) -> Options:
+    """This run's options with the dead run's own canary group and batches, as its journal
+    recorded them (a record written before they were journaled: this run's), for its resume
+    command: a resume with another canary group has another canary, maybe another lock host."""
+    from dataclasses import replace
+
+    group, spec = record.get("canary_group"), record.get("batches_spec")
+    return replace(options, canary_group=group if isinstance(group, str) and group
+                   else options.canary_group,
+                   batches=spec if isinstance(spec, str) and spec else options.batches)
 
 
 def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
