@@ -231,6 +231,50 @@ def test_an_inventory_that_needs_ansible_is_read_by_ansible(case: str, tmp_path:
             assert inventory.var("web2", "runbook_env") == "from-group-vars"
 
 
+SHARED_GROUPS = {  # `front` under east and canary; `canary` at top level and under west
+    "inventory.yml": """\
+all:
+  children:
+    east:
+      hosts:
+        web2:
+      children:
+        front:
+          hosts:
+            web1:
+    canary:
+      children:
+        front:
+    west:
+      hosts:
+        web3:
+      children:
+        canary:
+""",
+    "inventory.ini": "[east]\nweb2\n[front]\nweb1\n[east:children]\nfront\n"
+                     "[canary:children]\nfront\n[west]\nweb3\n[west:children]\ncanary\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_GROUPS))
+def test_a_group_under_two_parents_counts_in_both_as_ansible_says(
+        name: str, tmp_path: Path) -> None:
+    """Found by review: a group reached a second time (a child of two groups) added no hosts
+    to its second parent, so `--limit west` and the canary group silently left hosts out.
+    Oracle: the hosts the real `ansible GROUP --list-hosts` names for each group."""
+    path = tmp_path / name
+    path.write_text(SHARED_GROUPS[name])
+    inventory = inv.read(path)
+    ansible = str(Path(sys.executable).with_name("ansible"))
+    for group in ("east", "front", "canary", "west"):
+        out = subprocess.run([ansible, "-i", str(path), group, "--list-hosts"],
+                             capture_output=True, text=True, check=True, timeout=120,
+                             env={**os.environ, "ANSIBLE_NOCOLOR": "1"}).stdout
+        listed = {line.strip() for line in out.splitlines()[1:] if line.strip()}
+        assert set(inventory.select(group)) == listed, (group, out)
+    assert inventory.canary == ["web1"]
+
+
 def test_fleet_lock_host_var_and_a_wrong_one(tmp_path: Path) -> None:
     path = tmp_path / "inventory.yml"
     path.write_text(INVENTORY.replace("runbook_env: production",

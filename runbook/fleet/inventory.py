@@ -132,19 +132,25 @@ def _from_list(path: Path, data: dict[str, Any], canary_group: str) -> Inventory
     hosts: list[str] = []
     groups: dict[str, list[str]] = {}
 
-    def walk(group: str, seen: set[str]) -> list[str]:
-        if group in seen:
+    def walk(group: str, path: frozenset[str]) -> list[str]:
+        """A group's hosts, its children's included. Each group is computed in full, whichever
+        parent reaches it first: one `seen` for the whole walk gave a group under two parents
+        no members in the second (found by review: `--limit east` left out the hosts of its
+        child `canary`, also a top-level group). Only a cycle (a group its own ancestor) is
+        cut, on its own path."""
+        if group in groups:
+            return groups[group]
+        if group in path:
             return []
-        seen.add(group)
         entry = data.get(group, {})
         members = list(entry.get("hosts", []))
         for child in entry.get("children", []):
-            members += walk(child, seen)
+            members += walk(child, path | {group})
         unique = list(dict.fromkeys(members))
         groups[group] = unique
         return unique
 
-    for h in walk("all", set()):
+    for h in walk("all", frozenset()):
         if h not in hosts:
             hosts.append(h)
     if not hosts:
