@@ -39,6 +39,11 @@ class Options:
     expect_from: str | None = None
     # with restore_snapshot: end other sessions on the database instead of refusing
     end_sessions: bool = False
+    # a dry run only (the fleet's maintenance pre-flight of a host whose shared database the
+    # fleet restores first): the schema guard's refusal is kept in the plan's facts
+    # ("schema_refusal") and every other check still runs, so a host broken otherwise is
+    # refused before any host is drained
+    schema_restored_first: bool = False
 
 
 def no_previous_fix(env: Environment) -> str:
@@ -53,6 +58,24 @@ class Guard:
     details: dict[str, str]
     warnings: list[str]
     restore: snapshots.Snapshot | None = None
+    refused: SchemaRefusal | None = None  # kept, not raised (Options.schema_restored_first)
+
+
+class SchemaRefusal(PreconditionError):
+    """The schema guard's refusal: the database schema is newer than (or dirty for) what the
+    target ran with. A snapshot restore resolves it, and nothing else does."""
+
+
+def _guarded(probe: tool_checks.Probe[Guard], options: Options) -> Guard:
+    """The schema guard's result; its refusal kept instead of raised when the fleet restores
+    the database first (the checks after it must still run on this host)."""
+    try:
+        return probe.result()
+    except SchemaRefusal as exc:
+        if not options.schema_restored_first:
+            raise
+        return Guard({"schema guard": f"refused ({exc.message}): the fleet restores the "
+                      "snapshot first"}, [], refused=exc)
 
 
 def schema_guard(env: Environment, current: states.Deployment, target: states.Deployment,
@@ -158,7 +181,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
             fix = (f"restore snapshot {snap.name} and roll back in one go with "
                    f"`runbook rollback {env.name} --restore-snapshot` ({window.describe()}), "
                    "or pass --force to roll back the code anyway")
-        raise PreconditionError(problem, fix)
+        raise SchemaRefusal(problem, fix)
     if problem:
         guard.warnings.append(f"schema guard skipped (--force): {problem}; rolling back the "
                               "code anyway")
@@ -350,7 +373,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         try:
             sp = caddy.plan_switch(env, standby)
         except RunbookError:
-            guard_probe.result()  # the schema guard's failure is reported first, as before
+            _guarded(guard_probe, options)  # the schema guard's failure first, as before
             raise
         # every tool and file the plan will use, proved before the first change (issue 10);
         # started now, so Caddy validates while the schema guard still waits on the database
@@ -359,7 +382,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                    loaded=lambda: traffic.loaded_config(env),
                                    tag=prep.tag)
         try:
-            guard = guard_probe.result()
+            guard = _guarded(guard_probe, options)
         except PreconditionError as exc:
             if found is None or containers[live].result().running:
                 raise
@@ -434,12 +457,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                f"{target.version} ({standby})")
     return Plan("rollback", env, summary, steps, warnings, diff,
                 facts={"from": current.version, "to": target.version, "from_slot": str(live),
-                       "to_slot": str(standby), "container_action": prep.action},
+                       "to_slot": str(standby), "container_action": prep.action,
+                       **({"schema_refusal": {"error": guard.refused.message,
+                                              "fix": guard.refused.fix}}
+                          if guard.refused is not None else {})},
                 intent=intent, resume_command=resume_command(env, target.version),
                 replaces=finish.replaced(found))
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,
              confirm: Any = None, progress: Any = None, notify: Any = None) -> RunResult:
+    if options.schema_restored_first and not dry_run:
+        raise ValueError("schema_restored_first is for a dry run only: a rollback must never "
+                         "run past its schema guard's refusal")
     return perform(env, "rollback", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
                    reason=options.reason, confirm=confirm, progress=progress, notify=notify)

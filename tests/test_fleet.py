@@ -852,6 +852,48 @@ def test_maintenance_without_a_needed_restore_is_refused_and_changes_nothing(
 
 
 @pytest.mark.docker
+def test_maintenance_preflight_refuses_a_host_broken_past_its_schema_guard(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The maintenance path: every host but the database host refuses at its schema guard in
+    pre-flight (the restore resolves that). Found by review: their dry run stopped there, so
+    a host whose Caddy validation did not work passed pre-flight; every host was drained, the
+    database restored, and that host's own rollback failed: it stayed DOWN. Its pre-flight
+    now runs every other check past that refusal: the run is refused, exit 4, and nothing
+    changed. Oracles: what each host's Caddy serves, schema_migrations in Postgres."""
+    import dataclasses
+
+    from runbook.environment import ReloadMethod
+
+    fleet = fleet_on_v3
+    before = [fleet.serving(h.name) for h in fleet.hosts]
+    assert {b[2] for b in before} == {VERSIONS["v3"].tag}, before
+    host2 = fleet.host("host2")
+    broken = tmp_path / "host2-no-caddy.toml"  # `caddy validate` through a missing binary
+    broken.write_text(envmod.to_toml(host2.env.with_(caddy=dataclasses.replace(
+        host2.env.caddy, reload=ReloadMethod.CADDY_RELOAD, command=(str(tmp_path / "nope"),)))))
+    lock = fleet.hosts[0]
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    fleet.write_inventory(host_vars={"host2": {"runbook_environment": {
+        "RUNBOOK_CONFIG": str(broken)}}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path / "journal", "--maintenance")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.write_inventory()
+    assert proc.returncode == ExitCode.PRECONDITION, out + err
+    assert "host2: rollback dry run: pre-flight: Caddy's validation path does not work" in err, err
+    assert "nothing was changed" in err, err
+    assert not any(line.startswith(("  host1:", "  host3:")) for line in err.splitlines()), err
+    with lock.stack.connect() as conn:  # never restored
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0] + 1,)
+    assert [fleet.serving(h.name) for h in fleet.hosts] == before  # never drained
+    assert hostlock.status(lock.env) is None
+
+
+@pytest.mark.docker
 def test_end_sessions_reaches_the_maintenance_restore_which_ends_another_writer(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """A writer on the shared database that is no host's app slot (a worker, a cron job) is

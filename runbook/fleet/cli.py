@@ -122,6 +122,11 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
                    restore_snapshot: Annotated[bool, typer.Option(
                        "--restore-snapshot", help="dry-run the rollback with the snapshot "
                        "restore (the maintenance path's database host)")] = False,
+                   schema_restored_first: Annotated[bool, typer.Option(
+                       "--schema-restored-first", help="the fleet restores the database "
+                       "before this host rolls back (the maintenance path's other hosts): the "
+                       "schema guard's refusal is reported, every other check still runs")
+                   ] = False,
                    take_lock: Annotated[bool, typer.Option(
                        "--take-lock", help="take the fleet lock first (the fleet lock host: "
                        "one SSH round trip for both); needs --fleet-run")] = False,
@@ -145,7 +150,8 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
             if take_lock else None)
     from runbook.redact import redact
 
-    data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock)
+    data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock,
+                           schema_restored_first=schema_restored_first)
     print(redact(json.dumps(data, default=str)))
     # the first problem's own code (a config error is 2, as its JSON says), else 0
     raise typer.Exit(int(data["problems"][0].get("exit_code", 4)) if data["problems"] else 0)

@@ -25,8 +25,16 @@ def version() -> str:
 
 
 def check(env_name: str, config: str | None, to: str | None = None, *,
-          restore: bool = False, take_lock: dict[str, Any] | None = None) -> dict[str, Any]:
+          restore: bool = False, take_lock: dict[str, Any] | None = None,
+          schema_restored_first: bool = False) -> dict[str, Any]:
     """Never raises for a host problem: each is a `problems` line (the controller prints them).
+
+    `schema_restored_first` (the maintenance path's hosts other than the database host, whose
+    shared database the fleet restores before they roll back): the schema guard's refusal is
+    reported as before, but every other check of the dry run still runs, and a failure of any
+    of them is reported instead (`dry_run.schema_refusal_only` says there was none). Without
+    it the dry run stopped at the guard, and a host whose Caddy, reload path or compose was
+    broken passed pre-flight, was drained, and stayed down (found by review).
 
     `take_lock` (the fleet lock host's check: hostlock.take's arguments) takes the fleet lock
     first, in the same SSH round trip; its answer is "fleet_lock_take" (`taken`, or the
@@ -82,7 +90,8 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
     try:
         options = rb.Options(to=to, reason="fleet pre-flight",
-                             restore_snapshot="auto" if restore else None)
+                             restore_snapshot="auto" if restore else None,
+                             schema_restored_first=schema_restored_first and not restore)
         result = rb.rollback(env, options, dry_run=True)
     except RunbookError as exc:
         problems.append({"check": "rollback dry run", "message": exc.message, "fix": exc.fix,
@@ -91,6 +100,13 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
                           "exit_code": int(exc.exit_code)}
         return out
     plan = result.plan.to_json()
+    refused = plan["facts"].get("schema_refusal")
+    if refused:  # the only failure: what the restore resolves (the controller judges it)
+        problems.append({"check": "rollback dry run", "message": refused["error"],
+                         "fix": refused["fix"], "exit_code": 4})
+        out["dry_run"] = {"ok": False, "error": refused["error"], "fix": refused["fix"],
+                          "exit_code": 4, "schema_refusal_only": True}
+        return out
     out["dry_run"] = {"ok": True, "summary": plan["summary"], "warnings": plan["warnings"],
                       "preflight": next((s["details"] for s in plan["steps"]
                                          if s["name"] == "preflight"), {}),

@@ -486,12 +486,20 @@ def _maintenance_plan(checks: dict[str, dict[str, Any]], problems: list[str], db
     """The database decision of a maintenance run, and the pre-flight problems left.
 
     The database host dry-ran its rollback WITH the restore (its snapshot verified, read-only);
-    the other hosts' schema-guard refusals are what the restore resolves, so they are dropped.
+    the other hosts' schema-guard refusals are what the restore resolves, so they are dropped,
+    but only from a host whose dry run ran every other check past that refusal and found
+    nothing else (`schema_refusal_only`: host-check --schema-restored-first): its dry run
+    stopped at the guard, and a host broken otherwise was drained and left down.
     """
     dry = checks.get(db_host, {}).get("dry_run", {})
     pre = dry.get("preflight", {})
-    left = [p for p in problems if not (p.split(":")[0] != db_host
-                                        and any(w in p for w in SCHEMA_WORDS))]
+
+    def resolved(problem: str) -> bool:
+        host = problem.split(":")[0]
+        return (host != db_host and any(w in problem for w in SCHEMA_WORDS)
+                and bool(checks.get(host, {}).get("dry_run", {}).get("schema_refusal_only")))
+
+    left = [p for p in problems if not resolved(p)]
     if not dry.get("ok") or not pre.get("restore"):
         if not any(p.startswith(f"{db_host}:") for p in left):
             left.append(f"{db_host}: the restore cannot be planned there: "
