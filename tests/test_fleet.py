@@ -894,6 +894,55 @@ def test_maintenance_preflight_refuses_a_host_broken_past_its_schema_guard(
 
 
 @pytest.mark.docker
+def test_a_fleet_journal_that_cannot_be_written_after_the_drain_is_said_and_the_run_goes_on(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """A maintenance run whose fleet journal stops being writable once the hosts drain (a
+    full disk on the controller; here the journal's file replaced by a directory, so every
+    write of it fails with a real OSError). Found by review: the run ended "unexpected
+    failure" (exit 5) after the restore, every host left drained, the hosts' results lost.
+    Now each failed write is said and the run goes on: the hosts roll back on the restored
+    database, exit 0, and the final lines say the journal was not written. Oracles: what each
+    host's Caddy serves, schema_migrations in Postgres."""
+    fleet = fleet_on_v3
+    v2 = VERSIONS["v2"].tag
+    journal = tmp_path / "journal"
+    lock = fleet.hosts[0]
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    sabotage = tmp_path / "drain-fills-the-journal"
+    sabotage.write_text(f"""#!{sys.executable}
+import os, sys
+from pathlib import Path
+RUNBOOK = {fleet.runbook_command!r}
+argv = sys.argv[1:]
+if argv[:2] == ["fleet", "drain"]:
+    for record in Path({str(journal)!r}).glob("fleet_*.json"):
+        record.unlink()
+        record.mkdir()  # every later write of it fails (IsADirectoryError)
+os.execv(RUNBOOK, [RUNBOOK, *argv])
+""")
+    sabotage.chmod(0o755)
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": str(sabotage)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.write_inventory()
+    assert [p.is_dir() for p in journal.glob("fleet_*.json")] == [True], out + err
+    assert "could not write the fleet journal" in err, err
+    assert proc.returncode == 0, out + err
+    for name in ("host1", "host2", "host3"):
+        assert f"{name}: rolled back" in out, out
+        assert fleet.serving(name) == (200, "blue", v2), name
+    assert "fleet journal was not written" in out, out
+    with lock.stack.connect() as conn:  # restored once
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0],)
+    assert hostlock.status(lock.env) is None
+
+
+@pytest.mark.docker
 def test_end_sessions_reaches_the_maintenance_restore_which_ends_another_writer(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """A writer on the shared database that is no host's app slot (a worker, a cron job) is
@@ -1521,6 +1570,25 @@ os.execv({kill!r}, [{kill!r}, *argv])
     assert fleet.serving("host2") == (200, "blue", v2)
     assert fleet.serving("host3")[2] == v3, named  # left out by the run's --limit: untouched
     assert hostlock.status(fleet.hosts[0].env) is None
+
+
+def test_a_fleet_journal_that_cannot_be_written_at_the_start_refuses_before_any_host(
+        tmp_path: Path) -> None:
+    """Nothing changed yet: a fleet journal that cannot be written (here its directory is
+    under a file) refuses the run in one line, exit 4, before any host or lock is asked (a
+    run without one leaves nothing for its resume). It was "unexpected failure", exit 5."""
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(INVENTORY)
+    (tmp_path / "file").write_text("")
+    journal = tmp_path / "file" / "journal"
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(inventory), "--yes",
+                           "--journal-dir", str(journal)], capture_output=True, text=True,
+                          check=False, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == ExitCode.PRECONDITION, proc.stdout + proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("runbook: error: the fleet journal cannot be written ("), first
+    assert "nothing was changed" in first and "--journal-dir" in first, first
+    assert "could not release" not in proc.stderr, proc.stderr  # no lock was asked for
 
 
 @pytest.mark.parametrize(("name", "value"), [

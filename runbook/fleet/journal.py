@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,8 @@ class FleetJournal:
         self.started = time.time()
         self.directory: Path | None = getattr(options, "journal_dir", None)
         self._lock = threading.RLock()  # host ends are written from ansible-runner's thread
+        self.on_error: Callable[[str], None] | None = None  # says a failed `save`
+        self.unwritten: str | None = None  # why the last `save` failed; None: the file is whole
         self.record: dict[str, Any] = {
             "fleet_run_id": fleet_run_id, "who": who, "why": options.reason,
             "inventory": str(inventory.path), "dry_run": options.dry_run,
@@ -64,10 +67,10 @@ class FleetJournal:
             self.record.update(values)
 
     def host(self, name: str, entry: dict[str, Any]) -> None:
-        """One host's outcome (or its start), written at once."""
+        """One host's outcome (or its start), written at once (a failure said: `save`)."""
         with self._lock:
             self.record["hosts"] = {**self.record.get("hosts", {}), name: entry}
-            self.write()
+            self.save()
 
     def phase(self, name: str, started: float, status: str, **details: Any) -> None:
         now = time.time()
@@ -84,14 +87,36 @@ class FleetJournal:
                                finished=_iso(time.time()),
                                duration_ms=round((time.time() - self.started) * 1000), **values)
 
+    def path(self, directory: Path | None = None) -> Path:
+        return (directory or self.directory or default_dir()) / \
+            f"{self.record['fleet_run_id']}.json"
+
     def write(self, directory: Path | None = None) -> Path:
-        directory = directory or self.directory or default_dir()
+        """The whole record, atomically; raises OSError (see `save`)."""
+        path = self.path(directory)
         with self._lock:
-            directory.mkdir(parents=True, exist_ok=True)
-            path = directory / f"{self.record['fleet_run_id']}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(scrub(self.record), indent=2, default=str)
             files.atomic_write(path, text.encode())
         return path
+
+    def save(self, directory: Path | None = None) -> Path | None:
+        """`write`, its failure said (`on_error`, once per cause) and kept in `unwritten`
+        instead of raised; None then. Once hosts changed, the run must go on and report what
+        they did: a full disk on the controller ended it "unexpected failure" (exit 5), the
+        hosts' results lost and, after a maintenance restore, every host left drained (found
+        by review). Each write is the whole record: a later one that succeeds makes it whole."""
+        with self._lock:
+            try:
+                path = self.write(directory)
+            except OSError as exc:
+                why = f"{self.path(directory)}: {exc.strerror or exc}"
+                if why != self.unwritten and self.on_error is not None:
+                    self.on_error(f"could not write the fleet journal ({why})")
+                self.unwritten = why
+                return None
+            self.unwritten = None
+            return path
 
 
 def load(fleet_run_id: str, directory: Path | None = None) -> dict[str, Any]:

@@ -542,7 +542,11 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
-    journal.write()  # before any host drains: a resume after a crash must know
+    try:
+        _journal_or_refuse(journal)  # before any host drains: a resume after a crash must know
+    except FleetError:
+        journal.set(maintenance_drain_started=False)
+        raise
     with interrupts.installed(say, "interrupted: the restore will not start; the drained "
                               "hosts will be started again (a restore already running is "
                               "waited for)"):
@@ -579,7 +583,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
             failed.append(f"{host}: drain failed: "
                           f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
     journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
-    journal.write()
+    journal.save()  # hosts drained: a failure is said, the run goes on
     res = events.results.get("restore the snapshot", {}).get(decision["host"])
     restore_skipped = res is not None and res.get("_event") == "runner_on_skipped"
     if restore_skipped:
@@ -592,7 +596,10 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                     "restore_run": out}
         journal.phase("database", t1, "restored", decision=database)
         journal.record["database"] = database
-        journal.write(options.journal_dir)  # before any host switches: a resume must see it
+        # before any host switches: a resume must see it. Not written (said), the run goes on:
+        # the hosts are down until they roll back, and a resume of the record left on disk
+        # (drain started, restore not recorded) is refused as "may or may not be restored"
+        journal.save(options.journal_dir)
         say(f"maintenance: database restored once on {decision['host']} from "
             f"{decision['snapshot']}")
         if interrupts.count:
@@ -1009,6 +1016,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                              "changed"])
     plan = inv.batches(targets, inventory.canary, options.batches)
     journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
+    journal.on_error = say
     journal.set(earlier_outcomes=earlier, skipped=skipped, started_from=started_from)
     plan_lines = [f"fleet {fleet_run_id}: {len(targets)} host(s) from {inventory.path}",
                   *skip_lines, f"fleet lock on {inventory.lock_host}"]
@@ -1028,7 +1036,11 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     run: PlaybookRun | None = None
     try:
         if not options.dry_run:  # from its start: a controller killed later leaves a record
-            journal.write()
+            try:
+                _journal_or_refuse(journal)
+            except FleetError as exc:
+                exc.lock_not_taken = True  # Ansible not started: no lock to release
+                raise
         events = _host_events(hosts, say, None if options.dry_run else journal)
         extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
                      "fleet_take_lock": not options.dry_run,
@@ -1134,7 +1146,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"{database.get('schema guard')}")
             lines.append("Dry run: nothing was changed.")
             return FleetResult(fleet_run_id, 0, lines)
-        journal.write()  # pre-flight decided (and the database judged)
+        _journal_or_refuse(journal)  # pre-flight decided (and the database judged)
         if confirm is not None and not confirm("\n".join(plan_lines)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
                              "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
@@ -1168,14 +1180,14 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                "run the same command again when ready",
                                exit_code=ExitCode.FAILED_SAFELY)
         journal.finish("interrupted", int(error.exit_code), error=error.message)
-        error.journal_file = journal.write(options.journal_dir)
+        _journal_at_the_end(journal, options, error)
         raise error from None
     except FleetError as exc:
         if exc.lock_not_taken:
             locked = False  # someone else's lock (or none): nothing of ours to release
         journal.finish("refused" if exc.exit_code in (2, 3, 4) else "failed", int(exc.exit_code),
                        error=exc.message)
-        exc.journal_file = journal.write(options.journal_dir)
+        _journal_at_the_end(journal, options, exc)
         raise
     finally:
         if run is not None:
@@ -1219,10 +1231,7 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
         entry = _host_entry(r)
         if status:
             entry["status"] = status
-        try:
-            journal.host(r.host, entry)
-        except OSError as exc:  # said, never fatal: the rollout goes on
-            say(f"could not write the fleet journal ({exc})")
+        journal.host(r.host, entry)  # a failure is said (journal.save), never fatal
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
@@ -1279,7 +1288,14 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         # written before the gate opens: a resume of a run whose controller died after this
         # treats every host without a recorded outcome as unknown (it may have rolled back)
         journal.set(rollout_started=True)
-        journal.write()
+        if journal.record.get("maintenance_drain_started"):
+            journal.save()  # hosts are down: a failure is said, the rollout brings them back
+        else:
+            try:
+                _journal_or_refuse(journal)  # nothing changed yet
+            except FleetError:
+                journal.set(rollout_started=False)
+                raise
         try:
             go()
         except GateExpired:
@@ -1320,6 +1336,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     else:
         code = ExitCode.OK
     resume = None
+    unknown: list[str] = []
     if not_done:
         resume = _resume_command(options, fleet_run_id, limit=not_done)
         unknown = [h for h, r in hosts.items() if r.status in (UNKNOWN, UNKNOWN_STARTED)]
@@ -1334,15 +1351,53 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
                    "restored once and the resume does not restore it again)"
         lines.append(f"{why}: {len(not_done)} host(s) not rolled back; nothing was reverted "
                      "fleet-wide. Resume with:")
+    journal.record["resume_command"] = resume
+    journal.finish("success" if code is ExitCode.OK else "stopped", int(code))
+    path = journal.save(options.journal_dir)  # what the hosts did is reported either way
+    if resume is not None:
+        if path is None:  # a --resume reads the journal: run again on the hosts not done
+            resume = _resume_command(options, fleet_run_id, limit=not_done, journaled=False)
+            journal.record["resume_command"] = resume  # as printed (the JSON output's record)
         lines.append(f"  {resume}")
         if unknown:
             lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there): the "
                          "resume refuses a host whose rollback finished after all")
-    journal.record["resume_command"] = resume
-    journal.finish("success" if code is ExitCode.OK else "stopped", int(code))
-    path = journal.write(options.journal_dir)
-    lines.append(f"Fleet journal: {path}")
+    if path is None:
+        lines.append(f"the fleet journal was not written ({journal.unwritten}): this output is "
+                     "the run's only record" + ("; the command above is a new run of the "
+                                                "hosts not rolled back, since a --resume "
+                                                "would read the journal" if resume else ""))
+    else:
+        lines.append(f"Fleet journal: {path}")
     return FleetResult(fleet_run_id, int(code), lines, journal.record, path)
+
+
+def _journal_or_refuse(journal: fjournal.FleetJournal, directory: Path | None = None) -> None:
+    """Before any host changed, a fleet journal that cannot be written refuses the run (exit
+    4): a controller that died later would leave no record for its resume to read."""
+    try:
+        journal.write(directory)
+    except OSError as exc:
+        journal.unwritten = f"{journal.path(directory)}: {exc.strerror or exc}"
+        raise FleetError(f"the fleet journal cannot be written ({journal.unwritten}); nothing "
+                         "was changed", "free space there, or name a writable directory with "
+                         "--journal-dir (or RUNBOOK_FLEET_DIR)",
+                         exit_code=ExitCode.PRECONDITION) from None
+
+
+def _journal_at_the_end(journal: fjournal.FleetJournal, options: Options,
+                        error: FleetError) -> None:
+    """A stopped run's last write; not written, its error says so (and, once hosts may have
+    changed, that a --resume cannot read this run) instead of an OSError replacing it."""
+    error.journal_file = journal.save(options.journal_dir)
+    if error.journal_file is not None or "fleet journal" in error.message:
+        return
+    changed = journal.record.get("rollout_started") or journal.record.get(
+        "maintenance_drain_started")
+    error.lines.append(f"the fleet journal was not written ({journal.unwritten})" + (
+        ": a --resume cannot read this run; check each host (`runbook status ENV` there), "
+        "then run the fleet rollback again with --limit naming the hosts not rolled back, "
+        "without --resume" if changed else ""))
 
 
 def _inventory_arg(options: Options) -> str:
@@ -1352,13 +1407,16 @@ def _inventory_arg(options: Options) -> str:
 
 
 def _resume_command(options: Options, fleet_run_id: str, *, limit: list[str] | None = None,
-                    where: str | None = None) -> str:
+                    where: str | None = None, journaled: bool = True) -> str:
     """The command that finishes a stopped fleet run, as printed and journaled: its inventory
     (`where`: as the dead run named it), the hosts left, its options, and the journal
-    directory it wrote (a resume looking in the default one found no journal)."""
+    directory it wrote (a resume looking in the default one found no journal). Not
+    `journaled` (its journal could not be written): a new run of the hosts left."""
     command = f"runbook fleet rollback {where or _inventory_arg(options)}"
     if limit:
         command += f" --limit {shlex.quote(','.join(limit))}"
+    if not journaled:
+        return command + _same_options(options)
     command += f" --resume {fleet_run_id}{_same_options(options)}"
     if options.journal_dir is not None:
         command += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
