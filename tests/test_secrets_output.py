@@ -3,6 +3,7 @@ app's /health text, an argument, a password in the URL's query string (no contai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,13 +39,13 @@ def runbook(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False, cwd=REPO_ROOT)
 
 
-@pytest.fixture
-def leaky_app() -> Iterator[int]:
-    """An app whose /health answers 503 with its secrets in the checks' messages."""
+@contextlib.contextmanager
+def unhealthy_app(answer: dict[str, Any]) -> Iterator[int]:
+    """A real HTTP server on loopback answering every GET with 503 and `answer` as JSON."""
+    body = json.dumps(answer).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = json.dumps(UNHEALTHY).encode()
             self.send_response(503)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -60,6 +62,13 @@ def leaky_app() -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def leaky_app() -> Iterator[int]:
+    """An app whose /health answers 503 with its secrets in the checks' messages."""
+    with unhealthy_app(UNHEALTHY) as port:
+        yield port
 
 
 @pytest.mark.parametrize("fmt", ["table", "json", "simple"])
@@ -214,28 +223,10 @@ ENV_SECRET = "Winter,2025;Kx&91"  # the patterns' `password=` value stops at `,`
 @pytest.fixture
 def app_quoting_the_env_secret() -> Iterator[int]:
     """An app whose /health answers 503 quoting the env file's secret after `password=`."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"status": "unhealthy", "checks": {"cache": {
-                "status": "fail", "message": f"AUTH failed: password={ENV_SECRET} rejected"}},
-            }).encode()
-            self.send_response(503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with unhealthy_app({"status": "unhealthy", "checks": {"cache": {
+            "status": "fail", "message": f"AUTH failed: password={ENV_SECRET} rejected"}}},
+    ) as port:
+        yield port
 
 
 def host_with_env_secret(tmp_path: Path, port: int) -> Path:
@@ -373,8 +364,10 @@ Feature: Leaky
 """
 
 LEAKY_STEPS = '''\
+import contextlib
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pytest_bdd import given, scenarios, then
