@@ -262,3 +262,18 @@ def as_deploy_user(groups: list[int], imports: str, code: str, *args: str) -> st
                           capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def pytest_with_report(work: Path, test_file: str) -> tuple[subprocess.CompletedProcess[str],
+                                                             Path]:
+    """Run a small pytest-bdd project in `work` with the drill report plugin (`--report`),
+    as its own process, this repository importable: (the process, the report directory)."""
+    out = work / "report"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "steps.report_plugin", "-p", "no:cacheprovider",
+         "--rootdir", str(work), "-q", "--report", str(out), test_file],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
+    return proc, out

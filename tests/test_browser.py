@@ -29,7 +29,7 @@ from runbook import journal as journals
 from runbook import report as reports
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from tests.drill_checks import through_proxy
+from tests.drill_checks import pytest_with_report, through_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "reports" / "screenshots"
@@ -274,14 +274,7 @@ def tiny(tmp_path: Path) -> Iterator[Path]:
 
 def run_tiny(work: Path, extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     (work / "tiny.feature").write_text(TINY_FEATURE.format(extra=extra))
-    out = work / "report"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "steps.report_plugin", "-p", "no:cacheprovider",
-         "--rootdir", str(work), "-q", "--report", str(out), "test_tiny.py"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
-    return proc, out
+    return pytest_with_report(work, "test_tiny.py")
 
 
 def test_the_plugin_reports_a_clean_run(tiny: Path, tmp_path: Path) -> None:

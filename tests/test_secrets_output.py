@@ -21,7 +21,7 @@ from runbook import database
 from runbook import environment as envmod
 from runbook.environment import Slot
 from runbook.errors import ConfigError
-from tests.drill_checks import host_env
+from tests.drill_checks import host_env, pytest_with_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DSN_PASSWORD, REDIS_PASSWORD = "S3cretPw-Kx81", "R3disPw-Lq27"
@@ -417,13 +417,7 @@ def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
     work.mkdir()
     (work / "leaky.feature").write_text(LEAKY_FEATURE)
     (work / "test_leaky.py").write_text(LEAKY_STEPS.format(password=REPORT_PASSWORD))
-    out = work / "report"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "steps.report_plugin", "-p", "no:cacheprovider",
-         "--rootdir", str(work), "-q", "--report", str(out), "test_leaky.py"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc, out = pytest_with_report(work, "test_leaky.py")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads((out / "report.json").read_text())
     scenarios = [s for f in data["features"] for s in f["scenarios"]]
