@@ -134,6 +134,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # checks: under another, compose fails on the name mid-run, or makes a slot on another
     # network when the standby was removed
     live_info = docker.inspect(env.slot(target.other).container)
+    replaces = _serving_record(state, live_info, warnings) if target.other == live else None
     compose.check_project(env, standby if standby.exists else live_info)
     # the service compose recreates is the standby's, never the serving container's
     compose.check_service(env, target, standby, live_info)
@@ -274,11 +275,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         if (moved := _schema_moved(before, what)) is not None:
             ctx.cannot_undo(moved.message, moved.fix)
 
+    replaced_from = replaces or current  # what users are moved off
     intent = intents.Intent(run_id=run_id, action="deploy", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
-                            from_version=current.version if current else None,
+                            from_version=replaced_from.version if replaced_from else None,
                             to_version=version, to_image=image,
                             record={"deployment_id": deployment_id,
+                                    **({"replaces_deployment_id": replaces.id}
+                                       if replaces else {}),
                                     "git_commit": _revision(image) or None,
                                     # its finish re-checks the new slot before stopping the
                                     # old one unless the gate was skipped (finish.py)
@@ -374,6 +378,29 @@ def _recorded_since(state: states.DeploymentState, intent: intents.Intent) -> bo
 
     started = parse_utc(intent.started_at)
     return started is None or any(d.deployed_at > started for d in state.deployments())
+
+
+def _serving_record(state: states.DeploymentState, serving: docker.ContainerInfo,
+                    warnings: list[str]) -> states.Deployment | None:
+    """The recorded deployment that serves when the file's current is another (found by
+    review: the old tooling swaps current and previous in the file without switching, and
+    the deploy recorded the file's current as the previous deployment, so the next rollback
+    went to a release that never served). None when the file agrees, or when what serves
+    cannot be named (a tag that is not a version, a release the history does not know):
+    then the file's current stays the previous deployment, and a warning says so."""
+    current = state.current
+    tag = serving.tag if serving.running and serving.tag else None
+    if current is None or tag is None or not states.is_version(tag) or tag == current.version:
+        return None
+    found = state.find_version(tag)
+    if found is None:
+        warnings.append(f"the state file names {current.version} as the current deployment, "
+                        f"but {tag} serves, which its history does not know: {current.version} "
+                        "will be recorded as the previous deployment")
+        return None
+    warnings.append(f"the state file names {current.version} as the current deployment, but "
+                    f"{tag} serves: {tag} is recorded as the previous deployment")
+    return found
 
 
 def _still_migrating(env: Environment, slot: Slot) -> str | None:

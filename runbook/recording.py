@@ -84,7 +84,9 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
     new = new.with_(health_status=report.status if report.ok else "unknown",
                     migrations_run=int(bool(env.migrate_command)), extra=extra)
-    states.write_state(env.state_file, states.after_deploy(fresh, new))
+    replaced = intent.record.get("replaces_deployment_id")  # what served, if not the file's
+    states.write_state(env.state_file, states.after_deploy(
+        fresh, new, fresh.find_id(str(replaced)) if replaced else None))
     ctx.note(current=f"{intent.to_version} on {intent.to_slot} ({new.id})",
              migration_version=migration)
 

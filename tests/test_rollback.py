@@ -1289,6 +1289,33 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
 
 
 @pytest.mark.shape_specific
+def test_a_deploy_records_what_served_as_the_previous_deployment_not_the_files_current(
+        stack: DrillStack) -> None:
+    """Found by review: with the file's current stale (the old tooling swaps records without
+    switching: here it names v1 while v3 serves), a deploy of v2 recorded v1 as the
+    previous deployment, and the next `runbook rollback` went for v1, which never served
+    (refused: migrations ran after it). What served when the deploy began is the previous."""
+    if docker_run_host(stack):
+        pytest.skip("runbook deploy needs compose: a docker-run host refuses it before any "
+                    "change (test_deploy_moves_traffic_and_records_the_schema proves that)")
+    stack.arrange(scenes.PREVIOUS)  # v1 then v2 then v3 deployed: v3 serves from blue
+    env = stack.env
+    st = states.read_state(env.state_file, environment=env.name)
+    v1 = st.find_version(V1.tag)
+    assert v1 is not None and st.current is not None
+    states.write_state(env.state_file, st.with_(current=v1, previous=st.current))
+    assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
+    done = deploy.deploy(env, deploy.Options(version=V2.tag, reason="test: stale current"))
+    assert any(f"{V3.tag} serves" in w for w in done.plan.warnings), done.plan.warnings
+    assert through_proxy(env) == ("green", V2.tag)
+    after = states.read_state(env.state_file, environment=env.name)
+    assert after.previous is not None and after.previous.version == V3.tag, after.previous
+    assert after.find_version(V1.tag) is not None  # the file's stale current is kept
+    planned = rollback.rollback(env, dry_run=True)  # goes back to what served: v3
+    assert planned.plan.facts["to"] == V3.tag, planned.plan.facts
+
+
+@pytest.mark.shape_specific
 def test_a_deploy_of_the_version_the_state_file_calls_current_but_that_does_not_serve_goes_ahead(
         stack: DrillStack) -> None:
     """Found by review: "already the current deployment" was read from the state file. The

@@ -53,19 +53,26 @@ def _with_history(state: DeploymentState, current: Deployment | None,
     return normalized_history([d for d in (*fresh, *rest) if d.id != skip])
 
 
-def after_deploy(state: DeploymentState, new: Deployment) -> DeploymentState:
-    """New deployment becomes current; the old current becomes previous (superseded)."""
+def after_deploy(state: DeploymentState, new: Deployment,
+                 replaces: Deployment | None = None) -> DeploymentState:
+    """New deployment becomes current; the one it replaced becomes previous (superseded).
+
+    `replaces`: the deployment that served when the deploy began, when the file's current
+    is another (the old tooling swaps current and previous in the file without switching):
+    that one becomes previous, and the file's current is kept in the history."""
     if new.active_slot is None:
         raise StateError(f"deployment {new.id} has no slot", "record the slot it runs in")
     current = new if new.status is not None else new.with_(status="active")
-    old = state.current
+    old = replaces if replaces is not None else state.current
     if old is not None and old.id == current.id:
         return state.with_(current=current)
     previous = None
     if old is not None:
         previous = old.with_(status="superseded") if old.status in (None, "active") else old
+    kept = [d for d in (state.current, state.previous)
+            if d is not None and (previous is None or d.id != previous.id)]
     return state.with_(current=current, previous=previous,
-                       history=_with_history(state, current, previous, state.previous))
+                       history=_with_history(state, current, previous, *kept))
 
 
 def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
