@@ -38,6 +38,7 @@ Feature: Troubleshoot a rollback that does not go through
     Then the status says Caddy is not answering
     When I roll back
     Then the rollback is refused with exit code 4 saying "Caddy is not running"
+    And the advice says how to start Caddy
     And nothing has changed
     When I start Caddy again
     And I roll back

@@ -177,10 +177,13 @@ def loaded_config(env: Environment) -> Any:
     try:  # a total deadline: a hung admin API must not hold the run (and its lock)
         response = bounded_http.request("GET", url, timeout=_TIMEOUT, max_body=None)
     except bounded_http.HttpFailure as exc:
+        from runbook.caddy.admin import start_advice
+
         raise TrafficUnknownError(
             f"Caddy is not running: its admin API at {url} does not answer "
             f"({exc.reason}), so which slot serves cannot be known; nothing was "
-            "touched", "start Caddy (or fix [caddy] admin_url), then run again") from None
+            "touched", f"{start_advice(env)} (or fix [caddy] admin_url), then run "
+            "again") from None
     if response.status != 200:
         raise TrafficUnknownError(f"Caddy's admin API answered HTTP {response.status} "
                                   f"at {url}", "check Caddy's admin endpoint")

@@ -444,6 +444,23 @@ def failing_check_named(world: World) -> None:
         assert f"{check.name}: {check.message}" in str(error), str(error)
     if world.on_drill:  # the broken build's own words (runbook/drill/app/server.py)
         assert "app: drill build: always unhealthy" in str(error), str(error)
+    # the guide's "check logs": the command for the slot that failed, ready to paste
+    slot = error.report.slot
+    assert slot is not None, error.report
+    logs = f"docker logs --tail 100 {world.env.slot(slot).container}"
+    assert logs in (error.fix or ""), error.fix
+
+
+@then("the advice says how to start Caddy")
+def advice_starts_caddy(world: World) -> None:
+    """The guide's `systemctl status caddy`: the fix names the command that starts this
+    host's Caddy (on the drill, its container, as the drill itself names it)."""
+    error = world.refused()
+    fix = error.fix or ""
+    if world.on_drill and world.stack is not None:
+        assert f"docker start {world.stack.caddy_container}" in fix, fix
+    else:
+        assert "systemctl start" in fix or "docker start" in fix or "start Caddy" in fix, fix
 
 
 @then("nothing has changed")

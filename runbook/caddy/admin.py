@@ -339,6 +339,24 @@ class Unreloadable:
     answering: bool = False
 
 
+def start_advice(env: Environment) -> str:
+    """How to start this host's Caddy, as its environment says it runs: the guide's
+    `systemctl status caddy` tells why a system Caddy stopped; a Caddy in a container
+    (`command = ["docker", "exec", NAME, "caddy"]`) is started with docker."""
+    c = env.caddy
+    if c.reload is ReloadMethod.SYSTEMCTL:
+        return f"start it: `systemctl start {c.systemd_unit}` (`systemctl status " \
+               f"{c.systemd_unit}` says why it stopped)"
+    words = list(c.command)
+    if words[:2] == ["docker", "exec"]:
+        names = [w for w in words[2:] if not w.startswith("-")]
+        if len(names) >= 2:  # the container, then the command run in it
+            return (f"start its container: `docker start {names[0]}` (`docker logs --tail 100 "
+                    f"{names[0]}` says why it stopped)")
+    return ("start Caddy (`systemctl status caddy`, or its container's `docker ps -a`, says "
+            "why it stopped)")
+
+
 def running_problem(env: Environment, *, admin_answered: bool = False) -> Unreloadable | None:
     """Why Caddy cannot take a reload right now, or None when it can. Each question is
     bounded by _ADMIN_TIMEOUT in total: a stuck admin API cannot hold the run.
@@ -349,8 +367,7 @@ def running_problem(env: Environment, *, admin_answered: bool = False) -> Unrelo
     from runbook import bounded_http
 
     c = env.caddy
-    start = (f"systemctl start {c.systemd_unit}" if c.reload is ReloadMethod.SYSTEMCTL
-             else "start Caddy")
+    start = start_advice(env)
     url = f"{c.admin_url}/config/"
     if not admin_answered:
         try:
