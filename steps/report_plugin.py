@@ -519,6 +519,25 @@ class DrillReport:
             if reporter is not None:
                 reporter.write_line(f"drill report: could not be written: {exc}", red=True)
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """junit.xml and cucumber.json are written by pytest and pytest-bdd themselves, with
+        tracebacks as they were: masked here once they exist, with the secrets this process
+        knows (a run on a host is one process: its environment's; found by review)."""
+        if self.worker:
+            return
+        from runbook.redact import redact
+
+        for name in (reports.JUNIT_XML, reports.CUCUMBER_JSON):
+            path = self.directory / name
+            try:
+                text = path.read_text(encoding="utf-8")
+                masked = redact(text)
+                if masked != text:
+                    path.write_text(masked, encoding="utf-8")
+            except (OSError, UnicodeError):
+                continue  # not written (a run that ended early): nothing to mask
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written is None:
             return

@@ -425,7 +425,7 @@ def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
     errors = [st["error"] for s in scenarios for st in s["steps"] if st["error"]]
     assert len(errors) == 3 and all("***" in e for e in errors), errors  # said, masked
     assert "it leaked *** here" in scenarios[0]["message"], scenarios[0]["message"]
-    for name in ("report.json", "report.html"):
+    for name in ("report.json", "report.html", "junit.xml", "cucumber.json"):
         assert REPORT_PASSWORD not in (out / name).read_text(), name
 
 
