@@ -163,8 +163,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # kept only when the schema moved since it was taken (the killed run migrated): with the
     # schema where it was, nothing migrated, and the snapshot (a day old, maybe) would be
     # what a restore of this deploy loses every write since to; a new one is taken instead
+    now_schema = recording.schema(env) if taken is not None else None
+    if taken is not None and isinstance(taken.migration_version, int) and now_schema is None:
+        # found by review: "unknown" read as "moved", and the old snapshot was kept as this
+        # deploy's without knowing whether its migrations ran: fail closed
+        raise PreconditionError(
+            f"an interrupted deploy of {version} took snapshot {taken.name} before its "
+            f"migrations (schema {taken.migration_version}), and the database's schema cannot "
+            "be read now, so whether they ran is unknown; nothing was changed",
+            f"check the database (`runbook status {env.name}`), then run the deploy again")
     stale = taken if taken is not None and isinstance(taken.migration_version, int) \
-        and recording.schema(env) == taken.migration_version else None
+        and now_schema == taken.migration_version else None
     if stale is not None:
         taken = None
     if taken is not None:

@@ -568,6 +568,33 @@ def test_a_rerun_stopped_before_its_first_change_keeps_a_migrated_deploys_record
     deploy_finishes_as_the_same_deployment(env, pre_deploy)
 
 
+def test_a_deploy_rerun_that_cannot_read_the_schema_never_guesses_about_its_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: a deploy killed after its snapshot, rerun while the schema could not
+    be read: "unknown" was taken for "moved" and the killed run's snapshot kept as this
+    deploy's without knowing whether its migrations ran. Refused (exit 4), nothing changed."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault="after:migrate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    with stack.connect() as conn:  # a row no reader can take for a version
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        conn.execute("ALTER TABLE schema_migrations ALTER COLUMN version TYPE text")
+        conn.execute("UPDATE schema_migrations SET version = 'unreadable'")
+    try:
+        before = env.state_file.read_bytes(), through_proxy(env)
+        again = cli(env, "deploy", "--version", V2.tag, "--yes")
+        after = env.state_file.read_bytes(), through_proxy(env)
+    finally:
+        with stack.connect() as conn:
+            conn.execute("UPDATE schema_migrations SET version = %s", (str(row[0]),))
+            conn.execute("ALTER TABLE schema_migrations ALTER COLUMN version TYPE bigint "
+                         "USING version::bigint")
+    assert again.returncode == 4, again.stdout + again.stderr
+    assert "cannot be read now" in again.stderr, again.stderr
+    assert after == before
+
+
 def host_deploys_v3_to_green(env: Environment) -> None:
     """What the host's own deploy script does: v3 onto green (compose), Caddy switched to
     it, its deploy recorded in the state file."""
