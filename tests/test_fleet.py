@@ -528,6 +528,60 @@ def test_a_lock_held_by_a_dead_maintenance_run_names_the_release_not_a_refused_r
     assert odd.fix == "wait for that fleet run to finish" and "never" not in odd.message
 
 
+def test_a_lock_left_by_a_finished_run_names_its_resume_or_its_release(tmp_path: Path) -> None:
+    """A run that recorded its outcome but left its fleet lock behind (its release failed:
+    the lock host unreachable at its end; or its controller killed before the release): a
+    rerun refused by that lock named nothing but "wait for that fleet run to finish" (for
+    30 minutes), since only a run that never finished was looked into. Now: its resume, or,
+    with every host it selected rolled back (a resume would end before the lock), the
+    release; a controller still running (releasing it) is waited for."""
+    import socket
+
+    from runbook.fleet.rollout import FleetError, Options, _name_the_resume
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that is no longer alive
+    run_id = "fleet_20261204_111111_def456"
+    resume = f"runbook fleet rollback /x/hosts.yml --limit web1,web2 --resume {run_id}"
+    record = {"fleet_run_id": run_id, "outcome": "stopped", "exit_code": 5, "dry_run": False,
+              "inventory": str(tmp_path / "hosts.yml"), "rollout_started": True,
+              "controller": {"hostname": socket.gethostname(), "pid": gone.pid},
+              "hosts_selected": ["web1", "web2"], "resume_command": resume,
+              "hosts": {"web1": {"status": "unknown: unreachable"},
+                        "web2": {"status": "not started"}}}
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    options = Options(inventory=tmp_path / "hosts.yml", journal_dir=journal)
+
+    def refused() -> FleetError:
+        error = FleetError(f"fleet lock on web1: held by fleet run {run_id}; nothing was "
+                           "changed", "wait for that fleet run to finish",
+                           exit_code=ExitCode.LOCKED)
+        error.holder = {"fleet_run_id": run_id}
+        _name_the_resume(error, options)
+        return error
+
+    (journal / f"{run_id}.json").write_text(json.dumps(record))
+    stopped = refused()
+    assert "ended (stopped) but left its fleet lock behind" in stopped.message, stopped.message
+    assert stopped.fix and f"`{resume} --journal-dir {journal}`" in stopped.fix, stopped.fix
+    assert "first check web1" in stopped.fix, stopped.fix
+    (journal / f"{run_id}.json").write_text(json.dumps(
+        {**record, "outcome": "success", "exit_code": 0, "resume_command": None,
+         "hosts": {"web1": {"status": "rolled back"}, "web2": {"status": "rolled back"}}}))
+    done = refused()
+    assert done.fix and "--resume" not in done.fix, done.fix
+    assert f"runbook fleet lock ENV --release --fleet-run {run_id}" in done.fix, done.fix
+    with subprocess.Popen(["sleep", "30"]) as live:  # its controller still releasing it
+        try:
+            (journal / f"{run_id}.json").write_text(json.dumps(
+                {**record, "controller": {"hostname": socket.gethostname(), "pid": live.pid}}))
+            waiting = refused()
+        finally:
+            live.kill()
+    assert waiting.fix == "wait for that fleet run to finish", waiting.fix
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 
@@ -747,6 +801,67 @@ def test_a_fleet_lock_not_released_is_in_the_json_output_and_the_journal(
         for path in tmp_path.glob("fleet_*.json"):
             with contextlib.suppress(RunbookError):
                 hostlock.release(fleet.host("host1").env, path.stem)
+
+
+@pytest.mark.docker
+def test_the_resume_of_a_run_that_lost_its_lock_host_takes_the_lock_it_left_over(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host1, the canary and the fleet lock's host, goes dark when its rollback is asked
+    for: the rollout stops (exit 5, host1 unknown), and the lock's release at the end fails
+    (the lock stays, journaled). The operator brings host1 back and follows the resume
+    command. Found by review: the lock host refused it (exit 3, "wait for that fleet run to
+    finish", for 30 minutes: it cannot see the controller's process), since only a run that
+    never recorded its outcome was taken over by its resume; a plain rerun's refusal named
+    nothing either. Now the rerun names the resume, and the resume takes over that run's
+    lock and finishes. Oracles: what each host's Caddy serves, the lock's directory."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    lock_env = fleet.host("host1").env
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.cut_off_command(
+        "host1", "rollback")}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--format", "json")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.reachable_again("host1")
+        fleet.write_inventory()
+    assert proc.returncode == 5, out + err
+    data = json.loads(out.splitlines()[-1])
+    run_id, record = data["fleet_run_id"], data["record"]
+    assert record["outcome"] == "stopped", record
+    assert record["hosts"]["host1"]["status"] == "unknown: unreachable", record["hosts"]
+    assert "could not release the fleet lock on host1" in data["fleet_lock_release_failed"]
+    assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v3, v3, v3]
+    try:
+        # as seen from a lock host on another machine than the controller: live
+        holder_file = hostlock.path(lock_env) / "holder.json"
+        holder = json.loads(holder_file.read_text())
+        assert holder["fleet_run_id"] == run_id, holder
+        holder_file.write_text(json.dumps({**holder, "hostname": "controller-elsewhere"}))
+        assert not hostlock.status(lock_env).stale  # type: ignore[union-attr]
+        plain = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                                "--yes", "--journal-dir", str(journal)], capture_output=True,
+                               text=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
+        assert plain.returncode == ExitCode.LOCKED, plain.stdout + plain.stderr
+        assert "left its fleet lock behind" in plain.stderr, plain.stderr
+        named = plain.stderr.split("finish it with `", 1)[1].split("`", 1)[0]
+        assert named == f"{record['resume_command']}", (named, record["resume_command"])
+        assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v3, v3, v3]
+        argv = shlex.split(named)  # host1 checked: still on v3, its rollback never ran
+        resumed = subprocess.run([fleet.runbook_command, *argv[1:], "--yes", "--format",
+                                  "json"], capture_output=True, text=True,
+                                 stdin=subprocess.DEVNULL, timeout=600, check=False)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        for name in ("host1", "host2", "host3"):
+            assert fleet.serving(name) == (200, "blue", v2), name
+        second = json.loads(resumed.stdout.splitlines()[-1])["record"]
+        taken_over = second["stale_fleet_lock_taken_over"]
+        assert taken_over["holder"]["fleet_run_id"] == run_id, taken_over
+        assert hostlock.status(lock_env) is None
+    finally:
+        with contextlib.suppress(RunbookError):
+            hostlock.release(lock_env, run_id)
 
 
 def test_ensure_sshd_is_quick_and_changes_nothing_when_sshd_is_there() -> None:
@@ -1261,6 +1376,49 @@ def test_a_sigterm_while_the_fleet_lock_is_released_never_leaves_it_held(
     assert proc.returncode == 1, text  # the stopped run's own exit, not killed by SIGTERM
     assert hostlock.status(fleet.hosts[0].env) is None, text
     assert "could not release" not in text, text
+
+
+@pytest.mark.docker
+@nightly
+def test_a_sighup_while_a_refused_run_releases_the_fleet_lock_never_leaves_it_held(
+        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+    """A run refused in pre-flight (host3 has no working runbook) releases the fleet lock;
+    SIGHUP meanwhile (the operator's terminal or SSH session closed) ended the controller
+    mid-release: only Ctrl-C and SIGTERM were held off. Now the release finishes and the
+    refusal is the exit. Oracles: the controller's exit code, the lock's directory."""
+    fleet = drill_fleet
+    gate, asked = tmp_path / "release.gate", tmp_path / "release.asked"
+    release = ["fleet", "lock", "development", "--release"]
+    held = fleet.held_command("host1", gate, *release)
+    says = tmp_path / "says-asked"  # the release asked for on host1: time for the SIGHUP
+    says.write_text(f"""#!{sys.executable}
+import os, sys
+from pathlib import Path
+if sys.argv[1:5] == {release!r}:
+    Path({str(asked)!r}).touch()
+os.execv({held!r}, [{held!r}, *sys.argv[1:]])
+""")
+    says.chmod(0o755)
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": str(says)},
+                                     "host3": {"runbook_command": "/bin/false"}})
+    try:
+        before = [fleet.serving(h.name) for h in fleet.hosts]
+        proc = _fleet_rollback(fleet, tmp_path)
+        deadline = time.monotonic() + 120
+        while not asked.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        gate.write_text("run")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        gate.write_text("run")
+        fleet.write_inventory()
+    assert proc.returncode == 4, out + err  # the refusal's own exit, not killed by SIGHUP
+    assert hostlock.status(fleet.hosts[0].env) is None, err
+    assert "could not release" not in err, err
+    assert [fleet.serving(h.name) for h in fleet.hosts] == before
 
 
 @pytest.mark.docker

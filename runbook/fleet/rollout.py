@@ -763,14 +763,27 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
     return str(run_id) if here else ""
 
 
+def _gone_here(record: dict[str, Any]) -> bool:
+    """Whether a fleet run's controller ran on this machine and is gone: its fleet lock, if
+    left behind, can be taken over by its resume (the lock host cannot see this machine's
+    processes, so to it the lock is live for its whole 30 minutes)."""
+    ctl = record.get("controller") or {}
+    pid, start = ctl.get("pid"), ctl.get("pid_start")
+    return (ctl.get("hostname") == socket.gethostname() and isinstance(pid, int)
+            and pid != os.getpid()
+            and not procs.pid_alive(pid, start if isinstance(start, int) else None))
+
+
 _RUN_ID = re.compile(r"fleet_\d{8}_\d{6}_[0-9a-f]{6}")
 
 
 def _name_the_resume(refused: FleetError, options: Options) -> None:
-    """A fleet lock held by a run of this machine whose controller is gone (kill -9, a crash):
-    the lock host cannot see this machine's processes, so it refuses for the lock's whole
-    lifetime with "wait for it to finish". That run's journal is here: name its resume, which
-    takes the lock over and never rolls a finished host back again."""
+    """A fleet lock held by a run of this machine whose controller is gone (kill -9, a crash,
+    or a run that recorded its outcome but could not release its lock: the lock host
+    unreachable at its end, or killed before the release): the lock host cannot see this
+    machine's processes, so it refuses for the lock's whole lifetime with "wait for it to
+    finish". That run's journal is here: name its resume, which takes the lock over and never
+    rolls a finished host back again; or, with nothing left to resume, the lock's release."""
     run_id = (refused.holder or {}).get("fleet_run_id")
     if not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)) \
             or refused.exit_code != ExitCode.LOCKED:
@@ -779,24 +792,33 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
         record = fjournal.load(run_id, options.journal_dir)
     except RunbookError:
         return  # another machine's run, or its journal elsewhere: nothing here tells
-    ctl = record.get("controller") or {}
-    pid, start = ctl.get("pid"), ctl.get("pid_start")
-    if (record.get("outcome") is not None or record.get("dry_run")
-            or ctl.get("hostname") != socket.gethostname() or not isinstance(pid, int)
-            or procs.pid_alive(pid, start if isinstance(start, int) else None)):
+    if record.get("dry_run") or not _gone_here(record):
         return
-    refused.message += (f"; that fleet run never finished: its controller (pid {pid} on this "
-                        "machine) is gone")
+    pid = (record.get("controller") or {}).get("pid")
     release = f"`runbook fleet lock ENV --release --fleet-run {run_id}`"
-    database = record.get("database") or {}
-    if record.get("maintenance_drain_started") and database.get("status") != "restored":
-        # its resume is refused (_unfinished): whether the database was restored is unknown
-        refused.fix = (f"it stopped during its maintenance drain or restore: hosts may be DOWN "
-                       "and the database may or may not be restored; check `runbook status "
-                       "ENV` and `runbook snapshot list ENV` on the lock host, release its "
-                       f"lock there ({release}), then run the fleet rollback again without "
-                       "--resume")
-        return
+    outcome = record.get("outcome")
+    earlier, _ = _earlier(record)
+    selected = [h for h in record.get("hosts_selected") or [] if isinstance(h, str)]
+    if outcome is not None:
+        refused.message += (f"; that fleet run ended ({outcome}) but left its fleet lock "
+                            f"behind: its controller (pid {pid} on this machine) is gone")
+        if selected and all(earlier.get(h, {}).get("status") == ROLLED_BACK for h in selected):
+            # its resume would have nothing to roll back, and would end before the lock
+            refused.fix = (f"every host it selected was rolled back: nothing is left to "
+                           f"resume; release its lock there ({release}), then run again")
+            return
+    else:
+        refused.message += (f"; that fleet run never finished: its controller (pid {pid} on "
+                            "this machine) is gone")
+        database = record.get("database") or {}
+        if record.get("maintenance_drain_started") and database.get("status") != "restored":
+            # its resume is refused (_unfinished): whether the database was restored is unknown
+            refused.fix = (f"it stopped during its maintenance drain or restore: hosts may be "
+                           "DOWN and the database may or may not be restored; check `runbook "
+                           "status ENV` and `runbook snapshot list ENV` on the lock host, "
+                           f"release its lock there ({release}), then run the fleet rollback "
+                           "again without --resume")
+            return
     inventory = record.get("inventory")
     where = (shlex.quote(inventory) if isinstance(inventory, str) and Path(inventory).is_absolute()
              else _inventory_arg(options))  # the dead run's inventory, when its path says
@@ -809,8 +831,11 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
     if options.journal_dir is not None and " --journal-dir " not in resume:
         # where this run looked (a record written before resume commands named it)
         resume += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
+    unknown = [h for h in selected if earlier.get(h, {}).get("status") in UNKNOWN_OUTCOMES]
     check = ("; first check each host it recorded no outcome for (`runbook status ENV` "
-             "there)" if record.get("rollout_started") else "")
+             "there)" if outcome is None and record.get("rollout_started") else
+             f"; first check {', '.join(unknown)} (`runbook status ENV` there): its outcome "
+             "was unknown" if unknown else "")
     refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
                    f"host it rolled back again{check}); or, to start afresh, release the lock "
                    f"there ({release})")
@@ -1001,8 +1026,14 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                          "drop --limit (or take out of the inventory the hosts that do not "
                          "use this database)")
     take_over = ""
-    if resumed is not None and resumed.get("outcome") is None and not resumed.get("dry_run"):
-        take_over = _unfinished(resumed, say)
+    if resumed is not None and not resumed.get("dry_run"):
+        if resumed.get("outcome") is None:
+            take_over = _unfinished(resumed, say)
+        elif _gone_here(resumed):
+            # it recorded its outcome but its lock may be left behind (its release failed,
+            # the lock host unreachable at its end; or killed before the release): the lock
+            # host takes over only a lock held by exactly this run id
+            take_over = str(resumed.get("fleet_run_id", ""))
     earlier, started_from = _earlier(resumed)
     targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
                                        options.resume)
@@ -1192,7 +1223,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     finally:
         if run is not None:
             release = bool(locked and not journal.record.get("fleet_lock_released_by_rollout"))
-            held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)
+            held = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD
                     } if release else {}  # as in _release: a Ctrl-C cannot leak the lock
             try:
                 run.close(release=release)
@@ -1431,13 +1462,18 @@ def _same_options(options: Options) -> str:
         ("--batches", options.batches, inv.DEFAULT_BATCHES)) if value != default)
 
 
+# held off while the fleet lock is released: Ctrl-C, a CI timeout's SIGTERM, and SIGHUP (the
+# operator's terminal or SSH session closed), whose default ends the controller mid-release
+_RELEASE_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
              reason: str) -> str | None:
-    """Release the fleet lock; Ctrl-C and SIGTERM are held off meanwhile so it cannot leak (a
-    lock left by a controller on another machine than the lock host blocks every fleet run
-    for its 30 minutes). Returns what went wrong, in one line with the fix, or None once
-    released."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Release the fleet lock; Ctrl-C, SIGTERM and SIGHUP are held off meanwhile so it cannot
+    leak (a lock left by a controller on another machine than the lock host blocks every
+    fleet run for its 30 minutes). Returns what went wrong, in one line with the fix, or None
+    once released."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD}
     manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
     try:
         events = Events()
