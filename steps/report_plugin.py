@@ -155,18 +155,56 @@ def _scenario_load(request: pytest.FixtureRequest) -> Any:
         return None
 
 
-def _register_secrets(env: Any) -> None:
+def _register_secrets(env: Any) -> list[str]:
     """The environment's known secrets (its database password, its env file's *PASSWORD
     values), registered so that _short masks them even where no pattern would (a bare
-    password in an assertion message). Never fails the drill: a broken configuration is the
-    steps' to report."""
+    password in an assertion message); returned for the xdist controller, which writes
+    junit.xml and cucumber.json and never sets the environment up. Never fails the drill: a
+    broken configuration is the steps' to report."""
     import contextlib
 
     from runbook import database
     from runbook.redact import register_secrets
 
     with contextlib.suppress(Exception):
-        register_secrets(*database.known_secrets(env))
+        known = [str(v) for v in database.known_secrets(env) if v]
+        register_secrets(*known)
+        return known
+    return []
+
+
+def _mask_file(path: Path) -> None:
+    """Mask the secrets this process knows in a finished junit.xml or cucumber.json, read as
+    XML or JSON so that escaped forms are matched and the file stays well-formed (masking its
+    text let `PASSWORD=\\S*` eat a closing quote). A file that is absent or cannot be read as
+    what it is stays as it is."""
+    from xml.etree import ElementTree
+
+    from runbook.redact import redact, scrub
+
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            masked = scrub(data)
+            if masked != data:
+                path.write_text(json.dumps(masked, indent=4), encoding="utf-8")
+            return
+        tree = ElementTree.parse(path)
+    except (OSError, ValueError, ElementTree.ParseError):
+        return
+    changed = False
+    for element in tree.iter():
+        for key, value in element.attrib.items():
+            if (masked_value := redact(value)) != value:
+                element.set(key, masked_value)
+                changed = True
+        for part in ("text", "tail"):
+            value = getattr(element, part)
+            if value and (masked_value := redact(value)) != value:
+                setattr(element, part, masked_value)
+                changed = True
+    if changed:
+        tree.write(path, encoding="utf-8", xml_declaration=True)
 
 
 class DrillReport:
@@ -177,6 +215,7 @@ class DrillReport:
         self.directory = directory
         self.worker = worker  # an xdist worker hands its records to the controller
         self.ran: set[str] = set()  # nodeids this process ran (a worker collects them all)
+        self.secrets: set[str] = set()  # known secrets of the environments set up here
         self.data = reports.new_report(
             environment=str(config.getoption("--env", default="drill")),
             command=["pytest", *map(str, config.invocation_params.args)],
@@ -236,7 +275,7 @@ class DrillReport:
         result = yield
         if fixturedef.argname == "environment" and hasattr(result, "runs_dir"):
             self.env = result
-            _register_secrets(result)
+            self.secrets.update(_register_secrets(result))
         return result
 
     def _fingerprint(self) -> None:
@@ -456,8 +495,9 @@ class DrillReport:
         """What this worker collected (every scenario, in collection order) and which of them
         it ran, as JSON text (execnet carries only plain types)."""
         return json.dumps({"features": self.data["features"], "ran": sorted(self.ran),
-                           "fingerprint": self.env_fingerprint, "images": sorted(self.images)},
-                          default=str)
+                           "fingerprint": self.env_fingerprint, "images": sorted(self.images),
+                           # in memory to the controller only, to mask the files it writes
+                           "secrets": sorted(self.secrets)}, default=str)
 
     @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent with -p no:xdist
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -465,7 +505,11 @@ class DrillReport:
         its scenarios stay 'not run', and the run fails anyway)."""
         output = getattr(node, "workeroutput", None) or {}
         if WORKER_OUTPUT in output:
-            self.merge(json.loads(output[WORKER_OUTPUT]))
+            part = json.loads(output[WORKER_OUTPUT])
+            from runbook.redact import register_secrets
+
+            register_secrets(*(str(v) for v in part.pop("secrets", []) if v))
+            self.merge(part)
 
     def merge(self, part: dict[str, Any]) -> None:
         """Fold one worker's records into this report. Every worker collects the same
@@ -526,17 +570,8 @@ class DrillReport:
         knows (a run on a host is one process: its environment's; found by review)."""
         if self.worker:
             return
-        from runbook.redact import redact
-
         for name in (reports.JUNIT_XML, reports.CUCUMBER_JSON):
-            path = self.directory / name
-            try:
-                text = path.read_text(encoding="utf-8")
-                masked = redact(text)
-                if masked != text:
-                    path.write_text(masked, encoding="utf-8")
-            except (OSError, UnicodeError):
-                continue  # not written (a run that ended early): nothing to mask
+            _mask_file(self.directory / name)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written is None:

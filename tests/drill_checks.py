@@ -264,8 +264,8 @@ def as_deploy_user(groups: list[int], imports: str, code: str, *args: str) -> st
     return proc.stdout
 
 
-def pytest_with_report(work: Path, test_file: str) -> tuple[subprocess.CompletedProcess[str],
-                                                             Path]:
+def pytest_with_report(work: Path, test_file: str, *extra: str
+                       ) -> tuple[subprocess.CompletedProcess[str], Path]:
     """Run a small pytest-bdd project in `work` with the drill report plugin (`--report`),
     as its own process, this repository importable: (the process, the report directory)."""
     out = work / "report"
@@ -274,6 +274,6 @@ def pytest_with_report(work: Path, test_file: str) -> tuple[subprocess.Completed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "steps.report_plugin", "-p", "no:cacheprovider",
-         "--rootdir", str(work), "-q", "--report", str(out), test_file],
+         "--rootdir", str(work), "-q", "--report", str(out), *extra, test_file],
         cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
     return proc, out

@@ -375,14 +375,16 @@ from pytest_bdd import given, scenarios, then
 from tests.drill_checks import host_env
 
 scenarios("leaky.feature")
-PASSWORD = "{password}"
+PASSWORD = {password!r}
 
 
 @pytest.fixture
 def environment(tmp_path):
+    from urllib.parse import quote
+
     env_file = tmp_path / ".env"
-    env_file.write_text(f"DATABASE_URL=postgresql://togather:{{PASSWORD}}@127.0.0.1:1/db\\\\n"
-                        f"POSTGRES_PASSWORD={{PASSWORD}}\\\\n")
+    env_file.write_text(f"DATABASE_URL=postgresql://togather:{{quote(PASSWORD, safe='')}}"
+                        f"@127.0.0.1:1/db\\\\nPOSTGRES_PASSWORD='{{PASSWORD}}'\\\\n")
     env = host_env(tmp_path)
     return env.with_(database=dataclasses.replace(env.database, env_file=env_file))
 
@@ -399,7 +401,7 @@ def check_fails():
 
 @then("the tool breaks")
 def tool_breaks():
-    raise RuntimeError("pg said: bad login " + PASSWORD)
+    raise RuntimeError("pg said: bad login " + PASSWORD + " (POSTGRES_PASSWORD=" + PASSWORD + ")")
 
 
 @then("the tool skips")
@@ -408,16 +410,31 @@ def tool_skips():
 '''
 
 
+@pytest.mark.parametrize(("password", "workers"), [
+    (REPORT_PASSWORD, 0), ('Tr0ub&dor<3"x', 0), (REPORT_PASSWORD, 2)],
+    ids=["one process", "characters XML and JSON escape", "xdist"])
 def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
-        tmp_path: Path) -> None:
+        tmp_path: Path, password: str, workers: int) -> None:
     """Found by review: the report plugin stored step errors, scenario failures and their
     tracebacks as pytest gave them; a step that quoted the password put it in report.json
-    and report.html. The plugin now registers the environment fixture's known secrets."""
+    and report.html. The plugin now registers the environment fixture's known secrets. Then
+    junit.xml and cucumber.json (pytest's and pytest-bdd's own): masked as text they were
+    left malformed (`PASSWORD=...` ate a closing quote), escaped forms passed, and under
+    xdist the controller, which writes them, knew no secret."""
+    from xml.etree import ElementTree
+
     work = tmp_path / "leaky"
     work.mkdir()
     (work / "leaky.feature").write_text(LEAKY_FEATURE)
-    (work / "test_leaky.py").write_text(LEAKY_STEPS.format(password=REPORT_PASSWORD))
-    proc, out = pytest_with_report(work, "test_leaky.py")
+    (work / "test_leaky.py").write_text(LEAKY_STEPS.format(password=password))
+    extra = ("-n", str(workers)) if workers else ()
+    proc, out = pytest_with_report(work, "test_leaky.py", *extra)
+    junit = ElementTree.parse(out / "junit.xml")  # still well-formed
+    said = " ".join(e.text or "" for e in junit.iter()) + " ".join(
+        v for e in junit.iter() for v in e.attrib.values())
+    assert password not in said and "***" in said, said[:2000]
+    cucumber = json.loads((out / "cucumber.json").read_text())
+    assert password not in json.dumps(cucumber, ensure_ascii=False), "cucumber.json"
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads((out / "report.json").read_text())
     scenarios = [s for f in data["features"] for s in f["scenarios"]]
@@ -426,7 +443,7 @@ def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
     assert len(errors) == 3 and all("***" in e for e in errors), errors  # said, masked
     assert "it leaked *** here" in scenarios[0]["message"], scenarios[0]["message"]
     for name in ("report.json", "report.html", "junit.xml", "cucumber.json"):
-        assert REPORT_PASSWORD not in (out / name).read_text(), name
+        assert password not in (out / name).read_text(), name
 
 
 def test_the_password_step_says_where_it_leaked_never_what(tmp_path: Path,
