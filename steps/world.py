@@ -354,10 +354,10 @@ class World:
         plan printed as "would do" that the real run refuses): a deploy lock a live run
         holds (exit 3), or, on a real host, plan warnings nobody is at a prompt to answer."""
         try:
-            held = locks.status(self.env)
+            held = locks.refusing_holder(self.env)
         except RunbookError as exc:  # the real run would stop on it as well
             return str(exc)
-        if held is not None and not held.stale:
+        if held is not None:
             return f"the deploy lock is held ({held.describe()})"
         if not self.on_drill and plan.warnings:
             return ("its plan warns (nobody is at a prompt to answer): "

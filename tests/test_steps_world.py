@@ -7,6 +7,8 @@ or, on a real host, a plan with warnings (nobody is at its prompt).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from runbook import lock as locks
@@ -31,6 +33,23 @@ def test_a_dry_run_under_a_held_lock_says_the_real_run_is_refused(
         said = world.dry_refusal(plan(drill_stack, []))
     finally:
         locks.release(drill_stack.env, held)
+    assert said is not None and "deploy lock is held" in said, said
+
+
+def test_a_stale_lock_whose_holder_still_runs_is_a_refusal_too(
+        drill_stack: DrillStack, pytestconfig: pytest.Config) -> None:
+    """Found by review: past its stale time a lock whose holder still runs read as free
+    ("would do"), where the real run is refused (its holder is alive: exit 3)."""
+    env = drill_stack.env.with_(lock_stale_after=1)
+    world = World(env=env, config=pytestconfig, stack=drill_stack)
+    held = locks.acquire(env, "a long run")  # this process: alive
+    try:
+        time.sleep(1.5)
+        stale = locks.status(env)
+        assert stale is not None and stale.stale and stale.holder_alive, stale
+        said = world.dry_refusal(plan(drill_stack, []))
+    finally:
+        locks.release(env, held)
     assert said is not None and "deploy lock is held" in said, said
 
 

@@ -242,6 +242,18 @@ def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
         raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
 
 
+def refusing_holder(env: Environment) -> LockStatus | None:
+    """The holder `acquire` would refuse on now, or None when it would take the lock: the
+    same judgement, read-only, for a dry run that says what the real run would meet (found
+    by review: a stale lock whose holder still runs read as free, and a killed writer's
+    temp-file-only lock as held)."""
+    current = _inspect(env)
+    if current is not None and not current.stealable and not _killed_taking_it(current):
+        return current
+    state_only = _state_lock_status(env)
+    return state_only if state_only is not None and not state_only.stealable else None
+
+
 def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
     path = env.lock_path
     stolen: LockStatus | None = None
