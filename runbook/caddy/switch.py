@@ -167,9 +167,9 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
         with contextlib.suppress(OSError):
             os.chmod(candidate, path.stat().st_mode & 0o7777)
         return (f"{path} was edited during the switch: that edit was kept at {candidate} "
-                "(not loaded), and the previous Caddyfile put back")
+                "(not loaded)")
     return (f"{path} was edited during the switch and the edit could not be copied aside "
-            f"({error}): the previous Caddyfile was put back over it")
+            f"({error})")
 
 
 def restore(env: Environment, data: bytes, previous: Slot | None,
@@ -193,7 +193,10 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
         write_config(env, text)
     except CaddyError as exc:
         if env.caddy.reload is not ReloadMethod.ADMIN_API and running is None:
-            raise  # caddy reload and systemctl read the file: it still names the new slot
+            if kept:  # caddy reload and systemctl read the file: it still names the new slot
+                exc.message = f"{exc.message}; {kept}"
+                exc.args = (exc.message,)
+            raise
         # the admin API loads the config itself: traffic goes back even when the file cannot
         # (a disk that filled up since the switch's own write), then the file is named
         put_back()
@@ -202,11 +205,16 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
                  else "the previous config was loaded")
         raise CaddyError(
             f"{where} through the admin API, but the previous Caddyfile could not be written "
-            f"back ({exc.message}): {env.caddy.caddyfile} on disk still names the new slot, "
-            "and a Caddy restart or reload would load it" + (f"; {kept}" if kept else ""),
+            f"back ({exc.message}): {env.caddy.caddyfile} on disk "
+            + (f"is still as edited during the switch, and a Caddy restart or reload would "
+               f"load it; {kept}" if kept else
+               "still names the new slot, and a Caddy restart or reload would load it"),
             f"{exc.fix}; then run `runbook "
             f"status {env.name}` and put the file back", stage="restore",
             exit_code=ExitCode.ATTENTION) from None
+    if kept:  # written over only once it was kept, and said so only once it was
+        kept += (", and the previous Caddyfile put back" if "kept at" in kept
+                 else ": the previous Caddyfile was put back over it")
     put_back()
     if previous is not None:
         check = verify(env, previous, None, attempts=5, interval=0.2)
