@@ -1166,3 +1166,19 @@ def test_a_forward_auth_to_an_auth_service_is_left_out_of_the_switch() -> None:
         assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace("8081", "8082")
         wrong = text.replace("localhost:8081", "localhost:8018")  # the repair, beside it
         assert caddy.rewrite(wrong, ENV, Slot.BLUE) == text
+
+
+@pytest.mark.parametrize(("command", "reload", "said"), [
+    (("docker", "exec", "togather-caddy", "caddy"), "admin-api",
+     "`docker start togather-caddy`"),
+    (("docker", "exec", "-u", "root", "togather-caddy", "caddy"), "admin-api", "start Caddy"),
+    (("caddy",), "systemctl", "`systemctl start caddy`"),
+    (("caddy",), "admin-api", "start Caddy"),
+])
+def test_the_advice_to_start_caddy_names_only_what_it_can_tell(
+        command: tuple[str, ...], reload: str, said: str) -> None:
+    """Found by review: with `docker exec -u root NAME caddy` the advice said `docker start
+    root`. A container is named only when the command is exactly `docker exec NAME ...`."""
+    advice = caddy.start_advice(make_env(command=command, reload=reload))
+    assert said in advice, advice
+    assert "docker start root" not in advice

@@ -348,11 +348,11 @@ def start_advice(env: Environment) -> str:
         return f"start it: `systemctl start {c.systemd_unit}` (`systemctl status " \
                f"{c.systemd_unit}` says why it stopped)"
     words = list(c.command)
-    if words[:2] == ["docker", "exec"]:
-        names = [w for w in words[2:] if not w.startswith("-")]
-        if len(names) >= 2:  # the container, then the command run in it
-            return (f"start its container: `docker start {names[0]}` (`docker logs --tail 100 "
-                    f"{names[0]}` says why it stopped)")
+    # exactly `docker exec NAME CMD...`: with options (-u root) the name is not told apart
+    # from an option's value by position, and a wrong name is worse than none
+    if words[:2] == ["docker", "exec"] and len(words) >= 4 and not words[2].startswith("-"):
+        return (f"start its container: `docker start {words[2]}` (`docker logs --tail 100 "
+                f"{words[2]}` says why it stopped)")
     return ("start Caddy (`systemctl status caddy`, or its container's `docker ps -a`, says "
             "why it stopped)")
 
