@@ -1390,9 +1390,13 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
             resume = _resume_command(options, fleet_run_id, limit=not_done, journaled=False)
             journal.record["resume_command"] = resume  # as printed (the JSON output's record)
         lines.append(f"  {resume}")
-        if unknown:
+        if unknown and path is not None:
             lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there): the "
                          "resume refuses a host whose rollback finished after all")
+        elif unknown:  # a new run: its pre-flight refuses the whole run for such a host
+            lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there) and "
+                         "take out of --limit a host whose rollback finished after all: the "
+                         "new run's pre-flight refuses every host for it")
     if path is None:
         lines.append(f"the fleet journal was not written ({journal.unwritten}): this output is "
                      "the run's only record" + ("; the command above is a new run of the "
