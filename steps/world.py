@@ -188,13 +188,15 @@ def running_image(container: str) -> str | None:
 
 
 def database_in_postgres(stack: DrillStack) -> tuple[Any, ...]:
-    """(schema_migrations rows, {table: rows}) read with plain SQL on the drill's Postgres."""
+    """(schema_migrations rows, (table, row count, digest of its rows) per table) read with
+    plain SQL on the drill's Postgres: a restore that kept the counts still shows."""
     with stack.connect() as conn:
         schema = tuple(conn.execute("SELECT version, dirty FROM schema_migrations").fetchall())
         tables = [r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").fetchall()]
-        rows = tuple((t, conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0])
-                     for t in tables)
+        rows = tuple((t, *conn.execute(
+            f'SELECT count(*), md5(coalesce(string_agg(r::text, chr(10) ORDER BY r::text), \'\')) '
+            f'FROM "{t}" r').fetchone()) for t in tables)
     return schema, rows
 
 
