@@ -197,19 +197,22 @@ def loaded_config(env: Environment) -> Any:
 
 def from_config(env: Environment, config: Any,
                 outside: Callable[[], Counter[int] | None] | None = None) -> Traffic:
-    """What `config` dials. When it dials both slots' ports, `outside` (the ports the
-    Caddyfile's part outside the markers dials, as Caddy adapts it) tells the managed block's
-    dials from other sites' by subtraction; when that leaves no slot, or cannot be told, both
-    stay (and every caller fails closed)."""
+    """What `config` dials. `outside` (the ports the Caddyfile's part outside the markers
+    dials, as Caddy adapts it) tells the managed block's dials from other sites' by
+    subtraction. When both slots are dialed and that leaves none, or it cannot be told, both
+    stay (and every caller fails closed). When one slot is dialed by other sites alone (the
+    managed block dials a port no slot has: the guide's "Caddyfile targets the wrong port"),
+    no slot serves (found by review: that slot was taken to serve while users got 502s, and
+    the switch that repairs it was refused as "nothing to switch")."""
     every = list(_dials(config))
     dials = tuple(dict.fromkeys(every))
     by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
     counts = Counter(p for d in every if (p := _port(d)) in by_port)
     slots = frozenset(by_port[p] for p in counts)
     pinned: frozenset[Slot] = frozenset()
-    if len(slots) > 1 and outside is not None and (fixed := outside()) is not None:
+    if slots and outside is not None and (fixed := outside()) is not None:
         managed = frozenset(by_port[p] for p in counts - fixed)
-        if managed:
+        if managed or len(slots) == 1:
             slots = managed
             pinned = frozenset(by_port[p] for p in fixed if p in by_port)
     return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
@@ -243,6 +246,8 @@ def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
     try:
         raw = env.caddy.caddyfile.read_text(encoding="utf-8")
         start, end = caddytext.find_block(raw)
+        if not _may_dial_a_slot(env, raw[:start] + raw[end:]):
+            return Counter()  # said by the text itself: no Caddy round trip (most hosts)
         answer = admin.adapt(env, raw[:start] + raw[end:])
         if answer is None:
             return None
@@ -250,13 +255,31 @@ def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
             # the whole apps tree, not the dial counts: a pinned site moved from green to
             # blue while the block moved from blue to green dials the same ports as before
             want = running.get("apps") if isinstance(running, dict) else None
+            # the file as it is first (its block may dial no slot: a wrong port), then with
+            # its block on either slot
+            def candidates() -> Iterator[str]:  # adapted one at a time, until one matches
+                yield raw
+                for slot in env.slots:
+                    yield caddytext.rewrite(raw, env, slot)
+
             if want is None or not any(
-                    isinstance(whole := admin.adapt(env, caddytext.rewrite(raw, env, slot)),
-                               dict) and whole.get("apps") == want for slot in env.slots):
+                    isinstance(whole := admin.adapt(env, text), dict)
+                    and whole.get("apps") == want for text in candidates()):
                 return None  # the part outside the markers is not what runs: cannot tell
     except (OSError, UnicodeError, RunbookError):
         return None
     return _port_counts(answer)
+
+
+def _may_dial_a_slot(env: Environment, outside: str) -> bool:
+    """Whether the Caddyfile's part outside the markers may dial a slot's port: it names one
+    (`:8081`), or it imports a file or reads a placeholder, which the text cannot tell.
+    False only when surely not (then nothing outside is subtracted, as Caddy would say)."""
+    import re
+
+    if re.search(r"(?m)^\s*import\b|\{\$|\{env\.", outside):
+        return True
+    return any(re.search(rf":{cfg.port}(?!\d)", outside) for cfg in env.slots.values())
 
 
 def _port_counts(config: Any) -> Counter[int]:

@@ -30,7 +30,13 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import migrated, snapshot, through_proxy, two_deployments
+from tests.drill_checks import (
+    closed_port,
+    migrated,
+    snapshot,
+    through_proxy,
+    two_deployments,
+)
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -1595,6 +1601,29 @@ def wait_for(ready: Callable[[], bool], timeout: float = 60.0) -> None:
             pass
         assert time.monotonic() < deadline, "not ready in time"
         time.sleep(0.2)
+
+
+def test_a_managed_block_on_a_dead_port_is_no_slot_serving_though_another_site_dials_one(
+        stack: DrillStack) -> None:
+    """Found by review: another site outside the markers proxies to blue's port, and the
+    managed block points at a port no slot has (the guide's "Caddyfile targets the wrong
+    port"): users get 502, yet blue was taken to serve (subtraction ran only with both slots
+    dialed) and `runbook switch --slot blue`, the repair, was refused "nothing to switch"."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    blue = env.slot(Slot.BLUE).port
+    text = pin_other_site(env, f"localhost:{blue}")
+    start, end = text.index("# BLUE_GREEN_SLOT_START"), text.index("# BLUE_GREEN_SLOT_END")
+    dead = closed_port()
+    broken = (text[:start] + text[start:end].replace(f"localhost:{blue}", f"localhost:{dead}")
+              + text[end:])
+    assert broken != text
+    write_and_load(env, broken)
+    answer = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5)
+    assert answer.status_code == 502  # the oracle: what users get
+    found = traffic.read(env)
+    assert found.slot is None and Slot.BLUE in found.pinned, found
+    switch.switch(env, switch.Options(slot=Slot.BLUE, reason="test: repair the wrong port"))
+    assert through_proxy(env) == ("blue", V3.tag)
 
 
 @pytest.mark.long
