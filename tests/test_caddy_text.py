@@ -218,6 +218,71 @@ def test_placeholder_upstreams_cannot_be_rewritten() -> None:
         caddy.rewrite(text, ENV, Slot.GREEN)
 
 
+# Managed blocks whose lines Caddy's lexer joins: each dials blue on a line the switch, reading
+# one line at a time, took for no upstream (or for host `\`), so a switch to green left it on
+# blue (the review's case: users split between the slots while verification passed).
+JOINED = {
+    "continuation": ("reverse_proxy 127.0.0.1:8081 \\\n"
+                     "              [::1]:8081 {\n"
+                     "    header_down X-Togather-Slot \"blue\"\n}\n"),
+    "to-continuation": ("reverse_proxy {\n    to localhost:8081 \\\n       [::1]:8081\n"
+                        "    header_down X-Togather-Slot \"blue\"\n}\n"),
+    "crlf-and-spaces": ("reverse_proxy 127.0.0.1:8081 \\  \r\n    [::1]:8081 {\r\n"
+                        "    header_down X-Togather-Slot \"blue\"\r\n}\r\n"),
+    "glued": ("reverse_proxy 127.0.0.1:8081\\\n    [::1]:8081 {\n"
+              "    header_down X-Togather-Slot \"blue\"\n}\n"),
+    "in-a-comment": ("reverse_proxy 127.0.0.1:8081 # was C:\\old\n    [::1]:8081 {\n"
+                     "    header_down X-Togather-Slot \"blue\"\n}\n"),
+}
+# Backslashes Caddy does not join lines at: an escaped one at a line's end, one inside a token
+# with a space after it, one mid-line; these blocks are switched.
+NOT_JOINED = (
+    "@api path_regexp ^/api/\\d+$\n"
+    "reverse_proxy @api 127.0.0.1:8081 {\n    header_down X-Note C:\\\\\n"
+    "    header_down X-Togather-Slot \"blue\"\n}\n"
+    "reverse_proxy [::1]:8081 {\n    header_down X-Other a\\  \n"
+    "    header_down X-Togather-Slot \"blue\"\n}\n")
+
+
+def in_site(block: str) -> str:
+    eol = "\r\n" if "\r\n" in block else "\n"
+    return (f"http://127.0.0.1:18080 {{{eol}# BLUE_GREEN_SLOT_START{eol}{block}"
+            f"# BLUE_GREEN_SLOT_END{eol}}}{eol}")
+
+
+@pytest.mark.parametrize("case", list(JOINED))
+def test_a_line_caddy_joins_to_the_next_in_the_block_is_refused(case: str) -> None:
+    """The switch reads the block one line at a time; a line Caddy joins to the next hides
+    an upstream from it, so such a block is inconsistent and not rewritten (exit 4)."""
+    text = in_site(JOINED[case])
+    found = caddy.inspect(text, ENV)
+    assert found.slot is None and not found.consistent
+    line = 4 if case == "to-continuation" else 3  # the line that ends in (or holds) the `\`
+    assert any(p.startswith(f"line {line}: a backslash") for p in found.problems), found.problems
+    with pytest.raises(CaddyError, match="continues it onto the next line") as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "with no backslash at a line's end" in (err.value.fix or "")
+
+
+def test_a_quote_left_open_in_the_block_is_refused() -> None:
+    """Caddy runs a quote on over the line's end: the lines after it are no directives."""
+    text = in_site('header_down X-Note "a\nreverse_proxy localhost:8081"\n'
+                   "reverse_proxy localhost:8081\n")
+    assert caddy.inspect(text, ENV).slot is None
+    with pytest.raises(CaddyError, match="line 3: a quoted string runs on") as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+
+
+def test_a_lone_backslash_is_no_upstream_host() -> None:
+    """`\\` is no host: not another service's upstream to leave be, but one not understood."""
+    text = in_site("reverse_proxy localhost:8081 \\ x\n")
+    found = caddy.inspect(text, ENV)
+    assert found.slot is None
+    assert any("upstream '\\\\' is not host:port" in p for p in found.problems), found.problems
+
+
 IMPORT_IN_THE_BLOCK = """\
 {
 \tadmin off
@@ -526,7 +591,12 @@ def test_unified_diff_shows_only_the_managed_lines() -> None:
 EOL = st.sampled_from(["\n", "\r\n"])
 INDENT = st.sampled_from(["", "\t", "  ", "\t\t"])
 FREE_TEXT = st.text(max_size=60).filter(lambda s: "BLUE_GREEN_SLOT" not in s)
-LINE_TEXT = FREE_TEXT.map(lambda s: s.replace("\n", " "))
+# Above the block and in it, text Caddy reads line by line: no backslash (it continues a line,
+# even in a comment) and no quote (one left open runs into the block); such a block is
+# refused whole (test_a_line_caddy_joins_to_the_next_in_the_block_is_refused).
+QUIET_TEXT = st.text(st.characters(exclude_characters="\\\"`"), max_size=60).filter(
+    lambda s: "BLUE_GREEN_SLOT" not in s)
+LINE_TEXT = QUIET_TEXT.map(lambda s: s.replace("\n", " "))
 
 
 @st.composite
@@ -569,7 +639,7 @@ def caddyfile(draw: st.DrawFn) -> str:
     units.insert(draw(st.integers(0, len(units))), f"reverse_proxy localhost:8081{draw(EOL)}")
     start_line = draw(INDENT) + "# BLUE_GREEN_SLOT_START" + draw(LINE_TEXT) + draw(EOL)
     end_line = draw(INDENT) + "# BLUE_GREEN_SLOT_END" + draw(LINE_TEXT)
-    return draw(FREE_TEXT) + start_line + "".join(units) + end_line + draw(FREE_TEXT)
+    return draw(QUIET_TEXT) + start_line + "".join(units) + end_line + draw(FREE_TEXT)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -806,6 +876,26 @@ def test_caddy_dials_a_slot_through_an_import_the_switch_cannot_rewrite(
     assert managed == [(["localhost:8081"], []), (["localhost:8081"], ["blue"])], managed
     with pytest.raises(CaddyError, match="`import app_api`"):
         caddy.rewrite(IMPORT_IN_THE_BLOCK, ENV, Slot.GREEN)
+
+
+@pytest.mark.docker
+def test_caddy_joins_the_lines_the_switch_refuses_and_only_those(admin: httpx.Client) -> None:
+    """Caddy's adapter is the oracle: in each refused block it dials blue's port on the joined
+    line too ([::1]:8081, to no line the switch read as an upstream); in the switched one it
+    reads each line alone, and after the switch dials green only."""
+    for case, block in JOINED.items():
+        dials = sorted(d for _, r in routes_of(adapt(admin, in_site(block)))
+                       for p in proxies(r) for d in p[0])
+        assert "[::1]:8081" in dials and all(d.endswith(":8081") for d in dials), (case, dials)
+        with pytest.raises(CaddyError):
+            caddy.rewrite(in_site(block), ENV, Slot.GREEN)
+    text = in_site(NOT_JOINED)
+    assert caddy.inspect(text, ENV).slot is Slot.BLUE
+    before = [p for _, r in routes_of(adapt(admin, text)) for p in proxies(r)]
+    assert sorted(d for p in before for d in p[0]) == ["127.0.0.1:8081", "[::1]:8081"]
+    after = [p for _, r in routes_of(adapt(admin, caddy.rewrite(text, ENV, Slot.GREEN)))
+             for p in proxies(r)]
+    assert sorted(after) == [(["127.0.0.1:8082"], ["green"]), (["[::1]:8082"], ["green"])]
 
 
 @pytest.mark.docker

@@ -22,9 +22,11 @@ SLOT_HEADER = "X-Togather-Slot"
 
 _START_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_START")
 _END_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_END")
-# [scheme://]host[:port]; a host is a name, an IPv4 address or a bracketed IPv6 address.
+# [scheme://]host[:port]; a host is a name, an IPv4 address or a bracketed IPv6 address. A
+# name is letters, digits, `-`, `_` and `.` only: anything else (a lone `\` continuing the
+# line, a stray quote) is no host the switch may take for another service's and leave be.
 _UPSTREAM_RE = re.compile(
-    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<host>\[[0-9A-Fa-f:.%]+\]|[^\s:/\[\]{}]+)"
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<host>\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9_.-]+)"
     r"(?::(?P<port>\d{1,5}))?$"
 )
 _MATCHER_PREFIXES = ("@", "/", "*")
@@ -115,6 +117,86 @@ def _tokenize(line: str) -> list[_Token]:
                 i += 1
         tokens.append(_Token(start, i, line[start:i]))
     return tokens
+
+
+def _go_space(ch: str) -> bool:
+    """Go's unicode.IsSpace, which Caddy's lexer uses (Python's isspace also takes the
+    \\x1c-\\x1f separators)."""
+    return ch.isspace() and ch not in "\x1c\x1d\x1e\x1f"
+
+
+def _joined_lines(text: str) -> dict[int, str]:
+    """{line number: "continuation" | "quote"} of every line whose end Caddy's lexer (2.6's
+    caddyfile/lexer.go, step for step) does not take for the end of a line: a `\\` outside
+    quotes, even in a comment and with spaces after it, joins the next line to it; a quote
+    left open runs on. _tokenize reads one line at a time, so what the next line adds to a
+    directive there (a second upstream, left on the old slot) is what the switch would miss."""
+    joined: dict[int, str] = {}
+    line = 1
+    val = comment = quoted = bt = escaped = False
+    for ch in text:
+        if not escaped and not bt and ch == "\\":
+            escaped = True
+            continue
+        if quoted or bt:
+            if quoted and escaped:
+                escaped = False
+            elif (quoted and ch == '"') or (bt and ch == "`"):
+                val = comment = quoted = bt = escaped = False  # the token ends
+                continue
+            if ch == "\n":
+                joined[line] = "quote"
+                line += 1
+            continue
+        if _go_space(ch):
+            if ch == "\r":
+                continue
+            if ch == "\n":
+                if escaped:
+                    joined[line] = "continuation"
+                    escaped = False
+                comment = False
+                line += 1
+            if val:
+                val = comment = quoted = bt = escaped = False  # the token ends
+            continue
+        if ch == "#" and not val:
+            comment = True
+        if comment:
+            continue
+        if not val and ch == '"':
+            quoted = True
+            continue
+        if not val and ch == "`":
+            bt = True
+            continue
+        escaped = False
+        val = True
+    return joined
+
+
+def _unseen(text: str, start: int, end: int) -> list[_Unsupported]:
+    """The lines from the start marker's to the block's last that Caddy joins to the next:
+    the managed block read one line at a time would not be the block Caddy runs. (The end
+    marker's line is left out: what it joins is outside the block, as its own tokens are.)"""
+    first = _first_line(text, start) - 1  # the start marker's line
+    last = _first_line(text, end) - 1  # the line above the end marker's
+    found: list[_Unsupported] = []
+    for number, how in sorted(_joined_lines(text).items()):
+        if not first <= number <= last:
+            continue
+        if how == "continuation":
+            found.append(_Unsupported(
+                f"line {number}: a backslash (\\) continues it onto the next line, as Caddy "
+                "reads it (even in a comment), so the switch cannot see each directive whole",
+                "write each directive on one line between the slot markers, with no "
+                "backslash at a line's end or in a comment there"))
+        else:
+            found.append(_Unsupported(
+                f"line {number}: a quoted string runs on past its end, as Caddy reads it, so "
+                "the switch cannot see each directive whole",
+                "close every quote on the line it opens between the slot markers"))
+    return found
 
 
 @dataclass(frozen=True)
@@ -409,7 +491,8 @@ def inspect(text: str, env: Environment) -> Inspection:
     start, end = find_block(text)
     parsed = _parse_block(text[start:end], _first_line(text, start), env)
     known = _known(env)
-    problems: list[str] = [u.message for u in parsed.unsupported]
+    problems: list[str] = [u.message for u in _unseen(text, start, end) + list(
+        parsed.unsupported)]
     warnings: list[str] = []
     named: dict[Slot, list[str]] = {}
     if not parsed.upstreams:
@@ -470,10 +553,10 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     start, end = find_block(text)
     block = text[start:end]
     parsed = _parse_block(block, _first_line(text, start), env)
-    if parsed.unsupported:
+    if unsupported := _unseen(text, start, end) + list(parsed.unsupported):
         raise CaddyError("cannot rewrite the managed block: "
-                         + "; ".join(u.message for u in parsed.unsupported),
-                         "; ".join(dict.fromkeys(u.fix for u in parsed.unsupported)),
+                         + "; ".join(u.message for u in unsupported),
+                         "; ".join(dict.fromkeys(u.fix for u in unsupported)),
                          exit_code=ExitCode.PRECONDITION)
     if not parsed.upstreams:
         raise CaddyError("no reverse_proxy upstream between the slot markers: nothing to switch",
