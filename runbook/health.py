@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,7 +140,17 @@ def names_build(expected: str, version: str | None, commit: str | None) -> bool 
         return None
     if want is not None and want in (version, commit):
         return True
-    return not version and commit is not None and want is not None and commit.startswith(want)
+    if commit is None or want is None or not commit.startswith(want):
+        return False
+    if not version:
+        return True
+    # A label for a version (the upstream Dockerfile's default `dev`, a `v1.2`) names no
+    # commit, so the full commit decides; a hex version is a commit's own, and another's.
+    return _HEX_VERSION.fullmatch(version) is None and _FULL_COMMIT.fullmatch(commit) is not None
+
+
+_HEX_VERSION = re.compile(r"[0-9a-f]{7,40}")  # build_key lower-cased it
+_FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def version_of(config: SlotConfig, timeout: float = 3.0) -> tuple[str | None, str | None] | None:

@@ -360,10 +360,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             finish.replacing_warning(env, found[0], "rollback"))
         standby = live.other
         wanted = slots.image_of(env, target.version, target.image or None)
+        # the upstream's Dockerfile and its build arguments (VERSION defaults to `dev`,
+        # GIT_COMMIT to `unknown`): the build must name itself as the gate expects
         recovery = (f"the image is gone: rebuild it from commit {target.git_commit} "
                     f"(cd /opt/togather/src && git checkout {target.git_commit} && docker build "
-                    f"-t {wanted} .) and run the rollback again, or deploy a known-good "
-                    f"version: {compose.deploy_hint(env)}")
+                    f"-f deploy/docker/Dockerfile --build-arg VERSION={target.version} "
+                    f"--build-arg GIT_COMMIT={target.git_commit} -t {wanted} .) and run the "
+                    f"rollback again, or deploy a known-good version: {compose.deploy_hint(env)}")
         prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
                              info=containers[standby].result())
         if prep.action == "none" and not options.force:  # it runs: ask its health meanwhile

@@ -462,14 +462,18 @@ def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
     named = (health.names_build(expected_version, report.version, report.git_commit)
              if expected_version else None)
     if named is False:
-        answer = (f"version {report.version}, expected {expected_version}"
+        answer = (f"version {report.version}"
+                  + (f" (git_commit {report.git_commit})" if report.git_commit else "")
+                  + f", expected {expected_version}"
                   if health.build_key(report.version) else
                   f"git_commit {report.git_commit}, expected version {expected_version} "
                   f"(its {env.health.path} names no version)")
         raise PreconditionError(f"slot {slot} answers {answer}",
                                 f"check `docker inspect {config.container}`")
-    if named and not health.build_key(report.version):
-        version = f"{report.git_commit} (git_commit)"
+    said = health.build_key(report.version)
+    if named and said != health.build_key(expected_version):  # named by its commit
+        version = f"{report.git_commit} (git_commit" + (
+            f"; version {report.version.strip()}" if said and report.version else "") + ")"
     if expected_version and named is None:
         if not ask_version:
             return f"not named by {env.health.path} (the switch verifies it)"

@@ -386,6 +386,14 @@ BUILD_ANSWERS = [  # (what /health and /version say of the build, is it 3f2a1b9)
     ({"version": "3f2a1b9\n"}, True),  # read from a file into the build
     ({"version": "3f2a1b"}, False),  # a prefix of the version is another build's too
     ({"git_commit": COMMIT}, True),  # the commit alone: its first 7 hex (CONTRACTS)
+    # the upstream Dockerfile's defaults (ARG VERSION=dev, ARG GIT_COMMIT=unknown): a label
+    # names no commit, so the full commit decides; a hex version is another build's
+    ({"version": "dev", "git_commit": COMMIT}, True),
+    ({"version": "v1.4.0", "git_commit": COMMIT.upper() + "\n"}, True),
+    ({"version": "dev", "git_commit": "1a2b3c4" + "0" * 33}, False),
+    ({"version": "dev", "git_commit": "unknown"}, False),
+    ({"version": "dev", "git_commit": "3f2a1b90"}, False),  # not a whole commit
+    ({"version": "1a2b3c4", "git_commit": COMMIT}, False),
 ]
 
 

@@ -949,7 +949,10 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
         rollback.rollback(env)
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "togather-server:deadbee is gone" in str(err.value)
-    assert "docker build -t togather-server:deadbee" in str(err.value)
+    # the upstream's Dockerfile, with the build arguments that make the image name itself
+    # as the gate expects (not `dev` / `unknown`)
+    assert ("docker build -f deploy/docker/Dockerfile --build-arg VERSION=deadbee --build-arg "
+            f"GIT_COMMIT={gone.git_commit} -t togather-server:deadbee .") in str(err.value), err
     # the other way out names what works on this host: `runbook deploy` needs compose, and
     # on a `docker run` host it refuses (it sent on-call round in a circle there)
     if docker_run_host(stack):
