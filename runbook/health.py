@@ -75,11 +75,11 @@ class HealthReport:
     @property
     def failing_checks(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks
-                     if _CHECK_STATUS.get(c.status.lower(), "fail") == "fail")
+                     if _CHECK_STATUS.get(_word(c.status), "fail") == "fail")
 
     @property
     def warning_checks(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if _CHECK_STATUS.get(c.status.lower()) == "warn")
+        return tuple(c for c in self.checks if _CHECK_STATUS.get(_word(c.status)) == "warn")
 
     def reason(self) -> str:
         """Why it is not ok, in one line ('' when it is)."""
@@ -198,7 +198,7 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
     checks, unreadable = _checks(body.get("checks"))
     reported = body.get("status")
     reported_status = reported if isinstance(reported, str) else None
-    reported_slot = _str(body.get("slot"))
+    reported_slot = build_key(body.get("slot"))  # "BLUE" or "blue\n" is blue
     errors: list[str] = []
     verdicts = [HEALTHY]
     said = _BODY_STATUS.get(_CHECK_STATUS.get(reported_status.strip().lower(), "")
@@ -212,11 +212,11 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
     if unreadable:  # a check we cannot judge is never taken for a pass
         verdicts.append(UNHEALTHY)
         errors.append(unreadable)
-    if any(_CHECK_STATUS.get(c.status.lower()) == "fail" for c in checks):
+    if any(_CHECK_STATUS.get(_word(c.status)) == "fail" for c in checks):
         verdicts.append(UNHEALTHY)
-    elif any(_CHECK_STATUS.get(c.status.lower()) == "warn" for c in checks):
+    elif any(_CHECK_STATUS.get(_word(c.status)) == "warn" for c in checks):
         verdicts.append(DEGRADED)
-    strange = [f"{c.name}: {c.status!r}" for c in checks if c.status.lower() not in _CHECK_STATUS]
+    strange = [f"{c.name}: {c.status!r}" for c in checks if _word(c.status) not in _CHECK_STATUS]
     if strange:
         verdicts.append(UNHEALTHY)
         errors.append(f"check status(es) not pass, warn or fail: {', '.join(strange)}")
@@ -241,6 +241,11 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
 
 def _str(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def _word(status: str) -> str:
+    """A check's status as compared: "PASS " is pass (as build_key reads a version)."""
+    return status.strip().lower()
 
 
 # A check's status as the contract says it (pass|warn|fail), and the words other apps use for

@@ -454,6 +454,21 @@ def test_a_body_status_in_the_words_checks_use_is_understood(said: str, status: 
     assert report.status == status, report
 
 
+@pytest.mark.parametrize(("said_slot", "check", "status"), [
+    ("BLUE", "pass", "healthy"), ("blue\n", "PASS ", "healthy"), (" Blue", "Warn\n", "degraded"),
+    ("blue", " FAIL", "unhealthy"), ("GREEN", "pass", "unhealthy")])
+def test_a_slot_and_check_statuses_are_read_as_build_key_reads_a_version(
+        said_slot: str, check: str, status: str) -> None:
+    """Found by review: "BLUE" or "blue\\n" was "answered as slot BLUE, expected blue" and a
+    check saying "PASS " unhealthy: case and surrounding space do not count (a version's do
+    not, build_key), another slot still does."""
+    body = {"status": "healthy", "slot": said_slot, "checks": {"database": {"status": check}}}
+    report = health.parse("http://x/health", 200, json.dumps(body).encode(), slot="blue")
+    assert report.status == status, report
+    assert (report.error is not None and "expected blue" in report.error) is (
+        said_slot == "GREEN"), report
+
+
 def test_a_deeply_nested_body_is_an_answer_that_names_nothing(
         server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Found by review: /health's parser took a body nested past Python's recursion limit for
