@@ -60,8 +60,11 @@ class ContainerInfo:
 
     @property
     def tag(self) -> str | None:
-        if self.image and ":" in self.image.rsplit("/", 1)[-1]:
-            return self.image.rsplit(":", 1)[1]
+        """The tag of `repo[:tag][@digest]` (None without one): a digest is not a tag (found
+        by review: `...:abc1234@sha256:...` read as the tag `...` of 64 hex)."""
+        image = (self.image or "").split("@", 1)[0]
+        if image and ":" in image.rsplit("/", 1)[-1]:
+            return image.rsplit(":", 1)[1]
         return None
 
 
@@ -335,6 +338,10 @@ def inspect(name: str) -> ContainerInfo:
     except _NotFound:
         return ContainerInfo(name=name, exists=False)
     attrs: dict[str, Any] = json.loads(content)
+    if str(attrs.get("Name") or "").lstrip("/") != name.lstrip("/"):
+        # the engine takes an unknown name as a unique id prefix ("db", "cafe"): another
+        # container's, answered as this one (found by review); it is not this container
+        return ContainerInfo(name=name, exists=False)
     state = attrs.get("State") or {}
     config = attrs.get("Config") or {}
     return ContainerInfo(

@@ -160,3 +160,32 @@ def test_the_engine_is_the_docker_clis_current_context(
         assert "DOCKER_HOST" in (info.value.fix or "")
     finally:
         docker._engine.cache_clear()
+
+
+@pytest.mark.parametrize(("image", "tag"), [
+    ("togather-server:abc1234", "abc1234"),
+    ("registry:5000/togather-server:abc1234", "abc1234"),
+    ("togather-server:abc1234@sha256:" + "a" * 64, "abc1234"),
+    ("registry:5000/togather-server@sha256:" + "b" * 64, None),
+    ("togather-server", None),
+])
+def test_an_images_tag_is_never_its_digest(image: str, tag: str | None) -> None:
+    """Found by review: an image referenced by digest read the digest as its tag (a switch
+    refused a container that carried the right one)."""
+    assert docker.ContainerInfo(name="x", exists=True, image=image).tag == tag
+
+
+@pytest.mark.docker
+def test_a_name_no_container_has_is_never_another_containers_id_prefix(
+        drill_stack: DrillStack) -> None:
+    """Found by review: the engine takes an unknown name as a unique id prefix, so a
+    configured name made of hex letters that no container has ("db", "cafe") inspected as
+    another container, and start/stop would act on it. The oracle: the docker CLI's id."""
+    other = drill_stack.caddy_container
+    full = subprocess.run(["docker", "inspect", "--format", "{{.Id}}", other],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    prefix = next(full[:n] for n in range(4, 13)
+                  if subprocess.run(["docker", "inspect", full[:n]], capture_output=True,
+                                    check=False).returncode == 0)
+    assert not docker.inspect(prefix).exists  # the engine alone would answer `other`
+    assert docker.inspect(other).exists

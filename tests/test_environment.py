@@ -109,6 +109,11 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     ('[compose]\nproject = ""\n', "compose.project", "is empty"),
     ('[compose]\nimage_repository = ""\n', "compose.image_repository", "is empty"),
     ('[caddy]\nsystemd_unit = ""\n', "caddy.systemd_unit", "is empty"),
+    # found by review: the name as `docker inspect` prints it failed every engine call
+    ('[slots.blue]\ncontainer = "/togather-server-blue"\nport = 8081\n[slots.green]\n'
+     'container = "g"\nport = 8082\n', "slots.blue.container",
+     "starts with '/' (as `docker inspect` prints .Name): write 'togather-server-blue'"),
+    ('[database]\ncontainer = "/togather-db"\n', "database.container", "write 'togather-db'"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:

@@ -111,6 +111,20 @@ def _filled(value: str) -> str:
 Filled = Annotated[str, AfterValidator(_filled)]
 
 
+def _container_name(value: str) -> str:
+    """A container's name as Docker takes it: `docker inspect` prints it with a leading `/`,
+    which the engine API cannot take in a path (found by review: every call failed with
+    "no detail"), and `/x` and `x` passed as different containers."""
+    _filled(value)
+    if value.startswith("/"):
+        _fail(f"{value!r} starts with '/' (as `docker inspect` prints .Name): write "
+              f"{value.lstrip('/')!r}")
+    return value
+
+
+ContainerName = Annotated[str, AfterValidator(_container_name)]
+
+
 def _host_name(value: str) -> str:
     """A host name or address as a URL holds it: a space or control character in it (a
     trailing space from a copy) made every probe fail with an uncaught InvalidURL."""
@@ -264,7 +278,7 @@ class LogsFile(_Table):
 
 
 class SlotFile(_Table):
-    container: Filled
+    container: ContainerName
     # the compose service; left out on hosts without compose (`docker run`)
     service: Annotated[str, AfterValidator(_not_blank)] | None = None
     port: Port
@@ -330,7 +344,7 @@ class HealthFile(_Table):
 class DatabaseFile(_Table):
     env_file: FilePath | None = None  # default: compose.env_file
     url_variable: Annotated[str, AfterValidator(_variable_name)] = DatabaseConfig.url_variable
-    container: Filled = DatabaseConfig.container
+    container: ContainerName = DatabaseConfig.container
     snapshot_dir: FilePath = str(DatabaseConfig.snapshot_dir)
     retention_days: Retention = DatabaseConfig.retention_days
     access: Annotated[str, _choice("auto", "host", "container")] = DatabaseConfig.access
