@@ -1272,3 +1272,28 @@ def test_the_advice_to_start_caddy_names_only_what_it_can_tell(
     advice = caddy.start_advice(make_env(command=command, reload=reload))
     assert said in advice, advice
     assert "docker start root" not in advice
+
+
+def test_a_backup_in_the_temp_dir_never_writes_through_a_planted_symlink(
+        tmp_path: Path) -> None:
+    """Found by review: when the Caddyfile's own directory could not take the backup, it went
+    to a fixed name in the temp directory, written through whatever was there: another
+    local user's symlink to any file the runbook's user can write replaced that file."""
+    import tempfile
+
+    env = make_env(Path("/nonexistent/dir/Caddyfile"))  # no backup beside it
+    victim = tmp_path / "authorized_keys"
+    victim.write_text("ssh-ed25519 AAAA the victim's key\n")
+    planted = Path(tempfile.gettempdir()) / f"togather-runbook-{env.name}-Caddyfile.previous"
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(victim)
+    try:
+        backup = caddy.write_backup(env, b"# the previous Caddyfile\n")
+    finally:
+        planted.unlink(missing_ok=True)
+    assert victim.read_text() == "ssh-ed25519 AAAA the victim's key\n"
+    assert backup is not None and not backup.is_symlink(), backup
+    try:
+        assert backup.read_bytes() == b"# the previous Caddyfile\n"
+    finally:
+        backup.unlink()

@@ -112,19 +112,48 @@ def backup_path(env: Environment) -> Path:
     return path.parent / f".{path.name}.runbook-previous"
 
 
+def in_temp_dir(prefix: str, data: bytes, mode: int) -> Path:
+    """A new file of our own in the temp directory (O_EXCL, a random name, created with its
+    mode): a fixed name there could be another local user's symlink, and writing through it
+    replaced the file it points at (found by review)."""
+    fd, name = tempfile.mkstemp(prefix=prefix)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    os.close(fd)
+    return Path(name)
+
+
+def _caddyfile_mode(env: Environment) -> int:
+    try:
+        return env.caddy.caddyfile.stat().st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
 def write_backup(env: Environment, data: bytes) -> Path | None:
     """Keep the previous Caddyfile where a human finds it; fall back to the temp dir."""
-    candidates = [backup_path(env),
-                  Path(tempfile.gettempdir()) / f"togather-runbook-{env.name}-Caddyfile.previous"]
-    for candidate in candidates:
-        try:
-            write_atomically(candidate, data)
-        except OSError:
-            continue
+    try:
+        write_atomically(backup_path(env), data)
+    except OSError:
+        pass
+    else:
         with contextlib.suppress(OSError):
-            os.chmod(candidate, env.caddy.caddyfile.stat().st_mode & 0o7777)
-        return candidate
-    return None
+            os.chmod(backup_path(env), env.caddy.caddyfile.stat().st_mode & 0o7777)
+        return backup_path(env)
+    try:
+        return in_temp_dir(f"togather-runbook-{env.name}-Caddyfile.previous-", data,
+                           _caddyfile_mode(env))
+    except OSError:
+        return None
 
 
 def write_config(env: Environment, text: str) -> str | None:
@@ -157,19 +186,20 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
     if now in (written, data):
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for candidate in (edited_path(env, stamp), Path(tempfile.gettempdir())
-                      / f"togather-runbook-{env.name}-Caddyfile.edited-{stamp}"):
-        try:
-            write_atomically(candidate, now)
-        except OSError as exc:
-            error = exc.strerror or str(exc)
-            continue
+    candidate = edited_path(env, stamp)
+    try:
+        write_atomically(candidate, now)
         with contextlib.suppress(OSError):
             os.chmod(candidate, path.stat().st_mode & 0o7777)
-        return (f"{path} was edited during the switch: that edit was kept at {candidate} "
-                "(not loaded)")
-    return (f"{path} was edited during the switch and the edit could not be copied aside "
-            f"({error})")
+    except OSError:
+        try:
+            candidate = in_temp_dir(f"togather-runbook-{env.name}-Caddyfile.edited-{stamp}-",
+                                    now, _caddyfile_mode(env))
+        except OSError as exc:
+            return (f"{path} was edited during the switch and the edit could not be copied "
+                    f"aside ({exc.strerror or exc})")
+    return (f"{path} was edited during the switch: that edit was kept at {candidate} "
+            "(not loaded)")
 
 
 def restore(env: Environment, data: bytes, previous: Slot | None,
