@@ -240,8 +240,12 @@ def caddyfile_mount(env: Environment) -> str:
         return ("not checked: Caddy is not run through `docker exec NAME` (mount the "
                 "Caddyfile's directory into its container, never the file)")
     sources = docker.bind_sources(name)
-    if sources is None:
-        return f"not checked: container {name} does not exist"
+    if sources is None:  # its command then reaches no Caddy here, or another engine's
+        raise PreconditionError(
+            f"pre-flight: Caddy's container {name} ([caddy] command) is not on the Docker "
+            "engine the runbook inspects, so what it mounts cannot be checked; nothing was "
+            "changed", f"start it (`docker start {name}`), or fix [caddy] command, or point "
+            "the runbook at the engine that runs it (DOCKER_HOST, `docker context use`)")
     target = os.path.realpath(env.caddy.caddyfile)
     if any(os.path.realpath(src) == target for src in sources):
         raise PreconditionError(

@@ -1297,3 +1297,18 @@ def test_a_backup_in_the_temp_dir_never_writes_through_a_planted_symlink(
         assert backup.read_bytes() == b"# the previous Caddyfile\n"
     finally:
         backup.unlink()
+
+
+@pytest.mark.docker
+def test_a_caddy_container_the_engine_does_not_have_is_a_refusal_not_a_pass() -> None:
+    """Found by review: `[caddy] command` exec'ing into a container the runbook's engine does
+    not have (the command reaching another engine) made the mount check "not checked" and
+    the run went on: a Caddy bind-mounting the file itself never sees the switch's rename."""
+    from runbook import preflight
+    from runbook.errors import PreconditionError
+
+    env = make_env(command=("docker", "exec", "no-such-caddy-7f3e2a", "caddy"))
+    with pytest.raises(PreconditionError) as err:
+        preflight.caddyfile_mount(env)
+    assert "is not on the Docker engine the runbook inspects" in err.value.message, err.value
+    assert "nothing was changed" in err.value.message

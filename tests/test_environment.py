@@ -114,6 +114,11 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
      'container = "g"\nport = 8082\n', "slots.blue.container",
      "starts with '/' (as `docker inspect` prints .Name): write 'togather-server-blue'"),
     ('[database]\ncontainer = "/togather-db"\n', "database.container", "write 'togather-db'"),
+    # found by review: a command reaching another engine than the one the runbook inspects
+    ('[caddy]\ncommand = ["docker", "-H", "unix:///run/other.sock", "exec", "caddy", '
+     '"caddy"]\n', "caddy.command", "names its own Docker engine (-H)"),
+    ('[compose]\ncommand = ["docker", "--context=rootless", "compose"]\n', "compose.command",
+     "names its own Docker engine (--context)"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:

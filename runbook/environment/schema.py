@@ -248,6 +248,27 @@ def _variable_name(value: str) -> str:
 Port = Annotated[int, AfterValidator(_port)]
 Positive = Annotated[float, AfterValidator(_positive)]
 Command = Annotated[tuple[str, ...], PlainValidator(_command)]
+_ENGINE_OPTIONS = ("-H", "--host", "-c", "--context")
+
+
+def _docker_command(value: Any) -> tuple[str, ...]:
+    """A command that runs `docker` (Caddy's, compose's) must reach the engine the runbook
+    inspects: one naming its own (`docker -H ...`, `--context ...`) made every check of
+    containers and mounts look at another engine than the one acted on (found by review:
+    the Caddyfile-mount check passed as "not checked", compose recreated elsewhere)."""
+    words = _command(value)
+    if words and Path(words[0]).name in ("docker", "podman"):
+        for word in words[1:]:
+            if not word.startswith("-"):
+                break  # the subcommand: options after it are its own
+            if word.split("=", 1)[0] in _ENGINE_OPTIONS:
+                _fail(f"names its own Docker engine ({word.split('=', 1)[0]}), which the "
+                      "runbook does not inspect: remove it and point the runbook and the "
+                      "command at one engine (DOCKER_HOST, or `docker context use`)")
+    return words
+
+
+DockerCommand = Annotated[tuple[str, ...], PlainValidator(_docker_command)]
 Retention = Annotated[int, AfterValidator(_retention)]
 
 
@@ -309,7 +330,7 @@ class CaddyFile(_Table):
     reload: Annotated[str, _choice(*(m.value for m in ReloadMethod))] = "admin-api"
     admin_url: HttpUrl = "http://localhost:2019"
     proxy_url: HttpUrl = "http://localhost"
-    command: Command = CaddyConfig.command
+    command: DockerCommand = CaddyConfig.command
     systemd_unit: Filled = CaddyConfig.systemd_unit
     verify_path: UrlPath = CaddyConfig.verify_path
     container_path: Annotated[str, AfterValidator(_absolute)] | None = None
@@ -330,7 +351,7 @@ class ComposeFile(_Table):
     project: Filled | None = None  # default: togather-<name>
     env_file: FilePath | None = None
     image_repository: Filled = ComposeConfig.image_repository
-    command: Command = ComposeConfig.command
+    command: DockerCommand = ComposeConfig.command
 
 
 class HealthFile(_Table):
