@@ -163,6 +163,14 @@ class _Engine:
     port: int | None = None
     sdk: bool = False
 
+    def describe(self) -> str:
+        """Where it is, for a message: on-call must see which engine did not answer."""
+        if self.sdk:
+            return os.environ.get("DOCKER_HOST", "").strip() or "the docker CLI's context"
+        if self.unix is not None:
+            return f"unix://{self.unix}"
+        return f"tcp://{self.host}:{self.port}"
+
     def connection(self, timeout: float) -> http.client.HTTPConnection:
         if self.unix is not None:
             return _UnixConnection(self.unix, timeout)
@@ -287,12 +295,28 @@ def send(action: DockerAction, timeout: float = _TIMEOUT) -> bytes:
                           "engine (`docker context inspect`), as the docker CLI would use it",
                           exit_code=ExitCode.PRECONDITION) from None
     except (OSError, TimeoutError) as exc:
-        raise DockerError(f"the Docker engine did not answer while trying to {what} "
-                          f"({type(exc).__name__})",
-                          "start it (systemctl start docker) and check `docker info`",
+        where = _engine().describe()
+        if isinstance(exc, PermissionError):
+            fix = (f"this user may not use {where}: run as root, or as a member of the "
+                   "docker group")
+        elif isinstance(exc, FileNotFoundError):
+            fix = (f"no engine listens at {where}: start it (`systemctl start docker`, or "
+                   "`systemctl --user start docker` for a rootless one), or set DOCKER_HOST")
+        elif isinstance(exc, TimeoutError):
+            fix = f"the engine at {where} does not respond: check `docker info` and dockerd"
+        else:
+            fix = "start it (systemctl start docker) and check `docker info`"
+        raise DockerError(f"the Docker engine at {where} did not answer while trying to "
+                          f"{what} ({type(exc).__name__})", fix,
                           exit_code=ExitCode.PRECONDITION) from None
     if status == 404:
-        raise _NotFound(_message(content))
+        message = _message(content)
+        if "no such" not in message.lower():  # not the engine's "No such container: x"
+            raise DockerError(f"{_engine().describe()} answered HTTP 404 to {what} without "
+                              f"naming what is missing ({message}): is it a Docker engine?",
+                              "point DOCKER_HOST (or the docker context) at the engine",
+                              exit_code=ExitCode.PRECONDITION)
+        raise _NotFound(message)
     if status in action.ok_statuses:
         return content
     detail = _message(content)
@@ -303,6 +327,18 @@ def send(action: DockerAction, timeout: float = _TIMEOUT) -> bytes:
                           exit_code=ExitCode.PRECONDITION)
     raise DockerError(f"docker failed to {what}: {detail}",
                       "read `docker info` and the container's `docker logs`")
+
+
+def _json(content: bytes, what: str) -> Any:
+    """The engine's JSON answer; an endpoint that is not an engine answers something else,
+    which is said (found by review: a JSONDecodeError was "unexpected failure", exit 5)."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        raise DockerError(f"{_engine().describe()} answered {what} with something that is not "
+                          "the Docker engine's JSON: is it a Docker engine?",
+                          "point DOCKER_HOST (or the docker context) at the engine",
+                          exit_code=ExitCode.PRECONDITION) from None
 
 
 def run(action: DockerAction) -> None:
@@ -337,7 +373,7 @@ def inspect(name: str) -> ContainerInfo:
         content = send(inspect_action(name))
     except _NotFound:
         return ContainerInfo(name=name, exists=False)
-    attrs: dict[str, Any] = json.loads(content)
+    attrs: dict[str, Any] = _json(content, f"inspect container {name!r}")
     if str(attrs.get("Name") or "").lstrip("/") != name.lstrip("/"):
         # the engine takes an unknown name as a unique id prefix ("db", "cafe"): another
         # container's, answered as this one (found by review); it is not this container
@@ -390,7 +426,7 @@ def running_execs(name: str) -> list[tuple[int, list[str]]]:
     while it waited on one (its migrations) leaves it running: Docker does not stop an exec
     whose client died."""
     try:
-        attrs: dict[str, Any] = json.loads(send(inspect_action(name)))
+        attrs: dict[str, Any] = _json(send(inspect_action(name)), f"inspect {name!r}")
     except _NotFound:
         return []
     found: list[tuple[int, list[str]]] = []
@@ -399,7 +435,7 @@ def running_execs(name: str) -> list[tuple[int, list[str]]]:
                               ("docker", "top", name), "GET", f"/exec/{_q(str(exec_id))}/json",
                               target=name)
         try:
-            info: dict[str, Any] = json.loads(send(action))
+            info: dict[str, Any] = _json(send(action), action.verb)
         except _NotFound:
             continue  # ended between the two reads
         if not info.get("Running"):
@@ -417,7 +453,7 @@ def bind_sources(name: str) -> list[str] | None:
         content = send(inspect_action(name))
     except _NotFound:
         return None
-    attrs: dict[str, Any] = json.loads(content)
+    attrs: dict[str, Any] = _json(content, "an inspect")
     return [str(m.get("Source")) for m in attrs.get("Mounts") or ()
             if isinstance(m, dict) and m.get("Type") == "bind" and m.get("Source")]
 
@@ -428,7 +464,7 @@ def image_labels(image: str) -> dict[str, str] | None:
         content = send(image_inspect_action(image))
     except _NotFound:
         return None
-    attrs: dict[str, Any] = json.loads(content)
+    attrs: dict[str, Any] = _json(content, "an inspect")
     return dict((attrs.get("Config") or {}).get("Labels") or {})
 
 
@@ -442,7 +478,7 @@ def image_id(image: str) -> str | None:
         content = send(image_inspect_action(image))
     except _NotFound:
         return None
-    found = json.loads(content).get("Id")
+    found = _json(content, "an inspect").get("Id")
     return found if isinstance(found, str) else None
 
 
@@ -479,7 +515,7 @@ def exec_run(name: str, command: list[str], timeout: float = 300) -> tuple[int, 
                           body={"Cmd": list(command), "AttachStdout": True,
                                 "AttachStderr": True}, target=name)
     try:
-        exec_id = str(json.loads(send(create))["Id"])
+        exec_id = str(_json(send(create), create.verb)["Id"])
     except _NotFound:
         raise DockerError(f"container {name} does not exist", "start it first") from None
     started = DockerAction("run a command in container", create.cli, "POST",
@@ -487,8 +523,9 @@ def exec_run(name: str, command: list[str], timeout: float = 300) -> tuple[int, 
                            target=name)
     try:
         output = _demux(send(started, timeout=timeout))
-        found = json.loads(send(DockerAction("run a command in container", create.cli, "GET",
-                                             f"/exec/{exec_id}/json", target=name)))
+        found = _json(send(DockerAction("run a command in container", create.cli, "GET",
+                                        f"/exec/{exec_id}/json", target=name)),
+                      "an exec inspect")
     except _NotFound:
         raise DockerError(f"container {name} went away while running a command",
                           "start it first") from None

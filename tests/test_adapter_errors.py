@@ -76,6 +76,46 @@ def test_a_docker_engine_that_does_not_answer(stack: DrillStack) -> None:
     assert "cannot inspect the blue container" in status.stdout, status.stdout
 
 
+@pytest.mark.parametrize(("code", "body"), [(200, b"<html>not an engine</html>"),
+                                          (404, b"404 page not found")],
+                         ids=["200, not JSON", "404 for everything"])
+def test_an_endpoint_that_is_not_a_docker_engine_is_said(
+        stack: DrillStack, code: int, body: bytes) -> None:
+    """Found by review: DOCKER_HOST at something that is not an engine (a web server, a
+    proxy): a 200 that is not JSON was "unexpected failure: JSONDecodeError" (exit 5), and
+    a 404 for everything showed both slots as removed. Both name the endpoint now."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # every engine call the commands below make
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        where = f"tcp://127.0.0.1:{server.server_address[1]}"
+        dry = runbook("switch", str(stack.env.source), "--slot", "green", "--dry-run",
+                      DOCKER_HOST=where)
+        status = runbook("status", str(stack.env.source), "--format", "json",
+                         DOCKER_HOST=where)
+    finally:
+        server.shutdown()
+        server.server_close()
+    line = one_line(dry)
+    assert dry.returncode == int(ExitCode.PRECONDITION), dry.stderr
+    assert where in line and "is it a Docker engine?" in line, line
+    assert "Traceback" not in status.stderr and status.returncode == 1, status.stderr
+    assert '"absent"' not in status.stdout, status.stdout  # never "removed" on its word
+    assert where in status.stdout, status.stdout
+
+
 def test_compose_that_cannot_run() -> None:
     command = compose.Command(argv=("/nonexistent/docker", "compose", "ps"))
     with pytest.raises(compose.ComposeError) as raised:
