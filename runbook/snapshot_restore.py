@@ -125,6 +125,9 @@ def restore_steps(env: Environment, run: RestoreRun,
                 "restore did not begin",
                 "stop what they belong to (a worker, a cron job, a psql, a pooler), or run "
                 "again with --end-sessions to end them (their open transactions roll back)")
+        # read by `kept_for_killed_restore`: the rerun a killed restore's fix prescribes
+        # needs this file too, which cleanup would otherwise delete once it expires
+        ctx.note(**{TARGET: str(snapshot.path)})
         run.safety = create(env, SAFETY_REASON)
         facts["safety_snapshot"] = str(run.safety.path)
         ctx.note(safety_snapshot=str(run.safety.path))
@@ -321,6 +324,7 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
 
 
 EARLIER = "earlier safety snapshot"  # a step detail of the run record (killed_restore)
+TARGET = "restore_target"  # the snapshot a restore replays: a step detail, kept for a rerun
 # restore_outcome of a restore-database step whose COMMIT Postgres could not place: that
 # run is finished like a killed one (its safety snapshot holds the data from before)
 UNKNOWN = "unknown"
@@ -368,7 +372,9 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
     """What `snapshot cleanup` keeps whatever its age for killed restores (file name: why):
     the safety snapshot of each run killed during or after its restore (or whose COMMIT's
     outcome was unknown) since the last restore that finished: the only copy of the data
-    from before it. Only the run records know it, which the snapshots package never reads.
+    from before it; and that run's target snapshot, which the rerun its fix prescribes
+    ("run the same command again") restores whole. Only the run records know them, which
+    the snapshots package never reads.
     A run refused or stopped since (before its own restore) does not end it, unlike
     `killed_restore`'s pointer for messages. Every record is read, not the last 50, and run
     records that cannot be listed or read keep every safety snapshot (fail closed)."""
@@ -403,6 +409,12 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
                     f"the safety snapshot of the restore run {data.get('run_id')} (started "
                     f"{data.get('started_at')}), killed during or after its restore: the only "
                     "copy of the data from before it"))
+        target = safety.get(TARGET)
+        if isinstance(target, str) and target:
+            kept.setdefault(Path(target).name, (
+                f"the snapshot the restore run {data.get('run_id')} (started "
+                f"{data.get('started_at')}), killed during or after its restore, replayed: "
+                "running that command again restores it whole"))
     return kept
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runbook import deploy, docker, snapshot_restore, snapshots
+from runbook import deploy, docker, faults, snapshot_restore, snapshots
 from runbook.database import DatabaseError
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
@@ -805,6 +805,43 @@ def test_an_interrupted_stop_of_the_app_slots_starts_them_again(stack: DrillStac
     assert after == before  # both slots running, the database as it was
     answer = httpx.get(f"{env.caddy.proxy_url}/version", timeout=5)
     assert answer.status_code == 200 and answer.headers.get("X-Togather-Slot") == "blue"
+
+
+def test_cleanup_keeps_a_killed_restores_expired_target_for_the_rerun(
+        stack: DrillStack) -> None:
+    """Found by review: a restore killed (-9) mid-replay tells on-call to run the same
+    command again, but only its safety snapshot was kept from cleanup: the cron's `snapshot
+    cleanup --yes` deleted the expired target it replays, and the rerun failed "does not
+    exist". The target is kept (with why) until a restore finishes; the rerun then works."""
+    env = stack.env
+    assert env.source is not None
+    add_items(stack, "in-the-snapshot")
+    wanted = item_names(stack)
+    target = snapshots.create(env, "target")
+    meta = json.loads(target.meta_path.read_text())
+    target.meta_path.write_text(json.dumps(meta | {"expires_at": "2000-01-01T00:00:00Z"}))
+    add_items(stack, "written-after")
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    restore = [sys.executable, "-m", "runbook.cli", "snapshot", "restore", str(env.source),
+               target.name, "--yes"]
+    killed = subprocess.run(restore, capture_output=True, text=True, check=False, timeout=180,
+                            stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "restore.mid-stream:SIGKILL"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    deadline = time.monotonic() + 20  # psql reads what was sent, then ends at EOF
+    while time.monotonic() < deadline and subprocess.run(
+            ["docker", "exec", env.database.container, "pgrep", "-x", "psql"],
+            capture_output=True, check=False).returncode == 0:
+        time.sleep(0.2)
+    cleaned = cli("snapshot", "cleanup", str(env.source), "--yes")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert target.path.exists() and target.meta_path.exists(), cleaned.stdout
+    assert "running that command again restores it whole" in cleaned.stdout, cleaned.stdout
+    rerun = subprocess.run(restore, capture_output=True, text=True, check=False, timeout=180,
+                           stdin=subprocess.DEVNULL, env=environ)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert item_names(stack) == wanted
+    assert slot_states(env)[Slot.BLUE] == "running"  # the serving slot (the killed run's stop)
 
 
 # -- other writers than the app slots --------------------------------------------------------
