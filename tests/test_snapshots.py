@@ -938,6 +938,51 @@ def test_a_session_connecting_after_the_safety_snapshot_rolls_the_restore_back(
     assert all(docker.inspect(env.slot(s).container).running for s in Slot)
 
 
+def test_psqls_own_error_is_reported_when_it_stops_mid_way_through_a_large_dump(
+        stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: psql stopping on an error while a dump bigger than the pipe's buffer
+    still streamed (our write: BrokenPipeError) was reported as "its checksum changed since
+    it was verified" (the hash of the part sent) whenever `docker exec` had not yet ended,
+    and psql's own reason was never shown. Here a late writer's session rolls the restore
+    back on a 300,000-row dump (megabytes). The real Docker CLI ends a moment after its
+    input closes (a race either way); a `docker` first on PATH that runs the real one and
+    ends 2 s after it (a loaded host's slow CLI) makes that moment long every time."""
+    real = shutil.which("docker")
+    assert real is not None
+    shim = tmp_path / "bin" / "docker"
+    shim.parent.mkdir()
+    shim.write_text(f"""#!/bin/bash
+if [ "$1" = exec ] && [ "$2" = -i ]; then
+  {real} "$@" <&0 &
+  child=$!
+  exec 0<&-
+  wait "$child"; code=$?
+  sleep 2
+  exit "$code"
+fi
+exec {real} "$@"
+""")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+    env = stack.env
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) SELECT 'row ' || g || repeat('x', 16) "
+                     "FROM generate_series(1, 300000) g")
+    snap = snapshots.create(env, "large")
+    assert snap.path.stat().st_size > 1024 * 1024  # far past a pipe's buffer, compressed
+    add_items(stack, "after")
+    before = item_names(stack)
+    proc, worker = _writer_after_safety(stack, snap, "late-cron")
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        worker.close()
+    assert proc.returncode == int(ExitCode.FAILED_SAFELY), out + err
+    assert "another session is connected" in err and "late-cron" in err, err
+    assert "checksum" not in err, err
+    assert item_names(stack) == [*before, "by late-cron"]  # rolled back: nothing lost
+
+
 def test_a_session_that_ends_while_the_restores_transaction_waits_lets_it_restore(
         stack: DrillStack) -> None:
     """The restore's transaction waits up to 3 s for another session to end (one connecting

@@ -139,19 +139,22 @@ def replay(env: Environment, verified: Verified,
                         proc.stdin.flush()  # psql has the DROP before a fault here
                         faults.point(env, "restore.mid-stream")
             except BrokenPipeError:
-                stopped_reading = True  # psql stopped on an error: its exit code tells
+                # psql stopped on an error: its exit code and stderr tell. The part sent
+                # is no whole file, so no checksum or trailer verdict is drawn from it (one
+                # was, while the exec had not yet ended: psql's reason never shown)
+                stopped_reading = True
             except EOFError:
                 problem = "it is truncated (the gzip stream ends early)"
             except (gzip.BadGzipFile, zlib.error) as exc:
                 problem = f"it is corrupt ({exc})"
             except OSError as exc:
                 problem = f"it cannot be read ({exc.strerror or exc})"
-            if problem is None and proc.poll() is None:
+            if problem is None and not stopped_reading and proc.poll() is None:
                 if sha.hexdigest() != verified.sha256:
                     problem = "its checksum changed since it was verified"
                 elif TRAILER not in tail:
                     problem = "it has no 'dump complete' trailer"
-            if problem is None and proc.poll() is None:
+            if problem is None and not stopped_reading and proc.poll() is None:
                 with contextlib.suppress(OSError):
                     proc.stdin.flush()
                 txid = _wait_txid(out, proc)
