@@ -595,6 +595,46 @@ def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_da
     assert not safety.exists() and f"Removed {safety.name}" in again.stdout, again.stdout
 
 
+def test_cleanup_keeps_what_the_hosts_snapshot_retention_days_keeps(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: the host's SNAPSHOT_RETENTION_DAYS=30 was ignored, so `snapshot
+    cleanup` (cron) expired after 7 days a sidecar without expires_at, even one whose own
+    retention_days says 60. The env file's value is the retention when the TOML sets none,
+    and a sidecar's own retention_days comes first."""
+    import subprocess
+    import sys
+
+    record(env, "dep_a", "dep_b")
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("DATABASE_URL=postgresql://togather:secret@localhost:5432/togather\n"
+                        "SNAPSHOT_RETENTION_DAYS=30\n")
+    env_file.chmod(0o600)
+
+    def without(path: Path, *keys: str, **changes: object) -> Path:
+        meta_path = path.with_name(path.name.replace(".sql.gz", ".meta.json"))
+        meta = {k: v for k, v in json.loads(meta_path.read_text()).items() if k not in keys}
+        meta_path.write_text(json.dumps(meta | changes))
+        return path
+
+    # neither expires_at nor retention_days (a partial sidecar): the host's 30 days apply
+    bare = without(put(env, "20261120_000000", "manual", age_days=10),
+                   "expires_at", "retention_days")
+    # taken to be kept 60 days, by its own word (not the environment's 30); no expires_at
+    own = without(put(env, "20261021_000000", "manual", age_days=40), "expires_at",
+                  retention_days=60)
+    old = without(put(env, "20261020_000000", "manual", age_days=40), "expires_at",
+                  retention_days=30)  # past its 30 days: goes
+    put(env, "20261129_000000", "manual", age_days=1)  # the newest
+    toml = host_toml(env, tmp_path)
+    toml.write_text(toml.read_text() + f'env_file = "{env_file}"\n')
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "cleanup",
+                           str(toml), "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert bare.exists() and own.exists(), done.stdout
+    assert not old.exists() and f"Removed {old.name}" in done.stdout, done.stdout
+
+
 def test_a_sidecar_dated_near_year_9999_is_listed_and_kept(env: Environment,
                                                            tmp_path: Path) -> None:
     """Found by review: a sidecar taken "9999-12-31" with no expires_at overflowed the

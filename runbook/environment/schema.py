@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -480,19 +481,23 @@ def parse(data: Mapping[str, Any], path: Path) -> Environment:
             lines.append(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
         raise ConfigError(f"{len(lines)} problem(s) in {path}:\n  " + "\n  ".join(lines),
                           "fix them and run again") from None
-    return _agree_with_env_files(_build(f, path))
+    return _agree_with_env_files(_build(f, path),
+                                 retention_set="retention_days" in f.database.model_fields_set)
 
 
-def _agree_with_env_files(env: Environment) -> Environment:
+def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> Environment:
     """Refuse an environment whose host env file says otherwise about where things are.
 
-    Why: the host's own tooling reads COMPOSE_PROJECT_NAME, HEALTH_CHECK_PATH and SNAPSHOT_DIR
-    from that file (CONTRACTS); a runbook looking elsewhere would not find the deploy's
-    snapshots, or ask another path for health. An env file this process cannot read is not
+    Why: the host's own tooling reads COMPOSE_PROJECT_NAME, HEALTH_CHECK_PATH, SNAPSHOT_DIR
+    and SNAPSHOT_RETENTION_DAYS from that file (CONTRACTS); a runbook looking elsewhere would
+    not find the deploy's snapshots, ask another path for health, or expire (and clean up)
+    after 7 days what the host keeps 30. SNAPSHOT_RETENTION_DAYS is also the retention when
+    the TOML sets none (`retention_set`). An env file this process cannot read is not
     judged here: whatever needs it (the database URL, compose) reports it."""
     from runbook.environment.model import read_env_file
 
     files = dict.fromkeys(f for f in (env.compose.env_file, env.database.env_file) if f)
+    env = _retention_from_env_files(env, files, retention_set)
     ours = {"COMPOSE_PROJECT_NAME": ("[compose] project", env.compose.project),
             "HEALTH_CHECK_PATH": ("[health] path", env.health.path),
             "SNAPSHOT_DIR": ("[database] snapshot_dir", str(env.database.snapshot_dir))}
@@ -525,6 +530,41 @@ def _agree_with_env_files(env: Environment) -> Environment:
                     f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
                     f"{variable} in {file} agree")
     return env
+
+
+def _retention_from_env_files(env: Environment, files: Iterable[Path],
+                              retention_set: bool) -> Environment:
+    """The env files' SNAPSHOT_RETENTION_DAYS as the retention when the TOML sets none, and
+    refused (one line, exit 2) where it disagrees with the TOML's (or with another env
+    file's), or is not a whole number of days from 1 to MAX_RETENTION_DAYS. A value holding
+    `$` is interpolated by the host's tooling: not judged."""
+    from runbook.environment.model import read_env_file
+
+    days = env.database.retention_days
+    said_by = f"[database] retention_days is {days} in {env.source}" if retention_set else None
+    for file in files:
+        try:
+            said = read_env_file(file).get("SNAPSHOT_RETENTION_DAYS", "").strip()
+        except ConfigError:
+            continue
+        if not said or "$" in said:
+            continue
+        theirs = int(said) if said.isdigit() and len(said) < 6 else 0  # no 5000-digit int()
+        if not 1 <= theirs <= MAX_RETENTION_DAYS:
+            raise ConfigError(
+                f"{file} sets SNAPSHOT_RETENTION_DAYS={said}: not a whole number of days from "
+                f"1 to {MAX_RETENTION_DAYS}", f"fix SNAPSHOT_RETENTION_DAYS in {file}")
+        if said_by is None:
+            days, said_by = theirs, f"{file} sets SNAPSHOT_RETENTION_DAYS={said}"
+        elif theirs != days:
+            raise ConfigError(
+                f"{file} sets SNAPSHOT_RETENTION_DAYS={said}, but {said_by}: the host's "
+                "tooling and the runbook would disagree on when snapshots expire",
+                f"set retention_days = {theirs} under [database] in {env.source}, or make "
+                "them agree")
+    if days == env.database.retention_days:
+        return env
+    return env.with_(database=replace(env.database, retention_days=days))
 
 
 def _build(f: EnvironmentFile, path: Path) -> Environment:

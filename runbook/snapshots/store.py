@@ -143,10 +143,15 @@ class Snapshot:
         return out
 
     def expires_at(self, retention_days: int) -> datetime:
-        """Its own expires_at when recorded, else taken + the environment's retention."""
+        """Its own expires_at when recorded, else taken + its own retention_days (what it
+        was taken to be kept for: the host's tooling may keep 30 where we keep 7), else
+        taken + the environment's retention."""
         own = _utc(self._m("expires_at"))
         if own is not None:
             return own
+        kept_for = self._m("retention_days")
+        if isinstance(kept_for, int) and not isinstance(kept_for, bool) and kept_for > 0:
+            retention_days = kept_for
         try:
             return self.timestamp + timedelta(days=retention_days)
         except OverflowError:  # a sidecar dated near year 9999: `snapshot list` and the
