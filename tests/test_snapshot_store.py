@@ -635,6 +635,51 @@ def test_cleanup_keeps_what_the_hosts_snapshot_retention_days_keeps(
     assert not old.exists() and f"Removed {old.name}" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("garbage", ["nested", "expires_at", "timestamp", "lone nested"])
+def test_a_garbage_sidecar_is_a_named_problem_not_a_crash(
+        env: Environment, tmp_path: Path, garbage: str) -> None:
+    """Found by review: a sidecar of 100,000 nested `[` (RecursionError) or a time beyond
+    year 9999 once in UTC (`9999-12-31T23:00:00-05:00`: OverflowError) ended `snapshot list`
+    and `snapshot cleanup` (a cron job) in exit 5. Listed now with the problem named, and
+    nothing lost: the far-future expiry is kept; a dump whose sidecar cannot be read expires
+    by its name's date, as any unreadable sidecar's does."""
+    import subprocess
+    import sys
+
+    record(env, "dep_a", "dep_b")
+
+    def stamp(days: float) -> str:  # named as taken `days` ago (an unreadable sidecar's age)
+        return (NOW - timedelta(days=days)).strftime("%Y%m%d_%H%M%S")
+
+    bad = put(env, stamp(2), "manual", age_days=2)
+    meta_path = bad.with_name(bad.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(meta_path.read_text())
+    far = "9999-12-31T23:00:00-05:00"
+    if garbage in ("nested", "lone nested"):
+        meta_path.write_text("[" * 100_000)
+    else:
+        meta_path.write_text(json.dumps(meta | {garbage: far}))
+    if garbage == "lone nested":
+        bad.unlink()  # a sidecar whose dump is gone
+    put(env, stamp(0.5), "manual", age_days=0.5)
+    toml = host_toml(env, tmp_path)
+    for command in (["list"], ["list", "--format", "json"], ["cleanup", "--dry-run"],
+                    ["cleanup", "--yes"]):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", *command,
+                               str(toml)], capture_output=True, text=True, check=False,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, (command, done.stdout + done.stderr)
+        assert "Traceback" not in done.stderr
+        if command == ["list", "--format", "json"] and garbage != "lone nested":
+            [listed] = [s for s in json.loads(done.stdout)
+                        if s["name"] == bad.name]
+            said = " ".join(listed["problems"])
+            assert ("nested too deeply" in said if garbage == "nested"
+                    else f"{garbage} {far!r} is out of range" in said), listed
+    assert meta_path.exists()
+    assert garbage == "lone nested" or bad.exists()
+
+
 def test_a_sidecar_dated_near_year_9999_is_listed_and_kept(env: Environment,
                                                            tmp_path: Path) -> None:
     """Found by review: a sidecar taken "9999-12-31" with no expires_at overflowed the

@@ -90,7 +90,7 @@ class Snapshot:
 
     @property
     def timestamp(self) -> datetime:
-        if (value := _utc(self._m("timestamp"))) is not None:
+        if (value := _in_utc(self._m("timestamp"))) is not None:
             return value
         match = NAME_RE.match(self.stem)
         if match:
@@ -146,7 +146,7 @@ class Snapshot:
         """Its own expires_at when recorded, else taken + its own retention_days (what it
         was taken to be kept for: the host's tooling may keep 30 where we keep 7), else
         taken + the environment's retention."""
-        own = _utc(self._m("expires_at"))
+        own = _in_utc(self._m("expires_at"))
         if own is not None:
             return own
         kept_for = self._m("retention_days")
@@ -190,6 +190,32 @@ class Snapshot:
         }
 
 
+def _out_of_range(value: object) -> bool:
+    """A sidecar time that parses but is past year 9999 once in UTC
+    (`9999-12-31T23:00:00-05:00`): formatting it overflowed, ending `snapshot list` and the
+    cleanup in exit 5."""
+    parsed = _utc(value)
+    if parsed is None:
+        return False
+    try:
+        parsed.astimezone(UTC)
+    except OverflowError:
+        return True
+    return False
+
+
+def _in_utc(value: object) -> datetime | None:
+    """A sidecar time in UTC (parse_utc's reading), or None; one out of range (load() names
+    it as a problem) is the far future, never the past: a snapshot is not deleted for it."""
+    parsed = _utc(value)
+    if parsed is None:
+        return None
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
+
+
 def load(path: Path) -> Snapshot:
     """Read a snapshot and its sidecar; an unreadable sidecar is a problem, not a crash."""
     stem = path.name.removesuffix(SUFFIX)
@@ -205,6 +231,13 @@ def load(path: Path) -> Snapshot:
                 problems.append(f"{meta_path.name} is not a JSON object")
         except (OSError, ValueError) as exc:
             problems.append(f"cannot read {meta_path.name}: {exc}")
+        except RecursionError:  # `[[[[...`: a crash (exit 5) of list and cleanup, not a problem
+            problems.append(f"cannot read {meta_path.name}: it is nested too deeply")
+    for key in ("timestamp", "expires_at"):
+        value = (meta or {}).get(key)
+        if _out_of_range(value):
+            problems.append(f"{meta_path.name}: its {key} {value!r} is out of range (after "
+                            "year 9999 in UTC): read as the far future")
     if not path.exists():
         problems.append(f"{path.name} is missing")
     return Snapshot(path, meta, tuple(problems))
@@ -688,6 +721,6 @@ def _database(env: Environment) -> str | None:
 def _safe_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # `[[[[...` too: no crash of the cleanup
         return None
     return data if isinstance(data, dict) else None
