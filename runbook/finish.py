@@ -127,14 +127,30 @@ def _state(env: Environment) -> states.DeploymentState | None:
         return None
 
 
-def replaced(found: tuple[intents.Intent, str] | None) -> intents.Intent | None:
+def replaced(found: tuple[intents.Intent, str] | None,
+             rerun: intents.Intent | None = None) -> intents.Intent | None:
     """The record of an interrupted run that stopped before traffic moved ("continue"), which
     this run's own record will overwrite: the plan names it, and a failure before the commit
     puts it back (Plan.replaces). A record kept on purpose (a deploy whose schema moved) was
-    silently replaced by the next switch or deploy, and lost if that one failed in turn."""
+    silently replaced by the next switch or deploy, and lost if that one failed in turn.
+    None when this run (`rerun`, its own record) is that same run again: its record
+    supersedes the dead one's, never put back (a failed rerun left the dead record, and
+    status called it unfinished for good)."""
     if found is None or found[1] != "continue":
         return None
+    if rerun is not None and same_run(found[0], rerun):
+        return None
     return found[0]
+
+
+def same_run(old: intents.Intent, new: intents.Intent) -> bool:
+    """Whether `new` is `old`'s command again: the same verb, slots and target version.
+    A killed restore's record (its snapshot named) is kept unless the rerun restores the
+    same snapshot: it is what says the database was replaced."""
+    return ((old.action, old.source, old.target, old.to_version)
+            == (new.action, new.source, new.target, new.to_version)
+            and old.record.get("restore_snapshot") in (None,
+                                                       new.record.get("restore_snapshot")))
 
 
 def taken_snapshot(env: Environment, deployment_id: str) -> Any:

@@ -465,7 +465,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                               "fix": guard.refused.fix}}
                           if guard.refused is not None else {})},
                 intent=intent, resume_command=resume_command(env, target.version),
-                replaces=finish.replaced(found))
+                replaces=finish.replaced(found, intent))
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,

@@ -61,8 +61,6 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if repairing is not None:
         warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
                         "record once it is done")
-    if (old_record := finish.replaced(found)) is not None:
-        warnings.append(finish.replacing_warning(env, old_record, "switch"))
     if now.slot is None:
         warnings.append(f"Caddy serves no single slot ({now.problem(env)}); repointing it at "
                         f"{target}")
@@ -87,6 +85,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             from_slot=str(live), to_slot=str(target),
                             from_version=state.current.version if state.current else None,
                             to_version=version, to_image=info.image)
+    # the same switch rerun supersedes its dead run's record, never puts it back
+    if (old_record := finish.replaced(found, intent)) is not None:
+        warnings.append(finish.replacing_warning(env, old_record, "switch"))
+    elif found is not None and found[1] == "continue":
+        warnings.append(f"an interrupted run of this switch changed nothing users see; "
+                        f"continuing: {found[0].describe()}")
 
     def run_state(ctx: StepContext) -> None:
         recording.switch(env, intent, observed, run_id, ctx)
@@ -121,7 +125,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 steps, warnings, diff, facts={"from_slot": str(live), "to_slot": str(target),
                                               "version": version, "to": version},
                 intent=intent, resume_command=f"runbook switch {env.name} --slot {target}",
-                replaces=repairing.intent if repairing is not None else finish.replaced(found))
+                replaces=repairing.intent if repairing is not None else old_record)
 
 
 def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> None:

@@ -1768,3 +1768,43 @@ def test_an_interrupted_rollback_to_a_named_version_is_never_rerun_to_another(
     assert f"--to {v1}" in again.stderr and "nothing was changed" in again.stderr
     assert through_proxy(env) == ("blue", V3.tag)
     assert env.state_file.read_bytes() == state_before
+
+
+def test_a_failed_rerun_of_a_killed_rollback_leaves_no_record_behind(stack: DrillStack) -> None:
+    """Found by review: `kill -9` of a rollback before its gate, then the same rollback
+    again, stopped before traffic moved too: the rerun put the dead run's own record back
+    as "the interrupted run's record it replaced", so status said "an interrupted run is
+    unfinished" for good. The rerun is that rollback again: its record supersedes the dead
+    one's (as a deploy's rerun does)."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="before:health-gate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert intents.read(env) is not None
+    failed = cli(env, "rollback", "--yes", fault="before:switch:SIGINT")
+    assert failed.returncode == 1, failed.stderr  # stopped before traffic moved: undone
+    assert "put back the interrupted run's record" not in failed.stderr, failed.stderr
+    assert intents.read(env) is None, intents.read(env)
+    assert through_proxy(env) == ("blue", V3.tag)
+    status = cli(env, "status")
+    assert "interrupted" not in status.stdout + status.stderr, status.stdout
+    done = cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
+
+
+def test_a_failed_rerun_of_a_killed_switch_leaves_no_record_behind(stack: DrillStack) -> None:
+    """As for a rollback: a switch killed before its gate, then the same switch stopped
+    before traffic moved, put the dead switch's record back, and status called it
+    unfinished for good."""
+    stack.reset()  # blue serves v1, green runs v1 too
+    env = stack.env
+    first = cli(env, "switch", "--slot", "green", "--yes", fault="before:health-gate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert intents.read(env) is not None
+    failed = cli(env, "switch", "--slot", "green", "--yes", fault="before:switch:SIGINT")
+    assert failed.returncode == 1, failed.stderr
+    assert "put back the interrupted run's record" not in failed.stderr, failed.stderr
+    assert intents.read(env) is None, intents.read(env)
+    assert through_proxy(env)[0] == "blue"
+    status = cli(env, "status")
+    assert "interrupted" not in status.stdout + status.stderr, status.stdout
