@@ -55,21 +55,34 @@ def in_progress(intent: intents.Intent, held: locks.LockStatus | None) -> bool:
 def superseded(intent: intents.Intent,
                state: states.DeploymentState | None) -> states.Deployment | None:
     """The deployment another tool recorded on the record's target slot since the
-    interrupted run started, when that run never moved traffic (killed before its switch)
-    and the version differs: the host's deploy script deployed to the same standby slot
-    and switched to it. Traffic on the target is then that deploy's, not this run's; read
-    as this run's, every command was refused with a repair that reverts the fresh deploy.
-    None otherwise (`state`: a DeploymentState, or None when unreadable)."""
+    interrupted run started, when that run never moved traffic (killed before its switch):
+    the host's deploy script deployed to the same standby slot and switched to it. Traffic
+    on the target is then that deploy's, not this run's; read as this run's, every command
+    was refused with a repair that reverts the fresh deploy. Judged by deployment id, not
+    version: a deploy of the same version is another deployment too (taken for the killed
+    run's, its finish recorded a second one, current and previous both that version). A
+    switch's record names no id: by version then. None otherwise (`state`: a
+    DeploymentState, or None when unreadable)."""
     from runbook.times import parse_utc
 
     current = state.current if state is not None else None
     started = parse_utc(intent.started_at)
     if intent.phase is not intents.Phase.PREPARE or current is None or started is None:
         return None
-    if current.active_slot != intent.target or current.version == intent.to_version \
-            or current.deployed_at <= started:
+    if current.active_slot != intent.target or current.deployed_at <= started:
+        return None
+    own = own_deployment_id(intent)
+    if (current.id == own) if own is not None else current.version == intent.to_version:
         return None
     return current
+
+
+def own_deployment_id(intent: intents.Intent) -> str | None:
+    """The deployment id the record's run records as current: a deploy's new one, a
+    rollback's target; None for a switch (it records by version)."""
+    key = {"deploy": "deployment_id", "rollback": "target_id"}.get(intent.action)
+    value = intent.record.get(key) if key is not None else None
+    return value if isinstance(value, str) and value else None
 
 
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:

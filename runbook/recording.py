@@ -67,6 +67,12 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     if fresh.current is not None and fresh.current.id == dep_id:
         ctx.note(current=f"{intent.to_version} on {intent.to_slot} (already recorded)")
         return
+    if (later := _recorded_by_another(fresh, intent)) is not None:
+        # another tool's deploy of this slot since this run started serves: recording this
+        # run over it made a second deployment (current and previous the same version)
+        ctx.note(current=f"{later.version} on {intent.to_slot} (already recorded, "
+                         f"{later.id} by {later.deployed_by})")
+        return
     config = env.slot(intent.target)
     report = health.probe(config, env.health.path, env.health.request_timeout)
     # this deployment's own commit, never the current one's: /health, else the image's
@@ -89,6 +95,21 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
         fresh, new, fresh.find_id(str(replaced)) if replaced else None))
     ctx.note(current=f"{intent.to_version} on {intent.to_slot} ({new.id})",
              migration_version=migration)
+
+
+def _recorded_by_another(state: states.DeploymentState,
+                         intent: intents.Intent) -> states.Deployment | None:
+    """The deployment another tool recorded as current on the intent's slot after the run
+    started, with another id (finish.superseded's rule, whatever the record's phase), or
+    None."""
+    from runbook.times import parse_utc
+
+    current, started = state.current, parse_utc(intent.started_at)
+    if current is None or started is None or current.active_slot != intent.target \
+            or current.deployed_at <= started \
+            or current.id == intent.record.get("deployment_id"):
+        return None
+    return current
 
 
 @_exclusive

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, deploy, docker, faults, health, slots, traffic
+from runbook import caddy, deploy, docker, faults, health, recording, slots, traffic
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
@@ -44,6 +44,7 @@ from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
+from runbook.plan import Step, StepContext
 from tests.drill_checks import Poller, closed_port, wait_stopped
 from tests.matrix import sample
 
@@ -595,17 +596,18 @@ def test_a_deploy_rerun_that_cannot_read_the_schema_never_guesses_about_its_snap
     assert after == before
 
 
-def host_deploys_v3_to_green(env: Environment) -> None:
-    """What the host's own deploy script does: v3 onto green (compose), Caddy switched to
-    it, its deploy recorded in the state file."""
-    slots.recreate(env, Slot.GREEN, V3.tag)
+def host_deploys_v3_to_green(env: Environment, version: str = "v3") -> None:
+    """What the host's own deploy script does: v3 (or `version`) onto green (compose),
+    Caddy switched to it, its deploy recorded in the state file."""
+    v = VERSIONS[version]
+    slots.recreate(env, Slot.GREEN, v.tag)
     health.wait_healthy(env, Slot.GREEN, timeout=30)
     caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.GREEN))
     before = states.read_state(env.state_file, environment=env.name)
     states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
-        V3.tag, V3.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
-        migration_version=V3.schema, image=V3.image)))
-    assert through_proxy(env) == ("green", V3.tag)
+        v.tag, v.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
+        migration_version=v.schema, image=v.image)))
+    assert through_proxy(env) == ("green", v.tag)
 
 
 def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_snapshot(
@@ -1808,3 +1810,43 @@ def test_a_failed_rerun_of_a_killed_switch_leaves_no_record_behind(stack: DrillS
     assert through_proxy(env)[0] == "blue"
     status = cli(env, "status")
     assert "interrupted" not in status.stdout + status.stderr, status.stdout
+
+
+def test_a_killed_deploy_is_not_finished_over_another_tools_deploy_of_the_same_version(
+        stack: DrillStack) -> None:
+    """Found by review: `runbook deploy --version v2` killed before its switch; then the
+    host's deploy script deployed v2 to green, switched and recorded it. The killed run's
+    record was read as having moved traffic (same slot, same version): `runbook rollback`
+    was refused, and the deploy it prescribed recorded a second v2 (current and previous
+    both v2), after which a rollback said "already the current deployment". A deployment
+    recorded on the target slot since the record started, with another id, supersedes it;
+    finishing the old record over it records nothing."""
+    stack.reset()  # v1 serving from blue
+    env = stack.env
+    v1, v2 = VERSIONS["v1"], VERSIONS["v2"]
+    first = cli(env, "deploy", "--version", v2.tag, "--yes", fault="before:switch:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None and killed.target == Slot.GREEN
+    host_deploys_v3_to_green(env, "v2")
+    theirs = states.read_state(env.state_file)
+    assert theirs.current is not None and theirs.current.version == v2.tag
+    status = cli(env, "status")
+    said = status.stdout + status.stderr
+    assert "record is out of date" in said and "took effect" not in said, said
+    planned = cli(env, "rollback", "--dry-run", "--force")  # v2 migrated: schema 2
+    said = planned.stdout + planned.stderr
+    assert planned.returncode == 0, said
+    assert "took effect and is not finished" not in said, said
+    assert f"from {v2.tag} (green) to {v1.tag} (blue)" in said, said
+    again = cli(env, "deploy", "--version", v2.tag, "--yes")
+    assert again.returncode == 4 and "already serves" in again.stderr, again.stderr
+    after = states.read_state(env.state_file)
+    assert after.current is not None and after.current.id == theirs.current.id
+    assert after.previous is not None and after.previous.version == v1.tag, after.previous
+    # the killed run's finish, had it been reached, records nothing over theirs
+    ctx = StepContext(Step("state", "Record the deployment"), env=env)
+    recording.deploy(env, killed, slots.Observed(), "dep_finish", ctx)
+    assert states.read_state(env.state_file) == after, ctx.notes
+    assert "already recorded" in str(ctx.notes), ctx.notes
+    assert through_proxy(env) == ("green", v2.tag)
