@@ -53,11 +53,19 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
     """Plan (under the lock) and execute; a dry run plans without lock and changes nothing."""
     run_id = journals.new_run_id(action)
     if dry_run:
+        # judged as taking it would judge it (the real run stops there, exit 3): read only as
+        # "held", a live holder's lock gave a normal plan while the real run was refused
+        if (refused := locks.refusal(env)) is not None:
+            raise refused
         plan = _with_room(env, build(run_id))
+        if (refused := locks.refusal(env)) is not None:  # taken while this one planned
+            raise refused
         held = locks.status(env)
+        # no refusal: taking it takes any lock there over (a dead holder's, a half-written one)
+        now = ("free" if held is None else f"{held.describe()}: would be taken over"
+               + (f" ({held.why})" if held.stealable else ""))
         plan.steps.insert(0, Step("lock", "Take the deploy lock",
-                                  {"path": str(env.lock_path),
-                                   "now": held.describe() if held else "free"},
+                                  {"path": str(env.lock_path), "now": now},
                                   phase=Phase.PREFLIGHT))
         return RunResult(plan, run_id, dry_run=True)
     signals = Signals()

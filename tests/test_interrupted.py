@@ -1850,3 +1850,44 @@ def test_a_killed_deploy_is_not_finished_over_another_tools_deploy_of_the_same_v
     assert states.read_state(env.state_file) == after, ctx.notes
     assert "already recorded" in str(ctx.notes), ctx.notes
     assert through_proxy(env) == ("green", v2.tag)
+
+
+HOLD_LOCK = """
+import os, sys
+from runbook import environment, lock
+env = environment.load_file(__import__('pathlib').Path(sys.argv[1]))
+held = lock.acquire(env, reason='deploy.sh', run_id='dep_other')
+print('held', flush=True)
+if sys.stdin.readline().strip() == 'release':
+    lock.release(held)
+os._exit(0)  # else it dies holding it, as a killed run would
+"""
+
+
+def test_a_dry_run_meets_the_deploy_lock_as_the_real_run_does(stack: DrillStack) -> None:
+    """Found by review: while a live process held the deploy lock, `--dry-run` printed a
+    normal plan (exit 0, the holder only named) and the real run was refused (exit 3). The
+    dry run judges the lock as taking it would: refused while its holder runs, and a dead
+    holder's lock said to be taken over. Oracle: the real run against the same lock."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(env.source)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        real = cli(env, "rollback", "--yes")
+        assert real.returncode == ExitCode.LOCKED, real.stdout + real.stderr
+        planned = cli(env, "rollback", "--dry-run")
+        said = planned.stdout + planned.stderr
+        assert planned.returncode == ExitCode.LOCKED, said
+        assert f"pid {holder.pid}" in planned.stderr, said
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("die\n")  # killed holding it: the lock is stale now
+        holder.stdin.close()
+        holder.wait(30)
+    assert through_proxy(env) == ("blue", V3.tag)
+    planned = cli(env, "rollback", "--dry-run")
+    said = planned.stdout + planned.stderr
+    assert planned.returncode == 0, said
+    assert "would be taken over" in planned.stdout and f"pid {holder.pid}" in said, said

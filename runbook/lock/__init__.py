@@ -25,6 +25,7 @@ from runbook.lock.holding import (
     _entomb,
     acquire,
     guard_path,
+    refusal,
     refusing_holder,
     release,
     status,
@@ -34,6 +35,6 @@ from runbook.lock.policy import FUTURE_SLACK, HOLDER, LOCKED_AT, Holder, Ident, 
 
 __all__ = [
     "FUTURE_SLACK", "GUARD_TIMEOUT", "HOLDER", "LOCKED_AT", "Holder", "Ident", "Lock",
-    "LockStatus", "_entomb", "acquire", "guard_path", "refusing_holder", "release", "status",
-    "unlock",
+    "LockStatus", "_entomb", "acquire", "guard_path", "refusal", "refusing_holder", "release",
+    "status", "unlock",
 ]

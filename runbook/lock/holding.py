@@ -254,6 +254,13 @@ def refusing_holder(env: Environment) -> LockStatus | None:
     return state_only if state_only is not None and not state_only.stealable else None
 
 
+def refusal(env: Environment) -> LockedError | None:
+    """The error `acquire` would raise now (refusing_holder's judgement, worded as the real
+    run's), or None when it would take the lock: a dry run raises it, as its run would."""
+    holder = refusing_holder(env)
+    return _locked_error(env, holder) if holder is not None else None
+
+
 def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
     path = env.lock_path
     stolen: LockStatus | None = None
