@@ -103,12 +103,15 @@ def temp_target(name: str) -> str | None:
 
 def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
                  before_rename: Callable[[], None] | None = None,
-                 durable: bool = True) -> str | None:
+                 durable: bool = True, like: Path | None = None) -> str | None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
-    A new file gets `default_mode`. A symlinked target stays a symlink (its destination is
-    replaced). `before_rename` runs between the fsynced temp file and the rename (the drill's
-    fault point). Raises OSError; the target is then unchanged and no temp file is left.
+    A new file gets `default_mode`, or `like`'s mode (read and write bits), owner and group
+    when that file exists: a record beside the state file must be readable by whoever may
+    read the state file (a shared deploy group). A symlinked target stays a symlink (its
+    destination is replaced). `before_rename` runs between the fsynced temp file and the
+    rename (the drill's fault point). Raises OSError; the target is then unchanged and no
+    temp file is left.
     `durable=False` skips both fsyncs: readers still see the old bytes or the new ones, but a
     power loss may lose the write (for a record rewritten many times a run and made durable
     by its last write; two fsyncs each were most of a fast rollback's journaling time).
@@ -120,15 +123,22 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
         st: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
         st = None
+    model: os.stat_result | None = None  # a new file's model
+    if st is None and like is not None:
+        with contextlib.suppress(OSError):
+            model = os.stat(like)
     tmp = temp_path(target)
     kept: tuple[int, int] | None = None  # the (uid, gid) the new file got, when it had an old
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
             # mode and owner first: the one fsync below makes them durable with the bytes
-            os.fchmod(fd, (st.st_mode & 0o7777) if st else default_mode)
+            os.fchmod(fd, (st.st_mode & 0o7777) if st else (model.st_mode & 0o666) if model
+                      else default_mode)
             if st is not None and hasattr(os, "fchown"):
                 kept = _keep_owner(fd, st)
+            elif model is not None and hasattr(os, "fchown"):
+                _keep_owner(fd, model)  # best effort: not root, it keeps the group if it may
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

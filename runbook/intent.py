@@ -85,11 +85,15 @@ def path(env: Environment) -> Path:
 
 
 def write(env: Environment, intent: Intent) -> None:
-    """Durably record the intent; OSError propagates (the caller decides what it means)."""
+    """Durably record the intent; OSError propagates (the caller decides what it means).
+    A new record takes the state file's mode, owner and group (0600 when there is none):
+    always 0600, another on-call user of a shared deploy group could not read a killed
+    run's record, and every command then refused."""
     data = json.dumps(asdict(intent), indent=2, sort_keys=True) + "\n"
     target = path(env)
     target.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(target, data.encode(), default_mode=0o600)
+    files.atomic_write(target, data.encode(), default_mode=0o600,
+                       like=Path(os.path.realpath(env.state_file)))
 
 
 def read(env: Environment) -> Intent | None:

@@ -1891,3 +1891,30 @@ def test_a_dry_run_meets_the_deploy_lock_as_the_real_run_does(stack: DrillStack)
     said = planned.stdout + planned.stderr
     assert planned.returncode == 0, said
     assert "would be taken over" in planned.stdout and f"pid {holder.pid}" in said, said
+
+
+def test_the_intent_record_is_created_with_the_state_files_mode_and_group(
+        stack: DrillStack) -> None:
+    """Found by review: the intent record was always created 0600, owned by whoever ran: on a
+    host whose state file is shared by a deploy group (0660, group deploy), another on-call
+    user could not read a killed run's record, and every command then refused (exit 4,
+    "cannot read the interrupted run's record"). It takes the state file's mode and group,
+    as a rewrite of the state file keeps them. Oracle: os.stat of both files."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    state = Path(os.path.realpath(env.state_file))
+    before = state.stat()
+    shared_gid = 4242  # a deploy group (root may give a file to any gid)
+    try:
+        os.chown(state, -1, shared_gid)
+        os.chmod(state, 0o660)
+        first = cli(env, "rollback", "--yes", fault="before:health-gate:SIGKILL")
+        assert first.returncode == -signal.SIGKILL, first.stderr
+        record = intents.path(env).stat()
+        assert (record.st_mode & 0o777, record.st_gid) == (0o660, shared_gid), (
+            oct(record.st_mode), record.st_gid)
+        done = cli(env, "rollback", "--yes")  # finishes it as before
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert intents.read(env) is None and through_proxy(env) == ("green", V2.tag)
+    finally:
+        os.chown(state, before.st_uid, before.st_gid)
+        os.chmod(state, before.st_mode & 0o7777)
