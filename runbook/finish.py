@@ -107,14 +107,10 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     if found.slot == intent.target and superseded(intent, _state(env)) is not None:
         return intent, "continue"  # another tool's deploy serves: this run's record is old
     if found.slot == intent.target:
-        check = caddy.verify(env, intent.target, intent.to_version, attempts=3, interval=0.2)
+        check = target_check(env, intent)
         if check.ok:
             return intent, "finish"
-        raise CannotFinish(
-            f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
-            f"{intent.to_version} now: {check.describe()} ({intent.describe(moved=True)})",
-            f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
-            f"--slot {intent.from_slot}`, then check `runbook status {env.name}`", intent)
+        raise cannot_finish(env, intent, check)
     if found.slot == intent.source:
         return intents.standing(intent, found.slot), "continue"
     if intent.phase is intents.Phase.PREPARE and not found.slots:
@@ -127,6 +123,23 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         f"names no single slot: {found.problem(env)}",
         f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`",
         intent)
+
+
+def target_check(env: Environment, intent: intents.Intent) -> caddy.VerifyResult:
+    """Whether the run's target answers as its version through the proxy, Caddy serving it:
+    what "it took effect" means, here and in `runbook status` (which said so of a target
+    that had crashed since, naming a finish that refuses)."""
+    return caddy.verify(env, intent.target, intent.to_version, attempts=3, interval=0.2)
+
+
+def cannot_finish(env: Environment, intent: intents.Intent,
+                  check: caddy.VerifyResult) -> CannotFinish:
+    """Traffic moved to a target that does not answer as intended: the switch back."""
+    return CannotFinish(
+        f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
+        f"{intent.to_version} now: {check.describe()} ({intent.describe(moved=True)})",
+        f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
+        f"--slot {intent.from_slot}`, then check `runbook status {env.name}`", intent)
 
 
 def _state(env: Environment) -> states.DeploymentState | None:

@@ -19,7 +19,7 @@ from runbook import caddy, database, disk, docker, health, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
-from runbook.caddy import Unreloadable
+from runbook.caddy import Unreloadable, VerifyResult
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
 
@@ -60,6 +60,9 @@ class Facts:
     traffic_error: RunbookError | None = None
     intent: intents.Intent | None = None  # an interrupted run, if any
     intent_error: RunbookError | None = None
+    # the interrupted run's target asked through the proxy, when Caddy serves it: what the
+    # next run decides "took effect" by (finish.target_check)
+    target_check: VerifyResult | None = None
     last_run: dict[str, Any] | None = None
     held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
     held_error: RunbookError | None = None
@@ -231,6 +234,11 @@ def standby_running(f: Facts) -> Iterator[Problem]:
         return
     if f.traffic is not None and standby in f.traffic.pinned:
         return  # another site proxies to it (outside the markers): stopping it cuts that site
+    if f.intent is not None and standby in (f.intent.source, f.intent.target):
+        return  # an unfinished run's slot: its own problem says what to do with it
+    report = f.reports.get(active)
+    if report is not None and not report.ok:
+        return  # the serving slot does not answer: the standby may be the only good one
     yield Problem(f"the standby slot {standby} is left running ({image}) while {active} takes "
                   "traffic",
                   f"stop it (it takes no traffic): `docker stop {f.env.slot(standby).container}`"
@@ -358,6 +366,11 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     # what runs decides, as the finishing run decides (finish.interrupted): a record marked
     # committed whose target Caddy does not serve (switched back by hand) is run again
     took = f.active is not None and f.active == pending.target
+    if took and f.target_check is not None and not f.target_check.ok:
+        # the next run refuses to finish it (exit 4): the switch back is what repairs it
+        refused = finish.cannot_finish(f.env, pending, f.target_check)
+        yield Problem(refused.message, refused.fix or "")
+        return
     command = _command(f, pending)
     if not took:  # a restoring rollback killed before its restore began runs again with it
         from runbook.rollback import restoring_command
@@ -453,6 +466,8 @@ def collect(env: Environment) -> Facts:
 
         if not finish.in_progress(f.intent, f.lock):  # a killed replacer: what it replaced
             f.intent = intents.standing(f.intent, f.active)
+            if f.active == f.intent.target and finish.superseded(f.intent, f.state) is None:
+                f.target_check = finish.target_check(env, f.intent)
     f.last_run = _last_run(env)
     for slot, info in f.containers.items():
         try:

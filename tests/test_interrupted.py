@@ -1918,3 +1918,34 @@ def test_the_intent_record_is_created_with_the_state_files_mode_and_group(
     finally:
         os.chown(state, before.st_uid, before.st_gid)
         os.chmod(state, before.st_mode & 0o7777)
+
+
+def test_status_after_a_committed_run_whose_target_crashed_names_the_switch_back(
+        stack: DrillStack) -> None:
+    """Found by review: a rollback killed after its commit, then its target (green) crashed.
+    Status judged the record only by which slot Caddy runs: "it took effect ... `runbook
+    rollback --to v2` finishes it" (which refuses, exit 4) and "stop the standby blue (it
+    takes no traffic)", blue being the only healthy slot. It now decides as the next run
+    does (the target must answer as its version through the proxy) and names the switch
+    back; the standby is never called spare while a record points at it or the serving slot
+    does not answer. Oracles: the rollback's own refusal, then the switch it names."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    subprocess.run(["docker", "kill", env.slot(Slot.GREEN).container], check=True,
+                   capture_output=True)  # the target crashes
+    refused = cli(env, "rollback", "--yes", "--to", V2.tag)
+    assert refused.returncode == 4 and "does not answer as" in refused.stderr, refused.stderr
+    out = cli(env, "status", "--format", "json")
+    found = json.loads(out.stdout)["problems"]
+    said = [p for p in found if p["check"] == "interrupted_run"]
+    assert len(said) == 1, out.stdout
+    fix = f"runbook switch {env.name} --slot blue"
+    assert "it took effect: traffic is on" not in said[0]["problem"], said
+    assert "finishes it" not in said[0]["fix"], said
+    assert "does not answer as" in said[0]["problem"] and fix in said[0]["fix"], said
+    blue = env.slot(Slot.BLUE).container
+    assert not any(f"docker stop {blue}" in (p["fix"] or "") for p in found), found
+    repaired = cli(env, "switch", "--slot", "blue", "--yes")  # the command status names
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
