@@ -313,8 +313,10 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
     if f.active is None or on_disk is None or on_disk == f.active:
         return
     pending = f.intent
+    # a record of a run that never moved traffic off what runs is kept by that switch
     back = (f"`runbook switch {_arg(f.env)} --slot {f.active}` writes the file back in line "
-            f"with what Caddy runs (traffic stays on {f.active})" if pending is None
+            f"with what Caddy runs (traffic stays on {f.active})"
+            if pending is None or pending.source == f.active
             else f"put the block between the markers back to {f.active} (port "
                  f"{f.env.slot(f.active).port})")
     if pending is not None and pending.target == on_disk:

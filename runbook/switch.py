@@ -49,8 +49,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     warnings: list[str] = []
     now = traffic.read(env)
     traffic.refuse_if_unverifiable(env, now)
-    if now.slot == target and now.problem(env) is None:
-        _in_line_or_refuse(env, target, found is None and repairing is None)
+    # the file written back in line while a run that never moved traffic off `target` left
+    # its record ("continue": killed between its write and its reload, or undone with a
+    # write-back that failed): that record is kept as it is, this switch writes none
+    in_line_beside = (repairing is None and found is not None and found[1] == "continue"
+                      and found[0].source == target)
+    in_line = now.slot == target and now.problem(env) is None
+    if in_line:
+        _in_line_or_refuse(env, target, (found is None and repairing is None) or in_line_beside)
         # the file names the other slot (an edit, a killed run of another tool, a config
         # loaded through the admin API): a reload, a restart or a reboot would move traffic
         # there. Writing the file back in line with what runs is this very switch, and no
@@ -86,7 +92,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             from_version=state.current.version if state.current else None,
                             to_version=version, to_image=info.image)
     # the same switch rerun supersedes its dead run's record, never puts it back
-    if (old_record := finish.replaced(found, intent)) is not None:
+    keeps = in_line and in_line_beside
+    old_record = None if keeps else finish.replaced(found, intent)
+    if keeps and found is not None:
+        warnings.append(f"an interrupted run's record is kept as it is ({found[0].describe()}): "
+                        "this switch only writes the file back in line with what runs")
+    elif old_record is not None:
         warnings.append(finish.replacing_warning(env, old_record, "switch"))
     elif found is not None and found[1] == "continue":
         warnings.append(f"an interrupted run of this switch changed nothing users see; "
@@ -124,7 +135,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"{now.slot or 'no single slot'} to {target}",
                 steps, warnings, diff, facts={"from_slot": str(live), "to_slot": str(target),
                                               "version": version, "to": version},
-                intent=intent, resume_command=f"runbook switch {env.name} --slot {target}",
+                # no record of its own beside a kept one: it moves no traffic, and writing
+                # its record (then clearing it) lost the one kept
+                intent=None if keeps else intent,
+                resume_command=f"runbook switch {env.name} --slot {target}",
                 replaces=repairing.intent if repairing is not None else old_record)
 
 
@@ -132,7 +146,9 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> None
     """Caddy already runs `target`. Refused (nothing to switch) unless the Caddyfile on disk
     names the other slot, the target answers healthy (a serving slot that is down is never
     started or stopped by this switch: switch to the other one), and no interrupted run's
-    record is open (its own finish, or the repair it names, puts the file in line)."""
+    record is open (its own finish, or the repair it names, puts the file in line), except
+    one that never moved traffic off `target` (`unrecorded` then: rerunning it sent users to
+    the slot that may just have failed, and the only other way out was a hand edit)."""
     refused = f"the {target} slot already takes traffic (as Caddy runs it)"
     try:
         on_disk = caddy.inspect(caddy.read(env), env).slot

@@ -1949,3 +1949,31 @@ def test_status_after_a_committed_run_whose_target_crashed_names_the_switch_back
     repaired = cli(env, "switch", "--slot", "blue", "--yes")  # the command status names
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert through_proxy(env) == ("blue", V3.tag) and intents.read(env) is None
+
+
+def test_the_file_is_written_back_in_line_beside_a_record_that_never_moved_traffic(
+        stack: DrillStack) -> None:
+    """Found by review: a rollback killed between its Caddyfile write and its reload left the
+    file naming green while Caddy runs blue, and its "traffic did not move" record. The
+    switch that only writes the file back in line with what runs was refused while that
+    record was open; status offered a rerun (users sent to green) or a hand edit. It now
+    writes the file back and keeps that record as it is. Oracles: the file on disk, the
+    proxy's answer, the record's bytes."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-write:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert caddy.inspect(caddy.read(env), env).slot == Slot.GREEN
+    assert through_proxy(env) == ("blue", V3.tag)
+    kept = intents.path(env).read_bytes()
+    status = cli(env, "status", "--format", "json")
+    fixes = [p["fix"] for p in json.loads(status.stdout)["problems"]
+             if p["check"] == "caddyfile_differs_from_what_runs"]
+    assert len(fixes) == 1 and f"runbook switch {env.source} --slot blue" in fixes[0], fixes
+    back = cli(env, "switch", "--slot", "blue", "--yes")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert caddy.inspect(caddy.read(env), env).slot == Slot.BLUE
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert intents.path(env).read_bytes() == kept  # the record kept as it was
+    done = cli(env, "rollback", "--yes")  # which the next rollback goes on from
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
