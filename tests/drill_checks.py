@@ -277,3 +277,30 @@ def pytest_with_report(work: Path, test_file: str, *extra: str
          "--rootdir", str(work), "-q", "--report", str(out), *extra, test_file],
         cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
     return proc, out
+
+
+@contextlib.contextmanager
+def serving(code: int, body: bytes, content_type: str = "application/json"
+            ) -> Iterator[int]:
+    """A real HTTP server on loopback answering every GET with `code` and `body`: an app, or
+    something that is not the engine or app it is taken for. Yields its port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

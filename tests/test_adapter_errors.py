@@ -24,7 +24,7 @@ from runbook import state as states
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import closed_port
+from tests.drill_checks import closed_port, serving
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,30 +84,12 @@ def test_an_endpoint_that_is_not_a_docker_engine_is_said(
     """Found by review: DOCKER_HOST at something that is not an engine (a web server, a
     proxy): a 200 that is not JSON was "unexpected failure: JSONDecodeError" (exit 5), and
     a 404 for everything showed both slots as removed. Both name the endpoint now."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # every engine call the commands below make
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        where = f"tcp://127.0.0.1:{server.server_address[1]}"
+    with serving(code, body, "text/plain") as port:
+        where = f"tcp://127.0.0.1:{port}"
         dry = runbook("switch", str(stack.env.source), "--slot", "green", "--dry-run",
                       DOCKER_HOST=where)
         status = runbook("status", str(stack.env.source), "--format", "json",
                          DOCKER_HOST=where)
-    finally:
-        server.shutdown()
-        server.server_close()
     line = one_line(dry)
     assert dry.returncode == int(ExitCode.PRECONDITION), dry.stderr
     assert where in line and "is it a Docker engine?" in line, line

@@ -481,6 +481,19 @@ def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is
     assert _unfinished(restored, print) == ""  # its restore recorded: resumable (elsewhere)
 
 
+
+def lock_refusal_named(holder_id: str, options: Any) -> Any:
+    """The lock host's refusal of a run whose fleet lock `holder_id` holds, as the
+    controller gets it, after `_name_the_resume` has read that run's journal."""
+    from runbook.fleet.rollout import FleetError, _name_the_resume
+
+    error = FleetError(f"fleet lock on web1: held by fleet run {holder_id}; nothing was "
+                       "changed", "wait for that fleet run to finish",
+                       exit_code=ExitCode.LOCKED)
+    error.holder = {"fleet_run_id": holder_id}
+    _name_the_resume(error, options)
+    return error
+
 def test_a_lock_held_by_a_dead_maintenance_run_names_the_release_not_a_refused_resume(
         tmp_path: Path) -> None:
     """The refusal of a fleet lock held by a run of this machine whose controller is gone
@@ -491,7 +504,7 @@ def test_a_lock_held_by_a_dead_maintenance_run_names_the_release_not_a_refused_r
     id is never read as a journal's file name."""
     import socket
 
-    from runbook.fleet.rollout import FleetError, Options, _name_the_resume
+    from runbook.fleet.rollout import FleetError, Options
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that is no longer alive
@@ -505,12 +518,7 @@ def test_a_lock_held_by_a_dead_maintenance_run_names_the_release_not_a_refused_r
     options = Options(inventory=tmp_path / "hosts.yml", journal_dir=journal)
 
     def refused(holder_id: str) -> FleetError:
-        error = FleetError(f"fleet lock on web1: held by fleet run {holder_id}; nothing was "
-                           "changed", "wait for that fleet run to finish",
-                           exit_code=ExitCode.LOCKED)
-        error.holder = {"fleet_run_id": holder_id}
-        _name_the_resume(error, options)
-        return error
+        return lock_refusal_named(holder_id, options)
 
     (journal / f"{run_id}.json").write_text(json.dumps(record))
     maintenance = refused(run_id)
@@ -537,7 +545,7 @@ def test_a_lock_left_by_a_finished_run_names_its_resume_or_its_release(tmp_path:
     release; a controller still running (releasing it) is waited for."""
     import socket
 
-    from runbook.fleet.rollout import FleetError, Options, _name_the_resume
+    from runbook.fleet.rollout import FleetError, Options
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that is no longer alive
@@ -554,12 +562,7 @@ def test_a_lock_left_by_a_finished_run_names_its_resume_or_its_release(tmp_path:
     options = Options(inventory=tmp_path / "hosts.yml", journal_dir=journal)
 
     def refused() -> FleetError:
-        error = FleetError(f"fleet lock on web1: held by fleet run {run_id}; nothing was "
-                           "changed", "wait for that fleet run to finish",
-                           exit_code=ExitCode.LOCKED)
-        error.holder = {"fleet_run_id": run_id}
-        _name_the_resume(error, options)
-        return error
+        return lock_refusal_named(run_id, options)
 
     (journal / f"{run_id}.json").write_text(json.dumps(record))
     stopped = refused()

@@ -3,15 +3,12 @@ app's /health text, an argument, a password in the URL's query string (no contai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ from runbook import database
 from runbook import environment as envmod
 from runbook.environment import Slot
 from runbook.errors import ConfigError
-from tests.drill_checks import host_env, pytest_with_report
+from tests.drill_checks import host_env, pytest_with_report, serving
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DSN_PASSWORD, REDIS_PASSWORD = "S3cretPw-Kx81", "R3disPw-Lq27"
@@ -39,29 +36,9 @@ def runbook(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False, cwd=REPO_ROOT)
 
 
-@contextlib.contextmanager
-def unhealthy_app(answer: dict[str, Any]) -> Iterator[int]:
+def unhealthy_app(answer: dict[str, Any]) -> Any:
     """A real HTTP server on loopback answering every GET with 503 and `answer` as JSON."""
-    body = json.dumps(answer).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving(503, json.dumps(answer).encode())
 
 
 @pytest.fixture
