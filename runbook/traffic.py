@@ -55,6 +55,11 @@ class Traffic:
 
     def problem(self, env: Environment) -> str | None:
         known = ", ".join(f"{s} ({env.slot(s).port})" for s in Slot)
+        if not self.slots and self.pinned:
+            only = " and ".join(str(s) for s in sorted(self.pinned))
+            return (f"the managed block of Caddy's running config dials no slot port (it "
+                    f"dials {', '.join(self.dials) or 'nothing'}; slots: {known}); {only} is "
+                    "dialed only by a site outside the markers")
         if not self.slots:
             return (f"Caddy's running config dials no slot port (it dials "
                     f"{', '.join(self.dials) or 'nothing'}; slots: {known})")
@@ -240,11 +245,37 @@ def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
     serving slot pass for the standby. Either slot is tried because the managed block on disk may be
     ahead of Caddy (a run killed between writing the file and reloading Caddy), which the
     next run must still read, to finish it."""
+    import hashlib
+    import json
+
+    try:
+        raw = env.caddy.caddyfile.read_text(encoding="utf-8")
+    except (OSError, UnicodeError):
+        return None
+    # one answer per file and running config in a process: a rollback reads traffic several
+    # times (plan, switch, stop) and each reading was up to four `POST /adapt` round trips
+    key = (f"{env.caddy.caddyfile} {sorted((str(s), c.port) for s, c in env.slots.items())}",
+           raw, None if running is None else hashlib.sha1(
+        json.dumps(running, sort_keys=True, default=str).encode()).hexdigest())
+    found = _OUTSIDE.get(key)
+    if found is None:
+        found = _outside_dials(env, raw, running)
+        if found is None:
+            return None  # not kept: a Caddy that could not say now may say next time
+        if len(_OUTSIDE) > 16:
+            _OUTSIDE.clear()
+        _OUTSIDE[key] = found
+    return Counter(found)
+
+
+_OUTSIDE: dict[tuple[str, str, str | None], Counter[int]] = {}
+
+
+def _outside_dials(env: Environment, raw: str, running: Any) -> Counter[int] | None:
     from runbook.caddy import admin
     from runbook.caddy import text as caddytext
 
     try:
-        raw = env.caddy.caddyfile.read_text(encoding="utf-8")
         start, end = caddytext.find_block(raw)
         if not _may_dial_a_slot(env, raw[:start] + raw[end:]):
             return Counter()  # said by the text itself: no Caddy round trip (most hosts)
@@ -279,7 +310,9 @@ def _may_dial_a_slot(env: Environment, outside: str) -> bool:
 
     if re.search(r"(?m)^\s*import\b|\{\$|\{env\.", outside):
         return True
-    return any(re.search(rf":{cfg.port}(?!\d)", outside) for cfg in env.slots.values())
+    # the port as a number anywhere (`:8081`, `:08081`, `health_port 8081`, `to 8081`)
+    return any(re.search(rf"(?<![\w.])0*{cfg.port}(?!\d)", outside)
+               for cfg in env.slots.values())
 
 
 def _port_counts(config: Any) -> Counter[int]:

@@ -1312,3 +1312,27 @@ def test_a_caddy_container_the_engine_does_not_have_is_a_refusal_not_a_pass() ->
         preflight.caddyfile_mount(env)
     assert "is not on the Docker engine the runbook inspects" in err.value.message, err.value
     assert "nothing was changed" in err.value.message
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("site", [
+    "reverse_proxy localhost:0{green}",
+    "reverse_proxy localhost:9100 {{\n\t\thealth_uri /health\n\t\thealth_port {green}\n\t}}",
+    "reverse_proxy {{\n\t\tto localhost:{green}\n\t}}",
+])
+def test_the_text_check_says_maybe_wherever_caddy_dials_a_slot_outside_the_markers(
+        drill_stack: DrillStack, site: str) -> None:
+    """Found by review: the text pre-check (no Caddy round trip when the part outside the
+    markers cannot dial a slot) looked for `:PORT` only, and said "surely not" for
+    `:0PORT` and `health_port PORT`, which Caddy's adapter dials. The oracle: the drill
+    Caddy's own adapter."""
+    from runbook import caddy as caddymod
+    from runbook import traffic
+
+    env = drill_stack.env
+    green = env.slot(Slot.GREEN).port
+    outside = f"http://127.0.0.1:1 {{\n\t{site.format(green=green)}\n}}\n"
+    adapted = caddymod.adapt(env, outside)
+    assert adapted is not None
+    assert green in traffic._port_counts(adapted), adapted  # Caddy dials it
+    assert traffic._may_dial_a_slot(env, outside)
