@@ -144,12 +144,14 @@ def names_build(expected: str, version: str | None, commit: str | None) -> bool 
         return False
     if not version:
         return True
-    # A label for a version (the upstream Dockerfile's default `dev`, a `v1.2`) names no
-    # commit, so the full commit decides; a hex version is a commit's own, and another's.
-    return _HEX_VERSION.fullmatch(version) is None and _FULL_COMMIT.fullmatch(commit) is not None
+    # A placeholder or a release label (the upstream Dockerfile's default `dev`, a `v1.2`)
+    # names no commit, so the full commit decides. Anything else may name another build or
+    # qualify this one (a hex version, `-dirty`, git describe's `-g<hex>`): found by review,
+    # those passed on the commit alone.
+    return _LABEL.fullmatch(version) is not None and _FULL_COMMIT.fullmatch(commit) is not None
 
 
-_HEX_VERSION = re.compile(r"[0-9a-f]{7,40}")  # build_key lower-cased it
+_LABEL = re.compile(r"dev|unknown|none|latest|v?\d+(\.\d+){0,3}")  # build_key lower-cased it
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 

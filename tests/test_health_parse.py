@@ -394,6 +394,11 @@ BUILD_ANSWERS = [  # (what /health and /version say of the build, is it 3f2a1b9)
     ({"version": "dev", "git_commit": "unknown"}, False),
     ({"version": "dev", "git_commit": "3f2a1b90"}, False),  # not a whole commit
     ({"version": "1a2b3c4", "git_commit": COMMIT}, False),
+    # found by review: a label that qualifies or names another build passed on the commit
+    ({"version": "3f2a1b9-dirty", "git_commit": COMMIT}, False),
+    ({"version": "v1.2-3-g1a2b3c4", "git_commit": COMMIT}, False),
+    ({"version": "1a2b3c", "git_commit": COMMIT}, False),
+    ({"version": "sha256:" + "a" * 64, "git_commit": COMMIT}, False),
 ]
 
 
