@@ -119,6 +119,16 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
      '"caddy"]\n', "caddy.command", "names its own Docker engine (-H)"),
     ('[compose]\ncommand = ["docker", "--context=rootless", "compose"]\n', "compose.command",
      "names its own Docker engine (--context)"),
+    ('[caddy]\ncommand = ["docker", "-Htcp://x:2375", "exec", "caddy", "caddy"]\n',
+     "caddy.command", "names its own Docker engine (-H)"),
+    ('[caddy]\ncommand = ["docker", "--log-level", "error", "-H", "tcp://x", "exec", "c", '
+     '"caddy"]\n', "caddy.command", "names its own Docker engine (-H)"),
+    ('[compose]\ncommand = ["docker", "--config", "/home/other/.docker", "compose"]\n',
+     "compose.command", "names its own Docker engine (--config)"),
+    ('[caddy]\ncommand = ["env", "DOCKER_HOST=tcp://x", "docker", "exec", "c", "caddy"]\n',
+     "caddy.command", "sets DOCKER_HOST for the command"),
+    ('[caddy]\ncommand = ["sudo", "docker", "-H", "tcp://x", "exec", "c", "caddy"]\n',
+     "caddy.command", "names its own Docker engine (-H)"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:

@@ -249,24 +249,39 @@ def _variable_name(value: str) -> str:
 Port = Annotated[int, AfterValidator(_port)]
 Positive = Annotated[float, AfterValidator(_positive)]
 Command = Annotated[tuple[str, ...], PlainValidator(_command)]
-_ENGINE_OPTIONS = ("-H", "--host", "-c", "--context")
+_ENGINE_OPTIONS = ("-H", "--host", "-c", "--context", "--config")
+_VALUED_GLOBALS = ("-l", "--log-level", "--tlscacert", "--tlscert", "--tlskey")
+_ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG")
 
 
 def _docker_command(value: Any) -> tuple[str, ...]:
     """A command that runs `docker` (Caddy's, compose's) must reach the engine the runbook
-    inspects: one naming its own (`docker -H ...`, `--context ...`) made every check of
-    containers and mounts look at another engine than the one acted on (found by review:
-    the Caddyfile-mount check passed as "not checked", compose recreated elsewhere)."""
-    words = _command(value)
+    inspects: one naming its own (`docker -H ...`, `--context`, another `--config`, an
+    `env DOCKER_HOST=...` before it) made every check of containers and mounts look at
+    another engine than the one acted on (found by review: the Caddyfile-mount check passed
+    as "not checked", compose recreated elsewhere)."""
+    words = list(_command(value))
+    while words and Path(words[0]).name in ("env", "sudo"):  # the wrappers before docker
+        wrapper = Path(words.pop(0)).name
+        while words and (words[0].startswith("-") or (wrapper == "env" and "=" in words[0])):
+            word = words.pop(0)
+            if word.split("=", 1)[0] in _ENGINE_VARIABLES:
+                _fail(f"sets {word.split('=', 1)[0]} for the command, which the runbook does "
+                      "not inspect: point the runbook and the command at one engine instead")
     if words and Path(words[0]).name in ("docker", "podman"):
-        for word in words[1:]:
+        rest = iter(words[1:])
+        for word in rest:
             if not word.startswith("-"):
                 break  # the subcommand: options after it are its own
-            if word.split("=", 1)[0] in _ENGINE_OPTIONS:
-                _fail(f"names its own Docker engine ({word.split('=', 1)[0]}), which the "
-                      "runbook does not inspect: remove it and point the runbook and the "
-                      "command at one engine (DOCKER_HOST, or `docker context use`)")
-    return words
+            name = word.split("=", 1)[0]
+            attached = word[:2] in ("-H", "-c") and len(word) > 2  # -Htcp://..., -cother
+            if name in _ENGINE_OPTIONS or attached:
+                _fail(f"names its own Docker engine ({word[:2] if attached else name}), "
+                      "which the runbook does not inspect: remove it and point the runbook "
+                      "and the command at one engine (DOCKER_HOST, or `docker context use`)")
+            if name in _VALUED_GLOBALS and "=" not in word:
+                next(rest, None)  # its value, not the subcommand
+    return tuple(_command(value))
 
 
 DockerCommand = Annotated[tuple[str, ...], PlainValidator(_docker_command)]
