@@ -343,8 +343,11 @@ def _json(content: bytes, what: str) -> Any:
 
 def run(action: DockerAction) -> None:
     """Run a start/stop/remove action: a missing container is an error for a start, and
-    nothing to do for a stop or a remove."""
+    nothing to do for a stop or a remove. A name no container has is not found, though the
+    engine would act on a container whose id starts with it (found by review)."""
     try:
+        if action.target and _inspected(action.target) is None:
+            raise _NotFound(f"No such container: {action.target}")
         send(action)
     except _NotFound:
         if action.cli[1] in ("start", "unpause"):
@@ -390,6 +393,16 @@ def inspect(name: str) -> ContainerInfo:
     )
 
 
+def _inspected(name: str) -> dict[str, Any] | None:
+    """Container `name`'s inspect data, or None when no container has that name (the engine
+    alone would answer for another container whose id starts with it: see inspect)."""
+    try:
+        attrs: dict[str, Any] = _json(send(inspect_action(name)), f"inspect {name!r}")
+    except _NotFound:
+        return None
+    return attrs if str(attrs.get("Name") or "").lstrip("/") == name.lstrip("/") else None
+
+
 def _addresses(attrs: dict[str, Any]) -> frozenset[str]:
     if str((attrs.get("HostConfig") or {}).get("NetworkMode") or "") == "host":
         # it shares the host's network and hostname: reached on its port (judged by port),
@@ -425,9 +438,8 @@ def running_execs(name: str) -> list[tuple[int, list[str]]]:
     """(pid, argv) of each command `docker exec` runs in container `name` now. A run killed
     while it waited on one (its migrations) leaves it running: Docker does not stop an exec
     whose client died."""
-    try:
-        attrs: dict[str, Any] = _json(send(inspect_action(name)), f"inspect {name!r}")
-    except _NotFound:
+    attrs = _inspected(name)
+    if attrs is None:
         return []
     found: list[tuple[int, list[str]]] = []
     for exec_id in attrs.get("ExecIDs") or ():
@@ -449,11 +461,9 @@ def running_execs(name: str) -> list[tuple[int, list[str]]]:
 
 def bind_sources(name: str) -> list[str] | None:
     """The host paths bind-mounted into container `name`; None when it does not exist."""
-    try:
-        content = send(inspect_action(name))
-    except _NotFound:
+    attrs = _inspected(name)
+    if attrs is None:
         return None
-    attrs: dict[str, Any] = _json(content, "an inspect")
     return [str(m.get("Source")) for m in attrs.get("Mounts") or ()
             if isinstance(m, dict) and m.get("Type") == "bind" and m.get("Source")]
 
@@ -514,6 +524,8 @@ def exec_run(name: str, command: list[str], timeout: float = 300) -> tuple[int, 
                           "POST", f"/containers/{_q(name)}/exec",
                           body={"Cmd": list(command), "AttachStdout": True,
                                 "AttachStderr": True}, target=name)
+    if _inspected(name) is None:  # never another container's, by an id prefix
+        raise DockerError(f"container {name} does not exist", "start it first")
     try:
         exec_id = str(_json(send(create), create.verb)["Id"])
     except _NotFound:

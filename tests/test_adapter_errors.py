@@ -211,3 +211,6 @@ def test_a_name_no_container_has_is_never_another_containers_id_prefix(
                                     check=False).returncode == 0)
     assert not docker.inspect(prefix).exists  # the engine alone would answer `other`
     assert docker.inspect(other).exists
+    assert docker.bind_sources(prefix) is None and docker.running_execs(prefix) == []
+    with pytest.raises(docker.DockerError, match="does not exist"):
+        docker.exec_run(prefix, ["true"])  # would have run in `other`
