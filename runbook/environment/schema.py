@@ -506,8 +506,8 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> En
     Why: the host's own tooling reads COMPOSE_PROJECT_NAME, HEALTH_CHECK_PATH, SNAPSHOT_DIR
     and SNAPSHOT_RETENTION_DAYS from that file (CONTRACTS); a runbook looking elsewhere would
     not find the deploy's snapshots, ask another path for health, or expire (and clean up)
-    after 7 days what the host keeps 30. SNAPSHOT_RETENTION_DAYS is also the retention when
-    the TOML sets none (`retention_set`). An env file this process cannot read is not
+    after 7 days what the host keeps 30. SNAPSHOT_RETENTION_DAYS is taken, not judged
+    (`_retention_from_env_files`). An env file this process cannot read is not
     judged here: whatever needs it (the database URL, compose) reports it."""
     from runbook.environment.model import read_env_file
 
@@ -549,34 +549,25 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> En
 
 def _retention_from_env_files(env: Environment, files: Iterable[Path],
                               retention_set: bool) -> Environment:
-    """The env files' SNAPSHOT_RETENTION_DAYS as the retention when the TOML sets none, and
-    refused (one line, exit 2) where it disagrees with the TOML's (or with another env
-    file's), or is not a whole number of days from 1 to MAX_RETENTION_DAYS. A value holding
-    `$` is interpolated by the host's tooling: not judged."""
+    """The env files' SNAPSHOT_RETENTION_DAYS as the retention when the TOML sets none; when
+    both say, the longer (a snapshot is never expired before either keeps it). Never a
+    refusal: a rollback at 3 a.m. must not stop on when snapshots expire (found by review of
+    a first version that refused a disagreement at every command, the rollback's too). A
+    value that is no whole number of days from 1 to MAX_RETENTION_DAYS, or one holding `$`
+    (the host's tooling expands it), is not taken."""
     from runbook.environment.model import read_env_file
 
     days = env.database.retention_days
-    said_by = f"[database] retention_days is {days} in {env.source}" if retention_set else None
     for file in files:
         try:
             said = read_env_file(file).get("SNAPSHOT_RETENTION_DAYS", "").strip()
         except ConfigError:
             continue
-        if not said or "$" in said:
-            continue
         theirs = int(said) if said.isdigit() and len(said) < 6 else 0  # no 5000-digit int()
         if not 1 <= theirs <= MAX_RETENTION_DAYS:
-            raise ConfigError(
-                f"{file} sets SNAPSHOT_RETENTION_DAYS={said}: not a whole number of days from "
-                f"1 to {MAX_RETENTION_DAYS}", f"fix SNAPSHOT_RETENTION_DAYS in {file}")
-        if said_by is None:
-            days, said_by = theirs, f"{file} sets SNAPSHOT_RETENTION_DAYS={said}"
-        elif theirs != days:
-            raise ConfigError(
-                f"{file} sets SNAPSHOT_RETENTION_DAYS={said}, but {said_by}: the host's "
-                "tooling and the runbook would disagree on when snapshots expire",
-                f"set retention_days = {theirs} under [database] in {env.source}, or make "
-                "them agree")
+            continue
+        days = max(days, theirs) if retention_set else theirs
+        retention_set = True  # a second env file: the longer again
     if days == env.database.retention_days:
         return env
     return env.with_(database=replace(env.database, retention_days=days))
