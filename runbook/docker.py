@@ -59,6 +59,12 @@ class ContainerInfo:
         return self.status == "running"
 
     @property
+    def up(self) -> bool:
+        """It may be answering (or holding) requests: running, paused or restarting; what a
+        stop must end, and what counts as serving for a recreate."""
+        return self.status in ("running", "paused", "restarting")
+
+    @property
     def tag(self) -> str | None:
         """The tag of `repo[:tag][@digest]` (None without one): a digest is not a tag (found
         by review: `...:abc1234@sha256:...` read as the tag `...` of 64 hex)."""

@@ -63,26 +63,9 @@ def superseded(intent: intents.Intent,
     run's, its finish recorded a second one, current and previous both that version). A
     switch's record names no id: by version then. None otherwise (`state`: a
     DeploymentState, or None when unreadable)."""
-    from runbook.times import parse_utc
-
-    current = state.current if state is not None else None
-    started = parse_utc(intent.started_at)
-    if intent.phase is not intents.Phase.PREPARE or current is None or started is None:
+    if intent.phase is not intents.Phase.PREPARE:
         return None
-    if current.active_slot != intent.target or current.deployed_at <= started:
-        return None
-    own = own_deployment_id(intent)
-    if (current.id == own) if own is not None else current.version == intent.to_version:
-        return None
-    return current
-
-
-def own_deployment_id(intent: intents.Intent) -> str | None:
-    """The deployment id the record's run records as current: a deploy's new one, a
-    rollback's target; None for a switch (it records by version)."""
-    key = {"deploy": "deployment_id", "rollback": "target_id"}.get(intent.action)
-    value = intent.record.get(key) if key is not None else None
-    return value if isinstance(value, str) and value else None
+    return recording.recorded_since(state, intent)
 
 
 def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:

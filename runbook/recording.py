@@ -67,7 +67,7 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     if fresh.current is not None and fresh.current.id == dep_id:
         ctx.note(current=f"{intent.to_version} on {intent.to_slot} (already recorded)")
         return
-    if (later := _recorded_by_another(fresh, intent)) is not None:
+    if (later := recorded_since(fresh, intent)) is not None:
         # another tool's deploy of this slot since this run started serves: recording this
         # run over it made a second deployment (current and previous the same version)
         ctx.note(current=f"{later.version} on {intent.to_slot} (already recorded, "
@@ -97,19 +97,32 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
              migration_version=migration)
 
 
-def _recorded_by_another(state: states.DeploymentState,
-                         intent: intents.Intent) -> states.Deployment | None:
-    """The deployment another tool recorded as current on the intent's slot after the run
-    started, with another id (finish.superseded's rule, whatever the record's phase), or
-    None."""
+def recorded_since(state: states.DeploymentState | None,
+                   intent: intents.Intent) -> states.Deployment | None:
+    """The deployment another tool recorded as current on the record's target slot after
+    its run started, or None: judged by deployment id, not version (a deploy of the same
+    version is another deployment too); a switch's record names no id, so by version. Read
+    by finish.superseded (whether an interrupted run is out of date) and by the deploy's
+    state write (never a second record of that deployment)."""
     from runbook.times import parse_utc
 
-    current, started = state.current, parse_utc(intent.started_at)
+    current = state.current if state is not None else None
+    started = parse_utc(intent.started_at)
     if current is None or started is None or current.active_slot != intent.target \
-            or current.deployed_at <= started \
-            or current.id == intent.record.get("deployment_id"):
+            or current.deployed_at <= started:
+        return None
+    own = own_deployment_id(intent)
+    if (current.id == own) if own is not None else current.version == intent.to_version:
         return None
     return current
+
+
+def own_deployment_id(intent: intents.Intent) -> str | None:
+    """The deployment id the record's run records as current: a deploy's new one, a
+    rollback's target; None for a switch (it records by version)."""
+    key = {"deploy": "deployment_id", "rollback": "target_id"}.get(intent.action)
+    value = intent.record.get(key) if key is not None else None
+    return value if isinstance(value, str) and value else None
 
 
 @_exclusive

@@ -114,7 +114,7 @@ def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = No
     a container that is not there or not running has nothing to undo. `observed`: the run's,
     which says whether its switch had sent users to the slot before the run failed."""
     info = docker.inspect(env.slot(slot).container)
-    if info.exists and info.status in ("running", "paused", "restarting"):
+    if info.exists and info.up:
         stop_for_undo(env, slot, after_switch=observed is not None and observed.sent_to_target)
 
 

@@ -185,7 +185,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                 continue
             # a paused or restarting one too: `docker stop` ends both, and either could run
             # old code against the database being replaced (a paused app may hold a lock)
-            if docker.inspect(name).status in ("running", "paused", "restarting"):
+            if docker.inspect(name).up:
                 run.stopped.append(name)
                 ctx.fault(f"restore.stopping-{slot}")
                 slotmod.stop(env, slot, maintenance=True)

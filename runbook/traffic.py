@@ -487,7 +487,7 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
             f"dials port {env.slot(slot).port})",
             _LEFT_RUNNING)
     info = docker.inspect(container)
-    if action == "recreate" and slot in found.pinned and _up(info.status):
+    if action == "recreate" and slot in found.pinned and info.up:
         raise ServingContainerError(
             f"refusing to {action} {container}: {pinned_by(env, found, slot)}",
             _PINNED_FIX, exit_code=ExitCode.FAILED_SAFELY)  # refused before the act
@@ -524,11 +524,6 @@ def pinned_by(env: Environment, found: Traffic, slot: Slot) -> str:
             f"({dials}), so it serves that site")
 
 
-def _up(status: str) -> bool:
-    """Whether a container in this state may be answering (or holding) requests."""
-    return status in ("running", "paused", "restarting")
-
-
 def refuse_recreate_if_pinned(env: Environment, slot: Slot) -> None:
     """Refuse, when planning, to recreate a slot that a site outside the slot markers proxies
     to (`Traffic.pinned`) while its container runs: for a recreate it counts as serving.
@@ -541,7 +536,7 @@ def refuse_recreate_if_pinned(env: Environment, slot: Slot) -> None:
 
     found = read(env, proxy=False)
     container = env.slot(slot).container
-    if slot not in found.pinned or not _up(docker.inspect(container).status):
+    if slot not in found.pinned or not docker.inspect(container).up:
         return  # a stopped or removed one serves that site nothing: no outage to make worse
     raise PreconditionError(
         f"refusing to recreate {container}: {pinned_by(env, found, slot)}; recreating it would "
