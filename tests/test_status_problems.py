@@ -22,6 +22,7 @@ from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
+from tests.drill_checks import serving
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,29 +156,9 @@ def test_traffic_that_cannot_be_read_is_a_problem_even_when_caddy_answers(
     """The review's case: an admin URL that answers 200 with something that is not Caddy's
     config (a site's catch-all page): which slot serves could not be read, every check that
     needs it was skipped, and status said "No problems found", exit 0."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-
-    class CatchAll(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"<!doctype html><title>app</title>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CatchAll)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(200, b"<!doctype html><title>app</title>", "text/html") as port:
         done = status_with(stack, tmp_path / "catch-all-admin.toml",
-                           admin_url=f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
+                           admin_url=f"http://127.0.0.1:{port}")
     assert "Traceback" not in done.stderr, done.stderr
     problems = json.loads(done.stdout)["problems"]
     assert done.returncode == 1 and problems, done.stdout
