@@ -377,16 +377,20 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
     the snapshots package never reads.
     A run refused or stopped since (before its own restore) does not end it, unlike
     `killed_restore`'s pointer for messages. Every record is read, not the last 50, and run
-    records that cannot be listed or read keep every safety snapshot (fail closed)."""
+    records that cannot be listed or read keep every snapshot (fail closed): a killed
+    restore's target may be any of them, not only a safety snapshot (found by review: the
+    target went, and the rerun its fix prescribes failed "does not exist"). Kept, not
+    refused: nothing is deleted either way, and the cleanup still removes dead partial
+    dumps (what may fill the disk), as it does when the state file cannot be read."""
     from runbook.snapshots.store import list_snapshots
 
     try:
         records = _all_records(env)
     except OSError as exc:
-        why = (f"a restore's safety snapshot, kept: the run records ({env.runs_dir}) cannot be "
-               f"read ({exc.strerror or exc}), so nothing tells whether a killed restore "
-               "needs it")
-        return {s.name: why for s in list_snapshots(env) if s.reason == SAFETY_REASON}
+        why = (f"kept: the run records cannot be read ({exc.filename or env.runs_dir}: "
+               f"{exc.strerror or exc}), so nothing tells whether a killed restore replays it "
+               "or needs it; make them readable to this user, then run the cleanup again")
+        return {s.name: why for s in list_snapshots(env)}
     kept: dict[str, str] = {}
     for data in records:
         listed = data.get("steps")

@@ -807,12 +807,11 @@ def test_an_interrupted_stop_of_the_app_slots_starts_them_again(stack: DrillStac
     assert answer.status_code == 200 and answer.headers.get("X-Togather-Slot") == "blue"
 
 
-def test_cleanup_keeps_a_killed_restores_expired_target_for_the_rerun(
-        stack: DrillStack) -> None:
-    """Found by review: a restore killed (-9) mid-replay tells on-call to run the same
-    command again, but only its safety snapshot was kept from cleanup: the cron's `snapshot
-    cleanup --yes` deleted the expired target it replays, and the rerun failed "does not
-    exist". The target is kept (with why) until a restore finishes; the rerun then works."""
+def _killed_restore_of_an_expired_target(
+        stack: DrillStack) -> tuple[snapshots.Snapshot, list[str], dict[str, str], list[str]]:
+    """A `snapshot restore` of an expired (non-safety) snapshot killed (-9) mid-replay, its
+    psql ended: (the target, the restore's argv to run again, its environment, the items the
+    target holds)."""
     env = stack.env
     assert env.source is not None
     add_items(stack, "in-the-snapshot")
@@ -833,6 +832,17 @@ def test_cleanup_keeps_a_killed_restores_expired_target_for_the_rerun(
             ["docker", "exec", env.database.container, "pgrep", "-x", "psql"],
             capture_output=True, check=False).returncode == 0:
         time.sleep(0.2)
+    return target, restore, environ, wanted
+
+
+def test_cleanup_keeps_a_killed_restores_expired_target_for_the_rerun(
+        stack: DrillStack) -> None:
+    """Found by review: a restore killed (-9) mid-replay tells on-call to run the same
+    command again, but only its safety snapshot was kept from cleanup: the cron's `snapshot
+    cleanup --yes` deleted the expired target it replays, and the rerun failed "does not
+    exist". The target is kept (with why) until a restore finishes; the rerun then works."""
+    env = stack.env
+    target, restore, environ, wanted = _killed_restore_of_an_expired_target(stack)
     cleaned = cli("snapshot", "cleanup", str(env.source), "--yes")
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert target.path.exists() and target.meta_path.exists(), cleaned.stdout
@@ -842,6 +852,32 @@ def test_cleanup_keeps_a_killed_restores_expired_target_for_the_rerun(
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert item_names(stack) == wanted
     assert slot_states(env)[Slot.BLUE] == "running"  # the serving slot (the killed run's stop)
+
+
+def test_cleanup_keeps_every_snapshot_when_the_run_records_cannot_be_read(
+        stack: DrillStack) -> None:
+    """Found by review: with the run records unreadable, cleanup kept the safety snapshots
+    but not what a killed restore was replaying (only its record names it): the cron's
+    cleanup deleted that expired target, and the rerun the killed run prescribes failed
+    "does not exist". Unreadable records keep every snapshot, saying why and the fix. On a
+    host it is a record of another user (0600); root reads those, so here one entry named
+    as a record is a directory, which the OS refuses to read as a file."""
+    env = stack.env
+    target, restore, environ, wanted = _killed_restore_of_an_expired_target(stack)
+    stray = env.runs_dir / "unreadable-record.json"
+    stray.mkdir()
+    try:
+        cleaned = cli("snapshot", "cleanup", str(env.source), "--yes")
+        assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+        assert target.path.exists() and target.meta_path.exists(), cleaned.stdout
+        assert f"Kept {target.name}" in cleaned.stdout, cleaned.stdout
+        assert "cannot be read" in cleaned.stdout and str(env.runs_dir) in cleaned.stdout
+    finally:
+        stray.rmdir()
+    rerun = subprocess.run(restore, capture_output=True, text=True, check=False, timeout=180,
+                           stdin=subprocess.DEVNULL, env=environ)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert item_names(stack) == wanted
 
 
 # -- other writers than the app slots --------------------------------------------------------
