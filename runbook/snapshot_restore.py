@@ -207,8 +207,9 @@ def restore_steps(env: Environment, run: RestoreRun,
             ctx.notice(committed_anyway)
             ctx.note(exec_failed_but_committed=committed_anyway)
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
+            fit = [n for n in run.stopped + run.held_down if n not in run.unfit]
             then = (f"start the stopped app containers on the restored database (`docker "
-                    f"start {' '.join(run.stopped + run.held_down) or '<container>'}`, then "
+                    f"start {' '.join(fit) or '<container>'}`, then "
                     f"`runbook health "
                     f"{env.name}`), or, if their code needs another schema, `runbook rollback "
                     f"{env.name}` or `runbook deploy {env.name} --version <known-good>`")
@@ -296,6 +297,8 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
         if left_stopped is not None and left_stopped not in stopped \
                 and not docker.inspect(left_stopped).running:
             stopped.append(left_stopped)
+        unfit = {n: why for n, why in restore_run.unfit.items() if n in stopped}
+        stopped = [n for n in stopped if n not in unfit]
         by_container = {env.slot(s).container: s for s in env.slots}
         for name in stopped:
             docker.start(name)
@@ -314,12 +317,24 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                         f"(`runbook rollback {env.name}`) or redeploy",
                         exit_code=ExitCode.ATTENTION) from None
         ctx.note(started=", ".join(stopped) or "none (none were running)")
+        if unfit:
+            at = restore_run.verified.migration_version
+            ctx.note(left_stopped="; ".join(unfit.values()))
+            ctx.result = f"{', '.join(unfit)} left stopped"
+            for why in unfit.values():
+                ctx.notice(f"{why}: left stopped, not started on a schema it never ran on "
+                           f"(fix: start a standby only with code that runs on schema {at}, "
+                           f"e.g. `runbook deploy {env.name} --version <one at schema {at}>`, "
+                           "which also moves traffic to it)")
 
     containers = "those the restore stopped" + (
         f", and {left_stopped}, which serves and was found stopped (an interrupted run's "
         "maintenance stop)" if left_stopped else "")
     return Step("start-app-slots", "Start the app containers that were running, and gate them",
                 {"containers": containers,
+                 **({"left stopped": "; ".join(restore_run.unfit.values())
+                                     + ": its code needs another schema"}
+                    if restore_run.unfit else {}),
                  "health": f"wait up to {env.health.timeout:g}s each"}, run=run)
 
 
@@ -506,6 +521,29 @@ def _serving_but_stopped(env: Environment) -> str | None:
     return name if info.exists and not info.running else None
 
 
+def _ran_with(env: Environment, run: RestoreRun, tag: str | None
+              ) -> tuple[SchemaVersion | None, str]:
+    """The schema the code tagged `tag` ran with, and the witness: its deployment's record;
+    else the database's before a killed restore (its safety snapshot: the database now is
+    what that run left), else the database's now (it ran on it)."""
+    from runbook import state as states
+
+    if tag and states.is_version(tag):
+        try:
+            recorded = next((d for d in states.read_state(env.state_file,
+                                                          environment=env.name).deployments()
+                             if d.version == tag and d.migration_version is not None), None)
+        except RunbookError:
+            recorded = None  # the state file cannot tell: the database's schema
+        if recorded is not None and recorded.migration_version is not None:
+            return (SchemaVersion(recorded.migration_version, False),
+                    "ran with (as its deployment recorded)")
+    if run.schema_before_killed is not None:
+        return run.schema_before_killed, ("ran on before a killed restore (its safety "
+                                          "snapshot; its deployment recorded none)")
+    return run.schema_now, "runs on now (its deployment recorded none)"
+
+
 def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
     """A standalone restore starts again the code that serves: on a snapshot at another
     schema than the one that code ran with, it runs on a schema it never ran on (a /health
@@ -524,28 +562,15 @@ def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
 
     verified = run.verified
     at = SchemaVersion(verified.migration_version, verified.dirty)
-    expected: SchemaVersion | None = None
-    serving = "the code that serves"
+    serving, tag = "the code that serves", None
     try:
         slot = traffic.read(env, proxy=False).slot
         tag = docker.inspect(env.slot(slot).container).tag if slot is not None else None
         if tag and states.is_version(tag):
             serving = f"{tag}, which serves from the {slot} slot,"
-            recorded = next((d for d in states.read_state(env.state_file,
-                                                          environment=env.name).deployments()
-                             if d.version == tag and d.migration_version is not None), None)
-            if recorded is not None and recorded.migration_version is not None:
-                expected = SchemaVersion(recorded.migration_version, False)
     except RunbookError:
-        pass  # Caddy, Docker or the state file cannot tell: the database's schema now
-    witness = "ran with (as its deployment recorded)"
-    if expected is None:
-        if run.schema_before_killed is not None:  # the database now is what that run left
-            expected, witness = run.schema_before_killed, (
-                "ran on before a killed restore (its safety snapshot; its deployment "
-                "recorded none)")
-        else:
-            expected, witness = run.schema_now, "runs on now (its deployment recorded none)"
+        tag = None  # Caddy or Docker cannot tell: the database's schema now
+    expected, witness = _ran_with(env, run, tag)
     if expected is None or at == expected:
         return
     name = shlex.quote(run.snapshot.name)
@@ -556,6 +581,53 @@ def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
         f"move code and schema together with `runbook rollback {env.name} --restore-snapshot "
         f"--snapshot {name}`, or restore and start nothing with --keep-stopped (then start "
         "the code that fits that schema yourself)")
+
+
+def _unfit_standby(env: Environment, run: RestoreRun) -> dict[str, str]:
+    """The running standby containers whose code ran with another schema than the snapshot's
+    (container: why): the restore stops them with the others, and a standalone one started
+    them all again, such a standby on a schema it never ran on (found by review, a host
+    with `stop_old_slot = false`: its /health does not check the schema, so a switch to it
+    would pass its gate). They are left stopped, as `stop_old_slot = true` leaves a standby.
+    Refused before any change (PreconditionError) when that is not known to be safe: another
+    site outside the slot markers proxies to it, or Caddy cannot tell which slot serves."""
+    import shlex
+
+    from runbook import docker, traffic
+
+    at = SchemaVersion(run.verified.migration_version, run.verified.dirty)
+    try:
+        found = traffic.read(env, proxy=False)
+        serving, pinned, unknown = found.slot, found.pinned, found.problem(env)
+    except RunbookError as exc:
+        serving, pinned, unknown = None, frozenset(), exc.message
+    unfit: dict[str, str] = {}
+    for slot in env.slots:
+        name = env.slot(slot).container
+        if slot == serving:
+            continue  # _refuse_other_schema's
+        info = docker.inspect(name)
+        if not info.up:
+            continue  # the restore neither stops nor starts it
+        expected, witness = _ran_with(env, run, info.tag)
+        if expected is None or expected == at:
+            continue
+        why = (f"{name} (the {'standby ' if serving is not None else ''}{slot} slot) runs "
+               f"{info.tag or 'untagged code'}, which {witness} schema {expected.describe()}, "
+               f"not the snapshot's {at.describe()}")
+        if serving is None or slot in pinned:
+            cause = (f"another site outside the slot markers proxies to it (port "
+                     f"{env.slot(slot).port}), so it can be neither started again on a schema "
+                     "it never ran on nor left stopped" if serving is not None else
+                     f"which slot serves cannot be told ({unknown}), so it may be the one "
+                     "that serves")
+            raise PreconditionError(
+                f"{why}: {cause}; nothing was changed",
+                f"restore and start nothing with `runbook snapshot restore {env.name} "
+                f"{shlex.quote(run.snapshot.name)} --keep-stopped`, then start the code "
+                f"that fits schema {at.describe()} yourself")
+        unfit[name] = why
+    return unfit
 
 
 def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,
@@ -587,6 +659,9 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
                                   if restart else "--keep-stopped leaves it so"))
         if restart:
             _refuse_other_schema(env, restore_run)
+            restore_run.unfit = _unfit_standby(env, restore_run)
+            warnings += [f"{why}: it is left stopped after the restore, never started on a "
+                         "schema it never ran on" for why in restore_run.unfit.values()]
             steps.append(start_step(env, restore_run, left_stopped=left))
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",

@@ -1175,6 +1175,65 @@ def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_r
     assert through_proxy(env) == ("green", V2.tag)
 
 
+def test_a_snapshot_restore_leaves_a_running_standby_stopped_whose_code_needs_another_schema(
+        stack: DrillStack) -> None:
+    """Found by review: on a host whose standby keeps running (stop_old_slot = false), v2 was
+    rolled back to v1 with --force (the database stays at schema 2), then v1's schema put
+    back with `runbook snapshot restore` of the pre-deploy snapshot (schema 1). The serving
+    v1 fits it, so the restore went ahead, and it started again every slot it had stopped:
+    the standby v2 too, on schema 1, which it never ran on (its /health does not check the
+    schema: a switch to it passes its gate, and it serves without its `orders` table). It is
+    left stopped, said in the plan before any change and at the end with the fix; the
+    serving slot is started again as the restore always does."""
+    from runbook import snapshot_restore
+
+    env = migrated(stack).with_(stop_old_slot=False)  # v2 on green, schema 2; v1 stopped
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))[-1:]
+    rollback.rollback(env, rollback.Options(force=True))  # v1 serves, on schema 2
+    green = env.slot(Slot.GREEN).container
+    assert through_proxy(env) == ("blue", V1.tag) and docker.inspect(green).running
+    dry = snapshot_restore.restore(env, pre.name, dry_run=True)
+    assert any(green in w and "schema 2" in w and "left stopped" in w
+               for w in dry.plan.warnings), dry.plan.warnings
+    done = snapshot_restore.restore(env, pre.name)
+    assert {o.name: o.status for o in done.outcomes}["start-app-slots"] == "ok"
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
+    assert docker.inspect(green).status == "exited"  # stopped, not started on schema 1
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
+    assert through_proxy(env) == ("blue", V1.tag)
+    said = " ".join(done.notices)
+    assert green in said and "schema 2" in said and "schema 1" in said, said
+
+
+def test_a_snapshot_restore_is_refused_when_another_site_uses_a_standby_unfit_for_its_schema(
+        stack: DrillStack) -> None:
+    """The scene above, and a site outside the slot markers proxies to the standby's port:
+    left stopped, that site is cut; started, it runs on a schema it never ran on. Refused
+    before any change (exit 4), naming --keep-stopped; the site still answers."""
+    from runbook import snapshot_restore
+
+    env = migrated(stack).with_(stop_old_slot=False)
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))[-1:]
+    rollback.rollback(env, rollback.Options(force=True))  # v1 serves, v2 runs on green
+    green = env.slot(Slot.GREEN)
+    pin_other_site(env, f"localhost:{green.port}")
+    site = f"http://127.0.0.1:{stack.ports.other_site}/version"
+    assert drill_http.get(site, timeout=5).json()["version"] == V2.tag
+    before = snapshot(env)
+    listed = sorted(env.database.snapshot_dir.iterdir())
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, pre.name)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION, text
+    assert "another site" in text and "schema 2" in text and "--keep-stopped" in text, text
+    assert "nothing was changed" in text, text
+    assert snapshot(env) == before and sorted(env.database.snapshot_dir.iterdir()) == listed
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
+    assert drill_http.get(site, timeout=5).json()["version"] == V2.tag
+
+
 @pytest.mark.any_shape
 def test_answering_no_at_the_prompt_changes_nothing(stack: DrillStack) -> None:
     from runbook.run import NotConfirmed

@@ -82,6 +82,9 @@ class RestoreRun:
     # a killed earlier restore's: the schema in its safety snapshot (before that restore)
     schema_before_killed: database.SchemaVersion | None = None
     held_down: list[str] = field(default_factory=list)  # serving, stopped by it, left so
+    # a standalone restore's running standby whose code ran with another schema than the
+    # snapshot's: stopped with the others, never started again on it (container: why)
+    unfit: dict[str, str] = field(default_factory=dict)
 
 
 # Every schema left once the dump's own are dropped was made after the snapshot (a migration's
