@@ -19,6 +19,7 @@ from pytest_bdd import parsers, then
 from runbook import caddy, database, docker, health
 from runbook import state as states
 from runbook.drill import http as drill_http
+from runbook.drill.load import Load, settle_bound
 from runbook.environment import Slot
 from runbook.health import HealthGateError
 from steps.actions import version_tag
@@ -155,6 +156,17 @@ NEEDS_LOAD = ("not provable on a real host: it needs the drill's simulated users
               "again); `make drill` proves it on every run")
 
 
+def unjudged(load: Load, sent: str) -> str:
+    """Why a window cannot be judged: requests its last settle() left in flight at the bound
+    (they may yet fail); empty when every request sent was recorded."""
+    left = load.unsettled
+    if not left:
+        return ""
+    return (f"{left} request{'s' if left != 1 else ''} sent {sent} {'was' if left == 1 else 'were'}"
+            f" still in flight {settle_bound(load.timeout):g} s later (no answer, no error), so "
+            "what users saw cannot be judged: look for a proxy or slot that holds requests")
+
+
 @then(parsers.re(r"users saw no failed request during the (?P<action>rollback|switch|redeploy)"))
 def users_saw_no_failed_request(world: World, action: str) -> None:
     """Every request the simulated users sent while the last action ran was answered 2xx (one
@@ -167,6 +179,8 @@ def users_saw_no_failed_request(world: World, action: str) -> None:
         "no user load ran during this scenario's action (is the scenario tagged @mutating?)"
     assert load.running, "the user load stopped (at a bound) before the end of the scenario"
     assert load.started <= began, "the user load started after the action"
+    unsettled = unjudged(load, f"during the {action}")
+    assert not unsettled, unsettled
     seen = load.summary(began, ended)
     assert seen.served >= 1, f"no request was served during the {action}: {seen.describe()}"
     problems = "; ".join(
@@ -190,6 +204,8 @@ def users_saw_no_failed_request(world: World, action: str) -> None:
     finally:
         load.settle()
     after = [r for r in load.records() if r.started >= resumed]  # with those that were in flight
+    unsettled = unjudged(load, f"after the {action}")
+    assert not unsettled, unsettled
     assert after, f"no request sent after the {action} was answered within 5 s"
     wrong = [r for r in after if not r.served or r.slot != str(live)]
     assert not wrong, (f"{len(wrong)} of {len(after)} requests sent after the {action} were not "
@@ -206,6 +222,8 @@ def users_served_from_the_switch_on(world: World) -> None:
         pytest.skip(NEEDS_LOAD)
     load, began, ended = world.load, world.acted_at, world.acted_until
     assert load is not None and began and ended, "no user load ran during the redeploy"
+    unsettled = unjudged(load, "during the redeploy")
+    assert not unsettled, unsettled
     wanted = world.notes["deployed version"]
     seen = sorted((r for r in load.records() if began <= r.started <= ended),
                   key=lambda r: r.started)

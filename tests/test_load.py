@@ -11,6 +11,7 @@ import time
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,8 @@ from runbook import rollback
 from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
+from runbook.environment import Slot
+from steps import outcomes
 from tests.drill_checks import closed_port, two_deployments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +252,66 @@ def test_a_settled_load_has_recorded_every_request_sent_before_it(in_process: bo
         server.shutdown()
     assert settled - ended >= 0.3, "settle() returned with requests still in flight"
     assert not seen.ok and seen.non_2xx >= 1, seen.describe()
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["child process", "threads"])
+def test_the_users_then_fails_on_a_window_whose_requests_were_still_in_flight(
+        in_process: bool) -> None:
+    """Found by review: settle() gave up at its bound without a word, and "users saw no failed
+    request" then judged a window that lacked the requests still in flight (they might have
+    failed a moment later). A real HTTP server on loopback: the first request to reach it
+    after `hanging` is set gets a status line, then a header line every 0.1 s until `done`
+    (never timed out, never answered); every other one is answered 200 by the blue slot."""
+    hanging, done, lock = threading.Event(), threading.Event(), threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            with lock:
+                hang = hanging.is_set()
+                hanging.clear()
+            if hang:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                while not done.wait(0.1):
+                    self.wfile.write(b"X-Wait: 1\r\n")
+                self.wfile.write(b"Content-Length: 2\r\n\r\n{}")
+                return
+            body = b'{"version": "x"}'
+            self.send_response(200)
+            self.send_header("X-Togather-Slot", "blue")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    load = Load(f"http://127.0.0.1:{server.server_port}/version", clients=4, timeout=0.5,
+                max_seconds=120, in_process=in_process)
+    world = SimpleNamespace(outcome=lambda: None, on_drill=True, load=load,
+                            live_slot=lambda: Slot.BLUE)
+    try:
+        with load:
+            time.sleep(0.3)
+            world.acted_at = time.time()
+            time.sleep(0.3)  # served requests in the window
+            hanging.set()  # the action: the next request to reach the app never ends
+            time.sleep(0.3)
+            world.acted_until = time.time()
+            left = load.settle()
+            with pytest.raises(AssertionError) as failed:
+                outcomes.users_saw_no_failed_request(world, "rollback")  # type: ignore[arg-type]
+            done.set()
+    finally:
+        done.set()
+        server.shutdown()
+        server.server_close()
+    said = str(failed.value)
+    assert "still in flight" in said, said
+    assert left == load.unsettled == 1 and "1 request" in said, said
 
 
 @pytest.mark.docker

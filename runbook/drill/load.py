@@ -36,7 +36,6 @@ MAX_SECONDS = 300.0  # a load nobody stopped ends by itself
 MAX_REQUESTS = 200_000
 TIMEOUT = 5.0
 READY_TIMEOUT = 30.0  # a fresh interpreter importing httpx, on a busy machine
-SETTLE_TIMEOUT = 4 * TIMEOUT + 1  # a request retried once: two connects and two reads
 WARM_TIMEOUT = 5.0  # for the users' first requests after a start (a refused one counts too)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # What a connection closed under a kept-alive client raises (the GET is retried once). A
@@ -172,6 +171,12 @@ def buckets(records: Iterable[Request], start: float, end: float, width: float =
     return out
 
 
+def settle_bound(timeout: float) -> float:
+    """How long a settle waits for requests of `timeout`: one retried request may take two
+    connects and two reads; one still in flight after that hangs (a trickling answer)."""
+    return 4 * timeout + 1
+
+
 def _check_loopback(url: str) -> None:
     host = urlsplit(url).hostname or ""
     if host not in LOOPBACK:
@@ -226,13 +231,14 @@ class _Clients:
         with self._idle:
             self._sending.clear()
 
-    def settle(self, timeout: float) -> bool:
+    def settle(self, timeout: float) -> int:
         """Pause, then wait until every request already sent is recorded (answered, failed
         or timed out): a window judged before then missed a request sent late in it that
-        failed a moment after. False when some were still in flight at `timeout`."""
+        failed a moment after. Returns how many were still in flight at `timeout` (0: none)."""
         self.pause()
         with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            return self._inflight
 
     def stop(self, timeout: float = TIMEOUT + 1) -> list[Request]:
         """Stop every client (an in-flight request finishes first); return all records."""
@@ -311,6 +317,7 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
     "stop" (or its parent gone) stops them."""
     clients = _Clients(**settings)
     sent = 0
+    left = 0
     conn.send("ready")
     while True:
         try:
@@ -323,13 +330,14 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
         if command == "pause":
             clients.pause()
             continue
-        if command == "settle":  # answered like "get", once nothing is in flight
-            clients.settle(SETTLE_TIMEOUT)
+        left = 0
+        if command == "settle":  # answered like "get", once nothing is in flight (or the bound)
+            left = clients.settle(settle_bound(clients.timeout))
         if command == "stop":
             clients.stop()
         records = clients.records()
         with contextlib.suppress(OSError):
-            conn.send(([astuple(r) for r in records[sent:]], clients.running))
+            conn.send(([astuple(r) for r in records[sent:]], clients.running, left))
         sent = len(records)
         if command == "stop":
             return
@@ -359,6 +367,9 @@ class Load:
     in_process: bool = False
     started: float | None = None
     stopped: float | None = None
+    # requests the last settle() left in flight at its bound: a window holding them cannot be
+    # judged (they may fail a moment later), so a judge must refuse it while this is not 0
+    unsettled: int = 0
     _records: list[Request] = field(default_factory=list, repr=False)
     _running: bool = field(default=False, repr=False)
     _threads: _Clients | None = field(default=None, repr=False)
@@ -442,13 +453,17 @@ class Load:
         elif self._conn is not None and self.started is not None:
             self._conn.send("pause")
 
-    def settle(self) -> None:
-        """Pause, and return once every request already sent is recorded (bounded by
-        SETTLE_TIMEOUT): a window judged right after an action holds all of its requests."""
+    def settle(self) -> int:
+        """Pause, and return once every request already sent is recorded: a window judged
+        right after an action holds all of its requests. Bounded (settle_bound of the
+        requests' timeout); returns, and keeps as `unsettled`, how many were still in flight
+        at the bound (0: every one recorded)."""
+        bound = settle_bound(self.timeout)
         if self._threads is not None:
-            self._threads.settle(SETTLE_TIMEOUT)
+            self.unsettled = self._threads.settle(bound)
         elif self._conn is not None and self.started is not None:
-            self._ask("settle", SETTLE_TIMEOUT + 5)
+            self.unsettled = self._ask("settle", bound + 5)
+        return self.unsettled
 
     def stop(self, timeout: float = TIMEOUT + 5) -> list[Request]:
         """Stop every client (an in-flight request finishes first); return all records."""
@@ -482,8 +497,9 @@ class Load:
         self.stop()
 
     # -- results -------------------------------------------------------------------------------
-    def _ask(self, command: str, timeout: float = TIMEOUT + 5) -> None:
-        """Fetch the child's new records (and whether it still runs)."""
+    def _ask(self, command: str, timeout: float = TIMEOUT + 5) -> int:
+        """Fetch the child's new records (and whether it still runs); returns how many
+        requests a "settle" left in flight (0 for any other command)."""
         assert self._conn is not None
         try:
             self._conn.send(command)
@@ -495,11 +511,12 @@ class Load:
                     raise TimeoutError(f"the load process did not answer {command!r} in "
                                        f"{timeout} s")
                 answer = self._conn.recv()
-            rows, self._running = answer
+            rows, self._running, left = answer
         except (EOFError, OSError):  # the child is gone: what it sent is all there is
             self._running = False
-            return
+            return 0
         self._records.extend(Request(*row) for row in rows)
+        return int(left)
 
     def records(self) -> list[Request]:
         """Every request so far, in the order they were recorded."""
