@@ -426,7 +426,7 @@ def test_a_host_env_file_that_agrees_or_cannot_be_read_is_fine(tmp_path: Path) -
     toml = tmp_path / "production.toml"
     toml.write_text(production_with(env_file))
     assert envmod.load(str(toml)).compose.env_file == env_file
-    for unjudged in ("SNAPSHOT_DIR=${SNAPSHOT_ROOT:-/srv}/snapshots", "SNAPSHOT_DIR=$HOME/s",
+    for unjudged in ("SNAPSHOT_DIR=${SNAPSHOT_ROOT:-/srv}/snapshots", "SNAPSHOT_DIR=$DATA/s",
                      "SNAPSHOT_DIR=./backups", "HEALTH_CHECK_PATH=${HEALTH_PATH}"):
         env_file.write_text(unjudged + "\n")  # the host's tooling expands or places these
         assert envmod.load(str(toml)).compose.env_file == env_file, unjudged
@@ -439,6 +439,35 @@ def test_a_host_env_file_that_agrees_or_cannot_be_read_is_fine(tmp_path: Path) -
     assert compose_file in text
     toml.write_text(text.replace(compose_file, ""))
     assert envmod.load(str(toml)).compose.file is None
+
+
+@pytest.mark.parametrize("written", ["~/snaps", "$HOME/snaps", "${HOME}/snaps", "~/snaps/"])
+def test_a_home_relative_snapshot_dir_in_the_env_file_is_read_as_a_shell_reads_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str) -> None:
+    """Found by review: SNAPSHOT_DIR=~/snaps was judged against this process's home while
+    SNAPSHOT_DIR=$HOME/snaps, the same folder to the shell that sources the file, was not
+    judged at all. Both are read as that shell would read them when run by this user (as the
+    TOML's own snapshot_dir is): agreeing is fine, disagreeing is refused (exit 2) with both
+    folders and the fix on one line."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    env_file = tmp_path / ".env.production"
+    env_file.write_text(f"SNAPSHOT_DIR={written}\n")
+    toml = tmp_path / "production.toml"
+    text = production_with(env_file)
+    default = 'snapshot_dir = "/var/lib/togather/db-snapshots"\n'
+    assert default in text
+    toml.write_text(text.replace(default, f'snapshot_dir = "{home}/snaps"\n'))
+    assert envmod.load(str(toml)).database.snapshot_dir == home / "snaps"
+    toml.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(toml))
+    assert err.value.exit_code == ExitCode.USAGE
+    message, fix = str(err.value), err.value.fix or ""
+    assert f"{env_file} sets SNAPSHOT_DIR={written}" in message, message
+    assert f"{home}/snaps" in message and "/var/lib/togather/db-snapshots" in message, message
+    assert "\n" not in message and f'set snapshot_dir = "{home}/snaps"' in fix, fix
+    assert "in full" in fix, fix
 
 
 def test_env_file_values_are_read_as_compose_reads_them(tmp_path: Path) -> None:

@@ -523,6 +523,9 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> En
             continue
         for variable, (key, mine) in ours.items():
             theirs = said = values.get(variable, "")
+            if variable == "SNAPSHOT_DIR":
+                theirs = _home_relative(theirs)
+            home = variable == "SNAPSHOT_DIR" and (theirs == "~" or theirs.startswith("~/"))
             if not theirs or "$" in theirs:  # interpolated by the host's tooling: not judged
                 continue
             if variable == "COMPOSE_PROJECT_NAME" and env.compose.file is None:
@@ -539,12 +542,27 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> En
                 theirs = f"/{theirs}"  # the same path (the fix offered "health", refused)
             if theirs != mine:
                 section, _, name = key.partition(" ")
+                read = (f" (read as {theirs}, the home of the user running the runbook)"
+                        if home else "")
+                in_full = (" (write it in full there if the host's tooling runs as another "
+                           "user: ~ and $HOME are that user's home)") if home else ""
                 raise ConfigError(
-                    f"{file} sets {variable}={said}, but {key} is {mine!r} in "
+                    f"{file} sets {variable}={said}{read}, but {key} is {mine!r} in "
                     f"{env.source}: the host's tooling and the runbook would disagree",
                     f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
-                    f"{variable} in {file} agree")
+                    f"{variable} in {file} agree{in_full}")
     return env
+
+
+def _home_relative(value: str) -> str:
+    """An env file's `$HOME/...` or `${HOME}/...` as `~/...`: to the shell that sources the
+    file both are the home of whoever runs it, so they are judged alike (as this process's
+    home, the one the TOML's own paths are expanded with), where `~` alone used to be judged
+    and `$HOME` not at all. Any other variable stays the tooling's to expand."""
+    for prefix in ("$HOME", "${HOME}"):
+        if value == prefix or value.startswith(f"{prefix}/"):
+            return "~" + value[len(prefix):]
+    return value
 
 
 def _retention_from_env_files(env: Environment, files: Iterable[Path],
