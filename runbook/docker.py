@@ -7,9 +7,9 @@ line it is equivalent to, derived from the same fields): `--dry-run` shows it, `
 Why not the Docker SDK on this path: importing it (and requests/urllib3) cost the on-call
 ~100 ms before anything happened, and each call ~10-30 ms more than a plain request. The engine
 API is a small HTTP API on a unix socket, so the adapter speaks it with the standard library
-(`DOCKER_HOST` unix:// or tcp://). An engine reached through TLS or ssh falls back to the SDK's
-own transport, behind the same `_Engine.request`. `client()` (the SDK) stays for the drill,
-reports and tests that want its object model.
+(`DOCKER_HOST` unix:// or tcp://). An engine reached through TLS falls back to the SDK's own
+transport, behind the same `_Engine.request`; one over ssh is refused (`_over_ssh`).
+`client()` (the SDK) stays for the drill, reports and tests that want its object model.
 """
 
 from __future__ import annotations
@@ -205,6 +205,22 @@ class _ContextError(OSError):
     """The docker CLI's context names an engine this adapter cannot reach the same way."""
 
 
+def _over_ssh(where: str, *, context: bool = False) -> DockerError:
+    """An engine over ssh (DOCKER_HOST=ssh://..., or a context's): refused as configuration.
+    Why: the runbook acts on the host it runs on (that host's Caddyfile, state file, lock and
+    slot ports), so another host's engine would be checked and acted on beside them (and the
+    SDK cannot reach it without paramiko: it said "start the Docker engine", wrongly)."""
+    from runbook.journal import redact
+
+    point = ("the docker context at its own engine (`docker context use default`)" if context
+             else "DOCKER_HOST unset or at its own socket")
+    return DockerError(
+        f"{redact(where)} is a Docker engine over ssh, which the runbook does not use: it acts "
+        "on the host it runs on (its Caddyfile, state file and slot ports); nothing was changed",
+        f"run the runbook on the host itself (the fleet runs it on each host through Ansible), "
+        f"with {point}", exit_code=ExitCode.USAGE)
+
+
 def _context_host() -> str:
     """The engine the docker CLI uses when DOCKER_HOST is unset: its current context's (as
     `docker context use` left it in the CLI config, or DOCKER_CONTEXT). Compose and the CLI
@@ -229,6 +245,8 @@ def _context_host() -> str:
         host = str(meta["Endpoints"]["docker"]["Host"])
     except (OSError, ValueError, KeyError, TypeError):
         raise _ContextError(f"the docker CLI's context {name!r} cannot be read") from None
+    if host.startswith("ssh://"):
+        raise _over_ssh(f"the docker CLI's context {name!r} ({host})", context=True)
     if (config_dir / "contexts" / "tls" / digest).exists() or not host.startswith(
             ("unix://", "tcp://")):
         raise _ContextError(f"the docker CLI's context {name!r} ({host}) needs TLS or ssh")
@@ -237,8 +255,11 @@ def _context_host() -> str:
 
 @cache
 def _engine() -> _Engine:
-    host = os.environ.get("DOCKER_HOST", "").strip() or _context_host()
-    if os.environ.get("DOCKER_TLS_VERIFY") or host.startswith(("ssh://", "npipe://")):
+    variable = os.environ.get("DOCKER_HOST", "").strip()
+    if variable.startswith("ssh://"):
+        raise _over_ssh(f"DOCKER_HOST={variable}")
+    host = variable or _context_host()
+    if os.environ.get("DOCKER_TLS_VERIFY") or host.startswith("npipe://"):
         return _Engine(sdk=True)
     if not host:
         return _Engine(unix=_SOCKET)
@@ -251,7 +272,7 @@ def _engine() -> _Engine:
 
 
 def _sdk_request(method: str, path: str, body: Any, timeout: float) -> tuple[int, bytes]:
-    """The same request through the SDK's transport (TLS, ssh); its errors become OSError."""
+    """The same request through the SDK's transport (TLS); its errors become OSError."""
     import requests
 
     api = client().api
@@ -368,6 +389,10 @@ def run(action: DockerAction) -> None:
 @cache
 def client() -> docker_sdk.DockerClient:
     import docker as docker_sdk
+
+    variable = os.environ.get("DOCKER_HOST", "").strip()
+    if variable.startswith("ssh://"):  # what from_env would use; it needs paramiko
+        raise _over_ssh(f"DOCKER_HOST={variable}")
 
     try:
         return docker_sdk.from_env(timeout=30)

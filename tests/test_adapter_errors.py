@@ -76,6 +76,15 @@ def test_a_docker_engine_that_does_not_answer(stack: DrillStack) -> None:
     assert "cannot inspect the blue container" in status.stdout, status.stdout
 
 
+def test_a_command_on_an_engine_over_ssh_exits_2(stack: DrillStack) -> None:
+    """The CLI's side of the ssh refusal below: one line, exit 2 (configuration)."""
+    dry = runbook("switch", str(stack.env.source), "--slot", "green", "--dry-run",
+                  DOCKER_HOST="ssh://deploy@127.0.0.1:1")
+    line = one_line(dry)
+    assert dry.returncode == int(ExitCode.USAGE), dry.stderr
+    assert "over ssh" in line and "run the runbook on the host itself" in line, line
+
+
 @pytest.mark.parametrize(("code", "body"), [(200, b"<html>not an engine</html>"),
                                           (404, b"404 page not found")],
                          ids=["200, not JSON", "404 for everything"])
@@ -182,6 +191,40 @@ def test_the_engine_is_the_docker_clis_current_context(
         assert "DOCKER_HOST" in (info.value.fix or "")
     finally:
         docker._engine.cache_clear()
+
+
+def test_an_engine_over_ssh_is_a_configuration_error_not_a_stopped_engine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: DOCKER_HOST=ssh://... (or a docker context over ssh) failed with
+    "cannot reach the Docker engine; start it (systemctl start docker)" (the SDK lacks
+    paramiko), advice for an engine that may run fine. The runbook acts on the host it runs
+    on (its Caddyfile, state file and slot ports are that host's), so an engine over ssh is
+    refused as configuration (exit 2) with the fix: run it on the host itself."""
+    monkeypatch.setenv("DOCKER_HOST", "ssh://deploy@127.0.0.1:1")
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    said: list[docker.DockerError] = []
+    docker._engine.cache_clear()
+    try:
+        for call in (lambda: docker.inspect("togather-server-blue"), docker.client):
+            with pytest.raises(docker.DockerError) as info:
+                call()
+            said.append(info.value)
+        monkeypatch.delenv("DOCKER_HOST")
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+        _context(tmp_path, "remote", "ssh://deploy@10.0.0.5")
+        docker._engine.cache_clear()
+        with pytest.raises(docker.DockerError) as info:
+            docker.inspect("togather-server-blue")
+        said.append(info.value)
+    finally:
+        docker._engine.cache_clear()
+        docker.client.cache_clear()
+    for error, where in zip(said, ("DOCKER_HOST=ssh://deploy@127.0.0.1:1",) * 2
+                            + ("context 'remote' (ssh://deploy@10.0.0.5)",), strict=True):
+        message, fix = str(error), error.fix or ""
+        assert error.exit_code == ExitCode.USAGE, (error.exit_code, message)
+        assert where in message and "over ssh" in message and "\n" not in message, message
+        assert "run the runbook on the host itself" in fix and "start it" not in fix, fix
 
 
 @pytest.mark.parametrize(("image", "tag"), [
