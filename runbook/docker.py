@@ -210,7 +210,7 @@ def _over_ssh(where: str, *, context: bool = False) -> DockerError:
     Why: the runbook acts on the host it runs on (that host's Caddyfile, state file, lock and
     slot ports), so another host's engine would be checked and acted on beside them (and the
     SDK cannot reach it without paramiko: it said "start the Docker engine", wrongly)."""
-    from runbook.journal import redact
+    from runbook.redact import redact
 
     point = ("the docker context at its own engine (`docker context use default`)" if context
              else "DOCKER_HOST unset or at its own socket")
@@ -253,6 +253,26 @@ def _context_host() -> str:
     return host
 
 
+def _default_socket(host: str) -> bool:
+    return host.startswith("unix://") and (
+        os.path.realpath(host[len("unix://"):] or _SOCKET) == os.path.realpath(_SOCKET))
+
+
+def engine_elsewhere() -> str | None:
+    """What names the runbook's engine when it is not the default socket ("DOCKER_HOST=..."
+    or "the docker CLI's context (...)"); None on the default socket. Why: `sudo` drops both
+    (it resets the environment and HOME), so `sudo docker ...` reaches the default socket
+    (the environment's command check refuses such a command when this is not None)."""
+    variable = os.environ.get("DOCKER_HOST", "").strip()
+    if variable:
+        return None if _default_socket(variable) else f"DOCKER_HOST={variable}"
+    try:
+        host = _context_host()
+    except (_ContextError, DockerError):  # its own error is said at the first engine call
+        return "the docker CLI's context"
+    return None if not host or _default_socket(host) else f"the docker CLI's context ({host})"
+
+
 @cache
 def _engine() -> _Engine:
     variable = os.environ.get("DOCKER_HOST", "").strip()
@@ -284,7 +304,7 @@ def _sdk_request(method: str, path: str, body: Any, timeout: float) -> tuple[int
 
 
 def _one_line(text: object) -> str:
-    from runbook.journal import redact
+    from runbook.redact import redact
 
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return redact(lines[0] if lines else "no detail")

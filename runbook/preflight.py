@@ -21,6 +21,7 @@ from typing import Any
 
 from runbook import caddy, database, docker
 from runbook.environment import Environment, ReloadMethod
+from runbook.environment.schema import SUDO_VALUED
 from runbook.errors import PreconditionError, RunbookError
 from runbook.probes import Probe as Probe  # re-exported: the plans start probes from here
 
@@ -185,7 +186,6 @@ _EXEC_VALUED = {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir",
 # the docker CLI's global options that take a value (before its command)
 _GLOBAL_VALUED = {"-c", "--context", "-H", "--host", "--config", "-l", "--log-level",
                   "--tlscacert", "--tlscert", "--tlskey"}
-_SUDO_VALUED = {"-u", "--user", "-g", "--group", "-h", "--host", "-C", "--close-from"}
 
 
 def _docker_words(command: tuple[str, ...]) -> list[str] | None:
@@ -195,7 +195,7 @@ def _docker_words(command: tuple[str, ...]) -> list[str] | None:
     if words and Path(words[0]).name == "sudo":
         words.pop(0)
         while words and words[0].startswith("-"):
-            if words.pop(0) in _SUDO_VALUED and words:
+            if words.pop(0) in SUDO_VALUED and words:
                 words.pop(0)
     if not words or Path(words[0]).name not in ("docker", "podman"):
         return None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -304,3 +306,16 @@ def serving(code: int, body: bytes, content_type: str = "application/json"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def docker_context(config_dir: Path, name: str, host: str, *, tls: bool = False) -> None:
+    """A docker CLI context in `config_dir` (DOCKER_CONFIG) as `docker context create` leaves
+    it, made current as `docker context use` does."""
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta = config_dir / "contexts" / "meta" / digest
+    meta.mkdir(parents=True)
+    (meta / "meta.json").write_text(json.dumps(
+        {"Name": name, "Endpoints": {"docker": {"Host": host, "SkipTLSVerify": False}}}))
+    if tls:
+        (config_dir / "contexts" / "tls" / digest / "docker").mkdir(parents=True)
+    (config_dir / "config.json").write_text(json.dumps({"currentContext": name}))

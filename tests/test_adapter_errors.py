@@ -24,7 +24,7 @@ from runbook import state as states
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import closed_port, serving
+from tests.drill_checks import closed_port, docker_context, serving
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,19 +151,6 @@ def test_database_errors_are_one_line(stack: DrillStack, tmp_path: Path) -> None
         assert "secretpw1" not in line and "wrong-Pa55word" not in line, line
 
 
-def _context(config_dir: Path, name: str, host: str, *, tls: bool = False) -> None:
-    import hashlib
-
-    digest = hashlib.sha256(name.encode()).hexdigest()
-    meta = config_dir / "contexts" / "meta" / digest
-    meta.mkdir(parents=True)
-    (meta / "meta.json").write_text(json.dumps(
-        {"Name": name, "Endpoints": {"docker": {"Host": host, "SkipTLSVerify": False}}}))
-    if tls:
-        (config_dir / "contexts" / "tls" / digest / "docker").mkdir(parents=True)
-    (config_dir / "config.json").write_text(json.dumps({"currentContext": name}))
-
-
 def test_the_engine_is_the_docker_clis_current_context(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`docker context use rootless`: compose and the CLI talk to that engine; the adapter
@@ -173,7 +160,7 @@ def test_the_engine_is_the_docker_clis_current_context(
     monkeypatch.delenv("DOCKER_HOST", raising=False)
     monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-    _context(tmp_path, "rootless", "unix:///run/user/1000/docker.sock")
+    docker_context(tmp_path, "rootless", "unix:///run/user/1000/docker.sock")
     docker._engine.cache_clear()
     try:
         assert docker._engine() == docker._Engine(unix="/run/user/1000/docker.sock")
@@ -183,7 +170,7 @@ def test_the_engine_is_the_docker_clis_current_context(
         monkeypatch.delenv("DOCKER_CONTEXT")
         other = tmp_path / "tls"
         monkeypatch.setenv("DOCKER_CONFIG", str(other))
-        _context(other, "remote", "tcp://10.0.0.5:2376", tls=True)
+        docker_context(other, "remote", "tcp://10.0.0.5:2376", tls=True)
         docker._engine.cache_clear()
         with pytest.raises(docker.DockerError, match="needs TLS or ssh") as info:
             docker.inspect("togather-server-blue")
@@ -211,7 +198,7 @@ def test_an_engine_over_ssh_is_a_configuration_error_not_a_stopped_engine(
             said.append(info.value)
         monkeypatch.delenv("DOCKER_HOST")
         monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-        _context(tmp_path, "remote", "ssh://deploy@10.0.0.5")
+        docker_context(tmp_path, "remote", "ssh://deploy@10.0.0.5")
         docker._engine.cache_clear()
         with pytest.raises(docker.DockerError) as info:
             docker.inspect("togather-server-blue")

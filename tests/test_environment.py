@@ -142,6 +142,73 @@ def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
     assert err.value.exit_code == ExitCode.USAGE
 
 
+ROOTLESS = "unix:///run/user/1000/docker.sock"
+SUDO_CADDY = '[caddy]\ncommand = ["sudo", "docker", "exec", "caddy", "caddy"]\n'
+
+
+@pytest.mark.parametrize(("engine", "toml", "key"), [
+    ("DOCKER_HOST", SUDO_CADDY, "caddy.command"),
+    ("DOCKER_HOST", '[compose]\ncommand = ["sudo", "docker", "compose"]\n', "compose.command"),
+    ("DOCKER_HOST", '[caddy]\ncommand = ["sudo", "-u", "root", "docker", "exec", "caddy", '
+                    '"caddy"]\n', "caddy.command"),
+    ("DOCKER_HOST", '[caddy]\ncommand = ["sudo", "--preserve-env=HOME", "docker", "exec", '
+                    '"caddy", "caddy"]\n', "caddy.command"),
+    ("context", SUDO_CADDY, "caddy.command"),
+    ("context", '[caddy]\ncommand = ["sudo", "--preserve-env=DOCKER_HOST", "docker", "exec", '
+                '"caddy", "caddy"]\n', "caddy.command"),
+])
+def test_a_sudo_command_that_drops_the_runbooks_engine_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, toml: str,
+        key: str) -> None:
+    """Found by review: sudo resets the environment, so `sudo docker ...` reaches the default
+    socket whatever DOCKER_HOST (or the user's docker context) says, while the runbook's own
+    client follows it: the checks looked at one engine and the command acted on another.
+    Refused at load (exit 2), one line, with the fix."""
+    from tests.drill_checks import docker_context
+
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    if engine == "DOCKER_HOST":
+        monkeypatch.setenv("DOCKER_HOST", ROOTLESS)
+    else:
+        monkeypatch.delenv("DOCKER_HOST", raising=False)
+        docker_context(tmp_path / "docker", "rootless", ROOTLESS)
+    bad = tmp_path / "production.toml"
+    bad.write_text(NO_COMPOSE + toml)
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(bad))
+    message = str(err.value)
+    assert err.value.exit_code == ExitCode.USAGE
+    assert f"{bad}: {key}" in message and "sudo" in message and ROOTLESS in message, message
+    assert "--preserve-env=DOCKER_HOST" in message and "drop sudo" in message, message
+    assert "\n" not in message.split("\n  ", 1)[1], message  # the problem: one line
+
+
+@pytest.mark.parametrize(("docker_host", "command"), [
+    (None, ["sudo", "docker", "exec", "caddy", "caddy"]),  # the default socket either way
+    ("unix:///var/run/docker.sock", ["sudo", "docker", "exec", "caddy", "caddy"]),
+    (ROOTLESS, ["sudo", "--preserve-env=DOCKER_HOST", "docker", "exec", "caddy", "caddy"]),
+    (ROOTLESS, ["sudo", "--preserve-env=PATH,DOCKER_HOST", "docker", "exec", "caddy",
+                "caddy"]),
+    (ROOTLESS, ["sudo", "-E", "docker", "exec", "caddy", "caddy"]),
+    (ROOTLESS, ["sudo", "caddy"]),  # system Caddy: no engine involved
+    (ROOTLESS, ["docker", "exec", "caddy", "caddy"]),
+])
+def test_a_sudo_command_that_keeps_the_runbooks_engine_is_fine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docker_host: str | None,
+        command: list[str]) -> None:
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))  # no context: the default
+    if docker_host is None:
+        monkeypatch.delenv("DOCKER_HOST", raising=False)
+    else:
+        monkeypatch.setenv("DOCKER_HOST", docker_host)
+    path = tmp_path / "production.toml"
+    words = ", ".join(f'"{w}"' for w in command)
+    path.write_text(NO_COMPOSE + f"[caddy]\ncommand = [{words}]\n")
+    assert envmod.load(str(path)).caddy.command == tuple(command)
+
+
 def test_a_slot_on_another_machine_may_use_caddys_port_number(tmp_path: Path) -> None:
     """Only a slot on this machine's loopback collides with Caddy's own port."""
     path = tmp_path / "production.toml"

@@ -252,6 +252,21 @@ Command = Annotated[tuple[str, ...], PlainValidator(_command)]
 _ENGINE_OPTIONS = ("-H", "--host", "-c", "--context", "--config")
 _VALUED_GLOBALS = ("-l", "--log-level", "--tlscacert", "--tlscert", "--tlskey")
 _ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG")
+# sudo's options that take the next word as their value (`sudo -u root docker ...`); also
+# read by preflight's command parser
+SUDO_VALUED = frozenset({"-u", "--user", "-g", "--group", "-C", "--close-from", "-D", "--chdir",
+                         "-p", "--prompt", "-r", "--role", "-t", "--type", "-U", "--other-user",
+                         "-T", "--command-timeout", "-h", "--host"})
+
+
+def _sudo_keeps(word: str) -> bool | set[str]:
+    """What a sudo option keeps of the caller's environment: all of it (-E, a bare
+    --preserve-env), the variables it lists (--preserve-env=A,B), or nothing (False)."""
+    if word == "--preserve-env" or (word[:1] == "-" and word[1:2] != "-" and "E" in word):
+        return True
+    if word.startswith("--preserve-env="):
+        return set(word.split("=", 1)[1].split(","))
+    return False
 
 
 def _docker_command(value: Any) -> tuple[str, ...]:
@@ -259,15 +274,27 @@ def _docker_command(value: Any) -> tuple[str, ...]:
     inspects: one naming its own (`docker -H ...`, `--context`, another `--config`, an
     `env DOCKER_HOST=...` before it) made every check of containers and mounts look at
     another engine than the one acted on (found by review: the Caddyfile-mount check passed
-    as "not checked", compose recreated elsewhere)."""
+    as "not checked", compose recreated elsewhere). So did `sudo docker ...` when the
+    runbook's engine is not the default socket: sudo resets the environment (and HOME, so
+    the docker CLI's context too), and the command then reaches the default socket."""
     words = list(_command(value))
+    sudo = False
+    kept: set[str] = set()
     while words and Path(words[0]).name in ("env", "sudo"):  # the wrappers before docker
         wrapper = Path(words.pop(0)).name
-        while words and (words[0].startswith("-") or (wrapper == "env" and "=" in words[0])):
+        sudo = sudo or wrapper == "sudo"
+        while words and (words[0].startswith("-") or "=" in words[0]):  # options, VAR=value
             word = words.pop(0)
             if word.split("=", 1)[0] in _ENGINE_VARIABLES:
                 _fail(f"sets {word.split('=', 1)[0]} for the command, which the runbook does "
                       "not inspect: point the runbook and the command at one engine instead")
+            if wrapper == "sudo":
+                keeps = _sudo_keeps(word)
+                kept |= set(_ENGINE_VARIABLES) if keeps is True else keeps or set()
+                if word in SUDO_VALUED and words:
+                    words.pop(0)  # its value, not the command
+    if words and Path(words[0]).name in ("docker", "podman") and sudo:
+        _refuse_sudo_dropping_the_engine(kept)
     if words and Path(words[0]).name in ("docker", "podman"):
         rest = iter(words[1:])
         for word in rest:
@@ -282,6 +309,23 @@ def _docker_command(value: Any) -> tuple[str, ...]:
             if name in _VALUED_GLOBALS and "=" not in word:
                 next(rest, None)  # its value, not the subcommand
     return tuple(_command(value))
+
+
+def _refuse_sudo_dropping_the_engine(kept: set[str]) -> None:
+    """A `sudo docker` command whose sudo does not keep what names the runbook's engine: it
+    would act on the default socket while the runbook inspects another engine. Only
+    DOCKER_HOST can be handed over (a context lives in the caller's HOME, which sudo resets);
+    on the default socket, sudo changes nothing and stays allowed."""
+    from runbook import docker
+
+    where = docker.engine_elsewhere()
+    if where is None or (where.startswith("DOCKER_HOST=") and "DOCKER_HOST" in kept):
+        return
+    point = "" if where.startswith("DOCKER_HOST=") else "set DOCKER_HOST to that engine and "
+    _fail(f"runs sudo, which resets the environment, so the command would reach the default "
+          f"Docker socket while the runbook inspects the engine of {where}: {point}use "
+          "`sudo --preserve-env=DOCKER_HOST docker ...`, or drop sudo (run the runbook as a "
+          "member of the docker group)")
 
 
 DockerCommand = Annotated[tuple[str, ...], PlainValidator(_docker_command)]
