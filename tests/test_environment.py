@@ -184,6 +184,33 @@ def test_a_sudo_command_that_drops_the_runbooks_engine_is_refused(
     assert "\n" not in message.split("\n  ", 1)[1], message  # the problem: one line
 
 
+@pytest.mark.parametrize("wrapper", [
+    ["env", "-u", "DOCKER_HOST"], ["env", "--unset=DOCKER_HOST"], ["env", "-uDOCKER_HOST"],
+    ["env", "-i"], ["env", "-C", "/tmp", "-u", "DOCKER_HOST"],
+])
+def test_an_env_command_that_drops_the_runbooks_engine_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wrapper: list[str]) -> None:
+    """Found by review: `env -u DOCKER_HOST docker ...` (or `env -i`) reached the default
+    socket while the runbook inspected DOCKER_HOST's engine, and `env`'s valued options hid
+    the docker after them from every engine check."""
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("DOCKER_HOST", ROOTLESS)
+    bad = tmp_path / "production.toml"
+    words = ", ".join(f'"{w}"' for w in [*wrapper, "docker", "exec", "caddy", "caddy"])
+    bad.write_text(NO_COMPOSE + f"[caddy]\ncommand = [{words}]\n")
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(bad))
+    message = str(err.value)
+    assert err.value.exit_code == ExitCode.USAGE
+    assert f"{bad}: caddy.command" in message and ROOTLESS in message, message
+    assert "default Docker socket" in message, message
+    with pytest.raises(ConfigError, match="names its own Docker engine"):  # seen past -C dir
+        bad.write_text(NO_COMPOSE + '[caddy]\ncommand = ["env", "-C", "/tmp", "docker", '
+                       '"-H", "tcp://x", "exec", "c", "caddy"]\n')
+        envmod.load(str(bad))
+
+
 @pytest.mark.parametrize(("docker_host", "command"), [
     (None, ["sudo", "docker", "exec", "caddy", "caddy"]),  # the default socket either way
     ("unix:///var/run/docker.sock", ["sudo", "docker", "exec", "caddy", "caddy"]),
@@ -193,6 +220,7 @@ def test_a_sudo_command_that_drops_the_runbooks_engine_is_refused(
     (ROOTLESS, ["sudo", "-E", "docker", "exec", "caddy", "caddy"]),
     (ROOTLESS, ["sudo", "caddy"]),  # system Caddy: no engine involved
     (ROOTLESS, ["docker", "exec", "caddy", "caddy"]),
+    (ROOTLESS, ["env", "-u", "LANG", "docker", "exec", "caddy", "caddy"]),
 ])
 def test_a_sudo_command_that_keeps_the_runbooks_engine_is_fine(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docker_host: str | None,

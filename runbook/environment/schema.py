@@ -280,6 +280,7 @@ def _docker_command(value: Any) -> tuple[str, ...]:
     words = list(_command(value))
     sudo = False
     kept: set[str] = set()
+    unset: set[str] = set()  # what an `env -u`/`-i` before docker takes from the command
     while words and Path(words[0]).name in ("env", "sudo"):  # the wrappers before docker
         wrapper = Path(words.pop(0)).name
         sudo = sudo or wrapper == "sudo"
@@ -293,8 +294,16 @@ def _docker_command(value: Any) -> tuple[str, ...]:
                 kept |= set(_ENGINE_VARIABLES) if keeps is True else keeps or set()
                 if word in SUDO_VALUED and words:
                     words.pop(0)  # its value, not the command
-    if words and Path(words[0]).name in ("docker", "podman") and sudo:
-        _refuse_sudo_dropping_the_engine(kept)
+            elif word in ("-i", "--ignore-environment", "-"):
+                unset |= set(_ENGINE_VARIABLES)
+            elif word in ("-u", "--unset") and words:
+                unset.add(words.pop(0))
+            elif word.startswith(("--unset=", "-u")):
+                unset.add(word.split("=", 1)[1] if "=" in word else word[2:])
+            elif word in ("-C", "--chdir") and words:
+                words.pop(0)  # its value, not the command (found by review: it hid docker)
+    if words and Path(words[0]).name in ("docker", "podman") and (sudo or unset):
+        _refuse_dropping_the_engine(sudo, kept, unset)
     if words and Path(words[0]).name in ("docker", "podman"):
         rest = iter(words[1:])
         for word in rest:
@@ -311,17 +320,26 @@ def _docker_command(value: Any) -> tuple[str, ...]:
     return tuple(_command(value))
 
 
-def _refuse_sudo_dropping_the_engine(kept: set[str]) -> None:
-    """A `sudo docker` command whose sudo does not keep what names the runbook's engine: it
-    would act on the default socket while the runbook inspects another engine. Only
-    DOCKER_HOST can be handed over (a context lives in the caller's HOME, which sudo resets);
-    on the default socket, sudo changes nothing and stays allowed."""
+def _refuse_dropping_the_engine(sudo: bool, kept: set[str], unset: set[str]) -> None:
+    """A `sudo docker` command whose sudo does not keep what names the runbook's engine, or
+    an `env -u DOCKER_HOST`/`env -i` one: it would act on the default socket while the
+    runbook inspects another engine. Only DOCKER_HOST can be handed over through sudo (a
+    context lives in the caller's HOME, which sudo resets); on the default socket, neither
+    changes anything and both stay allowed."""
     from runbook import docker
 
     where = docker.engine_elsewhere()
-    if where is None or (where.startswith("DOCKER_HOST=") and "DOCKER_HOST" in kept):
+    if where is None:
         return
-    point = "" if where.startswith("DOCKER_HOST=") else "set DOCKER_HOST to that engine and "
+    by_variable = where.startswith("DOCKER_HOST=")
+    dropped = unset & ({"DOCKER_HOST"} if by_variable else {"DOCKER_CONTEXT", "DOCKER_CONFIG"})
+    if dropped:
+        _fail(f"unsets {', '.join(sorted(dropped))} for the command (env -u/-i), so it would "
+              f"reach the default Docker socket while the runbook inspects the engine of "
+              f"{where}: remove that env option")
+    if not sudo or (by_variable and "DOCKER_HOST" in kept):
+        return
+    point = "" if by_variable else "set DOCKER_HOST to that engine and "
     _fail(f"runs sudo, which resets the environment, so the command would reach the default "
           f"Docker socket while the runbook inspects the engine of {where}: {point}use "
           "`sudo --preserve-env=DOCKER_HOST docker ...`, or drop sudo (run the runbook as a "
