@@ -456,6 +456,95 @@ def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_
     assert held is not None and held.holder["fleet_run_id"] == "fleet_new"
 
 
+def test_a_batch_longer_than_the_fleet_locks_lifetime_keeps_it_and_a_takeover_is_refused(
+        env: Environment) -> None:
+    """Found by review: the fleet lock was refreshed only between batches, so a batch (or the
+    maintenance restore) longer than its 30 minutes let it look stale while the run went on,
+    and another operator's run took it over and acted on the same hosts. The controller's
+    heartbeat keeps it fresh while the run holds it (here a 1 s lifetime, a 3 s batch), and
+    stops with the run: nothing refreshes it after that, so it expires as before."""
+    from runbook.fleet.rollout import _lock_heartbeat
+
+    beats: list[float] = []
+
+    def refresh(cancel: object) -> None:
+        beats.append(time.monotonic())
+        hostlock.refresh(env, "fleet_long", ttl=1.0)
+
+    _take(env, "fleet_long", ttl=1.0)
+    with _lock_heartbeat(refresh, every=0.2):
+        time.sleep(3.0)  # the batch: three lifetimes of the lock
+        held = hostlock.status(env)
+        assert held is not None and not held.stale, held
+        with pytest.raises(LockedError, match="held by ops@laptop"):
+            _take(env, "fleet_other")
+    stopped = len(beats)
+    time.sleep(1.5)
+    assert len(beats) == stopped  # no heartbeat outlives the run
+    held = hostlock.status(env)
+    assert held is not None and held.stale and held.why == "expired"
+    assert _take(env, "fleet_other")["taken_over"]
+
+
+def test_the_heartbeat_never_replaces_a_fleet_lock_another_run_took_over(
+        env: Environment) -> None:
+    """Each beat refreshes the lock only while it names this fleet run (under the guard): a
+    lock a resume took over (its controller found dead) stays the new run's, untouched."""
+    from runbook.fleet.rollout import _lock_heartbeat
+
+    refused: list[str] = []
+
+    def refresh(cancel: object) -> None:
+        try:
+            hostlock.refresh(env, "fleet_old", ttl=1.0)
+        except LockedError as exc:
+            refused.append(exc.message)
+            raise
+
+    _take(env, "fleet_old", ttl=1.0)
+    with _lock_heartbeat(refresh, every=0.1):
+        _take(env, "fleet_new", take_over="fleet_old", ttl=600.0)
+        before = (hostlock.path(env) / "holder.json").read_text()
+        time.sleep(0.8)
+        assert (hostlock.path(env) / "holder.json").read_text() == before
+    assert refused and "no longer held by fleet run fleet_old" in refused[0], refused
+    held = hostlock.status(env)
+    assert held is not None and held.holder["fleet_run_id"] == "fleet_new" and not held.stale
+
+
+def test_a_killed_controllers_fleet_lock_still_goes_stale(env: Environment) -> None:
+    """Crash safety: the heartbeat is a thread of the controller, so `kill -9` of the
+    controller ends it; its lock (held from another machine: no pid to check here) expires
+    after its lifetime, as before, and the next run takes it over."""
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from runbook import environment as envmod\n"
+              "from runbook.fleet import hostlock\n"
+              "from runbook.fleet.rollout import _lock_heartbeat\n"
+              "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]))\n"
+              "hostlock.take(env, fleet_run_id='fleet_killed', locked_by='ops', "
+              "hostname='laptop', pid=1, reason='test', ttl=1.0)\n"
+              "with _lock_heartbeat(lambda cancel: hostlock.refresh(env, 'fleet_killed', "
+              "ttl=1.0), every=0.2):\n"
+              "    print('holding', flush=True)\n"
+              "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(env.lock_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+        time.sleep(2.0)  # two lifetimes: kept fresh by the live controller
+        with pytest.raises(LockedError):
+            _take(env, "fleet_next")
+    finally:
+        proc.kill()
+        proc.wait()
+    time.sleep(1.5)
+    held = hostlock.status(env)
+    assert held is not None and held.stale and held.why == "expired"
+    out = _take(env, "fleet_next")
+    assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_killed"  # type: ignore[index]
+
+
 def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is_refused(
 ) -> None:
     """A maintenance run whose controller died after the drain began and before the restore's
@@ -1323,6 +1412,7 @@ def test_the_lock_refresh_runs_the_lock_hosts_own_runbook_not_the_batch_hosts(
     said "the fleet lock was lost". Oracle: which host's command logged the refreshes."""
     fleet = fleet_on_v3
     monkeypatch.setenv("RUNBOOK_FLEET_REFRESH_AFTER_S", "0")  # proved before every batch
+    monkeypatch.setenv("RUNBOOK_FLEET_HEARTBEAT_S", "450")  # no heartbeat's refresh counted
     logs = {name: tmp_path / f"{name}.argv" for name in ("lock-host", "others")}
     commands = {}
     for name, log in logs.items():
@@ -1347,6 +1437,63 @@ def test_the_lock_refresh_runs_the_lock_hosts_own_runbook_not_the_batch_hosts(
         v2 = VERSIONS["v2"].tag
         assert all(fleet.serving(h.name)[2] == v2 for h in fleet.hosts)
     finally:
+        fleet.write_inventory()
+
+
+@pytest.mark.docker
+def test_a_fleet_lock_outlived_by_a_running_batch_is_refreshed_and_not_taken_over(
+        fleet_on_v3: DrillFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the lock was refreshed only before a batch, so a batch longer than its
+    30 minutes (a slow host) let it expire while the run went on, and another operator's run
+    took it over. Batches [host1] (the lock host) then [host2, host3]; host2's rollback is held
+    while the lock is aged to 10 s before its expiry (as if the batch had run 29 min 50 s);
+    once that moment has passed, another run's take is still refused, the lock refreshed by
+    the live run. Oracles: the lock's holder file, a take by the host-side code, and what
+    each host's Caddy serves."""
+    import socket
+
+    from runbook import files
+
+    fleet = fleet_on_v3
+    lock_env = fleet.host("host1").env
+    monkeypatch.setenv("RUNBOOK_FLEET_HEARTBEAT_S", "1")
+    gate = tmp_path / "gate"
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.held_command(
+        "host2", gate, "rollback")}})
+    holder_file = hostlock.path(lock_env) / "holder.json"
+    taken: dict[str, object] = {}
+    proc = _fleet_rollback(fleet, tmp_path / "journal", "--batches", "100%")
+    try:
+        seen = _read_until(proc, "host2: rolling back")
+        assert "host2: rolling back" in seen[-1], "".join(seen)
+        holder = json.loads(holder_file.read_text())
+        aged = time.time() + 10
+        files.atomic_write(holder_file, json.dumps({**holder, "expires_at_epoch": aged})
+                           .encode())
+        time.sleep(max(0.0, aged + 2 - time.time()))  # its (aged) expiry has passed
+        now = json.loads(holder_file.read_text())
+        with pytest.raises(LockedError, match="held by"):
+            taken = hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="bob@ops",
+                                  hostname=socket.gethostname(), pid=os.getpid(),
+                                  reason="another rollout")
+        assert now["fleet_run_id"] == holder["fleet_run_id"], now
+        assert now["expires_at_epoch"] > time.time() + 60, now  # refreshed while host2 ran
+        gate.write_text("run")
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        v2 = VERSIONS["v2"].tag
+        assert all(fleet.serving(h.name)[2] == v2 for h in fleet.hosts), err
+        assert hostlock.status(lock_env) is None  # released by the run at its end
+    finally:
+        if not gate.exists():
+            gate.write_text("stop")  # host2's rollback never runs
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=300)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if taken:
+            hostlock.release(lock_env, "fleet_other")
         fleet.write_inventory()
 
 
@@ -1754,7 +1901,8 @@ def test_a_fleet_journal_that_cannot_be_written_at_the_start_refuses_before_any_
 
 @pytest.mark.parametrize(("name", "value"), [
     *(("RUNBOOK_FLEET_REFRESH_AFTER_S", v) for v in ["soon", "-1", "nan", "inf", "1800"]),
-    *(("RUNBOOK_FLEET_SSH_ALIVE_S", v) for v in ["0", "1.5", "-3", "301", "often"])])
+    *(("RUNBOOK_FLEET_SSH_ALIVE_S", v) for v in ["0", "1.5", "-3", "301", "often"]),
+    *(("RUNBOOK_FLEET_HEARTBEAT_S", v) for v in ["0", "nan", "451", "often"])])
 def test_a_bad_refresh_or_keepalive_setting_is_one_line_exit_2_before_any_host(
         name: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inventory = tmp_path / "inventory.yml"

@@ -2,7 +2,8 @@
 
 A directory `<lock dir>/togather-fleet-<env>.lock` holding `holder.json`: who (the operator
 and the controller's host and pid), why, the fleet run id, when, and when it expires. Taken
-with mkdir (atomic); refreshed before each batch; released by the holder's fleet run id only.
+with mkdir (atomic); refreshed by its controller's heartbeat while it runs (and before a batch);
+released by the holder's fleet run id only.
 Stale, as on one host (runbook/lock.py): expired, or its controller ran on this very host and
 that process is gone. A live holder's lock is never removed.
 """
@@ -164,7 +165,8 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
 
 
 def refresh(env: Environment, fleet_run_id: str, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
-    """Push the expiry forward; refused when the lock is no longer this fleet run's."""
+    """Push the expiry forward; refused when the lock is no longer this fleet run's (judged
+    under the guard, so a lock another run took over or a released one is never rewritten)."""
     with _guarded(env):
         return _refresh(env, fleet_run_id, ttl)
 
@@ -176,9 +178,7 @@ def _refresh(env: Environment, fleet_run_id: str, ttl: float) -> dict[str, Any]:
                           + (f" (now: {held.describe()})" if held else " (it is free)"),
                           "someone took it over: stop here and find out who") from None
     holder = {**held.holder, "expires_at_epoch": time.time() + ttl}
-    tmp = path(env) / "holder.json.tmp"
-    tmp.write_text(json.dumps(holder))
-    tmp.replace(path(env) / "holder.json")
+    files.atomic_write(path(env) / "holder.json", json.dumps(holder).encode())
     return {"ok": True, "refreshed": True, "holder": holder}
 
 

@@ -130,6 +130,57 @@ def refresh_after() -> float:
     return seconds
 
 
+def heartbeat_every() -> float:
+    """Seconds between the controller's refreshes of the fleet lock while it holds it (see
+    _lock_heartbeat): 60 by default, well inside the lock's 30 minutes.
+    RUNBOOK_FLEET_HEARTBEAT_S sets it."""
+    value = os.environ.get("RUNBOOK_FLEET_HEARTBEAT_S")
+    if value is None:
+        return 60.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= hostlock.DEFAULT_TTL / 4:  # nan and inf fail this too
+        raise UsageError(f"RUNBOOK_FLEET_HEARTBEAT_S={value!r} is not a number of seconds "
+                         f"above 0 and at most {hostlock.DEFAULT_TTL / 4:g}",
+                         "unset it (60 s), or set e.g. 30")
+    return seconds
+
+
+@contextlib.contextmanager
+def _lock_heartbeat(refresh: Callable[[Callable[[], bool]], object],
+                    every: float) -> Iterator[None]:
+    """Refresh the fleet lock from a thread, every `every` seconds, while the run holds it.
+
+    The playbook refreshes it only before a batch: a batch or a maintenance restore longer
+    than the lock's 30 minutes let it expire while the run went on, and another operator's
+    run took it over and rolled the same hosts (found by review). `refresh(cancelled)` is one
+    refresh on the lock host, which refuses a lock that is not this run's (never replaced, so
+    a failed or refused beat is only tried again). The thread dies with the controller: a
+    killed run's lock expires as before. Stopped before the release, an unfinished beat cut."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # the lock host unreachable: the next beat
+                refresh(stop.is_set)
+
+    thread = threading.Thread(target=loop, name="runbook-fleet-lock-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _refresh_on_lock_host(inventory: Inventory, extravars: dict[str, Any],
+                          cancelled: Callable[[], bool]) -> None:
+    """One heartbeat: `runbook fleet lock ENV --refresh` on the lock host (refresh.yml)."""
+    run_playbook("refresh.yml", inventory, extravars, Events(), forks=1, cancel=cancelled)
+
+
 def _envvars() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return {
@@ -993,6 +1044,7 @@ def rollback(options: Options, *, confirm: Callable[[str], bool] | None,
 def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
               say: Callable[[str], None], unreleased: list[str]) -> FleetResult:
     refresh_in = refresh_after()  # a bad setting is refused before anything is written
+    beat_every = heartbeat_every()  # likewise
     ssh_alive()  # likewise
     inv.runner()  # likewise: before any lock or journal
     inventory = inv.read(options.inventory, options.canary_group)
@@ -1065,6 +1117,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     hosts = {h: HostResult(h) for h in targets}
     interrupts = _Interrupts()
     run: PlaybookRun | None = None
+    heartbeat = contextlib.ExitStack()
     try:
         if not options.dry_run:  # from its start: a controller killed later leaves a record
             try:
@@ -1109,7 +1162,11 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         journal.set(started_from={**{h: {**checks[h]["deployment"], "fleet_run_id": fleet_run_id}
                                      for h in targets if (checks.get(h) or {}).get("deployment")},
                                   **started_from})
-        if not options.dry_run:
+        if not options.dry_run:  # the lock is ours: kept fresh until it is released
+            beat_vars = _controller_vars(fleet_run_id, inventory, targets, options.reason)
+            heartbeat.enter_context(_lock_heartbeat(
+                lambda cancelled: _refresh_on_lock_host(inventory, beat_vars, cancelled),
+                beat_every))
             taken = lock_res
             if taken.get("taken_over"):
                 say(f"took over a stale fleet lock: {taken['taken_over']}")
@@ -1221,6 +1278,9 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         _journal_at_the_end(journal, options, exc)
         raise
     finally:
+        # stopped before the controller's own release; a beat that meets the playbook's (at
+        # its end) is refused on the lock host, which never makes the lock again
+        heartbeat.close()
         if run is not None:
             release = bool(locked and not journal.record.get("fleet_lock_released_by_rollout"))
             held = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD
