@@ -632,3 +632,29 @@ def test_an_ipv6_slot_host_makes_a_url_that_works(tmp_path: Path) -> None:
     import httpx
 
     assert httpx.URL(env.slot(Slot.GREEN).base_url + "/health").port == 8082
+
+
+@pytest.mark.parametrize(("host", "bare", "port"), [
+    ("127.0.0.1:18081", "127.0.0.1", 18081), ("[::1]:8081", "::1", 8081),
+    ("localhost:8081", "localhost", 8081), ("togather-blue:8080", "togather-blue", 8080)])
+def test_a_slot_host_holding_a_port_is_refused_at_load(tmp_path: Path, host: str, bare: str,
+                                                       port: int) -> None:
+    """Found by review: `host = "127.0.0.1:18081"` passed, base_url became
+    http://[127.0.0.1:18081]:18081 and every probe failed for the whole gate, whose advice
+    then pointed at `docker logs`. The port belongs in `port`."""
+    path = tmp_path / "host.toml"
+    path.write_text(NO_COMPOSE.replace("port = 8081\n", f'port = 8081\nhost = "{host}"\n'))
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(path))
+    assert err.value.exit_code == ExitCode.USAGE
+    problem = [line for line in str(err.value).splitlines() if "slots.blue.host" in line]
+    assert len(problem) == 1, str(err.value)
+    assert f'host = "{bare}"' in problem[0] and f"port = {port}" in problem[0], problem[0]
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]", "fe80::1", "127.0.0.1", "localhost",
+                                  "togather-blue"])
+def test_a_slot_host_without_a_port_is_taken(tmp_path: Path, host: str) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text(NO_COMPOSE.replace("port = 8081\n", f'port = 8081\nhost = "{host}"\n'))
+    assert envmod.load(str(path)).slot(Slot.BLUE).host == host

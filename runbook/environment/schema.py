@@ -131,7 +131,36 @@ def _host_name(value: str) -> str:
     trailing space from a copy) made every probe fail with an uncaught InvalidURL."""
     if not value or any(c.isspace() or not c.isprintable() or c in "/?#@" for c in value):
         _fail(f"{value!r} is not a host name or address (e.g. localhost, 127.0.0.1)")
+    _no_port(value)
     return value
+
+
+def _no_port(value: str) -> None:
+    """A host with a port (`127.0.0.1:18081`, `[::1]:8081`) made base_url
+    `http://[127.0.0.1:18081]:18081`: every probe failed for the whole gate, and its advice
+    pointed at `docker logs` (found by review). A `:` belongs to an IPv6 address only."""
+    import ipaddress
+
+    bracketed = value.startswith("[")
+    if bracketed:  # `[::1]`, as a URL writes an IPv6 address
+        address, closed, after = value[1:].partition("]")
+        if not closed:
+            after = "]"
+    elif value.count(":") == 1:
+        address, colon, port = value.partition(":")
+        after = colon + port
+    else:
+        address, after = value, ""
+    if after[:1] == ":" and after[1:].isdigit():
+        _fail(f"{value!r} holds a port: put it in `port` (host = \"{address}\", "
+              f"port = {after[1:]})")
+    if after:
+        _fail(f"{value!r} is not a host name or address (e.g. localhost, 127.0.0.1, ::1)")
+    if bracketed or ":" in address:
+        try:
+            ipaddress.IPv6Address(address)  # `::1`, `fe80::1%eth0`
+        except ValueError:
+            _fail(f"{value!r} is not an IPv6 address (e.g. ::1), nor a host name")
 
 
 def _absolute(value: str) -> str:
