@@ -658,3 +658,19 @@ def test_a_slot_host_without_a_port_is_taken(tmp_path: Path, host: str) -> None:
     path = tmp_path / "host.toml"
     path.write_text(NO_COMPOSE.replace("port = 8081\n", f'port = 8081\nhost = "{host}"\n'))
     assert envmod.load(str(path)).slot(Slot.BLUE).host == host
+
+
+def test_a_host_env_file_that_is_not_utf8_is_refused_at_load(tmp_path: Path) -> None:
+    """Found by review: a non-UTF-8 env file silently turned the agreement checks off, so
+    the runbook probed /health where the host's tooling asks /healthz. The database URL and
+    the rollback's health path come from that file: refused at load (exit 2), naming it."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_bytes(b"DATABASE_URL=postgresql://u:p\xe9ss@db/x\nHEALTH_CHECK_PATH=/healthz\n")
+    toml = tmp_path / "production.toml"
+    toml.write_text(production_with(env_file))
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(toml))
+    assert err.value.exit_code == ExitCode.USAGE
+    message = str(err.value)
+    assert f"env file {env_file} is not UTF-8" in message and "byte 29" in message, message
+    assert "p\xe9ss" not in message and "\n" not in message

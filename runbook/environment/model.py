@@ -199,6 +199,11 @@ def _database_of(url: str) -> tuple[str, ...] | str:
             str(d.get("dbname") or ""), str(d.get("host") or ""), str(d.get("port") or "5432"))
 
 
+class EnvFileNotText(ConfigError):
+    """An env file this process can read whose bytes are not UTF-8: its content is wrong,
+    not its access, and the env-file checks at load refuse it rather than pass it over."""
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
     import stat
@@ -212,8 +217,8 @@ def read_env_file(path: Path) -> dict[str, str]:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}",
                           "check the path and its permissions (mode 0600, owned by you)") from None
     except UnicodeDecodeError as exc:  # never its bytes: the file holds secrets
-        raise ConfigError(f"env file {path} is not UTF-8 text (byte {exc.start})",
-                          "save it as UTF-8") from None
+        raise EnvFileNotText(f"env file {path} is not UTF-8 text (byte {exc.start})",
+                             "save it as UTF-8") from None
     values: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()

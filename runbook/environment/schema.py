@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -598,20 +598,16 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> En
     and SNAPSHOT_RETENTION_DAYS from that file (CONTRACTS); a runbook looking elsewhere would
     not find the deploy's snapshots, ask another path for health, or expire (and clean up)
     after 7 days what the host keeps 30. SNAPSHOT_RETENTION_DAYS is taken, not judged
-    (`_retention_from_env_files`). An env file this process cannot read is not
-    judged here: whatever needs it (the database URL, compose) reports it."""
-    from runbook.environment.model import read_env_file
-
-    files = dict.fromkeys(f for f in (env.compose.env_file, env.database.env_file) if f)
-    env = _retention_from_env_files(env, files, retention_set)
+    (`_retention_from_env_files`). An env file this process cannot open is not judged here:
+    whatever needs it (the database URL, compose) reports it. One it reads that is not UTF-8
+    is refused (found by review: it turned every check here off, and the gate probed another
+    path than the host's tooling)."""
+    read = _env_files(env)
+    env = _retention_from_env_files(env, read, retention_set)
     ours = {"COMPOSE_PROJECT_NAME": ("[compose] project", env.compose.project),
             "HEALTH_CHECK_PATH": ("[health] path", env.health.path),
             "SNAPSHOT_DIR": ("[database] snapshot_dir", str(env.database.snapshot_dir))}
-    for file in files:
-        try:
-            values = read_env_file(file)
-        except ConfigError:
-            continue
+    for file, values in read.items():
         for variable, (key, mine) in ours.items():
             theirs = said = values.get(variable, "")
             if variable == "SNAPSHOT_DIR":
@@ -633,12 +629,12 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> En
                 theirs = f"/{theirs}"  # the same path (the fix offered "health", refused)
             if theirs != mine:
                 section, _, name = key.partition(" ")
-                read = (f" (read as {theirs}, the home of the user running the runbook)"
-                        if home else "")
+                read_as = (f" (read as {theirs}, the home of the user running the runbook)"
+                           if home else "")
                 in_full = (" (write it in full there if the host's tooling runs as another "
                            "user: ~ and $HOME are that user's home)") if home else ""
                 raise ConfigError(
-                    f"{file} sets {variable}={said}{read}, but {key} is {mine!r} in "
+                    f"{file} sets {variable}={said}{read_as}, but {key} is {mine!r} in "
                     f"{env.source}: the host's tooling and the runbook would disagree",
                     f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
                     f"{variable} in {file} agree{in_full}")
@@ -656,7 +652,25 @@ def _home_relative(value: str) -> str:
     return value
 
 
-def _retention_from_env_files(env: Environment, files: Iterable[Path],
+def _env_files(env: Environment) -> dict[Path, dict[str, str]]:
+    """The host env files' values ([compose] then [database] env_file), each read once. One
+    this process cannot open is left out; one that is not UTF-8 stops the load (exit 2): the
+    database URL and the host's health path come from it, so a rollback never runs with its
+    checks silently off."""
+    from runbook.environment.model import EnvFileNotText, read_env_file
+
+    read: dict[Path, dict[str, str]] = {}
+    for file in dict.fromkeys(f for f in (env.compose.env_file, env.database.env_file) if f):
+        try:
+            read[file] = read_env_file(file)
+        except EnvFileNotText:
+            raise
+        except ConfigError:
+            continue
+    return read
+
+
+def _retention_from_env_files(env: Environment, read: Mapping[Path, Mapping[str, str]],
                               retention_set: bool) -> Environment:
     """The env files' SNAPSHOT_RETENTION_DAYS as the retention when the TOML sets none; when
     both say, the longer (a snapshot is never expired before either keeps it). Never a
@@ -664,14 +678,9 @@ def _retention_from_env_files(env: Environment, files: Iterable[Path],
     a first version that refused a disagreement at every command, the rollback's too). A
     value that is no whole number of days from 1 to MAX_RETENTION_DAYS, or one holding `$`
     (the host's tooling expands it), is not taken."""
-    from runbook.environment.model import read_env_file
-
     days = env.database.retention_days
-    for file in files:
-        try:
-            said = read_env_file(file).get("SNAPSHOT_RETENTION_DAYS", "").strip()
-        except ConfigError:
-            continue
+    for values in read.values():
+        said = values.get("SNAPSHOT_RETENTION_DAYS", "").strip()
         theirs = int(said) if said.isdigit() and len(said) < 6 else 0  # no 5000-digit int()
         if not 1 <= theirs <= MAX_RETENTION_DAYS:
             continue
