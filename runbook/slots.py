@@ -500,7 +500,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
     config = env.slot(slot)
     details = {"url": f"{config.base_url}{env.health.path}",
                "passes on": "healthy or degraded (HTTP 200)",
-               "timeout": f"{env.health.timeout:g}s, backoff {env.health.interval:g}s"
+               "timeout": f"{env.health.timeout_text}, backoff {env.health.interval:g}s"
                           f" -> {env.health.max_interval:g}s"}
     if expected_version:
         details["expected version"] = expected_version

@@ -674,3 +674,63 @@ def test_a_host_env_file_that_is_not_utf8_is_refused_at_load(tmp_path: Path) -> 
     message = str(err.value)
     assert f"env file {env_file} is not UTF-8" in message and "byte 29" in message, message
     assert "p\xe9ss" not in message and "\n" not in message
+
+
+def test_the_host_env_files_health_wait_timeout_is_the_gates_or_the_longer(
+        tmp_path: Path) -> None:
+    """Found by review: HEALTH_WAIT_TIMEOUT was never read, so a slot the host's tooling
+    (deploy.sh waits ${HEALTH_WAIT_TIMEOUT:-60} s) gives 180 s was failed at 60 s and its
+    start undone. It is the gate's timeout when [health] sets none; when both say, the longer
+    (a gate that waits longer never makes an outage worse: traffic stays where it is)."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("DATABASE_URL=postgresql://u:S3cretPW@db/x\nHEALTH_WAIT_TIMEOUT=180\n")
+    env_file.chmod(0o600)
+    toml = tmp_path / "production.toml"
+    packaged = production_with(env_file)
+    assert "timeout_seconds = 60.0\n" in packaged
+    toml.write_text(packaged)
+    assert envmod.load(str(toml)).health.timeout == 180  # the longer
+    toml.write_text(packaged.replace("timeout_seconds = 60.0\n", "timeout_seconds = 300\n"))
+    assert envmod.load(str(toml)).health.timeout == 300  # the longer: ours
+    toml.write_text(packaged.replace("timeout_seconds = 60.0\n", ""))
+    env_file.write_text("HEALTH_WAIT_TIMEOUT=30 # the host's\n")
+    assert envmod.load(str(toml)).health.timeout == 30  # unset here: the host's
+    env_file.write_text("HEALTH_WAIT_TIMEOUT=${SLOW_HOST:-90}\n")  # the tooling's to expand
+    assert envmod.load(str(toml)).health.timeout == 60  # the default
+    env_file.write_text("HEALTH_WAIT_TIMEOUT=\n")  # `${X:-60}` reads empty as unset
+    assert envmod.load(str(toml)).health.timeout == 60
+
+
+@pytest.mark.parametrize("value", ["sixty", "0", "-5", "nan", "inf", "60s", "9" * 5000,
+                                   "1000000"])
+def test_a_health_wait_timeout_that_is_no_duration_is_a_config_error(
+        tmp_path: Path, value: str) -> None:
+    """A host's HEALTH_WAIT_TIMEOUT the gate cannot take is the configuration's error, at
+    load: exit 2, one line naming the variable and the file, and what to write instead."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text(f"DATABASE_URL=postgresql://u:S3cretPW@db/x\nHEALTH_WAIT_TIMEOUT={value}\n")
+    toml = tmp_path / "production.toml"
+    toml.write_text(production_with(env_file))
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(toml))
+    assert err.value.exit_code == ExitCode.USAGE
+    message = str(err.value)
+    assert "HEALTH_WAIT_TIMEOUT" in message and str(env_file) in message, message
+    assert "\n" not in message and "9" * 30 not in message, message  # never 5000 digits
+    assert err.value.fix is not None and "seconds" in err.value.fix, err.value.fix
+    assert "S3cretPW" not in message + err.value.fix
+
+
+def test_a_health_wait_timeout_that_is_no_duration_stops_the_command_with_exit_2(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("HEALTH_WAIT_TIMEOUT=3min\n")
+    toml = tmp_path / "production.toml"
+    toml.write_text(production_with(env_file))
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "status", str(toml)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == ExitCode.USAGE, (done.returncode, done.stdout, done.stderr)
+    assert "HEALTH_WAIT_TIMEOUT=3min" in done.stderr and "Traceback" not in done.stderr

@@ -642,3 +642,28 @@ def test_verification_waits_as_long_as_the_health_request_timeout_says(tmp_path:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_gate_waits_as_long_as_the_hosts_health_wait_timeout(server: Server,
+                                                                   tmp_path: Path) -> None:
+    """Found by review: the host's HEALTH_WAIT_TIMEOUT (deploy.sh waits that long) was never
+    read, so a slot its tooling gives longer was failed at [health] timeout_seconds and its
+    start undone. Here [health] says 0.3 s and the host's env file 20 s; the slot needs 60
+    probes (at least 1.2 s at the fastest cadence) to turn healthy: the gate waits for it,
+    and the plan shows where its timeout came from."""
+    env_file = tmp_path / ".env.staging"
+    env_file.write_text("HEALTH_WAIT_TIMEOUT=20\n")
+    env = from_mapping({
+        "name": "staging",
+        "slots": {"blue": {"container": "togather-server-blue", "port": server.port},
+                  "green": {"container": "togather-server-green", "port": closed_port()}},
+        "compose": {"env_file": str(env_file)},
+        "health": {"path": "/flip", "timeout_seconds": 0.3, "interval_seconds": 0.02,
+                   "max_interval_seconds": 0.1, "request_timeout_seconds": 0.5},
+    }, tmp_path / "staging.toml")
+    server.flip_after = 60
+    assert health.wait_healthy(env, Slot.BLUE).ok
+    assert server.hits["/flip"] == 61
+    shown = slots.gate_step(env, Slot.BLUE, force=False, expected_version=None).details
+    assert shown["timeout"].startswith("20s (HEALTH_WAIT_TIMEOUT in "), shown
+    assert str(env_file) in shown["timeout"], shown

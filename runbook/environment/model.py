@@ -86,6 +86,15 @@ class HealthConfig:
     interval: float = 0.25  # first poll interval; doubles up to max_interval
     max_interval: float = 2.0
     request_timeout: float = 3.0
+    # where `timeout` came from when the host's env file set it (HEALTH_WAIT_TIMEOUT), for
+    # the plan to say; "" when [health] timeout_seconds (or the default) decided
+    timeout_source: str = field(default="", compare=False)
+
+    @property
+    def timeout_text(self) -> str:
+        """The gate's timeout as a plan shows it: `180s (HEALTH_WAIT_TIMEOUT in <file>)`."""
+        return f"{self.timeout:g}s" + (f" ({self.timeout_source})" if self.timeout_source
+                                        else "")
 
 
 @dataclass(frozen=True)

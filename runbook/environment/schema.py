@@ -588,22 +588,26 @@ def parse(data: Mapping[str, Any], path: Path) -> Environment:
         raise ConfigError(f"{len(lines)} problem(s) in {path}:\n  " + "\n  ".join(lines),
                           "fix them and run again") from None
     return _agree_with_env_files(_build(f, path),
-                                 retention_set="retention_days" in f.database.model_fields_set)
+                                 retention_set="retention_days" in f.database.model_fields_set,
+                                 timeout_set="timeout_seconds" in f.health.model_fields_set)
 
 
-def _agree_with_env_files(env: Environment, *, retention_set: bool = True) -> Environment:
+def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
+                          timeout_set: bool = True) -> Environment:
     """Refuse an environment whose host env file says otherwise about where things are.
 
-    Why: the host's own tooling reads COMPOSE_PROJECT_NAME, HEALTH_CHECK_PATH, SNAPSHOT_DIR
-    and SNAPSHOT_RETENTION_DAYS from that file (CONTRACTS); a runbook looking elsewhere would
-    not find the deploy's snapshots, ask another path for health, or expire (and clean up)
-    after 7 days what the host keeps 30. SNAPSHOT_RETENTION_DAYS is taken, not judged
-    (`_retention_from_env_files`). An env file this process cannot open is not judged here:
+    Why: the host's own tooling reads COMPOSE_PROJECT_NAME, HEALTH_CHECK_PATH, SNAPSHOT_DIR,
+    SNAPSHOT_RETENTION_DAYS and HEALTH_WAIT_TIMEOUT from that file (CONTRACTS); a runbook
+    looking elsewhere would not find the deploy's snapshots, ask another path for health,
+    expire (and clean up) after 7 days what the host keeps 30, or fail at 60 s a slot the
+    host waits 180 s for. The last two are taken, never compared (`_retention_from_env_files`,
+    `_timeout_from_env_files`). An env file this process cannot open is not judged here:
     whatever needs it (the database URL, compose) reports it. One it reads that is not UTF-8
     is refused (found by review: it turned every check here off, and the gate probed another
     path than the host's tooling)."""
     read = _env_files(env)
     env = _retention_from_env_files(env, read, retention_set)
+    env = _timeout_from_env_files(env, read, timeout_set)
     ours = {"COMPOSE_PROJECT_NAME": ("[compose] project", env.compose.project),
             "HEALTH_CHECK_PATH": ("[health] path", env.health.path),
             "SNAPSHOT_DIR": ("[database] snapshot_dir", str(env.database.snapshot_dir))}
@@ -689,6 +693,43 @@ def _retention_from_env_files(env: Environment, read: Mapping[Path, Mapping[str,
     if days == env.database.retention_days:
         return env
     return env.with_(database=replace(env.database, retention_days=days))
+
+
+_SECONDS = re.compile(r"\d{1,9}(\.\d{0,9})?")
+
+
+def _timeout_from_env_files(env: Environment, read: Mapping[Path, Mapping[str, str]],
+                            timeout_set: bool) -> Environment:
+    """The env files' HEALTH_WAIT_TIMEOUT (the host's deploy.sh waits that long for a slot's
+    health) as the gate's timeout when [health] timeout_seconds is not set; when both say,
+    the longer: a gate that waits longer never makes an outage worse (traffic stays where it
+    is while it waits), and one shorter than the host's failed (and undid) a slot its
+    tooling would have waited for (found by review). A value that is no number of seconds
+    above 0 is the configuration's error (exit 2); one holding `$` (the host's tooling
+    expands it) or empty (`${HEALTH_WAIT_TIMEOUT:-60}` reads it as unset) is not taken."""
+    ours = env.health.timeout
+    timeout, source = ours, ""
+    for file, values in read.items():
+        said = values.get("HEALTH_WAIT_TIMEOUT", "").strip()
+        if not said or "$" in said:
+            continue
+        seconds = float(said) if _SECONDS.fullmatch(said) else 0.0
+        if not 0 < seconds <= MAX_SECONDS:
+            shown = said if len(said) <= 24 else f"{said[:24]}..."
+            raise ConfigError(
+                redact(f"{file} sets HEALTH_WAIT_TIMEOUT={shown}, which is not a number of "
+                       f"seconds above 0 and at most a week (the health gate's timeout)"),
+                f"write the seconds the host's tooling waits for a slot's health, e.g. "
+                f"HEALTH_WAIT_TIMEOUT=180, in {file}, or remove the line ([health] "
+                "timeout_seconds then decides)")
+        if not timeout_set or seconds > timeout:
+            timeout, source = seconds, f"HEALTH_WAIT_TIMEOUT in {file}"
+            if timeout_set and seconds > ours:
+                source += f", longer than [health] timeout_seconds {ours:g}s"
+        timeout_set = True  # a second env file: the longer again
+    if not source:
+        return env
+    return env.with_(health=replace(env.health, timeout=timeout, timeout_source=source))
 
 
 def _build(f: EnvironmentFile, path: Path) -> Environment:
