@@ -463,6 +463,9 @@ def production_with(env_file: Path) -> str:
     ("HEALTH_CHECK_PATH=/healthz", "[health] path", 'set path = "/healthz" under [health]'),
     # found by review: without its slash the fix offered `path = "healthz"`, which is refused
     ("HEALTH_CHECK_PATH=healthz", "[health] path", 'set path = "/healthz" under [health]'),
+    # found by review: a URL there was offered back as `path = "/http://localhost:8080/..."`
+    ("HEALTH_CHECK_PATH=http://localhost:8080/healthz", "[health] path",
+     'set path = "/healthz" under [health]'),
 ])
 def test_a_host_env_file_that_disagrees_with_the_environment_is_refused(
         tmp_path: Path, line: str, key: str, fix: str) -> None:
@@ -734,3 +737,20 @@ def test_a_health_wait_timeout_that_is_no_duration_stops_the_command_with_exit_2
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == ExitCode.USAGE, (done.returncode, done.stdout, done.stderr)
     assert "HEALTH_WAIT_TIMEOUT=3min" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_health_check_path_given_as_a_url_is_judged_by_its_path(tmp_path: Path) -> None:
+    """A URL in HEALTH_CHECK_PATH names its path: the same path as [health] path agrees;
+    another is refused with the fix naming that path (never `/http://...`, which passed
+    validation and broke every probe), and saying the variable holds a path."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("HEALTH_CHECK_PATH=http://localhost:8080/health\n")
+    toml = tmp_path / "production.toml"
+    toml.write_text(production_with(env_file))
+    assert envmod.load(str(toml)).health.path == "/health"
+    env_file.write_text("HEALTH_CHECK_PATH=http://localhost:8080/health/full?deep=1\n")
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(toml))
+    said = f"{err.value} {err.value.fix}"
+    assert 'path = "/health/full?deep=1"' in said and "/http:" not in said, said
+    assert "a URL" in said, said

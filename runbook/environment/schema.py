@@ -629,8 +629,15 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
                 if not folder.is_absolute():  # relative to a directory only its tool knows
                     continue
                 theirs = str(folder)  # a trailing slash is the same folder
-            if variable == "HEALTH_CHECK_PATH" and not theirs.startswith("/"):
-                theirs = f"/{theirs}"  # the same path (the fix offered "health", refused)
+            url = variable == "HEALTH_CHECK_PATH" and "://" in theirs
+            if variable == "HEALTH_CHECK_PATH":
+                theirs = _health_check_path(theirs)
+                if not theirs:
+                    raise ConfigError(
+                        redact(f"{file} sets {variable}={said}, which is neither a path nor "
+                               "a URL"),
+                        f"write the path the host's tooling probes, e.g. {variable}="
+                        f"{mine}, in {file}")
             if theirs != mine:
                 section, _, name = key.partition(" ")
                 read_as = (f" (read as {theirs}, the home of the user running the runbook)"
@@ -638,10 +645,13 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
                 in_full = (" (write it in full there if the host's tooling runs as another "
                            "user: ~ and $HOME are that user's home)") if home else ""
                 raise ConfigError(
-                    f"{file} sets {variable}={said}{read_as}, but {key} is {mine!r} in "
-                    f"{env.source}: the host's tooling and the runbook would disagree",
+                    redact(f"{file} sets {variable}={said}{read_as}"
+                           + (f" (a URL: its path is {theirs})" if url else "")
+                           + f", but {key} is {mine!r} in {env.source}: the host's tooling "
+                           "and the runbook would disagree"),
                     f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
-                    f"{variable} in {file} agree{in_full}")
+                    f"{variable} in {file} agree{in_full}"
+                    + (f" (a path such as {theirs}, not a URL)" if url else ""))
     return env
 
 
@@ -654,6 +664,21 @@ def _home_relative(value: str) -> str:
         if value == prefix or value.startswith(f"{prefix}/"):
             return "~" + value[len(prefix):]
     return value
+
+
+def _health_check_path(value: str) -> str:
+    """HEALTH_CHECK_PATH as the path it names: `healthz` is `/healthz` (the fix offered
+    "healthz", refused), and a URL its path and query (found by review: the fix offered
+    `/http://localhost:8080/health`, which passed validation and broke every probe)."""
+    if "://" in value:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # `http://[x/health`: "" names no path
+            return ""
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return value if value.startswith("/") else f"/{value}"
 
 
 def _env_files(env: Environment) -> dict[Path, dict[str, str]]:
