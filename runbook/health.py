@@ -66,6 +66,7 @@ class HealthReport:
     latency_ms: float | None = None
     error: str | None = None
     body: Mapping[str, Any] | None = None
+    timed_out: bool = False  # no (complete) answer within the probe's timeout
 
     @property
     def ok(self) -> bool:
@@ -116,7 +117,7 @@ def probe(target: str | SlotConfig, path: str | None = None, timeout: float = 3.
                                       headers={"Accept": "application/json"})
     except bounded_http.HttpFailure as exc:
         return HealthReport(url=url, status=UNREACHABLE, slot=expected_slot,
-                            latency_ms=_ms(began), error=exc.reason)
+                            latency_ms=_ms(began), error=exc.reason, timed_out=exc.timed_out)
     return parse(url, answer.status, answer.content, slot=expected_slot, latency_ms=_ms(began))
 
 
@@ -335,6 +336,7 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
     attempt = 0
     checked_running = float("-inf")
     answered: HealthReport | None = None  # the last probe the slot answered
+    said_why: HealthReport | None = None  # the last one that did not time out
     while True:
         remaining = deadline - time.monotonic()
         request_timeout = max(0.05, min(env.health.request_timeout, remaining))
@@ -345,6 +347,8 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
         attempt += 1
         if report.http_status is not None:
             answered = report
+        if not report.timed_out:
+            said_why = report
         if on_attempt is not None:
             on_attempt(attempt, report)
         if report.ok:
@@ -362,10 +366,13 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             # The final probe only gets what is left of the timeout; when it did not get an
-            # answer, the last answer is what says why the slot is not healthy.
+            # answer, the last answer is what says why the slot is not healthy, and when it
+            # was cut short, the last probe that was not (found by review: a body over 1 MiB
+            # was reported as "the body did not finish").
             shown, tail = report, ""
-            if report.http_status is None and answered is not None:
-                shown, tail = answered, f" (then: {report.error})"
+            earlier = said_why if report.timed_out else answered
+            if report.http_status is None and earlier is not None:
+                shown, tail = earlier, f" (then: {report.error})"
             raise HealthGateError(
                 f"slot {config.slot} ({report.url}) did not become healthy within {limit:g}s "
                 f"({attempt} attempts): last {_last(shown)}{tail}", _fix(config), report=shown,

@@ -667,3 +667,46 @@ def test_the_gate_waits_as_long_as_the_hosts_health_wait_timeout(server: Server,
     shown = slots.gate_step(env, Slot.BLUE, force=False, expected_version=None).details
     assert shown["timeout"].startswith("20s (HEALTH_WAIT_TIMEOUT in "), shown
     assert str(env_file) in shown["timeout"], shown
+
+
+def test_a_gate_that_only_ever_got_an_oversized_body_says_so_at_its_deadline() -> None:
+    """Found by review: a /health answering more than 1 MiB failed the gate with "timed out
+    ... the body did not finish" (the last probe, cut short by the deadline) instead of the
+    reason every earlier probe gave. The body here takes ~0.16 s to pass 1 MiB, so the last
+    probe, given what is left of the deadline, always times out."""
+    from runbook import bounded_http
+
+    chunk = b" " * 65536
+
+    class Huge(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(2 * bounded_http.MAX_BODY))
+                self.end_headers()
+                for _ in range(2 * bounded_http.MAX_BODY // len(chunk)):
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    time.sleep(0.01)
+            except OSError:
+                pass  # the client gave up
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Huge)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        env = make_env(int(httpd.server_address[1]), path="/health", timeout=1.0)
+        with pytest.raises(HealthGateError) as err:
+            health.wait_healthy(env, Slot.BLUE)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(err.value)
+    said, _, then = message.partition("(then:")
+    assert f"a body larger than {bounded_http.MAX_BODY} bytes" in said, message
+    assert "did not finish" in then, message  # the last probe's own failure, after it
