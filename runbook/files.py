@@ -103,7 +103,8 @@ def temp_target(name: str) -> str | None:
 
 def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
                  before_rename: Callable[[], None] | None = None,
-                 durable: bool = True, like: Path | None = None) -> str | None:
+                 durable: bool = True, like: Path | None = None,
+                 new_only: bool = False) -> str | None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
     A new file gets `default_mode`, or `like`'s mode (read and write bits), owner and group
@@ -117,12 +118,18 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
     by its last write; two fsyncs each were most of a fast rollback's journaling time).
     Returns None, or one line saying which of the owner and group could not be kept (only
     root may give a file away): the write itself succeeded, the caller decides who is told.
+    `new_only=True` creates `target` and replaces nothing: a file there, even one another
+    process created the instant before the move into place, raises FileExistsError with
+    nothing written and no temp file left (`place_new`). For a writer that read "no file":
+    its rename replaced, without a trace, the file another tool created since.
     """
     target = Path(os.path.realpath(target))
     try:
         st: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
         st = None
+    if new_only and (st is not None or os.path.lexists(target)):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     model: os.stat_result | None = None  # a new file's model
     if st is None and like is not None:
         with contextlib.suppress(OSError):
@@ -148,7 +155,10 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
             os.close(fd)
         if before_rename is not None:
             before_rename()
-        os.replace(tmp, target)
+        if new_only:
+            place_new(tmp, target)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -156,6 +166,56 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
     if durable:
         fsync_dir(target.parent)
     return None if st is None or kept is None else _ownership_lost(target, st, kept)
+
+
+# link(2)'s answers where the filesystem has no hard links (vfat: EPERM; some FUSE: ENOSYS)
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def place_new(source: Path, target: Path) -> None:
+    """Move `source` (a file in `target`'s directory) to `target`, which must not exist:
+    FileExistsError when it does, however late it was created (a check then a rename would
+    replace a file made in between). A hard link, then `source` removed; where the
+    filesystem refuses hard links, renameat2(RENAME_NOREPLACE); where the kernel lacks that
+    too, a check then a rename: the microseconds' window a rewrite's own last check has."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise  # EEXIST: FileExistsError
+    else:
+        with contextlib.suppress(OSError):  # (left, it is a temp file: sweep_temps takes it)
+            source.unlink()
+        return
+    if rename_noreplace(source, target):
+        return
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.replace(source, target)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(source: Path, target: Path) -> bool:
+    """rename(2) that raises FileExistsError when `target` exists; False when this kernel,
+    libc or filesystem cannot rename so (nothing was renamed)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                 _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(target))
 
 
 def _keep_owner(fd: int, st: os.stat_result) -> tuple[int, int]:

@@ -47,7 +47,7 @@ def full_commit(*candidates: object) -> str:
 
 def load_or_empty(env: Environment) -> states.DeploymentState:
     if not env.state_file.exists():
-        return states.DeploymentState(environment=env.name)
+        return states.absent(env.state_file, environment=env.name)
     return states.read_state(env.state_file, environment=env.name)
 
 

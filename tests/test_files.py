@@ -122,6 +122,44 @@ def test_the_state_file_keeps_its_mode_across_a_rewrite(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+def _refuse_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without hard links (vfat answers EPERM): none can be mounted here."""
+    def refuse(source: Path, target: Path) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(target))
+
+    monkeypatch.setattr(files.os, "link", refuse)
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links", "no renameat2 either"])
+def test_a_new_only_write_creates_the_file_and_never_replaces_one_made_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: str) -> None:
+    """new_only: a file that appears up to the move into place (here from the fault point
+    just before it) is left whole, FileExistsError, no temp file; with nothing there the
+    file is created with the new file's mode (`like`'s, as atomic_write gives it)."""
+    if links != "hard links":
+        _refuse_hard_links(monkeypatch)
+    if links == "no renameat2 either":
+        monkeypatch.setattr(files, "rename_noreplace", lambda source, target: False)
+    target = tmp_path / "deployment-state.json"
+    model = tmp_path / "model"
+    model.write_text("")
+    model.chmod(0o640)
+    files.atomic_write(target, b"ours\n", like=model, new_only=True)
+    assert target.read_bytes() == b"ours\n" and target.stat().st_mode & 0o777 == 0o640
+    assert target.stat().st_nlink == 1  # the hard-linked temp name is gone
+    with pytest.raises(FileExistsError):  # there already
+        files.atomic_write(target, b"again\n", new_only=True)
+    target.unlink()
+
+    def before() -> None:  # (without renameat2 too: the check then the rename comes after)
+        target.write_text("theirs\n")
+
+    with pytest.raises(FileExistsError):
+        files.atomic_write(target, b"ours\n", new_only=True, before_rename=before)
+    assert target.read_text() == "theirs\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployment-state.json", "model"]
+
+
 def test_a_killed_writer_leaves_a_temp_file_the_next_run_sweeps(tmp_path: Path) -> None:
     """SIGKILL between the fsynced temp file and the rename: the target is intact, the temp
     file is ours by name and goes; other files, including other tools' temp files, stay."""

@@ -1162,6 +1162,67 @@ def test_a_write_over_another_tools_change_made_since_the_read_is_refused(
     write_state(path, read_state(path))  # read again: the write goes through
 
 
+def test_a_first_write_never_replaces_a_file_another_tool_created_since_the_read(
+        tmp_path: Path) -> None:
+    """Found by review: on a host with no state file yet our recorder read "no file", then
+    probed health and read the schema; the Go CLI created the file with its lock meanwhile,
+    and our rename replaced it whole: its lock and its record gone, no error. A state read
+    where no file was now only creates the file; one that appeared since is left as it is."""
+    import shutil
+
+    from runbook import recording
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    env.state_file.parent.mkdir(parents=True)
+    ours = recording.load_or_empty(env)  # a first-ever deploy: nothing recorded yet
+    shutil.copy(DATA / "go_cli_locked.json", env.state_file)  # the Go CLI's, since
+    theirs = env.state_file.read_bytes()
+    with pytest.raises(statemod.StateChangedError) as err:
+        write_state(env.state_file, after_deploy(ours, dep(1)))
+    assert "created the state file" in err.value.message, err.value.message
+    assert "run the command again" in str(err.value.fix)
+    assert env.state_file.read_bytes() == theirs  # its lock and record stand
+    assert [p.name for p in env.state_file.parent.iterdir()] == [env.state_file.name]
+    write_state(env.state_file, after_deploy(recording.load_or_empty(env), dep(1)))  # rerun
+    after = json.loads(env.state_file.read_text())
+    assert after["lock"] == load("go_cli_locked.json")["lock"]
+    assert after["current_deployment"]["version"] == dep(1).version
+
+
+def test_a_first_write_never_replaces_a_file_created_at_its_last_moment(tmp_path: Path) -> None:
+    """The same race in the write's last microseconds (between the fsynced temp file and its
+    move into place: the drill's fault point): a check then a rename would still replace the
+    new file, so the file is created by a call that fails when the name exists."""
+    import shutil
+
+    from runbook import recording
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    env.state_file.parent.mkdir(parents=True)
+    ours = after_deploy(recording.load_or_empty(env), dep(1))
+    with pytest.raises(statemod.StateChangedError):
+        write_state(env.state_file, ours, before_rename=lambda: shutil.copy(
+            DATA / "go_cli_locked.json", env.state_file))
+    assert env.state_file.read_bytes() == (DATA / "go_cli_locked.json").read_bytes()
+    assert [p.name for p in env.state_file.parent.iterdir()] == [env.state_file.name]
+
+
+def test_a_first_write_creates_the_file_with_mode_0600(tmp_path: Path) -> None:
+    """Nothing there and nothing appearing: the file is created, whole, 0600 (as before)."""
+    from runbook import recording
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    env.state_file.parent.mkdir(parents=True)
+    assert write_state(env.state_file, after_deploy(recording.load_or_empty(env), dep(1))) \
+        is None
+    assert read_state(env.state_file).current == dep(1)
+    assert stat.S_IMODE(env.state_file.stat().st_mode) == 0o600
+    assert [p.name for p in env.state_file.parent.iterdir()] == [env.state_file.name]
+
+
 def test_a_switch_recorded_over_a_file_with_no_current_deployment_is_written(
         tmp_path: Path) -> None:
     """`current_deployment: null` with a previous deployment recorded is a valid file; a

@@ -28,7 +28,7 @@ from runbook.state.model import (
     new_id,
     parse_time,
 )
-from runbook.state.reader import parse_state, read_state
+from runbook.state.reader import absent, parse_state, read_state
 from runbook.state.records import (
     after_deploy,
     after_rollback,
@@ -62,6 +62,7 @@ __all__ = [
     "Deployment",
     "DeploymentState",
     "StateChangedError",
+    "absent",
     "after_deploy",
     "after_rollback",
     "current_operator",

@@ -105,7 +105,8 @@ class DeploymentState:
     lock: Mapping[str, Any] = field(default_factory=lambda: {"locked": False})
     extra: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""  # where it was read from, for messages
-    # The state as read (itself, holding the document and its bytes); None for a new state.
+    # The state as read (itself, holding the document and its bytes); None for a new state,
+    # and for one read where no file was (`source` set: see reader.absent).
     origin: DeploymentState | None = field(default=None, compare=False, repr=False)
     raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     raw_bytes: bytes | None = field(default=None, compare=False, repr=False)

@@ -345,6 +345,13 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> Deploym
     )
 
 
+def absent(path: Path, *, environment: str) -> DeploymentState:
+    """The state of a host with no file at `path` yet (a first-ever deploy): empty, and
+    remembering it was read there, so its write creates the file and never replaces one
+    another tool created since (write_state raises StateChangedError)."""
+    return DeploymentState(environment=environment, source=str(path))
+
+
 def read_state(path: Path, *, environment: str | None = None) -> DeploymentState:
     """Read and normalize the state file; a missing file is an error, never an empty state."""
     try:

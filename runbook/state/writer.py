@@ -135,8 +135,12 @@ def write_state(path: Path, state: DeploymentState, *,
         raise StateError(f"{target}: refusing to write, the state cannot be serialized ({exc})",
                          "this is a bug in the caller; the file was not changed") from None
     was = state.origin
-    expected = (was.raw_bytes if was is not None and was.source
-                and os.path.realpath(was.source) == str(target) else None)
+    read_from = was.source if was is not None else state.source
+    read_here = bool(read_from) and os.path.realpath(read_from) == str(target)
+    expected = was.raw_bytes if was is not None and read_here else None
+    # read where no file was (states.absent): the write creates the file, and replaces none
+    # another tool created since (the Go CLI locking a new host's first deploy)
+    new_only = was is None and read_here
 
     def unchanged_since_read() -> None:
         """Just before the rename: the file must still be the one this state was read
@@ -159,8 +163,16 @@ def write_state(path: Path, state: DeploymentState, *,
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return files.atomic_write(target, payload, default_mode=0o600,
-                                  before_rename=unchanged_since_read)
+        try:
+            return files.atomic_write(target, payload, default_mode=0o600,
+                                      before_rename=unchanged_since_read, new_only=new_only)
+        except FileExistsError:
+            if not new_only:
+                raise
+            raise StateChangedError(
+                f"{target}: another tool created the state file after this run found none; "
+                "nothing was written over it",
+                "run the command again: it reads the file as it is now") from None
     except OSError as exc:
         raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc}); the "
                          "old file is unchanged",
