@@ -170,6 +170,31 @@ def test_a_first_deploy_never_plans_to_recreate_a_slot_caddy_dials(stack: DrillS
     assert not env.state_file.exists()
 
 
+def test_a_first_ever_deploy_holds_its_lock_in_the_state_file_it_creates(
+        stack: DrillStack) -> None:
+    """Found by review: on a host with no state file yet the deploy lock was never mirrored
+    (the mirror skipped a missing file, silently), so the Go CLI, which reads only the state
+    file's `lock`, saw no lock for the whole first deploy. The run now creates the file with
+    its lock from its first change on, records itself in it, and leaves it unlocked. Oracles:
+    the file's own JSON at each step, Caddy (through the proxy)."""
+    stack.reset()  # v1 serving from blue, green stopped
+    env = stack.env
+    env.state_file.unlink()  # a host that has never recorded a deployment
+    locks: list[dict[str, object] | None] = []
+
+    def progress(event: str, *_: object) -> None:
+        raw = env.state_file.read_bytes() if env.state_file.exists() else None
+        locks.append(json.loads(raw)["lock"] if raw is not None else None)
+
+    deploy.deploy(env, deploy.Options(version=V2.tag), progress=progress)
+    assert locks and all(lock is not None and lock["locked"] is True for lock in locks), locks
+    after = json.loads(env.state_file.read_text())
+    assert after["lock"] == {"locked": False}
+    assert after["current_deployment"]["version"] == V2.tag
+    assert after["current_deployment"]["active_slot"] == "green"
+    assert through_proxy(env) == ("green", V2.tag)
+
+
 def test_a_rerun_never_recreates_the_slot_under_migrations_a_killed_run_left_running(
         stack: DrillStack) -> None:
     """Found by review: Docker does not stop a `docker exec` whose client died, so a deploy

@@ -664,6 +664,63 @@ def test_publish_refuses_when_the_go_cli_locks_the_state_file_as_the_mirror_is_w
     assert json.loads(with_state.read_text())["lock"]["locked_by"] == "ci@build-runner"
 
 
+def test_a_first_ever_runs_lock_is_mirrored_in_the_state_file_it_creates(
+        env: Environment) -> None:
+    """Found by review: on a host with no state file yet (a first deploy through the
+    runbook) publish returned without a word and the lock was never mirrored: the Go CLI,
+    which reads only the state file's `lock`, saw no lock for the whole run. The contract
+    mirrors the lock in the state file: publish creates the file (documented shape, no
+    deployment yet) with the lock in it."""
+    lock = acquire(env, "deploy", None)
+    lock.publish()
+    assert lock.published and lock.mirror_error is None
+    data = json.loads(env.state_file.read_text())
+    assert data["lock"]["locked"] is True and data["lock"]["lock_id"] == lock.lock_id
+    expiry = _go_cli_expiry(data["lock"])  # what the Go CLI reads
+    assert expiry is not None and abs((expiry - lock.expires_at).total_seconds()) < 1
+    assert data["environment"] == env.name and data["current_deployment"] is None
+    assert read_state(env.state_file, environment=env.name).current is None
+    assert env.state_file.stat().st_mode & 0o777 == 0o600
+    lock.release()
+    assert json.loads(env.state_file.read_text())["lock"] == {"locked": False}
+
+
+def test_a_first_publish_refuses_the_lock_of_a_tool_that_created_the_file_meanwhile(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No state file when publish looked, the Go CLI's (with its live lock) the instant
+    after: the copy never replaces that file, and the run is refused as it is when the Go
+    CLI's lock was there first; nothing of ours is left in it."""
+    lock = acquire(env, "deploy", None)
+    real = files.atomic_write
+    raced: list[bool] = []
+
+    def racing(target: Path, data: bytes, **kwargs: Any) -> str | None:
+        if Path(target).name == env.state_file.name and not raced:
+            raced.append(True)
+            env.state_file.write_bytes((DATA / "go_cli_locked.json").read_bytes())
+            _go_cli_lock(env.state_file)  # live: taken now, for ten minutes
+        return real(target, data, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_write", racing)
+    with pytest.raises(LockedError, match="recorded only in the state file") as info:
+        lock.publish()
+    assert raced and "nothing was changed" in info.value.message
+    theirs = env.state_file.read_bytes()
+    assert json.loads(theirs)["lock"]["locked_by"] == "ci@build-runner"
+    assert not lock.published
+    lock.release()
+    assert env.state_file.read_bytes() == theirs
+
+
+def test_releasing_a_lock_never_creates_a_state_file(env: Environment) -> None:
+    """Only a held lock is worth a new file: a release (or unlock) with no file writes none."""
+    lock = acquire(env, "deploy", None)
+    lock.publish()
+    env.state_file.unlink()  # removed by hand during the run
+    lock.release()
+    assert not env.state_file.exists()
+
+
 def test_a_mirror_whose_pid_was_reused_after_a_power_loss_is_taken_over(
         env: Environment, with_state: Path, live_pid: int) -> None:
     """Found by review: a power loss leaves the state file's copy of the lock and empties

@@ -582,16 +582,21 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
             replace_if: Callable[[Mapping[str, Any]], bool]) -> tuple[str | None, str | None]:
     """Best effort: the directory is the lock; the state file only reports it to other tools.
 
+    With no state file (a host's first deploy) a held lock's copy creates it, never over a
+    file another tool created meanwhile: the contract mirrors the lock there, and the Go CLI
+    reads nothing else (it saw no lock for the whole run). A release writes no new file.
+
     Returns (why the mirror failed, what of the file's owner and group its rewrite could not
     keep): the publish is a run's first rewrite of the state file, so that is where a writer
     that is not the file's owner changes it, and where the run must hear of it."""
     path = env.state_file
     changed = statemod.StateChangedError(f"{path} kept changing", "")
     for _ in range(_MIRROR_TRIES):
-        if not path.exists():
+        if not path.exists() and not lock.get("locked"):
             return None, None
         try:
-            current = statemod.read_state(path, environment=env.name)
+            current = (statemod.read_state(path, environment=env.name) if path.exists()
+                       else statemod.absent(path, environment=env.name))
             if not replace_if(current.lock):
                 return None, None
             return None, statemod.write_state(path, statemod.with_lock(current, lock))
