@@ -14,11 +14,19 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from runbook.cli_common import (
+    BEFORE_ANY_CHANGE,
+    fail,
+    load_env,
+    only_reading,
+    refuse_blank,
+    require_yes,
+    run_action,
+)
 from runbook.cli_common import PROCESS_STARTED as PROCESS_STARTED
 from runbook.cli_common import UNATTENDED_FIX as UNATTENDED_FIX
 from runbook.cli_common import Progress as Progress
 from runbook.cli_common import confirmer as confirmer
-from runbook.cli_common import fail, load_env, refuse_blank, require_yes, run_action
 from runbook.cli_common import notice as notice
 from runbook.cli_common import report as report
 from runbook.cli_common import timing as timing
@@ -152,14 +160,15 @@ def status(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) 
     """Confirm the deployment state: the state file next to what really runs."""
     from runbook import status as st
 
-    try:
-        data = st.gather(load_env(env, config))
-    except RunbookError as exc:
-        fail(exc, fmt)
-    if fmt is Format.json:
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        typer.echo(st.render(data))
+    with only_reading():
+        try:
+            data = st.gather(load_env(env, config))
+        except RunbookError as exc:
+            fail(exc, fmt)
+        if fmt is Format.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            typer.echo(st.render(data))
     if data["problems"]:
         raise typer.Exit(int(ExitCode.FAILED_SAFELY))
 
@@ -178,33 +187,34 @@ def healthcheck(
     from runbook import health, traffic
     from runbook.environment import Slot
 
-    try:
-        # no ENV: the environment the config file describes (found by review: it was always
-        # production, so with RUNBOOK_CONFIG naming a staging file it refused every call)
-        environment = load_env(env or config or os.environ.get("RUNBOOK_CONFIG")
-                               or "production", config)
-        if slot is HealthSlot.active:
-            chosen = [traffic.serving_slot(environment)]  # as Caddy runs it
-        elif slot is HealthSlot.both:
-            chosen = list(Slot)
-        else:
-            chosen = [Slot(slot.value)]
-    except RunbookError as exc:
-        fail(exc, Format.json if fmt is HealthFormat.json else Format.text)
-    reports = [health.probe(environment.slot(s), environment.health.path,
-                            environment.health.request_timeout) for s in chosen]
-    from runbook.redact import redact, scrub
+    with only_reading():  # probes only
+        try:
+            # no ENV: the environment the config file describes (found by review: it was always
+            # production, so with RUNBOOK_CONFIG naming a staging file it refused every call)
+            environment = load_env(env or config or os.environ.get("RUNBOOK_CONFIG")
+                                   or "production", config)
+            if slot is HealthSlot.active:
+                chosen = [traffic.serving_slot(environment)]  # as Caddy runs it
+            elif slot is HealthSlot.both:
+                chosen = list(Slot)
+            else:
+                chosen = [Slot(slot.value)]
+        except RunbookError as exc:
+            fail(exc, Format.json if fmt is HealthFormat.json else Format.text)
+        reports = [health.probe(environment.slot(s), environment.health.path,
+                                environment.health.request_timeout) for s in chosen]
+        from runbook.redact import redact, scrub
 
-    # the app's own words (a check's message may quote a DSN or a password): masked, as
-    # everything the runbook prints
-    if fmt is HealthFormat.json:
-        data = scrub([health.to_json(r) for r in reports])
-        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
-    elif fmt is HealthFormat.table:
-        typer.echo(redact(health.to_table(reports)))
-    else:
-        for r in reports:
-            typer.echo(redact(health.simple(r)))
+        # the app's own words (a check's message may quote a DSN or a password): masked, as
+        # everything the runbook prints
+        if fmt is HealthFormat.json:
+            data = scrub([health.to_json(r) for r in reports])
+            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        elif fmt is HealthFormat.table:
+            typer.echo(redact(health.to_table(reports)))
+        else:
+            for r in reports:
+                typer.echo(redact(health.simple(r)))
     if not all(r.ok for r in reports):
         raise typer.Exit(int(ExitCode.FAILED_SAFELY))
 
@@ -226,16 +236,17 @@ def unlock(
         if not show:
             require_yes(yes, "`runbook unlock`", "pass --yes to confirm it in advance, or "
                         "--status to see who holds the lock")
-        held = locks.status(environment)
-        # another tool's lock fields: masked and one line, as status prints them
-        if show:
-            if fmt is Format.json:
-                print(json.dumps(scrub({"locked": True, "summary": held.describe(),
-                                        "stale": held.stale, "why": one_line(held.why)}
-                                       if held else {"locked": False})))
-            else:
-                typer.echo(redact(one_line(held.describe())) if held else "free")
-            return
+        with only_reading():
+            held = locks.status(environment)
+            # another tool's lock fields: masked and one line, as status prints them
+            if show:
+                if fmt is Format.json:
+                    print(json.dumps(scrub({"locked": True, "summary": held.describe(),
+                                            "stale": held.stale, "why": one_line(held.why)}
+                                           if held else {"locked": False})))
+                else:
+                    typer.echo(redact(one_line(held.describe())) if held else "free")
+                return
         message = one_line(locks.unlock(environment, force=force))
     except RunbookError as exc:
         fail(exc, fmt)
@@ -286,6 +297,11 @@ def main() -> None:
     except Exception as exc:
         from runbook.journal import redact
 
+        if getattr(exc, BEFORE_ANY_CHANGE, False):  # a bug met while only reading
+            typer.echo(redact(f"runbook: error: unexpected failure before anything was "
+                              f"changed (a bug in runbook: please report this line): "
+                              f"{type(exc).__name__}: {exc}"), err=True)
+            _leave(int(ExitCode.FAILED_SAFELY))
         typer.echo(redact(f"runbook: error: unexpected failure: {type(exc).__name__}: {exc}"),
                    err=True)
         _leave(int(ExitCode.ATTENTION))

@@ -7,11 +7,12 @@ runbook/cli.py, which imports them: no cycle, at load time or at call time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -68,13 +69,31 @@ def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
     raise typer.Exit(int(exc.exit_code))
 
 
+BEFORE_ANY_CHANGE = "runbook_before_any_change"  # the mark on an error only_reading() saw
+
+
+@contextlib.contextmanager
+def only_reading() -> Iterator[None]:
+    """A stretch that changes nothing (reading the configuration, a status, a dry run): an
+    unexpected error (a bug) raised in it is marked, so runbook/cli.py says it was met before
+    anything changed instead of exit 5's "could not be fully undone", which sent on-call to
+    undo what was never done. Errors met anywhere else stay exit 5: whether they changed
+    something is not known."""
+    try:
+        yield
+    except Exception as exc:
+        setattr(exc, BEFORE_ANY_CHANGE, True)
+        raise
+
+
 def load_env(name: str, config: str | None) -> Environment:
     """The environment, imported when a command needs it (`--help` stays instant), with its
     known secrets registered for every command."""
     from runbook import environment
 
-    env = environment.load(name, config=config)
-    register_known_secrets(env)
+    with only_reading():
+        env = environment.load(name, config=config)
+        register_known_secrets(env)
     return env
 
 
@@ -84,8 +103,6 @@ def register_known_secrets(env: Environment) -> None:
     and `healthcheck` masked by patterns alone, which stop at `,` `;` `&` or a space
     (`password=Winter,2025` was printed `password=***,2025`). A broken configuration
     registers what it can and is reported, with its own error, by whoever uses it."""
-    import contextlib
-
     from runbook import database
     from runbook.redact import register_secrets
 
@@ -246,8 +263,9 @@ def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool,
     """Run a verb the same way for every command: confirm, show progress, report, fail."""
     progress = Progress(fmt is Format.text and not dry_run)
     try:
-        result = fn(confirm=None if dry_run else confirmer(yes, fmt, what), progress=progress,
-                    notify=notice)
+        with only_reading() if dry_run else contextlib.nullcontext():
+            result = fn(confirm=None if dry_run else confirmer(yes, fmt, what),
+                        progress=progress, notify=notice)
     except RunbookError as exc:
         fail(exc, fmt)
     report(result, fmt, progress.switched)

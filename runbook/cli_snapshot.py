@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from runbook.cli_common import fail, load_env, refuse_blank, require_yes, run_action
+from runbook.cli_common import (
+    fail,
+    load_env,
+    only_reading,
+    refuse_blank,
+    require_yes,
+    run_action,
+)
 from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
 from runbook.errors import RunbookError
 
@@ -71,7 +78,8 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
 
     environment = _env(env, config, fmt)
     try:  # an unreadable folder is a precondition (exit 4), never "unexpected" (exit 5)
-        snaps = snapshots.list_snapshots(environment)
+        with only_reading():
+            snaps = snapshots.list_snapshots(environment)
     except RunbookError as exc:
         _fail(exc, fmt)
     retention = environment.database.retention_days

@@ -335,3 +335,47 @@ def test_a_usage_error_is_one_line_and_json_when_asked() -> None:
     assert table.returncode == 2 and table.stdout == "", table.stdout
     alone = cli()  # the help, as before
     assert alone.returncode == 2 and "Commands:" in alone.stdout + alone.stderr
+
+
+def test_a_config_nested_too_deep_or_with_a_huge_integer_is_bad_toml_exit_2(host: Path) -> None:
+    """Found by review: a 5000-deep nested array (RecursionError in tomllib) or a 5000-digit
+    integer (ValueError: Python's integer-string limit) was "unexpected failure", exit 5
+    ("could not be fully undone") before anything was read. Bad input: exit 2, the file
+    named, one line."""
+    deep = host.parent / "deep.toml"
+    deep.write_text('name = "production"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    huge = host.parent / "huge.toml"
+    huge.write_text('name = "production"\nx = ' + "9" * 5000 + "\n")
+    for source in (deep, huge):
+        code, data, said = status(source)
+        assert code == 2 and data is not None and data["ok"] is False, said
+        assert f"{source}: not valid TOML" in said, said
+
+
+def test_an_unexpected_error_before_any_change_is_not_exit_5(host: Path) -> None:
+    """Exit 5 means "failed and could not be fully undone": a bug met while only reading (the
+    configuration, a status) changed nothing, and said so it sent on-call to undo what was
+    never done. Such a crash is exit 1 and says nothing was changed; one met where something
+    may have changed stays exit 5. The bug is simulated (a patched function raises), since
+    there is no real one to trigger."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+
+    def crash(target: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        module, name = target.rsplit(".", 1)
+        code = (f"import sys, importlib, runbook.cli\nmod = importlib.import_module({module!r})\n"
+                "def bug(*a, **k):\n    raise TypeError('simulated bug')\n"
+                f"setattr(mod, {name!r}, bug)\nsys.argv = ['runbook', *sys.argv[1:]]\n"
+                "runbook.cli.main()\n")
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+                              check=False, cwd=REPO_ROOT)
+
+    for target in ("runbook.status.gather", "runbook.environment.load_file"):
+        done = crash(target, "status", str(host))
+        assert done.returncode == 1, (target, done.returncode, done.stderr)
+        assert "unexpected failure before anything was changed" in done.stderr, done.stderr
+        assert "TypeError: simulated bug" in done.stderr and "undone" not in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+    released = crash("runbook.lock.unlock", "unlock", str(host), "--yes")
+    assert released.returncode == 5, released.stderr  # may have removed a lock: not known

@@ -126,6 +126,12 @@ def load_file(path: Path) -> Environment:
                           "save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", "fix the syntax at that line") from None
+    except RecursionError:  # tomllib recurses per nested array or table (found by review)
+        raise ConfigError(f"{path}: not valid TOML: values nested too deeply",
+                          "flatten the nested arrays or inline tables") from None
+    except ValueError as exc:  # an integer past Python's digit limit (found by review)
+        raise ConfigError(f"{path}: not valid TOML: {str(exc).split(';')[0]}",
+                          "fix that value") from None
     return from_mapping(data, path)
 
 
