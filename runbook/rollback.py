@@ -9,6 +9,7 @@ leaves traffic where it was and that nothing after it is undone.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +20,7 @@ from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
 from runbook.environment import Environment, Slot
-from runbook.errors import ConfigError, PreconditionError, RunbookError
+from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
 
@@ -254,6 +255,35 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
                                 "nothing to roll back to; pass --to <another version>")
 
 
+def named_target(env: Environment, state: states.DeploymentState,
+                 ref: str) -> states.Deployment:
+    """The deployment `--to REF` names; one the history does not hold is a typo, bad input
+    (exit 2), never a precondition met under the lock (found by review)."""
+    target = state.find_version(ref)
+    if target is None:
+        known = ", ".join(d.version for d in state.deployments()) or "none"
+        raise UsageError(f"--to {ref} is not in the deployment history (known: {known}); "
+                         "nothing was changed",
+                         f"pass one of them (`runbook status {env.name}` shows them), a commit "
+                         "prefix or a deployment id")
+    return target
+
+
+def check_target(env: Environment, ref: str) -> None:
+    """`--to` checked against the history read without the lock (as a dry run reads it),
+    before the lock, the journal or the run record are written: a typo left a journal and a
+    run record behind, exit 4 (found by review). A state file that cannot be read, or an
+    interrupted run's record (its own target is judged by the plan), is left to the plan,
+    which says what it finds."""
+    if os.path.lexists(intents.path(env)):
+        return
+    try:
+        state = states.read_state(env.state_file, environment=env.name)
+    except RunbookError:
+        return
+    named_target(env, state, ref)
+
+
 def resume_command(env: Environment, version: str) -> str:
     """What reruns this rollback: its target named (the previous deployment or a --to one)."""
     return f"runbook rollback {env.name} --to {version}"
@@ -281,16 +311,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                 "pre-flight reads every host anew")
     forward: PreconditionError | None = None
     if options.to:
-        target = state.find_version(options.to)
-        if target is None:
-            known = ", ".join(d.version for d in state.deployments()) or "none"
-            raise PreconditionError(f"version {options.to} is not in the deployment history "
-                                    f"(known: {known})", "pick one of the known versions")
+        target = named_target(env, state, options.to)  # again under the lock: it may change
     else:
-        target = state.previous
-        if target is None:
+        if state.previous is None:
             raise PreconditionError("No previous deployment found",
                                     no_previous_fix(env))
+        target = state.previous
         if state.rolled_back_from is not None:
             # the deployment this host was rolled back FROM: a rollback typed again (its
             # output lost, a scenario reported skipped, a terminal that dropped) went forward,
@@ -473,5 +499,7 @@ def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = 
     if options.schema_restored_first and not dry_run:
         raise ValueError("schema_restored_first is for a dry run only: a rollback must never "
                          "run past its schema guard's refusal")
+    if options.to and not dry_run:  # a dry run plans without the lock anyway
+        check_target(env, options.to)
     return perform(env, "rollback", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
                    reason=options.reason, confirm=confirm, progress=progress, notify=notify)

@@ -379,3 +379,54 @@ def test_an_unexpected_error_before_any_change_is_not_exit_5(host: Path) -> None
         assert done.stderr.count("\n") == 1, done.stderr
     released = crash("runbook.lock.unlock", "unlock", str(host), "--yes")
     assert released.returncode == 5, released.stderr  # may have removed a lock: not known
+
+
+def two_deployments_state(host: Path) -> None:
+    """A state file whose history holds bbbbbbb (current) and aaaaaaa (previous)."""
+    def deployment(version: str, slot: str, when: str, status: str) -> dict[str, str]:
+        return {"id": f"dep-{version}", "version": version, "git_commit": version * 5 + "aaaaa",
+                "deployed_at": when, "deployed_by": "ci", "active_slot": slot,
+                "health_status": "healthy", "status": status}
+
+    (host.parent / "state" / "deployment-state.json").write_text(json.dumps({
+        "environment": "production",
+        "current_deployment": deployment("bbbbbbb", "green", "2026-12-01T10:00:00Z", "active"),
+        "previous_deployment": deployment("aaaaaaa", "blue", "2026-11-30T10:00:00Z",
+                                          "superseded"),
+        "deployment_history": [], "lock": {"locked": False}}))
+
+
+def test_rollback_to_a_version_not_in_the_history_is_a_usage_error_that_writes_nothing(
+        host: Path) -> None:
+    """Found by review: `runbook rollback ENV --yes --to nosuch` (a typo) was exit 4, found
+    only once the lock was taken: it left a journal and a run record behind. It is bad input:
+    exit 2 naming the known versions, before the lock, the journal or the run record."""
+    two_deployments_state(host)
+    before = {p: p.read_bytes() if p.is_file() else None for p in host.parent.rglob("*")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    for fmt in ("text", "json"):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(host),
+                               "--yes", "--to", "nosuch", "--format", fmt],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+        assert done.returncode == 2, (done.returncode, done.stderr)
+        assert "--to nosuch is not in the deployment history" in done.stderr, done.stderr
+        assert "bbbbbbb, aaaaaaa" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert "journal" not in done.stderr, done.stderr
+        assert {p: p.read_bytes() if p.is_file() else None
+                for p in host.parent.rglob("*")} == before  # no lock, log or run record
+
+
+def test_rollback_checks_to_again_under_the_lock(host: Path) -> None:
+    """The history may change between the check before the lock and the plan under it: the
+    plan refuses a --to it does not find the same way (exit 2, the known versions named)."""
+    from runbook import rollback
+    from runbook.errors import RunbookError
+
+    two_deployments_state(host)
+    with pytest.raises(RunbookError) as refused:
+        rollback.plan(envmod.load(str(host)), rollback.Options(to="nosuch"), "rbk_test")
+    assert refused.value.exit_code == 2, refused.value
+    assert "--to nosuch is not in the deployment history" in str(refused.value)
+    assert "bbbbbbb, aaaaaaa" in str(refused.value)

@@ -998,7 +998,7 @@ def test_cli_errors_have_one_line_and_their_exit_code(stack: DrillStack) -> None
     assert stack.env.source is not None
     cases = [
         (["rollback", "--yes"], 4, "No previous deployment found"),
-        (["rollback", "--yes", "--to", "fffffff"], 4, "not in the deployment history"),
+        (["rollback", "--yes", "--to", "fffffff"], 2, "not in the deployment history"),
     ]
     for args, code, text in cases:
         proc = cli(stack.env.source, *args)
