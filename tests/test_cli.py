@@ -140,7 +140,7 @@ def test_json_is_printed_for_a_config_error_too() -> None:
                           text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
     answer = json.loads(done.stdout)  # it printed nothing on stdout before
     assert done.returncode == 2 and answer["ok"] is False and answer["exit_code"] == 2
-    assert "does not exist" in answer["error"] and answer["fix"]
+    assert "no such file" in answer["error"] and answer["fix"]
 
 
 def test_cli_import_leaves_heavy_libraries_for_later() -> None:

@@ -430,3 +430,34 @@ def test_rollback_checks_to_again_under_the_lock(host: Path) -> None:
     assert refused.value.exit_code == 2, refused.value
     assert "--to nosuch is not in the deployment history" in str(refused.value)
     assert "bbbbbbb, aaaaaaa" in str(refused.value)
+
+
+def test_a_config_value_is_always_a_path(host: Path, tmp_path: Path) -> None:
+    """Found by review: `--config host.conf` (an existing file, no .toml suffix, no `/`) was
+    "unknown environment 'host.conf'", blaming the valid ENV argument, and `--config
+    staging` quietly loaded the packaged staging file. --config and RUNBOOK_CONFIG name a
+    file, relative to where the command runs: read it, or say it does not exist."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "host.conf").write_text(host.read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env |= {"DOCKER_HOST": f"tcp://127.0.0.1:{closed_port()}", "PYTHONPATH": str(REPO_ROOT)}
+
+    def cli(*argv: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", *argv], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL,
+                              env=env | extra, check=False, cwd=workdir)
+
+    for done in (cli("status", "production", "--config", "host.conf", "--format", "json"),
+                 cli("status", "production", "--format", "json", RUNBOOK_CONFIG="host.conf")):
+        assert "unknown environment" not in done.stderr, done.stderr
+        assert done.returncode == 1, done.stderr  # read: problems (nothing runs here) listed
+        assert json.loads(done.stdout)["state_file"] == str(host.parent / "state"
+                                                             / "deployment-state.json")
+    missing = cli("status", "staging", "--config", "staging")
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "--config staging: no such file" in missing.stderr, missing.stderr
+    assert missing.stderr.count("\n") == 1, missing.stderr
+    from_env = cli("status", "staging", RUNBOOK_CONFIG="staging")
+    assert from_env.returncode == 2, from_env.stdout + from_env.stderr
+    assert "staging: no such file (from RUNBOOK_CONFIG)" in from_env.stderr, from_env.stderr

@@ -52,23 +52,9 @@ def canonical_name(name: str) -> str:
 
 def find_config(name_or_path: str) -> Path:
     """Resolve an environment name or a path to its TOML file."""
-    try:
-        explicit = Path(name_or_path).expanduser()
-    except RuntimeError:  # `~nosuchuser/...`: a bare RuntimeError was exit 5
-        raise ConfigError(f"environment file {name_or_path}: "
-                          f"{name_or_path.split(os.sep, 1)[0]} is no user's home on this machine",
-                          "write the path in full") from None
-    if "\x00" in name_or_path:
-        raise ConfigError("the environment argument holds a NUL character",
-                          "pass the environment's name or its TOML file")
-    if name_or_path.endswith(".toml") or os.sep in name_or_path:
-        if explicit.exists() and not explicit.is_file():
-            raise ConfigError(f"environment file {explicit} is not a file",
-                              "pass the TOML file itself")
-        if not explicit.is_file():
-            raise ConfigError(f"environment file {explicit} does not exist",
-                              "pass an existing TOML file or one of: " + ", ".join(ENV_NAMES))
-        return explicit
+    if name_or_path.endswith(".toml") or os.sep in name_or_path or "\x00" in name_or_path:
+        return config_path(name_or_path, f"environment file {name_or_path}",
+                           "pass an existing TOML file or one of: " + ", ".join(ENV_NAMES))
     name = canonical_name(name_or_path)
     if name not in ENV_NAMES:
         raise ConfigError(f"unknown environment {name_or_path!r}",
@@ -84,6 +70,24 @@ def find_config(name_or_path: str) -> Path:
                       f"write {SYSTEM_DIR / (name + '.toml')} (see README, 'Environment files')")
 
 
+def config_path(value: str, shown: str, fix: str) -> Path:
+    """`value` taken as a path (relative to the working directory), an existing file: else
+    one ConfigError saying `shown` (how the user gave it) and `fix` when it does not exist."""
+    if "\x00" in value:
+        raise ConfigError(f"{shown.replace(value, repr(value))}: holds a NUL character",
+                          "write the path without it")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # `~nosuchuser/...`: a bare RuntimeError was exit 5
+        raise ConfigError(f"{shown}: {value.split(os.sep, 1)[0]} is no user's home on this "
+                          "machine", "write the path in full") from None
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{shown} is not a file", "pass the TOML file itself")
+    if not path.is_file():
+        raise ConfigError(f"{shown}: no such file", fix)
+    return path
+
+
 def load(name_or_path: str, *, config: str | None = None) -> Environment:
     """Load an environment: `config` (or RUNBOOK_CONFIG) wins over the name's default file."""
     for what, value in (("--config (or RUNBOOK_CONFIG)", config), ("ENV", name_or_path)):
@@ -91,10 +95,17 @@ def load(name_or_path: str, *, config: str | None = None) -> Environment:
             raise ConfigError(f"{what} is empty; nothing was changed",  # the default file
                               f"give {what.split()[0]} a value (an unset shell variable?)")
     chosen = config or os.environ.get("RUNBOOK_CONFIG")
+    from_env = bool(chosen) and chosen == os.environ.get("RUNBOOK_CONFIG")  # the CLI passes it
     try:
-        path = find_config(chosen) if chosen else find_config(name_or_path)
+        # --config and RUNBOOK_CONFIG always name a file, never an environment: `--config
+        # host.conf` was "unknown environment 'host.conf'", `--config staging` read the
+        # packaged staging file (found by review)
+        path = (config_path(chosen, f"environment file {chosen}" if from_env else
+                            f"--config {chosen}", "pass the path of an existing environment "
+                            "file (the environment's name goes in ENV)")
+                if chosen else find_config(name_or_path))
     except ConfigError as exc:  # a stale RUNBOOK_CONFIG: say where the path came from
-        if chosen and chosen == os.environ.get("RUNBOOK_CONFIG"):
+        if from_env:
             exc.message = f"{exc.message} (from RUNBOOK_CONFIG)"
             exc.fix = f"{exc.fix}; or unset RUNBOOK_CONFIG"
             exc.args = (exc.message,)
@@ -104,7 +115,7 @@ def load(name_or_path: str, *, config: str | None = None) -> Environment:
     if chosen and wanted in ENV_NAMES and env.name != wanted:
         raise ConfigError(f"{path} describes environment {env.name!r}, not {wanted!r}",
                           "pass the matching environment name or file")
-    if chosen and wanted not in ENV_NAMES:
+    if chosen and wanted not in ENV_NAMES and name_or_path != chosen:  # healthcheck's own
         # ENV is a file, or a typo: never let --config quietly stand in for what was typed
         # ("prodution" must not become whatever environment the config file describes)
         named = find_config(name_or_path)
