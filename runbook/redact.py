@@ -44,10 +44,21 @@ _PATTERNS.append((
                + r"[A-Z0-9_]*)=(?P<value>" + _QUOTED + r"|\S*)"),
     lambda m: f"{m['key']}={_quoted_mask(m['value'])}",
 ))
-# password=..., token: ..., "api_key": "...", db.password = ... (query strings stop at &)
+# password=..., "api_key"="...", db.password = ... (query strings stop at &)
 _PATTERNS.append((
-    re.compile(r"(?i)\b(?P<key>[\w.-]*" + _WORDS + r"[\w.-]*)(?P<sep>[\"']?\s*[=:]\s*)"
+    re.compile(r"(?i)\b(?P<key>[\w.-]*" + _WORDS + r"[\w.-]*)(?P<sep>[\"']?\s*=\s*)"
                r"(?P<value>" + _QUOTED + r"|[^\s&;,\"']+)"),
+    lambda m: f"{m['key']}{m['sep']}{_quoted_mask(m['value'])}",
+))
+# token: ..., "api_key": "...": the key a whole word, never a path's last part nor a file's
+# name. A path holding a secret-looking word, then `: ` as every OSError says it, had the
+# next word masked as its value (".env.production.secret: *** such file or directory",
+# "production-secrets.toml: *** valid TOML"; found by review)
+_FILE_NAME = "".join(rf"(?<!\.{ext})" for ext in ("toml", "json", "yaml", "yml", "conf", "txt",
+                                                   "log"))
+_PATTERNS.append((
+    re.compile(r"(?i)(?<![\w./-])(?P<key>[\w.-]*" + _WORDS + r"[\w.-]*)" + _FILE_NAME
+               + r"(?P<sep>[\"']?\s*:\s*)(?P<value>" + _QUOTED + r"|[^\s&;,\"']+)"),
     lambda m: f"{m['key']}{m['sep']}{_quoted_mask(m['value'])}",
 ))
 # --password SECRET

@@ -461,3 +461,22 @@ def test_a_config_value_is_always_a_path(host: Path, tmp_path: Path) -> None:
     from_env = cli("status", "staging", RUNBOOK_CONFIG="staging")
     assert from_env.returncode == 2, from_env.stdout + from_env.stderr
     assert "staging: no such file (from RUNBOOK_CONFIG)" in from_env.stderr, from_env.stderr
+
+
+def test_a_path_with_a_secret_looking_word_is_said_whole(host: Path) -> None:
+    """Found by review: masking took the word after a path holding `secret` for its value:
+    "cannot read env file /opt/togather/.env.production.secret: *** such file or
+    directory", ".../secrets/production-secrets.toml: *** valid TOML"."""
+    env_file = host.parent / ".env.production.secret"  # not there
+    text = host.read_text()
+    assert "[compose]\n" in text, text
+    with_env = host.parent / "envfile.toml"
+    with_env.write_text(text.replace("[compose]\n", f'[compose]\nenv_file = "{env_file}"\n', 1))
+    code, _, said = status(with_env, "text")
+    assert f"cannot read env file {env_file}: No such file or directory" in said, said
+    folder = host.parent / "secrets"
+    folder.mkdir()
+    broken = folder / "production-secrets.toml"
+    broken.write_text('name = "production"\nport = = 1\n')
+    code, _, said = status(broken, "text")
+    assert code == 2 and f"{broken}: not valid TOML: Invalid" in said, said

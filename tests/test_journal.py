@@ -146,6 +146,34 @@ def test_redact_leaves_ordinary_text_alone() -> None:
         assert redact(text) == text
 
 
+@pytest.mark.parametrize("text", [
+    "cannot read env file /opt/togather/.env.production.secret: No such file or directory",
+    "/tmp/x/secrets/production-secrets.toml: not valid TOML: Invalid value (at line 28)",
+    "cannot open ./token.json: Permission denied",
+    "~/.config/api-key.txt: not a regular file",
+    "reading /run/secrets/db_password: Is a directory",
+    "production-secrets.toml: not valid TOML: Invalid value (at line 28)",
+])
+def test_a_path_followed_by_a_colon_is_no_secret(text: str) -> None:
+    """Found by review: a path holding a secret-looking word, followed by `: ` (as every
+    OSError and parse error is said), had the next word masked as its value: "... .secret:
+    *** such file or directory", ".../production-secrets.toml: *** valid TOML"."""
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("password: hunter2", "password: ***"),
+    ("db.password: hunter2 next", "db.password: *** next"),
+    ("/etc/app.conf: password: hunter2", "/etc/app.conf: password: ***"),
+    ("/srv/secret: token=abc123", "/srv/secret: token=***"),
+    ("/srv/app/db.password=hunter2", "/srv/app/db.password=***"),
+    ("--password: hunter2", "--password: ***"),
+    ('{"api_key": "abc"}', '{"api_key": "***"}'),
+])
+def test_a_key_and_its_secret_are_masked_beside_paths_too(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
 def test_secrets_are_redacted_in_messages_fields_and_records(env: Environment) -> None:
     j = Journal.open(env, "rollback", why="DATABASE_URL=postgresql://u:hunter2@db/x is wrong")
     j.add_secret("Sup3r-S3cret/Value")
