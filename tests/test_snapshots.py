@@ -583,6 +583,28 @@ def test_database_unreachable_is_refused_and_nothing_is_written(
         stack.wait_db()
 
 
+def test_a_refused_snapshot_leaves_no_folder_behind(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Found by review: `snapshot create` made snapshot_dir (mode 0700, with its parents)
+    before it was refused for a database container that does not run or a database that
+    does not answer: a refusal changes nothing."""
+    folder = tmp_path / "new" / "snapshots"
+    env = stack.env.with_(database=dataclasses.replace(stack.env.database,
+                                                       snapshot_dir=folder))
+    no_container = env.with_(database=dataclasses.replace(env.database,
+                                                          container="togather-db-nosuch"))
+    with pytest.raises(RunbookError) as err:
+        snapshots.create(no_container, "x")
+    assert "container togather-db-nosuch does not exist" in str(err.value), err.value
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setenv("DATABASE_URL",
+                       stack.database_url.replace(f":{stack.ports.postgres}/", ":1/"))
+    with pytest.raises(RunbookError) as err:
+        snapshots.create(shell_url_only(env), "x")
+    assert "database unreachable" in str(err.value), err.value
+    assert not (tmp_path / "new").exists()
+
+
 @contextlib.contextmanager
 def watchdog(stack: DrillStack, pid: Callable[[], int | None], after: float = 20.0,
              ) -> Iterator[None]:

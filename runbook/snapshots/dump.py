@@ -70,16 +70,18 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     """
     tgt = target(env)
     directory = env.database.snapshot_dir
-    ensure_dir(directory)
     commands.require_container(env)
     began = time.monotonic()
     when = datetime.now(UTC).replace(microsecond=0)
-    stem = free_stem(directory, tgt.dbname, when, reason)  # the dump's name while it runs
-    tmp = directory / f".{stem}{SUFFIX}.{secrets.token_hex(4)}.partial"
-    dead_partials(directory, remove=True)  # a killed run's dump may be what fills the disk
     held: list[int] = []  # the partial's flock, until the dump is named
     try:
         with read_snapshot(env) as conn:  # a lock wait that ran out is worded there
+            # the folder once the database answers: a refusal for a container that does not
+            # run or a database that does not answer made it (0700, with its parents) first
+            ensure_dir(directory)
+            stem = free_stem(directory, tgt.dbname, when, reason)  # the name while it runs
+            tmp = directory / f".{stem}{SUFFIX}.{secrets.token_hex(4)}.partial"
+            dead_partials(directory, remove=True)  # a killed run's dump may fill the disk
             snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
             schema = schema_row(conn)
             stats = table_stats(conn)
