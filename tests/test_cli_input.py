@@ -480,3 +480,20 @@ def test_a_path_with_a_secret_looking_word_is_said_whole(host: Path) -> None:
     broken.write_text('name = "production"\nport = = 1\n')
     code, _, said = status(broken, "text")
     assert code == 2 and f"{broken}: not valid TOML: Invalid" in said, said
+
+
+def test_a_snapshot_argument_that_is_a_directory_is_said_so(host: Path) -> None:
+    """Found by review: `runbook snapshot restore ENV /tmp --dry-run` said "snapshot /tmp
+    does not exist", of a directory that does."""
+    folder = host.parent / "dumps"
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore", str(host),
+                           str(folder), "--dry-run"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, env=env, check=False,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"snapshot {folder} is a directory, not a snapshot file" in done.stderr, done.stderr
+    assert "does not exist" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+

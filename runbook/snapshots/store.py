@@ -378,16 +378,19 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
         base = env.database.snapshot_dir
         stem = text.removesuffix(SUFFIX).removesuffix(META_SUFFIX)
         candidates = [base / (stem + SUFFIX), *candidates]
+    folder = False  # one names a directory: said so, never "does not exist" (found by review)
     for candidate in candidates:
         if candidate.name.endswith(META_SUFFIX):
             candidate = candidate.with_name(candidate.name.removesuffix(META_SUFFIX) + SUFFIX)
         try:
             found = candidate.is_file()
+            folder = folder or candidate.is_dir()
         except OSError as exc:  # its folder cannot be searched by this user
             raise unreadable(candidate.parent, exc) from None
         if found:
             return load(candidate)
-    raise SnapshotError(f"snapshot {text} does not exist",
+    what = "is a directory, not a snapshot file" if folder else "does not exist"
+    raise SnapshotError(f"snapshot {text} {what}",
                         f"pick one from `runbook snapshot list {env.name}` (folder "
                         f"{env.database.snapshot_dir})")
 
