@@ -497,3 +497,19 @@ def test_a_snapshot_argument_that_is_a_directory_is_said_so(host: Path) -> None:
     assert f"snapshot {folder} is a directory, not a snapshot file" in done.stderr, done.stderr
     assert "does not exist" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
+
+def test_a_lock_dir_that_is_a_file_is_said_to_be_no_directory(host: Path) -> None:
+    """Found by review: a [lock] dir that is a file was "cannot use the lock directory ...:
+    File exists" (mkdir's words) when a run or `snapshot cleanup` took the lock; `status`
+    already said it is not a directory."""
+    (host.parent / "locks").rmdir()
+    (host.parent / "locks").write_text("a file, not a directory")
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(host),
+                           "--yes"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"the lock directory {host.parent / 'locks'} is not a directory" in done.stderr, \
+        done.stderr
+    assert "File exists" not in done.stderr, done.stderr

@@ -28,7 +28,7 @@ from typing import Any
 from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
-from runbook.errors import LockedError, LockLostError, StateError
+from runbook.errors import ConfigError, LockedError, LockLostError, StateError
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
@@ -469,6 +469,10 @@ def _guard(env: Environment) -> Iterator[None]:
     guard = guard_path(env)
     try:
         env.lock_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file there: mkdir's "File exists" said nothing useful
+        raise ConfigError(f"{env.display}: the lock directory {env.lock_dir} is not a "
+                          "directory", f"point [lock] dir at a directory, or move "
+                          f"{env.lock_dir} aside") from None
     except OSError as exc:
         # also met when releasing, after a run's changes: nothing here says "nothing changed"
         message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
