@@ -22,6 +22,7 @@ from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
+from runbook.redact import one_line
 from runbook.run import RunResult, perform
 
 if TYPE_CHECKING:  # imported where needed: most rollbacks never touch a snapshot
@@ -262,7 +263,8 @@ def named_target(env: Environment, state: states.DeploymentState,
     target = state.find_version(ref)
     if target is None:
         known = ", ".join(d.version for d in state.deployments()) or "none"
-        raise UsageError(f"--to {ref} is not in the deployment history (known: {known}); "
+        raise UsageError(f"--to {one_line(ref)} is not in the deployment history (known: "
+                         f"{known}); "
                          "nothing was changed",
                          f"pass one of them (`runbook status {env.name}` shows them), a commit "
                          "prefix or a deployment id")
