@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shlex
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,42 @@ def flock_within(fd: int, timeout: float, poll: float) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(poll)
+
+
+class NotAFile(OSError):
+    """What sits where a small file is read is not one: a FIFO, a device, a symlink, or a
+    file too large to be what is expected."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit` of them, or NotAFile. In a
+    world-writable directory (the lock's, /tmp) anyone may plant a FIFO or a symlink to
+    /dev/zero where a file is read: a plain read hung every command, the deploy lock's guard
+    held (found by review). Opened without following a symlink and without blocking, then
+    checked by fstat: no swap between a check and the open. Other OSErrors as open(2)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAFile(errno.ELOOP, "a symbolic link, not a regular file",
+                           str(path)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device")
+            raise NotAFile(errno.EINVAL, f"{kind}, not a regular file", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise NotAFile(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return b"".join(chunks)
 
 
 def temp_path(target: Path) -> Path:

@@ -137,14 +137,8 @@ def last_recorded_step(env: Environment, intent: Intent) -> str | None:
     if not RUN_ID.fullmatch(intent.run_id):  # a name, never a path out of runs_dir
         return None
     record_path = env.runs_dir / f"{intent.run_id}.json"
-    try:
-        if not record_path.is_file():  # never a FIFO or a device: status must not hang
-            return None
-        with record_path.open("rb") as f:
-            raw = f.read(MAX_RECORD + 1)
-        if len(raw) > MAX_RECORD:
-            return None
-        record = json.loads(raw)
+    try:  # never a FIFO or a device (files.NotAFile, an OSError): status must not hang
+        record = json.loads(files.read_regular(record_path, MAX_RECORD))
         steps = [s for s in record["steps"] if s.get("started_at")]
         if record.get("finished_at"):  # its later steps (the lock's release) say nothing
             steps = [s for s in steps if s.get("status") == "failed"]

@@ -207,9 +207,10 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
     held = f.lock
     if held is not None and held.broken:  # every run is refused by it, stale or not
         yield Problem(f"the deploy lock cannot be used: {held.why}",
-                      f"remove {held.path} by hand if nothing uses it"
-                      if held.path.parent.is_dir() else
-                      f"point [lock] dir at a directory ({held.path.parent} is not one)")
+                      held.fix or (f"remove {held.path} by hand if nothing uses it"
+                                   if held.path.parent.is_dir() else
+                                   f"point [lock] dir at a directory ({held.path.parent} is "
+                                   "not one)"))
     elif held is not None and held.stale:
         yield Problem(f"the deploy lock is stale: {held.why} (held by {held.describe()})",
                       f"release it: `runbook unlock {_arg(f.env)} --yes`"

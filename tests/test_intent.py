@@ -4,6 +4,7 @@ and the fix (exit 4), never an unexpected failure. Real files, no Docker."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,13 @@ def test_an_interrupted_run_says_its_last_recorded_step(env: Environment) -> Non
     assert said.endswith("stopped before traffic moved; its last recorded step: Start the "
                          "stopped blue container (running)"), said
     (env.runs_dir / "rbk_2.json").write_text("{torn")  # unreadable: nothing is claimed
+    assert "last recorded step" not in intents.read(env).describe()
+    # a FIFO (or a symlink to /dev/zero) in its place is no record: never read, never waited on
+    (env.runs_dir / "rbk_2.json").unlink()
+    os.mkfifo(env.runs_dir / "rbk_2.json")
+    assert "last recorded step" not in intents.read(env).describe()
+    (env.runs_dir / "rbk_2.json").unlink()
+    (env.runs_dir / "rbk_2.json").symlink_to("/dev/zero")
     assert "last recorded step" not in intents.read(env).describe()
 
 

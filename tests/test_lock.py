@@ -27,6 +27,7 @@ from runbook.state import format_time, read_state
 from tests.drill_checks import (
     DEPLOY_UID,
     OWNER_UID,
+    ROOT,
     SHARED_GID,
     as_deploy_user,
     fill,
@@ -222,13 +223,36 @@ def test_no_state_file_is_not_created(env: Environment) -> None:
         assert not env.state_file.exists()
 
 
-def test_broken_state_file_does_not_block_the_lock(env: Environment) -> None:
+def test_a_state_file_that_is_not_json_refuses_the_lock(env: Environment) -> None:
+    """Found by review (2026-12-04): it read as "no lock in the state file", so the lock was
+    taken beside whatever lock another tool (the Go CLI, which locks only there) may have
+    recorded in it; a file being rewritten in place reads so too, mid-write. No one can tell
+    whether it is locked: nothing is taken, and the refusal names the file and the fix."""
     env.state_file.parent.mkdir(parents=True)
     env.state_file.write_text("{not json")
-    with acquire(env, "x", None) as lock:
-        lock.publish()
-        assert lock.mirror_error is not None and "not valid JSON" in lock.mirror_error
+    with pytest.raises(LockedError) as refused:
+        acquire(env, "x", None)
+    err = refused.value
+    assert err.exit_code == ExitCode.LOCKED and "\n" not in str(err)
+    assert str(env.state_file) in err.message and "not valid JSON" in err.message, err
+    assert "restore it from a backup" in (err.fix or ""), err.fix
+    assert not env.lock_path.exists()
+    seen = status(env)  # never "free"
+    assert seen is not None and seen.broken and not seen.stealable, seen
+    assert str(env.state_file) in seen.describe()
+    assert lockmod.refusal(env) is not None
+    for force in (False, True):
+        with pytest.raises(LockedError, match="not valid JSON"):
+            unlock(env, force=force)
     assert env.state_file.read_text() == "{not json"
+    # our lock taken, the file broken before the first change: the run stops there
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    lock = acquire(env, "x", None)
+    env.state_file.write_text('{"environment": "production", "lock": {"loc')  # mid-write
+    with pytest.raises(LockedError, match="not valid JSON") as stopped:
+        lock.publish()
+    assert "nothing was changed" in stopped.value.message and not lock.published
+    assert lock.release()
 
 
 def test_release_does_not_clear_someone_elses_mirror(env: Environment, with_state: Path) -> None:
@@ -1296,3 +1320,165 @@ def test_another_users_stale_lock_in_a_sticky_directory_is_named_with_the_way_ou
         assert f"sudo rm -r {path}" in fix, fix
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in env.lock_dir.iterdir()) == [path.name]
+
+
+# --- review of 2026-12-04: the state file's lock judged alone, our stripped copy, FIFOs ----
+
+
+@pytest.fixture
+def go_state(env: Environment) -> Path:
+    """The Go CLI's state file for this environment, unlocked."""
+    env.state_file.parent.mkdir(parents=True)
+    doc = json.loads((DATA / "go_cli.json").read_text())
+    env.state_file.write_text(json.dumps({**doc, "environment": env.name}, indent=2))
+    return env.state_file
+
+
+_GO_LOCK_FIELDS = ("locked", "locked_at", "locked_by", "reason", "expires_at")  # its struct
+
+
+@pytest.mark.parametrize("where, bad", [
+    ("history", {"deployed_at": "0001-01-01T00:00:00Z"}),  # the Go zero time
+    ("history", {"health_status": "starting"}),
+    ("lock", {"pid": "4242"}),  # the lock's own field our reader refuses
+])
+def test_a_bad_record_in_the_state_file_never_hides_the_go_clis_live_lock(
+        env: Environment, go_state: Path, where: str, bad: dict[str, Any]) -> None:
+    """Found by review: one record our reader refuses anywhere in the file made the whole
+    file read as "no lock": status said free, acquire took the lock beside the Go CLI's
+    live one (snapshot-restore then restored the database during its deploy). The lock is
+    judged from the file's `lock` object alone, leniently."""
+    _go_cli_lock(go_state)
+    doc = json.loads(go_state.read_text())
+    if where == "history":
+        doc["deployment_history"].insert(0, {**doc["deployment_history"][0], **bad})
+    else:
+        doc["lock"].update(bad)
+    go_state.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(RunbookError):
+        read_state(go_state)  # the premise: our reader refuses this file
+    before = go_state.read_bytes()
+    seen = status(env)
+    assert seen is not None and seen.source == "state file" and not seen.stale, seen
+    assert "ci@build-runner" in seen.describe()
+    refused = lockmod.refusal(env)
+    assert refused is not None and "ci@build-runner" in refused.message
+    with pytest.raises(LockedError, match="recorded only in the state file"):
+        acquire(env, "snapshot restore", None)
+    for force in (False, True):
+        with pytest.raises(LockedError):
+            unlock(env, force=force)
+    assert not env.lock_path.exists() and go_state.read_bytes() == before
+
+
+def test_a_bad_record_elsewhere_does_not_block_a_free_lock(env: Environment,
+                                                           go_state: Path) -> None:
+    """The other half: a file our reader refuses for a record, its lock readable and free,
+    must not stop a rollback that can still run (its mirror is said to have failed)."""
+    doc = json.loads(go_state.read_text())
+    doc["deployment_history"][1]["deployed_at"] = "0001-01-01T00:00:00Z"
+    go_state.write_text(json.dumps(doc, indent=2))
+    before = go_state.read_bytes()
+    assert status(env) is None and lockmod.refusal(env) is None
+    with acquire(env, "rollback", None) as lock:
+        lock.publish()
+        assert lock.mirror_error is not None and "zero time" in lock.mirror_error
+    assert go_state.read_bytes() == before
+
+
+def _strip_like_the_go_cli(state: Path) -> dict[str, Any]:
+    """The Go CLI's rewrite of the whole file (its lock-less rollback): its lock struct keeps
+    only its own fields, so our lock_id, pid and hostname are dropped."""
+    doc = json.loads(state.read_text())
+    doc["lock"] = {k: doc["lock"][k] for k in _GO_LOCK_FIELDS if k in doc["lock"]}
+    state.write_text(json.dumps(doc, indent=2))
+    return dict(doc["lock"])
+
+
+def test_our_copy_stripped_by_a_go_cli_rewrite_is_still_ours(env: Environment,
+                                                             go_state: Path) -> None:
+    """Found by review: our copy without its lock_id was taken for another tool's lock: the
+    refresh warned falsely, the release left `locked: true`, unlock (and --force) refused,
+    and the next run was refused for up to 30 minutes."""
+    lock = acquire(env, "rollback", None)
+    lock.publish()
+    stripped = _strip_like_the_go_cli(go_state)
+    assert stripped["locked"] is True and "lock_id" not in stripped
+    lock.refresh()
+    assert lock.mirror_error is None, lock.mirror_error
+    copy = json.loads(go_state.read_text())["lock"]
+    assert copy["locked"] is True and copy["lock_id"] == lock.lock_id, copy  # whole again
+    _strip_like_the_go_cli(go_state)
+    assert lock.release() is True
+    assert json.loads(go_state.read_text())["lock"]["locked"] is False
+    assert status(env) is None
+    acquire(env, "rollback", None).release()
+
+
+def test_a_go_cli_lock_by_the_same_operator_is_not_taken_for_our_copy(
+        env: Environment, go_state: Path) -> None:
+    """Recognising our stripped copy by who, why and when must not take another lock of the
+    same operator for the same reason for ours: only the times we wrote are ours."""
+    lock = acquire(env, "deploy e4d2c1b", None)
+    lock.publish()
+    doc = json.loads(go_state.read_text())
+    now = datetime.now(UTC)
+    doc["lock"] = {"locked": True, "locked_at": format_time(now), "locked_by": lock.locked_by,
+                   "reason": lock.reason,
+                   "expires_at": format_time(now + timedelta(seconds=env.lock_stale_after))}
+    go_state.write_text(json.dumps(doc, indent=2))
+    lock.refresh()
+    assert "another tool's lock" in (lock.mirror_error or ""), lock.mirror_error
+    lock.release()
+    left = json.loads(go_state.read_text())["lock"]
+    assert left["locked"] is True and left["locked_at"] == format_time(now), left
+
+
+_PROBE = ("import json, sys\nfrom pathlib import Path\nfrom runbook import lock\n"
+          "from runbook.errors import LockedError\nfrom tests.drill_checks import host_env\n"
+          "env = host_env(Path(sys.argv[1]))\n"
+          "seen = lock.status(env)\n"
+          "out = {'status': seen and [seen.broken, seen.describe()]}\n"
+          "for name, act in (('acquire', lambda: lock.acquire(env, 'x', None)),\n"
+          "                  ('unlock', lambda: lock.unlock(env, force=True))):\n"
+          "    try:\n"
+          "        out[name] = 'done: ' + str(act())\n"
+          "    except LockedError as exc:\n"
+          "        out[name] = str(exc)\n"
+          "print(json.dumps(out))\n")
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("holder.json", "fifo"), ("locked_at", "fifo"),
+    ("holder.json", "/dev/zero"), ("locked_at", "/dev/zero"),
+    ("holder.json", "large"),
+])
+def test_a_fifo_or_a_device_in_the_lock_directory_never_hangs_a_command(
+        tmp_path: Path, name: str, kind: str) -> None:
+    """Found by review: a FIFO, or a symlink to /dev/zero, in a lock directory under /tmp
+    (world-writable) hung status, acquire (holding the guard: every other run too) and
+    unlock. Only a regular file of a lock's size is read; anything else is a broken lock,
+    said, and left for a person to remove."""
+    env = host_env(tmp_path)
+    env.lock_path.mkdir(parents=True)
+    (env.lock_path / "locked_at").write_text(f"{int(time.time())}\n")
+    target = env.lock_path / name
+    target.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "large":
+        target.write_text(json.dumps({"locked_by": "x" * (1 << 20)}))
+    else:
+        target.symlink_to(kind)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    broken, said = out["status"]
+    assert broken is True and str(target) in said, said
+    assert ("larger than" if kind == "large" else "not a regular file") in said, said
+    for act in ("acquire", "unlock"):
+        assert not out[act].startswith("done") and str(target) in out[act], out
+        assert "by hand" in out[act], out
+    assert os.path.lexists(target)
+

@@ -36,6 +36,7 @@ from runbook.errors import ExitCode, RunbookError
 from runbook.snapshots import dump as dump_module
 from runbook.snapshots import store as store_module
 from runbook.snapshots import verify as verify_module
+from runbook.state import format_time
 from tests.drill_checks import fill, tmpfs
 
 pytestmark = pytest.mark.docker
@@ -490,6 +491,32 @@ def test_missing_truncated_and_corrupt_files_are_refused(stack: DrillStack) -> N
                        {"sha256": "0" * 64})
     expect_refused(stack, tampered.name, ExitCode.USAGE, "sha256")
     assert item_names(stack) == ["keep"]
+
+
+def test_a_go_cli_deploy_holding_the_lock_blocks_the_restore_despite_a_bad_record(
+        stack: DrillStack) -> None:
+    """Found by review (2026-12-04): one record our reader refuses anywhere in the state file
+    (the Go zero time in a history entry) made the file read as unlocked, so a restore took
+    the lock beside the Go CLI's live one and restored the database during its deploy. The
+    lock is judged from the file's `lock` alone: refused, exit 3, nothing touched."""
+    add_items(stack, "keep")
+    snap = snapshots.create(stack.env, "before the go deploy")
+    state = stack.env.state_file
+    doc = json.loads(state.read_text())
+    now = datetime.now(UTC)
+    doc["lock"] = {"locked": True, "locked_at": format_time(now),
+                   "locked_by": "ci@build-runner", "reason": "deploy e4d2c1b",
+                   "expires_at": format_time(now + timedelta(minutes=30))}
+    doc["deployment_history"] = [*(doc.get("deployment_history") or []), {
+        "version": "e4d2c1b", "git_commit": "e4d2c1b0a9f8e7d6c5b4a3928170f6e5d4c3b2a1",
+        "deployed_at": "0001-01-01T00:00:00Z", "slot": "blue", "deployed_by": "ci"}]
+    state.write_text(json.dumps(doc, indent=2))
+    before = state.read_bytes()
+    add_items(stack, "written-by-the-go-deploy")
+    expect_refused(stack, snap.name, ExitCode.LOCKED, "ci@build-runner",
+                   "recorded only in the state file")
+    assert "written-by-the-go-deploy" in item_names(stack)
+    assert state.read_bytes() == before and not stack.env.lock_path.exists()
 
 
 def test_a_snapshot_of_another_database_is_refused(stack: DrillStack) -> None:

@@ -37,8 +37,10 @@ from runbook.lock.policy import (
     _from_epoch,
     _inspect,
     _judge_state_lock,
+    _state_holder,
     _state_lock_mapping,
     _state_lock_status,
+    _unjudged,
 )
 from runbook.times import rough_duration
 
@@ -77,6 +79,9 @@ class Lock:
     published: bool = field(default=False)  # mirrored into the state file
     _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
     _foreign: str | None = field(default=None)  # a live lock of another tool the refresh met
+    # (locked_at, expires_at) of each copy mirrored into the state file: what tells our copy
+    # once a Go CLI rewrite has dropped its lock_id (_mirror_is_ours)
+    _copies: set[tuple[datetime, datetime]] = field(default_factory=set)
 
     def holder_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +114,11 @@ class Lock:
             "hostname": self.hostname,
             "reason": self.reason,
         }
+
+    def _copy(self) -> dict[str, Any]:
+        """state_json(), its times remembered before it is written (_copies)."""
+        self._copies.add((self.locked_at, self.expires_at))
+        return self.state_json()
 
     def refresh(self, *, mirror: bool = True) -> None:
         """Restart the expiry clock, so a long step is not mistaken for a crashed run.
@@ -144,7 +154,7 @@ class Lock:
     def _refresh_mirror(self) -> None:
         with statemod.WRITING:
             try:
-                self.mirror_error, lost = _mirror(self.env, self.state_json(),
+                self.mirror_error, lost = _mirror(self.env, self._copy(),
                                                   replace_if=self._ours_or_cleared)
             except statemod.StateChangedError as exc:
                 self.mirror_error, lost = exc.message, None
@@ -163,9 +173,13 @@ class Lock:
         try:
             with _guard(self.env):
                 self.check_owned()
-                self._refuse_a_live_state_lock(_state_lock_mapping(self.env))
+                try:
+                    recorded = _state_lock_mapping(self.env)
+                except StateError as exc:  # cannot be read as JSON: no one can tell
+                    raise _locked_error(self.env, _unjudged(self.env, exc)) from None
+                self._refuse_a_live_state_lock(recorded)
             with statemod.WRITING:
-                self.mirror_error, lost = _mirror(self.env, self.state_json(),
+                self.mirror_error, lost = _mirror(self.env, self._copy(),
                                                   replace_if=self._refuse_a_live_state_lock)
             self._mirrored_at = time.time()
         except statemod.StateChangedError:
@@ -219,7 +233,20 @@ class Lock:
                                 "changing anything else")
 
     def _mirror_is_ours(self, lock: Mapping[str, Any]) -> bool:
-        return lock.get("lock_id") == self.lock_id
+        """Our copy: by its lock_id; without one, by what we wrote. The Go CLI rewrites the
+        whole file through its lock struct (locked, locked_at, locked_by, reason, expires_at),
+        dropping our lock_id: our copy was then taken for another tool's lock, the release
+        left it locked, and every run and unlock (--force too) refused until it expired
+        (found by review). Ours: our locked_by and reason, and the very times of a copy this
+        run wrote (to the microsecond: another lock is not taken at that instant)."""
+        if lock.get("lock_id") is not None:
+            return lock.get("lock_id") == self.lock_id
+        seen = _state_holder(lock)
+        return (bool(lock.get("locked")) and seen.locked_by == self.locked_by
+                and seen.reason == self.reason and seen.pid in (None, self.pid)
+                and seen.hostname in (None, self.hostname)
+                and seen.locked_at is not None and seen.expires_at is not None
+                and (seen.locked_at, seen.expires_at) in self._copies)
 
     def __enter__(self) -> Lock:
         return self
@@ -413,7 +440,10 @@ def unlock(env: Environment, force: bool = False) -> str:
     with _guard(env):
         current = _inspect(env)
         if current is None:
-            judged = _state_lock_mapping(env)
+            try:
+                judged = _state_lock_mapping(env)
+            except StateError as exc:  # cannot be read as JSON: nothing judged, nothing cleared
+                raise _locked_error(env, _unjudged(env, exc), unlocking=True) from None
             state_only = _judge_state_lock(env, judged)
             if state_only is None:
                 return f"{env.display}: no deploy lock is held; nothing to do"
@@ -425,7 +455,10 @@ def unlock(env: Environment, force: bool = False) -> str:
                                     replace_if=lambda lock: lock == judged)
             except statemod.StateChangedError:
                 failed = f"{env.state_file} kept changing (another tool writes it)"
-            now = _state_lock_mapping(env)
+            try:
+                now = _state_lock_mapping(env)
+            except StateError as exc:
+                failed, now = failed or exc.message, None
             if failed is not None or (now and now.get("locked")):
                 why = failed or "it changed since it was judged (another tool's lock now)"
                 raise LockedError(f"{env.display}: the state file's lock was left as it is: "
@@ -630,7 +663,8 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
                           f"is empty, {rough_duration(current.age)} old (a run killed while "
                           "taking it)", f"remove it with `runbook unlock {env.name} --force`")
     if current.broken:
-        raise LockedError(f"{current.why}; not touching it", f"remove {current.path} by hand")
+        raise LockedError(f"{current.why}; not touching it",
+                          current.fix or f"remove {current.path} by hand")
     raise _locked_error(env, current, unlocking=True)
 
 
@@ -666,11 +700,12 @@ def _only_our_temp_files(current: LockStatus) -> list[str] | None:
 def _locked_error(env: Environment, current: LockStatus, *,
                   unlocking: bool = False) -> LockedError:
     name = env.name
+    if current.broken:
+        return LockedError(f"{env.display}: the deploy lock cannot be used: {current.why}",
+                           current.fix or f"remove {current.path} by hand if nothing uses it")
     where = "" if current.source == "directory" else " (recorded only in the state file)"
     message = (f"{env.display}: the deploy lock{where} is held by {current.describe()}; "
                f"{current.why}")
-    if current.broken:
-        return LockedError(message, f"remove {current.path} by hand if nothing uses it")
     if current.stale and current.pid_unverified:
         pid = current.pid or "?"
         fix = (f"its process {pid} looks alive, but by its pid alone: if that is the deploy "

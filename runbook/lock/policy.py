@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runbook import procs
+from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment
 from runbook.errors import StateError
@@ -80,6 +80,7 @@ class LockStatus:
     ident: Ident | None = None
     state_lock: Mapping[str, Any] | None = None  # the state file's mirror, for messages
     broken: bool = False  # something that is not a lock directory sits at the path
+    fix: str | None = None  # a broken lock's way out, when not "remove it by hand"
     # holder_alive comes from the state file's mirror (the shell tooling names its pid only
     # there), not from a holder.json with the process's start time: a reused pid would look
     # alive, so --force may remove it once on-call has checked the process
@@ -150,17 +151,26 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,
                           stale=False, why=f"{path} is not a lock directory", holder_alive=None,
                           expires_in=float("inf"), ident=ident, broken=True)
-    holder = _read_holder(path / HOLDER)
-    epoch = None
-    if holder is not None and holder.locked_at is not None:
-        epoch = holder.locked_at.timestamp()
-    basis = "holder.json"
-    if epoch is None:
-        epoch, basis = _read_locked_at(path / LOCKED_AT), "locked_at"
+    try:
+        holder = _read_holder(path / HOLDER)
+        epoch = None
+        if holder is not None and holder.locked_at is not None:
+            epoch = holder.locked_at.timestamp()
+        basis = "holder.json"
+        if epoch is None:
+            epoch, basis = _read_locked_at(path / LOCKED_AT), "locked_at"
+    except files.NotAFile as exc:  # neither the runbook nor the shell tooling makes one
+        return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,
+                          stale=False, why=f"{exc.filename} is {exc.strerror}, so it is no "
+                          "lock's file (made by hand or by another user)", holder_alive=None,
+                          expires_in=float("inf"), ident=ident, broken=True)
     if epoch is None or epoch > now + FUTURE_SLACK:
         # Not written yet (being acquired), or garbage: the directory's own age decides.
         epoch, basis = st.st_mtime, "the directory's mtime"
-    state_lock = None if holder is not None else _state_lock_mapping(env)
+    try:  # only evidence that a legacy directory's holder runs; judged again on its own
+        state_lock = None if holder is not None else _state_lock_mapping(env)
+    except StateError:
+        state_lock = None
     running = basis == "locked_at" and _mirror_running(state_lock, epoch)
     judged = _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
                     running=running)
@@ -220,15 +230,31 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
 
 
 def _state_lock_mapping(env: Environment) -> Mapping[str, Any] | None:
-    try:
-        return statemod.read_state(env.state_file).lock
-    except StateError:
-        return None
+    """The state file's lock object, read alone (statemod.read_lock): a bad record elsewhere
+    in the file never hides it. StateError when the file cannot be read as JSON."""
+    return statemod.read_lock(env.state_file)
 
 
 def _state_lock_status(env: Environment, now: float | None = None) -> LockStatus | None:
-    """A lock recorded only in the state file (the Go CLI locks nowhere else)."""
-    return _judge_state_lock(env, _state_lock_mapping(env), now)
+    """A lock recorded only in the state file (the Go CLI locks nowhere else); a broken
+    LockStatus when the file cannot be read as JSON: never "free" for want of reading it."""
+    try:
+        lock = _state_lock_mapping(env)
+    except StateError as exc:
+        return _unjudged(env, exc)
+    return _judge_state_lock(env, lock, now)
+
+
+def _unjudged(env: Environment, exc: StateError) -> LockStatus:
+    """The state file cannot be read as JSON (corrupted, or being rewritten in place this
+    instant): whether another tool (the Go CLI) holds the lock in it cannot be told, so the
+    lock is not taken, and said so, not taken for free (found by review)."""
+    return LockStatus(path=env.state_file, source="state file", holder=None, locked_at=None,
+                      age=0.0, stale=False, why=f"{exc.message}, so whether another tool (the "
+                      "Go CLI) holds the deploy lock in it cannot be told", holder_alive=None,
+                      expires_in=float("inf"), broken=True,
+                      fix=f"{exc.fix or 'restore it from a backup'} (if a deploy is writing it "
+                      "at this moment, run again in a minute)")
 
 
 def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
@@ -267,12 +293,22 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
                   pid_start=number("pid_start"),
                   hostname=text("hostname"), reason=text("reason"),
                   deployment_id=text("deployment_id"), locked_at=when("locked_at"),
-                  expires_at=when("lock_expires_at") or when("expires_at"))
+                  # read leniently too (a lock read_state refused): the later of the two
+                  # names, as read_state keeps it (an earlier one would steal a live lock)
+                  expires_at=max(filter(None, (when("lock_expires_at"), when("expires_at"))),
+                                 default=None))
+
+
+LOCK_FILE_MAX = 64 * 1024  # holder.json is a few hundred bytes, locked_at a dozen
 
 
 def _read_holder(path: Path) -> Holder | None:
+    """files.NotAFile for what is no lock's file (a FIFO, a symlink to /dev/zero): read, it
+    hung every command (found by review)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(files.read_regular(path, LOCK_FILE_MAX))
+    except files.NotAFile:
+        raise
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
@@ -281,8 +317,11 @@ def _read_holder(path: Path) -> Holder | None:
 
 
 def _read_locked_at(path: Path) -> float | None:
+    """As _read_holder: files.NotAFile for what is no lock's file."""
     try:
-        value = float(path.read_text().strip())
+        value = float(files.read_regular(path, LOCK_FILE_MAX).strip())
+    except files.NotAFile:
+        raise
     except (OSError, ValueError):
         return None
     return value if value >= 1_000_000_000 else None  # what the shell tooling also rejects

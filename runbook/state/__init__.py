@@ -28,7 +28,7 @@ from runbook.state.model import (
     new_id,
     parse_time,
 )
-from runbook.state.reader import absent, parse_state, read_state
+from runbook.state.reader import absent, parse_state, read_lock, read_state
 from runbook.state.records import (
     after_deploy,
     after_rollback,
@@ -76,6 +76,7 @@ __all__ = [
     "normalized_history",
     "parse_state",
     "parse_time",
+    "read_lock",
     "read_state",
     "to_json",
     "with_lock",

@@ -263,6 +263,20 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
     """Parse any dialect. `environment`, when given, fills a blank one and must match."""
     r = _Reader(source)
     raw_bytes = text if isinstance(text, bytes) else _encode(text)
+    data = _load(text, r)
+    _check_numbers(data, r)
+    try:
+        state = _build(data, r, environment)
+    except RecursionError:
+        raise r.fail("", "is nested too deeply to be a deployment state file",
+                     "restore it from a backup") from None
+    state = replace(state, raw=data, raw_bytes=raw_bytes)
+    object.__setattr__(state, "origin", state)
+    return state
+
+
+def _load(text: str | bytes, r: _Reader) -> dict[str, Any]:
+    """The file's JSON object, before any of its records is judged."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
@@ -281,15 +295,7 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
     if not isinstance(data, dict):
         raise r.fail("", f"expected a JSON object at the top, got {_show(data)}",
                      "restore it from a backup or re-record the deployment")
-    _check_numbers(data, r)
-    try:
-        state = _build(data, r, environment)
-    except RecursionError:
-        raise r.fail("", "is nested too deeply to be a deployment state file",
-                     "restore it from a backup") from None
-    state = replace(state, raw=data, raw_bytes=raw_bytes)
-    object.__setattr__(state, "origin", state)
-    return state
+    return data
 
 
 def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> DeploymentState:
@@ -352,19 +358,50 @@ def absent(path: Path, *, environment: str) -> DeploymentState:
     return DeploymentState(environment=environment, source=str(path))
 
 
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """The state file's `lock` object alone, for judging the deploy lock; None when there is
+    no file or no lock in it. A record read_state refuses elsewhere (a Go zero time in the
+    history) made the whole file read as unlocked, and a run took the lock beside the Go
+    CLI's (found by review). Normalized as read_state does where the lock's own fields allow,
+    else as written (the judge reads it leniently). StateError only when the file cannot be
+    read as a JSON object, or its lock is not an object: no one can tell it is unlocked."""
+    raw = _read_bytes(path)
+    if raw is None:
+        return None
+    r = _Reader(str(path))
+    lock = _load(raw, r).get("lock")
+    if lock is None:
+        return None
+    if not isinstance(lock, dict):
+        raise r.fail("lock", f"expected an object, got {_show(lock)}",
+                     "write {\"locked\": false} if no deployment is running")
+    try:
+        return _lock(lock, r)
+    except (StateError, RecursionError):
+        return lock
+
+
 def read_state(path: Path, *, environment: str | None = None) -> DeploymentState:
     """Read and normalize the state file; a missing file is an error, never an empty state."""
+    raw = _read_bytes(path)
+    if raw is None:
+        raise StateError(f"{path}: no deployment has been recorded (the state file does not "
+                         "exist)", "deploy first, or check [state] file in the environment "
+                         "configuration")
+    return parse_state(raw, str(path), environment=environment)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """The file's bytes; None when it does not exist."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_STATE_BYTES + 1)
     except FileNotFoundError:
-        raise StateError(f"{path}: no deployment has been recorded (the state file does not "
-                         "exist)", "deploy first, or check [state] file in the environment "
-                         "configuration") from None
+        return None
     except OSError as exc:
         raise StateError(f"{path}: cannot read the state file ({exc.strerror or exc})",
                          "check the path and its permissions") from None
     if len(raw) > MAX_STATE_BYTES:
         raise StateError(f"{path}: larger than {MAX_STATE_BYTES // (1024 * 1024)} MiB, so it is "
                          "not a deployment state file", "restore it from a backup")
-    return parse_state(raw, str(path), environment=environment)
+    return raw
