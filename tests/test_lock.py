@@ -1482,3 +1482,38 @@ def test_a_fifo_or_a_device_in_the_lock_directory_never_hangs_a_command(
         assert "by hand" in out[act], out
     assert os.path.lexists(target)
 
+
+def test_a_crashed_shell_lock_dated_in_the_future_is_removed_with_force(env: Environment) -> None:
+    """Found by review: the shell tooling's lock written before the clock was stepped back
+    (NTP, 6 h) reads as fresh for 6 h, and a lock that has not expired is never removed,
+    not even with --force. Its age cannot be told: on-call, having checked that no deploy
+    runs, may remove it with --force; without it, it is still refused."""
+    path = plant(env, legacy=True)
+    future = time.time() + 6 * 3600
+    (path / "locked_at").write_text(f"{int(future)}\n")
+    os.utime(path / "locked_at", (future, future))
+    os.utime(path, (future, future))
+    seen = status(env)
+    assert seen is not None and not seen.stealable and "in the future" in seen.why, seen
+    with pytest.raises(LockedError) as refused:
+        acquire(env, "x", None)
+    assert f"runbook unlock {env.name} --force" in (refused.value.fix or ""), refused.value
+    with pytest.raises(LockedError, match="--force"):
+        unlock(env)
+    assert path.is_dir()
+    assert "removed" in unlock(env, force=True)
+    assert not path.exists()
+
+
+def test_status_says_since_when_the_lock_is_held_not_its_last_refresh(env: Environment) -> None:
+    """Found by review: "held since" showed the last heartbeat (the refresh rewrote
+    locked_at), so a run holding the lock for an hour read as taken a minute ago."""
+    lock = acquire(env, "long restore", None)
+    taken = lock.locked_at
+    time.sleep(1.1)
+    lock.refresh()
+    seen = status(env)
+    assert seen is not None and seen.is_ours
+    assert f"since {format_time(taken)}" in seen.describe(), seen.describe()
+    assert not seen.stale and seen.expires_in > env.lock_stale_after - 1  # still refreshed
+    lock.release()

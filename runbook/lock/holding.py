@@ -78,6 +78,7 @@ class Lock:
     released: bool = field(default=False)
     published: bool = field(default=False)  # mirrored into the state file
     _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
+    held_since: datetime | None = None  # when it was taken (a refresh moves locked_at)
     _foreign: str | None = field(default=None)  # a live lock of another tool the refresh met
     # (locked_at, expires_at) of each copy mirrored into the state file: what tells our copy
     # once a Go CLI rewrite has dropped its lock_id (_mirror_is_ours)
@@ -93,6 +94,7 @@ class Lock:
             "deployment_id": self.deployment_id,
             "locked_at": statemod.format_time(self.locked_at),
             "expires_at": statemod.format_time(self.expires_at),
+            "held_since": statemod.format_time(self.held_since or self.locked_at),
             "pid_start": procs.pid_start(self.pid),
             "tool": "togather-runbook",
             **({"took_over": self.stolen_from.describe() + f" ({self.stolen_from.why})"}
@@ -354,7 +356,7 @@ def _make(env: Environment, path: Path, reason: str, run_id: str | None,
             locked_by=statemod.current_operator(), pid=os.getpid(),
             hostname=socket.gethostname(), locked_at=locked_at,
             expires_at=locked_at + timedelta(seconds=env.lock_stale_after),
-            ident=ident, stolen_from=stolen,
+            ident=ident, stolen_from=stolen, held_since=locked_at,
         )
         _write_lock_files(path, lock, now)
     except BaseException:
@@ -487,7 +489,8 @@ def unlock(env: Environment, force: bool = False) -> str:
         _mirror(env, {"locked": False}, replace_if=removed_ones)
     except statemod.StateChangedError:
         note = f"; {env.state_file} kept changing, so its copy of the lock was left as it is"
-    what = "our own lock" if current.is_ours else f"a stale lock ({current.why})"
+    what = ("our own lock" if current.is_ours else
+            f"{'a' if current.undated else 'a stale'} lock ({current.why})")
     return f"{env.display}: removed {what}, held by {current.describe()}{note}"
 
 
@@ -656,6 +659,8 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
     if force and current.stale and (current.holder_alive is not True
                                     or current.pid_unverified):
         return  # (a pid known without its start time may be reused: on-call checked it)
+    if force and current.undated:
+        return  # dated in the future: on-call checked that no deploy runs
     if _left_empty(current):
         if force:
             return
@@ -712,6 +717,9 @@ def _locked_error(env: Environment, current: LockStatus, *,
                f"(`sudo ps -o pid,lstart,args -p {pid}`: as root, which /proc's hidepid does "
                f"not hide from), let it finish; if it is not (its pid was reused), remove the "
                f"lock with `runbook unlock {name} --force`")
+    elif current.undated:
+        fix = (f"if no deploy is running on this host (its age cannot be told), remove it "
+               f"with `runbook unlock {name} --force`")
     elif current.stale and current.holder_alive:
         pid = current.pid or "?"
         fix = (f"its process {pid} is still running, so the lock is never removed, not even "

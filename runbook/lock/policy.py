@@ -44,6 +44,7 @@ class Holder:
     locked_at: datetime | None = None
     expires_at: datetime | None = None
     pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
+    held_since: datetime | None = None  # when it was taken (locked_at is its last refresh)
 
     def describe(self) -> str:
         """One line whatever another tool wrote in the lock: its fields' control characters
@@ -81,6 +82,9 @@ class LockStatus:
     state_lock: Mapping[str, Any] | None = None  # the state file's mirror, for messages
     broken: bool = False  # something that is not a lock directory sits at the path
     fix: str | None = None  # a broken lock's way out, when not "remove it by hand"
+    # dated in the future (the clock was set back since it was taken): its age cannot be
+    # told, so it never expires by itself; on-call, having checked, may remove it with --force
+    undated: bool = False
     # holder_alive comes from the state file's mirror (the shell tooling names its pid only
     # there), not from a holder.json with the process's start time: a reused pid would look
     # alive, so --force may remove it once on-call has checked the process
@@ -129,8 +133,12 @@ class LockStatus:
             who = "the shell tooling (" + _state_holder(self.state_lock).describe() + ")"
         else:
             who = "the shell tooling (no holder recorded)"
-        since = (f" since {statemod.format_time(self.locked_at)} ({rough_duration(self.age)} ago)"
-                 if self.locked_at else "")
+        since = ""
+        if self.locked_at:  # when it was taken, not its last refresh (found by review)
+            taken = self.holder.held_since if self.holder and self.holder.held_since else None
+            start = taken if taken is not None and taken <= self.locked_at else self.locked_at
+            age = self.age + (self.locked_at - start).total_seconds()
+            since = f" since {statemod.format_time(start)} ({rough_duration(age)} ago)"
         return f"{who}{since}"
 
 
@@ -174,6 +182,14 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
     running = basis == "locked_at" and _mirror_running(state_lock, epoch)
     judged = _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
                     running=running)
+    if epoch > now + FUTURE_SLACK and not judged.stale and judged.holder_alive is not True:
+        # its directory too was made "later" than now: the clock was set back since (NTP
+        # stepping it). It read as fresh for hours, and a lock that has not expired was not
+        # removable even with --force (found by review)
+        judged = dataclasses.replace(
+            judged, undated=True, why=f"it is dated {rough_duration(epoch - now)} in the "
+            f"future (by {basis}): the clock was set back since it was taken, so its age "
+            "cannot be told")
     return dataclasses.replace(judged, alive_by_mirror=running) if running else judged
 
 
@@ -293,6 +309,7 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
                   pid_start=number("pid_start"),
                   hostname=text("hostname"), reason=text("reason"),
                   deployment_id=text("deployment_id"), locked_at=when("locked_at"),
+                  held_since=when("held_since"),
                   # read leniently too (a lock read_state refused): the later of the two
                   # names, as read_state keeps it (an earlier one would steal a live lock)
                   expires_at=max(filter(None, (when("lock_expires_at"), when("expires_at"))),
