@@ -29,6 +29,8 @@ from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
 from tests.matrix import nightly
 
+ROOT = Path(__file__).resolve().parent.parent
+
 RUNBOOK = str(Path(sys.executable).with_name("runbook"))
 
 INVENTORY = """\
@@ -389,6 +391,28 @@ def test_an_expired_fleet_lock_is_taken_over_and_said(env: Environment) -> None:
     assert held is not None and held.stale and held.why == "expired"
     out = _take(env, "fleet_new")
     assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_old"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_a_fifo_in_the_fleet_lock_never_hangs_its_status(env: Environment, kind: str) -> None:
+    """Found by review: the fleet lock's holder.json under /tmp (world-writable) was read
+    with read_text, so a planted FIFO (or a link to /dev/zero) hung every fleet command. It
+    is a holder that cannot be read: held until the directory's age expires it."""
+    _take(env, "fleet_a")
+    holder = hostlock.path(env) / "holder.json"
+    holder.unlink()
+    if kind == "fifo":
+        os.mkfifo(holder)
+    else:
+        holder.symlink_to(kind)
+    code = ("import sys, json; from pathlib import Path; from runbook import environment; "
+            "from runbook.fleet import hostlock; "
+            "env = environment.load('staging').with_(lock_dir=Path(sys.argv[1])); "
+            "held = hostlock.status(env); print(json.dumps([held.stale, held.holder]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(env.lock_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, {}]  # held (a young directory), by nobody named
 
 
 def test_a_take_that_cannot_write_its_holder_leaves_no_lock_behind(env: Environment) -> None:

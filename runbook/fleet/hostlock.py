@@ -67,11 +67,16 @@ class Held:
                 "summary": self.describe()}
 
 
+_HOLDER_LIMIT = 64 * 1024
+
+
 def status(env: Environment, now: float | None = None) -> Held | None:
     """Who holds the fleet lock, and whether it is stale; None when free."""
     now = time.time() if now is None else now
     try:
-        holder = json.loads((path(env) / "holder.json").read_text())
+        # a regular file of a holder's size only: a FIFO or a link to /dev/zero planted in
+        # /tmp hung every fleet command (found by review); unreadable is a nameless holder
+        holder = json.loads(files.read_regular(path(env) / "holder.json", _HOLDER_LIMIT))
     except FileNotFoundError:
         if not path(env).exists():
             return None
