@@ -191,6 +191,7 @@ def test_an_engine_over_ssh_is_a_configuration_error_not_a_stopped_engine(
     monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
     said: list[docker.DockerError] = []
     docker._engine.cache_clear()
+    docker.client.cache_clear()  # an earlier test's client (xdist: same worker) is cached
     try:
         for call in (lambda: docker.inspect("togather-server-blue"), docker.client):
             with pytest.raises(docker.DockerError) as info:
