@@ -9,7 +9,9 @@ neither after_step nor step_error, so a step still "running" when its scenario e
 skipped (or interrupted), which the call's report then tells apart. The engine's run records
 are read from env.runs_dir at the end of each scenario, before the next scenario's drill reset
 wipes that directory; a run that the drill's user load (steps/world.py) watched gets what the
-users saw during it (`traffic`: requests, non-2xx, resets, the longest gap, per 50 ms). The
+users saw during it (`traffic`: requests, non-2xx, resets, the longest gap, per 50 ms), over
+its whole window (a run killed mid-step: to where runbook.reports.model.measure_unfinished
+measures it, not to the start of the step it was killed in). The
 environment is captured when its fixture is set up, so the plugin never starts a drill stack
 by itself.
 
@@ -412,6 +414,8 @@ class DrillReport:
         entry["runs"].extend(runs)
         for run in runs:
             reports.images_in(run, self.images)
+        # a run killed mid-step is measured (and its users counted) past that step's start
+        reports.measure_unfinished(entry["runs"], reports.scenario_end(entry))
         if load is not None and load.started is not None:
             records = load.records()
             for run in runs:

@@ -4,10 +4,13 @@ report lays what it saw on a rollback's timeline."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,12 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from runbook import faults, rollback
 from runbook import report as reports
-from runbook import rollback
 from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Slot
+from runbook.environment import Environment, Slot
 from steps import outcomes
 from tests.drill_checks import closed_port, two_deployments
 
@@ -142,6 +145,68 @@ def test_a_rollback_under_load_drops_nobody_and_the_report_shows_it(
     assert group["data-longest-gap-ms"] == str(users["longest_gap_ms"])
     gap = [a for t, a in found.tags if t == "rect" and a.get("class") == "gap"]
     assert len(gap) == 1
+
+
+def runbook_cli(env: Environment, *args: str, fault: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """The runbook command as on-call types it, with a drill fault (runbook/faults.py)."""
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    if fault:
+        environ[faults.VARIABLE] = fault
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+                          capture_output=True, text=True, timeout=180, env=environ,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.docker
+def test_a_rollback_killed_mid_switch_has_its_users_counted_until_the_rerun(
+        scene_stack: DrillStack) -> None:
+    """Found by review: a run killed during a step was measured to that step's START, so
+    what users saw during the step (here the switch, killed once Caddy runs green) was outside
+    the run's window. The real CLI with a drill fault, real users through Caddy; the rerun
+    finishes the rollback. The killed run's users' window reaches the rerun's start and holds
+    every request in flight during its switch."""
+    env = two_deployments(scene_stack)
+    with Load(f"{env.caddy.proxy_url}/version") as load:
+        time.sleep(0.2)
+        first = runbook_cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+        time.sleep(0.3)  # on-call reads the error, types the command again
+        second = runbook_cli(env, "rollback", "--yes")
+        time.sleep(0.2)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert second.returncode == 0, second.stderr
+    killed, rerun = [r for r in reports.collect_runs(env.runs_dir) if r["action"] == "rollback"]
+    (switch,) = [s for s in killed["steps"] if s["name"] == "switch"]
+    assert (switch["status"], switch["duration_ms"], killed["finished_at"]) == (
+        "running", None, None)
+    data = reports.new_report(environment="drill")
+    feature = reports.feature_entry(data, "features/rollback.feature", "Rollback")
+    scenario = reports.scenario_entry(feature, nodeid="x::killed", name="Killed, then rerun")
+    (step,) = scenario["steps"] = [reports.step_entry("When", "the rollback runs", type_="when")]
+    began = reports.parse_time(killed["started_at"])
+    assert began is not None
+    step.update(status=reports.PASSED, started_at=reports.now_iso(began - timedelta(seconds=1)),
+                duration_ms=round((time.time() - began.timestamp() + 1) * 1000))
+    scenario["runs"] = [killed, rerun]
+    reports.finalize(data)
+
+    records = load.records()
+    switch_began = reports.parse_time(switch["started_at"])
+    rerun_began = reports.parse_time(rerun["started_at"])
+    assert switch_began is not None and rerun_began is not None
+    during_switch = [r for r in records if switch_began.timestamp() <= r.started
+                     and r.ended < rerun_began.timestamp()]
+    assert during_switch, "no user request while the killed run's switch ran"
+    window = reports.run_window(killed)
+    assert window is not None and window[1] == rerun_began, (window, rerun_began)
+    users = reports.traffic(killed, records, load.clients)
+    assert users is not None and users["window_ms"][1] == round(
+        (rerun_began - window[0]).total_seconds() * 1000)
+    start, end = (t.timestamp() for t in window)
+    inside = [r for r in records if start <= r.started <= end]
+    assert users["requests"] == len(inside) >= len(during_switch) > 0
+    assert (users["non_2xx"], users["failed"]) == (0, 0)
 
 
 class Tags(HTMLParser):

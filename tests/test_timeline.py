@@ -1,12 +1,22 @@
 """The drill report's timeline SVG (templates/timeline.svg.j2): what a run record says comes
 out as text, never as markup, escaped once. The oracle is Python's HTML parser on the output
-and the literal strings of the record. No Docker."""
+and the literal strings of the record. And how long a run killed mid-step is measured, from
+the records runbook.journal itself leaves. No Docker."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta
 from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
 
+from runbook import report as reports
+from runbook.journal import Journal
+from runbook.livedocs.model import verified_from_report
 from runbook.reports.timeline import timeline_svg
+from runbook.times import format_ms, format_ms_utc, parse_utc
+from tests.drill_checks import host_env
 
 EVIL = '<script>alert("x")</script> & \'quoted\''
 
@@ -72,3 +82,109 @@ def test_bars_and_the_users_row_carry_the_record_s_numbers() -> None:
             users["data-longest-gap-ms"]) == ("9", "1", "1", "30")
     assert [a.get("class") for t, a in read.tags if t == "rect" and a.get("class") in (
         "bad", "reset", "gap")] == ["bad", "reset", "gap"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A run killed during a step: its record keeps that step `running`, with no duration. Found by
+# review: the report measured such a run to the START of that step (the step counted as 0 ms),
+# so its timeline, its measured time, the time to recover and the users' window all stopped
+# where the step began. The records here are runbook.journal's own, as a kill leaves them.
+
+
+def killed_run(tmp_path: Path, *, finished: bool = False) -> dict[str, Any]:
+    """A rollback journaled up to the start of its switch: its record as a kill then leaves
+    it (with `finished`, the run's finish was also recorded while the step still ran)."""
+    env = host_env(tmp_path, name="staging")
+    journal = Journal.open(env, "rollback", why="killed mid-switch")
+    with journal.step("lock", "Take the deploy lock"):
+        time.sleep(0.02)
+    switch = journal.step("switch", "Switch traffic to green")
+    switch.__enter__()
+    time.sleep(0.05)
+    if finished:
+        journal.finish("interrupted", 130)
+    (record,) = reports.collect_runs(env.runs_dir)
+    switch.__exit__(None, None, None)  # after the read: the record above is the killed run's
+    (step,) = [s for s in record["steps"] if s["name"] == "switch"]
+    assert (step["status"], step["duration_ms"]) == ("running", None), step  # what a kill leaves
+    assert (record["finished_at"] is not None) == finished
+    return record
+
+
+def scenario_with(runs: list[dict[str, Any]], ends: datetime) -> dict[str, Any]:
+    """A report whose one scenario ran `runs` in a When that ended at `ends`."""
+    data = reports.new_report(environment="drill")
+    feature = reports.feature_entry(data, "features/rollback.feature", "Rollback")
+    scenario = reports.scenario_entry(feature, nodeid="x::killed", name="Killed mid-switch")
+    began = min(parse_utc(r["started_at"]) for r in runs) - timedelta(milliseconds=100)
+    (step,) = scenario["steps"] = [reports.step_entry("When", "the rollback runs", type_="when")]
+    step.update(status=reports.PASSED, started_at=format_ms_utc(began),
+                duration_ms=round((ends - began).total_seconds() * 1000))
+    scenario["status"] = reports.PASSED
+    scenario["runs"] = runs
+    reports.finalize(data)
+    return data
+
+
+def first_step_start(run: dict[str, Any]) -> datetime:
+    return min(parse_utc(s["started_at"]) for s in run["steps"])
+
+
+def ms(later: datetime, earlier: datetime) -> int:
+    return round((later - earlier).total_seconds() * 1000)
+
+
+def test_a_run_killed_mid_step_is_measured_to_the_scenario_s_end_and_says_so(
+        tmp_path: Path) -> None:
+    record = killed_run(tmp_path)
+    switch_began = parse_utc(record["steps"][-1]["started_at"])
+    ends = switch_began + timedelta(seconds=3)
+    data = scenario_with([record], ends)
+    ((_, scenario),) = reports.scenarios(data)
+    window = reports.run_window(record)
+    assert window is not None and window[1] == ends, (window, ends)
+    took = reports.run_duration_ms(record)
+    assert took == ms(ends, first_step_start(record)) and took > 3000
+    assert scenario["time_to_recover_ms"] == took
+    said = "killed during Switch traffic to green; measured to the scenario's end"
+    assert scenario["time_to_recover_incomplete"] == said
+    page = reports.render_html(data)
+    assert f"time to recover: {format_ms(took)}</span>" not in page  # never a clean figure
+    for html in (page, timeline_svg(record)):
+        read = Read()
+        read.feed(html)
+        assert any(said in text for text in read.text), read.text
+    (verified,) = verified_from_report(data).values()  # what `runbook docs` prints
+    assert verified.endswith(f"time to recover {format_ms(took)} (incomplete: {said})")
+
+
+def test_a_killed_run_whose_finish_was_recorded_is_measured_to_it(tmp_path: Path) -> None:
+    record = killed_run(tmp_path, finished=True)
+    finished = parse_utc(record["finished_at"])
+    scenario_with([record], finished + timedelta(seconds=5))
+    window = reports.run_window(record)
+    assert window is not None and window[1] == finished
+    assert reports.run_duration_ms(record) == ms(finished, first_step_start(record))
+    assert reports.incomplete(record) == (
+        "killed during Switch traffic to green; measured to its record's finished_at")
+
+
+def test_a_killed_run_followed_by_another_is_measured_to_the_next_run_s_start(
+        tmp_path: Path) -> None:
+    record = killed_run(tmp_path)
+    time.sleep(0.1)
+    env = host_env(tmp_path, name="staging")
+    with Journal.open(env, "rollback", why="the rerun") as rerun, \
+            rerun.step("lock", "Take the deploy lock"):
+        pass
+    (again,) = [r for r in reports.collect_runs(env.runs_dir) if r["run_id"] != record["run_id"]]
+    killed = record
+    data = scenario_with([killed, again], parse_utc(again["finished_at"]) + timedelta(seconds=4))
+    ((_, scenario),) = reports.scenarios(data)
+    window = reports.run_window(killed)
+    assert window is not None and window[1] == parse_utc(again["started_at"])
+    assert scenario["time_to_recover_ms"] == (reports.run_duration_ms(killed)
+                                              + reports.run_duration_ms(again))
+    assert reports.incomplete(killed) == (
+        "killed during Switch traffic to green; measured to the next run's start")
+    assert reports.incomplete(again) is None

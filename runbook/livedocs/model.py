@@ -266,6 +266,8 @@ def verified_from_report(report: Mapping[str, Any]) -> dict[tuple[str, str], str
     for key, seen in reports.last_verified(report).items():
         ttr = seen.get("time_to_recover_ms")
         extra = f", time to recover {format_ms(ttr)}" if ttr is not None else ""
+        if ttr is not None and seen.get("time_to_recover_incomplete"):
+            extra += f" (incomplete: {seen['time_to_recover_incomplete']})"
         where = seen.get("environment") or "drill"
         if seen["status"] == reports.PASSED:
             out[key] = f"passed on {where} at {seen['at']}{extra}"

@@ -7,8 +7,10 @@ fingerprint comes from runbook/reports/fingerprint.py, through the caller.
 
 report.json (FORMAT) holds: `features[].scenarios[]` with `status`, `duration_ms`, `steps[]`
 ({keyword, name, line, status, duration_ms, offset_ms, error}), `runs[]` (the engine's run
-records, as runbook.journal writes them) and `time_to_recover_ms`; `fingerprint`; `summary`
-and `attention` (recomputed by finalize()).
+records, as runbook.journal writes them, plus what the report adds: `traffic`, what the users
+saw, and for a run killed mid-step `measured_to`, where it is measured to), `time_to_recover_ms`
+and `time_to_recover_incomplete` (why that figure is not clean, or null); `fingerprint`;
+`summary` and `attention` (recomputed by finalize()).
 """
 
 from __future__ import annotations
@@ -96,17 +98,103 @@ def run_phases(run: Mapping[str, Any]) -> list[dict[str, Any]]:
     return phases
 
 
-def run_window(run: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
-    """The run's timeline as wall-clock times: its origin (offset 0) and its last step's end."""
-    phases = run_phases(run)
-    if not phases:
+def unfinished_step(run: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The step a run was killed during: the last one that began and was never timed (its
+    record keeps it `running`, with no duration). None for a run whose every step ended."""
+    left = [s for s in run.get("steps") or [] if isinstance(s, Mapping)
+            and parse_time(s.get("started_at")) is not None
+            and not isinstance(s.get("duration_ms"), int | float)]
+    return left[-1] if left else None
+
+
+def scenario_end(scenario: Mapping[str, Any]) -> datetime | None:
+    """When the scenario's last timed step ended, as the report measured its steps."""
+    ends = [began + timedelta(milliseconds=float(step["duration_ms"]))
+            for step in scenario.get("steps") or [] if isinstance(step, Mapping)
+            and (began := parse_time(step.get("started_at"))) is not None
+            and isinstance(step.get("duration_ms"), int | float)]
+    return max(ends, default=None)
+
+
+def measure_unfinished(runs: Iterable[Any], ends: datetime | None) -> None:
+    """Say where each run killed mid-step is measured to (`measured_to` in its entry): its
+    record's finished_at if it has one, else the next run's start, else `ends` (the
+    scenario's end), whichever is known first; the step's start when none is. Without this
+    the killed step counts as 0 ms and the run's window stops where that step began (found by
+    review). Recomputed from the records each time, so it may run again (finalize does)."""
+    mine = [r for r in runs if isinstance(r, dict)]
+    for run in mine:
+        run.pop("measured_to", None)
+        step = unfinished_step(run)
+        if step is None:
+            continue
+        began = parse_time(step.get("started_at"))
+        if began is None:  # unfinished_step names only steps that began
+            continue
+        later = sorted(t for other in mine if other is not run
+                       and (t := parse_time(other.get("started_at"))) is not None
+                       and t >= began)
+        finished = parse_time(run.get("finished_at"))
+        for at, what in ((finished, "its record's finished_at"),
+                         (later[0] if later else None, "the next run's start"),
+                         (ends, "the scenario's end")):
+            if at is not None and at >= began:
+                run["measured_to"] = {"at": now_iso(at), "what": what}
+                break
+
+
+def measured_to(run: Mapping[str, Any]) -> tuple[datetime | None, str]:
+    """Where a run killed mid-step is measured to, and what that time is."""
+    mark = run.get("measured_to")
+    if isinstance(mark, Mapping) and (at := parse_time(mark.get("at"))) is not None:
+        return at, str(mark.get("what") or "a later time")
+    if (finished := parse_time(run.get("finished_at"))) is not None:
+        return finished, "its record's finished_at"
+    return None, "that step's start (nothing later is known)"
+
+
+def incomplete(run: Mapping[str, Any]) -> str | None:
+    """How a run killed mid-step is measured, in words (None for a run whose steps all
+    ended): its figures are never a clean duration, and the report says so next to them."""
+    step = unfinished_step(run)
+    if step is None:
         return None
-    origin = min(t for step in run.get("steps") or [] if isinstance(step, Mapping)
-                 and (t := parse_time(step.get("started_at"))) is not None)
+    _, what = measured_to(run)
+    title = step.get("title") or step.get("name") or "?"
+    return f"killed during {title}; measured to {what}"
+
+
+def _origin(run: Mapping[str, Any]) -> datetime | None:
+    """Offset 0 of a run's timeline: its start, or its first step's if that is earlier."""
+    starts = [t for step in run.get("steps") or [] if isinstance(step, Mapping)
+              and (t := parse_time(step.get("started_at"))) is not None]
+    if not starts:
+        return None
+    origin = min(starts)
     run_start = parse_time(run.get("started_at"))
-    if run_start is not None and run_start <= origin:
-        origin = run_start
+    return run_start if run_start is not None and run_start <= origin else origin
+
+
+def measured_end_ms(run: Mapping[str, Any]) -> int | None:
+    """The end of a run's timeline, in ms from its origin: its last step's end, or for a run
+    killed mid-step where it is measured to (measure_unfinished)."""
+    phases = run_phases(run)
+    origin = _origin(run)
+    if not phases or origin is None:
+        return None
     end = max(p["offset_ms"] + (p["duration_ms"] or 0) for p in phases)
+    if unfinished_step(run) is not None and (at := measured_to(run)[0]) is not None:
+        end = max(end, round((at - origin).total_seconds() * 1000))
+    return int(end)
+
+
+def run_window(run: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
+    """The run's timeline as wall-clock times: its origin (offset 0) and its last step's end
+    (a run killed mid-step: where it is measured to, see measure_unfinished)."""
+    origin = _origin(run)
+    end = measured_end_ms(run)
+    if origin is None or end is None:
+        return None
     return origin, origin + timedelta(milliseconds=end)
 
 
@@ -130,13 +218,13 @@ def traffic(run: Mapping[str, Any], records: Iterable[Any], clients: int,
 
 
 def run_duration_ms(run: Mapping[str, Any]) -> int | None:
-    """First step start to last step end, as measured by the journal."""
+    """First step start to last step end, as measured by the journal (a run killed mid-step:
+    to where it is measured to; incomplete() says so)."""
     phases = run_phases(run)
-    if not phases:
+    end = measured_end_ms(run)
+    if not phases or end is None:
         return None
-    start = min(int(p["offset_ms"]) for p in phases)
-    end = max(int(p["offset_ms"]) + int(p["duration_ms"] or 0) for p in phases)
-    return end - start
+    return end - min(int(p["offset_ms"]) for p in phases)
 
 
 def time_to_recover(runs: Iterable[Mapping[str, Any]]) -> int | None:
@@ -145,6 +233,13 @@ def time_to_recover(runs: Iterable[Mapping[str, Any]]) -> int | None:
     durations = [run_duration_ms(r) for r in runs if r.get("action") == RECOVERY_ACTION]
     measured = [d for d in durations if d is not None]
     return sum(measured) if measured else None
+
+
+def recovery_incomplete(runs: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why a time to recover is not a clean figure: its rollback runs killed mid-step."""
+    notes = [note for r in runs if r.get("action") == RECOVERY_ACTION
+             and (note := incomplete(r)) is not None]
+    return "; ".join(notes) or None
 
 
 def run_step(scenario: Mapping[str, Any], run: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -228,7 +323,7 @@ def scenario_entry(feature: dict[str, Any], *, nodeid: str, name: str, line: int
         "nodeid": nodeid, "name": name, "line": line, "tags": sorted(tags),
         "status": NOT_RUN, "message": None, "started_at": None, "duration_ms": None,
         "steps": [step_entry(kw, text, ln) for kw, text, ln in steps],
-        "runs": [], "time_to_recover_ms": None,
+        "runs": [], "time_to_recover_ms": None, "time_to_recover_incomplete": None,
     }
     feature["scenarios"].append(scenario)
     return scenario
@@ -317,7 +412,9 @@ def finalize(data: dict[str, Any]) -> dict[str, Any]:
     data["features"] = sorted(data.get("features") or [],
                               key=lambda f: feature_sort_key(Path(f["file"])))
     for _, scenario in scenarios(data):
+        measure_unfinished(scenario.get("runs") or [], scenario_end(scenario))
         scenario["time_to_recover_ms"] = time_to_recover(recovery_runs(scenario))
+        scenario["time_to_recover_incomplete"] = recovery_incomplete(recovery_runs(scenario))
     data["summary"] = summarize(data)
     data["attention"] = attention(data)
     return data
@@ -331,5 +428,6 @@ def last_verified(data: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, An
         out[(Path(feature["file"]).name, scenario["name"])] = {
             "status": scenario["status"], "at": at,
             "environment": data.get("environment"),
-            "time_to_recover_ms": scenario.get("time_to_recover_ms")}
+            "time_to_recover_ms": scenario.get("time_to_recover_ms"),
+            "time_to_recover_incomplete": scenario.get("time_to_recover_incomplete")}
     return out

@@ -20,6 +20,7 @@ from runbook.reports.model import (
     SKIPPED,
     UNDEFINED,
     attention,
+    incomplete,
     is_arrangement,
     recovery_runs,
     run_duration_ms,
@@ -112,12 +113,24 @@ def _figure(scenario: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, An
             "users": traffic_line(users) if isinstance(users, Mapping) else None}
 
 
+def _measured(ms: float | None, why_incomplete: str | None) -> str:
+    """A measured time as the page shows it: one from a run killed mid-step is never shown
+    as a clean duration."""
+    return format_ms(ms) + (f" (incomplete: {why_incomplete})" if why_incomplete else "")
+
+
+def _ttr(scenario: Mapping[str, Any]) -> str:
+    return _measured(scenario.get("time_to_recover_ms"),
+                     scenario.get("time_to_recover_incomplete"))
+
+
 def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     error = run.get("error") or {}
     message = error.get("message") if isinstance(error, Mapping) else str(error)
     return {"run_id": run.get("run_id", ""), "action": run.get("action", ""),
             "outcome": run.get("outcome", ""), "exit_code": run.get("exit_code", ""),
-            "measured": format_ms(run_duration_ms(run)), "who": run.get("who", ""),
+            "measured": _measured(run_duration_ms(run), incomplete(run)),
+            "who": run.get("who", ""),
             "why": run.get("why", ""), "error": message or ""}
 
 
@@ -132,7 +145,7 @@ def _scenario(feature: Mapping[str, Any], scenario: Mapping[str, Any]) -> dict[s
         "id": "scenario-" + _slug(f"{Path(feature['file']).stem} {scenario['name']}"),
         "name": scenario["name"], "status": scenario["status"],
         "duration": format_ms(scenario.get("duration_ms")),
-        "ttr": format_ms(ttr) if ttr is not None else None,
+        "ttr": _ttr(scenario) if ttr is not None else None,
         "tags": list(scenario.get("tags") or []),
         "message_head": head, "traceback": rest if rest.strip() else "",
         "steps": [{"keyword": s["keyword"], "name": s["name"], "status": s["status"],
@@ -164,8 +177,10 @@ def render_html(data: Mapping[str, Any]) -> str:
         ("steps skipped", st.get(SKIPPED, 0)), ("steps undefined", st.get(UNDEFINED, 0)),
         ("run time", format_ms(data.get("duration_ms")))]
     if ttrs:
+        longest = max((s for _, s in ttrs), key=lambda s: s["time_to_recover_ms"])
         cards.append(("longest time to recover",
-                      format_ms(max(s["time_to_recover_ms"] for _, s in ttrs))))
+                      format_ms(longest["time_to_recover_ms"])
+                      + (" (incomplete)" if longest.get("time_to_recover_incomplete") else "")))
     features = [{"id": "feature-" + _slug(Path(f["file"]).stem), "name": f["name"],
                  "file": f["file"],
                  "scenarios": [_scenario(f, s) for s in f.get("scenarios") or []]}
@@ -178,6 +193,6 @@ def render_html(data: Mapping[str, Any]) -> str:
         attention=attention(data), summary=summary, cards=cards,
         fingerprint=_fingerprint_rows(dict(data.get("fingerprint") or {})),
         ttrs=[{"feature": f["name"], "scenario": s["name"],
-               "ttr": format_ms(s["time_to_recover_ms"]), "outcomes": _recovery_outcomes(s)}
+               "ttr": _ttr(s), "outcomes": _recovery_outcomes(s)}
               for f, s in ttrs],
         features=features, artifacts=list((data.get("artifacts") or {}).items()))

@@ -9,7 +9,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from runbook import templating
-from runbook.reports.model import run_duration_ms, run_phases
+from runbook.reports.model import (
+    incomplete,
+    measured_end_ms,
+    measured_to,
+    run_duration_ms,
+    run_phases,
+    unfinished_step,
+)
 from runbook.times import format_ms
 
 STATUS_COLOURS = {"ok": "#1a7f37", "passed": "#1a7f37", "failed": "#cf222e",
@@ -39,14 +46,19 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
         return ""
     label_w, right_w, row_h, bar_h, top, axis_h = 150, 96, 24, 16, 30, 28
     plot_w = width - label_w - right_w
-    total = max(p["offset_ms"] + (p["duration_ms"] or 0) for p in phases) or 1
+    total = measured_end_ms(run) or 1
     scale = plot_w / total
     users = run.get("traffic") if isinstance(run.get("traffic"), Mapping) else None
     rows = len(phases) + (1 if users else 0)
     height = top + row_h * rows + axis_h
     measured = run_duration_ms(run)
+    killed = incomplete(run)  # a run killed mid-step: its figure is not a clean duration
     title = (f"{run.get('action', 'run')} {run.get('run_id', '')}: {run.get('outcome', '')}, "
-             f"{format_ms(measured)} measured")
+             f"{format_ms(measured)} measured" + (f", incomplete: {killed}" if killed else ""))
+    open_step = unfinished_step(run)
+    open_index = max((i for i, p in enumerate(phases) if open_step is not None
+                      and p["duration_ms"] is None and p["name"] == open_step.get("name")),
+                     default=None)
     step = _nice_step(total)
     axis_y = top + row_h * rows + 4
     ticks = []
@@ -61,15 +73,20 @@ def timeline_svg(run: Mapping[str, Any], width: int = 900) -> str:
         duration = phase["duration_ms"]
         x = label_w + phase["offset_ms"] * scale
         w = max((duration or 0) * scale, 2.0)
+        took = format_ms(duration)
+        if index == open_index:  # never ended: drawn to where the run is measured to
+            w = max((total - phase["offset_ms"]) * scale, 2.0)
+            took = "never ended"
         tip = (f"{phase['title']}: {phase['status']}, starts at +{format_ms(phase['offset_ms'])}"
-               f", takes {format_ms(duration)}"
+               + (f", never ended (killed): measured to {measured_to(run)[1]}"
+                  if index == open_index else f", takes {took}")
                + (f" - {phase['error']}" if phase.get("error") else ""))
         bars.append({"name": phase["name"], "status": phase["status"],
                      "offset_ms": phase["offset_ms"],
                      "duration_ms": duration if duration is not None else "",
                      "tip": tip, "x": _f(x), "y": y, "w": _f(w), "text_y": y + bar_h - 3,
                      "colour": STATUS_COLOURS.get(phase["status"], "#57606a"),
-                     "after_x": _f(x + w + 6), "took": format_ms(duration)})
+                     "after_x": _f(x + w + 6), "took": took})
     return templating.render(
         "timeline.svg.j2", width=width, height=height, title=title,
         run_id=run.get("run_id", ""), action=run.get("action", "run"), ticks=ticks,
