@@ -184,7 +184,7 @@ def users_saw_no_failed_request(world: World, action: str) -> None:
     seen = load.summary(began, ended)
     assert seen.served >= 1, f"no request was served during the {action}: {seen.describe()}"
     problems = "; ".join(
-        f"+{round((r.started - began) * 1000)} ms: "
+        f"{round((r.started - began) * 1000):+d} ms: "  # one sent just before it: -1 ms
         + (f"HTTP {r.status}" if r.status else f"no answer ({r.error})")
         + (" after a retry" if r.retried else "") for r in seen.problems)
     assert seen.ok, f"users saw failed requests during the {action}: {seen.describe()}; " \

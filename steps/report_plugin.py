@@ -11,9 +11,9 @@ are read from env.runs_dir at the end of each scenario, before the next scenario
 wipes that directory; a run that the drill's user load (steps/world.py) watched gets what the
 users saw during it (`traffic`: requests, non-2xx, resets, the longest gap, per 50 ms), over
 its whole window (a run killed mid-step: to where runbook.reports.model.measure_unfinished
-measures it, not to the start of the step it was killed in). The
-environment is captured when its fixture is set up, so the plugin never starts a drill stack
-by itself.
+measures it, not to the start of the step it was killed in), each request counted in one run
+(runbook.reports.model.add_traffic). The environment is captured when its fixture is set up,
+so the plugin never starts a drill stack by itself.
 
 Under pytest-xdist (`-n 2`) every worker runs its own drill stack and its own DrillReport,
 which records the scenarios that worker ran and hands them to the controller at its end
@@ -23,6 +23,7 @@ run without xdist would: same scenarios, steps, engine runs and users' traffic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -163,8 +164,6 @@ def _register_secrets(env: Any) -> list[str]:
     password in an assertion message); returned for the xdist controller, which writes
     junit.xml and cucumber.json and never sets the environment up. Never fails the drill: a
     broken configuration is the steps' to report."""
-    import contextlib
-
     from runbook import database
     from runbook.redact import register_secrets
 
@@ -417,16 +416,9 @@ class DrillReport:
         # a run killed mid-step is measured (and its users counted) past that step's start
         reports.measure_unfinished(entry["runs"], reports.scenario_end(entry))
         if load is not None and load.started is not None:
-            records = load.records()
-            for run in runs:
-                window = reports.run_window(run)
-                if window is not None and window[0].timestamp() >= load.started:
-                    try:
-                        users = reports.traffic(run, records, load.clients)
-                    except Exception:  # a report must never fail the drill
-                        continue
-                    if users and users["requests"]:  # the load was not paused for this run
-                        run["traffic"] = users
+            # windows laid out together: a request in flight where two touch is counted once
+            with contextlib.suppress(Exception):  # a report must never fail the drill
+                reports.add_traffic(runs, load.records(), load.clients, since=load.started)
 
     # -- outcomes --------------------------------------------------------------------------------
 

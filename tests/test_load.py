@@ -20,7 +20,7 @@ import pytest
 
 from runbook import faults, rollback
 from runbook import report as reports
-from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, summarize
+from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, buckets, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
@@ -127,11 +127,11 @@ def test_a_rollback_under_load_drops_nobody_and_the_report_shows_it(
     assert began - 0.01 <= window[0].timestamp() and window[1].timestamp() <= ended + 0.01
     users = reports.traffic(run, load.records(), load.clients)
     assert users is not None
-    inside = [r for r in load.records()
-              if window[0].timestamp() <= r.started <= window[1].timestamp()]
+    inside = [r for r in load.records()  # in flight during the run
+              if r.started < window[1].timestamp() and r.ended >= window[0].timestamp()]
     assert users["requests"] == len(inside) > 0
     assert (users["non_2xx"], users["failed"]) == (0, 0)
-    assert users["resets"] == sum(r.retried for r in inside)
+    assert users["resets"] == sum(r.retried + r.reset_again for r in inside)
     assert sum(s + b for s, b, _ in users["buckets"]) == len(inside)
     assert 0 < users["longest_gap_ms"] <= reports.run_duration_ms(run)  # type: ignore[operator]
 
@@ -166,7 +166,7 @@ def test_a_rollback_killed_mid_switch_has_its_users_counted_until_the_rerun(
     what users saw during the step (here the switch, killed once Caddy runs green) was outside
     the run's window. The real CLI with a drill fault, real users through Caddy; the rerun
     finishes the rollback. The killed run's users' window reaches the rerun's start and holds
-    every request in flight during its switch."""
+    every request in flight during its switch; no request is counted in both runs."""
     env = two_deployments(scene_stack)
     with Load(f"{env.caddy.proxy_url}/version") as load:
         time.sleep(0.2)
@@ -204,9 +204,16 @@ def test_a_rollback_killed_mid_switch_has_its_users_counted_until_the_rerun(
     assert users is not None and users["window_ms"][1] == round(
         (rerun_began - window[0]).total_seconds() * 1000)
     start, end = (t.timestamp() for t in window)
-    inside = [r for r in records if start <= r.started <= end]
+    inside = [r for r in records if r.started < end and r.ended >= start]  # in flight in it
     assert users["requests"] == len(inside) >= len(during_switch) > 0
     assert (users["non_2xx"], users["failed"]) == (0, 0)
+
+    reports.add_traffic([killed, rerun], records, load.clients, since=load.started)
+    counted = killed["traffic"]["requests"] + rerun["traffic"]["requests"]
+    rerun_window = reports.run_window(rerun)
+    assert rerun_window is not None
+    either = [r for r in records if r.started < rerun_window[1].timestamp() and r.ended >= start]
+    assert counted == len(either), "a request was counted in both runs, or in neither"
 
 
 class Tags(HTMLParser):
@@ -272,6 +279,101 @@ def test_the_longest_gap_counts_from_the_window_edges() -> None:
     empty = summarize(records, 20.0, 20.5)
     assert empty.requests == 0 and empty.longest_gap is not None
     assert empty.longest_gap.ms == 500
+
+
+def test_a_request_in_flight_at_the_window_s_start_is_counted_in_it() -> None:
+    """Found by review: a window held the requests SENT in it, so one sent 1 ms before it
+    that got a 502 inside it was in neither its non-2xx nor its gap, and an answer received
+    in it to a request sent just before was no answer. A request is the window's when its
+    time in flight overlaps it: sent before its end, ended at or after its start."""
+    def served(at: float, took: float = 0.01) -> Request:
+        return Request(at, at + took, 200, "blue", "v")
+
+    bad = Request(9.999, 10.2, 502)  # sent 1 ms before the window, a 502 inside it
+    slow = served(9.95, 0.45)  # sent before, answered inside at 10.4
+    records = [served(9.5), bad, slow, served(10.5), served(10.98, 0.1), served(11.0)]
+    seen = summarize(records, 10.0, 11.0, clients=2)
+    # 9.5 ended before the window; 11.0 was sent at its end (the next window's)
+    assert (seen.requests, seen.served, seen.non_2xx, seen.failed) == (4, 3, 1, 0)
+    assert seen.problems == (bad,) and not seen.ok
+    # answers received in the window: 10.4 and 10.51 (10.98's comes at 11.08, after it)
+    assert seen.longest_gap is not None
+    assert (seen.longest_gap.start, seen.longest_gap.end) == pytest.approx((10.51, 11.0))
+    cells = buckets(records, 10.0, 11.0, 0.25)
+    assert sum(c["served"] + c["bad"] for c in cells) == seen.requests
+    assert cells[0] == {"served": 1, "bad": 1, "resets": 0}  # sent before: the first bucket's
+
+
+def test_adjacent_windows_of_one_report_count_each_request_once() -> None:
+    """A run killed mid-step is measured to the next run's start, so their windows touch: a
+    request in flight across that edge overlaps both. The report counts it in the window it
+    was sent in, and one sent at the edge in the next; the runs' counts add up to every
+    request in flight in either. Records as runbook.journal writes them (times in ms, Z)."""
+    def at(second: float) -> str:
+        return f"2026-01-01T00:00:{second:06.3f}Z"
+
+    base = reports.parse_time(at(0))
+    assert base is not None
+    t0 = base.timestamp()
+    killed = {"run_id": "rbk_killed", "action": "rollback", "started_at": at(1), "steps": [
+        {"name": "switch", "status": "running", "started_at": at(1.5), "duration_ms": None}]}
+    rerun = {"run_id": "rbk_rerun", "action": "rollback", "started_at": at(3),
+             "finished_at": at(4), "steps": [
+                 {"name": "switch", "status": "ok", "started_at": at(3), "duration_ms": 1000}]}
+    records = [Request(t0 + 0.5, t0 + 1.2, 200), Request(t0 + 2.9, t0 + 3.2, 502),
+               Request(t0 + 3.0, t0 + 3.1, 200), Request(t0 + 3.5, t0 + 4.5, 200),
+               Request(t0 + 4.5, t0 + 4.6, 200)]
+    reports.measure_unfinished([killed, rerun], None)
+    reports.add_traffic([killed, rerun], records, clients=1, since=t0)
+    assert killed["measured_to"]["at"] == rerun["started_at"]
+    assert (killed["traffic"]["requests"], killed["traffic"]["non_2xx"]) == (2, 1)
+    assert (rerun["traffic"]["requests"], rerun["traffic"]["non_2xx"]) == (2, 0)
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["child process", "threads"])
+def test_a_retry_whose_connection_is_reset_too_counts_two_raw_resets(in_process: bool) -> None:
+    """Found by review: a request whose first attempt and one retry were both reset counted
+    one raw reset (and one failure), so raw resets per switch were undercounted. A real HTTP
+    server on loopback closes the connection of the first two requests it reads without an
+    answer (a kept-alive connection closed under the client); its count is the oracle."""
+    dropped, lock = [0], threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            with lock:
+                drop = dropped[0] < 2
+                dropped[0] += drop
+            if drop:
+                self.close_connection = True  # no answer: the client sees it disconnect
+                return
+            body = b'{"version": "x"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Load(f"http://127.0.0.1:{server.server_port}/version", clients=1, interval=0.02,
+                  max_seconds=30, in_process=in_process) as load:
+            time.sleep(0.3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    records = load.records()
+    assert dropped[0] == 2
+    (lost,) = [r for r in records if not r.served]
+    assert (lost.retried, lost.error) == (True, "RemoteProtocolError"), lost
+    seen = load.summary()
+    assert (seen.resets, seen.failed, seen.served) == (2, 1, len(records) - 1)
+    assert seen.to_json()["resets"] == 2
+    assert sum(c["resets"] for c in buckets(records, seen.start, seen.end)) == 2
 
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["child process", "threads"])

@@ -6,8 +6,8 @@ started and ended, its HTTP status (0: no answer), the X-Togather-Slot header, t
 app answered and whether a retry was needed. A kept-alive connection closed under a client
 (Caddy reloading its config) is a *raw reset*: the idempotent GET is retried once on a fresh
 connection, and a retried request that is answered counts as served, as a browser would do
-it. Loopback only, bounded in clients, time and requests; drills and benchmarks only, never a
-real host.
+it; a retry reset too is a second raw reset (and the request failed). Loopback only, bounded
+in clients, time and requests; drills and benchmarks only, never a real host.
 """
 
 from __future__ import annotations
@@ -55,10 +55,16 @@ class Request:
     retried: bool = False  # the first attempt hit a reset connection (a raw reset)
     error: str | None = None  # why there was no answer (after the retry, if any)
     path: str = ""  # what it asked (the data clients' path reads the database)
+    reset_again: bool = False  # the retry hit a reset connection too (a second raw reset)
 
     @property
     def served(self) -> bool:
         return 200 <= self.status < 300
+
+    @property
+    def raw_resets(self) -> int:
+        """Attempts of this request that hit a reset connection: 0, 1 or 2."""
+        return int(self.retried) + int(self.reset_again)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class Summary:
     served: int
     non_2xx: int  # answered, but not 2xx (e.g. a 502 from Caddy)
     failed: int  # no answer even after the one retry
-    resets: int  # raw resets: first attempts on a reset connection (retried)
+    resets: int  # raw resets: every attempt on a reset connection (a retry's too)
     longest_gap: Gap | None
     slowest_ms: int | None  # the longest a served request took
     slots: tuple[str, ...]  # the slots that answered, in the order they first answered
@@ -127,13 +133,36 @@ class Summary:
                 f"{' -> '.join(self.slots) or 'none'}")
 
 
+def in_window(records: Iterable[Request], start: float, end: float,
+              sent_from: float | None = None) -> list[Request]:
+    """The requests of the window [start, end), in the order they were sent: those whose time
+    in flight overlaps it, i.e. sent before `end` and ended (answered, or given up after the
+    retry) at or after `start`. So a request sent just before the window that fails inside it
+    is the window's, and so is one sent in it that fails after it (Load.settle waits for
+    those); one sent exactly at `end` is the next window's.
+
+    Windows of one report that touch (a run killed mid-step is measured to the next run's
+    start; see runbook.reports.model.add_traffic) would both hold a request in flight across
+    their common edge: the later window then passes its start as `sent_from`, and requests
+    sent before it are left to the earlier one, where they were sent. Each request is counted
+    once."""
+    return sorted((r for r in records if r.started < end and r.ended >= start
+                   and (sent_from is None or r.started >= sent_from)), key=lambda r: r.started)
+
+
 def summarize(records: Iterable[Request], start: float, end: float, clients: int = 0,
-              keep: int = 5) -> Summary:
-    """The requests that started in [start, end]. The longest gap is between answers received
-    in the window, counted from `start` and up to `end` too, so a window without answers is one
-    long gap (an answer of a request that outlives the window shows in `slowest_ms`)."""
-    chosen = sorted((r for r in records if start <= r.started <= end), key=lambda r: r.started)
-    points = sorted([start, end, *(r.ended for r in chosen if r.served and r.ended <= end)])
+              keep: int = 5, sent_from: float | None = None) -> Summary:
+    """What users saw in the window [start, end): its requests as in_window() gives them
+    (in flight in it; see
+    there for `sent_from`). The longest gap is between the successful answers received in
+    the window (whichever window their request is counted in), counted from `start` and up
+    to `end` too, so a window without answers is one long gap (an answer of a request that
+    outlives the window shows in `slowest_ms`). Resets are raw: every attempt on a reset
+    connection, a retry's too."""
+    records = list(records)
+    chosen = in_window(records, start, end, sent_from)
+    points = sorted([start, end, *(r.ended for r in records
+                                   if r.served and start <= r.ended <= end)])
     gap: Gap | None = None
     for before, after in itertools.pairwise(points):
         if gap is None or after - before > gap.end - gap.start:
@@ -151,23 +180,23 @@ def summarize(records: Iterable[Request], start: float, end: float, clients: int
         served=sum(r.served for r in chosen),
         non_2xx=sum(1 for r in chosen if r.status and not r.served),
         failed=sum(1 for r in chosen if not r.status),
-        resets=sum(r.retried for r in chosen), longest_gap=gap,
+        resets=sum(r.raw_resets for r in chosen), longest_gap=gap,
         slowest_ms=max((round((r.ended - r.started) * 1000) for r in chosen if r.served),
                        default=None),
         slots=tuple(slots), versions=tuple(versions), problems=tuple(bad[:keep]))
 
 
-def buckets(records: Iterable[Request], start: float, end: float, width: float = 0.05
-            ) -> list[dict[str, int]]:
-    """Requests per time bucket (by start time): served, bad (non-2xx or failed), resets."""
+def buckets(records: Iterable[Request], start: float, end: float, width: float = 0.05,
+            sent_from: float | None = None) -> list[dict[str, int]]:
+    """The window's requests (in_window) per time bucket: served, bad (non-2xx or failed),
+    raw resets. By start time; one sent before the window is in the first bucket, so each
+    request is in one bucket and the buckets add up to summarize()'s requests."""
     count = max(1, int((end - start) / width) + 1)
     out = [{"served": 0, "bad": 0, "resets": 0} for _ in range(count)]
-    for r in records:
-        if not start <= r.started <= end:
-            continue
-        bucket = out[min(count - 1, int((r.started - start) / width))]
+    for r in in_window(records, start, end, sent_from):
+        bucket = out[min(count - 1, int((max(r.started, start) - start) / width))]
         bucket["served" if r.served else "bad"] += 1
-        bucket["resets"] += r.retried
+        bucket["resets"] += r.raw_resets
     return out
 
 
@@ -292,17 +321,21 @@ class _Clients:
 
     def _request(self, client: httpx.Client, url: str) -> Request:
         started = time.time()
-        retried = False
+        retried = again = False
         path = urlsplit(url).path
         try:
             try:
                 response = client.get(url)
             except RESETS:
                 retried = True  # a raw reset: retry the idempotent GET once, fresh connection
-                response = client.get(url)
+                try:
+                    response = client.get(url)
+                except RESETS:
+                    again = True  # reset again: a second raw reset, and no answer
+                    raise
         except httpx.HTTPError as exc:
             return Request(started, time.time(), 0, retried=retried,
-                           error=type(exc).__name__, path=path)
+                           error=type(exc).__name__, path=path, reset_again=again)
         version = None
         with contextlib.suppress(ValueError, AttributeError):
             version = response.json().get("version")

@@ -199,10 +199,11 @@ def run_window(run: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
 
 
 def traffic(run: Mapping[str, Any], records: Iterable[Any], clients: int,
-            bucket_ms: int = 50) -> dict[str, Any] | None:
+            bucket_ms: int = 50, sent_from: float | None = None) -> dict[str, Any] | None:
     """What a drill's simulated users (runbook.drill.load Requests) saw during a run, laid on
     the run's timeline: counts, the longest gap and requests per bucket, times in ms from the
-    run's origin. None when the run has no timeline."""
+    run's origin. The requests in flight in the run's window (runbook.drill.load.in_window,
+    which says what `sent_from` is for). None when the run has no timeline."""
     from runbook.drill import load
 
     window = run_window(run)
@@ -210,11 +211,35 @@ def traffic(run: Mapping[str, Any], records: Iterable[Any], clients: int,
         return None
     start, end = (t.timestamp() for t in window)
     records = list(records)
-    data = load.summarize(records, start, end, clients).to_json(origin=start)
+    data = load.summarize(records, start, end, clients, sent_from=sent_from
+                          ).to_json(origin=start)
     data["bucket_ms"] = bucket_ms
-    data["buckets"] = [[b["served"], b["bad"], b["resets"]]
-                       for b in load.buckets(records, start, end, bucket_ms / 1000)]
+    data["buckets"] = [[b["served"], b["bad"], b["resets"]] for b in load.buckets(
+        records, start, end, bucket_ms / 1000, sent_from=sent_from)]
     return data
+
+
+def add_traffic(runs: Iterable[Any], records: Iterable[Any], clients: int,
+                since: float | None = None) -> None:
+    """Give each run of a scenario what its users saw (`traffic` in its entry), from the
+    records of the one load that watched them: not a run whose window starts before `since`
+    (the load's start), nor one during which no request was in flight (the load was paused).
+    A window that begins where an earlier one ends, or inside it (a run killed mid-step is
+    measured to the next run's start: measure_unfinished), takes only the requests sent from
+    its start, so a request in flight across that edge is counted once, in the run it was
+    sent in. Call measure_unfinished first."""
+    records = list(records)
+    laid = sorted(((window, run) for run in runs if isinstance(run, dict)
+                   and (window := run_window(run)) is not None), key=lambda x: x[0][0])
+    reach: datetime | None = None  # the latest end of the windows before
+    for (start, end), run in laid:
+        touches = reach is not None and reach >= start
+        if since is None or start.timestamp() >= since:
+            users = traffic(run, records, clients,
+                            sent_from=start.timestamp() if touches else None)
+            if users and users["requests"]:
+                run["traffic"] = users
+        reach = end if reach is None else max(reach, end)
 
 
 def run_duration_ms(run: Mapping[str, Any]) -> int | None:
