@@ -8,6 +8,7 @@ errors too and must not import the journal (which imports them) to do it.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import unicodedata
@@ -120,19 +121,36 @@ def _weak(value: str) -> bool:
     return len(value) < STRONG_SECRET_LENGTH or len(classes) < 2
 
 
+def _escaped(value: str) -> tuple[str, ...]:
+    """`value` as repr() and json.dumps() write it inside a string, its `\\` and `"`
+    escaped (repr escapes `'` or not by the whole text's quotes, JSON non-ASCII or not by
+    ensure_ascii: both ways)."""
+    in_repr = "".join(repr(c)[1:-1] for c in value)  # repr's escapes, char by char
+    return (in_repr, in_repr.replace("'", "\\'"), json.dumps(value)[1:-1],
+            json.dumps(value, ensure_ascii=False)[1:-1])
+
+
 @functools.lru_cache(maxsize=64)
 def _forms(known: frozenset[str]) -> tuple[tuple[str, ...], re.Pattern[str] | None]:
-    """Each known value and its percent-encoded forms (`/` kept or not, space as `+`): the
-    strong ones longest first, to mask wherever they appear; the weak ones as one pattern
-    that masks them only as a whole token (no letter, digit, `_` `.` `-` either side).
+    """Each known value and its encoded forms: percent-encoded (`/` kept or not, space as
+    `+`), one_line()'s, repr()'s and JSON's, and those escaped once more (the journal's
+    `exception=repr(exc)` of an error quoting a JSON body); a password holding a `\\` or
+    a `"` passed as written. A value's longest form first (an escaped one can hold the
+    value as written: no stray `\\` left). The strong values longest first, to mask
+    wherever they appear; the weak ones as one pattern that masks them only as a whole
+    token (no letter, digit, `_` `.` `-` either side).
     Cached: the journal redacts every string of its record at each write, and quote() per
     value per string was most of a fast run's journaling CPU."""
     strong: list[str] = []
     weak: list[str] = []
     for value in sorted(known, key=len, reverse=True):
         into = weak if _weak(value) else strong
-        into.extend(dict.fromkeys((value, urllib.parse.quote(value, safe=""),
-                                   urllib.parse.quote(value), urllib.parse.quote_plus(value))))
+        once = _escaped(value)
+        twice = (again for form in once for again in _escaped(form))
+        forms = dict.fromkeys((value, urllib.parse.quote(value, safe=""),
+                               urllib.parse.quote(value), urllib.parse.quote_plus(value),
+                               one_line(value), *once, *twice))
+        into.extend(sorted(forms, key=len, reverse=True))
     if not weak:
         return tuple(strong), None
     alternatives = "|".join(re.escape(v) for v in sorted(weak, key=len, reverse=True))
@@ -172,8 +190,12 @@ def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         for key, item in value.items():
             name = str(key)
-            secret = bool(_SECRET_KEY.search(name)) and isinstance(item, str)
-            out[name] = MASK if secret and "://" not in item else _clean(item, known, depth + 1)
+            # under a secret's name any value is masked (a list, a number, an object: only
+            # a string was); a URL keeps its host (its password masked); null and a bool
+            # hold no secret
+            kept = (not _SECRET_KEY.search(name) or item is None or isinstance(item, bool)
+                    or (isinstance(item, str) and "://" in item))
+            out[name] = _clean(item, known, depth + 1) if kept else MASK
         return out
     if isinstance(value, list | tuple | set | frozenset):
         out_list: list[Any] = []

@@ -174,6 +174,113 @@ def test_a_key_and_its_secret_are_masked_beside_paths_too(text: str, expected: s
     assert redact(text) == expected
 
 
+# A password with the characters repr() and JSON escape (`\` `"` `'`, a non-ASCII letter):
+# an exception's repr, a JSON body or a repr of a repr quotes it escaped, never as written
+ESCAPED_PASSWORD = 'Tr0ub4dor\\&3"x'
+ESCAPED_PASSWORDS = [ESCAPED_PASSWORD, "Tr0ub4dor'&3\\é", "Tr0ub4dor'&3\"x"]
+
+
+def _quotings(password: str) -> list[str]:
+    """Texts of the kinds the runbook writes that hold the password escaped (made here by
+    repr() and json.dumps() themselves, not by redact's forms)."""
+    exc = RuntimeError(f"login failed: secret {password} rejected")
+    return [repr(exc), repr(str(exc)), repr(repr(exc)), repr({"pw": password, "n": "it's"}),
+            json.dumps({"body": str(exc)}), json.dumps({"body": str(exc)}, ensure_ascii=False),
+            json.dumps({"exception": repr(exc)}), repr(json.dumps({"body": password}))]
+
+
+@pytest.mark.parametrize("password", ESCAPED_PASSWORDS)
+def test_a_known_password_is_masked_in_its_repr_and_json_escaped_forms(password: str) -> None:
+    """Found by review: a known value was masked as written and percent-encoded only, so
+    the journal's `exception=repr(exc)` (and any JSON body quoted in an error) kept a
+    password holding a backslash or a quote in clear."""
+    for text in _quotings(password):
+        out = redact(text, [password])
+        assert "Tr0ub4dor" not in out, (text, out)
+        assert MASK in out, out
+
+
+@pytest.mark.parametrize("password", ESCAPED_PASSWORDS)
+def test_masking_a_json_text_keeps_it_json(password: str) -> None:
+    for ensure_ascii in (True, False):
+        text = json.dumps({"body": f"pw {password} end", "n": 1}, ensure_ascii=ensure_ascii)
+        assert json.loads(redact(text, [password])) == {"body": f"pw {MASK} end", "n": 1}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (repr("said 'ab\\cd' to psql"), repr("said '***' to psql")),
+    (json.dumps({"x": "ab\\cd"}), '{"x": "***"}'),
+    (repr("xab\\cdy"), repr("xab\\cdy")),
+    (json.dumps({"x": "2ab\\cd"}), json.dumps({"x": "2ab\\cd"})),
+])
+def test_a_weak_known_value_is_masked_escaped_only_as_a_whole_token(text: str,
+                                                                     expected: str) -> None:
+    assert redact(text, {"ab\\cd"}) == expected
+
+
+def test_a_known_password_is_masked_as_one_line_writes_it() -> None:
+    """`unlock --status` prints a lock's holder through one_line() (a control character
+    escaped, a backslash not), then redact(): neither the raw nor the repr form."""
+    from runbook.redact import one_line
+
+    password = "Tr0ub4dor\\&3\x1bx"
+    assert redact(one_line(f"held by {password} since 10:00"), [password]) \
+        == "held by *** since 10:00"
+
+
+def test_a_secret_named_key_masks_any_value_under_it(env: Environment) -> None:
+    """Found by review: only a string under a secret's name was masked; a list, a number or
+    a nested object passed (`{"password": ["a", "b"]}`, `{"JWT_SECRET": 123456}`)."""
+    from runbook.redact import scrub
+
+    data = {"password": ["hunter22", "b"], "JWT_SECRET": 123456, "api_token": 4.5,
+            "credentials": {"user": "bob", "pass": "hunter22"}, "secrets": ("tok-9z",),
+            "database_url": "postgresql://u:hunter22@db/x", "token": None, "user": "bob"}
+    expected = {"password": MASK, "JWT_SECRET": MASK, "api_token": MASK, "credentials": MASK,
+                "secrets": MASK, "database_url": "postgresql://u:***@db/x", "token": None,
+                "user": "bob"}
+    assert scrub(data) == expected
+    assert scrub([{"nested": data}]) == [{"nested": expected}]
+    j = Journal.open(env, "deploy")
+    j.log("INFO", "fields", **data)
+    with j.step("s", "S") as step:
+        step.detail(**data)
+    entry = lines(j)[-3]
+    assert {k: entry[k] for k in data} == expected
+    assert record(j)["steps"][0]["detail"] == expected
+    for text in (j.log_path.read_text(), j.record_path.read_text()):
+        assert "hunter22" not in text and "123456" not in text and "tok-9z" not in text
+
+
+def test_an_unexpected_failure_quoting_the_password_never_reaches_the_journal(
+        tmp_path: Path) -> None:
+    """The review's path end to end: a run's unexpected exception is journaled as
+    `exception=repr(exc)`; with the env file's password (a backslash and a quote in it) in
+    the exception's text, repr() escaped it past the mask into the log file."""
+    import dataclasses
+
+    from runbook.errors import RunbookError
+    from runbook.run import perform
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"POSTGRES_PASSWORD='{ESCAPED_PASSWORD}'\n")
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, env_file=env_file))
+
+    def build(run_id: str) -> Any:
+        raise RuntimeError(f"psql: login failed: secret {ESCAPED_PASSWORD} rejected")
+
+    with pytest.raises(RunbookError):
+        perform(env, "switch", build, dry_run=False, reason="test", confirm=lambda plan: True)
+    [log] = env.log_dir.iterdir()
+    [run] = env.runs_dir.iterdir()
+    entries = [json.loads(line) for line in log.read_text().splitlines()]  # still valid JSON
+    [failed] = [e for e in entries if "exception" in e]
+    assert failed["exception"] == "RuntimeError('psql: login failed: secret *** rejected')"
+    for text in (log.read_text(), run.read_text()):
+        assert "Tr0ub4dor" not in text
+
+
 def test_secrets_are_redacted_in_messages_fields_and_records(env: Environment) -> None:
     j = Journal.open(env, "rollback", why="DATABASE_URL=postgresql://u:hunter2@db/x is wrong")
     j.add_secret("Sup3r-S3cret/Value")
@@ -195,6 +302,13 @@ def test_secrets_are_redacted_in_messages_fields_and_records(env: Environment) -
     assert rec["why"].startswith("DATABASE_URL=postgresql://u:***@db/x")
 
 
+def _escapes(value: str) -> list[str]:
+    """A printable value inside a repr()'d string (its `'` escaped or not) and a JSON one."""
+    in_repr = value.replace("\\", "\\\\")
+    return [in_repr, in_repr.replace("'", "\\'"), json.dumps(value)[1:-1],
+            json.dumps(value, ensure_ascii=False)[1:-1]]
+
+
 def _reference_redact(text: str, known: set[str]) -> str:
     """redact() as it was before it cached the encoded forms and skipped the patterns when
     none can match, known values' rule written out value by value (the oracle for the faster
@@ -209,8 +323,10 @@ def _reference_redact(text: str, known: set[str]) -> str:
     for anywhere in (True, False):
         for value in sorted(found & strong if anywhere else found - strong, key=len,
                             reverse=True):
-            for form in dict.fromkeys((value, quote(value, safe=""), quote(value),
-                                       quote_plus(value))):
+            forms = [value, quote(value, safe=""), quote(value), quote_plus(value)]
+            forms += _escapes(value) + [twice for once in _escapes(value)
+                                        for twice in _escapes(once)]
+            for form in sorted(dict.fromkeys(forms), key=len, reverse=True):
                 if anywhere:
                     text = text.replace(form, MASK)
                 else:
@@ -225,13 +341,15 @@ REDACT_FRAGMENTS = ["togather", "2025", "-", ".", "password", "PASSWD", "Secret"
                     "api-key", "API_KEY", "access_key",
                     "private-key", "credentials", "bearer ", "Basic ", "@", "://", ":", "=", "--",
                     " ", "\"", "'", "&", "/", "%40", "u:", "x", "Sup3r-S3cret/Value",
-                    "Sup3r-S3cret%2FValue", "abcdefghij"]
+                    "Sup3r-S3cret%2FValue", "abcdefghij", "\\", "\\\\", "\\\"", "\\'",
+                    ESCAPED_PASSWORD, repr(ESCAPED_PASSWORD), json.dumps(ESCAPED_PASSWORD),
+                    "ab\\cd", "ab\\\\cd"]
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(REDACT_FRAGMENTS) | st.text(max_size=6), max_size=10).map("".join),
        st.sets(st.sampled_from(["Sup3r-S3cret/Value", "hunter2", "abc", "p@ss w", "togather",
-                               "2025"]), max_size=3))
+                               "2025", ESCAPED_PASSWORD, "ab\\cd"]), max_size=3))
 def test_redact_is_the_plain_reference_only_faster(text: str, known: set[str]) -> None:
     assert redact(text, known) == _reference_redact(text, known)
 

@@ -378,7 +378,8 @@ def check_fails():
 
 @then("the tool breaks")
 def tool_breaks():
-    raise RuntimeError("pg said: bad login " + PASSWORD + " (POSTGRES_PASSWORD=" + PASSWORD + ")")
+    raise RuntimeError("pg said: bad login " + PASSWORD + " (POSTGRES_PASSWORD=" + PASSWORD + ")"
+                       + " args " + repr(["psql", PASSWORD]))
 
 
 @then("the tool skips")
@@ -388,8 +389,8 @@ def tool_skips():
 
 
 @pytest.mark.parametrize(("password", "workers"), [
-    (REPORT_PASSWORD, 0), ('Tr0ub&dor<3"x', 0), (REPORT_PASSWORD, 2)],
-    ids=["one process", "characters XML and JSON escape", "xdist"])
+    (REPORT_PASSWORD, 0), ('Tr0ub&dor<3"x', 0), ('Tr0ub4dor\\&3"x', 0), (REPORT_PASSWORD, 2)],
+    ids=["one process", "characters XML and JSON escape", "a backslash repr escapes", "xdist"])
 def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
         tmp_path: Path, password: str, workers: int) -> None:
     """Found by review: the report plugin stored step errors, scenario failures and their
@@ -397,7 +398,9 @@ def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
     and report.html. The plugin now registers the environment fixture's known secrets. Then
     junit.xml and cucumber.json (pytest's and pytest-bdd's own): masked as text they were
     left malformed (`PASSWORD=...` ate a closing quote), escaped forms passed, and under
-    xdist the controller, which writes them, knew no secret."""
+    xdist the controller, which writes them, knew no secret. A step's error quoting it by
+    repr() (a list of arguments) escaped its `\\`, and that form passed."""
+    import re
     from xml.etree import ElementTree
 
     work = tmp_path / "leaky"
@@ -419,8 +422,9 @@ def test_the_drill_report_masks_the_password_in_step_errors_and_tracebacks(
     errors = [st["error"] for s in scenarios for st in s["steps"] if st["error"]]
     assert len(errors) == 3 and all("***" in e for e in errors), errors  # said, masked
     assert "it leaked *** here" in scenarios[0]["message"], scenarios[0]["message"]
+    unescaped = re.split(r'[&<"\\]', password)[0]  # the start no format escapes
     for name in ("report.json", "report.html", "junit.xml", "cucumber.json"):
-        assert password not in (out / name).read_text(), name
+        assert unescaped not in (out / name).read_text(), name
 
 
 def test_the_password_step_says_where_it_leaked_never_what(tmp_path: Path,
