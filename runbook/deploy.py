@@ -140,6 +140,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     compose.check_service(env, target, standby, live_info)
     slots.refuse_if_held(env, target, standby)
     slots.refuse_if_migrating(env, target, standby)
+    _refuse_if_dirty(env, version, found[0] if found is not None else None)
     traffic.refuse_recreate_if_pinned(env, target)  # another site's upstream: it serves
     planned = caddy.plan_switch(env, target)
     checks = preflight.start(env, candidate=planned.new_text,
@@ -411,6 +412,34 @@ def _serving_record(state: states.DeploymentState, serving: docker.ContainerInfo
                     f"{tag} serves: {tag} is recorded as the previous deployment")
     return found
 
+
+def _refuse_if_dirty(env: Environment, version: str, pending: intents.Intent | None) -> None:
+    """Refuse (nothing changed) on a schema golang-migrate left dirty: a migration under way,
+    or one that failed or was cut off part-way. Found by review: a rerun after a migration
+    failed half-way recreated the new slot and ran the migrations again on the dirty schema
+    (a half-applied file re-applied, or golang-migrate refusing): exit 5, no repair named.
+    An unreadable schema is left to the snapshot step, which fails closed on it."""
+    try:
+        schema = database.schema_version(env)
+    except RunbookError:
+        return
+    if not schema.dirty:
+        return
+    try:
+        running = database.migration_under_way(env)
+    except RunbookError:
+        running = True  # cannot tell: never a restore advised under a running migration
+    if running:
+        raise PreconditionError(
+            f"the database schema is dirty at version {schema.version} and a session holds a "
+            "migration lock: a migration is under way; nothing was changed",
+            f"wait until it ends (`runbook status {env.name}` shows the schema without "
+            "\"dirty\"), then run the deploy again")
+    dirty = finish.dirty_schema(env, schema, pending, env.name)
+    raise PreconditionError(f"{dirty.message}; nothing was changed",
+                            f"{dirty.fix}; then `runbook deploy {env.name} --version "
+                            f"{version}` runs the deploy again (once migration "
+                            f"{schema.version} is fixed, if it failed)")
 
 def _still_migrating(env: Environment, slot: Slot) -> str | None:
     """Why the new container must not be stopped now: migrations run in it (a migrate exec)

@@ -27,6 +27,7 @@ from runbook.plan import Phase, Plan, Step, StepContext
 
 if TYPE_CHECKING:
     from runbook import state as states
+    from runbook.database import SchemaVersion
 
 Record = recording.Record
 
@@ -170,6 +171,42 @@ def taken_snapshot(env: Environment, deployment_id: str) -> Any:
     own = [s for s in snapshots.list_snapshots(env)
            if s.deployment_id == deployment_id and s.usable and s.path.exists()]
     return own[0] if own else None
+
+
+def dirty_schema(env: Environment, schema: SchemaVersion, pending: intents.Intent | None,
+                 name: str) -> PreconditionError:
+    """The schema golang-migrate left dirty, no migration under way: migration N failed or
+    was cut off part-way, so some of it may be applied. golang-migrate runs nothing on it
+    until it is repaired, and migrations run again re-apply a file that half ran (found by
+    review: a deploy rerun did both). The repair named is exact when the deploy that left it
+    is known (`pending`, its record): the restore of its pre-deploy snapshot. `name`: how a
+    command names this environment."""
+    snap = None
+    left = ""
+    if pending is not None and pending.action == "deploy":
+        left = f" (by the deploy {pending.run_id} of {pending.to_version})"
+        deployment = pending.record.get("deployment_id")
+        try:
+            snap = taken_snapshot(env, deployment) if isinstance(deployment, str) else None
+        except (OSError, RunbookError):  # not found: the general repair is named instead
+            snap = None
+    version = schema.version
+    message = (f"the database schema is dirty at version {version}: migration {version} "
+               f"failed or was cut off part-way{left}, so some of it may be applied, and "
+               "golang-migrate runs no migration on it until it is repaired")
+    force = (f"`migrate force` to the version before {version} (golang-migrate) is safe "
+             f"only once you have checked by hand that migration {version} left nothing "
+             "behind, or undone what it left")
+    if snap is not None:
+        return PreconditionError(message, (
+            "restore the pre-deploy snapshot that deploy took before its migrations (schema "
+            f"{snap.migration_version}): `runbook snapshot restore {name} {snap.path}` (it "
+            "names the writes since that it undoes, and keeps them in a safety snapshot); "
+            f"instead, {force}"))
+    return PreconditionError(message, (
+        f"restore a snapshot taken before migration {version} ran (`runbook snapshot list "
+        f"{name}` shows each one's schema): `runbook snapshot restore {name} FILE`; "
+        f"instead, {force}"))
 
 
 def replacing_warning(env: Environment, old: intents.Intent, action: str) -> str:

@@ -897,6 +897,87 @@ def test_a_rollback_after_a_kept_deploy_record_says_it_replaces_it(stack: DrillS
     assert "continuing" not in said, said
 
 
+def half_applied_migration(version: int) -> tuple[str, ...]:
+    """A migrate command doing what golang-migrate does with a file of two statements run
+    outside a transaction that fails on its second: `version` marked dirty, the first
+    statement (a new table) applied, the second an SQL error (exit 1)."""
+    return ("python3", "-c", "import os, psycopg; "
+            "c = psycopg.connect(os.environ['DATABASE_URL'], autocommit=True); "
+            "c.execute('DELETE FROM schema_migrations'); "
+            f"c.execute('INSERT INTO schema_migrations VALUES ({version}, true)'); "
+            f"c.execute('CREATE TABLE half_{version} (id int)'); "
+            "c.execute('SELECT 1/0')")
+
+
+def _schema(stack: DrillStack) -> tuple[object, ...]:
+    """(version, dirty) of schema_migrations, and the half-applied tables that exist."""
+    with stack.connect() as conn:
+        row = conn.execute("SELECT version, dirty FROM schema_migrations").fetchone()
+        half = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'half%' "
+                            "ORDER BY 1").fetchall()
+    return (*(row or ()), tuple(r[0] for r in half))
+
+
+def deploy_left_dirty(stack: DrillStack, tmp_path: Path, version: int = 2,
+                      ) -> tuple[Environment, subprocess.CompletedProcess[str], Path]:
+    """The stack as it is, then `runbook deploy --version v2` whose migration `version` fails
+    half-way (half_applied_migration): exit 5, traffic where it was, the schema dirty at
+    `version`. Returns that deploy's environment (its own file), its result and its
+    pre-deploy snapshot."""
+    env = stack.env
+    toml = tmp_path / "half-migration.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(
+        env, migrate_command=half_applied_migration(version))))
+    half = envmod.load(str(toml))
+    taken = set(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    first = cli(half, "deploy", "--version", V2.tag, "--yes")
+    assert first.returncode == 5, first.stdout + first.stderr
+    assert _schema(stack) == (version, True, (f"half_{version}",))
+    pre_deploy = [p for p in env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")
+                  if p not in taken]
+    assert len(pre_deploy) == 1, pre_deploy
+    return half, first, pre_deploy[0]
+
+
+def test_a_deploy_rerun_on_a_schema_its_failed_migration_left_dirty_refuses_with_the_restore(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: after a migration failed half-way (SQL error, no transaction: the
+    schema dirty at 2, its first statement applied), the rerun, as `runbook status` prints
+    it or the same command again, recreated the new slot and ran the migrations again on the
+    dirty schema: the half-applied file re-applied ("relation already exists"), or
+    golang-migrate refusing, exit 5 each time with no repair named. It refuses before any
+    change now (exit 4), naming the exact restore of the failed deploy's pre-deploy
+    snapshot, after which the same deploy finishes."""
+    stack.reset()  # v1 serving from blue on schema 1
+    half, _, pre_deploy = deploy_left_dirty(stack, tmp_path)
+    env = stack.env
+    green = env.slot(Slot.GREEN).container
+
+    def facts() -> tuple[object, ...]:
+        return (_schema(stack), stack.docker("inspect", "-f", "{{.Id}} {{.State.Status}}",
+                                             green).stdout, env.state_file.read_bytes(),
+                intents.read(env), sorted(env.database.snapshot_dir.iterdir()),
+                through_proxy(env))
+
+    before = facts()
+    for rerun_env in (env, half):  # the command status prints, and the same one again
+        again = cli(rerun_env, "deploy", "--version", V2.tag, "--yes")
+        said = again.stdout + again.stderr
+        assert again.returncode == 4, said
+        assert "the database schema is dirty at version 2" in said, said
+        assert f"`runbook snapshot restore {env.name} {pre_deploy}`" in said, said
+        assert facts() == before  # nothing changed: no recreate, no migration, no snapshot
+    restore = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                              str(env.source), str(pre_deploy), "--yes"], capture_output=True,
+                             text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert _schema(stack) == (1, False, ())
+    done = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert pre_deploy.exists()  # the failed deploy's snapshot is kept
+
+
 @contextlib.contextmanager
 def caddy_dialing_no_slot(env: Environment) -> Iterator[None]:
     """Caddy's running config (and its file) dial a dead port in place of either slot's,
