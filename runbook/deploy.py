@@ -263,23 +263,43 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"{after}) and stay: {current.version if current else 'the serving version'} "
                 f"serves on schema {after}",
                 f"check it: `runbook status {env.name}`; to put the schema back, restore the "
-                f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
-                f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
+                f"pre-deploy snapshot: {_restore_command()}, or deploy a fixed version")
+
+    def _restore_command() -> str:
+        """The restore of this deploy's pre-deploy snapshot, exact once it is known."""
+        if observed.snapshot_path:
+            return f"`runbook snapshot restore {env.name} {observed.snapshot_path}`"
+        return f"`runbook snapshot restore {env.name} FILE` (`runbook snapshot list`)"
 
     def _schema_moved(before: int | None, what: str) -> Stays | None:
-        """After the new version could migrate: a changed (or unreadable) schema, as what
-        cannot be undone (needing attention, never "nothing took effect"), or None."""
-        now = recording.schema(env)
-        if now == before and now is not None:
+        """After the new version could migrate: a changed, dirty (or unreadable) schema, as
+        what cannot be undone (needing attention, never "nothing took effect"), or None."""
+        try:
+            read: database.SchemaVersion | None = database.schema_version(env)
+        except RunbookError:
+            read = None
+        now = read.version if read is not None else None
+        if read is not None and now == before and not read.dirty:
             return None
         flagged.append(True)
+        if read is not None and read.dirty:
+            # found by review: said as "is at 2: it may have changed", never "dirty", with
+            # the restore's FILE left for on-call to find though this run took it
+            return Stays(
+                f"the database schema was {before} before the new version started and is at "
+                f"{read.describe()} after the {what}: migration {read.version} stopped "
+                "part-way (some of it may be applied), golang-migrate runs no migration on it "
+                "until it is repaired, and "
+                f"{current.version if current else 'the serving version'} serves on it; that "
+                "stays",
+                f"check it: `runbook status {env.name}`; put the schema back by restoring the "
+                f"pre-deploy snapshot: {_restore_command()} (a deploy refuses until then)")
         seen = f"is at {now}" if now is not None else "cannot be read now"
         return Stays(
             f"the database schema was {before} before the new version started and {seen} "
             f"after the {what}: it may have changed, and that stays",
             f"check it: `runbook status {env.name}`; to put the schema back, restore the "
-            f"pre-deploy snapshot {observed.snapshot_path or '(see `runbook snapshot list`)'}"
-            f" (`runbook snapshot restore {env.name} FILE`), or deploy a fixed version")
+            f"pre-deploy snapshot: {_restore_command()}, or deploy a fixed version")
 
     def _schema_changed(ctx: StepContext, before: int | None, what: str) -> None:
         if (moved := _schema_moved(before, what)) is not None:

@@ -939,6 +939,22 @@ def deploy_left_dirty(stack: DrillStack, tmp_path: Path, version: int = 2,
     return half, first, pre_deploy[0]
 
 
+def test_a_migration_that_fails_half_way_says_the_schema_is_left_dirty(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: a migration that failed half-way was reported as "the database schema
+    was 1 ... and is at 2 after the failed migrations: it may have changed", never saying
+    it is dirty (golang-migrate runs nothing more on it, the serving version's migrations
+    check fails on it), and the fix named `runbook snapshot restore ENV FILE` though the
+    run knew the file. It says "dirty" and gives the exact command now."""
+    stack.reset()  # v1 serving from blue on schema 1
+    _, first, pre_deploy = deploy_left_dirty(stack, tmp_path)
+    env = stack.env
+    assert "is at 2 (dirty)" in first.stderr, first.stderr
+    assert f"`runbook snapshot restore {env.name} {pre_deploy}`" in first.stderr, first.stderr
+    assert "FILE" not in first.stderr, first.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
 def test_a_deploy_rerun_on_a_schema_its_failed_migration_left_dirty_refuses_with_the_restore(
         stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: after a migration failed half-way (SQL error, no transaction: the
