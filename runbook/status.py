@@ -10,6 +10,7 @@ inside a state field must not forge a status line).
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ class Facts:
     caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
     schema: database.SchemaVersion | None = None
     database_error: RunbookError | None = None
+    migrating: str | None = None  # a migration under way: where it runs
     lock: locks.LockStatus | None = None
     traffic: traffic.Traffic | None = None  # what Caddy runs: the truth about traffic
     traffic_error: RunbookError | None = None
@@ -138,6 +140,23 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
 def database_unreachable(f: Facts) -> Iterator[Problem]:
     if f.database_error is not None:
         yield _error(f.database_error, f"check `docker ps` for {f.env.database.container}")
+
+
+def schema_dirty(f: Facts) -> Iterator[Problem]:
+    """A migration under way, or a schema golang-migrate left dirty: found by review, shown
+    as "schema 2 (dirty)" with no problem listed, and the interrupted deploy's fix, "runs it
+    again", ran the migrations again on it."""
+    if f.migrating is not None:
+        yield Problem(f"a migration is under way: {f.migrating}"
+                      + (f"; the database schema is dirty at version {f.schema.version} until "
+                         "it ends" if f.schema is not None and f.schema.dirty else ""),
+                      f"wait until it ends (`runbook status {_arg(f.env)}` no longer says so); "
+                      "meanwhile stop, recreate or deploy nothing")
+    elif f.schema is not None and f.schema.dirty:
+        from runbook import finish
+
+        found = finish.dirty_schema(f.env, f.schema, f.intent, _arg(f.env))
+        yield Problem(found.message, found.fix or "")
 
 
 def no_current_deployment(f: Facts) -> Iterator[Problem]:
@@ -390,13 +409,18 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                       f"once Caddy is fixed (see above), `runbook status {_arg(f.env)}` says "
                       f"whether it took effect; `{command}` then finishes it or runs it again")
         return
+    # a deploy run again on a dirty schema refuses, one run during a migration too: the
+    # repair (schema_dirty's) comes first
+    first = ("once the migration under way has ended, " if f.migrating is not None
+             else "once the database schema is repaired (see its problem), "
+             if f.schema is not None and f.schema.dirty else "")
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
                      else f"traffic did not move ({f.active or 'unknown'} serves)"),
-                  f"`{command}` " + (("finishes it (records the state)"
-                                      if pending.action == "switch" else
-                                      "finishes it (records the state, stops the old slot)")
-                                     if took else "runs it again"))
+                  f"{first}`{command}` " + (("finishes it (records the state)"
+                                             if pending.action == "switch" else
+                                             "finishes it (records the state, stops the old "
+                                             "slot)") if took else "runs it again"))
 
 
 def disk_space(f: Facts) -> Iterator[Problem]:
@@ -407,7 +431,7 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
     state_unreadable, container_unknown, caddy_problems, traffic_unclear, proxy_unanswered,
-    caddyfile_differs_from_what_runs, interrupted_run, database_unreachable,
+    caddyfile_differs_from_what_runs, schema_dirty, interrupted_run, database_unreachable,
     no_current_deployment, state_disagrees_with_caddy, active_unhealthy, image_differs,
     stale_lock, held_for_h2c, standby_running, disk_space,
 ]
@@ -463,6 +487,7 @@ def collect(env: Environment) -> Facts:
         f.schema = database.schema_version(env)
     except RunbookError as exc:
         f.database_error = exc
+    f.migrating = _migrating(env, f)
     f.lock = locks.status(env)
     if f.intent is not None:
         from runbook import finish
@@ -482,6 +507,26 @@ def collect(env: Environment) -> Facts:
             f.held[slot] = record
     f.space = disk.rooms(env)
     return f
+
+
+def _migrating(env: Environment, f: Facts) -> str | None:
+    """Where a migration runs now: a migrate command in a slot (a killed deploy's goes on),
+    or, the schema dirty, a session holding golang-migrate's lock (an app migrating itself
+    at start-up). Cannot tell: said as under way, never a restore advised under it."""
+    for info in f.containers.values():
+        try:
+            found = slots.migrate_exec(env, info) if info is not None else None
+        except RunbookError:
+            found = None
+        if found is not None and info is not None:
+            return f"`{shlex.join(found[1])}` runs inside {info.name}"
+    if f.schema is None or not f.schema.dirty:
+        return None
+    try:
+        held = database.migration_under_way(env)
+    except RunbookError as exc:
+        return f"whether one is cannot be read ({exc.message})"
+    return "a session of the database holds a migration lock" if held else None
 
 
 def _last_run(env: Environment) -> dict[str, Any] | None:

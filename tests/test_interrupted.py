@@ -994,6 +994,25 @@ def test_a_deploy_rerun_on_a_schema_its_failed_migration_left_dirty_refuses_with
     assert pre_deploy.exists()  # the failed deploy's snapshot is kept
 
 
+def test_status_names_a_schema_a_failed_migration_left_dirty_and_its_restore(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: after a migration failed half-way, `runbook status` showed "schema 2
+    (dirty)" but listed no problem for it, and its fix for the interrupted deploy was "runs
+    it again", which re-runs migrations on the dirty schema. The dirty schema is a problem
+    now, with the exact restore of that deploy's pre-deploy snapshot; the rerun comes after."""
+    stack.reset()  # v1 serving from blue on schema 1
+    _, _, pre_deploy = deploy_left_dirty(stack, tmp_path)
+    env = stack.env
+    status = cli(env, "status", "--format", "json")
+    found = json.loads(status.stdout)["problems"]
+    dirty = [p for p in found if p["check"] == "schema_dirty"]
+    assert len(dirty) == 1, found
+    assert "the database schema is dirty at version 2" in dirty[0]["problem"], dirty
+    assert f"`runbook snapshot restore {env.source} {pre_deploy}`" in dirty[0]["fix"], dirty
+    rerun = [p for p in found if p["check"] == "interrupted_run"]
+    assert len(rerun) == 1 and "once the database schema is repaired" in rerun[0]["fix"], rerun
+
+
 @contextlib.contextmanager
 def caddy_dialing_no_slot(env: Environment) -> Iterator[None]:
     """Caddy's running config (and its file) dial a dead port in place of either slot's,
