@@ -918,9 +918,9 @@ def _schema(stack: DrillStack) -> tuple[object, ...]:
     return (*(row or ()), tuple(r[0] for r in half))
 
 
-def deploy_left_dirty(stack: DrillStack, tmp_path: Path, version: int = 2,
+def deploy_left_dirty(stack: DrillStack, tmp_path: Path, version: int = 2, tag: str = V2.tag,
                       ) -> tuple[Environment, subprocess.CompletedProcess[str], Path]:
-    """The stack as it is, then `runbook deploy --version v2` whose migration `version` fails
+    """The stack as it is, then `runbook deploy --version TAG` whose migration `version` fails
     half-way (half_applied_migration): exit 5, traffic where it was, the schema dirty at
     `version`. Returns that deploy's environment (its own file), its result and its
     pre-deploy snapshot."""
@@ -930,7 +930,7 @@ def deploy_left_dirty(stack: DrillStack, tmp_path: Path, version: int = 2,
         env, migrate_command=half_applied_migration(version))))
     half = envmod.load(str(toml))
     taken = set(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
-    first = cli(half, "deploy", "--version", V2.tag, "--yes")
+    first = cli(half, "deploy", "--version", tag, "--yes")
     assert first.returncode == 5, first.stdout + first.stderr
     assert _schema(stack) == (version, True, (f"half_{version}",))
     pre_deploy = [p for p in env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")
@@ -1011,6 +1011,128 @@ def test_status_names_a_schema_a_failed_migration_left_dirty_and_its_restore(
     assert f"`runbook snapshot restore {env.source} {pre_deploy}`" in dirty[0]["fix"], dirty
     rerun = [p for p in found if p["check"] == "interrupted_run"]
     assert len(rerun) == 1 and "once the database schema is repaired" in rerun[0]["fix"], rerun
+
+
+# migration 2 as v2 ships it, run golang-migrate's way (its advisory lock held, the schema
+# dirty while it runs; nothing to do at 2), held before its SQL until /tmp/go exists in the
+# container: a migration that runs for a while
+HELD_MIGRATION = ("python3", "-c", "import os, sys, time, psycopg; "
+                  "c = psycopg.connect(os.environ['DATABASE_URL'], autocommit=True); "
+                  "c.execute('SELECT pg_advisory_lock(4242)'); "
+                  "q = 'SELECT version, dirty FROM schema_migrations'; "
+                  "c.execute(q).fetchone() == (2, False) and sys.exit(0); "
+                  "c.execute('DELETE FROM schema_migrations'); "
+                  "c.execute('INSERT INTO schema_migrations VALUES (2, true)'); "
+                  "[time.sleep(0.1) for _ in iter(lambda: os.path.exists('/tmp/go'), True)]; "
+                  "c.execute(open('/app/migrations/000002_create_orders.up.sql').read()); "
+                  "c.execute('UPDATE schema_migrations SET dirty = false')")
+
+
+def deploy_killed_mid_migration(stack: DrillStack, tmp_path: Path) -> tuple[Environment, Path]:
+    """v1 serving from blue on schema 1, then `runbook deploy --version v2` killed (SIGKILL)
+    while its migration runs in green (HELD_MIGRATION, the schema dirty at 2): Docker goes
+    on with an exec whose client died. Returns the deploy's environment (its own file) and
+    its pre-deploy snapshot."""
+    stack.reset()
+    env = stack.env
+    green = env.slot(Slot.GREEN).container
+    toml = tmp_path / "held-migration.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(env, migrate_command=HELD_MIGRATION)))
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "deploy", "--version",
+                             V2.tag, "--yes", str(toml)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if k != faults.VARIABLE})
+    try:
+        deadline = time.monotonic() + 90
+        while _schema(stack)[:2] != (2, True) or not docker.running_execs(green):
+            assert proc.poll() is None and time.monotonic() < deadline, "no migration ran"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert docker.running_execs(green), "the migration ended with the run"
+    pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(pre_deploy) == 1, pre_deploy
+    return envmod.load(str(toml)), pre_deploy[0]
+
+
+def test_a_deploy_killed_while_its_migration_runs_is_waited_for_then_finished(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """SIGKILL of a deploy while its migration runs: the migration goes on in the new slot.
+    Meanwhile status says a migration is under way (wait), never "runs it again", and the
+    rerun refuses, changing nothing; once the migration has ended, the same command
+    finishes the deployment with the snapshot taken before it."""
+    env, pre_deploy = deploy_killed_mid_migration(stack, tmp_path)
+    green = env.slot(Slot.GREEN).container
+    found = json.loads(cli(env, "status", "--format", "json").stdout)["problems"]
+    under_way = [p for p in found if p["check"] == "schema_dirty"]
+    assert len(under_way) == 1 and "a migration is under way" in under_way[0]["problem"], found
+    assert "dirty at version 2" in under_way[0]["problem"] and "wait" in under_way[0]["fix"]
+    rerun = [p for p in found if p["check"] == "interrupted_run"]
+    assert len(rerun) == 1 and "once the migration under way has ended" in rerun[0]["fix"]
+    early = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert early.returncode == 4, early.stdout + early.stderr
+    assert "migrations still run inside it" in early.stderr, early.stderr
+    assert _schema(stack)[:2] == (2, True) and docker.running_execs(green)
+    stack.docker("exec", green, "touch", "/tmp/go")  # the migration goes on to its end
+    deadline = time.monotonic() + 30
+    while docker.running_execs(green):
+        assert time.monotonic() < deadline, "the migration never ended"
+        time.sleep(0.2)
+    assert _schema(stack)[:2] == (2, False)
+    deploy_finishes_as_the_same_deployment(env, [pre_deploy])
+
+
+def test_a_deploy_killed_while_its_migration_runs_then_cut_off_refuses_with_its_snapshot(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """SIGKILL of a deploy while its migration runs, then the migration cut off with its
+    container (OOM, a host restart): the schema stays dirty at 2 with no migration under
+    way. Status and the rerun name the restore of the killed run's pre-deploy snapshot; the
+    rerun changes nothing: no new "pre-deploy" snapshot (at the dirty schema), no migration
+    run again."""
+    _, pre_deploy = deploy_killed_mid_migration(stack, tmp_path)
+    env = stack.env
+    stack.docker("kill", env.slot(Slot.GREEN).container)
+    assert _schema(stack) == (2, True, ())
+    found = json.loads(cli(env, "status", "--format", "json").stdout)["problems"]
+    dirty = [p for p in found if p["check"] == "schema_dirty"]
+    assert len(dirty) == 1 and "dirty at version 2" in dirty[0]["problem"], found
+    assert f"`runbook snapshot restore {env.source} {pre_deploy}`" in dirty[0]["fix"], dirty
+    before = sorted(env.database.snapshot_dir.iterdir()), env.state_file.read_bytes()
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 4, again.stdout + again.stderr
+    assert f"`runbook snapshot restore {env.name} {pre_deploy}`" in again.stderr, again.stderr
+    assert (sorted(env.database.snapshot_dir.iterdir()), env.state_file.read_bytes()) == before
+    assert _schema(stack) == (2, True, ())
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
+def test_a_rollback_after_a_migration_left_the_schema_dirty_restores_the_targets_schema(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """v2 serving on schema 2, then a deploy of v3 whose migration 3 fails half-way (dirty
+    at 3). `runbook rollback` refuses (exit 4) naming the snapshot at v1's schema; with
+    --restore-snapshot it puts v1 back on schema 1, clean, and the failed deploy's own
+    pre-deploy snapshot is kept."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    _, _, failed_snapshot = deploy_left_dirty(stack, tmp_path, version=3, tag=V3.tag)
+    assert through_proxy(env) == ("green", V2.tag)
+    st = states.read_state(env.state_file)
+    assert st.current is not None
+    v1_snapshot = [meta for meta in env.database.snapshot_dir.glob("*.meta.json")
+                   if json.loads(meta.read_text()).get("deployment_id") == st.current.id]
+    assert len(v1_snapshot) == 1, v1_snapshot  # v2's pre-deploy snapshot, at schema 1
+    refused = cli(env, "rollback", "--dry-run")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "the database schema is dirty at version 3" in refused.stderr, refused.stderr
+    assert v1_snapshot[0].name.removesuffix(".meta.json") in refused.stderr, refused.stderr
+    assert "--restore-snapshot" in refused.stderr
+    done = cli(env, "rollback", "--restore-snapshot", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert _schema(stack) == (1, False, ())
+    assert failed_snapshot.exists()
 
 
 @contextlib.contextmanager
