@@ -1,7 +1,8 @@
 """What a run did, for the operator now and for the post-mortem later.
 
 Two outputs: the contract's log file (`<log_dir>/<env>_<YYYYMMDD_HHMMSS>.log`, one JSON object
-a line, which the existing tooling and `jq` read) and a run record (`<runs_dir>/<run_id>.json`)
+a line, which the existing tooling and `jq` read; one file per run, `..._2.log` for the second
+run started in that second) and a run record (`<runs_dir>/<run_id>.json`)
 that reports are built from. Every line goes through json.dumps (the old tooling printed
 unescaped strings into JSON) and through redact(), because logs get pasted into tickets.
 """
@@ -38,6 +39,7 @@ from runbook.redact import scrub as scrub
 
 RESERVED = ("timestamp", "level", "deployment_id", "message")
 RUN_ID_PREFIX = {"rollback": "rbk", "deploy": "dep"}
+LOG_NAMES = 100  # runs started in one second, each with its log: <env>_<second>[_<n>].log
 
 
 class Level(StrEnum):
@@ -158,17 +160,19 @@ class Journal:
                     exc, directory.parent,
                     f"fix {what} in the environment file or its permissions") from None
         log_path = env.log_dir / f"{env.name}_{started:%Y%m%d_%H%M%S}.log"
-        journal = cls(env, action, run_id, who or statemod.current_operator(), why or "",
-                      log_path, env.runs_dir / f"{run_id}.json", started, echo)
         try:
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.close(fd)
-            os.chmod(log_path, 0o600)
+            log_path, fd = _new_log(log_path)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise files.write_error(
                 f"cannot write the log file {log_path}: {exc.strerror or exc}; nothing was "
                 "changed", exc, env.log_dir,
                 "fix [logs] dir in the environment file or its permissions") from None
+        journal = cls(env, action, run_id, who or statemod.current_operator(), why or "",
+                      log_path, env.runs_dir / f"{run_id}.json", started, echo)
         from runbook import database
 
         journal.add_secret(*database.known_secrets(env))  # before the first line is written
@@ -350,6 +354,24 @@ class Journal:
                                    default_mode=0o600, durable=durable)
             except OSError as exc:
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
+
+
+def _new_log(first: Path) -> tuple[Path, int]:
+    """A log file of this run's own, created (O_EXCL) and open: `first`, or when a run
+    started in the same second has it, `<env>_<second>_2.log` and so on, which sort after it
+    (by name up to _9, by time always: the documented `ls -t <env>_*.log`). Appending to a
+    file of that second put a run's lines (a lock refusal's "failed (exit code 3)") into
+    another run's log, both records named it, another user's file failed the run with exit
+    2, and a short write's undo could cut the other run's line."""
+    for number in range(1, LOG_NAMES + 1):
+        path = first if number == 1 else first.with_name(f"{first.stem}_{number}.log")
+        try:
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                                 0o600)
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"{first.name} and its {LOG_NAMES - 1} numbered variants "
+                  "all exist")
 
 
 def past_records(env: Environment, *, but: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -21,10 +22,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runbook import journal
 from runbook.environment import Environment
-from runbook.errors import ExitCode, PreconditionError
+from runbook.errors import ExitCode, LockedError, PreconditionError
 from runbook.journal import MASK, MIN_SECRET_LENGTH, Journal, Level, new_run_id, redact
-from tests.drill_checks import host_env
+from tests.drill_checks import (
+    DEPLOY_UID,
+    OWNER_UID,
+    SHARED_GID,
+    as_deploy_user,
+    host_env,
+    needs_root,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -67,6 +76,91 @@ def test_log_file_name_modes_and_line_shape(env: Environment) -> None:
                     "deployment_id": j.run_id, "message": "done", "step": "switch",
                     "duration_ms": 12}
     assert "bad release" in first["message"]
+
+
+class SameSecond(datetime):
+    """The clock of runs started in one UTC second (2026-03-01 10:15:00.250)."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        return datetime(2026, 3, 1, 10, 15, 0, 250000, tzinfo=UTC)
+
+
+SECOND_LOG = "staging_20260301_101500"
+
+
+def test_runs_started_in_the_same_second_each_write_their_own_log(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the log was named by the second alone and opened for appending, so
+    runs started in one second wrote into one file, and their records both named it. Each
+    run has its own: the next one `<env>_<second>_2.log`, which sorts after the first and
+    still matches the documented `<env>_*.log`."""
+    monkeypatch.setattr(journal, "datetime", SameSecond)
+    runs = [Journal.open(env, action, why=action) for action in ("rollback", "deploy", "switch")]
+    runs[1].finish("failed", ExitCode.LOCKED)
+    runs[0].finish("succeeded", ExitCode.OK)
+    names = [j.log_path.name for j in runs]
+    assert names == [f"{SECOND_LOG}.log", f"{SECOND_LOG}_2.log", f"{SECOND_LOG}_3.log"]
+    assert sorted(p.name for p in env.log_dir.glob("staging_*.log")) == names
+    for j in runs:
+        assert {e["deployment_id"] for e in lines(j)} == {j.run_id}, j.log_path
+        assert record(j)["log_file"] == str(j.log_path)
+        assert stat.S_IMODE(j.log_path.stat().st_mode) == 0o600
+
+
+def test_a_run_refused_by_the_lock_journals_its_refusal_in_its_own_log(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the journal opens before the lock is taken, so a run refused by the
+    lock (exit 3) in the same second as the holder's wrote its "failed (exit code 3)" into
+    the holder's log."""
+    from runbook import lock as locks
+    from runbook import run
+
+    monkeypatch.setattr(journal, "datetime", SameSecond)
+    holder = Journal.open(env, "rollback", why="holder")
+    held = locks.acquire(env, reason="holder", run_id=holder.run_id)
+    try:
+        with pytest.raises(LockedError) as refused:
+            run.perform(env, "rollback", lambda run_id: pytest.fail("planned without the lock"),
+                        dry_run=False, reason="refused")
+    finally:
+        locks.release(env, held)
+    holder.finish("succeeded", ExitCode.OK)
+    assert refused.value.exit_code == ExitCode.LOCKED
+    assert [e["level"] for e in lines(holder)] == ["INFO", "SUCCESS"]
+    own = Path(refused.value.log_file)  # type: ignore[attr-defined]
+    assert own != holder.log_path and own.name == f"{SECOND_LOG}_2.log"
+    said = [json.loads(line) for line in own.read_text().splitlines()]
+    assert said[-1]["message"] == "rollback failed (exit code 3)", said[-1]
+
+
+@needs_root
+def test_another_users_log_of_the_same_second_is_left_alone(shared_dir: Path) -> None:
+    """A log folder the deploying users share: another user's log of the same second (0600,
+    theirs) failed the run with exit 2 ("cannot write the log file", or its chmod's EPERM)
+    before it even met the lock. The run writes its own file; theirs stays as it was."""
+    env = host_env(shared_dir, name="staging")
+    env.log_dir.mkdir()
+    os.chown(env.log_dir, OWNER_UID, SHARED_GID)
+    env.log_dir.chmod(0o770)
+    theirs = env.log_dir / f"{SECOND_LOG}.log"
+    theirs.write_text('{"theirs": true}\n')
+    os.chown(theirs, OWNER_UID, SHARED_GID)
+    theirs.chmod(0o600)
+    imports = ("import sys\nfrom datetime import UTC, datetime\nfrom pathlib import Path\n"
+               "from datetime import tzinfo\nfrom runbook import database, journal\n"
+               "from tests.drill_checks import host_env\n" + inspect.getsource(SameSecond)
+               + "env = host_env(Path(sys.argv[1]), name='staging')\n")
+    code = ("journal.datetime = SameSecond\n"
+            "j = journal.Journal.open(env, 'rollback')\n"
+            "j.finish('succeeded', 0)\nprint(j.log_path)\n")
+    mine = Path(as_deploy_user([SHARED_GID], imports, code, str(shared_dir)).strip())
+    assert mine == env.log_dir / f"{SECOND_LOG}_2.log"
+    assert mine.stat().st_uid == DEPLOY_UID and "rollback succeeded" in mine.read_text()
+    after = theirs.stat()
+    assert theirs.read_text() == '{"theirs": true}\n'
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
+        OWNER_UID, SHARED_GID, 0o600)
 
 
 NASTY = [
