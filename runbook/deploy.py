@@ -159,7 +159,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         and found[0].to_version == version and found[0].record.get("deployment_id") \
         and (found[0].source, found[0].target) == (target.other, target) \
         and not _recorded_since(state, found[0]) else None
-    deployment_id = str(again.record["deployment_id"]) if again else states.new_id("dep")
+    # a new deployment's id is its run's (dep_...): the log names it from its first line
+    deployment_id = str(again.record["deployment_id"]) if again else run_id
     taken = finish.taken_snapshot(env, deployment_id) if again else None
     # kept only when the schema moved since it was taken (the killed run migrated): with the
     # schema where it was, nothing migrated, and the snapshot (a day old, maybe) would be

@@ -56,6 +56,14 @@ class Intent:
     def source(self) -> Slot:
         return Slot(self.from_slot)
 
+    @property
+    def deployment_id(self) -> str | None:
+        """The deployment id the run records as current: a deploy's new one, a rollback's
+        target; None for a switch (it records by version) and a restore."""
+        key = {"deploy": "deployment_id", "rollback": "target_id"}.get(self.action)
+        value = self.record.get(key) if key is not None else None
+        return value if isinstance(value, str) and value else None
+
     def with_(self, **changes: Any) -> Intent:
         return replace(self, **changes)
 

@@ -37,7 +37,7 @@ from runbook.redact import redact as redact
 from runbook.redact import register_secrets as register_secrets
 from runbook.redact import scrub as scrub
 
-RESERVED = ("timestamp", "level", "deployment_id", "message")
+RESERVED = ("timestamp", "level", "deployment_id", "message", "run_id")
 RUN_ID_PREFIX = {"rollback": "rbk", "deploy": "dep"}
 LOG_NAMES = 100  # runs started in one second, each with its log: <env>_<second>[_<n>].log
 
@@ -124,6 +124,7 @@ class Journal:
         self.env = env
         self.action = action
         self.run_id = run_id
+        self.deployment_id = run_id  # until the plan names the deployment (for_deployment)
         self.who = who
         self.why = why
         self.log_path = log_path
@@ -194,14 +195,25 @@ class Journal:
         """Facts about the run for the record (target version, slots, snapshot path)."""
         self.context.update(context)
 
+    def for_deployment(self, deployment_id: str | None) -> None:
+        """Name the deployment the run makes current, once its plan knows it (a deploy's,
+        the interrupted one's for a rerun that finishes it; a rollback's target, whose record
+        it reactivates): the contract's deployment_id of every line from here on, as the state
+        file's current_deployment.id and the pre-deploy snapshot's sidecar name it. A run
+        that names none (a switch, a restore, one refused before its plan) keeps its own id
+        there; every line carries the run's id in run_id."""
+        if deployment_id:
+            self.deployment_id = deployment_id
+
     def log(self, level: Level | str, message: str, /, **fields: Any) -> None:
         lvl = Level.of(level)
         known = self._secrets
         entry: dict[str, Any] = {
             "timestamp": _timestamp(),
             "level": lvl.value,
-            "deployment_id": self.run_id,
+            "deployment_id": self.deployment_id,
             "message": redact(str(message), known),
+            "run_id": self.run_id,
         }
         extra = _clean(fields, known)
         for key, value in extra.items():
@@ -322,6 +334,7 @@ class Journal:
         known = self._secrets
         data: dict[str, Any] = {
             "run_id": self.run_id,
+            "deployment_id": self.deployment_id,
             "action": self.action,
             "environment": self.env.name,
             "label": self.env.display,

@@ -120,9 +120,7 @@ def recorded_since(state: states.DeploymentState | None,
 def own_deployment_id(intent: intents.Intent) -> str | None:
     """The deployment id the record's run records as current: a deploy's new one, a
     rollback's target; None for a switch (it records by version)."""
-    key = {"deploy": "deployment_id", "rollback": "target_id"}.get(intent.action)
-    value = intent.record.get(key) if key is not None else None
-    return value if isinstance(value, str) and value else None
+    return intent.deployment_id
 
 
 @_exclusive

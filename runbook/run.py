@@ -108,6 +108,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                                 step="plan")
                 with signals.interruptible():
                     plan = _with_room(env, build(run_id))
+                journal.for_deployment(plan.intent.deployment_id if plan.intent else None)
                 if plan.finishing:
                     say(f"finishing an interrupted run: {plan.finishing}")
                     journal.set(finishing=plan.finishing)

@@ -581,7 +581,7 @@ def force_says_what_it_skipped(world: World) -> None:
     assert code != 200, f"the {live} slot is healthy ({body}): nothing was forced past a gate"
     schema = schema_in_postgres(world)
     assert schema > target.migration_version, (schema, target.migration_version)
-    entries = [e for e in log_entries(world) if e["deployment_id"] == result.run_id]
+    entries = [e for e in log_entries(world) if e.get("run_id") == result.run_id]
     assert entries, f"the journal has no line of run {result.run_id}"
     ran = {e.get("step"): e for e in entries if e.get("event") == "end"}
     assert ran.get("switch", {}).get("status") == "ok", ran.get("switch")
@@ -789,9 +789,9 @@ def log_says_what_happened(world: World) -> None:
     world.outcome()  # a dry run journals nothing
     error = world.refused()
     entries = log_entries(world)
-    runs = [e["deployment_id"] for e in entries if e.get("action") == "rollback"]
+    runs = [e.get("run_id") for e in entries if e.get("action") == "rollback"]
     assert runs, "the log has no rollback run"
-    run = [e for e in entries if e["deployment_id"] == runs[-1]]
+    run = [e for e in entries if e.get("run_id") == runs[-1]]
     steps = {e.get("step") for e in run}
     assert {"lock", "plan", "unlock"} <= steps, steps
     errors = [e for e in run if e["level"] == "ERROR"]

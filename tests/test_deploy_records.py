@@ -24,12 +24,15 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from runbook import deploy, docker
+from runbook import deploy, docker, faults, rollback
 from runbook import environment as envmod
+from runbook import intent as intents
 from runbook import state as states
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.errors import ExitCode, RunbookError
@@ -227,3 +230,70 @@ def test_a_rerun_never_recreates_the_slot_under_migrations_a_killed_run_left_run
         time.sleep(0.1)
     deploy.deploy(env, deploy.Options(version=V2.tag))
     assert through_proxy(env) == ("green", V2.tag)
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def sidecar(snapshot: Path) -> dict[str, Any]:
+    meta = snapshot.with_name(snapshot.name.removesuffix(".sql.gz") + ".meta.json")
+    return json.loads(meta.read_text())  # type: ignore[no-any-return]
+
+
+def test_a_deploys_log_names_its_deployment_as_the_state_file_and_its_snapshot_do(
+        stack: DrillStack) -> None:
+    """Found by review: the log's deployment_id was the run's id, the deployment the run
+    recorded had another (the state file's current_deployment.id, the pre-deploy snapshot's
+    sidecar), so no log line named the deployment. A deploy's lines name its deployment from
+    the first; a killed deploy's rerun finishes that same deployment and logs under its id
+    from its plan on. Each line keeps its own run's id in run_id."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    assert env.source is not None
+    killed = subprocess.run(
+        [sys.executable, "-m", "runbook.cli", "deploy", "--version", V2.tag, "--yes",
+         str(env.source)], capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL, check=False,
+        env={k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+        | {faults.VARIABLE: "after:migrate:SIGKILL"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    record = intents.read(env)
+    assert record is not None
+    deployment = str(record.record["deployment_id"])
+    first = [e for log in env.log_dir.glob("*.log") for e in log_lines(log)
+             if record.run_id in (e.get("run_id"), e["deployment_id"])]
+    assert first and {e["deployment_id"] for e in first} == {deployment}, first[0]
+
+    result = deploy.deploy(env, deploy.Options(version=V2.tag))  # finishes it
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.id == deployment
+    assert st.current.snapshot_path is not None
+    assert sidecar(Path(st.current.snapshot_path))["deployment_id"] == deployment
+    rerun = log_lines(Path(str(result.log_file)))
+    assert {e.get("run_id") for e in rerun} == {result.run_id} != {deployment}
+    planned = next(i for i, e in enumerate(rerun)
+                   if e.get("step") == "plan" and e.get("event") == "end")
+    assert {e["deployment_id"] for e in rerun[planned:]} == {deployment}, rerun[planned]
+    assert any(e["message"].startswith("commit point reached") for e in rerun[planned:])
+
+
+def test_a_rollbacks_log_names_the_deployment_it_makes_current(stack: DrillStack) -> None:
+    """A rollback creates no deployment: it makes its target's record current again. The
+    log's deployment_id is that record's id from the plan on (the state file's
+    current_deployment.id after it), and run_id the run's, which the state file records as
+    the target's rollback_id."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # v3 serving from blue, v2 running on green
+    env = stack.env
+    target = states.read_state(env.state_file).previous
+    assert target is not None
+    result = rollback.rollback(env)
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.id == target.id
+    assert st.current.extra.get("rollback_id") == result.run_id
+    logged = log_lines(Path(str(result.log_file)))
+    assert {e.get("run_id") for e in logged} == {result.run_id}
+    assert logged[0]["deployment_id"] == result.run_id  # before its plan named the target
+    planned = next(i for i, e in enumerate(logged)
+                   if e.get("step") == "plan" and e.get("event") == "end")
+    assert {e["deployment_id"] for e in logged[planned:]} == {target.id}, logged[planned]

@@ -110,7 +110,7 @@ def commit_time(env: Environment) -> float:
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             if entry["message"].startswith("commit point reached") \
-                    and entry["deployment_id"].startswith("rbk"):  # not the arranging deploys
+                    and entry["run_id"].startswith("rbk"):  # not the arranging deploys
                 when = datetime.strptime(entry["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
                 times.append(when.replace(tzinfo=UTC).timestamp())
     assert times, "no run journaled its commit point"

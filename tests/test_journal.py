@@ -73,9 +73,28 @@ def test_log_file_name_modes_and_line_shape(env: Environment) -> None:
     assert list(first)[:4] == ["timestamp", "level", "deployment_id", "message"]
     assert TIMESTAMP.fullmatch(last["timestamp"])
     assert last == {"timestamp": last["timestamp"], "level": "SUCCESS",
-                    "deployment_id": j.run_id, "message": "done", "step": "switch",
-                    "duration_ms": 12}
+                    "deployment_id": j.run_id, "message": "done", "run_id": j.run_id,
+                    "step": "switch", "duration_ms": 12}
     assert "bad release" in first["message"]
+
+
+def test_lines_name_the_deployment_once_the_plan_does_and_always_the_run(
+        env: Environment) -> None:
+    """The contract's deployment_id is the deployment's (the id the state file and the
+    pre-deploy snapshot's sidecar give it) once the run's plan names it; before, and for a
+    run that names none, the run's own id. run_id always says which run wrote the line."""
+    j = Journal.open(env, "deploy")
+    j.log("INFO", "before the plan")
+    j.for_deployment(None)  # a plan that names no deployment (a switch): unchanged
+    j.for_deployment("dep_0123456789abcdef_0123456789abcdef01234567")
+    j.log("INFO", "after the plan", run_id="a field of that name")
+    j.finish("success", ExitCode.OK)
+    entries = lines(j)
+    assert [e["deployment_id"] for e in entries] == [j.run_id, j.run_id] + [
+        "dep_0123456789abcdef_0123456789abcdef01234567"] * 2
+    assert {e["run_id"] for e in entries} == {j.run_id}
+    assert entries[2]["run_id_"] == "a field of that name"
+    assert record(j)["deployment_id"] == "dep_0123456789abcdef_0123456789abcdef01234567"
 
 
 class SameSecond(datetime):
