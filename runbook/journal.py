@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -137,6 +138,12 @@ class Journal:
         self.context: dict[str, Any] = {}
         self.failure: dict[str, Any] | None = None  # the exception that ended the run
         self.write_errors: list[str] = []
+        self.warnings: list[str] = []  # said in the log and, by run.perform, on the terminal
+        # the log file it created: held open read-only while the journal lives, so its inode
+        # is never reused (no other file passes for it); written through a descriptor opened
+        # for each line (one held for writing would block a remount read-only)
+        self._pin: int | None = None
+        self._file: tuple[int, int] | None = None  # its (st_dev, st_ino)
         self._secrets: set[str] = set()
         self._echo = echo
         self._mutex = threading.RLock()
@@ -152,6 +159,7 @@ class Journal:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id):
             raise ConfigError(f"run id {run_id!r} cannot name a file",
                               "use letters, digits, '.', '_' and '-' only")
+        warnings: list[str] = []
         for directory, what in ((env.log_dir, "[logs] dir"), (env.runs_dir, "[logs] runs_dir")):
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -160,13 +168,11 @@ class Journal:
                     f"cannot create {directory}: {exc.strerror or exc}; nothing was changed",
                     exc, directory.parent,
                     f"fix {what} in the environment file or its permissions") from None
+            if (warning := _open_to_all(directory, what)) is not None:
+                warnings.append(warning)
         log_path = env.log_dir / f"{env.name}_{started:%Y%m%d_%H%M%S}.log"
         try:
-            log_path, fd = _new_log(log_path)
-            try:
-                os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
+            log_path, pin, identity = _new_log(log_path)
         except OSError as exc:
             raise files.write_error(
                 f"cannot write the log file {log_path}: {exc.strerror or exc}; nothing was "
@@ -174,6 +180,8 @@ class Journal:
                 "fix [logs] dir in the environment file or its permissions") from None
         journal = cls(env, action, run_id, who or statemod.current_operator(), why or "",
                       log_path, env.runs_dir / f"{run_id}.json", started, echo)
+        journal._pin, journal._file = pin, identity
+        journal.warnings = warnings
         from runbook import database
 
         journal.add_secret(*database.known_secrets(env))  # before the first line is written
@@ -181,6 +189,8 @@ class Journal:
         journal.log(Level.INFO, f"{action} started on {env.display} by {journal.who}"
                     + (f": {journal.why}" if journal.why else ""), action=action,
                     environment=env.name)
+        for warning in warnings:
+            journal.log(Level.WARN, warning)
         return journal
 
     # -- logging --
@@ -221,12 +231,13 @@ class Journal:
         line = json.dumps(entry, ensure_ascii=True, allow_nan=False) + "\n"
         with self._mutex:
             try:
-                fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fd = self._own_log()
                 try:
                     data = line.encode()
                     written = os.write(fd, data)
                     if written < len(data):  # a nearly full disk: the rest would fail, and
                         # a half line glued to the next one breaks every reader after it
+                        # (the file is this run's alone: O_EXCL)
                         os.ftruncate(fd, os.fstat(fd).st_size - written)
                         raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} "
                                                     "bytes, taken back)")
@@ -237,6 +248,30 @@ class Journal:
                 self.write_errors.append(f"{self.log_path}: {exc.strerror or exc}")
         if self._echo is not None:
             self._echo(lvl, entry["message"], extra)
+
+    def _own_log(self) -> int:
+        """The log file this run created, opened for appending, or OSError: in a log folder
+        others can write, its name may be a symlink or another file by now, and every line
+        was appended through it (to someone else's file)."""
+        if self._pin is None or self._file is None:
+            raise OSError(errno.EBADF, "the log file is closed")
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        found = os.fstat(fd)
+        if (found.st_dev, found.st_ino) != self._file:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "no longer the log file this run created (replaced "
+                                        "since): nothing written to it")
+        return fd
+
+    def close(self) -> None:
+        """Let go of the log file (a line logged after it is a write error)."""
+        pin, self._pin = self._pin, None
+        if pin is not None:
+            os.close(pin)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def info(self, message: str, /, **fields: Any) -> None:
         self.log(Level.INFO, message, **fields)
@@ -369,20 +404,49 @@ class Journal:
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
 
 
-def _new_log(first: Path) -> tuple[Path, int]:
-    """A log file of this run's own, created (O_EXCL) and open: `first`, or when a run
-    started in the same second has it, `<env>_<second>_2.log` and so on, which sort after it
-    (by name up to _9, by time always: the documented `ls -t <env>_*.log`). Appending to a
-    file of that second put a run's lines (a lock refusal's "failed (exit code 3)") into
-    another run's log, both records named it, another user's file failed the run with exit
-    2, and a short write's undo could cut the other run's line."""
+def _open_to_all(directory: Path, what: str) -> str | None:
+    """What to warn of when every user may write `directory` and it has no sticky bit: any
+    of them can delete or replace a run's log or record there. Warned, never refused: the
+    run's own writes stay safe (its log is created O_EXCL and written only while its name
+    still names the file it created), and the journal never stops a rollback."""
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return None
+    if not mode & stat.S_IWOTH or mode & stat.S_ISVTX:
+        return None
+    return (f"{directory} ({what}) can be written by every user and has no sticky bit (mode "
+            f"{stat.S_IMODE(mode):o}): another user can delete or replace this run's journal; "
+            f"`chmod o-w {directory}` (or `chmod +t` to keep it shared)")
+
+
+def _new_log(first: Path) -> tuple[Path, int, tuple[int, int]]:
+    """A log file of this run's own: its path, a read-only descriptor that holds it (its
+    inode is never reused while the journal lives) and its (st_dev, st_ino). Created O_EXCL
+    (never through a symlink): `first`, or when a run started in the same second has it,
+    `<env>_<second>_2.log` and so on, which sort after it (by name up to _9, by time always:
+    the documented `ls -t <env>_*.log`). Appending to a file of that second put a run's lines
+    (a lock refusal's "failed (exit code 3)") into another run's log, both records named it,
+    another user's file failed the run with exit 2, and a short write's undo could cut the
+    other run's line; a symlink planted under the name had the run append to, and chmod,
+    the file it pointed at."""
     for number in range(1, LOG_NAMES + 1):
         path = first if number == 1 else first.with_name(f"{first.stem}_{number}.log")
         try:
-            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-                                 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         except FileExistsError:
             continue
+        try:
+            os.fchmod(fd, 0o600)
+            created = os.fstat(fd)
+            pin = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        finally:
+            os.close(fd)
+        held = os.fstat(pin)
+        if (held.st_dev, held.st_ino) != (created.st_dev, created.st_ino):
+            os.close(pin)
+            raise OSError(errno.ESTALE, "replaced as soon as it was created")
+        return path, pin, (created.st_dev, created.st_ino)
     raise OSError(errno.EEXIST, f"{first.name} and its {LOG_NAMES - 1} numbered variants "
                   "all exist")
 

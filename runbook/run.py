@@ -87,6 +87,8 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
         with contextlib.suppress(OSError, ValueError):  # a closed terminal never stops a run
             notify(message)
 
+    for warning in journal.warnings:  # a log folder others can write
+        say(f"{WARNING}{warning}")
     try:
         with journal.step("lock", "Take the deploy lock") as rec:
             # not interruptible: taking the lock never waits, and a signal between its mkdir

@@ -15,7 +15,7 @@ import threading
 import time
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, quote_plus
 
 import pytest
@@ -180,6 +180,88 @@ def test_another_users_log_of_the_same_second_is_left_alone(shared_dir: Path) ->
     assert theirs.read_text() == '{"theirs": true}\n'
     assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
         OWNER_UID, SHARED_GID, 0o600)
+
+
+
+def plant_links(env: Environment, victim: Path, seconds: int) -> None:
+    """What another user who can write the log folder does: symlinks named as the next
+    runs' logs, pointing at a file of the runbook's user."""
+    env.log_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    for ahead in range(seconds):
+        name = f"{env.name}_{datetime.fromtimestamp(now.timestamp() + ahead, UTC):%Y%m%d_%H%M%S}"
+        for suffix in ("", "_2"):
+            (env.log_dir / f"{name}{suffix}.log").symlink_to(victim)
+
+
+def test_a_log_name_planted_as_a_symlink_is_passed_over(env: Environment,
+                                                        tmp_path: Path) -> None:
+    """Found by review: the log was opened and chmodded through a symlink: another local user
+    who can write the log folder planted links named after the next seconds' logs, and the
+    runbook appended its lines to, and chmodded, the file they pointed at. A name taken is a
+    name taken: the run writes a new file of its own."""
+    victim = tmp_path / "victim.conf"
+    victim.write_text("important=1\n")
+    victim.chmod(0o644)
+    plant_links(env, victim, seconds=3)
+    j = Journal.open(env, "rollback", why="planted")
+    j.info("a line")
+    assert not j.log_path.is_symlink() and j.log_path.name.endswith("_3.log"), j.log_path
+    assert victim.read_text() == "important=1\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert [e["message"] for e in lines(j)][-1] == "a line"
+
+
+def test_a_log_replaced_by_a_symlink_mid_run_is_not_written_through(env: Environment,
+                                                                    tmp_path: Path) -> None:
+    """In a log folder others can write (no sticky bit), another user can swap the run's
+    log for a symlink while the run goes on: every line was appended through it. The run
+    writes only to the file it created; a line that cannot go there is a write error (the run
+    goes on, and says its journal is incomplete), never a write elsewhere."""
+    victim = tmp_path / "victim.conf"
+    victim.write_text("important=1\n")
+    j = Journal.open(env, "rollback")
+    j.log_path.unlink()
+    j.log_path.symlink_to(victim)
+    j.info("after the swap")
+    assert victim.read_text() == "important=1\n"
+    assert len(j.write_errors) == 1 and str(j.log_path) in j.write_errors[0], j.write_errors
+    j.log_path.unlink()
+    j.log_path.write_text("")  # another file of that name (theirs): not this run's either
+    j.info("after the second swap")
+    assert j.log_path.read_text() == "" and len(j.write_errors) == 2, j.write_errors
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o777, True), (0o1777, False), (0o775, False)])
+def test_a_log_folder_every_user_can_write_is_warned_of_never_refused(
+        env: Environment, mode: int, warned: bool) -> None:
+    """A log folder every user can write, without the sticky bit (as /tmp has), lets another
+    user delete or replace a run's log: the run goes on (its own writes are safe, and the
+    journal never stops a rollback), and warns in its log and on the terminal, naming the
+    fix."""
+    from runbook import run
+
+    env.log_dir.mkdir(parents=True)
+    env.log_dir.chmod(mode)
+    said: list[str] = []
+
+    def refused(run_id: str) -> NoReturn:
+        raise PreconditionError("no previous deployment", "deploy first")
+
+    with pytest.raises(PreconditionError):
+        run.perform(env, "rollback", refused, dry_run=False, reason="test",
+                    notify=said.append)
+    (log,) = env.log_dir.glob("*.log")
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    warnings = [e["message"] for e in logged if e["level"] == "WARN"]
+    if not warned:
+        assert warnings == [] and said == [], (warnings, said)
+        return
+    assert len(warnings) == 1, warnings
+    assert f"{env.log_dir} ([logs] dir) can be written by every user" in warnings[0]
+    assert f"chmod o-w {env.log_dir}" in warnings[0]
+    assert said == [f"warning: {warnings[0]}"]
+    assert logged[-1]["message"] == "rollback failed (exit code 4)"
 
 
 NASTY = [
