@@ -247,7 +247,13 @@ def unlock(
                 else:
                     typer.echo(redact(one_line(held.describe())) if held else "free")
                 return
-        message = one_line(locks.unlock(environment, force=force))
+        from runbook import run
+
+        # journaled (which lock went, who removed it), outside run.perform: it removes the lock
+        with run.journaled(environment, "unlock", "runbook unlock" + (" --force" if force else ""),
+                           notice) as log:
+            message = one_line(locks.unlock(environment, force=force))
+            log("SUCCESS", message, lock=str(environment.lock_path), force=force)
     except RunbookError as exc:
         fail(exc, fmt)
     if fmt is Format.json:

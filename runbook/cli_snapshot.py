@@ -15,6 +15,7 @@ import typer
 from runbook.cli_common import (
     fail,
     load_env,
+    notice,
     only_reading,
     refuse_blank,
     require_yes,
@@ -54,11 +55,14 @@ def create(
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Take a snapshot now (pg_dump inside the database container, gzip, sidecar)."""
-    from runbook import snapshots
+    from runbook import run, snapshots
 
     environment = _env(env, config, fmt)
     try:
-        snap = snapshots.create(environment, reason)
+        with run.journaled(environment, "snapshot-create", reason, notice) as log:
+            snap = snapshots.create(environment, reason)
+            log("SUCCESS", f"snapshot taken: {snap.path}", snapshot=str(snap.path),
+                schema=snap.migration_version, sha256=(snap.meta or {}).get("sha256"))
     except RunbookError as exc:
         _fail(exc, fmt)
     data = snap.to_json(environment.database.retention_days)
@@ -138,16 +142,30 @@ def restore(
 def _cleanup_locked(environment: Environment) -> CleanupResult:
     """Under the deploy lock (found by review): a cron cleanup deleted an expired snapshot
     that a restore, waiting at its prompt or taking its safety snapshot, was about to replay.
-    A held lock refuses (exit 3) and deletes nothing; the next cron run does the work."""
+    A held lock refuses (exit 3) and deletes nothing; the next cron run does the work.
+    Journaled: what it deleted, who ran it, or why it was refused."""
     from runbook import lock as locks
-    from runbook import snapshots
+    from runbook import run, snapshots
     from runbook.snapshot_restore import kept_for_killed_restore
 
-    held = locks.acquire(environment, reason="snapshot cleanup")
-    try:
-        return snapshots.cleanup(environment, also_keep=kept_for_killed_restore(environment))
-    finally:
-        locks.release(environment, held)
+    with run.journaled(environment, "snapshot-cleanup", "runbook snapshot cleanup",
+                       notice) as log:
+        held = locks.acquire(environment, reason="snapshot cleanup")
+        try:
+            result = snapshots.cleanup(environment,
+                                       also_keep=kept_for_killed_restore(environment))
+        finally:
+            locks.release(environment, held)
+        for snap in result.removed:
+            log("INFO", f"removed {snap.name}", snapshot=str(snap.path))
+        for path in result.orphans:
+            log("INFO", f"removed leftover {path.name}", path=str(path))
+        for warning in result.warnings:
+            log("WARN", warning)
+        log("SUCCESS", f"removed {len(result.removed)} snapshot(s); kept {len(result.kept)}",
+            removed=[s.name for s in result.removed],
+            held={s.name: why for s, why in result.held})
+        return result
 
 
 @snapshot_app.command("cleanup")

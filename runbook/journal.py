@@ -144,6 +144,7 @@ class Journal:
         # for each line (one held for writing would block a remount read-only)
         self._pin: int | None = None
         self._file: tuple[int, int] | None = None  # its (st_dev, st_ino)
+        self._recorded = True  # False: no run record (Journal.open's record=False)
         self._secrets: set[str] = set()
         self._echo = echo
         self._mutex = threading.RLock()
@@ -151,16 +152,18 @@ class Journal:
     @classmethod
     def open(cls, env: Environment, action: str, run_id: str | None = None,
              who: str | None = None, why: str | None = None, *,
-             echo: Echo | None = None) -> Journal:
+             echo: Echo | None = None, record: bool = True) -> Journal:
         """Create the log file and a first run record ("running"), so even a killed run
-        leaves a trace."""
+        leaves a trace. `record=False`: the log alone (run.journaled says why)."""
         started = datetime.now(UTC)
         run_id = run_id or new_run_id(action)
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id):
             raise ConfigError(f"run id {run_id!r} cannot name a file",
                               "use letters, digits, '.', '_' and '-' only")
         warnings: list[str] = []
-        for directory, what in ((env.log_dir, "[logs] dir"), (env.runs_dir, "[logs] runs_dir")):
+        folders = [(env.log_dir, "[logs] dir")] + ([(env.runs_dir, "[logs] runs_dir")]
+                                                   if record else [])
+        for directory, what in folders:
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
@@ -182,6 +185,7 @@ class Journal:
                       log_path, env.runs_dir / f"{run_id}.json", started, echo)
         journal._pin, journal._file = pin, identity
         journal.warnings = warnings
+        journal._recorded = record
         from runbook import database
 
         journal.add_secret(*database.known_secrets(env))  # before the first line is written
@@ -395,6 +399,8 @@ class Journal:
         the operator and the traffic switch; a killed process still leaves the last one (the
         kernel has it), and what survives a power loss mid-run is the intent record's job
         (runbook/intent.py), as for the log lines, which are never fsynced either."""
+        if not self._recorded:
+            return
         with self._mutex:
             payload = json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n"
             try:

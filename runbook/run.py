@@ -3,7 +3,8 @@
 Every mutating command goes through `perform`, so every one gets the same guarantees: the
 deploy lock (kept fresh while the run lasts), signals handled (runbook/plan.py), the leftovers
 of a killed run cleaned, the intent of an interrupted run honoured, one line for any failure,
-and the process exit code equal to the one the journal records.
+and the process exit code equal to the one the journal records. The few that have no plan to
+run (snapshot create and cleanup, unlock) still write the log, through `journaled`.
 """
 
 from __future__ import annotations
@@ -179,6 +180,45 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
     result.log_file = str(journal.log_path)
     result.record_file = str(journal.record_path)
     return result
+
+
+@contextlib.contextmanager
+def journaled(env: Environment, action: str, why: str,
+              notify: Callable[[str], None]) -> Iterator[Callable[..., None]]:
+    """The contract's log of a command that changes the host outside `perform` (snapshot
+    create and cleanup, unlock): its first line says who ran it, the block logs what it
+    changed through the function it is given, and the last line how it ended, with the exit
+    code the process exits with. No run record: status shows the last run's, and a killed
+    restore is looked for among the last records; an hourly `snapshot create` would push it
+    out of sight, and cleanup would then delete its safety snapshot. Never in the command's
+    way: a log that cannot be written is said through `notify`, and the command goes on."""
+    journal: journals.Journal | None = None
+    try:
+        journal = journals.Journal.open(env, action, why=why, record=False)
+    except RunbookError as exc:
+        notify(f"{WARNING}the journal is incomplete: {exc.message}; this output is the full "
+               "account of this command")
+    for warning in journal.warnings if journal is not None else ():
+        notify(f"{WARNING}{warning}")
+
+    def log(level: str, message: str, /, **fields: Any) -> None:
+        if journal is not None:
+            journal.log(level, message, **fields)
+
+    try:
+        yield log
+    except BaseException as exc:
+        if journal is not None:
+            if isinstance(exc, RunbookError):  # printed by the command as before, unchanged
+                journal.log("ERROR", str(exc), exit_code=int(exc.exit_code))
+            journal.fail(exc)
+        raise
+    else:
+        if journal is not None:
+            journal.finish("success", 0)
+    finally:
+        if journal is not None and (lost := incomplete(journal)) is not None:
+            notify(f"{WARNING}{lost}")
 
 
 def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> RunbookError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +152,81 @@ def test_cli_import_leaves_heavy_libraries_for_later() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def logs(stack: DrillStack) -> dict[str, list[dict[str, Any]]]:
+    """Every log file of the environment, by name: its lines."""
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in stack.env.log_dir.glob("*.log")}
+
+
+def records(stack: DrillStack) -> list[str]:
+    runs = stack.env.runs_dir
+    return sorted(p.name for p in runs.glob("*.json")) if runs.is_dir() else []
+
+
+def new_log(stack: DrillStack, before: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    (added,) = [lines for name, lines in logs(stack).items() if name not in before]
+    return added
+
+
+DEAD_HOLDER = """
+import os, sys
+from runbook import environment, lock
+lock.acquire(environment.load(sys.argv[1]), reason="a run killed holding the lock")
+os._exit(0)  # killed: never released
+"""
+
+
+def test_unlock_journals_the_lock_it_removed_or_refused_and_who_asked(stack: DrillStack) -> None:
+    """Found by review: `runbook unlock --force` removed a lock outside run.perform, so no
+    log line said which lock went, or who removed it (README: every run writes the log). It
+    writes the contract's lines now; its output and exit codes are what they were, and it
+    writes no run record (reports, `status` and a killed restore's look-back read those)."""
+    env = stack.env
+    assert env.source is not None
+    subprocess.run([sys.executable, "-c", DEAD_HOLDER, str(env.source)], check=True,
+                   timeout=60)
+    assert env.lock_path.exists()
+    before, kept = logs(stack), records(stack)
+    done = runbook(stack, "unlock", "--force", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{env.display}: removed a stale lock") and done.stderr == ""
+    assert not env.lock_path.exists()
+    lines = new_log(stack, before)
+    assert lines[0]["message"].startswith(f"unlock started on {env.display} by ")
+    assert "runbook unlock --force" in lines[0]["message"]
+    (removed,) = [e for e in lines if e["level"] == "SUCCESS" and e.get("lock")]
+    assert removed["message"] == done.stdout.strip()
+    assert "a run killed holding the lock" in removed["message"]
+    assert lines[-1]["message"] == "unlock success (exit code 0)"
+    assert len({e["run_id"] for e in lines}) == 1 and records(stack) == kept
+
+    held = locks.acquire(env, reason="drill test", run_id="test_run")
+    try:
+        before = logs(stack)
+        refused = runbook(stack, "unlock", "--force", "--yes")
+    finally:
+        locks.release(env, held)
+    assert refused.returncode == 3, refused.stderr
+    lines = new_log(stack, before)
+    assert [e.get("exit_code") for e in lines if e["level"] == "ERROR"] == [3, 3], lines
+    assert lines[-1]["message"] == "unlock failed (exit code 3)"
+    assert refused.stdout == "" and "journal" not in refused.stderr  # said as before
+
+
+def test_snapshot_create_journals_the_snapshot_it_took(stack: DrillStack) -> None:
+    """Found by review: `runbook snapshot create` wrote no log line."""
+    before, kept = logs(stack), records(stack)
+    done = runbook(stack, "snapshot", "create", "--reason", "journal-test")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Snapshot taken: ") and done.stderr == ""
+    path = done.stdout.splitlines()[0].removeprefix("Snapshot taken: ")
+    assert Path(path).is_file()
+    lines = new_log(stack, before)
+    assert lines[0]["message"].startswith("snapshot-create started on ")
+    (taken,) = [e for e in lines if e.get("snapshot")]
+    assert taken["snapshot"] == path and taken["level"] == "SUCCESS"
+    assert isinstance(taken["schema"], int)
+    assert lines[-1]["message"] == "snapshot-create success (exit code 0)"
+    assert records(stack) == kept

@@ -380,6 +380,77 @@ def test_cli_cleanup_waits_for_no_one_and_deletes_nothing_under_a_held_deploy_lo
     assert not host.lock_path.exists()  # released
 
 
+def test_cli_cleanup_journals_what_it_deleted_and_a_refusal(env: Environment,
+                                                            tmp_path: Path) -> None:
+    """Found by review: `runbook snapshot cleanup --yes` deleted snapshots (under the deploy
+    lock) outside run.perform, so no log line said what went, or who ran it. It writes the
+    contract's lines now, for a lock refusal too; a dry run, which deletes nothing, writes
+    none. Its output and exit codes are what they were."""
+    import subprocess
+    import sys
+
+    from runbook import environment as envmod
+    from runbook import lock as locks
+
+    def log_lines() -> dict[str, list[dict[str, object]]]:
+        return {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+                for p in (tmp_path / "logs").glob("*.log")}
+
+    record(env, "dep_old", "dep_current")
+    gone = put(env, "20261121_120000", "manual", age_days=11, expires_in_days=-4)
+    put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
+    toml = host_toml(env, tmp_path)
+    run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml)]
+    dry = subprocess.run([*run, "--dry-run"], capture_output=True, text=True, check=False,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0 and log_lines() == {}, dry.stderr
+    host = envmod.load(str(toml))
+    held = locks.acquire(host, reason="snapshot restore")
+    try:
+        refused = subprocess.run([*run, "--yes"], capture_output=True, text=True,
+                                 check=False, timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        locks.release(host, held)
+    assert refused.returncode == 3 and gone.exists(), refused.stderr
+    (first,) = log_lines().values()
+    assert first[-1]["message"] == "snapshot-cleanup failed (exit code 3)", first[-1]
+    assert any(e["level"] == "ERROR" and "deploy lock" in str(e["message"]) for e in first)
+    done = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and not gone.exists(), done.stderr
+    assert done.stdout.splitlines()[0].startswith(f"Removed {gone.name} (expired ")
+    assert done.stderr == ""
+    (second,) = [lines for lines in log_lines().values() if lines != first]
+    assert str(second[0]["message"]).startswith("snapshot-cleanup started on production by ")
+    removed = [e for e in second if e.get("snapshot")]
+    assert [e["snapshot"] for e in removed] == [str(gone)], second
+    assert second[-1]["message"] == "snapshot-cleanup success (exit code 0)"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cli_cleanup_goes_on_when_its_log_cannot_be_written_and_says_so(
+        env: Environment, tmp_path: Path) -> None:
+    """The journal never stands in a command's way: with the log folder unusable (a file
+    where it should be), the cleanup deletes what it did before, exit 0, and says on stderr
+    that this output is all there is of it."""
+    import subprocess
+    import sys
+
+    record(env, "dep_old", "dep_current")
+    gone = put(env, "20261121_120000", "manual", age_days=11, expires_in_days=-4)
+    put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
+    toml = host_toml(env, tmp_path)
+    (tmp_path / "logs").write_text("not a folder\n")
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "cleanup",
+                           str(toml), "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and not gone.exists(), done.stderr
+    assert f"Removed {gone.name}" in done.stdout
+    (warning,) = done.stderr.splitlines()
+    assert warning.startswith("runbook: warning: the journal is incomplete: cannot create "
+                              f"{tmp_path / 'logs'}"), warning
+
+
 def test_the_full_disk_hint_names_the_setting_that_is_read() -> None:
     from runbook.snapshots import store
 
