@@ -455,6 +455,17 @@ def production_with(env_file: Path) -> str:
     return text.replace('"/opt/togather/.env.production"', f'"{env_file}"')
 
 
+def refused_at_load(env_file: Path) -> tuple[Path, ConfigError]:
+    """The packaged production environment with its host env file at `env_file`, loaded:
+    refused as configuration (exit 2). Returns the TOML written and the error."""
+    toml = env_file.parent / "production.toml"
+    toml.write_text(production_with(env_file))
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(toml))
+    assert err.value.exit_code == ExitCode.USAGE
+    return toml, err.value
+
+
 @pytest.mark.parametrize(("line", "key", "fix"), [
     ("SNAPSHOT_DIR=/srv/togather/snapshots", "[database] snapshot_dir",
      'set snapshot_dir = "/srv/togather/snapshots" under [database]'),
@@ -474,15 +485,11 @@ def test_a_host_env_file_that_disagrees_with_the_environment_is_refused(
     env_file = tmp_path / ".env.production"
     env_file.write_text(f"DATABASE_URL=postgresql://u:S3cretPW@db/x\n{line}\n")
     env_file.chmod(0o600)
-    toml = tmp_path / "production.toml"
-    toml.write_text(production_with(env_file))
-    with pytest.raises(ConfigError) as err:
-        envmod.load(str(toml))
-    assert err.value.exit_code == ExitCode.USAGE
-    message = str(err.value)
+    toml, error = refused_at_load(env_file)
+    message = str(error)
     assert f"{env_file} sets {line}" in message and key in message and "\n" not in message
-    assert err.value.fix is not None and fix in err.value.fix and str(toml) in err.value.fix
-    assert "S3cretPW" not in message + err.value.fix
+    assert error.fix is not None and fix in error.fix and str(toml) in error.fix
+    assert "S3cretPW" not in message + error.fix
 
 
 def test_the_host_env_files_snapshot_retention_days_is_the_retention_or_the_longer(
@@ -669,12 +676,8 @@ def test_a_host_env_file_that_is_not_utf8_is_refused_at_load(tmp_path: Path) -> 
     the rollback's health path come from that file: refused at load (exit 2), naming it."""
     env_file = tmp_path / ".env.production"
     env_file.write_bytes(b"DATABASE_URL=postgresql://u:p\xe9ss@db/x\nHEALTH_CHECK_PATH=/healthz\n")
-    toml = tmp_path / "production.toml"
-    toml.write_text(production_with(env_file))
-    with pytest.raises(ConfigError) as err:
-        envmod.load(str(toml))
-    assert err.value.exit_code == ExitCode.USAGE
-    message = str(err.value)
+    _, error = refused_at_load(env_file)
+    message = str(error)
     assert f"env file {env_file} is not UTF-8" in message and "byte 29" in message, message
     assert "p\xe9ss" not in message and "\n" not in message
 
@@ -712,16 +715,12 @@ def test_a_health_wait_timeout_that_is_no_duration_is_a_config_error(
     load: exit 2, one line naming the variable and the file, and what to write instead."""
     env_file = tmp_path / ".env.production"
     env_file.write_text(f"DATABASE_URL=postgresql://u:S3cretPW@db/x\nHEALTH_WAIT_TIMEOUT={value}\n")
-    toml = tmp_path / "production.toml"
-    toml.write_text(production_with(env_file))
-    with pytest.raises(ConfigError) as err:
-        envmod.load(str(toml))
-    assert err.value.exit_code == ExitCode.USAGE
-    message = str(err.value)
+    _, error = refused_at_load(env_file)
+    message = str(error)
     assert "HEALTH_WAIT_TIMEOUT" in message and str(env_file) in message, message
     assert "\n" not in message and "9" * 30 not in message, message  # never 5000 digits
-    assert err.value.fix is not None and "seconds" in err.value.fix, err.value.fix
-    assert "S3cretPW" not in message + err.value.fix
+    assert error.fix is not None and "seconds" in error.fix, error.fix
+    assert "S3cretPW" not in message + error.fix
 
 
 def test_a_health_wait_timeout_that_is_no_duration_stops_the_command_with_exit_2(
