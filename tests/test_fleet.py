@@ -510,6 +510,38 @@ def test_a_batch_longer_than_the_fleet_locks_lifetime_keeps_it_and_a_takeover_is
     assert _take(env, "fleet_other")["taken_over"]
 
 
+def test_a_second_ctrl_c_while_the_heartbeat_stops_never_skips_the_release() -> None:
+    """Found by review: the run's `finally` stopped the heartbeat (waiting for a beat in
+    flight: ansible-runner sees its cancel only at its next poll) before it held the signals
+    for the release, so a second Ctrl-C then escaped the `finally` and the fleet lock was
+    never released (a colleague's fleet rollback refused for 30 minutes). The stop holds
+    them as the release does: the code after it always runs."""
+    import threading
+
+    from runbook.fleet.rollout import _lock_heartbeat
+
+    def slow_beat(cancelled: object) -> None:  # a refresh still running when the run ends
+        time.sleep(2.0)
+
+    reached = False
+    stack = contextlib.ExitStack()
+    stack.enter_context(_lock_heartbeat(slow_beat, every=0.1))
+    time.sleep(0.4)  # a beat is in flight
+    second = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        try:
+            second.start()
+            raise KeyboardInterrupt  # the first Ctrl-C
+        finally:
+            stack.close()  # the run's finally: the heartbeat stops, then the release
+            reached = True
+    except KeyboardInterrupt:
+        pass
+    finally:
+        second.cancel()
+    assert reached, "a Ctrl-C during the heartbeat's stop skipped the lock's release"
+
+
 def test_the_heartbeat_never_replaces_a_fleet_lock_another_run_took_over(
         env: Environment) -> None:
     """Each beat refreshes the lock only while it names this fleet run (under the guard): a

@@ -158,7 +158,10 @@ def _lock_heartbeat(refresh: Callable[[Callable[[], bool]], object],
     run took it over and rolled the same hosts (found by review). `refresh(cancelled)` is one
     refresh on the lock host, which refuses a lock that is not this run's (never replaced, so
     a failed or refused beat is only tried again). The thread dies with the controller: a
-    killed run's lock expires as before. Stopped before the release, an unfinished beat cut."""
+    killed run's lock expires as before. Stopped before the release, an unfinished beat cut,
+    with Ctrl-C, SIGTERM and SIGHUP held as the release holds them: waiting for a beat in
+    flight, a second Ctrl-C escaped the run's `finally` and the lock was never released
+    (found by review). A beat that outlives the wait is refused once the lock is released."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -172,7 +175,13 @@ def _lock_heartbeat(refresh: Callable[[Callable[[], bool]], object],
         yield
     finally:
         stop.set()
-        thread.join(timeout=30)
+        main = threading.current_thread() is threading.main_thread()
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD} if main else {}
+        try:
+            thread.join(timeout=10)
+        finally:
+            for s, h in held.items():
+                signal.signal(s, h)
 
 
 def _refresh_on_lock_host(inventory: Inventory, extravars: dict[str, Any],
