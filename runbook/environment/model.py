@@ -213,15 +213,17 @@ class EnvFileNotText(ConfigError):
     not its access, and the env-file checks at load refuse it rather than pass it over."""
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes)."""
+def read_env_file(path: Path, *, errors: str = "strict") -> dict[str, str]:
+    """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes).
+    `errors="replace"`: bytes that are not UTF-8 read as U+FFFD, not refused (Compose reads
+    such a file; the load's agreement checks judge what the rest of it says)."""
     import stat
 
     try:
         if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO hung the run
             raise ConfigError(f"env file {path} is not a regular file",
                               "point the env_file setting at the file itself")
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a key
+        text = path.read_text(encoding="utf-8-sig", errors=errors)  # a BOM is not a key
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}",
                           "check the path and its permissions (mode 0600, owned by you)") from None

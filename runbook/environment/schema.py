@@ -602,9 +602,10 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
     expire (and clean up) after 7 days what the host keeps 30, or fail at 60 s a slot the
     host waits 180 s for. The last two are taken, never compared (`_retention_from_env_files`,
     `_timeout_from_env_files`). An env file this process cannot open is not judged here:
-    whatever needs it (the database URL, compose) reports it. One it reads that is not UTF-8
-    is refused (found by review: it turned every check here off, and the gate probed another
-    path than the host's tooling)."""
+    whatever needs it (the database URL, compose) reports it. A SNAPSHOT_DIR under a home
+    (`~/...`, `$HOME/...`) is not judged: it is the home of whoever runs the tooling, which
+    sudo makes another than the runbook's (found by review: judged against the runbook's own
+    home, `sudo runbook ...` refused every command and offered `/root/...` as the fix)."""
     read = _env_files(env)
     env = _retention_from_env_files(env, read, retention_set)
     env = _timeout_from_env_files(env, read, timeout_set)
@@ -614,11 +615,10 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
     for file, values in read.items():
         for variable, (key, mine) in ours.items():
             theirs = said = values.get(variable, "")
-            if variable == "SNAPSHOT_DIR":
-                theirs = _home_relative(theirs)
-            home = variable == "SNAPSHOT_DIR" and (theirs == "~" or theirs.startswith("~/"))
             if not theirs or "$" in theirs:  # interpolated by the host's tooling: not judged
                 continue
+            if variable == "SNAPSHOT_DIR" and (theirs == "~" or theirs.startswith("~/")):
+                continue  # the home of whoever runs the tooling: not judged (see below)
             if variable == "COMPOSE_PROJECT_NAME" and env.compose.file is None:
                 continue  # no compose here (`docker run` slots): no project to agree on
             if variable == "SNAPSHOT_DIR":
@@ -640,30 +640,15 @@ def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
                         f"{mine}, in {file}")
             if theirs != mine:
                 section, _, name = key.partition(" ")
-                read_as = (f" (read as {theirs}, the home of the user running the runbook)"
-                           if home else "")
-                in_full = (" (write it in full there if the host's tooling runs as another "
-                           "user: ~ and $HOME are that user's home)") if home else ""
                 raise ConfigError(
-                    redact(f"{file} sets {variable}={said}{read_as}"
+                    redact(f"{file} sets {variable}={said}"
                            + (f" (a URL: its path is {theirs})" if url else "")
                            + f", but {key} is {mine!r} in {env.source}: the host's tooling "
                            "and the runbook would disagree"),
                     f"set {name} = \"{theirs}\" under {section} in {env.source}, or make "
-                    f"{variable} in {file} agree{in_full}"
+                    f"{variable} in {file} agree"
                     + (f" (a path such as {theirs}, not a URL)" if url else ""))
     return env
-
-
-def _home_relative(value: str) -> str:
-    """An env file's `$HOME/...` or `${HOME}/...` as `~/...`: to the shell that sources the
-    file both are the home of whoever runs it, so they are judged alike (as this process's
-    home, the one the TOML's own paths are expanded with), where `~` alone used to be judged
-    and `$HOME` not at all. Any other variable stays the tooling's to expand."""
-    for prefix in ("$HOME", "${HOME}"):
-        if value == prefix or value.startswith(f"{prefix}/"):
-            return "~" + value[len(prefix):]
-    return value
 
 
 def _health_check_path(value: str) -> str:
@@ -683,17 +668,16 @@ def _health_check_path(value: str) -> str:
 
 def _env_files(env: Environment) -> dict[Path, dict[str, str]]:
     """The host env files' values ([compose] then [database] env_file), each read once. One
-    this process cannot open is left out; one that is not UTF-8 stops the load (exit 2): the
-    database URL and the host's health path come from it, so a rollback never runs with its
-    checks silently off."""
-    from runbook.environment.model import EnvFileNotText, read_env_file
+    this process cannot open is left out. One whose bytes are not all UTF-8 (a Latin-1 byte
+    in a comment or a password: Compose reads it) is read with those bytes replaced: its
+    checks were silently off (the gate probed another path than the host's tooling), and
+    refusing it stopped every command, the rollback's too (both found by review)."""
+    from runbook.environment.model import read_env_file
 
     read: dict[Path, dict[str, str]] = {}
     for file in dict.fromkeys(f for f in (env.compose.env_file, env.database.env_file) if f):
         try:
-            read[file] = read_env_file(file)
-        except EnvFileNotText:
-            raise
+            read[file] = read_env_file(file, errors="replace")
         except ConfigError:
             continue
     return read
@@ -730,10 +714,12 @@ def _timeout_from_env_files(env: Environment, read: Mapping[Path, Mapping[str, s
     the longer: a gate that waits longer never makes an outage worse (traffic stays where it
     is while it waits), and one shorter than the host's failed (and undid) a slot its
     tooling would have waited for (found by review). A value that is no number of seconds
-    above 0 is the configuration's error (exit 2); one holding `$` (the host's tooling
-    expands it) or empty (`${HEALTH_WAIT_TIMEOUT:-60}` reads it as unset) is not taken."""
+    above 0 and at most a week (`3min`) is not taken, and the plan's gate step says so: it
+    only ever lengthens the gate, so a refusal stopped every command, the rollback's too,
+    over nothing (found by review). One holding `$` (the host's tooling expands it) or empty
+    (`${HEALTH_WAIT_TIMEOUT:-60}` reads it as unset) is not taken either."""
     ours = env.health.timeout
-    timeout, source = ours, ""
+    timeout, source, unread = ours, "", ""
     for file, values in read.items():
         said = values.get("HEALTH_WAIT_TIMEOUT", "").strip()
         if not said or "$" in said:
@@ -741,17 +727,15 @@ def _timeout_from_env_files(env: Environment, read: Mapping[Path, Mapping[str, s
         seconds = float(said) if _SECONDS.fullmatch(said) else 0.0
         if not 0 < seconds <= MAX_SECONDS:
             shown = said if len(said) <= 24 else f"{said[:24]}..."
-            raise ConfigError(
-                redact(f"{file} sets HEALTH_WAIT_TIMEOUT={shown}, which is not a number of "
-                       f"seconds above 0 and at most a week (the health gate's timeout)"),
-                f"write the seconds the host's tooling waits for a slot's health, e.g. "
-                f"HEALTH_WAIT_TIMEOUT=180, in {file}, or remove the line ([health] "
-                "timeout_seconds then decides)")
+            unread = redact(f"HEALTH_WAIT_TIMEOUT={shown} in {file} is not a number of seconds "
+                            "above 0 and at most a week: not taken")
+            continue
         if not timeout_set or seconds > timeout:
             timeout, source = seconds, f"HEALTH_WAIT_TIMEOUT in {file}"
             if timeout_set and seconds > ours:
                 source += f", longer than [health] timeout_seconds {ours:g}s"
         timeout_set = True  # a second env file: the longer again
+    source = "; ".join(x for x in (source, unread) if x)
     if not source:
         return env
     return env.with_(health=replace(env.health, timeout=timeout, timeout_source=source))
