@@ -812,3 +812,28 @@ print(json.dumps({{"log": str(journal.log_path), "errors": journal.write_errors}
     assert [e["message"] for e in logged][-1] == "the next line"
     assert not any("forty bytes" in e["message"] for e in logged)
     assert len(out["errors"]) == 1 and "short write" in out["errors"][0], out["errors"]
+
+
+def test_the_documented_newest_log_recipe_skips_snapshot_and_unlock_logs(
+        tmp_path: Path, env: Environment) -> None:
+    """Found by review: `snapshot create`, `snapshot cleanup` and `unlock` write the log too,
+    so the by-hand recipe `ls -t ..._*.log | head -n 1` read an hourly cron snapshot's log,
+    not the rollback's. The documented recipe, run by a real shell on real journals, finds
+    the rollback's log although a snapshot's and an unlock's are newer."""
+    from runbook import run
+    from runbook.livedocs import phrases
+
+    home = tmp_path / "home"
+    env = env.with_(log_dir=home / ".togather" / "logs" / "deployments")
+    rollback = Journal.open(env, "rollback", why="bad release")
+    rollback.finish("success", ExitCode.OK)
+    for action in ("snapshot-create", "unlock"):
+        time.sleep(1.05)  # ls -t: a newer file
+        with run.journaled(env, action, f"runbook {action}", lambda _: None) as log:
+            log("SUCCESS", f"{action} done")
+    [recipe] = [p.commands[0] for p in phrases.CHECKS if p.pattern == "deployment log"]
+    shown = subprocess.run(["bash", "-c", recipe.replace("<env>", env.name)],
+                           env={**os.environ, "HOME": str(home)}, capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    assert f'"rollback started on {env.display}' in shown, shown
+    assert "snapshot-create" not in shown and "unlock started" not in shown, shown

@@ -101,7 +101,10 @@ CHECKS: tuple[Phrase, ...] = (
     Phrase(r"help", ("runbook <command> --help",), ("then",)),
     Phrase(r"health", ("runbook healthcheck <env> --slot active",), ("then",)),
     Phrase(r"deployment log", (
-        'tail -n 30 "$(ls -t ~/.togather/logs/deployments/<env>_*.log | head -n 1)"',),
+        # the newest run's log, not an hourly `snapshot create`'s or an unlock's (they log too)
+        "tail -n 30 \"$(ls -t ~/.togather/logs/deployments/<env>_*.log | xargs grep -L "
+        "'\"message\": \"\\(unlock\\|snapshot-create\\|snapshot-cleanup\\) started' "
+        "| head -n 1)\"",),
         ("then",)),
     Phrase(r"snapshot", ("runbook snapshot list <env>",), ("then",)),
     Phrase(r"still answered by the old slot", (
