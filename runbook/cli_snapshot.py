@@ -151,6 +151,9 @@ def _cleanup_locked(environment: Environment) -> CleanupResult:
     with run.journaled(environment, "snapshot-cleanup", "runbook snapshot cleanup",
                        notice) as log:
         held = locks.acquire(environment, reason="snapshot cleanup")
+        if held.state_warning:
+            log("WARN", held.state_warning)
+            notice(f"{run.WARNING}{held.state_warning}")
         try:
             result = snapshots.cleanup(environment,
                                        also_keep=kept_for_killed_restore(environment))

@@ -104,6 +104,9 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 journal.log("WARN", taken, step="lock")
                 journal.set(stale_lock_taken_over=taken)
                 say(taken)
+            if held.state_warning:  # corrupt for good: the plans that need it refuse
+                journal.log("WARN", held.state_warning, step="lock")
+                say(f"{WARNING}{held.state_warning}")
         try:
             with _heartbeat(held, env), journal.step("plan", "Load state and plan") as rec:
                 for swept in _sweep(env):
@@ -130,7 +133,9 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 journal.log("WARN", held.owner_lost, step="lock")
                 say(held.owner_lost)
 
-            told: set[str] = set()
+            # a corrupt file's mirror failure is the corruption said above: never said again
+            told: set[str] = {held.mirror_error} if held.state_warning and held.mirror_error \
+                else set()
 
             def beat() -> None:
                 # before every step and during long waits: a run whose lock was removed or

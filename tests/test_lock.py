@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -223,36 +224,89 @@ def test_no_state_file_is_not_created(env: Environment) -> None:
         assert not env.state_file.exists()
 
 
-def test_a_state_file_that_is_not_json_refuses_the_lock(env: Environment) -> None:
+def test_a_state_file_that_keeps_changing_unreadable_refuses_the_lock(env: Environment) -> None:
     """Found by review (2026-12-04): it read as "no lock in the state file", so the lock was
-    taken beside whatever lock another tool (the Go CLI, which locks only there) may have
-    recorded in it; a file being rewritten in place reads so too, mid-write. No one can tell
-    whether it is locked: nothing is taken, and the refusal names the file and the fix."""
+    taken beside whatever lock another tool (the Go CLI, which locks only there and rewrites
+    the file in place) may have recorded in it: mid-write, the file is not JSON. While the
+    file cannot be read and keeps changing, nothing is taken, and the refusal names the file
+    and the fix."""
     env.state_file.parent.mkdir(parents=True)
     env.state_file.write_text("{not json")
-    with pytest.raises(LockedError) as refused:
-        acquire(env, "x", None)
-    err = refused.value
-    assert err.exit_code == ExitCode.LOCKED and "\n" not in str(err)
-    assert str(env.state_file) in err.message and "not valid JSON" in err.message, err
-    assert "restore it from a backup" in (err.fix or ""), err.fix
-    assert not env.lock_path.exists()
-    seen = status(env)  # never "free"
-    assert seen is not None and seen.broken and not seen.stealable, seen
-    assert str(env.state_file) in seen.describe()
-    assert lockmod.refusal(env) is not None
-    for force in (False, True):
-        with pytest.raises(LockedError, match="not valid JSON"):
-            unlock(env, force=force)
-    assert env.state_file.read_text() == "{not json"
-    # our lock taken, the file broken before the first change: the run stops there
-    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
-    lock = acquire(env, "x", None)
-    env.state_file.write_text('{"environment": "production", "lock": {"loc')  # mid-write
-    with pytest.raises(LockedError, match="not valid JSON") as stopped:
-        lock.publish()
-    assert "nothing was changed" in stopped.value.message and not lock.published
+    stop, wrote = threading.Event(), threading.Event()
+
+    def writing() -> None:  # the Go CLI rewriting it in place, never whole when read
+        n = 0
+        while not stop.is_set():
+            n += 1
+            env.state_file.write_text('{"environment": "production", "lock": {"loc' + "k" * n)
+            wrote.set()
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=writing)
+    writer.start()
+    try:
+        with pytest.raises(LockedError) as refused:
+            acquire(env, "x", None)
+        err = refused.value
+        assert err.exit_code == ExitCode.LOCKED and "\n" not in str(err)
+        assert str(env.state_file) in err.message and "not valid JSON" in err.message, err
+        assert "restore it from a backup" in (err.fix or ""), err.fix
+        assert not env.lock_path.exists()
+        seen = status(env)  # never "free"
+        assert seen is not None and seen.broken and not seen.stealable, seen
+        assert str(env.state_file) in seen.describe()
+        assert lockmod.refusal(env) is not None
+        for force in (False, True):
+            with pytest.raises(LockedError, match="not valid JSON"):
+                unlock(env, force=force)
+        # our lock taken, the file rewritten (broken) before the first change: the run stops
+        stop.set()
+        writer.join()
+        env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+        lock = acquire(env, "x", None)
+        stop.clear()
+        wrote.clear()
+        writer = threading.Thread(target=writing)
+        writer.start()
+        assert wrote.wait(10)
+        with pytest.raises(LockedError, match="not valid JSON") as stopped:
+            lock.publish()
+        assert "nothing was changed" in stopped.value.message and not lock.published
+        assert lock.release()
+    finally:
+        stop.set()
+        writer.join()
+
+
+def test_a_stable_corrupt_state_file_is_no_lock_and_is_said(env: Environment) -> None:
+    """Found by review: a file left corrupt for good (the Go CLI's in-place write cut short
+    by a full disk) refused every acquire, for ever, as "locked by another run" (exit 3,
+    "run again in a minute"): snapshot restore, which does not need the file, cleanup and
+    unlock with it. A file that does not change is no write under way: the lock is judged
+    by its directory alone (as with no state file), the corruption is said once, with the
+    fix, and the file is left as it is (the plans that need it still refuse)."""
+    from runbook.plan import Plan, Step
+    from runbook.run import perform
+
+    env.state_file.parent.mkdir(parents=True)
+    broken = b'{"environment": "production", "current_deployment": {"id": "dep_1", "ver'
+    env.state_file.write_bytes(broken)
+    assert status(env) is None and lockmod.refusal(env) is None
+    lock = acquire(env, "snapshot restore", None)
+    warning = lock.state_warning or ""
+    assert str(env.state_file) in warning and "not valid JSON" in warning, warning
+    assert "restore it from a backup" in warning and "\n" not in warning, warning
     assert lock.release()
+    said = unlock(env)
+    assert "no deploy lock is held" in said and "not valid JSON" in said, said
+    notices: list[str] = []
+    perform(env, "snapshot-restore", lambda run_id: Plan("snapshot-restore", env, "test", [
+        Step("noop", "Nothing", run=lambda ctx: None)]), dry_run=False, reason="test",
+        notify=notices.append)
+    assert len([n for n in notices if "not valid JSON" in n]) == 1, notices
+    assert env.state_file.read_bytes() == broken and not env.lock_path.exists()
+    with pytest.raises(RunbookError, match="not valid JSON"):
+        read_state(env.state_file)  # what rollback's and deploy's plans read: refused
 
 
 def test_release_does_not_clear_someone_elses_mirror(env: Environment, with_state: Path) -> None:
@@ -774,8 +828,8 @@ def test_unlock_never_says_cleared_when_the_state_files_lock_is_still_there(
     _go_cli_lock(with_state, expires_in=-60)  # expired: unlock may clear it
     judged = holding._state_lock_mapping
 
-    def judged_then_relocked(e: Environment) -> Any:
-        seen = judged(e)
+    def judged_then_relocked(e: Environment, corrupt: list[str] | None = None) -> Any:
+        seen = judged(e, corrupt)
         monkeypatch.setattr(holding, "_state_lock_mapping", judged)
         _go_cli_lock(with_state)  # the Go CLI takes the lock anew, live
         return seen

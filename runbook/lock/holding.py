@@ -75,6 +75,8 @@ class Lock:
     # the mirror's rewrite could not keep the state file's owner or group (files.atomic_write)
     owner_lost: str | None = None
     stolen_from: LockStatus | None = None  # the stale lock this one replaced
+    # the state file is corrupt for good (no lock read from it): the run says it, once
+    state_warning: str | None = None
     released: bool = field(default=False)
     published: bool = field(default=False)  # mirrored into the state file
     _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
@@ -294,11 +296,12 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
     path = env.lock_path
     stolen: LockStatus | None = None
     tomb: Path | None = None
+    corrupt: list[str] = []
     with _guard(env):
         current = _inspect(env)
         if current is None:
             # Tools that lock only in the state file (the Go CLI) must not be trampled either.
-            state_only = _state_lock_status(env)
+            state_only = _state_lock_status(env, corrupt=corrupt)
             if state_only is not None and not state_only.stealable:
                 raise _locked_error(env, state_only)
         elif not current.stealable and not _killed_taking_it(current):
@@ -310,7 +313,7 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
                     "holder file")
             # the directory is stale, but a live lock in the state file (the Go CLI's, taken
             # since) is a holder all the same
-            state_only = _state_lock_status(env)
+            state_only = _state_lock_status(env, corrupt=corrupt)
             if state_only is not None and not state_only.stealable:
                 raise _locked_error(env, state_only)
             tomb = _entomb(path, current.ident, env=env, judged=current)
@@ -336,6 +339,7 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             raise
         if tomb is not None:
             shutil.rmtree(tomb, ignore_errors=True)
+    lock.state_warning = corrupt[0] if corrupt else None
     return lock
 
 
@@ -442,13 +446,15 @@ def unlock(env: Environment, force: bool = False) -> str:
     with _guard(env):
         current = _inspect(env)
         if current is None:
+            corrupt: list[str] = []
             try:
-                judged = _state_lock_mapping(env)
+                judged = _state_lock_mapping(env, corrupt)
             except StateError as exc:  # cannot be read as JSON: nothing judged, nothing cleared
                 raise _locked_error(env, _unjudged(env, exc), unlocking=True) from None
             state_only = _judge_state_lock(env, judged)
             if state_only is None:
-                return f"{env.display}: no deploy lock is held; nothing to do"
+                return (f"{env.display}: no deploy lock is held; nothing to do"
+                        + "".join(f" (warning: {why})" for why in corrupt))
             _check_removable(env, state_only, force)
             # only the lock judged removable: a file written since (the Go CLI's new lock)
             # is read again by _mirror and left alone

@@ -245,25 +245,52 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
                       state_lock=state_lock)
 
 
-def _state_lock_mapping(env: Environment) -> Mapping[str, Any] | None:
+STATE_REREAD_PAUSE = 0.5  # seconds: a file the Go CLI rewrites in place reads whole by then
+
+
+def _state_lock_mapping(env: Environment,
+                        corrupt: list[str] | None = None) -> Mapping[str, Any] | None:
     """The state file's lock object, read alone (statemod.read_lock): a bad record elsewhere
-    in the file never hides it. StateError when the file cannot be read as JSON."""
-    return statemod.read_lock(env.state_file)
+    in the file never hides it. StateError while the file cannot be read as JSON and changes
+    (the Go CLI rewrites it in place, holding its lock: mid-write it is not JSON).
 
-
-def _state_lock_status(env: Environment, now: float | None = None) -> LockStatus | None:
-    """A lock recorded only in the state file (the Go CLI locks nowhere else); a broken
-    LockStatus when the file cannot be read as JSON: never "free" for want of reading it."""
+    Not JSON and unchanged after a pause, the file is corrupt, not being written (a write
+    cut short by a full disk): no lock is read from it, as with no state file, and why is
+    appended to `corrupt`. Refused, it blocked every run and unlock for ever, as "locked by
+    another run", restores that never read the file too (found by review)."""
     try:
-        lock = _state_lock_mapping(env)
+        return statemod.read_lock(env.state_file)
+    except statemod.NotJSON as exc:
+        first = exc
+    time.sleep(STATE_REREAD_PAUSE)
+    try:
+        return statemod.read_lock(env.state_file)  # whole now: what it says is judged
+    except statemod.NotJSON as exc:
+        if exc.raw != first.raw:
+            raise  # still changing
+        if corrupt is not None:
+            corrupt.append(f"{exc.message}, and it did not change in {STATE_REREAD_PAUSE:g} s, "
+                           "so it is corrupt, not being written: the deploy lock is judged by "
+                           f"{env.lock_path} alone and not recorded in the file; "
+                           f"{exc.fix or 'restore it from a backup'}")
+        return None
+
+
+def _state_lock_status(env: Environment, now: float | None = None,
+                       corrupt: list[str] | None = None) -> LockStatus | None:
+    """A lock recorded only in the state file (the Go CLI locks nowhere else); a broken
+    LockStatus while the file cannot be read as JSON and changes: never "free" for want of
+    reading it (a file corrupt for good: see _state_lock_mapping)."""
+    try:
+        lock = _state_lock_mapping(env, corrupt)
     except StateError as exc:
         return _unjudged(env, exc)
     return _judge_state_lock(env, lock, now)
 
 
 def _unjudged(env: Environment, exc: StateError) -> LockStatus:
-    """The state file cannot be read as JSON (corrupted, or being rewritten in place this
-    instant): whether another tool (the Go CLI) holds the lock in it cannot be told, so the
+    """The state file cannot be read as JSON (being rewritten in place at this moment, or
+    unreadable): whether another tool (the Go CLI) holds the lock in it cannot be told, so the
     lock is not taken, and said so, not taken for free (found by review)."""
     return LockStatus(path=env.state_file, source="state file", holder=None, locked_at=None,
                       age=0.0, stale=False, why=f"{exc.message}, so whether another tool (the "

@@ -28,7 +28,7 @@ from runbook.state.model import (
     new_id,
     parse_time,
 )
-from runbook.state.reader import absent, parse_state, read_lock, read_state
+from runbook.state.reader import NotJSON, absent, parse_state, read_lock, read_state
 from runbook.state.records import (
     after_deploy,
     after_rollback,
@@ -61,6 +61,7 @@ __all__ = [
     "WRITING",
     "Deployment",
     "DeploymentState",
+    "NotJSON",
     "StateChangedError",
     "absent",
     "after_deploy",

@@ -277,12 +277,13 @@ def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
 
 def _load(text: str | bytes, r: _Reader) -> dict[str, Any]:
     """The file's JSON object, before any of its records is judged."""
+    raw = text if isinstance(text, bytes) else text.encode()
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError:
-            raise r.fail("", "is not UTF-8 text (binary or corrupted)",
-                         "restore it from a backup or re-record the deployment") from None
+            raise NotJSON(r.source, "is not UTF-8 text (binary or corrupted)",
+                          "restore it from a backup or re-record the deployment", raw) from None
     try:
         data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant,
                           parse_float=_parse_float)
@@ -290,12 +291,22 @@ def _load(text: str | bytes, r: _Reader) -> dict[str, Any]:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
             exc, json.JSONDecodeError) else ""
-        raise r.fail("", f"is not valid JSON ({detail}{where})",
-                     "fix the syntax or restore it from a backup") from None
+        raise NotJSON(r.source, f"is not valid JSON ({detail}{where})",
+                      "fix the syntax or restore it from a backup", raw) from None
     if not isinstance(data, dict):
-        raise r.fail("", f"expected a JSON object at the top, got {_show(data)}",
-                     "restore it from a backup or re-record the deployment")
+        raise NotJSON(r.source, f"expected a JSON object at the top, got {_show(data)}",
+                      "restore it from a backup or re-record the deployment", raw)
     return data
+
+
+class NotJSON(StateError):
+    """The file is no JSON object at all (truncated, binary), not a record in it refused;
+    `raw` is what was read, so the lock's judge can tell a file being rewritten in place (it
+    changes) from one left corrupt (it does not)."""
+
+    def __init__(self, source: str, problem: str, fix: str, raw: bytes) -> None:
+        super().__init__(f"{source}: {problem}", fix)
+        self.raw = raw
 
 
 def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> DeploymentState:
