@@ -128,7 +128,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     if not confirm(plan):
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
-            held.publish()
+            held.publish(create=action == "deploy")  # its first record makes the file anyway
             if held.owner_lost:  # the run goes on: the file is written, its owner changed
                 journal.log("WARN", held.owner_lost, step="lock")
                 say(held.owner_lost)

@@ -734,7 +734,7 @@ def test_publish_refuses_when_the_go_cli_locks_the_state_file_as_the_mirror_is_w
 
     monkeypatch.setattr(files, "atomic_write", racing)
     with pytest.raises(LockedError, match="recorded only in the state file") as info:
-        lock.publish()
+        lock.publish(create=True)
     assert raced and "nothing was changed" in info.value.message
     assert json.loads(with_state.read_text())["lock"]["locked_by"] == "ci@build-runner"
     assert not lock.published
@@ -750,7 +750,7 @@ def test_a_first_ever_runs_lock_is_mirrored_in_the_state_file_it_creates(
     mirrors the lock in the state file: publish creates the file (documented shape, no
     deployment yet) with the lock in it."""
     lock = acquire(env, "deploy", None)
-    lock.publish()
+    lock.publish(create=True)
     assert lock.published and lock.mirror_error is None
     data = json.loads(env.state_file.read_text())
     assert data["lock"]["locked"] is True and data["lock"]["lock_id"] == lock.lock_id
@@ -781,7 +781,7 @@ def test_a_first_publish_refuses_the_lock_of_a_tool_that_created_the_file_meanwh
 
     monkeypatch.setattr(files, "atomic_write", racing)
     with pytest.raises(LockedError, match="recorded only in the state file") as info:
-        lock.publish()
+        lock.publish(create=True)
     assert raced and "nothing was changed" in info.value.message
     theirs = env.state_file.read_bytes()
     assert json.loads(theirs)["lock"]["locked_by"] == "ci@build-runner"
@@ -790,10 +790,25 @@ def test_a_first_publish_refuses_the_lock_of_a_tool_that_created_the_file_meanwh
     assert env.state_file.read_bytes() == theirs
 
 
+def test_only_a_deploy_creates_a_missing_state_file(env: Environment) -> None:
+    """Found by review: every run's publish created a missing state file, so a refused or
+    failed first `switch` or `snapshot restore` on a host whose [state] file points at the
+    wrong path left a lock-only file behind: the rollback then said "no current deployment
+    is recorded" instead of "the state file does not exist ... check [state] file". Only a
+    deploy, which creates the file's first record anyway, creates it for its lock; the
+    others leave a missing file missing, as before, and the refresh does too."""
+    lock = acquire(env, "switch", None)
+    lock.publish()
+    lock.refresh()
+    assert lock.published and not env.state_file.exists()
+    lock.release()
+    assert not env.state_file.exists()
+
+
 def test_releasing_a_lock_never_creates_a_state_file(env: Environment) -> None:
     """Only a held lock is worth a new file: a release (or unlock) with no file writes none."""
     lock = acquire(env, "deploy", None)
-    lock.publish()
+    lock.publish(create=True)
     env.state_file.unlink()  # removed by hand during the run
     lock.release()
     assert not env.state_file.exists()

@@ -79,6 +79,8 @@ class Lock:
     state_warning: str | None = None
     released: bool = field(default=False)
     published: bool = field(default=False)  # mirrored into the state file
+    # a missing state file is created for the mirror (a deploy's: see publish)
+    create_state: bool = field(default=False)
     _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
     held_since: datetime | None = None  # when it was taken (a refresh moves locked_at)
     _foreign: str | None = field(default=None)  # a live lock of another tool the refresh met
@@ -159,7 +161,8 @@ class Lock:
         with statemod.WRITING:
             try:
                 self.mirror_error, lost = _mirror(self.env, self._copy(),
-                                                  replace_if=self._ours_or_cleared)
+                                                  replace_if=self._ours_or_cleared,
+                                                  create=self.create_state)
             except statemod.StateChangedError as exc:
                 self.mirror_error, lost = exc.message, None
             self.mirror_error = self.mirror_error or self._foreign
@@ -167,9 +170,13 @@ class Lock:
                 self._mirrored_at = time.time()
             self.owner_lost = self.owner_lost or lost
 
-    def publish(self) -> None:
+    def publish(self, *, create: bool = False) -> None:
         """Mirror the lock into the state file for tools that only read that. Done right
         before the first change, so a run refused while planning leaves the file as it was.
+        `create`: a missing state file is created for it (a deploy, which writes the file's
+        first record anyway); any other run leaves a missing file missing (found by review:
+        a refused first switch or restore left a lock-only file, and the rollback then said
+        "no current deployment is recorded", not "the state file does not exist").
 
         Planning and the prompt took time: the lock is checked again here, as is the state
         file, where the Go CLI (which locks nowhere else) may have taken its lock meanwhile.
@@ -182,9 +189,11 @@ class Lock:
                 except StateError as exc:  # cannot be read as JSON: no one can tell
                     raise _locked_error(self.env, _unjudged(self.env, exc)) from None
                 self._refuse_a_live_state_lock(recorded)
+            self.create_state = create
             with statemod.WRITING:
                 self.mirror_error, lost = _mirror(self.env, self._copy(),
-                                                  replace_if=self._refuse_a_live_state_lock)
+                                                  replace_if=self._refuse_a_live_state_lock,
+                                                  create=create)
             self._mirrored_at = time.time()
         except statemod.StateChangedError:
             raise LockedError(f"{self.env.state_file} kept changing while this run mirrored "
@@ -625,12 +634,14 @@ _MIRROR_TRIES = 3
 
 
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
-            replace_if: Callable[[Mapping[str, Any]], bool]) -> tuple[str | None, str | None]:
+            replace_if: Callable[[Mapping[str, Any]], bool],
+            create: bool = False) -> tuple[str | None, str | None]:
     """Best effort: the directory is the lock; the state file only reports it to other tools.
 
-    With no state file (a host's first deploy) a held lock's copy creates it, never over a
-    file another tool created meanwhile: the contract mirrors the lock there, and the Go CLI
-    reads nothing else (it saw no lock for the whole run). A release writes no new file.
+    With no state file (a host's first deploy, `create`) a held lock's copy creates it,
+    never over a file another tool created meanwhile: the contract mirrors the lock there,
+    and the Go CLI reads nothing else (it saw no lock for the whole run). A release writes
+    no new file.
 
     Returns (why the mirror failed, what of the file's owner and group its rewrite could not
     keep): the publish is a run's first rewrite of the state file, so that is where a writer
@@ -638,7 +649,7 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
     path = env.state_file
     changed = statemod.StateChangedError(f"{path} kept changing", "")
     for _ in range(_MIRROR_TRIES):
-        if not path.exists() and not lock.get("locked"):
+        if not path.exists() and not (create and lock.get("locked")):
             return None, None
         try:
             current = (statemod.read_state(path, environment=env.name) if path.exists()
