@@ -175,13 +175,8 @@ def _lock_heartbeat(refresh: Callable[[Callable[[], bool]], object],
         yield
     finally:
         stop.set()
-        main = threading.current_thread() is threading.main_thread()
-        held = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD} if main else {}
-        try:
+        with _signals_held(threading.current_thread() is threading.main_thread()):
             thread.join(timeout=10)
-        finally:
-            for s, h in held.items():
-                signal.signal(s, h)
 
 
 def _refresh_on_lock_host(inventory: Inventory, extravars: dict[str, Any],
@@ -1292,13 +1287,8 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         heartbeat.close()
         if run is not None:
             release = bool(locked and not journal.record.get("fleet_lock_released_by_rollout"))
-            held = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD
-                    } if release else {}  # as in _release: a Ctrl-C cannot leak the lock
-            try:
+            with _signals_held(release):  # as in _release: a Ctrl-C cannot leak the lock
                 run.close(release=release)
-            finally:
-                for s, h in held.items():
-                    signal.signal(s, h)
             if release and run.released(inventory.lock_host):
                 locked = False  # released by the playbook itself
         interrupts.cleanup()
@@ -1540,28 +1530,39 @@ def _same_options(options: Options) -> str:
 _RELEASE_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+@contextlib.contextmanager
+def _signals_held(hold: bool = True) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP ignored meanwhile (when `hold`): what releases the fleet
+    lock, or must end before it, is never cut short, so the lock cannot leak."""
+    held = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD} if hold else {}
+    try:
+        yield
+    finally:
+        for s, h in held.items():
+            signal.signal(s, h)
+
+
 def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
              reason: str) -> str | None:
     """Release the fleet lock; Ctrl-C, SIGTERM and SIGHUP are held off meanwhile so it cannot
     leak (a lock left by a controller on another machine than the lock host blocks every
     fleet run for its 30 minutes). Returns what went wrong, in one line with the fix, or None
     once released."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in _RELEASE_HELD}
     manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
-    try:
-        events = Events()
-        run_playbook("unlock.yml", inventory,
-                     _controller_vars(fleet_run_id, inventory, targets, reason), events, forks=1)
-        res = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
-        if res.get("_event") != "runner_on_ok":
-            return (f"could not release the fleet lock on {inventory.lock_host}: "
-                    f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it "
-                    f"with {manual}")
-    except Exception as exc:  # called from a `finally`: say it, never replace the outcome
-        return (f"could not release the fleet lock on {inventory.lock_host} "
-                f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    with _signals_held():
+        try:
+            events = Events()
+            run_playbook("unlock.yml", inventory,
+                         _controller_vars(fleet_run_id, inventory, targets, reason), events,
+                         forks=1)
+            res = events.results.get("release the fleet lock", {}).get(inventory.lock_host, {})
+            if res.get("_event") != "runner_on_ok":
+                return (f"could not release the fleet lock on {inventory.lock_host}: "
+                        f"{_one_line(str(res.get('stderr') or res.get('msg', '')))}; release it "
+                        f"with {manual}")
+        except Exception as exc:  # called from a `finally`: say it, never replace the outcome
+            return (f"could not release the fleet lock on {inventory.lock_host} "
+                    f"({type(exc).__name__}: {_one_line(str(exc))}); release it with {manual}")
+    return None
     return None
 
