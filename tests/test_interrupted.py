@@ -266,6 +266,31 @@ def test_a_stale_takeover_is_said_on_the_terminal_in_the_journal_and_in_status(
     assert "took over a stale deploy lock held by alice@host" in status.stdout
 
 
+def test_a_run_killed_holding_the_lock_whose_copy_the_go_cli_stripped_is_finished(
+        stack: DrillStack) -> None:
+    """Found by review: a rollback SIGKILLed holding the lock, then the Go CLI's rewrite of
+    the state file (its lock struct: no lock_id, pid, hostname). The next run took that copy
+    for the Go CLI's live lock and refused for up to 30 minutes; status said the Go CLI held
+    it. It is the killed run's own copy: status says so, the next run takes it over and
+    finishes the rollback, with no hand edit."""
+    env = arrange(stack)
+    first = cli(env, "rollback", "--yes", fault="before:start-slot:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    doc = json.loads(env.state_file.read_text())
+    assert doc["lock"]["locked"] is True and doc["lock"]["lock_id"], doc["lock"]
+    doc["lock"] = {k: doc["lock"][k] for k in ("locked", "locked_at", "locked_by", "reason",
+                                              "expires_at") if k in doc["lock"]}
+    env.state_file.write_text(json.dumps(doc, indent=2))  # the Go CLI's rewrite
+    status = cli(env, "status")
+    assert "[stale]" in status.stdout and "its copy" in status.stdout, status.stdout
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == 0, again.stderr
+    assert "took over a stale deploy lock" in again.stderr, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert not env.lock_path.exists()
+    assert states.read_state(env.state_file).lock == {"locked": False}
+
+
 def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> None:
     """Even expired: the holder's process (known by its start time too) still runs, so it is
     a hung run to stop, not a lock to delete under it."""

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from runbook import files
+from runbook import files, procs
 from runbook import lock as lockmod
 from runbook import state as states
 from runbook.environment import Environment
@@ -1501,6 +1502,98 @@ def test_a_go_cli_lock_by_the_same_operator_is_not_taken_for_our_copy(
     lock.release()
     left = json.loads(go_state.read_text())["lock"]
     assert left["locked"] is True and left["locked_at"] == format_time(now), left
+
+
+_KILLED_HOLDING = ("import os, signal, sys, time\nfrom pathlib import Path\n"
+                   "from runbook import lock\nfrom tests.drill_checks import host_env\n"
+                   "env = host_env(Path(sys.argv[1]))\n"
+                   "held = lock.acquire(env, 'rollback to 2b3c4d5', None)\n"
+                   "held.publish()\n"
+                   "if sys.argv[2] == 'heartbeat':\n"
+                   "    time.sleep(0.05)\n"
+                   "    held.refresh(mirror=False)  # holder.json moves on, the copy not\n"
+                   "os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def _killed_holding_the_lock(tmp_path: Path, env: Environment, go_state: Path,
+                             how: str) -> dict[str, Any]:
+    """A real process SIGKILLed holding the published lock, then the Go CLI's rewrite of the
+    state file (its lock struct): our lock directory names the dead pid, the state file's
+    copy names nobody. `how`: "heartbeat" (the directory refreshed after the copy was
+    written, as the heartbeat thread does), or "old record" (a holder.json written before
+    it listed its mirrored copies: the copy is its last locked_at/expires_at)."""
+    proc = subprocess.run([sys.executable, "-c", _KILLED_HOLDING, str(tmp_path), how],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    holder = json.loads((env.lock_path / holding.HOLDER).read_text())
+    assert procs.pid_alive(holder["pid"], holder["pid_start"]) is False  # it names the dead
+    if how == "old record":
+        holder.pop("mirrored", None)
+        (env.lock_path / holding.HOLDER).write_text(json.dumps(holder))
+    stripped = _strip_like_the_go_cli(go_state)
+    assert stripped["locked"] is True and "lock_id" not in stripped and "pid" not in stripped
+    assert stripped["locked_by"] == holder["locked_by"]
+    return stripped
+
+
+@pytest.mark.parametrize("how", ["heartbeat", "old record"])
+def test_a_killed_runs_copy_stripped_by_the_go_cli_does_not_block_the_next_run(
+        tmp_path: Path, env: Environment, go_state: Path, how: str) -> None:
+    """Found by review: a run SIGKILLed holding the lock left its directory naming its dead
+    pid (stale: the next run takes it over), but the Go CLI had rewritten the state file's
+    copy without our lock_id, pid and hostname; the next run took that for the Go CLI's
+    live lock and refused for up to 30 minutes. It is the dead run's copy (its holder.json
+    says it wrote those times): the next run says so and takes the lock over."""
+    _killed_holding_the_lock(tmp_path, env, go_state, how)
+    seen = status(env)
+    assert seen is not None and seen.source == "directory" and seen.stealable, seen
+    assert "the state file's lock is its copy" in seen.why, seen.why
+    assert lockmod.refusal(env) is None
+    lock = acquire(env, "rollback", None)
+    assert lock.stolen_from is not None and "its copy" in lock.stolen_from.why
+    lock.publish()
+    copy = json.loads(go_state.read_text())["lock"]
+    assert copy["locked"] is True and copy["lock_id"] == lock.lock_id, copy
+    assert lock.release() is True
+    assert json.loads(go_state.read_text())["lock"]["locked"] is False
+    assert status(env) is None
+
+
+def test_unlock_removes_a_killed_runs_lock_and_its_stripped_copy(
+        tmp_path: Path, env: Environment, go_state: Path) -> None:
+    """The same left-overs through `runbook unlock` (no --force: its holder is dead): the
+    directory and its copy both go; the copy left behind refused the next run."""
+    _killed_holding_the_lock(tmp_path, env, go_state, "heartbeat")
+    said = unlock(env)
+    assert "removed a stale lock" in said and "the state file's lock is its copy" in said, said
+    assert json.loads(go_state.read_text())["lock"]["locked"] is False
+    assert status(env) is None
+    acquire(env, "rollback", None).release()
+
+
+def test_a_go_cli_lock_taken_after_a_killed_run_is_still_refused(
+        tmp_path: Path, env: Environment, go_state: Path) -> None:
+    """The other half: a live Go CLI lock of the same operator and reason, at times the dead
+    run's holder never wrote, is the Go CLI's: status names it, runs and unlock refuse."""
+    copy = _killed_holding_the_lock(tmp_path, env, go_state, "heartbeat")
+    doc = json.loads(go_state.read_text())
+    now = datetime.now(UTC)
+    doc["lock"] = {**copy, "locked_at": format_time(now),
+                   "expires_at": format_time(now + timedelta(seconds=env.lock_stale_after))}
+    go_state.write_text(json.dumps(doc, indent=2))
+    before = go_state.read_bytes()
+    seen = status(env)
+    assert seen is not None and seen.source == "state file" and not seen.stale, seen
+    assert lockmod.refusal(env) is not None
+    with pytest.raises(LockedError, match="recorded only in the state file"):
+        acquire(env, "rollback", None)
+    unlock(env)  # the dead run's directory goes; the Go CLI's lock stays
+    assert not env.lock_path.exists() and go_state.read_bytes() == before
+    with pytest.raises(LockedError):
+        unlock(env, force=True)
+    with pytest.raises(LockedError, match="recorded only in the state file"):
+        acquire(env, "rollback", None)
+    assert go_state.read_bytes() == before
 
 
 _PROBE = ("import json, sys\nfrom pathlib import Path\nfrom runbook import lock\n"

@@ -32,12 +32,14 @@ from runbook.errors import ConfigError, LockedError, LockLostError, StateError
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
+    Holder,
     Ident,
     LockStatus,
+    _beside,
+    _copy_of,
     _from_epoch,
     _inspect,
     _judge_state_lock,
-    _state_holder,
     _state_lock_mapping,
     _state_lock_status,
     _unjudged,
@@ -85,7 +87,8 @@ class Lock:
     held_since: datetime | None = None  # when it was taken (a refresh moves locked_at)
     _foreign: str | None = field(default=None)  # a live lock of another tool the refresh met
     # (locked_at, expires_at) of each copy mirrored into the state file: what tells our copy
-    # once a Go CLI rewrite has dropped its lock_id (_mirror_is_ours)
+    # once a Go CLI rewrite has dropped its lock_id (_mirror_is_ours); listed in holder.json
+    # too, for the next run when this one is killed (policy._copy_of)
     _copies: set[tuple[datetime, datetime]] = field(default_factory=set)
 
     def holder_json(self) -> dict[str, Any]:
@@ -100,6 +103,8 @@ class Lock:
             "expires_at": statemod.format_time(self.expires_at),
             "held_since": statemod.format_time(self.held_since or self.locked_at),
             "pid_start": procs.pid_start(self.pid),
+            "mirrored": [[statemod.format_time(a), statemod.format_time(b)]
+                         for a, b in sorted(self._copies)[-MIRRORED_KEPT:]],
             "tool": "togather-runbook",
             **({"took_over": self.stolen_from.describe() + f" ({self.stolen_from.why})"}
                if self.stolen_from else {}),
@@ -122,9 +127,17 @@ class Lock:
         }
 
     def _copy(self) -> dict[str, Any]:
-        """state_json(), its times remembered before it is written (_copies)."""
-        self._copies.add((self.locked_at, self.expires_at))
-        return self.state_json()
+        """state_json(), its times remembered before it is written (_copies), and recorded
+        in holder.json: a run killed once the Go CLI's rewrite dropped the copy's lock_id
+        left a copy the next run took for the Go CLI's live lock (found by review)."""
+        with _guard(self.env):
+            self.check_owned()
+            copy = self.state_json()  # under the guard: the heartbeat moves locked_at
+            if (self.locked_at, self.expires_at) not in self._copies:
+                self._copies.add((self.locked_at, self.expires_at))
+                with contextlib.suppress(OSError):  # the mirror is best effort; so is this
+                    files.atomic_write(self.path / HOLDER, _holder_bytes(self))
+        return copy
 
     def refresh(self, *, mirror: bool = True) -> None:
         """Restart the expiry clock, so a long step is not mistaken for a crashed run.
@@ -137,6 +150,8 @@ class Lock:
             now = time.time()
             self.locked_at = _from_epoch(now)
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
+            if mirror and self.published:  # its copy is written next: recorded now, once
+                self._copies.add((self.locked_at, self.expires_at))
             _write_lock_files(self.path, self, now)
         if mirror and self.published:
             self._refresh_mirror()
@@ -190,8 +205,9 @@ class Lock:
                     raise _locked_error(self.env, _unjudged(self.env, exc)) from None
                 self._refuse_a_live_state_lock(recorded)
             self.create_state = create
+            copy = self._copy()
             with statemod.WRITING:
-                self.mirror_error, lost = _mirror(self.env, self._copy(),
+                self.mirror_error, lost = _mirror(self.env, copy,
                                                   replace_if=self._refuse_a_live_state_lock,
                                                   create=create)
             self._mirrored_at = time.time()
@@ -215,7 +231,7 @@ class Lock:
         cleared it (the Go CLI saves the whole file it read before this run published: its
         `locked: false` went unnoticed, and that CLI then saw no lock for the rest of the
         run). A live lock of another tool there is left, and said (mirror_error)."""
-        if self._mirror_is_ours(lock):
+        if self._mirror_is_ours(lock) or self._left_by_stolen(lock):
             return True
         other = _judge_state_lock(self.env, lock)
         if other is None or other.stealable:
@@ -226,7 +242,7 @@ class Lock:
         return False
 
     def _refuse_a_live_state_lock(self, lock: Mapping[str, Any] | None) -> bool:
-        if lock and not self._mirror_is_ours(lock):
+        if lock and not self._mirror_is_ours(lock) and not self._left_by_stolen(lock):
             other = _judge_state_lock(self.env, lock)
             if other is not None and not other.stealable:
                 raise _locked_error(self.env, other)
@@ -246,20 +262,18 @@ class Lock:
                                 "changing anything else")
 
     def _mirror_is_ours(self, lock: Mapping[str, Any]) -> bool:
-        """Our copy: by its lock_id; without one, by what we wrote. The Go CLI rewrites the
-        whole file through its lock struct (locked, locked_at, locked_by, reason, expires_at),
-        dropping our lock_id: our copy was then taken for another tool's lock, the release
-        left it locked, and every run and unlock (--force too) refused until it expired
-        (found by review). Ours: our locked_by and reason, and the very times of a copy this
-        run wrote (to the microsecond: another lock is not taken at that instant)."""
-        if lock.get("lock_id") is not None:
-            return lock.get("lock_id") == self.lock_id
-        seen = _state_holder(lock)
-        return (bool(lock.get("locked")) and seen.locked_by == self.locked_by
-                and seen.reason == self.reason and seen.pid in (None, self.pid)
-                and seen.hostname in (None, self.hostname)
-                and seen.locked_at is not None and seen.expires_at is not None
-                and (seen.locked_at, seen.expires_at) in self._copies)
+        """Our copy, even stripped of its lock_id by the Go CLI's rewrite (policy._copy_of):
+        taken for another tool's lock, the release left it locked, and every run and unlock
+        (--force too) refused until it expired (found by review)."""
+        return _copy_of(Holder(lock_id=self.lock_id, locked_by=self.locked_by, pid=self.pid,
+                               hostname=self.hostname, reason=self.reason,
+                               mirrored=frozenset(self._copies)), lock)
+
+    def _left_by_stolen(self, lock: Mapping[str, Any]) -> bool:
+        """The copy the dead holder of the stale lock we took over left, stripped of its
+        lock_id (policy._beside judged it so): replaced by ours, never refused."""
+        stolen = self.stolen_from.holder if self.stolen_from is not None else None
+        return stolen is not None and lock.get("lock_id") is None and _copy_of(stolen, lock)
 
     def __enter__(self) -> Lock:
         return self
@@ -290,7 +304,7 @@ def refusing_holder(env: Environment) -> LockStatus | None:
     current = _inspect(env)
     if current is not None and not current.stealable and not _killed_taking_it(current):
         return current
-    state_only = _state_lock_status(env)
+    state_only = _beside(env, current)[1] if current is not None else _state_lock_status(env)
     return state_only if state_only is not None and not state_only.stealable else None
 
 
@@ -321,8 +335,8 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
                     current, why="a run killed while taking it left only its half-written "
                     "holder file")
             # the directory is stale, but a live lock in the state file (the Go CLI's, taken
-            # since) is a holder all the same
-            state_only = _state_lock_status(env, corrupt=corrupt)
+            # since) is a holder all the same; the directory's own stripped copy is not
+            current, state_only = _beside(env, current, corrupt)
             if state_only is not None and not state_only.stealable:
                 raise _locked_error(env, state_only)
             tomb = _entomb(path, current.ident, env=env, judged=current)
@@ -439,10 +453,10 @@ def status(env: Environment) -> LockStatus | None:
     current = _inspect(env)
     if current is not None and not current.stale:
         return current
-    recorded = _state_lock_status(env)
-    if current is None or (recorded is not None and not recorded.stale):
-        return recorded
-    return current
+    if current is None:
+        return _state_lock_status(env)
+    current, recorded = _beside(env, current)
+    return recorded if recorded is not None and not recorded.stale else current
 
 
 def unlock(env: Environment, force: bool = False) -> str:
@@ -484,14 +498,17 @@ def unlock(env: Environment, force: bool = False) -> str:
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
         _check_removable(env, current, force)
+        if current.stale:  # its copy stripped by the Go CLI goes with it: said (_beside)
+            current = _beside(env, current)[0]
         tomb = _entomb(env.lock_path, current.ident, env=env, judged=current)
         shutil.rmtree(tomb, ignore_errors=True)
-    holder_id = current.holder.lock_id if current.holder else None
+    removed = current.holder
 
     def removed_ones(lock: Mapping[str, Any]) -> bool:
-        # the removed directory's mirror, or a lock nobody holds any more; never a live lock
-        # another tool (the Go CLI) recorded in the state file alone
-        if holder_id is not None and lock.get("lock_id") == holder_id:
+        # the removed directory's mirror (stripped of its lock_id by the Go CLI's rewrite
+        # too), or a lock nobody holds any more; never a live lock another tool (the Go CLI)
+        # recorded in the state file alone
+        if removed is not None and _copy_of(removed, lock):
             return True
         judged = _judge_state_lock(env, lock)
         # with --force, also an expired copy whose pid may be reused (no start time: the
@@ -619,6 +636,13 @@ def _remove_dir(path: Path, ident: Ident | None) -> None:
     shutil.rmtree(tomb, ignore_errors=True)
 
 
+MIRRORED_KEPT = 64  # copies listed in holder.json: older ones have expired (one a refresh)
+
+
+def _holder_bytes(lock: Lock) -> bytes:
+    return (json.dumps(lock.holder_json(), indent=2) + "\n").encode()
+
+
 def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
     """Inside the lock directory (made by mkdir, which is what excludes a second holder): these
     files are only read, so a plain atomic replace (as every file the runbook writes) will do."""
@@ -626,7 +650,7 @@ def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
     # which the next run takes over at once; the other way round it left a bare `locked_at`,
     # read as the shell tooling's, that blocked every run (and --force) for its lifetime. The
     # shell tooling takes a directory without `locked_at` for one being taken: never stolen
-    files.atomic_write(path / HOLDER, (json.dumps(lock.holder_json(), indent=2) + "\n").encode())
+    files.atomic_write(path / HOLDER, _holder_bytes(lock))
     files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
 
 

@@ -7,6 +7,7 @@ holding.py takes, refreshes and releases it on that judgement.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,6 +46,9 @@ class Holder:
     expires_at: datetime | None = None
     pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
     held_since: datetime | None = None  # when it was taken (locked_at is its last refresh)
+    # holder.json's (locked_at, expires_at) of each copy it mirrored into the state file:
+    # what tells that copy once a Go CLI rewrite dropped its lock_id (_copy_of)
+    mirrored: frozenset[tuple[datetime, datetime]] = frozenset()
 
     def describe(self) -> str:
         """One line whatever another tool wrote in the lock: its fields' control characters
@@ -276,6 +280,48 @@ def _state_lock_mapping(env: Environment,
         return None
 
 
+def _copy_of(holder: Holder, lock: Mapping[str, Any]) -> bool:
+    """Whether the state file's lock is a copy `holder` wrote: by its lock_id; without one,
+    by what the holder wrote. The Go CLI rewrites the whole file through its lock struct
+    (locked, locked_at, locked_by, reason, expires_at), dropping our lock_id, pid and
+    hostname: a copy left so by a run killed holding the lock was taken for the Go CLI's
+    live lock, and the next run refused for up to 30 minutes (found by review). The holder's
+    copy: its locked_by and reason, and the very times of a copy it wrote (to the
+    microsecond: another lock is not taken at that instant); a holder.json that lists none
+    (written before it did) wrote its own locked_at and expires_at."""
+    seen = _state_holder(lock)
+    if seen.lock_id is not None:
+        return holder.lock_id is not None and seen.lock_id == holder.lock_id
+    times = set(holder.mirrored)
+    if holder.locked_at is not None and holder.expires_at is not None:
+        times.add((holder.locked_at, holder.expires_at))
+    return (bool(lock.get("locked")) and holder.locked_by is not None
+            and seen.locked_by == holder.locked_by and seen.reason == holder.reason
+            and seen.pid in (None, holder.pid) and seen.hostname in (None, holder.hostname)
+            and seen.locked_at is not None and seen.expires_at is not None
+            and (seen.locked_at, seen.expires_at) in times)
+
+
+STRIPPED_COPY = ("; the state file's lock is its copy, stripped of its lock_id, pid and "
+                 "hostname by another tool's rewrite (the Go CLI)")
+
+
+def _beside(env: Environment, current: LockStatus,
+            corrupt: list[str] | None = None) -> tuple[LockStatus, LockStatus | None]:
+    """A stale lock directory and the state file's lock beside it, judged: a live lock there
+    (the Go CLI's, taken since) is a holder all the same. That lock is None when it is the
+    directory's own copy, stripped by the Go CLI's rewrite (_copy_of): the directory's `why`
+    says so."""
+    try:
+        lock = _state_lock_mapping(env, corrupt)
+    except StateError as exc:
+        return current, _unjudged(env, exc)
+    if lock and current.holder is not None and current.stale \
+            and lock.get("lock_id") is None and _copy_of(current.holder, lock):
+        return dataclasses.replace(current, why=current.why + STRIPPED_COPY), None
+    return current, _judge_state_lock(env, lock)
+
+
 def _state_lock_status(env: Environment, now: float | None = None,
                        corrupt: list[str] | None = None) -> LockStatus | None:
     """A lock recorded only in the state file (the Go CLI locks nowhere else); a broken
@@ -332,8 +378,20 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
         value = lock.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    def pairs(key: str) -> frozenset[tuple[datetime, datetime]]:
+        found = set()
+        value = lock.get(key)
+        for pair in value if isinstance(value, list) else ():
+            if isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str)
+                                                                 for v in pair):
+                with contextlib.suppress(ValueError, OverflowError):
+                    at, until = statemod.parse_time(pair[0]), statemod.parse_time(pair[1])
+                    if at is not None and until is not None:
+                        found.add((at, until))
+        return frozenset(found)
+
     return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"), pid=number("pid"),
-                  pid_start=number("pid_start"),
+                  pid_start=number("pid_start"), mirrored=pairs("mirrored"),
                   hostname=text("hostname"), reason=text("reason"),
                   deployment_id=text("deployment_id"), locked_at=when("locked_at"),
                   held_since=when("held_since"),
