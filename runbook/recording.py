@@ -148,8 +148,10 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
         known = fresh.find_version(version)
         report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
         commit = full_commit(report.git_commit, known.git_commit if known else None)
+        # under the run's id, which its log lines and its lock carry as deployment_id (a
+        # switch's plan names no deployment): a new id of its own joined nothing (review)
         dep = states.make_deployment(version, commit, target, image=intent.to_image or "",
-                                     status="active",
+                                     status="active", deployment_id=run_id,
                                      migration_version=known.migration_version if known
                                      else None)
         new = states.after_deploy(fresh, dep.with_(health_status=health_status))

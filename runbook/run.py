@@ -114,7 +114,10 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                                 step="plan")
                 with signals.interruptible():
                     plan = _with_room(env, build(run_id))
-                journal.for_deployment(plan.intent.deployment_id if plan.intent else None)
+                named = plan.intent.deployment_id if plan.intent else None
+                journal.for_deployment(named)
+                with contextlib.suppress(OSError):  # publish writes it into the state file
+                    held.for_deployment(named)  # the lock's deployment_id says the same
                 if plan.finishing:
                     say(f"finishing an interrupted run: {plan.finishing}")
                     journal.set(finishing=plan.finishing)

@@ -291,6 +291,28 @@ def test_a_run_killed_holding_the_lock_whose_copy_the_go_cli_stripped_is_finishe
     assert states.read_state(env.state_file).lock == {"locked": False}
 
 
+def test_a_switch_records_its_new_deployment_under_the_id_its_log_lines_carry(
+        stack: DrillStack) -> None:
+    """Found by review: a switch to a version the state file names neither current nor
+    previous writes a new deployment record, whose id none of the switch's log lines (nor
+    its lock) carried: the journal and the state file could not be joined."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    before = states.read_state(env.state_file, environment=env.name)
+    assert before.current is not None
+    # v2's records gone (another tool's rewrite): the switch to it writes a new record
+    states.write_state(env.state_file, before.with_(previous=None, history=(before.current,)))
+    done = cli(env, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stderr
+    current = states.read_state(env.state_file).current
+    assert current is not None and current.version == V2.tag and current.active_slot == "green"
+    assert current.id != before.current.id
+    lines = [json.loads(line) for log in env.log_dir.glob("*.log")
+             for line in log.read_text().splitlines()]
+    run = [e["run_id"] for e in lines if e["message"].startswith("switch finished")][-1]
+    ours = [e for e in lines if e["run_id"] == run]
+    assert ours and {e["deployment_id"] for e in ours} == {current.id}, (current.id, ours[:2])
+
+
 def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> None:
     """Even expired: the holder's process (known by its start time too) still runs, so it is
     a hung run to stop, not a lock to delete under it."""

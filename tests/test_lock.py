@@ -1058,6 +1058,42 @@ def _fake_run(env: Environment, with_state: Path, *, during: str) -> tuple[list[
     return calls, info.value
 
 
+def test_the_lock_names_the_deployment_its_plan_names_and_keeps_the_run_id(
+        env: Environment, with_state: Path) -> None:
+    """Found by review: the lock's deployment_id (the state file's copy, holder.json) was the
+    run id, which status printed as "run ...", while the run's log lines name the deployment
+    its plan names (a rollback's target): the files disagreed on what is being deployed.
+    Once the plan names it, the lock names it too; the run id stays, as run_id."""
+    from runbook.intent import Intent
+    from runbook.plan import Phase, Plan, Step, StepContext
+    from runbook.run import perform
+
+    seen: dict[str, Any] = {}
+
+    def look(ctx: StepContext) -> None:
+        seen["state"] = json.loads(with_state.read_text())["lock"]
+        seen["holder"] = json.loads((env.lock_path / holding.HOLDER).read_text())
+        held = status(env)
+        seen["status"] = held.describe() if held is not None else None
+
+    def build(run_id: str) -> Plan:
+        intent = Intent(run_id=run_id, action="rollback", environment=env.name,
+                        from_slot="blue", to_slot="green", from_version="a7f3fbb",
+                        to_version="5db0fdf", record={"target_id": "dep_target"})
+        return Plan("rollback", env, "test", [
+            Step("start-slot", "Start the standby", run=look, phase=Phase.PREPARE)],
+            intent=intent)
+
+    result = perform(env, "rollback", build, dry_run=False, reason="rollback to 5db0fdf")
+    for copy in (seen["state"], seen["holder"]):
+        assert copy["deployment_id"] == "dep_target", copy
+        assert copy["run_id"] == result.run_id, copy
+    assert f"run {result.run_id}" in seen["status"] and "dep_target" in seen["status"], seen
+    logged = {json.loads(line)["deployment_id"] for log in env.log_dir.glob("*.log")
+              for line in log.read_text().splitlines()}
+    assert "dep_target" in logged, logged
+
+
 def test_a_lock_taken_away_at_the_prompt_stops_the_run_before_any_change(
         env: Environment, with_state: Path) -> None:
     before = with_state.read_bytes()

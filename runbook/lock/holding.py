@@ -65,7 +65,7 @@ class Lock:
     env: Environment
     path: Path
     lock_id: str
-    deployment_id: str
+    deployment_id: str  # the run's id until its plan names the deployment (for_deployment)
     reason: str
     locked_by: str
     pid: int
@@ -73,6 +73,7 @@ class Lock:
     locked_at: datetime
     expires_at: datetime
     ident: Ident
+    run_id: str = ""  # the run's own id (journal's run_id), whatever deployment_id says
     mirror_error: str | None = None  # the state-file mirror failed; the lock itself holds
     # the mirror's rewrite could not keep the state file's owner or group (files.atomic_write)
     owner_lost: str | None = None
@@ -99,6 +100,7 @@ class Lock:
             "hostname": self.hostname,
             "reason": self.reason,
             "deployment_id": self.deployment_id,
+            "run_id": self.run_id,
             "locked_at": statemod.format_time(self.locked_at),
             "expires_at": statemod.format_time(self.expires_at),
             "held_since": statemod.format_time(self.held_since or self.locked_at),
@@ -118,6 +120,7 @@ class Lock:
             "locked_at": statemod.format_time(self.locked_at),
             "lock_expires_at": statemod.format_time(self.expires_at),
             "deployment_id": self.deployment_id,
+            "run_id": self.run_id,
             "pid": self.pid,
             # with it, a pid reused after a power loss (the lock directory on /tmp gone, the
             # mirror left) is not taken for a live holder: no run for 30 min, no unlock
@@ -138,6 +141,16 @@ class Lock:
                 with contextlib.suppress(OSError):  # the mirror is best effort; so is this
                     files.atomic_write(self.path / HOLDER, _holder_bytes(self))
         return copy
+
+    def for_deployment(self, deployment_id: str | None) -> None:
+        """Name the deployment the plan names (journal.for_deployment's), so the lock's
+        deployment_id says what the run's log lines say; it was the run id, which status
+        printed as "run ..." (found by review). holder.json at once; the state file's copy
+        when it is next written (publish, or a refresh when it is published already)."""
+        if not deployment_id or deployment_id == self.deployment_id:
+            return
+        self.deployment_id = deployment_id
+        self.refresh()
 
     def refresh(self, *, mirror: bool = True) -> None:
         """Restart the expiry clock, so a long step is not mistaken for a crashed run.
@@ -377,9 +390,10 @@ def _make(env: Environment, path: Path, reason: str, run_id: str | None,
         ident = (st.st_dev, st.st_ino)
         now = time.time()
         locked_at = _from_epoch(now)
+        run_id = run_id or statemod.new_id("run")
         lock = Lock(
-            env=env, path=path, lock_id=statemod.new_id("lock"),
-            deployment_id=run_id or statemod.new_id("run"), reason=reason,
+            env=env, path=path, lock_id=statemod.new_id("lock"), run_id=run_id,
+            deployment_id=run_id, reason=reason,
             locked_by=statemod.current_operator(), pid=os.getpid(),
             hostname=socket.gethostname(), locked_at=locked_at,
             expires_at=locked_at + timedelta(seconds=env.lock_stale_after),

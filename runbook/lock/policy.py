@@ -41,7 +41,8 @@ class Holder:
     pid: int | None = None
     hostname: str | None = None
     reason: str | None = None
-    deployment_id: str | None = None
+    deployment_id: str | None = None  # what the run deploys; before its plan: its run id
+    run_id: str | None = None  # the run's own id (older records: in deployment_id)
     locked_at: datetime | None = None
     expires_at: datetime | None = None
     pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
@@ -64,8 +65,11 @@ class Holder:
         text = f"{who} ({' '.join(where)})" if where else who
         if self.reason:
             text += f" for {self.reason!r}"  # repr: escaped already
-        if self.deployment_id:
-            text += f", run {one_line(self.deployment_id)}"
+        run = self.run_id or self.deployment_id
+        if run:
+            text += f", run {one_line(run)}"
+        if self.deployment_id and self.deployment_id != run:
+            text += f", deployment {one_line(self.deployment_id)}"
         return text
 
 
@@ -393,7 +397,8 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
     return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"), pid=number("pid"),
                   pid_start=number("pid_start"), mirrored=pairs("mirrored"),
                   hostname=text("hostname"), reason=text("reason"),
-                  deployment_id=text("deployment_id"), locked_at=when("locked_at"),
+                  deployment_id=text("deployment_id"), run_id=text("run_id"),
+                  locked_at=when("locked_at"),
                   held_since=when("held_since"),
                   # read leniently too (a lock read_state refused): the later of the two
                   # names, as read_state keeps it (an earlier one would steal a live lock)

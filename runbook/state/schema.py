@@ -28,7 +28,7 @@ _TOP_KEYS = frozenset({
 })
 # The documented lock; a writer adds the Go CLI's `expires_at` (same time) after its own key.
 _LOCK_ORDER = ("locked", "lock_id", "locked_by", "locked_at", "lock_expires_at", "expires_at",
-               "deployment_id", "pid", "pid_start", "hostname", "reason")
+               "deployment_id", "run_id", "pid", "pid_start", "hostname", "reason")
 _LOCK_TIME_KEYS = ("locked_at", "lock_expires_at")
 # The Go CLI's lock struct, in its field order; its zero times mean "not set".
 _GO_LOCK_ORDER = ("locked", "locked_at", "locked_by", "reason", "expires_at")
