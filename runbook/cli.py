@@ -16,6 +16,7 @@ import typer
 
 from runbook.cli_common import (
     BEFORE_ANY_CHANGE,
+    echo,
     fail,
     load_env,
     only_reading,
@@ -166,9 +167,9 @@ def status(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) 
         except RunbookError as exc:
             fail(exc, fmt)
         if fmt is Format.json:
-            print(json.dumps(data, indent=2, default=str))
+            echo(json.dumps(data, indent=2, default=str))
         else:
-            typer.echo(st.render(data))
+            echo(st.render(data))
     if data["problems"]:
         raise typer.Exit(int(ExitCode.FAILED_SAFELY))
 
@@ -209,12 +210,12 @@ def healthcheck(
         # everything the runbook prints
         if fmt is HealthFormat.json:
             data = scrub([health.to_json(r) for r in reports])
-            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+            echo(json.dumps(data[0] if len(data) == 1 else data, indent=2))
         elif fmt is HealthFormat.table:
-            typer.echo(redact(health.to_table(reports)))
+            echo(redact(health.to_table(reports)))
         else:
             for r in reports:
-                typer.echo(redact(health.simple(r)))
+                echo(redact(health.simple(r)))
     if not all(r.ok for r in reports):
         raise typer.Exit(int(ExitCode.FAILED_SAFELY))
 
@@ -241,11 +242,11 @@ def unlock(
             # another tool's lock fields: masked and one line, as status prints them
             if show:
                 if fmt is Format.json:
-                    print(json.dumps(scrub({"locked": True, "summary": held.describe(),
-                                            "stale": held.stale, "why": one_line(held.why)}
-                                           if held else {"locked": False})))
+                    echo(json.dumps(scrub({"locked": True, "summary": held.describe(),
+                                           "stale": held.stale, "why": one_line(held.why)}
+                                          if held else {"locked": False})))
                 else:
-                    typer.echo(redact(one_line(held.describe())) if held else "free")
+                    echo(redact(one_line(held.describe())) if held else "free")
                 return
         from runbook import run
 
@@ -257,9 +258,9 @@ def unlock(
     except RunbookError as exc:
         fail(exc, fmt)
     if fmt is Format.json:
-        print(json.dumps(scrub({"ok": True, "message": message})))
+        echo(json.dumps(scrub({"ok": True, "message": message})))
         return
-    typer.echo(redact(message))
+    echo(redact(message))
 
 
 # Sub-apps: they share runbook/cli_common.py with this module, never import it.
@@ -291,25 +292,25 @@ def main() -> None:
         # the message quotes the arguments, and one may be a URL with its password
         message, fix = redact(bad.format_message()).rstrip("."), f"see `{where} --help`"
         if _asked_for_json(sys.argv[1:]):
-            print(json.dumps({"ok": False, "error": message, "fix": fix,
-                              "exit_code": int(ExitCode.USAGE)}))
-        typer.echo(f"runbook: error: {message}; {fix}", err=True)
+            echo(json.dumps({"ok": False, "error": message, "fix": fix,
+                             "exit_code": int(ExitCode.USAGE)}))
+        echo(f"runbook: error: {message}; {fix}", err=True)
         _leave(int(ExitCode.USAGE))
     except SystemExit as done:  # a command that ends with sys.exit
         _leave(done.code)
     except KeyboardInterrupt:
-        typer.echo("runbook: interrupted", err=True)
+        echo("runbook: interrupted", err=True)
         _leave(130)
     except Exception as exc:
         from runbook.journal import redact
 
         if getattr(exc, BEFORE_ANY_CHANGE, False):  # a bug met while only reading
-            typer.echo(redact(f"runbook: error: unexpected failure before anything was "
-                              f"changed (a bug in runbook: please report this line): "
-                              f"{type(exc).__name__}: {exc}"), err=True)
+            echo(redact(f"runbook: error: unexpected failure before anything was "
+                        f"changed (a bug in runbook: please report this line): "
+                        f"{type(exc).__name__}: {exc}"), err=True)
             _leave(int(ExitCode.FAILED_SAFELY))
-        typer.echo(redact(f"runbook: error: unexpected failure: {type(exc).__name__}: {exc}"),
-                   err=True)
+        echo(redact(f"runbook: error: unexpected failure: {type(exc).__name__}: {exc}"),
+             err=True)
         _leave(int(ExitCode.ATTENTION))
     _leave(code if isinstance(code, int) else 0)  # typer.Exit's code, or 0
 
@@ -333,7 +334,7 @@ def _leave(code: object) -> NoReturn:
     elif isinstance(code, int):
         status = code
     else:  # sys.exit("message"): as the interpreter would, print it and exit 1
-        print(code, file=sys.stderr)
+        echo(str(code), err=True)
         status = 1
     try:
         atexit._run_exitfuncs()

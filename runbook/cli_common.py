@@ -45,27 +45,40 @@ def _process_started() -> float:
 PROCESS_STARTED = _process_started()
 
 
+def echo(message: str = "", *, err: bool = False, nl: bool = True) -> bool:
+    """Write output, or pass over a stdout or stderr that is gone (`| head -0`, a dropped ssh
+    session) and say so by returning False. Never raises: the CLI framework turned an EPIPE
+    into a silent exit 1 ("failed safely") that replaced the run's own exit code, and a
+    failed first write skipped the lines after it (the TOOK EFFECT message)."""
+    try:
+        typer.echo(message, err=err, nl=nl)
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        return False
+    return True
+
+
 def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
     """One line (plus the fix) on stderr and the error's documented exit code, never a
     traceback; with --format json also one JSON object on stdout for the caller's script."""
     from runbook.redact import redact
 
     lost = getattr(exc, "journal_incomplete", None)
-    if fmt is Format.json:
-        print(json.dumps({"ok": False, "error": redact(exc.message),
-                          "fix": redact(exc.fix) if exc.fix else exc.fix,
-                          "exit_code": int(exc.exit_code)}
-                         | ({"journal_incomplete": lost} if lost else {})))
+    # the lines for on-call first (the fix of a run that TOOK EFFECT), then the JSON
     message = redact(str(exc))  # an argument, a path or a tool's words may hold a secret
     first, *rest = message.splitlines() or [""]
-    typer.echo(f"runbook: error: {first}", err=True)
+    echo(f"runbook: error: {first}", err=True)
     for line in rest:
-        typer.echo(f"  {line.strip()}", err=True)
+        echo(f"  {line.strip()}", err=True)
     log_file = getattr(exc, "log_file", None)
     if log_file:
-        typer.echo(f"runbook: journal: {log_file}", err=True)
+        echo(f"runbook: journal: {log_file}", err=True)
     if lost:
-        typer.echo(f"runbook: warning: {lost}", err=True)
+        echo(f"runbook: warning: {lost}", err=True)
+    if fmt is Format.json:
+        echo(json.dumps({"ok": False, "error": redact(exc.message),
+                         "fix": redact(exc.fix) if exc.fix else exc.fix,
+                         "exit_code": int(exc.exit_code)}
+                        | ({"journal_incomplete": lost} if lost else {})))
     raise typer.Exit(int(exc.exit_code))
 
 
@@ -150,10 +163,11 @@ def ask(question: str) -> bool:
     fleet's Ansible runner, a health probe) then never interrupts it, since Python runs signal
     handlers in the main thread only, and the prompt hung (seen in about one run in 15 under
     load). Waiting for the answer in short select() slices lets the main thread act on it.
-    Ctrl-D (end of input) is a no."""
+    Ctrl-D (end of input), or a question that cannot be shown, is a no."""
     import select
 
-    typer.echo(f"{question} [y/N]: ", nl=False, err=True)
+    if not echo(f"{question} [y/N]: ", nl=False, err=True):
+        return False
     while True:
         try:
             ready, _, _ = select.select([sys.stdin], [], [], 0.2)
@@ -163,7 +177,7 @@ def ask(question: str) -> bool:
             break
     line = sys.stdin.readline()
     if not line:
-        typer.echo("", err=True)
+        echo("", err=True)
         return False
     return line.strip().lower() in ("y", "yes")
 
@@ -176,8 +190,8 @@ def confirmer(yes: bool, fmt: Format,
         return None
 
     def confirm(plan: Plan) -> bool:
-        typer.echo(plan.render(), err=fmt is Format.json)
-        return ask("Proceed?")
+        # a plan nobody could read is never confirmed
+        return echo(plan.render(), err=fmt is Format.json) and ask("Proceed?")
 
     return confirm
 
@@ -198,14 +212,14 @@ class Progress:
         if event == "note":
             from runbook.redact import redact
 
-            typer.echo(redact(f"   ... {message}"), err=True)
+            echo(redact(f"   ... {message}"), err=True)
             return
         if event == "start":
             self.started = time.monotonic()
-            typer.echo(f"-> {step.title} ...", err=True)
+            echo(f"-> {step.title} ...", err=True)
         else:
             took = time.monotonic() - self.started
-            typer.echo(f"   {'ok' if event == 'done' else 'FAILED'} ({took:.2f}s)", err=True)
+            echo(f"   {'ok' if event == 'done' else 'FAILED'} ({took:.2f}s)", err=True)
 
 
 def timing(switched: float | None) -> dict[str, float]:
@@ -221,12 +235,12 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
     if fmt is Format.json:
         from runbook.redact import scrub
 
-        print(json.dumps(scrub({"ok": True, **result.to_json(),
-                                **({} if result.dry_run else {"timing": timing(switched)})})))
+        echo(json.dumps(scrub({"ok": True, **result.to_json(),
+                               **({} if result.dry_run else {"timing": timing(switched)})})))
         return
     if result.dry_run:
-        typer.echo(result.plan.render())
-        typer.echo("Dry run: nothing was changed.")
+        echo(result.plan.render())
+        echo("Dry run: nothing was changed.")
         return
     # A plain table (no rich import: it cost the on-call ~25 ms for three columns).
     rows = [(o.title, f"{o.status}, {o.result}" if o.result else o.status,
@@ -235,14 +249,14 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     from runbook.redact import redact
 
-    typer.echo(redact(f"{result.plan.action}: {result.plan.summary}"))
+    echo(redact(f"{result.plan.action}: {result.plan.summary}"))
     for title, status, took in [head, *rows]:
-        typer.echo(redact(f"  {title.ljust(widths[0])}  {status.ljust(widths[1])}  "
+        echo(redact(f"  {title.ljust(widths[0])}  {status.ljust(widths[1])}  "
                           f"{took.rjust(widths[2])}"))
     times = timing(switched)
     moved = (f" (traffic switched at {times['switched_at_s']:.2f}s)"
              if "switched_at_s" in times else "")
-    typer.echo(f"Done in {times['done_in_s']:.2f}s{moved}. Journal: {result.log_file}")
+    echo(f"Done in {times['done_in_s']:.2f}s{moved}. Journal: {result.log_file}")
 
 
 def notice(message: str) -> None:
@@ -253,9 +267,9 @@ def notice(message: str) -> None:
 
     message = redact(message)
     if message.startswith(WARNING):
-        typer.echo(f"runbook: warning: {message.removeprefix(WARNING)}", err=True)
+        echo(f"runbook: warning: {message.removeprefix(WARNING)}", err=True)
         return
-    typer.echo(f"runbook: note: {message}", err=True)
+    echo(f"runbook: note: {message}", err=True)
 
 
 def run_action(fn: Any, fmt: Format, *, yes: bool, dry_run: bool,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from runbook.cli_common import (
+    echo,
     fail,
     load_env,
     notice,
@@ -67,12 +68,12 @@ def create(
         _fail(exc, fmt)
     data = snap.to_json(environment.database.retention_days)
     if fmt is Format.json:
-        print(json.dumps({"ok": True, "snapshot": data}, indent=2))
+        echo(json.dumps({"ok": True, "snapshot": data}, indent=2))
         return
     rows = ", ".join(f"{k} {v}" for k, v in sorted(data["tables"].items())) or "no tables"
-    typer.echo(f"Snapshot taken: {snap.path}\n  {data['size_mb']} MB in "
-               f"{(snap.meta or {}).get('duration_seconds')}s, schema "
-               f"{snap.migration_version}, rows: {rows}\n  expires {data['expires_at']}")
+    echo(f"Snapshot taken: {snap.path}\n  {data['size_mb']} MB in "
+         f"{(snap.meta or {}).get('duration_seconds')}s, schema "
+         f"{snap.migration_version}, rows: {rows}\n  expires {data['expires_at']}")
 
 
 @snapshot_app.command("list")
@@ -88,10 +89,10 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
         _fail(exc, fmt)
     retention = environment.database.retention_days
     if fmt is Format.json:
-        print(json.dumps([s.to_json(retention) for s in snaps], indent=2))
+        echo(json.dumps([s.to_json(retention) for s in snaps], indent=2))
         return
     if not snaps:
-        typer.echo(f"No snapshots in {environment.database.snapshot_dir}.")
+        echo(f"No snapshots in {environment.database.snapshot_dir}.")
         return
     header = ("name", "taken (UTC)", "schema", "MB", "expires", "deployment")
     lines = []
@@ -103,8 +104,8 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
                       f"{d['size_mb']:.3f}", d["expires_at"], s.deployment_id or "-"))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     for row in [header, *lines]:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    typer.echo(f"Folder: {environment.database.snapshot_dir}  (! = no or unreadable sidecar)")
+        echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    echo(f"Folder: {environment.database.snapshot_dir}  (! = no or unreadable sidecar)")
 
 
 @snapshot_app.command("restore")
@@ -196,28 +197,28 @@ def cleanup(
     except RunbookError as exc:
         _fail(exc, fmt)
     if fmt is Format.json:
-        print(json.dumps({"ok": True, "dry_run": dry_run,
-                          "removed": [s.name for s in result.removed],
-                          "kept": [s.name for s in result.kept],
-                          "held": [{"name": s.name, "why": why} for s, why in result.held],
-                          "skipped": [{"name": p.name, "why": why}
-                                      for p, why in result.skipped],
-                          "orphans": [p.name for p in result.orphans],
-                          "warnings": result.warnings}, indent=2))
+        echo(json.dumps({"ok": True, "dry_run": dry_run,
+                         "removed": [s.name for s in result.removed],
+                         "kept": [s.name for s in result.kept],
+                         "held": [{"name": s.name, "why": why} for s, why in result.held],
+                         "skipped": [{"name": p.name, "why": why}
+                                     for p, why in result.skipped],
+                         "orphans": [p.name for p in result.orphans],
+                         "warnings": result.warnings}, indent=2))
         return
     verb = "Would remove" if dry_run else "Removed"
     retention = environment.database.retention_days
     for warning in result.warnings:
-        typer.echo(f"Warning: {warning}")
+        echo(f"Warning: {warning}")
     for snap in result.removed:
-        typer.echo(f"{verb} {snap.name} (expired {snap.to_json(retention)['expires_at']})")
+        echo(f"{verb} {snap.name} (expired {snap.to_json(retention)['expires_at']})")
     for snap, why in result.held:
-        typer.echo(f"{'Would keep' if dry_run else 'Kept'} {snap.name} (expired "
-                   f"{snap.to_json(retention)['expires_at']}): {why}")
+        echo(f"{'Would keep' if dry_run else 'Kept'} {snap.name} (expired "
+             f"{snap.to_json(retention)['expires_at']}): {why}")
     for path in result.orphans:
-        typer.echo(f"{verb} leftover {path.name}")
+        echo(f"{verb} leftover {path.name}")
     for path, why in result.skipped:
-        typer.echo(f"Skipped {path.name}: {why}")
-    typer.echo(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}"
-               + (f", {len(result.held)} of them expired but needed" if result.held else "")
-               + ".")
+        echo(f"Skipped {path.name}: {why}")
+    echo(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}"
+         + (f", {len(result.held)} of them expired but needed" if result.held else "")
+         + ".")

@@ -245,6 +245,31 @@ def test_a_closed_terminal_never_aborts_the_run(stack: DrillStack) -> None:
     records = [json.loads(p.read_text()) for p in env.runs_dir.glob("rbk_*.json")]
     assert [r["outcome"] for r in records] == ["success"]
     assert not intents.path(env).exists() and not env.lock_path.exists()
+    # the exit code is the run's outcome, never "failed safely" for output nobody could read
+    assert proc.returncode == 0
+
+
+def test_a_closed_stdout_still_says_the_rollback_took_effect_with_exit_6(
+        stack: DrillStack) -> None:
+    """`--format json` with stdout gone (`| head -0`) and the run stopped after the commit: the
+    JSON cannot be written, yet stderr says TOOK EFFECT and how to finish, and the exit code is
+    6, as the journal records."""
+    env = arrange(stack)
+    read_out, write_out = os.pipe()
+    os.close(read_out)  # stdout's reader already gone
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    environ[faults.VARIABLE] = "switch.after-verify:SIGTERM"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "rollback", "--yes", "--format", "json",
+         str(env.source)], stdout=write_out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        text=True, env=environ)
+    os.close(write_out)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == int(ExitCode.TOOK_EFFECT), err
+    assert "TOOK EFFECT" in err and f"runbook rollback {env.name}" in err, err
+    records = [json.loads(p.read_text()) for p in env.runs_dir.glob("rbk_*.json")]
+    assert [(r["outcome"], r["exit_code"]) for r in records] == [("took effect", 6)]
+    assert through_proxy(env) == ("green", V2.tag)
 
 
 def test_a_stale_takeover_is_said_on_the_terminal_in_the_journal_and_in_status(

@@ -140,3 +140,28 @@ def test_yes_runs_unattended_and_a_terminal_is_asked(stack: DrillStack) -> None:
     from runbook import caddy
 
     assert caddy.active_slot(caddy.read(stack.env), stack.env) == "blue"
+
+
+def test_a_plan_that_cannot_be_shown_is_never_confirmed(stack: DrillStack) -> None:
+    """stdout gone (`| head -0`) on a terminal: the plan the prompt asks about cannot be
+    written, so even a "y" typed ahead is no confirmation: declined (exit 2), nothing changed."""
+    source = str(stack.env.source)
+    before = world(stack)
+    primary, replica = pty.openpty()
+    read_out, write_out = os.pipe()
+    os.close(read_out)  # stdout's reader already gone
+    try:
+        os.write(primary, b"y\n")
+        env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"}
+        proc = subprocess.run([sys.executable, "-m", "runbook.cli", "switch", source, "--slot",
+                               "green"], stdin=replica, stdout=write_out,
+                              stderr=subprocess.PIPE, text=True, timeout=180, env=env,
+                              cwd=REPO_ROOT, check=False)
+    finally:
+        for fd in (primary, replica, write_out):
+            os.close(fd)
+    assert proc.returncode == 2 and "not confirmed" in proc.stderr, proc.stderr
+    assert "Proceed?" not in proc.stderr, proc.stderr
+    after = world(stack)
+    after["journal"] = before["journal"]  # the refused run is journaled, as any decline
+    assert after == before

@@ -8,7 +8,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from runbook.cli_common import ask, load_env, refuse_blank, stdin_is_terminal
+from runbook.cli_common import ask, echo, load_env, refuse_blank, stdin_is_terminal
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
 from runbook.errors import LockedError, RunbookError, UsageError
 
@@ -26,13 +26,13 @@ def _fail(exc: RunbookError, fmt: Format = Format.text, lines: list[str] | None 
     host always answer JSON: `extra` is their fields)."""
     from runbook.redact import redact
 
-    if fmt is Format.json:
-        print(redact(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
-                                 "exit_code": int(exc.exit_code), "hosts": lines or [],
-                                 **extra}, default=str)))
-    typer.echo(redact(f"runbook: error: {exc}"), err=True)
+    echo(redact(f"runbook: error: {exc}"), err=True)
     for line in lines or []:
-        typer.echo(redact(f"  {line}"), err=True)
+        echo(redact(f"  {line}"), err=True)
+    if fmt is Format.json:
+        echo(redact(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix,
+                                "exit_code": int(exc.exit_code), "hosts": lines or [],
+                                **extra}, default=str)))
     raise typer.Exit(int(exc.exit_code))
 
 
@@ -81,16 +81,17 @@ def rollback_cmd(
                              "pass --yes to confirm it in advance, or --dry-run to see the plan")
 
         def confirm(plan: str) -> bool:
-            typer.echo(plan, err=True)
+            if not echo(plan, err=True):  # a plan nobody could read: not confirmed
+                return False
             try:
                 return ask("Proceed?")  # Ctrl-D: not confirmed
             except KeyboardInterrupt:
-                typer.echo("", err=True)  # the prompt's line ends
+                echo("", err=True)  # the prompt's line ends
                 raise  # the fleet's own Ctrl-C path: journaled
 
         def say(message: str) -> None:
             if fmt is Format.text:
-                typer.echo(f"runbook: fleet: {message}", err=True)
+                echo(f"runbook: fleet: {message}", err=True)
 
         result = rollout.rollback(options, confirm=None if (yes or dry_run) else confirm,
                                   say=say)
@@ -104,15 +105,15 @@ def rollback_cmd(
         _fail(exc, fmt)
         return
     if fmt is Format.json:
-        print(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,
-                          "exit_code": result.exit_code, "lines": result.lines,
-                          "journal_file": str(result.journal_file or ""),
-                          "fleet_lock_release_failed":
-                              result.journal.get("fleet_lock_release_failed"),
-                          "record": result.journal}, default=str))
+        echo(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,
+                         "exit_code": result.exit_code, "lines": result.lines,
+                         "journal_file": str(result.journal_file or ""),
+                         "fleet_lock_release_failed":
+                             result.journal.get("fleet_lock_release_failed"),
+                         "record": result.journal}, default=str))
     else:
         for line in result.lines:
-            typer.echo(line)
+            echo(line)
     raise typer.Exit(result.exit_code)
 
 
@@ -152,7 +153,7 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
 
     data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock,
                            schema_restored_first=schema_restored_first)
-    print(redact(json.dumps(data, default=str)))
+    echo(redact(json.dumps(data, default=str)))
     # the first problem's own code (a config error is 2, as its JSON says), else 0
     raise typer.Exit(int(data["problems"][0].get("exit_code", 4)) if data["problems"] else 0)
 
@@ -171,7 +172,7 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
                else drain.drain(env_))
     except RunbookError as exc:
         _fail(exc, Format.json)
-    print(json.dumps(out))
+    echo(json.dumps(out))
 
 
 @fleet_app.command("lock")
@@ -213,4 +214,4 @@ def lock_cmd(
             out = held.to_json() if held else {"locked": False}
     except RunbookError as exc:
         _fail(exc, Format.json, holder=exc.holder if isinstance(exc, LockedError) else None)
-    print(json.dumps(out, default=str))
+    echo(json.dumps(out, default=str))
