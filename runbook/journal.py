@@ -472,8 +472,19 @@ def past_records(env: Environment, *, but: str | None = None,
             data = json.loads(record.read_text())
         except (OSError, ValueError, RecursionError):
             continue
-        if isinstance(data, dict) and data.get("environment") in (None, env.name):
+        if is_record(data, env):
             yield data
+
+
+def is_record(data: object, env: Environment) -> bool:
+    """A run record of `env` as this tool writes them. Another environment's, or another
+    tool's file with wrongly typed fields, is passed over: a step `name` that was a list
+    crashed the readers (unhashable) while a restore planned, and `snapshot cleanup`."""
+    if not isinstance(data, dict) or data.get("environment") not in (None, env.name):
+        return False
+    steps = data.get("steps", [])
+    return isinstance(steps, list) and all(
+        isinstance(s, dict) and isinstance(s.get("name", ""), str) for s in steps)
 
 
 def _describe(exc: BaseException) -> str:

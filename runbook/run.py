@@ -82,6 +82,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
     journal = journals.Journal.open(env, action, run_id=run_id, why=reason)
     result: RunResult | None = None
     notices: list[str] = []
+    executing = False  # before execute() nothing has changed: the lock, the plan, the prompt
 
     def say(message: str) -> None:
         notices.append(message)
@@ -162,6 +163,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     journal.log("WARN", f"deploy lock: {held.mirror_error}", step="lock")
                     say(f"{WARNING}deploy lock: {held.mirror_error}")
 
+            executing = True
             with _heartbeat(held, env):
                 result.outcomes = execute(plan, journal, progress, signals=signals,
                                           heartbeat=beat, notice=say)
@@ -175,9 +177,16 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
     except RunbookError as exc:
         raise _failed(journal, exc, result) from None
     except Exception as exc:
-        error = RunbookError(f"unexpected failure: {type(exc).__name__}: {exc}",
-                             f"read the journal {journal.log_path}; run `runbook status "
-                             f"{env.name}` to see what runs", exit_code=ExitCode.ATTENTION)
+        if not executing:  # a bug met before any step ran: exit 1, as in a dry run
+            error = RunbookError(
+                "unexpected failure before anything was changed (a bug in runbook: please "
+                f"report this line): {type(exc).__name__}: {exc}",
+                f"nothing needs undoing; the journal {journal.log_path} has what it met, and "
+                f"`runbook status {env.name}` shows what runs", exit_code=ExitCode.FAILED_SAFELY)
+        else:
+            error = RunbookError(f"unexpected failure: {type(exc).__name__}: {exc}",
+                                 f"read the journal {journal.log_path}; run `runbook status "
+                                 f"{env.name}` to see what runs", exit_code=ExitCode.ATTENTION)
         journal.log("ERROR", f"unexpected failure: {type(exc).__name__}: {exc}",
                     exception=repr(exc))
         raise _failed(journal, error, result) from None

@@ -440,9 +440,11 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
 def _all_records(env: Environment) -> list[dict[str, Any]]:
     """Every run record of the environment, newest first; raises OSError when one cannot be
     listed or read (a record of another user's, mode 0600): `journal.past_records`, made
-    for messages, passes over those and reads the last 50 only. A file that is not JSON is
-    another tool's, passed over."""
+    for messages, passes over those and reads the last 50 only. A file that is not JSON, or
+    not a run record (journal.is_record), is another tool's, passed over."""
     import json
+
+    from runbook import journal
 
     if not env.runs_dir.exists():
         return []
@@ -462,7 +464,7 @@ def _all_records(env: Environment) -> list[dict[str, Any]]:
             continue
         except (ValueError, RecursionError):
             continue
-        if isinstance(data, dict) and data.get("environment") in (None, env.name):
+        if journal.is_record(data, env):
             records.append(data)
     return records
 

@@ -381,6 +381,30 @@ def test_an_unexpected_error_before_any_change_is_not_exit_5(host: Path) -> None
     assert released.returncode == 5, released.stderr  # may have removed a lock: not known
 
 
+def test_an_unexpected_error_while_planning_is_exit_1_in_a_real_run_as_in_a_dry_run(
+        host: Path) -> None:
+    """Found by review: the same bug met while planning (under the lock, before any step)
+    exited 1 in a dry run but 5 ("could not be fully undone") in a real run, though nothing
+    had changed. Both are exit 1, say nothing was changed, and the journal records exit 1.
+    The bug is simulated (a patched function raises), the real one being fixed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    code = ("import sys, runbook.cli, runbook.snapshot_restore as sr\n"
+            "def bug(*a, **k):\n    raise TypeError('simulated bug')\n"
+            "sr.find = bug\nsys.argv = ['runbook', *sys.argv[1:]]\nrunbook.cli.main()\n")
+    runs = host.parent / "runs"
+    for extra in (["--dry-run"], ["--yes"]):
+        done = subprocess.run([sys.executable, "-c", code, "snapshot", "restore", str(host),
+                               *extra], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+        assert done.returncode == 1, (extra, done.stderr)
+        assert "before anything was changed" in done.stderr, done.stderr
+        assert "TypeError: simulated bug" in done.stderr, done.stderr
+    records = [json.loads(p.read_text()) for p in runs.glob("*.json")]
+    assert [(r["outcome"], r["exit_code"]) for r in records] == [("failed", 1)], records
+    assert not (host.parent / "locks" / "togather-deploy-production.lock").exists()
+
+
 def two_deployments_state(host: Path) -> None:
     """A state file whose history holds bbbbbbb (current) and aaaaaaa (previous)."""
     def deployment(version: str, slot: str, when: str, status: str) -> dict[str, str]:

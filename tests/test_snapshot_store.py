@@ -666,6 +666,43 @@ def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_da
     assert not safety.exists() and f"Removed {safety.name}" in again.stdout, again.stdout
 
 
+def test_a_run_record_with_wrongly_typed_step_names_is_another_tools_and_passed_over(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: a JSON file of another tool's in the runs folder, whose step `name` is
+    a list, crashed the reading of the records (TypeError: unhashable list): `snapshot
+    cleanup --dry-run` exited 5, a restore's planning failed. It is passed over as the other
+    files of others are, and the killed restore's record behind it still tells."""
+    import subprocess
+    import sys
+
+    from runbook import environment as envmod
+    from runbook import journal
+    from runbook.snapshot_restore import kept_for_killed_restore, killed_restore
+
+    record(env, "dep_old", "dep_current")
+    safety = put(env, "20261120_120000", "pre-restore", age_days=12, expires_in_days=-5)
+    put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
+    toml = host_toml(env, tmp_path)
+    host = envmod.load(str(toml))
+    killed = journal.Journal.open(host, "snapshot-restore", run_id="restore_killed_1")
+    with killed.step("safety-snapshot", "Take a safety snapshot") as step:
+        step.detail(safety_snapshot=str(safety))
+    killed.step("restore-database", "Replace the database").__enter__()  # killed here
+    foreign = host.runs_dir / "other-tool.json"
+    foreign.write_text(json.dumps({"outcome": "running", "steps": [
+        {"name": ["restore-database"], "status": "ok"}, {"name": {"a": 1}}]}))
+    newer = killed.record_path.stat().st_mtime + 30  # read first
+    os.utime(foreign, (newer, newer))
+    found = killed_restore(host, None)
+    assert found is not None and found["run_id"] == "restore_killed_1", found
+    assert safety.name in kept_for_killed_restore(host)
+    dry = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "cleanup",
+                          str(toml), "--dry-run"], capture_output=True, text=True,
+                         check=False, timeout=120, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0, dry.stderr
+    assert f"Would keep {safety.name}" in dry.stdout, dry.stdout
+
+
 def test_cleanup_keeps_what_the_hosts_snapshot_retention_days_keeps(
         env: Environment, tmp_path: Path) -> None:
     """Found by review: the host's SNAPSHOT_RETENTION_DAYS=30 was ignored, so `snapshot
