@@ -16,6 +16,7 @@ import typer
 
 from runbook.cli_common import (
     BEFORE_ANY_CHANGE,
+    ask_first,
     echo,
     fail,
     load_env,
@@ -248,6 +249,12 @@ def unlock(
                 else:
                     echo(redact(one_line(held.describe())) if held else "free")
                 return
+        if held is not None:  # nothing held: nothing to remove, nothing to ask
+            ask_first(yes, redact(
+                f"{environment.display}: the deploy lock {environment.lock_path} is held by "
+                f"{one_line(held.describe())} ({one_line(held.why)}).\nRemoving it lets the "
+                "next run take the lock at once; a holder still running is never removed (the "
+                "command refuses, naming the process to stop)."), fmt, "Remove it?")
         from runbook import run
 
         # journaled (which lock went, who removed it), outside run.perform: it removes the lock

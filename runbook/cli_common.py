@@ -196,6 +196,19 @@ def confirmer(yes: bool, fmt: Format,
     return confirm
 
 
+def ask_first(yes: bool, preview: str, fmt: Format, question: str = "Proceed?") -> None:
+    """For a command that changes the host outside run.perform (unlock, snapshot cleanup): on
+    a terminal without --yes, show what it will change and ask, as every other command's
+    plan does. A no, or a preview that cannot be shown, changes nothing: exit 2, as any
+    declined prompt (run.NotConfirmed). Without a terminal require_yes refused already."""
+    if yes or (echo(preview, err=fmt is Format.json) and ask(question)):
+        return
+    from runbook.run import NotConfirmed
+
+    raise NotConfirmed("not confirmed at the prompt; nothing was changed",
+                       "run again and answer y, or pass --yes")
+
+
 class Progress:
     """One line per step while it runs, so a 60-second health gate never looks hung."""
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from runbook.cli_common import (
+    ask_first,
     echo,
     fail,
     load_env,
@@ -182,17 +183,16 @@ def cleanup(
     """Delete snapshots past their own expires_at (default retention: 7 days), keeping the
     newest usable one, the current and previous deployments' pre-deploy snapshots, and a
     killed restore's safety snapshot."""
-    from runbook import snapshots
-
     environment = _env(env, config, fmt)
     try:
         if dry_run:
-            from runbook.snapshot_restore import kept_for_killed_restore
-
-            result = snapshots.cleanup(environment, dry_run=True,
-                                       also_keep=kept_for_killed_restore(environment))
+            result = _cleanup_preview(environment)
         else:
             require_yes(yes, "`runbook snapshot cleanup`")
+            if not yes:  # on a terminal: what would go, and the question
+                preview = _cleanup_lines(environment, _cleanup_preview(environment),
+                                         dry_run=True)
+                ask_first(yes, "\n".join(preview), fmt)
             result = _cleanup_locked(environment)
     except RunbookError as exc:
         _fail(exc, fmt)
@@ -206,19 +206,37 @@ def cleanup(
                          "orphans": [p.name for p in result.orphans],
                          "warnings": result.warnings}, indent=2))
         return
+    for line in _cleanup_lines(environment, result, dry_run=dry_run):
+        echo(line)
+
+
+def _cleanup_preview(environment: Environment) -> CleanupResult:
+    """What the cleanup would remove now, deleting nothing. A lock the real run would be
+    refused by refuses this too (exit 3), as every dry run (found by review: it said "Would
+    remove ..." with exit 0 while the run it previewed exited 3)."""
+    from runbook import lock as locks
+    from runbook import snapshots
+    from runbook.snapshot_restore import kept_for_killed_restore
+
+    if (refused := locks.refusal(environment)) is not None:
+        raise refused
+    return snapshots.cleanup(environment, dry_run=True,
+                             also_keep=kept_for_killed_restore(environment))
+
+
+def _cleanup_lines(environment: Environment, result: CleanupResult, *,
+                   dry_run: bool) -> list[str]:
+    """The cleanup's report in words: the dry run's, the prompt's and the run's."""
     verb = "Would remove" if dry_run else "Removed"
     retention = environment.database.retention_days
-    for warning in result.warnings:
-        echo(f"Warning: {warning}")
-    for snap in result.removed:
-        echo(f"{verb} {snap.name} (expired {snap.to_json(retention)['expires_at']})")
-    for snap, why in result.held:
-        echo(f"{'Would keep' if dry_run else 'Kept'} {snap.name} (expired "
-             f"{snap.to_json(retention)['expires_at']}): {why}")
-    for path in result.orphans:
-        echo(f"{verb} leftover {path.name}")
-    for path, why in result.skipped:
-        echo(f"Skipped {path.name}: {why}")
-    echo(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}"
-         + (f", {len(result.held)} of them expired but needed" if result.held else "")
-         + ".")
+    lines = [f"Warning: {warning}" for warning in result.warnings]
+    lines += [f"{verb} {snap.name} (expired {snap.to_json(retention)['expires_at']})"
+              for snap in result.removed]
+    lines += [f"{'Would keep' if dry_run else 'Kept'} {snap.name} (expired "
+              f"{snap.to_json(retention)['expires_at']}): {why}" for snap, why in result.held]
+    lines += [f"{verb} leftover {path.name}" for path in result.orphans]
+    lines += [f"Skipped {path.name}: {why}" for path, why in result.skipped]
+    lines.append(f"{verb} {len(result.removed)} snapshot(s); kept {len(result.kept)}"
+                 + (f", {len(result.held)} of them expired but needed" if result.held else "")
+                 + ".")
+    return lines

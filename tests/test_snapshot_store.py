@@ -703,6 +703,68 @@ def test_a_run_record_with_wrongly_typed_step_names_is_another_tools_and_passed_
     assert f"Would keep {safety.name}" in dry.stdout, dry.stdout
 
 
+def test_cleanup_on_a_terminal_shows_what_would_go_and_asks(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: `snapshot cleanup` deleted at once on a terminal, though README says
+    it asks and --yes is "do not ask for confirmation". It shows the dry run's list and asks;
+    "n" deletes nothing (exit 2, as every declined prompt), "y" deletes what it listed."""
+    import pty
+    import subprocess
+    import sys
+
+    record(env, "dep_old", "dep_current")
+    old = put(env, "20261110_120000", "manual", age_days=20, expires_in_days=-13)
+    put(env, "20261129_120000", "manual", age_days=1)  # the newest, kept
+    toml = host_toml(env, tmp_path)
+
+    def on_terminal(answer: bytes) -> subprocess.CompletedProcess[str]:
+        primary, replica = pty.openpty()
+        try:
+            os.write(primary, answer)
+            return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "cleanup",
+                                   str(toml)], capture_output=True, text=True, check=False,
+                                  timeout=120, stdin=replica)
+        finally:
+            os.close(primary)
+            os.close(replica)
+
+    declined = on_terminal(b"n\n")
+    assert declined.returncode == 2 and "not confirmed" in declined.stderr, declined.stderr
+    assert f"Would remove {old.name}" in declined.stdout, declined.stdout
+    assert "Proceed?" in declined.stderr and old.exists()
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").iterdir())
+    done = on_terminal(b"y\n")
+    assert done.returncode == 0, done.stderr
+    assert f"Removed {old.name}" in done.stdout and not old.exists(), done.stdout
+
+
+def test_cleanup_dry_run_meets_the_deploy_lock_as_the_real_run_does(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: with a live holder of the deploy lock the dry run said "Would remove
+    ..." (exit 0) while the real run refuses (exit 3): a dry run says what the run would meet."""
+    import subprocess
+    import sys
+
+    from runbook import environment as envmod
+    from runbook import lock as locks
+
+    record(env, "dep_old", "dep_current")
+    old = put(env, "20261110_120000", "manual", age_days=20, expires_in_days=-13)
+    put(env, "20261129_120000", "manual", age_days=1)
+    toml = host_toml(env, tmp_path)
+    held = locks.acquire(envmod.load(str(toml)), reason="a deploy under way")  # alive: us
+    try:
+        run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml)]
+        dry, real = (subprocess.run([*run, flag], capture_output=True, text=True, check=False,
+                                    timeout=120, stdin=subprocess.DEVNULL)
+                     for flag in ("--dry-run", "--yes"))
+        assert real.returncode == 3, real.stderr
+        assert dry.returncode == 3 and "a deploy under way" in dry.stderr, dry.stdout + dry.stderr
+        assert "Would remove" not in dry.stdout and old.exists()
+    finally:
+        held.release()
+
+
 def test_cleanup_keeps_what_the_hosts_snapshot_retention_days_keeps(
         env: Environment, tmp_path: Path) -> None:
     """Found by review: the host's SNAPSHOT_RETENTION_DAYS=30 was ignored, so `snapshot

@@ -165,3 +165,32 @@ def test_a_plan_that_cannot_be_shown_is_never_confirmed(stack: DrillStack) -> No
     after = world(stack)
     after["journal"] = before["journal"]  # the refused run is journaled, as any decline
     assert after == before
+
+
+def on_terminal(*args: str, answer: bytes) -> subprocess.CompletedProcess[str]:
+    """`runbook ARGS` with a terminal on stdin (a pty) where `answer` is typed ahead."""
+    primary, replica = pty.openpty()
+    try:
+        os.write(primary, answer)
+        return runbook(*args, stdin=replica)
+    finally:
+        os.close(primary)
+        os.close(replica)
+
+
+def test_unlock_on_a_terminal_shows_the_holder_and_asks(stack: DrillStack) -> None:
+    """Found by review: `runbook unlock` removed the lock at once on a terminal, with no word
+    of whose it was, though README says it asks and --yes is "do not ask for confirmation".
+    It shows the holder and what removing it means, and asks; "n" changes nothing (exit 2,
+    as every declined prompt), "y" removes it."""
+    source = str(stack.env.source)
+    leave_crashed_lock(stack)
+    before = world(stack)
+    declined = on_terminal("unlock", source, answer=b"n\n")
+    assert declined.returncode == 2 and "not confirmed" in declined.stderr, declined.stderr
+    shown = declined.stdout + declined.stderr
+    assert "a run that crashed" in shown and "Remove it?" in shown, shown
+    assert world(stack) == before  # the lock is still there, nothing journaled
+    done = on_terminal("unlock", source, answer=b"y\n")
+    assert done.returncode == 0, done.stderr
+    assert "removed" in done.stdout and not stack.env.lock_path.exists(), done.stdout
