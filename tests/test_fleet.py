@@ -870,6 +870,13 @@ def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
                           env={**os.environ, "PYTHONFAULTHANDLER": "1"},
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(r"Proceed\? \[y/N\]")
+    # the prompt shows what the dry run shows (found by review: only batches and the lock
+    # host): each host's own rollback, from what to what, and the database's judgement
+    shown = child.before or ""
+    for host in fleet_on_v3.hosts:
+        assert f"{host.name}: ready: " in shown and f"to {VERSIONS['v2'].tag}" in shown, shown
+    assert "database (once, on " in shown and "schema guard" in shown, shown
+    assert "Dry run" not in shown, shown
     child.sendintr()
     if child.expect([pexpect.EOF, pexpect.TIMEOUT]) == 1:  # hung: show where (faulthandler)
         child.kill(signal.SIGABRT)

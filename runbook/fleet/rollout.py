@@ -524,6 +524,21 @@ def database_phase(checks: dict[str, dict[str, Any]], db_host: str) -> dict[str,
             "fix": dry.get("fix")}
 
 
+def _ready_lines(plan_lines: list[str], checks: dict[str, dict[str, Any]], targets: list[str],
+                 database: dict[str, Any], rolling: bool) -> list[str]:
+    """The plan after pre-flight, as the dry run prints it and the prompt shows it (found by
+    review: the prompt showed the batches alone): each host's own rollback, from what to
+    what, and, for a rolling rollback, the database's judgement."""
+    lines = plan_lines + [f"{h}: ready: {checks[h]['dry_run']['summary']}"
+                          if checks[h].get("dry_run", {}).get("ok") else
+                          f"{h}: ready once the database is restored" for h in targets]
+    if rolling:
+        lines.append(f"database (once, on {database['host']}): "
+                     f"{database.get('database schema')}, schema guard "
+                     f"{database.get('schema guard')}")
+    return lines
+
+
 def _needs_restore(checks: dict[str, dict[str, Any]]) -> str | None:
     for data in checks.values():
         err = str(data.get("dry_run", {}).get("error", ""))
@@ -1227,19 +1242,11 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              exit_code=ExitCode.PRECONDITION)
         if maintenance is not None:
             plan_lines += _maintenance_lines(maintenance, len(targets))
+        shown = _ready_lines(plan_lines, checks, targets, database, maintenance is None)
         if options.dry_run:
-            lines = plan_lines + [f"{h}: ready: {checks[h]['dry_run']['summary']}"
-                                  if checks[h].get("dry_run", {}).get("ok") else
-                                  f"{h}: ready once the database is restored"
-                                  for h in targets]
-            if maintenance is None:
-                lines.append(f"database (once, on {database['host']}): "
-                             f"{database.get('database schema')}, schema guard "
-                             f"{database.get('schema guard')}")
-            lines.append("Dry run: nothing was changed.")
-            return FleetResult(fleet_run_id, 0, lines)
+            return FleetResult(fleet_run_id, 0, [*shown, "Dry run: nothing was changed."])
         _journal_or_refuse(journal)  # pre-flight decided (and the database judged)
-        if confirm is not None and not confirm("\n".join(plan_lines)):
+        if confirm is not None and not confirm("\n".join(shown)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
                              "run again and answer y, or pass --yes", exit_code=ExitCode.USAGE)
 
