@@ -10,7 +10,9 @@ A mutating run is a list of steps in four phases:
 `--dry-run` renders the steps with every resolved value; execution runs the very same steps in
 order, journaling each. There is exactly one undo mechanism: a prepare or commit step registers
 what undoes it (`ctx.on_failure`). Before the commit, any failure or signal runs the undos in
-reverse and leaves traffic where it was. After the commit nothing is ever undone: a failure or
+reverse and leaves traffic where it was, but a signal once a step did what only the commit
+ends the outage of (a restored database, `ctx.until_commit`): undone, the service stays down,
+so the run carries on to the commit. After the commit nothing is ever undone: a failure or
 signal in finish stops, says the change TOOK EFFECT and what is left (exit 6), and the next run
 of the same command finishes it from the intent record (runbook/intent.py).
 """
@@ -93,6 +95,9 @@ class StepContext:
     heartbeat: Callable[[], None] = lambda: None  # long waits call it: the lock stays fresh
     commit: Callable[[], None] = lambda: None  # the commit step calls it once verified
     signalled: Callable[[], int | None] = lambda: None  # a signal held since the step began
+    # the step did what only the commit ends the outage of (a restored database, the app
+    # slots stopped): from here a signal is held until the commit (`_Execution.carry_on`)
+    until_commit: Callable[[str], None] = lambda why: None
     # a few words beside "ok" when the title is not the whole truth ("left running")
     result: str | None = None
 
@@ -219,7 +224,8 @@ class Signals:
 
     Inside `interruptible()` (undoable waits such as the health gate) a signal raises
     Interrupted at once; anywhere else (the switch, undos, finishing, journal writes) it is
-    only recorded, and the executor acts on it at the next step boundary.
+    only recorded, and the executor acts on it at the next step boundary; from a point of
+    no return until the commit (`going_on`), at the first boundary after the commit.
     """
 
     def __init__(self) -> None:
@@ -231,6 +237,10 @@ class Signals:
         # silence, for as long as it ran, and a second Ctrl-C too)
         self.holding: str | None = None
         self.tell: Callable[[str], None] | None = None
+        # what a signal is told instead while the run carries on to its commit point (a
+        # restored database: stopping before it leaves the service down), and whether it was
+        self.going_on: str | None = None
+        self.told_going_on = False
 
     @property
     def name(self) -> str:
@@ -242,7 +252,11 @@ class Signals:
         if self._armed:
             self._armed = False
             raise Interrupted(signum)
-        if self.holding is not None and self.tell is not None:
+        if self.going_on is not None and self.tell is not None:
+            with contextlib.suppress(Exception):  # a closed terminal never stops the run
+                self.tell(f"{signal.Signals(signum).name} received after {self.going_on}")
+                self.told_going_on = True
+        elif self.holding is not None and self.tell is not None:
             with contextlib.suppress(Exception):  # a closed terminal never stops the run
                 self.tell(f"{signal.Signals(signum).name} received while \"{self.holding}\" "
                           "runs: it cannot be stopped half-way, so the run stops when it ends "
@@ -304,6 +318,10 @@ class _Execution:
     undos: list[tuple[str, Callable[[], Stays | Aside | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     committed: bool = False
+    # why the run no longer stops for a signal before the commit (StepContext.until_commit):
+    # the undo cannot end an outage this run made, going on to the commit point does
+    carry_on: str | None = None
+    carry_logged: bool = False
     intent_written: bool = False
     undo_failed: bool = False
 
@@ -393,10 +411,12 @@ class _Execution:
         ctx.say = lambda message: self._say("note", step, redact(message))  # app text too
         ctx.notice = self.notice
         ctx.commit = self._commit
-        ctx.signalled = lambda: self.signals.received
+        ctx.signalled = lambda: None if self._carrying else self.signals.received
+        ctx.until_commit = lambda why: self._until_commit(why, rest)
         self._say("start", step)
         started = time.monotonic()
-        interruptible = step.phase is Phase.PREPARE and not step.hold_signals
+        interruptible = step.phase is Phase.PREPARE and not step.hold_signals \
+            and not self._carrying
         self.signals.tell = self.notice
         self.signals.holding = None if interruptible else step.title
         try:
@@ -437,9 +457,10 @@ class _Execution:
         before this, still undoes it; from here on nothing is undone."""
         if self.committed:
             return
-        if self.signals.received is not None:
+        if self.signals.received is not None and not self._carrying:
             raise Interrupted(self.signals.received)
         self.committed = True
+        self.signals.going_on = None  # held from here as after any commit (_check_signal)
         self.journal.log("SUCCESS", "commit point reached: traffic moved and was verified",
                          step="commit")
         intent = self.plan.intent
@@ -463,8 +484,36 @@ class _Execution:
                     from None
             raise self._rolled_back(exc) from None
 
+    @property
+    def _carrying(self) -> bool:
+        return self.carry_on is not None and not self.committed
+
+    def _until_commit(self, why: str, rest: list[Step]) -> None:
+        """From here until the commit point (or the plan's end, when it has none: a
+        standalone restore's last step starts the app again) a signal no longer stops the
+        run: what it did cannot be undone and leaves the service down until then, so
+        stopping would turn a maintenance window into an open-ended outage. After the
+        commit, a signal stops the run at the next step boundary as usual (exit 6)."""
+        if self.carry_on is not None:
+            return
+        self.carry_on = why
+        until = ("until traffic has moved (the commit point), then stops"
+                 if any(s.phase is Phase.COMMIT for s in rest) else "to its end")
+        self.signals.going_on = (f"{why}: stopping now would leave the service down, so the "
+                                 f"run carries on {until}")
+
     def _check_signal(self, rest: list[Step]) -> None:
         if self.signals.received is None:
+            return
+        if self._carrying:  # said once, at once (the handler says it of a later signal)
+            if not self.signals.told_going_on and self.signals.going_on is not None:
+                self.signals.told_going_on = True
+                with contextlib.suppress(Exception):  # a closed terminal never stops it
+                    self.notice(f"{self.signals.name} received after {self.signals.going_on}")
+            if not self.carry_logged:
+                self.carry_logged = True
+                self.journal.log("WARN", f"{self.signals.name} received after "
+                                 f"{self.signals.going_on}", step="signal")
             return
         exc = Interrupted(self.signals.received)
         if self.committed:

@@ -34,7 +34,8 @@ from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
 from runbook.snapshots.verify import check_server, verify
 from runbook.times import format_utc as _fmt
 
-__all__ = ["kept_for_killed_restore", "prepare", "restore", "restore_steps", "start_step"]
+__all__ = ["kept_for_killed_restore", "prepare", "restore", "restore_steps", "restored_by",
+           "start_step"]
 
 
 def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
@@ -48,7 +49,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
                   facts: dict[str, Any] | None = None,
                   run_id: str | None = None, standalone: bool = False,
-                  end_sessions: bool = False) -> list[Step]:
+                  end_sessions: bool = False, switch_to: Slot | None = None) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -65,6 +66,8 @@ def restore_steps(env: Environment, run: RestoreRun,
     (what a failure after the restore tells on-call to run differs). `end_sessions`: other
     sessions on the database found before the safety snapshot are ended, not refused
     (snapshots/sessions.py: the app slots are not the only writers a host has).
+    `switch_to`: the slot the caller starts and switches to after the restore, named in the
+    fix when the run stops once the database is restored.
     """
     from runbook import docker, health
 
@@ -203,6 +206,9 @@ def restore_steps(env: Environment, run: RestoreRun,
         except RunbookError as exc:
             raise after_failed_replay(env, run, exc, safety) from None
         run.restored = facts["restored"] = True
+        # undone, the app slots stay stopped on the restored data: a signal from here is held
+        # until the code that fits it serves (the commit, or a standalone restore's end)
+        ctx.until_commit("the database was restored")
         if committed_anyway:
             ctx.notice(committed_anyway)
             ctx.note(exec_failed_but_committed=committed_anyway)
@@ -214,8 +220,9 @@ def restore_steps(env: Environment, run: RestoreRun,
                     f"{env.name}`), or, if their code needs another schema, `runbook rollback "
                     f"{env.name}` or `runbook deploy {env.name} --version <known-good>`")
         else:
-            then = (f"fix the cause and run `runbook switch {env.name} --slot <target slot>` "
-                    f"or `runbook deploy {env.name} --version <known-good>`")
+            then = (f"fix the cause and run `runbook switch {env.name} --slot "
+                    f"{switch_to or '<target slot>'}` or `runbook deploy {env.name} --version "
+                    "<known-good>`")
         ctx.cannot_undo(
             f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
             "service is down", f"{then}; {before_restore()}")
@@ -348,7 +355,8 @@ UNKNOWN = "unknown"
 def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | None:
     """The environment's last run before `run_id`, when it was killed (its record still
     says "running": a run that ends, however it ends, says how) once its restore had begun,
-    after its safety snapshot: {run_id, started_at, safety}. `safety` holds the data from
+    after its safety snapshot, or ended failed once its restore had replaced the database
+    (`_left_restored`): {run_id, started_at, safety}. `safety` holds the data from
     before that restore (carried on from an earlier killed run of the same kind); runs that
     changed no data and let the app serve nothing, ended or not, are looked past. None when
     there is none or the records cannot tell: nothing here changes what runs, only what the
@@ -367,7 +375,7 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
             and restore_detail.get("restore_outcome") == UNKNOWN
         # a run that ends says how; one whose restore's outcome is unknown is as good as killed
         killed = data.get("outcome") == "running" or unknown
-        if killed and "restore-database" in steps and isinstance(path, str):
+        if _left_restored(data, steps) and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
                     "started_at": str(data.get("started_at"))}
         # Since this run, the app may have served (and written), or the data changed: the
@@ -414,11 +422,9 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
         restore = steps.get("restore-database")
         if restore is None:
             continue
-        detail = restore.get("detail")
-        unknown = isinstance(detail, dict) and detail.get("restore_outcome") == UNKNOWN
-        if restore.get("status") == "ok" and data.get("outcome") != "running" and not unknown:
-            break  # a restore that finished: from here on, ordinary retention
-        if data.get("outcome") != "running" and not unknown:
+        if not _left_restored(data, steps):
+            if restore.get("status") == "ok":
+                break  # a restore that finished: from here on, ordinary retention
             continue  # it failed and was rolled back: its safety snapshot is a copy
         safety = (steps.get("safety-snapshot") or {}).get("detail")
         safety = safety if isinstance(safety, dict) else {}
@@ -467,6 +473,47 @@ def _all_records(env: Environment) -> list[dict[str, Any]]:
         if journal.is_record(data, env):
             records.append(data)
     return records
+
+
+def _left_restored(data: dict[str, Any], steps: dict[Any, Any]) -> bool:
+    """Whether a run record's run left the database as its restore left it (or may have),
+    the data from before in its safety snapshot, for a rerun to finish: killed once its
+    restore began (the record still says "running"), its COMMIT's outcome unknown, or ended
+    failed after the restore replaced the database (a gate or a switch that failed then:
+    the undo never starts the app on the restored data; found by review, such a run was
+    taken for one that finished, and its safety snapshot went unnamed)."""
+    restore = steps.get("restore-database")
+    if not isinstance(restore, dict):
+        return False
+    detail = restore.get("detail")
+    if isinstance(detail, dict) and detail.get("restore_outcome") == UNKNOWN:
+        return True
+    outcome = data.get("outcome")
+    return outcome == "running" or (outcome == "failed" and restore.get("status") == "ok")
+
+
+def restored_by(env: Environment, run_id: str) -> tuple[str, bool] | None:
+    """The safety snapshot holding the data from before the restore the run `run_id` began
+    (carried on from a killed earlier one), and whether that restore ended replacing the
+    database; None when the run began none or its record cannot tell. What `runbook
+    status` names beside the run's unfinished record: with the terminal gone (a dropped
+    ssh session), the only pointer to that data."""
+    from runbook import journal
+
+    for data in journal.past_records(env):
+        if data.get("run_id") != run_id:
+            continue
+        listed = data.get("steps")
+        steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
+                 if isinstance(s, dict) and s.get("status") != "planned"}
+        restore = steps.get("restore-database")
+        detail = (steps.get("safety-snapshot") or {}).get("detail")
+        detail = detail if isinstance(detail, dict) else {}
+        path = detail.get(EARLIER) or detail.get("safety_snapshot")
+        if restore is None or not isinstance(path, str) or not path:
+            return None
+        return path, restore.get("status") == "ok"
+    return None
 
 
 # steps after which the app may have served, or the data changed (any verb's)

@@ -414,9 +414,16 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     first = ("once the migration under way has ended, " if f.migrating is not None
              else "once the database schema is repaired (see its problem), "
              if f.schema is not None and f.schema.dirty else "")
+    from runbook.snapshot_restore import restored_by
+
+    # the data from before its restore: with the terminal gone, only this names it
+    restored = restored_by(f.env, pending.run_id)
+    before = "" if restored is None else (
+        f"; it {'restored' if restored[1] else 'began restoring'} the database first (the "
+        f"data from before that restore is in {restored[0]}, its safety snapshot: keep it)")
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   + (f"it took effect: traffic is on {pending.to_slot}" if took
-                     else f"traffic did not move ({f.active or 'unknown'} serves)"),
+                     else f"traffic did not move ({f.active or 'unknown'} serves)") + before,
                   f"{first}`{command}` " + (("finishes it (records the state)"
                                              if pending.action == "switch" else
                                              "finishes it (records the state, stops the old "

@@ -1423,7 +1423,40 @@ def test_a_standalone_restore_stopped_after_its_restore_names_a_fix_that_works(
     """Found by review: `runbook snapshot restore` stopped once the database was restored
     told on-call to `runbook switch --slot <target slot>`, which a standalone restore has
     none of (and a switch to the slot Caddy serves is refused): it names the containers to
-    start again."""
+    start again. A signal there no longer stops it (it goes on to start them); a failure
+    there still does: here its deploy lock, removed while it ran."""
+    import shutil
+
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    snap = snapshots.create(env, "manual")
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "after:restore-database:SIGSTOP"})
+    wait_stopped(proc.pid)
+    shutil.rmtree(env.lock_path)  # e.g. a `runbook unlock --force` meanwhile
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    said = out + err
+    assert proc.returncode == int(ExitCode.ATTENTION), said
+    blue = env.slot(Slot.BLUE).container
+    assert "the database WAS restored" in said and f"docker start {blue}" in said, said
+    assert "--slot <target slot>" not in said, said
+    assert not docker.inspect(blue).running  # what the message says to start
+    subprocess.run(["docker", "start", blue], check=True, capture_output=True)  # as it says
+    health.wait_healthy(env, Slot.BLUE)
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_a_signal_once_a_standalone_restore_has_restored_starts_the_app_again(
+        stack: DrillStack) -> None:
+    """The standalone counterpart of the rollback's: `runbook snapshot restore` interrupted
+    once the database was restored stopped with the app slots stopped (exit 5), the service
+    down, where its next step starts them again. It says why and goes on to its end."""
     from runbook import snapshots
 
     env = arrange(stack)  # v3 serving from blue
@@ -1435,14 +1468,11 @@ def test_a_standalone_restore_stopped_after_its_restore_names_a_fix_that_works(
                           text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
                           env=environ | {faults.VARIABLE: "before:verify-restore:SIGINT"})
     said = done.stdout + done.stderr
-    assert done.returncode != 0, said
-    blue = env.slot(Slot.BLUE).container
-    assert "the database WAS restored" in said and f"docker start {blue}" in said, said
-    assert "--slot <target slot>" not in said, said
-    assert not docker.inspect(blue).running  # what the message says to start
-    subprocess.run(["docker", "start", blue], check=True, capture_output=True)  # as it says
-    health.wait_healthy(env, Slot.BLUE)
+    assert done.returncode == 0, said
+    assert "SIGINT received after the database was restored" in said, said
+    assert docker.inspect(env.slot(Slot.BLUE).container).running
     assert through_proxy(env) == ("blue", V3.tag)
+    assert intents.read(env) is None
 
 
 def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safety_snapshot(
@@ -1656,13 +1686,106 @@ def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_re
     assert _database(stack)[0] == (1,)
 
 
+def _safety_snapshots(env: Environment) -> list[Path]:
+    """The restores' safety snapshots, oldest first (names within a second get "-2")."""
+    return sorted(env.database.snapshot_dir.glob("*pre-restore*.sql.gz"),
+                  key=lambda p: p.stat().st_mtime_ns)
+
+
+@pytest.mark.parametrize("signame", ["SIGHUP", "SIGTERM"])
+def test_a_signal_once_the_database_is_restored_carries_the_rollback_to_its_commit(
+        stack: DrillStack, signame: str) -> None:
+    """Found by review: a handled signal (a dropped ssh session's SIGHUP, a SIGTERM) once
+    `rollback --restore-snapshot` had restored the database stopped the run there: the undo
+    cannot start the slots on the restored data, so both stayed stopped and the proxy
+    answered 502 (exit 5) where going on would have ended the outage; status then said only
+    "traffic did not move", and the rerun restored again and never named the first safety
+    snapshot. The run says at once why it goes on, and goes on to the commit point: v1
+    serves, exit 6 with the intent committed, and the next plain run finishes the rest."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) VALUES ('written-after-the-snapshot')")
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault=f"after:restore-database:{signame}")
+    assert first.returncode == int(ExitCode.TOOK_EFFECT), first.stderr
+    assert f"{signame} received after the database was restored" in first.stderr
+    assert "TOOK EFFECT" in first.stderr, first.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert _database(stack)[0] == (1,)
+    pending = intents.read(env)
+    assert pending is not None and pending.phase is intents.Phase.COMMITTED
+    [safety] = _safety_snapshots(env)  # the data from before the restore
+    assert b"written-after-the-snapshot" in gzip.decompress(safety.read_bytes())
+    status = cli(env, "status")
+    said = status.stdout + status.stderr
+    assert "it took effect: traffic is on blue" in said, said
+    assert "restored the database first" in said and str(safety) in said, said
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert intents.read(env) is None
+    assert _safety_snapshots(env) == [safety]  # never restored a second time
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running  # the finish's stop
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == VERSIONS["v1"].tag
+
+
+def test_a_gate_failing_after_the_restore_leaves_the_first_safety_snapshot_named(
+        stack: DrillStack) -> None:
+    """A rollback whose restore ran, then whose target failed its gate, ends as before:
+    exit 5, the database WAS restored, nothing serves. Found by review: such an ended run
+    was taken for one whose restore finished, unlike a killed one: status never named its
+    safety snapshot (the data from before the restore), the rerun's plan did not either,
+    and the cleanup kept it no longer than any other."""
+    from runbook import rollback, snapshot_restore
+
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    # the previous deployment's build turns out broken (its container was pruned)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None
+    broken = st.previous.with_(version=VERSIONS["unhealthy"].tag,
+                               image=VERSIONS["unhealthy"].image, migration_version=1)
+    states.write_state(env.state_file, st.with_(previous=broken))
+    docker.remove(env.slot(Slot.BLUE).container)
+    if stack.has("docker-run"):  # the host's script made it; the rollback starts it
+        stack.docker_run(Slot.BLUE, VERSIONS["unhealthy"].image)
+        docker.stop(env.slot(Slot.BLUE).container)
+    fast = env.with_(health=dataclasses.replace(env.health, timeout=5.0))
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(fast, rollback.Options(restore_snapshot="auto"))
+    assert err.value.exit_code == ExitCode.ATTENTION, err.value
+    assert "did not become healthy" in str(err.value), err.value
+    assert "the database WAS restored" in str(err.value), err.value
+    assert f"--slot {Slot.BLUE}`" in (err.value.fix or ""), err.value.fix  # not a placeholder
+    assert _database(stack)[0] == (1,)
+    assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+    [safety] = _safety_snapshots(env)
+    status = cli(env, "status")
+    said = status.stdout + status.stderr
+    assert "restored the database first" in said and str(safety) in said, said
+    looked = cli(env, "rollback", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    warnings = json.loads(looked.stdout)["plan"]["warnings"]
+    assert any("restored the database before it stopped" in w and str(safety) in w
+               for w in warnings), warnings
+    looked = cli(env, "rollback", "--restore-snapshot", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    [step] = [s for s in json.loads(looked.stdout)["plan"]["steps"]
+              if s["name"] == "safety-snapshot"]
+    assert str(safety) in step["details"].get("the data from before", ""), step
+    assert safety.name in snapshot_restore.kept_for_killed_restore(env)
+
+
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
         stack: DrillStack) -> None:
     """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`
     too, which died mid-stream (the step's "acted on once the transaction has ended" broken,
     and a COMMIT already sent could land while the run said the restore failed). The replay
-    runs in a session of its own: the restore ends whole, then the run stops (exit 5: the
-    database WAS restored, the app slots are stopped)."""
+    runs in a session of its own: the restore ends whole; then, the database restored, the
+    run carries on to its commit point (stopped there, the service stays down) and stops
+    after it (exit 6: it took effect, its finish is left)."""
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
     env = stack.env
     assert env.source is not None
@@ -1676,8 +1799,9 @@ def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
     os.kill(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 5, err
-    assert "WAS restored" in err, err
+    assert proc.returncode == int(ExitCode.TOOK_EFFECT), err
+    assert "SIGINT received after the database was restored" in err, err
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     with stack.connect() as conn:
         row = conn.execute("SELECT version FROM schema_migrations").fetchone()
     assert row is not None and int(row[0]) == 1  # the whole snapshot, committed
