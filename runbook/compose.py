@@ -69,9 +69,10 @@ def _missing(env: Environment, slot: Slot) -> list[str]:
     return missing
 
 
-def can_recreate(env: Environment) -> bool:
-    """Whether compose can recreate both slots here (so `runbook deploy` can work)."""
-    return not any(_missing(env, slot) for slot in Slot)
+def can_recreate(env: Environment, slot: Slot | None = None) -> bool:
+    """Whether compose can recreate `slot` here (default: both slots, so `runbook deploy`
+    can work)."""
+    return not any(_missing(env, s) for s in ((slot,) if slot is not None else Slot))
 
 
 def deploy_hint(env: Environment, version: str = "<version>") -> str:

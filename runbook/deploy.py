@@ -142,6 +142,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     slots.refuse_if_migrating(env, target, standby)
     _refuse_if_dirty(env, version, found[0] if found is not None else None)
     traffic.refuse_recreate_if_pinned(env, target)  # another site's upstream: it serves
+    # what compose creates the container from (its file's `image:`): what is checked, shown
+    # and recorded from here on
+    image, named = slots.created_image(env, target, version, image,
+                                       slots.claim_of(env, version))
+    if named:
+        warnings.append(f"the new container runs {image}{named}")
     planned = caddy.plan_switch(env, target)
     checks = preflight.start(env, candidate=planned.new_text,
                              recreate=True, migrate_image=image,
@@ -233,7 +239,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         slots.refuse_recreate(env, target)
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
         ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
-        slots.recreate(env, target, version, checked=True)
+        slots.recreate(env, target, version, checked=True, image=image)
 
     def run_migrate(ctx: StepContext) -> None:
         before = baseline()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook import caddy, database, docker
-from runbook.environment import Environment, ReloadMethod
+from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.environment.schema import SUDO_VALUED
 from runbook.errors import PreconditionError, RunbookError
 from runbook.probes import Probe as Probe  # re-exported: the plans start probes from here
@@ -327,14 +327,15 @@ def compose_path(env: Environment, tag: str | None = None) -> str:
                                    else ""))
 
 
-def compose_config(env: Environment, tag: str | None = None) -> None:
+def compose_config(env: Environment, tag: str | None = None) -> dict[str, Any]:
     """Have compose read the very project the recreate will use (`-p`, `-f`, `--env-file`,
     IMAGE_TAG): `up --help` proved only the program. Why: a missing or unreadable [compose]
     env_file passed pre-flight, and the real deploy took its snapshot, then failed at the
     recreate (exit 1, a snapshot left). Also: each slot's service is in the file and, when it
     names a container_name, names that slot's container (compose recreates by service: a
     swapped or misspelt one recreated another container, or failed mid-run). The output
-    (which holds the env file's secrets) is never shown; the error line is redacted."""
+    (which holds the env file's secrets) is never shown; the error line is redacted.
+    Returns the project's services as compose resolved them (`compose_image` reads one)."""
     from runbook import compose
     from runbook.journal import redact
 
@@ -385,6 +386,17 @@ def compose_config(env: Environment, tag: str | None = None) -> None:
                 "slot would replace another container; nothing was changed",
                 f"set [slots.{slot}] service to the compose service whose container_name is "
                 f"{config.container} (or [slots.{slot}] container to {name!r})")
+    return services
+
+
+def compose_image(env: Environment, slot: Slot, tag: str) -> str | None:
+    """The image compose creates `slot`'s container from: its service's `image:` with the
+    IMAGE_TAG the recreate sets, as `config` resolves it (None: the service names none).
+    Raises as `compose_config` does (exit 4)."""
+    service = env.slot(slot).service
+    found = compose_config(env, tag).get(service or "")
+    image = found.get("image") if isinstance(found, dict) else None
+    return image if isinstance(image, str) and image else None
 
 
 def image_path(image: str) -> list[str]:

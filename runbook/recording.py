@@ -141,7 +141,8 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     if fresh.current is not None and fresh.previous is not None \
             and fresh.previous.version == version:
         new = states.after_rollback(fresh, slot=target, health_status=health_status,
-                                    run_id=run_id)
+                                    run_id=run_id,
+                                    image=_runs_instead(env, fresh.previous, intent))
     elif fresh.current is not None and fresh.current.version == version:
         new = fresh.with_(current=fresh.current.with_(active_slot=target))
     else:
@@ -189,11 +190,21 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
                              f"longer in {env.state_file} (another tool rewrote it)")
         return
     new = states.after_rollback(fresh, target, slot=slot,
-                                health_status=observed.health_status or None, run_id=run_id)
+                                health_status=observed.health_status or None, run_id=run_id,
+                                image=_runs_instead(env, target, intent))
     states.write_state(env.state_file, new,
                        before_rename=lambda: ctx.fault("state.before-rename"))
     ctx.note(current=f"{intent.to_version} on {slot} (active)",
              previous=f"{intent.from_version} (rolled_back)")
+
+
+def _runs_instead(env: Environment, target: states.Deployment,
+                  intent: intents.Intent) -> str | None:
+    """The image the run's target container runs when its record names it otherwise (the
+    same build under another name: slots.prepare), recorded over it so the file says what
+    runs; None: the record is kept as it is."""
+    claimed = slots.image_of(env, target.version, target.image or None)
+    return intent.to_image if intent.to_image and intent.to_image != claimed else None
 
 
 BY_ACTION: dict[str, Record] = {"deploy": deploy, "switch": switch, "rollback": rollback}

@@ -134,13 +134,26 @@ def front_port(env: Environment) -> int | None:
 
 
 def recreate(env: Environment, slot: Slot, tag: str,
-             command: compose.Command | None = None, *, checked: bool = False) -> None:
+             command: compose.Command | None = None, *, checked: bool = False,
+             image: str | None = None) -> None:
     """Recreate a slot's container through compose, after `refuse_recreate` (`checked`: the
     caller has just made it). `command` is the one the plan showed (built here when not
-    given)."""
+    given). `image`: the one the plan showed; the created container must run it (its
+    .Config.Image), else this fails before traffic moves and the step's undo stops it (the
+    compose file or its env file changed since the plan)."""
     if not checked:
         refuse_recreate(env, slot)
     compose.run(command or compose.recreate_slot(env, slot, tag))
+    if image is None:
+        return
+    container = env.slot(slot).container
+    made = docker.inspect(container).image
+    if made != image:
+        raise compose.ComposeError(
+            f"compose created {container} from {made or 'no image'}, not {image} as the plan "
+            "showed: its file or env file changed since the plan",
+            f"check the `image:` of service {env.slot(slot).service} in {env.compose.file} "
+            "(and IMAGE_TAG), then run the command again to see the plan as it is now")
 
 
 def refuse_recreate(env: Environment, slot: Slot) -> None:
@@ -316,18 +329,74 @@ class Observed:
 
 
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
+    """The image a deployment of `version` claims: as recorded (`image`, the state file's
+    docker_image), else `[compose] image_repository:<version>`. A claim: what runs is a
+    container's .Config.Image, and what a recreate runs is compose's (`created_image`)."""
     return image or f"{env.compose.image_repository}:{version}"
 
 
+def claim_of(env: Environment, version: str, image: str | None = None) -> str:
+    """Where `image_of`'s answer comes from, as a refusal names it."""
+    return (f"the image recorded for {version} in {env.state_file}" if image
+            else f"[compose] image_repository in {env.source or 'the environment file'}")
+
+
+def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
+                  claimed_by: str) -> tuple[str, str]:
+    """The image a recreate of `slot` runs, and what the plan says when `wanted` named it
+    otherwise ('' when it did not).
+
+    Compose creates the container from its own file's `image:` (with IMAGE_TAG=`tag`), never
+    from the state file's docker_image nor [compose] image_repository: the file is what runs,
+    those are claims (`claimed_by` names which). So compose's image is the one shown and
+    checked, as long as it is the build the run means to run: another name for `wanted`'s
+    build is said, not refused (a retag, the Go CLI's record); another build, or one that
+    cannot be told (either image absent, no `image:`), is refused here, at plan time (exit 4,
+    nothing changed). A host with no compose for the slot (`docker run`) creates nothing
+    through it: `wanted` (compose.check_recreate refuses the recreate)."""
+    if not compose.can_recreate(env, slot):
+        return wanted, ""
+    made = preflight.compose_image(env, slot, tag)
+    if made == wanted:
+        return wanted, ""
+    build = docker.image_id(made) if made else None
+    meant = docker.image_id(wanted)
+    if build is not None and build == meant:
+        return made or wanted, f"; {claimed_by} names it {wanted}, the same build"
+    config = env.slot(slot)
+    why = ("the service names no image" if not made
+           else f"{made} is not on this host" if build is None
+           else f"{wanted} is not on this host, so whether they are one build cannot be told"
+           if meant is None else "they are different builds")
+    raise PreconditionError(
+        f"compose would create slot {slot}'s container {config.container} from "
+        f"{made or '(no image)'} (service {config.service} of {env.compose.file}, "
+        f"IMAGE_TAG={tag}), but {claimed_by} names {wanted}: {why}; nothing was changed",
+        f"make them name the same build: the service's `image:` (e.g. "
+        f"`{wanted.rsplit(':', 1)[0]}:${{IMAGE_TAG}}`) or {claimed_by}; then run again")
+
+
 def prepare(env: Environment, slot: Slot, version: str, image: str | None = None,
-            *, recovery: str = "", info: ContainerInfo | None = None) -> Preparation:
+            *, recovery: str = "", info: ContainerInfo | None = None,
+            claimed_by: str | None = None) -> Preparation:
     """Inspect the slot's container (the running truth) and decide; never changes anything.
-    `info`: the container as the caller has just inspected it (not asked twice)."""
+    `info`: the container as the caller has just inspected it (not asked twice).
+
+    `image` (default `image_of`) is what the run means to run, a claim (`claimed_by` says
+    whose; default `claim_of`): the container holding that build under another name is
+    started as it is (its name is what runs, so it is what the plan shows and the run
+    records), and a recreate runs compose's image (`created_image`)."""
+    claimed_by = claimed_by or claim_of(env, version, image)
     image = image_of(env, version, image)
     if info is None:
         info = docker.inspect(env.slot(slot).container)
+    named = ""
+    if info.exists and info.image and info.image != image and info.image_id is not None \
+            and docker.image_id(image) == info.image_id:
+        named = f"; {claimed_by} names it {image}, the same build"
+        image = info.image
     if info.exists and info.image == image:
-        kept = image + _tag_moved(info, image, version)
+        kept = image + _tag_moved(info, image, version) + named
         if info.running:
             return Preparation(slot, info, image, version, "none", f"already running {kept}")
         if info.status in ("exited", "created"):
@@ -360,8 +429,9 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     traffic.refuse_recreate_if_pinned(env, slot)  # another site's upstream: it serves
+    image, named = created_image(env, slot, version, image, claimed_by)
     return Preparation(slot, info, image, version, "recreate",
-                       f"recreate through compose with {image} ({why})")
+                       f"recreate through compose with {image} ({why}{named})")
 
 
 def _tag_moved(info: ContainerInfo, image: str, version: str) -> str:
@@ -405,7 +475,8 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
             refuse_recreate(env, prep.slot)  # refused: nothing to undo
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
                            lambda: stop_if_started(env, prep.slot, observed))
-            recreate(env, prep.slot, prep.tag, recreate_command, checked=True)
+            recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
+                     image=prep.image)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")

@@ -84,7 +84,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "can record (a 7-hex short commit); switching would move traffic and then fail to "
             "record it; nothing was changed",
             f"deploy a version to it: {compose.deploy_hint(env)}")
-    prep = slots.prepare(env, target, info.tag, info.image)
+    prep = slots.prepare(env, target, info.tag, info.image,
+                         claimed_by=f"{config.container} (its image)")
     observed = slots.Observed()
     version = info.tag
     intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,

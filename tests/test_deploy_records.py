@@ -1,7 +1,7 @@
 """What a deployment records is its own: image repository, commit, pre-deploy snapshot.
 
 - `[compose] image_repository` is honoured for targets read from a state file (which record
-  no image of their own);
+  no image of their own), as the build the image compose makes must be;
 - a deploy records the commit of what it deployed: /health's, else the image's
   org.opencontainers.image.revision label, else "unknown" (git's null commit), never the
   current deployment's;
@@ -99,6 +99,10 @@ def test_a_deploy_records_its_own_commit_and_snapshots_before_the_new_slot_start
 
 def test_image_repository_is_honoured_for_targets_from_the_state_file(
         stack: DrillStack, tmp_path: Path) -> None:
+    """A target that records no image is `[compose] image_repository:<version>`: the build the
+    run means. Compose creates the container from its own file's `image:` (the plan showed the
+    configured name, compose ran the other: found by review), so the plan shows compose's,
+    checked to be the build the configured name gives, and refuses another (exit 4)."""
     env = stack.env.with_(compose=replace(stack.env.compose, image_repository="togather-custom"))
     custom = f"togather-custom:{V2.tag}"
     subprocess.run(["docker", "tag", V2.image, custom], check=True, capture_output=True)
@@ -117,7 +121,17 @@ def test_image_repository_is_honoured_for_targets_from_the_state_file(
             stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
             env={k: v for k, v in os.environ.items() if k != "RUNBOOK_CONFIG"})
         assert proc.returncode == 0, proc.stderr
-        assert custom in proc.stdout and V2.image not in proc.stdout, proc.stdout
+        start = next(step for step in json.loads(proc.stdout)["plan"]["steps"]
+                     if step["name"] == "start-slot")
+        assert start["title"] == f"Recreate the green container with {V2.image}", start
+        assert f"names it {custom}, the same build" in start["details"]["decision"], start
+        subprocess.run(["docker", "tag", V3.image, custom], check=True, capture_output=True)
+        proc = subprocess.run(proc.args, capture_output=True, text=True, timeout=120,
+                              check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+                              env={k: v for k, v in os.environ.items()
+                                   if k != "RUNBOOK_CONFIG"})
+        assert proc.returncode == 4, (proc.stdout, proc.stderr)
+        assert custom in proc.stderr and "different builds" in proc.stderr, proc.stderr
     finally:
         subprocess.run(["docker", "rmi", custom], capture_output=True, check=False)
 

@@ -962,6 +962,169 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
         assert f"runbook deploy {env.name} --version" in str(err.value), err.value
 
 
+def retag(stack: DrillStack, request: pytest.FixtureRequest, image: str, repo: str) -> str:
+    """`image`'s build under another name (`<repo>-<random>:<its tag>`, as `docker tag` or the
+    Go CLI's docker_image give it one), untagged at the test's end."""
+    import secrets
+
+    name = f"{repo}-{secrets.token_hex(3)}:{image.rsplit(':', 1)[1]}"
+    stack.docker("tag", image, name)
+    request.addfinalizer(lambda: stack.docker("image", "rm", name, check=False))
+    return name
+
+
+def compose_naming(env: Environment, tmp_path: Path, image: str) -> Environment:
+    """The environment with a copy of the drill's compose file whose slots' `image:` is
+    `<image's repository>:${IMAGE_TAG}` (a host whose compose file names another repository
+    than [compose] image_repository or the state file's docker_image)."""
+    from runbook.drill.stack import COMPOSE_FILE
+
+    text = COMPOSE_FILE.read_text()
+    assert "image: togather-server:${IMAGE_TAG}" in text
+    copy = tmp_path / "docker-compose.blue-green.yml"
+    copy.write_text(text.replace("image: togather-server:${IMAGE_TAG}",
+                                 f"image: {image.rsplit(':', 1)[0]}:${{IMAGE_TAG}}"))
+    return env.with_(compose=dataclasses.replace(env.compose, file=copy))
+
+
+def step_of(plan: Any, name: str) -> Any:
+    return next(step for step in plan.steps if step.name == name)
+
+
+@pytest.mark.shape_specific
+def test_a_recorded_image_naming_the_stopped_containers_build_starts_it_and_records_what_runs(
+        stack: DrillStack, request: pytest.FixtureRequest) -> None:
+    """The state file's docker_image may name the previous build by another name than the one
+    its container was made from (a retag, the Go CLI's record). The plan wanted that name, so
+    it recreated the stopped container, which already held that build, through compose, which
+    made it from its own file's `image:`: the plan said one image, another ran, the step said
+    ok and `runbook status` then blamed "someone outside the runbook" (found by review). The
+    container is started: what runs (its .Config.Image) is what the plan shows and the state
+    records."""
+    from runbook import status as statusmod
+
+    env = two_deployments(stack)  # v3 serves from blue, v2 stopped on green
+    alt = retag(stack, request, V2.image, "togather-alt")
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=alt)))
+    green = env.slot(Slot.GREEN).container
+    made = container_identity(stack, green).split()[0]
+    dry = rollback.rollback(env, dry_run=True)
+    assert dry.plan.facts["container_action"] == "start", dry.plan.render()
+    assert step_of(dry.plan, "preflight").details["target image"] == V2.image
+    assert alt in step_of(dry.plan, "start-slot").details["decision"]  # the record's name, said
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "start"
+    info = docker.inspect(green)
+    assert info.running and info.image == V2.image
+    assert container_identity(stack, green).split()[0] == made  # started, not recreated
+    assert through_proxy(env) == ("green", V2.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.current.image == V2.image
+    assert not [p for p in statusmod.problems(statusmod.collect(env))
+                if p.check == "image_differs"]
+
+
+@pytest.mark.shape_specific
+def test_a_recreate_runs_the_image_compose_makes_and_refuses_another_build(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Compose creates a slot's container from its own file's `image:` (with the IMAGE_TAG the
+    run sets), whatever the state file's docker_image or [compose] image_repository say: the
+    plan said "Recreate ... with togather-server:<v2>" and compose made it from the name its
+    file gives. The same build under compose's name: the plan shows that name, the container
+    runs it, the state records it. Another build: refused at plan time, exit 4, both named,
+    nothing changed."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose file to read the image from")
+    env = two_deployments(stack)
+    green = env.slot(Slot.GREEN).container
+    other = retag(stack, request, V2.image, "togather-other")
+    moved = compose_naming(env, tmp_path, other)
+    docker.remove(green)
+    dry = rollback.rollback(moved, dry_run=True)
+    assert dry.plan.facts["container_action"] == "recreate"
+    start = step_of(dry.plan, "start-slot")
+    assert start.title == f"Recreate the green container with {other}", start.title
+    assert step_of(dry.plan, "preflight").details["target image"] == other
+    rollback.rollback(moved)
+    assert docker.inspect(green).image == other
+    assert through_proxy(env) == ("green", V2.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.current.image == other
+    # the name compose makes now names another build (v3's): refused before any change
+    env = two_deployments(stack)
+    docker.remove(green)
+    stack.docker("tag", V3.image, other)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(moved, dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert other in err.value.message and V2.image in err.value.message, err.value
+    assert "nothing was changed" in err.value.message and err.value.fix
+    assert snapshot(env) == before
+
+
+@pytest.mark.shape_specific
+def test_a_recreate_that_makes_another_image_than_the_plan_showed_fails_before_traffic_moves(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The compose file edited between the plan and the recreate (by hand, another tool): the
+    container came up from an image the plan never showed and the step said ok. The created
+    container's .Config.Image is checked: a mismatch fails the step before the commit point,
+    and its undo leaves traffic where it was."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: nothing recreates")
+    env = two_deployments(stack)
+    green = env.slot(Slot.GREEN).container
+    other = retag(stack, request, V2.image, "togather-edited")
+    moved = compose_naming(env, tmp_path, V2.image)  # a copy naming togather-server, as now
+    assert moved.compose.file is not None
+    (tmp_path / "edited").mkdir()
+    edited = compose_naming(env, tmp_path / "edited", other).compose.file
+    docker.remove(green)
+
+    def edit(plan: Any) -> bool:  # at the prompt: someone else edits the compose file
+        assert moved.compose.file is not None and edited is not None
+        moved.compose.file.write_bytes(edited.read_bytes())
+        return True
+
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(moved, confirm=edit)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, err.value
+    assert other in str(err.value) and V2.image in str(err.value), err.value
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert not docker.inspect(green).running  # the undo stopped it
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V3.tag
+
+
+@pytest.mark.shape_specific
+def test_deploy_checks_and_runs_the_image_compose_makes(
+        stack: DrillStack, request: pytest.FixtureRequest) -> None:
+    """Deploy checked `[compose] image_repository:<version>` for presence (and its migrate
+    command), then compose made the container from its own file's `image:`. The same build
+    under another name: the plan shows compose's; another build: exit 4, nothing changed (no
+    snapshot either)."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: deploy refuses (see the test above)")
+    env = two_deployments(stack)  # v3 serves from blue: a deploy of v2 goes to green
+    same = retag(stack, request, V2.image, "togather-repo")
+    named = env.with_(compose=dataclasses.replace(env.compose,
+                                                  image_repository=same.rsplit(":", 1)[0]))
+    dry = deploy.deploy(named, deploy.Options(version=V2.tag), dry_run=True)
+    start = step_of(dry.plan, "start-slot")
+    assert start.title == f"Recreate the green container with {V2.image}", start.title
+    stack.docker("tag", V1.image, same)  # the configured name now names another build
+    before = snapshot(env)
+    snapshots_before = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(named, deploy.Options(version=V2.tag))
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert same in err.value.message and V2.image in err.value.message, err.value
+    assert sorted(env.database.snapshot_dir.glob("*.sql.gz")) == snapshots_before
+    assert snapshot(env) == before
+
+
 @pytest.mark.any_shape
 def test_no_previous_deployment(stack: DrillStack) -> None:
     stack.reset()

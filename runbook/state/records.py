@@ -77,11 +77,13 @@ def after_deploy(state: DeploymentState, new: Deployment,
 
 def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                    slot: Slot | None = None, health_status: str | None = None,
-                   run_id: str | None = None) -> DeploymentState:
+                   run_id: str | None = None, image: str | None = None) -> DeploymentState:
     """Target (default: previous) becomes current and active; the current is `rolled_back`.
 
     `slot` overrides the slot the target now runs in (it may have been recreated in the other
     one); `run_id` is recorded as the Go CLI's `rollback_id` so its readers see a rollback.
+    `image`: the image its container runs now, recorded over the name the record gave it (the
+    same build under another name: what runs is the truth `runbook status` compares with).
     """
     old = state.current
     target = target or state.previous
@@ -105,7 +107,7 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
     if run_id:
         extra.update(rollback=True, rollback_id=run_id)
     current = target.with_(status="active", rollback_count=target.rollback_count + 1,
-                           active_slot=new_slot, extra=extra,
+                           active_slot=new_slot, extra=extra, image=image or target.image,
                            health_status=health_status or target.health_status)
     previous = old.with_(status="rolled_back")
     return state.with_(current=current, previous=previous,
