@@ -487,6 +487,7 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
 
 
 NOTE_EVERY = 0.5  # seconds between two identical health-gate notes
+FORCED_POLL = 0.05  # seconds between a forced gate's attempts (it waits only for an answer)
 
 
 class EarlyHealth:
@@ -569,10 +570,15 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
     `early`: the slot's health as asked while planning (see EarlyHealth)."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
+    # what is applied: a forced gate takes any answer (a wrong build excepted), polled fast;
+    # the plan and journal said the skipped gate's criterion beside an "unhealthy" ok
     details = {"url": f"{config.base_url}{env.health.path}",
-               "passes on": "healthy or degraded (HTTP 200)",
+               "passes on": "healthy or degraded (HTTP 200)" if not force else
+                            "any answer, whatever its status (503 included: --force skips "
+                            "the health verdict), unless it names another build",
                "timeout": f"{env.health.timeout_text}, backoff {env.health.interval:g}s"
-                          f" -> {env.health.max_interval:g}s"}
+                          f" -> {env.health.max_interval:g}s" if not force else
+                          f"{env.health.timeout_text}, asked every {FORCED_POLL:g}s"}
     if expected_version:
         details["expected version"] = expected_version
 
@@ -604,7 +610,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                         f"check `docker logs --tail 100 {config.container}`",
                         report=report, elapsed=now - began)
                 ctx.heartbeat()
-                time.sleep(0.05)
+                time.sleep(FORCED_POLL)
             # the build is checked all the same (found by review): a wrong one would take
             # users until the switch's verification undid it
             seen = _build_seen(env, slot, expected_version, report, ask_version=False)

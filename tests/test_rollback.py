@@ -934,6 +934,16 @@ def test_a_forced_rollback_onto_an_unhealthy_slot_leaves_the_old_one_running(
     said = " ".join(result.notices)
     assert "forced past its health gate, does not answer healthy" in said, said
     assert f"runbook switch {env.name} --slot green" in said, said
+    # the plan and the journal state the criterion applied, not the skipped gate's (found by
+    # review: "passes on: healthy or degraded", "backoff 0.1s -> 1s" beside an "unhealthy" ok)
+    record = json.loads(Path(str(result.record_file)).read_text())
+    gate = next(step for step in record["steps"] if step["name"] == "health-gate")
+    assert gate["status"] == "ok" and "unhealthy" in gate["detail"]["health"], gate
+    for details in (gate["detail"], step_of(result.plan, "health-gate").details):
+        assert "healthy or degraded" not in details["passes on"], details
+        assert "503 included" in details["passes on"], details
+        assert "backoff" not in details["timeout"], details
+        assert f"every {slots.FORCED_POLL:g}s" in details["timeout"], details
 
 
 @pytest.mark.any_shape
