@@ -9,12 +9,15 @@ details, so `--dry-run` shows each one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -413,40 +416,84 @@ def image_path(image: str) -> list[str]:
     return ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
 
+CHECK_LABEL = "com.togather.runbook.check"  # on the container the migrate check creates
+_checking: set[str] = set()  # its containers not removed yet: at exit, Ctrl-C included
+_checking_lock = threading.Lock()
+
+
+def _remove_checks() -> None:
+    """At exit, the check containers a probe thread was still using: a Ctrl-C while it ran
+    ends the process (cli._leave: os._exit after the atexit functions), never its `finally`.
+    By name, registered before `docker create`: one whose id was not read yet goes too."""
+    with _checking_lock:
+        left = sorted(_checking)
+        _checking.clear()
+    for name in left:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True,
+                           check=False, timeout=_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+atexit.register(_remove_checks)
+
+
 def migrate_path(env: Environment, image: str) -> str:
-    """The migrate command's program exists in the image the new slot will run (checked in a
-    created, never started, container: nothing runs)."""
+    """The migrate command's program exists in the image the new slot will run.
+
+    Docker reads no file of an image without a container: one is created from it (never
+    started: nothing runs), named `runbook-migrate-check-<pid>-<random>` and labelled
+    CHECK_LABEL so it is recognised, removed at once, and at exit when interrupted; the plan
+    says so (a dry run creates it too)."""
     program = env.migrate_command[0]
     candidates = [program] if program.startswith("/") else [
         f"{d.rstrip('/')}/{program}" for d in image_path(image)]
+    name = f"runbook-migrate-check-{os.getpid()}-{secrets.token_hex(3)}"
+    with _checking_lock:
+        _checking.add(name)
     # the id is docker's stdout; its stderr may carry a warning (another platform's image,
     # DOCKER_HOST beside a context) that was taken for the id: deploy refused, and the real
     # container left behind
     try:
-        made = subprocess.run(["docker", "create", image], capture_output=True, text=True,
-                              timeout=_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+        made = subprocess.run(["docker", "create", "--name", name, "--label",
+                               f"{CHECK_LABEL}=migrate-command", image],
+                              capture_output=True, text=True, timeout=_TIMEOUT, check=False,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
+        _remove_checks_named(name)
         raise PreconditionError(f"pre-flight: cannot inspect {image} for the migrate command: "
                                 f"{exc}", "check `docker images`") from None
     cid = made.stdout.strip().splitlines()[-1].strip() if made.stdout.strip() else ""
     if made.returncode != 0 or not cid:
+        _remove_checks_named(name)
         said = [ln for ln in made.stderr.splitlines() if ln.strip()] or ["no output"]
         raise PreconditionError(f"pre-flight: cannot inspect {image} for the migrate command: "
                                 f"{said[-1].strip()}", "check `docker images`")
+    how = f"(looked up in {name}, a container created from it, never started, and removed)"
     try:
         for path in candidates:
             proc = subprocess.run(["docker", "cp", f"{cid}:{path}", "-"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   check=False, timeout=60)
             if proc.returncode == 0:
-                return f"{' '.join(env.migrate_command)}: {path} is in {image}"
+                return f"{' '.join(env.migrate_command)}: {path} is in {image} {how}"
     finally:
         subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, check=False,
                        timeout=_TIMEOUT)
+        with _checking_lock:
+            _checking.discard(name)
     raise PreconditionError(f"pre-flight: the migrate command's program {program!r} is not in "
-                            f"{image}; nothing was changed",
+                            f"{image} {how}; nothing was changed",
                             "fix [deploy] migrate_command (or remove it when the app "
                             "migrates itself on start)")
+
+
+def _remove_checks_named(name: str) -> None:
+    """A failed create: removed by name all the same (Docker may have made it)."""
+    with _checking_lock:
+        _checking.discard(name)
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True, check=False,
+                       timeout=_TIMEOUT, stdin=subprocess.DEVNULL)
 
 
 def database_path(env: Environment) -> str:

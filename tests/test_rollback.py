@@ -1135,6 +1135,59 @@ def test_deploy_checks_and_runs_the_image_compose_makes(
     assert snapshot(env) == before
 
 
+@pytest.mark.shape_specific
+def test_a_dry_run_interrupted_in_the_migrate_check_leaves_no_container(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """`deploy --dry-run` proves the migrate command's program is in the new image inside a
+    container created from it (never started), removed in its probe thread: a Ctrl-C there
+    ended the process (os._exit) with that container left behind, unnamed. The plan names it,
+    and an interrupt removes it. The docker CLI here is a stand-in that runs the real one,
+    records the ids `docker create` prints and holds in `docker cp`."""
+    import shutil
+    import signal
+
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: deploy refuses before pre-flight")
+    env = two_deployments(stack)  # v3 serves from blue: a deploy of v2 goes to green
+    assert env.migrate_command
+    dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+    said = step_of(dry.plan, "preflight").details["migrate command"]
+    assert "runbook-migrate-check-" in said and "never started" in said, said
+    real, created, reached = shutil.which("docker"), tmp_path / "created", tmp_path / "reached"
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+case "$1" in
+  create) out=$({real} "$@"); rc=$?; echo "$out" >> {created}; echo "$out"; exit $rc ;;
+  cp) touch {reached}; sleep 20; exit 1 ;;
+esac
+exec {real} "$@"
+""")
+    fake.chmod(0o755)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", str(env.source), "--version", V2.tag,
+         "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reached.exists(), proc.communicate(timeout=30)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while the check container exists
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, (out, err)
+        ids = created.read_text().split()
+        assert ids
+        for cid in ids:
+            assert stack.docker("inspect", cid, check=False).returncode != 0, f"{cid} left"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for cid in (created.read_text().split() if created.exists() else []):
+            stack.docker("rm", "-f", "-v", cid, check=False)
+
+
 @pytest.mark.any_shape
 def test_no_previous_deployment(stack: DrillStack) -> None:
     stack.reset()
