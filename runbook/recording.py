@@ -14,7 +14,7 @@ from collections.abc import Callable
 from runbook import database, health, slots
 from runbook import intent as intents
 from runbook import state as states
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
 from runbook.plan import StepContext
 
@@ -123,41 +123,102 @@ def own_deployment_id(intent: intents.Intent) -> str | None:
     return intent.deployment_id
 
 
+def state_lines(state: states.DeploymentState) -> dict[str, str]:
+    """The state step's `current` and `previous`, one wording for what a plan promises and
+    what a run wrote (its journal), so the two compare."""
+    cur, prev = state.current, state.previous
+    count = f", rollback_count {cur.rollback_count}" if cur and cur.rollback_count else ""
+    return {"current": (f"{cur.version} on {cur.active_slot or 'no slot'}, status "
+                        f"{cur.status or 'not recorded'}{count}" if cur else "none"),
+            "previous": (f"{prev.version}, status {prev.status or 'not recorded'}" if prev
+                         else "none")}
+
+
+def _written(ctx: StepContext, state: states.DeploymentState, said: str = "") -> None:
+    """The journal's state step says what the file holds now, never the plan's promise (a
+    run that found it recorded already wrote nothing)."""
+    lines = state_lines(state)
+    ctx.note(current=lines["current"] + said, previous=lines["previous"])
+
+
+def switched(fresh: states.DeploymentState, version: str, target: Slot, *,
+             health_status: str = "unknown", run_id: str | None = None, image: str = "",
+             commit: Callable[[states.Deployment | None], str] | None = None,
+             previous_image: str | None = None) -> states.DeploymentState | None:
+    """What a switch to `version` on `target` writes over `fresh`, or None when `fresh` says it
+    already. Pure: the plan shows it, the recorder writes it. `commit` names a new record's
+    commit from its known record (the recorder asks the app; a plan shows no commit)."""
+    if fresh.current is not None and fresh.current.version == version \
+            and fresh.current.active_slot == target:
+        return None
+    # a rollback needs a deployment to roll back from: with `current_deployment: null` (a
+    # valid file) the switch is recorded as a deploy of that version, from its known record
+    if fresh.current is not None and fresh.previous is not None \
+            and fresh.previous.version == version:
+        return states.after_rollback(fresh, slot=target, health_status=health_status,
+                                     run_id=run_id, image=previous_image)
+    if fresh.current is not None and fresh.current.version == version:
+        return fresh.with_(current=fresh.current.with_(active_slot=target))
+    known = fresh.find_version(version)
+    named = commit(known) if commit is not None else full_commit(known.git_commit if known
+                                                                 else None)
+    # under the run's id, which its log lines and its lock carry as deployment_id (a
+    # switch's plan names no deployment): a new id of its own joined nothing (review)
+    dep = states.make_deployment(version, named, target, image=image, status="active",
+                                 deployment_id=run_id,
+                                 migration_version=known.migration_version if known else None)
+    return states.after_deploy(fresh, dep.with_(health_status=health_status))
+
+
 @_exclusive
 def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, run_id: str,
            ctx: StepContext) -> None:
     """Describe the switch in the state file; a no-op when it already does."""
     fresh = load_or_empty(env)
     target, version = intent.target, intent.to_version
-    if fresh.current is not None and fresh.current.version == version \
-            and fresh.current.active_slot == target:
-        ctx.note(current=f"{version} on {target} (already recorded)")
-        return
     health_status = observed.health_status or "unknown"
     if health_status == "unreachable":
         health_status = "unknown"
-    # a rollback needs a deployment to roll back from: with `current_deployment: null` (a
-    # valid file) the switch is recorded as a deploy of that version, from its known record
-    if fresh.current is not None and fresh.previous is not None \
-            and fresh.previous.version == version:
-        new = states.after_rollback(fresh, slot=target, health_status=health_status,
-                                    run_id=run_id,
-                                    image=_runs_instead(env, fresh.previous, intent))
-    elif fresh.current is not None and fresh.current.version == version:
-        new = fresh.with_(current=fresh.current.with_(active_slot=target))
-    else:
-        known = fresh.find_version(version)
+
+    def commit(known: states.Deployment | None) -> str:
         report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
-        commit = full_commit(report.git_commit, known.git_commit if known else None)
-        # under the run's id, which its log lines and its lock carry as deployment_id (a
-        # switch's plan names no deployment): a new id of its own joined nothing (review)
-        dep = states.make_deployment(version, commit, target, image=intent.to_image or "",
-                                     status="active", deployment_id=run_id,
-                                     migration_version=known.migration_version if known
-                                     else None)
-        new = states.after_deploy(fresh, dep.with_(health_status=health_status))
+        return full_commit(report.git_commit, known.git_commit if known else None)
+
+    new = switched(fresh, version, target, health_status=health_status, run_id=run_id,
+                   image=intent.to_image or "", commit=commit,
+                   previous_image=(_runs_instead(env, fresh.previous, intent)
+                                   if fresh.previous is not None else None))
+    if new is None:
+        _written(ctx, fresh, " (already recorded)")
+        return
     states.write_state(env.state_file, new)
-    ctx.note(current=f"{version} on {target}")
+    _written(ctx, new)
+
+
+def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
+                target: states.Deployment, *, health_status: str | None = None,
+                run_id: str | None = None,
+                image: str | None = None) -> states.DeploymentState | None:
+    """What the rollback writes over `fresh`, or None when `fresh` says it already. Pure: the
+    plan shows it, the recorder writes it. Rolled back from the deployment that served when
+    the run began (the record's `from_id`), not the file's current, which the old tooling's
+    rollback swaps with the previous without switching (found by review)."""
+    slot = intent.target
+    served_id = intent.record.get("from_id")
+    served = fresh.find_id(str(served_id)) if served_id else None
+    if served is not None and served.id == target.id:
+        served = None
+    current = fresh.current
+    if current is not None and current.id == target.id and current.active_slot == slot and (
+            served is None or (fresh.previous is not None and fresh.previous.id == served.id
+                               and fresh.previous.status == "rolled_back")):
+        return None
+    if served is None and current is not None and current.id == target.id:
+        # the file called the target current and what served is not known: it now serves,
+        # from `slot`, which only the record's slot has to say
+        return fresh.with_(current=current.with_(active_slot=slot))
+    return states.after_rollback(fresh, target, slot=slot, health_status=health_status,
+                                 run_id=run_id, served=served, image=image)
 
 
 @_exclusive
@@ -167,20 +228,7 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
     after an interruption converges instead of rolling back again."""
     fresh = states.read_state(env.state_file, environment=env.name)
     target_id = str(intent.record["target_id"])
-    slot = intent.target
-    if fresh.current is not None and fresh.current.id == target_id \
-            and fresh.current.active_slot == slot:
-        ctx.note(current=f"{intent.to_version} on {slot} (already recorded)")
-        return
     target = fresh.find_id(target_id)
-    if target is not None and fresh.current is not None and fresh.current.id == target_id:
-        # the file called the target current while another version served (the old
-        # tooling's rollback swaps the records without switching; `--to` it was asked for):
-        # it now serves, from `slot`, which only the record's slot has to say
-        switch(env, intent, observed, run_id, ctx)
-        ctx.note(recorded_as=f"{intent.to_version}, already current in {env.state_file}, now "
-                             f"on {slot}")
-        return
     if target is None:
         # another tool rewrote the state file meanwhile: traffic moved and was verified, so
         # what runs is recorded as a switch does (by version). Refused, every rerun failed
@@ -189,13 +237,14 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
         ctx.note(recorded_as=f"a switch to {intent.to_version}: deployment {target_id} is no "
                              f"longer in {env.state_file} (another tool rewrote it)")
         return
-    new = states.after_rollback(fresh, target, slot=slot,
-                                health_status=observed.health_status or None, run_id=run_id,
-                                image=_runs_instead(env, target, intent))
+    new = rolled_back(fresh, intent, target, health_status=observed.health_status or None,
+                      run_id=run_id, image=_runs_instead(env, target, intent))
+    if new is None:
+        _written(ctx, fresh, " (already recorded)")
+        return
     states.write_state(env.state_file, new,
                        before_rename=lambda: ctx.fault("state.before-rename"))
-    ctx.note(current=f"{intent.to_version} on {slot} (active)",
-             previous=f"{intent.from_version} (rolled_back)")
+    _written(ctx, new)
 
 
 def _runs_instead(env: Environment, target: states.Deployment,

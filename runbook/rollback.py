@@ -234,11 +234,15 @@ def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
 
 def _serving_is_current(env: Environment, state: states.DeploymentState,
                         current: states.Deployment, target: states.Deployment, live: Slot,
-                        serving: docker.ContainerInfo, *, named: bool) -> None:
+                        serving: docker.ContainerInfo, *,
+                        named: bool) -> tuple[str, states.Deployment | None]:
     """What serves decides what is rolled back from, not the state file: the old tooling's
     rollback swaps current and previous there without switching Caddy, and this run then
     rebuilt the version serving as the "previous" one and said "rolled back". A serving
-    container whose tag names no version (`:latest`) cannot be compared: the file is used."""
+    container whose tag names no version (`:latest`) cannot be compared: the file is used.
+    Returns the version rolled back from and its record (None: the history does not know
+    it), as deploy's `_serving_record` reads them (found by review: `--to` took both from
+    the file, and its plan, its record and its messages named a version that did not run)."""
     runs = serving.tag if serving.tag and states.is_version(serving.tag) else None
     if runs is not None and runs != current.version and not named:
         known = ", ".join(d.version for d in state.deployments())
@@ -254,6 +258,9 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
         raise PreconditionError(f"{target.version} already serves, from the {live} slot (as "
                                 "Caddy runs it); nothing was changed",
                                 "nothing to roll back to; pass --to <another version>")
+    if runs is None or runs == current.version:
+        return current.version, current
+    return runs, state.find_version(runs)
 
 
 def named_target(env: Environment, state: states.DeploymentState,
@@ -362,8 +369,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             if found is not None and not containers[live].result().running:
                 raise down_after_interrupted(env, found[0], live, refusal)
             raise refusal
-        _serving_is_current(env, state, current, target, live, containers[live].result(),
-                            named=bool(options.to))
+        from_version, served = _serving_is_current(env, state, current, target, live,
+                                                   containers[live].result(),
+                                                   named=bool(options.to))
         if found is not None:
             # a killed restore may have stopped the serving slot (its maintenance stop): say
             # so, never "nothing users see" while users get errors
@@ -446,9 +454,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                      validated=sp.new_text)
     intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
                             from_slot=str(live), to_slot=str(standby),
-                            from_version=current.version, to_version=target.version,
+                            from_version=from_version, to_version=target.version,
                             to_image=prep.image, record={
                                 "target_id": target.id,
+                                # what served: the state step rolls back from it (recording.py)
+                                **({"from_id": served.id} if served is not None else {}),
                                 "gated": not options.force,  # for its finish (finish.py)
                                 # a rerun without the flag is told the command that finishes it
                                 **({"restore_snapshot": str(guard.restore.path),
@@ -460,8 +470,16 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
                            observed=observed, early=early)
+    recorded = recording.rolled_back(state, intent, target, run_id=run_id)
+    after = recording.state_lines(recorded or state)
+    if recorded is None:
+        after["current"] += " (already recorded: left as it is)"
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
-        "current": f"{current.version} on {live} ({current.id})",
+        "current": f"{current.version} on {live} ({current.id})"
+                   if from_version == current.version else
+                   f"state file says {current.version} ({current.id}); serving {from_version} "
+                   f"on {live} " + (f"({served.id})" if served is not None
+                                    else "(not in the deployment history)"),
         "traffic": f"{live} (as Caddy runs it)",
         "target": f"{target.version} ({target.id}, deployed "
                   f"{states.format_time(target.deployed_at)}"
@@ -477,17 +495,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         *restore_steps,
         slots.run_step(env, prep, observed), gate, switch,
         Step("state", "Record the rollback in the deployment state",
-             {"file": str(env.state_file),
-              "current": f"{target.version} on {standby}, status active, rollback_count "
-                         f"{target.rollback_count + 1}",
-              "previous": f"{current.version}, status rolled_back"}, run=update_state,
+             {"file": str(env.state_file), **after}, run=update_state,
              phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
     ]
-    summary = (f"roll back {env.display} from {current.version} ({live}) to "
+    summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")
     return Plan("rollback", env, summary, steps, warnings, diff,
-                facts={"from": current.version, "to": target.version, "from_slot": str(live),
+                facts={"from": from_version, "to": target.version, "from_slot": str(live),
                        "to_slot": str(standby), "container_action": prep.action,
                        **({"schema_refusal": {"error": guard.refused.message,
                                               "fix": guard.refused.fix}}

@@ -1689,6 +1689,45 @@ def test_a_rollback_never_takes_the_state_files_current_for_what_serves(
     assert after.current.active_slot == Slot.GREEN
 
 
+def test_a_rollback_to_rolls_back_from_what_serves_and_writes_what_its_plan_shows(
+        stack: DrillStack) -> None:
+    """Found by review: with current and previous swapped in the state file (the old
+    tooling's rollback, Caddy untouched: v3 still serves from blue), `rollback --to v2` said
+    "roll back from v2 (blue)", recorded v2 as what it went back from, promised "previous v2,
+    status rolled_back, rollback_count 1", then wrote nothing ("already recorded") while its
+    journal still showed the promise. What serves (Docker: blue runs v3) is what it rolls
+    back from; what the plan shows is what the file holds afterwards, and the journal's
+    state step says what was written."""
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    lying = states.read_state(env.state_file, environment=env.name)
+    assert lying.current is not None and lying.previous is not None
+    states.write_state(env.state_file, lying.with_(current=lying.previous,
+                                                   previous=lying.current))
+    assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
+    v2_count = lying.previous.rollback_count
+    planned = rollback.rollback(env, rollback.Options(to=V2.tag), dry_run=True)
+    plan = planned.plan
+    assert plan.facts["from"] == V3.tag, plan.facts
+    assert f"from {V3.tag} (blue) to {V2.tag} (green)" in plan.summary, plan.summary
+    shown = next(s for s in plan.steps if s.name == "preflight").details["current"]
+    assert f"state file says {V2.tag}" in shown and f"serving {V3.tag}" in shown, shown
+    promised = next(s for s in plan.steps if s.name == "state").details
+    assert promised["previous"] == f"{V3.tag}, status rolled_back", promised
+    assert promised["current"] == (f"{V2.tag} on green, status active, rollback_count "
+                                   f"{v2_count + 1}"), promised
+    done = rollback.rollback(env, rollback.Options(to=V2.tag, reason="test: swapped file"))
+    assert through_proxy(env) == ("green", V2.tag)
+    after = states.read_state(env.state_file, environment=env.name)
+    assert after.current is not None and after.previous is not None
+    assert (after.current.version, after.current.active_slot, after.current.status,
+            after.current.rollback_count) == (V2.tag, Slot.GREEN, "active", v2_count + 1)
+    assert (after.previous.version, after.previous.status) == (V3.tag, "rolled_back")
+    record = json.loads(Path(str(done.record_file)).read_text())
+    journaled = next(s for s in record["steps"] if s["name"] == "state")["detail"]
+    assert journaled["previous"].startswith(f"{V3.tag}, status rolled_back"), journaled
+    assert journaled["current"].startswith(promised["current"]), journaled
+
+
 def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_changed(
         stack: DrillStack) -> None:
     """Exit 4 promises "nothing was changed". A refusal met once the run had started the

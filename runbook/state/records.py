@@ -53,6 +53,11 @@ def _with_history(state: DeploymentState, current: Deployment | None,
     return normalized_history([d for d in (*fresh, *rest) if d.id != skip])
 
 
+def _superseded(dep: Deployment) -> Deployment:
+    """A deployment replaced while recorded as serving (or with no status) is superseded."""
+    return dep.with_(status="superseded") if dep.status in (None, "active") else dep
+
+
 def after_deploy(state: DeploymentState, new: Deployment,
                  replaces: Deployment | None = None) -> DeploymentState:
     """New deployment becomes current; the one it replaced becomes previous (superseded).
@@ -66,9 +71,7 @@ def after_deploy(state: DeploymentState, new: Deployment,
     old = replaces if replaces is not None else state.current
     if old is not None and old.id == current.id:
         return state.with_(current=current)
-    previous = None
-    if old is not None:
-        previous = old.with_(status="superseded") if old.status in (None, "active") else old
+    previous = _superseded(old) if old is not None else None
     kept = [d for d in (state.current, state.previous)
             if d is not None and (previous is None or d.id != previous.id)]
     return state.with_(current=current, previous=previous,
@@ -77,15 +80,19 @@ def after_deploy(state: DeploymentState, new: Deployment,
 
 def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                    slot: Slot | None = None, health_status: str | None = None,
-                   run_id: str | None = None, image: str | None = None) -> DeploymentState:
+                   run_id: str | None = None, image: str | None = None,
+                   served: Deployment | None = None) -> DeploymentState:
     """Target (default: previous) becomes current and active; the current is `rolled_back`.
 
     `slot` overrides the slot the target now runs in (it may have been recreated in the other
     one); `run_id` is recorded as the Go CLI's `rollback_id` so its readers see a rollback.
     `image`: the image its container runs now, recorded over the name the record gave it (the
     same build under another name: what runs is the truth `runbook status` compares with).
+    `served`: the deployment that served when the rollback began, when the file's current is
+    another (the old tooling swaps current and previous without switching): that one is
+    rolled back from, and the file's current is kept in the history, superseded.
     """
-    old = state.current
+    old = served if served is not None else state.current
     target = target or state.previous
     if old is None:
         raise StateError(f"{state.source or 'state'}: no current deployment to roll back from",
@@ -110,8 +117,11 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                            active_slot=new_slot, extra=extra, image=image or target.image,
                            health_status=health_status or target.health_status)
     previous = old.with_(status="rolled_back")
+    displaced = (_superseded(state.current) if state.current is not None
+                 and state.current.id not in (old.id, target.id) else None)
     return state.with_(current=current, previous=previous,
-                       history=_with_history(state, current, previous, state.previous))
+                       history=_with_history(state, current, previous, state.previous,
+                                             displaced))
 
 
 def with_lock(state: DeploymentState, lock: Mapping[str, Any]) -> DeploymentState:
