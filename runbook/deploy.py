@@ -347,9 +347,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     def run_state(ctx: StepContext) -> None:
         recording.deploy(env, intent, observed, run_id, ctx)
 
+    # what the state step writes, as the recorder computes it (its commit is not shown)
+    recorded = recording.state_lines(recording.deployed(state, states.make_deployment(
+        version, recording.UNKNOWN_COMMIT, target, status="active",
+        deployment_id=deployment_id), intent))
+
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
-            "current": f"{current.version} on {live}" if current else "none recorded",
+            "current": _serving_shown(current, replaces, live,
+                                      live_info if target.other == live else None),
             "target slot": f"{target} ({config.container}, port {config.port})",
             "image": f"{image} (present)",
             "caddy": f"answering at {env.caddy.admin_url}",
@@ -384,9 +390,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     steps += [
         switch,
         Step("state", "Record the deployment in the deployment state",
-             {"file": str(env.state_file), "current": f"{version} on {target}, status active",
-              "previous": f"{current.version}, status superseded" if current else "none"},
-             run=run_state, phase=Phase.FINISH),
+             {"file": str(env.state_file), **recorded}, run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
     ]
     # the same deploy rerun is that run again: its record is superseded, not put back (a
@@ -438,6 +442,22 @@ def _serving_record(state: states.DeploymentState, serving: docker.ContainerInfo
     warnings.append(f"the state file names {current.version} as the current deployment, but "
                     f"{tag} serves: {tag} is recorded as the previous deployment")
     return found
+
+
+def _serving_shown(current: states.Deployment | None, replaces: states.Deployment | None,
+                   live: Slot, serving: docker.ContainerInfo | None) -> str:
+    """The pre-flight's "current": what serves (Docker's tag), and what the file says when
+    that differs (found by review: it showed the file's current while another version ran)."""
+    if current is None:
+        return "none recorded"
+    tag = serving.tag if serving is not None and serving.running and serving.tag else None
+    if replaces is not None:
+        return (f"{replaces.version} on {live} ({replaces.id}); the state file says "
+                f"{current.version}")
+    if tag is not None and states.is_version(tag) and tag != current.version:
+        return (f"{tag} on {live} (not in the deployment history); the state file says "
+                f"{current.version}")
+    return f"{current.version} on {live}"
 
 
 def _refuse_if_dirty(env: Environment, version: str, pending: intents.Intent | None) -> None:

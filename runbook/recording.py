@@ -65,13 +65,12 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     fresh = load_or_empty(env)
     dep_id = str(intent.record["deployment_id"])
     if fresh.current is not None and fresh.current.id == dep_id:
-        ctx.note(current=f"{intent.to_version} on {intent.to_slot} (already recorded)")
+        _written(ctx, fresh, " (already recorded)")
         return
     if (later := recorded_since(fresh, intent)) is not None:
         # another tool's deploy of this slot since this run started serves: recording this
         # run over it made a second deployment (current and previous the same version)
-        ctx.note(current=f"{later.version} on {intent.to_slot} (already recorded, "
-                         f"{later.id} by {later.deployed_by})")
+        _written(ctx, fresh, f" (already recorded, {later.id} by {later.deployed_by})")
         return
     config = env.slot(intent.target)
     report = health.probe(config, env.health.path, env.health.request_timeout)
@@ -90,11 +89,19 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
     new = new.with_(health_status=report.status if report.ok else "unknown",
                     migrations_run=int(bool(env.migrate_command)), extra=extra)
-    replaced = intent.record.get("replaces_deployment_id")  # what served, if not the file's
-    states.write_state(env.state_file, states.after_deploy(
-        fresh, new, fresh.find_id(str(replaced)) if replaced else None))
-    ctx.note(current=f"{intent.to_version} on {intent.to_slot} ({new.id})",
-             migration_version=migration)
+    written = deployed(fresh, new, intent)
+    states.write_state(env.state_file, written)
+    _written(ctx, written, f" ({new.id})")
+    ctx.note(migration_version=migration)
+
+
+def deployed(fresh: states.DeploymentState, new: states.Deployment,
+             intent: intents.Intent) -> states.DeploymentState:
+    """What the deploy writes over `fresh`. Pure: the plan shows it, the recorder writes it;
+    what served (the record's `replaces_deployment_id`) becomes previous when the file's
+    current is another."""
+    replaced = intent.record.get("replaces_deployment_id")
+    return states.after_deploy(fresh, new, fresh.find_id(str(replaced)) if replaced else None)
 
 
 def recorded_since(state: states.DeploymentState | None,

@@ -1610,6 +1610,43 @@ def test_a_deploy_records_what_served_as_the_previous_deployment_not_the_files_c
 
 
 @pytest.mark.shape_specific
+def test_a_deploy_over_a_stale_current_shows_and_journals_what_served_as_the_previous(
+        stack: DrillStack) -> None:
+    """Found by review: with the file's current stale (it names v1, active, while v3 serves
+    from blue), the deploy's pre-flight said "current: v1 on blue", its state step promised
+    "previous: v1, status superseded" against its own warning, its journal said so after
+    the run had recorded v3 as previous, and v1 stayed "active" in the history beside the
+    new deployment. The plan, the journal and the file all name what served (v3), and the
+    displaced v1 is superseded."""
+    if docker_run_host(stack):
+        pytest.skip("runbook deploy needs compose: a docker-run host refuses it before any "
+                    "change (test_deploy_moves_traffic_and_records_the_schema proves that)")
+    stack.arrange(scenes.PREVIOUS)  # v1 then v2 then v3 deployed: v3 serves from blue
+    env = stack.env
+    st = states.read_state(env.state_file, environment=env.name)
+    v1 = st.find_version(V1.tag)
+    assert v1 is not None and st.current is not None
+    states.write_state(env.state_file, st.with_(current=v1.with_(status="active"),
+                                                previous=st.current))
+    assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
+    options = deploy.Options(version=V2.tag, reason="test: stale current")
+    plan = deploy.deploy(env, options, dry_run=True).plan
+    shown = next(s for s in plan.steps if s.name == "preflight").details["current"]
+    assert shown.startswith(f"{V3.tag} on blue") and V1.tag in shown, shown
+    promised = next(s for s in plan.steps if s.name == "state").details
+    assert promised["previous"] == f"{V3.tag}, status superseded", promised
+    done = deploy.deploy(env, options)
+    assert through_proxy(env) == ("green", V2.tag)
+    after = states.read_state(env.state_file, environment=env.name)
+    assert after.previous is not None and after.previous.version == V3.tag, after.previous
+    assert [d.version for d in after.deployments() if d.status == "active"] == [V2.tag], [
+        (d.version, d.status) for d in after.deployments()]
+    record = json.loads(Path(str(done.record_file)).read_text())
+    journaled = next(s for s in record["steps"] if s["name"] == "state")["detail"]
+    assert journaled["previous"] == f"{V3.tag}, status superseded", journaled
+
+
+@pytest.mark.shape_specific
 def test_a_deploy_of_the_version_the_state_file_calls_current_but_that_does_not_serve_goes_ahead(
         stack: DrillStack) -> None:
     """Found by review: "already the current deployment" was read from the state file. The

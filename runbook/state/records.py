@@ -64,7 +64,7 @@ def after_deploy(state: DeploymentState, new: Deployment,
 
     `replaces`: the deployment that served when the deploy began, when the file's current
     is another (the old tooling swaps current and previous in the file without switching):
-    that one becomes previous, and the file's current is kept in the history."""
+    that one becomes previous, and the file's current is kept in the history, superseded."""
     if new.active_slot is None:
         raise StateError(f"deployment {new.id} has no slot", "record the slot it runs in")
     current = new if new.status is not None else new.with_(status="active")
@@ -72,7 +72,10 @@ def after_deploy(state: DeploymentState, new: Deployment,
     if old is not None and old.id == current.id:
         return state.with_(current=current)
     previous = _superseded(old) if old is not None else None
-    kept = [d for d in (state.current, state.previous)
+    # a file's current that did not serve is no longer active either (found by review: the
+    # history kept two "active" deployments)
+    displaced = _superseded(state.current) if state.current is not None else None
+    kept = [d for d in (displaced, state.previous)
             if d is not None and (previous is None or d.id != previous.id)]
     return state.with_(current=current, previous=previous,
                        history=_with_history(state, current, previous, *kept))
