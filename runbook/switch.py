@@ -107,6 +107,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     def run_state(ctx: StepContext) -> None:
         recording.switch(env, intent, observed, run_id, ctx)
 
+    recorded = _recorded(env, state, version, target, run_id)
+
     planned = caddy.plan_switch(env, target)
     # as rollback and deploy ask it: a Caddy container that mounts the file itself never sees
     # the switch's write, and its next reload sends users back to the old slot
@@ -129,8 +131,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                         observed=observed),
         switch,
         Step("state", "Record the switch in the deployment state",
-             {"file": str(env.state_file), "current": f"{version} on {target}"}, run=run_state,
-             phase=Phase.FINISH),
+             {"file": str(env.state_file), **recorded}, run=run_state, phase=Phase.FINISH),
     ]
     return Plan("switch", env, f"switch {env.display}'s traffic from "
                 f"{now.slot or 'no single slot'} to {target}",
@@ -141,6 +142,23 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 intent=None if keeps else intent,
                 resume_command=f"runbook switch {env.name} --slot {target}",
                 replaces=repairing.intent if repairing is not None else old_record)
+
+
+def _recorded(env: Environment, state: states.DeploymentState, version: str, target: Slot,
+              run_id: str) -> dict[str, str]:
+    """The state step's plan: what the recorder writes (its own preview), and when that is a
+    rollback, which changes what a plain `runbook rollback` does next (found by review: a
+    switch back to the previous version was recorded as a rollback, unannounced)."""
+    after = recording.switched(state, version, target, run_id=run_id)
+    lines = recording.state_lines(after or state)
+    if after is None:
+        lines["current"] += " (already recorded: left as it is)"
+    elif state.current is not None and after.previous is not None \
+            and after.previous.id == state.current.id and after.previous.status == "rolled_back":
+        lines["recorded as"] = f"a rollback from {state.current.version} to {version}" + (
+            f": a plain `runbook rollback {env.name}` then refuses to go back to "
+            f"{state.current.version} (name it with --to)" if after.rolled_back_from else "")
+    return lines
 
 
 def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> None:

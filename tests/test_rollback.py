@@ -847,6 +847,32 @@ def test_a_switch_to_a_container_whose_tag_is_no_version_is_refused_before_traff
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+def test_a_switch_to_the_previous_version_says_in_its_plan_that_it_records_a_rollback(
+        stack: DrillStack) -> None:
+    """Found by review: `runbook switch` to the slot running the previous deployment is
+    recorded as a rollback (v2 active with rollback_count + 1, v3 rolled_back; a plain
+    `runbook rollback` then refuses as going forward), while its plan promised only
+    "current: v2 on green". The plan shows what the state step writes (the recorder's own
+    preview), and the file holds exactly that afterwards."""
+    env = two_deployments(stack, stop_old_slot=False)  # v3 serves from blue; v2 runs on green
+    before = states.read_state(env.state_file, environment=env.name)
+    assert before.previous is not None and before.previous.version == V2.tag
+    count = before.previous.rollback_count
+    plan = switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan
+    promised = next(s for s in plan.steps if s.name == "state").details
+    assert promised["current"] == (f"{V2.tag} on green, status active, rollback_count "
+                                   f"{count + 1}"), promised
+    assert promised["previous"] == f"{V3.tag}, status rolled_back", promised
+    assert "rollback" in promised.get("recorded as", ""), promised
+    switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: switch back"))
+    assert through_proxy(env) == ("green", V2.tag)
+    after = states.read_state(env.state_file, environment=env.name)
+    assert after.current is not None and after.previous is not None
+    assert (after.current.version, after.current.status, after.current.rollback_count) == (
+        V2.tag, "active", count + 1)
+    assert (after.previous.version, after.previous.status) == (V3.tag, "rolled_back")
+
+
 @pytest.mark.any_shape
 def test_a_verification_url_that_cannot_see_the_slot_is_refused_before_any_change(
         stack: DrillStack) -> None:
