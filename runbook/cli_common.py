@@ -270,6 +270,16 @@ def report(result: RunResult, fmt: Format, switched: float | None = None) -> Non
     moved = (f" (traffic switched at {times['switched_at_s']:.2f}s)"
              if "switched_at_s" in times else "")
     echo(f"Done in {times['done_in_s']:.2f}s{moved}. Journal: {result.log_file}")
+    facts = result.plan.facts
+    if facts.get("restored") and (safety := facts.get("safety_snapshot")):
+        # the last thing on-call reads after a restore (a rollback's too): where the data
+        # from before it is, as a killed restore's messages name it
+        earlier = facts.get("earlier_safety_snapshot")
+        echo(redact(
+            f"The data from before the restore is in {earlier} (the safety snapshot of the "
+            f"killed run; {safety} is the database as that run left it): keep it."
+            if earlier else f"The data from before the restore is in {safety}, its safety "
+            "snapshot: keep it."))
 
 
 def notice(message: str) -> None:

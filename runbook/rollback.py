@@ -440,11 +440,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         raise
     observed = slots.Observed()
     restore_steps: list[Step] = []
+    # the restore's own facts (the snapshot restored, the safety snapshot once taken), filled
+    # in as it runs: the plan's, so --format json names them as a standalone restore does
+    facts: dict[str, Any] = {}
     if guard.restore is not None:
         from runbook import snapshot_restore
 
         restore_steps = snapshot_restore.restore_steps(
-            env, snapshot_restore.prepare(env, guard.restore), facts={}, run_id=run_id,
+            env, snapshot_restore.prepare(env, guard.restore), facts=facts, run_id=run_id,
             end_sessions=options.end_sessions, switch_to=standby)
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
@@ -501,12 +504,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     ]
     summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")
-    return Plan("rollback", env, summary, steps, warnings, diff,
-                facts={"from": from_version, "to": target.version, "from_slot": str(live),
-                       "to_slot": str(standby), "container_action": prep.action,
-                       **({"schema_refusal": {"error": guard.refused.message,
-                                              "fix": guard.refused.fix}}
-                          if guard.refused is not None else {})},
+    facts.update({"from": from_version, "to": target.version, "from_slot": str(live),
+                  "to_slot": str(standby), "container_action": prep.action,
+                  **({"schema_refusal": {"error": guard.refused.message,
+                                         "fix": guard.refused.fix}}
+                     if guard.refused is not None else {})})
+    return Plan("rollback", env, summary, steps, warnings, diff, facts=facts,
                 intent=intent, resume_command=resume_command(env, target.version),
                 replaces=finish.replaced(found, intent))
 

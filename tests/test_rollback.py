@@ -1315,6 +1315,40 @@ def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
     assert len(safety) == 2  # the pre-deploy snapshot and the safety snapshot of the restore
 
 
+def test_a_rollback_that_restores_names_the_restored_and_the_safety_snapshot_in_its_output(
+        stack: DrillStack) -> None:
+    """Found by review: `rollback --restore-snapshot` gave the restore's steps no facts, so
+    after a successful run neither `--format json` nor the text output named the snapshot
+    restored or the safety snapshot holding the data from before it (a standalone `snapshot
+    restore` names them). Both outputs name them now, the safety snapshot being the
+    `pre-restore` file the run left in the snapshot folder."""
+    def cli(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
+        assert env.source is not None
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(env.source),
+                               "--restore-snapshot", "--yes", *args], capture_output=True,
+                              text=True, check=False, timeout=300, stdin=subprocess.DEVNULL)
+
+    for fmt in ("json", "text"):
+        stack.reset()
+        deploy_to(stack, stack.env, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+        env = stack.env
+        pre = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+        assert len(pre) == 1
+        done = cli(env, "--format", fmt)
+        assert done.returncode == 0, done.stderr
+        assert through_proxy(env) == ("blue", V1.tag)
+        safety = sorted(env.database.snapshot_dir.glob("*_pre-restore.sql.gz"))
+        assert len(safety) == 1, safety
+        if fmt == "json":
+            facts = json.loads(done.stdout)["plan"]["facts"]
+            assert facts["restore_snapshot"] == str(pre[0]), facts
+            assert facts["safety_snapshot"] == str(safety[0]), facts
+            assert facts["restored"] is True, facts
+        else:
+            assert str(safety[0]) in done.stdout, done.stdout
+            assert pre[0].name in done.stdout, done.stdout
+
+
 @pytest.mark.shape_specific
 def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapshot(
         stack: DrillStack, tmp_path: Path) -> None:
