@@ -89,6 +89,7 @@ class StepContext:
     notes: dict[str, Any] = field(default_factory=dict)
     undos: list[tuple[str, Callable[[], Stays | Aside | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
+    lasting: list[str] = field(default_factory=list)
     say: Callable[[str], None] = lambda message: None  # live progress for people waiting
     # what on-call must see even when the run succeeds (shown, and in --format json notices)
     notice: Callable[[str], None] = lambda message: None
@@ -119,6 +120,13 @@ class StepContext:
         """What this step did cannot be undone (a restored database): a later failure before
         the commit is reported as needing attention, with this message and fix."""
         self.irreversible.append((message, fix))
+
+    def after_commit(self, what: str) -> None:
+        """What this step did that stays once traffic moved, said with the outcome when the
+        run stops after its commit (exit 6): `cannot_undo`'s words (the service is down) are
+        no longer true then, but on-call must still find e.g. the data from before a
+        restore, and the terminal may be all they read."""
+        self.lasting.append(what)
 
     def fault(self, name: str) -> None:
         """A named point a drill may break the run at (runbook/faults.py)."""
@@ -317,6 +325,7 @@ class _Execution:
     outcomes: list[StepOutcome] = field(default_factory=list)
     undos: list[tuple[str, Callable[[], Stays | Aside | None]]] = field(default_factory=list)
     irreversible: list[tuple[str, str]] = field(default_factory=list)
+    lasting: list[str] = field(default_factory=list)  # StepContext.after_commit
     committed: bool = False
     # why the run no longer stops for a signal before the commit (StepContext.until_commit):
     # the undo cannot end an outage this run made, going on to the commit point does
@@ -429,6 +438,7 @@ class _Execution:
                 finally:
                     self.undos.extend(ctx.undos)
                     self.irreversible.extend(ctx.irreversible)
+                    self.lasting.extend(ctx.lasting)
                     if ctx.notes:
                         record.detail(**{k: str(v) for k, v in ctx.notes.items()})
         except BaseException as exc:
@@ -614,7 +624,7 @@ class _Execution:
         facts = self.plan.facts
         where = (f"traffic is on {facts.get('to_slot', '?')}"
                  + (f" ({facts['to']})" if facts.get("to") else "")
-                 + " and was verified")
+                 + " and was verified" + "".join(f"; {what}" for what in self.lasting))
         why = (f"interrupted by {signal.Signals(cause.signum).name}"
                if isinstance(cause, Interrupted) else _describe(cause))
         todo = ", ".join(s.title for s in left) or "nothing"

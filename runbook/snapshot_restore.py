@@ -89,6 +89,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     run.schema_before_killed = _schema_before(killed)
     kept_down = _kept_down(killed, run.schema_before_killed, now_schema)
 
+    down = (f"the database WAS restored to {snapshot.name} and the app slots are stopped: "
+            "the service is down")
+
     def before_restore() -> str:
         """Where the data from before the restore is: a killed earlier run's safety
         snapshot when there was one (this run's own then holds what that run left)."""
@@ -223,13 +226,21 @@ def restore_steps(env: Environment, run: RestoreRun,
             then = (f"fix the cause and run `runbook switch {env.name} --slot "
                     f"{switch_to or '<target slot>'}` or `runbook deploy {env.name} --version "
                     "<known-good>`")
-        ctx.cannot_undo(
-            f"the database WAS restored to {snapshot.name} and the app slots are stopped: the "
-            "service is down", f"{then}; {before_restore()}")
+        ctx.cannot_undo(down, f"{then}; {before_restore()}")
+        # stopped after its commit (exit 6), the terminal may be all on-call reads
+        ctx.after_commit(f"the database was restored to {snapshot.name} first: "
+                         f"{before_restore()} (keep it)")
         ctx.note(restored=snapshot.name)
 
     def check(ctx: StepContext) -> None:
-        ctx.note(found=check_matches(env, run))
+        try:
+            ctx.note(found=check_matches(env, run))
+        except RunbookError as exc:
+            # the run's final fix is the check's, said once: the one do_restore registered
+            # (switch to the target, start the slots) starts the app on data it doubts
+            ctx.cannot_undo(down, (exc.fix or "") + (f"; {before_restore()}" if killed else ""))
+            exc.fix = None
+            raise
 
     recorded = snapshot.tables
     return [

@@ -422,12 +422,31 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         f"; it {'restored' if restored[1] else 'began restoring'} the database first (the "
         f"data from before that restore is in {restored[0]}, its safety snapshot: keep it)")
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
-                  + (f"it took effect: traffic is on {pending.to_slot}" if took
-                     else f"traffic did not move ({f.active or 'unknown'} serves)") + before,
+                  # describe() says whether it took effect: said once
+                  + (f"traffic is on {pending.to_slot}" if took
+                     else f"traffic did not move{_serves(f, f.active)}") + before,
                   f"{first}`{command}` " + (("finishes it (records the state)"
                                              if pending.action == "switch" else
                                              "finishes it (records the state, stops the old "
                                              "slot)") if took else "runs it again"))
+
+
+def _serves(f: Facts, slot: Slot | None) -> str:
+    """Whether the slot Caddy points at serves, as Docker and the proxy say: Caddy's config
+    alone never makes it (found by review: "green serves" of a stopped green, the proxy
+    answering 502, after a failed gate once a restore had stopped both slots)."""
+    if slot is None:  # what Caddy runs is not known: interrupted_run said so already
+        return ""
+    info = f.containers.get(slot)
+    proxy = f.traffic.proxy_error if f.traffic is not None else None
+    if info is not None and not info.running:
+        down = (f"is {'stopped' if info.status == 'exited' else info.status}" if info.exists
+                else "does not exist")
+    elif proxy is not None:
+        down = f"does not answer through the proxy ({proxy})"
+    else:
+        return f" ({slot} serves)"
+    return f"; {slot}, the slot Caddy points at, {down}: nothing serves"
 
 
 def disk_space(f: Facts) -> Iterator[Problem]:

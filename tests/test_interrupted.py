@@ -28,9 +28,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1719,7 +1720,7 @@ def test_a_signal_once_the_database_is_restored_carries_the_rollback_to_its_comm
     assert b"written-after-the-snapshot" in gzip.decompress(safety.read_bytes())
     status = cli(env, "status")
     said = status.stdout + status.stderr
-    assert "it took effect: traffic is on blue" in said, said
+    assert "(it took effect); traffic is on blue" in said, said
     assert "restored the database first" in said and str(safety) in said, said
     again = cli(env, "rollback", "--yes")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -1731,14 +1732,10 @@ def test_a_signal_once_the_database_is_restored_carries_the_rollback_to_its_comm
     assert st.current is not None and st.current.version == VERSIONS["v1"].tag
 
 
-def test_a_gate_failing_after_the_restore_leaves_the_first_safety_snapshot_named(
-        stack: DrillStack) -> None:
-    """A rollback whose restore ran, then whose target failed its gate, ends as before:
-    exit 5, the database WAS restored, nothing serves. Found by review: such an ended run
-    was taken for one whose restore finished, unlike a killed one: status never named its
-    safety snapshot (the data from before the restore), the rerun's plan did not either,
-    and the cleanup kept it no longer than any other."""
-    from runbook import rollback, snapshot_restore
+def _restore_then_fail_the_gate(stack: DrillStack) -> pytest.ExceptionInfo[RunbookError]:
+    """On MIGRATED, `rollback --restore-snapshot` whose target (blue) fails its gate once the
+    database is restored: exit 5, both slots stopped, Caddy still pointing at green."""
+    from runbook import rollback
 
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
     env = stack.env
@@ -1756,6 +1753,20 @@ def test_a_gate_failing_after_the_restore_leaves_the_first_safety_snapshot_named
     with pytest.raises(RunbookError) as err:
         rollback.rollback(fast, rollback.Options(restore_snapshot="auto"))
     assert err.value.exit_code == ExitCode.ATTENTION, err.value
+    return err
+
+
+def test_a_gate_failing_after_the_restore_leaves_the_first_safety_snapshot_named(
+        stack: DrillStack) -> None:
+    """A rollback whose restore ran, then whose target failed its gate, ends as before:
+    exit 5, the database WAS restored, nothing serves. Found by review: such an ended run
+    was taken for one whose restore finished, unlike a killed one: status never named its
+    safety snapshot (the data from before the restore), the rerun's plan did not either,
+    and the cleanup kept it no longer than any other."""
+    from runbook import snapshot_restore
+
+    env = stack.env
+    err = _restore_then_fail_the_gate(stack)
     assert "did not become healthy" in str(err.value), err.value
     assert "the database WAS restored" in str(err.value), err.value
     assert f"--slot {Slot.BLUE}`" in (err.value.fix or ""), err.value.fix  # not a placeholder
@@ -1776,6 +1787,133 @@ def test_a_gate_failing_after_the_restore_leaves_the_first_safety_snapshot_named
               if s["name"] == "safety-snapshot"]
     assert str(safety) in step["details"].get("the data from before", ""), step
     assert safety.name in snapshot_restore.kept_for_killed_restore(env)
+
+
+def _journal_lines(said: str) -> list[dict[str, Any]]:
+    """The run's journal lines, from the path its output names (`runbook: journal: PATH`)."""
+    [path] = re.findall(r"^runbook: journal: (\S+)$", said, re.MULTILINE)
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _stopped_after_the_restore(stack: DrillStack,
+                               meanwhile: Callable[[], None]) -> tuple[int, str]:
+    """On MIGRATED, `rollback --restore-snapshot` held (SIGSTOP) once its restore committed;
+    `meanwhile` runs, then the run goes on: its exit code and output."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "after:restore-database:SIGSTOP"})
+    wait_stopped(proc.pid)
+    meanwhile()
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+def test_a_restoring_rollback_stopped_after_its_commit_names_its_safety_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: a SIGHUP once the database was restored carries the run to its
+    commit, then stops it (exit 6); its "TOOK EFFECT" message, all a terminal shows, never
+    said the database was restored nor where the data from before it is (only `runbook
+    status` did). The message, and the journal's final ERROR line, name the safety snapshot."""
+    env = stack.env
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGHUP")
+    assert first.returncode == int(ExitCode.TOOK_EFFECT), first.stderr
+    [safety] = _safety_snapshots(env)  # the data from before the restore
+    [error] = [line for line in first.stderr.splitlines() if line.startswith("runbook: error:")]
+    assert "TOOK EFFECT" in error and str(safety) in error, error
+    last = [e for e in _journal_lines(first.stderr) if e["level"] == "ERROR"][-2]
+    assert last.get("exit_code") == 6 and "TOOK EFFECT" in last["message"], last
+    assert str(safety) in last["message"], last
+
+
+def test_status_after_a_restoring_rollback_stopped_after_its_commit_says_it_once(
+        stack: DrillStack) -> None:
+    """Found by review: status read "stopped after traffic moved (it took effect); it took
+    effect: traffic is on blue", the same thing twice."""
+    env = stack.env
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGHUP")
+    assert first.returncode == int(ExitCode.TOOK_EFFECT), first.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # the oracle: what serves
+    out = cli(env, "status", "--format", "json")
+    [said] = [p["problem"] for p in json.loads(out.stdout)["problems"]
+              if p["check"] == "interrupted_run"]
+    assert said.count("took effect") == 1, said
+    assert "traffic is on blue" in said, said
+
+
+def test_status_after_a_gate_failing_past_the_restore_says_nothing_serves(
+        stack: DrillStack) -> None:
+    """Found by review: after a gate that failed once the database was restored, status
+    said "traffic did not move (green serves)": Caddy points at green, but green is
+    stopped and the proxy answers 502. It says what Docker and the proxy say."""
+    env = stack.env
+    _restore_then_fail_the_gate(stack)
+    green = env.slot(Slot.GREEN).container
+    assert docker.inspect(green).status == "exited"
+    with drill_http.client(timeout=3) as client:
+        assert client.get(f"{env.caddy.proxy_url}/version").status_code == 502
+    out = cli(env, "status", "--format", "json")
+    [said] = [p["problem"] for p in json.loads(out.stdout)["problems"]
+              if p["check"] == "interrupted_run"]
+    assert "green serves" not in said, said
+    assert "traffic did not move; green, the slot Caddy points at, is stopped: nothing " \
+        "serves" in said, said
+
+
+def test_a_restore_that_does_not_match_its_snapshot_ends_with_the_checks_own_fix(
+        stack: DrillStack) -> None:
+    """Found by review: when the row counts after the replay differ from the snapshot's,
+    the check says "do not start the app on it", and the run's final fix then said to
+    `runbook switch` to the target, which starts the app on it. A row written by another
+    session right after the restore makes the counts differ."""
+    def write_one() -> None:
+        with stack.connect() as conn:
+            conn.execute("INSERT INTO items (name) VALUES ('written-after-the-restore')")
+
+    code, said = _stopped_after_the_restore(stack, write_one)
+    env = stack.env
+    assert code == int(ExitCode.ATTENTION), said
+    assert "does not match the snapshot" in said, said
+    [safety] = _safety_snapshots(env)
+    [error] = [line for line in said.splitlines() if line.startswith("runbook: error:")]
+    [*_, logged] = [e["message"] for e in _journal_lines(said)
+                    if e["level"] == "ERROR" and "WAS restored" in e["message"]]
+    for text in (error, logged):  # what follows the run's own words: its final fix
+        final = text.rpartition("the service is down")[2]
+        assert "do not start the app on it" in final and str(safety) in final, text
+        assert "runbook switch" not in final and "docker start" not in final, text
+    assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+
+
+def test_the_switch_a_failure_past_the_restore_names_starts_the_stopped_target(
+        stack: DrillStack) -> None:
+    """After a rollback that failed once the database was restored (its deploy lock removed
+    meanwhile, as by `runbook unlock --force`), both slots are stopped; its fix names
+    `runbook switch ENV --slot blue`. That command starts the stopped blue container (the
+    switch's start step), gates it and moves traffic there: v1 serves on schema 1."""
+    import shutil
+
+    env = stack.env
+    code, said = _stopped_after_the_restore(stack, lambda: shutil.rmtree(env.lock_path))
+    assert code == int(ExitCode.ATTENTION), said
+    assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+    named = re.findall(r"`runbook switch (\S+) --slot (\w+)`", said)
+    assert named == [(env.name, "blue")], said
+    switched = cli(env, "switch", "--slot", "blue", "--yes")  # the same, on the drill's path
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert _database(stack)[0] == (1,)
+    assert intents.read(env) is None
 
 
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
