@@ -177,7 +177,10 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
     except RunbookError as exc:
         raise _failed(journal, exc, result) from None
     except Exception as exc:
-        if not executing:  # a bug met before any step ran: exit 1, as in a dry run
+        # a bug met before any step ran: exit 1, as in a dry run; but not while an
+        # interrupted run's record waits (its change may have taken effect: what is left of
+        # it is for the journal and status, exit 5, found by review)
+        if not executing and not _interrupted_run_waits(env):
             error = RunbookError(
                 "unexpected failure before anything was changed (a bug in runbook: please "
                 f"report this line): {type(exc).__name__}: {exc}",
@@ -236,6 +239,14 @@ def journaled(env: Environment, action: str, why: str,
     finally:
         if journal is not None and (lost := incomplete(journal)) is not None:
             notify(f"{WARNING}{lost}")
+
+
+def _interrupted_run_waits(env: Environment) -> bool:
+    """An interrupted run's record is there (or cannot be looked for)."""
+    try:
+        return intents.path(env).exists()
+    except OSError:
+        return True
 
 
 def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> RunbookError:

@@ -405,6 +405,28 @@ def test_an_unexpected_error_while_planning_is_exit_1_in_a_real_run_as_in_a_dry_
     assert not (host.parent / "locks" / "togather-deploy-production.lock").exists()
 
 
+def test_an_unexpected_error_while_planning_with_an_interrupted_run_waiting_is_exit_5(
+        host: Path) -> None:
+    """Found by review: the exit 1 ("before anything was changed: nothing needs undoing")
+    was also said while an interrupted run's record waited, whose change may have taken
+    effect: that is exit 5, sending on-call to the journal and `runbook status`."""
+    from runbook import intent as intents
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    code = ("import sys, runbook.cli, runbook.snapshot_restore as sr\n"
+            "def bug(*a, **k):\n    raise TypeError('simulated bug')\n"
+            "sr.find = bug\nsys.argv = ['runbook', *sys.argv[1:]]\nrunbook.cli.main()\n")
+    waiting = intents.path(envmod.load("production", config=str(host)))
+    waiting.write_text(json.dumps({"run_id": "rbk_killed", "action": "rollback"}))
+    done = subprocess.run([sys.executable, "-c", code, "snapshot", "restore", str(host),
+                           "--yes"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    assert done.returncode == 5, done.stderr
+    assert "TypeError: simulated bug" in done.stderr, done.stderr
+    assert "before anything was changed" not in done.stderr, done.stderr
+
+
 def two_deployments_state(host: Path) -> None:
     """A state file whose history holds bbbbbbb (current) and aaaaaaa (previous)."""
     def deployment(version: str, slot: str, when: str, status: str) -> dict[str, str]:
