@@ -191,7 +191,9 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
         report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
         return full_commit(report.git_commit, known.git_commit if known else None)
 
-    new = switched(fresh, version, target, health_status=health_status, run_id=run_id,
+    # the id of the run that moved traffic (its log lines carry it), also when a later run
+    # finishes this one after an exit 6
+    new = switched(fresh, version, target, health_status=health_status, run_id=intent.run_id,
                    image=intent.to_image or "", commit=commit,
                    previous_image=(_runs_instead(env, fresh.previous, intent)
                                    if fresh.previous is not None else None))

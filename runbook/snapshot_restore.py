@@ -293,7 +293,12 @@ def restore_steps(env: Environment, run: RestoreRun,
             "on failure": "psql rolls back: the database stays exactly as it was; once COMMIT "
                           "is sent, Postgres is asked whether it committed (txid_status): "
                           "unknown leaves the app slots stopped",
-            "Ctrl-C": "acted on once the transaction has ended, so its outcome is known",
+            # what until_commit (do_restore) makes of a signal, said before it happens
+            "Ctrl-C": "held until the transaction has ended, so its outcome is known; rolled "
+                      "back, the run stops there; committed, the app slots would stay down, "
+                      + ("so the run carries on until traffic has moved, then stops (exit 6)"
+                         if not standalone else
+                         "so the run carries on to its end (the app started again)"),
         }, run=do_restore, hold_signals=True),
         Step("verify-restore", "Verify schema_migrations and the row counts", {
             "expect": f"schema_migrations {verified.migration_version}; "

@@ -91,7 +91,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
                             from_version=state.current.version if state.current else None,
-                            to_version=version, to_image=info.image)
+                            # what the run creates or starts (a dead container is recreated
+                            # from compose's image: its old name is not what will run)
+                            to_version=version, to_image=prep.image)
     # the same switch rerun supersedes its dead run's record, never puts it back
     keeps = in_line and in_line_beside
     old_record = None if keeps else finish.replaced(found, intent)

@@ -339,6 +339,28 @@ def test_a_switch_records_its_new_deployment_under_the_id_its_log_lines_carry(
     assert ours and {e["deployment_id"] for e in ours} == {current.id}, (current.id, ours[:2])
 
 
+def test_a_switch_finished_by_a_later_run_records_the_id_of_the_run_that_moved_traffic(
+        stack: DrillStack) -> None:
+    """Found by review: killed after its commit, a switch was finished by the next run, and
+    the new record took the finishing run's id while the log lines of the run that moved
+    traffic carried its own: the two could not be joined."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    before = states.read_state(env.state_file, environment=env.name)
+    assert before.current is not None
+    states.write_state(env.state_file, before.with_(previous=None, history=(before.current,)))
+    killed = cli(env, "switch", "--slot", "green", "--yes", fault="switch.after-verify:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    lines = [json.loads(line) for log in env.log_dir.glob("*.log")
+             for line in log.read_text().splitlines()]
+    moved = {e["run_id"] for e in lines if e["message"].startswith("switch started")}
+    assert len(moved) == 1, moved
+    finished = cli(env, "switch", "--slot", "green", "--yes")
+    assert finished.returncode == 0, finished.stderr
+    current = states.read_state(env.state_file).current
+    assert current is not None and current.version == V2.tag and current.active_slot == "green"
+    assert {current.id} == moved, (current.id, moved)
+
+
 def test_unlock_force_never_removes_a_live_holders_lock(stack: DrillStack) -> None:
     """Even expired: the holder's process (known by its start time too) still runs, so it is
     a hung run to stop, not a lock to delete under it."""
@@ -1707,6 +1729,13 @@ def test_a_signal_once_the_database_is_restored_carries_the_rollback_to_its_comm
     env = stack.env
     with stack.connect() as conn:
         conn.execute("INSERT INTO items (name) VALUES ('written-after-the-snapshot')")
+    # the plan says so before it happens (found by review: it said a Ctrl-C is "acted on
+    # once the transaction has ended", which on-call read as "stops the run there")
+    looked = cli(env, "rollback", "--restore-snapshot", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    steps = {s["name"]: s for s in json.loads(looked.stdout)["plan"]["steps"]}
+    said = steps["restore-database"]["details"]["Ctrl-C"]
+    assert "carries on until traffic has moved, then stops (exit 6)" in said, said
     first = cli(env, "rollback", "--restore-snapshot", "--yes",
                 fault=f"after:restore-database:{signame}")
     assert first.returncode == int(ExitCode.TOOK_EFFECT), first.stderr
