@@ -141,7 +141,8 @@ def restore(
         fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")
 
 
-def _cleanup_locked(environment: Environment) -> CleanupResult:
+def _cleanup_locked(environment: Environment,
+                    only: set[str] | None = None) -> CleanupResult:
     """Under the deploy lock (found by review): a cron cleanup deleted an expired snapshot
     that a restore, waiting at its prompt or taking its safety snapshot, was about to replay.
     A held lock refuses (exit 3) and deletes nothing; the next cron run does the work.
@@ -157,7 +158,7 @@ def _cleanup_locked(environment: Environment) -> CleanupResult:
             log("WARN", held.state_warning)
             notice(f"{run.WARNING}{held.state_warning}")
         try:
-            result = snapshots.cleanup(environment,
+            result = snapshots.cleanup(environment, only=only,
                                        also_keep=kept_for_killed_restore(environment))
         finally:
             locks.release(environment, held)
@@ -189,11 +190,13 @@ def cleanup(
             result = _cleanup_preview(environment)
         else:
             require_yes(yes, "`runbook snapshot cleanup`")
+            shown: set[str] | None = None
             if not yes:  # on a terminal: what would go, and the question
-                preview = _cleanup_lines(environment, _cleanup_preview(environment),
-                                         dry_run=True)
-                ask_first(yes, "\n".join(preview), fmt)
-            result = _cleanup_locked(environment)
+                looked = _cleanup_preview(environment)
+                ask_first(yes, "\n".join(_cleanup_lines(environment, looked, dry_run=True)),
+                          fmt)
+                shown = {s.name for s in looked.removed}  # and nothing else goes
+            result = _cleanup_locked(environment, shown)
     except RunbookError as exc:
         _fail(exc, fmt)
     if fmt is Format.json:

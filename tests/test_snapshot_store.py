@@ -738,6 +738,21 @@ def test_cleanup_on_a_terminal_shows_what_would_go_and_asks(
     assert f"Removed {old.name}" in done.stdout and not old.exists(), done.stdout
 
 
+def test_cleanup_after_the_prompt_removes_only_what_the_prompt_showed(
+        env: Environment) -> None:
+    """Found by review: after the "y", the cleanup decided again under the lock, so a
+    snapshot that expired while the prompt waited was deleted without being shown. Only the
+    names shown go; the other is kept, said, and left to the next cleanup."""
+    record(env, "dep_old", "dep_current")
+    shown = put(env, "20261110_120000", "manual", age_days=20, expires_in_days=-13)
+    since = put(env, "20261111_120000", "manual", age_days=19, expires_in_days=-12)
+    put(env, "20261129_120000", "manual", age_days=1)  # the newest, kept
+    result = snapshots.cleanup(env, only={shown.name})
+    assert not shown.exists() and since.exists()
+    assert [s.name for s in result.removed] == [shown.name]
+    assert any(s.name == since.name and "shown at the prompt" in why for s, why in result.held)
+
+
 def test_cleanup_dry_run_meets_the_deploy_lock_as_the_real_run_does(
         env: Environment, tmp_path: Path) -> None:
     """Found by review: with a live holder of the deploy lock the dry run said "Would remove

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -584,11 +584,13 @@ def _unlink(path: Path) -> str | None:
 
 
 def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = False,
-            also_keep: Mapping[str, str] | None = None) -> CleanupResult:
+            also_keep: Mapping[str, str] | None = None,
+            only: Set[str] | None = None) -> CleanupResult:
     """Remove snapshots past their own expires_at (dump, then sidecar), except the ones a
     rollback needs (`protected`) and `also_keep` (file name: why; what only the run records
     know, read by the caller: a killed restore's safety snapshot); entries that are not
-    files are skipped and reported."""
+    files are skipped and reported. `only`: the names on-call was shown at the prompt; one
+    that expired while it waited is kept (found by review: deleted unshown)."""
     now = now or datetime.now(UTC)
     retention = env.database.retention_days
     directory = env.database.snapshot_dir
@@ -630,6 +632,11 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
         if snap.path in keep:
             kept.append(snap)
             held.append((snap, keep[snap.path]))
+            continue
+        if only is not None and snap.name not in only:
+            kept.append(snap)
+            held.append((snap, "expired since the list was shown at the prompt: the next "
+                               "cleanup removes it"))
             continue
         if not dry_run:
             problem = _unlink(snap.path)
