@@ -235,15 +235,15 @@ def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
 def _serving_is_current(env: Environment, state: states.DeploymentState,
                         current: states.Deployment, target: states.Deployment, live: Slot,
                         serving: docker.ContainerInfo, *,
-                        named: bool) -> tuple[str, states.Deployment | None]:
+                        named: bool) -> None:
     """What serves decides what is rolled back from, not the state file: the old tooling's
     rollback swaps current and previous there without switching Caddy, and this run then
     rebuilt the version serving as the "previous" one and said "rolled back". A serving
     container whose tag names no version (`:latest`) cannot be compared: the file is used.
-    Returns the version rolled back from and its record (None: the history does not know
-    it), as deploy's `_serving_record` reads them (found by review: `--to` took both from
-    the file, and its plan, its record and its messages named a version that did not run)."""
-    runs = serving.tag if serving.tag and states.is_version(serving.tag) else None
+    What is rolled back from is `serving_deployment`'s, as deploy's `_serving_record` reads
+    it (found by review: `--to` took it from the file, and its plan, its record and its
+    messages named a version that did not run)."""
+    runs = _runs(serving)
     if runs is not None and runs != current.version and not named:
         known = ", ".join(d.version for d in state.deployments())
         raise PreconditionError(
@@ -258,9 +258,39 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
         raise PreconditionError(f"{target.version} already serves, from the {live} slot (as "
                                 "Caddy runs it); nothing was changed",
                                 "nothing to roll back to; pass --to <another version>")
+
+
+def _runs(serving: docker.ContainerInfo) -> str | None:
+    """The version the serving container's tag names (None: `:latest` names none)."""
+    return serving.tag if serving.tag and states.is_version(serving.tag) else None
+
+
+def serving_deployment(state: states.DeploymentState, current: states.Deployment,
+                       serving: docker.ContainerInfo) -> tuple[str, states.Deployment | None]:
+    """The version that serves and its record (None: the history does not know it); the
+    file's current when the serving tag names no version. What every check that asks "what
+    is this host on" judges by: the file's current is what the old tooling swapped."""
+    runs = _runs(serving)
     if runs is None or runs == current.version:
         return current.version, current
     return runs, state.find_version(runs)
+
+
+def _expected(options: Options, current: states.Deployment,
+              from_version: str, served: states.Deployment | None) -> None:
+    """`--expect-from` (the fleet's pre-flight saw it) against what serves: a host rolled
+    back since is never rolled again, and one whose file was swapped without a switch is not
+    taken for rolled back (found by review: it compared the file's current)."""
+    wanted = options.expect_from
+    if not wanted or (served.matches(wanted) if served is not None
+                      else wanted.strip().lower() == from_version):
+        return
+    says = ("" if from_version == current.version else
+            f" (as Caddy runs it; the state file says {current.version})")
+    raise PreconditionError(f"the current deployment is {from_version}{says}, not {wanted} as "
+                            "expected (it changed since it was checked); nothing was changed",
+                            "read `runbook status` here; a fleet run: run it again, its "
+                            "pre-flight reads every host anew")
 
 
 def named_target(env: Environment, state: states.DeploymentState,
@@ -293,6 +323,29 @@ def check_target(env: Environment, ref: str) -> None:
     named_target(env, state, ref)
 
 
+def _other_target(env: Environment, found: tuple[intents.Intent, str] | None,
+                  options: Options, serving: str,
+                  target: states.Deployment) -> PreconditionError | None:
+    """An interrupted `rollback --to X` typed again without --to went to the previous
+    deployment instead, the version on-call had chosen to skip (found by review). Judged by
+    what serves (`serving`), as the interrupted run recorded it: the file's current is what
+    the old tooling's rollback swaps without switching."""
+    if (found is None or found[0].action != "rollback" or options.to
+            or found[0].from_version != serving or found[0].to_version == target.version):
+        return None
+    again = restoring_command(env.name, found[0]) or finish.resume_command(env, found[0])
+    other = (f"`runbook rollback {env.name} --to {target.version}`"
+             if target.version != serving else
+             # the file's previous is what serves (a swapped file): no rollback goes there
+             f"another version with `runbook rollback {env.name} --to <version>`")
+    return PreconditionError(
+        f"an interrupted rollback was going to {found[0].to_version}, and this one would go "
+        f"to {target.version}" + (" (which serves already: the state file is out of date)"
+                                  if target.version == serving else "")
+        + "; nothing was changed",
+        f"name the one you want: `{again}` (the interrupted one) or {other}")
+
+
 def resume_command(env: Environment, version: str) -> str:
     """What reruns this rollback: its target named (the previous deployment or a --to one)."""
     return f"runbook rollback {env.name} --to {version}"
@@ -312,12 +365,6 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if current is None:
         raise PreconditionError("no current deployment is recorded",
                                 no_previous_fix(env))
-    if options.expect_from and not current.matches(options.expect_from):
-        raise PreconditionError(f"the current deployment is {current.version}, not "
-                                f"{options.expect_from} as expected (it changed since it was "
-                                "checked); nothing was changed",
-                                "read `runbook status` here; a fleet run: run it again, its "
-                                "pre-flight reads every host anew")
     forward: PreconditionError | None = None
     if options.to:
         target = named_target(env, state, options.to)  # again under the lock: it may change
@@ -339,18 +386,6 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"to return to it on purpose: `runbook rollback {env.name} --to "
                 f"{target.version}`; to go further back, name that version with --to "
                 f"(`runbook status {env.name}` lists the deployments)")
-    other_target: PreconditionError | None = None
-    if (found is not None and found[0].action == "rollback" and not options.to
-            and found[0].from_version == current.version
-            and found[0].to_version != target.version):
-        # an interrupted `rollback --to X`: typed again without --to, it went to the
-        # previous deployment instead, the version on-call had chosen to skip (found by review)
-        again = restoring_command(env.name, found[0]) or finish.resume_command(env, found[0])
-        other_target = PreconditionError(
-            f"an interrupted rollback was going to {found[0].to_version}, and this one would "
-            f"go to {target.version}; nothing was changed",
-            f"name the one you want: `{again}` (the interrupted one) or `runbook rollback "
-            f"{env.name} --to {target.version}`")
     if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
@@ -364,14 +399,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
-        refusal = other_target or forward
+        from_version, served = serving_deployment(state, current, containers[live].result())
+        _expected(options, current, from_version, served)
+        refusal = _other_target(env, found, options, from_version, target) or forward
         if refusal is not None:  # said with the outage an interrupted run may have left
             if found is not None and not containers[live].result().running:
                 raise down_after_interrupted(env, found[0], live, refusal)
             raise refusal
-        from_version, served = _serving_is_current(env, state, current, target, live,
-                                                   containers[live].result(),
-                                                   named=bool(options.to))
+        _serving_is_current(env, state, current, target, live, containers[live].result(),
+                            named=bool(options.to))
         if found is not None:
             # a killed restore may have stopped the serving slot (its maintenance stop): say
             # so, never "nothing users see" while users get errors

@@ -2374,6 +2374,34 @@ def test_an_interrupted_rollback_to_a_named_version_is_never_rerun_to_another(
     assert env.state_file.read_bytes() == state_before
 
 
+def test_an_interrupted_rollback_is_judged_by_what_serves_when_the_file_was_swapped(
+        stack: DrillStack) -> None:
+    """The "an interrupted rollback was going elsewhere" check compared the interrupted run's
+    from-version (what served) with the state file's current: once the old tooling's rollback
+    swapped current and previous there (Caddy untouched, v3 still serving), a rerun without
+    --to was refused as "the file is out of date" with no word of the interrupted `--to v1`
+    or the command that finishes it. Judged by what serves, it is named."""
+    env = arrange(stack)  # v3 serves, v2 the previous, v1 before it (schema 1: --force)
+    v1 = VERSIONS["v1"].tag
+    first = cli(env, "rollback", "--to", v1, "--force", "--yes",
+                fault="before:switch:SIGKILL")
+    assert first.returncode == -9, first.stderr
+    lying = states.read_state(env.state_file, environment=env.name)
+    assert lying.current is not None and lying.previous is not None
+    states.write_state(env.state_file, lying.with_(current=lying.previous,
+                                                   previous=lying.current))
+    assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
+    state_before = env.state_file.read_bytes()
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == 4, again.stderr
+    assert f"an interrupted rollback was going to {v1}" in again.stderr, again.stderr
+    assert f"`runbook rollback {env.name} --to {v1}`" in again.stderr, again.stderr
+    assert f"--to {V3.tag}`" not in again.stderr, again.stderr  # v3 serves already
+    assert "nothing was changed" in again.stderr, again.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert env.state_file.read_bytes() == state_before
+
+
 def test_a_failed_rerun_of_a_killed_rollback_leaves_no_record_behind(stack: DrillStack) -> None:
     """Found by review: `kill -9` of a rollback before its gate, then the same rollback
     again, stopped before traffic moved too: the rerun put the dead run's own record back

@@ -1825,6 +1825,60 @@ def test_a_rollback_to_rolls_back_from_what_serves_and_writes_what_its_plan_show
     assert journaled["current"].startswith(promised["current"]), journaled
 
 
+def swap_current_and_previous(env: Environment) -> None:
+    """What the old tooling's rollback does: current and previous swapped in the state file,
+    no container started, Caddy untouched."""
+    lying = states.read_state(env.state_file, environment=env.name)
+    assert lying.current is not None and lying.previous is not None
+    states.write_state(env.state_file, lying.with_(current=lying.previous,
+                                                   previous=lying.current))
+
+
+def test_expect_from_is_judged_by_what_serves_not_by_the_files_current(
+        stack: DrillStack) -> None:
+    """`--expect-from` (the fleet's pin: what the host's pre-flight saw) compared with the
+    state file's current, which the old tooling's rollback swaps without switching: a host
+    whose file says v2 while v3 serves was refused as "already rolled back", and one whose
+    file says v3 while v2 serves (rolled back since) was rolled again, forward to v3. What
+    serves (Docker and the proxy) is what it must match."""
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    swap_current_and_previous(env)  # the file says v2; v3 serves
+    assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
+    rollback.rollback(env, rollback.Options(to=V2.tag, expect_from=V3.tag,
+                                            reason="test: expect what serves"))
+    assert through_proxy(env) == ("green", V2.tag)
+    swap_current_and_previous(env)  # now the file says v3; v2 serves (rolled back since)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, rollback.Options(to=V3.tag, expect_from=V3.tag,
+                                                reason="test: rolled back since"))
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    said = str(err.value)
+    assert f"the current deployment is {V2.tag} (as Caddy runs it; the state file says " \
+        f"{V3.tag}), not {V3.tag} as expected" in said, said
+    assert "nothing was changed" in said, said
+    assert snapshot(env) == before
+
+
+def test_the_fleets_pin_is_what_serves_so_a_swapped_file_host_still_rolls_back(
+        stack: DrillStack) -> None:
+    """The fleet pinned each host's `--expect-from` to the state file's current from its
+    pre-flight, while the host's rollback compares it with what serves: a host whose file
+    the old tooling swapped (v2 said, v3 serving) was refused by its own pin. The pin is what
+    the pre-flight's dry run rolls back from."""
+    from runbook.fleet import hostcheck, rollout
+
+    env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
+    swap_current_and_previous(env)  # the file says v2; v3 serves
+    seen = hostcheck.check(str(env.source), None, V2.tag)
+    assert seen["dry_run"]["ok"], seen
+    pin = rollout._pins({"host1": seen}, ["host1"])["host1"]
+    assert pin == {"from": V3.tag, "to": V2.tag}, pin
+    rollback.rollback(env, rollback.Options(to=pin["to"], expect_from=pin["from"],
+                                            reason="test: the fleet's pin"))
+    assert through_proxy(env) == ("green", V2.tag)
+
+
 def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_changed(
         stack: DrillStack) -> None:
     """Exit 4 promises "nothing was changed". A refusal met once the run had started the

@@ -990,15 +990,18 @@ def _mixed_releases(checks: dict[str, dict[str, Any]], targets: list[str]) -> li
 
 def _pins(checks: dict[str, dict[str, Any]], targets: list[str]) -> dict[str, dict[str, str]]:
     """What each host's rollback must find and where it must go, as its pre-flight saw it:
-    `--expect-from` (its current deployment) and `--to` (its dry run's target). A host that
-    changed in between (rolled back by hand meanwhile) then refuses instead of rolling on."""
+    `--expect-from` (what its dry run rolls back from: what serves, which the host's rollback
+    compares it with; the file's current may be swapped by the old tooling) and `--to` (its
+    dry run's target). A host that changed in between (rolled back by hand meanwhile) then
+    refuses instead of rolling on."""
     pins: dict[str, dict[str, str]] = {}
     for host in targets:
         data = checks.get(host) or {}
+        facts = data.get("dry_run", {}).get("facts", {})
         pin = {}
-        if version := (data.get("deployment") or {}).get("version"):
+        if version := facts.get("from") or (data.get("deployment") or {}).get("version"):
             pin["from"] = str(version)
-        if to := data.get("dry_run", {}).get("facts", {}).get("to"):
+        if to := facts.get("to"):
             pin["to"] = str(to)
         pins[host] = pin
     return pins
