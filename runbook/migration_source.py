@@ -36,17 +36,21 @@ class Found:
 
 def successor(env: Environment, target: states.Deployment,
               current: states.Deployment) -> states.Deployment:
-    """The deployment that most recently replaced `target`.
+    """The deployment that most recently replaced `target`; `current` is the one that serves.
 
     For the previous deployment that is the current one, whatever the dates say: a rollback
     keeps the target's `deployed_at`, so after A, B, a rollback to A and then C, the earliest
-    deployment after A is B, whose pre-deploy snapshot is days older than C's. Further back
-    (`--to`) the state file keeps no more than the dates: the earliest one recorded after it."""
+    deployment after A is B, whose pre-deploy snapshot is days older than C's. The pair is
+    judged as a pair: the old tooling's rollback swaps current and previous in the file
+    without switching, so there the target is the file's current and what serves its
+    previous (found by review: the dates then chose B). Further back (`--to`) the state file
+    keeps no more than the dates: the earliest one recorded after it."""
     try:
         state = states.read_state(env.state_file, environment=env.name)
     except RunbookError:
         return current
-    if state.previous is not None and state.previous.id == target.id:
+    pair = {d.id for d in (state.current, state.previous) if d is not None}
+    if target.id != current.id and pair == {target.id, current.id}:
         return current
     later = [d for d in state.deployments()
              if d.id != target.id and d.deployed_at > target.deployed_at]

@@ -408,6 +408,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             raise refusal
         _serving_is_current(env, state, current, target, live, containers[live].result(),
                             named=bool(options.to))
+        if served is not None and served.id != current.id:
+            # the file's current is not what serves (the old tooling's swap): the guard,
+            # started before the serving slot was known, judged from the file; it judges
+            # again from what serves, whose migrations the database ran (found by review)
+            guard_probe.settle(2.0)
+            guard_probe = tool_checks.Probe(partial(schema_guard, env, served, target, options),
+                                            "schema-guard")
         if found is not None:
             # a killed restore may have stopped the serving slot (its maintenance stop): say
             # so, never "nothing users see" while users get errors
@@ -463,6 +470,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 raise
             raise down_after_interrupted(env, found[0], live, exc) from None
         warnings += guard.warnings
+        if from_version != current.version:
+            guard.details["schema judged from"] = (
+                f"{from_version}, which serves (the state file's current is {current.version})"
+                if served is not None else
+                f"the state file's current {current.version}: {from_version}, which serves, is "
+                "not in the deployment history")
         tools = checks.result()
         warnings += checks.warnings
     except BaseException:

@@ -1879,6 +1879,38 @@ def test_the_fleets_pin_is_what_serves_so_a_swapped_file_host_still_rolls_back(
     assert through_proxy(env) == ("green", V2.tag)
 
 
+def test_the_schema_guard_picks_the_snapshot_of_what_serves_not_of_the_files_current(
+        stack: DrillStack) -> None:
+    """v1, v2 (migrated to 2), a rollback to v1 restoring v2's pre-deploy snapshot, then v3
+    (its pre-deploy snapshot at schema 1, migrated to 2): v3 serves and replaced v1 last, so
+    `rollback --to v1 --restore-snapshot` restores v3's pre-deploy snapshot. With current and
+    previous swapped in the state file (the old tooling's rollback, Caddy untouched), the
+    guard reasoned from the file's current (v1 itself) and took the earliest deployment after
+    v1 by date, v2, restoring v2's older snapshot: the writes made while v1 served again were
+    lost too. It reasons from what serves."""
+    from runbook import snapshots
+
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    rollback.rollback(env, rollback.Options(restore_snapshot="auto", reason="test: v1 again"))
+    deploy_to(stack, env, "v3")
+    assert through_proxy(env) == ("green", V3.tag)
+    v3 = states.read_state(env.state_file, environment=env.name).find_version(V3.tag)
+    assert v3 is not None
+    own = [s.name for s in snapshots.own_snapshots(env) if s.deployment_id == v3.id]
+    assert len(own) == 1, own  # the oracle: v3's pre-deploy snapshot, by its sidecar
+    honest = rollback.rollback(env, rollback.Options(to=V1.tag, restore_snapshot="auto"),
+                               dry_run=True)
+    assert step_of(honest.plan, "preflight").details["restore"] == own[0]
+    swap_current_and_previous(env)  # the file says v1; v3 serves
+    assert through_proxy(env) == ("green", V3.tag)
+    swapped = rollback.rollback(env, rollback.Options(to=V1.tag, restore_snapshot="auto"),
+                                dry_run=True)
+    shown = step_of(swapped.plan, "preflight").details
+    assert shown["restore"] == own[0], shown
+    assert shown["schema judged from"].startswith(f"{V3.tag}, which serves"), shown
+
+
 def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_changed(
         stack: DrillStack) -> None:
     """Exit 4 promises "nothing was changed". A refusal met once the run had started the
