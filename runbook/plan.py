@@ -80,6 +80,12 @@ class NotPutBack(Exception):
     """The replaced record was left replaced on purpose (this run's own says what stays)."""
 
 
+class Skipped(Exception):
+    """The undo did nothing, on purpose (why: the journal's): never said as "undone" (found
+    by review: "undone: start the stopped app containers again" once the database was
+    restored, which that undo never starts them on)."""
+
+
 @dataclass
 class StepContext:
     """What a running step may use: notes for the journal, its undo, live progress."""
@@ -555,6 +561,9 @@ class _Execution:
                     self.journal.log("WARN", stays.message, step="undo")
                 elif stays is not None:  # undone, and found what cannot be (ctx.cannot_undo)
                     self.irreversible.append((stays.message, stays.fix))
+            except Skipped as why:  # it did nothing: the run's own words say what stays
+                self.journal.log("INFO", f"not undone: {title}: {why}", step="undo")
+                continue
             except NotPutBack as kept_own:  # said as it is, never "undone: put back"
                 unkept.append(str(kept_own))
                 self.journal.log("WARN", str(kept_own), step="undo")

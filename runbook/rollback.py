@@ -215,6 +215,25 @@ def restoring_command(name: str, record: intents.Intent) -> str | None:
             f"--snapshot {shlex.quote(snap)}{ended}")
 
 
+def refuse_doubted(env: Environment, dead: intents.Intent | None, run_id: str) -> None:
+    """Refuse (exit 4, nothing changed) while the database a restore left does not match its
+    snapshot: this rollback would start the app on it, which that check forbids (found by
+    review: run again after it, it started v1 on that database, exit 0). --force does not
+    pass it: only a restore, which replaces that database whole, goes on."""
+    from runbook.snapshot_restore import doubted_fix, doubted_restore
+
+    doubted = doubted_restore(env, run_id)
+    if doubted is None:
+        return
+    again = restoring_command(env.name, dead) \
+        if dead is not None and dead.run_id == doubted["run_id"] else None
+    raise PreconditionError(
+        f"{doubted['problem']} (the check \"{doubted['check']}\" of the {doubted['action']} run "
+        f"{doubted['run_id']} failed, and no run has restored the database since): this "
+        "rollback would start the app on it; nothing was changed",
+        doubted_fix(env.name, doubted, again))
+
+
 def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
                            refused: RunbookError) -> PreconditionError:
     """A rerun refused while the interrupted run left the serving slot stopped (a restore's
@@ -360,6 +379,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             return finish.plan_for(env, done, run_id)
         raise finish.not_what_it_did(env, done, "a rollback" + (f" to {wanted}" if wanted
                                                                 else ""))
+    if not options.restore_snapshot and not options.schema_restored_first:
+        refuse_doubted(env, found[0] if found is not None else None, run_id)
     state = states.read_state(env.state_file, environment=env.name)
     current = state.current
     if current is None:

@@ -17,7 +17,7 @@ from typing import Any
 from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
-from runbook.plan import NotPutBack, Plan, Stays, Step, StepContext
+from runbook.plan import NotPutBack, Plan, Skipped, Stays, Step, StepContext
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands, sessions
 from runbook.snapshots.dump import create
@@ -34,8 +34,8 @@ from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
 from runbook.snapshots.verify import check_server, verify
 from runbook.times import format_utc as _fmt
 
-__all__ = ["kept_for_killed_restore", "prepare", "restore", "restore_steps", "restored_by",
-           "start_step"]
+__all__ = ["doubted_fix", "doubted_restore", "kept_for_killed_restore", "prepare", "restore",
+           "restore_steps", "restored_by", "start_step"]
 
 
 def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
@@ -144,8 +144,8 @@ def restore_steps(env: Environment, run: RestoreRun,
         from runbook import slots as slotmod
 
         def restart() -> Stays | None:
-            if run.restored:
-                return None  # old code on the restored schema: leave them stopped for a human
+            if run.restored:  # old code on the restored schema: left stopped for a human
+                raise Skipped("the database was restored: the app slots stay stopped")
             if run.outcome_unknown:  # maybe restored: neither code is known to fit it
                 raise NotPutBack("the app slots were left stopped: the database may be "
                                  "restored, and neither code is known to fit it")
@@ -174,8 +174,7 @@ def restore_steps(env: Environment, run: RestoreRun,
         # The undo is registered, and each container listed, BEFORE its stop: a Ctrl-C or a
         # failure during the second stop (or inside the first, which Docker finishes anyway)
         # must start the serving slot again, not report "nothing took effect" with it down.
-        ctx.on_failure("start the stopped app containers again (only when the database "
-                       "was not restored)", restart)
+        ctx.on_failure("start the stopped app containers again", restart)
         # a serving slot an interrupted run already stopped is this run's to start again too:
         # its undo otherwise left the service down under "traffic stays where it was"
         left = _serving_but_stopped(env)
@@ -238,7 +237,9 @@ def restore_steps(env: Environment, run: RestoreRun,
         except RunbookError as exc:
             # the run's final fix is the check's, said once: the one do_restore registered
             # (switch to the target, start the slots) starts the app on data it doubts
-            ctx.cannot_undo(down, (exc.fix or "") + (f"; {before_restore()}" if killed else ""))
+            fix = (exc.fix or "") + (f"; {before_restore()}" if killed else "")
+            ctx.cannot_undo(down, fix)
+            ctx.note(**{MISMATCH: exc.message, MISMATCH_FIX: fix})  # doubted_restore's
             exc.fix = None
             raise
 
@@ -366,6 +367,54 @@ TARGET = "restore_target"  # the snapshot a restore replays: a step detail, kept
 # restore_outcome of a restore-database step whose COMMIT Postgres could not place: that
 # run is finished like a killed one (its safety snapshot holds the data from before)
 UNKNOWN = "unknown"
+# verify-restore's details when the restored database did not match its snapshot: what
+# the check found, and the run's fix (doubted_restore)
+MISMATCH = "does_not_match"
+MISMATCH_FIX = "fix"
+
+
+def doubted_restore(env: Environment, run_id: str | None = None) -> dict[str, str] | None:
+    """The last restore, when the database it left did not match its snapshot (its check
+    says "do not start the app on it") and no run since restored, migrated or started the
+    app (SERVED_OR_CHANGED): {run_id, action, problem, fix, before, target}. With the
+    terminal gone only its record says so, and `runbook status` and a rollback run again
+    (which would start the app on that database) must know (found by review)."""
+    from runbook import journal
+
+    for data in journal.past_records(env, but=run_id):
+        listed = data.get("steps")
+        steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
+                 if isinstance(s, dict) and s.get("status") != "planned"}
+        step = steps.get("verify-restore") or {}
+        check = step.get("detail")
+        if isinstance(check, dict) and isinstance(check.get(MISMATCH), str):
+            safety = (steps.get("safety-snapshot") or {}).get("detail")
+            safety = safety if isinstance(safety, dict) else {}
+            return {"run_id": str(data.get("run_id")), "action": str(data.get("action")),
+                    "check": str(step.get("title") or "verify-restore"),
+                    "problem": check[MISMATCH], "fix": str(check.get(MISMATCH_FIX) or ""),
+                    "before": str(safety.get(EARLIER) or safety.get("safety_snapshot") or ""),
+                    "target": str(safety.get(TARGET) or "")}
+        if SERVED_OR_CHANGED & steps.keys():
+            return None
+    return None
+
+
+def doubted_fix(name: str, doubted: dict[str, str], again: str | None = None) -> str:
+    """The fix while the restored database does not match its snapshot: the run's own (its
+    check's), then the two commands that replace that database whole. `again`: the command
+    that restores the snapshot again (an interrupted rollback's, as it was started)."""
+    import shlex
+
+    ways = []
+    if doubted["before"]:
+        ways.append(f"`runbook snapshot restore {name} "
+                    f"{shlex.quote(Path(doubted['before']).name)}` restores the safety snapshot")
+    if again is None and doubted["target"]:
+        again = f"runbook snapshot restore {name} {shlex.quote(Path(doubted['target']).name)}"
+    if again is not None:
+        ways.append(f"`{again}` restores the snapshot again (and checks it again)")
+    return "; ".join([doubted["fix"] or "do not start the app on it; investigate", *ways])
 
 
 def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | None:

@@ -69,6 +69,8 @@ class Facts:
     held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
     held_error: RunbookError | None = None
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
+    # the last restore left a database that does not match its snapshot (its check failed)
+    doubted: dict[str, str] | None = None
 
     @property
     def active(self) -> Slot | None:
@@ -206,7 +208,7 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      f"roll back (`{_rollback_command(f)}`) or see "
+                      _doubted_fix(f) or f"roll back (`{_rollback_command(f)}`) or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
 
@@ -313,9 +315,12 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
     if f.traffic is None:
         return
     if f.traffic.proxy_error is not None:
+        check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
+                 f"{f.active or 'serving'} slot")
+        doubted = _doubted_fix(f)  # a rollback or a switch would start the app on it
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
-                      f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
-                      f"{f.active or 'serving'} slot; if that slot is down: "
+                      f"{check}; {doubted}" if doubted else
+                      f"{check}; if that slot is down: "
                       f"`{_rollback_command(f)}`, or `runbook switch {_arg(f.env)} --slot "
                       f"{f.active.other if f.active else '<blue|green>'}` when that one is "
                       "healthy")
@@ -353,6 +358,35 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
     yield Problem(f"the Caddyfile on disk points at {on_disk} but Caddy runs {f.active} (a run "
                   "stopped between writing the file and reloading Caddy, or an edit not "
                   f"reloaded); a reload would move traffic to {on_disk}", fix)
+
+
+def restore_doubted(f: Facts) -> Iterator[Problem]:
+    """The last restore left a database that does not match its snapshot: its check said
+    "do not start the app on it", and only its run record still says so (found by review:
+    status then advised a rerun, a rollback or a switch, each starting the app on it)."""
+    fix = _doubted_fix(f, said=True)
+    if f.doubted is not None and fix is not None:
+        yield Problem(f"{f.doubted['problem']} (the check \"{f.doubted['check']}\" of the "
+                      f"{f.doubted['action']} run {f.doubted['run_id']} failed): the app must "
+                      "not be started on it", fix)
+
+
+def _doubted_fix(f: Facts, said: bool = False) -> str | None:
+    """While the restored database does not match its snapshot: the run's own fix (its
+    check's) for the problem that says so (`said`), and for every other whose fix would
+    start the app on it (a rerun, a rollback, a switch), a pointer to it: said once."""
+    if f.doubted is None:
+        return None
+    if not said:
+        return ("do not start the app on the restored database, which does not match its "
+                "snapshot: see that problem (its safety snapshot, and how to go on)")
+    from runbook.rollback import restoring_command
+    from runbook.snapshot_restore import doubted_fix
+
+    pending = f.intent
+    again = restoring_command(_arg(f.env), pending) \
+        if pending is not None and pending.run_id == f.doubted["run_id"] else None
+    return doubted_fix(_arg(f.env), f.doubted, again)
 
 
 def _command(f: Facts, pending: intents.Intent) -> str:
@@ -421,14 +455,15 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     before = "" if restored is None else (
         f"; it {'restored' if restored[1] else 'began restoring'} the database first (the "
         f"data from before that restore is in {restored[0]}, its safety snapshot: keep it)")
+    doubted = None if took else _doubted_fix(f)  # run again, it starts the app on it
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   # describe() says whether it took effect: said once
                   + (f"traffic is on {pending.to_slot}" if took
                      else f"traffic did not move{_serves(f, f.active)}") + before,
-                  f"{first}`{command}` " + (("finishes it (records the state)"
-                                             if pending.action == "switch" else
-                                             "finishes it (records the state, stops the old "
-                                             "slot)") if took else "runs it again"))
+                  doubted or f"{first}`{command}` " + (
+                      ("finishes it (records the state)" if pending.action == "switch" else
+                       "finishes it (records the state, stops the old slot)") if took
+                      else "runs it again"))
 
 
 def _serves(f: Facts, slot: Slot | None) -> str:
@@ -457,9 +492,9 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
     state_unreadable, container_unknown, caddy_problems, traffic_unclear, proxy_unanswered,
-    caddyfile_differs_from_what_runs, schema_dirty, interrupted_run, database_unreachable,
-    no_current_deployment, state_disagrees_with_caddy, active_unhealthy, image_differs,
-    stale_lock, held_for_h2c, standby_running, disk_space,
+    caddyfile_differs_from_what_runs, schema_dirty, restore_doubted, interrupted_run,
+    database_unreachable, no_current_deployment, state_disagrees_with_caddy, active_unhealthy,
+    image_differs, stale_lock, held_for_h2c, standby_running, disk_space,
 ]
 
 
@@ -523,6 +558,9 @@ def collect(env: Environment) -> Facts:
             if f.active == f.intent.target and finish.superseded(f.intent, f.state) is None:
                 f.target_check = finish.target_check(env, f.intent)
     f.last_run = _last_run(env)
+    from runbook.snapshot_restore import doubted_restore
+
+    f.doubted = doubted_restore(env)
     for slot, info in f.containers.items():
         try:
             record = slots.held_record(env, slot, info) if info is not None else None

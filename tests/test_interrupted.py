@@ -1945,6 +1945,82 @@ def test_the_switch_a_failure_past_the_restore_names_starts_the_stopped_target(
     assert intents.read(env) is None
 
 
+def _restored_but_not_matching(stack: DrillStack) -> str:
+    """A rollback whose restore is followed by a write from another session (the row counts
+    then differ from the snapshot's): exit 5, both slots stopped, Caddy on green."""
+    def write_one() -> None:
+        with stack.connect() as conn:
+            conn.execute("INSERT INTO items (name) VALUES ('written-after-the-restore')")
+
+    code, said = _stopped_after_the_restore(stack, write_one)
+    assert code == int(ExitCode.ATTENTION), said
+    assert "does not match the snapshot" in said, said
+    return said
+
+
+def test_an_exit_5_after_the_restore_names_no_undo_that_did_nothing(
+        stack: DrillStack) -> None:
+    """Found by review: every exit 5 once the database was restored said "undone: start the
+    stopped app containers again (only when the database was not restored)": that undo
+    started nothing (the database was restored), and Docker says both slots are stopped."""
+    env = stack.env
+    err = _restore_then_fail_the_gate(stack)
+    assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+    assert "start the stopped app containers" not in str(err.value), err.value
+    assert "the database WAS restored" in str(err.value), err.value
+
+
+def test_status_after_a_restore_that_does_not_match_its_snapshot_gives_the_checks_advice(
+        stack: DrillStack) -> None:
+    """Found by review: after a restore whose row counts did not match the snapshot (the run
+    said "do not start the app on it"), status said `runbook rollback ENV --to <version>`
+    "runs it again", and `runbook switch ... --slot blue` or a rollback for the stopped
+    green: each starts the app on that database. Status says the run's own advice, naming
+    the safety snapshot, and no fix starts the app."""
+    env = stack.env
+    _restored_but_not_matching(stack)
+    [safety] = _safety_snapshots(env)
+    out = cli(env, "status", "--format", "json")
+    found = json.loads(out.stdout)["problems"]
+    [doubted] = [p for p in found if "does not match the snapshot" in p["problem"]]
+    assert "do not start the app on it" in doubted["fix"], doubted
+    assert str(safety) in doubted["fix"], doubted
+    for problem in found:
+        fix = problem["fix"]
+        assert "runs it again" not in fix and "runbook switch" not in fix, problem
+        for command in re.findall(r"`(runbook rollback [^`]*)`", fix):
+            assert "--restore-snapshot" in command, problem
+
+
+def test_a_rollback_rerun_after_a_restore_that_does_not_match_its_snapshot_is_refused(
+        stack: DrillStack) -> None:
+    """Found by review: after a restore whose row counts did not match the snapshot, the
+    same `runbook rollback` typed again (or with --to, as status advised) started v1 on that
+    database and switched to it, exit 0. Refused, exit 4, nothing changed, naming the check
+    that failed and the safety snapshot; the restore again it names then goes on."""
+    import shlex
+
+    env = stack.env
+    _restored_but_not_matching(stack)
+    [safety] = _safety_snapshots(env)
+    before = _database(stack), intents.read(env)
+    for extra in ([], ["--to", VERSIONS["v1"].tag]):
+        again = cli(env, "rollback", *extra, "--yes")
+        said = again.stdout + again.stderr
+        assert again.returncode == int(ExitCode.PRECONDITION), said
+        assert "does not match the snapshot" in said and str(safety) in said, said
+        assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+        assert traffic.read(env, proxy=False).slot == Slot.GREEN
+        assert (_database(stack), intents.read(env)) == before
+    [command] = re.findall(r"`runbook rollback \S+ (--to [^`]*--restore-snapshot[^`]*)`", said)
+    restored = cli(env, "rollback", *shlex.split(command), "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM items WHERE name = "
+                            "'written-after-the-restore'").fetchone() == (0,)
+
+
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
         stack: DrillStack) -> None:
     """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`
