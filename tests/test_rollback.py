@@ -1642,13 +1642,9 @@ def test_status_and_planning_trust_what_caddy_runs_not_the_file(stack: DrillStac
     assert result.plan.facts["from_slot"] == "blue" and result.plan.facts["to_slot"] == "green"
 
 
-@pytest.mark.shape_specific
-def test_a_deploy_records_what_served_as_the_previous_deployment_not_the_files_current(
-        stack: DrillStack) -> None:
-    """Found by review: with the file's current stale (the old tooling swaps records without
-    switching: here it names v1 while v3 serves), a deploy of v2 recorded v1 as the
-    previous deployment, and the next `runbook rollback` went for v1, which never served
-    (refused: migrations ran after it). What served when the deploy began is the previous."""
+def _stale_current_for_a_deploy(stack: DrillStack, status: str | None = None) -> Environment:
+    """v3 serves from blue while the state file's current names v1 (the old tooling's swap;
+    `status` given, with that status): skipped on a docker-run host, which has no deploy."""
     if docker_run_host(stack):
         pytest.skip("runbook deploy needs compose: a docker-run host refuses it before any "
                     "change (test_deploy_moves_traffic_and_records_the_schema proves that)")
@@ -1657,7 +1653,19 @@ def test_a_deploy_records_what_served_as_the_previous_deployment_not_the_files_c
     st = states.read_state(env.state_file, environment=env.name)
     v1 = st.find_version(V1.tag)
     assert v1 is not None and st.current is not None
-    states.write_state(env.state_file, st.with_(current=v1, previous=st.current))
+    stale = v1.with_(status=status) if status is not None else v1
+    states.write_state(env.state_file, st.with_(current=stale, previous=st.current))
+    return env
+
+
+@pytest.mark.shape_specific
+def test_a_deploy_records_what_served_as_the_previous_deployment_not_the_files_current(
+        stack: DrillStack) -> None:
+    """Found by review: with the file's current stale (the old tooling swaps records without
+    switching: here it names v1 while v3 serves), a deploy of v2 recorded v1 as the
+    previous deployment, and the next `runbook rollback` went for v1, which never served
+    (refused: migrations ran after it). What served when the deploy began is the previous."""
+    env = _stale_current_for_a_deploy(stack)
     assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
     done = deploy.deploy(env, deploy.Options(version=V2.tag, reason="test: stale current"))
     assert any(f"{V3.tag} serves" in w for w in done.plan.warnings), done.plan.warnings
@@ -1678,16 +1686,7 @@ def test_a_deploy_over_a_stale_current_shows_and_journals_what_served_as_the_pre
     the run had recorded v3 as previous, and v1 stayed "active" in the history beside the
     new deployment. The plan, the journal and the file all name what served (v3), and the
     displaced v1 is superseded."""
-    if docker_run_host(stack):
-        pytest.skip("runbook deploy needs compose: a docker-run host refuses it before any "
-                    "change (test_deploy_moves_traffic_and_records_the_schema proves that)")
-    stack.arrange(scenes.PREVIOUS)  # v1 then v2 then v3 deployed: v3 serves from blue
-    env = stack.env
-    st = states.read_state(env.state_file, environment=env.name)
-    v1 = st.find_version(V1.tag)
-    assert v1 is not None and st.current is not None
-    states.write_state(env.state_file, st.with_(current=v1.with_(status="active"),
-                                                previous=st.current))
+    env = _stale_current_for_a_deploy(stack, status="active")
     assert through_proxy(env) == ("blue", V3.tag)  # the oracle: what users get
     options = deploy.Options(version=V2.tag, reason="test: stale current")
     plan = deploy.deploy(env, options, dry_run=True).plan
