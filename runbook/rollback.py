@@ -220,7 +220,7 @@ def refuse_doubted(env: Environment, dead: intents.Intent | None, run_id: str) -
     snapshot: this rollback would start the app on it, which that check forbids (found by
     review: run again after it, it started v1 on that database, exit 0). --force does not
     pass it: only a restore, which replaces that database whole, goes on."""
-    from runbook.snapshot_restore import doubted_fix, doubted_restore
+    from runbook.restore_records import doubted_fix, doubted_restore
 
     doubted = doubted_restore(env, run_id)
     if doubted is None:

@@ -18,6 +18,15 @@ from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import NotPutBack, Plan, Skipped, Stays, Step, StepContext
+from runbook.restore_records import (
+    EARLIER,
+    MISMATCH,
+    MISMATCH_FIX,
+    SERVED_OR_CHANGED,
+    TARGET,
+    doubted_fix,
+    doubted_restore,
+)
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands, sessions
 from runbook.snapshots.dump import create
@@ -362,59 +371,9 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                  "health": f"wait up to {env.health.timeout:g}s each"}, run=run)
 
 
-EARLIER = "earlier safety snapshot"  # a step detail of the run record (killed_restore)
-TARGET = "restore_target"  # the snapshot a restore replays: a step detail, kept for a rerun
 # restore_outcome of a restore-database step whose COMMIT Postgres could not place: that
 # run is finished like a killed one (its safety snapshot holds the data from before)
 UNKNOWN = "unknown"
-# verify-restore's details when the restored database did not match its snapshot: what
-# the check found, and the run's fix (doubted_restore)
-MISMATCH = "does_not_match"
-MISMATCH_FIX = "fix"
-
-
-def doubted_restore(env: Environment, run_id: str | None = None) -> dict[str, str] | None:
-    """The last restore, when the database it left did not match its snapshot (its check
-    says "do not start the app on it") and no run since restored, migrated or started the
-    app (SERVED_OR_CHANGED): {run_id, action, problem, fix, before, target}. With the
-    terminal gone only its record says so, and `runbook status` and a rollback run again
-    (which would start the app on that database) must know (found by review)."""
-    from runbook import journal
-
-    for data in journal.past_records(env, but=run_id):
-        listed = data.get("steps")
-        steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
-                 if isinstance(s, dict) and s.get("status") != "planned"}
-        step = steps.get("verify-restore") or {}
-        check = step.get("detail")
-        if isinstance(check, dict) and isinstance(check.get(MISMATCH), str):
-            safety = (steps.get("safety-snapshot") or {}).get("detail")
-            safety = safety if isinstance(safety, dict) else {}
-            return {"run_id": str(data.get("run_id")), "action": str(data.get("action")),
-                    "check": str(step.get("title") or "verify-restore"),
-                    "problem": check[MISMATCH], "fix": str(check.get(MISMATCH_FIX) or ""),
-                    "before": str(safety.get(EARLIER) or safety.get("safety_snapshot") or ""),
-                    "target": str(safety.get(TARGET) or "")}
-        if SERVED_OR_CHANGED & steps.keys():
-            return None
-    return None
-
-
-def doubted_fix(name: str, doubted: dict[str, str], again: str | None = None) -> str:
-    """The fix while the restored database does not match its snapshot: the run's own (its
-    check's), then the two commands that replace that database whole. `again`: the command
-    that restores the snapshot again (an interrupted rollback's, as it was started)."""
-    import shlex
-
-    ways = []
-    if doubted["before"]:
-        ways.append(f"`runbook snapshot restore {name} "
-                    f"{shlex.quote(Path(doubted['before']).name)}` restores the safety snapshot")
-    if again is None and doubted["target"]:
-        again = f"runbook snapshot restore {name} {shlex.quote(Path(doubted['target']).name)}"
-    if again is not None:
-        ways.append(f"`{again}` restores the snapshot again (and checks it again)")
-    return "; ".join([doubted["fix"] or "do not start the app on it; investigate", *ways])
 
 
 def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | None:
@@ -581,8 +540,6 @@ def restored_by(env: Environment, run_id: str) -> tuple[str, bool] | None:
     return None
 
 
-# steps after which the app may have served, or the data changed (any verb's)
-SERVED_OR_CHANGED = {"start-slot", "migrate", "switch", "restore-database", "start-app-slots"}
 
 
 def _schema_before(killed: dict[str, str] | None) -> SchemaVersion | None:

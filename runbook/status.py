@@ -380,8 +380,8 @@ def _doubted_fix(f: Facts, said: bool = False) -> str | None:
     if not said:
         return ("do not start the app on the restored database, which does not match its "
                 "snapshot: see that problem (its safety snapshot, and how to go on)")
+    from runbook.restore_records import doubted_fix
     from runbook.rollback import restoring_command
-    from runbook.snapshot_restore import doubted_fix
 
     pending = f.intent
     again = restoring_command(_arg(f.env), pending) \
@@ -558,7 +558,7 @@ def collect(env: Environment) -> Facts:
             if f.active == f.intent.target and finish.superseded(f.intent, f.state) is None:
                 f.target_check = finish.target_check(env, f.intent)
     f.last_run = _last_run(env)
-    from runbook.snapshot_restore import doubted_restore
+    from runbook.restore_records import doubted_restore
 
     f.doubted = doubted_restore(env)
     for slot, info in f.containers.items():
