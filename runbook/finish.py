@@ -314,6 +314,11 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
     def run_record(ctx: StepContext) -> None:
         record(env, intent, observed, run_id, ctx)
 
+    try:  # what the recorder writes, from its own preview
+        recorded = recording.preview(env, intent, observed, run_id)
+    except RunbookError as exc:
+        recorded = {"current": f"unreadable now ({exc.message})"}
+
     steps = [
         Step("preflight", "Check the interrupted run against what runs (read-only, done)", {
             "interrupted run": intent.describe(moved=True),
@@ -322,9 +327,7 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
         }, phase=Phase.PREFLIGHT),
         _caddyfile_step(env, intent),
         Step("state", f"Record the {intent.action} in the deployment state",
-             {"file": str(env.state_file),
-              "current": f"{intent.to_version} on {intent.to_slot}",
-              "if already recorded": "left as it is"},
+             {"file": str(env.state_file), **recorded},
              run=run_record, phase=Phase.FINISH),
         _stop_old(env, intent),
     ]

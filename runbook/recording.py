@@ -256,6 +256,41 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
     _written(ctx, new)
 
 
+def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
+            run_id: str) -> dict[str, str]:
+    """The state step's plan when a later run records `intent` (finish.py): what the
+    action's recorder above writes, from its own pure preview of the file as it reads it
+    (its commit and image are not shown), or that the file already says it."""
+    target: states.Deployment | None = None
+    new: states.DeploymentState | None = None
+    if intent.action == "deploy":
+        fresh = load_or_empty(env)
+        dep_id = str(intent.record["deployment_id"])
+        if not ((fresh.current is not None and fresh.current.id == dep_id)
+                or recorded_since(fresh, intent) is not None):
+            new = deployed(fresh, states.make_deployment(
+                intent.to_version, UNKNOWN_COMMIT, intent.target, status="active",
+                deployment_id=dep_id), intent)
+    else:  # a rollback (finish.plan_for's default), by its target's id; gone from the file,
+        by_id = intent.action != "switch"  # it is recorded as a switch (rollback above)
+        fresh = (states.read_state(env.state_file, environment=env.name) if by_id
+                 else load_or_empty(env))
+        if by_id and (target := fresh.find_id(str(intent.record["target_id"]))) is not None:
+            new = rolled_back(fresh, intent, target, run_id=run_id,
+                              health_status=observed.health_status or None)
+        else:
+            new = switched(fresh, intent.to_version, intent.target, run_id=intent.run_id,
+                           health_status=observed.health_status or "unknown")
+    lines = state_lines(new or fresh)
+    if new is None:
+        lines["current"] += " (already recorded: left as it is)"
+    if intent.action not in ("deploy", "switch") and target is None:
+        lines["recorded as"] = (f"a switch to {intent.to_version}: deployment "
+                                f"{intent.record['target_id']} is no longer in "
+                                f"{env.state_file} (another tool rewrote it)")
+    return lines
+
+
 def _runs_instead(env: Environment, target: states.Deployment,
                   intent: intents.Intent) -> str | None:
     """The image the run's target container runs when its record names it otherwise (the

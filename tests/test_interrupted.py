@@ -1552,6 +1552,30 @@ def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safet
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+@pytest.mark.parametrize("point", ["switch.after-verify", "before:stop-old-slot"])
+def test_the_dry_run_of_a_finish_shows_what_the_finishing_run_records(
+        stack: DrillStack, point: str) -> None:
+    """Found by review: the finish plan's state step promised only "current: v2 on green"
+    while the finishing run wrote more (previous, statuses, rollback_count): what the plan
+    shows is exactly what runs. Killed before its state write, and after it (then the plan
+    says it is already recorded)."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault=f"{point}:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    looked = cli(env, "rollback", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    [step] = [s for s in json.loads(looked.stdout)["plan"]["steps"] if s["name"] == "state"]
+    done = cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = recording.state_lines(states.read_state(env.state_file, environment=env.name))
+    assert written["current"].startswith(f"{V2.tag} on green") and "rollback_count 1" in \
+        written["current"], written
+    already = " (already recorded: left as it is)" if point == "before:stop-old-slot" else ""
+    shown = {k: step["details"].get(k) for k in written}
+    assert shown == {"current": written["current"] + already,
+                     "previous": written["previous"]}, step
+
+
 def test_finishing_an_interrupted_switch_keeps_the_old_slot_running(stack: DrillStack) -> None:
     """A switch keeps the slot it left running (switching back is then immediate). Killed
     after its commit and finished by the same command, it stopped that slot: what the
