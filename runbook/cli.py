@@ -260,7 +260,9 @@ def unlock(
         # journaled (which lock went, who removed it), outside run.perform: it removes the lock
         with run.journaled(environment, "unlock", "runbook unlock" + (" --force" if force else ""),
                            notice) as log:
-            message = one_line(locks.unlock(environment, force=force))
+            # only the lock shown, when the prompt asked: another may have replaced it since
+            message = one_line(locks.unlock(environment, force=force,
+                                            shown=None if yes else held))
             log("SUCCESS", message, lock=str(environment.lock_path), force=force)
     except RunbookError as exc:
         fail(exc, fmt)

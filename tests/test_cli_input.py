@@ -8,8 +8,10 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -559,3 +561,72 @@ def test_a_lock_dir_that_is_a_file_is_said_to_be_no_directory(host: Path) -> Non
     assert f"the lock directory {host.parent / 'locks'} is not a directory" in done.stderr, \
         done.stderr
     assert "File exists" not in done.stderr, done.stderr
+
+
+def _crashed_lock(host: Path, reason: str) -> None:
+    """A lock whose holder died (stale): what `runbook unlock` removes."""
+    code = ("import sys, pathlib; from runbook import environment, lock; "
+            "lock.acquire(environment.load_file(pathlib.Path(sys.argv[1])), reason=sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(host), reason], check=True, cwd=REPO_ROOT,
+                   timeout=60)
+
+
+def _unlock_answering_after(host: Path, meanwhile: Callable[[], None]) -> tuple[int, str]:
+    """`runbook unlock HOST` on a terminal: `meanwhile` runs once the prompt is shown, then
+    "y" is typed. The exit code and everything it said."""
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    primary, replica = pty.openpty()
+    said = b""
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "unlock", str(host)],
+                                stdin=replica, stdout=replica, stderr=replica, env=env,
+                                cwd=REPO_ROOT)
+        os.close(replica)
+        replica = -1
+        answered = False
+        while True:
+            if not answered and b"Remove it?" in said:
+                meanwhile()
+                os.write(primary, b"y\n")
+                answered = True
+            if not select.select([primary], [], [], 60)[0]:
+                proc.kill()
+                break
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the command exited, the terminal closed
+                break
+            if not chunk:
+                break
+            said += chunk
+        return proc.wait(timeout=60), said.decode(errors="replace")
+    finally:
+        os.close(primary)
+        if replica != -1:
+            os.close(replica)
+
+
+def test_unlock_removes_only_the_lock_its_prompt_showed(host: Path) -> None:
+    """Found by review: after the "y", unlock judged the lock again and removed whatever stale
+    lock was there by then: another holder's than the one shown, had it changed while the
+    prompt waited. Replaced by another stale lock meanwhile: refused (exit 3), nothing
+    removed; the lock shown, still there, is removed as before."""
+    env = envmod.load_file(host)
+    _crashed_lock(host, "the first crashed run")
+
+    def swap() -> None:
+        shutil.rmtree(env.lock_path)
+        _crashed_lock(host, "another crashed run")
+
+    code, said = _unlock_answering_after(host, swap)
+    assert "the first crashed run" in said, said
+    assert code == 3 and "the lock changed while the prompt waited" in said, said
+    assert "nothing was removed" in said and "removed a" not in said, said
+    holder = json.loads((env.lock_path / "holder.json").read_text())
+    assert holder["reason"] == "another crashed run"
+    code, said = _unlock_answering_after(host, lambda: None)
+    assert code == 0 and "another crashed run" in said and "removed a stale lock" in said, said
+    assert not env.lock_path.exists()

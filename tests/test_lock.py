@@ -1715,3 +1715,41 @@ def test_status_says_since_when_the_lock_is_held_not_its_last_refresh(env: Envir
     assert f"since {format_time(taken)}" in seen.describe(), seen.describe()
     assert not seen.stale and seen.expires_in > env.lock_stale_after - 1  # still refreshed
     lock.release()
+
+
+def test_unlock_of_a_shown_lock_refuses_another_found_instead(env: Environment,
+                                                              dead_pid: int) -> None:
+    """Found by review: `runbook unlock` on a terminal removed whatever stale lock was there
+    after the "y", not the one its prompt showed. Given the lock shown, another (a new
+    directory, another holder) is refused, exit 3, nothing changed; the one shown goes."""
+    plant(env, age=3600, pid=dead_pid)
+    shown = status(env)
+    assert shown is not None and shown.stealable
+    shutil.rmtree(env.lock_path)
+    path = plant(env, age=3600, pid=dead_pid, locked_by="carol@ops-laptop")
+    holder = json.loads((path / "holder.json").read_text())
+    (path / "holder.json").write_text(json.dumps({**holder, "lock_id": "lock_another"}))
+    with pytest.raises(LockedError, match="the lock changed while the prompt waited") as info:
+        unlock(env, shown=shown)
+    assert info.value.exit_code is ExitCode.LOCKED and "nothing was removed" in info.value.message
+    assert "carol@ops-laptop" in info.value.message and "again" in (info.value.fix or "")
+    assert path.is_dir() and json.loads((path / "holder.json").read_text())["lock_id"] \
+        == "lock_another"
+    assert "removed a stale lock" in unlock(env, shown=status(env))
+    assert not path.exists()
+
+
+def test_unlock_of_a_shown_state_file_lock_refuses_another(env: Environment,
+                                                           with_state: Path) -> None:
+    """The same for a lock recorded only in the state file (the Go CLI's, no lock_id): told
+    apart by when it was taken."""
+    _state_lock(env, with_state, expires_in=-60)
+    shown = status(env)
+    assert shown is not None and shown.source == "state file" and shown.stale
+    state = json.loads(with_state.read_text())
+    state["lock"]["locked_at"] = format_time(datetime.now(UTC) - timedelta(minutes=40))
+    with_state.write_text(json.dumps(state))
+    with pytest.raises(LockedError, match="changed while the prompt waited"):
+        unlock(env, shown=shown)
+    assert json.loads(with_state.read_text())["lock"]["locked"] is True
+    assert "cleared the state file's lock" in unlock(env, shown=status(env))

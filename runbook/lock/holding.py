@@ -473,12 +473,15 @@ def status(env: Environment) -> LockStatus | None:
     return recorded if recorded is not None and not recorded.stale else current
 
 
-def unlock(env: Environment, force: bool = False) -> str:
+def unlock(env: Environment, force: bool = False, shown: LockStatus | None = None) -> str:
     """`runbook unlock`: remove a stale lock (or our own), or raise LockedError saying why not.
 
     A lock whose holder is still running on this host is never removed, not even with force
     (runs refresh their lock, so an expired one with a live holder is a hung run: stop that
     process first). Force removes an expired lock whose holder cannot be checked (another host).
+    `shown`: the lock the prompt showed (status); only that one is removed, another found by
+    then is refused and nothing changes (found by review: a "y" removed whatever stale lock
+    had replaced it while the prompt waited).
     """
     with _guard(env):
         current = _inspect(env)
@@ -493,6 +496,7 @@ def unlock(env: Environment, force: bool = False) -> str:
                 return (f"{env.display}: no deploy lock is held; nothing to do"
                         + "".join(f" (warning: {why})" for why in corrupt))
             _check_removable(env, state_only, force)
+            _check_shown(env, shown, state_only)
             # only the lock judged removable: a file written since (the Go CLI's new lock)
             # is read again by _mirror and left alone
             try:
@@ -512,6 +516,10 @@ def unlock(env: Environment, force: bool = False) -> str:
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
         _check_removable(env, current, force)
+        # the prompt may have shown the live lock the state file records beside a stale
+        # directory (status): the directory alone goes, as without a prompt
+        _check_shown(env, shown, current, *(
+            [_beside(env, current)[1]] if shown and shown.source != current.source else []))
         if current.stale:  # its copy stripped by the Go CLI goes with it: said (_beside)
             current = _beside(env, current)[0]
         tomb = _entomb(env.lock_path, current.ident, env=env, judged=current)
@@ -538,6 +546,22 @@ def unlock(env: Environment, force: bool = False) -> str:
     what = ("our own lock" if current.is_ours else
             f"{'a' if current.undated else 'a stale'} lock ({current.why})")
     return f"{env.display}: removed {what}, held by {current.describe()}{note}"
+
+
+def _which(lock: LockStatus) -> tuple[object, ...]:
+    """What tells one lock from another: where it is recorded, its directory (by inode), its
+    holder's lock_id, and without one (the shell tooling's, the Go CLI's) when it was taken."""
+    lock_id = lock.holder.lock_id if lock.holder is not None else None
+    return lock.source, lock.ident, lock_id, None if lock_id else lock.locked_at
+
+
+def _check_shown(env: Environment, shown: LockStatus | None, *found: LockStatus | None) -> None:
+    if shown is None or any(f is not None and _which(f) == _which(shown) for f in found):
+        return
+    raise LockedError(f"{env.display}: the lock changed while the prompt waited: "
+                      f"{found[0].describe() if found[0] else 'another'} holds it now, not "
+                      f"{shown.describe()}; nothing was removed",
+                      f"run `runbook unlock {env.name}` again to see the new holder")
 
 
 @contextlib.contextmanager
