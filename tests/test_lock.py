@@ -1753,3 +1753,9 @@ def test_unlock_of_a_shown_state_file_lock_refuses_another(env: Environment,
         unlock(env, shown=shown)
     assert json.loads(with_state.read_text())["lock"]["locked"] is True
     assert "cleared the state file's lock" in unlock(env, shown=status(env))
+    _state_lock(env, with_state, expires_in=-60)
+    shown = status(env)
+    path = plant(env, age=3600)  # a stale directory taken while the prompt waited
+    with pytest.raises(LockedError, match="changed while the prompt waited"):
+        unlock(env, shown=shown)
+    assert path.is_dir()

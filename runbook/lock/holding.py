@@ -517,9 +517,11 @@ def unlock(env: Environment, force: bool = False, shown: LockStatus | None = Non
                     f"{state_only.describe()}")
         _check_removable(env, current, force)
         # the prompt may have shown the live lock the state file records beside a stale
-        # directory (status): the directory alone goes, as without a prompt
+        # directory (status): the directory alone goes, as without a prompt; a stale one
+        # shown had no directory beside it, so a directory now is another lock
         _check_shown(env, shown, current, *(
-            [_beside(env, current)[1]] if shown and shown.source != current.source else []))
+            [_beside(env, current)[1]] if shown and not shown.stale
+            and shown.source != current.source else []))
         if current.stale:  # its copy stripped by the Go CLI goes with it: said (_beside)
             current = _beside(env, current)[0]
         tomb = _entomb(env.lock_path, current.ident, env=env, judged=current)
