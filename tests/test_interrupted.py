@@ -1576,6 +1576,136 @@ def test_the_dry_run_of_a_finish_shows_what_the_finishing_run_records(
                      "previous": written["previous"]}, step
 
 
+# A finish plan's state step, read field by field: "<version> on <slot>, status <status>[,
+# rollback_count N][ (already recorded: left as it is)]" and "<version>, status <status>".
+_PLANNED_CURRENT = re.compile(
+    r"(?P<version>[0-9a-f]{7}) on (?P<active_slot>blue|green), status (?P<status>[a-z_]+)"
+    r"(?:, rollback_count (?P<rollback_count>\d+))?(?P<already> \(already recorded: left as it "
+    r"is\))?")
+_PLANNED_PREVIOUS = re.compile(r"(?P<version>[0-9a-f]{7}), status (?P<status>[a-z_]+)")
+
+
+def _planned(plan: dict[str, Any]) -> tuple[dict[str, Any], bool, str | None]:
+    """What a finish plan's state step says the file will hold (current and previous, field by
+    field), whether it says the file already holds it, and its "recorded as" line."""
+    assert plan["finishing"], plan["summary"]  # the plan of a finish, not of a new run
+    [step] = [s for s in plan["steps"] if s["name"] == "state"]
+    details = step["details"]
+    current = _PLANNED_CURRENT.fullmatch(details["current"])
+    assert current is not None, details
+    previous = (None if details["previous"] == "none"
+                else _PLANNED_PREVIOUS.fullmatch(details["previous"]))
+    assert previous is not None or details["previous"] == "none", details
+    fields = {"current": {"version": current["version"], "active_slot": current["active_slot"],
+                          "status": current["status"],
+                          "rollback_count": int(current["rollback_count"] or 0)},
+              "previous": previous and {"version": previous["version"],
+                                        "status": previous["status"]}}
+    return fields, current["already"] is not None, details.get("recorded as")
+
+
+def _on_disk(env: Environment) -> dict[str, Any]:
+    """The same fields as the state file holds them (its raw JSON, not the runbook's reader)."""
+    data = json.loads(env.state_file.read_text())
+    cur, prev = data["current_deployment"], data.get("previous_deployment")
+    return {"current": {"version": cur["version"], "active_slot": cur["active_slot"],
+                        "status": cur.get("status"),
+                        "rollback_count": cur.get("rollback_count", 0)},
+            "previous": prev and {"version": prev["version"], "status": prev.get("status")}}
+
+
+def _finished_as_planned(env: Environment, *command: str) -> tuple[bool, str | None]:
+    """Dry-runs then runs `command`, which finishes an interrupted run, and checks that the
+    state file read back holds, field by field, what both plans (the dry run's and the
+    finishing run's own) said the state step would write, or is left as it was when they said
+    "already recorded". Returns (already recorded, recorded as), one answer from both plans."""
+    before = _on_disk(env)
+    dry = cli(env, *command, "--dry-run", "--format", "json")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    done = cli(env, *command, "--yes", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "finishing an interrupted run" in done.stderr, done.stderr
+    written = _on_disk(env)
+    said = [_planned(json.loads(out)["plan"]) for out in (dry.stdout, done.stdout)]
+    for fields, already, _ in said:
+        assert fields == written, (fields, written)
+        if already:
+            assert written == before, (before, written)
+    assert said[0][1:] == said[1][1:], said
+    assert intents.read(env) is None
+    return said[0][1:]
+
+
+@pytest.mark.parametrize(("scene", "point"), [
+    ("previous", "switch.after-verify"),  # to the previous version: recorded as a rollback
+    ("baseline", "switch.after-verify"),  # the same version on the other slot: the slot only
+    ("previous", "after:state"),  # its state written, killed before it cleared its record
+])
+def test_a_killed_switch_is_finished_writing_exactly_what_its_plan_says(
+        stack: DrillStack, scene: str, point: str) -> None:
+    """`runbook switch` killed (-9) after its commit point: the next `runbook switch` to the
+    same slot finishes it, and the state file read back holds, field by field, what its
+    finish plan (dry run and real run) said it would write, or "already recorded"."""
+    if scene == "previous":
+        env = arrange(stack)  # v3 serving from blue, v2 the previous, stopped on green
+    else:
+        stack.reset()  # v1 serving from blue, v1 on green too, no previous
+        env = stack.env
+    first = cli(env, "switch", "--slot", "green", "--yes", fault=f"{point}:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    already, _ = _finished_as_planned(env, "switch", "--slot", "green")
+    assert already is (point == "after:state")
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.active_slot == Slot.GREEN
+    assert st.current.version == (V2.tag if scene == "previous" else VERSIONS["v1"].tag)
+    assert through_proxy(env)[0] == "green"
+
+
+@pytest.mark.parametrize("point", ["switch.after-verify", "before:stop-old-slot"])
+def test_a_killed_deploy_is_finished_writing_exactly_what_its_plan_says(
+        stack: DrillStack, point: str) -> None:
+    """`runbook deploy` killed (-9) after its commit point, before its state write and after
+    it: the next `runbook deploy` of that version finishes it, and the state file read back
+    holds, field by field, what its finish plan said it would write."""
+    env = arrange(stack)  # v3 serving from blue, v2 the previous, stopped on green (schema 2)
+    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault=f"{point}:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None and killed.action == "deploy"
+    already, _ = _finished_as_planned(env, "deploy", "--version", V2.tag)
+    assert already is (point == "before:stop-old-slot")
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.id == killed.record["deployment_id"]
+    assert st.previous is not None and st.previous.version == V3.tag
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+@pytest.mark.parametrize("rewrite", ["removed", "renamed"])
+def test_a_killed_rollback_whose_target_is_gone_from_the_state_file_writes_what_its_plan_says(
+        stack: DrillStack, rewrite: str) -> None:
+    """A rollback killed (-9) at its commit point, then another tool rewrote the state file
+    without the target's record: every v2 record removed, or v2 recorded as the previous under
+    another id. The next `runbook rollback` records what runs as a switch does, and the state
+    file read back holds, field by field, what its finish plan said it would write; the plan
+    says it is recorded as a switch."""
+    env = arrange(stack)  # v3 serving from blue, v2 the previous, stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    others = tuple(d for d in st.history if d.version != V2.tag)
+    if rewrite == "removed":
+        states.write_state(env.state_file,
+                           dataclasses.replace(st, previous=None, history=others))
+    else:
+        states.write_state(env.state_file, dataclasses.replace(
+            st, previous=st.previous.with_(id="dep_rewritten"), history=others))
+    already, recorded_as = _finished_as_planned(env, "rollback")
+    assert not already
+    assert recorded_as is not None and recorded_as.startswith(f"a switch to {V2.tag}")
+    assert through_proxy(env) == ("green", V2.tag)
+
+
 def test_finishing_an_interrupted_switch_keeps_the_old_slot_running(stack: DrillStack) -> None:
     """A switch keeps the slot it left running (switching back is then immediate). Killed
     after its commit and finished by the same command, it stopped that slot: what the
