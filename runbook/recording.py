@@ -235,16 +235,18 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
            ctx: StepContext) -> None:
     """Write the rollback into the state file; a no-op when it is already there, so a rerun
     after an interruption converges instead of rolling back again."""
-    fresh = states.read_state(env.state_file, environment=env.name)
+    fresh = load_or_empty(env)  # removed since the run began: its target is gone, below
     target_id = str(intent.record["target_id"])
     target = fresh.find_id(target_id)
     if target is None:
-        # another tool rewrote the state file meanwhile: traffic moved and was verified, so
-        # what runs is recorded as a switch does (by version). Refused, every rerun failed
-        # here, and the `runbook switch` it prescribed finished this very run: the same error
+        # another tool rewrote (or removed) the state file meanwhile: traffic moved and was
+        # verified, so what runs is recorded as a switch does (by version). Refused, every
+        # rerun failed here, and the `runbook switch` it prescribed finished this very run:
+        # the same error
         switch(env, intent, observed, run_id, ctx)
         ctx.note(recorded_as=f"a switch to {intent.to_version}: deployment {target_id} is no "
-                             f"longer in {env.state_file} (another tool rewrote it)")
+                             f"longer in {env.state_file} (another tool rewrote or removed "
+                             "it)")
         return
     new = rolled_back(fresh, intent, target, health_status=observed.health_status or None,
                       run_id=run_id, image=_runs_instead(env, target, intent))
@@ -271,11 +273,10 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
             new = deployed(fresh, states.make_deployment(
                 intent.to_version, UNKNOWN_COMMIT, intent.target, status="active",
                 deployment_id=dep_id), intent)
-    else:  # a rollback (finish.plan_for's default), by its target's id; gone from the file,
-        by_id = intent.action != "switch"  # it is recorded as a switch (rollback above)
-        fresh = (states.read_state(env.state_file, environment=env.name) if by_id
-                 else load_or_empty(env))
-        if by_id and (target := fresh.find_id(str(intent.record["target_id"]))) is not None:
+    else:  # a rollback (finish.plan_for's default), by its target's id; gone from the file
+        fresh = load_or_empty(env)  # (or the file gone), it is recorded as a switch (above)
+        if intent.action != "switch" \
+                and (target := fresh.find_id(str(intent.record["target_id"]))) is not None:
             new = rolled_back(fresh, intent, target, run_id=run_id,
                               health_status=observed.health_status or None)
         else:
@@ -287,7 +288,7 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
     if intent.action not in ("deploy", "switch") and target is None:
         lines["recorded as"] = (f"a switch to {intent.to_version}: deployment "
                                 f"{intent.record['target_id']} is no longer in "
-                                f"{env.state_file} (another tool rewrote it)")
+                                f"{env.state_file} (another tool rewrote or removed it)")
     return lines
 
 
