@@ -236,17 +236,14 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
     """Write the rollback into the state file; a no-op when it is already there, so a rerun
     after an interruption converges instead of rolling back again."""
     fresh = load_or_empty(env)  # removed since the run began: its target is gone, below
-    target_id = str(intent.record["target_id"])
-    target = fresh.find_id(target_id)
-    if target is None:
+    target = fresh.find_id(str(intent.record["target_id"]))
+    if (why := _as_switch(env, fresh, intent, target)) is not None or target is None:
         # another tool rewrote (or removed) the state file meanwhile: traffic moved and was
         # verified, so what runs is recorded as a switch does (by version). Refused, every
         # rerun failed here, and the `runbook switch` it prescribed finished this very run:
         # the same error
         switch(env, intent, observed, run_id, ctx)
-        ctx.note(recorded_as=f"a switch to {intent.to_version}: deployment {target_id} is no "
-                             f"longer in {env.state_file} (another tool rewrote or removed "
-                             "it)")
+        ctx.note(recorded_as=why)
         return
     new = rolled_back(fresh, intent, target, health_status=observed.health_status or None,
                       run_id=run_id, image=_runs_instead(env, target, intent))
@@ -265,6 +262,7 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
     (its commit and image are not shown), or that the file already says it."""
     target: states.Deployment | None = None
     new: states.DeploymentState | None = None
+    recorded_as: str | None = None
     if intent.action == "deploy":
         fresh = load_or_empty(env)
         dep_id = str(intent.record["deployment_id"])
@@ -275,8 +273,10 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
                 deployment_id=dep_id), intent)
     else:  # a rollback (finish.plan_for's default), by its target's id; gone from the file
         fresh = load_or_empty(env)  # (or the file gone), it is recorded as a switch (above)
-        if intent.action != "switch" \
-                and (target := fresh.find_id(str(intent.record["target_id"]))) is not None:
+        if intent.action != "switch":
+            target = fresh.find_id(str(intent.record["target_id"]))
+            recorded_as = _as_switch(env, fresh, intent, target)
+        if intent.action != "switch" and recorded_as is None and target is not None:
             new = rolled_back(fresh, intent, target, run_id=run_id,
                               health_status=observed.health_status or None)
         else:
@@ -285,11 +285,26 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
     lines = state_lines(new or fresh)
     if new is None:
         lines["current"] += " (already recorded: left as it is)"
-    if intent.action not in ("deploy", "switch") and target is None:
-        lines["recorded as"] = (f"a switch to {intent.to_version}: deployment "
-                                f"{intent.record['target_id']} is no longer in "
-                                f"{env.state_file} (another tool rewrote or removed it)")
+    if recorded_as is not None:
+        lines["recorded as"] = recorded_as
     return lines
+
+
+def _as_switch(env: Environment, fresh: states.DeploymentState, intent: intents.Intent,
+               target: states.Deployment | None) -> str | None:
+    """Why a rollback that moved traffic is recorded as a switch (by version), or None: the
+    file, rewritten or removed by another tool since, no longer holds its target, or no
+    deployment it rolled back from (neither the one that served nor a current). A rollback
+    record needs both, and refusing failed every rerun (exit 6) naming itself as the fix."""
+    gone = "(another tool rewrote or removed it)"
+    if target is None:
+        return (f"a switch to {intent.to_version}: deployment {intent.record['target_id']} is "
+                f"no longer in {env.state_file} {gone}")
+    served_id = intent.record.get("from_id")
+    if fresh.current is None and not (served_id and fresh.find_id(str(served_id))):
+        return (f"a switch to {intent.to_version}: {env.state_file} no longer records the "
+                f"deployment it was rolled back from {gone}")
+    return None
 
 
 def _runs_instead(env: Environment, target: states.Deployment,

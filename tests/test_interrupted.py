@@ -1611,9 +1611,9 @@ def _on_disk(env: Environment) -> dict[str, Any] | None:
         return None
     data = json.loads(env.state_file.read_text())
     cur, prev = data["current_deployment"], data.get("previous_deployment")
-    return {"current": {"version": cur["version"], "active_slot": cur["active_slot"],
-                        "status": cur.get("status"),
-                        "rollback_count": cur.get("rollback_count", 0)},
+    return {"current": cur and {"version": cur["version"], "active_slot": cur["active_slot"],
+                                "status": cur.get("status"),
+                                "rollback_count": cur.get("rollback_count", 0)},
             "previous": prev and {"version": prev["version"], "status": prev.get("status")}}
 
 
@@ -1683,23 +1683,29 @@ def test_a_killed_deploy_is_finished_writing_exactly_what_its_plan_says(
     assert through_proxy(env) == ("green", V2.tag)
 
 
-@pytest.mark.parametrize("rewrite", ["removed", "renamed", "deleted"])
+@pytest.mark.parametrize("rewrite", ["removed", "renamed", "deleted", "no-current"])
 def test_a_killed_rollback_whose_target_is_gone_from_the_state_file_writes_what_its_plan_says(
         stack: DrillStack, rewrite: str) -> None:
     """A rollback killed (-9) at its commit point, then another tool rewrote the state file
     without the target's record: every v2 record removed, v2 recorded as the previous under
-    another id, or the whole file deleted. The next `runbook rollback` records what runs as a
-    switch does, and the state file read back holds, field by field, what its finish plan said
-    it would write; the plan says it is recorded as a switch. Found by this test: with the file
-    deleted, the plan said "unreadable now" and every rerun, and the `runbook switch` that
-    finishes it too, failed at the state step (exit 6) naming itself as the fix, for ever."""
+    another id, or the whole file deleted; or without what it rolled back from (no current,
+    v3's record removed, v2 kept as the previous). The next `runbook rollback` records what
+    runs as a switch does, and the state file read back holds, field by field, what its
+    finish plan said it would write; the plan says it is recorded as a switch. Found by this
+    test: with the file deleted, the plan said "unreadable now" and every rerun, and the
+    `runbook switch` that finishes it too, failed at the state step (exit 6) naming itself as
+    the fix, for ever
+    (with no current too: "no current deployment to roll back from")."""
     env = arrange(stack)  # v3 serving from blue, v2 the previous, stopped on green
     first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
     assert first.returncode == -signal.SIGKILL, first.stderr
     st = states.read_state(env.state_file)
     assert st.previous is not None and st.previous.version == V2.tag
     others = tuple(d for d in st.history if d.version != V2.tag)
-    if rewrite == "deleted":
+    if rewrite == "no-current":
+        states.write_state(env.state_file, dataclasses.replace(
+            st, current=None, history=tuple(d for d in st.history if d.version != V3.tag)))
+    elif rewrite == "deleted":
         env.state_file.unlink()
     elif rewrite == "removed":
         states.write_state(env.state_file,
