@@ -34,6 +34,7 @@ from runbook.cli_common import report as report
 from runbook.cli_common import timing as timing
 from runbook.cli_options import (
     ENV_HELP,
+    AcceptRestoredDataOpt,
     ConfigOpt,
     DryRunOpt,
     EnvArg,
@@ -120,6 +121,7 @@ def deploy(
     env: EnvArg,
     version: Annotated[str, typer.Option("--version", help="image tag (7-hex short commit)")],
     force: Annotated[bool, typer.Option("--force", help="skip the health gate")] = False,
+    accept_restored_data: AcceptRestoredDataOpt = False,
     dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
     config: ConfigOpt = None, reason: ReasonOpt = None,
 ) -> None:
@@ -131,7 +133,8 @@ def deploy(
         dp.check_version(version)  # bad input: refused before the lock or the journal
     except RunbookError as exc:
         fail(exc, fmt)
-    options = dp.Options(version=version, force=force, reason=reason or "deploy")
+    options = dp.Options(version=version, force=force, reason=reason or "deploy",
+                         accept_restored_data=accept_restored_data)
     run_action(lambda **kw: dp.deploy(environment, options, dry_run=dry_run, **kw), fmt,
                yes=yes, dry_run=dry_run, what="`runbook deploy`")
 
@@ -141,6 +144,7 @@ def switch(
     env: EnvArg,
     slot: Annotated[SlotChoice, typer.Option("--slot", help="the slot to send traffic to")],
     force: Annotated[bool, typer.Option("--force", help="skip the health gate")] = False,
+    accept_restored_data: AcceptRestoredDataOpt = False,
     dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
     config: ConfigOpt = None, reason: ReasonOpt = None,
 ) -> None:
@@ -152,7 +156,8 @@ def switch(
         environment = load_env(env, config)
     except RunbookError as exc:
         fail(exc, fmt)
-    options = sw.Options(slot=Slot(slot.value), force=force, reason=reason or "manual switch")
+    options = sw.Options(slot=Slot(slot.value), force=force, reason=reason or "manual switch",
+                         accept_restored_data=accept_restored_data)
     run_action(lambda **kw: sw.switch(environment, options, dry_run=dry_run, **kw), fmt,
                yes=yes, dry_run=dry_run, what="`runbook switch`")
 

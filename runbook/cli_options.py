@@ -28,3 +28,7 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan with 
                                          "value and change nothing")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
 ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why, for the journal")]
+AcceptRestoredDataOpt = Annotated[bool, typer.Option(
+    "--accept-restored-data", help="start the app even on a restored database whose check "
+    "failed (it does not match its snapshot; see `runbook status`), once you have checked that "
+    "data; the plan and the journal say so (default: refuse, exit 4, nothing changed)")]

@@ -29,6 +29,7 @@ from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Stays, Step, StepContext
+from runbook.restore_records import refuse_doubted
 from runbook.run import RunResult, perform
 
 
@@ -38,6 +39,8 @@ class Options:
     force: bool = False  # skip the health gate
     reason: str = "deploy"
     slot: Slot | None = None  # default: the standby slot
+    # start the app on a restored database its check doubted (restore_records.ACCEPT_FLAG)
+    accept_restored_data: bool = False
 
 
 VERSION = re.compile(r"[0-9a-f]{7}")
@@ -65,6 +68,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 and options.slot in (None, done.target):
             return finish.plan_for(env, done, run_id)
         raise finish.not_what_it_did(env, done, f"a deploy of {version}")
+    # the new version starts (and migrates) on the database: never on one a restore's check
+    # doubted unless on-call accepts it
+    accepted = refuse_doubted(env, found[0] if found is not None else None, run_id, "deploy",
+                              options.accept_restored_data)
     if not database.configured(env):
         # its migrations (a migrate_command, or the app's own on start) would change the
         # schema with no pre-deploy snapshot to bring it back: the rule is snapshot first
@@ -360,6 +367,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "image": f"{image} (present)",
             "caddy": f"answering at {env.caddy.admin_url}",
             **tools,
+            **({"restored data": accepted} if accepted else {}),
         }, phase=Phase.PREFLIGHT),
         # before the new slot starts: an app that migrates itself on start (no
         # migrate_command) changes the schema then, and the schema guard must name this file
@@ -402,6 +410,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         else finish.replaced(found)
     if old_record is not None and not again:
         warnings.insert(0, finish.replacing_warning(env, old_record, "deploy"))
+    if accepted:  # first: what on-call chose to override
+        warnings.insert(0, accepted)
     summary = (f"deploy {version} to {env.display}'s {target} slot ("
                + ("Caddy dials neither slot now)" if dialed_none else f"traffic now on {live})"))
     return Plan("deploy", env, summary, steps, warnings, diff,

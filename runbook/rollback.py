@@ -10,7 +10,6 @@ leaves traffic where it was and that nothing after it is undone.
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.redact import one_line
+from runbook.restore_records import refuse_doubted, restoring_command
 from runbook.run import RunResult, perform
 
 if TYPE_CHECKING:  # imported where needed: most rollbacks never touch a snapshot
@@ -204,36 +204,6 @@ def _names(env: Environment, ref: str, version: str) -> bool:
     return found is not None and found.version == version
 
 
-def restoring_command(name: str, record: intents.Intent) -> str | None:
-    """The command that finishes an interrupted `rollback --restore-snapshot` as it was
-    started, or None when it restored nothing."""
-    snap = record.record.get("restore_snapshot") if record.action == "rollback" else None
-    if not isinstance(snap, str) or not snap:
-        return None
-    ended = " --end-sessions" if record.record.get("end_sessions") else ""
-    return (f"runbook rollback {name} --to {record.to_version} --restore-snapshot "
-            f"--snapshot {shlex.quote(snap)}{ended}")
-
-
-def refuse_doubted(env: Environment, dead: intents.Intent | None, run_id: str) -> None:
-    """Refuse (exit 4, nothing changed) while the database a restore left does not match its
-    snapshot: this rollback would start the app on it, which that check forbids (found by
-    review: run again after it, it started v1 on that database, exit 0). --force does not
-    pass it: only a restore, which replaces that database whole, goes on."""
-    from runbook.restore_records import doubted_fix, doubted_restore
-
-    doubted = doubted_restore(env, run_id)
-    if doubted is None:
-        return
-    again = restoring_command(env.name, dead) \
-        if dead is not None and dead.run_id == doubted["run_id"] else None
-    raise PreconditionError(
-        f"{doubted['problem']} (the check \"{doubted['check']}\" of the {doubted['action']} run "
-        f"{doubted['run_id']} failed, and no run has restored the database since): this "
-        "rollback would start the app on it; nothing was changed",
-        doubted_fix(env.name, doubted, again))
-
-
 def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
                            refused: RunbookError) -> PreconditionError:
     """A rerun refused while the interrupted run left the serving slot stopped (a restore's
@@ -380,7 +350,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         raise finish.not_what_it_did(env, done, "a rollback" + (f" to {wanted}" if wanted
                                                                 else ""))
     if not options.restore_snapshot and not options.schema_restored_first:
-        refuse_doubted(env, found[0] if found is not None else None, run_id)
+        refuse_doubted(env, found[0] if found is not None else None, run_id, "rollback")
     state = states.read_state(env.state_file, environment=env.name)
     current = state.current
     if current is None:

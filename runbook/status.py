@@ -380,8 +380,7 @@ def _doubted_fix(f: Facts, said: bool = False) -> str | None:
     if not said:
         return ("do not start the app on the restored database, which does not match its "
                 "snapshot: see that problem (its safety snapshot, and how to go on)")
-    from runbook.restore_records import doubted_fix
-    from runbook.rollback import restoring_command
+    from runbook.restore_records import doubted_fix, restoring_command
 
     pending = f.intent
     again = restoring_command(_arg(f.env), pending) \
@@ -429,7 +428,7 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         return
     command = _command(f, pending)
     if not took:  # a restoring rollback killed before its restore began runs again with it
-        from runbook.rollback import restoring_command
+        from runbook.restore_records import restoring_command
         from runbook.snapshot_restore import killed_restore
 
         began = killed_restore(f.env, None)

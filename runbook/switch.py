@@ -18,6 +18,7 @@ from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
+from runbook.restore_records import refuse_doubted
 from runbook.run import RunResult, perform
 
 
@@ -26,6 +27,8 @@ class Options:
     slot: Slot
     force: bool = False
     reason: str = "manual slot switch"
+    # start the app on a restored database its check doubted (restore_records.ACCEPT_FLAG)
+    accept_restored_data: bool = False
 
 
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
@@ -43,10 +46,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             f"an interrupted run moved traffic to {found[0].to_slot} "
             f"({found[0].describe(moved=True)})", "", found[0])
         found = None
+    # the switch starts the target slot's app: never on a database a restore's check doubted,
+    # unless on-call accepts it (refused before anything else is read)
+    accepted = refuse_doubted(env, found[0] if found is not None else
+                              repairing.intent if repairing is not None else None,
+                              run_id, "switch", options.accept_restored_data)
     state = recording.load_or_empty(env)
     target = options.slot
     config = env.slot(target)
-    warnings: list[str] = []
+    warnings: list[str] = [accepted] if accepted else []
     now = traffic.read(env)
     traffic.refuse_if_unverifiable(env, now)
     # the file written back in line while a run that never moved traffic off `target` left
@@ -125,7 +133,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("preflight", "Pre-flight checks (read-only, done)", {
             "traffic now": now.describe() if now.slot else f"no single slot ({now.problem(env)})",
             "target": f"{target}: {prep.describe_container}", "sites kept": kept,
-            "caddyfile mount": mount},
+            "caddyfile mount": mount,
+            **({"restored data": accepted} if accepted else {})},
              phase=Phase.PREFLIGHT),
         *([_replace_record(env, repairing.intent)] if repairing is not None else []),
         slots.run_step(env, prep, observed),

@@ -2188,6 +2188,68 @@ def test_a_rollback_rerun_after_a_restore_that_does_not_match_its_snapshot_is_re
                             "'written-after-the-restore'").fetchone() == (0,)
 
 
+def _as_it_was(stack: DrillStack) -> dict[str, object]:
+    """What a refused run must leave as it found it after a restore that did not match its
+    snapshot: both slots are stopped then, so the proxy answers what Caddy's slot (green)
+    answers, a 502; that answer counts, with the slot Caddy runs."""
+    env = stack.env
+    with drill_http.client(timeout=3) as client:
+        seen = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    return {"state": env.state_file.read_bytes(), "caddyfile": env.caddy.caddyfile.read_bytes(),
+            "caddy runs": traffic.read(env, proxy=False).slot,
+            "proxy": (seen.status_code, seen.headers.get("X-Togather-Slot"), seen.text),
+            # name, exists, status, image, image id, exit code, started at
+            "containers": {s: dataclasses.astuple(docker.inspect(env.slot(s).container))[:7]
+                           for s in Slot},
+            "database": _database(stack), "intent": intents.read(env),
+            "lock": env.lock_path.exists()}
+
+
+@pytest.mark.parametrize("command", [["switch", "--slot", "blue"],
+                                     ["deploy", "--version", VERSIONS["v1"].tag]],
+                         ids=["switch", "deploy"])
+def test_a_switch_or_deploy_after_a_restore_that_does_not_match_is_refused_unless_accepted(
+        stack: DrillStack, command: list[str]) -> None:
+    """Found by review: after a restore whose row counts did not match the snapshot (its
+    check: "do not start the app on it"), a rollback was refused but `runbook switch` and
+    `runbook deploy` started v1 on that database and sent users to it, exit 0. Both are
+    refused, exit 4, in a dry run too, nothing changed (Caddy, the proxy's answer, the
+    containers, the state file's bytes, the database), naming the failed check, the safety
+    snapshot and --accept-restored-data; with that flag they go on, and the plan, the
+    terminal and the journal say the check was overridden and by which flag."""
+    env = stack.env
+    _restored_but_not_matching(stack)
+    [safety] = _safety_snapshots(env)
+    before = _as_it_was(stack)
+    assert before["caddy runs"] == Slot.GREEN and before["proxy"][0] == 502, before
+    for extra in (["--dry-run"], ["--yes"]):
+        refused = cli(env, *command, *extra)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode == int(ExitCode.PRECONDITION), said
+        [error] = [line for line in said.splitlines() if line.startswith("runbook: error:")]
+        assert "does not match the snapshot" in error, error
+        assert f"this {command[0]} would start the app on it; nothing was changed" in error
+        assert safety.name in error and "--accept-restored-data" in error, error
+        assert _as_it_was(stack) == before
+    overridden = "overridden with --accept-restored-data"
+    looked = cli(env, *command, "--accept-restored-data", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    assert any(overridden in w for w in json.loads(looked.stdout)["plan"]["warnings"]), looked
+    assert _as_it_was(stack) == before
+    ran = cli(env, *command, "--accept-restored-data", "--yes", "--format", "json")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)  # the oracle: what serves
+    assert "runbook: warning: " in ran.stderr and overridden in ran.stderr, ran.stderr
+    out = json.loads(ran.stdout)
+    [warning] = [w for w in out["plan"]["warnings"] if overridden in w]
+    assert "does not match the snapshot" in warning, warning
+    [preflight] = [s for s in out["plan"]["steps"] if s["name"] == "preflight"]
+    assert overridden in preflight["details"]["restored data"], preflight
+    journal = [json.loads(line) for line in Path(out["log_file"]).read_text().splitlines()]
+    [planned] = [e for e in journal if e["message"].startswith("plan: ")]
+    assert warning in planned["plan"]["warnings"], planned
+
+
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
         stack: DrillStack) -> None:
     """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`
