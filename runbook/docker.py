@@ -66,12 +66,25 @@ class ContainerInfo:
 
     @property
     def tag(self) -> str | None:
-        """The tag of `repo[:tag][@digest]` (None without one): a digest is not a tag (found
-        by review: `...:abc1234@sha256:...` read as the tag `...` of 64 hex)."""
-        image = (self.image or "").split("@", 1)[0]
-        if image and ":" in image.rsplit("/", 1)[-1]:
-            return image.rsplit(":", 1)[1]
-        return None
+        return tag_of(self.image or "")
+
+
+def tag_of(image: str) -> str | None:
+    """The tag of `repo[:tag][@digest]` (None without one): a digest is not a tag (found by
+    review: `...:abc1234@sha256:...` read as the tag `...` of 64 hex), nor a registry's port
+    (`host:5000/repo`)."""
+    image = image.split("@", 1)[0]
+    if image and ":" in image.rsplit("/", 1)[-1]:
+        return image.rsplit(":", 1)[1]
+    return None
+
+
+def names_for_good(image: str, version: str) -> bool:
+    """Whether `image` is a name that stays on `version`'s build: its tag is the version (the
+    contract's `togather-server:<7 hex>`), or it is pinned by digest (`@sha256:`). A moving
+    tag (`:latest`, `:stable`, any other) names another build after the next push or
+    retag, so a record of it could no longer say what ran."""
+    return "@sha256:" in image or tag_of(image) == version
 
 
 # --------------------------------------------------------------------------------------------

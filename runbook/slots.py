@@ -304,6 +304,9 @@ class Preparation:
     tag: str
     action: str  # none | start | unpause | recreate
     reason: str
+    # a recreate: the name compose makes the container from (its .Config.Image, checked
+    # after it), which is not `image` (shown and recorded) when it is a moving tag; None: `image`
+    made: str | None = None
 
     @property
     def describe_container(self) -> str:
@@ -342,9 +345,10 @@ def claim_of(env: Environment, version: str, image: str | None = None) -> str:
 
 
 def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
-                  claimed_by: str) -> tuple[str, str]:
-    """The image a recreate of `slot` runs, and what the plan says when `wanted` named it
-    otherwise ('' when it did not).
+                  claimed_by: str) -> tuple[str, str, str]:
+    """The image a recreate of `slot` creates the container from (its .Config.Image, checked
+    after the recreate), the one the run shows and records, and what the plan says when
+    `wanted` named it otherwise ('' when it did not).
 
     Compose creates the container from its own file's `image:` (with IMAGE_TAG=`tag`), never
     from the state file's docker_image nor [compose] image_repository: the file is what runs,
@@ -352,17 +356,23 @@ def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
     checked, as long as it is the build the run means to run: another name for `wanted`'s
     build is said, not refused (a retag, the Go CLI's record); another build, or one that
     cannot be told (either image absent, no `image:`), is refused here, at plan time (exit 4,
-    nothing changed). A host with no compose for the slot (`docker run`) creates nothing
-    through it: `wanted` (compose.check_recreate refuses the recreate)."""
+    nothing changed). Compose's name is recorded only when it stays on the build
+    (`docker.names_for_good`): a file naming `:latest` gets `wanted` recorded, or the record
+    would name another build after the next push. A host with no compose for the slot
+    (`docker run`) creates nothing through it: `wanted` (compose.check_recreate refuses the
+    recreate)."""
     if not compose.can_recreate(env, slot):
-        return wanted, ""
+        return wanted, wanted, ""
     made = preflight.compose_image(env, slot, tag)
     if made == wanted:
-        return wanted, ""
+        return wanted, wanted, ""
     build = docker.image_id(made) if made else None
     meant = docker.image_id(wanted)
-    if build is not None and build == meant:
-        return made or wanted, f"; {claimed_by} names it {wanted}, the same build"
+    if made and build is not None and build == meant:
+        if not docker.names_for_good(made, tag):
+            return made, wanted, (f"; compose names it {made}, the same build, by a tag "
+                                  f"that moves: the run records {wanted}")
+        return made, made, f"; {claimed_by} names it {wanted}, the same build"
     config = env.slot(slot)
     why = ("the service names no image" if not made
            else f"{made} is not on this host" if build is None
@@ -384,18 +394,27 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
 
     `image` (default `image_of`) is what the run means to run, a claim (`claimed_by` says
     whose; default `claim_of`): the container holding that build under another name is
-    started as it is (its name is what runs, so it is what the plan shows and the run
-    records), and a recreate runs compose's image (`created_image`)."""
+    started as it is, and a recreate runs compose's image (`created_image`). The name shown
+    and recorded is the container's when it stays on the build (`docker.names_for_good`),
+    else the claim: a moving tag (`:latest`) recorded would name another build tomorrow, and
+    status and later rollbacks would no longer know what the container runs."""
     claimed_by = claimed_by or claim_of(env, version, image)
     image = image_of(env, version, image)
     if info is None:
         info = docker.inspect(env.slot(slot).container)
-    named = ""
+    named, holds = "", info.exists and info.image == image
     if info.exists and info.image and info.image != image and info.image_id is not None \
             and docker.image_id(image) == info.image_id:
-        named = f"; {claimed_by} names it {image}, the same build"
-        image = info.image
-    if info.exists and info.image == image:
+        holds = True
+        if docker.names_for_good(info.image, version):
+            named = f"; {claimed_by} names it {image}, the same build"
+            image = info.image
+        else:
+            named = (f"; the container names it {info.image}, the same build, by a tag that "
+                     f"moves: the run records {image}")
+    elif holds and info.image and not docker.names_for_good(info.image, version):
+        image, named = _for_good(env, info, version, claimed_by)
+    if holds:
         kept = image + _tag_moved(info, image, version) + named
         if info.running:
             return Preparation(slot, info, image, version, "none", f"already running {kept}")
@@ -419,7 +438,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
             recovery or f"rebuild {image} from its commit, or deploy a version whose image "
                         f"exists: {compose.deploy_hint(env)}")
     why = ("the container was removed" if not info.exists
-           else f"it is {info.status}: Docker cannot start it" if info.image == image
+           else f"it is {info.status}: Docker cannot start it" if holds
            else f"it runs {info.image}")
     compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
     # the label of the compose project that made it: the removed one's from its sibling
@@ -429,9 +448,24 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     traffic.refuse_recreate_if_pinned(env, slot)  # another site's upstream: it serves
-    image, named = created_image(env, slot, version, image, claimed_by)
+    made, image, named = created_image(env, slot, version, image, claimed_by)
     return Preparation(slot, info, image, version, "recreate",
-                       f"recreate through compose with {image} ({why}{named})")
+                       f"recreate through compose with {image} ({why}{named})", made)
+
+
+def _for_good(env: Environment, info: ContainerInfo, version: str,
+              claimed_by: str) -> tuple[str, str]:
+    """The name to show and record for a container made from the claim itself, when that
+    is a moving tag (a record earlier versions wrote from such a container): the configured
+    `image_repository:<version>` when it names the container's build, else the claim (none
+    better is known), and what the plan says about it."""
+    claim = info.image or ""
+    stable = image_of(env, version)
+    if stable == claim or info.image_id is None or docker.image_id(stable) != info.image_id:
+        return claim, ""
+    return stable, (f"; {claimed_by} names it {claim}, a moving tag"
+                    + _tag_moved(info, claim, version) + f"; recorded as {stable}, the same "
+                    "build")
 
 
 def _tag_moved(info: ContainerInfo, image: str, version: str) -> str:
@@ -476,7 +510,7 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
                            lambda: stop_if_started(env, prep.slot, observed))
             recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
-                     image=prep.image)
+                     image=prep.made or prep.image)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")

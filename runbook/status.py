@@ -66,6 +66,8 @@ class Facts:
     # next run decides "took effect" by (finish.target_check)
     target_check: VerifyResult | None = None
     last_run: dict[str, Any] | None = None
+    # the build (image id) the current deployment's image names now; None: not known
+    current_build: str | None = None
     held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
     held_error: RunbookError | None = None
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
@@ -218,7 +220,11 @@ def image_differs(f: Facts) -> Iterator[Problem]:
     if current is None or active is None:
         return
     running, expected = f.image(active), expected_image(f.env, current)
-    if running and running != expected:
+    info = f.containers.get(active)
+    # the same build under another name (a container made from `:latest`, the record naming
+    # its version) is what the file says: the container's build is compared, not its name
+    same = info is not None and info.image_id is not None and info.image_id == f.current_build
+    if running and running != expected and not same:
         yield Problem(f"state says {expected} is current, the active slot runs {running}",
                       "someone changed the container outside the runbook: find out what runs "
                       f"(`docker inspect {f.env.slot(active).container}`) before rolling back")
@@ -557,6 +563,11 @@ def collect(env: Environment) -> Facts:
             if f.active == f.intent.target and finish.superseded(f.intent, f.state) is None:
                 f.target_check = finish.target_check(env, f.intent)
     f.last_run = _last_run(env)
+    if f.state is not None and f.state.current is not None:
+        try:
+            f.current_build = docker.image_id(expected_image(env, f.state.current))
+        except RunbookError:
+            f.current_build = None  # not known: the names alone are compared
     from runbook.restore_records import doubted_restore
 
     f.doubted = doubted_restore(env)

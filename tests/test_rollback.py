@@ -998,28 +998,32 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
         assert f"runbook deploy {env.name} --version" in str(err.value), err.value
 
 
-def retag(stack: DrillStack, request: pytest.FixtureRequest, image: str, repo: str) -> str:
+def retag(stack: DrillStack, request: pytest.FixtureRequest, image: str, repo: str,
+          tag: str | None = None) -> str:
     """`image`'s build under another name (`<repo>-<random>:<its tag>`, as `docker tag` or the
-    Go CLI's docker_image give it one), untagged at the test's end."""
+    Go CLI's docker_image give it one; `tag`: another tag, e.g. `latest`), untagged at the
+    test's end. The repository is the test's own: other runs on this Docker never see it."""
     import secrets
 
-    name = f"{repo}-{secrets.token_hex(3)}:{image.rsplit(':', 1)[1]}"
+    name = f"{repo}-{secrets.token_hex(3)}:{tag or image.rsplit(':', 1)[1]}"
     stack.docker("tag", image, name)
     request.addfinalizer(lambda: stack.docker("image", "rm", name, check=False))
     return name
 
 
-def compose_naming(env: Environment, tmp_path: Path, image: str) -> Environment:
+def compose_naming(env: Environment, tmp_path: Path, image: str, *,
+                   literal: bool = False) -> Environment:
     """The environment with a copy of the drill's compose file whose slots' `image:` is
     `<image's repository>:${IMAGE_TAG}` (a host whose compose file names another repository
-    than [compose] image_repository or the state file's docker_image)."""
+    than [compose] image_repository or the state file's docker_image); `literal`: `image`
+    itself, whatever IMAGE_TAG says (a file naming `:latest`)."""
     from runbook.drill.stack import COMPOSE_FILE
 
     text = COMPOSE_FILE.read_text()
     assert "image: togather-server:${IMAGE_TAG}" in text
     copy = tmp_path / "docker-compose.blue-green.yml"
-    copy.write_text(text.replace("image: togather-server:${IMAGE_TAG}",
-                                 f"image: {image.rsplit(':', 1)[0]}:${{IMAGE_TAG}}"))
+    named = image if literal else f"{image.rsplit(':', 1)[0]}:${{IMAGE_TAG}}"
+    copy.write_text(text.replace("image: togather-server:${IMAGE_TAG}", f"image: {named}"))
     return env.with_(compose=dataclasses.replace(env.compose, file=copy))
 
 
@@ -1060,6 +1064,137 @@ def test_a_recorded_image_naming_the_stopped_containers_build_starts_it_and_reco
     assert now.current is not None and now.current.image == V2.image
     assert not [p for p in statusmod.problems(statusmod.collect(env))
                 if p.check == "image_differs"]
+
+
+def made_from(stack: DrillStack, env: Environment, tmp_path: Path, slot: Slot,
+              image: str) -> str:
+    """The slot's container made anew from `image` (a name whose tag is no version, e.g.
+    `:latest`) through compose, and stopped, as a deploy by another tool leaves a standby;
+    returns Docker's id of it."""
+    (tmp_path / "made").mkdir()
+    compose.run(compose.recreate_slot(compose_naming(env, tmp_path / "made", image,
+                                                     literal=True), slot, "latest"))
+    container = env.slot(slot).container
+    docker.stop(container)
+    info = docker.inspect(container)
+    assert (info.image, info.running) == (image, False), info
+    return container_identity(stack, container).split()[0]
+
+
+def image_problems(env: Environment) -> list[Any]:
+    """What `runbook status` says of the image the active slot runs against the file's."""
+    from runbook import status as statusmod
+
+    return [p for p in statusmod.problems(statusmod.collect(env))
+            if p.check == "image_differs" or "outside the runbook" in p.problem]
+
+
+@pytest.mark.shape_specific
+def test_a_standby_made_from_a_moving_tag_is_started_and_its_version_recorded(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The stopped standby was made from `<repo>:latest`, which named the previous build then:
+    the run adopted that name as what runs, so the state file and the run record said
+    `:latest`, which names another build after the next push, and nobody could tell any
+    more what that container runs. The container is started as it is (it holds the build),
+    the plan says the name it was made from, and the versioned name is what is shown and
+    recorded; once the tag has moved, `runbook status` still finds the build the file names,
+    no false problem. Oracles: Docker (the container's id and build), the state file read
+    back, the run record, the app's /version through the proxy."""
+    from runbook import status as statusmod
+
+    if docker_run_host(stack):
+        pytest.skip("the standby is made through compose; a docker-run host has none")
+    env = two_deployments(stack)  # v3 serves from blue, v2 stopped on green
+    green = env.slot(Slot.GREEN).container
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    made = made_from(stack, env, tmp_path, Slot.GREEN, latest)
+    dry = rollback.rollback(env, dry_run=True)
+    assert dry.plan.facts["container_action"] == "start", dry.plan.render()
+    start = step_of(dry.plan, "start-slot")
+    assert f"the container names it {latest}, the same build" in start.details["decision"]
+    assert start.details["wanted image"] == V2.image, start.details
+    assert step_of(dry.plan, "preflight").details["target image"] == V2.image
+    result = rollback.rollback(env)
+    assert result.plan.facts["container_action"] == "start"
+    info = docker.inspect(green)
+    assert info.running and info.image == latest
+    assert container_identity(stack, green).split()[0] == made  # started, not recreated
+    assert through_proxy(env) == ("green", V2.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.current.version == V2.tag
+    assert now.current.image == V2.image, now.current
+    record = json.loads(Path(str(result.record_file)).read_text())
+    start = next(step for step in record["steps"] if step["name"] == "start-slot")
+    assert start["detail"]["wanted image"] == V2.image, start
+    assert f"the run records {V2.image}" in start["detail"]["decision"], start
+    assert image_problems(env) == []
+    stack.docker("tag", V3.image, latest)  # the tag moves on to another build
+    assert docker.image_id(latest) != info.image_id
+    assert image_problems(env) == []
+    seen = statusmod.gather(env)
+    assert seen["current"]["image"] == V2.image, seen["current"]
+    assert seen["slots"]["green"]["version"] == V2.tag, seen["slots"]["green"]
+
+
+@pytest.mark.shape_specific
+def test_a_recorded_moving_tag_is_recorded_again_by_its_version(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A state file written by earlier versions records a moving tag (`:latest`) as the
+    previous deployment's image, and the tag has moved on to another build since: the
+    container still holds the build that ran, so it is started, and the versioned name,
+    which names that build, is recorded in place of the tag (the record says what runs
+    again). Oracles: Docker, the state file read back."""
+    if docker_run_host(stack):
+        pytest.skip("the standby is made through compose; a docker-run host has none")
+    env = two_deployments(stack)
+    green = env.slot(Slot.GREEN).container
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    made = made_from(stack, env, tmp_path, Slot.GREEN, latest)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=latest)))
+    stack.docker("tag", V3.image, latest)  # moved on since
+    dry = rollback.rollback(env, dry_run=True)
+    assert dry.plan.facts["container_action"] == "start", dry.plan.render()
+    decision = step_of(dry.plan, "start-slot").details["decision"]
+    assert f"names it {latest}, a moving tag" in decision, decision
+    assert f"recorded as {V2.image}, the same build" in decision, decision
+    rollback.rollback(env)
+    assert container_identity(stack, green).split()[0] == made  # started, not recreated
+    assert through_proxy(env) == ("green", V2.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.current.image == V2.image, now.current
+    assert image_problems(env) == []
+
+
+@pytest.mark.shape_specific
+def test_a_compose_file_naming_a_moving_tag_gets_the_version_recorded(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A compose file whose `image:` is `<repo>:latest` (no IMAGE_TAG): a rollback's recreate
+    and a deploy checked it names the build they mean, then recorded `:latest` as the
+    deployment's image. The container is made from it (checked after the recreate), the
+    versioned name is recorded, and `runbook status` finds no false problem. Oracles:
+    Docker, the state file read back, the proxy."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose file")
+    env = two_deployments(stack)  # v3 serves from blue, v2 stopped on green
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    moving = compose_naming(env, tmp_path, latest, literal=True)
+    docker.remove(env.slot(Slot.GREEN).container)
+    rollback.rollback(moving)
+    assert docker.inspect(env.slot(Slot.GREEN).container).image == latest
+    assert through_proxy(env) == ("green", V2.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.current.image == V2.image, now.current
+    assert image_problems(env) == []
+    stack.docker("tag", V3.image, latest)  # the next build is pushed as `:latest`
+    deploy.deploy(moving, deploy.Options(version=V3.tag))
+    assert docker.inspect(env.slot(Slot.BLUE).container).image == latest
+    assert through_proxy(env) == ("blue", V3.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.previous is not None
+    assert (now.current.image, now.previous.image) == (V3.image, V2.image), now
+    assert image_problems(env) == []
 
 
 @pytest.mark.shape_specific

@@ -108,6 +108,24 @@ def test_a_stale_lock_of_a_dead_process(stack: DrillStack) -> None:
     assert f"runbook unlock {stack.env.source} --yes" in found["fix"]
 
 
+def test_a_serving_container_of_another_build_than_the_file_names_is_a_problem(
+        stack: DrillStack) -> None:
+    """Status compares the build (image id) when the names differ, so that a container made
+    from `:latest` is not blamed on someone outside the runbook: a name for ANOTHER build is
+    still the problem it was. Oracle: the state file as written here, Docker's images."""
+    from runbook import docker
+
+    st = states.read_state(stack.env.state_file)
+    assert st.current is not None and st.current.version == V1.tag
+    assert docker.image_id(V2.image) != docker.image_id(V1.image)  # the premise
+    states.write_state(stack.env.state_file, st.with_(current=st.current.with_(image=V2.image)))
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, f"state says {V2.image} is current, the active slot runs "
+                              f"{V1.image}")
+    assert found["check"] == "image_differs", found
+
+
 def test_a_standby_left_running_another_version(stack: DrillStack) -> None:
     # the baseline's green runs the live image (a hot spare): no problem; another image is one
     compose.run(compose.recreate_slot(stack.env, Slot.GREEN, V2.tag))
