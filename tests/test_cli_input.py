@@ -630,3 +630,41 @@ def test_unlock_removes_only_the_lock_its_prompt_showed(host: Path) -> None:
     code, said = _unlock_answering_after(host, lambda: None)
     assert code == 0 and "another crashed run" in said and "removed a stale lock" in said, said
     assert not env.lock_path.exists()
+
+
+def test_unlock_force_clears_the_go_clis_lock_dated_in_the_future(host: Path) -> None:
+    """Found by review: the Go CLI's lock (in the state file only) taken while the clock was
+    6 h ahead, then NTP set the clock back: `runbook unlock --force` refused it ("a live lock
+    is never removed") for 6 hours. It clears it now (exit 0), the rest of the file byte for
+    byte as it was; a plain `unlock` still refuses it (exit 3), naming --force."""
+    from datetime import UTC, datetime, timedelta
+
+    env = envmod.load_file(host)
+    doc = {**json.loads((REPO_ROOT / "tests" / "data" / "state" / "go_cli.json").read_text()),
+           "environment": env.name}
+    unlocked = doc["lock"]  # the Go CLI's own unlocked lock (its zero times)
+    assert unlocked["locked"] is False
+    then = datetime.now(UTC) + timedelta(hours=6)
+    doc["lock"] = {"locked": True, "locked_at": then.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "locked_by": "ci@build-runner", "reason": "deploy e4d2c1b",
+                   "expires_at": (then + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    env.state_file.write_text(json.dumps(doc, indent=2) + "\n")
+    before = env.state_file.read_bytes()
+    run_env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+
+    def unlock(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "unlock", str(host), *extra],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=run_env, check=False, cwd=REPO_ROOT)
+
+    refused = unlock("--yes")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "in the future" in refused.stderr and "--force" in refused.stderr, refused.stderr
+    assert env.state_file.read_bytes() == before
+    done = unlock("--force", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cleared the state file's lock" in done.stdout and done.stderr == "", done
+    assert json.loads(env.state_file.read_text())["lock"] == unlocked
+    assert env.state_file.read_bytes() == (json.dumps({**doc, "lock": unlocked},
+                                                      indent=2) + "\n").encode()
+    assert not env.lock_path.exists()

@@ -1703,6 +1703,81 @@ def test_a_crashed_shell_lock_dated_in_the_future_is_removed_with_force(env: Env
     assert not path.exists()
 
 
+def _go_cli_lock_in(with_state: Path, **times: object) -> bytes:
+    """The Go CLI's lock (state file only, no lock_id) with these times, as written; the
+    file's bytes."""
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "locked_by": "ci@build-runner", "reason": "deploy e4d2c1b",
+                     "hostname": "build-runner", **times}
+    with_state.write_text(json.dumps(state, indent=2))
+    return with_state.read_bytes()
+
+
+@pytest.mark.parametrize("recorded", ["locked_at and expires_at", "expires_at alone"])
+def test_a_crashed_go_cli_lock_dated_in_the_future_is_removed_with_force(
+        env: Environment, with_state: Path, recorded: str) -> None:
+    """Found by review: the Go CLI's lock (in the state file only) taken while the clock was
+    6 h ahead (the RTC kept local time until NTP synced), the Go CLI then crashed and NTP set
+    the clock back: it read as taken "0 s ago", expiring in 6 h 29 min, and every run,
+    `unlock` and `unlock --force` refused it for those hours. Judged as the shell tooling's
+    directory dated in the future is: never taken over by a run, said to be dated in the
+    future, removed with --force (on-call having checked that no deploy runs)."""
+    then = datetime.now(UTC) + timedelta(hours=6)
+    times = {"expires_at": format_time(then + timedelta(minutes=30))}
+    if recorded == "locked_at and expires_at":
+        times["locked_at"] = format_time(then)
+    before = _go_cli_lock_in(with_state, **times)
+    seen = status(env)
+    assert seen is not None and seen.source == "state file" and seen.undated, seen
+    assert not seen.stealable and "in the future" in seen.why, seen.why
+    assert "clock was set back" in seen.why and "cannot be told" in seen.why, seen.why
+    said = seen.describe()
+    assert "0 s ago" not in said and "in the future" in said, said
+    with pytest.raises(LockedError) as refused:
+        acquire(env, "rollback", None)
+    assert "in the future" in refused.value.message, refused.value.message
+    assert f"runbook unlock {env.name} --force" in (refused.value.fix or ""), refused.value
+    with pytest.raises(LockedError) as kept:
+        unlock(env)
+    assert f"runbook unlock {env.name} --force" in (kept.value.fix or ""), kept.value
+    assert "not even with --force" not in (kept.value.fix or ""), kept.value
+    assert with_state.read_bytes() == before and not env.lock_path.exists()
+    assert "cleared the state file's lock" in unlock(env, force=True)
+    assert read_state(with_state).lock == {"locked": False}
+
+
+def test_force_removes_a_shell_lock_dated_in_the_future_with_its_copy(
+        env: Environment, with_state: Path) -> None:
+    """The shell tooling's lock taken while the clock was ahead is dated in the future in its
+    directory and in its state-file copy alike: `unlock --force` removed the directory and
+    left the copy (dated in the future too), which blocked every run until a second --force.
+    The copy goes with its directory; a lock of the Go CLI dated otherwise stays."""
+    path = plant(env, legacy=True)
+    future = time.time() + 6 * 3600
+    (path / "locked_at").write_text(f"{int(future)}\n")
+    os.utime(path, (future, future))
+    at = datetime.fromtimestamp(int(future), UTC)
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "lock_id": "lock_sh", "locked_by": "deploy@" + HOST,
+                     "hostname": HOST, "locked_at": format_time(at),
+                     "lock_expires_at": format_time(at + timedelta(minutes=30))}
+    with_state.write_text(json.dumps(state))
+    seen = status(env)
+    assert seen is not None and seen.source == "directory" and seen.undated, seen
+    assert "removed" in unlock(env, force=True)
+    assert not path.exists() and read_state(with_state).lock == {"locked": False}
+
+    path = plant(env, legacy=True)  # again, beside a Go CLI lock taken 2 h later
+    (path / "locked_at").write_text(f"{int(future)}\n")
+    os.utime(path, (future, future))
+    before = _go_cli_lock_in(with_state, locked_at=format_time(at + timedelta(hours=2)),
+                             expires_at=format_time(at + timedelta(hours=2, minutes=30)))
+    assert "removed" in unlock(env, force=True)
+    assert not path.exists() and with_state.read_bytes() == before
+    with pytest.raises(LockedError, match="in the future"):  # shown now, for its own --force
+        acquire(env, "rollback", None)
+
+
 def test_status_says_since_when_the_lock_is_held_not_its_last_refresh(env: Environment) -> None:
     """Found by review: "held since" showed the last heartbeat (the refresh rewrote
     locked_at), so a run holding the lock for an hour read as taken a minute ago."""

@@ -32,6 +32,7 @@ from runbook.errors import ConfigError, LockedError, LockLostError, StateError
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
+    MIRROR_MATCH,
     Holder,
     Ident,
     LockStatus,
@@ -538,7 +539,10 @@ def unlock(env: Environment, force: bool = False, shown: LockStatus | None = Non
         # with --force, also an expired copy whose pid may be reused (no start time: the
         # shell tooling's): kept, it blocked every run, and --force too, for ever
         return judged is None or judged.stealable or (
-            force and judged.stale and judged.pid_unverified)
+            force and judged.stale and judged.pid_unverified) or (
+            # with --force, the copy of a directory dated in the future, dated as it is (the
+            # clock was ahead for both): kept, it took a second --force (found by review)
+            force and current.undated and judged.undated and _same_time(current, judged))
 
     note = ""
     try:
@@ -548,6 +552,12 @@ def unlock(env: Environment, force: bool = False, shown: LockStatus | None = Non
     what = ("our own lock" if current.is_ours else
             f"{'a' if current.undated else 'a stale'} lock ({current.why})")
     return f"{env.display}: removed {what}, held by {current.describe()}{note}"
+
+
+def _same_time(one: LockStatus, other: LockStatus) -> bool:
+    """Taken at the same moment (a lock directory and its state-file copy)."""
+    return (one.locked_at is not None and other.locked_at is not None
+            and abs((one.locked_at - other.locked_at).total_seconds()) <= MIRROR_MATCH)
 
 
 def _which(lock: LockStatus) -> tuple[object, ...]:

@@ -81,7 +81,7 @@ class LockStatus:
     source: str  # "directory", or "state file" for a lock only the state file records
     holder: Holder | None  # None: created by the shell tooling (only locked_at)
     locked_at: datetime | None
-    age: float  # seconds
+    age: float  # seconds since locked_at (negative: dated in the future)
     stale: bool
     why: str  # why it is (not) stale, in words
     holder_alive: bool | None  # None: cannot tell (no pid, or another host)
@@ -146,7 +146,10 @@ class LockStatus:
             taken = self.holder.held_since if self.holder and self.holder.held_since else None
             start = taken if taken is not None and taken <= self.locked_at else self.locked_at
             age = self.age + (self.locked_at - start).total_seconds()
-            since = f" since {statemod.format_time(start)} ({rough_duration(age)} ago)"
+            # dated in the future (the clock set back since): never "0 s ago" (found by review)
+            when = f"{rough_duration(age)} ago" if age > -1 else \
+                f"{rough_duration(-age)} in the future"
+            since = f" since {statemod.format_time(start)} ({when})"
         return f"{who}{since}"
 
 
@@ -194,11 +197,14 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         # its directory too was made "later" than now: the clock was set back since (NTP
         # stepping it). It read as fresh for hours, and a lock that has not expired was not
         # removable even with --force (found by review)
-        judged = dataclasses.replace(
-            judged, undated=True, why=f"it is dated {rough_duration(epoch - now)} in the "
-            f"future (by {basis}): the clock was set back since it was taken, so its age "
-            "cannot be told")
+        judged = dataclasses.replace(judged, undated=True,
+                                     why=_dated_in_future(epoch - now, basis))
     return dataclasses.replace(judged, alive_by_mirror=running) if running else judged
+
+
+def _dated_in_future(ahead: float, basis: str) -> str:
+    return (f"it is dated {rough_duration(ahead)} in the future (by {basis}): the clock was set "
+            "back since it was taken, so its age cannot be told")
 
 
 MIRROR_MATCH = 2.0  # seconds: the mirror's locked_at and the directory's are the same run's
@@ -248,7 +254,7 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
         else:
             why = f"expires in {rough_duration(expires_in)} (by {basis})"
     return LockStatus(path=path, source=source, holder=holder,
-                      locked_at=_from_epoch(epoch), age=max(age, 0.0), stale=stale, why=why,
+                      locked_at=_from_epoch(epoch), age=age, stale=stale, why=why,
                       holder_alive=alive, expires_in=expires_in, ident=ident,
                       state_lock=state_lock)
 
@@ -360,8 +366,15 @@ def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
     expires = holder.expires_at.timestamp() if holder.expires_at else None
     if epoch is None:
         epoch = expires - env.lock_stale_after if expires is not None else 0.0
-    return _judge(env, env.state_file, "state file", holder, epoch, "the state file", now,
-                  None, lock, expires)
+    judged = _judge(env, env.state_file, "state file", holder, epoch, "the state file", now,
+                    None, lock, expires)
+    if epoch > now + FUTURE_SLACK and not judged.stale and judged.holder_alive is not True:
+        # as a lock directory dated in the future (_inspect): the Go CLI's lock taken while
+        # the clock was hours ahead, then set back by NTP, read as fresh for those hours and
+        # was not removable even with --force (found by review)
+        judged = dataclasses.replace(judged, undated=True,
+                                     why=_dated_in_future(epoch - now, "the state file"))
+    return judged
 
 
 def _state_holder(lock: Mapping[str, Any]) -> Holder:
