@@ -1778,6 +1778,59 @@ def test_force_removes_a_shell_lock_dated_in_the_future_with_its_copy(
         acquire(env, "rollback", None)
 
 
+@pytest.mark.parametrize("times", [
+    # an ISO time without its UTC offset: no tool writes one (CONTRACTS: RFC 3339)
+    {"locked_at": "NAIVE", "lock_expires_at": "NAIVE+30"},
+    {"locked_at": "EPOCH", "lock_expires_at": "EPOCH+30"},  # epoch seconds, a number
+    {"locked_at": "0001-01-01T00:00:00Z", "expires_at": "0001-01-01T00:00:00Z"},  # Go: unset
+    {},  # no time at all
+], ids=["naive-iso", "epoch-number", "go-zero-time", "no-time"])
+def test_a_live_state_file_lock_whose_times_cannot_be_read_is_never_taken_over(
+        env: Environment, with_state: Path, times: dict[str, str]) -> None:
+    """Found by review: a held lock in the state file whose times the judge could not read
+    was dated at the epoch: "expired 20792 d 0 h ago", and the next run took it over without
+    a word (no takeover said or journaled), beside a deploy that may still run. Its age
+    cannot be told: refused, said why, removable with --force once on-call has checked."""
+    now = datetime.now(UTC)
+    real = {"NAIVE": now.strftime("%Y-%m-%dT%H:%M:%S"),
+            "NAIVE+30": (now + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S"),
+            "EPOCH": int(now.timestamp()), "EPOCH+30": int(now.timestamp()) + 1800}
+    before = _go_cli_lock_in(with_state, **{k: real.get(v, v) for k, v in times.items()})
+    seen = status(env)
+    assert seen is not None and seen.source == "state file", seen
+    assert seen.undated and not seen.stale and not seen.stealable, seen
+    assert "cannot be read" in seen.why and "its age cannot be told" in seen.why, seen.why
+    assert "1970" not in seen.describe() and "ago" not in seen.describe(), seen.describe()
+    with pytest.raises(LockedError) as refused:
+        acquire(env, "rollback", None)
+    assert "ci@build-runner" in refused.value.message and "cannot be read" in \
+        refused.value.message, refused.value.message
+    assert f"runbook unlock {env.name} --force" in (refused.value.fix or ""), refused.value
+    assert lockmod.refusal(env) is not None  # a dry run says the same
+    with pytest.raises(LockedError):
+        unlock(env)
+    assert with_state.read_bytes() == before and not env.lock_path.exists()
+    assert "cleared the state file's lock" in unlock(env, force=True)
+    assert read_state(with_state).lock == {"locked": False}
+
+
+def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process_stays(
+        env: Environment, with_state: Path, live_pid: int) -> None:
+    """The other half: such a lock whose process runs on this host is that process's: never
+    removed, not even with --force, and no expiry is made up for it ("in never")."""
+    before = _go_cli_lock_in(with_state, locked_at=int(time.time()), pid=live_pid,
+                             hostname=HOST)
+    seen = status(env)
+    assert seen is not None and not seen.stale and not seen.undated, seen
+    assert "cannot be read" in seen.why and f"process {live_pid} is running" in seen.why
+    for act in (lambda: acquire(env, "rollback", None), lambda: unlock(env, force=True)):
+        with pytest.raises(LockedError) as refused:
+            act()
+        fix = refused.value.fix or ""
+        assert f"process {live_pid}" in fix and "never\"" not in fix and "in never" not in fix
+    assert with_state.read_bytes() == before
+
+
 def test_status_says_since_when_the_lock_is_held_not_its_last_refresh(env: Environment) -> None:
     """Found by review: "held since" showed the last heartbeat (the refresh rewrote
     locked_at), so a run holding the lock for an hour read as taken a minute ago."""

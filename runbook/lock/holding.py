@@ -499,10 +499,12 @@ def unlock(env: Environment, force: bool = False, shown: LockStatus | None = Non
             _check_removable(env, state_only, force)
             _check_shown(env, shown, state_only)
             # only the lock judged removable: a file written since (the Go CLI's new lock)
-            # is read again by _mirror and left alone
+            # is read again by _mirror and left alone; one whose times no tool can read is
+            # replaced all the same (_judge_undated_state_lock)
             try:
                 failed, _ = _mirror(env, {"locked": False},
-                                    replace_if=lambda lock: lock == judged)
+                                    replace_if=lambda lock: lock == judged,
+                                    lock_as_written=True)
             except statemod.StateChangedError:
                 failed = f"{env.state_file} kept changing (another tool writes it)"
             try:
@@ -709,13 +711,16 @@ _MIRROR_TRIES = 3
 
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
             replace_if: Callable[[Mapping[str, Any]], bool],
-            create: bool = False) -> tuple[str | None, str | None]:
+            create: bool = False, lock_as_written: bool = False) -> tuple[str | None, str | None]:
     """Best effort: the directory is the lock; the state file only reports it to other tools.
 
     With no state file (a host's first deploy, `create`) a held lock's copy creates it,
     never over a file another tool created meanwhile: the contract mirrors the lock there,
     and the Go CLI reads nothing else (it saw no lock for the whole run). A release writes
     no new file.
+
+    `lock_as_written`: the file's lock is read as written when its own fields are refused
+    (unlock replacing a lock whose times cannot be read); every other record still strictly.
 
     Returns (why the mirror failed, what of the file's owner and group its rewrite could not
     keep): the publish is a run's first rewrite of the state file, so that is where a writer
@@ -726,7 +731,8 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
         if not path.exists() and not (create and lock.get("locked")):
             return None, None
         try:
-            current = (statemod.read_state(path, environment=env.name) if path.exists()
+            current = (statemod.read_state(path, environment=env.name,
+                                           lock_as_written=lock_as_written) if path.exists()
                        else statemod.absent(path, environment=env.name))
             if not replace_if(current.lock):
                 return None, None
@@ -818,8 +824,18 @@ def _locked_error(env: Environment, current: LockStatus, *,
                "and the next run takes it over")
     elif unlocking:
         fix = ("a live lock is never removed, not even with --force: wait for that run to "
-               f"finish (it expires in {rough_duration(current.expires_in)} if it crashed)")
+               "finish " + (f"(it expires in {rough_duration(current.expires_in)} if it "
+                            "crashed)" if _expires(current) else
+                            f"(its process {current.pid or '?'} still runs)"))
     else:
         fix = (f"wait for that run to finish; if it crashed, `runbook unlock {name}` removes it "
-               f"once it is stale (in {rough_duration(current.expires_in)})")
+               "once it is stale " + (f"(in {rough_duration(current.expires_in)})"
+                                      if _expires(current) else
+                                      f"(once its process {current.pid or '?'} has exited)"))
     return LockedError(message, fix)
+
+
+def _expires(current: LockStatus) -> bool:
+    """Whether a live lock has an expiry to name: one whose times cannot be read has none
+    (held by a running process, it is stale once that exits), never "in never"."""
+    return current.expires_in != float("inf")

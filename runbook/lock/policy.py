@@ -364,8 +364,10 @@ def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
     holder = _state_holder(lock)
     epoch = holder.locked_at.timestamp() if holder.locked_at else None
     expires = holder.expires_at.timestamp() if holder.expires_at else None
+    if epoch is None and expires is not None:
+        epoch = expires - env.lock_stale_after
     if epoch is None:
-        epoch = expires - env.lock_stale_after if expires is not None else 0.0
+        return _judge_undated_state_lock(env, lock, holder, now)
     judged = _judge(env, env.state_file, "state file", holder, epoch, "the state file", now,
                     None, lock, expires)
     if epoch > now + FUTURE_SLACK and not judged.stale and judged.holder_alive is not True:
@@ -375,6 +377,34 @@ def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
         judged = dataclasses.replace(judged, undated=True,
                                      why=_dated_in_future(epoch - now, "the state file"))
     return judged
+
+
+STATE_LOCK_TIMES = ("locked_at", "lock_expires_at", "expires_at")
+
+
+def _judge_undated_state_lock(env: Environment, lock: Mapping[str, Any], holder: Holder,
+                              now: float) -> LockStatus:
+    """A held lock in the state file with no time that reads as RFC 3339 with an offset (what
+    every tool writes: CONTRACTS.md): dated at the epoch, it was "expired 20792 d ago" and
+    the next run took it over without a word (found by review). Only its process, when it is
+    on this host, tells anything; else its age cannot be told: undated, as a lock directory
+    dated in the future (removable with --force once on-call has checked)."""
+    judged = _judge(env, env.state_file, "state file", holder, now, "the state file", now,
+                    None, lock)
+    shown = ", ".join(f"{key}={_shorten(repr(lock[key]))}" for key in STATE_LOCK_TIMES
+                      if key in lock)
+    why = (f"its times cannot be read ({shown or 'none is recorded'}; RFC 3339 with a UTC "
+           "offset expected), so its age cannot be told")
+    if judged.stale:  # its process is gone from this host: that is judged as ever
+        why = f"{judged.why}; {why}"
+    elif judged.holder_alive:
+        why = f"{why}; its process {holder.pid} is running on this host"
+    return dataclasses.replace(judged, locked_at=None, age=0.0, expires_in=float("inf"),
+                               why=why, undated=not judged.stale and not judged.holder_alive)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _state_holder(lock: Mapping[str, Any]) -> Holder:

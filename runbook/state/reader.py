@@ -259,14 +259,17 @@ def _check_numbers(data: Any, r: _Reader) -> None:
 
 
 def parse_state(text: str | bytes, source: str = "deployment-state.json", *,
-                environment: str | None = None) -> DeploymentState:
-    """Parse any dialect. `environment`, when given, fills a blank one and must match."""
+                environment: str | None = None,
+                lock_as_written: bool = False) -> DeploymentState:
+    """Parse any dialect. `environment`, when given, fills a blank one and must match.
+    `lock_as_written`: a lock object whose own fields are refused is kept as written, for a
+    writer about to replace it (read_state)."""
     r = _Reader(source)
     raw_bytes = text if isinstance(text, bytes) else _encode(text)
     data = _load(text, r)
     _check_numbers(data, r)
     try:
-        state = _build(data, r, environment)
+        state = _build(data, r, environment, lock_as_written)
     except RecursionError:
         raise r.fail("", "is nested too deeply to be a deployment state file",
                      "restore it from a backup") from None
@@ -309,7 +312,8 @@ class NotJSON(StateError):
         self.raw = raw
 
 
-def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> DeploymentState:
+def _build(data: dict[str, Any], r: _Reader, environment: str | None,
+           lock_as_written: bool = False) -> DeploymentState:
     if "environment" not in data:
         raise r.fail("environment", "required key is missing",
                      "add \"environment\": one of " + ", ".join(ENV_NAMES))
@@ -356,7 +360,8 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None) -> Deploym
         current=current,
         previous=previous,
         history=history,
-        lock=_lock(data.get("lock"), r),
+        lock=_lock_or_as_written(data.get("lock"), r) if lock_as_written
+        else _lock(data.get("lock"), r),
         extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _TOP_KEYS},
         source=r.source,
     )
@@ -381,8 +386,12 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return None
     r = _Reader(str(path))
     lock = _load(raw, r).get("lock")
-    if lock is None:
-        return None
+    return None if lock is None else _lock_or_as_written(lock, r)
+
+
+def _lock_or_as_written(lock: Any, r: _Reader) -> dict[str, Any]:
+    """The lock normalized (_lock), or as written when its own fields are refused; StateError
+    when it is no object at all."""
     if not isinstance(lock, dict):
         raise r.fail("lock", f"expected an object, got {_show(lock)}",
                      "write {\"locked\": false} if no deployment is running")
@@ -392,14 +401,20 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return lock
 
 
-def read_state(path: Path, *, environment: str | None = None) -> DeploymentState:
-    """Read and normalize the state file; a missing file is an error, never an empty state."""
+def read_state(path: Path, *, environment: str | None = None,
+               lock_as_written: bool = False) -> DeploymentState:
+    """Read and normalize the state file; a missing file is an error, never an empty state.
+
+    `lock_as_written`: for `runbook unlock --force` replacing a lock whose times no tool can
+    read (no UTC offset, epoch numbers): refused here, the file could not be rewritten, and
+    only a hand edit cleared that lock (found by review). Nothing else is read leniently."""
     raw = _read_bytes(path)
     if raw is None:
         raise StateError(f"{path}: no deployment has been recorded (the state file does not "
                          "exist)", "deploy first, or check [state] file in the environment "
                          "configuration")
-    return parse_state(raw, str(path), environment=environment)
+    return parse_state(raw, str(path), environment=environment,
+                       lock_as_written=lock_as_written)
 
 
 def _read_bytes(path: Path) -> bytes | None:
