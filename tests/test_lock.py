@@ -1831,6 +1831,28 @@ def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process_sta
     assert with_state.read_bytes() == before
 
 
+def test_taking_over_an_expired_state_file_lock_is_said_and_journaled(
+        env: Environment, with_state: Path) -> None:
+    """Found by review: a run took over the Go CLI's expired lock (state file only) without
+    a word: the takeover of a stale lock directory is said on the terminal, in the journal
+    and in `runbook status` (README), this one was not."""
+    from runbook.plan import Plan, Step
+    from runbook.run import perform
+
+    _state_lock(env, with_state, expires_in=-60)
+    with acquire(env, "x", None) as lock:
+        assert lock.stolen_from is not None and lock.stolen_from.source == "state file"
+        assert "ci@build-runner" in lock.stolen_from.describe()
+    _state_lock(env, with_state, expires_in=-60)
+    notices: list[str] = []
+    result = perform(env, "snapshot-restore", lambda run_id: Plan(
+        "snapshot-restore", env, "test", [Step("noop", "Nothing", run=lambda ctx: None)]),
+        dry_run=False, reason="test", notify=notices.append)
+    taken = [n for n in notices if n.startswith("took over a stale deploy lock held by")]
+    assert len(taken) == 1 and "ci@build-runner" in taken[0] and "expired" in taken[0], notices
+    assert result.log_file is not None and taken[0] in Path(result.log_file).read_text()
+
+
 def test_status_says_since_when_the_lock_is_held_not_its_last_refresh(env: Environment) -> None:
     """Found by review: "held since" showed the last heartbeat (the refresh rewrote
     locked_at), so a run holding the lock for an hour read as taken a minute ago."""

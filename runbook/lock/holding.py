@@ -341,6 +341,9 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             state_only = _state_lock_status(env, corrupt=corrupt)
             if state_only is not None and not state_only.stealable:
                 raise _locked_error(env, state_only)
+            # an expired lock there is taken over too: said and journaled, as a directory's
+            # is (run.perform); it was replaced without a word (found by review)
+            stolen = state_only
         elif not current.stealable and not _killed_taking_it(current):
             raise _locked_error(env, current)
         else:
