@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runbook import caddy, compose, docker, drain, files, health, preflight, traffic
+from runbook import caddy, compose, docker, drain, files, health, preflight, times, traffic
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
@@ -191,7 +191,7 @@ def _record_held(env: Environment, slot: Slot, reason: str, port: int | None = N
     Returns the reason, with a warning if it could not be recorded."""
     info = docker.inspect(env.slot(slot).container)
     record = {"container": info.name, "started_at": info.started_at,
-              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "why": reason, "port": port}
+              "at": times.format_utc(times.now()), "why": reason, "port": port}
     target = held_marker(env, slot)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -153,11 +154,15 @@ def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
     new = VERSIONS["v3"].tag  # the version rolled back from, as after a fix (v1's schema is older)
     with drill_http.held_h2c_client() as lb:
         port, *_ = _answer(lb, stack)
+        began = datetime.now(UTC).replace(microsecond=0)
         rollback.rollback(env.with_(drain_timeout=2.0))  # busy until its timeout: 2 s
         left = docker.inspect(blue)
         assert left.running  # left running for the connection above
         held = json.loads(slots.held_marker(env, Slot.BLUE).read_text())
         assert (held["container"], held["started_at"]) == (blue, left.started_at)
+        # when, in UTC with a Z as every file the runbook writes (it was local time, +0100)
+        assert held["at"].endswith("Z"), held["at"]
+        assert began <= datetime.fromisoformat(held["at"]) <= datetime.now(UTC), held["at"]
         said = [p["problem"] for p in status.gather(env)["problems"]]
         assert any("left running" in p and "h2c" in p and blue in p for p in said), said
         assert not any("it takes no traffic" in p for p in said), said  # it may: h2c
