@@ -243,6 +243,11 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
                       f"release it: `runbook unlock {_arg(f.env)} --yes`"
                       + (" (add --force: its process still runs)" if held.holder_alive
                          else ""))
+    elif held is not None and held.undated:  # refused by every run; only --force clears it
+        yield Problem(f"the deploy lock's age cannot be told: {held.why} (held by "
+                      f"{held.describe()})",
+                      "once you have checked that no deploy or rollback runs (its holder is "
+                      f"named above), release it: `runbook unlock {_arg(f.env)} --force`")
 
 
 def standby_running(f: Facts) -> Iterator[Problem]:

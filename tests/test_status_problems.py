@@ -108,6 +108,27 @@ def test_a_stale_lock_of_a_dead_process(stack: DrillStack) -> None:
     assert f"runbook unlock {stack.env.source} --yes" in found["fix"]
 
 
+def test_a_lock_whose_age_cannot_be_told_is_a_problem_with_its_way_out(
+        stack: DrillStack) -> None:
+    """The Go CLI's lock (state file only) dated 6 h in the future (taken while the clock was
+    ahead, then set back): every run refuses it, and only `unlock --force` clears it. Status
+    showed it on its lock line only, listed no problem and exited 0 (found by review)."""
+    from datetime import UTC, datetime, timedelta
+
+    state = json.loads(stack.env.state_file.read_text())
+    then = datetime.now(UTC) + timedelta(hours=6)
+    state["lock"] = {"locked": True, "locked_by": "ci@build-runner", "hostname": "build-runner",
+                     "reason": "deploy e4d2c1b",
+                     "locked_at": then.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "expires_at": (then + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    stack.env.state_file.write_text(json.dumps(state, indent=2))
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "the deploy lock's age cannot be told")
+    assert "in the future" in found["problem"], found
+    assert f"runbook unlock {stack.env.source} --force" in found["fix"], found
+
+
 def test_a_serving_container_of_another_build_than_the_file_names_is_a_problem(
         stack: DrillStack) -> None:
     """Status compares the build (image id) when the names differ, so that a container made
