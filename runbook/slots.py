@@ -364,6 +364,8 @@ def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
     if not compose.can_recreate(env, slot):
         return wanted, wanted, ""
     made = preflight.compose_image(env, slot, tag)
+    if not docker.names_for_good(wanted, tag):
+        return _made_by_moving_claim(env, slot, tag, made, wanted, claimed_by)
     if made == wanted:
         return wanted, wanted, ""
     build = docker.image_id(made) if made else None
@@ -384,6 +386,38 @@ def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
         f"IMAGE_TAG={tag}), but {claimed_by} names {wanted}: {why}; nothing was changed",
         f"make them name the same build: the service's `image:` (e.g. "
         f"`{wanted.rsplit(':', 1)[0]}:${{IMAGE_TAG}}`) or {claimed_by}; then run again")
+
+
+def _made_by_moving_claim(env: Environment, slot: Slot, tag: str, made: str | None,
+                          wanted: str, claimed_by: str) -> tuple[str, str, str]:
+    """`created_image` when the claim is a tag that moves (`<repo>:latest`, a record earlier
+    versions wrote): it names whatever was pushed last, so it proves no build, not even when
+    compose names the same tag. Compose's image is the version's build only when its image
+    id is that of `[compose] image_repository:<version>`; then that name is recorded (or
+    compose's, when it stays on the build). Otherwise refused here (exit 4, nothing changed),
+    as another build is: the recreate made the newest build and only the health gate's
+    version check stopped it, with a container already made."""
+    stable = image_of(env, tag)
+    build = docker.image_id(made) if made else None
+    meant = docker.image_id(stable)
+    if made and build is not None and build == meant:
+        recorded = made if docker.names_for_good(made, tag) else stable
+        return made, recorded, (f"; {claimed_by} names it {wanted}, a tag that moves; "
+                                f"{made} is the build of {stable}: the run records {recorded}")
+    config = env.slot(slot)
+    why = ("the service names no image" if not made
+           else f"{made} is not on this host" if build is None
+           else f"{stable} is not on this host, so whether {made} is {tag}'s build cannot be "
+                "told" if meant is None
+           else f"{made} names another build than {stable} (pushed or retagged since)")
+    raise PreconditionError(
+        f"compose would create slot {slot}'s container {config.container} from "
+        f"{made or '(no image)'} (service {config.service} of {env.compose.file}, "
+        f"IMAGE_TAG={tag}), and {claimed_by} names {wanted}, a tag that moves, which proves "
+        f"no build: {why}; nothing was changed",
+        f"make the service's `image:` name the version (e.g. "
+        f"`{stable.rsplit(':', 1)[0]}:${{IMAGE_TAG}}`), or tag {tag}'s build as {stable} if "
+        "this host still has it; then run again")
 
 
 def prepare(env: Environment, slot: Slot, version: str, image: str | None = None,

@@ -198,6 +198,51 @@ def migrated(stack: DrillStack) -> Environment:
     return stack.env
 
 
+# --- a build under another name (a moving tag) -------------------------------------------
+
+
+def retag(stack: DrillStack, request: pytest.FixtureRequest, image: str, repo: str,
+          tag: str | None = None) -> str:
+    """`image`'s build under another name (`<repo>-<random>:<its tag>`, as `docker tag` or the
+    Go CLI's docker_image give it one; `tag`: another tag, e.g. `latest`), untagged at the
+    test's end. The repository is the test's own: other runs on this Docker never see it."""
+    import secrets
+
+    name = f"{repo}-{secrets.token_hex(3)}:{tag or image.rsplit(':', 1)[1]}"
+    stack.docker("tag", image, name)
+    request.addfinalizer(lambda: stack.docker("image", "rm", name, check=False))
+    return name
+
+
+def compose_naming(env: Environment, tmp_path: Path, image: str, *,
+                   literal: bool = False) -> Environment:
+    """The environment with a copy of the drill's compose file whose slots' `image:` is
+    `<image's repository>:${IMAGE_TAG}` (a host whose compose file names another repository
+    than [compose] image_repository or the state file's docker_image); `literal`: `image`
+    itself, whatever IMAGE_TAG says (a file naming `:latest`)."""
+    from runbook.drill.stack import COMPOSE_FILE
+
+    text = COMPOSE_FILE.read_text()
+    assert "image: togather-server:${IMAGE_TAG}" in text
+    copy = tmp_path / "docker-compose.blue-green.yml"
+    named = image if literal else f"{image.rsplit(':', 1)[0]}:${{IMAGE_TAG}}"
+    copy.write_text(text.replace("image: togather-server:${IMAGE_TAG}", f"image: {named}"))
+    return env.with_(compose=dataclasses.replace(env.compose, file=copy))
+
+
+
+def running_from(env: Environment, tmp_path: Path, slot: Slot, image: str) -> None:
+    """The slot's container made anew through compose from `image` (a name whose tag is no
+    version, e.g. `:latest`), running, as another tool's deploy leaves it."""
+    from runbook import compose
+
+    where = tmp_path / f"made-{slot}"
+    where.mkdir(parents=True)
+    compose.run(compose.recreate_slot(compose_naming(env, where, image, literal=True), slot,
+                                      "latest"))
+    info = docker.inspect(env.slot(slot).container)
+    assert (info.image, info.running) == (image, True), info
+
 # --- hosts without Docker ---------------------------------------------------------------------
 
 

@@ -32,7 +32,10 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import (
     closed_port,
+    compose_naming,
     migrated,
+    retag,
+    running_from,
     snapshot,
     through_proxy,
     two_deployments,
@@ -998,35 +1001,6 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
         assert f"runbook deploy {env.name} --version" in str(err.value), err.value
 
 
-def retag(stack: DrillStack, request: pytest.FixtureRequest, image: str, repo: str,
-          tag: str | None = None) -> str:
-    """`image`'s build under another name (`<repo>-<random>:<its tag>`, as `docker tag` or the
-    Go CLI's docker_image give it one; `tag`: another tag, e.g. `latest`), untagged at the
-    test's end. The repository is the test's own: other runs on this Docker never see it."""
-    import secrets
-
-    name = f"{repo}-{secrets.token_hex(3)}:{tag or image.rsplit(':', 1)[1]}"
-    stack.docker("tag", image, name)
-    request.addfinalizer(lambda: stack.docker("image", "rm", name, check=False))
-    return name
-
-
-def compose_naming(env: Environment, tmp_path: Path, image: str, *,
-                   literal: bool = False) -> Environment:
-    """The environment with a copy of the drill's compose file whose slots' `image:` is
-    `<image's repository>:${IMAGE_TAG}` (a host whose compose file names another repository
-    than [compose] image_repository or the state file's docker_image); `literal`: `image`
-    itself, whatever IMAGE_TAG says (a file naming `:latest`)."""
-    from runbook.drill.stack import COMPOSE_FILE
-
-    text = COMPOSE_FILE.read_text()
-    assert "image: togather-server:${IMAGE_TAG}" in text
-    copy = tmp_path / "docker-compose.blue-green.yml"
-    named = image if literal else f"{image.rsplit(':', 1)[0]}:${{IMAGE_TAG}}"
-    copy.write_text(text.replace("image: togather-server:${IMAGE_TAG}", f"image: {named}"))
-    return env.with_(compose=dataclasses.replace(env.compose, file=copy))
-
-
 def step_of(plan: Any, name: str) -> Any:
     return next(step for step in plan.steps if step.name == name)
 
@@ -1071,9 +1045,7 @@ def made_from(stack: DrillStack, env: Environment, tmp_path: Path, slot: Slot,
     """The slot's container made anew from `image` (a name whose tag is no version, e.g.
     `:latest`) through compose, and stopped, as a deploy by another tool leaves a standby;
     returns Docker's id of it."""
-    (tmp_path / "made").mkdir()
-    compose.run(compose.recreate_slot(compose_naming(env, tmp_path / "made", image,
-                                                     literal=True), slot, "latest"))
+    running_from(env, tmp_path, slot, image)
     container = env.slot(slot).container
     docker.stop(container)
     info = docker.inspect(container)
@@ -1195,6 +1167,46 @@ def test_a_compose_file_naming_a_moving_tag_gets_the_version_recorded(
     assert now.current is not None and now.previous is not None
     assert (now.current.image, now.previous.image) == (V3.image, V2.image), now
     assert image_problems(env) == []
+
+
+@pytest.mark.shape_specific
+def test_a_recreate_from_a_recorded_moving_tag_runs_only_the_versions_build(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The state file (written by earlier versions) records `<repo>:latest` for the previous
+    deployment, the compose file names the same `:latest`, and the container was removed:
+    the recreate was planned without asking which build the tag names now, so after the next
+    push it made the new build and only the health gate's version check stopped it, with a
+    container already made. The tag proves the version's build only when its image id is
+    that of `<image_repository>:<version>`: then the recreate goes ahead and records that
+    name; when the tag names another build, or the versioned name is not on the host, the
+    plan refuses (exit 4, nothing changed), as for any other build. Oracles: Docker (the
+    tag moved here, the container still absent), the state file, the proxy."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose file")
+    env = two_deployments(stack)  # v3 serves from blue, v2 stopped on green
+    green = env.slot(Slot.GREEN).container
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    moving = compose_naming(env, tmp_path, latest, literal=True)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=latest)))
+    docker.remove(green)
+    dry = rollback.rollback(moving, dry_run=True)  # the tag names v2's build: proved
+    assert dry.plan.facts["container_action"] == "recreate", dry.plan.render()
+    assert step_of(dry.plan, "start-slot").details["wanted image"] == V2.image
+    unproved = moving.with_(compose=dataclasses.replace(  # no `<repository>:<v2>` on the host
+        moving.compose, image_repository=latest.rsplit(":", 1)[0]))
+    stack.docker("tag", V3.image, latest)  # the next build is pushed as `:latest`
+    for host, why in ((moving, "names another build"), (unproved, "is not on this host")):
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(host)
+        assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+        assert f"{latest}, a tag that moves" in str(err.value) and why in str(err.value), \
+            err.value
+        assert snapshot(env) == before
+        assert not docker.inspect(green).exists
+    assert through_proxy(env) == ("blue", V3.tag)
 
 
 @pytest.mark.shape_specific
