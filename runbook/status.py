@@ -170,11 +170,10 @@ def no_current_deployment(f: Facts) -> Iterator[Problem]:
         return
     if not f.running(active):
         return
-    info = f.containers.get(active)
-    tag = info.tag if info is not None else None
+    version = _running_version(f, active)
     from runbook import compose
 
-    record = (f"record it: `runbook deploy {_arg(f.env)} --version {tag or '<version>'}` "
+    record = (f"record it: `runbook deploy {_arg(f.env)} --version {version or '<version>'}` "
               "deploys that version again and records it" if compose.can_recreate(f.env) else
               # no compose: `runbook deploy` refuses here, and a switch to the slot that
               # already serves changes nothing: the host's own deploy is what records it
@@ -184,6 +183,21 @@ def no_current_deployment(f: Facts) -> Iterator[Problem]:
     yield Problem(f"no current deployment is recorded, yet the {active} slot serves traffic "
                   f"({f.image(active)})",
                   f"{record}; until then a rollback has nothing to roll back from")
+
+
+def _running_version(f: Facts, slot: Slot) -> str | None:
+    """The version (7-hex commit) the slot's container runs, as its /health says it, else its
+    image's `org.opencontainers.image.version` label, else its tag; None when none of them is
+    a version: a moving tag (`:latest`) names none, and `--version latest` is bad input."""
+    info = f.containers.get(slot)
+    report = f.reports.get(slot)
+    labels = info.labels if info is not None and info.labels else {}
+    for said in (report.version if report is not None else None,
+                 labels.get("org.opencontainers.image.version"),
+                 info.tag if info is not None else None):
+        if said and states.is_version(said):
+            return said.strip().lower()
+    return None
 
 
 def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
@@ -252,8 +266,10 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
 
 def standby_running(f: Facts) -> Iterator[Problem]:
     """The standby should be stopped after a switch (`[rollback] stop_old_slot`). A standby
-    running the live image is a hot spare (both slots after `compose up`); one running anything
-    else is left over from an interrupted or manual run. A live run's lock explains it."""
+    running the live build is a hot spare (both slots after `compose up`); one running anything
+    else is left over from an interrupted or manual run. A live run's lock explains it. The
+    builds (image ids) are compared, not the names: a spare made from `<repo>:latest` runs the
+    live build as much as one made from `<repo>:<version>`."""
     active = f.active
     if active is None or not f.env.stop_old_slot:
         return
@@ -265,6 +281,10 @@ def standby_running(f: Facts) -> Iterator[Problem]:
         return
     if not f.running(standby) or image is None or image == f.image(active):
         return
+    spare, live = f.containers.get(standby), f.containers.get(active)
+    if spare is not None and live is not None and spare.image_id is not None \
+            and spare.image_id == live.image_id:
+        return  # the live build under another name: a hot spare
     if f.traffic is not None and standby in f.traffic.pinned:
         return  # another site proxies to it (outside the markers): stopping it cuts that site
     if f.intent is not None and standby in (f.intent.source, f.intent.target):

@@ -22,7 +22,7 @@ from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Slot
-from tests.drill_checks import serving
+from tests.drill_checks import retag, running_from, serving
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +157,45 @@ def test_a_standby_left_running_another_version(stack: DrillStack) -> None:
     assert f"docker stop {stack.env.slot('green').container}" in found["fix"]
 
 
+def test_a_standby_holding_the_live_build_under_a_moving_tag_is_a_hot_spare(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The standby check compared names: a standby made from `<repo>:latest` naming the build
+    that serves was said to be "left running" with a fix to stop it, though it is the hot
+    spare the check means to leave alone. The builds (image ids) are compared: the same build
+    is no problem, another build under the same moving tag still is. Oracle: Docker's images
+    (the tag is the test's own, moved here)."""
+    if stack.has("docker-run"):
+        pytest.skip("the standby is made through compose; a docker-run host has none")
+    latest = retag(stack, request, V1.image, "togather-moving", tag="latest")
+    running_from(stack.env, tmp_path / "same", Slot.GREEN, latest)
+    code, text, problems = status(stack)
+    assert (code, problems) == (0, []), text
+    stack.docker("tag", V2.image, latest)  # the tag moves on to another build
+    running_from(stack.env, tmp_path / "other", Slot.GREEN, latest)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, f"the standby slot green is left running ({latest})")
+    assert found["check"] == "standby_running", found
+
+
+def test_no_current_deployment_names_the_version_a_moving_tag_runs(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The fix for "no current deployment" named the serving container's tag as the version:
+    made from `<repo>:latest`, it said `runbook deploy ... --version latest`, which the deploy
+    refuses (a version is a 7-hex commit). The version the container runs is named (its
+    /health, else its image's labels). Oracle: the drill's versions."""
+    if stack.has("docker-run"):
+        pytest.skip("the container is made through compose; a docker-run host has none")
+    latest = retag(stack, request, V1.image, "togather-moving", tag="latest")
+    running_from(stack.env, tmp_path, Slot.BLUE, latest)
+    states.write_state(stack.env.state_file, states.DeploymentState(environment=stack.env.name))
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "no current deployment is recorded, yet the blue slot serves")
+    assert f"runbook deploy {stack.env.source} --version {V1.tag}`" in found["fix"], found
+    assert "--version latest" not in text, text
+
+
 def test_a_standby_another_site_proxies_to_is_never_to_be_stopped(stack: DrillStack) -> None:
     """Found by review: with another site of the Caddyfile (outside the markers) proxying to
     the standby's port, status said "stop it (it takes no traffic)": that site's traffic."""
@@ -258,6 +297,41 @@ def test_no_recorded_deployment_on_a_host_without_compose_names_what_works_there
         [found] = list(statusmod.no_current_deployment(f))
         assert ("`runbook deploy " in found.fix and "--version abc1234`" in found.fix) \
             == says_deploy, found.fix
+
+
+def test_no_current_deployment_never_names_a_moving_tag_as_the_version(
+        tmp_path: Path) -> None:
+    """The facts as `gather` reads them when the serving container was made from `:latest`:
+    the version comes from its /health, else its image's labels (Docker copies them onto the
+    container), else a placeholder for on-call to fill in, never `--version latest`."""
+    import dataclasses
+
+    from runbook import docker, health, traffic
+    from runbook import status as statusmod
+    from tests.drill_checks import host_env
+
+    base = host_env(tmp_path)
+    compose_file = tmp_path / "docker-compose.blue-green.yml"
+    compose_file.write_text("services: {}\n")
+    env = base.with_(compose=dataclasses.replace(base.compose, file=compose_file))
+    label = {"org.opencontainers.image.version": "abc1234"}
+    answered = health.HealthReport("http://127.0.0.1:8081/health", "healthy", version="def5678")
+    down = health.HealthReport("http://127.0.0.1:8081/health", "unreachable")
+    for labels, report, named in ((label, answered, "def5678"), (label, down, "abc1234"),
+                                  ({}, down, "<version>"),
+                                  ({"org.opencontainers.image.version": "latest"}, None,
+                                   "<version>")):
+        f = statusmod.Facts(env)
+        f.state = states.DeploymentState(environment=env.name)
+        f.traffic = traffic.Traffic(slots=frozenset({Slot.BLUE}), dials=())
+        f.containers[Slot.BLUE] = docker.ContainerInfo(
+            env.slot(Slot.BLUE).container, True, "running", "togather-server:latest",
+            labels=labels)
+        if report is not None:
+            f.reports[Slot.BLUE] = report
+        [found] = list(statusmod.no_current_deployment(f))
+        assert f"--version {named}`" in found.fix, (named, found.fix)
+        assert "--version latest" not in found.fix, found.fix
 
 
 def test_a_proxy_that_serves_nobody_is_a_problem(stack: DrillStack, tmp_path: Path) -> None:
