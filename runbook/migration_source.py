@@ -107,11 +107,14 @@ def from_health(env: Environment, target: states.Deployment) -> Found | None:
     itself rejects the schema (a problem, never a version). The check's `details.version` is
     the database's version as the app reads it, not the one its build ran with: the real app
     reports whatever `schema_migrations` holds, so taking it for the target's schema made the
-    guard say "compatible" on any schema (read-only probe)."""
+    guard say "compatible" on any schema (read-only probe). The container is found by its
+    build (image id), not its name: one made from `<repo>:latest` holding the target's build,
+    whose record names `<repo>:<version>`, is the target (found after such records healed)."""
+    names, builds = _target_build(env, target)
     for slot in Slot:
         config = env.slot(slot)
         info = docker.inspect(config.container)
-        if not (info.running and info.image == target.image):
+        if not (info.running and (info.image in names or info.image_id in builds)):
             continue
         report = health.probe(config, env.health.path, env.health.request_timeout)
         check = next((c for c in report.checks if c.name == "migrations"), None)
@@ -122,6 +125,19 @@ def from_health(env: Environment, target: states.Deployment) -> Found | None:
         return Found(None, source, f"{target.version} in {config.container} rejects the "
                                    f"database schema: {check.message or 'migrations fail'}")
     return None
+
+
+def _target_build(env: Environment, target: states.Deployment) -> tuple[set[str], set[str]]:
+    """The names that stay on the target's build (its recorded image when it does, and
+    `[compose] image_repository:<version>`) and the builds (image ids) they name. A moving
+    tag (`:latest`, an old record) is left out: it names whatever was pushed last."""
+    from runbook import slots
+
+    names = {slots.image_of(env, target.version, target.image or None),
+             slots.image_of(env, target.version)}
+    names = {n for n in names if docker.names_for_good(n, target.version)}
+    builds = {build for build in map(docker.image_id, names) if build is not None}
+    return names, builds
 
 
 def infer(env: Environment, current: states.Deployment,

@@ -10,8 +10,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runbook import deploy, docker, rollback
@@ -20,9 +22,16 @@ from runbook import state as states
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import needs_root, snapshot, through_proxy, two_deployments
+from tests.drill_checks import (
+    needs_root,
+    retag,
+    running_from,
+    snapshot,
+    through_proxy,
+    two_deployments,
+)
 
 pytestmark = pytest.mark.docker
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -212,6 +221,52 @@ def test_a_running_targets_health_is_no_witness_of_the_schema_it_ran_with(
     assert details["schema guard"] == "not checked (version not known)", details
     assert "migrations check" not in details["target ran with"], details
     assert f"the migration version {V2.tag} ran with is unknown" in dry.plan.render()
+
+
+def rejects_the_schema(env: Environment, slot: Slot, timeout: float = 30) -> bool:
+    """Whether the slot's app answers /health with its migrations check failing, once it
+    answers at all (a container just made takes a moment)."""
+    from runbook.drill import http as drill_http
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            body = drill_http.get(f"{env.slot(slot).base_url}/health", timeout=3).json()
+        except (httpx.HTTPError, ValueError):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+            continue
+        return bool(body["checks"]["migrations"]["status"] == "fail")
+
+
+def test_a_running_target_made_from_a_moving_tag_that_rejects_the_schema_is_refused(
+        scene_stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The target's running container is its witness when its migrations check fails (the
+    build rejects the schema), but it was found by name (`== target.image`): one made from
+    `<repo>:latest`, whose record holds the versioned name, was no witness, and the guard said
+    "not checked" and let the rollback put that build on a schema it rejects. The build
+    (image id) is compared. Oracle: the drill's v1 knows schema 1 and the database is at 2
+    (scenes.MIGRATED); nothing changes (the state file, Caddy, the containers, the proxy)."""
+    if scene_stack.has("docker-run"):
+        pytest.skip("the container is made through compose; a docker-run host has none")
+    scene_stack.arrange(scenes.MIGRATED)  # v2 serves from green on schema 2; v1 ran with 1
+    env = scene_stack.env
+    forget_migration_version(env, V1.tag)
+    for found in env.database.snapshot_dir.glob("togather_*"):
+        found.unlink()  # no sidecar, no pre-deploy dump: only the app can say it
+    target = states.read_state(env.state_file).find_version(V1.tag)
+    assert target is not None and target.image == V1.image, target
+    latest = retag(scene_stack, request, V1.image, "togather-moving", tag="latest")
+    running_from(env, tmp_path, Slot.BLUE, latest)  # v1's build, as another tool started it
+    assert rejects_the_schema(env, Slot.BLUE)  # the premise, asked of the app itself
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"{V1.tag} in {env.slot(Slot.BLUE).container} rejects the database schema" \
+        in str(err.value), err.value
+    assert snapshot(env) == before
 
 
 def test_a_tooling_pre_deploy_snapshot_without_a_version_is_read_for_the_targets_schema(
