@@ -97,28 +97,39 @@ class NotAFile(OSError):
     file too large to be what is expected."""
 
 
-def read_regular(path: Path, limit: int) -> bytes:
+READ_CHUNK = 1 << 16  # os.read allocates what it is asked for: never the whole limit at once
+
+
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+
+
+def read_regular(path: Path, limit: int, *, follow: bool = False) -> bytes:
     """The bytes of the regular file at `path`, at most `limit` of them, or NotAFile. In a
     world-writable directory (the lock's, /tmp) anyone may plant a FIFO or a symlink to
     /dev/zero where a file is read: a plain read hung every command, the deploy lock's guard
     held (found by review). Opened without following a symlink and without blocking, then
-    checked by fstat: no swap between a check and the open. Other OSErrors as open(2)."""
+    checked by fstat: no swap between a check and the open. Other OSErrors as open(2).
+    `follow`: a symlink that leads to a regular file is read too (a snapshot and its sidecar
+    may be links); one that leads elsewhere is NotAFile, a device never opened."""
+    if follow and not stat.S_ISREG(mode := os.stat(path).st_mode):
+        raise NotAFile(errno.EINVAL, f"{_kind(mode)}, not a regular file", str(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                     | (0 if follow else os.O_NOFOLLOW))
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno == errno.ELOOP and not follow:
             raise NotAFile(errno.ELOOP, "a symbolic link, not a regular file",
                            str(path)) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
-                    else "a socket" if stat.S_ISSOCK(mode) else "a device")
-            raise NotAFile(errno.EINVAL, f"{kind}, not a regular file", str(path))
+            raise NotAFile(errno.EINVAL, f"{_kind(mode)}, not a regular file", str(path))
         chunks: list[bytes] = []
         size = 0
-        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+        while size <= limit and (chunk := os.read(fd, min(limit + 1 - size, READ_CHUNK))):
             chunks.append(chunk)
             size += len(chunk)
     finally:

@@ -276,6 +276,26 @@ def closed_ports(count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
+
+@contextlib.contextmanager
+def fifo_released_after(fifo: Path, seconds: float) -> Iterator[None]:
+    """A reader that opened `fifo` and waits there for a writer gets its end of file after
+    `seconds`: a test of a reader that would hang on it fails instead of hanging the suite."""
+    done = threading.Event()
+
+    def release() -> None:
+        while not done.wait(seconds):
+            with contextlib.suppress(OSError):  # ENXIO: nobody reads it (yet)
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    helper = threading.Thread(target=release, daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        helper.join()
+
 # --- another user writes a file (real uids; needs root) ---------------------------------------
 
 # A state file on a host: owned by one user, shared with the deploy group (1001:1002, 0660),

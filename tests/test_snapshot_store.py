@@ -21,7 +21,13 @@ from runbook import database, snapshots
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError
-from tests.drill_checks import DEPLOY_UID, as_deploy_user, host_env, needs_root
+from tests.drill_checks import (
+    DEPLOY_UID,
+    as_deploy_user,
+    fifo_released_after,
+    host_env,
+    needs_root,
+)
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -271,6 +277,36 @@ def test_a_latest_symlink_is_not_listed_nor_the_default(env: Environment) -> Non
     assert listed == [newest.name, older.name]
     assert snapshots.find(env).path == newest
 
+
+
+def test_a_fifo_named_like_a_sidecar_is_never_waited_on(env: Environment) -> None:
+    """Found by review: a FIFO named like a snapshot's sidecar hung every command that lists
+    the snapshots (status, cleanup, a restore's pick) for ever; cleanup also read one whose
+    dump is gone (a lone sidecar). It is that snapshot's problem, said at once, and left
+    alone; a sidecar that is a symlink to a file is still read."""
+    import time
+
+    record(env, "dep_current")
+    fifo_one = put(env, "20261201_000000", "manual")
+    sidecar = fifo_one.with_name(fifo_one.name.removesuffix(".sql.gz") + ".meta.json")
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+    linked = put(env, "20261202_000000", "manual")
+    moved = env.database.snapshot_dir.parent / "elsewhere.meta.json"
+    meta = linked.with_name(linked.name.removesuffix(".sql.gz") + ".meta.json")
+    meta.rename(moved)
+    meta.symlink_to(moved)
+    lone = env.database.snapshot_dir / "togather_togather_20261101_000000_manual.meta.json"
+    os.mkfifo(lone)
+    began = time.monotonic()
+    with fifo_released_after(sidecar, 5.0), fifo_released_after(lone, 5.0):
+        listed = {s.name: s for s in snapshots.list_snapshots(env)}
+        result = snapshots.cleanup(env, now=NOW)
+    assert time.monotonic() - began < 4.0, "waited on a FIFO"
+    assert sidecar.exists() and lone.exists() and not result.orphans, result
+    said = " ".join(listed[fifo_one.name].problems)
+    assert f"cannot read {sidecar.name}" in said and "FIFO" in said, said
+    assert listed[linked.name].problems == () and listed[linked.name].database == "togather"
 
 # -- 5. a query string with '@' is not the password -----------------------------------------------
 

@@ -216,6 +216,9 @@ def _in_utc(value: object) -> datetime | None:
         return datetime.max.replace(tzinfo=UTC)
 
 
+META_MAX = 1 << 20  # a sidecar is a few hundred bytes; a larger file is not one
+
+
 def load(path: Path) -> Snapshot:
     """Read a snapshot and its sidecar; an unreadable sidecar is a problem, not a crash."""
     stem = path.name.removesuffix(SUFFIX)
@@ -224,7 +227,8 @@ def load(path: Path) -> Snapshot:
     meta: dict[str, Any] | None = None
     if meta_path.exists():
         try:
-            loaded = json.loads(meta_path.read_text())
+            # never a blocking read: a FIFO named like a sidecar hung every listing for ever
+            loaded = json.loads(files.read_regular(meta_path, META_MAX, follow=True))
             if isinstance(loaded, dict):
                 meta = loaded
             else:
@@ -729,8 +733,8 @@ def _database(env: Environment) -> str | None:
 
 
 def _safe_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
+    try:  # never a FIFO's blocking read (load's)
+        data = json.loads(files.read_regular(path, META_MAX, follow=True))
     except (OSError, ValueError, RecursionError):  # `[[[[...` too: no crash of the cleanup
         return None
     return data if isinstance(data, dict) else None
