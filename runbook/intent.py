@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from runbook import files
+from runbook import files, journal
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError, RunbookError
@@ -132,7 +132,6 @@ def read(env: Environment) -> Intent | None:
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-MAX_RECORD = 16 * 1024 * 1024  # a run record is a few KiB; a larger file is not one
 
 
 def last_recorded_step(env: Environment, intent: Intent) -> str | None:
@@ -146,7 +145,7 @@ def last_recorded_step(env: Environment, intent: Intent) -> str | None:
         return None
     record_path = env.runs_dir / f"{intent.run_id}.json"
     try:  # never a FIFO or a device (files.NotAFile, an OSError): status must not hang
-        record = json.loads(files.read_regular(record_path, MAX_RECORD))
+        record = json.loads(files.read_regular(record_path, journal.MAX_RECORD))
         steps = [s for s in record["steps"] if s.get("started_at")]
         if record.get("finished_at"):  # its later steps (the lock's release) say nothing
             steps = [s for s in steps if s.get("status") == "failed"]

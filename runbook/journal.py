@@ -41,6 +41,7 @@ from runbook.redact import scrub as scrub
 RESERVED = ("timestamp", "level", "deployment_id", "message", "run_id")
 RUN_ID_PREFIX = {"rollback": "rbk", "deploy": "dep"}
 LOG_NAMES = 100  # runs started in one second, each with its log: <env>_<second>[_<n>].log
+MAX_RECORD = 16 * 1024 * 1024  # a run record is a few KiB; a larger file is not one
 
 
 class Level(StrEnum):
@@ -458,22 +459,58 @@ def _new_log(first: Path) -> tuple[Path, int, tuple[int, int]]:
 
 
 def past_records(env: Environment, *, but: str | None = None,
-                 most: int = 50) -> Iterator[dict[str, Any]]:
-    """The environment's run records, newest first (the last `most` files, `but` that run
-    id's left out): the runs folder may be shared by several environments, and hold files
-    another tool left, which are passed over."""
-    try:
-        found = sorted((p for p in env.runs_dir.glob("*.json") if p.stem != but),
-                       key=lambda p: p.stat().st_mtime)
-    except OSError:
-        return
-    for record in reversed(found[-most:]):
+                 strict: bool = False) -> Iterator[dict[str, Any]]:
+    """The environment's run records, newest first (`but` that run id's left out), each
+    read only when the caller asks for it: the callers stop at the first record that decides.
+    Every one, never the newest N: each run refused at the lock, the plan or the prompt
+    writes a record, and the runs folder may be shared by environments (the packaged files
+    share one), so 50 refused retries or 50 staging runs lifted the guard on production's
+    restore that did not match its snapshot (found by review). Passed over: another
+    environment's record, another tool's file, a symlink (a `latest.json`, dangling or
+    not), an entry removed since the listing; a FIFO or a device is never waited on.
+    `strict` (for a reader that fails closed): an entry named like a record that cannot be
+    read (another user's, mode 0600; a directory; a FIFO) raises OSError instead, and so
+    does a folder that cannot be listed."""
+    for path in _newest_first(env.runs_dir, but, strict=strict):
         try:
-            data = json.loads(record.read_text())
-        except (OSError, ValueError, RecursionError):
+            data = json.loads(files.read_regular(path, MAX_RECORD))
+        except FileNotFoundError:
+            continue  # removed since the listing
+        except OSError as exc:
+            if strict and exc.errno != errno.ELOOP:  # a symlink swapped in: not ours
+                raise
+            continue
+        except (ValueError, RecursionError):
             continue
         if is_record(data, env):
             yield data
+
+
+def _newest_first(folder: Path, but: str | None, *, strict: bool) -> list[Path]:
+    """The `*.json` entries of `folder` but symlinks, newest first: by mtime, then by name
+    (run ids sort by their start, and a coarse file clock gives quick runs the same mtime).
+    Stat'ed one by one: one that vanished while listed is left out, never the whole list."""
+    found: list[tuple[int, str]] = []
+    left_out = None if but is None else f"{but}.json"
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".json") or entry.name == left_out:
+                    continue
+                try:
+                    if not entry.is_symlink():
+                        found.append((entry.stat(follow_symlinks=False).st_mtime_ns,
+                                      entry.name))
+                except OSError:
+                    continue  # removed while listed
+    except FileNotFoundError:
+        return []
+    except OSError:
+        if strict:
+            raise
+        return []
+    found.sort(reverse=True)
+    return [folder / name for _, name in found]
 
 
 def is_record(data: object, env: Environment) -> bool:

@@ -209,9 +209,9 @@ def journaled(env: Environment, action: str, why: str,
     create and cleanup, unlock): its first line says who ran it, the block logs what it
     changed through the function it is given, and the last line how it ended, with the exit
     code the process exits with. No run record: status shows the last run's, and a killed
-    restore is looked for among the last records; an hourly `snapshot create` would push it
-    out of sight, and cleanup would then delete its safety snapshot. Never in the command's
-    way: a log that cannot be written is said through `notify`, and the command goes on."""
+    restore is looked for back through the records (journal.past_records), to which an
+    hourly `snapshot create` would add one each hour. Never in the command's way: a log that
+    cannot be written is said through `notify`, and the command goes on."""
     journal: journals.Journal | None = None
     try:
         journal = journals.Journal.open(env, action, why=why, record=False)

@@ -9,7 +9,6 @@ snapshots and never the other way round. `rollback --restore-snapshot` uses `res
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -423,23 +422,35 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
     ("run the same command again") restores whole. Only the run records know them, which
     the snapshots package never reads.
     A run refused or stopped since (before its own restore) does not end it, unlike
-    `killed_restore`'s pointer for messages. Every record is read, not the last 50, and run
-    records that cannot be listed or read keep every snapshot (fail closed): a killed
-    restore's target may be any of them, not only a safety snapshot (found by review: the
-    target went, and the rerun its fix prescribes failed "does not exist"). Kept, not
-    refused: nothing is deleted either way, and the cleanup still removes dead partial
-    dumps (what may fill the disk), as it does when the state file cannot be read."""
+    `killed_restore`'s pointer for messages. The records are read newest first, one at a
+    time, back to that restore (every one when none finished; all of them held at once took
+    784 MiB for 20,000, under the deploy lock), and one among them that cannot be listed or
+    read keeps every snapshot (fail closed): a killed restore's target may be any of them,
+    not only a safety snapshot (found by review: the target went, and the rerun its fix
+    prescribes failed "does not exist"). Kept, not refused: nothing is deleted either way,
+    and the cleanup still removes dead partial dumps (what may fill the disk), as it does
+    when the state file cannot be read."""
+    from runbook import files
     from runbook.snapshots.store import list_snapshots
 
     try:
-        records = _all_records(env)
+        return _kept_by_the_records(env)
     except OSError as exc:
+        fix = (f"move it out of {env.runs_dir} (it is no run record)"
+               if isinstance(exc, files.NotAFile) else "make them readable to this user")
         why = (f"kept: the run records cannot be read ({exc.filename or env.runs_dir}: "
                f"{exc.strerror or exc}), so nothing tells whether a killed restore replays it "
-               "or needs it; make them readable to this user, then run the cleanup again")
+               f"or needs it; {fix}, then run the cleanup again")
         return {s.name: why for s in list_snapshots(env)}
+
+
+def _kept_by_the_records(env: Environment) -> dict[str, str]:
+    """kept_for_killed_restore's reading of the run records; OSError when one of those it
+    reaches cannot be listed or read."""
+    from runbook import journal
+
     kept: dict[str, str] = {}
-    for data in records:
+    for data in journal.past_records(env, strict=True):
         listed = data.get("steps")
         steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
                  if isinstance(s, dict) and s.get("status") != "planned"}
@@ -465,38 +476,6 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
                 f"{data.get('started_at')}), killed during or after its restore, replayed: "
                 "running that command again restores it whole"))
     return kept
-
-
-def _all_records(env: Environment) -> list[dict[str, Any]]:
-    """Every run record of the environment, newest first; raises OSError when one cannot be
-    listed or read (a record of another user's, mode 0600): `journal.past_records`, made
-    for messages, passes over those and reads the last 50 only. A file that is not JSON, or
-    not a run record (journal.is_record), is another tool's, passed over."""
-    import json
-
-    from runbook import journal
-
-    if not env.runs_dir.exists():
-        return []
-    found: list[tuple[float, Path]] = []
-    with os.scandir(env.runs_dir) as entries:
-        for entry in entries:
-            if entry.name.endswith(".json"):
-                try:
-                    found.append((entry.stat().st_mtime, Path(entry.path)))
-                except FileNotFoundError:
-                    continue  # removed while listing
-    records = []
-    for _, path in sorted(found, reverse=True):
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (ValueError, RecursionError):
-            continue
-        if journal.is_record(data, env):
-            records.append(data)
-    return records
 
 
 def _left_restored(data: dict[str, Any], steps: dict[Any, Any]) -> bool:
