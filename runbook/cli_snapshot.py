@@ -97,16 +97,23 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
         return
     header = ("name", "taken (UTC)", "schema", "MB", "expires", "deployment")
     lines = []
+    ahead = False
     for s in snaps:
         d = s.to_json(retention)
         schema = "?" if s.migration_version is None else str(s.migration_version)
-        lines.append((s.name, d["timestamp"], schema + (" dirty" if s.dirty else "")
+        ahead = ahead or d["dated_in_future"]
+        taken = d["timestamp"] + (" dated in the future" if d["dated_in_future"] else "")
+        lines.append((s.name, taken, schema + (" dirty" if s.dirty else "")
                       + (" !" if s.problems or s.meta is None else ""),
                       f"{d['size_mb']:.3f}", d["expires_at"], s.deployment_id or "-"))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     for row in [header, *lines]:
         echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     echo(f"Folder: {environment.database.snapshot_dir}  (! = no or unreadable sidecar)")
+    if ahead:
+        echo("Dated in the future: taken while the clock ran fast (set back since), so which "
+             "snapshot is the newest cannot be told; a restore without a name refuses it: "
+             "name the one to restore")
 
 
 @snapshot_app.command("restore")
@@ -114,7 +121,8 @@ def restore(
     env: EnvArg,
     snapshot: Annotated[str | None, typer.Argument(
         help="file name or path (default: the newest that is not a restore's safety "
-             "snapshot (pre-restore) or dirty)", metavar="[SNAPSHOT]")] = None,
+             "snapshot (pre-restore) or dirty; refused when it is dated in the future)",
+        metavar="[SNAPSHOT]")] = None,
     keep_stopped: Annotated[bool, typer.Option(
         "--keep-stopped", help="leave the app containers stopped after the restore")] = False,
     end_sessions: Annotated[bool, typer.Option(

@@ -24,6 +24,7 @@ from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.redact import one_line
 from runbook.restore_records import refuse_doubted, restoring_command
 from runbook.run import RunResult, perform
+from runbook.times import rough_duration
 
 if TYPE_CHECKING:  # imported where needed: most rollbacks never touch a snapshot
     from runbook import snapshots
@@ -171,8 +172,17 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["schema guard"] = "not checked (version not known)"
         return guard
     if problem and not options.force:
-        snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
-                if recorded is not None else None)
+        try:
+            snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
+                    if recorded is not None else None)
+        except snapshots.FutureSnapshotError as exc:  # the refusal stays the schema's
+            raise SchemaRefusal(problem, (
+                f"the snapshot `--restore-snapshot` would pick, {exc.snapshot.name}, is dated "
+                f"{rough_duration(exc.ahead)} in the future: the clock was likely set back "
+                "since it was taken, so which snapshot is the newest cannot be told; name the "
+                f"one to restore and roll back in one go with `runbook rollback {env.name} "
+                f"--restore-snapshot --snapshot FILE` (`runbook snapshot list {env.name}`), "
+                "or pass --force to roll back the code anyway")) from None
         if snap is None:
             at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
             fix = (f"no snapshot {at} exists in {env.database.snapshot_dir}: "

@@ -948,6 +948,47 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
+def test_a_restore_pick_dated_in_the_future_is_refused_and_a_named_one_is_not(
+        stack: DrillStack) -> None:
+    """Found by review: a snapshot taken while the host clock ran fast (NTP set it back since)
+    sorted as the newest, so `--restore-snapshot` picked it, and a newer one's writes were
+    lost. The pick is refused (exit 4, nothing changed), the schema guard's refusal offers
+    no such pick, and the snapshot named with --snapshot is restored as before."""
+    from datetime import UTC, datetime, timedelta
+
+    env = migrated(stack)  # v2 serving on schema 2; its pre-deploy snapshot at schema 1
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))[-1:]
+    sidecar = pre.with_name(pre.name.replace(".sql.gz", ".meta.json"))
+    kept = sidecar.read_bytes()
+    ahead = (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sidecar.write_text(json.dumps(json.loads(kept) | {"timestamp": ahead}))
+    try:
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as guard:
+            rollback.rollback(env)
+        said = str(guard.value)
+        assert guard.value.exit_code == ExitCode.PRECONDITION, said
+        assert "migrations ran after the target deployment" in said, said
+        assert f"{pre.name}, is dated " in said and " in the future" in said, said
+        assert f"`runbook rollback {env.name} --restore-snapshot --snapshot FILE`" in said, said
+        with pytest.raises(RunbookError) as auto:
+            rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
+        said = str(auto.value)
+        assert auto.value.exit_code == ExitCode.PRECONDITION, said
+        assert f"snapshot {pre.name} is dated " in said and "clock was likely set back" in said
+        assert f"`runbook rollback {env.name} --restore-snapshot --snapshot FILE`" in said, said
+        assert snapshot(env) == before
+        named = rollback.rollback(env, rollback.Options(restore_snapshot=pre.name),
+                                  dry_run=True)
+        shown = step_of(named.plan, "preflight").details
+        assert shown["restore"] == pre.name, shown
+        assert "in the future: how many writes a restore undoes cannot be told" in shown[
+            "data-loss window"], shown
+        assert snapshot(env) == before
+    finally:
+        sidecar.write_bytes(kept)
+
+
 def test_a_forced_rollback_onto_an_unhealthy_slot_leaves_the_old_one_running(
         stack: DrillStack) -> None:
     """Found by review: --force skipped the recheck before the old slot's stop, so old code

@@ -924,3 +924,128 @@ def test_a_sidecar_dated_near_year_9999_is_listed_and_kept(env: Environment,
         said = far.name if command == ["list"] else "Would remove 0 snapshot(s)"
         assert said in done.stdout, done.stdout
     assert snapshots.cleanup(env, now=NOW).removed == [] and far.exists()
+
+
+# -- a snapshot dated in the future is never "the newest" silently ---------------------------------
+# The host clock ran 2 h fast (an RTC kept in local time before NTP synced) while one snapshot
+# was taken; NTP set it back; another was taken an hour later. The older one's name, sidecar
+# and mtime all carry the fast clock, so it sorted first: both default picks restored it and
+# dropped the newer writes, and the plan said it was "taken 0s ago".
+
+def future_pair(env: Environment, *, reason: str = "manual",
+                deployment_id: str = "") -> tuple[Path, Path]:
+    """(taken an hour ago under a clock 2 h fast: dated 1 h ahead, taken 5 minutes ago)."""
+    ahead = put(env, "20261205_022954", reason, age_days=-1 / 24,
+                deployment_id=deployment_id)
+    os.utime(ahead, ((NOW + timedelta(hours=1)).timestamp(),) * 2)  # the fast clock's too
+    recent = put(env, "20261205_012454", reason, age_days=5 / 1440,
+                 deployment_id=deployment_id)
+    return ahead, recent
+
+
+FUTURE_RE = r"dated (59|60) min in the future"  # an hour, less the seconds the tests took
+
+
+def test_the_default_restore_refuses_the_newest_when_it_is_dated_in_the_future(
+        env: Environment) -> None:
+    import re
+
+    ahead, recent = future_pair(env)
+    with pytest.raises(snapshots.SnapshotError) as err:
+        snapshots.find(env)
+    said = str(err.value)
+    assert err.value.exit_code == 4 and "\n" not in said, said
+    assert f"snapshot {ahead.name} is " in said and re.search(FUTURE_RE, said), said
+    assert "the clock was likely set back" in said and "newest cannot be told" in said, said
+    assert "`runbook snapshot restore production SNAPSHOT`" in said, said
+    assert "nothing was changed" in said, said
+    # named, either one restores as before
+    assert snapshots.find(env, recent.name).path == recent
+    assert snapshots.find(env, ahead.name).path == ahead
+
+
+def test_a_snapshot_a_little_ahead_of_the_clock_is_still_the_default(env: Environment) -> None:
+    """Clocks of a few seconds apart (a dump's sidecar written on another host's clock) are
+    within the same slack the deploy lock allows: no refusal for those."""
+    put(env, "20261205_012454", "manual", age_days=5 / 1440)
+    close = put(env, "20261205_013000", "manual", age_days=-60 / 86400)
+    assert snapshots.find(env).path == close
+
+
+def test_rollbacks_pick_refuses_a_snapshot_dated_in_the_future(env: Environment) -> None:
+    import re
+
+    ahead, recent = future_pair(env)
+    for deployment_id in (None, "dep_other"):
+        with pytest.raises(snapshots.SnapshotError) as err:
+            snapshots.latest_before(env, 1, deployment_id=deployment_id)
+        said = str(err.value)
+        assert err.value.exit_code == 4 and "\n" not in said, said
+        assert f"snapshot {ahead.name} is " in said and re.search(FUTURE_RE, said), said
+        assert "the clock was likely set back" in said, said
+        assert ("`runbook rollback production --restore-snapshot --snapshot FILE`"
+                in said), said
+    # the one dated in the future is at another schema: it is not the pick, so no refusal
+    meta_path = ahead.with_name(ahead.name.replace(".sql.gz", ".meta.json"))
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text())
+                                    | {"migration_version": 2}))
+    picked = snapshots.latest_before(env, 1)
+    assert picked is not None and picked.path == recent
+
+
+def test_rollbacks_pick_of_a_pre_deploy_snapshot_dated_in_the_future_is_refused(
+        env: Environment) -> None:
+    ahead, _ = future_pair(env, reason="pre-deploy", deployment_id="dep_current")
+    for version in (1, None):
+        with pytest.raises(snapshots.SnapshotError) as err:
+            snapshots.latest_before(env, version, deployment_id="dep_current")
+        assert ahead.name in str(err.value) and "in the future" in str(err.value)
+
+
+def test_the_loss_window_of_a_snapshot_dated_in_the_future_is_not_0s(env: Environment) -> None:
+    from runbook.snapshots.stats import LossWindow, TableLoss
+
+    ahead, _ = future_pair(env)
+    said = snapshots.loss_window(env, snapshots.find(env, ahead.name)).describe()
+    assert said.startswith(f"{ahead.name} is dated "), said
+    assert "in the future: how many writes a restore undoes cannot be told" in said, said
+    assert "0s" not in said and " ago" not in said, said
+    counted = LossWindow(ahead.name, NOW + timedelta(hours=1), -3600.0,
+                         (TableLoss("events", 10, 14, 4, True),)).describe()
+    assert counted.startswith(f"{ahead.name} is dated 60 min in the future: how many "
+                              "writes a restore undoes cannot be told"), counted
+    # its created_at values carry the fast clock too: counted by them, a lower bound only
+    assert "events: at least 4 new rows" in counted and "0s" not in counted, counted
+
+
+def test_cli_refuses_the_default_restore_and_lists_a_snapshot_dated_in_the_future(
+        env: Environment, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.drill_checks import closed_port
+
+    ahead, recent = future_pair(env)
+    toml = host_toml(env, tmp_path)
+    children = os.environ | {"DOCKER_HOST": f"tcp://127.0.0.1:{closed_port()}"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", *args],
+                              capture_output=True, text=True, check=False, timeout=120,
+                              stdin=subprocess.DEVNULL, env=children)
+
+    for extra in (["--dry-run"], ["--yes"]):
+        done = cli("restore", str(toml), *extra)
+        assert done.returncode == 4, (extra, done.stdout + done.stderr)
+        assert f"snapshot {ahead.name} is dated" in done.stderr, done.stderr
+        assert "`runbook snapshot restore production SNAPSHOT`" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+    assert ahead.exists() and recent.exists()
+    listed = cli("list", str(toml))
+    assert listed.returncode == 0, listed.stderr
+    [line] = [row for row in listed.stdout.splitlines() if row.startswith(ahead.name)]
+    assert "dated in the future" in line, listed.stdout
+    [line] = [row for row in listed.stdout.splitlines() if row.startswith(recent.name)]
+    assert "future" not in line, listed.stdout
+    as_json = json.loads(cli("list", str(toml), "--format", "json").stdout)
+    assert [s["dated_in_future"] for s in as_json] == [True, False], as_json

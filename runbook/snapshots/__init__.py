@@ -36,6 +36,7 @@ from runbook.snapshots.store import (
     META_SUFFIX,
     SUFFIX,
     CleanupResult,
+    FutureSnapshotError,
     Snapshot,
     SnapshotError,
     TableStats,
@@ -52,9 +53,10 @@ from runbook.snapshots.verify import Verified
 from runbook.times import human_duration
 
 __all__ = [
-    "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "LossWindow", "RestoreRun",
-    "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified", "cleanup",
-    "create", "current_state", "dump_command", "find", "human_duration", "latest_before",
-    "list_snapshots", "load", "loss_window", "own_snapshots", "pre_deploy_snapshot",
-    "replay_command", "schema_witness", "snapshot_stem", "table_stats", "target",
+    "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "FutureSnapshotError", "LossWindow",
+    "RestoreRun", "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified",
+    "cleanup", "create", "current_state", "dump_command", "find", "human_duration",
+    "latest_before", "list_snapshots", "load", "loss_window", "own_snapshots",
+    "pre_deploy_snapshot", "replay_command", "schema_witness", "snapshot_stem", "table_stats",
+    "target",
 ]

@@ -9,6 +9,7 @@ against them. Everything here is read-only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +18,9 @@ from typing import Any
 from runbook import database
 from runbook.environment import Environment
 from runbook.snapshots import commands
-from runbook.snapshots.store import Snapshot, TableStats
+from runbook.snapshots.store import FUTURE_SLACK, Snapshot, TableStats
 from runbook.times import format_utc as _fmt
-from runbook.times import human_duration
+from runbook.times import human_duration, rough_duration
 from runbook.times import now as _now
 
 TABLES_SQL = """
@@ -201,6 +202,16 @@ class LossWindow:
         return tuple(t for t in self.tables if t.written_since or t.rows_at_snapshot is None)
 
     def describe(self) -> str:
+        if self.seconds < -FUTURE_SLACK:
+            # taken while the clock ran fast (set back since): never "taken 0s ago" (found by
+            # review); its rows' created_at carry that clock too, so counts are lower bounds
+            said = (f"{self.snapshot} is dated {rough_duration(-self.seconds)} in the future: "
+                    "how many writes a restore undoes cannot be told (the clock was likely "
+                    "set back since it was taken)")
+            counted = "; ".join(dataclasses.replace(t, exact=False).describe()
+                                for t in self.affected)
+            return (f"{said}; by row counts: {counted} (updates and deletes since then are "
+                    "undone too)" if counted else said)
         ago = human_duration(self.seconds)
         if not self.known:
             return (f"{self.snapshot} was taken {ago} ago; it recorded no row counts, so the "

@@ -28,18 +28,38 @@ if TYPE_CHECKING:
     from runbook import state as states
 from runbook.times import format_utc as _fmt
 from runbook.times import parse_utc as _utc
+from runbook.times import rough_duration
 
 SUFFIX = ".sql.gz"
 META_SUFFIX = ".meta.json"
 PREFIX = "togather_"
 SAFETY_REASON = "pre-restore"  # a restore's safety snapshot (snapshot_restore.py)
 NAME_RE = re.compile(r"^togather_(?P<db>.+?)_(?P<date>\d{8})_(?P<time>\d{6})_(?P<reason>.+)$")
+# seconds: a snapshot dated further after now was taken while the clock ran fast (set back
+# since), as a lock dated so is (runbook/lock/policy.py's FUTURE_SLACK, the same slack)
+FUTURE_SLACK = 300.0
 
 
 class SnapshotError(RunbookError):
     """A snapshot file or request is unusable; nothing was changed."""
 
     exit_code = ExitCode.USAGE
+
+
+class FutureSnapshotError(SnapshotError):
+    """A default pick would be a snapshot dated in the future: which one is the newest
+    cannot be told (found by review: a snapshot taken while the clock ran 2 h fast was
+    restored over the newer one taken after NTP set it back, its writes lost)."""
+
+    exit_code = ExitCode.PRECONDITION
+
+    def __init__(self, snap: Snapshot, ahead: float, fix: str) -> None:
+        super().__init__(f"snapshot {snap.name} is dated {rough_duration(ahead)} in the future "
+                         f"({_fmt(snap.timestamp)}): the clock was likely set back since it was "
+                         "taken, so which snapshot is the newest cannot be told; nothing was "
+                         "changed", fix)
+        self.snapshot = snap
+        self.ahead = ahead
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,13 @@ class Snapshot:
             return datetime.fromtimestamp(self.path.stat().st_mtime, UTC)
         except OSError:
             return datetime.fromtimestamp(0, UTC)
+
+    def ahead(self, now: datetime | None = None) -> float | None:
+        """Seconds it is dated after `now`, when more than FUTURE_SLACK: taken while the clock
+        ran fast (set back since), so its age, and whether it is newer than another, cannot
+        be told from its name, sidecar or mtime (all carry that clock). Else None."""
+        seconds = (self.timestamp - (now or datetime.now(UTC))).total_seconds()
+        return seconds if seconds > FUTURE_SLACK else None
 
     @property
     def reason(self) -> str:
@@ -186,7 +213,7 @@ class Snapshot:
             "size_mb": round(self.size_bytes / 1048576, 3), "sha256": self.sha256,
             "expires_at": _fmt(self.expires_at(retention_days)),
             "tables": {k: v.rows for k, v in self.tables.items()},
-            "problems": list(self.problems),
+            "problems": list(self.problems), "dated_in_future": self.ahead() is not None,
         }
 
 
@@ -364,7 +391,8 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
     A safety snapshot is the database as it was just before a restore: after a restore that
     failed (or was killed once it committed), "the newest" was that one, so the rerun the
     message asks for restored the current data onto itself, or undid the restore, and said
-    it succeeded. Restoring one takes its name."""
+    it succeeded. Restoring one takes its name. A pick dated in the future is refused
+    (FutureSnapshotError): which snapshot is the newest cannot be told; naming one restores it."""
     if ref is None or str(ref) == "":
         snaps = own_snapshots(env)
         chosen = [s for s in snaps if s.reason != SAFETY_REASON and not s.dirty]
@@ -375,7 +403,9 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
                                 f"name the one to restore (`runbook snapshot list {env.name}`)"
                                 if snaps else f"take one: `runbook snapshot create {env.name}`",
                                 exit_code=ExitCode.PRECONDITION)
-        return chosen[0]
+        return _not_ahead(chosen[0], f"name the one to restore: `runbook snapshot restore "
+                                     f"{env.name} SNAPSHOT` (`runbook snapshot list "
+                                     f"{env.name}`)")
     text = str(ref)
     candidates = [Path(text).expanduser()]
     if os.sep not in text:
@@ -407,8 +437,11 @@ def latest_before(env: Environment, migration_version: int | None, *,
     That is the state a deployment which ran with that version can run on again, with the
     least data lost. A snapshot made for `deployment_id` (its pre-deploy snapshot) wins
     when there is one; `before` drops snapshots taken later than that moment. With the
-    version unknown (None), only that pre-deploy snapshot may be chosen, or None.
+    version unknown (None), only that pre-deploy snapshot may be chosen, or None. A pick
+    dated in the future raises FutureSnapshotError: `--snapshot` names the one to restore.
     """
+    fix = (f"name the one to restore: `runbook rollback {env.name} --restore-snapshot "
+           f"--snapshot FILE` (`runbook snapshot list {env.name}`)")
     listed = own_snapshots(env)
     # The snapshot dumped right before the deployment that replaced it (its pre-deploy
     # snapshot, by deployment id) holds the target's schema. With the schema unknown it is
@@ -427,17 +460,26 @@ def latest_before(env: Environment, migration_version: int | None, *,
                if s.deployment_id == deployment_id and s.meta is not None and not s.problems
                and not s.dirty and s.path.exists()
                and (before is None or s.timestamp <= before)]
-        return own[0] if own else None
+        return _not_ahead(own[0], fix) if own else None
     found = [s for s in listed if s.usable
              and s.migration_version == migration_version
              and (before is None or s.timestamp <= before)]
     if deployment_id:
         own = [s for s in found if s.deployment_id == deployment_id]
         if own:
-            return own[0]
+            return _not_ahead(own[0], fix)
         if unversioned:
-            return unversioned[0]
-    return found[0] if found else None
+            return _not_ahead(unversioned[0], fix)
+    return _not_ahead(found[0], fix) if found else None
+
+
+def _not_ahead(snap: Snapshot, fix: str) -> Snapshot:
+    """A default pick, unless it is dated in the future: the clock was set back since it was
+    taken, so a newer snapshot may sort after it (its writes lost by the restore)."""
+    ahead = snap.ahead()
+    if ahead is not None:
+        raise FutureSnapshotError(snap, ahead, fix)
+    return snap
 
 
 def reason_slug(reason: str) -> str:
