@@ -44,7 +44,8 @@ def successor(env: Environment, target: states.Deployment,
     judged as a pair: the old tooling's rollback swaps current and previous in the file
     without switching, so there the target is the file's current and what serves its
     previous (found by review: the dates then chose B). Further back (`--to`) the state file
-    keeps no more than the dates: the earliest one recorded after it."""
+    keeps no more than the dates: the first one that began serving after the target last
+    went live (a rollback to it records when: `live_since`)."""
     try:
         state = states.read_state(env.state_file, environment=env.name)
     except RunbookError:
@@ -52,18 +53,17 @@ def successor(env: Environment, target: states.Deployment,
     pair = {d.id for d in (state.current, state.previous) if d is not None}
     if target.id != current.id and pair == {target.id, current.id}:
         return current
-    later = [d for d in state.deployments()
-             if d.id != target.id and d.deployed_at > target.deployed_at]
-    return min(later, key=lambda d: d.deployed_at, default=current)
+    since = target.went_live
+    later = [(at, d) for d in state.deployments()
+             if d.id != target.id and (at := d.live_after(since)) is not None]
+    return min(later, key=lambda p: p[0], default=(since, current))[1]
 
 
 def from_sidecars(env: Environment, target: states.Deployment,
                   after: states.Deployment) -> Found | None:
-    """A sidecar written while the database was at the target's schema.
-
-    The pre-deploy snapshot of the deployment that replaced the target (by deployment id, or
-    the Go CLI's `snapshot_path`) was dumped just before its migrations ran; any other snapshot
-    taken while the target was live saw the same schema.
+    """What the snapshots say of the target's schema (store.schema_witness): the pre-deploy
+    snapshot of the deployment that replaced it (dumped just before its migrations: its
+    sidecar, else its dump), else the snapshots taken while it served, when they agree.
     """
     from runbook import snapshots  # only for targets recorded without a migration version
 
@@ -71,28 +71,33 @@ def from_sidecars(env: Environment, target: states.Deployment,
         listed = snapshots.own_snapshots(env)
     except RunbookError as exc:  # a folder this user cannot list: said, never "no sidecar"
         return Found(None, exc.message.removesuffix("; nothing was changed"))
-    snap, how = snapshots.schema_witness(listed, target, after)
-    if snap is None:
-        return from_dump(env, listed, after)
-    return Found(snap.migration_version, f"sidecar {snap.meta_path.name} ({how})",
-                 witness=snap.path)
+    own = snapshots.pre_deploy_witness(listed, target, after)
+    if own is not None and own.migration_version is not None:
+        return Found(own.migration_version, f"sidecar {own.meta_path.name} (pre-deploy "
+                                            f"snapshot of {after.version})", witness=own.path)
+    # read before the window: its dump was taken just before the migrations that replaced the
+    # target's schema, where the window holds whatever was dumped while it served
+    dumped = from_dump(env, own, after) if own is not None else None
+    if dumped is not None and dumped.version is not None:
+        return dumped
+    snap, how = snapshots.live_witness(listed, target, after)
+    if snap is not None:
+        return Found(snap.migration_version, f"sidecar {snap.meta_path.name} ({how})",
+                     witness=snap.path)
+    if dumped is not None:
+        return Found(None, dumped.source + (f"; and {how}" if how else ""),
+                     witness=dumped.witness)
+    return Found(None, how) if how else None
 
 
-def from_dump(env: Environment, listed: list[snapshots_type.Snapshot],
-              after: states.Deployment) -> Found | None:
+def from_dump(env: Environment, snap: snapshots_type.Snapshot,
+              after: states.Deployment) -> Found:
     """The pre-deploy snapshot of the deployment that replaced the target, taken by the
     tooling (its sidecar names no version, or it has none): the dump's own schema_migrations
     is the target's schema. Without it, every rollback on a host whose history predates the
-    runbook went ahead unchecked (found by review). Reads the whole dump (verify), so only
-    when nothing cheaper says it."""
+    runbook went ahead unchecked (found by review). Reads the whole dump (verify)."""
     from runbook.snapshots.verify import verify
 
-    mine = [s for s in listed if not s.dirty and s.migration_version is None
-            and ((s.deployment_id and s.deployment_id == after.id)
-                 or (after.snapshot_path and str(s.path) == after.snapshot_path))]
-    if not mine:
-        return None
-    snap = mine[0]
     try:
         version = verify(env, snap).migration_version
     except RunbookError as exc:
@@ -146,7 +151,11 @@ def infer(env: Environment, current: states.Deployment,
     if target.migration_version is not None:
         return Found(target.migration_version, "the state file")
     after = successor(env, target, current)
-    found = from_sidecars(env, target, after) or from_health(env, target)
+    found = from_sidecars(env, target, after)
+    if found is not None and found.version is not None:
+        return found
+    # a build that rejects the schema is a problem whatever the snapshots could not tell
+    found = from_health(env, target) or found
     if found is not None:
         return found
     return Found(None, f"not recorded by the tool that deployed {target.version}, and no "

@@ -211,7 +211,9 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
     """What the rollback writes over `fresh`, or None when `fresh` says it already. Pure: the
     plan shows it, the recorder writes it. Rolled back from the deployment that served when
     the run began (the record's `from_id`), not the file's current, which the old tooling's
-    rollback swaps with the previous without switching (found by review)."""
+    rollback swaps with the previous without switching (found by review). The target is
+    recorded as live from now, with the schema the run's guard checked it runs on when its
+    record names none (`target_schema`): what a later guard reads instead of guessing."""
     slot = intent.target
     served_id = intent.record.get("from_id")
     served = fresh.find_id(str(served_id)) if served_id else None
@@ -226,8 +228,11 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
         # the file called the target current and what served is not known: it now serves,
         # from `slot`, which only the record's slot has to say
         return fresh.with_(current=current.with_(active_slot=slot))
+    schema = intent.record.get("target_schema")
     return states.after_rollback(fresh, target, slot=slot, health_status=health_status,
-                                 run_id=run_id, served=served, image=image)
+                                 run_id=run_id, served=served, image=image,
+                                 migration_version=(schema if isinstance(schema, int)
+                                                    and not isinstance(schema, bool) else None))
 
 
 @_exclusive

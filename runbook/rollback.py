@@ -62,6 +62,9 @@ class Guard:
     warnings: list[str]
     restore: snapshots.Snapshot | None = None
     refused: SchemaRefusal | None = None  # kept, not raised (Options.schema_restored_first)
+    # the schema the target serves on, checked ("compatible", or the snapshot restored for
+    # it): recorded with the rollback when the target's record names none
+    schema: int | None = None
 
 
 class SchemaRefusal(PreconditionError):
@@ -128,7 +131,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         # the pre-deploy snapshot of the deployment that replaced the target (the current one
         # unless --to goes further back) was dumped at the target's schema
         after = migration_source.successor(env, target, current)
-        snap = (snapshots.latest_before(env, recorded, deployment_id=after.id)
+        snap = (snapshots.latest_before(env, recorded, deployment_id=after.id,
+                                        snapshot_path=after.snapshot_path)
                 if options.restore_snapshot == "auto"
                 else snapshots.find(env, options.restore_snapshot))
         if snap is None and recorded is None:
@@ -158,6 +162,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["restore"] = snap.name
         guard.details["data-loss window"] = window.describe()
         guard.details["schema guard"] = "restoring the snapshot first"
+        guard.schema = recorded  # None: no schema was checked, so none is recorded
         return guard
     if recorded is None and not problem:
         # not "the health gate will refuse a build that rejects the schema": the real app's
@@ -173,7 +178,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         return guard
     if problem and not options.force:
         try:
-            snap = (snapshots.latest_before(env, recorded, deployment_id=current.id)
+            snap = (snapshots.latest_before(env, recorded, deployment_id=current.id,
+                                            snapshot_path=current.snapshot_path)
                     if recorded is not None else None)
         except snapshots.FutureSnapshotError as exc:  # the refusal stays the schema's
             raise SchemaRefusal(problem, (
@@ -200,6 +206,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["schema guard"] = "skipped (--force)"
     else:
         guard.details["schema guard"] = "compatible"
+        guard.schema = schema.version
     return guard
 
 
@@ -513,6 +520,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                 # what served: the state step rolls back from it (recording.py)
                                 **({"from_id": served.id} if served is not None else {}),
                                 "gated": not options.force,  # for its finish (finish.py)
+                                # the schema the guard checked, recorded for the target
+                                **({"target_schema": guard.schema}
+                                   if guard.schema is not None else {}),
                                 # a rerun without the flag is told the command that finishes it
                                 **({"restore_snapshot": str(guard.restore.path),
                                     "end_sessions": options.end_sessions}

@@ -8,15 +8,17 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
-from runbook import deploy, docker, rollback
+from runbook import deploy, docker, rollback, snapshots
 from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill import scenes
@@ -302,6 +304,121 @@ def test_missing_version_with_no_witness_the_plan_says_so(scene_stack: DrillStac
     assert f"the migration version {V2.tag} ran with is unknown" in text
     assert "no snapshot sidecar" in text and "/health reports the database's version" in text
     assert dry.plan.steps[1].details["schema guard"] == "not checked (version not known)"
+
+
+def redated(snap: Path, when: datetime) -> Path:
+    """The snapshot as if taken at `when`: renamed and its sidecar's times moved (the dump,
+    and so its sha256, unchanged)."""
+    stamp = f"{when:%Y%m%d_%H%M%S}"
+    old_meta = snap.with_name(snap.name.removesuffix(".sql.gz") + ".meta.json")
+    new = snap.with_name(re.sub(r"_\d{8}_\d{6}_", f"_{stamp}_", snap.name, count=1))
+    meta = json.loads(old_meta.read_text())
+    meta.update(snapshot_name=new.name, timestamp=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                expires_at=(when + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    snap.rename(new)
+    old_meta.unlink()
+    new.with_name(new.name.removesuffix(".sql.gz") + ".meta.json").write_text(json.dumps(meta))
+    return new
+
+
+def own_pre_deploy_snapshots_removed(env: Environment, dep: states.Deployment) -> None:
+    """What the deploy script leaves: no pre-deploy snapshot of `dep` the runbook can find
+    (its snapshot call aborts, CONTRACTS), so no snapshot says the schema before it."""
+    for sidecar in env.database.snapshot_dir.glob("*.meta.json"):
+        if json.loads(sidecar.read_text()).get("deployment_id") == dep.id:
+            sidecar.with_name(sidecar.name.replace(".meta.json", ".sql.gz")).unlink()
+            sidecar.unlink()
+
+
+def test_a_release_restored_once_is_never_judged_by_the_restores_safety_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: v1 (schema 1), v2 migrated to 2, `rollback --restore-snapshot` back
+    to v1 (its safety snapshot holds v2's database, at 2), then the deploy script's v3
+    (migrated to 2 again, no pre-deploy snapshot). v1's record kept its first deployed_at and
+    no schema, so "taken while v1 was live" reached over v2's hours and the restore: the
+    safety snapshot said v1 ran with 2, the guard called v1 on schema 2 "compatible", and
+    `--restore-snapshot` would have restored that safety snapshot (the first restore undone).
+    The rollback now records the schema it checked and when v1 went live again; a file the
+    Go CLI rewrote since (dropping both) is judged without the safety snapshot."""
+    env = stack.env
+    deploy.deploy(env, deploy.Options(version=V2.tag))  # pre-deploy snapshot at 1, then 2
+    forget_migration_version(env, V1.tag)  # v1 as the tooling recorded it
+    rollback.rollback(env, rollback.Options(restore_snapshot="auto"))  # v1 again, schema 1
+    [safety] = env.database.snapshot_dir.glob("*_pre-restore.sql.gz")
+    deploy.deploy(env, deploy.Options(version=V3.tag))  # migrates 1 -> 2
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V3.tag
+    own_pre_deploy_snapshots_removed(env, st.current)
+    [v2_pre_deploy] = [p for p in env.database.snapshot_dir.glob("*_pre-deploy.sql.gz")]
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
+    as_recorded = env.state_file.read_bytes()
+    doc = json.loads(as_recorded)  # a Go CLI rewrite drops the keys it does not know
+    for key in ("migration_version", "live_since"):
+        doc["previous_deployment"].pop(key, None)
+        for entry in doc["deployment_history"]:
+            if entry["version"] == V1.tag:
+                entry.pop(key, None)
+    env.state_file.write_text(json.dumps(doc))
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"the database schema is at 2 but {V1.tag} ran with 1" in str(err.value), err.value
+    assert safety.name not in str(err.value), err.value
+    restore = rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+    details = restore.plan.steps[1].details
+    assert details["restore"] == v2_pre_deploy.name, details
+    assert safety.name not in details["target ran with"], details
+    assert snapshot(env) == before
+    env.state_file.write_bytes(as_recorded)  # as the rollback recorded v1
+    recorded = json.loads(as_recorded)["previous_deployment"]
+    assert recorded["version"] == V1.tag and recorded["migration_version"] == 1, recorded
+    assert "live_since" in recorded, recorded
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, dry_run=True)
+    assert f"the database schema is at 2 but {V1.tag} ran with 1" in str(err.value), err.value
+
+
+def test_a_snapshot_taken_while_the_next_deploy_migrated_is_no_witness_of_the_previous(
+        stack: DrillStack) -> None:
+    """Found by review: the deploy script records `deployed_at` only after its migrations,
+    slot start, health gate and switch. An hourly `runbook snapshot create` landing in
+    between is at the new schema but dated before the new deployment: taken as "taken while"
+    the previous one "was live", the guard called v1 on schema 2 "compatible", and
+    `--restore-snapshot` picked that snapshot (schema 2) for v1. The witnesses in v1's window
+    disagree: the guard now says it cannot tell, and the restore asks for a file."""
+    env = stack.env
+    hourly = snapshots.create(env, "hourly").path  # while v1 serves, at schema 1
+    deploy.deploy(env, deploy.Options(version=V2.tag))  # migrates to 2
+    forget_migration_version(env, V1.tag)
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.previous is not None
+    v1, v2 = st.previous, st.current
+    own_pre_deploy_snapshots_removed(env, v2)
+    served_from = v2.deployed_at - timedelta(days=1)  # v1 served for a day
+    st = st.with_(previous=v1.with_(deployed_at=served_from),
+                  history=tuple(d.with_(deployed_at=served_from) if d.id == v1.id else d
+                                for d in st.history))
+    states.write_state(env.state_file, st)
+    hourly = redated(hourly, served_from + timedelta(hours=1))
+    mid = redated(snapshots.create(env, "hourly").path, v2.deployed_at - timedelta(seconds=1))
+    for snap, schema in ((hourly, 1), (mid, 2)):  # the premise: what each one's sidecar says
+        meta = json.loads(snap.with_name(snap.name.replace(".sql.gz", ".meta.json")).read_text())
+        assert meta["migration_version"] == schema, meta
+    before = snapshot(env)
+    dry = rollback.rollback(env, dry_run=True)
+    details = dry.plan.steps[1].details
+    assert details["schema guard"] == "not checked (version not known)", details
+    assert "disagree" in details["target ran with"], details
+    for snap in (hourly, mid):
+        assert snap.name.removesuffix(".sql.gz") in details["target ran with"], details
+    assert f"the migration version {V1.tag} ran with is unknown" in dry.plan.render()
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION, err.value
+    assert f"the schema {V1.tag} ran with is unknown" in str(err.value), err.value
+    assert snapshot(env) == before
 
 
 @pytest.mark.parametrize("mount", ["file", "directory"])

@@ -1049,3 +1049,186 @@ def test_cli_refuses_the_default_restore_and_lists_a_snapshot_dated_in_the_futur
     assert "future" not in line, listed.stdout
     as_json = json.loads(cli("list", str(toml), "--format", "json").stdout)
     assert [s["dated_in_future"] for s in as_json] == [True, False], as_json
+
+
+# -- which schema a rollback target ran with: only what it served says -------------------------
+# A (schema 48) deployed by deploy.sh, B migrated to 49, `runbook rollback --restore-snapshot`
+# back to A at 03:00 (its safety snapshot holds B's data, at 49), deploy.sh deployed C at 03:40
+# (migrated to 50). A's record keeps its first deployed_at, and the tooling records no schema.
+
+T_A = datetime(2026, 2, 1, 10, 0, tzinfo=UTC)
+T_B = datetime(2026, 2, 2, 10, 0, tzinfo=UTC)
+T_BACK = datetime(2026, 2, 3, 3, 0, tzinfo=UTC)
+T_C = datetime(2026, 2, 3, 3, 40, tzinfo=UTC)
+DUMP_END = b"-- PostgreSQL database dump complete\n"
+
+
+def taken_at(env: Environment, when: datetime, reason: str, version: int | None, *,
+             body: bytes = DUMP_END) -> Path:
+    """A snapshot taken at `when`: its gzip file and a sidecar (`version` None: as the
+    tooling writes one, naming no schema)."""
+    path = env.database.snapshot_dir / f"togather_togather_{when:%Y%m%d_%H%M%S}_{reason}.sql.gz"
+    path.write_bytes(gzip.compress(body))
+    meta: dict[str, object] = {
+        "snapshot_name": path.name, "database": "togather", "reason": reason,
+        "timestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "deployment_id": "",
+        "retention_days": 7, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if version is not None:
+        meta.update(migration_version=version, dirty=False)
+    path.with_name(path.name.removesuffix(".sql.gz") + ".meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def tooling_deployment(n: int, when: datetime, slot: str, status: str,
+                       **extra: object) -> dict[str, object]:
+    """One deployment as deploy.sh records it (no migration version)."""
+    version = f"{n:07x}"
+    return {"id": f"dep_{n:016x}_{'a' * 24}", "version": version,
+            "git_commit": version + "0" * 33, "deployed_at": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "deployed_by": "deploy@prod-1", "active_slot": slot, "health_status": "unknown",
+            "status": status, "environment": "production", **extra}
+
+
+def restored_then_redeployed(env: Environment, *, c_snapshot: Path | None = None,
+                             ) -> tuple[states.Deployment, states.Deployment]:
+    """The state file after A, B, the rollback to A (recorded without the time it went live
+    again: by an older runbook, or rewritten by the Go CLI since) and deploy.sh's C; returns
+    (C, A). `c_snapshot`: C's pre-deploy snapshot, recorded as the Go CLI records it."""
+    a = tooling_deployment(0xA, T_A, "blue", "superseded", rollback_count=1, rollback=True,
+                           rollback_id="rbk_1")
+    b = tooling_deployment(0xB, T_B, "green", "rolled_back")
+    c = tooling_deployment(0xC, T_C, "green", "active",
+                           **({"snapshot_path": str(c_snapshot)} if c_snapshot else {}))
+    env.state_file.parent.mkdir(parents=True, exist_ok=True)
+    env.state_file.write_text(json.dumps({
+        "environment": "production", "current_deployment": c, "previous_deployment": a,
+        "deployment_history": [b], "lock": {"locked": False}}))
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.current is not None and state.previous is not None
+    return state.current, state.previous
+
+
+def test_a_restores_safety_snapshot_never_witnesses_the_schema_a_rollback_target_ran_with(
+        env: Environment) -> None:
+    """Found by review: the safety snapshot of the restore that took A back to 48 holds B's
+    database, at 49, and was taken inside A's recorded window (its first deployed_at to C's):
+    the guard said A ran with 49, and `--restore-snapshot` restored that safety snapshot,
+    undoing the first restore and every write since. A snapshot from B's own hours, inside
+    the same window, disagrees with one from A's: then nothing is inferred, never a pick."""
+    from runbook import migration_source
+
+    current, target = restored_then_redeployed(env)
+    first = taken_at(env, T_A + timedelta(hours=6), "manual", 48)  # while A served, first time
+    safety = taken_at(env, T_BACK - timedelta(minutes=1), "pre-restore", 49)
+    found = migration_source.infer(env, current, target)
+    assert found.version == 48, found
+    assert first.name.removesuffix(".sql.gz") in found.source, found
+    assert safety.name.removesuffix(".sql.gz") not in found.source, found
+    during_b = taken_at(env, T_B + timedelta(hours=6), "manual", 49)  # B served then
+    found = migration_source.infer(env, current, target)
+    assert found.version is None, found
+    assert "disagree" in found.source, found
+    assert first.name.removesuffix(".sql.gz") in found.source, found
+    assert during_b.name.removesuffix(".sql.gz") in found.source, found
+
+
+def test_the_replacing_deployments_own_pre_deploy_dump_says_the_schema_before_any_window(
+        env: Environment) -> None:
+    """Found by review: C's own pre-deploy snapshot (the Go CLI's `snapshot_path`; its
+    sidecar names no schema, its dump holds schema_migrations 48) was read only when no
+    sidecar in the live window answered, and the window answered 49."""
+    from runbook import migration_source
+
+    dump = (b"-- Dumped by pg_dump version 16.4\n"
+            b"COPY public.schema_migrations (version, dirty) FROM stdin;\n48\tf\n\\.\n"
+            + DUMP_END)
+    own = taken_at(env, T_C - timedelta(minutes=3), "pre-deploy-production", None, body=dump)
+    current, target = restored_then_redeployed(env, c_snapshot=own)
+    taken_at(env, T_B + timedelta(hours=6), "manual", 49)  # while B served, in A's window
+    taken_at(env, T_BACK - timedelta(minutes=1), "pre-restore", 49)
+    found = migration_source.infer(env, current, target)
+    assert found.version == 48, found
+    assert found.source.startswith(f"the dump of {own.name}"), found
+    assert found.witness == own
+
+
+def test_a_snapshot_taken_during_the_next_deploys_migrations_is_no_witness_of_the_target(
+        env: Environment) -> None:
+    """Found by review: deploy.sh records `deployed_at` only after its migrations, start,
+    health gate and switch. An hourly `runbook snapshot create` that lands in between is at
+    the new schema but dated before the new deployment: taken as the previous deployment's
+    witness, the guard said "compatible" and old code went onto the new schema. Witnesses in
+    the window that disagree are never chosen between: the guard is told it cannot tell."""
+    from runbook import migration_source
+
+    doc = json.loads((Path(__file__).parent / "data" / "state" / "deploy_script.json")
+                     .read_text())
+    doc.update(lock={"locked": False}, environment="production")
+    env.state_file.parent.mkdir(parents=True, exist_ok=True)
+    env.state_file.write_text(json.dumps(doc))
+    state = states.read_state(env.state_file, environment=env.name)
+    current, target = state.current, state.previous
+    assert current is not None and target is not None
+    while_live = taken_at(env, current.deployed_at - timedelta(days=1), "hourly", 48)
+    mid_deploy = taken_at(env, current.deployed_at - timedelta(seconds=90), "hourly", 49)
+    found = migration_source.infer(env, current, target)
+    assert found.version is None, found
+    assert "disagree" in found.source, found
+    for snap in (while_live, mid_deploy):
+        assert snap.name.removesuffix(".sql.gz") in found.source, found
+    mid_deploy.unlink()  # alone, the one taken while the target served says it
+    found = migration_source.infer(env, current, target)
+    assert found.version == 48 and while_live.name.removesuffix(".sql.gz") in found.source
+
+
+def test_the_live_window_starts_when_a_rollback_made_the_target_serve_again(
+        env: Environment) -> None:
+    """The rollback to A records when A went live again: the window starts there, so neither
+    B's hours nor the restore's safety snapshot reach into it, and a snapshot taken since
+    says A's schema without any disagreement (the same history recorded without that time
+    cannot tell: above)."""
+    from runbook import migration_source
+
+    a = states.make_deployment("000000a", "a" * 40, Slot.BLUE, status="active",
+                               deployment_id="dep_a", deployed_at=T_A)
+    b = states.make_deployment("000000b", "b" * 40, Slot.GREEN, status="active",
+                               deployment_id="dep_b", deployed_at=T_B)
+    c = states.make_deployment("000000c", "c" * 40, Slot.GREEN, status="active",
+                               deployment_id="dep_c", deployed_at=T_C)
+    state = states.after_deploy(states.after_deploy(states.DeploymentState(env.name), a), b)
+    state = states.after_deploy(states.after_rollback(state, live_since=T_BACK), c)
+    env.state_file.parent.mkdir(parents=True, exist_ok=True)
+    states.write_state(env.state_file, state)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.current is not None and state.previous is not None
+    assert state.previous.id == "dep_a" and state.previous.deployed_at == T_A
+    taken_at(env, T_A + timedelta(hours=6), "manual", 48)
+    taken_at(env, T_B + timedelta(hours=6), "manual", 49)
+    taken_at(env, T_BACK - timedelta(minutes=1), "pre-restore", 49)
+    since = taken_at(env, T_BACK + timedelta(minutes=20), "hourly", 48)
+    found = migration_source.infer(env, state.current, state.previous)
+    assert found.version == 48 and found.witness == since, found
+
+
+def test_cleanup_keeps_the_snapshots_that_disagree_about_the_previous_deployments_schema(
+        env: Environment) -> None:
+    """Found by review: the schema guard cannot tell the previous deployment's schema while
+    one snapshot taken while it served says 1 and one taken during the next deploy's
+    migrations says 2. Cleanup kept only the newest of that window: the one taken while it
+    served, expired first, was deleted, and the guard then read 2 from the other alone."""
+    from runbook import migration_source
+
+    record(env, "dep_a", "dep_b")  # no migration version; dep_a served from 30 days ago
+    while_live = put(env, "20261102_020000", "hourly", version=1, age_days=29.9,
+                     expires_in_days=-22)
+    mid_deploy = put(env, "20261102_235000", "hourly", version=2, age_days=29.01,
+                     expires_in_days=-21)  # minutes before dep_b was recorded
+    put(env, "20261201_000000", "hourly", version=2, age_days=1)  # the newest
+    result = snapshots.cleanup(env, now=NOW)
+    assert while_live.exists() and mid_deploy.exists(), [s.name for s in result.removed]
+    held = {s.path.name: why for s, why in result.held}
+    assert "disagree" in held[while_live.name] and "disagree" in held[mid_deploy.name], held
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.previous is not None and state.current is not None
+    found = migration_source.infer(env, state.current, state.previous)
+    assert found.version is None and "disagree" in found.source, found

@@ -861,7 +861,7 @@ def test_fixture_round_trip_is_byte_identical(name: str, tmp_path: Path) -> None
 
 
 ROLLBACK_CHANGES = {"status", "rollback_count", "health_status", "active_slot", "slot",
-                    "rollback", "rollback_id"}
+                    "rollback", "rollback_id", "live_since"}  # live since the rollback
 # what a record the runbook rewrites gains when its file lacked them (the required keys)
 COMPLETED = {"id", "deployed_by", "active_slot", "health_status"}
 
@@ -1140,6 +1140,55 @@ def test_the_deployment_that_replaced_the_previous_one_is_the_current_one(
     write_state(env.state_file, DeploymentState("production", current=c, previous=b,
                                                 history=(c, b, older)))
     assert migration_source.successor(env, older, c).id == b.id
+
+
+@pytest.mark.parametrize("fixture", ["documented.json", "deploy_script.json", "go_cli.json"])
+def test_a_rollback_records_when_its_target_went_live_again_and_the_schema_it_runs_with(
+        tmp_path: Path, fixture: str) -> None:
+    """Found by review: a rollback kept the target's first deployed_at and recorded no schema
+    for it, so after the next deploy "the target was live" reached back over the release it
+    was rolled back from, and the schema guard took that release's snapshots for the
+    target's. It now records when the target went live again and the schema the guard
+    checked it runs with, in every dialect, beside the keys each tool reads (deployed_at
+    stays the first deployment's)."""
+    path = copy_fixture(fixture, tmp_path)
+    doc = load(fixture)
+    s = read_state(path)
+    assert s.previous is not None and s.previous.migration_version is None
+    back = datetime(2026, 2, 12, 3, 0, 5, tzinfo=UTC)
+    write_state(path, after_rollback(s, run_id="rbk_1", live_since=back, migration_version=48))
+    out = json.loads(path.read_text())["current_deployment"]
+    assert out["live_since"] == "2026-02-12T03:00:05Z" and out["migration_version"] == 48
+    assert out["deployed_at"] == doc["previous_deployment"]["deployed_at"]
+    again = read_state(path)
+    assert again.current is not None and again.current.id == s.previous.id
+    assert again.current.live_since == back and again.current.migration_version == 48
+    assert again.current.deployed_at == s.previous.deployed_at
+    # a schema recorded already is the one its deploy ran with: kept
+    known = after_deploy(after_deploy(DeploymentState("production"),
+                                      dep(1, migration_version=47)), dep(2, Slot.GREEN))
+    kept = after_rollback(known, live_since=back, migration_version=48)
+    assert kept.current is not None and kept.current.migration_version == 47
+
+
+def test_the_deployment_that_replaced_a_target_rolled_back_to_is_the_one_after_it_went_live(
+        tmp_path: Path) -> None:
+    """A, B, a rollback to A (recorded with when it went live again), C, D: rolling back
+    from D --to A, the deployment that replaced A is C, whose pre-deploy snapshot holds A's
+    schema; the earliest deployed after A's first deployment is B (days older, B's schema)."""
+    from runbook import migration_source
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    a, b, c, d = dep(1), dep(2, Slot.GREEN), dep(4, Slot.GREEN), dep(5)
+    state = after_deploy(after_deploy(DeploymentState("production"), a), b)
+    state = after_rollback(state, live_since=a.deployed_at + timedelta(hours=2))
+    state = after_deploy(after_deploy(state, c), d)
+    env.state_file.parent.mkdir(parents=True)
+    write_state(env.state_file, state)
+    back = read_state(env.state_file).find_id(a.id)
+    assert back is not None and back.live_since == a.deployed_at + timedelta(hours=2)
+    assert migration_source.successor(env, back, d).id == c.id
 
 
 def test_a_write_over_another_tools_change_made_since_the_read_is_refused(

@@ -44,8 +44,10 @@ from runbook.snapshots.store import (
     find,
     latest_before,
     list_snapshots,
+    live_witness,
     load,
     own_snapshots,
+    pre_deploy_witness,
     schema_witness,
     snapshot_stem,
 )
@@ -56,7 +58,7 @@ __all__ = [
     "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "FutureSnapshotError", "LossWindow",
     "RestoreRun", "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified",
     "cleanup", "create", "current_state", "dump_command", "find", "human_duration",
-    "latest_before", "list_snapshots", "load", "loss_window", "own_snapshots",
-    "pre_deploy_snapshot", "replay_command", "schema_witness", "snapshot_stem", "table_stats",
-    "target",
+    "latest_before", "list_snapshots", "live_witness", "load", "loss_window", "own_snapshots",
+    "pre_deploy_snapshot", "pre_deploy_witness", "replay_command", "schema_witness",
+    "snapshot_stem", "table_stats", "target",
 ]

@@ -431,41 +431,44 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
 
 def latest_before(env: Environment, migration_version: int | None, *,
                   deployment_id: str | None = None, before: datetime | None = None,
-                  ) -> Snapshot | None:
+                  snapshot_path: str | None = None) -> Snapshot | None:
     """The newest usable snapshot whose database was at `migration_version`.
 
     That is the state a deployment which ran with that version can run on again, with the
-    least data lost. A snapshot made for `deployment_id` (its pre-deploy snapshot) wins
-    when there is one; `before` drops snapshots taken later than that moment. With the
-    version unknown (None), only that pre-deploy snapshot may be chosen, or None. A pick
-    dated in the future raises FutureSnapshotError: `--snapshot` names the one to restore.
+    least data lost. A snapshot made for `deployment_id` (its pre-deploy snapshot; or the
+    one the Go CLI recorded as its `snapshot_path`) wins when there is one; `before` drops
+    snapshots taken later than that moment. With the version unknown (None), only that
+    pre-deploy snapshot may be chosen, or None. A pick dated in the future raises
+    FutureSnapshotError: `--snapshot` names the one to restore.
     """
     fix = (f"name the one to restore: `runbook rollback {env.name} --restore-snapshot "
            f"--snapshot FILE` (`runbook snapshot list {env.name}`)")
     listed = own_snapshots(env)
+
+    def made_for(s: Snapshot) -> bool:
+        return bool((deployment_id and s.deployment_id == deployment_id)
+                    or (snapshot_path and str(s.path) == snapshot_path))
+
     # The snapshot dumped right before the deployment that replaced it (its pre-deploy
     # snapshot, by deployment id) holds the target's schema. With the schema unknown it is
     # the only one known to: the newest snapshot of any schema may be at the current one
     # (restoring it helps nothing and drops the writes since). The tooling's sidecar names no
     # version: such a one is taken too, and the caller reads the version from the dump.
     unversioned = [s for s in listed
-                   if deployment_id and s.deployment_id == deployment_id
-                   and s.meta is not None and not s.problems and not s.dirty
+                   if made_for(s) and s.meta is not None and not s.problems and not s.dirty
                    and s.migration_version is None and s.path.exists()
                    and (before is None or s.timestamp <= before)]
     if migration_version is None:
-        if not deployment_id:
-            return None
         own = [s for s in listed
-               if s.deployment_id == deployment_id and s.meta is not None and not s.problems
+               if made_for(s) and s.meta is not None and not s.problems
                and not s.dirty and s.path.exists()
                and (before is None or s.timestamp <= before)]
         return _not_ahead(own[0], fix) if own else None
     found = [s for s in listed if s.usable
              and s.migration_version == migration_version
              and (before is None or s.timestamp <= before)]
-    if deployment_id:
-        own = [s for s in found if s.deployment_id == deployment_id]
+    if deployment_id or snapshot_path:
+        own = [s for s in found if made_for(s)]
         if own:
             return _not_ahead(own[0], fix)
         if unversioned:
@@ -582,9 +585,15 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
             witness, _ = schema_witness(snaps, dep, state.current)
             if witness is not None:
                 why.setdefault(witness.path, []).append(
-                    f"the sidecar the schema guard reads the previous deployment "
+                    f"the snapshot the schema guard reads the previous deployment "
                     f"{dep.version}'s schema from")
                 version = witness.migration_version
+            else:  # those that disagree about it: the guard cannot tell while all are
+                # here; the oldest deleted first left a later deploy's one unchallenged
+                for snap in _live_oldest(snaps, dep, state.current).values():
+                    why.setdefault(snap.path, []).append(
+                        f"one of the snapshots that disagree about the schema the previous "
+                        f"deployment {dep.version} ran with")
         if version is not None:  # what the schema guard would restore
             at = next((s for s in snaps if s.usable and s.migration_version == version), None)
             if at is not None:
@@ -594,22 +603,77 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
     return {path: "; ".join(reasons) for path, reasons in why.items()}, None
 
 
+def _made_for(snap: Snapshot, dep: states.Deployment) -> bool:
+    """Whether `snap` is `dep`'s pre-deploy snapshot: by the sidecar's deployment id, or the
+    Go CLI's `snapshot_path`."""
+    return bool((snap.deployment_id and snap.deployment_id == dep.id) or (
+        dep.snapshot_path and (str(snap.path) == dep.snapshot_path)))
+
+
+def pre_deploy_witness(listed: list[Snapshot], target: states.Deployment,
+                       after: states.Deployment) -> Snapshot | None:
+    """The pre-deploy snapshot of `after`, the deployment that replaced `target`, dumped just
+    before its migrations: at the schema `target` ran with, when `after` was deployed while
+    `target` served (one dumped before `target` went live again, or for a deployment made
+    current again by a rollback, says nothing of it). Its sidecar may name no schema (the
+    tooling's): the caller then reads the dump. `listed`: newest first."""
+    if after.deployed_at <= target.went_live:
+        return None
+    own = [s for s in listed if not s.dirty and _made_for(s, after)]
+    versioned = [s for s in own if s.meta is not None and s.migration_version is not None]
+    return next(iter(versioned or own), None)
+
+
+def live_witness(listed: list[Snapshot], target: states.Deployment,
+                 after: states.Deployment) -> tuple[Snapshot | None, str]:
+    """The snapshot taken while `target` served whose sidecar says its schema, and how it
+    knows; (None, why) when those snapshots disagree; (None, "") when none was taken.
+
+    The window is from when `target` last went live (a rollback records it: before then the
+    release it was rolled back from served, at its own schema) until `after` replaced it, or
+    `after`'s pre-deploy snapshot was dumped. A restore's safety snapshot is never a witness
+    (it holds what served before the restore). The oldest is taken: the deploy script dates a
+    deployment only after its migrations, so a snapshot taken during them lies in the window
+    at the new schema. When they disagree nothing is inferred: picking one is a guess that
+    puts old code on a newer schema, or restores the wrong snapshot (found by review)."""
+    oldest = _live_oldest(listed, target, after)
+    if not oldest:
+        return None, ""
+    if len(oldest) > 1:
+        seen = ", ".join(f"{oldest[v].stem} at {v}" for v in sorted(oldest))
+        return None, (f"the snapshots taken while {target.version} was live disagree about its "
+                      f"schema ({seen}; one may have been taken during another deployment's "
+                      f"migrations): check which one {target.version} ran with")
+    [witness] = oldest.values()
+    return witness, f"taken while {target.version} was live"
+
+
+def _live_oldest(listed: list[Snapshot], target: states.Deployment,
+                 after: states.Deployment) -> dict[int, Snapshot]:
+    """The oldest snapshot at each schema among those taken while `target` served (see
+    live_witness), by schema."""
+    start = target.went_live
+    end = after.live_after(start) or after.deployed_at
+    for own in (s for s in listed if _made_for(s, after) and s.timestamp >= start):
+        end = min(end, own.timestamp)  # dumped before its migrations: what follows may not be
+    oldest: dict[int, Snapshot] = {}
+    for snap in listed:  # newest first: the oldest at each schema stays
+        if (snap.meta is not None and snap.migration_version is not None and not snap.dirty
+                and snap.reason != SAFETY_REASON and start <= snap.timestamp < end):
+            oldest[snap.migration_version] = snap
+    return oldest
+
+
 def schema_witness(listed: list[Snapshot], target: states.Deployment,
                    after: states.Deployment) -> tuple[Snapshot | None, str]:
-    """The snapshot whose sidecar says the schema `target` ran with, and how it knows: the
-    pre-deploy snapshot of `after`, the deployment that replaced it (by deployment id, or the
-    Go CLI's `snapshot_path`), dumped just before its migrations; else the newest taken
-    while `target` was live (it saw the same schema). `listed`: newest first."""
-    snaps = [s for s in listed
-             if s.meta is not None and s.migration_version is not None and not s.dirty]
-    own = [s for s in snaps if (s.deployment_id and s.deployment_id == after.id)
-           or (after.snapshot_path and str(s.path) == after.snapshot_path)]
-    if own:
-        return own[0], f"pre-deploy snapshot of {after.version}"
-    live = [s for s in snaps if target.deployed_at <= s.timestamp < after.deployed_at]
-    if live:
-        return live[0], f"taken while {target.version} was live"
-    return None, ""
+    """The snapshot that says the schema `target` ran with, and how it knows: the pre-deploy
+    snapshot of `after` (pre_deploy_witness: its sidecar may name no schema, then its dump
+    does), else the one taken while `target` served (live_witness; with a reason and no
+    snapshot when those disagree). `listed`: newest first."""
+    own = pre_deploy_witness(listed, target, after)
+    if own is not None:
+        return own, f"pre-deploy snapshot of {after.version}"
+    return live_witness(listed, target, after)
 
 
 def _unlink(path: Path) -> str | None:

@@ -86,6 +86,8 @@ def _new_deployment_json(dep: Deployment, dialect: str, environment: str) -> dic
             data["environment"] = environment  # the deploy script stamps every deployment
     if dep.migration_version is not None:
         data["migration_version"] = dep.migration_version
+    if dep.live_since is not None:
+        data["live_since"] = format_time_as(dep.live_since, dialect)
     for key, value in dep.extra.items():
         if key not in data and key not in _DEPLOYMENT_KEYS:
             data[key] = copy.deepcopy(value)
@@ -156,6 +158,11 @@ def _deployment_json(dep: Deployment, dialect: str = DOCUMENTED,
     put("rollback_count", dep.rollback_count, was.rollback_count)
     put("docker_image", dep.image, was.image)
     put("migration_version", dep.migration_version, was.migration_version)
+    if dep.live_since != was.live_since:
+        if dep.live_since is None:
+            out.pop("live_since", None)
+        else:
+            out["live_since"] = format_time_as(dep.live_since, dialect)
     _patch_extra(out, dep.extra, was.extra)
     return out
 

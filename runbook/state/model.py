@@ -61,6 +61,9 @@ class Deployment:
     rollback_count: int = 0
     image: str = ""  # "" = not recorded: [compose] image_repository:<version> (slots.image_of)
     migration_version: int | None = None  # schema_migrations.version this deployment ran with
+    # when a rollback (or a switch back) made it serve again; deployed_at stays its first
+    # deployment's. None: it has served since deployed_at (or no tool recorded it)
+    live_since: datetime | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     # The record as read (itself, holding the file's object in `raw`); None for a new record.
     # A writer patches `origin.raw` with what differs from `origin`, so nothing else moves.
@@ -77,6 +80,18 @@ class Deployment:
             raise StateError(f"deployment {self.id} ({self.version}) does not record its slot",
                              "choose the slot explicitly")
         return self.active_slot
+
+    @property
+    def went_live(self) -> datetime:
+        """When it last began to serve: a rollback to it keeps its first deployed_at, and what
+        it ran with before then is another release's business (migration_source)."""
+        return max(self.deployed_at, self.live_since or self.deployed_at)
+
+    def live_after(self, moment: datetime) -> datetime | None:
+        """The first time it is known to have begun serving after `moment` (its deployment,
+        else the rollback that made it serve again), or None."""
+        return next((t for t in (self.deployed_at, self.live_since)
+                     if t is not None and t > moment), None)
 
     @property
     def snapshot_path(self) -> str | None:

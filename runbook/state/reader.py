@@ -146,6 +146,9 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
                      "write one of " + ", ".join(STATUSES))
     image = r.string(obj, "docker_image", where, required=False) or ""
     migration_version = r.count(obj, "migration_version", where)
+    raw_live = r.string(obj, "live_since", where, required=False)
+    live_since = (r.time(raw_live, f"{where}.live_since", "write an RFC 3339 time with a zone, "
+                         "or remove the key") if raw_live else None)
     dep = Deployment(
         id=(dep_id or _derived_id(version, commit, deployed_at)).strip(),
         version=version,
@@ -159,6 +162,7 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
         rollback_count=r.count(obj, "rollback_count", where) or 0,
         image=image.strip(),
         migration_version=migration_version,
+        live_since=live_since,
         extra={k: copy.deepcopy(v) for k, v in obj.items() if k not in _DEPLOYMENT_KEYS},
         raw=copy.deepcopy(dict(obj)),
     )

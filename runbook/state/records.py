@@ -84,7 +84,8 @@ def after_deploy(state: DeploymentState, new: Deployment,
 def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                    slot: Slot | None = None, health_status: str | None = None,
                    run_id: str | None = None, image: str | None = None,
-                   served: Deployment | None = None) -> DeploymentState:
+                   served: Deployment | None = None, live_since: datetime | None = None,
+                   migration_version: int | None = None) -> DeploymentState:
     """Target (default: previous) becomes current and active; the current is `rolled_back`.
 
     `slot` overrides the slot the target now runs in (it may have been recreated in the other
@@ -94,6 +95,10 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
     `served`: the deployment that served when the rollback began, when the file's current is
     another (the old tooling swaps current and previous without switching): that one is
     rolled back from, and the file's current is kept in the history, superseded.
+    `live_since` (default now): when the target serves again, recorded beside its first
+    deployed_at, so the time the release rolled back from served (at its schema) is never
+    taken for the target's; `migration_version`: the schema the guard checked it runs on,
+    recorded when its record names none (one recorded is its deploy's, kept).
     """
     old = served if served is not None else state.current
     target = target or state.previous
@@ -118,7 +123,11 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
         extra.update(rollback=True, rollback_id=run_id)
     current = target.with_(status="active", rollback_count=target.rollback_count + 1,
                            active_slot=new_slot, extra=extra, image=image or target.image,
-                           health_status=health_status or target.health_status)
+                           health_status=health_status or target.health_status,
+                           live_since=live_since or datetime.now(UTC),
+                           migration_version=(target.migration_version
+                                              if target.migration_version is not None
+                                              else migration_version))
     previous = old.with_(status="rolled_back")
     displaced = (_superseded(state.current) if state.current is not None
                  and state.current.id not in (old.id, target.id) else None)

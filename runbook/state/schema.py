@@ -21,7 +21,7 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 _DEPLOYMENT_KEYS = frozenset({
     "id", "version", "git_commit", "deployed_at", "deployed_by", "active_slot", "slot",
     "health_status", "status", "migrations_run", "rollback_count", "docker_image",
-    "migration_version",
+    "migration_version", "live_since",
 })
 _TOP_KEYS = frozenset({
     "environment", "current_deployment", "previous_deployment", "deployment_history", "lock",
