@@ -1814,21 +1814,36 @@ def test_a_live_state_file_lock_whose_times_cannot_be_read_is_never_taken_over(
     assert read_state(with_state).lock == {"locked": False}
 
 
-def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process_stays(
-        env: Environment, with_state: Path, live_pid: int) -> None:
-    """The other half: such a lock whose process runs on this host is that process's: never
-    removed, not even with --force, and no expiry is made up for it ("in never")."""
+@pytest.mark.parametrize("verified", [True, False], ids=["pid-start-verified", "pid-only"])
+def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process(
+        env: Environment, with_state: Path, live_pid: int, verified: bool) -> None:
+    """The other half: such a lock whose process runs on this host. With its process's start
+    time recorded and matching, it is that process's: never removed, not even with --force,
+    and no expiry is made up for it ("in never"). By its pid alone (no start time: a pid
+    reused after a crash or a reboot looks the same) it is refused too, but --force removes
+    it once on-call has checked the process: found by review, it was kept even with --force
+    and blocked every run until a hand edit of the state file."""
+    extra = {"pid_start": procs.pid_start(live_pid)} if verified else {}
     before = _go_cli_lock_in(with_state, locked_at=int(time.time()), pid=live_pid,
-                             hostname=HOST)
+                             hostname=HOST, **extra)
     seen = status(env)
-    assert seen is not None and not seen.stale and not seen.undated, seen
+    assert seen is not None and not seen.stale and not seen.stealable, seen
+    assert seen.undated is not verified and seen.pid_unverified is not verified, seen
     assert "cannot be read" in seen.why and f"process {live_pid} is running" in seen.why
-    for act in (lambda: acquire(env, "rollback", None), lambda: unlock(env, force=True)):
+    refusals = [lambda: acquire(env, "rollback", None), lambda: unlock(env)]
+    for act in refusals + ([lambda: unlock(env, force=True)] if verified else []):
         with pytest.raises(LockedError) as refused:
             act()
         fix = refused.value.fix or ""
-        assert f"process {live_pid}" in fix and "never\"" not in fix and "in never" not in fix
+        assert f"process {live_pid}" in fix or f"-p {live_pid}" in fix, fix
+        assert "never\"" not in fix and "in never" not in fix, fix
+        if not verified:  # the way out: check the process, then --force
+            assert f"runbook unlock {env.name} --force" in fix, fix
+            assert "not even with --force" not in fix, fix
     assert with_state.read_bytes() == before
+    if not verified:
+        assert "cleared the state file's lock" in unlock(env, force=True)
+        assert read_state(with_state).lock == {"locked": False}
 
 
 def test_taking_over_an_expired_state_file_lock_is_said_and_journaled(

@@ -811,7 +811,7 @@ def _locked_error(env: Environment, current: LockStatus, *,
     where = "" if current.source == "directory" else " (recorded only in the state file)"
     message = (f"{env.display}: the deploy lock{where} is held by {current.describe()}; "
                f"{current.why}")
-    if current.stale and current.pid_unverified:
+    if (current.stale or current.undated) and current.pid_unverified:
         pid = current.pid or "?"
         fix = (f"its process {pid} looks alive, but by its pid alone: if that is the deploy "
                f"(`sudo ps -o pid,lstart,args -p {pid}`: as root, which /proc's hidepid does "

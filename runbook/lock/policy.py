@@ -399,8 +399,13 @@ def _judge_undated_state_lock(env: Environment, lock: Mapping[str, Any], holder:
         why = f"{judged.why}; {why}"
     elif judged.holder_alive:
         why = f"{why}; its process {holder.pid} is running on this host"
-    return dataclasses.replace(judged, locked_at=None, age=0.0, expires_in=float("inf"),
-                               why=why, undated=not judged.stale and not judged.holder_alive)
+    judged = dataclasses.replace(judged, locked_at=None, age=0.0, expires_in=float("inf"),
+                                 why=why)
+    # running by its pid alone (no start time recorded, or none /proc shows) may be a reused
+    # pid: undated too, so --force removes it once on-call has checked the process; kept as
+    # live, it blocked every run and --force until a hand edit (found by review)
+    return dataclasses.replace(judged, undated=not judged.stale and (
+        not judged.holder_alive or judged.pid_unverified))
 
 
 def _shorten(text: str, limit: int = 40) -> str:
