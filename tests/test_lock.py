@@ -1713,7 +1713,7 @@ def _go_cli_lock_in(with_state: Path, **times: object) -> bytes:
     return with_state.read_bytes()
 
 
-@pytest.mark.parametrize("recorded", ["locked_at and expires_at", "expires_at alone"])
+@pytest.mark.parametrize("recorded", ["locked_at and expires_at", "locked_at alone"])
 def test_a_crashed_go_cli_lock_dated_in_the_future_is_removed_with_force(
         env: Environment, with_state: Path, recorded: str) -> None:
     """Found by review: the Go CLI's lock (in the state file only) taken while the clock was
@@ -1721,11 +1721,12 @@ def test_a_crashed_go_cli_lock_dated_in_the_future_is_removed_with_force(
     the clock back: it read as taken "0 s ago", expiring in 6 h 29 min, and every run,
     `unlock` and `unlock --force` refused it for those hours. Judged as the shell tooling's
     directory dated in the future is: never taken over by a run, said to be dated in the
-    future, removed with --force (on-call having checked that no deploy runs)."""
+    future, removed with --force (on-call having checked that no deploy runs). Only a
+    recorded `locked_at` dates it: a lock with `expires_at` alone tells no start (below)."""
     then = datetime.now(UTC) + timedelta(hours=6)
-    times = {"expires_at": format_time(then + timedelta(minutes=30))}
+    times = {"locked_at": format_time(then)}
     if recorded == "locked_at and expires_at":
-        times["locked_at"] = format_time(then)
+        times["expires_at"] = format_time(then + timedelta(minutes=30))
     before = _go_cli_lock_in(with_state, **times)
     seen = status(env)
     assert seen is not None and seen.source == "state file" and seen.undated, seen
@@ -1844,6 +1845,31 @@ def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process(
     if not verified:
         assert "cleared the state file's lock" in unlock(env, force=True)
         assert read_state(with_state).lock == {"locked": False}
+
+
+@pytest.mark.parametrize("ahead", [timedelta(hours=2), timedelta(hours=6, minutes=30)],
+                         ids=["2h", "6h30"])
+def test_a_go_cli_lock_with_only_a_far_expiry_is_live_not_dated_in_the_future(
+        env: Environment, with_state: Path, ahead: timedelta) -> None:
+    """Found by review: a lock recording only `expires_at`, with a time-to-live longer than
+    [lock] stale_after (another tool's, whose TTL CONTRACTS.md does not bound), was dated at
+    `expires_at - stale_after`, "in the future": "the clock was set back", and unlock --force
+    removed a lock that had not expired. No start was recorded, so none is judged: it is live
+    until its expiry, refused even with --force, and no start is shown for it."""
+    before = _go_cli_lock_in(with_state, expires_at=format_time(datetime.now(UTC) + ahead))
+    seen = status(env)
+    assert seen is not None and seen.source == "state file", seen
+    assert not seen.undated and not seen.stale and not seen.stealable, seen
+    assert "in the future" not in seen.why and "clock" not in seen.why, seen.why
+    assert "build-runner" in seen.why and "expires in" in seen.why, seen.why
+    assert "in the future" not in seen.describe(), seen.describe()
+    with pytest.raises(LockedError) as refused:
+        acquire(env, "rollback", None)
+    assert "in the future" not in refused.value.message, refused.value.message
+    with pytest.raises(LockedError) as kept:
+        unlock(env, force=True)
+    assert "not even with --force" in (kept.value.fix or ""), kept.value
+    assert with_state.read_bytes() == before
 
 
 def test_taking_over_an_expired_state_file_lock_is_said_and_journaled(

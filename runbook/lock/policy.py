@@ -142,7 +142,10 @@ class LockStatus:
         else:
             who = "the shell tooling (no holder recorded)"
         since = ""
-        if self.locked_at:  # when it was taken, not its last refresh (found by review)
+        # a state-file lock with expires_at alone recorded no start: none is made up for it
+        made_up = (self.source == "state file" and self.holder is not None
+                   and self.holder.locked_at is None)
+        if self.locked_at and not made_up:  # when it was taken, not its last refresh
             taken = self.holder.held_since if self.holder and self.holder.held_since else None
             start = taken if taken is not None and taken <= self.locked_at else self.locked_at
             age = self.age + (self.locked_at - start).total_seconds()
@@ -364,13 +367,18 @@ def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
     holder = _state_holder(lock)
     epoch = holder.locked_at.timestamp() if holder.locked_at else None
     expires = holder.expires_at.timestamp() if holder.expires_at else None
+    recorded = epoch is not None
     if epoch is None and expires is not None:
         epoch = expires - env.lock_stale_after
     if epoch is None:
         return _judge_undated_state_lock(env, lock, holder, now)
     judged = _judge(env, env.state_file, "state file", holder, epoch, "the state file", now,
                     None, lock, expires)
-    if epoch > now + FUTURE_SLACK and not judged.stale and judged.holder_alive is not True:
+    # only a locked_at it records dates it: with expires_at alone the start is a guess (its
+    # tool's time-to-live, unknown to CONTRACTS.md, may pass [lock] stale_after), and a live
+    # lock read as "dated in the future" was removed by --force (found by review)
+    if recorded and epoch > now + FUTURE_SLACK and not judged.stale \
+            and judged.holder_alive is not True:
         # as a lock directory dated in the future (_inspect): the Go CLI's lock taken while
         # the clock was hours ahead, then set back by NTP, read as fresh for those hours and
         # was not removable even with --force (found by review)
