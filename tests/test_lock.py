@@ -1847,6 +1847,33 @@ def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process(
         assert read_state(with_state).lock == {"locked": False}
 
 
+@pytest.mark.parametrize("verified", [True, False], ids=["pid-start-verified", "pid-only"])
+def test_a_state_file_lock_dated_in_the_future_held_by_a_live_pid(
+        env: Environment, with_state: Path, live_pid: int, verified: bool) -> None:
+    """A lock dated 6 h in the future (the clock set back since) whose pid runs on this host:
+    by its pid alone (no start time: reused after a crash or a reboot looks the same) it was
+    kept even with --force until it expired, hours later (found by review, the undated
+    lock's twin); with its start time recorded and matching, it is that process's: kept."""
+    then = datetime.now(UTC) + timedelta(hours=6)
+    extra = {"pid_start": procs.pid_start(live_pid)} if verified else {}
+    before = _go_cli_lock_in(with_state, locked_at=format_time(then),
+                             expires_at=format_time(then + timedelta(minutes=30)),
+                             pid=live_pid, hostname=HOST, **extra)
+    seen = status(env)
+    assert seen is not None and not seen.stealable, seen
+    assert seen.undated is not verified, seen
+    with pytest.raises(LockedError):
+        acquire(env, "rollback", None)
+    if verified:
+        with pytest.raises(LockedError):
+            unlock(env, force=True)
+        assert with_state.read_bytes() == before
+    else:
+        assert "in the future" in seen.why, seen.why
+        assert "cleared the state file's lock" in unlock(env, force=True)
+        assert read_state(with_state).lock == {"locked": False}
+
+
 @pytest.mark.parametrize("ahead", [timedelta(hours=2), timedelta(hours=6, minutes=30)],
                          ids=["2h", "6h30"])
 def test_a_go_cli_lock_with_only_a_far_expiry_is_live_not_dated_in_the_future(

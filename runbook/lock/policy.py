@@ -196,10 +196,11 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
     running = basis == "locked_at" and _mirror_running(state_lock, epoch)
     judged = _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
                     running=running)
-    if epoch > now + FUTURE_SLACK and not judged.stale and judged.holder_alive is not True:
+    if epoch > now + FUTURE_SLACK and not judged.stale \
+            and (judged.holder_alive is not True or judged.pid_unverified):
         # its directory too was made "later" than now: the clock was set back since (NTP
         # stepping it). It read as fresh for hours, and a lock that has not expired was not
-        # removable even with --force (found by review)
+        # removable even with --force (found by review); a pid alone proves no holder
         judged = dataclasses.replace(judged, undated=True,
                                      why=_dated_in_future(epoch - now, basis))
     return dataclasses.replace(judged, alive_by_mirror=running) if running else judged
@@ -378,7 +379,7 @@ def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,
     # tool's time-to-live, unknown to CONTRACTS.md, may pass [lock] stale_after), and a live
     # lock read as "dated in the future" was removed by --force (found by review)
     if recorded and epoch > now + FUTURE_SLACK and not judged.stale \
-            and judged.holder_alive is not True:
+            and (judged.holder_alive is not True or judged.pid_unverified):
         # as a lock directory dated in the future (_inspect): the Go CLI's lock taken while
         # the clock was hours ahead, then set back by NTP, read as fresh for those hours and
         # was not removable even with --force (found by review)
