@@ -95,11 +95,13 @@ def from_dump(env: Environment, snap: snapshots_type.Snapshot,
     """The pre-deploy snapshot of the deployment that replaced the target, taken by the
     tooling (its sidecar names no version, or it has none): the dump's own schema_migrations
     is the target's schema. Without it, every rollback on a host whose history predates the
-    runbook went ahead unchecked (found by review). Reads the whole dump (verify)."""
-    from runbook.snapshots.verify import verify
+    runbook went ahead unchecked (found by review). Reads the dump up to schema_migrations'
+    rows (most of it: pg_dump writes table data in name order), so only when nothing cheaper
+    says it."""
+    from runbook.snapshots.verify import schema_version
 
     try:
-        version = verify(env, snap).migration_version
+        version = schema_version(env, snap)
     except RunbookError as exc:
         return Found(None, f"the pre-deploy snapshot of {after.version}, {snap.name}, cannot "
                            f"be read: {exc.message}", witness=snap.path)

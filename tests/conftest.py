@@ -5,9 +5,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.drill_checks import baseline_stack, scene_stack, shared_dir, stack
+from tests.drill_checks import baseline_stack, read_bytes, scene_stack, shared_dir, stack
 
-__all__ = ["baseline_stack", "scene_stack", "shared_dir", "stack"]
+__all__ = ["baseline_stack", "read_bytes", "scene_stack", "shared_dir", "stack"]
 
 
 @pytest.fixture(autouse=True)

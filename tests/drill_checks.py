@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -384,3 +385,54 @@ def docker_context(config_dir: Path, name: str, host: str, *, tls: bool = False)
     if tls:
         (config_dir / "contexts" / "tls" / digest / "docker").mkdir(parents=True)
     (config_dir / "config.json").write_text(json.dumps({"currentContext": name}))
+
+
+class _Counted:
+    """A file opened by the code under test, adding what it reads to its entry."""
+
+    def __init__(self, raw: Any, reads: list[int]) -> None:
+        self.raw, self.reads, self.index = raw, reads, len(reads)
+        reads.append(0)
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.raw.read(n)
+        self.reads[self.index] += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    def __enter__(self) -> _Counted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+
+
+@pytest.fixture
+def read_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[Path, list[int]]:
+    """For each `.sql.gz` opened for reading (builtins.open: gzip's own too), the bytes read
+    through each opening, in order."""
+    import builtins
+
+    real = builtins.open
+    read: dict[Path, list[int]] = {}
+
+    def counting(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        opened = real(file, mode, *args, **kwargs)
+        if isinstance(file, str | Path) and str(file).endswith(".sql.gz") and mode in ("r",
+                                                                                       "rb"):
+            return _Counted(opened, read.setdefault(Path(file), []))
+        return opened
+
+    monkeypatch.setattr(builtins, "open", counting)
+    return read
+
+
+def settled(path: Path, age: float = 2.2) -> None:
+    """Wait until the file last changed `age` seconds ago, as a host's pre-deploy dump did
+    (minutes or days): what a read of a file changed within runbook.snapshots.verify.RACY
+    (2 s) found is never remembered, so it is read again on every call."""
+    st = path.stat()
+    last = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
+    time.sleep(max(0.0, last + age - time.time()))

@@ -1585,6 +1585,41 @@ def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapsh
     assert snapshot(env) == before
 
 
+@pytest.mark.shape_specific
+def test_a_restore_plan_on_a_tooling_host_reads_the_pre_deploy_dump_in_full_once(
+        stack: DrillStack, read_bytes: dict[Path, list[int]]) -> None:
+    """Found by review: with no migration version in the state file or the sidecar (the
+    deploy script's host), `rollback --restore-snapshot` read the whole pre-deploy dump three
+    times before its prompt, dry run included: the schema guard, the snapshot pick and the
+    restore's prepare (54 s for a 955 MiB dump). The pick and prepare now share one full read;
+    the guard reads up to schema_migrations' rows (the whole of a dump this small); the real
+    run's replay streams the file again and checks it against that read."""
+    from tests.drill_checks import settled
+
+    if stack.has("docker-run"):
+        pytest.skip("the docker-run host's own deploy writes the sidecar this test rewrites")
+    stack.reset()
+    deploy_to(stack, stack.env, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    env = stack.env
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    sidecar = pre.with_name(pre.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(sidecar.read_text())
+    for key in ("migration_version", "sha256", "tables", "dirty"):
+        meta.pop(key, None)  # what scripts/ write: the contract's keys only
+    sidecar.write_text(json.dumps(meta))
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.current is not None
+    states.write_state(env.state_file, dataclasses.replace(
+        st, previous=st.previous.with_(migration_version=None)))
+    settled(pre)  # as old as a host's pre-deploy dump is when a rollback needs it
+    dry = rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+    shown = dry.plan.render()
+    assert pre.name in shown and "the dump of" in shown, shown
+    size = pre.stat().st_size
+    assert len(read_bytes[pre]) == 2 and sum(read_bytes[pre]) <= 2 * size, (
+        read_bytes[pre], size)  # was three times in full
+
+
 @pytest.mark.any_shape
 def test_a_named_snapshot_whose_sidecar_has_no_version_is_judged_by_its_dump(
         stack: DrillStack) -> None:

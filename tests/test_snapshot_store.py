@@ -27,6 +27,7 @@ from tests.drill_checks import (
     fifo_released_after,
     host_env,
     needs_root,
+    settled,
 )
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -1236,3 +1237,126 @@ def test_cleanup_keeps_the_snapshots_that_disagree_about_the_previous_deployment
     assert state.previous is not None and state.current is not None
     found = migration_source.infer(env, state.current, state.previous)
     assert found.version is None and "disagree" in found.source, found
+
+
+# -- the tooling's dumps are read once, and only as far as the question needs ---------------
+
+AFTER_ROWS = 200_000  # users' rows after schema_migrations: 8 of the dump's 8 MB (level 0)
+
+
+def tooling_sql(version: int, rows: int = AFTER_ROWS) -> bytes:
+    """pg_dump's plain format: table data in name order (schema_migrations after events,
+    before users), then the post-data section and the trailer."""
+    users = b"".join(b"%d\t%s\n" % (i, os.urandom(16).hex().encode()) for i in range(rows))
+    return (b"--\n-- PostgreSQL database dump\n--\n\n-- Dumped by pg_dump version 15.8\n\n"
+            b"CREATE TABLE public.events (id integer, name text);\n"
+            b"CREATE TABLE public.schema_migrations (version bigint NOT NULL, "
+            b"dirty boolean NOT NULL);\nCREATE TABLE public.users (id integer, key text);\n\n"
+            b"COPY public.events (id, name) FROM stdin;\n1\tmeetup\n\\.\n\n\n"
+            b"--\n-- Data for Name: schema_migrations; Type: TABLE DATA; Schema: public; "
+            b"Owner: -\n--\n\n"
+            b"COPY public.schema_migrations (version, dirty) FROM stdin;\n"
+            + b"%d\tf\n\\.\n\n\n" % version
+            + b"COPY public.users (id, key) FROM stdin;\n" + users + b"\\.\n\n\n"
+            b"ALTER TABLE ONLY public.events ADD CONSTRAINT events_pkey PRIMARY KEY (id);\n\n"
+            b"--\n-- PostgreSQL database dump complete\n--\n\n")
+
+
+def tooling_dump(env: Environment, deployment_id: str, version: int,
+                 rows: int = AFTER_ROWS) -> Path:
+    """The current deployment's pre-deploy snapshot as the deploy script takes it: a gzipped
+    plain dump and a sidecar of the contract's keys only (no migration version, no sha256).
+    Stored uncompressed inside gzip (level 0): a dump of the same length is the same size."""
+    stamp = (NOW - timedelta(days=2)).strftime("%Y%m%d_%H%M%S")
+    path = env.database.snapshot_dir / f"togather_togather_{stamp}_pre-deploy.sql.gz"
+    path.write_bytes(gzip.compress(tooling_sql(version, rows), compresslevel=0, mtime=0))
+    meta = {"snapshot_name": path.name, "database": "togather", "host": "localhost",
+            "port": 5433, "timestamp": (NOW - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "reason": "pre-deploy", "git_commit": "b" * 40, "deployment_id": deployment_id,
+            "retention_days": 7, "expires_at": (NOW + timedelta(days=5)).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"), "size_mb": 1.0, "duration_seconds": 3}
+    path.with_name(path.name.removesuffix(".sql.gz") + ".meta.json").write_text(
+        json.dumps(meta))
+    return path
+
+
+def test_the_schema_guard_reads_a_tooling_dump_only_as_far_as_its_schema_migrations(
+        env: Environment, read_bytes: dict[Path, list[int]]) -> None:
+    """Found by review: on a host the deploy script deployed, every rollback plan (a dry run
+    too) gunzipped and hashed the whole pre-deploy dump to learn the target's schema: 27 s
+    for a 955 MiB dump, paid again by the real run. pg_dump writes table data in name order
+    and the guard's question is answered by schema_migrations' rows: the tables after it
+    (users here) are not read."""
+    from runbook import migration_source
+
+    record(env, "dep_a", "dep_b")  # the deploy script's records: no migration_version
+    dump = tooling_dump(env, "dep_b", 7)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.previous is not None and state.current is not None
+    found = migration_source.infer(env, state.current, state.previous)
+    assert found.version == 7 and found.witness == dump, found
+    size = dump.stat().st_size
+    [read] = read_bytes[dump]
+    assert read < size // 4, (read, size)
+
+
+def test_one_process_reads_a_tooling_dump_whole_once_for_the_guard_the_pick_and_the_restore(
+        env: Environment, read_bytes: dict[Path, list[int]]) -> None:
+    """Found by review: `rollback --restore-snapshot` read the whole dump three times before
+    its prompt (the guard, the snapshot pick, the restore's prepare): 54 s for 955 MiB. One
+    full read serves the pick and prepare (the replay still streams it and checks the
+    checksum it found), and the guard reads only up to schema_migrations."""
+    from runbook import migration_source, snapshot_restore
+    from runbook.snapshots.verify import verify
+
+    record(env, "dep_a", "dep_b")
+    dump = tooling_dump(env, "dep_b", 7)
+    settled(dump)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.previous is not None and state.current is not None
+    assert migration_source.infer(env, state.current, state.previous).version == 7
+    [snap] = [s for s in snapshots.own_snapshots(env) if s.path == dump]
+    picked = verify(env, snap)  # rollback.schema_guard: the pick's schema, from the dump
+    prepared = snapshot_restore.prepare(env, snap)  # before the prompt, as the plan does
+    digest = hashlib.sha256(dump.read_bytes()).hexdigest()
+    assert picked.sha256 == prepared.verified.sha256 == digest
+    assert picked.migration_version == prepared.verified.migration_version == 7
+    size = dump.stat().st_size
+    guard, *whole = read_bytes[dump]
+    assert guard < size // 4 and whole == [size], (read_bytes[dump], size)  # was 3 x size
+
+
+@pytest.mark.parametrize("age", [2.2, 0.0], ids=["settled", "just-written"])
+def test_a_dump_rewritten_in_place_after_it_was_read_is_read_again(
+        env: Environment, read_bytes: dict[Path, list[int]], age: float) -> None:
+    """What a process learnt of a file is never served for a file that changed since: the
+    same path, inode and size, even its mtime put back (`cp -p`, rsync), leave the change
+    time, which no user can set; and a file changed within verify.RACY is not remembered at
+    all (a second write in the same clock tick would leave every time as it was)."""
+    from runbook import migration_source
+    from runbook.snapshots.verify import verify
+
+    record(env, "dep_a", "dep_b")
+    dump = tooling_dump(env, "dep_b", 7, rows=2000)
+    settled(dump, age)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.previous is not None and state.current is not None
+    [snap] = [s for s in snapshots.own_snapshots(env) if s.path == dump]
+    assert migration_source.infer(env, state.current, state.previous).version == 7
+    assert verify(env, snap).migration_version == 7
+    reads = len(read_bytes[dump])
+    assert verify(env, snap).migration_version == 7
+    assert (len(read_bytes[dump]) > reads) is (age == 0.0)  # remembered only once settled
+    before = dump.stat()
+    rewritten = gzip.compress(tooling_sql(8, rows=2000), compresslevel=0, mtime=0)
+    assert len(rewritten) == before.st_size
+    with dump.open("r+b") as raw:  # in place: the same inode
+        raw.write(rewritten)
+    os.utime(dump, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = dump.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns)
+    assert migration_source.infer(env, state.current, state.previous).version == 8
+    again = verify(env, snap)
+    assert again.migration_version == 8
+    assert again.sha256 == hashlib.sha256(rewritten).hexdigest()

@@ -4,6 +4,12 @@ A full read checks the gzip CRC, the sha256 the sidecar recorded, pg_dump's "dum
 trailer, which database and environment it is of, and the schema_migrations rows the dump
 itself holds. The replay re-hashes while it streams (runbook/snapshots/replay.py), so a file
 that changes after this check is still caught.
+
+A process reads a file once: the schema guard, the snapshot pick and the restore's prepare
+each asked for the same pre-deploy dump, three full reads before the prompt (54 s for a
+955 MiB dump, found by review). What a read found is kept for the file as it was (path,
+device, inode, size, mtime and ctime), never for a file changed since. The schema guard only
+asks which schema the dump is at (`schema_version`), read as far as schema_migrations' rows.
 """
 
 from __future__ import annotations
@@ -11,19 +17,23 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import os
 import re
+import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from runbook.environment import Environment
-from runbook.snapshots.commands import target
+from runbook.snapshots.commands import Target, target
 from runbook.snapshots.store import Snapshot, SnapshotError
 
 TRAILER = b"-- PostgreSQL database dump complete"
 CHUNK = 1 << 20
+_T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Verified:
@@ -51,6 +61,22 @@ _RESTRICT_RE = re.compile(rb"^\\restrict ", re.M)
 _LARGE_OBJECT_RE = re.compile(rb"^SELECT pg_catalog\.lo_open\(", re.M)
 # the first minor of each major whose psql knows `\restrict` (the August 2025 releases)
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+
+
+def _schema_rows(piece: bytes) -> tuple[int, bool] | None:
+    """schema_migrations' row in `piece` (0 for an empty table), None when it is not in it."""
+    match = _SM_RE.search(piece)
+    if not match:
+        return None
+    columns = [c.strip() for c in match.group(1).decode().split(",")]
+    rows = [r for r in match.group(2).decode().splitlines() if r]
+    if not rows:
+        return (0, False)
+    values = dict(zip(columns, rows[0].split("\t"), strict=False))
+    try:
+        return (int(values["version"]), values.get("dirty") == "t")
+    except (ValueError, KeyError):
+        return None
 
 
 class _Scanner:
@@ -95,19 +121,10 @@ class _Scanner:
         if b"CREATE SCHEMA " in piece:
             self.schemas += [m.group(1).strip() for m in _SCHEMA_RE.finditer(piece)]
         if b"COPY public.schema_migrations " in piece:
-            match = _SM_RE.search(piece)
-            if match:
-                columns = [c.strip() for c in match.group(1).decode().split(",")]
-                rows = [r for r in match.group(2).decode().splitlines() if r]
-                if rows:
-                    values = dict(zip(columns, rows[0].split("\t"), strict=False))
-                    with contextlib.suppress(ValueError, KeyError):
-                        self.sm = (int(values["version"]), values.get("dirty") == "t")
-                else:
-                    self.sm = (0, False)
+            self.sm = _schema_rows(piece) or self.sm
 
 
-def chunks(path: Path, sha: Any) -> Iterator[bytes]:
+def chunks(path: Path, sha: Any) -> Generator[bytes, None, None]:
     """Decompressed chunks of `path`, hashing the compressed bytes on the way."""
 
     class Tee:
@@ -134,12 +151,9 @@ def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
                          "inspection")
 
 
-def verify(env: Environment, snap: Snapshot) -> Verified:
-    """Read the whole file (checksum, gzip CRC, dump trailer) and check it fits this database.
-
-    Read-only; raises a one-line SnapshotError (USAGE) for a missing, truncated, corrupt or
-    foreign snapshot.
-    """
+def _fits(env: Environment, snap: Snapshot) -> Target:
+    """Refuse a file that is missing, has a bad sidecar, or is of another database or
+    environment (nothing read yet); the environment's database target."""
     if not snap.path.is_file():
         raise SnapshotError(f"snapshot {snap.path} does not exist; nothing was changed",
                             f"pick one from `runbook snapshot list {env.name}`")
@@ -161,19 +175,152 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
         raise SnapshotError(f"snapshot {snap.name} was taken in {recorded_env}, not "
                             f"{env.name}; nothing was changed",
                             f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`)")
-    sha = hashlib.sha256()
-    scanner = _Scanner()
+    return tgt
+
+
+@contextlib.contextmanager
+def _reading(snap: Snapshot) -> Iterator[None]:
+    """A read that fails is a one-line refusal of the file."""
     try:
-        for chunk in chunks(snap.path, sha):
-            scanner.feed(chunk)
+        yield
     except EOFError:
         raise _bad_file(snap, "is truncated (the gzip stream ends early)") from None
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise _bad_file(snap, f"is corrupt ({exc})") from None
     except OSError as exc:
         raise _bad_file(snap, f"cannot be read ({exc.strerror or exc})") from None
+
+
+RACY = 2.0  # s: a file changed this recently is read again each time (_File.settled)
+_KEEP = 32  # files a process remembers
+
+
+@dataclass(frozen=True)
+class _File:
+    """A file as it is: what a read of it found is served again only to the same."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int  # set by the kernel on every change; no user can put it back
+
+    @classmethod
+    def of(cls, path: Path) -> _File:
+        st = os.stat(path)
+        return cls(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def settled(self, read_at: float) -> bool:
+        """Whether any later change must show in its size or times: not when it changed
+        within RACY before the read. File times are as coarse as the kernel's clock tick (a
+        second on some file systems), so a rewrite of the same size in that tick leaves them
+        as they were (git's "racily clean" files)."""
+        return max(self.mtime_ns, self.ctime_ns) < (read_at - RACY) * 1e9
+
+
+_LOCK = threading.Lock()  # plans read files from probe threads
+_READS: dict[_File, tuple[str, _Scanner]] = {}  # a whole file: its sha256 and what it holds
+_SCHEMAS: dict[_File, tuple[int, bool]] = {}  # a file read up to schema_migrations' rows
+
+
+def _recalled(memo: dict[_File, _T], file: _File) -> _T | None:
+    with _LOCK:
+        return memo.get(file)
+
+
+def _remember(memo: dict[_File, _T], file: _File, read_at: float, found: _T) -> None:
+    """Keep what a read found, if the file is still the one it started reading, and
+    settled."""
+    try:
+        same = _File.of(Path(file.path)) == file
+    except OSError:
+        return
+    if same and file.settled(read_at):
+        with _LOCK:
+            memo.pop(file, None)
+            memo[file] = found
+            while len(memo) > _KEEP:
+                del memo[next(iter(memo))]
+
+
+def _whole(snap: Snapshot) -> tuple[str, _Scanner]:
+    """The sha256 of the whole file and what the scanner found in it: read once a process
+    for the same file (the sidecar's checks are verify's, made on every call)."""
+    read_at = time.time()
+    with _reading(snap):
+        file = _File.of(snap.path)
+        if (found := _recalled(_READS, file)) is not None:
+            return found
+        sha = hashlib.sha256()
+        scanner = _Scanner()
+        for chunk in chunks(snap.path, sha):
+            scanner.feed(chunk)
     scanner.finish()
-    digest = sha.hexdigest()
+    found = (sha.hexdigest(), scanner)
+    _remember(_READS, file, read_at, found)
+    return found
+
+
+class _Unhashed:
+    """For a read that stops early: its hash would prove nothing."""
+
+    def update(self, data: bytes) -> None:
+        pass
+
+
+def schema_version(env: Environment, snap: Snapshot) -> int:
+    """The schema_migrations version the dump holds, read only as far as its rows: the
+    schema guard's question about a tooling snapshot, whose sidecar names none. pg_dump
+    writes table data in name order: the tables after schema_migrations and the indexes are
+    not read, nor is anything hashed. No proof that the file restores (verify() is, and the
+    restore calls it). Raises what verify() raises for a file that is not this database's,
+    or that is cut off or corrupt before the rows."""
+    _fits(env, snap)
+    read_at = time.time()
+    found: tuple[int, bool] | None = None
+    carry = tail = b""
+    with _reading(snap):
+        file = _File.of(snap.path)
+        if (whole := _recalled(_READS, file)) is not None:
+            found, tail = whole[1].sm, whole[1].tail
+        elif (found := _recalled(_SCHEMAS, file)) is not None:
+            return found[0]
+        else:
+            with contextlib.closing(chunks(snap.path, _Unhashed())) as stream:
+                for chunk in stream:
+                    buf = carry + chunk
+                    tail = (tail + chunk)[-4096:] if len(chunk) < 4096 else chunk[-4096:]
+                    start = buf.find(_SM_HEADER)
+                    while start != -1 and found is None:
+                        end = buf.find(b"\n\\.\n", start)
+                        if end == -1:
+                            break  # its rows go on in the next chunk
+                        found = _schema_rows(buf[start + 1:end + 4])
+                        start = buf.find(_SM_HEADER, end)
+                    if found is not None:
+                        break
+                    carry = (buf[start:] if start != -1 and len(buf) - start < 16 * CHUNK
+                             else buf[-len(_SM_HEADER):])
+            if found is not None:
+                _remember(_SCHEMAS, file, read_at, found)
+    if found is None:
+        if TRAILER not in tail:
+            raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was "
+                                  "cut off)")
+        found = (0, False)  # a whole dump without schema_migrations, as verify() reads it
+    return found[0]
+
+
+def verify(env: Environment, snap: Snapshot) -> Verified:
+    """Read the whole file (checksum, gzip CRC, dump trailer) and check it fits this database.
+
+    Read-only; raises a one-line SnapshotError (USAGE) for a missing, truncated, corrupt or
+    foreign snapshot. The read is made once a process for the same file (`_whole`); the
+    replay streams it again and checks the checksum found here.
+    """
+    tgt = _fits(env, snap)
+    digest, scanner = _whole(snap)
     if snap.sha256 and digest != snap.sha256:
         raise _bad_file(snap, "does not match its recorded sha256 (changed or corrupt)")
     if scanner.large_objects:
