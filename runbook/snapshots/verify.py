@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from runbook.environment import Environment
 from runbook.snapshots.commands import Target, target
@@ -125,24 +125,41 @@ class _Scanner:
 
 
 def chunks(path: Path, sha: Any) -> Generator[bytes, None, None]:
-    """Decompressed chunks of `path`, hashing the compressed bytes on the way."""
+    """Decompressed chunks of `path` (CHUNK at most), hashing every compressed byte on the way.
 
-    class Tee:
-        def __init__(self, raw: IO[bytes]) -> None:
-            self.raw = raw
-
-        def read(self, n: int = -1) -> bytes:
-            data = self.raw.read(n)
-            sha.update(data)
-            return data
-
+    Read as gzip reads it (members one after another, zeros allowed after one; zlib checks
+    each member's CRC and length; EOFError for a file cut short, zlib.error for a corrupt
+    one), by zlib directly: GzipFile fed zlib 8 KiB at a time, and a 955 MiB dump took a
+    third longer to read (the guard, verify and the replay all read through here).
+    """
     with open(path, "rb") as raw:
-        tee = Tee(raw)
-        with gzip.GzipFile(fileobj=tee, mode="rb") as gz:  # type: ignore[call-overload]
-            while chunk := gz.read(CHUNK):
-                yield chunk
-        while rest := raw.read(CHUNK):  # gzip may stop short of trailing bytes
-            sha.update(rest)
+        inflate: Any = None  # the member being read
+        data = b""  # read, not yet inflated
+        members = 0
+        while True:
+            if inflate is None:  # between members: zeros may pad, else another member
+                if members:
+                    data = data.lstrip(b"\0")
+                if not data:
+                    data = raw.read(CHUNK)
+                    sha.update(data)
+                    if not data:
+                        return
+                    continue
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip's wrapper only
+                members += 1
+            if not data:
+                data = raw.read(CHUNK)
+                sha.update(data)
+            out = inflate.decompress(data, CHUNK)
+            if inflate.eof:
+                data, inflate = inflate.unused_data, None
+            elif not data and not out:
+                raise EOFError("the gzip stream ends before its end-of-stream marker")
+            else:
+                data = inflate.unconsumed_tail
+            if out:
+                yield out
 
 
 def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
