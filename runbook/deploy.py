@@ -151,8 +151,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     traffic.refuse_recreate_if_pinned(env, target)  # another site's upstream: it serves
     # what compose creates the container from (its file's `image:`): what is checked, shown
     # and recorded from here on
-    made, image, named = slots.created_image(env, target, version, image,
-                                             slots.claim_of(env, version))
+    made, image, named, build = slots.created_image(env, target, version, image,
+                                                    slots.claim_of(env, version))
     if named:
         warnings.append(f"the new container runs {image}{named}")
     planned = caddy.plan_switch(env, target)
@@ -246,7 +246,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         slots.refuse_recreate(env, target)
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
         ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
-        slots.recreate(env, target, version, checked=True, image=made)
+        slots.recreate(env, target, version, checked=True, image=made, build=build)
 
     def run_migrate(ctx: StepContext) -> None:
         before = baseline()
@@ -385,7 +385,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              skip="taken before the interrupted run of this deploy migrated: kept" if taken
              else None),
         Step("start-slot", f"Recreate the {target} container with {image}",
-             {"command": recreate.display()}, run=run_recreate),
+             {"command": recreate.display(),
+              **({"build": slots.built_line(made, build)} if build is not None else {})},
+             run=run_recreate),
         Step("migrate", "Run the new version's migrations",
              {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}",
               "Ctrl-C": "acted on once the migrations have ended, so their outcome is known"},

@@ -546,6 +546,12 @@ def image_exists(image: str) -> bool:
     return image_labels(image) is not None
 
 
+def short_id(build: str) -> str:
+    """An image id as a plan or a message says it: its algorithm and 12 hex, as `docker
+    images` abbreviates it (`sha256:cba5ad5e02b5`)."""
+    return build[:19]
+
+
 def image_id(image: str) -> str | None:
     """The id of the build `image` (a tag) names now; None when there is no such image."""
     try:

@@ -135,25 +135,39 @@ def front_port(env: Environment) -> int | None:
 
 def recreate(env: Environment, slot: Slot, tag: str,
              command: compose.Command | None = None, *, checked: bool = False,
-             image: str | None = None) -> None:
+             image: str | None = None, build: str | None = None) -> None:
     """Recreate a slot's container through compose, after `refuse_recreate` (`checked`: the
     caller has just made it). `command` is the one the plan showed (built here when not
     given). `image`: the one the plan showed; the created container must run it (its
     .Config.Image), else this fails before traffic moves and the step's undo stops it (the
-    compose file or its env file changed since the plan)."""
+    compose file or its env file changed since the plan). `build`: the image id the plan
+    showed for it; the created container's (.Image) must be it too: a name that moves
+    (`:latest`) retagged after the plan (while the prompt waited, or since a dry run) passed
+    the name check, and the wrong build ran (and migrated, in a deploy) until the gate."""
     if not checked:
         refuse_recreate(env, slot)
     compose.run(command or compose.recreate_slot(env, slot, tag))
     if image is None:
         return
     container = env.slot(slot).container
-    made = docker.inspect(container).image
+    info = docker.inspect(container)
+    made = info.image
     if made != image:
         raise compose.ComposeError(
             f"compose created {container} from {made or 'no image'}, not {image} as the plan "
             "showed: its file or env file changed since the plan",
             f"check the `image:` of service {env.slot(slot).service} in {env.compose.file} "
             "(and IMAGE_TAG), then run the command again to see the plan as it is now")
+    if build is not None and info.image_id != build:
+        got = docker.short_id(info.image_id) if info.image_id else "no known build"
+        raise compose.ComposeError(
+            f"compose created {container} from {image} as the plan showed, but from build "
+            f"{got}, not {docker.short_id(build)}, the build the plan showed for {tag}: "
+            f"{image} was retagged or pushed since the plan",
+            f"make {image} name {tag}'s build again, or the `image:` of service "
+            f"{env.slot(slot).service} in {env.compose.file} name the version (e.g. "
+            f"`{image.rsplit(':', 1)[0]}:${{IMAGE_TAG}}`); then run the command again to see "
+            "the plan as it is now")
 
 
 def refuse_recreate(env: Environment, slot: Slot) -> None:
@@ -307,6 +321,9 @@ class Preparation:
     # a recreate: the name compose makes the container from (its .Config.Image, checked
     # after it), which is not `image` (shown and recorded) when it is a moving tag; None: `image`
     made: str | None = None
+    # a recreate: the build (image id) that name gave at plan time, shown in the plan and
+    # checked against the created container's .Image (None: nothing made through compose)
+    build: str | None = None
 
     @property
     def describe_container(self) -> str:
@@ -345,10 +362,11 @@ def claim_of(env: Environment, version: str, image: str | None = None) -> str:
 
 
 def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
-                  claimed_by: str) -> tuple[str, str, str]:
+                  claimed_by: str) -> tuple[str, str, str, str | None]:
     """The image a recreate of `slot` creates the container from (its .Config.Image, checked
-    after the recreate), the one the run shows and records, and what the plan says when
-    `wanted` named it otherwise ('' when it did not).
+    after the recreate), the one the run shows and records, what the plan says when
+    `wanted` named it otherwise ('' when it did not), and the build (image id) it names now,
+    which the plan shows and the recreate checks (None: nothing is made through compose).
 
     Compose creates the container from its own file's `image:` (with IMAGE_TAG=`tag`), never
     from the state file's docker_image nor [compose] image_repository: the file is what runs,
@@ -362,19 +380,19 @@ def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
     (`docker run`) creates nothing through it: `wanted` (compose.check_recreate refuses the
     recreate)."""
     if not compose.can_recreate(env, slot):
-        return wanted, wanted, ""
+        return wanted, wanted, "", None
     made = preflight.compose_image(env, slot, tag)
     if not docker.names_for_good(wanted, tag):
         return _made_by_moving_claim(env, slot, tag, made, wanted, claimed_by)
-    if made == wanted:
-        return wanted, wanted, ""
     build = docker.image_id(made) if made else None
+    if made == wanted and build is not None:
+        return wanted, wanted, "", build
     meant = docker.image_id(wanted)
     if made and build is not None and build == meant:
         if not docker.names_for_good(made, tag):
             return made, wanted, (f"; compose names it {made}, the same build, by a tag "
-                                  f"that moves: the run records {wanted}")
-        return made, made, f"; {claimed_by} names it {wanted}, the same build"
+                                  f"that moves: the run records {wanted}"), build
+        return made, made, f"; {claimed_by} names it {wanted}, the same build", build
     config = env.slot(slot)
     why = ("the service names no image" if not made
            else f"{made} is not on this host" if build is None
@@ -389,7 +407,7 @@ def created_image(env: Environment, slot: Slot, tag: str, wanted: str,
 
 
 def _made_by_moving_claim(env: Environment, slot: Slot, tag: str, made: str | None,
-                          wanted: str, claimed_by: str) -> tuple[str, str, str]:
+                          wanted: str, claimed_by: str) -> tuple[str, str, str, str | None]:
     """`created_image` when the claim is a tag that moves (`<repo>:latest`, a record earlier
     versions wrote): it names whatever was pushed last, so it proves no build, not even when
     compose names the same tag. Compose's image is the version's build only when its image
@@ -403,7 +421,8 @@ def _made_by_moving_claim(env: Environment, slot: Slot, tag: str, made: str | No
     if made and build is not None and build == meant:
         recorded = made if docker.names_for_good(made, tag) else stable
         return made, recorded, (f"; {claimed_by} names it {wanted}, a tag that moves; "
-                                f"{made} is the build of {stable}: the run records {recorded}")
+                                f"{made} is the build of {stable}: the run records {recorded}"
+                                ), build
     config = env.slot(slot)
     why = ("the service names no image" if not made
            else f"{made} is not on this host" if build is None
@@ -482,9 +501,9 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     traffic.refuse_recreate_if_pinned(env, slot)  # another site's upstream: it serves
-    made, image, named = created_image(env, slot, version, image, claimed_by)
+    made, image, named, build = created_image(env, slot, version, image, claimed_by)
     return Preparation(slot, info, image, version, "recreate",
-                       f"recreate through compose with {image} ({why}{named})", made)
+                       f"recreate through compose with {image} ({why}{named})", made, build)
 
 
 def _for_good(env: Environment, info: ContainerInfo, version: str,
@@ -509,8 +528,15 @@ def _tag_moved(info: ContainerInfo, image: str, version: str) -> str:
     now = docker.image_id(image)
     if now is None or info.image_id is None or now == info.image_id:
         return ""
-    return (f"; the tag now names another build, {now[:19]}: the container keeps "
-            f"{info.image_id[:19]}, the build that ran as {version}")
+    return (f"; the tag now names another build, {docker.short_id(now)}: the container keeps "
+            f"{docker.short_id(info.image_id)}, the build that ran as {version}")
+
+
+def built_line(made: str, build: str) -> str:
+    """The plan's line for the build a recreate makes: the one the created container is
+    checked against, so the plan says exactly what runs, not only a name."""
+    return (f"{docker.short_id(build)} ({made} now; the created container must run this "
+            "build, else the step fails before traffic moves)")
 
 
 def run_step(env: Environment, prep: Preparation, observed: Observed | None = None) -> Step:
@@ -524,6 +550,8 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
                     else docker.start_action(config.container))
     if recreate_command is not None:
         details["command"] = recreate_command.display()
+        if prep.build is not None:
+            details["build"] = built_line(prep.made or prep.image, prep.build)
     elif prep.action in ("start", "unpause"):
         details["command"] = start_action.display()
     titles = {"none": f"Keep the {prep.slot} slot running {prep.image}",
@@ -544,7 +572,7 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
                            lambda: stop_if_started(env, prep.slot, observed))
             recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
-                     image=prep.made or prep.image)
+                     image=prep.made or prep.image, build=prep.build)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")

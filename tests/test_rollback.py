@@ -1094,6 +1094,11 @@ def made_from(stack: DrillStack, env: Environment, tmp_path: Path, slot: Slot,
     return container_identity(stack, container).split()[0]
 
 
+def build_of(stack: DrillStack, image: str) -> str:
+    """The build (image id) `image` names now, as the docker CLI says: the test's oracle."""
+    return stack.docker("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+
+
 def image_problems(env: Environment) -> list[Any]:
     """What `runbook status` says of the image the active slot runs against the file's."""
     from runbook import status as statusmod
@@ -1316,6 +1321,52 @@ def test_a_recreate_that_makes_another_image_than_the_plan_showed_fails_before_t
         rollback.rollback(moved, confirm=edit)
     assert err.value.exit_code == ExitCode.FAILED_SAFELY, err.value
     assert other in str(err.value) and V2.image in str(err.value), err.value
+    assert through_proxy(env) == ("blue", V3.tag)
+    assert not docker.inspect(green).running  # the undo stopped it
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V3.tag
+
+
+@pytest.mark.shape_specific
+@pytest.mark.parametrize("action", ["rollback", "deploy"])
+def test_a_moving_tag_that_moves_after_the_plan_fails_the_recreate_naming_both_builds(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path, action: str) -> None:
+    """A compose file naming `<repo>:latest` is accepted when the tag names the version's
+    build at plan time. Found by review: the tag moved after the plan (pushed while the
+    prompt waited, or between a dry run and the run), the check after the recreate compared
+    names (`:latest` == `:latest`) and passed; green ran v3's build and only the health gate
+    caught it, in a deploy after the wrong build's migrations had run. The plan shows the
+    build it checks; the created container's build (.Image) must be it: a mismatch fails the
+    recreate step before the commit point, naming both builds, and the undo stops it.
+    Oracles: `docker image inspect` (the builds), the proxy, the state file, the run record."""
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: nothing recreates")
+    env = two_deployments(stack)  # v3 serves from blue, v2 stopped on green
+    green = env.slot(Slot.GREEN).container
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    moving = compose_naming(env, tmp_path, latest, literal=True)
+    docker.remove(green)
+    meant, pushed = build_of(stack, V2.image), build_of(stack, V3.image)
+    shown: list[str] = []
+
+    def push(plan: Any) -> bool:  # at the prompt: the next build is pushed as `:latest`
+        shown.append(plan.render())
+        stack.docker("tag", V3.image, latest)
+        return True
+
+    with pytest.raises(RunbookError) as err:
+        if action == "rollback":
+            rollback.rollback(moving, confirm=push)
+        else:
+            deploy.deploy(moving, deploy.Options(version=V2.tag), confirm=push)
+    assert meant.removeprefix("sha256:")[:12] in shown[0], shown[0]  # the plan says the build
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, err.value
+    said = str(err.value)
+    assert meant.removeprefix("sha256:")[:12] in said, said
+    assert pushed.removeprefix("sha256:")[:12] in said, said
+    record = json.loads(max(env.runs_dir.glob("*.json"), key=os.path.getmtime).read_text())
+    failed = [s["name"] for s in record["steps"] if s.get("status") == "failed"]
+    assert failed == ["start-slot"], record["steps"]  # never the migrate step, nor the gate
     assert through_proxy(env) == ("blue", V3.tag)
     assert not docker.inspect(green).running  # the undo stopped it
     st = states.read_state(env.state_file)
