@@ -510,12 +510,22 @@ def _for_good(env: Environment, info: ContainerInfo, version: str,
               claimed_by: str) -> tuple[str, str]:
     """The name to show and record for a container made from the claim itself, when that
     is a moving tag (a record earlier versions wrote from such a container): the configured
-    `image_repository:<version>` when it names the container's build, else the claim (none
-    better is known), and what the plan says about it."""
+    `image_repository:<version>` when it names the container's build, and what the plan says
+    about it. Else the claim is recorded again, and the plan says so: no name on the host
+    stays on the build (a digest reference would, but a locally built image has none), and
+    a name the runbook would make (`docker tag`) changes the host beyond what it was asked."""
     claim = info.image or ""
     stable = image_of(env, version)
-    if stable == claim or info.image_id is None or docker.image_id(stable) != info.image_id:
+    if stable == claim or info.image_id is None:
         return claim, ""
+    now = docker.image_id(stable)
+    if now != info.image_id:
+        build = docker.short_id(info.image_id)
+        why = (f"{stable} is not on this host (`docker tag {build} {stable}` would name it)"
+               if now is None else f"{stable} names another build, {docker.short_id(now)}")
+        return claim, (f"; {claimed_by} names it {claim}, a tag that moves, and no name on "
+                       f"this host stays on its build {build} ({why}): the run records "
+                       f"{claim} again, which names another build after the next push")
     return stable, (f"; {claimed_by} names it {claim}, a moving tag"
                     + _tag_moved(info, claim, version) + f"; recorded as {stable}, the same "
                     "build")

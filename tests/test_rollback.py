@@ -1186,6 +1186,43 @@ def test_a_recorded_moving_tag_is_recorded_again_by_its_version(
 
 
 @pytest.mark.shape_specific
+def test_a_recorded_moving_tag_with_no_versioned_name_for_its_build_is_said_in_the_plan(
+        stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A state file written by earlier versions records a moving tag (`:latest`) for the
+    previous deployment, its container was made from it, and `<image_repository>:<version>`
+    names no build the container holds (absent, or another build): no name on the host stays
+    on that build, so the run records the tag again. The README promised it never would and
+    the plan said nothing of it. Now the plan says the tag is recorded again and why, and
+    the README says when. Oracles: Docker, the state file read back."""
+    if docker_run_host(stack):
+        pytest.skip("the standby is made through compose; a docker-run host has none")
+    env = two_deployments(stack)
+    green = env.slot(Slot.GREEN).container
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    made = made_from(stack, env, tmp_path, Slot.GREEN, latest)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=latest)))
+    other = retag(stack, request, V1.image, "togather-other", tag=V2.tag)  # v1's build
+    absent = env.with_(compose=dataclasses.replace(
+        env.compose, image_repository=f"{other.rsplit(':', 1)[0]}-absent"))
+    named = env.with_(compose=dataclasses.replace(
+        env.compose, image_repository=other.rsplit(":", 1)[0]))
+    build, v1_build = build_of(stack, V2.image)[:19], build_of(stack, V1.image)[:19]
+    for host, why in ((absent, "is not on this host"),
+                      (named, f"names another build, {v1_build}")):
+        decision = step_of(rollback.rollback(host, dry_run=True).plan,
+                           "start-slot").details["decision"]
+        assert f"no name on this host stays on its build {build}" in decision, decision
+        assert why in decision and f"the run records {latest} again" in decision, decision
+    rollback.rollback(named)
+    assert container_identity(stack, green).split()[0] == made  # started, not recreated
+    assert through_proxy(env) == ("green", V2.tag)
+    now = states.read_state(env.state_file)
+    assert now.current is not None and now.current.image == latest, now.current
+
+
+@pytest.mark.shape_specific
 def test_a_compose_file_naming_a_moving_tag_gets_the_version_recorded(
         stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """A compose file whose `image:` is `<repo>:latest` (no IMAGE_TAG): a rollback's recreate
