@@ -232,10 +232,14 @@ def compose_naming(env: Environment, tmp_path: Path, image: str, *,
 
 
 
-def running_from(env: Environment, tmp_path: Path, slot: Slot, image: str) -> None:
+def running_from(env: Environment, tmp_path: Path, slot: Slot, image: str, *,
+                 healthy: bool = True) -> None:
     """The slot's container made anew through compose from `image` (a name whose tag is no
-    version, e.g. `:latest`), running, as another tool's deploy leaves it."""
-    from runbook import compose
+    version, e.g. `:latest`), running, as another tool's deploy leaves it: answering healthy
+    on /health (a check right after `up` saw "health unreachable" and Caddy's 502 while the
+    app still started). `healthy` False: a build that rejects the schema (503) is not waited
+    for (the caller waits for its answer)."""
+    from runbook import compose, health
 
     where = tmp_path / f"made-{slot}"
     where.mkdir(parents=True)
@@ -243,6 +247,8 @@ def running_from(env: Environment, tmp_path: Path, slot: Slot, image: str) -> No
                                       "latest"))
     info = docker.inspect(env.slot(slot).container)
     assert (info.image, info.running) == (image, True), info
+    if healthy:
+        health.wait_healthy(env, slot, timeout=30)
 
 # --- hosts without Docker ---------------------------------------------------------------------
 

@@ -260,7 +260,7 @@ def test_a_running_target_made_from_a_moving_tag_that_rejects_the_schema_is_refu
     target = states.read_state(env.state_file).find_version(V1.tag)
     assert target is not None and target.image == V1.image, target
     latest = retag(scene_stack, request, V1.image, "togather-moving", tag="latest")
-    running_from(env, tmp_path, Slot.BLUE, latest)  # v1's build, as another tool started it
+    running_from(env, tmp_path, Slot.BLUE, latest, healthy=False)  # v1's build (another tool)
     assert rejects_the_schema(env, Slot.BLUE)  # the premise, asked of the app itself
     before = snapshot(env)
     with pytest.raises(RunbookError) as err:
