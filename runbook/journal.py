@@ -486,6 +486,19 @@ def past_records(env: Environment, *, but: str | None = None,
             yield data
 
 
+def record_of(env: Environment, run_id: str) -> dict[str, Any] | None:
+    """The run record of `run_id` (`<runs_dir>/<run_id>.json`, the one place the journal
+    writes it), or None when it is not there, cannot be read (another operator's, a FIFO, a
+    symlink) or is not that run's record of `env`."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id) or run_id.strip(".") == "":
+        return None  # a name, never a path out of runs_dir
+    try:
+        data = json.loads(files.read_regular(env.runs_dir / f"{run_id}.json", MAX_RECORD))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if is_record(data, env) and data.get("run_id") == run_id else None
+
+
 def _newest_first(folder: Path, but: str | None, *, strict: bool) -> list[Path]:
     """The `*.json` entries of `folder` but symlinks, newest first: by mtime, then by name
     (run ids sort by their start, and a coarse file clock gives quick runs the same mtime).

@@ -503,20 +503,21 @@ def restored_by(env: Environment, run_id: str) -> tuple[str, bool] | None:
     ssh session), the only pointer to that data."""
     from runbook import journal
 
-    for data in journal.past_records(env):
-        if data.get("run_id") != run_id:
-            continue
-        listed = data.get("steps")
-        steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
-                 if isinstance(s, dict) and s.get("status") != "planned"}
-        restore = steps.get("restore-database")
-        detail = (steps.get("safety-snapshot") or {}).get("detail")
-        detail = detail if isinstance(detail, dict) else {}
-        path = detail.get(EARLIER) or detail.get("safety_snapshot")
-        if restore is None or not isinstance(path, str) or not path:
-            return None
-        return path, restore.get("status") == "ok"
-    return None
+    # its own record alone (`<run_id>.json`): scanning for it read every record whenever it
+    # was not there (another operator's runs folder), on every `runbook status`
+    data = journal.record_of(env, run_id)
+    if data is None:
+        return None
+    listed = data.get("steps")
+    steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
+             if isinstance(s, dict) and s.get("status") != "planned"}
+    restore = steps.get("restore-database")
+    detail = (steps.get("safety-snapshot") or {}).get("detail")
+    detail = detail if isinstance(detail, dict) else {}
+    path = detail.get(EARLIER) or detail.get("safety_snapshot")
+    if restore is None or not isinstance(path, str) or not path:
+        return None
+    return path, restore.get("status") == "ok"
 
 
 

@@ -246,3 +246,35 @@ def test_snapshot_cleanup_reads_no_record_older_than_the_last_finished_restore(
     kept = snapshot_restore.kept_for_killed_restore(env)
     assert set(kept) == {SAFETY} and "cannot be read" in kept[SAFETY], kept
 
+
+# -- 5. status's pointer to a killed restore's safety snapshot reads that run's record only ----
+
+def test_restored_by_reads_the_interrupted_runs_own_record_and_no_other(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: `restored_by` (what `runbook status` names beside an interrupted
+    run) read every record when that run's was not among them (another operator's runs
+    folder): every status read all of them. It reads `<run_id>.json` alone: one file when
+    it is there, none when it is not, whatever else the folder holds."""
+    from runbook import files
+
+    killed = _killed_restore(env)
+    template = json.loads((env.runs_dir / f"{_refused_at_the_lock(env)}.json").read_text())
+    for n in range(300):  # newer than the killed run's: read first by a scan
+        path = env.runs_dir / f"rbk_{n:016x}_{'1' * 24}.json"
+        path.write_text(json.dumps(template | {"run_id": path.stem}))
+    reads: list[Path] = []
+    real = files.read_regular
+
+    def counted(path: Path, limit: int, **kwargs: bool) -> bytes:
+        reads.append(Path(path))
+        return real(path, limit, **kwargs)
+
+    monkeypatch.setattr(files, "read_regular", counted)
+    safety = str(env.database.snapshot_dir / SAFETY)
+    assert snapshot_restore.restored_by(env, killed) == (safety, False)
+    assert reads == [env.runs_dir / f"{killed}.json"], reads[:3]
+    reads.clear()
+    assert snapshot_restore.restored_by(env, "rbk_0123456789abcdef_0123456789abcdef01234567") \
+        is None
+    assert len(reads) <= 1, reads[:3]
+
