@@ -115,8 +115,19 @@ def _error(exc: RunbookError, default_fix: str) -> Problem:
 
 
 def state_unreadable(f: Facts) -> Iterator[Problem]:
-    if f.state_error is not None:
-        yield _error(f.state_error, f"fix {f.env.state_file}")
+    """A state file that cannot be read. Gone while an interrupted run waits (a rollback
+    killed at its commit, the file deleted since), its fix was "deploy first", which is
+    refused then (found by review): the command that finishes that run records it again."""
+    if f.state_error is None:
+        return
+    pending = f.intent
+    if pending is not None and not f.env.state_file.exists():
+        fix = _doubted_fix(f) or (
+            f"`{_unfinished_command(f, pending)}` finishes the interrupted run (see its "
+            "problem) and records the state file again; a deploy is refused until then")
+        yield Problem(f.state_error.message, fix)
+        return
+    yield _error(f.state_error, f"fix {f.env.state_file}")
 
 
 def container_unknown(f: Facts) -> Iterator[Problem]:
@@ -427,6 +438,20 @@ def _command(f: Facts, pending: intents.Intent) -> str:
         f" --to {pending.to_version}")  # a rollback: its target, never "the previous" again
 
 
+def _unfinished_command(f: Facts, pending: intents.Intent) -> str:
+    """What finishes the interrupted run `pending` (its target serves), or runs it again:
+    a restoring rollback killed before its restore began runs again with it."""
+    command = _command(f, pending)
+    if f.active is None or f.active != pending.target:
+        from runbook.restore_records import restoring_command
+        from runbook.snapshot_restore import killed_restore
+
+        began = killed_restore(f.env, None)
+        if began is None or began["run_id"] != pending.run_id:
+            command = restoring_command(_arg(f.env), pending) or command
+    return command
+
+
 def interrupted_run(f: Facts) -> Iterator[Problem]:
     if f.intent_error is not None:
         yield _error(f.intent_error, "see the journal in the logs directory")
@@ -457,14 +482,7 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         refused = finish.cannot_finish(f.env, pending, f.target_check)
         yield Problem(refused.message, refused.fix or "")
         return
-    command = _command(f, pending)
-    if not took:  # a restoring rollback killed before its restore began runs again with it
-        from runbook.restore_records import restoring_command
-        from runbook.snapshot_restore import killed_restore
-
-        began = killed_restore(f.env, None)
-        if began is None or began["run_id"] != pending.run_id:
-            command = restoring_command(_arg(f.env), pending) or command
+    command = _unfinished_command(f, pending)
     if not took and f.active is None:  # what runs is not known: never "did not move"
         why = ("Caddy's running config cannot be read" if f.traffic is None
                else "Caddy's running config names no single slot")

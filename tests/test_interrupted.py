@@ -1719,6 +1719,27 @@ def test_a_killed_rollback_whose_target_is_gone_from_the_state_file_writes_what_
     assert through_proxy(env) == ("green", V2.tag)
 
 
+def test_status_with_the_state_file_deleted_after_a_killed_rollback_names_its_finish(
+        stack: DrillStack) -> None:
+    """Found by review: with the state file deleted after a rollback killed (-9) at its
+    commit point, status's "the state file does not exist" said "deploy first", which is
+    refused while that run is unfinished. It names the command that finishes the run (which
+    records the state again), and that command does."""
+    env = arrange(stack)  # v3 serving from blue, v2 the previous, stopped on green
+    first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    env.state_file.unlink()
+    out = cli(env, "status", "--format", "json")
+    [found] = [p for p in json.loads(out.stdout)["problems"] if p["check"] == "state_unreadable"]
+    assert "deploy first" not in found["fix"], found
+    [command] = re.findall(r"`(runbook rollback [^`]*)`", found["fix"])
+    assert command == f"runbook rollback {env.source} --to {V2.tag}", found
+    done = cli(env, *command.split()[1:2], *command.split()[3:], "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert states.read_state(env.state_file).current.version == V2.tag
+    assert through_proxy(env) == ("green", V2.tag)
+
+
 def test_finishing_an_interrupted_switch_keeps_the_old_slot_running(stack: DrillStack) -> None:
     """A switch keeps the slot it left running (switching back is then immediate). Killed
     after its commit and finished by the same command, it stopped that slot: what the
