@@ -420,7 +420,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},
                 intent=intent, resume_command=f"runbook deploy {env.name} --version {version}",
-                replaces=old_record)
+                replaces=old_record, accepted_doubt=accepted)
 
 
 def _recorded_since(state: states.DeploymentState, intent: intents.Intent) -> bool:

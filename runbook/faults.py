@@ -6,7 +6,8 @@ environment `point()` returns at once, whatever the process environment says. A 
 reaches that point it sends itself the signal, as an operator or the OOM killer would.
 Points: `before:<step>` and `after:<step>` for every executed step, and inside the switch
 `switch.after-write`, `switch.after-reload`, `switch.after-verify`, and `state.before-rename`;
-inside a restore's replay `restore.mid-stream` and `restore.before-commit`.
+inside a restore's replay `restore.mid-stream` and `restore.before-commit`, and in its check,
+once a mismatch is in the run record, `restore.before-doubt-marker`.
 """
 
 from __future__ import annotations

@@ -333,6 +333,10 @@ class Journal:
         self._write_record()
         return step
 
+    def save(self) -> None:
+        """Write the record now, durably: what a step noted that a kill must not lose."""
+        self._write_record(durable=True)
+
     # -- the end --
 
     def finish(self, outcome: str, exit_code: int | ExitCode) -> Path:

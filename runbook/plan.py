@@ -34,6 +34,7 @@ from runbook import intent as intents
 from runbook.environment import Environment
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.redact import redact
+from runbook.restore_records import ACCEPT_FLAG, CLEARS_AT_START, clear_doubt
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
 
@@ -107,6 +108,9 @@ class StepContext:
     until_commit: Callable[[str], None] = lambda why: None
     # a few words beside "ok" when the title is not the whole truth ("left running")
     result: str | None = None
+    # write the notes so far into the run record now, durably: what a kill right after must
+    # not lose (the journal records them otherwise when the step ends)
+    keep: Callable[[], None] = lambda: None
 
     def stop_if_signalled(self) -> None:
         """Right before a step that holds signals makes its first change: a Ctrl-C that came
@@ -156,6 +160,9 @@ class Plan:
     # by an undo registered the moment it is overwritten, so every failure before the commit
     # (a signal or a lost lock right after the write included) leaves it for the next run
     replaces: intents.Intent | None = None
+    # the restore doubt this run overrides with --accept-restored-data (its warning): said
+    # when the run clears it, starting the app on that database (restore_records)
+    accepted_doubt: str | None = None
 
     def render(self) -> str:
         lines = [f"Plan: {self.summary}", f"Environment: {self.env.display}"
@@ -437,6 +444,14 @@ class _Execution:
         try:
             with self.journal.step(step.name, step.title) as record:
                 record.detail(phase=step.phase.value, **step.details)
+
+                def keep() -> None:
+                    record.detail(**{k: str(v) for k, v in ctx.notes.items()})
+                    self.journal.save()
+
+                ctx.keep = keep
+                if step.name in CLEARS_AT_START:
+                    self._clear_doubt(step)
                 try:
                     with self.signals.interruptible() if interruptible \
                             else contextlib.nullcontext():
@@ -467,6 +482,22 @@ class _Execution:
                 self._commit()  # undoes it (raised bare, it read "before any change")
             except Interrupted as exc:
                 raise self._rolled_back(exc) from None
+
+    def _clear_doubt(self, step: Step) -> None:
+        """A step that starts the app or changes the data (its record says it began, which
+        clears the doubt in the run records too): the restore doubt recorded beside the
+        state file is cleared, and the journal says so and why."""
+        accepted = f", as {ACCEPT_FLAG} accepted" if self.plan.accepted_doubt else ""
+        said = clear_doubt(self.env, f"the {self.plan.action} run {self.journal.run_id} "
+                                     f"starts the app on that database or changes it (its "
+                                     f"step \"{step.title}\"{accepted})")
+        if said is None:
+            return
+        message, cleared = said
+        self.journal.log("INFO" if cleared else "WARN", message, step=step.name)
+        if not cleared:
+            with contextlib.suppress(Exception):  # a closed terminal never stops a run
+                self.notice(message)
 
     def _commit(self) -> None:
         """The commit point: the switch is verified. A signal that arrived during the switch,

@@ -1,14 +1,18 @@
 """What a restore's run records say, read without the snapshot modules: a rollback that
 restores nothing plans without importing them (tests/test_speed.py), and it, a switch, a
 deploy and `runbook status` must still know when the last restore left a database that does
-not match its snapshot."""
+not match its snapshot. That doubt is also recorded beside the state file (`doubt_marker`),
+where every operator's run sees it: the run records are per user."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from runbook import files, times
 from runbook.environment import Environment
 from runbook.errors import PreconditionError
 
@@ -25,16 +29,120 @@ MISMATCH_FIX = "fix"
 ACCEPT_FLAG = "--accept-restored-data"
 # steps after which the app may have served, or the data changed (any verb's)
 SERVED_OR_CHANGED = {"start-slot", "migrate", "switch", "restore-database", "start-app-slots"}
+# those whose start clears the doubt recorded beside the state file (the executor's); a
+# restore clears it once its own check passes: a replay that rolled back left the database
+# the check doubted as it was
+CLEARS_AT_START = SERVED_OR_CHANGED - {"restore-database"}
+# verify-restore's detail once the doubt is recorded beside the state file: that file
+# decides from then on, and its absence means a later run cleared it (doubted_restore)
+MARKED = "doubt_marker"
+MARKER_LIMIT = 1 << 16  # the marker is a few hundred bytes; a larger file is not one
+
+
+def doubt_marker(env: Environment) -> Path:
+    """Where a restore whose check failed records it: beside the state file, as the h2c
+    marker (slots.held_marker) and the intent record, so every operator's run sees it. Only
+    in the run records (`~/.togather/runs`, per user, mode 0600), another operator's switch,
+    deploy or rollback (or sudo's) never saw it and started the app on that database."""
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{state.name}.{env.name}.restore-doubted.json")
+
+
+def record_doubt(env: Environment, doubted: dict[str, str]) -> str | None:
+    """Write the doubt (doubted_restore's keys) beside the state file, readable by every
+    operator (it holds no secret: masked anyway); None, or why it could not be written."""
+    from runbook.redact import redact
+
+    record = {"run_id": doubted["run_id"], "action": doubted["action"],
+              "check": doubted["check"], "problem": redact(doubted["problem"]),
+              "fix": redact(doubted["fix"]), "safety_snapshot": doubted["before"],
+              "restored_snapshot": doubted["target"], "at": times.format_utc(times.now())}
+    target = doubt_marker(env)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(target, json.dumps(record, indent=1).encode(), default_mode=0o644)
+    except OSError as exc:
+        return (f"the failed check could not be recorded in {target} ({exc.strerror or exc}): "
+                "only this operator's run records say it, so another operator's switch, "
+                "deploy or rollback would start the app on that database: tell them")
+    return None
+
+
+def _marked(env: Environment) -> dict[str, str] | None:
+    """The doubt recorded beside the state file, or None when there is none; a file there
+    that cannot be read is a PreconditionError naming it (fail closed: it says "do not start
+    the app")."""
+    target = doubt_marker(env)
+    try:
+        data: Any = json.loads(files.read_regular(target, MARKER_LIMIT))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        data, problem = None, why
+    else:
+        problem = "not a record of a restore's failed check"
+    if isinstance(data, dict) and all(isinstance(data.get(k), str) and data[k]
+                                      for k in ("run_id", "problem")):
+        def text(key: str) -> str:
+            value = data.get(key)
+            return value if isinstance(value, str) else ""
+
+        return {"run_id": text("run_id"), "action": text("action") or "restore",
+                "check": text("check") or "verify-restore", "problem": text("problem"),
+                "fix": text("fix"), "before": text("safety_snapshot"),
+                "target": text("restored_snapshot")}
+    raise PreconditionError(
+        f"{target}, which records whether the last restore left a database that does not "
+        f"match its snapshot, cannot be read ({problem})",
+        f"read it (`cat {shlex.quote(str(target))}`) and the restore runs' journals; restore "
+        f"a snapshot again (`runbook rollback {env.name} --restore-snapshot` or `runbook "
+        f"snapshot restore {env.name} <snapshot>`), which replaces that file, or, once you "
+        f"have checked the data, move it aside (`mv {shlex.quote(str(target))} "
+        f"{shlex.quote(str(target))}.checked`)")
+
+
+def clear_doubt(env: Environment, why: str) -> tuple[str, bool] | None:
+    """Remove the doubt recorded beside the state file, `why` (this run restored again and
+    its check passed; it starts the app on that database): (the journal's line, whether it
+    was removed), or None when there was none. Not removed (permissions), every later
+    switch, deploy and rollback is refused on it: the line says how to remove it."""
+    target = doubt_marker(env)
+    if not os.path.lexists(target):
+        return None
+    try:
+        doubted = _marked(env)
+    except PreconditionError:
+        doubted = None
+    what = (f"the restore doubt of the {doubted['action']} run {doubted['run_id']} "
+            f"({doubted['problem']})" if doubted is not None else "the restore doubt")
+    try:
+        target.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return (f"{what} recorded in {target} could not be cleared ({exc.strerror or exc}) "
+                f"although {why}: every later switch, deploy and rollback is refused on it; "
+                f"remove it (`rm {shlex.quote(str(target))}`)", False)
+    files.fsync_dir(target.parent)
+    return f"{what} recorded in {target} is cleared: {why}", True
 
 
 def doubted_restore(env: Environment, run_id: str | None = None) -> dict[str, str] | None:
     """The last restore, when the database it left did not match its snapshot (its check
     says "do not start the app on it") and no run since restored, migrated or started the
-    app (SERVED_OR_CHANGED): {run_id, action, problem, fix, before, target}. With the
-    terminal gone only its record says so, and `runbook status` and a rollback run again
-    (which would start the app on that database) must know (found by review)."""
+    app (SERVED_OR_CHANGED): {run_id, action, check, problem, fix, before, target}. With
+    the terminal gone only its records say so, and `runbook status` and a rollback run again
+    (which would start the app on that database) must know (found by review).
+    Read first beside the state file (`doubt_marker`; PreconditionError when that file
+    cannot be read), then in this operator's run records: a doubt recorded before that file
+    existed, or by a run killed before it wrote it. A record whose doubt went to that file
+    (MARKED) is decided by it: gone, a later run cleared it, maybe another operator's."""
     from runbook import journal
 
+    marked = _marked(env)
+    if marked is not None:
+        return marked
     for data in journal.past_records(env, but=run_id):
         listed = data.get("steps")
         steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
@@ -42,6 +150,8 @@ def doubted_restore(env: Environment, run_id: str | None = None) -> dict[str, st
         step = steps.get("verify-restore") or {}
         check = step.get("detail")
         if isinstance(check, dict) and isinstance(check.get(MISMATCH), str):
+            if check.get(MARKED):
+                return None  # recorded beside the state file, and cleared since
             safety = (steps.get("safety-snapshot") or {}).get("detail")
             safety = safety if isinstance(safety, dict) else {}
             return {"run_id": str(data.get("run_id")), "action": str(data.get("action")),
@@ -90,7 +200,18 @@ def refuse_doubted(env: Environment, dead: Intent | None, run_id: str, action: s
     the refusal is then the warning returned, for the plan (and so the journal) to say. A
     rollback has none (None): --force does not pass it, only a restore, which replaces that
     database whole, goes on. None when no restore is doubted."""
-    doubted = doubted_restore(env, run_id)
+    try:
+        doubted = doubted_restore(env, run_id)
+    except PreconditionError as exc:  # the record beside the state file cannot be read
+        if accept:
+            return (f"{exc.message}: overridden with {ACCEPT_FLAG}: this {action} starts the "
+                    "app on the restored database as it is")
+        fix = exc.fix or ""
+        if accept is not None:
+            fix += (f"; or, once you have checked that data and accept it as it is, run this "
+                    f"{action} again with {ACCEPT_FLAG}")
+        raise PreconditionError(f"{exc.message}: this {action} would start the app on the "
+                                "restored database; nothing was changed", fix) from None
     if doubted is None:
         return None
     found = (f"{doubted['problem']} (the check \"{doubted['check']}\" of the "

@@ -19,12 +19,16 @@ from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import NotPutBack, Plan, Skipped, Stays, Step, StepContext
 from runbook.restore_records import (
     EARLIER,
+    MARKED,
     MISMATCH,
     MISMATCH_FIX,
     SERVED_OR_CHANGED,
     TARGET,
+    clear_doubt,
+    doubt_marker,
     doubted_fix,
     doubted_restore,
+    record_doubt,
 )
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands, sessions
@@ -44,6 +48,9 @@ from runbook.times import format_utc as _fmt
 
 __all__ = ["doubted_fix", "doubted_restore", "kept_for_killed_restore", "prepare", "restore",
            "restore_steps", "restored_by", "start_step"]
+
+
+CHECK = "Verify schema_migrations and the row counts"  # verify-restore's title
 
 
 def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
@@ -248,8 +255,29 @@ def restore_steps(env: Environment, run: RestoreRun,
             fix = (exc.fix or "") + (f"; {before_restore()}" if killed else "")
             ctx.cannot_undo(down, fix)
             ctx.note(**{MISMATCH: exc.message, MISMATCH_FIX: fix})  # doubted_restore's
+            # in the run record before anything else: killed from here on, it still says so
+            ctx.keep()
+            ctx.fault("restore.before-doubt-marker")
+            safety = killed["safety"] if killed else str(run.safety.path) if run.safety else ""
+            unrecorded = record_doubt(env, {
+                "run_id": run_id or "?", "action": "rollback" if not standalone
+                else "snapshot-restore", "check": CHECK, "problem": exc.message, "fix": fix,
+                "before": safety, "target": str(snapshot.path)})
+            if unrecorded is None:
+                ctx.note(**{MARKED: str(doubt_marker(env))})
+            else:
+                ctx.note(doubt_not_recorded=unrecorded)
+                ctx.notice(unrecorded)
             exc.fix = None
             raise
+        # the database is the snapshot's, whole: a doubt a run before this one recorded
+        # beside the state file no longer holds
+        said = clear_doubt(env, f"this run restored {snapshot.name} again and its check "
+                                "passed")
+        if said is not None:
+            ctx.note(restore_doubt=said[0])
+            if not said[1]:
+                ctx.notice(said[0])
 
     recorded = snapshot.tables
     return [
@@ -309,7 +337,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                          if not standalone else
                          "so the run carries on to its end (the app started again)"),
         }, run=do_restore, hold_signals=True),
-        Step("verify-restore", "Verify schema_migrations and the row counts", {
+        Step("verify-restore", CHECK, {
             "expect": f"schema_migrations {verified.migration_version}; "
                       + (", ".join(f"{k} {v.rows}" for k, v in sorted(recorded.items()))
                          or "row counts not recorded"),

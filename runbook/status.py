@@ -73,6 +73,7 @@ class Facts:
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
     # the last restore left a database that does not match its snapshot (its check failed)
     doubted: dict[str, str] | None = None
+    doubted_error: RunbookError | None = None  # the record of that cannot be read
 
     @property
     def active(self) -> Slot | None:
@@ -404,8 +405,11 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
 
 def restore_doubted(f: Facts) -> Iterator[Problem]:
     """The last restore left a database that does not match its snapshot: its check said
-    "do not start the app on it", and only its run record still says so (found by review:
-    status then advised a rerun, a rollback or a switch, each starting the app on it)."""
+    "do not start the app on it", and only the record of it says so (beside the state file,
+    or in its run record; found by review: status then advised a rerun, a rollback or a
+    switch, each starting the app on it)."""
+    if f.doubted_error is not None:  # fail closed: every run that starts the app refuses
+        yield _error(f.doubted_error, "see the file named")
     fix = _doubted_fix(f, said=True)
     if f.doubted is not None and fix is not None:
         yield Problem(f"{f.doubted['problem']} (the check \"{f.doubted['check']}\" of the "
@@ -417,6 +421,9 @@ def _doubted_fix(f: Facts, said: bool = False) -> str | None:
     """While the restored database does not match its snapshot: the run's own fix (its
     check's) for the problem that says so (`said`), and for every other whose fix would
     start the app on it (a rerun, a rollback, a switch), a pointer to it: said once."""
+    if f.doubted is None and f.doubted_error is not None and not said:
+        return ("do not start the app on the restored database until the record of its "
+                "check can be read: see that problem")
     if f.doubted is None:
         return None
     if not said:
@@ -613,7 +620,10 @@ def collect(env: Environment) -> Facts:
             f.current_build = None  # not known: the names alone are compared
     from runbook.restore_records import doubted_restore
 
-    f.doubted = doubted_restore(env)
+    try:
+        f.doubted = doubted_restore(env)
+    except RunbookError as exc:
+        f.doubted_error = exc
     for slot, info in f.containers.items():
         try:
             record = slots.held_record(env, slot, info) if info is not None else None

@@ -152,7 +152,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 # its record (then clearing it) lost the one kept
                 intent=None if keeps else intent,
                 resume_command=f"runbook switch {env.name} --slot {target}",
-                replaces=repairing.intent if repairing is not None else old_record)
+                replaces=repairing.intent if repairing is not None else old_record,
+                accepted_doubt=accepted)
 
 
 def _recorded(env: Environment, state: states.DeploymentState, version: str, target: Slot,

@@ -2271,6 +2271,127 @@ def test_a_switch_or_deploy_after_a_restore_that_does_not_match_is_refused_unles
     assert warning in planned["plan"]["warnings"], planned
 
 
+def _operator(env: Environment, folder: Path) -> Environment:
+    """The same host as another operator sees it: another user's runs and logs folders (the
+    packaged files' `~/.togather/runs` is per user, its records mode 0600), the same state
+    file, Caddy and containers; written to its own environment file."""
+    other = dataclasses.replace(env, runs_dir=folder / "runs", log_dir=folder / "logs",
+                                source=folder / "other-operator.toml")
+    assert other.source is not None
+    other.source.write_text(envmod.to_toml(other))
+    return other
+
+
+def _doubt_marker(env: Environment) -> Path:
+    """Where the doubt is recorded beside the state file (the oracle: that folder's new
+    hidden file, found by listing it, never by the code's own path function)."""
+    folder = env.state_file.resolve().parent
+    return next(p for p in folder.iterdir() if p.name.startswith(".") and "doubt" in p.name)
+
+
+@pytest.mark.parametrize("command", [["switch", "--slot", "blue"],
+                                     ["deploy", "--version", VERSIONS["v1"].tag],
+                                     ["rollback", "--to", VERSIONS["v1"].tag]],
+                         ids=["switch", "deploy", "rollback"])
+def test_a_restore_that_does_not_match_is_refused_to_an_operator_with_another_runs_folder(
+        stack: DrillStack, tmp_path: Path, command: list[str]) -> None:
+    """Found by review: the guard read only the run records the operator running the next
+    command can read, in their own runs folder: after `sudo runbook rollback
+    --restore-snapshot` failed its check, another operator's plain switch, deploy or
+    rollback started the app on that database, exit 0. The doubt is recorded beside the
+    state file, readable by every operator: refused, exit 4, nothing changed; status says it
+    too. Accepted by that operator (--accept-restored-data), or the snapshot restored again
+    (a rollback has no such flag), the doubt is cleared (the journal says so), and the first
+    operator's status, whose records still hold the failed check, no longer says it."""
+    env = stack.env
+    _restored_but_not_matching(stack)
+    other = _operator(env, tmp_path)
+    before = _as_it_was(stack)
+    refused = cli(other, *command, "--yes")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == int(ExitCode.PRECONDITION), said
+    [error] = [line for line in said.splitlines() if line.startswith("runbook: error:")]
+    assert "does not match the snapshot" in error, error
+    assert f"this {command[0]} would start the app on it; nothing was changed" in error
+    assert _as_it_was(stack) == before
+    marker = _doubt_marker(env)
+    assert marker.stat().st_mode & 0o044 == 0o044, oct(marker.stat().st_mode)  # others read it
+    out = cli(other, "status", "--format", "json")
+    assert any("does not match the snapshot" in p["problem"]
+               for p in json.loads(out.stdout)["problems"]), out.stdout
+    if command[0] == "rollback":  # it has no flag: a restore again, its check passing, lifts it
+        import shlex
+
+        [again] = re.findall(r"`runbook rollback \S+ (--to [^`]*--restore-snapshot[^`]*)`",
+                             said)
+        ran = cli(other, "rollback", *shlex.split(again), "--yes")
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+        assert not marker.exists()
+        mine = cli(env, "status", "--format", "json")
+        assert not any("does not match the snapshot" in p["problem"]
+                       for p in json.loads(mine.stdout)["problems"]), mine.stdout
+        return
+    ran = cli(other, *command, "--accept-restored-data", "--yes", "--format", "json")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert not marker.exists()
+    journal = [json.loads(line)["message"]
+               for line in Path(json.loads(ran.stdout)["log_file"]).read_text().splitlines()]
+    assert any(str(marker) in m and "cleared" in m and "--accept-restored-data" in m
+               for m in journal), journal
+    mine = cli(env, "status", "--format", "json")
+    assert not any("does not match the snapshot" in p["problem"]
+                   for p in json.loads(mine.stdout)["problems"]), mine.stdout
+
+
+def test_a_restore_doubt_that_cannot_be_read_refuses_and_says_why(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Fail closed: a doubt recorded beside the state file that cannot be read (here not
+    JSON: a torn or hand-edited file) refuses another operator's switch, exit 4, nothing
+    changed, naming the file and the way out; status says the same, never "no problems"."""
+    env = stack.env
+    _restored_but_not_matching(stack)
+    marker = _doubt_marker(env)
+    marker.write_text("{not json")
+    other = _operator(env, tmp_path)
+    before = _as_it_was(stack)
+    refused = cli(other, "switch", "--slot", "blue", "--yes")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == int(ExitCode.PRECONDITION), said
+    [error] = [line for line in said.splitlines() if line.startswith("runbook: error:")]
+    assert str(marker) in error and "cannot be read" in error, error
+    assert "--restore-snapshot" in said or "snapshot restore" in said, said
+    assert _as_it_was(stack) == before
+    out = cli(other, "status", "--format", "json")
+    [found] = [p for p in json.loads(out.stdout)["problems"] if str(marker) in p["problem"]]
+    assert found["fix"], found
+
+
+def test_a_restore_killed_before_its_doubt_is_recorded_is_still_refused(
+        stack: DrillStack) -> None:
+    """Crash safety: a rollback whose restored row counts differ from the snapshot's (its
+    sidecar records one row more per table), killed (-9) after its check failed and before
+    the doubt is written beside the state file, still leaves the failed check in its run
+    record: the next switch of the same operator is refused, exit 4."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    for meta in env.database.snapshot_dir.glob("*.meta.json"):
+        data = json.loads(meta.read_text())
+        data["tables"] = {k: v | {"rows": v["rows"] + 1} for k, v in data["tables"].items()}
+        meta.write_text(json.dumps(data))
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="restore.before-doubt-marker:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    folder = env.state_file.resolve().parent
+    assert not [p for p in folder.iterdir() if "doubt" in p.name]
+    refused = cli(env, "switch", "--slot", "blue", "--yes")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == int(ExitCode.PRECONDITION), said
+    assert "does not match the snapshot" in said, said
+    assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
+
+
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
         stack: DrillStack) -> None:
     """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`

@@ -247,6 +247,7 @@ def test_snapshot_cleanup_reads_no_record_older_than_the_last_finished_restore(
     assert set(kept) == {SAFETY} and "cannot be read" in kept[SAFETY], kept
 
 
+
 # -- 5. status's pointer to a killed restore's safety snapshot reads that run's record only ----
 
 def test_restored_by_reads_the_interrupted_runs_own_record_and_no_other(
@@ -278,3 +279,18 @@ def test_restored_by_reads_the_interrupted_runs_own_record_and_no_other(
         is None
     assert len(reads) <= 1, reads[:3]
 
+
+def test_a_doubt_recorded_beside_the_state_file_that_cannot_be_read_refuses_a_rollback(
+        env: Environment) -> None:
+    """Fail closed: the file beside the state file that records a restore's failed check,
+    when it cannot be read (not JSON), refuses a rollback (exit 4, naming the file), even
+    with no run record of that restore in this operator's runs folder."""
+    folder = env.state_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".{env.state_file.name}.{env.name}.restore-doubted.json"
+    marker.write_text("{torn")
+    with pytest.raises(PreconditionError) as refused:
+        rollback.rollback(env, rollback.Options(reason="after the failed check"))
+    assert str(marker) in refused.value.message, refused.value
+    assert "cannot be read" in refused.value.message, refused.value
+    assert refused.value.fix, refused.value
