@@ -1625,15 +1625,9 @@ def test_a_rollback_that_restores_names_the_restored_and_the_safety_snapshot_in_
             assert pre[0].name in done.stdout, done.stdout
 
 
-@pytest.mark.shape_specific
-def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapshot(
-        stack: DrillStack, tmp_path: Path) -> None:
-    """The shell tooling records no migration version, in the state or the sidecar: the
-    newest snapshot (a manual one at the current schema) must never be the automatic choice."""
-    import time
-
-    from runbook import snapshots
-
+def tooling_recorded_v2(stack: DrillStack) -> tuple[Path, Path, dict[str, Any]]:
+    """v2 deployed over v1 as the deploy script records it: no migration version in the
+    state file or in v2's pre-deploy sidecar. (the dump, its sidecar, the sidecar's keys)"""
     if stack.has("docker-run"):
         pytest.skip("the docker-run host's own deploy writes the sidecar this test rewrites")
     stack.reset()
@@ -1647,9 +1641,24 @@ def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapsh
     sidecar.write_text(json.dumps(meta))
     st = states.read_state(env.state_file)
     assert st.previous is not None and st.current is not None
-    assert meta["deployment_id"] == st.current.id
     states.write_state(env.state_file, dataclasses.replace(
         st, previous=st.previous.with_(migration_version=None)))
+    return pre, sidecar, meta
+
+
+@pytest.mark.shape_specific
+def test_an_unknown_target_schema_restores_only_its_successors_pre_deploy_snapshot(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """The shell tooling records no migration version, in the state or the sidecar: the
+    newest snapshot (a manual one at the current schema) must never be the automatic choice."""
+    import time
+
+    from runbook import snapshots
+
+    pre, sidecar, meta = tooling_recorded_v2(stack)
+    env = stack.env
+    st = states.read_state(env.state_file)
+    assert st.current is not None and meta["deployment_id"] == st.current.id
     stack.docker("stop", env.slot(Slot.BLUE).container)  # no running v1 to ask /health
     time.sleep(1.1)  # snapshot names carry seconds
     manual = snapshots.create(env, "manual")
@@ -1684,21 +1693,8 @@ def test_a_restore_plan_on_a_tooling_host_reads_the_pre_deploy_dump_in_full_once
     run's replay streams the file again and checks it against that read."""
     from tests.drill_checks import settled
 
-    if stack.has("docker-run"):
-        pytest.skip("the docker-run host's own deploy writes the sidecar this test rewrites")
-    stack.reset()
-    deploy_to(stack, stack.env, "v2")  # pre-deploy snapshot at schema 1, then migration 2
+    pre, _, _ = tooling_recorded_v2(stack)
     env = stack.env
-    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
-    sidecar = pre.with_name(pre.name.replace(".sql.gz", ".meta.json"))
-    meta = json.loads(sidecar.read_text())
-    for key in ("migration_version", "sha256", "tables", "dirty"):
-        meta.pop(key, None)  # what scripts/ write: the contract's keys only
-    sidecar.write_text(json.dumps(meta))
-    st = states.read_state(env.state_file)
-    assert st.previous is not None and st.current is not None
-    states.write_state(env.state_file, dataclasses.replace(
-        st, previous=st.previous.with_(migration_version=None)))
     settled(pre)  # as old as a host's pre-deploy dump is when a rollback needs it
     dry = rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
     shown = dry.plan.render()
