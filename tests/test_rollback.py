@@ -1154,6 +1154,22 @@ def test_a_standby_made_from_a_moving_tag_is_started_and_its_version_recorded(
     assert seen["slots"]["green"]["version"] == V2.tag, seen["slots"]["green"]
 
 
+def recorded_moving_tag(stack: DrillStack, request: pytest.FixtureRequest,
+                        tmp_path: Path) -> tuple[Environment, str, str, str]:
+    """Two deployments; green (v2, the previous) made from a moving tag naming v2's build,
+    which the state file, as earlier versions wrote it, records as v2's image. (env, green's
+    container, the tag, the made container's id)"""
+    if docker_run_host(stack):
+        pytest.skip("the standby is made through compose; a docker-run host has none")
+    env = two_deployments(stack)
+    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
+    made = made_from(stack, env, tmp_path, Slot.GREEN, latest)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None and st.previous.version == V2.tag
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=latest)))
+    return env, env.slot(Slot.GREEN).container, latest, made
+
+
 @pytest.mark.shape_specific
 def test_a_recorded_moving_tag_is_recorded_again_by_its_version(
         stack: DrillStack, request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -1162,15 +1178,7 @@ def test_a_recorded_moving_tag_is_recorded_again_by_its_version(
     container still holds the build that ran, so it is started, and the versioned name,
     which names that build, is recorded in place of the tag (the record says what runs
     again). Oracles: Docker, the state file read back."""
-    if docker_run_host(stack):
-        pytest.skip("the standby is made through compose; a docker-run host has none")
-    env = two_deployments(stack)
-    green = env.slot(Slot.GREEN).container
-    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
-    made = made_from(stack, env, tmp_path, Slot.GREEN, latest)
-    st = states.read_state(env.state_file)
-    assert st.previous is not None and st.previous.version == V2.tag
-    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=latest)))
+    env, green, latest, made = recorded_moving_tag(stack, request, tmp_path)
     stack.docker("tag", V3.image, latest)  # moved on since
     dry = rollback.rollback(env, dry_run=True)
     assert dry.plan.facts["container_action"] == "start", dry.plan.render()
@@ -1194,15 +1202,7 @@ def test_a_recorded_moving_tag_with_no_versioned_name_for_its_build_is_said_in_t
     on that build, so the run records the tag again. The README promised it never would and
     the plan said nothing of it. Now the plan says the tag is recorded again and why, and
     the README says when. Oracles: Docker, the state file read back."""
-    if docker_run_host(stack):
-        pytest.skip("the standby is made through compose; a docker-run host has none")
-    env = two_deployments(stack)
-    green = env.slot(Slot.GREEN).container
-    latest = retag(stack, request, V2.image, "togather-moving", tag="latest")
-    made = made_from(stack, env, tmp_path, Slot.GREEN, latest)
-    st = states.read_state(env.state_file)
-    assert st.previous is not None and st.previous.version == V2.tag
-    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=latest)))
+    env, green, latest, made = recorded_moving_tag(stack, request, tmp_path)
     other = retag(stack, request, V1.image, "togather-other", tag=V2.tag)  # v1's build
     absent = env.with_(compose=dataclasses.replace(
         env.compose, image_repository=f"{other.rsplit(':', 1)[0]}-absent"))
