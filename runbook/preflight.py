@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runbook import caddy, database, docker
+from runbook import caddy, database, docker, procs
 from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.environment.schema import SUDO_VALUED
 from runbook.errors import PreconditionError, RunbookError
@@ -417,6 +417,9 @@ def image_path(image: str) -> list[str]:
 
 
 CHECK_LABEL = "com.togather.runbook.check"  # on the container the migrate check creates
+# who created it: a run killed past its atexit (SIGKILL) left it, and the next check removes
+# it only when that process (pid and start time, on this boot) is gone, never a live run's
+CREATOR_LABELS = (f"{CHECK_LABEL}.pid", f"{CHECK_LABEL}.start", f"{CHECK_LABEL}.boot")
 _checking: set[str] = set()  # its containers not removed yet: at exit, Ctrl-C included
 _checking_lock = threading.Lock()
 
@@ -437,25 +440,71 @@ def _remove_checks() -> None:
 atexit.register(_remove_checks)
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _creator() -> tuple[str, str, str]:
+    """This process as CREATOR_LABELS record it: pid, /proc start time, boot id."""
+    pid = os.getpid()
+    return str(pid), str(procs.pid_start(pid) or ""), _boot_id()
+
+
+def sweep_checks() -> list[str]:
+    """Remove the check containers whose creator is gone (its pid with its start time not
+    running on this boot); returns their names. One of another boot is kept: a Docker daemon
+    shared with another host may be that host's live run; one without the labels too."""
+    boot = _boot_id()
+    fmt = "\t".join(["{{.Names}}", *(f'{{{{.Label "{label}"}}}}' for label in CREATOR_LABELS)])
+    try:
+        listed = subprocess.run(["docker", "ps", "-a", "--filter",
+                                 f"label={CHECK_LABEL}=migrate-command", "--format", fmt],
+                                capture_output=True, text=True, check=False, timeout=_TIMEOUT,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    swept: list[str] = []
+    for line in listed.stdout.splitlines() if listed.returncode == 0 else []:
+        name, pid, start, made_on = [*line.split("\t"), "", "", ""][:4]
+        if not boot or made_on != boot or not pid.isdigit() or not start.isdigit():
+            continue
+        if procs.pid_alive(int(pid), int(start)):
+            continue
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            gone = subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True,
+                                  check=False, timeout=_TIMEOUT, stdin=subprocess.DEVNULL)
+            if gone.returncode == 0:
+                swept.append(name)
+    return swept
+
+
 def migrate_path(env: Environment, image: str) -> str:
     """The migrate command's program exists in the image the new slot will run.
 
     Docker reads no file of an image without a container: one is created from it (never
     started: nothing runs), named `runbook-migrate-check-<pid>-<random>` and labelled
     CHECK_LABEL so it is recognised, removed at once, and at exit when interrupted; the plan
-    says so (a dry run creates it too)."""
+    says so (a dry run creates it too), without the name, which differs in every process.
+    Those a killed run left are removed first (`sweep_checks`), and the detail says so."""
     program = env.migrate_command[0]
     candidates = [program] if program.startswith("/") else [
         f"{d.rstrip('/')}/{program}" for d in image_path(image)]
+    swept = sweep_checks()
     name = f"runbook-migrate-check-{os.getpid()}-{secrets.token_hex(3)}"
+    labels = [f"{CHECK_LABEL}=migrate-command",
+              *(f"{label}={value}" for label, value in zip(CREATOR_LABELS, _creator(),
+                                                            strict=True))]
     with _checking_lock:
         _checking.add(name)
     # the id is docker's stdout; its stderr may carry a warning (another platform's image,
     # DOCKER_HOST beside a context) that was taken for the id: deploy refused, and the real
     # container left behind
     try:
-        made = subprocess.run(["docker", "create", "--name", name, "--label",
-                               f"{CHECK_LABEL}=migrate-command", image],
+        made = subprocess.run(["docker", "create", "--name", name,
+                               *(arg for label in labels for arg in ("--label", label)), image],
                               capture_output=True, text=True, timeout=_TIMEOUT, check=False,
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -468,14 +517,16 @@ def migrate_path(env: Environment, image: str) -> str:
         said = [ln for ln in made.stderr.splitlines() if ln.strip()] or ["no output"]
         raise PreconditionError(f"pre-flight: cannot inspect {image} for the migrate command: "
                                 f"{said[-1].strip()}", "check `docker images`")
-    how = f"(looked up in {name}, a container created from it, never started, and removed)"
+    how = "(looked up in a temporary container created from it: never started, removed at exit)"
+    left = (f"; removed the check container(s) a killed run left: {', '.join(swept)}"
+            if swept else "")
     try:
         for path in candidates:
             proc = subprocess.run(["docker", "cp", f"{cid}:{path}", "-"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   check=False, timeout=60)
             if proc.returncode == 0:
-                return f"{' '.join(env.migrate_command)}: {path} is in {image} {how}"
+                return f"{' '.join(env.migrate_command)}: {path} is in {image} {how}{left}"
     finally:
         subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, check=False,
                        timeout=_TIMEOUT)

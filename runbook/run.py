@@ -10,6 +10,7 @@ run (snapshot create and cleanup, unlock) still write the log, through `journale
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,25 +55,65 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
     """Plan (under the lock) and execute; a dry run plans without lock and changes nothing."""
     run_id = journals.new_run_id(action)
     if dry_run:
-        # judged as taking it would judge it (the real run stops there, exit 3): read only as
-        # "held", a live holder's lock gave a normal plan while the real run was refused
-        if (refused := locks.refusal(env)) is not None:
-            raise refused
-        plan = _with_room(env, build(run_id))
-        if (refused := locks.refusal(env)) is not None:  # taken while this one planned
-            raise refused
-        held = locks.status(env)
-        # no refusal: taking it takes any lock there over (a dead holder's, a half-written one)
-        now = ("free" if held is None else f"{held.describe()}: would be taken over"
-               + (f" ({held.why})" if held.stealable else ""))
-        plan.steps.insert(0, Step("lock", "Take the deploy lock",
-                                  {"path": str(env.lock_path), "now": now},
-                                  phase=Phase.PREFLIGHT))
-        return RunResult(plan, run_id, dry_run=True)
+        with _dry_signals():
+            return _dry_run(env, build, run_id)
     signals = Signals()
     with signals.installed():
         return _perform(env, action, build, run_id, reason, confirm, progress,
                         notify or (lambda message: None), signals)
+
+
+class DryRunSignal(SystemExit):
+    """SIGTERM or SIGHUP ending a dry run as Ctrl-C does (typer makes that exit 130, with the
+    atexit clean-up): the process exits 128 + the signal's number, through cli._leave."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _dry_signals() -> Iterator[None]:
+    """A dry run stopped by SIGTERM or a dropped session (SIGHUP) leaves as from Ctrl-C, so
+    the atexit clean-up runs (its check container, Caddy's candidate file); their default
+    ended the process at once and left them. A hangup the run was started to ignore (nohup)
+    stays ignored, as in a real run (plan.Signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only delivered to the main thread anyway
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise DryRunSignal(signum)
+
+    previous: dict[signal.Signals, Any] = {}
+    for handled in (signal.SIGTERM, signal.SIGHUP):
+        if handled == signal.SIGHUP and signal.getsignal(handled) is signal.SIG_IGN:
+            continue
+        previous[handled] = signal.signal(handled, stop)
+    try:
+        yield
+    finally:
+        for handled, was in previous.items():
+            signal.signal(handled, was)
+
+
+def _dry_run(env: Environment, build: Callable[[str], Plan], run_id: str) -> RunResult:
+    """The plan as the real run would make it, with no lock taken and nothing changed."""
+    # judged as taking it would judge it (the real run stops there, exit 3): read only as
+    # "held", a live holder's lock gave a normal plan while the real run was refused
+    if (refused := locks.refusal(env)) is not None:
+        raise refused
+    plan = _with_room(env, build(run_id))
+    if (refused := locks.refusal(env)) is not None:  # taken while this one planned
+        raise refused
+    held = locks.status(env)
+    # no refusal: taking it takes any lock there over (a dead holder's, a half-written one)
+    now = ("free" if held is None else f"{held.describe()}: would be taken over"
+           + (f" ({held.why})" if held.stealable else ""))
+    plan.steps.insert(0, Step("lock", "Take the deploy lock",
+                              {"path": str(env.lock_path), "now": now},
+                              phase=Phase.PREFLIGHT))
+    return RunResult(plan, run_id, dry_run=True)
 
 
 def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id: str,

@@ -1454,7 +1454,10 @@ def test_a_dry_run_interrupted_in_the_migrate_check_leaves_no_container(
     assert env.migrate_command
     dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
     said = step_of(dry.plan, "preflight").details["migrate command"]
-    assert "runbook-migrate-check-" in said and "never started" in said, said
+    # the same words in every process, so a dry run's plan equals the real run's (found by
+    # review: the per-process container name made them differ)
+    assert "a temporary container" in said and "never started" in said, said
+    assert "runbook-migrate-check-" not in said, said
     real, created, reached = shutil.which("docker"), tmp_path / "created", tmp_path / "reached"
     fake = tmp_path / "bin" / "docker"
     fake.parent.mkdir()
@@ -1488,6 +1491,151 @@ exec {real} "$@"
             proc.kill()
         for cid in (created.read_text().split() if created.exists() else []):
             stack.docker("rm", "-f", "-v", cid, check=False)
+
+
+def check_containers(stack: DrillStack) -> list[str]:
+    """The names of the containers the migrate check labels as its own."""
+    listed = stack.docker("ps", "-a", "--filter",
+                          "label=com.togather.runbook.check=migrate-command", "--format",
+                          "{{.Names}}")
+    return listed.stdout.split()
+
+
+def caddy_temps(env: Environment) -> list[str]:
+    return sorted(p.name for p in env.caddy.caddyfile.parent.glob(".Caddyfile.runbook-*"))
+
+
+@pytest.mark.shape_specific
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_dry_run_ended_by_sigterm_or_sighup_in_the_migrate_check_leaves_nothing(
+        stack: DrillStack, signame: str, tmp_path: Path) -> None:
+    """Found by review: a dry run installed no handler, so SIGTERM (or a dropped ssh session's
+    SIGHUP) while the check container existed ended the process without its atexit clean-up,
+    and the container stayed `Created` for ever. Now it leaves as from Ctrl-C, exit 128+n.
+    The docker CLI here is a stand-in that runs the real one and holds in `docker cp`, so the
+    signal surely lands while the container exists."""
+    import shutil
+    import signal
+
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: deploy refuses before pre-flight")
+    env = two_deployments(stack)  # v3 serves from blue: a deploy of v2 goes to green
+    assert env.source is not None and env.migrate_command
+    signum = getattr(signal, signame)
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = cp ]; then sleep 20; exit 1; fi
+exec {shutil.which("docker")} "$@"
+""")
+    fake.chmod(0o755)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "deploy", str(env.source), "--version", V2.tag,
+         "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    mine = f"runbook-migrate-check-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 60
+        while (proc.poll() is None and time.monotonic() < deadline
+               and not any(n.startswith(mine) for n in check_containers(stack))):
+            time.sleep(0.02)
+        assert proc.poll() is None, ("ended before its check container was seen",
+                                     proc.communicate(timeout=30))
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signum, (proc.returncode, out, err)
+        assert not [n for n in check_containers(stack) if n.startswith(mine)]
+        assert caddy_temps(env) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for name in check_containers(stack):
+            if name.startswith(mine):
+                stack.docker("rm", "-f", "-v", name, check=False)
+
+
+@pytest.mark.shape_specific
+def test_the_migrate_check_sweeps_the_containers_of_dead_runs_only(stack: DrillStack) -> None:
+    """Found by review: a check container a killed run left (SIGKILL: no clean-up can run) was
+    never removed, and `runbook status` did not say. The next check removes those whose
+    creator (pid and start time, on this boot) is gone, and says so; a live run's is kept,
+    and one made on another boot (another host sharing the Docker daemon) too."""
+    from runbook import procs
+
+    if docker_run_host(stack):
+        pytest.skip("a docker-run host has no compose: deploy refuses before pre-flight")
+    env = two_deployments(stack)
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_start = procs.pid_start(gone.pid)
+    gone.wait(timeout=30)
+    assert gone_start is not None and not procs.pid_alive(gone.pid, gone_start)
+    me = os.getpid()
+    made = {"dead": (gone.pid, gone_start, boot), "live": (me, procs.pid_start(me), boot),
+            "other-boot": (gone.pid, gone_start, "0" * 8 + boot[8:])}
+    names = {what: f"runbook-migrate-check-test-{what}-{time.monotonic_ns()}" for what in made}
+    try:
+        for what, (pid, start, made_on) in made.items():
+            stack.docker("create", "--name", names[what],
+                         "--label", "com.togather.runbook.check=migrate-command",
+                         "--label", f"com.togather.runbook.check.pid={pid}",
+                         "--label", f"com.togather.runbook.check.start={start}",
+                         "--label", f"com.togather.runbook.check.boot={made_on}", V2.image)
+        dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+        left = check_containers(stack)
+        assert names["dead"] not in left
+        assert names["live"] in left and names["other-boot"] in left, left
+        said = step_of(dry.plan, "preflight").details["migrate command"]
+        assert f"a killed run left: {names['dead']}" in said, said
+        assert [n for n in left if n.startswith(f"runbook-migrate-check-{me}-")] == []
+    finally:
+        for name in names.values():
+            stack.docker("rm", "-f", "-v", name, check=False)
+
+
+@pytest.mark.shape_specific
+def test_a_dry_run_ended_by_sigterm_in_caddy_validation_leaves_no_temp_file(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: with reload = caddy-reload (or systemctl) the candidate Caddyfile is
+    validated from a hidden temp file beside the Caddyfile, in a probe thread whose `finally`
+    never runs when the process leaves (os._exit): SIGTERM, SIGHUP, even Ctrl-C there left
+    it. The `[caddy] command` here is a stand-in that holds in `validate`, then runs Caddy."""
+    import signal
+
+    env = two_deployments(stack)
+    reached = tmp_path / "reached"
+    wrapper = tmp_path / "caddy"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'if [ "$1" = validate ]; then touch {reached}; sleep 20; fi\n'
+                       f'exec {" ".join(env.caddy.command)} "$@"\n')
+    wrapper.chmod(0o755)
+    source = tmp_path / "environment.toml"
+    shaped = env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD, command=(str(wrapper),)),
+        source=source)
+    source.write_text(envmod.to_toml(shaped))
+    assert caddy_temps(env) == []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runbook.cli", "rollback", str(source), "--dry-run"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reached.exists(), proc.communicate(timeout=30)
+        assert [n for n in caddy_temps(env) if "runbook-validate-" in n]  # the window is hit
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out, err)
+        assert caddy_temps(env) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for name in caddy_temps(env):
+            (env.caddy.caddyfile.parent / name).unlink(missing_ok=True)
 
 
 @pytest.mark.any_shape

@@ -3,11 +3,13 @@ runs, and verify through the proxy who answers. Every call is bounded in time.""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,12 +87,33 @@ def _tail(output: str, lines: int = 12) -> str:
     return "\n    ".join(kept) if kept else "(no output)"
 
 
+_temps: set[Path] = set()  # the sibling temp files not removed yet: at exit, a signal's too
+_temps_lock = threading.Lock()
+
+
+def _remove_temps() -> None:
+    """At exit, the temp files a probe thread was still using: a signal while it ran ends the
+    process (cli._leave: os._exit after the atexit functions), never its `finally`."""
+    with _temps_lock:
+        left = sorted(_temps)
+        _temps.clear()
+    for tmp in left:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+atexit.register(_remove_temps)
+
+
 @contextlib.contextmanager
 def _sibling_temp(path: Path, tag: str) -> Iterator[tuple[int, Path]]:
-    """A hidden temp file beside `path` (Caddy's `import` globs skip dot files), always removed."""
+    """A hidden temp file beside `path` (Caddy's `import` globs skip dot files), always removed:
+    here, or at exit when the process ends first."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.runbook-{tag}-",
                                 suffix=".tmp")
     tmp = Path(name)
+    with _temps_lock:
+        _temps.add(tmp)
     try:
         yield fd, tmp
     finally:
@@ -98,6 +121,8 @@ def _sibling_temp(path: Path, tag: str) -> Iterator[tuple[int, Path]]:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        with _temps_lock:
+            _temps.discard(tmp)
 
 
 def _write_fd(fd: int, tmp: Path, data: bytes, like: Path) -> None:
