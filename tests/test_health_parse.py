@@ -707,6 +707,9 @@ def test_a_gate_that_only_ever_got_an_oversized_body_says_so_at_its_deadline() -
         httpd.shutdown()
         httpd.server_close()
     message = str(err.value)
-    said, _, then = message.partition("(then:")
+    said, cut, then = message.partition("(then:")
     assert f"a body larger than {bounded_http.MAX_BODY} bytes" in said, message
-    assert "did not finish" in then, message  # the last probe's own failure, after it
+    # the last probe's own failure, after it, when the deadline cut it short (nearly always;
+    # on a loaded machine the last probe may read past 1 MiB in time, and then says the same)
+    assert ("did not finish" in then) if cut else \
+        message.count(f"larger than {bounded_http.MAX_BODY}") == 1, message
