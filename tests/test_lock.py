@@ -239,7 +239,10 @@ def test_a_state_file_that_keeps_changing_unreadable_refuses_the_lock(env: Envir
         n = 0
         while not stop.is_set():
             n += 1
-            env.state_file.write_text('{"environment": "production", "lock": {"loc' + "k" * n)
+            # in place and growing, never truncated: two reads 0.5 s apart never both catch
+            # an emptied file (under load they did, and read as one unchanged corrupt file)
+            with env.state_file.open("r+") as fh:
+                fh.write('{"environment": "production", "lock": {"loc' + "k" * n)
             wrote.set()
             time.sleep(0.02)
 
