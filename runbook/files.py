@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -90,6 +91,26 @@ def flock_within(fd: int, timeout: float, poll: float) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(poll)
+
+
+def owner_name(uid: int) -> str:
+    """`name (uid N)` for a message that says whose a file is; `uid N` with no account."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def set_dir_mode(path: Path, mode: int) -> os.stat_result:
+    """Give the directory just made at `path` its `mode` whatever the umask, and return what
+    it is (for its identity). Through a descriptor opened without following a symlink: in a
+    shared folder, `chmod` by name could change whatever was swapped in under that name."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 class NotAFile(OSError):

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -1980,3 +1981,89 @@ def test_unlock_of_a_shown_state_file_lock_refuses_another(env: Environment,
     with pytest.raises(LockedError, match="changed while the prompt waited"):
         unlock(env, shown=shown)
     assert path.is_dir()
+
+
+# --- review of 2026-12-05 (perms): a lock and its guard made under umask 077 ----------------
+
+
+def _shared_host(shared_dir: Path) -> Environment:
+    """A host whose lock folder is sticky and open to all (as /tmp) and whose state folder
+    every deploying user may write, as on a host where several operators deploy."""
+    env = host_env(shared_dir)
+    env.state_file.parent.mkdir()
+    env.state_file.parent.chmod(0o777)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    env.state_file.chmod(0o666)
+    env.lock_dir.mkdir()
+    env.lock_dir.chmod(0o1777)
+    return env
+
+
+def _as_deploy(shared_dir: Path, code: str) -> Any:
+    """`code` run as uid 1000 (another operator) on _shared_host's files; its JSON answer.
+    `attempt(act)` gives ['done', what act returned] or [exit code, message, fix]."""
+    imports = ("import json, sys\nfrom pathlib import Path\nfrom runbook import lock\n"
+               "from runbook.errors import RunbookError\n"
+               "import encodings.utf_8_sig\nfrom tests.drill_checks import host_env\n"
+               "env = host_env(Path(sys.argv[1]))\n"
+               "def attempt(act):\n"
+               "    try:\n"
+               "        return ['done', act()]\n"
+               "    except RunbookError as exc:\n"
+               "        return [int(exc.exit_code), exc.message, exc.fix]\n")
+    return json.loads(as_deploy_user([], imports, code, str(shared_dir)))
+
+
+@needs_root
+def test_a_lock_taken_under_umask_077_names_its_holder_to_every_other_operator(
+        shared_dir: Path) -> None:
+    """Found by review: under umask 077 (root's cron, Ansible) the lock directory was 0700:
+    no other operator could read its holder.json, and each was told the lock was held by
+    "the shell tooling (no holder recorded)", dated by the directory's mtime, its holder's
+    pid never checked. The directory's mode no longer depends on the umask."""
+    env = _shared_host(shared_dir)
+    old = os.umask(0o077)
+    try:
+        held = acquire(env, "umask test")
+    finally:
+        os.umask(old)
+    try:
+        mode = stat.S_IMODE(env.lock_path.stat().st_mode)
+        seen = _as_deploy(shared_dir, "print(json.dumps(lock.status(env).describe()))\n")
+    finally:
+        release(env, held)
+    assert mode == 0o755
+    assert "shell tooling" not in seen, seen
+    assert seen.startswith(f"{held.locked_by} (pid {os.getpid()} on {HOST}) for 'umask test'")
+
+
+@needs_root
+def test_a_lock_another_operator_cannot_read_is_said_so_and_left_alone(
+        shared_dir: Path, dead_pid: int) -> None:
+    """A lock directory another user already made 0700 (a runbook before this fix, or the
+    shell tooling, under umask 077): who holds it, and whether that run lives, cannot be
+    read. It was "the shell tooling (no holder recorded)", judged by its mtime; it is said
+    for what it is (whose it is, who can judge it) and never taken or removed, as a lock
+    that cannot be checked."""
+    env = _shared_host(shared_dir)
+    path = plant(env, age=env.lock_stale_after + 600, pid=dead_pid)
+    for made in (path, *path.iterdir()):
+        os.chown(made, OWNER_UID, OWNER_UID)
+    path.chmod(0o700)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    said = _as_deploy(shared_dir, (
+        "print(json.dumps([lock.status(env).describe(),\n"
+        "                  attempt(lambda: lock.acquire(env, 'rollback')),\n"
+        "                  attempt(lambda: lock.unlock(env)),\n"
+        "                  attempt(lambda: lock.unlock(env, force=True))]))\n"))
+    described, *refusals = said
+    assert "shell tooling" not in described and "no holder recorded" not in described
+    assert f"{path / 'holder.json'} cannot be read (Permission denied)" in described, described
+    assert f"uid {OWNER_UID}" in described, described
+    for code, message, fix in refusals:
+        assert code == ExitCode.LOCKED, message
+        assert described in message and "shell tooling" not in message, message
+        assert f"uid {OWNER_UID}" in fix and "root" in fix, fix
+        assert f"runbook unlock {env.name} --status" in fix, fix
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in env.lock_dir.iterdir()) == [path.name]

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pwd
 import secrets
 import shlex
 import shutil
@@ -298,6 +297,7 @@ class Lock:
 
 
 LOCK_DIR_FIX = "check [lock] dir in the environment file and its permissions"
+LOCK_DIR_MODE = 0o755  # its files are 0644: every operator may read who holds it
 
 
 def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
@@ -386,11 +386,13 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
 def _make(env: Environment, path: Path, reason: str, run_id: str | None,
           stolen: LockStatus | None) -> Lock:
     """mkdir, not files.atomic_write: its failing when the directory exists is the exclusion
-    itself (and what the deploy script does); a rename would overwrite."""
-    os.mkdir(path, 0o755)
+    itself (and what the deploy script does); a rename would overwrite. Its mode is set
+    whatever the umask: made 0700 under umask 077 (root's cron, Ansible), no other operator
+    could read who holds it (found by review)."""
+    os.mkdir(path, LOCK_DIR_MODE)
     ident: Ident | None = None
     try:
-        st = os.stat(path)
+        st = files.set_dir_mode(path, LOCK_DIR_MODE)
         ident = (st.st_dev, st.st_ino)
         now = time.time()
         locked_at = _from_epoch(now)
@@ -668,10 +670,7 @@ def _not_ours_to_remove(env: Environment, path: Path,
         return None
     if not sticky or owner == os.geteuid():
         return None
-    try:
-        who = f"{pwd.getpwuid(owner).pw_name} (uid {owner})"
-    except KeyError:
-        who = f"uid {owner}"
+    who = files.owner_name(owner)
     return LockNotRemovable(
         f"{env.display}: the deploy lock {path} "
         f"{f'is stale, {judged.why},' if judged.stale else f'names no holder ({judged.why}),'}"

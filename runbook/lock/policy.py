@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -186,6 +187,8 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
                           stale=False, why=f"{exc.filename} is {exc.strerror}, so it is no "
                           "lock's file (made by hand or by another user)", holder_alive=None,
                           expires_in=float("inf"), ident=ident, broken=True)
+    except PermissionError as exc:
+        return _unreadable(env, path, st, exc)
     if epoch is None or epoch > now + FUTURE_SLACK:
         # Not written yet (being acquired), or garbage: the directory's own age decides.
         epoch, basis = st.st_mtime, "the directory's mtime"
@@ -204,6 +207,27 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         judged = dataclasses.replace(judged, undated=True,
                                      why=_dated_in_future(epoch - now, basis))
     return dataclasses.replace(judged, alive_by_mirror=running) if running else judged
+
+
+def _unreadable(env: Environment, path: Path, st: os.stat_result,
+                exc: PermissionError) -> LockStatus:
+    """A lock whose files this user may not read: another user's, made under a restrictive
+    umask (an older runbook's, or the shell tooling's, under root's cron or Ansible). Read as
+    absent, it was "the shell tooling (no holder recorded)", dated by its directory's mtime,
+    its holder's pid never checked (found by review). Who holds it and whether that run
+    lives cannot be told here: never taken or removed by this user (a live lock is never
+    removed); its owner or root can judge it."""
+    who = files.owner_name(st.st_uid)
+    by = "root" if st.st_uid == 0 else f"{who} or root"
+    return LockStatus(
+        path=path, source="directory", holder=None, locked_at=None, age=0.0, stale=False,
+        why=f"{exc.filename} cannot be read ({exc.strerror}): the lock belongs to {who} (mode "
+            f"{stat.S_IMODE(st.st_mode):o}, taken under a restrictive umask), so who holds it "
+            "and whether that run still lives cannot be told",
+        holder_alive=None, expires_in=float("inf"), ident=(st.st_dev, st.st_ino), broken=True,
+        fix=f"ask {who} whether that run still goes on; as {by}, `runbook unlock {env.name} "
+            f"--status` names its holder, and `runbook unlock {env.name}` removes it once it "
+            "is stale")
 
 
 def _dated_in_future(ahead: float, basis: str) -> str:
@@ -468,10 +492,11 @@ LOCK_FILE_MAX = 64 * 1024  # holder.json is a few hundred bytes, locked_at a doz
 
 def _read_holder(path: Path) -> Holder | None:
     """files.NotAFile for what is no lock's file (a FIFO, a symlink to /dev/zero): read, it
-    hung every command (found by review)."""
+    hung every command (found by review). PermissionError for one this user may not read:
+    that is no missing holder (_unreadable)."""
     try:
         data = json.loads(files.read_regular(path, LOCK_FILE_MAX))
-    except files.NotAFile:
+    except (files.NotAFile, PermissionError):
         raise
     except (OSError, ValueError, RecursionError):
         return None
@@ -481,10 +506,10 @@ def _read_holder(path: Path) -> Holder | None:
 
 
 def _read_locked_at(path: Path) -> float | None:
-    """As _read_holder: files.NotAFile for what is no lock's file."""
+    """As _read_holder: files.NotAFile for what is no lock's file, PermissionError."""
     try:
         value = float(files.read_regular(path, LOCK_FILE_MAX).strip())
-    except files.NotAFile:
+    except (files.NotAFile, PermissionError):
         raise
     except (OSError, ValueError):
         return None
