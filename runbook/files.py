@@ -93,6 +93,46 @@ def flock_within(fd: int, timeout: float, poll: float) -> bool:
             time.sleep(poll)
 
 
+GUARD_MODE = 0o666  # every user who runs the runbook flocks it; it holds no data
+
+
+def open_guard(guard: Path) -> int:
+    """A descriptor of the flock guard file `guard`, created when missing. Its mode is set
+    whatever the umask (best effort, by its owner): made under umask 077 (root's cron,
+    Ansible) it was 0600, and every other operator was refused (found by review). A guard
+    this user may not write is opened read-only: flock needs no more."""
+    try:
+        fd = os.open(guard, os.O_RDWR | os.O_CREAT, GUARD_MODE)
+    except PermissionError:
+        return os.open(guard, os.O_RDONLY)
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & GUARD_MODE != GUARD_MODE:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | GUARD_MODE)
+    return fd
+
+
+def guard_error(message: str, exc: OSError, guard: Path, otherwise: str) -> RunbookError:
+    """Why `guard` cannot be opened, and the way out. A guard that is there but that this
+    user may not even read (another user's, made under a restrictive umask by an older run)
+    is a precondition, exit 4, as a state file that cannot be read: only its owner or root
+    can `chmod` it ("create it with touch" did not help, found by review). Anything else:
+    write_error."""
+    if isinstance(exc, PermissionError):
+        try:
+            st = os.stat(guard)
+        except OSError:
+            st = None
+        if st is not None:
+            who = owner_name(st.st_uid)
+            by = "root" if st.st_uid == 0 else f"{who} or root"
+            return PreconditionError(
+                f"{message} (mode {stat.S_IMODE(st.st_mode):o}, owned by {who})",
+                f"as {by}, run `chmod a+rw {shlex.quote(str(guard))}` once (runs of this "
+                "version keep it so), then run again")
+    return write_error(message, exc, guard.parent, otherwise)
+
+
 def owner_name(uid: int) -> str:
     """`name (uid N)` for a message that says whose a file is; `uid N` with no account."""
     try:

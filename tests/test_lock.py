@@ -2067,3 +2067,51 @@ def test_a_lock_another_operator_cannot_read_is_said_so_and_left_alone(
         assert f"runbook unlock {env.name} --status" in fix, fix
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in env.lock_dir.iterdir()) == [path.name]
+
+
+@needs_root
+def test_the_guard_made_under_umask_077_lets_every_other_operator_take_the_lock(
+        shared_dir: Path) -> None:
+    """Found by review: the guard beside the state file took its mode from the umask; made
+    by root under umask 077 it was 0600, and every other operator's rollback, deploy,
+    switch and unlock was refused (exit 2, with `touch` as the fix, which did not help). It
+    is 0666 whatever the umask; one an older run left 0600 is given that mode by its owner's
+    next run."""
+    env = _shared_host(shared_dir)
+    old = os.umask(0o077)
+    try:
+        release(env, acquire(env, "root's cron"))
+    finally:
+        os.umask(old)
+    guard = guard_path(env)
+    assert guard.stat().st_uid == 0 and stat.S_IMODE(guard.stat().st_mode) == 0o666
+    code = ("held = lock.acquire(env, 'alice')\n"
+            "print(json.dumps(attempt(lambda: lock.release(env, held))))\n")
+    assert _as_deploy(shared_dir, code) == ["done", True]
+    guard.chmod(0o600)  # as an older run left it
+    release(env, acquire(env, "root again"))
+    assert stat.S_IMODE(guard.stat().st_mode) == 0o666
+    assert _as_deploy(shared_dir, code) == ["done", True]
+
+
+@needs_root
+def test_a_guard_no_other_operator_can_open_names_the_chmod_that_fixes_it(
+        shared_dir: Path) -> None:
+    """A guard another user owns and left 0600: only its owner or root can change that. The
+    refusal names the file, its owner and `chmod a+rw`, exit 4 (a host file this user cannot
+    use, as a state file it cannot read), nothing changed; not `touch`, not exit 2."""
+    env = _shared_host(shared_dir)
+    guard = guard_path(env)
+    guard.write_bytes(b"")
+    os.chown(guard, OWNER_UID, OWNER_UID)
+    guard.chmod(0o600)
+    state_before = env.state_file.read_bytes()
+    code, message, fix = _as_deploy(
+        shared_dir, "print(json.dumps(attempt(lambda: lock.acquire(env, 'rollback'))))\n")
+    assert code == ExitCode.PRECONDITION, message
+    assert f"deploy lock's guard {guard}" in message and "Permission denied" in message
+    assert f"uid {OWNER_UID}" in message and "600" in message, message
+    assert f"chmod a+rw {guard}" in fix and f"uid {OWNER_UID}" in fix and "root" in fix, fix
+    assert "touch" not in fix, fix
+    assert not env.lock_path.exists() and env.state_file.read_bytes() == state_before
+    assert stat.S_IMODE(guard.stat().st_mode) == 0o600 and guard.stat().st_uid == OWNER_UID

@@ -605,16 +605,13 @@ def _guard(env: Environment) -> Iterator[None]:
         raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
     try:
         guard.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            fd = os.open(guard, os.O_RDONLY)  # another user's guard file: flock still works
+        fd = files.open_guard(guard)
     except OSError as exc:
         # the guard sits beside the state file, not in [lock] dir: name where it is (a
         # read-only /opt named "/tmp is on a read-only filesystem")
         message = (f"{env.display}: cannot open the deploy lock's guard {guard} (beside the "
                    f"state file): {exc.strerror or exc}")
-        raise files.write_error(message, exc, guard.parent,
+        raise files.guard_error(message, exc, guard,
                                 f"let the deploying user write {guard.parent} (the state "
                                 "file's directory), or create the guard file there once: "
                                 f"`touch {shlex.quote(str(guard))}`") from None
