@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError, UsageError
 from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
+from tests.drill_checks import OWNER_UID, as_deploy_user, needs_root
 from tests.matrix import nightly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +357,9 @@ def test_unattended_without_yes_is_refused_before_anything(tmp_path: Path) -> No
 
 @pytest.fixture
 def env(tmp_path: Path) -> Environment:
-    return envmod.load("staging").with_(lock_dir=tmp_path)
+    # its guard beside the state file (as the deploy lock's): never the packaged /opt path
+    return envmod.load("staging").with_(lock_dir=tmp_path,
+                                        state_file=tmp_path / "state" / "deployment-state.json")
 
 
 def _take(env: Environment, run: str, **kw: object) -> dict[str, object]:
@@ -407,7 +411,8 @@ def test_a_fifo_in_the_fleet_lock_never_hangs_its_status(env: Environment, kind:
         holder.symlink_to(kind)
     code = ("import sys, json; from pathlib import Path; from runbook import environment; "
             "from runbook.fleet import hostlock; "
-            "env = environment.load('staging').with_(lock_dir=Path(sys.argv[1])); "
+            "env = environment.load('staging').with_(lock_dir=Path(sys.argv[1]), "
+            "state_file=Path(sys.argv[1]) / 'state' / 'deployment-state.json'); "
             "held = hostlock.status(env); print(json.dumps([held.stale, held.holder]))")
     proc = subprocess.run([sys.executable, "-c", code, str(env.lock_dir)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30, check=False)
@@ -424,7 +429,8 @@ def test_a_take_that_cannot_write_its_holder_leaves_no_lock_behind(env: Environm
               "from runbook import environment as envmod\n"
               "from runbook.fleet import hostlock\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]))\n"
+              "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]), "
+              "state_file=Path(sys.argv[1]) / 'state' / 'deployment-state.json')\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
               "try:\n"
               "    hostlock.take(env, fleet_run_id='fleet_full', locked_by='ops', "
@@ -441,6 +447,82 @@ def test_a_take_that_cannot_write_its_holder_leaves_no_lock_behind(env: Environm
     assert hostlock.status(env) is None
     out = _take(env, "fleet_next")
     assert out["taken"] is True
+
+
+def _shared_fleet_host(shared_dir: Path) -> Environment:
+    """The fleet lock host as several operators share it: the lock folder sticky and open to
+    all (as /tmp), the state folder writable by every deploying user."""
+    env = envmod.load("staging").with_(lock_dir=shared_dir / "locks",
+                                       state_file=shared_dir / "state" / "state.json")
+    for folder, mode in ((env.lock_dir, 0o1777), (env.state_file.parent, 0o777)):
+        folder.mkdir()
+        folder.chmod(mode)
+    return env
+
+
+def _fleet_as_deploy(shared_dir: Path, code: str) -> Any:
+    """`code` run as uid 1000 (another operator) on _shared_fleet_host's files; its JSON
+    answer. `attempt(act)` gives ['done', what act returned] or [exit code, message, fix]."""
+    imports = ("import json, sys\nfrom pathlib import Path\n"
+               "from runbook import environment as envmod\nfrom runbook.fleet import hostlock\n"
+               "from runbook.errors import RunbookError\nimport encodings.utf_8_sig, fcntl\n"
+               "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]) / 'locks', "
+               "state_file=Path(sys.argv[1]) / 'state' / 'state.json')\n"
+               "def attempt(act):\n"
+               "    try:\n"
+               "        return ['done', act()]\n"
+               "    except RunbookError as exc:\n"
+               "        return [int(exc.exit_code), exc.message, exc.fix]\n")
+    return json.loads(as_deploy_user([], imports, code, str(shared_dir)))
+
+
+@needs_root
+def test_a_fleet_lock_taken_under_umask_077_is_read_and_taken_by_every_other_operator(
+        shared_dir: Path) -> None:
+    """Found by review: the fleet lock's guard was made in the lock folder (/tmp) with the
+    umask's mode: once root (umask 077) had taken the lock, every other operator's
+    `fleet lock --take` crashed with PermissionError, "unexpected failure", exit 5. And the
+    lock itself (directory, holder file) was 0700/0600: others read a holder naming nobody.
+    The guard sits beside the state file, as the deploy lock's, 0666 whatever the umask; the
+    lock and its holder are readable by all."""
+    env = _shared_fleet_host(shared_dir)
+    old = os.umask(0o077)
+    try:
+        _take(env, "fleet_root")
+    finally:
+        os.umask(old)
+    seen = _fleet_as_deploy(shared_dir, "print(json.dumps(hostlock.status(env).holder))\n")
+    assert hostlock.release(env, "fleet_root")["released"]
+    code = ("print(json.dumps([attempt(lambda: hostlock.take(env, fleet_run_id='fleet_alice', "
+            "locked_by='alice', hostname='laptop', pid=1, reason='test')['taken']),\n"
+            "                  attempt(lambda: hostlock.release(env, 'fleet_alice')['released'])"
+            "]))\n")
+    assert _fleet_as_deploy(shared_dir, code) == [["done", True], ["done", True]]
+    assert seen.get("fleet_run_id") == "fleet_root", seen
+    guard = env.state_file.parent / ".togather-fleet-staging.lock.guard"
+    assert guard.stat().st_uid == 0 and stat.S_IMODE(guard.stat().st_mode) == 0o666
+    assert list(env.lock_dir.iterdir()) == []  # nothing of the fleet lock left in /tmp
+
+
+@needs_root
+def test_a_fleet_guard_no_other_operator_can_open_is_said_with_the_chmod_that_fixes_it(
+        shared_dir: Path) -> None:
+    """A fleet guard another user owns and left 0600: the take is refused in one line naming
+    the file, its owner and `chmod a+rw` (exit 4, as the deploy lock's guard), nothing
+    taken; it was an uncaught PermissionError, exit 5."""
+    env = _shared_fleet_host(shared_dir)
+    guard = env.state_file.parent / ".togather-fleet-staging.lock.guard"
+    guard.write_bytes(b"")
+    os.chown(guard, OWNER_UID, OWNER_UID)
+    guard.chmod(0o600)
+    said = _fleet_as_deploy(shared_dir, (
+        "print(json.dumps(attempt(lambda: hostlock.take(env, fleet_run_id='fleet_alice', "
+        "locked_by='alice', hostname='laptop', pid=1, reason='test'))))\n"))
+    assert said[0] == ExitCode.PRECONDITION, said
+    _, message, fix = said
+    assert f"fleet lock's guard {guard}" in message and f"uid {OWNER_UID}" in message, message
+    assert f"chmod a+rw {guard}" in fix and "root" in fix, fix
+    assert list(env.lock_dir.iterdir()) == []
 
 
 def test_an_empty_lock_left_by_a_killed_take_is_taken_over(env: Environment) -> None:
@@ -577,7 +659,8 @@ def test_a_killed_controllers_fleet_lock_still_goes_stale(env: Environment) -> N
               "from runbook import environment as envmod\n"
               "from runbook.fleet import hostlock\n"
               "from runbook.fleet.rollout import _lock_heartbeat\n"
-              "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]))\n"
+              "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]), "
+              "state_file=Path(sys.argv[1]) / 'state' / 'deployment-state.json')\n"
               "hostlock.take(env, fleet_run_id='fleet_killed', locked_by='ops', "
               "hostname='laptop', pid=1, reason='test', ttl=1.0)\n"
               "with _lock_heartbeat(lambda cancel: hostlock.refresh(env, 'fleet_killed', "

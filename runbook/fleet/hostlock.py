@@ -32,16 +32,41 @@ def path(env: Environment) -> Path:
     return env.lock_dir / f"togather-fleet-{env.name}.lock"
 
 
+def guard_path(env: Environment) -> Path:
+    """Beside the state file, as the deploy lock's guard (runbook/lock/holding.py): in the
+    world-writable lock folder (/tmp) any local user could make it first, or hold its flock,
+    and block every fleet run; and only its owner or root could fix its mode there."""
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{path(env).name}.guard")
+
+
 GUARD_TIMEOUT = 10.0  # seconds; a guarded take, refresh or release takes milliseconds
+LOCK_DIR_MODE = 0o755  # holder.json is 0644: every operator may read who holds it
 
 
 @contextlib.contextmanager
 def _guarded(env: Environment) -> Iterator[None]:
     """Judge and change the fleet lock as one step among runbook processes: unguarded, a
     contender that judged a stale lock renamed away the fresh lock another had just taken
-    over, and both controllers rolled hosts. The kernel drops the flock with its holder."""
-    env.lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path(env).with_name(f".{path(env).name}.guard"), os.O_RDWR | os.O_CREAT, 0o600)
+    over, and both controllers rolled hosts. The kernel drops the flock with its holder.
+    A folder or guard that cannot be used is said in one line naming it: made 0600 by root
+    under umask 077, the guard was an uncaught PermissionError, exit 5 (found by review)."""
+    guard = guard_path(env)
+    try:
+        env.lock_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise files.write_error(f"cannot use the lock folder {env.lock_dir} for the fleet "
+                                f"lock: {exc.strerror or exc}", exc, env.lock_dir,
+                                "check [lock] dir in the environment file and its "
+                                "permissions") from None
+    try:
+        guard.parent.mkdir(parents=True, exist_ok=True)
+        fd = files.open_guard(guard)
+    except OSError as exc:
+        raise files.guard_error(f"cannot open the fleet lock's guard {guard} (beside the state "
+                                f"file): {exc.strerror or exc}", exc, guard,
+                                f"let the user the fleet runs as write {guard.parent} (the "
+                                "state file's folder)") from None
     try:
         if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
             raise LockedError(f"another runbook process has been changing the fleet lock for "
@@ -117,9 +142,11 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
               "pid": pid, "reason": reason, "locked_at_epoch": now,
               "expires_at_epoch": now + ttl}
     taken_over = None
+    made = False  # by this take (not a retried take's lock, which may be another user's)
     for _ in range(2):
         try:
             path(env).mkdir()
+            made = True
         except FileExistsError:
             held = status(env)
             if held is None:
@@ -151,10 +178,10 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
     else:
         raise LockedError("the fleet lock could not be taken (another run raced for it)",
                           "run the fleet command again")
-    tmp = path(env) / "holder.json.tmp"
     try:
-        tmp.write_text(json.dumps(holder))
-        tmp.replace(path(env) / "holder.json")
+        if made:  # its mode and holder.json's whatever the umask (077: others read nobody)
+            files.set_dir_mode(path(env), LOCK_DIR_MODE)
+        files.atomic_write(path(env) / "holder.json", json.dumps(holder).encode())
     except BaseException as exc:  # a full disk: no lock naming nobody refuses every run
         shutil.rmtree(path(env), ignore_errors=True)
         if isinstance(exc, OSError):
