@@ -190,7 +190,18 @@ class Journal:
         from runbook import database
 
         journal.add_secret(*database.known_secrets(env))  # before the first line is written
-        journal._write_record()
+        try:
+            journal._write_record(strict=True)
+        except OSError as exc:
+            # as a log file that cannot be written: a run that went on without its record
+            # (a runs folder left root's by `sudo -E`) left nothing `status`, a rerun or
+            # `snapshot cleanup` could read once killed (found by review)
+            journal._discard()
+            raise files.write_error(
+                f"cannot write the run record in {env.runs_dir}: {exc.strerror or exc}; "
+                "nothing was changed", exc, env.runs_dir,
+                "fix [logs] runs_dir in the environment file or its permissions (one left "
+                f"root's by `sudo -E`: `sudo chown -R \"$USER\" {env.runs_dir}`)") from None
         journal.log(Level.INFO, f"{action} started on {env.display} by {journal.who}"
                     + (f": {journal.why}" if journal.why else ""), action=action,
                     environment=env.name)
@@ -273,6 +284,16 @@ class Journal:
         pin, self._pin = self._pin, None
         if pin is not None:
             os.close(pin)
+
+    def _discard(self) -> None:
+        """Close, and remove the log file this run created (still empty): a run stopped
+        before it began leaves no log for `ls -t` to take for the newest run's."""
+        identity = self._file
+        self.close()
+        with contextlib.suppress(OSError):
+            found = os.lstat(self.log_path)
+            if (found.st_dev, found.st_ino) == identity and found.st_size == 0:
+                os.unlink(self.log_path)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -398,12 +419,13 @@ class Journal:
             data["log_write_errors"] = self.write_errors[:10]
         return _clean(data, known)  # type: ignore[no-any-return]
 
-    def _write_record(self, *, durable: bool = False) -> None:
+    def _write_record(self, *, durable: bool = False, strict: bool = False) -> None:
         """Atomic, so a report never reads half a record. Only the final record is fsynced:
         the record is rewritten at every step's start and end, and those fsyncs sat between
         the operator and the traffic switch; a killed process still leaves the last one (the
         kernel has it), and what survives a power loss mid-run is the intent record's job
-        (runbook/intent.py), as for the log lines, which are never fsynced either."""
+        (runbook/intent.py), as for the log lines, which are never fsynced either.
+        `strict`: a failed write raises OSError (Journal.open's first record)."""
         if not self._recorded:
             return
         with self._mutex:
@@ -412,6 +434,8 @@ class Journal:
                 files.atomic_write(self.record_path, payload.encode("utf-8", "replace"),
                                    default_mode=0o600, durable=durable)
             except OSError as exc:
+                if strict:
+                    raise
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
 
 

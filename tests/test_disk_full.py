@@ -161,9 +161,10 @@ def test_a_disk_that_fills_up_never_makes_it_worse_and_the_next_run_finishes(
             in disk[0]["fix"]
         if cell == "start":
             # refused before any change: exit 4 (not a configuration error), the disk named
+            # (by the run's first write on it: its run record, before the lock)
             assert code == 4, err
             assert "No space left on device; nothing was changed" in err, err
-            assert f"free disk space where {env.lock_dir} lives" in err, err
+            assert f"free disk space where {env.runs_dir} lives" in err, err
             assert serving == ("blue", V3.tag)
             assert left == before
             assert not intents.path(env).exists() and not env.lock_path.exists()

@@ -183,6 +183,38 @@ def test_another_users_log_of_the_same_second_is_left_alone(shared_dir: Path) ->
 
 
 
+@needs_root
+@pytest.mark.parametrize("folder", ["logs", "runs"])
+def test_a_journal_folder_this_user_cannot_write_stops_the_run_before_anything(
+        shared_dir: Path, folder: str) -> None:
+    """Found by review: a runs folder this user cannot write (`~/.togather/runs` left root's
+    by a `sudo -E` run) did not stop the run, as a log folder it cannot write does: its
+    first record write only joined the write errors, and the run went on with no record, so
+    a killed run left nothing `status`, a rerun or `snapshot cleanup` could read. Both stop
+    it in one line naming the folder and the fix, exit 2, before the lock: nothing written."""
+    env = host_env(shared_dir, name="staging")
+    theirs, mine = ((env.log_dir, env.runs_dir) if folder == "logs"
+                    else (env.runs_dir, env.log_dir))
+    theirs.mkdir(mode=0o700)  # root's
+    mine.mkdir(mode=0o700)
+    os.chown(mine, DEPLOY_UID, DEPLOY_UID)
+    imports = ("import json, sys\nfrom pathlib import Path\nfrom runbook import database, journal\n"
+               "from runbook.errors import RunbookError\nfrom tests.drill_checks import host_env\n"
+               "env = host_env(Path(sys.argv[1]), name='staging')\n")
+    code = ("try:\n"
+            "    j = journal.Journal.open(env, 'rollback')\n"
+            "    print(json.dumps(['opened', j.write_errors]))\n"
+            "except RunbookError as exc:\n"
+            "    print(json.dumps([int(exc.exit_code), exc.message, exc.fix]))\n")
+    said = json.loads(as_deploy_user([], imports, code, str(shared_dir)))
+    assert said[0] == ExitCode.USAGE, said
+    _, message, fix = said
+    assert message.startswith("cannot write ") and f"{theirs}" in message, message
+    assert message.endswith("Permission denied; nothing was changed"), message
+    assert f"[logs] {'dir' if folder == 'logs' else 'runs_dir'}" in fix, fix
+    assert list(env.log_dir.iterdir()) == [] and list(env.runs_dir.iterdir()) == []
+
+
 def plant_links(env: Environment, victim: Path, seconds: int) -> None:
     """What another user who can write the log folder does: symlinks named as the next
     runs' logs, pointing at a file of the runbook's user."""
