@@ -93,7 +93,8 @@ def flock_within(fd: int, timeout: float, poll: float) -> bool:
             time.sleep(poll)
 
 
-GUARD_MODE = 0o666  # every user who runs the runbook flocks it; it holds no data
+GUARD_MODE = 0o644  # every user who runs the runbook flocks it (a read-only descriptor
+# suffices for flock); it holds no data, so no other user needs to write it
 
 
 def open_guard(guard: Path) -> int:
@@ -128,7 +129,7 @@ def guard_error(message: str, exc: OSError, guard: Path, otherwise: str) -> Runb
             by = "root" if st.st_uid == 0 else f"{who} or root"
             return PreconditionError(
                 f"{message} (mode {stat.S_IMODE(st.st_mode):o}, owned by {who})",
-                f"as {by}, run `chmod a+rw {shlex.quote(str(guard))}` once (runs of this "
+                f"as {by}, run `chmod a+r {shlex.quote(str(guard))}` once (runs of this "
                 "version keep it so), then run again")
     return write_error(message, exc, guard.parent, otherwise)
 

@@ -483,7 +483,7 @@ def test_a_fleet_lock_taken_under_umask_077_is_read_and_taken_by_every_other_ope
     umask's mode: once root (umask 077) had taken the lock, every other operator's
     `fleet lock --take` crashed with PermissionError, "unexpected failure", exit 5. And the
     lock itself (directory, holder file) was 0700/0600: others read a holder naming nobody.
-    The guard sits beside the state file, as the deploy lock's, 0666 whatever the umask; the
+    The guard sits beside the state file, as the deploy lock's, 0644 whatever the umask; the
     lock and its holder are readable by all."""
     env = _shared_fleet_host(shared_dir)
     old = os.umask(0o077)
@@ -500,7 +500,7 @@ def test_a_fleet_lock_taken_under_umask_077_is_read_and_taken_by_every_other_ope
     assert _fleet_as_deploy(shared_dir, code) == [["done", True], ["done", True]]
     assert seen.get("fleet_run_id") == "fleet_root", seen
     guard = env.state_file.parent / ".togather-fleet-staging.lock.guard"
-    assert guard.stat().st_uid == 0 and stat.S_IMODE(guard.stat().st_mode) == 0o666
+    assert guard.stat().st_uid == 0 and stat.S_IMODE(guard.stat().st_mode) == 0o644
     assert list(env.lock_dir.iterdir()) == []  # nothing of the fleet lock left in /tmp
 
 
@@ -508,7 +508,7 @@ def test_a_fleet_lock_taken_under_umask_077_is_read_and_taken_by_every_other_ope
 def test_a_fleet_guard_no_other_operator_can_open_is_said_with_the_chmod_that_fixes_it(
         shared_dir: Path) -> None:
     """A fleet guard another user owns and left 0600: the take is refused in one line naming
-    the file, its owner and `chmod a+rw` (exit 4, as the deploy lock's guard), nothing
+    the file, its owner and `chmod a+r` (exit 4, as the deploy lock's guard), nothing
     taken; it was an uncaught PermissionError, exit 5."""
     env = _shared_fleet_host(shared_dir)
     guard = env.state_file.parent / ".togather-fleet-staging.lock.guard"
@@ -521,7 +521,7 @@ def test_a_fleet_guard_no_other_operator_can_open_is_said_with_the_chmod_that_fi
     assert said[0] == ExitCode.PRECONDITION, said
     _, message, fix = said
     assert f"fleet lock's guard {guard}" in message and f"uid {OWNER_UID}" in message, message
-    assert f"chmod a+rw {guard}" in fix and "root" in fix, fix
+    assert f"chmod a+r {guard}" in fix and "root" in fix, fix
     assert list(env.lock_dir.iterdir()) == []
 
 

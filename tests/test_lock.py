@@ -2075,7 +2075,7 @@ def test_the_guard_made_under_umask_077_lets_every_other_operator_take_the_lock(
     """Found by review: the guard beside the state file took its mode from the umask; made
     by root under umask 077 it was 0600, and every other operator's rollback, deploy,
     switch and unlock was refused (exit 2, with `touch` as the fix, which did not help). It
-    is 0666 whatever the umask; one an older run left 0600 is given that mode by its owner's
+    is 0644 whatever the umask; one an older run left 0600 is given that mode by its owner's
     next run."""
     env = _shared_host(shared_dir)
     old = os.umask(0o077)
@@ -2084,13 +2084,13 @@ def test_the_guard_made_under_umask_077_lets_every_other_operator_take_the_lock(
     finally:
         os.umask(old)
     guard = guard_path(env)
-    assert guard.stat().st_uid == 0 and stat.S_IMODE(guard.stat().st_mode) == 0o666
+    assert guard.stat().st_uid == 0 and stat.S_IMODE(guard.stat().st_mode) == 0o644
     code = ("held = lock.acquire(env, 'alice')\n"
             "print(json.dumps(attempt(lambda: lock.release(env, held))))\n")
     assert _as_deploy(shared_dir, code) == ["done", True]
     guard.chmod(0o600)  # as an older run left it
     release(env, acquire(env, "root again"))
-    assert stat.S_IMODE(guard.stat().st_mode) == 0o666
+    assert stat.S_IMODE(guard.stat().st_mode) == 0o644
     assert _as_deploy(shared_dir, code) == ["done", True]
 
 
@@ -2098,7 +2098,7 @@ def test_the_guard_made_under_umask_077_lets_every_other_operator_take_the_lock(
 def test_a_guard_no_other_operator_can_open_names_the_chmod_that_fixes_it(
         shared_dir: Path) -> None:
     """A guard another user owns and left 0600: only its owner or root can change that. The
-    refusal names the file, its owner and `chmod a+rw`, exit 4 (a host file this user cannot
+    refusal names the file, its owner and `chmod a+r`, exit 4 (a host file this user cannot
     use, as a state file it cannot read), nothing changed; not `touch`, not exit 2."""
     env = _shared_host(shared_dir)
     guard = guard_path(env)
@@ -2111,7 +2111,7 @@ def test_a_guard_no_other_operator_can_open_names_the_chmod_that_fixes_it(
     assert code == ExitCode.PRECONDITION, message
     assert f"deploy lock's guard {guard}" in message and "Permission denied" in message
     assert f"uid {OWNER_UID}" in message and "600" in message, message
-    assert f"chmod a+rw {guard}" in fix and f"uid {OWNER_UID}" in fix and "root" in fix, fix
+    assert f"chmod a+r {guard}" in fix and f"uid {OWNER_UID}" in fix and "root" in fix, fix
     assert "touch" not in fix, fix
     assert not env.lock_path.exists() and env.state_file.read_bytes() == state_before
     assert stat.S_IMODE(guard.stat().st_mode) == 0o600 and guard.stat().st_uid == OWNER_UID
