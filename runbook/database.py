@@ -8,6 +8,7 @@ secret: a password with a bare `%` or `@` would otherwise reach libpq, whose err
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -124,14 +125,69 @@ def _misencoded(url: str) -> bool:
     """Whether check_url refuses the URL's password (a bare delimiter or `%`)."""
     _, sep, rest = url.partition("://")
     try:
-        check_url(f"postgresql://{rest}" if sep else url, "DATABASE_URL", "")
+        _check_encoding(f"postgresql://{rest}" if sep else url, "DATABASE_URL", "")
     except ConfigError:
         return True
     return False
 
 
 def check_url(url: str, variable: str, where: str) -> None:
-    """Refuse a URL libpq would misread; the message never contains any part of it."""
+    """Refuse a URL libpq would misread or reject; the message never contains its password.
+
+    Checked here, once, rather than where each path connects: a parameter libpq does not
+    know (a Go app's pgx or golang-migrate ones) failed as "database unreachable" through the
+    host, "cannot read schema_migrations" through the container and "not a valid PostgreSQL
+    URL" for snapshots, each with another (wrong) fix."""
+    _check_encoding(url, variable, where)
+    _check_parameters(url, variable, where)
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    """The parameters this libpq reads (`ssl=true`: its URI-only alias of sslmode=require)."""
+    from psycopg import pq
+
+    return frozenset(d.keyword.decode() for d in pq.Conninfo.get_defaults()) | {"ssl"}
+
+
+def _check_parameters(url: str, variable: str, where: str) -> None:
+    """Refuse a query parameter libpq does not know, naming it and what libpq takes instead;
+    then anything else libpq cannot parse, in libpq's words cut before what it quotes of the
+    URL (the password, for an unclosed IPv6 bracket)."""
+    from psycopg import conninfo
+
+    from runbook.redact import redact
+
+    _, _, query = url.partition("?")
+    for piece in query.split("#")[0].split("&") if query else ():
+        key, sep, value = piece.partition("=")
+        key = urllib.parse.unquote(key)
+        if not sep or key in _libpq_keywords():  # no `=`: libpq's own error says so
+            continue
+        whose = (" (golang-migrate's)" if key.startswith("x-")
+                 else " (pgx's)" if key.startswith("pool_") else "")
+        fix = (f"remove it from {variable}, or set [database] url_variable to a variable "
+               "holding the URL without it")
+        if key == "search_path":
+            path = urllib.parse.quote(urllib.parse.unquote(value), safe=",")
+            fix = f"write options=-csearch_path%3D{path} instead (libpq's form; pgx reads it too)"
+        elif key == "x-migrations-table":
+            fix += ("; the runbook reads golang-migrate's default table, schema_migrations, on "
+                    "the search_path")
+        raise ConfigError(f"{variable} ({where}) has the parameter {key}{whose}, which libpq "
+                          "does not know", fix)
+    try:
+        conninfo.conninfo_to_dict(url)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = redact(reason.split('"')[0].rstrip(" :"), [password_of(url)])
+        raise ConfigError(f"{variable} ({where}) is not a URL libpq can read: {reason}",
+                          "write it as postgresql://USER:PASSWORD@HOST:PORT/DB?KEY=VALUE, "
+                          "percent-encoding the password") from None
+
+
+def _check_encoding(url: str, variable: str, where: str) -> None:
+    """Refuse a URL whose password libpq would misread; the message holds no part of it."""
     fix = ENCODE_FIX.format(variable=variable, where=where)
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in ("postgres", "postgresql"):

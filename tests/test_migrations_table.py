@@ -1,0 +1,115 @@
+"""Where golang-migrate's schema_migrations lives, as the runbook reads it (review pg, 1/2/5/7).
+
+Each test gets a database of its own in the drill's Postgres (the drill's `togather` is left
+alone), its schema_migrations in a schema `app` rather than `public`: the guard, the
+snapshots' sidecar, the dump scan and the restore's check must all read the table the URL's
+user sees, through the host and through the database container alike, or fail closed."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from runbook import database
+from runbook.drill.stack import DrillStack
+from runbook.environment import Environment, Slot
+from runbook.errors import ConfigError, ExitCode
+from runbook.snapshots import commands
+from runbook.state.model import Deployment
+
+pytestmark = pytest.mark.docker
+
+ACCESS = ("host", "container")
+
+
+@dataclasses.dataclass
+class SideDb:
+    stack: DrillStack
+    name: str
+    tmp: Path
+
+    def sql(self, *statements: str) -> None:
+        with self.stack.connect(self.name) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    def env(self, access: str, query: str = "", user: str = "", password: str = "",
+            ) -> Environment:
+        """The drill's environment pointed at this database (`user`: the drill's own)."""
+        creds = (f"{user}:{quote(password, safe='')}" if user
+                 else f"togather:{quote(self.stack.password, safe='')}")
+        url = (f"postgresql://{creds}@127.0.0.1:{self.stack.ports.postgres}/{self.name}"
+               f"{query}")
+        env_file = self.tmp / f".env.{access}.{secrets.token_hex(3)}"
+        env_file.write_text(f"DATABASE_URL={url}\n")
+        env_file.chmod(0o600)
+        base = self.stack.env
+        return base.with_(database=dataclasses.replace(
+            base.database, env_file=env_file, access=access,
+            snapshot_dir=self.tmp / "snapshots"))
+
+
+@pytest.fixture
+def side_db(scene_stack: DrillStack, tmp_path: Path) -> Iterator[SideDb]:
+    """A fresh database holding only app.schema_migrations at 42 (and app.events)."""
+    name = f"pgschema{secrets.token_hex(4)}"  # no "_": togather_<db>_<date>_...
+    with scene_stack.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    db = SideDb(scene_stack, name, tmp_path)
+    db.sql("CREATE SCHEMA app",
+           "CREATE TABLE app.schema_migrations (version bigint NOT NULL PRIMARY KEY, "
+           "dirty boolean NOT NULL)",
+           "INSERT INTO app.schema_migrations VALUES (42, false)",
+           "CREATE TABLE app.events (id serial PRIMARY KEY, name text)",
+           "INSERT INTO app.events (name) VALUES ('a'), ('b')")
+    try:
+        yield db
+    finally:
+        with scene_stack.connect() as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def deployment(ident: str, version: str, migration: int, slot: Slot) -> Deployment:
+    return Deployment(id=ident, version=version, git_commit=version * 5 + "00000",
+                      deployed_at=datetime.now(UTC), deployed_by="test", active_slot=slot,
+                      migration_version=migration)
+
+
+CURRENT = deployment("d2", "bbbbbbb", 42, Slot.GREEN)
+TARGET = deployment("d1", "aaaaaaa", 41, Slot.BLUE)  # ran with 41: the guard must refuse
+
+
+# -- 7. URL parameters libpq does not know: one configuration error ----------------------------
+
+@pytest.mark.parametrize(("query", "name", "fix"), [
+    ("?search_path=app", "search_path", "options=-csearch_path%3Dapp"),
+    ("?x-migrations-table=app.schema_migrations", "x-migrations-table", "url_variable"),
+    ("?sslmode=disable&pool_max_conns=10", "pool_max_conns", "url_variable"),
+])
+@pytest.mark.parametrize("access", ACCESS)
+def test_a_parameter_libpq_does_not_know_is_one_configuration_error(
+        side_db: SideDb, access: str, query: str, name: str, fix: str) -> None:
+    env = side_db.env(access, query)
+    for read in (database.schema_version, database.migration_under_way, commands.target):
+        with pytest.raises(ConfigError) as err:
+            read(env)
+        text = str(err.value)
+        assert err.value.exit_code == ExitCode.USAGE and "\n" not in text.strip(), text
+        assert f"parameter {name}" in err.value.message, text
+        assert fix in (err.value.fix or ""), err.value.fix
+        assert side_db.stack.password not in text
+        assert quote(side_db.stack.password, safe="") not in text
+
+
+def test_a_url_libpq_cannot_read_never_quotes_the_password() -> None:
+    """libpq quotes the whole URL back for some errors (an unclosed IPv6 bracket)."""
+    url = "postgresql://togather:Sekr1tPw9@[::1:5432/togather"
+    with pytest.raises(ConfigError) as err:
+        database.check_url(url, "DATABASE_URL", "environment")
+    assert "Sekr1tPw9" not in str(err.value) and "\n" not in str(err.value).strip()
