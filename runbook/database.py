@@ -11,7 +11,7 @@ import contextlib
 import functools
 import re
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,7 +306,9 @@ class ContainerConnection:
     runbook uses of a psycopg connection: `execute(query, params).fetchone()/fetchall()` in
     autocommit mode, one session (so BEGIN ... pg_export_snapshot() ... ROLLBACK holds).
     SELECTs come back typed (each row as JSON); other statements as text. The password goes
-    to the exec in PGPASSWORD, never on a command line; any error ends the session.
+    to the exec in PGPASSWORD, never on a command line; any error ends the session. The
+    URL's `options` (`-csearch_path=app`) go in PGOPTIONS: dropped, the same URL read schema
+    42 from the host and 0 through the container.
     """
 
     def __init__(self, env: Environment, timeout: float | None = 30.0) -> None:
@@ -323,11 +325,15 @@ class ContainerConnection:
         self._password = str(params.get("password") or "")
         user = str(params.get("user") or "")
         dbname = str(params.get("dbname") or user)
-        exec_env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        options = str(params.get("options") or "")
+        exec_env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGOPTIONS")}
         argv = ["docker", "exec", "-i"]
         if self._password:
             exec_env["PGPASSWORD"] = self._password
             argv += ["-e", "PGPASSWORD"]  # no value: copied from exec_env, never argv
+        if options:
+            exec_env["PGOPTIONS"] = options
+            argv += ["-e", "PGOPTIONS"]
         argv += [self.container, "psql", "-X", "-q", "-A", "-t", "-F", "\x1f",
                  "--no-password", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose",
                  "--host", "127.0.0.1",
@@ -472,6 +478,29 @@ def connect(env: Environment, timeout: int = 5,  # type: ignore[no-untyped-def]
                             f"{env.database.url_variable} in {env.database.env_file}") from None
 
 
+@contextlib.contextmanager
+def bounded(conn: Any, milliseconds: int = 5000) -> Iterator[None]:
+    """A read-only transaction whose statements give up after `milliseconds` (a locked table
+    must not hang us). SET LOCAL, not SET: behind a transaction pooler (PgBouncer) each
+    autocommit statement may run on another server connection, so a session's SET did not
+    bound the query after it and stayed on a pooled connection, cutting the app's own
+    transactions there short."""
+    conn.execute("BEGIN READ ONLY")
+    try:
+        conn.execute(f"SET LOCAL statement_timeout = {int(milliseconds)}")
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a failed container session is gone already
+            conn.execute("ROLLBACK")
+
+
+def _first_line(exc: Exception) -> str:
+    from runbook.redact import redact
+
+    text = str(exc).strip()
+    return redact(text.splitlines()[0]) if text else type(exc).__name__
+
+
 def migration_under_way(env: Environment) -> bool:
     """Whether a session of this database holds an advisory lock, as golang-migrate does for
     the whole of a migration: a `dirty` schema with none is a migration that failed or was
@@ -479,48 +508,96 @@ def migration_under_way(env: Environment) -> bool:
     import psycopg
 
     try:
-        with connect(env) as conn:
-            conn.execute("SET statement_timeout = 5000")
+        with connect(env) as conn, bounded(conn):
             row = conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
                 "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ).fetchone()
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot read pg_locks: {type(exc).__name__}",
+        raise DatabaseError(f"cannot read pg_locks: {_first_line(exc)}",
                             "check the database") from None
     return bool(row and row[0])
 
 
+# the schema_migrations the URL's user sees (its search_path, as golang-migrate's own
+# unqualified name), qualified as pg_dump writes it; and every schema that holds one, from the
+# catalog, which any user may read (a schema without USAGE is left off the search_path)
+MIGRATIONS_TABLE_SQL = """
+SELECT t.nspname, t.relname, t.qualified,
+       (SELECT string_agg(n.nspname, ', ' ORDER BY n.nspname)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relname = 'schema_migrations' AND c.relkind IN ('r', 'p')
+          AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%') AS anywhere,
+       (SELECT string_agg(n.nspname, ', ' ORDER BY n.nspname)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relname = 'schema_migrations' AND c.relkind IN ('r', 'p')
+          AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+          AND NOT has_schema_privilege(n.oid, 'USAGE')) AS unusable,
+       current_user AS who
+FROM (SELECT 1) AS one LEFT JOIN (
+    SELECT n.nspname, c.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+           AS qualified
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = to_regclass('schema_migrations')) AS t ON true
+"""
+
+
+def read_schema(conn: Any, variable: str = "DATABASE_URL",
+                ) -> tuple[SchemaVersion, str | None]:
+    """golang-migrate's schema_migrations(version, dirty) as the URL's user sees it, and the
+    name it was read under, qualified as pg_dump writes it (None: there is none), in the
+    caller's session and transaction: the one lookup of the guard, the snapshots' sidecar
+    and the restore's check, so none reads another table than the others.
+
+    A table that exists where the user does not see it (off its search_path, or in a schema
+    it may not use) raises DatabaseError: read as "no migration ever ran" (schema 0), it let
+    the guard put old code on a newer schema.
+    """
+    from psycopg import sql
+
+    schema, name, qualified, anywhere, unusable, who = conn.execute(
+        MIGRATIONS_TABLE_SQL).fetchone()
+    if qualified is None:
+        if not anywhere:
+            return SchemaVersion(0, False), None
+        first = str(anywhere).split(", ")[0]
+        search = (f"add the parameter options=-csearch_path%3D{first} to {variable}, or run "
+                  f"`ALTER ROLE {who} SET search_path = {first}, public`")
+        if unusable:
+            blocked = str(unusable).split(", ")[0]
+            raise DatabaseError(
+                f"schema_migrations is in schema {anywhere}, and {variable}'s user {who} has "
+                f"no USAGE on schema {blocked}",
+                f"run `GRANT USAGE ON SCHEMA {blocked} TO {who}` and `GRANT SELECT ON "
+                f"{blocked}.schema_migrations TO {who}`, with the schema on the user's "
+                f"search_path ({search})")
+        raise DatabaseError(
+            f"schema_migrations is in schema {anywhere}, which is not on the search_path of "
+            f"{variable}'s user {who}", search)
+    row = conn.execute(sql.SQL("SELECT version, dirty FROM {} LIMIT 1").format(
+        sql.Identifier(schema, name))).fetchone()
+    if row is None:
+        return SchemaVersion(0, False), str(qualified)
+    try:
+        return SchemaVersion(int(row[0]), bool(row[1])), str(qualified)
+    except (TypeError, ValueError):
+        raise DatabaseError(f"{qualified} holds {row[0]!r}, not a version number",
+                            "repair schema_migrations (golang-migrate force VERSION)") from None
+
+
 def schema_version(env: Environment) -> SchemaVersion:
-    """golang-migrate's schema_migrations(version, dirty): one row, or none.
+    """golang-migrate's schema_migrations(version, dirty): one row, or none (read_schema).
 
     Any failure to read it is one DatabaseError naming why (never a traceback, never a guess):
     the schema guard fails closed on it.
     """
     import psycopg
 
-    from runbook.redact import redact
-
     try:
-        with connect(env) as conn:
-            conn.execute("SET statement_timeout = 5000")  # a locked table must not hang us
-            # to_regclass, not a failing SELECT: the same in psql inside the container
-            if conn.execute("SELECT to_regclass('schema_migrations')::text AS t"
-                            ).fetchone()[0] is None:
-                return SchemaVersion(0, False)
-            row = conn.execute(
-                "SELECT version, dirty FROM schema_migrations LIMIT 1").fetchone()
+        with connect(env) as conn, bounded(conn):
+            return read_schema(conn, env.database.url_variable)[0]
     except psycopg.Error as exc:
-        text = str(exc).strip()
-        first = redact(text.splitlines()[0]) if text else type(exc).__name__
-        raise DatabaseError(f"cannot read schema_migrations: {first}",
+        raise DatabaseError(f"cannot read schema_migrations: {_first_line(exc)}",
                             f"check that {env.database.url_variable} in "
                             f"{env.database.env_file or 'the environment'} names the app's "
                             "database and user") from None
-    if row is None:
-        return SchemaVersion(0, False)
-    try:
-        return SchemaVersion(int(row[0]), bool(row[1]))
-    except (TypeError, ValueError):
-        raise DatabaseError(f"schema_migrations holds {row[0]!r}, not a version number",
-                            "repair schema_migrations (golang-migrate force VERSION)") from None

@@ -12,14 +12,15 @@ import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from runbook import database
+from runbook import database, rollback
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
-from runbook.errors import ConfigError, ExitCode
+from runbook.errors import ConfigError, ExitCode, RunbookError
 from runbook.snapshots import commands
 from runbook.state.model import Deployment
 
@@ -83,6 +84,81 @@ def deployment(ident: str, version: str, migration: int, slot: Slot) -> Deployme
 
 CURRENT = deployment("d2", "bbbbbbb", 42, Slot.GREEN)
 TARGET = deployment("d1", "aaaaaaa", 41, Slot.BLUE)  # ran with 41: the guard must refuse
+
+
+# -- 1. the guard reads the table the URL's user sees, or fails closed -------------------------
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_the_urls_search_path_option_is_honoured_through_the_host_and_the_container(
+        side_db: SideDb, access: str) -> None:
+    env = side_db.env(access, "?options=-csearch_path%3Dapp")
+    assert database.schema_version(env) == database.SchemaVersion(42, False)
+    with pytest.raises(RunbookError) as refused:
+        rollback.schema_guard(env, CURRENT, TARGET, rollback.Options())
+    assert "schema is at 42" in str(refused.value)
+
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_a_migrations_table_off_the_search_path_fails_the_guard_closed(
+        side_db: SideDb, access: str) -> None:
+    env = side_db.env(access)  # search_path "$user", public: app.schema_migrations unseen
+    with pytest.raises(database.DatabaseError) as err:
+        database.schema_version(env)
+    text = str(err.value)
+    assert "\n" not in text.strip() and err.value.exit_code == ExitCode.PRECONDITION
+    assert "schema app" in err.value.message and "search_path" in text, text
+    assert "options=-csearch_path%3Dapp" in (err.value.fix or ""), err.value.fix
+    assert side_db.stack.password not in text
+    with pytest.raises(RunbookError):  # never "compatible"
+        rollback.schema_guard(env, CURRENT, TARGET, rollback.Options())
+
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_a_user_without_usage_on_the_tables_schema_fails_the_guard_closed(
+        side_db: SideDb, access: str) -> None:
+    role, password = f"pgschema_u_{secrets.token_hex(3)}", secrets.token_hex(8)
+    side_db.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'",
+                f"ALTER ROLE {role} SET search_path = app, public",
+                f"GRANT CONNECT ON DATABASE {side_db.name} TO {role}")
+    try:
+        env = side_db.env(access, user=role, password=password)
+        with pytest.raises(database.DatabaseError) as err:
+            database.schema_version(env)
+        assert "schema app" in err.value.message and "USAGE" in str(err.value), err.value
+        assert password not in str(err.value)
+        with pytest.raises(RunbookError):
+            rollback.schema_guard(env, CURRENT, TARGET, rollback.Options())
+    finally:
+        side_db.sql(f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+# -- 5. the read's statement_timeout ends with its transaction ----------------------------------
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_the_schema_reads_leave_no_setting_on_their_server_connection(
+        side_db: SideDb, access: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a transaction pooler the session is the pool's: what the read SETs stays for
+    the app's next transaction on that server connection. Asked on the read's own session,
+    right after it, as that next transaction would find it."""
+    env = side_db.env(access, "?options=-csearch_path%3Dapp")
+    left: list[str] = []
+    real = database.connect
+
+    class Pooled:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> Any:
+            return self.conn
+
+        def __exit__(self, *exc: object) -> None:
+            left.append(str(self.conn.execute("SHOW statement_timeout").fetchone()[0]))
+            self.conn.close()
+
+    monkeypatch.setattr(database, "connect", lambda *a, **kw: Pooled(real(*a, **kw)))
+    assert database.schema_version(env).version == 42
+    assert database.migration_under_way(env) is False
+    assert left == ["0", "0"], left
 
 
 # -- 7. URL parameters libpq does not know: one configuration error ----------------------------
