@@ -17,11 +17,12 @@ from urllib.parse import quote
 
 import pytest
 
-from runbook import database, rollback
+from runbook import database, rollback, snapshots
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError, ExitCode, RunbookError
-from runbook.snapshots import commands
+from runbook.snapshots import commands, replay, stats
+from runbook.snapshots import verify as verify_module
 from runbook.state.model import Deployment
 
 pytestmark = pytest.mark.docker
@@ -130,6 +131,34 @@ def test_a_user_without_usage_on_the_tables_schema_fails_the_guard_closed(
             rollback.schema_guard(env, CURRENT, TARGET, rollback.Options())
     finally:
         side_db.sql(f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+# -- 2. snapshots record, scan and check the same table ----------------------------------------
+
+def test_a_snapshot_records_verifies_and_restores_the_table_the_guard_reads(
+        side_db: SideDb) -> None:
+    side_db.sql(f"ALTER ROLE togather IN DATABASE {side_db.name} SET search_path = app, public")
+    env = side_db.env("host")
+    assert database.schema_version(env).version == 42  # the guard's reading: the oracle is
+    snap = snapshots.create(env, "manual")              # the row inserted above
+    assert (snap.migration_version, snap.meta.get("migrations_table")) == (
+        42, "app.schema_migrations"), snap.meta
+    verified = verify_module.verify(env, snap)
+    assert verified.migration_version == 42
+    assert verify_module.schema_version(env, snap) == 42
+    # a tooling snapshot of the same dump: no sidecar names the table or the version
+    tooling = snap.path.with_name(snap.path.name.replace("_manual", "_tooling"))
+    tooling.write_bytes(snap.path.read_bytes())
+    bare = snapshots.Snapshot(tooling, None)
+    assert verify_module.schema_version(env, bare) == 42
+    # the container's reading is the host's
+    assert stats.current_state(side_db.env("container"))[0].version == 42
+    # restored over a database migrated on to 43, the check reads 42 again
+    side_db.sql("UPDATE app.schema_migrations SET version = 43",
+                "INSERT INTO app.events (name) VALUES ('c')")
+    assert replay.replay(env, verified) is None
+    said = replay.check_matches(env, replay.RestoreRun(snap, verified))
+    assert said.startswith("schema 42;"), said
 
 
 # -- 5. the read's statement_timeout ends with its transaction ----------------------------------

@@ -1326,6 +1326,55 @@ def test_one_process_reads_a_tooling_dump_whole_once_for_the_guard_the_pick_and_
     assert guard < size // 4 and whole == [size], (read_bytes[dump], size)  # was 3 x size
 
 
+def migrations_in(env: Environment, tables: dict[str, int], named: str | None) -> Path:
+    """A dump holding schema_migrations in each schema of `tables` (pg_dump's order: schemas
+    by name) at its version, with a sidecar naming `named` as the table the guard read."""
+    blocks = b"".join(b"COPY %s.schema_migrations (version, dirty) FROM stdin;\n%d\tf\n\\.\n\n"
+                      % (schema.encode(), version) for schema, version in sorted(tables.items()))
+    sql = (b"-- Dumped by pg_dump version 15.8\n\n" + blocks
+           + b"COPY public.users (id, key) FROM stdin;\n1\tx\n\\.\n\n"
+           b"--\n-- PostgreSQL database dump complete\n--\n\n")
+    path = env.database.snapshot_dir / "togather_togather_20261201_000000_manual.sql.gz"
+    path.write_bytes(gzip.compress(sql, mtime=0))
+    meta = {"database": "togather", "reason": "manual", "timestamp": "2026-12-01T00:00:00Z",
+            **({"migrations_table": named} if named else {})}
+    path.with_name(path.name.removesuffix(".sql.gz") + ".meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.mark.parametrize(("tables", "named", "version"), [
+    ({"app": 42, "public": 7}, "app.schema_migrations", 42),  # what the guard read
+    ({"app": 42, "public": 7}, "public.schema_migrations", 7),
+    ({'"My App"': 42, "public": 7}, '"My App".schema_migrations', 42),  # quoted as pg_dump
+    ({"app": 42, "public": 7}, None, 7),  # the tooling's sidecar: public's, as before
+    ({"app": 42}, None, 42),  # the tooling's, one table elsewhere: that one (was 0)
+    ({}, None, 0),
+])
+def test_the_dump_is_read_at_the_schema_migrations_its_sidecar_names(
+        env: Environment, monkeypatch: pytest.MonkeyPatch, tables: dict[str, int],
+        named: str | None, version: int) -> None:
+    from runbook.snapshots import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "CHUNK", 7)  # blocks cut at every boundary
+    path = migrations_in(env, tables, named)
+    [snap] = [s for s in snapshots.own_snapshots(env) if s.path == path]
+    assert verify_module.schema_version(env, snap) == version  # read as far as it
+    assert verify_module.verify(env, snap).migration_version == version  # read whole
+
+
+def test_a_tooling_dump_with_schema_migrations_in_two_other_schemas_is_refused(
+        env: Environment) -> None:
+    """Which one the app's migrate uses cannot be told from the dump: neither is guessed."""
+    from runbook.snapshots import verify as verify_module
+
+    path = migrations_in(env, {"app": 42, "billing": 3}, None)
+    [snap] = [s for s in snapshots.own_snapshots(env) if s.path == path]
+    for read in (verify_module.schema_version, verify_module.verify):
+        with pytest.raises(snapshots.SnapshotError) as err:
+            read(env, snap)
+        assert "app.schema_migrations, billing.schema_migrations" in str(err.value)
+
+
 @pytest.mark.parametrize("age", [2.2, 0.0], ids=["settled", "just-written"])
 def test_a_dump_rewritten_in_place_after_it_was_read_is_read_again(
         env: Environment, read_bytes: dict[Path, list[int]], age: float) -> None:

@@ -28,7 +28,7 @@ from runbook.environment import Environment
 from runbook.errors import PreconditionError
 from runbook.snapshots import commands
 from runbook.snapshots.commands import GZIP_LEVEL, DbCommand, Target, target
-from runbook.snapshots.stats import read_snapshot, schema_row, table_stats
+from runbook.snapshots.stats import read_snapshot, table_stats
 from runbook.snapshots.store import (
     META_SUFFIX,
     SUFFIX,
@@ -83,7 +83,7 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
             tmp = directory / f".{stem}{SUFFIX}.{secrets.token_hex(4)}.partial"
             dead_partials(directory, remove=True)  # a killed run's dump may fill the disk
             snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-            schema = schema_row(conn)
+            schema, table = database.read_schema(conn, env.database.url_variable)
             stats = table_stats(conn)
             server = conn.execute("SHOW server_version").fetchone()[0]
             sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory, held)
@@ -102,6 +102,9 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
             "duration_seconds": round(time.monotonic() - began, 3),
             "migration_version": schema.version,
             "dirty": schema.dirty,
+            # which schema_migrations that is (the one the guard reads), as pg_dump names it:
+            # verify reads the dump's copy of that one
+            "migrations_table": table,
             "sha256": sha,
             "tables": {k: {"rows": v.rows, "max_created_at": v.max_created_at,
                            "has_created_at": v.has_created_at} for k, v in stats.items()},

@@ -60,14 +60,6 @@ def table_stats(conn: Any) -> dict[str, TableStats]:
     return out
 
 
-def schema_row(conn: Any) -> database.SchemaVersion:
-    if conn.execute("SELECT to_regclass('public.schema_migrations')").fetchone()[0] is None:
-        return database.SchemaVersion(0, False)
-    row = conn.execute("SELECT version, dirty FROM public.schema_migrations LIMIT 1").fetchone()
-    return database.SchemaVersion(int(row[0]), bool(row[1])) if row else database.SchemaVersion(
-        0, False)
-
-
 @contextlib.contextmanager
 def read_snapshot(env: Environment) -> Iterator[Any]:
     """A read-only REPEATABLE READ transaction: one consistent view for stats (and pg_dump).
@@ -158,9 +150,10 @@ def server_version(env: Environment) -> tuple[int, int]:
 
 
 def current_state(env: Environment) -> tuple[database.SchemaVersion, dict[str, TableStats]]:
-    """The schema version and per-table stats right now, read consistently."""
+    """The schema version (the table the guard reads) and per-table stats right now, read
+    consistently."""
     with read_snapshot(env) as conn:
-        return schema_row(conn), table_stats(conn)
+        return database.read_schema(conn, env.database.url_variable)[0], table_stats(conn)
 
 
 

@@ -142,6 +142,13 @@ class Snapshot:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
+    def migrations_table(self) -> str | None:
+        """The schema_migrations migration_version was read from (`app.schema_migrations`),
+        qualified as pg_dump writes it; None when the sidecar names none (the tooling's)."""
+        value = self._m("migrations_table")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def dirty(self) -> bool:
         return bool(self._m("dirty"))
 

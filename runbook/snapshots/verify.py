@@ -49,10 +49,15 @@ class Verified:
     restrict: bool = False  # the dump holds psql's `\restrict` (pg_dump 17.6, 16.10, ...)
 
 
-_SM_HEADER = b"\nCOPY public.schema_migrations "
-_SCHEMA_RE = re.compile(rb"^CREATE SCHEMA ([^;\n]+);$", re.M)
-_SM_RE = re.compile(rb"^COPY public\.schema_migrations \(([^)]*)\) FROM stdin;\n(.*?)^\\\.$",
+# pg_dump's COPY of a schema_migrations in any schema, named as database.read_schema records
+# it (the sidecar's migrations_table); the columns, then the rows up to `\.`
+_SM_MARK = b".schema_migrations ("
+_SM_NAME = rb'(?:"(?:[^"\n]|"")+"|[^\s."]+)\.schema_migrations'
+_SM_START = re.compile(rb"^COPY " + _SM_NAME + rb" \(", re.M)
+_SM_RE = re.compile(rb"^COPY (" + _SM_NAME + rb") \(([^)]*)\) FROM stdin;\n(.*?)^\\\.$",
                     re.M | re.S)
+DEFAULT_TABLE = "public.schema_migrations"
+_SCHEMA_RE = re.compile(rb"^CREATE SCHEMA ([^;\n]+);$", re.M)
 
 
 _DUMPED_BY_RE = re.compile(rb"^-- Dumped by pg_dump version (\d+)(?:\.(\d+))?", re.M)
@@ -63,20 +68,40 @@ _LARGE_OBJECT_RE = re.compile(rb"^SELECT pg_catalog\.lo_open\(", re.M)
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
 
 
-def _schema_rows(piece: bytes) -> tuple[int, bool] | None:
-    """schema_migrations' row in `piece` (0 for an empty table), None when it is not in it."""
-    match = _SM_RE.search(piece)
-    if not match:
-        return None
-    columns = [c.strip() for c in match.group(1).decode().split(",")]
-    rows = [r for r in match.group(2).decode().splitlines() if r]
-    if not rows:
-        return (0, False)
-    values = dict(zip(columns, rows[0].split("\t"), strict=False))
-    try:
-        return (int(values["version"]), values.get("dirty") == "t")
-    except (ValueError, KeyError):
-        return None
+def _schema_rows(piece: bytes) -> dict[str, tuple[int, bool]]:
+    """Each schema_migrations' row in `piece` by its qualified name (0 for an empty table)."""
+    found: dict[str, tuple[int, bool]] = {}
+    for match in _SM_RE.finditer(piece):
+        columns = [c.strip() for c in match.group(2).decode().split(",")]
+        rows = [r for r in match.group(3).decode().splitlines() if r]
+        if not rows:
+            found[match.group(1).decode()] = (0, False)
+            continue
+        values = dict(zip(columns, rows[0].split("\t"), strict=False))
+        with contextlib.suppress(ValueError, KeyError):
+            found[match.group(1).decode()] = (int(values["version"]), values.get("dirty") == "t")
+    return found
+
+
+def _answered(snap: Snapshot, found: dict[str, tuple[int, bool]]) -> bool:
+    """Whether `found` holds the table _pick takes, so a read may stop."""
+    return (snap.migrations_table or DEFAULT_TABLE) in found
+
+
+def _pick(snap: Snapshot, found: dict[str, tuple[int, bool]]) -> tuple[int, bool]:
+    """The dump's version of the schema_migrations its sidecar names: the one the database's
+    user read (on its search_path) when it was taken. A tooling sidecar names none: public's,
+    else the only one; several and none of them public's cannot be told apart."""
+    table = snap.migrations_table
+    if table is None and DEFAULT_TABLE in found:
+        table = DEFAULT_TABLE
+    if table is None and len(found) > 1:
+        raise SnapshotError(
+            f"snapshot {snap.name} holds schema_migrations in several schemas "
+            f"({', '.join(sorted(found))}) and no sidecar says which the app uses; nothing "
+            "was changed", "pick a snapshot taken by the runbook (`runbook snapshot list`), "
+            "whose sidecar names it")
+    return found.get(table or next(iter(found), ""), (0, False))
 
 
 class _Scanner:
@@ -87,7 +112,7 @@ class _Scanner:
         self.carry = b""
         self.tail = b""
         self.schemas: list[bytes] = []
-        self.sm: tuple[int, bool] | None = None
+        self.sm: dict[str, tuple[int, bool]] = {}  # schema_migrations' rows, by table
         self.head = True
         self.dumped_by: tuple[int, int] | None = None
         self.restrict = False
@@ -105,9 +130,9 @@ class _Scanner:
         self.tail = (self.tail + chunk)[-4096:]
         buf = self.carry + chunk
         cut = buf.rfind(b"\n") + 1
-        start = buf.rfind(_SM_HEADER, 0, cut)
-        if start != -1 and buf.find(b"\n\\.\n", start) == -1:
-            cut = start + 1  # keep the unfinished COPY block for the next chunk
+        starts = [m.start() for m in _SM_START.finditer(buf, 0, cut)] if _SM_MARK in buf else []
+        if starts and buf.find(b"\n\\.\n", starts[-1]) == -1:
+            cut = starts[-1]  # keep the unfinished COPY block for the next chunk
         self._scan(buf[:cut])
         self.carry = buf[cut:]
         if len(self.carry) > 16 * CHUNK:  # a pathological line: stop carrying it
@@ -120,8 +145,8 @@ class _Scanner:
     def _scan(self, piece: bytes) -> None:
         if b"CREATE SCHEMA " in piece:
             self.schemas += [m.group(1).strip() for m in _SCHEMA_RE.finditer(piece)]
-        if b"COPY public.schema_migrations " in piece:
-            self.sm = _schema_rows(piece) or self.sm
+        if _SM_MARK in piece:
+            self.sm.update(_schema_rows(piece))
 
 
 def chunks(path: Path, sha: Any) -> Generator[bytes, None, None]:
@@ -238,7 +263,8 @@ class _File:
 
 _LOCK = threading.Lock()  # plans read files from probe threads
 _READS: dict[_File, tuple[str, _Scanner]] = {}  # a whole file: its sha256 and what it holds
-_SCHEMAS: dict[_File, tuple[int, bool]] = {}  # a file read up to schema_migrations' rows
+# a file read up to schema_migrations' rows: for which table (the sidecar's), what it holds
+_SCHEMAS: dict[_File, tuple[str | None, tuple[int, bool]]] = {}
 
 
 def _recalled(memo: dict[_File, _T], file: _File) -> _T | None:
@@ -290,42 +316,31 @@ def schema_version(env: Environment, snap: Snapshot) -> int:
     """The schema_migrations version the dump holds, read only as far as its rows: the
     schema guard's question about a tooling snapshot, whose sidecar names none. pg_dump
     writes table data in name order: the tables after schema_migrations and the indexes are
-    not read, nor is anything hashed. No proof that the file restores (verify() is, and the
-    restore calls it). Raises what verify() raises for a file that is not this database's,
-    or that is cut off or corrupt before the rows."""
+    not read, nor is anything hashed (a tooling dump without public.schema_migrations is read
+    to its end: another schema's may not be the only one). No proof that the file restores
+    (verify() is, and the restore calls it). Raises what verify() raises for a file that is
+    not this database's, or that is cut off or corrupt before the rows."""
     _fits(env, snap)
     read_at = time.time()
-    found: tuple[int, bool] | None = None
-    carry = tail = b""
+    scanner = _Scanner()
     with _reading(snap):
         file = _File.of(snap.path)
         if (whole := _recalled(_READS, file)) is not None:
-            found, tail = whole[1].sm, whole[1].tail
-        elif (found := _recalled(_SCHEMAS, file)) is not None:
-            return found[0]
+            scanner = whole[1]
+        elif (known := _recalled(_SCHEMAS, file)) is not None and known[0] == snap.migrations_table:
+            return known[1][0]
         else:
             with contextlib.closing(chunks(snap.path, _Unhashed())) as stream:
                 for chunk in stream:
-                    buf = carry + chunk
-                    tail = (tail + chunk)[-4096:] if len(chunk) < 4096 else chunk[-4096:]
-                    start = buf.find(_SM_HEADER)
-                    while start != -1 and found is None:
-                        end = buf.find(b"\n\\.\n", start)
-                        if end == -1:
-                            break  # its rows go on in the next chunk
-                        found = _schema_rows(buf[start + 1:end + 4])
-                        start = buf.find(_SM_HEADER, end)
-                    if found is not None:
+                    scanner.feed(chunk)
+                    if _answered(snap, scanner.sm):
                         break
-                    carry = (buf[start:] if start != -1 and len(buf) - start < 16 * CHUNK
-                             else buf[-len(_SM_HEADER):])
-            if found is not None:
-                _remember(_SCHEMAS, file, read_at, found)
-    if found is None:
-        if TRAILER not in tail:
-            raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was "
-                                  "cut off)")
-        found = (0, False)  # a whole dump without schema_migrations, as verify() reads it
+                else:
+                    scanner.finish()
+    if not _answered(snap, scanner.sm) and TRAILER not in scanner.tail:
+        raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was cut off)")
+    found = _pick(snap, scanner.sm)  # none at all: 0, as verify() reads it
+    _remember(_SCHEMAS, file, read_at, (snap.migrations_table, found))
     return found[0]
 
 
@@ -353,7 +368,7 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
             "a bytea column")
     if TRAILER not in scanner.tail:
         raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was cut off)")
-    version, dirty = scanner.sm or (0, False)
+    version, dirty = _pick(snap, scanner.sm)
     if snap.migration_version is not None and snap.migration_version != version:
         raise _bad_file(snap, f"holds schema_migrations {version} but its sidecar says "
                               f"{snap.migration_version}")
