@@ -44,9 +44,9 @@ lint: venv
 
 # pytest-xdist: WORKERS processes, each with its own drill stack (its own run id, ports and
 # temp dir); the drill report is merged into one. The drill: 2 on a 2-core machine (its
-# scenarios keep both cores busy; a third stack only queued, README "Figures"). The whole
-# suite: 4, whose tests wait more on Docker, Caddy and the apps (2 workers left the cores a
-# third idle; 4 cut the main run from 9 min 35 s to 7 min 42 s, README run 21).
+# scenarios keep both cores busy; a third stack only queued: bench/FIGURES-HISTORY.md). The
+# whole suite: 4, whose tests wait more on Docker, Caddy and the apps (2 workers left the cores a
+# third idle; 4 cut the main run from 9 min 35 s to 7 min 42 s, bench/FIGURES-HISTORY.md run 21).
 WORKERS ?= 2
 XDIST := -n $(WORKERS) --dist loadgroup
 TEST_WORKERS ?= 4
