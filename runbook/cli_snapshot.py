@@ -65,6 +65,9 @@ def create(
             snap = snapshots.create(environment, reason)
             log("SUCCESS", f"snapshot taken: {snap.path}", snapshot=str(snap.path),
                 schema=snap.migration_version, sha256=(snap.meta or {}).get("sha256"))
+            if snap.warning:
+                log("WARN", f"snapshot {snap.name}: {snap.warning}")
+                notice(f"{run.WARNING}snapshot {snap.name}: {snap.warning}")
     except RunbookError as exc:
         _fail(exc, fmt)
     data = snap.to_json(environment.database.retention_days)

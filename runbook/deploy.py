@@ -204,6 +204,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         snapshot_schema.append(snap.migration_version)
         observed.snapshot_path = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
+        if snap.warning:  # e.g. large objects written since the plan: before the migration
+            ctx.note(warning=snap.warning)
+            ctx.notice(f"the pre-deploy snapshot {snap.name}: {snap.warning}")
 
     def baseline() -> int | None:
         """The schema before this deployment's migrations: a rerun of an interrupted deploy
@@ -414,6 +417,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         warnings.insert(0, finish.replacing_warning(env, old_record, "deploy"))
     if accepted:  # first: what on-call chose to override
         warnings.insert(0, accepted)
+    if not taken and _holds_large_objects(env):
+        warnings.append("the database holds large objects: the pre-deploy snapshot will be "
+                        "one the runbook cannot restore (`rollback --restore-snapshot` refuses "
+                        "it), so this deploy migrates without the runbook's way back; restore "
+                        "by hand if needed, or move them into a bytea column first")
     summary = (f"deploy {version} to {env.display}'s {target} slot ("
                + ("Caddy dials neither slot now)" if dialed_none else f"traffic now on {live})"))
     return Plan("deploy", env, summary, steps, warnings, diff,
@@ -524,6 +532,18 @@ def _still_migrating(env: Environment, slot: Slot) -> str | None:
         return (f"a migration is under way (the database schema is dirty at version "
                 f"{schema.version} and a session holds a migration lock)")
     return None
+
+
+def _holds_large_objects(env: Environment) -> bool:
+    """Whether the pre-deploy snapshot will hold large objects, which the restore refuses:
+    said in the plan, before the migration it is taken for. A database that cannot be read
+    now fails the snapshot step itself, before any change."""
+    from runbook import snapshots
+
+    try:
+        return snapshots.holds_large_objects(env)
+    except RunbookError:
+        return False
 
 
 def _revision(image: str) -> str:

@@ -152,6 +152,8 @@ def restore_steps(env: Environment, run: RestoreRun,
         run.safety = create(env, SAFETY_REASON)
         facts["safety_snapshot"] = str(run.safety.path)
         ctx.note(safety_snapshot=str(run.safety.path))
+        if run.safety.warning:  # large objects written since the target: it cannot restore
+            ctx.notice(f"the safety snapshot {run.safety.name}: {run.safety.warning}")
         if killed is not None:  # carried on: a rerun of this run, killed too, still finds it
             ctx.note(**{EARLIER: killed["safety"]})
 

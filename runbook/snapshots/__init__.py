@@ -29,6 +29,7 @@ from runbook.snapshots.stats import (
     LossWindow,
     TableLoss,
     current_state,
+    holds_large_objects,
     loss_window,
     table_stats,
 )
@@ -57,8 +58,8 @@ from runbook.times import human_duration
 __all__ = [
     "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "FutureSnapshotError", "LossWindow",
     "RestoreRun", "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified",
-    "cleanup", "create", "current_state", "dump_command", "find", "human_duration",
-    "latest_before", "list_snapshots", "live_witness", "load", "loss_window", "own_snapshots",
-    "pre_deploy_snapshot", "pre_deploy_witness", "replay_command", "schema_witness",
-    "snapshot_stem", "table_stats", "target",
+    "cleanup", "create", "current_state", "dump_command", "find", "holds_large_objects",
+    "human_duration", "latest_before", "list_snapshots", "live_witness", "load", "loss_window",
+    "own_snapshots", "pre_deploy_snapshot", "pre_deploy_witness", "replay_command",
+    "schema_witness", "snapshot_stem", "table_stats", "target",
 ]

@@ -28,7 +28,12 @@ from runbook.environment import Environment
 from runbook.errors import PreconditionError
 from runbook.snapshots import commands
 from runbook.snapshots.commands import GZIP_LEVEL, DbCommand, Target, target
-from runbook.snapshots.stats import read_snapshot, table_stats
+from runbook.snapshots.stats import (
+    LARGE_OBJECTS,
+    LARGE_OBJECTS_SQL,
+    read_snapshot,
+    table_stats,
+)
 from runbook.snapshots.store import (
     META_SUFFIX,
     SUFFIX,
@@ -66,7 +71,8 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     """Dump the database to snapshot_dir; returns the finished, fsynced snapshot.
 
     Fails before writing anything when the database is unreachable, and removes its partial
-    file when the disk fills up or pg_dump fails.
+    file when the disk fills up or pg_dump fails. What the caller must pass on (a schema
+    other than expected, large objects the restore refuses) is the sidecar's `warning`.
     """
     tgt = target(env)
     directory = env.database.snapshot_dir
@@ -86,6 +92,7 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
             schema, table = database.read_schema(conn, env.database.url_variable)
             stats = table_stats(conn)
             server = conn.execute("SHOW server_version").fetchone()[0]
+            large_objects = bool(conn.execute(LARGE_OBJECTS_SQL).fetchone()[0])
             sha, size = _dump_to(tmp, commands.dump(tgt, snapshot_id), tgt, directory, held)
         meta: dict[str, Any] = {
             "snapshot_name": "",  # chosen when the dump is done (_publish)
@@ -113,9 +120,14 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
             "format": "pg_dump plain, gzip",
             "created_by": "togather-runbook",
         }
+        warnings = []
         if expected_migration_version is not None and expected_migration_version != schema.version:
-            meta["warning"] = (f"the caller expected schema {expected_migration_version}, the "
-                               f"database was at {schema.version}")
+            warnings.append(f"the caller expected schema {expected_migration_version}, the "
+                            f"database was at {schema.version}")
+        if large_objects:  # said now, not first by the restore's refusal during an incident
+            warnings.append(LARGE_OBJECTS)
+        if warnings:
+            meta["warning"] = "; ".join(warnings)
         return Snapshot(_publish(tmp, directory, tgt.dbname, when, reason, meta), meta)
     finally:
         for fd in held:

@@ -149,6 +149,20 @@ def server_version(env: Environment) -> tuple[int, int]:
     return number // 10000, number % 10000
 
 
+LARGE_OBJECTS_SQL = "SELECT EXISTS (SELECT 1 FROM pg_largeobject_metadata)"
+# a snapshot's sidecar warning, and what the deploy plan says before its pre-deploy snapshot
+LARGE_OBJECTS = ("it holds large objects, which the runbook's one-transaction restore refuses: "
+                 "the runbook cannot restore this snapshot (restore it by hand, as the "
+                 "refusal says, or move the large objects into a bytea column)")
+
+
+def holds_large_objects(env: Environment) -> bool:
+    """Whether the database holds large objects: a snapshot of it is one the restore refuses
+    (verify.py), which on-call must learn before a deploy migrates behind it."""
+    with read_snapshot(env) as conn:
+        return bool(conn.execute(LARGE_OBJECTS_SQL).fetchone()[0])
+
+
 def current_state(env: Environment) -> tuple[database.SchemaVersion, dict[str, TableStats]]:
     """The schema version (the table the guard reads) and per-table stats right now, read
     consistently."""

@@ -161,6 +161,13 @@ class Snapshot:
         return str(self._m("deployment_id") or "")
 
     @property
+    def warning(self) -> str | None:
+        """What its taking found that on-call must hear (dump.create), e.g. large objects
+        the restore refuses."""
+        value = self._m("warning")
+        return str(value) if value else None
+
+    @property
     def git_commit(self) -> str:
         return str(self._m("git_commit") or "")
 
@@ -221,6 +228,7 @@ class Snapshot:
             "expires_at": _fmt(self.expires_at(retention_days)),
             "tables": {k: v.rows for k, v in self.tables.items()},
             "problems": list(self.problems), "dated_in_future": self.ahead() is not None,
+            "warning": self.warning,
         }
 
 
