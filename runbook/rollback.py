@@ -506,6 +506,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         restore_steps = snapshot_restore.restore_steps(
             env, snapshot_restore.prepare(env, guard.restore), facts=facts, run_id=run_id,
             end_sessions=options.end_sessions, switch_to=standby)
+        if facts.get("privileges_lost"):
+            warnings.append(facts["privileges_lost"])
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",

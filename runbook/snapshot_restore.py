@@ -38,6 +38,7 @@ from runbook.snapshots.replay import (
     RestoreRun,
     after_failed_replay,
     check_matches,
+    check_privileges,
     prelude,
     replay,
 )
@@ -72,11 +73,13 @@ def restore_steps(env: Environment, run: RestoreRun,
     The safety snapshot comes after the stop: taken while the app still wrote, a write made
     after its export and before the stop would be in neither it nor the restored database.
     Starting the target slot afterwards is the caller's step. `facts` is only the plan's
-    JSON summary (--format json, reports): restore_snapshot, restore_migration_version, and
-    once known safety_snapshot and restored; no step reads it. `run_id` (this run's) lets the
-    plan find a previous run killed during or after its own restore (`killed_restore`): this
-    run's safety snapshot is then of the database as that run left it, and the data from
-    before it is in that run's safety snapshot, which the plan and every message name.
+    JSON summary (--format json, reports): restore_snapshot, restore_migration_version,
+    privileges_lost (the plan's warning of what other roles lose, or None; the caller shows
+    it), and once known safety_snapshot and restored; no step reads it. `run_id` (this
+    run's) lets the plan find a previous run killed during or after its own restore
+    (`killed_restore`): this run's safety snapshot is then of the database as that run left
+    it, and the data from before it is in that run's safety snapshot, which the plan and
+    every message name.
     `standalone`: `runbook snapshot restore`, with no target slot to switch to afterwards
     (what a failure after the restore tells on-call to run differs). `end_sessions`: other
     sessions on the database found before the safety snapshot are ended, not refused
@@ -98,6 +101,11 @@ def restore_steps(env: Environment, run: RestoreRun,
     now_schema, _ = current_state(env)  # unreachable -> refused here, before any change
     run.schema_now = now_schema
     check_server(snapshot, verified, server_version(env))
+    taken = check_privileges(env)  # refuses a replay this user cannot run, before any change
+    facts["privileges_lost"] = (
+        f"the restore removes the privileges other roles hold (snapshots keep no GRANTs or "
+        f"owners, nor does the safety snapshot; {taken[0]} owns everything after it): "
+        f"{taken[1]}; re-grant what they need once it is done" if taken else None)
     window = loss_window(env, snapshot).describe()
     killed = killed_restore(env, run_id)
     facts["earlier_safety_snapshot"] = killed["safety"] if killed else None
@@ -231,6 +239,10 @@ def restore_steps(env: Environment, run: RestoreRun,
         if committed_anyway:
             ctx.notice(committed_anyway)
             ctx.note(exec_failed_but_committed=committed_anyway)
+        if taken:  # the plan's warning, said again where the terminal ends
+            ctx.notice(f"the restore removed the privileges other roles held ({taken[0]} "
+                       f"owns everything now): {taken[1]}; re-grant what they need "
+                       "(`GRANT ... TO <role>`)")
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
             fit = [n for n in run.stopped + run.held_down if n not in run.unfit]
             then = (f"start the stopped app containers on the restored database (`docker "
@@ -725,7 +737,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         restore_run = prepare(env, snap)
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
                               end_sessions=end_sessions)
-        warnings = []
+        warnings = [facts["privileges_lost"]] if facts.get("privileges_lost") else []
         if facts.get("earlier_safety_snapshot"):
             warnings.append(f"the last run was killed during or after its restore: the data "
                             f"from before it is in {facts['earlier_safety_snapshot']}; this "

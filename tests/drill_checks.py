@@ -199,6 +199,66 @@ def migrated(stack: DrillStack) -> Environment:
     return stack.env
 
 
+# --- a database owned by a role that is no superuser ----------------------------------------
+
+
+@contextlib.contextmanager
+def owned_by_a_role(stack: DrillStack, monkeypatch: pytest.MonkeyPatch, role: str,
+                    ) -> Iterator[Environment]:
+    """The drill database, its public schema and tables owned by `role`, a login role that is
+    no superuser, and the environment's DATABASE_URL naming it (the process's, from the
+    same host as the stack's own): a host whose app user owns its schema. The stack's owner
+    (a superuser) gets everything back after, and the role is dropped."""
+    import re
+    import secrets
+
+    from psycopg import sql
+
+    from runbook import database
+    from runbook.drill.stack import DB_NAME, DB_USER
+
+    password = f"Own3r{secrets.token_hex(6)}"
+    who = sql.Identifier(role)
+    with stack.connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {}").format(
+            who, sql.Literal(password)))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(DB_NAME), who))
+        conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(who))
+        for (table,) in conn.execute("SELECT tablename FROM pg_tables "
+                                     "WHERE schemaname = 'public'").fetchall():
+            conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                sql.Identifier("public", table), who))  # its serial sequences follow
+    url = re.sub(r"//[^@/]*@", f"//{role}:{password}@", database.url(stack.env), count=1)
+    monkeypatch.setenv(stack.env.database.url_variable, url)
+    try:
+        yield stack.env.with_(database=dataclasses.replace(stack.env.database, env_file=None))
+    finally:
+        monkeypatch.delenv(stack.env.database.url_variable)
+        with stack.connect() as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(DB_NAME), sql.Identifier(DB_USER)))
+            conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
+                who, sql.Identifier(DB_USER)))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(who))
+            conn.execute(sql.SQL("DROP ROLE {}").format(who))
+
+
+@contextlib.contextmanager
+def reporting_schema(stack: DrillStack, role: str) -> Iterator[None]:
+    """A DBA's schema beside the app's, owned by the stack's superuser, readable by `role`
+    (so its snapshots can dump it); dropped after (the stack's reset drops only public)."""
+    with stack.connect() as conn:
+        conn.execute("CREATE SCHEMA reporting; CREATE TABLE reporting.daily (d date)")
+        conn.execute(f"GRANT USAGE ON SCHEMA reporting TO {role}; "
+                     f"GRANT SELECT ON reporting.daily TO {role}")
+    try:
+        yield
+    finally:
+        with stack.connect() as conn:
+            conn.execute("DROP SCHEMA IF EXISTS reporting CASCADE")
+
+
 # --- a build under another name (a moving tag) -------------------------------------------
 
 

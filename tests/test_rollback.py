@@ -34,6 +34,8 @@ from tests.drill_checks import (
     closed_port,
     compose_naming,
     migrated,
+    owned_by_a_role,
+    reporting_schema,
     retag,
     running_from,
     snapshot,
@@ -1744,6 +1746,27 @@ def test_schema_ahead_names_the_snapshot_and_restore_rolls_back_with_known_loss(
     assert st.current and st.current.version == V1.tag and st.current.status == "active"
     safety = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
     assert len(safety) == 2  # the pre-deploy snapshot and the safety snapshot of the restore
+
+
+def test_a_restore_the_database_user_may_not_perform_is_refused_while_planning(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review (drill_owner.py): with the app user owning all but a DBA's schema,
+    `rollback --restore-snapshot --dry-run` passed, and the real run stopped the serving
+    slot and took the safety snapshot before its DROP SCHEMA failed "must be owner": an
+    outage of the restore's length, made by the tool. Both refuse while planning now."""
+    migrated(stack)
+    role = "runbook_test_owner"
+    with owned_by_a_role(stack, monkeypatch, role) as env, reporting_schema(stack, role):
+        folder = sorted(p.name for p in env.database.snapshot_dir.iterdir())
+        before = snapshot(env)
+        for dry_run in (True, False):
+            with pytest.raises(RunbookError) as err:
+                rollback.rollback(env, rollback.Options(restore_snapshot="auto"),
+                                  dry_run=dry_run)
+            assert err.value.exit_code == ExitCode.PRECONDITION, str(err.value)
+            assert "schema reporting" in err.value.message, err.value.message
+            assert snapshot(env) == before  # still serving v2 from green, nothing stopped
+            assert sorted(p.name for p in env.database.snapshot_dir.iterdir()) == folder
 
 
 def test_a_rollback_that_restores_names_the_restored_and_the_safety_snapshot_in_its_output(

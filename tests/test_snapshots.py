@@ -34,10 +34,11 @@ from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
 from runbook.snapshots import dump as dump_module
+from runbook.snapshots import replay as replay_module
 from runbook.snapshots import store as store_module
 from runbook.snapshots import verify as verify_module
 from runbook.state import format_time
-from tests.drill_checks import fill, tmpfs
+from tests.drill_checks import fill, owned_by_a_role, reporting_schema, tmpfs
 
 pytestmark = pytest.mark.docker
 
@@ -421,6 +422,93 @@ def test_a_snapshot_of_a_database_with_large_objects_says_the_runbook_cannot_res
             conn.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
     plain = snapshots.create(env, "without")
     assert "warning" not in json.loads(plain.meta_path.read_text())
+
+
+def test_a_restore_the_database_user_may_not_perform_is_refused_before_the_app_stops(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the restore drops every schema, which only their owner (or a
+    superuser) may. With the app user owning everything but a DBA's `reporting` schema, the
+    dry run passed; the real run stopped the app, took its safety snapshot, then failed
+    "must be owner of schema reporting" and started the app again: an outage for a refusal
+    planning could have made. Both are refused while planning now, nothing changed."""
+    add_items(stack, "kept")
+    role = "runbook_test_owner"
+    with owned_by_a_role(stack, monkeypatch, role) as env, reporting_schema(stack, role):
+        snap = snapshots.create(env, "owned")
+        for dry_run in (True, False):
+            before = untouched(stack)
+            with pytest.raises(RunbookError) as err:
+                snapshot_restore.restore(env, snap.name, dry_run=dry_run)
+            assert err.value.exit_code == ExitCode.PRECONDITION, str(err.value)
+            message = err.value.message
+            assert "\n" not in message and "nothing was changed" in message, message
+            assert role in message and "schema reporting" in message, message
+            assert err.value.fix and "owner" in err.value.fix, err.value.fix
+            assert untouched(stack) == before  # the app never stopped, no safety snapshot
+        through_container = env.with_(database=dataclasses.replace(env.database,
+                                                                  access="container"))
+        with pytest.raises(RunbookError, match="does not own schema reporting"):
+            replay_module.check_privileges(through_container)  # psql's booleans too
+        # owning the schema is enough to drop what is in it, a superuser's extension too;
+        # but the dump then creates that extension again, which only a superuser may do
+        # for an untrusted one (file_fdw reads the server's files)
+        with stack.connect() as conn:
+            conn.execute(f"ALTER SCHEMA reporting OWNER TO {role}; "
+                         "CREATE EXTENSION file_fdw SCHEMA reporting")
+        snap = snapshots.create(env, "extension")
+        before = untouched(stack)
+        with pytest.raises(RunbookError) as err:
+            snapshot_restore.restore(env, snap.name)
+        assert err.value.exit_code == ExitCode.PRECONDITION, str(err.value)
+        assert "extension file_fdw" in err.value.message, err.value.message
+        assert "does not own" not in err.value.message, err.value.message
+        assert untouched(stack) == before
+
+
+def test_a_restore_says_which_roles_lose_which_privileges_and_ownerships_before_it_runs(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: snapshots hold no GRANTs and no owners (--no-acl --no-owner), and
+    the restore drops every schema: a role's privileges went t|t|t -> f|f|f after a restore
+    that said nothing. The plan now names what each role loses, and the run says it again
+    once the restore is done. Owning every schema is all the restore needs: a table in it
+    owned by another role is dropped with the schema, and passes to the restoring user."""
+    role, reader = "runbook_test_owner", "runbook_test_reader"
+    add_items(stack, "kept")
+    with owned_by_a_role(stack, monkeypatch, role) as env, reporting_schema(stack, role):
+        with stack.connect() as conn:
+            conn.execute(f"ALTER SCHEMA reporting OWNER TO {role}")  # the table stays the DBA's
+            conn.execute(f"CREATE ROLE {reader} NOLOGIN")
+            conn.execute(f"GRANT USAGE ON SCHEMA reporting TO {reader}; "
+                         f"GRANT SELECT ON items TO {reader}; "
+                         f"GRANT SELECT, INSERT ON reporting.daily TO {reader}")
+        try:
+            snap = snapshots.create(env, "granted")
+            through_container = env.with_(database=dataclasses.replace(env.database,
+                                                                      access="container"))
+            found = replay_module.check_privileges(env)
+            assert found is not None and found == replay_module.check_privileges(
+                through_container)  # psql in the container answers as psycopg does
+            dry = snapshot_restore.restore(env, snap.name, dry_run=True)
+            said = " ".join(w for w in dry.plan.warnings if "privileges" in w)
+            for words in (reader, "SELECT on public.items", "USAGE on schema reporting",
+                          "INSERT, SELECT on reporting.daily",
+                          "togather loses ownership of reporting.daily", role):
+                assert words in said, (words, dry.plan.warnings)
+            result = snapshot_restore.restore(env, snap.name)
+            assert any(reader in n and "privileges" in n for n in result.notices), \
+                result.notices
+            with stack.connect() as conn:
+                after = conn.execute(
+                    "SELECT has_table_privilege(%(r)s, 'public.items', 'SELECT'), "
+                    "has_table_privilege(%(r)s, 'reporting.daily', 'INSERT'), "
+                    "has_schema_privilege(%(r)s, 'reporting', 'USAGE'), "
+                    "pg_get_userbyid(relowner) FROM pg_class "
+                    "WHERE oid = 'reporting.daily'::regclass", {"r": reader}).fetchone()
+            assert after == (False, False, False, role)  # as the plan said
+            assert item_names(stack) == ["kept"]
+        finally:
+            with stack.connect() as conn:
+                conn.execute(f"DROP OWNED BY {reader}; DROP ROLE {reader}")
 
 
 def test_the_restrict_meta_command_is_refused_only_where_psql_predates_it() -> None:

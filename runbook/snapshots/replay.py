@@ -36,9 +36,9 @@ from typing import IO
 
 from runbook import database, faults
 from runbook.environment import Environment
-from runbook.errors import ExitCode, RunbookError
+from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.snapshots import commands, sessions
-from runbook.snapshots.stats import current_state
+from runbook.snapshots.stats import current_state, read_snapshot
 from runbook.snapshots.store import Snapshot
 from runbook.snapshots.verify import TRAILER, Verified, chunks
 
@@ -109,6 +109,119 @@ def prelude(verified: Verified) -> bytes:
             + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\n" + DROP_THE_REST
             + sessions.IN_TRANSACTION.encode()
             + b"CREATE SCHEMA public;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n")
+
+
+# Who runs the replay, and what it may do. The prelude's DROP SCHEMA needs the ownership of
+# each schema (a schema's owner drops what is in it, whoever owns that); the dump then
+# creates every schema again (CREATE on the database) and the extensions in them, which a
+# superuser alone may for an untrusted one (file_fdw, postgres_fdw).
+_WHO_SQL = """
+SELECT current_user::text, r.rolsuper, has_database_privilege(current_database(), 'CREATE')
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+_DROPPED = "nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%'"  # DROP_THE_REST's
+_CANNOT_SQL = f"""
+SELECT 'schema', quote_ident(nspname), quote_ident(pg_get_userbyid(nspowner))
+FROM pg_namespace WHERE {_DROPPED} AND NOT pg_has_role(current_user, nspowner, 'USAGE')
+UNION ALL
+SELECT 'extension', quote_ident(e.extname), quote_ident(n.nspname)
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+LEFT JOIN pg_available_extension_versions v ON v.name = e.extname AND v.version = e.extversion
+WHERE {_DROPPED.replace("nspname", "n.nspname")}
+  AND coalesce(v.superuser AND NOT coalesce((to_jsonb(v) ->> 'trusted')::boolean, false), true)
+ORDER BY 1 DESC, 2
+"""
+# What other roles hold in the schemas the replay drops: the dump (--no-acl --no-owner)
+# brings none of it back, and the restoring user owns everything after. Not counted: its own
+# (and pg_database_owner's when it owns the database), an owner's rights (said as the
+# ownership), extensions' members (created again by the dump), and what PUBLIC gets again
+# anyway (EXECUTE on functions, USAGE on public: the prelude's GRANT).
+_LOST_SQL = f"""
+WITH me AS (
+  SELECT oid FROM pg_roles WHERE rolname = current_user
+  UNION SELECT r.oid FROM pg_roles r JOIN pg_database d ON d.datname = current_database()
+  WHERE r.rolname = 'pg_database_owner' AND d.datdba = (SELECT oid FROM pg_roles
+                                                        WHERE rolname = current_user)),
+dropped AS (SELECT oid, nspname, nspowner, nspacl FROM pg_namespace WHERE {_DROPPED}),
+members AS (SELECT classid, objid FROM pg_depend WHERE deptype = 'e'),
+objects AS (
+  SELECT 'schema ' || quote_ident(nspname) AS what, nspowner AS owner, nspacl AS acl
+  FROM dropped
+  UNION ALL
+  SELECT format('%I.%I', n.nspname, c.relname), c.relowner, c.relacl
+  FROM pg_class c JOIN dropped n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.oid NOT IN (
+    SELECT objid FROM members WHERE classid = 'pg_class'::regclass)
+  UNION ALL
+  SELECT format('%I.%I (%I)', n.nspname, c.relname, a.attname), NULL, a.attacl
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+  JOIN dropped n ON n.oid = c.relnamespace
+  WHERE a.attacl IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+  SELECT 'function ' || p.oid::regprocedure::text, p.proowner, p.proacl
+  FROM pg_proc p JOIN dropped n ON n.oid = p.pronamespace
+  WHERE p.oid NOT IN (SELECT objid FROM members WHERE classid = 'pg_proc'::regclass)
+  UNION ALL
+  SELECT 'new ' || CASE d.defaclobjtype WHEN 'r' THEN 'tables' WHEN 'S' THEN 'sequences'
+                    WHEN 'f' THEN 'functions' WHEN 'T' THEN 'types' ELSE 'schemas' END
+         || ' in schema ' || quote_ident(n.nspname), NULL, d.defaclacl
+  FROM pg_default_acl d JOIN dropped n ON n.oid = d.defaclnamespace)
+SELECT role, what FROM (
+  SELECT pg_get_userbyid(owner) AS role, 'ownership of ' || what AS what, 0 AS kind
+  FROM objects WHERE owner IS NOT NULL AND owner NOT IN (SELECT oid FROM me)
+  UNION ALL
+  SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+         string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) || ' on ' || o.what, 1
+  FROM objects o CROSS JOIN LATERAL aclexplode(o.acl) a
+  WHERE a.grantee NOT IN (SELECT oid FROM me) AND a.grantee IS DISTINCT FROM o.owner
+    AND NOT (a.grantee = 0 AND (o.what LIKE 'function %' AND a.privilege_type = 'EXECUTE'
+                                OR o.what = 'schema public' AND a.privilege_type = 'USAGE'))
+  GROUP BY a.grantee, o.what) lost
+ORDER BY role, kind, what
+"""
+NAMED = 6  # of each role's losses, the rest counted
+
+
+def check_privileges(env: Environment) -> tuple[str, str] | None:
+    """Refuse, before anything changes, a restore the database user cannot run (PRECONDITION):
+    found only mid-replay ("must be owner of schema ..."), it had stopped the app and taken
+    the safety snapshot first. Returns (that user, what other roles lose: privileges and
+    ownerships the dump does not hold), or None when they lose nothing. A database that
+    cannot be asked refuses too (DatabaseError), as the restore's other reads do."""
+    with read_snapshot(env) as conn:
+        user, superuser, create = conn.execute(_WHO_SQL).fetchone()
+        cannot = [] if _true(superuser) else [tuple(r) for r in conn.execute(_CANNOT_SQL)
+                                              .fetchall()]
+        lost: dict[str, list[str]] = {}
+        for role, what in conn.execute(_LOST_SQL).fetchall():
+            lost.setdefault(str(role), []).append(str(what))
+    problems = [f"it does not own schema {name} (owner {owner})" if kind == "schema" else
+                f"only a superuser may create extension {name} (in {owner}) again"
+                for kind, name, owner in cannot]
+    if not _true(superuser) and not _true(create):
+        problems.append("it lacks CREATE on the database, which CREATE SCHEMA needs")
+    if problems:
+        schemas = [name for kind, name, _ in cannot if kind == "schema"]
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise PreconditionError(
+            f"the database user {user} cannot run this restore, which drops every schema and "
+            f"creates what the snapshot holds again: {'; '.join(problems[:3])}{more}; it "
+            "would fail after the app slots stopped; nothing was changed",
+            f"run it as a role that owns every schema (a superuser, for an untrusted "
+            f"extension): set [database] url_variable to a variable holding that role's URL, "
+            f"or make {user} their owner (`ALTER SCHEMA {schemas[0] if schemas else '...'} "
+            f"OWNER TO {user}`)")
+    if not lost:
+        return None
+    return str(user), "; ".join(
+        f"{role} loses {', '.join(items[:NAMED])}"
+        + (f" and {len(items) - NAMED} more" if len(items) > NAMED else "")
+        for role, items in lost.items())
+
+
+def _true(value: object) -> bool:
+    """A boolean as psycopg (True) or a container's psql (JSON true) answers it."""
+    return value is True or value in ("t", "true")
 
 
 def replay(env: Environment, verified: Verified,
