@@ -501,22 +501,46 @@ def _first_line(exc: Exception) -> str:
     return redact(text.splitlines()[0]) if text else type(exc).__name__
 
 
-def migration_under_way(env: Environment) -> bool:
-    """Whether a session of this database holds an advisory lock, as golang-migrate does for
-    the whole of a migration: a `dirty` schema with none is a migration that failed or was
-    cut off, not one still running. Raises DatabaseError when it cannot be read."""
+MIGRATION_LOCK_SQL = """
+SELECT count(*) OVER (), l.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''),
+       coalesce(extract(epoch FROM now() - a.backend_start)::bigint, -1),
+       (l.classid::bigint << 32) | l.objid::bigint
+FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY a.backend_start NULLS LAST LIMIT 1
+"""
+
+
+def migration_lock(env: Environment) -> str | None:
+    """Who holds an advisory lock in this database, as golang-migrate does for the whole of a
+    migration (None: nobody): a `dirty` schema with none is a migration that failed or was cut
+    off, not one still running. Said with the session's pid, application and age: another
+    program's advisory lock looks the same from here, and "a migration is under way" for a
+    reporting job's lock was a wait that never ends (found by review). Raises DatabaseError
+    when it cannot be read."""
     import psycopg
 
     try:
         with connect(env) as conn, bounded(conn):
-            row = conn.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
-                "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            ).fetchone()
+            row = conn.execute(MIGRATION_LOCK_SQL).fetchone()
     except psycopg.Error as exc:
         raise DatabaseError(f"cannot read pg_locks: {_first_line(exc)}",
                             "check the database") from None
-    return bool(row and row[0])
+    if not row:
+        return None
+    count, pid, app, user, age, key = row
+    who = ", ".join(x for x in (f"application '{app}'" if app else "",
+                                f"user {user}" if user else "",
+                                f"connected {int(age) // 60} min ago" if int(age) >= 0 else "")
+                    if x)
+    more = f", and {int(count) - 1} more" if int(count) > 1 else ""
+    return f"session pid {pid}{f' ({who})' if who else ''} holds advisory lock {key}{more}"
+
+
+def migration_under_way(env: Environment) -> bool:
+    """Whether a session of this database holds an advisory lock (migration_lock)."""
+    return migration_lock(env) is not None
 
 
 # the schema_migrations the URL's user sees (its search_path, as golang-migrate's own

@@ -493,15 +493,16 @@ def _refuse_if_dirty(env: Environment, version: str, pending: intents.Intent | N
     if not schema.dirty:
         return
     try:
-        running = database.migration_under_way(env)
-    except RunbookError:
-        running = True  # cannot tell: never a restore advised under a running migration
+        running = database.migration_lock(env)
+    except RunbookError:  # cannot tell: never a restore advised under a running migration
+        running = "a session may (pg_locks cannot be read)"
     if running:
         raise PreconditionError(
-            f"the database schema is dirty at version {schema.version} and a session holds a "
-            "migration lock: a migration is under way; nothing was changed",
+            f"the database schema is dirty at version {schema.version} and a migration lock is "
+            f"held ({running}): a migration is under way; nothing was changed",
             f"wait until it ends (`runbook status {env.name}` shows the schema without "
-            "\"dirty\"), then run the deploy again")
+            "\"dirty\"), then run the deploy again; if that session runs no migration "
+            "(another program's advisory lock), have it release the lock first")
     dirty = finish.dirty_schema(env, schema, pending, env.name)
     raise PreconditionError(f"{dirty.message}; nothing was changed",
                             f"{dirty.fix}; then `runbook deploy {env.name} --version "
@@ -525,12 +526,12 @@ def _still_migrating(env: Environment, slot: Slot) -> str | None:
     if not schema.dirty:
         return None
     try:  # dirty, and a migration's lock held: under way (dirty alone: failed or cut off)
-        running = database.migration_under_way(env)
-    except RunbookError:
-        running = True  # cannot tell: the container is not cut off on a guess
+        running = database.migration_lock(env)
+    except RunbookError:  # cannot tell: the container is not cut off on a guess
+        running = "pg_locks cannot be read"
     if running:
         return (f"a migration is under way (the database schema is dirty at version "
-                f"{schema.version} and a session holds a migration lock)")
+                f"{schema.version} and a migration lock is held: {running})")
     return None
 
 

@@ -650,10 +650,10 @@ def _migrating(env: Environment, f: Facts) -> str | None:
     if f.schema is None or not f.schema.dirty:
         return None
     try:
-        held = database.migration_under_way(env)
+        held = database.migration_lock(env)
     except RunbookError as exc:
         return f"whether one is cannot be read ({exc.message})"
-    return "a session of the database holds a migration lock" if held else None
+    return f"a migration lock is held: {held}" if held else None
 
 
 def _last_run(env: Environment) -> dict[str, Any] | None:

@@ -218,3 +218,28 @@ def test_a_url_libpq_cannot_read_never_quotes_the_password() -> None:
     with pytest.raises(ConfigError) as err:
         database.check_url(url, "DATABASE_URL", "environment")
     assert "Sekr1tPw9" not in str(err.value) and "\n" not in str(err.value).strip()
+
+
+# -- 6. an advisory lock is said with whose it is ---------------------------------------------
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_an_advisory_lock_is_said_with_the_session_that_holds_it(side_db: SideDb,
+                                                                 access: str) -> None:
+    """Any advisory lock reads as golang-migrate's (its key differs between its versions), so
+    the refusal must say whose it is: a reporting job's lock was "a migration is under way",
+    a wait that never ends, with nothing naming the session (found by review)."""
+    import psycopg
+
+    env = side_db.env(access)
+    assert database.migration_lock(env) is None
+    url = (f"postgresql://togather:{quote(side_db.stack.password, safe='')}@127.0.0.1:"
+           f"{side_db.stack.ports.postgres}/{side_db.name}?application_name=nightly-report")
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(12345)")
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()
+        said = database.migration_lock(env)
+        assert said is not None and pid is not None
+        assert f"pid {pid[0]}" in said and "application 'nightly-report'" in said, said
+        assert "user togather" in said and "advisory lock 12345" in said, said
+        assert database.migration_under_way(env) is True
+    assert database.migration_lock(env) is None
