@@ -149,14 +149,23 @@ def doubted_restore(env: Environment, run_id: str | None = None) -> dict[str, st
                  if isinstance(s, dict) and s.get("status") != "planned"}
         step = steps.get("verify-restore") or {}
         check = step.get("detail")
-        if isinstance(check, dict) and isinstance(check.get(MISMATCH), str):
+        check = check if isinstance(check, dict) else {}
+        problem, fix = check.get(MISMATCH), check.get(MISMATCH_FIX)
+        if not isinstance(problem, str) and step.get("status") == "failed":
+            # a check that failed without saying what it found: a runbook older than the
+            # MISMATCH detail wrote only its error (after an upgrade mid-incident, that
+            # doubt went unseen and a switch started the app on the database), or the
+            # check could not run; either way the database is not known to match
+            problem = str(step.get("error") or "its check failed, saying nothing of why")
+            fix = ""
+        if isinstance(problem, str):
             if check.get(MARKED):
                 return None  # recorded beside the state file, and cleared since
             safety = (steps.get("safety-snapshot") or {}).get("detail")
             safety = safety if isinstance(safety, dict) else {}
             return {"run_id": str(data.get("run_id")), "action": str(data.get("action")),
                     "check": str(step.get("title") or "verify-restore"),
-                    "problem": check[MISMATCH], "fix": str(check.get(MISMATCH_FIX) or ""),
+                    "problem": problem, "fix": str(fix or ""),
                     "before": str(safety.get(EARLIER) or safety.get("safety_snapshot") or ""),
                     "target": str(safety.get(TARGET) or "")}
         if SERVED_OR_CHANGED & steps.keys():

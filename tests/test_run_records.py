@@ -60,6 +60,22 @@ def _doubted_restore(env: Environment) -> str:
     return run.run_id
 
 
+def _doubted_restore_by_an_older_runbook(env: Environment) -> str:
+    """The record a runbook older than the MISMATCH detail (before 2026-12-05 00:12) left for
+    the same failed check: the verify-restore step failed with only its error."""
+    run = Journal.open(env, "rollback", why="restore then roll back")
+    with run.step("safety-snapshot", "Take a safety snapshot") as step:
+        step.detail(safety_snapshot=str(env.database.snapshot_dir / SAFETY))
+    with run.step("restore-database", "Replace the database"):
+        pass
+    with contextlib.suppress(PreconditionError), \
+            run.step("verify-restore", "Verify the restored database"):
+        raise PreconditionError(DOUBTED, "do not start the app on it")
+    run.fail(PreconditionError(DOUBTED, "do not start the app on it"))
+    run.close()
+    return run.run_id
+
+
 def _killed_restore(env: Environment) -> str:
     """The record of a `snapshot restore` killed (-9) mid-replay: still "running"."""
     run = Journal.open(env, "snapshot-restore", why="restore")
@@ -294,3 +310,18 @@ def test_a_doubt_recorded_beside_the_state_file_that_cannot_be_read_refuses_a_ro
     assert str(marker) in refused.value.message, refused.value
     assert "cannot be read" in refused.value.message, refused.value
     assert refused.value.fix, refused.value
+
+
+def test_a_failed_restore_check_an_older_runbook_recorded_still_refuses_the_rollback(
+        env: Environment) -> None:
+    """Found by review (version skew): an older runbook recorded a failed restore check as
+    the failed verify-restore step and its error only; after an upgrade mid-incident the
+    guard knew only the newer detail, read the restore step after it as "restored", and a
+    switch, deploy or rollback started the app on the database its check had rejected."""
+    doubted = _doubted_restore_by_an_older_runbook(env)
+    found = restore_records.doubted_restore(env)
+    assert found is not None and found["run_id"] == doubted and DOUBTED in found["problem"], \
+        found
+    with pytest.raises(PreconditionError) as refused:
+        rollback.rollback(env, rollback.Options(reason="after the upgrade"))
+    assert DOUBTED in refused.value.message, refused.value
