@@ -535,6 +535,31 @@ def test_an_empty_lock_left_by_a_killed_take_is_taken_over(env: Environment) -> 
     assert held is not None and held.holder["fleet_run_id"] == "fleet_next"
 
 
+def test_the_guard_an_older_runbook_flocks_in_the_lock_folder_is_taken_too(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review (version skew): the guard moved beside the state file, so a runbook
+    from before the move (another operator's install, an upgrade mid-run) and this one took
+    different guards, and both took the fleet lock in the moment between a take's mkdir and
+    its holder file. While the old guard exists it is flocked too; none is ever made."""
+    import fcntl
+
+    monkeypatch.setattr(hostlock, "GUARD_TIMEOUT", 0.3)
+    old_guard = env.lock_dir / ".togather-fleet-staging.lock.guard"
+    assert _take(env, "fleet_a")["taken"] is True
+    assert not old_guard.exists()  # never made in the lock folder
+    assert hostlock.release(env, "fleet_a")["released"]
+    old_guard.write_bytes(b"")
+    held = os.open(old_guard, os.O_RDONLY)  # an older runbook mid-take
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(LockedError, match="changing the fleet lock"):
+            _take(env, "fleet_b")
+        assert hostlock.status(env) is None
+    finally:
+        os.close(held)
+    assert _take(env, "fleet_b")["taken"] is True
+
+
 def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -> None:
     import socket
 

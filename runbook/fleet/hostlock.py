@@ -67,13 +67,22 @@ def _guarded(env: Environment) -> Iterator[None]:
                                 f"file): {exc.strerror or exc}", exc, guard,
                                 f"let the user the fleet runs as write {guard.parent} (the "
                                 "state file's folder)") from None
+    fds = [fd]
     try:
-        if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
-            raise LockedError(f"another runbook process has been changing the fleet lock for "
-                              f"{GUARD_TIMEOUT:.0f} s", "run the fleet command again")
+        # Where runbooks before 2026-12-05 flock it (the lock folder): while one may still run
+        # on this host (a per-user install, an upgrade mid-run), that guard is taken too,
+        # after this one (one order: no deadlock), or both took the lock (found by review).
+        # Only one that exists: none is made in the world-writable folder.
+        with contextlib.suppress(OSError):
+            fds.append(os.open(path(env).with_name(f".{path(env).name}.guard"), os.O_RDONLY))
+        for held in fds:
+            if not files.flock_within(held, GUARD_TIMEOUT, 0.01):
+                raise LockedError(f"another runbook process has been changing the fleet lock "
+                                  f"for {GUARD_TIMEOUT:.0f} s", "run the fleet command again")
         yield
     finally:
-        os.close(fd)
+        for held in fds:
+            os.close(held)
 
 
 @dataclass(frozen=True)
