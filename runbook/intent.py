@@ -124,7 +124,19 @@ def read(env: Environment) -> Intent | None:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable (not "
                                 "UTF-8 text: binary or corrupted)", fix) from None
     try:
-        intent = from_dict(json.loads(text))
+        data = json.loads(text)
+        action = data.get("action") if isinstance(data, dict) else None
+        if isinstance(action, str) and action not in ACTIONS:
+            # a newer runbook's verb (an upgrade or a per-user install on the same host):
+            # finished as a rollback (the fallback recorder, `rollback --to`) it would do
+            # another run's job; moved aside, the newer run's record is lost (found by review)
+            raise PreconditionError(
+                f"the interrupted run's record {target} is of a `{action}` run, which this "
+                f"togather-runbook ({_version()}) does not know: another (newer) version wrote "
+                "it; nothing was changed",
+                "finish it with the version that started it (`runbook status` there says "
+                "what it was doing), then run this command again")
+        intent = from_dict(data)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise PreconditionError(f"the interrupted run's record {target} is unreadable ({exc})",
                                 fix) from None
@@ -156,6 +168,18 @@ def last_recorded_step(env: Environment, intent: Intent) -> str | None:
     last = steps[-1]
     status = last.get("status")
     return f"{last['title']} ({status})" if isinstance(status, str) else last["title"]
+
+
+ACTIONS = frozenset({"deploy", "switch", "rollback"})  # the runs that write this record
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("togather-runbook")
+    except metadata.PackageNotFoundError:
+        return "this checkout"
 
 
 def from_dict(data: Any) -> Intent:

@@ -78,6 +78,33 @@ def test_a_record_with_a_field_of_the_wrong_kind_is_unreadable_not_a_crash_later
     assert f"move {record} aside" in str(info.value.fix)
 
 
+def test_a_record_of_an_action_this_version_does_not_know_is_left_for_the_version_that_wrote_it(
+        env: Environment) -> None:
+    """Found by review (version skew): a newer runbook's record of a run this version has no
+    verb for was finished as a rollback (the fallback recorder, and `rollback --to` as the
+    resume command); "move it aside" would lose that run's record. Refused, exit 4, the
+    record left as it was, the fix naming the version that wrote it."""
+    from runbook import rollback
+
+    intent = intents.Intent(run_id="rst_1", action="rollback", environment=env.name,
+                            from_slot="green", to_slot="blue", from_version="def5678",
+                            to_version="abc1234")
+    intents.write(env, intent)
+    record = intents.path(env)
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"action": "restore"}))
+    content = record.read_bytes()
+    for read in (lambda: intents.read(env), lambda: finish.interrupted(env),
+                 lambda: rollback.rollback(env, rollback.Options(reason="after the upgrade"))):
+        with pytest.raises(PreconditionError) as info:
+            read()
+        error = info.value
+        assert "`restore` run" in error.message and "does not know" in error.message, error
+        assert "nothing was changed" in error.message and "\n" not in str(error)
+        assert error.exit_code == ExitCode.PRECONDITION
+        assert "aside" not in str(error.fix) and "version that started it" in str(error.fix)
+    assert record.read_bytes() == content
+
+
 def test_an_interrupted_run_says_its_last_recorded_step(env: Environment) -> None:
     """A run killed inside a step: its intent names the step its own run record shows."""
     from runbook import journal
