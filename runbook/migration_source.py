@@ -80,6 +80,13 @@ def from_sidecars(env: Environment, target: states.Deployment,
     dumped = from_dump(env, own, after) if own is not None else None
     if dumped is not None and dumped.version is not None:
         return dumped
+    unread = snapshots.unread_in_window(listed, target, after)
+    if unread is not None:  # never read as "no sidecar": it may be the pre-deploy one
+        return Found(None, f"the sidecar {unread.meta_path.name} cannot be read "
+                           f"({unread.unread}): it may be the pre-deploy snapshot of "
+                           f"{after.version} or one taken while {target.version} was live, so "
+                           "the snapshots cannot tell; run as its owner or root",
+                     witness=unread.path)
     snap, how = snapshots.live_witness(listed, target, after)
     if snap is not None:
         return Found(snap.migration_version, f"sidecar {snap.meta_path.name} ({how})",

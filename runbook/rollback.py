@@ -189,6 +189,13 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 f"one to restore and roll back in one go with `runbook rollback {env.name} "
                 f"--restore-snapshot --snapshot FILE` (`runbook snapshot list {env.name}`), "
                 "or pass --force to roll back the code anyway")) from None
+        except snapshots.UnreadSidecarError as exc:  # the refusal stays the schema's too
+            raise SchemaRefusal(problem, (
+                f"which snapshot `--restore-snapshot` would pick cannot be told: the sidecar "
+                f"of {exc.snapshot.name} cannot be read ({exc.snapshot.unread}); run as its "
+                f"owner or root, or name the one to restore and roll back in one go with "
+                f"`runbook rollback {env.name} --restore-snapshot --snapshot FILE`, or pass "
+                "--force to roll back the code anyway")) from None
         if snap is None:
             at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
             fix = (f"no snapshot {at} exists in {env.database.snapshot_dir}: "

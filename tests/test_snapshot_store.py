@@ -23,6 +23,8 @@ from runbook.environment import Environment, Slot
 from runbook.errors import ConfigError
 from tests.drill_checks import (
     DEPLOY_UID,
+    OWNER_UID,
+    SHARED_GID,
     as_deploy_user,
     fifo_released_after,
     host_env,
@@ -1462,3 +1464,109 @@ def test_a_dump_is_read_as_gzip_reads_it_whole_cut_short_or_damaged(
     # only in a header's flags: zlib checks the header CRC GzipFile skips, and refuses
     # reserved flag bits GzipFile ignores
     assert {at for at, _ in looser} <= flags, looser
+
+
+# -- what another operator cannot read is never read as "nothing there" ----------------------
+
+NOBODY_READS = ("import dataclasses, json, sys\nfrom datetime import datetime\n"
+                "from pathlib import Path\nfrom runbook import migration_source, snapshots\n"
+                "from runbook import state as states\nfrom runbook.errors import RunbookError\n"
+                "from tests.drill_checks import host_env\n"
+                "base = host_env(Path(sys.argv[1]))\n"
+                "env = base.with_(database=dataclasses.replace(base.database, "
+                "snapshot_dir=Path(sys.argv[1]) / 'db-snapshots'))\n"
+                "NOW = datetime.fromisoformat(sys.argv[2])\n"
+                # loaded while root: the venv is not the deploy user's to read
+                "import _strptime, encodings.utf_8_sig\nfrom psycopg import conninfo\n")
+
+
+def shared_folder(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Environment:
+    """A host's files in `shared_dir` as a deploy group shares them: a state file every
+    operator reads, and a snapshot folder (root's, setgid) the group may write."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://togather:secret@localhost:5432/togather")
+    base = host_env(shared_dir)
+    folder = shared_dir / "db-snapshots"
+    folder.mkdir()
+    os.chown(folder, 0, SHARED_GID)
+    folder.chmod(0o2770)
+    return base.with_(database=dataclasses.replace(base.database, snapshot_dir=folder))
+
+
+def roots_own(*dumps: Path) -> None:
+    """Each snapshot as root's deploy or cron leaves it: the dump and its sidecar 0600, of
+    another user than the deploy user."""
+    for dump in dumps:
+        for path in (dump, dump.with_name(dump.name.removesuffix(".sql.gz") + ".meta.json")):
+            os.chown(path, OWNER_UID, SHARED_GID)
+            path.chmod(0o600)
+
+
+@needs_root
+def test_another_operators_cleanup_keeps_a_snapshot_whose_sidecar_it_cannot_read(
+        shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: root's snapshots (sidecars 0600) in a folder a deploy group shares.
+    Another operator's cleanup could not read the sidecar of the current deployment's expired
+    pre-deploy snapshot, took it for a snapshot without one, and deleted the only copy of the
+    data from before that deployment's migrations (exit 0, no word). Kept now, saying why;
+    an expired snapshot whose sidecar it reads still goes. The reader is a real other user."""
+    env = shared_folder(shared_dir, monkeypatch)
+    record(env, "dep_old", "dep_current")
+    env.state_file.chmod(0o644)  # every operator reads it
+    pre = put(env, "20261122_120000", "pre-deploy", deployment_id="dep_current",
+              age_days=10, expires_in_days=-3)
+    expired = put(env, "20261120_120000", "manual", age_days=12, expires_in_days=-5)
+    newest = put(env, "20261201_120000", "manual", age_days=1)
+    roots_own(pre)
+    for path in (expired, newest):
+        os.chown(path, OWNER_UID, SHARED_GID)
+    code = ("result = snapshots.cleanup(env, now=NOW)\n"
+            "print(json.dumps({'removed': [s.name for s in result.removed],\n"
+            "                  'held': {s.name: why for s, why in result.held}}))\n")
+    said = json.loads(as_deploy_user([SHARED_GID], NOBODY_READS, code, str(shared_dir),
+                                     NOW.isoformat()))
+    assert said["removed"] == [expired.name], said
+    assert pre.exists() and pre.with_name(pre.name.replace(".sql.gz", ".meta.json")).exists()
+    assert said["held"][pre.name] == (
+        "its sidecar cannot be read (Permission denied), so nothing tells whether a rollback "
+        "needs it: kept; run the cleanup as its owner or root"), said
+
+
+@needs_root
+def test_the_schema_guard_and_the_pick_say_a_sidecar_they_cannot_read(
+        shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous deployment's schema is told by the current one's pre-deploy snapshot,
+    whose sidecar (root's, 0600) another operator cannot read. Read as "no sidecar", the
+    snapshot dumped during the current deployment's migrations (at the new schema, inside
+    the window that pre-deploy snapshot bounds) became the witness: the guard said the
+    target ran with 2, the schema now, and let old code onto it; and the pick for
+    `--restore-snapshot` said there was no snapshot at schema 1. Each now says which sidecar
+    cannot be read, and the guard checks nothing it cannot tell."""
+    env = shared_folder(shared_dir, monkeypatch)
+    record(env, "dep_a", "dep_b")  # no migration versions: dep_b went live 29 days ago
+    env.state_file.chmod(0o644)
+    def stamp(age_days: float) -> str:  # named when taken: the name is all it says to them
+        return (NOW - timedelta(days=age_days)).strftime("%Y%m%d_%H%M%S")
+
+    pre = put(env, stamp(29.1), "pre-deploy", deployment_id="dep_b", version=1, age_days=29.1)
+    during = put(env, stamp(29.05), "hourly", version=2, age_days=29.05)
+    roots_own(pre)
+    os.chown(during, OWNER_UID, SHARED_GID)
+    code = ("state = states.read_state(env.state_file, environment=env.name)\n"
+            "found = migration_source.from_sidecars(env, state.previous, state.current)\n"
+            "try:\n"
+            "    pick = snapshots.latest_before(env, 1, deployment_id='dep_b')\n"
+            "    picked = None if pick is None else pick.name\n"
+            "except RunbookError as exc:\n"
+            "    picked = [int(exc.exit_code), exc.message, exc.fix]\n"
+            "print(json.dumps({'version': found.version, 'source': found.source,\n"
+            "                  'picked': picked}))\n")
+    said = json.loads(as_deploy_user([SHARED_GID], NOBODY_READS, code, str(shared_dir),
+                                     NOW.isoformat()))
+    sidecar = pre.name.replace(".sql.gz", ".meta.json")
+    assert said["version"] is None, said
+    assert f"the sidecar {sidecar} cannot be read (Permission denied)" in said["source"], said
+    code_, message, fix = said["picked"]
+    assert code_ == 4 and f"the sidecar of snapshot {pre.name} cannot be read" in message, said
+    assert "owner or root" in fix and "--snapshot FILE" in fix, said
+    assert during.exists()
+

@@ -41,6 +41,7 @@ from runbook.snapshots.store import (
     Snapshot,
     SnapshotError,
     TableStats,
+    UnreadSidecarError,
     cleanup,
     find,
     latest_before,
@@ -51,15 +52,17 @@ from runbook.snapshots.store import (
     pre_deploy_witness,
     schema_witness,
     snapshot_stem,
+    unread_in_window,
 )
 from runbook.snapshots.verify import Verified
 from runbook.times import human_duration
 
 __all__ = [
     "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "FutureSnapshotError", "LossWindow",
-    "RestoreRun", "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target", "Verified",
+    "RestoreRun", "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target",
+    "UnreadSidecarError", "Verified",
     "cleanup", "create", "current_state", "dump_command", "find", "holds_large_objects",
     "human_duration", "latest_before", "list_snapshots", "live_witness", "load", "loss_window",
     "own_snapshots", "pre_deploy_snapshot", "pre_deploy_witness", "replay_command",
-    "schema_witness", "snapshot_stem", "table_stats", "target",
+    "schema_witness", "snapshot_stem", "table_stats", "target", "unread_in_window",
 ]

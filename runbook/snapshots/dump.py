@@ -153,8 +153,11 @@ def _publish(tmp: Path, directory: Path, db: str, when: datetime, reason: str,
             stem = free_stem(directory, db, when, reason)
             final = directory / (stem + SUFFIX)
             meta["snapshot_name"] = final.name
+            # readable by every operator (it holds no secret; the dump, which holds the
+            # data, stays 0600): another's cleanup read root's 0600 sidecar as none, and
+            # deleted the pre-deploy snapshot it protected (found by review)
             files.atomic_write(directory / (stem + META_SUFFIX),
-                               (json.dumps(meta, indent=2) + "\n").encode(), default_mode=0o600)
+                               (json.dumps(meta, indent=2) + "\n").encode(), default_mode=0o644)
             os.replace(tmp, final)
             files.fsync_dir(directory)
         finally:

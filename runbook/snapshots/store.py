@@ -1,8 +1,10 @@
 """Snapshot files: names, sidecars, listing, lookup and retention (no database access).
 
 File names follow the contract: `togather_<db>_<YYYYMMDD_HHMMSS UTC>_<reason>.sql.gz` with a
-`<same stem>.meta.json` sidecar (mode 0600, written atomically by runbook/files.py). What a
-sidecar says is read leniently: a file without one still lists, with its problems named.
+`<same stem>.meta.json` sidecar (mode 0644: every operator's cleanup reads it; written
+atomically by runbook/files.py; the dump stays 0600). What a sidecar says is read leniently: a
+file without one still lists, with its problems named; one that exists but cannot be read
+(`Snapshot.unread`) is never taken for none where that decides what is kept or restored.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ class SnapshotError(RunbookError):
     exit_code = ExitCode.USAGE
 
 
+class UnreadSidecarError(SnapshotError):
+    """A default pick could be a snapshot whose sidecar this user cannot read (root's, 0600):
+    whether it is the one to restore cannot be told (found by review: read as "no sidecar",
+    the pre-deploy snapshot was passed over for an older one, or for none)."""
+
+    exit_code = ExitCode.PRECONDITION
+
+    def __init__(self, snap: Snapshot, fix: str) -> None:
+        super().__init__(f"the sidecar of snapshot {snap.name} cannot be read ({snap.unread}), "
+                         "so whether it is the one to restore cannot be told; nothing was "
+                         "changed", f"run as its owner or root, or {fix}")
+        self.snapshot = snap
+
+
 class FutureSnapshotError(SnapshotError):
     """A default pick would be a snapshot dated in the future: which one is the newest
     cannot be told (found by review: a snapshot taken while the clock ran 2 h fast was
@@ -76,6 +92,9 @@ class Snapshot:
     path: Path
     meta: Mapping[str, Any] | None = None
     problems: tuple[str, ...] = ()
+    # why its sidecar, which exists, could not be read (Permission denied): what it says is
+    # unknown here, not absent (root's 0600 sidecar, read by another operator)
+    unread: str = ""
 
     def __hash__(self) -> int:  # meta is a dict: hash by the file, equal by content
         return hash(self.path)
@@ -267,6 +286,7 @@ def load(path: Path) -> Snapshot:
     meta_path = path.with_name(stem + META_SUFFIX)
     problems: list[str] = []
     meta: dict[str, Any] | None = None
+    unread = ""
     if meta_path.exists():
         try:
             # never a blocking read: a FIFO named like a sidecar hung every listing for ever
@@ -277,6 +297,8 @@ def load(path: Path) -> Snapshot:
                 problems.append(f"{meta_path.name} is not a JSON object")
         except (OSError, ValueError) as exc:
             problems.append(f"cannot read {meta_path.name}: {exc}")
+            if isinstance(exc, OSError) and not isinstance(exc, files.NotAFile):
+                unread = exc.strerror or str(exc)  # another user's may say what we cannot
         except RecursionError:  # `[[[[...`: a crash (exit 5) of list and cleanup, not a problem
             problems.append(f"cannot read {meta_path.name}: it is nested too deeply")
     for key in ("timestamp", "expires_at"):
@@ -286,7 +308,7 @@ def load(path: Path) -> Snapshot:
                             "year 9999 in UTC): read as the far future")
     if not path.exists():
         problems.append(f"{path.name} is missing")
-    return Snapshot(path, meta, tuple(problems))
+    return Snapshot(path, meta, tuple(problems), unread)
 
 
 def list_snapshots(env: Environment) -> list[Snapshot]:
@@ -454,7 +476,9 @@ def latest_before(env: Environment, migration_version: int | None, *,
     one the Go CLI recorded as its `snapshot_path`) wins when there is one; `before` drops
     snapshots taken later than that moment. With the version unknown (None), only that
     pre-deploy snapshot may be chosen, or None. A pick dated in the future raises
-    FutureSnapshotError: `--snapshot` names the one to restore.
+    FutureSnapshotError, and one that a snapshot whose sidecar this user cannot read may
+    stand before (the pre-deploy one, or a newer one) UnreadSidecarError: `--snapshot` names
+    the one to restore.
     """
     fix = (f"name the one to restore: `runbook rollback {env.name} --restore-snapshot "
            f"--snapshot FILE` (`runbook snapshot list {env.name}`)")
@@ -473,12 +497,17 @@ def latest_before(env: Environment, migration_version: int | None, *,
                    if made_for(s) and s.meta is not None and not s.problems and not s.dirty
                    and s.migration_version is None and s.path.exists()
                    and (before is None or s.timestamp <= before)]
+    # newest first: what this user cannot read may be the pre-deploy snapshot, or newer
+    unread = [s for s in listed if s.unread and (before is None or s.timestamp <= before)]
     if migration_version is None:
         own = [s for s in listed
                if made_for(s) and s.meta is not None and not s.problems
                and not s.dirty and s.path.exists()
                and (before is None or s.timestamp <= before)]
-        return _not_ahead(own[0], fix) if own else None
+        if own:
+            return _not_ahead(own[0], fix)
+        _none_unread(unread, fix)
+        return None
     found = [s for s in listed if s.usable
              and s.migration_version == migration_version
              and (before is None or s.timestamp <= before)]
@@ -488,7 +517,19 @@ def latest_before(env: Environment, migration_version: int | None, *,
             return _not_ahead(own[0], fix)
         if unversioned:
             return _not_ahead(unversioned[0], fix)
-    return _not_ahead(found[0], fix) if found else None
+        _none_unread(unread, fix)  # any of them may be the one made for it
+    if not found:
+        _none_unread(unread, fix)
+        return None
+    _none_unread([s for s in unread if s.timestamp >= found[0].timestamp], fix)
+    return _not_ahead(found[0], fix)
+
+
+def _none_unread(unread: list[Snapshot], fix: str) -> None:
+    """Raise UnreadSidecarError for the newest of `unread`: passed over, the pick says what
+    fits while one this user cannot read may fit better."""
+    if unread:
+        raise UnreadSidecarError(unread[0], fix)
 
 
 def _not_ahead(snap: Snapshot, fix: str) -> Snapshot:
@@ -679,6 +720,17 @@ def _live_oldest(listed: list[Snapshot], target: states.Deployment,
     return oldest
 
 
+def unread_in_window(listed: list[Snapshot], target: states.Deployment,
+                     after: states.Deployment) -> Snapshot | None:
+    """A snapshot taken from when `target` last went live until `after` replaced it whose
+    sidecar this user cannot read (root's, 0600): it may be `after`'s pre-deploy snapshot
+    (which says `target`'s schema and ends the window) or a witness that disagrees, so
+    neither its absence nor the others can be trusted. The newest such, or None."""
+    start = target.went_live
+    end = after.live_after(start) or after.deployed_at
+    return next((s for s in listed if s.unread and start <= s.timestamp < end), None)
+
+
 def schema_witness(listed: list[Snapshot], target: states.Deployment,
                    after: states.Deployment) -> tuple[Snapshot | None, str]:
     """The snapshot that says the schema `target` ran with, and how it knows: the pre-deploy
@@ -744,8 +796,13 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     snaps = sorted(ours, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
     keep, warning = protected(env, snaps)
     for snap in snaps:
-        if snap.name in (also_keep or {}):
-            why = (also_keep or {})[snap.name]
+        whys = [(also_keep or {}).get(snap.name, "")]
+        if snap.unread:  # fail closed: it may say it is a current or previous deployment's
+            # pre-deploy snapshot (found by review: root's 0600 sidecar, deleted with exit 0)
+            whys.append(f"its sidecar cannot be read ({snap.unread}), so nothing tells "
+                        "whether a rollback needs it: kept; run the cleanup as its owner or "
+                        "root")
+        if why := "; ".join(w for w in whys if w):
             keep[snap.path] = f"{keep[snap.path]}; {why}" if snap.path in keep else why
     removed: list[Snapshot] = []
     kept: list[Snapshot] = []
