@@ -34,7 +34,7 @@ from runbook import intent as intents
 from runbook.environment import Environment
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.redact import redact
-from runbook.restore_records import ACCEPT_FLAG, CLEARS_AT_START, clear_doubt
+from runbook.restore_records import ACCEPT_FLAG, CLEARS_AT_START, clear_doubt, forget_unfinished
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
 
@@ -572,7 +572,19 @@ class _Execution:
             raise self._took_effect(exc, left)
         raise self._rolled_back(exc)
 
+    def _restore_finished(self) -> None:
+        """This run's restore finished (the run ended, or took effect): what unfinished
+        restores kept beside the state file is ordinary retention again, for every
+        operator's cleanup, as the run records' reading stops at a finished restore. Killed
+        or failed after it, the record stays: a rerun needs what it names."""
+        if not any(o.name == "restore-database" and o.status == "ok" for o in self.outcomes):
+            return
+        said = forget_unfinished(self.env)
+        if said is not None:
+            self.journal.log("WARN", said, step="finish")
+
     def _end(self) -> None:
+        self._restore_finished()
         if self.intent_written and self.plan.intent is not None \
                 and not intents.clear(self.env, self.plan.intent.run_id):
             self.journal.log("WARN", f"could not remove {intents.path(self.env)} (or read "
@@ -657,6 +669,7 @@ class _Execution:
     # -- failure after the commit: never undo, say what took effect and what is left -----
     def _took_effect(self, cause: BaseException, rest: list[Step],
                      failed: Step | None = None) -> TookEffectError:
+        self._restore_finished()
         left = ([failed] if failed else []) + [s for s in rest if s.run and not s.skip]
         for step in left[1 if failed else 0:]:
             self.outcomes.append(StepOutcome(step.name, step.title, "left", 0.0, None,

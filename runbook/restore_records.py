@@ -2,7 +2,8 @@
 restores nothing plans without importing them (tests/test_speed.py), and it, a switch, a
 deploy and `runbook status` must still know when the last restore left a database that does
 not match its snapshot. That doubt is also recorded beside the state file (`doubt_marker`),
-where every operator's run sees it: the run records are per user."""
+where every operator's run sees it: the run records are per user. So are the snapshots an
+unfinished restore still needs (`unfinished_marker`), which every operator's cleanup keeps."""
 
 from __future__ import annotations
 
@@ -100,6 +101,93 @@ def _marked(env: Environment) -> dict[str, str] | None:
         f"snapshot restore {env.name} <snapshot>`), which replaces that file, or, once you "
         f"have checked the data, move it aside (`mv {shlex.quote(str(target))} "
         f"{shlex.quote(str(target))}.checked`)")
+
+
+def unfinished_marker(env: Environment) -> Path:
+    """Where a restore names, before it replaces the database, the snapshots a rerun of it
+    needs (the one it replays, its safety snapshot): beside the state file, as the doubt
+    marker, so every operator's `snapshot cleanup` keeps them. Only in the run records
+    (per user), root's cron cleanup deleted what another operator's killed restore replays
+    (found by review)."""
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{state.name}.{env.name}.restore-unfinished.json")
+
+
+UNFINISHED_LIMIT = 1 << 20  # a few hundred bytes per unfinished restore
+
+
+def unfinished_restores(env: Environment) -> list[dict[str, str]]:
+    """The restores begun and not finished (killed, their COMMIT's outcome unknown, or
+    failed once the database was replaced), oldest first: {run_id, at, restore_target,
+    safety_snapshot, EARLIER}; [] when there is no such file. OSError or ValueError when it
+    cannot be read: the caller fails closed (nothing tells what it keeps)."""
+    try:
+        data: Any = json.loads(files.read_regular(unfinished_marker(env), UNFINISHED_LIMIT))
+    except FileNotFoundError:
+        return []
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ValueError("not a record of unfinished restores")
+    return [{str(k): v for k, v in r.items() if isinstance(v, str)} for r in runs]
+
+
+def _write_unfinished(env: Environment, runs: list[dict[str, str]]) -> None:
+    """The record as `runs` (removed when empty), atomically; OSError as the write's."""
+    target = unfinished_marker(env)
+    if not runs:
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return
+        files.fsync_dir(target.parent)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(target, json.dumps({"runs": runs}, indent=1).encode(),
+                       default_mode=0o644)  # no secret: names and ids; every cleanup reads it
+
+
+def record_unfinished(env: Environment, run_id: str, *, target: str, safety: str,
+                      earlier: str = "") -> str | None:
+    """Add this restore to the record beside the state file, durably, before it replaces the
+    database: killed from then on, every operator's cleanup keeps what its rerun needs. None,
+    or why it could not be added (the run goes on: it is said, and this operator's run
+    records still name them). A record there that cannot be read is never overwritten:
+    every cleanup keeps every snapshot while it is so, these too."""
+    where = unfinished_marker(env)
+    try:
+        runs = [r for r in unfinished_restores(env) if r.get("run_id") != run_id]
+        runs.append({"run_id": run_id, "at": times.format_utc(times.now()), TARGET: target,
+                     "safety_snapshot": safety, EARLIER: earlier})
+        _write_unfinished(env, runs)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return (f"the snapshots this restore needs could not be recorded in {where} ({why}): "
+                f"only this operator's run records name them, so another operator's `snapshot "
+                f"cleanup` may delete {Path(target).name} once it expires if this run is "
+                "killed: tell them")
+    return None
+
+
+def forget_unfinished(env: Environment, run_id: str | None = None) -> str | None:
+    """Take `run_id`'s restore out of the record beside the state file (its replay rolled
+    back: the database is as it was), or, with None, remove the record (a restore finished:
+    what earlier ones kept is ordinary retention again, as the run records' reading stops at
+    a finished restore). None, or the line saying it could not be (it then keeps them: safe,
+    and said)."""
+    where = unfinished_marker(env)
+    try:
+        runs = [] if run_id is None else unfinished_restores(env)
+        if run_id is not None and not any(r.get("run_id") == run_id for r in runs):
+            return None
+        _write_unfinished(env, [r for r in runs if r.get("run_id") != run_id])
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return (f"{where} could not be updated ({why}): every `snapshot cleanup` keeps the "
+                f"snapshots it names; once the restores it names are finished or given up, "
+                f"remove it (`rm {shlex.quote(str(where))}`)")
+    return None
 
 
 def clear_doubt(env: Environment, why: str) -> tuple[str, bool] | None:

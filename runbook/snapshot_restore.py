@@ -28,7 +28,11 @@ from runbook.restore_records import (
     doubt_marker,
     doubted_fix,
     doubted_restore,
+    forget_unfinished,
     record_doubt,
+    record_unfinished,
+    unfinished_marker,
+    unfinished_restores,
 )
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands, sessions
@@ -223,6 +227,14 @@ def restore_steps(env: Environment, run: RestoreRun,
 
     def do_restore(ctx: StepContext) -> None:
         safety = run.safety.path if run.safety else None
+        # beside the state file before the database is replaced: killed from here on, every
+        # operator's cleanup keeps what the rerun needs (the run record is this user's)
+        unrecorded = record_unfinished(env, run_id or "?", target=str(snapshot.path),
+                                       safety=str(safety or ""),
+                                       earlier=killed["safety"] if killed else "")
+        if unrecorded is not None:
+            ctx.note(unfinished_not_recorded=unrecorded)
+            ctx.notice(unrecorded)
         try:
             committed_anyway = replay(env, verified, ctx.heartbeat)
         except OutcomeUnknown as exc:
@@ -231,7 +243,14 @@ def restore_steps(env: Environment, run: RestoreRun,
             exc.fix = f"{exc.fix}; {before_restore()}"
             raise
         except RunbookError as exc:
-            raise after_failed_replay(env, run, exc, safety) from None
+            failed = after_failed_replay(env, run, exc, safety)
+            if failed.exit_code == ExitCode.FAILED_SAFELY and run_id is not None:
+                # the database is as it was: this run's snapshots are copies (an earlier
+                # killed run's stay named); kept, were it not proved unchanged
+                said = forget_unfinished(env, run_id)
+                if said is not None:
+                    ctx.note(unfinished_not_cleared=said)
+            raise failed from None
         run.restored = facts["restored"] = True
         # undone, the app slots stay stopped on the restored data: a signal from here is held
         # until the code that fits it serves (the commit, or a standalone restore's end)
@@ -471,12 +490,26 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
     not only a safety snapshot (found by review: the target went, and the rerun its fix
     prescribes failed "does not exist"). Kept, not refused: nothing is deleted either way,
     and the cleanup still removes dead partial dumps (what may fill the disk), as it does
-    when the state file cannot be read."""
+    when the state file cannot be read.
+    The run records are this user's: what another operator's unfinished restore needs is
+    read from beside the state file (`unfinished_marker`), kept the same way, and kept all
+    when that file cannot be read."""
     from runbook import files
     from runbook.snapshots.store import list_snapshots
 
+    marker = unfinished_marker(env)
     try:
-        return _kept_by_the_records(env)
+        kept = _kept_by_the_marker(env)
+    except (OSError, ValueError) as exc:
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = (f"kept: {marker} cannot be read ({what}), so nothing tells whether an "
+               f"unfinished restore replays it or needs it; make it readable to this user (or "
+               f"run the cleanup as root), or, once the restores it names are finished or "
+               f"given up, move it aside; then run the cleanup again")
+        return {s.name: why for s in list_snapshots(env)}
+    try:
+        for name, why in _kept_by_the_records(env).items():
+            kept.setdefault(name, why)
     except OSError as exc:
         fix = (f"move it out of {env.runs_dir} (it is no run record)"
                if isinstance(exc, files.NotAFile) else "make them readable to this user")
@@ -484,6 +517,28 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
                f"{exc.strerror or exc}), so nothing tells whether a killed restore replays it "
                f"or needs it; {fix}, then run the cleanup again")
         return {s.name: why for s in list_snapshots(env)}
+    return kept
+
+
+def _kept_by_the_marker(env: Environment) -> dict[str, str]:
+    """kept_for_killed_restore's reading of the unfinished restores recorded beside the
+    state file (every operator's); OSError or ValueError when that file cannot be read."""
+    kept: dict[str, str] = {}
+    where = unfinished_marker(env)
+    for entry in reversed(unfinished_restores(env)):  # newest first, as the records
+        run = (f"the restore run {entry.get('run_id', '?')} (its restore began "
+               f"{entry.get('at', '?')}), which has not finished (recorded in {where})")
+        if path := entry.get("safety_snapshot"):
+            kept.setdefault(Path(path).name, (f"the safety snapshot of {run}: the only copy "
+                                              "of the data from before it"))
+        if path := entry.get(EARLIER):
+            kept.setdefault(Path(path).name, (
+                f"the safety snapshot of the killed restore that {run} carried on from: the "
+                "only copy of the data from before them"))
+        if path := entry.get(TARGET):
+            kept.setdefault(Path(path).name, (f"the snapshot {run} replayed: running that "
+                                              "command again restores it whole"))
+    return kept
 
 
 def _kept_by_the_records(env: Environment) -> dict[str, str]:

@@ -1570,3 +1570,52 @@ def test_the_schema_guard_and_the_pick_say_a_sidecar_they_cannot_read(
     assert "owner or root" in fix and "--snapshot FILE" in fix, said
     assert during.exists()
 
+
+def test_cleanup_keeps_what_an_unfinished_restore_recorded_beside_the_state_file(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: what a killed restore still needs (the snapshot it replays, its
+    safety snapshot) was known to cleanup only from the run records of whoever ran it
+    (`~/.togather/runs`, per user): root's cron or a sudo cleanup deleted them. The restore
+    names them beside the state file before it replaces the database; every operator's
+    cleanup keeps them; a replay that rolled back takes back only its own; a finished
+    restore ends them all; a file there that cannot be read keeps every snapshot."""
+    import subprocess
+    import sys
+
+    from runbook import restore_records
+
+    record(env, "dep_old", "dep_current")
+    target = put(env, "20261110_120000", "manual", age_days=20, expires_in_days=-13)
+    safety = put(env, "20261120_120000", "pre-restore", age_days=12, expires_in_days=-5)
+    rolled_back = put(env, "20261121_120000", "pre-restore", age_days=11, expires_in_days=-4)
+    put(env, "20261201_120000", "manual", age_days=1)  # the newest
+    toml = host_toml(env, tmp_path)  # its runs folder holds no record of those runs
+    assert restore_records.record_unfinished(
+        env, "restore_killed_1", target=str(target), safety=str(safety)) is None
+    assert restore_records.record_unfinished(
+        env, "restore_failed_2", target=str(target), safety=str(rolled_back),
+        earlier=str(safety)) is None
+    marker = restore_records.unfinished_marker(env)
+    assert marker.parent == env.state_file.parent and marker.stat().st_mode & 0o777 == 0o644
+    assert restore_records.forget_unfinished(env, "restore_failed_2") is None  # rolled back
+    run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml)]
+    dry = subprocess.run([*run, "--dry-run"], capture_output=True, text=True, check=False,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0, dry.stderr
+    kept = {line.split()[2]: line for line in dry.stdout.splitlines()
+            if line.startswith("Would keep")}
+    assert set(kept) == {target.name, safety.name}, dry.stdout
+    assert "restore_killed_1" in kept[target.name] and str(marker) in kept[target.name]
+    assert "the only copy of the data from before it" in kept[safety.name], dry.stdout
+    assert f"Would remove {rolled_back.name}" in dry.stdout, dry.stdout
+    marker.write_text("{not json")  # a torn or foreign file: nothing tells what it kept
+    dry = subprocess.run([*run, "--dry-run"], capture_output=True, text=True, check=False,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0 and "Would remove 0 snapshot(s)" in dry.stdout, dry.stdout
+    assert f"{marker} cannot be read" in dry.stdout, dry.stdout
+    assert restore_records.forget_unfinished(env) is None  # a restore that finished
+    assert not marker.exists()
+    done = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert not target.exists() and not safety.exists() and not rolled_back.exists(), done.stdout

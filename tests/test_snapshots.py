@@ -334,12 +334,19 @@ def test_latest_before_prefers_the_deployments_own_snapshot(stack: DrillStack) -
 # -- failed restores leave the data intact --------------------------------------------------------
 
 def test_file_corrupted_mid_stream_rolls_back(stack: DrillStack) -> None:
+    """And the restore takes itself out of the unfinished restores recorded beside the state
+    file (the database is as it was: its snapshots are copies), never an earlier one's."""
+    from runbook import restore_records
+
     env = stack.env
     add_items(stack, "safe-1", "safe-2")
     snap = snapshots.create(env, "to-corrupt")
     add_items(stack, "after")
     before = item_names(stack)
     data = snap.path.read_bytes()
+    assert restore_records.record_unfinished(env, "restore_killed_0", target="/x/t.sql.gz",
+                                             safety="/x/s.sql.gz") is None
+    earlier = restore_records.unfinished_restores(env)
 
     def corrupt_after_verification(plan: object) -> bool:
         snap.path.write_bytes(data[: len(data) // 2])  # verified, then cut: seen mid-stream
@@ -354,6 +361,7 @@ def test_file_corrupted_mid_stream_rolls_back(stack: DrillStack) -> None:
     assert "\n" not in err.value.message
     assert item_names(stack) == before and schema_version(stack) == 1
     assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}  # undone
+    assert restore_records.unfinished_restores(env) == earlier
 
 
 def test_a_dump_by_a_newer_pg_dump_is_refused_before_the_app_stops(stack: DrillStack) -> None:
@@ -1018,6 +1026,40 @@ def test_cleanup_keeps_a_killed_restores_expired_target_for_the_rerun(
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert item_names(stack) == wanted
     assert slot_states(env)[Slot.BLUE] == "running"  # the serving slot (the killed run's stop)
+
+
+def test_another_operators_cleanup_keeps_a_killed_restores_target_and_safety_snapshot(
+        stack: DrillStack) -> None:
+    """Found by review: only the run records of whoever ran a killed restore (their own
+    `~/.togather/runs`) named what it replays and its safety snapshot, so a cleanup by root's
+    cron or `sudo` (which reads root's) deleted the expired target, and the rerun the killed
+    run prescribes failed "does not exist". The restore names them beside the state file
+    before it replaces the database: kept for every operator until a restore finishes. Here
+    the other operator is the same host's environment file with its own runs folder."""
+    from runbook import environment as envmod
+    from runbook import restore_records
+
+    env = stack.env
+    assert env.source is not None
+    target, restore, environ, wanted = _killed_restore_of_an_expired_target(stack)
+    theirs = env.source.with_name("another-operator.toml")
+    theirs.write_text(envmod.to_toml(env.with_(runs_dir=env.source.parent / "their-runs")))
+    cleaned = cli("snapshot", "cleanup", str(theirs), "--yes")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert target.path.exists() and target.meta_path.exists(), cleaned.stdout
+    marker = restore_records.unfinished_marker(env)
+    assert marker.exists() and marker.parent == env.state_file.parent
+    assert f"Kept {target.name}" in cleaned.stdout and str(marker) in cleaned.stdout
+    safety = [line for line in cleaned.stdout.splitlines() if "_pre-restore" in line]
+    assert not any(line.startswith("Removed") for line in safety), cleaned.stdout
+    rerun = subprocess.run(restore, capture_output=True, text=True, check=False, timeout=180,
+                           stdin=subprocess.DEVNULL, env=environ)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert item_names(stack) == wanted
+    assert not marker.exists()  # finished: ordinary retention again, for everyone
+    cleaned = cli("snapshot", "cleanup", str(theirs), "--yes")
+    assert cleaned.returncode == 0 and f"Removed {target.name}" in cleaned.stdout, \
+        cleaned.stdout + cleaned.stderr
 
 
 def test_cleanup_keeps_every_snapshot_when_the_run_records_cannot_be_read(

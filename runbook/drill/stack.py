@@ -489,13 +489,15 @@ class DrillStack:
     def clean(self) -> None:
         """What a scenario leaves beside the stack: the lock, an interrupted run's intent
         record (it would describe another scene), a restore's doubt beside the state file (it
-        would refuse the next scene's switch), logs, run records, snapshots and temp files
-        in the Caddy directory."""
+        would refuse the next scene's switch) and its unfinished restores (they name another
+        scene's snapshots), logs, run records, snapshots and temp files in the Caddy
+        directory."""
         from runbook import intent, restore_records
 
         shutil.rmtree(self.env.lock_path, ignore_errors=True)
         intent.path(self.env).unlink(missing_ok=True)
         restore_records.doubt_marker(self.env).unlink(missing_ok=True)
+        restore_records.unfinished_marker(self.env).unlink(missing_ok=True)
         for sub in ("logs", "runs", "db-snapshots"):
             shutil.rmtree(self.run_dir / sub, ignore_errors=True)
             (self.run_dir / sub).mkdir()
