@@ -131,6 +131,13 @@ def _misencoded(url: str) -> bool:
     return False
 
 
+class UnknownParameterError(ConfigError):
+    """The URL works for the app (pgx and golang-migrate read their own parameters) but not
+    for libpq: the schema cannot be read here, which `rollback --force` may go past as for an
+    unreachable database (refused with exit 2 there, the forced rollback of the code was
+    lost mid-incident: found by review). A misencoded password stays bad input."""
+
+
 def check_url(url: str, variable: str, where: str) -> None:
     """Refuse a URL libpq would misread or reject; the message never contains its password.
 
@@ -174,8 +181,8 @@ def _check_parameters(url: str, variable: str, where: str) -> None:
         elif key == "x-migrations-table":
             fix += ("; the runbook reads golang-migrate's default table, schema_migrations, on "
                     "the search_path")
-        raise ConfigError(f"{variable} ({where}) has the parameter {key}{whose}, which libpq "
-                          "does not know", fix)
+        raise UnknownParameterError(f"{variable} ({where}) has the parameter {key}{whose}, "
+                                    "which libpq does not know", fix)
     try:
         conninfo.conninfo_to_dict(url)
     except Exception as exc:

@@ -100,7 +100,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     try:
         schema = database.schema_version(env)
     except RunbookError as exc:
-        if options.restore_snapshot or isinstance(exc, ConfigError):
+        if options.restore_snapshot or (isinstance(exc, ConfigError) and not isinstance(
+                exc, database.UnknownParameterError)):
             raise  # a misencoded DATABASE_URL is bad input (exit 2), even with --force
         reason = exc.message
         if not options.force:

@@ -950,6 +950,34 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
+def test_a_url_libpq_cannot_read_is_a_schema_that_cannot_be_read_and_force_goes_past_it(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: a URL parameter libpq does not know (the Go app's own URL, with pgx's
+    pool_max_conns) became a configuration error, exit 2 even with --force, so the forced
+    rollback of the code, which needs no database, was refused mid-incident. Without --force
+    it is the schema that cannot be read (exit 4, nothing changed); with it, the rollback
+    runs and says the guard was skipped."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    url = stack.database_url + ("&" if "?" in stack.database_url else "?") + "pool_max_conns=10"
+    env_file = tmp_path / ".env.pgx"
+    env_file.write_text(f"DATABASE_URL={url}\n")
+    env_file.chmod(0o600)
+    env = stack.env.with_(database=dataclasses.replace(stack.env.database, env_file=env_file))
+    before, was = snapshot(env), through_proxy(env)
+    with pytest.raises(RunbookError) as refused:
+        rollback.rollback(env)
+    said = str(refused.value)
+    assert refused.value.exit_code == ExitCode.PRECONDITION, said
+    assert "cannot be read" in said and "pool_max_conns" in said and "--force" in said, said
+    assert stack.password not in said
+    assert snapshot(env) == before
+    done = rollback.rollback(env, rollback.Options(force=True, reason="pgx url"))
+    assert any("schema guard skipped (--force)" in w and "pool_max_conns" in w
+               for w in done.plan.warnings), done.plan.warnings
+    now = through_proxy(env)
+    assert now[0] != was[0] and now[1] != was[1], (was, now)  # traffic on the previous release
+
+
 def test_a_restore_pick_dated_in_the_future_is_refused_and_a_named_one_is_not(
         stack: DrillStack) -> None:
     """Found by review: a snapshot taken while the host clock ran fast (NTP set it back since)
