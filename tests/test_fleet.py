@@ -560,6 +560,30 @@ def test_the_guard_an_older_runbook_flocks_in_the_lock_folder_is_taken_too(
     assert _take(env, "fleet_b")["taken"] is True
 
 
+def test_what_another_user_puts_where_the_old_guard_was_never_hangs_or_blocks_a_take(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the old guard's name is in the world-writable lock folder, so any
+    local user can put a FIFO there (its open hung the take for ever) or a file of their own
+    and hold its flock (every take refused). Only a regular file of root, this user or the
+    state file's owner is taken."""
+    import fcntl
+
+    monkeypatch.setattr(hostlock, "GUARD_TIMEOUT", 0.3)
+    old_guard = env.lock_dir / ".togather-fleet-staging.lock.guard"
+    os.mkfifo(old_guard)
+    assert _take(env, "fleet_a")["taken"] is True  # returns: the FIFO is not opened blocking
+    assert hostlock.release(env, "fleet_a")["released"]
+    old_guard.unlink()
+    old_guard.write_bytes(b"")
+    os.chown(old_guard, 65534, 65534)  # nobody's
+    held = os.open(old_guard, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert _take(env, "fleet_b")["taken"] is True
+    finally:
+        os.close(held)
+
+
 def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -> None:
     import socket
 

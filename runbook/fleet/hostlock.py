@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,22 +68,45 @@ def _guarded(env: Environment) -> Iterator[None]:
                                 f"file): {exc.strerror or exc}", exc, guard,
                                 f"let the user the fleet runs as write {guard.parent} (the "
                                 "state file's folder)") from None
-    fds = [fd]
+    fds = [(fd, guard)]
     try:
-        # Where runbooks before 2026-12-05 flock it (the lock folder): while one may still run
-        # on this host (a per-user install, an upgrade mid-run), that guard is taken too,
-        # after this one (one order: no deadlock), or both took the lock (found by review).
-        # Only one that exists: none is made in the world-writable folder.
-        with contextlib.suppress(OSError):
-            fds.append(os.open(path(env).with_name(f".{path(env).name}.guard"), os.O_RDONLY))
-        for held in fds:
+        old = _old_guard(env)
+        if old is not None:
+            fds.append(old)
+        for held, where in fds:
             if not files.flock_within(held, GUARD_TIMEOUT, 0.01):
                 raise LockedError(f"another runbook process has been changing the fleet lock "
-                                  f"for {GUARD_TIMEOUT:.0f} s", "run the fleet command again")
+                                  f"for {GUARD_TIMEOUT:.0f} s (it holds {where})",
+                                  "run the fleet command again")
         yield
     finally:
-        for held in fds:
+        for held, _ in fds:
             os.close(held)
+
+
+def _old_guard(env: Environment) -> tuple[int, Path] | None:
+    """Where runbooks before 2026-12-05 flock the guard (the lock folder): while one may still
+    run on this host (a per-user install, an upgrade mid-run), that guard is taken too, after
+    the new one (one order: no deadlock), or both took the lock (found by review). Only one
+    that exists (none is made in the world-writable folder), is a regular file, and is owned
+    by root, this user or the state file's owner: any local user can put a FIFO there (its
+    open hung the take) or a file of their own to flock (blocking every take)."""
+    old = path(env).with_name(f".{path(env).name}.guard")
+    try:
+        fd = os.open(old, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        owners = {0, os.geteuid()}
+        with contextlib.suppress(OSError):
+            owners.add(os.stat(env.state_file).st_uid)
+        if stat.S_ISREG(st.st_mode) and st.st_uid in owners:
+            return fd, old
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 @dataclass(frozen=True)
