@@ -161,6 +161,28 @@ def test_a_snapshot_records_verifies_and_restores_the_table_the_guard_reads(
     assert said.startswith("schema 42;"), said
 
 
+def test_a_snapshot_whose_sidecar_an_older_runbook_wrote_still_verifies(
+        side_db: SideDb) -> None:
+    """Found by review: before 2026-12-05 the runbook's sidecar recorded public's table only
+    (0 here, where the app's is app.schema_migrations) and named no table; after the upgrade
+    every such snapshot was refused as a bad file ("holds 42 but its sidecar says 0"). It is
+    compared with what that version read; the version it holds is the app's table's."""
+    import json
+
+    side_db.sql(f"ALTER ROLE togather IN DATABASE {side_db.name} SET search_path = app, public")
+    env = side_db.env("host")
+    snap = snapshots.create(env, "manual")
+    meta = json.loads(snap.meta_path.read_text())
+    del meta["migrations_table"]
+    snap.meta_path.write_text(json.dumps(meta | {"migration_version": 0}))
+    older = snapshots.load(snap.path)
+    assert older.migrations_table is None and older.migration_version == 0
+    assert verify_module.verify(env, older).migration_version == 42
+    snap.meta_path.write_text(json.dumps(meta | {"migration_version": 7}))  # still a liar
+    with pytest.raises(RunbookError, match="holds schema_migrations 0 but its sidecar says 7"):
+        verify_module.verify(env, snapshots.load(snap.path))
+
+
 # -- 5. the read's statement_timeout ends with its transaction ----------------------------------
 
 @pytest.mark.parametrize("access", ACCESS)

@@ -369,8 +369,14 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
     if TRAILER not in scanner.tail:
         raise _bad_file(snap, "is incomplete: no 'dump complete' trailer (pg_dump was cut off)")
     version, dirty = _pick(snap, scanner.sm)
-    if snap.migration_version is not None and snap.migration_version != version:
-        raise _bad_file(snap, f"holds schema_migrations {version} but its sidecar says "
+    # A sidecar with a version but no table is a runbook's from before 2026-12-05, which read
+    # public's table only (0 without one): compared with that, or every such snapshot of a
+    # database whose table is elsewhere was refused as a bad file after the upgrade (found by
+    # review). What it holds is still _pick's, the table the app's user sees.
+    recorded = (version if snap.migrations_table is not None
+                else scanner.sm.get(DEFAULT_TABLE, (0, False))[0])
+    if snap.migration_version is not None and snap.migration_version != recorded:
+        raise _bad_file(snap, f"holds schema_migrations {recorded} but its sidecar says "
                               f"{snap.migration_version}")
     return Verified(snap, digest, version, dirty, tuple(dict.fromkeys(scanner.schemas)),
                     tgt.dbname, scanner.dumped_by, scanner.restrict)
