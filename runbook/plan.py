@@ -573,10 +573,10 @@ class _Execution:
         raise self._rolled_back(exc)
 
     def _restore_finished(self) -> None:
-        """This run's restore finished (the run ended, or took effect): what unfinished
-        restores kept beside the state file is ordinary retention again, for every
-        operator's cleanup, as the run records' reading stops at a finished restore. Killed
-        or failed after it, the record stays: a rerun needs what it names."""
+        """This run's restore finished (the run ended): what unfinished restores kept beside
+        the state file is ordinary retention again, for every operator's cleanup, as the run
+        records' reading stops at a finished restore. Killed or failed after it (even after
+        the commit), the record stays: a rerun needs what it names."""
         if not any(o.name == "restore-database" and o.status == "ok" for o in self.outcomes):
             return
         said = forget_unfinished(self.env)
@@ -669,7 +669,8 @@ class _Execution:
     # -- failure after the commit: never undo, say what took effect and what is left -----
     def _took_effect(self, cause: BaseException, rest: list[Step],
                      failed: Step | None = None) -> TookEffectError:
-        self._restore_finished()
+        # the unfinished restore's record stays (its rerun needs what it names), as the run
+        # records' reading keeps a run that failed once its restore replaced the database
         left = ([failed] if failed else []) + [s for s in rest if s.run and not s.skip]
         for step in left[1 if failed else 0:]:
             self.outcomes.append(StepOutcome(step.name, step.title, "left", 0.0, None,

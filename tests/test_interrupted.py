@@ -2049,6 +2049,13 @@ def test_a_restoring_rollback_stopped_after_its_commit_names_its_safety_snapshot
     last = [e for e in _journal_lines(first.stderr) if e["level"] == "ERROR"][-2]
     assert last.get("exit_code") == 6 and "TOOK EFFECT" in last["message"], last
     assert str(safety) in last["message"], last
+    # what the run records keep for every operator's cleanup (a run that failed once its
+    # restore replaced the database) the record beside the state file keeps too (found by
+    # review: it was removed at the commit's failure)
+    from runbook import restore_records
+
+    kept = restore_records.unfinished_restores(env)
+    assert any(r.get("safety_snapshot") == str(safety) for r in kept), kept
 
 
 def test_status_after_a_restoring_rollback_stopped_after_its_commit_says_it_once(
