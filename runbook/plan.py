@@ -34,7 +34,13 @@ from runbook import intent as intents
 from runbook.environment import Environment
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.redact import redact
-from runbook.restore_records import ACCEPT_FLAG, CLEARS_AT_START, clear_doubt, forget_unfinished
+from runbook.restore_records import (
+    ACCEPT_FLAG,
+    CLEARS_AT_START,
+    clear_doubt,
+    forget_unfinished,
+    mark_served,
+)
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
 
@@ -452,6 +458,7 @@ class _Execution:
                 ctx.keep = keep
                 if step.name in CLEARS_AT_START:
                     self._clear_doubt(step)
+                    self._mark_served(step)
                 try:
                     with self.signals.interruptible() if interruptible \
                             else contextlib.nullcontext():
@@ -498,6 +505,18 @@ class _Execution:
         if not cleared:
             with contextlib.suppress(Exception):  # a closed terminal never stops a run
                 self.notice(message)
+
+    def _mark_served(self, step: Step) -> None:
+        """A step that starts the app or changes the data: an unfinished restore recorded
+        beside the state file no longer left the database as it is (another operator's next
+        restore must not name its safety snapshot as the data from before)."""
+        said = mark_served(self.env, self.journal.run_id,
+                           f"the {self.plan.action} run {self.journal.run_id} starts the app "
+                           f"or changes the data (its step \"{step.title}\")")
+        if said is not None:
+            self.journal.log("WARN", said, step=step.name)
+            with contextlib.suppress(Exception):  # a closed terminal never stops a run
+                self.notice(said)
 
     def _commit(self) -> None:
         """The commit point: the switch is verified. A signal that arrived during the switch,

@@ -114,12 +114,17 @@ def unfinished_marker(env: Environment) -> Path:
 
 
 UNFINISHED_LIMIT = 1 << 20  # a few hundred bytes per unfinished restore
+# an unfinished restore's key once a later run started the app or changed the data: the
+# database is no longer what it left, so its safety snapshot no longer holds "the data from
+# before" the next restore (killed_restore; cleanup still keeps it)
+SERVED_SINCE = "served_since"
 
 
 def unfinished_restores(env: Environment) -> list[dict[str, str]]:
     """The restores begun and not finished (killed, their COMMIT's outcome unknown, or
     failed once the database was replaced), oldest first: {run_id, at, restore_target,
-    safety_snapshot, EARLIER}; [] when there is no such file. OSError or ValueError when it
+    safety_snapshot, EARLIER, and SERVED_SINCE once a later run started the app or changed
+    the data}; [] when there is no such file. OSError or ValueError when it
     cannot be read: the caller fails closed (nothing tells what it keeps)."""
     try:
         data: Any = json.loads(files.read_regular(unfinished_marker(env), UNFINISHED_LIMIT))
@@ -158,7 +163,8 @@ def record_unfinished(env: Environment, run_id: str, *, target: str, safety: str
     where = unfinished_marker(env)
     try:
         runs = [r for r in unfinished_restores(env) if r.get("run_id") != run_id]
-        runs.append({"run_id": run_id, "at": times.format_utc(times.now()), TARGET: target,
+        # milliseconds: killed_restore orders it among the run records' start times
+        runs.append({"run_id": run_id, "at": times.format_ms_utc(), TARGET: target,
                      "safety_snapshot": safety, EARLIER: earlier})
         _write_unfinished(env, runs)
     except (OSError, ValueError) as exc:
@@ -188,6 +194,47 @@ def forget_unfinished(env: Environment, run_id: str | None = None) -> str | None
                 f"snapshots it names; once the restores it names are finished or given up, "
                 f"remove it (`rm {shlex.quote(str(where))}`)")
     return None
+
+
+def mark_served(env: Environment, run_id: str, why: str) -> str | None:
+    """Record, on every other unfinished restore beside the state file, that the run
+    `run_id` starts the app or changes the data (`why`), before it does: another operator's
+    later restore then no longer names their safety snapshots as the data from before it
+    (only the run records of this operator said so). None, or the line saying it could not
+    be recorded. A record that cannot be read is left as it is: its readers fail closed."""
+    where = unfinished_marker(env)
+    if not os.path.lexists(where):
+        return None
+    try:
+        runs = unfinished_restores(env)
+    except (OSError, ValueError):
+        return None
+    if all(r.get(SERVED_SINCE) or r.get("run_id") == run_id for r in runs):
+        return None
+    try:
+        _write_unfinished(env, [r if r.get(SERVED_SINCE) or r.get("run_id") == run_id
+                                else r | {SERVED_SINCE: f"{why} ({times.format_ms_utc()})"}
+                                for r in runs])
+    except OSError as exc:
+        return (f"{where} could not be updated ({exc.strerror or exc}) although {why}: "
+                "another operator's next restore may name a safety snapshot it lists as the "
+                "data from before it, which it no longer is (the app has served since)")
+    return None
+
+
+def unfinished_unreadable(env: Environment, exc: OSError | ValueError) -> PreconditionError:
+    """The error of a record of unfinished restores that cannot be read: what its readers
+    say when they fail closed (whether another operator's restore was killed, and where the
+    data from before it is, cannot be told)."""
+    where = unfinished_marker(env)
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return PreconditionError(
+        f"{where}, which records the restores begun and not finished (every operator's), "
+        f"cannot be read ({why}): whether one was killed during or after its restore, and "
+        "which safety snapshot holds the data from before it, cannot be told",
+        f"read it (`cat {shlex.quote(str(where))}`) and keep every snapshot it names; make it "
+        f"readable to this user, or, once the restores it names are finished or given up, "
+        f"move it aside (`mv {shlex.quote(str(where))} {shlex.quote(str(where))}.checked`)")
 
 
 def clear_doubt(env: Environment, why: str) -> tuple[str, bool] | None:

@@ -440,12 +440,21 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             # a `rollback --restore-snapshot` killed once its restore began is resumed by
             # the command it names, without the flag: it must still say the database was
             # replaced, and where the data from before is (it said "nothing users see")
-            from runbook.snapshot_restore import killed_restore
+            from runbook.snapshot_restore import known_killed_restore
 
-            restored = killed_restore(env, run_id)
+            # unreadable beside the state file: said, never "changed nothing users see"
+            restored, unreadable = known_killed_restore(env, run_id)
             if restored is not None and restored["run_id"] == found[0].run_id:
                 seen = (f"restored the database before it stopped (the data from before that "
                         f"restore is in {restored['safety']}, its safety snapshot: keep it)"
+                        + ("" if containers[live].result().running
+                           else f" and left the serving slot {live} STOPPED"))
+            elif unreadable is not None and restoring_command(env.name, found[0]):
+                from runbook.restore_records import unfinished_marker
+
+                seen = (f"may have restored the database before it stopped (whether it did "
+                        f"cannot be told: {unfinished_marker(env)} cannot be read; keep every "
+                        "snapshot it names, and see `runbook status`)"
                         + ("" if containers[live].result().running
                            else f" and left the serving slot {live} STOPPED"))
             warnings.insert(0, f"an interrupted run {seen}; continuing: {found[0].describe()}"
@@ -514,8 +523,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         restore_steps = snapshot_restore.restore_steps(
             env, snapshot_restore.prepare(env, guard.restore), facts=facts, run_id=run_id,
             end_sessions=options.end_sessions, switch_to=standby)
-        if facts.get("privileges_lost"):
-            warnings.append(facts["privileges_lost"])
+        warnings += [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",

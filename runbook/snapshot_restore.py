@@ -23,16 +23,19 @@ from runbook.restore_records import (
     MISMATCH,
     MISMATCH_FIX,
     SERVED_OR_CHANGED,
+    SERVED_SINCE,
     TARGET,
     clear_doubt,
     doubt_marker,
     doubted_fix,
     doubted_restore,
     forget_unfinished,
+    mark_served,
     record_doubt,
     record_unfinished,
     unfinished_marker,
     unfinished_restores,
+    unfinished_unreadable,
 )
 from runbook.run import RunResult, perform
 from runbook.snapshots import commands, sessions
@@ -51,8 +54,8 @@ from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
 from runbook.snapshots.verify import check_server, verify
 from runbook.times import format_utc as _fmt
 
-__all__ = ["doubted_fix", "doubted_restore", "kept_for_killed_restore", "prepare", "restore",
-           "restore_steps", "restored_by", "start_step"]
+__all__ = ["doubted_fix", "doubted_restore", "kept_for_killed_restore", "known_killed_restore",
+           "prepare", "restore", "restore_steps", "restored_by", "start_step"]
 
 
 CHECK = "Verify schema_migrations and the row counts"  # verify-restore's title
@@ -111,10 +114,16 @@ def restore_steps(env: Environment, run: RestoreRun,
         f"owners, nor does the safety snapshot; {taken[0]} owns everything after it): "
         f"{taken[1]}; re-grant what they need once it is done" if taken else None)
     window = loss_window(env, snapshot).describe()
-    killed = killed_restore(env, run_id)
+    killed, unreadable = known_killed_restore(env, run_id)
     facts["earlier_safety_snapshot"] = killed["safety"] if killed else None
+    facts["unfinished_unreadable"] = (
+        f"{unreadable.message}: if the serving slot is found stopped, it stays stopped when "
+        f"this run stops before its restore; {unreadable.fix}" if unreadable else None)
     run.schema_before_killed = _schema_before(killed)
-    kept_down = _kept_down(killed, run.schema_before_killed, now_schema)
+    kept_down = _kept_down(killed, run.schema_before_killed, now_schema) \
+        if unreadable is None else (f"{unfinished_marker(env)} cannot be read, so it cannot "
+                                    "be checked that no restore killed since left a database "
+                                    "the code that served does not fit")
 
     down = (f"the database WAS restored to {snapshot.name} and the app slots are stopped: "
             "the service is down")
@@ -123,6 +132,10 @@ def restore_steps(env: Environment, run: RestoreRun,
         """Where the data from before the restore is: a killed earlier run's safety
         snapshot when there was one (this run's own then holds what that run left)."""
         mine = run.safety.path if run.safety else None
+        if killed is None and unreadable is not None:
+            return (f"the data from before the restore is in {mine}, unless an earlier "
+                    f"restore was killed: {unfinished_marker(env)}, which cannot be read, "
+                    "names its safety snapshot (keep every snapshot it names)")
         if killed is None:
             return f"the data from before the restore is in {mine}"
         return (f"the data from before the restore is in {killed['safety']} (the safety "
@@ -187,9 +200,15 @@ def restore_steps(env: Environment, run: RestoreRun,
             return None
 
         def _start_again() -> None:
-            started = []
+            started: list[Slot] = []
             for slot, name in zip(chosen, containers, strict=True):
                 if name in run.stopped and not docker.inspect(name).running:
+                    if not started:  # said before the app serves (and writes) again
+                        said = mark_served(env, run_id or "?", f"the restore run "
+                                           f"{run_id or '?'} starts the app slots again (its "
+                                           "undo)")
+                        if said is not None:
+                            ctx.notice(said)
                     docker.start(name)
                     started.append(slot)
             for slot in started:  # "traffic stays where it was" must be true when we exit
@@ -351,7 +370,12 @@ def restore_steps(env: Environment, run: RestoreRun,
                                            f"restore of the run {killed['run_id']} (started "
                                            f"{killed['started_at']}), killed during or after "
                                            "it; this one is of the database as it left it"}
-               if killed else {}),
+               if killed else {"the data from before": f"in this one, unless an earlier "
+                                                       f"restore was killed: "
+                                                       f"{unfinished_marker(env)}, which "
+                                                       "cannot be read, names its safety "
+                                                       "snapshot"}
+               if unreadable else {}),
         }, run=take_safety),
         Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
             "psql": commands.replay(tgt, str(snapshot.path)).describe(),
@@ -444,7 +468,59 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
     before that restore (carried on from an earlier killed run of the same kind); runs that
     changed no data and let the app serve nothing, ended or not, are looked past. None when
     there is none or the records cannot tell: nothing here changes what runs, only what the
-    plan and the messages name."""
+    plan and the messages name, and whether an undo starts the code that served (_kept_down).
+    The run records are this operator's (per user): a restore another operator (or sudo)
+    began after what they tell is read from beside the state file (`unfinished_marker`),
+    and so is a later run of theirs that served or changed the data (SERVED_SINCE; found by
+    review: another operator's rerun named no earlier safety snapshot and started the code
+    that served on the restored schema). PreconditionError when that file cannot be read:
+    the caller decides the safe way and says so (`_killed_by_the_records` is what is known)."""
+    found, decided = _killed_by_the_records(env, run_id)
+    try:
+        runs = [r for r in unfinished_restores(env) if r.get("run_id") != run_id]
+    except (OSError, ValueError) as exc:
+        raise unfinished_unreadable(env, exc) from None
+    if not runs:
+        return found  # none recorded, or a restore finished since: the records tell
+    last = runs[-1]  # the newest: a later run's served-since covers every earlier one
+    same = decided is not None and last.get("run_id") == decided.get("run_id")
+    if decided is not None and not same and not _recorded_after(last, decided):
+        return found  # the records decided on a run after it
+    if last.get(SERVED_SINCE):
+        return None
+    if same:
+        return found  # its record says more (when it started; what it left)
+    path = last.get(EARLIER) or last.get("safety_snapshot")
+    return {"run_id": last.get("run_id") or "?", "safety": path,
+            "started_at": last.get("at") or "?"} if path else None
+
+
+def known_killed_restore(env: Environment, run_id: str | None
+                         ) -> tuple[dict[str, str] | None, PreconditionError | None]:
+    """killed_restore, or, when the record beside the state file cannot be read, what this
+    operator's run records tell and why the rest cannot be: the caller decides the safe way
+    (the code that served stays stopped; "may have restored") and says so."""
+    try:
+        return killed_restore(env, run_id), None
+    except PreconditionError as exc:
+        return _killed_by_the_records(env, run_id)[0], exc
+
+
+def _recorded_after(entry: dict[str, str], record: dict[str, Any]) -> bool:
+    """Whether an unfinished restore beside the state file began after the run record
+    `record` started; a time that cannot be read counts as after (it then decides: named,
+    and an undo leaves the code that served stopped unless the schema is proved the same)."""
+    from runbook import times
+
+    began, started = times.parse_utc(entry.get("at")), times.parse_utc(record.get("started_at"))
+    return began is None or started is None or began > started
+
+
+def _killed_by_the_records(env: Environment, run_id: str | None
+                           ) -> tuple[dict[str, str] | None, dict[str, Any] | None]:
+    """killed_restore's reading of this operator's run records: (what they find, the record
+    that decided it: the killed run's, or that of the run since which served or changed the
+    data; None when none did)."""
     from runbook import journal
 
     for data in journal.past_records(env, but=run_id):
@@ -461,7 +537,7 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         killed = data.get("outcome") == "running" or unknown
         if _left_restored(data, steps) and isinstance(path, str):
             return {"run_id": str(data.get("run_id")), "safety": path,
-                    "started_at": str(data.get("started_at"))}
+                    "started_at": str(data.get("started_at"))}, data
         # Since this run, the app may have served (and written), or the data changed: the
         # database is no longer what that restore left, so its pointer is stale. An ended
         # run that stopped the app slots started them again (its undo, or its last step).
@@ -469,10 +545,10 @@ def killed_restore(env: Environment, run_id: str | None) -> dict[str, str] | Non
         held = isinstance(stop, dict) and bool(stop.get("held_down"))
         if SERVED_OR_CHANGED & steps.keys() or (not killed and "stop-app-slots" in steps
                                                 and not held):
-            return None
+            return None, data
         # It changed nothing and let nothing serve (stopped before any such step, refused,
         # declined, a dry run): the run before it still tells.
-    return None
+    return None, None
 
 
 def kept_for_killed_restore(env: Environment) -> dict[str, str]:
@@ -597,14 +673,22 @@ def restored_by(env: Environment, run_id: str) -> tuple[str, bool] | None:
     (carried on from a killed earlier one), and whether that restore ended replacing the
     database; None when the run began none or its record cannot tell. What `runbook
     status` names beside the run's unfinished record: with the terminal gone (a dropped
-    ssh session), the only pointer to that data."""
+    ssh session), the only pointer to that data. Not in this operator's run records (per
+    user: another operator's, or sudo's), it is read from beside the state file, which
+    tells only that the restore began (None when that file cannot be read: status says so)."""
     from runbook import journal
 
     # its own record alone (`<run_id>.json`): scanning for it read every record whenever it
     # was not there (another operator's runs folder), on every `runbook status`
     data = journal.record_of(env, run_id)
     if data is None:
-        return None
+        try:
+            runs = unfinished_restores(env)
+        except (OSError, ValueError):
+            return None
+        entry = next((r for r in runs if r.get("run_id") == run_id), {})
+        path = entry.get(EARLIER) or entry.get("safety_snapshot")
+        return (path, False) if path else None
     listed = data.get("steps")
     steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
              if isinstance(s, dict) and s.get("status") != "planned"}
@@ -792,7 +876,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         restore_run = prepare(env, snap)
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
                               end_sessions=end_sessions)
-        warnings = [facts["privileges_lost"]] if facts.get("privileges_lost") else []
+        warnings = [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         if facts.get("earlier_safety_snapshot"):
             warnings.append(f"the last run was killed during or after its restore: the data "
                             f"from before it is in {facts['earlier_safety_snapshot']}; this "

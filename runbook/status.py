@@ -74,6 +74,8 @@ class Facts:
     # the last restore left a database that does not match its snapshot (its check failed)
     doubted: dict[str, str] | None = None
     doubted_error: RunbookError | None = None  # the record of that cannot be read
+    # the record of the restores begun and not finished (beside the state file) cannot be read
+    unfinished_error: RunbookError | None = None
 
     @property
     def active(self) -> Slot | None:
@@ -417,6 +419,14 @@ def restore_doubted(f: Facts) -> Iterator[Problem]:
                       "not be started on it", fix)
 
 
+def restore_unfinished(f: Facts) -> Iterator[Problem]:
+    """The record of the restores begun and not finished cannot be read: whether one was
+    killed, and where the data from before it is, cannot be told (every cleanup keeps every
+    snapshot, and a restore leaves a stopped serving slot stopped, while it is so)."""
+    if f.unfinished_error is not None:
+        yield _error(f.unfinished_error, "see the file named")
+
+
 def _doubted_fix(f: Facts, said: bool = False) -> str | None:
     """While the restored database does not match its snapshot: the run's own fix (its
     check's) for the problem that says so (`said`), and for every other whose fix would
@@ -451,9 +461,9 @@ def _unfinished_command(f: Facts, pending: intents.Intent) -> str:
     command = _command(f, pending)
     if f.active is None or f.active != pending.target:
         from runbook.restore_records import restoring_command
-        from runbook.snapshot_restore import killed_restore
+        from runbook.snapshot_restore import known_killed_restore
 
-        began = killed_restore(f.env, None)
+        began = known_killed_restore(f.env, None)[0]  # unreadable: restore_unfinished says it
         if began is None or began["run_id"] != pending.run_id:
             command = restoring_command(_arg(f.env), pending) or command
     return command
@@ -547,9 +557,9 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
     state_unreadable, container_unknown, caddy_problems, traffic_unclear, proxy_unanswered,
-    caddyfile_differs_from_what_runs, schema_dirty, restore_doubted, interrupted_run,
-    database_unreachable, no_current_deployment, state_disagrees_with_caddy, active_unhealthy,
-    image_differs, stale_lock, held_for_h2c, standby_running, disk_space,
+    caddyfile_differs_from_what_runs, schema_dirty, restore_doubted, restore_unfinished,
+    interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
+    active_unhealthy, image_differs, stale_lock, held_for_h2c, standby_running, disk_space,
 ]
 
 
@@ -624,6 +634,12 @@ def collect(env: Environment) -> Facts:
         f.doubted = doubted_restore(env)
     except RunbookError as exc:
         f.doubted_error = exc
+    from runbook.restore_records import unfinished_restores, unfinished_unreadable
+
+    try:
+        unfinished_restores(env)
+    except (OSError, ValueError) as exc:
+        f.unfinished_error = unfinished_unreadable(env, exc)
     for slot, info in f.containers.items():
         try:
             record = slots.held_record(env, slot, info) if info is not None else None

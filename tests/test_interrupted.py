@@ -2399,6 +2399,178 @@ def test_a_restore_killed_before_its_doubt_is_recorded_is_still_refused(
     assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
 
 
+# -- a killed restore seen by every operator (its record beside the state file) ---------------
+
+def _psql_ended(env: Environment) -> None:
+    """Wait until the killed run's psql, which reads what was sent, has ended at EOF."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and subprocess.run(
+            ["docker", "exec", env.database.container, "pgrep", "-x", "psql"],
+            capture_output=True, check=False).returncode == 0:
+        time.sleep(0.2)
+
+
+def _snapshot_restore(env: Environment, name: str, *extra: str,
+                      fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`runbook snapshot restore ENV NAME --yes` as the operator `env` (its own runs folder)."""
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                           str(env.source), name, "--yes", *extra],
+                          capture_output=True, text=True, timeout=180, check=False,
+                          stdin=subprocess.DEVNULL,
+                          env=environ | ({faults.VARIABLE: fault} if fault else {}))
+
+
+def _unfinished_record(env: Environment) -> Path:
+    """The record of unfinished restores beside the state file (the oracle: that folder's
+    hidden file, found by listing it, never by the code's own path function)."""
+    folder = env.state_file.resolve().parent
+    return next(p for p in folder.iterdir() if p.name.startswith(".") and "unfinished" in p.name)
+
+
+def test_another_operators_rerun_names_the_safety_snapshot_of_a_restore_killed_mid_replay(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: a `snapshot restore` killed (-9) mid-replay was known to a rerun only
+    through the run records of whoever ran it (per user): another operator's rerun (or
+    sudo's) named its own safety snapshot as the data from before the restore, never the
+    killed run's, which holds it (here a row written after the snapshot). That operator has
+    records of their own (a restore that finished earlier): what came after them still
+    counts. Their dry run, then their rerun, name it (plan warnings and JSON)."""
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    other = _operator(env, tmp_path)
+    snap = snapshots.create(env, "manual")
+    earlier = _snapshot_restore(other, snap.name)
+    assert earlier.returncode == 0, earlier.stdout + earlier.stderr
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) VALUES ('written-after-the-snapshot')")
+    first = _snapshot_restore(env, snap.name, fault="restore.mid-stream:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    _psql_ended(env)
+    [killed] = [p for p in _safety_snapshots(env)
+                if b"written-after-the-snapshot" in gzip.decompress(p.read_bytes())]
+    looked = _snapshot_restore(other, snap.name, "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    assert json.loads(looked.stdout)["plan"]["facts"]["earlier_safety_snapshot"] == str(killed)
+    again = _snapshot_restore(other, snap.name, "--format", "json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    out = json.loads(again.stdout)
+    assert out["plan"]["facts"]["earlier_safety_snapshot"] == str(killed), out["plan"]["facts"]
+    assert any(str(killed) in w and "killed" in w for w in out["plan"]["warnings"]), out
+    assert through_proxy(env) == ("blue", V3.tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM items WHERE name = "
+                            "'written-after-the-snapshot'").fetchone() == (0,)
+
+
+def test_another_operators_status_names_a_restoring_rollback_killed_mid_replay(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: after `rollback --restore-snapshot` killed (-9) mid-replay, only the
+    operator whose run records hold it was told by `runbook status` that it began restoring
+    the database and where the data from before is; another operator's status said neither,
+    and named the restore again (`--restore-snapshot`) instead of the command that resumes
+    a run whose restore began. Both operators' status say the same."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="restore.mid-stream:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    _psql_ended(env)
+    [safety] = _safety_snapshots(env)
+    other = _operator(env, tmp_path)
+    v1 = VERSIONS["v1"].tag
+    for who in (env, other):
+        out = cli(who, "status", "--format", "json")
+        [found] = [p for p in json.loads(out.stdout)["problems"]
+                   if "an interrupted run is unfinished" in p["problem"]]
+        assert "began restoring the database first" in found["problem"], found
+        assert str(safety) in found["problem"], found
+        assert f"`runbook rollback {who.source} --to {v1}` runs it again" in found["fix"], found
+
+
+def test_another_operators_rerun_stopped_before_its_restore_leaves_unfit_code_stopped(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: `rollback --restore-snapshot` killed (-9) once its restore committed
+    (schema 1 now, v2's slot stopped); another operator's rerun, stopped before its own
+    restore (a Ctrl-C), did not know of the killed run (not in its run records), so its undo
+    started v2 again on schema 1, which it never ran on. It stays stopped, exit 5, saying
+    why and naming the killed run's safety snapshot; the same command then finishes the
+    rollback."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert _database(stack)[0] == (1,)  # the restore committed
+    [safety] = _safety_snapshots(env)
+    other = _operator(env, tmp_path)
+    again = cli(other, "rollback", "--restore-snapshot", "--yes",
+                fault="before:safety-snapshot:SIGINT")
+    assert again.returncode == int(ExitCode.ATTENTION), again.stdout + again.stderr
+    assert "THE SERVICE IS DOWN" in again.stderr, again.stderr
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running, again.stderr
+    assert "schema 1" in again.stderr and str(safety) in again.stderr, again.stderr
+    done = cli(other, "rollback", "--restore-snapshot", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert _database(stack)[0] == (1,)
+
+
+def test_a_killed_restore_another_operator_resumed_is_no_longer_named_as_the_data_before(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """`rollback --restore-snapshot` killed (-9) once its restore committed is resumed by
+    another operator's `runbook rollback` (no flag), which must say the database was
+    restored and where the data from before is (found by review: it said "changed nothing
+    users see"). The app has served since: a later restore by the first operator, whose
+    records still end at the killed run, must not name that old safety snapshot as the data
+    from before it (weeks of writes later, restoring it would lose them)."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    [safety] = _safety_snapshots(env)
+    other = _operator(env, tmp_path)
+    again = cli(other, "rollback", "--yes")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "restored the database before it stopped" in said and str(safety) in said, said
+    assert "changed nothing users see" not in said
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    later = _snapshot_restore(env, safety.name, "--keep-stopped", "--dry-run", "--format",
+                              "json")  # at schema 2 under v1: --keep-stopped's
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert json.loads(later.stdout)["plan"]["facts"]["earlier_safety_snapshot"] is None
+
+
+def test_an_unreadable_record_of_unfinished_restores_keeps_the_serving_slot_stopped(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Fail closed: `rollback --restore-snapshot` killed (-9) once its restore committed
+    (schema 1, v2's slot stopped), the record of unfinished restores beside the state file
+    then unreadable (not JSON: torn or hand-edited). Another operator's rerun stopped before
+    its restore cannot tell whether the database still fits the code that served: it leaves
+    that slot stopped (exit 5), naming the file; their status names it with a fix."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    marker = _unfinished_record(env)
+    marker.write_text("{not json")
+    other = _operator(env, tmp_path)
+    again = cli(other, "rollback", "--restore-snapshot", "--yes",
+                fault="before:safety-snapshot:SIGINT")
+    said = again.stdout + again.stderr
+    assert again.returncode == int(ExitCode.ATTENTION), said
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running, said
+    assert str(marker) in said and "cannot be read" in said, said
+    out = cli(other, "status", "--format", "json")
+    [found] = [p for p in json.loads(out.stdout)["problems"] if str(marker) in p["problem"]]
+    assert "cannot be read" in found["problem"] and found["fix"], found
+
+
 def test_ctrl_c_at_the_terminal_during_the_replay_is_held_until_the_restore_ends(
         stack: DrillStack) -> None:
     """A terminal's Ctrl-C goes to the whole process group: it reached `docker exec psql`
