@@ -35,10 +35,13 @@ _CHUNK = 65536
 class HttpFailure(Exception):
     """The request got no (complete) answer; `reason` says why in a few words."""
 
-    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+    def __init__(self, reason: str, *, timed_out: bool = False, untrusted: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.timed_out = timed_out
+        # the server's TLS certificate did not verify: something answers, but what it is
+        # cannot be told (not an outage: Caddy's local CA, not in the trusted store)
+        self.untrusted = untrusted
 
 
 @dataclass(frozen=True)
@@ -143,14 +146,23 @@ class _Connection(http.client.HTTPConnection):
 
 
 @cache
-def _tls() -> ssl.SSLContext:
-    """Built once, and only when an https URL is asked for (an admin API behind TLS)."""
+def _tls(ca_file: str | None = None) -> ssl.SSLContext:
+    """Built once, and only when an https URL is asked for. `ca_file` is trusted besides the
+    system store: a site on Caddy's local CA (`tls internal`) is trusted by no system store."""
     import ssl
 
-    return ssl.create_default_context()
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 def _failure(exc: BaseException, deadline: _Deadline, status: int | None) -> HttpFailure:
+    import ssl  # already loaded by http.client
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return HttpFailure(f"cannot verify its TLS certificate: {exc.verify_message or exc}",
+                           untrusted=True)
     if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
         if status is not None:
             return HttpFailure(f"timed out after {deadline.seconds:g}s: HTTP {status} headers "
@@ -168,11 +180,13 @@ def _failure(exc: BaseException, deadline: _Deadline, status: int | None) -> Htt
 
 def request(method: str, url: str, *, timeout: float,
             headers: Mapping[str, str] | None = None, content: bytes | None = None,
-            max_body: int | None = MAX_BODY, site: str | None = None) -> Answer:
+            max_body: int | None = MAX_BODY, site: str | None = None,
+            ca_file: str | None = None) -> Answer:
     """Send one request on a fresh connection (closed afterwards) and read the whole answer,
     all within `timeout` seconds. Raises HttpFailure when there is no complete answer.
     `site`: the host name asked for (Host header, TLS server name and certificate check)
-    while connecting to the URL's address."""
+    while connecting to the URL's address. `ca_file`: a PEM bundle trusted besides the system
+    store for an https URL."""
     deadline = _Deadline(timeout)
     try:
         parts = urlsplit(url)
@@ -184,7 +198,7 @@ def request(method: str, url: str, *, timeout: float,
         raise HttpFailure(f"unsupported URL {url!r}: only http:// and https:// with a host")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     conn = _Connection(parts.hostname, port, deadline,
-                       _tls() if parts.scheme == "https" else None, site)
+                       _tls(ca_file) if parts.scheme == "https" else None, site)
     if site:
         headers = {**(headers or {}), "Host": site}
     status: int | None = None

@@ -369,6 +369,9 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                       f"`{_rollback_command(f)}`, or `runbook switch {_arg(f.env)} --slot "
                       f"{f.active.other if f.active else '<blue|green>'}` when that one is "
                       "healthy")
+    elif f.traffic.untrusted:
+        yield Problem(f"{f.traffic.proxy_unverifiable}: which slot users reach through the "
+                      "proxy cannot be verified (nor a switch)", traffic.untrusted_fix(f.env))
     elif f.traffic.proxy_unverifiable is not None:
         yield Problem(f"{f.traffic.proxy_unverifiable} without X-Togather-Slot: which slot "
                       "users reach cannot be told there (nor a switch verified while the "

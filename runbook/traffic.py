@@ -20,6 +20,7 @@ from runbook.errors import ExitCode, PreconditionError, RunbookError
 
 SLOT_HEADER = "X-Togather-Slot"
 _TIMEOUT = 5.0
+UNTRUSTED = "cannot verify Caddy's TLS certificate"  # starts ask_proxy's `unverifiable` then
 
 
 class TrafficUnknownError(RunbookError):
@@ -47,6 +48,11 @@ class Traffic:
     # the proxy answered, below 500, without SLOT_HEADER: not through the managed block's
     # upstream (another site, an HTTPS redirect), so no switch can be verified where it asks
     proxy_unverifiable: str | None = None
+
+    @property
+    def untrusted(self) -> bool:
+        """The proxy's TLS certificate did not verify: what it serves cannot be told."""
+        return (self.proxy_unverifiable or "").startswith(UNTRUSTED)
 
     @property
     def slot(self) -> Slot | None:
@@ -182,8 +188,12 @@ def loaded_config(env: Environment) -> Any:
     try:  # a total deadline: a hung admin API must not hold the run (and its lock)
         response = bounded_http.request("GET", url, timeout=_TIMEOUT, max_body=None)
     except bounded_http.HttpFailure as exc:
-        from runbook.caddy.admin import start_advice
+        from runbook.caddy.admin import admin_unanswered, start_advice
 
+        if (serving := admin_unanswered(env, exc.reason)) is not None:
+            raise TrafficUnknownError(
+                f"{serving.problem}, so which slot serves cannot be known; nothing was "
+                "touched", f"{serving.fix}, then run again") from None
         raise TrafficUnknownError(
             f"Caddy is not running: its admin API at {url} does not answer "
             f"({exc.reason}), so which slot serves cannot be known; nothing was "
@@ -321,13 +331,18 @@ def _port_counts(config: Any) -> Counter[int]:
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None]:
     """(X-Togather-Slot, error, unverifiable) as the proxy answers right now, on a fresh
-    connection. `unverifiable` describes an answer below 500 without the header; `error` no
-    answer, or a 5xx without it (Caddy's own, an upstream down: an outage to roll back from,
-    not a fault of the URL)."""
-    url = f"{env.caddy.proxy_url}{env.caddy.verify_path}"
+    connection. `unverifiable` describes an answer below 500 without the header, or a TLS
+    certificate that does not verify (Caddy's local CA: users are served, nothing here can
+    tell by whom); `error` no answer, or a 5xx without it (Caddy's own, an upstream down: an
+    outage to roll back from, not a fault of the URL)."""
+    c = env.caddy
+    url = f"{c.proxy_url}{c.verify_path}"
     try:
-        response = bounded_http.request("GET", url, timeout=_TIMEOUT, site=env.caddy.site)
+        response = bounded_http.request("GET", url, timeout=_TIMEOUT, site=c.site,
+                                        ca_file=None if c.ca_file is None else str(c.ca_file))
     except bounded_http.HttpFailure as exc:
+        if exc.untrusted:
+            return None, None, (f"{UNTRUSTED} for {c.site or url} at {url} ({exc.reason})")
         return None, f"{url}: {exc.reason}", None
     header = response.header(SLOT_HEADER)
     if header is None and response.status >= 500:  # Caddy's own: users get this too
@@ -367,9 +382,16 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
     """Refuse a switch that could never be verified: where verification asks, the proxy
     answers without the slot header, so the switch would move users, fail its verification,
     and its undo's own verification would fail the same way (a false "could not be undone"
-    after stopping the slot that had passed its gate). Said before anything changes."""
+    after stopping the slot that had passed its gate). Said before anything changes. An
+    untrusted TLS certificate is refused whatever the slots' health: no answer through the
+    proxy could be verified."""
     if found.slot is None or found.proxy_slot is not None or not found.proxy_unverifiable:
         return
+    if found.untrusted:
+        raise PreconditionError(
+            f"{found.proxy_unverifiable}: what the proxy serves cannot be verified, so a "
+            "switch would move users, fail its verification and be undone; nothing was "
+            "changed", untrusted_fix(env))
     from runbook import health
 
     # the serving slot down: Caddy's own error handling (`handle_errors` redirecting to a
@@ -392,6 +414,13 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
         "set [caddy] site to the host name Caddy serves the app at (and proxy_url to "
         "https://127.0.0.1 when it serves HTTPS only) or fix [caddy] proxy_url and "
         f"verify_path, then check with `runbook status {env.name}`")
+
+
+def untrusted_fix(env: Environment) -> str:
+    return (f"set [caddy] ca_file in {env.source or 'the environment file'} to the PEM file "
+            "of the CA that signs the site (for `tls internal`, Caddy's local root: <caddy "
+            "data dir>/pki/authorities/local/root.crt), or fix [caddy] site and proxy_url; "
+            f"then check with `runbook status {env.name}`")
 
 
 def _block_without_header(env: Environment) -> bool:

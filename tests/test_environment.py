@@ -386,7 +386,7 @@ def test_the_format_knows_exactly_the_documented_keys() -> None:
         "slots.blue": {"container", "service", "port", "host"},
         "slots.green": {"container", "service", "port", "host"},
         "caddy": {"caddyfile", "reload", "admin_url", "proxy_url", "command", "systemd_unit",
-                  "verify_path", "container_path", "site"},
+                  "verify_path", "container_path", "site", "ca_file"},
         "compose": {"file", "project", "env_file", "image_repository", "command"},
         "health": {"path", "timeout_seconds", "interval_seconds", "max_interval_seconds",
                    "request_timeout_seconds"},

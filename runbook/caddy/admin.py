@@ -364,6 +364,28 @@ class Unreloadable:
     answering: bool = False
 
 
+def admin_unanswered(env: Environment, reason: str) -> Unreloadable | None:
+    """Said when the admin API does not answer but the proxy does (`admin off`, another
+    address, a unix socket): "Caddy is not running, start it" was untrue and fixed nothing.
+    None: the proxy does not answer either (Caddy is down)."""
+    from runbook import bounded_http
+
+    c = env.caddy
+    try:
+        bounded_http.request("GET", f"{c.proxy_url}{c.verify_path}", timeout=VERIFY_TIMEOUT,
+                             site=c.site, ca_file=_ca_file(env))
+    except bounded_http.HttpFailure as exc:
+        if not exc.untrusted:  # a certificate that does not verify: something serves TLS
+            return None
+    return Unreloadable(
+        f"Caddy serves at {c.proxy_url} but its admin API does not answer at {c.admin_url} "
+        f"({reason}: admin off, another address or a unix socket, which the runbook cannot "
+        f"use: see the `admin` global option in {c.caddyfile})",
+        f"give Caddy a TCP admin address (`admin localhost:2019` in {c.caddyfile}'s global "
+        "options, or none: that is the default) and set [caddy] admin_url to it",
+        answering=True)
+
+
 def start_advice(env: Environment) -> str:
     """How to start this host's Caddy, as its environment says it runs: the guide's
     `systemctl status caddy` tells why a system Caddy stopped; a Caddy in a container
@@ -398,8 +420,9 @@ def running_problem(env: Environment, *, admin_answered: bool = False) -> Unrelo
         try:
             answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
         except bounded_http.HttpFailure as exc:
-            return Unreloadable(f"Caddy's admin API at {url} does not answer ({exc.reason})",
-                                f"{start} (or fix [caddy] admin_url)")
+            return admin_unanswered(env, exc.reason) or Unreloadable(
+                f"Caddy's admin API at {url} does not answer ({exc.reason})",
+                f"{start} (or fix [caddy] admin_url)")
         if answer.status != 200:
             return Unreloadable(f"Caddy's admin API at {url} answered HTTP {answer.status}",
                                 f"{start} (or fix [caddy] admin_url)")
@@ -611,7 +634,7 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
     pauses += [interval] * (max(1, attempts) - 1)
     for attempt in range(1, len(pauses) + 2):
         result = _verify_once(url, slot, expected_version, attempt, timeout, began,
-                              env.caddy.site)
+                              env.caddy.site, _ca_file(env))
         result = dataclasses.replace(result, url=_shown(env, url))
         if result.ok:
             return result
@@ -663,13 +686,18 @@ def no_slot_header(env: Environment, serving: Slot | None, why: str) -> CaddyErr
         "again", exit_code=ExitCode.PRECONDITION, stage="verify")
 
 
+def _ca_file(env: Environment) -> str | None:
+    return None if env.caddy.ca_file is None else str(env.caddy.ca_file)
+
+
 def _shown(env: Environment, url: str) -> str:
     """The verification URL as messages name it: with the site asked for, when one is."""
     return f"{url} (Host: {env.caddy.site})" if env.caddy.site else url
 
 
 def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeout: float,
-                 began: float, site: str | None = None) -> VerifyResult:
+                 began: float, site: str | None = None,
+                 ca_file: str | None = None) -> VerifyResult:
     def done(ok: bool, **seen: Any) -> VerifyResult:
         return VerifyResult(ok, url, slot, expected, attempt,
                             elapsed=time.monotonic() - began, **seen)
@@ -678,7 +706,8 @@ def _verify_once(url: str, slot: Slot, expected: str | None, attempt: int, timeo
 
     try:
         response = bounded_http.request("GET", url, timeout=timeout,
-                                        headers={"Cache-Control": "no-cache"}, site=site)
+                                        headers={"Cache-Control": "no-cache"}, site=site,
+                                        ca_file=ca_file)
     except bounded_http.HttpFailure as exc:
         return done(False, error=exc.reason)
     header = response.header(SLOT_HEADER)

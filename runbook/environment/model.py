@@ -68,6 +68,10 @@ class CaddyConfig:
     # Host header, and the TLS server name for https), never through DNS to whatever answers
     # for the name (a load balancer, another host already rolled back). None: proxy_url's.
     site: str | None = None
+    # A PEM bundle trusted besides the system store when proxy_url is https: a site on Caddy's
+    # local CA (`tls internal`) verifies against no system store, so no switch could be
+    # verified there. Checked readable (and loadable) when the environment is loaded.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -442,6 +442,7 @@ class CaddyFile(_Table):
     verify_path: UrlPath = CaddyConfig.verify_path
     container_path: Annotated[str, AfterValidator(_absolute)] | None = None
     site: Annotated[str, AfterValidator(_site)] | None = None
+    ca_file: FilePath | None = None
 
     @model_validator(mode="after")
     def _admin_api_is_not_the_site(self) -> CaddyFile:
@@ -587,9 +588,30 @@ def parse(data: Mapping[str, Any], path: Path) -> Environment:
             lines.append(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
         raise ConfigError(f"{len(lines)} problem(s) in {path}:\n  " + "\n  ".join(lines),
                           "fix them and run again") from None
-    return _agree_with_env_files(_build(f, path),
+    env = _build(f, path)
+    _check_ca_file(env, path)
+    return _agree_with_env_files(env,
                                  retention_set="retention_days" in f.database.model_fields_set,
                                  timeout_set="timeout_seconds" in f.health.model_fields_set)
+
+
+def _check_ca_file(env: Environment, path: Path) -> None:
+    """[caddy] ca_file must load as certificates now: found missing in the middle of a
+    switch, its verification would fail after users were moved."""
+    ca_file = env.caddy.ca_file
+    if ca_file is None:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        why = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+               else "not a PEM certificate bundle")
+        raise ConfigError(
+            f"{path}: caddy.ca_file: cannot load {ca_file} ({why})",
+            "set it to a readable PEM file, such as Caddy's local root "
+            "<caddy data dir>/pki/authorities/local/root.crt, or remove the key") from None
 
 
 def _agree_with_env_files(env: Environment, *, retention_set: bool = True,
@@ -755,7 +777,7 @@ def _build(f: EnvironmentFile, path: Path) -> Environment:
             admin_url=f.caddy.admin_url.rstrip("/"), proxy_url=f.caddy.proxy_url.rstrip("/"),
             command=f.caddy.command, systemd_unit=f.caddy.systemd_unit,
             verify_path=f.caddy.verify_path, container_path=f.caddy.container_path,
-            site=f.caddy.site),
+            site=f.caddy.site, ca_file=_path(f.caddy.ca_file, base)),
         compose=ComposeConfig(
             file=_path(f.compose.file, base)
             or (STANDARD_COMPOSE_FILE if STANDARD_COMPOSE_FILE.is_file() else None),
@@ -805,7 +827,8 @@ def _file_of(env: Environment) -> EnvironmentFile:
         caddy=CaddyFile(caddyfile=str(c.caddyfile), reload=c.reload.value,
                         admin_url=c.admin_url, proxy_url=c.proxy_url, command=c.command,
                         systemd_unit=c.systemd_unit, verify_path=c.verify_path,
-                        container_path=c.container_path, site=c.site),
+                        container_path=c.container_path, site=c.site,
+                        ca_file=text(c.ca_file)),
         compose=ComposeFile(file=text(m.file), project=m.project, env_file=text(m.env_file),
                             image_repository=m.image_repository, command=m.command),
         health=HealthFile(path=h.path, timeout_seconds=h.timeout,
