@@ -883,6 +883,16 @@ def _changed_since_plan(env: Environment) -> PreconditionError:
         "is now")
 
 
+def _caddy_changed_since_plan(where: str) -> PreconditionError:
+    """Caddy's running config changed after the plan read it (an emergency route loaded
+    through its admin API during the gate): the load would drop it unseen."""
+    return PreconditionError(
+        f"Caddy's config changed since the plan (first at {where}): the switch loads the "
+        "Caddyfile over the whole config, so that change would be dropped; nothing was "
+        "changed",
+        "run the command again: its plan shows the change (add it to the Caddyfile to keep it)")
+
+
 def switch_step(env: Environment, target: Slot, expected_version: str,
                 observed: Observed, *, planned: caddy.SwitchPlan | None = None,
                 validated: str | None = None) -> tuple[Step, str]:
@@ -932,6 +942,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         caddy.check_running(env, admin_answered=answered)
         if running is not None:  # a site loaded into Caddy during the gate is not dropped
             preflight.sites_dropped_now(env, new, running)
+        if answered and (where := caddy.caddy_changed_since(sp, running)) is not None:
+            raise _caddy_changed_since_plan(where)  # nor a route, a handler, a TLS setting
         if new != old and new != validated:
             caddy.validate(env, new)
         if not caddy.inspect(old, env).headers:

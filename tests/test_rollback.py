@@ -229,6 +229,36 @@ def test_a_site_loaded_into_caddy_during_the_rollback_is_never_dropped(
     assert (seen.status_code, seen.text) == (200, "extra.test")  # still served
 
 
+def test_a_route_loaded_into_caddy_during_the_rollback_is_never_dropped(
+        stack: DrillStack) -> None:
+    """Found by review: the switch compared only the sites (host and listener) Caddy ran
+    with the plan's, so an emergency route loaded into an existing site through the admin
+    API during the health gate (here /export* answered 503) was dropped by the switch's
+    load, silently. The switch now refuses when Caddy's config changed since the plan."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    patched = text.replace('respond /ping "pong" 200',
+                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
+    assert patched != text
+
+    def load(body: str) -> None:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=body,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10
+                        ).raise_for_status()
+
+    try:
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env, progress=_at_switch(lambda: load(patched)))
+        assert "Caddy's config changed since the plan" in err.value.message, err.value
+        _refused_unchanged(stack, env, err.value)
+        assert env.caddy.caddyfile.read_text() == text
+        seen = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/export/all",
+                              timeout=5)
+        assert (seen.status_code, seen.text) == (503, "closed")  # still there
+    finally:
+        load(text)
+
+
 @pytest.mark.parametrize("when", ["before the switch step", "inside the switch step"])
 def test_a_caddyfile_edited_during_the_rollback_is_neither_loaded_nor_overwritten(
         stack: DrillStack, monkeypatch: pytest.MonkeyPatch, when: str) -> None:

@@ -20,6 +20,7 @@ from runbook import files
 from runbook.caddy.admin import (
     check_imports,
     check_running,
+    first_difference,
     load_running,
     read,
     reload,
@@ -61,6 +62,9 @@ class SwitchPlan:
     validate_command: tuple[str, ...]
     admin_url: str
     verify_url: str
+    # Caddy's running config as the plan read it (None: unreadable): the switch refuses to
+    # load over a change made since (caddy_changed_since)
+    running: Any = None
 
     @property
     def changed(self) -> bool:
@@ -104,7 +108,27 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
         admin_url=env.caddy.admin_url,
         verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}"
         + (f" (Host: {env.caddy.site})" if env.caddy.site else ""),
+        running=_running(env),
     )
+
+
+def _running(env: Environment) -> Any:
+    from runbook import traffic
+
+    try:
+        return traffic.loaded_config(env)
+    except traffic.TrafficUnknownError:
+        return None  # said (and refused) by the plan's own reading of Caddy
+
+
+def caddy_changed_since(plan: SwitchPlan, running: Any) -> str | None:
+    """Where Caddy's running config now first differs from the plan's reading (None: the
+    same). Why: `/load` replaces Caddy's whole config, so a route, handler or TLS setting
+    loaded through the admin API after the plan (an emergency block during the health
+    gate) would be dropped silently: the sites compared (served_sites) do not see it."""
+    if plan.running is None:
+        return None if running is None else "(top): it could not be read when planning"
+    return first_difference(plan.running, running)
 
 
 def backup_path(env: Environment) -> Path:
