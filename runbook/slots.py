@@ -39,6 +39,9 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
     container = env.slot(slot).container
     if not maintenance:
         running_config = traffic.refuse_if_serving(env, slot, "stop")
+        if after_switch and running_config.unresolved:  # it may still serve that site
+            return (f"{traffic.unresolved_site(env, running_config)} (fix: "
+                    f"{traffic.UNRESOLVED_FIX})")
         # Caddy's old config may still hand it requests after the switch: let them finish
         # (runbook/drain.py); a side it cannot observe is waited for, not assumed done.
         if running is None:

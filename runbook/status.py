@@ -312,6 +312,15 @@ def standby_running(f: Facts) -> Iterator[Problem]:
                   "; a rollback starts it again when needed")
 
 
+def upstream_unresolved(f: Facts) -> Iterator[Problem]:
+    """Another site's upstream Caddy resolves only per request may reach either slot: no
+    run stops or recreates one while it runs (traffic.Traffic.unresolved)."""
+    if f.traffic is not None and f.traffic.unresolved:
+        yield Problem(f"{traffic.unresolved_site(f.env, f.traffic)}: no rollback or deploy "
+                      "stops or recreates a running slot (the old one is left running)",
+                      traffic.UNRESOLVED_FIX)
+
+
 def held_for_h2c(f: Facts) -> Iterator[Problem]:
     """A slot a run left running for connections Caddy's previous config still held over h2c:
     stopping it is on-call's call (when they have closed), and no deploy recreates it."""
@@ -562,7 +571,8 @@ CHECKS: list[Check] = [
     state_unreadable, container_unknown, caddy_problems, traffic_unclear, proxy_unanswered,
     caddyfile_differs_from_what_runs, schema_dirty, restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
-    active_unhealthy, image_differs, stale_lock, held_for_h2c, standby_running, disk_space,
+    active_unhealthy, image_differs, stale_lock, held_for_h2c, standby_running,
+    upstream_unresolved, disk_space,
 ]
 
 

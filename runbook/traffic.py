@@ -48,6 +48,9 @@ class Traffic:
     # the proxy answered, below 500, without SLOT_HEADER: not through the managed block's
     # upstream (another site, an HTTPS redirect), so no switch can be verified where it asks
     proxy_unverifiable: str | None = None
+    # upstreams Caddy resolves only per request (`<site>: <dial>`): which slot they reach
+    # cannot be told, so both slots count as pinned (the managed block refuses them)
+    unresolved: tuple[str, ...] = ()
 
     @property
     def untrusted(self) -> bool:
@@ -175,6 +178,38 @@ def _dials(config: Any) -> Iterator[str]:
             stack.extend(node)
 
 
+def _unresolved(config: Any) -> tuple[str, ...]:
+    """Each upstream Caddy resolves only per request (a placeholder it keeps in the dial, a
+    handler with `dynamic_upstreams`), as `<site>: <dial>`. The managed block refuses both,
+    so these are another site's; which slot they reach cannot be told from the config."""
+    found: list[str] = []
+    servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if not isinstance(server, dict):
+            continue
+        for route in server.get("routes") or ():
+            hosts = [str(h) for m in ((route.get("match") if isinstance(route, dict)
+                                       else None) or ()) if isinstance(m, dict)
+                     for h in m.get("host") or ()]
+            site = ", ".join(hosts) or ", ".join(map(str, server.get("listen") or ()))
+            found += [f"{site}: {d}" for d in _dials(route) if "{" in d and _port(d) is None]
+            found += [f"{site}: dynamic upstreams ({source})" for source in _dynamic(route)]
+    return tuple(dict.fromkeys(found))
+
+
+def _dynamic(node: Any) -> Iterator[str]:
+    """The source module (`a`, `srv`, `multi`) of every `dynamic_upstreams` in `node`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "dynamic_upstreams":
+                yield str(value.get("source") if isinstance(value, dict) else value)
+            else:
+                yield from _dynamic(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _dynamic(item)
+
+
 def _port(dial: str) -> int | None:
     _host, sep, port = dial.rpartition(":")
     if not sep or not port.isdigit():
@@ -230,8 +265,10 @@ def from_config(env: Environment, config: Any,
         if managed or len(slots) == 1:
             slots = managed
             pinned = frozenset(by_port[p] for p in fixed if p in by_port)
+    if unresolved := _unresolved(config):  # cannot tell: fail closed for both slots
+        pinned = frozenset(env.slots)
     return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
-                   dialed=tuple(sorted(counts.items())),
+                   dialed=tuple(sorted(counts.items())), unresolved=unresolved,
                    # the serving slot's sites: a site pinned to the other slot (outside the
                    # markers) keeps dialing it whatever the drain waits for
                    fronts=slot_fronts(config, [env.slot(s).port for s in slots]))
@@ -375,7 +412,7 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
         raise
     header, error, unverifiable = witness.result()
     return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
-                   found.dialed, found.fronts, unverifiable)
+                   found.dialed, found.fronts, unverifiable, found.unresolved)
 
 
 def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
@@ -519,7 +556,8 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
     if action == "recreate" and slot in found.pinned and info.up:
         raise ServingContainerError(
             f"refusing to {action} {container}: {pinned_by(env, found, slot)}",
-            _PINNED_FIX, exit_code=ExitCode.FAILED_SAFELY)  # refused before the act
+            UNRESOLVED_FIX if found.unresolved else _PINNED_FIX,
+            exit_code=ExitCode.FAILED_SAFELY)  # refused before the act
     # Caddy on Docker's network dials the container itself (its name, an alias, its IP and
     # the app's port inside it), not the host port the environment names: by port alone the
     # container that serves passed for one Caddy does not dial
@@ -547,10 +585,23 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
 def pinned_by(env: Environment, found: Traffic, slot: Slot) -> str:
     """Says which dials of a site outside the slot markers reach `slot` (one in
     `found.pinned`)."""
+    if found.unresolved:
+        return unresolved_site(env, found)
     port = env.slot(slot).port
     dials = ", ".join(d for d in found.dials if _dial_port(d) == port) or f":{port}"
     return (f"a site outside the slot markers of {env.caddy.caddyfile} proxies to it "
             f"({dials}), so it serves that site")
+
+
+def unresolved_site(env: Environment, found: Traffic) -> str:
+    """Says which upstreams, outside the slot markers, Caddy resolves only per request."""
+    return (f"a site outside the slot markers of {env.caddy.caddyfile} proxies to an upstream "
+            f"Caddy resolves only per request ({'; '.join(found.unresolved)}), so whether it "
+            "reaches this slot cannot be told")
+
+
+UNRESOLVED_FIX = ("give that site's reverse_proxy a literal address (host:port), reload Caddy, "
+                  "then run again")
 
 
 def refuse_recreate_if_pinned(env: Environment, slot: Slot) -> None:
@@ -571,7 +622,7 @@ def refuse_recreate_if_pinned(env: Environment, slot: Slot) -> None:
         f"refusing to recreate {container}: {pinned_by(env, found, slot)}; recreating it would "
         "hand that site an unverified build, and a failed health gate would stop it; nothing "
         "was changed",
-        _PINNED_FIX)
+        UNRESOLVED_FIX if found.unresolved else _PINNED_FIX)
 
 
 _PINNED_FIX = ("point that site's reverse_proxy at another upstream (or move it between the "
@@ -622,6 +673,9 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
                             f"port {port}: stopping the old {found.slot} slot after the switch "
                             "cuts that site too ([rollback] stop_old_slot = false keeps it "
                             "running)")
+        if env.stop_old_slot and found.unresolved:
+            warnings.append(f"{unresolved_site(env, found)}: the old slot is left running "
+                            "after the switch, not stopped")
         if on_disk != found.slot:
             warnings.append(f"the Caddyfile on disk points at {on_disk or 'no single slot'} "
                             f"but Caddy runs {found.slot} (a run stopped between writing it "

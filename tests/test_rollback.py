@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from runbook import caddy, compose, deploy, docker, files, rollback, slots, switch, traffic
+from runbook import caddy, compose, deploy, docker, files, rollback, slots, status, switch, traffic
 from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill import http as drill_http
@@ -2640,6 +2640,39 @@ def test_a_running_standby_another_site_proxies_to_is_never_recreated(
         slots.recreate(env, Slot.GREEN, V2.tag)
     assert container_identity(stack, green.container) == kept
     assert through_proxy(env) == ("blue", V3.tag)
+
+
+@pytest.mark.parametrize("upstream", ["placeholder", "dynamic"])
+def test_a_site_outside_the_markers_with_a_runtime_upstream_keeps_both_slots(
+        stack: DrillStack, upstream: str) -> None:
+    """Found by review: another site, outside the slot markers, whose upstream Caddy
+    resolves only per request (a placeholder, `dynamic` upstreams) was invisible: the
+    rollback stopped the old slot under it. Which slot it reaches cannot be told from the
+    config, so neither may be stopped or recreated: the old slot is left running, saying
+    why, and `status` says so. The oracle is the other site itself."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    blue = env.slot(Slot.BLUE).port
+    via = ("{http.request.header.X-Legacy-Upstream}" if upstream == "placeholder"
+           else f"{{\n\t\tdynamic a localhost {blue}\n\t}}")
+    pin_other_site(env, via)
+    site = f"http://127.0.0.1:{stack.ports.other_site}/version"
+
+    def other_site() -> tuple[int, str]:
+        answer = drill_http.get(site, timeout=5, headers={
+            "Connection": "close", "X-Legacy-Upstream": f"localhost:{blue}"})
+        return answer.status_code, answer.json().get("version", "") \
+            if answer.status_code == 200 else ""
+
+    assert other_site() == (200, V3.tag)
+    result = rollback.rollback(env)
+    assert through_proxy(env) == ("green", V2.tag)
+    assert docker.inspect(env.slot(Slot.BLUE).container).running, result
+    assert other_site() == (200, V3.tag)  # still served by blue
+    with pytest.raises(traffic.ServingContainerError) as err:
+        traffic.refuse_if_serving(env, Slot.BLUE, "recreate")
+    assert "resolves only per request" in err.value.message, err.value
+    said = [p.problem for p in status.problems(status.collect(env))]
+    assert any("resolves only per request" in p for p in said), said
 
 
 def wait_for(ready: Callable[[], bool], timeout: float = 60.0) -> None:
