@@ -386,6 +386,16 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(base)
 
 
+# for as_deploy_user's `imports`: `attempt(act)` gives ['done', what act returned] or
+# [exit code, message, fix] for a RunbookError, as JSON prints it
+ATTEMPT = ("from runbook.errors import RunbookError\n"
+           "def attempt(act):\n"
+           "    try:\n"
+           "        return ['done', act()]\n"
+           "    except RunbookError as exc:\n"
+           "        return [int(exc.exit_code), exc.message, exc.fix]\n")
+
+
 def as_deploy_user(groups: list[int], imports: str, code: str, *args: str) -> str:
     """Run `imports` as root, then `code` as uid/gid 1000 with these supplementary groups, in
     a child process; its stdout. Python itself may not be readable by uid 1000 (CI's lives

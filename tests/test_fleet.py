@@ -28,7 +28,7 @@ from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError, UsageError
 from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
-from tests.drill_checks import OWNER_UID, as_deploy_user, needs_root
+from tests.drill_checks import ATTEMPT, OWNER_UID, as_deploy_user, needs_root
 from tests.matrix import nightly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -465,14 +465,9 @@ def _fleet_as_deploy(shared_dir: Path, code: str) -> Any:
     answer. `attempt(act)` gives ['done', what act returned] or [exit code, message, fix]."""
     imports = ("import json, sys\nfrom pathlib import Path\n"
                "from runbook import environment as envmod\nfrom runbook.fleet import hostlock\n"
-               "from runbook.errors import RunbookError\nimport encodings.utf_8_sig, fcntl\n"
+               "import encodings.utf_8_sig, fcntl\n"
                "env = envmod.load('staging').with_(lock_dir=Path(sys.argv[1]) / 'locks', "
-               "state_file=Path(sys.argv[1]) / 'state' / 'state.json')\n"
-               "def attempt(act):\n"
-               "    try:\n"
-               "        return ['done', act()]\n"
-               "    except RunbookError as exc:\n"
-               "        return [int(exc.exit_code), exc.message, exc.fix]\n")
+               "state_file=Path(sys.argv[1]) / 'state' / 'state.json')\n" + ATTEMPT)
     return json.loads(as_deploy_user([], imports, code, str(shared_dir)))
 
 

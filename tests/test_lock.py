@@ -28,6 +28,7 @@ from runbook.errors import ConfigError, ExitCode, LockedError, RunbookError
 from runbook.lock import acquire, guard_path, holding, release, status, unlock
 from runbook.state import format_time, read_state
 from tests.drill_checks import (
+    ATTEMPT,
     DEPLOY_UID,
     OWNER_UID,
     ROOT,
@@ -2003,14 +2004,8 @@ def _as_deploy(shared_dir: Path, code: str) -> Any:
     """`code` run as uid 1000 (another operator) on _shared_host's files; its JSON answer.
     `attempt(act)` gives ['done', what act returned] or [exit code, message, fix]."""
     imports = ("import json, sys\nfrom pathlib import Path\nfrom runbook import lock\n"
-               "from runbook.errors import RunbookError\n"
                "import encodings.utf_8_sig\nfrom tests.drill_checks import host_env\n"
-               "env = host_env(Path(sys.argv[1]))\n"
-               "def attempt(act):\n"
-               "    try:\n"
-               "        return ['done', act()]\n"
-               "    except RunbookError as exc:\n"
-               "        return [int(exc.exit_code), exc.message, exc.fix]\n")
+               "env = host_env(Path(sys.argv[1]))\n" + ATTEMPT)
     return json.loads(as_deploy_user([], imports, code, str(shared_dir)))
 
 
