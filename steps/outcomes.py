@@ -297,12 +297,21 @@ def state_records_the_rollback(world: World) -> None:
 def old_slot_stopped_but_kept(world: World) -> None:
     """The same container as before (its id in `docker inspect`), now exited: not removed,
     not recreated."""
-    world.succeeded()
+    result = world.succeeded()
     slot = live_slot_before(world)
     was, now = before(world).identities.get(slot), container_identity(
         world.env.slot(slot).container)
     assert was is not None and now is not None, (was, now)
     assert now.split()[0] == was.split()[0], f"another container now: {now} (was {was})"
+    if now.split()[1] == "running":
+        # on a Caddy that takes cleartext HTTP/2 (the drill's h2c shape) the old slot is left
+        # running, as the plan warns, when the drain ends with connections of the previous
+        # config still counted open (seen on a loaded machine): accepted only as the run's
+        # own words, said on its terminal (README "A Caddy that also speaks ... h2c")
+        held = [n for n in result.notices if n.startswith(f"the old {slot} container is left "
+                                                          "running") and "(h2c)" in n]
+        assert held, (now, result.notices)
+        return
     assert now.split()[1] == "exited", now
 
 
