@@ -1819,11 +1819,7 @@ def test_a_rollback_resumed_without_its_restore_flag_says_the_database_was_resto
     the database is resumed by the command it names, `runbook rollback` (no flag). That
     plan said the interrupted run "changed nothing users see" and never named the safety
     snapshot: the data from before the restore, which nothing else pointed to."""
-    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
-    env = stack.env
-    first = cli(env, "rollback", "--restore-snapshot", "--yes",
-                fault="after:restore-database:SIGKILL")
-    assert first.returncode == -signal.SIGKILL, first.stderr
+    env = _restore_killed_after_its_commit(stack)
     [safety] = env.database.snapshot_dir.glob("*pre-restore*.sql.gz")
     again = cli(env, "rollback", "--yes")
     said = again.stdout + again.stderr
@@ -1869,11 +1865,7 @@ def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_re
     undo). Its undo started the serving slot again: v2 on schema 1, which it never ran on.
     It stays stopped, as the killed run left it, and the message says why; the same
     command then finishes the rollback."""
-    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
-    env = stack.env
-    first = cli(env, "rollback", "--restore-snapshot", "--yes",
-                fault="after:restore-database:SIGKILL")
-    assert first.returncode == -signal.SIGKILL, first.stderr
+    env = _restore_killed_after_its_commit(stack)
     assert _database(stack)[0] == (1,)  # the restore committed
     again = cli(env, "rollback", "--restore-snapshot", "--yes",
                 fault="before:safety-snapshot:SIGINT")
@@ -1895,6 +1887,18 @@ def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_re
     assert done.returncode == 0, done.stdout + done.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
     assert _database(stack)[0] == (1,)
+
+
+def _restore_killed_after_its_commit(stack: DrillStack) -> Environment:
+    """On MIGRATED (v2 serving from green on schema 2; v1 ran on schema 1),
+    `rollback --restore-snapshot` killed (-9) once its restore committed: schema 1 now, v2's
+    slot stopped. The stack's environment."""
+    stack.arrange(scenes.MIGRATED)
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="after:restore-database:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    return env
 
 
 def _safety_snapshots(env: Environment) -> list[Path]:
@@ -2498,11 +2502,7 @@ def test_another_operators_rerun_stopped_before_its_restore_leaves_unfit_code_st
     started v2 again on schema 1, which it never ran on. It stays stopped, exit 5, saying
     why and naming the killed run's safety snapshot; the same command then finishes the
     rollback."""
-    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2, v1 (schema 1) before
-    env = stack.env
-    first = cli(env, "rollback", "--restore-snapshot", "--yes",
-                fault="after:restore-database:SIGKILL")
-    assert first.returncode == -signal.SIGKILL, first.stderr
+    env = _restore_killed_after_its_commit(stack)
     assert _database(stack)[0] == (1,)  # the restore committed
     [safety] = _safety_snapshots(env)
     other = _operator(env, tmp_path)
@@ -2526,11 +2526,7 @@ def test_a_killed_restore_another_operator_resumed_is_no_longer_named_as_the_dat
     users see"). The app has served since: a later restore by the first operator, whose
     records still end at the killed run, must not name that old safety snapshot as the data
     from before it (weeks of writes later, restoring it would lose them)."""
-    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
-    env = stack.env
-    first = cli(env, "rollback", "--restore-snapshot", "--yes",
-                fault="after:restore-database:SIGKILL")
-    assert first.returncode == -signal.SIGKILL, first.stderr
+    env = _restore_killed_after_its_commit(stack)
     [safety] = _safety_snapshots(env)
     other = _operator(env, tmp_path)
     again = cli(other, "rollback", "--yes")
@@ -2552,11 +2548,7 @@ def test_an_unreadable_record_of_unfinished_restores_keeps_the_serving_slot_stop
     then unreadable (not JSON: torn or hand-edited). Another operator's rerun stopped before
     its restore cannot tell whether the database still fits the code that served: it leaves
     that slot stopped (exit 5), naming the file; their status names it with a fix."""
-    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
-    env = stack.env
-    first = cli(env, "rollback", "--restore-snapshot", "--yes",
-                fault="after:restore-database:SIGKILL")
-    assert first.returncode == -signal.SIGKILL, first.stderr
+    env = _restore_killed_after_its_commit(stack)
     marker = _unfinished_record(env)
     marker.write_text("{not json")
     other = _operator(env, tmp_path)
