@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from runbook import faults, rollback
@@ -103,6 +104,22 @@ def test_the_data_clients_see_a_database_the_version_page_never_touches(
     assert bad and {r.path for r in bad} == {"/items"}, bad
     assert not load.summary().ok
     assert any(r.served for r in records if r.path == "/items")  # before and after
+
+
+@pytest.mark.docker
+def test_a_page_whose_query_hangs_fails_after_two_seconds(stack: DrillStack) -> None:
+    """The app bounded only its connection (connect_timeout): a query on a connection made
+    just before the database froze waited without end, and /items answered 200 late instead
+    of failing, so the data clients' check above passed or failed by timing (CI saw it pass
+    with no failed request). A query held by a lock fails the page after 2 s, with a 500."""
+    with stack.connect() as conn, conn.transaction():
+        conn.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        began = time.monotonic()
+        answer = httpx.get(f"{stack.env.caddy.proxy_url}/items", timeout=10, trust_env=False)
+        took = time.monotonic() - began
+    assert answer.status_code == 500, (answer.status_code, answer.text)
+    assert answer.json() == {"error": "TimeoutError"}
+    assert 1.9 <= took < 4, took
 
 
 @pytest.mark.docker
