@@ -13,6 +13,7 @@ import dataclasses
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,6 +77,9 @@ class Facts:
     doubted_error: RunbookError | None = None  # the record of that cannot be read
     # the record of the restores begun and not finished (beside the state file) cannot be read
     unfinished_error: RunbookError | None = None
+    # the newest of them, when nothing started the app since and no interrupted run's record
+    # covers it (a standalone `snapshot restore` writes none): restore_records' keys
+    unfinished: dict[str, str] | None = None
 
     @property
     def active(self) -> Slot | None:
@@ -238,7 +242,8 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      _doubted_fix(f) or f"roll back (`{_rollback_command(f)}`) or see "
+                      _doubted_fix(f) or _unfinished_fix(f)
+                      or f"roll back (`{_rollback_command(f)}`) or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
 
@@ -371,7 +376,8 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
     if f.traffic.proxy_error is not None:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")
-        doubted = _doubted_fix(f)  # a rollback or a switch would start the app on it
+        # a rollback or a switch would start the app on it
+        doubted = _doubted_fix(f) or _unfinished_fix(f)
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: "
@@ -432,11 +438,42 @@ def restore_doubted(f: Facts) -> Iterator[Problem]:
 
 
 def restore_unfinished(f: Facts) -> Iterator[Problem]:
-    """The record of the restores begun and not finished cannot be read: whether one was
-    killed, and where the data from before it is, cannot be told (every cleanup keeps every
-    snapshot, and a restore leaves a stopped serving slot stopped, while it is so)."""
+    """A restore begun and not finished (killed, or failed once the database was replaced)
+    that no interrupted run's record covers: every operator's status said only that users
+    were not served, and pointed at a rollback, which starts code on a database holding
+    either the data from before the restore or the snapshot's. Or the record of such
+    restores cannot be read: whether one was killed, and where the data from before it is,
+    cannot be told (every cleanup keeps every snapshot, and a restore leaves a stopped
+    serving slot stopped, while it is so)."""
     if f.unfinished_error is not None:
         yield _error(f.unfinished_error, "see the file named")
+    left = f.unfinished
+    if left is None:
+        return
+    from runbook.restore_records import EARLIER, TARGET
+
+    target = left.get(TARGET) or "?"
+    before = left.get(EARLIER) or left.get("safety_snapshot") or "?"
+    holder = f.lock.holder if f.lock is not None and not f.lock.stale else None
+    if holder is not None and left.get("run_id") in (holder.run_id, holder.deployment_id):
+        return  # it runs now (it holds the deploy lock): nothing is unfinished yet
+    yield Problem(
+        f"a restore of the database was begun and not finished (run {left.get('run_id')}, "
+        f"{left.get('at')}; killed, or failed once the database was replaced): the database "
+        f"holds either the data from before it or {target}, and the data from before it is "
+        f"in {before}",
+        f"`runbook snapshot restore {_arg(f.env)} {Path(target).name}` finishes it (it "
+        "snapshots the database as it is, restores that file again and starts the app); "
+        "do not roll back or switch before: they start code on whichever data it holds")
+
+
+def _unfinished_fix(f: Facts) -> str | None:
+    """While a restore is unfinished (restore_unfinished): the pointer to it for every
+    problem whose fix would start the app on the database it may have replaced."""
+    if f.unfinished is None:
+        return None
+    return ("finish the restore of the database that was begun first (see that problem): a "
+            "rollback or a switch now starts code on whichever data it left")
 
 
 def _doubted_fix(f: Facts, said: bool = False) -> str | None:
@@ -647,12 +684,18 @@ def collect(env: Environment) -> Facts:
         f.doubted = doubted_restore(env)
     except RunbookError as exc:
         f.doubted_error = exc
-    from runbook.restore_records import unfinished_restores, unfinished_unreadable
+    from runbook.restore_records import SERVED_SINCE, unfinished_restores, unfinished_unreadable
 
     try:
-        unfinished_restores(env)
+        left = unfinished_restores(env)
     except (OSError, ValueError) as exc:
         f.unfinished_error = unfinished_unreadable(env, exc)
+    else:  # the newest: a later run that served or changed the data covers every earlier one
+        newest = left[-1] if left else None
+        covered = f.intent is not None and newest is not None \
+            and newest.get("run_id") == f.intent.run_id  # interrupted_run says it
+        if newest is not None and not newest.get(SERVED_SINCE) and not covered:
+            f.unfinished = newest
     for slot, info in f.containers.items():
         try:
             record = slots.held_record(env, slot, info) if info is not None else None

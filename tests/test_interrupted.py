@@ -2494,6 +2494,39 @@ def test_another_operators_status_names_a_restoring_rollback_killed_mid_replay(
         assert f"`runbook rollback {who.source} --to {v1}` runs it again" in found["fix"], found
 
 
+def test_every_operators_status_names_a_standalone_restore_killed_mid_replay(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """`runbook snapshot restore` killed (-9) mid-replay leaves the app stopped and the
+    database as it was or restored (one transaction, its COMMIT's outcome unknown). Every
+    operator's `runbook status` said only that users were not served (a standalone restore
+    writes no record of an interrupted run): not that a restore was begun, which snapshot it
+    replays and which holds the data from before it, nor that running the restore again
+    finishes it. Both operators' status say so, from the record beside the state file."""
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    snap = snapshots.create(env, "manual")
+    first = _snapshot_restore(env, snap.name, fault="restore.mid-stream:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    _psql_ended(env)
+    [safety] = _safety_snapshots(env)
+    other = _operator(env, tmp_path)
+    for who in (env, other):
+        out = cli(who, "status", "--format", "json")
+        problems = json.loads(out.stdout)["problems"]
+        [found] = [p for p in problems if "was begun and not finished" in p["problem"]]
+        assert snap.name in found["problem"] and str(safety) in found["problem"], found
+        assert f"`runbook snapshot restore {who.source} {snap.name}`" in found["fix"], found
+        # and no other problem sends on-call to a rollback first (it starts code on it)
+        assert not [p for p in problems if "runbook rollback" in p["fix"]], problems
+    again = _snapshot_restore(other, snap.name)  # as the fix says
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+    out = cli(env, "status", "--format", "json")
+    assert not [p for p in json.loads(out.stdout)["problems"]
+                if "begun and not finished" in p["problem"]], out.stdout
+
+
 def test_another_operators_rerun_stopped_before_its_restore_leaves_unfit_code_stopped(
         stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: `rollback --restore-snapshot` killed (-9) once its restore committed
