@@ -177,6 +177,21 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
             f"{env.name}`)")
         guard.details["schema guard"] = "not checked (version not known)"
         return guard
+    if not problem and recorded is not None and schema.version < recorded:
+        # behind the target: no snapshot helps (a restore took its migrations away, e.g. a
+        # `--restore-snapshot` rollback undone by `--to`); its /health says "degraded"
+        # (pending migrations), which the gate passes, and its pages fail on missing tables
+        behind = (f"the database schema is at {schema.version} but {target.version} ran with "
+                  f"{recorded}: it would run without the migrations it needs")
+        if not options.force:
+            raise PreconditionError(
+                f"schema guard: {behind}; nothing was changed",
+                f"redeploy it with its migrations: {compose.deploy_hint(env, target.version)}; "
+                "or pass --force to roll back the code anyway")
+        guard.warnings.append(f"schema guard skipped (--force): {behind}; rolling back the "
+                              "code anyway")
+        guard.details["schema guard"] = "skipped (--force)"
+        return guard
     if problem and not options.force:
         try:
             snap = (snapshots.latest_before(env, recorded, deployment_id=current.id,

@@ -2740,3 +2740,30 @@ def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slo
     assert "another site outside the slot markers" not in back.stderr  # green stops: not pinned
     assert through_proxy(env) == ("blue", V3.tag)
     assert pinned.split("# BLUE_GREEN_SLOT_START")[0] in env.caddy.caddyfile.read_text()
+
+
+def test_rolling_back_a_rollback_that_restored_is_refused_onto_the_older_schema(
+        stack: DrillStack) -> None:
+    """`rollback --restore-snapshot` took v2 back to v1 and the database back to schema 1;
+    `runbook rollback --to v2` (on-call undoing it, as a plain rollback's refusal says) made
+    v2, which ran with schema 2, the target: the guard checked only a schema NEWER than the
+    target's, v2 started on schema 1 (its /health "degraded": pending migrations, which the
+    gate passes) and took the traffic without the tables its pages read. Refused, nothing
+    changed, naming the deploy that runs its migrations; --force rolls back the code anyway,
+    saying so."""
+    env = migrated(stack)  # v2 serving from green on schema 2, v1 ran with 1
+    restored = rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
+    assert restored.outcomes[-1].status == "ok" and through_proxy(env) == ("blue", V1.tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, rollback.Options(to=V2.tag))
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION, text
+    assert "schema is at 1" in text and f"{V2.tag} ran with 2" in text, text
+    assert f"runbook deploy {env.name} --version {V2.tag}" in text, text
+    assert snapshot(env) == before
+    forced = rollback.rollback(env, rollback.Options(to=V2.tag, force=True))
+    assert any("ran with 2" in w for w in forced.plan.warnings), forced.plan.warnings
+    assert forced.outcomes[-1].status == "ok" and through_proxy(env) == ("green", V2.tag)
