@@ -12,7 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import caddy, compose, docker, finish, health, preflight, recording, slots, traffic
+from runbook import (
+    caddy,
+    compose,
+    database,
+    docker,
+    finish,
+    health,
+    preflight,
+    recording,
+    slots,
+    traffic,
+)
 from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
@@ -92,6 +103,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "can record (a 7-hex short commit); switching would move traffic and then fail to "
             "record it; nothing was changed",
             f"deploy a version to it: {compose.deploy_hint(env)}")
+    behind = _schema_behind(env, state, info.tag, options.force)
+    if behind:
+        warnings.append(behind)
     prep = slots.prepare(env, target, info.tag, info.image,
                          claimed_by=f"{config.container} (its image)")
     observed = slots.Observed()
@@ -154,6 +168,34 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 resume_command=f"runbook switch {env.name} --slot {target}",
                 replaces=repairing.intent if repairing is not None else old_record,
                 accepted_doubt=accepted)
+
+
+def _schema_behind(env: Environment, state: states.DeploymentState, version: str,
+                   force: bool) -> str | None:
+    """Refuse to serve a version on a database without the migrations it ran with (a
+    `--restore-snapshot` rollback took them away): its /health says "degraded" (pending
+    migrations), which the gate passes, and its pages fail on missing tables. The rollback's
+    schema guard asks the same. None, or a warning: --force, or a schema that cannot be read
+    (the switch is the way back to a slot known to serve, so that alone never refuses)."""
+    dep = state.find_version(version)
+    recorded = dep.migration_version if dep is not None else None
+    if recorded is None:
+        return None
+    try:
+        schema = database.schema_version(env)
+    except RunbookError as exc:
+        return (f"the database schema cannot be read ({exc.message}): whether it has the "
+                f"migrations {version} ran with ({recorded}) is not checked")
+    if schema.version >= recorded:
+        return None
+    behind = (f"the database schema is at {schema.version} but {version} ran with "
+              f"{recorded}: it would serve without the migrations it needs")
+    if not force:
+        raise PreconditionError(f"{behind}; nothing was changed",
+                                f"redeploy it with its migrations: "
+                                f"{compose.deploy_hint(env, version)}; or pass --force to "
+                                "switch anyway")
+    return f"--force: {behind}"
 
 
 def _recorded(env: Environment, state: states.DeploymentState, version: str, target: Slot,

@@ -2750,7 +2750,7 @@ def test_rolling_back_a_rollback_that_restored_is_refused_onto_the_older_schema(
     target's, v2 started on schema 1 (its /health "degraded": pending migrations, which the
     gate passes) and took the traffic without the tables its pages read. Refused, nothing
     changed, naming the deploy that runs its migrations; --force rolls back the code anyway,
-    saying so."""
+    saying so. A switch to the slot of v2 is refused the same way."""
     env = migrated(stack)  # v2 serving from green on schema 2, v1 ran with 1
     restored = rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
     assert restored.outcomes[-1].status == "ok" and through_proxy(env) == ("blue", V1.tag)
@@ -2763,6 +2763,13 @@ def test_rolling_back_a_rollback_that_restored_is_refused_onto_the_older_schema(
     assert err.value.exit_code == ExitCode.PRECONDITION, text
     assert "schema is at 1" in text and f"{V2.tag} ran with 2" in text, text
     assert f"runbook deploy {env.name} --version {V2.tag}" in text, text
+    assert snapshot(env) == before
+    # `runbook switch --slot green` (v2's slot) starts and serves the same code: refused too
+    with pytest.raises(RunbookError) as err:
+        switch.switch(env, switch.Options(slot=Slot.GREEN))
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION, text
+    assert "schema is at 1" in text and f"{V2.tag} ran with 2" in text, text
     assert snapshot(env) == before
     forced = rollback.rollback(env, rollback.Options(to=V2.tag, force=True))
     assert any("ran with 2" in w for w in forced.plan.warnings), forced.plan.warnings
