@@ -867,6 +867,18 @@ def _aside(said: str | None) -> Aside | None:
     return Aside(said) if said else None
 
 
+def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: Any,
+                 target: Slot, written: str, loaded: Any) -> Aside | None:
+    """The switch's undo: decided first what to load (traffic.undo_config: over a change
+    another environment made to Caddy since, only ours goes back, or nothing), then the
+    previous Caddyfile put back and that loaded (caddy.restore)."""
+    said = None
+    if running is not None:
+        running, said = traffic.undo_config(env, running, before, target, loaded)
+    return _aside(caddy.restore(env, data, before, running, written=written.encode("utf-8"),
+                                said=said))
+
+
 def _refuse_unverifiable(env: Environment, target: Slot, serving: Slot | None) -> None:
     """With no slot header in the managed block, verification through the proxy sees the
     target only when the app sends the header itself: asked of the target directly (the
@@ -918,7 +930,10 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         "reload": f"{sp.reload}: {reload_command.display()}",
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
         "on failure": "put back the Caddyfile matching what Caddy ran before, and load back "
-                      "the config Caddy ran (its JSON, read just before the write)",
+                      "the config Caddy ran (its JSON, read just before the write); if Caddy's "
+                      "config changed since the switch loaded it (another environment's "
+                      "switch), only this environment's upstreams are pointed back, or, "
+                      "not told apart, nothing is loaded (exit 5)",
     }
     if sp.current.warnings:  # e.g. another service's upstream between the markers, kept
         details["warnings"] = "; ".join(sp.current.warnings)
@@ -965,12 +980,14 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             owner = caddy.write_config(env, new)
             if owner is not None:  # written, but by a user that cannot give it away
                 ctx.note(caddyfile_owner=owner)
+        loaded: list[Any] = []  # what the reload loaded: its undo goes back over it alone
         ctx.on_failure("put back the previous Caddyfile and load the config Caddy ran before"
                        + (f" (traffic back on {before})" if before else ""),
-                       lambda: _aside(caddy.restore(env, restore_bytes, before, running,
-                                                    written=new.encode("utf-8"))))
+                       lambda: _undo_switch(env, restore_bytes, before, running, target,
+                                            new, loaded[0] if loaded else None))
         ctx.fault("switch.after-write")
         caddy.reload(env, new, reload_command, switch=watch)
+        loaded.append(caddy.running_config(env))
         ctx.fault("switch.after-reload")
         result = caddy.verify(env, target, expected_version, quick=True)
         if not result.ok:

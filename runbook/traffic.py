@@ -274,6 +274,105 @@ def from_config(env: Environment, config: Any,
                    fronts=slot_fronts(config, [env.slot(s).port for s in slots]))
 
 
+def undo_config(env: Environment, running: Any, previous: Slot | None, target: Slot,
+                loaded: Any) -> tuple[Any, str | None]:
+    """What the undo of a switch to `target` loads, and what to say of it. `running` (read
+    before the switch) while Caddy runs what the switch loaded (`loaded`, read right after
+    its reload; None: not read) or still what it ran before. Changed since by someone else
+    (another environment's switch on the same Caddy, under its own lock), `running` would
+    undo that too: Caddy's config as it is now with only our upstreams pointed back
+    (pointed_back), or, those not told apart for sure, nothing (CaddyError, exit 5: the
+    Caddyfile is then left as the switch wrote it, naming what runs)."""
+    from runbook.caddy import CaddyError, first_difference, running_config
+
+    now = running_config(env)
+    if now is None or first_difference(now, running) is None \
+            or (loaded is not None and first_difference(now, loaded) is None):
+        return running, None  # unreadable: loading it says why, as before
+    where = first_difference(running if loaded is None else loaded, now)
+    since = ("since the switch loaded it" if loaded is not None else
+             "from what it ran before the switch, whose own load could not be read")
+    moved, why = pointed_back(env, now, target, previous, loaded)
+    if moved is None:
+        found = from_config(env, now, lambda: outside_dials(env))
+        serving = (f"{env.display}'s traffic is on {found.slot}" if found.slot is not None
+                   else f"which slot takes {env.display}'s traffic cannot be told")
+        raise CaddyError(
+            f"Caddy's config had changed {since} (first at {where}), and {why}: loading the "
+            "config it ran before would undo that change too, so nothing was loaded and "
+            f"{env.caddy.caddyfile} was left as the switch wrote it; {serving}",
+            f"see who changed Caddy (`curl {env.caddy.admin_url}/config/`), then check "
+            f"`runbook status {env.name}` and, to put it back on {previous or 'its slot'}, "
+            f"run `runbook switch {env.name} --slot {previous or '<blue|green>'}`",
+            stage="restore", exit_code=ExitCode.ATTENTION)
+    return moved, (f"Caddy's config had changed {since} (first at {where}): that change was "
+                   f"kept, and only {env.display}'s upstreams were pointed back at {previous}")
+
+
+def pointed_back(env: Environment, config: Any, target: Slot, source: Slot | None,
+                 loaded: Any = None) -> tuple[Any | None, str | None]:
+    """`config` (Caddy's running config) with this environment's upstreams moved from
+    `target` back to `source`: each dial, active health check and slot header on `target`'s
+    port, in the routes that dial it, and nothing else. Why: the undo of a switch must not
+    load the whole config read before it over a change made since (another environment's
+    switch on the same Caddy). Which dials are ours is told as `from_config` tells them:
+    by the slot's port, less those the Caddyfile's part outside the markers makes. `loaded`:
+    the config the switch loaded, when read. Returns (config, None), or (None, why) when our
+    dials cannot be told apart for sure (the caller then loads nothing)."""
+    import copy
+
+    if source is None or source == target:
+        return None, f"which slot served {env.display} before the switch is not known"
+    port, back = env.slot(target).port, env.slot(source).port
+    found = _port_counts(config)[port]
+    if not found:
+        return None, (f"it dials nothing on {target}'s port {port}: the switch's routes are "
+                      "gone")
+    if loaded is not None and (had := _port_counts(loaded)[port]) != found:
+        return None, (f"it dials {target}'s port {port} {found} time(s), the config the switch "
+                      f"loaded {had}")
+    outside = outside_dials(env)
+    if outside is None:
+        return None, (f"which of its dials of port {port} are the slot markers' cannot be told "
+                      "(Caddy did not adapt the Caddyfile's part outside them)")
+    if outside[port]:
+        return None, (f"a site outside the slot markers of {env.caddy.caddyfile} dials "
+                      f"{target}'s port {port} too")
+    moved = copy.deepcopy(config)
+    servers = (((moved or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+    for server in servers.values() if isinstance(servers, dict) else ():
+        for route in (server.get("routes") or ()) if isinstance(server, dict) else ():
+            if any(_port(d) == port for d in _dials(route)):
+                _repoint(route, port, back, str(target), str(source))
+    if _port_counts(moved)[port]:
+        return None, f"it dials {target}'s port {port} outside an HTTP server's routes"
+    return moved, None
+
+
+def _repoint(node: Any, port: int, back: int, target: str, source: str) -> None:
+    """In place: every dial and active health check on `port` to `back`, and every
+    SLOT_HEADER value `target` to `source` (the managed block's header_down)."""
+    if isinstance(node, list):
+        for item in node:
+            _repoint(item, port, back, target, source)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "dial" and isinstance(value, str) and _port(value) == port:
+            node[key] = f"{value.rpartition(':')[0]}:{back}"
+        elif key.lower() == SLOT_HEADER.lower() and isinstance(value, list):
+            node[key] = [source if v == target else v for v in value]
+        else:
+            if key == "health_checks" and isinstance(value, dict) \
+                    and isinstance(active := value.get("active"), dict):  # as _dials reads
+                if active.get("port") == port:
+                    active["port"] = back
+                if isinstance(up := active.get("upstream"), str) and _port(up) == port:
+                    active["upstream"] = f"{up.rpartition(':')[0]}:{back}"
+            _repoint(value, port, back, target, source)
+
+
 def _pinned(env: Environment) -> frozenset[Slot]:
     """Slots the part of the Caddyfile outside the markers proxies to (empty: none, or it
     cannot be told)."""

@@ -38,6 +38,7 @@ from tests.drill_checks import (
     reporting_schema,
     retag,
     running_from,
+    serving,
     snapshot,
     through_proxy,
     two_deployments,
@@ -853,6 +854,115 @@ def test_the_undo_of_a_failed_switch_loads_back_what_caddy_ran_not_the_file(
     assert (export.status_code, export.text) == (503, "closed")
     assert env.caddy.caddyfile.read_bytes() == before["caddyfile"]
     assert through_proxy(env) == ("blue", V3.tag)
+
+
+def _with_other_environment(env: Environment, other_site: int, upstream: str) -> str:
+    """Another environment on this host's Caddy (a staging beside production): its own site,
+    b.test, in a file the Caddyfile imports outside the slot markers, proxying to `upstream`
+    (its serving slot); loaded. Returns the Caddyfile text, now on disk and running."""
+    fragment = env.caddy.caddyfile.parent / "b.caddy"
+    _other_environment_on(fragment, other_site, upstream)
+    text = env.caddy.caddyfile.read_text()
+    head = text.index("\n# Another site on this host.")
+    with_b = text[:head] + f"\nimport {caddy.seen_by_caddy(env, fragment)}\n" + text[head:]
+    write_and_load(env, with_b)
+    return with_b
+
+
+def _other_environment_on(fragment: Path, other_site: int, upstream: str) -> None:
+    files.atomic_write(fragment, (f"http://b.test:{other_site} {{\n\tbind 127.0.0.1\n"
+                                  f"\treverse_proxy {upstream}\n}}\n").encode())
+
+
+def _b_answers(stack: DrillStack) -> str:
+    return drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/",
+                          headers={"Host": "b.test", "Connection": "close"}, timeout=5).text
+
+
+def _b_switches_while_verifying(env: Environment, monkeypatch: pytest.MonkeyPatch,
+                                other_site: int, upstream: str) -> None:
+    """The other environment's switch lands while this run's switch verifies (its file
+    rewritten, the main Caddyfile loaded as `systemctl reload caddy` loads it); this run's
+    verification then fails, so its undo runs over the other environment's change."""
+    real_verify = caddy.verify
+
+    def b_switches_then_fail(*args: Any, **kwargs: Any) -> caddy.VerifyResult:
+        _other_environment_on(env.caddy.caddyfile.parent / "b.caddy", other_site, upstream)
+        drill_http.post(f"{env.caddy.admin_url}/load", content=env.caddy.caddyfile.read_text(),
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10
+                        ).raise_for_status()
+        result = real_verify(*args, **kwargs)
+        return dataclasses.replace(result, ok=False, error="a verification that failed")
+
+    monkeypatch.setattr(caddy, "verify", b_switches_then_fail)
+
+
+@pytest.mark.parametrize("command", ["rollback", "switch"])
+def test_the_undo_of_a_failed_switch_keeps_another_environments_switch_made_meanwhile(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """Found by review: two environments behind one Caddy, each with its own lock. The undo of
+    a failed switch loaded Caddy's whole config as read before the switch, so a switch the
+    other environment made during the verification was silently undone: its site went back
+    to the slot that run had already stopped (502s), and this run said only "traffic back on
+    blue". The undo now points back only this environment's upstreams and says so. (`runbook
+    switch` and the deploy share this switch step.)"""
+    env = two_deployments(stack, stop_old_slot=False)  # v3 serving from blue, v2 on green
+    text = env.caddy.caddyfile.read_text()
+    try:
+        with serving(200, b"b old slot") as b_old, serving(200, b"b new slot") as b_new:
+            with_b = _with_other_environment(env, stack.ports.other_site, f"127.0.0.1:{b_old}")
+            assert _b_answers(stack) == "b old slot"
+            _b_switches_while_verifying(env, monkeypatch, stack.ports.other_site,
+                                        f"127.0.0.1:{b_new}")
+            with pytest.raises(RunbookError) as err:
+                if command == "rollback":
+                    rollback.rollback(env)
+                else:
+                    switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: two envs"))
+            b_after = _b_answers(stack)
+            a_after = through_proxy(env)
+            on_disk = env.caddy.caddyfile.read_text()
+    finally:
+        monkeypatch.undo()
+        write_and_load(env, text)
+        (env.caddy.caddyfile.parent / "b.caddy").unlink(missing_ok=True)
+    assert b_after == "b new slot", "the undo put the other environment back on its old slot"
+    assert a_after == ("blue", V3.tag)
+    assert on_disk == with_b  # this environment's Caddyfile is put back, byte for byte
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, err.value
+    assert "Caddy's config had changed since the switch loaded it (first at " in \
+        err.value.message, err.value
+    assert "that change was kept" in err.value.message, err.value
+
+
+def test_an_undo_that_cannot_tell_its_own_routes_in_a_changed_caddy_loads_nothing(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same race, where the other environment's new upstream is this environment's target
+    port: which dials of that port are this switch's cannot be told, so the undo loads
+    nothing (neither the stale whole config nor a guess), stops with exit 5 and says where
+    this environment's traffic is."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    text = env.caddy.caddyfile.read_text()
+    green = f"localhost:{env.slot(Slot.GREEN).port}"
+    try:
+        with serving(200, b"b old slot") as b_old:
+            _with_other_environment(env, stack.ports.other_site, f"127.0.0.1:{b_old}")
+            _b_switches_while_verifying(env, monkeypatch, stack.ports.other_site, green)
+            with pytest.raises(RunbookError) as err:
+                rollback.rollback(env)
+            config_after = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10).json()
+            a_after = through_proxy(env)
+            on_disk = caddy.inspect(env.caddy.caddyfile.read_text(), env).slot
+    finally:
+        monkeypatch.undo()
+        write_and_load(env, text)
+        (env.caddy.caddyfile.parent / "b.caddy").unlink(missing_ok=True)
+    assert err.value.exit_code == ExitCode.ATTENTION, err.value
+    assert "nothing was loaded" in err.value.message, err.value
+    assert "traffic is on green" in err.value.message, err.value
+    assert a_after[0] == "green"  # where the message says, untouched
+    assert on_disk == Slot.GREEN  # the file still names what Caddy runs
+    assert green.rpartition(":")[2] in json.dumps(config_after)
 
 
 @pytest.mark.any_shape  # compose's recreate arranges it; the check reads Docker alone

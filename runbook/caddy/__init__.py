@@ -50,6 +50,7 @@ from runbook.caddy.switch import (
     caddy_changed_since,
     plan_switch,
     restore,
+    running_config,
     write_backup,
     write_config,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "reload_command",
     "restore",
     "rewrite",
+    "running_config",
     "running_problem",
     "seen_by_caddy",
     "served_sites",

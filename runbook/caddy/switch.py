@@ -108,11 +108,11 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
         admin_url=env.caddy.admin_url,
         verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}"
         + (f" (Host: {env.caddy.site})" if env.caddy.site else ""),
-        running=_running(env),
+        running=running_config(env),
     )
 
 
-def _running(env: Environment) -> Any:
+def running_config(env: Environment) -> Any:
     """Caddy's running config as GET /config/ answers it (what traffic.loaded_config reads,
     read here without it: runbook.traffic imports this package). None when it cannot be
     read: said (and refused) by the plan's own reading of Caddy."""
@@ -232,13 +232,15 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
 
 
 def restore(env: Environment, data: bytes, previous: Slot | None,
-            running: Any | None = None, *, written: bytes | None = None) -> str | None:
+            running: Any | None = None, *, written: bytes | None = None,
+            said: str | None = None) -> str | None:
     """Put a previous Caddyfile back, load what Caddy ran before and, when it named one slot,
     prove the proxy answers from that slot again. The undo of a switch; raises when any part
     fails. `running`: Caddy's config JSON read before the switch, loaded back as it was (a
     route loaded through the admin API is not in the file); without it the file is reloaded.
-    `written`: what the switch wrote; an edit made since is kept aside (keep_an_edit), and
-    what to say of it is returned."""
+    `said`: what to say of `running` (traffic.undo_config: Caddy's config as it is now with
+    only this environment's upstreams pointed back). `written`: what the switch wrote; an
+    edit made since is kept aside (keep_an_edit). What to say of either is returned."""
     text = data.decode("utf-8")
     kept = keep_an_edit(env, written, data) if written is not None else None
 
@@ -267,7 +269,8 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
             f"back ({exc.message}): {env.caddy.caddyfile} on disk "
             + (f"is still as edited during the switch, and a Caddy restart or reload would "
                f"load it; {kept}" if kept else
-               "still names the new slot, and a Caddy restart or reload would load it"),
+               "still names the new slot, and a Caddy restart or reload would load it")
+            + (f"; {said}" if said else ""),
             f"{exc.fix}; then run `runbook "
             f"status {env.name}` and put the file back", stage="restore",
             exit_code=ExitCode.ATTENTION) from None
@@ -280,7 +283,7 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
         if not check.ok:
             raise CaddyError(f"the previous Caddyfile was restored and reloaded, but the proxy "
                              f"does not answer as {previous}: {check.describe()}"
-                             + (f"; {kept}" if kept else ""),
+                             + "".join(f"; {s}" for s in (said, kept) if s),
                              f"check Caddy and the {previous} container now", stage="restore",
                              exit_code=ExitCode.ATTENTION)
-    return kept
+    return "; ".join(s for s in (said, kept) if s) or None  # said with the run's outcome
