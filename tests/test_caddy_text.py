@@ -644,7 +644,7 @@ def caddyfile(draw: st.DrawFn) -> str:
     return draw(QUIET_TEXT) + start_line + "".join(units) + end_line + draw(FREE_TEXT)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(text=caddyfile(), target=st.sampled_from(list(Slot)))
 def test_rewrite_never_changes_bytes_outside_the_markers_and_is_idempotent(
         text: str, target: Slot) -> None:

@@ -586,14 +586,14 @@ password_chars = st.text(
     min_size=1, max_size=30)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(password_chars)
 def test_any_url_password_is_masked(password: str) -> None:
     text = f"DATABASE_URL=postgresql://togather:{password}@db.internal:5433/togather"
     assert redact(text) == "DATABASE_URL=postgresql://togather:***@db.internal:5433/togather"
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(password_chars, st.sampled_from(["POSTGRES_PASSWORD", "JWT_SECRET", "GITHUB_TOKEN"]))
 def test_any_env_secret_is_masked(value: str, key: str) -> None:
     assert redact(f"{key}={value} tail") == f"{key}=*** tail"

@@ -328,23 +328,27 @@ def test_release_does_not_clear_someone_elses_mirror(env: Environment, with_stat
 # --- races -----------------------------------------------------------------------------------
 
 
-def _race(env: Environment, barrier: Any, results: Any) -> None:
+def _race(env: Environment, barrier: Any, tried: Any, results: Any) -> None:
     barrier.wait()
     try:
         lock = acquire(env, "race", None)
     except LockedError:
         results.put("locked")
+        tried.wait()
         return
     results.put("won")
-    time.sleep(0.5)  # hold it while the others try
+    # held until every racer has tried: a fixed hold (0.5 s) ended, on a loaded machine,
+    # before the last of the racers queued on the guard had its turn, which then took the
+    # lock released meanwhile (CI review: two "won")
+    tried.wait()
     lock.release()
 
 
 def _run_race(env: Environment, n: int = 8) -> list[str]:
     ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(n)
+    barrier, tried = ctx.Barrier(n), ctx.Barrier(n, timeout=60)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(env, barrier, results)) for _ in range(n)]
+    procs = [ctx.Process(target=_race, args=(env, barrier, tried, results)) for _ in range(n)]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=30) for _ in procs]

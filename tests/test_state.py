@@ -665,25 +665,25 @@ def _parses_or_state_error(text: str | bytes) -> DeploymentState | None:
         return None
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.text())
 def test_any_text_parses_or_raises_state_error(text: str) -> None:
     _parses_or_state_error(text)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.binary())
 def test_any_bytes_parse_or_raise_state_error(raw: bytes) -> None:
     _parses_or_state_error(raw)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(json_values)
 def test_any_json_value_parses_or_raises_state_error(value: Any) -> None:
     _parses_or_state_error(json.dumps(value))
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(MUTABLE_PATHS), json_values | st.just(_DELETE)),
                 min_size=1, max_size=3))
 def test_mutated_valid_documents_parse_or_raise_and_round_trip(
