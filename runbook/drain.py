@@ -143,6 +143,12 @@ class Drain:
     unread: str | None = None  # why the last reading failed, when the wait ended on one
     last_good: float | None = None  # seconds into the wait of the last good reading
     minimum: float = 0.0  # the least the wait had to last for what cannot be seen (PRECONNECT)
+    pending: int = 0  # requests pending on the slot's port at the last reading
+
+    @property
+    def front_open(self) -> int:
+        """Watched front connections neither closed nor shown to be the new config's."""
+        return self.front_watched - self.front_closed - self.front_kept
 
     @property
     def drained(self) -> bool:
@@ -714,5 +720,5 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                 busy = 1  # the unobservable side's condition, not met in time
             idle = (len(seen.accepted) - on_accepted if seen.accepted
                     else len(seen.dialed) - on_dialed)
-            return seen_so_far(now - began, busy, idle=idle)
+            return seen_so_far(now - began, busy, idle=idle, pending=pending)
         sleep(min(poll, max(0.0, timeout - (now - began))))

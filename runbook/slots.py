@@ -95,8 +95,7 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool, *,
     if not h2c:
         return None
     if drained.busy is not None and drained.busy > 0:
-        return (f"{drained.busy} connection(s) of Caddy's previous config still open after "
-                f"{drained.seconds:.0f}s")
+        return f"{_still_busy(drained)} after {drained.seconds:.0f}s"
     if not after_switch:
         return None
     if drained.busy is None:
@@ -110,6 +109,21 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool, *,
                 "this run did not watch the switch (it finishes an interrupted one), so it "
                 "cannot tell whether they are the previous config's")
     return None
+
+
+def _still_busy(drained: drain.Drain) -> str:
+    """What kept a drain busy, as `ss` showed it: its busy count alone read as connections of
+    the previous config even when it was requests on the old slot, bytes still moving there
+    (counted 1), or a last good reading that failed readings left standing."""
+    if drained.unread is not None:
+        return (f"`ss` readings failed from {drained.last_good or 0.0:.1f}s on "
+                f"({drained.unread}), and the last good one was not drained")
+    seen = []
+    if drained.front_open > 0:
+        seen.append(f"{drained.front_open} connection(s) of Caddy's previous config still open")
+    if drained.pending > 0:
+        seen.append(f"{drained.pending} request(s) still pending on port {drained.port}")
+    return " and ".join(seen) or f"bytes still moving on port {drained.port}"
 
 
 def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = None) -> None:

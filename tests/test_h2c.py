@@ -337,3 +337,32 @@ def test_h2c_on_a_port_beside_the_watched_one_is_found_and_named_in_the_fix(
     assert traffic.unwatched_h2c(users_only, 80) is None  # 443 takes no h2c
     fix = slots.held_fix(host_env(tmp_path), "togather-server-blue", 8080)
     assert "sport = :8080" in fix and "nsenter" in fix, fix
+
+
+def test_a_drain_held_open_by_something_else_than_connections_says_what_held_it() -> None:
+    """The h2c notice said "N connection(s) of Caddy's previous config still open" from the
+    drain's busy count, which also holds requests pending on the old slot's port, the old
+    slot's port still moving bytes (counted 1), and, when `ss` failed after a good reading,
+    the last good one (at least 1): in CI (a loaded 2-core host) the rollback feature's old
+    slot was left running with that line, and nothing told which it was. Each is still a
+    reason to keep the slot (a failed reading is never quiet), said as what was seen; the
+    counts are a drain as `ss` showed it."""
+    from runbook import drain
+
+    ended = drain.Drain(port=8082, seconds=10.0, busy=3, front_port=80, front_observed=True,
+                        switch_watched=True, front_watched=16, front_closed=13)
+    why = slots._held_for_h2c(ended, True, True)
+    assert why == "3 connection(s) of Caddy's previous config still open after 10s", why
+    # every front connection closed; two requests still pending on the old slot's port
+    pending = dataclasses.replace(ended, busy=2, front_closed=16, pending=2)
+    why = slots._held_for_h2c(pending, True, True)
+    assert why == "2 request(s) still pending on port 8082 after 10s", why
+    # nothing open or pending, but bytes moved on the old slot's port at the last reading
+    moving = dataclasses.replace(ended, busy=1, front_closed=16)
+    why = slots._held_for_h2c(moving, True, True)
+    assert why == "bytes still moving on port 8082 after 10s", why
+    # `ss` timed out from 4 s on: the last good reading (nothing open) stands
+    unread = dataclasses.replace(moving, unread="`ss` timed out after 5s", last_good=4.0)
+    why = slots._held_for_h2c(unread, True, True)
+    assert why is not None and "connection(s)" not in why, why
+    assert "`ss` timed out after 5s" in why and "from 4.0s on" in why, why
