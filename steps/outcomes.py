@@ -8,6 +8,7 @@ import gzip
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
@@ -311,6 +312,9 @@ def old_slot_stopped_but_kept(world: World) -> None:
         held = [n for n in result.notices if n.startswith(f"the old {slot} container is left "
                                                           "running") and "(h2c)" in n]
         assert held, (now, result.notices)
+        # said in the test run's warnings summary: why the drain stayed busy is not yet
+        # diagnosed (seen twice in CI), and the notice names what held it
+        warnings.warn(f"h2c: the old slot was left running: {held[0]}", stacklevel=1)
         return
     assert now.split()[1] == "exited", now
 
