@@ -92,8 +92,15 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
     except RunbookError as exc:
         _fail(exc, fmt)
     retention = environment.database.retention_days
+    # the folder may be shared: another database's (name, environment or server) is shown,
+    # said as not this environment's (found by review: another server's of the same name
+    # was listed as ours)
+    tgt = snapshots.target_or_none(environment)
+    theirs = {s.path: snapshots.whose(environment, s, tgt) for s in snaps}
     if fmt is Format.json:
-        echo(json.dumps([s.to_json(retention) for s in snaps], indent=2))
+        echo(json.dumps([s.to_json(retention) | {"ours": theirs[s.path] is None,
+                                                 "not_ours": theirs[s.path]} for s in snaps],
+                        indent=2))
         return
     if not snaps:
         echo(f"No snapshots in {environment.database.snapshot_dir}.")
@@ -107,12 +114,16 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
         ahead = ahead or d["dated_in_future"]
         taken = d["timestamp"] + (" dated in the future" if d["dated_in_future"] else "")
         lines.append((s.name, taken, schema + (" dirty" if s.dirty else "")
-                      + (" !" if s.problems or s.meta is None else ""),
+                      + (" !" if s.problems or s.meta is None else "")
+                      + (" ~" if theirs[s.path] is not None else ""),
                       f"{d['size_mb']:.3f}", d["expires_at"], s.deployment_id or "-"))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     for row in [header, *lines]:
         echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     echo(f"Folder: {environment.database.snapshot_dir}  (! = no or unreadable sidecar)")
+    if any(why is not None for why in theirs.values()):
+        echo(f"~ = not {environment.name}'s (another database, environment or server): never "
+             "restored, a schema witness or cleaned up by this environment")
     if ahead:
         echo("Dated in the future: taken while the clock ran fast (set back since), so which "
              "snapshot is the newest cannot be told; a restore without a name refuses it: "

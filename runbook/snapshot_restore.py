@@ -336,7 +336,11 @@ def restore_steps(env: Environment, run: RestoreRun,
         Step("verify-snapshot", "Verify the snapshot file (read-only, done)", {
             "file": str(snapshot.path),
             "taken": f"{_fmt(snapshot.timestamp)} ({snapshot.reason or '?'})",
-            "database": f"{verified.database} (matches)",
+            # the server too: another environment's database of the same name on this host
+            # "matched" by its name alone (found by review)
+            "database": (f"{verified.database} on {tgt.host}:{tgt.port} (matches)"
+                         if snapshot.names_server else f"{verified.database} (matches; its "
+                         "sidecar names no server, so only the name was compared)"),
             "sha256": verified.sha256 + (" (matches the sidecar)" if snapshot.sha256
                                          else " (no sidecar checksum)"),
             "schema_migrations": f"{verified.migration_version}"

@@ -641,6 +641,90 @@ def test_another_environments_snapshots_in_a_shared_folder_are_never_ours(
         result.skipped
 
 
+def on_server(snapshot: Path, host: str | None, port: object) -> Path:
+    """`snapshot`'s sidecar naming the server it was dumped from, as the tooling writes it
+    (None: the key left out, as an older sidecar does)."""
+    meta_path = snapshot.with_name(snapshot.name.removesuffix(".sql.gz") + ".meta.json")
+    meta = json.loads(meta_path.read_text()) | {"host": host, "port": port}
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    return snapshot
+
+
+def test_another_servers_snapshot_of_the_same_database_name_is_never_picked_nor_listed(
+        env: Environment) -> None:
+    """Found by review: two environments on one host, each with its own Postgres server, the
+    same database name and the default folder; the tooling's sidecars name the database, host
+    and port, never the environment. The newest snapshot, the other server's (port 5434),
+    was the default restore, the rollback's pick and a schema witness of this one
+    (localhost:5432)."""
+    record(env, "dep_old", "dep_current")
+    ours = put(env, "20261120_120000", "manual", age_days=13)
+    theirs = on_server(put(env, "20261128_120000", "manual", age_days=5), "localhost", 5434)
+    assert [s.path for s in snapshots.own_snapshots(env)] == [ours]
+    assert snapshots.find(env).path == ours
+    assert snapshots.latest_before(env, 1) == snapshots.load(ours)
+    assert snapshots.whose(env, snapshots.load(theirs)) == (  # what `snapshot list` says
+        "a snapshot of database togather on port 5434, not 5432")
+
+
+def test_a_sidecar_naming_this_server_another_way_or_none_is_ours(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loopback names are one server, a URL without a port is on 5432, and a sidecar
+    naming no server (written before the tooling recorded one) is matched by its database
+    name, as before; a port written as text is the same port."""
+    for n, (url, host, port) in enumerate((
+            ("postgresql://togather:secret@localhost/togather", "127.0.0.1", 5432),
+            ("postgresql://togather:secret@127.0.0.1:5433/togather", "localhost", "5433"),
+            ("postgresql://togather:secret@[::1]:5433/togather", "localhost", 5433),
+            ("postgresql://togather:secret@togather-db:5432/togather", None, None),
+            ("postgresql://togather:secret@TOGATHER-DB:5432/togather", "togather-db", 5432))):
+        monkeypatch.setenv("DATABASE_URL", url)
+        (tmp_path / f"host{n}").mkdir()
+        base = host_env(tmp_path / f"host{n}")
+        folder = tmp_path / f"host{n}" / "db-snapshots"
+        folder.mkdir()
+        env = base.with_(database=dataclasses.replace(base.database, snapshot_dir=folder))
+        snap = on_server(put(env, "20261120_120000", "manual", age_days=1), host, port)
+        assert [s.path for s in snapshots.own_snapshots(env)] == [snap], (url, host, port)
+
+
+@pytest.mark.parametrize(("host", "port"), [("localhost", 5434), ("db2.internal", 5432),
+                                            ("localhost", "not-a-port")])
+def test_cleanup_leaves_another_servers_expired_pre_deploy_snapshot_alone(
+        env: Environment, host: str, port: object) -> None:
+    """Found by review: this environment's cleanup deleted the other server's expired
+    pre-deploy snapshot of its current deployment (the one its rollback restores): only this
+    environment's state file decided what to keep. One whose port cannot be read may be
+    anyone's: left alone too."""
+    record(env, "dep_old", "dep_current")
+    put(env, "20261204_120000", "manual", age_days=1)
+    theirs = on_server(put(env, "20261120_095900", "pre-deploy", deployment_id="dep_theirs",
+                           age_days=15, expires_in_days=-8), host, port)
+    result = snapshots.cleanup(env, now=NOW)
+    assert result.removed == [] and theirs.exists(), [s.name for s in result.removed]
+    skipped = {p.name: why for p, why in result.skipped}
+    assert "left alone" in skipped[theirs.name] and str(port) in skipped[theirs.name], skipped
+
+
+def test_cleanup_leaves_another_servers_lone_sidecar_alone(env: Environment) -> None:
+    """Found by review: an expired sidecar whose dump is gone was removed when its database
+    name was this one's, whatever server or environment it names; ours still goes."""
+    theirs = on_server(put(env, "20261101_000000", "pre-deploy", age_days=31,
+                           expires_in_days=-24), "localhost", 5434)
+    staging = put(env, "20261101_000001", "pre-deploy", age_days=31, expires_in_days=-24,
+                  environment="staging")
+    ours = on_server(put(env, "20261101_000002", "pre-deploy", age_days=31,
+                         expires_in_days=-24), "127.0.0.1", 5432)
+    for dump in (theirs, staging, ours):
+        dump.unlink()
+    sidecars = {p: p.with_name(p.name.removesuffix(".sql.gz") + ".meta.json")
+                for p in (theirs, staging, ours)}
+    result = snapshots.cleanup(env, now=NOW)
+    assert sidecars[theirs].exists() and sidecars[staging].exists()
+    assert not sidecars[ours].exists()
+    assert names(result.orphans) == {sidecars[ours].name}
+
+
 def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_data_before_it(
         env: Environment, tmp_path: Path) -> None:
     """A restore killed after its replay began leaves the data from before it only in its
@@ -1272,8 +1356,9 @@ def tooling_dump(env: Environment, deployment_id: str, version: int,
     stamp = (NOW - timedelta(days=2)).strftime("%Y%m%d_%H%M%S")
     path = env.database.snapshot_dir / f"togather_togather_{stamp}_pre-deploy.sql.gz"
     path.write_bytes(gzip.compress(tooling_sql(version, rows), compresslevel=0, mtime=0))
+    # the server the env fixture's URL names (localhost:5432): the tooling records its own
     meta = {"snapshot_name": path.name, "database": "togather", "host": "localhost",
-            "port": 5433, "timestamp": (NOW - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "port": 5432, "timestamp": (NOW - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "reason": "pre-deploy", "git_commit": "b" * 40, "deployment_id": deployment_id,
             "retention_days": 7, "expires_at": (NOW + timedelta(days=5)).strftime(
                 "%Y-%m-%dT%H:%M:%SZ"), "size_mb": 1.0, "duration_seconds": 3}

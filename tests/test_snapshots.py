@@ -664,6 +664,99 @@ def test_a_snapshot_of_another_database_is_refused(stack: DrillStack) -> None:
     expect_refused(stack, anonymous, ExitCode.USAGE, "cannot tell which database")
 
 
+def configured_server(stack: DrillStack) -> tuple[str, int]:
+    """The host and port of the URL the stack configures for the runbook (the app's on a
+    docker-network-db shape, reached there through `docker exec`), read from the stack."""
+    url = urllib.parse.urlsplit(stack.app_database_url if stack.has("docker-network-db")
+                                else stack.database_url)
+    assert url.hostname is not None and url.port is not None
+    return url.hostname, url.port
+
+
+def test_another_servers_snapshots_of_the_same_database_name_are_never_ours(
+        stack: DrillStack) -> None:
+    """Found by review: staging and production on one host, each with its own Postgres (ports
+    5433 and 5434) and the same database name, share the default snapshot folder; the host's
+    tooling writes no environment in its sidecars, only the database, host and port. Only the
+    name was compared, so production's default restore picked staging's newest snapshot (its
+    plan said "database togather (matches)"), the rollback's pick and `snapshot list` took it
+    as production's, and production's cleanup deleted staging's expired pre-deploy snapshot
+    (and its lone sidecar) that staging's rollback needs. Real dumps, the other server's
+    sidecars written as the tooling writes them."""
+    env = stack.env
+    assert env.source is not None
+    host, port = configured_server(stack)
+    other = port + 1
+    add_items(stack, "ours")
+    taken = snapshots.create(env, "mine")
+    # the runbook's own sidecar names the server as it is configured, not as it is reached
+    assert (taken.meta or {})["host"] == host and (taken.meta or {})["port"] == port
+    directory = env.database.snapshot_dir
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def stamp(when: datetime) -> str:
+        return when.strftime("%Y%m%d_%H%M%S")
+
+    def iso(when: datetime) -> str:
+        return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    two_days = now - timedelta(days=2)
+    mine = copy_as(taken, directory, f"togather_togather_{stamp(two_days)}_mine",
+                   {"timestamp": iso(two_days),
+                    "snapshot_name": f"togather_togather_{stamp(two_days)}_mine.sql.gz"})
+    taken.path.unlink()
+    taken.meta_path.unlink()
+    mine_name = mine.name
+    # the other server's: the tooling's sidecar keys (no environment, schema or checksum)
+    tooling = {"database": "togather", "host": "localhost", "port": other,
+               "git_commit": "b" * 40, "retention_days": 7, "size_mb": 0.01,
+               "duration_seconds": 1}
+    day = now - timedelta(days=1)  # newer than ours: the default pick before the fix
+    template = snapshots.load(mine)
+    # a runbook-style sidecar (schema, checksum) of the other server, without an environment
+    theirs_new = copy_as(template, directory, f"togather_togather_{stamp(day)}_manual",
+                         with_meta=False)
+    theirs_new.with_name(theirs_new.name.replace(".sql.gz", ".meta.json")).write_text(
+        json.dumps({k: v for k, v in (template.meta or {}).items() if k != "environment"}
+                   | {"snapshot_name": theirs_new.name, "host": "localhost", "port": other,
+                      "timestamp": iso(day), "expires_at": iso(now + timedelta(days=6))}))
+    old = now - timedelta(days=20)  # staging's expired pre-deploy snapshot
+    theirs_old = copy_as(template, directory, f"togather_togather_{stamp(old)}_pre-deploy",
+                         with_meta=False)
+    theirs_old.with_name(theirs_old.name.replace(".sql.gz", ".meta.json")).write_text(
+        json.dumps(tooling | {"snapshot_name": theirs_old.name, "timestamp": iso(old),
+                              "reason": "pre-deploy", "deployment_id": "dep_staging_current",
+                              "expires_at": iso(old + timedelta(days=7))}))
+    lone = directory / f"togather_togather_{stamp(old - timedelta(hours=1))}_pre-deploy.meta.json"
+    lone.write_text(json.dumps(tooling | {"snapshot_name": lone.name.replace(
+        ".meta.json", ".sql.gz"), "timestamp": iso(old), "reason": "pre-deploy",
+        "expires_at": iso(old + timedelta(days=7))}))
+
+    assert [s.name for s in snapshots.own_snapshots(env)] == [mine_name]
+    assert snapshots.find(env).name == mine_name  # the default restore: ours, though older
+    assert snapshots.latest_before(env, 1) is not None
+    assert snapshots.latest_before(env, 1).name == mine_name  # type: ignore[union-attr]
+    listed = cli("snapshot", "list", str(env.source), "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    ours = {s["name"]: s["ours"] for s in json.loads(listed.stdout)}
+    assert ours == {mine_name: True, theirs_new.name: False, theirs_old.name: False}, ours
+    dry = cli("snapshot", "restore", str(env.source), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert mine_name in dry.stdout and theirs_new.name not in dry.stdout, dry.stdout
+    assert f"togather on {host}:{port} (matches)" in dry.stdout, dry.stdout
+    # the tooling's localhost is this server's loopback: only the port differs, unless the
+    # URL names the server another way (togather-db on a docker-network-db shape)
+    where = (f"port {other}, not {port}" if host in ("127.0.0.1", "localhost")
+             else f"localhost:{other}, not {host}:{port}")
+    expect_refused(stack, theirs_new.name, ExitCode.USAGE, where)
+    result = snapshots.cleanup(env, now=now)
+    assert theirs_old.exists() and lone.exists() and theirs_new.exists() and mine.exists()
+    skipped = {p.name: why for p, why in result.skipped}
+    assert where in skipped[theirs_old.name], skipped
+    assert lone.name in skipped, skipped
+    assert item_names(stack) == ["ours"]
+
+
 def shell_url_only(env: Environment) -> Environment:
     """`env` reading DATABASE_URL from the process environment only (no env file)."""
     return env.with_(database=dataclasses.replace(env.database, env_file=None))

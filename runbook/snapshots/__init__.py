@@ -52,7 +52,9 @@ from runbook.snapshots.store import (
     pre_deploy_witness,
     schema_witness,
     snapshot_stem,
+    target_or_none,
     unread_in_window,
+    whose,
 )
 from runbook.snapshots.verify import Verified
 from runbook.times import human_duration
@@ -64,5 +66,6 @@ __all__ = [
     "cleanup", "create", "current_state", "dump_command", "find", "holds_large_objects",
     "human_duration", "latest_before", "list_snapshots", "live_witness", "load", "loss_window",
     "own_snapshots", "pre_deploy_snapshot", "pre_deploy_witness", "replay_command",
-    "schema_witness", "snapshot_stem", "table_stats", "target", "unread_in_window",
+    "schema_witness", "snapshot_stem", "table_stats", "target", "target_or_none",
+    "unread_in_window", "whose",
 ]

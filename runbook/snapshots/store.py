@@ -28,6 +28,7 @@ from runbook.errors import ExitCode, PreconditionError, RunbookError
 
 if TYPE_CHECKING:
     from runbook import state as states
+    from runbook.snapshots.commands import Target
 from runbook.times import format_utc as _fmt
 from runbook.times import parse_utc as _utc
 from runbook.times import rough_duration
@@ -119,6 +120,11 @@ class Snapshot:
         """The environment the runbook's sidecar says took it (the tooling records none)."""
         value = self._m("environment")
         return str(value) if value else None
+
+    @property
+    def names_server(self) -> bool:
+        """Whether its sidecar says which server it was dumped from (host or port)."""
+        return any(self._m(key) not in (None, "") for key in ("host", "port"))
 
     @property
     def database(self) -> str | None:
@@ -363,12 +369,62 @@ def own_snapshots(env: Environment) -> list[Snapshot]:
     schema witness may use. The folder may be shared (the default one is): another
     database's snapshot taken while the target was live said which schema it "ran with", and
     was picked to restore (then refused by its verification, over a usable one of ours)."""
-    database = _database(env)
-    # two environments with the same database name may share the folder: a sidecar that
-    # names another environment is never ours (a staging snapshot in production's "target
-    # was live" window said which schema production's target ran with)
-    return [s for s in list_snapshots(env) if database is not None and s.database == database
-            and s.environment in (None, env.name)]
+    tgt = target_or_none(env)
+    return [s for s in list_snapshots(env) if whose(env, s, tgt) is None]
+
+
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _host_key(host: str) -> str:
+    """A host as compared: the loopback names are one server, names are case-blind."""
+    name = host.strip().strip("[]").lower()
+    return "localhost" if name in LOOPBACK else name
+
+
+def other_server(snap: Snapshot, tgt: Target) -> str | None:
+    """Where `snap`'s sidecar says it was dumped from (`on port 5434, not 5432`) when that
+    is not the server the environment's DATABASE_URL names as configured (how it is reached,
+    `docker exec` into its container, does not count: our sidecars record the URL's host
+    and port too, dump.create); None when it is the same, or not said.
+
+    Two environments on one host may each have their own server and the same database name
+    (and share the default folder); the tooling's sidecars name no environment, only the
+    host and port. A sidecar naming neither (an older one) is matched by its database name
+    alone, as before: nothing in it tells the servers apart, and refusing it would leave a
+    rollback without its pre-deploy snapshot. A value that cannot be read as this server's
+    (`"port": "x"`) is another's: never picked, never deleted by this environment."""
+    if not snap.names_server:
+        return None
+    host, port = snap._m("host"), snap._m("port")
+    same_port = port in (None, "") or str(port).strip() == str(tgt.port)
+    same_host = host in (None, "") or _host_key(str(host)) == _host_key(tgt.host)
+    if same_host and same_port:
+        return None
+    if same_host:
+        return f"on port {port}, not {tgt.port}"
+    return f"on {host}:{'?' if port in (None, '') else port}, not {tgt.host}:{tgt.port}"
+
+
+def whose(env: Environment, snap: Snapshot, tgt: Target | None = None) -> str | None:
+    """Why `snap` is not this environment's database's snapshot (`a snapshot of database
+    billing, not togather`), or None when it is: another database name, environment or
+    server. Such a one is never listed as ours, picked, a witness, or cleaned by us: its
+    own environment's state file protects it, not ours. `tgt`: the environment's target,
+    when the caller has it (None: read here)."""
+    tgt = tgt or target_or_none(env)
+    if tgt is None:  # fail closed: nothing tells this environment's from another's
+        return "no database is configured, so nothing tells whose snapshot it is"
+    if snap.database != tgt.dbname:
+        return f"a snapshot of database {snap.database}, not {tgt.dbname}"
+    if snap.environment not in (None, env.name):
+        # two environments with the same database name may share the folder (a staging
+        # snapshot in production's "target was live" window said which schema production's
+        # target ran with)
+        return f"taken in {snap.environment}, not {env.name}"
+    if (where := other_server(snap, tgt)) is not None:
+        return f"a snapshot of database {snap.database} {where}"
+    return None
 
 
 def _scan(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -775,22 +831,15 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     # only this database's snapshots, named as the contract names them: the folder may be
     # shared by several environments (the default one is), and hold an operator's own
     # `backup-before-migration.sql.gz`, which an age alone deleted
-    mine = _database(env)
+    # (whose: another database name, environment or server; or none configured)
+    mine = target_or_none(env)
     ours: list[Snapshot] = []
     for snap in (load(p) for p in paths):
         if NAME_RE.match(snap.stem) is None:
             skipped.append((snap.path, "not named as a snapshot (togather_<db>_<time>_"
                                        "<reason>): another tool's file, left alone"))
-        elif mine is None:  # fail closed: nothing tells this environment's from another's
-            skipped.append((snap.path, "no database is configured, so nothing tells whose "
-                                       "snapshot it is: left alone"))
-        elif snap.database != mine:
-            skipped.append((snap.path, f"a snapshot of database {snap.database}, not "
-                                       f"{mine}: left alone"))
-        elif snap.environment not in (None, env.name):
-            # its own environment's state file protects it, not this one's
-            skipped.append((snap.path, f"taken in {snap.environment}, not {env.name}: left "
-                                       "alone"))
+        elif (why := whose(env, snap, mine)) is not None:
+            skipped.append((snap.path, f"{why}: left alone"))
         else:
             ours.append(snap)
     snaps = sorted(ours, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
@@ -843,10 +892,14 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             sidecar = (Snapshot(dump, _safe_json(path))
                        if path.name.endswith(META_SUFFIX) and not path.name.startswith(".")
                        and NAME_RE.match(path.name.removesuffix(META_SUFFIX)) else None)
-            meta_named = sidecar is not None and mine is not None and sidecar.database == mine
+            # the same test as a dump's: another server's or environment's is theirs
+            theirs = None if sidecar is None else whose(env, sidecar, mine)
+            meta_named = sidecar is not None and theirs is None
             if not (leftover or meta_named):
-                if (path.name.endswith(".partial") or (path.name.endswith(META_SUFFIX)
-                                                       and not os.path.lexists(dump))) \
+                if theirs is not None and not os.path.lexists(dump):
+                    skipped.append((path, f"a sidecar without its dump, {theirs}: left alone"))
+                elif (path.name.endswith(".partial") or (path.name.endswith(META_SUFFIX)
+                                                         and not os.path.lexists(dump))) \
                         and not path.name.startswith("."):
                     skipped.append((path, "not this database's snapshot or this tool's "
                                           "partial dump (by its name): left alone"))
@@ -900,12 +953,12 @@ def _own_partial(name: str) -> bool:
     return NAME_RE.match(stem) is not None
 
 
-def _database(env: Environment) -> str | None:
-    """The environment's database name, or None when no database is configured."""
+def target_or_none(env: Environment) -> Target | None:
+    """The environment's database (name, host, port), or None when none is configured."""
     from runbook.snapshots import commands
 
     try:
-        return commands.target(env).dbname
+        return commands.target(env)
     except RunbookError:
         return None
 

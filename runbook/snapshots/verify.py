@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from runbook.environment import Environment
 from runbook.snapshots.commands import Target, target
-from runbook.snapshots.store import Snapshot, SnapshotError
+from runbook.snapshots.store import Snapshot, SnapshotError, other_server
 
 TRAILER = b"-- PostgreSQL database dump complete"
 CHUNK = 1 << 20
@@ -217,6 +217,15 @@ def _fits(env: Environment, snap: Snapshot) -> Target:
         raise SnapshotError(f"snapshot {snap.name} was taken in {recorded_env}, not "
                             f"{env.name}; nothing was changed",
                             f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`)")
+    # another server's database of the same name (another environment's on this host): its
+    # data replacing this one's is the loss a restore exists to undo
+    if (where := other_server(snap, tgt)) is not None:
+        raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r} "
+                            f"{where} (its sidecar's host and port, this environment's "
+                            f"{env.database.url_variable}); nothing was changed",
+                            f"pick a snapshot of {env.name} (`runbook snapshot list "
+                            f"{env.name}`); if this server moved, correct host and port in "
+                            "the snapshot's .meta.json")
     return tgt
 
 
