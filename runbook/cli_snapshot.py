@@ -95,8 +95,8 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
     # the folder may be shared: another database's (name, environment or server) is shown,
     # said as not this environment's (found by review: another server's of the same name
     # was listed as ours)
-    tgt = snapshots.target_or_none(environment)
-    theirs = {s.path: snapshots.whose(environment, s, tgt) for s in snaps}
+    here = snapshots.server_or_none(environment)  # one `docker inspect`, not one a file
+    theirs = {s.path: snapshots.whose(environment, s, here) for s in snaps}
     if fmt is Format.json:
         echo(json.dumps([s.to_json(retention) | {"ours": theirs[s.path] is None,
                                                  "not_ours": theirs[s.path]} for s in snaps],

@@ -53,6 +53,16 @@ class ContainerInfo:
     # the names and addresses other containers reach it by (its name, hostname, network
     # aliases and DNS names, IP addresses): what a Caddy on Docker's network dials
     addresses: frozenset[str] = frozenset()
+    # (container port, host port) of each tcp port it publishes: its configuration and what
+    # Docker bound (a port left to Docker shows only there); None on the host's network
+    bindings: tuple[tuple[int, int], ...] | None = None
+
+    def host_ports(self, port: int) -> frozenset[int]:
+        """The host ports that reach its tcp `port`: those published for it, or the port
+        itself on the host's network (empty when not inspected)."""
+        if self.bindings is None:
+            return frozenset({port}) if self.exists else frozenset()
+        return frozenset(host for inside, host in self.bindings if inside == port)
 
     @property
     def running(self) -> bool:
@@ -454,6 +464,7 @@ def inspect(name: str) -> ContainerInfo:
         started_at=state.get("StartedAt"), labels=config.get("Labels") or {},
         published=_published(attrs.get("HostConfig") or {}),
         addresses=_addresses(attrs),
+        bindings=_bindings(attrs),
     )
 
 
@@ -496,6 +507,26 @@ def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:
             if port.isdigit():
                 ports.add(int(port))
     return tuple(sorted(ports))
+
+
+def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int], ...] | None:
+    """(container port, host port) pairs of its published tcp ports: configured
+    (HostConfig.PortBindings, known stopped too) and bound (NetworkSettings.Ports)."""
+    host_config = attrs.get("HostConfig") or {}
+    if str(host_config.get("NetworkMode") or "") == "host":
+        return None
+    found: set[tuple[int, int]] = set()
+    for table in (host_config.get("PortBindings"),
+                  (attrs.get("NetworkSettings") or {}).get("Ports")):
+        for key, bindings in (table or {}).items() if isinstance(table, dict) else ():
+            inside, _, proto = str(key).partition("/")
+            if not inside.isdigit() or proto not in ("", "tcp"):
+                continue
+            for binding in bindings or ():
+                port = str((binding or {}).get("HostPort") or "")
+                if port.isdigit():
+                    found.add((int(inside), int(port)))
+    return tuple(sorted(found))
 
 
 def running_execs(name: str) -> list[tuple[int, list[str]]]:

@@ -332,13 +332,18 @@ def restore_steps(env: Environment, run: RestoreRun,
                 ctx.notice(said[0])
 
     recorded = snapshot.tables
+    # where the sidecar says it was dumped from (the tooling's: the published port)
+    meta = snapshot.meta or {}
+    dumped_at = f"{meta.get('host') or ''}:{meta.get('port') or ''}"
     return [
         Step("verify-snapshot", "Verify the snapshot file (read-only, done)", {
             "file": str(snapshot.path),
             "taken": f"{_fmt(snapshot.timestamp)} ({snapshot.reason or '?'})",
             # the server too: another environment's database of the same name on this host
             # "matched" by its name alone (found by review)
-            "database": (f"{verified.database} on {tgt.host}:{tgt.port} (matches)"
+            "database": (f"{verified.database} on {tgt.host}:{tgt.port} (matches"
+                         + ("" if dumped_at in (":", f"{tgt.host}:{tgt.port}") else
+                            f": its sidecar's {dumped_at} reaches the same server") + ")"
                          if snapshot.names_server else f"{verified.database} (matches; its "
                          "sidecar names no server, so only the name was compared)"),
             "sha256": verified.sha256 + (" (matches the sidecar)" if snapshot.sha256

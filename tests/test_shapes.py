@@ -9,12 +9,14 @@ against each shape through `--shape` (Makefile `test`); these are the targeted c
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 
-from runbook import database, docker, rollback, snapshots
+from runbook import database, docker, rollback, snapshot_restore, snapshots
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack, parse_shape
@@ -174,3 +176,97 @@ def test_a_removed_docker_run_slot_is_a_precondition_naming_what_to_run(
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "docker run" in str(err.value) and env.slot(Slot.GREEN).container in str(err.value)
     assert snapshot(env) == before
+
+
+def as_tooling_made(snap: snapshots.Snapshot, host: str, port: int, deployment_id: str,
+                    ) -> snapshots.Snapshot:
+    """`snap` as the host's shell tooling leaves its pre-deploy snapshot: pg_dump run on the
+    host through a port Docker publishes, its sidecar naming that address (and no
+    environment)."""
+    meta = {k: v for k, v in (snap.meta or {}).items() if k != "environment"}
+    snap.meta_path.write_text(json.dumps(meta | {"host": host, "port": port,
+                                                 "reason": "pre-deploy",
+                                                 "deployment_id": deployment_id}))
+    return snapshots.load(snap.path)
+
+
+def published_db_port(stack: DrillStack) -> int:
+    """The host port the stack's database container publishes for 5432/tcp, read through
+    the Docker SDK (not the runbook's adapter, the code under test)."""
+    bound = docker.client().containers.get(stack.db_container).ports["5432/tcp"]
+    ports = {int(b["HostPort"]) for b in bound}
+    assert ports == {stack.ports.postgres}, ports
+    return stack.ports.postgres
+
+
+def test_a_tooling_snapshot_naming_the_databases_published_port_is_ours(
+        stack: DrillStack) -> None:
+    """The production host (CONTRACTS.md): the runbook's URL is the app's (togather-db:5432,
+    Docker's network), the tooling dumps on the host through the published port and writes
+    localhost:<that port>. Found by review: every such pre-deploy snapshot counted as another
+    server's, so `rollback --restore-snapshot` found none and naming one was refused."""
+    stack.reset()
+    env = stack.env
+    assert "@togather-db:5432/" in env.database.url()
+    port = published_db_port(stack)
+    for old in env.database.snapshot_dir.glob("togather_*"):
+        old.unlink()
+    snap = as_tooling_made(snapshots.create(env, "pre-deploy"), "localhost", port, "dep_tool")
+    assert [s.name for s in snapshots.own_snapshots(env)] == [snap.name]
+    assert snapshots.find(env).name == snap.name
+    picked = snapshots.latest_before(env, None, deployment_id="dep_tool")
+    assert picked is not None and picked.name == snap.name  # the rollback's pick
+    assert snapshots.whose(env, snap) is None
+    planned = snapshot_restore.restore(env, snap.name, dry_run=True)
+    text = planned.plan.render()
+    assert snap.name in text and "togather-db:5432 (matches: its sidecar's " \
+        f"localhost:{port} reaches the same server)" in text, text
+
+
+def test_a_tooling_snapshot_naming_another_loopback_port_is_not_ours(
+        stack: DrillStack) -> None:
+    """The same host with a second Postgres published on another port (staging's): its
+    tooling snapshot of the same database name is never ours, picked, restored or cleaned."""
+    stack.reset()
+    env = stack.env
+    port = published_db_port(stack)
+    other = next(p for p in (5433, 5434, 5435) if p != port)
+    for old in env.database.snapshot_dir.glob("togather_*"):
+        old.unlink()
+    snap = as_tooling_made(snapshots.create(env, "pre-deploy"), "localhost", other,
+                           "dep_other")
+    assert snapshots.own_snapshots(env) == []
+    assert snapshots.latest_before(env, None, deployment_id="dep_other") is None
+    assert f"localhost:{other}" in (snapshots.whose(env, snap) or "")
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, snap.name, dry_run=True)
+    assert err.value.exit_code == ExitCode.USAGE and f"localhost:{other}" in str(err.value)
+    assert "\n" not in err.value.message
+    future = datetime.now(UTC) + timedelta(days=400)
+    result = snapshots.cleanup(env, now=future)
+    assert snap.path.exists() and snap.name in {p.name for p, _ in result.skipped}
+
+
+def test_a_loopback_snapshot_is_not_judged_ours_when_the_database_container_cannot_be_read(
+        stack: DrillStack) -> None:
+    """Docker cannot say which host ports reach the database (here: the configured container
+    is absent), and the URL names the container: a sidecar naming a loopback port may be
+    ours or another server's. Fail closed: not picked, a restore naming it refused saying
+    what to fix, never cleaned."""
+    stack.reset()
+    env = stack.env
+    port = published_db_port(stack)
+    for old in env.database.snapshot_dir.glob("togather_*"):
+        old.unlink()
+    snap = as_tooling_made(snapshots.create(env, "pre-deploy"), "localhost", port, "dep_tool")
+    blind = env.with_(database=dataclasses.replace(env.database,
+                                                   container=f"{stack.prefix}no-such-db"))
+    assert snapshots.own_snapshots(blind) == []
+    why = snapshots.whose(blind, snap) or ""
+    assert f"localhost:{port}" in why and f"{stack.prefix}no-such-db" in why, why
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(blind, snap.name, dry_run=True)
+    assert err.value.exit_code == ExitCode.PRECONDITION and "\n" not in err.value.message
+    assert f"{stack.prefix}no-such-db" in str(err.value.fix), err.value.fix
+    result = snapshots.cleanup(blind, now=datetime.now(UTC) + timedelta(days=400))
+    assert snap.path.exists() and snap.name in {p.name for p, _ in result.skipped}

@@ -51,6 +51,7 @@ from runbook.snapshots.store import (
     own_snapshots,
     pre_deploy_witness,
     schema_witness,
+    server_or_none,
     snapshot_stem,
     target_or_none,
     unread_in_window,
@@ -66,6 +67,6 @@ __all__ = [
     "cleanup", "create", "current_state", "dump_command", "find", "holds_large_objects",
     "human_duration", "latest_before", "list_snapshots", "live_witness", "load", "loss_window",
     "own_snapshots", "pre_deploy_snapshot", "pre_deploy_witness", "replay_command",
-    "schema_witness", "snapshot_stem", "table_stats", "target", "target_or_none",
+    "schema_witness", "server_or_none", "snapshot_stem", "table_stats", "target", "target_or_none",
     "unread_in_window", "whose",
 ]

@@ -369,11 +369,12 @@ def own_snapshots(env: Environment) -> list[Snapshot]:
     schema witness may use. The folder may be shared (the default one is): another
     database's snapshot taken while the target was live said which schema it "ran with", and
     was picked to restore (then refused by its verification, over a usable one of ours)."""
-    tgt = target_or_none(env)
-    return [s for s in list_snapshots(env) if whose(env, s, tgt) is None]
+    here = server_or_none(env)
+    return [s for s in list_snapshots(env) if whose(env, s, here) is None]
 
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+ANY_ADDRESS = frozenset({"0.0.0.0", "::"})  # every address of this host, as Docker binds it
 
 
 def _host_key(host: str) -> str:
@@ -382,11 +383,85 @@ def _host_key(host: str) -> str:
     return "localhost" if name in LOOPBACK else name
 
 
-def other_server(snap: Snapshot, tgt: Target) -> str | None:
+@dataclass(frozen=True)
+class Server:
+    """This environment's database server and every address that reaches it, read once per
+    listing, pick or cleanup (one `docker inspect`), not per snapshot.
+
+    The URL names it as the runbook was configured; the host's tooling runs pg_dump on the
+    host and records the address it used: on the contract's host the URL is the app's
+    (`togather-db:5432`, Docker's network) and the tooling's is `localhost:5433` (the
+    published port). Both are this server: (a) the URL's host and port; (b) the database
+    container's name, aliases and addresses with the port Postgres listens on inside it; (c)
+    this host (loopback, 0.0.0.0, its names and addresses) with a host port Docker publishes
+    for that port."""
+
+    target: Target
+    container: str
+    names: frozenset[str] = frozenset()  # the container's name, aliases and IPs (host keys)
+    inside: int = 5432  # Postgres's port inside the container
+    published: frozenset[int] = frozenset()  # the host ports that reach `inside`
+    unknown: str | None = None  # why the container could not be read (None: it was)
+
+    def here(self, key: str) -> bool:
+        """Whether host key `key` is this machine (a published port listens there)."""
+        import socket
+
+        from runbook.caddy.text import _local_address
+
+        return (key in ("localhost", *ANY_ADDRESS)
+                or key in (socket.gethostname().lower(), socket.getfqdn().lower())
+                or _local_address(key))
+
+    def reaches(self, host: object, port: object) -> bool:
+        """Whether a sidecar's host and port (None or "": not recorded) name this server."""
+        h = None if host in (None, "") else _host_key(str(host))
+        p = None if port in (None, "") else str(port).strip()
+        if h in (None, _host_key(self.target.host)) and p in (None, str(self.target.port)):
+            return True  # as configured (a sidecar without a host: on the URL's, as before)
+        if h is not None and h in self.names and p in (None, str(self.inside)):
+            return True
+        return (h is None or self.here(h)) and p in {str(n) for n in self.published}
+
+    def undecided(self, host: object, port: object) -> bool:
+        """A sidecar naming this machine on another port than the URL's, while the URL names
+        the container and Docker could not say which ports it publishes: it may be this
+        server or another's. Never ours for a pick, a restore or a cleanup (fail closed)."""
+        return (self.unknown is not None and host not in (None, "") and port not in (None, "")
+                and not self.here(_host_key(self.target.host))
+                and self.here(_host_key(str(host))) and not self.reaches(host, port))
+
+
+def server(env: Environment, tgt: Target) -> Server:
+    """The addresses of `tgt`'s server (see Server); the container is read once, here."""
+    from runbook import docker
+
+    container = env.database.container
+    names = {_host_key(container)}
+    try:
+        info = docker.inspect(container)
+    except RunbookError as exc:  # Docker down: which ports reach it cannot be told
+        return Server(tgt, container, frozenset(names),
+                      unknown=f"container {container} cannot be inspected ({exc.message})")
+    if not info.exists:
+        return Server(tgt, container, frozenset(names),
+                      unknown=f"container {container} cannot be inspected (no such container)")
+    names |= {_host_key(a) for a in info.addresses}
+    # the URL names the container: Postgres listens on the URL's port inside it
+    inside = tgt.port if _host_key(tgt.host) in names else 5432
+    return Server(tgt, container, frozenset(names), inside, info.host_ports(inside))
+
+
+def server_or_none(env: Environment) -> Server | None:
+    """The environment's database server (see Server), or None when none is configured."""
+    tgt = target_or_none(env)
+    return None if tgt is None else server(env, tgt)
+
+
+def other_server(snap: Snapshot, here: Server) -> str | None:
     """Where `snap`'s sidecar says it was dumped from (`on port 5434, not 5432`) when that
-    is not the server the environment's DATABASE_URL names as configured (how it is reached,
-    `docker exec` into its container, does not count: our sidecars record the URL's host
-    and port too, dump.create); None when it is the same, or not said.
+    is not an address of this environment's server (Server: the URL's, the container's, or a
+    port Docker publishes for it on this host); None when it is one, or not said.
 
     Two environments on one host may each have their own server and the same database name
     (and share the default folder); the tooling's sidecars name no environment, only the
@@ -397,24 +472,35 @@ def other_server(snap: Snapshot, tgt: Target) -> str | None:
     if not snap.names_server:
         return None
     host, port = snap._m("host"), snap._m("port")
-    same_port = port in (None, "") or str(port).strip() == str(tgt.port)
-    same_host = host in (None, "") or _host_key(str(host)) == _host_key(tgt.host)
-    if same_host and same_port:
+    if here.reaches(host, port):
         return None
-    if same_host:
-        return f"on port {port}, not {tgt.port}"
-    return f"on {host}:{'?' if port in (None, '') else port}, not {tgt.host}:{tgt.port}"
+    tgt = here.target
+    if here.undecided(host, port):
+        return (f"on {host}:{port}, which may or may not reach this database: the URL names "
+                f"{tgt.host}:{tgt.port} and {here.unknown}")
+    also = ("" if not here.published or here.published == {tgt.port}
+            else f" nor {', '.join(str(n) for n in sorted(here.published))} (published by "
+                 f"{here.container})")
+    if host in (None, "") or _host_key(str(host)) == _host_key(tgt.host):
+        return f"on port {port}, not {tgt.port}{also}"
+    return f"on {host}:{'?' if port in (None, '') else port}, not {tgt.host}:{tgt.port}{also}"
 
 
-def whose(env: Environment, snap: Snapshot, tgt: Target | None = None) -> str | None:
+def undecided(snap: Snapshot, here: Server) -> bool:
+    """Whether `snap` is refused only because Docker could not say (Server.undecided)."""
+    return snap.names_server and here.undecided(snap._m("host"), snap._m("port"))
+
+
+def whose(env: Environment, snap: Snapshot, here: Server | None = None) -> str | None:
     """Why `snap` is not this environment's database's snapshot (`a snapshot of database
     billing, not togather`), or None when it is: another database name, environment or
     server. Such a one is never listed as ours, picked, a witness, or cleaned by us: its
-    own environment's state file protects it, not ours. `tgt`: the environment's target,
-    when the caller has it (None: read here)."""
-    tgt = tgt or target_or_none(env)
-    if tgt is None:  # fail closed: nothing tells this environment's from another's
+    own environment's state file protects it, not ours. `here`: the environment's server,
+    when the caller has it (None: read here, one `docker inspect`)."""
+    here = here or server_or_none(env)
+    if here is None:  # fail closed: nothing tells this environment's from another's
         return "no database is configured, so nothing tells whose snapshot it is"
+    tgt = here.target
     if snap.database != tgt.dbname:
         return f"a snapshot of database {snap.database}, not {tgt.dbname}"
     if snap.environment not in (None, env.name):
@@ -422,7 +508,7 @@ def whose(env: Environment, snap: Snapshot, tgt: Target | None = None) -> str | 
         # snapshot in production's "target was live" window said which schema production's
         # target ran with)
         return f"taken in {snap.environment}, not {env.name}"
-    if (where := other_server(snap, tgt)) is not None:
+    if (where := other_server(snap, here)) is not None:
         return f"a snapshot of database {snap.database} {where}"
     return None
 
@@ -832,7 +918,7 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     # shared by several environments (the default one is), and hold an operator's own
     # `backup-before-migration.sql.gz`, which an age alone deleted
     # (whose: another database name, environment or server; or none configured)
-    mine = target_or_none(env)
+    mine = server_or_none(env)  # read once: one `docker inspect` for every file
     ours: list[Snapshot] = []
     for snap in (load(p) for p in paths):
         if NAME_RE.match(snap.stem) is None:

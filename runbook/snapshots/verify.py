@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runbook.environment import Environment
+from runbook.errors import ExitCode
 from runbook.snapshots.commands import Target, target
-from runbook.snapshots.store import Snapshot, SnapshotError, other_server
+from runbook.snapshots.store import Snapshot, SnapshotError, other_server, server, undecided
 
 TRAILER = b"-- PostgreSQL database dump complete"
 CHUNK = 1 << 20
@@ -219,7 +220,17 @@ def _fits(env: Environment, snap: Snapshot) -> Target:
                             f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`)")
     # another server's database of the same name (another environment's on this host): its
     # data replacing this one's is the loss a restore exists to undo
-    if (where := other_server(snap, tgt)) is not None:
+    here = server(env, tgt) if snap.names_server else None
+    if here is not None and undecided(snap, here):
+        # Docker cannot say which host ports reach the container: refused, not guessed
+        raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r} "
+                            f"{other_server(snap, here)}; nothing was changed",
+                            f"start the Docker engine and container {here.container} so the "
+                            f"ports it publishes can be read (`docker inspect "
+                            f"{here.container}`), or pick a snapshot of {env.name} "
+                            f"(`runbook snapshot list {env.name}`)",
+                            exit_code=ExitCode.PRECONDITION)
+    if here is not None and (where := other_server(snap, here)) is not None:
         raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r} "
                             f"{where} (its sidecar's host and port, this environment's "
                             f"{env.database.url_variable}); nothing was changed",
