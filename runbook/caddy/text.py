@@ -421,7 +421,7 @@ def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
         socket.gethostname().lower(), socket.getfqdn().lower()}
     for up in upstreams:
         host = (up.host or "").strip("[]").lower()
-        if not host or host in allowed or _local_address(host):
+        if not host or host in allowed or local_address(host):
             continue
         raise CaddyError(
             f"no upstream between the slot markers is on a slot's port, and line {up.line} "
@@ -432,7 +432,7 @@ def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
             "the markers by hand, then run `runbook switch`", exit_code=ExitCode.PRECONDITION)
 
 
-def _local_address(host: str) -> bool:
+def local_address(host: str) -> bool:
     """An IP address of this host: loopback, or one a socket can bind to here (the one
     read of the machine in this module; a container's address on a Docker network is not)."""
     import ipaddress

@@ -407,11 +407,11 @@ class Server:
         """Whether host key `key` is this machine (a published port listens there)."""
         import socket
 
-        from runbook.caddy.text import _local_address
+        from runbook.caddy.text import local_address
 
         return (key in ("localhost", *ANY_ADDRESS)
                 or key in (socket.gethostname().lower(), socket.getfqdn().lower())
-                or _local_address(key))
+                or local_address(key))
 
     def reaches(self, host: object, port: object) -> bool:
         """Whether a sidecar's host and port (None or "": not recorded) name this server."""
