@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from runbook import environment as envmod
-from runbook.drill.fleet import DrillFleet
+from runbook.drill.fleet import DrillFleet, held_reached
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError, UsageError
@@ -879,6 +879,27 @@ def _read_until(proc: subprocess.Popen[str], marker: str) -> list[str]:
     return seen
 
 
+def _until_held(proc: subprocess.Popen[str], gate: Path) -> None:
+    """Until the `held_command` at `gate` is held on its host (it touches `held_reached`),
+    deadline 120 s: the moment a test signals the controller mid-host. Never a fixed sleep:
+    on a loaded CI machine Ansible can take seconds to get there."""
+    reached, deadline = held_reached(gate), time.monotonic() + 120
+    while not reached.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the controller ended (exit {proc.returncode}) before the command "
+                        f"held at {gate.name} was reached: {err}{out}")
+        assert time.monotonic() < deadline, f"the command held at {gate.name} not reached in 120 s"
+        time.sleep(0.02)
+
+
+def _said(proc: subprocess.Popen[str], seen: list[str], marker: str) -> None:
+    """Read the controller's stderr on into `seen` until a line contains `marker` (its
+    signal handler ran: it says so), failing if it ended first."""
+    seen += _read_until(proc, marker)
+    assert marker in seen[-1], "".join(seen)
+
+
 @pytest.fixture
 def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
     drill_fleet.write_inventory()
@@ -956,9 +977,9 @@ def test_a_second_ctrl_c_leaves_the_started_host_unknown_not_not_started(
     try:
         proc = _fleet_rollback(fleet, tmp_path)
         seen = _read_until(proc, "host1: rolling back")
-        time.sleep(1)
+        _until_held(proc, gate)  # host1's rollback started there, and held
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        _said(proc, seen, "interrupted: no further host will start")
         proc.send_signal(signal.SIGINT)  # the second: Ansible stopped at once
         out, err = proc.communicate(timeout=600)
     finally:
@@ -1704,7 +1725,7 @@ def test_a_sigterm_while_the_fleet_lock_is_released_never_leaves_it_held(
     try:
         proc = _fleet_rollback(fleet, tmp_path)
         seen = _read_until(proc, "host2: failed")
-        time.sleep(2)  # the release asked for on host1, and held there
+        _until_held(proc, gate)  # the release asked for on host1, and held there
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         gate.write_text("run")
@@ -1727,27 +1748,14 @@ def test_a_sighup_while_a_refused_run_releases_the_fleet_lock_never_leaves_it_he
     mid-release: only Ctrl-C and SIGTERM were held off. Now the release finishes and the
     refusal is the exit. Oracles: the controller's exit code, the lock's directory."""
     fleet = drill_fleet
-    gate, asked = tmp_path / "release.gate", tmp_path / "release.asked"
-    release = ["fleet", "lock", "development", "--release"]
-    held = fleet.held_command("host1", gate, *release)
-    says = tmp_path / "says-asked"  # the release asked for on host1: time for the SIGHUP
-    says.write_text(f"""#!{sys.executable}
-import os, sys
-from pathlib import Path
-if sys.argv[1:5] == {release!r}:
-    Path({str(asked)!r}).touch()
-os.execv({held!r}, [{held!r}, *sys.argv[1:]])
-""")
-    says.chmod(0o755)
-    fleet.write_inventory(host_vars={"host1": {"runbook_command": str(says)},
+    gate = tmp_path / "release.gate"
+    held = fleet.held_command("host1", gate, "fleet", "lock", "development", "--release")
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": held},
                                      "host3": {"runbook_command": "/bin/false"}})
     try:
         before = [fleet.serving(h.name) for h in fleet.hosts]
         proc = _fleet_rollback(fleet, tmp_path)
-        deadline = time.monotonic() + 120
-        while not asked.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
+        _until_held(proc, gate)  # the release asked for on host1: time for the SIGHUP
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         gate.write_text("run")
@@ -1781,9 +1789,9 @@ def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
     try:
         proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
         seen = _read_until(proc, "maintenance: draining")
-        time.sleep(1.5)  # host1 and host3 drained, host2's drain held
+        _until_held(proc, gate)  # host2's drain held (host1's and host3's run on)
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        _said(proc, seen, "interrupted: the restore will not start")
         gate.write_text("run")  # host2's drain goes on: it stops its slots
         out, err = proc.communicate(timeout=600)
     finally:
@@ -1821,9 +1829,9 @@ def test_ctrl_c_during_the_maintenance_restore_waits_for_it_and_stops_before_the
     try:
         proc = _fleet_rollback(fleet, tmp_path, "--maintenance", "--batches", "100%")
         seen = _read_until(proc, "maintenance: draining")
-        time.sleep(3)  # every host drained, the restore asked for on host1 and held there
+        _until_held(proc, gate)  # every host drained, the restore asked for on host1, held
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        _said(proc, seen, "interrupted: the restore will not start")
         gate.write_text("run")  # the restore goes on, and is waited for
         out, err = proc.communicate(timeout=600)
     finally:

@@ -2691,6 +2691,37 @@ def _exec_and_psql(stack: DrillStack, pid: int) -> tuple[list[int], list[int]]:
     return execs, found
 
 
+def _input_writers(pid: int) -> list[tuple[Path, str]]:
+    """The open write ends of `pid`'s input pipe, each as its /proc fd link and the pipe: for
+    the restore's psql in the container, containerd-shim's (fed by the Docker CLI)."""
+    pipe = os.readlink(f"/proc/{pid}/fd/0")
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):  # a process or fd gone meanwhile
+            if os.readlink(fd) == pipe and os.lstat(fd).st_mode & 0o200:  # open for writing
+                found.append((fd, pipe))
+    return found
+
+
+def _until_input_ended(writers: list[tuple[Path, str]]) -> None:
+    """Until every write end in `writers` (`_input_writers`, read while the run was held) is
+    closed: the Docker CLI passed on the run's whole input and its end, which the run closes
+    right after COMMIT. COMMIT is then in psql's input, whatever becomes of the CLI. Never a
+    fixed sleep: a resumed run can be starved for seconds on a loaded CI machine."""
+    assert writers, "psql's input has no writer: the test cannot tell when COMMIT is in it"
+
+    def still_open(fd: Path, pipe: str) -> bool:
+        try:
+            return os.readlink(fd) == pipe
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while any(still_open(fd, pipe) for fd, pipe in writers):
+        assert time.monotonic() < deadline, "psql's input was not ended within 60 s"
+        time.sleep(0.01)
+
+
 def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_called_rolled_back(
         stack: DrillStack) -> None:
     """Found by review: once COMMIT was sent, a `docker exec` that failed (the Docker CLI
@@ -2707,11 +2738,13 @@ def test_a_restore_whose_docker_exec_dies_after_its_commit_is_finished_not_calle
         execs, held = _exec_and_psql(stack, proc.pid)
         for pid in held:
             os.kill(pid, signal.SIGSTOP)
+        writers = [w for pid in held for w in _input_writers(pid)]
         os.kill(proc.pid, signal.SIGCONT)  # COMMIT goes into psql's input, unread
-        time.sleep(1)
+        _until_input_ended(writers)
         for pid in execs:  # the Docker CLI dies; psql in the container lives on
             os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
+        for pid in execs:  # dead before psql goes on
+            _wait_dead(pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGCONT)
@@ -2822,8 +2855,9 @@ def test_a_restore_whose_commit_postgres_cannot_place_leaves_the_app_stopped_and
         held = [*found, _postmaster(stack)]
         for pid in held:
             os.kill(pid, signal.SIGSTOP)
+        writers = [w for pid in found for w in _input_writers(pid)]
         os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(1)
+        _until_input_ended(writers)  # COMMIT is in psql's input
         for pid in execs:
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=120)

@@ -46,6 +46,11 @@ def find_sshd() -> str:
     return found
 
 
+def held_reached(gate: Path) -> Path:
+    """The file a `DrillFleet.held_command` touches once its command is held at `gate`."""
+    return gate.with_name(gate.name + ".reached")
+
+
 @dataclass
 class FleetHostStack(DrillStack):
     """A drill stack without a database of its own: its slots use `shared`'s Postgres."""
@@ -578,7 +583,9 @@ sys.exit(1)
         file `gate` appears (at most 120 s): "run" runs it, anything else exits 1 without
         running it (the host left as it was). Time to interrupt the controller mid-host; and,
         since `raw` has no tty, an interrupted controller's session does not stop the command:
-        the test says, once it is done, that it must never run."""
+        the test says, once it is done, that it must never run. Once held it touches
+        `held_reached(gate)`: the test waits for that, never a fixed time (a loaded CI
+        machine can take seconds to get there)."""
         script = self.dir / f"held.{name}.{'-'.join(on)}"
         script.write_text(f"""#!{sys.executable}
 import os, sys, time
@@ -586,6 +593,7 @@ from pathlib import Path
 RUNBOOK, ON, GATE = {self.runbook_command!r}, {list(on)!r}, Path({str(gate)!r})
 argv = sys.argv[1:]
 if argv[:len(ON)] == ON:
+    Path({str(held_reached(gate))!r}).touch()
     deadline = time.monotonic() + 120
     while not GATE.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
