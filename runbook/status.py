@@ -218,9 +218,20 @@ def _running_version(f: Facts, slot: Slot) -> str | None:
     return None
 
 
+def _moved_by_interrupted_run(f: Facts) -> bool:
+    """Caddy serves the target of an interrupted run's record: that run moved traffic (or
+    its record is out of date), and interrupted_run says which and what finishes it. Found
+    by review: a rollback killed before its state write was also said as "state says blue is
+    active" (a switch to blue undoes it) and "someone changed the container outside the
+    runbook" (the runbook's own run did)."""
+    return f.intent is not None and f.active is not None and f.active == f.intent.target
+
+
 def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
     current = f.state.current if f.state else None
     active = f.active
+    if _moved_by_interrupted_run(f):
+        return
     if current is not None and active is not None and current.active_slot != active:
         yield Problem(f"state says {current.active_slot} is active, Caddy sends traffic to "
                       f"{active}",
@@ -242,7 +253,7 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      _doubted_fix(f) or _unfinished_fix(f)
+                      _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
                       or f"roll back (`{_rollback_command(f)}`) or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
@@ -250,7 +261,7 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
 def image_differs(f: Facts) -> Iterator[Problem]:
     current = f.state.current if f.state else None
     active = f.active
-    if current is None or active is None:
+    if current is None or active is None or _moved_by_interrupted_run(f):
         return
     running, expected = f.image(active), expected_image(f.env, current)
     info = f.containers.get(active)
@@ -367,6 +378,90 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
 
 
+def _stopped_serving(f: Facts) -> docker.ContainerInfo | None:
+    """The container of the slot Caddy serves, when it exists and is stopped (exited, or
+    created and never started), and no interrupted run's record stands: that run's problem
+    says the slot is stopped and names what finishes it (a restoring run stops it on
+    purpose; started by hand, the app runs on the database that run is replacing)."""
+    active = f.active
+    info = f.containers.get(active) if active is not None else None
+    if info is None or not info.exists or info.status not in ("exited", "created"):
+        return None
+    if f.intent is not None:  # unless out of date (interrupted_run: "nothing of it to finish")
+        from runbook import finish
+
+        later = finish.superseded(f.intent, f.state) if active == f.intent.target else None
+        if finish.in_progress(f.intent, f.lock) or later is None:
+            return None
+    return info
+
+
+def _holds_current(f: Facts, info: docker.ContainerInfo) -> bool:
+    """The container holds the build the state file records as current: its build, or the
+    same image name (as image_differs compares them)."""
+    current = f.state.current if f.state is not None else None
+    if current is None:
+        return False
+    return info.image == expected_image(f.env, current) \
+        or (info.image_id is not None and info.image_id == f.current_build)
+
+
+def _held_lock(f: Facts) -> str | None:
+    """The run that holds the deploy lock now (not stale, usable, dated), described: a run
+    may have stopped the serving slot on purpose (a restore)."""
+    held = f.lock
+    if held is None or held.stale or held.broken or held.undated:
+        return None
+    return held.describe()
+
+
+def _start_first(f: Facts) -> str | None:
+    """For the outage's other problems while the serving container is stopped holding the
+    recorded build: the pointer to starting it, never a rollback or a switch (found by
+    review: each was refused, failed its gate, or led to --force on the wrong schema)."""
+    info = _stopped_serving(f)
+    if info is None or not _holds_current(f, info) or _held_lock(f) is not None:
+        return None
+    return (f"start the stopped container first (see that problem): `docker start "
+            f"{info.name}`; a rollback or a switch would move users off the recorded build")
+
+
+def serving_stopped(f: Facts) -> Iterator[Problem]:
+    """The container of the slot Caddy serves is stopped (a host reboot, the OOM killer, a
+    stray `docker stop`). Found by review: status said only that users were not served and
+    the slot was unreachable, and named a rollback (refused by the schema guard, which
+    offered --force: old code on a newer schema), a switch to the older build (failing its
+    gate) or one to the serving slot (refused: "nothing to switch"), while `docker start`
+    alone brought the recorded build back. A container of another build is started only
+    once on-call knows that build is the one to serve."""
+    info = _stopped_serving(f)
+    active = f.active
+    if info is None or active is None:
+        return
+    said = (f"the {active} slot Caddy serves is stopped ({info.status}): its container "
+            f"{info.name} holds {info.image or 'an image not recorded'}")
+    current = f.state.current if f.state is not None else None
+    if not _holds_current(f, info):
+        recorded = (f"not {expected_image(f.env, current)}, the build the state file records "
+                    "as current" if current is not None
+                    else "and the state file records no current deployment")
+        yield Problem(f"{said}, {recorded}",
+                      _doubted_fix(f) or _unfinished_fix(f)
+                      or f"find out which build should serve (`docker inspect {info.name}`): "
+                      f"`docker start {info.name}` serves {info.image or 'that image'} again, "
+                      "which the state file does not record; otherwise deploy or roll back "
+                      "to the build to serve")
+        return
+    holder = _held_lock(f)
+    yield Problem(f"{said}, the build the state file records as current",
+                  _doubted_fix(f) or _unfinished_fix(f)
+                  or (f"a run holds the deploy lock ({holder}) and may have stopped it: wait "
+                      f"for it to end, then `runbook status {_arg(f.env)}` again"
+                      if holder is not None else
+                      f"`docker start {info.name}` (it starts the recorded build again; "
+                      f"nothing else changes), then `runbook status {_arg(f.env)}` again"))
+
+
 def proxy_unanswered(f: Facts) -> Iterator[Problem]:
     """Caddy's config names the slot, but users are served through the proxy: one that is
     refused or answers 5xx on its own is an outage, never "No problems found" (found by
@@ -377,7 +472,7 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
-        doubted = _doubted_fix(f) or _unfinished_fix(f)
+        doubted = _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: "
@@ -605,7 +700,8 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 
 Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
-    state_unreadable, container_unknown, caddy_problems, traffic_unclear, proxy_unanswered,
+    state_unreadable, container_unknown, caddy_problems, traffic_unclear, serving_stopped,
+    proxy_unanswered,
     caddyfile_differs_from_what_runs, schema_dirty, restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, held_for_h2c, standby_running,

@@ -399,6 +399,11 @@ def test_a_restore_killed_once_the_serving_slot_is_stopped_is_said_and_finished(
                 fault="after:stop-app-slots:SIGKILL")
     assert first.returncode == -signal.SIGKILL, first.stderr
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    # status says the interrupted run, never `docker start` of the slot it stopped (the app
+    # on the database its restore is about to replace)
+    said_first = json.loads(cli(env, "status", "--format", "json").stdout)["problems"]
+    assert any("an interrupted run is unfinished" in p["problem"] for p in said_first)
+    assert not [p for p in said_first if "docker start" in p["fix"]], said_first
     again = cli(env, "rollback", "--restore-snapshot", "--yes")
     said = again.stdout + again.stderr
     assert again.returncode == 0, said
@@ -455,6 +460,36 @@ def test_status_judges_a_committed_record_by_what_caddy_serves(stack: DrillStack
         stack.docker("start", stack.caddy_container)
         stack.wait_caddy()
     assert "took effect" not in said["problem"] and "unknown" in said["problem"], said
+
+
+def test_status_after_a_rollback_killed_before_its_state_write_names_only_the_finish(
+        stack: DrillStack) -> None:
+    """Found by review: a rollback killed (-9) after its switch, before its state write. Beside
+    the right problem (the interrupted run, and the command that finishes it), status said
+    "state says blue is active" with a switch "to the right one" (blue undoes the rollback)
+    and "someone changed the container outside the runbook" (the runbook's own run did).
+    Only the interrupted run (and the lock it left) is said, and its fix, run as printed,
+    leaves nothing to say. Oracle: the proxy says green serves v2."""
+    import shlex
+
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    first = cli(env, "rollback", "--yes", fault="before:state:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    out = cli(env, "status", "--format", "json")
+    problems = json.loads(out.stdout)["problems"]
+    checks = [p["check"] for p in problems]
+    assert "state_disagrees_with_caddy" not in checks and "image_differs" not in checks, \
+        problems
+    assert not [p for p in problems if "outside the runbook" in p["fix"]], problems
+    [finish] = [p for p in problems if p["check"] == "interrupted_run"]
+    [command] = re.findall(r"`runbook (rollback [^`]*)` finishes it", finish["fix"])
+    assert command.split()[1] == str(env.source), command
+    done = cli(env, *[a for a in shlex.split(command) if a != str(env.source)], "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    after = json.loads(cli(env, "status", "--format", "json").stdout)
+    assert after["problems"] == [], after["problems"]
 
 
 def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack) -> None:
@@ -2187,6 +2222,7 @@ def test_status_after_a_restore_that_does_not_match_its_snapshot_gives_the_check
     for problem in found:
         fix = problem["fix"]
         assert "runs it again" not in fix and "runbook switch" not in fix, problem
+        assert "docker start" not in fix, problem
         for command in re.findall(r"`(runbook rollback [^`]*)`", fix):
             assert "--restore-snapshot" in command, problem
 
@@ -2519,6 +2555,7 @@ def test_every_operators_status_names_a_standalone_restore_killed_mid_replay(
         assert f"`runbook snapshot restore {who.source} {snap.name}`" in found["fix"], found
         # and no other problem sends on-call to a rollback first (it starts code on it)
         assert not [p for p in problems if "runbook rollback" in p["fix"]], problems
+        assert not [p for p in problems if "docker start" in p["fix"]], problems
     again = _snapshot_restore(other, snap.name)  # as the fix says
     assert again.returncode == 0, again.stdout + again.stderr
     assert through_proxy(env) == ("blue", V3.tag)

@@ -368,8 +368,71 @@ def test_after_a_rollback_the_fix_never_names_the_refused_command(stack: DrillSt
 
     env = two_deployments(stack)  # v3 on blue, v2 the previous
     rollback.rollback(env)  # v2 on green serves, v3 is the one rolled back from
-    stack.docker("stop", env.slot(Slot.GREEN).container)
+    # removed, not stopped: a stopped container of the recorded build is started again
+    # (test_a_stopped_serving_container_is_said_first_and_its_printed_fix_serves_users_again)
+    stack.docker("rm", "-f", env.slot(Slot.GREEN).container)
     code, text, problems = status(stack)
     assert_listed(code, text, problems)
     fix = problem(problems, "the active slot green is")["fix"]
     assert "--to <an older version than" in fix, fix
+
+
+def test_a_stopped_serving_container_is_said_first_and_its_printed_fix_serves_users_again(
+        scene_stack: DrillStack) -> None:
+    """Found by review: with the serving slot's container stopped (a reboot, the OOM killer, a
+    stray `docker stop`), status said only that users were not served and the slot was
+    unreachable, and named a rollback (refused by the schema guard, offering --force) or a
+    switch to the older build (failing its gate) or, for the serving slot, one refused as
+    "nothing to switch". `docker start` alone brings the recorded build back: said first
+    among the outage's problems, and no fix moves users off that build. Oracle: Docker and
+    the proxy; the fix is run as printed."""
+    import shlex
+    import time
+
+    from runbook import docker
+    from runbook.drill import scenes
+
+    scene_stack.arrange(scenes.MIGRATED)  # v2 serves from green on schema 2; v1 on blue
+    env = scene_stack.env
+    green = env.slot(Slot.GREEN).container
+    scene_stack.docker("stop", green)
+    assert docker.inspect(green).status == "exited"
+    assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
+    code, text, problems = status(scene_stack)
+    assert_listed(code, text, problems)
+    checks = [p["check"] for p in problems]
+    assert checks.index("serving_stopped") < checks.index("proxy_unanswered"), checks
+    assert checks.index("serving_stopped") < checks.index("active_unhealthy"), checks
+    stopped = problems[checks.index("serving_stopped")]
+    assert green in stopped["problem"] and V2.image in stopped["problem"], stopped
+    for p in problems:  # no fix moves users off the recorded build while it can be started
+        assert "runbook rollback" not in p["fix"] and "runbook switch" not in p["fix"], p
+    [command] = re.findall(r"`(docker start [^`]*)`", stopped["fix"])
+    subprocess.run(shlex.split(command), check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "users are still not served"
+        time.sleep(0.5)
+    response = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5)
+    assert (response.headers["X-Togather-Slot"], response.json()["version"]) == ("green",
+                                                                                 V2.tag)
+    code, text, problems = status(scene_stack)
+    assert (code, problems) == (0, []), text
+
+
+def test_a_stopped_serving_container_of_another_build_is_never_started_blindly(
+        stack: DrillStack) -> None:
+    """The stopped serving container holds another build than the state file records as
+    current: starting it serves that build, so status says what it holds rather than
+    `docker start` as the fix. Oracle: the state file as written here, Docker."""
+    st = states.read_state(stack.env.state_file)
+    assert st.current is not None and st.current.version == V1.tag
+    states.write_state(stack.env.state_file, st.with_(current=st.current.with_(image=V2.image)))
+    blue = stack.env.slot(Slot.BLUE).container
+    stack.docker("stop", blue)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    [stopped] = [p for p in problems if p["check"] == "serving_stopped"]
+    assert V1.image in stopped["problem"] and V2.image in stopped["problem"], stopped
+    assert not stopped["fix"].startswith("`docker start"), stopped
+    assert f"docker inspect {blue}" in stopped["fix"], stopped
