@@ -79,10 +79,15 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     except RunbookError:
         held = None
     if held is not None and in_progress(intent, held):
+        stopped = held.suspended and held.pid is not None
         raise LockedError(f"a run is in progress, not interrupted: {intent.describe()}, "
-                          f"holding the deploy lock ({held.describe()}); nothing was changed",
-                          f"wait for it to end; `runbook status {env.name}` then says how it "
-                          "ended")
+                          f"holding the deploy lock ({held.describe()})"
+                          + (f", but its process {held.pid} is suspended (Ctrl-Z or SIGSTOP), "
+                             "so it never ends by itself" if stopped else "")
+                          + "; nothing was changed",
+                          (locks.suspended_fix(held.pid) if stopped and held.pid is not None
+                           else "wait for it to end")
+                          + f"; `runbook status {env.name}` then says how it ended")
     try:
         found = traffic.read(env)
     except traffic.TrafficUnknownError as exc:

@@ -46,3 +46,10 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
     if stat[0] in ("Z", "X"):
         return False  # exited, not yet reaped
     return start is None or stat[1] == start
+
+
+def pid_suspended(pid: int) -> bool:
+    """Is `pid` stopped (Ctrl-Z, SIGSTOP: /proc state T, or t under a tracer)? Alive, yet it
+    never ends by itself, and a SIGTERM waits until it is resumed (SIGCONT)."""
+    stat = _proc_stat(pid) if pid > 0 else None
+    return stat is not None and stat[0] in ("T", "t")

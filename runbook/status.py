@@ -283,10 +283,26 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
                                    f"point [lock] dir at a directory ({held.path.parent} is "
                                    "not one)"))
     elif held is not None and held.stale:
-        yield Problem(f"the deploy lock is stale: {held.why} (held by {held.describe()})",
-                      f"release it: `runbook unlock {_arg(f.env)} --yes`"
-                      + (" (add --force: its process still runs)" if held.holder_alive
-                         else ""))
+        from runbook import finish
+
+        if f.intent is not None and finish.in_progress(f.intent, held):
+            return  # interrupted_run says it: a run in progress, never a lock to release
+        # what `runbook unlock` would do, by its own judgement: "add --force" was offered for
+        # a live holder, which unlock refuses even so (found by review)
+        plain = locks.removal_refusal(f.env, held, force=False)
+        forced = locks.removal_refusal(f.env, held, force=True) if plain is not None else None
+        if plain is None:
+            fix = f"release it: `runbook unlock {_arg(f.env)} --yes`"
+        elif forced is None:
+            fix = (f"once you have checked that its process {held.pid} is not that run (it is "
+                   "known by its pid alone, which may be reused), release it: "
+                   f"`runbook unlock {_arg(f.env)} --yes --force`")
+        else:  # a live holder: the lock module's own way out (stop it, or resume it)
+            fix = forced.fix or forced.message
+        stopped = (f"; its process {held.pid} is suspended (Ctrl-Z or SIGSTOP), so it never "
+                   "ends by itself" if held.suspended else "")
+        yield Problem(f"the deploy lock is stale: {held.why}{stopped} (held by "
+                      f"{held.describe()})", fix)
     elif held is not None and held.undated:  # refused by every run; only --force clears it
         yield Problem(f"the deploy lock's age cannot be told: {held.why} (held by "
                       f"{held.describe()})",
@@ -622,10 +638,18 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     from runbook import finish
 
     if finish.in_progress(pending, f.lock):
+        held = f.lock
+        stopped = held is not None and held.suspended and held.pid is not None
+        # suspended (Ctrl-Z, SIGSTOP), it never ends: "wait for it to end" left it for good
         yield Problem(f"a run is in progress: {pending.describe()}; it holds the deploy lock "
-                      f"({f.lock.describe() if f.lock else '?'})",
-                      f"wait for it to end (`runbook status {_arg(f.env)}` again says how it "
-                      "ended); do not unlock or start another run meanwhile")
+                      f"({held.describe() if held else '?'})"
+                      + (f", but its process {held.pid} is suspended (Ctrl-Z or SIGSTOP), so "
+                         "it never ends by itself" if stopped and held else ""),
+                      (f"{locks.suspended_fix(held.pid)}; `runbook status {_arg(f.env)}` "
+                       "again says how it ended; do not unlock or start another run meanwhile"
+                       if stopped and held and held.pid is not None else
+                       f"wait for it to end (`runbook status {_arg(f.env)}` again says how it "
+                       "ended); do not unlock or start another run meanwhile"))
         return
     later = finish.superseded(pending, f.state) if f.active == pending.target else None
     if later is not None:

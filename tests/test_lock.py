@@ -38,6 +38,7 @@ from tests.drill_checks import (
     host_env,
     needs_root,
     tmpfs,
+    wait_stopped,
 )
 
 DATA = Path(__file__).parent / "data" / "state"
@@ -2114,3 +2115,63 @@ def test_a_guard_no_other_operator_can_open_names_the_chmod_that_fixes_it(
     assert "touch" not in fix, fix
     assert not env.lock_path.exists() and env.state_file.read_bytes() == state_before
     assert stat.S_IMODE(guard.stat().st_mode) == 0o600 and guard.stat().st_uid == OWNER_UID
+
+
+def _stale_lock_fix(env: Environment) -> str:
+    from runbook import status as statusmod
+
+    facts = statusmod.Facts(env)
+    facts.lock = status(env)
+    [found] = list(statusmod.stale_lock(facts))
+    return found.fix
+
+
+@pytest.mark.parametrize("suspended", [False, True])
+def test_status_names_for_a_stale_lock_only_what_unlock_accepts(
+        env: Environment, live_pid: int, suspended: bool) -> None:
+    """Found by review: a stale lock whose process (known by its start time) still runs got
+    "`runbook unlock ENV --yes` (add --force: its process still runs)", and unlock refuses
+    both (exit 3). Status now says what unlock would: stop the run (the lock module's own
+    words), or, suspended (Ctrl-Z, SIGSTOP), resume it or stop it, where `kill` alone waits
+    for a SIGCONT; the same words as the run it refuses."""
+    plant(env, age=env.lock_stale_after + 600, pid=live_pid)
+    holder = json.loads((env.lock_path / "holder.json").read_text())
+    holder["pid_start"] = procs.pid_start(live_pid)  # known by its start time: verified
+    (env.lock_path / "holder.json").write_text(json.dumps(holder))
+    if suspended:
+        os.kill(live_pid, signal.SIGSTOP)
+        wait_stopped(live_pid)  # the signal is delivered asynchronously
+    try:
+        fix = _stale_lock_fix(env)
+        with pytest.raises(LockedError) as refused:
+            acquire(env, "x", None)
+        for force in (False, True):
+            with pytest.raises(LockedError):
+                unlock(env, force=force)
+    finally:
+        os.kill(live_pid, signal.SIGCONT)
+    assert "--force" not in fix.replace("not even with --force", ""), fix
+    assert "runbook unlock" not in fix, fix
+    if suspended:
+        assert f"`kill -CONT {live_pid}`" in fix and f"`kill {live_pid}`" in fix, fix
+        assert f"kill -CONT {live_pid}" in (refused.value.fix or ""), refused.value
+        assert "suspended" in refused.value.message, refused.value
+    else:
+        assert f"kill {live_pid}" in fix and "kill -CONT" not in fix, fix
+    subprocess.run(["kill", str(live_pid)], check=True)  # the fix, typed: then it goes
+    deadline = time.monotonic() + 10
+    while procs.pid_alive(live_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # (reaped by the fixture: a zombie counts as dead)
+    assert "runbook unlock" in _stale_lock_fix(env) and unlock(env)
+
+
+def test_status_offers_force_for_a_stale_lock_known_by_its_pid_alone(
+        env: Environment, live_pid: int) -> None:
+    """No start time recorded: the pid may be reused, and unlock --force removes it once
+    on-call has checked; status names --force there, and only there."""
+    plant(env, age=env.lock_stale_after + 600, pid=live_pid)
+    assert status(env) is not None and status(env).pid_unverified  # type: ignore[union-attr]
+    fix = _stale_lock_fix(env)
+    assert "--yes --force`" in fix and str(live_pid) in fix, fix
+    unlock(env, force=True)
+    assert not env.lock_path.exists()

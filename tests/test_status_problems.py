@@ -436,3 +436,98 @@ def test_a_stopped_serving_container_of_another_build_is_never_started_blindly(
     assert V1.image in stopped["problem"] and V2.image in stopped["problem"], stopped
     assert not stopped["fix"].startswith("`docker start"), stopped
     assert f"docker inspect {blue}" in stopped["fix"], stopped
+
+
+def _suspended_rollback(stack: DrillStack, tmp_path: Path) -> tuple[Path, subprocess.Popen[str]]:
+    """PREVIOUS (v3 serving from blue, v2 stopped on green), then `runbook rollback --yes`
+    suspended (SIGSTOP, as Ctrl-Z does) right before its switch, through an environment file
+    whose lock lives 3 s: it is stale by the time status reads it (its heartbeat stopped
+    with the process)."""
+    import dataclasses
+    import os
+    import time
+
+    from runbook import environment as envmod
+    from runbook import faults
+    from runbook.drill import scenes
+    from tests.drill_checks import wait_stopped
+
+    stack.arrange(scenes.PREVIOUS)
+    toml = tmp_path / "short-lock.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(stack.env, lock_stale_after=3.0)))
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    run = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--yes", str(toml)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+                           env=environ | {faults.VARIABLE: "before:switch:SIGSTOP"})
+    wait_stopped(run.pid)
+    time.sleep(4)  # its lock expires: stale, its process alive (and stopped)
+    return toml, run
+
+
+def _cli(toml: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(toml)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+
+
+def _typed(fix: str, starting: str) -> list[list[str]]:
+    """The commands in backquotes of a fix that start with `starting`, as argument lists."""
+    import shlex
+
+    return [shlex.split(c) for c in re.findall(r"`([^`]+)`", fix) if c.startswith(starting)]
+
+
+@pytest.mark.parametrize("way_out", ["resume", "stop"])
+def test_a_suspended_run_is_said_with_both_ways_out_and_never_as_a_lock_to_unlock(
+        stack: DrillStack, tmp_path: Path, way_out: str) -> None:
+    """Found by review: a rollback suspended (Ctrl-Z, SIGSTOP) before its switch, its lock
+    stale: status said "a run is in progress: wait for it to end; do not unlock" (it never
+    ends) and, beside it, "the deploy lock is stale: `runbook unlock ENV --yes` (add --force:
+    its process still runs)", which unlock refuses (exit 3) even with --force. Now one
+    problem says it is suspended, with `kill -CONT PID` (resume) and `kill PID` then
+    `kill -CONT PID` (stop: a stopped process takes SIGTERM only once resumed); the
+    rollback it blocks says the same; each way out, typed as printed, works."""
+    import signal
+
+    from tests.test_interrupted import through_proxy
+
+    toml, run = _suspended_rollback(stack, tmp_path)
+    try:
+        pid = run.pid
+        done = _cli(toml, "status", "--format", "json")
+        assert done.returncode == 1, done.stdout + done.stderr
+        problems = json.loads(done.stdout)["problems"]
+        checks = [p["check"] for p in problems]
+        assert "stale_lock" not in checks, problems  # the run's own problem speaks for it
+        said = problem(problems, "a run is in progress")
+        assert f"its process {pid} is suspended" in said["problem"], said
+        fix = said["fix"]
+        assert f"`kill -CONT {pid}`" in fix and f"`kill {pid}`" in fix, fix
+        assert "wait for it to end" not in fix and "--force" not in json.dumps(problems), fix
+        refused = _cli(toml, "rollback", "--yes")  # what the rollback it blocks says
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert f"kill -CONT {pid}" in refused.stderr and "suspended" in refused.stderr, \
+            refused.stderr
+        assert "(kill " not in refused.stderr, refused.stderr  # never `kill` alone
+        resume = _typed(fix, "kill -CONT")[0]  # named for both ways out: the same command
+        if way_out == "stop":
+            stop, = _typed(fix, f"kill {pid}")
+            subprocess.run(stop, check=True, timeout=10)
+        subprocess.run(resume, check=True, timeout=10)
+        out, err = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            os_kill = __import__("os").kill
+            os_kill(run.pid, signal.SIGKILL)
+            os_kill(run.pid, signal.SIGCONT)
+            run.wait(30)
+    if way_out == "resume":  # it carries on where it stopped and finishes
+        assert run.returncode == 0, out + err
+        assert through_proxy(stack.env) == ("green", V2.tag)
+    else:  # stopped as on Ctrl-C before its switch: nothing moved, the lock released
+        assert run.returncode != 0, out + err
+        assert through_proxy(stack.env) == ("blue", VERSIONS["v3"].tag)
+    assert not stack.env.lock_path.exists()
+    after = _cli(toml, "status", "--format", "json")
+    assert "a run is in progress" not in after.stdout, after.stdout

@@ -28,13 +28,22 @@ from runbook.lock.holding import (
     refusal,
     refusing_holder,
     release,
+    removal_refusal,
     status,
     unlock,
 )
-from runbook.lock.policy import FUTURE_SLACK, HOLDER, LOCKED_AT, Holder, Ident, LockStatus
+from runbook.lock.policy import (
+    FUTURE_SLACK,
+    HOLDER,
+    LOCKED_AT,
+    Holder,
+    Ident,
+    LockStatus,
+    suspended_fix,
+)
 
 __all__ = [
     "FUTURE_SLACK", "GUARD_TIMEOUT", "HOLDER", "LOCKED_AT", "Holder", "Ident", "Lock",
     "LockStatus", "_entomb", "acquire", "guard_path", "refusal", "refusing_holder", "release",
-    "status", "unlock",
+    "removal_refusal", "status", "suspended_fix", "unlock",
 ]

@@ -43,6 +43,7 @@ from runbook.lock.policy import (
     _state_lock_mapping,
     _state_lock_status,
     _unjudged,
+    suspended_fix,
 )
 from runbook.times import rough_duration
 
@@ -769,6 +770,17 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
     raise _locked_error(env, current, unlocking=True)
 
 
+def removal_refusal(env: Environment, current: LockStatus, force: bool) -> LockedError | None:
+    """What `runbook unlock` (with `force` or not) would say of `current`, or None when it
+    would remove it: the same judgement, read-only, for status's fix (which offered
+    "add --force" for a live holder, refused even so: found by review)."""
+    try:
+        _check_removable(env, current, force)
+    except LockedError as exc:
+        return exc
+    return None
+
+
 def _killed_taking_it(current: LockStatus) -> bool:
     """A lock directory holding only our own writer's temp files (a run killed inside its
     holder.json write), seen under the guard: every runbook takes the lock under it, so no
@@ -807,7 +819,12 @@ def _locked_error(env: Environment, current: LockStatus, *,
     where = "" if current.source == "directory" else " (recorded only in the state file)"
     message = (f"{env.display}: the deploy lock{where} is held by {current.describe()}; "
                f"{current.why}")
-    if (current.stale or current.undated) and current.pid_unverified:
+    if current.suspended and current.pid is not None:
+        message += (f"; its process {current.pid} is suspended (Ctrl-Z or SIGSTOP), so it "
+                    "never ends by itself")
+        fix = ("the lock is never removed under it, not even with --force: "
+               if unlocking else "") + suspended_fix(current.pid)
+    elif (current.stale or current.undated) and current.pid_unverified:
         pid = current.pid or "?"
         fix = (f"its process {pid} looks alive, but by its pid alone: if that is the deploy "
                f"(`sudo ps -o pid,lstart,args -p {pid}`: as root, which /proc's hidepid does "

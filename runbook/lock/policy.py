@@ -122,6 +122,15 @@ class LockStatus:
                 or (self.holder.pid is not None and procs.pid_start(self.holder.pid) is None))))
 
     @property
+    def suspended(self) -> bool:
+        """Its holder's process runs on this host (known by its start time too) but is
+        stopped (Ctrl-Z, SIGSTOP): it never ends by itself, nor refreshes the lock. "Wait
+        for it to end" and "stop it (kill PID)" (a SIGTERM waits for a SIGCONT) both left
+        it there for good (found by review)."""
+        return (self.holder_alive is True and not self.pid_unverified
+                and self.pid is not None and procs.pid_suspended(self.pid))
+
+    @property
     def pid(self) -> int | None:
         """The holder's pid: holder.json's, or for the shell tooling its state-file mirror's."""
         if self.holder is not None:
@@ -155,6 +164,15 @@ class LockStatus:
                 f"{rough_duration(-age)} in the future"
             since = f" since {statemod.format_time(start)} ({when})"
         return f"{who}{since}"
+
+
+def suspended_fix(pid: int) -> str:
+    """The two ways out of a lock whose holder is suspended (LockStatus.suspended)."""
+    return (f"`kill -CONT {pid}` resumes it where it stopped (or `fg` in the shell it was "
+            f"suspended in); to stop it instead, `kill {pid}` and then `kill -CONT {pid}` (a "
+            "suspended process takes the signal only once resumed: it then stops as on "
+            "Ctrl-C, undoing what it changed if traffic has not moved yet, or saying what is "
+            "left to finish if it has, and releases the lock)")
 
 
 def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
