@@ -147,7 +147,17 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
     if f.caddy_error is not None:
         yield _error(f.caddy_error, f"check {f.env.caddy.caddyfile}")
     elif f.caddy is not None and not f.caddy.consistent:
+        active = f.active
+        report = f.reports.get(active) if active is not None else None
+        # the slot Caddy serves, healthy, no run's record open: that switch writes the file
+        # back and moves nobody; "--slot <slot>" led to it refused as "nothing to switch"
+        # and to the other slot, moving users off a healthy one to fix a file (found by review)
         yield Problem("Caddyfile managed block: " + "; ".join(f.caddy.problems),
+                      f"`runbook switch {_arg(f.env)} --slot {active}` writes it back in line "
+                      f"with what Caddy runs (traffic stays on {active}); do not reload Caddy "
+                      "by hand before that: it would load this file"
+                      if active is not None and report is not None and report.ok
+                      and f.intent is None else
                       "make every reverse_proxy and X-Togather-Slot header between the markers "
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it

@@ -75,13 +75,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                       and found[0].source == target)
     in_line = now.slot == target and now.problem(env) is None
     if in_line:
-        _in_line_or_refuse(env, target, (found is None and repairing is None) or in_line_beside)
-        # the file names the other slot (an edit, a killed run of another tool, a config
-        # loaded through the admin API): a reload, a restart or a reboot would move traffic
-        # there. Writing the file back in line with what runs is this very switch, and no
-        # hand edit at 3 a.m.: the verified reload of what already runs moves nobody
+        names = _in_line_or_refuse(env, target,
+                                   (found is None and repairing is None) or in_line_beside)
+        # the file names the other slot, or no slot at all (an edit, a killed run of another
+        # tool, a config loaded through the admin API): a reload, a restart or a reboot would
+        # move traffic there. Writing the file back in line with what runs is this very
+        # switch, and no hand edit at 3 a.m.: the verified reload of what already runs moves
+        # nobody
         warnings.append(f"Caddy already runs {target}, but {env.caddy.caddyfile} names "
-                        f"{target.other}: this switch writes the file back in line with what "
+                        f"{names}: this switch writes the file back in line with what "
                         f"runs and reloads it; traffic stays on {target}")
     if repairing is not None:
         warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
@@ -215,23 +217,28 @@ def _recorded(env: Environment, state: states.DeploymentState, version: str, tar
     return lines
 
 
-def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> None:
-    """Caddy already runs `target`. Refused (nothing to switch) unless the Caddyfile on disk
-    names the other slot, the target answers healthy (a serving slot that is down is never
-    started or stopped by this switch: switch to the other one), and no interrupted run's
-    record is open (its own finish, or the repair it names, puts the file in line), except
-    one that never moved traffic off `target` (`unrecorded` then: rerunning it sent users to
-    the slot that may just have failed, and the only other way out was a hand edit)."""
+def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> str:
+    """Caddy already runs `target`. Refused (nothing to switch) when the Caddyfile on disk
+    names `target` too; taken when it names the other slot, or no single slot (a third port,
+    both slots: refused, the only switch left moved users off the healthy slot that serves
+    to fix a file, found by review), provided the target answers healthy (a serving slot
+    that is down is never started or stopped by this switch: switch to the other one), and
+    no interrupted run's record is open (its own finish, or the repair it names, puts the
+    file in line), except one that never moved traffic off `target` (`unrecorded` then:
+    rerunning it sent users to the slot that may just have failed, and the only other way
+    out was a hand edit). Returns what the file names, for the plan's warning."""
     refused = f"the {target} slot already takes traffic (as Caddy runs it)"
     try:
-        on_disk = caddy.inspect(caddy.read(env), env).slot
+        found = caddy.inspect(caddy.read(env), env)
     except RunbookError as exc:
         raise PreconditionError(f"{refused}, and {exc.message}",
                                 exc.fix or f"check {env.caddy.caddyfile}") from None
-    if on_disk != target.other:
+    if found.slot == target:
         raise PreconditionError(refused, "nothing to switch; see `runbook status`")
+    names = (str(found.slot) if found.slot is not None
+             else f"no single slot ({'; '.join(found.problems)})")
     if not unrecorded:
-        raise PreconditionError(f"{refused}; the Caddyfile on disk names {on_disk}, and an "
+        raise PreconditionError(f"{refused}; the Caddyfile on disk names {names}, and an "
                                 "interrupted run's record is open",
                                 f"see `runbook status {env.name}`: it names the command that "
                                 "finishes that run (which puts the file in line)")
@@ -239,9 +246,10 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> None
     if not report.ok:
         raise PreconditionError(
             f"{refused}, but does not answer healthy ({report.status}: {report.reason()}); "
-            f"the Caddyfile on disk names {on_disk}",
+            f"the Caddyfile on disk names {names}",
             f"switch to the slot you know is healthy: `runbook switch {env.name} --slot "
-            f"{on_disk}`, or get {target} healthy first (`runbook status {env.name}`)")
+            f"{target.other}`, or get {target} healthy first (`runbook status {env.name}`)")
+    return names
 
 
 def _replace_record(env: Environment, old: intents.Intent) -> Step:

@@ -531,3 +531,53 @@ def test_a_suspended_run_is_said_with_both_ways_out_and_never_as_a_lock_to_unloc
     assert not stack.env.lock_path.exists()
     after = _cli(toml, "status", "--format", "json")
     assert "a run is in progress" not in after.stdout, after.stdout
+
+
+@pytest.mark.parametrize("edit", ["third-port", "both-slots"])
+def test_a_caddyfile_naming_no_slot_is_written_back_by_the_switch_status_names(
+        stack: DrillStack, edit: str) -> None:
+    """Found by review: the Caddyfile edited by hand to a third port (or its block naming both
+    slots), not reloaded, while Caddy serves blue: status said "`runbook switch ENV --slot
+    <slot>` rewrites it", and a switch to blue (the slot that serves) was refused, exit 4,
+    "nothing to switch; see `runbook status`"; only a switch to green was taken, moving every
+    user off a healthy slot to fix a file (and the next reload sent them to the third port).
+    Status names the serving slot, and that switch, typed as printed, writes the file back,
+    reloads what already runs and moves nobody; run again, it has nothing to do."""
+    import shlex
+
+    from runbook import caddy
+    from tests.drill_checks import Poller, closed_port
+    from tests.test_interrupted import through_proxy
+
+    env = stack.env
+    path = env.caddy.caddyfile
+    original = path.read_text()
+    blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
+    edited = (original.replace(f"localhost:{blue}", f"localhost:{closed_port()}")
+              if edit == "third-port" else original.replace(f"localhost:{blue}",
+                                                            f"localhost:{green}", 1))
+    assert edited != original and caddy.inspect(edited, env).slot is None
+    files.atomic_write(path, edited.encode())
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    fix = problem(problems, "Caddyfile managed block")["fix"]
+    commands = [c for c in re.findall(r"`([^`]+)`", fix) if c.startswith("runbook switch")]
+    assert commands == [f"runbook switch {env.source} --slot blue"], fix
+    argv = [sys.executable, "-m", "runbook.cli", *shlex.split(commands[0])[1:]]
+    planned = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, timeout=120,
+                             check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "traffic stays on blue" in planned.stdout, planned.stdout
+    with Poller(env) as user:
+        done = subprocess.run([*argv, "--yes"], capture_output=True, text=True, timeout=180,
+                              check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert user.failures == [], user.failures[:5]
+    assert {slot for _, slot, _ in user.seen} == {"blue"}, set(user.seen)
+    assert path.read_text() == original  # in line with what runs, byte for byte
+    assert through_proxy(env) == ("blue", V1.tag)
+    code, text, problems = status(stack)
+    assert (code, problems) == (0, []), text
+    again = subprocess.run([*argv, "--yes"], capture_output=True, text=True, timeout=120,
+                           check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert again.returncode == 4 and "nothing to switch" in again.stderr, again.stderr
