@@ -803,6 +803,14 @@ def collect(env: Environment) -> Facts:
             if f.active == f.intent.target and finish.superseded(f.intent, f.state) is None:
                 f.target_check = finish.target_check(env, f.intent)
     f.last_run = _last_run(env)
+    if f.last_run is not None and f.last_run.get("outcome") == "running":
+        # its record says "running" until it ends, however it ends: a killed run's says so
+        # for good, and the summary called it running beside problems saying it was gone
+        holder = f.lock.holder if f.lock is not None else None
+        f.last_run["alive"] = (f.lock.holder_alive if f.lock is not None and holder is not None
+                               and f.last_run.get("run_id") in (holder.run_id,
+                                                                holder.deployment_id)
+                               else False)
     if f.state is not None and f.state.current is not None:
         try:
             f.current_build = docker.image_id(expected_image(env, f.state.current))
@@ -990,8 +998,11 @@ def render(data: dict[str, Any]) -> str:
                                    + (" [stale]" if lock.get("stale") else "")))
     last = data.get("last_run")
     if last:
-        lines.append(f"  last run  {p(last['action'])} {p(last['run_id'])}: "
-                     f"{p(last['outcome'])} (exit {p(last['exit_code'])})"
+        outcome = (f"{p(last['outcome'])} (exit {p(last['exit_code'])})"
+                   if last.get("alive") is not False else
+                   "did not end: its record says running, and no live process holds the "
+                   "deploy lock for it (killed, or its machine stopped)")
+        lines.append(f"  last run  {p(last['action'])} {p(last['run_id'])}: {outcome}"
                      + (f"; it {p(last['took_over'])}" if last.get("took_over") else ""))
     if data["problems"]:
         lines.append("Problems:")

@@ -2556,6 +2556,10 @@ def test_every_operators_status_names_a_standalone_restore_killed_mid_replay(
         # and no other problem sends on-call to a rollback first (it starts code on it)
         assert not [p for p in problems if "runbook rollback" in p["fix"]], problems
         assert not [p for p in problems if "docker start" in p["fix"]], problems
+    # the killed run's own record says "running" for good: the summary says it did not end
+    text = cli(env, "status").stdout
+    [line] = [x for x in text.splitlines() if x.strip().startswith("last run")]
+    assert "did not end" in line and "running (exit" not in line, line
     again = _snapshot_restore(other, snap.name)  # as the fix says
     assert again.returncode == 0, again.stdout + again.stderr
     assert through_proxy(env) == ("blue", V3.tag)
