@@ -441,12 +441,33 @@ def _held_lock(f: Facts) -> str | None:
     return held.describe()
 
 
+def _held_fix(f: Facts) -> str | None:
+    """While a live run holds the deploy lock and the serving container is stopped (a
+    restore's maintenance stop): wait for it, or, suspended, the ways out. The outage's
+    problems said "roll back" or "switch" beside "wait" (found by review); the lock
+    refuses both while it is held."""
+    holder = _held_lock(f)
+    if holder is None or _stopped_serving(f) is None:
+        return None
+    said = (f"a run holds the deploy lock ({holder}) and may have stopped it: wait for it to "
+            f"end, then `runbook status {_arg(f.env)}` again")
+    held = f.lock.holder if f.lock is not None else None
+    if f.lock is not None and f.lock.suspended and held is not None and held.pid is not None:
+        said += f"; {locks.suspended_fix(held.pid)}"
+    return said
+
+
 def _start_first(f: Facts) -> str | None:
     """For the outage's other problems while the serving container is stopped holding the
     recorded build: the pointer to starting it, never a rollback or a switch (found by
-    review: each was refused, failed its gate, or led to --force on the wrong schema)."""
+    review: each was refused, failed its gate, or led to --force on the wrong schema); while
+    a run holds the lock, the pointer to waiting for it (_held_fix)."""
     info = _stopped_serving(f)
-    if info is None or not _holds_current(f, info) or _held_lock(f) is not None:
+    if info is None:
+        return None
+    if (held := _held_fix(f)) is not None:
+        return held
+    if not _holds_current(f, info):
         return None
     return (f"start the stopped container first (see that problem): `docker start "
             f"{info.name}`; a rollback or a switch would move users off the recorded build")
@@ -472,20 +493,16 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
                     "as current" if current is not None
                     else "and the state file records no current deployment")
         yield Problem(f"{said}, {recorded}",
-                      _doubted_fix(f) or _unfinished_fix(f)
+                      _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
                       or f"find out which build should serve (`docker inspect {info.name}`): "
                       f"`docker start {info.name}` serves {info.image or 'that image'} again, "
                       "which the state file does not record; otherwise deploy or roll back "
                       "to the build to serve")
         return
-    holder = _held_lock(f)
     yield Problem(f"{said}, the build the state file records as current",
-                  _doubted_fix(f) or _unfinished_fix(f)
-                  or (f"a run holds the deploy lock ({holder}) and may have stopped it: wait "
-                      f"for it to end, then `runbook status {_arg(f.env)}` again"
-                      if holder is not None else
-                      f"`docker start {info.name}` (it starts the recorded build again; "
-                      f"nothing else changes), then `runbook status {_arg(f.env)}` again"))
+                  _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
+                  or f"`docker start {info.name}` (it starts the recorded build again; "
+                  f"nothing else changes), then `runbook status {_arg(f.env)}` again")
 
 
 def proxy_unanswered(f: Facts) -> Iterator[Problem]:
@@ -575,9 +592,6 @@ def restore_unfinished(f: Facts) -> Iterator[Problem]:
 
     target = left.get(TARGET) or "?"
     before = left.get(EARLIER) or left.get("safety_snapshot") or "?"
-    holder = f.lock.holder if f.lock is not None and not f.lock.stale else None
-    if holder is not None and left.get("run_id") in (holder.run_id, holder.deployment_id):
-        return  # it runs now (it holds the deploy lock): nothing is unfinished yet
     yield Problem(
         f"a restore of the database was begun and not finished (run {left.get('run_id')}, "
         f"{left.get('at')}; killed, or failed once the database was replaced): the database "
@@ -832,7 +846,11 @@ def collect(env: Environment) -> Facts:
         newest = left[-1] if left else None
         covered = f.intent is not None and newest is not None \
             and newest.get("run_id") == f.intent.run_id  # interrupted_run says it
-        if newest is not None and not newest.get(SERVED_SINCE) and not covered:
+        held = f.lock.holder if f.lock is not None and _held_lock(f) is not None else None
+        running = held is not None and newest is not None \
+            and newest.get("run_id") in (held.run_id, held.deployment_id)
+        if newest is not None and not newest.get(SERVED_SINCE) and not covered \
+                and not running:  # it runs now (it holds the lock): nothing unfinished yet
             f.unfinished = newest
     for slot, info in f.containers.items():
         try:

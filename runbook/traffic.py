@@ -293,6 +293,10 @@ def undo_config(env: Environment, running: Any, previous: Slot | None, target: S
     since = ("since the switch loaded it" if loaded is not None else
              "from what it ran before the switch, whose own load could not be read")
     moved, why = pointed_back(env, now, target, previous, loaded)
+    if moved is not None and first_difference(moved, running) is None:
+        # only our own switch differed (its load went unread: a reload that raised after
+        # Caddy applied it, a signal): nothing of anyone else's to keep or to say (review)
+        return running, None
     if moved is None:
         found = from_config(env, now, lambda: outside_dials(env))
         serving = (f"{env.display}'s traffic is on {found.slot}" if found.slot is not None

@@ -2568,6 +2568,43 @@ def test_every_operators_status_names_a_standalone_restore_killed_mid_replay(
                 if "begun and not finished" in p["problem"]], out.stdout
 
 
+def test_status_during_a_suspended_standalone_restore_says_wait_and_how_to_resume(
+        stack: DrillStack) -> None:
+    """Found by review: a `snapshot restore` suspended mid-replay (Ctrl-Z, SIGSTOP) holds the
+    lock with the app stopped. Status's outage problems said "finish the restore that was
+    begun first (see that problem)", a problem it never printed, which the lock refuses, or
+    "roll back" / "switch" beside "wait". Every fix now says to wait for the run holding the
+    lock, and how to resume or stop it; resumed as said, the restore ends and users are
+    served."""
+    from runbook import snapshots
+
+    env = arrange(stack)  # v3 serving from blue
+    snap = snapshots.create(env, "manual")
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "restore.mid-stream:SIGSTOP"})
+    try:
+        wait_stopped(proc.pid)
+        out = cli(env, "status", "--format", "json")
+        problems = json.loads(out.stdout)["problems"]
+        assert problems, out.stdout
+        for problem in problems:
+            fix = problem["fix"]
+            assert "see that problem" not in fix, problems
+            assert "runbook rollback" not in fix and "runbook switch" not in fix, problems
+            assert "docker start" not in fix, problems
+        said = [p for p in problems if "holds the deploy lock" in p["fix"]]
+        assert said and all(f"kill -CONT {proc.pid}" in p["fix"] for p in said), problems
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)  # as the fix says
+    done, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, done + err
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_another_operators_rerun_stopped_before_its_restore_leaves_unfit_code_stopped(
         stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: `rollback --restore-snapshot` killed (-9) once its restore committed

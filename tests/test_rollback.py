@@ -897,6 +897,24 @@ def _b_switches_while_verifying(env: Environment, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(caddy, "verify", b_switches_then_fail)
 
 
+def test_an_undo_whose_own_load_went_unread_never_says_another_change_was_kept(
+        stack: DrillStack) -> None:
+    """Found by review: when the switch's own load could not be read back (a reload that
+    raised after Caddy applied it, a signal during the read), its undo said "Caddy's config
+    had changed ... that change was kept" when only the switch itself had changed it, and
+    on-call went looking for another environment's change. What it loads back is what ran
+    before, and it says nothing of another change."""
+    env = stack.env
+    running = caddy.running_config(env)  # what the switch reads before its write
+    answer = drill_http.post(f"{env.caddy.admin_url}/load",
+                             content=stack.caddyfile_text(Slot.GREEN).encode("utf-8"),
+                             headers={"Content-Type": "text/caddyfile"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    config, said = traffic.undo_config(env, running, Slot.BLUE, Slot.GREEN, None)
+    assert said is None, said
+    assert caddy.first_difference(config, running) is None
+
+
 @pytest.mark.parametrize("command", ["rollback", "switch"])
 def test_the_undo_of_a_failed_switch_keeps_another_environments_switch_made_meanwhile(
         stack: DrillStack, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
