@@ -1476,6 +1476,18 @@ def test_a_standalone_restore_killed_after_its_stop_is_finished_with_the_service
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+def _snapshot_restore_held(env: Environment, name: str, fault: str) -> subprocess.Popen[str]:
+    """`runbook snapshot restore ENV NAME --yes` held (SIGSTOP) at `fault`, once it is."""
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                             str(env.source), name, "--yes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: fault})
+    wait_stopped(proc.pid)
+    return proc
+
+
 def test_a_standalone_restore_stopped_after_its_restore_names_a_fix_that_works(
         stack: DrillStack) -> None:
     """Found by review: `runbook snapshot restore` stopped once the database was restored
@@ -1489,13 +1501,7 @@ def test_a_standalone_restore_stopped_after_its_restore_names_a_fix_that_works(
 
     env = arrange(stack)  # v3 serving from blue
     snap = snapshots.create(env, "manual")
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
-                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "after:restore-database:SIGSTOP"})
-    wait_stopped(proc.pid)
+    proc = _snapshot_restore_held(env, snap.name, "after:restore-database:SIGSTOP")
     shutil.rmtree(env.lock_path)  # e.g. a `runbook unlock --force` meanwhile
     os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
@@ -2580,14 +2586,8 @@ def test_status_during_a_suspended_standalone_restore_says_wait_and_how_to_resum
 
     env = arrange(stack)  # v3 serving from blue
     snap = snapshots.create(env, "manual")
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
-                             str(env.source), snap.name, "--yes"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "restore.mid-stream:SIGSTOP"})
+    proc = _snapshot_restore_held(env, snap.name, "restore.mid-stream:SIGSTOP")
     try:
-        wait_stopped(proc.pid)
         out = cli(env, "status", "--format", "json")
         problems = json.loads(out.stdout)["problems"]
         assert problems, out.stdout
