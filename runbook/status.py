@@ -394,7 +394,9 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
     or which slot serves cannot be read at all: every check that needs the serving slot is
     then skipped, so that alone is a problem (never "No problems found")."""
     if f.traffic is None:
-        if f.traffic_error is not None and f.caddy_running:  # Caddy down: said by caddy_problems
+        # Caddy down, or serving with its admin API off or elsewhere: said by caddy_problems
+        # (in the same words: it was said twice, found by review)
+        if f.traffic_error is not None and f.caddy_running and f.caddy_down is None:
             yield _error(f.traffic_error, f"check `curl {f.env.caddy.admin_url}/config/` and "
                          f"`{_curl_through_proxy(f.env)}`")
         return

@@ -189,3 +189,13 @@ def test_an_admin_api_elsewhere_while_caddy_serves_is_not_called_down(lone: Lone
         assert f"Caddy serves at {env.caddy.proxy_url}" in said, said
         assert f"does not answer at {env.caddy.admin_url}" in said, said
         assert "`admin` global option" in said and str(lone.caddyfile) in said, said
+
+
+def test_status_says_an_admin_api_that_does_not_answer_once(lone: Lone) -> None:
+    """Found by review: with the admin API off (or elsewhere) while Caddy serves, `runbook
+    status` printed the same problem twice: Caddy's (it cannot take a reload) and the
+    traffic check's (which slot serves cannot be read), the same words."""
+    env = lone.env(admin=closed_ports(1)[0], ca_file=lone.root)
+    found = status.problems(status.collect(env))
+    said = [p for p in found if f"does not answer at {env.caddy.admin_url}" in p.problem]
+    assert len(said) == 1, [(p.check, p.problem) for p in found]
