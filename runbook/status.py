@@ -57,6 +57,9 @@ class Facts:
     caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
     schema: database.SchemaVersion | None = None
     database_error: RunbookError | None = None
+    # the database's container, read when the database does not answer: paused or stopped
+    # is what to fix first (status said only "check `docker ps`" and "roll back")
+    database_container: docker.ContainerInfo | None = None
     migrating: str | None = None  # a migration under way: where it runs
     lock: locks.LockStatus | None = None
     traffic: traffic.Traffic | None = None  # what Caddy runs: the truth about traffic
@@ -170,8 +173,33 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
 
 
 def database_unreachable(f: Facts) -> Iterator[Problem]:
-    if f.database_error is not None:
-        yield _error(f.database_error, f"check `docker ps` for {f.env.database.container}")
+    if f.database_error is None:
+        return
+    down = _database_down(f)
+    if down is not None:
+        yield Problem(f"{down}: {f.database_error.message}", _database_fix(f) or "")
+        return
+    yield _error(f.database_error, f"check `docker ps` for {f.env.database.container}")
+
+
+def _database_down(f: Facts) -> str | None:
+    """The database's container is paused or stopped, said."""
+    info = f.database_container
+    if info is None or not info.exists or info.status not in ("paused", "exited", "created"):
+        return None
+    return f"the database container {info.name} is {info.status}"
+
+
+def _database_fix(f: Facts) -> str | None:
+    """While the database's container is paused or stopped: starting it again, for the
+    database's problem and for every problem whose fix would roll back or switch (every
+    slot needs the database: found by review, "roll back" was refused by the schema guard)."""
+    info = f.database_container
+    if _database_down(f) is None or info is None:
+        return None
+    verb = "unpause" if info.status == "paused" else "start"
+    return (f"`docker {verb} {info.name}` first (a rollback or a switch needs the database "
+            f"too), then `runbook status {_arg(f.env)}` again")
 
 
 def schema_dirty(f: Facts) -> Iterator[Problem]:
@@ -264,6 +292,7 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
                       _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
+                      or _database_fix(f)
                       or f"roll back (`{_rollback_command(f)}`) or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
@@ -517,7 +546,7 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
-        doubted = _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
+        doubted = _doubted_fix(f) or _unfinished_fix(f) or _start_first(f) or _database_fix(f)
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: "
@@ -809,6 +838,10 @@ def collect(env: Environment) -> Facts:
         f.schema = database.schema_version(env)
     except RunbookError as exc:
         f.database_error = exc
+        try:
+            f.database_container = docker.inspect(env.database.container)
+        except RunbookError:
+            f.database_container = None  # Docker does not answer: said by other checks
     f.migrating = _migrating(env, f)
     f.lock = locks.status(env)
     if f.intent is not None:

@@ -581,3 +581,26 @@ def test_a_caddyfile_naming_no_slot_is_written_back_by_the_switch_status_names(
     again = subprocess.run([*argv, "--yes"], capture_output=True, text=True, timeout=120,
                            check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
     assert again.returncode == 4 and "nothing to switch" in again.stderr, again.stderr
+
+
+def test_a_paused_database_is_said_with_unpause_as_every_fix(stack: DrillStack) -> None:
+    """Found by review: with the database container paused (`docker pause`), status said
+    only that the database could not be read ("check `docker ps`") and that the active slot
+    was unhealthy, with "roll back" as its fix (refused by the schema guard: the schema
+    cannot be read). It says the container is paused, and every fix unpauses it first; the
+    fix, typed as written, brings the database back."""
+    stack.reset()
+    db = stack.db_container
+    subprocess.run(["docker", "pause", db], check=True, capture_output=True)
+    try:
+        code, _, problems = status(stack)
+        assert code != 0
+        [found] = [p for p in problems if f"the database container {db} is paused" in p["problem"]]
+        assert f"`docker unpause {db}`" in found["fix"], found
+        assert not [p for p in problems if "runbook rollback" in p["fix"]
+                    or "runbook switch" in p["fix"]], problems
+    finally:
+        subprocess.run(["docker", "unpause", db], check=True, capture_output=True)  # as said
+    stack.wait_db()
+    code, text, problems = status(stack)
+    assert not [p for p in problems if "database" in p["problem"]], problems
