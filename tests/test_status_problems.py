@@ -602,5 +602,5 @@ def test_a_paused_database_is_said_with_unpause_as_every_fix(stack: DrillStack) 
     finally:
         subprocess.run(["docker", "unpause", db], check=True, capture_output=True)  # as said
     stack.wait_db()
-    code, text, problems = status(stack)
+    _, _, problems = status(stack)
     assert not [p for p in problems if "database" in p["problem"]], problems
