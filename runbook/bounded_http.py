@@ -20,9 +20,9 @@ import json
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ class Answer:
     status: int
     headers: Mapping[str, str]  # names lower-cased
     content: bytes
+    # a chunked answer's trailer fields, names lower-cased: Caddy's GET /config/ sends its
+    # ETag there (http.client reads and drops them)
+    trailers: Mapping[str, str] = field(default_factory=dict)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -128,7 +131,37 @@ class _Socket:
             self.sock.close()
 
 
+class _Response(http.client.HTTPResponse):
+    """An HTTPResponse that keeps a chunked body's trailer fields instead of dropping them.
+
+    Overrides http.client's `_read_and_discard_trailer` (private, unchanged since 3.5): the
+    same reads through the same deadline-bound reader, with the same line limit, and at most
+    as many fields as http.client takes headers."""
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.trailers: dict[str, str] = {}
+
+    def _read_and_discard_trailer(self) -> None:
+        limit: int = getattr(http.client, "_MAXLINE", 65536)
+        fields = 0
+        while True:
+            line = self.fp.readline(limit + 1)
+            if len(line) > limit:
+                raise http.client.LineTooLong("trailer line")
+            if line in (b"\r\n", b"\n", b""):  # the end (or a server that EOFs before it)
+                return
+            fields += 1
+            if fields > getattr(http.client, "_MAXHEADERS", 100):
+                raise http.client.HTTPException("too many trailer fields")
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if colon:
+                self.trailers[name.strip().lower()] = value.strip()
+
+
 class _Connection(http.client.HTTPConnection):
+    response_class = _Response
+
     def __init__(self, host: str, port: int | None, deadline: _Deadline,
                  tls: ssl.SSLContext | None, server_name: str | None = None) -> None:
         super().__init__(host, port, timeout=deadline.seconds)
@@ -206,11 +239,11 @@ def request(method: str, url: str, *, timeout: float,
         headers = {**(headers or {}), "Host": site}
     status: int | None = None
     body = bytearray()
-    response: http.client.HTTPResponse | None = None
+    response: _Response | None = None
     try:
         conn.request(method, target, body=content,
                      headers={"Connection": "close", **(headers or {})})
-        response = conn.getresponse()
+        response = cast(_Response, conn.getresponse())  # response_class
         status = response.status
         while chunk := response.read(_CHUNK):
             body += chunk
@@ -218,7 +251,7 @@ def request(method: str, url: str, *, timeout: float,
                 raise HttpFailure(f"HTTP {status} with a body larger than {max_body} bytes")
             deadline.left()
         answer_headers = {k.lower(): v for k, v in response.getheaders()}
-        return Answer(status, answer_headers, bytes(body))
+        return Answer(status, answer_headers, bytes(body), dict(response.trailers))
     except HttpFailure:
         raise
     except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:

@@ -881,16 +881,37 @@ def _aside(said: str | None) -> Aside | None:
     return Aside(said) if said else None
 
 
+UNDO_LOAD_TRIES = 3  # an undo's load refused (412) because Caddy changed again: decide again
+
+
 def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: Any,
-                 target: Slot, written: str, loaded: Any) -> Aside | None:
+                 target: Slot, written: str, loaded: Any, refused: bool = False) -> Aside | None:
     """The switch's undo: decided first what to load (traffic.undo_config: over a change
     another environment made to Caddy since, only ours goes back, or nothing), then the
-    previous Caddyfile put back and that loaded (caddy.restore)."""
-    said = None
-    if running is not None:
-        running, said = traffic.undo_config(env, running, before, target, loaded)
-    return _aside(caddy.restore(env, data, before, running, written=written.encode("utf-8"),
-                                said=said))
+    previous Caddyfile put back and that loaded (caddy.restore), If-Match the config it was
+    decided from: a change loaded in between is never dropped (refused, decided again).
+    `refused`: Caddy refused the switch's own load (412), so only the file goes back."""
+    if refused:
+        return _aside(caddy.restore(env, data, before, written=written.encode("utf-8"),
+                                    load=False))
+    for attempt in range(1, UNDO_LOAD_TRIES + 1):
+        said, etag, config = None, None, running
+        if running is not None:
+            now, etag = caddy.running_config_tagged(env)
+            config, said = traffic.undo_config(env, running, before, target, loaded, now)
+        try:
+            return _aside(caddy.restore(env, data, before, config,
+                                        written=written.encode("utf-8"), said=said,
+                                        etag=etag))
+        except caddy.CaddyConflictError as exc:
+            if attempt == UNDO_LOAD_TRIES:
+                raise caddy.CaddyError(
+                    f"{exc.message} (the undo's load, {attempt} times: Caddy's config kept "
+                    f"changing); {env.caddy.caddyfile} was put back, Caddy's config was not",
+                    f"see who changes Caddy (`curl {env.caddy.admin_url}/config/`), then "
+                    f"check `runbook status {env.name}`", stage="restore",
+                    exit_code=ExitCode.ATTENTION) from None
+    raise AssertionError("unreachable")
 
 
 def _refuse_unverifiable(env: Environment, target: Slot, serving: Slot | None) -> None:
@@ -941,7 +962,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         "target": f"{target} -> localhost:{sp.target_port}",
         "validate": " ".join(sp.validate_command)
                     + (" (in pre-flight, the same bytes)" if validated is not None else ""),
-        "reload": f"{sp.reload}: {reload_command.display()}",
+        "reload": f"{sp.reload}: " + reload_command.display(
+            tagged=None if sp.running is None else sp.etag is not None),
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
         "on failure": "put back the Caddyfile matching what Caddy ran before, and load back "
                       "the config Caddy ran (its JSON, read just before the write); if Caddy's "
@@ -963,12 +985,14 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         new = caddy.rewrite(old, env, target)
         caddy.check_imports(env, new)  # an imported file may have changed since the plan
         try:  # what Caddy runs: the undo loads it back as it was (caddy.restore)
-            running = traffic.loaded_config(env)
+            # and its ETag: the load below is If-Match it, so a change loaded into Caddy
+            # after the check just below (another environment's switch) is never dropped
+            running, etag = traffic.loaded_config_tagged(env)
             before = traffic.from_config(
                 env, running, lambda: traffic.outside_dials(env, running)).slot
             answered = True
         except traffic.TrafficUnknownError:
-            running, before, answered = None, None, False
+            running, etag, before, answered = None, None, None, False
         # a down Caddy must never look like a switch (the config just read answered: the
         # same GET is not sent twice; systemd is still asked when it reloads)
         caddy.check_running(env, admin_answered=answered)
@@ -995,12 +1019,18 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             if owner is not None:  # written, but by a user that cannot give it away
                 ctx.note(caddyfile_owner=owner)
         loaded: list[Any] = []  # what the reload loaded: its undo goes back over it alone
+        refused: list[bool] = []  # Caddy refused the load (412): it still runs what it ran
         ctx.on_failure("put back the previous Caddyfile and load the config Caddy ran before"
                        + (f" (traffic back on {before})" if before else ""),
                        lambda: _undo_switch(env, restore_bytes, before, running, target,
-                                            new, loaded[0] if loaded else None))
+                                            new, loaded[0] if loaded else None,
+                                            refused=bool(refused)))
         ctx.fault("switch.after-write")
-        caddy.reload(env, new, reload_command, switch=watch)
+        try:
+            caddy.reload(env, new, reload_command, switch=watch, etag=etag)
+        except caddy.CaddyConflictError:
+            refused.append(True)
+            raise
         loaded.append(caddy.running_config(env))
         ctx.fault("switch.after-reload")
         result = caddy.verify(env, target, expected_version, quick=True)

@@ -219,6 +219,14 @@ def _port(dial: str) -> int | None:
 
 def loaded_config(env: Environment) -> Any:
     """Caddy's running config (JSON), or TrafficUnknownError."""
+    return loaded_config_tagged(env)[0]
+
+
+def loaded_config_tagged(env: Environment) -> tuple[Any, str | None]:
+    """loaded_config and the ETag Caddy sent with it (None: a Caddy that sends none): the
+    switch loads If-Match it, so a change loaded after this reading is never dropped."""
+    from runbook.caddy.admin import config_etag
+
     url = f"{env.caddy.admin_url}/config/"
     try:  # a total deadline: a hung admin API must not hold the run (and its lock)
         response = bounded_http.request("GET", url, timeout=_TIMEOUT, max_body=None)
@@ -238,7 +246,7 @@ def loaded_config(env: Environment) -> Any:
         raise TrafficUnknownError(f"Caddy's admin API answered HTTP {response.status} "
                                   f"at {url}", "check Caddy's admin endpoint")
     try:
-        return response.json()
+        return response.json(), config_etag(response)
     except ValueError:
         raise TrafficUnknownError(f"Caddy's admin API at {url} did not answer JSON",
                                   "check [caddy] admin_url points at Caddy's admin API"
@@ -275,17 +283,18 @@ def from_config(env: Environment, config: Any,
 
 
 def undo_config(env: Environment, running: Any, previous: Slot | None, target: Slot,
-                loaded: Any) -> tuple[Any, str | None]:
+                loaded: Any, now: Any = None) -> tuple[Any, str | None]:
     """What the undo of a switch to `target` loads, and what to say of it. `running` (read
     before the switch) while Caddy runs what the switch loaded (`loaded`, read right after
     its reload; None: not read) or still what it ran before. Changed since by someone else
     (another environment's switch on the same Caddy, under its own lock), `running` would
     undo that too: Caddy's config as it is now with only our upstreams pointed back
     (pointed_back), or, those not told apart for sure, nothing (CaddyError, exit 5: the
-    Caddyfile is then left as the switch wrote it, naming what runs)."""
+    Caddyfile is then left as the switch wrote it, naming what runs). `now`: Caddy's config
+    as the caller just read it (its ETag guards the load); read here when not given."""
     from runbook.caddy import CaddyError, first_difference, running_config
 
-    now = running_config(env)
+    now = running_config(env) if now is None else now
     if now is None or first_difference(now, running) is None \
             or (loaded is not None and first_difference(now, loaded) is None):
         return running, None  # unreadable: loading it says why, as before

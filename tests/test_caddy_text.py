@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from runbook import caddy, status, switch
 from runbook.caddy import CaddyError
+from runbook.caddy import admin as caddy_admin
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
@@ -990,6 +991,42 @@ def assert_caddy_serves(env: Environment, slot: Slot) -> None:
     assert served_dials(env) == {f"localhost:{env.slot(slot).port}"}, served_dials(env)
     header, _ = through_proxy(env)
     assert header == str(slot)
+
+
+def test_a_load_on_the_etag_of_a_config_caddy_no_longer_runs_is_refused_changing_nothing(
+        stack: DrillStack) -> None:
+    """The switch's load is a compare-and-swap: the ETag Caddy sends with its config (a
+    trailer of its chunked GET /config/ answer, which http.client drops) is read as Caddy
+    sent it (Caddy itself takes a POST /config/ If-Match it), a load If-Match it goes
+    through, and a load If-Match the ETag of a config replaced since is refused (412, exit 4)
+    with Caddy's config untouched."""
+    env = stack.env
+    blue, green = stack.caddyfile_text(Slot.BLUE), stack.caddyfile_text(Slot.GREEN)
+    try:
+        config, etag = caddy.running_config_tagged(env)
+        assert etag is not None and etag.startswith('"/config/ '), etag
+        taken = drill_http.post(f"{env.caddy.admin_url}/config/", content=json.dumps(config),
+                                headers={"Content-Type": "application/json",
+                                         "If-Match": etag}, timeout=10)
+        assert taken.status_code == 200, taken.text  # Caddy's own ETag, as it sent it
+        drill_http.post(f"{env.caddy.admin_url}/load", content=green,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10
+                        ).raise_for_status()  # another change: Caddy now runs green
+        changed = running_config(env)
+        with pytest.raises(caddy.CaddyConflictError) as err:
+            caddy_admin.load_running(env, config, etag)
+        assert err.value.exit_code == ExitCode.PRECONDITION
+        assert "HTTP 412" in err.value.message, err.value.message
+        with pytest.raises(caddy.CaddyConflictError):
+            caddy.reload(env, blue, etag=etag)
+        assert running_config(env) == changed  # neither load changed anything
+        now, fresh = caddy.running_config_tagged(env)
+        assert fresh is not None and fresh != etag and now == changed
+        caddy.reload(env, blue, etag=fresh)  # on the ETag of what runs: loaded
+        assert_caddy_serves(env, Slot.BLUE)
+    finally:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=blue,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
 
 
 SYSTEMCTL = """\

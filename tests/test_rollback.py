@@ -260,6 +260,111 @@ def test_a_route_loaded_into_caddy_during_the_rollback_is_never_dropped(
         load(text)
 
 
+@pytest.mark.parametrize("command", ["rollback", "switch"])
+def test_a_route_loaded_into_caddy_between_the_switchs_check_and_its_load_is_never_dropped(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """Found by review: the switch compared Caddy's running config with the plan's, then
+    wrote the Caddyfile and POSTed it to /load. A change loaded in between (another
+    environment sharing this Caddy switching at the same moment, an emergency route) was
+    replaced by that load, silently. The load is now POST /config/ If-Match the ETag of the
+    config the check compared: Caddy refuses it (412), the run is refused before the commit
+    point and says so, the other change keeps running, traffic stays on blue."""
+    env = two_deployments(stack, stop_old_slot=command == "rollback")  # blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    patched = text.replace('respond /ping "pong" 200',
+                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
+    assert patched != text
+
+    def load(body: str) -> None:
+        drill_http.post(f"{env.caddy.admin_url}/load", content=body,
+                        headers={"Content-Type": "text/caddyfile"}, timeout=10
+                        ).raise_for_status()
+
+    real_reload = caddy.reload
+    reloads: list[str] = []
+
+    def another_change_first(*args: Any, **kwargs: Any) -> None:
+        if not reloads:  # the switch's own load, after its check and its write
+            reloads.append("switch")
+            load(patched)
+        real_reload(*args, **kwargs)
+
+    monkeypatch.setattr(caddy, "reload", another_change_first)
+    try:
+        with pytest.raises(RunbookError) as err:
+            if command == "rollback":
+                rollback.rollback(env)
+            else:
+                switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: the race"))
+        seen = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/export/all",
+                              timeout=5)
+        on_disk = env.caddy.caddyfile.read_text()
+        proxied = through_proxy(env)
+    finally:
+        monkeypatch.undo()
+        write_and_load(env, text)
+    assert reloads == ["switch"]
+    assert (seen.status_code, seen.text) == (503, "closed")  # the other change still runs
+    assert proxied == ("blue", V3.tag)
+    assert on_disk == text  # the written Caddyfile is put back by the switch's undo
+    assert "Caddy's config changed after it was checked (HTTP 412" in err.value.message, \
+        err.value
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, err.value  # what it did undone
+    if command == "rollback":
+        assert not docker.inspect(env.slot(Slot.GREEN).container).running
+    current = states.read_state(env.state_file).current
+    assert current is not None and current.version == V3.tag
+
+
+def test_a_route_loaded_into_caddy_between_the_undos_read_and_its_load_is_never_dropped(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the undo of a failed switch read Caddy's config, decided what to load
+    from it, then POSTed that to /load: a change loaded in between (here an emergency route
+    on another site) was replaced. The undo's load is now If-Match the ETag of the config it
+    decided from; refused (412), it decides again from what runs, keeping the change."""
+    env = two_deployments(stack)  # green v2 stopped, blue v3 live
+    text = env.caddy.caddyfile.read_text()
+    real_verify, real_undo_config = caddy.verify, traffic.undo_config
+    changes: list[str] = []
+
+    def fail(*args: Any, **kwargs: Any) -> caddy.VerifyResult:
+        result = real_verify(*args, **kwargs)
+        return dataclasses.replace(result, ok=False, error="a verification that failed")
+
+    def another_change_after(*args: Any, **kwargs: Any) -> Any:
+        decided = real_undo_config(*args, **kwargs)
+        if not changes:  # what Caddy runs now (the switch's load), with a route added
+            written = env.caddy.caddyfile.read_text()
+            patched = written.replace('respond /ping "pong" 200',
+                                      'respond /ping "pong" 200\n\trespond /export* "closed" 503')
+            assert patched != written
+            drill_http.post(f"{env.caddy.admin_url}/load", content=patched,
+                            headers={"Content-Type": "text/caddyfile"}, timeout=10
+                            ).raise_for_status()
+            changes.append(patched)
+        return decided
+
+    monkeypatch.setattr(caddy, "verify", fail)
+    monkeypatch.setattr(traffic, "undo_config", another_change_after)
+    try:
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env)
+        seen = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/export/all",
+                              timeout=5)
+        monkeypatch.undo()
+        proxied = through_proxy(env)
+        on_disk = env.caddy.caddyfile.read_text()
+    finally:
+        monkeypatch.undo()
+        write_and_load(env, text)
+    assert len(changes) == 1
+    assert (seen.status_code, seen.text) == (503, "closed")  # the other change still runs
+    assert proxied == ("blue", V3.tag)  # and this environment's traffic went back
+    assert on_disk == text
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, err.value
+    assert "that change was kept" in err.value.message, err.value
+
+
 @pytest.mark.parametrize("when", ["before the switch step", "inside the switch step"])
 def test_a_caddyfile_edited_during_the_rollback_is_neither_loaded_nor_overwritten(
         stack: DrillStack, monkeypatch: pytest.MonkeyPatch, when: str) -> None:

@@ -20,6 +20,7 @@ from runbook.caddy.admin import (
     admin_address,
     check_imports,
     check_running,
+    config_etag,
     dropped_sites,
     first_difference,
     is_running,
@@ -40,6 +41,7 @@ from runbook.caddy.admin import (
     write_atomically,
 )
 from runbook.caddy.errors import (
+    CaddyConflictError,
     CaddyError,
     CaddyNotRunningError,
 )
@@ -51,6 +53,7 @@ from runbook.caddy.switch import (
     plan_switch,
     restore,
     running_config,
+    running_config_tagged,
     write_backup,
     write_config,
 )
@@ -75,6 +78,7 @@ __all__ = [
     "QUICK_RETRIES",
     "SLOT_HEADER",
     "START_MARKER",
+    "CaddyConflictError",
     "CaddyError",
     "CaddyNotRunningError",
     "FileImport",
@@ -94,6 +98,7 @@ __all__ = [
     "caddy_changed_since",
     "check_imports",
     "check_running",
+    "config_etag",
     "dropped_sites",
     "file_imports",
     "find_block",
@@ -110,6 +115,7 @@ __all__ = [
     "restore",
     "rewrite",
     "running_config",
+    "running_config_tagged",
     "running_problem",
     "seen_by_caddy",
     "served_sites",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from runbook import drain, files, health
-from runbook.caddy.errors import CaddyError, CaddyNotRunningError
+from runbook.caddy.errors import CaddyConflictError, CaddyError, CaddyNotRunningError
 from runbook.caddy.text import SLOT_HEADER, file_imports
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
 from runbook.errors import ExitCode
@@ -470,16 +470,28 @@ class ReloadCommand:
 
     method: ReloadMethod
     argv: tuple[str, ...] = ()  # `caddy reload ...` or `systemctl reload <unit>`
-    url: str = ""  # the admin API's /load (the new Caddyfile is the body)
+    url: str = ""  # the admin API's /load (the new Caddyfile is the body): without an ETag
+    config_url: str = ""  # the admin API's /config/: the adapted JSON, on If-Match
 
     def words(self) -> list[str]:
         if self.method is ReloadMethod.ADMIN_API:
-            return ["POST", self.url, "Content-Type: text/caddyfile"]
+            return ["POST", self.config_url, "If-Match: <ETag of the config checked>"]
         return list(self.argv)
 
-    def display(self) -> str:
+    def display(self, tagged: bool | None = None) -> str:
+        """`tagged`: whether Caddy sent an ETag with its config when the plan read it (None:
+        not known): with one the load is a compare-and-swap, without it plain /load."""
         if self.method is ReloadMethod.ADMIN_API:
-            return f"POST {self.url} (Content-Type: text/caddyfile; body: the new Caddyfile)"
+            base = self.config_url.removesuffix("/config/")
+            cas = (f"POST {self.config_url} (If-Match: the ETag of the running config the "
+                   f"switch checked; body: the new Caddyfile as POST {base}/adapt adapts it; "
+                   "Caddy refuses it, 412, when its config changed since)")
+            load = (f"POST {self.url} (Content-Type: text/caddyfile; body: the new "
+                    "Caddyfile)")
+            if tagged is None:
+                return f"{cas}, or, from a Caddy that sends no ETag, {load}"
+            return cas if tagged else (f"{load}: this Caddy sends no ETag with its config, so "
+                                       "a change loaded after the check would be replaced")
         import shlex
 
         return shlex.join(self.argv)
@@ -488,7 +500,10 @@ class ReloadCommand:
 def reload_command(env: Environment) -> ReloadCommand:
     c = env.caddy
     if c.reload is ReloadMethod.ADMIN_API:
-        return ReloadCommand(c.reload, url=f"{c.admin_url}/load")
+        return ReloadCommand(c.reload, url=f"{c.admin_url}/load",
+                             config_url=f"{c.admin_url}/config/")
+    # `caddy reload` and `systemctl reload` POST /load themselves, with no If-Match: they stay
+    # as they are (the check before the write is all they get against a change made since)
     if c.reload is ReloadMethod.CADDY_RELOAD:
         return ReloadCommand(c.reload, argv=(
             *c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
@@ -501,43 +516,103 @@ def reload_action(env: Environment) -> list[str]:
     return reload_command(env).words()
 
 
+def config_etag(answer: Answer) -> str | None:
+    """The ETag Caddy sent with its config (GET /config/: in the chunked body's trailer, as
+    Caddy 2.6+ sends it; a header too is taken). None from a Caddy that sends none."""
+    return answer.header("etag") or answer.trailers.get("etag") or None
+
+
 def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
-           switch: drain.Switch | None = None) -> None:
+           switch: drain.Switch | None = None, etag: str | None = None) -> None:
     """Make Caddy load `text` (already written to the Caddyfile) the way the environment says
     (`command`: the one the plan showed; built here when not given). `switch`: the reading of
-    Caddy's port the caller started before (one is started here otherwise)."""
+    Caddy's port the caller started before (one is started here otherwise). `etag`: the
+    ETag of the running config the caller checked: through the admin API the load is then a
+    compare-and-swap (CaddyConflictError when Caddy's config changed since); without one,
+    `/load`, which replaces whatever runs."""
     command = command or reload_command(env)
     # who is on Caddy's port before, and when its old listener leaves after: the drain of
     # the old slot sorts the old config's connections from the new one's (runbook/drain.py)
     switch = switch or drain.before_reload(env.caddy.proxy_url)
-    drain.sending_reload(switch)
-    _reload(env, text, command)
+    if command.method is ReloadMethod.ADMIN_API and etag is not None:
+        body = _adapted(env, text)  # asked before the reload is sent: nothing loads here
+        drain.sending_reload(switch)
+        _post_load(command.config_url, body, "application/json", if_match=etag)
+    else:
+        drain.sending_reload(switch)
+        _reload(env, text, command)
     drain.after_reload(switch)
 
 
-def load_running(env: Environment, config: Any) -> None:
+def load_running(env: Environment, config: Any, etag: str | None = None) -> None:
     """Load a config Caddy ran (its JSON, as GET /config/ gave it) through the admin API,
     whatever the reload method: the undo of a switch puts back exactly what ran, a route
     loaded through the API during an incident included, not the previous Caddyfile adapted
-    again (which never had it). `caddy reload` and systemd's reload POST /load the same way."""
+    again (which never had it). `caddy reload` and systemd's reload POST /load the same way.
+    `etag`: the ETag of the config the caller decided on (POST /config/ If-Match it:
+    CaddyConflictError when Caddy's config changed since); None: POST /load."""
     import json
 
+    body = json.dumps(config).encode("utf-8")
     switch = drain.before_reload(env.caddy.proxy_url)
     drain.sending_reload(switch)
-    _post_load(f"{env.caddy.admin_url}/load", json.dumps(config).encode("utf-8"),
-               "application/json")
+    if etag is not None:
+        _post_load(f"{env.caddy.admin_url}/config/", body, "application/json", if_match=etag)
+    else:
+        _post_load(f"{env.caddy.admin_url}/load", body, "application/json")
     drain.after_reload(switch)
 
 
-def _post_load(url: str, body: bytes, content_type: str) -> None:
+def _adapted(env: Environment, text: str) -> bytes:
+    """Caddyfile `text` as the JSON Caddy would load (POST /adapt, nothing loaded): what
+    POST /config/ takes, so the load can carry If-Match (Caddy's /load ignores it)."""
     from runbook import bounded_http
 
+    url = f"{env.caddy.admin_url}/adapt"
     try:
-        answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT, content=body,
-                                      headers={"Content-Type": content_type}, max_body=None)
+        answer = _post_caddyfile(env, "adapt", text, _COMMAND_TIMEOUT)
     except bounded_http.HttpFailure as exc:
         raise CaddyError(f"reload through {url} failed ({exc.reason})",
                          "check that Caddy is running", stage="reload") from None
+    if answer.status >= 400:
+        raise CaddyError(f"Caddy rejected the config (HTTP {answer.status} from {url}): "
+                         f"{_admin_error(answer)}", "Caddy keeps its old config on a "
+                         "rejected load", stage="reload")
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "result" not in body:
+        raise CaddyError(f"Caddy's {url} did not answer the adapted config (JSON with a "
+                         "result)", "check [caddy] admin_url points at Caddy's admin API",
+                         stage="reload")
+    import json
+
+    return json.dumps(body["result"]).encode("utf-8")
+
+
+def _post_load(url: str, body: bytes, content_type: str, *,
+               if_match: str | None = None) -> None:
+    from runbook import bounded_http
+
+    headers = {"Content-Type": content_type}
+    if if_match is not None:
+        headers["If-Match"] = if_match
+    try:
+        answer = bounded_http.request("POST", url, timeout=_COMMAND_TIMEOUT, content=body,
+                                      headers=headers, max_body=None)
+    except bounded_http.HttpFailure as exc:
+        raise CaddyError(f"reload through {url} failed ({exc.reason})",
+                         "check that Caddy is running", stage="reload") from None
+    if answer.status == 412 and if_match is not None:
+        parts = urlsplit(url)
+        raise CaddyConflictError(
+            f"Caddy's config changed after it was checked (HTTP 412 from {url}: If-Match "
+            f"{if_match} no longer matches): another change was loaded into Caddy in "
+            "between (another environment sharing it, or its admin API), which this load "
+            "would have dropped; Caddy refused it, so nothing was loaded",
+            f"see who changed Caddy (`curl {parts.scheme}://{parts.netloc}/config/`), then "
+            "run the command again: its plan shows the change", stage="reload")
     if answer.status >= 400:
         raise CaddyError(f"Caddy rejected the config (HTTP {answer.status} from "
                          f"{url}): {_admin_error(answer)}",

@@ -30,4 +30,12 @@ class CaddyNotRunningError(CaddyError):
     exit_code = ExitCode.PRECONDITION
 
 
+class CaddyConflictError(CaddyError):
+    """Caddy refused a load made on the condition that its config had not changed since it
+    was read (`If-Match`: HTTP 412): someone else loaded a change in between, which the load
+    would have dropped. Nothing was loaded; a precondition (exit 4), as the drift refusal."""
+
+    exit_code = ExitCode.PRECONDITION
+
+
 # --------------------------------------------------------------------------------------------

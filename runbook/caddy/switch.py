@@ -20,6 +20,7 @@ from runbook import files
 from runbook.caddy.admin import (
     check_imports,
     check_running,
+    config_etag,
     first_difference,
     load_running,
     read,
@@ -65,6 +66,15 @@ class SwitchPlan:
     # Caddy's running config as the plan read it (None: unreadable): the switch refuses to
     # load over a change made since (caddy_changed_since)
     running: Any = None
+    etag: str | None = None  # the ETag Caddy sent with `running` (None: none sent, unread)
+
+    def _reload_words(self) -> str:
+        words = " ".join(self.reload_action)
+        if self.reload is not ReloadMethod.ADMIN_API or self.etag is not None \
+                or self.running is None:
+            return words
+        return (f"POST {self.admin_url}/load (Content-Type: text/caddyfile): this Caddy "
+                "sends no ETag with its config, so its load cannot be made conditional")
 
     @property
     def changed(self) -> bool:
@@ -79,7 +89,7 @@ class SwitchPlan:
             f"  check:     GET {self.admin_url}/config/ answers 200 (else stop, untouched)",
             f"  validate:  {' '.join(self.validate_command)}",
             f"  write:     {self.caddyfile} atomically (previous copy kept beside it)",
-            f"  reload:    {self.reload} -> {' '.join(self.reload_action)}",
+            f"  reload:    {self.reload} -> {self._reload_words()}",
             f"  verify:    GET {self.verify_url}: {SLOT_HEADER} == {self.target} and version",
             "  on failure: restore the previous Caddyfile byte for byte and reload it",
         ]
@@ -98,6 +108,7 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
     new = rewrite(old, env, target)
     check_imports(env, new)
     path = env.caddy.caddyfile
+    running, etag = running_config_tagged(env)
     return SwitchPlan(
         environment=env.display, caddyfile=path, target=target,
         target_port=env.slot(target).port, current=current, old_text=old, new_text=new,
@@ -108,7 +119,7 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
         admin_url=env.caddy.admin_url,
         verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}"
         + (f" (Host: {env.caddy.site})" if env.caddy.site else ""),
-        running=running_config(env),
+        running=running, etag=etag,
     )
 
 
@@ -116,14 +127,22 @@ def running_config(env: Environment) -> Any:
     """Caddy's running config as GET /config/ answers it (what traffic.loaded_config reads,
     read here without it: runbook.traffic imports this package). None when it cannot be
     read: said (and refused) by the plan's own reading of Caddy."""
+    return running_config_tagged(env)[0]
+
+
+def running_config_tagged(env: Environment) -> tuple[Any, str | None]:
+    """running_config and the ETag Caddy sent with it (None: none sent, or unread): a load
+    If-Match it is refused when Caddy's config changed since this reading."""
     from runbook import bounded_http
 
     try:
         answer = bounded_http.request("GET", f"{env.caddy.admin_url}/config/", timeout=5.0,
                                       max_body=None)
-        return answer.json() if answer.status == 200 else None
+        if answer.status != 200:
+            return None, None
+        return answer.json(), config_etag(answer)
     except (bounded_http.HttpFailure, ValueError):
-        return None
+        return None, None
 
 
 def caddy_changed_since(plan: SwitchPlan, running: Any) -> str | None:
@@ -233,27 +252,31 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
 
 def restore(env: Environment, data: bytes, previous: Slot | None,
             running: Any | None = None, *, written: bytes | None = None,
-            said: str | None = None) -> str | None:
+            said: str | None = None, etag: str | None = None,
+            load: bool = True) -> str | None:
     """Put a previous Caddyfile back, load what Caddy ran before and, when it named one slot,
     prove the proxy answers from that slot again. The undo of a switch; raises when any part
     fails. `running`: Caddy's config JSON read before the switch, loaded back as it was (a
     route loaded through the admin API is not in the file); without it the file is reloaded.
     `said`: what to say of `running` (traffic.undo_config: Caddy's config as it is now with
     only this environment's upstreams pointed back). `written`: what the switch wrote; an
-    edit made since is kept aside (keep_an_edit). What to say of either is returned."""
+    edit made since is kept aside (keep_an_edit). What to say of either is returned.
+    `etag`: the ETag of the config `running` was decided from (load_running loads it If-Match
+    that: CaddyConflictError when Caddy's config changed again since). `load=False`: only the
+    file goes back (the switch's own load was refused: Caddy still runs what it ran)."""
     text = data.decode("utf-8")
     kept = keep_an_edit(env, written, data) if written is not None else None
 
     def put_back() -> None:
         if running is not None:
-            load_running(env, running)
+            load_running(env, running, etag)
         else:
             reload(env, text)
 
     try:
         write_config(env, text)
     except CaddyError as exc:
-        if env.caddy.reload is not ReloadMethod.ADMIN_API and running is None:
+        if not load or (env.caddy.reload is not ReloadMethod.ADMIN_API and running is None):
             if kept:  # caddy reload and systemctl read the file: it still names the new slot
                 exc.message = f"{exc.message}; {kept}"
                 exc.args = (exc.message,)
@@ -277,6 +300,8 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
     if kept:  # written over only once it was kept, and said so only once it was
         kept += (", and the previous Caddyfile put back" if "kept at" in kept
                  else ": the previous Caddyfile was put back over it")
+    if not load:
+        return "; ".join(s for s in (said, kept) if s) or None
     put_back()
     if previous is not None:
         check = verify(env, previous, None, attempts=5, interval=0.2)
