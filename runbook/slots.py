@@ -894,23 +894,41 @@ def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: An
     if refused:
         return _aside(caddy.restore(env, data, before, written=written.encode("utf-8"),
                                     load=False))
+    kept: str | None = None  # an edit kept aside by an attempt Caddy refused: said at the end
     for attempt in range(1, UNDO_LOAD_TRIES + 1):
         said, etag, config = None, None, running
         if running is not None:
             now, etag = caddy.running_config_tagged(env)
+            if now is None and attempt > 1:
+                # refused (412): another change runs, and what runs can no longer be read;
+                # loading the config from before the switch unconditionally would drop it
+                raise caddy.CaddyError(
+                    "the undo's load was refused (Caddy's config changed since it was read) "
+                    "and Caddy's config cannot be read again: nothing was loaded"
+                    + (f"; {kept}" if kept else ""),
+                    f"see who changes Caddy (`curl {env.caddy.admin_url}/config/`), then "
+                    f"check `runbook status {env.name}`", stage="restore",
+                    exit_code=ExitCode.ATTENTION)
             config, said = traffic.undo_config(env, running, before, target, loaded, now)
         try:
-            return _aside(caddy.restore(env, data, before, config,
-                                        written=written.encode("utf-8"), said=said,
-                                        etag=etag))
+            aside = caddy.restore(env, data, before, config, written=written.encode("utf-8"),
+                                  said=said, etag=etag)
         except caddy.CaddyConflictError as exc:
+            kept = kept or exc.kept
             if attempt == UNDO_LOAD_TRIES:
+                file = (f"{env.caddy.caddyfile} was put back" if exc.file_back else
+                        f"{env.caddy.caddyfile} could not be written back either (it still "
+                        "names the new slot: a Caddy restart or reload would load it)")
                 raise caddy.CaddyError(
                     f"{exc.message} (the undo's load, {attempt} times: Caddy's config kept "
-                    f"changing); {env.caddy.caddyfile} was put back, Caddy's config was not",
+                    f"changing); {file}, Caddy's config was not"
+                    + (f"; {kept}" if kept else ""),
                     f"see who changes Caddy (`curl {env.caddy.admin_url}/config/`), then "
                     f"check `runbook status {env.name}`", stage="restore",
                     exit_code=ExitCode.ATTENTION) from None
+            continue
+        # an edit kept aside by a refused attempt: the later ones found the file put back
+        return _aside("; ".join(s for s in (kept, aside) if s) or None)
     raise AssertionError("unreachable")
 
 

@@ -881,7 +881,9 @@ def collect(env: Environment) -> Facts:
         newest = left[-1] if left else None
         covered = f.intent is not None and newest is not None \
             and newest.get("run_id") == f.intent.run_id  # interrupted_run says it
-        held = f.lock.holder if f.lock is not None and _held_lock(f) is not None else None
+        # a live holder, dated or not (an undated lock, the clock set back, is no less held)
+        held = (f.lock.holder if f.lock is not None and not f.lock.stale
+                and not f.lock.broken else None)
         running = held is not None and newest is not None \
             and newest.get("run_id") in (held.run_id, held.deployment_id)
         if newest is not None and not newest.get(SERVED_SINCE) and not covered \

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -1375,3 +1376,96 @@ def test_the_text_check_says_maybe_wherever_caddy_dials_a_slot_outside_the_marke
     assert adapted is not None
     assert green in traffic._port_counts(adapted), adapted  # Caddy dials it
     assert traffic._may_dial_a_slot(env, outside)
+
+
+# --- the undo's compare-and-swap load refused (412): what it says and what it never loads ----
+# Caddy's 412 at an exact moment is arranged by replacing the admin calls (the real Caddy's
+# own refusal is proved above and in tests/test_rollback.py); the files are real.
+
+def _refused_once(monkeypatch: pytest.MonkeyPatch, reads: list[tuple[Any, str | None]],
+                  refusals: int) -> list[str | None]:
+    """Caddy's reads of its config (in order) and `refusals` 412s on the undo's loads; the
+    If-Match of each load tried is returned as it is made."""
+    from runbook import traffic
+    from runbook.caddy import CaddyConflictError
+    from runbook.caddy import switch as sw
+
+    tried: list[str | None] = []
+    answers = iter(reads)
+    monkeypatch.setattr(caddy, "running_config_tagged", lambda env: next(answers))
+    monkeypatch.setattr(traffic, "undo_config",
+                        lambda env, running, before, target, loaded, now: (running, None))
+
+    def load(env: Environment, config: Any, etag: str | None = None) -> None:
+        tried.append(etag)
+        if len(tried) <= refusals:
+            raise CaddyConflictError("Caddy's config changed after it was checked (HTTP 412)",
+                                     "x", stage="reload")
+
+    monkeypatch.setattr(sw, "load_running", load)
+    monkeypatch.setattr(sw, "verify", lambda *a, **k: SimpleNamespace(ok=True))
+    return tried
+
+
+def test_an_edit_kept_aside_by_a_refused_undo_load_is_still_said(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the undo's first load refused (412) after it had kept a colleague's
+    edit of the Caddyfile aside and written over it; the retry found the file already put
+    back and said nothing of the edit, which then vanished from the live file unsaid."""
+    from runbook import slots
+
+    path = tmp_path / "Caddyfile"
+    env = make_env(path)
+    path.write_text("# a colleague's edit, made while the switch verified\n")
+    tried = _refused_once(monkeypatch, [({"n": 1}, '"/config/ 1"'), ({"n": 2}, '"/config/ 2"')],
+                          refusals=1)
+    aside = slots._undo_switch(env, b"# previous (blue)\n", Slot.BLUE, {"ran": 1}, Slot.GREEN,
+                               "# switch wrote (green)\n", None)
+    assert tried == ['"/config/ 1"', '"/config/ 2"']
+    [kept] = [p for p in tmp_path.iterdir() if "edited" in p.name]
+    assert aside is not None and kept.name in str(aside), aside
+    assert path.read_bytes() == b"# previous (blue)\n"
+
+
+def test_a_refused_undo_load_never_falls_back_to_an_unconditional_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: refused once (another change runs), then Caddy's config could not be
+    read again: the undo loaded the config from before the switch with no If-Match (/load),
+    dropping the change the 412 had just protected. It loads nothing and says so (exit 5)."""
+    from runbook import slots
+
+    path = tmp_path / "Caddyfile"
+    env = make_env(path)
+    path.write_text("# switch wrote (green)\n")
+    tried = _refused_once(monkeypatch, [({"n": 1}, '"/config/ 1"'), (None, None)], refusals=1)
+    with pytest.raises(RunbookError) as err:
+        slots._undo_switch(env, b"# previous (blue)\n", Slot.BLUE, {"ran": 1}, Slot.GREEN,
+                           "# switch wrote (green)\n", None)
+    assert tried == ['"/config/ 1"'], tried  # no second load, conditional or not
+    assert err.value.exit_code == ExitCode.ATTENTION
+    assert "nothing was loaded" in str(err.value), str(err.value)
+
+
+def test_a_refused_undo_on_a_full_disk_never_says_the_file_was_put_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the file could not be written back (a full disk) and every load was
+    refused: the undo said the Caddyfile "was put back" while it still named the new slot."""
+    from runbook import slots
+    from runbook.caddy import switch as sw
+
+    path = tmp_path / "Caddyfile"
+    env = make_env(path)
+    path.write_text("# switch wrote (green)\n")
+    _refused_once(monkeypatch, [({"n": i}, f'"/config/ {i}"') for i in range(3)], refusals=3)
+
+    def full(env: Environment, text: str) -> None:
+        raise caddy.CaddyError(f"cannot write {path}: No space left on device", "free space",
+                               stage="write")
+
+    monkeypatch.setattr(sw, "write_config", full)
+    with pytest.raises(RunbookError) as err:
+        slots._undo_switch(env, b"# previous (blue)\n", Slot.BLUE, {"ran": 1}, Slot.GREEN,
+                           "# switch wrote (green)\n", None)
+    said = str(err.value)
+    assert "could not be written back" in said and "was put back" not in said, said
+    assert path.read_bytes() == b"# switch wrote (green)\n"

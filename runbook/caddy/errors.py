@@ -36,6 +36,11 @@ class CaddyConflictError(CaddyError):
     would have dropped. Nothing was loaded; a precondition (exit 4), as the drift refusal."""
 
     exit_code = ExitCode.PRECONDITION
+    # set by an undo's restore that met it: what it had said of an edit it kept aside (the
+    # next attempt finds the file already put back and would not say it again), and whether
+    # the previous Caddyfile had been written back (not on a full disk)
+    kept: str | None = None
+    file_back: bool = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from runbook.caddy.admin import (
     verify,
     write_atomically,
 )
-from runbook.caddy.errors import CaddyError
+from runbook.caddy.errors import CaddyConflictError, CaddyError
 from runbook.caddy.text import SLOT_HEADER, Inspection, inspect, rewrite, unified_diff
 from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import ExitCode
@@ -267,11 +267,15 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
     text = data.decode("utf-8")
     kept = keep_an_edit(env, written, data) if written is not None else None
 
-    def put_back() -> None:
-        if running is not None:
-            load_running(env, running, etag)
-        else:
-            reload(env, text)
+    def put_back(file_back: bool = True) -> None:
+        try:
+            if running is not None:
+                load_running(env, running, etag)
+            else:
+                reload(env, text)
+        except CaddyConflictError as exc:  # the undo decides again: what was done goes with it
+            exc.kept, exc.file_back = kept, file_back
+            raise
 
     try:
         write_config(env, text)
@@ -283,7 +287,7 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
             raise
         # the admin API loads the config itself: traffic goes back even when the file cannot
         # (a disk that filled up since the switch's own write), then the file is named
-        put_back()
+        put_back(file_back=False)
         back = verify(env, previous, None, attempts=5, interval=0.2) if previous else None
         where = (f"traffic is back on {previous}" if back is not None and back.ok
                  else "the previous config was loaded")
