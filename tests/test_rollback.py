@@ -82,8 +82,23 @@ def pin_other_site(env: Environment, upstreams: str) -> str:
 def write_and_load(env: Environment, text: str) -> None:
     """`text` as the Caddyfile on disk and the config Caddy runs (a host's own edit)."""
     files.atomic_write(env.caddy.caddyfile, text.encode())
+    load_only(env, text)
+
+
+def load_only(env: Environment, text: str) -> None:
+    """Caddyfile `text` loaded into Caddy through its admin API, the file on disk untouched
+    (a route loaded during an incident, another environment's switch)."""
     drill_http.post(f"{env.caddy.admin_url}/load", content=text,
                     headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+
+
+def with_emergency_route(text: str) -> str:
+    """The drill's Caddyfile `text` with an emergency route on its other site: /export*
+    answered 503 "closed"."""
+    patched = text.replace('respond /ping "pong" 200',
+                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
+    assert patched != text
+    return patched
 
 
 def docker_run_host(stack: DrillStack) -> bool:
@@ -238,18 +253,11 @@ def test_a_route_loaded_into_caddy_during_the_rollback_is_never_dropped(
     load, silently. The switch now refuses when Caddy's config changed since the plan."""
     env = two_deployments(stack)  # green v2 stopped, blue v3 live
     text = env.caddy.caddyfile.read_text()
-    patched = text.replace('respond /ping "pong" 200',
-                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
-    assert patched != text
-
-    def load(body: str) -> None:
-        drill_http.post(f"{env.caddy.admin_url}/load", content=body,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10
-                        ).raise_for_status()
+    patched = with_emergency_route(text)
 
     try:
         with pytest.raises(RunbookError) as err:
-            rollback.rollback(env, progress=_at_switch(lambda: load(patched)))
+            rollback.rollback(env, progress=_at_switch(lambda: load_only(env, patched)))
         assert "Caddy's config changed since the plan" in err.value.message, err.value
         _refused_unchanged(stack, env, err.value)
         assert env.caddy.caddyfile.read_text() == text
@@ -257,7 +265,7 @@ def test_a_route_loaded_into_caddy_during_the_rollback_is_never_dropped(
                               timeout=5)
         assert (seen.status_code, seen.text) == (503, "closed")  # still there
     finally:
-        load(text)
+        load_only(env, text)
 
 
 @pytest.mark.parametrize("command", ["rollback", "switch"])
@@ -274,14 +282,7 @@ def test_a_route_loaded_into_caddy_between_the_switchs_check_and_its_load_is_nev
                     "If-Match: only the admin-API reload is a compare-and-swap (README)")
     env = two_deployments(stack, stop_old_slot=command == "rollback")  # blue v3 live
     text = env.caddy.caddyfile.read_text()
-    patched = text.replace('respond /ping "pong" 200',
-                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
-    assert patched != text
-
-    def load(body: str) -> None:
-        drill_http.post(f"{env.caddy.admin_url}/load", content=body,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10
-                        ).raise_for_status()
+    patched = with_emergency_route(text)
 
     real_reload = caddy.reload
     reloads: list[str] = []
@@ -289,7 +290,7 @@ def test_a_route_loaded_into_caddy_between_the_switchs_check_and_its_load_is_nev
     def another_change_first(*args: Any, **kwargs: Any) -> None:
         if not reloads:  # the switch's own load, after its check and its write
             reloads.append("switch")
-            load(patched)
+            load_only(env, patched)
         real_reload(*args, **kwargs)
 
     monkeypatch.setattr(caddy, "reload", another_change_first)
@@ -337,13 +338,8 @@ def test_a_route_loaded_into_caddy_between_the_undos_read_and_its_load_is_never_
     def another_change_after(*args: Any, **kwargs: Any) -> Any:
         decided = real_undo_config(*args, **kwargs)
         if not changes:  # what Caddy runs now (the switch's load), with a route added
-            written = env.caddy.caddyfile.read_text()
-            patched = written.replace('respond /ping "pong" 200',
-                                      'respond /ping "pong" 200\n\trespond /export* "closed" 503')
-            assert patched != written
-            drill_http.post(f"{env.caddy.admin_url}/load", content=patched,
-                            headers={"Content-Type": "text/caddyfile"}, timeout=10
-                            ).raise_for_status()
+            patched = with_emergency_route(env.caddy.caddyfile.read_text())
+            load_only(env, patched)
             changes.append(patched)
         return decided
 
@@ -897,17 +893,13 @@ def test_a_running_config_that_differs_from_the_caddyfile_is_said_in_the_plan(
     file, and verification of the app's site still passed. The plans now say so."""
     env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
     text = caddy.read(env)
-    patched = text.replace('respond /ping "pong" 200',
-                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
-    assert patched != text
+    patched = with_emergency_route(text)
     try:
-        drill_http.post(f"{env.caddy.admin_url}/load", content=patched,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        load_only(env, patched)
         plans = [rollback.rollback(env, dry_run=True).plan,
                  switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan]
     finally:
-        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        load_only(env, text)
     for plan in plans:
         said = "\n".join(plan.warnings)
         assert "differs from" in said and "beyond the slot" in said, plan.render()
@@ -938,14 +930,10 @@ def test_the_undo_of_a_failed_switch_loads_back_what_caddy_ran_not_the_file(
     it away. The undo now loads back the JSON Caddy ran before the switch."""
     env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
     text = caddy.read(env)
-    patched = text.replace('respond /ping "pong" 200',
-                           'respond /ping "pong" 200\n\trespond /export* "closed" 503')
-    assert patched != text
+    patched = with_emergency_route(text)
     config_url = f"{env.caddy.admin_url}/config/"
     try:
-        drill_http.post(f"{env.caddy.admin_url}/load", content=patched,
-                        headers={"Content-Type": "text/caddyfile"},
-                        timeout=10).raise_for_status()
+        load_only(env, patched)
         ran = drill_http.get(config_url, timeout=10).json()
         before = snapshot(env)
         wrong = env.with_(caddy=dataclasses.replace(env.caddy, proxy_url="http://127.0.0.1:9"))
