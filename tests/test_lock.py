@@ -228,7 +228,8 @@ def test_no_state_file_is_not_created(env: Environment) -> None:
         assert not env.state_file.exists()
 
 
-def test_a_state_file_that_keeps_changing_unreadable_refuses_the_lock(env: Environment) -> None:
+def test_a_state_file_that_keeps_changing_unreadable_refuses_the_lock(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by review (2026-12-04): it read as "no lock in the state file", so the lock was
     taken beside whatever lock another tool (the Go CLI, which locks only there and rewrites
     the file in place) may have recorded in it: mid-write, the file is not JSON. While the
@@ -249,6 +250,22 @@ def test_a_state_file_that_keeps_changing_unreadable_refuses_the_lock(env: Envir
             wrote.set()
             time.sleep(0.02)
 
+    # each read of the file comes after two of the writer's writes: it changes between any
+    # two reads, as a file the Go CLI keeps rewriting does, whatever the machine's load (a
+    # writer thread starved for the runbook's 0.5 s pause made it read as one unchanged
+    # corrupt file: CI, a loaded 2-core machine)
+    from runbook import state as statemod
+
+    real_read = statemod.read_lock
+
+    def read_after_writes(path: Path) -> Any:
+        if not stop.is_set():
+            for _ in range(2):
+                wrote.clear()
+                assert wrote.wait(10), "the writer wrote nothing in 10 s"
+        return real_read(path)
+
+    monkeypatch.setattr(statemod, "read_lock", read_after_writes)
     writer = threading.Thread(target=writing)
     writer.start()
     try:

@@ -254,6 +254,7 @@ def test_a_route_loaded_into_caddy_during_the_rollback_is_never_dropped(
     env = two_deployments(stack)  # green v2 stopped, blue v3 live
     text = env.caddy.caddyfile.read_text()
     patched = with_emergency_route(text)
+    load_only(env, text)  # Caddy runs the file, whatever an earlier test on this stack loaded
 
     try:
         with pytest.raises(RunbookError) as err:
@@ -943,8 +944,7 @@ def test_the_undo_of_a_failed_switch_loads_back_what_caddy_ran_not_the_file(
         export = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/export/all",
                                 timeout=10)
     finally:
-        drill_http.post(f"{env.caddy.admin_url}/load", content=text,
-                        headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        load_only(env, text)
     assert "restored" in str(err.value), err.value
     assert after == ran, "Caddy runs another config than before the failed switch"
     assert (export.status_code, export.text) == (503, "closed")
@@ -1000,13 +1000,14 @@ def test_an_undo_whose_own_load_went_unread_never_says_another_change_was_kept(
     had changed ... that change was kept" when only the switch itself had changed it, and
     on-call went looking for another environment's change. What it loads back is what ran
     before, and it says nothing of another change."""
-    env = stack.env
+    env = two_deployments(stack)  # blue v3 live
+    text = env.caddy.caddyfile.read_text()
     running = caddy.running_config(env)  # what the switch reads before its write
-    answer = drill_http.post(f"{env.caddy.admin_url}/load",
-                             content=stack.caddyfile_text(Slot.GREEN).encode("utf-8"),
-                             headers={"Content-Type": "text/caddyfile"}, timeout=10)
-    assert answer.status_code == 200, answer.text
-    config, said = traffic.undo_config(env, running, Slot.BLUE, Slot.GREEN, None)
+    try:
+        load_only(env, stack.caddyfile_text(Slot.GREEN))  # the switch's load, unread
+        config, said = traffic.undo_config(env, running, Slot.BLUE, Slot.GREEN, None)
+    finally:
+        load_only(env, text)  # Caddy as the file says: the next test's arrangement
     assert said is None, said
     assert caddy.first_difference(config, running) is None
 
