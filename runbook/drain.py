@@ -134,6 +134,7 @@ class Drain:
     front_kept: int = 0  # of them, shown to be the new config's
     front_new: int = 0  # accepted after the old config's listener left (not watched)
     switch_watched: bool = False  # the reload was watched: before/after sets known
+    unwatched: str = "no reload of this run's was seen"  # why not, when not (unwatched_why)
     listener_left_after: float | None = None  # seconds from /load's answer
     last_request: float | None = None  # seconds into the wait of the last pending request seen
     front_done_at: float | None = None  # seconds into the wait when (a) first held
@@ -185,7 +186,8 @@ class Drain:
                  f"closed, {self.front_kept} shown to be the new config's, {self.front_new} "
                  f"opened after the old listener left" if self.front_observed else "")
         if self.front_observed and not self.switch_watched:
-            front += " (the reload itself was not watched: every connection needed evidence)"
+            front += (f" (the reload itself was not watched: {self.unwatched}; every connection"
+                      " needed evidence)")
         if self.unread is not None:
             front += (f"; readings failed from {self.last_good or 0.0:.2f}s on ({self.unread};"
                       f" {self.failed_readings} failed in all): the last good one, not drained, "
@@ -501,6 +503,24 @@ _switches: dict[int, Switch] = {}
 _switches_lock = threading.Lock()
 
 
+def unwatched_why(switch: Switch | None) -> str:
+    """Why a drain's front was not sorted by the reload ("" when it was): the h2c notice
+    said "it finishes an interrupted one" for every case, and in CI a plain rollback on a
+    loaded host was left running with those words."""
+    if switch is None:
+        return ("this run watched no reload of Caddy's on that port (it finishes an interrupted"
+                f" one, or its reload is over {SWITCH_MAX_AGE:g}s old)")
+    if switch.at_close is not None:
+        return ""
+    if switch.late:
+        return ("the reading of Caddy's connections before the reload was not complete when "
+                "the reload went out (a loaded host)")
+    if not switch.listeners:
+        return "Caddy's listening socket was not seen before the reload"
+    return (f"Caddy's old listening socket was not seen leaving within {CLOSE_WATCH:g}s of "
+            "the reload")
+
+
 def front_port(proxy_url: str) -> int | None:
     """Caddy's listening port for the site, from the URL verification goes to."""
     url = urlsplit(proxy_url)
@@ -614,6 +634,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     if switch is not None and switch.thread is not None:
         switch.thread.join(max(0.0, min(timeout, CLOSE_WATCH)))
     sorted_front = switch is not None and switch.at_close is not None
+    why_unwatched = unwatched_why(switch)
     ports = [port] + ([front] if front is not None else [])
     shown = visible(ports)
     front_observed = shown is not None and front is not None and front in shown
@@ -640,6 +661,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                      front_closed=watch.closed,
                      front_kept=sum(s.kept for s in watch.front.values()),
                      front_new=watch.new, switch_watched=sorted_front,
+                     unwatched=why_unwatched,
                      listener_left_after=switch.closed_after if switch else None,
                      last_request=last_request, front_done_at=front_done_at,
                      readings=readings, failed_readings=failed, **more)

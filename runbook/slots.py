@@ -106,8 +106,8 @@ def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool, *,
         return "Caddy's listening port cannot be observed from here"
     if not drained.switch_watched and drained.front_kept > 0:
         return (f"{drained.front_kept} connection(s) on Caddy's port still carry requests, and "
-                "this run did not watch the switch (it finishes an interrupted one), so it "
-                "cannot tell whether they are the previous config's")
+                f"the switch was not watched ({drained.unwatched}), so this run cannot tell "
+                "whether they are the previous config's")
     return None
 
 

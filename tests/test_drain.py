@@ -453,6 +453,41 @@ def test_a_watched_reload_sorts_the_front() -> None:
     assert script.reads >= 16  # the old one's close, then the answered one's idle settle
 
 
+
+def test_the_h2c_notice_says_why_the_switch_was_not_watched() -> None:
+    """A plain rollback on the h2c shape was left running in CI with "this run did not watch
+    the switch (it finishes an interrupted one)": its watch had missed the reload, which the
+    notice put down to the one cause it knew. Each way a watch misses is named now; the
+    slot is still left running for all of them (over h2c nothing else tells the connections
+    apart). The front connection shows a request after an answer (kept by evidence)."""
+    states = [(1000, 1000, 30, 31), (1000, 1100, 40, 2), (1200, 1100, 1, 3), (1200, 1200, 4, 1)]
+    release = threading.Event()
+    still_reading = drain.Switch(FRONT)
+    still_reading.reading = threading.Thread(target=release.wait, daemon=True)
+    still_reading.reading.start()
+    still_reading.seal()  # the reload goes out while the reading before it still runs
+    release.set()
+    assert still_reading.late
+    still_reading.loaded_at = 0.0
+    cases = {
+        "it finishes an interrupted one": None,
+        "was not complete when the reload went out": still_reading,
+        "listening socket was not seen before the reload": drain.Switch(FRONT, loaded_at=0.0),
+        "old listening socket was not seen leaving within 1s": drain.Switch(
+            FRONT, frozenset({5001}), frozenset(), loaded_at=0.0),
+    }
+    for cause, switch in cases.items():
+        script = Script([reading(sock(FRONT, 50000, 901, *st)) for st in states] * 3)
+        result = script.wait(settle=5.0, switch=switch)
+        assert result.drained and not result.switch_watched and result.front_kept == 1, result
+        why = slots._held_for_h2c(result, True, True)
+        assert why is not None and cause in why, (cause, why)
+        assert ("interrupted" in why) == (switch is None), why
+        assert cause in result.describe(), result.describe()
+    watched = drain.Switch(FRONT, frozenset({5001}), frozenset(), loaded_at=0.0,
+                           at_close=frozenset())
+    assert drain.unwatched_why(watched) == ""
+
 @pytest.mark.skipif(drain.listening([1]) is None, reason="needs `ss` (iproute2) on this host")
 def test_real_sockets_a_watched_reload_knows_the_old_connection_from_the_new() -> None:
     """Two SO_REUSEPORT listeners on one port as Caddy 2.6 has them across a reload: the
