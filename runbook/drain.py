@@ -459,6 +459,7 @@ class Switch:
     at_close: frozenset[Key] | None = None  # None: the old listener was not seen leaving
     closed_after: float | None = None  # seconds from /load's answer to that reading
     late: bool = False  # the reading before was not complete when /load went out: dropped
+    watch_failed: bool = False  # a reading after /load failed: the close was not looked for
     reading: threading.Thread | None = field(default=None, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
     _sealed: bool = field(default=False, repr=False)
@@ -490,6 +491,7 @@ class Switch:
         while clock() - self.loaded_at < CLOSE_WATCH:
             seen = read(self.front)
             if seen is None:
+                self.watch_failed = True
                 return
             listeners, established = seen
             if listeners and not listeners & self.listeners:
@@ -517,6 +519,8 @@ def unwatched_why(switch: Switch | None) -> str:
                 "the reload went out (a loaded host)")
     if not switch.listeners:
         return "Caddy's listening socket was not seen before the reload"
+    if switch.watch_failed:
+        return "a reading of Caddy's port failed while the reload was watched"
     return (f"Caddy's old listening socket was not seen leaving within {CLOSE_WATCH:g}s of "
             "the reload")
 

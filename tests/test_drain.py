@@ -469,12 +469,15 @@ def test_the_h2c_notice_says_why_the_switch_was_not_watched() -> None:
     release.set()
     assert still_reading.late
     still_reading.loaded_at = 0.0
+    failed = drain.Switch(FRONT, frozenset({5001}), frozenset(), loaded_at=time.monotonic())
+    failed.watch_close(lambda front: None)  # `ss` failed right after the reload
     cases = {
         "it finishes an interrupted one": None,
         "was not complete when the reload went out": still_reading,
         "listening socket was not seen before the reload": drain.Switch(FRONT, loaded_at=0.0),
         "old listening socket was not seen leaving within 1s": drain.Switch(
             FRONT, frozenset({5001}), frozenset(), loaded_at=0.0),
+        "a reading of Caddy's port failed while the reload was watched": failed,
     }
     for cause, switch in cases.items():
         script = Script([reading(sock(FRONT, 50000, 901, *st)) for st in states] * 3)
