@@ -2335,3 +2335,179 @@ def test_a_drain_lost_on_the_maintenance_path_is_not_reported_as_started_again(
     assert "every drained host was started again" not in err
     assert fleet.serving("host3")[0] >= 500  # it is down indeed (the oracle: its Caddy)
     assert fleet.serving("host1")[0] == 200 and fleet.serving("host2")[0] == 200
+
+
+# -- two environments on the same hosts (review twoenvfleet) -----------------------------------
+
+TWO_ENVS = """\
+all:
+  vars:
+    ansible_host: 127.0.0.1
+    ansible_port: 1
+  children:
+    dev:
+      vars: {runbook_env: development, fleet_lock_host: host1}
+      children:
+        canary:
+          hosts: {host1: null}
+    stg:
+      vars: {runbook_env: staging, fleet_lock_host: host2}
+      children:
+        stg_canary:
+          hosts: {host2: null}
+        stg_web:
+          hosts: {host3: null}
+"""
+
+
+def test_the_fleet_lock_host_is_the_selected_hosts_own(tmp_path: Path) -> None:
+    """`fleet_lock_host` is read from the hosts the run selected: a staging run (`--limit stg`)
+    took development's lock on host1 (blocked by a development run, blind to staging's)."""
+    path = tmp_path / "inventory.yml"
+    path.write_text(TWO_ENVS)
+    inventory = inv.read(path)
+    assert inventory.select("stg") == ["host2", "host3"]
+    assert inventory.lock_host == "host2"
+    assert inventory.select("dev") == ["host1"]
+    assert inventory.lock_host == "host1"
+
+
+def _refused_before_any_host(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A fleet run on hosts that do not exist (port 1): a refusal before any SSH is the only
+    way it can end in exit 2 with a one-line error."""
+    return subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--yes", *args],
+                          capture_output=True, text=True, check=False, timeout=300)
+
+
+def test_a_selection_of_two_environments_is_refused_before_any_host(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(TWO_ENVS)
+    proc = _refused_before_any_host(path, "--dry-run", "--journal-dir", str(tmp_path / "j"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "development on host1" in proc.stderr and "staging on host2, host3" in proc.stderr
+    assert "--limit" in proc.stderr and "nothing was changed" in proc.stderr
+
+
+def test_a_fleet_lock_host_of_another_environment_is_refused_before_any_host(
+        tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yml"
+    path.write_text(TWO_ENVS.replace("{runbook_env: staging, fleet_lock_host: host2}",
+                                     "{runbook_env: staging, fleet_lock_host: host1}"))
+    proc = _refused_before_any_host(path, "--limit", "stg", "--canary-group", "stg_canary",
+                                    "--dry-run", "--journal-dir", str(tmp_path / "j"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "host1" in proc.stderr and "development" in proc.stderr and "staging" in proc.stderr
+
+
+def _staging_run_journal(journal: Path, inventory: Path, **extra: object) -> str:
+    """A finished staging fleet run that rolled back host2 and host3 (as written by one)."""
+    run_id = "fleet_20261205_113116_ef2134"
+    journal.mkdir(exist_ok=True)
+    record = {"fleet_run_id": run_id, "inventory": str(inventory), "dry_run": False,
+              "limit": "stg", "resumed_from": None, "lock_host": "host2",
+              "hosts_selected": ["host2", "host3"], "outcome": "rolled back", "exit_code": 0,
+              "database": {"host": "host2", "status": "ok"},
+              "hosts": {h: {"status": "rolled back"} for h in ("host2", "host3")},
+              "controller": {"hostname": "elsewhere", "pid": 1, "pid_start": None}, **extra}
+    (journal / f"{run_id}.json").write_text(json.dumps(record))
+    return run_id
+
+
+def test_a_resume_of_another_environments_fleet_run_is_refused_and_changes_nothing(
+        tmp_path: Path) -> None:
+    """The journal folder is shared by environments: a development run resuming a staging
+    run's id skipped every host as 'rolled back' and said so with exit 0."""
+    mixed, dev = tmp_path / "mixed.yml", tmp_path / "dev.yml"
+    mixed.write_text(TWO_ENVS)
+    dev.write_text(TWO_ENVS.replace("runbook_env: staging", "runbook_env: development")
+                   .replace("fleet_lock_host: host2", "fleet_lock_host: host1"))
+    run_id = _staging_run_journal(tmp_path / "j", mixed,
+                                  environments={"host2": "staging", "host3": "staging"})
+    proc = _refused_before_any_host(dev, "--limit", "host2,host3", "--resume", run_id,
+                                    "--journal-dir", str(tmp_path / "j"))
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "host2 staging" in proc.stderr and "development" in proc.stderr
+    assert "resume command that run printed" in proc.stderr
+
+
+def test_a_resume_of_an_older_journal_without_environments_of_another_inventory_is_refused(
+        tmp_path: Path) -> None:
+    """A journal written before environments were recorded: its inventory is compared (the
+    only thing it says); another inventory's run is refused, exit 2."""
+    mixed, dev = tmp_path / "mixed.yml", tmp_path / "dev.yml"
+    mixed.write_text(TWO_ENVS)
+    dev.write_text(TWO_ENVS.replace("runbook_env: staging", "runbook_env: development")
+                   .replace("fleet_lock_host: host2", "fleet_lock_host: host1"))
+    run_id = _staging_run_journal(tmp_path / "j", mixed)
+    proc = _refused_before_any_host(dev, "--limit", "host2,host3", "--resume", run_id,
+                                    "--journal-dir", str(tmp_path / "j"))
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert str(mixed) in proc.stderr and "records no environment" in proc.stderr
+
+
+def _staging_on(fleet: DrillFleet, names: list[str]) -> dict[str, Environment]:
+    """A second environment, staging, on these drill hosts (the review's set-up): its own
+    environment file, state file, runs and logs, the lock folder shared with development."""
+    envs = {}
+    for name in names:
+        h = fleet.host(name)
+        d = h.stack.run_dir / "stg"
+        (d / "runs").mkdir(parents=True, exist_ok=True)
+        (d / "logs").mkdir(exist_ok=True)
+        text = h.env.state_file.read_text().replace('"development"', '"staging"')
+        (d / "deployment-state.json").write_text(text)
+        src = h.stack.run_dir / "stg.toml"
+        e = h.env.with_(name="staging", state_file=d / "deployment-state.json",
+                        runs_dir=d / "runs", log_dir=d / "logs", source=src)
+        src.write_text(envmod.to_toml(e))
+        envs[name] = e
+    return envs
+
+
+def _mixed_inventory(fleet: DrillFleet, path: Path, envs: dict[str, Environment]) -> Path:
+    common = (f"    runbook_command: {fleet.runbook_command}\n"
+              f"    ansible_ssh_common_args: -F {fleet.ssh_config}\n"
+              "    ansible_python_interpreter: /usr/bin/python3\n"
+              f"    ansible_control_path_dir: {fleet.dir / 'cp'}\n")
+    path.write_text(
+        "all:\n  vars:\n" + common + "  children:\n"
+        "    dev:\n      vars: {runbook_env: development, fleet_lock_host: host1}\n"
+        "      children:\n        canary:\n          hosts: {host1: null}\n"
+        "    stg:\n      vars: {runbook_env: staging, fleet_lock_host: host2}\n"
+        "      children:\n"
+        "        stg_canary:\n          hosts:\n            host2:\n"
+        f"              runbook_environment: {{RUNBOOK_CONFIG: {envs['host2'].source}}}\n"
+        "        stg_web:\n          hosts:\n            host3:\n"
+        f"              runbook_environment: {{RUNBOOK_CONFIG: {envs['host3'].source}}}\n")
+    return path
+
+
+@pytest.mark.docker
+def test_a_live_fleet_lock_of_the_targets_environment_on_a_target_refuses_with_exit_3(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Another staging fleet run holds staging's fleet lock on host2: a staging run is refused
+    (exit 3) and changes nothing. It ran past it (exit 0, both hosts rolled back)."""
+    import socket
+
+    envs = _staging_on(fleet_on_v3, ["host2", "host3"])
+    mixed = _mixed_inventory(fleet_on_v3, tmp_path / "mixed.yml", envs)
+    hostlock.take(envs["host2"], fleet_run_id="fleet_20261205_090000_bbbbbb",
+                  locked_by="bob@ctl3", hostname=socket.gethostname(), pid=os.getpid(),
+                  reason="staging-fleet-rollback")
+    try:
+        before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
+        proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(mixed), "--limit", "stg",
+                               "--canary-group", "stg_canary", "--yes", "--journal-dir",
+                               str(tmp_path / "j")], capture_output=True, text=True,
+                              check=False, timeout=600)
+        assert proc.returncode == 3, proc.stderr + proc.stdout
+        assert "bob@ctl3" in proc.stderr and "nothing was changed" in proc.stderr
+        assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+        held = hostlock.status(envs["host2"])
+        assert held is not None and held.holder["fleet_run_id"] == "fleet_20261205_090000_bbbbbb"
+    finally:
+        hostlock.release(envs["host2"], "fleet_20261205_090000_bbbbbb")

@@ -54,6 +54,7 @@ class Inventory:
     groups: dict[str, list[str]]
     hostvars: dict[str, dict[str, Any]]
     canary_group: str = "canary"
+    selected: list[str] = field(default_factory=list)  # the run's hosts (`select`); [] all
 
     @property
     def canary(self) -> list[str]:
@@ -64,8 +65,10 @@ class Inventory:
 
     @property
     def lock_host(self) -> str:
-        """`fleet_lock_host` (any host's var, e.g. from group all), else the first canary host."""
-        for host in self.hosts:
+        """`fleet_lock_host` (the first selected host's that has it, e.g. from its group),
+        else the first canary host. Read from the selection, not the whole inventory: a
+        staging run (`--limit stg`) took development's fleet lock on development's host."""
+        for host in [h for h in self.hosts if h in self.selected] or self.hosts:
             chosen = self.var(host, "fleet_lock_host")
             if chosen:
                 if chosen not in self.hosts:
@@ -83,7 +86,8 @@ class Inventory:
         """Hosts (canary first, then declared order) matching `--limit` (host or group names)."""
         ordered = self.canary + [h for h in self.hosts if h not in self.canary]
         if not limit:
-            return ordered
+            self.selected = ordered
+            return list(ordered)
         wanted: set[str] = set()
         for item in (x.strip() for x in limit.split(",")):
             if not item:
@@ -95,7 +99,12 @@ class Inventory:
             else:
                 raise UsageError(f"--limit names {item!r}, which is neither a host nor a group "
                                  "of the inventory", "hosts: " + ", ".join(self.hosts))
-        return [h for h in ordered if h in wanted]
+        self.selected = [h for h in ordered if h in wanted]
+        return list(self.selected)
+
+    def env(self, host: str) -> str:
+        """The host's `runbook_env` (the environment its runbook commands name)."""
+        return str(self.var(host, "runbook_env", "production"))
 
 
 def read(path: Path, canary_group: str = "canary") -> Inventory:

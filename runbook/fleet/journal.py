@@ -53,6 +53,9 @@ class FleetJournal:
             "inventory": str(inventory.path), "dry_run": options.dry_run,
             "limit": options.limit, "resumed_from": options.resume,
             "lock_host": inventory.lock_host, "hosts_selected": targets,
+            # each selected host's environment: a resume from another environment (the
+            # journal folder is shared by all) is refused, never taken as rolled back
+            "environments": {h: inventory.env(h) for h in inventory.selected or targets},
             "canary": [h for h in targets if h in inventory.canary],
             # as given: the resume command a dead run's refusal names is built from them
             "canary_group": inventory.canary_group, "batches_spec": options.batches,

@@ -430,9 +430,13 @@ def _one_line(text: str) -> str:
 
 def preflight(events: Events, inventory: Inventory, targets: list[str], *,
               take_lock: bool, fleet_run_id: str = "FLEET_RUN",
-              env_name: str = "ENV") -> tuple[dict[str, dict[str, Any]], list[str],
-                                               dict[str, Any]]:
+              env_name: str = "ENV", take_over: str = "") -> tuple[
+                  dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     """Read the lock and every host's pre-flight; (checks, problem lines, what the take said).
+
+    Every target's own fleet lock (its environment's, as its host-check reads it) held live
+    by another fleet run refuses the run (exit 3; a problem line in a dry run): only the lock
+    host's was read, so two runs of one environment with different lock hosts both ran.
 
     A lock host that is also a target takes the lock in its own host-check (one SSH round
     trip: `host-check --take-lock`, its answer under "fleet_lock_take"); otherwise the play's
@@ -480,6 +484,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             raise error
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
+    others: list[str] = []  # another fleet run's live lock on a target (take_lock)
     results = events.results.get("host-check", {})
     for host in targets:
         if host in events.unreachable:
@@ -501,13 +506,73 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                             f"{data.get('fleet_protocol')}, this controller {FLEET_PROTOCOL}: "
                             "install the same togather-runbook version on every host")
         held = data.get("fleet_lock", {})
-        if (not take_lock and host == inventory.lock_host and held.get("locked")
-                and not held.get("stale")):
-            problems.append(f"{host}: fleet lock: held by {held.get('summary')}")
+        holder = (held.get("holder") or {}).get("fleet_run_id")
+        if (held.get("locked") and not held.get("stale")
+                and holder not in (fleet_run_id, take_over or None)):
+            (others if take_lock else problems).append(
+                f"{host}: fleet lock: held by {held.get('summary')} (environment "
+                f"{data.get('environment')})")
         for p in data.get("problems", []):
             problems.append(f"{host}: {p.get('check')}: {p.get('message')}"
                             + (f" ({p['fix']})" if p.get("fix") else ""))
+    if others:
+        raise FleetError(f"the fleet lock of this environment is held by another fleet run "
+                         f"on {', '.join(x.split(':')[0] for x in others)}; nothing was changed",
+                         "wait for that fleet run to finish (`runbook fleet lock "
+                         f"{env_name} --status` there says who holds it); a stale one is "
+                         "taken over", exit_code=ExitCode.LOCKED, lines=others)
     return checks, problems, lock_res
+
+
+def _limit_for(inventory: Inventory, hosts: list[str]) -> str:
+    """What `--limit` selects these hosts by: a group of exactly them, else their names."""
+    exact = [g for g, members in inventory.groups.items()
+             if g not in ("all", "ungrouped") and set(members) == set(hosts)]
+    exact.sort(key=lambda g: g == inventory.canary_group)  # the canary group last
+    return exact[0] if exact else ",".join(hosts)
+
+
+def _one_environment(inventory: Inventory, targets: list[str], envs: dict[str, str],
+                     subject: str = "the selected hosts are of") -> str | None:
+    """Why these hosts cannot be one fleet run (None: they can). One run is one environment:
+    one fleet lock, one database judgement, one maintenance restore; a selection of two ran
+    as one fleet, with the lock, database and restore of the lock host's environment."""
+    by_env: dict[str, list[str]] = {}
+    for host in targets:
+        by_env.setdefault(envs[host], []).append(host)
+    if len(by_env) < 2:
+        return None
+    return (f"{subject} {len(by_env)} environments ("
+            + "; ".join(f"{e} on {', '.join(hs)}" for e, hs in by_env.items())
+            + "): one fleet run rolls back one environment; nothing was changed; run once "
+            "per environment, --limit naming one environment's hosts ("
+            + " or ".join(f"--limit {_limit_for(inventory, hs)}" for hs in by_env.values())
+            + ")")
+
+
+def _same_environments(resumed: dict[str, Any], inventory: Inventory,
+                       targets: list[str]) -> None:
+    """Refuse (exit 2) a resume of another environment's fleet run: the journal folder is
+    shared by every environment and inventory, and hosts are matched by name, so a staging
+    run's hosts read as 'rolled back' for development (exit 0, never rolled back). A journal
+    written before environments were recorded is compared by its inventory, all it says."""
+    run = resumed.get("fleet_run_id", "?")
+    recorded = resumed.get("environments")
+    fix = "use the resume command that run printed (same inventory, same --limit)"
+    if not isinstance(recorded, dict):
+        theirs = str(resumed.get("inventory") or "?")
+        if Path(theirs).resolve() != inventory.path.resolve():
+            raise UsageError(f"--resume {run}: that fleet run was of the inventory {theirs}, "
+                             f"not {inventory.path}, and its journal records no environment "
+                             "(written by an older runbook); nothing was changed", fix)
+        return
+    other = {h: str(recorded[h]) for h in targets
+             if h in recorded and str(recorded[h]) != inventory.env(h)}
+    if other:
+        raise UsageError(f"--resume {run}: that fleet run was of another environment ("
+                         + ", ".join(f"{h} {e}" for h, e in other.items())
+                         + f"), this one of {inventory.env(next(iter(other)))}; nothing was "
+                         "changed", fix)
 
 
 def database_phase(checks: dict[str, dict[str, Any]], db_host: str) -> dict[str, Any]:
@@ -1081,8 +1146,22 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     targets = inventory.select(options.limit)
     if not targets:
         raise UsageError("no host selected", "check --limit against the inventory")
+    envs = {h: inventory.env(h) for h in targets}
+    mixed = _one_environment(inventory, targets, envs)
+    if mixed is not None:  # before any SSH, from the inventory's runbook_env
+        message, fix = mixed.rsplit("; ", 1)
+        raise UsageError(message, fix)
+    lock_env = inventory.env(inventory.lock_host)
+    if lock_env != envs[targets[0]]:
+        raise UsageError(f"the fleet lock host {inventory.lock_host} is of environment "
+                         f"{lock_env}, the selected hosts of {envs[targets[0]]}: their fleet "
+                         "lock would not be the one taken; nothing was changed",
+                         f"set fleet_lock_host to a host of {envs[targets[0]]} in these "
+                         "hosts' vars (e.g. their group's)")
     left_out = [h for h in inventory.hosts if h not in targets]
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
+    if resumed is not None:
+        _same_environments(resumed, inventory, targets)
     # a resume drains only what it names when the run it resumes has restored the database
     # (never restored again); one that stopped before its restore restores it now, so every
     # host must be drained first, as on a first run (found by review)
@@ -1174,10 +1253,23 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                                    env_name=str(inventory.var(
                                                        inventory.lock_host, "runbook_env",
                                                        "production")),
-                                                   take_lock=not options.dry_run)
+                                                   take_lock=not options.dry_run,
+                                                   take_over=take_over)
         except FleetError as exc:
             _name_the_resume(exc, options)
             raise
+        # what the hosts report (a RUNBOOK_CONFIG in runbook_environment names it), the lock
+        # host's among them: one environment, as the inventory's runbook_env said
+        said = {h: str(checks[h].get("environment") or envs[h]) for h in targets if h in checks}
+        lock_said = _last_json(str(events.results.get("host-check", {}).get(
+            inventory.lock_host, {}).get("stdout", ""))) or {}
+        if lock_said.get("environment") and inventory.lock_host not in said:
+            said[inventory.lock_host] = str(lock_said["environment"])
+        mixed = _one_environment(inventory, list(said), said, "the selected hosts (and the "
+                                 "fleet lock host) report")
+        if mixed is not None:
+            message, fix = mixed.rsplit("; ", 1)
+            raise FleetError(message, fix, exit_code=ExitCode.USAGE)
         problems += _changed_since(checks, targets, started_from)
         problems += _rolled_back_already(checks, targets)
         problems += _mixed_releases(checks, targets)
