@@ -54,6 +54,8 @@ all:
       hosts:
         web5:
 """
+# the same hosts, all of one environment: a fleet run is refused on INVENTORY (web1 staging)
+ONE_ENV_INVENTORY = INVENTORY.replace("          runbook_env: staging\n", "")
 
 
 # -- plan --------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def test_a_bad_batch_spec_is_a_usage_error(spec: str) -> None:
 
 def test_a_bad_batch_spec_is_one_line_exit_2_before_any_host(tmp_path: Path) -> None:
     path = tmp_path / "inventory.yml"
-    path.write_text(INVENTORY)
+    path.write_text(ONE_ENV_INVENTORY)
     proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run", "--batches",
                            "1,inf%"], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -2084,7 +2086,7 @@ def test_a_fleet_journal_that_cannot_be_written_at_the_start_refuses_before_any_
     under a file) refuses the run in one line, exit 4, before any host or lock is asked (a
     run without one leaves nothing for its resume). It was "unexpected failure", exit 5."""
     inventory = tmp_path / "inventory.yml"
-    inventory.write_text(INVENTORY)
+    inventory.write_text(ONE_ENV_INVENTORY)
     (tmp_path / "file").write_text("")
     journal = tmp_path / "file" / "journal"
     proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(inventory), "--yes",
@@ -2281,7 +2283,7 @@ def test_maintenance_with_a_limit_that_leaves_hosts_out_is_refused(tmp_path: Pat
     """The restore replaces the database every host shares; a host --limit leaves out is not
     drained and goes on serving the new code on the restored schema. Refused first."""
     path = tmp_path / "inventory.yml"
-    path.write_text(INVENTORY)
+    path.write_text(ONE_ENV_INVENTORY)
     proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--maintenance",
                            "--limit", "web3,web1", "--dry-run"], capture_output=True, text=True,
                           check=False, timeout=120)
@@ -2298,8 +2300,8 @@ def test_a_maintenance_resume_leaves_hosts_out_only_once_the_database_is_restore
     `--limit web1,web2` then drained those two only: the others went on serving the new code
     on the restored schema. Exempt only when the resumed run restored it (never again)."""
     path = tmp_path / "inventory.yml"
-    path.write_text(INVENTORY)
-    journal = {"fleet_run_id": "fleet_stopped", "outcome": "stopped",
+    path.write_text(ONE_ENV_INVENTORY)
+    journal = {"fleet_run_id": "fleet_stopped", "outcome": "stopped", "inventory": str(path),
                "maintenance_drain_started": True, "hosts": {},
                "database": {"host": "web1", "status": database}}
     (tmp_path / "fleet_stopped.json").write_text(json.dumps(journal))
@@ -2511,3 +2513,18 @@ def test_a_live_fleet_lock_of_the_targets_environment_on_a_target_refuses_with_e
         assert held is not None and held.holder["fleet_run_id"] == "fleet_20261205_090000_bbbbbb"
     finally:
         hostlock.release(envs["host2"], "fleet_20261205_090000_bbbbbb")
+
+
+def test_fix_texts_name_the_hosts_environment_not_a_literal_env() -> None:
+    """On hosts carrying two environments, `runbook status ENV` left on-call to guess which;
+    the environment is known (the host-check's, the run's one)."""
+    from runbook.fleet.rollout import UNKNOWN_NOT_RECORDED, _resume_targets, _rolled_back_already
+
+    checks = {"host2": {"environment": "staging",
+                        "deployment": {"version": "v2", "rolled_back_from": "v3"}}}
+    [line] = _rolled_back_already(checks, ["host2"])
+    assert "`runbook rollback staging --to VERSION`" in line and "ENV" not in line
+    earlier = {"host2": {"status": UNKNOWN_NOT_RECORDED, "fleet_run_id": "fleet_x"}}
+    with pytest.raises(RunbookError) as refused:
+        _resume_targets(["host2"], earlier, set(), "fleet_x", "staging")
+    assert "`runbook status staging`" in str(refused.value.fix)

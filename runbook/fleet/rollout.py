@@ -473,7 +473,8 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             msg = err.get("error") or "no answer"
             code = err.get("exit_code", 3)
             error = FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
-                               err.get("fix") or "see `runbook fleet lock ENV --status` there",
+                               err.get("fix")
+                               or f"see `runbook fleet lock {env_name} --status` there",
                                exit_code=ExitCode(code) if code in (2, 3, 4) else ExitCode.LOCKED)
             # refused in so many words: not ours. No answer (the connection dropped after the
             # command ran): it may be ours, so it is released by this run's id (someone
@@ -694,6 +695,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                             journal: fjournal.FleetJournal, decision: dict[str, Any],
                             say: Callable[[str], None], interrupts: _Interrupts) -> None:
     events = run.events
+    env = inventory.env(inventory.lock_host)  # the run's one environment
     t0 = time.time()
     try:
         run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
@@ -767,8 +769,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         raise FleetError(f"maintenance: the outcome of the restore on {decision['host']} is "
                          f"unknown ({how}); the database may or may not be restored; THE "
                          "SERVICE IS DOWN on every host (left drained)",
-                         f"on {decision['host']} run `runbook status ENV` and read its last run "
-                         "record (~/.togather/runs/) and `runbook snapshot list ENV` to see "
+                         f"on {decision['host']} run `runbook status {env}` and read its last "
+                         f"run record (~/.togather/runs/) and `runbook snapshot list {env}` to see "
                          "whether the restore finished; do not start the hosts on an unknown "
                          "database", exit_code=ExitCode.ATTENTION, lines=failed)
     undo = {h: ",".join(c) for h, c in drained.items() if c}
@@ -786,8 +788,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
             raise FleetError(f"maintenance stopped before the restore ({why}); the database "
                              f"was not touched, but {', '.join(left)} could not be started "
                              "again: THE SERVICE IS DOWN there",
-                             "start its app slot there (`runbook fleet drain ENV --undo ...`, "
-                             "`runbook status ENV`)", exit_code=ExitCode.ATTENTION,
+                             f"start its app slot there (`runbook fleet drain {env} --undo "
+                             f"...`, `runbook status {env}`)", exit_code=ExitCode.ATTENTION,
                              lines=failed)
     # a drain that started and did not say what it stopped (it failed, or its connection was
     # lost) may have stopped the host's slots: never reported as "started again"
@@ -797,7 +799,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                          "touched and the drained hosts were started again, but the drain of "
                          f"{', '.join(lost)} failed or was lost: THE SERVICE MAY BE DOWN there",
-                         "on each, run `runbook status ENV`; if its slots are stopped, start "
+                         f"on each, run `runbook status {env}`; if its slots are stopped, start "
                          "the one Caddy serves (`docker start <container>`), then run the same "
                          "command again", exit_code=ExitCode.ATTENTION, lines=failed)
     sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
@@ -840,7 +842,7 @@ def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
 
 
 def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], named: set[str],
-                    resume: str | None) -> tuple[list[str], dict[str, str]]:
+                    resume: str | None, env: str = "ENV") -> tuple[list[str], dict[str, str]]:
     """The hosts a resume rolls back, and those it skips (rolled back in the chain, with why).
 
     A host whose outcome is unknown there (unreachable during its rollback, or its own exit 5)
@@ -852,7 +854,8 @@ def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], nam
     if unknown:
         raise FleetError(f"--resume {resume}: {', '.join(unknown)} had an unknown outcome in "
                          "that run and --limit does not name it; nothing was changed",
-                         "check it first (`runbook status ENV` there), then name it in --limit "
+                         f"check it first (`runbook status {env}` there), then name it in "
+                         "--limit "
                          "to include it (a host rolled back since is still refused), or leave "
                          "it out", exit_code=ExitCode.USAGE,
                          lines=[f"{h}: {earlier[h]['status']} in fleet run "
@@ -860,7 +863,7 @@ def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], nam
     return [h for h in selected if h not in skipped], skipped
 
 
-def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
+def _unfinished(resumed: dict[str, Any], say: Callable[[str], None], env: str = "ENV") -> str:
     """A resumed run that never finished: refused while its controller still runs (here);
     otherwise say what happened (its controller died: kill -9, a crash, a power loss). Returns
     its fleet run id when its controller ran on this machine and is gone (its fleet lock is
@@ -880,9 +883,9 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None]) -> str:
                          "the drain or the restore): hosts may be DOWN and the database may or "
                          "may not be restored; a resume would not know whether to restore; "
                          "nothing was changed", f"on {database.get('host', 'the lock host')} "
-                         "run `runbook status ENV` and `runbook snapshot list ENV`; once its "
+                         f"run `runbook status {env}` and `runbook snapshot list {env}`; once its "
                          f"controller is surely gone, release its fleet lock on the lock host "
-                         f"(`runbook fleet lock ENV --release --fleet-run {run_id}`: the lock "
+                         f"(`runbook fleet lock {env} --release --fleet-run {run_id}`: the lock "
                          "host cannot see the controller's process, so the lock would hold for "
                          "its whole lifetime), then run the fleet rollback again without "
                          "--resume: its pre-flight judges the database anew (--maintenance only "
@@ -912,7 +915,7 @@ def _gone_here(record: dict[str, Any]) -> bool:
 _RUN_ID = re.compile(r"fleet_\d{8}_\d{6}_[0-9a-f]{6}")
 
 
-def _name_the_resume(refused: FleetError, options: Options) -> None:
+def _name_the_resume(refused: FleetError, options: Options, env: str = "ENV") -> None:
     """A fleet lock held by a run of this machine whose controller is gone (kill -9, a crash,
     or a run that recorded its outcome but could not release its lock: the lock host
     unreachable at its end, or killed before the release): the lock host cannot see this
@@ -930,7 +933,7 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
     if record.get("dry_run") or not _gone_here(record):
         return
     pid = (record.get("controller") or {}).get("pid")
-    release = f"`runbook fleet lock ENV --release --fleet-run {run_id}`"
+    release = f"`runbook fleet lock {env} --release --fleet-run {run_id}`"
     outcome = record.get("outcome")
     earlier, _ = _earlier(record)
     selected = [h for h in record.get("hosts_selected") or [] if isinstance(h, str)]
@@ -950,7 +953,7 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
             # its resume is refused (_unfinished): whether the database was restored is unknown
             refused.fix = (f"it stopped during its maintenance drain or restore: hosts may be "
                            "DOWN and the database may or may not be restored; check `runbook "
-                           "status ENV` and `runbook snapshot list ENV` on the lock host, "
+                           f"status {env}` and `runbook snapshot list {env}` on the lock host, "
                            f"release its lock there ({release}), then run the fleet rollback "
                            "again without --resume")
             return
@@ -967,9 +970,9 @@ def _name_the_resume(refused: FleetError, options: Options) -> None:
         # where this run looked (a record written before resume commands named it)
         resume += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
     unknown = [h for h in selected if earlier.get(h, {}).get("status") in UNKNOWN_OUTCOMES]
-    check = ("; first check each host it recorded no outcome for (`runbook status ENV` "
+    check = (f"; first check each host it recorded no outcome for (`runbook status {env}` "
              "there)" if outcome is None and record.get("rollout_started") else
-             f"; first check {', '.join(unknown)} (`runbook status ENV` there): its outcome "
+             f"; first check {', '.join(unknown)} (`runbook status {env}` there): its outcome "
              "was unknown" if unknown else "")
     refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
                    f"host it rolled back again{check}); or, to start afresh, release the lock "
@@ -1022,7 +1025,8 @@ def _rolled_back_already(checks: dict[str, dict[str, Any]], targets: list[str]) 
             out.append(f"{host}: already rolled back (it runs {deployment.get('version')}, "
                        f"rolled back from {left}): its rollback would go forward to {left}; "
                        "leave it out with --limit (to go further back, roll it on its own: "
-                       "`runbook rollback ENV --to VERSION` there)")
+                       f"`runbook rollback {data.get('environment') or 'ENV'} --to VERSION` "
+                       "there)")
     return out
 
 
@@ -1158,6 +1162,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                          "lock would not be the one taken; nothing was changed",
                          f"set fleet_lock_host to a host of {envs[targets[0]]} in these "
                          "hosts' vars (e.g. their group's)")
+    env_name = envs[targets[0]]  # the run's one environment, named in its fix texts
     left_out = [h for h in inventory.hosts if h not in targets]
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
     if resumed is not None:
@@ -1181,7 +1186,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     take_over = ""
     if resumed is not None and not resumed.get("dry_run"):
         if resumed.get("outcome") is None:
-            take_over = _unfinished(resumed, say)
+            take_over = _unfinished(resumed, say, env_name)
         elif _gone_here(resumed):
             # it recorded its outcome but its lock may be left behind (its release failed,
             # the lock host unreachable at its end; or killed before the release): the lock
@@ -1189,7 +1194,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             take_over = str(resumed.get("fleet_run_id", ""))
     earlier, started_from = _earlier(resumed)
     targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
-                                       options.resume)
+                                       options.resume, env_name)
     fleet_run_id = fjournal.new_id()
     skip_lines = [f"{h}: skipped: {why}" for h, why in skipped.items()]
     for line in skip_lines:
@@ -1250,13 +1255,11 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         try:
             checks, problems, lock_res = preflight(events, inventory, targets,
                                                    fleet_run_id=fleet_run_id,
-                                                   env_name=str(inventory.var(
-                                                       inventory.lock_host, "runbook_env",
-                                                       "production")),
+                                                   env_name=env_name,
                                                    take_lock=not options.dry_run,
                                                    take_over=take_over)
         except FleetError as exc:
-            _name_the_resume(exc, options)
+            _name_the_resume(exc, options, env_name)
             raise
         # what the hosts report (a RUNBOOK_CONFIG in runbook_environment names it), the lock
         # host's among them: one environment, as the inventory's runbook_env said
@@ -1360,14 +1363,15 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             # after the rollout began (its own handlers ended with it): hosts did change
             error = FleetError("interrupted after the rollout started: hosts may have been "
                                "rolled back, and a host's outcome may be unknown",
-                               "read the fleet journal and run `runbook status ENV` on each "
+                               f"read the fleet journal and run `runbook status {env_name}` on "
+                               "each "
                                "host; resume with the same command and --resume (it skips "
                                "the hosts this run rolled back)", exit_code=ExitCode.ATTENTION)
         elif journal.record.get("maintenance_drain_started"):
             error = FleetError("interrupted during the maintenance drain or restore: hosts may "
                                "be down and the database may be restored", "run `runbook "
-                               "status ENV` on each host and read the fleet journal; resume "
-                               "with the same command and --resume",
+                               f"status {env_name}` on each host and read the fleet journal; "
+                               "resume with the same command and --resume",
                                exit_code=ExitCode.ATTENTION)
         else:
             error = FleetError("interrupted before any host changed; nothing was changed",
@@ -1551,11 +1555,12 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
             resume = _resume_command(options, fleet_run_id, limit=not_done, journaled=False)
             journal.record["resume_command"] = resume  # as printed (the JSON output's record)
         lines.append(f"  {resume}")
+        env = inventory.env(inventory.lock_host)  # the run's one environment
         if unknown and path is not None:
-            lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there): the "
+            lines.append(f"check {', '.join(unknown)} first (`runbook status {env}` there): the "
                          "resume refuses a host whose rollback finished after all")
         elif unknown:  # a new run: its pre-flight refuses the whole run for such a host
-            lines.append(f"check {', '.join(unknown)} first (`runbook status ENV` there) and "
+            lines.append(f"check {', '.join(unknown)} first (`runbook status {env}` there) and "
                          "take out of --limit a host whose rollback finished after all: the "
                          "new run's pre-flight refuses every host for it")
     if path is None:
@@ -1590,8 +1595,9 @@ def _journal_at_the_end(journal: fjournal.FleetJournal, options: Options,
         return
     changed = journal.record.get("rollout_started") or journal.record.get(
         "maintenance_drain_started")
+    env = next(iter((journal.record.get("environments") or {}).values()), "ENV")
     error.lines.append(f"the fleet journal was not written ({journal.unwritten})" + (
-        ": a --resume cannot read this run; check each host (`runbook status ENV` there), "
+        f": a --resume cannot read this run; check each host (`runbook status {env}` there), "
         "then run the fleet rollback again with --limit naming the hosts not rolled back, "
         "without --resume" if changed else ""))
 
@@ -1650,7 +1656,8 @@ def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
     leak (a lock left by a controller on another machine than the lock host blocks every
     fleet run for its 30 minutes). Returns what went wrong, in one line with the fix, or None
     once released."""
-    manual = f"`runbook fleet lock ENV --release --fleet-run {fleet_run_id}` there"
+    manual = (f"`runbook fleet lock {inventory.env(inventory.lock_host)} --release "
+              f"--fleet-run {fleet_run_id}` there")
     with _signals_held():
         try:
             events = Events()
