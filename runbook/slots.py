@@ -1045,7 +1045,12 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                                             refused=bool(refused)))
         ctx.fault("switch.after-write")
         try:
-            caddy.reload(env, new, reload_command, switch=watch, etag=etag)
+            # an h2c front: the reading before the reload is waited for (a dropped one
+            # leaves the old slot running); elsewhere it only makes the drain quicker
+            h2c = running is not None and traffic.accepts_h2c(traffic.h2c_listens(running),
+                                                              front_port(env))
+            caddy.reload(env, new, reload_command, switch=watch, etag=etag,
+                         seal_wait=drain.H2C_SEAL_WAIT if h2c else drain.SEAL_WAIT)
         except caddy.CaddyConflictError:
             refused.append(True)
             raise

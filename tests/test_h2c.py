@@ -116,6 +116,42 @@ def test_without_h2c_connections_the_old_slot_is_stopped_as_usual(stack: DrillSt
 
 @pytest.mark.docker
 @pytest.mark.xdist_group("h2c")
+def test_a_slow_reading_of_caddys_port_is_waited_for_on_an_h2c_front(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loaded host one `ss` took 0.2-2.2 s, and the reload went out after 50 ms without
+    the reading of Caddy's port from before it: the switch was not watched, so over h2c the
+    users' kept-alive connections could not be told from the old config's, and a plain
+    rollback with no h2c client at all left the old slot running (review: 2 of 6 under 3 CPU
+    hogs), refusing every deploy until a hand stop. Where Caddy takes h2c on the front, the
+    reload now waits for that reading. The slow `ss` is simulated (0.4 s on the reading
+    before the reload only); Caddy, the users' connections and the drain are real."""
+    from runbook import drain
+    from runbook.drill.load import Load
+
+    stack.arrange(scenes.PREVIOUS)
+    real, calls = drain.front_sockets, []
+
+    def slow_first(front: int) -> tuple[set[int], set[drain.Key]] | None:
+        calls.append(front)
+        if len(calls) == 1:  # the reading before the reload, on a loaded host
+            import time
+            time.sleep(0.4)
+        return real(front)
+
+    monkeypatch.setattr(drain, "front_sockets", slow_first)
+    said: list[str] = []
+    with Load(stack.env.caddy.proxy_url + "/version", clients=4):
+        result = rollback.rollback(stack.env, notify=said.append)
+    assert through_proxy(stack.env) == ("green", VERSIONS["v2"].tag)
+    stop = next(o for o in result.outcomes if o.name == "stop-old-slot")
+    assert stop.result != "left running", (stop, said)
+    assert len(calls) >= 2, calls  # the reading before the reload, then the watch of it
+    assert docker.inspect(stack.env.slot(Slot.BLUE).container).status == "exited"
+    assert not slots.held_marker(stack.env, Slot.BLUE).exists()
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
 def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
         stack: DrillStack) -> None:
     stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green

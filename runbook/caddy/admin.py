@@ -523,23 +523,25 @@ def config_etag(answer: Answer) -> str | None:
 
 
 def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
-           switch: drain.Switch | None = None, etag: str | None = None) -> None:
+           switch: drain.Switch | None = None, etag: str | None = None,
+           seal_wait: float = drain.SEAL_WAIT) -> None:
     """Make Caddy load `text` (already written to the Caddyfile) the way the environment says
     (`command`: the one the plan showed; built here when not given). `switch`: the reading of
     Caddy's port the caller started before (one is started here otherwise). `etag`: the
     ETag of the running config the caller checked: through the admin API the load is then a
     compare-and-swap (CaddyConflictError when Caddy's config changed since); without one,
-    `/load`, which replaces whatever runs."""
+    `/load`, which replaces whatever runs. `seal_wait`: how long the reload waits for the
+    reading of Caddy's port to complete (drain.sending_reload)."""
     command = command or reload_command(env)
     # who is on Caddy's port before, and when its old listener leaves after: the drain of
     # the old slot sorts the old config's connections from the new one's (runbook/drain.py)
     switch = switch or drain.before_reload(env.caddy.proxy_url)
     if command.method is ReloadMethod.ADMIN_API and etag is not None:
         body = _adapted(env, text)  # asked before the reload is sent: nothing loads here
-        drain.sending_reload(switch)
+        drain.sending_reload(switch, seal_wait)
         _post_load(command.config_url, body, "application/json", if_match=etag)
     else:
-        drain.sending_reload(switch)
+        drain.sending_reload(switch, seal_wait)
         _reload(env, text, command)
     drain.after_reload(switch)
 
