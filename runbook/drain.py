@@ -205,12 +205,22 @@ class Drain:
             return (f"drained after {self.seconds:.2f}s ({self.how}{front}; {self.idle} idle "
                     f"keep-alive connection(s) on port {self.port})")
         if self.kept_for_h2c:
-            return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
+            return (f"{self.holding()} after {self.seconds:.1f}s (waiting for: {self.how}"
                     f"{front}); Caddy's previous config keeps its cleartext HTTP/2 (h2c) "
                     "connections: left running")
         kind = "" if self.unread is not None else "; long-lived, e.g. streaming"
-        return (f"{self.busy} connection(s) still busy after {self.seconds:.1f}s ({self.how}"
+        return (f"{self.holding()} after {self.seconds:.1f}s (waiting for: {self.how}"
                 f"{front}{kind}): stopping anyway")
+
+    def holding(self) -> str:
+        """What held the drain, as `ss` last showed it: its busy count added requests to
+        connections ("119 connection(s)" for 64 open and 55 pending: review)."""
+        seen = []
+        if self.front_open > 0:
+            seen.append(f"{self.front_open} connection(s) of Caddy's previous config still open")
+        if self.pending > 0:
+            seen.append(f"{self.pending} request(s) still pending on port {self.port}")
+        return " and ".join(seen) or f"bytes still moving on port {self.port}"
 
 
 @dataclass(frozen=True)

@@ -118,12 +118,7 @@ def _still_busy(drained: drain.Drain) -> str:
     if drained.unread is not None:
         return (f"`ss` readings failed from {drained.last_good or 0.0:.1f}s on "
                 f"({drained.unread}), and the last good one was not drained")
-    seen = []
-    if drained.front_open > 0:
-        seen.append(f"{drained.front_open} connection(s) of Caddy's previous config still open")
-    if drained.pending > 0:
-        seen.append(f"{drained.pending} request(s) still pending on port {drained.port}")
-    return " and ".join(seen) or f"bytes still moving on port {drained.port}"
+    return drained.holding()
 
 
 def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = None) -> None:

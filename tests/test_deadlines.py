@@ -343,7 +343,9 @@ def test_a_drain_gives_up_at_its_timeout_and_says_so() -> None:
     assert isinstance(result, drain.Drain) and not result.drained and result.busy == 1
     # the wait as measured (rounded to 0.1 s): 0.36 s said "0.4s" on a loaded machine
     assert result.seconds >= 0.3 and took < 0.3 + SLACK, (result.seconds, took)
-    assert f"still busy after {result.seconds:.1f}s" in result.describe(), result.describe()
+    said = result.describe()
+    assert f"1 request(s) still pending on port 8081 after {result.seconds:.1f}s" in said, said
+    assert "stopping anyway" in said, said
     unknown = drain.wait_drained(8081, look=lambda port: None)
     assert unknown.busy is None and "cannot be observed" in unknown.describe()
 

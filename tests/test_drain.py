@@ -826,3 +826,20 @@ def test_the_undo_of_a_failed_verification_waits_for_a_late_request_to_the_targe
     assert answer.startswith("HTTP/1.1 200"), answer or late
     assert "x-togather-slot: green" in answer.lower(), answer
     assert late["drained"] >= late["answered"], (late, drains)
+
+
+def test_a_busy_drain_says_what_held_it_not_its_criterion_as_a_finding() -> None:
+    """A drain that ended busy said "119 connection(s) still busy after 10.5s (front port
+    48671: connections closed; no request pending on port 47921; ...)" when 64 connections
+    were open and 55 requests pending (review, a bench under load): it added requests to
+    connections and wrote what it waited for as if it had been seen."""
+    ended = drain.Drain(port=47921, seconds=10.526, busy=119, front_port=48671,
+                        front_observed=True, switch_watched=True, front_watched=64,
+                        pending=55, kept_for_h2c=True)
+    said = ended.describe()
+    assert said.startswith("64 connection(s) of Caddy's previous config still open and 55 "
+                           "request(s) still pending on port 47921 after 10.5s (waiting for: "
+                           "front port 48671: connections closed;"), said
+    assert "119" not in said and "left running" in said, said
+    stopping = dataclasses.replace(ended, kept_for_h2c=False).describe()
+    assert "(waiting for: " in stopping and stopping.endswith("stopping anyway"), stopping
