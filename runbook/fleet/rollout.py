@@ -534,10 +534,10 @@ def _limit_for(inventory: Inventory, hosts: list[str]) -> str:
 
 
 def _one_environment(inventory: Inventory, targets: list[str], envs: dict[str, str],
-                     subject: str = "the selected hosts are of") -> str | None:
-    """Why these hosts cannot be one fleet run (None: they can). One run is one environment:
-    one fleet lock, one database judgement, one maintenance restore; a selection of two ran
-    as one fleet, with the lock, database and restore of the lock host's environment."""
+                     subject: str = "the selected hosts are of") -> tuple[str, str] | None:
+    """Why these hosts cannot be one fleet run, and the fix (None: they can). One run is one
+    environment: one fleet lock, one database judgement, one maintenance restore; a selection
+    of two ran as one fleet, with the lock, database and restore of the lock host's one."""
     by_env: dict[str, list[str]] = {}
     for host in targets:
         by_env.setdefault(envs[host], []).append(host)
@@ -545,8 +545,8 @@ def _one_environment(inventory: Inventory, targets: list[str], envs: dict[str, s
         return None
     return (f"{subject} {len(by_env)} environments ("
             + "; ".join(f"{e} on {', '.join(hs)}" for e, hs in by_env.items())
-            + "): one fleet run rolls back one environment; nothing was changed; run once "
-            "per environment, --limit naming one environment's hosts ("
+            + "): one fleet run rolls back one environment; nothing was changed",
+            "run once per environment, --limit naming one environment's hosts ("
             + " or ".join(f"--limit {_limit_for(inventory, hs)}" for hs in by_env.values())
             + ")")
 
@@ -1153,8 +1153,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     envs = {h: inventory.env(h) for h in targets}
     mixed = _one_environment(inventory, targets, envs)
     if mixed is not None:  # before any SSH, from the inventory's runbook_env
-        message, fix = mixed.rsplit("; ", 1)
-        raise UsageError(message, fix)
+        raise UsageError(*mixed)
     lock_env = inventory.env(inventory.lock_host)
     if lock_env != envs[targets[0]]:
         raise UsageError(f"the fleet lock host {inventory.lock_host} is of environment "
@@ -1271,8 +1270,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         mixed = _one_environment(inventory, list(said), said, "the selected hosts (and the "
                                  "fleet lock host) report")
         if mixed is not None:
-            message, fix = mixed.rsplit("; ", 1)
-            raise FleetError(message, fix, exit_code=ExitCode.USAGE)
+            raise FleetError(*mixed, exit_code=ExitCode.USAGE)
         problems += _changed_since(checks, targets, started_from)
         problems += _rolled_back_already(checks, targets)
         problems += _mixed_releases(checks, targets)
