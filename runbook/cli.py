@@ -280,9 +280,11 @@ def unlock(
 # Sub-apps: they share runbook/cli_common.py with this module, never import it.
 from runbook.cli_docs import register as _register_docs  # noqa: E402
 from runbook.cli_snapshot import snapshot_app  # noqa: E402
+from runbook.cli_state import state_app  # noqa: E402
 from runbook.fleet.cli import fleet_app  # noqa: E402
 
 app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(state_app, name="state")
 _register_docs(app)  # runbook docs, runbook drill
 app.add_typer(fleet_app, name="fleet")  # issue 13: several hosts
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from runbook import files
 from runbook.errors import StateError
+from runbook.state import kept
 from runbook.state.dialects import _check_finite, _same, to_json
 from runbook.state.model import DeploymentState
 from runbook.state.schema import GO_CLI
@@ -164,8 +165,10 @@ def write_state(path: Path, state: DeploymentState, *,
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return files.atomic_write(target, payload, default_mode=0o600,
+            lost = files.atomic_write(target, payload, default_mode=0o600,
                                       before_rename=unchanged_since_read, new_only=new_only)
+            kept.keep(target, payload)
+            return lost
         except FileExistsError:
             if not new_only:
                 raise

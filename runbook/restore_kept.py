@@ -1,0 +1,144 @@
+"""`runbook state restore-kept`: put back the copy of the state file the runbook kept
+(runbook/state/kept.py) when the file is empty, cut short or not JSON, so on-call never edits
+it by hand mid-incident.
+
+Truth comes from what runs: the copy is shown next to the slot Caddy's loaded config serves
+and the version its container runs, and one that contradicts them is refused unless on-call
+passes --force. A file that reads whole now (someone fixed it) is never replaced, also when
+it is fixed between the plan and the write. The write is atomic, under the deploy lock,
+journaled like every mutating command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from runbook import docker, traffic
+from runbook import state as states
+from runbook.environment import Environment
+from runbook.errors import PreconditionError, RunbookError, StateError
+from runbook.plan import Phase, Plan, Step, StepContext
+from runbook.run import RunResult, perform
+from runbook.state import kept
+
+FORCE_FLAG = "--force"
+
+
+@dataclass(frozen=True)
+class Options:
+    force: bool = False
+    reason: str = "restore the kept state file"
+
+
+def restore_kept(env: Environment, options: Options, *, dry_run: bool = False,
+                 confirm: Any = None, progress: Any = None, notify: Any = None) -> RunResult:
+    return perform(env, "restore-kept", lambda run_id: plan(env, options), dry_run=dry_run,
+                   reason=options.reason, confirm=confirm, progress=progress, notify=notify)
+
+
+def _broken_bytes(env: Environment) -> bytes:
+    """The state file's bytes when it is no JSON object (what may be replaced); refused when
+    it reads whole, is missing, or only a record in it is refused (another tool's data)."""
+    command = f"{kept.COMMAND} {env.name}"
+    try:
+        states.read_state(env.state_file, environment=env.name)
+    except states.NotJSON as exc:
+        return exc.raw
+    except StateError as exc:
+        raise PreconditionError(
+            f"{command} only replaces a state file that is empty, cut short or not JSON; "
+            f"this one is JSON but refused ({exc.message}); nothing was changed",
+            exc.fix or "fix that record") from None
+    raise PreconditionError(f"{env.state_file} reads whole now (someone fixed it): "
+                            f"{command} never replaces it; nothing was changed",
+                            f"see it next to what runs: `runbook status {env.name}`")
+
+
+def _serving(env: Environment) -> tuple[str | None, str | None, str | None]:
+    """(slot Caddy's loaded config serves, the version its container runs, why not known)."""
+    try:
+        now = traffic.read(env)
+    except RunbookError as exc:
+        return None, None, exc.message
+    if now.slot is None:
+        return None, None, now.problem(env) or "Caddy serves no single slot"
+    info = docker.inspect(env.slot(now.slot).container)
+    if not info.exists or info.status != "running":
+        return str(now.slot), None, f"{env.slot(now.slot).container} is {info.status}"
+    return str(now.slot), info.tag, None
+
+
+def plan(env: Environment, options: Options) -> Plan:
+    broken = _broken_bytes(env)
+    copy = kept.found(kept.copy_path(env.runs_dir, env.state_file, env.name))
+    if copy is None:
+        raise PreconditionError(
+            f"{env.state_file} is empty, cut short or not JSON, and the runbook kept no copy "
+            f"of it ({kept.copy_path(env.runs_dir, env.state_file, env.name)} is missing); "
+            "nothing was changed", "restore the file from a backup")
+    saved = states.parse_state(copy.raw, str(copy.path), environment=env.name)
+    current = saved.current
+    says = (f"{current.version} on {current.active_slot}" if current is not None
+            else "no current deployment")
+    slot, version, unknown = _serving(env)
+    runs = (f"{version or 'no running container'} on {slot}" if slot else
+            f"not known ({unknown})")
+    warnings: list[str] = []
+    contradiction = None
+    if unknown is not None:
+        contradiction = f"what runs cannot be read ({unknown})"
+    elif current is None or str(current.active_slot) != slot or current.version != version:
+        contradiction = f"the copy says {says}, but Caddy serves {runs}"
+    if contradiction is not None:
+        if not options.force:
+            raise PreconditionError(
+                f"{contradiction}; the kept copy ({copy.path}, {copy.age} old) is not "
+                "restored; nothing was changed",
+                f"re-record what runs with `runbook switch {env.name} --slot <serving slot>` "
+                f"after restoring, or pass {FORCE_FLAG} to restore it anyway")
+        warnings.append(f"{FORCE_FLAG}: {contradiction}")
+    written = saved
+    if saved.lock.get("locked"):  # the mirror of a run that ended (this one holds the lock)
+        written = states.with_lock(saved, {"locked": False})
+    payload = states.dumps(written)
+
+    def run(ctx: StepContext) -> None:
+        def still_broken() -> None:
+            ctx.fault("state.before-rename")
+            try:
+                now: bytes | None = env.state_file.read_bytes()
+            except FileNotFoundError:
+                now = None
+            if now != broken:  # fixed (or rewritten) since the plan: never written over
+                raise states.StateChangedError(
+                    f"{env.state_file}: changed since this run read it; the kept copy was not "
+                    "written over it", f"run `runbook status {env.name}` to see it")
+
+        states.write_state(env.state_file, written, before_rename=still_broken)
+
+    def line(dep: states.Deployment | None) -> str:
+        return "none" if dep is None else f"{dep.version} on {dep.active_slot or '?'} ({dep.id})"
+
+    details = {
+        "file": str(os.path.realpath(env.state_file)),
+        "now": f"{len(broken)} bytes, not JSON",
+        "from": f"{copy.path} ({copy.age} old)",
+        "writes": f"{len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()[:16]}"
+                  + (" (the copy as kept)" if payload == copy.raw else ""),
+        "current": line(current),
+        "previous": line(saved.previous),
+        "history": f"{len(saved.history)} deployment(s)",
+        "lock": "unlocked" + (" (the copy's lock mirror was of a run that ended)"
+                              if written is not saved else ""),
+    }
+    steps = [
+        Step("preflight", "Pre-flight checks (read-only, done)",
+             {"copy says": says, "what runs": runs}, phase=Phase.PREFLIGHT),
+        Step("state", "Write the kept copy as the state file (atomic)", details, run=run),
+    ]
+    return Plan("restore-kept", env, f"restore {env.display}'s state file from the copy the "
+                f"runbook kept ({says})", steps, warnings,
+                facts={"copy": str(copy.path), "content": payload.decode("utf-8-sig")})

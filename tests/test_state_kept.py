@@ -1,0 +1,169 @@
+"""The state file's kept copy: an empty or cut-short state file (another tool writing in
+place, a full disk) is refused naming the copy the runbook kept and the one command that puts
+it back; that command checks the copy against what runs, writes atomically, and never
+replaces a file that reads whole. Against the real drill stack, through the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runbook import faults, switch
+from runbook import state as states
+from runbook.drill import http as drill_http
+from runbook.drill import scenes
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
+from runbook.environment import Environment, Slot
+from runbook.state import kept
+
+V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
+
+
+def cli(env: Environment, *args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    if fault:
+        environ[faults.VARIABLE] = fault
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+                          capture_output=True, text=True, timeout=180, env=environ,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def through_proxy(env: Environment) -> tuple[str | None, str | None]:
+    with drill_http.client(timeout=3) as client:
+        response = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
+    return response.headers.get("X-Togather-Slot"), response.json().get("version")
+
+
+@pytest.fixture(autouse=True)
+def _no_copy_kept_by_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the CLI processes keep copies: this process's arranging writes must not."""
+    monkeypatch.setattr(kept, "_PLACES", {})
+
+
+def copy_of(env: Environment) -> Path:
+    return kept.copy_path(env.runs_dir, env.state_file, env.name)
+
+
+def arranged_and_kept(stack: DrillStack) -> tuple[Environment, bytes]:
+    """v3 serving from blue, v2 stopped on green; `runbook status` read the state file, so
+    the runbook kept its copy: the same bytes."""
+    stack.arrange(scenes.PREVIOUS)
+    env = stack.env
+    copy_of(env).unlink(missing_ok=True)
+    cli(env, "status")
+    whole = env.state_file.read_bytes()
+    assert copy_of(env).read_bytes() == whole
+    return env, whole
+
+
+def truncate(env: Environment, whole: bytes) -> bytes:
+    cut = whole[: len(whole) // 2]
+    env.state_file.write_bytes(cut)
+    return cut
+
+
+@pytest.mark.docker
+def test_a_truncated_state_file_names_the_copy_and_the_command_that_restores_it(
+        drill_stack: DrillStack) -> None:
+    env, whole = arranged_and_kept(drill_stack)
+    cut = truncate(env, whole)
+
+    refused = cli(env, "rollback", "--yes")
+    assert refused.returncode == 4, refused.stderr  # the refusal's exit code, as before
+    assert str(copy_of(env)) in refused.stderr
+    assert " old (" in refused.stderr  # its age
+    assert f"runbook state restore-kept {env.name}" in refused.stderr
+    assert env.state_file.read_bytes() == cut
+
+    dry = cli(env, "state", "restore-kept", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert hashlib.sha256(whole).hexdigest()[:16] in dry.stdout  # exactly what it writes
+    assert f"{V3.tag} on blue" in dry.stdout
+    assert env.state_file.read_bytes() == cut
+
+    done = cli(env, "state", "restore-kept", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert env.state_file.read_bytes() == whole
+    logs = "".join(p.read_text() for p in env.log_dir.glob("*.log"))
+    assert "restore-kept finished" in logs
+
+    rolled = cli(env, "rollback", "--yes")
+    assert rolled.returncode == 0, rolled.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.current is not None and state.current.version == V2.tag
+
+
+@pytest.mark.docker
+def test_a_valid_state_file_is_never_replaced_by_the_copy(drill_stack: DrillStack) -> None:
+    env, whole = arranged_and_kept(drill_stack)
+    copy_of(env).write_bytes(whole.replace(b'"locked": false', b'"locked": false ',
+                                           1))  # a copy that differs from the file
+    refused = cli(env, "state", "restore-kept", "--yes", "--force")
+    assert refused.returncode == 4, refused.stderr
+    assert "reads whole now" in refused.stderr
+    assert env.state_file.read_bytes() == whole
+
+
+@pytest.mark.docker
+def test_a_copy_that_contradicts_what_runs_is_refused_unless_forced(
+        drill_stack: DrillStack) -> None:
+    env, whole = arranged_and_kept(drill_stack)  # the copy: v3 on blue
+    # another tool moves traffic to v2 on green, then leaves the file cut short
+    switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: another tool"))
+    assert through_proxy(env) == ("green", V2.tag)
+    cut = truncate(env, env.state_file.read_bytes())
+
+    refused = cli(env, "state", "restore-kept", "--yes")
+    assert refused.returncode == 4, refused.stderr
+    assert f"copy says {V3.tag} on blue, but Caddy serves {V2.tag} on green" in refused.stderr
+    assert "--force" in refused.stderr
+    assert env.state_file.read_bytes() == cut
+
+    forced = cli(env, "state", "restore-kept", "--yes", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert env.state_file.read_bytes() == whole
+
+
+@pytest.mark.docker
+def test_a_kill_during_the_restore_leaves_the_old_file_and_the_rerun_restores(
+        drill_stack: DrillStack) -> None:
+    env, whole = arranged_and_kept(drill_stack)
+    cut = truncate(env, whole)
+    killed = cli(env, "state", "restore-kept", "--yes", fault="state.before-rename:SIGKILL")
+    assert killed.returncode == -9, killed.stderr
+    assert env.state_file.read_bytes() == cut  # the old file, never a mix
+    again = cli(env, "state", "restore-kept", "--yes")
+    assert again.returncode == 0, again.stderr
+    assert env.state_file.read_bytes() == whole
+
+
+def test_a_copy_that_cannot_be_kept_is_a_warning_and_the_read_goes_on(tmp_path: Path) -> None:
+    state_file = tmp_path / "deployment-state.json"
+    state_file.write_text('{"environment": "staging", "current_deployment": null, '
+                          '"lock": {"locked": false}}')
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the runs folder should be")
+    said: list[str] = []
+    kept.register(state_file, blocker, "staging", said.append)
+    assert states.read_state(state_file, environment="staging").current is None
+    assert len(said) == 1 and said[0].startswith("warning: cannot keep a copy")
+
+
+def test_no_secret_is_kept(tmp_path: Path) -> None:
+    state_file = tmp_path / "deployment-state.json"
+    state_file.write_text('{"environment": "staging", "current_deployment": null, '
+                          '"lock": {"locked": false}, '
+                          '"note": "postgresql://app:Sup3rSecret@db/app"}')
+    kept.register(state_file, tmp_path / "runs", "staging", lambda _: None)
+    states.read_state(state_file, environment="staging")
+    copy = kept.copy_path(tmp_path / "runs", state_file, "staging").read_text()
+    assert "Sup3rSecret" not in copy and '"environment": "staging"' in copy
+
