@@ -107,7 +107,7 @@ def load_env(name: str, config: str | None) -> Environment:
     with only_reading():
         env = environment.load(name, config=config)
         register_known_secrets(env)
-    from runbook.state import kept
+    from runbook import kept_state as kept
 
     # the copy an empty or cut-short state file's refusal names (runbook state restore-kept)
     kept.register(env.state_file, env.runs_dir, env.name, notice)

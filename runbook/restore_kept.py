@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from runbook import docker, traffic
+from runbook import kept_state as kept
 from runbook import state as states
 from runbook.environment import Environment
 from runbook.errors import PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
-from runbook.state import kept
 
 FORCE_FLAG = "--force"
 

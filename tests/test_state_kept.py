@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from runbook import faults, switch
+from runbook import kept_state as kept
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
-from runbook.state import kept
 
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 
@@ -52,15 +52,33 @@ def copy_of(env: Environment) -> Path:
 
 
 def arranged_and_kept(stack: DrillStack) -> tuple[Environment, bytes]:
-    """v3 serving from blue, v2 stopped on green; `runbook status` read the state file, so
-    the runbook kept its copy: the same bytes."""
+    """v3 serving from blue, v2 stopped on green, and the runbook's copy of that state file
+    (kept as a CLI run's write keeps it: `test_only_the_runbooks_own_writes_keep_the_copy`)."""
     stack.arrange(scenes.PREVIOUS)
     env = stack.env
     copy_of(env).unlink(missing_ok=True)
-    cli(env, "status")
+    kept.register(env.state_file, env.runs_dir, env.name, lambda _: None)
+    states.write_state(env.state_file, states.read_state(env.state_file, environment=env.name))
+    kept._PLACES.clear()  # this process is "another tool" from here on: it keeps no copy
     whole = env.state_file.read_bytes()
     assert copy_of(env).read_bytes() == whole
     return env, whole
+
+
+@pytest.mark.docker
+def test_only_the_runbooks_own_writes_keep_the_copy(drill_stack: DrillStack) -> None:
+    """A dry run and a read-only command write nothing, this copy included; a rollback's
+    state write keeps it, byte for byte."""
+    drill_stack.arrange(scenes.PREVIOUS)
+    env = drill_stack.env
+    copy_of(env).unlink(missing_ok=True)
+    for argv in (("status",), ("rollback", "--dry-run")):
+        looked = cli(env, *argv)
+        assert looked.returncode in (0, 1), looked.stderr
+        assert not copy_of(env).exists(), argv
+    rolled = cli(env, "rollback", "--yes")
+    assert rolled.returncode == 0, rolled.stderr
+    assert copy_of(env).read_bytes() == env.state_file.read_bytes()
 
 
 def truncate(env: Environment, whole: bytes) -> bytes:
@@ -145,7 +163,7 @@ def test_a_kill_during_the_restore_leaves_the_old_file_and_the_rerun_restores(
     assert env.state_file.read_bytes() == whole
 
 
-def test_a_copy_that_cannot_be_kept_is_a_warning_and_the_read_goes_on(tmp_path: Path) -> None:
+def test_a_copy_that_cannot_be_kept_is_a_warning_and_the_write_goes_on(tmp_path: Path) -> None:
     state_file = tmp_path / "deployment-state.json"
     state_file.write_text('{"environment": "staging", "current_deployment": null, '
                           '"lock": {"locked": false}}')
@@ -153,7 +171,9 @@ def test_a_copy_that_cannot_be_kept_is_a_warning_and_the_read_goes_on(tmp_path: 
     blocker.write_text("a file where the runs folder should be")
     said: list[str] = []
     kept.register(state_file, blocker, "staging", said.append)
-    assert states.read_state(state_file, environment="staging").current is None
+    state = states.read_state(state_file, environment="staging")
+    states.write_state(state_file, states.with_lock(state, {"locked": True}))
+    assert states.read_state(state_file, environment="staging").lock.get("locked") is True
     assert len(said) == 1 and said[0].startswith("warning: cannot keep a copy")
 
 
@@ -163,7 +183,7 @@ def test_no_secret_is_kept(tmp_path: Path) -> None:
                           '"lock": {"locked": false}, '
                           '"note": "postgresql://app:Sup3rSecret@db/app"}')
     kept.register(state_file, tmp_path / "runs", "staging", lambda _: None)
-    states.read_state(state_file, environment="staging")
+    states.write_state(state_file, states.read_state(state_file, environment="staging"))
     copy = kept.copy_path(tmp_path / "runs", state_file, "staging").read_text()
     assert "Sup3rSecret" not in copy and '"environment": "staging"' in copy
 

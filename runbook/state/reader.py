@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runbook import kept_state as kept
 from runbook.environment import ENV_NAMES, Slot, canonical_name
 from runbook.errors import StateError
-from runbook.state import kept
 from runbook.state.model import Deployment, DeploymentState, format_time, parse_time
 from runbook.state.schema import (
     _COMMIT,
@@ -419,13 +419,11 @@ def read_state(path: Path, *, environment: str | None = None,
                          "exist)", "deploy first, or check [state] file in the environment "
                          "configuration")
     try:
-        state = parse_state(raw, str(path), environment=environment,
-                            lock_as_written=lock_as_written)
+        return parse_state(raw, str(path), environment=environment,
+                           lock_as_written=lock_as_written)
     except NotJSON as exc:  # empty, cut short: name the copy the runbook kept, if any
         exc.fix = kept.refusal_fix(path, exc.fix)
         raise
-    kept.keep(path, raw)
-    return state
 
 
 def _read_bytes(path: Path) -> bytes | None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from runbook import files
+from runbook import kept_state as kept
 from runbook.errors import StateError
-from runbook.state import kept
 from runbook.state.dialects import _check_finite, _same, to_json
 from runbook.state.model import DeploymentState
 from runbook.state.schema import GO_CLI

@@ -1,8 +1,10 @@
-"""The runbook's own copy of the last state file it read whole or wrote.
+"""The runbook's own copy of the last state file it wrote.
 
 Another tool that rewrites the file in place, or a full disk under one, leaves it empty or cut
 short; every command then refused until on-call edited it by hand. The copy lets the refusal
-name a way back (`runbook state restore-kept ENV`) that is checked against what runs.
+name a way back (`runbook state restore-kept ENV`) that is checked against what runs. Only the
+runbook's own writes keep it: a dry run or a read-only command writes nothing, not even this.
+Outside the state package, so that registering it (every CLI command) imports nothing more.
 
 It lives with the runbook's own files (`[logs] runs_dir`, a dot file no run-record reader
 lists), is written atomically, holds no secret (masked as the journal masks them) and is
@@ -22,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runbook import files
-from runbook.state.schema import MAX_STATE_BYTES
 
 COMMAND = "runbook state restore-kept"
 _PLACES: dict[str, tuple[Path, str, Callable[[str], None]]] = {}  # state file -> copy, env, warn
@@ -43,7 +44,7 @@ def register(state_file: Path, runs_dir: Path, env_name: str,
 
 
 def keep(state_file: Path | str, raw: bytes) -> None:
-    """Store `raw` (a state file just read whole, or just written) as the copy; never raises."""
+    """Store `raw` (a state file the runbook just wrote) as the copy; never raises."""
     place = _PLACES.get(os.path.realpath(state_file))
     if place is None:
         return
@@ -52,7 +53,7 @@ def keep(state_file: Path | str, raw: bytes) -> None:
         payload = _masked(raw)
         with _WRITING:
             try:
-                if files.read_regular(copy, MAX_STATE_BYTES) == payload:
+                if files.read_regular(copy, _max_bytes()) == payload:
                     return
             except OSError:
                 pass  # none yet, or unreadable: written anew
@@ -65,6 +66,12 @@ def keep(state_file: Path | str, raw: bytes) -> None:
             _WARNED.add(problem)
             with contextlib.suppress(OSError, ValueError):
                 warn(f"warning: {problem}")
+
+
+def _max_bytes() -> int:
+    from runbook.state.schema import MAX_STATE_BYTES
+
+    return MAX_STATE_BYTES
 
 
 def _why(exc: BaseException) -> str:
@@ -100,7 +107,7 @@ class Kept:
 def found(copy: Path) -> Kept | None:
     """The copy, or None when there is none (or it cannot be read)."""
     try:
-        raw = files.read_regular(copy, MAX_STATE_BYTES)
+        raw = files.read_regular(copy, _max_bytes())
         return Kept(copy, raw, copy.stat().st_mtime)
     except OSError:
         return None
