@@ -390,6 +390,54 @@ def test_fleet_lock_take_refuse_refresh_release(env: Environment) -> None:
     assert hostlock.status(env) is None
 
 
+def _lock_cli(env: Environment, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`runbook fleet lock ENV ...` as the fleet runs it on a host, with env's own file."""
+    config = tmp_path / f"{env.name}.toml"
+    config.write_text(envmod.to_toml(env))
+    return subprocess.run([RUNBOOK, "fleet", "lock", env.name, "--config", str(config), *args],
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def test_a_fleet_lock_release_names_the_environment_and_host_it_checked(
+        env: Environment, tmp_path: Path) -> None:
+    """A host carrying two environments (development beside staging, one lock folder):
+    `fleet lock staging --release` answered "already free" while development's lock was held,
+    naming neither: on-call could not tell which lock it had looked at. Every answer (freed,
+    already free, refused) names the environment, the host and the lock it checked.
+    Oracles: socket.gethostname() of this host, the lock directories on disk."""
+    import socket
+
+    host = socket.gethostname()
+    dev = env.with_(name="development")
+    staging_lock, dev_lock = hostlock.path(env), hostlock.path(dev)
+    _take(dev, "fleet_dev")
+
+    free = _lock_cli(env, tmp_path, "--release", "--fleet-run", "fleet_dev")
+    assert free.returncode == 0, free.stderr
+    out = json.loads(free.stdout)
+    assert out["released"] is False
+    assert (out["environment"], out["host"], out["lock"]) == ("staging", host, str(staging_lock))
+    assert f"the staging fleet lock on {host} ({staging_lock}) is already free" in out["why"]
+    assert dev_lock.exists()  # development's, held, is another lock: left alone
+
+    _take(env, "fleet_stg")
+    refused = _lock_cli(env, tmp_path, "--release", "--fleet-run", "fleet_dev")
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"the staging fleet lock on {host} ({staging_lock}) is held by" in refused.stderr
+    said = json.loads(refused.stdout)
+    assert (said["environment"], said["host"], said["lock"]) == ("staging", host,
+                                                                str(staging_lock))
+    assert staging_lock.exists()
+
+    freed = _lock_cli(env, tmp_path, "--release", "--fleet-run", "fleet_stg")
+    assert freed.returncode == 0, freed.stderr
+    out = json.loads(freed.stdout)
+    assert out["released"] is True and not staging_lock.exists()
+    assert (out["environment"], out["host"], out["lock"]) == ("staging", host, str(staging_lock))
+    assert f"released the staging fleet lock on {host} ({staging_lock})" in out["why"]
+    assert dev_lock.exists()
+
+
 def test_an_expired_fleet_lock_is_taken_over_and_said(env: Environment) -> None:
     _take(env, "fleet_old", ttl=0.01)
     time.sleep(0.05)

@@ -193,6 +193,7 @@ def lock_cmd(
     """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet)."""
     from runbook.fleet import hostlock
 
+    env_ = None
     try:
         env_ = load_env(env, config)
         if status and (take or refresh or release):
@@ -213,5 +214,7 @@ def lock_cmd(
             held = hostlock.status(env_)
             out = held.to_json() if held else {"locked": False}
     except RunbookError as exc:
-        _fail(exc, Format.json, holder=exc.holder if isinstance(exc, LockedError) else None)
+        where: dict[str, Any] = hostlock.checked(env_) if env_ is not None else {}
+        _fail(exc, Format.json, holder=exc.holder if isinstance(exc, LockedError) else None,
+              **where)
     echo(json.dumps(out, default=str))

@@ -253,12 +253,25 @@ def release(env: Environment, fleet_run_id: str) -> dict[str, Any]:
         return _release(env, fleet_run_id)
 
 
+def checked(env: Environment) -> dict[str, str]:
+    """Which fleet lock an answer is about: a host may carry two environments (staging beside
+    development), each with its own lock in one folder; a bare "already free" left on-call to
+    guess which one was looked at."""
+    return {"environment": env.name, "host": socket.gethostname(), "lock": str(path(env))}
+
+
+def _named(env: Environment) -> str:
+    where = checked(env)
+    return f"the {where['environment']} fleet lock on {where['host']} ({where['lock']})"
+
+
 def _release(env: Environment, fleet_run_id: str) -> dict[str, Any]:
     held = status(env)
     if held is None:
-        return {"ok": True, "released": False, "why": "already free"}
+        return {"ok": True, "released": False, **checked(env),
+                "why": f"{_named(env)} is already free"}
     if held.holder.get("fleet_run_id") != fleet_run_id:
-        raise RunbookError(f"the fleet lock is held by {held.describe()}, not by fleet run "
+        raise RunbookError(f"{_named(env)} is held by {held.describe()}, not by fleet run "
                            f"{fleet_run_id}; left alone", "nothing to do")
     shutil.rmtree(path(env), ignore_errors=True)
-    return {"ok": True, "released": True}
+    return {"ok": True, "released": True, **checked(env), "why": f"released {_named(env)}"}
