@@ -25,5 +25,7 @@ def machine() -> str:
 
 def summary(values: list[float]) -> str:
     values = sorted(values)
+    if not values:  # e.g. no round's rollback drained (bench_drain.round_drain)
+        return "none (n=0)"
     return (f"median {statistics.median(values):.2f}s, min {values[0]:.2f}s, "
             f"max {values[-1]:.2f}s (n={len(values)})")

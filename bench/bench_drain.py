@@ -18,6 +18,7 @@ config on a reload, so the old slot is left running for them (tests/test_h2c.py)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -127,6 +128,32 @@ def _front(looks: list[tuple[float, drain.Look]], mark: float, label: str) -> No
           f"{summary(times) if times else '-'}; still open {WATCH:g}s later: {len(stayed)}")
 
 
+def round_drain(record_file: str | None, seen: list[drain.Drain]) -> tuple[drain.Drain | None,
+                                                                             str]:
+    """The drain this round's rollback made before stopping its old slot: among the drains
+    seen during that rollback, the one its run record (this run's id) says the stop-old-slot
+    step drained. `drains[-1]` printed an earlier round's drain when this rollback's stop step
+    drained nothing (the slot already stopped, the step skipped or failed first). (None, why)
+    when there was none."""
+    try:
+        record = json.loads(Path(str(record_file)).read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"no drain known: the run record {record_file} is unreadable ({exc})"
+    run_id = record.get("run_id", "?")
+    step = next((s for s in record.get("steps", []) if s.get("name") == "stop-old-slot"), None)
+    if step is None:
+        return None, f"no drain in run {run_id} (no stop-old-slot step)"
+    detail = step.get("detail") or {}
+    said = detail.get("drained")
+    found = next((d for d in seen if d.describe() == said), None) if said else None
+    if found is not None:
+        return found, ""
+    if said:
+        return None, f"no drain of this round matches run {run_id}'s record: {said}"
+    why = detail.get("container") or detail.get("skipped_because") or step.get("error")
+    return None, f"no drain in run {run_id} (stop-old-slot {step.get('status')}: {why})"
+
+
 def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
            h2c: bool = False) -> None:
     v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
@@ -151,6 +178,7 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
     loads = []
     walls = []
     stop_steps = []
+    ours: list[drain.Drain] = []  # each round's own drain (round_drain), for the summary
     left_running: list[bool] = []  # the old slot, after the rollback (Docker's view)
     try:
         for i in range(n):
@@ -160,6 +188,7 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
             old = traffic.serving_slot(env)
             with Load(f"{env.caddy.proxy_url}/version", h2c=h2c) as load:
                 began = time.monotonic()
+                mark = len(drains)
                 recording = True
                 result = rollback.rollback(env)
                 recording = False
@@ -168,15 +197,17 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
             left_running.append(docker.inspect(env.slot(old).container).running)
             steps = {o.name: o.duration_ms / 1000 for o in result.outcomes}
             stop_steps.append(steps.get("stop-old-slot", float("nan")))
-            d = drains[-1]
+            d, none = round_drain(result.record_file, drains[mark:])
+            if d is not None:
+                ours.append(d)
             print(f"  round {i + 1} ({'running' if i % 2 == 0 else 'stopped'} standby): "
                   f"{load.requests} requests, {load.errors_5xx} 5xx, {load.resets} resets, "
                   f"{load.failures} failed, answered by {dict(load.slots)} (old: {old}, "
-                  f"left running: {left_running[-1]}); drain "
-                  f"{d.seconds:.3f}s, {d.readings} readings, front "
-                  f"done at {d.front_done_at}, last request at {d.last_request}, old listener left "
-                  f"{d.listener_left_after} s after /load "
-                  f"({d.describe()})",
+                  f"left running: {left_running[-1]}); "
+                  + (none if d is None else
+                     f"drain {d.seconds:.3f}s, {d.readings} readings, front "
+                     f"done at {d.front_done_at}, last request at {d.last_request}, old "
+                     f"listener left {d.listener_left_after} s after /load ({d.describe()})"),
                   flush=True)
     finally:
         drain.wait_drained = real  # type: ignore[assignment]
@@ -194,16 +225,16 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
         f"{count}x {kind}" for kind, count in kinds.most_common()) or "none"))
     print(f"  old slot left running after the rollback (`docker inspect`): "
           f"{sum(left_running)}/{len(left_running)}")
-    late = sum("not watched" in d.describe() for d in drains)
+    late = sum("not watched" in d.describe() for d in ours)
     print(f"  reloads whose front was not sorted (reading before /load late or unusable): "
-          f"{late}/{len(drains)}")
-    print(f"  drain wait: {summary([d.seconds for d in drains])}; stop-old-slot step: "
+          f"{late}/{len(ours)}")
+    print(f"  drain wait: {summary([d.seconds for d in ours])}; stop-old-slot step: "
           f"{summary(stop_steps)}; rollback end to end: {summary(walls)}")
-    print(f"  drained {sum(d.drained for d in drains)}/{len(drains)}; front observed "
-          f"{sum(d.front_observed for d in drains)}; front connections watched "
-          f"{summary([float(d.front_watched) for d in drains])}, closed "
-          f"{summary([float(d.front_closed) for d in drains])}, new config's "
-          f"{summary([float(d.front_kept) for d in drains])}")
+    print(f"  drained {sum(d.drained for d in ours)}/{len(ours)}; front observed "
+          f"{sum(d.front_observed for d in ours)}; front connections watched "
+          f"{summary([float(d.front_watched) for d in ours])}, closed "
+          f"{summary([float(d.front_closed) for d in ours])}, new config's "
+          f"{summary([float(d.front_kept) for d in ours])}")
 
 
 def main() -> None:

@@ -843,3 +843,43 @@ def test_a_busy_drain_says_what_held_it_not_its_criterion_as_a_finding() -> None
     assert "119" not in said and "left running" in said, said
     stopping = dataclasses.replace(ended, kept_for_h2c=False).describe()
     assert "(waiting for: " in stopping and stopping.endswith("stopping anyway"), stopping
+
+
+def _bench_drain() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_drain.py"
+    spec = importlib.util.spec_from_file_location("bench_drain", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(tmp_path: Any, run_id: str, stop_detail: dict[str, str]) -> str:
+    """A run record as the journal writes one (runbook/journal.py: steps, each its detail)."""
+    import json
+
+    path = tmp_path / f"{run_id}.json"
+    path.write_text(json.dumps({"run_id": run_id, "steps": [
+        {"name": "switch", "status": "ok", "detail": {}},
+        {"name": "stop-old-slot", "status": "ok", "detail": stop_detail}]}))
+    return str(path)
+
+
+def test_bench_drains_round_line_reads_the_drain_its_own_rollback_recorded(tmp_path: Any) -> None:
+    """bench_drain printed drains[-1] on each round's line: a round whose rollback drained
+    nothing (the old slot already stopped, the step skipped) printed an earlier round's drain
+    as its own. The drain is the one this run's record (its stop-old-slot step) says it
+    drained; none is said as none."""
+    bench = _bench_drain()
+    earlier = drain.Drain(port=8081, seconds=2.5, busy=3, readings=4)
+    ours = drain.Drain(port=8082, seconds=0.5, busy=0, readings=2)
+    record = _record(tmp_path, "rollback_2", {"drained": ours.describe(),
+                                              "container": "exited"})
+    assert bench.round_drain(record, [earlier, ours]) == (ours, "")
+    none = _record(tmp_path, "rollback_3", {"container": "already stopped"})
+    found, why = bench.round_drain(none, [earlier])
+    assert found is None
+    assert "no drain" in why and "rollback_3" in why and "already stopped" in why
