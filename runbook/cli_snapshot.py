@@ -8,6 +8,7 @@ imports it, and `python -m runbook.cli` would load twice).
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -24,7 +25,7 @@ from runbook.cli_common import (
     run_action,
 )
 from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
-from runbook.errors import RunbookError
+from runbook.errors import RunbookError, UsageError
 
 if TYPE_CHECKING:
     from runbook.environment import Environment
@@ -147,19 +148,30 @@ def restore(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
     reason: Annotated[str | None, typer.Option("--reason", help="why, for the journal")] = None,
+    moved_from: Annotated[str | None, typer.Option(
+        "--moved-from", metavar="HOST:PORT",
+        help="the snapshot was taken from HOST:PORT (its sidecar says so), and that server "
+             "is this database before it moved: accept it (default: refused as another "
+             "server's)")] = None,
 ) -> None:
     """Restore a snapshot: stop app slots, safety snapshot, replay in one transaction, verify."""
     from runbook import snapshot_restore
 
     try:
-        refuse_blank(("SNAPSHOT", snapshot))  # blank: never "the newest" instead
+        # blank: never "the newest" instead
+        refuse_blank(("SNAPSHOT", snapshot), ("--moved-from", moved_from))
+        if moved_from is not None and not re.fullmatch(r"\S+:\d+", moved_from.strip()):
+            raise UsageError(f"--moved-from {moved_from!r} is not HOST:PORT",
+                             "give the server the snapshot's sidecar names, e.g. "
+                             "--moved-from localhost:5434")
     except RunbookError as exc:
         _fail(exc, fmt)
     environment = _env(env, config, fmt)
     run_action(
         lambda **kw: snapshot_restore.restore(environment, snapshot, restart=not keep_stopped,
                                        dry_run=dry_run, reason=reason or "snapshot restore",
-                                       end_sessions=end_sessions, **kw),
+                                       end_sessions=end_sessions, moved_from=moved_from,
+                                       **kw),
         fmt, yes=yes, dry_run=dry_run, what="`runbook snapshot restore`")
 
 

@@ -53,16 +53,23 @@ class ContainerInfo:
     # the names and addresses other containers reach it by (its name, hostname, network
     # aliases and DNS names, IP addresses): what a Caddy on Docker's network dials
     addresses: frozenset[str] = frozenset()
-    # (container port, host port) of each tcp port it publishes: its configuration and what
-    # Docker bound (a port left to Docker shows only there); None on the host's network
-    bindings: tuple[tuple[int, int], ...] | None = None
+    # (container port, host port, host IP) of each tcp port it publishes: its configuration
+    # and what Docker bound (a port left to Docker shows only there); IP "" is every address
+    # of the host; None on the host's network
+    bindings: tuple[tuple[int, int, str], ...] | None = None
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
         itself on the host's network (empty when not inspected)."""
+        return frozenset(host for host, _ in self.host_binds(port))
+
+    def host_binds(self, port: int) -> frozenset[tuple[int, str]]:
+        """(host port, host IP) that reach its tcp `port`: a port published on 127.0.0.1 is
+        not reached at the host's other addresses; "" is every address (also the port itself
+        on the host's network)."""
         if self.bindings is None:
-            return frozenset({port}) if self.exists else frozenset()
-        return frozenset(host for inside, host in self.bindings if inside == port)
+            return frozenset({(port, "")}) if self.exists else frozenset()
+        return frozenset((host, ip) for inside, host, ip in self.bindings if inside == port)
 
     @property
     def running(self) -> bool:
@@ -509,13 +516,13 @@ def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(sorted(ports))
 
 
-def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int], ...] | None:
-    """(container port, host port) pairs of its published tcp ports: configured
+def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int, str], ...] | None:
+    """(container port, host port, host IP) of its published tcp ports: configured
     (HostConfig.PortBindings, known stopped too) and bound (NetworkSettings.Ports)."""
     host_config = attrs.get("HostConfig") or {}
     if str(host_config.get("NetworkMode") or "") == "host":
         return None
-    found: set[tuple[int, int]] = set()
+    found: set[tuple[int, int, str]] = set()
     for table in (host_config.get("PortBindings"),
                   (attrs.get("NetworkSettings") or {}).get("Ports")):
         for key, bindings in (table or {}).items() if isinstance(table, dict) else ():
@@ -525,7 +532,8 @@ def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int], ...] | None:
             for binding in bindings or ():
                 port = str((binding or {}).get("HostPort") or "")
                 if port.isdigit():
-                    found.add((int(inside), int(port)))
+                    ip = str((binding or {}).get("HostIp") or "").strip("[]")
+                    found.add((int(inside), int(port), ip))
     return tuple(sorted(found))
 
 

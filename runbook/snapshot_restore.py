@@ -61,11 +61,13 @@ __all__ = ["doubted_fix", "doubted_restore", "kept_for_killed_restore", "known_k
 CHECK = "Verify schema_migrations and the row counts"  # verify-restore's title
 
 
-def prepare(env: Environment, snap: Snapshot | str | Path) -> RestoreRun:
+def prepare(env: Environment, snap: Snapshot | str | Path,
+            moved_from: str | None = None) -> RestoreRun:
     """Find and verify the snapshot NOW (raises, changing nothing): the typed record the
-    restore's steps share while they run (safety snapshot, stopped containers, restored)."""
+    restore's steps share while they run (safety snapshot, stopped containers, restored).
+    `moved_from`: see verify()."""
     snapshot = snap if isinstance(snap, Snapshot) else find(env, snap)
-    return RestoreRun(snapshot, verify(env, snapshot))
+    return RestoreRun(snapshot, verify(env, snapshot, moved_from=moved_from))
 
 
 def restore_steps(env: Environment, run: RestoreRun,
@@ -341,7 +343,10 @@ def restore_steps(env: Environment, run: RestoreRun,
             "taken": f"{_fmt(snapshot.timestamp)} ({snapshot.reason or '?'})",
             # the server too: another environment's database of the same name on this host
             # "matched" by its name alone (found by review)
-            "database": (f"{verified.database} on {tgt.host}:{tgt.port} (matches"
+            "database": (f"{verified.database} on {tgt.host}:{tgt.port} (taken from "
+                         f"{verified.moved_from}, this database before it moved: "
+                         "--moved-from)" if verified.moved_from else
+                         f"{verified.database} on {tgt.host}:{tgt.port} (matches"
                          + ("" if dumped_at in (":", f"{tgt.host}:{tgt.port}") else
                             f": its sidecar's {dumped_at} reaches the same server") + ")"
                          if snapshot.names_server else f"{verified.database} (matches; its "
@@ -876,13 +881,14 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
             confirm: Callable[..., bool] | None = None,
             progress: Callable[..., None] | None = None,
             notify: Callable[[str], None] | None = None,
-            end_sessions: bool = False) -> RunResult:
-    """`runbook snapshot restore`: lock, verify, safety snapshot, restore, restart, journal."""
+            end_sessions: bool = False, moved_from: str | None = None) -> RunResult:
+    """`runbook snapshot restore`: lock, verify, safety snapshot, restore, restart, journal.
+    `moved_from`: see verify()."""
 
     def build(run_id: str) -> Plan:
         snap = find(env, ref)
         facts: dict[str, Any] = {}
-        restore_run = prepare(env, snap)
+        restore_run = prepare(env, snap, moved_from)
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
                               end_sessions=end_sessions)
         warnings = [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]

@@ -247,6 +247,34 @@ def test_a_tooling_snapshot_naming_another_loopback_port_is_not_ours(
     assert snap.path.exists() and snap.name in {p.name for p, _ in result.skipped}
 
 
+def test_a_tooling_snapshot_naming_another_address_of_this_host_on_a_loopback_port_is_not_ours(
+        stack: DrillStack) -> None:
+    """The database's port is published on 127.0.0.1 only: this host's other addresses on
+    that port do not reach it (another server may listen there, e.g. a Postgres bound to the
+    host's Docker bridge address). The identity compared the port alone, so a sidecar naming
+    <bridge address>:<that port> counted as ours. The address Docker publishes it on is
+    compared too, where both sides name one (a sidecar naming no host: the port alone)."""
+    stack.reset()
+    env = stack.env
+    port = published_db_port(stack)
+    sdk = docker.client()
+    bound = sdk.containers.get(stack.db_container).ports["5432/tcp"]
+    assert {b["HostIp"] for b in bound} == {"127.0.0.1"}, bound  # the drill publishes so
+    bridge = sdk.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]  # this host's
+    for old in env.database.snapshot_dir.glob("togather_*"):
+        old.unlink()
+    snap = as_tooling_made(snapshots.create(env, "pre-deploy"), bridge, port, "dep_other")
+    assert snapshots.own_snapshots(env) == []
+    assert f"{bridge}:{port}" in (snapshots.whose(env, snap) or "")
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, snap.name, dry_run=True)
+    assert err.value.exit_code == ExitCode.USAGE and f"{bridge}:{port}" in str(err.value)
+    assert f"127.0.0.1:{port}" in str(err.value), err.value  # where it is published
+    for host in ("127.0.0.1", None):  # loopback, and an older sidecar naming no host
+        ours = as_tooling_made(snap, host, port, "dep_tool")  # type: ignore[arg-type]
+        assert [s.name for s in snapshots.own_snapshots(env)] == [ours.name], host
+
+
 def test_a_loopback_snapshot_is_not_judged_ours_when_the_database_container_cannot_be_read(
         stack: DrillStack) -> None:
     """Docker cannot say which host ports reach the database (here: the configured container

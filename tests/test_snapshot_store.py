@@ -667,6 +667,36 @@ def test_another_servers_snapshot_of_the_same_database_name_is_never_picked_nor_
         "a snapshot of database togather on port 5434, not 5432")
 
 
+def test_a_moved_databases_older_snapshot_is_refused_saying_where_each_is_and_how_to_accept(
+        env: Environment) -> None:
+    """The database moved (from localhost:5434 to the URL's localhost:5432): its older
+    snapshots were refused as "of database 'togather' on port 5434, not 5432", with the fix
+    "if this server moved, correct host and port in the snapshot's .meta.json" - the wrong
+    fix: the sidecar is right, it says where the dump came from. The refusal says where the
+    snapshot was taken from and where the database is now, and the restore accepts it when
+    on-call says that server is this database, moved (`--moved-from HOST:PORT`); another
+    address given is still refused."""
+    from runbook.snapshots.verify import verify
+
+    record(env, "dep_a", "dep_b")
+    dump = tooling_dump(env, "dep_b", 7)
+    on_server(dump, "localhost", 5434)
+    snap = snapshots.load(dump)
+    with pytest.raises(snapshots.SnapshotError) as err:
+        verify(env, snap)
+    message, fix = err.value.message, str(err.value.fix)
+    assert "\n" not in message and message.endswith("nothing was changed"), message
+    assert "was taken from localhost:5434" in message, message
+    assert "is now on localhost:5432" in message, message
+    assert ".meta.json" not in fix and "correct" not in fix, fix
+    assert "--moved-from localhost:5434" in fix, fix
+    assert verify(env, snap, moved_from="localhost:5434").migration_version == 7
+    assert verify(env, snap, moved_from="127.0.0.1:5434").migration_version == 7  # one host
+    for other in ("localhost:5435", "db2:5434"):
+        with pytest.raises(snapshots.SnapshotError, match="was taken from localhost:5434"):
+            verify(env, snap, moved_from=other)
+
+
 def test_a_sidecar_naming_this_server_another_way_or_none_is_ours(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loopback names are one server, a URL without a port is on 5432, and a sidecar

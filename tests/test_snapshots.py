@@ -749,7 +749,21 @@ def test_another_servers_snapshots_of_the_same_database_name_are_never_ours(
     # URL names the server another way (togather-db on a docker-network-db shape)
     where = (f"port {other}, not {port}" if host in ("127.0.0.1", "localhost")
              else f"localhost:{other}, not {host}:{port}")
-    expect_refused(stack, theirs_new.name, ExitCode.USAGE, where)
+    # where it was taken and where the database is now; never "correct the sidecar" (it is
+    # right: it says where the dump came from)
+    refused = expect_refused(stack, theirs_new.name, ExitCode.USAGE,
+                             f"was taken from localhost:{other}", f"now on {host}:{port}")
+    assert ".meta.json" not in str(refused.fix), refused.fix
+    # the same database, moved: on-call says so, naming the server the sidecar names
+    moved = cli("snapshot", "restore", str(env.source), theirs_new.name, "--moved-from",
+                f"localhost:{other}", "--dry-run")
+    assert moved.returncode == 0, moved.stderr
+    assert f"taken from localhost:{other}, this database before it moved" in moved.stdout, \
+        moved.stdout
+    wrong = cli("snapshot", "restore", str(env.source), theirs_new.name, "--moved-from",
+                f"localhost:{other + 10}", "--dry-run")
+    assert wrong.returncode == 2 and f"was taken from localhost:{other}" in wrong.stderr, \
+        wrong.stderr
     result = snapshots.cleanup(env, now=now)
     assert theirs_old.exists() and lone.exists() and theirs_new.exists() and mine.exists()
     skipped = {p.name: why for p, why in result.skipped}

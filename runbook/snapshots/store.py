@@ -394,7 +394,7 @@ class Server:
     published port). Both are this server: (a) the URL's host and port; (b) the database
     container's name, aliases and addresses with the port Postgres listens on inside it; (c)
     this host (loopback, 0.0.0.0, its names and addresses) with a host port Docker publishes
-    for that port."""
+    for that port, at the address Docker publishes it on (127.0.0.1: loopback only)."""
 
     target: Target
     container: str
@@ -402,6 +402,8 @@ class Server:
     inside: int = 5432  # Postgres's port inside the container
     published: frozenset[int] = frozenset()  # the host ports that reach `inside`
     unknown: str | None = None  # why the container could not be read (None: it was)
+    # (host port, host IP) of each publication ("": every address of this host)
+    bound: frozenset[tuple[int, str]] = frozenset()
 
     def here(self, key: str) -> bool:
         """Whether host key `key` is this machine (a published port listens there)."""
@@ -421,7 +423,27 @@ class Server:
             return True  # as configured (a sidecar without a host: on the URL's, as before)
         if h is not None and h in self.names and p in (None, str(self.inside)):
             return True
-        return (h is None or self.here(h)) and p in {str(n) for n in self.published}
+        if p not in {str(n) for n in self.published}:
+            return False
+        # a sidecar naming no host (an older one): its port alone, as before
+        return h is None or (self.here(h) and self.bound_at(h, p))
+
+    def bound_at(self, h: str, p: str) -> bool:
+        """Whether published port `p` listens at this host's address `h` (a host key): a port
+        Docker publishes on 127.0.0.1 is not reached at the host's other addresses, where
+        another server may listen on the same port. Compared only where Docker names an
+        address (not on the host's network, nor for a publication it does not list)."""
+        ips = {ip for port, ip in self.bound if str(port) == p}
+        return not ips or any(ip in ("", *ANY_ADDRESS) or _host_key(ip) == h for ip in ips)
+
+    def describe(self) -> str:
+        """Where the database is now: the URL's host and port, and the host addresses Docker
+        publishes it on when they differ (`togather-db:5432 (published on 127.0.0.1:5433)`)."""
+        at = f"{self.target.host}:{self.target.port}"
+        shown = _published(self)
+        if not shown or shown == [str(self.target.port)]:
+            return at
+        return f"{at} (published on {', '.join(shown)} by {self.container})"
 
     def undecided(self, host: object, port: object) -> bool:
         """A sidecar naming this machine on another port than the URL's, while the URL names
@@ -449,7 +471,9 @@ def server(env: Environment, tgt: Target) -> Server:
     names |= {_host_key(a) for a in info.addresses}
     # the URL names the container: Postgres listens on the URL's port inside it
     inside = tgt.port if _host_key(tgt.host) in names else 5432
-    return Server(tgt, container, frozenset(names), inside, info.host_ports(inside))
+    binds = info.host_binds(inside)
+    return Server(tgt, container, frozenset(names), inside,
+                  frozenset(port for port, _ in binds), bound=binds)
 
 
 def server_or_none(env: Environment) -> Server | None:
@@ -479,11 +503,34 @@ def other_server(snap: Snapshot, here: Server) -> str | None:
         return (f"on {host}:{port}, which may or may not reach this database: the URL names "
                 f"{tgt.host}:{tgt.port} and {here.unknown}")
     also = ("" if not here.published or here.published == {tgt.port}
-            else f" nor {', '.join(str(n) for n in sorted(here.published))} (published by "
-                 f"{here.container})")
+            else f" nor {', '.join(_published(here))} (published by {here.container})")
     if host in (None, "") or _host_key(str(host)) == _host_key(tgt.host):
         return f"on port {port}, not {tgt.port}{also}"
     return f"on {host}:{'?' if port in (None, '') else port}, not {tgt.host}:{tgt.port}{also}"
+
+
+def _published(here: Server) -> list[str]:
+    """Its publications: `5433`, or `127.0.0.1:5433` when Docker binds one address only."""
+    return sorted({f"{ip}:{port}" if ip not in ("", *ANY_ADDRESS) else str(port)
+                   for port, ip in here.bound or {(n, "") for n in here.published}})
+
+
+def dumped_from(snap: Snapshot, here: Server) -> str:
+    """Where `snap`'s sidecar says it was dumped from, as HOST:PORT; a part it leaves out is
+    the URL's, as Server.reaches reads it."""
+    host, port = snap._m("host"), snap._m("port")
+    return (f"{here.target.host if host in (None, '') else host}:"
+            f"{here.target.port if port in (None, '') else port}")
+
+
+def moved_from(snap: Snapshot, here: Server, given: str) -> bool:
+    """Whether `given` (HOST:PORT, `--moved-from`) is the server `snap`'s sidecar names: the
+    operator says that server is this database before it moved (the sidecar is right, it
+    says where the dump came from; only on-call knows the database moved)."""
+    host, _, port = given.strip().rpartition(":")
+    taken_host, _, taken_port = dumped_from(snap, here).rpartition(":")
+    return bool(host) and _host_key(host) == _host_key(taken_host) and \
+        port.strip() == taken_port.strip()
 
 
 def undecided(snap: Snapshot, here: Server) -> bool:

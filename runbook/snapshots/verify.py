@@ -30,7 +30,15 @@ from typing import Any, TypeVar
 from runbook.environment import Environment
 from runbook.errors import ExitCode
 from runbook.snapshots.commands import Target, target
-from runbook.snapshots.store import Snapshot, SnapshotError, other_server, server, undecided
+from runbook.snapshots.store import (
+    Snapshot,
+    SnapshotError,
+    dumped_from,
+    moved_from,
+    other_server,
+    server,
+    undecided,
+)
 
 TRAILER = b"-- PostgreSQL database dump complete"
 CHUNK = 1 << 20
@@ -48,6 +56,7 @@ class Verified:
     database: str
     dumped_by: tuple[int, int] | None = None  # pg_dump's version, from the dump's header
     restrict: bool = False  # the dump holds psql's `\restrict` (pg_dump 17.6, 16.10, ...)
+    moved_from: str | None = None  # taken from this server before it moved (--moved-from)
 
 
 # pg_dump's COPY of a schema_migrations in any schema, named as database.read_schema records
@@ -194,9 +203,11 @@ def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
                          "inspection")
 
 
-def _fits(env: Environment, snap: Snapshot) -> Target:
+def _fits(env: Environment, snap: Snapshot,
+          moved: str | None = None) -> tuple[Target, str | None]:
     """Refuse a file that is missing, has a bad sidecar, or is of another database or
-    environment (nothing read yet); the environment's database target."""
+    environment (nothing read yet); the environment's database target, and `moved` when it
+    is what accepted the snapshot (taken from that server, this database before it moved)."""
     if not snap.path.is_file():
         raise SnapshotError(f"snapshot {snap.path} does not exist; nothing was changed",
                             f"pick one from `runbook snapshot list {env.name}`")
@@ -221,23 +232,29 @@ def _fits(env: Environment, snap: Snapshot) -> Target:
     # another server's database of the same name (another environment's on this host): its
     # data replacing this one's is the loss a restore exists to undo
     here = server(env, tgt) if snap.names_server else None
-    if here is not None and undecided(snap, here):
+    if here is None or other_server(snap, here) is None:
+        return tgt, None
+    if moved is not None and moved_from(snap, here, moved):
+        return tgt, moved  # the operator says that server is this database, moved
+    taken = dumped_from(snap, here)
+    # the sidecar is right (where the dump came from): editing it is never the fix
+    accept = (f"if {taken} was this database before it moved, say so: `runbook snapshot "
+              f"restore {env.name} {snap.name} --moved-from {taken}`")
+    if undecided(snap, here):
         # Docker cannot say which host ports reach the container: refused, not guessed
         raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r} "
                             f"{other_server(snap, here)}; nothing was changed",
                             f"start the Docker engine and container {here.container} so the "
                             f"ports it publishes can be read (`docker inspect "
                             f"{here.container}`), or pick a snapshot of {env.name} "
-                            f"(`runbook snapshot list {env.name}`)",
+                            f"(`runbook snapshot list {env.name}`); {accept}",
                             exit_code=ExitCode.PRECONDITION)
-    if here is not None and (where := other_server(snap, here)) is not None:
-        raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r} "
-                            f"{where} (its sidecar's host and port, this environment's "
-                            f"{env.database.url_variable}); nothing was changed",
-                            f"pick a snapshot of {env.name} (`runbook snapshot list "
-                            f"{env.name}`); if this server moved, correct host and port in "
-                            "the snapshot's .meta.json")
-    return tgt
+    raise SnapshotError(f"snapshot {snap.name} of database {snap.database!r} was taken from "
+                        f"{taken} (its sidecar), and the {env.name} database is now on "
+                        f"{here.describe()} ({env.database.url_variable}): another server's, "
+                        "or this database's before it moved; nothing was changed",
+                        f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`); "
+                        + accept)
 
 
 @contextlib.contextmanager
@@ -364,14 +381,17 @@ def schema_version(env: Environment, snap: Snapshot) -> int:
     return found[0]
 
 
-def verify(env: Environment, snap: Snapshot) -> Verified:
+def verify(env: Environment, snap: Snapshot, *, moved_from: str | None = None) -> Verified:
     """Read the whole file (checksum, gzip CRC, dump trailer) and check it fits this database.
+
+    `moved_from` (HOST:PORT): the operator says the server the sidecar names is this
+    database before it moved; only a snapshot taken from exactly there is accepted so.
 
     Read-only; raises a one-line SnapshotError (USAGE) for a missing, truncated, corrupt or
     foreign snapshot. The read is made once a process for the same file (`_whole`); the
     replay streams it again and checks the checksum found here.
     """
-    tgt = _fits(env, snap)
+    tgt, moved = _fits(env, snap, moved_from)
     digest, scanner = _whole(snap)
     if snap.sha256 and digest != snap.sha256:
         raise _bad_file(snap, "does not match its recorded sha256 (changed or corrupt)")
@@ -399,7 +419,7 @@ def verify(env: Environment, snap: Snapshot) -> Verified:
         raise _bad_file(snap, f"holds schema_migrations {recorded} but its sidecar says "
                               f"{snap.migration_version}")
     return Verified(snap, digest, version, dirty, tuple(dict.fromkeys(scanner.schemas)),
-                    tgt.dbname, scanner.dumped_by, scanner.restrict)
+                    tgt.dbname, scanner.dumped_by, scanner.restrict, moved)
 
 
 def check_server(snap: Snapshot, verified: Verified, server: tuple[int, int]) -> None:
