@@ -24,6 +24,7 @@ from runbook import state as states
 from runbook.caddy import Unreloadable, VerifyResult
 from runbook.environment import Environment, Slot
 from runbook.errors import RunbookError
+from runbook.times import rough_duration
 
 NOT_RECORDED = "not recorded"
 
@@ -277,6 +278,26 @@ def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
                       f"`runbook switch {_arg(f.env)} --slot <the right one>`")
 
 
+def _off_record(f: Facts) -> str | None:
+    """While Caddy sends traffic to another slot than the state file records as active (a
+    hand edit, another tool's switch; not an interrupted run's target): what is true, and
+    the documented way back, the manual switch to the recorded slot (health-gated: nothing
+    moves unless it answers). Found by review: the outage's fixes said `runbook rollback`,
+    which goes from what serves, a build the file does not record (refused, exit 4, when it
+    runs another version than the file's current)."""
+    current = f.state.current if f.state is not None else None
+    active = f.active
+    if current is None or active is None or current.active_slot in (None, active) \
+            or _moved_by_interrupted_run(f):
+        return None
+    recorded = current.active_slot
+    return (f"traffic is on {active}, the state file says {recorded} ({current.version}) is "
+            f"active: `runbook switch {_arg(f.env)} --slot {recorded}` puts traffic back on "
+            f"the recorded deployment (it starts {recorded} if stopped and moves nothing "
+            "unless it answers healthy); not a rollback, which would go from a build the "
+            "state file does not record")
+
+
 def _rollback_command(f: Facts) -> str:
     """`runbook rollback ENV`, or, when the previous deployment is the newer one this host
     was rolled back from (which that command refuses), the same with --to to fill in."""
@@ -292,7 +313,7 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
                       _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
-                      or _database_fix(f)
+                      or _database_fix(f) or _off_record(f)
                       or f"roll back (`{_rollback_command(f)}`) or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
@@ -347,6 +368,33 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
                       f"{held.describe()})",
                       "once you have checked that no deploy or rollback runs (its holder is "
                       f"named above), release it: `runbook unlock {_arg(f.env)} --force`")
+
+
+def live_lock(f: Facts) -> Iterator[Problem]:
+    """A live run holds the deploy lock (another tool's deploy, or a run of the runbook whose
+    record does not say it is in progress): every rollback, deploy and switch is refused
+    until it is released. Found by review: the shell tooling's deploy holding it was shown on
+    the lock line only, with "No problems found" and exit 0, while each rollback was refused."""
+    held = f.lock
+    if held is None or held.stale or held.broken or held.undated or held.is_ours:
+        return
+    from runbook import finish
+
+    if f.intent is not None and finish.in_progress(f.intent, held):
+        return  # interrupted_run says it: a run in progress, with its own way out
+    if held.suspended and held.pid is not None:
+        fix = locks.suspended_fix(held.pid)
+    else:
+        # a process known by its start time makes it stale as it exits; one known by its
+        # pid alone (the shell tooling's mirror) only once it expires
+        when = ("at once" if held.holder_alive is True and not held.pid_unverified
+                else f"in {rough_duration(held.expires_in)}" if held.expires_in != float("inf")
+                else f"once its process {held.pid or '?'} has exited")
+        fix = (f"wait for that run to end (`runbook status {_arg(f.env)}` again says when the "
+               f"lock is free); if its process has died, `runbook unlock {_arg(f.env)}` "
+               f"removes the lock once it is stale ({when})")
+    yield Problem(f"the deploy lock is held by {held.describe()}: {held.why}; every rollback, "
+                  "deploy or switch is refused until it is released", fix)
 
 
 def standby_running(f: Facts) -> Iterator[Problem]:
@@ -499,7 +547,14 @@ def _start_first(f: Facts) -> str | None:
     if (held := _held_fix(f)) is not None:
         return held
     if not _holds_current(f, info):
-        return None
+        # a rollback goes from that unrecorded build (refused when it names another version,
+        # or with no previous), a switch serves whatever the other slot holds, maybe that
+        # same build: neither is known to help until on-call knows which build should serve
+        # (found by review: both were offered)
+        return _off_record(f) or (
+            f"find out which build should serve first (see the problem of the stopped "
+            f"container {info.name}, which holds another build than the state file records): "
+            "until then neither a rollback nor a switch is known to serve the right one")
     return (f"start the stopped container first (see that problem): `docker start "
             f"{info.name}`; a rollback or a switch would move users off the recorded build")
 
@@ -527,8 +582,8 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
                       _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
                       or f"find out which build should serve (`docker inspect {info.name}`): "
                       f"`docker start {info.name}` serves {info.image or 'that image'} again, "
-                      "which the state file does not record; otherwise deploy or roll back "
-                      "to the build to serve")
+                      "which the state file does not record; otherwise "
+                      + (_off_record(f) or "deploy or roll back to the build to serve"))
         return
     yield Problem(f"{said}, the build the state file records as current",
                   _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
@@ -546,14 +601,21 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
-        doubted = _doubted_fix(f) or _unfinished_fix(f) or _start_first(f) or _database_fix(f)
+        doubted = (_doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
+                   or _database_fix(f) or _off_record(f))
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: "
                       f"`{_rollback_command(f)}`, or `runbook switch {_arg(f.env)} --slot "
                       f"{f.active.other if f.active else '<blue|green>'}` when that one is "
                       "healthy")
-    elif f.traffic.untrusted:
+
+
+def proxy_unverifiable(f: Facts) -> Iterator[Problem]:
+    """The proxy answers, but which slot users reach through it cannot be verified."""
+    if f.traffic is None or f.traffic.proxy_error is not None:
+        return
+    if f.traffic.untrusted:
         yield Problem(f"{f.traffic.proxy_unverifiable}: which slot users reach through the "
                       "proxy cannot be verified (nor a switch)", traffic.untrusted_fix(f.env))
     elif f.traffic.proxy_unverifiable is not None:
@@ -778,12 +840,14 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 
 
 Check = Callable[[Facts], Iterator[Problem]]
+# the outage first: users not served (found by review: a bad port loaded into Caddy was said
+# third, after the Caddyfile's block and the running config that caused it)
 CHECKS: list[Check] = [
-    state_unreadable, container_unknown, caddy_problems, traffic_unclear, serving_stopped,
-    proxy_unanswered,
-    caddyfile_differs_from_what_runs, schema_dirty, restore_doubted, restore_unfinished,
+    serving_stopped, proxy_unanswered, state_unreadable, container_unknown, caddy_problems,
+    traffic_unclear, proxy_unverifiable, caddyfile_differs_from_what_runs, schema_dirty,
+    restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
-    active_unhealthy, image_differs, stale_lock, held_for_h2c, standby_running,
+    active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
     upstream_unresolved, disk_space,
 ]
 

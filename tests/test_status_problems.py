@@ -21,7 +21,7 @@ from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Slot
+from runbook.environment import Environment, Slot
 from tests.drill_checks import retag, running_from, serving
 
 pytestmark = pytest.mark.docker
@@ -604,3 +604,150 @@ def test_a_paused_database_is_said_with_unpause_as_every_fix(stack: DrillStack) 
     stack.wait_db()
     _, _, problems = status(stack)
     assert not [p for p in problems if "database" in p["problem"]], problems
+
+
+def _load_caddyfile(env: Environment, text: str) -> None:
+    """The Caddyfile written and loaded as another tool, or a hand edit, does it."""
+    files.atomic_write(env.caddy.caddyfile, text.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+
+
+def test_a_live_lock_of_another_tools_deploy_is_a_problem_with_its_holder_and_way_out(
+        stack: DrillStack) -> None:
+    """Found by review: the shell tooling's deploy holding the lock (its directory with
+    `locked_at` only, mirrored into the state file with its pid, as the contract's "locks"
+    says) refused every rollback (exit 3), while status showed it on its lock line only,
+    said "No problems found" and exited 0. It is a problem naming its holder, since when,
+    and the way out. Oracle: the lock as written here, a live process, the dry run's exit."""
+    import os
+    import signal
+    import socket
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    env = stack.env
+    deploy = subprocess.Popen(["sleep", "300"])  # the other tool's deploy: alive
+    try:
+        now = int(time.time())
+        at = datetime.fromtimestamp(now, UTC)
+        env.lock_path.mkdir()
+        (env.lock_path / "locked_at").write_text(f"{now}\n")
+        state = json.loads(env.state_file.read_text())
+        state["lock"] = {"locked": True, "lock_id": "lock_deploysh",
+                         "locked_by": "deploy@ci-runner",
+                         "locked_at": states.format_time(at),
+                         "lock_expires_at": states.format_time(at + timedelta(minutes=30)),
+                         "deployment_id": "dep_0123456789abcdef_0123456789abcdef01234567",
+                         "pid": deploy.pid, "hostname": socket.gethostname()}
+        env.state_file.write_text(json.dumps(state, indent=2))
+        refused = _cli(env.source, "rollback", "--dry-run")  # the premise: every run refused
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        [found] = [p for p in problems if "deploy@ci-runner" in p["problem"]]
+        assert states.format_time(at) in found["problem"], found
+        assert "wait for" in found["fix"], found
+        assert f"`runbook unlock {env.source}`" in found["fix"], found
+    finally:
+        os.kill(deploy.pid, signal.SIGKILL)
+        deploy.wait(10)
+        import shutil
+
+        shutil.rmtree(env.lock_path, ignore_errors=True)
+
+
+def test_traffic_going_nowhere_is_the_first_problem(stack: DrillStack) -> None:
+    """Found by review: with Caddy running a config that dials a port where no slot listens
+    (users get 502: the outage), status listed the Caddyfile's block and the running config
+    first, and "users are not served" third. Oracle: the proxy answers 502 here."""
+    from runbook import caddy
+    from tests.drill_checks import closed_port
+
+    env = stack.env
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block, dead = text[start:end], closed_port()
+    for config in env.slots.values():
+        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
+    _load_caddyfile(env, text[:start] + block + text[end:])
+    assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
+    code, text_out, problems = status(stack)
+    assert_listed(code, text_out, problems)
+    assert problems[0]["check"] == "proxy_unanswered", problems
+    assert text_out.split("Problems:\n", 1)[1].startswith("  ! users are not served"), text_out
+
+
+def _caddy_to(env: Environment, slot: Slot) -> None:
+    """Caddy pointed at `slot` by hand (written and loaded), the state file left as it is."""
+    from runbook import caddy
+
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    other = slot.other
+    block = text[start:end].replace(f"localhost:{env.slot(other).port}",
+                                    f"localhost:{env.slot(slot).port}")
+    _load_caddyfile(env, text[:start] + block.replace(f'"{other}"', f'"{slot}"') + text[end:])
+
+
+def test_traffic_off_the_recorded_slot_is_fixed_by_the_switch_back_never_a_rollback(
+        scene_stack: DrillStack) -> None:
+    """Found by review: Caddy pointed at green by hand (its container stopped: v2, the
+    previous) while the state file records v3 on blue: the outage's fixes said `runbook
+    rollback`, which is refused there (exit 4: what serves is not what the file records).
+    They say what is true (traffic on green, the file says blue) and name the switch back,
+    which, typed as printed, serves the recorded build and leaves no problem. Oracle: the
+    dry run's exit, the proxy."""
+    import shlex
+
+    from runbook.drill import scenes
+    from tests.test_interrupted import through_proxy
+
+    scene_stack.arrange(scenes.PREVIOUS)  # v3 serves from blue; v2 stopped on green
+    env = scene_stack.env
+    _caddy_to(env, Slot.GREEN)
+    refused = _cli(env.source, "rollback", "--dry-run")  # the premise: a rollback is refused
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    code, text, problems = status(scene_stack)
+    assert_listed(code, text, problems)
+    assert "runbook rollback" not in json.dumps(problems), problems
+    switch = f"runbook switch {env.source} --slot blue"
+    for check in ("proxy_unanswered", "active_unhealthy"):
+        [found] = [p for p in problems if p["check"] == check]
+        assert "traffic is on green, the state file says blue" in found["fix"], found
+        assert f"`{switch}`" in found["fix"], found
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", *shlex.split(switch)[1:],
+                           "--yes"], capture_output=True, text=True, timeout=180, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+    code, text, problems = status(scene_stack)
+    assert (code, problems) == (0, []), text
+
+
+def test_a_stopped_serving_container_of_another_build_gets_no_rollback_or_switch_elsewhere(
+        stack: DrillStack) -> None:
+    """Found by review: the serving container stopped, holding another build than the state
+    file records, the outage's other problems said `runbook rollback` (refused here: exit 4)
+    or `runbook switch --slot green`, whose plan serves the very build status will not start
+    blindly. They point at the stopped container's problem (which build should serve).
+    Oracle: the state file as written here, the dry runs' exits and plans."""
+    st = states.read_state(stack.env.state_file)
+    assert st.current is not None and st.current.version == V1.tag
+    states.write_state(stack.env.state_file, st.with_(current=st.current.with_(image=V2.image)))
+    env = stack.env
+    stack.docker("stop", env.slot(Slot.BLUE).container)
+    refused = _cli(env.source, "rollback", "--dry-run")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    planned = _cli(env.source, "switch", "--slot", "green", "--dry-run")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert f"already running {V1.image}" in planned.stdout, planned.stdout  # not the record's
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    others = [p for p in problems if p["check"] != "serving_stopped"]
+    assert {p["check"] for p in others} >= {"proxy_unanswered", "active_unhealthy"}, problems
+    for p in others:
+        assert "runbook rollback" not in p["fix"] and "runbook switch" not in p["fix"], p
+    for check in ("proxy_unanswered", "active_unhealthy"):
+        [found] = [p for p in problems if p["check"] == check]
+        assert "which build should serve" in found["fix"], found
