@@ -26,6 +26,9 @@ from pathlib import Path
 from runbook import files
 
 COMMAND = "runbook state restore-kept"
+# runbook.state.schema.MAX_STATE_BYTES: importing it here would import the state package,
+# whose reader imports this module (tests/test_state_kept.py checks they agree)
+MAX_BYTES = 8 * 1024 * 1024
 _PLACES: dict[str, tuple[Path, str, Callable[[str], None]]] = {}  # state file -> copy, env, warn
 _WARNED: set[str] = set()
 _WRITING = threading.Lock()  # the lock heartbeat's thread writes the state file too
@@ -53,7 +56,7 @@ def keep(state_file: Path | str, raw: bytes) -> None:
         payload = _masked(raw)
         with _WRITING:
             try:
-                if files.read_regular(copy, _max_bytes()) == payload:
+                if files.read_regular(copy, MAX_BYTES) == payload:
                     return
             except OSError:
                 pass  # none yet, or unreadable: written anew
@@ -66,12 +69,6 @@ def keep(state_file: Path | str, raw: bytes) -> None:
             _WARNED.add(problem)
             with contextlib.suppress(OSError, ValueError):
                 warn(f"warning: {problem}")
-
-
-def _max_bytes() -> int:
-    from runbook.state.schema import MAX_STATE_BYTES
-
-    return MAX_STATE_BYTES
 
 
 def _why(exc: BaseException) -> str:
@@ -107,7 +104,7 @@ class Kept:
 def found(copy: Path) -> Kept | None:
     """The copy, or None when there is none (or it cannot be read)."""
     try:
-        raw = files.read_regular(copy, _max_bytes())
+        raw = files.read_regular(copy, MAX_BYTES)
         return Kept(copy, raw, copy.stat().st_mtime)
     except OSError:
         return None

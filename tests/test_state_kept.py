@@ -187,3 +187,7 @@ def test_no_secret_is_kept(tmp_path: Path) -> None:
     copy = kept.copy_path(tmp_path / "runs", state_file, "staging").read_text()
     assert "Sup3rSecret" not in copy and '"environment": "staging"' in copy
 
+
+
+def test_the_copys_size_limit_is_the_state_files() -> None:
+    assert kept.MAX_BYTES == states.MAX_STATE_BYTES
