@@ -45,7 +45,10 @@ class ContainerInfo:
     image: str | None = None  # .Config.Image, e.g. togather-server:abc1234
     image_id: str | None = None  # .Image: the build it runs, whatever its tag names now
     exit_code: int | None = None
-    started_at: str | None = None
+    started_at: str | None = None  # State.StartedAt (RFC 3339; Docker's zero time if never)
+    # inspect's top-level RestartCount: how often its restart policy started it again since
+    # it was created or last started by hand (a crash loop grows it; `docker start` resets it)
+    restart_count: int = 0
     labels: dict[str, str] | None = None
     # the host ports it publishes (HostConfig.PortBindings); None: not known (host network,
     # or not inspected), () none
@@ -468,7 +471,8 @@ def inspect(name: str) -> ContainerInfo:
         name=name, exists=True, status=state.get("Status", "unknown"),
         image=config.get("Image"), image_id=attrs.get("Image"),
         exit_code=state.get("ExitCode"),
-        started_at=state.get("StartedAt"), labels=config.get("Labels") or {},
+        started_at=state.get("StartedAt"), restart_count=int(attrs.get("RestartCount") or 0),
+        labels=config.get("Labels") or {},
         published=_published(attrs.get("HostConfig") or {}),
         addresses=_addresses(attrs),
         bindings=_bindings(attrs),

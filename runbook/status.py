@@ -410,8 +410,8 @@ def standby_running(f: Facts) -> Iterator[Problem]:
         return
     standby = active.other
     image = f.image(standby)
-    if standby in f.held:  # its own check says why and what to do
-        return
+    if standby in f.held or _crash_loop(f.containers.get(standby)) is not None:
+        return  # its own check says why and what to do
     if not f.running(standby) or image is None or image == f.image(active):
         return
     spare, live = f.containers.get(standby), f.containers.get(active)
@@ -609,6 +609,60 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                       f"`{_rollback_command(f)}`, or `runbook switch {_arg(f.env)} --slot "
                       f"{f.active.other if f.active else '<blue|green>'}` when that one is "
                       "healthy")
+
+
+RECENT_RESTART = 300.0  # seconds: a container its restart policy started since is looping
+
+
+def _crash_loop(info: docker.ContainerInfo | None) -> str | None:
+    """How the container crash-loops, as Docker says it: `restarting`, or up (running or
+    paused) with its restart policy having started it again within RECENT_RESTART (up at
+    the instant status looks, it is the same loop: found by review, whether status said it
+    depended on that instant). None when it does not."""
+    from datetime import UTC, datetime
+
+    from runbook.times import parse_utc
+
+    if info is None or not info.exists or not info.up:
+        return None
+    times = f"{info.restart_count} time{'s' if info.restart_count != 1 else ''}"
+    if info.status == "restarting":
+        return f"restarting (its restart policy has started it again {times})"
+    started = parse_utc(info.started_at)
+    if info.restart_count < 1 or started is None \
+            or (datetime.now(UTC) - started).total_seconds() > RECENT_RESTART:
+        return None
+    return (f"{info.status}, but its restart policy has started it again {times}, the last "
+            f"at {info.started_at}")
+
+
+def crash_looping(f: Facts) -> Iterator[Problem]:
+    """A slot's container exits and its restart policy starts it again, over and over: the
+    serving one fails users while it is down, a standby starts old code against the shared
+    database again and again. Found by review: shown as "running ... healthy" or
+    "restarting", with "No problems found"."""
+    for slot, info in f.containers.items():
+        how = _crash_loop(info)
+        if how is None or info is None:
+            continue
+        logs = f"`docker logs --tail 100 {info.name}` says why it exits"
+        if slot == f.active:
+            yield Problem(f"the {slot} slot's container {info.name}, which Caddy serves, is "
+                          f"crash-looping: {how}; users get errors while it is down",
+                          f"{logs}; " + (_doubted_fix(f) or _unfinished_fix(f)
+                                         or _database_fix(f) or _off_record(f)
+                                         or f"if its build is at fault, roll back "
+                                         f"(`{_rollback_command(f)}`)"))
+        elif f.active is not None and not (f.traffic is not None
+                                           and slot in f.traffic.pinned):
+            yield Problem(f"the standby slot's container {info.name} is crash-looping: {how}; "
+                          f"it takes no traffic, yet starts {info.image or 'its image'} "
+                          "against the database again and again",
+                          f"stop it: `docker stop {info.name}` (a rollback starts it again "
+                          f"when needed); {logs}")
+        else:  # which slot serves is not known, or another site proxies to it: not stopped
+            yield Problem(f"the {slot} slot's container {info.name} is crash-looping: {how}",
+                          logs)
 
 
 def proxy_unverifiable(f: Facts) -> Iterator[Problem]:
@@ -843,7 +897,8 @@ Check = Callable[[Facts], Iterator[Problem]]
 # the outage first: users not served (found by review: a bad port loaded into Caddy was said
 # third, after the Caddyfile's block and the running config that caused it)
 CHECKS: list[Check] = [
-    serving_stopped, proxy_unanswered, state_unreadable, container_unknown, caddy_problems,
+    serving_stopped, proxy_unanswered, crash_looping, state_unreadable, container_unknown,
+    caddy_problems,
     traffic_unclear, proxy_unverifiable, caddyfile_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,

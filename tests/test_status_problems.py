@@ -751,3 +751,85 @@ def test_a_stopped_serving_container_of_another_build_gets_no_rollback_or_switch
     for check in ("proxy_unanswered", "active_unhealthy"):
         [found] = [p for p in problems if p["check"] == check]
         assert "which build should serve" in found["fix"], found
+
+
+def _crash_looping(stack: DrillStack, slot: Slot, image: str, seconds: float) -> str:
+    """The slot's container made anew by hand (as the review did) under `--restart always`,
+    its server killed `seconds` after each start: it answers for a moment, exits, and Docker
+    starts it again, over and over. Returns its name; the caller removes it."""
+    import os
+
+    name = stack.env.slot(slot).container
+    stack.docker("rm", "-f", name)
+    argv = stack.docker_run_argv(slot, image)
+    argv = [*argv[:-1], "--restart", "always", "--entrypoint", "timeout", image, str(seconds),
+            "python3", "/app/server.py"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "DATABASE_URL": stack.app_database_url})
+    return name
+
+
+def _restarted(name: str, times: int) -> None:
+    """Wait until Docker's restart policy has started `name` again `times` times."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        said = subprocess.run(["docker", "inspect", "--format", "{{.RestartCount}}", name],
+                              capture_output=True, text=True, check=True, timeout=30)
+        if int(said.stdout) >= times:
+            return
+        assert time.monotonic() < deadline, said.stdout
+        time.sleep(0.2)
+
+
+def test_a_crash_looping_serving_container_is_a_problem_whenever_status_looks(
+        stack: DrillStack) -> None:
+    """Found by review: the serving slot crash-looping under a restart policy was "running ...
+    health healthy" and "No problems found" (exit 0) whenever status looked while it was up:
+    whether on-call heard of it depended on the instant. Docker's restart count and start
+    time say it every time. Oracle: Docker's RestartCount, read here."""
+    blue = _crash_looping(stack, Slot.BLUE, V1.image, 3)
+    try:
+        _restarted(blue, 2)
+        for _ in range(3):  # up or between two starts: said each time
+            code, text, problems = status(stack)
+            # the outage's other problems come and go with the loop (text and JSON are two
+            # looks): the loop itself is said in both, every time
+            assert code == 1 and NO_PROBLEMS not in text, text
+            assert "crash-looping" in text, text
+            [found] = [p for p in problems if p["check"] == "crash_looping"]
+            assert blue in found["problem"] and "restart" in found["problem"], found
+            assert f"`docker logs --tail 100 {blue}`" in found["fix"], found
+            assert "docker stop" not in found["fix"], found  # never stop what serves
+    finally:
+        stack.docker("rm", "-f", blue)
+        stack.reset()
+
+
+def test_a_crash_looping_standby_is_a_problem_and_its_printed_stop_ends_it(
+        stack: DrillStack) -> None:
+    """Found by review: a standby restarting over and over (old code started again and again
+    against the shared database) was shown as "restarting" and "No problems found", exit 0.
+    It is a problem; `docker stop`, typed as printed, ends the loop."""
+    import shlex
+
+    from runbook import docker
+
+    green = _crash_looping(stack, Slot.GREEN, V2.image, 0.2)
+    try:
+        _restarted(green, 2)
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        [found] = [p for p in problems if green in p["problem"]]
+        assert found["check"] == "crash_looping", problems
+        assert f"`docker logs --tail 100 {green}`" in found["fix"], found
+        [stop] = [c for c in re.findall(r"`([^`]+)`", found["fix"]) if c.startswith("docker stop")]
+        subprocess.run(shlex.split(stop), check=True, capture_output=True, timeout=60)
+        assert docker.inspect(green).status == "exited"
+        code, text, problems = status(stack)
+        assert (code, problems) == (0, []), text
+    finally:
+        stack.docker("rm", "-f", green)
+        stack.reset()
+
