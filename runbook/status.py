@@ -412,11 +412,12 @@ def standby_running(f: Facts) -> Iterator[Problem]:
     image = f.image(standby)
     if standby in f.held or _crash_loop(f.containers.get(standby)) is not None:
         return  # its own check says why and what to do
-    if not f.running(standby) or image is None or image == f.image(active):
-        return
     spare, live = f.containers.get(standby), f.containers.get(active)
-    if spare is not None and live is not None and spare.image_id is not None \
-            and spare.image_id == live.image_id:
+    # paused, it still holds its port and its database connections (found by review: "No
+    # problems found"); restarting is crash_looping's
+    if spare is None or not spare.up or image is None or image == f.image(active):
+        return
+    if live is not None and spare.image_id is not None and spare.image_id == live.image_id:
         return  # the live build under another name: a hot spare
     if f.traffic is not None and standby in f.traffic.pinned:
         return  # another site proxies to it (outside the markers): stopping it cuts that site
@@ -425,7 +426,8 @@ def standby_running(f: Facts) -> Iterator[Problem]:
     report = f.reports.get(active)
     if report is not None and not report.ok:
         return  # the serving slot does not answer: the standby may be the only good one
-    yield Problem(f"the standby slot {standby} is left running ({image}) while {active} takes "
+    left = "paused" if spare.status == "paused" else "running"
+    yield Problem(f"the standby slot {standby} is left {left} ({image}) while {active} takes "
                   "traffic",
                   f"stop it (it takes no traffic): `docker stop {f.env.slot(standby).container}`"
                   "; a rollback starts it again when needed")

@@ -833,3 +833,26 @@ def test_a_crash_looping_standby_is_a_problem_and_its_printed_stop_ends_it(
         stack.docker("rm", "-f", green)
         stack.reset()
 
+
+def test_a_paused_standby_of_another_build_is_left_running_and_its_printed_stop_ends_it(
+        stack: DrillStack) -> None:
+    """Found by review: a paused standby (old code still attached to the database, holding its
+    port) was "paused" and "No problems found". A paused standby counts as a running one;
+    its `docker stop`, typed as printed, stops it."""
+    import shlex
+
+    from runbook import docker
+
+    compose.run(compose.recreate_slot(stack.env, Slot.GREEN, V2.tag))
+    green = stack.env.slot(Slot.GREEN).container
+    stack.docker("pause", green)
+    try:
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        found = problem(problems, "the standby slot green is left paused")
+        [stop] = [c for c in re.findall(r"`([^`]+)`", found["fix"]) if c.startswith("docker stop")]
+        subprocess.run(shlex.split(stop), check=True, capture_output=True, timeout=60)
+        assert docker.inspect(green).status == "exited"
+    finally:
+        stack.docker("unpause", green, check=False)
+
