@@ -541,6 +541,24 @@ def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int, str], ...] | None:
     return tuple(sorted(found))
 
 
+def publishing(port: int) -> list[tuple[str, dict[str, str]]]:
+    """(name, labels) of each running container that publishes host port `port`, as `docker
+    ps --filter publish=PORT` lists them: what answers on a slot's port when the slot's own
+    container is gone (renamed, or another tool's)."""
+    action = DockerAction("list the containers publishing port",
+                          ("docker", "ps", "--filter", f"publish={port}"), "GET",
+                          "/containers/json",
+                          (("filters", json.dumps({"publish": [str(port)]})),),
+                          target=str(port))
+    found: list[tuple[str, dict[str, str]]] = []
+    for item in _json(send(action), action.verb) or ():
+        if isinstance(item, dict):
+            names = [str(n).lstrip("/") for n in item.get("Names") or ()]
+            found.append((names[0] if names else str(item.get("Id") or "")[:12],
+                          dict(item.get("Labels") or {})))
+    return found
+
+
 def running_execs(name: str) -> list[tuple[int, list[str]]]:
     """(pid, argv) of each command `docker exec` runs in container `name` now. A run killed
     while it waited on one (its migrations) leaves it running: Docker does not stop an exec

@@ -27,6 +27,7 @@ from runbook.errors import RunbookError
 from runbook.times import rough_duration
 
 NOT_RECORDED = "not recorded"
+SLOT_LABEL = "com.togather.deployment.slot"  # the contract's label on a slot's container
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Facts:
     state_error: RunbookError | None = None
     containers: dict[Slot, docker.ContainerInfo | None] = field(default_factory=dict)
     container_errors: dict[Slot, RunbookError] = field(default_factory=dict)
+    # for a slot whose container does not exist: (name, labels) of each container that
+    # publishes its port (None: Docker could not be asked)
+    publishers: dict[Slot, list[tuple[str, dict[str, str]]] | None] = field(default_factory=dict)
     reports: dict[Slot, health.HealthReport] = field(default_factory=dict)
     caddy: caddy.Inspection | None = None
     caddy_running: bool = False  # its admin API answers
@@ -613,6 +617,43 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                       "healthy")
 
 
+def serving_absent(f: Facts) -> Iterator[Problem]:
+    """The slot Caddy serves has no container of its name, yet something answers on its
+    port: users are served by a container the runbook does not know, which no run stops or
+    replaces (each acts on the slot's container by name). Found by review: a renamed one was
+    shown "absent ... health healthy", with "No problems found"."""
+    active = f.active
+    info = f.containers.get(active) if active is not None else None
+    report = f.reports.get(active) if active is not None else None
+    if active is None or info is None or info.exists or report is None \
+            or report.status == "unreachable":  # nothing answers: the outage's checks say it
+        return
+    config = f.env.slot(active)
+    found = f.publishers.get(active)
+    said = (f"the {active} slot Caddy serves has no container named {config.container}, yet "
+            f"its port {config.port} answers (health {report.status})")
+    look = f"`docker ps --filter publish={config.port}`"
+    if found is None:
+        yield Problem(f"{said}: what answers there cannot be asked of Docker",
+                      f"find out what answers there ({look}, `ss -ltnp 'sport = :{config.port}'`)")
+        return
+    if not found:
+        yield Problem(f"{said}: no container publishes that port (a process on the host, or a "
+                      "container on the host's network)",
+                      f"find out what answers there: `ss -ltnp 'sport = :{config.port}'`; no "
+                      "run stops or replaces it")
+        return
+    names = ", ".join(name for name, _ in found)
+    ours = [name for name, labels in found if labels.get(SLOT_LABEL) == str(active)]
+    yield Problem(f"{said}: {names} publishes it (from {look}), a container the runbook does "
+                  "not know: no run stops or replaces it",
+                  f"it carries the {active} slot's label (the slot's container renamed): "
+                  f"`docker rename {ours[0]} {config.container}` gives it its name back"
+                  if len(found) == 1 and ours else
+                  f"find out what it is (`docker inspect {found[0][0]}`) before any rollback, "
+                  "deploy or switch: each acts on the slot's container by name")
+
+
 RECENT_RESTART = 300.0  # seconds: a container its restart policy started since is looping
 
 
@@ -899,8 +940,8 @@ Check = Callable[[Facts], Iterator[Problem]]
 # the outage first: users not served (found by review: a bad port loaded into Caddy was said
 # third, after the Caddyfile's block and the running config that caused it)
 CHECKS: list[Check] = [
-    serving_stopped, proxy_unanswered, crash_looping, state_unreadable, container_unknown,
-    caddy_problems,
+    serving_stopped, proxy_unanswered, crash_looping, serving_absent, state_unreadable,
+    container_unknown, caddy_problems,
     traffic_unclear, proxy_unverifiable, caddyfile_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
@@ -933,6 +974,12 @@ def collect(env: Environment) -> Facts:
             f.containers[slot] = None
             f.container_errors[slot] = exc
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
+        info = f.containers[slot]
+        if info is not None and not info.exists:
+            try:
+                f.publishers[slot] = docker.publishing(config.port)
+            except RunbookError:
+                f.publishers[slot] = None
     # whether Caddy answers is asked whatever the file says: an unreadable Caddyfile hid a
     # Caddy that was down (and said "NOT answering" of one that answered)
     f.caddy_down = caddy.running_problem(env)

@@ -856,3 +856,31 @@ def test_a_paused_standby_of_another_build_is_left_running_and_its_printed_stop_
     finally:
         stack.docker("unpause", green, check=False)
 
+
+def test_an_absent_serving_container_whose_port_answers_names_what_answers(
+        stack: DrillStack) -> None:
+    """Found by review: the serving slot's container renamed, status showed it "absent ...
+    health healthy" and "No problems found": users served by a container the runbook does
+    not know. It is a problem naming the container that publishes the port (from Docker);
+    the rename back, typed as printed, leaves no problem. Oracle: `docker ps --filter`."""
+
+    env = stack.env
+    blue, port = env.slot(Slot.BLUE).container, env.slot(Slot.BLUE).port
+    stray = f"{blue}-x"
+    stack.docker("rename", blue, stray)
+    try:
+        listed = stack.docker("ps", "--filter", f"publish={port}", "--format", "{{.Names}}")
+        assert listed.stdout.split() == [stray], listed.stdout  # the premise, from Docker
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        [found] = [p for p in problems if p["check"] == "serving_absent"]
+        assert blue in found["problem"] and stray in found["problem"], found
+        assert str(port) in found["problem"], found
+        [back] = _typed(found["fix"], "docker rename")
+        assert back == ["docker", "rename", stray, blue], found
+        subprocess.run(back, check=True, capture_output=True, timeout=60)
+        code, text, problems = status(stack)
+        assert (code, problems) == (0, []), text
+    finally:
+        stack.docker("rename", stray, blue, check=False)
+
