@@ -302,14 +302,39 @@ def _off_record(f: Facts) -> str | None:
             "state file does not record")
 
 
-def _rollback_command(f: Facts) -> str:
+def _rollback_command(f: Facts) -> str | None:
     """`runbook rollback ENV`, or, when the previous deployment is the newer one this host
-    was rolled back from (which that command refuses), the same with --to to fill in."""
+    was rolled back from (which that command refuses), the same with --to to fill in; None
+    when no previous deployment is recorded (refused then, exit 4: found by review)."""
     state = f.state
-    if state is not None and state.rolled_back_from is not None and state.current is not None:
+    if state is None or state.current is None:
+        return None
+    if state.rolled_back_from is not None:
         return (f"runbook rollback {_arg(f.env)} --to <an older version than "
                 f"{state.current.version}>")
-    return f"runbook rollback {_arg(f.env)}"
+    return f"runbook rollback {_arg(f.env)}" if state.previous is not None else None
+
+
+def _way_out(f: Facts, down: Slot | None) -> str:
+    """What moves users off a slot that fails (`down`; None: Caddy's config names no slot):
+    the rollback when one would run, the switch to the other slot (with no slot named, the
+    one the state file records) when it answers healthy now, else a deploy. Found by
+    review: `runbook rollback` was offered with no previous deployment recorded (exit 4)."""
+    ways = []
+    rollback = _rollback_command(f)
+    if rollback is not None:
+        ways.append(f"roll back (`{rollback}`)")
+    current = f.state.current if f.state is not None else None
+    target = down.other if down is not None else current.active_slot if current else None
+    report = f.reports.get(target) if target is not None else None
+    if target is not None and report is not None and report.ok:
+        ways.append(f"switch to {target}, which answers {report.status} now "
+                    f"(`runbook switch {_arg(f.env)} --slot {target}`)")
+    if ways:
+        return ", or ".join(ways)
+    return ("deploy a known-good version (`runbook deploy "
+            f"{_arg(f.env)} --version <known-good version>`): no previous deployment is "
+            "recorded to roll back to, and no other slot answers healthy")
 
 
 def active_unhealthy(f: Facts) -> Iterator[Problem]:
@@ -318,7 +343,7 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
                       _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
                       or _database_fix(f) or _off_record(f)
-                      or f"roll back (`{_rollback_command(f)}`) or see "
+                      or f"{_way_out(f, active)}; or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
 
@@ -611,10 +636,7 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                    or _database_fix(f) or _off_record(f))
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
-                      f"{check}; if that slot is down: "
-                      f"`{_rollback_command(f)}`, or `runbook switch {_arg(f.env)} --slot "
-                      f"{f.active.other if f.active else '<blue|green>'}` when that one is "
-                      "healthy")
+                      f"{check}; if that slot is down: {_way_out(f, f.active)}")
 
 
 def serving_absent(f: Facts) -> Iterator[Problem]:
@@ -694,8 +716,8 @@ def crash_looping(f: Facts) -> Iterator[Problem]:
                           f"crash-looping: {how}; users get errors while it is down",
                           f"{logs}; " + (_doubted_fix(f) or _unfinished_fix(f)
                                          or _database_fix(f) or _off_record(f)
-                                         or f"if its build is at fault, roll back "
-                                         f"(`{_rollback_command(f)}`)"))
+                                         or f"if its build is at fault: "
+                                         f"{_way_out(f, slot)}"))
         elif f.active is not None and not (f.traffic is not None
                                            and slot in f.traffic.pinned):
             yield Problem(f"the standby slot's container {info.name} is crash-looping: {how}; "

@@ -884,3 +884,47 @@ def test_an_absent_serving_container_whose_port_answers_names_what_answers(
     finally:
         stack.docker("rename", stray, blue, check=False)
 
+
+def _changing(problems: list[dict[str, str]]) -> set[str]:
+    """The runbook commands that change the host named (in full, no placeholder) in fixes."""
+    return {c for p in problems for c in re.findall(r"`(runbook [^`<]+)`", p["fix"])
+            if c.split()[1] in ("rollback", "switch", "deploy", "unlock", "snapshot")}
+
+
+def _each_runs(commands: set[str]) -> None:
+    """Each command, run as printed with --dry-run, is taken (exit 0), not refused."""
+    import shlex
+
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", *shlex.split(command)[1:],
+                               "--dry-run"], capture_output=True, text=True, timeout=120,
+                              check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+        assert done.returncode == 0, (command, done.stdout + done.stderr)
+
+
+def test_with_no_previous_deployment_a_bad_port_offers_only_commands_that_run(
+        stack: DrillStack) -> None:
+    """Left by the last fix: a bad port loaded into Caddy and no previous deployment recorded
+    (the baseline), the outage's fix offered `runbook rollback`, refused there (exit 4).
+    Every runbook command a fix names runs (its dry run exits 0). Oracle: the dry runs."""
+
+    from runbook import caddy
+    from tests.drill_checks import closed_port
+
+    env = stack.env
+    assert states.read_state(env.state_file).previous is None  # the premise
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block, dead = text[start:end], closed_port()
+    for config in env.slots.values():
+        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
+    _load_caddyfile(env, text[:start] + block + text[end:])
+    refused = _cli(env.source, "rollback", "--dry-run")  # the premise: refused here
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    code, text_out, problems = status(stack)
+    assert_listed(code, text_out, problems)
+    assert "runbook rollback" not in json.dumps(problems), problems
+    commands = _changing(problems)
+    assert commands, problems
+    _each_runs(commands)
+
