@@ -170,9 +170,14 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it
         yield _error(f.caddy_imports, f"check {f.env.caddy.caddyfile}")
-    if f.caddy_down is not None and f.caddy_down.answering:
+    if f.caddy_down is not None and f.caddy_down.answering:  # up, but cannot take a reload
         yield Problem(f.caddy_down.problem, f.caddy_down.fix)
-    elif f.caddy_down is not None:
+
+
+def caddy_not_answering(f: Facts) -> Iterator[Problem]:
+    """Caddy does not answer: the outage, said first (found by review: after an unreadable
+    state file and the containers that could not be inspected)."""
+    if f.caddy_down is not None and not f.caddy_down.answering:
         yield Problem(f"Caddy is not answering at {f.env.caddy.admin_url}",
                       f"{f.caddy_down.fix} and check `curl {f.env.caddy.admin_url}/config/`")
 
@@ -960,10 +965,11 @@ def disk_space(f: Facts) -> Iterator[Problem]:
 
 Check = Callable[[Facts], Iterator[Problem]]
 # the outage first: users not served (found by review: a bad port loaded into Caddy was said
-# third, after the Caddyfile's block and the running config that caused it)
+# third, after the Caddyfile's block and the running config that caused it; Caddy down after
+# an unreadable state file)
 CHECKS: list[Check] = [
-    serving_stopped, proxy_unanswered, crash_looping, serving_absent, state_unreadable,
-    container_unknown, caddy_problems,
+    caddy_not_answering, serving_stopped, proxy_unanswered, crash_looping, serving_absent,
+    state_unreadable, container_unknown, caddy_problems,
     traffic_unclear, proxy_unverifiable, caddyfile_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,

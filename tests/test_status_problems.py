@@ -928,3 +928,20 @@ def test_with_no_previous_deployment_a_bad_port_offers_only_commands_that_run(
     assert commands, problems
     _each_runs(commands)
 
+
+def test_caddy_not_answering_comes_before_an_unreadable_state_file(stack: DrillStack) -> None:
+    """Left by the last fix: Caddy down (the outage) was listed after an unreadable state
+    file. It comes first. Oracle: Caddy's container stopped here."""
+    env = stack.env
+    env.state_file.write_text("{ not json")
+    stack.docker("stop", stack.caddy_container)
+    try:
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        assert problems[0]["problem"].startswith("Caddy is not answering"), problems
+        assert any(p["check"] == "state_unreadable" for p in problems), problems
+    finally:
+        stack.docker("start", stack.caddy_container)
+        stack.wait_caddy()
+        stack.reset()
+
