@@ -362,10 +362,23 @@ def image_differs(f: Facts) -> Iterator[Problem]:
     # the same build under another name (a container made from `:latest`, the record naming
     # its version) is what the file says: the container's build is compared, not its name
     same = info is not None and info.image_id is not None and info.image_id == f.current_build
-    if running and running != expected and not same:
-        yield Problem(f"state says {expected} is current, the active slot runs {running}",
-                      "someone changed the container outside the runbook: find out what runs "
-                      f"(`docker inspect {f.env.slot(active).container}`) before rolling back")
+    if not running or running == expected or same:
+        return
+    recorded = current.active_slot
+    if recorded is not None and recorded != active:
+        # traffic is off the recorded slot: that is why (found by review: "someone changed
+        # the container ... before rolling back", with the switch back as the way out)
+        kept = f.containers.get(recorded)
+        holds = kept is not None and kept.exists and _holds_current(f, kept)
+        fix = (f"traffic is on {active}, not on {recorded}, the slot the state file records "
+               f"(see the problem that says so): {active} runs another build than the "
+               "recorded one" + (f"; {recorded} holds the recorded build" if holds else
+                                 f"; find out what {recorded} holds (`docker inspect "
+                                 f"{f.env.slot(recorded).container}`)"))
+    else:
+        fix = ("someone changed the container outside the runbook: find out what runs "
+               f"(`docker inspect {f.env.slot(active).container}`) before rolling back")
+    yield Problem(f"state says {expected} is current, the active slot runs {running}", fix)
 
 
 def stale_lock(f: Facts) -> Iterator[Problem]:

@@ -945,3 +945,26 @@ def test_caddy_not_answering_comes_before_an_unreadable_state_file(stack: DrillS
         stack.wait_caddy()
         stack.reset()
 
+
+def _traffic_on_green_v2(stack: DrillStack) -> None:
+    """The file records v1 on blue; Caddy serves green, running v2 and answering."""
+    from runbook import health
+
+    env = stack.env
+    compose.run(compose.recreate_slot(env, Slot.GREEN, V2.tag))
+    health.wait_healthy(env, Slot.GREEN, timeout=30)
+    _caddy_to(env, Slot.GREEN)
+
+
+def test_traffic_on_the_other_slot_is_said_as_such_not_as_a_changed_container(
+        stack: DrillStack) -> None:
+    """Left by the last fix: the file records v1 on blue, Caddy serves green (v2). The image
+    problem said someone changed the container outside the runbook "before rolling back":
+    what is true is that traffic is on the other slot (its own problem says so)."""
+    _traffic_on_green_v2(stack)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    [image] = [p for p in problems if p["check"] == "image_differs"]
+    assert "outside the runbook" not in image["fix"] and "rolling back" not in image["fix"], image
+    assert "traffic is on green" in image["fix"], image
+
