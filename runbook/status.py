@@ -280,11 +280,30 @@ def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if _moved_by_interrupted_run(f):
         return
-    if current is not None and active is not None and current.active_slot != active:
-        yield Problem(f"state says {current.active_slot} is active, Caddy sends traffic to "
-                      f"{active}",
-                      f"check both slots (`runbook healthcheck {_arg(f.env)} --slot both`), then "
-                      f"`runbook switch {_arg(f.env)} --slot <the right one>`")
+    if current is None or active is None or current.active_slot in (None, active):
+        return
+    arg, recorded = _arg(f.env), current.active_slot
+    back = (f"`runbook switch {arg} --slot {recorded}` puts traffic back on {recorded} "
+            f"({current.version}, health-gated)")
+    report = f.reports.get(active)
+    if report is None or not report.ok:
+        fix = f"check both slots (`runbook healthcheck {arg} --slot both`), then {back}"
+    else:
+        # a switch to the slot that serves is refused ("nothing to switch"; found by review):
+        # no command of the runbook records what serves without moving traffic
+        from runbook import compose
+
+        version = _running_version(f, active)
+        keep = (f"`runbook deploy {arg} --version {version}` deploys {version} again to "
+                f"{recorded} and records it (its migrations run; users move onto it once it "
+                "answers healthy)" if compose.can_recreate(f.env) and version else
+                f"deploying {version or 'that version'} again the way this host's own deploy "
+                "does records it")
+        fix = (f"check both slots (`runbook healthcheck {arg} --slot both`); if {recorded} is "
+               f"the right one, {back}; if {active} is, no runbook command records what serves "
+               f"without moving traffic (a switch to {active} is refused: nothing to switch): "
+               f"{keep}")
+    yield Problem(f"state says {recorded} is active, Caddy sends traffic to {active}", fix)
 
 
 def _off_record(f: Facts) -> str | None:

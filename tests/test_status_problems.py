@@ -968,3 +968,22 @@ def test_traffic_on_the_other_slot_is_said_as_such_not_as_a_changed_container(
     assert "outside the runbook" not in image["fix"] and "rolling back" not in image["fix"], image
     assert "traffic is on green" in image["fix"], image
 
+
+def test_the_right_slot_serving_off_the_record_is_fixed_by_commands_that_run(
+        stack: DrillStack) -> None:
+    """Left by the last fix: the file records v1 on blue, Caddy serves green (v2, healthy).
+    The disagreement's fix named `runbook switch ENV --slot <the right one>`, refused
+    (nothing to switch) when that is green. Every runbook command named runs (its dry run
+    exits 0), and the refused switch is not named. Oracle: the dry runs."""
+    env = stack.env
+    _traffic_on_green_v2(stack)
+    refused = _cli(env.source, "switch", "--slot", "green", "--dry-run")  # the premise
+    assert refused.returncode == 4 and "nothing to switch" in refused.stderr, refused.stderr
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    [disagree] = [p for p in problems if p["check"] == "state_disagrees_with_caddy"]
+    assert "<the right one>" not in disagree["fix"], disagree
+    assert "--slot green" not in disagree["fix"], disagree
+    assert f"`runbook switch {env.source} --slot blue`" in disagree["fix"], disagree
+    assert f"`runbook deploy {env.source} --version {V2.tag}`" in disagree["fix"], disagree
+    _each_runs(_changing(problems))
