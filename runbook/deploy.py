@@ -404,7 +404,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         switch,
         Step("state", "Record the deployment in the deployment state",
              {"file": str(env.state_file), **recorded}, run=run_state, phase=Phase.FINISH),
-        slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
+        slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
+                        observed=observed),
     ]
     # the same deploy rerun is that run again: its record is superseded, not put back (a
     # rerun that failed too put the dead run's record back, and the host kept "an

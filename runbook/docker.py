@@ -60,6 +60,7 @@ class ContainerInfo:
     # and what Docker bound (a port left to Docker shows only there); IP "" is every address
     # of the host; None on the host's network
     bindings: tuple[tuple[int, int, str], ...] | None = None
+    container_id: str | None = None  # .Id: a container recreated under the name is another
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
@@ -476,6 +477,7 @@ def inspect(name: str) -> ContainerInfo:
         published=_published(attrs.get("HostConfig") or {}),
         addresses=_addresses(attrs),
         bindings=_bindings(attrs),
+        container_id=attrs.get("Id"),
     )
 
 

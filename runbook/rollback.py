@@ -593,7 +593,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("state", "Record the rollback in the deployment state",
              {"file": str(env.state_file), **after}, run=update_state,
              phase=Phase.FINISH),
-        slots.stop_step(env, live, env.stop_old_slot, gated=not options.force),
+        slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
+                        observed=observed),
     ]
     summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")

@@ -358,6 +358,10 @@ class Observed:
     # stop of the target then waits as the stop of an old slot does (users' connections the
     # failed config accepted may still hand it a request), never at once
     sent_to_target: bool = False
+    # the target's container as its health gate passed (id, start time, restart count): the
+    # stop of the old slot asks whether it is still that one, not one a restart policy
+    # started again after a crash (whose /health answers again within a second)
+    gated_container: tuple[str | None, str | None, int] | None = None
 
 
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
@@ -733,6 +737,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # users until the switch's verification undid it
             seen = _build_seen(env, slot, expected_version, report, ask_version=False)
             observed.health_status = report.status
+            observed.gated_container = _identity(docker.inspect(config.container))
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers), "
                             f"version {seen}")
             return
@@ -757,6 +762,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             first=first, began=began)
         version = _build_seen(env, slot, expected_version, report, ask_version=True)
         observed.health_status = report.status
+        observed.gated_container = _identity(docker.inspect(config.container))
         ctx.note(health=f"{report.status}, version {version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
@@ -768,22 +774,65 @@ RECHECK_TRIES = 3  # answers of the new slot asked before the old one is stopped
 RECHECK_PAUSE = 0.3  # seconds between them: one slow or reset answer is not a dead slot
 
 
-def check_still_healthy(env: Environment, serving: Slot, old: Slot) -> str:
+def check_still_healthy(env: Environment, serving: Slot, old: Slot,
+                        observed: Observed | None = None) -> str:
     """Right before the old slot is stopped (after the drain), the slot that now serves
     must still answer healthy: one that passed its gate and then died (a worker that panics
     after start, its first cron tick) had the last good slot stopped under it, a full outage
-    reported as a success. Raises (exit 1, the old slot kept) when none of a few answers is
-    ok; returns the answer it saw."""
-    config = env.slot(serving)
-    report = _recheck(env, serving)
-    if report.ok:
+    reported as a success. It must also still be the container its gate proved (`observed`):
+    a restart policy starts a crashed one again, whose /health answers within a second.
+    Raises (exit 6, the old slot kept) when it is not, or none of a few answers is ok;
+    returns the answer it saw."""
+    moved = restarted_since_gate(env, serving, observed)
+    report = _recheck(env, serving) if moved is None else None
+    if report is not None and report.ok:
         return report.status
-    raise ActFirstError(
+    why = moved or (f"no longer answers healthy ({report.status}: {report.reason()})"
+                    if report is not None else "")
+    raise not_stopping(env, serving, old, why)
+
+
+def restarted_since_gate(env: Environment, serving: Slot,
+                         observed: Observed | None) -> str | None:
+    """Why the serving slot's container is not the one its health gate proved (None: it is,
+    or the gate's was not recorded: a run finishing an interrupted one). Restarting now, or
+    another id, start time or restart count: it crashed (or was replaced) after its gate."""
+    info = docker.inspect(env.slot(serving).container)
+    if info.status == "restarting":
+        return ("is restarting: it keeps exiting and its restart policy keeps starting it "
+                f"(restarts {info.restart_count})")
+    gated = observed.gated_container if observed is not None else None
+    if gated is None:
+        return None
+    if not info.exists:
+        return (f"has no container named {info.name} any more (removed or renamed since its "
+                "health gate)")
+    if info.container_id != gated[0]:
+        return (f"runs another container than its health gate proved (id "
+                f"{(gated[0] or '?')[:12]} then, {(info.container_id or '?')[:12]} now): "
+                "replaced since its health gate")
+    if _identity(info) != gated:
+        return (f"was restarted since its health gate (restarts {gated[2]} then, "
+                f"{info.restart_count} now; started {info.started_at}): it crashed after the "
+                "gate and its restart policy started it again, so /health answering now "
+                "proves nothing")
+    return None
+
+
+def _identity(info: ContainerInfo) -> tuple[str | None, str | None, int]:
+    """What tells one run of a container from the next: id, start time, restart count."""
+    return info.container_id, info.started_at, info.restart_count
+
+
+def not_stopping(env: Environment, serving: Slot, old: Slot, why: str) -> ActFirstError:
+    """The failed re-check of the serving slot (exit 6): the old slot is kept running so
+    traffic can go back to it."""
+    logs = f"`docker logs --tail 100 {env.slot(serving).container}`"
+    return ActFirstError(
         f"not stopping {env.slot(old).container}: the {serving} slot, which now takes the "
-        f"traffic, no longer answers healthy ({report.status}: {report.reason()}); the old "
-        f"{old} slot is kept running so traffic can go back to it",
-        f"switch back now: `runbook switch {env.name} --slot {old}`; then read "
-        f"`docker logs --tail 100 {config.container}`", exit_code=ExitCode.ATTENTION)
+        f"traffic, {why}; the old {old} slot is kept running so traffic can go back to it",
+        f"switch back now: `runbook switch {env.name} --slot {old}`; then read {logs}",
+        exit_code=ExitCode.ATTENTION)
 
 
 def _recheck(env: Environment, serving: Slot) -> health.HealthReport:
@@ -803,14 +852,31 @@ class _KeptForForce(Exception):
     back to, so it is left running (not an error: the operator forced past the gate)."""
 
 
-def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True) -> Step:
+def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True,
+              observed: Observed | None = None) -> Step:
     """`gated`: the run's health gate passed (not --force), so the slot that now serves
     must still answer healthy before this one is stopped (check_still_healthy). A forced
     run (no gate) leaves the old slot running instead when the new one is not healthy: it
     forced past the gate on purpose, and stopping the slot users can go back to would make
-    a bad outcome worse (found by review: old code forced onto a newer schema)."""
+    a bad outcome worse (found by review: old code forced onto a newer schema).
+    `observed`: the run's, whose gate recorded the container it proved (a restart policy
+    must not pass off a crashed and restarted one as it); None when finishing another run."""
     container = env.slot(slot).container
     action = docker.stop_action(container)
+
+    def serving_now() -> str:
+        """The serving slot's answer, or why the old one is not stopped (raised)."""
+        if gated:
+            return check_still_healthy(env, slot.other, slot, observed)
+        moved = restarted_since_gate(env, slot.other, observed)
+        report = _recheck(env, slot.other)
+        if report.ok and moved is None:
+            return report.status
+        why = moved or f"does not answer healthy ({report.status}: {report.reason()})"
+        raise _KeptForForce(
+            f"the {slot.other} slot, forced past its health gate, {why}, so traffic can go "
+            f"back to {slot} (`runbook switch {env.name} --slot {slot}`); stop it once that "
+            f"is no longer needed: `docker stop {container}`")
 
     def run(ctx: StepContext) -> None:
         if not docker.inspect(container).running:
@@ -819,17 +885,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
 
         def drained(d: drain.Drain) -> None:
             ctx.note(drained=d.describe())
-            if gated:  # after the drain, the last moment before the stop
-                ctx.note(serving=check_still_healthy(env, slot.other, slot))
-                return
-            report = _recheck(env, slot.other)
-            ctx.note(serving=report.status)
-            if not report.ok:
-                raise _KeptForForce(
-                    f"the {slot.other} slot, forced past its health gate, does not answer "
-                    f"healthy ({report.status}: {report.reason()}), so traffic can go back to "
-                    f"{slot} (`runbook switch {env.name} --slot {slot}`); stop it once that "
-                    f"is no longer needed: `docker stop {container}`")
+            # after the drain, the last moment before the stop
+            ctx.note(serving=serving_now())
 
         try:
             kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
@@ -847,7 +904,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                  "guard": "refused if Caddy sends traffic to it at that moment"
                           + f"; kept running if the {slot.other} slot "
                           + ("no longer answers healthy" if gated else
-                             "does not answer healthy (forced: its gate was skipped)"),
+                             "does not answer healthy (forced: its gate was skipped)")
+                          + " or is not the container its gate proved (restarted since)",
                  "drain": drain_plan(env, slot),
                  "left running": "instead, when the drain ends with connections still open "
                                  "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
