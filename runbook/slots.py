@@ -775,21 +775,23 @@ RECHECK_PAUSE = 0.3  # seconds between them: one slow or reset answer is not a d
 
 
 def check_still_healthy(env: Environment, serving: Slot, old: Slot,
-                        observed: Observed | None = None) -> str:
+                        observed: Observed | None = None,
+                        old_info: ContainerInfo | None = None) -> str:
     """Right before the old slot is stopped (after the drain), the slot that now serves
     must still answer healthy: one that passed its gate and then died (a worker that panics
     after start, its first cron tick) had the last good slot stopped under it, a full outage
     reported as a success. It must also still be the container its gate proved (`observed`):
     a restart policy starts a crashed one again, whose /health answers within a second.
     Raises (exit 6, the old slot kept) when it is not, or none of a few answers is ok;
-    returns the answer it saw."""
+    returns the answer it saw. `old_info`: the old slot's container as just inspected (None:
+    running), so the message says what is true of it."""
     moved = restarted_since_gate(env, serving, observed)
     report = _recheck(env, serving) if moved is None else None
     if report is not None and report.ok:
         return report.status
     why = moved or (f"no longer answers healthy ({report.status}: {report.reason()})"
                     if report is not None else "")
-    raise not_stopping(env, serving, old, why)
+    raise not_stopping(env, serving, old, why, old_info)
 
 
 def restarted_since_gate(env: Environment, serving: Slot,
@@ -824,14 +826,31 @@ def _identity(info: ContainerInfo) -> tuple[str | None, str | None, int]:
     return info.container_id, info.started_at, info.restart_count
 
 
-def not_stopping(env: Environment, serving: Slot, old: Slot, why: str) -> ActFirstError:
-    """The failed re-check of the serving slot (exit 6): the old slot is kept running so
-    traffic can go back to it."""
+def not_stopping(env: Environment, serving: Slot, old: Slot, why: str,
+                 old_info: ContainerInfo | None = None) -> ActFirstError:
+    """The failed re-check of the serving slot (exit 6), in words true of the old slot: kept
+    running to go back to, or not up either (both slots down: start it, then switch)."""
     logs = f"`docker logs --tail 100 {env.slot(serving).container}`"
+    back = f"`runbook switch {env.name} --slot {old}`"
+    container = env.slot(old).container
+    if old_info is None or old_info.running:
+        return ActFirstError(
+            f"not stopping {container}: the {serving} slot, which now takes the traffic, "
+            f"{why}; the old {old} slot is kept running so traffic can go back to it",
+            f"switch back now: {back}; then read {logs}", exit_code=ExitCode.ATTENTION)
+    if not old_info.exists:
+        port = env.slot(old).port
+        state, fix = (f"has no container named {container} (removed or renamed)",
+                      f"find the old one: `docker ps -a --filter publish={port}`; give it "
+                      f"its name back (`docker rename`) and start it, then switch back: "
+                      f"{back}")
+    else:
+        state, fix = (f"does not run either ({container} is {old_info.status})",
+                      f"start the old one: `docker start {container}`, then switch back: "
+                      f"{back}")
     return ActFirstError(
-        f"not stopping {env.slot(old).container}: the {serving} slot, which now takes the "
-        f"traffic, {why}; the old {old} slot is kept running so traffic can go back to it",
-        f"switch back now: `runbook switch {env.name} --slot {old}`; then read {logs}",
+        f"both slots are down: the {serving} slot, which now takes the traffic, {why}, and "
+        f"the old {old} slot {state}", f"{fix}; then read {logs}",
         exit_code=ExitCode.ATTENTION)
 
 
@@ -860,26 +879,36 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     forced past the gate on purpose, and stopping the slot users can go back to would make
     a bad outcome worse (found by review: old code forced onto a newer schema).
     `observed`: the run's, whose gate recorded the container it proved (a restart policy
-    must not pass off a crashed and restarted one as it); None when finishing another run."""
+    must not pass off a crashed and restarted one as it); None when finishing another run.
+
+    The serving slot is asked whatever state the old one is in (found by review: an old
+    slot already down skipped the question, and both slots dead read "Done", exit 0)."""
     container = env.slot(slot).container
     action = docker.stop_action(container)
 
-    def serving_now() -> str:
+    def serving_now(old_info: ContainerInfo | None = None) -> str:
         """The serving slot's answer, or why the old one is not stopped (raised)."""
         if gated:
-            return check_still_healthy(env, slot.other, slot, observed)
+            return check_still_healthy(env, slot.other, slot, observed, old_info)
         moved = restarted_since_gate(env, slot.other, observed)
         report = _recheck(env, slot.other)
         if report.ok and moved is None:
             return report.status
         why = moved or f"does not answer healthy ({report.status}: {report.reason()})"
+        if old_info is not None and not old_info.running:
+            if moved is not None or report.status == health.UNREACHABLE:
+                raise not_stopping(env, slot.other, slot, why, old_info)  # nothing serves
+            return report.status  # answers, if unhealthy, as forced; the old one is down
         raise _KeptForForce(
             f"the {slot.other} slot, forced past its health gate, {why}, so traffic can go "
             f"back to {slot} (`runbook switch {env.name} --slot {slot}`); stop it once that "
             f"is no longer needed: `docker stop {container}`")
 
     def run(ctx: StepContext) -> None:
-        if not docker.inspect(container).running:
+        info = docker.inspect(container)
+        if not info.running:
+            # nothing to drain or stop; the serving slot is asked all the same
+            ctx.note(serving=serving_now(info))
             ctx.note(container="already stopped")
             return
 
@@ -905,7 +934,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                           + f"; kept running if the {slot.other} slot "
                           + ("no longer answers healthy" if gated else
                              "does not answer healthy (forced: its gate was skipped)")
-                          + " or is not the container its gate proved (restarted since)",
+                          + " or is not the container its gate proved (restarted since); "
+                            "asked whether the old slot runs or not",
                  "drain": drain_plan(env, slot),
                  "left running": "instead, when the drain ends with connections still open "
                                  "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "

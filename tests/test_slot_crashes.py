@@ -62,6 +62,26 @@ def paused_run(env: Environment, fault: str, meanwhile: Callable[[], None],
     return subprocess.CompletedProcess(run.args, run.returncode, out, err)
 
 
+def test_both_slots_dead_at_the_stop_ends_exit_6_saying_both_are_down(
+        stack: DrillStack) -> None:
+    """An engine restart (with `restart: no`), the OOM killer or an operator took both slots
+    down after the switch. The stop step noted "already stopped" and skipped the re-check of
+    the new slot, which ran only inside the drain: exit 0 "Done" with the proxy answering
+    502. The new slot is asked on that path too; the run says both are down and the fix."""
+    env = arrange(stack)
+    blue, green = env.slot(Slot.BLUE).container, env.slot(Slot.GREEN).container
+
+    def both_die() -> None:
+        stack.docker("kill", green, blue)
+
+    done = paused_run(env, "before:stop-old-slot", both_die)
+    assert done.returncode == ExitCode.TOOK_EFFECT, done.stdout + done.stderr
+    assert "both slots are down" in done.stderr, done.stderr
+    assert f"`docker start {blue}`" in done.stderr, done.stderr
+    assert f"`runbook switch {env.name} --slot blue`" in done.stderr, done.stderr
+    assert "kept running" not in done.stderr, done.stderr  # it is not running
+
+
 def crash_looping_green(stack: DrillStack, up: float) -> str:
     """Slot green's container replaced by one of v2 that dies `up` seconds after each start,
     under `--restart always` (a build that crashes after its gate, on a host whose compose
