@@ -838,12 +838,22 @@ def not_stopping(env: Environment, serving: Slot, old: Slot, why: str,
             f"not stopping {container}: the {serving} slot, which now takes the traffic, "
             f"{why}; the old {old} slot is kept running so traffic can go back to it",
             f"switch back now: {back}; then read {logs}", exit_code=ExitCode.ATTENTION)
+    if old_info.status == "paused":
+        return ActFirstError(
+            f"not stopping {container}: the {serving} slot, which now takes the traffic, "
+            f"{why}; the old {old} slot is paused (kept so, to go back to)",
+            f"unpause it: `docker unpause {container}`, then switch back: {back}; then read "
+            f"{logs}", exit_code=ExitCode.ATTENTION)
     if not old_info.exists:
         port = env.slot(old).port
         state, fix = (f"has no container named {container} (removed or renamed)",
                       f"find the old one: `docker ps -a --filter publish={port}`; give it "
                       f"its name back (`docker rename`) and start it, then switch back: "
                       f"{back}")
+    elif old_info.status == "restarting":
+        state, fix = (f"is crash-looping ({container} is restarting)",
+                      f"read `docker logs --tail 100 {container}` too; once one of them runs "
+                      f"healthy, switch to it ({back} for the old one)")
     else:
         state, fix = (f"does not run either ({container} is {old_info.status})",
                       f"start the old one: `docker start {container}`, then switch back: "
@@ -898,7 +908,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
         if old_info is not None and not old_info.running:
             if moved is not None or report.status == health.UNREACHABLE:
                 raise not_stopping(env, slot.other, slot, why, old_info)  # nothing serves
-            return report.status  # answers, if unhealthy, as forced; the old one is down
+            if not old_info.up:  # answers, if unhealthy, as forced; the old one is down
+                return report.status
         raise _KeptForForce(
             f"the {slot.other} slot, forced past its health gate, {why}, so traffic can go "
             f"back to {slot} (`runbook switch {env.name} --slot {slot}`); stop it once that "
@@ -906,27 +917,47 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
 
     def run(ctx: StepContext) -> None:
         info = docker.inspect(container)
+        kept: str | None
         if not info.running:
-            # nothing to drain or stop; the serving slot is asked all the same
-            ctx.note(serving=serving_now(info))
-            ctx.note(container="already stopped")
-            return
+            # nothing to drain: it answers nobody. The serving slot is asked all the same,
+            # before anything is stopped; then one paused or crash-looping is stopped
+            # (`docker stop` ends a restart loop and stops a paused container)
+            try:
+                ctx.note(serving=serving_now(info))
+            except _KeptForForce as why:
+                kept = str(why)
+            else:
+                kept = None
+                if not info.up:
+                    ctx.note(container=f"already {info.status}" if info.exists
+                             else f"absent: no container named {container}")
+                    if not info.exists:
+                        port = env.slot(slot).port
+                        ctx.notice(f"no container named {container}: renamed or removed by "
+                                   "someone; one renamed may still run on the old "
+                                   f"{slot} slot's port {port} (`docker ps --filter "
+                                   f"publish={port}`): stop it yourself if it is the old "
+                                   "slot; nothing else was stopped")
+                        ctx.result = "no container of that name"
+                    return
+                kept = stop(env, slot, running=False, after_switch=True)
+        else:
+            def drained(d: drain.Drain) -> None:
+                ctx.note(drained=d.describe())
+                # after the drain, the last moment before the stop
+                ctx.note(serving=serving_now())
 
-        def drained(d: drain.Drain) -> None:
-            ctx.note(drained=d.describe())
-            # after the drain, the last moment before the stop
-            ctx.note(serving=serving_now())
-
-        try:
-            kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
-        except _KeptForForce as why:
-            kept = str(why)
+            try:
+                kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
+            except _KeptForForce as why:
+                kept = str(why)
         if kept is not None:
             ctx.note(container=f"left running: {kept}")
             ctx.notice(f"the old {slot} container is left running: {kept}")
             ctx.result = "left running"
             return
-        ctx.note(container=docker.inspect(container).status)
+        ctx.note(container=docker.inspect(container).status
+                 + (f" (was {info.status})" if not info.running else ""))
 
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
                 {"container": container,

@@ -8,6 +8,7 @@ containers are changed by hand, as an engine restart, the OOM killer or an opera
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -62,6 +63,17 @@ def paused_run(env: Environment, fault: str, meanwhile: Callable[[], None],
     return subprocess.CompletedProcess(run.args, run.returncode, out, err)
 
 
+def journal_note(env: Environment, step: str, key: str) -> str:
+    """What the last run's journal noted under `key` for `step`."""
+    records = [json.loads(p.read_text()) for p in sorted(
+        env.runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    data = [r for r in records if r.get("action") == "rollback"][-1]
+    for entry in data.get("steps", []):
+        if entry.get("name") == step:
+            return str(entry.get("detail", {}).get(key, ""))
+    raise AssertionError(f"no step {step} in run {data.get('run_id')}")
+
+
 def test_both_slots_dead_at_the_stop_ends_exit_6_saying_both_are_down(
         stack: DrillStack) -> None:
     """An engine restart (with `restart: no`), the OOM killer or an operator took both slots
@@ -82,24 +94,26 @@ def test_both_slots_dead_at_the_stop_ends_exit_6_saying_both_are_down(
     assert "kept running" not in done.stderr, done.stderr  # it is not running
 
 
-def crash_looping_green(stack: DrillStack, up: float) -> str:
-    """Slot green's container replaced by one of v2 that dies `up` seconds after each start,
-    under `--restart always` (a build that crashes after its gate, on a host whose compose
-    file sets a restart policy): the compose labels of the one it replaces, created stopped,
-    as the scene leaves green."""
-    config = stack.env.slot(Slot.GREEN)
+def crash_looping(stack: DrillStack, slot: Slot, image: str, up: float,
+                  start: bool = False) -> str:
+    """A slot's container replaced by one of `image` that dies `up` seconds after each
+    start, under `--restart always` (a build that crashes, on a host whose compose file sets
+    a restart policy): the compose labels of the one it replaces; created stopped (as the
+    scene leaves the standby) unless `start`."""
+    config = stack.env.slot(slot)
     labels = docker.inspect(config.container).labels or {}
     stack.docker("rm", "-f", config.container)
     argv = ["docker", "create", "--name", config.container, "--restart", "always",
             "--network", f"{stack.project}_default", "-p", f"127.0.0.1:{config.port}:8080",
-            "-e", "SLOT=green", "-e", "DATABASE_URL", "-e", "HEALTH_FIELDS=full",
+            "-e", f"SLOT={slot}", "-e", "DATABASE_URL", "-e", "HEALTH_FIELDS=full",
             "--stop-timeout", "5", "--entrypoint", "sh"]
     for key, value in labels.items():
         argv += ["--label", f"{key}={value}"]
-    argv += [scenes.PREVIOUS.version(Slot.GREEN).image, "-c",
-             f"python3 /app/server.py & sleep {up}; kill -9 $!; exit 1"]
+    argv += [image, "-c", f"python3 /app/server.py & sleep {up}; kill -9 $!; exit 1"]
     subprocess.run(argv, check=True, capture_output=True, text=True,
                    env={**os.environ, "DATABASE_URL": stack.app_database_url})
+    if start:
+        stack.docker("start", config.container)
     return config.container
 
 
@@ -111,7 +125,7 @@ def test_a_new_slot_its_restart_policy_brought_back_after_its_gate_keeps_the_old
     is compared with the one that runs now (id, start time, restart count): another one
     keeps the old slot, exit 6, saying so."""
     env = arrange(stack)
-    green = crash_looping_green(stack, up=8)
+    green = crash_looping(stack, Slot.GREEN, scenes.PREVIOUS.version(Slot.GREEN).image, up=8)
     config = env.slot(Slot.GREEN)
     try:
         def restarted() -> None:
@@ -134,3 +148,67 @@ def test_a_new_slot_its_restart_policy_brought_back_after_its_gate_keeps_the_old
         assert docker.inspect(env.slot(Slot.BLUE).container).running  # the last good slot
     finally:
         stack.docker("rm", "-f", green, check=False)  # the next arrange recreates it
+
+
+def test_a_paused_old_slot_is_stopped_not_noted_already_stopped(stack: DrillStack) -> None:
+    """Someone paused the old slot during the run: the stop tested `.running`, noted
+    "already stopped" and left it paused, holding its port. `docker stop` stops a paused
+    container (and ends a restart loop): it is stopped, and the note says what it was."""
+    env = arrange(stack)
+    blue = env.slot(Slot.BLUE).container
+    try:
+        done = paused_run(env, "before:stop-old-slot", lambda: stack.docker("pause", blue))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert docker.inspect(blue).status == "exited", docker.inspect(blue).status
+        assert "already stopped" not in journal_note(env, "stop-old-slot", "container")
+    finally:
+        stack.docker("unpause", blue, check=False)  # left paused: the next arrange cannot
+
+
+def test_a_crash_looping_old_slot_is_stopped_ending_its_loop(stack: DrillStack) -> None:
+    """The old slot crash-loops under its restart policy (a common reason to roll back): at
+    the stop it was "restarting", which the stop took for "already stopped", and Docker kept
+    starting the build rolled away from against the database. `docker stop` ends the loop."""
+    env = arrange(stack)
+    blue = env.slot(Slot.BLUE).container
+    try:
+        def looping() -> None:
+            crash_looping(stack, Slot.BLUE, scenes.PREVIOUS.version(Slot.BLUE).image, up=0.5,
+                          start=True)
+            # between two starts, once Docker's backoff has grown past a second (it doubles
+            # from 0.1s at each restart): the run's inspect must find it "restarting"
+            deadline = time.monotonic() + 40
+            while stack.docker("inspect", "-f", "{{.State.Status}} {{.RestartCount}}",
+                               blue).stdout.split() not in (["restarting", str(n)]
+                                                            for n in range(5, 9)):
+                assert time.monotonic() < deadline, f"{blue} never restarting"
+                time.sleep(0.02)
+
+        done = paused_run(env, "before:stop-old-slot", looping)
+        assert done.returncode == 0, done.stdout + done.stderr
+        time.sleep(2)  # a loop left alive would be restarting or running again by now
+        state = stack.docker("inspect", "-f", "{{.State.Status}}", blue).stdout.strip()
+        assert state == "exited", state
+        assert "already stopped" not in journal_note(env, "stop-old-slot", "container")
+    finally:
+        stack.docker("rm", "-f", blue, check=False)  # the next arrange recreates it
+
+
+def test_an_old_slot_renamed_away_is_said_and_never_stopped_by_a_guess(
+        stack: DrillStack) -> None:
+    """Someone renamed the old slot's container during the run: the stop found no container
+    of that name and said "ok" in silence, while the renamed one kept running on the slot's
+    port (the next deploy to it collides). It is said; nothing else is stopped."""
+    env = arrange(stack)
+    blue = env.slot(Slot.BLUE).container
+    moved = f"{blue}-x"
+    try:
+        done = paused_run(env, "before:stop-old-slot",
+                          lambda: stack.docker("rename", blue, moved))
+        assert done.returncode == 0, done.stdout + done.stderr
+        said = done.stdout + done.stderr
+        assert f"no container named {blue}" in said, said
+        assert f"publish={env.slot(Slot.BLUE).port}" in said, said
+        assert docker.inspect(moved).running  # never stopped on a guess
+    finally:
+        stack.docker("rm", "-f", moved, check=False)  # the next arrange recreates blue
