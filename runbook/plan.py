@@ -101,6 +101,7 @@ class StepContext:
     env: Environment | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     undos: list[tuple[str, Callable[[], Stays | Aside | None]]] = field(default_factory=list)
+    undo_fixes: dict[str, str] = field(default_factory=dict)  # title -> on_failure's fix
     irreversible: list[tuple[str, str]] = field(default_factory=list)
     lasting: list[str] = field(default_factory=list)
     say: Callable[[str], None] = lambda message: None  # live progress for people waiting
@@ -128,9 +129,14 @@ class StepContext:
     def note(self, **values: Any) -> None:
         self.notes.update(values)
 
-    def on_failure(self, title: str, undo: Callable[[], Stays | Aside | None]) -> None:
-        """Register how to undo what this step just did, should the run stop before commit."""
+    def on_failure(self, title: str, undo: Callable[[], Stays | Aside | None],
+                   fix: str | None = None) -> None:
+        """Register how to undo what this step just did, should the run stop before commit.
+        `fix`: what on-call does by hand should the undo itself fail (said with the run's
+        outcome when traffic never moved)."""
         self.undos.append((title, undo))
+        if fix is not None:
+            self.undo_fixes[title] = fix
 
     def cannot_undo(self, message: str, fix: str) -> None:
         """What this step did cannot be undone (a restored database): a later failure before
@@ -352,6 +358,11 @@ class _Execution:
     carry_logged: bool = False
     intent_written: bool = False
     undo_failed: bool = False
+    undo_fixes: dict[str, str] = field(default_factory=dict)  # StepContext.on_failure's
+    # a COMMIT step (the switch) began: before that, traffic cannot have moved, whatever an
+    # undo that failed left (found by review: "traffic may not be where it was" was said of
+    # a start the engine could not undo, with no switch begun)
+    commit_begun: bool = False
 
     @property
     def env(self) -> Environment:
@@ -443,6 +454,8 @@ class _Execution:
         ctx.until_commit = lambda why: self._until_commit(why, rest)
         self._say("start", step)
         started = time.monotonic()
+        if step.phase is Phase.COMMIT:
+            self.commit_begun = True
         interruptible = step.phase is Phase.PREPARE and not step.hold_signals \
             and not self._carrying
         self.signals.tell = self.notice
@@ -465,6 +478,7 @@ class _Execution:
                         step.run(ctx)  # type: ignore[misc]
                 finally:
                     self.undos.extend(ctx.undos)
+                    self.undo_fixes.update(ctx.undo_fixes)
                     self.irreversible.extend(ctx.irreversible)
                     self.lasting.extend(ctx.lasting)
                     if ctx.notes:
@@ -613,6 +627,7 @@ class _Execution:
     # -- failure before the commit: undo everything, in reverse --------------------------
     def _rolled_back(self, cause: BaseException) -> RunbookError:
         failed: list[str] = []  # undos of what users reach (traffic, slots)
+        fixes: list[str] = []  # what to do by hand for those (StepContext.on_failure's fix)
         unkept: list[str] = []  # what was not put back, or was kept aside: said as it is
         done: list[str] = []
         for title, undo in reversed(self.undos):
@@ -638,6 +653,8 @@ class _Execution:
                     self.journal.log("ERROR", unkept[-1], step="undo")
                     continue
                 failed.append(f"{title}: {_describe(exc)}")
+                if title in self.undo_fixes:
+                    fixes.append(self.undo_fixes[title])
                 self.undo_failed = True
                 self.journal.log("ERROR", f"could not undo: {title}: {_describe(exc)}",
                                  step="undo")
@@ -652,19 +669,18 @@ class _Execution:
                 if isinstance(cause, Interrupted) else _describe(cause))
         undone = f"; undone: {', '.join(done)}" if done else ""
         undone += "".join(f"; {line}" for line in unkept)
+        check = self._after_failed_undo(fixes)
         if self.irreversible:
             message, fix = self.irreversible[-1]
             if failed:  # both: the failed undo first, it is what users may meet now
                 return RunbookError(f"ATTENTION: {what}; AND undoing failed: "
                                     f"{'; '.join(failed)}; {message}{undone}",
-                                    f"check `runbook status` now: traffic may not be where it "
-                                    f"was; then: {fix}", exit_code=ExitCode.ATTENTION)
+                                    f"{check}; then: {fix}", exit_code=ExitCode.ATTENTION)
             return RunbookError(f"{what}; {message}{undone}", fix,
                                 exit_code=ExitCode.ATTENTION)
         if failed:
             return RunbookError(f"ATTENTION: {what}; AND undoing failed: {'; '.join(failed)}"
-                                f"{undone}", "check `runbook status` now: traffic may not be "
-                                "where it was", exit_code=ExitCode.ATTENTION)
+                                f"{undone}", check, exit_code=ExitCode.ATTENTION)
         if isinstance(cause, RunbookError):  # keep its type and fields for front ends
             if cause.exit_code == ExitCode.PRECONDITION and any(t != PUT_BACK for t in done):
                 # exit 4 says "nothing was changed": after undoing what this run did (a
@@ -684,6 +700,18 @@ class _Execution:
         return RunbookError(f"unexpected failure: {what}{undone}; traffic stays where it was",
                             "this is a bug: the journal has the details",
                             exit_code=ExitCode.FAILED_SAFELY)
+
+    def _after_failed_undo(self, fixes: list[str]) -> str:
+        """What on-call checks first when an undo failed: where traffic may be, and what the
+        failed undos left to do by hand. Before any COMMIT step began, traffic did not move
+        (the switch never ran), so it is not sent looking for a traffic problem."""
+        if self.commit_begun:
+            return "check `runbook status` now: traffic may not be where it was"
+        # where Caddy points, never "serves": a restore before it may have stopped that slot
+        before = self.plan.facts.get("from_slot")
+        return ("traffic did not move" + (f" (Caddy still points at {before})" if before else "")
+                + ": no switch began" + "".join(f"; {fix}" for fix in fixes)
+                + "; then check `runbook status`")
 
     # -- failure after the commit: never undo, say what took effect and what is left -----
     def _took_effect(self, cause: BaseException, rest: list[Step],

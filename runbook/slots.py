@@ -589,14 +589,17 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
         # the undo is registered BEFORE the act: a Ctrl-C or a Docker time-out in the middle
         # of it may leave the container started (Docker finishes what it was asked), and
         # "nothing took effect" must then be true
+        # should the undo fail (the engine stopped answering): what on-call does by hand
+        by_hand = (f"{config.container} may still be running: stop it with `docker stop "
+                   f"{config.container}` once `docker info` answers")
         if prep.action in ("start", "unpause"):
             ctx.on_failure(f"stop {config.container} again",
-                           lambda: stop_if_started(env, prep.slot, observed))
+                           lambda: stop_if_started(env, prep.slot, observed), by_hand)
             docker.run(start_action)
         elif recreate_command is not None:
             refuse_recreate(env, prep.slot)  # refused: nothing to undo
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
-                           lambda: stop_if_started(env, prep.slot, observed))
+                           lambda: stop_if_started(env, prep.slot, observed), by_hand)
             recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
                      image=prep.made or prep.image, build=prep.build)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned

@@ -1276,7 +1276,9 @@ def test_a_failed_undo_is_said_even_when_something_irreversible_stays(
     with pytest.raises(RunbookError) as info:
         perform(env, "deploy", lambda run_id: Plan("deploy", env, "test", [
             Step("migrate", "Migrate", run=migrate, phase=Phase.PREPARE),
-            Step("switch", "Switch Caddy", run=switch, phase=Phase.PREPARE)]),
+            # the switch is a COMMIT step, as slots.switch_step makes it: its failed undo is
+            # what leaves traffic in doubt (a PREPARE step's cannot move it)
+            Step("switch", "Switch Caddy", run=switch, phase=Phase.COMMIT)]),
             dry_run=False, reason="test", confirm=lambda plan: True)
     err = info.value
     assert err.exit_code == ExitCode.ATTENTION

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,25 @@ def test_an_old_slot_renamed_away_is_said_and_never_stopped_by_a_guess(
         assert docker.inspect(moved).running  # never stopped on a guess
     finally:
         stack.docker("rm", "-f", moved, check=False)  # the next arrange recreates blue
+
+
+def test_the_engine_gone_during_the_gate_says_traffic_did_not_move(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """The engine stopped answering during the gate (before the commit), and the undo of the
+    start could not stop green: the run said "traffic may not be where it was", though no
+    switch had started. It says traffic did not move and how to stop the started slot."""
+    env = arrange(stack)
+    green = env.slot(Slot.GREEN).container
+    link = tmp_path / "engine.sock"  # the engine this run talks to, until it goes away
+    link.symlink_to("/var/run/docker.sock")
+
+    def engine_gone() -> None:
+        link.unlink()
+        stack.docker("kill", green)
+
+    done = paused_run(env, "before:health-gate", engine_gone, DOCKER_HOST=f"unix://{link}")
+    assert done.returncode == ExitCode.ATTENTION, done.stdout + done.stderr
+    assert "traffic did not move" in done.stderr, done.stderr
+    assert "may not be where it was" not in done.stderr, done.stderr
+    assert f"`docker stop {green}`" in done.stderr and "`docker info`" in done.stderr, \
+        done.stderr
