@@ -1078,6 +1078,101 @@ def _caddy_changed_since_plan(where: str) -> PreconditionError:
         "run the command again: its plan shows the change (add it to the Caddyfile to keep it)")
 
 
+def _host_key(host: str) -> str:
+    return host.strip("[]").split("%")[0].lower()
+
+
+def _addresses(host: str, port: int) -> frozenset[str]:
+    """The addresses `host` resolves to here, as Caddy's dialer on this host resolves it
+    (empty: it does not resolve here)."""
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return frozenset()
+    return frozenset(str(info[4][0]).split("%")[0] for info in found)
+
+
+def _unproven_upstreams(env: Environment, target: Slot, text: str) -> list[caddy.Upstream]:
+    """The upstreams of `text`'s managed block on `target`'s port whose host is not the
+    address the health gate asks (`[slots.<target>] host`, or one resolving to exactly its
+    addresses): the gate proves nothing of them. The rewrite keeps each upstream's host and
+    puts the target's port on it."""
+    config = env.slot(target)
+    want = _host_key(config.host)
+    try:
+        upstreams = caddy.inspect(text, env).upstreams
+    except RunbookError:
+        return []  # a block the rewrite cannot read is refused on its own
+    out: list[caddy.Upstream] = []
+    for up in upstreams:
+        if up.slot != target or up.host is None:
+            continue
+        host = _host_key(up.host)
+        if host == want:
+            continue
+        mine = _addresses(host, config.port)
+        if mine and mine == _addresses(want, config.port):
+            continue
+        out.append(up)
+    return out
+
+
+def _wildcard_bound(env: Environment, target: Slot) -> bool:
+    """Docker publishes the target's port on every address of this host."""
+    config = env.slot(target)
+    bindings = docker.inspect(config.container).bindings or ()
+    return any(host == config.port and ip in ("", "0.0.0.0", "::")
+               for _inside, host, ip in bindings)
+
+
+def upstream_problem(env: Environment, target: Slot, text: str, *,
+                     planning: bool = False) -> str | None:
+    """Why the switch's Caddyfile (`text`) would send users where `target` does not listen,
+    or None. The health gate asks the slot at `[slots.<slot>] host`, but Caddy dials each
+    upstream's own host (found by review: a slot published on [::1] or 127.0.0.2 passed its
+    gate, then Caddy dialed localhost:PORT, where nothing listened: 502s until verification
+    undid it, on every try). Each upstream on another host must answer as `target` there
+    (an answer naming no slot, as a minimal /health, counts: the port is the target's); a
+    name this host cannot resolve (host.docker.internal, resolved in Caddy's container)
+    only where Docker publishes the port on every address. `planning`: only when the
+    target answers already (else asked again right before the write)."""
+    config = env.slot(target)
+    unproven = _unproven_upstreams(env, target, text)
+    if not unproven:
+        return None
+    if planning and health.probe(config, env.health.path,
+                                 env.health.request_timeout).http_status is None:
+        return None
+    for up in unproven:
+        host = _host_key(up.host or "")
+        report = health.probe(dataclasses.replace(config, host=host), env.health.path,
+                              env.health.request_timeout)
+        if report.http_status is not None and report.reported_slot in (None, str(target)):
+            continue
+        if not _addresses(host, config.port) and host in caddy.THIS_HOST_NAMES \
+                and _wildcard_bound(env, target):
+            continue
+        seen = (f"it answers as {report.reported_slot}" if report.http_status is not None
+                else report.error or report.status)
+        return (f"the Caddyfile's upstream {up.host}:{config.port} (line {up.line}, after the "
+                f"switch) reaches no {target} slot ({seen}), but [slots.{target}] host is "
+                f"{config.host}, where the health gate asks {target}: the switch would send "
+                f"every user where {target} does not listen")
+    return None
+
+
+def refuse_upstream(env: Environment, target: Slot, problem: str) -> PreconditionError:
+    config = env.slot(target)
+    return PreconditionError(
+        f"{problem}; nothing was changed",
+        f"write the upstream between the slot markers of {env.caddy.caddyfile} as the "
+        f"address Caddy reaches {target} at ({config.base_url.removeprefix('http://')}), or "
+        f"set [slots.{target}] host to the address Caddy dials (and publish the slot there), "
+        "then run again")
+
+
 def switch_step(env: Environment, target: Slot, expected_version: str,
                 observed: Observed, *, planned: caddy.SwitchPlan | None = None,
                 validated: str | None = None) -> tuple[Step, str]:
@@ -1091,10 +1186,16 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
     """
     sp = planned or caddy.plan_switch(env, target)
     reload_command = caddy.reload_command(env)  # built once: shown here, run by the switch
+    try:
+        sp_upstreams = [u for u in caddy.inspect(sp.new_text, env).upstreams if u.slot == target]
+    except RunbookError:
+        sp_upstreams = []
     details = {
         "Caddyfile": str(sp.caddyfile),
         "now": str(sp.current.slot or "inconsistent: " + "; ".join(sp.current.problems)),
-        "target": f"{target} -> localhost:{sp.target_port}",
+        "target": f"{target} -> " + (", ".join(dict.fromkeys(
+            f"{u.host}:{sp.target_port}" for u in sp_upstreams if u.host))
+            or f"port {sp.target_port}"),
         "validate": " ".join(sp.validate_command)
                     + (" (in pre-flight, the same bytes)" if validated is not None else ""),
         "reload": f"{sp.reload}: " + reload_command.display(
@@ -1108,6 +1209,13 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
     }
     if sp.current.warnings:  # e.g. another service's upstream between the markers, kept
         details["warnings"] = "; ".join(sp.current.warnings)
+    if (problem := upstream_problem(env, target, sp.new_text, planning=True)) is not None:
+        raise refuse_upstream(env, target, problem)
+    if unproven := _unproven_upstreams(env, target, sp.new_text):
+        details["upstream"] = (
+            f"{', '.join(f'{u.host}:{sp.target_port}' for u in unproven)} (not [slots."
+            f"{target}] host {env.slot(target).host}): asked to answer as {target} right "
+            "before the write (else refused, nothing changed)")
 
     def run(ctx: StepContext) -> None:
         # who is on Caddy's port before the reload, read beside this step's own work (the
@@ -1139,6 +1247,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             caddy.validate(env, new)
         if not caddy.inspect(old, env).headers:
             _refuse_unverifiable(env, target, before)
+        if (problem := upstream_problem(env, target, new)) is not None:
+            raise refuse_upstream(env, target, problem)
         # What to put back: the file as consistent with what runs (a killed run may have
         # written the disk without reloading).
         restore_bytes = (caddy.rewrite(old, env, before).encode("utf-8") if before is not None

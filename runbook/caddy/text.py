@@ -408,6 +408,7 @@ def _one_service(upstreams: tuple[Upstream, ...]) -> None:
 
 
 _THIS_HOST = {"localhost", "host.docker.internal"}
+THIS_HOST_NAMES = frozenset(_THIS_HOST)  # names Caddy dials this host by
 
 
 def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
