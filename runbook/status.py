@@ -665,6 +665,9 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
     review: the slot's own /health is asked on its port, not through Caddy)."""
     if f.traffic is None:
         return
+    if (missed := traffic.proxy_url_missed(f.env, f.traffic)) is not None:
+        yield Problem(missed, traffic.proxy_url_fix(f.env))
+        return
     if f.traffic.proxy_error is not None:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")

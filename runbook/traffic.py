@@ -51,6 +51,9 @@ class Traffic:
     # upstreams Caddy resolves only per request (`<site>: <dial>`): which slot they reach
     # cannot be told, so both slots count as pinned (the managed block refuses them)
     unresolved: tuple[str, ...] = ()
+    # the listen addresses of those servers, as Caddy's loaded config has them
+    # (`:8080`, `127.0.0.2:8080`): where proxy_url must point
+    listens: tuple[str, ...] = ()
 
     @property
     def untrusted(self) -> bool:
@@ -125,6 +128,87 @@ def slot_fronts(config: Any, ports: Iterable[int]) -> Listens:
             if first.isdigit() and (not last or last.isdigit()):
                 found.append((int(first), int(last or first)))
     return tuple(dict.fromkeys(found))
+
+
+def front_listens(config: Any, ports: Iterable[int]) -> tuple[str, ...]:
+    """The listen addresses of Caddy's HTTP servers whose routes dial one of `ports`."""
+    wanted = set(ports)
+    servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+    found: list[str] = []
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if isinstance(server, dict) and any(_port(d) in wanted
+                                            for d in _dials(server.get("routes"))):
+            found += [str(a) for a in server.get("listen") or ()]
+    return tuple(dict.fromkeys(found))
+
+
+def _listens_at(listen: str, host: str, port: int) -> bool:
+    """Whether Caddy's listen address `listen` (`:80`, `127.0.0.2:8080-8089`,
+    `tcp/[::1]:80`) accepts a connection to `host`:`port` made on this host."""
+    import socket
+
+    network, slash, rest = listen.partition("/")
+    if slash and network.lower() in _NETWORKS:
+        listen = rest
+    where, _, ports = listen.rpartition(":")
+    first, _, last = ports.partition("-")
+    if not first.isdigit() or not (last.isdigit() or not last) \
+            or not int(first) <= port <= int(last or first):
+        return False
+    where = where.strip("[]").lower()
+    if where in ("", "0.0.0.0", "::"):
+        return True
+
+    def addresses(name: str) -> set[str]:
+        try:
+            return {str(i[4][0]).split("%")[0]
+                    for i in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError):
+            return set()
+
+    return where == host.strip("[]").lower() or bool(addresses(where) & addresses(host))
+
+
+_UNREACHED = ("connection refused", "cannot connect")
+
+
+def proxy_url_missed(env: Environment, found: Traffic) -> str | None:
+    """Why verification can never see what users see, or None: proxy_url refuses
+    connections (or none completes in time) while Caddy's admin API answered, the serving
+    slot is healthy, and Caddy's loaded config listens on no address proxy_url names (its
+    site bound to another address or port). A switch would move users, fail its verification
+    and its undo's the same way: a false "traffic may not be where it was" (exit 5), found
+    by review. A proxy_url that does name a listen address is an outage, left to roll back."""
+    from urllib.parse import urlsplit
+
+    error = found.proxy_error
+    if error is None or found.slot is None or not found.listens:
+        return None
+    why = error.removeprefix(f"{env.caddy.proxy_url}{env.caddy.verify_path}: ")
+    if not why.startswith(_UNREACHED) and not (why.startswith("timed out after")
+                                               and "HTTP" not in why):
+        return None
+    url = urlsplit(env.caddy.proxy_url)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if url.hostname is None or any(_listens_at(a, url.hostname, port) for a in found.listens):
+        return None
+    from runbook import health
+
+    if not health.probe(env.slot(found.slot), env.health.path,
+                        env.health.request_timeout).ok:
+        return None
+    return (f"proxy_url {env.caddy.proxy_url} gets no answer ({why}), but Caddy runs and "
+            f"sends the app to {found.slot}, which is healthy: Caddy's site listens on "
+            f"{', '.join(found.listens)}, not at proxy_url, so users are served there and "
+            "no switch could be verified through proxy_url")
+
+
+def proxy_url_fix(env: Environment) -> str:
+    return (f"fix [caddy] proxy_url in {env.source or 'the environment file'} to an address "
+            f"Caddy's site listens on, then check with `runbook status {env.name}`")
 
 
 def h2c_port(found: Traffic, front: int | None) -> int | None:
@@ -279,7 +363,8 @@ def from_config(env: Environment, config: Any,
                    dialed=tuple(sorted(counts.items())), unresolved=unresolved,
                    # the serving slot's sites: a site pinned to the other slot (outside the
                    # markers) keeps dialing it whatever the drain waits for
-                   fronts=slot_fronts(config, [env.slot(s).port for s in slots]))
+                   fronts=slot_fronts(config, [env.slot(s).port for s in slots]),
+                   listens=front_listens(config, [env.slot(s).port for s in slots]))
 
 
 def undo_config(env: Environment, running: Any, previous: Slot | None, target: Slot,
@@ -524,7 +609,7 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
         raise
     header, error, unverifiable = witness.result()
     return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
-                   found.dialed, found.fronts, unverifiable, found.unresolved)
+                   found.dialed, found.fronts, unverifiable, found.unresolved, found.listens)
 
 
 def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
@@ -534,6 +619,8 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
     after stopping the slot that had passed its gate). Said before anything changes. An
     untrusted TLS certificate is refused whatever the slots' health: no answer through the
     proxy could be verified."""
+    if (missed := proxy_url_missed(env, found)) is not None:
+        raise PreconditionError(f"{missed}; nothing was changed", proxy_url_fix(env))
     if found.slot is None or found.proxy_slot is not None or not found.proxy_unverifiable:
         return
     if found.untrusted:

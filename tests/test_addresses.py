@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runbook import docker, health, rollback, status, switch
+from runbook import docker, health, rollback, status, switch, traffic
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
@@ -104,3 +104,25 @@ def test_a_proxy_url_caddy_does_not_listen_on_is_refused_and_status_names_it(
     text = " ".join(p.problem for p in status.problems(status.collect(env)))
     assert "users are not served" not in text, text
     assert f"proxy_url {elsewhere}" in text, text
+
+
+def test_a_refused_proxy_url_caddy_does_listen_on_is_an_outage_not_a_wrong_url(
+        stack: DrillStack) -> None:
+    """Only an address or port Caddy's loaded config does not listen on is refused: a
+    proxy_url Caddy listens at that refuses is an outage to roll back from (the serving slot
+    healthy, the same read of Caddy otherwise)."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env, proxy = stack.env, stack.ports.proxy
+    refused = dataclasses.replace(traffic.read(env),
+                                  proxy_error=f"{env.caddy.proxy_url}{env.caddy.verify_path}: "
+                                              "connection refused")
+    for listens in ((f":{proxy}",), (f"127.0.0.1:{proxy}",), (f"tcp/:{proxy - 1}-{proxy}",)):
+        assert traffic.proxy_url_missed(env, dataclasses.replace(refused, listens=listens)) \
+            is None, listens
+    for listens in ((f"127.0.0.2:{proxy}",), (f":{proxy + 1}",)):
+        said = traffic.proxy_url_missed(env, dataclasses.replace(refused, listens=listens))
+        assert said is not None and listens[0] in said, listens
+    served = dataclasses.replace(
+        refused, proxy_error=f"{env.caddy.proxy_url}/version answers HTTP 502 without "
+        "X-Togather-Slot", listens=(f"127.0.0.2:{proxy}",))
+    assert traffic.proxy_url_missed(env, served) is None  # an answer: Caddy is reached
