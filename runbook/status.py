@@ -9,6 +9,7 @@ inside a state field must not forge a status line).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 from collections.abc import Callable, Iterator
@@ -60,6 +61,9 @@ class Facts:
     caddy_down: Unreloadable | None = None  # why it cannot take a reload
     caddy_error: RunbookError | None = None
     caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
+    # why a switch to the standby would be refused: an upstream it keeps on another host
+    # than [slots.<standby>] host reaches no standby there (slots.upstream_problem)
+    upstream_miss: str | None = None
     schema: database.SchemaVersion | None = None
     database_error: RunbookError | None = None
     # the database's container, read when the database does not answer: paused or stopped
@@ -770,6 +774,16 @@ def crash_looping(f: Facts) -> Iterator[Problem]:
                           logs)
 
 
+def upstream_misses_standby(f: Facts) -> Iterator[Problem]:
+    """A switch to the standby would send users where it does not listen (its Caddyfile
+    upstream is on another host than the one its health is asked at): refused by the switch
+    and the rollback, said here first."""
+    if f.upstream_miss is not None and f.active is not None:
+        refused = slots.refuse_upstream(f.env, f.active.other, f.upstream_miss)
+        yield Problem(f"a switch to {f.active.other} would be refused: {f.upstream_miss}",
+                      refused.fix or "")
+
+
 def proxy_unverifiable(f: Facts) -> Iterator[Problem]:
     """The proxy answers, but which slot users reach through it cannot be verified."""
     if f.traffic is None or f.traffic.proxy_error is not None:
@@ -1009,7 +1023,7 @@ CHECKS: list[Check] = [
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
-    upstream_unresolved, disk_space,
+    upstream_unresolved, upstream_misses_standby, disk_space,
 ]
 
 
@@ -1061,6 +1075,12 @@ def collect(env: Environment) -> Facts:
         f.traffic = traffic.read(env)
     except RunbookError as exc:
         f.traffic_error = exc
+    if f.active is not None and f.caddy is not None and f.caddy_error is None:
+        standby = f.active.other
+        # a file the switch cannot rewrite is said by caddy_problems
+        with contextlib.suppress(RunbookError):
+            f.upstream_miss = slots.upstream_problem(
+                env, standby, caddy.rewrite(caddy.read(env), env, standby), planning=True)
     try:
         f.intent = intents.read(env)
     except RunbookError as exc:

@@ -73,6 +73,8 @@ def test_a_target_published_where_the_upstream_does_not_dial_is_refused_before_a
             assert "nothing was changed" in said, said
             assert snapshot(env) == before
         assert through_proxy(env)[0] == "blue"
+        said = " ".join(p.problem for p in status.problems(status.collect(env)))
+        assert f"upstream localhost:{port}" in said and "127.0.0.2" in said, said
     finally:  # the scene's own container again (arrange recreates a missing one)
         subprocess.run(["docker", "rm", "-f", env.slot(Slot.GREEN).container],
                        check=True, capture_output=True)
