@@ -1127,6 +1127,29 @@ def _wildcard_bound(env: Environment, target: Slot) -> bool:
                for _inside, host, ip in bindings)
 
 
+def _unpublished(env: Environment, target: Slot,
+                 unproven: list[caddy.Upstream]) -> str | None:
+    """A target that does not answer yet (stopped, to be started by the run): refused
+    already when Docker publishes its port only on addresses none of the upstream hosts
+    resolves to here (then it cannot answer there once started); else None, and the switch
+    asks it right before the write."""
+    config = env.slot(target)
+    bindings = docker.inspect(config.container).bindings
+    ips = {_host_key(ip) for _inside, host, ip in bindings or () if host == config.port}
+    if not ips or ips & {"", "0.0.0.0", "::"}:
+        return None  # on the host's network, or on every address: asked once it runs
+    for up in unproven:
+        host = _host_key(up.host or "")
+        if not _addresses(host, config.port) & ips:
+            published = ", ".join(f"[{ip}]" if ":" in ip else ip for ip in sorted(ips))
+            return (f"the Caddyfile's upstream {up.host}:{config.port} (line {up.line}, "
+                    f"after the switch) reaches no {target} slot ({config.container} is "
+                    f"published on {published}:{config.port} only), but [slots.{target}] "
+                    f"host is {config.host}, where the health gate asks {target}: the switch "
+                    f"would send every user where {target} does not listen")
+    return None
+
+
 def upstream_problem(env: Environment, target: Slot, text: str, *,
                      planning: bool = False) -> str | None:
     """Why the switch's Caddyfile (`text`) would send users where `target` does not listen,
@@ -1144,7 +1167,7 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
         return None
     if planning and health.probe(config, env.health.path,
                                  env.health.request_timeout).http_status is None:
-        return None
+        return _unpublished(env, target, unproven)
     for up in unproven:
         host = _host_key(up.host or "")
         report = health.probe(dataclasses.replace(config, host=host), env.health.path,

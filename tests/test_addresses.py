@@ -75,6 +75,19 @@ def test_a_target_published_where_the_upstream_does_not_dial_is_refused_before_a
         assert through_proxy(env)[0] == "blue"
         said = " ".join(p.problem for p in status.problems(status.collect(env)))
         assert f"upstream localhost:{port}" in said and "127.0.0.2" in said, said
+        # green stopped: the plan cannot ask it, but Docker says where it is published
+        subprocess.run(["docker", "stop", env.slot(Slot.GREEN).container], check=True,
+                       capture_output=True)
+        before = snapshot(env)
+        for run in (lambda: rollback.rollback(env, dry_run=True),
+                    lambda: rollback.rollback(env)):
+            with pytest.raises(RunbookError) as err:
+                run()
+            said = str(err.value)
+            assert err.value.exit_code == ExitCode.PRECONDITION, said
+            assert f"upstream localhost:{port}" in said, said
+            assert f"published on 127.0.0.2:{port} only" in said, said
+            assert snapshot(env) == before
     finally:  # the scene's own container again (arrange recreates a missing one)
         subprocess.run(["docker", "rm", "-f", env.slot(Slot.GREEN).container],
                        check=True, capture_output=True)
