@@ -175,6 +175,8 @@ class Plan:
     # the restore doubt this run overrides with --accept-restored-data (its warning): said
     # when the run clears it, starting the app on that database (restore_records)
     accepted_doubt: str | None = None
+    # what the commit point is when no traffic moves (a switch that records what serves)
+    commit_point: str | None = None
 
     def render(self) -> str:
         lines = [f"Plan: {self.summary}", f"Environment: {self.env.display}"
@@ -185,8 +187,8 @@ class Plan:
         phase: Phase | None = None
         for step in self.steps:
             if step.phase is not phase and step.phase in (Phase.COMMIT, Phase.FINISH):
-                lines.append("   --- commit point: traffic moves here; nothing after it is "
-                             "undone ---" if step.phase is Phase.COMMIT
+                lines.append(f"   --- commit point: {self.commit_point or 'traffic moves here'}; "
+                             "nothing after it is undone ---" if step.phase is Phase.COMMIT
                              else "   --- after the commit: finishing steps ---")
             phase = step.phase
             if step.skip:
@@ -541,7 +543,8 @@ class _Execution:
             raise Interrupted(self.signals.received)
         self.committed = True
         self.signals.going_on = None  # held from here as after any commit (_check_signal)
-        self.journal.log("SUCCESS", "commit point reached: traffic moved and was verified",
+        self.journal.log("SUCCESS", "commit point reached: "
+                         + (self.plan.commit_point or "traffic moved and was verified"),
                          step="commit")
         intent = self.plan.intent
         if intent is None:

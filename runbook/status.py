@@ -293,20 +293,13 @@ def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
     if report is None or not report.ok:
         fix = f"check both slots (`runbook healthcheck {arg} --slot both`), then {back}"
     else:
-        # a switch to the slot that serves is refused ("nothing to switch"; found by review):
-        # no command of the runbook records what serves without moving traffic
-        from runbook import compose
-
+        # the switch to the slot that serves only records it there (health-gated, verified
+        # through the proxy): nothing in Caddy or Docker changes, nobody moves
         version = _running_version(f, active)
-        keep = (f"`runbook deploy {arg} --version {version}` deploys {version} again to "
-                f"{recorded} and records it (its migrations run; users move onto it once it "
-                "answers healthy)" if compose.can_recreate(f.env) and version else
-                f"deploying {version or 'that version'} again the way this host's own deploy "
-                "does records it")
         fix = (f"check both slots (`runbook healthcheck {arg} --slot both`); if {recorded} is "
-               f"the right one, {back}; if {active} is, no runbook command records what serves "
-               f"without moving traffic (a switch to {active} is refused: nothing to switch): "
-               f"{keep}")
+               f"the right one, {back}; if {active} is, `runbook switch {arg} --slot {active}` "
+               f"records it as serving ({version or 'the version it runs'}, health-gated; "
+               "traffic does not move)")
     yield Problem(f"state says {recorded} is active, Caddy sends traffic to {active}", fix)
 
 

@@ -4,7 +4,9 @@ Health-gated unless --force; the old slot keeps running so the switch can be und
 The state file is updated to describe what now takes traffic. It also repairs a Caddy that
 serves no slot at all (its Caddyfile fixed by hand, or never reloaded): there is no slot to
 protect then. A managed block with no upstream on a slot's port is refused, not retargeted:
-the port may be another service's.
+the port may be another service's. With the slot Caddy already serves (its loaded config, the
+Caddyfile on disk naming it too) while the state file records the other one, it only records
+what serves (`_record_only`): nothing else did, short of a hand edit of the file.
 """
 
 from __future__ import annotations
@@ -74,9 +76,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     in_line_beside = (repairing is None and found is not None and found[1] == "continue"
                       and found[0].source == target)
     in_line = now.slot == target and now.problem(env) is None
+    recorded_slot = state.current.active_slot if state.current is not None else None
+    # the file records the other slot, no interrupted run's record open (its finish, or the
+    # repair it names, records it): what serves is recorded, nothing moved
+    elsewhere = (recorded_slot if found is None and repairing is None
+                 and recorded_slot not in (None, target) else None)
+    names: str | None = None
     if in_line:
         names = _in_line_or_refuse(env, target,
-                                   (found is None and repairing is None) or in_line_beside)
+                                   (found is None and repairing is None) or in_line_beside,
+                                   elsewhere)
+    if names is not None:
         # the file names the other slot, or no slot at all (an edit, a killed run of another
         # tool, a config loaded through the admin API): a reload, a restart or a reboot would
         # move traffic there. Writing the file back in line with what runs is this very
@@ -108,6 +118,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     behind = _schema_behind(env, state, info.tag, options.force)
     if behind:
         warnings.append(behind)
+    if in_line and names is None:
+        return _record_only(env, state, target, info.tag, info.image, now, run_id, warnings,
+                            accepted)
     prep = slots.prepare(env, target, info.tag, info.image,
                          claimed_by=f"{config.container} (its image)")
     observed = slots.Observed()
@@ -217,9 +230,12 @@ def _recorded(env: Environment, state: states.DeploymentState, version: str, tar
     return lines
 
 
-def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> str:
+def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
+                       elsewhere: Slot | None = None) -> str | None:
     """Caddy already runs `target`. Refused (nothing to switch) when the Caddyfile on disk
-    names `target` too; taken when it names the other slot, or no single slot (a third port,
+    names `target` too, unless the state file records the other slot (`elsewhere`: None is
+    returned then, for a record-only switch, under the same health check); taken when it
+    names the other slot, or no single slot (a third port,
     both slots: refused, the only switch left moved users off the healthy slot that serves
     to fix a file, found by review), provided the target answers healthy (a serving slot
     that is down is never started or stopped by this switch: switch to the other one), and
@@ -233,11 +249,11 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> str:
     except RunbookError as exc:
         raise PreconditionError(f"{refused}, and {exc.message}",
                                 exc.fix or f"check {env.caddy.caddyfile}") from None
-    if found.slot == target:
+    if found.slot == target and elsewhere is None:
         raise PreconditionError(refused, "nothing to switch; see `runbook status`")
     names = (str(found.slot) if found.slot is not None
              else f"no single slot ({'; '.join(found.problems)})")
-    if not unrecorded:
+    if found.slot != target and not unrecorded:
         raise PreconditionError(f"{refused}; the Caddyfile on disk names {names}, and an "
                                 "interrupted run's record is open",
                                 f"see `runbook status {env.name}`: it names the command that "
@@ -246,10 +262,93 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool) -> str:
     if not report.ok:
         raise PreconditionError(
             f"{refused}, but does not answer healthy ({report.status}: {report.reason()}); "
-            f"the Caddyfile on disk names {names}",
+            + (f"the Caddyfile on disk names {names}" if found.slot != target else
+               f"the state file records {elsewhere}; nothing was written"),
             f"switch to the slot you know is healthy: `runbook switch {env.name} --slot "
             f"{target.other}`, or get {target} healthy first (`runbook status {env.name}`)")
-    return names
+    return names if found.slot != target else None
+
+
+def _record_only(env: Environment, state: states.DeploymentState, target: Slot, version: str,
+                 image: str | None, now: traffic.Traffic, run_id: str, warnings: list[str],
+                 accepted: str | None) -> Plan:
+    """The switch to the slot users already reach (Caddy's running config and its Caddyfile
+    name it) while the state file records the other: it records what serves, as a switch
+    records, and changes nothing in Caddy or Docker. Otherwise on-call edited the file by
+    hand: a rollback is refused (the file's current is not what serves) and a deploy of that
+    version recreates the recorded slot, migrates and moves users. Gated as a switch; its
+    commit point is the proxy's verified answer (no traffic moves: users are already there),
+    so every failure before it writes nothing (exit 4) and only the record comes after it."""
+    recorded = state.current
+    assert recorded is not None and recorded.active_slot is not None  # plan() checked it
+    seen = caddy.verify(env, target, version, attempts=3, interval=0.2)
+    if not seen.ok:
+        raise PreconditionError(
+            f"Caddy's running config sends traffic to {target}, but the proxy does not show "
+            f"{target} running {version}: {seen.describe()}; nothing was written",
+            f"see `runbook status {env.name}`")
+    observed = slots.Observed()
+    # never written (plan.intent stays None): a kill before the record leaves the file as it
+    # was, and this same command records it then; the recorder reads what to record from it
+    intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,
+                            from_slot=str(recorded.active_slot), to_slot=str(target),
+                            from_version=recorded.version, to_version=version, to_image=image)
+    warnings.insert(0, f"traffic is already on {target} (Caddy's running config and the "
+                       f"proxy), but {env.state_file} records {recorded.version} on "
+                       f"{recorded.active_slot}: this switch only records what serves; nothing "
+                       "in Caddy or Docker changes")
+    gate = slots.gate_step(env, target, force=False, expected_version=version,
+                           observed=observed)
+    gated = gate.run
+    assert gated is not None
+
+    def run_gate(ctx: StepContext) -> None:
+        try:
+            gated(ctx)
+        except health.HealthGateError as exc:  # fails closed: nothing written, nothing moved
+            raise PreconditionError(f"{exc.message}; nothing was written", exc.fix) from None
+
+    gate.run = run_gate
+
+    def run_verify(ctx: StepContext) -> None:
+        check = caddy.verify(env, target, version)
+        if not check.ok:
+            raise PreconditionError(f"the proxy does not show {target} running {version}: "
+                                    f"{check.describe()}; nothing was written",
+                                    f"see `runbook status {env.name}`")
+        ctx.note(proxy=check.describe())
+        ctx.commit()
+
+    def run_state(ctx: StepContext) -> None:
+        recording.switch(env, intent, observed, run_id, ctx)
+
+    point = f"users already reach {target} ({version}), verified through the proxy"
+    steps = [
+        Step("preflight", "Pre-flight checks (read-only, done)", {
+            "traffic now": now.describe(),
+            "state file records": f"{recorded.version} on {recorded.active_slot}",
+            "target": f"{target}: {env.slot(target).container} runs {image or version}",
+            "proxy": seen.describe(),
+            "so": f"traffic is already on {target}: nothing in Caddy or Docker changes; this "
+                  "switch only records it",
+            **({"restored data": accepted} if accepted else {})}, phase=Phase.PREFLIGHT),
+        gate,
+        Step("verify", f"Verify through the proxy that users reach {target} ({version})", {
+            "url": f"{env.caddy.proxy_url}{env.caddy.verify_path}",
+            "expects": f"{caddy.SLOT_HEADER}: {target}, version {version}",
+            "commit point": "this check: no traffic moves; before it nothing is written, "
+                            "after it only the record"},
+             run=run_verify, phase=Phase.COMMIT),
+        Step("state", "Record the switch in the deployment state",
+             {"file": str(env.state_file), **_recorded(env, state, version, target, run_id)},
+             run=run_state, phase=Phase.FINISH),
+    ]
+    return Plan("switch", env, f"record {env.display}'s traffic as on {target} ({version}), "
+                f"where it already is", steps, warnings, "",
+                facts={"from_slot": str(recorded.active_slot), "to_slot": str(target),
+                       "version": version, "to": version, "record_only": True},
+                resume_command=f"runbook switch {env.name} --slot {target}",
+                accepted_doubt=accepted, commit_point=point)
 
 
 def _replace_record(env: Environment, old: intents.Intent) -> Step:

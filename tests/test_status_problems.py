@@ -974,18 +974,126 @@ def test_traffic_on_the_other_slot_is_said_as_such_not_as_a_changed_container(
 def test_the_right_slot_serving_off_the_record_is_fixed_by_commands_that_run(
         stack: DrillStack) -> None:
     """Left by the last fix: the file records v1 on blue, Caddy serves green (v2, healthy).
-    The disagreement's fix named `runbook switch ENV --slot <the right one>`, refused
-    (nothing to switch) when that is green. Every runbook command named runs (its dry run
-    exits 0), and the refused switch is not named. Oracle: the dry runs."""
+    The disagreement's fix named `runbook switch ENV --slot <the right one>`, then no way to
+    record green at all (its switch refused: nothing to switch). It names the switch back to
+    blue and the record-only switch to green; each runs (its dry run exits 0), and the one to
+    green, typed as printed, leaves no problem and moves nobody. Oracle: the dry runs, the
+    proxy, the state file as read back."""
+    import shlex
+
+    from tests.drill_checks import Poller
+    from tests.test_interrupted import through_proxy
+
     env = stack.env
     _traffic_on_green_v2(stack)
-    refused = _cli(env.source, "switch", "--slot", "green", "--dry-run")  # the premise
-    assert refused.returncode == 4 and "nothing to switch" in refused.stderr, refused.stderr
     code, text, problems = status(stack)
     assert_listed(code, text, problems)
     [disagree] = [p for p in problems if p["check"] == "state_disagrees_with_caddy"]
     assert "<the right one>" not in disagree["fix"], disagree
-    assert "--slot green" not in disagree["fix"], disagree
+    assert "no runbook command records" not in disagree["fix"], disagree
     assert f"`runbook switch {env.source} --slot blue`" in disagree["fix"], disagree
-    assert f"`runbook deploy {env.source} --version {V2.tag}`" in disagree["fix"], disagree
+    record = f"runbook switch {env.source} --slot green"
+    assert f"`{record}`" in disagree["fix"], disagree
     _each_runs(_changing(problems))
+    with Poller(env) as user:
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", *shlex.split(record)[1:],
+                               "--yes"], capture_output=True, text=True, timeout=180,
+                              check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert user.failures == [], user.failures[:5]
+    assert {slot for _, slot, _ in user.seen} == {"green"}, set(user.seen)
+    assert through_proxy(env) == ("green", V2.tag)
+    # left: the standby blue still running (listed before the switch too), whose own fix,
+    # typed as printed, stops it
+    [standby] = [p for p in problems if p["check"] == "standby_running"]
+    code, text, left = status(stack)
+    assert left == [standby], text
+    [stop] = _typed(standby["fix"], "docker stop")
+    subprocess.run(stop, check=True, capture_output=True, timeout=60)
+    code, text, left = status(stack)
+    assert (code, left) == (0, []), text
+
+
+def _switch(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runbook.cli", "switch", str(env.source),
+                           "--slot", "green", *args], capture_output=True, text=True,
+                          timeout=180, check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+
+
+def test_a_switch_to_the_slot_that_serves_off_the_record_records_it_and_changes_nothing_else(
+        stack: DrillStack) -> None:
+    """Found by the helper on `runbook status` (42a8763): Caddy serves green (v2, healthy) while
+    the file records v1 on blue, and `runbook switch ENV --slot green` was refused as
+    "nothing to switch" (as were `rollback` and `rollback --to v2`); `deploy` moves users.
+    It is a record-only switch now: its plan (the dry run's too) says traffic is already on
+    green and nothing in Caddy or Docker changes, and shows what the state step writes; the
+    run takes the lock, is journaled, records v2 on green as a switch does (v1 previous),
+    leaves Caddy, the containers and the users as they were; run again, nothing to switch.
+    Oracle: Docker, the Caddyfile's bytes, the proxy, the state file as read back."""
+    from tests.drill_checks import Poller, snapshot
+
+    env = stack.env
+    _traffic_on_green_v2(stack)
+    before = snapshot(env)
+    planned = _switch(env, "--dry-run")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "traffic is already on green" in planned.stdout, planned.stdout
+    assert "nothing in Caddy or Docker changes" in planned.stdout, planned.stdout
+    assert f"{V2.tag} on green, status active" in planned.stdout, planned.stdout  # the write
+    assert "Caddyfile change:" not in planned.stdout, planned.stdout
+    assert snapshot(env) == before  # a dry run changes nothing
+    with Poller(env) as user:
+        done = _switch(env, "--yes", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert user.failures == [], user.failures[:5]
+    assert {slot for _, slot, _ in user.seen} == {"green"}, set(user.seen)
+    after = snapshot(env)
+    assert after["caddyfile"] == before["caddyfile"]
+    assert after["containers"] == before["containers"]
+    assert not after["lock"]
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.previous is not None
+    assert (st.current.version, st.current.active_slot, st.current.status) == (
+        V2.tag, "green", "active")
+    assert st.previous.version == V1.tag
+    result = json.loads(done.stdout)
+    runs = list(env.runs_dir.glob("*.json"))
+    assert [r for r in runs if r.stem == result["run_id"]], (result, runs)  # journaled
+    again = _switch(env, "--dry-run")
+    assert again.returncode == 4 and "nothing to switch" in again.stderr, again.stderr
+
+
+def test_a_record_only_switch_fails_closed_on_an_unhealthy_slot(stack: DrillStack) -> None:
+    """Caddy serves green while the file records blue, green answering 503: the switch that
+    records green is refused (exit 4) and writes nothing. Oracle: the state file's bytes."""
+    from runbook import health
+
+    env = stack.env
+    compose.run(compose.recreate_slot(env, Slot.GREEN, VERSIONS["unhealthy"].tag))
+    assert not health.probe(env.slot(Slot.GREEN), env.health.path, 5).ok  # the premise
+    _caddy_to(env, Slot.GREEN)
+    state = env.state_file.read_bytes()
+    for args in (("--dry-run",), ("--yes",)):
+        done = _switch(env, *args)
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert "does not answer healthy" in done.stderr, done.stderr
+        assert env.state_file.read_bytes() == state
+
+
+def test_a_record_only_switch_fails_closed_when_caddys_config_cannot_be_read(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Caddy serves green while the file records blue, its admin API not answering where the
+    environment says: what serves is not known, so nothing is recorded (exit 4)."""
+    from tests.drill_checks import closed_port
+
+    env = stack.env
+    _traffic_on_green_v2(stack)
+    state = env.state_file.read_bytes()
+    toml = tmp_path / "env.toml"
+    unread = status_with(stack, toml, admin_url=f"http://127.0.0.1:{closed_port()}")
+    assert "Traceback" not in unread.stderr, unread.stderr  # the file is written; status says
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "switch", str(toml), "--slot",
+                           "green", "--yes"], capture_output=True, text=True, timeout=120,
+                          check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert env.state_file.read_bytes() == state
