@@ -110,7 +110,8 @@ def load_env(name: str, config: str | None) -> Environment:
     from runbook import kept_state as kept
 
     # the copy an empty or cut-short state file's refusal names (runbook state restore-kept)
-    kept.register(env.state_file, env.runs_dir, env.name, notice)
+    kept.register(env.state_file, env.runs_dir, env.name, notice,
+                  environment.command_arg(env))
     return env
 
 

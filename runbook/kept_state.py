@@ -39,10 +39,11 @@ def copy_path(runs_dir: Path, state_file: Path, env_name: str) -> Path:
 
 
 def register(state_file: Path, runs_dir: Path, env_name: str,
-             warn: Callable[[str], None]) -> Path:
-    """Keep a copy of `state_file` from now on in this process (the CLI's environment)."""
+             warn: Callable[[str], None], shown: str | None = None) -> Path:
+    """Keep a copy of `state_file` from now on in this process (the CLI's environment);
+    `shown`: how the refusal's command names the environment (environment.command_arg)."""
     copy = copy_path(runs_dir, state_file, env_name)
-    _PLACES[os.path.realpath(state_file)] = (copy, env_name, warn)
+    _PLACES[os.path.realpath(state_file)] = (copy, shown or env_name, warn)
     return copy
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from runbook import docker, traffic
 from runbook import kept_state as kept
 from runbook import state as states
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.run import RunResult, perform
@@ -42,7 +42,7 @@ def restore_kept(env: Environment, options: Options, *, dry_run: bool = False,
 def _broken_bytes(env: Environment) -> bytes:
     """The state file's bytes when it is no JSON object (what may be replaced); refused when
     it reads whole, is missing, or only a record in it is refused (another tool's data)."""
-    command = f"{kept.COMMAND} {env.name}"
+    command = f"{kept.COMMAND} {command_arg(env)}"
     try:
         states.read_state(env.state_file, environment=env.name)
     except states.NotJSON as exc:
@@ -54,7 +54,7 @@ def _broken_bytes(env: Environment) -> bytes:
             exc.fix or "fix that record") from None
     raise PreconditionError(f"{env.state_file} reads whole now (someone fixed it): "
                             f"{command} never replaces it; nothing was changed",
-                            f"see it next to what runs: `runbook status {env.name}`")
+                            f"see it next to what runs: `runbook status {command_arg(env)}`")
 
 
 def _serving(env: Environment) -> tuple[str | None, str | None, str | None]:
@@ -69,6 +69,21 @@ def _serving(env: Environment) -> tuple[str | None, str | None, str | None]:
     if not info.exists or info.status != "running":
         return str(now.slot), None, f"{env.slot(now.slot).container} is {info.status}"
     return str(now.slot), info.tag, None
+
+
+def _contradiction_fix(env: Environment, current: states.Deployment | None,
+                       serving: str | None) -> str:
+    """Both ways out, each a command that runs: restore with --force, then either put traffic
+    back on the copy's slot or record the slot that serves (a switch to the slot Caddy
+    already serves only records it: traffic does not move)."""
+    arg = command_arg(env)
+    restore = f"`{kept.COMMAND} {arg} {FORCE_FLAG}`"
+    if current is None or current.active_slot is None or serving is None:
+        return f"{restore} restores it anyway; then see `runbook status {arg}`"
+    return (f"{restore} restores it; then, if the copy is right, `runbook switch {arg} --slot "
+            f"{current.active_slot}` puts traffic back on it (health-gated), or, if what runs "
+            f"is right, `runbook switch {arg} --slot {serving}` records {serving} as serving "
+            "(traffic does not move)")
 
 
 def plan(env: Environment, options: Options) -> Plan:
@@ -96,9 +111,7 @@ def plan(env: Environment, options: Options) -> Plan:
         if not options.force:
             raise PreconditionError(
                 f"{contradiction}; the kept copy ({copy.path}, {copy.age} old) is not "
-                "restored; nothing was changed",
-                f"re-record what runs with `runbook switch {env.name} --slot <serving slot>` "
-                f"after restoring, or pass {FORCE_FLAG} to restore it anyway")
+                "restored; nothing was changed", _contradiction_fix(env, current, slot))
         warnings.append(f"{FORCE_FLAG}: {contradiction}")
     written = saved
     if saved.lock.get("locked"):  # the mirror of a run that ended (this one holds the lock)
@@ -115,7 +128,7 @@ def plan(env: Environment, options: Options) -> Plan:
             if now != broken:  # fixed (or rewritten) since the plan: never written over
                 raise states.StateChangedError(
                     f"{env.state_file}: changed since this run read it; the kept copy was not "
-                    "written over it", f"run `runbook status {env.name}` to see it")
+                    "written over it", f"run `runbook status {command_arg(env)}` to see it")
 
         states.write_state(env.state_file, written, before_rename=still_broken)
 

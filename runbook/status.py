@@ -109,13 +109,9 @@ class Facts:
 
 
 def _arg(env: Environment) -> str:
-    """How to name this environment in a command: its name, or the file it was read from
-    when that is not one of the default places (a drill, `--config`)."""
-    from runbook.environment import BUILTIN_DIR, SYSTEM_DIR
+    from runbook.environment import command_arg
 
-    if env.source is None or env.source.resolve().parent in (BUILTIN_DIR, SYSTEM_DIR):
-        return env.name
-    return str(env.source)
+    return command_arg(env)
 
 
 def expected_image(env: Environment, dep: states.Deployment) -> str:

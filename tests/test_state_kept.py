@@ -97,7 +97,7 @@ def test_a_truncated_state_file_names_the_copy_and_the_command_that_restores_it(
     assert refused.returncode == 4, refused.stderr  # the refusal's exit code, as before
     assert str(copy_of(env)) in refused.stderr
     assert " old (" in refused.stderr  # its age
-    assert f"runbook state restore-kept {env.name}" in refused.stderr
+    assert f"runbook state restore-kept {env.source}" in refused.stderr  # runs as printed
     assert env.state_file.read_bytes() == cut
 
     dry = cli(env, "state", "restore-kept", "--dry-run")
@@ -145,9 +145,21 @@ def test_a_copy_that_contradicts_what_runs_is_refused_unless_forced(
     assert "--force" in refused.stderr
     assert env.state_file.read_bytes() == cut
 
+    # both ways out are commands that run, naming the environment as it was given (a file)
+    assert f"runbook switch {env.source} --slot blue" in refused.stderr  # the copy is right
+    record = f"runbook switch {env.source} --slot green"  # what runs is right
+    assert record in refused.stderr
+
     forced = cli(env, "state", "restore-kept", "--yes", "--force")
     assert forced.returncode == 0, forced.stderr
     assert env.state_file.read_bytes() == whole
+
+    recorded = cli(env, "switch", "--slot", "green", "--yes")  # as printed: records, moves nothing
+    assert recorded.returncode == 0, recorded.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.current is not None and (state.current.version, str(state.current.active_slot)) \
+        == (V2.tag, "green")
 
 
 @pytest.mark.docker

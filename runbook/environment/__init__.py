@@ -45,6 +45,15 @@ __all__ = [
 ]
 
 
+def command_arg(env: Environment) -> str:
+    """How a printed command names this environment: its name, or the file it was read from
+    when that is not one of the default places (a drill, `--config`), where the bare name
+    would load another configuration or none."""
+    if env.source is None or env.source.resolve().parent in (BUILTIN_DIR, SYSTEM_DIR):
+        return env.name
+    return str(env.source)
+
+
 def canonical_name(name: str) -> str:
     """`prod` -> `production`; unknown names are returned unchanged (they may be files)."""
     return ALIASES.get(name, name)
