@@ -546,12 +546,13 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
 
 def _stopped_serving(f: Facts) -> docker.ContainerInfo | None:
     """The container of the slot Caddy serves, when it exists and is stopped (exited, or
-    created and never started), and no interrupted run's record stands: that run's problem
+    created and never started) or paused (found by review: said only as unreachable, with a
+    rollback as the fix), and no interrupted run's record stands: that run's problem
     says the slot is stopped and names what finishes it (a restoring run stops it on
     purpose; started by hand, the app runs on the database that run is replacing)."""
     active = f.active
     info = f.containers.get(active) if active is not None else None
-    if info is None or not info.exists or info.status not in ("exited", "created"):
+    if info is None or not info.exists or info.status not in ("exited", "created", "paused"):
         return None
     if f.intent is not None:  # unless out of date (interrupted_run: "nothing of it to finish")
         from runbook import finish
@@ -616,8 +617,13 @@ def _start_first(f: Facts) -> str | None:
             f"find out which build should serve first (see the problem of the stopped "
             f"container {info.name}, which holds another build than the state file records): "
             "until then neither a rollback nor a switch is known to serve the right one")
-    return (f"start the stopped container first (see that problem): `docker start "
-            f"{info.name}`; a rollback or a switch would move users off the recorded build")
+    return (f"start the stopped container first (see that problem): `{_bring_back(info)}`; "
+            "a rollback or a switch would move users off the recorded build")
+
+
+def _bring_back(info: docker.ContainerInfo) -> str:
+    """The command that serves a stopped or paused container's build again."""
+    return f"docker {'unpause' if info.status == 'paused' else 'start'} {info.name}"
 
 
 def serving_stopped(f: Facts) -> Iterator[Problem]:
@@ -632,7 +638,8 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
     active = f.active
     if info is None or active is None:
         return
-    said = (f"the {active} slot Caddy serves is stopped ({info.status}): its container "
+    said = (f"the {active} slot Caddy serves is "
+            f"{'paused' if info.status == 'paused' else f'stopped ({info.status})'}: its container "
             f"{info.name} holds {info.image or 'an image not recorded'}")
     current = f.state.current if f.state is not None else None
     if not _holds_current(f, info):
@@ -642,13 +649,13 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
         yield Problem(f"{said}, {recorded}",
                       _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
                       or f"find out which build should serve (`docker inspect {info.name}`): "
-                      f"`docker start {info.name}` serves {info.image or 'that image'} again, "
+                      f"`{_bring_back(info)}` serves {info.image or 'that image'} again, "
                       "which the state file does not record; otherwise "
                       + (_off_record(f) or "deploy or roll back to the build to serve"))
         return
     yield Problem(f"{said}, the build the state file records as current",
                   _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
-                  or f"`docker start {info.name}` (it starts the recorded build again; "
+                  or f"`{_bring_back(info)}` (it serves the recorded build again; "
                   f"nothing else changes), then `runbook status {_arg(f.env)}` again")
 
 

@@ -379,15 +379,17 @@ def test_after_a_rollback_the_fix_never_names_the_refused_command(stack: DrillSt
     assert "--to <an older version than" in fix, fix
 
 
+@pytest.mark.parametrize("how", ["stop", "pause"])
 def test_a_stopped_serving_container_is_said_first_and_its_printed_fix_serves_users_again(
-        scene_stack: DrillStack) -> None:
+        scene_stack: DrillStack, how: str) -> None:
     """Found by review: with the serving slot's container stopped (a reboot, the OOM killer, a
     stray `docker stop`), status said only that users were not served and the slot was
     unreachable, and named a rollback (refused by the schema guard, offering --force) or a
     switch to the older build (failing its gate) or, for the serving slot, one refused as
     "nothing to switch". `docker start` alone brings the recorded build back: said first
     among the outage's problems, and no fix moves users off that build. Oracle: Docker and
-    the proxy; the fix is run as printed."""
+    the proxy; the fix is run as printed. A paused one (found by review) the same, its fix
+    `docker unpause`: it was said only as unreachable, the fix a rollback."""
     import shlex
     import time
 
@@ -397,9 +399,10 @@ def test_a_stopped_serving_container_is_said_first_and_its_printed_fix_serves_us
     scene_stack.arrange(scenes.MIGRATED)  # v2 serves from green on schema 2; v1 on blue
     env = scene_stack.env
     green = env.slot(Slot.GREEN).container
-    scene_stack.docker("stop", green)
-    assert docker.inspect(green).status == "exited"
-    assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
+    scene_stack.docker(how, green)
+    assert docker.inspect(green).status == {"stop": "exited", "pause": "paused"}[how]
+    if how == "stop":  # a paused one accepts the connection and never answers
+        assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
     code, text, problems = status(scene_stack)
     assert_listed(code, text, problems)
     checks = [p["check"] for p in problems]
@@ -409,7 +412,8 @@ def test_a_stopped_serving_container_is_said_first_and_its_printed_fix_serves_us
     assert green in stopped["problem"] and V2.image in stopped["problem"], stopped
     for p in problems:  # no fix moves users off the recorded build while it can be started
         assert "runbook rollback" not in p["fix"] and "runbook switch" not in p["fix"], p
-    [command] = re.findall(r"`(docker start [^`]*)`", stopped["fix"])
+    [command] = re.findall(r"`(docker (?:start|unpause) [^`]*)`", stopped["fix"])
+    assert command.split()[1] == {"stop": "start", "pause": "unpause"}[how], command
     subprocess.run(shlex.split(command), check=True, capture_output=True, timeout=60)
     deadline = time.monotonic() + 30
     while drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code != 200:
