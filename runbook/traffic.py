@@ -175,10 +175,13 @@ _UNREACHED = ("connection refused", "cannot connect")
 def proxy_url_missed(env: Environment, found: Traffic) -> str | None:
     """Why verification can never see what users see, or None: proxy_url refuses
     connections (or none completes in time) while Caddy's admin API answered, the serving
-    slot is healthy, and Caddy's loaded config listens on no address proxy_url names (its
-    site bound to another address or port). A switch would move users, fail its verification
-    and its undo's the same way: a false "traffic may not be where it was" (exit 5), found
-    by review. A proxy_url that does name a listen address is an outage, left to roll back."""
+    slot is healthy, and neither Caddy's loaded config nor the Caddyfile listens at any
+    address proxy_url names (its site bound to another address or port). A switch would move
+    users, fail its verification and its undo's the same way: a false "traffic may not be
+    where it was" (exit 5), found by review. Anything else is an outage, left to roll back
+    from: a loaded config moved off the Caddyfile's address refuses every user there, and a
+    Caddy in a container off the host's network listens on ports Docker publishes as others
+    (both found by review: "fix proxy_url" hid the outage)."""
     from urllib.parse import urlsplit
 
     error = found.proxy_error
@@ -193,22 +196,53 @@ def proxy_url_missed(env: Environment, found: Traffic) -> str | None:
         port = url.port or (443 if url.scheme == "https" else 80)
     except ValueError:
         return None
-    if url.hostname is None or any(_listens_at(a, url.hostname, port) for a in found.listens):
+    host = url.hostname
+    if host is None or any(_listens_at(a, host, port) for a in found.listens) \
+            or not _ports_are_the_hosts(env):
         return None
-    from runbook import health
+    from runbook import caddy, health
 
+    try:
+        on_disk = caddy.adapt(env, caddy.read(env))
+    except RunbookError:
+        return None
+    disk = front_listens(on_disk, [s.port for s in env.slots.values()])
+    if not disk or any(_listens_at(a, host, port) for a in disk):
+        return None  # not known, or the Caddyfile listens there: Caddy was moved off it
     if not health.probe(env.slot(found.slot), env.health.path,
                         env.health.request_timeout).ok:
         return None
     return (f"proxy_url {env.caddy.proxy_url} gets no answer ({why}), but Caddy runs and "
             f"sends the app to {found.slot}, which is healthy: Caddy's site listens on "
-            f"{', '.join(found.listens)}, not at proxy_url, so users are served there and "
-            "no switch could be verified through proxy_url")
+            f"{', '.join(found.listens)} (the Caddyfile: {', '.join(disk)}), not at "
+            "proxy_url: either [caddy] proxy_url is wrong and no switch could be verified "
+            "through it, or Caddy was moved off proxy_url's address and users there get "
+            "no answer")
+
+
+def _ports_are_the_hosts(env: Environment) -> bool:
+    """Whether Caddy's listen addresses are this host's: not when it runs in a container
+    (`[caddy] command` through docker, or `container_path` set) off the host's network,
+    whose `:80` Docker may publish as `:8080`, or whose network is not known."""
+    from runbook import docker, preflight
+
+    if not preflight.runs_in_container(env) and env.caddy.container_path is None:
+        return True
+    name = preflight.exec_container(env.caddy.command)
+    if name is None:
+        return False
+    try:
+        info = docker.inspect(name)
+    except RunbookError:
+        return False
+    return info.exists and info.bindings is None  # on the host's network
 
 
 def proxy_url_fix(env: Environment) -> str:
-    return (f"fix [caddy] proxy_url in {env.source or 'the environment file'} to an address "
-            f"Caddy's site listens on, then check with `runbook status {env.name}`")
+    return (f"if users reach the app at an address Caddy's site listens on, fix [caddy] "
+            f"proxy_url in {env.source or 'the environment file'} to it; if they reach it at "
+            "proxy_url, load the Caddyfile that listens there (`caddy reload`); then check "
+            f"with `runbook status {env.name}`")
 
 
 def h2c_port(found: Traffic, front: int | None) -> int | None:

@@ -123,21 +123,88 @@ def test_a_proxy_url_caddy_does_not_listen_on_is_refused_and_status_names_it(
 
 def test_a_refused_proxy_url_caddy_does_listen_on_is_an_outage_not_a_wrong_url(
         stack: DrillStack) -> None:
-    """Only an address or port Caddy's loaded config does not listen on is refused: a
-    proxy_url Caddy listens at that refuses is an outage to roll back from (the serving slot
-    healthy, the same read of Caddy otherwise)."""
+    """Only an address or port neither Caddy's loaded config nor the Caddyfile listens on is
+    refused: a proxy_url Caddy listens at that refuses is an outage to roll back from (the
+    serving slot healthy, the same read of Caddy otherwise), and so is one the Caddyfile
+    listens at while the loaded config moved elsewhere (found by review: users there get
+    nothing, and "fix proxy_url" hid it)."""
     stack.arrange(scenes.PREVIOUS_RUNNING)
     env, proxy = stack.env, stack.ports.proxy
     refused = dataclasses.replace(traffic.read(env),
                                   proxy_error=f"{env.caddy.proxy_url}{env.caddy.verify_path}: "
                                               "connection refused")
-    for listens in ((f":{proxy}",), (f"127.0.0.1:{proxy}",), (f"tcp/:{proxy - 1}-{proxy}",)):
+    for listens in ((f":{proxy}",), (f"127.0.0.1:{proxy}",), (f"tcp/:{proxy - 1}-{proxy}",),
+                    (f"127.0.0.2:{proxy}",), (f":{proxy + 1}",)):  # the Caddyfile's :{proxy}
         assert traffic.proxy_url_missed(env, dataclasses.replace(refused, listens=listens)) \
             is None, listens
-    for listens in ((f"127.0.0.2:{proxy}",), (f":{proxy + 1}",)):
-        said = traffic.proxy_url_missed(env, dataclasses.replace(refused, listens=listens))
-        assert said is not None and listens[0] in said, listens
+    elsewhere = f"http://127.0.0.1:{free_port()}"  # neither config listens there
+    wrong = env.with_(caddy=dataclasses.replace(env.caddy, proxy_url=elsewhere))
+    said = traffic.proxy_url_missed(wrong, dataclasses.replace(
+        refused, proxy_error=f"{elsewhere}{env.caddy.verify_path}: connection refused"))
+    assert said is not None and f":{proxy}" in said, said
+    assert "users are served there" not in said and "users there get no answer" in said, said
     served = dataclasses.replace(
         refused, proxy_error=f"{env.caddy.proxy_url}/version answers HTTP 502 without "
         "X-Togather-Slot", listens=(f"127.0.0.2:{proxy}",))
     assert traffic.proxy_url_missed(env, served) is None  # an answer: Caddy is reached
+
+
+def test_a_caddy_in_a_container_off_the_host_network_never_blames_proxy_url(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caddy in a container whose port Docker publishes (README "A host with Caddy in a
+    container"): its config listens on :80, proxy_url is the published :8080, so a refused
+    connection (Docker's DNAT rules dropped) would always look like a wrong proxy_url (found
+    by review). Docker's answer for Caddy's container is faked to a bridged one (no host
+    network): the drill's Caddy always runs on the host's network, which the drill needs."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    elsewhere = f"http://127.0.0.1:{free_port()}"  # neither config listens there
+    wrong = env.with_(caddy=dataclasses.replace(env.caddy, proxy_url=elsewhere))
+    refused = dataclasses.replace(
+        traffic.read(env), proxy_error=f"{elsewhere}{env.caddy.verify_path}: connection refused")
+    assert traffic.proxy_url_missed(wrong, refused) is not None  # on the host's network
+    real = docker.inspect
+    monkeypatch.setattr(docker, "inspect", lambda name: dataclasses.replace(real(name), bindings=(
+        (80, 8080, ""),)) if name == stack.caddy_container else real(name))
+    assert traffic.proxy_url_missed(wrong, refused) is None
+    monkeypatch.undo()
+    compose = wrong.with_(caddy=dataclasses.replace(  # a container the runbook cannot inspect
+        wrong.caddy, command=("docker", "compose", "exec", "caddy", "caddy")))
+    assert traffic.proxy_url_missed(compose, refused) is None
+
+
+def test_a_loaded_config_moved_off_proxy_url_is_an_outage_not_a_wrong_url(
+        stack: DrillStack) -> None:
+    """Found by review: a config loaded by hand that moves Caddy's site to another port,
+    while the Caddyfile and proxy_url still name the real one, refuses every user. Status
+    said "users are served there" and to change [caddy] proxy_url (a fix that hides the
+    outage), and switch/rollback refused with that text. The Caddyfile on disk listens at
+    proxy_url: it is an outage, and a rescue is not refused for proxy_url."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # blue v3 serves, green v2 running
+    env, proxy = stack.env, stack.ports.proxy
+    moved = free_port()
+    bad = env.caddy.caddyfile.with_name("moved.Caddyfile")
+    bad.write_text(env.caddy.caddyfile.read_text().replace(f":{proxy}", f":{moved}"))
+    caddy_command = [*env.caddy.command, "reload", "--adapter", "caddyfile", "--config"]
+    try:
+        subprocess.run([*caddy_command, str(bad)], check=True, capture_output=True)
+        with pytest.raises(OSError):  # users on the real address get nothing
+            socket.create_connection(("127.0.0.1", proxy), timeout=2).close()
+        found = status.problems(status.collect(env))
+        said = " | ".join(p.problem for p in found)
+        fixes = " | ".join(p.fix for p in found)
+        assert "users are not served through the proxy" in said, said
+        assert "users are served there" not in said, said
+        assert "[caddy] proxy_url" not in fixes, fixes
+        for run in (lambda: switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True),
+                    lambda: rollback.rollback(env, dry_run=True)):
+            try:
+                run()
+            except RunbookError as err:  # refused for another reason, never for proxy_url
+                assert "[caddy] proxy_url" not in str(err), str(err)
+                assert "users are served there" not in str(err), str(err)
+    finally:
+        subprocess.run([*caddy_command, str(env.caddy.caddyfile)], check=True,
+                       capture_output=True)
+        bad.unlink(missing_ok=True)
+        stack.arrange(scenes.PREVIOUS_RUNNING)
