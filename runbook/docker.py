@@ -543,6 +543,23 @@ def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int, str], ...] | None:
     return tuple(sorted(found))
 
 
+def bridge_gateways() -> frozenset[str] | None:
+    """The gateway addresses of Docker's default bridge network (docker0): where a
+    container's `host.docker.internal:host-gateway` leads (unless the daemon sets
+    `host-gateway-ip`); None when the engine does not say."""
+    action = DockerAction("inspect network", ("docker", "network", "inspect", "bridge"),
+                          "GET", "/networks/bridge", target="bridge")
+    try:
+        found = _json(send(action), action.verb)
+    except (_NotFound, DockerError):
+        return None
+    ipam = (found.get("IPAM") or {}) if isinstance(found, dict) else {}
+    gateways = frozenset(str(c["Gateway"]).split("/")[0].lower()
+                         for c in ipam.get("Config") or () if isinstance(c, dict)
+                         and c.get("Gateway"))
+    return gateways or None
+
+
 def publishing(port: int) -> list[tuple[str, dict[str, str]]]:
     """(name, labels) of each running container that publishes host port `port`, as `docker
     ps --filter publish=PORT` lists them: what answers on a slot's port when the slot's own

@@ -1119,20 +1119,63 @@ def _unproven_upstreams(env: Environment, target: Slot, text: str) -> list[caddy
     return out
 
 
-def _wildcard_bound(env: Environment, target: Slot) -> bool:
-    """Docker publishes the target's port on every address of this host."""
+def _docker_host(env: Environment, host: str) -> frozenset[str] | None:
+    """The addresses `host` (host.docker.internal, which this host cannot resolve) leads to
+    from Caddy's container: resolved there (`docker exec NAME getent hosts`, read only),
+    else Docker's bridge gateway (where `host-gateway` leads); None: not known."""
+    name = preflight.exec_container(env.caddy.command)
+    if name is not None:
+        try:
+            code, out = docker.exec_run(name, ["getent", "hosts", host], timeout=5)
+        except RunbookError:
+            code, out = 1, ""
+        found = frozenset(_host_key(line.split()[0]) for line in out.splitlines()
+                          if code == 0 and line.split())
+        if found:
+            return found
+    return docker.bridge_gateways()
+
+
+def _docker_host_reach(env: Environment, target: Slot, host: str) -> bool | None:
+    """Whether Caddy in a container reaches `target` at `host`, a name only its container
+    resolves (host.docker.internal): on the host's network it listens on every address
+    (found by review: refused, and with it every rollback on such a host); else Docker must
+    publish its port on every address or on one `host` leads to (the bridge gateway). None:
+    where `host` leads is not known, and the switch goes ahead as before this check."""
     config = env.slot(target)
-    bindings = docker.inspect(config.container).bindings or ()
-    return any(host == config.port and ip in ("", "0.0.0.0", "::")
-               for _inside, host, ip in bindings)
+    info = docker.inspect(config.container)
+    if info.bindings is None:
+        return True if info.exists else None
+    ips = {_host_key(ip) for _inside, port, ip in info.bindings if port == config.port}
+    if ips & {"", "0.0.0.0", "::"}:
+        return True
+    leads = _docker_host(env, host)
+    return None if leads is None else bool(ips & leads)
+
+
+def _only_in_container(host: str, port: int) -> bool:
+    """A name Caddy dials this host by that this host cannot resolve (host.docker.internal):
+    resolved in Caddy's container only."""
+    return host in caddy.THIS_HOST_NAMES and not _addresses(host, port)
+
+
+def unchecked_upstreams(env: Environment, target: Slot, text: str) -> list[str]:
+    """The upstreams of `text` on `target`'s port that lead where no one can tell (a name
+    only Caddy's container resolves, neither it nor Docker saying where): not refused, said
+    in the plan."""
+    port = env.slot(target).port
+    hosts = dict.fromkeys(_host_key(up.host or "")
+                          for up in _unproven_upstreams(env, target, text))
+    return [f"{host}:{port}" for host in hosts if _only_in_container(host, port)
+            and _docker_host_reach(env, target, host) is None]
 
 
 def _unpublished(env: Environment, target: Slot,
                  unproven: list[caddy.Upstream]) -> str | None:
     """A target that does not answer yet (stopped, to be started by the run): refused
     already when Docker publishes its port only on addresses none of the upstream hosts
-    resolves to here (then it cannot answer there once started); else None, and the switch
-    asks it right before the write."""
+    resolves to here, or a name only Caddy's container resolves leads to (then it cannot
+    answer there once started); else None, and the switch asks it right before the write."""
     config = env.slot(target)
     bindings = docker.inspect(config.container).bindings
     ips = {_host_key(ip) for _inside, host, ip in bindings or () if host == config.port}
@@ -1140,13 +1183,17 @@ def _unpublished(env: Environment, target: Slot,
         return None  # on the host's network, or on every address: asked once it runs
     for up in unproven:
         host = _host_key(up.host or "")
-        if not _addresses(host, config.port) & ips:
-            published = ", ".join(f"[{ip}]" if ":" in ip else ip for ip in sorted(ips))
-            return (f"the Caddyfile's upstream {up.host}:{config.port} (line {up.line}, "
-                    f"after the switch) reaches no {target} slot ({config.container} is "
-                    f"published on {published}:{config.port} only), but [slots.{target}] "
-                    f"host is {config.host}, where the health gate asks {target}: the switch "
-                    f"would send every user where {target} does not listen")
+        if _only_in_container(host, config.port):
+            if _docker_host_reach(env, target, host) is not False:
+                continue
+        elif _addresses(host, config.port) & ips:
+            continue
+        published = ", ".join(f"[{ip}]" if ":" in ip else ip for ip in sorted(ips))
+        return (f"the Caddyfile's upstream {up.host}:{config.port} (line {up.line}, "
+                f"after the switch) reaches no {target} slot ({config.container} is "
+                f"published on {published}:{config.port} only), but [slots.{target}] "
+                f"host is {config.host}, where the health gate asks {target}: the switch "
+                f"would send every user where {target} does not listen")
     return None
 
 
@@ -1159,7 +1206,8 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
     undid it, on every try). Each upstream on another host must answer as `target` there
     (an answer naming no slot, as a minimal /health, counts: the port is the target's); a
     name this host cannot resolve (host.docker.internal, resolved in Caddy's container)
-    only where Docker publishes the port on every address. `planning`: only when the
+    only where Docker publishes the port on every address or where the name leads (not
+    refused when that is not known: `_docker_host_reach`). `planning`: only when the
     target answers already (else asked again right before the write)."""
     config = env.slot(target)
     unproven = _unproven_upstreams(env, target, text)
@@ -1174,8 +1222,8 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
                               env.health.request_timeout)
         if report.http_status is not None and report.reported_slot in (None, str(target)):
             continue
-        if not _addresses(host, config.port) and host in caddy.THIS_HOST_NAMES \
-                and _wildcard_bound(env, target):
+        if _only_in_container(host, config.port) \
+                and _docker_host_reach(env, target, host) is not False:
             continue
         seen = (f"it answers as {report.reported_slot}" if report.http_status is not None
                 else report.error or report.status)
@@ -1239,6 +1287,11 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             f"{', '.join(f'{u.host}:{sp.target_port}' for u in unproven)} (not [slots."
             f"{target}] host {env.slot(target).host}): asked to answer as {target} right "
             "before the write (else refused, nothing changed)")
+        if unchecked := unchecked_upstreams(env, target, sp.new_text):
+            details["upstream"] += (
+                f"; where {', '.join(unchecked)} leads was not checked (this host does not "
+                "resolve it, and neither Caddy's container nor Docker's bridge network said "
+                "where it leads): not refused")
 
     def run(ctx: StepContext) -> None:
         # who is on Caddy's port before the reload, read beside this step's own work (the

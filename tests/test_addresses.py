@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runbook import docker, health, rollback, status, switch, traffic
+from runbook import caddy, docker, health, rollback, slots, status, switch, traffic
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
@@ -208,3 +208,105 @@ def test_a_loaded_config_moved_off_proxy_url_is_an_outage_not_a_wrong_url(
                        capture_output=True)
         bad.unlink(missing_ok=True)
         stack.arrange(scenes.PREVIOUS_RUNNING)
+
+
+def bridge_gateway() -> str:
+    """The address host.docker.internal:host-gateway leads to: Docker's bridge gateway."""
+    done = subprocess.run(["docker", "network", "inspect", "bridge", "--format",
+                           "{{range .IPAM.Config}}{{.Gateway}} {{end}}"],
+                          check=True, capture_output=True, text=True)
+    return done.stdout.split()[0]
+
+
+def test_a_slot_caddy_reaches_by_host_docker_internal_is_not_refused(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: Caddy in a container dialing host.docker.internal (which this host
+    cannot resolve) was let through only for a slot Docker publishes on every address: one on
+    the host's network, or published on the Docker bridge gateway (where the name leads), was
+    refused, and with it every switch and rollback, the outage's rescue too. Loopback only
+    stays refused (a container never reaches the host's 127.0.0.1). Docker's answer for the
+    slot is faked (its bindings), and the Caddyfile text is rewritten in memory: the drill
+    cannot put its Caddy on Docker's bridge network (it runs on the host's, see
+    runbook/drill/stack.py), so no end-to-end dial through host.docker.internal is possible."""
+    try:
+        socket.getaddrinfo("host.docker.internal", 80)
+        pytest.skip("this host resolves host.docker.internal: the check is not needed")
+    except OSError:
+        pass
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # blue serves, green v2 running
+    env = stack.env
+    green = env.slot(Slot.GREEN)
+    text = caddy.rewrite(env.caddy.caddyfile.read_text().replace("localhost:",
+                                                                 "host.docker.internal:"),
+                         env, Slot.GREEN)
+    assert f"host.docker.internal:{green.port}" in text
+    real = docker.inspect
+
+    def published(bindings: tuple[tuple[int, int, str], ...] | None) -> None:
+        monkeypatch.setattr(docker, "inspect", lambda name: dataclasses.replace(
+            real(name), bindings=bindings) if name == green.container else real(name))
+
+    try:
+        for running in (True, False):  # planning: asked of it, or (stopped) of Docker
+            for bindings in (None, ((8080, green.port, bridge_gateway()),),
+                             ((8080, green.port, "0.0.0.0"),)):
+                published(bindings)
+                assert slots.upstream_problem(env, Slot.GREEN, text, planning=True) is None, \
+                    (running, bindings)
+            published(((8080, green.port, "127.0.0.1"),))
+            said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
+            assert said is not None and f"host.docker.internal:{green.port}" in said, running
+            monkeypatch.undo()
+            stack.docker("stop", green.container)
+    finally:
+        monkeypatch.undo()
+        stack.arrange(scenes.PREVIOUS_RUNNING)
+
+
+def test_where_host_docker_internal_leads_is_asked_of_caddys_container_else_not_refused(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """host.docker.internal leads where Caddy's container resolves it (the daemon's
+    `host-gateway-ip`, an --add-host of another address), asked there for real: a throwaway
+    container of the drill's Caddy image on Docker's bridge stands in for Caddy's (the drill's
+    own runs on the host's network). When nobody can say where the name leads, the switch is
+    not refused (before the check it never was) and the plan says it was not checked. The
+    slot's publication is faked as in the test above."""
+    try:
+        socket.getaddrinfo("host.docker.internal", 80)
+        pytest.skip("this host resolves host.docker.internal: the check is not needed")
+    except OSError:
+        pass
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    green = stack.env.slot(Slot.GREEN)
+    text = caddy.rewrite(stack.env.caddy.caddyfile.read_text().replace(
+        "localhost:", "host.docker.internal:"), stack.env, Slot.GREEN)
+    image = docker.inspect(stack.caddy_container).image
+    assert image is not None
+    name = f"{stack.caddy_container}-bridged"
+    subprocess.run(["docker", "run", "-d", "--name", name, "--add-host",
+                    "host.docker.internal:10.250.0.1", "--entrypoint", "sleep", image, "300"],
+                   check=True, capture_output=True)
+    real = docker.inspect
+    try:
+        env = stack.env.with_(caddy=dataclasses.replace(
+            stack.env.caddy, command=("docker", "exec", name, "caddy")))
+        for ip, refused in (("10.250.0.1", False), (bridge_gateway(), True)):
+            monkeypatch.setattr(docker, "inspect", lambda n, ip=ip: dataclasses.replace(
+                real(n), bindings=((8080, green.port, ip),)) if n == green.container
+                else real(n))
+            said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
+            assert (said is not None) is refused, (ip, said)
+            assert slots.unchecked_upstreams(env, Slot.GREEN, text) == []
+        # Caddy not run through `docker exec`, and Docker not saying: not known
+        unknown = stack.env.with_(caddy=dataclasses.replace(stack.env.caddy,
+                                                            command=("caddy",)))
+        monkeypatch.setattr(docker, "bridge_gateways", lambda: None)
+        monkeypatch.setattr(docker, "inspect", lambda n: dataclasses.replace(
+            real(n), bindings=((8080, green.port, "127.0.0.1"),)) if n == green.container
+            else real(n))
+        assert slots.upstream_problem(unknown, Slot.GREEN, text, planning=True) is None
+        assert slots.unchecked_upstreams(unknown, Slot.GREEN, text) == [
+            f"host.docker.internal:{green.port}"]
+    finally:
+        monkeypatch.undo()
+        subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
