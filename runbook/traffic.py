@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runbook import bounded_http, drain
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
 SLOT_HEADER = "X-Togather-Slot"
@@ -242,7 +242,7 @@ def proxy_url_fix(env: Environment) -> str:
     return (f"if users reach the app at an address Caddy's site listens on, fix [caddy] "
             f"proxy_url in {env.source or 'the environment file'} to it; if they reach it at "
             "proxy_url, load the Caddyfile that listens there (`caddy reload`); then check "
-            f"with `runbook status {env.name}`")
+            f"with `runbook status {command_arg(env)}`")
 
 
 def h2c_port(found: Traffic, front: int | None) -> int | None:

@@ -349,8 +349,11 @@ def test_a_proxy_that_serves_nobody_is_a_problem(stack: DrillStack, tmp_path: Pa
     assert done.returncode == 1, done.stdout
     # a port Caddy's site does not listen on, while blue is healthy: the URL is wrong, users
     # are served (test_addresses.py); a refusal where Caddy listens is said as not served
-    said = problem(found["problems"], "proxy_url http://127.0.0.1:")["problem"]
+    wrong = problem(found["problems"], "proxy_url http://127.0.0.1:")
+    said = wrong["problem"]
     assert "connection refused" in said and "Caddy's site listens on" in said, said
+    # the check it names runs as printed: the environment as given, a file (found by review)
+    assert f"`runbook status {tmp_path / 'closed-proxy.toml'}`" in wrong["fix"], wrong
     assert "connection refused" in found["traffic"]["proxy_error"], found["traffic"]
 
     serving = env.slot(Slot.BLUE).container  # the baseline: blue serves
