@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runbook import docker
+from runbook import docker, faults
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
@@ -39,6 +39,18 @@ def through_proxy(env: Environment) -> tuple[str, str]:
     response = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
                               timeout=5)
     return response.headers["X-Togather-Slot"], response.json()["version"]
+
+
+def runbook_cli(env: Environment, *args: str, fault: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """The runbook command as on-call types it, with a drill fault (runbook/faults.py)."""
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    if fault:
+        environ[faults.VARIABLE] = fault
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+                          capture_output=True, text=True, timeout=180, env=environ,
+                          stdin=subprocess.DEVNULL, check=False)
 
 
 def snapshot(env: Environment) -> dict[str, object]:

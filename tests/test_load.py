@@ -4,7 +4,6 @@ report lays what it saw on a rollback's timeline."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,14 +18,14 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from runbook import faults, rollback
 from runbook import report as reports
+from runbook import rollback
 from runbook.drill.load import CLIENTS, INTERVAL, Load, Request, buckets, summarize
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment, Slot
+from runbook.environment import Slot
 from steps import outcomes
-from tests.drill_checks import closed_port, two_deployments
+from tests.drill_checks import closed_port, runbook_cli, two_deployments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
@@ -162,18 +161,6 @@ def test_a_rollback_under_load_drops_nobody_and_the_report_shows_it(
     assert group["data-longest-gap-ms"] == str(users["longest_gap_ms"])
     gap = [a for t, a in found.tags if t == "rect" and a.get("class") == "gap"]
     assert len(gap) == 1
-
-
-def runbook_cli(env: Environment, *args: str, fault: str | None = None
-                ) -> subprocess.CompletedProcess[str]:
-    """The runbook command as on-call types it, with a drill fault (runbook/faults.py)."""
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    if fault:
-        environ[faults.VARIABLE] = fault
-    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
-                          capture_output=True, text=True, timeout=180, env=environ,
-                          stdin=subprocess.DEVNULL, check=False)
 
 
 @pytest.mark.docker

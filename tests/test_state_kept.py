@@ -6,39 +6,21 @@ replaces a file that reads whole. Against the real drill stack, through the real
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from runbook import faults, switch
 from runbook import kept_state as kept
 from runbook import state as states
-from runbook.drill import http as drill_http
+from runbook import switch
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
+from tests.drill_checks import runbook_cli as cli
+from tests.drill_checks import through_proxy
 
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
-
-
-def cli(env: Environment, *args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    if fault:
-        environ[faults.VARIABLE] = fault
-    return subprocess.run([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
-                          capture_output=True, text=True, timeout=180, env=environ,
-                          stdin=subprocess.DEVNULL, check=False)
-
-
-def through_proxy(env: Environment) -> tuple[str | None, str | None]:
-    with drill_http.client(timeout=3) as client:
-        response = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
-    return response.headers.get("X-Togather-Slot"), response.json().get("version")
 
 
 @pytest.fixture(autouse=True)

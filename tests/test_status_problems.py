@@ -615,6 +615,20 @@ def test_a_paused_database_is_said_with_unpause_as_every_fix(stack: DrillStack) 
     assert not [p for p in problems if "database" in p["problem"]], problems
 
 
+def _load_a_dead_port(env: Environment) -> None:
+    """Caddy loads its Caddyfile with the managed block's upstreams on a closed port (an
+    outage: the proxy answers 502), the file on disk changed the same way."""
+    from runbook import caddy
+    from tests.drill_checks import closed_port
+
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block, dead = text[start:end], closed_port()
+    for config in env.slots.values():
+        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
+    _load_caddyfile(env, text[:start] + block + text[end:])
+
+
 def _load_caddyfile(env: Environment, text: str) -> None:
     """The Caddyfile written and loaded as another tool, or a hand edit, does it."""
     files.atomic_write(env.caddy.caddyfile, text.encode())
@@ -670,16 +684,8 @@ def test_traffic_going_nowhere_is_the_first_problem(stack: DrillStack) -> None:
     """Found by review: with Caddy running a config that dials a port where no slot listens
     (users get 502: the outage), status listed the Caddyfile's block and the running config
     first, and "users are not served" third. Oracle: the proxy answers 502 here."""
-    from runbook import caddy
-    from tests.drill_checks import closed_port
-
     env = stack.env
-    text = caddy.read(env)
-    start, end = caddy.find_block(text)
-    block, dead = text[start:end], closed_port()
-    for config in env.slots.values():
-        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
-    _load_caddyfile(env, text[:start] + block + text[end:])
+    _load_a_dead_port(env)
     assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
     code, text_out, problems = status(stack)
     assert_listed(code, text_out, problems)
@@ -916,18 +922,9 @@ def test_with_no_previous_deployment_a_bad_port_offers_only_commands_that_run(
     """Left by the last fix: a bad port loaded into Caddy and no previous deployment recorded
     (the baseline), the outage's fix offered `runbook rollback`, refused there (exit 4).
     Every runbook command a fix names runs (its dry run exits 0). Oracle: the dry runs."""
-
-    from runbook import caddy
-    from tests.drill_checks import closed_port
-
     env = stack.env
     assert states.read_state(env.state_file).previous is None  # the premise
-    text = caddy.read(env)
-    start, end = caddy.find_block(text)
-    block, dead = text[start:end], closed_port()
-    for config in env.slots.values():
-        block = block.replace(f"localhost:{config.port}", f"localhost:{dead}")
-    _load_caddyfile(env, text[:start] + block + text[end:])
+    _load_a_dead_port(env)
     refused = _cli(env.source, "rollback", "--dry-run")  # the premise: refused here
     assert refused.returncode == 4, refused.stdout + refused.stderr
     code, text_out, problems = status(stack)
