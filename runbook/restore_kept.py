@@ -72,14 +72,19 @@ def _serving(env: Environment) -> tuple[str | None, str | None, str | None]:
 
 
 def _contradiction_fix(env: Environment, current: states.Deployment | None,
-                       serving: str | None) -> str:
+                       serving: str | None, running: str | None) -> str:
     """Both ways out, each a command that runs: restore with --force, then either put traffic
     back on the copy's slot or record the slot that serves (a switch to the slot Caddy
-    already serves only records it: traffic does not move)."""
+    already serves only records it: traffic does not move). Only when the copy names the
+    other slot than the one serving, and that one runs (`running`: its version): a switch to
+    the slot that serves is refused otherwise ("nothing to switch"), and a stopped one is
+    started by `docker start`, not a switch (found by review); status then names the fix."""
     arg = command_arg(env)
     restore = f"`{kept.COMMAND} {arg} {FORCE_FLAG}`"
-    if current is None or current.active_slot is None or serving is None:
-        return f"{restore} restores it anyway; then see `runbook status {arg}`"
+    if current is None or current.active_slot is None or serving is None or running is None \
+            or str(current.active_slot) == serving:
+        return (f"{restore} restores it anyway; then `runbook status {arg}` names what "
+                "reconciles it with what runs")
     return (f"{restore} restores it; then, if the copy is right, `runbook switch {arg} --slot "
             f"{current.active_slot}` puts traffic back on it (health-gated), or, if what runs "
             f"is right, `runbook switch {arg} --slot {serving}` records {serving} as serving "
@@ -111,7 +116,7 @@ def plan(env: Environment, options: Options) -> Plan:
         if not options.force:
             raise PreconditionError(
                 f"{contradiction}; the kept copy ({copy.path}, {copy.age} old) is not "
-                "restored; nothing was changed", _contradiction_fix(env, current, slot))
+                "restored; nothing was changed", _contradiction_fix(env, current, slot, version))
         warnings.append(f"{FORCE_FLAG}: {contradiction}")
     written = saved
     if saved.lock.get("locked"):  # the mirror of a run that ended (this one holds the lock)

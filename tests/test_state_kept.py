@@ -185,3 +185,23 @@ def test_no_secret_is_kept(tmp_path: Path) -> None:
 
 def test_the_copys_size_limit_is_the_state_files() -> None:
     assert kept.MAX_BYTES == states.MAX_STATE_BYTES
+
+
+@pytest.mark.docker
+def test_a_copy_naming_the_serving_slot_with_another_version_names_no_switch(
+        drill_stack: DrillStack) -> None:
+    """Found by review: the copy's slot is the one that serves, its version another; both
+    commands the refusal printed were a switch to that slot, refused as "nothing to switch".
+    Oracle: the refusal's text, and the switch it used to name, run."""
+    env, whole = arranged_and_kept(drill_stack)  # the copy: v3 on blue, blue runs v3
+    copy_of(env).write_bytes(whole.replace(V3.tag.encode(), V2.tag.encode()))
+    truncate(env, whole)
+    refused = cli(env, "state", "restore-kept", "--yes")
+    assert refused.returncode == 4, refused.stderr
+    assert f"copy says {V2.tag} on blue, but Caddy serves {V3.tag} on blue" in refused.stderr
+    assert "runbook switch" not in refused.stderr, refused.stderr
+    assert f"`runbook status {env.source}`" in refused.stderr, refused.stderr
+    forced = cli(env, "state", "restore-kept", "--yes", "--force")
+    assert forced.returncode == 0, forced.stderr
+    named = cli(env, "switch", "--slot", "blue", "--dry-run")  # what it used to name
+    assert (named.returncode, "nothing to switch" in named.stderr) == (4, True), named.stderr
