@@ -1121,36 +1121,63 @@ def _unproven_upstreams(env: Environment, target: Slot, text: str) -> list[caddy
 
 def _docker_host(env: Environment, host: str) -> frozenset[str] | None:
     """The addresses `host` (host.docker.internal, which this host cannot resolve) leads to
-    from Caddy's container: resolved there (`docker exec NAME getent hosts`, read only),
-    else Docker's bridge gateway (where `host-gateway` leads); None: not known."""
+    as Caddy's container resolves it (`docker exec NAME getent hosts`, read only). Empty:
+    it does not resolve there (getent's exit 2, "not found"), an answer too. None: not
+    asked (Caddy's command is no `docker exec`) or no answer (no getent in its image, the
+    container not running): where it leads is then only guessed (`_docker_host_reach`)."""
     name = preflight.exec_container(env.caddy.command)
-    if name is not None:
-        try:
-            code, out = docker.exec_run(name, ["getent", "hosts", host], timeout=5)
-        except RunbookError:
-            code, out = 1, ""
-        found = frozenset(_host_key(line.split()[0]) for line in out.splitlines()
-                          if code == 0 and line.split())
-        if found:
-            return found
-    return docker.bridge_gateways()
+    if name is None:
+        return None
+    try:
+        code, out = docker.exec_run(name, ["getent", "hosts", host], timeout=5)
+    except RunbookError:
+        return None
+    if code == 2:
+        return frozenset()
+    found = frozenset(_host_key(line.split()[0]) for line in out.splitlines() if line.split())
+    return found if code == 0 and found else None
 
 
 def _docker_host_reach(env: Environment, target: Slot, host: str) -> bool | None:
     """Whether Caddy in a container reaches `target` at `host`, a name only its container
-    resolves (host.docker.internal): on the host's network it listens on every address
-    (found by review: refused, and with it every rollback on such a host); else Docker must
-    publish its port on every address or on one `host` leads to (the bridge gateway). None:
-    where `host` leads is not known, and the switch goes ahead as before this check."""
+    resolves (host.docker.internal). Refused (False) only on Caddy's container's answer
+    (found by review: a guess refused every switch and rollback on a host where the name
+    leads elsewhere): it does not resolve the name, or the slot is published neither on
+    every address nor on one the name leads to. On the host's network the slot listens on
+    every address. Not asked: Docker's bridge gateway (where `host-gateway` leads unless
+    the daemon's `host-gateway-ip` says otherwise) lets a slot published there through;
+    else None: not known, and the switch goes ahead as before this check."""
     config = env.slot(target)
+    leads = _docker_host(env, host)
+    if leads == frozenset():
+        return False
     info = docker.inspect(config.container)
     if info.bindings is None:
         return True if info.exists else None
     ips = {_host_key(ip) for _inside, port, ip in info.bindings if port == config.port}
     if ips & {"", "0.0.0.0", "::"}:
         return True
-    leads = _docker_host(env, host)
-    return None if leads is None else bool(ips & leads)
+    if leads is not None:
+        return bool(ips & leads)
+    return True if ips & (docker.bridge_gateways() or frozenset()) else None
+
+
+def _unresolved(env: Environment, target: Slot,
+                unproven: list[caddy.Upstream]) -> str | None:
+    """Why the switch's upstreams cannot reach `target`: Caddy's container does not resolve
+    a host only it would (getent: not found), wherever the slot is published; or None."""
+    port = env.slot(target).port
+    for up in unproven:
+        host = _host_key(up.host or "")
+        if _only_in_container(host, port) and _docker_host(env, host) == frozenset():
+            name = preflight.exec_container(env.caddy.command)
+            return (f"the Caddyfile's upstream {up.host}:{port} (line {up.line}, after the "
+                    f"switch) reaches no {target} slot: Caddy's container {name} cannot "
+                    f"resolve {up.host} (`docker exec {name} getent hosts {up.host}`: not "
+                    f"found; an `--add-host {up.host}:host-gateway` on it makes it "
+                    "resolve), so the switch would send every user to a name Caddy "
+                    "cannot dial")
+    return None
 
 
 def _only_in_container(host: str, port: int) -> bool:
@@ -1161,8 +1188,8 @@ def _only_in_container(host: str, port: int) -> bool:
 
 def unchecked_upstreams(env: Environment, target: Slot, text: str) -> list[str]:
     """The upstreams of `text` on `target`'s port that lead where no one can tell (a name
-    only Caddy's container resolves, neither it nor Docker saying where): not refused, said
-    in the plan."""
+    only Caddy's container resolves, it not saying where, and the slot not published on
+    Docker's bridge gateway, the guess): not refused, said in the plan."""
     port = env.slot(target).port
     hosts = dict.fromkeys(_host_key(up.host or "")
                           for up in _unproven_upstreams(env, target, text))
@@ -1206,13 +1233,16 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
     undid it, on every try). Each upstream on another host must answer as `target` there
     (an answer naming no slot, as a minimal /health, counts: the port is the target's); a
     name this host cannot resolve (host.docker.internal, resolved in Caddy's container)
-    only where Docker publishes the port on every address or where the name leads (not
-    refused when that is not known: `_docker_host_reach`). `planning`: only when the
+    only where Docker publishes the port on every address or where the name leads, and
+    never when Caddy's container cannot resolve it (not refused when where it leads is
+    not known: `_docker_host_reach`). `planning`: only when the
     target answers already (else asked again right before the write)."""
     config = env.slot(target)
     unproven = _unproven_upstreams(env, target, text)
     if not unproven:
         return None
+    if (unresolved := _unresolved(env, target, unproven)) is not None:
+        return unresolved
     if planning and health.probe(config, env.health.path,
                                  env.health.request_timeout).http_status is None:
         return _unpublished(env, target, unproven)
@@ -1290,8 +1320,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         if unchecked := unchecked_upstreams(env, target, sp.new_text):
             details["upstream"] += (
                 f"; where {', '.join(unchecked)} leads was not checked (this host does not "
-                "resolve it, and neither Caddy's container nor Docker's bridge network said "
-                "where it leads): not refused")
+                "resolve it, Caddy's container was not asked or did not say, and the slot "
+                "is not published on Docker's bridge gateway, where it usually leads): not "
+                "refused")
 
     def run(ctx: StepContext) -> None:
         # who is on Caddy's port before the reload, read beside this step's own work (the

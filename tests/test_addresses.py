@@ -9,6 +9,7 @@ status must say so instead of "users are not served".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -218,46 +219,87 @@ def bridge_gateway() -> str:
     return done.stdout.split()[0]
 
 
+def no_host_docker_internal_here() -> None:
+    try:
+        socket.getaddrinfo("host.docker.internal", 80)
+        pytest.skip("this host resolves host.docker.internal: the check is not needed")
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def bridged_caddy(stack: DrillStack, add_host: str, *,
+                  getent: bool = True) -> Iterator[Environment]:
+    """A throwaway container of the drill's Caddy image on Docker's bridge, where
+    host.docker.internal leads to `add_host` (as an --add-host or the daemon's
+    `host-gateway-ip` makes it), standing in for Caddy's (the drill's own runs on the host's
+    network): the environment whose Caddy command is `docker exec` in it. `getent=False`:
+    its image has no getent (Caddy's container cannot say where the name leads)."""
+    image = docker.inspect(stack.caddy_container).image
+    assert image is not None
+    name = f"{stack.caddy_container}-bridged"
+    subprocess.run(["docker", "run", "-d", "--name", name, "--add-host",
+                    f"host.docker.internal:{add_host}", "--entrypoint", "sleep", image, "300"],
+                   check=True, capture_output=True)
+    try:
+        if not getent:
+            subprocess.run(["docker", "exec", name, "rm", "-f", "/usr/bin/getent",
+                            "/bin/getent"], check=True, capture_output=True)
+        yield stack.env.with_(caddy=dataclasses.replace(
+            stack.env.caddy, command=("docker", "exec", name, "caddy")))
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
+
+
+def publish_green(stack: DrillStack, monkeypatch: pytest.MonkeyPatch,
+                  bindings: tuple[tuple[int, int, str], ...] | None) -> None:
+    """Docker's answer for green's publication, faked (its bindings): the drill publishes
+    its slots on 127.0.0.1 only."""
+    green = stack.env.slot(Slot.GREEN)
+    real = docker.inspect
+    monkeypatch.undo()
+    monkeypatch.setattr(docker, "inspect", lambda name: dataclasses.replace(
+        real(name), bindings=bindings) if name == green.container else real(name))
+
+
+def host_docker_internal_text(stack: DrillStack) -> str:
+    """The switch's Caddyfile text with its upstreams at host.docker.internal (in memory)."""
+    text = caddy.rewrite(stack.env.caddy.caddyfile.read_text().replace(
+        "localhost:", "host.docker.internal:"), stack.env, Slot.GREEN)
+    assert f"host.docker.internal:{stack.env.slot(Slot.GREEN).port}" in text
+    return text
+
+
 def test_a_slot_caddy_reaches_by_host_docker_internal_is_not_refused(
         stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by review: Caddy in a container dialing host.docker.internal (which this host
     cannot resolve) was let through only for a slot Docker publishes on every address: one on
     the host's network, or published on the Docker bridge gateway (where the name leads), was
     refused, and with it every switch and rollback, the outage's rescue too. Loopback only
-    stays refused (a container never reaches the host's 127.0.0.1). Docker's answer for the
-    slot is faked (its bindings), and the Caddyfile text is rewritten in memory: the drill
-    cannot put its Caddy on Docker's bridge network (it runs on the host's, see
-    runbook/drill/stack.py), so no end-to-end dial through host.docker.internal is possible."""
-    try:
-        socket.getaddrinfo("host.docker.internal", 80)
-        pytest.skip("this host resolves host.docker.internal: the check is not needed")
-    except OSError:
-        pass
+    stays refused (a container never reaches the host's 127.0.0.1). Caddy's container is a
+    bridged stand-in where the name leads to the gateway (`host-gateway`, asked for real);
+    Docker's answer for the slot is faked (its bindings), and the Caddyfile text is rewritten
+    in memory: the drill cannot put its Caddy on Docker's bridge network (it runs on the
+    host's, see runbook/drill/stack.py), so no end-to-end dial through host.docker.internal
+    is possible."""
+    no_host_docker_internal_here()
     stack.arrange(scenes.PREVIOUS_RUNNING)  # blue serves, green v2 running
-    env = stack.env
-    green = env.slot(Slot.GREEN)
-    text = caddy.rewrite(env.caddy.caddyfile.read_text().replace("localhost:",
-                                                                 "host.docker.internal:"),
-                         env, Slot.GREEN)
-    assert f"host.docker.internal:{green.port}" in text
-    real = docker.inspect
-
-    def published(bindings: tuple[tuple[int, int, str], ...] | None) -> None:
-        monkeypatch.setattr(docker, "inspect", lambda name: dataclasses.replace(
-            real(name), bindings=bindings) if name == green.container else real(name))
-
+    green = stack.env.slot(Slot.GREEN)
+    text = host_docker_internal_text(stack)
     try:
-        for running in (True, False):  # planning: asked of it, or (stopped) of Docker
-            for bindings in (None, ((8080, green.port, bridge_gateway()),),
-                             ((8080, green.port, "0.0.0.0"),)):
-                published(bindings)
-                assert slots.upstream_problem(env, Slot.GREEN, text, planning=True) is None, \
-                    (running, bindings)
-            published(((8080, green.port, "127.0.0.1"),))
-            said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
-            assert said is not None and f"host.docker.internal:{green.port}" in said, running
-            monkeypatch.undo()
-            stack.docker("stop", green.container)
+        with bridged_caddy(stack, "host-gateway") as env:
+            for running in (True, False):  # planning: asked of it, or (stopped) of Docker
+                for bindings in (None, ((8080, green.port, bridge_gateway()),),
+                                 ((8080, green.port, "0.0.0.0"),)):
+                    publish_green(stack, monkeypatch, bindings)
+                    assert slots.upstream_problem(env, Slot.GREEN, text,
+                                                  planning=True) is None, (running, bindings)
+                    assert slots.unchecked_upstreams(env, Slot.GREEN, text) == []
+                publish_green(stack, monkeypatch, ((8080, green.port, "127.0.0.1"),))
+                said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
+                assert said is not None and f"host.docker.internal:{green.port}" in said, running
+                monkeypatch.undo()
+                stack.docker("stop", green.container)
     finally:
         monkeypatch.undo()
         stack.arrange(scenes.PREVIOUS_RUNNING)
@@ -268,45 +310,72 @@ def test_where_host_docker_internal_leads_is_asked_of_caddys_container_else_not_
     """host.docker.internal leads where Caddy's container resolves it (the daemon's
     `host-gateway-ip`, an --add-host of another address), asked there for real: a throwaway
     container of the drill's Caddy image on Docker's bridge stands in for Caddy's (the drill's
-    own runs on the host's network). When nobody can say where the name leads, the switch is
-    not refused (before the check it never was) and the plan says it was not checked. The
-    slot's publication is faked as in the test above."""
-    try:
-        socket.getaddrinfo("host.docker.internal", 80)
-        pytest.skip("this host resolves host.docker.internal: the check is not needed")
-    except OSError:
-        pass
+    own runs on the host's network). Found by review: when Caddy's container cannot be asked
+    (no `docker exec` command, no getent in its image), Docker's bridge gateway was taken as
+    where the name leads, and a slot published where it really leads was refused (exit 4),
+    every switch and rollback with it. That guess only lets a slot published there through:
+    else the switch is not refused (before the check it never was) and the plan says it was
+    not checked. The slot's publication is faked as in the test above."""
+    no_host_docker_internal_here()
     stack.arrange(scenes.PREVIOUS_RUNNING)
     green = stack.env.slot(Slot.GREEN)
-    text = caddy.rewrite(stack.env.caddy.caddyfile.read_text().replace(
-        "localhost:", "host.docker.internal:"), stack.env, Slot.GREEN)
-    image = docker.inspect(stack.caddy_container).image
-    assert image is not None
-    name = f"{stack.caddy_container}-bridged"
-    subprocess.run(["docker", "run", "-d", "--name", name, "--add-host",
-                    "host.docker.internal:10.250.0.1", "--entrypoint", "sleep", image, "300"],
-                   check=True, capture_output=True)
-    real = docker.inspect
+    text = host_docker_internal_text(stack)
+    unchecked = [f"host.docker.internal:{green.port}"]
     try:
-        env = stack.env.with_(caddy=dataclasses.replace(
-            stack.env.caddy, command=("docker", "exec", name, "caddy")))
-        for ip, refused in (("10.250.0.1", False), (bridge_gateway(), True)):
-            monkeypatch.setattr(docker, "inspect", lambda n, ip=ip: dataclasses.replace(
-                real(n), bindings=((8080, green.port, ip),)) if n == green.container
-                else real(n))
-            said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
-            assert (said is not None) is refused, (ip, said)
-            assert slots.unchecked_upstreams(env, Slot.GREEN, text) == []
-        # Caddy not run through `docker exec`, and Docker not saying: not known
-        unknown = stack.env.with_(caddy=dataclasses.replace(stack.env.caddy,
+        with bridged_caddy(stack, "10.250.0.1") as env:
+            for ip, refused in (("10.250.0.1", False), (bridge_gateway(), True)):
+                publish_green(stack, monkeypatch, ((8080, green.port, ip),))
+                said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
+                assert (said is not None) is refused, (ip, said)
+                assert slots.unchecked_upstreams(env, Slot.GREEN, text) == []
+        # not asked: Caddy not run through `docker exec`, or no getent in its image
+        no_exec = stack.env.with_(caddy=dataclasses.replace(stack.env.caddy,
                                                             command=("caddy",)))
+        with bridged_caddy(stack, "10.250.0.1", getent=False) as no_getent:
+            for env in (no_exec, no_getent):
+                for ip, not_checked in (("10.250.0.1", unchecked), ("127.0.0.1", unchecked),
+                                        (bridge_gateway(), [])):
+                    publish_green(stack, monkeypatch, ((8080, green.port, ip),))
+                    assert slots.upstream_problem(env, Slot.GREEN, text,
+                                                  planning=True) is None, (env.caddy, ip)
+                    assert slots.unchecked_upstreams(env, Slot.GREEN, text) == not_checked, \
+                        (env.caddy, ip)
+        # and Docker not saying where its bridge gateway is: not known either
         monkeypatch.setattr(docker, "bridge_gateways", lambda: None)
-        monkeypatch.setattr(docker, "inspect", lambda n: dataclasses.replace(
-            real(n), bindings=((8080, green.port, "127.0.0.1"),)) if n == green.container
-            else real(n))
-        assert slots.upstream_problem(unknown, Slot.GREEN, text, planning=True) is None
-        assert slots.unchecked_upstreams(unknown, Slot.GREEN, text) == [
-            f"host.docker.internal:{green.port}"]
+        assert slots.upstream_problem(no_exec, Slot.GREEN, text, planning=True) is None
+        assert slots.unchecked_upstreams(no_exec, Slot.GREEN, text) == unchecked
     finally:
         monkeypatch.undo()
-        subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
+
+
+def test_a_name_caddys_container_cannot_resolve_is_refused_wherever_the_slot_is_published(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: getent's "not found" (exit 2) in Caddy's container was taken as "not
+    known" and Docker's bridge gateway guessed instead, so a slot published there (or on
+    every address) was let through, and the switch sent every user to a name Caddy cannot
+    dial (502s until verification undid it). It is an answer: refused, saying so, before
+    anything moves, for a running target or a stopped one (the rollback's rescue). The
+    drill's own Caddy (on the host's network, no --add-host) really does not resolve
+    host.docker.internal; the slot's publication is faked (the drill publishes on 127.0.0.1
+    only)."""
+    no_host_docker_internal_here()
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    green = env.slot(Slot.GREEN)
+    text = host_docker_internal_text(stack)
+    try:
+        for running in (True, False):
+            for bindings in (None, ((8080, green.port, bridge_gateway()),),
+                             ((8080, green.port, "0.0.0.0"),)):
+                publish_green(stack, monkeypatch, bindings)
+                said = slots.upstream_problem(env, Slot.GREEN, text, planning=True)
+                assert said is not None, (running, bindings)
+                assert f"host.docker.internal:{green.port}" in said, said
+                assert f"{stack.caddy_container} cannot resolve host.docker.internal" in said, \
+                    said
+                assert slots.unchecked_upstreams(env, Slot.GREEN, text) == []
+            monkeypatch.undo()
+            stack.docker("stop", green.container)
+    finally:
+        monkeypatch.undo()
+        stack.arrange(scenes.PREVIOUS_RUNNING)
