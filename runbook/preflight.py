@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from runbook import caddy, database, docker, procs
+from runbook.caddy_command import exec_container, runs_in_container
 from runbook.environment import Environment, ReloadMethod, Slot
-from runbook.environment.schema import SUDO_VALUED
 from runbook.errors import PreconditionError, RunbookError
 from runbook.probes import Probe as Probe  # re-exported: the plans start probes from here
 
@@ -181,55 +181,6 @@ def _same_environment(env: Environment, candidate: str, by_caddy: Any) -> None:
             "set [caddy] reload = admin-api (Caddy expands them itself), or [caddy] command "
             "to run caddy where Caddy runs (e.g. `docker exec <container> caddy`), or export "
             "the same variables here")
-
-
-# `docker exec` options that take a value (the container's name is the first other word)
-_EXEC_VALUED = {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir",
-                "--detach-keys"}
-# the docker CLI's global options that take a value (before its command)
-_GLOBAL_VALUED = {"-c", "--context", "-H", "--host", "--config", "-l", "--log-level",
-                  "--tlscacert", "--tlscert", "--tlskey"}
-
-
-def _docker_words(command: tuple[str, ...]) -> list[str] | None:
-    """The words after the docker (or podman) binary and its global options, past a leading
-    `sudo ...`; None when `command` does not run docker."""
-    words = list(command)
-    if words and Path(words[0]).name == "sudo":
-        words.pop(0)
-        while words and words[0].startswith("-"):
-            if words.pop(0) in SUDO_VALUED and words:
-                words.pop(0)
-    if not words or Path(words[0]).name not in ("docker", "podman"):
-        return None
-    words.pop(0)
-    while words and words[0].startswith("-"):
-        if words.pop(0) in _GLOBAL_VALUED and words:
-            words.pop(0)
-    return words
-
-
-def exec_container(command: tuple[str, ...]) -> str | None:
-    """The container a `docker [container] exec ... NAME caddy` command runs Caddy in (also
-    under sudo, with global options); None otherwise (not docker, or `docker compose exec`,
-    which names a service)."""
-    words = _docker_words(command)
-    if words and words[0] == "container":
-        words.pop(0)
-    if not words or words[0] != "exec":
-        return None
-    rest = iter(words[1:])
-    for word in rest:
-        if word in _EXEC_VALUED:
-            next(rest, None)
-        elif not word.startswith("-"):
-            return word
-    return None
-
-
-def runs_in_container(env: Environment) -> bool:
-    """Whether Caddy's command goes through `docker ...` (its container's mounts matter)."""
-    return _docker_words(env.caddy.command) is not None
 
 
 def caddyfile_mount(env: Environment) -> str:

@@ -13,7 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runbook import caddy, compose, docker, drain, files, health, preflight, times, traffic
+from runbook import (
+    caddy,
+    caddy_command,
+    compose,
+    docker,
+    drain,
+    files,
+    health,
+    preflight,
+    times,
+    traffic,
+)
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
@@ -1125,7 +1136,7 @@ def _docker_host(env: Environment, host: str) -> frozenset[str] | None:
     it does not resolve there (getent's exit 2, "not found"), an answer too. None: not
     asked (Caddy's command is no `docker exec`) or no answer (no getent in its image, the
     container not running): where it leads is then only guessed (`_docker_host_reach`)."""
-    name = preflight.exec_container(env.caddy.command)
+    name = caddy_command.exec_container(env.caddy.command)
     if name is None:
         return None
     try:
@@ -1170,7 +1181,7 @@ def _unresolved(env: Environment, target: Slot,
     for up in unproven:
         host = _host_key(up.host or "")
         if _only_in_container(host, port) and _docker_host(env, host) == frozenset():
-            name = preflight.exec_container(env.caddy.command)
+            name = caddy_command.exec_container(env.caddy.command)
             return (f"the Caddyfile's upstream {up.host}:{port} (line {up.line}, after the "
                     f"switch) reaches no {target} slot: Caddy's container {name} cannot "
                     f"resolve {up.host} (`docker exec {name} getent hosts {up.host}`: not "

@@ -16,6 +16,7 @@ from typing import Any
 
 from runbook import (
     caddy,
+    caddy_command,
     compose,
     database,
     docker,
@@ -151,7 +152,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     planned = caddy.plan_switch(env, target)
     # as rollback and deploy ask it: a Caddy container that mounts the file itself never sees
     # the switch's write, and its next reload sends users back to the old slot
-    mount = (preflight.caddyfile_mount(env) if preflight.runs_in_container(env)
+    mount = (preflight.caddyfile_mount(env) if caddy_command.runs_in_container(env)
              else "not a container")
     # /load replaces Caddy's whole config: every site it serves now must be in the new one
     kept, drift = preflight.split_warnings(

@@ -224,11 +224,12 @@ def _ports_are_the_hosts(env: Environment) -> bool:
     """Whether Caddy's listen addresses are this host's: not when it runs in a container
     (`[caddy] command` through docker, or `container_path` set) off the host's network,
     whose `:80` Docker may publish as `:8080`, or whose network is not known."""
-    from runbook import docker, preflight
+    from runbook import docker
+    from runbook.caddy_command import exec_container, runs_in_container
 
-    if not preflight.runs_in_container(env) and env.caddy.container_path is None:
+    if not runs_in_container(env) and env.caddy.container_path is None:
         return True
-    name = preflight.exec_container(env.caddy.command)
+    name = exec_container(env.caddy.command)
     if name is None:
         return False
     try:

@@ -532,6 +532,6 @@ def test_the_caddy_container_is_read_from_every_usual_command_form(
     """The mount check found the container only in `docker exec NAME ...`: `docker container
     exec`, `sudo docker exec` or a `--context` skipped it without a word. Every docker form
     now gets the check, or says it could not make it."""
-    from runbook import preflight
+    from runbook import caddy_command
 
-    assert preflight.exec_container(command) == container
+    assert caddy_command.exec_container(command) == container

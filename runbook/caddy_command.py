@@ -1,0 +1,62 @@
+"""Reading Caddy's `[caddy] command`: whether it runs Caddy through docker, and in which
+container. Its own module: pre-flight, the switch and the traffic checks all ask, and
+runbook.traffic importing runbook.preflight (which imports traffic) was a cycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runbook.environment.schema import SUDO_VALUED
+
+if TYPE_CHECKING:
+    from runbook.environment import Environment
+
+
+# `docker exec` options that take a value (the container's name is the first other word)
+_EXEC_VALUED = {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir",
+                "--detach-keys"}
+# the docker CLI's global options that take a value (before its command)
+_GLOBAL_VALUED = {"-c", "--context", "-H", "--host", "--config", "-l", "--log-level",
+                  "--tlscacert", "--tlscert", "--tlskey"}
+
+
+def docker_words(command: tuple[str, ...]) -> list[str] | None:
+    """The words after the docker (or podman) binary and its global options, past a leading
+    `sudo ...`; None when `command` does not run docker."""
+    words = list(command)
+    if words and Path(words[0]).name == "sudo":
+        words.pop(0)
+        while words and words[0].startswith("-"):
+            if words.pop(0) in SUDO_VALUED and words:
+                words.pop(0)
+    if not words or Path(words[0]).name not in ("docker", "podman"):
+        return None
+    words.pop(0)
+    while words and words[0].startswith("-"):
+        if words.pop(0) in _GLOBAL_VALUED and words:
+            words.pop(0)
+    return words
+
+
+def exec_container(command: tuple[str, ...]) -> str | None:
+    """The container a `docker [container] exec ... NAME caddy` command runs Caddy in (also
+    under sudo, with global options); None otherwise (not docker, or `docker compose exec`,
+    which names a service)."""
+    words = docker_words(command)
+    if words and words[0] == "container":
+        words.pop(0)
+    if not words or words[0] != "exec":
+        return None
+    rest = iter(words[1:])
+    for word in rest:
+        if word in _EXEC_VALUED:
+            next(rest, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def runs_in_container(env: Environment) -> bool:
+    """Whether Caddy's command goes through `docker ...` (its container's mounts matter)."""
+    return docker_words(env.caddy.command) is not None
