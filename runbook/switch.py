@@ -5,8 +5,9 @@ The state file is updated to describe what now takes traffic. It also repairs a 
 serves no slot at all (its Caddyfile fixed by hand, or never reloaded): there is no slot to
 protect then. A managed block with no upstream on a slot's port is refused, not retargeted:
 the port may be another service's. With the slot Caddy already serves (its loaded config, the
-Caddyfile on disk naming it too) while the state file records the other one, it only records
-what serves (`_record_only`): nothing else did, short of a hand edit of the file.
+Caddyfile on disk naming it too, and Caddy running what that file says) while the state file
+records the other one, it only records what serves (`_record_only`): nothing else did, short
+of a hand edit of the file.
 """
 
 from __future__ import annotations
@@ -82,20 +83,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # repair it names, records it): what serves is recorded, nothing moved
     elsewhere = (recorded_slot if found is None and repairing is None
                  and recorded_slot not in (None, target) else None)
-    names: str | None = None
-    if in_line:
-        names = _in_line_or_refuse(env, target,
-                                   (found is None and repairing is None) or in_line_beside,
-                                   elsewhere)
-    if names is not None:
-        # the file names the other slot, or no slot at all (an edit, a killed run of another
-        # tool, a config loaded through the admin API): a reload, a restart or a reboot would
-        # move traffic there. Writing the file back in line with what runs is this very
-        # switch, and no hand edit at 3 a.m.: the verified reload of what already runs moves
-        # nobody
-        warnings.append(f"Caddy already runs {target}, but {env.caddy.caddyfile} names "
-                        f"{names}: this switch writes the file back in line with what "
-                        f"runs and reloads it; traffic stays on {target}")
+    # the file names the other slot, or no slot at all (an edit, a killed run of another
+    # tool, a config loaded through the admin API): a reload, a restart or a reboot would
+    # move traffic there. Writing the file back in line with what runs is this very switch,
+    # and no hand edit at 3 a.m.: the verified reload of what already runs moves nobody
+    reloads = _in_line_or_refuse(env, target,
+                                 (found is None and repairing is None) or in_line_beside,
+                                 elsewhere) if in_line else None
+    if reloads is not None:
+        warnings.append(reloads)
     if repairing is not None:
         warnings.append(f"repairing: {repairing.message}; this switch replaces that run's "
                         "record once it is done")
@@ -119,7 +115,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     behind = _schema_behind(env, state, info.tag, options.force)
     if behind:
         warnings.append(behind)
-    if in_line and names is None:
+    if in_line and reloads is None:
         return _record_only(env, state, target, info.tag, info.image, now, run_id, warnings,
                             accepted)
     prep = slots.prepare(env, target, info.tag, info.image,
@@ -243,7 +239,9 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
     no interrupted run's record is open (its own finish, or the repair it names, puts the
     file in line), except one that never moved traffic off `target` (`unrecorded` then:
     rerunning it sent users to the slot that may just have failed, and the only other way
-    out was a hand edit). Returns what the file names, for the plan's warning."""
+    out was a hand edit). Returns the plan's warning for the switch that writes the file back
+    and reloads it; None for the record-only switch, taken only while Caddy runs what the
+    file says (`_runs_other_than_the_file`: else it is that reload)."""
     refused = f"the {target} slot already takes traffic (as Caddy runs it)"
     try:
         found = caddy.inspect(caddy.read(env), env)
@@ -267,17 +265,49 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
                f"the state file records {elsewhere}; nothing was written"),
             f"switch to the slot you know is healthy: `runbook switch {env.name} --slot "
             f"{target.other}`, or get {target} healthy first (`runbook status {env.name}`)")
-    return names if found.slot != target else None
+    if found.slot != target:
+        return (f"Caddy already runs {target}, but {env.caddy.caddyfile} names {names}: this "
+                f"switch writes the file back in line with what runs and reloads it; traffic "
+                f"stays on {target}")
+    other = _runs_other_than_the_file(env, target)
+    return None if other is None else (
+        f"Caddy already sends users to {target} and {env.caddy.caddyfile} names it, but "
+        f"{other}: only recording what serves would leave that running, so this switch "
+        f"reloads the file; traffic stays on {target}")
+
+
+def _runs_other_than_the_file(env: Environment, target: Slot) -> str | None:
+    """How Caddy's loaded config differs from the Caddyfile on disk, which names `target`;
+    None when its managed block dials `target`'s port alone and it is what the file adapts
+    to (where that can be told). Found by review: a config loaded through the admin API
+    sending `/api/*` to a closed port while `/` reached `target` passed for "in line"; the
+    record-only switch recorded over it (exit 0) and the 502s went unseen."""
+    running = traffic.loaded_config(env)
+    port = env.slot(target).port
+    stray = [d for d in traffic.managed_dials(env, running) if not d.endswith(f":{port}")]
+    if stray:
+        return f"its running config also dials {', '.join(stray)}"
+    try:
+        text = caddy.read(env)
+        if preflight.sites_uncompared(env, text) is not None:
+            return None
+        as_file = caddy.adapt(env, text)
+    except RunbookError:
+        return None
+    where = None if as_file is None else caddy.first_difference(running, as_file)
+    return None if where is None else (
+        f"its running config differs from what the file adapts to (first at {where})")
 
 
 def _record_only(env: Environment, state: states.DeploymentState, target: Slot, version: str,
                  image: str | None, now: traffic.Traffic, run_id: str, warnings: list[str],
                  accepted: str | None) -> Plan:
     """The switch to the slot users already reach (Caddy's running config and its Caddyfile
-    name it) while the state file records the other: it records what serves, as a switch
-    records, and changes nothing in Caddy or Docker. Otherwise on-call edited the file by
-    hand: a rollback is refused (the file's current is not what serves) and a deploy of that
-    version recreates the recorded slot, migrates and moves users. Gated as a switch; its
+    name it, and Caddy runs what that file says) while the state file records the other: it
+    records what serves, as a switch records, and changes nothing in Caddy or Docker.
+    Otherwise on-call edited the file by hand: a rollback is refused (the file's current is
+    not what serves) and a deploy of that version recreates the recorded slot, migrates and
+    moves users. Gated as a switch; its
     commit point is the proxy's verified answer (no traffic moves: users are already there),
     so every failure before it writes nothing (exit 4) and only the record comes after it."""
     recorded = state.current

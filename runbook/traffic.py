@@ -594,6 +594,29 @@ def _may_dial_a_slot(env: Environment, outside: str) -> bool:
                for cfg in env.slots.values())
 
 
+def managed_dials(env: Environment, running: Any) -> tuple[str, ...]:
+    """The upstreams the managed block of Caddy's loaded config (`running`) dials, as far as
+    can be told: every dial but those the Caddyfile's part outside the markers makes
+    (outside_dials, by port); when that cannot be told, every dial of the servers that dial
+    a slot (every route to a slot). Why: which slot serves is counted on slot ports alone,
+    so a route of the block sent to a third port (users get 502 there) went unseen."""
+    outside = outside_dials(env, running)
+    if outside is None:
+        ports = {cfg.port for cfg in env.slots.values()}
+        servers = (((running or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+        routes = [s.get("routes") for s in (servers.values() if isinstance(servers, dict)
+                                            else ()) if isinstance(s, dict)]
+        routes = [r for r in routes if any(_port(d) in ports for d in _dials(r))]
+        return tuple(dict.fromkeys(d for r in routes for d in _dials(r)))
+    left, found = Counter(outside), []
+    for dial in _dials(running):
+        if (port := _port(dial)) is not None and left[port] > 0:
+            left[port] -= 1
+            continue
+        found.append(dial)
+    return tuple(dict.fromkeys(found))
+
+
 def _port_counts(config: Any) -> Counter[int]:
     return Counter(p for d in _dials(config) if (p := _port(d)) is not None)
 

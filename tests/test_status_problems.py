@@ -1101,3 +1101,66 @@ def test_a_record_only_switch_fails_closed_when_caddys_config_cannot_be_read(
                           check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
     assert done.returncode == 4, done.stdout + done.stderr
     assert env.state_file.read_bytes() == state
+
+
+def _loaded_only(env: Environment, text: str) -> None:
+    """`text` loaded into Caddy through its admin API, the Caddyfile on disk left as it is
+    (a change made during an incident)."""
+    drill_http.post(f"{env.caddy.admin_url}/load", content=text,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+
+
+def _api(env: Environment) -> int:
+    return drill_http.get(f"{env.caddy.proxy_url}/api/x", headers={"Connection": "close"},
+                          timeout=5).status_code
+
+
+@pytest.mark.parametrize("change", ["api-to-a-closed-port", "a-header-outside-the-block"])
+def test_a_record_only_switch_is_never_taken_while_caddy_runs_other_than_its_caddyfile(
+        stack: DrillStack, change: str) -> None:
+    """Found by review (diff41b #1): the file records v1 on blue, Caddy serves green (v2)
+    and its Caddyfile names green, but the config loaded through the admin API sends
+    `/api/*` to a closed port (users get 502 there) or differs outside the block. The
+    record-only switch said "nothing in Caddy or Docker changes", exit 0, and left the 502
+    unseen by status. It is not taken: the switch reloads the Caddyfile (users stay on green
+    throughout), and records v2 on green. Oracle: the proxy, Caddy's loaded config against
+    its own adaptation of the file (`/adapt`), the state file as read back."""
+    from runbook import caddy
+    from tests.drill_checks import Poller, closed_port
+
+    env = stack.env
+    _traffic_on_green_v2(stack)
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    green = f"localhost:{env.slot(Slot.GREEN).port}"
+    if change == "api-to-a-closed-port":
+        assert text[start:end].count(green) == 2  # the drill's block: /api/* and the rest
+        loaded = text[:start] + text[start:end].replace(
+            green, f"localhost:{closed_port()}", 1) + text[end:]
+    else:
+        loaded = text.replace("header X-Drill-Run", "header X-Drill-Other", 1)
+        assert loaded != text
+    _loaded_only(env, loaded)
+    if change == "api-to-a-closed-port":
+        assert _api(env) == 502  # the premise: part of the site is down
+    assert caddy.read(env) == text
+    planned = _switch(env, "--dry-run")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "nothing in Caddy or Docker changes" not in planned.stdout, planned.stdout
+    assert "reloads" in planned.stdout, planned.stdout
+    with Poller(env) as user:
+        done = _switch(env, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert user.failures == [], user.failures[:5]
+    assert {slot for _, slot, _ in user.seen} == {"green"}, set(user.seen)
+    assert _api(env) != 502
+    assert caddy.read(env) == text
+    running = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10).json()
+    adapted = drill_http.post(f"{env.caddy.admin_url}/adapt", content=text,
+                              headers={"Content-Type": "text/caddyfile"}, timeout=10)
+    assert running == adapted.json()["result"]
+    st = states.read_state(env.state_file)
+    assert st.current is not None
+    assert (st.current.version, st.current.active_slot) == (V2.tag, "green")
+    _, text_out, problems = status(stack)
+    assert not [p for p in problems if p["check"] == "state_disagrees_with_caddy"], text_out
