@@ -63,6 +63,10 @@ class Step:
     # a step a signal must not cut in half (a migration, the restore's transaction): one that
     # arrives meanwhile is acted on when the step ends, so what it did is known and reported
     hold_signals: bool = False
+    # why this step clears a restore doubt on-call accepted (--accept-restored-data) though it
+    # starts nothing (the record-only switch: the app already serves on that database); the
+    # steps that start the app or change the data clear it anyway (CLEARS_AT_START)
+    clears_doubt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -474,6 +478,8 @@ class _Execution:
                 if step.name in CLEARS_AT_START:
                     self._clear_doubt(step)
                     self._mark_served(step)
+                elif step.clears_doubt is not None and self.plan.accepted_doubt:
+                    self._clear_doubt(step, step.clears_doubt)
                 try:
                     with self.signals.interruptible() if interruptible \
                             else contextlib.nullcontext():
@@ -506,14 +512,15 @@ class _Execution:
             except Interrupted as exc:
                 raise self._rolled_back(exc) from None
 
-    def _clear_doubt(self, step: Step) -> None:
+    def _clear_doubt(self, step: Step, does: str = "starts the app on that database or "
+                                                    "changes it") -> None:
         """A step that starts the app or changes the data (its record says it began, which
-        clears the doubt in the run records too): the restore doubt recorded beside the
-        state file is cleared, and the journal says so and why."""
+        clears the doubt in the run records too), or that `does` what on-call accepted: the
+        restore doubt recorded beside the state file is cleared, and the journal says so and
+        why."""
         accepted = f", as {ACCEPT_FLAG} accepted" if self.plan.accepted_doubt else ""
         said = clear_doubt(self.env, f"the {self.plan.action} run {self.journal.run_id} "
-                                     f"starts the app on that database or changes it (its "
-                                     f"step \"{step.title}\"{accepted})")
+                                     f"{does} (its step \"{step.title}\"{accepted})")
         if said is None:
             return
         message, cleared = said

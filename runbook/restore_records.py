@@ -335,7 +335,7 @@ def restoring_command(name: str, record: Intent) -> str | None:
 
 
 def refuse_doubted(env: Environment, dead: Intent | None, run_id: str, action: str,
-                   accept: bool | None = None) -> str | None:
+                   accept: bool | None = None, *, serving: bool = False) -> str | None:
     """Refuse (exit 4, nothing changed) while the database a restore left does not match its
     snapshot: this `action` (a rollback, a switch, a deploy) would start the app on it, which
     that check forbids (found by review: a rollback run again after it, then a switch and a
@@ -343,32 +343,42 @@ def refuse_doubted(env: Environment, dead: Intent | None, run_id: str, action: s
     ACCEPT_FLAG, for on-call who has investigated and starts the app on that data on purpose:
     the refusal is then the warning returned, for the plan (and so the journal) to say. A
     rollback has none (None): --force does not pass it, only a restore, which replaces that
-    database whole, goes on. None when no restore is doubted."""
+    database whole, goes on. `serving`: a switch that only records what serves (the app
+    already serves on that database, it starts nothing): refused all the same (it would
+    record that data as fine), in those words; accepted, it clears the doubt as a switch that
+    starts the app does (switch._record_only). None when no restore is doubted."""
+    def does(it: str, accepted: bool) -> str:  # what this action does on that database
+        if serving:
+            return (f"the app already serves on {it}; this {action} records it as serving as "
+                    "it is, and clears the doubt" if accepted else
+                    f"the app already serves on {it}; this {action} would record it as "
+                    "serving, which waits for your decision about that data")
+        return (f"this {action} starts the app on {it} as it is" if accepted
+                else f"this {action} would start the app on {it}")
+
     try:
         doubted = doubted_restore(env, run_id)
     except PreconditionError as exc:  # the record beside the state file cannot be read
         if accept:
-            return (f"{exc.message}: overridden with {ACCEPT_FLAG}: this {action} starts the "
-                    "app on the restored database as it is")
+            return (f"{exc.message}: overridden with {ACCEPT_FLAG}: "
+                    f"{does('the restored database', True)}")
         fix = exc.fix or ""
         if accept is not None:
             fix += (f"; or, once you have checked that data and accept it as it is, run this "
                     f"{action} again with {ACCEPT_FLAG}")
-        raise PreconditionError(f"{exc.message}: this {action} would start the app on the "
-                                "restored database; nothing was changed", fix) from None
+        raise PreconditionError(f"{exc.message}: {does('the restored database', False)}; "
+                                "nothing was changed", fix) from None
     if doubted is None:
         return None
     found = (f"{doubted['problem']} (the check \"{doubted['check']}\" of the "
              f"{doubted['action']} run {doubted['run_id']} failed, and no run has restored the "
              "database since)")
     if accept:
-        return (f"{found}: overridden with {ACCEPT_FLAG}: this {action} starts the app on that "
-                "database as it is")
+        return f"{found}: overridden with {ACCEPT_FLAG}: {does('that database', True)}"
     again = restoring_command(env.name, dead) \
         if dead is not None and dead.run_id == doubted["run_id"] else None
     fix = doubted_fix(env.name, doubted, again)
     if accept is not None:
         fix += (f"; or, once you have checked that data and accept it as it is, run this "
                 f"{action} again with {ACCEPT_FLAG}")
-    raise PreconditionError(f"{found}: this {action} would start the app on it; nothing was "
-                            "changed", fix)
+    raise PreconditionError(f"{found}: {does('it', False)}; nothing was changed", fix)

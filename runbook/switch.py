@@ -30,7 +30,7 @@ from runbook import (
 )
 from runbook import intent as intents
 from runbook import state as states
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.restore_records import refuse_doubted
@@ -61,17 +61,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             f"an interrupted run moved traffic to {found[0].to_slot} "
             f"({found[0].describe(moved=True)})", "", found[0])
         found = None
-    # the switch starts the target slot's app: never on a database a restore's check doubted,
-    # unless on-call accepts it (refused before anything else is read)
-    accepted = refuse_doubted(env, found[0] if found is not None else
-                              repairing.intent if repairing is not None else None,
-                              run_id, "switch", options.accept_restored_data)
     state = recording.load_or_empty(env)
     target = options.slot
     config = env.slot(target)
-    warnings: list[str] = [accepted] if accepted else []
     now = traffic.read(env)
-    traffic.refuse_if_unverifiable(env, now)
     # the file written back in line while a run that never moved traffic off `target` left
     # its record ("continue": killed between its write and its reload, or undone with a
     # write-back that failed): that record is kept as it is, this switch writes none
@@ -83,6 +76,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # repair it names, records it): what serves is recorded, nothing moved
     elsewhere = (recorded_slot if found is None and repairing is None
                  and recorded_slot not in (None, target) else None)
+    # the app already serves on `target`, off the record: this switch starts nothing, it
+    # records what serves (record-only, or with the reload that puts Caddy in line)
+    serves = in_line and elsewhere is not None
+    # the switch starts the target slot's app: never on a database a restore's check doubted,
+    # unless on-call accepts it (refused before anything else is asked but Caddy). Serving
+    # already, it is refused all the same (it would record that data as fine to serve), in
+    # those words
+    accepted = refuse_doubted(env, found[0] if found is not None else
+                              repairing.intent if repairing is not None else None,
+                              run_id, "switch", options.accept_restored_data, serving=serves)
+    warnings: list[str] = [accepted] if accepted else []
+    traffic.refuse_if_unverifiable(env, now)
     # the file names the other slot, or no slot at all (an edit, a killed run of another
     # tool, a config loaded through the admin API): a reload, a restart or a reboot would
     # move traffic there. Writing the file back in line with what runs is this very switch,
@@ -112,7 +117,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "can record (a 7-hex short commit); switching would move traffic and then fail to "
             "record it; nothing was changed",
             f"deploy a version to it: {compose.deploy_hint(env)}")
-    behind = _schema_behind(env, state, info.tag, options.force)
+    behind = _schema_behind(env, state, info.tag, options.force, serving=serves)
     if behind:
         warnings.append(behind)
     if in_line and reloads is None:
@@ -183,12 +188,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
 
 def _schema_behind(env: Environment, state: states.DeploymentState, version: str,
-                   force: bool) -> str | None:
+                   force: bool, *, serving: bool = False) -> str | None:
     """Refuse to serve a version on a database without the migrations it ran with (a
     `--restore-snapshot` rollback took them away): its /health says "degraded" (pending
     migrations), which the gate passes, and its pages fail on missing tables. The rollback's
     schema guard asks the same. None, or a warning: --force, or a schema that cannot be read
-    (the switch is the way back to a slot known to serve, so that alone never refuses)."""
+    (the switch is the way back to a slot known to serve, so that alone never refuses).
+    `serving`: the record-only switch, whose version already serves (said so, and the
+    deploy that migrates named as this environment is given: command_arg)."""
     dep = state.find_version(version)
     recorded = dep.migration_version if dep is not None else None
     if recorded is None:
@@ -201,12 +208,16 @@ def _schema_behind(env: Environment, state: states.DeploymentState, version: str
     if schema.version >= recorded:
         return None
     behind = (f"the database schema is at {schema.version} but {version} ran with "
-              f"{recorded}: it would serve without the migrations it needs")
+              f"{recorded}: " + (f"{version} already serves without the migrations it needs"
+                                 if serving else "it would serve without the migrations it "
+                                 "needs"))
     if not force:
+        hint = (f"`runbook deploy {command_arg(env)} --version {version}`"
+                if serving and compose.can_recreate(env) else compose.deploy_hint(env, version))
         raise PreconditionError(f"{behind}; nothing was changed",
-                                f"redeploy it with its migrations: "
-                                f"{compose.deploy_hint(env, version)}; or pass --force to "
-                                "switch anyway")
+                                f"redeploy it with its migrations: {hint}; or pass --force to "
+                                + ("record it as serving anyway" if serving
+                                   else "switch anyway"))
     return f"--force: {behind}"
 
 
@@ -371,8 +382,13 @@ def _record_only(env: Environment, state: states.DeploymentState, target: Slot, 
                             "after it only the record"},
              run=run_verify, phase=Phase.COMMIT),
         Step("state", "Record the switch in the deployment state",
-             {"file": str(env.state_file), **_recorded(env, state, version, target, run_id)},
-             run=run_state, phase=Phase.FINISH),
+             {"file": str(env.state_file), **_recorded(env, state, version, target, run_id),
+              **({"restore doubt": "cleared, as accepted"} if accepted else {})},
+             run=run_state, phase=Phase.FINISH,
+             # as an accepting switch clears it when it starts the app: here the app already
+             # serves on that data, and this is where the run records it as serving
+             clears_doubt=(f"records the app, which already serves on that database, as "
+                           f"serving on {target}") if accepted else None),
     ]
     return Plan("switch", env, f"record {env.display}'s traffic as on {target} ({version}), "
                 f"where it already is", steps, warnings, "",

@@ -1164,3 +1164,76 @@ def test_a_record_only_switch_is_never_taken_while_caddy_runs_other_than_its_cad
     assert (st.current.version, st.current.active_slot) == (V2.tag, "green")
     _, text_out, problems = status(stack)
     assert not [p for p in problems if p["check"] == "state_disagrees_with_caddy"], text_out
+
+
+def test_a_record_only_switch_on_doubted_data_says_the_app_already_serves_on_it(
+        stack: DrillStack) -> None:
+    """Found by review (diff41b #4): with a restore doubted, the record-only switch was refused
+    as one that "would start the app on it" (it already serves there), and accepted with
+    --accept-restored-data it warned it "starts the app" and left the doubt, so status still
+    said the app must not be started, while it served. Refused, it says the app already
+    serves on that data and names the doubt's own fix; accepted, it records the switch and
+    clears the doubt as an accepting switch does. Oracle: the folder beside the state file,
+    the state file, status."""
+    from runbook import restore_records
+
+    env = stack.env
+    _traffic_on_green_v2(stack)
+    folder = env.state_file.resolve().parent
+    assert restore_records.record_doubt(env, {
+        "run_id": "20260101T000000Z-dead", "action": "rollback", "check": "verify-restore",
+        "problem": "the restored database does not match the snapshot (orders: 3 rows, "
+                   "the snapshot has 4)",
+        "fix": "compare the orders table with the snapshot", "before": "", "target": ""}) is None
+    [marker] = [p for p in folder.iterdir() if p.name.startswith(".") and "doubt" in p.name]
+    state = env.state_file.read_bytes()
+    refused = _switch(env, "--dry-run")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    [error] = [line for line in refused.stderr.splitlines() if line.startswith("runbook: error:")]
+    assert "start the app" not in refused.stderr, refused.stderr
+    assert "already serves on it" in error, error
+    assert "compare the orders table with the snapshot" in refused.stderr, refused.stderr
+    assert "--accept-restored-data" in refused.stderr, refused.stderr
+    assert env.state_file.read_bytes() == state and marker.exists()
+    planned = _switch(env, "--dry-run", "--accept-restored-data")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "starts the app" not in planned.stdout, planned.stdout
+    assert "already serves on that database" in planned.stdout, planned.stdout
+    assert env.state_file.read_bytes() == state and marker.exists()
+    done = _switch(env, "--yes", "--accept-restored-data")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "starts the app" not in done.stdout + done.stderr, done.stdout + done.stderr
+    st = states.read_state(env.state_file)
+    assert st.current is not None
+    assert (st.current.version, st.current.active_slot) == (V2.tag, "green")
+    assert not marker.exists()
+    _, text_out, problems = status(stack)
+    assert not [p for p in problems if "does not match the snapshot" in p["problem"]], text_out
+
+
+def test_a_record_only_switch_on_a_schema_behind_says_it_already_serves_and_names_the_deploy(
+        stack: DrillStack) -> None:
+    """Found by review (diff41b #4): the file records v1 on blue, Caddy serves green (v2),
+    whose recorded migrations are above the schema: the record-only switch's refusal said v2
+    "would serve" without them (it already serves) and named `runbook deploy <name>`, which
+    loads no configuration for an environment given by its file. It says v2 already serves
+    without them, and names the deploy as this environment is given. Oracle: the schema as
+    Postgres reports it, the state file's bytes."""
+    from runbook import database
+
+    env = stack.env
+    _traffic_on_green_v2(stack)
+    schema = database.schema_version(env).version
+    st = states.read_state(env.state_file)
+    v2 = states.make_deployment(V2.tag, V2.git_commit, Slot.GREEN, status="superseded",
+                                migration_version=schema + 1)
+    states.write_state(env.state_file, st.with_(history=(v2, *st.history)))
+    state = env.state_file.read_bytes()
+    refused = _switch(env, "--dry-run")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    [error] = [line for line in refused.stderr.splitlines() if line.startswith("runbook: error:")]
+    assert f"schema is at {schema} but {V2.tag} ran with {schema + 1}" in error, error
+    assert "would serve" not in refused.stderr, refused.stderr
+    assert f"{V2.tag} already serves without the migrations it needs" in error, error
+    assert f"`runbook deploy {env.source} --version {V2.tag}`" in refused.stderr, refused.stderr
+    assert env.state_file.read_bytes() == state
