@@ -23,9 +23,13 @@ def machine() -> str:
             f"{platform.release()}, Docker {engine}")
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], unit: str = "s") -> str:
+    """Median, min and max; `unit` "" for counts (connections), which are no seconds."""
     values = sorted(values)
     if not values:  # e.g. no round's rollback drained (bench_drain.round_drain)
         return "none (n=0)"
-    return (f"median {statistics.median(values):.2f}s, min {values[0]:.2f}s, "
-            f"max {values[-1]:.2f}s (n={len(values)})")
+    if not unit:
+        return (f"median {statistics.median(values):g}, min {values[0]:g}, "
+                f"max {values[-1]:g} (n={len(values)})")
+    return (f"median {statistics.median(values):.2f}{unit}, min {values[0]:.2f}{unit}, "
+            f"max {values[-1]:.2f}{unit} (n={len(values)})")

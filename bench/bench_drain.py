@@ -232,9 +232,9 @@ def rounds(env: Environment, stack: DrillStack, n: int, old_criterion: bool,
           f"{summary(stop_steps)}; rollback end to end: {summary(walls)}")
     print(f"  drained {sum(d.drained for d in ours)}/{len(ours)}; front observed "
           f"{sum(d.front_observed for d in ours)}; front connections watched "
-          f"{summary([float(d.front_watched) for d in ours])}, closed "
-          f"{summary([float(d.front_closed) for d in ours])}, new config's "
-          f"{summary([float(d.front_kept) for d in ours])}")
+          f"{summary([float(d.front_watched) for d in ours], unit='')}, closed "
+          f"{summary([float(d.front_closed) for d in ours], unit='')}, new config's "
+          f"{summary([float(d.front_kept) for d in ours], unit='')}")
 
 
 def main() -> None:
