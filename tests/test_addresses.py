@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -54,41 +54,43 @@ def republish(stack: DrillStack, slot: Slot, address: str) -> Environment:
     return stack.env.with_(slots={**stack.env.slots, slot: moved})
 
 
+def refused_changing_nothing(env: Environment, runs: tuple[Callable[[], object], ...],
+                             *words: str) -> None:
+    """Each run refused before anything changed (exit 4), saying each of `words`; the
+    oracle of "nothing changed" is the host's files, Docker and Caddy (snapshot)."""
+    before = snapshot(env)
+    for run in runs:
+        with pytest.raises(RunbookError) as err:
+            run()
+        said = str(err.value)
+        assert err.value.exit_code == ExitCode.PRECONDITION, said
+        for word in words:
+            assert word in said, said
+        assert snapshot(env) == before
+
+
 def test_a_target_published_where_the_upstream_does_not_dial_is_refused_before_anything_moves(
         stack: DrillStack) -> None:
     stack.arrange(scenes.PREVIOUS_RUNNING)  # blue v3 serves, green v2 running
     env = republish(stack, Slot.GREEN, "127.0.0.2")
     port = env.slot(Slot.GREEN).port
     try:
-        before = snapshot(env)
-        for run in (lambda: switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True),
-                    lambda: switch.switch(env, switch.Options(slot=Slot.GREEN)),
-                    lambda: rollback.rollback(env, dry_run=True),
-                    lambda: rollback.rollback(env)):
-            with pytest.raises(RunbookError) as err:
-                run()
-            said = str(err.value)
-            assert err.value.exit_code == ExitCode.PRECONDITION, said
-            assert f"upstream localhost:{port}" in said, said
-            assert "[slots.green] host is 127.0.0.2" in said, said
-            assert "nothing was changed" in said, said
-            assert snapshot(env) == before
+        refused_changing_nothing(
+            env, (lambda: switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True),
+                  lambda: switch.switch(env, switch.Options(slot=Slot.GREEN)),
+                  lambda: rollback.rollback(env, dry_run=True),
+                  lambda: rollback.rollback(env)),
+            f"upstream localhost:{port}", "[slots.green] host is 127.0.0.2",
+            "nothing was changed")
         assert through_proxy(env)[0] == "blue"
         said = " ".join(p.problem for p in status.problems(status.collect(env)))
         assert f"upstream localhost:{port}" in said and "127.0.0.2" in said, said
         # green stopped: the plan cannot ask it, but Docker says where it is published
         subprocess.run(["docker", "stop", env.slot(Slot.GREEN).container], check=True,
                        capture_output=True)
-        before = snapshot(env)
-        for run in (lambda: rollback.rollback(env, dry_run=True),
-                    lambda: rollback.rollback(env)):
-            with pytest.raises(RunbookError) as err:
-                run()
-            said = str(err.value)
-            assert err.value.exit_code == ExitCode.PRECONDITION, said
-            assert f"upstream localhost:{port}" in said, said
-            assert f"published on 127.0.0.2:{port} only" in said, said
-            assert snapshot(env) == before
+        refused_changing_nothing(
+            env, (lambda: rollback.rollback(env, dry_run=True), lambda: rollback.rollback(env)),
+            f"upstream localhost:{port}", f"published on 127.0.0.2:{port} only")
     finally:  # the scene's own container again (arrange recreates a missing one)
         subprocess.run(["docker", "rm", "-f", env.slot(Slot.GREEN).container],
                        check=True, capture_output=True)
