@@ -338,7 +338,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     schema_at_start: list[int | None] = []
     flagged: list[bool] = []  # a schema change already said (one message, not two)
     gate = slots.gate_step(env, target, force=options.force, expected_version=version,
-                           observed=observed)
+                           observed=observed, record=intent.record)
     if not env.migrate_command and gate.run is not None:
         # an app that migrates itself when it starts: a failed gate may follow a migration
         # (said with the gate's failure; the undo checks the schema on every other failure)

@@ -236,14 +236,23 @@ def plan_for(env: Environment, intent: intents.Intent, run_id: str) -> Plan:
     return finish_plan(env, intent, run_id, record, resume_command(env, intent))
 
 
-def _stop_old(env: Environment, intent: intents.Intent) -> Step:
+def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed) -> Step:
     """A switch keeps the old slot running (it can be switched back at once): finishing an
-    interrupted one must not stop it either; a rollback's or a deploy's is stopped."""
+    interrupted one must not stop it either; a rollback's or a deploy's is stopped.
+    `observed`: the container the interrupted run's gate proved, as its record says."""
     # re-gated as the interrupted run was (its record says whether --force skipped its gate):
     # ungated, the finish a refused stop names would stop the last good slot under an
     # unhealthy new one
     step = slots.stop_step(env, intent.source, env.stop_old_slot,
-                           gated=intent.record.get("gated") is not False)
+                           gated=intent.record.get("gated") is not False, observed=observed)
+    gated = observed.gated_container
+    container = env.slot(intent.target).container
+    step.details["new slot"] = (
+        f"{container} must still be the container the interrupted run's health gate proved "
+        f"(its record): id {(gated[0] or '?')[:12]}, started {gated[1]}, restarts {gated[2]}"
+        if gated is not None else
+        f"the container the interrupted run's health gate proved is not recorded (a record "
+        f"an older version wrote): only {container} restarting at that moment is caught")
     if intent.action == "switch":
         step.skip = "a switch keeps the old slot running, to switch back at once"
     return step
@@ -313,7 +322,8 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
                              "from_slot": intent.from_slot, "to_slot": intent.to_slot,
                              "finishing": intent.run_id, "container_action": "none"}
     report = health.probe(env.slot(intent.target), env.health.path, env.health.request_timeout)
-    observed = slots.Observed(health_status=report.status if report.ok else "unknown")
+    observed = slots.Observed(health_status=report.status if report.ok else "unknown",
+                              gated_container=intents.gated_container(intent))
     facts["health_status"] = observed.health_status
 
     def run_record(ctx: StepContext) -> None:
@@ -334,7 +344,7 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
         Step("state", f"Record the {intent.action} in the deployment state",
              {"file": str(env.state_file), **recorded},
              run=run_record, phase=Phase.FINISH),
-        _stop_old(env, intent),
+        _stop_old(env, intent, observed),
     ]
     return Plan(intent.action, env,
                 f"finish the interrupted {intent.action} {intent.run_id} on {env.display}: "

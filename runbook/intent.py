@@ -195,6 +195,26 @@ def from_dict(data: Any) -> Intent:
 
 
 REPLACES = "replaces"  # in a record: the interrupted run's record this run's replaced
+# in a record: the target's container as its health gate proved it, carried by the commit's
+# write; its finish asks whether the target is still that one before it stops the old slot
+GATED_CONTAINER = "gated_container"
+
+Identity = tuple[str | None, str | None, int]  # a container's id, start time, restart count
+
+
+def identity_entry(identity: Identity) -> dict[str, Any]:
+    """A container's identity as the record holds it (named fields: on-call may read it)."""
+    return dict(zip(("container_id", "started_at", "restart_count"), identity, strict=True))
+
+
+def gated_container(intent: Intent) -> Identity | None:
+    """The target's container as the interrupted run's gate proved it; None in a record
+    written before it passed its gate, or by an older version (which never wrote it): its
+    finish then catches only a target restarting at that moment, as that version did."""
+    entry = intent.record.get(GATED_CONTAINER)
+    if entry is None:
+        return None
+    return entry["container_id"], entry["started_at"], entry["restart_count"]
 
 
 def standing(intent: Intent, serving: Slot | None) -> Intent:
@@ -227,6 +247,14 @@ def _check_types(intent: Intent) -> None:
             raise TypeError(f"{name} is not a string")
     if not isinstance(intent.record, dict):
         raise TypeError("record is not an object")
+    gated = intent.record.get(GATED_CONTAINER)
+    if gated is not None and not (
+            isinstance(gated, dict)
+            and all(k in gated and isinstance(gated[k], str | None)
+                    for k in ("container_id", "started_at"))
+            and type(gated.get("restart_count")) is int):
+        raise TypeError(f"{GATED_CONTAINER} is not a container's id, start time and restart "
+                        "count")
 
 
 def clear(env: Environment, run_id: str | None = None) -> bool:

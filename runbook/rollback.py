@@ -565,7 +565,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         recording.rollback(env, intent, observed, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
-                           observed=observed, early=early)
+                           observed=observed, early=early, record=intent.record)
     recorded = recording.rolled_back(state, intent, target, run_id=run_id)
     after = recording.state_lines(recorded or state)
     if recorded is None:

@@ -25,6 +25,7 @@ from runbook import (
     times,
     traffic,
 )
+from runbook import intent as intents
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
@@ -372,7 +373,7 @@ class Observed:
     # the target's container as its health gate passed (id, start time, restart count): the
     # stop of the old slot asks whether it is still that one, not one a restart policy
     # started again after a crash (whose /health answers again within a second)
-    gated_container: tuple[str | None, str | None, int] | None = None
+    gated_container: intents.Identity | None = None
 
 
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
@@ -701,11 +702,21 @@ def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
 
 
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
-              observed: Observed | None = None, early: EarlyHealth | None = None) -> Step:
+              observed: Observed | None = None, early: EarlyHealth | None = None,
+              record: dict[str, Any] | None = None) -> Step:
     """The health gate; the report's status lands in `observed.health_status` for the state.
-    `early`: the slot's health as asked while planning (see EarlyHealth)."""
+    `early`: the slot's health as asked while planning (see EarlyHealth). `record`: the run's
+    intent record, given the container the gate proved, which the commit point's write
+    carries: a run finishing this one after a kill asks whether it still serves (finish.py)."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
+
+    def passed(report: health.HealthReport) -> None:
+        observed.health_status = report.status
+        observed.gated_container = _identity(docker.inspect(config.container))
+        if record is not None:
+            record[intents.GATED_CONTAINER] = intents.identity_entry(observed.gated_container)
+
     # what is applied: a forced gate takes any answer (a wrong build excepted), polled fast;
     # the plan and journal said the skipped gate's criterion beside an "unhealthy" ok
     details = {"url": f"{config.base_url}{env.health.path}",
@@ -750,8 +761,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # the build is checked all the same (found by review): a wrong one would take
             # users until the switch's verification undid it
             seen = _build_seen(env, slot, expected_version, report, ask_version=False)
-            observed.health_status = report.status
-            observed.gated_container = _identity(docker.inspect(config.container))
+            passed(report)
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers), "
                             f"version {seen}")
             return
@@ -775,8 +785,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
         version = _build_seen(env, slot, expected_version, report, ask_version=True)
-        observed.health_status = report.status
-        observed.gated_container = _identity(docker.inspect(config.container))
+        passed(report)
         ctx.note(health=f"{report.status}, version {version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
@@ -811,8 +820,9 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot,
 def restarted_since_gate(env: Environment, serving: Slot,
                          observed: Observed | None) -> str | None:
     """Why the serving slot's container is not the one its health gate proved (None: it is,
-    or the gate's was not recorded: a run finishing an interrupted one). Restarting now, or
-    another id, start time or restart count: it crashed (or was replaced) after its gate."""
+    or the gate's was not recorded: a run finishing one whose record an older version wrote).
+    Restarting now, or another id, start time or restart count: it crashed (or was replaced)
+    after its gate."""
     info = docker.inspect(env.slot(serving).container)
     if info.status == "restarting":
         return ("is restarting: it keeps exiting and its restart policy keeps starting it "
@@ -828,14 +838,17 @@ def restarted_since_gate(env: Environment, serving: Slot,
                 f"{(gated[0] or '?')[:12]} then, {(info.container_id or '?')[:12]} now): "
                 "replaced since its health gate")
     if _identity(info) != gated:
-        return (f"was restarted since its health gate (restarts {gated[2]} then, "
-                f"{info.restart_count} now; started {info.started_at}): it crashed after the "
-                "gate and its restart policy started it again, so /health answering now "
-                "proves nothing")
+        how = (f"restarts {gated[2]} then, {info.restart_count} now; started "
+               f"{info.started_at}: it crashed after the gate and its restart policy started "
+               "it again" if info.restart_count != gated[2] else
+               f"started {gated[1]} then, {info.started_at} now: it stopped or crashed after "
+               "the gate and was started again")
+        return f"was restarted since its health gate ({how}), so /health answering now " \
+               "proves nothing"
     return None
 
 
-def _identity(info: ContainerInfo) -> tuple[str | None, str | None, int]:
+def _identity(info: ContainerInfo) -> intents.Identity:
     """What tells one run of a container from the next: id, start time, restart count."""
     return info.container_id, info.started_at, info.restart_count
 
@@ -903,7 +916,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     forced past the gate on purpose, and stopping the slot users can go back to would make
     a bad outcome worse (found by review: old code forced onto a newer schema).
     `observed`: the run's, whose gate recorded the container it proved (a restart policy
-    must not pass off a crashed and restarted one as it); None when finishing another run.
+    must not pass off a crashed and restarted one as it); a finishing run's holds what the
+    interrupted run's record says of it (nothing, in a record an older version wrote).
 
     The serving slot is asked whatever state the old one is in (found by review: an old
     slot already down skipped the question, and both slots dead read "Done", exit 0)."""

@@ -29,6 +29,26 @@ def test_a_written_record_reads_back(env: Environment) -> None:
     assert intents.read(env) == intent
 
 
+def test_the_gated_container_reads_back_and_a_record_without_it_names_none(
+        env: Environment) -> None:
+    """The container a run's gate proved reads back as written; a record an older version
+    wrote has none (its finish goes on as that version's did)."""
+    proved = ("4f2a", "2026-12-05T16:16:32.448751005Z", 2)
+    intent = intents.Intent(run_id="rbk_1", action="rollback", environment=env.name,
+                            from_slot="green", to_slot="blue", from_version="def5678",
+                            to_version="abc1234", record={
+                                "gated": True,
+                                intents.GATED_CONTAINER: intents.identity_entry(proved)})
+    intents.write(env, intent)
+    read = intents.read(env)
+    assert read is not None and intents.gated_container(read) == proved
+    older = json.loads(intents.path(env).read_text())
+    del older["record"][intents.GATED_CONTAINER]
+    intents.path(env).write_text(json.dumps(older))
+    read = intents.read(env)
+    assert read is not None and intents.gated_container(read) is None
+
+
 @pytest.mark.parametrize(("content", "problem"), [
     (b"\xff\xfe{\"phase\": \"prepare\"}\n", "not UTF-8"),  # binary or a torn foreign write
     ("{\"phase\": \"préparé\"}".encode("latin-1"), "not UTF-8"),
@@ -61,7 +81,14 @@ def test_a_record_that_is_valid_json_but_not_an_object_is_unreadable(env: Enviro
 
 @pytest.mark.parametrize("change", [{"to_slot": "Green"}, {"from_slot": None},
                                     {"record": []}, {"to_version": 1234567},
-                                    {"from_version": ["abc1234"]}])
+                                    {"from_version": ["abc1234"]},
+                                    # the gated container, which a finish compares
+                                    {"record": {"gated_container": ["abc", None, 0]}},
+                                    {"record": {"gated_container": {
+                                        "container_id": "abc", "started_at": None}}},
+                                    {"record": {"gated_container": {
+                                        "container_id": "abc", "started_at": None,
+                                        "restart_count": "0"}}}])
 def test_a_record_with_a_field_of_the_wrong_kind_is_unreadable_not_a_crash_later(
         env: Environment, change: dict[str, object]) -> None:
     """Found by review: `"to_slot": "Green"` (or a list for `record`) read fine and then

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from runbook import docker, faults, health
+from runbook import intent as intents
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode
-from tests.drill_checks import wait_stopped
+from tests.drill_checks import runbook_cli, through_proxy, wait_stopped
 
 pytestmark = pytest.mark.docker
 
@@ -149,6 +150,93 @@ def test_a_new_slot_its_restart_policy_brought_back_after_its_gate_keeps_the_old
         assert docker.inspect(env.slot(Slot.BLUE).container).running  # the last good slot
     finally:
         stack.docker("rm", "-f", green, check=False)  # the next arrange recreates it
+
+
+def killed_after_its_commit(stack: DrillStack) -> tuple[Environment, str]:
+    """A rollback of two deployments with the standby running (v3 serving from blue, v2
+    running on green) killed (-9) after its commit point, before the stop of the old slot;
+    returns the environment and green's StartedAt then, as Docker says it (what the killed
+    run's gate proved: green ran untouched from before the run to its kill)."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    killed = runbook_cli(env, "rollback", "--yes", fault="before:stop-old-slot:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
+    started = stack.docker("inspect", "-f", "{{.State.StartedAt}}",
+                           env.slot(Slot.GREEN).container).stdout.strip()
+    return env, started
+
+
+def finish_stop_step(env: Environment) -> dict[str, str]:
+    """The stop-old-slot step of the finish's dry-run plan (it must say what it checks)."""
+    looked = runbook_cli(env, "rollback", "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    plan = json.loads(looked.stdout)["plan"]
+    assert plan["finishing"], plan["summary"]
+    [step] = [s for s in plan["steps"] if s["name"] == "stop-old-slot"]
+    return {k: str(v) for k, v in step["details"].items()}
+
+
+def test_a_finish_keeps_the_old_slot_when_the_new_one_was_restarted_since_its_gate(
+        stack: DrillStack) -> None:
+    """A rollback killed after its commit, before the stop of the old slot; then the new
+    slot's container was started again (`docker restart`: as a crash its restart policy
+    answered, or an operator). Its /health answers again at once, and the finishing run had
+    no record of the container the killed run's gate proved: it stopped the last good slot.
+    The intent record carries that container (id, start time, restart count) from the commit
+    point on, and the finish refuses as the run itself would: exit 6, blue kept running."""
+    env, started = killed_after_its_commit(stack)
+    green, blue = env.slot(Slot.GREEN).container, env.slot(Slot.BLUE).container
+    stack.docker("restart", "-t", "1", green)
+    deadline = time.monotonic() + 40
+    while not health.probe(env.slot(Slot.GREEN), env.health.path, 1.0).ok:
+        assert time.monotonic() < deadline, f"{green} never answered healthy again"
+        time.sleep(0.1)
+    assert stack.docker("inspect", "-f", "{{.State.StartedAt}}",
+                        green).stdout.strip() != started  # Docker says: started again
+    shown = finish_stop_step(env)
+    assert started in shown["new slot"], shown  # what the finish compares, before it acts
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == ExitCode.TOOK_EFFECT, done.stdout + done.stderr
+    assert "restarted since its health gate" in done.stderr, done.stderr
+    assert f"`runbook switch {env.name} --slot blue`" in done.stderr, done.stderr
+    assert stack.docker("inspect", "-f", "{{.State.Running}}", blue).stdout.strip() == "true"
+
+
+def test_a_finish_stops_the_old_slot_when_the_new_one_is_the_container_its_gate_proved(
+        stack: DrillStack) -> None:
+    """The same kill, the new slot left as its gate proved it: the finish checks the same
+    container and stops the old slot, exit 0."""
+    env, started = killed_after_its_commit(stack)
+    blue = env.slot(Slot.BLUE).container
+    shown = finish_stop_step(env)
+    assert started in shown["new slot"], shown
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    running = stack.docker("inspect", "-f", "{{.State.Running}}", blue).stdout.strip()
+    if stack.has("h2c") and running == "true":  # left for a held h2c connection, said so
+        assert "left running" in done.stderr, done.stderr  # (tests/test_h2c.py)
+    else:
+        assert running == "false", done.stderr
+    assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
+
+
+def test_a_finish_of_a_record_without_the_gated_container_finishes_as_before(
+        stack: DrillStack) -> None:
+    """A record written by an older version names no gated container: it is read and
+    finished as then (only a new slot restarting at that moment is caught), and the plan
+    says so."""
+    env, _ = killed_after_its_commit(stack)
+    record = intents.path(env)
+    data = json.loads(record.read_text())
+    data["record"].pop(intents.GATED_CONTAINER, None)
+    record.write_text(json.dumps(data))
+    shown = finish_stop_step(env)
+    assert "not recorded" in shown["new slot"], shown
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
+    assert not intents.path(env).exists()
 
 
 def test_a_paused_old_slot_is_stopped_not_noted_already_stopped(stack: DrillStack) -> None:
