@@ -799,7 +799,8 @@ RECHECK_PAUSE = 0.3  # seconds between them: one slow or reset answer is not a d
 
 def check_still_healthy(env: Environment, serving: Slot, old: Slot,
                         observed: Observed | None = None,
-                        old_info: ContainerInfo | None = None) -> str:
+                        old_info: ContainerInfo | None = None,
+                        notice: Callable[[str], None] | None = None) -> str:
     """Right before the old slot is stopped (after the drain), the slot that now serves
     must still answer healthy: one that passed its gate and then died (a worker that panics
     after start, its first cron tick) had the last good slot stopped under it, a full outage
@@ -807,14 +808,26 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot,
     a restart policy starts a crashed one again, whose /health answers within a second.
     Raises (exit 6, the old slot kept) when it is not, or none of a few answers is ok;
     returns the answer it saw. `old_info`: the old slot's container as just inspected (None:
-    running), so the message says what is true of it."""
+    running), so the message says what is true of it. `notice`: says on the terminal what
+    was let pass (a serving slot restarted since its gate, the old one already down)."""
     moved = restarted_since_gate(env, serving, observed)
-    report = _recheck(env, serving) if moved is None else None
+    # an old slot already down (exited, absent) is not kept by a refusal: a restarted one
+    # that answers healthy is then said, not called "both slots down" (it serves), and the
+    # run ends; on-call's way out after a refusal (stop the old one, run again) ends here too
+    moot = old_info is not None and not old_info.up
+    report = _recheck(env, serving) if moved is None or moot else None
     if report is not None and report.ok:
-        return report.status
+        if moved is None:
+            return report.status
+        if docker.inspect(env.slot(serving).container).running:  # not restarting
+            said = (f"the {serving} slot answers {report.status}, though it {moved}; the old "
+                    f"{old} slot is already down, so nothing is stopped on that answer")
+            if notice is not None:
+                notice(said)
+            return said
     why = moved or (f"no longer answers healthy ({report.status}: {report.reason()})"
                     if report is not None else "")
-    raise not_stopping(env, serving, old, why, old_info)
+    raise not_stopping(env, serving, old, why, old_info, restarted=moved is not None)
 
 
 def restarted_since_gate(env: Environment, serving: Slot,
@@ -854,17 +867,25 @@ def _identity(info: ContainerInfo) -> intents.Identity:
 
 
 def not_stopping(env: Environment, serving: Slot, old: Slot, why: str,
-                 old_info: ContainerInfo | None = None) -> ActFirstError:
+                 old_info: ContainerInfo | None = None, *,
+                 restarted: bool = False) -> ActFirstError:
     """The failed re-check of the serving slot (exit 6), in words true of the old slot: kept
-    running to go back to, or not up either (both slots down: start it, then switch)."""
+    running to go back to, or not up either (both slots down: start it, then switch).
+    `restarted`: the serving slot is not the container its gate proved, though it may answer
+    now: besides the switch back, the way to finish once on-call judges it stable (a refusal
+    alone would refuse every rerun: after a host's reboot, for ever)."""
     logs = f"`docker logs --tail 100 {env.slot(serving).container}`"
     back = f"`runbook switch {env.name} --slot {old}`"
     container = env.slot(old).container
     if old_info is None or old_info.running:
+        keep = (f"; or, once `docker ps` shows {env.slot(serving).container} up for minutes "
+                f"with no restart and you judge it healthy, stop the old slot yourself "
+                f"(`docker stop {container}`) and run the same command again: it finishes "
+                f"without stopping anything" if restarted else "")
         return ActFirstError(
             f"not stopping {container}: the {serving} slot, which now takes the traffic, "
             f"{why}; the old {old} slot is kept running so traffic can go back to it",
-            f"switch back now: {back}; then read {logs}", exit_code=ExitCode.ATTENTION)
+            f"switch back now: {back}; then read {logs}{keep}", exit_code=ExitCode.ATTENTION)
     if old_info.status == "paused":
         return ActFirstError(
             f"not stopping {container}: the {serving} slot, which now takes the traffic, "
@@ -924,10 +945,10 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     container = env.slot(slot).container
     action = docker.stop_action(container)
 
-    def serving_now(old_info: ContainerInfo | None = None) -> str:
+    def serving_now(ctx: StepContext, old_info: ContainerInfo | None = None) -> str:
         """The serving slot's answer, or why the old one is not stopped (raised)."""
         if gated:
-            return check_still_healthy(env, slot.other, slot, observed, old_info)
+            return check_still_healthy(env, slot.other, slot, observed, old_info, ctx.notice)
         moved = restarted_since_gate(env, slot.other, observed)
         report = _recheck(env, slot.other)
         if report.ok and moved is None:
@@ -951,7 +972,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
             # before anything is stopped; then one paused or crash-looping is stopped
             # (`docker stop` ends a restart loop and stops a paused container)
             try:
-                ctx.note(serving=serving_now(info))
+                ctx.note(serving=serving_now(ctx, info))
             except _KeptForForce as why:
                 kept = str(why)
             else:
@@ -973,7 +994,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
             def drained(d: drain.Drain) -> None:
                 ctx.note(drained=d.describe())
                 # after the drain, the last moment before the stop
-                ctx.note(serving=serving_now())
+                ctx.note(serving=serving_now(ctx))
 
             try:
                 kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)

@@ -201,6 +201,16 @@ def test_a_finish_keeps_the_old_slot_when_the_new_one_was_restarted_since_its_ga
     assert "restarted since its health gate" in done.stderr, done.stderr
     assert f"`runbook switch {env.name} --slot blue`" in done.stderr, done.stderr
     assert stack.docker("inspect", "-f", "{{.State.Running}}", blue).stdout.strip() == "true"
+    # the other way out it names, once on-call judges green stable (after a host's reboot
+    # every rerun would otherwise refuse for ever): stop the old slot, run it again
+    assert f"`docker stop {blue}`" in done.stderr, done.stderr
+    stack.docker("stop", "-t", "1", blue)
+    again = runbook_cli(env, "rollback", "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "restarted since its health gate" in again.stderr, again.stderr  # said, not hidden
+    assert "both slots are down" not in again.stderr, again.stderr  # green serves
+    assert not intents.path(env).exists()  # finished
+    assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
 
 
 def test_a_finish_stops_the_old_slot_when_the_new_one_is_the_container_its_gate_proved(
