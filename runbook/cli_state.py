@@ -24,7 +24,8 @@ def restore_kept(
     config: ConfigOpt = None, reason: ReasonOpt = None,
 ) -> None:
     """Put back the copy of the state file the runbook kept, when the file is empty, cut
-    short or not JSON (never over a file that reads whole), checked against what runs."""
+    short, not JSON, deleted or has a record the reader refuses (never over a file that
+    reads whole, nor one created meanwhile), checked against what runs."""
     from runbook import restore_kept as rk
 
     try:

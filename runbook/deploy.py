@@ -79,7 +79,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                           "snapshot it before the new version migrates; nothing was changed",
                           "set [database] env_file to the host's env file (/opt/togather/"
                           f".env.{env.name}) or export DATABASE_URL")
-    state = recording.load_or_empty(env)
+    state = states.read_or_absent(env.state_file, environment=env.name)
     current = state.current
     warnings: list[str] = []
     if current is not None and current.version == version and options.slot is None:

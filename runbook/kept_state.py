@@ -1,7 +1,8 @@
 """The runbook's own copy of the last state file it wrote.
 
 Another tool that rewrites the file in place, or a full disk under one, leaves it empty or cut
-short; every command then refused until on-call edited it by hand. The copy lets the refusal
+short; another deletes it, moves it away or writes a record the reader refuses; every command
+then refused (or planned a first deploy) until on-call edited it by hand. The copy lets the refusal
 name a way back (`runbook state restore-kept ENV`) that is checked against what runs. Only the
 runbook's own writes keep it: a dry run or a read-only command writes nothing, not even this.
 Outside the state package, so that registering it (every CLI command) imports nothing more.
@@ -111,12 +112,20 @@ def found(copy: Path) -> Kept | None:
         return None
 
 
-def refusal_fix(state_file: Path | str, fix: str | None) -> str | None:
-    """The fix of an unreadable state file: the kept copy, its age and the command, when one
-    is kept for it; else `fix` as it was."""
+def kept_for(state_file: Path | str) -> tuple[Kept, str] | None:
+    """(the copy kept for `state_file`, how the command names its environment), or None
+    when this process keeps none for it or none is there."""
     place = _PLACES.get(os.path.realpath(state_file))
     kept = found(place[0]) if place is not None else None
-    if place is None or kept is None:
+    return None if place is None or kept is None else (kept, place[1])
+
+
+def refusal_fix(state_file: Path | str, fix: str | None) -> str | None:
+    """The fix of a broken state file (empty, cut short, deleted, a record refused): the kept
+    copy, its age and the command, when one is kept for it; else `fix` as it was."""
+    named = kept_for(state_file)
+    if named is None:
         return fix
+    kept, shown = named
     return (f"the runbook kept a copy of it, {kept.age} old ({kept.path}): `{COMMAND} "
-            f"{place[1]}` shows it next to what runs and puts it back; or {fix}")
+            f"{shown}` shows it next to what runs and puts it back; or {fix}")

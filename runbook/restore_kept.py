@@ -1,12 +1,14 @@
 """`runbook state restore-kept`: put back the copy of the state file the runbook kept
-(runbook/state/kept.py) when the file is empty, cut short or not JSON, so on-call never edits
-it by hand mid-incident.
+(runbook/kept_state.py) when the file is empty, cut short, not JSON, deleted (or moved away)
+or a JSON object whose record the reader refuses, so on-call never edits it by hand
+mid-incident. A file the reader accepts, in any of the three dialects, or another
+environment's file, is no broken one.
 
 Truth comes from what runs: the copy is shown next to the slot Caddy's loaded config serves
 and the version its container runs, and one that contradicts them is refused unless on-call
 passes --force. A file that reads whole now (someone fixed it) is never replaced, also when
-it is fixed between the plan and the write. The write is atomic, under the deploy lock,
-journaled like every mutating command.
+it is fixed (or created, where none was) between the plan and the write. The write is
+atomic, under the deploy lock, journaled like every mutating command.
 """
 
 from __future__ import annotations
@@ -39,22 +41,50 @@ def restore_kept(env: Environment, options: Options, *, dry_run: bool = False,
                    reason=options.reason, confirm=confirm, progress=progress, notify=notify)
 
 
-def _broken_bytes(env: Environment) -> bytes:
-    """The state file's bytes when it is no JSON object (what may be replaced); refused when
-    it reads whole, is missing, or only a record in it is refused (another tool's data)."""
+@dataclass(frozen=True)
+class Broken:
+    """The state file as the plan found it: its bytes (None: it does not exist) and how it
+    is broken, in the plan's words."""
+
+    raw: bytes | None
+    how: str
+
+
+_MISSING = "does not exist (deleted or moved away)"
+
+
+def _broken(env: Environment) -> Broken:
+    """The state file when it may be replaced: missing (deleted or moved away), no JSON object,
+    or a JSON object whose record the reader refuses. Refused when it reads whole (in any of
+    the three dialects) or is another environment's file (the configuration points there),
+    or cannot be read at all (its permissions: nothing is known of it)."""
     command = f"{kept.COMMAND} {command_arg(env)}"
     try:
         states.read_state(env.state_file, environment=env.name)
     except states.NotJSON as exc:
-        return exc.raw
+        return Broken(exc.raw, f"{len(exc.raw)} bytes, not JSON")
+    except states.Refused as exc:
+        assert exc.raw is not None  # (read_state's refusals carry the bytes they judged)
+        said = exc.message.removeprefix(f"{env.state_file}: ")
+        return Broken(exc.raw, f"{len(exc.raw)} bytes, a record refused ({said})")
     except StateError as exc:
+        if _bytes_now(env) is None:  # (created since: refused below, the rerun judges it)
+            return Broken(None, _MISSING)
         raise PreconditionError(
-            f"{command} only replaces a state file that is empty, cut short or not JSON; "
-            f"this one is JSON but refused ({exc.message}); nothing was changed",
-            exc.fix or "fix that record") from None
+            f"{command} only replaces a state file that is missing, empty, cut short, not JSON "
+            f"or has a record the reader refuses; this one is refused otherwise "
+            f"({exc.message}); nothing was changed", exc.fix or "fix that first") from None
     raise PreconditionError(f"{env.state_file} reads whole now (someone fixed it): "
                             f"{command} never replaces it; nothing was changed",
                             f"see it next to what runs: `runbook status {command_arg(env)}`")
+
+
+def _bytes_now(env: Environment) -> bytes | None:
+    """The state file's bytes now; None when it does not exist."""
+    try:
+        return env.state_file.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _serving(env: Environment) -> tuple[str | None, str | None, str | None]:
@@ -92,12 +122,12 @@ def _contradiction_fix(env: Environment, current: states.Deployment | None,
 
 
 def plan(env: Environment, options: Options) -> Plan:
-    broken = _broken_bytes(env)
+    broken = _broken(env)
     copy = kept.found(kept.copy_path(env.runs_dir, env.state_file, env.name))
     if copy is None:
         raise PreconditionError(
-            f"{env.state_file} is empty, cut short or not JSON, and the runbook kept no copy "
-            f"of it ({kept.copy_path(env.runs_dir, env.state_file, env.name)} is missing); "
+            f"{env.state_file} {broken.how}, and the runbook kept no copy of it "
+            f"({kept.copy_path(env.runs_dir, env.state_file, env.name)} is missing); "
             "nothing was changed", "restore the file from a backup")
     saved = states.parse_state(copy.raw, str(copy.path), environment=env.name)
     current = saved.current
@@ -126,23 +156,22 @@ def plan(env: Environment, options: Options) -> Plan:
     def run(ctx: StepContext) -> None:
         def still_broken() -> None:
             ctx.fault("state.before-rename")
-            try:
-                now: bytes | None = env.state_file.read_bytes()
-            except FileNotFoundError:
-                now = None
-            if now != broken:  # fixed (or rewritten) since the plan: never written over
-                raise states.StateChangedError(
+            if _bytes_now(env) != broken.raw:  # fixed, rewritten or created since the plan:
+                raise states.StateChangedError(  # never written over
                     f"{env.state_file}: changed since this run read it; the kept copy was not "
                     "written over it", f"run `runbook status {command_arg(env)}` to see it")
 
-        states.write_state(env.state_file, written, before_rename=still_broken)
+        # where none was, created and nothing replaced: a file another tool creates after
+        # the check above, in the rename's instant, is kept too (StateChangedError)
+        states.write_state(env.state_file, written, before_rename=still_broken,
+                           new_only=broken.raw is None)
 
     def line(dep: states.Deployment | None) -> str:
         return "none" if dep is None else f"{dep.version} on {dep.active_slot or '?'} ({dep.id})"
 
     details = {
         "file": str(os.path.realpath(env.state_file)),
-        "now": f"{len(broken)} bytes, not JSON",
+        "now": broken.how,
         "from": f"{copy.path} ({copy.age} old)",
         "writes": f"{len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()[:16]}"
                   + (" (the copy as kept)" if payload == copy.raw else ""),

@@ -61,7 +61,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             f"an interrupted run moved traffic to {found[0].to_slot} "
             f"({found[0].describe(moved=True)})", "", found[0])
         found = None
-    state = recording.load_or_empty(env)
+    state = states.read_or_absent(env.state_file, environment=env.name)
     target = options.slot
     config = env.slot(target)
     now = traffic.read(env)

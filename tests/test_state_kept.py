@@ -1,24 +1,30 @@
-"""The state file's kept copy: an empty or cut-short state file (another tool writing in
-place, a full disk) is refused naming the copy the runbook kept and the one command that puts
-it back; that command checks the copy against what runs, writes atomically, and never
-replaces a file that reads whole. Against the real drill stack, through the real CLI."""
+"""The state file's kept copy: an empty, cut-short, deleted or refused state file (another
+tool writing in place or removing it, a full disk) is refused naming the copy the runbook
+kept and the one command that puts it back; that command checks the copy against what runs,
+writes atomically, and never replaces a file that reads whole (in any of the three dialects)
+nor one created meanwhile. Against the real drill stack, through the real CLI."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from runbook import faults, switch
 from runbook import kept_state as kept
 from runbook import state as states
-from runbook import switch
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from tests.drill_checks import runbook_cli as cli
-from tests.drill_checks import through_proxy
+from tests.drill_checks import through_proxy, wait_stopped
 
 V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
 
@@ -63,6 +69,27 @@ def test_only_the_runbooks_own_writes_keep_the_copy(drill_stack: DrillStack) -> 
     assert copy_of(env).read_bytes() == env.state_file.read_bytes()
 
 
+def names_the_copy(env: Environment, said: str) -> None:
+    """The refusal names the copy, its age and the command that puts it back, as typed."""
+    assert str(copy_of(env)) in said, said
+    assert " old (" in said, said
+    assert f"runbook state restore-kept {env.source}" in said, said
+
+
+def restored_and_rolled_back(env: Environment, whole: bytes) -> None:
+    """restore-kept puts the copy back byte for byte, and the rollback it was refused runs."""
+    done = cli(env, "state", "restore-kept", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert env.state_file.read_bytes() == whole
+    logs = "".join(p.read_text() for p in env.log_dir.glob("*.log"))
+    assert "restore-kept finished" in logs  # journaled as every mutating command
+    rolled = cli(env, "rollback", "--yes")
+    assert rolled.returncode == 0, rolled.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    state = states.read_state(env.state_file, environment=env.name)
+    assert state.current is not None and state.current.version == V2.tag
+
+
 def truncate(env: Environment, whole: bytes) -> bytes:
     cut = whole[: len(whole) // 2]
     env.state_file.write_bytes(cut)
@@ -77,9 +104,7 @@ def test_a_truncated_state_file_names_the_copy_and_the_command_that_restores_it(
 
     refused = cli(env, "rollback", "--yes")
     assert refused.returncode == 4, refused.stderr  # the refusal's exit code, as before
-    assert str(copy_of(env)) in refused.stderr
-    assert " old (" in refused.stderr  # its age
-    assert f"runbook state restore-kept {env.source}" in refused.stderr  # runs as printed
+    names_the_copy(env, refused.stderr)
     assert env.state_file.read_bytes() == cut
 
     dry = cli(env, "state", "restore-kept", "--dry-run")
@@ -88,17 +113,7 @@ def test_a_truncated_state_file_names_the_copy_and_the_command_that_restores_it(
     assert f"{V3.tag} on blue" in dry.stdout
     assert env.state_file.read_bytes() == cut
 
-    done = cli(env, "state", "restore-kept", "--yes")
-    assert done.returncode == 0, done.stderr
-    assert env.state_file.read_bytes() == whole
-    logs = "".join(p.read_text() for p in env.log_dir.glob("*.log"))
-    assert "restore-kept finished" in logs
-
-    rolled = cli(env, "rollback", "--yes")
-    assert rolled.returncode == 0, rolled.stderr
-    assert through_proxy(env) == ("green", V2.tag)
-    state = states.read_state(env.state_file, environment=env.name)
-    assert state.current is not None and state.current.version == V2.tag
+    restored_and_rolled_back(env, whole)
 
 
 @pytest.mark.docker
@@ -205,3 +220,138 @@ def test_a_copy_naming_the_serving_slot_with_another_version_names_no_switch(
     assert forced.returncode == 0, forced.stderr
     named = cli(env, "switch", "--slot", "blue", "--dry-run")  # what it used to name
     assert (named.returncode, "nothing to switch" in named.stderr) == (4, True), named.stderr
+
+
+@pytest.mark.docker
+def test_a_deleted_state_file_names_the_copy_and_restore_kept_puts_it_back(
+        drill_stack: DrillStack) -> None:
+    """Another tool deleted (or moved away) the state file: rollback said "no deployment has
+    been recorded ... deploy first", and a switch planned a first-ever record, the history
+    lost. Every command names the copy instead; restore-kept recreates the file from it."""
+    env, whole = arranged_and_kept(drill_stack)
+    env.state_file.unlink()
+
+    status = cli(env, "status")
+    assert status.returncode == 1, status.stderr
+    names_the_copy(env, status.stdout)
+    for argv in (("rollback", "--yes"), ("rollback", "--dry-run"),
+                 ("switch", "--slot", "green", "--dry-run"),
+                 ("switch", "--slot", "green", "--yes")):
+        refused = cli(env, *argv)
+        assert refused.returncode == 4, (argv, refused.stdout, refused.stderr)
+        names_the_copy(env, refused.stderr)
+        assert "deploy first" not in refused.stderr, refused.stderr
+        assert not env.state_file.exists(), argv
+    assert through_proxy(env) == ("blue", V3.tag)  # the refused switch moved nothing
+
+    dry = cli(env, "state", "restore-kept", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert hashlib.sha256(whole).hexdigest()[:16] in dry.stdout
+    assert "does not exist" in dry.stdout
+    assert not env.state_file.exists()
+
+    restored_and_rolled_back(env, whole)
+
+
+def refused_record(whole: bytes) -> bytes:
+    """The state file as JSON, its current deployment's version a number (wrong type)."""
+    data = json.loads(whole)
+    data["current_deployment"]["version"] = 5
+    return json.dumps(data, indent=2).encode()
+
+
+@pytest.mark.docker
+def test_a_state_file_with_a_refused_record_names_the_copy_and_restore_kept_replaces_it(
+        drill_stack: DrillStack) -> None:
+    env, whole = arranged_and_kept(drill_stack)
+    bad = refused_record(whole)
+    env.state_file.write_bytes(bad)
+
+    status = cli(env, "status")
+    assert status.returncode == 1, status.stderr
+    assert "current_deployment.version: expected a string" in status.stdout
+    names_the_copy(env, status.stdout)
+    refused = cli(env, "rollback", "--yes")
+    assert refused.returncode == 4, refused.stderr
+    assert "current_deployment.version: expected a string" in refused.stderr
+    names_the_copy(env, refused.stderr)
+    assert env.state_file.read_bytes() == bad
+
+    dry = cli(env, "state", "restore-kept", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert hashlib.sha256(whole).hexdigest()[:16] in dry.stdout
+    assert env.state_file.read_bytes() == bad
+
+    restored_and_rolled_back(env, whole)
+
+
+def in_this_environment(sample: str, env: Environment) -> bytes:
+    raw = (Path(__file__).parent / "data" / "state" / sample).read_bytes()
+    for name in (b"production", b"staging"):
+        raw = raw.replace(b'"' + name + b'"', b'"' + env.name.encode() + b'"')
+    return raw
+
+
+@pytest.mark.docker
+def test_a_state_file_that_reads_whole_in_any_dialect_is_never_replaced(
+        drill_stack: DrillStack) -> None:
+    """CONTRACTS: three dialects, all valid (the deploy script's first-ever file too), and
+    another environment's file is no broken one: none is replaced, even with --force, and
+    none of their refusals points at the copy."""
+    env, _ = arranged_and_kept(drill_stack)
+    other = "staging" if env.name != "staging" else "production"
+    files = {sample: in_this_environment(sample, env) for sample in (
+        "documented.json", "deploy_script.json", "deploy_script_first.json", "go_cli.json",
+        "go_cli_after_rollback.json")}
+    files["another environment's"] = (Path(__file__).parent / "data" / "state" /
+                                      "documented.json").read_bytes().replace(
+        b'"production"', f'"{other}"'.encode())
+    for name, raw in files.items():
+        env.state_file.write_bytes(raw)
+        if name != "another environment's":
+            states.read_state(env.state_file, environment=env.name)  # reads whole (oracle)
+        refused = cli(env, "state", "restore-kept", "--yes", "--force")
+        assert refused.returncode == 4, (name, refused.stderr)
+        assert env.state_file.read_bytes() == raw, name
+        assert str(copy_of(env)) not in refused.stderr.split(";")[0], (name, refused.stderr)
+        if name == "another environment's":
+            assert f"belongs to {other}" in refused.stderr, refused.stderr
+            looked = cli(env, "status")
+            assert str(copy_of(env)) not in looked.stdout, looked.stdout
+        else:
+            assert "reads whole now" in refused.stderr, (name, refused.stderr)
+
+
+def held_before_its_rename(env: Environment) -> subprocess.Popen[str]:
+    """`runbook state restore-kept --yes`, stopped (SIGSTOP) right before its rename."""
+    environ = os.environ | {faults.VARIABLE: "state.before-rename:SIGSTOP"}
+    run = subprocess.Popen([sys.executable, "-m", "runbook.cli", "state", "restore-kept",
+                            "--yes", str(env.source)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                           env=environ)
+    wait_stopped(run.pid)
+    return run
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("broken", ["deleted", "refused record"])
+def test_a_file_written_while_the_restore_waits_is_never_written_over(
+        drill_stack: DrillStack, broken: str) -> None:
+    """Another tool writes a whole state file between restore-kept's plan and its rename
+    (created where none was, or the refused record fixed): that file stays."""
+    env, whole = arranged_and_kept(drill_stack)
+    if broken == "deleted":
+        env.state_file.unlink()
+    else:
+        env.state_file.write_bytes(refused_record(whole))
+    theirs = in_this_environment("go_cli.json", env)
+    run = held_before_its_rename(env)
+    try:
+        env.state_file.write_bytes(theirs)
+        os.kill(run.pid, signal.SIGCONT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode != 0, err
+    assert "was not written over it" in err or "nothing was written over it" in err, err
+    assert env.state_file.read_bytes() == theirs

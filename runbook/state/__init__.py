@@ -28,7 +28,15 @@ from runbook.state.model import (
     new_id,
     parse_time,
 )
-from runbook.state.reader import NotJSON, absent, parse_state, read_lock, read_state
+from runbook.state.reader import (
+    NotJSON,
+    Refused,
+    absent,
+    parse_state,
+    read_lock,
+    read_or_absent,
+    read_state,
+)
 from runbook.state.records import (
     after_deploy,
     after_rollback,
@@ -62,6 +70,7 @@ __all__ = [
     "Deployment",
     "DeploymentState",
     "NotJSON",
+    "Refused",
     "StateChangedError",
     "absent",
     "after_deploy",
@@ -78,6 +87,7 @@ __all__ = [
     "parse_state",
     "parse_time",
     "read_lock",
+    "read_or_absent",
     "read_state",
     "to_json",
     "with_lock",

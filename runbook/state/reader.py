@@ -36,9 +36,9 @@ class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, key: str, problem: str, fix: str) -> StateError:
+    def fail(self, key: str, problem: str, fix: str) -> Refused:
         where = f"{self.source}: {key}" if key else self.source
-        return StateError(f"{where}: {problem}", fix)
+        return Refused(f"{where}: {problem}", fix)
 
     def string(self, obj: Mapping[str, Any], key: str, where: str, *,
                required: bool = True) -> str | None:
@@ -307,6 +307,15 @@ def _load(text: str | bytes, r: _Reader) -> dict[str, Any]:
     return data
 
 
+class Refused(StateError):
+    """A JSON object whose record the reader refuses (a wrong type, a required key missing):
+    broken, where the kept copy may go back (runbook state restore-kept). Never another
+    environment's file, a whole one the configuration points at by mistake. `raw`: the bytes
+    judged, when read_state read them (what restore-kept may replace, and only those)."""
+
+    raw: bytes | None = None
+
+
 class NotJSON(StateError):
     """The file is no JSON object at all (truncated, binary), not a record in it refused;
     `raw` is what was read, so the lock's judge can tell a file being rewritten in place (it
@@ -356,9 +365,9 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
             env_name = canonical_name(inner)
     if environment is not None:
         wanted = canonical_name(environment)
-        if env_name and env_name != wanted:
-            raise r.fail("environment", f"this file belongs to {env_name}, not {wanted}",
-                         "point [state] file at this environment's state file")
+        if env_name and env_name != wanted:  # whole, only not this environment's: not Refused
+            raise StateError(f"{r.source}: environment: this file belongs to {env_name}, not "
+                             f"{wanted}", "point [state] file at this environment's state file")
         env_name = wanted
     return DeploymentState(
         environment=env_name,
@@ -377,6 +386,16 @@ def absent(path: Path, *, environment: str) -> DeploymentState:
     remembering it was read there, so its write creates the file and never replaces one
     another tool created since (write_state raises StateChangedError)."""
     return DeploymentState(environment=environment, source=str(path))
+
+
+def read_or_absent(path: Path, *, environment: str) -> DeploymentState:
+    """What a plan reads: `absent` where no file was ever written (a host's first deploy),
+    else read_state. A file the runbook wrote (its kept copy is there) that another tool
+    deleted or moved away is refused naming the copy: planned as a first deploy, the switch
+    wrote a new file without the history, and that write replaced the copy too."""
+    if not path.exists() and kept.kept_for(path) is None:
+        return absent(path, environment=environment)
+    return read_state(path, environment=environment)
 
 
 def read_lock(path: Path) -> dict[str, Any] | None:
@@ -415,14 +434,22 @@ def read_state(path: Path, *, environment: str | None = None,
     only a hand edit cleared that lock (found by review). Nothing else is read leniently."""
     raw = _read_bytes(path)
     if raw is None:
+        if kept.kept_for(path) is not None:  # the runbook wrote it: deleted or moved away
+            raise StateError(f"{path}: the state file does not exist (deleted or moved away: "
+                             "the runbook wrote it before)", kept.refusal_fix(
+                                 path, "check [state] file in the environment configuration; "
+                                 "or, if it was removed on purpose (nothing to keep), delete "
+                                 "the copy"))
         raise StateError(f"{path}: no deployment has been recorded (the state file does not "
                          "exist)", "deploy first, or check [state] file in the environment "
                          "configuration")
     try:
         return parse_state(raw, str(path), environment=environment,
                            lock_as_written=lock_as_written)
-    except NotJSON as exc:  # empty, cut short: name the copy the runbook kept, if any
-        exc.fix = kept.refusal_fix(path, exc.fix)
+    except (NotJSON, Refused) as exc:  # empty, cut short, a record refused: name the copy
+        exc.fix = kept.refusal_fix(path, exc.fix)  # the runbook kept, if any
+        if isinstance(exc, Refused):
+            exc.raw = raw
         raise
 
 

@@ -121,7 +121,8 @@ class StateChangedError(StateError):
 
 
 def write_state(path: Path, state: DeploymentState, *,
-                before_rename: Callable[[], None] | None = None) -> str | None:
+                before_rename: Callable[[], None] | None = None,
+                new_only: bool = False) -> str | None:
     """Replace the file atomically: readers see the old file or the new one, never a mix.
 
     The file keeps its mode, owner and group (a new one is 0600); a writer that may not keep
@@ -141,7 +142,7 @@ def write_state(path: Path, state: DeploymentState, *,
     expected = was.raw_bytes if was is not None and read_here else None
     # read where no file was (states.absent): the write creates the file, and replaces none
     # another tool created since (the Go CLI locking a new host's first deploy)
-    new_only = was is None and read_here
+    new_only = new_only or (was is None and read_here)
 
     def unchanged_since_read() -> None:
         """Just before the rename: the file must still be the one this state was read
