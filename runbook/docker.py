@@ -557,7 +557,26 @@ def bridge_gateways() -> frozenset[str] | None:
     gateways = frozenset(str(c["Gateway"]).split("/")[0].lower()
                          for c in ipam.get("Config") or () if isinstance(c, dict)
                          and c.get("Gateway"))
-    return gateways or None
+    if gateways or not isinstance(found, dict):
+        return gateways or None
+    # an engine that adopted a docker0 already up names no Gateway (seen on a fresh VM):
+    # the bridge's own address is where host-gateway leads, as this (local) kernel says
+    name = (found.get("Options") or {}).get("com.docker.network.bridge.name", "docker0")
+    address = _interface_ipv4(str(name))
+    return frozenset({address}) if address else None
+
+
+def _interface_ipv4(name: str) -> str | None:
+    """The IPv4 address of network interface `name` on this host (SIOCGIFADDR), or None."""
+    import fcntl
+    import struct
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            packed = fcntl.ioctl(sock.fileno(), 0x8915,  # SIOCGIFADDR
+                                 struct.pack("256s", name[:15].encode()))
+    except (OSError, UnicodeError):
+        return None
+    return socket.inet_ntoa(packed[20:24])
 
 
 def publishing(port: int) -> list[tuple[str, dict[str, str]]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import pytest
 
 from runbook import docker, faults
 from runbook.drill import http as drill_http
-from runbook.drill import scenes
+from runbook.drill import images, scenes
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot, from_mapping
 
@@ -524,3 +525,15 @@ def settled(path: Path, age: float = 2.2) -> None:
     st = path.stat()
     last = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
     time.sleep(max(0.0, last + age - time.time()))
+
+
+@functools.cache
+def bridge_gateway() -> str:
+    """Where `host.docker.internal:host-gateway` leads (Docker's bridge gateway), as a
+    container Docker starts with it resolves the name: the engine's own answer, not its
+    network's IPAM record (which names no Gateway where the engine adopted a docker0
+    already up, as on a fresh VM)."""
+    done = subprocess.run(["docker", "run", "--rm", "--network", "bridge", "--add-host",
+                           "gw.test:host-gateway", "--entrypoint", "getent", images.LOCAL_POSTGRES,
+                           "ahostsv4", "gw.test"], check=True, capture_output=True, text=True)
+    return done.stdout.split()[0]

@@ -24,7 +24,7 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy
+from tests.drill_checks import bridge_gateway, snapshot, through_proxy
 
 pytestmark = pytest.mark.xdist_group("addresses")
 
@@ -211,14 +211,6 @@ def test_a_loaded_config_moved_off_proxy_url_is_an_outage_not_a_wrong_url(
                        capture_output=True)
         bad.unlink(missing_ok=True)
         stack.arrange(scenes.PREVIOUS_RUNNING)
-
-
-def bridge_gateway() -> str:
-    """The address host.docker.internal:host-gateway leads to: Docker's bridge gateway."""
-    done = subprocess.run(["docker", "network", "inspect", "bridge", "--format",
-                           "{{range .IPAM.Config}}{{.Gateway}} {{end}}"],
-                          check=True, capture_output=True, text=True)
-    return done.stdout.split()[0]
 
 
 def no_host_docker_internal_here() -> None:

@@ -23,7 +23,7 @@ from runbook.drill.stack import DrillStack, parse_shape
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot
+from tests.drill_checks import bridge_gateway, snapshot
 
 # one xdist worker runs this module (make test: --dist loadgroup): its module fixture once
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("shapes")]
@@ -260,7 +260,7 @@ def test_a_tooling_snapshot_naming_another_address_of_this_host_on_a_loopback_po
     sdk = docker.client()
     bound = sdk.containers.get(stack.db_container).ports["5432/tcp"]
     assert {b["HostIp"] for b in bound} == {"127.0.0.1"}, bound  # the drill publishes so
-    bridge = sdk.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]  # this host's
+    bridge = bridge_gateway()  # this host's
     for old in env.database.snapshot_dir.glob("togather_*"):
         old.unlink()
     snap = as_tooling_made(snapshots.create(env, "pre-deploy"), bridge, port, "dep_other")
