@@ -21,6 +21,7 @@ from runbook.cli_common import (
     fail,
     load_env,
     only_reading,
+    refuse_bad_moved_from,
     refuse_blank,
     require_yes,
     run_action,
@@ -40,6 +41,7 @@ from runbook.cli_options import (
     EnvArg,
     Format,
     FormatOpt,
+    MovedFromOpt,
     ReasonOpt,
     YesOpt,
 )
@@ -89,6 +91,7 @@ def rollback(
     end_sessions: Annotated[bool, typer.Option(
         "--end-sessions", help="with --restore-snapshot: end other sessions connected to the "
         "database once the app slots are stopped (default: refuse, naming them)")] = False,
+    moved_from: MovedFromOpt = None,
     expect_from: Annotated[str | None, typer.Option(
         "--expect-from", metavar="VERSION", help="refuse (exit 4, nothing changed) unless "
         "VERSION is the current deployment: what `runbook fleet rollback` passes, so a host "
@@ -103,7 +106,9 @@ def rollback(
     try:
         environment = load_env(env, config)
         refuse_blank(("--to", to), ("--expect-from", expect_from), ("--snapshot", snapshot))
-        for flag, given in (("--snapshot", snapshot), ("--end-sessions", end_sessions)):
+        refuse_bad_moved_from(moved_from)
+        for flag, given in (("--snapshot", snapshot), ("--end-sessions", end_sessions),
+                            ("--moved-from", moved_from)):
             if given and not restore_snapshot:
                 raise UsageError(f"{flag} only makes sense with --restore-snapshot",
                                  f"add --restore-snapshot, or drop {flag}")
@@ -111,7 +116,8 @@ def rollback(
         fail(exc, fmt)
     options = rb.Options(to=to, force=force, reason=reason or "rollback",
                          restore_snapshot=(snapshot or "auto") if restore_snapshot else None,
-                         expect_from=expect_from, end_sessions=end_sessions)
+                         expect_from=expect_from, end_sessions=end_sessions,
+                         moved_from=moved_from)
     run_action(lambda **kw: rb.rollback(environment, options, dry_run=dry_run, **kw), fmt,
                yes=yes, dry_run=dry_run, what="`runbook rollback`")
 

@@ -140,6 +140,21 @@ def refuse_blank(*given: tuple[str, str | None]) -> None:
                              f"give {flag} a value (an unset shell variable?), or leave it out")
 
 
+def refuse_bad_moved_from(moved_from: str | None) -> None:
+    """`--moved-from` (snapshot restore, rollback) given but not HOST:PORT: refused (exit 2)
+    before anything is read or changed; blank is refuse_blank's. Whether it names the server
+    the snapshot's sidecar names is verify()'s question."""
+    import re
+
+    from runbook.errors import UsageError
+
+    refuse_blank(("--moved-from", moved_from))
+    if moved_from is not None and not re.fullmatch(r"\S+:\d+", moved_from.strip()):
+        raise UsageError(f"--moved-from {moved_from!r} is not HOST:PORT",
+                         "give the server the snapshot's sidecar names, e.g. "
+                         "--moved-from localhost:5434")
+
+
 UNATTENDED_FIX = ("pass --yes to confirm it in advance (from cron, a pipe or `ssh host cmd`), "
                   "or --dry-run to see the plan")
 

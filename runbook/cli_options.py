@@ -32,3 +32,8 @@ AcceptRestoredDataOpt = Annotated[bool, typer.Option(
     "--accept-restored-data", help="start the app even on a restored database whose check "
     "failed (it does not match its snapshot; see `runbook status`), once you have checked that "
     "data; the plan and the journal say so (default: refuse, exit 4, nothing changed)")]
+MovedFromOpt = Annotated[str | None, typer.Option(
+    "--moved-from", metavar="HOST:PORT",
+    help="the snapshot restored was taken from HOST:PORT (its sidecar says so), and that "
+         "server is this database before it moved: accept it (default: refused as another "
+         "server's)")]

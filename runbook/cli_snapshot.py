@@ -8,7 +8,6 @@ imports it, and `python -m runbook.cli` would load twice).
 from __future__ import annotations
 
 import json
-import re
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -20,12 +19,13 @@ from runbook.cli_common import (
     load_env,
     notice,
     only_reading,
+    refuse_bad_moved_from,
     refuse_blank,
     require_yes,
     run_action,
 )
-from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt
-from runbook.errors import RunbookError, UsageError
+from runbook.cli_options import ConfigOpt, EnvArg, Format, FormatOpt, MovedFromOpt
+from runbook.errors import RunbookError
 
 if TYPE_CHECKING:
     from runbook.environment import Environment
@@ -148,22 +148,15 @@ def restore(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
     reason: Annotated[str | None, typer.Option("--reason", help="why, for the journal")] = None,
-    moved_from: Annotated[str | None, typer.Option(
-        "--moved-from", metavar="HOST:PORT",
-        help="the snapshot was taken from HOST:PORT (its sidecar says so), and that server "
-             "is this database before it moved: accept it (default: refused as another "
-             "server's)")] = None,
+    moved_from: MovedFromOpt = None,
 ) -> None:
     """Restore a snapshot: stop app slots, safety snapshot, replay in one transaction, verify."""
     from runbook import snapshot_restore
 
     try:
         # blank: never "the newest" instead
-        refuse_blank(("SNAPSHOT", snapshot), ("--moved-from", moved_from))
-        if moved_from is not None and not re.fullmatch(r"\S+:\d+", moved_from.strip()):
-            raise UsageError(f"--moved-from {moved_from!r} is not HOST:PORT",
-                             "give the server the snapshot's sidecar names, e.g. "
-                             "--moved-from localhost:5434")
+        refuse_blank(("SNAPSHOT", snapshot))
+        refuse_bad_moved_from(moved_from)
     except RunbookError as exc:
         _fail(exc, fmt)
     environment = _env(env, config, fmt)

@@ -330,6 +330,9 @@ def restoring_command(name: str, record: Intent) -> str | None:
     if not isinstance(snap, str) or not snap:
         return None
     ended = " --end-sessions" if record.record.get("end_sessions") else ""
+    moved = record.record.get("moved_from")  # accepted as this database's before it moved
+    if isinstance(moved, str) and moved:
+        ended += f" --moved-from {shlex.quote(moved)}"
     return (f"runbook rollback {name} --to {record.to_version} --restore-snapshot "
             f"--snapshot {shlex.quote(snap)}{ended}")
 

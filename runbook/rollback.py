@@ -10,6 +10,7 @@ leaves traffic where it was and that nothing after it is undone.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -42,11 +43,22 @@ class Options:
     expect_from: str | None = None
     # with restore_snapshot: end other sessions on the database instead of refusing
     end_sessions: bool = False
+    # with restore_snapshot: HOST:PORT, where the snapshot was taken (its sidecar says so),
+    # is this database before it moved (verify(); default: refused as another server's)
+    moved_from: str | None = None
+    # the fleet's maintenance pre-flight (host-check --restore-snapshot): `runbook fleet
+    # rollback` restores the pick, it has no --snapshot or --moved-from: a refusal names none
+    fleet: bool = False
     # a dry run only (the fleet's maintenance pre-flight of a host whose shared database the
     # fleet restores first): the schema guard's refusal is kept in the plan's facts
     # ("schema_refusal") and every other check still runs, so a host broken otherwise is
     # refused before any host is drained
     schema_restored_first: bool = False
+
+
+FLEET_PICKS = ("`runbook fleet rollback --maintenance` restores only the snapshot it picks, "
+               "the newest taken at the target's schema where the database is now (it has no "
+               "--snapshot): see `runbook snapshot list` on this host")
 
 
 def no_previous_fix(env: Environment) -> str:
@@ -141,19 +153,24 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 f"the schema {target.version} ran with is unknown and the pre-deploy snapshot "
                 f"of {after.version} ({after.id}) is not in {env.database.snapshot_dir}, so no "
                 "snapshot can be chosen safely; nothing was changed",
-                f"pick the one taken at {target.version}'s schema from `runbook snapshot list "
-                f"{env.name}` and pass it with --snapshot FILE")
+                (FLEET_PICKS if options.fleet else
+                 f"pick the one taken at {target.version}'s schema from `runbook snapshot "
+                 f"list {env.name}` and pass it with --snapshot FILE")
+                + _before_a_move(env, options, recorded, after))
         if snap is None:
             raise PreconditionError(f"no usable snapshot at schema {recorded} was found in "
                                     f"{env.database.snapshot_dir}",
-                                    f"list them with `runbook snapshot list {env.name}` and "
-                                    "pass one with --snapshot FILE")
+                                    (FLEET_PICKS if options.fleet else
+                                     f"list them with `runbook snapshot list {env.name}` and "
+                                     "pass one with --snapshot FILE")
+                                    + _before_a_move(env, options, recorded, after))
         snap_schema = snap.migration_version
         if recorded is not None and snap_schema is None:
             # a sidecar the shell tooling wrote names no version: the dump itself does
             from runbook.snapshots.verify import verify
 
-            snap_schema = verify(env, snap).migration_version
+            snap_schema = verify(env, snap, moved_from=options.moved_from,
+                                 command=restoring(env, options, snap)).migration_version
         if recorded is not None and snap_schema != recorded:
             raise PreconditionError(f"snapshot {snap.name} is at schema {snap_schema}, but "
                                     f"{target.version} ran with {recorded}",
@@ -214,9 +231,14 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 "--force to roll back the code anyway")) from None
         if snap is None:
             at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
+            moved = (_before_a_move(env, options, recorded, current)
+                     if recorded is not None else "")
             fix = (f"no snapshot {at} exists in {env.database.snapshot_dir}: "
                    "roll the migrations back by hand, or pass --force to roll back the code "
-                   "anyway")
+                   "anyway" if not moved else
+                   f"no snapshot {at} taken where the database is now exists in "
+                   f"{env.database.snapshot_dir}{moved}; otherwise roll the migrations back "
+                   "by hand, or pass --force to roll back the code anyway")
         else:
             window = snapshots.loss_window(env, snap)
             fix = (f"restore snapshot {snap.name} and roll back in one go with "
@@ -231,6 +253,39 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["schema guard"] = "compatible"
         guard.schema = schema.version
     return guard
+
+
+def restoring(env: Environment, options: Options, snap: snapshots.Snapshot) -> str:
+    """This rollback restoring `snap`, as on-call would type it: the command that the
+    refusal of a moved database's snapshot names with --moved-from (verify() adds it)."""
+    from runbook.snapshots.store import command_arg
+
+    return " ".join(["runbook rollback", env.name,
+                     *(["--to", shlex.quote(options.to)] if options.to else []),
+                     *(["--force"] if options.force else []),
+                     "--restore-snapshot", "--snapshot", command_arg(env, snap),
+                     *(["--end-sessions"] if options.end_sessions else [])])
+
+
+def _before_a_move(env: Environment, options: Options, version: int | None,
+                   after: states.Deployment) -> str:
+    """`; SNAPSHOT was taken from HOST:PORT: if ...` naming this rollback restoring it with
+    --moved-from, when none of ours fits but one refused only for its server would (the
+    database moved since); else "". `after`: the deployment whose pre-deploy snapshot it is."""
+    from runbook import snapshots
+
+    found = snapshots.before_a_move(env, version, deployment_id=after.id,
+                                    snapshot_path=after.snapshot_path)
+    if found is None:
+        return ""
+    snap, taken = found
+    if options.fleet:  # left out: the fleet's restore takes no --moved-from
+        return (f"; {snap.name} was taken from {taken} (its sidecar), maybe this database "
+                "before it moved: the fleet cannot restore it (`runbook fleet rollback` has "
+                "no --moved-from)")
+    return (f"; {snap.name} was taken from {taken} (its sidecar): if that was this database "
+            f"before it moved, restore it and roll back in one go with "
+            f"`{restoring(env, options, snap)} --moved-from {shlex.quote(taken)}`")
 
 
 def _names(env: Environment, ref: str, version: str) -> bool:
@@ -536,8 +591,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         from runbook import snapshot_restore
 
         restore_steps = snapshot_restore.restore_steps(
-            env, snapshot_restore.prepare(env, guard.restore), facts=facts, run_id=run_id,
-            end_sessions=options.end_sessions, switch_to=standby)
+            env, snapshot_restore.prepare(env, guard.restore, options.moved_from,
+                                          restoring(env, options, guard.restore)),
+            facts=facts, run_id=run_id, end_sessions=options.end_sessions, switch_to=standby)
         warnings += [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
@@ -558,7 +614,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                    if guard.schema is not None else {}),
                                 # a rerun without the flag is told the command that finishes it
                                 **({"restore_snapshot": str(guard.restore.path),
-                                    "end_sessions": options.end_sessions}
+                                    "end_sessions": options.end_sessions,
+                                    **({"moved_from": options.moved_from}
+                                       if options.moved_from else {})}
                                    if guard.restore is not None else {})})
 
     def update_state(ctx: StepContext) -> None:

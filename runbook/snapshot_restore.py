@@ -62,12 +62,12 @@ CHECK = "Verify schema_migrations and the row counts"  # verify-restore's title
 
 
 def prepare(env: Environment, snap: Snapshot | str | Path,
-            moved_from: str | None = None) -> RestoreRun:
+            moved_from: str | None = None, command: str | None = None) -> RestoreRun:
     """Find and verify the snapshot NOW (raises, changing nothing): the typed record the
     restore's steps share while they run (safety snapshot, stopped containers, restored).
-    `moved_from`: see verify()."""
+    `moved_from`, `command`: see verify()."""
     snapshot = snap if isinstance(snap, Snapshot) else find(env, snap)
-    return RestoreRun(snapshot, verify(env, snapshot, moved_from=moved_from))
+    return RestoreRun(snapshot, verify(env, snapshot, moved_from=moved_from, command=command))
 
 
 def restore_steps(env: Environment, run: RestoreRun,
@@ -820,13 +820,15 @@ def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
     if expected is None or at == expected:
         return
     name = shlex.quote(run.snapshot.name)
+    # accepted as this database's before it moved: the rollback must say so too
+    moved = f" --moved-from {shlex.quote(verified.moved_from)}" if verified.moved_from else ""
     raise PreconditionError(
         f"{run.snapshot.name} is at schema {at.describe()}, and {serving} {witness} schema "
         f"{expected.describe()}: started again after the restore, it would run on a schema "
         "it never ran on; nothing was changed",
         f"move code and schema together with `runbook rollback {env.name} --restore-snapshot "
-        f"--snapshot {name}`, or restore and start nothing with --keep-stopped (then start "
-        "the code that fits that schema yourself)")
+        f"--snapshot {name}{moved}`, or restore and start nothing with --keep-stopped (then "
+        "start the code that fits that schema yourself)")
 
 
 def _unfit_standby(env: Environment, run: RestoreRun) -> dict[str, str]:

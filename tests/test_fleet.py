@@ -1362,6 +1362,50 @@ def test_maintenance_preflight_refuses_a_host_broken_past_its_schema_guard(
 
 
 @pytest.mark.docker
+def test_maintenance_whose_snapshot_predates_a_database_move_is_refused_saying_so(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The shared database moved (another host port) since its snapshots were taken, so
+    their sidecars name where it was. `runbook rollback --moved-from` accepts such a one
+    (tests/test_rollback.py); the fleet has no --moved-from (left out). Its maintenance
+    pre-flight refused naming `--snapshot FILE`, which it does not take either; its refusal
+    now says the fleet cannot restore that snapshot and why, and names neither the fleet's
+    missing options nor a single host's rollback (which would restore the database every
+    host shares under the others). Nothing changed. Oracles: what each host's Caddy serves,
+    schema_migrations in Postgres."""
+    fleet = fleet_on_v3
+    lock = fleet.hosts[0]
+    before = [fleet.serving(h.name) for h in fleet.hosts]
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    kept = {p: p.read_bytes() for p in lock.env.database.snapshot_dir.glob("*.meta.json")}
+    moved = set()
+    for sidecar, text in kept.items():
+        meta = json.loads(text)
+        if meta.get("port") not in (None, ""):
+            moved.add(f"localhost:{int(meta['port']) + 1}")
+            sidecar.write_text(json.dumps(meta | {"host": "localhost",
+                                                  "port": int(meta["port"]) + 1}))
+    assert moved, kept
+    try:
+        proc = _fleet_rollback(fleet, tmp_path / "journal", "--maintenance")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        for sidecar, text in kept.items():
+            sidecar.write_bytes(text)
+    assert proc.returncode == ExitCode.PRECONDITION, out + err
+    assert "nothing was changed" in err, err
+    assert "the fleet cannot restore it (`runbook fleet rollback` has no --moved-from)" in err
+    assert any(f"was taken from {m}" in err for m in moved), err
+    assert "--snapshot FILE" not in err and "runbook rollback" not in err, err
+    with lock.stack.connect() as conn:  # never restored
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0] + 1,)
+    assert [fleet.serving(h.name) for h in fleet.hosts] == before  # never drained
+    assert hostlock.status(lock.env) is None
+
+
+@pytest.mark.docker
 def test_a_fleet_journal_that_cannot_be_written_after_the_drain_is_said_and_the_run_goes_on(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """A maintenance run whose fleet journal stops being writable once the hosts drain (a

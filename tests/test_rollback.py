@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ from tests.drill_checks import (
     owned_by_a_role,
     reporting_schema,
     retag,
+    runbook_cli,
     running_from,
     serving,
     snapshot,
@@ -1277,6 +1281,118 @@ def test_a_restore_pick_dated_in_the_future_is_refused_and_a_named_one_is_not(
         assert snapshot(env) == before
     finally:
         sidecar.write_bytes(kept)
+
+
+def test_a_moved_databases_snapshot_is_restored_by_the_rollback_its_refusal_names(
+        stack: DrillStack) -> None:
+    """Found by review: the database moved (another host port, another container) since v2's
+    pre-deploy snapshot was taken, so its sidecar names where it was then. `rollback
+    --restore-snapshot --snapshot FILE` refused it as another server's and named `runbook
+    snapshot restore ... --moved-from` (which restores the database and leaves v2, which
+    cannot run on it, to be started again: refused too) while `runbook rollback` had no
+    --moved-from: on-call was stuck mid-incident. The rollback takes --moved-from HOST:PORT,
+    validated as the restore's is (a bad value: exit 2, one line, nothing changed); its
+    refusal names the rollback with it, that command runs, its plan says so, and a run killed
+    during its restore names the command that finishes it, --moved-from included."""
+    env = migrated(stack)  # v2 serving from green on schema 2; its pre-deploy snapshot at 1
+    [pre] = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))[-1:]
+    sidecar = pre.with_name(pre.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(sidecar.read_text())
+    # taken where the database was before it moved: neither its URL's port nor Docker's
+    other = next(p for p in (int(meta["port"]) + 1, int(meta["port"]) + 2)
+                 if p != stack.ports.postgres)
+    sidecar.write_text(json.dumps(meta | {"host": "localhost", "port": other}))
+    moved = f"localhost:{other}"
+
+    def untouched() -> dict[str, object]:
+        with stack.connect() as conn:
+            schema = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        return {**snapshot(env), "schema": schema,
+                "snapshots": sorted(p.name for p in env.database.snapshot_dir.iterdir())}
+
+    before = untouched()
+    assert before["schema"] == (2,) and before["traffic"] == ("green", V2.tag)
+    def error(result: subprocess.CompletedProcess[str]) -> str:
+        """The one error line (a run that started also names its journal)."""
+        [line] = [x for x in result.stderr.splitlines() if x.startswith("runbook: error:")]
+        return line
+
+    refused = runbook_cli(env, "rollback", "--restore-snapshot", "--snapshot", pre.name,
+                          "--yes")
+    assert refused.returncode == ExitCode.USAGE, refused.stderr
+    said = error(refused)
+    assert f"was taken from {moved}" in said, said
+    assert "runbook snapshot restore" not in said, said  # not the rollback's fix
+    [command] = re.findall(r"`(runbook rollback [^`]*)`", said)
+    named = shlex.split(command)
+    assert named[:3] == ["runbook", "rollback", env.name], command
+    assert named[3:] == ["--restore-snapshot", "--snapshot", pre.name, "--moved-from", moved]
+    assert untouched() == before
+    # the rollback on-call types first, and its --restore-snapshot: never "no snapshot
+    # exists" (roll the migrations back by hand) while this one is there; the same command
+    for args, code in (([], ExitCode.PRECONDITION),
+                       (["--restore-snapshot"], ExitCode.PRECONDITION)):
+        first = runbook_cli(env, "rollback", *args, "--yes")
+        assert first.returncode == code, (args, first.stderr)
+        said = error(first)
+        assert f"{pre.name} was taken from {moved}" in said, said
+        assert re.findall(r"`(runbook rollback [^`]*--moved-from[^`]*)`", said) == [command]
+        assert untouched() == before, args
+    # a bad --moved-from: refused as the snapshot restore refuses it, nothing changed
+    for args, words in (
+            (["--restore-snapshot", "--moved-from", "db-before"], "is not HOST:PORT"),
+            (["--restore-snapshot", "--moved-from", " "], "--moved-from is empty"),
+            (["--moved-from", moved], "only makes sense with --restore-snapshot"),
+            (["--restore-snapshot", "--snapshot", pre.name, "--moved-from",
+              f"localhost:{other + 10}"], f"was taken from {moved}")):
+        bad = runbook_cli(env, "rollback", *args, "--yes")
+        assert bad.returncode == ExitCode.USAGE, (args, bad.stderr)
+        said = error(bad)
+        assert words in said, (args, said)
+        assert untouched() == before, args
+    # the fleet's maintenance pre-flight of this host (the database host's dry run with the
+    # restore, as `runbook fleet host-check --restore-snapshot` runs it): the fleet has no
+    # --snapshot or --moved-from, so its refusal names neither, and says why
+    from runbook.fleet import hostcheck
+
+    assert env.source is not None
+    [fleet] = [p for p in hostcheck.check(str(env.source), None, restore=True)["problems"]
+               if p["check"] == "rollback dry run"]
+    assert fleet["exit_code"] == ExitCode.PRECONDITION, fleet
+    assert f"{pre.name} was taken from {moved}" in fleet["fix"], fleet
+    assert "the fleet cannot restore it" in fleet["fix"], fleet
+    assert "runbook rollback" not in fleet["fix"] and "--snapshot FILE" not in fleet["fix"]
+    assert untouched() == before
+    # the snapshot restore, told the same, refuses to start v2 on the snapshot's schema 1,
+    # naming this rollback: with --moved-from too (it named the rollback without it)
+    alone = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                            str(env.source), pre.name, "--moved-from", moved, "--dry-run"],
+                           capture_output=True, text=True, timeout=180, check=False,
+                           stdin=subprocess.DEVNULL)
+    assert alone.returncode == ExitCode.PRECONDITION, alone.stderr
+    assert re.findall(r"`(runbook rollback [^`]*)`", error(alone)) == [command], alone.stderr
+    assert untouched() == before
+    # the command the refusal names runs; its plan shows where the snapshot was taken
+    dry = runbook_cli(env, "rollback", *named[3:], "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"taken from {moved}, this database before it moved" in dry.stdout, dry.stdout
+    assert untouched() == before
+    # killed once its maintenance stop stopped the serving slot: a rerun (without the flags)
+    # names the command that finishes it, and that command runs
+    first = runbook_cli(env, "rollback", *named[3:], "--yes",
+                        fault="after:stop-app-slots:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    again = runbook_cli(env, "rollback", "--yes")
+    assert again.returncode == ExitCode.PRECONDITION, again.stderr
+    [finish] = re.findall(r"`(runbook rollback [^`]*--restore-snapshot[^`]*)`", again.stderr)
+    finishing = shlex.split(finish)
+    assert finishing[:3] == ["runbook", "rollback", env.name], finish
+    assert finishing[-2:] == ["--moved-from", moved], finish
+    done = runbook_cli(env, "rollback", *finishing[3:], "--yes")
+    assert done.returncode == 0, done.stderr
+    assert through_proxy(env) == ("blue", V1.tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
 
 
 def test_a_forced_rollback_onto_an_unhealthy_slot_leaves_the_old_one_running(

@@ -90,7 +90,7 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
     try:
         options = rb.Options(to=to, reason="fleet pre-flight",
-                             restore_snapshot="auto" if restore else None,
+                             restore_snapshot="auto" if restore else None, fleet=restore,
                              schema_restored_first=schema_restored_first and not restore)
         result = rb.rollback(env, options, dry_run=True)
     except RunbookError as exc:

@@ -42,6 +42,7 @@ from runbook.snapshots.store import (
     SnapshotError,
     TableStats,
     UnreadSidecarError,
+    before_a_move,
     cleanup,
     find,
     latest_before,
@@ -63,7 +64,7 @@ from runbook.times import human_duration
 __all__ = [
     "META_SUFFIX", "SUFFIX", "CleanupResult", "DbCommand", "FutureSnapshotError", "LossWindow",
     "RestoreRun", "Snapshot", "SnapshotError", "TableLoss", "TableStats", "Target",
-    "UnreadSidecarError", "Verified",
+    "UnreadSidecarError", "Verified", "before_a_move",
     "cleanup", "create", "current_state", "dump_command", "find", "holds_large_objects",
     "human_duration", "latest_before", "list_snapshots", "live_witness", "load", "loss_window",
     "own_snapshots", "pre_deploy_snapshot", "pre_deploy_witness", "replay_command",

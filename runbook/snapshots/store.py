@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import stat
 import time
 from collections.abc import Mapping, Set
@@ -533,6 +534,13 @@ def moved_from(snap: Snapshot, here: Server, given: str) -> bool:
         port.strip() == taken_port.strip()
 
 
+def command_arg(env: Environment, snap: Snapshot) -> str:
+    """`snap` as a command names it (SNAPSHOT, --snapshot FILE), quoted: by name in the
+    snapshot folder, else by path (a name alone is looked for in the folder, by find())."""
+    return shlex.quote(snap.name if snap.path.parent == env.database.snapshot_dir
+                       else str(snap.path))
+
+
 def undecided(snap: Snapshot, here: Server) -> bool:
     """Whether `snap` is refused only because Docker could not say (Server.undecided)."""
     return snap.names_server and here.undecided(snap._m("host"), snap._m("port"))
@@ -657,7 +665,8 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
 
 def latest_before(env: Environment, migration_version: int | None, *,
                   deployment_id: str | None = None, before: datetime | None = None,
-                  snapshot_path: str | None = None) -> Snapshot | None:
+                  snapshot_path: str | None = None,
+                  listed: list[Snapshot] | None = None) -> Snapshot | None:
     """The newest usable snapshot whose database was at `migration_version`.
 
     That is the state a deployment which ran with that version can run on again, with the
@@ -667,11 +676,12 @@ def latest_before(env: Environment, migration_version: int | None, *,
     pre-deploy snapshot may be chosen, or None. A pick dated in the future raises
     FutureSnapshotError, and one that a snapshot whose sidecar this user cannot read may
     stand before (the pre-deploy one, or a newer one) UnreadSidecarError: `--snapshot` names
-    the one to restore.
+    the one to restore. `listed`: picked from these instead of own_snapshots()
+    (before_a_move).
     """
     fix = (f"name the one to restore: `runbook rollback {env.name} --restore-snapshot "
            f"--snapshot FILE` (`runbook snapshot list {env.name}`)")
-    listed = own_snapshots(env)
+    listed = own_snapshots(env) if listed is None else listed
 
     def made_for(s: Snapshot) -> bool:
         return bool((deployment_id and s.deployment_id == deployment_id)
@@ -712,6 +722,27 @@ def latest_before(env: Environment, migration_version: int | None, *,
         return None
     _none_unread([s for s in unread if s.timestamp >= found[0].timestamp], fix)
     return _not_ahead(found[0], fix)
+
+
+def before_a_move(env: Environment, migration_version: int | None, *,
+                  deployment_id: str | None = None,
+                  snapshot_path: str | None = None) -> tuple[Snapshot, str] | None:
+    """What latest_before would pick among the snapshots refused only for the server their
+    sidecar names (this database's before it moved, on-call may say: --moved-from), and
+    where it was taken (HOST:PORT); None when none fits. For a refusal that found none of
+    ours: "no snapshot exists" sent on-call to roll migrations back by hand while the
+    pre-deploy snapshot, taken before the database moved, was there."""
+    here = server_or_none(env)
+    if here is None:
+        return None
+    theirs = [s for s in list_snapshots(env) if s.database == here.target.dbname
+              and s.environment in (None, env.name) and other_server(s, here) is not None]
+    try:
+        snap = latest_before(env, migration_version, deployment_id=deployment_id,
+                             snapshot_path=snapshot_path, listed=theirs)
+    except SnapshotError:  # dated in the future, or an unread sidecar: no hint, not a guess
+        return None
+    return None if snap is None else (snap, dumped_from(snap, here))
 
 
 def _none_unread(unread: list[Snapshot], fix: str) -> None:

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import os
 import re
+import shlex
 import threading
 import time
 import zlib
@@ -33,6 +34,7 @@ from runbook.snapshots.commands import Target, target
 from runbook.snapshots.store import (
     Snapshot,
     SnapshotError,
+    command_arg,
     dumped_from,
     moved_from,
     other_server,
@@ -203,11 +205,13 @@ def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
                          "inspection")
 
 
-def _fits(env: Environment, snap: Snapshot,
-          moved: str | None = None) -> tuple[Target, str | None]:
+def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
+          command: str | None = None) -> tuple[Target, str | None]:
     """Refuse a file that is missing, has a bad sidecar, or is of another database or
     environment (nothing read yet); the environment's database target, and `moved` when it
-    is what accepted the snapshot (taken from that server, this database before it moved)."""
+    is what accepted the snapshot (taken from that server, this database before it moved).
+    `command`: the one that restores `snap` (default `runbook snapshot restore`), which the refusal
+    of a moved database's snapshot names with --moved-from added."""
     if not snap.path.is_file():
         raise SnapshotError(f"snapshot {snap.path} does not exist; nothing was changed",
                             f"pick one from `runbook snapshot list {env.name}`")
@@ -238,8 +242,9 @@ def _fits(env: Environment, snap: Snapshot,
         return tgt, moved  # the operator says that server is this database, moved
     taken = dumped_from(snap, here)
     # the sidecar is right (where the dump came from): editing it is never the fix
-    accept = (f"if {taken} was this database before it moved, say so: `runbook snapshot "
-              f"restore {env.name} {snap.name} --moved-from {taken}`")
+    command = command or f"runbook snapshot restore {env.name} {command_arg(env, snap)}"
+    accept = (f"if {taken} was this database before it moved, say so: `{command} "
+              f"--moved-from {shlex.quote(taken)}`")
     if undecided(snap, here):
         # Docker cannot say which host ports reach the container: refused, not guessed
         raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r} "
@@ -381,17 +386,21 @@ def schema_version(env: Environment, snap: Snapshot) -> int:
     return found[0]
 
 
-def verify(env: Environment, snap: Snapshot, *, moved_from: str | None = None) -> Verified:
+def verify(env: Environment, snap: Snapshot, *, moved_from: str | None = None,
+           command: str | None = None) -> Verified:
     """Read the whole file (checksum, gzip CRC, dump trailer) and check it fits this database.
 
     `moved_from` (HOST:PORT): the operator says the server the sidecar names is this
     database before it moved; only a snapshot taken from exactly there is accepted so.
+    `command`: the command restoring it (default `runbook snapshot restore`), which the
+    refusal of a moved database's snapshot names with --moved-from: one that runs (a
+    rollback's refusal named the snapshot restore, and the rollback had no --moved-from).
 
     Read-only; raises a one-line SnapshotError (USAGE) for a missing, truncated, corrupt or
     foreign snapshot. The read is made once a process for the same file (`_whole`); the
     replay streams it again and checks the checksum found here.
     """
-    tgt, moved = _fits(env, snap, moved_from)
+    tgt, moved = _fits(env, snap, moved_from, command)
     digest, scanner = _whole(snap)
     if snap.sha256 and digest != snap.sha256:
         raise _bad_file(snap, "does not match its recorded sha256 (changed or corrupt)")
