@@ -250,9 +250,11 @@ def test_a_body_sent_after_its_headers_on_a_closing_connection_is_read(version: 
 
 @pytest.mark.docker
 def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStack) -> None:
-    """The target's /health sends headers, then one byte every 0.5 s. The gate (3 s, shorter
-    than one probe's own 10 s timeout) gives up on time; traffic, state and the Caddyfile stay
-    as they were, and the started slot is stopped again."""
+    """The target's /health sends headers, then one byte every 0.5 s. The gate (6 s, shorter
+    than one probe's own 20 s timeout; 3 s was shorter than the drip build's start on a
+    loaded machine, whose answer was then "unreachable", not a drip) gives up on time;
+    traffic, state and the Caddyfile stay as they were, and the started slot is stopped
+    again."""
     env = stack.env
     deploy.deploy(env, deploy.Options(version=VERSIONS["v2"].tag))  # v2 serves on green
     st = states.read_state(env.state_file)
@@ -263,7 +265,7 @@ def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStac
     docker.remove(env.slot("blue").container)  # the rollback recreates it with the drip build
     state_before = env.state_file.read_bytes()
     caddyfile_before = env.caddy.caddyfile.read_bytes()
-    gated = env.with_(health=dataclasses.replace(env.health, timeout=3.0, request_timeout=10.0))
+    gated = env.with_(health=dataclasses.replace(env.health, timeout=6.0, request_timeout=20.0))
     marks: dict[tuple[str, str], float] = {}
 
     def progress(event: str, step: Step, message: str = "") -> None:
@@ -272,9 +274,9 @@ def test_a_rollback_onto_a_slow_drip_build_fails_safely_in_time(stack: DrillStac
     with pytest.raises(RunbookError) as err:
         rollback.rollback(gated, progress=progress)
     gate = marks[("failed", "health-gate")] - marks[("start", "health-gate")]
-    assert gate < 3.0 + 1.5, gate  # the gate's deadline plus Docker's answer on a busy host
+    assert gate < 6.0 + 1.5, gate  # the gate's deadline plus Docker's answer on a busy host
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
-    assert "did not become healthy within 3s" in str(err.value)
+    assert "did not become healthy within 6s" in str(err.value)
     assert "the body did not finish" in str(err.value)
     response = drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
     assert (response.headers["X-Togather-Slot"], response.json()["version"]) == (
