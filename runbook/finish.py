@@ -252,7 +252,8 @@ def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed
         f"(its record): id {(gated[0] or '?')[:12]}, started {gated[1]}, restarts {gated[2]}"
         if gated is not None else
         f"the container the interrupted run's health gate proved is not recorded (a record "
-        f"an older version wrote): only {container} restarting at that moment is caught")
+        f"an older version wrote, or one written before its gate passed): only {container} "
+        "restarting at that moment is caught")
     if intent.action == "switch":
         step.skip = "a switch keeps the old slot running, to switch back at once"
     return step

@@ -122,6 +122,9 @@ class StepContext:
     # write the notes so far into the run record now, durably: what a kill right after must
     # not lose (the journal records them otherwise when the step ends)
     keep: Callable[[], None] = lambda: None
+    # write the run's intent record now, as the steps changed it (the container the health
+    # gate proved): a kill between the switch and the commit's own write must not lose it
+    keep_intent: Callable[[], None] = lambda: None
 
     def stop_if_signalled(self) -> None:
         """Right before a step that holds signals makes its first change: a Ctrl-C that came
@@ -456,6 +459,7 @@ class _Execution:
         ctx.say = lambda message: self._say("note", step, redact(message))  # app text too
         ctx.notice = self.notice
         ctx.commit = self._commit
+        ctx.keep_intent = self._keep_intent
         ctx.signalled = lambda: None if self._carrying else self.signals.received
         ctx.until_commit = lambda why: self._until_commit(why, rest)
         self._say("start", step)
@@ -540,6 +544,18 @@ class _Execution:
             self.journal.log("WARN", said, step=step.name)
             with contextlib.suppress(Exception):  # a closed terminal never stops a run
                 self.notice(said)
+
+    def _keep_intent(self) -> None:
+        """The intent record as the steps changed it, on disk before the switch: the finish
+        of a run killed between Caddy's reload and the commit's write reads it (a reboot
+        there restarts the new slot, whose proved container the finish must compare)."""
+        if self.plan.intent is None or not self.intent_written:
+            return
+        try:
+            intents.write(self.env, self.plan.intent)
+        except OSError as exc:  # the commit's write tries again; say it, go on
+            self.journal.log("WARN", f"could not write the intent record: "
+                             f"{exc.strerror or exc}", step="health-gate")
 
     def _commit(self) -> None:
         """The commit point: the switch is verified. A signal that arrived during the switch,

@@ -46,9 +46,11 @@ def full_commit(*candidates: object) -> str:
 
 
 def load_or_empty(env: Environment) -> states.DeploymentState:
-    if not env.state_file.exists():
-        return states.absent(env.state_file, environment=env.name)
-    return states.read_state(env.state_file, environment=env.name)
+    """The state a run records onto: empty only where no file was ever written. A file the
+    runbook wrote (its kept copy is there) that another tool deleted is refused naming the
+    copy: recorded onto nothing, the finish of an interrupted run wrote a file without the
+    history and replaced the copy too (found by review)."""
+    return states.read_or_absent(env.state_file, environment=env.name)
 
 
 def schema(env: Environment) -> int | None:

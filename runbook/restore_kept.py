@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from runbook import docker, traffic
+from runbook import docker, finish, traffic
+from runbook import intent as intents
 from runbook import kept_state as kept
 from runbook import state as states
 from runbook.environment import Environment, command_arg
@@ -80,11 +81,18 @@ def _broken(env: Environment) -> Broken:
 
 
 def _bytes_now(env: Environment) -> bytes | None:
-    """The state file's bytes now; None when it does not exist."""
+    """The state file's bytes now; None when it does not exist. One that cannot be read (its
+    permissions, a directory there) is refused: nothing is known of it (it read as a bug)."""
     try:
         return env.state_file.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise PreconditionError(
+            f"{env.state_file} cannot be read ({exc.strerror or exc}): {kept.COMMAND} replaces "
+            "only a file it has read; nothing was changed",
+            "run it as a user who can read the file (the deploy user, or sudo), or fix what "
+            "is at that path") from None
 
 
 def _serving(env: Environment) -> tuple[str | None, str | None, str | None]:
@@ -111,6 +119,17 @@ def _contradiction_fix(env: Environment, current: states.Deployment | None,
     started by `docker start`, not a switch (found by review); status then names the fix."""
     arg = command_arg(env)
     restore = f"`{kept.COMMAND} {arg} {FORCE_FLAG}`"
+    try:
+        pending = intents.read(env)
+    except RunbookError:  # an unreadable record: status says so and how to move it aside
+        pending = None
+    if pending is not None and serving == str(pending.target):
+        # an interrupted run moved traffic and never recorded it: the copy is from before it,
+        # and that run's finish records it onto the copy's history (found by review: the
+        # finish of a run whose state file was deleted wrote one without any history)
+        return (f"{restore} restores it as it was before the interrupted {pending.action} "
+                f"({pending.describe()}), which moved traffic to {serving}; then "
+                f"`{finish.resume_command(env, pending)}` finishes that run and records it")
     if current is None or current.active_slot is None or serving is None or running is None \
             or str(current.active_slot) == serving:
         return (f"{restore} restores it anyway; then `runbook status {arg}` names what "

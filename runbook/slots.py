@@ -711,11 +711,12 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
 
-    def passed(report: health.HealthReport) -> None:
+    def passed(ctx: StepContext, report: health.HealthReport) -> None:
         observed.health_status = report.status
         observed.gated_container = _identity(docker.inspect(config.container))
-        if record is not None:
+        if record is not None:  # on disk before the switch (a kill after its reload)
             record[intents.GATED_CONTAINER] = intents.identity_entry(observed.gated_container)
+            ctx.keep_intent()
 
     # what is applied: a forced gate takes any answer (a wrong build excepted), polled fast;
     # the plan and journal said the skipped gate's criterion beside an "unhealthy" ok
@@ -761,7 +762,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # the build is checked all the same (found by review): a wrong one would take
             # users until the switch's verification undid it
             seen = _build_seen(env, slot, expected_version, report, ask_version=False)
-            passed(report)
+            passed(ctx, report)
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers), "
                             f"version {seen}")
             return
@@ -785,7 +786,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
         version = _build_seen(env, slot, expected_version, report, ask_version=True)
-        passed(report)
+        passed(ctx, report)
         ctx.note(health=f"{report.status}, version {version}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
@@ -811,23 +812,40 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot,
     running), so the message says what is true of it. `notice`: says on the terminal what
     was let pass (a serving slot restarted since its gate, the old one already down)."""
     moved = restarted_since_gate(env, serving, observed)
-    # an old slot already down (exited, absent) is not kept by a refusal: a restarted one
-    # that answers healthy is then said, not called "both slots down" (it serves), and the
-    # run ends; on-call's way out after a refusal (stop the old one, run again) ends here too
-    moot = old_info is not None and not old_info.up
-    report = _recheck(env, serving) if moved is None or moot else None
+    report = _recheck(env, serving) if moved is None or _nothing_to_keep(old_info) else None
     if report is not None and report.ok:
         if moved is None:
             return report.status
-        if docker.inspect(env.slot(serving).container).running:  # not restarting
-            said = (f"the {serving} slot answers {report.status}, though it {moved}; the old "
-                    f"{old} slot is already down, so nothing is stopped on that answer")
-            if notice is not None:
-                notice(said)
-            return said
+        passed = _restarted_but_serving(env, serving, old, moved, report, notice)
+        if passed is not None:
+            return passed
     why = moved or (f"no longer answers healthy ({report.status}: {report.reason()})"
                     if report is not None else "")
     raise not_stopping(env, serving, old, why, old_info, restarted=moved is not None)
+
+
+def _nothing_to_keep(old_info: ContainerInfo | None) -> bool:
+    """The old slot is no way back a refusal could keep: exited, absent, or crash-looping
+    (its stop ends the loop); running or paused (unpaused at once) it is one. None: running."""
+    return old_info is not None and old_info.status not in ("running", "paused")
+
+
+def _restarted_but_serving(env: Environment, serving: Slot, old: Slot, moved: str,
+                           report: health.HealthReport,
+                           notice: Callable[[str], None] | None) -> str | None:
+    """A serving slot restarted since its gate that answers healthy now, with the old slot
+    no way back (_nothing_to_keep): said, and the run goes on (None: it is restarting now).
+    Refused, it read "both slots are down" while it served, and every rerun refused the
+    same, for ever after a host's reboot (found by review); on-call's way out after a
+    refusal that kept the old one (stop it, run again) ends here too."""
+    if not docker.inspect(env.slot(serving).container).running:  # restarting: no answer
+        return None
+    said = (f"the {serving} slot answers {report.status}, though it {moved}; the old {old} "
+            "slot is no way back (not running), so nothing waits on that answer: read "
+            f"`docker logs --tail 100 {env.slot(serving).container}`")
+    if notice is not None:
+        notice(said)
+    return said
 
 
 def restarted_since_gate(env: Environment, serving: Slot,
@@ -953,6 +971,10 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
         report = _recheck(env, slot.other)
         if report.ok and moved is None:
             return report.status
+        if report.ok and moved is not None and _nothing_to_keep(old_info):
+            passed = _restarted_but_serving(env, slot.other, slot, moved, report, ctx.notice)
+            if passed is not None:
+                return passed
         why = moved or f"does not answer healthy ({report.status}: {report.reason()})"
         if old_info is not None and not old_info.running:
             if moved is not None or report.status == health.UNREACHABLE:

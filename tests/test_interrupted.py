@@ -38,6 +38,7 @@ import pytest
 from runbook import caddy, deploy, docker, faults, health, recording, slots, traffic
 from runbook import environment as envmod
 from runbook import intent as intents
+from runbook import kept_state as kept
 from runbook import state as states
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
@@ -1746,8 +1747,9 @@ def test_a_killed_rollback_whose_target_is_gone_from_the_state_file_writes_what_
     if rewrite == "no-current":
         states.write_state(env.state_file, dataclasses.replace(
             st, current=None, history=tuple(d for d in st.history if d.version != V3.tag)))
-    elif rewrite == "deleted":
-        env.state_file.unlink()
+    elif rewrite == "deleted":  # and no copy kept (an older runbook's host): with one, the
+        env.state_file.unlink()  # finish refuses naming it (tests/test_state_kept.py)
+        kept.copy_path(env.runs_dir, env.state_file, env.name).unlink(missing_ok=True)
     elif rewrite == "removed":
         states.write_state(env.state_file,
                            dataclasses.replace(st, previous=None, history=others))
@@ -1769,7 +1771,8 @@ def test_status_with_the_state_file_deleted_after_a_killed_rollback_names_its_fi
     env = arrange(stack)  # v3 serving from blue, v2 the previous, stopped on green
     first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
     assert first.returncode == -signal.SIGKILL, first.stderr
-    env.state_file.unlink()
+    env.state_file.unlink()  # no copy kept (with one: tests/test_state_kept.py)
+    kept.copy_path(env.runs_dir, env.state_file, env.name).unlink(missing_ok=True)
     out = cli(env, "status", "--format", "json")
     [found] = [p for p in json.loads(out.stdout)["problems"] if p["check"] == "state_unreadable"]
     assert "deploy first" not in found["fix"], found

@@ -333,3 +333,84 @@ def test_the_engine_gone_during_the_gate_says_traffic_did_not_move(
     assert "may not be where it was" not in done.stderr, done.stderr
     assert f"`docker stop {green}`" in done.stderr and "`docker info`" in done.stderr, \
         done.stderr
+
+
+def restarted(stack: DrillStack, env: Environment, slot: Slot) -> None:
+    """`docker restart` of `slot` (as a host's reboot or an operator), until it answers."""
+    container = env.slot(slot).container
+    stack.docker("restart", "-t", "1", container)
+    deadline = time.monotonic() + 40
+    while not health.probe(env.slot(slot), env.health.path, 1.0).ok:
+        assert time.monotonic() < deadline, f"{container} never answered healthy again"
+        time.sleep(0.1)
+
+
+def test_a_forced_finish_with_the_old_slot_down_and_the_new_one_restarted_finishes(
+        stack: DrillStack) -> None:
+    """Found by review: a forced rollback killed before the stop of the old slot; the old
+    (bad) slot then exited and the new one was restarted (a reboot does both). Every rerun
+    said "both slots are down" (exit 6) while green served, naming only the way back to the
+    build being rolled away from. It is said and finished."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    killed = runbook_cli(env, "rollback", "--yes", "--force",
+                         fault="before:stop-old-slot:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    stack.docker("stop", "-t", "1", env.slot(Slot.BLUE).container)
+    restarted(stack, env, Slot.GREEN)
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restarted since its health gate" in done.stderr, done.stderr
+    assert "both slots are down" not in done.stderr, done.stderr
+    assert not intents.path(env).exists()
+    assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
+
+
+def test_a_finish_with_a_crash_looping_old_slot_and_the_new_one_restarted_stops_the_loop(
+        stack: DrillStack) -> None:
+    """Found by review: the same kill (gated), the old slot crash-looping and the new one
+    restarted: "both slots are down" (exit 6) while green served. A crash-looping old slot
+    is no way back: the finish says the restart, stops the loop and ends."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    killed = runbook_cli(env, "rollback", "--yes", fault="before:stop-old-slot:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    try:
+        crash_looping(stack, Slot.BLUE, scenes.PREVIOUS.version(Slot.BLUE).image, up=0.5,
+                      start=True)
+        restarted(stack, env, Slot.GREEN)
+        # restarting, its restart policy's back-off long by now (6 s and more): what the
+        # finish inspects is the loop, not one of its half-second runs
+        deadline = time.monotonic() + 60
+        while stack.docker("inspect", "-f", "{{.State.Status}} {{.RestartCount}}",
+                           blue).stdout.split() not in (["restarting", str(n)]
+                                                        for n in range(6, 9)):
+            assert time.monotonic() < deadline, "blue never crash-looped"
+            time.sleep(0.02)
+        done = runbook_cli(env, "rollback", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "restarted since its health gate" in done.stderr, done.stderr
+        assert stack.docker("inspect", "-f", "{{.State.Status}}", blue).stdout.strip() in (
+            "exited", "created"), "the crash loop goes on"
+        assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
+    finally:
+        stack.docker("rm", "-f", blue, check=False)  # the next arrange recreates it
+
+
+def test_a_run_killed_right_after_caddys_reload_has_its_gated_container_recorded(
+        stack: DrillStack) -> None:
+    """Found by review: killed between Caddy's reload and the commit's write (a reboot's
+    window during the switch), the record named no gated container ("an older version
+    wrote"), so after the reboot's restart of green the finish stopped the last good slot.
+    The gate's proof is on disk before the switch: the finish keeps blue (exit 6)."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    killed = runbook_cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert json.loads(intents.path(env).read_text())["record"].get(intents.GATED_CONTAINER)
+    restarted(stack, env, Slot.GREEN)
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == ExitCode.TOOK_EFFECT, done.stdout + done.stderr
+    assert "restarted since its health gate" in done.stderr, done.stderr
+    assert docker.inspect(env.slot(Slot.BLUE).container).running

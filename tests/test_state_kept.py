@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -355,3 +357,71 @@ def test_a_file_written_while_the_restore_waits_is_never_written_over(
     assert run.returncode != 0, err
     assert "was not written over it" in err or "nothing was written over it" in err, err
     assert env.state_file.read_bytes() == theirs
+
+
+@pytest.mark.docker
+def test_a_deleted_state_file_under_an_interrupted_rollback_keeps_its_history(
+        drill_stack: DrillStack) -> None:
+    """Found by review: a rollback killed (-9) once traffic moved, then the state file
+    deleted. Its finish recorded onto nothing: a file without any history, the copy replaced
+    by it, and restore-kept then refused ("reads whole now"). The finish refuses naming the
+    copy (nothing changed); restore-kept's refusal names --force then that finish; followed
+    literally, the state holds the rollback on top of the copy's history."""
+    env, whole = arranged_and_kept(drill_stack)
+    killed = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    copied = copy_of(env).read_bytes()  # (as the killed run's lock left it)
+    env.state_file.unlink()
+    finish = cli(env, "rollback", "--yes")
+    assert finish.returncode != 0, finish.stdout + finish.stderr
+    names_the_copy(env, finish.stderr)
+    assert not env.state_file.exists() and copy_of(env).read_bytes() == copied
+    refused = cli(env, "state", "restore-kept", "--yes")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    fixes = re.findall(r"`(runbook [^`]*)`", refused.stderr.split("fix:")[-1])
+    assert [f.split()[1] for f in fixes] == ["state", "rollback"], fixes
+    for fix in fixes:  # as printed, the environment's word as cli() gives it (its file)
+        words = [w for w in shlex.split(fix)[1:] if w not in (env.name, str(env.source))]
+        done = cli(env, *words, "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+    st = states.read_state(env.state_file, environment=env.name)
+    assert st.current is not None and st.current.version == V2.tag
+    assert st.rolled_back_from is not None and st.rolled_back_from.version == V3.tag
+    assert len(st.history) >= len(json.loads(whole)["deployment_history"])  # kept, not lost
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+@pytest.mark.docker
+def test_restore_kept_of_a_state_path_it_cannot_read_is_refused_not_a_bug(
+        drill_stack: DrillStack) -> None:
+    """Found by review: a directory (or an unreadable file) at the state file's path read as
+    "unexpected failure (a bug in runbook)". It is a refusal naming the path (the deploy
+    lock's, exit 3, which reads the file first; restore-kept's own, exit 4, otherwise)."""
+    env, whole = arranged_and_kept(drill_stack)
+    env.state_file.unlink()
+    env.state_file.mkdir()
+    try:
+        done = cli(env, "state", "restore-kept", "--yes")
+        assert done.returncode in (3, 4), done.stdout + done.stderr
+        assert "bug" not in done.stderr and str(env.state_file) in done.stderr, done.stderr
+        assert env.state_file.is_dir() and copy_of(env).read_bytes() == whole
+    finally:
+        env.state_file.rmdir()
+        env.state_file.write_bytes(whole)
+
+
+@pytest.mark.docker
+def test_a_deleted_state_file_whose_copy_records_nothing_is_a_first_deploy_again(
+        drill_stack: DrillStack) -> None:
+    """Found by review: a copy recording no deployment (the lock-only file a failed first
+    deploy leaves) then a deliberate `rm` of the state file: every deploy refused naming that
+    copy, which holds nothing to lose. The file's absence is a first deploy again."""
+    env, whole = arranged_and_kept(drill_stack)
+    copy_of(env).write_bytes(json.dumps({"environment": env.name}).encode())
+    env.state_file.unlink()
+    try:
+        looked = cli(env, "switch", "--slot", "green", "--dry-run")
+        assert looked.returncode == 0, looked.stdout + looked.stderr
+        assert "restore-kept" not in looked.stdout + looked.stderr
+    finally:
+        env.state_file.write_bytes(whole)

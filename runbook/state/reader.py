@@ -393,9 +393,24 @@ def read_or_absent(path: Path, *, environment: str) -> DeploymentState:
     else read_state. A file the runbook wrote (its kept copy is there) that another tool
     deleted or moved away is refused naming the copy: planned as a first deploy, the switch
     wrote a new file without the history, and that write replaced the copy too."""
-    if not path.exists() and kept.kept_for(path) is None:
+    if not path.exists() and not _kept_deployments(path):
         return absent(path, environment=environment)
     return read_state(path, environment=environment)
+
+
+def _kept_deployments(path: Path) -> bool:
+    """Whether the runbook kept a copy of the file at `path` that records a deployment: a
+    copy recording none (the lock-only file a failed first deploy leaves) keeps nothing a
+    deliberate `rm` could lose, so that file's absence is a first deploy again (found by
+    review). A copy that cannot be read is taken as recording some: it is named, not lost."""
+    named = kept.kept_for(path)
+    if named is None:
+        return False
+    try:
+        saved = parse_state(named[0].raw, str(named[0].path))
+    except StateError:
+        return True
+    return saved.current is not None or saved.previous is not None or bool(saved.history)
 
 
 def read_lock(path: Path) -> dict[str, Any] | None:
@@ -434,7 +449,7 @@ def read_state(path: Path, *, environment: str | None = None,
     only a hand edit cleared that lock (found by review). Nothing else is read leniently."""
     raw = _read_bytes(path)
     if raw is None:
-        if kept.kept_for(path) is not None:  # the runbook wrote it: deleted or moved away
+        if _kept_deployments(path):  # the runbook wrote it: deleted or moved away
             raise StateError(f"{path}: the state file does not exist (deleted or moved away: "
                              "the runbook wrote it before)", kept.refusal_fix(
                                  path, "check [state] file in the environment configuration; "
