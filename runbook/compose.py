@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 from runbook.docker import ContainerInfo
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
 
@@ -80,10 +80,10 @@ def deploy_hint(env: Environment, version: str = "<version>") -> str:
     whose slots were made by `docker run` it refuses, so naming it would send on-call round
     in a circle: there it is the host's own way, then `runbook switch`."""
     if can_recreate(env):
-        return f"`runbook deploy {env.name} --version {version}`"
+        return f"`runbook deploy {command_arg(env)} --version {version}`"
     return (f"run {version} in the standby slot's container the way this host's own deploy "
             f"does (its `docker run`: `runbook deploy` needs compose, which this host has not), "
-            f"then `runbook switch {env.name} --slot <that slot>`")
+            f"then `runbook switch {command_arg(env)} --slot <that slot>`")
 
 
 PROJECT_LABEL = "com.docker.compose.project"

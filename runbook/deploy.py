@@ -26,7 +26,7 @@ from runbook import (
 )
 from runbook import intent as intents
 from runbook import state as states
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Stays, Step, StepContext
 from runbook.restore_records import refuse_doubted
@@ -116,7 +116,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 raise PreconditionError(
                     f"no deployment is recorded and {exc.message}, so no slot is known to be "
                     "free; nothing was changed", "repoint Caddy at the slot that should serve "
-                    f"(`runbook switch {env.name} --slot <blue|green>`), then deploy") from None
+                    f"(`runbook switch {command_arg(env)} --slot <blue|green>`), then "
+                    "deploy") from None
             live = (options.slot or Slot.GREEN).other  # neither is dialed: either is free
             dialed_none = True
             warnings.append("no deployment recorded and Caddy dials neither slot: deploying "
@@ -186,7 +187,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             f"an interrupted deploy of {version} took snapshot {taken.name} before its "
             f"migrations (schema {taken.migration_version}), and the database's schema cannot "
             "be read now, so whether they ran is unknown; nothing was changed",
-            f"check the database (`runbook status {env.name}`), then run the deploy again")
+            f"check the database (`runbook status {command_arg(env)}`), then run the deploy again")
     stale = taken if taken is not None and isinstance(taken.migration_version, int) \
         and now_schema == taken.migration_version else None
     if stale is not None:
@@ -231,7 +232,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 return Stays(
                     f"{config.container} is left running: {busy}, and stopping it would cut "
                     "them off and leave the database schema dirty under the serving version",
-                    f"wait until they end (`runbook status {env.name}` shows the schema "
+                    f"wait until they end (`runbook status {command_arg(env)}` shows the schema "
                     f"without \"dirty\"), then `docker stop {config.container}`; to put the "
                     "schema back, restore the pre-deploy snapshot "
                     f"{observed.snapshot_path or '(see `runbook snapshot list`)'}")
@@ -279,14 +280,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"the new version's migrations changed the database schema ({before} -> "
                 f"{after}) and stay: {current.version if current else 'the serving version'} "
                 f"serves on schema {after}",
-                f"check it: `runbook status {env.name}`; to put the schema back, restore the "
-                f"pre-deploy snapshot: {_restore_command()}, or deploy a fixed version")
+                f"check it: `runbook status {command_arg(env)}`; to put the schema back, "
+                f"restore the pre-deploy snapshot: {_restore_command()}, or deploy a fixed "
+                "version")
 
     def _restore_command() -> str:
         """The restore of this deploy's pre-deploy snapshot, exact once it is known."""
         if observed.snapshot_path:
-            return f"`runbook snapshot restore {env.name} {observed.snapshot_path}`"
-        return f"`runbook snapshot restore {env.name} FILE` (`runbook snapshot list`)"
+            return f"`runbook snapshot restore {command_arg(env)} {observed.snapshot_path}`"
+        return f"`runbook snapshot restore {command_arg(env)} FILE` (`runbook snapshot list`)"
 
     def _schema_moved(before: int | None, what: str) -> Stays | None:
         """After the new version could migrate: a changed, dirty (or unreadable) schema, as
@@ -309,13 +311,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 "until it is repaired, and "
                 f"{current.version if current else 'the serving version'} serves on it; that "
                 "stays",
-                f"check it: `runbook status {env.name}`; put the schema back by restoring the "
-                f"pre-deploy snapshot: {_restore_command()} (a deploy refuses until then)")
+                f"check it: `runbook status {command_arg(env)}`; put the schema back by "
+                f"restoring the pre-deploy snapshot: {_restore_command()} (a deploy refuses "
+                "until then)")
         seen = f"is at {now}" if now is not None else "cannot be read now"
         return Stays(
             f"the database schema was {before} before the new version started and {seen} "
             f"after the {what}: it may have changed, and that stays",
-            f"check it: `runbook status {env.name}`; to put the schema back, restore the "
+            f"check it: `runbook status {command_arg(env)}`; to put the schema back, restore the "
             f"pre-deploy snapshot: {_restore_command()}, or deploy a fixed version")
 
     def _schema_changed(ctx: StepContext, before: int | None, what: str) -> None:
@@ -428,7 +431,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     return Plan("deploy", env, summary, steps, warnings, diff,
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},
-                intent=intent, resume_command=f"runbook deploy {env.name} --version {version}",
+                intent=intent,
+                resume_command=f"runbook deploy {command_arg(env)} --version {version}",
                 replaces=old_record, accepted_doubt=accepted)
 
 
@@ -501,12 +505,12 @@ def _refuse_if_dirty(env: Environment, version: str, pending: intents.Intent | N
         raise PreconditionError(
             f"the database schema is dirty at version {schema.version} and a migration lock is "
             f"held ({running}): a migration is under way; nothing was changed",
-            f"wait until it ends (`runbook status {env.name}` shows the schema without "
+            f"wait until it ends (`runbook status {command_arg(env)}` shows the schema without "
             "\"dirty\"), then run the deploy again; if that session runs no migration "
             "(another program's advisory lock), have it release the lock first")
-    dirty = finish.dirty_schema(env, schema, pending, env.name)
+    dirty = finish.dirty_schema(env, schema, pending)
     raise PreconditionError(f"{dirty.message}; nothing was changed",
-                            f"{dirty.fix}; then `runbook deploy {env.name} --version "
+                            f"{dirty.fix}; then `runbook deploy {command_arg(env)} --version "
                             f"{version}` runs the deploy again (once migration "
                             f"{schema.version} is fixed, if it failed)")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from runbook import caddy, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import LockedError, PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 
@@ -87,7 +87,7 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
                           + "; nothing was changed",
                           (locks.suspended_fix(held.pid) if stopped and held.pid is not None
                            else "wait for it to end")
-                          + f"; `runbook status {env.name}` then says how it ended")
+                          + f"; `runbook status {command_arg(env)}` then says how it ended")
     try:
         found = traffic.read(env)
     except traffic.TrafficUnknownError as exc:
@@ -110,7 +110,8 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     raise CannotFinish(
         f"an interrupted run is unfinished ({intent.describe()}) and Caddy's running config "
         f"names no single slot: {found.problem(env)}",
-        f"repoint Caddy at the healthy slot: `runbook switch {env.name} --slot <blue|green>`",
+        f"repoint Caddy at the healthy slot: `runbook switch {command_arg(env)} --slot "
+        "<blue|green>`",
         intent)
 
 
@@ -127,8 +128,8 @@ def cannot_finish(env: Environment, intent: intents.Intent,
     return CannotFinish(
         f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
         f"{intent.to_version} now: {check.describe()} ({intent.describe(moved=True)})",
-        f"put traffic back on the slot you know is healthy: `runbook switch {env.name} "
-        f"--slot {intent.from_slot}`, then check `runbook status {env.name}`", intent)
+        f"put traffic back on the slot you know is healthy: `runbook switch {command_arg(env)} "
+        f"--slot {intent.from_slot}`, then check `runbook status {command_arg(env)}`", intent)
 
 
 def _state(env: Environment) -> states.DeploymentState | None:
@@ -178,14 +179,14 @@ def taken_snapshot(env: Environment, deployment_id: str) -> Any:
     return own[0] if own else None
 
 
-def dirty_schema(env: Environment, schema: SchemaVersion, pending: intents.Intent | None,
-                 name: str) -> PreconditionError:
+def dirty_schema(env: Environment, schema: SchemaVersion,
+                 pending: intents.Intent | None) -> PreconditionError:
     """The schema golang-migrate left dirty, no migration under way: migration N failed or
     was cut off part-way, so some of it may be applied. golang-migrate runs nothing on it
     until it is repaired, and migrations run again re-apply a file that half ran (found by
     review: a deploy rerun did both). The repair named is exact when the deploy that left it
-    is known (`pending`, its record): the restore of its pre-deploy snapshot. `name`: how a
-    command names this environment."""
+    is known (`pending`, its record): the restore of its pre-deploy snapshot."""
+    name = command_arg(env)
     snap = None
     left = ""
     if pending is not None and pending.action == "deploy":
@@ -262,12 +263,12 @@ def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed
 def resume_command(env: Environment, intent: intents.Intent) -> str:
     """The command that reruns (so finishes) the interrupted run."""
     if intent.action == "deploy":
-        return f"runbook deploy {env.name} --version {intent.to_version}"
+        return f"runbook deploy {command_arg(env)} --version {intent.to_version}"
     if intent.action == "switch":
-        return f"runbook switch {env.name} --slot {intent.to_slot}"
+        return f"runbook switch {command_arg(env)} --slot {intent.to_slot}"
     # named: a rerun without it goes to the previous deployment, not to the version a
     # `rollback --to` was going to (found by review)
-    return f"runbook rollback {env.name} --to {intent.to_version}"
+    return f"runbook rollback {command_arg(env)} --to {intent.to_version}"
 
 
 def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> PreconditionError:
@@ -278,10 +279,10 @@ def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> Pre
         f"an interrupted run took effect and is not finished ({intent.describe(moved=True)}); "
         f"{asked} is not what it did, so nothing was changed",
         f"finish it first with `{resume_command(env, intent)}`, then run this command again; "
-        f"or undo it: `runbook switch {env.name} --slot {intent.from_slot}` puts traffic back "
-        f"on {intent.from_version or intent.from_slot} (a switch does not check the schema: "
-        "after a deploy that migrated, finish it and then `runbook rollback`, whose schema "
-        "guard does)")
+        f"or undo it: `runbook switch {command_arg(env)} --slot {intent.from_slot}` puts "
+        f"traffic back on {intent.from_version or intent.from_slot} (a switch does not check "
+        "the schema: after a deploy that migrated, finish it and then `runbook rollback`, "
+        "whose schema guard does)")
 
 
 def _caddyfile_step(env: Environment, intent: intents.Intent) -> Step:

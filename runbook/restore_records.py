@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook import files, times
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import PreconditionError
 
 if TYPE_CHECKING:
@@ -97,8 +97,8 @@ def _marked(env: Environment) -> dict[str, str] | None:
         f"{target}, which records whether the last restore left a database that does not "
         f"match its snapshot, cannot be read ({problem})",
         f"read it (`cat {shlex.quote(str(target))}`) and the restore runs' journals; restore "
-        f"a snapshot again (`runbook rollback {env.name} --restore-snapshot` or `runbook "
-        f"snapshot restore {env.name} <snapshot>`), which replaces that file, or, once you "
+        f"a snapshot again (`runbook rollback {command_arg(env)} --restore-snapshot` or `runbook "
+        f"snapshot restore {command_arg(env)} <snapshot>`), which replaces that file, or, once you "
         f"have checked the data, move it aside (`mv {shlex.quote(str(target))} "
         f"{shlex.quote(str(target))}.checked`)")
 
@@ -308,10 +308,11 @@ def doubted_restore(env: Environment, run_id: str | None = None) -> dict[str, st
     return None
 
 
-def doubted_fix(name: str, doubted: dict[str, str], again: str | None = None) -> str:
+def doubted_fix(env: Environment, doubted: dict[str, str], again: str | None = None) -> str:
     """The fix while the restored database does not match its snapshot: the run's own (its
     check's), then the two commands that replace that database whole. `again`: the command
     that restores the snapshot again (an interrupted rollback's, as it was started)."""
+    name = command_arg(env)
     ways = []
     if doubted["before"]:
         ways.append(f"`runbook snapshot restore {name} "
@@ -323,7 +324,7 @@ def doubted_fix(name: str, doubted: dict[str, str], again: str | None = None) ->
     return "; ".join([doubted["fix"] or "do not start the app on it; investigate", *ways])
 
 
-def restoring_command(name: str, record: Intent) -> str | None:
+def restoring_command(env: Environment, record: Intent) -> str | None:
     """The command that finishes an interrupted `rollback --restore-snapshot` as it was
     started, or None when it restored nothing."""
     snap = record.record.get("restore_snapshot") if record.action == "rollback" else None
@@ -333,7 +334,7 @@ def restoring_command(name: str, record: Intent) -> str | None:
     moved = record.record.get("moved_from")  # accepted as this database's before it moved
     if isinstance(moved, str) and moved:
         ended += f" --moved-from {shlex.quote(moved)}"
-    return (f"runbook rollback {name} --to {record.to_version} --restore-snapshot "
+    return (f"runbook rollback {command_arg(env)} --to {record.to_version} --restore-snapshot "
             f"--snapshot {shlex.quote(snap)}{ended}")
 
 
@@ -378,9 +379,9 @@ def refuse_doubted(env: Environment, dead: Intent | None, run_id: str, action: s
              "database since)")
     if accept:
         return f"{found}: overridden with {ACCEPT_FLAG}: {does('that database', True)}"
-    again = restoring_command(env.name, dead) \
+    again = restoring_command(env, dead) \
         if dead is not None and dead.run_id == doubted["run_id"] else None
-    fix = doubted_fix(env.name, doubted, again)
+    fix = doubted_fix(env, doubted, again)
     if accept is not None:
         fix += (f"; or, once you have checked that data and accept it as it is, run this "
                 f"{action} again with {ACCEPT_FLAG}")

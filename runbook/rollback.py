@@ -19,7 +19,7 @@ from runbook import caddy, compose, database, docker, finish, recording, slots, 
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.redact import one_line
@@ -155,14 +155,14 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 "snapshot can be chosen safely; nothing was changed",
                 (FLEET_PICKS if options.fleet else
                  f"pick the one taken at {target.version}'s schema from `runbook snapshot "
-                 f"list {env.name}` and pass it with --snapshot FILE")
+                 f"list {command_arg(env)}` and pass it with --snapshot FILE")
                 + _before_a_move(env, options, recorded, after))
         if snap is None:
             raise PreconditionError(f"no usable snapshot at schema {recorded} was found in "
                                     f"{env.database.snapshot_dir}",
                                     (FLEET_PICKS if options.fleet else
-                                     f"list them with `runbook snapshot list {env.name}` and "
-                                     "pass one with --snapshot FILE")
+                                     "list them with `runbook snapshot list "
+                                     f"{command_arg(env)}` and pass one with --snapshot FILE")
                                     + _before_a_move(env, options, recorded, after))
         snap_schema = snap.migration_version
         if recorded is not None and snap_schema is None:
@@ -190,8 +190,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
             f"unknown ({found.source}). If migrations ran since {target.version} was live, "
             f"it will run on a schema it does not know, and its health check may not notice: "
             f"answer no, and restore the snapshot taken before them with `runbook rollback "
-            f"{env.name} --restore-snapshot --snapshot FILE` (`runbook snapshot list "
-            f"{env.name}`)")
+            f"{command_arg(env)} --restore-snapshot --snapshot FILE` (`runbook snapshot list "
+            f"{command_arg(env)}`)")
         guard.details["schema guard"] = "not checked (version not known)"
         return guard
     if not problem and recorded is not None and schema.version < recorded:
@@ -219,16 +219,17 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 f"the snapshot `--restore-snapshot` would pick, {exc.snapshot.name}, is dated "
                 f"{rough_duration(exc.ahead)} in the future: the clock was likely set back "
                 "since it was taken, so which snapshot is the newest cannot be told; name the "
-                f"one to restore and roll back in one go with `runbook rollback {env.name} "
-                f"--restore-snapshot --snapshot FILE` (`runbook snapshot list {env.name}`), "
-                "or pass --force to roll back the code anyway")) from None
+                "one to restore and roll back in one go with `runbook rollback "
+                f"{command_arg(env)} --restore-snapshot --snapshot FILE` (`runbook snapshot "
+                f"list {command_arg(env)}`), or pass --force to roll back the code "
+                "anyway")) from None
         except snapshots.UnreadSidecarError as exc:  # the refusal stays the schema's too
             raise SchemaRefusal(problem, (
                 f"which snapshot `--restore-snapshot` would pick cannot be told: the sidecar "
                 f"of {exc.snapshot.name} cannot be read ({exc.snapshot.unread}); run as its "
                 f"owner or root, or name the one to restore and roll back in one go with "
-                f"`runbook rollback {env.name} --restore-snapshot --snapshot FILE`, or pass "
-                "--force to roll back the code anyway")) from None
+                f"`runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE`, or "
+                "pass --force to roll back the code anyway")) from None
         if snap is None:
             at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
             moved = (_before_a_move(env, options, recorded, current)
@@ -242,8 +243,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         else:
             window = snapshots.loss_window(env, snap)
             fix = (f"restore snapshot {snap.name} and roll back in one go with "
-                   f"`runbook rollback {env.name} --restore-snapshot` ({window.describe()}), "
-                   "or pass --force to roll back the code anyway")
+                   f"`runbook rollback {command_arg(env)} --restore-snapshot` "
+                   f"({window.describe()}), or pass --force to roll back the code anyway")
         raise SchemaRefusal(problem, fix)
     if problem:
         guard.warnings.append(f"schema guard skipped (--force): {problem}; rolling back the "
@@ -258,12 +259,12 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
 def restoring(env: Environment, options: Options, snap: snapshots.Snapshot) -> str:
     """This rollback restoring `snap`, as on-call would type it: the command that the
     refusal of a moved database's snapshot names with --moved-from (verify() adds it)."""
-    from runbook.snapshots.store import command_arg
+    from runbook.snapshots.store import snapshot_arg
 
-    return " ".join(["runbook rollback", env.name,
+    return " ".join(["runbook rollback", command_arg(env),
                      *(["--to", shlex.quote(options.to)] if options.to else []),
                      *(["--force"] if options.force else []),
-                     "--restore-snapshot", "--snapshot", command_arg(env, snap),
+                     "--restore-snapshot", "--snapshot", snapshot_arg(env, snap),
                      *(["--end-sessions"] if options.end_sessions else [])])
 
 
@@ -306,7 +307,7 @@ def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
     "or pass --force") hid that users get errors, and --force would put old code on the
     newer schema (found by review)."""
     container = env.slot(live).container
-    again = restoring_command(env.name, dead)
+    again = restoring_command(env, dead)
     fix = (f"finish the interrupted run as it was started: `{again}`; or serve again at once "
            f"with the code that ran: `docker start {container}`" if again else
            f"serve again at once with the code that ran: `docker start {container}`; then "
@@ -335,8 +336,8 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
             f"{live} slot, which serves (as Caddy runs it), runs {runs}: the file is out of "
             "date (a rollback that rewrote it without switching?), so what to roll back to "
             "is not known; nothing was changed",
-            f"check `runbook status {env.name}`, then name the version to go to: `runbook "
-            f"rollback {env.name} --to <version>` (known: {known})")
+            f"check `runbook status {command_arg(env)}`, then name the version to go to: `runbook "
+            f"rollback {command_arg(env)} --to <version>` (known: {known})")
     if (runs is not None and target.version == runs) or (
             runs is None and (target.id == current.id or target.version == current.version)):
         raise PreconditionError(f"{target.version} already serves, from the {live} slot (as "
@@ -387,8 +388,8 @@ def named_target(env: Environment, state: states.DeploymentState,
         raise UsageError(f"--to {one_line(ref)} is not in the deployment history (known: "
                          f"{known}); "
                          "nothing was changed",
-                         f"pass one of them (`runbook status {env.name}` shows them), a commit "
-                         "prefix or a deployment id")
+                         f"pass one of them (`runbook status {command_arg(env)}` shows them), "
+                         "a commit prefix or a deployment id")
     return target
 
 
@@ -417,11 +418,11 @@ def _other_target(env: Environment, found: tuple[intents.Intent, str] | None,
     if (found is None or found[0].action != "rollback" or options.to
             or found[0].from_version != serving or found[0].to_version == target.version):
         return None
-    again = restoring_command(env.name, found[0]) or finish.resume_command(env, found[0])
-    other = (f"`runbook rollback {env.name} --to {target.version}`"
+    again = restoring_command(env, found[0]) or finish.resume_command(env, found[0])
+    other = (f"`runbook rollback {command_arg(env)} --to {target.version}`"
              if target.version != serving else
              # the file's previous is what serves (a swapped file): no rollback goes there
-             f"another version with `runbook rollback {env.name} --to <version>`")
+             f"another version with `runbook rollback {command_arg(env)} --to <version>`")
     return PreconditionError(
         f"an interrupted rollback was going to {found[0].to_version}, and this one would go "
         f"to {target.version}" + (" (which serves already: the state file is out of date)"
@@ -432,7 +433,7 @@ def _other_target(env: Environment, found: tuple[intents.Intent, str] | None,
 
 def resume_command(env: Environment, version: str) -> str:
     """What reruns this rollback: its target named (the previous deployment or a --to one)."""
-    return f"runbook rollback {env.name} --to {version}"
+    return f"runbook rollback {command_arg(env)} --to {version}"
 
 
 def plan(env: Environment, options: Options, run_id: str) -> Plan:
@@ -469,9 +470,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 f"the previous deployment {target.version} is the one this host was rolled "
                 f"back from: rolling back again would put it back in front of users; nothing "
                 "was changed",
-                f"to return to it on purpose: `runbook rollback {env.name} --to "
+                f"to return to it on purpose: `runbook rollback {command_arg(env)} --to "
                 f"{target.version}`; to go further back, name that version with --to "
-                f"(`runbook status {env.name}` lists the deployments)")
+                f"(`runbook status {command_arg(env)}` lists the deployments)")
     if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
@@ -519,7 +520,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                         f"restore is in {restored['safety']}, its safety snapshot: keep it)"
                         + ("" if containers[live].result().running
                            else f" and left the serving slot {live} STOPPED"))
-            elif unreadable is not None and restoring_command(env.name, found[0]):
+            elif unreadable is not None and restoring_command(env, found[0]):
                 from runbook.restore_records import unfinished_marker
 
                 seen = (f"may have restored the database before it stopped (whether it did "

@@ -21,7 +21,7 @@ from runbook import disk, files
 from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode, LockLostError, RunbookError, UsageError
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 
@@ -226,11 +226,13 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 "unexpected failure before anything was changed (a bug in runbook: please "
                 f"report this line): {type(exc).__name__}: {exc}",
                 f"nothing needs undoing; the journal {journal.log_path} has what it met, and "
-                f"`runbook status {env.name}` shows what runs", exit_code=ExitCode.FAILED_SAFELY)
+                f"`runbook status {command_arg(env)}` shows what runs",
+                exit_code=ExitCode.FAILED_SAFELY)
         else:
             error = RunbookError(f"unexpected failure: {type(exc).__name__}: {exc}",
                                  f"read the journal {journal.log_path}; run `runbook status "
-                                 f"{env.name}` to see what runs", exit_code=ExitCode.ATTENTION)
+                                 f"{command_arg(env)}` to see what runs",
+                                 exit_code=ExitCode.ATTENTION)
         journal.log("ERROR", f"unexpected failure: {type(exc).__name__}: {exc}",
                     exception=repr(exc))
         raise _failed(journal, error, result) from None

@@ -27,7 +27,7 @@ from runbook import (
 )
 from runbook import intent as intents
 from runbook.docker import ContainerInfo
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.plan import Aside, Phase, Step, StepContext
 
@@ -893,7 +893,7 @@ def not_stopping(env: Environment, serving: Slot, old: Slot, why: str,
     now: besides the switch back, the way to finish once on-call judges it stable (a refusal
     alone would refuse every rerun: after a host's reboot, for ever)."""
     logs = f"`docker logs --tail 100 {env.slot(serving).container}`"
-    back = f"`runbook switch {env.name} --slot {old}`"
+    back = f"`runbook switch {command_arg(env)} --slot {old}`"
     container = env.slot(old).container
     if old_info is None or old_info.running:
         keep = (f"; or, once `docker ps` shows {env.slot(serving).container} up for minutes "
@@ -983,8 +983,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                 return report.status
         raise _KeptForForce(
             f"the {slot.other} slot, forced past its health gate, {why}, so traffic can go "
-            f"back to {slot} (`runbook switch {env.name} --slot {slot}`); stop it once that "
-            f"is no longer needed: `docker stop {container}`")
+            f"back to {slot} (`runbook switch {command_arg(env)} --slot {slot}`); stop it once "
+            f"that is no longer needed: `docker stop {container}`")
 
     def run(ctx: StepContext) -> None:
         info = docker.inspect(container)
@@ -1092,7 +1092,7 @@ def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: An
                     "and Caddy's config cannot be read again: nothing was loaded"
                     + (f"; {kept}" if kept else ""),
                     f"see who changes Caddy (`curl {env.caddy.admin_url}/config/`), then "
-                    f"check `runbook status {env.name}`", stage="restore",
+                    f"check `runbook status {command_arg(env)}`", stage="restore",
                     exit_code=ExitCode.ATTENTION)
             config, said = traffic.undo_config(env, running, before, target, loaded, now)
         try:
@@ -1109,7 +1109,7 @@ def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: An
                     f"changing); {file}, Caddy's config was not"
                     + (f"; {kept}" if kept else ""),
                     f"see who changes Caddy (`curl {env.caddy.admin_url}/config/`), then "
-                    f"check `runbook status {env.name}`", stage="restore",
+                    f"check `runbook status {command_arg(env)}`", stage="restore",
                     exit_code=ExitCode.ATTENTION) from None
             continue
         # an edit kept aside by a refused attempt: the later ones found the file put back

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook.database import SchemaVersion
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import NotPutBack, Plan, Skipped, Stays, Step, StepContext
 from runbook.restore_records import (
@@ -283,16 +283,17 @@ def restore_steps(env: Environment, run: RestoreRun,
             ctx.notice(f"the restore removed the privileges other roles held ({taken[0]} "
                        f"owns everything now): {taken[1]}; re-grant what they need "
                        "(`GRANT ... TO <role>`)")
+        arg = command_arg(env)
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
             fit = [n for n in run.stopped + run.held_down if n not in run.unfit]
             then = (f"start the stopped app containers on the restored database (`docker "
-                    f"start {' '.join(fit) or '<container>'}`, then "
-                    f"`runbook health "
-                    f"{env.name}`), or, if their code needs another schema, `runbook rollback "
-                    f"{env.name}` or `runbook deploy {env.name} --version <known-good>`")
+                    f"start {' '.join(fit) or '<container>'}`, then `runbook healthcheck "
+                    f"{arg}`), "
+                    f"or, if their code needs another schema, `runbook rollback {arg}` or "
+                    f"`runbook deploy {arg} --version <known-good>`")
         else:
-            then = (f"fix the cause and run `runbook switch {env.name} --slot "
-                    f"{switch_to or '<target slot>'}` or `runbook deploy {env.name} --version "
+            then = (f"fix the cause and run `runbook switch {arg} --slot "
+                    f"{switch_to or '<target slot>'}` or `runbook deploy {arg} --version "
                     "<known-good>`")
         ctx.cannot_undo(down, f"{then}; {before_restore()}")
         # stopped after its commit (exit 6), the terminal may be all on-call reads
@@ -445,7 +446,7 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                         f"the database was restored, but {name} is not healthy on it: "
                         f"{exc.message}",
                         f"its code may need the newer schema: roll the code back "
-                        f"(`runbook rollback {env.name}`) or redeploy",
+                        f"(`runbook rollback {command_arg(env)}`) or redeploy",
                         exit_code=ExitCode.ATTENTION) from None
         ctx.note(started=", ".join(stopped) or "none (none were running)")
         if unfit:
@@ -455,8 +456,8 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
             for why in unfit.values():
                 ctx.notice(f"{why}: left stopped, not started on a schema it never ran on "
                            f"(fix: start a standby only with code that runs on schema {at}, "
-                           f"e.g. `runbook deploy {env.name} --version <one at schema {at}>`, "
-                           "which also moves traffic to it)")
+                           f"e.g. `runbook deploy {command_arg(env)} --version <one at schema "
+                           f"{at}>`, which also moves traffic to it)")
 
     containers = "those the restore stopped" + (
         f", and {left_stopped}, which serves and was found stopped (an interrupted run's "
@@ -826,9 +827,9 @@ def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
         f"{run.snapshot.name} is at schema {at.describe()}, and {serving} {witness} schema "
         f"{expected.describe()}: started again after the restore, it would run on a schema "
         "it never ran on; nothing was changed",
-        f"move code and schema together with `runbook rollback {env.name} --restore-snapshot "
-        f"--snapshot {name}{moved}`, or restore and start nothing with --keep-stopped (then "
-        "start the code that fits that schema yourself)")
+        f"move code and schema together with `runbook rollback {command_arg(env)} "
+        f"--restore-snapshot --snapshot {name}{moved}`, or restore and start nothing with "
+        "--keep-stopped (then start the code that fits that schema yourself)")
 
 
 def _unfit_standby(env: Environment, run: RestoreRun) -> dict[str, str]:
@@ -871,7 +872,7 @@ def _unfit_standby(env: Environment, run: RestoreRun) -> dict[str, str]:
                      "that serves")
             raise PreconditionError(
                 f"{why}: {cause}; nothing was changed",
-                f"restore and start nothing with `runbook snapshot restore {env.name} "
+                f"restore and start nothing with `runbook snapshot restore {command_arg(env)} "
                 f"{shlex.quote(run.snapshot.name)} --keep-stopped`, then start the code "
                 f"that fits schema {at.describe()} yourself")
         unfit[name] = why

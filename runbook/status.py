@@ -225,7 +225,7 @@ def schema_dirty(f: Facts) -> Iterator[Problem]:
     elif f.schema is not None and f.schema.dirty:
         from runbook import finish
 
-        found = finish.dirty_schema(f.env, f.schema, f.intent, _arg(f.env))
+        found = finish.dirty_schema(f.env, f.schema, f.intent)
         yield Problem(found.message, found.fix or "")
 
 
@@ -888,9 +888,9 @@ def _doubted_fix(f: Facts, said: bool = False) -> str | None:
     from runbook.restore_records import doubted_fix, restoring_command
 
     pending = f.intent
-    again = restoring_command(_arg(f.env), pending) \
+    again = restoring_command(f.env, pending) \
         if pending is not None and pending.run_id == f.doubted["run_id"] else None
-    return doubted_fix(_arg(f.env), f.doubted, again)
+    return doubted_fix(f.env, f.doubted, again)
 
 
 def _command(f: Facts, pending: intents.Intent) -> str:
@@ -911,7 +911,7 @@ def _unfinished_command(f: Facts, pending: intents.Intent) -> str:
 
         began = known_killed_restore(f.env, None)[0]  # unreadable: restore_unfinished says it
         if began is None or began["run_id"] != pending.run_id:
-            command = restoring_command(_arg(f.env), pending) or command
+            command = restoring_command(f.env, pending) or command
     return command
 
 

@@ -182,7 +182,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 # no record of its own beside a kept one: it moves no traffic, and writing
                 # its record (then clearing it) lost the one kept
                 intent=None if keeps else intent,
-                resume_command=f"runbook switch {env.name} --slot {target}",
+                resume_command=f"runbook switch {command_arg(env)} --slot {target}",
                 replaces=repairing.intent if repairing is not None else old_record,
                 accepted_doubt=accepted)
 
@@ -233,7 +233,7 @@ def _recorded(env: Environment, state: states.DeploymentState, version: str, tar
     elif state.current is not None and after.previous is not None \
             and after.previous.id == state.current.id and after.previous.status == "rolled_back":
         lines["recorded as"] = f"a rollback from {state.current.version} to {version}" + (
-            f": a plain `runbook rollback {env.name}` then refuses to go back to "
+            f": a plain `runbook rollback {command_arg(env)}` then refuses to go back to "
             f"{state.current.version} (name it with --to)" if after.rolled_back_from else "")
     return lines
 
@@ -266,16 +266,16 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
     if found.slot != target and not unrecorded:
         raise PreconditionError(f"{refused}; the Caddyfile on disk names {names}, and an "
                                 "interrupted run's record is open",
-                                f"see `runbook status {env.name}`: it names the command that "
-                                "finishes that run (which puts the file in line)")
+                                f"see `runbook status {command_arg(env)}`: it names the "
+                                "command that finishes that run (which puts the file in line)")
     report = health.probe(env.slot(target), env.health.path, env.health.request_timeout)
     if not report.ok:
         raise PreconditionError(
             f"{refused}, but does not answer healthy ({report.status}: {report.reason()}); "
             + (f"the Caddyfile on disk names {names}" if found.slot != target else
                f"the state file records {elsewhere}; nothing was written"),
-            f"switch to the slot you know is healthy: `runbook switch {env.name} --slot "
-            f"{target.other}`, or get {target} healthy first (`runbook status {env.name}`)")
+            f"switch to the slot you know is healthy: `runbook switch {command_arg(env)} --slot "
+            f"{target.other}`, or get {target} healthy first (`runbook status {command_arg(env)}`)")
     if found.slot != target:
         return (f"Caddy already runs {target}, but {env.caddy.caddyfile} names {names}: this "
                 f"switch writes the file back in line with what runs and reloads it; traffic "
@@ -328,7 +328,7 @@ def _record_only(env: Environment, state: states.DeploymentState, target: Slot, 
         raise PreconditionError(
             f"Caddy's running config sends traffic to {target}, but the proxy does not show "
             f"{target} running {version}: {seen.describe()}; nothing was written",
-            f"see `runbook status {env.name}`")
+            f"see `runbook status {command_arg(env)}`")
     observed = slots.Observed()
     # never written (plan.intent stays None): a kill before the record leaves the file as it
     # was, and this same command records it then; the recorder reads what to record from it
@@ -357,7 +357,7 @@ def _record_only(env: Environment, state: states.DeploymentState, target: Slot, 
         if not check.ok:
             raise PreconditionError(f"the proxy does not show {target} running {version}: "
                                     f"{check.describe()}; nothing was written",
-                                    f"see `runbook status {env.name}`")
+                                    f"see `runbook status {command_arg(env)}`")
         ctx.note(proxy=check.describe())
         ctx.commit()
 
@@ -394,7 +394,7 @@ def _record_only(env: Environment, state: states.DeploymentState, target: Slot, 
                 f"where it already is", steps, warnings, "",
                 facts={"from_slot": str(recorded.active_slot), "to_slot": str(target),
                        "version": version, "to": version, "record_only": True},
-                resume_command=f"runbook switch {env.name} --slot {target}",
+                resume_command=f"runbook switch {command_arg(env)} --slot {target}",
                 accepted_doubt=accepted, commit_point=point)
 
 

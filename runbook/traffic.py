@@ -435,8 +435,8 @@ def undo_config(env: Environment, running: Any, previous: Slot | None, target: S
             "config it ran before would undo that change too, so nothing was loaded and "
             f"{env.caddy.caddyfile} was left as the switch wrote it; {serving}",
             f"see who changed Caddy (`curl {env.caddy.admin_url}/config/`), then check "
-            f"`runbook status {env.name}` and, to put it back on {previous or 'its slot'}, "
-            f"run `runbook switch {env.name} --slot {previous or '<blue|green>'}`",
+            f"`runbook status {command_arg(env)}` and, to put it back on {previous or 'its slot'}, "
+            f"run `runbook switch {command_arg(env)} --slot {previous or '<blue|green>'}`",
             stage="restore", exit_code=ExitCode.ATTENTION)
     return moved, (f"Caddy's config had changed {since} (first at {where}): that change was "
                    f"kept, and only {env.display}'s upstreams were pointed back at {previous}")
@@ -707,14 +707,14 @@ def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
         "changed",
         "set [caddy] site to the host name Caddy serves the app at (and proxy_url to "
         "https://127.0.0.1 when it serves HTTPS only) or fix [caddy] proxy_url and "
-        f"verify_path, then check with `runbook status {env.name}`")
+        f"verify_path, then check with `runbook status {command_arg(env)}`")
 
 
 def untrusted_fix(env: Environment) -> str:
     return (f"set [caddy] ca_file in {env.source or 'the environment file'} to the PEM file "
             "of the CA that signs the site (for `tls internal`, Caddy's local root: <caddy "
             "data dir>/pki/authorities/local/root.crt), or fix [caddy] site and proxy_url; "
-            f"then check with `runbook status {env.name}`")
+            f"then check with `runbook status {command_arg(env)}`")
 
 
 def _block_without_header(env: Environment) -> bool:
@@ -733,7 +733,7 @@ def serving_slot(env: Environment) -> Slot:
     if found.slot is None or problem is not None:
         raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
                                 "see `runbook status`; repoint Caddy at the healthy slot with "
-                                f"`runbook switch {env.name} --slot <blue|green>`")
+                                f"`runbook switch {command_arg(env)} --slot <blue|green>`")
     return found.slot
 
 
@@ -900,7 +900,7 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
     if found.slot is None or (problem and found.proxy_slot is not None):
         raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
                                 "see `runbook status`; repoint Caddy at the healthy slot with "
-                                f"`runbook switch {env.name} --slot <blue|green>`")
+                                f"`runbook switch {command_arg(env)} --slot <blue|green>`")
     refuse_if_unverifiable(env, found)
     warnings: list[str] = []
     if problem:

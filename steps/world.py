@@ -30,7 +30,7 @@ from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.load import Load
 from runbook.drill.stack import DrillStack
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import PreconditionError, RunbookError
 from runbook.plan import Plan
 from runbook.run import RunResult
@@ -378,7 +378,7 @@ class World:
         def confirm(plan: Plan) -> bool:
             self.show(f"{what}: the plan on {self.env.display}", plan.render())
             if plan.warnings:
-                command = (f"runbook {what.split()[0]} {self.env.source or self.env.name}"
+                command = (f"runbook {what.split()[0]} {command_arg(self.env)}"
                            + (f" {cli}" if cli else ""))
                 raise PreconditionError(
                     f"{what}: not run, its plan warns (nobody is at a prompt to answer): "

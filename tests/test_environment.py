@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -733,3 +734,39 @@ def test_a_health_check_path_given_as_a_url_is_judged_by_its_path(tmp_path: Path
     said = f"{err.value} {err.value.fix}"
     assert 'path = "/health/full?deep=1"' in said and "/http:" not in said, said
     assert "a URL" in said, said
+
+
+def test_command_arg_names_the_file_that_was_read_as_one_shell_word(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A printed fix names the environment the way that loads this very file: the bare name
+    only where the name finds it; else the file, absolute (on-call may run it from another
+    directory) and quoted (a space is one word). The oracle: the word, split as a shell
+    splits it and loaded from elsewhere, reads the same file."""
+    host = tmp_path / "etc"
+    host.mkdir()
+    monkeypatch.setattr(envmod, "SYSTEM_DIR", host)
+
+    def loads_the_same(env: envmod.Environment) -> str:
+        arg = envmod.command_arg(env)
+        [word] = shlex.split(arg)
+        loaded = envmod.load(word)
+        assert env.source is not None and loaded.source is not None
+        assert loaded.source.resolve() == env.source.resolve(), arg
+        return arg
+
+    assert loads_the_same(envmod.load("production")) == "production"  # the packaged file
+    packaged = envmod.find_config("production")
+    (host / "production.toml").write_text(packaged.read_text())  # the host's own now
+    assert loads_the_same(envmod.load("prod")) == "production"
+    # the packaged file by --config: the bare name now loads the host's, not this one
+    assert loads_the_same(envmod.load("production", config=str(packaged))) == str(packaged)
+    beside = host / "production-old.toml"  # a default place, another file
+    beside.write_text(packaged.read_text())
+    assert loads_the_same(envmod.load("production", config=str(beside))) == str(beside)
+    spaced = tmp_path / "on call" / "prod's env.toml"
+    spaced.parent.mkdir()
+    spaced.write_text(packaged.read_text())
+    monkeypatch.chdir(spaced.parent)
+    env = envmod.load("production", config=spaced.name)  # relative, as typed
+    monkeypatch.chdir(tmp_path)
+    assert loads_the_same(env) == shlex.quote(str(spaced))

@@ -24,7 +24,7 @@ from runbook import state as states
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import (
     needs_root,
@@ -96,7 +96,7 @@ def test_no_compose_host_refuses_to_recreate_a_removed_slot(
         assert f"{container} must be recreated with {V2.image}" in text
         assert "the way it was created" in text and "docker run" in text
         # never `runbook deploy`: it needs compose and refuses on this host
-        assert f"runbook deploy {env.name} --version" not in text
+        assert f"runbook deploy {command_arg(env)} --version" not in text
         assert ("[compose] file is not set" if file is None
                 else f"the compose file {file} does not exist") in text
         assert snapshot(env) == before

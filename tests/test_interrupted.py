@@ -44,7 +44,7 @@ from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, RunbookError
 from runbook.plan import Step, StepContext
 from tests.drill_checks import Poller, closed_port, wait_stopped
@@ -268,7 +268,7 @@ def test_a_closed_stdout_still_says_the_rollback_took_effect_with_exit_6(
     os.close(write_out)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == int(ExitCode.TOOK_EFFECT), err
-    assert "TOOK EFFECT" in err and f"runbook rollback {env.name}" in err, err
+    assert "TOOK EFFECT" in err and f"runbook rollback {command_arg(env)}" in err, err
     records = [json.loads(p.read_text()) for p in env.runs_dir.glob("rbk_*.json")]
     assert [(r["outcome"], r["exit_code"]) for r in records] == [("took effect", 6)]
     assert through_proxy(env) == ("green", V2.tag)
@@ -505,7 +505,7 @@ def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack)
                    capture_output=True)  # the target crashes
     blocked = cli(env, "rollback", "--yes")
     assert blocked.returncode == 4, blocked.stderr
-    fix = f"runbook switch {env.name} --slot blue"
+    fix = f"runbook switch {command_arg(env)} --slot blue"
     assert "does not answer as" in blocked.stderr and fix in blocked.stderr
     interrupted = intents.read(env)
     assert interrupted is not None
@@ -1078,10 +1078,12 @@ def test_a_migration_that_fails_half_way_says_the_schema_is_left_dirty(
     check fails on it), and the fix named `runbook snapshot restore ENV FILE` though the
     run knew the file. It says "dirty" and gives the exact command now."""
     stack.reset()  # v1 serving from blue on schema 1
-    _, first, pre_deploy = deploy_left_dirty(stack, tmp_path)
+    half, first, pre_deploy = deploy_left_dirty(stack, tmp_path)
     env = stack.env
     assert "is at 2 (dirty)" in first.stderr, first.stderr
-    assert f"`runbook snapshot restore {env.name} {pre_deploy}`" in first.stderr, first.stderr
+    # named as that deploy was given its environment: its own file
+    restore = f"`runbook snapshot restore {command_arg(half)} {pre_deploy}`"
+    assert restore in first.stderr, first.stderr
     assert "FILE" not in first.stderr, first.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
 
@@ -1112,7 +1114,7 @@ def test_a_deploy_rerun_on_a_schema_its_failed_migration_left_dirty_refuses_with
         said = again.stdout + again.stderr
         assert again.returncode == 4, said
         assert "the database schema is dirty at version 2" in said, said
-        assert f"`runbook snapshot restore {env.name} {pre_deploy}`" in said, said
+        assert f"`runbook snapshot restore {command_arg(rerun_env)} {pre_deploy}`" in said, said
         assert facts() == before  # nothing changed: no recreate, no migration, no snapshot
     restore = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
                               str(env.source), str(pre_deploy), "--yes"], capture_output=True,
@@ -1232,7 +1234,8 @@ def test_a_deploy_killed_while_its_migration_runs_then_cut_off_refuses_with_its_
     before = sorted(env.database.snapshot_dir.iterdir()), env.state_file.read_bytes()
     again = cli(env, "deploy", "--version", V2.tag, "--yes")
     assert again.returncode == 4, again.stdout + again.stderr
-    assert f"`runbook snapshot restore {env.name} {pre_deploy}`" in again.stderr, again.stderr
+    restore = f"`runbook snapshot restore {command_arg(env)} {pre_deploy}`"
+    assert restore in again.stderr, again.stderr
     assert (sorted(env.database.snapshot_dir.iterdir()), env.state_file.read_bytes()) == before
     assert _schema(stack) == (2, True, ())
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
@@ -1438,7 +1441,7 @@ def test_another_command_after_a_committed_interruption_is_refused_not_turned_in
         said = refused.stderr
         assert refused.returncode == 4, refused.stdout + said
         assert "is not what it did, so nothing was changed" in said, said
-        assert f"runbook rollback {env.name}" in said  # what finishes it
+        assert f"runbook rollback {command_arg(env)}" in said  # what finishes it
         assert intents.read(env) == record and env.state_file.read_bytes() == state
         assert docker.inspect(env.slot(Slot.BLUE).container).running  # not finished by it
         assert through_proxy(env) == ("green", V2.tag)
@@ -3066,10 +3069,10 @@ def test_a_target_that_fails_after_its_gate_never_has_the_old_slot_stopped_under
         assert "Traceback" not in err
         assert run.returncode == ExitCode.TOOK_EFFECT, err
         assert "no longer answers healthy" in err and \
-            f"`runbook switch {env.name} --slot blue`" in err, err
+            f"`runbook switch {command_arg(env)} --slot blue`" in err, err
         # the switch back comes first, the finish only after it (found by review: the two
         # were said side by side, and a rerun while the new slot flaps stops the old one)
-        assert f"first switch back now: `runbook switch {env.name} --slot blue`" in err, err
+        assert f"first switch back now: `runbook switch {command_arg(env)} --slot blue`" in err, err
         assert err.index("first switch back now") < err.index("only after that, run"), err
         assert docker.inspect(env.slot(Slot.BLUE).container).running
         finish = cli(env, "rollback", "--yes")  # the command the message names
@@ -3105,12 +3108,12 @@ def test_a_rerun_without_the_restore_flag_says_the_service_is_down_and_names_the
     assert "left the serving slot green" in again.stderr and "STOPPED: users get errors" \
         in again.stderr, again.stderr
     v1 = VERSIONS["v1"].tag  # the command names its target too (found by review)
-    assert f"runbook rollback {env.name} --to {v1} --restore-snapshot --snapshot " \
+    assert f"runbook rollback {command_arg(env)} --to {v1} --restore-snapshot --snapshot " \
         in again.stderr, again.stderr
     status = cli(env, "status")
     assert "--restore-snapshot --snapshot " in status.stdout + status.stderr, status.stdout
     command = again.stderr.split("`runbook rollback ", 1)[1].split("`", 1)[0].split()
-    assert command[0] == env.name, command
+    assert command[0] == command_arg(env), command
     done = cli(env, "rollback", *command[1:], "--yes")
     assert done.returncode == 0, done.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
@@ -3161,7 +3164,7 @@ def test_an_interrupted_rollback_is_judged_by_what_serves_when_the_file_was_swap
     again = cli(env, "rollback", "--yes")
     assert again.returncode == 4, again.stderr
     assert f"an interrupted rollback was going to {v1}" in again.stderr, again.stderr
-    assert f"`runbook rollback {env.name} --to {v1}`" in again.stderr, again.stderr
+    assert f"`runbook rollback {command_arg(env)} --to {v1}`" in again.stderr, again.stderr
     assert f"--to {V3.tag}`" not in again.stderr, again.stderr  # v3 serves already
     assert "nothing was changed" in again.stderr, again.stderr
     assert through_proxy(env) == ("blue", V3.tag)
@@ -3336,7 +3339,7 @@ def test_status_after_a_committed_run_whose_target_crashed_names_the_switch_back
     found = json.loads(out.stdout)["problems"]
     said = [p for p in found if p["check"] == "interrupted_run"]
     assert len(said) == 1, out.stdout
-    fix = f"runbook switch {env.name} --slot blue"
+    fix = f"runbook switch {command_arg(env)} --slot blue"
     assert "it took effect: traffic is on" not in said[0]["problem"], said
     assert "finishes it" not in said[0]["fix"], said
     assert "does not answer as" in said[0]["problem"] and fix in said[0]["fix"], said

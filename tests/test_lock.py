@@ -23,7 +23,7 @@ import pytest
 from runbook import files, procs
 from runbook import lock as lockmod
 from runbook import state as states
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import ConfigError, ExitCode, LockedError, RunbookError
 from runbook.lock import acquire, guard_path, holding, release, status, unlock
 from runbook.state import format_time, read_state
@@ -133,7 +133,7 @@ def test_second_acquire_names_the_holder_and_the_fix(env: Environment) -> None:
     assert err.exit_code == ExitCode.LOCKED
     for part in (f"pid {os.getpid()}", f"on {HOST}", "'rollback to abc1234'", "rbk_9", "since"):
         assert part in err.message
-    assert err.fix is not None and "runbook unlock production" in err.fix
+    assert err.fix is not None and f"runbook unlock {command_arg(env)}" in err.fix
     assert "\n" not in str(err)
 
 
@@ -962,7 +962,7 @@ def test_force_clears_a_shell_deploys_copy_whose_pid_was_reused(
         with pytest.raises(LockedError) as refused:
             acquire(env, "x", None)
         fix = refused.value.fix or ""
-        assert f"runbook unlock {env.name} --force" in fix and "kill" not in fix, fix
+        assert f"runbook unlock {command_arg(env)} --force" in fix and "kill" not in fix, fix
         said = unlock(env, force=True)
         assert "removed" in said or "cleared" in said, said
         assert not env.lock_path.exists()
@@ -1724,7 +1724,7 @@ def test_a_crashed_shell_lock_dated_in_the_future_is_removed_with_force(env: Env
     assert seen is not None and not seen.stealable and "in the future" in seen.why, seen
     with pytest.raises(LockedError) as refused:
         acquire(env, "x", None)
-    assert f"runbook unlock {env.name} --force" in (refused.value.fix or ""), refused.value
+    assert f"runbook unlock {command_arg(env)} --force" in (refused.value.fix or ""), refused.value
     with pytest.raises(LockedError, match="--force"):
         unlock(env)
     assert path.is_dir()
@@ -1766,10 +1766,10 @@ def test_a_crashed_go_cli_lock_dated_in_the_future_is_removed_with_force(
     with pytest.raises(LockedError) as refused:
         acquire(env, "rollback", None)
     assert "in the future" in refused.value.message, refused.value.message
-    assert f"runbook unlock {env.name} --force" in (refused.value.fix or ""), refused.value
+    assert f"runbook unlock {command_arg(env)} --force" in (refused.value.fix or ""), refused.value
     with pytest.raises(LockedError) as kept:
         unlock(env)
-    assert f"runbook unlock {env.name} --force" in (kept.value.fix or ""), kept.value
+    assert f"runbook unlock {command_arg(env)} --force" in (kept.value.fix or ""), kept.value
     assert "not even with --force" not in (kept.value.fix or ""), kept.value
     assert with_state.read_bytes() == before and not env.lock_path.exists()
     assert "cleared the state file's lock" in unlock(env, force=True)
@@ -1835,7 +1835,7 @@ def test_a_live_state_file_lock_whose_times_cannot_be_read_is_never_taken_over(
         acquire(env, "rollback", None)
     assert "ci@build-runner" in refused.value.message and "cannot be read" in \
         refused.value.message, refused.value.message
-    assert f"runbook unlock {env.name} --force" in (refused.value.fix or ""), refused.value
+    assert f"runbook unlock {command_arg(env)} --force" in (refused.value.fix or ""), refused.value
     assert lockmod.refusal(env) is not None  # a dry run says the same
     with pytest.raises(LockedError):
         unlock(env)
@@ -1868,7 +1868,7 @@ def test_a_state_file_lock_whose_times_cannot_be_read_held_by_a_live_process(
         assert f"process {live_pid}" in fix or f"-p {live_pid}" in fix, fix
         assert "never\"" not in fix and "in never" not in fix, fix
         if not verified:  # the way out: check the process, then --force
-            assert f"runbook unlock {env.name} --force" in fix, fix
+            assert f"runbook unlock {command_arg(env)} --force" in fix, fix
             assert "not even with --force" not in fix, fix
     assert with_state.read_bytes() == before
     if not verified:
@@ -2083,7 +2083,7 @@ def test_a_lock_another_operator_cannot_read_is_said_so_and_left_alone(
         assert code == ExitCode.LOCKED, message
         assert described in message and "shell tooling" not in message, message
         assert f"uid {OWNER_UID}" in fix and "root" in fix, fix
-        assert f"runbook unlock {env.name} --status" in fix, fix
+        assert f"runbook unlock {command_arg(env)} --status" in fix, fix
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in env.lock_dir.iterdir()) == [path.name]
 

@@ -31,7 +31,7 @@ from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import (
     closed_port,
@@ -1264,13 +1264,15 @@ def test_a_restore_pick_dated_in_the_future_is_refused_and_a_named_one_is_not(
         assert guard.value.exit_code == ExitCode.PRECONDITION, said
         assert "migrations ran after the target deployment" in said, said
         assert f"{pre.name}, is dated " in said and " in the future" in said, said
-        assert f"`runbook rollback {env.name} --restore-snapshot --snapshot FILE`" in said, said
+        assert (f"`runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE`"
+                in said), said
         with pytest.raises(RunbookError) as auto:
             rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
         said = str(auto.value)
         assert auto.value.exit_code == ExitCode.PRECONDITION, said
         assert f"snapshot {pre.name} is dated " in said and "clock was likely set back" in said
-        assert f"`runbook rollback {env.name} --restore-snapshot --snapshot FILE`" in said, said
+        assert (f"`runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE`"
+                in said), said
         assert snapshot(env) == before
         named = rollback.rollback(env, rollback.Options(restore_snapshot=pre.name),
                                   dry_run=True)
@@ -1409,7 +1411,7 @@ def test_a_forced_rollback_onto_an_unhealthy_slot_leaves_the_old_one_running(
     assert inspected == "true"  # the docker CLI's word: still running
     said = " ".join(result.notices)
     assert "forced past its health gate, does not answer healthy" in said, said
-    assert f"runbook switch {env.name} --slot green" in said, said
+    assert f"runbook switch {command_arg(env)} --slot green" in said, said
     # the plan and the journal state the criterion applied, not the skipped gate's (found by
     # review: "passes on: healthy or degraded", "backoff 0.1s -> 1s" beside an "unhealthy" ok)
     record = json.loads(Path(str(result.record_file)).read_text())
@@ -1442,10 +1444,10 @@ def test_image_gone_names_the_recovery_command(stack: DrillStack) -> None:
     # the other way out names what works on this host: `runbook deploy` needs compose, and
     # on a `docker run` host it refuses (it sent on-call round in a circle there)
     if docker_run_host(stack):
-        assert f"runbook deploy {env.name} --version" not in str(err.value), err.value
+        assert f"runbook deploy {command_arg(env)} --version" not in str(err.value), err.value
         assert "docker run" in str(err.value) and "runbook switch" in str(err.value), err.value
     else:
-        assert f"runbook deploy {env.name} --version" in str(err.value), err.value
+        assert f"runbook deploy {command_arg(env)} --version" in str(err.value), err.value
 
 
 def step_of(plan: Any, name: str) -> Any:
@@ -2323,7 +2325,8 @@ def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_r
     text = str(err.value)
     assert err.value.exit_code == ExitCode.PRECONDITION, text
     assert "schema 1" in text and "schema 2" in text, text
-    assert f"runbook rollback {env.name} --restore-snapshot --snapshot {pre.name}" in text, text
+    assert (f"runbook rollback {command_arg(env)} --restore-snapshot --snapshot {pre.name}"
+            in text), text
     assert "--keep-stopped" in text, text
     assert snapshot(env) == before and sorted(env.database.snapshot_dir.iterdir()) == listed
     with stack.connect() as conn:
@@ -3110,7 +3113,7 @@ def test_rolling_back_a_rollback_that_restored_is_refused_onto_the_older_schema(
     assert "schema is at 1" in text and f"{V2.tag} ran with 2" in text, text
     # the way to put it on with its migrations: `runbook deploy`, or on a docker-run host
     # (no compose, where deploy refuses) the host's own deploy of it
-    assert (f"runbook deploy {env.name} --version {V2.tag}" in text
+    assert (f"runbook deploy {command_arg(env)} --version {V2.tag}" in text
             or f"run {V2.tag} in the standby slot's container the way this host's own deploy "
                "does" in text), text
     assert snapshot(env) == before

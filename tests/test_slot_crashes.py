@@ -23,7 +23,7 @@ from runbook import docker, faults, health
 from runbook import intent as intents
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode
 from tests.drill_checks import runbook_cli, through_proxy, wait_stopped
 
@@ -92,7 +92,7 @@ def test_both_slots_dead_at_the_stop_ends_exit_6_saying_both_are_down(
     assert done.returncode == ExitCode.TOOK_EFFECT, done.stdout + done.stderr
     assert "both slots are down" in done.stderr, done.stderr
     assert f"`docker start {blue}`" in done.stderr, done.stderr
-    assert f"`runbook switch {env.name} --slot blue`" in done.stderr, done.stderr
+    assert f"`runbook switch {command_arg(env)} --slot blue`" in done.stderr, done.stderr
     assert "kept running" not in done.stderr, done.stderr  # it is not running
 
 
@@ -146,7 +146,7 @@ def test_a_new_slot_its_restart_policy_brought_back_after_its_gate_keeps_the_old
         assert done.returncode == ExitCode.TOOK_EFFECT, done.stdout + done.stderr
         assert "restarted" in done.stderr and "since its health gate" in done.stderr, \
             done.stderr
-        assert f"`runbook switch {env.name} --slot blue`" in done.stderr, done.stderr
+        assert f"`runbook switch {command_arg(env)} --slot blue`" in done.stderr, done.stderr
         assert docker.inspect(env.slot(Slot.BLUE).container).running  # the last good slot
     finally:
         stack.docker("rm", "-f", green, check=False)  # the next arrange recreates it
@@ -199,7 +199,7 @@ def test_a_finish_keeps_the_old_slot_when_the_new_one_was_restarted_since_its_ga
     done = runbook_cli(env, "rollback", "--yes")
     assert done.returncode == ExitCode.TOOK_EFFECT, done.stdout + done.stderr
     assert "restarted since its health gate" in done.stderr, done.stderr
-    assert f"`runbook switch {env.name} --slot blue`" in done.stderr, done.stderr
+    assert f"`runbook switch {command_arg(env)} --slot blue`" in done.stderr, done.stderr
     assert stack.docker("inspect", "-f", "{{.State.Running}}", blue).stdout.strip() == "true"
     # the other way out it names, once on-call judges green stable (after a host's reboot
     # every rerun would otherwise refuse for ever): stop the old slot, run it again

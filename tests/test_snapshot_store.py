@@ -19,7 +19,7 @@ import pytest
 
 from runbook import database, snapshots
 from runbook import state as states
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ConfigError
 from tests.drill_checks import (
     DEPLOY_UID,
@@ -1078,7 +1078,7 @@ def test_the_default_restore_refuses_the_newest_when_it_is_dated_in_the_future(
     assert err.value.exit_code == 4 and "\n" not in said, said
     assert f"snapshot {ahead.name} is " in said and re.search(future_re(), said), said
     assert "the clock was likely set back" in said and "newest cannot be told" in said, said
-    assert "`runbook snapshot restore production SNAPSHOT`" in said, said
+    assert f"`runbook snapshot restore {command_arg(env)} SNAPSHOT`" in said, said
     assert "nothing was changed" in said, said
     # named, either one restores as before
     assert snapshots.find(env, recent.name).path == recent
@@ -1104,7 +1104,7 @@ def test_rollbacks_pick_refuses_a_snapshot_dated_in_the_future(env: Environment)
         assert err.value.exit_code == 4 and "\n" not in said, said
         assert f"snapshot {ahead.name} is " in said and re.search(future_re(), said), said
         assert "the clock was likely set back" in said, said
-        assert ("`runbook rollback production --restore-snapshot --snapshot FILE`"
+        assert (f"`runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE`"
                 in said), said
     # the one dated in the future is at another schema: it is not the pick, so no refusal
     meta_path = ahead.with_name(ahead.name.replace(".sql.gz", ".meta.json"))
@@ -1159,7 +1159,8 @@ def test_cli_refuses_the_default_restore_and_lists_a_snapshot_dated_in_the_futur
         done = cli("restore", str(toml), *extra)
         assert done.returncode == 4, (extra, done.stdout + done.stderr)
         assert f"snapshot {ahead.name} is dated" in done.stderr, done.stderr
-        assert "`runbook snapshot restore production SNAPSHOT`" in done.stderr, done.stderr
+        # the environment as it was given: the file, which `production` alone is not
+        assert f"`runbook snapshot restore {toml} SNAPSHOT`" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
     assert ahead.exists() and recent.exists()
     listed = cli("list", str(toml))

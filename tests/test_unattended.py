@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import pty
+import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,33 @@ def test_unlock_on_a_terminal_shows_the_holder_and_asks(stack: DrillStack) -> No
     done = on_terminal("unlock", source, answer=b"y\n")
     assert done.returncode == 0, done.stderr
     assert "removed" in done.stdout and not stack.env.lock_path.exists(), done.stdout
+
+
+def test_a_refusals_printed_fix_runs_as_printed_on_the_same_environment(
+        stack: DrillStack) -> None:
+    """Found by review: the commands a refusal prints for on-call named the environment by
+    its bare name (`runbook unlock development --force`). An environment read from a file
+    outside the default places (the drill's, as `--config FILE` or a path given as ENV on a
+    host) is not found by that name: the printed fix loaded another configuration or none
+    ("no configuration for environment 'development'"). Typed exactly as printed, on a
+    terminal, with nothing added, it removes this environment's lock."""
+    env = stack.env
+    # a shell deploy's lock written before the clock was stepped back: its age cannot be
+    # told, so only `unlock --force` removes it, and every run's refusal says so
+    env.lock_path.mkdir(parents=True)
+    future = time.time() + 6 * 3600
+    (env.lock_path / "locked_at").write_text(f"{int(future)}\n")
+    for path in (env.lock_path / "locked_at", env.lock_path):
+        os.utime(path, (future, future))
+    refused = runbook("switch", str(env.source), "--slot", "green", "--yes")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    printed = re.search(r"`(runbook unlock [^`]+ --force)`", refused.stderr)
+    assert printed is not None, refused.stderr
+    argv = shlex.split(printed[1])
+    assert env.lock_path.is_dir() and "--config" not in argv, argv
+    journals = set(env.log_dir.iterdir())
+    done = on_terminal(*argv[1:], answer=b"y\n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removed" in done.stdout and not env.lock_path.exists(), done.stdout
+    # and it was this environment's run: its journal is in this environment's log directory
+    assert any("unlock" in p.read_text() for p in set(env.log_dir.iterdir()) - journals)

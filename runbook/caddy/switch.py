@@ -32,7 +32,7 @@ from runbook.caddy.admin import (
 )
 from runbook.caddy.errors import CaddyConflictError, CaddyError
 from runbook.caddy.text import SLOT_HEADER, Inspection, inspect, rewrite, unified_diff
-from runbook.environment import Environment, ReloadMethod, Slot
+from runbook.environment import Environment, ReloadMethod, Slot, command_arg
 from runbook.errors import ExitCode
 
 
@@ -299,7 +299,7 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
                "still names the new slot, and a Caddy restart or reload would load it")
             + (f"; {said}" if said else ""),
             f"{exc.fix}; then run `runbook "
-            f"status {env.name}` and put the file back", stage="restore",
+            f"status {command_arg(env)}` and put the file back", stage="restore",
             exit_code=ExitCode.ATTENTION) from None
     if kept:  # written over only once it was kept, and said so only once it was
         kept += (", and the previous Caddyfile put back" if "kept at" in kept

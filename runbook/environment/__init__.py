@@ -11,6 +11,7 @@ model (imported when a file is read or written). Every name stays importable fro
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -40,18 +41,24 @@ SYSTEM_DIR = Path("/etc/togather-runbook")
 __all__ = [
     "ALIASES", "BUILTIN_DIR", "ENV_NAMES", "REPO_ROOT", "STANDARD_COMPOSE_FILE", "SYSTEM_DIR",
     "CaddyConfig", "ComposeConfig", "DatabaseConfig", "Environment", "HealthConfig",
-    "ReloadMethod", "Slot", "SlotConfig", "canonical_name", "find_config", "from_mapping",
-    "load", "load_file", "read_env_file", "to_toml",
+    "ReloadMethod", "Slot", "SlotConfig", "canonical_name", "command_arg", "find_config",
+    "from_mapping", "load", "load_file", "read_env_file", "to_toml",
 ]
 
 
 def command_arg(env: Environment) -> str:
-    """How a printed command names this environment: its name, or the file it was read from
-    when that is not one of the default places (a drill, `--config`), where the bare name
-    would load another configuration or none."""
-    if env.source is None or env.source.resolve().parent in (BUILTIN_DIR, SYSTEM_DIR):
+    """How a printed command (a fix, a resume command) names this environment, one shell
+    word: its name when the bare name loads this very file, else the file's absolute path,
+    quoted (a drill, `--config`, a file beside the default one): the bare name would load
+    another configuration or none, and the printed fix would act on another environment."""
+    if env.source is None:
         return env.name
-    return str(env.source)
+    try:
+        if find_config(env.name).resolve() == env.source.resolve():
+            return env.name
+    except (ConfigError, OSError):
+        pass  # the name loads nothing (or a broken file): only the path names this one
+    return shlex.quote(str(env.source.absolute()))
 
 
 def canonical_name(name: str) -> str:

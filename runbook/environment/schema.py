@@ -795,7 +795,8 @@ def _build(f: EnvironmentFile, path: Path) -> Environment:
             access=f.database.access),
         lock_stale_after=f.lock.stale_after_seconds, stop_old_slot=f.rollback.stop_old_slot,
         drain_timeout=f.rollback.drain_timeout_seconds,
-        source=path, label=f.label or f.name, allows_faults=f.drill.allows_faults,
+        # absolute: a printed fix names this file (command_arg), run from wherever on-call is
+        source=path.absolute(), label=f.label or f.name, allows_faults=f.drill.allows_faults,
         migrate_command=f.deploy.migrate_command or (),
     )
 

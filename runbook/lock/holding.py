@@ -26,7 +26,7 @@ from typing import Any
 
 from runbook import files, procs
 from runbook import state as statemod
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import ConfigError, LockedError, LockLostError, StateError
 from runbook.lock.policy import (
     HOLDER,
@@ -229,7 +229,7 @@ class Lock:
             raise LockedError(f"{self.env.state_file} kept changing while this run mirrored "
                               "its lock into it (another tool is writing it); nothing was "
                               "changed", "run the command again in a moment; `runbook status "
-                              f"{self.env.name}` shows who holds the lock") from None
+                              f"{command_arg(self.env)}` shows who holds the lock") from None
         except LockedError as error:
             error.message += "; nothing was changed"
             error.args = (error.message,)
@@ -520,7 +520,7 @@ def unlock(env: Environment, force: bool = False, shown: LockStatus | None = Non
             if failed is not None or (now and now.get("locked")):
                 why = failed or "it changed since it was judged (another tool's lock now)"
                 raise LockedError(f"{env.display}: the state file's lock was left as it is: "
-                                  f"{why}", f"read `runbook unlock {env.name} --status`, "
+                                  f"{why}", f"read `runbook unlock {command_arg(env)} --status`, "
                                   "then run this again")
             return (f"{env.display}: cleared the state file's lock ({state_only.why}), held by "
                     f"{state_only.describe()}")
@@ -581,7 +581,7 @@ def _check_shown(env: Environment, shown: LockStatus | None, *found: LockStatus 
     raise LockedError(f"{env.display}: the lock changed while the prompt waited: "
                       f"{found[0].describe() if found[0] else 'another'} holds it now, not "
                       f"{shown.describe()}; nothing was removed",
-                      f"run `runbook unlock {env.name}` again to see the new holder")
+                      f"run `runbook unlock {command_arg(env)}` again to see the new holder")
 
 
 @contextlib.contextmanager
@@ -763,7 +763,8 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
             return
         raise LockedError(f"{env.display}: the deploy lock {current.path} names no holder: it "
                           f"is empty, {rough_duration(current.age)} old (a run killed while "
-                          "taking it)", f"remove it with `runbook unlock {env.name} --force`")
+                          "taking it)",
+                          f"remove it with `runbook unlock {command_arg(env)} --force`")
     if current.broken:
         raise LockedError(f"{current.why}; not touching it",
                           current.fix or f"remove {current.path} by hand")
@@ -812,7 +813,7 @@ def _only_our_temp_files(current: LockStatus) -> list[str] | None:
 
 def _locked_error(env: Environment, current: LockStatus, *,
                   unlocking: bool = False) -> LockedError:
-    name = env.name
+    name = command_arg(env)
     if current.broken:
         return LockedError(f"{env.display}: the deploy lock cannot be used: {current.why}",
                            current.fix or f"remove {current.path} by hand if nothing uses it")

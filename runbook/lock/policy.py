@@ -22,7 +22,7 @@ from typing import Any
 
 from runbook import files, procs
 from runbook import state as statemod
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import StateError
 from runbook.times import rough_duration
 
@@ -243,9 +243,9 @@ def _unreadable(env: Environment, path: Path, st: os.stat_result,
             f"{stat.S_IMODE(st.st_mode):o}, taken under a restrictive umask), so who holds it "
             "and whether that run still lives cannot be told",
         holder_alive=None, expires_in=float("inf"), ident=(st.st_dev, st.st_ino), broken=True,
-        fix=f"ask {who} whether that run still goes on; as {by}, `runbook unlock {env.name} "
-            f"--status` names its holder, and `runbook unlock {env.name}` removes it once it "
-            "is stale")
+        fix=f"ask {who} whether that run still goes on; as {by}, `runbook unlock "
+            f"{command_arg(env)} --status` names its holder, and `runbook unlock "
+            f"{command_arg(env)}` removes it once it is stale")
 
 
 def _dated_in_future(ahead: float, basis: str) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from runbook import database, faults
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.snapshots import commands, sessions
 from runbook.snapshots.stats import current_state, read_snapshot
@@ -431,7 +431,7 @@ def after_failed_replay(env: Environment, run: RestoreRun, exc: RunbookError,
                          safety: Path | None) -> RunbookError:
     """Prove the rollback left the data as it was (compare with the safety snapshot)."""
     back = (f"the safety snapshot {safety} holds the data as it was; restore it with "
-            f"`runbook snapshot restore {env.name} {safety.name}`" if safety
+            f"`runbook snapshot restore {command_arg(env)} {safety.name}`" if safety
             else "no safety snapshot was taken")
     if isinstance(exc, ReplayFailed):  # COMMIT never sent, or Postgres says it aborted
         return RunbookError(f"{exc.message}; the database is unchanged",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook import files
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
 if TYPE_CHECKING:
@@ -534,7 +534,7 @@ def moved_from(snap: Snapshot, here: Server, given: str) -> bool:
         port.strip() == taken_port.strip()
 
 
-def command_arg(env: Environment, snap: Snapshot) -> str:
+def snapshot_arg(env: Environment, snap: Snapshot) -> str:
     """`snap` as a command names it (SNAPSHOT, --snapshot FILE), quoted: by name in the
     snapshot folder, else by path (a name alone is looked for in the folder, by find())."""
     return shlex.quote(snap.name if snap.path.parent == env.database.snapshot_dir
@@ -628,18 +628,17 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
     it succeeded. Restoring one takes its name. A pick dated in the future is refused
     (FutureSnapshotError): which snapshot is the newest cannot be told; naming one restores it."""
     if ref is None or str(ref) == "":
-        snaps = own_snapshots(env)
+        arg, snaps = command_arg(env), own_snapshots(env)
         chosen = [s for s in snaps if s.reason != SAFETY_REASON and not s.dirty]
         if not chosen:
             what = (f"only safety or dirty snapshots ({len(snaps)}) in "
                     if snaps else "no snapshots in ")
             raise SnapshotError(f"{what}{env.database.snapshot_dir}",
-                                f"name the one to restore (`runbook snapshot list {env.name}`)"
-                                if snaps else f"take one: `runbook snapshot create {env.name}`",
+                                f"name the one to restore (`runbook snapshot list {arg}`)"
+                                if snaps else f"take one: `runbook snapshot create {arg}`",
                                 exit_code=ExitCode.PRECONDITION)
         return _not_ahead(chosen[0], f"name the one to restore: `runbook snapshot restore "
-                                     f"{env.name} SNAPSHOT` (`runbook snapshot list "
-                                     f"{env.name}`)")
+                                     f"{arg} SNAPSHOT` (`runbook snapshot list {arg}`)")
     text = str(ref)
     candidates = [Path(text).expanduser()]
     if os.sep not in text:
@@ -659,7 +658,7 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
             return load(candidate)
     what = "is a directory, not a snapshot file" if folder else "does not exist"
     raise SnapshotError(f"snapshot {text} {what}",
-                        f"pick one from `runbook snapshot list {env.name}` (folder "
+                        f"pick one from `runbook snapshot list {command_arg(env)}` (folder "
                         f"{env.database.snapshot_dir})")
 
 
@@ -679,8 +678,8 @@ def latest_before(env: Environment, migration_version: int | None, *,
     the one to restore. `listed`: picked from these instead of own_snapshots()
     (before_a_move).
     """
-    fix = (f"name the one to restore: `runbook rollback {env.name} --restore-snapshot "
-           f"--snapshot FILE` (`runbook snapshot list {env.name}`)")
+    fix = (f"name the one to restore: `runbook rollback {command_arg(env)} --restore-snapshot "
+           f"--snapshot FILE` (`runbook snapshot list {command_arg(env)}`)")
     listed = own_snapshots(env) if listed is None else listed
 
     def made_for(s: Snapshot) -> bool:

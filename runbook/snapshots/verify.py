@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode
 from runbook.snapshots.commands import Target, target
 from runbook.snapshots.store import (
     Snapshot,
     SnapshotError,
-    command_arg,
     dumped_from,
     moved_from,
     other_server,
     server,
+    snapshot_arg,
     undecided,
 )
 
@@ -212,9 +212,10 @@ def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
     is what accepted the snapshot (taken from that server, this database before it moved).
     `command`: the one that restores `snap` (default `runbook snapshot restore`), which the refusal
     of a moved database's snapshot names with --moved-from added."""
+    arg = command_arg(env)
     if not snap.path.is_file():
         raise SnapshotError(f"snapshot {snap.path} does not exist; nothing was changed",
-                            f"pick one from `runbook snapshot list {env.name}`")
+                            f"pick one from `runbook snapshot list {arg}`")
     if snap.problems:
         raise _bad_file(snap, "has an unreadable sidecar: " + "; ".join(snap.problems))
     tgt = target(env)
@@ -227,12 +228,12 @@ def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
         raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r}, this "
                             f"environment's database is {tgt.dbname!r}; nothing was changed",
                             f"pick a snapshot of {tgt.dbname!r} "
-                            f"(`runbook snapshot list {env.name}`)")
+                            f"(`runbook snapshot list {arg}`)")
     recorded_env = (snap.meta or {}).get("environment")
     if recorded_env and recorded_env != env.name:
         raise SnapshotError(f"snapshot {snap.name} was taken in {recorded_env}, not "
                             f"{env.name}; nothing was changed",
-                            f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`)")
+                            f"pick a snapshot of {env.name} (`runbook snapshot list {arg}`)")
     # another server's database of the same name (another environment's on this host): its
     # data replacing this one's is the loss a restore exists to undo
     here = server(env, tgt) if snap.names_server else None
@@ -242,7 +243,7 @@ def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
         return tgt, moved  # the operator says that server is this database, moved
     taken = dumped_from(snap, here)
     # the sidecar is right (where the dump came from): editing it is never the fix
-    command = command or f"runbook snapshot restore {env.name} {command_arg(env, snap)}"
+    command = command or f"runbook snapshot restore {arg} {snapshot_arg(env, snap)}"
     accept = (f"if {taken} was this database before it moved, say so: `{command} "
               f"--moved-from {shlex.quote(taken)}`")
     if undecided(snap, here):
@@ -252,13 +253,13 @@ def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
                             f"start the Docker engine and container {here.container} so the "
                             f"ports it publishes can be read (`docker inspect "
                             f"{here.container}`), or pick a snapshot of {env.name} "
-                            f"(`runbook snapshot list {env.name}`); {accept}",
+                            f"(`runbook snapshot list {arg}`); {accept}",
                             exit_code=ExitCode.PRECONDITION)
     raise SnapshotError(f"snapshot {snap.name} of database {snap.database!r} was taken from "
                         f"{taken} (its sidecar), and the {env.name} database is now on "
                         f"{here.describe()} ({env.database.url_variable}): another server's, "
                         "or this database's before it moved; nothing was changed",
-                        f"pick a snapshot of {env.name} (`runbook snapshot list {env.name}`); "
+                        f"pick a snapshot of {env.name} (`runbook snapshot list {arg}`); "
                         + accept)
 
 
