@@ -5,6 +5,9 @@ Heavy libraries (docker, httpx, psycopg) are imported inside commands so `--help
 
 from __future__ import annotations
 
+from runbook import startup  # first: a Ctrl-C while importing is one line, not a traceback
+
+# isort: split
 import contextlib
 import json
 import os
@@ -299,6 +302,7 @@ def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+    startup.release()
     try:
         # not standalone: a usage error (an unknown flag, a bad choice) comes back here to be
         # said in one line; click printed four (usage, hint, blank, error; found by review)

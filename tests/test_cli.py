@@ -230,3 +230,19 @@ def test_snapshot_create_journals_the_snapshot_it_took(stack: DrillStack) -> Non
     assert isinstance(taken["schema"], int)
     assert lines[-1]["message"] == "snapshot-create success (exit code 0)"
     assert records(stack) == kept
+
+
+def test_a_ctrl_c_while_the_cli_is_still_importing_is_one_line_not_a_traceback() -> None:
+    """Found by a kill fuzz: a Ctrl-C in the CLI's first tenth of a second (its imports)
+    printed a Python traceback from whichever import it landed in. The CLI's first import
+    answers it: one line, exit 130, nothing changed (no command had begun). Here the signal
+    comes once the module is imported and before main() runs: still that handler's."""
+    program = ("import os, signal, time\n"
+               "import runbook.cli\n"
+               "os.kill(os.getpid(), signal.SIGINT)\n"
+               "time.sleep(5)\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert done.stderr == "runbook: interrupted while starting; nothing was changed\n", done.stderr
+
