@@ -147,6 +147,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     def run_state(ctx: StepContext) -> None:
         recording.switch(env, intent, observed, run_id, ctx)
+        left = env.slot(target.other).container
+        if env.stop_old_slot and docker.inspect(left).up:
+            # a switch keeps it (to switch back at once), which status then lists as left
+            # running: said here, where on-call reads the outcome (found by a kill fuzz)
+            ctx.notice(f"the old {target.other} slot is left running ({left}): `runbook "
+                       f"switch {command_arg(env)} --slot {target.other}` switches back at "
+                       f"once; stop it when that is no longer needed: `docker stop {left}`")
 
     recorded = _recorded(env, state, version, target, run_id)
 

@@ -12,6 +12,7 @@ import pytest
 
 from runbook import lock as locks
 from runbook.drill import http as drill_http
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 
@@ -91,6 +92,23 @@ def test_manual_switch_and_back(stack: DrillStack) -> None:
     assert back.returncode == 0, back.stderr
     answer = drill_http.get(f"{stack.env.caddy.proxy_url}/version")
     assert answer.headers["X-Togather-Slot"] == "blue"
+
+
+def test_a_switch_says_the_old_slot_is_left_running_and_how_to_stop_it(
+        stack: DrillStack) -> None:
+    """Found by a kill fuzz: a switch keeps the old slot running (to switch back at once),
+    and `runbook status` then lists it as left running (exit 1), while the switch's own
+    output never said so. The switch says it, with the switch back and the stop status
+    names; Docker says the old one runs."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # v3 serves from blue, v2 runs on green
+    blue = stack.env.slot("blue").container
+    done = runbook(stack, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the old blue slot is left running" in done.stderr, done.stderr
+    assert f"`docker stop {blue}`" in done.stderr, done.stderr
+    assert stack.docker("inspect", "-f", "{{.State.Running}}", blue).stdout.strip() == "true"
+    status = runbook(stack, "status")
+    assert f"`docker stop {blue}`" in status.stdout + status.stderr  # the same way out
 
 
 def test_deploy_dry_run_then_deploy_then_rollback_plan(stack: DrillStack) -> None:
