@@ -2183,7 +2183,7 @@ def test_the_switch_a_failure_past_the_restore_names_starts_the_stopped_target(
     assert code == int(ExitCode.ATTENTION), said
     assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
     named = re.findall(r"`runbook switch (\S+) --slot (\w+)`", said)
-    assert named == [(env.name, "blue")], said
+    assert named == [(envmod.command_arg(env), "blue")], said
     switched = cli(env, "switch", "--slot", "blue", "--yes")  # the same, on the drill's path
     assert switched.returncode == 0, switched.stdout + switched.stderr
     assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)

@@ -1327,7 +1327,7 @@ def test_a_moved_databases_snapshot_is_restored_by_the_rollback_its_refusal_name
     assert "runbook snapshot restore" not in said, said  # not the rollback's fix
     [command] = re.findall(r"`(runbook rollback [^`]*)`", said)
     named = shlex.split(command)
-    assert named[:3] == ["runbook", "rollback", env.name], command
+    assert named[:3] == ["runbook", "rollback", *shlex.split(command_arg(env))], command
     assert named[3:] == ["--restore-snapshot", "--snapshot", pre.name, "--moved-from", moved]
     assert untouched() == before
     # the rollback on-call types first, and its --restore-snapshot: never "no snapshot
@@ -1388,7 +1388,7 @@ def test_a_moved_databases_snapshot_is_restored_by_the_rollback_its_refusal_name
     assert again.returncode == ExitCode.PRECONDITION, again.stderr
     [finish] = re.findall(r"`(runbook rollback [^`]*--restore-snapshot[^`]*)`", again.stderr)
     finishing = shlex.split(finish)
-    assert finishing[:3] == ["runbook", "rollback", env.name], finish
+    assert finishing[:3] == ["runbook", "rollback", *shlex.split(command_arg(env))], finish
     assert finishing[-2:] == ["--moved-from", moved], finish
     done = runbook_cli(env, "rollback", *finishing[3:], "--yes")
     assert done.returncode == 0, done.stderr
