@@ -7,8 +7,12 @@ shared database too.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from runbook.docker import ContainerInfo
@@ -158,6 +162,57 @@ def check_service(env: Environment, slot: Slot, target: ContainerInfo, other: Co
             f"compose service that created that slot's container ({shown})")
 
 
+def leftovers(env: Environment, slot: Slot) -> list[tuple[str, str, str]]:
+    """(short id, name, state) of each container of `slot`'s compose service (this project's
+    labels) that is not the slot's container: what a compose recreate stopped half-way leaves
+    (`<old id>_<name>`: compose killed, an operator's interrupted `docker compose up`). The
+    next recreate fails on it with Docker's name conflict. None here: no compose."""
+    from runbook import docker
+
+    service = env.slot(slot).service
+    if not service or env.compose.file is None:
+        return []
+    name = env.slot(slot).container.lstrip("/")
+    return [found for found in docker.labelled({PROJECT_LABEL: env.compose.project,
+                                                SERVICE_LABEL: service})
+            if found[1] != name]
+
+
+def leftover_said(env: Environment, slot: Slot,
+                  found: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """(problem, fix) for `leftovers`: each one by name, id and state, and the exact command
+    that removes it. Never removed by the runbook: a running one may be serving (on-call
+    checks that Caddy does not send users to it first)."""
+    import shlex
+
+    service = env.slot(slot).service
+    listed = "; ".join(f"{name} (id {ident}, {state or 'unknown state'})"
+                       for ident, name, state in found)
+    running = [name for _, name, state in found if state in ("running", "restarting",
+                                                             "paused")]
+    removes = " and ".join(f"`docker rm -f {shlex.quote(name)}`" for _, name, _ in found)
+    caution = (f"{', '.join(running)} is running: first make sure no user is served by it "
+               "(`runbook status` says what Caddy sends traffic to), then " if running else
+               "it is not running, so nothing is served from it: ")
+    return (f"compose service {service!r} (project {env.compose.project!r}) has a container "
+            f"other than slot {slot}'s {env.slot(slot).container}: {listed}; it is what a "
+            "recreate stopped half-way leaves (compose interrupted or killed), and the next "
+            "recreate of that slot fails on it (Docker's name conflict)",
+            f"{caution}remove it: {removes}; then run the command again")
+
+
+def refuse_leftovers(env: Environment, slot: Slot, *, planning: bool = True) -> None:
+    """Refuse (exit 4) a recreate of `slot` beside a leftover of its service: compose would
+    fail on it half-way. `planning`: said before anything changed."""
+    found = leftovers(env, slot)
+    if not found:
+        return
+    problem, fix = leftover_said(env, slot, found)
+    unchanged = "; nothing was changed" if planning else ""
+    raise PreconditionError(f"refusing to recreate {env.slot(slot).container}: {problem}"
+                            f"{unchanged}", fix)
+
+
 def base(env: Environment) -> list[str]:
     if env.compose.file is None:
         raise PreconditionError("this host has no compose file ([compose] file is not set)",
@@ -180,33 +235,93 @@ def recreate_slot(env: Environment, slot: Slot, tag: str) -> Command:
     )
 
 
-def run(command: Command, timeout: float = 300) -> str:
-    """Run it; every way it can fail becomes one line (compose's own output is redacted)."""
+GRACE = 10.0  # seconds compose is given to stop on its own once cut off (then SIGKILL)
+
+
+def ps_command(argv: tuple[str, ...] | list[str]) -> str:
+    """`docker compose -p <project> -f <file> [--env-file ...] ps -a` from a compose argv: the
+    project as the runbook invokes it (a bare `docker compose ps` reads another project in
+    another folder, and names nothing)."""
+    import shlex
+
+    words = list(argv)
+    end = len(words)
+    for at, word in enumerate(words):
+        if word in ("up", "ps", "config", "version", "down", "stop", "rm", "start"):
+            end = at
+            break
+    return shlex.join([*words[:end], "ps", "-a"])
+
+
+def run(command: Command, timeout: float = 300,
+        cut_off: Callable[[], bool] = lambda: False) -> str:
+    """Run it; every way it can fail becomes one line (compose's own output is redacted).
+
+    Compose runs in a process group of its own (in our session): the terminal's Ctrl-C, sent
+    to its whole foreground group, reached compose half-way through a recreate and left its
+    temporary `<old id>_<name>` container (found by a kill-fuzz review), which broke the next
+    run on Docker's name conflict. The run holds that signal until compose ends (the plan's
+    `hold_signals`), so it never undoes beside a compose still running (the reason compose
+    was once left in the terminal's group: the interrupt killed only the docker CLI and its
+    plugin raced the undo). The way out when compose hangs: `cut_off()` (a second signal) or
+    `timeout` stop the whole group (SIGINT, then SIGKILL after GRACE), and it is waited for."""
     from runbook.journal import redact
 
     try:
-        proc = subprocess.run(
-            list(command.argv), capture_output=True, text=True, check=False, timeout=timeout,
+        proc = subprocess.Popen(
+            list(command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **dict(command.env)}, stdin=subprocess.DEVNULL,
-        )  # in the terminal's process group: its Ctrl-C reaches compose, which cancels
-        # cleanly (in its own session, the runbook's interrupt killed the docker CLI and left
-        # the compose plugin running on, racing the undo; found by review)
+            process_group=0)
     except FileNotFoundError:
         raise ComposeError(f"cannot run `{command.display()}`: {command.argv[0]} is not "
                            "installed or not on PATH",
                            "install Docker with the Compose v2 plugin (`docker compose "
                            "version`), or set [compose] command in the environment file",
                            exit_code=ExitCode.PRECONDITION) from None
-    except subprocess.TimeoutExpired:
-        raise ComposeError(f"`{command.display()}` did not finish within {timeout:g}s",
-                           "check `docker compose ps` and `docker info`; the engine may be "
-                           "overloaded") from None
     except OSError as exc:
         raise ComposeError(f"cannot run `{command.display()}`: {exc.strerror or exc}",
                            "check [compose] command in the environment file",
                            exit_code=ExitCode.PRECONDITION) from None
+    leftovers = (f"`{ps_command(command.argv)}` lists what it left (a container named "
+                 "`<id>_<name>`: `runbook status` names it and its `docker rm -f`)")
+    deadline = time.monotonic() + timeout
+    why = ""
+    try:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cut_off():
+                why = "was stopped half-way by a second signal"
+            elif time.monotonic() >= deadline:
+                why = f"did not finish within {timeout:g}s and was stopped"
+            if why:
+                out, err = _stop(proc)
+                break
+    finally:
+        if proc.poll() is None:  # anything else that ends the wait: never left behind
+            _stop(proc)
+    if why:
+        raise ComposeError(f"`{command.display()}` {why}: it may have left the container "
+                           "half-recreated", f"{leftovers}; check `docker info` too (the "
+                           "engine may be overloaded)")
     if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        last = (err or out).strip().splitlines()[-1:] or ["no output"]
         raise ComposeError(f"`{command.display()}` failed: {redact(last[0].strip())}",
-                           "read the compose output above and `docker compose ps`")
-    return proc.stdout
+                           f"read the compose output above; {leftovers}")
+    return out
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Stop compose's whole group (the docker CLI and its plugin), as a Ctrl-C would, then
+    kill it if it does not end within GRACE; waited for either way."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()

@@ -146,6 +146,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     compose.check_project(env, standby if standby.exists else live_info)
     # the service compose recreates is the standby's, never the serving container's
     compose.check_service(env, target, standby, live_info)
+    compose.refuse_leftovers(env, target)  # compose would fail on it half-way
     slots.refuse_if_held(env, target, standby)
     slots.refuse_if_migrating(env, target, standby)
     _refuse_if_dirty(env, version, found[0] if found is not None else None)
@@ -249,8 +250,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # undo's stop would cut what it serves
         slots.refuse_recreate(env, target)
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
+        ctx.stop_if_signalled()  # a Ctrl-C while it read: nothing to undo yet
         ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
-        slots.recreate(env, target, version, checked=True, image=made, build=build)
+        slots.recreate(env, target, version, checked=True, image=made, build=build,
+                       cut_off=ctx.cut_off)
 
     def run_migrate(ctx: StepContext) -> None:
         before = baseline()
@@ -392,8 +395,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              else None),
         Step("start-slot", f"Recreate the {target} container with {image}",
              {"command": recreate.display(),
-              **({"build": slots.built_line(made, build)} if build is not None else {})},
-             run=run_recreate),
+              **({"build": slots.built_line(made, build)} if build is not None else {}),
+              "Ctrl-C": slots.RECREATE_CTRL_C},
+             run=run_recreate, **slots.recreate_holds(True)),
         Step("migrate", "Run the new version's migrations",
              {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}",
               "Ctrl-C": "acted on once the migrations have ended, so their outcome is known"},

@@ -597,6 +597,25 @@ def publishing(port: int) -> list[tuple[str, dict[str, str]]]:
     return found
 
 
+def labelled(labels: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(short id, name, state) of every container, running or not, carrying all `labels`, as
+    `docker ps -a --filter label=K=V` lists them: a compose service's containers, its
+    half-recreated `<id>_<name>` one included."""
+    wanted = [f"{key}={value}" for key, value in labels.items()]
+    action = DockerAction("list the containers labelled",
+                          ("docker", "ps", "-a", *(f"--filter=label={w}" for w in wanted)),
+                          "GET", "/containers/json",
+                          (("all", "1"), ("filters", json.dumps({"label": wanted}))),
+                          target=",".join(wanted))
+    found: list[tuple[str, str, str]] = []
+    for item in _json(send(action), action.verb) or ():
+        if isinstance(item, dict):
+            names = [str(n).lstrip("/") for n in item.get("Names") or ()]
+            ident = str(item.get("Id") or "")[:12]
+            found.append((ident, names[0] if names else ident, str(item.get("State") or "")))
+    return found
+
+
 def running_execs(name: str) -> list[tuple[int, list[str]]]:
     """(pid, argv) of each command `docker exec` runs in container `name` now. A run killed
     while it waited on one (its migrations) leaves it running: Docker does not stop an exec

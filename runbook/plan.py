@@ -63,6 +63,9 @@ class Step:
     # a step a signal must not cut in half (a migration, the restore's transaction): one that
     # arrives meanwhile is acted on when the step ends, so what it did is known and reported
     hold_signals: bool = False
+    # what a second signal does in such a step, when it has a way out (compose cut off: it
+    # may hang); said on the terminal with the first signal's answer. None: it is held too
+    second_signal: str | None = None
     # why this step clears a restore doubt on-call accepted (--accept-restored-data) though it
     # starts nothing (the record-only switch: the app already serves on that database); the
     # steps that start the app or change the data clear it anyway (CLEARS_AT_START)
@@ -114,6 +117,8 @@ class StepContext:
     heartbeat: Callable[[], None] = lambda: None  # long waits call it: the lock stays fresh
     commit: Callable[[], None] = lambda: None  # the commit step calls it once verified
     signalled: Callable[[], int | None] = lambda: None  # a signal held since the step began
+    # a step's way out of what it waits for (Step.second_signal): a second signal came
+    cut_off: Callable[[], bool] = lambda: False
     # the step did what only the commit ends the outage of (a restored database, the app
     # slots stopped): from here a signal is held until the commit (`_Execution.carry_on`)
     until_commit: Callable[[str], None] = lambda why: None
@@ -272,6 +277,9 @@ class Signals:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.count = 0  # every signal handled so far (a second one may cut a step off)
+        self.second: str | None = None  # what a second one does in the held step, if not held
+        self.step_began = 0  # `count` when the step began
         self._armed = False
         self._previous: dict[signal.Signals, Any] = {}
         # the step that cannot stop half-way, while it runs, and how to tell on-call that
@@ -291,6 +299,7 @@ class Signals:
     def _handler(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signum
+        self.count += 1
         if self._armed:
             self._armed = False
             raise Interrupted(signum)
@@ -299,11 +308,16 @@ class Signals:
                 self.tell(f"{signal.Signals(signum).name} received after {self.going_on}")
                 self.told_going_on = True
         elif self.holding is not None and self.tell is not None:
+            name = signal.Signals(signum).name
             with contextlib.suppress(Exception):  # a closed terminal never stops the run
-                self.tell(f"{signal.Signals(signum).name} received while \"{self.holding}\" "
+                if self.second is not None and self.count - self.step_began >= 2:
+                    self.tell(f"{name} received again: {self.second}")
+                    return
+                self.tell(f"{name} received while \"{self.holding}\" "
                           "runs: it cannot be stopped half-way, so the run stops when it ends "
                           "(undoing what it did if traffic has not moved yet, or saying what "
-                          "is left to finish if it has)")
+                          "is left to finish if it has)"
+                          + (f"; another Ctrl-C {self.second}" if self.second else ""))
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Signals]:
@@ -461,6 +475,10 @@ class _Execution:
         ctx.commit = self._commit
         ctx.keep_intent = self._keep_intent
         ctx.signalled = lambda: None if self._carrying else self.signals.received
+        began_at = self.signals.step_began = self.signals.count
+        # never while carrying on to the commit: cut off there, the service stays down
+        ctx.cut_off = lambda: step.second_signal is not None and not self._carrying \
+            and self.signals.count - began_at >= 2
         ctx.until_commit = lambda why: self._until_commit(why, rest)
         self._say("start", step)
         started = time.monotonic()
@@ -470,6 +488,7 @@ class _Execution:
             and not self._carrying
         self.signals.tell = self.notice
         self.signals.holding = None if interruptible else step.title
+        self.signals.second = None if interruptible or self._carrying else step.second_signal
         try:
             with self.journal.step(step.name, step.title) as record:
                 record.detail(phase=step.phase.value, **step.details)
@@ -496,7 +515,7 @@ class _Execution:
                     if ctx.notes:
                         record.detail(**{k: str(v) for k, v in ctx.notes.items()})
         except BaseException as exc:
-            self.signals.holding = None  # the undos say their own
+            self.signals.holding = self.signals.second = None  # the undos say their own
             took = (time.monotonic() - started) * 1000
             self.outcomes.append(StepOutcome(step.name, step.title, "failed", took,
                                              _describe(exc), step.phase.value))
@@ -505,7 +524,7 @@ class _Execution:
                 raise self._took_effect(exc, rest, failed=step) from None
             raise self._rolled_back(exc) from None
         finally:
-            self.signals.holding = None
+            self.signals.holding = self.signals.second = None
         self.outcomes.append(StepOutcome(step.name, step.title, "ok",
                                          (time.monotonic() - started) * 1000, None,
                                          step.phase.value, ctx.result))

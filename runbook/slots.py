@@ -159,7 +159,8 @@ def front_port(env: Environment) -> int | None:
 
 def recreate(env: Environment, slot: Slot, tag: str,
              command: compose.Command | None = None, *, checked: bool = False,
-             image: str | None = None, build: str | None = None) -> None:
+             image: str | None = None, build: str | None = None,
+             cut_off: Callable[[], bool] = lambda: False) -> None:
     """Recreate a slot's container through compose, after `refuse_recreate` (`checked`: the
     caller has just made it). `command` is the one the plan showed (built here when not
     given). `image`: the one the plan showed; the created container must run it (its
@@ -167,10 +168,11 @@ def recreate(env: Environment, slot: Slot, tag: str,
     compose file or its env file changed since the plan). `build`: the image id the plan
     showed for it; the created container's (.Image) must be it too: a name that moves
     (`:latest`) retagged after the plan (while the prompt waited, or since a dry run) passed
-    the name check, and the wrong build ran (and migrated, in a deploy) until the gate."""
+    the name check, and the wrong build ran (and migrated, in a deploy) until the gate.
+    `cut_off`: compose is stopped half-way when it says so (a second Ctrl-C)."""
     if not checked:
         refuse_recreate(env, slot)
-    compose.run(command or compose.recreate_slot(env, slot, tag))
+    compose.run(command or compose.recreate_slot(env, slot, tag), cut_off=cut_off)
     if image is None:
         return
     container = env.slot(slot).container
@@ -205,6 +207,7 @@ def refuse_recreate(env: Environment, slot: Slot) -> None:
     # the service compose recreates must be this slot's, checked again at the act
     compose.check_service(env, slot, info, docker.inspect(env.slot(slot.other).container),
                           planning=False)
+    compose.refuse_leftovers(env, slot, planning=False)
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
 
@@ -526,6 +529,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     other = docker.inspect(env.slot(slot.other).container)
     compose.check_project(env, info if info.exists else other)
     compose.check_service(env, slot, info, other)  # never the other slot's container
+    compose.refuse_leftovers(env, slot)  # compose would fail on it half-way
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     traffic.refuse_recreate_if_pinned(env, slot)  # another site's upstream: it serves
@@ -610,17 +614,35 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
             docker.run(start_action)
         elif recreate_command is not None:
             refuse_recreate(env, prep.slot)  # refused: nothing to undo
+            ctx.stop_if_signalled()  # a Ctrl-C while it read: nothing to undo either
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
                            lambda: stop_if_started(env, prep.slot, observed), by_hand)
             recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
-                     image=prep.made or prep.image, build=prep.build)
+                     image=prep.made or prep.image, build=prep.build, cut_off=ctx.cut_off)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")
 
+    if recreate_command is not None:
+        details["Ctrl-C"] = RECREATE_CTRL_C
     return Step("start-slot", titles[prep.action], details,
                 run=None if prep.action == "none" else run,
-                skip="already running the wanted image" if prep.action == "none" else None)
+                skip="already running the wanted image" if prep.action == "none" else None,
+                **recreate_holds(recreate_command is not None))
+
+
+# compose cut off half-way leaves a temporary `<id>_<name>` container (a kill-fuzz review):
+# a Ctrl-C waits for it to finish, then undoes; a second one is the way out of a hung compose
+RECREATE_CTRL_C = ("acted on once compose has finished (then undone: traffic stays); a second "
+                   "Ctrl-C stops compose half-way")
+SECOND_CTRL_C = ("compose is stopped now, half-way: it may leave a half-recreated container "
+                 "(`runbook status` names it and its `docker rm -f`)")
+
+
+def recreate_holds(recreates: bool) -> dict[str, Any]:
+    """A recreate step's signal handling (Step fields): held until compose ends, a second
+    signal cutting it off."""
+    return {"hold_signals": True, "second_signal": SECOND_CTRL_C} if recreates else {}
 
 
 NOTE_EVERY = 0.5  # seconds between two identical health-gate notes

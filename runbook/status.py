@@ -92,6 +92,8 @@ class Facts:
     # the newest of them, when nothing started the app since and no interrupted run's record
     # covers it (a standalone `snapshot restore` writes none): restore_records' keys
     unfinished: dict[str, str] | None = None
+    # per slot: the containers of its compose service other than its own (compose.leftovers)
+    leftovers: dict[Slot, list[tuple[str, str, str]]] = field(default_factory=dict)
 
     @property
     def active(self) -> Slot | None:
@@ -1003,6 +1005,18 @@ def _serves(f: Facts, slot: Slot | None) -> str:
     return f"; {slot}, the slot Caddy points at, {down}: nothing serves"
 
 
+def compose_leftovers(f: Facts) -> Iterator[Problem]:
+    """A recreate stopped half-way left compose's `<id>_<name>` container: the next recreate
+    of that slot fails on Docker's name conflict (found by a kill-fuzz review: status said
+    "No problems found")."""
+    from runbook import compose
+
+    for slot, found in f.leftovers.items():
+        if found:
+            problem, fix = compose.leftover_said(f.env, slot, found)
+            yield Problem(problem, fix)
+
+
 def disk_space(f: Facts) -> Iterator[Problem]:
     for problem, fix in disk.problems(f.space):
         yield Problem(problem, fix)
@@ -1019,7 +1033,7 @@ CHECKS: list[Check] = [
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
-    upstream_unresolved, upstream_misses_standby, disk_space,
+    upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space,
 ]
 
 
@@ -1144,6 +1158,11 @@ def collect(env: Environment) -> Facts:
             continue
         if record is not None:
             f.held[slot] = record
+    from runbook import compose
+
+    for slot in Slot:
+        with contextlib.suppress(RunbookError):  # Docker not answering: said by other checks
+            f.leftovers[slot] = compose.leftovers(env, slot)
     f.space = disk.rooms(env)
     return f
 
