@@ -302,7 +302,6 @@ def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-    startup.release()
     try:
         # not standalone: a usage error (an unknown flag, a bad choice) comes back here to be
         # said in one line; click printed four (usage, hint, blank, error; found by review)
@@ -370,6 +369,10 @@ def _leave(code: object) -> NoReturn:
                 stream.flush()
         os._exit(status)
 
+
+# imported: a Ctrl-C from here on is KeyboardInterrupt again (main's one line, a run's own
+# handling), also in a process that imports this module without calling main() (pytest)
+startup.release()
 
 if __name__ == "__main__":
     main()

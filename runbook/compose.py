@@ -91,6 +91,7 @@ def deploy_hint(env: Environment, version: str = "<version>") -> str:
 
 
 PROJECT_LABEL = "com.docker.compose.project"
+ONEOFF_LABEL = "com.docker.compose.oneoff"  # "True" on `docker compose run` containers
 
 
 def check_project(env: Environment, *containers: ContainerInfo) -> None:
@@ -172,10 +173,16 @@ def leftovers(env: Environment, slot: Slot) -> list[tuple[str, str, str]]:
     service = env.slot(slot).service
     if not service or env.compose.file is None:
         return []
-    name = env.slot(slot).container.lstrip("/")
+    import re
+
+    # only compose's own temporary name for a recreate: a one-off `docker compose run`
+    # container (a migration, a backfill) carries the same labels, blocks no recreate, and
+    # may be a live job (found by review: every deploy refused, and status said to rm it)
+    temporary = re.compile(rf"[0-9a-f]{{12}}_{re.escape(env.slot(slot).container.lstrip('/'))}")
     return [found for found in docker.labelled({PROJECT_LABEL: env.compose.project,
-                                                SERVICE_LABEL: service})
-            if found[1] != name]
+                                                SERVICE_LABEL: service,
+                                                ONEOFF_LABEL: "False"})
+            if temporary.fullmatch(found[1])]
 
 
 def leftover_said(env: Environment, slot: Slot,

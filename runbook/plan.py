@@ -299,7 +299,8 @@ class Signals:
     def _handler(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signum
-        self.count += 1
+        if signum != signal.SIGHUP:  # a closed terminal may send two: nobody asked twice
+            self.count += 1
         if self._armed:
             self._armed = False
             raise Interrupted(signum)
@@ -311,7 +312,7 @@ class Signals:
             name = signal.Signals(signum).name
             with contextlib.suppress(Exception):  # a closed terminal never stops the run
                 if self.second is not None and self.count - self.step_began >= 2:
-                    self.tell(f"{name} received again: {self.second}")
+                    self.tell(f"{name} received again: it {self.second}")
                     return
                 self.tell(f"{name} received while \"{self.holding}\" "
                           "runs: it cannot be stopped half-way, so the run stops when it ends "

@@ -635,7 +635,8 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
 # a Ctrl-C waits for it to finish, then undoes; a second one is the way out of a hung compose
 RECREATE_CTRL_C = ("acted on once compose has finished (then undone: traffic stays); a second "
                    "Ctrl-C stops compose half-way")
-SECOND_CTRL_C = ("compose is stopped now, half-way: it may leave a half-recreated container "
+# said after "another Ctrl-C" with the first one's answer, and after "it" with the second's
+SECOND_CTRL_C = ("stops compose half-way, which may leave a half-recreated container "
                  "(`runbook status` names it and its `docker rm -f`)")
 
 

@@ -1,8 +1,8 @@
 """Imported first by the CLI (runbook/cli.py), before anything heavy: a Ctrl-C while it is
 still importing (its first tenth of a second) is one line and exit 130, never a traceback
 from whichever import it landed in (found by a kill fuzz). `release()` gives Python's own
-handler back once main() runs; an inherited SIG_IGN (a job started in the background) is
-left as it is."""
+handler back once the CLI module is imported; an inherited SIG_IGN (a job started in the
+background) is left as it is."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -253,14 +254,52 @@ def test_snapshot_create_journals_the_snapshot_it_took(stack: DrillStack) -> Non
 def test_a_ctrl_c_while_the_cli_is_still_importing_is_one_line_not_a_traceback() -> None:
     """Found by a kill fuzz: a Ctrl-C in the CLI's first tenth of a second (its imports)
     printed a Python traceback from whichever import it landed in. The CLI's first import
-    answers it: one line, exit 130, nothing changed (no command had begun). Here the signal
-    comes once the module is imported and before main() runs: still that handler's."""
+    (runbook.startup) answers it: one line, exit 130, nothing changed (no command had
+    begun). Here the signal comes right after that first import, where the rest would be."""
     program = ("import os, signal, time\n"
-               "import runbook.cli\n"
+               "from runbook import startup\n"
                "os.kill(os.getpid(), signal.SIGINT)\n"
                "time.sleep(5)\n")
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 130, done.stdout + done.stderr
     assert done.stderr == "runbook: interrupted while starting; nothing was changed\n", done.stderr
+
+
+def test_once_the_cli_is_imported_a_ctrl_c_is_pythons_again() -> None:
+    """Found by review: the import-time handler stayed in a process that imports the CLI
+    without calling main() (pytest's steps do), so a later Ctrl-C there exited 130 saying
+    "nothing was changed", skipping every teardown. Once imported, it is Python's own
+    KeyboardInterrupt again (a `finally` runs); an inherited SIG_IGN stays ignored."""
+    program = ("import os, signal\n"
+               "import runbook.cli\n"
+               "try:\n"
+               "    os.kill(os.getpid(), signal.SIGINT)\n"
+               "    signal.pause()\n"
+               "except KeyboardInterrupt:\n"
+               "    print('KeyboardInterrupt')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "KeyboardInterrupt"), done.stderr
+    ignored = subprocess.run(
+        [sys.executable, "-c", "import signal, runbook.cli\n"
+         "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"],
+        capture_output=True, text=True, timeout=60, check=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert ignored.stdout.strip() == "True", ignored.stderr
+
+
+def test_a_closed_terminal_never_counts_as_the_second_ctrl_c_that_cuts_compose_off() -> None:
+    """Found by review: a closed terminal may send SIGHUP twice (the shell, then the kernel),
+    which counted as "another Ctrl-C" and cut compose off half-way: the very leftover the
+    held recreate avoids. Only SIGINT and SIGTERM count; SIGHUP is still received."""
+    from runbook.plan import Signals
+
+    signals = Signals()
+    for signum in (signal.SIGHUP, signal.SIGHUP):
+        signals._handler(signum, None)
+    assert (signals.received, signals.count) == (signal.SIGHUP, 0)
+    signals._handler(signal.SIGINT, None)
+    signals._handler(signal.SIGINT, None)
+    assert signals.count == 2  # a deliberate second Ctrl-C still counts
 

@@ -86,6 +86,35 @@ def test_a_leftover_of_an_interrupted_recreate_is_named_by_status_and_the_deploy
         subprocess.run(["docker", "rm", "-f", leftover], capture_output=True, check=False)
 
 
+def test_a_one_off_compose_run_container_is_no_leftover_and_blocks_no_deploy(
+        stack: DrillStack) -> None:
+    """Found by review: a `docker compose run` container of the slot's service (a migration
+    or a backfill, maybe still running) carries the same project and service labels; it was
+    called a leftover, every recreate refused (exit 4, "the next recreate fails on it": it
+    does not), and status said to `docker rm -f` the live job. It is neither."""
+    stack.reset()  # v1 on both slots, blue serving
+    env = stack.env
+    service = env.slot(Slot.GREEN).service
+    assert service is not None
+    job = subprocess.run([*compose.base(env), "run", "-d", "--no-deps", "--entrypoint",
+                          "sleep", service, "600"], capture_output=True, text=True, check=True)
+    one_off = subprocess.run(["docker", "inspect", "-f", "{{.Name}}",
+                              job.stdout.strip().splitlines()[-1]], capture_output=True,
+                             text=True, check=True).stdout.strip().lstrip("/")
+    try:
+        assert one_off in service_containers(env, Slot.GREEN), job.stdout  # green's labels
+        status = cli(env, "status")
+        assert "docker rm -f" not in status.stdout + status.stderr, status.stdout
+        deploy = cli(env, "deploy", "--version", V2.tag, "--yes")
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        assert through_proxy(env) == ("green", V2.tag)
+        running = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", one_off],
+                                 capture_output=True, text=True, check=True)
+        assert running.stdout.strip() == "true"  # the job goes on
+    finally:
+        subprocess.run(["docker", "rm", "-f", one_off], capture_output=True, check=False)
+
+
 def test_a_failed_compose_names_a_compose_command_that_runs(stack: DrillStack) -> None:
     """The generic fix of a failed compose names `docker compose -p .. -f .. ps -a`, as the
     runbook invokes compose, and it runs as printed."""
