@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -173,8 +174,6 @@ def leftovers(env: Environment, slot: Slot) -> list[tuple[str, str, str]]:
     service = env.slot(slot).service
     if not service or env.compose.file is None:
         return []
-    import re
-
     # only compose's own temporary name for a recreate: a one-off `docker compose run`
     # container (a migration, a backfill) carries the same labels, blocks no recreate, and
     # may be a live job (found by review: every deploy refused, and status said to rm it)
