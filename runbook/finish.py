@@ -330,6 +330,8 @@ def finish_plan(env: Environment, intent: intents.Intent, run_id: str, record: R
 
     def run_record(ctx: StepContext) -> None:
         record(env, intent, observed, run_id, ctx)
+        if intent.action == "switch":  # its old slot is kept (`_stop_old`): said, recorded
+            slots.keep_for_switch_back(env, intent.source, intent.run_id, ctx)
 
     try:  # what the recorder writes, from its own preview
         recorded = recording.preview(env, intent, observed, run_id)

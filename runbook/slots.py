@@ -26,6 +26,7 @@ from runbook import (
     traffic,
 )
 from runbook import intent as intents
+from runbook import state as states
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
@@ -283,6 +284,81 @@ def held_fix(env: Environment, container: str, port: int | None = None) -> str:
             f"-t <caddy pid> -n ss ...` for a Caddy in a container; then `docker stop "
             f"{container}`), or restart Caddy to move them now (which cuts every open "
             "connection)")
+
+
+def switch_marker(env: Environment, slot: Slot) -> Path:
+    """Where a switch records the old slot's container it left running on purpose (a switch
+    back is instant): beside the state file, as `held_marker`, so every operator's status
+    sees it."""
+    state = Path(os.path.realpath(env.state_file))
+    return state.with_name(f".{state.name}.{env.name}.{slot}.left-by-switch")
+
+
+def _served(dep: states.Deployment | None) -> dict[str, str | None]:
+    """The state file's current deployment as a switch left it: a later run that moved
+    traffic (a deploy, a rollback, another switch) records another one."""
+    if dep is None:
+        return {}
+    since = dep.live_since or dep.deployed_at
+    return {"id": dep.id, "version": dep.version,
+            "slot": str(dep.active_slot) if dep.active_slot else None,
+            "since": states.format_time(since)}
+
+
+def keep_for_switch_back(env: Environment, old: Slot, run_id: str, ctx: StepContext) -> None:
+    """After a switch is recorded: the old slot keeps running so a switch back is instant.
+    Said where on-call reads the outcome (found by a kill fuzz), and recorded (its container's
+    id, start time and build, and the deployment the switch recorded) so `runbook status`
+    can tell that very container from one restarted, recreated or left by another run, which
+    stay problems. Best effort: the switch is recorded; an engine that does not answer now,
+    or a record that cannot be written, changes nothing of it (status then lists the slot)."""
+    left = env.slot(old).container
+    try:
+        info = docker.inspect(left)
+    except RunbookError:
+        return
+    if not (env.stop_old_slot and info.up):
+        return
+    unrecorded = ""
+    try:
+        current = states.read_state(env.state_file, environment=env.name).current
+        record = {"container": info.name, "id": info.container_id,
+                  "started_at": info.started_at, "image": info.image,
+                  "image_id": info.image_id, "run_id": run_id,
+                  "at": times.format_utc(times.now()), "served": _served(current)}
+        target = switch_marker(env, old)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(target, json.dumps(record, indent=1).encode(), default_mode=0o644)
+        ctx.note(left_running=f"{info.name} (id {(info.container_id or '?')[:12]}, started "
+                              f"{info.started_at}, {info.image})")
+    except (OSError, RunbookError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else exc.message
+        unrecorded = (f" (not recorded in {switch_marker(env, old)}: {why}; `runbook status` "
+                      "lists it as left running)")
+    ctx.notice(f"the old {old} slot is left running ({left}){unrecorded}: `runbook switch "
+               f"{command_arg(env)} --slot {old}` switches back at once; stop it when that is "
+               f"no longer needed: `docker stop {left}`")
+
+
+def left_by_switch(env: Environment, slot: Slot, info: ContainerInfo,
+                   current: states.Deployment | None) -> dict[str, Any] | None:
+    """What `keep_for_switch_back` recorded, when it is this very container as the switch
+    left it (running, same id, same start, same build) and the state file still records the
+    deployment that switch recorded (no run moved traffic since); else None. An unreadable
+    record is None too: the slot is then listed as left running, as without one."""
+    if not info.running or None in (info.container_id, info.started_at, info.image_id):
+        return None
+    try:
+        # never a plain read: a FIFO planted there would hang status (files.read_regular)
+        record = json.loads(files.read_regular(switch_marker(env, slot), 64 * 1024))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or current is None:
+        return None
+    same = (record.get("container"), record.get("id"), record.get("started_at"),
+            record.get("image_id")) == (info.name, info.container_id, info.started_at,
+                                        info.image_id)
+    return record if same and record.get("served") == _served(current) else None
 
 
 def refuse_if_held(env: Environment, slot: Slot, info: ContainerInfo) -> None:

@@ -43,6 +43,19 @@ class Problem:
         return {"problem": self.problem, "fix": self.fix, "check": self.check}
 
 
+@dataclass(frozen=True)
+class Note:
+    """Something on-call should know that is no problem (exit 0): a slot left running on
+    purpose, with how to end it when it is no longer wanted."""
+
+    note: str
+    check: str  # the check that would otherwise have listed it as a problem
+    slot: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"note": self.note, "check": self.check, "slot": self.slot}
+
+
 @dataclass
 class Facts:
     """What gather() found; the checks read only this (and the environment)."""
@@ -82,6 +95,9 @@ class Facts:
     # the build (image id) the current deployment's image names now; None: not known
     current_build: str | None = None
     held: dict[Slot, dict[str, Any]] = field(default_factory=dict)  # left running for h2c
+    # the standby's container as a switch left it running on purpose, that switch still the
+    # last run that moved traffic (slots.left_by_switch): its record
+    left_by_switch: dict[Slot, dict[str, Any]] = field(default_factory=dict)
     held_error: RunbookError | None = None
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
     # the last restore left a database that does not match its snapshot (its check failed)
@@ -458,40 +474,70 @@ def live_lock(f: Facts) -> Iterator[Problem]:
                   "deploy or switch is refused until it is released", fix)
 
 
-def standby_running(f: Facts) -> Iterator[Problem]:
-    """The standby should be stopped after a switch (`[rollback] stop_old_slot`). A standby
-    running the live build is a hot spare (both slots after `compose up`); one running anything
-    else is left over from an interrupted or manual run. A live run's lock explains it. The
-    builds (image ids) are compared, not the names: a spare made from `<repo>:latest` runs the
-    live build as much as one made from `<repo>:<version>`."""
+def _standby_left(f: Facts) -> tuple[Slot, str, docker.ContainerInfo] | None:
+    """The standby that should be stopped (`[rollback] stop_old_slot`): (slot, image,
+    container), or None. A standby running the live build is a hot spare (both slots after
+    `compose up`); one running anything else is left over from a run or a hand. A live run's
+    lock explains it. The builds (image ids) are compared, not the names: a spare made from
+    `<repo>:latest` runs the live build as much as one made from `<repo>:<version>`."""
     active = f.active
     if active is None or not f.env.stop_old_slot:
-        return
+        return None
     if f.lock is not None and not f.lock.stale:
-        return
+        return None
     standby = active.other
     image = f.image(standby)
     if standby in f.held or _crash_loop(f.containers.get(standby)) is not None:
-        return  # its own check says why and what to do
+        return None  # its own check says why and what to do
     spare, live = f.containers.get(standby), f.containers.get(active)
     # paused, it still holds its port and its database connections (found by review: "No
     # problems found"); restarting is crash_looping's
     if spare is None or not spare.up or image is None or image == f.image(active):
-        return
+        return None
     if live is not None and spare.image_id is not None and spare.image_id == live.image_id:
-        return  # the live build under another name: a hot spare
+        return None  # the live build under another name: a hot spare
     if f.traffic is not None and standby in f.traffic.pinned:
-        return  # another site proxies to it (outside the markers): stopping it cuts that site
+        return None  # another site proxies to it (outside the markers): stopping it cuts it
     if f.intent is not None and standby in (f.intent.source, f.intent.target):
-        return  # an unfinished run's slot: its own problem says what to do with it
+        return None  # an unfinished run's slot: its own problem says what to do with it
     report = f.reports.get(active)
     if report is not None and not report.ok:
-        return  # the serving slot does not answer: the standby may be the only good one
+        return None  # the serving slot does not answer: the standby may be the only good one
+    return standby, image, spare
+
+
+def standby_running(f: Facts) -> Iterator[Problem]:
+    """A standby left running by an interrupted or manual run, or restarted or recreated
+    since a switch left it (found by review: the very container a clean `runbook switch`
+    keeps on purpose, for an instant switch back, was listed here, exit 1: a false alarm
+    after every switch; it is `standby_notes`' now)."""
+    found = _standby_left(f)
+    if found is None or found[0] in f.left_by_switch:
+        return
+    standby, image, spare = found
+    active = standby.other
     left = "paused" if spare.status == "paused" else "running"
     yield Problem(f"the standby slot {standby} is left {left} ({image}) while {active} takes "
                   "traffic",
                   f"stop it (it takes no traffic): `docker stop {f.env.slot(standby).container}`"
                   "; a rollback starts it again when needed")
+
+
+def standby_notes(f: Facts) -> list[Note]:
+    """The standby a switch left running on purpose, as it left it (the same container, id,
+    start and build, and no run moved traffic since: slots.left_by_switch): no problem, said
+    with the switch back and the stop, for when it is no longer needed."""
+    found = _standby_left(f)
+    record = f.left_by_switch.get(found[0]) if found is not None else None
+    if found is None or record is None:
+        return []
+    standby, image, _ = found
+    container = f.env.slot(standby).container
+    return [Note(f"the {standby} slot ({container}, {image}) was left running by the switch "
+                 f"at {record.get('at', '?')} (run {record.get('run_id', '?')}) so a switch "
+                 f"back is instant: `runbook switch {_arg(f.env)} --slot {standby}`; "
+                 f"`docker stop {container}` when you no longer need it",
+                 standby_running.__name__, str(standby))]
 
 
 def upstream_unresolved(f: Facts) -> Iterator[Problem]:
@@ -1150,6 +1196,12 @@ def collect(env: Environment) -> Facts:
         if newest is not None and not newest.get(SERVED_SINCE) and not covered \
                 and not running:  # it runs now (it holds the lock): nothing unfinished yet
             f.unfinished = newest
+    if f.active is not None and f.state is not None:
+        spare = f.containers.get(f.active.other)
+        kept = (slots.left_by_switch(env, f.active.other, spare, f.state.current)
+                if spare is not None else None)
+        if kept is not None:
+            f.left_by_switch[f.active.other] = kept
     for slot, info in f.containers.items():
         try:
             record = slots.held_record(env, slot, info) if info is not None else None
@@ -1265,6 +1317,7 @@ def to_json(f: Facts) -> dict[str, Any]:
     held = f.lock
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
+    out["notes"] = [n.to_json() for n in standby_notes(f)]
     out["problems"] = [p.to_json() for p in problems(f)]
     from runbook.redact import scrub
 
@@ -1325,6 +1378,9 @@ def render(data: dict[str, Any]) -> str:
                    "deploy lock for it (killed, or its machine stopped)")
         lines.append(f"  last run  {p(last['action'])} {p(last['run_id'])}: {outcome}"
                      + (f"; it {p(last['took_over'])}" if last.get("took_over") else ""))
+    if data.get("notes"):
+        lines.append("Notes:")
+        lines += [f"  - {p(note['note'])}" for note in data["notes"]]
     if data["problems"]:
         lines.append("Problems:")
         for problem in data["problems"]:

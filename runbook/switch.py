@@ -147,17 +147,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     def run_state(ctx: StepContext) -> None:
         recording.switch(env, intent, observed, run_id, ctx)
-        left = env.slot(target.other).container
-        try:  # best effort: the switch is recorded; an engine that does not answer now
-            up = env.stop_old_slot and docker.inspect(left).up  # changes nothing of it
-        except RunbookError:
-            up = False
-        if up:
-            # a switch keeps it (to switch back at once), which status then lists as left
-            # running: said here, where on-call reads the outcome (found by a kill fuzz)
-            ctx.notice(f"the old {target.other} slot is left running ({left}): `runbook "
-                       f"switch {command_arg(env)} --slot {target.other}` switches back at "
-                       f"once; stop it when that is no longer needed: `docker stop {left}`")
+        slots.keep_for_switch_back(env, target.other, run_id, ctx)
 
     recorded = _recorded(env, state, version, target, run_id)
 

@@ -1237,3 +1237,165 @@ def test_a_record_only_switch_on_a_schema_behind_says_it_already_serves_and_name
     assert f"{V2.tag} already serves without the migrations it needs" in error, error
     assert f"`runbook deploy {env.source} --version {V2.tag}`" in refused.stderr, refused.stderr
     assert env.state_file.read_bytes() == state
+
+
+def _status_json(stack: DrillStack) -> dict[str, object]:
+    argv = [sys.executable, "-m", "runbook.cli", "status", str(stack.env.source), "--format",
+            "json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    data: dict[str, object] = json.loads(done.stdout)
+    return data
+
+
+def _identity(stack: DrillStack, container: str) -> tuple[str, str]:
+    """(container id, StartedAt) as Docker says them: the test's oracle, not the runbook's."""
+    out = stack.docker("inspect", "--format", "{{.Id}} {{.State.StartedAt}}", container).stdout
+    cid, started = out.split()
+    return cid, started
+
+
+def _switched_to_green(stack: DrillStack) -> str:
+    """v3 serving from blue, v2 stopped on green; then `runbook switch ENV --slot green` as
+    on-call types it, which leaves blue running on purpose. Returns the switch's run id (its
+    log lines carry it)."""
+    from runbook.drill import scenes
+    from tests.drill_checks import runbook_cli, through_proxy
+
+    stack.arrange(scenes.PREVIOUS)
+    env = stack.env
+    done = runbook_cli(env, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+    blue = env.slot(Slot.BLUE).container
+    assert stack.docker("inspect", "--format", "{{.State.Status}}", blue).stdout.strip() \
+        == "running"  # the premise: the switch left it running, and said so
+    assert f"docker stop {blue}" in done.stderr + done.stdout, done.stderr
+    lines = [json.loads(line) for log in env.log_dir.glob("*.log")
+             for line in log.read_text().splitlines()]
+    runs = sorted((e["timestamp"], e["run_id"]) for e in lines
+                  if e["message"].startswith("switch ") and e.get("exit_code") == 0)
+    assert runs, lines[-3:]
+    return str(runs[-1][1])
+
+
+@pytest.mark.parametrize("since", ["nothing", "restart", "recreate"])
+def test_the_old_slot_a_switch_left_running_is_a_note_until_it_is_restarted_or_recreated(
+        scene_stack: DrillStack, since: str) -> None:
+    """Found by review: right after a clean `runbook switch`, which leaves the old slot
+    running on purpose (a switch back is instant) and says so, `runbook status` listed that
+    slot as a problem and exited 1: a false alarm at 3 a.m. The very container the switch
+    left (same id, same start, same build) is a note naming the switch, its run and the
+    `docker stop`; exit 0. Restarted or recreated since, it is not what the switch left: a
+    problem again, as before. Oracle: Docker's container id and start time."""
+    stack = scene_stack
+    env = stack.env
+    run = _switched_to_green(stack)
+    blue = env.slot(Slot.BLUE).container
+    before = _identity(stack, blue)
+    if since == "restart":
+        stack.docker("restart", blue)
+    elif since == "recreate":  # the same image, another container
+        compose.run(compose.recreate_slot(env, Slot.BLUE, VERSIONS["v3"].tag))
+    after = _identity(stack, blue)
+    code, text, problems = status(stack)
+    data = _status_json(stack)
+    if since == "nothing":
+        assert after == before
+        assert (code, problems) == (0, []), text
+        assert text.strip().splitlines()[-1] == NO_PROBLEMS, text
+        notes = data.get("notes")
+        assert isinstance(notes, list) and len(notes) == 1, data
+        [note] = notes
+        assert note["slot"] == "blue" and note["check"] == "standby_running", note
+        for said in (note["note"], text):
+            assert "left running by the switch at" in said, said
+            assert f"(run {run})" in said, said
+            assert f"`docker stop {blue}`" in said, said
+            assert f"`runbook switch {env.source} --slot blue`" in said, said
+        return
+    assert after[0] != before[0] if since == "recreate" else after[1] != before[1]
+    assert_listed(code, text, problems)
+    found = problem(problems, "the standby slot blue is left running")
+    assert found["check"] == "standby_running", found
+    assert f"docker stop {blue}" in found["fix"], found
+    assert not data.get("notes"), data
+    assert "left running by the switch" not in text, text
+
+
+def test_the_old_slot_stays_a_problem_once_a_later_run_recorded_another_deployment(
+        scene_stack: DrillStack) -> None:
+    """The note is for the standby the LAST run that moved traffic left: once the state file
+    records another deployment than the switch wrote (a later deploy or rollback of another
+    tool, which moved traffic and did not stop it), that container was left by that run,
+    not by the switch: a problem, as before. Oracle: the state file's bytes as written here."""
+    stack = scene_stack
+    env = stack.env
+    _switched_to_green(stack)
+    st = states.read_state(env.state_file)
+    assert st.current is not None
+    later = states.make_deployment(VERSIONS["v2"].tag, VERSIONS["v2"].git_commit, Slot.GREEN,
+                                   status="active")
+    states.write_state(env.state_file, states.after_deploy(st, later))
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "the standby slot blue is left running")
+    assert found["check"] == "standby_running", found
+    assert "left running by the switch" not in text, text
+
+
+def test_a_standby_started_by_hand_after_a_rollback_stays_a_problem(
+        scene_stack: DrillStack) -> None:
+    """A rollback stops the old slot (`[rollback] stop_old_slot`); started again by hand, it
+    was left running by nobody's run: a problem with its `docker stop`, never a note."""
+    from runbook.drill import scenes
+    from tests.drill_checks import runbook_cli, through_proxy
+
+    stack = scene_stack
+    env = stack.env
+    stack.arrange(scenes.PREVIOUS)
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+    blue = env.slot(Slot.BLUE).container
+    assert stack.docker("inspect", "--format", "{{.State.Status}}", blue).stdout.strip() \
+        == "exited"
+    code, text, problems = status(stack)
+    assert (code, problems) == (0, []), text
+    stack.docker("start", blue)
+    code, text, problems = status(stack)
+    assert_listed(code, text, problems)
+    found = problem(problems, "the standby slot blue is left running")
+    assert f"docker stop {blue}" in found["fix"], found
+    assert "left running by the switch" not in text, text
+
+
+def test_the_old_slot_of_a_killed_switch_finished_by_its_rerun_is_a_note(
+        scene_stack: DrillStack) -> None:
+    """A switch killed (-9) after its commit, before it recorded anything, is finished by the
+    same command, which keeps the old slot running as the switch does (finish._stop_old): that
+    finish records it too, so status says it as a note naming the switch that moved traffic
+    (its log lines' run id), not as a problem. Oracle: the proxy, Docker, the log lines."""
+    import signal
+
+    from runbook.drill import scenes
+    from tests.drill_checks import runbook_cli, through_proxy
+
+    stack = scene_stack
+    env = stack.env
+    stack.arrange(scenes.PREVIOUS)
+    killed = runbook_cli(env, "switch", "--slot", "green", "--yes",
+                         fault="switch.after-verify:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    lines = [json.loads(line) for log in env.log_dir.glob("*.log")
+             for line in log.read_text().splitlines()]
+    [moved] = sorted({(e["timestamp"], e["run_id"]) for e in lines
+                      if e["message"].startswith("switch started")})[-1:]
+    done = runbook_cli(env, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+    blue = env.slot(Slot.BLUE).container
+    assert f"`docker stop {blue}`" in done.stderr, done.stderr
+    code, text, problems = status(stack)
+    assert (code, problems) == (0, []), text
+    assert "left running by the switch at" in text and f"(run {moved[1]})" in text, text
