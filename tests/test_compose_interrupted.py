@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from runbook import compose, docker
+from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
@@ -186,3 +187,152 @@ def test_ctrl_c_to_the_process_group_during_the_recreate_waits_for_compose(
     assert through_proxy(env) == ("blue", V1.tag)
     again = cli(env, "deploy", "--version", V2.tag, "--yes")
     assert again.returncode == 0, again.stderr
+
+
+def _as_docker_says(name: str) -> tuple[str, ...]:
+    """(id, StartedAt, status) of a container, from the docker CLI itself."""
+    out = subprocess.run(["docker", "inspect", "-f",
+                          "{{.Id}} {{.State.StartedAt}} {{.State.Status}}", name],
+                         capture_output=True, text=True, check=True)
+    return tuple(out.stdout.split())
+
+
+def _dials(node: object) -> set[str]:
+    """Every upstream address in Caddy's loaded JSON config."""
+    if isinstance(node, dict):
+        return {str(v) for k, v in node.items() if k == "dial"} \
+            | {d for v in node.values() for d in _dials(v)}
+    if isinstance(node, list):
+        return {d for v in node for d in _dials(v)}
+    return set()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process is left in process group `pgid` (compose's: the docker CLI and its
+    compose plugin)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                return True
+    return False
+
+
+def _until(what: Callable[[], object], timeout: float, why: str) -> object:
+    """What `what` found once it finds something (polled, for the moments compose is in),
+    failing with `why` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)
+    return found
+
+
+def hung_recreate_cut_off(stack: DrillStack, tmp_path: Path, second: str) -> str:
+    """`runbook deploy` of v2 onto green, whose app no longer answers SIGTERM (frozen:
+    SIGSTOP), so compose's `up --force-recreate` waits in its stop of the old container for
+    the whole stop grace period (5 s in the drill's compose file; 10 s by default; for ever
+    when the engine hangs). A Ctrl-C then, and `second` while it is held. Checks what the
+    product promises at once (README, "Ctrl-C ... while compose recreates a slot"): the
+    first signal held while compose runs; the second stops compose's group at once; exit 1;
+    Caddy still runs blue, which was never touched, and the proxy answers v1; compose's
+    temporary `<id>_<name>` container left, and `runbook status` naming it with its
+    `docker rm -f`. Returns that command."""
+    stack.reset()  # v1 on both slots, blue serving, green (the standby) running
+    env = stack.env
+    assert env.source is not None
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    loaded = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
+    assert _dials(loaded) == {f"localhost:{blue.port}"}, loaded
+    serving = _as_docker_says(blue.container)
+    assert through_proxy(env) == ("blue", V1.tag)
+    subprocess.run(["docker", "kill", "--signal", "STOP", green.container],
+                   capture_output=True, check=True)  # the standby's app hangs
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "deploy", "--version",
+                                 V2.tag, "--yes", str(env.source)],
+                                stdout=subprocess.DEVNULL, stderr=err_file, text=True,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # compose has made the new container under its temporary name and waits on the old
+        made = _until(lambda: [n for n in service_containers(env, Slot.GREEN)
+                               if n != green.container], 120, "compose never recreated")
+        assert isinstance(made, list) and len(made) == 1, made
+        temp = made[0]
+        pid = _compose_pid(proc.pid)
+        assert pid is not None, "compose is not the runbook's child"
+        os.kill(proc.pid, signal.SIGINT)
+        _until(lambda: "SIGINT received while" in stderr.read_text(), 10,
+               "the first Ctrl-C was never answered")
+        # held: the run still waits on compose, which is still half-way
+        assert proc.poll() is None, stderr.read_text()
+        assert _group_alive(pid), stderr.read_text()
+        assert service_containers(env, Slot.GREEN) == sorted([green.container, temp])
+        os.kill(proc.pid, getattr(signal, second))
+        sent = time.monotonic()
+        _until(lambda: not _group_alive(pid), compose.GRACE + 5, "compose was not cut off")
+        compose_took = time.monotonic() - sent
+        proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run(["docker", "kill", "--signal", "CONT", green.container],
+                       capture_output=True, check=False)
+    err = stderr.read_text()
+    assert proc.returncode == 1, err
+    assert f"{second} received again: it stops compose half-way" in err, err
+    assert "was stopped half-way by a second signal" in err, err
+    assert compose_took < 3, err  # at once: not when the stop it waited on ended
+    assert took < 10, err  # its undo's stop of the hung standby waits that stop out
+    # the world: traffic never moved, the serving container never touched
+    now = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
+    assert now == loaded, now
+    assert _as_docker_says(blue.container) == serving
+    assert through_proxy(env) == ("blue", V1.tag)
+    # compose never renamed its new container: the temporary one is left
+    assert service_containers(env, Slot.GREEN) == sorted([green.container, temp])
+    listed = re.search(r"`(docker compose [^`]+ ps -a)`", err)  # the error's own fix
+    assert listed is not None, err
+    assert temp in subprocess.run(shlex.split(listed.group(1)), capture_output=True,
+                                  text=True, check=True).stdout
+    status = cli(env, "status")
+    named = re.findall(r"`(docker rm -f [^`]+)`", status.stdout)
+    assert named == [f"docker rm -f {temp}"], status.stdout
+    return named[0]
+
+
+@pytest.mark.long
+def test_a_sigterm_after_a_ctrl_c_cuts_a_hung_recreate_off_too(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """SIGTERM (a supervisor's stop) counts as the second signal as Ctrl-C does: the same
+    cut-off, and the leftover goes with the fix status prints, as printed."""
+    remove = hung_recreate_cut_off(stack, tmp_path, "SIGTERM")
+    subprocess.run(shlex.split(remove), check=True, capture_output=True)
+    env = stack.env
+    assert service_containers(env, Slot.GREEN) == [env.slot(Slot.GREEN).container]
+    assert through_proxy(env) == ("blue", V1.tag)
+
+
+@pytest.mark.long
+def test_a_second_ctrl_c_cuts_a_hung_recreate_off_and_the_same_deploy_then_finishes(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """A second Ctrl-C stops a hung compose half-way, traffic never moves; the same deploy
+    refuses on the temporary container it left (exit 4, nothing changed), naming the
+    `docker rm -f` status names, and once that has run as printed it deploys."""
+    remove = hung_recreate_cut_off(stack, tmp_path, "SIGINT")
+    env = stack.env
+    rerun = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert rerun.returncode == 4, rerun.stderr  # refused before any change
+    assert "nothing was changed" in rerun.stderr and f"`{remove}`" in rerun.stderr, rerun.stderr
+    assert through_proxy(env) == ("blue", V1.tag)
+    subprocess.run(shlex.split(remove), check=True, capture_output=True)  # as printed
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert service_containers(env, Slot.GREEN) == [env.slot(Slot.GREEN).container]
