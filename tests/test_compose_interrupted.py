@@ -25,6 +25,7 @@ from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
+from tests.matrix import nightly
 from tests.test_interrupted import cli, through_proxy
 
 pytestmark = pytest.mark.docker
@@ -307,6 +308,7 @@ def hung_recreate_cut_off(stack: DrillStack, tmp_path: Path, second: str) -> str
     return named[0]
 
 
+@nightly  # the same cut-off as the second Ctrl-C below, by another signal: a matrix cell
 @pytest.mark.long
 def test_a_sigterm_after_a_ctrl_c_cuts_a_hung_recreate_off_too(
         stack: DrillStack, tmp_path: Path) -> None:
