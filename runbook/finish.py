@@ -110,9 +110,7 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
     raise CannotFinish(
         f"an interrupted run is unfinished ({intent.describe()}) and Caddy's running config "
         f"names no single slot: {found.problem(env)}",
-        f"repoint Caddy at the healthy slot: `runbook switch {command_arg(env)} --slot "
-        "<blue|green>`",
-        intent)
+        traffic.no_single_slot_fix(env, found), intent)
 
 
 def target_check(env: Environment, intent: intents.Intent) -> caddy.VerifyResult:

@@ -587,8 +587,10 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
                          f"`{_curl_through_proxy(f.env)}`")
         return
     trouble = f.traffic.problem(f.env)
-    if trouble:
-        yield Problem(trouble, "repoint Caddy at the slot you know is healthy: "
+    if trouble:  # marker lines that cannot be read: a switch refuses them too
+        yield Problem(trouble, traffic.no_single_slot_fix(f.env, f.traffic)
+                      if f.traffic.markers is not None else
+                      "repoint Caddy at the slot you know is healthy: "
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
 
 

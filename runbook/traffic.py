@@ -54,6 +54,10 @@ class Traffic:
     # the listen addresses of those servers, as Caddy's loaded config has them
     # (`:8080`, `127.0.0.2:8080`): where proxy_url must point
     listens: tuple[str, ...] = ()
+    # both slots dialed and the Caddyfile's slot markers cannot be read (message, fix): the
+    # other sites' dials cannot be told from the managed block's, and no switch can rewrite
+    # the block either, so the marker line, not a switch, is the way out
+    markers: tuple[str, str] | None = None
 
     @property
     def untrusted(self) -> bool:
@@ -75,6 +79,10 @@ class Traffic:
         if not self.slots:
             return (f"Caddy's running config dials no slot port (it dials "
                     f"{', '.join(self.dials) or 'nothing'}; slots: {known})")
+        if len(self.slots) > 1 and self.markers is not None:
+            return (f"Caddy's running config dials both slots' ports, and which of those "
+                    f"dials are the managed block's cannot be told: the slot markers of "
+                    f"{env.caddy.caddyfile} cannot be read ({self.markers[0]})")
         if len(self.slots) > 1:
             return "Caddy's running config dials both slots' ports"
         if self.proxy_slot is not None and self.proxy_slot != str(self.slot):
@@ -387,11 +395,16 @@ def from_config(env: Environment, config: Any,
     counts = Counter(p for d in every if (p := _port(d)) in by_port)
     slots = frozenset(by_port[p] for p in counts)
     pinned: frozenset[Slot] = frozenset()
-    if slots and outside is not None and (fixed := outside()) is not None:
+    fixed = outside() if slots and outside is not None else None
+    if fixed is not None:
         managed = frozenset(by_port[p] for p in counts - fixed)
         if managed or len(slots) == 1:
             slots = managed
             pinned = frozenset(by_port[p] for p in fixed if p in by_port)
+    # the subtraction not made for want of the managed block: said as that (found by review:
+    # "dials both slots' ports" offered the switch, which refused on the very markers)
+    markers = markers_problem(env) if len(slots) > 1 and outside is not None \
+        and fixed is None else None
     if unresolved := _unresolved(config):  # cannot tell: fail closed for both slots
         pinned = frozenset(env.slots)
     return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
@@ -399,7 +412,38 @@ def from_config(env: Environment, config: Any,
                    # the serving slot's sites: a site pinned to the other slot (outside the
                    # markers) keeps dialing it whatever the drain waits for
                    fronts=slot_fronts(config, [env.slot(s).port for s in slots]),
-                   listens=front_listens(config, [env.slot(s).port for s in slots]))
+                   listens=front_listens(config, [env.slot(s).port for s in slots]),
+                   markers=markers)
+
+
+def markers_problem(env: Environment) -> tuple[str, str] | None:
+    """(message, fix) when the Caddyfile on disk is there but its slot marker lines cannot be
+    read (caddy.SlotMarkersError); None otherwise (an unreadable file is said elsewhere)."""
+    from runbook.caddy import SlotMarkersError, find_block
+
+    try:
+        find_block(env.caddy.caddyfile.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError):
+        return None
+    except SlotMarkersError as exc:
+        return exc.message, exc.fix or ""
+    return None
+
+
+def no_single_slot_fix(env: Environment, found: Traffic) -> str:
+    """The way out when Caddy serves no single slot, one that works: marker lines that
+    cannot be read are fixed in the file (a switch refuses them too: on-call went round in a
+    circle); otherwise a switch to the healthy slot repoints Caddy."""
+    if found.markers is not None:
+        return f"in {env.caddy.caddyfile}: {found.markers[1]}, then run again"
+    return ("see `runbook status`; repoint Caddy at the healthy slot with "
+            f"`runbook switch {command_arg(env)} --slot <blue|green>`")
+
+
+def cannot_tell(env: Environment, found: Traffic) -> PreconditionError:
+    """The refusal, when planning, of a command that needs the one slot that serves."""
+    return PreconditionError(f"cannot tell which slot takes traffic: {found.problem(env)}; "
+                             "nothing was changed", no_single_slot_fix(env, found))
 
 
 def undo_config(env: Environment, running: Any, previous: Slot | None, target: Slot,
@@ -667,7 +711,8 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
         raise
     header, error, unverifiable = witness.result()
     return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
-                   found.dialed, found.fronts, unverifiable, found.unresolved, found.listens)
+                   found.dialed, found.fronts, unverifiable, found.unresolved, found.listens,
+                   found.markers)
 
 
 def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
@@ -731,9 +776,7 @@ def serving_slot(env: Environment) -> Slot:
     found = read(env)
     problem = found.problem(env)
     if found.slot is None or problem is not None:
-        raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
-                                "see `runbook status`; repoint Caddy at the healthy slot with "
-                                f"`runbook switch {command_arg(env)} --slot <blue|green>`")
+        raise cannot_tell(env, found)
     return found.slot
 
 
@@ -898,9 +941,7 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
     found = read(env)
     problem = found.problem(env)
     if found.slot is None or (problem and found.proxy_slot is not None):
-        raise PreconditionError(f"cannot tell which slot takes traffic: {problem}",
-                                "see `runbook status`; repoint Caddy at the healthy slot with "
-                                f"`runbook switch {command_arg(env)} --slot <blue|green>`")
+        raise cannot_tell(env, found)
     refuse_if_unverifiable(env, found)
     warnings: list[str] = []
     if problem:

@@ -123,6 +123,9 @@ def test_find_block_rejects_missing_duplicated_or_misordered_markers(
     for word in words:
         assert word in str(err.value)
     assert err.value.fix
+    # a fact of the file, met when planning before any change: exit 4, never exit 1's "failed
+    # safely" (scripts read that as "something was attempted")
+    assert err.value.exit_code == ExitCode.PRECONDITION
     # the same structural errors stop rewrite and inspect before they do anything
     with pytest.raises(CaddyError):
         caddy.rewrite(text, ENV, Slot.GREEN)

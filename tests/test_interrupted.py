@@ -522,12 +522,10 @@ def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack)
     assert "interrupted" not in status.stdout.lower(), status.stdout
 
 
-def test_finishing_a_run_makes_the_caddyfile_on_disk_name_the_slot_caddy_runs(
-        stack: DrillStack) -> None:
-    """Found by review: an undo that wrote the old Caddyfile back and could not reload it (or
-    was killed between the two) leaves the file naming blue while Caddy runs green. The
-    finish stopped blue and left the file so: the next Caddy restart or reload sent every
-    user to a stopped container."""
+def _killed_once_verified_with_the_file_behind(stack: DrillStack
+                                               ) -> tuple[Environment, str, str]:
+    """A rollback to green killed once verified (Caddy runs green), and the Caddyfile text
+    an undo's write would leave (naming blue): (env, the file as written, that text)."""
     env = arrange(stack)  # v3 serving from blue, v2 stopped on green
     first = cli(env, "rollback", "--yes", fault="switch.after-verify:SIGKILL")
     assert first.returncode == -signal.SIGKILL, first.stderr
@@ -537,6 +535,16 @@ def test_finishing_a_run_makes_the_caddyfile_on_disk_name_the_slot_caddy_runs(
                           f"localhost:{env.slot(Slot.BLUE).port}").replace(
         'X-Togather-Slot "green"', 'X-Togather-Slot "blue"')
     assert behind != text
+    return env, text, behind
+
+
+def test_finishing_a_run_makes_the_caddyfile_on_disk_name_the_slot_caddy_runs(
+        stack: DrillStack) -> None:
+    """Found by review: an undo that wrote the old Caddyfile back and could not reload it (or
+    was killed between the two) leaves the file naming blue while Caddy runs green. The
+    finish stopped blue and left the file so: the next Caddy restart or reload sent every
+    user to a stopped container."""
+    env, text, behind = _killed_once_verified_with_the_file_behind(stack)
     env.caddy.caddyfile.write_text(behind)  # what the undo's write left
     done = cli(env, "rollback", "--yes")
     said = done.stdout + done.stderr
@@ -547,6 +555,32 @@ def test_finishing_a_run_makes_the_caddyfile_on_disk_name_the_slot_caddy_runs(
     # what a restart of Caddy would load: the file, serving green
     drill_http.post(f"{env.caddy.admin_url}/load", content=on_disk,
                     headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_slot_markers_met_after_the_commit_say_it_took_effect_never_nothing_changed(
+        stack: DrillStack) -> None:
+    """Slot marker lines the switch cannot read are a precondition (exit 4, "nothing was
+    changed") when planning. Met after the commit (a rollback killed once verified, its
+    Caddyfile then given a comment naming both markers, its finish asked to make the file
+    name the slot Caddy runs), the finish says what took effect (exit 6) and the marker line
+    to fix, never "nothing was changed"; typed again once it is fixed, it finishes."""
+    from tests.test_rollback import MARKERS_IN_A_COMMENT
+
+    env, text, behind = _killed_once_verified_with_the_file_behind(stack)
+    env.caddy.caddyfile.write_text(MARKERS_IN_A_COMMENT + behind)
+    done = cli(env, "rollback", "--yes")
+    said = done.stdout + done.stderr
+    assert done.returncode == 6, said
+    assert "TOOK EFFECT" in said and "line 1 holds both" in said, said
+    assert "split line 1" in said, said
+    assert "nothing was changed" not in said and "nothing changed" not in said, said
+    assert through_proxy(env) == ("green", V2.tag)
+    env.caddy.caddyfile.write_text(behind)  # line 1 fixed as said
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert env.caddy.caddyfile.read_text() == text
+    assert not docker.inspect(env.slot(Slot.BLUE).container).running
     assert through_proxy(env) == ("green", V2.tag)
 
 

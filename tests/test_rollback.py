@@ -198,6 +198,61 @@ def test_a_caddyfile_that_is_not_the_whole_config_caddy_runs_is_refused(
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+# a comment that names both markers, as a host's own Caddyfile header may
+MARKERS_IN_A_COMMENT = ("# Deploy tooling rewrites the lines between # BLUE_GREEN_SLOT_START "
+                        "and # BLUE_GREEN_SLOT_END.\n")
+
+
+def test_slot_markers_the_switch_cannot_read_are_refused_exit_4_naming_the_line_to_fix(
+        stack: DrillStack) -> None:
+    """Found by review: with both marker names in line 1's comment (loaded into Caddy as it
+    is), `rollback --dry-run`, `rollback --yes` and `switch --yes` exited 1 ("failed safely":
+    something was attempted) although nothing was changed. With another site outside the
+    markers proxying to the standby too, the rollback's refusal said only "Caddy's running
+    config dials both slots' ports" and offered `runbook switch` as the fix, which failed on
+    the markers: on-call went round in a circle. Each refusal is exit 4, names the file,
+    the marker line and its fix, and never offers the switch (nor does status); the fix, as
+    printed, lets the rollback plan. Oracle: the exit codes, Caddy's loaded config
+    (GET /config/), Docker, the proxy and the files, read back."""
+    env = two_deployments(stack, stop_old_slot=False)  # v3 on blue serves, v2 runs on green
+    text = MARKERS_IN_A_COMMENT + env.caddy.caddyfile.read_text()
+    green = env.slot(Slot.GREEN).port
+    pinned = text.replace('respond /ping "pong" 200', f"reverse_proxy localhost:{green}")
+    assert pinned != text
+    for caddyfile, commands in (
+            (text, [("rollback", "--to", V2.tag, "--dry-run"), ("rollback", "--to", V2.tag,
+                                                                 "--yes"),
+                    ("switch", "--slot", "green", "--yes")]),
+            (pinned, [("rollback", "--dry-run"), ("rollback", "--yes"),
+                      ("switch", "--slot", "green", "--yes")])):
+        write_and_load(env, caddyfile)
+        before = snapshot(env)
+        running = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
+        for args in commands:
+            done = runbook_cli(env, *args)
+            said = done.stdout + done.stderr
+            assert done.returncode == ExitCode.PRECONDITION, (args, said)
+            assert "line 1 holds both # BLUE_GREEN_SLOT_START and # BLUE_GREEN_SLOT_END" \
+                in said, (args, said)
+            assert f"{env.caddy.caddyfile}" in said, (args, said)
+            assert "split line 1, or reword it if it only mentions them" in said, (args, said)
+            assert "nothing was changed" in said, (args, said)
+            assert "runbook switch" not in said, (args, said)  # it fails the same way
+        assert snapshot(env) == before
+        assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json() == running
+    # status offers no switch for it either (it would fail the same way)
+    looked = runbook_cli(env, "status", "--format", "json")
+    problems = json.loads(looked.stdout)["problems"]
+    assert [p for p in problems if "line 1 holds both" in p["problem"]], problems
+    assert not [p for p in problems if "runbook switch" in p["fix"]], problems
+    # the fix, as printed: line 1 reworded (a comment: Caddy runs the same config)
+    reworded = pinned.replace(MARKERS_IN_A_COMMENT, "# Deploy tooling rewrites the slot block.\n")
+    files.atomic_write(env.caddy.caddyfile, reworded.encode())
+    done = runbook_cli(env, "rollback", "--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def _at_switch(action: Callable[[], None]) -> Callable[..., None]:
     """A progress callback that runs `action` as the switch step starts: a colleague's
     change between the plan (and its health gate) and the switch's write."""

@@ -3,7 +3,7 @@
     text    the managed block as text: find, inspect, rewrite, diff (pure)
     admin   Caddy itself: read the file, validate, reload, is it running, verify via the proxy
     switch  the switch's plan, backup, write and undo
-    errors  CaddyError, CaddyNotRunningError
+    errors  CaddyError, CaddyNotRunningError, SlotMarkersError
 
 `from runbook.caddy import X` works for every public name below (`__all__`).
 """
@@ -44,6 +44,7 @@ from runbook.caddy.errors import (
     CaddyConflictError,
     CaddyError,
     CaddyNotRunningError,
+    SlotMarkersError,
 )
 from runbook.caddy.switch import (
     SwitchPlan,
@@ -87,6 +88,7 @@ __all__ = [
     "Inspection",
     "ReloadCommand",
     "SlotHeader",
+    "SlotMarkersError",
     "SwitchPlan",
     "Unreloadable",
     "Upstream",

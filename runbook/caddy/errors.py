@@ -21,6 +21,16 @@ class CaddyError(RunbookError):
         self.backup = backup
 
 
+class SlotMarkersError(CaddyError):
+    """The Caddyfile's slot marker lines cannot be read (one missing or doubled, both on one
+    line, END above START): which text is the managed block cannot be told, so nothing may
+    rewrite it. A precondition (exit 4): a fact of the file, found when planning, before any
+    change (a step that meets it later is said by the plan as what it did: undone, exit 1;
+    after the commit, exit 6)."""
+
+    exit_code = ExitCode.PRECONDITION
+
+
 class CaddyNotRunningError(CaddyError):
     """Caddy (or its admin API) does not answer: nothing may be written or reloaded.
 

@@ -101,13 +101,22 @@ class SwitchPlan:
 
 def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
     """Compute a switch without touching the file or Caddy; refuses (CaddyError) a Caddyfile
-    the switch cannot rewrite whole or Caddy would not load whole (check_imports)."""
+    the switch cannot rewrite whole or Caddy would not load whole (check_imports). Planning
+    changes nothing, so its refusals of the file's text (exit 4) name the file and say so:
+    the parser's own words are facts of the text (`line 1 holds both ...`), said as they are
+    by whoever meets them later (a step after a change: runbook/plan.py says what it did)."""
     target = Slot(target)
-    old = read(env)
-    current = inspect(old, env)
-    new = rewrite(old, env, target)
-    check_imports(env, new)
     path = env.caddy.caddyfile
+    old = read(env)
+    try:
+        current = inspect(old, env)
+        new = rewrite(old, env, target)
+    except CaddyError as exc:
+        if exc.exit_code == ExitCode.PRECONDITION:
+            exc.message = f"{path}: {exc.message}; nothing was changed"
+            exc.args = (exc.message,)
+        raise
+    check_imports(env, new)
     running, etag = running_config_tagged(env)
     return SwitchPlan(
         environment=env.display, caddyfile=path, target=target,

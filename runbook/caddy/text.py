@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runbook.caddy.errors import CaddyError
+from runbook.caddy.errors import CaddyError, SlotMarkersError
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode
 
@@ -48,7 +48,8 @@ _OPAQUE = (
 
 def find_block(text: str) -> tuple[int, int]:
     """Offsets (start, end) of the managed block: text[start:end] is everything between the
-    marker lines, which themselves stay outside so they are never rewritten."""
+    marker lines, which themselves stay outside so they are never rewritten. Marker lines it
+    cannot read: SlotMarkersError (exit 4)."""
     starts: list[tuple[int, int, int]] = []  # (line number, line start, line end incl. newline)
     ends: list[tuple[int, int, int]] = []
     offset = 0
@@ -56,8 +57,10 @@ def find_block(text: str) -> tuple[int, int]:
         line_end = offset + len(line) + 1  # past the "\n" (one past len(text) on the last line)
         has_start, has_end = bool(_START_RE.search(line)), bool(_END_RE.search(line))
         if has_start and has_end:
-            raise CaddyError(f"line {number} holds both {START_MARKER} and {END_MARKER}",
-                             "put each marker on its own comment line")
+            raise SlotMarkersError(f"line {number} holds both {START_MARKER} and {END_MARKER}",
+                                   "each marker goes on a comment line of its own and is "
+                                   f"named on no other line: split line {number}, or reword "
+                                   "it if it only mentions them")
         if has_start:
             starts.append((number, offset, line_end))
         if has_end:
@@ -68,14 +71,14 @@ def find_block(text: str) -> tuple[int, int]:
     if not starts or not ends:
         missing = " and ".join(m for m, found in ((START_MARKER, starts), (END_MARKER, ends))
                                if not found)
-        raise CaddyError(f"the Caddyfile has no {missing} marker line", fix)
+        raise SlotMarkersError(f"the Caddyfile has no {missing} marker line", fix)
     if len(starts) > 1 or len(ends) > 1:
         lines = ", ".join(str(n) for n, _, _ in sorted(starts + ends))
-        raise CaddyError(f"the Caddyfile has duplicated slot markers (lines {lines})", fix)
+        raise SlotMarkersError(f"the Caddyfile has duplicated slot markers (lines {lines})", fix)
     (start_no, _, start_after), (end_no, end_at, _) = starts[0], ends[0]
     if end_no < start_no:
-        raise CaddyError(f"{END_MARKER} (line {end_no}) comes before {START_MARKER} "
-                         f"(line {start_no})", fix)
+        raise SlotMarkersError(f"{END_MARKER} (line {end_no}) comes before {START_MARKER} "
+                               f"(line {start_no})", fix)
     return min(start_after, len(text)), end_at
 
 
