@@ -33,6 +33,9 @@ _TIMEOUT = 30.0
 _SOCKET = "/var/run/docker.sock"
 
 
+SLOT_LABEL = "com.togather.deployment.slot"  # the contract's label on a slot's container
+
+
 class DockerError(RunbookError):
     exit_code = ExitCode.FAILED_SAFELY
 

@@ -28,7 +28,7 @@ from runbook.errors import RunbookError
 from runbook.times import rough_duration
 
 NOT_RECORDED = "not recorded"
-SLOT_LABEL = "com.togather.deployment.slot"  # the contract's label on a slot's container
+SLOT_LABEL = docker.SLOT_LABEL
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,9 @@ class Facts:
     unfinished: dict[str, str] | None = None
     # per slot: the containers of its compose service other than its own (compose.leftovers)
     leftovers: dict[Slot, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # per slot whose container publishes ports, none the one the environment names for it
+    # (traffic.port_mismatch): (problem, fix). Its container's facts are another slot's
+    mispaired: dict[Slot, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def active(self) -> Slot | None:
@@ -163,6 +166,32 @@ def state_unreadable(f: Facts) -> Iterator[Problem]:
     yield _error(f.state_error, f"fix {f.env.state_file}")
 
 
+def slots_mispaired(f: Facts) -> Iterator[Problem]:
+    """The environment pairs a slot's container with a port it does not publish ([slots]
+    containers or ports swapped, a typo): said first, as the rollback and the switch refuse
+    on it. Found by review: status read the other slot's stopped container as the serving
+    one ("stopped: `docker start` it", the old build) beside users served; the checks that
+    read a mis-paired slot's container are judged without it (`_judged`)."""
+    refused = any(f.running(slot) for slot in f.mispaired)  # as check_slot_ports judges
+    for slot, (problem, fix) in f.mispaired.items():
+        yield Problem(f"{problem}: the environment file pairs the {slot} slot's container and "
+                      "port wrongly, so what runs cannot be told slot by slot"
+                      + ("; every rollback, deploy or switch is refused until it is mended"
+                         if refused else ""), fix)
+
+
+def _pairing_fix(f: Facts) -> str | None:
+    """While the environment pairs a slot's container and port wrongly: the pointer to it
+    for every problem whose fix would switch or roll back, which would act on the wrong
+    container (refused, while one of them runs: traffic.check_slot_ports)."""
+    if not f.mispaired:
+        return None
+    said = ", ".join(f"[slots.{s}]" for s in f.mispaired)
+    return (f"mend {said} in {f.env.source or 'the environment file'} first (see the problem "
+            "that names the port its container publishes): until then a rollback or a "
+            f"switch goes by the wrong containers; then `runbook status {_arg(f.env)}` again")
+
+
 def container_unknown(f: Facts) -> Iterator[Problem]:
     for slot, exc in f.container_errors.items():
         yield Problem(f"cannot inspect the {slot} container: {exc.message}",
@@ -184,6 +213,7 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
                       "by hand before that: it would load this file"
                       if active is not None and report is not None and report.ok
                       and f.intent is None else
+                      _pairing_fix(f) or
                       "make every reverse_proxy and X-Togather-Slot header between the markers "
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it
@@ -304,7 +334,9 @@ def state_disagrees_with_caddy(f: Facts) -> Iterator[Problem]:
     back = (f"`runbook switch {arg} --slot {recorded}` puts traffic back on {recorded} "
             f"({current.version}, health-gated)")
     report = f.reports.get(active)
-    if report is None or not report.ok:
+    if (pairing := _pairing_fix(f)) is not None:
+        fix = pairing
+    elif report is None or not report.ok:
         fix = f"check both slots (`runbook healthcheck {arg} --slot both`), then {back}"
     else:
         # the switch to the slot that serves only records it there (health-gated, verified
@@ -376,7 +408,8 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
+                      _doubted_fix(f) or _unfinished_fix(f) or _pairing_fix(f)
+                      or _start_first(f)
                       or _database_fix(f) or _off_record(f)
                       or f"{_way_out(f, active)}; or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
@@ -590,7 +623,7 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
     if trouble:  # marker lines that cannot be read: a switch refuses them too
         yield Problem(trouble, traffic.no_single_slot_fix(f.env, f.traffic)
                       if f.traffic.markers is not None else
-                      "repoint Caddy at the slot you know is healthy: "
+                      _pairing_fix(f) or "repoint Caddy at the slot you know is healthy: "
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
 
 
@@ -722,8 +755,8 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
-        doubted = (_doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
-                   or _database_fix(f) or _off_record(f))
+        doubted = (_doubted_fix(f) or _unfinished_fix(f) or _pairing_fix(f)
+                   or _start_first(f) or _database_fix(f) or _off_record(f))
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: {_way_out(f, f.active)}")
@@ -801,7 +834,9 @@ def crash_looping(f: Facts) -> Iterator[Problem]:
         if how is None or info is None:
             continue
         logs = f"`docker logs --tail 100 {info.name}` says why it exits"
-        if slot == f.active:
+        if slot in f.mispaired:  # whether it serves cannot be told (slots_mispaired)
+            yield Problem(f"the container {info.name} is crash-looping: {how}", logs)
+        elif slot == f.active:
             yield Problem(f"the {slot} slot's container {info.name}, which Caddy serves, is "
                           f"crash-looping: {how}; users get errors while it is down",
                           f"{logs}; " + (_doubted_fix(f) or _unfinished_fix(f)
@@ -1075,8 +1110,8 @@ Check = Callable[[Facts], Iterator[Problem]]
 # third, after the Caddyfile's block and the running config that caused it; Caddy down after
 # an unreadable state file)
 CHECKS: list[Check] = [
-    caddy_not_answering, serving_stopped, proxy_unanswered, crash_looping, serving_absent,
-    state_unreadable, container_unknown, caddy_problems,
+    caddy_not_answering, slots_mispaired, serving_stopped, proxy_unanswered, crash_looping,
+    serving_absent, state_unreadable, container_unknown, caddy_problems,
     traffic_unclear, proxy_unverifiable, caddyfile_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
@@ -1085,10 +1120,29 @@ CHECKS: list[Check] = [
 ]
 
 
+# the checks that read a mis-paired slot's container themselves (the rest judge `_judged`)
+_SEE_MISPAIRED = (slots_mispaired, crash_looping)
+
+
 def problems(facts: Facts) -> list[Problem]:
     """Every problem of every check, in CHECKS order."""
-    return [dataclasses.replace(problem, check=check.__name__)
-            for check in CHECKS for problem in check(facts)]
+    judged = _judged(facts)
+    return [dataclasses.replace(problem, check=check.__name__) for check in CHECKS
+            for problem in check(facts if check in _SEE_MISPAIRED else judged)]
+
+
+def _judged(f: Facts) -> Facts:
+    """The facts without the containers of the slots the environment pairs wrongly
+    (slots_mispaired), as if not inspected: each is another slot's, and judged as this
+    one's, a stopped standby was "the serving slot, stopped" (`docker start` the old build)
+    and the serving one "the standby left running" (`docker stop` it). What is asked by the
+    slot's port (its health, the slot Caddy dials) stays."""
+    if not f.mispaired:
+        return f
+    return dataclasses.replace(
+        f, containers={s: None if s in f.mispaired else i for s, i in f.containers.items()},
+        held={s: r for s, r in f.held.items() if s not in f.mispaired},
+        left_by_switch={s: r for s, r in f.left_by_switch.items() if s not in f.mispaired})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1110,6 +1164,9 @@ def collect(env: Environment) -> Facts:
             f.container_errors[slot] = exc
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
         info = f.containers[slot]
+        # stopped too: HostConfig keeps what a `docker start` publishes again
+        if info is not None and (wrong := traffic.port_mismatch(env, slot, info)) is not None:
+            f.mispaired[slot] = wrong
         if info is not None and not info.exists:
             try:
                 f.publishers[slot] = docker.publishing(config.port)
@@ -1319,7 +1376,7 @@ def to_json(f: Facts) -> dict[str, Any]:
     held = f.lock
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
-    out["notes"] = [n.to_json() for n in standby_notes(f)]
+    out["notes"] = [n.to_json() for n in standby_notes(_judged(f))]
     out["problems"] = [p.to_json() for p in problems(f)]
     from runbook.redact import scrub
 

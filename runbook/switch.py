@@ -65,6 +65,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     target = options.slot
     config = env.slot(target)
     now = traffic.read(env)
+    # which slot serves is read from the ports Caddy dials: with a [slots] entry pairing a
+    # container and a port that are not one slot's, "nothing to switch" (or a record-only
+    # switch) was decided on the wrong slot (found by review); refused before anything else
+    traffic.check_slot_ports(env)
     # the file written back in line while a run that never moved traffic off `target` left
     # its record ("continue": killed between its write and its reload, or undone with a
     # write-back that failed): that record is kept as it is, this switch writes none
@@ -104,7 +108,6 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         warnings.append(f"Caddy serves no single slot ({now.problem(env)}); repointing it at "
                         f"{target}")
     live = now.slot or target.other
-    traffic.check_slot_ports(env)
     info = docker.inspect(config.container)
     if not info.exists:
         raise PreconditionError(f"container {config.container} does not exist",

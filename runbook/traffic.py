@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook import bounded_http, drain
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
+
+if TYPE_CHECKING:
+    from runbook import docker
 
 SLOT_HEADER = "X-Togather-Slot"
 _TIMEOUT = 5.0
@@ -814,18 +817,45 @@ def check_slot_ports(env: Environment) -> None:
     from runbook import docker
 
     for slot in Slot:
-        config = env.slot(slot)
-        info = docker.inspect(config.container)
+        info = docker.inspect(env.slot(slot).container)
         # a stopped one is judged when it runs (a recreate may change its ports)
-        if not info.running or not info.published or config.port in info.published:
-            continue
-        shown = ", ".join(str(p) for p in info.published)
-        raise PreconditionError(
-            f"{config.container} publishes port {shown}, but the environment names port "
-            f"{config.port} for the {slot} slot: which slot serves cannot be told from the "
-            "ports Caddy dials; nothing was changed",
-            f"set [slots.{slot}] port to the one `docker port {config.container}` shows (or "
-            "fix the container's published port)")
+        if info.running and (said := port_mismatch(env, slot, info)) is not None:
+            raise PreconditionError(f"{said[0]}: which slot serves cannot be told from the "
+                                    "ports Caddy dials; nothing was changed", said[1])
+
+
+def port_mismatch(env: Environment, slot: Slot, info: docker.ContainerInfo
+                  ) -> tuple[str, str] | None:
+    """(problem, fix) when the slot's container publishes host ports, none of them the port
+    the environment names for the slot: the file pairs a container and a port that are not
+    one slot's. None when they match, or what it publishes is not known (host network) or
+    nothing (it is judged by the port alone then). The fix says which entry to mend: the
+    container's slot label naming the other slot is a swapped container, else the port."""
+    config = env.slot(slot)
+    if not info.exists or not info.published or config.port in info.published:
+        return None
+    shown = ", ".join(str(p) for p in info.published)
+    other = env.slot(slot.other)
+    whose = f" (and {other.port} for the {slot.other} slot)" if other.port in info.published \
+        else ""
+    where = env.source or "the environment file"
+    from runbook.docker import SLOT_LABEL
+
+    labelled = (info.labels or {}).get(SLOT_LABEL)
+    if labelled == str(slot.other):
+        fix = (f"{config.container} carries {SLOT_LABEL}={labelled}: set [slots.{slot}] "
+               f"container (and service) in {where} to the {slot} slot's own (are "
+               f"[slots.{slot}] and [slots.{slot.other}] swapped?)")
+    elif labelled == str(slot):
+        fix = (f"set [slots.{slot}] port in {where} to the one `docker port "
+               f"{config.container}` shows (or fix the container's published port)")
+    else:  # which of the two is wrong cannot be told from the container
+        fix = (f"make [slots.{slot}] in {where} name one slot's container and port: the "
+               f"port `docker port {config.container}` shows, or the container that "
+               f"publishes port {config.port} (`docker ps -a --filter "
+               f"publish={config.port}`)")
+    return (f"{config.container} publishes port {shown}, but the environment names port "
+            f"{config.port} for the {slot} slot{whose}", fix)
 
 
 _LEFT_RUNNING = ("it is left running; see `runbook status` (an earlier step that could not put "

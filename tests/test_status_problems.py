@@ -31,9 +31,11 @@ V1, V2 = VERSIONS["v1"], VERSIONS["v2"]
 
 
 
-def status(stack: DrillStack) -> tuple[int, str, list[dict[str, str]]]:
-    """(exit code, the text output, the JSON problems)."""
-    argv = [sys.executable, "-m", "runbook.cli", "status", str(stack.env.source)]
+def status(stack: DrillStack, source: Path | None = None
+           ) -> tuple[int, str, list[dict[str, str]]]:
+    """(exit code, the text output, the JSON problems), through the stack's environment file
+    or `source`."""
+    argv = [sys.executable, "-m", "runbook.cli", "status", str(source or stack.env.source)]
     text = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
                           stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
     data = subprocess.run([*argv, "--format", "json"], capture_output=True, text=True,
@@ -1399,3 +1401,109 @@ def test_the_old_slot_of_a_killed_switch_finished_by_its_rerun_is_a_note(
     code, text, problems = status(stack)
     assert (code, problems) == (0, []), text
     assert "left running by the switch at" in text and f"(run {moved[1]})" in text, text
+
+
+def _mispaired_file(stack: DrillStack, toml: Path, *, containers: bool) -> Environment:
+    """The stack's environment file with [slots.blue] and [slots.green] swapped against what
+    runs: their `container` and `service` (each slot keeping its port), or their `port`
+    (each keeping its container). Returns it loaded, as `runbook ... <toml>` reads it."""
+    import dataclasses
+
+    from runbook import environment as envmod
+
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    if containers:
+        slots = {Slot.BLUE: dataclasses.replace(blue, container=green.container,
+                                                service=green.service),
+                 Slot.GREEN: dataclasses.replace(green, container=blue.container,
+                                                 service=blue.service)}
+    else:
+        slots = {Slot.BLUE: dataclasses.replace(blue, port=green.port),
+                 Slot.GREEN: dataclasses.replace(green, port=blue.port)}
+    toml.write_text(envmod.to_toml(env.with_(slots=slots)))
+    return envmod.load_file(toml)
+
+
+def _said_on_the_pairing(stack: DrillStack, toml: Path, serving: str, published: int,
+                         named: int, slot: str) -> None:
+    """Status through `toml` names the pairing first (the container, the port Docker says
+    it publishes, the port the file names), with the environment file as the fix, and no
+    advice built on the wrong pairing: no `docker start`, no "stopped", no "someone
+    changed the container"."""
+    code, text, problems = status(stack, toml)
+    assert_listed(code, text, problems)
+    assert "publishes port" in problems[0]["problem"], problems  # said first
+    [found] = [p for p in problems if f"{serving} publishes port {published}, but the "
+               f"environment names port {named} for the {slot} slot" in p["problem"]]
+    assert str(toml) in found["fix"] and f"[slots.{slot}]" in found["fix"], found
+    said = text + json.dumps(problems)
+    assert "docker start" not in said and "stopped (exited)" not in said, text
+    assert "someone changed the container outside the runbook" not in said, text
+    assert not [p for p in problems if p["check"] in ("serving_stopped", "image_differs")], \
+        problems
+
+
+def test_slots_whose_containers_are_swapped_in_the_file_are_said_as_such_not_as_stopped(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: [slots.blue] and [slots.green] naming each other's container (ports
+    kept), blue serving and green stopped: status said "the blue slot Caddy serves is stopped
+    (exited)" with `docker start <the green container>` (the old build) as its fix, beside a
+    healthy blue and users served, while the rollback refused the same file on the ports
+    Docker publishes. Oracle: `docker port` of the containers, the proxy."""
+    from runbook.drill import scenes
+    from tests.drill_checks import through_proxy
+
+    stack = scene_stack
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    assert f":{blue.port}" in stack.docker("port", blue.container).stdout  # the truth
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+    code, text, problems = status(stack)  # the right file: the stopped green is no problem
+    assert (code, problems) == (0, []), text
+    _mispaired_file(stack, tmp_path / "env-swapped.toml", containers=True)
+    _said_on_the_pairing(stack, tmp_path / "env-swapped.toml", blue.container, blue.port,
+                         green.port, "green")
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+
+
+def test_slots_whose_ports_are_swapped_in_the_file_are_said_as_such(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """The same with the ports swapped (each slot keeping its container): Caddy's port is
+    then green's by the file, whose container is stopped; never `docker start` it."""
+    from runbook.drill import scenes
+
+    stack = scene_stack
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    blue, green = stack.env.slot(Slot.BLUE), stack.env.slot(Slot.GREEN)
+    _mispaired_file(stack, tmp_path / "env-swapped.toml", containers=False)
+    _said_on_the_pairing(stack, tmp_path / "env-swapped.toml", blue.container, blue.port,
+                         green.port, "blue")
+
+
+@pytest.mark.parametrize("target", ["blue", "green"])
+def test_a_switch_through_a_swapped_file_is_refused_whatever_the_target(
+        scene_stack: DrillStack, tmp_path: Path, target: str) -> None:
+    """Found by review: `switch --slot blue` (the slot Caddy serves by the file's ports)
+    answered "nothing to switch" before it asked Docker which container publishes which
+    port. Refused on the pairing (exit 4), dry run or not, nothing changed: Caddy's loaded
+    config, the state file, the containers, what users reach."""
+    from runbook import traffic
+    from runbook.drill import scenes
+    from tests.drill_checks import runbook_cli, snapshot
+
+    stack = scene_stack
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    swapped = _mispaired_file(stack, tmp_path / "env-swapped.toml", containers=True)
+    loaded, before = traffic.loaded_config(env), snapshot(env)
+    for mode in ("--dry-run", "--yes"):
+        done = runbook_cli(swapped, "switch", "--slot", target, mode)
+        assert done.returncode == 4, (mode, done.stdout + done.stderr)
+        assert f"{blue.container} publishes port {blue.port}, but the environment names port " \
+               f"{green.port} for the green slot" in done.stderr, (mode, done.stderr)
+        assert "nothing to switch" not in done.stderr, done.stderr
+        assert traffic.loaded_config(env) == loaded
+        assert snapshot(env) == before
