@@ -37,7 +37,9 @@ from runbook.redact import redact
 from runbook.restore_records import (
     ACCEPT_FLAG,
     CLEARS_AT_START,
+    VERIFIED,
     clear_doubt,
+    forget_finished,
     forget_unfinished,
     mark_served,
 )
@@ -655,10 +657,18 @@ class _Execution:
         """This run's restore finished (the run ended): what unfinished restores kept beside
         the state file is ordinary retention again, for every operator's cleanup, as the run
         records' reading stops at a finished restore. Killed or failed after it (even after
-        the commit), the record stays: a rerun needs what it names."""
-        if not any(o.name == "restore-database" and o.status == "ok" for o in self.outcomes):
+        the commit), the record stays: a rerun needs what it names, and the one that finishes
+        the run ends it, when the run's intent record says its check passed (VERIFIED)."""
+        intent = self.plan.intent
+        if any(o.name == "restore-database" and o.status == "ok" for o in self.outcomes):
+            said = forget_unfinished(self.env)
+        elif self.plan.finishing is not None and intent is not None \
+                and intent.record.get(VERIFIED):
+            # a finish of a run killed after its restore's check passed (its record says so;
+            # the run records are per user): that restore ends with it, as it would have
+            said = forget_finished(self.env, intent.run_id)
+        else:
             return
-        said = forget_unfinished(self.env)
         if said is not None:
             self.journal.log("WARN", said, step="finish")
 

@@ -38,6 +38,9 @@ CLEARS_AT_START = SERVED_OR_CHANGED - {"restore-database"}
 # decides from then on, and its absence means a later run cleared it (doubted_restore)
 MARKED = "doubt_marker"
 MARKER_LIMIT = 1 << 16  # the marker is a few hundred bytes; a larger file is not one
+# a rollback's intent record once its restore's check passed (the database is the
+# snapshot's, whole): the run that finishes it after a kill ends that restore (Plan's end)
+VERIFIED = "restore_verified"
 
 
 def doubt_marker(env: Environment) -> Path:
@@ -193,6 +196,29 @@ def forget_unfinished(env: Environment, run_id: str | None = None) -> str | None
         return (f"{where} could not be updated ({why}): every `snapshot cleanup` keeps the "
                 f"snapshots it names; once the restores it names are finished or given up, "
                 f"remove it (`rm {shlex.quote(str(where))}`)")
+    return None
+
+
+def forget_finished(env: Environment, run_id: str) -> str | None:
+    """A killed run's restore, its check passed (VERIFIED), ended by the run that finished
+    that run: its entry and every earlier one go, as they would had it not been killed
+    (forget_unfinished at its end); a later one, another operator's restore begun since, stays.
+    Left there, every operator's status called it unfinished for good, and its fix replayed
+    the old snapshot over every write since (found by a disk-full fuzz). None, or the line
+    saying it could not be (it then keeps them: safe, and said)."""
+    where = unfinished_marker(env)
+    try:
+        runs = unfinished_restores(env)
+        ids = [r.get("run_id") for r in runs]
+        if run_id not in ids:
+            return None
+        _write_unfinished(env, runs[ids.index(run_id) + 1:])
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return (f"{where} could not be updated ({why}): every `snapshot cleanup` keeps the "
+                f"snapshots it names, and `runbook status` calls the restore of the run "
+                f"{run_id} unfinished although it finished; remove it (`rm "
+                f"{shlex.quote(str(where))}`)")
     return None
 
 

@@ -588,13 +588,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # the restore's own facts (the snapshot restored, the safety snapshot once taken), filled
     # in as it runs: the plan's, so --format json names them as a standalone restore does
     facts: dict[str, Any] = {}
+    record: dict[str, Any] = {}  # the intent's: the restore's check says in it that it passed
     if guard.restore is not None:
         from runbook import snapshot_restore
 
         restore_steps = snapshot_restore.restore_steps(
             env, snapshot_restore.prepare(env, guard.restore, options.moved_from,
                                           restoring(env, options, guard.restore)),
-            facts=facts, run_id=run_id, end_sessions=options.end_sessions, switch_to=standby)
+            facts=facts, run_id=run_id, end_sessions=options.end_sessions, switch_to=standby,
+            record=record)
         warnings += [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
@@ -602,23 +604,23 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                      "start it again after the restore stopped it")
     switch, diff = slots.switch_step(env, standby, target.version, observed, planned=sp,
                                      validated=sp.new_text)
+    record.update({
+        "target_id": target.id,
+        # what served: the state step rolls back from it (recording.py)
+        **({"from_id": served.id} if served is not None else {}),
+        "gated": not options.force,  # for its finish (finish.py)
+        # the schema the guard checked, recorded for the target
+        **({"target_schema": guard.schema} if guard.schema is not None else {}),
+        # a rerun without the flag is told the command that finishes it
+        **({"restore_snapshot": str(guard.restore.path),
+            "end_sessions": options.end_sessions,
+            **({"moved_from": options.moved_from} if options.moved_from else {})}
+           if guard.restore is not None else {}),
+    })
     intent = intents.Intent(run_id=run_id, action="rollback", environment=env.name,
                             from_slot=str(live), to_slot=str(standby),
                             from_version=from_version, to_version=target.version,
-                            to_image=prep.image, record={
-                                "target_id": target.id,
-                                # what served: the state step rolls back from it (recording.py)
-                                **({"from_id": served.id} if served is not None else {}),
-                                "gated": not options.force,  # for its finish (finish.py)
-                                # the schema the guard checked, recorded for the target
-                                **({"target_schema": guard.schema}
-                                   if guard.schema is not None else {}),
-                                # a rerun without the flag is told the command that finishes it
-                                **({"restore_snapshot": str(guard.restore.path),
-                                    "end_sessions": options.end_sessions,
-                                    **({"moved_from": options.moved_from}
-                                       if options.moved_from else {})}
-                                   if guard.restore is not None else {})})
+                            to_image=prep.image, record=record)
 
     def update_state(ctx: StepContext) -> None:
         recording.rollback(env, intent, observed, run_id, ctx)

@@ -25,6 +25,7 @@ from runbook.restore_records import (
     SERVED_OR_CHANGED,
     SERVED_SINCE,
     TARGET,
+    VERIFIED,
     clear_doubt,
     doubt_marker,
     doubted_fix,
@@ -74,7 +75,8 @@ def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
                   facts: dict[str, Any] | None = None,
                   run_id: str | None = None, standalone: bool = False,
-                  end_sessions: bool = False, switch_to: Slot | None = None) -> list[Step]:
+                  end_sessions: bool = False, switch_to: Slot | None = None,
+                  record: dict[str, Any] | None = None) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -94,7 +96,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     sessions on the database found before the safety snapshot are ended, not refused
     (snapshots/sessions.py: the app slots are not the only writers a host has).
     `switch_to`: the slot the caller starts and switches to after the restore, named in the
-    fix when the run stops once the database is restored.
+    fix when the run stops once the database is restored. `record`: the rollback's intent
+    record, given VERIFIED once the check passed, on disk before the switch: the run that
+    finishes it after a kill ends this restore (never one killed before its check).
     """
     from runbook import docker, health
 
@@ -333,6 +337,9 @@ def restore_steps(env: Environment, run: RestoreRun,
             ctx.note(restore_doubt=said[0])
             if not said[1]:
                 ctx.notice(said[0])
+        if record is not None:
+            record[VERIFIED] = snapshot.name
+            ctx.keep_intent()
 
     recorded = snapshot.tables
     # where the sidecar says it was dumped from (the tooling's: the published port)

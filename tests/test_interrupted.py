@@ -414,6 +414,59 @@ def test_a_restore_killed_once_the_serving_slot_is_stopped_is_said_and_finished(
     assert intents.read(env) is None
 
 
+@pytest.mark.parametrize(("point", "rerun"), [
+    ("switch.after-reload", ("--restore-snapshot",)),  # as the kill left it: the same command
+    ("before:state", ("--to", VERSIONS["v1"].tag)),  # the command status prints
+])
+def test_a_restore_finished_by_its_rerun_is_no_longer_called_unfinished(
+        stack: DrillStack, point: str, rerun: tuple[str, ...]) -> None:
+    """Found by a disk-full fuzz: `rollback --restore-snapshot` killed (-9) once its restore
+    was verified and traffic moved, then finished by its rerun (exit 0), left its entry in
+    the record of unfinished restores beside the state file: status said for good "a restore
+    of the database was begun and not finished" (exit 1), and its fix, `runbook snapshot
+    restore`, stopped the serving app and replayed the old snapshot over every write since.
+    The finish ends the restore the killed run began and verified: status is clean."""
+    from runbook.restore_records import unfinished_marker, unfinished_restores
+
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes", fault=f"{point}:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None
+    assert [r["run_id"] for r in unfinished_restores(env)] == [killed.run_id]
+    again = cli(env, "rollback", *rerun, "--yes")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "finishing an interrupted run" in said, said
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    assert intents.read(env) is None
+    status = cli(env, "status")
+    assert "restore of the database was begun" not in status.stdout + status.stderr
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert not unfinished_marker(env).exists(), unfinished_marker(env).read_text()
+
+
+def test_a_restore_killed_before_its_check_stays_unfinished(stack: DrillStack) -> None:
+    """The other side: killed (-9) after its replay and before its check, the restore is not
+    known to have left the snapshot's data: its entry beside the state file stays, status
+    says the run is unfinished, and so does the record every operator reads."""
+    from runbook.restore_records import unfinished_restores
+
+    stack.arrange(scenes.MIGRATED)
+    env = stack.env
+    first = cli(env, "rollback", "--restore-snapshot", "--yes",
+                fault="before:verify-restore:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None
+    assert [r["run_id"] for r in unfinished_restores(env)] == [killed.run_id]
+    status = cli(env, "status")
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert "an interrupted run is unfinished" in status.stdout, status.stdout
+    assert [r["run_id"] for r in unfinished_restores(env)] == [killed.run_id]
+
+
 def test_a_ctrl_c_inside_a_step_that_cannot_stop_is_answered_at_once(
         stack: DrillStack) -> None:
     """Found by review: a signal that arrived inside a step that cannot stop half-way (the

@@ -1687,6 +1687,26 @@ def test_the_schema_guard_and_the_pick_say_a_sidecar_they_cannot_read(
     assert during.exists()
 
 
+def test_a_finished_restore_ends_its_own_and_earlier_entries_never_a_later_one(
+        env: Environment) -> None:
+    """The run that finishes a rollback killed after its restore's check passed ends that
+    restore beside the state file (restore_records.forget_finished): its entry and every
+    earlier one go, as the killed run's own end would have taken them; another operator's
+    restore begun since stays named; a run the record does not name changes nothing."""
+    from runbook import restore_records
+
+    for run_id in ("restore_earlier_0", "rbk_killed_1", "restore_later_2"):
+        assert restore_records.record_unfinished(
+            env, run_id, target=f"/x/{run_id}.sql.gz", safety=f"/x/{run_id}_s.sql.gz") is None
+    assert restore_records.forget_finished(env, "rbk_other_9") is None
+    assert len(restore_records.unfinished_restores(env)) == 3
+    assert restore_records.forget_finished(env, "rbk_killed_1") is None
+    assert [r["run_id"] for r in restore_records.unfinished_restores(env)] \
+        == ["restore_later_2"]
+    assert restore_records.forget_finished(env, "restore_later_2") is None
+    assert not restore_records.unfinished_marker(env).exists()
+
+
 def test_cleanup_keeps_what_an_unfinished_restore_recorded_beside_the_state_file(
         env: Environment, tmp_path: Path) -> None:
     """Found by review: what a killed restore still needs (the snapshot it replays, its
