@@ -16,6 +16,7 @@ from typing import Any
 from runbook import (
     compose,
     database,
+    disk,
     docker,
     finish,
     health,
@@ -195,6 +196,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         taken = None
     if taken is not None:
         observed.snapshot_path = str(taken.path)
+    else:  # while planning: found by the dump, the run had taken the lock, written its intent
+        disk.refuse_without_snapshot_room(env, "the pre-deploy snapshot")
 
     snapshot_schema: list[int | None] = []
 

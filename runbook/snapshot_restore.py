@@ -9,6 +9,7 @@ snapshots and never the other way round. `rollback --restore-snapshot` uses `res
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
-from runbook.plan import NotPutBack, Plan, Skipped, Stays, Step, StepContext
+from runbook.plan import Aside, NotPutBack, Plan, Skipped, Stays, Step, StepContext
 from runbook.restore_records import (
     EARLIER,
     MARKED,
@@ -100,7 +101,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     record, given VERIFIED once the check passed, on disk before the switch: the run that
     finishes it after a kill ends this restore (never one killed before its check).
     """
-    from runbook import docker, health
+    from runbook import disk, docker, health
 
     snapshot, verified = run.snapshot, run.verified
     facts = facts if facts is not None else {}
@@ -115,6 +116,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     run.schema_now = now_schema
     check_server(snapshot, verified, server_version(env))
     taken = check_privileges(env)  # refuses a replay this user cannot run, before any change
+    # a full snapshot folder, refused before the stop: found by the dump, the app slots were
+    # down by then (users got errors) for a run that could not go on
+    disk.refuse_without_snapshot_room(env, "the safety snapshot")
     facts["privileges_lost"] = (
         f"the restore removes the privileges other roles hold (snapshots keep no GRANTs or "
         f"owners, nor does the safety snapshot; {taken[0]} owns everything after it): "
@@ -188,24 +192,31 @@ def restore_steps(env: Environment, run: RestoreRun,
         if killed is not None:  # carried on: a rerun of this run, killed too, still finds it
             ctx.note(**{EARLIER: killed["safety"]})
 
+    stopped_at: list[float] = []  # when this run stopped its first app slot
+
     def stop_slots(ctx: StepContext) -> None:
         from runbook import slots as slotmod
 
-        def restart() -> Stays | None:
+        def restart() -> Stays | Aside | None:
             if run.restored:  # old code on the restored schema: left stopped for a human
                 raise Skipped("the database was restored: the app slots stay stopped")
             if run.outcome_unknown:  # maybe restored: neither code is known to fit it
                 raise NotPutBack("the app slots were left stopped: the database may be "
                                  "restored, and neither code is known to fit it")
-            _start_again()
+            started = _start_again()
             if run.held_down:  # the service stays down: exit 5, never "traffic stays" (1)
                 return Stays(f"THE SERVICE IS DOWN: {run.held_down[0]}, which serves, was "
                              f"left stopped as the killed run left it: {kept_down}",
                              "fix the cause and run the same command again: it restores the "
                              "snapshot whole, then starts the code that fits it")
+            if started and stopped_at:
+                # exit 1 reads "traffic stayed on a healthy slot": true of where it is, not
+                # of the time between (found by a disk-full fuzz: users got 502s then)
+                return Aside(f"the app was stopped for {time.monotonic() - stopped_at[0]:.0f}"
+                             " s and is running again (users got errors meanwhile)")
             return None
 
-        def _start_again() -> None:
+        def _start_again() -> list[Slot]:
             started: list[Slot] = []
             for slot, name in zip(chosen, containers, strict=True):
                 if name in run.stopped and not docker.inspect(name).running:
@@ -224,6 +235,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                                        f"{report.reason()}", f"check `docker logs --tail 100 "
                                        f"{env.slot(slot).container}`",
                                        exit_code=ExitCode.ATTENTION)
+            return started
 
         # The undo is registered, and each container listed, BEFORE its stop: a Ctrl-C or a
         # failure during the second stop (or inside the first, which Docker finishes anyway)
@@ -246,6 +258,7 @@ def restore_steps(env: Environment, run: RestoreRun,
             # old code against the database being replaced (a paused app may hold a lock)
             if docker.inspect(name).up:
                 run.stopped.append(name)
+                stopped_at[:] = stopped_at or [time.monotonic()]
                 ctx.fault(f"restore.stopping-{slot}")
                 slotmod.stop(env, slot, maintenance=True)
         ctx.note(stopped=", ".join(run.stopped) or "none were running")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 from runbook import disk
@@ -44,3 +46,44 @@ def test_a_directory_not_created_yet_counts_where_it_would_be(tmp_path: Path) ->
     room = disk.space(tmp_path / "not" / "yet")
     assert room is not None and room.directory == tmp_path / "not" / "yet"
     assert room.device == tmp_path.stat().st_dev
+
+
+def test_the_snapshot_folder_needs_the_dumps_reserve_and_the_newest_snapshot() -> None:
+    """What a restore's safety snapshot or a deploy's pre-deploy snapshot needs there: the
+    5 % (at most 256 MiB) a dump keeps free, and about the newest snapshot's size."""
+    folder = Space(Path("/var/lib/togather/db-snapshots"), 1, 0, False, 1000,
+                   total=100 * MIB, newest_snapshot=3 * MIB)
+    assert folder.need == 5 * MIB + 3 * MIB
+    enough = disk.problems([dataclasses.replace(folder, free=8 * MIB)])
+    assert enough == []
+    [(problem, fix)] = disk.problems([dataclasses.replace(folder, free=8 * MIB - 1)])
+    assert problem.startswith("8191 KiB free where /var/lib/togather/db-snapshots lives: a "
+                              "snapshot needs about 8192 KiB there"), problem
+    assert "snapshot_dir" in fix and "`df -h /var/lib/togather/db-snapshots`" in fix
+    big = Space(Path("/srv/snap"), 1, 300 * MIB, False, 1000, total=10_000 * MIB,
+                newest_snapshot=0)
+    assert big.need == disk.RESERVE_MAX + disk.MIN_DUMP  # capped; a floor with no snapshot
+    assert disk.problems([big]) == []
+
+
+def test_a_snapshot_folder_is_named_once_per_filesystem() -> None:
+    state = Space(Path("/var/lib/togather"), 1, 10, False, 1000)
+    folder = Space(Path("/var/lib/togather/db-snapshots"), 1, 10, False, 1000,
+                   total=100 * MIB, newest_snapshot=MIB)
+    [(problem, _)] = disk.problems([state, folder])  # that filesystem is named already
+    assert problem.startswith("0 KiB free where /var/lib/togather lives"), problem
+    # room for the runbook's own files, not for a snapshot: the folder is named
+    roomy = dataclasses.replace(state, free=2 * MIB)
+    [(problem, _)] = disk.problems([roomy, dataclasses.replace(folder, free=2 * MIB)])
+    assert problem.startswith("2048 KiB free where /var/lib/togather/db-snapshots lives")
+
+
+def test_the_newest_snapshot_is_the_estimate(tmp_path: Path) -> None:
+    snaps = tmp_path / "snaps"
+    assert disk.newest_snapshot_size(snaps) == 0  # no folder yet
+    snaps.mkdir()
+    (snaps / "togather_db_20250101_000000_old.sql.gz").write_bytes(b"x" * 3000)
+    (snaps / "togather_db_20250102_000000_new.sql.gz").write_bytes(b"x" * 1000)
+    (snaps / ".togather_db_20250103_000000_x.sql.gz.0123abcd.partial").write_bytes(b"x" * 9)
+    os.utime(snaps / "togather_db_20250101_000000_old.sql.gz", (1, 1))
+    assert disk.newest_snapshot_size(snaps) == 1000

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import docker, faults, slots
+from runbook import docker, faults, slots, snapshots
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
@@ -89,12 +89,16 @@ def cramped(stack: DrillStack, data: Path, *, caddyfile: bool = False) -> Enviro
     return moved.with_(source=source)
 
 
-def runbook(env: Environment, *args: str, fault: str | None = None) -> subprocess.Popen[str]:
+def runbook(env: Environment, *args: str, fault: str | None = None,
+            after: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """The CLI on `env`'s file, given after `args` (and before `after`: a command's
+    arguments that follow ENV)."""
     assert env.source is not None
     environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
     if fault:
         environ[faults.VARIABLE] = fault
-    return subprocess.Popen([sys.executable, "-m", "runbook.cli", *args, str(env.source)],
+    return subprocess.Popen([sys.executable, "-m", "runbook.cli", *args, str(env.source),
+                             *after],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, env=environ)
 
@@ -311,3 +315,79 @@ def test_a_disk_that_fills_up_during_a_deploy_leaves_the_new_version_serving_and
         assert (st.previous.version, st.previous.status) == (VERSIONS["v1"].tag, "superseded")
         assert not intents.path(env).exists() and not env.lock_path.exists()
         assert user.failures == [], user.failures[:5]
+
+
+@pytest.mark.parametrize(("command", "left_free"), [("snapshot restore", 0),
+                                                   ("rollback --restore-snapshot", 64 * 1024),
+                                                   ("deploy", 0)])
+def test_a_full_snapshot_folder_is_refused_before_a_restore_stops_anything(
+        drill_stack: DrillStack, tmp_path: Path, command: str, left_free: int) -> None:
+    """Found by a disk-full fuzz: `snapshot restore` and `rollback --restore-snapshot` stopped
+    the app slots, then found no room for the safety snapshot (users got 502s, exit 1), and
+    neither `runbook status` nor the dry run had said a word. The snapshot folder on a full
+    4 MiB tmpfs (0 B or 64 KiB left, under the 0.2 MiB a dump keeps free): refused in the
+    pre-flight, exit 4, no container stopped, users served throughout; status, the dry run
+    and the fleet's pre-flight name the folder. A deploy's pre-deploy snapshot likewise.
+    """
+    stack = drill_stack
+    if command == "deploy" and stack.has("docker-run"):
+        pytest.skip("a docker-run host has no compose: `runbook deploy` refuses before any "
+                    "change there (tests/test_rollback.py)")
+    what = "the pre-deploy snapshot" if command == "deploy" else "the safety snapshot"
+    if command != "rollback --restore-snapshot":
+        stack.reset()  # v1 on blue serving, schema 1
+    else:
+        stack.arrange(scenes.MIGRATED)  # v2 on green, schema 2; its pre-deploy snapshot
+    with tmpfs(tmp_path / "snap", "4m") as folder:
+        moved = stack.env.with_(database=dataclasses.replace(stack.env.database,
+                                                             snapshot_dir=folder), source=None)
+        if command == "snapshot restore":
+            args, after = ["snapshot", "restore"], (snapshots.create(moved, "good").name,)
+        elif command == "deploy":
+            snapshots.create(moved, "good")
+            args, after = ["deploy"], ("--version", V2.tag)
+        else:
+            for old in stack.env.database.snapshot_dir.glob("togather_*"):
+                shutil.copy2(old, folder / old.name)
+            args, after = ["rollback", "--restore-snapshot"], ()
+        source = tmp_path / "moved.toml"
+        source.write_text(envmod.to_toml(moved))
+        env = moved.with_(source=source)
+        fill_up(folder)
+        if left_free:
+            os.truncate(folder / "filler", (folder / "filler").stat().st_size - left_free)
+        containers = [env.slot(s).container for s in Slot]
+        started = {name: docker.inspect(name).started_at for name in containers}
+        serving = through_proxy(env)
+        with Poller(env) as user:
+            status_code, status_out, _ = finished(runbook(env, "status", "--format", "json"))
+            _, preflight, _ = finished(runbook(env, "fleet", "host-check"))
+            dry = finished(runbook(env, *args, "--dry-run", after=after))
+            code, out, err = finished(runbook(env, *args, "--yes", after=after))
+        assert "Traceback" not in err + dry[2]
+        # refused before anything stopped: exit 4, one line naming the folder, its room,
+        # what a snapshot needs there and the fix
+        assert code == 4, out + err
+        [line] = [ln for ln in err.splitlines() if f"no room for {what}" in ln]
+        assert f"no room for {what} in {folder}: " \
+               f"{left_free / 1048576:.1f} MiB free, under the" in line, line
+        assert "MiB kept free for the database and the host" in line, line
+        assert "nothing was changed" in line and "undone" not in line, line
+        assert f"free space in {folder}" in line and "snapshot_dir" in line, line
+        assert {name: docker.inspect(name).started_at for name in containers} == started
+        assert through_proxy(env) == serving
+        assert user.failures == [], user.failures[:5]
+        assert user.seen and {v for _, _, v in user.seen} == {serving[1]}
+        # the dry run refuses as the real run would, in the same words
+        assert dry[0] == 4 and f"no room for {what} in {folder}" in dry[2], dry
+        # `runbook status` names the full folder (no "No problems found"), once
+        named = [p for p in json.loads(status_out)["problems"]
+                 if f"KiB free where {folder} lives" in p["problem"]]
+        assert status_code == 1 and len(named) == 1, status_out
+        assert "a snapshot needs about" in named[0]["problem"], named
+        assert f"free space in {folder}" in named[0]["fix"], named
+        # so does a fleet's pre-flight, before a rollout touches any host
+        checks = [p for p in json.loads(preflight)["problems"] if p["check"] == "disk space"]
+        assert len(checks) == 1 and f"KiB free where {folder} lives" in checks[0]["message"], \
+            preflight
+        assert [p.name for p in folder.iterdir() if p.name.endswith(".partial")] == []

@@ -980,6 +980,9 @@ def full_disk(where: Path) -> Iterator[Path]:
 
 def test_no_disk_space_for_the_safety_snapshot_changes_nothing(
         stack: DrillStack, tmp_path: Path) -> None:
+    """Found by a disk-full fuzz: the restore stopped the app slots, then found no room for
+    its safety snapshot (users got 502s, exit 1). A folder already full is refused in the
+    restore's pre-flight, before any stop: exit 4, the folder, its room and the fix named."""
     add_items(stack, "precious")
     snap = snapshots.create(stack.env, "good")
     with full_disk(tmp_path / "full") as full:
@@ -991,14 +994,40 @@ def test_no_disk_space_for_the_safety_snapshot_changes_nothing(
         assert "no disk space" in str(err.value)
         assert [p.name for p in full.iterdir()] == ["filler"]
         add_items(stack, "after-snapshot")
-        # exit 1, not 4: the restore had stopped the app slots, and started them again
-        refused = expect_refused(stack, snap.path, ExitCode.FAILED_SAFELY, "no disk space",
-                                 env=cramped)
-        assert "nothing was changed" not in str(refused), str(refused)  # it stopped them
-        assert "what this run did was undone" in str(refused), str(refused)
-        assert "undone: start the stopped app containers again" in str(refused), str(refused)
+        refused = expect_refused(stack, snap.path, ExitCode.PRECONDITION,
+                                 f"no room for the safety snapshot in {full}: 0.0 MiB free",
+                                 "nothing was changed", "snapshot_dir", env=cramped)
+        assert "undone" not in str(refused), str(refused)  # nothing was stopped
         assert [p.name for p in full.iterdir()] == ["filler"]
     assert item_names(stack) == ["precious", "after-snapshot"]
+
+
+def test_a_disk_filled_after_the_pre_flight_says_the_app_was_stopped(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """The folder had room when the restore planned, and filled before its safety snapshot
+    (here: at the prompt). The app slots it had stopped are started again, and the exit 1
+    ("traffic stayed on a healthy slot") says plainly that the app was down meanwhile."""
+    add_items(stack, "precious")
+    snap = snapshots.create(stack.env, "good")
+    with tmpfs(tmp_path / "later", "4m") as later:
+        cramped = stack.env.with_(database=dataclasses.replace(stack.env.database,
+                                                               snapshot_dir=later))
+
+        def fill_at_the_prompt(*_: object, **__: object) -> bool:
+            fill(later)
+            return True
+
+        before = slot_states(stack.env)
+        with pytest.raises(RunbookError) as err:
+            snapshot_restore.restore(cramped, snap.path, confirm=fill_at_the_prompt)
+        said = str(err.value)
+        assert err.value.exit_code == ExitCode.FAILED_SAFELY, said
+        assert "no disk space" in said and "what this run did was undone" in said, said
+        assert "undone: start the stopped app containers again" in said, said
+        assert re.search(r"the app was stopped for \d+ s and is running again", said), said
+        assert slot_states(stack.env) == before
+        assert [p.name for p in later.iterdir()] == ["filler"]
+    assert item_names(stack) == ["precious"]
 
 
 def test_a_dump_stops_before_it_fills_the_disk(stack: DrillStack, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from runbook import database, files
+from runbook import database, disk, files
 from runbook.environment import Environment
 from runbook.errors import PreconditionError
 from runbook.snapshots import commands
@@ -241,19 +241,13 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
             proc.wait()
 
 
-RESERVE_FRACTION = 0.05  # of the filesystem, kept free while a dump grows ...
-RESERVE_MAX = 256 * 1024 * 1024  # ... but never more than this
-
-
 def _reserve(directory: Path) -> int:
-    """The room a dump leaves free on its filesystem: the database (WAL), the app's logs and
-    the runbook's own records usually share it, and a dump that filled it could stop
-    Postgres, an outage the snapshot was taken to prevent."""
+    """The room a dump leaves free on its filesystem (disk.reserve says why)."""
     try:
         st = os.statvfs(directory)
     except OSError:
         return 0
-    return int(min(RESERVE_MAX, st.f_blocks * st.f_frsize * RESERVE_FRACTION))
+    return disk.reserve(st.f_blocks * st.f_frsize)
 
 
 def _keep_room(directory: Path, reserve: int, written: int) -> None:
