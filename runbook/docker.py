@@ -53,8 +53,8 @@ class ContainerInfo:
     # it was created or last started by hand (a crash loop grows it; `docker start` resets it)
     restart_count: int = 0
     labels: dict[str, str] | None = None
-    # the host ports it publishes (HostConfig.PortBindings); None: not known (host network,
-    # or not inspected), () none
+    # the host ports it publishes (HostConfig.PortBindings, ranges expanded, and what Docker
+    # bound: NetworkSettings.Ports); None: not known (host network, or not inspected), () none
     published: tuple[int, ...] | None = None
     # the names and addresses other containers reach it by (its name, hostname, network
     # aliases and DNS names, IP addresses): what a Caddy on Docker's network dials
@@ -477,7 +477,7 @@ def inspect(name: str) -> ContainerInfo:
         exit_code=state.get("ExitCode"),
         started_at=state.get("StartedAt"), restart_count=int(attrs.get("RestartCount") or 0),
         labels=config.get("Labels") or {},
-        published=_published(attrs.get("HostConfig") or {}),
+        published=_published(attrs),
         addresses=_addresses(attrs),
         bindings=_bindings(attrs),
         container_id=attrs.get("Id"),
@@ -512,17 +512,30 @@ def _addresses(attrs: dict[str, Any]) -> frozenset[str]:
     return frozenset(a.lower() for a in found if a) - {"localhost", "127.0.0.1", "::1"}
 
 
-def _published(host_config: dict[str, Any]) -> tuple[int, ...] | None:
-    """The host ports a container publishes, from its configuration (known stopped too)."""
+def _published(attrs: dict[str, Any]) -> tuple[int, ...] | None:
+    """The host ports a container publishes: configured (HostConfig.PortBindings, known
+    stopped too; a range `a-b` is each of its ports, "" or "0" is one Docker picks when it
+    starts) and bound (NetworkSettings.Ports, where such a port shows). Found by review: a
+    range was dropped and "0" kept as port 0, so the port a slot names was "not published"."""
+    host_config = attrs.get("HostConfig") or {}
     if str(host_config.get("NetworkMode") or "") == "host":
         return None  # it listens on the host's ports itself: nothing to read here
     ports: set[int] = set()
-    for bindings in (host_config.get("PortBindings") or {}).values():
-        for binding in bindings or ():
-            port = str((binding or {}).get("HostPort") or "")
-            if port.isdigit():
-                ports.add(int(port))
+    for table in (host_config.get("PortBindings"),
+                  (attrs.get("NetworkSettings") or {}).get("Ports")):
+        for bindings in (table or {}).values() if isinstance(table, dict) else ():
+            for binding in bindings or ():
+                ports.update(_host_ports((binding or {}).get("HostPort")))
     return tuple(sorted(ports))
+
+
+def _host_ports(value: object) -> range:
+    """The host ports of a binding's HostPort: `n`, or each of `a-b`; none for "" or "0"
+    (left to Docker: what it bound is read from NetworkSettings) or what is not a port."""
+    low, _, high = str(value or "").strip().partition("-")
+    if not low.isdigit() or not (high or low).isdigit() or int(low) == 0:
+        return range(0)
+    return range(int(low), min(int(high or low), 65535) + 1)
 
 
 def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int, str], ...] | None:
@@ -539,10 +552,9 @@ def _bindings(attrs: dict[str, Any]) -> tuple[tuple[int, int, str], ...] | None:
             if not inside.isdigit() or proto not in ("", "tcp"):
                 continue
             for binding in bindings or ():
-                port = str((binding or {}).get("HostPort") or "")
-                if port.isdigit():
-                    ip = str((binding or {}).get("HostIp") or "").strip("[]")
-                    found.add((int(inside), int(port), ip))
+                ip = str((binding or {}).get("HostIp") or "").strip("[]")
+                found.update((int(inside), port, ip)
+                             for port in _host_ports((binding or {}).get("HostPort")))
     return tuple(sorted(found))
 
 

@@ -181,15 +181,19 @@ def slots_mispaired(f: Facts) -> Iterator[Problem]:
 
 
 def _pairing_fix(f: Facts) -> str | None:
-    """While the environment pairs a slot's container and port wrongly: the pointer to it
-    for every problem whose fix would switch or roll back, which would act on the wrong
-    container (refused, while one of them runs: traffic.check_slot_ports)."""
-    if not f.mispaired:
+    """While a container the environment pairs wrongly runs (every rollback, deploy and
+    switch is refused then: traffic.check_slot_ports): the pointer to it for every problem
+    whose fix would switch or roll back. None while each such container is stopped: nothing
+    is refused then, and the pointer hid `docker start` of the correctly paired serving
+    container in an outage (found by review)."""
+    refused = [s for s in f.mispaired if f.running(s)]
+    if not refused:
         return None
-    said = ", ".join(f"[slots.{s}]" for s in f.mispaired)
-    return (f"mend {said} in {f.env.source or 'the environment file'} first (see the problem "
-            "that names the port its container publishes): until then a rollback or a "
-            f"switch goes by the wrong containers; then `runbook status {_arg(f.env)}` again")
+    said = ", ".join(f"[slots.{s}]" for s in refused)
+    return (f"mend {said} in {f.env.source or 'the environment file'} or its container "
+            "first (see the problem that names the port its container publishes): until "
+            "then a rollback or a switch is refused; then "
+            f"`runbook status {_arg(f.env)}` again")
 
 
 def container_unknown(f: Facts) -> Iterator[Problem]:
@@ -408,8 +412,8 @@ def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
         yield Problem(f"the active slot {active} is {f.reports[active].status}",
-                      _doubted_fix(f) or _unfinished_fix(f) or _pairing_fix(f)
-                      or _start_first(f)
+                      _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
+                      or _pairing_fix(f)
                       or _database_fix(f) or _off_record(f)
                       or f"{_way_out(f, active)}; or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
@@ -755,8 +759,8 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
         check = (f"check Caddy's listener (`{_curl_through_proxy(f.env)}`) and the "
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
-        doubted = (_doubted_fix(f) or _unfinished_fix(f) or _pairing_fix(f)
-                   or _start_first(f) or _database_fix(f) or _off_record(f))
+        doubted = (_doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
+                   or _pairing_fix(f) or _database_fix(f) or _off_record(f))
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: {_way_out(f, f.active)}")
@@ -1164,14 +1168,16 @@ def collect(env: Environment) -> Facts:
             f.container_errors[slot] = exc
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
         info = f.containers[slot]
-        # stopped too: HostConfig keeps what a `docker start` publishes again
-        if info is not None and (wrong := traffic.port_mismatch(env, slot, info)) is not None:
-            f.mispaired[slot] = wrong
         if info is not None and not info.exists:
             try:
                 f.publishers[slot] = docker.publishing(config.port)
             except RunbookError:
                 f.publishers[slot] = None
+    for slot, info in f.containers.items():
+        # stopped too: HostConfig keeps what a `docker start` publishes again
+        if info is not None and (wrong := traffic.port_mismatch(
+                env, slot, info, f.containers.get(slot.other))) is not None:
+            f.mispaired[slot] = wrong
     # whether Caddy answers is asked whatever the file says: an unreadable Caddyfile hid a
     # Caddy that was down (and said "NOT answering" of one that answered)
     f.caddy_down = caddy.running_problem(env)

@@ -816,25 +816,30 @@ def check_slot_ports(env: Environment) -> None:
     container whose ports cannot be read (host network) is not judged here."""
     from runbook import docker
 
-    for slot in Slot:
-        info = docker.inspect(env.slot(slot).container)
+    found = {slot: docker.inspect(env.slot(slot).container) for slot in Slot}
+    for slot, info in found.items():
         # a stopped one is judged when it runs (a recreate may change its ports)
-        if info.running and (said := port_mismatch(env, slot, info)) is not None:
+        if info.running and (said := port_mismatch(env, slot, info, found[slot.other])
+                             ) is not None:
             raise PreconditionError(f"{said[0]}: which slot serves cannot be told from the "
                                     "ports Caddy dials; nothing was changed", said[1])
 
 
-def port_mismatch(env: Environment, slot: Slot, info: docker.ContainerInfo
-                  ) -> tuple[str, str] | None:
+def port_mismatch(env: Environment, slot: Slot, info: docker.ContainerInfo,
+                  other_info: docker.ContainerInfo | None) -> tuple[str, str] | None:
     """(problem, fix) when the slot's container publishes host ports, none of them the port
     the environment names for the slot: the file pairs a container and a port that are not
     one slot's. None when they match, or what it publishes is not known (host network) or
     nothing (it is judged by the port alone then). The fix says which entry to mend: the
-    container's slot label naming the other slot is a swapped container, else the port."""
+    container's slot label naming the other slot is a swapped container; both ports when
+    the other slot's container (`other_info`) publishes this slot's port; the container
+    itself when it publishes the other slot's port (the file cannot pair both slots with
+    one port) or is stopped (`docker port` and `docker ps --filter publish` show nothing
+    then: found by review, the fix pointed at them); else the port."""
     config = env.slot(slot)
     if not info.exists or not info.published or config.port in info.published:
         return None
-    shown = ", ".join(str(p) for p in info.published)
+    shown = _port_list(info.published)
     other = env.slot(slot.other)
     whose = f" (and {other.port} for the {slot.other} slot)" if other.port in info.published \
         else ""
@@ -842,20 +847,60 @@ def port_mismatch(env: Environment, slot: Slot, info: docker.ContainerInfo
     from runbook.docker import SLOT_LABEL
 
     labelled = (info.labels or {}).get(SLOT_LABEL)
+    name = config.container
+    asked = f"`docker inspect -f '{{{{json .HostConfig.PortBindings}}}}' {name}`"
     if labelled == str(slot.other):
-        fix = (f"{config.container} carries {SLOT_LABEL}={labelled}: set [slots.{slot}] "
+        fix = (f"{name} carries {SLOT_LABEL}={labelled}: set [slots.{slot}] "
                f"container (and service) in {where} to the {slot} slot's own (are "
                f"[slots.{slot}] and [slots.{slot.other}] swapped?)")
+    elif whose and other_info is not None and other_info.published is not None \
+            and config.port in other_info.published and other.port not in other_info.published:
+        fix = (f"swap the ports of [slots.{slot}] and [slots.{slot.other}] in {where}: each "
+               "slot's container publishes the port the file names for the other")
+    elif whose:
+        wrong = sorted({(ip, inside) for inside, host, ip in info.bindings or ()
+                        if host == other.port})
+        publish = " ".join(f"-p {ip + ':' if ip else ''}{config.port}:{inside}"
+                           for ip, inside in wrong) or f"port {config.port}"
+        fix = (f"re-create {name} publishing its own slot's port ({publish}) in place of "
+               f"the {slot.other} slot's {other.port} ({asked} shows what it publishes); "
+               "the environment file cannot name one port for both slots"
+               + _unless_labelled(labelled, slot, f" (or, if [slots.{slot}] and "
+                                  f"[slots.{slot.other}] name each other's container, swap "
+                                  f"them in {where})"))
+    elif not info.running:  # `docker port` shows nothing for it
+        fix = (f"{asked} shows the port it publishes when started: re-create {name} "
+               f"publishing port {config.port}, or set [slots.{slot}] port in {where} to "
+               "the one it publishes"
+               + _unless_labelled(labelled, slot, f", or [slots.{slot}] container to the "
+                                  f"one that publishes port {config.port}"))
     elif labelled == str(slot):
         fix = (f"set [slots.{slot}] port in {where} to the one `docker port "
-               f"{config.container}` shows (or fix the container's published port)")
+               f"{name}` shows (or fix the container's published port)")
     else:  # which of the two is wrong cannot be told from the container
         fix = (f"make [slots.{slot}] in {where} name one slot's container and port: the "
-               f"port `docker port {config.container}` shows, or the container that "
+               f"port `docker port {name}` shows, or the container that "
                f"publishes port {config.port} (`docker ps -a --filter "
                f"publish={config.port}`)")
-    return (f"{config.container} publishes port {shown}, but the environment names port "
+    return (f"{name} publishes port {shown}, but the environment names port "
             f"{config.port} for the {slot} slot{whose}", fix)
+
+
+def _unless_labelled(labelled: str | None, slot: Slot, alternative: str) -> str:
+    """`alternative` (another entry that may be the wrong one) unless the container's slot
+    label says it is this slot's."""
+    return "" if labelled == str(slot) else alternative
+
+
+def _port_list(ports: Iterable[int]) -> str:
+    """Ports as said to on-call: consecutive ones as `a-b` (a published range)."""
+    runs: list[list[int]] = []
+    for port in sorted(ports):
+        if runs and port == runs[-1][-1] + 1:
+            runs[-1].append(port)
+        else:
+            runs.append([port])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 _LEFT_RUNNING = ("it is left running; see `runbook status` (an earlier step that could not put "

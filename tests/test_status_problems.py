@@ -8,7 +8,9 @@ through the stack's environment file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1507,3 +1509,105 @@ def test_a_switch_through_a_swapped_file_is_refused_whatever_the_target(
         assert "nothing to switch" not in done.stderr, done.stderr
         assert traffic.loaded_config(env) == loaded
         assert snapshot(env) == before
+
+
+def test_a_stopped_container_publishing_the_other_slots_port_is_mended_on_the_container(
+        scene_stack: DrillStack) -> None:
+    """Found by review: green removed and re-created (not started) with a `-p` typo, the
+    blue slot's port: the fix said "set [slots.green] port to the one `docker port ...`
+    shows" (it shows nothing for a stopped container, and that port is blue's: the file
+    then pairs both slots with one port, which no command loads). Then blue stopped (a real
+    outage): the outage's fixes said "mend [slots.green] first", hiding `docker start` of
+    the correctly paired blue, though nothing is refused while the mis-paired one is stopped.
+    Oracle: Docker's own `docker port` and HostConfig, the proxy's answer."""
+    from runbook.drill import scenes
+
+    stack = scene_stack
+    stack.arrange(scenes.PREVIOUS)  # v3 serving from blue, v2 stopped on green
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    image = stack.docker("inspect", "-f", "{{.Config.Image}}", green.container).stdout.strip()
+    argv = stack.docker_run_argv(Slot.GREEN, image)
+    argv = ["docker", "create", *argv[argv.index("--name"):]]  # as a host's script, not started
+    argv[argv.index(f"127.0.0.1:{green.port}:8080")] = f"127.0.0.1:{blue.port}:8080"  # typo
+    try:
+        stack.docker("rm", "-f", green.container)
+        subprocess.run(argv, check=True, capture_output=True, text=True,
+                       env={**os.environ, "DATABASE_URL": stack.app_database_url})
+        assert stack.docker("port", green.container).stdout.strip() == ""  # nothing to read
+        bound = stack.docker("inspect", "-f", "{{json .HostConfig.PortBindings}}",
+                             green.container).stdout.strip()
+        assert str(blue.port) in bound, bound
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        [found] = [p for p in problems if f"{green.container} publishes port {blue.port}, but "
+                   f"the environment names port {green.port} for the green slot"
+                   in p["problem"]]
+        fix = found["fix"]
+        # the container is mended, never the file onto blue's port
+        assert "set [slots.green] port" not in fix and "docker port" not in fix, fix
+        assert f"docker inspect -f '{{{{json .HostConfig.PortBindings}}}}' {green.container}" \
+            in fix and f"{green.port}" in fix, fix
+        assert "mend [slots" not in json.dumps(
+            [p for p in problems if p is not found]), problems  # nothing is refused on it
+
+        stack.docker("stop", blue.container)  # the outage
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        start = f"docker start {blue.container}"
+        [stopped] = [p for p in problems if p["check"] == "serving_stopped"]
+        assert start in stopped["fix"], problems
+        for said in ("users are not served through the proxy", "the active slot blue is"):
+            [p] = [p for p in problems if p["problem"].startswith(said)]
+            assert "mend [slots" not in p["fix"] and start in p["fix"], p
+    finally:
+        stack.docker("rm", "-f", green.container, check=False)  # the next arrange makes it
+
+
+def test_ports_published_as_a_range_or_left_to_docker_are_no_port_mismatch() -> None:
+    """Found by review: `-p 127.0.0.1:18600-18601:8080` (HostPort "18600-18601") was read as
+    no port and `-p ...:0:...` as port 0, so the slot naming 18600 was "mis-paired": its
+    serving container hidden from status, switch and rollback refused. Oracle: Docker's
+    HostConfig and `docker port` of a real container, created then started."""
+    from runbook import docker, traffic
+    from runbook.environment import from_mapping
+
+    name = f"togather-test-port-range-{os.getpid()}"
+    env = from_mapping({
+        "name": "staging",
+        "slots": {"blue": {"container": name, "service": "togather-blue", "port": 18600},
+                  "green": {"container": f"{name}-green", "service": "togather-green",
+                            "port": 18602}},
+        "caddy": {"caddyfile": "/nonexistent/Caddyfile", "admin_url": "http://127.0.0.1:1",
+                  "proxy_url": "http://127.0.0.1:2"},
+    }, Path("/tmp/test-env.toml"))
+    run = ["docker", "create", "--name", name, "-p", "127.0.0.1:18600-18601:8080",
+           "-p", "127.0.0.1:0:9090", "-p", "127.0.0.1::9091", "--entrypoint", "sleep",
+           V1.image, "60"]
+    try:
+        subprocess.run(run, check=True, capture_output=True, text=True)
+        configured = subprocess.run(
+            ["docker", "inspect", "-f", "{{json .HostConfig.PortBindings}}", name],
+            check=True, capture_output=True, text=True).stdout
+        assert "18600-18601" in configured, configured  # the range as Docker keeps it
+        info = docker.inspect(name)
+        assert info.published is not None and {18600, 18601} <= set(info.published), info
+        assert 0 not in info.published, info
+        assert traffic.port_mismatch(env, Slot.BLUE, info, None) is None
+        subprocess.run(["docker", "start", name], check=True, capture_output=True)
+        shown = subprocess.run(["docker", "port", name, "9090/tcp"], check=True,
+                               capture_output=True, text=True).stdout
+        random_port = int(shown.split()[0].rpartition(":")[2])  # what Docker bound
+        info = docker.inspect(name)
+        assert info.published is not None and 0 not in info.published, info
+        assert traffic.port_mismatch(env, Slot.BLUE, info, None) is None
+        # the port Docker bound for 0 is one it publishes: a slot naming it is paired right
+        bound_env = env.with_(slots={Slot.BLUE: dataclasses.replace(
+            env.slot(Slot.BLUE), port=random_port), Slot.GREEN: env.slot(Slot.GREEN)})
+        assert traffic.port_mismatch(bound_env, Slot.BLUE, info, None) is None
+        # and one it does not publish at all is still a mismatch
+        wrong_env = env.with_(slots={Slot.BLUE: dataclasses.replace(
+            env.slot(Slot.BLUE), port=18603), Slot.GREEN: env.slot(Slot.GREEN)})
+        assert traffic.port_mismatch(wrong_env, Slot.BLUE, info, None) is not None
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
