@@ -37,6 +37,7 @@ from runbook.redact import redact
 from runbook.restore_records import (
     ACCEPT_FLAG,
     CLEARS_AT_START,
+    FINISHED_RESTORE,
     VERIFIED,
     clear_doubt,
     forget_finished,
@@ -665,8 +666,11 @@ class _Execution:
         elif self.plan.finishing is not None and intent is not None \
                 and intent.record.get(VERIFIED):
             # a finish of a run killed after its restore's check passed (its record says so;
-            # the run records are per user): that restore ends with it, as it would have
-            said = forget_finished(self.env, intent.run_id)
+            # the run records are per user): that restore ends with it, as it would have;
+            # said beside the state file for every operator's readers, and in this run's
+            # record for this operator's, should that write fail
+            said = forget_finished(self.env, intent.run_id, self.journal.run_id)
+            self.journal.set(**{FINISHED_RESTORE: intent.run_id})
         else:
             return
         if said is not None:

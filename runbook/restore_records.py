@@ -41,6 +41,9 @@ MARKER_LIMIT = 1 << 16  # the marker is a few hundred bytes; a larger file is no
 # a rollback's intent record once its restore's check passed (the database is the
 # snapshot's, whole): the run that finishes it after a kill ends that restore (Plan's end)
 VERIFIED = "restore_verified"
+# the run record's context key of the run that so ended it: the killed run's id, for this
+# operator's readers even when the record beside the state file could not say it
+FINISHED_RESTORE = "finished_restore"
 
 
 def doubt_marker(env: Environment) -> Path:
@@ -117,6 +120,12 @@ def unfinished_marker(env: Environment) -> Path:
 
 
 UNFINISHED_LIMIT = 1 << 20  # a few hundred bytes per unfinished restore
+# the record's list of restores a later run finished (forget_finished): {run_id,
+# FINISHED_BY, at}; the newest FINISHED_KEPT of them (a hundred bytes each), as every
+# operator's killed run's own record keeps calling it killed during or after its restore
+FINISHED = "finished"
+FINISHED_BY = "finished_by"
+FINISHED_KEPT = 64
 # an unfinished restore's key once a later run started the app or changed the data: the
 # database is no longer what it left, so its safety snapshot no longer holds "the data from
 # before" the next restore (killed_restore; cleanup still keeps it)
@@ -141,10 +150,35 @@ def unfinished_restores(env: Environment) -> list[dict[str, str]]:
     return [{str(k): v for k, v in r.items() if isinstance(v, str)} for r in runs]
 
 
-def _write_unfinished(env: Environment, runs: list[dict[str, str]]) -> None:
-    """The record as `runs` (removed when empty), atomically; OSError as the write's."""
+def _finished(env: Environment) -> list[dict[str, str]]:
+    """The record's FINISHED entries, oldest first; [] when there is none or the record
+    cannot be read (its readers then call those restores killed: the safe side)."""
+    try:
+        data: Any = json.loads(files.read_regular(unfinished_marker(env), UNFINISHED_LIMIT))
+    except (OSError, ValueError, RecursionError):
+        return []
+    listed = data.get(FINISHED) if isinstance(data, dict) else None
+    return [{str(k): v for k, v in f.items() if isinstance(v, str)}
+            for f in (listed if isinstance(listed, list) else [])
+            if isinstance(f, dict) and isinstance(f.get("run_id"), str)]
+
+
+def finished_restores(env: Environment) -> dict[str, str]:
+    """The runs whose restore a later run finished (forget_finished), every operator's:
+    {run_id: the finishing run's id}. The killed run's own record (per user) still says it
+    was killed during or after its restore; its readers (killed_restore, the cleanup's
+    kept_for_killed_restore) read it as finished. {} when the record cannot be read."""
+    return {f["run_id"]: f.get(FINISHED_BY, "") for f in _finished(env)}
+
+
+def _write_unfinished(env: Environment, runs: list[dict[str, str]],
+                      finished: list[dict[str, str]] | None = None) -> None:
+    """The record as `runs` and `finished` (by default the FINISHED it has), atomically in
+    one write: a restore is never taken out without being said finished; removed when both
+    are empty. OSError as the write's."""
     target = unfinished_marker(env)
-    if not runs:
+    finished = _finished(env) if finished is None else finished[-FINISHED_KEPT:]
+    if not runs and not finished:
         try:
             target.unlink()
         except FileNotFoundError:
@@ -152,7 +186,8 @@ def _write_unfinished(env: Environment, runs: list[dict[str, str]]) -> None:
         files.fsync_dir(target.parent)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(target, json.dumps({"runs": runs}, indent=1).encode(),
+    record: dict[str, Any] = {"runs": runs, **({FINISHED: finished} if finished else {})}
+    files.atomic_write(target, json.dumps(record, indent=1).encode(),
                        default_mode=0o644)  # no secret: names and ids; every cleanup reads it
 
 
@@ -181,10 +216,10 @@ def record_unfinished(env: Environment, run_id: str, *, target: str, safety: str
 
 def forget_unfinished(env: Environment, run_id: str | None = None) -> str | None:
     """Take `run_id`'s restore out of the record beside the state file (its replay rolled
-    back: the database is as it was), or, with None, remove the record (a restore finished:
-    what earlier ones kept is ordinary retention again, as the run records' reading stops at
-    a finished restore). None, or the line saying it could not be (it then keeps them: safe,
-    and said)."""
+    back: the database is as it was), or, with None, empty it (a restore finished: what
+    earlier ones kept is ordinary retention again, as the run records' reading stops at a
+    finished restore; the restores said FINISHED stay said so). None, or the line saying it
+    could not be (it then keeps them: safe, and said)."""
     where = unfinished_marker(env)
     try:
         runs = [] if run_id is None else unfinished_restores(env)
@@ -199,26 +234,35 @@ def forget_unfinished(env: Environment, run_id: str | None = None) -> str | None
     return None
 
 
-def forget_finished(env: Environment, run_id: str) -> str | None:
-    """A killed run's restore, its check passed (VERIFIED), ended by the run that finished
-    that run: its entry and every earlier one go, as they would had it not been killed
-    (forget_unfinished at its end); a later one, another operator's restore begun since, stays.
-    Left there, every operator's status called it unfinished for good, and its fix replayed
-    the old snapshot over every write since (found by a disk-full fuzz). None, or the line
-    saying it could not be (it then keeps them: safe, and said)."""
+def forget_finished(env: Environment, run_id: str, by: str) -> str | None:
+    """A killed run's restore, its check passed (VERIFIED), ended by the run `by` that
+    finished that run: its entry and every earlier one go, as they would had it not been
+    killed (forget_unfinished at its end); a later one, another operator's restore begun
+    since, stays. Left there, every operator's status called it unfinished for good, and its
+    fix replayed the old snapshot over every write since (found by a disk-full fuzz). In the
+    same write they are said FINISHED: the killed run's own record still says it was killed
+    during or after its restore, and its readers then named its safety snapshot (from before
+    the finished restore) as "the data from before" the next one, and every cleanup kept it
+    (found by review). Killed before that write, nothing changed: still unfinished (safe).
+    None, or the line saying it could not be (it then keeps them: safe, and said)."""
     where = unfinished_marker(env)
     try:
         runs = unfinished_restores(env)
         ids = [r.get("run_id") for r in runs]
-        if run_id not in ids:
-            return None
-        _write_unfinished(env, runs[ids.index(run_id) + 1:])
+        upto = ids.index(run_id) + 1 if run_id in ids else 0
+        ended = [i for i in ids[:upto] if isinstance(i, str)] or [run_id]
+        at = times.format_ms_utc()
+        finished = [f for f in _finished(env) if f["run_id"] not in ended]
+        finished += [{"run_id": i, FINISHED_BY: by, "at": at} for i in ended]
+        _write_unfinished(env, runs[upto:], finished)
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return (f"{where} could not be updated ({why}): every `snapshot cleanup` keeps the "
-                f"snapshots it names, and `runbook status` calls the restore of the run "
-                f"{run_id} unfinished although it finished; remove it (`rm "
-                f"{shlex.quote(str(where))}`)")
+                f"snapshots it names, `runbook status` calls the restore of the run {run_id} "
+                f"unfinished although it finished, and the run records of whoever ran it "
+                f"(this run's say it finished) call it killed during or after its restore, "
+                f"naming its safety snapshot as the data from before the next one, which it "
+                f"is not; remove it (`rm {shlex.quote(str(where))}`)")
     return None
 
 

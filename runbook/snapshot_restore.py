@@ -20,6 +20,7 @@ from runbook.errors import ExitCode, PreconditionError, RunbookError
 from runbook.plan import Aside, NotPutBack, Plan, Skipped, Stays, Step, StepContext
 from runbook.restore_records import (
     EARLIER,
+    FINISHED_RESTORE,
     MARKED,
     MISMATCH,
     MISMATCH_FIX,
@@ -31,6 +32,7 @@ from runbook.restore_records import (
     doubt_marker,
     doubted_fix,
     doubted_restore,
+    finished_restores,
     forget_unfinished,
     mark_served,
     record_doubt,
@@ -554,11 +556,14 @@ def _recorded_after(entry: dict[str, str], record: dict[str, Any]) -> bool:
 def _killed_by_the_records(env: Environment, run_id: str | None
                            ) -> tuple[dict[str, str] | None, dict[str, Any] | None]:
     """killed_restore's reading of this operator's run records: (what they find, the record
-    that decided it: the killed run's, or that of the run since which served or changed the
-    data; None when none did)."""
+    data; None when none did). A run a later run finished (_finished_since) is no killed
+    one: its restore ended, as if it had not been killed."""
     from runbook import journal
 
+    finished = finished_restores(env)
     for data in journal.past_records(env, but=run_id):
+        if _finished_since(data, finished):
+            return None, data
         listed = data.get("steps")
         steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
                  if isinstance(s, dict) and s.get("status") != "planned"}  # started ones
@@ -658,7 +663,10 @@ def _kept_by_the_records(env: Environment) -> dict[str, str]:
     from runbook import journal
 
     kept: dict[str, str] = {}
+    finished = finished_restores(env)
     for data in journal.past_records(env, strict=True):
+        if _finished_since(data, finished):
+            break  # a restore that finished (by a later run): from here on, ordinary retention
         listed = data.get("steps")
         steps = {s.get("name"): s for s in (listed if isinstance(listed, list) else [])
                  if isinstance(s, dict) and s.get("status") != "planned"}
@@ -684,6 +692,18 @@ def _kept_by_the_records(env: Environment) -> dict[str, str]:
                 f"{data.get('started_at')}), killed during or after its restore, replayed: "
                 "running that command again restores it whole"))
     return kept
+
+
+def _finished_since(data: dict[str, Any], finished: dict[str, str]) -> bool:
+    """Whether the run of a run record (read newest first) was killed during or after a
+    restore that a later run finished, as the record beside the state file says
+    (`finished`, every operator's), or a newer record of this operator's (its context's
+    FINISHED_RESTORE, added to `finished` as read): its own record still says "running"."""
+    context = data.get("context")
+    ended = context.get(FINISHED_RESTORE) if isinstance(context, dict) else None
+    if isinstance(ended, str) and ended:
+        finished.setdefault(ended, str(data.get("run_id")))
+    return str(data.get("run_id")) in finished
 
 
 def _left_restored(data: dict[str, Any], steps: dict[Any, Any]) -> bool:

@@ -425,8 +425,13 @@ def test_a_restore_finished_by_its_rerun_is_no_longer_called_unfinished(
     the record of unfinished restores beside the state file: status said for good "a restore
     of the database was begun and not finished" (exit 1), and its fix, `runbook snapshot
     restore`, stopped the serving app and replayed the old snapshot over every write since.
-    The finish ends the restore the killed run began and verified: status is clean."""
+    The finish ends the restore the killed run began and verified: status is clean.
+    Found by review since: the killed run's own record still read as "killed during or after
+    its restore", so the next restore named its safety snapshot (from before the FINISHED
+    restore: following it loses every write since) as the data from before it, and every
+    cleanup kept that snapshot and its target. The finish ends it there too."""
     from runbook.restore_records import unfinished_marker, unfinished_restores
+    from runbook.snapshot_restore import kept_for_killed_restore
 
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
     env = stack.env
@@ -434,7 +439,11 @@ def test_a_restore_finished_by_its_rerun_is_no_longer_called_unfinished(
     assert first.returncode == -signal.SIGKILL, first.stderr
     killed = intents.read(env)
     assert killed is not None
-    assert [r["run_id"] for r in unfinished_restores(env)] == [killed.run_id]
+    [entry] = unfinished_restores(env)
+    assert entry["run_id"] == killed.run_id
+    safety = Path(entry["safety_snapshot"]).name  # its pre-restore snapshot
+    replayed = Path(entry["restore_target"]).name  # schema 1's, what v1 (serving after) runs on
+    assert safety in kept_for_killed_restore(env)  # the oracle's own premise, before the finish
     again = cli(env, "rollback", *rerun, "--yes")
     said = again.stdout + again.stderr
     assert again.returncode == 0, said
@@ -444,7 +453,18 @@ def test_a_restore_finished_by_its_rerun_is_no_longer_called_unfinished(
     status = cli(env, "status")
     assert "restore of the database was begun" not in status.stdout + status.stderr
     assert status.returncode == 0, status.stdout + status.stderr
-    assert not unfinished_marker(env).exists(), unfinished_marker(env).read_text()
+    assert unfinished_restores(env) == [], unfinished_marker(env).read_text()
+    # the next restore names no killed restore, nor that snapshot as the data from before it
+    dry = subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", "restore",
+                          str(env.source), replayed, "--dry-run"], capture_output=True,
+                         text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+    said = dry.stdout + dry.stderr
+    assert dry.returncode == 0, said
+    assert "killed during or after" not in said, said
+    assert killed.run_id not in said and safety not in said, said
+    # and no cleanup keeps it (or what it replayed) for that restore: ordinary retention again
+    assert not any(killed.run_id in why for why in kept_for_killed_restore(env).values()), \
+        kept_for_killed_restore(env)
 
 
 def test_a_restore_killed_before_its_check_stays_unfinished(stack: DrillStack) -> None:

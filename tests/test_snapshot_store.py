@@ -21,6 +21,7 @@ from runbook import database, snapshots
 from runbook import state as states
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ConfigError
+from runbook.journal import Journal
 from tests.drill_checks import (
     DEPLOY_UID,
     OWNER_UID,
@@ -819,6 +820,22 @@ def test_cleanup_keeps_a_killed_restores_safety_snapshot_the_only_copy_of_the_da
     assert not safety.exists() and f"Removed {safety.name}" in again.stdout, again.stdout
 
 
+def killed_restore_host(env: Environment, tmp_path: Path, action: str, run_id: str,
+                        **safety: str) -> tuple[Path, Environment, Journal]:
+    """A host's environment file (host_toml), its Environment, and the run record of a
+    restore run `run_id` killed once its safety snapshot (`safety`: the step's details) was
+    taken: the caller adds the steps it reached."""
+    from runbook import environment as envmod
+    from runbook import journal
+
+    toml = host_toml(env, tmp_path)
+    host = envmod.load(str(toml))
+    killed = journal.Journal.open(host, action, run_id=run_id)
+    with killed.step("safety-snapshot", "Take a safety snapshot") as step:
+        step.detail(**safety)
+    return toml, host, killed
+
+
 def test_a_run_record_with_wrongly_typed_step_names_is_another_tools_and_passed_over(
         env: Environment, tmp_path: Path) -> None:
     """Found by review: a JSON file of another tool's in the runs folder, whose step `name` is
@@ -828,18 +845,13 @@ def test_a_run_record_with_wrongly_typed_step_names_is_another_tools_and_passed_
     import subprocess
     import sys
 
-    from runbook import environment as envmod
-    from runbook import journal
     from runbook.snapshot_restore import kept_for_killed_restore, killed_restore
 
     record(env, "dep_old", "dep_current")
     safety = put(env, "20261120_120000", "pre-restore", age_days=12, expires_in_days=-5)
     put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
-    toml = host_toml(env, tmp_path)
-    host = envmod.load(str(toml))
-    killed = journal.Journal.open(host, "snapshot-restore", run_id="restore_killed_1")
-    with killed.step("safety-snapshot", "Take a safety snapshot") as step:
-        step.detail(safety_snapshot=str(safety))
+    toml, host, killed = killed_restore_host(env, tmp_path, "snapshot-restore",
+                                             "restore_killed_1", safety_snapshot=str(safety))
     killed.step("restore-database", "Replace the database").__enter__()  # killed here
     foreign = host.runs_dir / "other-tool.json"
     foreign.write_text(json.dumps({"outcome": "running", "steps": [
@@ -1692,19 +1704,88 @@ def test_a_finished_restore_ends_its_own_and_earlier_entries_never_a_later_one(
     """The run that finishes a rollback killed after its restore's check passed ends that
     restore beside the state file (restore_records.forget_finished): its entry and every
     earlier one go, as the killed run's own end would have taken them; another operator's
-    restore begun since stays named; a run the record does not name changes nothing."""
+    restore begun since stays named; a run the record does not name only is said ended. Each
+    stays said ended (`finished_restores`): the killed runs' own records, per user, still
+    say "killed"."""
     from runbook import restore_records
 
     for run_id in ("restore_earlier_0", "rbk_killed_1", "restore_later_2"):
         assert restore_records.record_unfinished(
             env, run_id, target=f"/x/{run_id}.sql.gz", safety=f"/x/{run_id}_s.sql.gz") is None
-    assert restore_records.forget_finished(env, "rbk_other_9") is None
-    assert len(restore_records.unfinished_restores(env)) == 3
-    assert restore_records.forget_finished(env, "rbk_killed_1") is None
+    assert restore_records.forget_finished(env, "rbk_other_9", "rbk_finish_8") is None
+    assert len(restore_records.unfinished_restores(env)) == 3  # not named: only said ended
+    assert restore_records.forget_finished(env, "rbk_killed_1", "rbk_finish_3") is None
     assert [r["run_id"] for r in restore_records.unfinished_restores(env)] \
         == ["restore_later_2"]
-    assert restore_records.forget_finished(env, "restore_later_2") is None
-    assert not restore_records.unfinished_marker(env).exists()
+    assert restore_records.finished_restores(env) == {
+        "rbk_other_9": "rbk_finish_8", "restore_earlier_0": "rbk_finish_3",
+        "rbk_killed_1": "rbk_finish_3"}
+    assert restore_records.forget_finished(env, "restore_later_2", "rbk_finish_4") is None
+    assert restore_records.unfinished_restores(env) == []
+    assert set(restore_records.finished_restores(env)) \
+        == {"rbk_other_9", "restore_earlier_0", "rbk_killed_1", "restore_later_2"}
+
+
+def test_a_restore_finished_by_another_operators_run_is_killed_no_more_in_the_records(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: the finish of a rollback killed after its restore's check passed
+    took its entry out of the record beside the state file, but the killed run's own record
+    (per user: the operator who was killed, not the one who finished it) still said "killed
+    during or after its restore": the next restore named its safety snapshot, from before
+    the finished restore, as the data from before it, and every cleanup kept it. The finish
+    says so beside the state file (every operator's readers honour it), and keeps saying it
+    when a later restore finishes; a finish that never wrote it leaves it killed (safe),
+    unless its own run record, read here, says it finished."""
+    import subprocess
+    import sys
+
+    from runbook import journal, restore_records
+    from runbook.snapshot_restore import kept_for_killed_restore, killed_restore
+
+    record(env, "dep_old", "dep_current")
+    target = put(env, "20261110_120000", "manual", age_days=20, expires_in_days=-13)
+    safety = put(env, "20261120_120000", "pre-restore", age_days=12, expires_in_days=-5)
+    put(env, "20261122_120000", "manual", age_days=10, expires_in_days=-3)  # the newest
+    toml, host, killed = killed_restore_host(env, tmp_path, "rollback", "rbk_killed_1",
+                                             safety_snapshot=str(safety),
+                                             restore_target=str(target))
+    with killed.step("restore-database", "Replace the database"):
+        pass
+    with killed.step("verify-restore", "Check the restored database"):
+        pass  # killed after it: its record says "running"
+    assert restore_records.record_unfinished(
+        host, "rbk_killed_1", target=str(target), safety=str(safety)) is None
+    run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml), "--dry-run"]
+
+    def kept() -> dict[str, str]:
+        dry = subprocess.run(run, capture_output=True, text=True, check=False, timeout=120,
+                             stdin=subprocess.DEVNULL)
+        assert dry.returncode == 0, dry.stderr
+        return {line.split()[2]: line for line in dry.stdout.splitlines()
+                if line.startswith("Would keep")}
+
+    assert (killed_restore(host, None) or {}).get("run_id") == "rbk_killed_1"
+    assert "rbk_killed_1" in kept()[safety.name] and "rbk_killed_1" in kept()[target.name]
+    # the finish, another operator's run (its record is in their runs folder, not here)
+    assert restore_records.forget_finished(host, "rbk_killed_1", "rbk_finish_2") is None
+    assert restore_records.unfinished_restores(host) == []
+    assert killed_restore(host, None) is None
+    assert kept_for_killed_restore(host) == {}
+    assert safety.name not in kept() and target.name not in kept()
+    # a later restore that finishes keeps what the finish said
+    assert restore_records.forget_unfinished(host) is None
+    assert killed_restore(host, None) is None and kept_for_killed_restore(host) == {}
+    # the finish killed before it wrote (or its write lost): the restore is still killed
+    restore_records.unfinished_marker(host).unlink()
+    assert (killed_restore(host, None) or {}).get("run_id") == "rbk_killed_1"
+    assert safety.name in kept_for_killed_restore(host)
+    # this operator's finish, whose write beside the state file failed: its record says it
+    with journal.Journal.open(host, "rollback", run_id="rbk_finish_3") as finish:
+        finish.set(**{restore_records.FINISHED_RESTORE: "rbk_killed_1"})
+    newer = killed.record_path.stat().st_mtime + 30  # read first
+    os.utime(finish.record_path, (newer, newer))
+    assert killed_restore(host, None) is None
+    assert kept_for_killed_restore(host) == {}
 
 
 def test_cleanup_keeps_what_an_unfinished_restore_recorded_beside_the_state_file(
