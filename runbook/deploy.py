@@ -16,7 +16,6 @@ from typing import Any
 from runbook import (
     compose,
     database,
-    disk,
     docker,
     finish,
     health,
@@ -197,7 +196,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if taken is not None:
         observed.snapshot_path = str(taken.path)
     else:  # while planning: found by the dump, the run had taken the lock, written its intent
-        disk.refuse_without_snapshot_room(env, "the pre-deploy snapshot")
+        from runbook.snapshots import room
+
+        room.refuse_without_snapshot_room(env, "the pre-deploy snapshot")
 
     snapshot_schema: list[int | None] = []
 

@@ -4,26 +4,27 @@ A run writes its lock, its intent record, the state file (a temp copy, then a re
 Caddyfile, the journal and its run record: tens of KiB. A full or read-only filesystem
 there fails the run at its lock, or after the commit at the state file; saying so first
 (`runbook status`, the fleet's pre-flight, the plan's warnings) lets on-call free space first.
-The snapshot folder is judged by what a snapshot needs there (`Space.need`): a restore found
-it full only once its app slots were stopped, its safety snapshot refused (found by a fuzz).
+The snapshot folder is judged by what a snapshot needs there (`Space.need`), only where a
+snapshot will be taken (snapshots/room.py).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runbook import files
 from runbook.environment import Environment
-from runbook.errors import PreconditionError
 
 LOW = 1 << 20  # bytes: well above what one run writes
 LOW_INODES = 64  # a run creates a dozen files (temp copies, lock, intent, records)
 RESERVE_FRACTION = 0.05  # of the filesystem, kept free while a dump grows ...
 RESERVE_MAX = 256 * 1024 * 1024  # ... but never more than this
 MIN_DUMP = 64 * 1024  # bytes: a dump of a nearly empty database, when no snapshot tells more
+
 SNAPSHOT_INODES = 4  # a dump writes its partial and its sidecar (a temp copy, then a rename)
 
 
@@ -38,9 +39,9 @@ class Space:
     read_only: bool
     free_inodes: int | None = None  # None: the filesystem counts no inodes (btrfs, some NFS)
     total: int = 0  # the filesystem's size
-    # the snapshot folder's: the size of the newest snapshot in it (0: none yet); None for
-    # the folders of the runbook's own files
-    newest_snapshot: int | None = None
+    # the snapshot folder's: the size of the dump to expect (`dump_estimate`; 0: no
+    # snapshot of this database yet); None for the folders of the runbook's own files
+    dump_estimate: int | None = None
 
     @property
     def reserve(self) -> int:
@@ -50,15 +51,15 @@ class Space:
     @property
     def need(self) -> int:
         """Bytes that must be free here: LOW for the runbook's own files; in the snapshot
-        folder, the dump's reserve plus an estimate of the dump. The estimate is the newest
-        snapshot's size there (the same database, dumped and compressed the same way, a few
+        folder, the dump's reserve plus an estimate of the dump. The estimate is the largest
+        of this database's last snapshots there (dumped and compressed the same way, a few
         days ago at most: a good guess of the next one, with MIN_DUMP as its floor), not
         pg_database_size, which counts indexes, bloat and free pages the compressed dump
         never holds (several times its size: a folder with room would be refused). A dump
         that outgrows it is still stopped at the reserve, its app slots started again."""
-        if self.newest_snapshot is None:
+        if self.dump_estimate is None:
             return LOW
-        return self.reserve + max(self.newest_snapshot, MIN_DUMP)
+        return self.reserve + max(self.dump_estimate, MIN_DUMP)
 
 
 def reserve(total: int) -> int:
@@ -87,74 +88,34 @@ def space(directory: Path) -> Space | None:
                      vfs.f_blocks * vfs.f_frsize)
 
 
-def snapshot_room(env: Environment) -> Space | None:
-    """The snapshot folder's room, judged by what a snapshot needs there (`Space.need`)."""
-    import dataclasses
-
-    room = space(env.database.snapshot_dir)
-    return None if room is None else dataclasses.replace(
-        room, newest_snapshot=newest_snapshot_size(env.database.snapshot_dir))
-
-
-def newest_snapshot_size(directory: Path) -> int:
-    """The size of the newest snapshot file in `directory` (by its time), 0 with none or a
-    folder that cannot be read (its own refusal says why): a stat of each, no sidecar read."""
-    newest = (0.0, 0)
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if not (entry.name.startswith("togather_") and entry.name.endswith(".sql.gz")):
-                    continue
-                try:
-                    info = entry.stat()
-                except OSError:
-                    continue
-                newest = max(newest, (info.st_mtime, info.st_size))
-    except OSError:
-        return 0
-    return newest[1]
-
-
 def rooms(env: Environment) -> list[Space]:
-    """The state file's, the lock's, the journal's, the run records' and the Caddyfile's;
-    then the snapshot folder's (last: on a filesystem already named, it is not named again)."""
+    """The state file's, the lock's, the journal's, the run records' and the Caddyfile's: what
+    every run writes. Not the snapshot folder, which only a run taking a snapshot needs
+    (`snapshot_problems`, `refuse_without_snapshot_room`): a full one blocked a fleet rollback
+    that takes none, during an incident (found by review)."""
     found = (space(directory) for directory in (
         env.state_file.parent, env.lock_dir, env.log_dir, env.runs_dir,
         env.caddy.caddyfile.parent))
-    return [room for room in (*found, snapshot_room(env)) if room is not None]
+    return [room for room in found if room is not None]
 
 
-def refuse_without_snapshot_room(env: Environment, what: str) -> None:
-    """Refuse (exit 4, before any change) a run whose snapshot cannot fit: found only once
-    the dump began, a restore had stopped its app slots by then (users got errors)."""
-    room = snapshot_room(env)
-    if room is None or room.read_only or room.free >= room.need:
-        return  # a read-only or unreadable folder: the dump's own refusal words it
-    where, mib = env.database.snapshot_dir, 1024 * 1024
-    raise PreconditionError(
-        f"no room for {what} in {where}: {room.free / mib:.1f} MiB free, under the "
-        f"{room.need / mib:.1f} MiB it needs ({room.reserve / mib:.1f} MiB kept free for the "
-        f"database and the host, and about {max(room.newest_snapshot or 0, MIN_DUMP) / mib:.1f}"
-        " MiB for the dump, the newest snapshot's size); nothing was changed",
-        snapshot_fix(where))
-
-
-def snapshot_fix(where: Path) -> str:
-    quoted = shlex.quote(str(where))
-    return (f"free space in {where} (`df -h {quoted}`, `runbook snapshot cleanup`) or point "
+def free_or_move(where: Path, cleanup: str) -> str:
+    return (f"free space in {where} (`df -h {shlex.quote(str(where))}`; {cleanup}) or point "
             "[database] snapshot_dir in the environment file at a bigger disk, then run again")
 
 
-def problems(found: list[Space]) -> list[tuple[str, str]]:
+def problems(found: list[Space],
+             snapshot_fix: Callable[[], str] | None = None) -> list[tuple[str, str]]:
     """(problem, fix) once per filesystem a run could not write to (read-only, under LOW
-    bytes or LOW_INODES inodes free), named by the first directory on it."""
+    bytes or LOW_INODES inodes free), named by the first directory on it; the snapshot
+    folder's (`dump_estimate` set) by what a snapshot needs, `snapshot_fix` its fix."""
     out: list[tuple[str, str]] = []
     seen: set[int] = set()
     for room in found:
         if room.device in seen:
             continue
         where = room.directory
-        snapshots = room.newest_snapshot is not None
+        snapshots = room.dump_estimate is not None
         if room.read_only:
             seen.add(room.device)
             out.append((f"{where} is on a read-only filesystem: " + (
@@ -165,10 +126,12 @@ def problems(found: list[Space]) -> list[tuple[str, str]]:
             seen.add(room.device)
             out.append((f"{room.free // 1024} KiB free where {where} lives: " + (
                 f"a snapshot needs about {room.need // 1024} KiB there ({room.reserve // 1024} "
-                "KiB kept free, and the newest snapshot's size), so a restore or a deploy would "
-                "be refused at its pre-flight" if snapshots else
+                "KiB kept free, and this database's last snapshots' size), so a restore or a "
+                "deploy would be refused at its pre-flight" if snapshots else
                 "the next run may fail to take the lock or to record the state"),
-                snapshot_fix(where) if snapshots else files.no_space_fix(where)))
+                (snapshot_fix() if snapshot_fix else free_or_move(
+                    where, "`runbook snapshot cleanup ENV` removes the expired snapshots"))
+                if snapshots else files.no_space_fix(where)))
         elif room.free_inodes is not None \
                 and room.free_inodes < (SNAPSHOT_INODES if snapshots else LOW_INODES):
             # bytes to spare but no inode left: every new file fails with "No space left"

@@ -308,7 +308,11 @@ def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> Runboo
 def _with_room(env: Environment, plan: Plan) -> Plan:
     """The plan, warning of a filesystem the run may not be able to write to (nearly full,
     or read-only) before on-call confirms: after the commit, the state file is written there."""
-    plan.warnings += [f"{problem}; {fix}" for problem, fix in disk.problems(disk.rooms(env))]
+    from runbook.snapshots import room
+
+    own = disk.rooms(env)
+    plan.warnings += [f"{problem}; {fix}" for problem, fix in
+                      [*disk.problems(own), *room.snapshot_problems(env, own)]]
     return plan
 
 

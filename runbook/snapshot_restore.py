@@ -103,7 +103,8 @@ def restore_steps(env: Environment, run: RestoreRun,
     record, given VERIFIED once the check passed, on disk before the switch: the run that
     finishes it after a kill ends this restore (never one killed before its check).
     """
-    from runbook import disk, docker, health
+    from runbook import docker, health
+    from runbook.snapshots import room
 
     snapshot, verified = run.snapshot, run.verified
     facts = facts if facts is not None else {}
@@ -120,7 +121,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     taken = check_privileges(env)  # refuses a replay this user cannot run, before any change
     # a full snapshot folder, refused before the stop: found by the dump, the app slots were
     # down by then (users got errors) for a run that could not go on
-    disk.refuse_without_snapshot_room(env, "the safety snapshot")
+    room.refuse_without_snapshot_room(env, "the safety snapshot")
     facts["privileges_lost"] = (
         f"the restore removes the privileges other roles hold (snapshots keep no GRANTs or "
         f"owners, nor does the safety snapshot; {taken[0]} owns everything after it): "

@@ -46,7 +46,8 @@ class Problem:
 @dataclass(frozen=True)
 class Note:
     """Something on-call should know that is no problem (exit 0): a slot left running on
-    purpose, with how to end it when it is no longer wanted."""
+    purpose, with how to end it when it is no longer wanted; a snapshot folder without room
+    for the next restore's or deploy's snapshot (`disk_notes`)."""
 
     note: str
     check: str  # the check that would otherwise have listed it as a problem
@@ -100,6 +101,8 @@ class Facts:
     left_by_switch: dict[Slot, dict[str, Any]] = field(default_factory=dict)
     held_error: RunbookError | None = None
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
+    # the snapshot folder's problem, when a snapshot would not fit (a note: `disk_notes`)
+    snapshot_space: list[tuple[str, str]] = field(default_factory=list)
     # the last restore left a database that does not match its snapshot (its check failed)
     doubted: dict[str, str] | None = None
     doubted_error: RunbookError | None = None  # the record of that cannot be read
@@ -1109,6 +1112,14 @@ def disk_space(f: Facts) -> Iterator[Problem]:
         yield Problem(problem, fix)
 
 
+def disk_notes(f: Facts) -> list[Note]:
+    """A snapshot folder without room for a snapshot: a note, not a problem (exit 0 says
+    nothing needs on-call now). Nothing that runs is harmed, a rollback that takes no
+    snapshot goes ahead, and a restore or a deploy is refused before any change, in these
+    words; found by review: as a problem, status said exit 1 during an incident for it alone."""
+    return [Note(f"{problem}; {fix}", disk_space.__name__) for problem, fix in f.snapshot_space]
+
+
 Check = Callable[[Facts], Iterator[Problem]]
 # the outage first: users not served (found by review: a bad port loaded into Caddy was said
 # third, after the Caddyfile's block and the running config that caused it; Caddy down after
@@ -1281,6 +1292,9 @@ def collect(env: Environment) -> Facts:
         with contextlib.suppress(RunbookError):  # Docker not answering: said by other checks
             f.leftovers[slot] = compose.leftovers(env, slot)
     f.space = disk.rooms(env)
+    from runbook.snapshots import room
+
+    f.snapshot_space = room.snapshot_problems(env, f.space)
     return f
 
 
@@ -1382,7 +1396,7 @@ def to_json(f: Facts) -> dict[str, Any]:
     held = f.lock
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
-    out["notes"] = [n.to_json() for n in standby_notes(_judged(f))]
+    out["notes"] = [n.to_json() for n in [*standby_notes(_judged(f)), *disk_notes(f)]]
     out["problems"] = [p.to_json() for p in problems(f)]
     from runbook.redact import scrub
 

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from runbook import disk
 from runbook.disk import Space
+from runbook.snapshots import room
 
 MIB = 1 << 20
 
@@ -52,7 +52,7 @@ def test_the_snapshot_folder_needs_the_dumps_reserve_and_the_newest_snapshot() -
     """What a restore's safety snapshot or a deploy's pre-deploy snapshot needs there: the
     5 % (at most 256 MiB) a dump keeps free, and about the newest snapshot's size."""
     folder = Space(Path("/var/lib/togather/db-snapshots"), 1, 0, False, 1000,
-                   total=100 * MIB, newest_snapshot=3 * MIB)
+                   total=100 * MIB, dump_estimate=3 * MIB)
     assert folder.need == 5 * MIB + 3 * MIB
     enough = disk.problems([dataclasses.replace(folder, free=8 * MIB)])
     assert enough == []
@@ -61,7 +61,7 @@ def test_the_snapshot_folder_needs_the_dumps_reserve_and_the_newest_snapshot() -
                               "snapshot needs about 8192 KiB there"), problem
     assert "snapshot_dir" in fix and "`df -h /var/lib/togather/db-snapshots`" in fix
     big = Space(Path("/srv/snap"), 1, 300 * MIB, False, 1000, total=10_000 * MIB,
-                newest_snapshot=0)
+                dump_estimate=0)
     assert big.need == disk.RESERVE_MAX + disk.MIN_DUMP  # capped; a floor with no snapshot
     assert disk.problems([big]) == []
 
@@ -69,7 +69,7 @@ def test_the_snapshot_folder_needs_the_dumps_reserve_and_the_newest_snapshot() -
 def test_a_snapshot_folder_is_named_once_per_filesystem() -> None:
     state = Space(Path("/var/lib/togather"), 1, 10, False, 1000)
     folder = Space(Path("/var/lib/togather/db-snapshots"), 1, 10, False, 1000,
-                   total=100 * MIB, newest_snapshot=MIB)
+                   total=100 * MIB, dump_estimate=MIB)
     [(problem, _)] = disk.problems([state, folder])  # that filesystem is named already
     assert problem.startswith("0 KiB free where /var/lib/togather lives"), problem
     # room for the runbook's own files, not for a snapshot: the folder is named
@@ -78,12 +78,22 @@ def test_a_snapshot_folder_is_named_once_per_filesystem() -> None:
     assert problem.startswith("2048 KiB free where /var/lib/togather/db-snapshots lives")
 
 
-def test_the_newest_snapshot_is_the_estimate(tmp_path: Path) -> None:
+def test_the_estimate_is_the_largest_of_this_databases_last_snapshots(tmp_path: Path) -> None:
+    """Found by review: the newest `togather_*.sql.gz` of any database was the estimate; the
+    default folder is shared, and another database's bigger dump refused restores with room."""
     snaps = tmp_path / "snaps"
-    assert disk.newest_snapshot_size(snaps) == 0  # no folder yet
+    assert room.dump_estimate(snaps, "db") == 0  # no folder yet
     snaps.mkdir()
-    (snaps / "togather_db_20250101_000000_old.sql.gz").write_bytes(b"x" * 3000)
-    (snaps / "togather_db_20250102_000000_new.sql.gz").write_bytes(b"x" * 1000)
-    (snaps / ".togather_db_20250103_000000_x.sql.gz.0123abcd.partial").write_bytes(b"x" * 9)
-    os.utime(snaps / "togather_db_20250101_000000_old.sql.gz", (1, 1))
-    assert disk.newest_snapshot_size(snaps) == 1000
+    sizes = {"togather_db_20250101_000000_oldest.sql.gz": 9000,  # past the last RECENT
+             "togather_db_20250102_000000_big.sql.gz": 3000,
+             "togather_db_20250103_000000_small.sql.gz": 1000,
+             "togather_db_20250104_000000_new.sql.gz": 2000,
+             "togather_other_20250105_000000_new.sql.gz": 50_000,  # another database's
+             "togather_db_staging_20250106_000000_new.sql.gz": 40_000,  # database db_staging
+             ".togather_db_20250107_000000_x.sql.gz.0123abcd.partial": 90_000}
+    for name, size in sizes.items():
+        (snaps / name).write_bytes(b"x" * size)
+    assert room.RECENT == 3
+    assert room.dump_estimate(snaps, "db") == 3000
+    assert room.dump_estimate(snaps, "db_staging") == 40_000
+    assert room.dump_estimate(snaps, "nothing") == 0

@@ -360,8 +360,10 @@ def test_a_full_snapshot_folder_is_refused_before_a_restore_stops_anything(
         started = {name: docker.inspect(name).started_at for name in containers}
         serving = through_proxy(env)
         with Poller(env) as user:
-            status_code, status_out, _ = finished(runbook(env, "status", "--format", "json"))
-            _, preflight, _ = finished(runbook(env, "fleet", "host-check"))
+            _, status_out, _ = finished(runbook(env, "status", "--format", "json"))
+            _, preflight, _ = finished(runbook(
+                env, "fleet", "host-check",
+                *(["--restore-snapshot"] if command == "rollback --restore-snapshot" else [])))
             dry = finished(runbook(env, *args, "--dry-run", after=after))
             code, out, err = finished(runbook(env, *args, "--yes", after=after))
         assert "Traceback" not in err + dry[2]
@@ -380,14 +382,117 @@ def test_a_full_snapshot_folder_is_refused_before_a_restore_stops_anything(
         assert user.seen and {v for _, _, v in user.seen} == {serving[1]}
         # the dry run refuses as the real run would, in the same words
         assert dry[0] == 4 and f"no room for {what} in {folder}" in dry[2], dry
-        # `runbook status` names the full folder (no "No problems found"), once
-        named = [p for p in json.loads(status_out)["problems"]
-                 if f"KiB free where {folder} lives" in p["problem"]]
-        assert status_code == 1 and len(named) == 1, status_out
-        assert "a snapshot needs about" in named[0]["problem"], named
-        assert f"free space in {folder}" in named[0]["fix"], named
-        # so does a fleet's pre-flight, before a rollout touches any host
-        checks = [p for p in json.loads(preflight)["problems"] if p["check"] == "disk space"]
-        assert len(checks) == 1 and f"KiB free where {folder} lives" in checks[0]["message"], \
-            preflight
+        # `runbook status` names the full folder once, as a note: nothing needs on-call now
+        # (a rollback that takes no snapshot goes ahead; a restore or deploy is refused, as
+        # here, with nothing changed), never a problem (exit 1) of its own
+        said = json.loads(status_out)
+        assert not [p for p in said["problems"] if str(folder) in p["problem"] + p["fix"]]
+        named = [n["note"] for n in said["notes"] if f"KiB free where {folder} lives" in n["note"]]
+        assert len(named) == 1 and "a snapshot needs about" in named[0], status_out
+        assert f"free space in {folder}" in named[0], named
+        assert f"`runbook snapshot cleanup {env.source}`" in named[0], named
+        # the fleet's pre-flight judges the folder only on the host whose dry run restores
+        checks = json.loads(preflight)["problems"]
+        if command == "rollback --restore-snapshot":
+            assert [p["check"] for p in checks] == ["rollback dry run"], preflight
+            assert f"no room for {what} in {folder}" in checks[0]["message"], preflight
+        else:
+            assert not [p for p in checks if str(folder) in json.dumps(p)], preflight
         assert [p.name for p in folder.iterdir() if p.name.endswith(".partial")] == []
+
+
+def moved_snapshots(stack: DrillStack, folder: Path, tmp_path: Path) -> Environment:
+    """The drill's environment with its snapshot folder at `folder`, written to a file."""
+    moved = stack.env.with_(database=dataclasses.replace(stack.env.database,
+                                                         snapshot_dir=folder), source=None)
+    source = tmp_path / "moved.toml"
+    source.write_text(envmod.to_toml(moved))
+    return moved.with_(source=source)
+
+
+def test_a_full_snapshot_folder_never_blocks_a_rollback_that_takes_no_snapshot(
+        drill_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: the snapshot folder, judged on every host, made a full one refuse a
+    fleet rollback that takes no snapshot (host-check exit 4 "disk space") while `runbook
+    rollback --yes` on that host worked, and `runbook status` exit 1 for it alone. v3 on
+    blue, v2 on green, the same schema: the rollback takes no snapshot."""
+    stack = drill_stack
+    stack.arrange(scenes.PREVIOUS)
+    with tmpfs(tmp_path / "snap", "4m") as folder:
+        env = moved_snapshots(stack, folder, tmp_path)
+        fill_up(folder)
+        code, out, err = finished(runbook(env, "fleet", "host-check"))
+        assert code == 0 and json.loads(out)["problems"] == [], out + err
+        code, out, err = finished(runbook(env, "status", "--format", "json"))
+        said = json.loads(out)
+        assert code == 0 and said["problems"] == [], out + err
+        [note] = [n["note"] for n in said["notes"] if str(folder) in n["note"]]
+        assert "a restore or a deploy would be refused" in note, note
+        code, out, err = finished(runbook(env, "rollback", "--yes"))
+        assert code == 0, out + err
+        assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+
+
+@pytest.mark.parametrize("how", ["read-only", "no inodes"])
+def test_a_read_only_or_inodeless_snapshot_folder_is_refused_before_a_restore_stops_anything(
+        drill_stack: DrillStack, tmp_path: Path, how: str) -> None:
+    """Found by review: the pre-flight let a read-only folder through ("the dump's own refusal
+    words it") and never counted inodes; the dump refused only after the app slots were
+    stopped (users got 502s). Refused first: exit 4, nothing stopped, users served."""
+    stack = drill_stack
+    stack.reset()
+    with tmpfs(tmp_path / "snap", "8m", inodes=64 if how == "no inodes" else None) as folder:
+        env = moved_snapshots(stack, folder, tmp_path)
+        good = snapshots.create(env, "good")
+        if how == "read-only":
+            remount(folder, "ro")
+        else:
+            use_up_inodes(folder)
+        containers = [env.slot(s).container for s in Slot]
+        started = {name: docker.inspect(name).started_at for name in containers}
+        with Poller(env) as user:
+            dry = finished(runbook(env, "snapshot", "restore", "--dry-run", after=(good.name,)))
+            code, out, err = finished(runbook(env, "snapshot", "restore", "--yes",
+                                              after=(good.name,)))
+        assert code == 4 and dry[0] == 4, (out + err, dry)
+        [line] = [ln for ln in err.splitlines() if "the safety snapshot" in ln]
+        assert str(folder) in line and "nothing was changed" in line, line
+        if how == "read-only":
+            assert "read-only filesystem" in line and "remount it read-write" in line, line
+        else:
+            assert "free inodes" in line and f"`df -i {folder}`" in line, line
+        assert line in dry[2], dry
+        assert {name: docker.inspect(name).started_at for name in containers} == started
+        assert user.failures == [], user.failures[:5]
+
+
+def test_the_snapshot_folder_is_judged_by_this_databases_snapshots_and_dead_partials(
+        drill_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: the estimate was the newest `togather_*.sql.gz` of any database (the
+    default folder is shared), and a killed dump's `.partial`, which the dump removes before
+    it begins, counted as used: both refused restores that fit. The fix named `runbook
+    snapshot cleanup` without its ENV, though cleanup frees only expired snapshots."""
+    stack = drill_stack
+    stack.reset()
+    with tmpfs(tmp_path / "snap", "8m") as folder:
+        env = moved_snapshots(stack, folder, tmp_path)
+        good = snapshots.create(env, "good")
+        other = folder / "togather_otherdb_20250101_000000_manual.sql.gz"  # newest, 5 MiB
+        other.write_bytes(os.urandom(5 * 1024 * 1024))
+        code, _, err = finished(runbook(env, "snapshot", "restore", "--dry-run",
+                                        after=(good.name,)))
+        assert code == 0, err
+        fill(folder)  # then the filler left as a killed dump's partial, its writer gone
+        dead = folder / f".{good.path.name.removesuffix('.sql.gz')}x.sql.gz.0123abcd.partial"
+        (folder / "filler").rename(dead)
+        os.utime(dead, (1, 1))
+        code, _, err = finished(runbook(env, "snapshot", "restore", "--dry-run",
+                                        after=(good.name,)))
+        assert code == 0, err
+        dead.rename(folder / "filler")  # not ours: refused, nothing expired to clean up
+        code, _, err = finished(runbook(env, "snapshot", "restore", "--dry-run",
+                                        after=(good.name,)))
+        assert code == 4, err
+        [line] = [ln for ln in err.splitlines() if "no room for the safety snapshot" in ln]
+        assert f"`runbook snapshot cleanup {env.source}`" in line, line
+        assert f"the biggest snapshots there: {other.name} (5.0 MiB)" in line, line
