@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -495,4 +496,6 @@ def test_the_snapshot_folder_is_judged_by_this_databases_snapshots_and_dead_part
         assert code == 4, err
         [line] = [ln for ln in err.splitlines() if "no room for the safety snapshot" in ln]
         assert f"`runbook snapshot cleanup {env.source}`" in line, line
-        assert f"the biggest snapshots there: {other.name} (5.0 MiB)" in line, line
+        # this database's snapshots, never another's, and no file offered to `rm`
+        assert "this database's 1 snapshot(s) there take" in line, line
+        assert other.name not in line and not re.search(r"\brm\b", line), line

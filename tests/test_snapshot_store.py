@@ -12,12 +12,13 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from runbook import database, snapshots
+from runbook import database, restore_records, snapshots
 from runbook import state as states
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ConfigError
@@ -1836,3 +1837,27 @@ def test_cleanup_keeps_what_an_unfinished_restore_recorded_beside_the_state_file
                           timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert not target.exists() and not safety.exists() and not rolled_back.exists(), done.stdout
+
+
+def test_the_snapshot_folders_fix_offers_no_file_to_remove_and_no_count_cleanup_would_not_free(
+        env: Environment) -> None:
+    """Found by review: the fix said "`snapshot cleanup` removes 2 expired snapshot(s)" of two
+    that cleanup keeps for an unfinished restore, and, with none expired, listed the biggest
+    snapshots "to remove with rm": an unfinished restore's safety snapshot (the only copy of
+    the data from before it) and another environment's in the shared folder."""
+    from runbook.snapshots import room
+
+    record(env, "dep_old", "dep_current")
+    target = put(env, "20261110_120000", "manual", age_days=20, expires_in_days=-13)
+    safety = put(env, "20261120_120000", "pre-restore", age_days=12, expires_in_days=-5)
+    safety.write_bytes(b"x" * 3_000_000)
+    other = env.database.snapshot_dir / "togather_prod_20261201_120000_pre-deploy.sql.gz"
+    other.write_bytes(b"y" * 2_000_000)
+    assert restore_records.record_unfinished(
+        env, "restore_killed_1", target=str(target), safety=str(safety)) is None
+    fix = room.snapshot_fix(env)
+    assert not re.search(r"\brm\b", fix), fix
+    assert not re.search(r"removes \d+", fix), fix
+    assert safety.name not in fix and other.name not in fix, fix
+    assert "snapshot cleanup" in fix and "removes the expired snapshots that no rollback" in fix
+    assert "this database's 2 snapshot(s) there take" in fix, fix

@@ -112,25 +112,25 @@ def refuse_without_snapshot_room(env: Environment, what: str) -> None:
 
 
 def snapshot_fix(env: Environment) -> str:
-    """Free space (what `snapshot cleanup` would free: only expired snapshots, so when it
-    frees nothing, which snapshots are big), or a bigger disk."""
+    """Free space (`snapshot cleanup`: only expired snapshots no rollback or unfinished restore
+    needs), or a bigger disk."""
     return disk.free_or_move(env.database.snapshot_dir, _cleanup_said(env))
 
 
 def _cleanup_said(env: Environment) -> str:
+    """The cleanup, with its dry run to see what it would free, and what this database's
+    snapshots take: never a count cleanup would not free, nor a file to `rm`. Found by
+    review: the count left out what cleanup keeps for an unfinished restore, and the "remove
+    one with rm" list offered its safety snapshot (the only copy of the data from before it)
+    and other environments' snapshots in a shared folder."""
     where, mib = env.database.snapshot_dir, 1024 * 1024
-    command = f"`runbook snapshot cleanup {command_arg(env)}`"
-    try:
-        expired = store.cleanup(env, dry_run=True).removed
-    except (RunbookError, OSError):
-        return f"{command} removes the expired snapshots"
-    if expired:
-        return (f"{command} removes {len(expired)} expired snapshot(s), "
-                f"{sum(s.size_bytes for s in expired) / mib:.1f} MiB")
-    biggest = sorted(_snapshots(where),
-                     key=lambda s: s[2], reverse=True)[:RECENT]
-    listed = ", ".join(f"{name} ({size / mib:.1f} MiB)" for _, _, size, name in biggest)
-    return (f"{command} frees nothing: no snapshot expired" + (
-        f"; the biggest snapshots there: {listed} (`runbook snapshot list "
-        f"{command_arg(env)}`; remove one you no longer need with rm)" if biggest else
-        f"; what fills {where} is no snapshot: `du -sh {shlex.quote(str(where))}/*`"))
+    arg = command_arg(env)
+    said = (f"`runbook snapshot cleanup {arg}` removes the expired snapshots that no rollback "
+            f"or unfinished restore needs (`--dry-run` first says which)")
+    own = _snapshots(where, _dbname(env))
+    return said + (
+        f"; this database's {len(own)} snapshot(s) there take "
+        f"{sum(size for _, _, size, _ in own) / mib:.1f} MiB (`runbook snapshot list {arg}`"
+        " lists them)" if own else
+        f"; what fills {where} is none of this database's snapshots: "
+        f"`du -sh {shlex.quote(str(where))}/*`")
