@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from runbook.docker import ContainerInfo
+from runbook.docker import ContainerInfo, DockerAction
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
@@ -164,7 +164,13 @@ def check_service(env: Environment, slot: Slot, target: ContainerInfo, other: Co
             f"compose service that created that slot's container ({shown})")
 
 
-def leftovers(env: Environment, slot: Slot) -> list[tuple[str, str, str]]:
+# Docker states of a container that runs no process: what a recreate cut off half-way leaves
+# (created, never started), and what `docker rm` without -f removes (it refuses any other)
+STOPPED = frozenset({"created", "exited", "dead"})
+Leftover = tuple[str, str, str]  # (short id, name, state), as `leftovers` lists them
+
+
+def leftovers(env: Environment, slot: Slot) -> list[Leftover]:
     """(short id, name, state) of each container of `slot`'s compose service (this project's
     labels) that is not the slot's container: what a compose recreate stopped half-way leaves
     (`<old id>_<name>`: compose killed, an operator's interrupted `docker compose up`). The
@@ -184,39 +190,122 @@ def leftovers(env: Environment, slot: Slot) -> list[tuple[str, str, str]]:
             if temporary.fullmatch(found[1])]
 
 
-def leftover_said(env: Environment, slot: Slot,
-                  found: list[tuple[str, str, str]]) -> tuple[str, str]:
+def leftover_said(env: Environment, slot: Slot, found: list[Leftover]) -> tuple[str, str]:
     """(problem, fix) for `leftovers`: each one by name, id and state, and the exact command
-    that removes it. Never removed by the runbook: a running one may be serving (on-call
-    checks that Caddy does not send users to it first)."""
+    that removes it. Stopped ones, the next recreate by the runbook removes itself
+    (`removable_leftovers`); one that is not stopped it never removes: it may be serving
+    (on-call checks that Caddy does not send users to it first)."""
     import shlex
 
     service = env.slot(slot).service
     listed = "; ".join(f"{name} (id {ident}, {state or 'unknown state'})"
                        for ident, name, state in found)
-    running = [name for _, name, state in found if state in ("running", "restarting",
-                                                             "paused")]
-    removes = " and ".join(f"`docker rm -f {shlex.quote(name)}`" for _, name, _ in found)
-    caution = (f"{', '.join(running)} is running: first make sure no user is served by it "
-               "(`runbook status` says what Caddy sends traffic to), then " if running else
-               "it is not running, so nothing is served from it: ")
-    return (f"compose service {service!r} (project {env.compose.project!r}) has a container "
+    live = [f"{name} is {state or 'in an unknown state'}" for _, name, state in found
+            if state not in STOPPED]
+    said = (f"compose service {service!r} (project {env.compose.project!r}) has a container "
             f"other than slot {slot}'s {env.slot(slot).container}: {listed}; it is what a "
-            "recreate stopped half-way leaves (compose interrupted or killed), and the next "
-            "recreate of that slot fails on it (Docker's name conflict)",
-            f"{caution}remove it: {removes}; then run the command again")
+            "recreate stopped half-way leaves (compose interrupted or killed)")
+    if not live:
+        removes = " and ".join(f"`docker rm {shlex.quote(name)}`" for _, name, _ in found)
+        return (f"{said}; a recreate of that slot by anything else (`docker compose up`) "
+                "fails on it (Docker's name conflict)",
+                "it is not running, so nothing is served from it: the next `runbook "
+                "rollback` or `runbook deploy` (or a `runbook switch` that recreates the slot) "
+                f"removes it itself before its recreate, as its plan shows; to remove it now: "
+                f"{removes}")
+    removes = " and ".join(f"`docker rm -f {shlex.quote(name)}`" for _, name, _ in found)
+    return (f"{said}, and the next recreate of that slot fails on it (Docker's name "
+            "conflict)",
+            f"{', '.join(live)}, so it may be serving and the runbook never removes it: first "
+            "make sure no user is served by it (`runbook status` says what Caddy sends "
+            f"traffic to), then remove it: {removes}; then run the command again")
 
 
-def refuse_leftovers(env: Environment, slot: Slot, *, planning: bool = True) -> None:
-    """Refuse (exit 4) a recreate of `slot` beside a leftover of its service: compose would
-    fail on it half-way. `planning`: said before anything changed."""
-    found = leftovers(env, slot)
-    if not found:
-        return
+def _refuse(env: Environment, slot: Slot, found: list[Leftover], planning: bool) -> None:
     problem, fix = leftover_said(env, slot, found)
     unchanged = "; nothing was changed" if planning else ""
     raise PreconditionError(f"refusing to recreate {env.slot(slot).container}: {problem}"
                             f"{unchanged}", fix)
+
+
+def refuse_leftovers(env: Environment, slot: Slot, *, planning: bool = True) -> None:
+    """Refuse (exit 4) a recreate of `slot` beside any leftover of its service: compose would
+    fail on it half-way. Right before the recreate (`planning` False) the plan has removed
+    the stopped ones already (`removable_leftovers`). `planning`: said before anything
+    changed."""
+    found = leftovers(env, slot)
+    if found:
+        _refuse(env, slot, found, planning)
+
+
+def removable_leftovers(env: Environment, slot: Slot, serving: ContainerInfo) -> list[Leftover]:
+    """The leftovers of `slot`'s service that a recreate of it removes first, as a step of
+    its plan (a rerun after a recreate cut off half-way then finishes with no command by
+    hand); refused as `refuse_leftovers` (exit 4, nothing changed) unless every one is
+    stopped. `serving`: the other slot's container, the one that serves.
+
+    Why it is safe: a stopped leftover serves nothing; it is of the slot being recreated
+    (its service's labels and compose's `<id>_<name>` name), never the serving container
+    (its id is checked against `serving`'s); `--force-recreate` would have removed the old
+    container anyway. Removed without -f (`remove_leftover`), so one started since the plan
+    is refused by Docker itself; named volumes are kept (no -v)."""
+    found = leftovers(env, slot)
+    if any(state not in STOPPED for _, _, state in found):
+        _refuse(env, slot, found, True)
+    for ident, name, _ in found:
+        _never_serving(ident, name, serving)
+    return found
+
+
+def _never_serving(ident: str, name: str, serving: ContainerInfo) -> None:
+    """Refuse (exit 4) to remove `name` unless its id is known and is not `serving`'s."""
+    theirs = serving.container_id if serving.exists else None
+    if re.fullmatch(r"[0-9a-f]{12,64}", ident) and not (theirs and theirs.startswith(ident)):
+        return
+    raise PreconditionError(
+        f"refusing to remove {name} (id {ident or 'unknown'}) before a recreate: "
+        + (f"it is {serving.name}, the serving slot's container" if ident else
+           "its id cannot be told from the serving slot's container's")
+        + "; nothing was changed",
+        f"read `docker ps -a` and `runbook status`; remove {name} by hand only once nothing is "
+        "served from it, then run the command again")
+
+
+def remove_leftover(env: Environment, slot: Slot, leftover: Leftover,
+                    action: DockerAction) -> str:
+    """Remove one leftover the plan showed (`removable_leftovers`) by the `docker rm NAME` it
+    showed (`action`), never -f: one started since the plan is refused by Docker itself, and
+    the run stops there (exit 4: traffic stays, nothing else was changed). One gone since is
+    fine (a rerun after a kill finds it gone). Returns what was done, for the journal."""
+    from runbook import docker
+
+    ident, name, state = leftover
+    info = docker.inspect(name)
+    if not info.exists:
+        return f"{name}: already gone"
+    container = env.slot(slot).container
+    serving = docker.inspect(env.slot(slot.other).container)
+    if not (info.container_id or "").startswith(ident):
+        raise PreconditionError(
+            f"refusing to recreate {container}: {name} is another container (id "
+            f"{(info.container_id or 'unknown')[:12]}) than the leftover the plan showed "
+            f"(id {ident}); traffic stays where it was, nothing else was changed",
+            "run the command again to see the plan as it is now (`runbook status` names "
+            "the leftover)")
+    _never_serving(ident, name, serving)
+    try:
+        docker.run(action)
+    except docker.DockerError as exc:
+        now = docker.inspect(name)
+        if not now.exists or now.status in STOPPED:
+            raise
+        _, fix = leftover_said(env, slot, [(ident, name, now.status)])
+        raise PreconditionError(
+            f"refusing to recreate {container}: the leftover {name} (id {ident}) was {state} "
+            f"when the plan was made and is {now.status} now, and Docker refused to remove "
+            f"it without -f ({exc.message}); traffic stays where it was, nothing else was "
+            "changed", fix) from None
+    return f"{name}: removed"
 
 
 def base(env: Environment) -> list[str]:
@@ -289,7 +378,8 @@ def run(command: Command, timeout: float = 300,
                            "check [compose] command in the environment file",
                            exit_code=ExitCode.PRECONDITION) from None
     leftovers = (f"`{ps_command(command.argv)}` lists what it left (a container named "
-                 "`<id>_<name>`: `runbook status` names it and its `docker rm -f`)")
+                 "`<id>_<name>`: `runbook status` names it; the next run removes it itself "
+                 "when it is not running)")
     deadline = time.monotonic() + timeout
     why = ""
     try:

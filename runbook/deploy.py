@@ -146,7 +146,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     compose.check_project(env, standby if standby.exists else live_info)
     # the service compose recreates is the standby's, never the serving container's
     compose.check_service(env, target, standby, live_info)
-    compose.refuse_leftovers(env, target)  # compose would fail on it half-way
+    # compose would fail on one half-way: stopped ones the plan removes first, others refused
+    leftovers = compose.removable_leftovers(env, target, live_info)
     slots.refuse_if_held(env, target, standby)
     slots.refuse_if_migrating(env, target, standby)
     _refuse_if_dirty(env, version, found[0] if found is not None else None)
@@ -382,6 +383,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             **tools,
             **({"restored data": accepted} if accepted else {}),
         }, phase=Phase.PREFLIGHT),
+        *slots.leftover_steps(env, target, leftovers),
         # before the new slot starts: an app that migrates itself on start (no
         # migrate_command) changes the schema then, and the schema guard must name this file
         Step("snapshot", "Snapshot the database before the new version starts",

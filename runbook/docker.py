@@ -168,7 +168,13 @@ def image_inspect_action(image: str) -> DockerAction:
                         f"/images/{_q(image)}/json", target=image)
 
 
-def remove_action(name: str) -> DockerAction:
+def remove_action(name: str, *, force: bool = True) -> DockerAction:
+    """`force=False`: `docker rm NAME`, which the engine refuses (409) for a container that
+    runs, is paused or restarting: what removes only what serves nothing. Never -v: its
+    anonymous volumes stay, as named ones always do."""
+    if not force:
+        return DockerAction("remove container", ("docker", "rm", name), "DELETE",
+                            f"/containers/{_q(name)}", target=name)
     return DockerAction("remove container", ("docker", "rm", "--force", name), "DELETE",
                         f"/containers/{_q(name)}", (("force", "1"),), target=name)
 

@@ -649,6 +649,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     }, phase=Phase.PREFLIGHT)
     steps = [
         preflight,
+        *slots.leftover_steps(env, standby, prep.leftovers),  # before anything changes
         *restore_steps,
         slots.run_step(env, prep, observed), gate, switch,
         Step("state", "Record the rollback in the deployment state",

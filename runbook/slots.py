@@ -30,7 +30,7 @@ from runbook import state as states
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
-from runbook.plan import Aside, Phase, Step, StepContext
+from runbook.plan import Aside, Phase, Skipped, Step, StepContext
 
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
@@ -427,6 +427,9 @@ class Preparation:
     # a recreate: the build (image id) that name gave at plan time, shown in the plan and
     # checked against the created container's .Image (None: nothing made through compose)
     build: str | None = None
+    # a recreate: the stopped leftovers of an interrupted one its plan removes first
+    # (compose.removable_leftovers; `leftover_steps`)
+    leftovers: tuple[compose.Leftover, ...] = ()
 
     @property
     def describe_container(self) -> str:
@@ -605,13 +608,15 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     other = docker.inspect(env.slot(slot.other).container)
     compose.check_project(env, info if info.exists else other)
     compose.check_service(env, slot, info, other)  # never the other slot's container
-    compose.refuse_leftovers(env, slot)  # compose would fail on it half-way
+    # compose would fail on one half-way: stopped ones the plan removes first, others refused
+    leftovers = compose.removable_leftovers(env, slot, other)
     refuse_if_held(env, slot, info)
     refuse_if_migrating(env, slot, info)
     traffic.refuse_recreate_if_pinned(env, slot)  # another site's upstream: it serves
     made, image, named, build = created_image(env, slot, version, image, claimed_by)
     return Preparation(slot, info, image, version, "recreate",
-                       f"recreate through compose with {image} ({why}{named})", made, build)
+                       f"recreate through compose with {image} ({why}{named})", made, build,
+                       tuple(leftovers))
 
 
 def _for_good(env: Environment, info: ContainerInfo, version: str,
@@ -707,13 +712,52 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
                 **recreate_holds(recreate_command is not None))
 
 
+def leftover_steps(env: Environment, slot: Slot,
+                   found: list[compose.Leftover] | tuple[compose.Leftover, ...]) -> list[Step]:
+    """The plan's removal of the stopped leftovers of an interrupted recreate of `slot`
+    (`compose.removable_leftovers` found them, and says why it is safe), placed right after
+    the pre-flight: before anything else changes, so that Docker refusing one started since
+    the plan (`docker rm` without -f) stops the run with nothing else changed. Built here,
+    run by `compose.remove_leftover`: the plan shows each one's exact command."""
+    if not found:
+        return []
+    # built once: the plan shows the very commands the step runs
+    removals = [(leftover, docker.remove_action(leftover[1], force=False)) for leftover in found]
+    details: dict[str, str] = {}
+    for n, ((ident, name, state), action) in enumerate(removals, 1):
+        number = f" {n}" if len(found) > 1 else ""
+        details[f"leftover{number}"] = f"{name} (id {ident}, {state})"
+        details[f"command{number}"] = action.display()
+    details["why"] = (f"what a recreate of {slot} stopped half-way left (compose interrupted "
+                      "or killed): not running, so it serves nothing; compose would fail on "
+                      "its name, and `--force-recreate` removes the old container anyway; "
+                      "named volumes are kept")
+    details["if it started since"] = ("Docker refuses to remove it (no -f): the run stops "
+                                      "here, traffic stays, exit 4")
+    names = ", ".join(name for _, name, _ in found)
+    plural = "s" if len(found) > 1 else ""
+
+    def run(ctx: StepContext) -> None:
+        def kept() -> None:
+            raise Skipped("a stopped leftover of an interrupted recreate is not put back: it "
+                          "served nothing, and a recreate fails on it")
+
+        ctx.on_failure(f"remove {names}", kept)  # before the act: a Ctrl-C may cut it
+        done = [compose.remove_leftover(env, slot, leftover, action)
+                for leftover, action in removals]
+        ctx.note(removed="; ".join(done))
+
+    return [Step("remove-leftover", f"Remove the stopped leftover{plural} {names} of an "
+                 "interrupted recreate", details, run=run)]
+
+
 # compose cut off half-way leaves a temporary `<id>_<name>` container (a kill-fuzz review):
 # a Ctrl-C waits for it to finish, then undoes; a second one is the way out of a hung compose
 RECREATE_CTRL_C = ("acted on once compose has finished (then undone: traffic stays); a second "
                    "Ctrl-C stops compose half-way")
 # said after "another Ctrl-C" with the first one's answer, and after "it" with the second's
 SECOND_CTRL_C = ("stops compose half-way, which may leave a half-recreated container "
-                 "(`runbook status` names it and its `docker rm -f`)")
+                 "(`runbook status` names it; the next run removes it when it is stopped)")
 
 
 def recreate_holds(recreates: bool) -> dict[str, Any]:

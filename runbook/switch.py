@@ -171,6 +171,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "caddyfile mount": mount,
             **({"restored data": accepted} if accepted else {})},
              phase=Phase.PREFLIGHT),
+        *slots.leftover_steps(env, target, prep.leftovers),  # before anything changes
         *([_replace_record(env, repairing.intent)] if repairing is not None else []),
         slots.run_step(env, prep, observed),
         slots.gate_step(env, target, force=options.force, expected_version=version,

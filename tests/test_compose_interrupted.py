@@ -8,6 +8,7 @@ failed on Docker's name conflict with a fix that did not run as printed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from runbook import compose, docker
+from runbook import compose, docker, faults
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
+from tests.drill_checks import two_deployments
 from tests.matrix import nightly
 from tests.test_interrupted import cli, through_proxy
 
@@ -48,44 +50,155 @@ def service_containers(env: Environment, slot: Slot) -> list[str]:
     return sorted(out.stdout.split())
 
 
-def make_leftover(env: Environment, slot: Slot) -> str:
+def make_leftover(env: Environment, slot: Slot, *, running: bool = False) -> str:
     """What compose leaves when stopped between creating the replacement and renaming it: a
-    created container named `<old id prefix>_<name>` with the service's every label."""
+    created container named `<old id prefix>_<name>` with the service's every label. Its
+    command only sleeps (it publishes no port, serves nothing), so a test can start it:
+    `running` does at once."""
     name = env.slot(slot).container
     info = docker.inspect(name)
     assert info.exists and info.container_id and info.image
     leftover = f"{info.container_id[:12]}_{name}"
     labels = [arg for key, value in (info.labels or {}).items()
               for arg in ("--label", f"{key}={value}")]
-    subprocess.run(["docker", "create", "--name", leftover, *labels, info.image],
-                   capture_output=True, text=True, check=True)
+    subprocess.run(["docker", "create", "--name", leftover, *labels, "--entrypoint", "sleep",
+                    info.image, "600"], capture_output=True, text=True, check=True)
+    if running:
+        subprocess.run(["docker", "start", leftover], capture_output=True, text=True,
+                       check=True)
     return leftover
 
 
-def test_a_leftover_of_an_interrupted_recreate_is_named_by_status_and_the_deploy(
+def journaled(env: Environment, words: str) -> list[str]:
+    """Every journal line (the JSON log, one object a line) whose message holds `words`."""
+    return [entry["message"] for log in sorted(env.log_dir.glob("*.log"))
+            for line in log.read_text().splitlines()
+            if words in (entry := json.loads(line))["message"]]
+
+
+def test_a_stopped_leftover_is_named_by_status_and_the_deploy_removes_it_itself(
         stack: DrillStack) -> None:
+    """A stopped `<id>_<name>` leftover of the slot a deploy recreates: status names it and
+    what removes it; the deploy's plan (--dry-run too) shows its removal by name, id, state
+    and exact command, and the deploy removes it before its recreate and finishes, with no
+    command by hand."""
     stack.reset()  # v1 on both slots, blue serving
     env = stack.env
     leftover = make_leftover(env, Slot.GREEN)
+    ident = _as_docker_says(leftover)[0][:12]
     try:
         status = cli(env, "status")
-        assert leftover in status.stdout + status.stderr, status.stdout
-        assert f"docker rm -f {leftover}" in status.stdout, status.stdout
+        assert leftover in status.stdout, status.stdout
+        assert f"`docker rm {leftover}`" in status.stdout, status.stdout
+        assert "docker rm -f" not in status.stdout, status.stdout  # it serves nothing
+        assert "the next `runbook rollback` or `runbook deploy`" in status.stdout, status.stdout
+        dry = cli(env, "deploy", "--version", V2.tag, "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert f"Remove the stopped leftover {leftover}" in dry.stdout, dry.stdout
+        assert f"{leftover} (id {ident}, created)" in dry.stdout, dry.stdout
+        assert re.search(rf"command\s+docker rm {re.escape(leftover)}\n", dry.stdout), \
+            dry.stdout
+        # the removal comes before the recreate
+        assert dry.stdout.index("Remove the stopped leftover") \
+            < dry.stdout.index("Recreate the green container"), dry.stdout
+        assert leftover in service_containers(env, Slot.GREEN)  # a dry run changes nothing
         deploy = cli(env, "deploy", "--version", V2.tag, "--yes")
-        assert "Conflict" not in deploy.stderr, deploy.stderr
-        assert deploy.returncode == 4, deploy.stderr  # refused before any change
-        assert "nothing was changed" in deploy.stderr, deploy.stderr
-        assert through_proxy(env) == ("blue", V1.tag)
-        named = re.search(r"`(docker rm -f [^`]+)`", deploy.stderr)
-        assert named is not None, deploy.stderr
-        # the fix runs as printed
-        subprocess.run(shlex.split(named.group(1)), check=True, capture_output=True)
+        assert deploy.returncode == 0, deploy.stderr
+        assert f"Remove the stopped leftover {leftover}" in deploy.stdout, deploy.stdout
         assert service_containers(env, Slot.GREEN) == [env.slot(Slot.GREEN).container]
-        again = cli(env, "deploy", "--version", V2.tag, "--yes")
-        assert again.returncode == 0, again.stderr
+        assert through_proxy(env) == ("green", V2.tag)
+        assert journaled(env, f"Remove the stopped leftover {leftover}"), "not journaled"
+    finally:
+        subprocess.run(["docker", "rm", "-f", leftover], capture_output=True, check=False)
+
+
+def test_a_rollback_that_recreates_the_standby_removes_its_stopped_leftover(
+        stack: DrillStack) -> None:
+    """The rollback's recreate (its standby's container was removed) removes a stopped
+    leftover of that slot first, as the deploy's does, and rolls back."""
+    env = two_deployments(stack)  # v3 on blue serves, v2 on green the previous deployment
+    green = env.slot(Slot.GREEN).container
+    leftover = make_leftover(env, Slot.GREEN)
+    try:
+        subprocess.run(["docker", "rm", "-f", green], capture_output=True, check=True)
+        rollback = cli(env, "rollback", "--yes")
+        assert rollback.returncode == 0, rollback.stderr
+        assert f"Remove the stopped leftover {leftover}" in rollback.stdout, rollback.stdout
+        assert service_containers(env, Slot.GREEN) == [green]
         assert through_proxy(env) == ("green", V2.tag)
     finally:
         subprocess.run(["docker", "rm", "-f", leftover], capture_output=True, check=False)
+
+
+def test_a_running_leftover_is_still_refused_and_nothing_changes(stack: DrillStack) -> None:
+    """A running `<id>_<name>` leftover may be serving: never removed by the runbook. The
+    deploy refuses (exit 4) before any change, naming the `docker rm -f` to run once on-call
+    has checked nothing is served from it; the leftover, both slots and traffic untouched."""
+    stack.reset()  # v1 on both slots, blue serving
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    leftover = make_leftover(env, Slot.GREEN, running=True)
+    try:
+        before = {name: _as_docker_says(name) for name in (blue.container, green.container,
+                                                           leftover)}
+        assert before[leftover][2] == "running"
+        deploy = cli(env, "deploy", "--version", V2.tag, "--yes")
+        assert deploy.returncode == 4, deploy.stderr
+        assert "nothing was changed" in deploy.stderr, deploy.stderr
+        assert f"`docker rm -f {leftover}`" in deploy.stderr, deploy.stderr
+        assert "is running" in deploy.stderr, deploy.stderr
+        assert {name: _as_docker_says(name) for name in before} == before
+        assert through_proxy(env) == ("blue", V1.tag)
+        status = cli(env, "status")
+        assert f"`docker rm -f {leftover}`" in status.stdout, status.stdout
+    finally:
+        subprocess.run(["docker", "rm", "-f", leftover], capture_output=True, check=False)
+
+
+def test_a_leftover_started_since_the_plan_is_refused_by_docker_and_nothing_else_changes(
+        stack: DrillStack) -> None:
+    """The plan saw the leftover stopped; it started before the removal ran (the run held
+    right there, at the drill's `before:` point, by SIGSTOP). `docker rm` without -f: Docker
+    itself refuses, the run exits 4 naming `runbook status`, and nothing else changed."""
+    stack.reset()  # v1 on both slots, blue serving
+    env = stack.env
+    assert env.source is not None
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    leftover = make_leftover(env, Slot.GREEN)
+    environ = {**os.environ, faults.VARIABLE: "before:remove-leftover:SIGSTOP"}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "deploy", "--version",
+                             V2.tag, "--yes", str(env.source)], env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _until(lambda: _stopped(proc.pid) or proc.poll() is not None, 120,
+               "the run never reached the removal")
+        assert proc.poll() is None, proc.communicate()[1]  # stopped there, never ended
+        before = {name: _as_docker_says(name) for name in (blue.container, green.container)}
+        subprocess.run(["docker", "start", leftover], capture_output=True, check=True)
+        os.kill(proc.pid, signal.SIGCONT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        started = _as_docker_says(leftover)[2]
+        subprocess.run(["docker", "rm", "-f", leftover], capture_output=True, check=False)
+    assert proc.returncode == 4, err
+    assert started == "running", started  # Docker refused to remove it
+    assert "`runbook status" in err, err  # where to look before removing a running one
+    assert f"`docker rm -f {leftover}`" in err, err
+    assert {name: _as_docker_says(name) for name in before} == before
+    assert through_proxy(env) == ("blue", V1.tag)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP: state T in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_one_off_compose_run_container_is_no_leftover_and_blocks_no_deploy(
@@ -240,8 +353,9 @@ def hung_recreate_cut_off(stack: DrillStack, tmp_path: Path, second: str) -> str
     product promises at once (README, "Ctrl-C ... while compose recreates a slot"): the
     first signal held while compose runs; the second stops compose's group at once; exit 1;
     Caddy still runs blue, which was never touched, and the proxy answers v1; compose's
-    temporary `<id>_<name>` container left, and `runbook status` naming it with its
-    `docker rm -f`. Returns that command."""
+    temporary `<id>_<name>` container left (created, never started), and `runbook status`
+    naming it with its `docker rm` and that the next rollback or deploy removes it. Returns
+    that command."""
     stack.reset()  # v1 on both slots, blue serving, green (the standby) running
     env = stack.env
     assert env.source is not None
@@ -303,8 +417,9 @@ def hung_recreate_cut_off(stack: DrillStack, tmp_path: Path, second: str) -> str
     assert temp in subprocess.run(shlex.split(listed.group(1)), capture_output=True,
                                   text=True, check=True).stdout
     status = cli(env, "status")
-    named = re.findall(r"`(docker rm -f [^`]+)`", status.stdout)
-    assert named == [f"docker rm -f {temp}"], status.stdout
+    named = re.findall(r"`(docker rm [^`]+)`", status.stdout)
+    assert named == [f"docker rm {temp}"], status.stdout  # stopped: no -f needed
+    assert "the next `runbook rollback` or `runbook deploy`" in status.stdout, status.stdout
     return named[0]
 
 
@@ -324,17 +439,20 @@ def test_a_sigterm_after_a_ctrl_c_cuts_a_hung_recreate_off_too(
 @pytest.mark.long
 def test_a_second_ctrl_c_cuts_a_hung_recreate_off_and_the_same_deploy_then_finishes(
         stack: DrillStack, tmp_path: Path) -> None:
-    """A second Ctrl-C stops a hung compose half-way, traffic never moves; the same deploy
-    refuses on the temporary container it left (exit 4, nothing changed), naming the
-    `docker rm -f` status names, and once that has run as printed it deploys."""
+    """A second Ctrl-C stops a hung compose half-way, traffic never moves; the same deploy,
+    run again with no command by hand, removes the stopped temporary container it left
+    (saying so, journaled as a step) before its recreate, and deploys."""
     remove = hung_recreate_cut_off(stack, tmp_path, "SIGINT")
+    temp = remove.split()[-1]
     env = stack.env
-    rerun = cli(env, "deploy", "--version", V2.tag, "--yes")
-    assert rerun.returncode == 4, rerun.stderr  # refused before any change
-    assert "nothing was changed" in rerun.stderr and f"`{remove}`" in rerun.stderr, rerun.stderr
-    assert through_proxy(env) == ("blue", V1.tag)
-    subprocess.run(shlex.split(remove), check=True, capture_output=True)  # as printed
-    again = cli(env, "deploy", "--version", V2.tag, "--yes")
-    assert again.returncode == 0, again.stderr
+    try:
+        rerun = cli(env, "deploy", "--version", V2.tag, "--yes")
+    finally:  # never left for the next test, whatever the rerun did
+        gone = subprocess.run(["docker", "rm", "-f", temp], capture_output=True, text=True,
+                              check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "No such container" in gone.stderr, gone.stderr  # the rerun removed it
+    assert f"Remove the stopped leftover {temp}" in rerun.stdout, rerun.stdout
     assert through_proxy(env) == ("green", V2.tag)
     assert service_containers(env, Slot.GREEN) == [env.slot(Slot.GREEN).container]
+    assert journaled(env, f"Remove the stopped leftover {temp}"), "not journaled"
