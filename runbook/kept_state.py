@@ -8,9 +8,10 @@ runbook's own writes keep it: a dry run or a read-only command writes nothing, n
 Outside the state package, so that registering it (every CLI command) imports nothing more.
 
 It lives with the runbook's own files (`[logs] runs_dir`, a dot file no run-record reader
-lists), is written atomically, holds no secret (masked as the journal masks them) and is
-only rewritten when it changes. Keeping it never fails a command: a copy that cannot be
-written is one warning, and the command goes on.
+lists), is written atomically, holds no secret (each value holding one masked as the journal
+masks it, every key kept: `runbook state restore-kept` names the values it writes as `***`)
+and is only rewritten when it changes. Keeping it never fails a command: a copy that cannot
+be written is one warning per command, with its fix, and the command goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runbook import files
 
@@ -48,14 +50,16 @@ def register(state_file: Path, runs_dir: Path, env_name: str,
     return copy
 
 
-def keep(state_file: Path | str, raw: bytes) -> None:
-    """Store `raw` (a state file the runbook just wrote) as the copy; never raises."""
+def keep(state_file: Path | str, raw: bytes, render: Callable[[Any], bytes]) -> None:
+    """Store `raw` (a state file the runbook just wrote) as the copy; never raises. `render`:
+    the writer's own, a JSON document in that file's style (how a masked copy is written:
+    the writer's module imports this one, so this one may not import it back)."""
     place = _PLACES.get(os.path.realpath(state_file))
     if place is None:
         return
     copy, _, warn = place
     try:
-        payload = _masked(raw)
+        payload = _masked(raw, render)
         with _WRITING:
             try:
                 if files.read_regular(copy, MAX_BYTES) == payload:
@@ -64,30 +68,74 @@ def keep(state_file: Path | str, raw: bytes) -> None:
                 pass  # none yet, or unreadable: written anew
             copy.parent.mkdir(parents=True, exist_ok=True)
             files.atomic_write(copy, payload, default_mode=0o600)
-    except (OSError, ValueError) as exc:
-        problem = f"cannot keep a copy of the state file in {copy} ({_why(exc)}); the command " \
-                  "goes on without it"
-        if problem not in _WARNED:
-            _WARNED.add(problem)
-            with contextlib.suppress(OSError, ValueError):
-                warn(f"warning: {problem}")
+    except (OSError, ValueError, RecursionError) as exc:
+        # once per command (each write's error may read differently), with the way out
+        if str(copy) in _WARNED:
+            return
+        _WARNED.add(str(copy))
+        fix = (files.write_fix(exc, copy.parent, f"make {copy.parent} ([logs] runs_dir) a "
+                               "directory the deploy user can write")
+               if isinstance(exc, OSError) else "a bug in runbook: please report this line")
+        with contextlib.suppress(OSError, ValueError):
+            warn(f"warning: cannot keep a copy of the state file in {copy} ({_why(exc)}); the "
+                 "command goes on without it, and a copy kept before, if any, is of an "
+                 f"earlier write; {fix}")
 
 
 def _why(exc: BaseException) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
-def _masked(raw: bytes) -> bytes:
-    """The bytes as read, or with any secret in them masked (the journal's rules): a state
-    file holds none, but another tool's extra key might."""
-    from runbook.redact import redact
+def _masked(raw: bytes, render: Callable[[Any], bytes]) -> bytes:
+    """The bytes as written, or, when a value in them holds a secret (a state file holds none,
+    but another tool's extra key might), the same document with those values masked as the
+    journal masks them and rendered in the file's style. By structure, not text: masking the
+    text ate a closing quote ("DEPLOY_SECRET=***), no copy was kept from then on."""
+    from runbook.redact import mask_document
 
-    text = raw.decode("utf-8-sig")
-    shown = redact(text)
-    if shown == text:
-        return raw
-    json.loads(shown)  # still a state file, or no copy (ValueError: warned)
-    return shown.encode()
+    masked, paths = mask_document(json.loads(raw.decode("utf-8-sig")))
+    return render(masked) if paths else raw
+
+
+def masked_paths(raw: bytes) -> list[tuple[str | int, ...]]:
+    """Where the copy holds a masked value (or key): what putting it back writes as `***`
+    into the state file, for restore-kept to name (`shown`).
+
+    Found again in the copy by the mask itself, not recorded when it was kept: no second
+    file to keep in step with the copy (a kill between the two writes would leave them
+    disagreeing), nothing added inside it (its bytes are what restore-kept writes). A value
+    another tool wrote with `***` in it already is named as well: one look too many, never a
+    masked value left unsaid."""
+    from runbook.redact import MASK
+
+    try:
+        doc = json.loads(raw.decode("utf-8-sig"))
+    except ValueError:
+        return []
+    found: list[tuple[str | int, ...]] = []
+
+    def walk(value: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if MASK in key:
+                    found.append((*path, key))
+                walk(item, (*path, key))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
+        elif isinstance(value, str) and MASK in value:
+            found.append(path)
+
+    walk(doc, ())
+    return found
+
+
+def shown(path: tuple[str | int, ...]) -> str:
+    """A path as on-call reads it: `notify.db`, `deployment_history[0].deployed_by`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,57 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return text
 
 
+def _secret_named(name: str, item: Any) -> bool:
+    """Under a secret's name any value is masked (a list, a number, an object: only a string
+    was); a URL keeps its host (its password masked); null and a bool hold no secret."""
+    return bool(_SECRET_KEY.search(name)) and not (
+        item is None or isinstance(item, bool) or (isinstance(item, str) and "://" in item))
+
+
+def _after_secret_flag(previous: Any, item: Any) -> bool:
+    """argv: ["psql", "--password", "hunter2"] masks the value after the flag."""
+    return isinstance(previous, str) and isinstance(item, str) \
+        and _SECRET_FLAG.fullmatch(previous) is not None
+
+
+JSONPath = tuple[str | int, ...]
+
+
+def mask_document(doc: Any) -> tuple[Any, list[JSONPath]]:
+    """A parsed JSON document with its secrets masked by the journal's rules (a string whose
+    redact() differs, a value under a secret's name, the value after a secret flag), and the
+    paths of what was masked, in the document's order. Unlike _clean, every key, every
+    container and every value without a secret stays as it was: the masked document is still
+    the same file (the state file's kept copy, runbook/kept_state.py; masking its text ate a
+    closing quote). Under a secret's name an object or a list keeps its keys, each value in
+    it masked; a key holding a secret itself is masked as a value is."""
+    found: list[JSONPath] = []
+
+    def walk(value: Any, path: JSONPath, secret: bool) -> Any:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                name = redact(key)
+                if name != key:
+                    found.append((*path, name))
+                out[name] = walk(item, (*path, name), secret or _secret_named(key, item))
+            return out
+        if isinstance(value, list):
+            return [walk(item, (*path, i), secret or _after_secret_flag(
+                value[i - 1] if i else None, item)) for i, item in enumerate(value)]
+        if value is None or isinstance(value, bool):
+            return value
+        if secret and not (isinstance(value, str) and "://" in value):
+            shown: Any = MASK
+        else:
+            shown = redact(value) if isinstance(value, str) else value
+        if shown != value:
+            found.append(path)
+        return shown
+
+    return walk(doc, (), False), found
+
+
 def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
     """JSON-safe and redacted: whatever a caller passes, the line stays one valid object."""
     if depth > 20:
@@ -190,20 +241,13 @@ def _clean(value: Any, known: Iterable[str], depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         for key, item in value.items():
             name = str(key)
-            # under a secret's name any value is masked (a list, a number, an object: only
-            # a string was); a URL keeps its host (its password masked); null and a bool
-            # hold no secret
-            kept = (not _SECRET_KEY.search(name) or item is None or isinstance(item, bool)
-                    or (isinstance(item, str) and "://" in item))
-            out[name] = _clean(item, known, depth + 1) if kept else MASK
+            out[name] = MASK if _secret_named(name, item) else _clean(item, known, depth + 1)
         return out
     if isinstance(value, list | tuple | set | frozenset):
         out_list: list[Any] = []
         previous: Any = None
         for item in value:
-            # argv: ["psql", "--password", "hunter2"] masks the value after the flag
-            flag = isinstance(previous, str) and _SECRET_FLAG.fullmatch(previous)
-            out_list.append(MASK if flag and isinstance(item, str)
+            out_list.append(MASK if _after_secret_flag(previous, item)
                             else _clean(item, known, depth + 1))
             previous = item
         return out_list

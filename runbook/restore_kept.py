@@ -8,7 +8,9 @@ Truth comes from what runs: the copy is shown next to the slot Caddy's loaded co
 and the version its container runs, and one that contradicts them is refused unless on-call
 passes --force. A file that reads whole now (someone fixed it) is never replaced, also when
 it is fixed (or created, where none was) between the plan and the write. The write is
-atomic, under the deploy lock, journaled like every mutating command.
+atomic, under the deploy lock, journaled like every mutating command. The copy holds no
+secret (kept_state masks them): every key it writes as `***` is named in the plan, the dry
+run and the result, never another tool's setting corrupted silently.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from runbook import state as states
 from runbook.environment import Environment, command_arg
 from runbook.errors import PreconditionError, RunbookError, StateError
 from runbook.plan import Phase, Plan, Step, StepContext
-from runbook.run import RunResult, perform
+from runbook.run import WARNING, RunResult, perform
+from runbook.state.schema import read_by_the_runbook
 
 FORCE_FLAG = "--force"
 
@@ -148,7 +151,13 @@ def plan(env: Environment, options: Options) -> Plan:
             f"{env.state_file} {broken.how}, and the runbook kept no copy of it "
             f"({kept.copy_path(env.runs_dir, env.state_file, env.name)} is missing); "
             "nothing was changed", "restore the file from a backup")
-    saved = states.parse_state(copy.raw, str(copy.path), environment=env.name)
+    masked = kept.masked_paths(copy.raw)
+    try:
+        saved = states.parse_state(copy.raw, str(copy.path), environment=env.name)
+    except StateError as exc:
+        if (said := _masked_said(masked, "holds")) is not None:
+            exc.fix = f"{said}; {exc.fix}" if exc.fix else said
+        raise
     current = saved.current
     says = (f"{current.version} on {current.active_slot}" if current is not None
             else "no current deployment")
@@ -167,6 +176,8 @@ def plan(env: Environment, options: Options) -> Plan:
                 f"{contradiction}; the kept copy ({copy.path}, {copy.age} old) is not "
                 "restored; nothing was changed", _contradiction_fix(env, current, slot, version))
         warnings.append(f"{FORCE_FLAG}: {contradiction}")
+    if (said := _masked_said(masked, "restores")) is not None:
+        warnings.append(said)
     written = saved
     if saved.lock.get("locked"):  # the mirror of a run that ended (this one holds the lock)
         written = states.with_lock(saved, {"locked": False})
@@ -184,6 +195,8 @@ def plan(env: Environment, options: Options) -> Plan:
         # the check above, in the rename's instant, is kept too (StateChangedError)
         states.write_state(env.state_file, written, before_rename=still_broken,
                            new_only=broken.raw is None)
+        if (said := _masked_said(masked, "wrote")) is not None:
+            ctx.notice(f"{WARNING}{said}")  # the last word: nothing corrupted silently
 
     def line(dep: states.Deployment | None) -> str:
         return "none" if dep is None else f"{dep.version} on {dep.active_slot or '?'} ({dep.id})"
@@ -197,6 +210,7 @@ def plan(env: Environment, options: Options) -> Plan:
         "current": line(current),
         "previous": line(saved.previous),
         "history": f"{len(saved.history)} deployment(s)",
+        **({"masked": ", ".join(map(kept.shown, masked))} if masked else {}),
         "lock": "unlocked" + (" (the copy's lock mirror was of a run that ended)"
                               if written is not saved else ""),
     }
@@ -207,4 +221,27 @@ def plan(env: Environment, options: Options) -> Plan:
     ]
     return Plan("restore-kept", env, f"restore {env.display}'s state file from the copy the "
                 f"runbook kept ({says})", steps, warnings,
-                facts={"copy": str(copy.path), "content": payload.decode("utf-8-sig")})
+                facts={"copy": str(copy.path), "content": payload.decode("utf-8-sig"),
+                       "masked": [kept.shown(p) for p in masked]})
+
+
+def _masked_said(paths: list[tuple[str | int, ...]], how: str) -> str | None:
+    """What the copy's masked values mean for the state file (`how`: the copy holds them, the
+    restore restores them, or wrote them), each path named: another tool's setting written
+    as `***` is broken until someone puts the real value back, and one the runbook reads as
+    well (the copy holds no secret: kept_state masks them). No path is followed by a colon:
+    the CLI masks what follows `token: ` in what it prints."""
+    if not paths:
+        return None
+    names = ", ".join(map(kept.shown, paths))
+    said = {"holds": f"the copy holds values masked as *** when it was kept: {names}",
+            "restores": f"restores values as *** (masked when the copy was kept; it holds no "
+                        f"secret): {names}; put the real values back after it",
+            "wrote": f"written as ***: {names}; put the real values back (the copy held no "
+                     "secret)"}[how]
+    ours = [kept.shown(p) for p in paths if read_by_the_runbook(p)]
+    if ours:
+        said += (f"; {', '.join(ours)} {'is a field' if len(ours) == 1 else 'are fields'} "
+                 "the runbook itself reads: put the real values there before the next deploy, "
+                 "switch or rollback")
+    return said

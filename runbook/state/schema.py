@@ -4,7 +4,7 @@ statuses, the size limit; and which dialect a document is in (its keys give it a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 DOCUMENTED, DEPLOY_SCRIPT, GO_CLI = "documented", "deploy-script", "go-cli"
@@ -33,6 +33,21 @@ _LOCK_TIME_KEYS = ("locked_at", "lock_expires_at")
 # The Go CLI's lock struct, in its field order; its zero times mean "not set".
 _GO_LOCK_ORDER = ("locked", "locked_at", "locked_by", "reason", "expires_at")
 _GO_ZERO = "0001-01-01T00:00:00Z"
+
+
+def read_by_the_runbook(path: Sequence[str | int]) -> bool:
+    """Whether the value at `path` in a state file is one the reader reads (a key the model
+    owns, the `environment` the deploy script stamps on a deployment, the lock's), not
+    another tool's key riding along in `extra`."""
+    match tuple(path):
+        case (key,):
+            return key in _TOP_KEYS
+        case ("current_deployment" | "previous_deployment", key) | (
+                "deployment_history", int(), key):
+            return key in _DEPLOYMENT_KEYS or key == "environment"
+        case ("lock", key):
+            return key in _LOCK_ORDER
+    return False
 
 
 def go_lock(lock: Mapping[str, Any]) -> bool:

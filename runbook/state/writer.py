@@ -168,7 +168,8 @@ def write_state(path: Path, state: DeploymentState, *,
         try:
             lost = files.atomic_write(target, payload, default_mode=0o600,
                                       before_rename=unchanged_since_read, new_only=new_only)
-            kept.keep(target, payload)
+            kept.keep(target, payload,  # a masked copy in this file's style
+                      lambda doc: _render(doc, _style_of(payload, state.dialect)))
             return lost
         except FileExistsError:
             if not new_only:
