@@ -1351,6 +1351,8 @@ def to_json(f: Facts) -> dict[str, Any]:
         "previous": _deployment(env, st.previous) if st else None,
         "history": [d.version for d in st.history] if st else [],
     }
+    if st is None and f.state_error is not None:  # not read: no deployment is known, none
+        out["state_error"] = f.state_error.message  # is said to be recorded (review)
     slots_out: dict[str, Any] = {}
     for slot in Slot:
         config = env.slot(slot)
@@ -1425,13 +1427,17 @@ def printable(value: object, missing: str = NOT_RECORDED) -> str:
 def render(data: dict[str, Any]) -> str:
     p = printable
     lines = [f"Environment {p(data['label'])} ({p(data['state_file'])})"]
+    # "none" is said only of a file read that records none: one that cannot be read said
+    # "none" too, which reads as "nothing recorded" (found by review)
+    missing = ("not known: the state file cannot be read (see Problems)"
+               if data.get("state_error") else "none")
     for key in ("current", "previous"):
         dep = data.get(key)
         lines.append(f"  {key:<9} " + (
             f"{p(dep['version'])} on {p(dep['slot'], 'an unrecorded slot')} "
             f"({p(dep['status'], 'status not recorded')}, {p(dep['deployed_at'])} by "
             f"{p(dep['deployed_by'], 'someone not recorded')}, "
-            f"schema {p(dep['migration_version'])})" if dep else "none"))
+            f"schema {p(dep['migration_version'])})" if dep else missing))
     caddy_info = data.get("caddy", {})
     lines.append(f"  traffic   {p(data.get('traffic', {}).get('slot'), 'unknown')} "
                  f"(as Caddy runs it; Caddy "

@@ -1269,6 +1269,35 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
+def test_a_redeployed_version_is_judged_by_its_newest_record_whatever_the_historys_order(
+        stack: DrillStack) -> None:
+    """Found by review: in a history written oldest first (another tool appends) holding the
+    same commit twice, `rollback --to` took its oldest record (schema 1, another id) and the
+    schema guard refused, exit 4, "pass --force"; the same file newest first planned. Both
+    orders plan against the record that went live last. Oracle: the file as written here,
+    the real database's schema (2, as v2 migrated it), the exit codes, nothing changed."""
+    stack.arrange(scenes.PREVIOUS)  # v3 serves from blue, v2 stopped on green, schema 2
+    env = stack.env
+    doc = json.loads(env.state_file.read_text())
+    v2 = doc["previous_deployment"]
+    assert v2["version"] == V2.tag and v2["migration_version"] == 2, v2  # the premise
+    v1 = next(h for h in doc["deployment_history"] if h["version"] == V1.tag)
+    older = {**v2, "id": "dep_0000000000000001_000000000000000000000001",
+             "deployed_at": "2026-01-01T00:00:00Z", "migration_version": 1,
+             "status": "superseded"}
+    doc["previous_deployment"] = None  # a tool that records none: only the history names v2
+    for history in ([older, v1, v2], [v2, v1, older]):
+        doc["deployment_history"] = history
+        files.atomic_write(env.state_file, json.dumps(doc, indent=2).encode())
+        before = snapshot(env)
+        done = runbook_cli(env, "rollback", "--to", V2.tag, "--dry-run")
+        said = done.stdout + done.stderr
+        assert done.returncode == 0, said
+        assert "compatible" in said and "ran with 1" not in said, said
+        assert snapshot(env) == before
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_a_url_libpq_cannot_read_is_a_schema_that_cannot_be_read_and_force_goes_past_it(
         stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: a URL parameter libpq does not know (the Go app's own URL, with pgx's

@@ -1297,3 +1297,100 @@ def test_a_switch_recorded_over_a_file_with_no_current_deployment_is_written(
     assert after["current_deployment"]["active_slot"] == "green"
     assert after["current_deployment"]["git_commit"] == previous["git_commit"]
     assert after["lock"] == data["lock"]
+
+
+# --- histories written oldest first, ids written as null (found by review) -----------------
+
+
+def _record(n: int, at: str, **keys: Any) -> dict[str, Any]:
+    """A documented record of deployment `n` deployed at `at`."""
+    return {"id": f"dep_{n:04d}", "version": sha(n)[:7], "git_commit": sha(n), "deployed_at": at,
+            "deployed_by": "ci@build-runner", "active_slot": "blue" if n % 2 else "green",
+            "health_status": "healthy", "status": "superseded", **keys}
+
+
+def _redeployed_doc(oldest_first: bool) -> dict[str, Any]:
+    """v3 current; v2's commit deployed twice (an older record at schema 1 under another id,
+    and the real one at schema 2); no previous_deployment names it."""
+    v1 = _record(1, "2025-12-01T08:00:00Z", migration_version=1)
+    v2_old = {**_record(2, "2026-01-01T08:00:00Z", migration_version=1), "id": "dep_old_0002"}
+    v2 = _record(2, "2026-02-01T08:00:00Z", migration_version=2)
+    v3 = {**_record(3, "2026-03-01T08:00:00Z", migration_version=2), "status": "active"}
+    history = [v1, v2_old, v2]
+    return {"environment": "production", "current_deployment": v3,
+            "previous_deployment": None,
+            "deployment_history": history if oldest_first else history[::-1],
+            "lock": {"locked": False}}
+
+
+@pytest.mark.parametrize("oldest_first", [True, False])
+def test_a_version_deployed_twice_is_found_as_its_newest_record_whatever_the_files_order(
+        oldest_first: bool) -> None:
+    """Found by review: with the history written oldest first, `rollback --to` took the
+    oldest record of a redeployed commit, and the schema guard judged the wrong schema."""
+    s = parse_state(json.dumps(_redeployed_doc(oldest_first), indent=2))
+    found = s.find_version(sha(2)[:7])
+    assert found is not None and found.id == "dep_0002" and found.migration_version == 2
+    assert s.find_version("dep_old_0002") is not None  # still named by its own id
+
+
+def test_a_record_added_to_an_oldest_first_history_is_appended_and_nothing_else_moves(
+        tmp_path: Path) -> None:
+    """The file's own order is kept: a deploy appends to a history written oldest first
+    (it prepended, leaving the file in no order at all), every entry another tool wrote
+    stays as written, and a write that changes nothing is byte-identical."""
+    doc = _redeployed_doc(oldest_first=True)
+    doc["deployment_history"][0]["pipeline_run"] = 9001  # a key only the other tool knows
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    raw = path.read_bytes()
+    write_state(path, read_state(path))
+    assert path.read_bytes() == raw
+    write_state(path, after_deploy(read_state(path), dep(4, Slot.GREEN)))
+    history = json.loads(path.read_text())["deployment_history"]
+    assert [h["id"] for h in history] == ["dep_0001", "dep_old_0002", "dep_0002", "dep_0003"]
+    assert history[:3] == doc["deployment_history"]
+    assert history[3]["status"] == "superseded"
+    again = read_state(path)
+    assert again.history[0].id == "dep_0003"  # newest first in the model, as documented
+    found = again.find_version(sha(2)[:7])
+    assert found is not None and found.id == "dep_0002"
+
+
+def test_a_previous_deployment_with_a_null_id_becomes_current_under_its_real_id(
+        tmp_path: Path) -> None:
+    """Found by review: `"id": null` counted as an id: the rollback wrote the current
+    deployment with `"id": null`, and the deployment was recorded twice, once under the id
+    derived for it and once under the real id its history entry holds."""
+    doc = _redeployed_doc(oldest_first=False)
+    doc["deployment_history"] = [_record(2, "2026-02-01T08:00:00Z", migration_version=2)]
+    doc["previous_deployment"] = {**doc["deployment_history"][0], "id": None,
+                                  "deployed_by": None}
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    write_state(path, after_rollback(read_state(path), run_id="rbk_1"))
+    written = json.loads(path.read_text())
+    assert written["current_deployment"]["id"] == "dep_0002", written["current_deployment"]
+    assert written["current_deployment"]["deployed_by"] is not None
+    assert [h["id"] for h in written["deployment_history"]] == ["dep_0003"]
+    write_state(path, after_deploy(read_state(path), dep(4, Slot.GREEN)))
+    history = json.loads(path.read_text())["deployment_history"]
+    assert [h["version"] for h in history].count(sha(2)[:7]) == 1, history
+
+
+def test_a_rollback_keeps_the_history_entrys_own_keys_of_the_deployment_it_makes_current(
+        tmp_path: Path) -> None:
+    """Found by review: the previous deployment's copy replaced the history entry of the same
+    deployment, and the keys only that entry held were lost; the previous one's win."""
+    doc = _redeployed_doc(oldest_first=False)
+    entry = {**_record(2, "2026-02-01T08:00:00Z"), "snapshot_path": "/var/snap.sql.gz",
+             "pipeline_run": 9002, "note": "history's"}
+    doc["deployment_history"] = [entry]
+    doc["previous_deployment"] = {**_record(2, "2026-02-01T08:00:00Z"), "note": "previous's"}
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    write_state(path, after_rollback(read_state(path), run_id="rbk_1"))
+    current = json.loads(path.read_text())["current_deployment"]
+    assert current["id"] == "dep_0002"
+    assert current["snapshot_path"] == "/var/snap.sql.gz" and current["pipeline_run"] == 9002
+    assert current["note"] == "previous's" and current["rollback_id"] == "rbk_1"

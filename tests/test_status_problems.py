@@ -956,6 +956,27 @@ def test_caddy_not_answering_comes_before_an_unreadable_state_file(stack: DrillS
         stack.reset()
 
 
+def test_a_refused_state_file_is_shown_as_unreadable_never_as_no_deployment(
+        stack: DrillStack) -> None:
+    """Found by review: with a record the reader refuses (`"version": 1234567`), status printed
+    "current none" and "previous none", which reads as "nothing recorded". It says the file
+    cannot be read and points at the problem listed. Oracle: the file as written here."""
+    env = stack.env
+    doc = json.loads(env.state_file.read_text())
+    doc["current_deployment"]["version"] = 1234567
+    try:
+        files.atomic_write(env.state_file, json.dumps(doc, indent=2).encode())
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        assert problem(problems, "current_deployment.version")
+        for key in ("current", "previous"):
+            line = next(x for x in text.splitlines() if x.startswith(f"  {key} "))
+            assert "none" not in line and "cannot be read" in line, text
+            assert "see Problems" in line, text
+    finally:
+        stack.reset()
+
+
 def _traffic_on_green_v2(stack: DrillStack) -> None:
     """The file records v1 on blue; Caddy serves green, running v2 and answering."""
     from runbook import health

@@ -103,7 +103,7 @@ def _complete(data: dict[str, Any], dep: Deployment, dialect: str) -> dict[str, 
     slot = None if dep.active_slot is None else dep.active_slot.value
     for key, value in (("id", dep.id), ("deployed_by", dep.deployed_by), ("active_slot", slot),
                        ("health_status", dep.health_status)):
-        if value is not None and key not in data:
+        if value is not None and data.get(key) is None:  # a null is no value (review)
             data[key] = value
     if dialect == GO_CLI and slot is not None and "slot" not in data:
         data["slot"] = slot
@@ -248,10 +248,12 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
     if not history_same:
         # entries still as the file's history had them stay as written; the others are ours
         as_read = {id(h) for h in was.history}
-        out["deployment_history"] = [
+        entries = [
             _deployment_json(d, dialect, env) if id(d.origin) in as_read and d == d.origin
             else _complete(_deployment_json(d, dialect, env), d, dialect)
             for d in normalized_history(state.history)]
+        # the file's own order: one written oldest first gets new entries appended
+        out["deployment_history"] = entries[::-1] if was.history_oldest_first else entries
     if not _same(dict(state.lock), dict(was.lock)):
         out["lock"] = _lock_json(state.lock, was.raw.get("lock"), dialect)
     _patch_extra(out, state.extra, was.extra)

@@ -117,6 +117,9 @@ class DeploymentState:
     current: Deployment | None = None
     previous: Deployment | None = None
     history: tuple[Deployment, ...] = ()  # newest first
+    # The file writes its history oldest first (the documented order is newest first): read
+    # reversed into `history`, and written back so, new entries appended (reader._oldest_first)
+    history_oldest_first: bool = False
     lock: Mapping[str, Any] = field(default_factory=lambda: {"locked": False})
     extra: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""  # where it was read from, for messages
@@ -154,8 +157,12 @@ class DeploymentState:
                 yield dep
 
     def find_version(self, ref: str) -> Deployment | None:
-        """The deployment a user means by a version, commit prefix or id, newest first."""
-        return next((d for d in self.deployments() if d.matches(ref)), None)
+        """The deployment a user means by a version, commit prefix or id: of several records
+        of it (the same commit deployed again), the one that went live last, by its times,
+        never by its place in the file (found by review: a history written oldest first gave
+        `rollback --to` the oldest record, and the schema guard judged its schema)."""
+        found = [d for d in self.deployments() if d.matches(ref)]
+        return max(found, key=lambda d: d.went_live, default=None)  # a tie: the first listed
 
     def find_id(self, deployment_id: str) -> Deployment | None:
         return next((d for d in self.deployments() if d.id == deployment_id), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -169,6 +170,38 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
     )
     object.__setattr__(dep, "origin", dep)
     return dep
+
+
+def _own_id(dep: Deployment) -> bool:
+    """Whether the file gave the record an id (not missing, not null: the reader derived it)."""
+    return dep.raw is not None and isinstance(dep.raw.get("id"), str)
+
+
+def _with_id_of(dep: Deployment | None, history: tuple[Deployment, ...]) -> Deployment | None:
+    """A current or previous record the file gave no id (`null`, or a tool that writes none
+    rewrote it), under the id of its history entry: the same version, commit and deployment
+    time, one id. Under the derived id the same deployment was recorded twice (found by
+    review)."""
+    if dep is None or _own_id(dep):
+        return dep
+    ids = {h.id for h in history if _own_id(h) and (h.version, h.git_commit, h.deployed_at)
+           == (dep.version, dep.git_commit, dep.deployed_at)}
+    if len(ids) != 1:
+        return dep
+    adopted = replace(dep, id=ids.pop())
+    object.__setattr__(adopted, "origin", adopted)
+    return adopted
+
+
+def _oldest_first(history: tuple[Deployment, ...]) -> bool:
+    """Whether the file writes its history oldest first (some tools append; the documented
+    order is newest first): more neighbours in rising order of when they went live than in
+    falling. Such a history is read reversed and written back in its own order, so a new
+    entry is appended and no other tool's entry moves."""
+    pairs = list(itertools.pairwise(history))
+    rising = sum(a.went_live < b.went_live for a, b in pairs)
+    falling = sum(a.went_live > b.went_live for a, b in pairs)
+    return rising > falling
 
 
 def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
@@ -357,6 +390,10 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
         previous_raw, "previous_deployment", r, need_slot=False)
     history = tuple(_deployment(item, f"deployment_history[{i}]", r, need_slot=False)
                     for i, item in enumerate(history_raw))
+    current, previous = (_with_id_of(current, history), _with_id_of(previous, history))
+    oldest_first = _oldest_first(history)
+    if oldest_first:
+        history = history[::-1]
 
     if not env_name and current is not None:
         # The deploy script never fills the top-level key but stamps each deployment.
@@ -374,6 +411,7 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
         current=current,
         previous=previous,
         history=history,
+        history_oldest_first=oldest_first,
         lock=_lock_or_as_written(data.get("lock"), r) if lock_as_written
         else _lock(data.get("lock"), r),
         extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _TOP_KEYS},

@@ -53,6 +53,18 @@ def _with_history(state: DeploymentState, current: Deployment | None,
     return normalized_history([d for d in (*fresh, *rest) if d.id != skip])
 
 
+def _all_keys_of(state: DeploymentState, dep: Deployment) -> dict[str, Any]:
+    """The keys no tool here knows of every record of `dep` in the file (previous, history),
+    its own values winning: the previous deployment's copy became current without the keys
+    only its history entry held (found by review)."""
+    extra = dict(dep.extra)
+    for record in (state.previous, *state.history):
+        if record is not None and record.id == dep.id:
+            for key, value in record.extra.items():
+                extra.setdefault(key, value)
+    return extra
+
+
 def _superseded(dep: Deployment) -> Deployment:
     """A deployment replaced while recorded as serving (or with no status) is superseded."""
     return dep.with_(status="superseded") if dep.status in (None, "active") else dep
@@ -118,7 +130,7 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
     if health_status is not None and health_status not in HEALTH_STATUSES:
         raise StateError(f"health status {health_status!r} is not valid",
                          "use one of " + ", ".join(HEALTH_STATUSES))
-    extra = dict(target.extra)
+    extra = _all_keys_of(state, target)
     if run_id:
         extra.update(rollback=True, rollback_id=run_id)
     current = target.with_(status="active", rollback_count=target.rollback_count + 1,
