@@ -10,14 +10,18 @@ snapshot will be taken (snapshots/room.py).
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shlex
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runbook import files
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
+from runbook.errors import PreconditionError
 
 LOW = 1 << 20  # bytes: well above what one run writes
 LOW_INODES = 64  # a run creates a dozen files (temp copies, lock, intent, records)
@@ -141,3 +145,113 @@ def problems(found: list[Space],
                 "the next run may fail to create its lock or to record the state"),
                 files.no_inodes_fix(where)))
     return out
+
+
+# --- who may write there (the same places, judged for the user running the runbook) -------
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _as(uid: int) -> str:
+    """`sudo` as the user `uid` (by number when it has no name, as sudo spells that)."""
+    if uid == 0:
+        return "sudo"
+    name = _user(uid)
+    return f"sudo -u {name}" if name != str(uid) else f"sudo -u '#{uid}'"
+
+
+def _nearest(directory: Path) -> Path | None:
+    """`directory`, or its nearest existing parent (where a run would create it)."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            return None
+        probe = probe.parent
+    return probe if probe.is_dir() else None
+
+
+def _may_write(path: Path, mode: int) -> bool:
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def access_problems(env: Environment) -> list[tuple[str, str]]:
+    """(problem, fix) for what the user running this may not write where a run writes, as
+    `rooms` names it: a directory (the run stopped at its lock, its journal or its intent,
+    after `status` and the dry run had passed, and so part way through a fleet rollout whose
+    pre-flight is that dry run), and a state file it may only read, when not root: replaced by
+    a rename in its group-writable directory, it was taken from its owner, whose tools that
+    write it in place could no longer update it (both found by review). A read-only
+    filesystem is `problems`' to say; a state file behind a symlink into a missing directory
+    the state reader's (state.missing_link)."""
+    me = os.geteuid()
+    user = _user(me)
+    out: list[tuple[str, str]] = []
+    state = Path(os.path.realpath(env.state_file))
+    behind = files.missing_link_target(env.state_file) is not None
+    seen: set[Path] = set()
+    for directory in ([] if behind else [state.parent]) + [
+            env.lock_dir, env.log_dir, env.runs_dir,
+            Path(os.path.realpath(env.caddy.caddyfile)).parent]:
+        directory = Path(os.path.abspath(directory))
+        probe = _nearest(directory)
+        if probe is None or probe in seen:
+            continue
+        seen.add(probe)
+        try:
+            st = os.stat(probe)
+            if os.statvfs(probe).f_flag & os.ST_RDONLY or _may_write(probe, os.W_OK | os.X_OK):
+                continue
+        except OSError:
+            continue
+        where = str(directory) + (f" (to be created in {probe})" if probe != directory else "")
+        out.append((f"{user} may not write {where}: {probe} is {_user(st.st_uid)}:"
+                    f"{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}; a run as {user} "
+                    "would stop before its first change",
+                    f"run the same command as a user who may write it (`{_as(st.st_uid)} "
+                    f"runbook ...`), or let {user} write it (as root: `chmod g+w "
+                    f"{shlex.quote(str(probe))}`, {user} in group {_group(st.st_gid)})"))
+    if me == 0 or behind:
+        return out  # root keeps a file's owner when it rewrites it
+    try:
+        st = os.stat(state)
+    except OSError:
+        return out  # no file yet (or none to read): a run creates it, as this user
+    if stat.S_ISREG(st.st_mode) and not _may_write(state, os.W_OK):
+        owner = _user(st.st_uid)
+        joins = "" if st.st_gid in (os.getegid(), *os.getgroups()) else \
+            f", and add {user} to group {_group(st.st_gid)}"
+        out.append((f"{user} may only read the state file {env.state_file} ({owner}:"
+                    f"{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}): a run as {user} "
+                    f"would replace it by a rename and take it from {owner}, whose tools that "
+                    "write it in place could no longer update it",
+                    f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`), "
+                    f"or let its group write it (as {owner} or root: "
+                    f"`chmod g+w {shlex.quote(str(state))}`{joins})"))
+    return out
+
+
+def refuse_unwritable(env: Environment) -> None:
+    """Every mutating command (and its dry run, which the fleet's pre-flight is) refuses,
+    before anything, where `access_problems` finds one, or where the state file is behind a
+    symlink into a missing directory (its lock's guard would be made there): exit 4, nothing
+    changed."""
+    if (behind := files.link_refusal(env.state_file, "the state file", "[state] file")):
+        raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])
+    found = access_problems(env)
+    if found:
+        problem, fix = found[0]
+        more = (f" (and {len(found) - 1} more: `runbook status {command_arg(env)}` lists them)"
+                if len(found) > 1 else "")
+        raise PreconditionError(f"{problem}{more}; nothing was changed", fix)

@@ -142,6 +142,39 @@ def owner_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def missing_link_target(path: Path) -> tuple[Path, Path] | None:
+    """(the symlink, the directory that does not exist) when a symlink on `path` (the file
+    itself, or a directory on the way) leads into a directory that is missing: an unmounted
+    volume, most likely. A `mkdir -p` there would make an empty tree under the mount point,
+    and a write into it a second copy of the file that the mounted volume hides again
+    (split-brain, found by review). None when no symlink is involved, or its directory is
+    there."""
+    path = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    if real.parent.exists():
+        return None
+    link = next((p for p in [*reversed(path.parents), path] if p.is_symlink()), None)
+    if link is None:
+        return None  # a plain directory not made yet (a host's first deploy makes it)
+    missing = real.parent
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    return link, missing
+
+
+def link_refusal(path: Path, what: str, setting: str) -> tuple[str, str] | None:
+    """(problem, fix) naming a symlink on `path` that leads into a missing directory
+    (`missing_link_target`); None when there is none. Nothing is created there."""
+    found = missing_link_target(path)
+    if found is None:
+        return None
+    link, missing = found
+    return (f"{what} {path} is not there: the symlink {link} points into {missing}, which "
+            "does not exist (an unmounted volume?)",
+            f"mount the volume {missing} is on, or point the symlink {link} or {setting} in "
+            "the environment file where the file is, then run again")
+
+
 def set_dir_mode(path: Path, mode: int) -> os.stat_result:
     """Give the directory just made at `path` its `mode` whatever the umask, and return what
     it is (for its identity). Through a descriptor opened without following a symlink: in a

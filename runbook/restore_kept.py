@@ -73,7 +73,9 @@ def _broken(env: Environment) -> Broken:
         return Broken(exc.raw, f"{len(exc.raw)} bytes, a record refused ({said})")
     except StateError as exc:
         if _bytes_now(env) is None:  # (created since: refused below, the rerun judges it)
-            return Broken(None, _MISSING)
+            return Broken(None, _MISSING if not env.state_file.is_symlink() else
+                          f"does not exist (a symlink to {os.path.realpath(env.state_file)}, "
+                          "which is missing)")
         raise PreconditionError(
             f"{command} only replaces a state file that is missing, empty, cut short, not JSON "
             f"or has a record the reader refuses; this one is refused otherwise "

@@ -52,7 +52,11 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
             reason: str, confirm: Callable[[Plan], bool] | None = None,
             progress: Callable[..., None] | None = None,
             notify: Callable[[str], None] | None = None) -> RunResult:
-    """Plan (under the lock) and execute; a dry run plans without lock and changes nothing."""
+    """Plan (under the lock) and execute; a dry run plans without lock and changes nothing.
+    Both refuse first where this user may not write what a run writes (disk.access_problems):
+    before the journal, which may be one of those places, and before the lock's guard, which
+    a dry run's lock check opens (the real run stopped part way where the dry run passed)."""
+    disk.refuse_unwritable(env)
     run_id = journals.new_run_id(action)
     if dry_run:
         with _dry_signals():

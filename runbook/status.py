@@ -101,6 +101,8 @@ class Facts:
     left_by_switch: dict[Slot, dict[str, Any]] = field(default_factory=dict)
     held_error: RunbookError | None = None
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
+    # (problem, fix) where the user running status may not write what a run writes
+    access: list[tuple[str, str]] = field(default_factory=list)
     # the snapshot folder's problem, when a snapshot would not fit (a note: `disk_notes`)
     snapshot_space: list[tuple[str, str]] = field(default_factory=list)
     # the last restore left a database that does not match its snapshot (its check failed)
@@ -1112,6 +1114,13 @@ def disk_space(f: Facts) -> Iterator[Problem]:
         yield Problem(problem, fix)
 
 
+def disk_access(f: Facts) -> Iterator[Problem]:
+    """A place a run writes that the user running status may not (a run as that user is
+    refused before any change): said here, not first at the real run."""
+    for problem, fix in f.access:
+        yield Problem(problem, fix)
+
+
 def disk_notes(f: Facts) -> list[Note]:
     """A snapshot folder without room for a snapshot: a note, not a problem (exit 0 says
     nothing needs on-call now). Nothing that runs is harmed, a rollback that takes no
@@ -1131,7 +1140,7 @@ CHECKS: list[Check] = [
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
-    upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space,
+    upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space, disk_access,
 ]
 
 
@@ -1292,6 +1301,7 @@ def collect(env: Environment) -> Facts:
         with contextlib.suppress(RunbookError):  # Docker not answering: said by other checks
             f.leftovers[slot] = compose.leftovers(env, slot)
     f.space = disk.rooms(env)
+    f.access = disk.access_problems(env)
     from runbook.snapshots import room
 
     f.snapshot_space = room.snapshot_problems(env, f.space)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from runbook import disk
+import pytest
+
+from runbook import disk, files
 from runbook.disk import Space
+from runbook.errors import StateError
 from runbook.snapshots import room
 
 MIB = 1 << 20
@@ -97,3 +100,63 @@ def test_the_estimate_is_the_largest_of_this_databases_last_snapshots(tmp_path: 
     assert room.dump_estimate(snaps, "db") == 3000
     assert room.dump_estimate(snaps, "db_staging") == 40_000
     assert room.dump_estimate(snaps, "nothing") == 0
+
+
+# --- a symlink on the state file's path into a missing directory (an unmounted volume) ----
+
+
+def test_a_symlink_into_a_missing_directory_is_named_with_the_first_missing_one(
+        tmp_path: Path) -> None:
+    mount_point = tmp_path / "volume"  # not mounted: an empty directory
+    mount_point.mkdir()
+    config = tmp_path / "config"
+    config.mkdir()
+    state = config / "deployment-state.json"
+    state.symlink_to(mount_point / "togather" / "config" / "deployment-state.json")
+    assert files.missing_link_target(state) == (state, mount_point / "togather")
+    # a directory on the way that is the symlink (/opt/togather/src -> the volume)
+    src = tmp_path / "src"
+    src.symlink_to(mount_point / "src")
+    assert files.missing_link_target(src / "deploy" / "state.json") == (src,
+                                                                      mount_point / "src")
+
+
+def test_no_symlink_or_its_directory_there_is_no_refusal(tmp_path: Path) -> None:
+    # a host's first deploy: its directories are made
+    assert files.missing_link_target(tmp_path / "not" / "yet" / "state.json") is None
+    # a symlink to a file not written yet, in a directory that is there: written through it
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "state.json"
+    link.symlink_to(tmp_path / "real" / "state.json")
+    assert files.missing_link_target(link) is None
+
+
+def test_the_reader_names_a_dangling_symlink_and_its_target(tmp_path: Path) -> None:
+    from runbook import state as states
+
+    mount_point = tmp_path / "volume"
+    mount_point.mkdir()
+    state = tmp_path / "deployment-state.json"
+    state.symlink_to(mount_point / "togather" / "deployment-state.json")
+    with pytest.raises(StateError) as refused:
+        states.read_or_absent(state, environment="production")  # not a first deploy
+    assert refused.value.message == (
+        f"the state file {state} is not there: the symlink {state} points into "
+        f"{mount_point / 'togather'}, which does not exist (an unmounted volume?)")
+    with pytest.raises(StateError):
+        states.write_state(state, states.absent(state, environment="production"))
+    assert not (mount_point / "togather").exists()
+    (mount_point / "togather").mkdir()  # mounted, the file not written yet: it says so
+    with pytest.raises(StateError) as missing:
+        states.read_state(state, environment="production")
+    assert (f"it is a symlink to {mount_point / 'togather' / 'deployment-state.json'}, which "
+            "does not exist") in missing.value.message
+
+
+def test_nothing_to_say_where_this_user_may_write(tmp_path: Path) -> None:
+    """The access checks judge the user running the runbook: nothing to say for a writable
+    folder (as the tests' user); a real other user is tests/test_host_access.py's."""
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    assert disk.access_problems(env) == []

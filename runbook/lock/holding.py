@@ -27,7 +27,13 @@ from typing import Any
 from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment, command_arg
-from runbook.errors import ConfigError, LockedError, LockLostError, StateError
+from runbook.errors import (
+    ConfigError,
+    LockedError,
+    LockLostError,
+    PreconditionError,
+    StateError,
+)
 from runbook.lock.policy import (
     HOLDER,
     LOCKED_AT,
@@ -604,6 +610,10 @@ def _guard(env: Environment) -> Iterator[None]:
         message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
                   f"{exc.strerror or exc}"
         raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
+    if (refused := files.link_refusal(env.state_file, "the state file", "[state] file")):
+        # the guard sits beside the state file: never `mkdir -p` under an empty mount point
+        # (met when releasing too: nothing here says "nothing was changed")
+        raise PreconditionError(f"{env.display}: {refused[0]}", refused[1])
     try:
         guard.parent.mkdir(parents=True, exist_ok=True)
         fd = files.open_guard(guard)

@@ -8,12 +8,14 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runbook import files
 from runbook import kept_state as kept
 from runbook.environment import ENV_NAMES, Slot, canonical_name
 from runbook.errors import StateError
@@ -431,9 +433,24 @@ def read_or_absent(path: Path, *, environment: str) -> DeploymentState:
     else read_state. A file the runbook wrote (its kept copy is there) that another tool
     deleted or moved away is refused naming the copy: planned as a first deploy, the switch
     wrote a new file without the history, and that write replaced the copy too."""
-    if not path.exists() and not _kept_deployments(path):
+    if not path.exists() and not _kept_deployments(path) and missing_link(path) is None:
         return absent(path, environment=environment)
     return read_state(path, environment=environment)
+
+
+def missing_link(path: Path) -> StateError | None:
+    """The refusal for a state file behind a symlink into a missing directory (an unmounted
+    volume): read as "deleted or moved away", or as a first deploy, its write made the
+    directories under the empty mount point (found by review). None when there is none."""
+    refused = files.link_refusal(path, "the state file", "[state] file")
+    return None if refused is None else StateError(*refused)
+
+
+def _dangling(path: Path) -> str:
+    """What the message adds for a state file that is a symlink to no file."""
+    if not path.is_symlink():
+        return ""
+    return f"; it is a symlink to {os.path.realpath(path)}, which does not exist"
 
 
 def _kept_deployments(path: Path) -> bool:
@@ -487,15 +504,17 @@ def read_state(path: Path, *, environment: str | None = None,
     only a hand edit cleared that lock (found by review). Nothing else is read leniently."""
     raw = _read_bytes(path)
     if raw is None:
+        if (refused := missing_link(path)) is not None:
+            raise refused
         if _kept_deployments(path):  # the runbook wrote it: deleted or moved away
             raise StateError(f"{path}: the state file does not exist (deleted or moved away: "
-                             "the runbook wrote it before)", kept.refusal_fix(
+                             f"the runbook wrote it before{_dangling(path)})", kept.refusal_fix(
                                  path, "check [state] file in the environment configuration; "
                                  "or, if it was removed on purpose (nothing to keep), delete "
                                  "the copy"))
         raise StateError(f"{path}: no deployment has been recorded (the state file does not "
-                         "exist)", "deploy first, or check [state] file in the environment "
-                         "configuration")
+                         f"exist{_dangling(path)})", "deploy first, or check [state] file in the "
+                         "environment configuration")
     try:
         return parse_state(raw, str(path), environment=environment,
                            lock_as_written=lock_as_written)

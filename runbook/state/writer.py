@@ -163,6 +163,8 @@ def write_state(path: Path, state: DeploymentState, *,
                 "nothing was written over its change",
                 "run the command again: it reads the file as it is now")
 
+    if (refused := files.link_refusal(Path(path), "the state file", "[state] file")):
+        raise StateError(*refused)  # never `mkdir -p` under an empty mount point
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:

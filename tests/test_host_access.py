@@ -1,0 +1,236 @@
+"""Who may write where a run writes, judged for the user running the runbook, on a drill stack
+run by real unprivileged users (useradd), as a review did on real hosts: a state file that
+user may only read (the run took it from its owner), a directory it may not write (the real
+run stopped where status and the dry run had passed), and a state file behind a symlink into
+a missing directory (an unmounted volume: a copy was written under the empty mount point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runbook import kept_state as kept
+from runbook.drill.stack import DrillStack
+from runbook.environment import Environment
+from tests.drill_checks import runbook_cli, snapshot, two_deployments
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.docker
+
+needs_root_and_useradd = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("runuser") is None,
+    reason="creating users (useradd) and running the CLI as one (runuser) needs root and "
+    "those tools (CI runs the tests as root on Debian)")
+
+
+@dataclass(frozen=True)
+class Users:
+    group: str  # the deploy group
+    gid: int
+    owner: str  # the state file's owner, in the deploy group
+    owner_uid: int
+    oncall: str  # an operator in the deploy group and docker's, not root
+    python: list[str]  # how `oncall` starts this Python with runbook importable
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
+
+
+def _python_for(user: str) -> list[str] | None:
+    """An interpreter of this Python's version that `user` may run: this one, unless it lives
+    where only root may look (pyenv under /root), else the system's python3. The repository
+    and this environment's site-packages go on its path."""
+    for candidate in dict.fromkeys([sys.executable, shutil.which("python3") or "",
+                                    "/usr/bin/python3"]):
+        if not candidate:
+            continue
+        probe = subprocess.run(
+            ["runuser", "-u", user, "--", candidate, "-c",
+             "import sys; print(sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=30, check=False)
+        if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
+            return [candidate]
+    return None
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[Users]:
+    tag = secrets.token_hex(3)
+    group, owner, oncall = f"rbdeploy{tag}", f"rbowner{tag}", f"rboncall{tag}"
+    made: list[tuple[str, str]] = []
+    try:
+        _run("groupadd", group)
+        made.append(("groupdel", group))
+        _run("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-g", group, owner)
+        made.insert(0, ("userdel", owner))
+        extra = group + (",docker" if _exists_group("docker") else "")
+        _run("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", extra, oncall)
+        made.insert(0, ("userdel", oncall))
+        python = _python_for(oncall)
+        if python is None:
+            pytest.skip(f"no Python {sys.version_info[:2]} that {oncall} may run")
+        import grp
+        import pwd
+
+        yield Users(group, grp.getgrnam(group).gr_gid, owner, pwd.getpwnam(owner).pw_uid,
+                    oncall, python)
+    finally:
+        for command, name in made:
+            subprocess.run([command, name], capture_output=True, timeout=60, check=False)
+
+
+def _exists_group(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def as_user(users: Users, env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
+    """The runbook command as `oncall` types it (env source last, as runbook_cli)."""
+    assert env.source is not None
+    path = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+    environ.update(PYTHONPATH=path, HOME="/tmp", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(["runuser", "-u", users.oncall, "--", *users.python, "-m",
+                           "runbook.cli", *args, str(env.source)],
+                          capture_output=True, text=True, timeout=180, env=environ,
+                          stdin=subprocess.DEVNULL, check=False, cwd="/tmp")
+
+
+@contextlib.contextmanager
+def shared_with_group(stack: DrillStack, users: Users) -> Iterator[None]:
+    """The drill's folder (its lock, logs, run records, Caddyfile, env file, state file)
+    shared with the deploy group as on a host: group-owned, group-writable; every owner and
+    mode put back after, and what the operator created given back to root."""
+    before: dict[str, tuple[int, int, int]] = {}
+    for path in [stack.run_dir, *stack.run_dir.rglob("*")]:
+        if path.is_symlink():
+            continue
+        st = path.stat()
+        before[str(path)] = (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+        os.chown(path, -1, users.gid)
+        os.chmod(path, st.st_mode & 0o7777 | 0o060 | (0o010 if path.is_dir() else 0))
+    try:
+        yield
+    finally:
+        for path in [stack.run_dir, *stack.run_dir.rglob("*")]:
+            if path.is_symlink():
+                continue
+            if str(path) not in before:  # made by the operator's run: given back to root
+                os.chown(path, 0, 0)
+                continue
+            uid, gid, mode = before[str(path)]
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+
+
+@needs_root_and_useradd
+def test_a_state_file_the_operator_may_only_read_is_refused_before_any_change(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: the state file deployer:deployer 0640 in a group-writable directory,
+    on-call in the deploy group: the dry run passed without a word, the rollback replaced the
+    file by a rename and took it from its owner ("lost its owner ... run chown as root")."""
+    env = two_deployments(scene_stack)
+    with shared_with_group(scene_stack, users):
+        os.chown(env.state_file, users.owner_uid, users.gid)
+        os.chmod(env.state_file, 0o640)
+        before = snapshot(env)
+        dry = as_user(users, env, "rollback", "--dry-run")
+        assert dry.returncode == 4, (dry.returncode, dry.stdout, dry.stderr)
+        said = dry.stderr
+        assert f"{users.oncall} may only read the state file {env.state_file}" in said, said
+        assert f"take it from {users.owner}" in said, said
+        assert f"sudo -u {users.owner} runbook" in said and "chmod g+w" in said, said
+        assert "nothing was changed" in said, said
+        real = as_user(users, env, "rollback", "--yes")
+        assert real.returncode == 4, (real.returncode, real.stdout, real.stderr)
+        assert "may only read the state file" in real.stderr, real.stderr
+        st = env.state_file.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (users.owner_uid, users.gid,
+                                                              0o640)
+        assert snapshot(env) == before  # traffic, containers, Caddyfile, state, lock
+        status = as_user(users, env, "status")
+        assert f"{users.oncall} may only read the state file" in status.stdout, status.stdout
+    # root may: it keeps the file's owner when it rewrites it
+    assert runbook_cli(env, "rollback", "--dry-run").returncode == 0
+
+
+@needs_root_and_useradd
+def test_a_state_directory_the_operator_may_not_write_fails_status_and_the_dry_run(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: the state file's directory read-only for on-call passed `status` and
+    the dry run (the fleet's pre-flight), and the real run refused only when it came to record
+    its intent: a fleet rollout stopped part way on that host."""
+    env = two_deployments(scene_stack)
+    with shared_with_group(scene_stack, users):
+        folder = env.state_file.parent
+        os.chown(folder, users.owner_uid, users.gid)
+        os.chmod(folder, 0o750)
+        named = (f"{users.oncall} may not write {folder}: {folder} is "
+                 f"{users.owner}:{users.group}, mode 750")
+        try:
+            status = as_user(users, env, "status")
+            assert named in status.stdout, status.stdout
+            assert status.returncode != 0, status.stdout
+            before = snapshot(env)
+            for mode in ("--dry-run", "--yes"):
+                done = as_user(users, env, "rollback", mode)
+                assert done.returncode == 4, (mode, done.returncode, done.stdout, done.stderr)
+                assert named in done.stderr and "nothing was changed" in done.stderr, \
+                    done.stderr
+            assert snapshot(env) == before
+        finally:
+            os.chmod(folder, 0o770)
+
+
+def test_a_state_file_behind_a_symlink_into_a_missing_directory_is_refused(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: the state file a symlink into an unmounted volume was said to be
+    "deleted or moved away", and `state restore-kept -y` ran `mkdir -p` under the empty mount
+    point and wrote the state and the lock's guard there, a copy the volume then hides."""
+    env = two_deployments(scene_stack)
+    mount_point = tmp_path / "volume"  # the volume is not mounted: an empty directory
+    mount_point.mkdir()
+    missing = mount_point / "togather"
+    real = env.state_file.with_name("state-on-the-volume.json")
+    # the copy a runbook run keeps of the file it wrote (the CLI's writes keep it)
+    copy = kept.copy_path(env.runs_dir, env.state_file, env.name)
+    had_copy = copy.exists()
+    if not had_copy:
+        copy.write_bytes(env.state_file.read_bytes())
+    env.state_file.rename(real)
+    env.state_file.symlink_to(missing / "deployment-state.json")
+    try:
+        words = (f"the symlink {env.state_file} points into {missing}, which does not exist "
+                 "(an unmounted volume?)")
+        for argv in (["state", "restore-kept", "--yes", "--force"], ["rollback", "--dry-run"],
+                     ["rollback", "--yes"]):
+            done = runbook_cli(env, *argv)
+            assert done.returncode == 4, (argv, done.returncode, done.stdout, done.stderr)
+            assert words in done.stderr, (argv, done.stderr)
+            assert "deleted or moved away" not in done.stderr, done.stderr
+            assert not missing.exists(), argv  # nothing made under the mount point
+        status = runbook_cli(env, "status")
+        assert words in status.stdout, status.stdout
+    finally:
+        env.state_file.unlink()
+        real.rename(env.state_file)
+        if not had_copy:
+            copy.unlink()
