@@ -1114,11 +1114,12 @@ def disk_space(f: Facts) -> Iterator[Problem]:
         yield Problem(problem, fix)
 
 
-def disk_access(f: Facts) -> Iterator[Problem]:
-    """A place a run writes that the user running status may not (a run as that user is
-    refused before any change): said here, not first at the real run."""
-    for problem, fix in f.access:
-        yield Problem(problem, fix)
+def access_notes(f: Facts) -> list[Note]:
+    """A place a run writes that the user running status may not: a note (exit 0), not a
+    problem. It is about the account, not the host: a read-only watcher's status must not
+    say exit 1 for it for good, and a run as that user is refused before any change in these
+    words (disk.refuse_unwritable); said here so on-call learns it before the real run."""
+    return [Note(f"{problem}; {fix}", "disk_access") for problem, fix in f.access]
 
 
 def disk_notes(f: Facts) -> list[Note]:
@@ -1140,7 +1141,7 @@ CHECKS: list[Check] = [
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
-    upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space, disk_access,
+    upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space,
 ]
 
 
@@ -1408,7 +1409,8 @@ def to_json(f: Facts) -> dict[str, Any]:
     held = f.lock
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
-    out["notes"] = [n.to_json() for n in [*standby_notes(_judged(f)), *disk_notes(f)]]
+    out["notes"] = [n.to_json() for n in [*standby_notes(_judged(f)), *disk_notes(f),
+                                                 *access_notes(f)]]
     out["problems"] = [p.to_json() for p in problems(f)]
     from runbook.redact import scrub
 
