@@ -49,6 +49,8 @@ def validation(env: Environment, candidate: str) -> str:
     (whatever caddy.validate does: a local or `docker exec` binary, or the admin API)."""
     try:
         caddy.validate(env, candidate)
+    except caddy.CaddyRejectedError as exc:  # Caddy's own words, and the line to mend
+        raise PreconditionError(f"pre-flight: {exc.message}", exc.fix) from None
     except RunbookError as exc:
         raise PreconditionError(f"pre-flight: Caddy's validation path does not work: "
                                 f"{exc.message}; nothing was changed",
@@ -110,7 +112,10 @@ def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
     if new is None and env.caddy.reload is ReloadMethod.CADDY_RELOAD:
         return  # as pre-flight: `caddy reload` adapts it itself (its validation passed)
     if new is None:  # fail closed: /load adapts it the same way, and its validation may
-        raise PreconditionError(  # have been pre-flight's
+        # have been pre-flight's. Rejected: Caddy's own error and its line (found by review:
+        # "check that the admin API answers" of a typo Caddy names); else it did not answer
+        caddy.validate(env, candidate)
+        raise PreconditionError(
             f"Caddy did not adapt {env.caddy.caddyfile} just before the switch, so whether "
             "loading it would drop a site Caddy serves cannot be told; nothing was changed",
             f"check `curl {env.caddy.admin_url}/config/` answers, then run again")

@@ -336,8 +336,24 @@ def keep_for_switch_back(env: Environment, old: Slot, run_id: str, ctx: StepCont
         unrecorded = (f" (not recorded in {switch_marker(env, old)}: {why}; `runbook status` "
                       "lists it as left running)")
     ctx.notice(f"the old {old} slot is left running ({left}){unrecorded}: `runbook switch "
-               f"{command_arg(env)} --slot {old}` switches back at once; stop it when that is "
-               f"no longer needed: `docker stop {left}`")
+               f"{command_arg(env)} --slot {old}` switches back at once; "
+               + _when_to_stop(env, old, left))
+
+
+def _when_to_stop(env: Environment, old: Slot, container: str) -> str:
+    """When on-call may stop the old slot a switch left running. Never "stop it" while a site
+    outside the slot markers proxies to it (`Traffic.pinned`): found by review, following
+    that advice answered that site 502 (the rollback warns of it, status offers no stop)."""
+    try:
+        found = traffic.read(env, proxy=False)
+    except RunbookError as exc:
+        return (f"before you stop it (`docker stop {container}`), check that `runbook status "
+                f"{command_arg(env)}` shows no other site proxying to it (Caddy's running "
+                f"config cannot be read now: {exc.message})")
+    if old not in found.pinned:
+        return f"stop it when that is no longer needed: `docker stop {container}`"
+    return (f"{traffic.pinned_by(env, found, old)}: do not stop it while "
+            + ("that site may reach it" if found.unresolved else "it does"))
 
 
 def left_by_switch(env: Environment, slot: Slot, info: ContainerInfo,
@@ -1557,12 +1573,12 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         # a down Caddy must never look like a switch (the config just read answered: the
         # same GET is not sent twice; systemd is still asked when it reloads)
         caddy.check_running(env, admin_answered=answered)
+        if new != old and new != validated:  # first: a file Caddy rejects is said as that
+            caddy.validate(env, new)
         if running is not None:  # a site loaded into Caddy during the gate is not dropped
             preflight.sites_dropped_now(env, new, running)
         if answered and (where := caddy.caddy_changed_since(sp, running)) is not None:
             raise _caddy_changed_since_plan(where)  # nor a route, a handler, a TLS setting
-        if new != old and new != validated:
-            caddy.validate(env, new)
         if not caddy.inspect(old, env).headers:
             _refuse_unverifiable(env, target, before)
         if (problem := upstream_problem(env, target, new)) is not None:

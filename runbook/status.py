@@ -75,6 +75,8 @@ class Facts:
     caddy_down: Unreloadable | None = None  # why it cannot take a reload
     caddy_error: RunbookError | None = None
     caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
+    # (Caddy's error, where to mend it): Caddy's adapter rejects the Caddyfile on disk
+    caddy_rejected: tuple[str, str] | None = None
     # why a switch to the standby would be refused: an upstream it keeps on another host
     # than [slots.<standby>] host reaches no standby there (slots.upstream_problem)
     upstream_miss: str | None = None
@@ -216,7 +218,12 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
         # the slot Caddy serves, healthy, no run's record open: that switch writes the file
         # back and moves nobody; "--slot <slot>" led to it refused as "nothing to switch"
         # and to the other slot, moving users off a healthy one to fix a file (found by review)
+        # Lines the switch cannot rewrite: their own fix (the switch refused them, and so
+        # did every rollback: found by review)
         yield Problem("Caddyfile managed block: " + "; ".join(f.caddy.problems),
+                      "; ".join(f.caddy.fixes) + f" in {f.env.caddy.caddyfile}: until then "
+                      "every switch and rollback refuses the file; then `runbook status "
+                      f"{_arg(f.env)}` again" if f.caddy.fixes else
                       f"`runbook switch {_arg(f.env)} --slot {active}` writes it back in line "
                       f"with what Caddy runs (traffic stays on {active}); do not reload Caddy "
                       "by hand before that: it would load this file"
@@ -227,6 +234,11 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it
         yield _error(f.caddy_imports, f"check {f.env.caddy.caddyfile}")
+    if f.caddy_rejected is not None:  # found by review: "No problems found" of a typo
+        said, fix = f.caddy_rejected
+        yield Problem(f"Caddy rejects {f.env.caddy.caddyfile} as it is on disk ({said}): it "
+                      "still runs the config it loaded, but its next reload or restart fails "
+                      "on this file, and every switch, rollback or deploy refuses it", fix)
     if f.caddy_down is not None and f.caddy_down.answering:  # up, but cannot take a reload
         yield Problem(f.caddy_down.problem, f.caddy_down.fix)
 
@@ -1213,6 +1225,8 @@ def collect(env: Environment) -> Facts:
             caddy.check_imports(env, text)
         except RunbookError as exc:
             f.caddy_imports = exc
+        if f.caddy_down is None:  # its admin API answers: one /adapt, nothing loaded
+            f.caddy_rejected = caddy.rejection(env, text)
     try:
         f.traffic = traffic.read(env)
     except RunbookError as exc:

@@ -155,6 +155,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     recorded = _recorded(env, state, version, target, run_id)
 
     planned = caddy.plan_switch(env, target)
+    # Caddy validates what the switch will load before anything changes, as rollback and
+    # deploy have it do (found by review: a typo outside the markers passed the dry run, and
+    # the switch started and gated the target, then failed naming no cause)
+    validated = preflight.validation(env, planned.new_text)
     # as rollback and deploy ask it: a Caddy container that mounts the file itself never sees
     # the switch's write, and its next reload sends users back to the old slot
     mount = (preflight.caddyfile_mount(env) if caddy_command.runs_in_container(env)
@@ -163,11 +167,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     kept, drift = preflight.split_warnings(
         preflight.kept_sites(env, planned.new_text, lambda: traffic.loaded_config(env)))
     warnings += drift
-    switch, diff = slots.switch_step(env, target, version, observed, planned=planned)
+    switch, diff = slots.switch_step(env, target, version, observed, planned=planned,
+                                     validated=planned.new_text)
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
             "traffic now": now.describe() if now.slot else f"no single slot ({now.problem(env)})",
-            "target": f"{target}: {prep.describe_container}", "sites kept": kept,
+            "target": f"{target}: {prep.describe_container}", "validate": validated,
+            "sites kept": kept,
             "caddyfile mount": mount,
             **({"restored data": accepted} if accepted else {})},
              phase=Phase.PREFLIGHT),

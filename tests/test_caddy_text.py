@@ -1472,3 +1472,72 @@ def test_a_refused_undo_on_a_full_disk_never_says_the_file_was_put_back(
     said = str(err.value)
     assert "could not be written back" in said and "was put back" not in said, said
     assert path.read_bytes() == b"# switch wrote (green)\n"
+
+
+# --- `:PORT` upstreams: Caddy's own shorthand for this host --------------------------------
+
+BARE_PORT = ("http://127.0.0.1:18080 {\n\t# BLUE_GREEN_SLOT_START\n"
+             "\treverse_proxy :8081 {\n\t\theader_down X-Togather-Slot \"blue\"\n\t}\n"
+             "\treverse_proxy /api/* http://:8081\n\t# BLUE_GREEN_SLOT_END\n}\n")
+
+
+def test_a_bare_port_upstream_is_this_hosts_port_and_is_switched_as_written() -> None:
+    """Found by review: `reverse_proxy :8081` (Caddy dials the port on this host) was "not
+    host:port (placeholders and unix sockets cannot be switched)": status told on-call to run
+    the switch, which refused the block, and so did every rollback."""
+    found = caddy.inspect(BARE_PORT, ENV)
+    assert found.consistent and found.slot is Slot.BLUE, found.problems
+    assert not any("not host:port" in p for p in found.problems)
+    assert caddy.rewrite(BARE_PORT, ENV, Slot.GREEN) == BARE_PORT.replace(
+        ":8081", ":8082").replace('"blue"', '"green"')
+
+
+def test_an_unswitchable_block_carries_the_fix_its_refusal_gives() -> None:
+    """What status says to do about a block the switch refuses is that refusal's own fix."""
+    text = ("site {\n\t# BLUE_GREEN_SLOT_START\n\treverse_proxy localhost:{$BLUE_PORT:8081}\n"
+            "\treverse_proxy localhost:8081 {\n\t\timport hdr\n\t}\n\t# BLUE_GREEN_SLOT_END\n}\n")
+    found = caddy.inspect(text, ENV)
+    with pytest.raises(CaddyError) as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert found.slot is None and found.fixes, found
+    assert "; ".join(found.fixes) == err.value.fix
+    assert any("'localhost:{$BLUE_PORT:8081}' is not host:port" in p for p in found.problems)
+
+
+@pytest.mark.docker
+def test_caddy_dials_a_bare_port_upstream_on_this_host_before_and_after_a_switch(
+        admin: httpx.Client) -> None:
+    """Caddy's adapter is the oracle: it dials `:8081` as written; after the rewrite every
+    managed dial is `:8082`, and nothing else changed."""
+    before = adapt(admin, BARE_PORT)
+    assert sorted(d for _, r in routes_of(before) for dials, _ in proxies(r)
+                  for d in dials) == [":8081", ":8081"]
+    after = adapt(admin, caddy.rewrite(BARE_PORT, ENV, Slot.GREEN))
+    assert after == expected_view(before, lambda _listen, _route: True, 8082, Slot.GREEN)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("method", list(ReloadMethod))
+def test_a_rejected_line_is_named_where_it_is_inside_or_outside_the_markers(
+        stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a typo on another site (outside the markers) was "fix the managed
+    block" though nothing there was wrong. Caddy's own error names the line; the fix says
+    which line of which file, and whether it is the managed block's."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    good = caddy.rewrite(caddy.read(env), env, Slot.GREEN)
+    outside_typo = good.replace('respond /ping "pong" 200', 'respnd /ping "pong" 200')
+    line = outside_typo.splitlines().index('\trespnd /ping "pong" 200') + 1
+    with pytest.raises(CaddyError) as err:
+        caddy.validate(env, outside_typo)
+    assert "unrecognized directive: respnd" in err.value.message, err.value
+    assert f"line {line} of {env.caddy.caddyfile}" in (err.value.fix or ""), err.value.fix
+    assert "outside the slot markers" in (err.value.fix or "")
+    assert "fix the managed block" not in (err.value.fix or "")
+    inside_typo = good.replace("\t# BLUE_GREEN_SLOT_END",
+                               "\tnot_a_directive on\n\t# BLUE_GREEN_SLOT_END")
+    line = inside_typo.splitlines().index("\tnot_a_directive on") + 1
+    with pytest.raises(CaddyError) as err:
+        caddy.validate(env, inside_typo)
+    assert f"fix the managed block (line {line}) in {env.caddy.caddyfile}" in (
+        err.value.fix or ""), err.value.fix

@@ -3021,6 +3021,14 @@ def test_a_run_killed_between_the_caddyfile_write_and_the_reload_is_finished_bes
     assert through_proxy(env) == ("green", V2.tag)
 
 
+def other_site_answer(stack: DrillStack) -> tuple[int, str]:
+    """(HTTP status, version) the drill's other site (outside the slot markers) answers."""
+    answer = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/version",
+                            headers={"Connection": "close"}, timeout=5)
+    return answer.status_code, answer.json().get("version", "") \
+        if answer.status_code == 200 else ""
+
+
 def test_a_running_standby_another_site_proxies_to_is_never_recreated(
         stack: DrillStack) -> None:
     """A status page outside the slot markers proxies to green's port; blue serves, green
@@ -3034,12 +3042,9 @@ def test_a_running_standby_another_site_proxies_to_is_never_recreated(
     env = two_deployments(stack, stop_old_slot=False)  # v3 serving blue, v2 running on green
     green = env.slot(Slot.GREEN)
     pin_other_site(env, f"localhost:{green.port}")
-    site = f"http://127.0.0.1:{stack.ports.other_site}/version"
 
     def other_site() -> tuple[int, str]:
-        answer = drill_http.get(site, headers={"Connection": "close"}, timeout=5)
-        return answer.status_code, answer.json().get("version", "") \
-            if answer.status_code == 200 else ""
+        return other_site_answer(stack)
 
     assert other_site() == (200, V2.tag)
     kept = container_identity(stack, green.container)
@@ -3213,3 +3218,91 @@ def test_rolling_back_a_rollback_that_restored_is_refused_onto_the_older_schema(
     forced = rollback.rollback(env, rollback.Options(to=V2.tag, force=True))
     assert any("ran with 2" in w for w in forced.plan.warnings), forced.plan.warnings
     assert forced.outcomes[-1].status == "ok" and through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_switch_never_tells_on_call_to_stop_a_slot_another_site_proxies_to(
+        stack: DrillStack) -> None:
+    """Found by review: green served, another site outside the markers proxied to green's
+    port; `runbook switch --slot blue` ended "stop it when that is no longer needed: `docker
+    stop ...green`", which would answer that site 502. It says another site proxies to it,
+    and not to stop it while it does. Oracle: that site itself, before and after."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    blue = env.slot(Slot.BLUE)
+    pin_other_site(env, f"localhost:{blue.port}")
+
+    def other_site() -> tuple[int, str]:
+        return other_site_answer(stack)
+
+    assert other_site() == (200, V3.tag)
+    done = runbook_cli(env, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert other_site() == (200, V3.tag)  # still served by the old slot
+    said = done.stdout + done.stderr
+    assert f"docker stop {blue.container}" not in said, said
+    assert "do not stop it while it does" in said and f"localhost:{blue.port}" in said, said
+
+
+def test_a_caddyfile_caddy_rejects_is_refused_by_the_switch_before_anything_changes(
+        stack: DrillStack) -> None:
+    """Found by review: a typo outside the markers, not reloaded. `switch --dry-run` passed
+    ("sites kept: not compared"), and the real switch started and gated the stopped target,
+    then failed at the switch step with "check `curl .../config/` answers" (exit 1), Caddy's
+    own error never shown. The switch plans as the rollback does: Caddy validates the file
+    first, and the refusal (exit 4, nothing changed) names Caddy's error and its line, which
+    lies outside the managed block (the rollback said "fix the managed block")."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    text = env.caddy.caddyfile.read_text()
+    typo = text.replace('respond /ping "pong" 200', 'respnd /ping "pong" 200')
+    assert typo != text
+    files.atomic_write(env.caddy.caddyfile, typo.encode())  # not loaded
+    line = typo.splitlines().index('\trespnd /ping "pong" 200') + 1
+    before = snapshot(env)
+    for args in (("switch", "--slot", "green", "--dry-run"), ("switch", "--slot", "green",
+                                                              "--yes"),
+                 ("rollback", "--dry-run")):
+        done = runbook_cli(env, *args)
+        said = done.stdout + done.stderr
+        assert done.returncode == int(ExitCode.PRECONDITION), (args, said)
+        assert "unrecognized directive: respnd" in said, (args, said)
+        assert f"line {line} of {env.caddy.caddyfile}" in said, (args, said)
+        assert "fix the managed block" not in said, (args, said)
+        assert snapshot(env) == before  # green never started, nothing written or loaded
+    assert not docker.inspect(env.slot(Slot.GREEN).container).running
+
+
+def test_a_file_caddy_rejects_at_the_switch_step_is_said_in_caddys_words(
+        stack: DrillStack) -> None:
+    """The switch step's own check, after the plan validated: a file the Caddyfile imports
+    (outside the markers) broke during the health gate. It said "Caddy did not adapt ...
+    check `curl .../config/` answers" (which answered), Caddy's own error never shown. It
+    says Caddy's error and the imported file's line; traffic stays where it was."""
+    import signal
+
+    from runbook import faults
+    from tests.drill_checks import wait_stopped
+
+    env = two_deployments(stack)  # v3 serving from blue, v2 stopped on green
+    if env.caddy.reload is not envmod.ReloadMethod.ADMIN_API:
+        pytest.skip("the switch step compares sites by Caddy's /adapt with the admin API only")
+    ping = env.caddy.caddyfile.with_name("ping.caddy")
+    ping.write_text('respond /ping "pong" 200\n')
+    text = env.caddy.caddyfile.read_text()
+    write_and_load(env, text.replace('respond /ping "pong" 200',
+                                     f"import {caddy.seen_by_caddy(env, ping)}"))
+    assert env.source is not None
+    run = subprocess.Popen([sys.executable, "-m", "runbook.cli", "switch", "--slot", "green",
+                            "--yes", str(env.source)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                           env={**os.environ, faults.VARIABLE: "before:switch:SIGSTOP"})
+    try:
+        wait_stopped(run.pid)
+        ping.write_text('respnd /ping "pong" 200\n')  # broken during the gate
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode != 0, out + err
+    assert "unrecognized directive: respnd" in out + err, out + err
+    assert f"line 1 of {caddy.seen_by_caddy(env, ping)}" in out + err, out + err
+    assert "config/` answers" not in out + err, out + err
+    assert through_proxy(env) == ("blue", V3.tag)

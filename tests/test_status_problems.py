@@ -1632,3 +1632,88 @@ def test_ports_published_as_a_range_or_left_to_docker_are_no_port_mismatch() -> 
         assert traffic.port_mismatch(wrong_env, Slot.BLUE, info, None) is not None
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+# Managed blocks the switch cannot rewrite (each a valid Caddyfile Caddy runs): status named
+# the switch as their fix, which refused them (exit 4), as it refused every rollback
+UNSWITCHABLE = {
+    "env-placeholder": ("\t\treverse_proxy localhost:{{$RUNBOOK_UNSET_PORT:{port}}} {{",
+                        "use plain host:port upstreams"),
+    "imported-header": ("\t\treverse_proxy localhost:{port} {{\n\t\t\timport slot_header",
+                        "inline the snippet"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSWITCHABLE))
+def test_a_managed_block_the_switch_refuses_is_fixed_by_what_the_refusal_says(
+        stack: DrillStack, case: str) -> None:
+    """Found by review: for a managed block the switch cannot rewrite, status said
+    "`runbook switch ENV --slot blue` writes it back in line", and that switch refused it
+    ("cannot rewrite the managed block ... inline the snippet"). The fix status gives is the
+    refusal's own. Oracle: the switch run as on-call would, its exit code and words."""
+    env = stack.env
+    blue = env.slot(Slot.BLUE).port
+    line, fix_words = UNSWITCHABLE[case]
+    text = env.caddy.caddyfile.read_text()
+    start, end = text.index("# BLUE_GREEN_SLOT_START"), text.index("# BLUE_GREEN_SLOT_END")
+    block = text[start:end].replace(f"\t\treverse_proxy localhost:{blue} {{",
+                                    line.format(port=blue), 1)
+    header = '\t\t\theader_down X-Togather-Slot "blue"\n'
+    if case == "imported-header":
+        block = block.replace(header, "", 1)
+        other = text.index("# Another site on this host.")  # below the global options
+        text = f'{text[:other]}(slot_header) {{\n{header}}}\n\n{text[other:]}'
+        start, end = text.index("# BLUE_GREEN_SLOT_START"), text.index("# BLUE_GREEN_SLOT_END")
+    edited = text[:start] + block + text[end:]
+    assert edited != text
+    _load_caddyfile(env, edited)
+    assert drill_http.get(f"{env.caddy.proxy_url}/version",
+                          timeout=5).headers["X-Togather-Slot"] == "blue"  # Caddy runs it
+    code, out, problems = status(stack)
+    assert_listed(code, out, problems)
+    found = problem(problems, "Caddyfile managed block")
+    assert fix_words in found["fix"] and "runbook switch" not in found["fix"], found
+    refused = _cli(env.source, "switch", "--slot", "blue", "--dry-run")
+    assert refused.returncode == 4 and fix_words in refused.stderr, refused.stderr
+
+
+def test_a_bare_port_upstream_is_caddys_localhost_and_the_switch_moves_it(
+        stack: DrillStack) -> None:
+    """Found by review: `reverse_proxy :PORT` (Caddy dials this host's port) was "not
+    host:port", status sent on-call to a switch that refused it. It is a slot's upstream:
+    no problem, and the switch moves it. Oracle: the proxy and Caddy's running config."""
+    env = stack.env
+    blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
+    text = env.caddy.caddyfile.read_text()
+    start, end = text.index("# BLUE_GREEN_SLOT_START"), text.index("# BLUE_GREEN_SLOT_END")
+    edited = text[:start] + text[start:end].replace(f"localhost:{blue}", f":{blue}") + text[end:]
+    assert edited != text
+    _load_caddyfile(env, edited)
+    code, out, problems = status(stack)
+    assert (code, problems) == (0, []), out
+    done = _cli(env.source, "switch", "--slot", "green", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5)
+    assert answer.headers["X-Togather-Slot"] == "green", answer.headers
+    running = json.dumps(drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json())
+    assert f'"dial": ":{green}"' in running and f":{blue}\"" not in running, running
+
+
+def test_a_caddyfile_caddy_rejects_is_a_problem_naming_caddys_error_and_its_line(
+        stack: DrillStack) -> None:
+    """Found by review: a typo outside the markers, not reloaded: status said "No problems
+    found", while Caddy would fail to load the file on its next reload or restart, and every
+    rollback, deploy and switch refuses it. Oracle: Caddy's own validation of the file."""
+    env = stack.env
+    text = env.caddy.caddyfile.read_text()
+    typo = text.replace('respond /ping "pong" 200', 'respnd /ping "pong" 200')
+    assert typo != text
+    files.atomic_write(env.caddy.caddyfile, typo.encode())  # not loaded
+    said = drill_http.post(f"{env.caddy.admin_url}/adapt", content=typo,
+                           headers={"Content-Type": "text/caddyfile"}, timeout=10)
+    assert said.status_code == 400 and "respnd" in said.text, said.text  # the premise
+    line = typo.splitlines().index('\trespnd /ping "pong" 200') + 1
+    code, out, problems = status(stack)
+    assert_listed(code, out, problems)
+    found = problem(problems, "unrecognized directive: respnd")
+    assert f"line {line} of {env.caddy.caddyfile}" in found["fix"], found

@@ -27,6 +27,7 @@ from runbook.caddy.admin import (
     no_slot_header,
     read,
     read_bytes,
+    rejection,
     reload,
     reload_action,
     reload_command,
@@ -44,6 +45,7 @@ from runbook.caddy.errors import (
     CaddyConflictError,
     CaddyError,
     CaddyNotRunningError,
+    CaddyRejectedError,
     SlotMarkersError,
 )
 from runbook.caddy.switch import (
@@ -84,6 +86,7 @@ __all__ = [
     "CaddyConflictError",
     "CaddyError",
     "CaddyNotRunningError",
+    "CaddyRejectedError",
     "FileImport",
     "Inspection",
     "ReloadCommand",
@@ -113,6 +116,7 @@ __all__ = [
     "plan_switch",
     "read",
     "read_bytes",
+    "rejection",
     "reload",
     "reload_action",
     "reload_command",

@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -18,8 +19,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from runbook import drain, files, health
-from runbook.caddy.errors import CaddyConflictError, CaddyError, CaddyNotRunningError
-from runbook.caddy.text import SLOT_HEADER, file_imports
+from runbook.caddy.errors import (
+    CaddyConflictError,
+    CaddyError,
+    CaddyNotRunningError,
+    CaddyRejectedError,
+)
+from runbook.caddy.text import SLOT_HEADER, file_imports, in_managed_block
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
 from runbook.errors import ExitCode
 
@@ -213,11 +219,58 @@ def validate(env: Environment, text: str) -> str:
                          "check the directory's permissions", stage="validate") from None
     output = (done.stdout or "") + (done.stderr or "")
     if done.returncode != 0:
-        raise CaddyError(f"Caddy rejected the new Caddyfile (caddy validate exited "
-                         f"{done.returncode}):\n    {_tail(output)}",
-                         f"fix the managed block in {path}; nothing was changed",
-                         stage="validate")
+        said = _tail(output)
+        raise CaddyRejectedError(f"Caddy rejected the new Caddyfile (caddy validate exited "
+                                 f"{done.returncode}):\n    {said}",
+                                 rejected_fix(env, text, said, seen_by_caddy(env, tmp))
+                                 + _UNCHANGED,
+                                 stage="validate")
     return output
+
+
+# `<file>:<line>: <error>` or `<file>:<line> - Error during parsing: ...`, as Caddy's
+# Caddyfile adapter names where it stopped
+_AT_LINE = re.compile(r"(?P<file>[^\s:\"']+):(?P<line>\d+)(?::| -) ")
+_ADAPTED_AS = "Caddyfile"  # the file name Caddy gives text POSTed to /adapt or /load
+_UNCHANGED = "; nothing was changed"
+
+
+def rejected_fix(env: Environment, text: str, said: str, name: str = _ADAPTED_AS) -> str:
+    """Where to mend a Caddyfile (`text`) Caddy rejected, from the line its error (`said`)
+    names in `name` (the file as Caddy was given it): the managed block, another line of
+    the file (found by review: "fix the managed block" of a typo on another site), or a file
+    it imports."""
+    path = env.caddy.caddyfile
+    found = next((m for m in _AT_LINE.finditer(said) if m["file"] == name), None) \
+        or _AT_LINE.search(said)
+    if found is None:
+        return f"fix what Caddy's error names in {path}"
+    line = int(found["line"])
+    if found["file"] != name:
+        return f"fix line {line} of {found['file']} (a file {path} imports)"
+    if in_managed_block(text, line):
+        return f"fix the managed block (line {line}) in {path}"
+    return (f"fix line {line} of {path}, outside the slot markers (Caddy rejects the file as "
+            "it stands: a reload or restart of Caddy would fail on it too)")
+
+
+def rejection(env: Environment, text: str) -> tuple[str, str] | None:
+    """(Caddy's error, where to mend it) when Caddy's adapter rejects Caddyfile `text` as a
+    reload or restart would read it (`POST /adapt`, nothing loaded); None when it adapts it,
+    does not answer, or cannot be asked the same question (a relative import, which /adapt
+    resolves from Caddy's working directory, not the file's)."""
+    from runbook import bounded_http
+
+    if any(i.relative for i in file_imports(text)):
+        return None
+    try:
+        answer = _post_caddyfile(env, "adapt", text, _ADMIN_TIMEOUT)
+    except bounded_http.HttpFailure:
+        return None
+    if answer.status != 400:  # Caddy's answer to a file its adapter rejects
+        return None
+    said = _admin_error(answer)
+    return said, rejected_fix(env, text, said)
 
 
 def _post_caddyfile(env: Environment, endpoint: str, text: str,
@@ -330,10 +383,10 @@ def _validate_by_api(env: Environment, text: str) -> str:
                          f"({exc.reason}); nothing was changed", "check that Caddy is running",
                          stage="validate") from None
     if answer.status >= 400:
-        raise CaddyError(f"Caddy rejected the new Caddyfile (HTTP {answer.status} from {url}): "
-                         f"{_admin_error(answer)}",
-                         f"fix the managed block in {env.caddy.caddyfile}; nothing was changed",
-                         stage="validate")
+        said = _admin_error(answer)
+        raise CaddyRejectedError(f"Caddy rejected the new Caddyfile (HTTP {answer.status} from "
+                                 f"{url}): {said}", rejected_fix(env, text, said) + _UNCHANGED,
+                                 stage="validate")
     try:
         body = answer.json()
     except ValueError:

@@ -21,6 +21,11 @@ class CaddyError(RunbookError):
         self.backup = backup
 
 
+class CaddyRejectedError(CaddyError):
+    """Caddy itself rejected a Caddyfile (its adapter's error, with the line it names): the
+    file must be mended, no tool or path of the runbook's is at fault."""
+
+
 class SlotMarkersError(CaddyError):
     """The Caddyfile's slot marker lines cannot be read (one missing or doubled, both on one
     line, END above START): which text is the managed block cannot be told, so nothing may

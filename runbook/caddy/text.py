@@ -22,13 +22,16 @@ SLOT_HEADER = "X-Togather-Slot"
 
 _START_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_START")
 _END_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_END")
-# [scheme://]host[:port]; a host is a name, an IPv4 address or a bracketed IPv6 address. A
-# name is letters, digits, `-`, `_` and `.` only: anything else (a lone `\` continuing the
-# line, a stray quote) is no host the switch may take for another service's and leave be.
+# [scheme://]host[:port] or [scheme://]:port; a host is a name, an IPv4 address or a
+# bracketed IPv6 address. A name is letters, digits, `-`, `_` and `.` only: anything else (a
+# lone `\` continuing the line, a stray quote) is no host the switch may take for another
+# service's and leave be. No host (`:8081`) is Caddy's own shorthand: it dials that port on
+# this host, so it is read as localhost and rewritten as written (`:8082`).
 _UPSTREAM_RE = re.compile(
-    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<host>\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9_.-]+)"
-    r"(?::(?P<port>\d{1,5}))?$"
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?:(?P<host>\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9_.-]+)"
+    r"(?::(?P<port>\d{1,5}))?|:(?P<bare>\d{1,5}))$"
 )
+_BARE_HOST = "localhost"  # what Caddy dials for an upstream written `:PORT`
 _MATCHER_PREFIXES = ("@", "/", "*")
 _SNIPPET_RE = re.compile(r"^\((?P<name>[^()\s]+)\)$")  # `(name) {`: a snippet's definition
 _DEFAULT_PORTS = {"https://": 443}  # any other scheme, or none, dials port 80
@@ -243,8 +246,9 @@ class _Edit:
     # "upstream" (on a slot's port) | "other" (another port) | "header" | "health" (a health
     # check's port on a slot's port) | "health-other" (on another port)
     kind: str
-    scheme: str = ""
-    host: str = ""
+    # what goes before `:<port>` as written (`http://localhost`, `[::1]`, `` for `:8081`);
+    # None: the port alone (`health_port 8081`)
+    prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -335,35 +339,30 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
             else:
                 probes.append(probe[0])
                 edits.append(_Edit(index, args[0], "health" if probe[0].slot is not None
-                                   else "health-other", *probe[1:]))
+                                   else "health-other", probe[1]))
         elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
             # header { X-Togather-Slot "blue" }
             value = tokens[1].value
             headers.append(SlotHeader(number, value, _as_slot(value)))
             edits.append(_Edit(index, tokens[1], "header"))
         for token in candidates:
-            match = _UPSTREAM_RE.match(token.value)
-            if auth_only and (match is None or ports.get(
-                    int(match["port"]) if match["port"]
-                    else _DEFAULT_PORTS.get((match["scheme"] or "").lower(), 80)) is None):
+            address = _address(token.value)
+            if auth_only and (address is None or ports.get(address.dials) is None):
                 continue
-            if match is None:
+            if address is None:
                 unsupported.append(_Unsupported(
-                    f"line {number}: upstream {token.value!r} is not host:port "
+                    f"line {number}: upstream {token.value!r} is not host:port or :port "
                     "(placeholders and unix sockets cannot be switched)", _PLAIN_UPSTREAMS))
                 upstreams.append(Upstream(number, token.value, None, None, None,
                                           directive=directive))
                 continue
-            scheme = match["scheme"] or ""
-            port = int(match["port"]) if match["port"] else None
-            dials = port if port is not None else _DEFAULT_PORTS.get(scheme.lower(), 80)
-            slot = ports.get(dials)
-            upstreams.append(Upstream(number, token.value, match["host"], port, slot, dials,
-                                      directive))
+            slot = ports.get(address.dials)
+            upstreams.append(Upstream(number, token.value, address.host or _BARE_HOST,
+                                      address.port, slot, address.dials, directive))
             # another service's upstream is retargeted only by the repair of a block with no
             # upstream on a slot's port at all (see rewrite)
             edits.append(_Edit(index, token, "upstream" if slot is not None else "other",
-                               scheme, match["host"]))
+                               address.scheme + address.host))
         if opens:
             stack.append(first)
             opened.append(number)
@@ -371,25 +370,48 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                    tuple(probes))
 
 
+@dataclass(frozen=True)
+class _Address:
+    """An upstream address as written: `[scheme://]host[:port]` or `[scheme://]:port`."""
+
+    scheme: str
+    host: str  # "" for `:port` (Caddy dials that port on this host)
+    port: int | None  # as written
+
+    @property
+    def dials(self) -> int:
+        """The port Caddy dials (80, or 443 for https, when none is written)."""
+        return self.port if self.port is not None \
+            else _DEFAULT_PORTS.get(self.scheme.lower(), 80)
+
+
+def _address(value: str) -> _Address | None:
+    """`value` read as an upstream address; None when it is none (a placeholder, a socket)."""
+    match = _UPSTREAM_RE.match(value)
+    if match is None:
+        return None
+    port = match["port"] or match["bare"]
+    return _Address(match["scheme"] or "", match["host"] or "", int(port) if port else None)
+
+
 _HEALTH_PORTS = ("health_port", "health_upstream")
 
 
 def _health_probe(number: int, args: list[_Token], ports: dict[int, Slot],
-                  ) -> tuple[HealthProbe, str, str] | _Unsupported:
-    """(probe, scheme, host) of `health_port N` / `health_upstream host:N`, as an edit
-    needs them (no scheme or host for a bare port)."""
+                  ) -> tuple[HealthProbe, str | None] | _Unsupported:
+    """(probe, what an edit writes before `:<port>`) of `health_port N` (None: the port
+    alone) / `health_upstream host:N`."""
     said = " ".join(t.text for t in args)
     if len(args) == 1 and args[0].value.isdigit():
         port = int(args[0].value)
-        return HealthProbe(number, said, port, ports.get(port)), "", ""
-    match = _UPSTREAM_RE.match(args[0].value) if len(args) == 1 else None
-    if match is None or not match["port"]:
+        return HealthProbe(number, said, port, ports.get(port)), None
+    address = _address(args[0].value) if len(args) == 1 else None
+    if address is None or address.port is None:
         return _Unsupported(f"line {number}: health check target {said!r} is not a port or "
                             "host:port (the switch must move it with the upstream)",
                             "write health_port or health_upstream as a plain port or host:port")
-    port = int(match["port"])
-    return (HealthProbe(number, said, port, ports.get(port)), match["scheme"] or "",
-            match["host"])
+    return (HealthProbe(number, said, address.port, ports.get(address.port)),
+            address.scheme + address.host)
 
 
 def _one_service(upstreams: tuple[Upstream, ...]) -> None:
@@ -468,6 +490,16 @@ def _first_line(text: str, start: int) -> int:
     return text.count("\n", 0, start) + 1
 
 
+def in_managed_block(text: str, line: int) -> bool | None:
+    """Whether line `line` (1-based) of `text` lies between its slot marker lines; None when
+    the markers cannot be read."""
+    try:
+        start, end = find_block(text)
+    except SlotMarkersError:
+        return None
+    return _first_line(text, start) - 1 <= line <= _first_line(text, end)
+
+
 def _known(env: Environment) -> str:
     return ", ".join(f"{s} ({c.port})" for s, c in sorted(env.slots.items()))
 
@@ -488,6 +520,9 @@ class Inspection:
     upstreams: tuple[Upstream, ...] = ()
     headers: tuple[SlotHeader, ...] = ()
     warnings: tuple[str, ...] = ()
+    # what mends the lines the switch cannot rewrite (rewrite refuses the block until then,
+    # with these very words): status's fix for them, never the switch that refuses
+    fixes: tuple[str, ...] = ()
 
 
 def inspect(text: str, env: Environment) -> Inspection:
@@ -495,8 +530,8 @@ def inspect(text: str, env: Environment) -> Inspection:
     start, end = find_block(text)
     parsed = _parse_block(text[start:end], _first_line(text, start), env)
     known = _known(env)
-    problems: list[str] = [u.message for u in _unseen(text, start, end) + list(
-        parsed.unsupported)]
+    unsupported = _unseen(text, start, end) + list(parsed.unsupported)
+    problems: list[str] = [u.message for u in unsupported]
     warnings: list[str] = []
     named: dict[Slot, list[str]] = {}
     if not parsed.upstreams:
@@ -539,6 +574,7 @@ def inspect(text: str, env: Environment) -> Inspection:
         ports=ports, header_slots=tuple(h.value for h in parsed.headers),
         consistent=slot is not None, problems=tuple(problems), slot=slot,
         upstreams=parsed.upstreams, headers=parsed.headers, warnings=tuple(warnings),
+        fixes=tuple(dict.fromkeys(u.fix for u in unsupported)),
     )
 
 
@@ -584,7 +620,7 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
         for edit in sorted(edits, key=lambda e: e.token.start, reverse=True):
             q = edit.token.quote
             value = (str(target) if edit.kind == "header"
-                     else f"{edit.scheme}{edit.host}:{port}" if edit.host else str(port))
+                     else str(port) if edit.prefix is None else f"{edit.prefix}:{port}")
             line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
         lines[index] = line
     return text[:start] + "\n".join(lines) + text[end:]
