@@ -190,11 +190,61 @@ def leftovers(env: Environment, slot: Slot) -> list[Leftover]:
             if temporary.fullmatch(found[1])]
 
 
-def leftover_said(env: Environment, slot: Slot, found: list[Leftover]) -> tuple[str, str]:
+def serving_leftovers(env: Environment, found: list[Leftover],
+                      dialed: frozenset[Slot] | None) -> dict[str, str]:
+    """{name: why} of each of `found` that users may reach: up and publishing the port of a
+    slot Caddy dials (on the host's network: any port), or carrying the label of such a slot
+    whose own container does not exist (the slot's container under compose's temporary
+    name: a `docker compose up` of the serving slot cut off half-way). `dialed`: the slots
+    Caddy's running config dials, the managed block's and other sites' (None: not known,
+    every slot). Found by review: status and the refusals said `docker rm -f` of the
+    container serving every user (typed as printed: every request 502)."""
+    from runbook import docker
+
+    said: dict[str, str] = {}
+    for _, name, _ in found:
+        info = docker.inspect(name)
+        label = (info.labels or {}).get(docker.SLOT_LABEL)
+        for slot in Slot if dialed is None else sorted(dialed):
+            port = env.slot(slot).port
+            dials = (f"port {port}, the {slot} slot's, " + (
+                "where Caddy sends traffic" if dialed is not None else
+                "where Caddy may send traffic (its running config cannot be read)"))
+            if info.up and info.published is None:
+                said[name] = (f"it is {info.status} on the host's network, where it may "
+                              f"answer on {dials}")
+            elif info.up and port in (info.published or ()):
+                said[name] = f"it is {info.status} and publishes {dials}"
+            elif label == str(slot) and not docker.inspect(env.slot(slot).container).exists:
+                said[name] = (f"it carries the {slot} slot's label and no container is named "
+                              f"{env.slot(slot).container}: it is that container renamed, "
+                              f"the one for {dials}")
+            else:
+                continue
+            break
+    return said
+
+
+def dialed_slots(env: Environment) -> frozenset[Slot] | None:
+    """The slots Caddy's running config dials (the managed block's and other sites'), as
+    `serving_leftovers` takes them; None when it cannot be read."""
+    from runbook import traffic
+
+    try:
+        found = traffic.read(env, proxy=False)
+    except RunbookError:
+        return None
+    return found.slots | found.pinned
+
+
+def leftover_said(env: Environment, slot: Slot, found: list[Leftover],
+                  serving: dict[str, str] | None = None) -> tuple[str, str]:
     """(problem, fix) for `leftovers`: each one by name, id and state, and the exact command
     that removes it. Stopped ones, the next recreate by the runbook removes itself
     (`removable_leftovers`); one that is not stopped it never removes: it may be serving
-    (on-call checks that Caddy does not send users to it first)."""
+    (on-call checks that Caddy does not send users to it first). One that serves
+    (`serving`, from `serving_leftovers`) is never offered for removal: its name back, when
+    the slot's own container is gone, else what to find out."""
     import shlex
 
     service = env.slot(slot).service
@@ -205,6 +255,8 @@ def leftover_said(env: Environment, slot: Slot, found: list[Leftover]) -> tuple[
     said = (f"compose service {service!r} (project {env.compose.project!r}) has a container "
             f"other than slot {slot}'s {env.slot(slot).container}: {listed}; it is what a "
             "recreate stopped half-way leaves (compose interrupted or killed)")
+    if serving:
+        return _serving_said(env, slot, found, serving, said)
     if not live:
         removes = " and ".join(f"`docker rm {shlex.quote(name)}`" for _, name, _ in found)
         return (f"{said}; a recreate of that slot by anything else (`docker compose up`) "
@@ -221,8 +273,40 @@ def leftover_said(env: Environment, slot: Slot, found: list[Leftover]) -> tuple[
             f"traffic to), then remove it: {removes}; then run the command again")
 
 
-def _refuse(env: Environment, slot: Slot, found: list[Leftover], planning: bool) -> None:
-    problem, fix = leftover_said(env, slot, found)
+def _serving_said(env: Environment, slot: Slot, found: list[Leftover],
+                  serving: dict[str, str], said: str) -> tuple[str, str]:
+    """`leftover_said` of leftovers among which one or more serve: never their removal."""
+    import shlex
+
+    from runbook import docker
+
+    why = "; ".join(f"{name}: {reason}" for name, reason in serving.items())
+    problem = (f"{said}, and it is what Caddy sends users to ({why}), so it must not be "
+               "removed; the next recreate of that slot fails on it (Docker's name conflict)")
+    container = env.slot(slot).container
+    names = list(serving)
+    if len(names) == 1 and not docker.inspect(container).exists:
+        name = names[0]
+        state = next((s for _, n, s in found if n == name), "")
+        start = (f"; then `docker start {shlex.quote(container)}` (it is {state or 'not running'})"
+                 if state in STOPPED else " (it keeps serving)")
+        return (problem, f"never remove {name}: `docker rename {shlex.quote(name)} "
+                         f"{shlex.quote(container)}` gives it its name back{start}; then "
+                         f"`runbook status {command_arg(env)}` again")
+    shown = " ".join(shlex.quote(n) for n in (*names, container))
+    return (problem, f"never remove {', '.join(names)} while Caddy sends users to it: find out "
+                     f"which container should serve the {slot} slot (`docker inspect {shown}`) "
+                     "before any rollback, deploy or switch; then `runbook status "
+                     f"{command_arg(env)}` again")
+
+
+def _refuse(env: Environment, slot: Slot, found: list[Leftover], planning: bool,
+            serving: dict[str, str] | None = None) -> None:
+    """Refuse (exit 4) a recreate of `slot` beside `found`; `serving`: serving_leftovers
+    of them, read here when not given."""
+    if serving is None:
+        serving = serving_leftovers(env, found, dialed_slots(env))
+    problem, fix = leftover_said(env, slot, found, serving)
     unchanged = "; nothing was changed" if planning else ""
     raise PreconditionError(f"refusing to recreate {env.slot(slot).container}: {problem}"
                             f"{unchanged}", fix)
@@ -242,7 +326,9 @@ def removable_leftovers(env: Environment, slot: Slot, serving: ContainerInfo) ->
     """The leftovers of `slot`'s service that a recreate of it removes first, as a step of
     its plan (a rerun after a recreate cut off half-way then finishes with no command by
     hand); refused as `refuse_leftovers` (exit 4, nothing changed) unless every one is
-    stopped. `serving`: the other slot's container, the one that serves.
+    stopped and none is one users reach (`serving_leftovers`: a stopped one may be the
+    serving slot's container, renamed). `serving`: the other slot's container, the one that
+    serves.
 
     Why it is safe: a stopped leftover serves nothing; it is of the slot being recreated
     (its service's labels and compose's `<id>_<name>` name), never the serving container
@@ -250,8 +336,11 @@ def removable_leftovers(env: Environment, slot: Slot, serving: ContainerInfo) ->
     container anyway. Removed without -f (`remove_leftover`), so one started since the plan
     is refused by Docker itself; named volumes are kept (no -v)."""
     found = leftovers(env, slot)
-    if any(state not in STOPPED for _, _, state in found):
-        _refuse(env, slot, found, True)
+    if not found:
+        return found
+    reached = serving_leftovers(env, found, dialed_slots(env))
+    if reached or any(state not in STOPPED for _, _, state in found):
+        _refuse(env, slot, found, True, reached)
     for ident, name, _ in found:
         _never_serving(ident, name, serving)
     return found
@@ -293,13 +382,18 @@ def remove_leftover(env: Environment, slot: Slot, leftover: Leftover,
             "run the command again to see the plan as it is now (`runbook status` names "
             "the leftover)")
     _never_serving(ident, name, serving)
+    if reached := serving_leftovers(env, [leftover], dialed_slots(env)):  # since the plan
+        problem, fix = leftover_said(env, slot, [(ident, name, info.status)], reached)
+        raise PreconditionError(f"refusing to recreate {container}: {problem}; traffic stays "
+                                "where it was, nothing else was changed", fix)
     try:
         docker.run(action)
     except docker.DockerError as exc:
         now = docker.inspect(name)
         if not now.exists or now.status in STOPPED:
             raise
-        _, fix = leftover_said(env, slot, [(ident, name, now.status)])
+        _, fix = leftover_said(env, slot, [(ident, name, now.status)],
+                               serving_leftovers(env, [leftover], dialed_slots(env)))
         raise PreconditionError(
             f"refusing to recreate {container}: the leftover {name} (id {ident}) was {state} "
             f"when the plan was made and is {now.status} now, and Docker refused to remove "

@@ -117,6 +117,8 @@ class Facts:
     unfinished: dict[str, str] | None = None
     # per slot: the containers of its compose service other than its own (compose.leftovers)
     leftovers: dict[Slot, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # per slot: {name: why} of its leftovers users reach (compose.serving_leftovers)
+    serving_leftovers: dict[Slot, dict[str, str]] = field(default_factory=dict)
     # per slot whose container publishes ports, none the one the environment names for it
     # (traffic.port_mismatch): (problem, fix). Its container's facts are another slot's
     mispaired: dict[Slot, tuple[str, str]] = field(default_factory=dict)
@@ -169,6 +171,10 @@ def state_unreadable(f: Facts) -> Iterator[Problem]:
             f"`{_unfinished_command(f, pending)}` finishes the interrupted run (see its "
             "problem) and records the state file again; a deploy is refused until then")
         yield Problem(f.state_error.message, fix)
+        return
+    served = _unrecorded_serving(f) if isinstance(f.state_error, states.NoStateFile) else None
+    if served is not None:
+        yield Problem(f"{f.state_error.message}, {served[0]}", served[1])
         return
     yield _error(f.state_error, f"fix {f.env.state_file}")
 
@@ -300,11 +306,21 @@ def schema_dirty(f: Facts) -> Iterator[Problem]:
 
 def no_current_deployment(f: Facts) -> Iterator[Problem]:
     """A slot serves but the state file records nothing: a rollback would have no anchor."""
+    if f.state is None or f.state.current is not None:
+        return
+    served = _unrecorded_serving(f)
+    if served is not None:
+        yield Problem(f"no current deployment is recorded, {served[0]}", served[1])
+
+
+def _unrecorded_serving(f: Facts) -> tuple[str, str] | None:
+    """("yet the <slot> slot serves traffic (<image>)", the fix that records it: the deploy
+    of the version it runs), when the slot Caddy serves runs; for a state file recording
+    no current deployment, or none at all (never written: found by review, its fix said
+    "deploy first" with no command and no version, while status showed what served)."""
     active = f.active
-    if f.state is None or f.state.current is not None or active is None:
-        return
-    if not f.running(active):
-        return
+    if active is None or not f.running(active):
+        return None
     version = _running_version(f, active)
     from runbook import compose
 
@@ -315,9 +331,8 @@ def no_current_deployment(f: Facts) -> Iterator[Problem]:
               "record it by deploying that version again the way this host's own deploy "
               "does (it writes the state file; `runbook deploy` needs compose, which this "
               "host has not)")
-    yield Problem(f"no current deployment is recorded, yet the {active} slot serves traffic "
-                  f"({f.image(active)})",
-                  f"{record}; until then a rollback has nothing to roll back from")
+    return (f"yet the {active} slot serves traffic ({f.image(active)})",
+            f"{record}; until then a rollback has nothing to roll back from")
 
 
 def _running_version(f: Facts, slot: Slot) -> str | None:
@@ -902,17 +917,24 @@ def proxy_unverifiable(f: Facts) -> Iterator[Problem]:
 
 
 def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
-    """A run stopped between writing the Caddyfile and reloading Caddy: the file lies."""
+    """A run stopped between writing the Caddyfile and reloading Caddy: the file lies. The
+    switch that writes the file back to what Caddy runs is named only while that slot
+    answers healthy: found by review, with Caddy's config loaded onto a stopped slot, the fix
+    led with that switch, refused (exit 4), while the switch to the slot the file names,
+    which answered healthy, served users again."""
     on_disk = f.caddy.slot if f.caddy is not None else None
-    if f.active is None or on_disk is None or on_disk == f.active:
+    active = f.active
+    if active is None or on_disk is None or on_disk == active:
         return
     pending = f.intent
+    report, other = f.reports.get(active), f.reports.get(on_disk)
+    runs_ok = report is not None and report.ok
     # a record of a run that never moved traffic off what runs is kept by that switch
-    back = (f"`runbook switch {_arg(f.env)} --slot {f.active}` writes the file back in line "
-            f"with what Caddy runs (traffic stays on {f.active})"
-            if pending is None or pending.source == f.active
-            else f"put the block between the markers back to {f.active} (port "
-                 f"{f.env.slot(f.active).port})")
+    back = (f"`runbook switch {_arg(f.env)} --slot {active}` writes the file back in line "
+            f"with what Caddy runs (traffic stays on {active})"
+            if runs_ok and (pending is None or pending.source == active)
+            else f"put the block between the markers back to {active} (port "
+                 f"{f.env.slot(active).port})")
     if pending is not None and pending.target == on_disk:
         # killed between its write and its reload, or failed with an undo that could not
         # write the file back (it loaded what ran through the admin API): only its journal
@@ -920,11 +942,22 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
         fix = (f"if that run was killed, `{_command(f, pending)}` redoes it (it rewrites the "
                f"file); if it failed and was undone (its journal says so), {back} instead; "
                "do not reload Caddy by hand before that")
-    else:  # no run of the runbook's left it: an edit, or another tool
+    elif runs_ok:  # no run of the runbook's left it: an edit, or another tool
         fix = (f"{back} or, once {on_disk} is healthy, switch to it on purpose (`runbook "
                f"switch {_arg(f.env)} --slot {on_disk}`); do not reload Caddy by hand before "
                "that")
-    yield Problem(f"the Caddyfile on disk points at {on_disk} but Caddy runs {f.active} (a run "
+    else:  # the switch back to what runs is refused (it does not answer healthy)
+        down = report.status if report is not None else "not asked"
+        first = _doubted_fix(f) or _unfinished_fix(f) or _pairing_fix(f) or _database_fix(f)
+        serve = first or (
+            f"`runbook switch {_arg(f.env)} --slot {on_disk}` serves users from {on_disk}, "
+            f"which answers {other.status} now (health-gated, verified through the proxy; "
+            "the file already names it)" if other is not None and other.ok else
+            "neither slot answers healthy: bring one back first (see the problems above), "
+            f"then `runbook switch {_arg(f.env)} --slot <that slot>`")
+        fix = (f"{serve}; a switch to {active} is refused while it is {down}; do not reload "
+               "Caddy by hand: the switch verifies the slot before users reach it")
+    yield Problem(f"the Caddyfile on disk points at {on_disk} but Caddy runs {active} (a run "
                   "stopped between writing the file and reloading Caddy, or an edit not "
                   f"reloaded); a reload would move traffic to {on_disk}", fix)
 
@@ -1117,7 +1150,11 @@ def compose_leftovers(f: Facts) -> Iterator[Problem]:
 
     for slot, found in f.leftovers.items():
         if found:
-            problem, fix = compose.leftover_said(f.env, slot, found)
+            # one users reach (the serving slot's container under compose's temporary name)
+            # is never offered for removal: found by review, `docker rm -f` of it, typed as
+            # printed, made every request 502
+            problem, fix = compose.leftover_said(f.env, slot, found,
+                                                 f.serving_leftovers.get(slot))
             yield Problem(problem, fix)
 
 
@@ -1312,9 +1349,14 @@ def collect(env: Environment) -> Facts:
             f.held[slot] = record
     from runbook import compose
 
+    dialed = (f.traffic.slots | f.traffic.pinned) if f.traffic is not None else None
     for slot in Slot:
         with contextlib.suppress(RunbookError):  # Docker not answering: said by other checks
-            f.leftovers[slot] = compose.leftovers(env, slot)
+            found = compose.leftovers(env, slot)
+            # both or neither: a leftover whose reach was not read is never listed alone
+            f.serving_leftovers[slot] = (compose.serving_leftovers(env, found, dialed)
+                                         if found else {})
+            f.leftovers[slot] = found
     f.space = disk.rooms(env)
     f.access = disk.access_problems(env)
     from runbook.snapshots import room

@@ -8,12 +8,14 @@ through the stack's environment file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -717,10 +719,7 @@ def test_traffic_off_the_recorded_slot_is_fixed_by_the_switch_back_never_a_rollb
     They say what is true (traffic on green, the file says blue) and name the switch back,
     which, typed as printed, serves the recorded build and leaves no problem. Oracle: the
     dry run's exit, the proxy."""
-    import shlex
-
     from runbook.drill import scenes
-    from tests.test_interrupted import through_proxy
 
     scene_stack.arrange(scenes.PREVIOUS)  # v3 serves from blue; v2 stopped on green
     env = scene_stack.env
@@ -735,12 +734,22 @@ def test_traffic_off_the_recorded_slot_is_fixed_by_the_switch_back_never_a_rollb
         [found] = [p for p in problems if p["check"] == check]
         assert "traffic is on green, the state file says blue" in found["fix"], found
         assert f"`{switch}`" in found["fix"], found
+    _serves_v3_on_blue_as_typed(scene_stack, switch)
+
+
+def _serves_v3_on_blue_as_typed(stack: DrillStack, switch: str) -> None:
+    """`switch`, a printed `runbook switch`, typed as printed (with --yes): it is taken,
+    users reach v3 on blue, and no problem is left. Oracle: the proxy."""
+    import shlex
+
+    from tests.test_interrupted import through_proxy
+
     done = subprocess.run([sys.executable, "-m", "runbook.cli", *shlex.split(switch)[1:],
                            "--yes"], capture_output=True, text=True, timeout=180, check=False,
                           stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
-    code, text, problems = status(scene_stack)
+    assert through_proxy(stack.env) == ("blue", VERSIONS["v3"].tag)
+    code, text, problems = status(stack)
     assert (code, problems) == (0, []), text
 
 
@@ -1717,3 +1726,137 @@ def test_a_caddyfile_caddy_rejects_is_a_problem_naming_caddys_error_and_its_line
     assert_listed(code, out, problems)
     found = problem(problems, "unrecognized directive: respnd")
     assert f"line {line} of {env.caddy.caddyfile}" in found["fix"], found
+
+
+def test_the_serving_container_left_under_composes_temporary_name_is_never_offered_for_removal(
+        scene_stack: DrillStack) -> None:
+    """Found by review: the serving slot's container left under compose's temporary
+    `<id>_<name>` (a `docker compose up` of the serving slot cut off half-way). Status said
+    it right once (the slot's container renamed: `docker rename` it back) and once as a
+    leftover of the blue service, whose fix was `docker rm -f` it: typed as printed, every
+    request answered 502. No fix offers its removal; every `docker rm`/`docker rename` the
+    fixes print, typed as printed, leaves users served throughout and no problem. Oracle:
+    a user polling through the proxy, Docker."""
+    from tests.drill_checks import Poller
+
+    env, blue = scene_stack.env, scene_stack.env.slot(Slot.BLUE).container
+    with _serving_under_a_temporary_name(scene_stack) as temporary:
+        code, text, problems = status(scene_stack)
+        assert_listed(code, text, problems)
+        typed = [c for p in problems for c in _typed(p["fix"], "docker r")]
+        assert not [c for c in typed if c[:2] == ["docker", "rm"]], problems
+        renames = {tuple(c) for c in typed if c[:2] == ["docker", "rename"]}
+        assert renames == {("docker", "rename", temporary, blue)}, problems
+        [left] = [p for p in problems if p["check"] == "compose_leftovers"]
+        assert "rm -f" not in left["fix"], left
+        with Poller(env) as user:
+            for command in sorted(renames):
+                subprocess.run(list(command), check=True, capture_output=True, timeout=60)
+        assert user.failures == [], user.failures[:5]
+        assert {slot for _, slot, _ in user.seen} == {"blue"}, set(user.seen)
+        code, text, problems = status(scene_stack)
+        assert (code, problems) == (0, []), text
+
+
+@contextlib.contextmanager
+def _serving_under_a_temporary_name(stack: DrillStack) -> Iterator[str]:
+    """PREVIOUS (v3 serving from blue, v2 stopped on green), blue's container renamed to
+    compose's temporary `<12 hex of its id>_<name>`, as a `docker compose up` of the serving
+    slot cut off half-way leaves it; yields that name, and gives the name back after."""
+    from runbook.drill import scenes
+    from tests.test_interrupted import through_proxy
+
+    stack.arrange(scenes.PREVIOUS)
+    blue = stack.env.slot(Slot.BLUE).container
+    ident = stack.docker("inspect", "-f", "{{.Id}}", blue).stdout.strip()[:12]
+    temporary = f"{ident}_{blue}"
+    stack.docker("rename", blue, temporary)
+    try:
+        assert through_proxy(stack.env) == ("blue", VERSIONS["v3"].tag)  # still served
+        yield temporary
+    finally:
+        stack.docker("rename", temporary, blue, check=False)
+
+
+@pytest.mark.parametrize("state", ["running", "stopped"])
+def test_a_recreate_is_refused_without_removing_a_leftover_that_serves(
+        scene_stack: DrillStack, state: str) -> None:
+    """The refusal of a recreate beside a leftover (what `runbook rollback`, `deploy` and
+    `switch` print) never names `docker rm` of a leftover Caddy sends users to: here blue's
+    container left under compose's temporary name, running (it publishes blue's port) or
+    stopped (it carries blue's label, and blue has no container of its name), which the
+    plan's removal step took for a stopped leftover. Refused with the rename back; nothing
+    changed. Called directly: each command refuses to recreate the slot Caddy serves before
+    it gets there, so this guards what they would print. Oracle: Docker, the proxy."""
+    from runbook import docker
+    from runbook.errors import PreconditionError
+    from tests.test_interrupted import through_proxy
+
+    env, blue = scene_stack.env, scene_stack.env.slot(Slot.BLUE).container
+    with _serving_under_a_temporary_name(scene_stack) as temporary:
+        if state == "stopped":
+            scene_stack.docker("stop", temporary)
+        green = docker.inspect(env.slot(Slot.GREEN).container)
+        for refuse in (lambda: compose.refuse_leftovers(env, Slot.BLUE),
+                       lambda: compose.removable_leftovers(env, Slot.BLUE, green)):
+            with pytest.raises(PreconditionError) as refused:
+                refuse()
+            said = f"{refused.value.message} {refused.value.fix}"
+            assert "docker rm" not in said, said
+            assert f"`docker rename {temporary} {blue}`" in (refused.value.fix or ""), said
+        assert docker.inspect(temporary).status == {"running": "running",
+                                                    "stopped": "exited"}[state]
+        if state == "running":
+            assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+
+
+def test_a_caddyfile_behind_a_config_loaded_onto_a_down_slot_is_fixed_by_the_switch_that_serves(
+        scene_stack: DrillStack) -> None:
+    """Found by review: Caddy's running config pointed at green (stopped) through POST
+    /load, the Caddyfile on disk still naming blue. The fix began "`runbook switch ENV --slot
+    green` writes the file back in line with what Caddy runs": typed as printed, refused
+    (exit 4, green does not answer healthy). The first switch it names serves users again:
+    typed as printed, it exits 0 and users reach v3 on blue, with no problem left. Oracle:
+    the proxy."""
+
+    from runbook import caddy
+    from runbook.drill import scenes
+
+    scene_stack.arrange(scenes.PREVIOUS)  # v3 serves from blue; v2 stopped on green
+    env = scene_stack.env
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block = text[start:end].replace(f"localhost:{env.slot(Slot.BLUE).port}",
+                                    f"localhost:{env.slot(Slot.GREEN).port}")
+    _loaded_only(env, text[:start] + block.replace('"blue"', '"green"') + text[end:])
+    assert caddy.read(env) == text  # the premise: the file names blue, Caddy runs green
+    assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
+    code, out, problems = status(scene_stack)
+    assert_listed(code, out, problems)
+    [differs] = [p for p in problems if p["check"] == "caddyfile_differs_from_what_runs"]
+    switches = re.findall(r"`(runbook switch [^`]+)`", differs["fix"])
+    assert switches, differs
+    assert switches[0] == f"runbook switch {env.source} --slot blue", differs
+    _serves_v3_on_blue_as_typed(scene_stack, switches[0])
+
+
+def test_a_deleted_state_file_with_no_kept_copy_names_the_deploy_of_the_version_that_serves(
+        scene_stack: DrillStack) -> None:
+    """Found by review: the state file deleted (no copy kept), blue serving v3: the fix was
+    "deploy first, or check [state] file in the environment configuration", no command, no
+    version, while status showed blue serving a7f3fbb. It names `runbook deploy ENV
+    --version <what blue's /health says>`, which is taken as printed (its dry run exits 0).
+    Oracle: the version's own tag, the dry run."""
+    from runbook import kept_state
+    from runbook.drill import scenes
+
+    scene_stack.arrange(scenes.PREVIOUS)  # v3 serves from blue; v2 stopped on green
+    env = scene_stack.env
+    env.state_file.unlink()
+    kept_state.copy_path(env.runs_dir, env.state_file, env.name).unlink(missing_ok=True)
+    code, text, problems = status(scene_stack)
+    assert_listed(code, text, problems)
+    [gone] = [p for p in problems if p["check"] == "state_unreadable"]
+    deploy = f"runbook deploy {env.source} --version {VERSIONS['v3'].tag}"
+    assert f"`{deploy}`" in gone["fix"], gone
+    _each_runs({deploy})

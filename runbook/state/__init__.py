@@ -29,6 +29,7 @@ from runbook.state.model import (
     parse_time,
 )
 from runbook.state.reader import (
+    NoStateFile,
     NotJSON,
     Refused,
     absent,
@@ -70,6 +71,7 @@ __all__ = [
     "WRITING",
     "Deployment",
     "DeploymentState",
+    "NoStateFile",
     "NotJSON",
     "Refused",
     "StateChangedError",

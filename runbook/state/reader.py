@@ -351,6 +351,12 @@ class Refused(StateError):
     raw: bytes | None = None
 
 
+class NoStateFile(StateError):
+    """No file where the state file should be, and no copy the runbook kept of one that
+    recorded a deployment: nothing was ever recorded here (a host's first deploy), or it was
+    removed on purpose. Status names the deploy that records what serves."""
+
+
 class NotJSON(StateError):
     """The file is no JSON object at all (truncated, binary), not a record in it refused;
     `raw` is what was read, so the lock's judge can tell a file being rewritten in place (it
@@ -512,9 +518,9 @@ def read_state(path: Path, *, environment: str | None = None,
                                  path, "check [state] file in the environment configuration; "
                                  "or, if it was removed on purpose (nothing to keep), delete "
                                  "the copy"))
-        raise StateError(f"{path}: no deployment has been recorded (the state file does not "
-                         f"exist{_dangling(path)})", "deploy first, or check [state] file in the "
-                         "environment configuration")
+        raise NoStateFile(f"{path}: no deployment has been recorded (the state file does not "
+                          f"exist{_dangling(path)})", "deploy first, or check [state] file in the "
+                          "environment configuration")
     try:
         return parse_state(raw, str(path), environment=environment,
                            lock_as_written=lock_as_written)
