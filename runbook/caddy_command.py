@@ -60,3 +60,15 @@ def exec_container(command: tuple[str, ...]) -> str | None:
 def runs_in_container(env: Environment) -> bool:
     """Whether Caddy's command goes through `docker ...` (its container's mounts matter)."""
     return docker_words(env.caddy.command) is not None
+
+
+def log_command(env: Environment) -> str:
+    """Where Caddy's own log is read, as the environment runs it: its container's
+    (`docker logs`), else the systemd unit's journal (a Caddy started otherwise logs where
+    it was started)."""
+    container = exec_container(env.caddy.command)
+    if container is not None:
+        return f"`docker logs --tail 100 {container}`"
+    if runs_in_container(env):  # `docker compose exec SERVICE caddy`: a service, not a name
+        return "`docker compose logs --tail 100` of Caddy's service"
+    return f"`journalctl -u {env.caddy.systemd_unit} -n 100`"

@@ -67,6 +67,8 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     The switch asks again just before it writes (sites_dropped_now)."""
     uncompared = sites_uncompared(env, candidate)
     if uncompared is not None:
+        with contextlib.suppress(RunbookError):  # unread: the load's own checks say so
+            refuse_admin_moved(env, caddy.adapt(env, candidate), loaded())
         return uncompared
     try:
         running = loaded()
@@ -86,6 +88,7 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
             "another copy); nothing was changed",
             "set [caddy] caddyfile to the file Caddy runs (its global options and every "
             "site), or load this one first if it is what Caddy should run")
+    refuse_admin_moved(env, new, running)
     return "every site Caddy serves now is in the new Caddyfile" + (
         f"{WARNING_MARK}{drift}" if drift else "")
 
@@ -125,6 +128,23 @@ def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
             f"Caddy serves what {env.caddy.caddyfile} does not ({missing}; loaded since the "
             "plan, e.g. through the admin API): the switch would drop it; nothing was changed",
             f"add it to {env.caddy.caddyfile} (or take it out of Caddy), then run again")
+    refuse_admin_moved(env, new, running)
+
+
+def refuse_admin_moved(env: Environment, new: Any, running: Any) -> None:
+    """Refuse (exit 4, before anything changes) a load that would take Caddy's admin API
+    away from [caddy] admin_url (caddy.admin_moved): after it, every status, rollback and
+    undo, this switch's own included, could not reach Caddy. `new` None: not adapted (the
+    validation says why)."""
+    if new is None or (moved := caddy.admin_moved(env, new, running)) is None:
+        return
+    raise PreconditionError(
+        f"the Caddyfile the switch would load ({env.caddy.caddyfile}) {moved}: every later "
+        "status, rollback or undo could not reach Caddy; nothing was changed",
+        f"make the `admin` global option in {env.caddy.caddyfile} "
+        f"{caddy.admin_address(env)} again, where Caddy listens now; if Caddy should listen "
+        "elsewhere, move it yourself (`caddy reload` of the file) and set [caddy] admin_url "
+        "to the new address; then run again")
 
 
 WARNING_MARK = "\n! "  # a probe's result: the detail, then what the plan must warn about

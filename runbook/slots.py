@@ -31,6 +31,7 @@ from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.plan import Aside, Phase, Skipped, Step, StepContext
+from runbook.probes import Probe
 
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
@@ -1228,13 +1229,41 @@ def _aside(said: str | None) -> Aside | None:
 UNDO_LOAD_TRIES = 3  # an undo's load refused (412) because Caddy changed again: decide again
 
 
+Seen = tuple[int | None, str]  # the proxy's answer: (its HTTP status, None: none; what it was)
+
+
+def _failing_before(witness: Probe[tuple[str | None, str | None, str | None, int | None]]
+                    | None, before: Slot | None) -> Seen | None:
+    """How the proxy failed the serving slot (`before`) just before the switch; None when it
+    answered 200 as that slot, or not within a moment (never waited for long: users wait
+    for the switch; a request still open at the reload may see either config)."""
+    if witness is None or before is None:
+        return None
+    witness.settle(PROXY_BEFORE_WAIT)
+    if not witness.done:
+        return None
+    try:
+        header, error, unverifiable, status = witness.result()
+    except Exception:  # unread: the undo says "could not be undone", as before
+        return None
+    if status == 200 and header == before.value:
+        return None
+    return status, (error or unverifiable
+                    or f"HTTP {status}, {caddy.SLOT_HEADER}={header or '(none)'}")
+
+
+PROXY_BEFORE_WAIT = 0.5  # seconds the switch waits, at most, for the proxy's answer before it
+
+
 def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: Any,
-                 target: Slot, written: str, loaded: Any, refused: bool = False) -> Aside | None:
+                 target: Slot, written: str, loaded: Any, refused: bool = False,
+                 failing: Seen | None = None) -> Aside | None:
     """The switch's undo: decided first what to load (traffic.undo_config: over a change
     another environment made to Caddy since, only ours goes back, or nothing), then the
     previous Caddyfile put back and that loaded (caddy.restore), If-Match the config it was
     decided from: a change loaded in between is never dropped (refused, decided again).
-    `refused`: Caddy refused the switch's own load (412), so only the file goes back."""
+    `refused`: Caddy refused the switch's own load (412), so only the file goes back.
+    `failing`: the proxy's failed answer for `before` ahead of the switch (caddy.restore)."""
     if refused:
         return _aside(caddy.restore(env, data, before, written=written.encode("utf-8"),
                                     load=False))
@@ -1256,7 +1285,9 @@ def _undo_switch(env: Environment, data: bytes, before: Slot | None, running: An
             config, said = traffic.undo_config(env, running, before, target, loaded, now)
         try:
             aside = caddy.restore(env, data, before, config, written=written.encode("utf-8"),
-                                  said=said, etag=etag)
+                                  said=said, etag=etag, ran=running,
+                                  failing=None if failing is None else caddy.answer_words(
+                                      failing[0]))
         except caddy.CaddyConflictError as exc:
             kept = kept or exc.kept
             if attempt == UNDO_LOAD_TRIES:
@@ -1570,6 +1601,11 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             answered = True
         except traffic.TrafficUnknownError:
             running, etag, before, answered = None, None, None, False
+        # the proxy's answer for the slot that serves, before anything changes, asked beside
+        # the checks below: when it fails already, an undo that puts back exactly what ran
+        # and meets the same failure is clean (caddy.restore), not "could not be undone"
+        witness = (Probe(lambda: traffic.ask_proxy(env), "proxy-before")
+                   if before is not None and running is not None else None)
         # a down Caddy must never look like a switch (the config just read answered: the
         # same GET is not sent twice; systemd is still asked when it reloads)
         caddy.check_running(env, admin_answered=answered)
@@ -1587,6 +1623,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         # written the disk without reloading).
         restore_bytes = (caddy.rewrite(old, env, before).encode("utf-8") if before is not None
                          else old_bytes)
+        failing = _failing_before(witness, before)
         ctx.fault("switch.before-write")
         ctx.stop_if_signalled()  # the last moment nothing needs undoing
         backup = caddy.write_backup(env, restore_bytes)
@@ -1603,7 +1640,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                        + (f" (traffic back on {before})" if before else ""),
                        lambda: _undo_switch(env, restore_bytes, before, running, target,
                                             new, loaded[0] if loaded else None,
-                                            refused=bool(refused)))
+                                            refused=bool(refused), failing=failing))
         ctx.fault("switch.after-write")
         try:
             # an h2c front: the reading before the reload is waited for (a dropped one
@@ -1619,10 +1656,13 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         ctx.fault("switch.after-reload")
         result = caddy.verify(env, target, expected_version, quick=True)
         if not result.ok:
-            raise caddy.CaddyError(f"verification failed: {result.describe()}",
-                                   f"check `docker logs --tail 100 {env.slot(target).container}` "
-                                   f"and that {env.caddy.proxy_url} reaches Caddy",
-                                   stage="verify")
+            # the proxy answered the serving slot with an error too: Caddy's, not the target's
+            fix = (traffic.proxy_side_fix(env) if failing is not None and (failing[0] or 0) >= 500
+                   else f"check `docker logs --tail 100 {env.slot(target).container}` and that "
+                   f"{env.caddy.proxy_url} reaches Caddy")
+            raise caddy.CaddyError(f"verification failed: {result.describe()}" + (
+                f"; before the switch the proxy already failed for {before} ({failing[1]})"
+                if failing is not None else ""), fix, stage="verify")
         ctx.commit()
         ctx.fault("switch.after-verify")
         observed.verified = result.describe()

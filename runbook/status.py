@@ -781,7 +781,9 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
 def proxy_unanswered(f: Facts) -> Iterator[Problem]:
     """Caddy's config names the slot, but users are served through the proxy: one that is
     refused or answers 5xx on its own is an outage, never "No problems found" (found by
-    review: the slot's own /health is asked on its port, not through Caddy)."""
+    review: the slot's own /health is asked on its port, not through Caddy). A 5xx while
+    that slot answers healthy on its own port is the proxy's: its log and config are the
+    fix, never a switch (found by review: the switch it named failed the same way)."""
     if f.traffic is None:
         return
     if (missed := traffic.proxy_url_missed(f.env, f.traffic)) is not None:
@@ -792,7 +794,15 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
         doubted = (_doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
-                   or _pairing_fix(f) or _database_fix(f) or _off_record(f))
+                   or _pairing_fix(f) or _database_fix(f))
+        report = f.reports.get(f.active) if f.active is not None else None
+        side = traffic.proxy_side(f.env, f.traffic, report is not None and report.ok)
+        if side is not None and not doubted:  # no switch ends it: Caddy's log says why
+            yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}; "
+                          f"{side}", f"{traffic.proxy_side_fix(f.env)}; then "
+                          f"`{_curl_through_proxy(f.env)}` answers as {f.active}")
+            return
+        doubted = doubted or _off_record(f)
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: {_way_out(f, f.active)}")

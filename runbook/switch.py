@@ -92,6 +92,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                               run_id, "switch", options.accept_restored_data, serving=serves)
     warnings: list[str] = [accepted] if accepted else []
     traffic.refuse_if_unverifiable(env, now)
+    if (side := traffic.proxy_side_warning(env, now)) is not None:
+        warnings.append(side)
     # the file names the other slot, or no slot at all (an edit, a killed run of another
     # tool, a config loaded through the admin API): a reload, a restart or a reboot would
     # move traffic there. Writing the file back in line with what runs is this very switch,

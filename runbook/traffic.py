@@ -61,6 +61,7 @@ class Traffic:
     # other sites' dials cannot be told from the managed block's, and no switch can rewrite
     # the block either, so the marker line, not a switch, is the way out
     markers: tuple[str, str] | None = None
+    proxy_status: int | None = None  # the HTTP status the proxy answered (None: no answer)
 
     @property
     def untrusted(self) -> bool:
@@ -181,6 +182,10 @@ def _listens_at(listen: str, host: str, port: int) -> bool:
 
 
 _UNREACHED = ("connection refused", "cannot connect")
+# said in a plan whose traffic moves while the proxy fails a healthy slot (proxy_side):
+# warned, not refused, since a failure in the serving slot's own upstream (its address) is
+# ended by the switch, and one that is not fails the verification, undone exactly
+PROXY_SIDE_MOVE = "the switch will likely fail its verification and be undone"
 
 
 def proxy_url_missed(env: Environment, found: Traffic) -> str | None:
@@ -248,6 +253,45 @@ def _ports_are_the_hosts(env: Environment) -> bool:
     except RunbookError:
         return False
     return info.exists and info.bindings is None  # on the host's network
+
+
+def proxy_side(env: Environment, found: Traffic, healthy: bool | None = None) -> str | None:
+    """Why the proxy, not the slot, fails users, or None: it answers 5xx (Caddy's own, no
+    slot header) while the one slot it sends to answers healthy on its own port (`healthy`:
+    that slot's own answer as the caller read it; None: asked here). A switch cannot end
+    that (found by review: an h2c transport to an HTTP/1.1 app got 502 for every slot; the
+    switch failed, its undo's verification too, and status named the same switch again)."""
+    if found.slot is None or found.proxy_error is None or found.proxy_status is None \
+            or found.proxy_status < 500:
+        return None
+    if healthy is None:
+        from runbook import health
+
+        healthy = health.probe(env.slot(found.slot), env.health.path,
+                               env.health.request_timeout).ok
+    if not healthy:
+        return None
+    return (f"the proxy answers HTTP {found.proxy_status} for the {found.slot} slot, and the "
+            f"{found.slot} slot answers healthy on its own port ({env.slot(found.slot).port}): "
+            "the proxy, not the slot, fails")
+
+
+def proxy_side_fix(env: Environment) -> str:
+    """Where a proxy-side failure is read and mended: Caddy's log and the managed block's
+    reverse_proxy settings (a transport, TLS or header its upstreams do not speak)."""
+    from runbook.caddy_command import log_command
+
+    return (f"read Caddy's log ({log_command(env)}) and check the reverse_proxy settings "
+            f"between the slot markers of {env.caddy.caddyfile} (its transport: the protocol "
+            "versions, TLS, timeouts it dials the app with); moving traffic to another slot "
+            "cannot fix what the proxy does")
+
+
+def proxy_side_warning(env: Environment, found: Traffic) -> str | None:
+    """A plan's warning, when its traffic would move while the proxy fails a healthy slot:
+    warned, not refused (PROXY_SIDE_MOVE says why)."""
+    side = proxy_side(env, found)
+    return None if side is None else f"{side}: {PROXY_SIDE_MOVE}; {proxy_side_fix(env)}"
 
 
 def proxy_url_fix(env: Environment) -> str:
@@ -668,9 +712,9 @@ def _port_counts(config: Any) -> Counter[int]:
     return Counter(p for d in _dials(config) if (p := _port(d)) is not None)
 
 
-def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None]:
-    """(X-Togather-Slot, error, unverifiable) as the proxy answers right now, on a fresh
-    connection. `unverifiable` describes an answer below 500 without the header, or a TLS
+def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None, int | None]:
+    """(X-Togather-Slot, error, unverifiable, HTTP status) as the proxy answers right now, on
+    a fresh connection. `unverifiable` describes an answer below 500 without the header, or a TLS
     certificate that does not verify (Caddy's local CA: users are served, nothing here can
     tell by whom); `error` no answer, or a 5xx without it (Caddy's own, an upstream down: an
     outage to roll back from, not a fault of the URL)."""
@@ -681,17 +725,17 @@ def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None]:
                                         ca_file=None if c.ca_file is None else str(c.ca_file))
     except bounded_http.HttpFailure as exc:
         if exc.untrusted:
-            return None, None, (f"{UNTRUSTED} for {c.site or url} at {url} ({exc.reason})")
-        return None, f"{url}: {exc.reason}", None
-    header = response.header(SLOT_HEADER)
-    if header is None and response.status >= 500:  # Caddy's own: users get this too
-        return None, f"{url} answers HTTP {response.status} without {SLOT_HEADER}", None
-    if header is None and response.status < 500:
+            return None, None, (f"{UNTRUSTED} for {c.site or url} at {url} ({exc.reason})"), None
+        return None, f"{url}: {exc.reason}", None, None
+    header, status = response.header(SLOT_HEADER), response.status
+    if header is None and status >= 500:  # Caddy's own: users get this too
+        return None, f"{url} answers HTTP {status} without {SLOT_HEADER}", None, status
+    if header is None and status < 500:
         where = response.header("Location")
         return None, None, (f"GET {url}" + (f" (Host: {env.caddy.site})" if env.caddy.site
-                                            else "") + f" answers HTTP {response.status}"
-                            + (f" (to {where})" if where else ""))
-    return header, None, None
+                                            else "") + f" answers HTTP {status}"
+                            + (f" (to {where})" if where else "")), status
+    return header, None, None, status
 
 
 def read(env: Environment, *, proxy: bool = True) -> Traffic:
@@ -712,10 +756,10 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
     except BaseException:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise
-    header, error, unverifiable = witness.result()
+    header, error, unverifiable, status = witness.result()
     return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
                    found.dialed, found.fronts, unverifiable, found.unresolved, found.listens,
-                   found.markers)
+                   found.markers, status)
 
 
 def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
@@ -1021,6 +1065,8 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
     warnings: list[str] = []
     if problem:
         warnings.append(problem)
+    if (side := proxy_side_warning(env, found)) is not None:
+        warnings.append(side)
     if (h2c := h2c_port(found, drain.front_port(env.caddy.proxy_url))) is not None:
         warnings.append(
             f"Caddy accepts cleartext HTTP/2 (h2c) on port {h2c}: a reload does "

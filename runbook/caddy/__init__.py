@@ -18,6 +18,7 @@ from runbook.caddy.admin import (
     adapt,
     adapt_as_reload,
     admin_address,
+    admin_moved,
     check_imports,
     check_running,
     config_etag,
@@ -50,6 +51,7 @@ from runbook.caddy.errors import (
 )
 from runbook.caddy.switch import (
     SwitchPlan,
+    answer_words,
     apply,
     backup_path,
     caddy_changed_since,
@@ -100,6 +102,8 @@ __all__ = [
     "adapt",
     "adapt_as_reload",
     "admin_address",
+    "admin_moved",
+    "answer_words",
     "apply",
     "backup_path",
     "caddy_changed_since",

@@ -407,6 +407,51 @@ def admin_address(env: Environment) -> str:
     return f"{host}:{parts.port or 2019}"
 
 
+DEFAULT_ADMIN = "localhost:2019"  # Caddy's admin listener when its config names none
+_WILDCARD = frozenset({"", "0.0.0.0", "::"})
+
+
+def admin_moved(env: Environment, new: Any, running: Any) -> str | None:
+    """Why loading `new` (Caddy's JSON) would take Caddy's admin API away from [caddy]
+    admin_url, or None. Found by review: a Caddyfile whose `admin` line was edited and not
+    reloaded was loaded by a switch (exit 0, a drift warning only); Caddy's admin listener
+    moved, so every later status and rollback, and an undo, could not reach Caddy. Where
+    `running` listens the same (both naming none: Caddy's default, or its CADDY_ADMIN), the
+    listener does not move."""
+    def settings(config: Any) -> dict[str, Any]:
+        admin = config.get("admin") if isinstance(config, dict) else None
+        return admin if isinstance(admin, dict) else {}
+
+    admin, now = settings(new), settings(running)
+    where = f"not [caddy] admin_url {env.caddy.admin_url}, where it answers now"
+    if admin.get("disabled") is True:
+        return f"would turn Caddy's admin API off (`admin off`), {where}"
+    listen = admin.get("listen") or None
+    if listen == (now.get("listen") or None):
+        return None
+    listen = listen if isinstance(listen, str) else DEFAULT_ADMIN
+    if _same_listener(listen, admin_address(env)):
+        return None
+    return f"would put Caddy's admin listener at {listen}, {where}"
+
+
+def _same_listener(listen: str, address: str) -> bool:
+    """Whether a Caddy admin listener at `listen` (`[tcp/]host:port`) answers at `address`
+    (admin_address's host:port). Go listens on one address for a name: `localhost` is
+    127.0.0.1; an empty host, 0.0.0.0 or :: every address."""
+    network, _, rest = listen.partition("/") if "/" in listen else ("tcp", "", listen)
+    if network not in ("tcp", "tcp4", "tcp6"):
+        return False  # a unix socket: the runbook only reaches a TCP admin API
+    host, _, port = rest.rpartition(":")
+    want_host, _, want_port = address.rpartition(":")
+    host, want_host = host.strip("[]").lower(), want_host.strip("[]").lower()
+    if port != want_port:
+        return False
+    loopback = {"localhost", "127.0.0.1"}
+    return (host == want_host or host in _WILDCARD or {host, want_host} <= loopback
+            or (want_host == "localhost" and host == "::1"))
+
+
 @dataclass(frozen=True)
 class Unreloadable:
     """Why Caddy cannot take a reload now, and what fixes it. `answering`: its admin API

@@ -18,6 +18,7 @@ from typing import Any
 
 from runbook import files
 from runbook.caddy.admin import (
+    VerifyResult,
     check_imports,
     check_running,
     config_etag,
@@ -262,7 +263,8 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
 def restore(env: Environment, data: bytes, previous: Slot | None,
             running: Any | None = None, *, written: bytes | None = None,
             said: str | None = None, etag: str | None = None,
-            load: bool = True) -> str | None:
+            load: bool = True, failing: str | None = None,
+            ran: Any | None = None) -> str | None:
     """Put a previous Caddyfile back, load what Caddy ran before and, when it named one slot,
     prove the proxy answers from that slot again. The undo of a switch; raises when any part
     fails. `running`: Caddy's config JSON read before the switch, loaded back as it was (a
@@ -272,7 +274,11 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
     edit made since is kept aside (keep_an_edit). What to say of either is returned.
     `etag`: the ETag of the config `running` was decided from (load_running loads it If-Match
     that: CaddyConflictError when Caddy's config changed again since). `load=False`: only the
-    file goes back (the switch's own load was refused: Caddy still runs what it ran)."""
+    file goes back (the switch's own load was refused: Caddy still runs what it ran).
+    `failing`: what the proxy answered for `previous` just before the switch, when it failed
+    already (answer_words: "HTTP 502"); `ran`: Caddy's config then. An undo whose own
+    verification fails while Caddy runs `ran` again, JSON for JSON, is clean: what users get
+    is what they got (said, not raised: `_as_before`)."""
     text = data.decode("utf-8")
     kept = keep_an_edit(env, written, data) if written is not None else None
 
@@ -318,6 +324,8 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
     put_back()
     if previous is not None:
         check = verify(env, previous, None, attempts=5, interval=0.2)
+        if not check.ok and (same := _as_before(env, previous, check, failing, ran)):
+            return "; ".join(s for s in (same, said, kept) if s)
         if not check.ok:
             raise CaddyError(f"the previous Caddyfile was restored and reloaded, but the proxy "
                              f"does not answer as {previous}: {check.describe()}"
@@ -325,3 +333,32 @@ def restore(env: Environment, data: bytes, previous: Slot | None,
                              f"check Caddy and the {previous} container now", stage="restore",
                              exit_code=ExitCode.ATTENTION)
     return "; ".join(s for s in (said, kept) if s) or None  # said with the run's outcome
+
+
+def answer_words(status: int | None) -> str:
+    """What a user got from the proxy, in a few words."""
+    return "no answer" if status is None else f"HTTP {status}"
+
+
+def _as_before(env: Environment, previous: Slot, check: VerifyResult,
+               failing: str | None, ran: Any | None) -> str | None:
+    """What to say when the undo's verification fails as the proxy did before the switch
+    and Caddy runs exactly the config it ran then; None otherwise (the undo failed). Found
+    by review: an h2c transport to an HTTP/1.1 app got 502 for every slot, the undo put
+    everything back, and its verification's 502, the one users had before, was said as
+    "undoing failed ... traffic may not be where it was" (exit 5)."""
+    if failing is None or ran is None:
+        return None
+    now = running_config(env)
+    if now is None or first_difference(ran, now) is not None:
+        return None
+    from runbook import health
+
+    report = health.probe(env.slot(previous), env.health.path, env.health.request_timeout)
+    why = (f"the proxy, not the slot: the {previous} slot answers healthy directly"
+           if report.ok else f"the {previous} slot does not answer healthy directly either: "
+           f"{report.status}")
+    now_seen = answer_words(check.http_status)
+    again = "" if now_seen == failing else f"; the proxy now answers {now_seen}"
+    return (f"the previous Caddyfile was restored and Caddy runs exactly what it ran before the "
+            f"switch; users were already getting {failing} before it ({why}){again}")

@@ -1,0 +1,168 @@
+"""Failures that are Caddy's own, not a slot's, on a real Caddy (found by review, 2.6.2):
+
+- the proxy fails for every slot because of the managed block's own upstream config (an h2c
+  transport to an app that speaks HTTP/1.1: Caddy logs "unexpected EOF" and answers 502).
+  A switch then failed its verification, undid itself exactly, and, since the undo's own
+  verification got the same 502, said "could not be undone" (exit 5); status sent on-call
+  to that same switch. The undo is clean (exit 1) when Caddy runs exactly what it ran and
+  the proxy failed the same way before the switch; status points at Caddy's log and config.
+- a switch loading a Caddyfile whose `admin` line was edited (not reloaded) moved Caddy's
+  admin listener away from [caddy] admin_url: every later status, rollback or undo could not
+  reach Caddy. It is refused (exit 4) before anything changes.
+
+The oracle is what runs: the proxy's and the slots' own answers, Caddy's loaded config read
+through its admin API, the Caddyfile's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook import caddy, files
+from runbook.drill import http as drill_http
+from runbook.drill.stack import DrillStack
+from runbook.environment import Environment, Slot
+from tests.drill_checks import closed_port
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = Path(__file__).resolve().parents[1]
+H2C_TRANSPORT = "\t\t\ttransport http {\n\t\t\t\tversions h2c\n\t\t\t}\n"
+
+
+def _cli(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runbook.cli", args[0], str(env.source),
+                           *args[1:]], capture_output=True, text=True, timeout=180,
+                          check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+
+
+def _config(env: Environment, admin_url: str | None = None) -> object:
+    return drill_http.get(f"{admin_url or env.caddy.admin_url}/config/", timeout=5).json()
+
+
+def _proxy_status(env: Environment) -> int:
+    return drill_http.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"},
+                          timeout=5).status_code
+
+
+def _direct_health(env: Environment, slot: Slot) -> int:
+    return drill_http.get(f"{env.slot(slot).base_url}{env.health.path}", timeout=5).status_code
+
+
+@pytest.fixture
+def h2c_upstreams(stack: DrillStack) -> Iterator[Environment]:
+    """Caddy runs (and its Caddyfile says) the managed block's reverse_proxy with an h2c
+    transport, the app speaking HTTP/1.1 only: every request through the proxy gets 502."""
+    env = stack.env
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    block = text[start:end].replace("\t\t\theader_down", H2C_TRANSPORT + "\t\t\theader_down")
+    assert block.count("versions h2c") == 2, block
+    changed = text[:start] + block + text[end:]
+    files.atomic_write(env.caddy.caddyfile, changed.encode())
+    drill_http.post(f"{env.caddy.admin_url}/load", content=changed,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    # the premise: the proxy fails, the slot that serves answers healthy on its own port
+    assert _proxy_status(env) == 502
+    assert _direct_health(env, Slot.BLUE) == 200
+    assert _direct_health(env, Slot.GREEN) == 200
+    yield env
+    stack.reset()
+
+
+def test_a_switch_undone_exactly_over_a_proxy_that_already_failed_is_a_clean_undo(
+        h2c_upstreams: Environment) -> None:
+    """The switch to green fails its verification (502) and is undone: Caddy runs exactly
+    what it ran before, byte for byte on disk and JSON for JSON in Caddy; the undo's own
+    verification gets the 502 users got before the switch. That is a safe failure (exit 1)
+    saying so, never "undoing failed" (exit 5); the plan warned that the proxy already
+    failed while the serving slot answers healthy on its own."""
+    env = h2c_upstreams
+    file_before, config_before = env.caddy.caddyfile.read_bytes(), _config(env)
+    done = _cli(env, "switch", "--slot", "green", "--yes")
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out
+    assert done.returncode == 1, out
+    assert "AND undoing failed" not in out, out
+    assert "Caddy runs exactly what it ran before the switch" in out, out
+    assert "users were already getting HTTP 502 before it" in out, out
+    assert "the proxy, not the slot: the blue slot answers healthy directly" in out, out
+    # the plan said it before anything moved: a switch cannot fix what the proxy does
+    assert ("runbook: warning: the proxy answers HTTP 502 for the blue slot, and the blue slot "
+            "answers healthy on its own port") in done.stderr, done.stderr
+    assert "the switch will likely fail its verification and be undone" in done.stderr
+    assert "moving traffic to another slot cannot fix what the proxy does" in done.stderr
+    # what runs is what ran
+    assert env.caddy.caddyfile.read_bytes() == file_before
+    assert _config(env) == config_before
+    assert _proxy_status(env) == 502
+    assert _direct_health(env, Slot.BLUE) == 200
+
+
+def test_status_points_at_caddys_log_and_config_when_the_proxy_fails_a_healthy_slot(
+        stack: DrillStack, h2c_upstreams: Environment) -> None:
+    """The proxy answers 502 while the blue slot it sends to answers healthy on its own port:
+    status says the proxy, not the slot, fails, and points at Caddy's log (this stack runs
+    Caddy in a container: `docker logs`) and the block's reverse_proxy/transport config,
+    never at a switch (which cannot fix it)."""
+    env = h2c_upstreams
+    data = subprocess.run([sys.executable, "-m", "runbook.cli", "status", str(env.source),
+                           "--format", "json"], capture_output=True, text=True, timeout=120,
+                          check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert "Traceback" not in data.stderr, data.stderr
+    assert data.returncode == 1, data.stdout + data.stderr
+    problems = json.loads(data.stdout)["problems"]
+    [found] = [p for p in problems if p["check"] == "proxy_unanswered"]
+    assert "the blue slot answers healthy on its own port" in found["problem"], found
+    assert f"docker logs --tail 100 {stack.caddy_container}" in found["fix"], found
+    assert "reverse_proxy" in found["fix"] and "transport" in found["fix"], found
+    assert str(env.caddy.caddyfile) in found["fix"], found
+    assert "runbook switch" not in json.dumps(problems), problems
+
+
+def test_a_switch_that_would_move_caddys_admin_listener_is_refused(stack: DrillStack) -> None:
+    """The Caddyfile's `admin` line was edited to another port and not reloaded: the switch
+    would load it, and Caddy's admin API would leave [caddy] admin_url (every later status,
+    rollback or undo then cannot reach Caddy). Refused, dry run and run alike (exit 4),
+    naming both addresses; nothing changes, and Caddy still answers where the environment
+    says. Also without an `admin` line (Caddy's default, localhost:2019)."""
+    env = stack.env
+    text = caddy.read(env)
+    admin = re.search(r"^\tadmin (\S+)$", text, re.M)
+    assert admin is not None and admin[1] == env.caddy.admin_url.removeprefix("http://")
+    moved = f"127.0.0.1:{closed_port()}"
+    config_before = _config(env)
+    try:
+        for edited, listen in ((text.replace(admin[0], f"\tadmin {moved}"), moved),
+                               (text.replace(admin[0] + "\n", ""), "localhost:2019")):
+            files.atomic_write(env.caddy.caddyfile, edited.encode())
+            for args in (("--dry-run",), ("--yes",)):
+                done = _cli(env, "switch", "--slot", "green", *args)
+                out = done.stdout + done.stderr
+                assert "Traceback" not in out, out
+                assert done.returncode == 4, out
+                assert f"admin listener at {listen}" in done.stderr, done.stderr
+                assert env.caddy.admin_url in done.stderr, done.stderr
+                assert "nothing was changed" in done.stderr, done.stderr
+                assert env.caddy.caddyfile.read_bytes() == edited.encode()
+                assert _config(env) == config_before  # still answering at admin_url
+                assert _proxy_status(env) == 200
+    finally:
+        # had a switch moved it (before the fix), bring the listener back for the next test
+        for where in (env.caddy.admin_url, f"http://{moved}"):  # never another Caddy's 2019
+            try:
+                if where == env.caddy.admin_url:
+                    drill_http.get(f"{where}/config/", timeout=5).raise_for_status()
+                    break
+                drill_http.post(f"{where}/load", content=text,
+                                headers={"Content-Type": "text/caddyfile"}, timeout=10)
+                break
+            except Exception:  # not there: the next address
+                continue
+        stack.reset()
