@@ -24,7 +24,7 @@ from runbook import lock as locks
 from runbook import state as states
 from runbook.caddy import Unreloadable, VerifyResult
 from runbook.environment import Environment, Slot
-from runbook.errors import RunbookError
+from runbook.errors import LockedError, RunbookError
 from runbook.times import rough_duration
 
 NOT_RECORDED = "not recorded"
@@ -122,6 +122,9 @@ class Facts:
     # per slot whose container publishes ports, none the one the environment names for it
     # (traffic.port_mismatch): (problem, fix). Its container's facts are another slot's
     mispaired: dict[Slot, tuple[str, str]] = field(default_factory=dict)
+    # `runbook rollback [--to V]` planned as its dry run plans it, asked only when a fix
+    # would name it (_rollback_refusal): per --to (None: the previous), its refusal or None
+    rollback_plans: dict[str | None, RunbookError | None] = field(default_factory=dict)
 
     @property
     def active(self) -> Slot | None:
@@ -405,49 +408,139 @@ def _off_record(f: Facts) -> str | None:
             "state file does not record")
 
 
-def _rollback_command(f: Facts) -> str | None:
-    """`runbook rollback ENV`, or, when the previous deployment is the newer one this host
-    was rolled back from (which that command refuses), the same with --to to fill in; None
-    when no previous deployment is recorded (refused then, exit 4: found by review)."""
+def _rollback_target(f: Facts) -> tuple[str, str | None] | None:
+    """The rollback a fix may name, (command, its --to): `runbook rollback ENV`, or, when the
+    previous deployment is the newer one this host was rolled back from (which that command
+    refuses), the newest older deployment named with --to (a placeholder to fill in was not
+    a command to type); None when there is none to go to (refused then, exit 4: found by
+    review)."""
     state = f.state
-    if state is None or state.current is None:
+    current = state.current if state is not None else None
+    if state is None or current is None:
         return None
-    if state.rolled_back_from is not None:
-        return (f"runbook rollback {_arg(f.env)} --to <an older version than "
-                f"{state.current.version}>")
-    return f"runbook rollback {_arg(f.env)}" if state.previous is not None else None
+    back = state.rolled_back_from
+    if back is None:
+        return (f"runbook rollback {_arg(f.env)}", None) if state.previous is not None else None
+    older = [d for d in state.deployments() if d.deployed_at < current.deployed_at
+             and d.version not in (current.version, back.version)]
+    if not older:
+        return None
+    to = max(older, key=lambda d: d.deployed_at).version
+    return f"runbook rollback {_arg(f.env)} --to {to}", to
 
 
-def _way_out(f: Facts, down: Slot | None) -> str:
+def _rollback_refusal(f: Facts, to: str | None) -> RunbookError | None:
+    """Why `runbook rollback ENV [--to TO]` would be refused now, as its dry run plans it
+    (no lock taken, nothing changed); None when it would run. Found by review: status named
+    the rollback wherever a previous deployment was recorded, and on a dirty schema, with
+    Caddy dialing no slot, or back to a build older than the schema, it was refused (exit 4,
+    its refusal offering --force). Asked only when a fix would name it (an outage), once."""
+    if to not in f.rollback_plans:
+        from runbook import rollback
+
+        try:
+            rollback.rollback(f.env, rollback.Options(to=to), dry_run=True)
+        except RunbookError as exc:
+            f.rollback_plans[to] = exc
+        else:
+            f.rollback_plans[to] = None
+    return f.rollback_plans[to]
+
+
+def _absent(f: Facts, slot: Slot | None) -> docker.ContainerInfo | None:
+    """The slot's container when Docker says it does not exist (removed)."""
+    info = f.containers.get(slot) if slot is not None else None
+    return info if info is not None and not info.exists else None
+
+
+def _redeploy(f: Facts, down: Slot) -> str | None:
+    """The deploy of the recorded current build again, when the failing slot's container is
+    absent (removed) and its image is here: a rollback would take users off a release
+    because its container went (found by review: after a rollback, the only rollback left
+    went back past the schema, refused; status never said the container was absent)."""
+    current = f.state.current if f.state is not None else None
+    if _absent(f, down) is None or current is None or current.active_slot not in (None, down) \
+            or f.current_build is None:  # its image gone: the deploy is refused too
+        return None
+    from runbook import compose
+
+    said = f"redeploy {current.version}, the build the state file records"
+    if not compose.can_recreate(f.env):  # the host's own way, then a switch
+        return f"{said}: {compose.deploy_hint(f.env, current.version)}"
+    return (f"{said}, to {down.other} ({compose.deploy_hint(f.env, current.version)} moves "
+            "traffic there once it answers healthy)")
+
+
+def _way_out(f: Facts, down: Slot | None, *, say_absent: bool = True) -> str:
     """What moves users off a slot that fails (`down`; None: Caddy's config names no slot):
-    the rollback when one would run, the switch to the other slot (with no slot named, the
-    one the state file records) when it answers healthy now, else a deploy. Found by
-    review: `runbook rollback` was offered with no previous deployment recorded (exit 4)."""
-    ways = []
-    rollback = _rollback_command(f)
-    if rollback is not None:
-        ways.append(f"roll back (`{rollback}`)")
+    the redeploy of the recorded build when its container is absent, the rollback when its
+    dry run plans it, the switch to the other slot (with no slot named, the one the state
+    file records) when it answers healthy now (first when it runs the recorded build), else
+    the rollback's refusal or a deploy; led by the container's absence (`say_absent`: not
+    said by the problem itself). Found by review: `runbook rollback` was offered with no
+    previous deployment recorded, and where it was refused (exit 4)."""
+    ways: list[str] = []
+    absent = _absent(f, down)
+    gone = (f"the {down} slot's container {absent.name} is absent (removed)"
+            if absent is not None and down is not None and say_absent else None)
+    redeploy = _redeploy(f, down) if down is not None else None
+    if redeploy is not None:
+        ways.append(redeploy)
+    found = _rollback_target(f)
+    refused = _rollback_refusal(f, found[1]) if found is not None else None
+    if isinstance(refused, LockedError):  # every rollback, deploy or switch is refused
+        return "; ".join(x for x in (gone, f"a rollback, a deploy or a switch is refused now: "
+                                           f"{refused.message}", refused.fix) if x)
+    if found is not None and refused is None:
+        ways.append(f"roll back (`{found[0]}`)")
     current = f.state.current if f.state is not None else None
     target = down.other if down is not None else current.active_slot if current else None
     report = f.reports.get(target) if target is not None else None
     if target is not None and report is not None and report.ok:
-        ways.append(f"switch to {target}, which answers {report.status} now "
-                    f"(`runbook switch {_arg(f.env)} --slot {target}`)")
+        same = current is not None and report.version == current.version
+        switch = (f"switch to {target}, which answers {report.status} now"
+                  + (f" running the recorded {current.version}" if same and current else "")
+                  + f" (`runbook switch {_arg(f.env)} --slot {target}`)")
+        ways.insert(0 if same else len(ways), switch)
+    # why no rollback is named (on-call would ask), its own fix when nothing else is named
+    no = (f"a rollback{f' to {found[1]}' if found and found[1] else ''} is refused now "
+          f"({refused.message.removesuffix('; nothing was changed')})"
+          if found is not None and refused is not None else None)
     if ways:
-        return ", or ".join(ways)
-    return ("deploy a known-good version (`runbook deploy "
-            f"{_arg(f.env)} --version <known-good version>`): no previous deployment is "
-            "recorded to roll back to, and no other slot answers healthy")
+        said = ", or ".join(ways) + (f"; {no}" if no else "")
+    elif no is not None and refused is not None:
+        said = f"{no}: {refused.fix}" if refused.fix else no
+    else:
+        said = ("deploy a known-good version (`runbook deploy "
+                f"{_arg(f.env)} --version <known-good version>`): no earlier deployment is "
+                "recorded to roll back to, and no other slot answers healthy")
+    return ": ".join(x for x in (gone, said) if x)
+
+
+def _schema_first(f: Facts) -> str | None:
+    """While a migration runs or the schema is left dirty (schema_dirty): the pointer to that
+    problem for every problem whose fix would roll back, switch or deploy. Found by review:
+    "roll back" was named on a dirty schema, refused (exit 4) with --force as its way out."""
+    if f.migrating is not None:
+        return ("wait for the migration under way to end first (see that problem): a "
+                "rollback, a deploy or a switch now starts code on a schema it is changing")
+    if f.schema is None or not f.schema.dirty:
+        return None
+    return (f"repair the database schema first (see its problem: the database schema is dirty "
+            f"at version {f.schema.version}): a rollback or a deploy is refused on it until "
+            f"then (`runbook status {_arg(f.env)}` again once it is repaired)")
 
 
 def active_unhealthy(f: Facts) -> Iterator[Problem]:
     active = f.active
     if active is not None and active in f.reports and not f.reports[active].ok:
-        yield Problem(f"the active slot {active} is {f.reports[active].status}",
+        absent = _absent(f, active)
+        yield Problem(f"the active slot {active} is {f.reports[active].status}"
+                      + (f": its container {absent.name} is absent" if absent else ""),
                       _doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
                       or _pairing_fix(f)
-                      or _database_fix(f) or _off_record(f)
-                      or f"{_way_out(f, active)}; or see "
+                      or _database_fix(f) or _schema_first(f) or _off_record(f)
+                      or f"{_way_out(f, active, say_absent=False)}; or see "
                       f"`runbook healthcheck {_arg(f.env)} --slot {active}`")
 
 
@@ -794,7 +887,7 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
         doubted = (_doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
-                   or _pairing_fix(f) or _database_fix(f))
+                   or _pairing_fix(f) or _database_fix(f) or _schema_first(f))
         report = f.reports.get(f.active) if f.active is not None else None
         side = traffic.proxy_side(f.env, f.traffic, report is not None and report.ok)
         if side is not None and not doubted:  # no switch ends it: Caddy's log says why
@@ -886,7 +979,8 @@ def crash_looping(f: Facts) -> Iterator[Problem]:
             yield Problem(f"the {slot} slot's container {info.name}, which Caddy serves, is "
                           f"crash-looping: {how}; users get errors while it is down",
                           f"{logs}; " + (_doubted_fix(f) or _unfinished_fix(f)
-                                         or _database_fix(f) or _off_record(f)
+                                         or _database_fix(f) or _schema_first(f)
+                                         or _off_record(f)
                                          or f"if its build is at fault: "
                                          f"{_way_out(f, slot)}"))
         elif f.active is not None and not (f.traffic is not None

@@ -371,21 +371,156 @@ def test_a_proxy_that_serves_nobody_is_a_problem(stack: DrillStack, tmp_path: Pa
     problem(problems, "the active slot blue is")  # and its own /health, as before
 
 
-def test_after_a_rollback_the_fix_never_names_the_refused_command(stack: DrillStack) -> None:
-    """Found by review: after a rollback, an unhealthy live slot's fix said `runbook rollback
-    ENV`, which is refused then (it would go forward, to the release rolled back from)."""
+def _run_printed(command: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """A `runbook ...` command as a fix prints it, run through the CLI (with `extra`)."""
+    import shlex
+
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *shlex.split(command)[1:],
+                           *extra], capture_output=True, text=True, timeout=300, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+
+
+def _way_out_fixes(problems: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The problems whose fix is the outage's way out (a rollback, a switch, a redeploy)."""
+    return [p for p in problems if p["check"] in ("active_unhealthy", "proxy_unanswered")]
+
+
+def test_a_removed_serving_container_after_a_rollback_is_said_absent_and_redeployed(
+        scene_stack: DrillStack) -> None:
+    """Found by review ("follow the printed fix verbatim"): after a rollback (v2 on green, v3
+    rolled back from), the serving container removed, status said only "unreachable" / 502
+    and named `runbook rollback ENV --to <an older version than v2>`: the only one, v1, ran
+    with schema 1 on a schema-2 database, and that rollback is refused (exit 4, offering
+    --force). The fix says the container is absent and names the redeploy of the recorded
+    build, which, typed as printed, serves users again. Oracle: the dry run's exit, the
+    proxy."""
     from runbook import rollback
     from tests.drill_checks import two_deployments
+    from tests.test_interrupted import through_proxy
 
-    env = two_deployments(stack)  # v3 on blue, v2 the previous
+    env = two_deployments(scene_stack)  # v3 on blue, v2 the previous
     rollback.rollback(env)  # v2 on green serves, v3 is the one rolled back from
+    green = env.slot(Slot.GREEN).container
     # removed, not stopped: a stopped container of the recorded build is started again
     # (test_a_stopped_serving_container_is_said_first_and_its_printed_fix_serves_users_again)
-    stack.docker("rm", "-f", env.slot(Slot.GREEN).container)
-    code, text, problems = status(stack)
+    scene_stack.docker("rm", "-f", green)
+    refused = _cli(env.source, "rollback", "--to", V1.tag, "--dry-run")  # the premise
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    code, text, problems = status(scene_stack)
     assert_listed(code, text, problems)
-    fix = problem(problems, "the active slot green is")["fix"]
-    assert "--to <an older version than" in fix, fix
+    assert "runbook rollback" not in json.dumps(problems), problems
+    said = _way_out_fixes(problems)
+    assert {p["check"] for p in said} == {"active_unhealthy", "proxy_unanswered"}, problems
+    redeploy = f"runbook deploy {env.source} --version {V2.tag}"
+    for p in said:
+        assert f"{green} is absent" in p["problem"] + p["fix"], p
+        assert f"`{redeploy}`" in p["fix"], p
+    done = _run_printed(redeploy, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", V2.tag)
+    code, text, problems = status(scene_stack)
+    assert not _way_out_fixes(problems), text
+
+
+def test_a_removed_serving_container_of_a_healthy_release_is_redeployed_first(
+        scene_stack: DrillStack) -> None:
+    """PREVIOUS (v3 serving from blue, v2 stopped on green), blue's container removed: the
+    rollback runs, but it takes users off a healthy release because a container was removed.
+    The fix says the container is absent and names the redeploy of the recorded build first,
+    then the rollback; the redeploy, typed as printed, serves v3 again. Oracle: the dry
+    runs, the proxy."""
+    from runbook.drill import scenes
+    from tests.test_interrupted import through_proxy
+
+    scene_stack.arrange(scenes.PREVIOUS)
+    env = scene_stack.env
+    blue = env.slot(Slot.BLUE).container
+    scene_stack.docker("rm", "-f", blue)
+    code, text, problems = status(scene_stack)
+    assert_listed(code, text, problems)
+    redeploy = f"runbook deploy {env.source} --version {VERSIONS['v3'].tag}"
+    said = _way_out_fixes(problems)
+    assert said, problems
+    for p in said:
+        assert f"{blue} is absent" in p["problem"] + p["fix"], p
+        assert f"`{redeploy}`" in p["fix"], p
+        assert f"`runbook rollback {env.source}`" in p["fix"], p
+        assert p["fix"].index(redeploy) < p["fix"].index("runbook rollback"), p
+    _each_runs(_changing(problems))
+    done = _run_printed(redeploy, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", VERSIONS["v3"].tag)
+    code, text, problems = status(scene_stack)
+    assert not _way_out_fixes(problems), text
+
+
+def test_a_dirty_schema_points_the_outage_at_its_repair_never_at_a_refused_rollback(
+        scene_stack: DrillStack) -> None:
+    """Found by review: PREVIOUS with the schema left dirty (no snapshot at schema 2): the
+    unhealthy active slot's fix said `runbook rollback ENV`, refused (exit 4: the schema is
+    dirty, "or pass --force"). It points at the dirty schema's own problem, whose repair
+    (here: the flag cleared, as `migrate force` does once nothing was left half-applied)
+    serves users again. Oracle: the dry run's exit, the proxy."""
+    from runbook.drill import scenes
+    from tests.test_interrupted import through_proxy
+
+    scene_stack.arrange(scenes.PREVIOUS)
+    env = scene_stack.env
+    try:
+        with scene_stack.connect() as conn:
+            conn.execute("UPDATE schema_migrations SET dirty = true")
+        refused = _cli(env.source, "rollback", "--dry-run")  # the premise
+        assert refused.returncode == 4 and "dirty" in refused.stdout + refused.stderr, \
+            refused.stdout + refused.stderr
+        code, text, problems = status(scene_stack)
+        assert_listed(code, text, problems)
+        assert "runbook rollback" not in json.dumps(problems), problems
+        problem(problems, "the database schema is dirty at version 2")
+        [unhealthy] = [p for p in problems if p["check"] == "active_unhealthy"]
+        assert "the database schema is dirty" in unhealthy["fix"], unhealthy
+    finally:
+        with scene_stack.connect() as conn:
+            conn.execute("UPDATE schema_migrations SET dirty = false")
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+    code, text, problems = status(scene_stack)
+    assert (code, problems) == (0, []), text
+
+
+def test_caddy_dialing_a_third_port_names_the_switch_that_runs_never_the_refused_rollback(
+        scene_stack: DrillStack) -> None:
+    """Found by review: PREVIOUS, Caddy's running config (loaded through its admin API, the
+    file left as it is) dialing a port no slot listens on: the fix said "roll back (`runbook
+    rollback ENV`), or switch to blue"; the rollback is refused (exit 4: which slot takes
+    traffic cannot be told). Only the switch is named, and, typed as printed, it serves
+    users again. Oracle: the dry run's exit, the proxy."""
+    from runbook import caddy
+    from runbook.drill import scenes
+    from tests.drill_checks import closed_port
+    from tests.test_interrupted import through_proxy
+
+    scene_stack.arrange(scenes.PREVIOUS)
+    env = scene_stack.env
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    dead = closed_port()
+    block = text[start:end].replace(f"localhost:{env.slot(Slot.BLUE).port}",
+                                    f"localhost:{dead}")
+    drill_http.post(f"{env.caddy.admin_url}/load", content=text[:start] + block + text[end:],
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    assert drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5).status_code == 502
+    refused = _cli(env.source, "rollback", "--dry-run")  # the premise
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    code, text_out, problems = status(scene_stack)
+    assert_listed(code, text_out, problems)
+    assert "runbook rollback" not in json.dumps(problems), problems
+    [unserved] = [p for p in problems if p["check"] == "proxy_unanswered"]
+    [switch] = _typed(unserved["fix"], "runbook switch")
+    assert switch[1:] == ["switch", str(env.source), "--slot", "blue"], unserved
+    done = _run_printed(" ".join(switch), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+    code, text_out, problems = status(scene_stack)
+    assert (code, problems) == (0, []), text_out
 
 
 @pytest.mark.parametrize("how", ["stop", "pause"])
