@@ -1597,7 +1597,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             # after the check just below (another environment's switch) is never dropped
             running, etag = traffic.loaded_config_tagged(env)
             before = traffic.from_config(
-                env, running, lambda: traffic.outside_dials(env, running)).slot
+                env, running, lambda: traffic.outside_addresses(env, running)).slot
             answered = True
         except traffic.TrafficUnknownError:
             running, etag, before, answered = None, None, None, False

@@ -756,6 +756,29 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
 
 
+def dials_the_other_container(f: Facts) -> Iterator[Problem]:
+    """Caddy sends the app to one slot and also dials the other slot's container by its
+    name or address (`172.20.0.3:8080`): part of the traffic reaches the slot a switch moved
+    users off, and the slot header, stamped by the managed block's header_down, hides it
+    (found by review: a reverse_proxy pool of `localhost:<port>` and the old slot's container
+    address, "No problems found" after the switch)."""
+    if f.traffic is None or f.active is None:
+        return
+    other = f.active.other
+    info = f.containers.get(other)
+    if info is None or not info.addresses:
+        return
+    dials = [d for d in f.traffic.dials if traffic.dial_host(d) in info.addresses]
+    if dials:
+        yield Problem(
+            f"Caddy's running config sends the app to {f.active} but also dials "
+            f"{', '.join(dials)}, the {other} slot's container {info.name} by its name or "
+            f"address: requests there reach {other}, which no switch moves",
+            "dial each slot by its own localhost:<port> only between the slot markers (move "
+            "any other upstream out of the managed block), reload Caddy, then check with "
+            f"`runbook status {_arg(f.env)}`")
+
+
 def _stopped_serving(f: Facts) -> docker.ContainerInfo | None:
     """The container of the slot Caddy serves, when it exists and is stopped (exited, or
     created and never started) or paused (found by review: said only as unreachable, with a
@@ -1290,7 +1313,8 @@ Check = Callable[[Facts], Iterator[Problem]]
 CHECKS: list[Check] = [
     caddy_not_answering, slots_mispaired, serving_stopped, proxy_unanswered, crash_looping,
     serving_absent, state_unreadable, container_unknown, caddy_problems,
-    traffic_unclear, proxy_unverifiable, caddyfile_differs_from_what_runs, schema_dirty,
+    traffic_unclear, dials_the_other_container, proxy_unverifiable,
+    caddyfile_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,

@@ -428,21 +428,25 @@ def loaded_config_tagged(env: Environment) -> tuple[Any, str | None]:
 
 
 def from_config(env: Environment, config: Any,
-                outside: Callable[[], Counter[int] | None] | None = None) -> Traffic:
-    """What `config` dials. `outside` (the ports the Caddyfile's part outside the markers
-    dials, as Caddy adapts it) tells the managed block's dials from other sites' by
-    subtraction. When both slots are dialed and that leaves none, or it cannot be told, both
-    stay (and every caller fails closed). When one slot is dialed by other sites alone (the
+                outside: Callable[[], Counter[str] | None] | None = None) -> Traffic:
+    """What `config` dials. `outside` (the dials the Caddyfile's part outside the markers
+    makes, as Caddy adapts it: outside_addresses) tells the managed block's dials from other
+    sites' by subtraction. A dial is a slot's when it is on the slot's port on this machine
+    (`ThisHost`): another machine's service on the same port number is not the slot. When
+    both slots are dialed and that leaves none, or it cannot be told, both stay (and every
+    caller fails closed). When one slot is dialed by other sites alone (the
     managed block dials a port no slot has: the guide's "Caddyfile targets the wrong port"),
     no slot serves (found by review: that slot was taken to serve while users got 502s, and
     the switch that repairs it was refused as "nothing to switch")."""
     every = list(_dials(config))
     dials = tuple(dict.fromkeys(every))
     by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
-    counts = Counter(p for d in every if (p := _port(d)) in by_port)
+    here = ThisHost(env)
+    counts = _slot_counts(env, every, here)
     slots = frozenset(by_port[p] for p in counts)
     pinned: frozenset[Slot] = frozenset()
-    fixed = outside() if slots and outside is not None else None
+    made = outside() if slots and outside is not None else None
+    fixed = None if made is None else _slot_counts(env, made.elements(), here)
     if fixed is not None:
         managed = frozenset(by_port[p] for p in counts - fixed)
         if managed or len(slots) == 1:
@@ -518,7 +522,7 @@ def undo_config(env: Environment, running: Any, previous: Slot | None, target: S
         # Caddy applied it, a signal): nothing of anyone else's to keep or to say (review)
         return running, None
     if moved is None:
-        found = from_config(env, now, lambda: outside_dials(env))
+        found = from_config(env, now, lambda: outside_addresses(env))
         serving = (f"{env.display}'s traffic is on {found.slot}" if found.slot is not None
                    else f"which slot takes {env.display}'s traffic cannot be told")
         raise CaddyError(
@@ -548,42 +552,45 @@ def pointed_back(env: Environment, config: Any, target: Slot, source: Slot | Non
     if source is None or source == target:
         return None, f"which slot served {env.display} before the switch is not known"
     port, back = env.slot(target).port, env.slot(source).port
-    found = _port_counts(config)[port]
+    here = ThisHost(env)
+    found = _slot_counts(env, _dials(config), here)[port]
     if not found:
         return None, (f"it dials nothing on {target}'s port {port}: the switch's routes are "
                       "gone")
-    if loaded is not None and (had := _port_counts(loaded)[port]) != found:
+    if loaded is not None and (had := _slot_counts(env, _dials(loaded), here)[port]) != found:
         return None, (f"it dials {target}'s port {port} {found} time(s), the config the switch "
                       f"loaded {had}")
-    outside = outside_dials(env)
+    outside = outside_addresses(env)
     if outside is None:
         return None, (f"which of its dials of port {port} are the slot markers' cannot be told "
                       "(Caddy did not adapt the Caddyfile's part outside them)")
-    if outside[port]:
+    if _slot_counts(env, outside.elements(), here)[port]:
         return None, (f"a site outside the slot markers of {env.caddy.caddyfile} dials "
                       f"{target}'s port {port} too")
     moved = copy.deepcopy(config)
     servers = (((moved or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
     for server in servers.values() if isinstance(servers, dict) else ():
         for route in (server.get("routes") or ()) if isinstance(server, dict) else ():
-            if any(_port(d) == port for d in _dials(route)):
-                _repoint(route, port, back, str(target), str(source))
-    if _port_counts(moved)[port]:
+            if any(_port(d) == port and here(d) for d in _dials(route)):
+                _repoint(route, port, back, str(target), str(source), here)
+    if _slot_counts(env, _dials(moved), here)[port]:
         return None, f"it dials {target}'s port {port} outside an HTTP server's routes"
     return moved, None
 
 
-def _repoint(node: Any, port: int, back: int, target: str, source: str) -> None:
-    """In place: every dial and active health check on `port` to `back`, and every
+def _repoint(node: Any, port: int, back: int, target: str, source: str,
+             here: Callable[[str], bool]) -> None:
+    """In place: every dial on `port` of this machine (`here`: another machine's service on
+    that port number is left alone) and active health check on `port` to `back`, and every
     SLOT_HEADER value `target` to `source` (the managed block's header_down)."""
     if isinstance(node, list):
         for item in node:
-            _repoint(item, port, back, target, source)
+            _repoint(item, port, back, target, source, here)
         return
     if not isinstance(node, dict):
         return
     for key, value in node.items():
-        if key == "dial" and isinstance(value, str) and _port(value) == port:
+        if key == "dial" and isinstance(value, str) and _port(value) == port and here(value):
             node[key] = f"{value.rpartition(':')[0]}:{back}"
         elif key.lower() == SLOT_HEADER.lower() and isinstance(value, list):
             node[key] = [source if v == target else v for v in value]
@@ -594,19 +601,29 @@ def _repoint(node: Any, port: int, back: int, target: str, source: str) -> None:
                     active["port"] = back
                 if isinstance(up := active.get("upstream"), str) and _port(up) == port:
                     active["upstream"] = f"{up.rpartition(':')[0]}:{back}"
-            _repoint(value, port, back, target, source)
+            _repoint(value, port, back, target, source, here)
 
 
 def _pinned(env: Environment) -> frozenset[Slot]:
     """Slots the part of the Caddyfile outside the markers proxies to (empty: none, or it
     cannot be told)."""
     by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
-    return frozenset(by_port[p] for p in (outside_dials(env) or ()) if p in by_port)
+    made = outside_addresses(env) or Counter()
+    return frozenset(by_port[p] for p in _slot_counts(env, made.elements(), ThisHost(env)))
 
 
 def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
-    """The ports the Caddyfile's part outside the slot markers dials, as Caddy's own adapter
-    (`POST /adapt`, nothing loaded) reads it; None when the file or Caddy cannot say.
+    """The ports of outside_addresses: what the Caddyfile's part outside the slot markers
+    dials, by port, whatever the host."""
+    made = outside_addresses(env, running)
+    return None if made is None else Counter(
+        p for d in made.elements() if (p := _port(d)) is not None)
+
+
+def outside_addresses(env: Environment, running: Any = None) -> Counter[str] | None:
+    """The dials (`host:port`) the Caddyfile's part outside the slot markers makes, as
+    Caddy's own adapter (`POST /adapt`, nothing loaded) reads it; None when the file or
+    Caddy cannot say.
 
     With `running` (Caddy's loaded config), only when the file's part outside the markers is
     what runs: the file with its managed block pointed at one slot or the other must adapt
@@ -638,10 +655,10 @@ def outside_dials(env: Environment, running: Any = None) -> Counter[int] | None:
     return Counter(found)
 
 
-_OUTSIDE: dict[tuple[str, str, str | None], Counter[int]] = {}
+_OUTSIDE: dict[tuple[str, str, str | None], Counter[str]] = {}
 
 
-def _outside_dials(env: Environment, raw: str, running: Any) -> Counter[int] | None:
+def _outside_dials(env: Environment, raw: str, running: Any) -> Counter[str] | None:
     from runbook.caddy import admin
     from runbook.caddy import text as caddytext
 
@@ -669,7 +686,7 @@ def _outside_dials(env: Environment, raw: str, running: Any) -> Counter[int] | N
                 return None  # the part outside the markers is not what runs: cannot tell
     except (OSError, UnicodeError, RunbookError):
         return None
-    return _port_counts(answer)
+    return Counter(_dials(answer))
 
 
 def _may_dial_a_slot(env: Environment, outside: str) -> bool:
@@ -712,6 +729,76 @@ def _port_counts(config: Any) -> Counter[int]:
     return Counter(p for d in _dials(config) if (p := _port(d)) is not None)
 
 
+def _slot_counts(env: Environment, dials: Iterable[str],
+                 here: Callable[[str], bool]) -> Counter[int]:
+    """How many of `dials` reach each slot's port on this machine (`here`), by port."""
+    ports = {cfg.port for cfg in env.slots.values()}
+    return Counter(p for d in dials if (p := _port(d)) in ports and here(d))
+
+
+class ThisHost:
+    """Whether a dial reaches this machine: only such a dial on a slot's port is the slot's.
+    Found by review: a site proxying to another machine's service that happens to use a
+    slot's port number (`192.0.2.10:<green's port>`) counted as pinning green, so rollback
+    and deploy refused to recreate green and told on-call to repoint an unrelated service.
+    This machine: no host (a health check's port), localhost, host.docker.internal, a
+    loopback address or one of this host's, its name, a slot's `host`, or a slot
+    container's names and addresses (a Caddy on Docker's network). A name that does not
+    resolve here, or a host when Docker cannot be asked, counts as this machine's: what
+    cannot be told is not taken for another machine (fail closed: the slot stays pinned)."""
+
+    def __init__(self, env: Environment) -> None:
+        self._env = env
+        self._judged: dict[str, bool] = {}
+        self._containers: frozenset[str] | None = None
+
+    def __call__(self, dial: str) -> bool:
+        host = _dial(dial)[0].split("%")[0]
+        if host not in self._judged:
+            self._judged[host] = self._judge(host)
+        return self._judged[host]
+
+    def _judge(self, host: str) -> bool:
+        import ipaddress
+        import socket
+
+        from runbook.caddy.text import THIS_HOST_NAMES, local_address
+
+        if not host or "{" in host or host in THIS_HOST_NAMES or local_address(host) \
+                or host in {cfg.host.strip("[]").lower() for cfg in self._env.slots.values()} \
+                or host == socket.gethostname().lower():
+            return True
+        containers = self.containers()
+        if containers is None or host in containers:
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return False  # an address neither of this host nor of a slot's container
+        if host == socket.getfqdn().lower():
+            return True
+        try:
+            found = {str(i[4][0]).split("%")[0].lower()
+                     for i in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError):
+            return True  # not resolvable here: where Caddy leads it cannot be told
+        return any(local_address(a) or a in containers for a in found)
+
+    def containers(self) -> frozenset[str] | None:
+        """The names and addresses of the slots' containers (None: Docker cannot say)."""
+        from runbook import docker
+
+        if self._containers is None:
+            try:
+                self._containers = frozenset().union(*(
+                    docker.inspect(cfg.container).addresses for cfg in self._env.slots.values()))
+            except RunbookError:
+                return None
+        return self._containers
+
+
 def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None, int | None]:
     """(X-Togather-Slot, error, unverifiable, HTTP status) as the proxy answers right now, on
     a fresh connection. `unverifiable` describes an answer below 500 without the header, or a TLS
@@ -746,13 +833,13 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
     planner's wait for a running standby)."""
     if not proxy:
         running = loaded_config(env)
-        return from_config(env, running, lambda: outside_dials(env, running))
+        return from_config(env, running, lambda: outside_addresses(env, running))
     from runbook.probes import Probe
 
     witness = Probe(lambda: ask_proxy(env), "ask-proxy")
     try:
         running = loaded_config(env)
-        found = from_config(env, running, lambda: outside_dials(env, running))
+        found = from_config(env, running, lambda: outside_addresses(env, running))
     except BaseException:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise
@@ -850,6 +937,11 @@ def _dial(address: str) -> tuple[str, int | None]:
 
 def _dial_port(address: str) -> int | None:
     return _dial(address)[1]
+
+
+def dial_host(address: str) -> str:
+    """The host of a dial address, lower-cased, without brackets or network."""
+    return _dial(address)[0]
 
 
 def check_slot_ports(env: Environment) -> None:
@@ -989,9 +1081,10 @@ def refuse_if_serving(env: Environment, slot: Slot, action: str) -> Traffic:
     # the OTHER slot's port, published by this container (ports swapped against the
     # environment) and dialed by Caddy; its own port is judged above (a site outside the
     # markers may pin it), and another port it publishes (metrics) is not the app's
-    dialed = {p for p in map(_dial_port, found.dials) if p is not None}
-    published = (set(info.published or ())
-                 & {env.slot(Slot(slot).other).port} & dialed)
+    here, other = ThisHost(env), env.slot(Slot(slot).other).port
+    # another machine's service on that port number is not this container
+    dialed = {other} if any(_dial_port(d) == other and here(d) for d in found.dials) else set()
+    published = set(info.published or ()) & dialed
     if published:
         raise ServingContainerError(
             f"refusing to {action} {container}: it publishes port "
@@ -1006,8 +1099,9 @@ def pinned_by(env: Environment, found: Traffic, slot: Slot) -> str:
     `found.pinned`)."""
     if found.unresolved:
         return unresolved_site(env, found)
-    port = env.slot(slot).port
-    dials = ", ".join(d for d in found.dials if _dial_port(d) == port) or f":{port}"
+    port, here = env.slot(slot).port, ThisHost(env)
+    dials = ", ".join(d for d in found.dials if _dial_port(d) == port and here(d)) \
+        or f":{port}"
     return (f"a site outside the slot markers of {env.caddy.caddyfile} proxies to it "
             f"({dials}), so it serves that site")
 

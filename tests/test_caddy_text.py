@@ -32,7 +32,7 @@ from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import through_proxy
+from tests.drill_checks import runbook_cli, through_proxy
 
 
 def make_env(caddyfile: Path = Path("/nonexistent/Caddyfile"), *, admin: str = "http://127.0.0.1:1",
@@ -544,13 +544,17 @@ def test_an_upstream_without_a_port_is_switched_only_when_its_default_port_is_a_
     env = make_env().with_(slots={
         slot: dataclasses.replace(cfg, port=80 if slot is Slot.BLUE else cfg.port)
         for slot, cfg in ENV.slots.items()})
-    text = ("# BLUE_GREEN_SLOT_START\nreverse_proxy localhost https://localhost\n"
-            "# BLUE_GREEN_SLOT_END\n")
+    # two routes (one pool of both would be refused: a switch could not move it whole)
+    text = ("# BLUE_GREEN_SLOT_START\nreverse_proxy localhost\n"
+            "reverse_proxy /s/* https://localhost\n# BLUE_GREEN_SLOT_END\n")
     assert caddy.active_slot(text, env) is Slot.BLUE  # port 80; https:// is 443
     assert caddy.rewrite(text, env, Slot.GREEN) == text.replace(
-        "proxy localhost ", "proxy localhost:8082 ")
+        "proxy localhost\n", "proxy localhost:8082\n")
+    pooled = text.replace("localhost\nreverse_proxy /s/* https", "localhost https")
+    with pytest.raises(CaddyError, match=r"line 2: upstream https://localhost .* pool"):
+        caddy.rewrite(pooled, env, Slot.GREEN)
     # with no upstream on a slot's port (80 is no slot's here), the repair repoints them all
-    assert caddy.rewrite(text, ENV, Slot.GREEN) == text.replace(
+    assert caddy.rewrite(pooled, ENV, Slot.GREEN) == pooled.replace(
         "proxy localhost https://localhost", "proxy localhost:8082 https://localhost:8082")
 
 
@@ -606,19 +610,29 @@ QUIET_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\\\"`"),
 LINE_TEXT = QUIET_TEXT.map(lambda s: s.replace("\n", " "))
 
 
+SLOT_PORT_TEXT = [":8081", ":8082"]
+OTHER_PORT_TEXT = [":8080", ":9000", ":1", ":3000", ""]
+
+
 @st.composite
-def upstream(draw: st.DrawFn) -> str:
+def upstream(draw: st.DrawFn, ports: list[str] | None = None) -> str:
     host = draw(st.sampled_from(["localhost", "127.0.0.1", "http://localhost", "[::1]",
                                  "h2c://127.0.0.1"]))
-    port = draw(st.sampled_from([":8081", ":8082", ":8080", ":9000", ":1", ":3000", ""]))
+    port = draw(st.sampled_from(ports or SLOT_PORT_TEXT + OTHER_PORT_TEXT))
     quote = draw(st.sampled_from(["", '"']))
     return f"{quote}{host}{port}{quote}"
+
+
+def one_pool(draw: st.DrawFn) -> list[str]:
+    """The ports of one reverse_proxy's upstreams: all a slot's, or all another service's (a
+    pool that mixes them is refused: test_a_pool_mixing_a_slot_with_another_upstream_...)."""
+    return draw(st.sampled_from([SLOT_PORT_TEXT, OTHER_PORT_TEXT]))
 
 
 @st.composite
 def unit(draw: st.DrawFn) -> str:
     ind, eol = draw(INDENT), draw(EOL)
-    ups = " ".join(draw(st.lists(upstream(), min_size=1, max_size=3)))
+    ups = " ".join(draw(st.lists(upstream(one_pool(draw)), min_size=1, max_size=3)))
     matcher = draw(st.sampled_from(["", "@api ", "/api/* ", "* "]))
     value = draw(st.sampled_from(['"blue"', '"green"', "blue", "green"]))
     kind = draw(st.sampled_from(["plain", "block", "handle", "comment", "blank", "respond", "to"]))
@@ -788,9 +802,10 @@ def valid_unit(draw: st.DrawFn) -> str:
     scheme = draw(st.sampled_from(["", "http://", "h2c://"]))
 
     parts = []
+    ports = one_pool(draw)
     for host in draw(st.lists(st.sampled_from(["localhost", "127.0.0.1", "[::1]"]),
                               min_size=1, max_size=3)):
-        port = draw(st.sampled_from([":8081", ":8082", ":8080", ":9000", ":1", ":3000", ""]))
+        port = draw(st.sampled_from(ports))
         quote = draw(st.sampled_from(["", '"']))
         parts.append(f"{quote}{scheme}{host}{port}{quote}")
     upstreams = " ".join(parts)
@@ -1541,3 +1556,152 @@ def test_a_rejected_line_is_named_where_it_is_inside_or_outside_the_markers(
         caddy.validate(env, inside_typo)
     assert f"fix the managed block (line {line}) in {env.caddy.caddyfile}" in (
         err.value.fix or ""), err.value.fix
+
+
+# --- a reverse_proxy pool mixing a slot's upstream with another (found by review) ------------
+# `reverse_proxy localhost:8081 172.20.0.3:8080` balances every request over both: after a
+# switch Caddy dialed localhost:8082 and blue's container address, /health alternated blue and
+# green, and header_down stamped every answer "green", so verification and status passed.
+
+POOLS = {  # (the block, the text of the upstream no switch would move, as written)
+    "one line": ("\treverse_proxy localhost:8081 172.20.0.3:8080 {\n\t\tlb_policy round_robin"
+                 '\n\t\theader_down X-Togather-Slot "blue"\n\t}\n', "172.20.0.3:8080"),
+    "to lines": ("\treverse_proxy {\n\t\tto localhost:8081\n\t\tto localhost:9000\n"
+                 '\t\theader_down X-Togather-Slot "blue"\n\t}\n', "localhost:9000"),
+    "no port": ("\treverse_proxy /api/* 127.0.0.1:8081 localhost {\n"
+                '\t\theader_down X-Togather-Slot "blue"\n\t}\n', "8081 localhost {"),
+}
+
+
+def pooled_site(block: str) -> str:
+    return WRAPPER.format(block="\t# BLUE_GREEN_SLOT_START\n" + block + "\t# BLUE_GREEN_SLOT_END")
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("case", list(POOLS))
+def test_a_pool_mixing_a_slot_with_another_upstream_is_refused_naming_the_line(
+        admin: httpx.Client, case: str) -> None:
+    """Caddy's adapter is the oracle that the two upstreams are one pool (one reverse_proxy
+    handler dials both): the switch cannot move that whole, so it refuses (exit 4, nothing
+    rewritten) naming the line of the upstream it would leave and the fix; inspect says so
+    as a problem (status), not as an upstream "left as it is"."""
+    block, left = POOLS[case]
+    text = pooled_site(block)
+    managed = [p for listen, r in routes_of(adapt(admin, text)) if managed_server(listen, r)
+               for p in proxies(r)]
+    assert len(managed) == 1 and len(managed[0][0]) == 2, managed  # one pool of two
+    assert sum(d.endswith(":8081") for d in managed[0][0]) == 1, managed  # one a slot's
+    line = text[:text.index(left)].count("\n") + 1
+    with pytest.raises(CaddyError) as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert f"line {line}: upstream " in err.value.message and "pool" in err.value.message
+    assert "localhost:<port>" in (err.value.fix or "") and "out of the managed block" in (
+        err.value.fix or "")
+    found = caddy.inspect(text, ENV)
+    assert not found.consistent and found.slot is None
+    assert any(f"line {line}: upstream " in p and "pool" in p for p in found.problems)
+    assert not any("left as it is" in w for w in found.warnings), found.warnings
+    # each upstream in a reverse_proxy of its own: the other service's is left as it is
+    apart = pooled_site('\treverse_proxy localhost:8081 {\n\t\theader_down X-Togather-Slot '
+                        '"blue"\n\t}\n\treverse_proxy /other/* 172.20.0.3:8080\n')
+    assert "localhost:8082" in caddy.rewrite(apart, ENV, Slot.GREEN)
+
+
+# --- a dial of another machine on a slot's port number is not the slot (found by review) -----
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("host", "pins"), [
+    ("192.0.2.10", False),  # TEST-NET-1: another machine (never dialed: no request is sent)
+    ("localhost", True), ("127.0.0.1", True), ("[::1]", True), ("host.docker.internal", True),
+    ("container", True),  # the green slot's container, by its name (a Caddy on its network)
+])
+def test_only_a_dial_of_this_machine_on_a_slots_port_pins_that_slot(
+        drill_stack: DrillStack, tmp_path: Path, host: str, pins: bool) -> None:
+    """A site outside the markers proxies to `<host>:<green's port>` while the managed block
+    dials blue. Caddy's own adapter reads the file (the config it would run, and the part
+    outside the markers): only a host of this machine, or green's container, is green; a
+    remote service that happens to use that port number pinned green, and rollback and
+    deploy refused to recreate it, telling on-call to repoint an unrelated service."""
+    from runbook import traffic
+
+    env0 = drill_stack.env
+    blue, green = env0.slot(Slot.BLUE), env0.slot(Slot.GREEN)
+    host = green.container if host == "container" else host
+    text = (f"{{\n\tadmin off\n}}\nhttp://127.0.0.1:18082 {{\n\treverse_proxy {host}:{green.port}"
+            f"\n}}\nhttp://127.0.0.1:18080 {{\n\t# BLUE_GREEN_SLOT_START\n\treverse_proxy "
+            f"localhost:{blue.port} {{\n\t\theader_down X-Togather-Slot blue\n\t}}\n"
+            "\t# BLUE_GREEN_SLOT_END\n}\n")
+    path = tmp_path / "Caddyfile"
+    path.write_text(text)
+    env = env0.with_(caddy=dataclasses.replace(env0.caddy, caddyfile=path))
+    config = caddy.adapt(env, text)
+    assert config is not None
+    assert f"{host}:{green.port}" in json.dumps(config)  # Caddy dials it
+    found = traffic.from_config(env, config, lambda: traffic.outside_addresses(env))
+    assert found.slots == {Slot.BLUE}, found
+    assert found.pinned == ({Slot.GREEN} if pins else frozenset()), found
+    assert (traffic.ThisHost(env)(f"{host}:{green.port}")) is pins
+
+
+def health_slots(env: Environment, asks: int = 6) -> set[str]:
+    """The slots the /health bodies name through the proxy, each on a fresh connection."""
+    return {drill_http.get(f"{env.caddy.proxy_url}/health", headers={"Connection": "close"},
+                           timeout=5).json().get("slot") for _ in range(asks)}
+
+
+def load_pool(env: Environment, serving: Slot, address: str) -> str:
+    """The drill Caddyfile with its managed block one round-robin pool of `serving`'s
+    localhost:<port> and `address`, written and loaded (a host's own edit); returns it."""
+    text = caddy.read(env)
+    start, end = caddy.find_block(text)
+    pooled = (text[:start] + f"\treverse_proxy localhost:{env.slot(serving).port} {address} {{\n"
+              f"\t\tlb_policy round_robin\n\t\theader_down X-Togather-Slot \"{serving}\"\n\t}}\n"
+              + text[end:])
+    env.caddy.caddyfile.write_text(pooled)
+    drill_http.post(f"{env.caddy.admin_url}/load", content=pooled,
+                    headers={"Content-Type": "text/caddyfile"}, timeout=10).raise_for_status()
+    return pooled
+
+
+@pytest.mark.docker
+def test_a_pool_with_a_slots_container_address_is_refused_and_verification_and_status_see_it(
+        stack: DrillStack) -> None:
+    """The review's case end to end on the drill's real Caddy: the managed block pools
+    localhost:<blue's port> with blue's container address (172.x:8080) round robin. The
+    switch to green exited 0 leaving every other request on blue (the /health bodies through
+    the proxy are the oracle), verification and status passed. Now the switch is refused
+    (exit 4, nothing changed, the line and the fix named); and where Caddy runs such a pool
+    after all (loaded by hand), verification fails on the /health bodies and status names
+    the dial of blue's container. (A /health that names no slot, the minimal-health shape,
+    leaves verification nothing to compare: the refusal and status still say it.)"""
+    from runbook import docker
+
+    env = stack.env
+    blue = env.slot(Slot.BLUE)
+    says = not stack.has("minimal-health")  # its /health body names its slot
+    address = next(a for a in docker.inspect(blue.container).addresses if a.count(".") == 3)
+    pooled = load_pool(env, Slot.BLUE, f"{address}:8080")
+    assert served_dials(env) == {f"localhost:{blue.port}", f"{address}:8080"}
+    assert health_slots(env) == ({"blue"} if says else {None})  # both upstreams are blue's
+    running = running_config(env)
+    done = runbook_cli(env, "switch", "--slot", "green", "--yes")
+    assert done.returncode == ExitCode.PRECONDITION, done.stdout + done.stderr
+    line = pooled[:pooled.index(f"{address}:8080")].count("\n") + 1
+    assert f"line {line}: upstream {address}:8080" in done.stderr, done.stderr
+    assert "localhost:<port>" in done.stderr and "nothing was changed" in done.stderr
+    assert env.caddy.caddyfile.read_text() == pooled and running_config(env) == running
+    said = [p for p in status.problems(status.collect(env))
+            if f"line {line}: upstream {address}:8080" in p.problem]
+    assert len(said) == 1 and "localhost:<port>" in said[0].fix, said
+    assert "runbook switch" not in said[0].fix, said  # the switch refuses it: not the way out
+    # what the switch used to leave: green's port pooled with blue's container
+    load_pool(env, Slot.GREEN, f"{address}:8080")
+    assert through_proxy(env)[0] == "green"  # the header says green whoever answers
+    if says:
+        assert health_slots(env) == {"blue", "green"}  # half the users still on blue
+        check = caddy.verify(env, Slot.GREEN, None, attempts=2, interval=0.1)
+        assert not check.ok and "blue" in (check.error or ""), check.describe()
+    found = status.problems(status.collect(env))
+    named = [p for p in found if p.check == "dials_the_other_container"]
+    assert len(named) == 1 and f"{address}:8080" in named[0].problem, found

@@ -76,7 +76,7 @@ def test_h2c_on_another_port_of_the_app_is_seen_not_only_on_proxy_urls() -> None
     pinned["apps"]["http"]["servers"]["status"] = {"listen": [":9100"], "routes": [
         {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": "localhost:8082"}]}]}]}
     seen = traffic.from_config(host_env(Path("/nonexistent")), pinned,
-                               lambda: Counter({8082: 1}))
+                               lambda: Counter({"localhost:8082": 1}))
     assert seen.slots == {Slot.BLUE} and seen.fronts == ((80, 80), (8443, 8443))
     plain = {"apps": {"http": {"servers": {"srv0": {"listen": [":80"], "routes": route}}}}}
     assert traffic.h2c_port(traffic.from_config(host_env(Path("/nonexistent")), plain), 80) \

@@ -3080,6 +3080,40 @@ def test_a_running_standby_another_site_proxies_to_is_never_recreated(
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+@pytest.mark.shape_specific
+def test_a_site_proxying_to_another_machine_on_a_slots_port_number_pins_nothing(
+        stack: DrillStack) -> None:
+    """Found by review: a site outside the markers proxies to a remote service that happens
+    to use green's port number (192.0.2.10, TEST-NET-1: Caddy is loaded with it and never
+    sent a request there). Counted by port alone, green was pinned: the rollback that
+    recreates green was refused (exit 4) and told on-call to repoint an unrelated service.
+    Only a dial of this machine is the slot's: the same site dialing host.docker.internal
+    (how a Caddy in a container reaches this host) still pins green, refused as before."""
+    if docker_run_host(stack):
+        pytest.skip("the rollback below recreates through compose")
+    env = two_deployments(stack, stop_old_slot=False)  # v3 serving blue, v2 running on green
+    green = env.slot(Slot.GREEN)
+    # green runs v3: rolling back to v2 recreates it
+    subprocess.run([*compose.base(env), "up", "-d", "--no-deps", "--force-recreate",
+                    "--pull", "never", green.service or ""], check=True, capture_output=True,
+                   env={**os.environ, "IMAGE_TAG": V3.tag}, timeout=120)
+    wait_for(lambda: docker.inspect(green.container).running)
+    remote = pin_other_site(env, f"192.0.2.10:{green.port}")
+    assert f"192.0.2.10:{green.port}" in json.dumps(traffic.loaded_config(env))  # Caddy has it
+    assert traffic.read(env, proxy=False).pinned == frozenset()
+    dry = runbook_cli(env, "rollback", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "recreate" in dry.stdout and "proxies to it" not in dry.stdout + dry.stderr
+    traffic.refuse_recreate_if_pinned(env, Slot.GREEN)  # not refused
+    write_and_load(env, remote.replace(f"192.0.2.10:{green.port}",
+                                       f"host.docker.internal:{green.port}"))
+    assert traffic.read(env, proxy=False).pinned == {Slot.GREEN}
+    refused = runbook_cli(env, "rollback", "--dry-run")
+    assert refused.returncode == ExitCode.PRECONDITION, refused.stdout + refused.stderr
+    assert f"host.docker.internal:{green.port}" in refused.stderr, refused.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 @pytest.mark.parametrize("upstream", ["placeholder", "dynamic"])
 def test_a_site_outside_the_markers_with_a_runtime_upstream_keeps_both_slots(
         stack: DrillStack, upstream: str) -> None:

@@ -789,9 +789,10 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
            quick: bool = False) -> VerifyResult:
     """Ask through Caddy who answers. A fresh connection per attempt, because a kept-alive one
     can still reach the old upstream or be reset exactly at a reload. `timeout` bounds each
-    attempt in total (body included; by default the larger of VERIFY_TIMEOUT and the
-    environment's health request timeout), so the whole check ends within
-    attempts x (timeout + interval) whatever the proxy does.
+    attempt's answer in total (body included; by default the larger of VERIFY_TIMEOUT and
+    the environment's health request timeout), and as much again its /health samples
+    (`slot_elsewhere`), so the whole check ends within attempts x (2 x timeout + interval)
+    whatever the proxy does.
 
     `quick` (the switch, before the commit): a first answer from the old config right after a
     reload is retried after 20, 50 and 100 ms before the regular `interval`; those retries
@@ -811,11 +812,55 @@ def verify(env: Environment, target: Slot | SlotConfig | str, expected_version: 
         result = _verify_once(url, slot, expected_version, attempt, timeout, began,
                               env.caddy.site, _ca_file(env))
         result = dataclasses.replace(result, url=_shown(env, url))
+        if result.ok and (elsewhere := slot_elsewhere(env, slot, timeout)) is not None:
+            result = dataclasses.replace(result, ok=False, error=elsewhere,
+                                         elapsed=time.monotonic() - began)
         if result.ok:
             return result
         if attempt <= len(pauses):
             time.sleep(pauses[attempt - 1])
     return result
+
+
+HEALTH_SAMPLES = 4  # /health answers through the proxy whose body's slot verify compares
+
+
+def slot_elsewhere(env: Environment, slot: Slot, budget: float) -> str | None:
+    """Why not every answer through the proxy comes from `slot`, as the /health body's own
+    `slot` says (when it says one): None when none names another. Why: the slot header is
+    the managed block's header_down, which stamps every answer with the slot the switch
+    wrote, whoever answered; a reverse_proxy pool with an upstream the switch does not move
+    (a slot's container address beside localhost:<port>) sent every other request to the
+    old slot while the header said the new one (found by review). Several fresh requests at
+    once (a round-robin pool shows both; one slow /health costs its time once), each within
+    `budget` seconds. An answer that cannot be read, or names no slot (a minimal /health),
+    says nothing either way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runbook import bounded_http
+
+    url = f"{env.caddy.proxy_url}{env.health.path}"
+
+    def ask(_: int) -> str | None:
+        try:
+            answer = bounded_http.request("GET", url, timeout=budget,
+                                          headers={"Cache-Control": "no-cache"},
+                                          site=env.caddy.site, ca_file=_ca_file(env))
+            body = answer.json()
+        except (bounded_http.HttpFailure, ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        said = body.get("slot") if isinstance(body, dict) else None
+        return said if isinstance(said, str) and said else None
+
+    with ThreadPoolExecutor(HEALTH_SAMPLES, thread_name_prefix="slot-elsewhere") as pool:
+        seen = [s for s in pool.map(ask, range(HEALTH_SAMPLES)) if s is not None]
+    other = sorted({s for s in seen if s != slot.value})
+    if not other:
+        return None
+    return (f"GET {_shown(env, url)} answered from {' and '.join(other)} (the /health body's "
+            f"slot) in {sum(s != slot.value for s in seen)} of {len(seen)} answers: Caddy "
+            f"sends part of the traffic elsewhere while every answer's {SLOT_HEADER} says "
+            f"{slot} (a reverse_proxy pool with an upstream the switch does not move?)")
 
 
 def slot_header_problem(env: Environment, target: Slot, *, attempts: int = 5,

@@ -91,7 +91,8 @@ class SwitchPlan:
             f"  validate:  {' '.join(self.validate_command)}",
             f"  write:     {self.caddyfile} atomically (previous copy kept beside it)",
             f"  reload:    {self.reload} -> {self._reload_words()}",
-            f"  verify:    GET {self.verify_url}: {SLOT_HEADER} == {self.target} and version",
+            f"  verify:    GET {self.verify_url}: {SLOT_HEADER} == {self.target} and version;"
+            f" no /health answer's body names another slot",
             "  on failure: restore the previous Caddyfile byte for byte and reload it",
         ]
         lines += [f"  warning:   {w}" for w in self.current.warnings]

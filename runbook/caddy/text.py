@@ -366,6 +366,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         if opens:
             stack.append(first)
             opened.append(number)
+    unsupported += [_pooled_problem(up, beside) for up, beside in _pooled(upstreams)]
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported),
                    tuple(probes))
 
@@ -392,6 +393,30 @@ def _address(value: str) -> _Address | None:
         return None
     port = match["port"] or match["bare"]
     return _Address(match["scheme"] or "", match["host"] or "", int(port) if port else None)
+
+
+def _pooled(upstreams: list[Upstream] | tuple[Upstream, ...]) -> list[tuple[Upstream, Upstream]]:
+    """(upstream, a slot's upstream of the same directive) for each upstream that is no
+    slot's in a reverse_proxy pool with one that is. Why: Caddy balances each request over
+    the whole pool, so part of the traffic goes where no switch moves it (a slot's container
+    address beside `localhost:<port>` kept the old slot on every other request after the
+    switch), and the header_down the switch rewrites stamps those answers with the new slot,
+    so verification passed (found by review)."""
+    first_slot: dict[int, Upstream] = {}
+    for up in upstreams:
+        if up.slot is not None:
+            first_slot.setdefault(up.directive, up)
+    return [(up, first_slot[up.directive]) for up in upstreams
+            if up.slot is None and up.host is not None and up.directive in first_slot]
+
+
+def _pooled_problem(up: Upstream, beside: Upstream) -> _Unsupported:
+    return _Unsupported(
+        f"line {up.line}: upstream {_named(up)} is no slot's, but is in one reverse_proxy "
+        f"pool (line {up.directive}) with {beside.text}, a slot's: Caddy sends part of the "
+        "traffic to it, and a switch would leave that part where it is",
+        "dial each slot by its own localhost:<port> only in that reverse_proxy, or move that "
+        "upstream out of the managed block (a route of its own)")
 
 
 _HEALTH_PORTS = ("health_port", "health_upstream")
@@ -539,8 +564,9 @@ def inspect(text: str, env: Environment) -> Inspection:
     # Another service's upstream beside the app's (a /grafana/* route) is left as it is; a
     # block with no upstream on a slot's port at all is not the app's: nothing to switch.
     app_here = any(up.slot is not None for up in parsed.upstreams)
+    pooled = {id(up) for up, _ in _pooled(parsed.upstreams)}  # a problem (unsupported)
     for up in parsed.upstreams:
-        if up.host is None:
+        if up.host is None or id(up) in pooled:
             continue
         if up.slot is not None:
             named.setdefault(up.slot, []).append(f"upstream {up.text} (line {up.line})")
