@@ -186,7 +186,7 @@ def _may_write(path: Path, mode: int) -> bool:
     return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
-def access_problems(env: Environment) -> list[tuple[str, str]]:
+def access_problems(env: Environment, *, caddyfile: bool = True) -> list[tuple[str, str]]:
     """(problem, fix) for what the user running this may not write where a run writes, as
     `rooms` names it: a directory (the run stopped at its lock, its journal or its intent,
     after `status` and the dry run had passed, and so part way through a fleet rollout whose
@@ -194,7 +194,8 @@ def access_problems(env: Environment) -> list[tuple[str, str]]:
     a rename in its group-writable directory, it was taken from its owner, whose tools that
     write it in place could no longer update it (both found by review). A read-only
     filesystem is `problems`' to say; a state file behind a symlink into a missing directory
-    the state reader's (state.missing_link)."""
+    the state reader's (state.missing_link). `caddyfile`: whether the command writes the
+    Caddyfile (a restore does not: its folder, root's on most hosts, refused it for nothing)."""
     me = os.geteuid()
     user = _user(me)
     out: list[tuple[str, str]] = []
@@ -203,7 +204,7 @@ def access_problems(env: Environment) -> list[tuple[str, str]]:
     seen: set[Path] = set()
     for directory in ([] if behind else [state.parent]) + [
             env.lock_dir, env.log_dir, env.runs_dir,
-            Path(os.path.realpath(env.caddy.caddyfile)).parent]:
+            *([Path(os.path.realpath(env.caddy.caddyfile)).parent] if caddyfile else [])]:
         directory = Path(os.path.abspath(directory))
         probe = _nearest(directory)
         if probe is None or probe in seen:
@@ -230,6 +231,7 @@ def access_problems(env: Environment) -> list[tuple[str, str]]:
         return out  # no file yet (or none to read): a run creates it, as this user
     if stat.S_ISREG(st.st_mode) and not _may_write(state, os.W_OK):
         owner = _user(st.st_uid)
+        by = owner if owner == "root" else f"{owner} or root"
         joins = "" if st.st_gid in (os.getegid(), *os.getgroups()) else \
             f", and add {user} to group {_group(st.st_gid)}"
         out.append((f"{user} may only read the state file {env.state_file} ({owner}:"
@@ -237,19 +239,19 @@ def access_problems(env: Environment) -> list[tuple[str, str]]:
                     f"would replace it by a rename and take it from {owner}, whose tools that "
                     "write it in place could no longer update it",
                     f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`), "
-                    f"or let its group write it (as {owner} or root: "
+                    f"or let its group write it (as {by}: "
                     f"`chmod g+w {shlex.quote(str(state))}`{joins})"))
     return out
 
 
-def refuse_unwritable(env: Environment) -> None:
+def refuse_unwritable(env: Environment, *, caddyfile: bool = True) -> None:
     """Every mutating command (and its dry run, which the fleet's pre-flight is) refuses,
     before anything, where `access_problems` finds one, or where the state file is behind a
     symlink into a missing directory (its lock's guard would be made there): exit 4, nothing
     changed."""
     if (behind := files.link_refusal(env.state_file, "the state file", "[state] file")):
         raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])
-    found = access_problems(env)
+    found = access_problems(env, caddyfile=caddyfile)
     if found:
         problem, fix = found[0]
         more = (f" (and {len(found) - 1} more: `runbook status {command_arg(env)}` lists them)"

@@ -48,6 +48,10 @@ class RunResult:
                 "record_file": self.record_file, "notices": self.notices}
 
 
+# the commands that never write the Caddyfile (nor check that they may)
+NO_CADDYFILE = frozenset({"snapshot-restore", "restore-kept"})
+
+
 def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_run: bool,
             reason: str, confirm: Callable[[Plan], bool] | None = None,
             progress: Callable[..., None] | None = None,
@@ -56,7 +60,7 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
     Both refuse first where this user may not write what a run writes (disk.access_problems):
     before the journal, which may be one of those places, and before the lock's guard, which
     a dry run's lock check opens (the real run stopped part way where the dry run passed)."""
-    disk.refuse_unwritable(env)
+    disk.refuse_unwritable(env, caddyfile=action not in NO_CADDYFILE)
     run_id = journals.new_run_id(action)
     if dry_run:
         with _dry_signals():

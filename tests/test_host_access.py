@@ -237,3 +237,34 @@ def test_a_state_file_behind_a_symlink_into_a_missing_directory_is_refused(
         real.rename(env.state_file)
         if not had_copy:
             copy.unlink()
+
+
+@needs_root_and_useradd
+def test_only_the_commands_that_write_the_caddyfile_need_its_folder(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: every command was refused over the Caddyfile's folder (root's on most
+    hosts), `state restore-kept` and `snapshot restore` too, which never write it. A rollback
+    (it does) is refused there; the check those two run leaves that folder out."""
+    env = two_deployments(scene_stack)
+    folder = Path(os.path.realpath(env.caddy.caddyfile)).parent
+    with shared_with_group(scene_stack, users):
+        os.chown(folder, 0, 0)
+        os.chmod(folder, 0o755)
+        dry = as_user(users, env, "rollback", "--dry-run")
+        assert dry.returncode == 4, (dry.returncode, dry.stdout, dry.stderr)
+        assert f"{users.oncall} may not write {folder}" in dry.stderr, dry.stderr
+        assert "as root:" in dry.stderr and "root or root" not in dry.stderr, dry.stderr
+        assert env.source is not None
+        code = ("import sys\nfrom runbook import disk, environment\n"
+                f"env = environment.load({str(env.source)!r})\n"
+                "for writes in (True, False):\n"
+                "    found = disk.access_problems(env, caddyfile=writes)\n"
+                f"    print(writes, sum({str(folder)!r} in p for p, _ in found), len(found))\n")
+        path = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
+        probe = subprocess.run(["runuser", "-u", users.oncall, "--", *users.python, "-c", code],
+                               capture_output=True, text=True, timeout=120, check=False,
+                               env={"PATH": os.environ["PATH"], "PYTHONPATH": path,
+                                    "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
+                               cwd="/tmp")
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.split("\n")[:2] == ["True 1 1", "False 0 0"], probe.stdout

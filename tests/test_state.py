@@ -1357,6 +1357,27 @@ def test_a_record_added_to_an_oldest_first_history_is_appended_and_nothing_else_
     assert found is not None and found.id == "dep_0002"
 
 
+def test_a_newest_first_history_whose_older_entry_served_again_is_not_read_as_oldest_first(
+        tmp_path: Path) -> None:
+    """Found by review: the order was judged by when each record went live alone, so in a
+    two-entry newest-first history whose older deployment a rollback made serve again later
+    (live_since), the one pair read as rising: the file was taken for oldest first and the
+    next entry appended at its end. A pair counts only where both times agree."""
+    newer = _record(3, "2026-03-01T08:00:00Z")
+    older = _record(2, "2026-02-01T08:00:00Z", live_since="2026-03-05T08:00:00Z")
+    doc = {"environment": "production",
+           "current_deployment": {**_record(4, "2026-04-01T08:00:00Z"), "status": "active"},
+           "previous_deployment": None, "deployment_history": [newer, older],
+           "lock": {"locked": False}}
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    s = read_state(path)
+    assert [h.id for h in s.history] == ["dep_0003", "dep_0002"]  # as written: newest first
+    write_state(path, after_deploy(s, dep(5, Slot.GREEN)))
+    history = json.loads(path.read_text())["deployment_history"]
+    assert [h["id"] for h in history] == ["dep_0004", "dep_0003", "dep_0002"]
+
+
 def test_a_previous_deployment_with_a_null_id_becomes_current_under_its_real_id(
         tmp_path: Path) -> None:
     """Found by review: `"id": null` counted as an id: the rollback wrote the current

@@ -197,12 +197,14 @@ def _with_id_of(dep: Deployment | None, history: tuple[Deployment, ...]) -> Depl
 
 def _oldest_first(history: tuple[Deployment, ...]) -> bool:
     """Whether the file writes its history oldest first (some tools append; the documented
-    order is newest first): more neighbours in rising order of when they went live than in
-    falling. Such a history is read reversed and written back in its own order, so a new
-    entry is appended and no other tool's entry moves."""
+    order is newest first): more neighbours in rising order than in falling, a pair counting
+    only where when it was deployed and when it went live agree (a rollback's live_since
+    alone made a two-entry newest-first history read as oldest first, and the next entry was
+    appended at its end: found by review). Such a history is read reversed and written back
+    in its own order, so a new entry is appended and no other tool's entry moves."""
     pairs = list(itertools.pairwise(history))
-    rising = sum(a.went_live < b.went_live for a, b in pairs)
-    falling = sum(a.went_live > b.went_live for a, b in pairs)
+    rising = sum(a.deployed_at < b.deployed_at and a.went_live < b.went_live for a, b in pairs)
+    falling = sum(a.deployed_at > b.deployed_at and a.went_live > b.went_live for a, b in pairs)
     return rising > falling
 
 
