@@ -33,6 +33,7 @@ from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
 from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import runbook_cli, through_proxy
+from tests.drill_checks import serving as answering
 
 
 def make_env(caddyfile: Path = Path("/nonexistent/Caddyfile"), *, admin: str = "http://127.0.0.1:1",
@@ -1705,3 +1706,20 @@ def test_a_pool_with_a_slots_container_address_is_refused_and_verification_and_s
     found = status.problems(status.collect(env))
     named = [p for p in found if p.check == "dials_the_other_container"]
     assert len(named) == 1 and f"{address}:8080" in named[0].problem, found
+
+
+@pytest.mark.parametrize("said, elsewhere", [("BLUE", False), ("blue\n", False), ("blue", False),
+                                             ("green", True), ("GREEN ", True),
+                                             ("primary", False)])
+def test_the_health_bodys_slot_is_read_as_the_gate_reads_it(said: str, elsewhere: bool) -> None:
+    """Found by review: verification's samples compared the /health body's slot raw, so an app
+    the gate passes ("BLUE", "blue\\n" are blue) failed every verify, and so its undo. Another
+    word names no slot and says nothing either way. The oracle: a real HTTP server answering
+    as such an app, through its proxy URL."""
+    body = json.dumps({"status": "healthy", "slot": said}).encode()
+    with answering(200, body) as port:
+        env = make_env(proxy=f"http://127.0.0.1:{port}")
+        found = caddy_admin.slot_elsewhere(env, Slot.BLUE, 5.0)
+    assert (found is not None) is elsewhere, found
+    if elsewhere:
+        assert "green" in found, found

@@ -849,8 +849,10 @@ def slot_elsewhere(env: Environment, slot: Slot, budget: float) -> str | None:
             body = answer.json()
         except (bounded_http.HttpFailure, ValueError, UnicodeDecodeError, RecursionError):
             return None
-        said = body.get("slot") if isinstance(body, dict) else None
-        return said if isinstance(said, str) and said else None
+        # as the gate reads it ("BLUE", "blue\n" are blue: a raw compare failed every verify
+        # of such an app, and so its undo: found by review); another word names no slot
+        said = health.build_key(body.get("slot")) if isinstance(body, dict) else None
+        return said if said in {str(s) for s in Slot} else None
 
     with ThreadPoolExecutor(HEALTH_SAMPLES, thread_name_prefix="slot-elsewhere") as pool:
         seen = [s for s in pool.map(ask, range(HEALTH_SAMPLES)) if s is not None]
