@@ -24,7 +24,7 @@ from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageEr
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.redact import one_line
 from runbook.restore_records import refuse_doubted, restoring_command
-from runbook.run import RunResult, perform
+from runbook.run import RunResult, perform, plan_only
 from runbook.times import rough_duration
 
 if TYPE_CHECKING:  # imported where needed: most rollbacks never touch a snapshot
@@ -436,7 +436,10 @@ def resume_command(env: Environment, version: str) -> str:
     return f"runbook rollback {command_arg(env)} --to {version}"
 
 
-def plan(env: Environment, options: Options, run_id: str) -> Plan:
+def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True) -> Plan:
+    """The rollback's plan; `tools` False (`status_plan` only) starts none of the tool
+    checks (Caddy's validation and adapt, which write temp files beside the Caddyfile; the
+    reload and compose commands) nor the standby's early health probe."""
     found = finish.interrupted(env)
     if found is not None and found[1] == "finish":
         done = found[0]
@@ -544,7 +547,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                     f"rollback again, or deploy a known-good version: {compose.deploy_hint(env)}")
         prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
                              info=containers[standby].result())
-        if prep.action == "none" and not options.force:  # it runs: ask its health meanwhile
+        if prep.action == "none" and not options.force and tools:  # ask its health meanwhile
             early = slots.EarlyHealth(env, standby)
         # live_slot has just read Caddy's running config through its admin API: it answers
         caddy.check_running(env, admin_answered=True)
@@ -555,10 +558,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             raise
         # every tool and file the plan will use, proved before the first change (issue 10);
         # started now, so Caddy validates while the schema guard still waits on the database
-        checks = tool_checks.start(env, candidate=sp.new_text,
-                                   recreate=prep.action == "recreate", admin_answered=True,
-                                   loaded=lambda: traffic.loaded_config(env),
-                                   tag=prep.tag)
+        if tools:
+            checks = tool_checks.start(env, candidate=sp.new_text,
+                                       recreate=prep.action == "recreate", admin_answered=True,
+                                       loaded=lambda: traffic.loaded_config(env),
+                                       tag=prep.tag)
         try:
             guard = _guarded(guard_probe, options)
         except PreconditionError as exc:
@@ -572,8 +576,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 if served is not None else
                 f"the state file's current {current.version}: {from_version}, which serves, is "
                 "not in the deployment history")
-        tools = checks.result()
-        warnings += checks.warnings
+        checked = checks.result() if checks is not None else {}
+        warnings += checks.warnings if checks is not None else []
     except BaseException:
         guard_probe.settle(2.0)
         for probe in containers.values():
@@ -645,7 +649,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         "target image": prep.image,
         "caddy": f"answering at {env.caddy.admin_url}",
         **guard.details,
-        **tools,
+        **checked,
     }, phase=Phase.PREFLIGHT)
     steps = [
         preflight,
@@ -668,6 +672,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     return Plan("rollback", env, summary, steps, warnings, diff, facts=facts,
                 intent=intent, resume_command=resume_command(env, target.version),
                 replaces=finish.replaced(found, intent))
+
+
+def status_plan(env: Environment, to: str | None = None) -> Plan:
+    """Whether `runbook rollback ENV [--to TO]` would plan now, for `runbook status` before it
+    names it (a library call: the CLI's --dry-run checks the tools): every refusal that reads
+    (the state file, the lock, the schema guard, Caddy's running config, Docker), raised as
+    that command raises it. Neither what this user may not write (found by review: a read-only
+    watcher was told the rollback was refused; status says it as a note) nor the tool checks
+    (found by review: on a caddy-reload or systemctl host status wrote Caddy's temp files
+    beside the Caddyfile, and a status killed meanwhile left them)."""
+    options = Options(to=to)
+    return plan_only(env, "rollback", lambda run_id: plan(env, options, run_id, tools=False))
 
 
 def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = False,

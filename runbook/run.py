@@ -71,6 +71,16 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
                         notify or (lambda message: None), signals)
 
 
+def plan_only(env: Environment, action: str, build: Callable[[str], Plan]) -> Plan:
+    """The plan a dry run makes (every refusal it raises: the lock's, the plan's), for
+    `runbook status`, which asks before naming the command: not through the CLI. Without
+    perform's refusal of what this user may not write (status says that as a note: it judges
+    the command as the deploy user runs it; a read-only watcher was told the rollback was
+    refused) nor its signal handlers: `build` must start no tool check that writes or leaves
+    something to clean up (status writes nothing)."""
+    return _dry_run(env, build, journals.new_run_id(action)).plan
+
+
 class DryRunSignal(SystemExit):
     """SIGTERM or SIGHUP ending a dry run as Ctrl-C does (typer makes that exit 130, with the
     atexit clean-up): the process exits 128 + the signal's number, through cli._leave."""

@@ -431,15 +431,17 @@ def _rollback_target(f: Facts) -> tuple[str, str | None] | None:
 
 def _rollback_refusal(f: Facts, to: str | None) -> RunbookError | None:
     """Why `runbook rollback ENV [--to TO]` would be refused now, as its dry run plans it
-    (no lock taken, nothing changed); None when it would run. Found by review: status named
-    the rollback wherever a previous deployment was recorded, and on a dirty schema, with
-    Caddy dialing no slot, or back to a build older than the schema, it was refused (exit 4,
-    its refusal offering --force). Asked only when a fix would name it (an outage), once."""
+    (rollback.status_plan: no lock taken, nothing written, no tool run), for the deploy
+    user (what this one may not write is a note); None when it would run. Found by review:
+    status named the rollback wherever a previous deployment was recorded, and on a dirty
+    schema, with Caddy dialing no slot, or back to a build older than the schema, it was
+    refused (exit 4, its refusal offering --force). Asked only when a fix would name it (an
+    outage), once."""
     if to not in f.rollback_plans:
         from runbook import rollback
 
         try:
-            rollback.rollback(f.env, rollback.Options(to=to), dry_run=True)
+            rollback.status_plan(f.env, to)
         except RunbookError as exc:
             f.rollback_plans[to] = exc
         else:

@@ -205,6 +205,22 @@ def two_deployments(stack: DrillStack, **env_changes: object) -> Environment:
     return stack.env.with_(**env_changes) if env_changes else stack.env
 
 
+def caddy_reload_through(env: Environment, folder: Path, first: str) -> Path:
+    """An environment file (in `folder`, returned) for `env` with reload = caddy-reload and
+    [caddy] command a stand-in script that runs the shell line `first` (Caddy's arguments are
+    its $1, $2, ...), then Caddy's own command: to see, or hold, each `caddy` a run starts."""
+    from runbook import environment as envmod
+
+    wrapper = folder / "caddy"
+    wrapper.write_text(f'#!/bin/sh\n{first}\nexec {" ".join(env.caddy.command)} "$@"\n')
+    wrapper.chmod(0o755)
+    source = folder / "environment.toml"
+    source.write_text(envmod.to_toml(env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD, command=(str(wrapper),)),
+        source=source)))
+    return source
+
+
 def migrated(stack: DrillStack) -> Environment:
     """What deploying v2 over the baseline leaves (a pre-deploy snapshot at schema 1, then
     its migration to 2): v2 serves from green, v1 is the previous, stopped on blue."""

@@ -203,6 +203,43 @@ def test_a_state_directory_the_operator_may_not_write_is_said_by_status_and_fail
             os.chmod(folder, 0o770)
 
 
+@needs_root_and_useradd
+def test_a_watcher_who_may_not_write_is_told_the_rollback_in_an_outage(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: status plans the rollback's dry run in an outage to decide whether to
+    name `runbook rollback`, and that dry run refused first where this user may not write the
+    state folder. A read-only watcher's status (PREVIOUS, the serving blue container removed)
+    said "a rollback is refused now (... may not write ...)" where the deploy user's rollback
+    runs. What the account may not write is a note (exit 0 without an outage): status judges
+    the rollback as the deploy user runs it. Oracle: the dry run, as root, plans it."""
+    import re
+    import shlex
+
+    from runbook.drill import scenes
+    from runbook.environment import Slot
+
+    scene_stack.arrange(scenes.PREVIOUS)
+    env = scene_stack.env
+    scene_stack.docker("rm", "-f", env.slot(Slot.BLUE).container)
+    dry = runbook_cli(env, "rollback", "--dry-run")  # the premise: the deploy user's plans
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    with shared_with_group(scene_stack, users):
+        folder = env.state_file.parent
+        os.chown(folder, users.owner_uid, users.gid)
+        os.chmod(folder, 0o750)
+        try:
+            status = as_user(users, env, "status")
+        finally:
+            os.chmod(folder, 0o770)
+    said = status.stdout
+    assert f"{users.oncall} may not write {folder}" in said, said  # the note, still said
+    assert status.returncode == 1 and "Problems:" in said, (status.returncode, said)
+    assert "is refused now" not in said, said
+    named = [shlex.split(c) for c in re.findall(r"`([^`]+)`", said)
+             if c.startswith("runbook rollback")]
+    assert named and all(c == ["runbook", "rollback", str(env.source)] for c in named), said
+
+
 def test_a_state_file_behind_a_symlink_into_a_missing_directory_is_refused(
         scene_stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: the state file a symlink into an unmounted volume was said to be

@@ -34,6 +34,7 @@ from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import (
+    caddy_reload_through,
     closed_port,
     compose_naming,
     migrated,
@@ -2105,16 +2106,8 @@ def test_a_dry_run_ended_by_sigterm_in_caddy_validation_leaves_no_temp_file(
 
     env = two_deployments(stack)
     reached = tmp_path / "reached"
-    wrapper = tmp_path / "caddy"
-    wrapper.write_text("#!/bin/sh\n"
-                       f'if [ "$1" = validate ]; then touch {reached}; sleep 20; fi\n'
-                       f'exec {" ".join(env.caddy.command)} "$@"\n')
-    wrapper.chmod(0o755)
-    source = tmp_path / "environment.toml"
-    shaped = env.with_(caddy=dataclasses.replace(
-        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD, command=(str(wrapper),)),
-        source=source)
-    source.write_text(envmod.to_toml(shaped))
+    source = caddy_reload_through(
+        env, tmp_path, f'if [ "$1" = validate ]; then touch {reached}; sleep 20; fi')
     assert caddy_temps(env) == []
     proc = subprocess.Popen(
         [sys.executable, "-m", "runbook.cli", "rollback", str(source), "--dry-run"],

@@ -454,6 +454,39 @@ def test_a_removed_serving_container_of_a_healthy_release_is_redeployed_first(
     assert not _way_out_fixes(problems), text
 
 
+def test_status_in_an_outage_on_a_caddy_reload_host_writes_nothing_beside_the_caddyfile(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: status plans the rollback in an outage to decide whether to name it,
+    and with reload = caddy-reload (or systemctl) that plan's pre-flight ran `caddy validate`
+    and `caddy adapt` of temp files beside the Caddyfile (.Caddyfile.runbook-*.tmp): status,
+    which writes nothing, wrote there, and one killed meanwhile left them. The `[caddy]
+    command` here is a stand-in that records each call, then runs Caddy. Oracle: the calls,
+    the folder's entries and its mtime; `rollback --dry-run` still checks the tools."""
+    from runbook.drill import scenes
+    from tests.drill_checks import caddy_reload_through
+
+    scene_stack.arrange(scenes.PREVIOUS)
+    env = scene_stack.env
+    calls = tmp_path / "calls"
+    source = caddy_reload_through(env, tmp_path, f'echo "$1" >> {calls}')
+    scene_stack.docker("rm", "-f", env.slot(Slot.BLUE).container)
+    dry = _cli(source, "rollback", "--dry-run")  # the premise: it plans, checking the tools
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "validate" in calls.read_text().split(), calls.read_text()
+    calls.unlink()
+    folder = env.caddy.caddyfile.parent
+    before = (sorted(p.name for p in folder.iterdir()), folder.stat().st_mtime_ns)
+    code, text, problems = status(scene_stack, source)
+    assert_listed(code, text, problems)
+    assert not calls.exists(), calls.read_text()  # no `caddy` started
+    assert (sorted(p.name for p in folder.iterdir()), folder.stat().st_mtime_ns) == before
+    said = _way_out_fixes(problems)
+    assert said, problems
+    for p in said:  # the rollback still judged, and named
+        assert f"`runbook rollback {source}`" in p["fix"], p
+        assert "is refused now" not in p["fix"], p
+
+
 def test_a_dirty_schema_points_the_outage_at_its_repair_never_at_a_refused_rollback(
         scene_stack: DrillStack) -> None:
     """Found by review: PREVIOUS with the schema left dirty (no snapshot at schema 2): the
