@@ -510,6 +510,11 @@ def _way_out(f: Facts, down: Slot | None, *, say_absent: bool = True) -> str:
           if found is not None and refused is not None else None)
     if ways:
         said = ", or ".join(ways) + (f"; {no}" if no else "")
+    elif no is not None and refused is not None and f.intent is not None:
+        # the interrupted run's own problem says how it is finished; the refusal's fix also
+        # offers `docker start` of the slot a restore stopped, the app on the data that
+        # restore is about to replace (tests/test_interrupted.py: never said by status)
+        said = f"{no}: finish the interrupted run as the problem that names it says"
     elif no is not None and refused is not None:
         said = f"{no}: {refused.fix}" if refused.fix else no
     else:
