@@ -744,8 +744,9 @@ class ThisHost:
     This machine: no host (a health check's port), localhost, host.docker.internal, a
     loopback address or one of this host's, its name, a slot's `host`, or a slot
     container's names and addresses (a Caddy on Docker's network). A name that does not
-    resolve here, or a host when Docker cannot be asked, counts as this machine's: what
-    cannot be told is not taken for another machine (fail closed: the slot stays pinned)."""
+    resolve here within `_resolved`'s deadline, or a host when Docker cannot be asked,
+    counts as this machine's: what cannot be told is not taken for another machine (fail
+    closed: the slot stays pinned)."""
 
     def __init__(self, env: Environment) -> None:
         self._env = env
@@ -760,7 +761,7 @@ class ThisHost:
 
     def _judge(self, host: str) -> bool:
         import ipaddress
-        import socket
+        import socket  # gethostname only: no lookup
 
         from runbook.caddy.text import THIS_HOST_NAMES, local_address
 
@@ -777,13 +778,9 @@ class ThisHost:
             pass
         else:
             return False  # an address neither of this host nor of a slot's container
-        if host == socket.getfqdn().lower():
-            return True
-        try:
-            found = {str(i[4][0]).split("%")[0].lower()
-                     for i in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
-        except (OSError, UnicodeError):
-            return True  # not resolvable here: where Caddy leads it cannot be told
+        # its own name (fully qualified too) is told by the addresses it resolves to here
+        if (found := _resolved(host)) is None:
+            return True  # not resolvable here in time: where Caddy leads it cannot be told
         return any(local_address(a) or a in containers for a in found)
 
     def containers(self) -> frozenset[str] | None:
@@ -797,6 +794,39 @@ class ThisHost:
             except RunbookError:
                 return None
         return self._containers
+
+
+_RESOLVE_DEADLINE = 1.0  # seconds one name's lookup may take, once per process
+_RESOLVED: dict[str, frozenset[str] | None] = {}
+
+
+def _resolved(host: str) -> frozenset[str] | None:
+    """The addresses `host` resolves to here; None when it does not resolve, or not within
+    _RESOLVE_DEADLINE (callers count that as this machine: fail closed). Found by review:
+    ThisHost's lookups had no deadline, so with DNS unreachable every traffic read, plan,
+    status, the check before stopping a container and the undo of a failed verify waited the
+    resolver's own timeouts (glibc: 5 s, twice, per nameserver and search domain), with
+    Ctrl-C held until the C call returned. So the lookup runs in a daemon thread this one
+    stops waiting for, and each name's answer (or its timeout) is kept for the process:
+    every ThisHost, and each command's several reads, would ask again."""
+    import socket
+
+    from runbook.probes import Probe
+
+    if host in _RESOLVED:
+        return _RESOLVED[host]
+    lookup = Probe(lambda: socket.getaddrinfo(host, None, type=socket.SOCK_STREAM), "resolve")
+    lookup.settle(_RESOLVE_DEADLINE)
+    found: frozenset[str] | None = None
+    if lookup.done:
+        try:
+            found = frozenset(str(i[4][0]).split("%")[0].lower() for i in lookup.result())
+        except (OSError, UnicodeError):
+            found = None
+    if len(_RESOLVED) > 64:
+        _RESOLVED.clear()
+    _RESOLVED[host] = found
+    return found
 
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None, int | None]:

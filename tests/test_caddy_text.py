@@ -744,20 +744,28 @@ def expected_view(config: Config, managed: Callable[[list[str], Config], bool], 
     return out
 
 
+def proxy_handlers(node: Any) -> list[Config]:
+    """Every reverse_proxy handler under `node`, in order."""
+    found: list[Config] = []
+    if isinstance(node, dict):
+        if node.get("handler") == "reverse_proxy":
+            found.append(node)
+        for value in node.values():
+            found += proxy_handlers(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += proxy_handlers(item)
+    return found
+
+
 def proxies(node: Any) -> list[tuple[list[str], list[str]]]:
     """(dials, X-Togather-Slot values) of every reverse_proxy handler under `node`."""
     found: list[tuple[list[str], list[str]]] = []
-    if isinstance(node, dict):
-        if node.get("handler") == "reverse_proxy":
-            headers = node.get("headers", {}).get("response", {})
-            values = [v for part in ("set", "add") for v in
-                      headers.get(part, {}).get(SLOT_HEADER_KEY, [])]
-            found.append(([u["dial"] for u in node.get("upstreams", [])], values))
-        for value in node.values():
-            found += proxies(value)
-    elif isinstance(node, list):
-        for item in node:
-            found += proxies(item)
+    for handler in proxy_handlers(node):
+        headers = handler.get("headers", {}).get("response", {})
+        values = [v for part in ("set", "add") for v in
+                  headers.get(part, {}).get(SLOT_HEADER_KEY, [])]
+        found.append(([u["dial"] for u in handler.get("upstreams", [])], values))
     return found
 
 
@@ -1609,7 +1617,91 @@ def test_a_pool_mixing_a_slot_with_another_upstream_is_refused_naming_the_line(
     assert "localhost:8082" in caddy.rewrite(apart, ENV, Slot.GREEN)
 
 
+def pool_policies(node: Any) -> list[tuple[list[str], str | None]]:
+    """(dials in order, load-balancing selection policy) of every reverse_proxy handler."""
+    return [([u["dial"] for u in h.get("upstreams", [])],
+             ((h.get("load_balancing") or {}).get("selection_policy") or {}).get("policy"))
+            for h in proxy_handlers(node)]
+
+
+FALLBACK = ("\treverse_proxy localhost:8081 localhost:8090 {\n\t\tlb_policy first\n"
+            '\t\theader_down X-Togather-Slot "blue"\n\t}\n')
+
+
+@pytest.mark.docker
+def test_a_fallback_after_the_slot_in_an_lb_policy_first_pool_is_left_as_it_is(
+        admin: httpx.Client) -> None:
+    """`reverse_proxy localhost:8081 localhost:8090 { lb_policy first }` is a maintenance
+    page fallback: Caddy picks the first available upstream, so the second is dialed only
+    while the slot is down. Found by review: refused as a pool (exit 4), every switch and
+    rollback on such a host was refused. Caddy's adapter is the oracle that it is one pool,
+    in that order, with the `first` policy, before and after the rewrite, which moves the
+    slot's upstream alone; inspect warns that the fallback is left as it is."""
+    text = pooled_site(FALLBACK)
+    managed = [p for listen, r in routes_of(adapt(admin, text)) if managed_server(listen, r)
+               for p in pool_policies(r)]
+    assert managed == [(["localhost:8081", "localhost:8090"], "first")], managed
+    found = caddy.inspect(text, ENV)
+    assert found.consistent and found.slot is Slot.BLUE and not found.problems, found
+    line = text[:text.index("localhost:8090")].count("\n") + 1
+    said = [w for w in found.warnings if w.startswith(f"line {line}: upstream localhost:8090")]
+    assert len(said) == 1 and "left as it is" in said[0] and "fallback" in said[0], said
+    assert "slot it serves is down, users get the fallback" in said[0], said
+    moved = caddy.rewrite(text, ENV, Slot.GREEN)
+    assert moved == text.replace("localhost:8081 localhost:8090", "localhost:8082 localhost:8090"
+                                 ).replace('"blue"', '"green"'), moved
+    managed = [p for listen, r in routes_of(adapt(admin, moved)) if managed_server(listen, r)
+               for p in pool_policies(r)]
+    assert managed == [(["localhost:8082", "localhost:8090"], "first")], managed
+    assert caddy.rewrite(moved, ENV, Slot.BLUE) == text  # the rollback moves it back
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("block", [
+    # the other upstream first: Caddy sends every request to it while it is up
+    FALLBACK.replace("localhost:8081 localhost:8090", "localhost:8090 localhost:8081"),
+    # between two of the slot's: the second is reached only after the other
+    "\treverse_proxy {\n\t\tto localhost:8081\n\t\tto localhost:8090\n\t\tto 127.0.0.1:8081"
+    '\n\t\tlb_policy first\n\t\theader_down X-Togather-Slot "blue"\n\t}\n',
+    # another policy: balanced over both
+    FALLBACK.replace("lb_policy first", "lb_policy random"),
+])
+def test_a_pool_that_is_no_fallback_after_the_slot_is_still_refused(
+        admin: httpx.Client, block: str) -> None:
+    """Only `lb_policy first` with every slot upstream listed before every other is a
+    fallback; Caddy's adapter is the oracle that each of these is one pool with both."""
+    text = pooled_site(block)
+    managed = [p for listen, r in routes_of(adapt(admin, text)) if managed_server(listen, r)
+               for p in pool_policies(r)]
+    assert len(managed) == 1 and "localhost:8090" in managed[0][0], managed
+    assert any(d.endswith(":8081") for d in managed[0][0]), managed
+    line = text[:text.index("localhost:8090")].count("\n") + 1
+    with pytest.raises(CaddyError) as err:
+        caddy.rewrite(text, ENV, Slot.GREEN)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert f"line {line}: upstream localhost:8090" in err.value.message, err.value.message
+    found = caddy.inspect(text, ENV)
+    assert not found.consistent and not any("left as it is" in w for w in found.warnings)
+
+
 # --- a dial of another machine on a slot's port number is not the slot (found by review) -----
+
+def beside_blue(stack: DrillStack, tmp_path: Path, host: str) -> tuple[Environment, Any]:
+    """(env, Caddy's own adapted config) of a Caddyfile whose managed block dials blue and
+    whose other site proxies to `<host>:<green's port>`, written under tmp_path."""
+    blue, green = stack.env.slot(Slot.BLUE), stack.env.slot(Slot.GREEN)
+    text = (f"{{\n\tadmin off\n}}\nhttp://127.0.0.1:18082 {{\n\treverse_proxy {host}:{green.port}"
+            f"\n}}\nhttp://127.0.0.1:18080 {{\n\t# BLUE_GREEN_SLOT_START\n\treverse_proxy "
+            f"localhost:{blue.port} {{\n\t\theader_down X-Togather-Slot blue\n\t}}\n"
+            "\t# BLUE_GREEN_SLOT_END\n}\n")
+    path = tmp_path / "Caddyfile"
+    path.write_text(text)
+    env = stack.env.with_(caddy=dataclasses.replace(stack.env.caddy, caddyfile=path))
+    config = caddy.adapt(env, text)
+    assert config is not None
+    assert f"{host}:{green.port}" in json.dumps(config)  # Caddy dials it
+    return env, config
+
 
 @pytest.mark.docker
 @pytest.mark.parametrize(("host", "pins"), [
@@ -1626,23 +1718,65 @@ def test_only_a_dial_of_this_machine_on_a_slots_port_pins_that_slot(
     deploy refused to recreate it, telling on-call to repoint an unrelated service."""
     from runbook import traffic
 
-    env0 = drill_stack.env
-    blue, green = env0.slot(Slot.BLUE), env0.slot(Slot.GREEN)
+    green = drill_stack.env.slot(Slot.GREEN)
     host = green.container if host == "container" else host
-    text = (f"{{\n\tadmin off\n}}\nhttp://127.0.0.1:18082 {{\n\treverse_proxy {host}:{green.port}"
-            f"\n}}\nhttp://127.0.0.1:18080 {{\n\t# BLUE_GREEN_SLOT_START\n\treverse_proxy "
-            f"localhost:{blue.port} {{\n\t\theader_down X-Togather-Slot blue\n\t}}\n"
-            "\t# BLUE_GREEN_SLOT_END\n}\n")
-    path = tmp_path / "Caddyfile"
-    path.write_text(text)
-    env = env0.with_(caddy=dataclasses.replace(env0.caddy, caddyfile=path))
-    config = caddy.adapt(env, text)
-    assert config is not None
-    assert f"{host}:{green.port}" in json.dumps(config)  # Caddy dials it
+    env, config = beside_blue(drill_stack, tmp_path, host)
     found = traffic.from_config(env, config, lambda: traffic.outside_addresses(env))
     assert found.slots == {Slot.BLUE}, found
     assert found.pinned == ({Slot.GREEN} if pins else frozenset()), found
     assert (traffic.ThisHost(env)(f"{host}:{green.port}")) is pins
+
+
+@pytest.mark.docker
+def test_a_name_that_does_not_resolve_in_time_is_this_machine_and_asked_once(
+        drill_stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site outside the markers proxies to `status.internal:<green's port>` (a name, not
+    this machine's) while DNS does not answer. Found by review: every traffic read (status,
+    the plan, the check before stopping a container, the undo of a failed verify) waited the
+    resolver's own timeouts, again in each reading. Now a lookup is bounded by a short
+    deadline, its timeout counts as this machine (fail closed: green stays pinned), and the
+    name is not looked up again in this process. The OS resolver cannot be made slow here
+    (no nameserver of ours, /etc/hosts answers at once), so socket.getaddrinfo and
+    socket.getfqdn (a reverse lookup) are replaced, for that name only, by lookups that hang;
+    the config is Caddy's own adapter's and the containers are Docker's."""
+    import socket
+    import threading
+    import time
+    import uuid
+
+    from runbook import traffic
+
+    name = f"status-{uuid.uuid4().hex[:8]}.internal"  # asked for the first time here
+    env, config = beside_blue(drill_stack, tmp_path, name)
+    # adapted before the lookups hang: Caddy's adapter is asked over HTTP on this machine
+    real_lookup, released, asked = socket.getaddrinfo, threading.Event(), []
+
+    def hanging_lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return real_lookup(host, *args, **kwargs)
+        asked.append(host)
+        released.wait(30)  # DNS not answering
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    def hanging_fqdn(*args: Any) -> str:
+        released.wait(30)  # the reverse lookup of this host's name, DNS not answering
+        return "host.example.org"
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    monkeypatch.setattr(socket, "getfqdn", hanging_fqdn)
+    try:
+        took = []
+        for _ in range(2):  # two readings, as a command makes several
+            began = time.monotonic()
+            found = traffic.from_config(env, config, lambda: traffic.outside_addresses(env))
+            took.append(time.monotonic() - began)
+            assert found.slots == {Slot.BLUE}, found
+            assert found.pinned == {Slot.GREEN}, found  # cannot be told: fail closed
+        assert took[0] < 5, took  # bounded, not the resolver's timeouts (the hang is 30 s)
+        assert took[1] < 5, took
+        assert asked == [name], asked  # the second reading did not ask again
+    finally:
+        released.set()
 
 
 def health_slots(env: Environment, asks: int = 6) -> set[str]:

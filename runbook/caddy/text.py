@@ -264,6 +264,7 @@ class _Parsed:
     edits: tuple[_Edit, ...]  # slot headers, and the upstreams on a slot's port
     unsupported: tuple[_Unsupported, ...]
     probes: tuple[HealthProbe, ...] = ()
+    firsts: frozenset[int] = frozenset()  # the proxy directives (lines) with `lb_policy first`
 
 
 _PROXIES = ("reverse_proxy", "forward_auth")
@@ -285,6 +286,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
     edits: list[_Edit] = []
     unsupported: list[_Unsupported] = []
     probes: list[HealthProbe] = []
+    firsts: set[int] = set()
     stack: list[str] = []  # directive names of the open `{` blocks
     opened: list[int] = []  # the line each of them opened on
     wanted = SLOT_HEADER.lower()
@@ -340,6 +342,9 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
                 probes.append(probe[0])
                 edits.append(_Edit(index, args[0], "health" if probe[0].slot is not None
                                    else "health-other", probe[1]))
+        elif first == "lb_policy" and parent in _PROXIES:
+            if [t.value for t in args] == ["first"]:
+                firsts.add(opened[-1])
         elif parent == "header" and _header_name(first) == wanted and len(tokens) == 2:
             # header { X-Togather-Slot "blue" }
             value = tokens[1].value
@@ -366,9 +371,10 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         if opens:
             stack.append(first)
             opened.append(number)
-    unsupported += [_pooled_problem(up, beside) for up, beside in _pooled(upstreams)]
+    unsupported += [_pooled_problem(up, beside) for up, beside, fallback
+                    in _pooled(upstreams, frozenset(firsts)) if not fallback]
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported),
-                   tuple(probes))
+                   tuple(probes), frozenset(firsts))
 
 
 @dataclass(frozen=True)
@@ -395,19 +401,29 @@ def _address(value: str) -> _Address | None:
     return _Address(match["scheme"] or "", match["host"] or "", int(port) if port else None)
 
 
-def _pooled(upstreams: list[Upstream] | tuple[Upstream, ...]) -> list[tuple[Upstream, Upstream]]:
-    """(upstream, a slot's upstream of the same directive) for each upstream that is no
-    slot's in a reverse_proxy pool with one that is. Why: Caddy balances each request over
-    the whole pool, so part of the traffic goes where no switch moves it (a slot's container
-    address beside `localhost:<port>` kept the old slot on every other request after the
-    switch), and the header_down the switch rewrites stamps those answers with the new slot,
-    so verification passed (found by review)."""
+def _pooled(upstreams: list[Upstream] | tuple[Upstream, ...], firsts: frozenset[int],
+            ) -> list[tuple[Upstream, Upstream, bool]]:
+    """(upstream, a slot's upstream of the same directive, whether it is a fallback) for each
+    upstream that is no slot's in a reverse_proxy pool with one that is. Why: Caddy balances
+    each request over the whole pool, so part of the traffic goes where no switch moves it (a
+    slot's container address beside `localhost:<port>` kept the old slot on every other
+    request after the switch), and the header_down the switch rewrites stamps those answers
+    with the new slot, so verification passed (found by review). A fallback is none of that:
+    with `lb_policy first` Caddy picks the first available upstream, so another listed after
+    every slot's (a maintenance page) is dialed only while the slot is down (found by review:
+    refusing it refused every switch and rollback on such a host)."""
     first_slot: dict[int, Upstream] = {}
-    for up in upstreams:
+    last_slot: dict[int, int] = {}  # directive: the index of its last slot upstream
+    for index, up in enumerate(upstreams):
         if up.slot is not None:
             first_slot.setdefault(up.directive, up)
-    return [(up, first_slot[up.directive]) for up in upstreams
-            if up.slot is None and up.host is not None and up.directive in first_slot]
+            last_slot[up.directive] = index
+    others = [(index, up) for index, up in enumerate(upstreams)
+              if up.slot is None and up.directive in first_slot]
+    # a pool is a fallback only when every upstream no slot's comes after every slot's
+    mixed = {up.directive for index, up in others if index < last_slot[up.directive]}
+    return [(up, first_slot[up.directive], up.directive in firsts - mixed)
+            for _, up in others if up.host is not None]
 
 
 def _pooled_problem(up: Upstream, beside: Upstream) -> _Unsupported:
@@ -564,11 +580,18 @@ def inspect(text: str, env: Environment) -> Inspection:
     # Another service's upstream beside the app's (a /grafana/* route) is left as it is; a
     # block with no upstream on a slot's port at all is not the app's: nothing to switch.
     app_here = any(up.slot is not None for up in parsed.upstreams)
-    pooled = {id(up) for up, _ in _pooled(parsed.upstreams)}  # a problem (unsupported)
+    pools = _pooled(parsed.upstreams, parsed.firsts)
+    pooled = {id(up) for up, _, fallback in pools if not fallback}  # a problem (unsupported)
+    fallbacks = {id(up): beside for up, beside, fallback in pools if fallback}
     for up in parsed.upstreams:
         if up.host is None or id(up) in pooled:
             continue
-        if up.slot is not None:
+        if (beside := fallbacks.get(id(up))) is not None:
+            warnings.append(f"line {up.line}: upstream {_named(up)} is no slot's, the fallback "
+                            f"after {beside.text} in an `lb_policy first` reverse_proxy (line "
+                            f"{up.directive}): left as it is; while the slot it serves is "
+                            "down, users get the fallback (verification cannot see it)")
+        elif up.slot is not None:
             named.setdefault(up.slot, []).append(f"upstream {up.text} (line {up.line})")
         elif app_here:
             warnings.append(f"line {up.line}: upstream {_named(up)} is no slot's port "
