@@ -86,7 +86,8 @@ def test_an_unchanged_scene_is_kept_with_its_snapshot_and_a_written_one_rebuilt(
     state = stack.env.state_file.read_bytes()
     kept, rebuilt = stack.resets["kept"], stack.resets["rebuilt"]
     stack.arrange(scenes.MIGRATED)  # nothing written in between
-    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 1, rebuilt)
+    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 1, rebuilt), \
+        stack.arranged
     assert stack.env.state_file.read_bytes() == state
     snapshot = Path(json.loads(state)["current_deployment"]["snapshot_path"])
     assert snapshot.is_file()
@@ -95,7 +96,8 @@ def test_an_unchanged_scene_is_kept_with_its_snapshot_and_a_written_one_rebuilt(
         conn.execute("CHECKPOINT")
         assert conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone() != before
     stack.arrange(scenes.MIGRATED)
-    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 2, rebuilt)
+    assert (stack.resets["kept"], stack.resets["rebuilt"]) == (kept + 2, rebuilt), \
+        stack.arranged  # why it was rebuilt: what the WAL held
     drill_http.post(f"{stack.env.caddy.proxy_url}/items", json={"name": "written"},
                     timeout=5).raise_for_status()
     stack.arrange(scenes.MIGRATED)

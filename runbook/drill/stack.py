@@ -617,22 +617,32 @@ class DrillStack:
             return True
         lsn, _, sequences = position.partition(" ")
         now_lsn, _, now_sequences = now.partition(" ")
-        if now_sequences != sequences or not self._walinspect:
+        if now_sequences != sequences:
+            self._did("written since: a sequence moved", time.monotonic())
+            return False
+        if not self._walinspect:
             return False
         try:
             with self.connect("postgres") as admin:
-                # async commit: the WAL writer flushes soon (every 10 ms: docker-compose.test.yml)
+                # pg_walinspect reads flushed WAL only, and the WAL writer flushes a record no
+                # commit follows (a page pruned by a read) only when a later one comes: a
+                # synchronous commit of a transaction with an xid flushes everything before it
+                admin.execute("SET synchronous_commit TO on")
+                with admin.transaction():
+                    admin.execute("SELECT pg_current_xact_id()")
                 deadline = time.monotonic() + 2.0
                 while not admin.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn",
                                         (now_lsn,)).fetchone()[0]:  # type: ignore[index]
                     if time.monotonic() > deadline:
+                        self._did(f"not flushed within 2 s: WAL to {now_lsn}", time.monotonic())
                         return False
                     time.sleep(0.01)
                 kinds = admin.execute(
                     "SELECT DISTINCT resource_manager, record_type "
                     "FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn)",
                     (lsn, now_lsn)).fetchall()
-        except psycopg.Error:
+        except psycopg.Error as exc:
+            self._did(f"WAL not read: {type(exc).__name__}", time.monotonic())
             return False
         written = sorted({f"{rm}/{kind}" for rm, kind in kinds
                           if (str(rm), str(kind)) not in SELF_WRITTEN_WAL})
