@@ -223,25 +223,37 @@ def access_problems(env: Environment, *, caddyfile: bool = True) -> list[tuple[s
                     f"run the same command as a user who may write it (`{_as(st.st_uid)} "
                     f"runbook ...`), or let {user} write it (as root: `chmod g+w "
                     f"{shlex.quote(str(probe))}`, {user} in group {_group(st.st_gid)})"))
-    if me == 0 or behind:
+    if me == 0:
         return out  # root keeps a file's owner when it rewrites it
-    try:
-        st = os.stat(state)
-    except OSError:
-        return out  # no file yet (or none to read): a run creates it, as this user
-    if stat.S_ISREG(st.st_mode) and not _may_write(state, os.W_OK):
-        owner = _user(st.st_uid)
-        by = owner if owner == "root" else f"{owner} or root"
-        joins = "" if st.st_gid in (os.getegid(), *os.getgroups()) else \
-            f", and add {user} to group {_group(st.st_gid)}"
-        out.append((f"{user} may only read the state file {env.state_file} ({owner}:"
-                    f"{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}): a run as {user} "
-                    f"would replace it by a rename and take it from {owner}, whose tools that "
-                    "write it in place could no longer update it",
-                    f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`), "
-                    f"or let its group write it (as {by}: "
-                    f"`chmod g+w {shlex.quote(str(state))}`{joins})"))
+    if not behind:
+        out += _read_only_file(state, f"the state file {env.state_file}", user)
+    if caddyfile:
+        out += _read_only_file(Path(os.path.realpath(env.caddy.caddyfile)),
+                               f"the Caddyfile {env.caddy.caddyfile}", user)
     return out
+
+
+def _read_only_file(path: Path, what: str, user: str) -> list[tuple[str, str]]:
+    """A file `user` may only read, in a directory it may write: a run would replace it by a
+    rename (files.atomic_write) and take it from its owner, whose tools that write it in place
+    could no longer update it (the state file: found by review; the Caddyfile the same way)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []  # no file yet (or none to read): a run creates it, as this user
+    if not stat.S_ISREG(st.st_mode) or _may_write(path, os.W_OK) \
+            or not _may_write(path.parent, os.W_OK | os.X_OK):
+        return []  # its folder's own problem is said, with its own fix
+    owner = _user(st.st_uid)
+    by = owner if owner == "root" else f"{owner} or root"
+    joins = "" if st.st_gid in (os.getegid(), *os.getgroups()) else \
+        f", and add {user} to group {_group(st.st_gid)}"
+    return [(f"{user} may only read {what} ({owner}:{_group(st.st_gid)}, mode "
+             f"{stat.S_IMODE(st.st_mode):o}): a run as {user} would replace it by a rename and "
+             f"take it from {owner}, whose tools that write it in place could no longer "
+             "update it",
+             f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`), or let its "
+             f"group write it (as {by}: `chmod g+w {shlex.quote(str(path))}`{joins})")]
 
 
 def refuse_unwritable(env: Environment, *, caddyfile: bool = True) -> None:

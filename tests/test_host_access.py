@@ -277,6 +277,34 @@ def test_a_state_file_behind_a_symlink_into_a_missing_directory_is_refused(
 
 
 @needs_root_and_useradd
+def test_a_caddyfile_the_operator_may_only_read_is_refused_before_any_change(
+        scene_stack: DrillStack, users: Users) -> None:
+    """As the state file (found by review): a Caddyfile its owner's 0640 in a folder the
+    deploy group may write would be replaced by the switch's rename and taken from its owner.
+    A rollback (it writes the Caddyfile) is refused before anything, its dry run too."""
+    env = two_deployments(scene_stack)
+    caddyfile = Path(os.path.realpath(env.caddy.caddyfile))
+    with shared_with_group(scene_stack, users):
+        os.chown(caddyfile, users.owner_uid, users.gid)
+        os.chmod(caddyfile, 0o640)
+        before = snapshot(env)
+        dry = as_user(users, env, "rollback", "--dry-run")
+        assert dry.returncode == 4, (dry.returncode, dry.stdout, dry.stderr)
+        assert f"{users.oncall} may only read the Caddyfile {env.caddy.caddyfile}" in \
+            dry.stderr, dry.stderr
+        assert f"take it from {users.owner}" in dry.stderr, dry.stderr
+        assert f"sudo -u {users.owner} runbook" in dry.stderr, dry.stderr
+        real = as_user(users, env, "rollback", "--yes")
+        assert real.returncode == 4, (real.returncode, real.stdout, real.stderr)
+        st = caddyfile.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (users.owner_uid, users.gid,
+                                                              0o640)
+        assert snapshot(env) == before  # traffic, containers, Caddyfile, state, lock
+        status = as_user(users, env, "status")
+        assert "may only read the Caddyfile" in status.stdout, status.stdout
+
+
+@needs_root_and_useradd
 def test_only_the_commands_that_write_the_caddyfile_need_its_folder(
         scene_stack: DrillStack, users: Users) -> None:
     """Found by review: every command was refused over the Caddyfile's folder (root's on most
