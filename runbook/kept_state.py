@@ -146,9 +146,14 @@ class Kept:
 
     @property
     def age(self) -> str:
+        """"3 h 07 min old"; "dated 2 h 00 min in the future" where the clock was set back
+        since it was written ("2 h old" would say an age nobody can tell)."""
         from runbook.times import rough_duration
 
-        return rough_duration(time.time() - self.mtime)
+        seconds = time.time() - self.mtime
+        if seconds < -60:
+            return f"dated {rough_duration(seconds)} in the future"
+        return f"{rough_duration(seconds)} old"
 
 
 def found(copy: Path) -> Kept | None:
@@ -175,5 +180,5 @@ def refusal_fix(state_file: Path | str, fix: str | None) -> str | None:
     if named is None:
         return fix
     kept, shown = named
-    return (f"the runbook kept a copy of it, {kept.age} old ({kept.path}): `{COMMAND} "
+    return (f"the runbook kept a copy of it, {kept.age} ({kept.path}): `{COMMAND} "
             f"{shown}` shows it next to what runs and puts it back; or {fix}")

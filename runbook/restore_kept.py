@@ -175,7 +175,7 @@ def plan(env: Environment, options: Options) -> Plan:
     if contradiction is not None:
         if not options.force:
             raise PreconditionError(
-                f"{contradiction}; the kept copy ({copy.path}, {copy.age} old) is not "
+                f"{contradiction}; the kept copy ({copy.path}, {copy.age}) is not "
                 "restored; nothing was changed", _contradiction_fix(env, current, slot, version))
         warnings.append(f"{FORCE_FLAG}: {contradiction}")
     if (said := _masked_said(masked, "restores")) is not None:
@@ -206,7 +206,7 @@ def plan(env: Environment, options: Options) -> Plan:
     details = {
         "file": str(os.path.realpath(env.state_file)),
         "now": broken.how,
-        "from": f"{copy.path} ({copy.age} old)",
+        "from": f"{copy.path} ({copy.age})",
         "writes": f"{len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()[:16]}"
                   + (" (the copy as kept)" if payload == copy.raw else ""),
         "current": line(current),

@@ -119,6 +119,23 @@ def test_a_truncated_state_file_names_the_copy_and_the_command_that_restores_it(
 
 
 @pytest.mark.docker
+def test_a_copy_dated_in_the_future_is_said_so_never_given_an_age(
+        drill_stack: DrillStack) -> None:
+    """Found by review: a clock set back since the copy was kept made it "2 h 00 min old"."""
+    env, whole = arranged_and_kept(drill_stack)
+    truncate(env, whole)
+    ahead = copy_of(env).stat().st_mtime + 2 * 3600 + 30
+    os.utime(copy_of(env), (ahead, ahead))
+    refused = cli(env, "rollback", "--yes")
+    assert refused.returncode == 4, refused.stderr
+    assert f"a copy of it, dated 2 h 00 min in the future ({copy_of(env)})" in refused.stderr, \
+        refused.stderr
+    assert " old (" not in refused.stderr, refused.stderr
+    dry = cli(env, "state", "restore-kept", "--dry-run")
+    assert "dated 2 h 00 min in the future" in dry.stdout + dry.stderr, (dry.stdout, dry.stderr)
+
+
+@pytest.mark.docker
 def test_a_valid_state_file_is_never_replaced_by_the_copy(drill_stack: DrillStack) -> None:
     env, whole = arranged_and_kept(drill_stack)
     copy_of(env).write_bytes(whole.replace(b'"locked": false', b'"locked": false ',
