@@ -642,6 +642,121 @@ def test_a_dead_controller_on_this_host_makes_its_lock_stale(env: Environment) -
     assert live is not None and not live.stale  # a live holder is never stale
 
 
+def _date_ahead(env: Environment, ahead: float, *, refreshed: bool = False) -> float:
+    """Rewrite the fleet lock's holder.json as a take made while this host's clock ran `ahead`
+    seconds fast wrote it (locked_at, and its expiry 30 minutes after that); never the
+    machine's clock. Returns that locked_at."""
+    holder_file = hostlock.path(env) / "holder.json"
+    holder = json.loads(holder_file.read_text())
+    at = time.time() + ahead
+    holder["locked_at_epoch"] = at
+    if not refreshed:
+        holder["expires_at_epoch"] = at + 1800
+    holder_file.write_text(json.dumps(holder))
+    return at
+
+
+def test_a_fleet_lock_dated_in_the_future_is_undated_and_on_call_may_force_it_out(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: a dead controller's lock, taken while the lock host's clock ran 6 h
+    fast, read as "held by a live fleet run" for hours once NTP set the clock back, and no
+    command removed it (`fleet lock` had no --force; --take-over works only from the dead
+    controller's own machine). Like the deploy lock dated in the future, it is now undated,
+    saying the clock was set back and when it is dated; a new run's refusal names
+    `--release --force`, which removes it. Oracles: the holder file as written, the lock
+    directory on disk, the exit codes."""
+    from datetime import UTC, datetime
+
+    _take(env, "fleet_dead", hostname="laptop", pid=4242, reason="rollback")
+    at = _date_ahead(env, 6 * 3600)
+    dated = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    held = hostlock.status(env)
+    assert held is not None and not held.stale and held.undated, held
+    assert "live" not in held.why and "clock was set back" in held.why, held.why
+    assert dated in held.why and "in the future" in held.why, held.why
+    with pytest.raises(LockedError) as refused:
+        _take(env, "fleet_new", hostname="desk", pid=1)
+    assert "clock was set back" in refused.value.message, refused.value.message
+    assert "wait for that fleet run to finish" not in (refused.value.fix or "")
+    assert "runbook fleet lock" in (refused.value.fix or "") \
+        and "--release --force" in (refused.value.fix or ""), refused.value.fix
+    said = _lock_cli(env, tmp_path, "--status")
+    assert said.returncode == 0, said.stderr
+    shown = json.loads(said.stdout)
+    assert shown["undated"] is True and shown["stale"] is False and "live" not in shown["why"]
+
+    forced = _lock_cli(env, tmp_path, "--release", "--force")
+    assert forced.returncode == 0, forced.stderr
+    out = json.loads(forced.stdout)
+    assert out["released"] is True and out["holder"]["fleet_run_id"] == "fleet_dead", out
+    assert not hostlock.path(env).exists()
+    assert _take(env, "fleet_new", hostname="desk", pid=1)["taken"] is True
+
+
+def test_force_never_removes_a_fleet_lock_whose_heartbeat_is_fresh(
+        env: Environment, tmp_path: Path) -> None:
+    """`--release --force` is on-call's way out of a stale or undated fleet lock, never a live
+    run's: refused (exit 3, the lock left) for a fresh lock, for one dated in the future that
+    its controller's heartbeat refreshed since the clock was set back (a real refresh), and
+    for one whose controller runs on this very host. Oracle: the lock directory on disk."""
+    import socket
+
+    _take(env, "fleet_live")
+    refused = _lock_cli(env, tmp_path, "--release", "--force")
+    assert refused.returncode == ExitCode.LOCKED and refused.stderr.count("\n") == 1, \
+        refused.stderr
+    assert "never removed" in refused.stderr and hostlock.path(env).exists()
+
+    _date_ahead(env, 6 * 3600)
+    hostlock.refresh(env, "fleet_live")  # its heartbeat, after the clock was set back
+    held = hostlock.status(env)
+    assert held is not None and not held.stale and not held.undated, held
+    assert "set back" in held.why, held.why
+    refused = _lock_cli(env, tmp_path, "--release", "--force")
+    assert refused.returncode == ExitCode.LOCKED, refused.stderr
+    assert hostlock.path(env).exists()
+    assert hostlock.release(env, "fleet_live")["released"]
+
+    _take(env, "fleet_here", hostname=socket.gethostname(), pid=os.getpid())
+    _date_ahead(env, 6 * 3600)
+    held = hostlock.status(env)
+    assert held is not None and not held.stale and not held.undated, held
+    refused = _lock_cli(env, tmp_path, "--release", "--force")
+    assert refused.returncode == ExitCode.LOCKED, refused.stderr
+    assert hostlock.path(env).exists()
+
+    usage = _lock_cli(env, tmp_path, "--force")
+    assert usage.returncode == ExitCode.USAGE and "--release" in usage.stderr, usage.stderr
+    assert hostlock.path(env).exists()
+
+
+def test_a_new_fleet_runs_refusal_over_a_lock_dated_in_the_future_names_the_way_out(
+        env: Environment, tmp_path: Path) -> None:
+    """What the on-call engineer reads: the lock host's real `runbook fleet lock --take`
+    answer over a dead controller's lock dated 6 h in the future, as the controller's
+    pre-flight gets it from the playbook's task, is exit 3 saying the clock was set back and
+    naming `--release --force`, not "wait for that fleet run to finish" (for 6 h)."""
+    from runbook.fleet.rollout import Events, FleetError, preflight
+
+    _take(env, "fleet_dead", hostname="laptop", pid=4242, reason="rollback")
+    _date_ahead(env, 6 * 3600)
+    took = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new", "--holder", "oncall",
+                     "--controller-host", "desk", "--pid", "1")
+    assert took.returncode == ExitCode.LOCKED, took.stderr
+    events = Events(results={"take the fleet lock": {"web1": {
+        "_event": "runner_on_failed", "rc": took.returncode, "stdout": took.stdout}}})
+    inventory = inv.Inventory(path=tmp_path / "hosts.yml", hosts=["web1", "web2"],
+                              groups={"canary": ["web2"]},
+                              hostvars={"web2": {"fleet_lock_host": "web1"}})
+    with pytest.raises(FleetError) as refused:
+        preflight(events, inventory, ["web2"], take_lock=True, fleet_run_id="fleet_new",
+                  env_name="staging")
+    assert refused.value.exit_code == ExitCode.LOCKED
+    assert "clock was set back" in refused.value.message, refused.value.message
+    assert refused.value.fix and "--release --force" in refused.value.fix, refused.value.fix
+    assert "wait for that fleet run" not in refused.value.fix
+
+
 def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_dead(
         env: Environment) -> None:
     """The lock host cannot see the controller's machine: a live-looking lock (another

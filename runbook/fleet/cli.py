@@ -183,6 +183,9 @@ def lock_cmd(
     take: Annotated[bool, typer.Option("--take")] = False,
     refresh: Annotated[bool, typer.Option("--refresh")] = False,
     release: Annotated[bool, typer.Option("--release")] = False,
+    force: Annotated[bool, typer.Option("--force", help="with --release: remove a stale fleet "
+                                        "lock, or one dated in the future (the clock set "
+                                        "back), whoever holds it; never a live run's")] = False,
     fleet_run: Annotated[str | None, typer.Option("--fleet-run")] = None,
     holder: Annotated[str, typer.Option("--holder")] = "unknown",
     controller_host: Annotated[str, typer.Option("--controller-host")] = "",
@@ -190,7 +193,9 @@ def lock_cmd(
     take_over: Annotated[str, typer.Option("--take-over", metavar="FLEET_RUN_ID")] = "",
     reason: ReasonOpt = None, config: ConfigOpt = None,
 ) -> None:
-    """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet)."""
+    """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet);
+    --release --force (on-call: a stale lock, or one dated in the future)."""
+    from runbook.environment import command_arg
     from runbook.fleet import hostlock
 
     env_ = None
@@ -199,10 +204,17 @@ def lock_cmd(
         if status and (take or refresh or release):
             raise UsageError("--status only reads the fleet lock", "drop --status, or the "
                              "--take/--refresh/--release the fleet itself runs")
-        if (take or refresh or release) and not fleet_run:
+        if force and (take or refresh or not release):
+            raise UsageError("--force only goes with --release", "`runbook fleet lock "
+                             f"{command_arg(env_)} --release --force` removes a stale fleet "
+                             "lock or one dated in the future")
+        if (take or refresh or release) and not fleet_run and not force:
             raise UsageError("--take, --refresh and --release need --fleet-run ID",
-                             "these are run by `runbook fleet rollback`; see --help")
-        if take:
+                             "these are run by `runbook fleet rollback`; on-call removes a "
+                             "stale lock, or one dated in the future, with --release --force")
+        if force:
+            out = hostlock.force_release(env_, fleet_run)
+        elif take:
             out = hostlock.take(env_, fleet_run_id=str(fleet_run), locked_by=holder,
                                 hostname=controller_host, pid=pid,
                                 reason=reason or "fleet rollback", take_over=take_over)

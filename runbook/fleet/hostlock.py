@@ -5,7 +5,10 @@ and the controller's host and pid), why, the fleet run id, when, and when it exp
 with mkdir (atomic); refreshed by its controller's heartbeat while it runs (and before a batch);
 released by the holder's fleet run id only.
 Stale, as on one host (runbook/lock.py): expired, or its controller ran on this very host and
-that process is gone. A live holder's lock is never removed.
+that process is gone. Undated, as the deploy lock dated in the future: its expiry lies beyond
+what a take or a heartbeat writes, so this host's clock was set back since (NTP stepping it)
+and no heartbeat came after; on-call may remove it (`--release --force`). A live holder's
+lock is never removed.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from runbook import files, procs
-from runbook.environment import Environment
+from runbook.environment import Environment, command_arg
 from runbook.errors import LockedError, RunbookError
+from runbook.lock.policy import FUTURE_SLACK
+from runbook.times import format_utc, rough_duration
 
 DEFAULT_TTL = 1800.0
 
@@ -114,6 +120,10 @@ class Held:
     holder: dict[str, Any]
     stale: bool
     why: str
+    # dated in the future with no heartbeat since the clock was set back: its age cannot be
+    # told, so it would read as live for as long as the clock ran ahead (hours); not taken
+    # over by itself, but `--release --force` removes it once on-call checked its controller
+    undated: bool = False
 
     def describe(self) -> str:
         h = self.holder
@@ -121,8 +131,8 @@ class Held:
                 f" for {h.get('reason', '?')!r}, fleet run {h.get('fleet_run_id', '?')}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"locked": True, "holder": self.holder, "stale": self.stale, "why": self.why,
-                "summary": self.describe()}
+        return {"locked": True, "holder": self.holder, "stale": self.stale,
+                "undated": self.undated, "why": self.why, "summary": self.describe()}
 
 
 _HOLDER_LIMIT = 64 * 1024
@@ -153,7 +163,39 @@ def status(env: Environment, now: float | None = None) -> Held | None:
     here = holder.get("hostname") == socket.gethostname()
     if here and isinstance(pid, int) and not procs.pid_alive(pid):
         return Held(holder, True, f"its controller (pid {pid} on this host) is gone")
+    if here and isinstance(pid, int):  # whatever its dates say
+        return Held(holder, False, f"held by a live fleet run: its controller (pid {pid} on "
+                    "this host) runs")
+    taken = holder.get("locked_at_epoch")
+    taken = taken if isinstance(taken, int | float) and taken > now + FUTURE_SLACK else None
+    if isinstance(expires, int | float) and expires > now + DEFAULT_TTL + FUTURE_SLACK:
+        return Held(holder, False, _dated_in_future(taken, expires, now), undated=True)
+    if taken is not None:  # refreshed since the clock was set back: a heartbeat, so live
+        return Held(holder, False, f"held by a live fleet run: its heartbeat refreshed it "
+                    f"after this host's clock was set back; it was taken at {_when(taken)}, "
+                    f"{rough_duration(taken - now)} in the future")
     return Held(holder, False, "held by a live fleet run")
+
+
+def _when(epoch: float) -> str:
+    try:
+        return format_utc(datetime.fromtimestamp(epoch, UTC))
+    except (OverflowError, OSError, ValueError):  # a holder file edited by hand: no date
+        return f"epoch {epoch:g}"
+
+
+def _dated_in_future(taken: float | None, expires: float, now: float) -> str:
+    """Why a lock dated in the future is undated, naming the time it is dated: a take or a
+    heartbeat writes an expiry at most its 30 minutes ahead, so a later one was written by a
+    clock set back since (found by review: a dead controller's lock, taken while the clock
+    ran 6 h fast, read as "held by a live fleet run" for those 6 h, and nothing removed it)."""
+    dated = (f"taken at {_when(taken)}, {rough_duration(taken - now)} in the future"
+             if taken is not None else f"its expiry {_when(expires)} is "
+             f"{rough_duration(expires - now)} in the future, beyond its "
+             f"{rough_duration(DEFAULT_TTL)}")
+    return (f"dated in the future ({dated} by this host's clock): the clock was set back "
+            "since, so its age cannot be told, and no heartbeat of its fleet run has "
+            "refreshed it since")
 
 
 def take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str, pid: int,
@@ -195,6 +237,12 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
                 held = Held(held.holder, True, f"its controller is gone (pid "
                             f"{held.holder.get('pid', '?')} on "
                             f"{held.holder.get('hostname', '?')}, found dead by the resume)")
+            if held.undated:
+                refused = LockedError(f"the fleet lock on this host is held by "
+                                      f"{held.describe()}; it is {held.why}",
+                                      force_fix(env, held))
+                refused.holder = held.holder
+                raise refused from None
             if not held.stale:
                 refused = LockedError(f"the fleet lock on this host is held by "
                                       f"{held.describe()}", "wait for that fleet run to finish, "
@@ -263,6 +311,50 @@ def checked(env: Environment) -> dict[str, str]:
 def _named(env: Environment) -> str:
     where = checked(env)
     return f"the {where['environment']} fleet lock on {where['host']} ({where['lock']})"
+
+
+def force_fix(env: Environment, held: Held) -> str:
+    """The way out of an undated lock (Held.undated), for the refusals that meet it."""
+    h = held.holder
+    return (f"if that fleet run is over (its controller, pid {h.get('pid', '?')} on "
+            f"{h.get('hostname', '?')}, is gone), remove the lock on {socket.gethostname()} "
+            f"with `runbook fleet lock {command_arg(env)} --release --force`, then run again "
+            "(a running controller's heartbeat re-dates it within minutes, and a live lock is "
+            "never removed)")
+
+
+def force_release(env: Environment, fleet_run_id: str | None = None) -> dict[str, Any]:
+    """On-call's way out of a fleet lock no fleet run will release: stale, dated in the future
+    (Held.undated), or left empty by a take killed half-way; whoever holds it (or, given
+    `fleet_run_id`, only that run's). Judged under the guard: never a lock a live run's
+    heartbeat keeps fresh, nor one whose controller runs on this host."""
+    with _guarded(env):
+        held = status(env)
+        if held is None:
+            return {"ok": True, "released": False, **checked(env),
+                    "why": f"{_named(env)} is already free"}
+        if fleet_run_id and held.holder.get("fleet_run_id") != fleet_run_id:
+            raise RunbookError(f"{_named(env)} is held by {held.describe()}, not by fleet run "
+                               f"{fleet_run_id}; left alone", "nothing to do")
+        # takes write the holder under the guard: a lock naming nobody is a killed take's
+        if not (held.stale or held.undated or not (path(env) / "holder.json").exists()):
+            pid, host = held.holder.get("pid", "?"), held.holder.get("hostname", "?")
+            raise LockedError(f"{_named(env)} is held by {held.describe()} ({held.why}); left "
+                              "alone", "a live fleet run's lock is never removed, not even with "
+                              f"--force: wait for that run to finish, or stop its controller "
+                              f"(pid {pid} on {host}); its lock then expires by itself "
+                              f"{rough_duration(DEFAULT_TTL)} after its last heartbeat")
+        aside = path(env).with_name(f"{path(env).name}.forced-{os.getpid()}")
+        try:  # at once (a rename), or not at all: never a lock half removed
+            path(env).rename(aside)
+        except OSError as exc:
+            raise files.write_error(f"cannot remove {_named(env)}: {exc.strerror or exc}; "
+                                    "nothing was changed", exc, path(env).parent,
+                                    f"remove {path(env)} as its owner (or root)") from None
+        shutil.rmtree(aside, ignore_errors=True)
+        return {"ok": True, "released": True, "forced": True, **checked(env),
+                "holder": held.holder,
+                "why": f"removed {_named(env)}, held by {held.describe()} ({held.why})"}
 
 
 def _release(env: Environment, fleet_run_id: str) -> dict[str, Any]:

@@ -486,6 +486,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     others: list[str] = []  # another fleet run's live lock on a target (take_lock)
+    undated = False  # one of them dated in the future (the clock set back): --force removes it
     results = events.results.get("host-check", {})
     for host in targets:
         if host in events.unreachable:
@@ -510,9 +511,11 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
         holder = (held.get("holder") or {}).get("fleet_run_id")
         if (held.get("locked") and not held.get("stale")
                 and holder not in (fleet_run_id, take_over or None)):
+            undated = undated or bool(held.get("undated"))
             (others if take_lock else problems).append(
                 f"{host}: fleet lock: held by {held.get('summary')} (environment "
-                f"{data.get('environment')})")
+                f"{data.get('environment')})"
+                + (f"; it is {_one_line(str(held.get('why')))}" if held.get("undated") else ""))
         for p in data.get("problems", []):
             problems.append(f"{host}: {p.get('check')}: {p.get('message')}"
                             + (f" ({p['fix']})" if p.get("fix") else ""))
@@ -521,7 +524,11 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                          f"on {', '.join(x.split(':')[0] for x in others)}; nothing was changed",
                          "wait for that fleet run to finish (`runbook fleet lock "
                          f"{env_name} --status` there says who holds it); a stale one is "
-                         "taken over", exit_code=ExitCode.LOCKED, lines=others)
+                         "taken over" + (f"; one dated in the future, once its controller "
+                                         "is gone, is removed with `runbook fleet lock "
+                                         f"{env_name} --release --force` there"
+                                         if undated else ""),
+                         exit_code=ExitCode.LOCKED, lines=others)
     return checks, problems, lock_res
 
 
