@@ -338,6 +338,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             from_slot=str(live), to_slot=str(target),
                             from_version=replaced_from.version if replaced_from else None,
                             to_version=version, to_image=image,
+                            recorded_ids=intents.ids_of(state),
                             record={"deployment_id": deployment_id,
                                     **({"replaces_deployment_id": replaces.id}
                                        if replaces else {}),
@@ -449,11 +450,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 def _recorded_since(state: states.DeploymentState, intent: intents.Intent) -> bool:
     """Whether another tool recorded a deployment after the interrupted run started (its
     deploy, then a rollback back onto the same slots, included): that run's snapshot is then
-    from before another deployment, not from before this one."""
-    from runbook.times import parse_utc
-
-    started = parse_utc(intent.started_at)
-    return started is None or any(d.deployed_at > started for d in state.deployments())
+    from before another deployment, not from before this one. By the ids the file held
+    when that run was planned, not by clocks (intents.recorded_after)."""
+    return any(intents.recorded_after(intent, d, unknown=True) for d in state.deployments())
 
 
 def _serving_record(state: states.DeploymentState, serving: docker.ContainerInfo,

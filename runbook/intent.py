@@ -23,6 +23,7 @@ from runbook import files, journal
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError, RunbookError
+from runbook.times import parse_utc
 
 
 class Phase(StrEnum):
@@ -47,6 +48,9 @@ class Intent:
     started_at: str = field(default_factory=lambda: states.format_time(datetime.now(UTC)))
     last_step: str | None = None  # the last step its run record shows (read() fills it in)
     record: dict[str, Any] = field(default_factory=dict)  # what "record the state" needs
+    # the ids of the deployments the state file held when the run was planned (ids_of):
+    # what "recorded since" judges by (recorded_after); None in an older version's record
+    recorded_ids: tuple[str, ...] | None = None
 
     @property
     def target(self) -> Slot:
@@ -188,6 +192,8 @@ def from_dict(data: Any) -> Intent:
         raise TypeError("not an object")
     data = dict(data)
     data["phase"] = Phase(data["phase"])
+    if isinstance(data.get("recorded_ids"), list):  # JSON's array; anything else refused
+        data["recorded_ids"] = tuple(data["recorded_ids"])
     known = set(Intent.__dataclass_fields__)
     intent = Intent(**{k: v for k, v in data.items() if k in known})
     _check_types(intent)
@@ -233,6 +239,25 @@ def standing(intent: Intent, serving: Slot | None) -> Intent:
     return kept if kept.source == serving else intent
 
 
+def ids_of(state: states.DeploymentState) -> tuple[str, ...]:
+    """The ids of every deployment `state` records (current, previous, history), kept in
+    the record of a run planned from it, so a later run can tell what was recorded since."""
+    return tuple(dep.id for dep in state.deployments())
+
+
+def recorded_after(intent: Intent, dep: states.Deployment, *, unknown: bool) -> bool:
+    """Whether `dep` was recorded after `intent`'s run was planned: its id is not one the
+    state file held then. Never by comparing `deployed_at` with `started_at`: two wall
+    clocks (another tool's, another run's), and one stepped back between the runs hid a
+    later deploy (found by review), one ahead made a deployment already there "later".
+    A record an older version wrote holds no ids: judged by those times then, as that
+    version did; `unknown` is the answer when its start time cannot be read."""
+    if intent.recorded_ids is not None:
+        return dep.id not in intent.recorded_ids
+    started = parse_utc(intent.started_at)
+    return unknown if started is None else dep.deployed_at > started
+
+
 def _check_types(intent: Intent) -> None:
     """Each field as this module writes it: a slot named `Green`, or a `record` that is a
     list, read fine and then failed wherever it was used (`runbook status` lost every other
@@ -247,6 +272,10 @@ def _check_types(intent: Intent) -> None:
             raise TypeError(f"{name} is not a string")
     if not isinstance(intent.record, dict):
         raise TypeError("record is not an object")
+    ids = intent.recorded_ids
+    if ids is not None and not (isinstance(ids, tuple)
+                                and all(isinstance(i, str) for i in ids)):
+        raise TypeError("recorded_ids is not a list of deployment ids")
     gated = intent.record.get(GATED_CONTAINER)
     if gated is not None and not (
             isinstance(gated, dict)

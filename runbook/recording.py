@@ -112,13 +112,11 @@ def recorded_since(state: states.DeploymentState | None,
     its run started, or None: judged by deployment id, not version (a deploy of the same
     version is another deployment too); a switch's record names no id, so by version. Read
     by finish.superseded (whether an interrupted run is out of date) and by the deploy's
-    state write (never a second record of that deployment)."""
-    from runbook.times import parse_utc
-
+    state write (never a second record of that deployment). "After" by the ids the file held
+    when the run was planned, not by clocks (intents.recorded_after)."""
     current = state.current if state is not None else None
-    started = parse_utc(intent.started_at)
-    if current is None or started is None or current.active_slot != intent.target \
-            or current.deployed_at <= started:
+    if current is None or current.active_slot != intent.target \
+            or not intents.recorded_after(intent, current, unknown=False):
         return None
     own = own_deployment_id(intent)
     if (current.id == own) if own is not None else current.version == intent.to_version:

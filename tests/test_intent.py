@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from runbook import finish
 from runbook import intent as intents
-from runbook.environment import Environment
+from runbook import state as states
+from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError
 from tests.drill_checks import host_env
 
@@ -88,7 +90,10 @@ def test_a_record_that_is_valid_json_but_not_an_object_is_unreadable(env: Enviro
                                         "container_id": "abc", "started_at": None}}},
                                     {"record": {"gated_container": {
                                         "container_id": "abc", "started_at": None,
-                                        "restart_count": "0"}}}])
+                                        "restart_count": "0"}}},
+                                    # the ids a later "recorded since" judges by
+                                    {"recorded_ids": "dep_a"},
+                                    {"recorded_ids": ["dep_a", None]}])
 def test_a_record_with_a_field_of_the_wrong_kind_is_unreadable_not_a_crash_later(
         env: Environment, change: dict[str, object]) -> None:
     """Found by review: `"to_slot": "Green"` (or a list for `record`) read fine and then
@@ -201,3 +206,92 @@ def test_clearing_a_record_that_became_unreadable_says_false_never_raises(
     record.write_bytes(b"{\"phase\": ")
     assert intents.clear(env, "rbk_1") is False
     assert record.read_bytes() == b"{\"phase\": "
+
+
+STARTED = "2026-12-05T14:00:00Z"  # when the killed deploy began, by its machine's clock
+V1, V2, V3 = "1111111", "2222222", "3333333"
+
+
+def a_deploy_killed_before_its_switch(
+        env: Environment, v1_at: datetime = datetime(2026, 12, 5, 10, 0, tzinfo=UTC),
+) -> intents.Intent:
+    """The state file as a killed `runbook deploy --version V2` (blue -> green) planned from
+    (V1 on blue, deployed `v1_at`), and its record, as the deploy writes it: real files."""
+    states.write_state(env.state_file, states.DeploymentState(
+        environment=env.name, current=states.make_deployment(
+            V1, "1" * 40, Slot.BLUE, status="active", deployment_id="dep_v1",
+            deployed_at=v1_at)))
+    planned = states.read_state(env.state_file, environment=env.name)
+    intents.write(env, intents.Intent(
+        run_id="dep_killed", action="deploy", environment=env.name, from_slot="blue",
+        to_slot="green", from_version=V1, to_version=V2, started_at=STARTED,
+        record={"deployment_id": "dep_killed"}, recorded_ids=intents.ids_of(planned)))
+    killed = intents.read(env)
+    assert killed is not None
+    return killed
+
+
+def deploy_script_deploys_v3_to_green(env: Environment, at: datetime) -> states.Deployment:
+    """The host's deploy script records V3 on green, stamped `at` by its own clock."""
+    before = states.read_state(env.state_file, environment=env.name)
+    theirs = states.make_deployment(V3, "3" * 40, Slot.GREEN, status="active",
+                                    deployed_by="deploy.sh@host", deployed_at=at,
+                                    deployment_id="dep_script")
+    states.write_state(env.state_file, states.after_deploy(before, theirs))
+    return theirs
+
+
+@pytest.mark.parametrize("at", [datetime(2026, 12, 5, 14, 30, tzinfo=UTC),
+                                # the clock stepped back 3 h between the two runs
+                                datetime(2026, 12, 5, 11, 30, tzinfo=UTC)])
+def test_another_tools_deploy_is_recorded_since_the_run_began_whatever_its_clock_says(
+        env: Environment, at: datetime) -> None:
+    """Found by review: "another tool recorded a deployment since the killed run began" was
+    `deployed_at > started_at`, two wall clocks: a deploy script stamping 11:30 after a run
+    that began at 14:00 (the clock stepped back) was "not since", so its traffic on green
+    was taken for the killed run's (the repair named reverted it), and a deploy rerun
+    reused the killed run's id and older snapshot. The record keeps the ids the state file
+    held when the run began: a deployment not among them was recorded since."""
+    from runbook import deploy
+
+    killed = a_deploy_killed_before_its_switch(env)
+    assert killed.recorded_ids == ("dep_v1",)
+    deploy_script_deploys_v3_to_green(env, at)
+    now = states.read_state(env.state_file, environment=env.name)
+    later = finish.superseded(killed, now)
+    assert later is not None and later.id == "dep_script", later
+    assert deploy._recorded_since(now, killed)
+
+
+def test_a_deployment_the_file_held_when_the_run_began_is_never_since_whatever_its_stamp(
+        env: Environment) -> None:
+    """The other way round: a deploy script's clock ahead of this host's stamped a
+    deployment already in the file when the run began "after" it; by time, the rerun of
+    the killed deploy took a new "pre-deploy" snapshot at the schema the killed run had
+    migrated (the guard, a restore and the cleanup trust it). By id it was there before."""
+    from runbook import deploy
+
+    ahead = datetime(2026, 12, 5, 17, 0, tzinfo=UTC)  # 3 h after the run began
+    killed = a_deploy_killed_before_its_switch(env, v1_at=ahead)
+    assert not deploy._recorded_since(states.read_state(env.state_file), killed)
+
+
+@pytest.mark.parametrize(("at", "since"), [(datetime(2026, 12, 5, 14, 30, tzinfo=UTC), True),
+                                           (datetime(2026, 12, 5, 11, 30, tzinfo=UTC), False)])
+def test_a_record_written_before_the_ids_were_kept_is_still_read_and_judged_by_time(
+        env: Environment, at: datetime, since: bool) -> None:
+    """A record an older runbook wrote (no `recorded_ids`) is read as before and judged by
+    its start time, the only thing it holds: a clock stepped back still hides a deploy
+    from it, as it did from the version that wrote it."""
+    from runbook import deploy
+
+    a_deploy_killed_before_its_switch(env)
+    older = json.loads(intents.path(env).read_text())
+    del older["recorded_ids"]
+    intents.path(env).write_text(json.dumps(older))
+    killed = intents.read(env)
+    assert killed is not None and killed.recorded_ids is None
+    deploy_script_deploys_v3_to_green(env, at)
+    now = states.read_state(env.state_file, environment=env.name)
+    assert (finish.superseded(killed, now) is not None) is since
+    assert deploy._recorded_since(now, killed) is since

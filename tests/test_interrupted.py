@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, RunbookError
 from runbook.plan import Step, StepContext
+from runbook.times import parse_utc
 from tests.drill_checks import Poller, closed_port, wait_stopped
 from tests.matrix import sample
 
@@ -839,9 +840,11 @@ def test_a_deploy_rerun_that_cannot_read_the_schema_never_guesses_about_its_snap
     assert after == before
 
 
-def host_deploys_v3_to_green(env: Environment, version: str = "v3") -> None:
+def host_deploys_v3_to_green(env: Environment, version: str = "v3",
+                             deployed_at: datetime | None = None) -> None:
     """What the host's own deploy script does: v3 (or `version`) onto green (compose),
-    Caddy switched to it, its deploy recorded in the state file."""
+    Caddy switched to it, its deploy recorded in the state file (`deployed_at`: the time
+    its clock stamps, now by default)."""
     v = VERSIONS[version]
     slots.recreate(env, Slot.GREEN, v.tag)
     health.wait_healthy(env, Slot.GREEN, timeout=30)
@@ -849,8 +852,99 @@ def host_deploys_v3_to_green(env: Environment, version: str = "v3") -> None:
     before = states.read_state(env.state_file, environment=env.name)
     states.write_state(env.state_file, states.after_deploy(before, states.make_deployment(
         v.tag, v.git_commit, Slot.GREEN, status="active", deployed_by="deploy.sh@host",
-        migration_version=v.schema, image=v.image)))
+        migration_version=v.schema, image=v.image, deployed_at=deployed_at)))
     assert through_proxy(env) == ("green", v.tag)
+
+
+def stepped_back(intent: intents.Intent) -> datetime:
+    """A deploy script's stamp from a wall clock stepped back 3 h since `intent`'s run
+    began (an NTP correction, a VM restored): the machine's clock is never touched."""
+    started = parse_utc(intent.started_at)
+    assert started is not None
+    return started - timedelta(hours=3)
+
+
+def test_another_tools_deploy_stamped_by_a_clock_stepped_back_still_supersedes_the_record(
+        stack: DrillStack) -> None:
+    """Found by review: "another tool recorded a deployment since the interrupted run
+    started" was judged by comparing the deploy script's `deployed_at` with the record's
+    `started_at`, two wall-clock stamps from different runs. A deploy of v2 killed before
+    its switch, then the host's deploy script put v3 on green (the same slot) with a clock
+    stepped back 3 h: the record was taken for traffic moved by it, every command refused
+    (green "does not answer as v2"), and the repair named was `switch --slot blue`,
+    reverting the fresh deploy. Judged by the ids the state file held when the run began,
+    the record is out of date whatever the clocks say."""
+    stack.reset()  # v1 serving from blue
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault="before:switch:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None and killed.target == Slot.GREEN
+    host_deploys_v3_to_green(env, deployed_at=(at := stepped_back(killed)))
+    theirs = states.read_state(env.state_file)
+    assert theirs.current is not None and theirs.current.version == V3.tag
+    assert theirs.current.deployed_at == at  # 3 h before the killed run began
+    status = cli(env, "status")
+    said = status.stdout + status.stderr
+    assert "record is out of date" in said and "took effect" not in said, said
+    assert "--slot blue" not in said, said
+    planned = cli(env, "rollback", "--dry-run", "--force")  # v1 runs on schema 1, v2 at 2
+    said = planned.stdout + planned.stderr
+    assert planned.returncode == 0, said
+    assert "does not answer as" not in said and "--slot blue" not in said, said
+    assert through_proxy(env) == ("green", V3.tag)
+
+
+def deploy_killed_after_its_migrations(
+        stack: DrillStack) -> tuple[Environment, intents.Intent, list[Path]]:
+    """v1 serving from blue on schema 1, then `runbook deploy --version v2` killed (-9) after
+    its migrations: the environment, the killed run's record and its pre-deploy snapshot
+    (taken at schema 1)."""
+    stack.reset()
+    env = stack.env
+    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault="after:migrate:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = intents.read(env)
+    assert killed is not None and killed.target == Slot.GREEN
+    pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+    assert len(pre_deploy) == 1
+    return env, killed, pre_deploy
+
+
+def deploy_reruns_as_a_new_deployment(env: Environment, killed: intents.Intent,
+                                      pre_deploy: list[Path], slot: Slot) -> None:
+    """`runbook deploy --version v2` after another tool's deployment since the killed one:
+    v2 serves from `slot`, a new deployment (not the killed run's id) with a snapshot taken
+    now, never the killed run's from before the other deployment."""
+    again = cli(env, "deploy", "--version", V2.tag, "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == (str(slot), V2.tag)
+    taken = [p for p in sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
+             if p not in pre_deploy]
+    assert len(taken) == 1, "no snapshot was taken before this deploy"
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V2.tag
+    assert st.current.id != killed.record["deployment_id"]
+    assert st.current.snapshot_path == str(taken[0]), st.current.snapshot_path
+
+
+def test_a_deploy_rerun_after_another_tools_deploy_and_rollback_with_a_clock_stepped_back(
+        stack: DrillStack) -> None:
+    """Found by review: a deploy of v2 killed after its migrations (its snapshot at schema
+    1); then the host's tooling deployed v3 to green and rolled back to v1 on blue, its
+    clock stepped back 3 h. Judged by `deployed_at` nothing was recorded since, and the
+    rerun took itself for the killed run: its deployment id and its snapshot from before
+    another deployment, recorded as the data from before this one. Judged by the ids the
+    state file held when the killed run began, v3's record is new: a new deployment, a
+    new snapshot."""
+    env, killed, pre_deploy = deploy_killed_after_its_migrations(stack)
+    host_deploys_v3_to_green(env, deployed_at=stepped_back(killed))
+    # its rollback: Caddy back to blue (v1 still runs there), the file's records swapped
+    caddy.apply(env, caddy.rewrite(caddy.read(env), env, Slot.BLUE))
+    theirs = states.read_state(env.state_file, environment=env.name)
+    states.write_state(env.state_file, states.after_rollback(theirs, slot=Slot.BLUE))
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    deploy_reruns_as_a_new_deployment(env, killed, pre_deploy, Slot.GREEN)
 
 
 def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_snapshot(
@@ -861,25 +955,9 @@ def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_sna
     it reused that run's deployment id and its schema-1 snapshot, took none, and recorded a
     snapshot from before v3 as the data from before this deploy; a restore of it loses v3's
     schema and every write since. Only the same run on the same slots is that deployment."""
-    stack.reset()  # v1 serving from blue on schema 1
-    env = stack.env
-    first = cli(env, "deploy", "--version", V2.tag, "--yes", fault="after:migrate:SIGKILL")
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    killed = intents.read(env)
-    assert killed is not None and killed.target == Slot.GREEN
-    pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
-    assert len(pre_deploy) == 1
+    env, killed, pre_deploy = deploy_killed_after_its_migrations(stack)
     host_deploys_v3_to_green(env)
-    again = cli(env, "deploy", "--version", V2.tag, "--yes")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert through_proxy(env) == ("blue", V2.tag)
-    taken = [p for p in sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
-             if p not in pre_deploy]
-    assert len(taken) == 1, "no snapshot was taken before this deploy"
-    st = states.read_state(env.state_file)
-    assert st.current is not None and st.current.version == V2.tag
-    assert st.current.id != killed.record["deployment_id"]
-    assert st.current.snapshot_path == str(taken[0]), st.current.snapshot_path
+    deploy_reruns_as_a_new_deployment(env, killed, pre_deploy, Slot.BLUE)
 
 
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
