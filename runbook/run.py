@@ -52,6 +52,11 @@ class RunResult:
 NO_CADDYFILE = frozenset({"snapshot-restore", "restore-kept"})
 
 
+# a dry run's plan names the run's own id (a new deployment's) so: found by review, its id
+# differed from the real run's (and from the next dry run's), and was quoted in tickets
+NEW_RUN_ID = "<new: the run's id, given when it starts>"
+
+
 def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_run: bool,
             reason: str, confirm: Callable[[Plan], bool] | None = None,
             progress: Callable[..., None] | None = None,
@@ -124,6 +129,9 @@ def _dry_run(env: Environment, build: Callable[[str], Plan], run_id: str) -> Run
     plan = _with_room(env, build(run_id))
     if (refused := locks.refusal(env)) is not None:  # taken while this one planned
         raise refused
+    for step in plan.steps:  # this id is never used: the real run takes its own
+        step.details = {k: v.replace(run_id, NEW_RUN_ID) if isinstance(v, str) else v
+                        for k, v in step.details.items()}
     held = locks.status(env)
     # no refusal: taking it takes any lock there over (a dead holder's, a half-written one)
     now = ("free" if held is None else f"{held.describe()}: would be taken over"

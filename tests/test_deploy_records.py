@@ -292,6 +292,23 @@ def test_a_deploys_log_names_its_deployment_as_the_state_file_and_its_snapshot_d
     assert any(e["message"].startswith("commit point reached") for e in rerun[planned:])
 
 
+def test_a_deploys_dry_run_never_names_an_id_the_real_run_does_not_use(
+        stack: DrillStack) -> None:
+    """Found by review: the dry run's snapshot step named deployment dep_18ee830dde5..., its
+    JSON dry run another, the real run and the state file a third: a new deployment's id is
+    the run's own, given when it starts, and the dry run says that instead of an id."""
+    stack.reset()
+    env = stack.env
+    dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+    shown = {k: v for s in dry.plan.steps for k, v in s.details.items()}
+    assert dry.run_id not in json.dumps(dry.plan.to_json()), shown
+    assert shown["deployment"].startswith("<new"), shown["deployment"]
+    real = deploy.deploy(env, deploy.Options(version=V2.tag))
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.id == real.run_id
+    assert any(s.details.get("deployment") == real.run_id for s in real.plan.steps)
+
+
 def test_a_rollbacks_log_names_the_deployment_it_makes_current(stack: DrillStack) -> None:
     """A rollback creates no deployment: it makes its target's record current again. The
     log's deployment_id is that record's id from the plan on (the state file's
