@@ -387,8 +387,11 @@ def restore_steps(env: Environment, run: RestoreRun,
         Step("stop-app-slots", "Stop the app slots that use the database (not the database)", {
             "containers": ", ".join(containers) or "none",
             "kept running": env.database.container,
-            "THE SERVICE IS DOWN": "from here until the switch: the one step allowed to stop "
-                                   "the serving slot, so no write is lost during the restore",
+            "THE SERVICE IS DOWN": (
+                "from here until the app containers are started again (the last step)"
+                if standalone else "from here until the switch")
+            + ": the one step allowed to stop the serving slot, so no write is lost during "
+              "the restore",
         # a Ctrl-C or a closed terminal while Docker stops a slot is held until the stops
         # end (found by review): Docker finishes a stop it has begun, and an undo run at once
         # saw the container still running, skipped it, and said "undone" with it then down
@@ -957,6 +960,12 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",
                               skip="--keep-stopped"))
+            for step in steps:  # found by review: it said "until the switch", which never comes
+                if "THE SERVICE IS DOWN" in step.details:
+                    step.details["THE SERVICE IS DOWN"] = (
+                        "from here until you start the app containers (--keep-stopped leaves "
+                        "them stopped): the one step allowed to stop the serving slot, so no "
+                        "write is lost during the restore")
         summary = (f"restore {env.display}'s database from {snap.name} (schema "
                    f"{restore_run.verified.migration_version})")
         return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)

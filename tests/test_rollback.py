@@ -2411,6 +2411,8 @@ def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_r
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
     kept = snapshot_restore.restore(env, pre.name, restart=False)  # as the message says
     assert {o.name: o.status for o in kept.outcomes}["verify-restore"] == "ok"
+    down = {s.name: s.details for s in kept.plan.steps}["stop-app-slots"]["THE SERVICE IS DOWN"]
+    assert down.startswith("from here until you start the app containers"), down  # no switch
     with stack.connect() as conn:
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
     assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
@@ -2426,6 +2428,8 @@ def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_r
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
     back = snapshot_restore.restore(env, kept.plan.facts["safety_snapshot"])
     assert {o.name: o.status for o in back.outcomes}["start-app-slots"] == "ok"
+    down = {s.name: s.details for s in back.plan.steps}["stop-app-slots"]["THE SERVICE IS DOWN"]
+    assert down.startswith("from here until the app containers are started again"), down
     with stack.connect() as conn:
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
     assert through_proxy(env) == ("green", V2.tag)
