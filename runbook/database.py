@@ -275,16 +275,22 @@ def via_container(env: Environment) -> bool:
 
     `auto` picks the container when the URL's host does not resolve here: a host whose
     Postgres listens on Docker's network only has one DATABASE_URL (the app's, host
-    `togather-db`), and no host connection can work there.
+    `togather-db`), and no host connection can work there. Likewise a unix socket that is
+    not on this machine (`?host=/var/run/postgresql`, a folder the database's container
+    shares with the app's): libpq failed "No such file or directory" (found by review), and
+    the container is where pg_dump and psql run for snapshots anyway.
     """
     import socket
 
     access = env.database.access
     if access != "auto":
         return access == "container"
-    host = url_host(url(env))
-    if not host or host.startswith("/"):
+    raw = url(env)
+    host = url_host(raw)
+    if not host:
         return False
+    if host.startswith("/"):
+        return not _socket_here(raw)
     try:
         socket.getaddrinfo(host, None)
     except (OSError, UnicodeError):
@@ -292,14 +298,35 @@ def via_container(env: Environment) -> bool:
     return False
 
 
+def _socket_path(raw: str) -> str:
+    """The unix socket file a URL with a socket folder as its host names (libpq's name)."""
+    import os
+
+    from psycopg import conninfo
+
+    params = conninfo.conninfo_to_dict(raw)
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")[0]
+    return os.path.join(url_host(raw), f".s.PGSQL.{port}")
+
+
+def _socket_here(raw: str) -> bool:
+    """Whether the URL's unix socket exists on this machine (a folder this user may not look
+    into counts as not: no connection from here could work either)."""
+    import os
+
+    return os.path.exists(_socket_path(raw))
+
+
 def access_description(env: Environment) -> str:
     """How the database is reached, for pre-flight and --dry-run (never the URL itself)."""
+    host = url_host(url(env))
     if via_container(env):
-        return (f"psql inside container {env.database.container} (docker exec; "
-                f"host {url_host(url(env)) or '-'} is on Docker's network only)"
+        why = (f"socket {_socket_path(url(env))} does not exist on this machine"
+               if host.startswith("/") else f"host {host or '-'} is on Docker's network only")
+        return (f"psql inside container {env.database.container} (docker exec; {why})"
                 if env.database.access == "auto"
                 else f"psql inside container {env.database.container} (docker exec)")
-    return f"from this machine to {url_host(url(env)) or 'the local socket'}"
+    return f"from this machine to {host or 'the local socket'}"
 
 
 _END = "__runbook_end_{n}__"
@@ -453,6 +480,11 @@ class ContainerConnection:
         return _Rows(rows)
 
 
+def boolean(value: object) -> bool:
+    """A boolean as psycopg (True) or a ContainerConnection (JSON true) answers it."""
+    return value is True or value in ("t", "true")
+
+
 class _Rows:
     def __init__(self, rows: list[tuple[Any, ...]]) -> None:
         self.rows = rows
@@ -480,9 +512,14 @@ def connect(env: Environment, timeout: int = 5,  # type: ignore[no-untyped-def]
     except psycopg.Error as exc:
         text = str(exc).strip()
         first = redact(text.splitlines()[0] if text else "no answer")
-        raise DatabaseError(f"database unreachable: {first}",
-                            f"check `docker ps` for {env.database.container} and "
-                            f"{env.database.url_variable} in {env.database.env_file}") from None
+        fix = (f"check `docker ps` for {env.database.container} and "
+               f"{env.database.url_variable} in {env.database.env_file or 'the environment'}")
+        if url_host(target).startswith("/") and not _socket_here(target):
+            # (`auto` goes through the container itself then: this is `host` forced)
+            fix = (f"its socket {_socket_path(target)} is not on this machine: reach the "
+                   f"database through container {env.database.container} "
+                   f"(`[database] access = \"container\"`), or {fix}")
+        raise DatabaseError(f"database unreachable: {first}", fix) from None
 
 
 @contextlib.contextmanager

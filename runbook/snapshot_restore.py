@@ -53,7 +53,7 @@ from runbook.snapshots.replay import (
     prelude,
     replay,
 )
-from runbook.snapshots.stats import current_state, loss_window, server_version
+from runbook.snapshots.stats import check_readable, current_state, loss_window, server_version
 from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
 from runbook.snapshots.verify import check_server, verify
 from runbook.times import format_utc as _fmt
@@ -115,7 +115,10 @@ def restore_steps(env: Environment, run: RestoreRun,
     containers = [env.slot(s).container for s in chosen]
     tgt = commands.target(env)
     commands.require_container(env)
-    now_schema, _ = current_state(env)  # unreachable -> refused here, before any change
+    # unreachable, or what the safety snapshot's pg_dump may not read (a table, a large
+    # object), refused here, before any change: found by the dump, the app was down
+    check_readable(env)
+    now_schema, _ = current_state(env)
     run.schema_now = now_schema
     check_server(snapshot, verified, server_version(env))
     taken = check_privileges(env)  # refuses a replay this user cannot run, before any change

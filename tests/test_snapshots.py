@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runbook import deploy, docker, faults, snapshot_restore, snapshots
+from runbook import database, deploy, docker, faults, snapshot_restore, snapshots
 from runbook.database import DatabaseError
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
@@ -524,6 +524,174 @@ def test_a_restore_says_which_roles_lose_which_privileges_and_ownerships_before_
         finally:
             with stack.connect() as conn:
                 conn.execute(f"DROP OWNED BY {reader}; DROP ROLE {reader}")
+
+
+def _refused_with_nothing_changed(stack: DrillStack, call: Callable[[], object],
+                                  *secrets_: str) -> RunbookError:
+    """`call` refused with exit 4 in one line naming its fix: no snapshot written, no slot
+    stopped (docker inspect), the data as it was; no password in the words."""
+    before = untouched(stack)
+    with pytest.raises(RunbookError) as err:
+        call()
+    assert err.value.exit_code == ExitCode.PRECONDITION, str(err.value)
+    assert "\n" not in err.value.message and err.value.fix, str(err.value)
+    for secret in secrets_:
+        assert secret not in str(err.value)
+    assert untouched(stack) == before
+    return err.value
+
+
+def _refused_every_way(stack: DrillStack, env: Environment,
+                       snap: snapshots.Snapshot) -> list[RunbookError]:
+    """A snapshot (from this machine and through the container) and a restore of `snap`
+    (dry run and real), each refused with nothing changed and without the URL's password."""
+    password = urllib.parse.unquote(database.password_of(os.environ[env.database.url_variable]))
+    through_container = env.with_(database=dataclasses.replace(env.database, access="container"))
+    return [_refused_with_nothing_changed(stack, call, password) for call in (
+        lambda: snapshots.create(env, "unreadable"),
+        lambda: snapshots.create(through_container, "unreadable"),
+        lambda: snapshot_restore.restore(env, snap.name, dry_run=True),
+        lambda: snapshot_restore.restore(env, snap.name))]
+
+
+def test_a_table_the_database_user_may_not_read_names_the_grant_before_anything_changes(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Found by review: with a DBA's table the app's role may not read (no GRANT), `snapshot
+    create`, deploy's pre-deploy snapshot and a restore said "cannot read the database:
+    permission denied for table audit_log; check `docker logs ...` and retry", a fix that
+    fixes nothing. The refusal names the GRANT (its serial's sequence too: pg_dump reads it)
+    and the other way out, a role that may read every table."""
+    from runbook import environment as envmod
+
+    role = "runbook_test_owner"
+    with owned_by_a_role(stack, monkeypatch, role) as env:
+        password = urllib.parse.unquote(database.password_of(
+            os.environ[env.database.url_variable]))
+        snap = snapshots.create(env, "readable")
+        with stack.connect() as conn:  # as the stack's superuser: no GRANT to the role
+            conn.execute("CREATE TABLE public.audit_log (id serial PRIMARY KEY, note text)")
+        try:
+            grant = f"GRANT SELECT ON public.audit_log, public.audit_log_id_seq TO {role}"
+            for refused in _refused_every_way(stack, env, snap):
+                assert role in refused.message and "public.audit_log" in refused.message, \
+                    refused.message
+                assert refused.fix and grant in refused.fix, refused.fix
+                assert "every table" in refused.fix and "docker logs" not in refused.fix, \
+                    refused.fix
+            for where in (env, env.with_(database=dataclasses.replace(env.database,
+                                                                      access="container"))):
+                with pytest.raises(DatabaseError) as err:  # a read no check foresaw: worded
+                    snapshots.current_state(where)
+                assert role in err.value.message and "audit_log" in err.value.message, \
+                    err.value.message
+                assert "unreachable" not in err.value.message, err.value.message
+                assert err.value.fix and "GRANT SELECT" in err.value.fix, err.value.fix
+            # the role's URL in a variable of its own (the env file's is the stack owner's)
+            monkeypatch.setenv("RUNBOOK_TEST_ROLE_URL", os.environ[env.database.url_variable])
+            source = tmp_path / "environment.toml"
+            source.write_text(envmod.to_toml(stack.env.with_(source=source, database=(
+                dataclasses.replace(stack.env.database, url_variable="RUNBOOK_TEST_ROLE_URL")))))
+            made = cli("snapshot", "create", str(source))  # what on-call reads
+            assert made.returncode == int(ExitCode.PRECONDITION), made.stdout + made.stderr
+            assert grant in made.stdout + made.stderr and password not in made.stdout + made.stderr
+            with stack.connect() as conn:  # Postgres agrees: the fix said is the fix
+                conn.execute(grant)
+            snapshots.create(env, "granted")
+        finally:
+            with stack.connect() as conn:
+                conn.execute("DROP TABLE IF EXISTS public.audit_log")
+
+
+def test_a_large_object_the_database_user_may_not_read_is_refused_before_the_app_stops(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a large object owned by another role passed the read check (its
+    metadata is readable), then pg_dump failed "permission denied for large object N" with
+    "check DATABASE_URL's user and password"; in a restore, after the app slots stopped.
+    Now refused first, naming the object and the ALTER/GRANT that lets the role read it."""
+    role = "runbook_test_owner"
+    with owned_by_a_role(stack, monkeypatch, role) as env:
+        snap = snapshots.create(env, "readable")
+        try:
+            with stack.connect() as conn:  # as the stack's superuser, who owns it
+                oid = int(conn.execute("SELECT lo_from_bytea(0, 'hello')").fetchone()[0])
+            for refused in _refused_every_way(stack, env, snap):
+                assert f"large object {oid}" in refused.message and role in refused.message, \
+                    refused.message
+                assert refused.fix and f"ALTER LARGE OBJECT {oid} OWNER TO {role}" in \
+                    refused.fix and f"GRANT SELECT ON LARGE OBJECT {oid} TO {role}" in \
+                    refused.fix, refused.fix
+                assert "password" not in refused.fix, refused.fix
+            with stack.connect() as conn:  # Postgres agrees: pg_dump reads it once granted
+                conn.execute(f"GRANT SELECT ON LARGE OBJECT {oid} TO {role}")
+            made = snapshots.create(env, "granted")
+            assert b"lo_open(" in gzip.decompress(made.path.read_bytes())
+        finally:  # large objects live outside every schema: the stack's reset keeps them
+            with stack.connect() as conn:
+                conn.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
+
+
+def test_a_restore_without_create_on_the_database_names_the_grant(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a role owning every schema but not the database (no CREATE on it)
+    was refused "it lacks CREATE on the database" with the fix "`ALTER SCHEMA ... OWNER TO
+    app_user`", a literal `...` and the wrong statement. It names the GRANT now, which
+    Postgres then proves enough."""
+    from runbook.drill.stack import DB_NAME, DB_USER
+
+    role = "runbook_test_owner"
+    add_items(stack, "kept")
+    with owned_by_a_role(stack, monkeypatch, role) as env:
+        snap = snapshots.create(env, "owned")
+        with stack.connect() as conn:  # the database back to the superuser: no CREATE
+            conn.execute(f"ALTER DATABASE {DB_NAME} OWNER TO {DB_USER}")
+        grant = f"GRANT CREATE ON DATABASE {DB_NAME} TO {role}"
+        for dry_run in (True, False):
+            refused = _refused_with_nothing_changed(
+                stack, lambda d=dry_run: snapshot_restore.restore(env, snap.name, dry_run=d))
+            assert "lacks CREATE on the database" in refused.message, refused.message
+            assert refused.fix and grant in refused.fix, refused.fix
+            assert "..." not in refused.fix and "ALTER SCHEMA" not in refused.fix, refused.fix
+        with stack.connect() as conn:  # Postgres agrees: with it, the restore runs
+            conn.execute(grant)
+        snapshot_restore.restore(env, snap.name)
+        assert item_names(stack) == ["kept"]
+
+
+def test_a_socket_url_whose_socket_is_not_on_this_host_is_reached_through_the_container(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Found by review: `access = "auto"` with the app's unix-socket URL (`?host=/var/run/
+    postgresql`, a folder the database container shares with the app's, not with this host)
+    connected from this machine and failed "No such file or directory; check `docker ps`".
+    A socket that is not on this host is reached through the container, as a host name
+    that does not resolve here; one that is, from here; and `host` forced says the way."""
+    from runbook import database as db
+
+    env = shell_url_only(stack.env)
+    assert env.database.access == "auto"
+    nowhere = tmp_path / "nosuch"
+    socket_url = re.sub(r"@[^/]+/", "@/", stack.database_url, count=1)
+    monkeypatch.setenv(env.database.url_variable, f"{socket_url}?host={nowhere}")
+    assert db.via_container(env)
+    assert "does not exist on this machine" in db.access_description(env)
+    assert db.schema_version(env).version == schema_version(stack)
+    add_items(stack, "through the container")
+    snap = snapshots.create(env, "socket")
+    assert snap.tables["items"].rows == 1
+
+    forced = env.with_(database=dataclasses.replace(env.database, access="host"))
+    with pytest.raises(DatabaseError) as err:
+        db.schema_version(forced)
+    assert err.value.fix and 'access = "container"' in err.value.fix, err.value.fix
+    assert stack.password not in str(err.value)
+
+    import socket
+
+    here = tmp_path / "here"
+    here.mkdir()
+    with socket.socket(socket.AF_UNIX) as listening:  # a socket that is on this host
+        listening.bind(str(here / ".s.PGSQL.5432"))  # the URL names no port
+        monkeypatch.setenv(env.database.url_variable, f"{socket_url}?host={here}")
+        assert not db.via_container(env)
 
 
 def test_the_restrict_meta_command_is_refused_only_where_psql_predates_it() -> None:

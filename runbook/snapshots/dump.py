@@ -32,6 +32,7 @@ from runbook.snapshots.stats import (
     LARGE_OBJECTS,
     LARGE_OBJECTS_SQL,
     read_snapshot,
+    refuse_unreadable,
     table_stats,
 )
 from runbook.snapshots.store import (
@@ -70,9 +71,10 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
            ) -> Snapshot:
     """Dump the database to snapshot_dir; returns the finished, fsynced snapshot.
 
-    Fails before writing anything when the database is unreachable, and removes its partial
-    file when the disk fills up or pg_dump fails. What the caller must pass on (a schema
-    other than expected, large objects the restore refuses) is the sidecar's `warning`.
+    Fails before writing anything when the database is unreachable or holds what its user may
+    not read (stats.refuse_unreadable), and removes its partial file when the disk fills up
+    or pg_dump fails. What the caller must pass on (a schema other than expected, large
+    objects the restore refuses) is the sidecar's `warning`.
     """
     tgt = target(env)
     directory = env.database.snapshot_dir
@@ -82,6 +84,7 @@ def create(env: Environment, reason: str = "manual", *, git_commit: str = "",
     held: list[int] = []  # the partial's flock, until the dump is named
     try:
         with read_snapshot(env) as conn:  # a lock wait that ran out is worded there
+            refuse_unreadable(conn)  # what pg_dump would be refused, said before it runs
             # the folder once the database answers: a refusal for a container that does not
             # run or a database that does not answer made it (0700, with its parents) first
             ensure_dir(directory)

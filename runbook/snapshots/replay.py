@@ -116,7 +116,8 @@ def prelude(verified: Verified) -> bytes:
 # creates every schema again (CREATE on the database) and the extensions in them, which a
 # superuser alone may for an untrusted one (file_fdw, postgres_fdw).
 _WHO_SQL = """
-SELECT current_user::text, r.rolsuper, has_database_privilege(current_database(), 'CREATE')
+SELECT current_user::text, r.rolsuper, has_database_privilege(current_database(), 'CREATE'),
+       quote_ident(current_user) AS quser, quote_ident(current_database()) AS qdb
 FROM pg_roles r WHERE r.rolname = current_user
 """
 _DROPPED = "nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%'"  # DROP_THE_REST's
@@ -189,39 +190,40 @@ def check_privileges(env: Environment) -> tuple[str, str] | None:
     ownerships the dump does not hold), or None when they lose nothing. A database that
     cannot be asked refuses too (DatabaseError), as the restore's other reads do."""
     with read_snapshot(env) as conn:
-        user, superuser, create = conn.execute(_WHO_SQL).fetchone()
-        cannot = [] if _true(superuser) else [tuple(r) for r in conn.execute(_CANNOT_SQL)
-                                              .fetchall()]
+        user, superuser, create, quser, qdb = conn.execute(_WHO_SQL).fetchone()
+        cannot = [] if database.boolean(superuser) else [
+            tuple(r) for r in conn.execute(_CANNOT_SQL).fetchall()]
         lost: dict[str, list[str]] = {}
         for role, what in conn.execute(_LOST_SQL).fetchall():
             lost.setdefault(str(role), []).append(str(what))
     problems = [f"it does not own schema {name} (owner {owner})" if kind == "schema" else
                 f"only a superuser may create extension {name} (in {owner}) again"
                 for kind, name, owner in cannot]
-    if not _true(superuser) and not _true(create):
+    # each statement that lets the user run it, with the real names (a fix said "`ALTER
+    # SCHEMA ... OWNER TO`" for a user that owned every schema but lacked CREATE)
+    statements = [f"`ALTER SCHEMA {name} OWNER TO {quser}`"
+                  for kind, name, _ in cannot if kind == "schema"][:3]
+    if not database.boolean(superuser) and not database.boolean(create):
         problems.append("it lacks CREATE on the database, which CREATE SCHEMA needs")
+        statements.append(f"`GRANT CREATE ON DATABASE {qdb} TO {quser}`")
     if problems:
-        schemas = [name for kind, name, _ in cannot if kind == "schema"]
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        granting = f"; or, as a superuser, {' and '.join(statements)}" if statements else ""
+        if granting and any(kind == "extension" for kind, _, _ in cannot):
+            granting += " (the extension still needs a superuser to run the restore)"
         raise PreconditionError(
             f"the database user {user} cannot run this restore, which drops every schema and "
             f"creates what the snapshot holds again: {'; '.join(problems[:3])}{more}; it "
             "would fail after the app slots stopped; nothing was changed",
-            f"run it as a role that owns every schema (a superuser, for an untrusted "
-            f"extension): set [database] url_variable to a variable holding that role's URL, "
-            f"or make {user} their owner (`ALTER SCHEMA {schemas[0] if schemas else '...'} "
-            f"OWNER TO {user}`)")
+            "run it as a role that owns every schema and may create schemas (a superuser, "
+            "for an untrusted extension): set [database] url_variable to a variable holding "
+            f"that role's URL{granting}")
     if not lost:
         return None
     return str(user), "; ".join(
         f"{role} loses {', '.join(items[:NAMED])}"
         + (f" and {len(items) - NAMED} more" if len(items) > NAMED else "")
         for role, items in lost.items())
-
-
-def _true(value: object) -> bool:
-    """A boolean as psycopg (True) or a container's psql (JSON true) answers it."""
-    return value is True or value in ("t", "true")
 
 
 def replay(env: Environment, verified: Verified,

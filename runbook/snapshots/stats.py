@@ -114,6 +114,95 @@ def exclusive_lockers(env: Environment) -> list[tuple[int, str]]:
     return found
 
 
+# What a snapshot reads that the URL's user may not: a table's or sequence's data (pg_dump
+# COPYs each one, reads each sequence and locks each table), the schema holding it (USAGE), and
+# each large object (pg_dump opens it, and a role other than its owner needs SELECT on it).
+# From the catalog, which any role may read. Left to pg_dump, the refusal came after the app
+# slots stopped for a restore, with a fix that fixed nothing (found by review).
+UNREADABLE_SQL = """
+SELECT CASE c.relkind WHEN 'S' THEN 'sequence' ELSE 'table' END,
+       format('%I.%I', n.nspname, c.relname), quote_ident(n.nspname),
+       has_schema_privilege(n.oid, 'USAGE'), has_table_privilege(c.oid, 'SELECT')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'S')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+  AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+ORDER BY 2
+"""
+# lo_open's own test (its owner's rights or a SELECT grant, through role membership too,
+# unless lo_compat_privileges is on), on any server version: has_largeobject_privilege is 17's
+UNREADABLE_LARGE_OBJECTS_SQL = """
+SELECT m.oid::bigint, quote_ident(pg_get_userbyid(m.lomowner)), count(*) OVER ()
+FROM pg_largeobject_metadata m
+WHERE NOT current_setting('lo_compat_privileges')::boolean
+  AND NOT pg_has_role(m.lomowner, 'USAGE')
+  AND NOT EXISTS (SELECT 1 FROM aclexplode(m.lomacl) a
+                  WHERE a.privilege_type = 'SELECT'
+                    AND CASE WHEN a.grantee = 0 THEN true
+                             ELSE pg_has_role(a.grantee, 'USAGE') END)
+ORDER BY 1 LIMIT 3
+"""
+NAMED = 6  # objects named in one GRANT; past it, every one in their schemas
+READ_ALL = ("or take snapshots as a role that may read every table and large object (a "
+            "superuser): set [database] url_variable to a variable holding that role's URL")
+
+
+def refuse_unreadable(conn: Any) -> None:
+    """Refuse (DatabaseError, exit 4) a snapshot pg_dump would fail for lack of privileges,
+    before anything is written or stopped, naming each object and the GRANT that fixes it."""
+    who, user = conn.execute("SELECT current_user::text, quote_ident(current_user)").fetchone()
+    rows = conn.execute(UNREADABLE_SQL).fetchall()
+    if rows:
+        yes = database.boolean
+        unusable = sorted({str(schema) for _, _, schema, usage, _ in rows if not yes(usage)})
+        unselectable = [(str(kind), str(name), str(schema))
+                        for kind, name, schema, _, select in rows if not yes(select)]
+        said = [f"schema {name} (no USAGE)" for name in unusable]
+        said += [f"{kind} {name}" for kind, name, _ in unselectable[:NAMED]]
+        more = len(unselectable) - NAMED
+        grants = [f"`GRANT USAGE ON SCHEMA {', '.join(unusable)} TO {user}`"] if unusable \
+            else []
+        if 0 < len(unselectable) <= NAMED:
+            grants.append(f"`GRANT SELECT ON {', '.join(n for _, n, _ in unselectable)} "
+                          f"TO {user}`")
+        elif unselectable:
+            schemas = ", ".join(sorted({schema for _, _, schema in unselectable}))
+            grants += [f"`GRANT SELECT ON ALL TABLES IN SCHEMA {schemas} TO {user}`",
+                       f"`GRANT SELECT ON ALL SEQUENCES IN SCHEMA {schemas} TO {user}`"]
+        raise database.DatabaseError(
+            f"the database user {who} may not read {', '.join(said)}"
+            f"{f' and {more} more' if more > 0 else ''}, which every snapshot dumps "
+            "(pg_dump reads each); nothing was changed",
+            f"{' and '.join(grants)} as their owner or a superuser, {READ_ALL}")
+    objects = conn.execute(UNREADABLE_LARGE_OBJECTS_SQL).fetchall()
+    if objects:
+        count = int(objects[0][2])
+        named = ", ".join(f"{oid} (owner {owner})" for oid, owner, _ in objects)
+        extra = f" and {count - len(objects)} more" if count > len(objects) else ""
+        first = objects[0][0]
+        each = f" (the same for each of the {count})" if count > 1 else ""
+        raise database.DatabaseError(
+            f"the database user {who} may not read large object{'s' if count > 1 else ''} "
+            f"{named}{extra}, which every snapshot dumps (pg_dump opens each); nothing was "
+            "changed",
+            f"`ALTER LARGE OBJECT {first} OWNER TO {user}` or `GRANT SELECT ON LARGE OBJECT "
+            f"{first} TO {user}`{each}, as its owner or a superuser, {READ_ALL}")
+
+
+def check_readable(env: Environment) -> None:
+    """refuse_unreadable for a run about to stop the app slots for a dump (a restore)."""
+    with read_snapshot(env) as conn:
+        refuse_unreadable(conn)
+
+
+def _denied(exc: Exception) -> bool:
+    """A read refused for lack of privileges (SQLSTATE 42501), through either way in."""
+    import psycopg
+
+    return (isinstance(exc, psycopg.errors.InsufficientPrivilege)
+            or (isinstance(exc, database.DatabaseError) and "42501" in exc.message))
+
+
 def worded(env: Environment, exc: Exception) -> Exception:
     """A failed read (or dump) inside read_snapshot as the error to raise. A lock wait that
     ran out names the sessions holding (or queued for) a table exclusively; any other
@@ -131,6 +220,17 @@ def worded(env: Environment, exc: Exception) -> Exception:
             f"and the read waited {commands.LOCK_WAIT_SECONDS} s for it",
             f"let that session finish, or end it in psql (`SELECT pg_terminate_backend({first})`)"
             ", then run again")
+    if _denied(exc):  # what refuse_unreadable does not foresee: never "check docker logs"
+        # psql's verbose line in a container ("ERROR:  42501: permission denied for ..."):
+        # what follows the SQLSTATE, never its "database unreachable through container"
+        text = str(exc.message if isinstance(exc, database.DatabaseError) else exc)
+        text = text.split("42501:", 1)[-1].strip()
+        line = redact(text.splitlines()[0]) if text else type(exc).__name__
+        user = commands.target(env).user
+        return database.DatabaseError(
+            f"the database user {user} may not read what the runbook must: {line}",
+            f"grant it what it lacks (`GRANT SELECT ON <table> TO {user}`, as the table's "
+            f"owner or a superuser), {READ_ALL}")
     if isinstance(exc, psycopg.Error):
         text = str(exc).strip()
         line = redact(text.splitlines()[0]) if text else type(exc).__name__
