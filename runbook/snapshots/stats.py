@@ -116,7 +116,9 @@ def exclusive_lockers(env: Environment) -> list[tuple[int, str]]:
 
 # What a snapshot reads that the URL's user may not: a table's or sequence's data (pg_dump
 # COPYs each one, reads each sequence and locks each table), the schema holding it (USAGE), and
-# each large object (pg_dump opens it, and a role other than its owner needs SELECT on it).
+# each large object (pg_dump opens it, and a role other than its owner needs SELECT on it);
+# never an extension's own table, which pg_dump leaves to CREATE EXTENSION (its config tables
+# excepted: their rows are dumped).
 # From the catalog, which any role may read. Left to pg_dump, the refusal came after the app
 # slots stopped for a restore, with a fix that fixed nothing (found by review).
 UNREADABLE_SQL = """
@@ -126,6 +128,9 @@ SELECT CASE c.relkind WHEN 'S' THEN 'sequence' ELSE 'table' END,
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'S')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+  AND (c.oid IN (SELECT unnest(extconfig) FROM pg_extension) OR NOT EXISTS (
+       SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+         AND d.deptype = 'e'))
   AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
 ORDER BY 2
 """
