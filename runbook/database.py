@@ -619,7 +619,8 @@ def read_schema(conn: Any, variable: str = "DATABASE_URL",
 
     A table that exists where the user does not see it (off its search_path, or in a schema
     it may not use) raises DatabaseError: read as "no migration ever ran" (schema 0), it let
-    the guard put old code on a newer schema.
+    the guard put old code on a newer schema. So does a table of several rows (golang-migrate
+    keeps one): any one of them taken for the version is a guess. None is schema 0.
     """
     from psycopg import sql
 
@@ -642,19 +643,53 @@ def read_schema(conn: Any, variable: str = "DATABASE_URL",
         raise DatabaseError(
             f"schema_migrations is in schema {anywhere}, which is not on the search_path of "
             f"{variable}'s user {who}", search)
-    row = conn.execute(sql.SQL("SELECT version, dirty FROM {} LIMIT 1").format(
-        sql.Identifier(schema, name))).fetchone()
-    if row is None:
+    # every row, counted: golang-migrate keeps one, and `LIMIT 1` alone took whichever came
+    # first on disk (often the oldest: "schema 1" of rows 1 and 2, and the guard let v1 onto
+    # schema 2; found by review)
+    rows = conn.execute(sql.SQL(
+        "SELECT version, dirty, count(*) OVER () FROM {} ORDER BY version LIMIT %s").format(
+        sql.Identifier(schema, name)), (SHOWN_ROWS,)).fetchall()
+    if not rows:  # no migration ever ran (golang-migrate reads it so too)
         return SchemaVersion(0, False), str(qualified)
+    if rows[0][2] > 1:
+        said = several_rows(str(qualified), [(v, bool(d)) for v, d, _ in rows], rows[0][2])
+        raise DatabaseError(f"{said}, so the schema version is not known",
+                            one_row_fix(str(qualified), variable, several=True))
+    version, dirty, _ = rows[0]
     try:
-        return SchemaVersion(int(row[0]), bool(row[1])), str(qualified)
+        return SchemaVersion(int(version), bool(dirty)), str(qualified)
     except (TypeError, ValueError):
-        raise DatabaseError(f"{qualified} holds {row[0]!r}, not a version number",
-                            "repair schema_migrations (golang-migrate force VERSION)") from None
+        raise DatabaseError(f"{qualified} holds {version!r}, not a version number",
+                            one_row_fix(str(qualified), variable)) from None
+
+
+SHOWN_ROWS = 5  # of a schema_migrations holding several: the versions a refusal names
+
+
+def several_rows(table: str, rows: Sequence[tuple[object, bool]], count: int) -> str:
+    """`table` holds `count` rows (`rows`, the first few in version order), where
+    golang-migrate keeps exactly one: its version is none of them for sure. Said alike of
+    the database and of a dump's copy (snapshots/verify.py)."""
+    shown = ", ".join(f"{v if isinstance(v, int) else repr(v)}{' dirty' if d else ''}"
+                      for v, d in rows[:SHOWN_ROWS])
+    more = ", ..." if count > len(rows[:SHOWN_ROWS]) else ""
+    return f"{table} holds {count} rows (versions {shown}{more}); golang-migrate keeps one"
+
+
+def one_row_fix(table: str, variable: str, *, several: bool = False) -> str:
+    """The repair of a schema_migrations golang-migrate cannot read: one row, at the version
+    whose migrations the schema really holds (only a person can tell which). Deleting the
+    others repairs several rows only when that version is among them: none left is schema 0."""
+    force = (f"check by hand which migrations the schema holds, then set that VERSION with "
+             f"golang-migrate: `migrate -path <migrations dir> -database \"${variable}\" force "
+             "VERSION` (it empties the table and writes that one row)")
+    return force + (f", or, if VERSION is one of the rows, `DELETE FROM {table} WHERE version "
+                    "<> VERSION`" if several else "")
 
 
 def schema_version(env: Environment) -> SchemaVersion:
-    """golang-migrate's schema_migrations(version, dirty): one row, or none (read_schema).
+    """golang-migrate's schema_migrations(version, dirty): one row, or none (read_schema;
+    several are refused, never one of them taken).
 
     Any failure to read it is one DatabaseError naming why (never a traceback, never a guess):
     the schema guard fails closed on it.

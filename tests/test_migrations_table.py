@@ -183,6 +183,91 @@ def test_a_snapshot_whose_sidecar_an_older_runbook_wrote_still_verifies(
         verify_module.verify(env, snapshots.load(snap.path))
 
 
+# -- 3. golang-migrate keeps one row: several are no known version, none is schema 0 ------------
+
+SEVERAL = "app.schema_migrations holds 3 rows (versions 3, 7, 9); golang-migrate keeps one"
+
+
+def several_rows(side_db: SideDb) -> None:
+    """app.schema_migrations holding 3, 9 and 7 (inserted in that order), the URL's user
+    reading it (search_path app)."""
+    side_db.sql(f"ALTER ROLE togather IN DATABASE {side_db.name} SET search_path = app, public",
+                "DELETE FROM app.schema_migrations",
+                "INSERT INTO app.schema_migrations VALUES (3, false)",
+                "INSERT INTO app.schema_migrations VALUES (9, false)",
+                "INSERT INTO app.schema_migrations VALUES (7, false)")
+
+
+def rows(side_db: SideDb) -> list[tuple[int, bool]]:
+    with side_db.stack.connect(side_db.name) as conn:
+        return conn.execute("SELECT version, dirty FROM app.schema_migrations ORDER BY 1"
+                            ).fetchall()
+
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_several_rows_are_no_known_schema_for_the_guard_and_the_snapshot(
+        side_db: SideDb, access: str) -> None:
+    """Found by review: `SELECT version, dirty ... LIMIT 1` took the row first on disk (3),
+    so the guard, status and a snapshot's sidecar read schema 3 of rows 3, 9, 7. Each
+    refuses with the rows named and the repair, and nothing is written."""
+    several_rows(side_db)
+    env = side_db.env(access)
+    with pytest.raises(database.DatabaseError) as err:
+        database.schema_version(env)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION and "\n" not in text.strip(), text
+    assert SEVERAL in err.value.message, text
+    fix = err.value.fix or ""
+    assert "force" in fix and "DELETE FROM app.schema_migrations" in fix, fix
+    assert side_db.stack.password not in text
+    with pytest.raises(RunbookError) as refused:
+        rollback.schema_guard(env, CURRENT, TARGET, rollback.Options())
+    assert refused.value.exit_code == ExitCode.PRECONDITION
+    assert SEVERAL in str(refused.value), refused.value
+    with pytest.raises(RunbookError) as no_snapshot:
+        snapshots.create(env, "manual")
+    assert SEVERAL in str(no_snapshot.value), no_snapshot.value
+    assert list((side_db.tmp / "snapshots").glob("togather_*")) == []
+    with pytest.raises(RunbookError, match="golang-migrate keeps one"):
+        stats.current_state(env)  # the restore's reading
+    assert rows(side_db) == [(3, False), (7, False), (9, False)]
+
+
+@pytest.mark.parametrize("access", ACCESS)
+def test_an_empty_schema_migrations_is_still_schema_0(side_db: SideDb, access: str) -> None:
+    """No row: no migration ever ran (golang-migrate's own reading), not "several"."""
+    side_db.sql(f"ALTER ROLE togather IN DATABASE {side_db.name} SET search_path = app, public",
+                "DELETE FROM app.schema_migrations")
+    env = side_db.env(access)
+    assert database.schema_version(env) == database.SchemaVersion(0, False)
+
+
+def test_a_dump_holding_several_rows_is_refused_by_verify_and_the_guards_read(
+        side_db: SideDb) -> None:
+    """The dump's own copy is read as the database is: a tooling dump (real pg_dump, no
+    sidecar) of rows 3, 9, 7 was "schema 3" to the guard's question and to verify."""
+    import gzip
+
+    several_rows(side_db)
+    env = side_db.env("host")
+    stack = side_db.stack
+    dumped = stack.docker("exec", stack.db_container, "pg_dump", "--username", "togather",
+                          "--dbname", side_db.name, "--no-owner", "--no-acl", "--clean",
+                          "--if-exists")
+    assert "COPY app.schema_migrations (version, dirty) FROM stdin;" in dumped.stdout
+    folder = side_db.tmp / "snapshots"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"togather_{side_db.name}_20260101_000000_pre-deploy.sql.gz"
+    path.write_bytes(gzip.compress(dumped.stdout.encode()))
+    bare = snapshots.Snapshot(path, None)  # app's table is the only one: the one read
+    for read in (verify_module.schema_version, verify_module.verify):
+        with pytest.raises(RunbookError) as err:
+            read(env, bare)
+        text = str(err.value)
+        assert f"{bare.name} is at no known schema: {SEVERAL}" in text, text
+        assert "nothing was changed" in text and "\n" not in text.strip(), text
+
+
 # -- 5. the read's statement_timeout ends with its transaction ----------------------------------
 
 @pytest.mark.parametrize("access", ACCESS)

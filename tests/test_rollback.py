@@ -1271,6 +1271,45 @@ def test_schema_ahead_is_refused_unless_forced(stack: DrillStack) -> None:
     assert snapshot(env) == before
 
 
+def schema_rows(stack: DrillStack) -> list[tuple[int, bool]]:
+    with stack.connect() as conn:
+        return conn.execute("SELECT version, dirty FROM schema_migrations ORDER BY version"
+                            ).fetchall()
+
+
+def test_a_schema_migrations_holding_several_rows_is_refused_never_read_as_its_first(
+        stack: DrillStack) -> None:
+    """Found by review: MIGRATED (v2 on schema 2, v1 ran with 1), schema_migrations holding
+    rows 1 and 2: the guard read `LIMIT 1` with no order, took the row first on disk (1),
+    said "database schema 1", "compatible" (exit 0), and would have put v1 on schema 2.
+    golang-migrate keeps one row: anything else is no known version, refused (exit 4) with
+    the rows named and the repair, nothing changed. Oracle: the rows inserted here."""
+    env = migrated(stack)
+    with stack.connect() as conn:
+        conn.execute("DELETE FROM schema_migrations")
+        conn.execute("INSERT INTO schema_migrations VALUES (1, false)")
+        conn.execute("INSERT INTO schema_migrations VALUES (2, false)")
+    try:
+        before = snapshot(env)
+        files_before = sorted(env.database.snapshot_dir.iterdir())
+        dry = runbook_cli(env, "rollback", "--dry-run")
+        real = runbook_cli(env, "rollback", "--yes")
+        after = snapshot(env)
+        files_after = sorted(env.database.snapshot_dir.iterdir())
+        rows = schema_rows(stack)
+    finally:
+        with stack.connect() as conn:
+            conn.execute("DELETE FROM schema_migrations WHERE version <> 2")
+    for run in (dry, real):
+        said = run.stdout + run.stderr
+        assert run.returncode == 4, said
+        assert "Traceback" not in said and "compatible" not in said, said
+        assert "schema_migrations holds 2 rows (versions 1, 2)" in said, said
+        assert "golang-migrate keeps one" in said and "force" in said, said
+        assert "nothing was changed" in said, said
+    assert (after, files_after, rows) == (before, files_before, [(1, False), (2, False)])
+
+
 def test_a_redeployed_version_is_judged_by_its_newest_record_whatever_the_historys_order(
         stack: DrillStack) -> None:
     """Found by review: in a history written oldest first (another tool appends) holding the

@@ -519,6 +519,46 @@ def test_a_dirty_schema_points_the_outage_at_its_repair_never_at_a_refused_rollb
     assert (code, problems) == (0, []), text
 
 
+def test_a_schema_migrations_holding_several_rows_is_a_schema_not_known_and_never_snapshotted(
+        scene_stack: DrillStack) -> None:
+    """Found by review: schema_migrations holding rows 3, 9 and 7 (in that order): `status`
+    said "database schema 3" and `snapshot create` recorded schema 3 in its sidecar, the
+    row first on disk. golang-migrate keeps one row: status says the schema is not known,
+    with the rows and the repair; the snapshot is refused (exit 4), as for a version that
+    cannot be read, and writes nothing. Oracle: the rows inserted here, the folder."""
+    from runbook.drill import scenes
+
+    scene_stack.arrange(scenes.PREVIOUS)
+    env = scene_stack.env
+    folder = env.database.snapshot_dir
+    try:
+        with scene_stack.connect() as conn:
+            conn.execute("DELETE FROM schema_migrations")
+            for version in (3, 9, 7):
+                conn.execute("INSERT INTO schema_migrations VALUES (%s, false)", (version,))
+        code, text, problems = status(scene_stack)
+        files = sorted(folder.iterdir()) if folder.exists() else []
+        made = _cli(env.source, "snapshot", "create")
+        files_after = sorted(folder.iterdir()) if folder.exists() else []
+        with scene_stack.connect() as conn:
+            rows = conn.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall()
+    finally:
+        with scene_stack.connect() as conn:
+            conn.execute("DELETE FROM schema_migrations")
+            conn.execute("INSERT INTO schema_migrations VALUES (2, false)")
+    assert_listed(code, text, problems)
+    said = "schema_migrations holds 3 rows (versions 3, 7, 9); golang-migrate keeps one"
+    found = problem(problems, said)
+    assert "force" in found["fix"] and "DELETE FROM" in found["fix"], found
+    assert "database schema 3" not in text and "schema 3" not in text, text
+    [database_line] = [line for line in text.splitlines() if line.startswith("  database  ")]
+    assert said in database_line, database_line
+    assert made.returncode == 4, made.stdout + made.stderr
+    assert said in made.stderr and "Traceback" not in made.stderr, made.stderr
+    assert files_after == files, made.stdout
+    assert rows == [(3,), (7,), (9,)]
+
+
 def test_caddy_dialing_a_third_port_names_the_switch_that_runs_never_the_refused_rollback(
         scene_stack: DrillStack) -> None:
     """Found by review: PREVIOUS, Caddy's running config (loaded through its admin API, the

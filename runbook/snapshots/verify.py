@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runbook import database
 from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode
 from runbook.snapshots.commands import Target, target
@@ -80,30 +81,54 @@ _LARGE_OBJECT_RE = re.compile(rb"^SELECT pg_catalog\.lo_open\(", re.M)
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
 
 
-def _schema_rows(piece: bytes) -> dict[str, tuple[int, bool]]:
-    """Each schema_migrations' row in `piece` by its qualified name (0 for an empty table)."""
-    found: dict[str, tuple[int, bool]] = {}
+# a schema_migrations' version, or why the dump's copy holds none (as database.read_schema
+# refuses the database's)
+Rows = tuple[int, bool] | str
+
+
+def _schema_rows(piece: bytes) -> dict[str, Rows]:
+    """Each schema_migrations' row in `piece` by its qualified name (0 for an empty table).
+    golang-migrate keeps one row: several, or one that is no number, is no version at all
+    (the first taken, a guard read the oldest of rows 1 and 2; found by review)."""
+    found: dict[str, Rows] = {}
     for match in _SM_RE.finditer(piece):
+        name = match.group(1).decode()
         columns = [c.strip() for c in match.group(2).decode().split(",")]
-        rows = [r for r in match.group(3).decode().splitlines() if r]
+        rows = [dict(zip(columns, r.split("\t"), strict=False))
+                for r in match.group(3).decode().splitlines() if r]
         if not rows:
-            found[match.group(1).decode()] = (0, False)
-            continue
-        values = dict(zip(columns, rows[0].split("\t"), strict=False))
-        with contextlib.suppress(ValueError, KeyError):
-            found[match.group(1).decode()] = (int(values["version"]), values.get("dirty") == "t")
+            found[name] = (0, False)
+        elif "version" not in columns:
+            continue  # not golang-migrate's (version, dirty)
+        elif len(rows) > 1:
+            versions = sorted(((_number(r["version"]), r.get("dirty") == "t") for r in rows),
+                              key=lambda v: (0, v[0], "") if isinstance(v[0], int)
+                              else (1, 0, v[0]))
+            found[name] = database.several_rows(name, versions, len(rows))
+        elif isinstance(version := _number(rows[0]["version"]), int):
+            found[name] = (version, rows[0].get("dirty") == "t")
+        else:
+            found[name] = f"{name} holds {version!r}, not a version number"
     return found
 
 
-def _answered(snap: Snapshot, found: dict[str, tuple[int, bool]]) -> bool:
+def _number(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _answered(snap: Snapshot, found: dict[str, Rows]) -> bool:
     """Whether `found` holds the table _pick takes, so a read may stop."""
     return (snap.migrations_table or DEFAULT_TABLE) in found
 
 
-def _pick(snap: Snapshot, found: dict[str, tuple[int, bool]]) -> tuple[int, bool]:
+def _pick(snap: Snapshot, found: dict[str, Rows]) -> tuple[int, bool]:
     """The dump's version of the schema_migrations its sidecar names: the one the database's
     user read (on its search_path) when it was taken. A tooling sidecar names none: public's,
-    else the only one; several and none of them public's cannot be told apart."""
+    else the only one; several and none of them public's cannot be told apart. A copy of no
+    known version is refused (never a guess), as the database's is."""
     table = snap.migrations_table
     if table is None and DEFAULT_TABLE in found:
         table = DEFAULT_TABLE
@@ -113,7 +138,10 @@ def _pick(snap: Snapshot, found: dict[str, tuple[int, bool]]) -> tuple[int, bool
             f"({', '.join(sorted(found))}) and no sidecar says which the app uses; nothing "
             "was changed", "pick a snapshot taken by the runbook (`runbook snapshot list`), "
             "whose sidecar names it")
-    return found.get(table or next(iter(found), ""), (0, False))
+    rows = found.get(table or next(iter(found), ""), (0, False))
+    if isinstance(rows, str):
+        raise _bad_file(snap, f"is at no known schema: {rows}")
+    return rows
 
 
 class _Scanner:
@@ -124,7 +152,7 @@ class _Scanner:
         self.carry = b""
         self.tail = b""
         self.schemas: list[bytes] = []
-        self.sm: dict[str, tuple[int, bool]] = {}  # schema_migrations' rows, by table
+        self.sm: dict[str, Rows] = {}  # schema_migrations' rows, by table
         self.head = True
         self.dumped_by: tuple[int, int] | None = None
         self.restrict = False
@@ -423,8 +451,8 @@ def verify(env: Environment, snap: Snapshot, *, moved_from: str | None = None,
     # public's table only (0 without one): compared with that, or every such snapshot of a
     # database whose table is elsewhere was refused as a bad file after the upgrade (found by
     # review). What it holds is still _pick's, the table the app's user sees.
-    recorded = (version if snap.migrations_table is not None
-                else scanner.sm.get(DEFAULT_TABLE, (0, False))[0])
+    recorded = (version if snap.migrations_table is not None or DEFAULT_TABLE in scanner.sm
+                else 0)
     if snap.migration_version is not None and snap.migration_version != recorded:
         raise _bad_file(snap, f"holds schema_migrations {recorded} but its sidecar says "
                               f"{snap.migration_version}")
