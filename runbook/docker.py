@@ -618,6 +618,37 @@ def publishing(port: int) -> list[tuple[str, dict[str, str]]]:
     return found
 
 
+@dataclass(frozen=True)
+class Neighbour:
+    """A running container as `docker ps` lists it: what tells whose a database session
+    is by its client address (snapshots/sessions.py)."""
+
+    name: str
+    network_mode: str  # a network's name, "default", "host" or "container:<id>"
+    ips: frozenset[str]  # its addresses on Docker's networks
+    mounts: frozenset[str]  # the host paths it mounts (binds, volumes' data folders)
+
+
+def running_containers() -> list[Neighbour]:
+    """Every running container, as `docker ps --no-trunc` lists them (one engine request)."""
+    action = DockerAction("list the running containers", ("docker", "ps", "--no-trunc"),
+                          "GET", "/containers/json", target="running")
+    found: list[Neighbour] = []
+    for item in _json(send(action), action.verb) or ():
+        if not isinstance(item, dict):
+            continue
+        names = [str(n).lstrip("/") for n in item.get("Names") or ()]
+        networks = (item.get("NetworkSettings") or {}).get("Networks") or {}
+        ips = {str(n.get(k) or "") for n in networks.values() if isinstance(n, dict)
+               for k in ("IPAddress", "GlobalIPv6Address")} if isinstance(networks, dict) else set()
+        mounts = {str(m.get("Source") or "") for m in item.get("Mounts") or ()
+                  if isinstance(m, dict)}
+        found.append(Neighbour(names[0] if names else str(item.get("Id") or "")[:12],
+                               str((item.get("HostConfig") or {}).get("NetworkMode") or ""),
+                               frozenset(ips - {""}), frozenset(mounts - {""})))
+    return found
+
+
 def labelled(labels: dict[str, str]) -> list[tuple[str, str, str]]:
     """(short id, name, state) of every container, running or not, carrying all `labels`, as
     `docker ps -a --filter label=K=V` lists them: a compose service's containers, its

@@ -125,6 +125,8 @@ def restore_steps(env: Environment, run: RestoreRun,
     # a full snapshot folder, refused before the stop: found by the dump, the app slots were
     # down by then (users got errors) for a run that could not go on
     room.refuse_without_snapshot_room(env, "the safety snapshot")
+    # a session the check after the stop would refuse, seen now: refused before the stop
+    sessions.refuse_before_stop(env, verified.database, end_sessions)
     facts["privileges_lost"] = (
         f"the restore removes the privileges other roles hold (snapshots keep no GRANTs or "
         f"owners, nor does the safety snapshot; {taken[0]} owns everything after it): "
@@ -184,9 +186,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                 f"other sessions are connected to database {verified.database} with the app "
                 f"slots stopped: {sessions.refusal_text(found)}; a write one made after the "
                 "safety snapshot would be in neither it nor the restored database, so the "
-                "restore did not begin",
-                "stop what they belong to (a worker, a cron job, a psql, a pooler), or run "
-                "again with --end-sessions to end them (their open transactions roll back)")
+                "restore did not begin", f"{sessions.STOP_THEM}, or {sessions.END_THEM}")
         # read by `kept_for_killed_restore`: the rerun a killed restore's fix prescribes
         # needs this file too, which cleanup would otherwise delete once it expires
         ctx.note(**{TARGET: str(snapshot.path)})

@@ -1602,3 +1602,96 @@ def test_end_sessions_refuses_a_writer_that_reconnects_at_once(stack: DrillStack
     assert "'pooler'" in done.stderr, done.stderr
     after = untouched(stack)
     assert after == before  # no safety snapshot, the database and the slots as they were
+
+
+def test_a_session_the_stop_would_not_end_is_refused_before_the_app_stops(
+        stack: DrillStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: on a database user that is no superuser, another role's session (a
+    worker's psql in the database container) was seen while planning, yet the restore
+    stopped the app slots, then refused it (or failed to end it with --end-sessions: no
+    pg_signal_backend) and exited 1, "the app was stopped for 11 s": an outage for nothing.
+    A session that is provably not the app slots' (here a Unix socket in the database
+    container) and that this user could not end is refused while planning now, the dry run
+    too, naming it and the fix, nothing stopped. The app slots' own sessions (here one held
+    from the blue container as the app's role, a superuser this user may not end) never
+    refuse: stopping the slots ends them."""
+    import psycopg
+    from psycopg import sql
+
+    from runbook.drill.stack import DB_NAME
+    from runbook.snapshots import sessions
+
+    role, worker = "runbook_test_owner", "runbook_test_worker"
+    add_items(stack, "kept")
+    blue = stack.env.slot(Slot.BLUE).container
+    held = ("import os, time, psycopg\n"
+            "c = psycopg.connect(os.environ['DATABASE_URL'], autocommit=True, "
+            "application_name='app-held')\n"
+            "while True:\n    c.execute('SELECT 1'); time.sleep(0.5)\n")
+    psql: subprocess.Popen[bytes] | None = None
+    with owned_by_a_role(stack, monkeypatch, role) as env:
+        with stack.connect() as conn:  # it sees other roles' sessions, ends none of them
+            conn.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(worker)))
+        try:
+            snap = snapshots.create(env, "worker")
+            add_items(stack, "after")
+            psql = subprocess.Popen(
+                ["docker", "exec", stack.db_container, "psql",
+                 f"dbname={DB_NAME} user={worker} application_name=nightly-export",
+                 "-Atc", "SELECT pg_sleep(120)"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(["docker", "exec", "-d", blue, "python3", "-c", held], check=True)
+            deadline, pids = time.monotonic() + 30, {}
+            while len(pids) < 2 and time.monotonic() < deadline:
+                with stack.connect() as conn:
+                    pids = dict(conn.execute(
+                        "SELECT application_name, pid FROM pg_stat_activity WHERE "
+                        "application_name IN ('nightly-export', 'app-held')").fetchall())
+                time.sleep(0.1)
+            assert set(pids) == {"nightly-export", "app-held"}, pids
+            through_container = env.with_(database=dataclasses.replace(env.database,
+                                                                      access="container"))
+            seen = [{s.pid: (s.hidden, s.endable, s.superuser) for s in sessions.other(e)}
+                    for e in (env, through_container)]  # psql's booleans too
+            assert seen[0][pids["nightly-export"]] == seen[1][pids["nightly-export"]] \
+                == (False, False, False), seen
+            assert seen[0][pids["app-held"]] == (False, False, True), seen
+            before = untouched(stack)
+            started = {s: docker.inspect(env.slot(s).container).started_at for s in Slot}
+            for end_sessions in (False, True):
+                for dry_run in (True, False):
+                    with pytest.raises(RunbookError) as err:
+                        snapshot_restore.restore(env, snap.name, dry_run=dry_run,
+                                                 end_sessions=end_sessions)
+                    said = f"{err.value.message} | {err.value.fix}"
+                    assert err.value.exit_code == ExitCode.PRECONDITION, said
+                    assert "\n" not in said and "nothing was changed" in said, said
+                    assert f"session {pids['nightly-export']} " in said, said
+                    assert worker in said and "'nightly-export'" in said, said
+                    assert f"session {pids['app-held']} " not in said, said  # the app's
+                    assert f"GRANT pg_signal_backend TO {role}" in said, said
+                    assert ("--end-sessions" in (err.value.fix or "")) is not end_sessions
+                    # never stopped: not started again either
+                    assert {s: docker.inspect(env.slot(s).container).started_at
+                            for s in Slot} == started
+                    assert untouched(stack) == before
+            # allowed to end it, it is ended after the stop, as before
+            with stack.connect() as conn:
+                conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(
+                    sql.Identifier(role)))
+            snapshot_restore.restore(env, snap.name, end_sessions=True)
+            assert item_names(stack) == ["kept"]
+            assert psql.wait(timeout=10) != 0  # its session was ended
+        finally:
+            if psql is not None:
+                psql.kill()
+            with stack.connect() as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                             "application_name IN ('nightly-export', 'app-held')")
+                for _ in range(50):  # once its session is gone
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(
+                            sql.Identifier(worker)))
+                        break
+                    time.sleep(0.1)

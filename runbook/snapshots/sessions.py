@@ -7,7 +7,10 @@ neither the safety snapshot nor the restored database. The app slots are not the
 writers a host has (a worker, a cron job, an operator's psql, a pooler's server
 connections), so the restore asks Postgres who else is connected to this database, right
 before the safety snapshot (refused, or ended with --end-sessions) and again inside the
-restore's own transaction once its DROPs hold every table (refused: rolled back).
+restore's own transaction once its DROPs hold every table (refused: rolled back). One the
+first check would refuse that is provably not the app slots' is refused while planning,
+before they stop (refuse_before_stop): stopping them for that refusal was an outage for
+nothing.
 
 A session of another role is shown to a user without pg_read_all_stats with its details
 hidden (backend_type too); it is counted, never guessed away: fail closed.
@@ -16,9 +19,11 @@ hidden (backend_type too); it is counted, never guessed away: fail closed.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from runbook import database
 from runbook.environment import Environment
@@ -36,7 +41,14 @@ SESSIONS_SQL = (
     "SELECT pid, coalesce(usename, ''), coalesce(application_name, ''), "
     "coalesce(host(client_addr), ''), coalesce(state, ''), "
     "coalesce(to_char(state_change AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), "
-    f"backend_type IS NULL FROM pg_stat_activity WHERE {WHO} ORDER BY pid")
+    "backend_type IS NULL, "
+    # whether pg_terminate_backend would end it: a superuser ends any; a superuser's session
+    # only a superuser; another's, its role's members and pg_signal_backend's
+    "coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) OR "
+    "coalesce(NOT (SELECT rolsuper FROM pg_roles WHERE oid = usesysid) AND "
+    "(pg_has_role(usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')), false), "
+    "coalesce((SELECT rolsuper FROM pg_roles WHERE oid = usesysid), false) "
+    f"FROM pg_stat_activity WHERE {WHO} ORDER BY pid")
 # The same question inside the restore's transaction, after its DROPs: waits up to 3 s for
 # such sessions to end (one connecting for a moment, the safety snapshot's own exiting),
 # then raises, and psql rolls back. pg_stat_activity is read once per transaction unless
@@ -62,6 +74,8 @@ class Session:
     state: str
     since: str
     hidden: bool  # this user may not see its details (another role's, no pg_read_all_stats)
+    endable: bool = True  # this user may end it (pg_terminate_backend)
+    superuser: bool = False  # a superuser's: only a superuser may end it
 
     def describe(self) -> str:
         if self.application == RESTORE_APP:  # its psql: found only while its run lives
@@ -82,7 +96,7 @@ def other(env: Environment) -> list[Session]:
     with database.connect(env) as conn:
         rows = conn.execute(SESSIONS_SQL).fetchall()
     return [Session(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]),
-                    r[6] in (True, "t", "true")) for r in rows]
+                    *(r[i] in (True, "t", "true") for i in (6, 7, 8))) for r in rows]
 
 
 def wait_alone(env: Environment, heartbeat: Callable[[], None] = lambda: None,
@@ -128,3 +142,106 @@ def end(env: Environment, found: list[Session],
 
 def refusal_text(found: list[Session]) -> str:
     return "; ".join(s.describe() for s in found)
+
+
+STOP_THEM = "stop what they belong to (a worker, a cron job, a psql, a pooler)"
+END_THEM = "run again with --end-sessions to end them (their open transactions roll back)"
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address as Docker writes its containers' (an IPv4 client of an IPv6
+    socket as its IPv4 address); None when it is not one."""
+    try:
+        found = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (found.ipv4_mapped or found) if isinstance(found, ipaddress.IPv6Address) else found
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two mounted host paths share files (one is the other or inside it)."""
+    a, b = PurePosixPath(one), PurePosixPath(other)
+    return a == b or a in b.parents or b in a.parents
+
+
+def not_the_apps(env: Environment, found: list[Session]) -> list[Session]:
+    """The sessions in `found` that are provably not the app slots' (whose role this user
+    cannot know: the app may connect as another than the runbook's), so stopping them ends
+    none of them: a client address of another running container on Docker's networks, or
+    one inside the database container itself (its Unix socket, shared with no app slot
+    through a mount, or its loopback). Any doubt (its details hidden, an address a NAT or
+    the published port's proxy gives, a namespace shared with the host or a container,
+    Docker unreadable) leaves it out: the check after the stop still fails closed."""
+    from runbook import docker
+    from runbook.errors import RunbookError
+
+    visible = [s for s in found if not s.hidden]
+    if not visible:
+        return []
+    try:
+        running = docker.running_containers()
+    except RunbookError:
+        return []
+    slots = {env.slot(s).container for s in env.slots}
+    apps = [c for c in running if c.name in slots]
+    db = next((c for c in running if c.name == env.database.container), None)
+    if db is None or any(c.network_mode.startswith(("host", "container:"))
+                         for c in [*apps, db]):
+        return []
+    theirs = {_address(ip) for c in apps for ip in c.ips}
+    others = {_address(ip) for c in running if c.name not in slots and c is not db
+              for ip in c.ips} - theirs - {None}
+    socket_shared = any(_overlap(mine, its) for c in apps for mine in c.mounts
+                        for its in db.mounts)
+
+    def provably_not(session: Session) -> bool:
+        if not session.client:  # its Unix socket, or a background worker of its own
+            return not socket_shared
+        address = _address(session.client)
+        return address is not None and (address.is_loopback or address in others)
+
+    return [s for s in visible if provably_not(s)]
+
+
+def refuse_before_stop(env: Environment, database_name: str, end_sessions: bool) -> None:
+    """Refuse now, before the app slots stop (PreconditionError, nothing changed), when a
+    session is connected that the check after the stop would refuse: one provably not the
+    app slots' (not_the_apps), and, with --end-sessions, one this user may not end. Found by
+    review: such a session was seen while planning, and the run stopped the app only to
+    refuse it then: an outage for nothing."""
+    from runbook.errors import PreconditionError
+
+    found = not_the_apps(env, other(env))
+    blocking = [s for s in found if not s.endable] if end_sessions else found
+    # only one still there after WAIT, as the check after the stop waits: one ending now
+    # (a probe's, or this run's own psql of a moment ago) is not refused
+    deadline = time.monotonic() + WAIT
+    while blocking and time.monotonic() < deadline:
+        time.sleep(0.2)
+        still = {(s.pid, s.user, s.client) for s in other(env)}
+        blocking = [s for s in blocking if (s.pid, s.user, s.client) in still]
+    if not blocking:
+        return
+    with database.connect(env) as conn:
+        row = conn.execute("SELECT quote_ident(current_user)").fetchone()
+    me = str(row[0]) if row else "<runbook database user>"
+    unendable = [s for s in blocking if not s.endable]
+    grant = (f"`GRANT pg_signal_backend TO {me}` (as a superuser), or end them as their own "
+             "role or a superuser (`SELECT pg_terminate_backend(PID)`)"
+             + ("; a superuser's session only a superuser may end"
+                if any(s.superuser for s in unendable) else ""))
+    if end_sessions:
+        raise PreconditionError(
+            f"other sessions are connected to database {database_name} that this database "
+            f"user ({me}) may not end, and stopping the app slots would not end them: "
+            f"{refusal_text(blocking)}; --end-sessions would stop the app and then fail to "
+            "end them, so the restore was refused before the app slots stopped; nothing was "
+            "changed", f"{grant}, or {STOP_THEM}, then run again")
+    may_not = (f"; this database user may not end {', '.join(str(s.pid) for s in unendable)}:"
+               f" {grant}" if unendable else "")
+    raise PreconditionError(
+        f"other sessions are connected to database {database_name} that stopping the app "
+        f"slots would not end: {refusal_text(blocking)}; a write one made after the safety "
+        "snapshot would be in neither it nor the restored database, so the restore was "
+        "refused before the app slots stopped; nothing was changed",
+        f"{STOP_THEM}, or {END_THEM}{may_not}")
