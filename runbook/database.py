@@ -229,6 +229,66 @@ def url(env: Environment) -> str:
     return raw
 
 
+def login_password(raw: str) -> str:
+    """The password libpq on this machine sends for the URL ('' for none): the URL's own,
+    else PGPASSWORD's, else its password file's line for this host, port, database and user
+    (PGPASSFILE, ~/.pgpass). Registered as a secret.
+
+    pg_dump and psql run inside the database container, where none of those are: given only
+    the URL's, a password kept beside it passed every check made from here (status, the
+    schema guard, --dry-run) and failed the dump after the app slots were stopped (found by
+    review). Asked of libpq itself, as PQpass after PQconnectStart (which resolves it before
+    the first byte is sent; the attempt is ended at once), not parsed here: the rules
+    (precedence, wildcards, escapes, a file with loose permissions ignored) stay libpq's.
+    """
+    import os
+
+    from psycopg import conninfo
+
+    from runbook.redact import register_secrets
+
+    try:
+        given = str(conninfo.conninfo_to_dict(raw).get("password") or "")
+    except Exception:  # check_url says why, where the URL is used
+        return ""
+    found = given or _libpq_password(raw, os.environ.get("PGPASSWORD"),
+                                     os.environ.get("PGPASSFILE"), os.environ.get("HOME"))
+    register_secrets(found)
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _libpq_password(raw: str, *where: str | None) -> str:
+    """libpq's password for `raw`, which has none (`where`: the variables it is read from, so
+    one process asking under other ones asks again; one connection attempt each)."""
+    from psycopg import pq
+
+    try:
+        conn = pq.PGconn.connect_start(raw.encode())
+    except Exception:
+        return ""
+    try:
+        return (conn.password or b"").decode(errors="replace")
+    finally:
+        conn.finish()
+
+
+def password_source(env: Environment, raw: str) -> str:
+    """Where login_password found the password, for messages (never the value)."""
+    import os
+
+    from psycopg import conninfo
+
+    with contextlib.suppress(Exception):
+        if conninfo.conninfo_to_dict(raw).get("password"):
+            return env.database.url_variable
+    if os.environ.get("PGPASSWORD"):
+        return "PGPASSWORD"
+    if login_password(raw):
+        return f"the password file {os.environ.get('PGPASSFILE') or '~/.pgpass'}"
+    return "nowhere"
+
+
 def _from_process(env: Environment) -> bool:
     import os
 
@@ -240,7 +300,10 @@ def known_secrets(env: Environment) -> set[str]:
     list. Never raises: a broken configuration is reported by whoever uses it."""
     found: set[str] = set()
     with contextlib.suppress(RunbookError):
-        found |= secrets_of(env.database.url())
+        raw = env.database.url()
+        found |= secrets_of(raw)
+        if not _misencoded(raw):  # a password kept beside the URL (login_password)
+            found |= {login_password(raw)} - {""}
     if env.database.env_file is not None:
         from runbook.environment import read_env_file
 
@@ -356,7 +419,7 @@ class ContainerConnection:
         self.container = env.database.container
         self.timeout = timeout
         self._count = 0
-        self._password = str(params.get("password") or "")
+        self._password = login_password(raw)  # the URL's, PGPASSWORD's or .pgpass's
         user = str(params.get("user") or "")
         dbname = str(params.get("dbname") or user)
         options = str(params.get("options") or "")

@@ -197,9 +197,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if taken is not None:
         observed.snapshot_path = str(taken.path)
     else:  # while planning: found by the dump, the run had taken the lock, written its intent
-        from runbook.snapshots import room
+        from runbook.snapshots import commands, room
 
         room.refuse_without_snapshot_room(env, "the pre-deploy snapshot")
+        commands.require_container(env)
+        commands.require_login(env)  # a password kept beside the URL reaches pg_dump too
 
     snapshot_schema: list[int | None] = []
 

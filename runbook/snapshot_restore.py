@@ -115,6 +115,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     containers = [env.slot(s).container for s in chosen]
     tgt = commands.target(env)
     commands.require_container(env)
+    commands.require_login(env)  # the safety snapshot's pg_dump and the replay's psql
     # unreachable, or what the safety snapshot's pg_dump may not read (a table, a large
     # object), refused here, before any change: found by the dump, the app was down
     check_readable(env)

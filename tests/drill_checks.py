@@ -66,6 +66,17 @@ def snapshot(env: Environment) -> dict[str, object]:
     }
 
 
+def everything_written(tmp_path: Path, *procs: subprocess.CompletedProcess[str]) -> str:
+    """What the runs printed, and every journal and run record under tmp_path's logs/ and
+    runs/: where a secret must never be."""
+    texts = [p.stdout + p.stderr for p in procs]
+    for folder in (tmp_path / "logs", tmp_path / "runs"):
+        if folder.exists():
+            texts += [f.read_text(errors="replace") for f in sorted(folder.rglob("*"))
+                      if f.is_file()]
+    return "\n".join(texts)
+
+
 # --- a user, and a run held at a fault point ----------------------------------------------------
 
 

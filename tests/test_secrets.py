@@ -23,6 +23,7 @@ from runbook import database, journal
 from runbook import environment as envmod
 from runbook.drill.stack import DrillStack
 from runbook.errors import ConfigError, ExitCode
+from tests.drill_checks import everything_written
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,6 @@ BAD_PASSWORDS = {
     "bare /": "Sesame/Open-Kx81Lq",
 }
 FRAGMENTS = ("Sesame", "Open-Kx81Lq")
-
 
 
 def host_with_password(stack: DrillStack, tmp_path: Path, password: str) -> Path:
@@ -59,14 +59,6 @@ def runbook(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "runbook.cli", *args], capture_output=True,
                           text=True, timeout=180, stdin=subprocess.DEVNULL, env=env,
                           check=False, cwd=REPO_ROOT)
-
-
-def everything_written(tmp_path: Path, *procs: subprocess.CompletedProcess[str]) -> str:
-    texts = [p.stdout + p.stderr for p in procs]
-    for folder in (tmp_path / "logs", tmp_path / "runs"):
-        if folder.exists():
-            texts += [f.read_text() for f in sorted(folder.iterdir())]
-    return "\n".join(texts)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PASSWORDS))

@@ -9,7 +9,10 @@ a `| gzip` pipe that does not run.
 
 pg_dump and psql run INSIDE the database container (`docker exec`), so client and server
 versions always match and a host needs no Postgres client. The password travels in the
-exec's environment (`-e PGPASSWORD` with no value copies it from ours), never in argv.
+exec's environment (`-e PGPASSWORD` with no value copies it from ours), never in argv: the
+one libpq here uses (the URL's, PGPASSWORD's or the password file's), as nothing of this
+machine's reaches the container otherwise. `require_login` proves it works there while
+planning.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ RESTORE_APP = "runbook-restore"
 
 @dataclass(frozen=True)
 class Target:
-    """Who pg_dump/psql connect as, parsed from DATABASE_URL (percent-decoded)."""
+    """Who pg_dump/psql connect as, parsed from DATABASE_URL (percent-decoded); `password`
+    is libpq's for it (database.login_password), '' when none is known."""
 
     user: str
     password: str = field(repr=False)
@@ -100,7 +104,7 @@ def target(env: Environment) -> Target:
         port = int(str(params.get("port") or "5432").split(",")[0])
     except ValueError:
         raise UsageError(f"{variable} has an invalid port", fix) from None
-    return Target(user=user, password=str(params.get("password") or ""),
+    return Target(user=user, password=database.login_password(url),
                   host=str(params.get("host") or "localhost"), port=port, dbname=dbname,
                   container=env.database.container)
 
@@ -179,6 +183,56 @@ def stderr_line(fh: IO[bytes], tgt: Target) -> str:
     errors = [ln for ln in lines if "ERROR" in ln or "error:" in ln or "FATAL" in ln]
     chosen = (errors or lines or ["no output"])[0]
     return tgt.redact(chosen)[:300]
+
+
+LOGIN_TIMEOUT = 30.0  # seconds for the planning's `SELECT 1` inside the container
+
+
+def login_fix(env: Environment, tgt: Target) -> str:
+    """What to check when the in-container tools cannot log in: where the password is kept."""
+    variable, raw = env.database.url_variable, database.url(env)
+    where = database.password_source(env, raw)
+    if tgt.password:
+        return (f"check {variable}'s user ({tgt.user}) and the password {where} gives it "
+                f"(`docker logs {tgt.container}` says which one the server refused)")
+    env_file = env.database.env_file or "the environment"
+    return (f"put the password in {variable} in {env_file} (after `{tgt.user}:`, before the "
+            f"`@`, percent-encoded), in PGPASSWORD, or in a password file line "
+            f"{tgt.host}:{tgt.port}:{tgt.dbname}:{tgt.user}:PASSWORD (PGPASSFILE, default "
+            "~/.pgpass, mode 0600)")
+
+
+def require_login(env: Environment) -> None:
+    """pg_dump and psql log in inside the container with the password they will be given, or
+    a one-line refusal (exit 4) while planning: found by the dump, the app slots were already
+    stopped (a restore) for a run that could not go on, and --dry-run had passed. Read-only
+    (`SELECT 1`)."""
+    tgt = target(env)
+    argv = [*tgt.exec_prefix(), "psql", "-X", "-q", "-A", "-t", "-c", "SELECT 1",
+            *tgt.connection_args()]
+    try:
+        done = subprocess.run(argv, env=tgt.exec_env(), capture_output=True,
+                              timeout=LOGIN_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+    except FileNotFoundError:
+        raise PreconditionError("the docker command is not installed",
+                                "install the Docker CLI") from None
+    except subprocess.TimeoutExpired:
+        raise database.DatabaseError(
+            f"psql inside container {tgt.container} did not answer `SELECT 1` within "
+            f"{LOGIN_TIMEOUT:g}s; nothing was changed",
+            f"check the database (`docker logs {tgt.container}`)") from None
+    if done.returncode == 0 and done.stdout.strip() == b"1":
+        return
+    lines = [ln.strip() for ln in done.stderr.decode(errors="replace").splitlines()
+             if ln.strip()]
+    said = tgt.redact(next((ln for ln in lines if "error" in ln.lower() or "FATAL" in ln),
+                           lines[0] if lines else f"exit {done.returncode}"))[:300]
+    known = "" if tgt.password else (
+        f"; no password is known ({env.database.url_variable} holds none, nor do PGPASSWORD "
+        "or a password file on this machine)")
+    raise database.DatabaseError(
+        f"pg_dump and psql inside container {tgt.container} cannot log in: {said}{known}; "
+        "nothing was changed", login_fix(env, tgt))
 
 
 def require_container(env: Environment) -> None:

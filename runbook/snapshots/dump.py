@@ -221,8 +221,8 @@ def _dump_to(tmp: Path, cmd: DbCommand, tgt: Target, directory: Path,
                 raise kind(
                     f"pg_dump failed in {tgt.container} (exit {code}): "
                     f"{commands.stderr_line(err, tgt)}",
-                    f"check the database (`docker logs {tgt.container}`) and "
-                    "DATABASE_URL's user and password")
+                    f"check the database (`docker logs {tgt.container}`) and the user "
+                    "and password (DATABASE_URL's, PGPASSWORD's or the password file's)")
             if TRAILER not in tail:
                 raise database.DatabaseError("pg_dump ended without its 'dump complete' trailer",
                                              f"check `docker logs {tgt.container}` and retry")
