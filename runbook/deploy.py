@@ -497,33 +497,21 @@ def _serving_shown(current: states.Deployment | None, replaces: states.Deploymen
 
 
 def _refuse_if_dirty(env: Environment, version: str, pending: intents.Intent | None) -> None:
-    """Refuse (nothing changed) on a schema golang-migrate left dirty: a migration under way,
-    or one that failed or was cut off part-way. Found by review: a rerun after a migration
-    failed half-way recreated the new slot and ran the migrations again on the dirty schema
-    (a half-applied file re-applied, or golang-migrate refusing): exit 5, no repair named.
-    An unreadable schema is left to the snapshot step, which fails closed on it."""
+    """Refuse (nothing changed) on a schema golang-migrate left dirty (finish.dirty_refusal).
+    Found by review: a rerun after a migration failed half-way recreated the new slot and ran
+    the migrations again on the dirty schema (a half-applied file re-applied, or
+    golang-migrate refusing): exit 5, no repair named. An unreadable schema is left to the
+    snapshot step, which fails closed on it."""
     try:
         schema = database.schema_version(env)
     except RunbookError:
         return
-    if not schema.dirty:
-        return
-    try:
-        running = database.migration_lock(env)
-    except RunbookError:  # cannot tell: never a restore advised under a running migration
-        running = "a session may (pg_locks cannot be read)"
-    if running:
-        raise PreconditionError(
-            f"the database schema is dirty at version {schema.version} and a migration lock is "
-            f"held ({running}): a migration is under way; nothing was changed",
-            f"wait until it ends (`runbook status {command_arg(env)}` shows the schema without "
-            "\"dirty\"), then run the deploy again; if that session runs no migration "
-            "(another program's advisory lock), have it release the lock first")
-    dirty = finish.dirty_schema(env, schema, pending)
-    raise PreconditionError(f"{dirty.message}; nothing was changed",
-                            f"{dirty.fix}; then `runbook deploy {command_arg(env)} --version "
-                            f"{version}` runs the deploy again (once migration "
-                            f"{schema.version} is fixed, if it failed)")
+    refused = finish.dirty_refusal(env, schema, pending, "run the deploy again",
+                                   f"`runbook deploy {command_arg(env)} --version {version}` "
+                                   "runs the deploy again")
+    if refused is not None:
+        raise refused
+
 
 def _still_migrating(env: Environment, slot: Slot) -> str | None:
     """Why the new container must not be stopped now: migrations run in it (a migrate exec)

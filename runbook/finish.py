@@ -18,7 +18,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from runbook import caddy, health, recording, slots, traffic
+from runbook import caddy, database, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook.environment import Environment, command_arg
@@ -211,6 +211,32 @@ def dirty_schema(env: Environment, schema: SchemaVersion,
         f"restore a snapshot taken before migration {version} ran (`runbook snapshot list "
         f"{name}` shows each one's schema): `runbook snapshot restore {name} FILE`; "
         f"instead, {force}"))
+
+
+def dirty_refusal(env: Environment, schema: SchemaVersion, pending: intents.Intent | None,
+                  again: str, rerun: str, forced: str = "") -> PreconditionError | None:
+    """Why a run that starts code on the database refuses a schema golang-migrate left dirty
+    (None: it is not): a migration under way (golang-migrate's advisory lock held: wait,
+    then `again`), or one that failed or was cut off part-way (dirty_schema's repair, then
+    `rerun`, and `forced`, how --force goes past it, where it does). Deploy and switch refuse
+    alike (found by review: a switch planned on it, then failed at its health gate)."""
+    if not schema.dirty:
+        return None
+    try:
+        running = database.migration_lock(env)
+    except RunbookError:  # cannot tell: never a restore advised under a running migration
+        running = "a session may (pg_locks cannot be read)"
+    if running:
+        return PreconditionError(
+            f"the database schema is dirty at version {schema.version} and a migration lock is "
+            f"held ({running}): a migration is under way; nothing was changed",
+            f"wait until it ends (`runbook status {command_arg(env)}` shows the schema without "
+            f"\"dirty\"), then {again}; if that session runs no migration (another program's "
+            "advisory lock), have it release the lock first")
+    dirty = dirty_schema(env, schema, pending)
+    return PreconditionError(f"{dirty.message}; nothing was changed",
+                             f"{dirty.fix}; then {rerun} (once migration {schema.version} is "
+                             f"fixed, if it failed){forced}")
 
 
 def replacing_warning(env: Environment, old: intents.Intent, action: str) -> str:

@@ -534,8 +534,8 @@ def _schema_first(f: Facts) -> str | None:
     if f.schema is None or not f.schema.dirty:
         return None
     return (f"repair the database schema first (see its problem: the database schema is dirty "
-            f"at version {f.schema.version}): a rollback or a deploy is refused on it until "
-            f"then (`runbook status {_arg(f.env)}` again once it is repaired)")
+            f"at version {f.schema.version}): a rollback, a deploy or a switch is refused on it "
+            f"until then (`runbook status {_arg(f.env)}` again once it is repaired)")
 
 
 def active_unhealthy(f: Facts) -> Iterator[Problem]:

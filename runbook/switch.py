@@ -122,9 +122,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             "can record (a 7-hex short commit); switching would move traffic and then fail to "
             "record it; nothing was changed",
             f"deploy a version to it: {compose.deploy_hint(env)}")
-    behind = _schema_behind(env, state, info.tag, options.force, serving=serves)
-    if behind:
-        warnings.append(behind)
+    try:  # read once, for both guards
+        schema: database.SchemaVersion | RunbookError = database.schema_version(env)
+    except RunbookError as exc:
+        schema = exc
+    pending = found[0] if found is not None else repairing.intent if repairing else None
+    for said in (_schema_dirty(env, schema, pending, target, options.force, serving=serves),
+                 _schema_behind(env, state, info.tag, options.force, schema, serving=serves)):
+        if said:
+            warnings.append(said)
     if in_line and reloads is None:
         return _record_only(env, state, target, info.tag, info.image, now, run_id, warnings,
                             accepted)
@@ -201,8 +207,31 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 accepted_doubt=accepted)
 
 
+def _schema_dirty(env: Environment, schema: database.SchemaVersion | RunbookError,
+                  pending: intents.Intent | None, target: Slot, force: bool, *,
+                  serving: bool = False) -> str | None:
+    """Refuse a schema golang-migrate left dirty, as deploy does (finish.dirty_refusal) and
+    rollback's schema guard: the app started on it answers unhealthy (its migrations check
+    fails), so the switch planned as usual, then failed at its health gate after 30 s (found
+    by review). None, or a warning: --force goes past it, as rollback's does (its health
+    gate skipped too), or a schema that cannot be read (left to _schema_behind). `serving`:
+    the record-only switch, whose gate --force never skips: no --force is offered."""
+    if isinstance(schema, RunbookError):
+        return None
+    refused = finish.dirty_refusal(env, schema, pending, "run the switch again",
+                                   f"`runbook switch {command_arg(env)} --slot {target}` runs "
+                                   "the switch again",
+                                   "" if serving else "; or pass --force to switch anyway")
+    if refused is None:
+        return None
+    if not force:
+        raise refused
+    return f"--force: {refused.message.removesuffix('; nothing was changed')}; switching anyway"
+
+
 def _schema_behind(env: Environment, state: states.DeploymentState, version: str,
-                   force: bool, *, serving: bool = False) -> str | None:
+                   force: bool, schema: database.SchemaVersion | RunbookError, *,
+                   serving: bool = False) -> str | None:
     """Refuse to serve a version on a database without the migrations it ran with (a
     `--restore-snapshot` rollback took them away): its /health says "degraded" (pending
     migrations), which the gate passes, and its pages fail on missing tables. The rollback's
@@ -214,10 +243,8 @@ def _schema_behind(env: Environment, state: states.DeploymentState, version: str
     recorded = dep.migration_version if dep is not None else None
     if recorded is None:
         return None
-    try:
-        schema = database.schema_version(env)
-    except RunbookError as exc:
-        return (f"the database schema cannot be read ({exc.message}): whether it has the "
+    if isinstance(schema, RunbookError):
+        return (f"the database schema cannot be read ({schema.message}): whether it has the "
                 f"migrations {version} ran with ({recorded}) is not checked")
     if schema.version >= recorded:
         return None

@@ -3295,6 +3295,66 @@ def test_rolling_back_a_rollback_that_restored_is_refused_onto_the_older_schema(
     assert forced.outcomes[-1].status == "ok" and through_proxy(env) == ("green", V2.tag)
 
 
+def test_a_switch_on_a_dirty_schema_is_refused_while_planning_as_rollback_and_deploy_are(
+        stack: DrillStack) -> None:
+    """Found by the "plan equals run" review: on a schema golang-migrate left dirty, `runbook
+    switch --slot green` planned as usual (dry run exit 0); the real run started green, timed
+    out at its health gate after 30 s ("migration 2 is dirty"), undid the start and exited 1,
+    while rollback and deploy refused in planning (exit 4). The switch refuses as they do
+    now, dry run and real run alike, with the dirty schema's own problem and repair; its
+    --force goes past it as rollback's --force does, saying so; status names no switch.
+    Oracle: Postgres' schema_migrations, Docker (the green container never started), Caddy's
+    loaded config (GET /config/), the proxy and the files, read back."""
+    stack.arrange(scenes.PREVIOUS)  # v3 serves from blue, v2 stopped on green, schema 2
+    env = stack.env
+    green = env.slot(Slot.GREEN).container
+
+    def started() -> str:
+        return stack.docker("inspect", "-f", "{{.State.Status}} {{.State.StartedAt}}",
+                            green).stdout.strip()
+
+    with stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET dirty = true")
+    try:
+        before, was = snapshot(env), started()
+        assert was.startswith("exited "), was  # the premise: green stopped
+        running = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json()
+        rolled = runbook_cli(env, "rollback", "--dry-run")  # what the switch now does too
+        assert rolled.returncode == ExitCode.PRECONDITION, rolled.stdout + rolled.stderr
+        assert "the database schema is dirty at version 2" in rolled.stderr, rolled.stderr
+        for args in (("--dry-run",), ("--yes",)):
+            done = runbook_cli(env, "switch", "--slot", "green", *args)
+            said = done.stdout + done.stderr
+            assert done.returncode == ExitCode.PRECONDITION, (args, said)
+            [error] = [line for line in done.stderr.splitlines()
+                       if line.startswith("runbook: error:")]
+            assert ("the database schema is dirty at version 2: migration 2 failed or was cut "
+                    "off part-way") in error, (args, said)
+            assert "nothing was changed" in error, (args, said)
+            # the dirty schema's own repair, as deploy and status name it, then this switch
+            assert f"`runbook snapshot restore {command_arg(env)} FILE`" in error, (args, said)
+            assert f"`runbook switch {command_arg(env)} --slot green`" in error, (args, said)
+            assert "pass --force to switch anyway" in error, (args, said)
+            assert "Health gate" not in said, (args, said)  # refused in planning
+            assert started() == was, args  # green never started
+            assert snapshot(env) == before, args
+            assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json() == running
+        # --force, as rollback's: past the dirty schema, said in the plan
+        forced = runbook_cli(env, "switch", "--slot", "green", "--force", "--dry-run")
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        assert "--force: the database schema is dirty at version 2" in forced.stdout \
+            + forced.stderr, forced.stdout + forced.stderr
+        assert snapshot(env) == before and started() == was
+        # status names no switch (it would be refused) in this state
+        problems = json.loads(runbook_cli(env, "status", "--format", "json").stdout)["problems"]
+        assert [p for p in problems if p["check"] == "schema_dirty"], problems
+        assert not [p for p in problems if "runbook switch" in p["fix"]], problems
+    finally:
+        with stack.connect() as conn:
+            conn.execute("UPDATE schema_migrations SET dirty = false")
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_a_switch_never_tells_on_call_to_stop_a_slot_another_site_proxies_to(
         stack: DrillStack) -> None:
     """Found by review: green served, another site outside the markers proxied to green's
