@@ -757,6 +757,36 @@ def test_a_new_fleet_runs_refusal_over_a_lock_dated_in_the_future_names_the_way_
     assert "wait for that fleet run" not in refused.value.fix
 
 
+def test_pre_flight_refuses_with_exit_3_only_when_each_problem_is_a_live_lock(
+        tmp_path: Path) -> None:
+    """The code a refused pre-flight ends with, dry run or not, from the host-checks' problems
+    (their shape as `runbook fleet host-check` reports a live deploy lock, a full disk): 3
+    (wait) when each is a lock a live run holds, 4 (fix something) when any other is beside
+    it, since waiting alone would not let the run through."""
+    from runbook.fleet import FLEET_PROTOCOL
+    from runbook.fleet.rollout import Events, _refusal_code, preflight
+
+    locked = [{"check": "deploy lock", "exit_code": 3,
+               "message": "the deploy lock is held by bob@web2 (pid 7 on web2)"},
+              {"check": "rollback dry run", "exit_code": 3,
+               "message": "web2: the deploy lock is held by bob@web2 (pid 7 on web2)"}]
+    full = {"check": "disk space", "exit_code": 4, "message": "/var/lib is full"}
+
+    def code(problems: dict[str, list[dict[str, object]]]) -> ExitCode:
+        events = Events(results={"host-check": {h: {"stdout": json.dumps(
+            {"fleet_protocol": FLEET_PROTOCOL, "environment": "staging",
+             "fleet_lock": {"locked": False}, "problems": p})} for h, p in problems.items()}})
+        inventory = inv.Inventory(path=tmp_path / "hosts.yml", hosts=["web1", "web2"],
+                                  groups={"canary": ["web1"]}, hostvars={})
+        _checks, lines, _ = preflight(events, inventory, list(problems), take_lock=False)
+        assert len(lines) == sum(len(p) for p in problems.values())
+        return _refusal_code(lines)
+
+    assert code({"web1": [], "web2": locked}) == ExitCode.LOCKED
+    assert code({"web1": [full], "web2": locked}) == ExitCode.PRECONDITION
+    assert code({"web1": [], "web2": [*locked, full]}) == ExitCode.PRECONDITION
+
+
 def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_dead(
         env: Environment) -> None:
     """The lock host cannot see the controller's machine: a live-looking lock (another
@@ -1072,31 +1102,60 @@ def fleet_on_v3(drill_fleet: DrillFleet) -> DrillFleet:
     return drill_fleet
 
 
+def _refused(fleet: DrillFleet, journal: Path, *args: str) -> tuple[int, str, str]:
+    """A fleet rollback expected to refuse: (exit code, stdout, stderr)."""
+    proc = _fleet_rollback(fleet, journal, *args)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
 @pytest.mark.docker
-def test_a_live_fleet_lock_refuses_with_exit_3_and_changes_nothing(
-        drill_fleet: DrillFleet, tmp_path: Path) -> None:
+def test_a_live_lock_refuses_with_exit_3_in_the_dry_run_as_in_the_real_run(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Exit 3 (locked: wait) from the dry run, the fleet's pre-flight people gate on, exactly
+    when the real run ends 3 (found by review: the dry run said 4, fix something): a host's
+    deploy lock held by a live run, then also the fleet lock on the lock host, read by a dry
+    run whose --limit leaves the lock host out too. A refused dry run writes no fleet journal
+    and its JSON names none; the real run's refusal writes one."""
     import socket
 
-    fleet_on_v3 = drill_fleet  # no deploy needed: the refusal comes before any host check
-    drill_fleet.write_inventory()
+    from runbook import lock as locks
 
+    journal = tmp_path / "fleet"  # a dry run must not even make it
+    before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
     lock_env = fleet_on_v3.hosts[0].env
-    hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="alice@ops",
-                  hostname=socket.gethostname(), pid=os.getpid(), reason="another rollout")
+    deploy = locks.acquire(fleet_on_v3.hosts[1].env, "a deploy by hand")  # held while we live
     try:
-        before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
-        proc = _fleet_rollback(fleet_on_v3, tmp_path)
-        _out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 3, err
-        assert "alice@ops" in err and "nothing was changed" in err
-        dry = _fleet_rollback(fleet_on_v3, tmp_path, "--dry-run")
-        _out, err = dry.communicate(timeout=600)
-        assert dry.returncode == 4 and "host1: fleet lock: held by alice@ops" in err, err
-        assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
-        held = hostlock.status(lock_env)
-        assert held is not None and held.holder["fleet_run_id"] == "fleet_other"
+        code, out, err = _refused(fleet_on_v3, journal, "--dry-run", "--format", "json")
+        answer = json.loads(out)
+        assert not journal.exists(), f"a refused dry run wrote a fleet journal: {answer}"
+        assert answer.get("journal_file") == "", answer
+        assert not any("Fleet journal" in line for line in answer["hosts"]), answer
+        assert code == 3 and answer["exit_code"] == 3, err + out
+        assert any(line.startswith("host2: deploy lock: the deploy lock is held by")
+                   for line in answer["hosts"]), answer
+        code, _out, err = _refused(fleet_on_v3, journal)
+        assert code == 3 and "host2: deploy lock: the deploy lock is held by" in err, err
+        assert len(list(journal.glob("fleet_*.json"))) == 1  # the real run's record
+
+        hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="alice@ops",
+                      hostname=socket.gethostname(), pid=os.getpid(), reason="another rollout")
+        try:
+            for dry in (("--dry-run",), ("--dry-run", "--limit", "host2,host3")):
+                code, _out, err = _refused(fleet_on_v3, journal, *dry)
+                assert code == 3 and "host1: fleet lock: held by alice@ops" in err, (dry, err)
+                assert "Fleet journal" not in err, err
+            code, _out, err = _refused(fleet_on_v3, journal)
+            assert code == 3, err
+            assert "alice@ops" in err and "nothing was changed" in err
+            assert len(list(journal.glob("fleet_*.json"))) == 2  # dry runs wrote none
+            assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
+            held = hostlock.status(lock_env)
+            assert held is not None and held.holder["fleet_run_id"] == "fleet_other"
+        finally:
+            hostlock.release(lock_env, "fleet_other")
     finally:
-        hostlock.release(lock_env, "fleet_other")
+        locks.release(fleet_on_v3.hosts[1].env, deploy)
 
 
 @pytest.mark.docker

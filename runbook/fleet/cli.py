@@ -99,10 +99,11 @@ def rollback_cmd(
         lines = list(exc.lines)
         if exc.journal_file:
             lines.append(f"Fleet journal: {exc.journal_file}")
-        _fail(exc, fmt, lines)
+        # as a finished run's: the file written, "" for none (a dry run writes none)
+        _fail(exc, fmt, lines, journal_file=str(exc.journal_file or ""))
         return
     except RunbookError as exc:
-        _fail(exc, fmt)
+        _fail(exc, fmt, journal_file="")
         return
     if fmt is Format.json:
         echo(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,

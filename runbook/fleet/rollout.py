@@ -435,8 +435,10 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
     """Read the lock and every host's pre-flight; (checks, problem lines, what the take said).
 
     Every target's own fleet lock (its environment's, as its host-check reads it) held live
-    by another fleet run refuses the run (exit 3; a problem line in a dry run): only the lock
-    host's was read, so two runs of one environment with different lock hosts both ran.
+    by another fleet run refuses the run (exit 3): only the lock host's was read, so two runs
+    of one environment with different lock hosts both ran. A dry run refuses so too, and on
+    the lock host's when --limit leaves it out, as the real run's take does: the dry run is
+    the pre-flight people gate on, and it said 4 (fix something) where the run said 3 (wait).
 
     A lock host that is also a target takes the lock in its own host-check (one SSH round
     trip: `host-check --take-lock`, its answer under "fleet_lock_take"); otherwise the play's
@@ -485,9 +487,21 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             raise error
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    others: list[str] = []  # another fleet run's live lock on a target (take_lock)
+    others: list[str] = []  # another fleet run's live lock on a target (or the lock host)
     undated = False  # one of them dated in the future (the clock set back): --force removes it
     results = events.results.get("host-check", {})
+
+    def held_by_another(host: str, data: dict[str, Any]) -> None:
+        nonlocal undated
+        held = data.get("fleet_lock", {})
+        holder = (held.get("holder") or {}).get("fleet_run_id")
+        if (held.get("locked") and not held.get("stale")
+                and holder not in (fleet_run_id, take_over or None)):
+            undated = undated or bool(held.get("undated"))
+            others.append(f"{host}: fleet lock: held by {held.get('summary')} (environment "
+                          f"{data.get('environment')})"
+                          + (f"; it is {_one_line(str(held.get('why')))}"
+                             if held.get("undated") else ""))
     for host in targets:
         if host in events.unreachable:
             problems.append(f"{host}: unreachable: {events.unreachable[host]}")
@@ -507,18 +521,16 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             problems.append(f"{host}: runbook {data.get('runbook_version')} speaks fleet protocol "
                             f"{data.get('fleet_protocol')}, this controller {FLEET_PROTOCOL}: "
                             "install the same togather-runbook version on every host")
-        held = data.get("fleet_lock", {})
-        holder = (held.get("holder") or {}).get("fleet_run_id")
-        if (held.get("locked") and not held.get("stale")
-                and holder not in (fleet_run_id, take_over or None)):
-            undated = undated or bool(held.get("undated"))
-            (others if take_lock else problems).append(
-                f"{host}: fleet lock: held by {held.get('summary')} (environment "
-                f"{data.get('environment')})"
-                + (f"; it is {_one_line(str(held.get('why')))}" if held.get("undated") else ""))
+        held_by_another(host, data)
         for p in data.get("problems", []):
-            problems.append(f"{host}: {p.get('check')}: {p.get('message')}"
-                            + (f" ({p['fix']})" if p.get("fix") else ""))
+            problems.append(Problem(f"{host}: {p.get('check')}: {p.get('message')}"
+                                    + (f" ({p['fix']})" if p.get("fix") else ""),
+                                    p.get("exit_code")))
+    if not take_lock and inventory.lock_host not in targets:  # the real run's take refuses
+        read = events.results.get("read the fleet lock", {}).get(inventory.lock_host, {})
+        held_by_another(inventory.lock_host,
+                        {"fleet_lock": _last_json(str(read.get("stdout", ""))) or {},
+                         "environment": inventory.env(inventory.lock_host)})
     if others:
         raise FleetError(f"the fleet lock of this environment is held by another fleet run "
                          f"on {', '.join(x.split(':')[0] for x in others)}; nothing was changed",
@@ -527,9 +539,31 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                          "taken over" + (f"; one dated in the future, once its controller "
                                          "is gone, is removed with `runbook fleet lock "
                                          f"{env_name} --release --force` there"
-                                         if undated else ""),
-                         exit_code=ExitCode.LOCKED, lines=others)
+                                         if undated else "")
+                         + ("; the other problems below need fixing too" if problems else ""),
+                         exit_code=ExitCode.LOCKED, lines=others + problems)
     return checks, problems, lock_res
+
+
+class Problem(str):
+    """A pre-flight problem line that keeps the exit code its host-check gave it: 3 for a
+    lock a live run holds (wait), else 4 (fix something). See `_refusal_code`."""
+
+    exit_code: ExitCode
+
+    def __new__(cls, text: str, exit_code: object = None) -> Problem:
+        line = super().__new__(cls, text)
+        line.exit_code = (ExitCode.LOCKED if exit_code == ExitCode.LOCKED
+                          else ExitCode.PRECONDITION)
+        return line
+
+
+def _refusal_code(problems: list[str]) -> ExitCode:
+    """How pre-flight problems refuse the run: 3 (locked: wait) when each one is a lock a live
+    run holds, as the single-host rollback and its dry run end; 4 (fix something) when any is
+    not, since waiting alone would not let the run through."""
+    locked = all(isinstance(p, Problem) and p.exit_code == ExitCode.LOCKED for p in problems)
+    return ExitCode.LOCKED if problems and locked else ExitCode.PRECONDITION
 
 
 def _limit_for(inventory: Inventory, hosts: list[str]) -> str:
@@ -1334,10 +1368,13 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             raise FleetError(message, fix, exit_code=ExitCode.PRECONDITION,
                              lines=[p for p in problems if not any(w in p for w in SCHEMA_WORDS)])
         if problems:
+            code = _refusal_code(problems)
             raise FleetError(f"pre-flight failed on {len({p.split(':')[0] for p in problems})} "
                              f"of {len(targets)} host(s); nothing was changed",
-                             "fix each host below, then run the same command again",
-                             exit_code=ExitCode.PRECONDITION, lines=problems)
+                             ("wait for the run holding each lock below to finish"
+                              if code == ExitCode.LOCKED else "fix each host below")
+                             + ", then run the same command again",
+                             exit_code=code, lines=problems)
         if not reached:
             raise FleetError(f"ansible-playbook ended before the controller's decision "
                              f"({run.join()}); nothing was changed", "run the same command "
@@ -1382,15 +1419,13 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             error = FleetError("interrupted before any host changed; nothing was changed",
                                "run the same command again when ready",
                                exit_code=ExitCode.FAILED_SAFELY)
-        journal.finish("interrupted", int(error.exit_code), error=error.message)
-        _journal_at_the_end(journal, options, error)
+        _journal_at_the_end(journal, options, error, "interrupted")
         raise error from None
     except FleetError as exc:
         if exc.lock_not_taken:
             locked = False  # someone else's lock (or none): nothing of ours to release
-        journal.finish("refused" if exc.exit_code in (2, 3, 4) else "failed", int(exc.exit_code),
-                       error=exc.message)
-        _journal_at_the_end(journal, options, exc)
+        _journal_at_the_end(journal, options, exc,
+                            "refused" if exc.exit_code in (2, 3, 4) else "failed")
         raise
     finally:
         # stopped before the controller's own release; a beat that meets the playbook's (at
@@ -1592,9 +1627,16 @@ def _journal_or_refuse(journal: fjournal.FleetJournal, directory: Path | None = 
 
 
 def _journal_at_the_end(journal: fjournal.FleetJournal, options: Options,
-                        error: FleetError) -> None:
+                        error: FleetError, outcome: str) -> None:
     """A stopped run's last write; not written, its error says so (and, once hosts may have
-    changed, that a --resume cannot read this run) instead of an OSError replacing it."""
+    changed, that a --resume cannot read this run) instead of an OSError replacing it.
+
+    A dry run writes none, refused or not (found by review: a refused one left a journal
+    nobody would read, unnamed in its JSON, where a passing one and a host's own dry run
+    write nothing): it changed nothing, so there is nothing to resume or to account for."""
+    if options.dry_run:
+        return
+    journal.finish(outcome, int(error.exit_code), error=error.message)
     error.journal_file = journal.save(options.journal_dir)
     if error.journal_file is not None or "fleet journal" in error.message:
         return
