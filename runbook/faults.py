@@ -7,7 +7,8 @@ reaches that point it sends itself the signal, as an operator or the OOM killer 
 Points: `before:<step>` and `after:<step>` for every executed step, and inside the switch
 `switch.after-write`, `switch.after-reload`, `switch.after-verify`, and `state.before-rename`;
 inside a restore's replay `restore.mid-stream` and `restore.before-commit`, and in its check,
-once a mismatch is in the run record, `restore.before-doubt-marker`.
+once a mismatch is in the run record, `restore.before-doubt-marker`; in the fleet's
+maintenance drain, once a slot is stopped and logged, `fleet-drain.after-stop`.
 """
 
 from __future__ import annotations

@@ -23,12 +23,13 @@ import pytest
 
 from runbook import environment as envmod
 from runbook.drill.fleet import DrillFleet, held_reached
+from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, LockedError, RunbookError, UsageError
 from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
-from tests.drill_checks import ATTEMPT, OWNER_UID, as_deploy_user, needs_root
+from tests.drill_checks import ATTEMPT, OWNER_UID, as_deploy_user, needs_root, runbook_cli
 from tests.matrix import nightly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1050,6 +1051,103 @@ def test_a_lock_left_by_a_finished_run_names_its_resume_or_its_release(tmp_path:
         finally:
             live.kill()
     assert waiting.fix == "wait for that fleet run to finish", waiting.fix
+
+
+# -- the maintenance drain on one host (a drill stack) -----------------------------------------
+
+
+def _drain_logs(env: Environment, before: set[Path]) -> list[dict[str, Any]]:
+    """The lines of the host's log files written since `before` (the journal's own files,
+    read as on-call reads them: one JSON object a line)."""
+    return [json.loads(line) for log in sorted(set(env.log_dir.glob("*.log")) - before)
+            for line in log.read_text().splitlines() if line.strip()]
+
+
+def _running(name: str) -> str:
+    """The container's state as the docker CLI sees it (not the code under test)."""
+    done = subprocess.run(["docker", "inspect", "--format", "{{.State.Status}}", name],
+                          capture_output=True, text=True, check=False, timeout=30)
+    return done.stdout.strip()
+
+
+@pytest.mark.docker
+def test_the_maintenance_drain_holds_the_deploy_lock_and_journals_what_it_stopped(
+        stack: DrillStack) -> None:
+    """Found by review: `fleet drain` checked the deploy lock, then stopped every app slot
+    without taking it (a deploy started just after the check raced the stops) and wrote no
+    record on the host: a maintenance run stopped after the drain left the service down
+    with nothing on the host saying who stopped it, or why. Now the drain holds the lock
+    while it stops, releases it at its end (the restore and rollback that follow take it),
+    and the host's log names each container it stopped, the fleet run and who ran it."""
+    env = stack.env
+    containers = [env.slot(s).container for s in Slot]
+    assert [_running(c) for c in containers] == ["running", "running"]
+    before = set(env.log_dir.glob("*.log"))
+    done = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_drill1",
+                       "--holder", "alice@controller")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(json.loads(done.stdout)["stopped"]) == sorted(containers)
+    assert [_running(c) for c in containers] == ["exited", "exited"]
+    lines = _drain_logs(env, before)
+    text = json.dumps(lines)
+    assert "fleet_drill1" in text and "alice@controller" in text, text
+    stopped = [e for e in lines if e.get("container") in containers and "stopped" in e["message"]]
+    assert sorted(e["container"] for e in stopped) == sorted(containers), text
+    assert all(e.get("fleet_run_id") == "fleet_drill1" for e in stopped), stopped
+    assert any("deploy lock" in e["message"] for e in lines), text  # taken and said
+    assert lines[-1]["level"] == "SUCCESS", lines[-1]
+    assert not env.lock_path.exists()  # released: the restore and rollback take it next
+
+
+@pytest.mark.docker
+def test_the_maintenance_drain_refuses_under_a_live_deploy_lock_and_stops_nothing(
+        stack: DrillStack) -> None:
+    """A deploy holds the lock (a live process: this one): the drain refuses, exit 3, as
+    JSON the fleet reads, stops nothing, and the host's log says it was refused."""
+    from runbook import lock as locks
+
+    env = stack.env
+    containers = [env.slot(s).container for s in Slot]
+    before = set(env.log_dir.glob("*.log"))
+    held = locks.acquire(env, reason="a deploy")
+    try:
+        done = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_drill2")
+    finally:
+        locks.release(env, held)
+    assert done.returncode == ExitCode.LOCKED, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["ok"] is False and "nothing was stopped" in answer["error"], answer
+    assert "a deploy" in answer["error"] or "held by" in answer["error"], answer
+    assert [_running(c) for c in containers] == ["running", "running"]
+    lines = _drain_logs(env, before)
+    assert lines and lines[-1]["level"] == "ERROR" and "fleet_drill2" in json.dumps(lines), lines
+
+
+@pytest.mark.docker
+def test_a_drain_killed_half_way_leaves_a_lock_the_next_run_takes_over_and_says_so(
+        stack: DrillStack) -> None:
+    """SIGKILL once the first slot is stopped (the drill fault point): the host's log already
+    names that container and the fleet run; the lock it leaves names a dead process, so the
+    next run (here the rollback's own acquire) takes it over at once."""
+    from runbook import lock as locks
+
+    env = stack.env
+    before = set(env.log_dir.glob("*.log"))
+    done = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_drill3",
+                       fault="fleet-drain.after-stop:SIGKILL")
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    first = env.slot(Slot.BLUE).container
+    assert _running(first) == "exited"
+    assert _running(env.slot(Slot.GREEN).container) == "running"  # never reached
+    stopped = [e for e in _drain_logs(env, before) if e.get("container") == first]
+    assert stopped and stopped[-1].get("fleet_run_id") == "fleet_drill3", stopped
+    left = locks.status(env)
+    assert left is not None and left.stealable, left  # held by the drain until it was killed
+    taken = locks.acquire(env, reason="the maintenance rollback")
+    try:
+        assert taken.stolen_from is not None
+    finally:
+        locks.release(env, taken)
 
 
 # -- end to end against the drill fleet --------------------------------------------------------
@@ -2076,6 +2174,14 @@ def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
     record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
     assert record["database"]["status"] == "not restored", record["database"]
     assert hostlock.status(fleet.hosts[0].env) is None
+    # each host's own log says what its drain stopped, for this fleet run, and the deploy
+    # lock the drain held is free again (found by review: only the controller knew)
+    (drain,) = [p for p in record["phases"] if p["name"] == "drain"]
+    for h in fleet.hosts:
+        logged = sorted(e["container"] for e in _drain_logs(h.env, set())
+                        if e.get("fleet_run_id") == record["fleet_run_id"] and "container" in e)
+        assert logged == sorted(drain["stopped"][h.name]), (h.name, logged, drain)
+        assert logged and not h.env.lock_path.exists(), h.name
 
 
 @pytest.mark.docker

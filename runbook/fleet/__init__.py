@@ -11,9 +11,10 @@ stay the one implementation.
 
 from __future__ import annotations
 
-FLEET_PROTOCOL = 5  # 2: `host-check --take-lock` (the lock host's take and check in one);
+FLEET_PROTOCOL = 6  # 2: `host-check --take-lock` (the lock host's take and check in one);
 # 3: host-check says the current deployment (a resume refuses a host changed since);
 # 4: ... and the release it was rolled back from (a fresh run refuses to roll it forward);
 # 5: `host-check --schema-restored-first` (maintenance: every check past the schema guard)
+# 6: `drain --fleet-run --holder` (the drain journaled on the host, under its deploy lock)
 """What the controller and a host's `runbook fleet` commands agree on; bumped on a change of
 the JSON they exchange. A host answering another protocol is refused in pre-flight."""

@@ -8,7 +8,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from runbook.cli_common import ask, echo, load_env, refuse_blank, stdin_is_terminal
+from runbook.cli_common import ask, echo, load_env, notice, refuse_blank, stdin_is_terminal
 from runbook.cli_options import ConfigOpt, DryRunOpt, EnvArg, Format, FormatOpt, ReasonOpt, YesOpt
 from runbook.errors import LockedError, RunbookError, UsageError
 
@@ -163,14 +163,19 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
 def drain_cmd(env: EnvArg, config: ConfigOpt = None,
               undo: Annotated[str | None, typer.Option(
                   "--undo", metavar="CONTAINERS", help="start again these containers (comma-"
-                  "separated) that a drain stopped")] = None) -> None:
-    """(Run by the fleet's maintenance path.) Stop this host's app slots: THE SERVICE IS DOWN."""
+                  "separated) that a drain stopped")] = None,
+              fleet_run: Annotated[str, typer.Option(
+                  "--fleet-run", help="the fleet run draining this host, for its log")] = "",
+              holder: Annotated[str, typer.Option(
+                  "--holder", help="who runs that fleet run, for its log")] = "") -> None:
+    """(Run by the fleet's maintenance path.) Stop this host's app slots under the deploy
+    lock, journaled: THE SERVICE IS DOWN."""
     from runbook.fleet import drain
 
     try:
         env_ = load_env(env, config)
         out = (drain.undo(env_, [c for c in undo.split(",") if c]) if undo is not None
-               else drain.drain(env_))
+               else drain.drain(env_, fleet_run=fleet_run, holder=holder, notify=notice))
     except RunbookError as exc:
         _fail(exc, Format.json)
     echo(json.dumps(out))
