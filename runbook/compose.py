@@ -37,23 +37,37 @@ class Command:
         return (prefix + " " if prefix else "") + shlex.join(self.argv)
 
 
-def check_recreate(env: Environment, slot: Slot, image: str, why: str = "") -> None:
-    """Pre-flight for a plan that recreates `slot`: is there a compose file and service to do it.
+def check_recreate(env: Environment, slot: Slot, image: str, why: str = "", *,
+                   action: str) -> None:
+    """Pre-flight for a plan that recreates `slot` for `action` (rollback, switch, deploy): is
+    there a compose file and service to do it.
 
     Hosts whose slots were started with `docker run` have neither; then only the operator knows
-    how the container was created, so the plan stops (exit 4) before anything changes.
+    how the container was created, so the plan stops (exit 4) before anything changes. A
+    rollback or a switch runs again once the slot is recreated by hand; a deploy always
+    recreates, so sending it back there loops: it is the host's own deploy, or compose.
     """
     config = env.slot(slot)
     missing = _missing(env, slot)
     if not missing:
         return
-    because = f" ({why})" if why else ""
     where = env.source or "the environment file"
+    lacks = f"this host has no compose to do it: {'; '.join(missing)}"
+    if action == "deploy":  # deploys alternate: the keys both slots' recreates need
+        keys = [*(["[compose] file (the compose file that makes the slots)"]
+                  if any(m.startswith(("[compose]", "the compose")) for m in missing) else []),
+                *(f"[slots.{s}] service" for s in Slot if not env.slot(s).service)]
+        raise PreconditionError(
+            f"`runbook deploy` recreates slot {slot}'s container {config.container} with "
+            f"{image}, but {lacks}; nothing was changed",
+            f"{_own_deploy(env, image, slot)}; or give this host compose for it: set "
+            f"{' and '.join(keys)} in {where}")
+    because = f" ({why})" if why else ""
     raise PreconditionError(
         f"slot {slot}'s container {config.container} must be recreated with {image}{because}, "
-        f"but this host has no compose to do it: {'; '.join(missing)}",
+        f"but {lacks}",
         f"recreate {config.container} with {image} the way it was created (e.g. its `docker "
-        f"run` command, port {config.port}), then run the rollback again; or set [compose] "
+        f"run` command, port {config.port}), then run the {action} again; or set [compose] "
         f"file and [slots.{slot}] service in {where}")
 
 
@@ -86,9 +100,17 @@ def deploy_hint(env: Environment, version: str = "<version>") -> str:
     in a circle: there it is the host's own way, then `runbook switch`."""
     if can_recreate(env):
         return f"`runbook deploy {command_arg(env)} --version {version}`"
-    return (f"run {version} in the standby slot's container the way this host's own deploy "
-            f"does (its `docker run`: `runbook deploy` needs compose, which this host has not), "
-            f"then `runbook switch {command_arg(env)} --slot <that slot>`")
+    return _own_deploy(env, version)
+
+
+def _own_deploy(env: Environment, what: str, slot: Slot | None = None) -> str:
+    """The host's own deploy of `what` into `slot` (None: the standby), then the switch to it:
+    how a version goes live where `runbook deploy` has no compose."""
+    into = (f"slot {slot}'s container {env.slot(slot).container} (port {env.slot(slot).port})"
+            if slot is not None else "the standby slot's container")
+    return (f"run {what} in {into} the way this host's own deploy does (its `docker run`: "
+            f"`runbook deploy` needs compose, which this host has not), then "
+            f"`runbook switch {command_arg(env)} --slot {slot or '<that slot>'}`")
 
 
 PROJECT_LABEL = "com.docker.compose.project"
@@ -415,9 +437,11 @@ def base(env: Environment) -> list[str]:
 def recreate_slot(env: Environment, slot: Slot, tag: str) -> Command:
     """`up -d --no-deps --force-recreate togather-<slot>` with IMAGE_TAG set, as on a host."""
     service = env.slot(slot).service
-    if not service:
-        check_recreate(env, slot, f"{env.compose.image_repository}:{tag}")
-    assert service is not None
+    if not service:  # each command's plan refuses first, saying what works (check_recreate)
+        raise PreconditionError(f"[slots.{slot}] service is not set: compose cannot recreate "
+                                f"{env.slot(slot).container}",
+                                f"set [slots.{slot}] service in "
+                                f"{env.source or 'the environment file'}")
     return Command(
         argv=(*base(env), "up", "-d", "--no-deps", "--force-recreate", "--pull", "never", service),
         env=(("IMAGE_TAG", tag),),

@@ -136,6 +136,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     caddy.check_running(env)
     config = env.slot(target)
     observed = slots.Observed()
+    compose.check_recreate(env, target, image, action="deploy")  # a `docker run` host
     recreate = compose.recreate_slot(env, target, version)
     standby = docker.inspect(config.container)
     # the compose project that made the slots (Docker's label), as a rollback's recreate

@@ -545,7 +545,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                     f"-f deploy/docker/Dockerfile --build-arg VERSION={target.version} "
                     f"--build-arg GIT_COMMIT={target.git_commit} -t {wanted} .) and run the "
                     f"rollback again, or deploy a known-good version: {compose.deploy_hint(env)}")
-        prep = slots.prepare(env, standby, target.version, target.image or None, recovery=recovery,
+        prep = slots.prepare(env, standby, target.version, target.image or None,
+                             action="rollback", recovery=recovery,
                              info=containers[standby].result())
         if prep.action == "none" and not options.force and tools:  # ask its health meanwhile
             early = slots.EarlyHealth(env, standby)

@@ -567,10 +567,11 @@ def _made_by_moving_claim(env: Environment, slot: Slot, tag: str, made: str | No
 
 
 def prepare(env: Environment, slot: Slot, version: str, image: str | None = None,
-            *, recovery: str = "", info: ContainerInfo | None = None,
+            *, action: str, recovery: str = "", info: ContainerInfo | None = None,
             claimed_by: str | None = None) -> Preparation:
     """Inspect the slot's container (the running truth) and decide; never changes anything.
-    `info`: the container as the caller has just inspected it (not asked twice).
+    `info`: the container as the caller has just inspected it (not asked twice). `action`:
+    the command planning it (rollback, switch), which a refusal's fix says to run again.
 
     `image` (default `image_of`) is what the run means to run, a claim (`claimed_by` says
     whose; default `claim_of`): the container holding that build under another name is
@@ -620,7 +621,8 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     why = ("the container was removed" if not info.exists
            else f"it is {info.status}: Docker cannot start it" if holds
            else f"it runs {info.image}")
-    compose.check_recreate(env, slot, image, why)  # a `docker run` host: say so, change nothing
+    # a `docker run` host: say so, change nothing
+    compose.check_recreate(env, slot, image, why, action=action)
     # the label of the compose project that made it: the removed one's from its sibling
     other = docker.inspect(env.slot(slot.other).container)
     compose.check_project(env, info if info.exists else other)

@@ -517,10 +517,12 @@ def _way_out(f: Facts, down: Slot | None, *, say_absent: bool = True) -> str:
         said = f"{no}: finish the interrupted run as the problem that names it says"
     elif no is not None and refused is not None:
         said = f"{no}: {refused.fix}" if refused.fix else no
-    else:
-        said = ("deploy a known-good version (`runbook deploy "
-                f"{_arg(f.env)} --version <known-good version>`): no earlier deployment is "
-                "recorded to roll back to, and no other slot answers healthy")
+    else:  # `runbook deploy` where it can run: a `docker run` host's is refused (exit 4)
+        from runbook import compose
+
+        said = (f"deploy a known-good version "
+                f"({compose.deploy_hint(f.env, '<known-good version>')}): no earlier "
+                "deployment is recorded to roll back to, and no other slot answers healthy")
     return ": ".join(x for x in (gone, said) if x)
 
 

@@ -134,7 +134,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     if in_line and reloads is None:
         return _record_only(env, state, target, info.tag, info.image, now, run_id, warnings,
                             accepted)
-    prep = slots.prepare(env, target, info.tag, info.image,
+    prep = slots.prepare(env, target, info.tag, info.image, action="switch",
                          claimed_by=f"{config.container} (its image)")
     observed = slots.Observed()
     version = info.tag

@@ -133,6 +133,69 @@ def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
     assert docker.inspect(env.slot("blue").container).exists
 
 
+@pytest.mark.shape_specific
+def test_deploy_refused_on_a_docker_run_host_names_what_deploys_there(stack: DrillStack) -> None:
+    """On a host whose slots were made by `docker run` (no compose file), `runbook deploy` is
+    refused, dry and real alike (exit 4, nothing changed). Its fix was the rollback's: recreate
+    the slot's container with the image "the way it was created ... then run the rollback
+    again" (found by review): no rollback was run, the slot may already run that image (green
+    runs v2 here) and a deploy recreates anyway, so following it came back to the same
+    refusal. It names the host's own deploy (its `docker run`), then `runbook switch` to that
+    slot, or the keys that give `runbook deploy` its compose: `[compose] file` and
+    `[slots.<slot>] service` (README: "A host without compose")."""
+    if not docker_run_host(stack):
+        pytest.skip("only a docker-run host has no compose for `runbook deploy`")
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # v3 serves from blue; green still runs v2
+    env = stack.env
+    green = env.slot(Slot.GREEN)
+    assert docker.inspect(green.container).image == V2.image  # the premise
+    before = snapshot(env)
+    for dry in (("--dry-run",), ("--yes",)):
+        done = runbook_cli(env, "deploy", "--version", V2.tag, *dry, "--format", "json")
+        assert done.returncode == ExitCode.PRECONDITION, done.stdout + done.stderr
+        said = json.loads(done.stdout.splitlines()[-1])
+        assert said["exit_code"] == ExitCode.PRECONDITION, said
+        assert green.container in said["error"] and "compose" in said["error"], said
+        fix = said["fix"]
+        assert "rollback" not in fix, fix  # no rollback was asked for
+        assert f"runbook deploy {command_arg(env)}" not in fix, fix  # refused here
+        assert "docker run" in fix and green.container in fix, fix
+        assert f"`runbook switch {command_arg(env)} --slot green`" in fix, fix
+        assert "[compose] file" in fix and "[slots.green] service" in fix, fix
+        assert "[slots.blue] service" in fix, fix  # deploys alternate: the next goes to blue
+        assert str(env.source) in fix, fix
+        assert snapshot(env) == before
+
+
+@pytest.mark.shape_specific
+def test_status_with_nothing_to_roll_back_to_names_a_deploy_that_runs_on_this_host(
+        stack: DrillStack) -> None:
+    """A first deployment whose build is broken (its /health answers 503 on both slots, no
+    earlier deployment recorded): `runbook status`'s way out is a deploy of a known-good
+    version. On a `docker run` host it named `runbook deploy`, refused there (exit 4): it
+    names the host's own deploy and `runbook switch` instead. Oracle: the deploy's own dry
+    run on this host."""
+    stack.arrange(scenes.baseline("unhealthy"))
+    env = stack.env
+    assert states.read_state(env.state_file).previous is None  # the premise
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "status", str(env.source),
+                           "--format", "json"], capture_output=True, text=True, timeout=120,
+                          check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [found] = [p for p in json.loads(done.stdout)["problems"]
+               if p["check"] == "active_unhealthy"]
+    fix = found["fix"]
+    assert "deploy a known-good version" in fix, fix
+    deploys = runbook_cli(env, "deploy", "--version", V1.tag, "--dry-run")
+    if docker_run_host(stack):
+        assert deploys.returncode == ExitCode.PRECONDITION, deploys.stdout + deploys.stderr
+        assert f"runbook deploy {command_arg(env)}" not in fix, fix  # refused here
+        assert "docker run" in fix and f"runbook switch {command_arg(env)} --slot" in fix, fix
+    else:
+        assert deploys.returncode == 0, deploys.stdout + deploys.stderr
+        assert f"`runbook deploy {command_arg(env)} --version <known-good version>`" in fix, fix
+
+
 def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
     stack.arrange(scenes.PREVIOUS_RUNNING)  # v1, v2, v3 deployed; v2 still running on green
     env = stack.env
@@ -571,13 +634,13 @@ def test_a_dead_standby_is_replaced_and_a_restarting_one_is_refused(
                                 labels=docker.inspect(name).labels)  # compose's, as made
     if status == "restarting" or docker_run_host(stack):  # dead: no compose to replace it
         with pytest.raises(RunbookError) as err:
-            slots.prepare(env, Slot.GREEN, V2.tag, info=info)
+            slots.prepare(env, Slot.GREEN, V2.tag, action="rollback", info=info)
         assert err.value.exit_code == ExitCode.PRECONDITION, err.value
         assert status in str(err.value)
         if status == "restarting":
             assert f"docker logs --tail 100 {name}" in (err.value.fix or "")
         return
-    prep = slots.prepare(env, Slot.GREEN, V2.tag, info=info)
+    prep = slots.prepare(env, Slot.GREEN, V2.tag, action="rollback", info=info)
     assert prep.action == "recreate"
     assert "dead: Docker cannot start it" in prep.reason
 
