@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from runbook import compose
 from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
@@ -314,11 +315,11 @@ def restore_steps(env: Environment, run: RestoreRun,
                     f"start {' '.join(fit) or '<container>'}`, then `runbook healthcheck "
                     f"{arg}`), "
                     f"or, if their code needs another schema, `runbook rollback {arg}` or "
-                    f"`runbook deploy {arg} --version <known-good>`")
+                    f"{compose.deploy_hint(env, '<known-good>')}")
         else:
             then = (f"fix the cause and run `runbook switch {arg} --slot "
-                    f"{switch_to or '<target slot>'}` or `runbook deploy {arg} --version "
-                    "<known-good>`")
+                    f"{switch_to or '<target slot>'}` or "
+                    f"{compose.deploy_hint(env, '<known-good>')}")
         ctx.cannot_undo(down, f"{then}; {before_restore()}")
         # stopped after its commit (exit 6), the terminal may be all on-call reads
         ctx.after_commit(f"the database was restored to {snapshot.name} first: "
@@ -486,8 +487,8 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
             for why in unfit.values():
                 ctx.notice(f"{why}: left stopped, not started on a schema it never ran on "
                            f"(fix: start a standby only with code that runs on schema {at}, "
-                           f"e.g. `runbook deploy {command_arg(env)} --version <one at schema "
-                           f"{at}>`, which also moves traffic to it)")
+                           f"e.g. {compose.deploy_hint(env, f'<one at schema {at}>')}, which "
+                           "also moves traffic to it)")
 
     containers = "those the restore stopped" + (
         f", and {left_stopped}, which serves and was found stopped (an interrupted run's "
