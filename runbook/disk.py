@@ -244,16 +244,20 @@ def _read_only_file(path: Path, what: str, user: str) -> list[tuple[str, str]]:
     if not stat.S_ISREG(st.st_mode) or _may_write(path, os.W_OK) \
             or not _may_write(path.parent, os.W_OK | os.X_OK):
         return []  # its folder's own problem is said, with its own fix
+    if st.st_uid == 0:  # root's tools write whatever owns it: nothing is taken from them
+        return []  # (found by review: a Caddyfile config management writes as root:root 644
+        # in a deploy-group folder refused every switch, with "add the user to group root")
     owner = _user(st.st_uid)
-    by = owner if owner == "root" else f"{owner} or root"
-    joins = "" if st.st_gid in (os.getegid(), *os.getgroups()) else \
-        f", and add {user} to group {_group(st.st_gid)}"
+    member = st.st_gid in (os.getegid(), *os.getgroups())
+    group_fix = "" if st.st_gid == 0 and not member else (  # never "join group root"
+        f", or let its group write it (as {owner} or root: `chmod g+w "
+        f"{shlex.quote(str(path))}`" + ("" if member else
+                                        f", and add {user} to group {_group(st.st_gid)}") + ")")
     return [(f"{user} may only read {what} ({owner}:{_group(st.st_gid)}, mode "
              f"{stat.S_IMODE(st.st_mode):o}): a run as {user} would replace it by a rename and "
              f"take it from {owner}, whose tools that write it in place could no longer "
              "update it",
-             f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`), or let its "
-             f"group write it (as {by}: `chmod g+w {shlex.quote(str(path))}`{joins})")]
+             f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`){group_fix}")]
 
 
 def refuse_unwritable(env: Environment, *, caddyfile: bool = True) -> None:

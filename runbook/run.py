@@ -43,7 +43,9 @@ class RunResult:
     notices: list[str] = field(default_factory=list)  # said on the terminal, e.g. a takeover
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "dry_run": self.dry_run, "plan": self.plan.to_json(),
+        # a dry run's id is never used (NEW_RUN_ID): null, not an id the real run will not have
+        return {"run_id": None if self.dry_run else self.run_id, "dry_run": self.dry_run,
+                "plan": self.plan.to_json(),
                 "steps": [o.__dict__ for o in self.outcomes], "log_file": self.log_file,
                 "record_file": self.record_file, "notices": self.notices}
 

@@ -281,7 +281,8 @@ def test_a_caddyfile_the_operator_may_only_read_is_refused_before_any_change(
         scene_stack: DrillStack, users: Users) -> None:
     """As the state file (found by review): a Caddyfile its owner's 0640 in a folder the
     deploy group may write would be replaced by the switch's rename and taken from its owner.
-    A rollback (it writes the Caddyfile) is refused before anything, its dry run too."""
+    A rollback (it writes the Caddyfile) is refused before anything, its dry run too; never
+    over a Caddyfile root owns."""
     env = two_deployments(scene_stack)
     caddyfile = Path(os.path.realpath(env.caddy.caddyfile))
     with shared_with_group(scene_stack, users):
@@ -302,6 +303,14 @@ def test_a_caddyfile_the_operator_may_only_read_is_refused_before_any_change(
         assert snapshot(env) == before  # traffic, containers, Caddyfile, state, lock
         status = as_user(users, env, "status")
         assert "may only read the Caddyfile" in status.stdout, status.stdout
+        # root's (config management writes it so): root's tools write whatever owns it, so a
+        # run takes nothing from them and is not refused (found by review: it was, with "add
+        # the user to group root")
+        os.chown(caddyfile, 0, 0)
+        os.chmod(caddyfile, 0o644)
+        dry = as_user(users, env, "rollback", "--dry-run")
+        assert dry.returncode == 0, (dry.returncode, dry.stdout, dry.stderr)
+        assert "Caddyfile" not in dry.stderr and "group root" not in dry.stderr, dry.stderr
 
 
 @needs_root_and_useradd
