@@ -273,6 +273,20 @@ def _libpq_password(raw: str, *where: str | None) -> str:
         conn.finish()
 
 
+def password_said(env: Environment, raw: str, error: str) -> str:
+    """For a refused login, where the password came from, or that none is known and where
+    to put one (found by review: with PGPASSWORD or a password file, the fix named
+    DATABASE_URL alone). Empty for any other failure."""
+    if not any(w in error.lower() for w in ("password", "authentication")):
+        return ""
+    where = password_source(env, raw)
+    if where != "nowhere":
+        return f", and the password {where} gives"
+    return (f"; no password is known: put it in {env.database.url_variable} (percent-encoded), "
+            "in PGPASSWORD, or in a password file line (PGPASSFILE, default ~/.pgpass, "
+            "mode 0600)")
+
+
 def password_source(env: Environment, raw: str) -> str:
     """Where login_password found the password, for messages (never the value)."""
     import os
@@ -416,6 +430,7 @@ class ContainerConnection:
 
         raw = url(env)
         params = conninfo.conninfo_to_dict(raw)
+        self.env = env
         self.container = env.database.container
         self.timeout = timeout
         self._count = 0
@@ -487,7 +502,8 @@ class ContainerConnection:
                                  "(pg_locks), then run again")
         return DatabaseError(f"database unreachable through container {self.container}: "
                              f"{first}", f"check `docker ps` for {self.container} and the "
-                             "user, password and database in DATABASE_URL")
+                             f"user and database in {self.env.database.url_variable}"
+                             f"{password_said(self.env, url(self.env), first)}")
 
     def _read_until(self, marker: bytes) -> list[bytes]:
         import os
@@ -576,7 +592,8 @@ def connect(env: Environment, timeout: int = 5,  # type: ignore[no-untyped-def]
         text = str(exc).strip()
         first = redact(text.splitlines()[0] if text else "no answer")
         fix = (f"check `docker ps` for {env.database.container} and "
-               f"{env.database.url_variable} in {env.database.env_file or 'the environment'}")
+               f"{env.database.url_variable} in {env.database.env_file or 'the environment'}"
+               f"{password_said(env, target, first)}")
         if url_host(target).startswith("/") and not _socket_here(target):
             # (`auto` goes through the container itself then: this is `host` forced)
             fix = (f"its socket {_socket_path(target)} is not on this machine: reach the "

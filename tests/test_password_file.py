@@ -190,3 +190,31 @@ def test_a_password_from_the_password_file_is_masked_in_the_journal(
     run.finish("success", 0)
     written = run.log_path.read_text() + run.record_path.read_text()
     assert password not in written and journal.MASK in written
+
+
+@pytest.mark.parametrize("access", ["auto", "container"])
+def test_a_wrong_password_from_pgpassword_is_named_as_where_it_came_from(
+        scene_stack: DrillStack, tmp_path: Path, access: str) -> None:
+    """Found by review: with the password in PGPASSWORD (or a password file) the refused
+    login's fix named DATABASE_URL alone, which holds none: it names PGPASSWORD now."""
+    env = migrated(scene_stack)
+    source, password = without_password(scene_stack, tmp_path, access)
+    before = snapshot(env)
+    refused = runbook({"PGPASSWORD": "not-" + password}, "rollback", str(source),
+                      "--restore-snapshot", "--dry-run")
+    assert refused.returncode == ExitCode.PRECONDITION, (refused.stdout, refused.stderr)
+    assert "the password PGPASSWORD gives" in refused.stderr, refused.stderr
+    assert password not in refused.stdout + refused.stderr
+    assert snapshot(env) == before
+
+
+def test_a_socket_urls_password_file_line_is_named_under_localhost(
+        scene_stack: DrillStack) -> None:
+    """Found by review: libpq looks a line up under `localhost` for its default socket
+    folder; the fix named the folder, whose line did nothing."""
+    from runbook.snapshots import commands
+
+    env = scene_stack.env
+    tgt = dataclasses.replace(commands.target(env), host="/var/run/postgresql", password="")
+    said = commands.login_fix(env, tgt)
+    assert f"a password file line localhost:{tgt.port}:" in said, said

@@ -196,10 +196,15 @@ def login_fix(env: Environment, tgt: Target) -> str:
         return (f"check {variable}'s user ({tgt.user}) and the password {where} gives it "
                 f"(`docker logs {tgt.container}` says which one the server refused)")
     env_file = env.database.env_file or "the environment"
+    # libpq looks a socket URL's line up under `localhost` for its default socket folder, and
+    # under the folder itself for another (found by review: the folder's line did nothing)
+    socket = tgt.host.startswith("/")
+    line = (f"{'localhost' if socket else tgt.host}:{tgt.port}:{tgt.dbname}:{tgt.user}:PASSWORD"
+            + (f" ({tgt.host} in place of localhost if that is not libpq's default socket "
+               "folder)" if socket else ""))
     return (f"put the password in {variable} in {env_file} (after `{tgt.user}:`, before the "
-            f"`@`, percent-encoded), in PGPASSWORD, or in a password file line "
-            f"{tgt.host}:{tgt.port}:{tgt.dbname}:{tgt.user}:PASSWORD (PGPASSFILE, default "
-            "~/.pgpass, mode 0600)")
+            f"`@`, percent-encoded), in PGPASSWORD, or in a password file line {line} "
+            "(PGPASSFILE, default ~/.pgpass, mode 0600)")
 
 
 def require_login(env: Environment) -> None:
