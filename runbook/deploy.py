@@ -341,7 +341,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             from_slot=str(live), to_slot=str(target),
                             from_version=replaced_from.version if replaced_from else None,
                             to_version=version, to_image=image,
-                            recorded_ids=intents.ids_of(state),
+                            **intents.recorded(state),
                             record={"deployment_id": deployment_id,
                                     **({"replaces_deployment_id": replaces.id}
                                        if replaces else {}),

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from runbook import files, journal
 from runbook import state as states
@@ -48,9 +48,12 @@ class Intent:
     started_at: str = field(default_factory=lambda: states.format_time(datetime.now(UTC)))
     last_step: str | None = None  # the last step its run record shows (read() fills it in)
     record: dict[str, Any] = field(default_factory=dict)  # what "record the state" needs
-    # the ids of the deployments the state file held when the run was planned (ids_of):
-    # what "recorded since" judges by (recorded_after); None in an older version's record
+    # the ids of the deployments the state file held when the run was planned, and their
+    # content keys (state.content_key): what "recorded since" judges by (recorded, and
+    # recorded_after); None in a record an older version wrote (recorded_keys alone: in
+    # one the version before this wrote, which kept only the ids)
     recorded_ids: tuple[str, ...] | None = None
+    recorded_keys: tuple[str, ...] | None = None
 
     @property
     def target(self) -> Slot:
@@ -192,8 +195,9 @@ def from_dict(data: Any) -> Intent:
         raise TypeError("not an object")
     data = dict(data)
     data["phase"] = Phase(data["phase"])
-    if isinstance(data.get("recorded_ids"), list):  # JSON's array; anything else refused
-        data["recorded_ids"] = tuple(data["recorded_ids"])
+    for name in ("recorded_ids", "recorded_keys"):
+        if isinstance(data.get(name), list):  # JSON's array; anything else refused
+            data[name] = tuple(data[name])
     known = set(Intent.__dataclass_fields__)
     intent = Intent(**{k: v for k, v in data.items() if k in known})
     _check_types(intent)
@@ -239,21 +243,37 @@ def standing(intent: Intent, serving: Slot | None) -> Intent:
     return kept if kept.source == serving else intent
 
 
-def ids_of(state: states.DeploymentState) -> tuple[str, ...]:
-    """The ids of every deployment `state` records (current, previous, history), kept in
-    the record of a run planned from it, so a later run can tell what was recorded since."""
-    return tuple(dep.id for dep in state.deployments())
+class Recorded(TypedDict):
+    """What an intent keeps of the state file its run was planned from."""
+
+    recorded_ids: tuple[str, ...]
+    recorded_keys: tuple[str, ...]
+
+
+def recorded(state: states.DeploymentState) -> Recorded:
+    """The ids and the content keys of every deployment `state` records (current, previous,
+    history), kept in the record of a run planned from it (`Intent(..., **recorded(state))`),
+    so a later run can tell what was recorded since. Both: a rewrite by the Go CLI (a lock
+    taken and released is enough) drops every id, and the reader derives others."""
+    every = (dep for dep in (state.current, state.previous, *state.history) if dep is not None)
+    return {"recorded_ids": tuple(dep.id for dep in state.deployments()),
+            # each entry's, even one under an id another entry has (deployments() skips it)
+            "recorded_keys": tuple(dict.fromkeys(states.content_key(dep) for dep in every))}
 
 
 def recorded_after(intent: Intent, dep: states.Deployment, *, unknown: bool) -> bool:
-    """Whether `dep` was recorded after `intent`'s run was planned: its id is not one the
-    state file held then. Never by comparing `deployed_at` with `started_at`: two wall
-    clocks (another tool's, another run's), and one stepped back between the runs hid a
-    later deploy (found by review), one ahead made a deployment already there "later".
-    A record an older version wrote holds no ids: judged by those times then, as that
-    version did; `unknown` is the answer when its start time cannot be read."""
+    """Whether `dep` was recorded after `intent`'s run was planned: neither its id nor its
+    content key (version, commit, deployment time) is one the state file held then; by the
+    id alone, every deployment was "since" once the Go CLI's rewrite dropped the ids (found
+    by review). Never by comparing `deployed_at` with `started_at`: two wall clocks
+    (another tool's, another run's), and one stepped back between the runs hid a later
+    deploy (found by review), one ahead made a deployment already there "later". A record
+    an older version wrote holds no keys: judged by its ids alone then; no ids either: by
+    those times, as that version did; `unknown` is the answer when its start time cannot
+    be read."""
     if intent.recorded_ids is not None:
-        return dep.id not in intent.recorded_ids
+        return dep.id not in intent.recorded_ids and (
+            intent.recorded_keys is None or states.content_key(dep) not in intent.recorded_keys)
     started = parse_utc(intent.started_at)
     return unknown if started is None else dep.deployed_at > started
 
@@ -272,10 +292,11 @@ def _check_types(intent: Intent) -> None:
             raise TypeError(f"{name} is not a string")
     if not isinstance(intent.record, dict):
         raise TypeError("record is not an object")
-    ids = intent.recorded_ids
-    if ids is not None and not (isinstance(ids, tuple)
-                                and all(isinstance(i, str) for i in ids)):
-        raise TypeError("recorded_ids is not a list of deployment ids")
+    for name in ("recorded_ids", "recorded_keys"):
+        ids = getattr(intent, name)
+        if ids is not None and not (isinstance(ids, tuple)
+                                    and all(isinstance(i, str) for i in ids)):
+            raise TypeError(f"{name} is not a list of strings")
     gated = intent.record.get(GATED_CONTAINER)
     if gated is not None and not (
             isinstance(gated, dict)

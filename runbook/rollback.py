@@ -626,7 +626,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                             from_slot=str(live), to_slot=str(standby),
                             from_version=from_version, to_version=target.version,
                             to_image=prep.image, record=record,
-                            recorded_ids=intents.ids_of(state))
+                            **intents.recorded(state))
 
     def update_state(ctx: StepContext) -> None:
         recording.rollback(env, intent, observed, run_id, ctx)

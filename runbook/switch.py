@@ -144,7 +144,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             # what the run creates or starts (a dead container is recreated
                             # from compose's image: its old name is not what will run)
                             to_version=version, to_image=prep.image,
-                            recorded_ids=intents.ids_of(state))
+                            **intents.recorded(state))
     # the same switch rerun supersedes its dead run's record, never puts it back
     keeps = in_line and in_line_beside
     old_record = None if keeps else finish.replaced(found, intent)
@@ -376,7 +376,7 @@ def _record_only(env: Environment, state: states.DeploymentState, target: Slot, 
     intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,
                             from_slot=str(recorded.active_slot), to_slot=str(target),
                             from_version=recorded.version, to_version=version, to_image=image,
-                            recorded_ids=intents.ids_of(state))
+                            **intents.recorded(state))
     warnings.insert(0, f"traffic is already on {target} (Caddy's running config and the "
                        f"proxy), but {env.state_file} records {recorded.version} on "
                        f"{recorded.active_slot}: this switch only records what serves; nothing "

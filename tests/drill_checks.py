@@ -369,6 +369,40 @@ def host_env(tmp_path: Path, *, name: str = "production", stale: float = 1800.0)
     }, tmp_path / "env.toml")
 
 
+# the keys of the Go CLI's state structs: a rewrite by it keeps only these (CONTRACTS.md)
+GO_CLI_DEPLOYMENT_KEYS = ("version", "deployed_at", "git_commit", "docker_image", "slot",
+                          "deployed_by", "snapshot_path", "rollback", "rollback_id")
+
+
+def go_cli_takes_and_releases_the_lock(state_file: Path) -> None:
+    """What the Go CLI leaves after a run that changes no deployment (it takes the state
+    file's lock and releases it): two rewrites through its structs, which have no `id`, no
+    `active_slot`, none of another tool's keys, its times in RFC3339Nano (trailing zeros
+    trimmed), its lock zeroed when released."""
+    doc = json.loads(state_file.read_text())
+
+    def go(dep: Any) -> Any:
+        if not isinstance(dep, dict):
+            return dep
+        out = {k: v for k, v in dep.items() if k in GO_CLI_DEPLOYMENT_KEYS}
+        out.setdefault("slot", dep.get("active_slot", ""))
+        head, _, frac = str(dep["deployed_at"]).removesuffix("Z").partition(".")
+        out["deployed_at"] = f"{head}.{frac.rstrip('0')}Z" if frac.rstrip("0") else f"{head}Z"
+        return out
+
+    for key in ("current_deployment", "previous_deployment"):
+        doc[key] = go(doc.get(key))
+    doc["deployment_history"] = [go(d) for d in doc.get("deployment_history") or []]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 600))
+    doc["lock"] = {"locked": True, "locked_by": "ci@build-runner", "locked_at": now,
+                   "expires_at": later, "reason": "status check"}
+    state_file.write_text(json.dumps(doc, indent=2))
+    doc["lock"] = {"locked": False, "locked_at": "0001-01-01T00:00:00Z",
+                   "expires_at": "0001-01-01T00:00:00Z"}
+    state_file.write_text(json.dumps(doc, indent=2))
+
+
 def closed_port() -> int:
     """A loopback port where nothing listens (bound, then released)."""
     return closed_ports(1)[0]

@@ -7,6 +7,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from runbook import intent as intents
 from runbook import state as states
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, PreconditionError
-from tests.drill_checks import host_env
+from tests.drill_checks import go_cli_takes_and_releases_the_lock, host_env
 
 
 @pytest.fixture
@@ -93,7 +94,9 @@ def test_a_record_that_is_valid_json_but_not_an_object_is_unreadable(env: Enviro
                                         "restart_count": "0"}}},
                                     # the ids a later "recorded since" judges by
                                     {"recorded_ids": "dep_a"},
-                                    {"recorded_ids": ["dep_a", None]}])
+                                    {"recorded_ids": ["dep_a", None]},
+                                    {"recorded_keys": "dep_a"},
+                                    {"recorded_keys": ["dep_a", 1]}])
 def test_a_record_with_a_field_of_the_wrong_kind_is_unreadable_not_a_crash_later(
         env: Environment, change: dict[str, object]) -> None:
     """Found by review: `"to_slot": "Green"` (or a list for `record`) read fine and then
@@ -217,15 +220,34 @@ def a_deploy_killed_before_its_switch(
 ) -> intents.Intent:
     """The state file as a killed `runbook deploy --version V2` (blue -> green) planned from
     (V1 on blue, deployed `v1_at`), and its record, as the deploy writes it: real files."""
-    states.write_state(env.state_file, states.DeploymentState(
+    return run_killed_planned_from(env, states.DeploymentState(
         environment=env.name, current=states.make_deployment(
             V1, "1" * 40, Slot.BLUE, status="active", deployment_id="dep_v1",
-            deployed_at=v1_at)))
+            deployed_at=v1_at)),
+        run_id="dep_killed", action="deploy", from_slot="blue", to_slot="green",
+        from_version=V1, to_version=V2, record={"deployment_id": "dep_killed"})
+
+
+def run_killed_planned_from(env: Environment, state: states.DeploymentState,
+                            **fields: Any) -> intents.Intent:
+    """`state` written as the state file, and the record of a run (`fields`) planned from it
+    as a read of that file gives it, as the run writes it (started at STARTED), read back."""
+    states.write_state(env.state_file, state)
     planned = states.read_state(env.state_file, environment=env.name)
-    intents.write(env, intents.Intent(
-        run_id="dep_killed", action="deploy", environment=env.name, from_slot="blue",
-        to_slot="green", from_version=V1, to_version=V2, started_at=STARTED,
-        record={"deployment_id": "dep_killed"}, recorded_ids=intents.ids_of(planned)))
+    intents.write(env, intents.Intent(environment=env.name, started_at=STARTED, **fields,
+                                      **intents.recorded(planned)))
+    killed = intents.read(env)
+    assert killed is not None
+    return killed
+
+
+def as_an_older_version_wrote_it(env: Environment, *fields: str) -> intents.Intent:
+    """The interrupted run's record without `fields` (an older runbook never wrote them),
+    read back."""
+    older = json.loads(intents.path(env).read_text())
+    for name in fields:
+        del older[name]
+    intents.path(env).write_text(json.dumps(older))
     killed = intents.read(env)
     assert killed is not None
     return killed
@@ -286,12 +308,85 @@ def test_a_record_written_before_the_ids_were_kept_is_still_read_and_judged_by_t
     from runbook import deploy
 
     a_deploy_killed_before_its_switch(env)
-    older = json.loads(intents.path(env).read_text())
-    del older["recorded_ids"]
-    intents.path(env).write_text(json.dumps(older))
-    killed = intents.read(env)
-    assert killed is not None and killed.recorded_ids is None
+    killed = as_an_older_version_wrote_it(env, "recorded_ids", "recorded_keys")
+    assert killed.recorded_ids is None and killed.recorded_keys is None
     deploy_script_deploys_v3_to_green(env, at)
     now = states.read_state(env.state_file, environment=env.name)
     assert (finish.superseded(killed, now) is not None) is since
     assert deploy._recorded_since(now, killed) is since
+
+
+def test_a_go_cli_rewrite_that_drops_every_id_records_nothing_since(env: Environment) -> None:
+    """Found by review: the Go CLI's state struct has no `id`, so any rewrite by it (a lock
+    taken and released, no deployment changed) drops every `dep_...` id, and the reader
+    derives others. None of them was among the ids the record kept: the rerun of a deploy
+    killed after its migrations took v1 for a deployment recorded since, and left the
+    killed run's id and pre-migration snapshot for a new "pre-deploy" one at the migrated
+    schema. The record also keeps each deployment's content (version, commit, deployment
+    time): v1 is the same deployment, whatever its id says now."""
+    from runbook import deploy
+
+    killed = a_deploy_killed_before_its_switch(
+        env, v1_at=datetime(2026, 12, 5, 10, 0, 0, 120000, tzinfo=UTC))
+    go_cli_takes_and_releases_the_lock(env.state_file)
+    written = json.loads(env.state_file.read_text())
+    assert "id" not in written["current_deployment"], written  # the Go CLI's rewrite
+    assert written["current_deployment"]["deployed_at"] == "2026-12-05T10:00:00.12Z"
+    now = states.read_state(env.state_file, environment=env.name)
+    assert now.current is not None and now.current.id != "dep_v1"  # derived: another id
+    assert not deploy._recorded_since(now, killed)
+
+
+def test_another_tools_deploy_is_still_recorded_since_after_a_go_cli_rewrite(
+        env: Environment) -> None:
+    """The other way round: the script's deploy of v3 after the run began, then the Go
+    CLI's rewrite (every id gone): neither v3's id nor its content was in the file when
+    the run began, so it was recorded since, as before the rewrite."""
+    from runbook import deploy
+
+    killed = a_deploy_killed_before_its_switch(env)
+    deploy_script_deploys_v3_to_green(env, datetime(2026, 12, 5, 14, 30, tzinfo=UTC))
+    go_cli_takes_and_releases_the_lock(env.state_file)
+    now = states.read_state(env.state_file, environment=env.name)
+    later = finish.superseded(killed, now)
+    assert later is not None and later.version == V3 and later.id != "dep_script", later
+    assert deploy._recorded_since(now, killed)
+
+
+def test_a_rollback_whose_target_the_go_cli_rewrote_is_not_superseded(env: Environment) -> None:
+    """Found by review, the same drop of every id: a rollback to v1 on blue killed once
+    Caddy served blue, before its record said so, on a file that already named v1 current
+    (the old rollback command swaps only the file). After the Go CLI's rewrite, v1's
+    derived id was neither the rollback's target id nor among those kept: the record was
+    called out of date ("another tool's deploy serves") instead of finished. v1's content
+    was in the file when the rollback began: not recorded since, and it is the target."""
+    v1 = states.make_deployment(V1, "1" * 40, Slot.BLUE, status="active",
+                                deployment_id="dep_v1",
+                                deployed_at=datetime(2026, 12, 5, 10, 0, tzinfo=UTC))
+    v2 = states.make_deployment(V2, "2" * 40, Slot.GREEN, status="rolled_back",
+                                deployment_id="dep_v2",
+                                deployed_at=datetime(2026, 12, 5, 12, 0, tzinfo=UTC))
+    killed = run_killed_planned_from(
+        env, states.DeploymentState(environment=env.name, current=v1, previous=v2,
+                                    history=(v1, v2)),
+        run_id="rbk_killed", action="rollback", from_slot="green", to_slot="blue",
+        from_version=V2, to_version=V1, record={"target_id": "dep_v1"})
+    assert finish.superseded(killed, states.read_state(env.state_file)) is None
+    go_cli_takes_and_releases_the_lock(env.state_file)
+    now = states.read_state(env.state_file, environment=env.name)
+    assert now.current is not None and now.current.id != "dep_v1"
+    assert finish.superseded(killed, now) is None
+
+
+def test_a_record_written_before_the_content_keys_were_kept_is_judged_by_its_ids(
+        env: Environment) -> None:
+    """A record the previous runbook wrote (ids, no content keys) is read as before and
+    judged by its ids alone: a deployment whose id the file held is not since."""
+    from runbook import deploy
+
+    a_deploy_killed_before_its_switch(env)
+    killed = as_an_older_version_wrote_it(env, "recorded_keys")
+    assert killed.recorded_keys is None and killed.recorded_ids == ("dep_v1",)
+    assert not deploy._recorded_since(states.read_state(env.state_file), killed)
+    deploy_script_deploys_v3_to_green(env, datetime(2026, 12, 5, 11, 30, tzinfo=UTC))
+    assert deploy._recorded_since(states.read_state(env.state_file), killed)

@@ -48,7 +48,12 @@ from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, RunbookError
 from runbook.plan import Step, StepContext
 from runbook.times import parse_utc
-from tests.drill_checks import Poller, closed_port, wait_stopped
+from tests.drill_checks import (
+    Poller,
+    closed_port,
+    go_cli_takes_and_releases_the_lock,
+    wait_stopped,
+)
 from tests.matrix import sample
 
 pytestmark = pytest.mark.docker
@@ -958,6 +963,26 @@ def test_a_deploy_rerun_after_another_tools_deploy_took_its_slot_takes_a_new_sna
     env, killed, pre_deploy = deploy_killed_after_its_migrations(stack)
     host_deploys_v3_to_green(env)
     deploy_reruns_as_a_new_deployment(env, killed, pre_deploy, Slot.BLUE)
+
+
+def test_a_deploy_rerun_after_the_go_cli_rewrote_the_state_file_is_the_same_deployment(
+        stack: DrillStack) -> None:
+    """Found by review: a deploy of v2 killed after its migrations (its pre-deploy snapshot
+    at schema 1), then the Go CLI took the state file's lock and released it, changing no
+    deployment: its struct has no `id`, so every `dep_...` id was gone and the reader
+    derived others, none among the ids the killed run's record kept. The rerun took v1 for
+    a deployment recorded since: a new deployment id and a new "pre-deploy" snapshot at the
+    migrated schema 2 (what the guard, a restore and the cleanup trust). The record also
+    keeps each deployment's content: the rerun is the killed run's deployment, with its
+    snapshot."""
+    env, killed, pre_deploy = deploy_killed_after_its_migrations(stack)
+    go_cli_takes_and_releases_the_lock(env.state_file)
+    rewritten = json.loads(env.state_file.read_text())
+    assert "id" not in rewritten["current_deployment"], rewritten
+    assert rewritten["lock"]["locked"] is False
+    deploy_finishes_as_the_same_deployment(env, pre_deploy)
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.id == killed.record["deployment_id"]
 
 
 def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(

@@ -91,6 +91,14 @@ def _derived_id(version: str, commit: str, deployed_at: datetime) -> str:
     return f"dep_{digest[:16]}_{digest[16:40]}"
 
 
+def content_key(dep: Deployment) -> str:
+    """The deployment's key by its content (version, commit, deployment time), whatever id
+    the file gives it: the id the reader derives for it when it has none. A rewrite by the
+    Go CLI, whose struct has no `id`, drops every id; this key stays (a reformatted time,
+    reordered or added keys change nothing)."""
+    return _derived_id(dep.version, dep.git_commit, dep.deployed_at)
+
+
 def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deployment:
     if not isinstance(obj, Mapping):
         if where.startswith("deployment_history"):  # a null is no entry (a jq prepend of a
