@@ -686,12 +686,90 @@ def test_a_fleet_lock_dated_in_the_future_is_undated_and_on_call_may_force_it_ou
     shown = json.loads(said.stdout)
     assert shown["undated"] is True and shown["stale"] is False and "live" not in shown["why"]
 
+    forced = _lock_cli(env, tmp_path, "--release", "--force")  # re-dated, not removed
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["redated"] is True and hostlock.path(env).exists()
+    _expire_redated(env)  # its controller is dead: no heartbeat came in those minutes
     forced = _lock_cli(env, tmp_path, "--release", "--force")
     assert forced.returncode == 0, forced.stderr
     out = json.loads(forced.stdout)
     assert out["released"] is True and out["holder"]["fleet_run_id"] == "fleet_dead", out
     assert not hostlock.path(env).exists()
     assert _take(env, "fleet_new", hostname="desk", pid=1)["taken"] is True
+
+
+def _expire_redated(env: Environment) -> None:
+    """The minutes after an on-call re-dating pass with no heartbeat: its expiry (as the
+    re-dating wrote it, and as its note records it) now lies in the past; never the clock."""
+    holder_file = hostlock.path(env) / "holder.json"
+    holder = json.loads(holder_file.read_text())
+    past = time.time() - 1
+    for value in holder.values():
+        if isinstance(value, dict) and "expires_at_epoch" in value:
+            value["expires_at_epoch"] = past
+    holder["expires_at_epoch"] = past
+    holder_file.write_text(json.dumps(holder))
+
+
+def test_force_re_dates_an_undated_fleet_lock_whose_controller_may_still_run(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: a live controller's lock, refreshed by its heartbeat 60 s ago, then
+    the lock host's clock stepped back 10 min by NTP, reads undated until its next heartbeat;
+    `--release --force` removed it, the controller's next refresh failed ("no longer held"),
+    its rollout stopped between batches and a second run could start in the gap. On an
+    undated lock --force now only re-dates its expiry (one heartbeat interval plus slack,
+    every holder field kept, a note of who re-dated it and when): a live controller's
+    heartbeat re-dates it as live; a dead one's reads stale after those minutes and is then
+    removed at once. Oracles: the holder file on disk, the lock directory, the exit codes."""
+    _take(env, "fleet_live", hostname="controller-1", pid=4242, reason="rollback")
+    holder_file = hostlock.path(env) / "holder.json"
+    holder = json.loads(holder_file.read_text())
+    now = time.time()
+    holder["locked_at_epoch"] = now - 3600 + 600  # taken an hour ago, by the clock before
+    holder["expires_at_epoch"] = now - 60 + 1800 + 600  # its heartbeat 60 s ago, likewise
+    holder_file.write_text(json.dumps(holder))
+    held = hostlock.status(env)
+    assert held is not None and held.undated and not held.stale, held
+
+    forced = _lock_cli(env, tmp_path, "--release", "--force")
+    assert forced.returncode == 0, forced.stderr
+    out = json.loads(forced.stdout)
+    assert out["released"] is False and out["redated"] is True, out
+    assert hostlock.path(env).exists()
+    after = json.loads(holder_file.read_text())
+    kept = {k: v for k, v in after.items() if k != "expires_at_epoch" and k in holder}
+    assert kept == {k: v for k, v in holder.items() if k != "expires_at_epoch"}, after
+    assert now + 450 < after["expires_at_epoch"] < now + 1800, after  # a heartbeat's time
+    note = [v for k, v in after.items() if k not in holder]
+    assert len(note) == 1 and isinstance(note[0], dict), after
+    assert abs(note[0]["at_epoch"] - time.time()) < 60, note  # when on-call re-dated it
+    assert "heartbeat" in out["why"] and "stale" in out["why"], out["why"]
+    assert "--release --force" in out["why"], out["why"]
+    held = hostlock.status(env)
+    assert held is not None and not held.stale and not held.undated, held
+    assert "re-dated" in held.why and "live" not in held.why, held.why
+    assert hostlock.status(env, now=after["expires_at_epoch"] + 1).stale  # type: ignore[union-attr]
+
+    refused = _lock_cli(env, tmp_path, "--release", "--force")  # again, within those minutes
+    assert refused.returncode == ExitCode.LOCKED, refused.stderr
+    assert "re-dated" in refused.stderr and hostlock.path(env).exists(), refused.stderr
+    with pytest.raises(LockedError) as taken:
+        _take(env, "fleet_new", hostname="desk", pid=1)
+    assert "stale" in (taken.value.fix or ""), taken.value.fix
+
+    assert hostlock.refresh(env, "fleet_live")["refreshed"]  # the live controller's heartbeat
+    held = hostlock.status(env)
+    assert held is not None and not held.stale and not held.undated, held
+    assert "live" in held.why and "re-dated" not in held.why, held.why
+
+    holder = json.loads(holder_file.read_text())
+    holder["expires_at_epoch"] = time.time() + 3 * 3600  # its controller died; the clock
+    holder_file.write_text(json.dumps(holder))  # stepped back again before: undated again
+    assert _lock_cli(env, tmp_path, "--release", "--force").returncode == 0
+    _expire_redated(env)
+    forced = _lock_cli(env, tmp_path, "--release", "--force")  # stale: removed at once
+    assert forced.returncode == 0 and json.loads(forced.stdout)["released"] is True, forced
+    assert not hostlock.path(env).exists()
 
 
 def test_force_never_removes_a_fleet_lock_whose_heartbeat_is_fresh(
@@ -786,6 +864,54 @@ def test_pre_flight_refuses_with_exit_3_only_when_each_problem_is_a_live_lock(
     assert code({"web1": [], "web2": locked}) == ExitCode.LOCKED
     assert code({"web1": [full], "web2": locked}) == ExitCode.PRECONDITION
     assert code({"web1": [], "web2": [*locked, full]}) == ExitCode.PRECONDITION
+
+
+def test_a_dry_run_that_cannot_read_the_lock_hosts_fleet_lock_is_refused(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: a dry run whose --limit leaves the lock host out reads its fleet lock
+    (the play's "read the fleet lock" task, failed_when false); an unreachable lock host, or
+    a runbook there that errs or answers nothing readable, read as a free lock and the dry run
+    passed, where the real run's take would refuse. Each is now a pre-flight problem (4)
+    naming the lock host and why. The error answer is the real CLI's (a broken config)."""
+    from runbook.fleet import FLEET_PROTOCOL
+    from runbook.fleet.rollout import Events, _refusal_code, preflight
+
+    inventory = inv.Inventory(path=tmp_path / "hosts.yml", hosts=["web1", "web2"],
+                              groups={"canary": ["web2"]},
+                              hostvars={"web2": {"fleet_lock_host": "web1"}})
+    target = {"host-check": {"web2": {"stdout": json.dumps(
+        {"fleet_protocol": FLEET_PROTOCOL, "environment": "staging",
+         "fleet_lock": {"locked": False}, "problems": []})}}}
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[lock\n")
+    erred = subprocess.run([RUNBOOK, "fleet", "lock", "staging", "--config", str(broken),
+                            "--status"], capture_output=True, text=True, check=False,
+                           timeout=60)
+    assert erred.returncode == ExitCode.USAGE, erred
+    said = json.loads(erred.stdout)["error"]  # "...: not valid TOML: ..."
+    free = _lock_cli(env, tmp_path, "--status")
+    assert free.returncode == 0 and json.loads(free.stdout) == {"locked": False}, free
+
+    def lines(read: dict[str, object] | None, unreachable: str = "") -> list[str]:
+        events = Events(results={**target, **({"read the fleet lock": {"web1": read}}
+                                              if read is not None else {})},
+                        unreachable={"web1": unreachable} if unreachable else {})
+        _checks, problems, _ = preflight(events, inventory, ["web2"], take_lock=False,
+                                         env_name="staging")
+        return problems
+
+    assert lines({"_event": "runner_on_ok", "rc": 0, "stdout": free.stdout}) == []
+    for read, unreachable, why in (
+            (None, "ssh: connect to host web1 port 22: No route to host", "No route to host"),
+            (None, "", "no answer"),
+            ({"_event": "runner_on_ok", "rc": erred.returncode, "stdout": erred.stdout,
+              "stderr": erred.stderr}, "", said),
+            ({"_event": "runner_on_ok", "rc": 127, "stdout": "",
+              "stderr": "sh: 1: runbook: not found"}, "", "runbook: not found")):
+        problems = lines(read, unreachable)
+        assert len(problems) == 1 and problems[0].startswith("web1: fleet lock"), problems
+        assert why in problems[0], problems
+        assert _refusal_code(problems) == ExitCode.PRECONDITION
 
 
 def test_a_resume_takes_over_only_the_lock_of_the_run_whose_controller_it_found_dead(

@@ -190,8 +190,10 @@ def lock_cmd(
     refresh: Annotated[bool, typer.Option("--refresh")] = False,
     release: Annotated[bool, typer.Option("--release")] = False,
     force: Annotated[bool, typer.Option("--force", help="with --release: remove a stale fleet "
-                                        "lock, or one dated in the future (the clock set "
-                                        "back), whoever holds it; never a live run's")] = False,
+                                        "lock, whoever holds it; one dated in the future (the "
+                                        "clock set back) is re-dated to read stale in minutes "
+                                        "unless its controller's heartbeat comes; never a live "
+                                        "run's")] = False,
     fleet_run: Annotated[str | None, typer.Option("--fleet-run")] = None,
     holder: Annotated[str, typer.Option("--holder")] = "unknown",
     controller_host: Annotated[str, typer.Option("--controller-host")] = "",
@@ -200,7 +202,7 @@ def lock_cmd(
     reason: ReasonOpt = None, config: ConfigOpt = None,
 ) -> None:
     """The fleet lock on this host: --status (default); --take/--refresh/--release (fleet);
-    --release --force (on-call: a stale lock, or one dated in the future)."""
+    --release --force (on-call: removes a stale lock, re-dates one dated in the future)."""
     from runbook.environment import command_arg
     from runbook.fleet import hostlock
 
@@ -213,11 +215,12 @@ def lock_cmd(
         if force and (take or refresh or not release):
             raise UsageError("--force only goes with --release", "`runbook fleet lock "
                              f"{command_arg(env_)} --release --force` removes a stale fleet "
-                             "lock or one dated in the future")
+                             "lock, and re-dates one dated in the future")
         if (take or refresh or release) and not fleet_run and not force:
             raise UsageError("--take, --refresh and --release need --fleet-run ID",
                              "these are run by `runbook fleet rollback`; on-call removes a "
-                             "stale lock, or one dated in the future, with --release --force")
+                             "stale lock (and re-dates one dated in the future) with "
+                             "--release --force")
         if force:
             out = hostlock.force_release(env_, fleet_run)
         elif take:

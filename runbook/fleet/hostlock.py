@@ -7,8 +7,11 @@ released by the holder's fleet run id only.
 Stale, as on one host (runbook/lock.py): expired, or its controller ran on this very host and
 that process is gone. Undated, as the deploy lock dated in the future: its expiry lies beyond
 what a take or a heartbeat writes, so this host's clock was set back since (NTP stepping it)
-and no heartbeat came after; on-call may remove it (`--release --force`). A live holder's
-lock is never removed.
+and no heartbeat came after. Its controller may still run (a heartbeat due any minute), so
+on-call's `--release --force` does not remove it: it re-dates its expiry to one heartbeat
+interval plus slack ahead, noting so in the holder; a live controller's heartbeat then dates
+it as live, a dead one's reads stale once that passed and is removed (or taken over) then.
+A live holder's lock is never removed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ from runbook.lock.policy import FUTURE_SLACK
 from runbook.times import format_utc, rough_duration
 
 DEFAULT_TTL = 1800.0
+# the longest a controller's heartbeat may wait between refreshes (RUNBOOK_FLEET_HEARTBEAT_S)
+HEARTBEAT_MAX = DEFAULT_TTL / 4
+# an undated lock re-dated by on-call expires this far ahead: a running controller's next
+# heartbeat comes before it, with the deploy lock's slack for a beat slowed by SSH
+REDATE_FOR = HEARTBEAT_MAX + FUTURE_SLACK
+REDATED = "redated_by_on_call"  # the holder's note of that re-dating
 
 
 def path(env: Environment) -> Path:
@@ -122,8 +131,10 @@ class Held:
     why: str
     # dated in the future with no heartbeat since the clock was set back: its age cannot be
     # told, so it would read as live for as long as the clock ran ahead (hours); not taken
-    # over by itself, but `--release --force` removes it once on-call checked its controller
+    # over by itself; `--release --force` re-dates it (REDATE_FOR ahead, noted in the holder)
     undated: bool = False
+    # so re-dated, and no heartbeat of its fleet run refreshed it since: not known live
+    redated: bool = False
 
     def describe(self) -> str:
         h = self.holder
@@ -132,7 +143,8 @@ class Held:
 
     def to_json(self) -> dict[str, Any]:
         return {"locked": True, "holder": self.holder, "stale": self.stale,
-                "undated": self.undated, "why": self.why, "summary": self.describe()}
+                "undated": self.undated, "redated": self.redated, "why": self.why,
+                "summary": self.describe()}
 
 
 _HOLDER_LIMIT = 64 * 1024
@@ -157,8 +169,12 @@ def status(env: Environment, now: float | None = None) -> Held | None:
     if not isinstance(expires, int | float):
         with contextlib.suppress(OSError):
             expires = path(env).stat().st_mtime + DEFAULT_TTL
+    note = holder.get(REDATED)
+    redated = (isinstance(note, dict) and isinstance(expires, int | float)
+               and note.get("expires_at_epoch") == expires)  # no heartbeat since
     if isinstance(expires, int | float) and expires <= now:
-        return Held(holder, True, "expired")
+        return Held(holder, True, "expired" + (f" ({_redated(note)}, and no heartbeat of its "
+                                               "fleet run came since)" if redated else ""))
     pid = holder.get("pid")
     here = holder.get("hostname") == socket.gethostname()
     if here and isinstance(pid, int) and not procs.pid_alive(pid):
@@ -170,6 +186,11 @@ def status(env: Environment, now: float | None = None) -> Held | None:
     taken = taken if isinstance(taken, int | float) and taken > now + FUTURE_SLACK else None
     if isinstance(expires, int | float) and expires > now + DEFAULT_TTL + FUTURE_SLACK:
         return Held(holder, False, _dated_in_future(taken, expires, now), undated=True)
+    if redated and isinstance(expires, int | float):
+        return Held(holder, False, f"{_redated(note)}, and no heartbeat of its fleet run has "
+                    f"refreshed it since: it reads stale at {_when(expires)}, "
+                    f"{rough_duration(expires - now)} from now, unless its controller runs",
+                    redated=True)
     if taken is not None:  # refreshed since the clock was set back: a heartbeat, so live
         return Held(holder, False, f"held by a live fleet run: its heartbeat refreshed it "
                     f"after this host's clock was set back; it was taken at {_when(taken)}, "
@@ -182,6 +203,14 @@ def _when(epoch: float) -> str:
         return format_utc(datetime.fromtimestamp(epoch, UTC))
     except (OverflowError, OSError, ValueError):  # a holder file edited by hand: no date
         return f"epoch {epoch:g}"
+
+
+def _redated(note: Any) -> str:
+    """Who re-dated an undated lock, and when (`--release --force`, REDATED)."""
+    at = note.get("at_epoch")
+    return (f"re-dated by on-call ({note.get('by', '?')} at "
+            f"{_when(at) if isinstance(at, int | float) else '?'}, `--release --force`: it "
+            "was dated in the future, the clock set back)")
 
 
 def _dated_in_future(taken: float | None, expires: float, now: float) -> str:
@@ -237,7 +266,7 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
                 held = Held(held.holder, True, f"its controller is gone (pid "
                             f"{held.holder.get('pid', '?')} on "
                             f"{held.holder.get('hostname', '?')}, found dead by the resume)")
-            if held.undated:
+            if held.undated or held.redated:
                 refused = LockedError(f"the fleet lock on this host is held by "
                                       f"{held.describe()}; it is {held.why}",
                                       force_fix(env, held))
@@ -314,20 +343,34 @@ def _named(env: Environment) -> str:
 
 
 def force_fix(env: Environment, held: Held) -> str:
-    """The way out of an undated lock (Held.undated), for the refusals that meet it."""
+    """The way out of an undated lock (Held.undated) or one on-call re-dated (Held.redated),
+    for the refusals that meet it: no command here can tell a dead controller from a live one
+    on another machine whose heartbeat has not come since the clock was set back."""
     h = held.holder
-    return (f"if that fleet run is over (its controller, pid {h.get('pid', '?')} on "
-            f"{h.get('hostname', '?')}, is gone), remove the lock on {socket.gethostname()} "
-            f"with `runbook fleet lock {command_arg(env)} --release --force`, then run again "
-            "(a running controller's heartbeat re-dates it within minutes, and a live lock is "
-            "never removed)")
+    controller = f"its controller (pid {h.get('pid', '?')} on {h.get('hostname', '?')})"
+    release = f"`runbook fleet lock {command_arg(env)} --release --force`"
+    if held.redated:
+        expires = h.get("expires_at_epoch")
+        until = _when(expires) if isinstance(expires, int | float) else "its expiry"
+        return (f"wait until {until}: if {controller} runs, its heartbeat dates the lock as "
+                f"live before; if not, the lock then reads stale: a new run takes it over, "
+                f"or {release} on {socket.gethostname()} then removes it")
+    return (f"{release} on {socket.gethostname()} re-dates the lock to expire in "
+            f"{rough_duration(REDATE_FOR)} (it cannot be removed at once: {controller} may "
+            f"still run); if it runs, its heartbeat dates the lock as live within "
+            f"{rough_duration(HEARTBEAT_MAX)}; if not, the lock reads stale after those "
+            f"{rough_duration(REDATE_FOR)} and a new run takes it over (or {release} then "
+            "removes it)")
 
 
 def force_release(env: Environment, fleet_run_id: str | None = None) -> dict[str, Any]:
-    """On-call's way out of a fleet lock no fleet run will release: stale, dated in the future
-    (Held.undated), or left empty by a take killed half-way; whoever holds it (or, given
-    `fleet_run_id`, only that run's). Judged under the guard: never a lock a live run's
-    heartbeat keeps fresh, nor one whose controller runs on this host."""
+    """On-call's way out of a fleet lock no fleet run will release: stale, or left empty by a
+    take killed half-way, it is removed; dated in the future (Held.undated), it is re-dated
+    (_redate): its controller may be alive, its heartbeat not yet come since the clock was set
+    back (found by review: the live run's next refresh failed, its rollout stopped between
+    batches, and another run could start). Whoever holds it (or, given `fleet_run_id`, only
+    that run's). Judged under the guard: never a lock a live run's heartbeat keeps fresh, nor
+    one whose controller runs on this host."""
     with _guarded(env):
         held = status(env)
         if held is None:
@@ -337,7 +380,14 @@ def force_release(env: Environment, fleet_run_id: str | None = None) -> dict[str
             raise RunbookError(f"{_named(env)} is held by {held.describe()}, not by fleet run "
                                f"{fleet_run_id}; left alone", "nothing to do")
         # takes write the holder under the guard: a lock naming nobody is a killed take's
-        if not (held.stale or held.undated or not (path(env) / "holder.json").exists()):
+        named = (path(env) / "holder.json").exists()
+        if held.redated and named:
+            raise LockedError(f"{_named(env)} is held by {held.describe()}; it is {held.why}; "
+                              "left alone", force_fix(env, held))
+        # a lock no heartbeat can refresh (naming no fleet run) has no live run to stop
+        if held.undated and named and isinstance(held.holder.get("fleet_run_id"), str):
+            return _redate(env, held)
+        if not (held.stale or held.undated or not named):
             pid, host = held.holder.get("pid", "?"), held.holder.get("hostname", "?")
             raise LockedError(f"{_named(env)} is held by {held.describe()} ({held.why}); left "
                               "alone", "a live fleet run's lock is never removed, not even with "
@@ -355,6 +405,36 @@ def force_release(env: Environment, fleet_run_id: str | None = None) -> dict[str
         return {"ok": True, "released": True, "forced": True, **checked(env),
                 "holder": held.holder,
                 "why": f"removed {_named(env)}, held by {held.describe()} ({held.why})"}
+
+
+def _redate(env: Environment, held: Held) -> dict[str, Any]:
+    """Re-date an undated lock to expire REDATE_FOR from now, every holder field kept and the
+    re-dating noted (REDATED), in one atomic write under the caller's guard: a running
+    controller's heartbeat then dates it as live (its refresh only asks that the lock name its
+    run), and a dead one's reads stale once the re-dated expiry passed."""
+    from runbook.state.model import current_operator
+
+    now = time.time()
+    holder = {**held.holder, "expires_at_epoch": now + REDATE_FOR,
+              REDATED: {"at_epoch": now, "by": current_operator(),
+                        "expires_at_epoch": now + REDATE_FOR,
+                        "was_expires_at_epoch": held.holder.get("expires_at_epoch")}}
+    try:
+        files.atomic_write(path(env) / "holder.json", json.dumps(holder).encode())
+    except OSError as exc:
+        raise files.write_error(f"cannot re-date {_named(env)}: {exc.strerror or exc}; "
+                                "nothing was changed", exc, path(env),
+                                f"fix the permissions of {path(env)}") from None
+    release = f"`runbook fleet lock {command_arg(env)} --release --force`"
+    h = held.holder
+    return {"ok": True, "released": False, "redated": True, **checked(env), "holder": holder,
+            "why": f"re-dated {_named(env)}, held by {held.describe()}, to expire at "
+                   f"{_when(now + REDATE_FOR)}, not removed: it was {held.why}. If its "
+                   f"controller (pid {h.get('pid', '?')} on {h.get('hostname', '?')}) runs, "
+                   f"its heartbeat dates the lock as live within "
+                   f"{rough_duration(HEARTBEAT_MAX)}; if not, the lock reads stale in "
+                   f"{rough_duration(REDATE_FOR)}, and a new run then takes it over, or "
+                   f"{release} again removes it"}
 
 
 def _release(env: Environment, fleet_run_id: str) -> dict[str, Any]:

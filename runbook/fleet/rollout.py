@@ -48,6 +48,7 @@ from runbook.fleet import FLEET_PROTOCOL, hostlock
 from runbook.fleet import inventory as inv
 from runbook.fleet import journal as fjournal
 from runbook.fleet.inventory import Inventory
+from runbook.times import rough_duration
 
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 SCHEMA_WORDS = ("migrations ran after the target deployment", "the database schema is dirty")
@@ -141,9 +142,10 @@ def heartbeat_every() -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= hostlock.DEFAULT_TTL / 4:  # nan and inf fail this too
+    # at most what the lock host allows a re-dated lock (hostlock.REDATE_FOR); nan, inf fail
+    if not 0 < seconds <= hostlock.HEARTBEAT_MAX:
         raise UsageError(f"RUNBOOK_FLEET_HEARTBEAT_S={value!r} is not a number of seconds "
-                         f"above 0 and at most {hostlock.DEFAULT_TTL / 4:g}",
+                         f"above 0 and at most {hostlock.HEARTBEAT_MAX:g}",
                          "unset it (60 s), or set e.g. 30")
     return seconds
 
@@ -488,7 +490,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     others: list[str] = []  # another fleet run's live lock on a target (or the lock host)
-    undated = False  # one of them dated in the future (the clock set back): --force removes it
+    undated = False  # one of them dated in the future (the clock set back): --force re-dates it
     results = events.results.get("host-check", {})
 
     def held_by_another(host: str, data: dict[str, Any]) -> None:
@@ -501,7 +503,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             others.append(f"{host}: fleet lock: held by {held.get('summary')} (environment "
                           f"{data.get('environment')})"
                           + (f"; it is {_one_line(str(held.get('why')))}"
-                             if held.get("undated") else ""))
+                             if held.get("undated") or held.get("redated") else ""))
     for host in targets:
         if host in events.unreachable:
             problems.append(f"{host}: unreachable: {events.unreachable[host]}")
@@ -527,22 +529,52 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                                     + (f" ({p['fix']})" if p.get("fix") else ""),
                                     p.get("exit_code")))
     if not take_lock and inventory.lock_host not in targets:  # the real run's take refuses
-        read = events.results.get("read the fleet lock", {}).get(inventory.lock_host, {})
-        held_by_another(inventory.lock_host,
-                        {"fleet_lock": _last_json(str(read.get("stdout", ""))) or {},
-                         "environment": inventory.env(inventory.lock_host)})
+        unread = _lock_unread(events, inventory.lock_host, env_name)
+        if unread:
+            problems.append(unread)
+        else:
+            read = events.results["read the fleet lock"][inventory.lock_host]
+            held_by_another(inventory.lock_host,
+                            {"fleet_lock": _last_json(str(read.get("stdout", ""))) or {},
+                             "environment": inventory.env(inventory.lock_host)})
     if others:
         raise FleetError(f"the fleet lock of this environment is held by another fleet run "
                          f"on {', '.join(x.split(':')[0] for x in others)}; nothing was changed",
                          "wait for that fleet run to finish (`runbook fleet lock "
                          f"{env_name} --status` there says who holds it); a stale one is "
-                         "taken over" + (f"; one dated in the future, once its controller "
-                                         "is gone, is removed with `runbook fleet lock "
-                                         f"{env_name} --release --force` there"
+                         "taken over" + (f"; one dated in the future: `runbook fleet lock "
+                                         f"{env_name} --release --force` there re-dates it, "
+                                         "and if its controller is gone it reads stale "
+                                         f"{rough_duration(hostlock.REDATE_FOR)} later"
                                          if undated else "")
                          + ("; the other problems below need fixing too" if problems else ""),
                          exit_code=ExitCode.LOCKED, lines=others + problems)
     return checks, problems, lock_res
+
+
+def _lock_unread(events: Events, host: str, env_name: str) -> str:
+    """Why a dry run could not read the fleet lock on the lock host --limit leaves out (its
+    "read the fleet lock" task), as a problem line; "" when it did. The task never fails the
+    play, so an unreachable host or a runbook there that errs read as a free lock and the dry
+    run passed, where the real run's take refuses (found by review)."""
+    command = f"`runbook fleet lock {env_name} --status`"
+    if host in events.unreachable:
+        return (f"{host}: fleet lock: the fleet lock host is unreachable: "
+                f"{events.unreachable[host]} (make it reachable, or name another with "
+                "fleet_lock_host: the real run takes the fleet lock there)")
+    read = events.results.get("read the fleet lock", {}).get(host)
+    if read is None:
+        return (f"{host}: fleet lock: no answer from the fleet lock host to {command} (the "
+                "play did not reach it): the real run takes the fleet lock there")
+    answer = _last_json(str(read.get("stdout", "")))
+    if answer is not None and "locked" in answer:
+        return ""
+    if answer is not None and answer.get("error"):
+        return (f"{host}: fleet lock: {command} failed on the fleet lock host: "
+                f"{answer['error']}" + (f" ({answer['fix']})" if answer.get("fix") else ""))
+    return (f"{host}: fleet lock: {command} failed on the fleet lock host (exit "
+            f"{read.get('rc')}): {_one_line(str(read.get('stderr') or read.get('msg', '')))}; "
+            "install togather-runbook with fleet support there")
 
 
 class Problem(str):
