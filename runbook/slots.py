@@ -886,8 +886,10 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                "passes on": "healthy or degraded (HTTP 200)" if not force else
                             "any answer, whatever its status (503 included: --force skips "
                             "the health verdict), unless it names another build",
-               "timeout": f"{env.health.timeout_text}, backoff {env.health.interval:g}s"
-                          f" -> {env.health.max_interval:g}s" if not force else
+               "timeout": f"{env.health.timeout_text}; asked every {health.FAST_INTERVAL:g}s "
+                          f"for the first {health.FAST_WINDOW:g}s, then backoff "
+                          f"{env.health.interval:g}s -> {env.health.max_interval:g}s"
+                          if not force else
                           f"{env.health.timeout_text}, asked every {FORCED_POLL:g}s"}
     if expected_version:
         details["expected version"] = expected_version
@@ -933,13 +935,17 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
         def waiting(attempt: int, report: health.HealthReport) -> None:
             ctx.heartbeat()
             if not report.ok:
-                # polled every 20 ms while a slot starts: a line when the answer changes or
-                # every NOTE_EVERY, not fifty lines a second on the on-call's terminal
-                what = report.status + (f" ({report.reason()})" if report.reason() else "")
+                # polled every 20 ms while a slot starts: a line when the status changes or
+                # every NOTE_EVERY, not fifty lines a second on the on-call's terminal. Keyed
+                # on the status, not its reason: behind docker-proxy a slot not yet listening
+                # alternates "reset by peer" and "closed without response" (found by review:
+                # 13 lines in 0.3 s)
                 now = time.monotonic()
-                if not said or said[-1][0] != what or now - said[-1][1] >= NOTE_EVERY:
-                    said[:] = [(what, now)]
-                    ctx.say(f"attempt {attempt}: {what}")
+                if not said or said[-1][0] != report.status or now - said[-1][1] >= NOTE_EVERY:
+                    said[:] = [(report.status, now)]
+                    reason = report.reason()
+                    ctx.say(f"attempt {attempt}: {report.status}"
+                            + (f" ({reason})" if reason else ""))
 
         began = time.monotonic()
         first = early.fresh(env.health.timeout) if early is not None else None
