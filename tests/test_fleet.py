@@ -83,6 +83,49 @@ def test_a_hosts_notice_is_on_its_line_of_the_fleet_summary() -> None:
                     f"host2: {ROLLED_BACK} (done in 0.9s)"]
 
 
+def test_an_older_hosts_check_without_its_plan_passes_and_is_shown_by_its_summary() -> None:
+    """A host whose runbook speaks the same fleet protocol but predates the plan in host-check's
+    answer (its dry run's steps and text: the controller does not require them, so the
+    protocol was not bumped) passes pre-flight and is shown by its one summary line, as
+    before, with no steps in --format json; the host beside it that sends its plan is shown
+    with it, indented under its line. The oracle is the line this controller printed before."""
+    from runbook.fleet import FLEET_PROTOCOL
+    from runbook.fleet.rollout import Events, _ready_lines, host_plans, preflight
+
+    def answer(summary: str, **plan: object) -> dict[str, Any]:
+        return {"_event": "runner_on_ok", "rc": 0, "stdout": json.dumps({
+            "runbook_version": "0.1.0", "fleet_protocol": FLEET_PROTOCOL, "hostname": "h",
+            "problems": [], "environment": "development",
+            "deployment": {"id": "dep_1", "version": "v3", "rolled_back_from": None},
+            "deploy_lock": {"locked": False}, "fleet_lock": {"locked": False},
+            "dry_run": {"ok": True, "summary": summary, "warnings": [], "preflight": {},
+                        "facts": {}, **plan}})}
+
+    steps = [{"name": "start-slot", "title": "Start the stopped blue container",
+              "phase": "prepare", "details": {"container": "web2-blue"}, "skip": None}]
+    rendered = ("Plan: roll back web2\n 1. Start the stopped blue container\n"
+                "      container  web2-blue")
+    events = Events(results={"host-check": {
+        "web1": answer("roll back web1"),  # an older runbook: no steps, no text
+        "web2": answer("roll back web2", steps=steps, rendered=rendered)}})
+    inventory = inv.Inventory(Path("inventory.yml"), ["web1", "web2"],
+                              {"canary": ["web1"]}, {})
+    checks, problems, _ = preflight(events, inventory, ["web1", "web2"], take_lock=False)
+    assert problems == []
+    plans = host_plans(checks, ["web1", "web2"], rolling=True)
+    assert plans["web1"] == {"summary": "roll back web1", "steps": None, "rendered": None}
+    assert plans["web2"] == {"summary": "roll back web2", "steps": steps, "rendered": rendered}
+    database = {"host": "web1", "database schema": "2", "schema guard": "passed"}
+    assert _ready_lines(["batch 1 (canary): web1"], plans, database, True) == [
+        "batch 1 (canary): web1",
+        "web1: ready: roll back web1",
+        "web2: ready: roll back web2",
+        "    Plan: roll back web2",
+        "     1. Start the stopped blue container",
+        "          container  web2-blue",
+        "database (once, on web1): 2, schema guard passed"]
+
+
 def test_default_batches_are_canary_then_one_then_a_quarter_then_the_rest() -> None:
     hosts = [f"h{i}" for i in range(10)]
     plan = inv.batches(hosts, ["h0"], inv.DEFAULT_BATCHES)
@@ -1382,6 +1425,64 @@ def test_a_live_lock_refuses_with_exit_3_in_the_dry_run_as_in_the_real_run(
         locks.release(fleet_on_v3.hosts[1].env, deploy)
 
 
+def _own_dry_run(fleet: DrillFleet, name: str, *args: str) -> str:
+    """Host `name`'s own single-host `runbook rollback --dry-run`, typed there (over its sshd,
+    whose RUNBOOK_CONFIG is that host's environment, as a real host's config is its own): the
+    oracle of the plan a fleet run shows for it."""
+    proc = subprocess.run(["ssh", "-F", str(fleet.ssh_config), name, shlex.join(
+        [fleet.runbook_command, "rollback", "development", "--dry-run", *args])],
+        capture_output=True, text=True, timeout=180, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc.stdout
+
+
+def _under(text: str, host: str) -> list[str]:
+    """The lines indented under `host`'s "ready" line of a fleet plan, unindented."""
+    lines = [line.rstrip("\r") for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{host}: ready: "))
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return block
+
+
+@pytest.mark.docker
+def test_the_fleet_dry_run_shows_each_hosts_plan_as_its_own_dry_run_prints_it(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Plan, then act, across the fleet: the dry run shows under each host every step of that
+    host's own rollback with its resolved values, exactly as that host's own `runbook
+    rollback --dry-run` prints them, and its --format json has each host's steps as that dry
+    run's JSON has them (found by review: one summary line a host, though each host had
+    planned every step). Oracle: each host's own single-host dry run, typed on it over SSH;
+    each host's own containers (a value no other host has) are checked to be in its part."""
+    fleet = fleet_on_v3
+    before = [fleet.serving(h.name) for h in fleet.hosts]
+    argv = [fleet.runbook_command, "fleet", "rollback", str(fleet.inventory), "--dry-run",
+            "--journal-dir", str(tmp_path)]
+    text = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False,
+                          stdin=subprocess.DEVNULL)
+    assert text.returncode == 0, text.stderr + text.stdout
+    answer = subprocess.run([*argv, "--format", "json"], capture_output=True, text=True,
+                            timeout=600, check=False, stdin=subprocess.DEVNULL)
+    assert answer.returncode == 0, answer.stderr + answer.stdout
+    plans = json.loads(answer.stdout).get("plans") or {}
+    for h in fleet.hosts:
+        own = _own_dry_run(fleet, h.name).splitlines()
+        assert own[-1] == "Dry run: nothing was changed.", own
+        own_steps = json.loads(_own_dry_run(fleet, h.name, "--format", "json"))["plan"]["steps"]
+        mine = {h.env.slot(s).container for s in Slot}
+        others = {o.env.slot(s).container for o in fleet.hosts if o is not h for s in Slot}
+        assert any(c in line for line in own for c in mine), own  # the oracle names them
+        shown = _under(text.stdout, h.name)
+        assert shown == own[:-1], (h.name, text.stdout)
+        assert not any(c in line for line in shown for c in others), (h.name, shown)
+        assert (plans.get(h.name) or {}).get("steps") == own_steps, (h.name, plans)
+    assert [fleet.serving(h.name) for h in fleet.hosts] == before
+    assert not list(tmp_path.glob("fleet_*.json"))  # a dry run writes no fleet journal
+
+
 @pytest.mark.docker
 def test_ctrl_c_lets_the_running_host_finish_starts_no_other_and_releases_the_lock(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
@@ -1454,10 +1555,12 @@ def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
     """On a terminal the fleet asks before any host changes; Ctrl-C there is the README's
     "interrupted before any host changed; nothing was changed" (exit 1, journaled, the fleet
     lock released), not click's bare "Aborted!". A real pty (pexpect). Oracles: what each
-    host's Caddy serves, the fleet lock's directory."""
+    host's Caddy serves, the fleet lock's directory; for the prompt's plans, each host's own
+    `runbook rollback --dry-run`."""
     import pexpect
 
     v3 = VERSIONS["v3"].tag
+    own = {h.name: _own_dry_run(fleet_on_v3, h.name).splitlines()[:-1] for h in fleet_on_v3.hosts}
     # an on-call's shell delivers Ctrl-C: SIGINT as the terminal gives it, even where this
     # test runs in the background of a non-interactive shell (which ignores it, inherited)
     child = pexpect.spawn(fleet_on_v3.runbook_command, ["fleet", "rollback",
@@ -1467,10 +1570,12 @@ def test_ctrl_c_at_the_prompt_is_the_documented_interruption_journaled(
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(r"Proceed\? \[y/N\]")
     # the prompt shows what the dry run shows (found by review: only batches and the lock
-    # host): each host's own rollback, from what to what, and the database's judgement
+    # host): each host's own rollback, from what to what, and the database's judgement; and
+    # (found by review: a summary line a host) every step of it, as its own dry run prints it
     shown = child.before or ""
     for host in fleet_on_v3.hosts:
         assert f"{host.name}: ready: " in shown and f"to {VERSIONS['v2'].tag}" in shown, shown
+        assert _under(shown, host.name) == own[host.name], (host.name, shown)
     assert "database (once, on " in shown and "schema guard" in shown, shown
     assert "Dry run" not in shown, shown
     child.sendintr()

@@ -16,5 +16,8 @@ FLEET_PROTOCOL = 6  # 2: `host-check --take-lock` (the lock host's take and chec
 # 4: ... and the release it was rolled back from (a fresh run refuses to roll it forward);
 # 5: `host-check --schema-restored-first` (maintenance: every check past the schema guard)
 # 6: `drain --fleet-run --holder` (the drain journaled on the host, under its deploy lock)
-"""What the controller and a host's `runbook fleet` commands agree on; bumped on a change of
-the JSON they exchange. A host answering another protocol is refused in pre-flight."""
+# (not bumped for host-check's dry_run steps and rendered plan: the controller shows an
+# older host's summary line instead, so it requires neither)
+"""What the controller and a host's `runbook fleet` commands agree on; bumped when one side
+starts to require something of the other (a JSON field, an option), not for a field the
+controller can do without. A host answering another protocol is refused in pre-flight."""

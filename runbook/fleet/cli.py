@@ -108,6 +108,11 @@ def rollback_cmd(
     if fmt is Format.json:
         echo(json.dumps({"ok": result.exit_code == 0, "fleet_run_id": result.fleet_run_id,
                          "exit_code": result.exit_code, "lines": result.lines,
+                         # each host's plan: its steps as its own `runbook rollback --dry-run
+                         # --format json` has them (null: an older host's, said by summary)
+                         "plans": {h: None if p is None else
+                                   {"summary": p["summary"], "steps": p["steps"]}
+                                   for h, p in result.plans.items()},
                          "journal_file": str(result.journal_file or ""),
                          "fleet_lock_release_failed":
                              result.journal.get("fleet_lock_release_failed"),

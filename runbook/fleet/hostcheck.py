@@ -3,8 +3,8 @@
 Everything the controller must know before it touches any host, in one JSON object and one
 SSH round trip: this runbook's version and fleet protocol, the current deployment, the host's
 deploy lock, the fleet lock, and the single-host rollback's own dry run (state and Caddy read,
-target image present, the standby's state, the schema guard), whose plan and refusal are passed
-on unchanged.
+target image present, the standby's state, the schema guard), whose plan (its steps, and as
+`runbook rollback --dry-run` prints it) and refusal are passed on unchanged.
 """
 
 from __future__ import annotations
@@ -110,8 +110,13 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
         out["dry_run"] = {"ok": False, "error": refused["error"], "fix": refused["fix"],
                           "exit_code": 4, "schema_refusal_only": True}
         return out
+    # the whole plan, for the fleet's dry run and prompt to show what this host's rollback
+    # runs: its steps as `runbook rollback --dry-run --format json` has them, and as that
+    # dry run prints them (rendered here, by the one renderer; the controller indents it).
+    # Optional for the controller: an older host without them is shown by its summary
     out["dry_run"] = {"ok": True, "summary": plan["summary"], "warnings": plan["warnings"],
                       "preflight": next((s["details"] for s in plan["steps"]
                                          if s["name"] == "preflight"), {}),
-                      "facts": plan["facts"]}
+                      "facts": plan["facts"], "steps": plan["steps"],
+                      "rendered": result.plan.render()}
     return out

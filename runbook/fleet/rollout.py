@@ -95,6 +95,9 @@ class FleetResult:
     lines: list[str]
     journal: dict[str, Any] = field(default_factory=dict)
     journal_file: Path | None = None
+    # each host's plan after pre-flight (`host_plans`): for --format json, as the dry run's
+    # text and the prompt show it
+    plans: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 class FleetError(RunbookError):
@@ -663,14 +666,44 @@ def database_phase(checks: dict[str, dict[str, Any]], db_host: str) -> dict[str,
             "fix": dry.get("fix")}
 
 
-def _ready_lines(plan_lines: list[str], checks: dict[str, dict[str, Any]], targets: list[str],
+def host_plans(checks: dict[str, dict[str, Any]], targets: list[str],
+               rolling: bool) -> dict[str, dict[str, Any] | None]:
+    """Each host's own rollback as its host-check's dry run planned it: its summary, and its
+    steps (as `runbook rollback --dry-run --format json` has them) with the text that dry run
+    prints (`rendered`), or None for both where they are not what its rollout runs or were
+    not sent: an older host's host-check sends the summary alone (shown as before), and a
+    plan with a restore (the maintenance path's database host, dry-run with it) is not the
+    rollout's `runbook rollback`, which never restores. None for a host with no plan yet (its
+    rollback waits for the maintenance restore)."""
+    plans: dict[str, dict[str, Any] | None] = {}
+    for h in targets:
+        dry = checks[h].get("dry_run", {})
+        if not dry.get("ok"):
+            plans[h] = None
+            continue
+        steps, rendered = dry.get("steps"), dry.get("rendered")
+        own = (rolling and not (dry.get("preflight") or {}).get("restore")
+               and isinstance(steps, list) and isinstance(rendered, str))
+        plans[h] = {"summary": dry["summary"], "steps": steps if own else None,
+                    "rendered": rendered if own else None}
+    return plans
+
+
+def _ready_lines(plan_lines: list[str], plans: dict[str, dict[str, Any] | None],
                  database: dict[str, Any], rolling: bool) -> list[str]:
     """The plan after pre-flight, as the dry run prints it and the prompt shows it (found by
     review: the prompt showed the batches alone): each host's own rollback, from what to
-    what, and, for a rolling rollback, the database's judgement."""
-    lines = plan_lines + [f"{h}: ready: {checks[h]['dry_run']['summary']}"
-                          if checks[h].get("dry_run", {}).get("ok") else
-                          f"{h}: ready once the database is restored" for h in targets]
+    what, with its steps and every resolved value as that host's own `runbook rollback
+    --dry-run` prints them, indented under it (found by review: one summary line a host,
+    though each host had planned every step), and, for a rolling rollback, the database's
+    judgement."""
+    lines = list(plan_lines)
+    for h, plan in plans.items():
+        if plan is None:
+            lines.append(f"{h}: ready once the database is restored")
+            continue
+        lines.append(f"{h}: ready: {plan['summary']}")
+        lines += [f"    {line}" for line in (plan["rendered"] or "").splitlines()]
     if rolling:
         lines.append(f"database (once, on {database['host']}): "
                      f"{database.get('database schema')}, schema guard "
@@ -1414,9 +1447,11 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              exit_code=ExitCode.PRECONDITION)
         if maintenance is not None:
             plan_lines += _maintenance_lines(maintenance, len(targets))
-        shown = _ready_lines(plan_lines, checks, targets, database, maintenance is None)
+        plans = host_plans(checks, targets, maintenance is None)
+        shown = _ready_lines(plan_lines, plans, database, maintenance is None)
         if options.dry_run:
-            return FleetResult(fleet_run_id, 0, [*shown, "Dry run: nothing was changed."])
+            return FleetResult(fleet_run_id, 0, [*shown, "Dry run: nothing was changed."],
+                               plans=plans)
         _journal_or_refuse(journal)  # pre-flight decided (and the database judged)
         if confirm is not None and not confirm("\n".join(shown)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
@@ -1430,8 +1465,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
 
         # -- the rollout ---------------------------------------------------------------------
         pins = json.dumps(_pins(checks, targets))
-        return _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
-                        interrupts, say, go=lambda: run.decide(gate, "go", pins=pins))
+        result = _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
+                          interrupts, say, go=lambda: run.decide(gate, "go", pins=pins))
+        result.plans = plans  # what the prompt showed
+        return result
     except KeyboardInterrupt:
         if journal.record.get("rollout_started"):
             # after the rollout began (its own handlers ended with it): hosts did change
