@@ -131,8 +131,9 @@ class Journal:
         self.why = why
         self.log_path = log_path
         self.record_path = record_path
-        self.started_at = started_at
+        self.started_at = started_at  # timestamps (when), never subtracted for a duration
         self.finished_at: datetime | None = None
+        self.began = time.monotonic()  # the run's duration is measured from here
         self.outcome = "running"
         self.exit_code: int | None = None
         self.steps: list[Step] = []
@@ -156,7 +157,7 @@ class Journal:
              echo: Echo | None = None, record: bool = True) -> Journal:
         """Create the log file and a first run record ("running"), so even a killed run
         leaves a trace. `record=False`: the log alone (run.journaled says why)."""
-        started = datetime.now(UTC)
+        started, began = datetime.now(UTC), time.monotonic()
         run_id = run_id or new_run_id(action)
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id):
             raise ConfigError(f"run id {run_id!r} cannot name a file",
@@ -185,6 +186,7 @@ class Journal:
         journal = cls(env, action, run_id, who or statemod.current_operator(), why or "",
                       log_path, env.runs_dir / f"{run_id}.json", started, echo)
         journal._pin, journal._file = pin, identity
+        journal.began = began  # with `started`, before the folders and the log were made
         journal.warnings = warnings
         journal._recorded = record
         from runbook import database
@@ -371,7 +373,9 @@ class Journal:
         level = Level.SUCCESS if self.exit_code == 0 else Level.ERROR
         self.log(level, f"{self.action} {outcome} (exit code {self.exit_code})",
                  outcome=outcome, exit_code=self.exit_code,
-                 duration_ms=round((self.finished_at - self.started_at).total_seconds() * 1000))
+                 # the monotonic clock: finished_at - started_at, two wall-clock readings, was
+                 # minus an hour after NTP stepped the clock back during the run
+                 duration_ms=round((time.monotonic() - self.began) * 1000))
         self._write_record(durable=True)
         return self.record_path
 

@@ -126,6 +126,135 @@ def test_an_older_hosts_check_without_its_plan_passes_and_is_shown_by_its_summar
         "database (once, on web1): 2, schema guard passed"]
 
 
+class _SteppedClock:
+    """The controller's wall clock (time.time) as NTP or a VM's resume leaves it: real time
+    until `step` moves it by `by` seconds. A real clock step cannot be made in a test, so
+    time.time is replaced in this process; time.monotonic, the tests' oracle, is untouched."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.offset = 0.0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + self.offset)
+
+    def step(self, by: float) -> None:
+        self.offset += by
+
+
+def test_fleet_journal_times_are_right_when_the_controllers_clock_steps_back_mid_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet journal's durations (the run's, each phase's, each host's) were wall-clock
+    differences: NTP stepping the controller's clock back an hour during a host's rollback
+    journaled that host as taking minus an hour, the rollout phase and the run likewise, and
+    the drill report drew and listed them so. Oracle: time.monotonic() read by this test
+    around each part (elapsed time no clock step changes); every duration is at least what
+    the test saw elapse inside it and at most what elapsed around it."""
+    from types import SimpleNamespace
+
+    from runbook.fleet import journal as fjournal
+    from runbook.fleet.rollout import (
+        ROLLED_BACK,
+        HostResult,
+        Options,
+        _host_events,
+        _Interrupts,
+        _rollout,
+    )
+    from runbook.reports import fleet as fleet_report
+
+    clock = _SteppedClock(monkeypatch)
+    outer = time.monotonic()
+    inventory = inv.Inventory(path=tmp_path / "hosts.yml", hosts=["web1", "web2"],
+                              groups={"canary": ["web1"]}, hostvars={})
+    plan = inv.batches(["web1", "web2"], ["web1"], "100%")
+    options = Options(inventory=inventory.path, journal_dir=tmp_path / "journal")
+    journal = fjournal.FleetJournal("fleet_20261206_000000_abcdef", options, inventory,
+                                    ["web1", "web2"], plan, "ops@laptop")
+    hosts = {h: HostResult(h) for h in ("web1", "web2")}
+    events = _host_events(hosts, lambda line: None, journal)
+    inside: dict[str, float] = {}
+
+    def rollback(host: str, *, step_at_half: float = 0.0) -> None:
+        task = {"host": host, "task": "runbook rollback"}
+        events({"event": "runner_on_start", "event_data": task})
+        began = time.monotonic()
+        time.sleep(0.15)
+        clock.step(step_at_half)  # NTP steps the controller's clock during the rollback
+        time.sleep(0.15)
+        out = json.dumps({"ok": True, "timing": {"done_in_s": 0.3}})
+        inside[host] = time.monotonic() - began
+        events({"event": "runner_on_ok", "event_data": {
+            **task, "res": {"rc": 0, "stdout": f"{out}\n"}}})
+
+    def go() -> None:
+        began = time.monotonic()
+        rollback("web1")
+        rollback("web2", step_at_half=-3600.0)
+        inside["rollout"] = time.monotonic() - began
+
+    run = SimpleNamespace(events=events, join=lambda: "successful")
+    interrupts = _Interrupts()
+    try:
+        result = _rollout(run, inventory, plan, journal.record["fleet_run_id"],  # type: ignore[arg-type]
+                          options, journal, hosts, interrupts, lambda line: None, go)
+    finally:
+        interrupts.cleanup()
+    around = (time.monotonic() - outer) * 1000
+    assert result.exit_code == 0 and all(r.status == ROLLED_BACK for r in hosts.values())
+    record = json.loads(Path(str(result.journal_file)).read_text())
+
+    assert inside["rollout"] * 1000 <= record["duration_ms"] <= around, record["duration_ms"]
+    rollout = next(p for p in record["phases"] if p["name"] == "rollout")
+    assert 0 <= rollout["offset_ms"] <= around, rollout
+    assert inside["rollout"] * 1000 <= rollout["duration_ms"] <= around, rollout
+    for host in ("web1", "web2"):
+        entry = record["hosts"][host]
+        assert inside[host] * 1000 <= entry["duration_ms"] <= around, entry
+        assert 0 <= entry["offset_ms"] <= around, entry
+    assert record["hosts"]["web1"]["offset_ms"] + record["hosts"]["web1"]["duration_ms"] \
+        <= record["hosts"]["web2"]["offset_ms"], record["hosts"]  # web1 ended first
+
+    # the drill report's fleet section, drawn from that record alone
+    steps = {s["name"]: s for s in fleet_report.as_run(record)["steps"]}
+    drawn = [steps["web1 (canary)"], steps["web2 (batch 2)"]]
+    for step, host in zip(drawn, ("web1", "web2"), strict=True):
+        assert inside[host] * 1000 <= step["duration_ms"] <= around, step
+    assert drawn[0]["started_at"] < drawn[1]["started_at"], drawn  # the canary drawn first
+    listed = {h["host"]: h["took"] for h in fleet_report.section(record)["hosts"]}
+    assert all(took.endswith(" ms") and not took.startswith("-") for took in listed.values()), \
+        listed
+
+
+def test_the_run_records_duration_is_right_when_the_clock_steps_back_mid_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single-host journal's last line gave the run's duration as finished_at minus
+    started_at, two wall-clock readings: a clock stepped back an hour mid-run logged minus an
+    hour. Oracle: time.monotonic() read by this test around the run."""
+    from datetime import UTC, datetime, timedelta
+
+    from runbook import journal as journalmod
+    from tests.drill_checks import host_env
+
+    offset = [timedelta(0)]
+
+    class SteppedDatetime(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:  # the wall clock, stepped as NTP would
+            return datetime.now(tz) + offset[0]
+
+    monkeypatch.setattr(journalmod, "datetime", SteppedDatetime)
+    outer = time.monotonic()
+    j = journalmod.Journal.open(host_env(tmp_path, name="staging"), "rollback")
+    time.sleep(0.15)
+    offset[0] = timedelta(hours=-1)
+    time.sleep(0.15)
+    j.finish("succeeded", ExitCode.OK)
+    around = (time.monotonic() - outer) * 1000
+    last = json.loads(j.log_path.read_text().splitlines()[-1])
+    assert 300 <= last["duration_ms"] <= around, last
+    assert datetime.fromisoformat(json.loads(j.record_path.read_text())["started_at"]) \
+        .astimezone(UTC) is not None  # still a timestamp
+
+
 def test_default_batches_are_canary_then_one_then_a_quarter_then_the_rest() -> None:
     hosts = [f"h{i}" for i in range(10)]
     plan = inv.batches(hosts, ["h0"], inv.DEFAULT_BATCHES)
@@ -1091,6 +1220,64 @@ def test_a_killed_controllers_fleet_lock_still_goes_stale(env: Environment) -> N
     assert held is not None and held.stale and held.why == "expired"
     out = _take(env, "fleet_next")
     assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_killed"  # type: ignore[index]
+
+
+def test_a_live_fleet_lock_is_never_taken_over_after_the_lock_hosts_clock_jumped_forward(
+        env: Environment, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Found by review: the lock host's clock stepped forward more than the lock's 30 minutes
+    (NTP after a drift, a VM resumed) made a live controller's lock read "expired" until its
+    next heartbeat (a minute, up to 7.5), and a new run took it over in that window while the
+    old controller went on rolling hosts; `--release --force` removed it too. A lock whose
+    last take or heartbeat is younger than its lifetime by the lock host's monotonic clock is
+    live whatever the wall clock says; a dead holder's still goes stale after its lifetime.
+    The jump is the wall clock (time.time) of this process, which runs the lock host's code:
+    a real clock step cannot be made in a test. Oracles: the holder file on disk (whose lock,
+    which fleet run), the lock directory, the exceptions raised."""
+    import threading
+
+    from runbook.fleet.rollout import _lock_heartbeat
+
+    clock = _SteppedClock(monkeypatch)
+    holder_file = hostlock.path(env) / "holder.json"
+    _take(env, "fleet_live", hostname="controller-1", pid=4242)
+    beats: list[float] = []
+    window = threading.Lock()  # held by the test from the jump to its last check
+
+    def beat(cancelled: object) -> None:
+        with window:
+            hostlock.refresh(env, "fleet_live")
+            beats.append(time.monotonic())
+
+    beat(None)
+    with _lock_heartbeat(beat, every=0.3):  # its controller keeps beating
+        for _ in range(3):
+            with window:  # between two beats
+                clock.step(31 * 60)  # the lock host's clock jumps 31 minutes ahead
+                before = json.loads(holder_file.read_text())
+                assert before["expires_at_epoch"] < time.time(), before  # its beat reads old
+                held = hostlock.status(env)
+                assert held is not None and not held.stale, held
+                with pytest.raises(LockedError, match="held by ops@laptop"):
+                    _take(env, "fleet_new", hostname="desk", pid=1)
+                with pytest.raises(LockedError, match="never removed"):
+                    hostlock.force_release(env)
+                assert json.loads(holder_file.read_text()) == before  # untouched
+                seen = len(beats)
+            deadline = time.monotonic() + 5
+            while len(beats) == seen and time.monotonic() < deadline:  # its next beat
+                time.sleep(0.05)
+            assert len(beats) > seen, "the live controller's heartbeat was refused"
+    assert hostlock.status(env).holder["fleet_run_id"] == "fleet_live"  # type: ignore[union-attr]
+
+    # a dead controller's lock, its last beat noted, still goes stale after its lifetime
+    assert hostlock.release(env, "fleet_live")["released"]
+    _take(env, "fleet_dead", hostname="controller-1", pid=4242, ttl=0.5)
+    clock.step(31 * 60)
+    with pytest.raises(LockedError):  # within its 0.5 s by the monotonic clock: live
+        _take(env, "fleet_new", hostname="desk", pid=1)
+    time.sleep(0.6)
+    out = _take(env, "fleet_new", hostname="desk", pid=1)
+    assert out["taken_over"]["holder"]["fleet_run_id"] == "fleet_dead"  # type: ignore[index]
 
 
 def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is_refused(

@@ -5,13 +5,17 @@ and the controller's host and pid), why, the fleet run id, when, and when it exp
 with mkdir (atomic); refreshed by its controller's heartbeat while it runs (and before a batch);
 released by the holder's fleet run id only.
 Stale, as on one host (runbook/lock.py): expired, or its controller ran on this very host and
-that process is gone. Undated, as the deploy lock dated in the future: its expiry lies beyond
-what a take or a heartbeat writes, so this host's clock was set back since (NTP stepping it)
-and no heartbeat came after. Its controller may still run (a heartbeat due any minute), so
-on-call's `--release --force` does not remove it: it re-dates its expiry to one heartbeat
-interval plus slack ahead, noting so in the holder; a live controller's heartbeat then dates
-it as live, a dead one's reads stale once that passed and is removed (or taken over) then.
-A live holder's lock is never removed.
+that process is gone. Expired by the wall clock is not enough when the lock's last take or
+heartbeat noted this host's monotonic clock (MONOTONIC, same boot): a lock whose last write is
+younger than its lifetime on that clock is live, whatever the wall clock says, so a forward
+step of this host's clock (NTP, a VM resumed) never lets a new run take over a live
+controller's lock before its next heartbeat. Undated, as the deploy lock dated in the future:
+its expiry lies beyond what a take or a heartbeat writes, so this host's clock was set back
+since (NTP stepping it) and no heartbeat came after. Its controller may still run (a
+heartbeat due any minute), so on-call's `--release --force` does not remove it: it re-dates
+its expiry to one heartbeat interval plus slack ahead, noting so in the holder; a live
+controller's heartbeat then dates it as live, a dead one's reads stale once that passed and
+is removed (or taken over) then. A live holder's lock is never removed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ HEARTBEAT_MAX = DEFAULT_TTL / 4
 # heartbeat comes before it, with the deploy lock's slack for a beat slowed by SSH
 REDATE_FOR = HEARTBEAT_MAX + FUTURE_SLACK
 REDATED = "redated_by_on_call"  # the holder's note of that re-dating
+# the take's or heartbeat's reading of this host's monotonic clock, and the lifetime it gave
+MONOTONIC = "written_at_monotonic"
 
 
 def path(env: Environment) -> Path:
@@ -172,7 +178,10 @@ def status(env: Environment, now: float | None = None) -> Held | None:
     note = holder.get(REDATED)
     redated = (isinstance(note, dict) and isinstance(expires, int | float)
                and note.get("expires_at_epoch") == expires)  # no heartbeat since
-    if isinstance(expires, int | float) and expires <= now:
+    expired = isinstance(expires, int | float) and expires <= now
+    # on-call's re-dated expiry is judged by the wall clock alone (its minutes are its own)
+    young = None if not expired or redated else _younger_than_its_life(holder)
+    if expired and young is None:
         return Held(holder, True, "expired" + (f" ({_redated(note)}, and no heartbeat of its "
                                                "fleet run came since)" if redated else ""))
     pid = holder.get("pid")
@@ -182,6 +191,11 @@ def status(env: Environment, now: float | None = None) -> Held | None:
     if here and isinstance(pid, int):  # whatever its dates say
         return Held(holder, False, f"held by a live fleet run: its controller (pid {pid} on "
                     "this host) runs")
+    if young is not None and isinstance(expires, int | float):
+        return Held(holder, False, f"held by a live fleet run: its last take or heartbeat was "
+                    f"{rough_duration(young)} ago by this host's monotonic clock, within its "
+                    f"lifetime; its expiry ({_when(expires)}) reads past only because "
+                    "this host's clock was stepped forward since")
     taken = holder.get("locked_at_epoch")
     taken = taken if isinstance(taken, int | float) and taken > now + FUTURE_SLACK else None
     if isinstance(expires, int | float) and expires > now + DEFAULT_TTL + FUTURE_SLACK:
@@ -196,6 +210,57 @@ def status(env: Environment, now: float | None = None) -> Held | None:
                     f"after this host's clock was set back; it was taken at {_when(taken)}, "
                     f"{rough_duration(taken - now)} in the future")
     return Held(holder, False, "held by a live fleet run")
+
+
+def _monotonic_clock() -> str | None:
+    """Which clock time.monotonic() reads in this process: this boot's (its boot id), in this
+    time namespace, so a reading another process on this host noted is known to be on the same
+    scale; None without /proc (nothing noted: the wall clock alone judges, as before)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    try:
+        namespace = os.readlink("/proc/self/ns/time")
+    except OSError:
+        namespace = ""
+    return f"{boot} {namespace}".strip() or None
+
+
+def _monotonic_note(ttl: float) -> dict[str, Any] | None:
+    """What a take or a heartbeat notes in the holder (MONOTONIC): this host's monotonic clock
+    now and the lifetime it gives the lock."""
+    clock = _monotonic_clock()
+    return None if clock is None else {"clock": clock, "at_s": time.monotonic(), "ttl_s": ttl}
+
+
+def _with_note(holder: dict[str, Any], ttl: float) -> dict[str, Any]:
+    note = _monotonic_note(ttl)
+    out = {k: v for k, v in holder.items() if k != MONOTONIC}
+    return out if note is None else {**out, MONOTONIC: note}
+
+
+def _younger_than_its_life(holder: dict[str, Any]) -> float | None:
+    """Seconds since the lock's last take or heartbeat by this host's monotonic clock, when
+    that is less than the lifetime it was given; None when older, or when it cannot be told
+    (no note, another boot or clock, a reading ahead of now).
+
+    A note can only be as recent as a real take or heartbeat of this fleet run, so it makes no
+    dead lock live for longer than its lifetime after that write, on that clock (which stands
+    still while the host is suspended: such a lock reads stale that much later, never
+    sooner). One left behind by an older
+    runbook's refresh (which keeps the holder's other fields) is older than that refresh: the
+    lock then reads stale no later than by the wall clock alone."""
+    note = holder.get(MONOTONIC)
+    if not isinstance(note, dict):
+        return None
+    at, ttl = note.get("at_s"), note.get("ttl_s")
+    if not isinstance(at, int | float) or not isinstance(ttl, int | float):
+        return None
+    if note.get("clock") != _monotonic_clock():
+        return None
+    age = time.monotonic() - at
+    return age if 0 <= age < ttl else None
 
 
 def _when(epoch: float) -> str:
@@ -245,6 +310,7 @@ def _take(env: Environment, *, fleet_run_id: str, locked_by: str, hostname: str,
     holder = {"fleet_run_id": fleet_run_id, "locked_by": locked_by, "hostname": hostname,
               "pid": pid, "reason": reason, "locked_at_epoch": now,
               "expires_at_epoch": now + ttl}
+    holder = _with_note(holder, ttl)  # the monotonic clock tells its age when the wall cannot
     taken_over = None
     made = False  # by this take (not a retried take's lock, which may be another user's)
     for _ in range(2):
@@ -319,7 +385,7 @@ def _refresh(env: Environment, fleet_run_id: str, ttl: float) -> dict[str, Any]:
         raise LockedError("the fleet lock is no longer held by fleet run " + fleet_run_id
                           + (f" (now: {held.describe()})" if held else " (it is free)"),
                           "someone took it over: stop here and find out who") from None
-    holder = {**held.holder, "expires_at_epoch": time.time() + ttl}
+    holder = _with_note({**held.holder, "expires_at_epoch": time.time() + ttl}, ttl)
     files.atomic_write(path(env) / "holder.json", json.dumps(holder).encode())
     return {"ok": True, "refreshed": True, "holder": holder}
 

@@ -5,6 +5,11 @@ RUNBOOK_FLEET_DIR): the plan (hosts, batches, lock host), each phase with its st
 duration (pre-flight, database, rollout), each host's outcome with the JSON its own
 `runbook rollback` printed (steps, timings, its journal's path on that host), the database
 decision (so a `--resume` never repeats it) and the resume command.
+
+Times: `started`, `finished` and each host's `started`/`ended` are wall-clock timestamps (when),
+never subtracted; every offset and duration (`offset_ms`, `duration_ms`) is measured on the
+controller's monotonic clock (time.monotonic()), so a clock step during the run (NTP, a VM
+resumed) cannot make one negative or hours long.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class FleetJournal:
 
     def __init__(self, fleet_run_id: str, options: Any, inventory: Inventory,
                  targets: list[str], plan: Batches, who: str) -> None:
-        self.started = time.time()
+        self.started = time.time()  # a timestamp (when), never subtracted from another
+        self.began = time.monotonic()  # what every offset and duration is measured from
         self.directory: Path | None = getattr(options, "journal_dir", None)
         self._lock = threading.RLock()  # host ends are written from ansible-runner's thread
         self.on_error: Callable[[str], None] | None = None  # says a failed `save`
@@ -75,20 +81,27 @@ class FleetJournal:
             self.record["hosts"] = {**self.record.get("hosts", {}), name: entry}
             self.save()
 
-    def phase(self, name: str, started: float, status: str, **details: Any) -> None:
-        now = time.time()
+    def offset_ms(self, began: float) -> int:
+        """A time.monotonic() reading `began` as milliseconds since the run began."""
+        return round((began - self.began) * 1000)
+
+    def phase(self, name: str, began: float, status: str, **details: Any) -> None:
+        """A phase that began at `began`, a time.monotonic() reading, and ends now: its
+        offset and duration on that clock, never from two wall-clock readings (a clock
+        stepped back an hour mid-phase journaled a duration of minus an hour)."""
+        now = time.monotonic()
         with self._lock:
             self.record["phases"].append({"name": name, "status": status,
-                                          "offset_ms": round((started - self.started)
-                                                             * 1000),
-                                          "duration_ms": round((now - started) * 1000),
+                                          "offset_ms": self.offset_ms(began),
+                                          "duration_ms": round((now - began) * 1000),
                                           **details})
 
     def finish(self, outcome: str, exit_code: int, **values: Any) -> None:
         with self._lock:
             self.record.update(outcome=outcome, exit_code=exit_code,
                                finished=_iso(time.time()),
-                               duration_ms=round((time.time() - self.started) * 1000), **values)
+                               duration_ms=round((time.monotonic() - self.began) * 1000),
+                               **values)
 
     def path(self, directory: Path | None = None) -> Path:
         return (directory or self.directory or default_dir()) / \

@@ -84,8 +84,18 @@ class HostResult:
     exit_code: int | None = None
     message: str = ""
     record: dict[str, Any] | None = None  # the host's `runbook rollback --format json` output
-    started: float | None = None
+    started: float | None = None  # wall-clock timestamps (when), never subtracted
     ended: float | None = None
+    began: float | None = None  # time.monotonic() at its start and its end: its duration
+    finished: float | None = None
+
+    def timing(self, origin: float) -> dict[str, int | None]:
+        """Its offset from `origin` (the fleet run's time.monotonic() start) and its duration,
+        in ms, on the monotonic clock: `ended - started`, two wall-clock readings, was minus
+        an hour after NTP stepped the controller's clock back during the host's rollback."""
+        return {"offset_ms": None if self.began is None else round((self.began - origin) * 1000),
+                "duration_ms": None if self.began is None or self.finished is None
+                else round((self.finished - self.began) * 1000)}
 
 
 @dataclass
@@ -219,7 +229,7 @@ class Events:
     """Per-host results of one playbook run, by task name, from ansible-runner's events."""
 
     results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    started: dict[str, dict[str, float]] = field(default_factory=dict)
+    started: dict[str, dict[str, float]] = field(default_factory=dict)  # time.monotonic()
     unreachable: dict[str, str] = field(default_factory=dict)
     on_start: Callable[[str, str], None] | None = None
     on_end: Callable[[str, str, dict[str, Any]], None] | None = None
@@ -236,7 +246,7 @@ class Events:
         if kind == "playbook_on_task_start" and task.startswith("gate "):
             self.gate(task.removeprefix("gate ")).set()  # the playbook waits there for us
         elif kind == "runner_on_start":
-            self.started.setdefault(task, {})[host] = time.time()
+            self.started.setdefault(task, {})[host] = time.monotonic()
             if self.on_start:
                 self.on_start(task, host)
         elif kind in ("runner_on_ok", "runner_on_failed", "runner_on_skipped"):
@@ -802,7 +812,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                             say: Callable[[str], None], interrupts: _Interrupts) -> None:
     events = run.events
     env = inventory.env(inventory.lock_host)  # the run's one environment
-    t0 = time.time()
+    t0 = time.monotonic()
     try:
         run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
     except GateExpired:
@@ -831,7 +841,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
     restore_skipped = res is not None and res.get("_event") == "runner_on_skipped"
     if restore_skipped:
         res = None  # never started (a Ctrl-C before it): as if the play had stopped
-    t1 = (events.started.get("restore the snapshot", {}).get(decision["host"]) or time.time())
+    t1 = (events.started.get("restore the snapshot", {}).get(decision["host"])
+          or time.monotonic())
     out = _last_json(str((res or {}).get("stdout", ""))) or {}
     rc = None if res is None else res.get("rc")
     if res is not None and res.get("_event") == "runner_on_ok":
@@ -1322,7 +1333,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                           "of its batch")
 
     # -- pre-flight (and the fleet lock), read-only -------------------------------------------
-    t0 = time.time()
+    t0 = time.monotonic()
     locked = not options.dry_run  # from the moment the take is asked for: released in finally
     old_term = signal.signal(signal.SIGTERM, _interrupt)
     hosts = {h: HostResult(h) for h in targets}
@@ -1419,7 +1430,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              "run the same command without --maintenance (a rolling "
                              "rollback)", exit_code=ExitCode.USAGE, lines=problems)
         if maintenance is None:
-            journal.phase("database", time.time(), str(database.get("status", "?")),
+            journal.phase("database", time.monotonic(), str(database.get("status", "?")),
                           decision=database)
         journal.record["database"] = database
         if restore is not None:
@@ -1518,9 +1529,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         signal.signal(signal.SIGTERM, old_term)  # after the release: none is cut short
 
 
-def _host_entry(r: HostResult) -> dict[str, Any]:
+def _host_entry(r: HostResult, origin: float) -> dict[str, Any]:
+    """`origin`: the fleet run's start, time.monotonic() (FleetJournal.began)."""
     return {"status": r.status, "exit_code": r.exit_code, "message": r.message,
-            "started": r.started, "ended": r.ended, "run": r.record}
+            "started": r.started, "ended": r.ended, **r.timing(origin), "run": r.record}
 
 
 def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
@@ -1533,14 +1545,14 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
     def record(r: HostResult, status: str | None = None) -> None:
         if journal is None:
             return
-        entry = _host_entry(r)
+        entry = _host_entry(r, journal.began)
         if status:
             entry["status"] = status
         journal.host(r.host, entry)  # a failure is said (journal.save), never fatal
 
     def on_start(t: str, host: str) -> None:
         if t == task and host in hosts:
-            hosts[host].started = time.time()
+            hosts[host].started, hosts[host].began = time.time(), time.monotonic()
             record(hosts[host], STARTED)
             say(f"{host}: rolling back ...")
 
@@ -1548,7 +1560,7 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
         if t != task or host not in hosts or res.get("_event") == "runner_on_skipped":
             return
         r = hosts[host]
-        r.ended = time.time()
+        r.ended, r.finished = time.time(), time.monotonic()
         data = _last_json(str(res.get("stdout", ""))) or {}
         r.record = data or None
         if res.get("_event") == "runner_on_unreachable":
@@ -1588,7 +1600,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
              go: Callable[[], None]) -> FleetResult:
     """Open the gate to the rollout and follow it; Ctrl-C from here on lets hosts finish."""
     events = run.events
-    t0 = time.time()
+    t0 = time.monotonic()
     with interrupts.installed(say):
         # written before the gate opens: a resume of a run whose controller died after this
         # treats every host without a recorded outcome as unknown (it may have rolled back)
@@ -1622,9 +1634,9 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
     lost_lock = next((r for r in refresh.values()
                       if r.get("_event") in ("runner_on_failed", "runner_on_unreachable")), None)
     journal.phase("rollout", t0, status, serial=plan.serial,
-                  hosts={h: {"status": r.status, "started": r.started, "ended": r.ended}
-                         for h, r in hosts.items()})
-    journal.set(hosts={h: _host_entry(r) for h, r in hosts.items()})
+                  hosts={h: {"status": r.status, "started": r.started, "ended": r.ended,
+                             **r.timing(journal.began)} for h, r in hosts.items()})
+    journal.set(hosts={h: _host_entry(r, journal.began) for h, r in hosts.items()})
     codes = [r.exit_code for r in hosts.values() if r.status != ROLLED_BACK
              and r.status != NOT_STARTED]
     not_done = [h for h, r in hosts.items() if r.status != ROLLED_BACK]

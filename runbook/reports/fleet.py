@@ -3,7 +3,9 @@
 Drawn from the fleet journal record (runbook/fleet/journal.py) alone: its phases (pre-flight,
 drain, database) and each host's rollback, from its start to its end, grouped by batch (the
 canary first). The record is reduced to what the report shows (`reduce`), so report.json
-does not carry every host's dry run; the timeline reuses the run timeline's SVG.
+does not carry every host's dry run; the timeline reuses the run timeline's SVG. Offsets and
+durations are the journal's own (the controller's monotonic clock), never one wall-clock
+timestamp minus another (see `_host_times`).
 """
 
 from __future__ import annotations
@@ -34,13 +36,27 @@ def reduce(record: Mapping[str, Any]) -> dict[str, Any]:
         "phases": [{k: p.get(k) for k in ("name", "status", "offset_ms", "duration_ms")}
                    for p in record.get("phases") or [] if isinstance(p, Mapping)],
         "hosts": {h: {k: v.get(k) for k in ("status", "exit_code", "message", "started",
-                                            "ended")}
+                                            "ended", "offset_ms", "duration_ms")}
                   for h, v in hosts.items() if isinstance(v, Mapping)},
     }
 
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def _host_times(h: Mapping[str, Any], started: float) -> tuple[float, float | None]:
+    """When a host's rollback started (epoch) and how long it took (ms): from the run's start
+    plus the host's monotonic offset, and its monotonic duration, as the journal records them;
+    a journal written before those were recorded has its wall-clock start and end only, which
+    a clock step between them makes wrong (shown as the run recorded it)."""
+    offset, took = h.get("offset_ms"), h.get("duration_ms")
+    at = started + offset / 1000 if isinstance(offset, int | float) else h["started"]
+    if isinstance(took, int | float):
+        return at, took
+    if h.get("ended") is not None and "offset_ms" not in h:  # an older journal
+        return at, (h["ended"] - h["started"]) * 1000
+    return at, None
 
 
 def _batch_of(record: Mapping[str, Any]) -> dict[str, str]:
@@ -67,12 +83,11 @@ def as_run(record: Mapping[str, Any]) -> dict[str, Any]:
     for host, h in (record.get("hosts") or {}).items():
         if h.get("started") is None:
             continue
-        end = h.get("ended") or h["started"]
+        at, took = _host_times(h, started)
         steps.append({"name": f"{host} ({batch.get(host, '?')})",
                       "title": f"{host}: {h.get('status')}",
                       "status": HOST_STATUS.get(str(h.get("status")), "failed"),
-                      "started_at": _iso(h["started"]),
-                      "duration_ms": round((end - h["started"]) * 1000),
+                      "started_at": _iso(at), "duration_ms": round(took or 0),
                       "error": h.get("message") if h.get("status") != "rolled back" else None})
     return {"run_id": record.get("fleet_run_id"), "action": "fleet rollback",
             "outcome": record.get("outcome"), "started_at": record.get("started"),
@@ -83,9 +98,10 @@ def section(record: Mapping[str, Any]) -> dict[str, Any]:
     """A fleet run as the report template shows it."""
     batch = _batch_of(record)
     hosts = []
+    started = (datetime.fromisoformat(str(record["started"])).timestamp()
+               if record.get("started") else 0.0)
     for host, h in (record.get("hosts") or {}).items():
-        took = (h["ended"] - h["started"]) * 1000 if h.get("started") and h.get("ended") \
-            else None
+        took = _host_times(h, started)[1] if h.get("started") else None
         hosts.append({"host": host, "batch": batch.get(host, "-"), "status": h.get("status"),
                       "exit_code": h.get("exit_code"), "took": format_ms(took),
                       "message": h.get("message") or ""})
