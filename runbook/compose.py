@@ -48,14 +48,15 @@ def check_recreate(env: Environment, slot: Slot, image: str, why: str = "", *,
     recreates, so sending it back there loops: it is the host's own deploy, or compose.
     """
     config = env.slot(slot)
-    missing = _missing(env, slot)
+    no_file = _file_missing(env)  # read once: the deploy's fix below names it from this
+    missing = [m for m in (no_file, _no_service(env, slot)) if m is not None]
     if not missing:
         return
     where = env.source or "the environment file"
     lacks = f"this host has no compose to do it: {'; '.join(missing)}"
     if action == "deploy":  # deploys alternate: the keys both slots' recreates need
         keys = [*(["[compose] file (the compose file that makes the slots)"]
-                  if any(m.startswith(("[compose]", "the compose")) for m in missing) else []),
+                  if no_file is not None else []),
                 *(f"[slots.{s}] service" for s in Slot if not env.slot(s).service)]
         raise PreconditionError(
             f"`runbook deploy` recreates slot {slot}'s container {config.container} with "
@@ -71,21 +72,28 @@ def check_recreate(env: Environment, slot: Slot, image: str, why: str = "", *,
         f"file and [slots.{slot}] service in {where}")
 
 
+def _file_missing(env: Environment) -> str | None:
+    """Why this host has no usable compose file (None: it has one): its own answer, so a
+    deploy's fix names `[compose] file` from it, never by matching a message's wording."""
+    file = env.compose.file
+    if file is None:
+        return "[compose] file is not set"
+    try:
+        if not file.is_file():
+            return f"the compose file {file} does not exist"
+    except OSError as exc:  # a directory this user cannot search: never a crash here
+        return f"the compose file {file} cannot be read here ({exc.strerror})"
+    return None
+
+
+def _no_service(env: Environment, slot: Slot) -> str | None:
+    """Why compose has no service to recreate `slot` with (None: it has one)."""
+    return None if env.slot(slot).service else f"[slots.{slot}] service is not set"
+
+
 def _missing(env: Environment, slot: Slot) -> list[str]:
     """What this host lacks for compose to recreate `slot` (nothing: it can)."""
-    file = env.compose.file
-    missing = []
-    if file is None:
-        missing.append("[compose] file is not set")
-    else:
-        try:
-            if not file.is_file():
-                missing.append(f"the compose file {file} does not exist")
-        except OSError as exc:  # a directory this user cannot search: never a crash here
-            missing.append(f"the compose file {file} cannot be read here ({exc.strerror})")
-    if not env.slot(slot).service:
-        missing.append(f"[slots.{slot}] service is not set")
-    return missing
+    return [m for m in (_file_missing(env), _no_service(env, slot)) if m is not None]
 
 
 def can_recreate(env: Environment, slot: Slot | None = None) -> bool:

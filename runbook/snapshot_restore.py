@@ -80,7 +80,8 @@ def restore_steps(env: Environment, run: RestoreRun,
                   facts: dict[str, Any] | None = None,
                   run_id: str | None = None, standalone: bool = False,
                   end_sessions: bool = False, switch_to: Slot | None = None,
-                  record: dict[str, Any] | None = None) -> list[Step]:
+                  record: dict[str, Any] | None = None,
+                  keep_stopped: bool = False) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -96,7 +97,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     it, and the data from before it is in that run's safety snapshot, which the plan and
     every message name.
     `standalone`: `runbook snapshot restore`, with no target slot to switch to afterwards
-    (what a failure after the restore tells on-call to run differs). `end_sessions`: other
+    (what a failure after the restore tells on-call to run differs). `keep_stopped`: with
+    `standalone`, `--keep-stopped`: nothing starts the app slots again, so the plan says the
+    service is down until on-call starts them. `end_sessions`: other
     sessions on the database found before the safety snapshot are ended, not refused
     (snapshots/sessions.py: the app slots are not the only writers a host has).
     `switch_to`: the slot the caller starts and switches to after the restore, named in the
@@ -392,7 +395,11 @@ def restore_steps(env: Environment, run: RestoreRun,
         Step("stop-app-slots", "Stop the app slots that use the database (not the database)", {
             "containers": ", ".join(containers) or "none",
             "kept running": env.database.container,
+            # --keep-stopped: no switch and no start follows (found by review: it said
+            # "until the switch", which never comes)
             "THE SERVICE IS DOWN": (
+                "from here until you start the app containers (--keep-stopped leaves them "
+                "stopped)" if standalone and keep_stopped else
                 "from here until the app containers are started again (the last step)"
                 if standalone else "from here until the switch")
             + ": the one step allowed to stop the serving slot, so no write is lost during "
@@ -942,7 +949,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         facts: dict[str, Any] = {}
         restore_run = prepare(env, snap, moved_from)
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
-                              end_sessions=end_sessions)
+                              end_sessions=end_sessions, keep_stopped=not restart)
         warnings = [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         if facts.get("earlier_safety_snapshot"):
             warnings.append(f"the last run was killed during or after its restore: the data "
@@ -965,12 +972,6 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",
                               skip="--keep-stopped"))
-            for step in steps:  # found by review: it said "until the switch", which never comes
-                if "THE SERVICE IS DOWN" in step.details:
-                    step.details["THE SERVICE IS DOWN"] = (
-                        "from here until you start the app containers (--keep-stopped leaves "
-                        "them stopped): the one step allowed to stop the serving slot, so no "
-                        "write is lost during the restore")
         summary = (f"restore {env.display}'s database from {snap.name} (schema "
                    f"{restore_run.verified.migration_version})")
         return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)
