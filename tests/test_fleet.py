@@ -1506,6 +1506,119 @@ def test_a_drain_killed_half_way_leaves_a_lock_the_next_run_takes_over_and_says_
         locks.release(env, taken)
 
 
+def _docker_stop(*names: str) -> None:
+    """Stopped as a drain leaves them, by the docker CLI (not the code under test)."""
+    subprocess.run(["docker", "stop", "--time", "5", *names], capture_output=True, check=True,
+                   timeout=60)
+
+
+@pytest.mark.docker
+def test_the_undrain_holds_the_deploy_lock_and_journals_each_container_it_starts(
+        stack: DrillStack) -> None:
+    """Found by review: `fleet drain --undo` (the fleet's start-again of a maintenance run
+    stopped before the restore) started the containers with no deploy lock (a deploy
+    running then raced the starts) and wrote nothing on the host: its slots came back with
+    no record of who started them, or why. Now it holds the lock as the drain does,
+    releases it at its end, and the host's log names each container it started, each it
+    found running and left so, the fleet run and who ran it."""
+    env = stack.env
+    blue, green = (env.slot(s).container for s in (Slot.BLUE, Slot.GREEN))
+    _docker_stop(blue)
+    assert [_running(blue), _running(green)] == ["exited", "running"]
+    before = set(env.log_dir.glob("*.log"))
+    done = runbook_cli(env, "fleet", "drain", "--undo", f"{blue},{green}",
+                       "--fleet-run", "fleet_undo1", "--holder", "alice@controller")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [_running(blue), _running(green)] == ["running", "running"]
+    lines = _drain_logs(env, before)
+    text = json.dumps(lines)
+    assert "fleet_undo1" in text and "alice@controller" in text, text
+    (started,) = [e for e in lines if e.get("container") == blue]
+    assert started["message"].startswith(f"started {blue} again"), started
+    (left,) = [e for e in lines if e.get("container") == green]
+    assert "already running" in left["message"], left
+    assert all(e.get("fleet_run_id") == "fleet_undo1" for e in (started, left)), text
+    assert any(e["message"] == "took the deploy lock" for e in lines), text
+    assert lines[-1]["level"] == "SUCCESS", lines[-1]
+    assert not env.lock_path.exists()  # released: the next run on this host takes it
+    answer = json.loads(done.stdout)
+    assert answer["started"] == [blue] and answer["already_running"] == [green], answer
+
+
+@pytest.mark.docker
+def test_the_undrain_refuses_under_a_live_deploy_lock_and_starts_nothing(
+        stack: DrillStack) -> None:
+    """A deploy holds the lock (a live process: this one): the undrain refuses, exit 3, as
+    JSON the fleet reads, starts nothing, and the host's log says it was refused."""
+    from runbook import lock as locks
+
+    env = stack.env
+    containers = [env.slot(s).container for s in Slot]
+    _docker_stop(*containers)
+    before = set(env.log_dir.glob("*.log"))
+    held = locks.acquire(env, reason="a deploy")
+    try:
+        done = runbook_cli(env, "fleet", "drain", "--undo", ",".join(containers),
+                           "--fleet-run", "fleet_undo2")
+        still = locks.status(env)
+    finally:
+        locks.release(env, held)
+    assert done.returncode == ExitCode.LOCKED, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["ok"] is False and "nothing was started" in answer["error"], answer
+    assert [_running(c) for c in containers] == ["exited", "exited"]
+    assert still is not None and still.holder is not None, still
+    assert still.holder.reason == "a deploy", still  # never taken from it
+    lines = _drain_logs(env, before)
+    assert lines and lines[-1]["level"] == "ERROR" and "fleet_undo2" in json.dumps(lines), lines
+    assert not [e for e in lines if "container" in e], lines
+
+
+@pytest.mark.docker
+def test_the_undrain_takes_over_a_stale_deploy_lock_and_says_so(stack: DrillStack) -> None:
+    """A drain killed once it stopped blue leaves blue down and a lock naming a dead
+    process; on-call's `fleet drain --undo` (as the fleet's message says) takes that lock
+    over, says so on its output and in the host's log, starts blue, and releases it."""
+    from runbook import lock as locks
+
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    killed = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_undo3",
+                         fault="fleet-drain.after-stop:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    left = locks.status(env)
+    assert left is not None and left.stealable, left
+    assert _running(blue) == "exited"
+    before = set(env.log_dir.glob("*.log"))
+    done = runbook_cli(env, "fleet", "drain", "--undo", blue, "--fleet-run", "fleet_undo3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "took over a stale deploy lock" in done.stderr, done.stderr
+    assert _running(blue) == "running"
+    lines = _drain_logs(env, before)
+    taken = [e for e in lines if e["message"].startswith("took over a stale deploy lock")]
+    assert taken and taken[0]["level"] == "WARN", lines
+    assert [e["container"] for e in lines if "container" in e] == [blue], lines
+    assert not env.lock_path.exists()
+
+
+@pytest.mark.docker
+def test_an_undrain_naming_a_container_not_this_hosts_app_slot_starts_nothing(
+        stack: DrillStack) -> None:
+    """Bad input is refused whole, exit 2, before the lock: it started the app slots named
+    before the wrong one, then refused."""
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    _docker_stop(blue)
+    before = set(env.log_dir.glob("*.log"))
+    done = runbook_cli(env, "fleet", "drain", "--undo", f"{blue},caddy")
+    assert done.returncode == ExitCode.USAGE, done.stdout + done.stderr
+    assert _running(blue) == "exited"
+    assert set(env.log_dir.glob("*.log")) == before and not env.lock_path.exists()
+    answer = json.loads(done.stdout)
+    assert "caddy is not an app slot" in answer["error"], answer
+    assert "nothing was started" in answer["error"], answer
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 
@@ -2594,12 +2707,65 @@ def test_ctrl_c_during_the_maintenance_drain_never_starts_the_restore(
     assert hostlock.status(fleet.hosts[0].env) is None
     # each host's own log says what its drain stopped, for this fleet run, and the deploy
     # lock the drain held is free again (found by review: only the controller knew)
+    # ... and what the undrain started again, under that lock too
     (drain,) = [p for p in record["phases"] if p["name"] == "drain"]
     for h in fleet.hosts:
-        logged = sorted(e["container"] for e in _drain_logs(h.env, set())
-                        if e.get("fleet_run_id") == record["fleet_run_id"] and "container" in e)
+        ours = [e for e in _drain_logs(h.env, set())
+                if e.get("fleet_run_id") == record["fleet_run_id"] and "container" in e]
+        logged = sorted(e["container"] for e in ours if e["message"].startswith("stopped "))
         assert logged == sorted(drain["stopped"][h.name]), (h.name, logged, drain)
+        again = sorted(e["container"] for e in ours if e["message"].startswith("started "))
+        assert again == logged, (h.name, again, ours)
         assert logged and not h.env.lock_path.exists(), h.name
+
+
+@pytest.mark.docker
+def test_an_undrain_refused_by_a_live_deploy_lock_is_said_with_the_hosts_own_reason(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The undrain now holds each host's deploy lock: a deploy that took host3's lock once
+    its drain ended refuses host3's start-again (exit 3 there, nothing started). The run
+    says host3 is DOWN, exit 5, with host3's own reason (the deploy lock), not only "could
+    not be started again"; the other drained host is started again. Oracles: what each
+    host's Caddy serves, the docker CLI."""
+    from runbook import lock as locks
+
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    host3 = fleet.hosts[2]
+    apps = [host3.env.slot(s).container for s in Slot]
+    with fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    gate = tmp_path / "host2.gate"
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.held_command(
+        "host2", gate, "fleet", "drain")}})
+    held = None
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+        seen = _read_until(proc, "maintenance: draining")
+        _until_held(proc, gate)  # host2's drain held (host1's and host3's run on)
+        deadline = time.monotonic() + 120
+        while any(_running(c) == "running" for c in apps) or host3.env.lock_path.exists():
+            assert time.monotonic() < deadline, "host3's drain did not end in 120 s"
+            time.sleep(0.05)
+        held = locks.acquire(host3.env, reason="a deploy")  # a live process: this one
+        proc.send_signal(signal.SIGINT)
+        _said(proc, seen, "interrupted: the restore will not start")
+        gate.write_text("run")
+        out, err = proc.communicate(timeout=600)
+        down = [_running(c) for c in apps]
+    finally:
+        gate.write_text("run")
+        fleet.write_inventory()
+        if held is not None:
+            locks.release(host3.env, held)
+    text = "".join(seen) + err + out
+    assert proc.returncode == ExitCode.ATTENTION, text
+    assert "host3 could not be started again: THE SERVICE IS DOWN there" in err, text
+    (why,) = [line for line in err.splitlines() if "host3: start again failed:" in line]
+    assert "deploy lock" in why and "nothing was started" in why, why
+    assert "running" not in down, down  # nothing started under the deploy's lock
+    assert fleet.serving("host3")[0] >= 500, text
+    assert [fleet.serving(h.name)[:3:2] for h in fleet.hosts[:2]] == [(200, v3)] * 2, text
 
 
 @pytest.mark.docker

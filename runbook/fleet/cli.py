@@ -170,16 +170,18 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
                   "--undo", metavar="CONTAINERS", help="start again these containers (comma-"
                   "separated) that a drain stopped")] = None,
               fleet_run: Annotated[str, typer.Option(
-                  "--fleet-run", help="the fleet run draining this host, for its log")] = "",
+                  "--fleet-run", help="the fleet run draining (or undraining) this host, for "
+                  "its log")] = "",
               holder: Annotated[str, typer.Option(
                   "--holder", help="who runs that fleet run, for its log")] = "") -> None:
     """(Run by the fleet's maintenance path.) Stop this host's app slots under the deploy
-    lock, journaled: THE SERVICE IS DOWN."""
+    lock, journaled: THE SERVICE IS DOWN (--undo: start them again, the same way)."""
     from runbook.fleet import drain
 
     try:
         env_ = load_env(env, config)
-        out = (drain.undo(env_, [c for c in undo.split(",") if c]) if undo is not None
+        out = (drain.undo(env_, [c for c in undo.split(",") if c], fleet_run=fleet_run,
+                          holder=holder, notify=notice) if undo is not None
                else drain.drain(env_, fleet_run=fleet_run, holder=holder, notify=notice))
     except RunbookError as exc:
         _fail(exc, Format.json)

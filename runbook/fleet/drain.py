@@ -5,16 +5,61 @@ its app slots with the single-host restore's own stop (`slots.stop(..., maintena
 the one action allowed to stop the serving slot). No single-host command stops the slots
 without restoring too (`snapshot restore` would restore the database once per host), hence
 this small host-side command. `--undo` starts again the containers a drain stopped, for a
-maintenance run that stopped before the database was restored.
+maintenance run that stopped before the database was restored. Both hold the host's deploy
+lock while they change its slots and journal on the host what they changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError
+
+Log = Callable[..., None]
+
+
+def _fleet_fields(fleet_run: str, holder: str) -> dict[str, str | None]:
+    return {"fleet_run_id": fleet_run or None, "fleet_holder": holder or None}
+
+
+def _why(what: str, fleet_run: str, holder: str) -> str:
+    return (f"{what} (fleet run {fleet_run or 'not named'}"
+            + (f", by {holder}" if holder else "") + ")")
+
+
+@contextlib.contextmanager
+def _deploy_lock(env: Environment, why: str, log: Log, notify: Callable[[str], None], *,
+                 nothing: str, this: str, **fleet: str | None) -> Iterator[None]:
+    """The deploy lock held for the block and released on every path (the restore and the
+    rollback that follow on this host take it). A live holder refuses, exit 3, with
+    `nothing` said; a stale one is taken over and said. Killed inside, the lock names a dead
+    process, which the next run takes over."""
+    from runbook import lock as locks
+    from runbook import run
+
+    try:
+        held = locks.acquire(env, reason=why)
+    except LockedError as exc:
+        raise LockedError(f"{exc.message}; {nothing}", exc.fix) from None
+    try:
+        taken = (f"took over a stale deploy lock held by {held.stolen_from.describe()} "
+                 f"({held.stolen_from.why})" if held.stolen_from is not None else "")
+        log("WARN" if taken else "INFO", taken or "took the deploy lock",
+            lock=str(env.lock_path), **fleet)
+        if taken:
+            notify(taken)
+        yield
+    finally:
+        try:
+            locks.release(env, held)
+        except (RunbookError, OSError) as exc:  # never in place of what was changed
+            left = (f"the deploy lock {env.lock_path} could not be released ({exc}); the "
+                    f"next run takes it over and says so, since {this} has exited")
+            log("WARN", left)
+            notify(f"{run.WARNING}{left}")
 
 
 def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
@@ -28,24 +73,13 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
     run stopped after the drain left the service down with no record on the host (found by
     review). A live holder refuses, exit 3 (LockedError), and nothing is stopped."""
     from runbook import docker, faults, run, slots
-    from runbook import lock as locks
 
-    fleet = {"fleet_run_id": fleet_run or None, "fleet_holder": holder or None}
-    why = (f"fleet maintenance drain (fleet run {fleet_run or 'not named'}"
-           + (f", by {holder}" if holder else "") + ")")
+    fleet = _fleet_fields(fleet_run, holder)
+    why = _why("fleet maintenance drain", fleet_run, holder)
     with run.journaled(env, "fleet-drain", why, notify) as log:
-        try:
-            held = locks.acquire(env, reason=why)
-        except LockedError as exc:
-            raise LockedError(f"{exc.message}; nothing was stopped", exc.fix) from None
-        try:
-            taken = (f"took over a stale deploy lock held by {held.stolen_from.describe()} "
-                     f"({held.stolen_from.why})" if held.stolen_from is not None else "")
-            log("WARN" if taken else "INFO", taken or "took the deploy lock",
-                lock=str(env.lock_path), **fleet)
-            if taken:
-                notify(taken)
-            stopped: list[str] = []
+        stopped: list[str] = []
+        with _deploy_lock(env, why, log, notify, nothing="nothing was stopped",
+                          this="this drain", **fleet):
             for slot in env.slots:
                 name = env.slot(slot).container
                 if docker.inspect(name).running:
@@ -54,31 +88,48 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
                     log("INFO", f"stopped {name} (fleet maintenance: the database is restored "
                         "next)", container=name, slot=str(slot), **fleet)
                     faults.point(env, "fleet-drain.after-stop")
-        finally:
-            try:
-                locks.release(env, held)
-            except (RunbookError, OSError) as exc:  # never in place of what was stopped
-                left = (f"the deploy lock {env.lock_path} could not be released ({exc}); the "
-                        "next run takes it over and says so, since this drain has exited")
-                log("WARN", left)
-                notify(f"{run.WARNING}{left}")
         log("SUCCESS", f"drained: {len(stopped)} app slot(s) stopped, THE SERVICE IS DOWN on "
             "this host until the fleet's rollback starts it", stopped=stopped, **fleet)
     return {"ok": True, "stopped": stopped, "service": "DOWN on this host"}
 
 
-def undo(env: Environment, containers: list[str]) -> dict[str, Any]:
-    """Start again the containers a drain stopped (only this host's own app slots)."""
-    from runbook import docker
+def undo(env: Environment, containers: list[str], *, fleet_run: str = "", holder: str = "",
+         notify: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Start again the containers a drain stopped (only this host's own app slots), under the
+    deploy lock, journaled, as the drain itself.
 
-    own = {env.slot(s).container for s in env.slots}
-    started = []
-    for name in containers:
+    It started them with no lock and no word on the host (found by review): a deploy running
+    then raced the starts, and nothing on the host said who started its slots again. Every
+    name is checked before anything is taken or started (one not this host's app slot: exit
+    2, nothing started, no lock, no log). A live holder refuses, exit 3, nothing started; a
+    stale one is taken over and said. The host's log names each container started, and each
+    already running and left so, with the fleet run and who ran it."""
+    from runbook import docker, run
+
+    own = {env.slot(s).container: s for s in env.slots}
+    names = list(dict.fromkeys(containers))  # each once, in the order given
+    for name in names:
         if name not in own:
-            raise RunbookError(f"{name} is not an app slot of {env.name} on this host",
-                               "pass only the containers `fleet drain` printed",
+            raise RunbookError(f"{name} is not an app slot of {env.name} on this host; nothing "
+                               "was started", "pass only the containers `fleet drain` printed",
                                exit_code=ExitCode.USAGE)
-        if not docker.inspect(name).running:
-            docker.start(name)
-        started.append(name)
-    return {"ok": True, "started": started}
+    fleet = _fleet_fields(fleet_run, holder)
+    why = _why("fleet maintenance undrain: the database was not restored", fleet_run, holder)
+    with run.journaled(env, "fleet-undrain", why, notify) as log:
+        started: list[str] = []
+        running: list[str] = []
+        with _deploy_lock(env, why, log, notify, nothing="nothing was started",
+                          this="this undrain", **fleet):
+            for name in names:
+                if docker.inspect(name).running:
+                    running.append(name)
+                    log("INFO", f"{name} is already running: left as it is", container=name,
+                        slot=str(own[name]), **fleet)
+                    continue
+                docker.start(name)
+                started.append(name)
+                log("INFO", f"started {name} again (fleet maintenance stopped before the "
+                    "database was restored)", container=name, slot=str(own[name]), **fleet)
+        log("SUCCESS", f"undrained: {len(started)} app slot(s) started again, {len(running)} "
+            "already running", started=started, already_running=running, **fleet)
+    return {"ok": True, "started": started, "already_running": running}

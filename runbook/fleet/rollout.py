@@ -438,6 +438,14 @@ def _last_json(text: str) -> dict[str, Any] | None:
     return None
 
 
+def _host_error(res: dict[str, Any] | None) -> str:
+    """Why a host command failed: its own JSON error (a live deploy lock refuses the undrain,
+    exit 3), else its last line of output, else Ansible's word."""
+    res = res or {}
+    return str((_last_json(str(res.get("stdout", ""))) or {}).get("error")
+               or _one_line(str(res.get("stderr") or res.get("msg") or "no answer")))
+
+
 def _one_line(text: str) -> str:
     lines = [x.strip() for x in (text or "").strip().splitlines() if x.strip()]
     return lines[-1] if lines else "no output"
@@ -902,12 +910,14 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                 if uevents.results.get("undrain", {}).get(h, {}).get("_event") != "runner_on_ok"]
         journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left)
         if left:
+            results = uevents.results.get("undrain", {})
             raise FleetError(f"maintenance stopped before the restore ({why}); the database "
                              f"was not touched, but {', '.join(left)} could not be started "
                              "again: THE SERVICE IS DOWN there",
                              f"start its app slot there (`runbook fleet drain {env} --undo "
                              f"...`, `runbook status {env}`)", exit_code=ExitCode.ATTENTION,
-                             lines=failed)
+                             lines=failed + [f"{h}: start again failed: "
+                                             f"{_host_error(results.get(h))}" for h in left])
     # a drain that started and did not say what it stopped (it failed, or its connection was
     # lost) may have stopped the host's slots: never reported as "started again"
     lost = [h for h in targets if h not in drained and h not in skipped
