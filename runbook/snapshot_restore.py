@@ -445,6 +445,8 @@ def restore_steps(env: Environment, run: RestoreRun,
                       "back, the run stops there; committed, the app slots would stay down, "
                       + ("so the run carries on until traffic has moved, then stops (exit 6)"
                          if not standalone else
+                         "so the run carries on to its end (the app slots left stopped: "
+                         "--keep-stopped)" if keep_stopped else
                          "so the run carries on to its end (the app started again)"),
         }, run=do_restore, hold_signals=True),
         Step("verify-restore", CHECK, {

@@ -2525,6 +2525,8 @@ def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_r
     assert {o.name: o.status for o in kept.outcomes}["verify-restore"] == "ok"
     down = {s.name: s.details for s in kept.plan.steps}["stop-app-slots"]["THE SERVICE IS DOWN"]
     assert down.startswith("from here until you start the app containers"), down  # no switch
+    ctrl_c = {s.name: s.details for s in kept.plan.steps}["restore-database"]["Ctrl-C"]
+    assert ctrl_c.endswith("(the app slots left stopped: --keep-stopped)"), ctrl_c
     with stack.connect() as conn:
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
     assert not any(docker.inspect(env.slot(s).container).running for s in Slot)
@@ -2542,6 +2544,8 @@ def test_a_snapshot_restore_at_another_schema_than_the_serving_code_runs_on_is_r
     assert {o.name: o.status for o in back.outcomes}["start-app-slots"] == "ok"
     down = {s.name: s.details for s in back.plan.steps}["stop-app-slots"]["THE SERVICE IS DOWN"]
     assert down.startswith("from here until the app containers are started again"), down
+    ctrl_c = {s.name: s.details for s in back.plan.steps}["restore-database"]["Ctrl-C"]
+    assert ctrl_c.endswith("(the app started again)"), ctrl_c
     with stack.connect() as conn:
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
     assert through_proxy(env) == ("green", V2.tag)
