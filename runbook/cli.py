@@ -244,6 +244,7 @@ def unlock(
     yes: YesOpt = False, fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Show or release the deploy lock. A live holder's lock is never removed."""
+    from runbook import disk
     from runbook import lock as locks
     from runbook.redact import one_line, redact, scrub
 
@@ -263,6 +264,9 @@ def unlock(
                 else:
                     echo(redact(one_line(held.describe())) if held else "free")
                 return
+            # before the question and the journal: as a user who may not write the lock
+            # folder it journaled, then failed renaming the lock away (a traceback, exit 5)
+            disk.refuse_unwritable(environment, caddyfile=False, records=False)
         if held is not None:  # nothing held: nothing to remove, nothing to ask
             ask_first(yes, redact(
                 f"{environment.display}: the deploy lock {environment.lock_path} is held by "

@@ -58,10 +58,14 @@ def create(
     fmt: FormatOpt = Format.text, config: ConfigOpt = None,
 ) -> None:
     """Take a snapshot now (pg_dump inside the database container, gzip, sidecar)."""
-    from runbook import run, snapshots
+    from runbook import disk, run, snapshots
 
     environment = _env(env, config, fmt)
     try:
+        # before the journal and the database: it found the folder unwritable only once
+        # connected, after journaling, in words that named no owner and no command to type
+        disk.refuse_unwritable(environment, caddyfile=False, records=False, state=False,
+                               lock=False, snapshot_dir=True)
         with run.journaled(environment, "snapshot-create", reason, notice) as log:
             snap = snapshots.create(environment, reason)
             log("SUCCESS", f"snapshot taken: {snap.path}", snapshot=str(snap.path),
@@ -211,8 +215,14 @@ def cleanup(
     """Delete snapshots past their own expires_at (default retention: 7 days), keeping the
     newest usable one, the current and previous deployments' pre-deploy snapshots, and a
     killed restore's safety snapshot."""
+    from runbook import disk
+
     environment = _env(env, config, fmt)
     try:
+        # its dry run too (the real run's refusal, as every dry run): a folder it may not
+        # delete in was "Skipped ...: cannot delete it", exit 0, under the lock and journaled
+        disk.refuse_unwritable(environment, caddyfile=False, records=False, state=False,
+                               snapshot_dir=True)
         if dry_run:
             result = _cleanup_preview(environment)
         else:

@@ -186,7 +186,9 @@ def _may_write(path: Path, mode: int) -> bool:
     return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
-def access_problems(env: Environment, *, caddyfile: bool = True) -> list[tuple[str, str]]:
+def access_problems(env: Environment, *, caddyfile: bool = True, records: bool = True,
+                    state: bool = True, lock: bool = True,
+                    snapshot_dir: bool = False) -> list[tuple[str, str]]:
     """(problem, fix) for what the user running this may not write where a run writes, as
     `rooms` names it: a directory (the run stopped at its lock, its journal or its intent,
     after `status` and the dry run had passed, and so part way through a fleet rollout whose
@@ -194,17 +196,28 @@ def access_problems(env: Environment, *, caddyfile: bool = True) -> list[tuple[s
     a rename in its group-writable directory, it was taken from its owner, whose tools that
     write it in place could no longer update it (both found by review). A read-only
     filesystem is `problems`' to say; a state file behind a symlink into a missing directory
-    the state reader's (state.missing_link). `caddyfile`: whether the command writes the
-    Caddyfile (a restore does not: its folder, root's on most hosts, refused it for nothing)."""
+    the state reader's (state.missing_link).
+
+    What the command writes, the log folder always (every command that changes the host
+    journals): `caddyfile` the Caddyfile (a restore does not: its folder, root's on most
+    hosts, refused it for nothing); `records` a run record (`run.journaled`'s commands write
+    the log alone); `state` the state file; `lock` the deploy lock, taken or removed (its
+    folder, and the state file's, where the lock's guard is made when missing);
+    `snapshot_dir` a snapshot written or deleted there (`snapshot create` and `cleanup`
+    skipped this check: they failed part way, after journaling, or deleted nothing with
+    exit 0)."""
     me = os.geteuid()
     user = _user(me)
     out: list[tuple[str, str]] = []
-    state = Path(os.path.realpath(env.state_file))
+    state_file = Path(os.path.realpath(env.state_file))
     behind = files.missing_link_target(env.state_file) is not None
+    guard = lock and not state and not behind and not _guard_made(env)
     seen: set[Path] = set()
-    for directory in ([] if behind else [state.parent]) + [
-            env.lock_dir, env.log_dir, env.runs_dir,
-            *([Path(os.path.realpath(env.caddy.caddyfile)).parent] if caddyfile else [])]:
+    snapshots = Path(os.path.abspath(env.database.snapshot_dir))
+    for directory in ([state_file.parent] if (state or guard) and not behind else []) + [
+            *([env.lock_dir] if lock else []), env.log_dir, *([env.runs_dir] if records else []),
+            *([Path(os.path.realpath(env.caddy.caddyfile)).parent] if caddyfile else []),
+            *([snapshots] if snapshot_dir else [])]:
         directory = Path(os.path.abspath(directory))
         probe = _nearest(directory)
         if probe is None or probe in seen:
@@ -219,18 +232,27 @@ def access_problems(env: Environment, *, caddyfile: bool = True) -> list[tuple[s
         where = str(directory) + (f" (to be created in {probe})" if probe != directory else "")
         out.append((f"{user} may not write {where}: {probe} is {_user(st.st_uid)}:"
                     f"{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}; a run as {user} "
-                    "would stop before its first change",
+                    + ("that takes or deletes a snapshot " if directory == snapshots else "")
+                    + "would stop before its first change",
                     f"run the same command as a user who may write it (`{_as(st.st_uid)} "
                     f"runbook ...`), or let {user} write it (as root: `chmod g+w "
                     f"{shlex.quote(str(probe))}`, {user} in group {_group(st.st_gid)})"))
     if me == 0:
         return out  # root keeps a file's owner when it rewrites it
-    if not behind:
-        out += _read_only_file(state, f"the state file {env.state_file}", user)
+    if state and not behind:
+        out += _read_only_file(state_file, f"the state file {env.state_file}", user)
     if caddyfile:
         out += _read_only_file(Path(os.path.realpath(env.caddy.caddyfile)),
                                f"the Caddyfile {env.caddy.caddyfile}", user)
     return out
+
+
+def _guard_made(env: Environment) -> bool:
+    """The lock's guard is there beside the state file: taking the lock opens it (read-only
+    where this user may not write it) and writes nothing in that folder."""
+    from runbook.lock import guard_path
+
+    return os.path.isfile(guard_path(env))
 
 
 def _read_only_file(path: Path, what: str, user: str) -> list[tuple[str, str]]:
@@ -260,14 +282,18 @@ def _read_only_file(path: Path, what: str, user: str) -> list[tuple[str, str]]:
              f"run the same command as its owner (`{_as(st.st_uid)} runbook ...`){group_fix}")]
 
 
-def refuse_unwritable(env: Environment, *, caddyfile: bool = True) -> None:
+def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool = True,
+                      state: bool = True, lock: bool = True, snapshot_dir: bool = False) -> None:
     """Every mutating command (and its dry run, which the fleet's pre-flight is) refuses,
-    before anything, where `access_problems` finds one, or where the state file is behind a
+    before anything, where `access_problems` finds one (what it writes: the same keywords),
+    or, where it writes the state file or takes the lock, where the state file is behind a
     symlink into a missing directory (its lock's guard would be made there): exit 4, nothing
     changed."""
-    if (behind := files.link_refusal(env.state_file, "the state file", "[state] file")):
+    if (state or lock) and (behind := files.link_refusal(env.state_file, "the state file",
+                                                         "[state] file")):
         raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])
-    found = access_problems(env, caddyfile=caddyfile)
+    found = access_problems(env, caddyfile=caddyfile, records=records, state=state, lock=lock,
+                            snapshot_dir=snapshot_dir)
     if found:
         problem, fix = found[0]
         more = (f" (and {len(found) - 1} more: `runbook status {command_arg(env)}` lists them)"

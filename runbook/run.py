@@ -282,7 +282,8 @@ def journaled(env: Environment, action: str, why: str,
     code the process exits with. No run record: status shows the last run's, and a killed
     restore is looked for back through the records (journal.past_records), to which an
     hourly `snapshot create` would add one each hour. Never in the command's way: a log that
-    cannot be written is said through `notify`, and the command goes on."""
+    cannot be written (a full disk) is said through `notify`, and the command goes on; a log
+    folder this user may not write, each caller refuses first (disk.refuse_unwritable)."""
     journal: journals.Journal | None = None
     try:
         journal = journals.Journal.open(env, action, why=why, record=False)

@@ -1495,7 +1495,7 @@ def collect(env: Environment) -> Facts:
                                          if found else {})
             f.leftovers[slot] = found
     f.space = disk.rooms(env)
-    f.access = disk.access_problems(env)
+    f.access = disk.access_problems(env, snapshot_dir=True)  # every command's places
     from runbook.snapshots import room
 
     f.snapshot_space = room.snapshot_problems(env, f.space)

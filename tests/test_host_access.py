@@ -2,18 +2,22 @@
 run by real unprivileged users (useradd), as a review did on real hosts: a state file that
 user may only read (the run took it from its owner), a directory it may not write (the real
 run stopped where status and the dry run had passed), and a state file behind a symlink into
-a missing directory (an unmounted volume: a copy was written under the empty mount point).
+a missing directory (an unmounted volume: a copy was written under the empty mount point);
+and the same for the commands that change the host outside a run (`unlock`, `snapshot create`
+and `cleanup`) and for the snapshot folder a restore writes its safety snapshot in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,3 +346,160 @@ def test_only_the_commands_that_write_the_caddyfile_need_its_folder(
                                cwd="/tmp")
         assert probe.returncode == 0, probe.stderr
         assert probe.stdout.split("\n")[:2] == ["True 1 1", "False 0 0"], probe.stdout
+
+
+# --- the commands that change the host outside a run: unlock, snapshot create and cleanup ----
+
+DEAD_HOLDER = """
+import os, sys
+from runbook import environment, lock
+lock.acquire(environment.load(sys.argv[1]), reason="a run killed holding the lock")
+os._exit(0)  # killed: never released
+"""
+
+
+def _refused(done: subprocess.CompletedProcess[str], users: Users, folder: Path, *,
+             journaled: bool = False) -> None:
+    """Exit 4 in one line that names `folder`, who owns it, and the fix; nothing else said
+    (no journal warning, no traceback), but for a run refused while planning under its lock
+    (`journaled`) the line naming its journal, as every such refusal."""
+    named = (f"{users.oncall} may not write {folder}: {folder} is "
+             f"{users.owner}:{users.group}, mode 750")
+    assert done.returncode == 4, (folder, done.returncode, done.stdout, done.stderr)
+    first, *rest = done.stderr.splitlines()
+    assert first.startswith("runbook: error: ") and len(rest) == int(journaled), done.stderr
+    assert all(line.startswith("runbook: journal: ") for line in rest), done.stderr
+    assert named in done.stderr and "nothing was changed" in done.stderr, done.stderr
+    assert f"chmod g+w {folder}" in done.stderr and f"sudo -u {users.owner} runbook" in \
+        done.stderr, done.stderr
+
+
+@contextlib.contextmanager
+def kept_from_the_group(folder: Path, users: Users) -> Iterator[None]:
+    """`folder` its owner's, the deploy group's to read only (750): what oncall may not write."""
+    os.chown(folder, users.owner_uid, users.gid)
+    os.chmod(folder, 0o750)
+    try:
+        yield
+    finally:
+        os.chmod(folder, 0o770)
+
+
+def _listing(*folders: Path) -> dict[str, list[str]]:
+    return {str(f): sorted(p.name for p in f.iterdir()) for f in folders}
+
+
+@needs_root_and_useradd
+def test_unlock_as_a_user_who_may_not_write_the_lock_or_log_folder_is_refused_before_any_change(
+        scene_stack: DrillStack, users: Users) -> None:
+    """`runbook unlock` skipped the check every run makes (disk.refuse_unwritable): as a user
+    who may not write the lock folder it journaled its start, then failed renaming the lock
+    away; one who may not write the log folder removed the lock with no journal of it. Both
+    are refused now before anything, in one line naming the folder and the fix; the lock
+    stays. The premise (oracle): with the folders writable, the same user removes it."""
+    env = two_deployments(scene_stack)
+    assert env.source is not None
+    subprocess.run([sys.executable, "-c", DEAD_HOLDER, str(env.source)], check=True,
+                   timeout=60)
+    holder = (env.lock_path / "holder.json").read_bytes()
+    with shared_with_group(scene_stack, users):
+        for folder in (env.lock_dir, env.log_dir):
+            before = _listing(env.lock_dir, env.log_dir, env.runs_dir)
+            with kept_from_the_group(folder, users):
+                done = as_user(users, env, "unlock", "--force", "--yes")
+            _refused(done, users, folder)
+            assert (env.lock_path / "holder.json").read_bytes() == holder
+            assert _listing(env.lock_dir, env.log_dir, env.runs_dir) == before
+        done = as_user(users, env, "unlock", "--force", "--yes")
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert not env.lock_path.exists()
+
+
+@needs_root_and_useradd
+def test_snapshot_create_as_a_user_who_may_not_write_the_snapshot_or_log_folder_is_refused(
+        scene_stack: DrillStack, users: Users) -> None:
+    """`runbook snapshot create` skipped the check every run makes: as a user who may not
+    write the snapshot folder it journaled its start and dumped nothing only once it had
+    connected to the database ("snapshot folder ... is not writable", no owner, no fix to
+    type); one who may not write the log folder took the snapshot with no journal of it.
+    Both are refused now before anything, in one line naming the folder and the fix; no
+    snapshot is made. The premise: with the folders writable, the same user takes one."""
+    env = two_deployments(scene_stack)
+    snaps = env.database.snapshot_dir
+    with shared_with_group(scene_stack, users):
+        for folder in (snaps, env.log_dir):
+            before = _listing(snaps, env.log_dir, env.runs_dir)
+            with kept_from_the_group(folder, users):
+                done = as_user(users, env, "snapshot", "create", "--reason", "access")
+                status = as_user(users, env, "status")  # which a refusal's "N more" names
+            _refused(done, users, folder)
+            assert f"{users.oncall} may not write {folder}" in status.stdout, status.stdout
+            assert _listing(snaps, env.log_dir, env.runs_dir) == before
+        done = as_user(users, env, "snapshot", "create", "--reason", "access")
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert len(list(snaps.glob("*_access.sql.gz"))) == 1, _listing(snaps)
+
+
+@needs_root_and_useradd
+def test_snapshot_cleanup_as_a_user_who_may_not_write_its_folders_is_refused_dry_run_too(
+        scene_stack: DrillStack, users: Users) -> None:
+    """`runbook snapshot cleanup` (and its dry run) skipped the check every run makes: as a
+    user who may not write the snapshot folder it took the deploy lock and journaled, then
+    could not delete the expired snapshot; one who may not write the lock folder failed
+    taking the lock after journaling its start. Refused now before anything, in one line
+    naming the folder and the fix; no snapshot deleted. The premise: with the folders
+    writable, the same user deletes the expired one."""
+    from runbook import lock as locks
+    from runbook import snapshots
+
+    env = two_deployments(scene_stack)
+    snaps = env.database.snapshot_dir
+    older = snapshots.create(env, "access-older")
+    time.sleep(1.1)  # named by the second it was taken
+    newer = snapshots.create(env, "access-newer")  # the newest usable: always kept
+    for snap in (older, newer):
+        meta = json.loads(snap.meta_path.read_text())
+        snap.meta_path.write_text(json.dumps(meta | {"expires_at": "2000-01-01T00:00:00Z"}))
+    with shared_with_group(scene_stack, users):
+        for folder in (snaps, env.lock_dir, env.log_dir):
+            before = _listing(snaps, env.lock_dir, env.log_dir, env.runs_dir)
+            with kept_from_the_group(folder, users):
+                dry = as_user(users, env, "snapshot", "cleanup", "--dry-run")
+                done = as_user(users, env, "snapshot", "cleanup", "--yes")
+            _refused(dry, users, folder)
+            _refused(done, users, folder)
+            assert _listing(snaps, env.lock_dir, env.log_dir, env.runs_dir) == before
+        # the state file's folder: it writes nothing there once the lock's guard is made
+        locks.release(env, locks.acquire(env, reason="the guard made, as by any run"))
+        with kept_from_the_group(env.state_file.parent, users):
+            dry = as_user(users, env, "snapshot", "cleanup", "--dry-run")
+        assert dry.returncode == 0 and f"Would remove {older.name}" in dry.stdout, dry.stderr
+        done = as_user(users, env, "snapshot", "cleanup", "--yes")
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert not older.path.exists() and newer.path.exists(), _listing(snaps)
+
+
+@needs_root_and_useradd
+def test_a_restore_as_a_user_who_may_not_write_the_snapshot_folder_is_refused_before_the_stop(
+        scene_stack: DrillStack, users: Users) -> None:
+    """A restore takes its safety snapshot in the snapshot folder, which perform's check left
+    out (it is not every run's): as a user who may not write it, the restore and its dry run
+    are refused before anything (the app slots keep running), in the words `snapshot create`
+    uses; so is a deploy's pre-deploy snapshot (the same check, snapshots/room.py)."""
+    from runbook import snapshots
+
+    env = two_deployments(scene_stack)
+    snaps = env.database.snapshot_dir
+    snapshots.create(env, "access-restore")
+    with shared_with_group(scene_stack, users):
+        before = snapshot(env)
+        listed = _listing(snaps, env.log_dir, env.runs_dir)
+        with kept_from_the_group(snaps, users):
+            # the newest: `taken` (as_user names the environment last, where SNAPSHOT goes)
+            dry = as_user(users, env, "snapshot", "restore", "--dry-run")
+            done = as_user(users, env, "snapshot", "restore", "--yes")
+        _refused(dry, users, snaps)
+        _refused(done, users, snaps, journaled=True)  # refused while planning, as a full one
+        assert snapshot(env) == before  # traffic, containers (running), state, lock
+        after = _listing(snaps, env.log_dir, env.runs_dir)
+        assert after[str(snaps)] == listed[str(snaps)], after

@@ -89,7 +89,11 @@ def refuse_without_snapshot_room(env: Environment, what: str) -> None:
     """Refuse (exit 4, before any change) a run whose snapshot cannot be written: found only
     once the dump began, a restore had stopped its app slots by then (users got errors).
     A read-only folder or one out of inodes likewise (found by review: let through, "the
-    dump's own refusal words it", which came after the stop)."""
+    dump's own refusal words it", which came after the stop). A folder this user may not
+    write likewise (`disk.refuse_unwritable`, whose check of every run leaves this folder
+    out): a restore stopped the app slots, then failed at its safety snapshot."""
+    disk.refuse_unwritable(env, caddyfile=False, records=False, state=False, lock=False,
+                           snapshot_dir=True)
     room = snapshot_room(env)
     if room is None:
         return
