@@ -914,8 +914,9 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
         docker.stop(env.slot("blue").container)
     before = snapshot(env)
     # long enough for the broken build to answer (503) at least once, even on a busy machine
-    # (steps/givens.py: more than 2.5 s at load 35)
-    fast = env.with_(health=dataclasses.replace(env.health, timeout=5.0))
+    # (steps/givens.py: more than 2.5 s at load 35; 5 s was not enough at load 17 with the
+    # container started anew, on 2 cores: 129 attempts, all unreachable)
+    fast = env.with_(health=dataclasses.replace(env.health, timeout=10.0))
     with pytest.raises(RunbookError) as err:
         rollback.rollback(fast)
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
