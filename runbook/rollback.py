@@ -384,6 +384,7 @@ def named_target(env: Environment, state: states.DeploymentState,
     (exit 2), never a precondition met under the lock (found by review)."""
     target = state.find_version(ref)
     if target is None:
+        state.passed_by(None)  # a history entry another tool wrote badly may be it: refused
         known = ", ".join(d.version for d in state.deployments()) or "none"
         raise UsageError(f"--to {one_line(ref)} is not in the deployment history (known: "
                          f"{known}); "
@@ -479,6 +480,9 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     if not options.to and (target.id == current.id or target.version == current.version):
         raise PreconditionError(f"{target.version} is already the current deployment",
                                 "nothing to roll back to; pass --to <another version>")
+    # history entries another tool wrote badly: each provably older than the target is named
+    # (the plan's warning, so the journal's); one that may be it or newer is refused
+    passed = state.passed_by(target)
     # Independent read-only probes run at once (runbook/preflight.py: Probe); each result is
     # taken where the sequential plan used it, so the first failure reported is the same.
     guard_probe = tool_checks.Probe(lambda: schema_guard(env, current, target, options),
@@ -489,6 +493,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
+        warnings += passed
         from_version, served = serving_deployment(state, current, containers[live].result())
         _expected(options, current, from_version, served)
         refusal = _other_target(env, found, options, from_version, target) or forward

@@ -1307,6 +1307,19 @@ def access_notes(f: Facts) -> list[Note]:
     return [Note(f"{problem}; {fix}", "disk_access") for problem, fix in f.access]
 
 
+def history_notes(f: Facts) -> list[Note]:
+    """The history entries another tool wrote badly that a rollback to the previous
+    deployment passes by, as its plan warns of them (the reader refuses a file holding one
+    that may be the target or newer: a problem, state_unreadable's)."""
+    st = f.state
+    if st is None or st.previous is None or not st.unread:
+        return []
+    try:
+        return [Note(w, state_unreadable.__name__) for w in st.passed_by(st.previous)]
+    except RunbookError:  # (the reader refused such a file already)
+        return []
+
+
 def disk_notes(f: Facts) -> list[Note]:
     """A snapshot folder without room for a snapshot: a note, not a problem (exit 0 says
     nothing needs on-call now). Nothing that runs is harmed, a rollback that takes no
@@ -1602,8 +1615,8 @@ def to_json(f: Facts) -> dict[str, Any]:
     held = f.lock
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
                     "why": held.why, "path": str(held.path)} if held else {"locked": False})
-    out["notes"] = [n.to_json() for n in [*standby_notes(_judged(f)), *disk_notes(f),
-                                                 *access_notes(f)]]
+    out["notes"] = [n.to_json() for n in [*history_notes(f), *standby_notes(_judged(f)),
+                                                 *disk_notes(f), *access_notes(f)]]
     out["problems"] = [p.to_json() for p in problems(f)]
     from runbook.redact import scrub
 

@@ -1374,6 +1374,89 @@ def test_a_schema_migrations_holding_several_rows_is_refused_never_read_as_its_f
     assert (after, files_after, rows) == (before, files_before, [(1, False), (2, False)])
 
 
+def _with_history_entry(env: Environment, at: int, **changes: Any) -> dict[str, Any]:
+    """The state file with an entry another tool wrote badly inserted at `at` of its
+    history: v1's entry with `changes`, under its own id. Returns that entry."""
+    doc = json.loads(env.state_file.read_text())
+    assert [h["version"] for h in doc["deployment_history"]] == [V2.tag, V1.tag]  # premise
+    bad = {**doc["deployment_history"][1], "id": "dep_written_badly", "x_tool": [1, {"a": None}],
+           **changes}
+    doc["deployment_history"].insert(at, bad)
+    files.atomic_write(env.state_file, json.dumps(doc, indent=2).encode())
+    return bad
+
+
+def test_a_malformed_history_entry_older_than_the_target_is_passed_by_and_kept(
+        stack: DrillStack) -> None:
+    """Found open: one history entry another tool wrote badly (a version that is no 7-hex
+    commit), older than every other, refused every rollback (exit 4) and status said the
+    state file could not be read. It is passed by: status, the dry run and the run name it
+    (index, what is wrong, the fix), the journal records that same warning, and the file
+    the rollback rewrites keeps the entry as written, where it was. Oracle: the entry as
+    written here, what serves through the proxy."""
+    env = two_deployments(stack)  # v3 serves from blue; v2 the previous (green); v1 older
+    bad = _with_history_entry(env, 2, version="v0.9.0", deployed_at="2025-12-31T23:00:00Z")
+    problem = "deployment_history[2].version: 'v0.9.0' is not a 7-hex short commit"
+    seen = runbook_cli(env, "status")
+    said = seen.stdout + seen.stderr
+    assert problem in said and "write the short git commit" in said, said
+    assert "cannot be read" not in said, said
+    before = snapshot(env)
+    dry = runbook_cli(env, "rollback", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    [shown] = [line for line in dry.stdout.splitlines() if problem in line]
+    assert shown.startswith("  ! ") and "write the short git commit" in shown, shown
+    assert snapshot(env) == before
+    real = runbook_cli(env, "rollback", "--yes", "--format", "json")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    out = json.loads(real.stdout)
+    [warning] = [w for w in out["plan"]["warnings"] if problem in w]
+    assert shown == f"  ! {warning}"  # the plan shown is the plan run
+    assert f"runbook: warning: {warning}" in real.stderr, real.stderr
+    journal = [json.loads(line) for line in Path(out["log_file"]).read_text().splitlines()]
+    [planned] = [e for e in journal if e["message"].startswith("plan: ")]
+    assert warning in planned["plan"]["warnings"], planned
+    history = json.loads(env.state_file.read_text())["deployment_history"]
+    assert [h == bad for h in history] == [False, False, True], history  # kept, in its place
+    assert history[1]["version"] == V1.tag and history[2] == bad
+    assert json.dumps(history[2]) == json.dumps(bad)  # same keys, order and values
+
+
+def test_a_malformed_history_entry_that_may_be_the_target_or_newer_still_refuses(
+        stack: DrillStack) -> None:
+    """The other half: between v2 (the previous) and v1, an entry another tool wrote badly
+    is passed by for a rollback to v2 but refuses one to v1 (it may be newer than v1), and
+    in front of v2 it refuses every rollback; the one-line problem and its fix, exit 4,
+    nothing changed, the dry run as the run."""
+    env = two_deployments(stack)
+    original = env.state_file.read_bytes()
+    _with_history_entry(env, 1, status="done", deployed_at="2026-01-01T00:00:00Z",
+                        version="1abcdef")
+    problem = "deployment_history[1].status: 'done' is not a deployment status"
+    before = snapshot(env)
+    passed = runbook_cli(env, "rollback", "--dry-run")
+    assert passed.returncode == 0 and problem in passed.stdout, passed.stdout + passed.stderr
+    for extra in ("--dry-run", "--yes"):
+        refused = runbook_cli(env, "rollback", "--to", V1.tag, extra)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode == int(ExitCode.PRECONDITION), said
+        [error] = [line for line in said.splitlines() if line.startswith("runbook: error:")]
+        assert problem in error and V1.tag in error and "nothing was changed" in error, error
+        assert "write one of active" in error, error
+    assert snapshot(env) == before
+    files.atomic_write(env.state_file, original)
+    _with_history_entry(env, 0, git_commit="not-a-commit", deployed_at="2026-01-01T00:00:00Z")
+    before = snapshot(env)
+    problem = "deployment_history[0].git_commit: 'not-a-commit' is not a 40-hex commit"
+    for extra in ("--dry-run", "--yes"):
+        refused = runbook_cli(env, "rollback", extra)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode == int(ExitCode.PRECONDITION), said
+        assert problem in said and "git rev-parse HEAD" in said, said
+    assert snapshot(env) == before
+
+
 def test_a_redeployed_version_is_judged_by_its_newest_record_whatever_the_historys_order(
         stack: DrillStack) -> None:
     """Found by review: in a history written oldest first (another tool appends) holding the

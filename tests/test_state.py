@@ -388,7 +388,10 @@ BAD_DOCUMENTS = [
     (("current_deployment", "rollback_count"), True, "rollback_count: expected a non-negative"),
     (("current_deployment", "slot"), "green", "active_slot: says blue but slot says green"),
     (("deployment_history",), {"a": 1}, "deployment_history: expected an array"),
-    (("deployment_history", 0, "git_commit"), None, "deployment_history[0].git_commit: required"),
+    # a history entry whose age cannot be told (a lone one, its time unreadable): one
+    # provably older than the previous deployment is passed by (the tests at the end)
+    (("deployment_history", 0, "deployed_at"), "yesterday",
+     "deployment_history[0].deployed_at: 'yesterday' is not a valid time"),
     (("lock",), "yes", "lock: expected an object"),
     (("lock", "locked"), _DELETE, "lock.locked: required key is missing"),
     (("lock", "locked"), "false", "lock.locked: expected true or false"),
@@ -1415,3 +1418,165 @@ def test_a_rollback_keeps_the_history_entrys_own_keys_of_the_deployment_it_makes
     assert current["id"] == "dep_0002"
     assert current["snapshot_path"] == "/var/snap.sql.gz" and current["pipeline_run"] == 9002
     assert current["note"] == "previous's" and current["rollback_id"] == "rbk_1"
+
+
+# --- a history entry another tool wrote badly -----------------------------------------------
+#
+# The oracle is the document written here: where each entry sits and what it holds. An entry
+# the reader cannot read that is provably older than the rollback target (it is not current
+# nor previous, and it sits past the target's own entry in a history whose order the times
+# show) is passed by with a warning, and every rewrite keeps it, the same JSON value, in its
+# place; one that may be the target or newer than it is refused as before.
+
+_MALFORMED: dict[str, tuple[Any, str]] = {  # (what the other tool wrote, what is wrong)
+    "bad version": ({"version": "v0.9.0"}, "version: 'v0.9.0' is not a 7-hex short commit"),
+    "bad commit": ({"git_commit": "abc"}, "git_commit: 'abc' is not a 40-hex commit"),
+    "unknown status": ({"status": "done"}, "status: 'done' is not a deployment status"),
+    "bad slot": ({"active_slot": "purple"}, "active_slot: 'purple' is not a slot"),
+    "no version": ({"version": None}, "version: required key is missing"),
+    "not an object": (["v0.9.0", 3, {"x": True}], "expected an object, got"),
+    "null": (None, "expected an object, got null"),
+}
+
+
+def _malformed(kind: str, like: dict[str, Any]) -> Any:
+    """The bad entry: `like` (an older entry) changed as the other tool got it wrong, dated
+    before it; or a value that is no object at all."""
+    change, _ = _MALFORMED[kind]
+    if not isinstance(change, dict):
+        return copy.deepcopy(change)
+    out = {**like, "deployed_at": "2026-01-02T03:04:05Z", "x_tool": {"n": 1.5, "ok": False}}
+    if "id" in out:
+        out["id"] = "dep_bad_one"
+    for key, value in change.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def _three_dialects() -> dict[str, dict[str, Any]]:
+    """A file of each dialect whose history is [previous's entry, an older one], newest first."""
+    documented = load("documented.json")
+    documented["deployment_history"].insert(0, copy.deepcopy(documented["previous_deployment"]))
+    go = load("go_cli.json")  # its history already is [previous's entry, an older one]
+    go["environment"] = "production"
+    script = load("deploy_script.json")
+    older = {**script["previous_deployment"], "id": "dep_188e0000000000a0_aa11bb22cc33dd44ee55ff00",
+             "version": "1d2e3f4", "git_commit": "1d2e3f4" + "0" * 33,
+             "deployed_at": "2026-01-20T09:00:00Z", "status": "superseded"}
+    script["deployment_history"] = [copy.deepcopy(script["previous_deployment"]), older]
+    script["environment"] = "production"
+    return {"documented": documented, "go-cli": go, "deploy-script": script}
+
+
+@pytest.mark.parametrize("oldest_first", [False, True], ids=["newest first", "oldest first"])
+@pytest.mark.parametrize("kind", list(_MALFORMED))
+@pytest.mark.parametrize("dialect", ["documented", "go-cli", "deploy-script"])
+def test_a_malformed_entry_older_than_the_target_is_passed_by_and_kept_in_its_place(
+        dialect: str, kind: str, oldest_first: bool, tmp_path: Path) -> None:
+    """Found open: one entry another tool wrote badly anywhere in deployment_history refused
+    every rollback, status said the state file could not be read. One older than the target
+    is passed by, named (index, what is wrong, the fix), and every rewrite keeps it."""
+    doc = _three_dialects()[dialect]
+    history = doc["deployment_history"]
+    bad = _malformed(kind, history[-1])
+    history.append(bad)
+    if oldest_first:
+        history.reverse()
+    where = 0 if oldest_first else 2
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    state = read_state(path, environment="production")
+    assert state.previous is not None and state.previous.version == \
+        doc["previous_deployment"]["version"]
+    [warning] = state.passed_by(state.previous)
+    assert f"deployment_history[{where}]" in warning and _MALFORMED[kind][1] in warning, warning
+    assert "fix: " in warning and "\n" not in warning, warning
+    write_state(path, after_rollback(state, run_id="rbk_1"))
+    written = json.loads(path.read_text())
+    assert written["current_deployment"]["version"] == doc["previous_deployment"]["version"]
+    after = written["deployment_history"]
+    newest_first = after[::-1] if oldest_first else after
+    found = [i for i, entry in enumerate(newest_first) if _json_same(entry, bad)]
+    assert found == [len(after) - 1], after  # kept once, the same JSON value, still the oldest
+    older = history[1]  # the entry the other tool wrote it next to: it stays beside it
+    assert newest_first[-2]["version"] == older["version"], after
+    again = read_state(path, environment="production")  # and passed by again
+    assert again.previous is not None and len(again.passed_by(again.previous)) == 1
+
+
+def test_a_malformed_entry_survives_a_deploy_and_a_lock_byte_for_byte(tmp_path: Path) -> None:
+    """A rewrite that does not touch the history (the lock mirror) leaves the file's bytes; a
+    deploy puts a new entry in front and the other tool's entry stays as written."""
+    doc = _three_dialects()["go-cli"]
+    bad = _malformed("unknown status", doc["deployment_history"][-1])
+    doc["deployment_history"].append(bad)
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_state(path, with_lock(read_state(path), {"locked": False}))
+    assert json.loads(path.read_bytes()) == doc
+    write_state(path, after_deploy(read_state(path), dep(9, Slot.GREEN)))
+    after = json.loads(path.read_text())["deployment_history"]
+    assert _json_same(after[-1], bad) and after[-2]["version"] == doc["deployment_history"][1][
+        "version"], after
+
+
+@pytest.mark.parametrize("case", [
+    "before the target's entry", "order not shown", "its own time newer", "previous itself",
+    "current itself"])
+def test_a_malformed_entry_that_may_be_the_target_or_newer_is_still_refused(
+        case: str, tmp_path: Path) -> None:
+    """Where the bad entry may be the rollback target, or newer than it, nothing is passed by:
+    the one-line problem and fix, exit 4, nothing written."""
+    doc = _three_dialects()["documented"]
+    history = doc["deployment_history"]
+    where = "deployment_history[0]"
+    if case == "before the target's entry":
+        history.insert(0, _malformed("bad commit", history[0]))
+    elif case == "order not shown":  # one readable entry: which end is newest is not shown
+        doc["deployment_history"] = [history[0], None]
+        where = "deployment_history[1]"
+    elif case == "its own time newer":
+        doc["deployment_history"] = [history[0], {**_malformed("bad slot", history[1]),
+                                                  "deployed_at": "2026-01-27T20:00:00Z"}]
+        where = "deployment_history[1]"
+    elif case == "previous itself":
+        doc["previous_deployment"]["status"] = "done"
+        where = "previous_deployment.status"
+    else:
+        doc["current_deployment"]["git_commit"] = "abc"
+        where = "current_deployment.git_commit"
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    before = path.read_bytes()
+    with pytest.raises(StateError) as refused:
+        read_state(path, environment="production")
+    assert refused.value.exit_code == ExitCode.PRECONDITION
+    assert f"{path}: {where}" in refused.value.message, refused.value.message
+    assert refused.value.fix and "\n" not in str(refused.value)
+    assert path.read_bytes() == before
+
+
+def test_a_malformed_entry_newer_than_a_named_target_refuses_that_rollback(
+        tmp_path: Path) -> None:
+    """Between the previous deployment's entry and an older one named with `--to`: passed by
+    for the previous one, refused for the older one (it may be newer than it)."""
+    doc = _three_dialects()["documented"]
+    history = doc["deployment_history"]
+    history.insert(1, _malformed("bad version", history[1]) | {
+        "deployed_at": "2026-01-26T20:00:00Z"})
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    state = read_state(path, environment="production")
+    assert state.previous is not None and len(state.passed_by(state.previous)) == 1
+    older = state.find_version(history[2]["version"])
+    assert older is not None
+    with pytest.raises(StateError) as refused:
+        state.passed_by(older)
+    assert refused.value.exit_code == ExitCode.PRECONDITION
+    assert "deployment_history[1].version: 'v0.9.0'" in refused.value.message
+    assert older.version in refused.value.message and refused.value.fix
+    with pytest.raises(StateError, match=r"deployment_history\[1\]"):
+        state.passed_by(None)  # a version no readable entry holds: it may be that one

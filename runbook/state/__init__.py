@@ -7,7 +7,9 @@ keys, lock fields; absent fields stay absent), and only what changed is written,
 own dialect and formatting. A rewrite with no change is byte-identical, so a rewrite by us never
 destroys another tool's data (the bug that made the dialects corrupt each other). Every problem
 surfaces as one StateError line naming the file, the key and the fix, because an operator reads
-it in the middle of an incident.
+it in the middle of an incident. One exception: a history entry another tool wrote badly that
+is provably older than the previous deployment is kept unread (model.Unread), written back as
+it was, in its place; a rollback passes it by with a warning (DeploymentState.passed_by).
 
 One job a module: schema (dialects, keys, statuses, size limit), model (Deployment,
 DeploymentState), reader (any dialect into the model), dialects (the model back into the
@@ -23,6 +25,7 @@ from runbook.state.dialects import format_time_as, normalized_history, to_json
 from runbook.state.model import (
     Deployment,
     DeploymentState,
+    Unread,
     current_operator,
     format_time,
     new_id,
@@ -76,6 +79,7 @@ __all__ = [
     "NotJSON",
     "Refused",
     "StateChangedError",
+    "Unread",
     "absent",
     "after_deploy",
     "after_rollback",

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from runbook.state.model import Deployment, DeploymentState, format_time
+from runbook.state.model import Deployment, DeploymentState, Unread, format_time
 from runbook.state.schema import (
     _DEPLOYMENT_KEYS,
     _GO_LOCK_ORDER,
@@ -180,6 +180,38 @@ def normalized_history(history: tuple[Deployment, ...] | list[Deployment],
     return tuple(out)
 
 
+def _with_unread(entries: list[Any], ids: list[str], was: DeploymentState) -> list[Any]:
+    """The rewritten history (newest first, `ids` its entries' ids) with every entry another
+    tool wrote badly put back as written, where it was: right behind the nearest entry the
+    file put before it that is still there, else in front of the nearest one after it, else
+    last. Never dropped: it is another tool's record, and only a person can mend it."""
+    if not was.unread:
+        return entries
+    layout: list[Any] = list(was.history[::-1] if was.history_oldest_first else was.history)
+    for entry in sorted(was.unread, key=lambda u: u.index):  # the file's order, as read
+        layout.insert(entry.index, entry)
+    if was.history_oldest_first:
+        layout.reverse()
+    out: list[tuple[Any, Any]] = list(zip(ids, entries, strict=True))
+    for at, item in enumerate(layout):
+        if not isinstance(item, Unread):
+            continue
+        newer = (_spot(out, layout[i]) for i in range(at - 1, -1, -1))
+        older = (_spot(out, layout[i]) for i in range(at + 1, len(layout))
+                 if not isinstance(layout[i], Unread))
+        behind = next((k + 1 for k in newer if k is not None), None)
+        spot = behind if behind is not None else next(
+            (k for k in older if k is not None), len(out))
+        out.insert(spot, (item, copy.deepcopy(item.raw)))
+    return [value for _, value in out]
+
+
+def _spot(out: list[tuple[Any, Any]], item: Any) -> int | None:
+    """Where `item` (an unread entry, or a deployment as read: by its id) is in `out`."""
+    return next((k for k, (key, _) in enumerate(out)
+                 if key is item or (isinstance(item, Deployment) and key == item.id)), None)
+
+
 def _lock_json(lock: Mapping[str, Any], raw: Any, dialect: str) -> dict[str, Any]:
     """The lock mirror in the file's dialect (the Go CLI's key order and zero times), its
     expiry under both names with the same time: the Go CLI reads `expires_at` and takes a
@@ -248,10 +280,11 @@ def to_json(state: DeploymentState) -> dict[str, Any]:
     if not history_same:
         # entries still as the file's history had them stay as written; the others are ours
         as_read = {id(h) for h in was.history}
-        entries = [
+        kept = normalized_history(state.history)
+        entries = _with_unread([
             _deployment_json(d, dialect, env) if id(d.origin) in as_read and d == d.origin
             else _complete(_deployment_json(d, dialect, env), d, dialect)
-            for d in normalized_history(state.history)]
+            for d in kept], [d.id for d in kept], was)
         # the file's own order: one written oldest first gets new entries appended
         out["deployment_history"] = entries[::-1] if was.history_oldest_first else entries
     if not _same(dict(state.lock), dict(was.lock)):

@@ -110,6 +110,33 @@ class Deployment:
 
 
 @dataclass(frozen=True)
+class Unread:
+    """A deployment_history entry another tool wrote badly (a version that is no 7-hex
+    commit, an unknown status, no object at all): not read, never dropped. The writer puts
+    `raw` back where it was; a rollback passes it by only when it is provably older than
+    its target (DeploymentState.passed_by), else it is refused as any bad record is."""
+
+    index: int  # its place in the file's deployment_history, as written
+    raw: Any  # the value as written
+    problem: str  # "deployment_history[2].version: 'v0.9.0' is not a 7-hex short commit"
+    fix: str
+    # how many of the readable entries (`history`, newest first) the file puts before it,
+    # when the entries' times show the file's order; None when they do not
+    newer: int | None = None
+    # its own times, where they can be read: the only witness of its age when the order is
+    # not shown (deployed_at, and when it last went live)
+    deployed_at: datetime | None = None
+    went_live: datetime | None = None
+
+
+def _not_newer(dep: Deployment, target: Deployment) -> bool:
+    """`dep` is the target's own record, or older than it by both its times."""
+    return dep.id == target.id or (dep.version, dep.git_commit, dep.deployed_at) == (
+        target.version, target.git_commit, target.deployed_at) or (
+        dep.deployed_at < target.deployed_at and dep.went_live < target.went_live)
+
+
+@dataclass(frozen=True)
 class DeploymentState:
     """The whole file. `environment` is "" only when the file never said (a first-ever file)."""
 
@@ -123,6 +150,8 @@ class DeploymentState:
     lock: Mapping[str, Any] = field(default_factory=lambda: {"locked": False})
     extra: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""  # where it was read from, for messages
+    # history entries another tool wrote badly, kept as written (none is in `history`)
+    unread: tuple[Unread, ...] = ()
     # The state as read (itself, holding the document and its bytes); None for a new state,
     # and for one read where no file was (`source` set: see reader.absent).
     origin: DeploymentState | None = field(default=None, compare=False, repr=False)
@@ -163,6 +192,38 @@ class DeploymentState:
         `rollback --to` the oldest record, and the schema guard judged its schema)."""
         found = [d for d in self.deployments() if d.matches(ref)]
         return max(found, key=lambda d: d.went_live, default=None)  # a tie: the first listed
+
+    def older_than(self, entry: Unread, target: Deployment) -> bool:
+        """Whether an unread entry is provably older than `target`: where the times show
+        the file's order, by its place (behind the target's own entry, or one older than
+        it); where they do not, by its own times. Never by the contract's "newest first"
+        alone: another tool may append."""
+        if entry.newer is not None:  # places in the history as read
+            read = self.origin if self.origin is not None else self
+            return any(_not_newer(dep, target) for dep in read.history[:entry.newer])
+        return (entry.deployed_at is not None and entry.went_live is not None
+                and entry.deployed_at < target.deployed_at
+                and entry.went_live < target.went_live)
+
+    def passed_by(self, target: Deployment | None) -> list[str]:
+        """A rollback to `target` (None: a version no readable record holds) passes by the
+        unread entries provably older than it: the warning for each, which its plan shows
+        and its journal records (status shows them for the previous deployment). The first
+        that may be the target, or newer than it, is refused: the problem and its fix,
+        exit 4, as the reader refuses a bad record."""
+        where = f"{self.source}: " if self.source else ""
+        warnings = []
+        for entry in self.unread:
+            if target is None or not self.older_than(entry, target):
+                may = ("the deployment asked for" if target is None else
+                       f"newer than {target.version}, the version to roll back to")
+                raise StateError(f"{where}{entry.problem} (another tool wrote it; it may be "
+                                 f"{may}, so no rollback passes it by); nothing was changed",
+                                 entry.fix)
+            warnings.append(f"{where}{entry.problem}: another tool wrote this entry, older "
+                            f"than {target.version} (the rollback target), so the rollback "
+                            f"passes it by and the file keeps it as written; fix: {entry.fix}")
+        return warnings
 
     def find_id(self, deployment_id: str) -> Deployment | None:
         return next((d for d in self.deployments() if d.id == deployment_id), None)

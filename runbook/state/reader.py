@@ -19,7 +19,7 @@ from runbook import files
 from runbook import kept_state as kept
 from runbook.environment import ENV_NAMES, Slot, canonical_name
 from runbook.errors import StateError
-from runbook.state.model import Deployment, DeploymentState, format_time, parse_time
+from runbook.state.model import Deployment, DeploymentState, Unread, format_time, parse_time
 from runbook.state.schema import (
     _COMMIT,
     _DEPLOYMENT_KEYS,
@@ -201,6 +201,53 @@ def _with_id_of(dep: Deployment | None, history: tuple[Deployment, ...]) -> Depl
     adopted = replace(dep, id=ids.pop())
     object.__setattr__(adopted, "origin", adopted)
     return adopted
+
+
+def _history_entry(obj: Any, index: int, r: _Reader) -> Deployment | Unread:
+    """One history entry; one another tool wrote badly is kept unread, as written (whether
+    a rollback may pass it by is judged once the whole history is read)."""
+    try:
+        return _deployment(obj, f"deployment_history[{index}]", r, need_slot=False)
+    except Refused as exc:
+        deployed_at, went_live = _own_times(obj)
+        return Unread(index=index, raw=copy.deepcopy(obj),
+                      problem=exc.message.removeprefix(f"{r.source}: "), fix=exc.fix or "",
+                      deployed_at=deployed_at, went_live=went_live)
+
+
+def _own_times(obj: Any) -> tuple[datetime | None, datetime | None]:
+    """An unread entry's deployed_at and when it last went live, where both can be read."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("deployed_at"), str):
+        return None, None
+    live = obj.get("live_since")
+    try:
+        deployed = parse_time(obj["deployed_at"])
+        since = parse_time(live) if isinstance(live, str) and live else None
+    except (ValueError, OverflowError):
+        return None, None
+    if deployed is None or (live is not None and live != "" and since is None):
+        return None, None
+    return deployed, max(deployed, since or deployed)
+
+
+def _order_shown(history: tuple[Deployment, ...]) -> bool:
+    """Whether the readable entries' times show the file's order: some neighbours, where
+    when they were deployed and when they went live agree, in one direction, none in the
+    other (_oldest_first counts the same pairs)."""
+    pairs = list(itertools.pairwise(history))
+    rising = any(a.deployed_at < b.deployed_at and a.went_live < b.went_live for a, b in pairs)
+    falling = any(a.deployed_at > b.deployed_at and a.went_live > b.went_live for a, b in pairs)
+    return rising != falling
+
+
+def _placed(entry: Unread, items: list[Deployment | Unread], oldest_first: bool,
+            shown: bool) -> Unread:
+    """The unread entry with how many readable entries the file puts before it, newest
+    first (None where the order is not shown)."""
+    if not shown:
+        return entry
+    side = items[entry.index + 1:] if oldest_first else items[:entry.index]
+    return replace(entry, newer=sum(isinstance(d, Deployment) for d in side))
 
 
 def _oldest_first(history: tuple[Deployment, ...]) -> bool:
@@ -406,12 +453,23 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
     # previous_deployment with `"slot": ""`. Which slot serves is read from Caddy, never here.
     previous = None if previous_raw is None else _deployment(
         previous_raw, "previous_deployment", r, need_slot=False)
-    history = tuple(_deployment(item, f"deployment_history[{i}]", r, need_slot=False)
-                    for i, item in enumerate(history_raw))
+    items = [_history_entry(item, i, r) for i, item in enumerate(history_raw)]
+    history = tuple(d for d in items if isinstance(d, Deployment))
     current, previous = (_with_id_of(current, history), _with_id_of(previous, history))
     oldest_first = _oldest_first(history)
+    shown = _order_shown(history)
     if oldest_first:
         history = history[::-1]
+    unread = tuple(_placed(d, items, oldest_first, shown) for d in items
+                   if isinstance(d, Unread))
+    # An entry another tool wrote badly is passed by only when it is provably older than the
+    # previous deployment (the rollback's target; a plan judges a --to one again): one that
+    # may be it, or newer, is refused as ever (found open: one old bad entry refused every
+    # rollback, and status could not read the file).
+    judge = DeploymentState(environment="", history=history, unread=unread)
+    for entry in unread:
+        if previous is None or not judge.older_than(entry, previous):
+            raise r.fail("", entry.problem, entry.fix)
 
     if not env_name and current is not None:
         # The deploy script never fills the top-level key but stamps each deployment.
@@ -430,6 +488,7 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
         previous=previous,
         history=history,
         history_oldest_first=oldest_first,
+        unread=unread,
         lock=_lock_or_as_written(data.get("lock"), r) if lock_as_written
         else _lock(data.get("lock"), r),
         extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _TOP_KEYS},
