@@ -57,6 +57,16 @@ def exec_container(command: tuple[str, ...]) -> str | None:
     return None
 
 
+def execs_in_caddys_container(command: tuple[str, ...]) -> bool:
+    """Whether the command runs inside Caddy's own running container (`docker exec NAME`,
+    `docker compose exec SERVICE`): an address there, 127.0.0.1 above all, is the
+    container's, not this host's."""
+    if exec_container(command) is not None:
+        return True
+    words = docker_words(command) or []
+    return words[:1] == ["compose"] and "exec" in words[1:]
+
+
 def runs_in_container(env: Environment) -> bool:
     """Whether Caddy's command goes through `docker ...` (its container's mounts matter)."""
     return docker_words(env.caddy.command) is not None

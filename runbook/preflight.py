@@ -259,7 +259,9 @@ def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
                 "set [caddy] command to a working caddy (e.g. [\"docker\", \"exec\", "
                 "\"<caddy container>\", \"caddy\"]) and [caddy] container_path to the "
                 "Caddyfile's path inside that container")
-        return f"{' '.join(caddy.reload_action(env))}: `{c.command[0]}` runs and reads {seen}"
+        command = caddy.reload_command(env)
+        return (f"{' '.join(command.words())}: `{c.command[0]}` runs and reads {seen}"
+                + (f"; {command.note}" if command.note else ""))
     if shutil.which("systemctl") is None:
         raise PreconditionError("pre-flight: the reload method is systemctl, but systemctl is "
                                 "not installed here; nothing was changed",

@@ -1552,7 +1552,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
     asked the same question again (any other text is validated here).
     """
     sp = planned or caddy.plan_switch(env, target)
-    reload_command = caddy.reload_command(env)  # built once: shown here, run by the switch
+    # built once, from the plan's reading of Caddy: shown here, run by the switch (which
+    # refuses when Caddy's config changed since that reading: caddy_changed_since)
+    reload_command = sp.command or caddy.reload_command(env, sp.running)
     try:
         sp_upstreams = [u for u in caddy.inspect(sp.new_text, env).upstreams if u.slot == target]
     except RunbookError:
@@ -1566,7 +1568,8 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         "validate": " ".join(sp.validate_command)
                     + (" (in pre-flight, the same bytes)" if validated is not None else ""),
         "reload": f"{sp.reload}: " + reload_command.display(
-            tagged=None if sp.running is None else sp.etag is not None),
+            tagged=None if sp.running is None else sp.etag is not None)
+        + (f"; {reload_command.note}" if reload_command.note else ""),
         "verify": f"GET {sp.verify_url}: X-Togather-Slot={target}, version={expected_version}",
         "on failure": "put back the Caddyfile matching what Caddy ran before, and load back "
                       "the config Caddy ran (its JSON, read just before the write); if Caddy's "

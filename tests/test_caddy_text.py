@@ -32,7 +32,7 @@ from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment, ReloadMethod, Slot, from_mapping
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import runbook_cli, through_proxy
+from tests.drill_checks import closed_port, runbook_cli, through_proxy
 from tests.drill_checks import serving as answering
 
 
@@ -1278,6 +1278,51 @@ def test_reload_commands_are_argument_lists_caddy_accepts(stack: DrillStack) -> 
     assert done.returncode == 0, done.stderr
     assert_caddy_serves(env, Slot.GREEN)
     assert caddy.reload_action(make_env(reload="systemctl")) == ["systemctl", "reload", "caddy"]
+
+
+def test_caddy_reload_in_caddys_container_dials_the_admin_address_caddy_listens_on_there(
+        ) -> None:
+    """Found by review: [caddy] admin_url is this host's view of Caddy's admin API, which
+    Docker may publish under another port; `caddy reload` run by `docker exec` dials from
+    inside the container, so it is given the address Caddy's running config names, as the
+    container reaches it (Caddy's documented `admin` listen forms). What cannot be told is
+    refused before anything changes (exit 4), naming reload = "admin-api"; Caddy on this
+    host keeps admin_url's address, its admin API not even asked."""
+    inside = make_env(command=("docker", "exec", "caddy", "caddy"), reload="caddy-reload",
+                      admin="http://127.0.0.1:22019")
+    for listen, want in (("0.0.0.0:2019", "127.0.0.1:2019"), (":2019", "127.0.0.1:2019"),
+                         ("[::]:2019", "127.0.0.1:2019"), ("tcp6/[::]:2019", "[::1]:2019"),
+                         ("tcp/0.0.0.0:2020", "127.0.0.1:2020"),
+                         ("localhost:2019", "localhost:2019"),
+                         ("10.0.0.5:2019", "10.0.0.5:2019"), ("[::1]:2019", "[::1]:2019"),
+                         ("unix//run/caddy/admin.sock", "unix//run/caddy/admin.sock"),
+                         (None, "localhost:2019"), ("", "localhost:2019")):
+        config: Any = {"admin": {"listen": listen}} if listen is not None else {"apps": {}}
+        command = caddy.reload_command(inside, config)
+        assert command.argv[-2:] == ("--address", want), listen
+        assert want in command.note and "127.0.0.1:22019" in command.note
+    for config in ({"admin": {"listen": "0.0.0.0:2019-2020"}},
+                   {"admin": {"listen": "{env.CADDY_ADMIN_ADDRESS}"}},
+                   {"admin": {"listen": "udp/0.0.0.0:2019"}}, {"admin": {"disabled": True}}):
+        with pytest.raises(CaddyError) as err:
+            caddy.reload_command(inside, config)
+        assert err.value.exit_code == ExitCode.PRECONDITION, config
+        assert "nothing was changed" in err.value.message and "\n" not in err.value.message
+        assert 'reload = "admin-api"' in (err.value.fix or "")
+    nowhere = f"http://127.0.0.1:{closed_port()}"  # its running config cannot be read
+    with pytest.raises(CaddyError) as err:
+        caddy.reload_command(inside.with_(caddy=dataclasses.replace(
+            inside.caddy, admin_url=nowhere)))
+    assert err.value.exit_code == ExitCode.PRECONDITION and "could not be read" in str(err.value)
+    assert 'reload = "admin-api"' in (err.value.fix or "")
+    with pytest.raises(CaddyError) as err:  # in an undo (not planning): no "nothing changed"
+        caddy.reload_command(inside, {"admin": {"disabled": True}}, planning=False)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    assert "nothing was changed" not in err.value.message
+    here = make_env(command=("caddy",), reload="caddy-reload", admin=nowhere)
+    command = caddy.reload_command(here)  # never asked: nothing listens there
+    assert command.argv[-2:] == ("--address", nowhere.removeprefix("http://"))
+    assert command.note == ""
 
 
 def test_the_repair_never_repoints_another_services_upstream() -> None:

@@ -8,22 +8,27 @@ against each shape through `--shape` (Makefile `test`); these are the targeted c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
-from runbook import database, docker, rollback, snapshot_restore, snapshots
+from runbook import caddy, database, docker, rollback, snapshot_restore, snapshots
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
-from runbook.drill.stack import DrillStack, parse_shape
+from runbook.drill.stack import RUN_LABEL, DrillStack, parse_shape
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import bridge_gateway, snapshot
+from tests.drill_checks import bridge_gateway, closed_ports, snapshot
 
 # one xdist worker runs this module (make test: --dist loadgroup): its module fixture once
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("shapes")]
@@ -298,3 +303,116 @@ def test_a_loopback_snapshot_is_not_judged_ours_when_the_database_container_cann
     assert f"{stack.prefix}no-such-db" in str(err.value.fix), err.value.fix
     result = snapshots.cleanup(blind, now=datetime.now(UTC) + timedelta(days=400))
     assert snap.path.exists() and snap.name in {p.name for p, _ in result.skipped}
+
+
+# Caddy on a Docker bridge network, as the review built a host by hand: its admin API on
+# 0.0.0.0:2019 in there, published on this host under another port. A container never
+# reaches this host's 127.0.0.1, where the drill publishes its slots: sites of its own on
+# the slots' ports (outside the markers) stand in for this host's network, so the managed
+# block dials localhost:<slot port> as on a host.
+PUBLISHED_CADDYFILE = """\
+{{
+\tadmin 0.0.0.0:2019
+\tauto_https off
+}}
+
+:{blue} {{
+\treverse_proxy {blue_container}:8080
+}}
+
+:{green} {{
+\treverse_proxy {green_container}:8080
+}}
+
+:80 {{
+\t# BLUE_GREEN_SLOT_START
+\treverse_proxy localhost:{blue} {{
+\t\theader_down X-Togather-Slot "blue"
+\t}}
+\t# BLUE_GREEN_SLOT_END
+}}
+"""
+
+
+@contextlib.contextmanager
+def published_caddy(stack: DrillStack, where: Path) -> Iterator[Environment]:
+    """A Caddy container of the drill's image on the stack's bridge network (where its
+    docker-run slots are), its site (80) and admin API (2019) published on 127.0.0.1 under
+    other ports, its directory `where` mounted at /etc/caddy: the environment reloading it
+    with `docker exec NAME caddy reload`. Removed after, whatever happened."""
+    image = docker.inspect(stack.caddy_container).image
+    assert image is not None
+    blue, green = stack.env.slot(Slot.BLUE), stack.env.slot(Slot.GREEN)
+    (where / "Caddyfile").write_text(PUBLISHED_CADDYFILE.format(
+        blue=blue.port, green=green.port, blue_container=blue.container,
+        green_container=green.container))
+    admin, proxy = closed_ports(2)
+    name = f"{stack.prefix}caddy-published"
+    subprocess.run(["docker", "rm", "-f", name], check=False, capture_output=True)
+    try:
+        subprocess.run(
+            ["docker", "run", "-d", "--name", name, "--label", f"{RUN_LABEL}={stack.run_id}",
+             "--network", f"{stack.project}_default",
+             "--add-host", "host.docker.internal:host-gateway",
+             "-p", f"127.0.0.1:{proxy}:80", "-p", f"127.0.0.1:{admin}:2019",
+             "-v", f"{where}:/etc/caddy", image,
+             "caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
+            check=True, capture_output=True)
+        env = stack.env.with_(caddy=dataclasses.replace(
+            stack.env.caddy, caddyfile=where / "Caddyfile", reload=ReloadMethod.CADDY_RELOAD,
+            admin_url=f"http://127.0.0.1:{admin}", proxy_url=f"http://127.0.0.1:{proxy}",
+            command=("docker", "exec", name, "caddy"),
+            container_path="/etc/caddy/Caddyfile"),
+            # the stand-in sites dial each slot by its container's name, and the runbook
+            # (rightly) stops no slot Caddy's config still dials
+            stop_old_slot=False)
+        deadline = time.monotonic() + 20
+        while proxy_slot(env) != "blue":  # Caddy up, through its published ports
+            assert time.monotonic() < deadline, "the published Caddy did not serve blue"
+            time.sleep(0.2)
+        yield env
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], check=False, capture_output=True)
+
+
+def proxy_slot(env: Environment) -> str | None:
+    """Which slot answers through the proxy (its X-Togather-Slot), None: no answer."""
+    try:
+        with drill_http.client(timeout=3) as client:
+            answer = client.get(f"{env.caddy.proxy_url}/version")
+    except httpx.HTTPError:  # not up yet
+        return None
+    return answer.headers.get("X-Togather-Slot") if answer.status_code == 200 else None
+
+
+def test_caddy_reload_in_caddys_container_dials_its_admin_api_as_the_container_sees_it(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: with Caddy in a container whose admin API Docker publishes under
+    another port (`admin 0.0.0.0:2019`, `-p 127.0.0.1:<port>:2019`), `caddy reload` run by
+    `docker exec` was given [caddy] admin_url's address, this host's: in the container
+    nothing listens there, so every real switch failed (connection refused) and was undone,
+    while its dry run passed. The address comes from Caddy's running config, as its
+    container reaches it: the dry run shows it, the rollback moves traffic (asked through
+    the proxy), and a failed reload's fix names the container's log, not journalctl."""
+    previous_exists(stack)
+    with published_caddy(stack, tmp_path) as env:
+        host_view = caddy.admin_address(env)
+        before = snapshot(env)
+        text = rollback.rollback(env, dry_run=True).plan.render()
+        assert "--address 127.0.0.1:2019" in text, text
+        assert f"--address {host_view}" not in text, text
+        assert "admin 0.0.0.0:2019" in text, text  # where it comes from
+        assert snapshot(env) == before
+        rollback.rollback(env)  # raises on any failure
+        assert proxy_slot(env) == "green"
+        with drill_http.client(timeout=3) as client:
+            answer = client.get(f"{env.caddy.proxy_url}/version")
+        assert answer.json()["version"] == VERSIONS["v2"].tag
+        assert env.caddy.caddyfile.read_text().count('"green"') == 1
+        broken = caddy.ReloadCommand(ReloadMethod.CADDY_RELOAD, argv=(
+            *env.caddy.command, "reload", "--config", "/etc/caddy/no-such-Caddyfile",
+            "--adapter", "caddyfile", "--address", "127.0.0.1:2019"))
+        with pytest.raises(caddy.CaddyError) as err:
+            caddy.reload(env, caddy.read(env), broken)
+        assert f"docker logs --tail 100 {env.caddy.command[2]}" in (err.value.fix or "")
+        assert "journalctl" not in (err.value.fix or "")

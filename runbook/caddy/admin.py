@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from runbook import drain, files, health
+from runbook import caddy_command, drain, files, health
 from runbook.caddy.errors import (
     CaddyConflictError,
     CaddyError,
@@ -452,6 +452,102 @@ def _same_listener(listen: str, address: str) -> bool:
             or (want_host == "localhost" and host == "::1"))
 
 
+def container_admin_address(listen: object) -> str | None:
+    """Where a `caddy reload` run inside Caddy's own container reaches an admin listener at
+    `listen` (Caddy's `admin.listen`, `[network/]host:port`; empty: Caddy's default): a
+    wildcard host is dialed at the container's loopback, a unix socket as it is. None when
+    it cannot be told (a port range, a placeholder, another network)."""
+    listen = listen or DEFAULT_ADMIN
+    if not isinstance(listen, str) or "{" in listen or any(c.isspace() for c in listen):
+        return None
+    network, slash, rest = listen.partition("/")
+    if not slash:
+        network, rest = "tcp", listen
+    network = network.lower()
+    if network == "unix":
+        return listen if rest else None
+    if network not in ("tcp", "tcp4", "tcp6"):
+        return None
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = host.strip("[]").lower()
+    if host in _WILDCARD:
+        host = "::1" if network == "tcp6" else "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _no_reload_address(env: Environment, why: str, planning: bool) -> CaddyError:
+    """The refusal of a `caddy reload` whose in-container address is not known: when
+    planning, exit 4 (nothing changed); in an undo, a failed step as any other."""
+    import shlex
+
+    c = env.caddy
+    return CaddyError(
+        f"`caddy reload` runs inside Caddy's container ([caddy] command "
+        f"{shlex.join(c.command)}), where [caddy] admin_url {c.admin_url} is this host's "
+        f"address, not the container's, and where Caddy's admin API listens in there cannot be "
+        f"told: {why}" + ("; nothing was changed" if planning else ""),
+        f"set reload = \"admin-api\" under [caddy] in {env.source or 'the environment file'} "
+        "(the runbook then loads through [caddy] admin_url itself), or give Caddy a plain "
+        f"TCP `admin` address in {c.caddyfile}'s global options (e.g. `admin 0.0.0.0:2019`, "
+        "published to this host at [caddy] admin_url)",
+        exit_code=ExitCode.PRECONDITION if planning else None,
+        stage="plan" if planning else "reload")
+
+
+def _running_for_address(env: Environment, planning: bool) -> Any:
+    """Caddy's running config, read for reload_address (which cannot import runbook.traffic):
+    its refusal when unread names the way out (reload = "admin-api")."""
+    from runbook import bounded_http
+
+    url = f"{env.caddy.admin_url}/config/"
+    try:
+        answer = bounded_http.request("GET", url, timeout=_ADMIN_TIMEOUT, max_body=None)
+    except bounded_http.HttpFailure as exc:
+        raise _no_reload_address(env, f"its running config could not be read (GET {url}: "
+                                      f"{exc.reason})", planning) from None
+    if answer.status != 200:
+        raise _no_reload_address(env, f"its running config could not be read (GET {url}: "
+                                      f"HTTP {answer.status})", planning)
+    try:
+        return answer.json()
+    except ValueError:
+        raise _no_reload_address(env, f"GET {url} did not answer JSON", planning) from None
+
+
+def reload_address(env: Environment, running: Any = None, *,
+                   planning: bool = True) -> tuple[str, str]:
+    """The address `caddy reload --address` dials, and what the plan says of it ("": nothing
+    more). Found by review: [caddy] admin_url is this host's view, and a `caddy reload` run
+    in Caddy's container (`docker exec`), whose admin port Docker publishes under another
+    (`-p 127.0.0.1:22019:2019`), dialed 127.0.0.1:22019 in there: every real switch failed
+    and was undone, while its dry run passed. In Caddy's container the address is the one
+    Caddy listens on as its running config says (`running`, read here when None); when
+    that cannot be told, refused (exit 4) before anything changes (`planning`; else, in an
+    undo, the step fails). On this host: admin_url."""
+    c = env.caddy
+    if not caddy_command.execs_in_caddys_container(c.command):
+        return admin_address(env), ""
+    if running is None:
+        running = _running_for_address(env, planning)
+    settings = running.get("admin") if isinstance(running, dict) else None
+    settings = settings if isinstance(settings, dict) else {}
+    listen = settings.get("listen")
+    address = None if settings.get("disabled") is True else container_admin_address(listen)
+    said = (f"`admin {listen}`" if listen else
+            f"no admin address, so Caddy's default {DEFAULT_ADMIN}")
+    if address is None:
+        raise _no_reload_address(env, f"its running config has {said}"
+                                 + (" (admin off)" if settings.get("disabled") is True
+                                    else ", which the runbook cannot translate"), planning)
+    if address == admin_address(env):  # as on this host: nothing more to say
+        return address, ""
+    return address, (f"--address {address} is Caddy's admin API as its container reaches it "
+                     f"({said} in Caddy's running config; [caddy] admin_url {c.admin_url} is "
+                     "this host's view)")
+
+
 @dataclass(frozen=True)
 class Unreloadable:
     """Why Caddy cannot take a reload now, and what fixes it. `answering`: its admin API
@@ -570,6 +666,7 @@ class ReloadCommand:
     argv: tuple[str, ...] = ()  # `caddy reload ...` or `systemctl reload <unit>`
     url: str = ""  # the admin API's /load (the new Caddyfile is the body): without an ETag
     config_url: str = ""  # the admin API's /config/: the adapted JSON, on If-Match
+    note: str = ""  # what the plan says of `--address` when it is not [caddy] admin_url's
 
     def words(self) -> list[str]:
         if self.method is ReloadMethod.ADMIN_API:
@@ -595,7 +692,12 @@ class ReloadCommand:
         return shlex.join(self.argv)
 
 
-def reload_command(env: Environment) -> ReloadCommand:
+def reload_command(env: Environment, running: Any = None, *,
+                   planning: bool = True) -> ReloadCommand:
+    """How the environment makes Caddy load a config. `running`: Caddy's running config as
+    the caller read it (None: read here when needed): a `caddy reload` in Caddy's container
+    dials the admin address Caddy listens on in there (reload_address). `planning`: False
+    in an undo (a refusal then is no "nothing was changed")."""
     c = env.caddy
     if c.reload is ReloadMethod.ADMIN_API:
         return ReloadCommand(c.reload, url=f"{c.admin_url}/load",
@@ -603,15 +705,16 @@ def reload_command(env: Environment) -> ReloadCommand:
     # `caddy reload` and `systemctl reload` POST /load themselves, with no If-Match: they stay
     # as they are (the check before the write is all they get against a change made since)
     if c.reload is ReloadMethod.CADDY_RELOAD:
+        address, note = reload_address(env, running, planning=planning)
         return ReloadCommand(c.reload, argv=(
             *c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
-            "--adapter", "caddyfile", "--address", admin_address(env)))
+            "--adapter", "caddyfile", "--address", address), note=note)
     return ReloadCommand(c.reload, argv=("systemctl", "reload", c.systemd_unit))
 
 
-def reload_action(env: Environment) -> list[str]:
+def reload_action(env: Environment, running: Any = None) -> list[str]:
     """What a reload runs, for --dry-run: an argv, or the admin API request."""
-    return reload_command(env).words()
+    return reload_command(env, running).words()
 
 
 def config_etag(answer: Answer) -> str | None:
@@ -630,7 +733,7 @@ def reload(env: Environment, text: str, command: ReloadCommand | None = None, *,
     compare-and-swap (CaddyConflictError when Caddy's config changed since); without one,
     `/load`, which replaces whatever runs. `seal_wait`: how long the reload waits for the
     reading of Caddy's port to complete (drain.sending_reload)."""
-    command = command or reload_command(env)
+    command = command or reload_command(env, planning=False)
     # who is on Caddy's port before, and when its old listener leaves after: the drain of
     # the old slot sorts the old config's connections from the new one's (runbook/drain.py)
     switch = switch or drain.before_reload(env.caddy.proxy_url)
@@ -726,9 +829,13 @@ def _reload(env: Environment, text: str, command: ReloadCommand) -> None:
     argv = list(command.argv)
     done = _run(argv, "reload Caddy", "reload")
     if done.returncode != 0:
+        # Caddy in a container logs there, not in a systemd unit's journal (found by review)
+        fix = (f"check {caddy_command.log_command(env)} (Caddy's log)"
+               if caddy_command.runs_in_container(env)
+               else "check `journalctl -u caddy` or Caddy's log")
         raise CaddyError(f"{' '.join(argv)} exited {done.returncode}:\n    "
-                         f"{_tail((done.stdout or '') + (done.stderr or ''))}",
-                         "check `journalctl -u caddy` or Caddy's log", stage="reload")
+                         f"{_tail((done.stdout or '') + (done.stderr or ''))}", fix,
+                         stage="reload")
 
 
 def _admin_error(answer: Answer) -> str:

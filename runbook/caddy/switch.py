@@ -18,6 +18,7 @@ from typing import Any
 
 from runbook import files
 from runbook.caddy.admin import (
+    ReloadCommand,
     VerifyResult,
     check_imports,
     check_running,
@@ -26,7 +27,7 @@ from runbook.caddy.admin import (
     load_running,
     read,
     reload,
-    reload_action,
+    reload_command,
     validate_command,
     verify,
     write_atomically,
@@ -68,6 +69,8 @@ class SwitchPlan:
     # load over a change made since (caddy_changed_since)
     running: Any = None
     etag: str | None = None  # the ETag Caddy sent with `running` (None: none sent, unread)
+    # how Caddy is made to load the new config, built from `running`: the switch runs it
+    command: ReloadCommand | None = None
 
     def _reload_words(self) -> str:
         words = " ".join(self.reload_action)
@@ -91,6 +94,8 @@ class SwitchPlan:
             f"  validate:  {' '.join(self.validate_command)}",
             f"  write:     {self.caddyfile} atomically (previous copy kept beside it)",
             f"  reload:    {self.reload} -> {self._reload_words()}",
+            *([f"             ({self.command.note})"] if self.command and self.command.note
+              else []),
             f"  verify:    GET {self.verify_url}: {SLOT_HEADER} == {self.target} and version;"
             f" no /health answer's body names another slot",
             "  on failure: restore the previous Caddyfile byte for byte and reload it",
@@ -120,17 +125,20 @@ def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
         raise
     check_imports(env, new)
     running, etag = running_config_tagged(env)
+    # a `caddy reload` in Caddy's container dials the admin address Caddy listens on in
+    # there, as this reading says (unread: read again, else refused here, exit 4)
+    command = reload_command(env, running)
     return SwitchPlan(
         environment=env.display, caddyfile=path, target=target,
         target_port=env.slot(target).port, current=current, old_text=old, new_text=new,
         diff=unified_diff(old, new, path), reload=env.caddy.reload,
-        reload_action=tuple(reload_action(env)),
+        reload_action=tuple(command.words()),
         validate_command=tuple(validate_command(
             env, path.parent / f".{path.name}.runbook-validate-XXXX.tmp")),
         admin_url=env.caddy.admin_url,
         verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}"
         + (f" (Host: {env.caddy.site})" if env.caddy.site else ""),
-        running=running, etag=etag,
+        running=running, etag=etag, command=command,
     )
 
 
