@@ -64,6 +64,9 @@ class ContainerInfo:
     # of the host; None on the host's network
     bindings: tuple[tuple[int, int, str], ...] | None = None
     container_id: str | None = None  # .Id: a container recreated under the name is another
+    # HostConfig.NetworkMode: "host" shares this host's network (its 127.0.0.1 is the host's);
+    # "bridge", "default", a network's name or "container:<id>" do not; None: not inspected
+    network_mode: str | None = None
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
@@ -487,6 +490,7 @@ def inspect(name: str) -> ContainerInfo:
         addresses=_addresses(attrs),
         bindings=_bindings(attrs),
         container_id=attrs.get("Id"),
+        network_mode=str((attrs.get("HostConfig") or {}).get("NetworkMode") or ""),
     )
 
 

@@ -3,6 +3,7 @@ switch, so every path starts, recreates and gates a slot the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -1490,6 +1491,68 @@ def _unpublished(env: Environment, target: Slot,
     return None
 
 
+def _loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: in a container, the container itself."""
+    import ipaddress
+
+    key = _host_key(host).rstrip(".")
+    if key == "localhost" or key.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(key).is_loopback
+    except ValueError:
+        return False
+
+
+def _caddy_off_host_network(env: Environment) -> tuple[str, bool] | None:
+    """(why, known) Caddy's loopback is not this host's, or None (Caddy on the host, or in a
+    container Docker says shares the host's network). Caddy runs in a container when
+    `[caddy] command` goes through docker or `container_path` is set; its network is read
+    from Docker (HostConfig.NetworkMode), and one that cannot be read fails closed
+    (`known` False)."""
+    if not caddy_command.runs_in_container(env) and env.caddy.container_path is None:
+        return None
+    name = caddy_command.exec_container(env.caddy.command)
+    if name is None:
+        return ("Caddy runs in a container ([caddy] command or container_path) that [caddy] "
+                "command does not name (`docker exec NAME caddy`), so whether it is on the "
+                "host's network cannot be read from Docker", False)
+    try:
+        info = docker.inspect(name)
+    except RunbookError as exc:
+        return (f"Caddy's container {name} could not be inspected ({exc.message}), so "
+                "whether it is on the host's network is not known", False)
+    if not info.exists:
+        return (f"Caddy's container {name} is not on the Docker engine the runbook inspects, "
+                "so whether it is on the host's network is not known", False)
+    if info.network_mode == "host":
+        return None
+    return (f"Caddy's container {name} is on Docker network {info.network_mode}, not the "
+            "host's", True)
+
+
+def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:
+    """An upstream of `text` on `target`'s port at a loopback host, while Caddy runs off the
+    host's network: there it dials its own container, never the slot (found by review: the
+    health gate's 127.0.0.1 passed as "the slot", the switch sent every user to Caddy
+    itself, 502 until verification undid it). None: no such upstream, or Caddy's loopback
+    is this host's."""
+    try:
+        upstreams = caddy.inspect(text, env).upstreams
+    except RunbookError:
+        return None  # a block the rewrite cannot read is refused on its own
+    loops = [up for up in upstreams if up.slot == target and up.host and _loopback(up.host)]
+    if not loops or (off := _caddy_off_host_network(env)) is None:
+        return None
+    (why, known), up, port = off, loops[0], env.slot(target).port
+    return (f"the Caddyfile's upstream {up.host}:{port} (line {up.line}, after the switch) "
+            + (f"is not the {target} slot on this host: {why}, and there {up.host} is "
+               "Caddy's own container, so the switch would send every user where nothing "
+               "listens" if known else
+               f"cannot be proven to be the {target} slot on this host: {why}, and off the "
+               f"host's network {up.host} is Caddy's own container, where nothing listens"))
+
+
 def upstream_problem(env: Environment, target: Slot, text: str, *,
                      planning: bool = False) -> str | None:
     """Why the switch's Caddyfile (`text`) would send users where `target` does not listen,
@@ -1501,8 +1564,11 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
     name this host cannot resolve (host.docker.internal, resolved in Caddy's container)
     only where Docker publishes the port on every address or where the name leads, and
     never when Caddy's container cannot resolve it (not refused when where it leads is
-    not known: `_docker_host_reach`). `planning`: only when the
-    target answers already (else asked again right before the write)."""
+    not known: `_docker_host_reach`). A loopback upstream of a Caddy off the host's
+    network is refused whatever answers here (`_loopback_upstream`). `planning`: only when
+    the target answers already (else asked again right before the write)."""
+    if (loopback := _loopback_upstream(env, target, text)) is not None:
+        return loopback
     config = env.slot(target)
     unproven = _unproven_upstreams(env, target, text)
     if not unproven:
@@ -1531,13 +1597,52 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
 
 
 def refuse_upstream(env: Environment, target: Slot, problem: str) -> PreconditionError:
+    """The refusal of upstream_problem's `problem`, with its fix: for a Caddy off the host's
+    network, the form its upstreams reach this host by (`_off_host_fix`), never the health
+    gate's address (found by review: "127.0.0.1:PORT, the address Caddy reaches" was Caddy's
+    own container there)."""
     config = env.slot(target)
+    if _caddy_off_host_network(env) is not None:
+        return PreconditionError(f"{problem}; nothing was changed", _off_host_fix(env, target))
     return PreconditionError(
         f"{problem}; nothing was changed",
         f"write the upstream between the slot markers of {env.caddy.caddyfile} as the "
         f"address Caddy reaches {target} at ({config.base_url.removeprefix('http://')}), or "
         f"set [slots.{target}] host to the address Caddy dials (and publish the slot there), "
         "then run again")
+
+
+def _off_host_fix(env: Environment, target: Slot) -> str:
+    """How a Caddy in a container off the host's network reaches `target`: the host part
+    the serving slot is dialed at in Caddy's running config (not a loopback one) with the
+    target's port, else host.docker.internal; the slot published where that leads (as the
+    serving slot is); or Caddy on the host's network."""
+    serving, port = target.other, env.slot(target).port
+    form, said = f"host.docker.internal:{port}", " (with `--add-host host.docker.internal:" \
+                                                 "host-gateway` on Caddy's container)"
+    with contextlib.suppress(RunbookError):
+        want = str(env.slot(serving).port)
+        for dial in traffic.managed_dials(env, traffic.loaded_config(env)):
+            host = traffic.dial_host(dial)
+            if dial.rpartition(":")[2] == want and host and not _loopback(host):
+                form = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                said = f" (as Caddy's running config dials {serving})"
+                break
+    published = ""
+    with contextlib.suppress(RunbookError):
+        serving_port = env.slot(serving).port
+        ips = sorted({ip or "0.0.0.0" for _inside, host_port, ip in
+                      docker.inspect(env.slot(serving).container).bindings or ()
+                      if host_port == serving_port and not _loopback(ip or "0.0.0.0")})
+        if ips:
+            published = f", as {serving} is on {', '.join(ips)}"
+    named = ("" if caddy_command.exec_container(env.caddy.command) is not None else
+             " (if it is on it already, name its container in [caddy] command, `docker exec "
+             "NAME caddy`, so Docker can say so)")
+    return (f"write the upstream between the slot markers of {env.caddy.caddyfile} as {form}"
+            f"{said}, publish {target}'s port {port} where that leads from Caddy's container "
+            f"(on 0.0.0.0, or on Docker's bridge gateway{published}), or run Caddy on the "
+            f"host's network (--network host){named}; then run again")
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,

@@ -55,10 +55,12 @@ def republish(stack: DrillStack, slot: Slot, address: str) -> Environment:
 
 
 def refused_changing_nothing(env: Environment, runs: tuple[Callable[[], object], ...],
-                             *words: str) -> None:
+                             *words: str) -> list[RunbookError]:
     """Each run refused before anything changed (exit 4), saying each of `words`; the
-    oracle of "nothing changed" is the host's files, Docker and Caddy (snapshot)."""
+    oracle of "nothing changed" is the host's files, Docker and Caddy (snapshot). Returns
+    the refusals."""
     before = snapshot(env)
+    refusals = []
     for run in runs:
         with pytest.raises(RunbookError) as err:
             run()
@@ -67,6 +69,8 @@ def refused_changing_nothing(env: Environment, runs: tuple[Callable[[], object],
         for word in words:
             assert word in said, said
         assert snapshot(env) == before
+        refusals.append(err.value)
+    return refusals
 
 
 def test_a_target_published_where_the_upstream_does_not_dial_is_refused_before_anything_moves(
@@ -372,4 +376,153 @@ def test_a_name_caddys_container_cannot_resolve_is_refused_wherever_the_slot_is_
             stack.docker("stop", green.container)
     finally:
         monkeypatch.undo()
+        stack.arrange(scenes.PREVIOUS_RUNNING)
+
+
+CADDYFILE_ON_THE_BRIDGE = """\
+{{
+	admin 0.0.0.0:{admin}
+	auto_https off
+}}
+
+:{proxy} {{
+	# BLUE_GREEN_SLOT_START
+	handle {{
+		reverse_proxy {host}:{port} {{
+			header_down X-Togather-Slot "{slot}"
+		}}
+	}}
+	# BLUE_GREEN_SLOT_END
+}}
+"""
+
+
+def publish_also(stack: DrillStack, slot: Slot, address: str) -> None:
+    """Recreate `slot`'s container from its own image, published on 127.0.0.1 (where the
+    health gate asks it) and on `address` too."""
+    config = stack.env.slot(slot)
+    image = docker.inspect(config.container).image
+    assert image is not None
+    subprocess.run(["docker", "rm", "-f", config.container], check=True, capture_output=True)
+    argv = stack.docker_run_argv(slot, image)
+    at = argv.index(f"127.0.0.1:{config.port}:8080") + 1
+    argv[at:at] = ["-p", f"{address}:{config.port}:8080"]
+    subprocess.run(argv, check=True, capture_output=True,
+                   env={**os.environ, "DATABASE_URL": stack.app_database_url})
+    deadline = time.monotonic() + 30
+    while not health.probe(config, "/health").ok:
+        assert time.monotonic() < deadline, "the republished slot never became healthy"
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def caddy_on_the_bridge(stack: DrillStack) -> Iterator[Environment]:
+    """A real Caddy serving the app from a container on Docker's default bridge (not the
+    host's network), as on the reviewed host: its upstream host.docker.internal
+    (`--add-host host.docker.internal:host-gateway`), its site and admin ports published on
+    127.0.0.1, its config directory bind-mounted at /etc/caddy. Blue serves. Yields the
+    environment whose [caddy] is that Caddy; the container is removed after."""
+    image = docker.inspect(stack.caddy_container).image
+    assert image is not None
+    name, proxy, admin = f"{stack.caddy_container}-on-bridge", free_port(), free_port()
+    folder = stack.run_dir / "caddy-on-bridge"
+    folder.mkdir()
+    caddyfile = folder / "Caddyfile"
+    caddyfile.write_text(CADDYFILE_ON_THE_BRIDGE.format(
+        admin=admin, proxy=proxy, host="host.docker.internal",
+        port=stack.env.slot(Slot.BLUE).port, slot="blue"))
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network", "bridge",
+                    "--label", f"io.togather.drill.run={stack.run_id}",
+                    "--add-host", "host.docker.internal:host-gateway",
+                    "-p", f"127.0.0.1:{proxy}:{proxy}", "-p", f"127.0.0.1:{admin}:{admin}",
+                    "-v", f"{folder}:/etc/caddy", image, "caddy", "run", "--config",
+                    "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
+                   check=True, capture_output=True)
+    try:
+        env = stack.env.with_(caddy=dataclasses.replace(
+            stack.env.caddy, caddyfile=caddyfile, container_path="/etc/caddy/Caddyfile",
+            command=("docker", "exec", name, "caddy"), admin_url=f"http://127.0.0.1:{admin}",
+            proxy_url=f"http://127.0.0.1:{proxy}"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if through_proxy(env)[0] == "blue":
+                    break
+            except Exception:  # not listening yet, or no slot header yet
+                pass
+            assert time.monotonic() < deadline, "the bridged Caddy never served blue"
+            time.sleep(0.2)
+        yield env
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
+
+
+def test_a_loopback_upstream_of_a_caddy_on_dockers_bridge_is_refused_before_anything_moves(
+        stack: DrillStack) -> None:
+    """Found by review, on a host whose Caddy runs in a container on Docker's bridge
+    network (upstreams host.docker.internal:PORT): the refusal of a target published on
+    127.0.0.1 only told to write the upstream as 127.0.0.1:PORT, "the address Caddy reaches
+    green at" (the health gate's), though in Caddy's container 127.0.0.1 is Caddy itself.
+    Done, the dry run passed and the real run switched: 502 for every user for 3 s, then
+    undone, exit 1. A loopback upstream can never be the slot for a Caddy off the host's
+    network (Docker's answer for its container): refused in the plan, exit 4, nothing
+    changed, users still on blue through that Caddy; the fix names the serving slot's
+    form (host.docker.internal:PORT), never the gate's loopback address. A real Caddy
+    container on the bridge, real slots (blue published on the bridge gateway too, where
+    host.docker.internal leads, green on 127.0.0.1 only, as on the reviewed host)."""
+    no_host_docker_internal_here()
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # blue v3 serves, green v2 running
+    publish_also(stack, Slot.BLUE, bridge_gateway())
+    green = stack.env.slot(Slot.GREEN).port
+    try:
+        with caddy_on_the_bridge(stack) as env:
+            def runs() -> tuple[Callable[[], object], ...]:
+                return (lambda: rollback.rollback(env, dry_run=True),
+                        lambda: rollback.rollback(env))
+
+            # green published on 127.0.0.1 only: refused (as before); the fix names the form
+            # the serving slot's upstream has, not the gate's address
+            for err in refused_changing_nothing(env, runs(), f"host.docker.internal:{green}"):
+                assert err.fix is not None and f"host.docker.internal:{green}" in err.fix, \
+                    err.fix
+                assert f"127.0.0.1:{green}" not in err.fix, err.fix
+                assert "[slots.green] host" not in err.fix, err.fix
+            # that advice followed the old way: the upstream written as 127.0.0.1 (the file
+            # only; Caddy still runs host.docker.internal)
+            text = env.caddy.caddyfile.read_text()
+            env.caddy.caddyfile.write_text(text.replace("host.docker.internal:", "127.0.0.1:"))
+            name = env.caddy.command[2]
+            for err in refused_changing_nothing(
+                    env, runs(), f"upstream 127.0.0.1:{green}", name, "nothing was changed"):
+                assert err.fix is not None and f"host.docker.internal:{green}" in err.fix, \
+                    err.fix
+                assert f"127.0.0.1:{green}" not in err.fix, err.fix
+            assert through_proxy(env)[0] == "blue"
+            said = " | ".join(f"{p.problem} {p.fix}"
+                              for p in status.problems(status.collect(env)))
+            assert f"upstream 127.0.0.1:{green}" in said, said
+            # every loopback host; a Caddy whose container cannot be inspected: fail closed
+            upstreams = env.caddy.caddyfile.read_text()
+            for host in ("localhost", "127.0.0.2", "[::1]"):
+                loop = caddy.rewrite(upstreams.replace("127.0.0.1:", f"{host}:"), env,
+                                     Slot.GREEN)
+                said = slots.upstream_problem(env, Slot.GREEN, loop, planning=True)
+                assert said is not None and f"upstream {host}:{green}" in said, (host, said)
+            loop = caddy.rewrite(upstreams, env, Slot.GREEN)
+            for command in (("docker", "compose", "exec", "caddy", "caddy"),
+                            ("docker", "exec", f"{name}-gone", "caddy")):
+                unknown = env.with_(caddy=dataclasses.replace(env.caddy, command=command))
+                said = slots.upstream_problem(unknown, Slot.GREEN, loop, planning=True)
+                assert said is not None and f"upstream 127.0.0.1:{green}" in said, said
+            # Caddy on the host's network (the drill's own container), or on the host: as
+            # before, the loopback upstream is the slot
+            for caddy_config in (stack.env.caddy, dataclasses.replace(
+                    stack.env.caddy, command=("caddy",), container_path=None)):
+                host_env = env.with_(caddy=dataclasses.replace(
+                    caddy_config, caddyfile=env.caddy.caddyfile))
+                assert slots.upstream_problem(host_env, Slot.GREEN, loop,
+                                              planning=True) is None, caddy_config
+    finally:
+        subprocess.run(["docker", "rm", "-f", stack.env.slot(Slot.BLUE).container],
+                       check=True, capture_output=True)
         stack.arrange(scenes.PREVIOUS_RUNNING)
