@@ -57,6 +57,41 @@ def exec_container(command: tuple[str, ...]) -> str | None:
     return None
 
 
+# `docker compose` options that take a value (before its `exec`), and `compose exec`'s own
+_COMPOSE_VALUED = {"-f", "--file", "-p", "--project-name", "--project-directory", "--env-file",
+                   "--profile", "--ansi", "--progress", "--parallel"}
+_COMPOSE_EXEC_VALUED = _EXEC_VALUED | {"--index"}
+
+
+def compose_exec_service(command: tuple[str, ...]) -> tuple[str | None, str] | None:
+    """(project or None, service) of a `docker compose [-p NAME] exec ... SERVICE caddy`
+    command; None otherwise. The service's container is found by Compose's labels."""
+    words = docker_words(command)
+    if not words or words[0] != "compose":
+        return None
+    rest = iter(words[1:])
+    project: str | None = None
+    for word in rest:
+        if word == "exec":
+            break
+        if word in ("-p", "--project-name"):
+            project = next(rest, None)
+        elif word.startswith("--project-name="):
+            project = word.split("=", 1)[1]
+        elif word in _COMPOSE_VALUED:
+            next(rest, None)
+        elif not word.startswith("-"):
+            return None  # another compose command
+    else:
+        return None
+    for word in rest:
+        if word in _COMPOSE_EXEC_VALUED:
+            next(rest, None)
+        elif not word.startswith("-"):
+            return project, word
+    return None
+
+
 def execs_in_caddys_container(command: tuple[str, ...]) -> bool:
     """Whether the command runs inside Caddy's own running container (`docker exec NAME`,
     `docker compose exec SERVICE`): an address there, 127.0.0.1 above all, is the

@@ -1513,11 +1513,24 @@ def _caddy_off_host_network(env: Environment) -> tuple[str, bool] | None:
     if not caddy_command.runs_in_container(env) and env.caddy.container_path is None:
         return None
     name = caddy_command.exec_container(env.caddy.command)
-    if name is None:
-        return ("Caddy runs in a container ([caddy] command or container_path) that [caddy] "
-                "command does not name (`docker exec NAME caddy`), so whether it is on the "
-                "host's network cannot be read from Docker", False)
     try:
+        if name is None and (service := caddy_command.compose_exec_service(
+                env.caddy.command)) is not None:
+            # `docker compose exec SERVICE`: its one running container, by Compose's labels
+            # (found by review of the first version: every compose-run Caddy was refused)
+            project, svc = service
+            running = [found for found in docker.labelled(
+                {"com.docker.compose.service": svc,
+                 **({"com.docker.compose.project": project} if project else {})})
+                if found[2] == "running"]
+            if len(running) == 1:
+                name = running[0][1]
+        if name is None:
+            return ("Caddy runs in a container ([caddy] command or container_path) that [caddy] "
+                    "command does not name as one running container (`docker exec NAME caddy`, "
+                    "or `docker compose [-p PROJECT] exec SERVICE caddy` with one running "
+                    "container of that service), so whether it is on the host's network cannot "
+                    "be read from Docker", False)
         info = docker.inspect(name)
     except RunbookError as exc:
         return (f"Caddy's container {name} could not be inspected ({exc.message}), so "

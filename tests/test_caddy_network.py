@@ -1,0 +1,78 @@
+"""Whether Caddy's loopback is this host's, read from Docker for a Caddy that
+`docker compose exec SERVICE caddy` runs: the first version of the loopback-upstream check
+knew only `docker exec NAME` and refused every compose-run Caddy's loopback upstream, a
+host-networked one too (found by review of that change)."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook import caddy_command, slots
+from runbook.environment import Environment, from_mapping
+from tests.drill_checks import closed_port
+
+pytestmark = pytest.mark.any_shape
+
+
+def test_compose_exec_service_is_read_past_compose_and_exec_options() -> None:
+    read = caddy_command.compose_exec_service
+    assert read(("docker", "compose", "exec", "caddy", "caddy")) == (None, "caddy")
+    assert read(("sudo", "docker", "compose", "-f", "/srv/c.yml", "-p", "edge", "exec", "-T",
+                 "-u", "root", "web-caddy", "caddy")) == ("edge", "web-caddy")
+    assert read(("docker", "compose", "--project-name=edge", "exec", "--index", "1", "caddy",
+                 "caddy")) == ("edge", "caddy")
+    assert read(("docker", "compose", "run", "caddy", "caddy")) is None
+    assert read(("docker", "exec", "caddy", "caddy")) is None
+    assert read(("caddy",)) is None
+
+
+@pytest.fixture
+def compose_caddies() -> Iterator[tuple[str, str]]:
+    """Two running containers labelled as Compose makes them, one service on the host's
+    network and one on Docker's bridge: (project, run id)."""
+    run = uuid.uuid4().hex[:8]
+    project = f"test-net-{run}"
+    made = []
+    for service, network in (("hostnet", "host"), ("bridged", "bridge")):
+        name = f"{project}-{service}-1"
+        subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", network,
+                        "--label", f"com.docker.compose.project={project}",
+                        "--label", f"com.docker.compose.service={service}-{run}",
+                        "togather-drill-caddy:2", "sleep", "120"],
+                       check=True, capture_output=True)
+        made.append(name)
+    try:
+        yield project, run
+    finally:
+        subprocess.run(["docker", "rm", "-f", *made], capture_output=True)
+
+
+def _env(command: list[str]) -> Environment:
+    return from_mapping({
+        "name": "staging",
+        "slots": {"blue": {"container": "togather-server-blue", "service": "togather-blue",
+                           "port": closed_port()},
+                  "green": {"container": "togather-server-green", "service": "togather-green",
+                            "port": closed_port()}},
+        "caddy": {"command": command},
+    }, Path("/tmp/test-env.toml"))
+
+
+def test_a_compose_run_caddy_on_the_hosts_network_shares_its_loopback(
+        compose_caddies: tuple[str, str]) -> None:
+    project, run = compose_caddies
+    on_host = _env(["docker", "compose", "-p", project, "exec", f"hostnet-{run}", "caddy"])
+    assert slots._caddy_off_host_network(on_host) is None
+    bridged = slots._caddy_off_host_network(
+        _env(["docker", "compose", "-p", project, "exec", f"bridged-{run}", "caddy"]))
+    assert bridged is not None and bridged[1], bridged
+    assert "bridge" in bridged[0] and f"{project}-bridged-1" in bridged[0], bridged
+    # a service with no running container: not known, so it fails closed
+    missing = slots._caddy_off_host_network(
+        _env(["docker", "compose", "-p", project, "exec", f"nothere-{run}", "caddy"]))
+    assert missing is not None and not missing[1], missing
