@@ -265,8 +265,11 @@ def unlock(
                     echo(redact(one_line(held.describe())) if held else "free")
                 return
             # before the question and the journal: as a user who may not write the lock
-            # folder it journaled, then failed renaming the lock away (a traceback, exit 5)
-            disk.refuse_unwritable(environment, caddyfile=False, records=False)
+            # folder it journaled, then failed renaming the lock away (a traceback, exit 5);
+            # with no lock held there is nothing to remove, and nothing to refuse (found by
+            # review). Its log is not required: journaled warns and never stands in the way
+            if held is not None:
+                disk.refuse_unwritable(environment, caddyfile=False, records=False, log=False)
         if held is not None:  # nothing held: nothing to remove, nothing to ask
             ask_first(yes, redact(
                 f"{environment.display}: the deploy lock {environment.lock_path} is held by "

@@ -8,6 +8,7 @@ imports it, and `python -m runbook.cli` would load twice).
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -64,8 +65,10 @@ def create(
     try:
         # before the journal and the database: it found the folder unwritable only once
         # connected, after journaling, in words that named no owner and no command to type
+        # (the log folder is not required: journaled warns and the snapshot is taken, as an
+        # hourly cron's backups must be; found by review)
         disk.refuse_unwritable(environment, caddyfile=False, records=False, state=False,
-                               lock=False, snapshot_dir=True)
+                               lock=False, log=False, snapshot_dir=True)
         with run.journaled(environment, "snapshot-create", reason, notice) as log:
             snap = snapshots.create(environment, reason)
             log("SUCCESS", f"snapshot taken: {snap.path}", snapshot=str(snap.path),
@@ -221,8 +224,12 @@ def cleanup(
     try:
         # its dry run too (the real run's refusal, as every dry run): a folder it may not
         # delete in was "Skipped ...: cannot delete it", exit 0, under the lock and journaled
+        # (a snapshot folder not made yet holds nothing to delete: a daily cron cleanup as
+        # a user who may not create it was refused every day; the log folder is not
+        # required, as for create; both found by review)
         disk.refuse_unwritable(environment, caddyfile=False, records=False, state=False,
-                               snapshot_dir=True)
+                               log=False, snapshot_dir=os.path.isdir(
+                                   environment.database.snapshot_dir))
         if dry_run:
             result = _cleanup_preview(environment)
         else:

@@ -175,11 +175,15 @@ def _as(uid: int) -> str:
 def _nearest(directory: Path) -> Path | None:
     """`directory`, or its nearest existing parent (where a run would create it)."""
     probe = directory
-    while not probe.exists():
-        if probe.parent == probe:
-            return None
-        probe = probe.parent
-    return probe if probe.is_dir() else None
+    try:
+        while not probe.exists():
+            if probe.parent == probe:
+                return None
+            probe = probe.parent
+        return probe if probe.is_dir() else None
+    except OSError:  # a parent this user may not search (a 0750 home), a stale mount:
+        return None  # cannot tell here; a run says it with its own error (was exit 5, a
+        # "bug" in `runbook status`: found by review)
 
 
 def _may_write(path: Path, mode: int) -> bool:
@@ -187,7 +191,7 @@ def _may_write(path: Path, mode: int) -> bool:
 
 
 def access_problems(env: Environment, *, caddyfile: bool = True, records: bool = True,
-                    state: bool = True, lock: bool = True,
+                    state: bool = True, lock: bool = True, log: bool = True,
                     snapshot_dir: bool = False) -> list[tuple[str, str]]:
     """(problem, fix) for what the user running this may not write where a run writes, as
     `rooms` names it: a directory (the run stopped at its lock, its journal or its intent,
@@ -198,8 +202,9 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
     filesystem is `problems`' to say; a state file behind a symlink into a missing directory
     the state reader's (state.missing_link).
 
-    What the command writes, the log folder always (every command that changes the host
-    journals): `caddyfile` the Caddyfile (a restore does not: its folder, root's on most
+    What the command writes: `log` the log folder (a run journals before its first change;
+    `unlock` and `snapshot create/cleanup` only warn when they cannot); `caddyfile` the
+    Caddyfile (a restore does not: its folder, root's on most
     hosts, refused it for nothing); `records` a run record (`run.journaled`'s commands write
     the log alone); `state` the state file; `lock` the deploy lock, taken or removed (its
     folder, and the state file's, where the lock's guard is made when missing);
@@ -215,7 +220,8 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
     seen: set[Path] = set()
     snapshots = Path(os.path.abspath(env.database.snapshot_dir))
     for directory in ([state_file.parent] if (state or guard) and not behind else []) + [
-            *([env.lock_dir] if lock else []), env.log_dir, *([env.runs_dir] if records else []),
+            *([env.lock_dir] if lock else []), *([env.log_dir] if log else []),
+            *([env.runs_dir] if records else []),
             *([Path(os.path.realpath(env.caddy.caddyfile)).parent] if caddyfile else []),
             *([snapshots] if snapshot_dir else [])]:
         directory = Path(os.path.abspath(directory))
@@ -283,7 +289,8 @@ def _read_only_file(path: Path, what: str, user: str) -> list[tuple[str, str]]:
 
 
 def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool = True,
-                      state: bool = True, lock: bool = True, snapshot_dir: bool = False) -> None:
+                      state: bool = True, lock: bool = True, log: bool = True,
+                      snapshot_dir: bool = False) -> None:
     """Every mutating command (and its dry run, which the fleet's pre-flight is) refuses,
     before anything, where `access_problems` finds one (what it writes: the same keywords),
     or, where it writes the state file or takes the lock, where the state file is behind a
@@ -293,7 +300,7 @@ def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool
                                                          "[state] file")):
         raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])
     found = access_problems(env, caddyfile=caddyfile, records=records, state=state, lock=lock,
-                            snapshot_dir=snapshot_dir)
+                            log=log, snapshot_dir=snapshot_dir)
     if found:
         problem, fix = found[0]
         more = (f" (and {len(found) - 1} more: `runbook status {command_arg(env)}` lists them)"
