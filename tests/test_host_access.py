@@ -398,7 +398,7 @@ def test_unlock_as_a_user_who_may_not_write_the_lock_folder_is_refused_before_an
     who may not write the lock folder it journaled its start, then failed renaming the lock
     away. Refused now before anything, in one line naming the folder and the fix; the lock
     stays. A log folder it may not write is not in its way (journaled warns), nor is a lock
-    folder when no lock is held (nothing to do). The premise (oracle): with the folders writable, the same user removes it."""
+    folder when no lock is held (nothing to do)."""
     env = two_deployments(scene_stack)
     assert env.source is not None
     subprocess.run([sys.executable, "-c", DEAD_HOLDER, str(env.source)], check=True,
@@ -431,7 +431,8 @@ def test_snapshot_create_as_a_user_who_may_not_write_the_snapshot_folder_is_refu
     write the snapshot folder it journaled its start and dumped nothing only once it had
     connected to the database ("snapshot folder ... is not writable", no owner, no fix to
     type). Refused now before anything, in one line naming the folder and the fix; no
-    snapshot is made. A log folder it may not write is not in its way (a cron's backups). The premise: with the folders writable, the same user takes one."""
+    snapshot is made. A log folder it may not write is not in its way (a cron's backups).
+    The premise: with the folders writable, the same user takes one."""
     env = two_deployments(scene_stack)
     snaps = env.database.snapshot_dir
     with shared_with_group(scene_stack, users):
