@@ -22,7 +22,7 @@ from runbook import caddy, database, disk, docker, health, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook import state as states
-from runbook.caddy import Unreloadable, VerifyResult
+from runbook.caddy import BlockDrift, Unreloadable, VerifyResult
 from runbook.environment import Environment, Slot
 from runbook.errors import LockedError, RunbookError
 from runbook.times import rough_duration
@@ -77,6 +77,9 @@ class Facts:
     caddy_imports: RunbookError | None = None  # a switch would refuse the file's imports
     # (Caddy's error, where to mend it): Caddy's adapter rejects the Caddyfile on disk
     caddy_rejected: tuple[str, str] | None = None
+    # the block between the markers on disk names the slot Caddy serves, but not as Caddy runs
+    # it (caddy.block_drift): its next restart or reload loads the file
+    block_drift: BlockDrift | None = None
     # why a switch to the standby would be refused: an upstream it keeps on another host
     # than [slots.<standby>] host reaches no standby there (slots.upstream_problem)
     upstream_miss: str | None = None
@@ -1098,6 +1101,38 @@ def caddyfile_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
                   f"reloaded); a reload would move traffic to {on_disk}", fix)
 
 
+def caddyfile_block_differs_from_what_runs(f: Facts) -> Iterator[Problem]:
+    """The block between the markers on disk names the slot Caddy serves, but not as Caddy
+    runs it (an upstream edited by hand and not loaded; a failed run's undo loads back what
+    Caddy ran and writes back the file as it found it): Caddy's next restart, or a reload by
+    anyone, loads the file. Found by a review that built a host by hand: "No problems found"
+    beside a block naming 127.0.0.1 that Caddy did not run. The fix is the edit back: a
+    switch to the serving slot rewrites only the slot's port and header, so it would load
+    the rest of the edit (caddy.block_drift judges between the markers only)."""
+    drift, active = f.block_drift, f.active
+    if drift is None or active is None or f.caddy is None:
+        return
+    path, arg, upstreams = f.env.caddy.caddyfile, _arg(f.env), f.caddy.upstreams
+
+    def at(dial: str) -> str:
+        found = [str(up.line) for up in upstreams
+                 if up.host is not None and dial in (up.text, f"{up.host}:{up.dials}")]
+        return f" at line{'s' if len(found) > 1 else ''} {', '.join(found)}" if found else ""
+
+    differs = [f"it names {filed}{at(filed)} where Caddy dials {now}"
+               for now, filed in drift.dials]
+    back = [f"{now} instead of {filed}{at(filed)}" for now, filed in drift.dials]
+    if drift.where is not None:  # not an address: the JSON path (a value may be a secret)
+        differs.append(f"it differs from Caddy's running config at {drift.where}")
+        back.append(f"as `curl {f.env.caddy.admin_url}/config/` shows it at {drift.where}")
+    yield Problem(f"the block between the markers in {path} names {active}, the slot Caddy "
+                  f"serves, but not as Caddy runs it: {'; '.join(differs)}; Caddy's next "
+                  "restart, or a reload by anyone, would load the file",
+                  f"edit the block between the markers in {path} back to what Caddy runs "
+                  f"({'; '.join(back)}), then `runbook status {arg}` again; do not restart or "
+                  "reload Caddy, nor switch or roll back, before that: each loads the file")
+
+
 def restore_doubted(f: Facts) -> Iterator[Problem]:
     """The last restore left a database that does not match its snapshot: its check said
     "do not start the app on it", and only the record of it says so (beside the state file,
@@ -1336,7 +1371,7 @@ CHECKS: list[Check] = [
     caddy_not_answering, slots_mispaired, serving_stopped, proxy_unanswered, crash_looping,
     serving_absent, state_unreadable, container_unknown, caddy_problems,
     traffic_unclear, dials_the_other_container, proxy_unverifiable,
-    caddyfile_differs_from_what_runs, schema_dirty,
+    caddyfile_differs_from_what_runs, caddyfile_block_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
@@ -1418,6 +1453,12 @@ def collect(env: Environment) -> Facts:
         f.traffic = traffic.read(env)
     except RunbookError as exc:
         f.traffic_error = exc
+    if f.active is not None and f.caddy is not None and f.caddy.slot == f.active \
+            and f.caddy_down is None and f.caddy_rejected is None and f.caddy_imports is None:
+        # another slot named, Caddy's config unread or the file rejected: said by their checks
+        with contextlib.suppress(RunbookError):
+            f.block_drift = caddy.block_drift(env, traffic.loaded_config(env), caddy.read(env),
+                                              f.active)
     if f.active is not None and f.caddy is not None and f.caddy_error is None:
         standby = f.active.other
         # a file the switch cannot rewrite is said by caddy_problems

@@ -2068,3 +2068,80 @@ def test_a_deleted_state_file_with_no_kept_copy_names_the_deploy_of_the_version_
     deploy = f"runbook deploy {env.source} --version {VERSIONS['v3'].tag}"
     assert f"`{deploy}`" in gone["fix"], gone
     _each_runs({deploy})
+
+
+@pytest.mark.parametrize("edit", ["an-upstreams-host", "the-other-slots-port",
+                                  "a-setting-in-the-block-and-one-outside",
+                                  "outside-the-markers"])
+def test_a_caddyfile_block_edited_on_disk_and_not_loaded_is_a_problem_until_put_back(
+        stack: DrillStack, edit: str) -> None:
+    """Found by a review that built a host by hand: after a failed rollback's undo, the block
+    between the markers on disk named an upstream edited by hand to 127.0.0.1 while Caddy
+    served the config it had loaded, and status said "No problems found": a Caddy restart, or
+    a reload by another tool, would have loaded the file. Edited on disk only (Caddy not
+    reloaded), the block is a problem naming what the file names and what Caddy dials, with
+    exit 1, in text and JSON alike; put back, "No problems found" again. An edit outside the
+    markers is the operator's own: no problem. Oracle: Caddy's own adaptation of the file
+    (`/adapt`) against the config it runs (`/config/`)."""
+    from runbook import caddy
+
+    env = stack.env
+    path = env.caddy.caddyfile
+    text = path.read_text()
+    start, end = caddy.find_block(text)
+    blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
+    block = text[start:end]
+    if edit == "an-upstreams-host":  # the review's: one of the block's two upstreams
+        assert block.count(f"localhost:{blue}") == 2, block
+        edited = text[:start] + block.replace(f"localhost:{blue}", f"127.0.0.1:{blue}", 1) \
+            + text[end:]
+    elif edit == "the-other-slots-port":
+        edited = text[:start] + block.replace(f"localhost:{blue}", f"localhost:{green}") \
+            .replace('"blue"', '"green"') + text[end:]
+    elif edit == "a-setting-in-the-block-and-one-outside":
+        setting = block.replace('"blue"\n', '"blue"\n\t\t\tflush_interval -1\n', 1)
+        assert setting != block
+        edited = (text[:start] + setting + text[end:]).replace(
+            'respond /ping "pong" 200', 'respond /ping "pang" 200', 1)
+    else:
+        edited = text.replace('respond /ping "pong" 200', 'respond /ping "pang" 200', 1)
+    assert edited != text
+    running = drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10).json()
+    files.atomic_write(path, edited.encode())  # on disk only: Caddy is not reloaded
+    try:
+        adapted = drill_http.post(f"{env.caddy.admin_url}/adapt", content=edited,
+                                  headers={"Content-Type": "text/caddyfile"}, timeout=10)
+        assert adapted.json()["result"] != running  # the premise: a reload would change it
+        assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=10).json() == running
+        code, out, problems = status(stack)
+        if edit == "outside-the-markers":
+            assert (code, problems) == (0, []), out
+            assert out.strip().splitlines()[-1] == NO_PROBLEMS
+        else:
+            assert_listed(code, out, problems)
+            if edit == "an-upstreams-host":
+                [found] = [p for p in problems
+                           if p["check"] == "caddyfile_block_differs_from_what_runs"]
+                line = edited[:edited.index(f"127.0.0.1:{blue}")].count("\n") + 1
+                assert f"127.0.0.1:{blue} at line {line}" in found["problem"], found
+                assert f"Caddy dials localhost:{blue}" in found["problem"], found
+                assert "restart" in found["problem"], found
+                assert f"(localhost:{blue} instead of 127.0.0.1:{blue} at line {line})" \
+                    in found["fix"], found
+                assert "runbook switch" not in found["fix"], found  # it would load the edit
+            elif edit == "the-other-slots-port":
+                [found] = [p for p in problems
+                           if p["check"] == "caddyfile_differs_from_what_runs"]
+                assert "points at green but Caddy runs blue" in found["problem"], found
+            else:  # a JSON path inside the block's handler, never the one outside
+                [found] = [p for p in problems
+                           if p["check"] == "caddyfile_block_differs_from_what_runs"]
+                assert re.search(r"differs from Caddy's running config at apps\.http\.servers"
+                                 r"\.\w+\.routes\S*\.handle\[\d+\]\.flush_interval;",
+                                 found["problem"]), found
+            assert len(problems) == 1, problems  # said once
+    finally:
+        files.atomic_write(path, text.encode())
+    code, out, problems = status(stack)
+    assert (code, problems) == (0, []), out
+    assert out.strip().splitlines()[-1] == NO_PROBLEMS

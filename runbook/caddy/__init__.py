@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from runbook.caddy.admin import (
     QUICK_RETRIES,
+    BlockDrift,
     ReloadCommand,
     Unreloadable,
     VerifyResult,
@@ -19,6 +20,7 @@ from runbook.caddy.admin import (
     adapt_as_reload,
     admin_address,
     admin_moved,
+    block_drift,
     check_imports,
     check_running,
     config_etag,
@@ -87,6 +89,7 @@ __all__ = [
     "SLOT_HEADER",
     "START_MARKER",
     "THIS_HOST_NAMES",
+    "BlockDrift",
     "CaddyConflictError",
     "CaddyError",
     "CaddyNotRunningError",
@@ -108,6 +111,7 @@ __all__ = [
     "answer_words",
     "apply",
     "backup_path",
+    "block_drift",
     "caddy_changed_since",
     "check_imports",
     "check_running",

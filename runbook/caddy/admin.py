@@ -25,7 +25,7 @@ from runbook.caddy.errors import (
     CaddyNotRunningError,
     CaddyRejectedError,
 )
-from runbook.caddy.text import SLOT_HEADER, file_imports, in_managed_block
+from runbook.caddy.text import SLOT_HEADER, file_imports, in_managed_block, rewrite
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
 from runbook.errors import ExitCode
 
@@ -322,23 +322,90 @@ def adapt_as_reload(env: Environment, text: str) -> Any | None:
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     """The JSON path of the first value two configs disagree on (never the values: an
     expanded placeholder may be a secret); None when they are equal."""
+    return next((path for path, _, _ in differences(a, b, where)), None)
+
+
+def differences(a: Any, b: Any, where: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """Every (JSON path, a's value, b's value) two configs disagree on, in first_difference's
+    order. Lists of another length are one difference (their items are not paired: a route
+    added before another shifts every index after it)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             if key not in a or key not in b:
-                return f"{where}.{key}".lstrip(".")
-            found = first_difference(a[key], b[key], f"{where}.{key}")
-            if found is not None:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list):
+                yield f"{where}.{key}".lstrip("."), a.get(key), b.get(key)
+            else:
+                yield from differences(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
-            return where.lstrip(".") or "(top)"
+            yield where.lstrip(".") or "(top)", a, b
+            return
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = first_difference(x, y, f"{where}[{i}]")
-            if found is not None:
-                return found
+            yield from differences(x, y, f"{where}[{i}]")
+    elif a != b:
+        yield where.lstrip(".") or "(top)", a, b
+
+
+@dataclass(frozen=True)
+class BlockDrift:
+    """Where Caddy's running config differs from the Caddyfile's block between the markers."""
+
+    # (what Caddy dials, what the file's block dials) at each upstream address that differs
+    dials: tuple[tuple[str, str], ...]
+    where: str | None  # the first JSON path that differs otherwise (None: only those)
+
+
+def block_drift(env: Environment, running: Any, text: str, slot: Slot) -> BlockDrift | None:
+    """How the block between the markers of `text`, pointed at `slot` (the slot Caddy serves),
+    differs from what Caddy runs; None when it does not, or when that cannot be told (Caddy
+    does not adapt the file, a block the switch cannot rewrite). Caddy's next restart, or a
+    reload by anyone, loads the file: found by review, after a failed rollback's undo the
+    block on disk named an upstream edited by hand to 127.0.0.1 while Caddy ran what it had
+    loaded. Judged between the markers only (outside them, an edit not yet loaded is the
+    operator's own): the handlers the block makes are those whose config changes when it is
+    pointed at the other slot, and only differences inside them count, in the server that
+    listens where the file's does (a site added elsewhere renumbers the servers)."""
+    try:
+        ours = adapt(env, rewrite(text, env, slot))
+        theirs = adapt(env, rewrite(text, env, slot.other))
+    except CaddyError:
         return None
-    return None if a == b else (where.lstrip(".") or "(top)")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict) \
+            or not isinstance(running, dict):
+        return None
+    handlers = {h for path, _, _ in differences(ours, theirs)
+                if (h := _handler(path)) is not None}
+    found = [(path, now, filed) for path, now, filed in differences(running, ours)
+             if any(path == h or path.startswith((f"{h}.", f"{h}[")) for h in handlers)
+             and _same_listen(running, ours, path)]
+    if not found:
+        return None
+    def address(path: str, now: Any, filed: Any) -> bool:
+        return path.endswith(".dial") and isinstance(now, str) and isinstance(filed, str)
+
+    dials = [(now, filed) for path, now, filed in found if address(path, now, filed)]
+    other = [path for path, now, filed in found if not address(path, now, filed)]
+    return BlockDrift(tuple(dict.fromkeys(dials)), other[0] if other else None)
+
+
+def _handler(path: str) -> str | None:
+    """The JSON path of the innermost handler `path` lies in (`...handle[2]`)."""
+    at = path.rfind(".handle[")
+    return None if at < 0 else path[:path.index("]", at) + 1]
+
+
+def _same_listen(a: Any, b: Any, path: str) -> bool:
+    """Whether the HTTP server `path` lies in listens at the same addresses in both configs."""
+    prefix = "apps.http.servers."
+    if not path.startswith(prefix):
+        return False
+    name = path[len(prefix):].split(".", 1)[0].split("[", 1)[0]
+
+    def listen(config: Any) -> Any:
+        servers = ((config.get("apps") or {}).get("http") or {}).get("servers") or {}
+        server = servers.get(name) if isinstance(servers, dict) else None
+        return server.get("listen") if isinstance(server, dict) else None
+
+    return listen(a) is not None and listen(a) == listen(b)
 
 
 def served_sites(config: object) -> set[str]:
