@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -1566,12 +1567,41 @@ def test_the_undrain_refuses_under_a_live_deploy_lock_and_starts_nothing(
     assert done.returncode == ExitCode.LOCKED, done.stdout + done.stderr
     answer = json.loads(done.stdout)
     assert answer["ok"] is False and "nothing was started" in answer["error"], answer
+    assert "waited 20s for it" in answer["error"], answer  # a short holder is waited out
     assert [_running(c) for c in containers] == ["exited", "exited"]
     assert still is not None and still.holder is not None, still
     assert still.holder.reason == "a deploy", still  # never taken from it
     lines = _drain_logs(env, before)
     assert lines and lines[-1]["level"] == "ERROR" and "fleet_undo2" in json.dumps(lines), lines
     assert not [e for e in lines if "container" in e], lines
+
+
+@pytest.mark.docker
+def test_the_undrain_waits_out_a_short_deploy_lock_holder_then_starts(
+        stack: DrillStack) -> None:
+    """A holder of a few seconds (a cron's `snapshot cleanup`) refused the undrain at once,
+    and the fleet left the host DOWN for it (found by review): it is waited out (up to 20 s),
+    said in the host's log, and the slots are started once it lets go."""
+    from runbook import lock as locks
+
+    env = stack.env
+    containers = [env.slot(s).container for s in Slot]
+    _docker_stop(*containers)
+    before = set(env.log_dir.glob("*.log"))
+    held = locks.acquire(env, reason="a snapshot cleanup")
+    letting_go = threading.Timer(3.0, locks.release, (env, held))
+    letting_go.start()
+    try:
+        done = runbook_cli(env, "fleet", "drain", "--undo", ",".join(containers),
+                           "--fleet-run", "fleet_undo4")
+    finally:
+        letting_go.join()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [_running(c) for c in containers] == ["running", "running"]
+    lines = _drain_logs(env, before)
+    assert any(e["level"] == "WARN" and "waiting up to 20s" in e["message"] for e in lines), lines
+    assert lines[-1]["level"] == "SUCCESS", lines[-1]
+    assert not env.lock_path.exists()
 
 
 @pytest.mark.docker

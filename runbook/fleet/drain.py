@@ -12,6 +12,7 @@ lock while they change its slots and journal on the host what they changed.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError
 
 Log = Callable[..., None]
+UNDRAIN_LOCK_WAIT = 20.0  # seconds the undrain waits for a live deploy-lock holder to let go
+LOCK_POLL = 0.5  # seconds between two tries meanwhile
 
 
 def _fleet_fields(fleet_run: str, holder: str) -> dict[str, str | None]:
@@ -32,18 +35,33 @@ def _why(what: str, fleet_run: str, holder: str) -> str:
 
 @contextlib.contextmanager
 def _deploy_lock(env: Environment, why: str, log: Log, notify: Callable[[str], None], *,
-                 nothing: str, this: str, **fleet: str | None) -> Iterator[None]:
+                 nothing: str, this: str, fleet: dict[str, str | None],
+                 wait: float = 0.0) -> Iterator[None]:
     """The deploy lock held for the block and released on every path (the restore and the
     rollback that follow on this host take it). A live holder refuses, exit 3, with
-    `nothing` said; a stale one is taken over and said. Killed inside, the lock names a dead
-    process, which the next run takes over."""
+    `nothing` said, once `wait` seconds have passed without it letting go; a stale one is
+    taken over and said. Killed inside, the lock names a dead process, which the next run
+    takes over."""
     from runbook import lock as locks
     from runbook import run
 
-    try:
-        held = locks.acquire(env, reason=why)
-    except LockedError as exc:
-        raise LockedError(f"{exc.message}; {nothing}", exc.fix) from None
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            held = locks.acquire(env, reason=why)
+            break
+        except LockedError as exc:
+            if time.monotonic() + LOCK_POLL > deadline:
+                raise LockedError(f"{exc.message}; {nothing}"
+                                  + (f" (waited {wait:g}s for it)" if wait else ""),
+                                  exc.fix) from None
+            if not said:
+                said = True
+                waiting = f"the deploy lock is held ({exc.message}): waiting up to {wait:g}s"
+                log("WARN", waiting, lock=str(env.lock_path), **fleet)
+                notify(waiting)
+            time.sleep(LOCK_POLL)
     try:
         taken = (f"took over a stale deploy lock held by {held.stolen_from.describe()} "
                  f"({held.stolen_from.why})" if held.stolen_from is not None else "")
@@ -79,7 +97,7 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
     with run.journaled(env, "fleet-drain", why, notify) as log:
         stopped: list[str] = []
         with _deploy_lock(env, why, log, notify, nothing="nothing was stopped",
-                          this="this drain", **fleet):
+                          this="this drain", fleet=fleet):
             for slot in env.slots:
                 name = env.slot(slot).container
                 if docker.inspect(name).running:
@@ -118,8 +136,10 @@ def undo(env: Environment, containers: list[str], *, fleet_run: str = "", holder
     with run.journaled(env, "fleet-undrain", why, notify) as log:
         started: list[str] = []
         running: list[str] = []
+        # a holder of a few seconds (a cron's snapshot cleanup) is waited out: refused at
+        # once, the undrain left this host DOWN for it (found by review)
         with _deploy_lock(env, why, log, notify, nothing="nothing was started",
-                          this="this undrain", **fleet):
+                          this="this undrain", fleet=fleet, wait=UNDRAIN_LOCK_WAIT):
             for name in names:
                 if docker.inspect(name).running:
                     running.append(name)
