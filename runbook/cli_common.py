@@ -64,7 +64,8 @@ def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
 
     lost = getattr(exc, "journal_incomplete", None)
     # the lines for on-call first (the fix of a run that TOOK EFFECT), then the JSON
-    message = redact(str(exc))  # an argument, a path or a tool's words may hold a secret
+    # an argument, a path or a tool's words may hold a secret
+    message = redact(named_env_file(str(exc)))
     first, *rest = message.splitlines() or [""]
     echo(f"runbook: error: {first}", err=True)
     for line in rest:
@@ -75,8 +76,8 @@ def fail(exc: RunbookError, fmt: Format = Format.text) -> NoReturn:
     if lost:
         echo(f"runbook: warning: {lost}", err=True)
     if fmt is Format.json:
-        echo(json.dumps({"ok": False, "error": redact(exc.message),
-                         "fix": redact(exc.fix) if exc.fix else exc.fix,
+        echo(json.dumps({"ok": False, "error": redact(named_env_file(exc.message)),
+                         "fix": redact(named_env_file(exc.fix)) if exc.fix else exc.fix,
                          "exit_code": int(exc.exit_code)}
                         | ({"journal_incomplete": lost} if lost else {})))
     raise typer.Exit(int(exc.exit_code))
@@ -99,6 +100,29 @@ def only_reading() -> Iterator[None]:
         raise
 
 
+_LOADED: list[Environment] = []  # the environment this command loaded (load_env)
+
+
+def named_env_file(text: str) -> str:
+    """A fix's "in the environment file" named: which file this command read, or, where
+    that is the packaged defaults (rewritten by every upgrade), the host's own file that
+    overrides them (found by review: on-call did not know which file to edit)."""
+    marker = "in the environment file"
+    if not _LOADED or marker not in text or _LOADED[-1].source is None:
+        return text
+    from runbook.environment import BUILTIN_DIR, SYSTEM_DIR
+
+    env = _LOADED[-1]
+    source = env.source
+    assert source is not None
+    if source.resolve().parent == BUILTIN_DIR:
+        where = (f"in {SYSTEM_DIR / (env.name + '.toml')} (a new file there overrides the "
+                 f"packaged defaults, {source})")
+    else:
+        where = f"{marker} {source.absolute()}"
+    return text.replace(marker, where)
+
+
 def load_env(name: str, config: str | None) -> Environment:
     """The environment, imported when a command needs it (`--help` stays instant), with its
     known secrets registered for every command."""
@@ -107,6 +131,7 @@ def load_env(name: str, config: str | None) -> Environment:
     with only_reading():
         env = environment.load(name, config=config)
         register_known_secrets(env)
+    _LOADED.append(env)
     from runbook import kept_state as kept
 
     # the copy an empty or cut-short state file's refusal names (runbook state restore-kept)
