@@ -378,6 +378,25 @@ def _expected(options: Options, current: states.Deployment,
                             "pre-flight reads every host anew")
 
 
+def readable_after(state: states.DeploymentState, target: states.Deployment) -> None:
+    """Refuse (exit 4, before any change) a rollback whose own write of the state file would
+    leave it refused by the next read: an entry another tool wrote badly is passed by only
+    when it is provably older than the target, and the proof may be the target's own
+    history entry, which the rollback's write removes (it becomes current). Found by
+    review: the file the rollback had just written was refused by `runbook status` and
+    every later run, and the release of the lock could no longer clear its copy there."""
+    try:
+        states.parse_state(states.dumps(states.after_rollback(state, target)),
+                           state.source or "deployment-state.json")
+    except RunbookError as exc:
+        where = state.source or "the state file"
+        raise PreconditionError(
+            f"{where}: after this rollback the file would not be readable ({exc.message}): "
+            "an entry another tool wrote badly is passed by only while the target's own "
+            "entry shows it older; nothing was changed",
+            f"{exc.fix + ', ' if exc.fix else ''}then run the rollback again") from None
+
+
 def named_target(env: Environment, state: states.DeploymentState,
                  ref: str) -> states.Deployment:
     """The deployment `--to REF` names; one the history does not hold is a typo, bad input
@@ -483,6 +502,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     # history entries another tool wrote badly: each provably older than the target is named
     # (the plan's warning, so the journal's); one that may be it or newer is refused
     passed = state.passed_by(target)
+    if state.unread:
+        readable_after(state, target)
     # Independent read-only probes run at once (runbook/preflight.py: Probe); each result is
     # taken where the sequential plan used it, so the first failure reported is the same.
     guard_probe = tool_checks.Probe(lambda: schema_guard(env, current, target, options),

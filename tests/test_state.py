@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from runbook import state as statemod
 from runbook.environment import Slot
-from runbook.errors import ExitCode, StateError
+from runbook.errors import ExitCode, PreconditionError, StateError
 from runbook.state import (
     Deployment,
     DeploymentState,
@@ -1580,3 +1580,75 @@ def test_a_malformed_entry_newer_than_a_named_target_refuses_that_rollback(
     assert older.version in refused.value.message and refused.value.fix
     with pytest.raises(StateError, match=r"deployment_history\[1\]"):
         state.passed_by(None)  # a version no readable entry holds: it may be that one
+
+
+# --- found by review of the malformed-history change ------------------------------------------
+
+def _go(n: int, version: str, slot: str) -> dict[str, Any]:
+    return {"version": version, "git_commit": version + "0" * 33,
+            "deployed_at": f"2026-01-{n:02d}T10:00:00Z", "deployed_by": "ops", "slot": slot,
+            "health_status": "healthy", "status": "active",
+            "docker_image": f"togather-server:{version}"}
+
+
+def test_a_rollback_whose_write_would_leave_the_file_unreadable_is_refused_while_planning(
+        tmp_path: Path) -> None:
+    """The Go CLI's layout (oldest first, the current listed too) with a bad entry whose own
+    time cannot be read: it is passed by only because it sits behind the target's own entry,
+    which the rollback's write removes (the target becomes current). The file the rollback
+    wrote was then refused by the next read, `runbook status` included. The plan now refuses
+    first, exit 4, naming the entry; the file itself (the oracle: read it back after the
+    simulated write, as the next run would) is what proves the refusal right."""
+    from runbook import rollback
+
+    b, c = _go(2, "bbbbbbb", "green"), _go(3, "ccccccc", "blue")
+    x = {**_go(1, "aaaaaaa", "blue"), "deployed_at": "2026-01-01 10:00:00"}  # not RFC 3339
+    doc = {"environment": "production", "current_deployment": c, "previous_deployment": b,
+           "deployment_history": [x, b, c], "lock": {"locked": False}}
+    path = tmp_path / "deployment-state.json"
+    path.write_text(json.dumps(doc, indent=2))
+    state = statemod.read_state(path, environment="production")
+    assert state.previous is not None and len(state.passed_by(state.previous)) == 1
+    # the premise: written as the rollback writes it, the next read refuses the file
+    written = tmp_path / "written.json"
+    written.write_bytes(statemod.dumps(statemod.after_rollback(state, state.previous)))
+    with pytest.raises(StateError):
+        statemod.read_state(written, environment="production")
+    with pytest.raises(PreconditionError) as err:
+        rollback.readable_after(state, state.previous)
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    assert "would not be readable" in err.value.message and "deployed_at" in err.value.message
+    assert "nothing was changed" in err.value.message
+
+
+def test_a_readable_write_after_passing_a_bad_entry_is_let_through() -> None:
+    """The same bad entry among enough readable ones: the file stays readable after the
+    rollback, which goes ahead (the plan's check refuses nothing)."""
+    from runbook import rollback
+
+    a, b, c = _go(1, "aaaaaaa", "blue"), _go(2, "bbbbbbb", "green"), _go(4, "ccccccc", "blue")
+    x = {**_go(1, "v0.9.0", "blue")}  # a bad version, its own time readable and older
+    doc = {"environment": "production", "current_deployment": c, "previous_deployment": b,
+           "deployment_history": [x, a, b, c], "lock": {"locked": False}}
+    state = statemod.parse_state(json.dumps(doc))
+    assert state.previous is not None and len(state.passed_by(state.previous)) == 1
+    rollback.readable_after(state, state.previous)  # raises nothing
+
+
+@pytest.mark.parametrize("order", ["newest-first-appended", "oldest-first-prepended"])
+def test_a_bad_entry_whose_own_times_say_newer_is_refused_whatever_its_place(order: str) -> None:
+    """Another tool appended (or, oldest first, prepended) an entry whose own deployed_at is
+    newer than the current deployment: its place said "older" and the rollback passed it by
+    (found by review). Its own readable times win over its place."""
+    def d(n: int, v: str, slot: str = "blue", status: str = "superseded") -> dict[str, Any]:
+        return {"id": f"dep_{n:04d}", "version": v, "git_commit": v[0] * 40,
+                "deployed_at": f"2026-01-{n:02d}T10:00:00Z", "deployed_by": "ops",
+                "active_slot": slot, "health_status": "healthy", "status": status}
+    a, b, c = d(1, "aaaaaaa"), d(2, "bbbbbbb", "green"), d(3, "ccccccc", status="active")
+    x = d(9, "v9.9.9")  # a bad version, deployed on Jan 9: newer than everything
+    history = [c, b, a, x] if order == "newest-first-appended" else [x, a, b, c]
+    with pytest.raises(StateError) as err:  # refused as any bad record may be: as before
+        statemod.parse_state(json.dumps({
+            "environment": "production", "current_deployment": c, "previous_deployment": b,
+            "deployment_history": history, "lock": {"locked": False}}))
+    assert "v9.9.9" in str(err.value), err.value

@@ -198,12 +198,15 @@ class DeploymentState:
         the file's order, by its place (behind the target's own entry, or one older than
         it); where they do not, by its own times. Never by the contract's "newest first"
         alone: another tool may append."""
+        own = (entry.deployed_at is not None and entry.went_live is not None
+               and entry.deployed_at < target.deployed_at
+               and entry.went_live < target.went_live)
         if entry.newer is not None:  # places in the history as read
+            if entry.deployed_at is not None and entry.went_live is not None and not own:
+                return False  # its own times say newer: another tool appended it (review)
             read = self.origin if self.origin is not None else self
             return any(_not_newer(dep, target) for dep in read.history[:entry.newer])
-        return (entry.deployed_at is not None and entry.went_live is not None
-                and entry.deployed_at < target.deployed_at
-                and entry.went_live < target.went_live)
+        return own
 
     def passed_by(self, target: Deployment | None) -> list[str]:
         """A rollback to `target` (None: a version no readable record holds) passes by the
