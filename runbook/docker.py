@@ -494,6 +494,19 @@ def inspect(name: str) -> ContainerInfo:
     )
 
 
+def network_mode_of(ref: str) -> str | None:
+    """The network mode of the container `ref` names exactly, by its full id or its name
+    (what Docker writes after `container:` when one shares another's network), or None when
+    there is none (never a container whose id merely starts with it)."""
+    try:
+        attrs: dict[str, Any] = _json(send(inspect_action(ref)), f"inspect {ref!r}")
+    except _NotFound:
+        return None
+    if ref not in (attrs.get("Id"), str(attrs.get("Name") or "").lstrip("/")):
+        return None
+    return str((attrs.get("HostConfig") or {}).get("NetworkMode") or "")
+
+
 def _inspected(name: str) -> dict[str, Any] | None:
     """Container `name`'s inspect data, or None when no container has that name (the engine
     alone would answer for another container whose id starts with it: see inspect)."""

@@ -1538,10 +1538,23 @@ def _caddy_off_host_network(env: Environment) -> tuple[str, bool] | None:
     if not info.exists:
         return (f"Caddy's container {name} is not on the Docker engine the runbook inspects, "
                 "so whether it is on the host's network is not known", False)
-    if info.network_mode == "host":
+    mode = info.network_mode or ""
+    if mode.startswith("container:"):  # another container's network (compose `service:x`)
+        owner = mode.split(":", 1)[1]
+        try:
+            shared = docker.network_mode_of(owner)
+        except RunbookError as exc:
+            return (f"Caddy's container {name} shares the network of container {owner}, "
+                    f"which could not be inspected ({exc.message}), so whether it is on the "
+                    "host's network is not known", False)
+        if shared is None:
+            return (f"Caddy's container {name} shares the network of container {owner}, "
+                    "which Docker does not know, so whether it is on the host's network is "
+                    "not known", False)
+        mode = shared  # one hop: Docker never chains them
+    if mode == "host":
         return None
-    return (f"Caddy's container {name} is on Docker network {info.network_mode}, not the "
-            "host's", True)
+    return (f"Caddy's container {name} is on Docker network {mode}, not the host's", True)
 
 
 def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:

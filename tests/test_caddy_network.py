@@ -76,3 +76,24 @@ def test_a_compose_run_caddy_on_the_hosts_network_shares_its_loopback(
     missing = slots._caddy_off_host_network(
         _env(["docker", "compose", "-p", project, "exec", f"nothere-{run}", "caddy"]))
     assert missing is not None and not missing[1], missing
+
+
+def test_a_caddy_sharing_a_host_networked_containers_network_shares_its_loopback() -> None:
+    """`--network container:NAME` (compose `network_mode: service:x`): Docker reports
+    `container:<id>`, which is the host's network when that container's is (found by review:
+    refused as "not the host's")."""
+    run = uuid.uuid4().hex[:8]
+    owner, caddy, bridged_owner, caddy2 = (f"test-net-{k}-{run}" for k in (
+        "owner", "caddy", "bowner", "caddy2"))
+    try:
+        for name, network in ((owner, "host"), (caddy, f"container:{owner}"),
+                              (bridged_owner, "bridge"), (caddy2, f"container:{bridged_owner}")):
+            subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", network,
+                            "togather-drill-caddy:2", "sleep", "120"],
+                           check=True, capture_output=True)
+        assert slots._caddy_off_host_network(_env(["docker", "exec", caddy, "caddy"])) is None
+        off = slots._caddy_off_host_network(_env(["docker", "exec", caddy2, "caddy"]))
+        assert off is not None and off[1] and "bridge" in off[0], off
+    finally:
+        subprocess.run(["docker", "rm", "-f", caddy, caddy2, owner, bridged_owner],
+                       capture_output=True)
