@@ -403,13 +403,19 @@ def named_target(env: Environment, state: states.DeploymentState,
     (exit 2), never a precondition met under the lock (found by review)."""
     target = state.find_version(ref)
     if target is None:
-        state.passed_by(None)  # a history entry another tool wrote badly may be it: refused
         known = ", ".join(d.version for d in state.deployments()) or "none"
+        # a history entry another tool wrote badly may be the one meant: said beside the
+        # typo's words, never taken for it (found by review: its refusal alone hid the typo)
+        bad = state.unread[0] if state.unread else None
         raise UsageError(f"--to {one_line(ref)} is not in the deployment history (known: "
-                         f"{known}); "
-                         "nothing was changed",
+                         f"{known}"
+                         + (f"; and {bad.problem}: another tool wrote that entry badly, it may "
+                            "be the one meant" if bad is not None else "")
+                         + "); nothing was changed",
                          f"pass one of them (`runbook status {command_arg(env)}` shows them), "
-                         "a commit prefix or a deployment id")
+                         "a commit prefix or a deployment id"
+                         + (f"; to roll back to that entry, mend it first ({bad.fix})"
+                            if bad is not None else ""))
     return target
 
 

@@ -1652,3 +1652,31 @@ def test_a_bad_entry_whose_own_times_say_newer_is_refused_whatever_its_place(ord
             "environment": "production", "current_deployment": c, "previous_deployment": b,
             "deployment_history": history, "lock": {"locked": False}}))
     assert "v9.9.9" in str(err.value), err.value
+
+
+def test_a_to_typo_beside_a_badly_written_entry_is_a_usage_error_naming_both(
+        tmp_path: Path) -> None:
+    """`--to` a version no readable entry holds, with an entry another tool wrote badly in
+    the history: refused as before, but as the typo it most likely is (exit 2, the known
+    versions), with the bad entry named as what it may be; its refusal alone (exit 4) hid the
+    typo (found by review)."""
+    from runbook import environment, rollback
+    from runbook.errors import UsageError
+
+    a, b, c = _go(1, "aaaaaaa", "blue"), _go(2, "bbbbbbb", "green"), _go(4, "ccccccc", "blue")
+    x = {**_go(1, "v0.9.0", "blue")}
+    state = statemod.parse_state(json.dumps({
+        "environment": "production", "current_deployment": c, "previous_deployment": b,
+        "deployment_history": [x, a, b, c], "lock": {"locked": False}}))
+    env = environment.from_mapping({
+        "name": "production",
+        "slots": {"blue": {"container": "b", "service": "b", "port": 18081},
+                  "green": {"container": "g", "service": "g", "port": 18082}},
+    }, tmp_path / "production.toml")
+    with pytest.raises(UsageError) as err:
+        rollback.named_target(env, state, "aaaaaab")
+    assert err.value.exit_code == ExitCode.USAGE
+    message = err.value.message
+    assert "--to aaaaaab is not in the deployment history (known:" in message, message
+    assert "aaaaaaa" in message and "'v0.9.0'" in message and "may be the one meant" in message
+    assert err.value.fix is not None and "mend it first" in err.value.fix, err.value.fix
