@@ -59,6 +59,28 @@ app = typer.Typer(
 )
 
 
+def _show_version(shown: bool) -> None:
+    """`runbook --version`: which togather-runbook this is, and the fleet protocol it speaks
+    (found by review: nothing told two versions apart, and an upgrade by `pip install` of a
+    wheel with the same version number installed nothing)."""
+    if not shown:
+        return
+    from runbook.fleet import FLEET_PROTOCOL
+    from runbook.fleet.hostcheck import version
+
+    echo(f"togather-runbook {version()} (fleet protocol {FLEET_PROTOCOL})")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="print this runbook's version and fleet protocol, and exit")] = False,
+) -> None:
+    """Executable rollback runbook for Togather's blue/green deployments."""
+
+
 class HealthFormat(StrEnum):
     simple = "simple"
     json = "json"

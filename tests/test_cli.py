@@ -40,6 +40,21 @@ def test_help_documents_exit_codes_and_the_prod_alias() -> None:
     assert "prod" in rb and "--dry-run" in rb and "--to" in rb
 
 
+def test_version_says_which_runbook_runs_and_its_fleet_protocol() -> None:
+    """Nothing told two versions apart (found by review: an upgrade by `pip install` of a
+    wheel with the same number installed nothing, and no command could show it). The oracle
+    is pyproject.toml's own version, read here, and the fleet package's protocol."""
+    import tomllib
+
+    from runbook.fleet import FLEET_PROTOCOL
+
+    root = Path(__file__).resolve().parent.parent
+    wanted = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "--version"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout == f"togather-runbook {wanted} (fleet protocol {FLEET_PROTOCOL})\n"
+
+
 def test_status_shows_state_and_truth(stack: DrillStack) -> None:
     proc = runbook(stack, "status", "--format", "json")
     assert proc.returncode == 0, proc.stderr
