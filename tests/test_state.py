@@ -1494,6 +1494,9 @@ def test_a_malformed_entry_older_than_the_target_is_passed_by_and_kept_in_its_pl
     [warning] = state.passed_by(state.previous)
     assert f"deployment_history[{where}]" in warning and _MALFORMED[kind][1] in warning, warning
     assert "fix: " in warning and "\n" not in warning, warning
+    # a downgrade mid-incident: the version before this one refuses the file (review)
+    assert "before 0.2.0 refuses this file: finish an interrupted run with this version" \
+        in warning, warning
     write_state(path, after_rollback(state, run_id="rbk_1"))
     written = json.loads(path.read_text())
     assert written["current_deployment"]["version"] == doc["previous_deployment"]["version"]

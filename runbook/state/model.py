@@ -225,7 +225,9 @@ class DeploymentState:
                                  entry.fix)
             warnings.append(f"{where}{entry.problem}: another tool wrote this entry, older "
                             f"than {target.version} (the rollback target), so the rollback "
-                            f"passes it by and the file keeps it as written; fix: {entry.fix}")
+                            f"passes it by and the file keeps it as written; fix: {entry.fix} "
+                            "(togather-runbook before 0.2.0 refuses this file: finish an "
+                            "interrupted run with this version, never after a downgrade)")
         return warnings
 
     def find_id(self, deployment_id: str) -> Deployment | None:
