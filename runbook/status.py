@@ -1683,6 +1683,9 @@ def printable(value: object, missing: str = NOT_RECORDED) -> str:
     return one_line(str(value))
 
 
+OLDER_SHOWN = 5  # older deployments named on status's "older" line
+
+
 def render(data: dict[str, Any]) -> str:
     p = printable
     lines = [f"Environment {p(data['label'])} ({p(data['state_file'])})"]
@@ -1697,6 +1700,16 @@ def render(data: dict[str, Any]) -> str:
             f"({p(dep['status'], 'status not recorded')}, {p(dep['deployed_at'])} by "
             f"{p(dep['deployed_by'], 'someone not recorded')}, "
             f"schema {p(dep['migration_version'])})" if dep else missing))
+    # the deployments a rollback may name with --to beyond the previous one: shown only in
+    # the JSON, so after a rollback on-call could not find the version to go further back to
+    # (found by the second hand-built host review)
+    shown = {(data.get(k) or {}).get("version") for k in ("current", "previous")}
+    older = [v for v in dict.fromkeys(data.get("history") or []) if v not in shown]
+    if older:
+        more = len(older) - OLDER_SHOWN
+        lines.append(f"  older     {', '.join(p(v) for v in older[:OLDER_SHOWN])}"
+                     + (f" and {more} more" if more > 0 else "")
+                     + " (newest first; a rollback names one with --to VERSION)")
     caddy_info = data.get("caddy", {})
     lines.append(f"  traffic   {p(data.get('traffic', {}).get('slot'), 'unknown')} "
                  f"(as Caddy runs it; Caddy "

@@ -69,6 +69,22 @@ def test_status_shows_state_and_truth(stack: DrillStack) -> None:
     assert stack.password not in proc.stdout + text
 
 
+def test_status_text_names_the_older_deployments_a_rollback_may_go_back_to(
+        stack: DrillStack) -> None:
+    """After a rollback a plain rollback is refused ("name that version with --to: `runbook
+    status` lists the deployments"), but the text status showed only current and previous:
+    the older versions were in its JSON alone (found by the second hand-built host review).
+    The oracle is the state file's own history, read here as JSON."""
+    stack.arrange(scenes.PREVIOUS)  # v1, v2, v3 deployed: v3 serves, v2 previous
+    doc = json.loads(stack.env.state_file.read_text())
+    shown = {doc["current_deployment"]["version"], doc["previous_deployment"]["version"]}
+    older = [d["version"] for d in doc["deployment_history"] if d["version"] not in shown]
+    assert older == [VERSIONS["v1"].tag], older
+    text = runbook(stack, "status").stdout
+    assert f"  older     {older[0]} (newest first; a rollback names one with --to VERSION)" \
+        in text, text
+
+
 def test_status_names_a_caddyfile_targeting_the_wrong_port(stack: DrillStack) -> None:
     path = stack.env.caddy.caddyfile
     path.write_text(path.read_text().replace(f"localhost:{stack.ports.blue}", "localhost:9"))
