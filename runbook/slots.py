@@ -1557,6 +1557,22 @@ def _caddy_off_host_network(env: Environment) -> tuple[str, bool] | None:
     return (f"Caddy's container {name} is on Docker network {mode}, not the host's", True)
 
 
+def _caddy_listens_on(env: Environment, port: int) -> bool:
+    """Whether Caddy's running config serves a site on `port` (every address, or loopback):
+    a loopback upstream there reaches Caddy's own site, not nothing. Not known (Caddy not
+    read) is no."""
+    from runbook.caddy.switch import running_config
+
+    try:
+        servers = (((running_config(env) or {}).get("apps") or {}).get("http") or {}).get(
+            "servers") or {}
+    except RunbookError:
+        return False
+    return any(traffic._listens_at(str(listen), "127.0.0.1", port)
+               for server in (servers.values() if isinstance(servers, dict) else ())
+               if isinstance(server, dict) for listen in server.get("listen") or ())
+
+
 def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:
     """An upstream of `text` on `target`'s port at a loopback host, while Caddy runs off the
     host's network: there it dials its own container, never the slot (found by review: the
@@ -1571,6 +1587,9 @@ def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:
     if not loops or (off := _caddy_off_host_network(env)) is None:
         return None
     (why, known), up, port = off, loops[0], env.slot(target).port
+    if known and _caddy_listens_on(env, port):
+        return None  # a site of Caddy's own on that port (a relay to the slot, in its
+        # container): what it reaches is judged by the switch's verification, as before
     return (f"the Caddyfile's upstream {up.host}:{port} (line {up.line}, after the switch) "
             + (f"is not the {target} slot on this host: {why}, and there {up.host} is "
                "Caddy's own container, so the switch would send every user where nothing "

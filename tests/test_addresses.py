@@ -509,7 +509,9 @@ def test_a_loopback_upstream_of_a_caddy_on_dockers_bridge_is_refused_before_anyt
                 said = slots.upstream_problem(env, Slot.GREEN, loop, planning=True)
                 assert said is not None and f"upstream {host}:{green}" in said, (host, said)
             loop = caddy.rewrite(upstreams, env, Slot.GREEN)
-            for command in (("docker", "compose", "exec", "caddy", "caddy"),
+            # (a service no running container has: the drill's own Caddy is the compose
+            # service "caddy", found by its labels when it runs alone on this engine)
+            for command in (("docker", "compose", "exec", f"{name}-service", "caddy"),
                             ("docker", "exec", f"{name}-gone", "caddy")):
                 unknown = env.with_(caddy=dataclasses.replace(env.caddy, command=command))
                 said = slots.upstream_problem(unknown, Slot.GREEN, loop, planning=True)
