@@ -378,16 +378,24 @@ def _expected(options: Options, current: states.Deployment,
                             "pre-flight reads every host anew")
 
 
-def readable_after(state: states.DeploymentState, target: states.Deployment) -> None:
+def readable_after(state: states.DeploymentState, target: states.Deployment, *,
+                   served: states.Deployment | None = None, slot: Slot | None = None) -> None:
     """Refuse (exit 4, before any change) a rollback whose own write of the state file would
     leave it refused by the next read: an entry another tool wrote badly is passed by only
     when it is provably older than the target, and the proof may be the target's own
     history entry, which the rollback's write removes (it becomes current). Found by
     review: the file the rollback had just written was refused by `runbook status` and
     every later run, and the release of the lock could no longer clear its copy there."""
+    if served is not None and served.id == target.id:
+        served = None  # as recording.py's write: the file's current is the target
     try:
-        states.parse_state(states.dumps(states.after_rollback(state, target)),
-                           state.source or "deployment-state.json")
+        after = states.after_rollback(state, target, slot=slot, served=served)
+        written = states.dumps(after)
+    except RunbookError:
+        return  # not simulated here (found by review: a refusal of the simulation itself
+        # blocked legitimate rollbacks); the write judges its own inputs, as before
+    try:
+        states.parse_state(written, state.source or "deployment-state.json")
     except RunbookError as exc:
         where = state.source or "the state file"
         raise PreconditionError(
@@ -508,8 +516,6 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     # history entries another tool wrote badly: each provably older than the target is named
     # (the plan's warning, so the journal's); one that may be it or newer is refused
     passed = state.passed_by(target)
-    if state.unread:
-        readable_after(state, target)
     # Independent read-only probes run at once (runbook/preflight.py: Probe); each result is
     # taken where the sequential plan used it, so the first failure reported is the same.
     guard_probe = tool_checks.Probe(lambda: schema_guard(env, current, target, options),
@@ -530,6 +536,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
             raise refusal
         _serving_is_current(env, state, current, target, live, containers[live].result(),
                             named=bool(options.to))
+        if state.unread:  # simulated as the commit writes it: what serves, the other slot
+            readable_after(state, target, served=served, slot=live.other)
         if served is not None and served.id != current.id:
             # the file's current is not what serves (the old tooling's swap): the guard,
             # started before the serving slot was known, judged from the file; it judges

@@ -1618,7 +1618,7 @@ def test_a_rollback_whose_write_would_leave_the_file_unreadable_is_refused_while
     with pytest.raises(StateError):
         statemod.read_state(written, environment="production")
     with pytest.raises(PreconditionError) as err:
-        rollback.readable_after(state, state.previous)
+        rollback.readable_after(state, state.previous, slot=Slot.GREEN)
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "would not be readable" in err.value.message and "deployed_at" in err.value.message
     assert "nothing was changed" in err.value.message
@@ -1635,7 +1635,7 @@ def test_a_readable_write_after_passing_a_bad_entry_is_let_through() -> None:
            "deployment_history": [x, a, b, c], "lock": {"locked": False}}
     state = statemod.parse_state(json.dumps(doc))
     assert state.previous is not None and len(state.passed_by(state.previous)) == 1
-    rollback.readable_after(state, state.previous)  # raises nothing
+    rollback.readable_after(state, state.previous, slot=Slot.GREEN)  # raises nothing
 
 
 @pytest.mark.parametrize("order", ["newest-first-appended", "oldest-first-prepended"])
@@ -1683,3 +1683,27 @@ def test_a_to_typo_beside_a_badly_written_entry_is_a_usage_error_naming_both(
     assert "--to aaaaaab is not in the deployment history (known:" in message, message
     assert "aaaaaaa" in message and "'v0.9.0'" in message and "may be the one meant" in message
     assert err.value.fix is not None and "mend it first" in err.value.fix, err.value.fix
+
+
+def test_the_write_check_simulates_the_commits_own_write_and_never_refuses_a_fine_one() -> None:
+    """Found by review of the check itself: it simulated the write without the slot and
+    without what serves, so a Go CLI previous deployment with `"slot": ""` (its own rollback
+    writes it so) was refused ("does not record its slot", fix: "pass the slot") and a
+    swapped file's `--to <the file's current>` was refused ("already current"), though
+    their files would have read fine. It now simulates with the slot the target will run in
+    and what serves, and a simulation it cannot make refuses nothing."""
+    from runbook import rollback
+
+    a, c = _go(1, "aaaaaaa", "blue"), _go(4, "ccccccc", "blue")
+    b = {**_go(2, "bbbbbbb", "green"), "slot": ""}  # the Go CLI's previous, slot unwritten
+    x = {**_go(1, "v0.9.0", "blue")}
+    state = statemod.parse_state(json.dumps({
+        "environment": "production", "current_deployment": c, "previous_deployment": b,
+        "deployment_history": [x, a, b, c], "lock": {"locked": False}}))
+    assert state.previous is not None and len(state.passed_by(state.previous)) == 1
+    rollback.readable_after(state, state.previous, slot=Slot.GREEN)  # raises nothing
+    rollback.readable_after(state, state.previous)  # no slot: not simulated, nothing refused
+    # the old tooling's swap: the file's current is what the rollback goes to, the previous
+    # one serves
+    assert state.current is not None
+    rollback.readable_after(state, state.current, served=state.previous, slot=Slot.GREEN)
