@@ -1609,6 +1609,14 @@ def to_json(f: Facts) -> dict[str, Any]:
         "previous": _deployment(env, st.previous) if st else None,
         "history": [d.version for d in st.history] if st else [],
     }
+    # what a rollback may go further back to: deployed before the current one, never one
+    # this host was rolled back from (found by review: a rolled-back release was offered)
+    current = st.current if st else None
+    out["older"] = list(dict.fromkeys(
+        d.version for d in (st.history if st else ())
+        if current is not None and d.deployed_at < current.deployed_at
+        and d.status != "rolled_back" and d.version not in (
+            current.version, st.previous.version if st and st.previous else None)))
     if st is None and f.state_error is not None:  # not read: no deployment is known, none
         out["state_error"] = f.state_error.message  # is said to be recorded (review)
     slots_out: dict[str, Any] = {}
@@ -1703,8 +1711,7 @@ def render(data: dict[str, Any]) -> str:
     # the deployments a rollback may name with --to beyond the previous one: shown only in
     # the JSON, so after a rollback on-call could not find the version to go further back to
     # (found by the second hand-built host review)
-    shown = {(data.get(k) or {}).get("version") for k in ("current", "previous")}
-    older = [v for v in dict.fromkeys(data.get("history") or []) if v not in shown]
+    older = data.get("older") or []
     if older:
         more = len(older) - OLDER_SHOWN
         lines.append(f"  older     {', '.join(p(v) for v in older[:OLDER_SHOWN])}"

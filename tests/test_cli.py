@@ -85,6 +85,30 @@ def test_status_text_names_the_older_deployments_a_rollback_may_go_back_to(
         in text, text
 
 
+def test_status_never_offers_a_release_this_host_was_rolled_back_from_as_older(
+        stack: DrillStack) -> None:
+    """v1, v2, v3 deployed; rolled back v3 -> v2, then --to v1: the history holds v3, rolled
+    back from and newer than what serves. The "older" line offered it as a version to go
+    further back to (found by review); it lists only releases deployed before the current
+    one and never rolled back from. The oracle is the file written here, read as JSON."""
+    from runbook import state as states
+
+    stack.arrange(scenes.PREVIOUS)
+    st = states.read_state(stack.env.state_file)
+    once = states.after_rollback(st)  # v3 -> v2
+    v1 = once.find_version(VERSIONS["v1"].tag)
+    assert v1 is not None
+    states.write_state(stack.env.state_file, states.after_rollback(once, v1))  # -> v1
+    doc = json.loads(stack.env.state_file.read_text())
+    assert doc["current_deployment"]["version"] == VERSIONS["v1"].tag
+    back_from = [d["version"] for d in doc["deployment_history"]
+                 if d.get("status") == "rolled_back"]
+    assert VERSIONS["v3"].tag in back_from, doc["deployment_history"]
+    text = runbook(stack, "status").stdout
+    older = [line for line in text.splitlines() if line.startswith("  older ")]
+    assert not any(VERSIONS["v3"].tag in line for line in older), text
+
+
 def test_status_names_a_caddyfile_targeting_the_wrong_port(stack: DrillStack) -> None:
     path = stack.env.caddy.caddyfile
     path.write_text(path.read_text().replace(f"localhost:{stack.ports.blue}", "localhost:9"))
