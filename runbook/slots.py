@@ -1557,10 +1557,11 @@ def _caddy_off_host_network(env: Environment) -> tuple[str, bool] | None:
     return (f"Caddy's container {name} is on Docker network {mode}, not the host's", True)
 
 
-def _caddy_listens_on(env: Environment, port: int) -> bool:
-    """Whether Caddy's running config serves a site on `port` (every address, or loopback):
-    a loopback upstream there reaches Caddy's own site, not nothing. Not known (Caddy not
-    read) is no."""
+def _caddy_listens_on(env: Environment, host: str, port: int) -> bool:
+    """Whether Caddy's running config serves a site of its own on `host`:`port` (a relay,
+    whose routes dial elsewhere): a loopback upstream there reaches that site, not nothing.
+    Never the site whose routes dial that port itself (the one being switched: a loop to
+    itself, found by review). Not known (Caddy not read) is no."""
     from runbook.caddy.switch import running_config
 
     try:
@@ -1568,9 +1569,11 @@ def _caddy_listens_on(env: Environment, port: int) -> bool:
             "servers") or {}
     except RunbookError:
         return False
-    return any(traffic._listens_at(str(listen), "127.0.0.1", port)
+    return any(traffic._listens_at(str(listen), host.strip("[]"), port)
                for server in (servers.values() if isinstance(servers, dict) else ())
-               if isinstance(server, dict) for listen in server.get("listen") or ())
+               if isinstance(server, dict)
+               and not any(traffic._port(d) == port for d in traffic._dials(server.get("routes")))
+               for listen in server.get("listen") or ())
 
 
 def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:
@@ -1587,7 +1590,7 @@ def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:
     if not loops or (off := _caddy_off_host_network(env)) is None:
         return None
     (why, known), up, port = off, loops[0], env.slot(target).port
-    if known and _caddy_listens_on(env, port):
+    if known and _caddy_listens_on(env, up.host or "127.0.0.1", port):
         return None  # a site of Caddy's own on that port (a relay to the slot, in its
         # container): what it reaches is judged by the switch's verification, as before
     return (f"the Caddyfile's upstream {up.host}:{port} (line {up.line}, after the switch) "
