@@ -116,8 +116,11 @@ def named_env_file(text: str) -> str:
     source = env.source
     assert source is not None
     if source.resolve().parent == BUILTIN_DIR:
-        where = (f"in {SYSTEM_DIR / (env.name + '.toml')} (a new file there overrides the "
-                 f"packaged defaults, {source})")
+        # the host's file replaces the packaged one whole, key by key nothing is merged: a
+        # file holding the one key lost the env files and the migrate command (review)
+        where = (f"in the host's own environment file: copy {source} to "
+                 f"{SYSTEM_DIR / (env.name + '.toml')} and change it there (that file "
+                 "replaces the packaged defaults whole)")
     else:
         where = f"{marker} {source.absolute()}"
     return text.replace(marker, where)

@@ -53,8 +53,9 @@ def test_for_the_packaged_defaults_it_names_the_hosts_own_file(
     assert env.source is not None and env.source.parent == environment.BUILTIN_DIR
     _fail()
     err = capsys.readouterr().err
-    assert "set [compose] file in /etc/togather-runbook/staging.toml (a new file there " \
-        "overrides the packaged defaults" in err, err
+    assert f"set [compose] file in the host's own environment file: copy {env.source} to " \
+        "/etc/togather-runbook/staging.toml and change it there (that file replaces the " \
+        "packaged defaults whole)" in err, err
 
 
 def test_without_a_loaded_environment_the_words_stay(capsys: pytest.CaptureFixture[str]) -> None:
