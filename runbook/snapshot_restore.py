@@ -43,7 +43,7 @@ from runbook.restore_records import (
     unfinished_unreadable,
 )
 from runbook.run import RunResult, perform
-from runbook.snapshots import commands, sessions
+from runbook.snapshots import commands, give_back, sessions
 from runbook.snapshots.dump import create
 from runbook.snapshots.replay import (
     OutcomeUnknown,
@@ -133,9 +133,10 @@ def restore_steps(env: Environment, run: RestoreRun,
     # a session the check after the stop would refuse, seen now: refused before the stop
     sessions.refuse_before_stop(env, verified.database, end_sessions)
     facts["privileges_lost"] = (
-        f"the restore removes the privileges other roles hold (snapshots keep no GRANTs or "
-        f"owners, nor does the safety snapshot; {taken[0]} owns everything after it): "
-        f"{taken[1]}; re-grant what they need once it is done" if taken else None)
+        f"snapshots keep no owners or GRANTs, nor does the safety snapshot: the restore gives "
+        f"back, in its own transaction, what other roles hold now ({taken[1]}), each where "
+        f"{taken[0]} may (a superuser may all); what it is refused is named when it is done, "
+        "with the statement to run" if taken else None)
     window = loss_window(env, snapshot).describe()
     killed, unreadable = known_killed_restore(env, run_id)
     facts["earlier_safety_snapshot"] = killed["safety"] if killed else None
@@ -285,7 +286,7 @@ def restore_steps(env: Environment, run: RestoreRun,
             ctx.note(unfinished_not_recorded=unrecorded)
             ctx.notice(unrecorded)
         try:
-            committed_anyway = replay(env, verified, ctx.heartbeat)
+            replayed = replay(env, verified, ctx.heartbeat)
         except OutcomeUnknown as exc:
             run.outcome_unknown = True
             ctx.note(restore_outcome=UNKNOWN)  # the next run's killed_restore reads it
@@ -304,13 +305,21 @@ def restore_steps(env: Environment, run: RestoreRun,
         # undone, the app slots stay stopped on the restored data: a signal from here is held
         # until the code that fits it serves (the commit, or a standalone restore's end)
         ctx.until_commit("the database was restored")
-        if committed_anyway:
-            ctx.notice(committed_anyway)
-            ctx.note(exec_failed_but_committed=committed_anyway)
-        if taken:  # the plan's warning, said again where the terminal ends
-            ctx.notice(f"the restore removed the privileges other roles held ({taken[0]} "
-                       f"owns everything now): {taken[1]}; re-grant what they need "
-                       "(`GRANT ... TO <role>`)")
+        if replayed.committed_anyway:
+            ctx.notice(replayed.committed_anyway)
+            ctx.note(exec_failed_but_committed=replayed.committed_anyway)
+        refused = replayed.not_given_back
+        if refused:  # said where the terminal ends: the app may fail on what its role lost
+            said = give_back.describe(refused, taken[0] if taken else "the restoring user")
+            ctx.notice(said)
+            ctx.note(not_given_back=said)
+        elif refused is None and taken:
+            ctx.notice(f"whether the restore gave back what other roles held before it could "
+                       f"not be read (psql's output was lost): {taken[1]}; check them, and "
+                       "re-grant what is missing (`GRANT ... TO <role>`, `ALTER ... OWNER TO "
+                       "<role>`)")
+        elif taken:
+            ctx.note(given_back=taken[1])
         arg = command_arg(env)
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
             fit = [n for n in run.stopped + run.held_down if n not in run.unfit]
@@ -437,6 +446,10 @@ def restore_steps(env: Environment, run: RestoreRun,
                               "the safety snapshot rolls the restore back (up to 3 s wait)",
             "stdin, then": f"{snapshot.path}, decompressed in-process (sha256 checked while "
                            "streaming)",
+            # snapshots/give_back.py: recorded by the prelude, before its DROPs
+            "stdin, last": "the owners and GRANTs of what the prelude dropped, given back to "
+                           "what the snapshot made again under the same name (each statement "
+                           "refused is named at the end, never fails the restore), then COMMIT",
             "on failure": "psql rolls back: the database stays exactly as it was; once COMMIT "
                           "is sent, Postgres is asked whether it committed (txid_status): "
                           "unknown leaves the app slots stopped",

@@ -37,7 +37,7 @@ from typing import IO
 from runbook import database, faults
 from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
-from runbook.snapshots import commands, sessions
+from runbook.snapshots import commands, give_back, sessions
 from runbook.snapshots.stats import current_state, read_snapshot
 from runbook.snapshots.store import Snapshot
 from runbook.snapshots.verify import TRAILER, Verified, chunks
@@ -106,7 +106,7 @@ def prelude(verified: Verified) -> bytes:
     return (b"BEGIN;\nSET client_min_messages = warning;\n"
             b"SET lock_timeout = '" + LOCK_TIMEOUT.encode() + b"';\n"
             b"SELECT '" + TXID + b"' || txid_current();\n"
-            + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\n" + DROP_THE_REST
+            + give_back.RECORD + drops + b"DROP SCHEMA IF EXISTS public CASCADE;\n" + DROP_THE_REST
             + sessions.IN_TRANSACTION.encode()
             + b"CREATE SCHEMA public;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n")
 
@@ -186,7 +186,7 @@ NAMED = 6  # of each role's losses, the rest counted
 def check_privileges(env: Environment) -> tuple[str, str] | None:
     """Refuse, before anything changes, a restore the database user cannot run (PRECONDITION):
     found only mid-replay ("must be owner of schema ..."), it had stopped the app and taken
-    the safety snapshot first. Returns (that user, what other roles lose: privileges and
+    the safety snapshot first. Returns (that user, what other roles hold: privileges and
     ownerships the dump does not hold), or None when they lose nothing. A database that
     cannot be asked refuses too (DatabaseError), as the restore's other reads do."""
     with read_snapshot(env) as conn:
@@ -221,19 +221,29 @@ def check_privileges(env: Environment) -> tuple[str, str] | None:
     if not lost:
         return None
     return str(user), "; ".join(
-        f"{role} loses {', '.join(items[:NAMED])}"
+        f"{role} holds {', '.join(items[:NAMED])}"
         + (f" and {len(items) - NAMED} more" if len(items) > NAMED else "")
         for role, items in lost.items())
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """A committed replay: what on-call must know when it committed although psql's exec
+    failed, and what the give-back (snapshots/give_back.py) was refused (None: its report
+    was lost with the exec, so whether all was given back is not known)."""
+
+    committed_anyway: str | None = None
+    not_given_back: list[give_back.NotGivenBack] | None = None
+
+
 def replay(env: Environment, verified: Verified,
-           heartbeat: Callable[[], None] = lambda: None) -> str | None:
-    """Feed prelude + dump to one psql in one transaction; commit only a clean, whole file.
+           heartbeat: Callable[[], None] = lambda: None) -> Replayed:
+    """Feed prelude + dump + give-back to one psql in one transaction; commit only a clean,
+    whole file.
 
     The compressed bytes are hashed again while streaming: a file that changed or broke since
     verify() gets ABORT instead of EOF, so psql rolls back and the database stays as it was.
-    Returns None, or what on-call must know when the restore committed although psql's exec
-    failed; raises ReplayFailed (not committed) or OutcomeUnknown.
+    Raises ReplayFailed (not committed) or OutcomeUnknown.
     """
     tgt = commands.target(env)
     snap = verified.snapshot
@@ -273,7 +283,8 @@ def replay(env: Environment, verified: Verified,
                 elif TRAILER not in tail:
                     problem = "it has no 'dump complete' trailer"
             if problem is None and not stopped_reading and proc.poll() is None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # psql gone: its exit code says why
+                    proc.stdin.write(give_back.GIVE_BACK)  # owners and GRANTs, then COMMIT
                     proc.stdin.flush()
                 txid = _wait_txid(out, proc)
                 if txid is None and proc.poll() is None:
@@ -302,8 +313,10 @@ def replay(env: Environment, verified: Verified,
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        out.seek(0)
+        refused = give_back.not_given_back(out.read())
         if problem is None and code == 0 and commit_sent:
-            return None  # (an exec that ends 0 without our COMMIT restored nothing)
+            return Replayed(None, refused)  # (an exec ending 0 without COMMIT restored nothing)
         why = (f"{snap.name}: {problem}" if problem
                else f"psql exit {code}: {commands.stderr_line(err, tgt)}")
     if not commit_sent:
@@ -316,8 +329,9 @@ def replay(env: Environment, verified: Verified,
     assert txid is not None
     outcome = transaction_outcome(env, txid, heartbeat)
     if outcome == "committed":
-        return (f"psql's exec failed after COMMIT was sent ({why}), but Postgres reports the "
-                f"restore's transaction {txid} committed: the database is restored")
+        return Replayed(f"psql's exec failed after COMMIT was sent ({why}), but Postgres "
+                        f"reports the restore's transaction {txid} committed: the database is "
+                        "restored", refused)
     if outcome == "aborted":
         raise ReplayFailed(f"restore failed and was rolled back ({why}; Postgres reports "
                            f"transaction {txid} aborted)", exit_code=ExitCode.FAILED_SAFELY)
