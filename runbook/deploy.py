@@ -233,6 +233,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     def run_recreate(ctx: StepContext) -> None:
         schema_at_start.append(baseline())
+        # the state file's migrations_run says whether this deployment moved the schema:
+        # "1" for every deploy with a migrate_command, whether it applied one or none, told
+        # on-call nothing (found by review)
+        intent.record.setdefault("schema_before", schema_at_start[0])
 
         def undo() -> Stays | None:
             busy = _still_migrating(env, target)

@@ -89,8 +89,13 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
         image=intent.to_image or "", status="active", deployment_id=dep_id)
     snapshot_path = observed.snapshot_path or intent.record.get("snapshot_path")
     extra = {"snapshot_path": snapshot_path} if snapshot_path else {}
+    before = intent.record.get("schema_before")
+    # whether this deployment's migrations changed the schema (a count is nowhere to be
+    # read: golang-migrate keeps one version); unknown, whether it had any to run
+    ran = (int(migration != before) if isinstance(before, int) and isinstance(migration, int)
+           else int(bool(env.migrate_command)))
     new = new.with_(health_status=report.status if report.ok else "unknown",
-                    migrations_run=int(bool(env.migrate_command)), extra=extra)
+                    migrations_run=ran, extra=extra)
     written = deployed(fresh, new, intent)
     states.write_state(env.state_file, written)
     _written(ctx, written, f" ({new.id})")

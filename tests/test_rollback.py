@@ -131,6 +131,14 @@ def test_deploy_moves_traffic_and_records_the_schema(stack: DrillStack) -> None:
     assert (st.previous.version, st.previous.status) == (V1.tag, "superseded")
     assert not docker.inspect(env.slot("blue").container).running  # stopped, not removed
     assert docker.inspect(env.slot("blue").container).exists
+    assert st.current.migrations_run == 1  # its migrate moved the schema 1 -> 2
+    # v3 ships schema 2 too: its migrate applies nothing, and the state file says so (it
+    # said 1 for every deploy with a migrate_command; found by review)
+    deploy_to(stack, env, "v3")
+    st = states.read_state(env.state_file)
+    assert st.current is not None
+    assert (st.current.version, st.current.migration_version, st.current.migrations_run) == (
+        V3.tag, 2, 0)
 
 
 @pytest.mark.shape_specific
