@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook.environment import Environment, Slot, SlotConfig
+from runbook.environment import Environment, Slot, SlotConfig, command_arg
 from runbook.errors import ExitCode, RunbookError
 
 HEALTHY = "healthy"
@@ -375,8 +375,8 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
                 shown, tail = earlier, f" (then: {report.error})"
             raise HealthGateError(
                 f"slot {config.slot} ({report.url}) did not become healthy within {limit:g}s "
-                f"({attempt} attempts): last {_last(shown)}{tail}", _fix(config), report=shown,
-                attempts=attempt, elapsed=time.monotonic() - began)
+                f"({attempt} attempts): last {_last(shown)}{tail}", _fix(config, shown, env),
+                report=shown, attempts=attempt, elapsed=time.monotonic() - began)
         if time.monotonic() - began < fast_window:
             sleep(min(fast, remaining))
         else:
@@ -390,8 +390,21 @@ def _last(report: HealthReport) -> str:
     return f"status {report.status}{http}" + (f": {reason}" if reason else "")
 
 
-def _fix(config: SlotConfig) -> str:
-    return f"check `docker logs --tail 100 {config.container}`"
+def _fix(config: SlotConfig, report: HealthReport | None = None,
+         env: Environment | None = None) -> str:
+    logs = f"check `docker logs --tail 100 {config.container}`"
+    failing = [c for c in (report.failing_checks if report is not None else ())
+               if c.name.lower() in ("migrations", "migration", "schema")]
+    if not failing or env is None:
+        return logs
+    # the slot said why, and waiting longer never changes it (found by review: a rollback
+    # onto code older than the schema, with nothing recording its schema, polled "schema
+    # ahead" for the whole gate, then its fix said only `docker logs`)
+    return (f"its {failing[0].name} check fails ({failing[0].message or failing[0].status}): "
+            "this build does not run on the database's schema as it is now (`runbook status "
+            f"{command_arg(env)}` shows it); give it the schema it runs on (a rollback with "
+            "--restore-snapshot restores the data from before the migrations), or choose a "
+            f"build that runs on this one; then {logs}")
 
 
 # --------------------------------------------------------------------------------------------

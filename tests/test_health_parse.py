@@ -287,6 +287,13 @@ def test_wait_healthy_times_out_with_the_reason_and_the_fix(server: Server) -> N
                  "docker logs --tail 100 togather-server-blue"):
         assert part in message, part
     assert err.value.report is not None and err.value.attempts >= 3
+    # its migrations check failed: the fix says what that means and what changes it (found
+    # by review: it said only `docker logs`, after a whole gate of "schema ahead")
+    fix = err.value.fix or ""
+    for part in ("migrations check fails (database schema 3 is ahead of this build)",
+                 "does not run on the database's schema", "--restore-snapshot",
+                 "`docker logs --tail 100 togather-server-blue`"):
+        assert part in fix, (part, fix)
 
 
 def test_wait_healthy_on_an_unreachable_slot_names_it(server: Server) -> None:
