@@ -414,16 +414,22 @@ def named_target(env: Environment, state: states.DeploymentState,
         known = ", ".join(d.version for d in state.deployments()) or "none"
         # a history entry another tool wrote badly may be the one meant: said beside the
         # typo's words, never taken for it (found by review: its refusal alone hid the typo)
-        bad = state.unread[0] if state.unread else None
+        # every such entry: the one meant may be any of them (found by review: only the
+        # first was named)
+        bad = list(state.unread)
+        said = "; ".join(b.problem for b in bad[:3]) + (
+            f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        those, which = ("that entry", "it") if len(bad) == 1 else ("those entries", "one")
+        fixes = "; ".join(dict.fromkeys(b.fix for b in bad[:3]))
         raise UsageError(f"--to {one_line(ref)} is not in the deployment history (known: "
                          f"{known}"
-                         + (f"; and {bad.problem}: another tool wrote that entry badly, it may "
-                            "be the one meant" if bad is not None else "")
+                         + (f"; and {said}: another tool wrote {those} badly, {which} may be "
+                            "the one meant" if bad else "")
                          + "); nothing was changed",
                          f"pass one of them (`runbook status {command_arg(env)}` shows them), "
                          "a commit prefix or a deployment id"
-                         + (f"; to roll back to that entry, mend it first ({bad.fix})"
-                            if bad is not None else ""))
+                         + (f"; to roll back to {those.replace('those entries', 'one')}, "
+                            f"mend it first ({fixes})" if bad else ""))
     return target
 
 

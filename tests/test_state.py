@@ -1683,6 +1683,17 @@ def test_a_to_typo_beside_a_badly_written_entry_is_a_usage_error_naming_both(
     assert "--to aaaaaab is not in the deployment history (known:" in message, message
     assert "aaaaaaa" in message and "'v0.9.0'" in message and "may be the one meant" in message
     assert err.value.fix is not None and "mend it first" in err.value.fix, err.value.fix
+    # two such entries: both are named, either may be the one meant (only the first was)
+    y = {**_go(1, "v0.8.0", "blue")}
+    state = statemod.parse_state(json.dumps({
+        "environment": "production", "current_deployment": c, "previous_deployment": b,
+        "deployment_history": [y, x, a, b, c], "lock": {"locked": False}}))
+    with pytest.raises(UsageError) as err:
+        rollback.named_target(env, state, "aaaaaab")
+    message = err.value.message
+    assert "'v0.9.0'" in message and "'v0.8.0'" in message, message
+    assert "those entries" in message and "\n" not in message, message
+    assert err.value.fix is not None and "mend it first" in err.value.fix, err.value.fix
 
 
 def test_the_write_check_simulates_the_commits_own_write_and_never_refuses_a_fine_one() -> None:
