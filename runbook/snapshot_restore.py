@@ -312,7 +312,8 @@ def restore_steps(env: Environment, run: RestoreRun,
         if refused:  # said where the terminal ends: the app may fail on what its role lost
             said = give_back.describe(refused, taken[0] if taken else "the restoring user")
             ctx.notice(said)
-            ctx.note(not_given_back=said)
+            # every statement in the run record, the terminal naming only the first few
+            ctx.note(not_given_back="; ".join(r.describe() for r in refused))
         elif refused is None and taken:
             ctx.notice(f"whether the restore gave back what other roles held before it could "
                        f"not be read (psql's output was lost): {taken[1]}; check them, and "

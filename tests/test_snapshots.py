@@ -525,6 +525,13 @@ def test_a_restore_says_which_roles_lose_which_privileges_and_ownerships_before_
             assert len(refused) == 1, result.notices
             assert "`ALTER TABLE reporting.daily OWNER TO togather`" in refused[0], refused
             assert reader not in refused[0], refused  # its GRANTs were given back
+            # the plan said so before, and the DBA's rights on its table are GRANTs now
+            assert (f"{role} may not give togather its ownerships back, not being a member "
+                    "of it") in said, said
+            with stack.connect() as conn:
+                acl = conn.execute("SELECT relacl::text FROM pg_class "
+                                   "WHERE oid = 'reporting.daily'::regclass").fetchone()
+            assert acl is not None and f"togather=arwdDxt/{role}" in acl[0], acl
             assert item_names(stack) == ["kept"]
         finally:
             with stack.connect() as conn:
@@ -589,10 +596,18 @@ def test_a_restore_as_a_superuser_gives_the_app_role_its_tables_and_grants_back(
             f"GRANT SELECT ON TABLES TO {reader}")
     try:
         with stack.connect() as conn:
+            # an append-only table: its owner's own DELETE revoked, which must stay revoked;
+            # and the restoring user's default privileges, which must not leak onto it
+            conn.execute(f"REVOKE DELETE, TRUNCATE ON public.items FROM {app}; "
+                         "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC")
             conn.execute(_ACL_TEXT)
             before = conn.execute(_OWNERS_AND_GRANTS).fetchall()
         assert ("relation items", app) in [tuple(r[:2]) for r in before], before
         snap = snapshots.create(stack.env, "owned-by-the-app")
+        with stack.connect() as conn:  # since the snapshot: a function of a newer type
+            conn.execute("CREATE TYPE public.status AS ENUM ('a'); CREATE FUNCTION "
+                         "public.label(s public.status) RETURNS text LANGUAGE sql "
+                         "AS 'SELECT s::text'")
         dry = snapshot_restore.restore(stack.env, snap.name, dry_run=True)
         said = " ".join(w for w in dry.plan.warnings if "GRANTs" in w)
         assert "gives back" in said and f"{app} holds ownership of" in said \
@@ -612,8 +627,10 @@ def test_a_restore_as_a_superuser_gives_the_app_role_its_tables_and_grants_back(
         assert item_names(stack) == ["kept", "written by the app"]
     finally:
         with stack.connect() as conn:
+            conn.execute("ALTER DEFAULT PRIVILEGES REVOKE SELECT ON TABLES FROM PUBLIC")
             conn.execute("DROP FUNCTION IF EXISTS public.twice(integer); "
-                         "DROP TYPE IF EXISTS public.mood")
+                         "DROP FUNCTION IF EXISTS public.label(public.status); "
+                         "DROP TYPE IF EXISTS public.mood; DROP TYPE IF EXISTS public.status")
             conn.execute(f"REASSIGN OWNED BY {app} TO CURRENT_USER; DROP OWNED BY {app}; "
                          f"DROP OWNED BY {reader}; DROP ROLE {app}; DROP ROLE {reader}")
 

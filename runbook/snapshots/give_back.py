@@ -6,14 +6,17 @@ other roles lost every GRANT. Run as a superuser (what a refusal tells on-call t
 the app role may not drop a schema), the app's own role lost its tables and every request
 that touched the database failed, while the restore ended "Done" (found by review).
 
-So the prelude records, before its DROPs, who owns what in the schemas it drops and what
-each role was granted there (a transaction-local setting: no temporary table, which needs
-the TEMP privilege), and just before COMMIT the same transaction gives each back to the
-objects the dump made again under the same name. Each statement runs in its own
-subtransaction: one this user may not run (a non-superuser giving a table to a role it is
-not a member of) is reported with its statement and reason, never fails the restore.
-Left out: what the dump does not make again (nothing to give back to), an owner's own
-revoked rights, and large objects (never restored: snapshots/dump.py).
+So the prelude records, before its DROPs, who owns what in the schemas it drops and every
+right in effect there (a transaction-local setting: no temporary table, which needs the TEMP
+privilege), and just before COMMIT the same transaction gives each back to the objects the
+dump made again under the same name: the owner, then exactly the rights recorded (those in
+effect are revoked first: the restoring user's default privileges, an owner's rights the
+ALTER gave back whole). Each statement runs in its own subtransaction, the lookup too (a
+function whose argument type is newer than the snapshot raises): one this user may not run
+is reported with its statement and reason, never fails the restore. Ownership it may not
+give (no superuser, no member of the owner role) stays its own, and the old owner gets its
+rights as GRANTs. Left out: what the dump does not make again (nothing to give back to) and
+large objects (never restored: snapshots/dump.py).
 """
 
 from __future__ import annotations
@@ -65,18 +68,24 @@ held AS (
 named AS (
   SELECT h.*, CASE h.kind WHEN 'DEFAULT' THEN '' ELSE h.kind || ' ' || h.ident END AS target,
          CASE WHEN h.kind IN ('VIEW', 'MATERIALIZED VIEW', 'FOREIGN TABLE')
-              THEN 'TABLE ' || h.ident ELSE h.kind || ' ' || h.ident END AS on_what
+              THEN 'TABLE ' || h.ident ELSE h.kind || ' ' || h.ident END AS on_what,
+         CASE h.kind WHEN 'SCHEMA' THEN 'n' WHEN 'SEQUENCE' THEN 's' WHEN 'ROUTINE' THEN 'f'
+                     WHEN 'TYPE' THEN 'T' WHEN 'DOMAIN' THEN 'T' ELSE 'r' END::"char" AS k
   FROM held h)
 SELECT coalesce(jsonb_agg(jsonb_build_object(
   'kind', kind, 'ident', ident, 'target', target, 'owner_oid', owner::bigint,
   'owner', quote_ident(pg_get_userbyid(owner)),
   'objtype', objtype,
+  -- every right in effect, the owner's own included (a NULL ACL is its kind's default):
+  -- given back whole, an owner's revoked rights stay revoked, PUBLIC gets what it had
   'grants', (SELECT coalesce(jsonb_agg(format('GRANT %s ON %s TO %s%s', a.privilege_type,
                      on_what, CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                                    ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
                      CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
                      ORDER BY a.grantee, a.privilege_type), '[]'::jsonb)
-             FROM aclexplode(acl) a WHERE kind <> 'DEFAULT' AND a.grantee <> owner),
+             FROM aclexplode(coalesce(acl, acldefault(k, owner))) a WHERE kind <> 'DEFAULT'),
+  'public', EXISTS (SELECT 1 FROM aclexplode(coalesce(acl, acldefault(k, owner))) a
+                    WHERE a.grantee = 0),
   'default_grants', (SELECT coalesce(jsonb_agg(jsonb_build_array(a.privilege_type,
                      CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                           ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
@@ -91,13 +100,7 @@ SELECT coalesce(jsonb_agg(jsonb_build_object(
               FROM pg_attribute att CROSS JOIN LATERAL aclexplode(att.attacl) x
               WHERE att.attrelid = rel AND att.attnum > 0 AND NOT att.attisdropped
                 AND att.attacl IS NOT NULL AND x.grantee <> owner),
-  -- PUBLIC's defaults on functions and types, taken away again when the object's own ACL
-  -- had taken them away; and the prelude's USAGE on public, when PUBLIC had none (a
-  -- schema's default ACL gives PUBLIC nothing)
-  'revoke_public', (kind IN ('ROUTINE', 'TYPE', 'DOMAIN') AND acl IS NOT NULL
-                    OR kind = 'SCHEMA')
-                   AND NOT EXISTS (SELECT 1 FROM aclexplode(acl) a WHERE a.grantee = 0),
-  'on_what', on_what) ORDER BY ord, ident), '[]'::jsonb)::text
+  'k', k::text, 'on_what', on_what) ORDER BY ord, ident), '[]'::jsonb)::text
 FROM named
 """
 
@@ -112,21 +115,26 @@ MARK = b"runbook-not-given-back:"
 GIVE_BACK = ("""
 SET LOCAL search_path = pg_catalog;
 DO $runbook$
-DECLARE h jsonb; g jsonb; now_owner oid; failed jsonb := '[]'; stmts text[]; stmt text;
+DECLARE h jsonb; now_owner oid; now_acl aclitem[]; failed jsonb := '[]'; stmts text[];
+        stmt text; others text;
 BEGIN
   FOR h IN SELECT value FROM jsonb_array_elements(current_setting('runbook.held')::jsonb) LOOP
-    now_owner := CASE h->>'kind'
-      WHEN 'SCHEMA' THEN (SELECT nspowner FROM pg_namespace
-                          WHERE oid = to_regnamespace(h->>'ident'))
-      WHEN 'DEFAULT' THEN (SELECT nspowner FROM pg_namespace
-                           WHERE oid = to_regnamespace(h->>'ident'))
-      WHEN 'ROUTINE' THEN (SELECT proowner FROM pg_proc
-                           WHERE oid = to_regprocedure(h->>'ident'))
-      WHEN 'TYPE' THEN (SELECT typowner FROM pg_type WHERE oid = to_regtype(h->>'ident'))
-      WHEN 'DOMAIN' THEN (SELECT typowner FROM pg_type WHERE oid = to_regtype(h->>'ident'))
-      ELSE (SELECT relowner FROM pg_class WHERE oid = to_regclass(h->>'ident')) END;
+    -- looked up on its own: a name the snapshot cannot resolve (a function whose argument
+    -- type is newer than it) raises instead of giving NULL, and must never fail the restore
+    BEGIN
+      CASE h->>'kind'
+        WHEN 'SCHEMA', 'DEFAULT' THEN SELECT nspowner, nspacl INTO now_owner, now_acl
+          FROM pg_namespace WHERE oid = to_regnamespace(h->>'ident');
+        WHEN 'ROUTINE' THEN SELECT proowner, proacl INTO now_owner, now_acl
+          FROM pg_proc WHERE oid = to_regprocedure(h->>'ident');
+        WHEN 'TYPE', 'DOMAIN' THEN SELECT typowner, typacl INTO now_owner, now_acl
+          FROM pg_type WHERE oid = to_regtype(h->>'ident');
+        ELSE SELECT relowner, relacl INTO now_owner, now_acl
+          FROM pg_class WHERE oid = to_regclass(h->>'ident');
+      END CASE;
+    EXCEPTION WHEN OTHERS THEN now_owner := NULL;
+    END;
     CONTINUE WHEN now_owner IS NULL;  -- the dump did not make it again: nothing to give
-    stmts := '{}';
     IF h->>'kind' = 'DEFAULT' THEN
       SELECT array_agg(format('ALTER DEFAULT PRIVILEGES FOR ROLE %s IN SCHEMA %s '
                               'GRANT %s ON %s TO %s%s', h->>'owner', h->>'ident', d.v->>0,
@@ -134,10 +142,31 @@ BEGIN
                               THEN ' WITH GRANT OPTION' ELSE '' END))
         INTO stmts FROM jsonb_array_elements(h->'default_grants') AS d(v);
     ELSE
+      stmts := '{}';
       IF now_owner <> (h->>'owner_oid')::oid THEN
-        stmts := stmts || format('ALTER %s OWNER TO %s', h->>'target', h->>'owner');
+        stmt := format('ALTER %s OWNER TO %s', h->>'target', h->>'owner');
+        BEGIN
+          EXECUTE stmt;
+          now_owner := (h->>'owner_oid')::oid;
+        EXCEPTION WHEN OTHERS THEN
+          failed := failed || jsonb_build_array(jsonb_build_array(stmt, SQLERRM));
+        END;
       END IF;
-      IF (h->>'revoke_public')::boolean THEN
+      IF now_owner = (h->>'owner_oid')::oid THEN
+        -- the owner's again: every right in effect now goes (the restoring user's default
+        -- privileges, the prelude's USAGE on public), then exactly what was in effect
+        -- (now_acl was read before the ALTER, which gave the old owner's entries to the
+        -- owner: so the owner is named too)
+        SELECT string_agg(DISTINCT g, ', ') INTO others FROM (
+          SELECT quote_ident(pg_get_userbyid(a.grantee))
+          FROM aclexplode(coalesce(now_acl, acldefault((h->>'k')::"char", now_owner))) a
+          WHERE a.grantee <> 0
+          UNION SELECT h->>'owner') AS x(g);
+        stmts := stmts || format('REVOKE ALL ON %s FROM %s', h->>'on_what',
+                                 concat_ws(', ', others, 'PUBLIC'));
+      ELSIF NOT (h->>'public')::boolean THEN
+        -- kept by the restoring user (it may not give it away): what it holds stays, the
+        -- old owner gets its rights as GRANTs below, PUBLIC nothing it did not have
         stmts := stmts || format('REVOKE ALL ON %s FROM PUBLIC', h->>'on_what');
       END IF;
       stmts := stmts || ARRAY(SELECT jsonb_array_elements_text(h->'grants'))

@@ -196,6 +196,14 @@ def check_privileges(env: Environment) -> tuple[str, str] | None:
         lost: dict[str, list[str]] = {}
         for role, what in conn.execute(_LOST_SQL).fetchall():
             lost.setdefault(str(role), []).append(str(what))
+        # owners this user may not give their objects back to (no superuser, no member):
+        # said now, not first in the run's last words (found by review)
+        owners = [r for r, items in lost.items() if any(i.startswith("ownership of ")
+                                                        for i in items)]
+        kept = [] if database.boolean(superuser) else [
+            r for r in owners if not database.boolean(conn.execute(
+                "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles "
+                "WHERE rolname = %s", (r,)).fetchone()[0])]
     problems = [f"it does not own schema {name} (owner {owner})" if kind == "schema" else
                 f"only a superuser may create extension {name} (in {owner}) again"
                 for kind, name, owner in cannot]
@@ -223,6 +231,9 @@ def check_privileges(env: Environment) -> tuple[str, str] | None:
     return str(user), "; ".join(
         f"{role} holds {', '.join(items[:NAMED])}"
         + (f" and {len(items) - NAMED} more" if len(items) > NAMED else "")
+        + (f" ({user} may not give {role} its ownerships back, not being a member of it: "
+           f"{user} keeps them, and {role} gets its rights on them as GRANTs)"
+           if role in kept else "")
         for role, items in lost.items())
 
 
