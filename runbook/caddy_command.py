@@ -21,28 +21,52 @@ _GLOBAL_VALUED = {"-c", "--context", "-H", "--host", "--config", "-l", "--log-le
                   "--tlscacert", "--tlscert", "--tlskey"}
 
 
-def docker_words(command: tuple[str, ...]) -> list[str] | None:
-    """The words after the docker (or podman) binary and its global options, past a leading
-    `sudo ...`; None when `command` does not run docker."""
+# Compose's own binaries (Compose v1, podman-compose): read as `docker compose`, `podman
+# compose`, whose options they take
+_COMPOSE_BINARIES = {"docker-compose": "docker", "podman-compose": "podman"}
+
+
+def _engine(command: tuple[str, ...]) -> tuple[str, str, list[str]] | None:
+    """(docker or podman, the binary's name, the words after it and its global options),
+    past a leading `sudo ...`; a Compose binary's words start with `compose`. None:
+    `command` runs neither."""
     words = list(command)
     if words and Path(words[0]).name == "sudo":
         words.pop(0)
         while words and words[0].startswith("-"):
             if words.pop(0) in SUDO_VALUED and words:
                 words.pop(0)
-    if not words or Path(words[0]).name not in ("docker", "podman"):
+    binary = Path(words[0]).name if words else ""
+    if binary in _COMPOSE_BINARIES:
+        return _COMPOSE_BINARIES[binary], binary, ["compose", *words[1:]]
+    if binary not in ("docker", "podman"):
         return None
     words.pop(0)
     while words and words[0].startswith("-"):
         if words.pop(0) in _GLOBAL_VALUED and words:
             words.pop(0)
-    return words
+    return binary, binary, words
 
 
-def exec_container(command: tuple[str, ...]) -> str | None:
-    """The container a `docker [container] exec ... NAME caddy` command runs Caddy in (also
-    under sudo, with global options); None otherwise (not docker, or `docker compose exec`,
-    which names a service)."""
+def docker_words(command: tuple[str, ...]) -> list[str] | None:
+    """The words after the docker (or podman) binary and its global options, past a leading
+    `sudo ...` (`docker-compose ...`, `podman-compose ...`: `compose ...`); None when
+    `command` does not run docker or podman."""
+    engine = _engine(command)
+    return None if engine is None else engine[2]
+
+
+def runs_podman(command: tuple[str, ...]) -> bool:
+    """Whether the command runs Caddy through podman (`podman exec`, `podman compose exec`,
+    `podman-compose exec`): its containers are podman's own, per user when rootless, and
+    `podman` never reads DOCKER_HOST, so no container the runbook reads through Docker's
+    engine can be proven to be the one it runs Caddy in."""
+    engine = _engine(command)
+    return engine is not None and engine[0] == "podman"
+
+
+def _exec_container(command: tuple[str, ...]) -> str | None:
+    """The container a `docker|podman [container] exec ... NAME caddy` command names."""
     words = docker_words(command)
     if words and words[0] == "container":
         words.pop(0)
@@ -57,17 +81,26 @@ def exec_container(command: tuple[str, ...]) -> str | None:
     return None
 
 
+def exec_container(command: tuple[str, ...]) -> str | None:
+    """The container a `docker [container] exec ... NAME caddy` command runs Caddy in (also
+    under sudo, with global options), as the runbook inspects it through Docker's engine;
+    None otherwise (not docker, a podman one: `runs_podman`, or `docker compose exec`,
+    which names a service)."""
+    return None if runs_podman(command) else _exec_container(command)
+
+
 # `docker compose` options that take a value (before its `exec`), and `compose exec`'s own
 _COMPOSE_VALUED = {"-f", "--file", "-p", "--project-name", "--project-directory", "--env-file",
-                   "--profile", "--ansi", "--progress", "--parallel"}
+                   "--profile", "--ansi", "--progress", "--parallel", "--log-level"}
 _COMPOSE_EXEC_VALUED = _EXEC_VALUED | {"--index"}
 
 
 def compose_exec_service(command: tuple[str, ...]) -> tuple[str | None, str] | None:
     """(project or None, service) of a `docker compose [-p NAME] exec ... SERVICE caddy`
-    command; None otherwise. The service's container is found by Compose's labels."""
+    (or `docker-compose ...`, Compose v1) command; None otherwise (a podman one too: see
+    `runs_podman`). The service's container is found by Compose's labels."""
     words = docker_words(command)
-    if not words or words[0] != "compose":
+    if not words or words[0] != "compose" or runs_podman(command):
         return None
     rest = iter(words[1:])
     project: str | None = None
@@ -94,9 +127,9 @@ def compose_exec_service(command: tuple[str, ...]) -> tuple[str | None, str] | N
 
 def execs_in_caddys_container(command: tuple[str, ...]) -> bool:
     """Whether the command runs inside Caddy's own running container (`docker exec NAME`,
-    `docker compose exec SERVICE`): an address there, 127.0.0.1 above all, is the
-    container's, not this host's."""
-    if exec_container(command) is not None:
+    `docker compose exec SERVICE`, `docker-compose exec SERVICE`, podman's as docker's): an
+    address there, 127.0.0.1 above all, is the container's, not this host's."""
+    if _exec_container(command) is not None:
         return True
     words = docker_words(command) or []
     return words[:1] == ["compose"] and "exec" in words[1:]
@@ -111,9 +144,11 @@ def log_command(env: Environment) -> str:
     """Where Caddy's own log is read, as the environment runs it: its container's
     (`docker logs`), else the systemd unit's journal (a Caddy started otherwise logs where
     it was started)."""
-    container = exec_container(env.caddy.command)
-    if container is not None:
-        return f"`docker logs --tail 100 {container}`"
-    if runs_in_container(env):  # `docker compose exec SERVICE caddy`: a service, not a name
-        return "`docker compose logs --tail 100` of Caddy's service"
+    engine = _engine(env.caddy.command)
+    container = _exec_container(env.caddy.command)
+    if engine is not None and container is not None:
+        return f"`{engine[0]} logs --tail 100 {container}`"
+    if engine is not None:  # `docker compose exec SERVICE caddy`: a service, not a name
+        tool = engine[1] if engine[1] in _COMPOSE_BINARIES else f"{engine[0]} compose"
+        return f"`{tool} logs --tail 100` of Caddy's service"
     return f"`journalctl -u {env.caddy.systemd_unit} -n 100`"

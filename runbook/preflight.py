@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook import caddy, database, docker, procs
-from runbook.caddy_command import exec_container, runs_in_container
+from runbook.caddy_command import exec_container, runs_in_container, runs_podman
 from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import PreconditionError, RunbookError
 from runbook.probes import Probe as Probe  # re-exported: the plans start probes from here
@@ -213,7 +213,17 @@ def caddyfile_mount(env: Environment) -> str:
     new file renamed over the old), which a bind mount of the FILE never sees: the mount
     keeps the old inode. The switch itself loads the text through the admin API and
     succeeds, but Caddy's copy of the file still names the old slot, now stopped; its next
-    restart or `caddy reload` sends every user there. A mount of the directory sees it."""
+    restart or `caddy reload` sends every user there. A mount of the directory sees it.
+    A podman-run Caddy is refused: its container cannot be read through Docker's engine
+    (`runs_podman`), and one of its name there is another (found by review: its mounts were
+    read as Caddy's)."""
+    if runs_podman(env.caddy.command):
+        raise PreconditionError(
+            "pre-flight: [caddy] command runs Caddy through podman, whose containers the "
+            "runbook cannot inspect (it reads Docker's engine only), so what Caddy's container "
+            "mounts and which network it is on cannot be checked; nothing was changed",
+            "run Caddy's container under Docker and set [caddy] command to `docker exec NAME "
+            "caddy` (or `docker compose exec SERVICE caddy`), or run Caddy on the host")
     name = exec_container(env.caddy.command)
     if name is None:
         return ("not checked: Caddy is not run through `docker exec NAME` (mount the "

@@ -1512,11 +1512,16 @@ def _caddy_off_host_network(env: Environment) -> tuple[str, bool] | None:
     (`known` False)."""
     if not caddy_command.runs_in_container(env) and env.caddy.container_path is None:
         return None
+    if caddy_command.runs_podman(env.caddy.command):  # never Docker's container of its name
+        return ("Caddy runs in a podman container ([caddy] command), which the runbook cannot "
+                "inspect through Docker's engine, so whether it is on the host's network is "
+                "not known", False)
     name = caddy_command.exec_container(env.caddy.command)
     try:
         if name is None and (service := caddy_command.compose_exec_service(
                 env.caddy.command)) is not None:
-            # `docker compose exec SERVICE`: its one running container, by Compose's labels
+            # `docker compose exec SERVICE` (or docker-compose's): its one running container,
+            # by Compose's labels
             # (found by review of the first version: every compose-run Caddy was refused)
             project, svc = service
             running = [found for found in docker.labelled(
@@ -1565,15 +1570,9 @@ def _caddy_listens_on(env: Environment, host: str, port: int) -> bool:
     from runbook.caddy.switch import running_config
 
     try:
-        servers = (((running_config(env) or {}).get("apps") or {}).get("http") or {}).get(
-            "servers") or {}
+        return traffic.relay_listens_at(running_config(env), host, port)
     except RunbookError:
         return False
-    return any(traffic._listens_at(str(listen), host.strip("[]"), port)
-               for server in (servers.values() if isinstance(servers, dict) else ())
-               if isinstance(server, dict)
-               and not any(traffic._port(d) == port for d in traffic._dials(server.get("routes")))
-               for listen in server.get("listen") or ())
 
 
 def _loopback_upstream(env: Environment, target: Slot, text: str) -> str | None:

@@ -181,6 +181,18 @@ def _listens_at(listen: str, host: str, port: int) -> bool:
     return where == host.strip("[]").lower() or bool(addresses(where) & addresses(host))
 
 
+def relay_listens_at(config: Any, host: str, port: int) -> bool:
+    """Whether a site of Caddy's JSON `config` accepts a connection to `host`:`port` made on
+    this host and relays it elsewhere: never a site whose own routes dial `port`, which
+    would send a connection there back to itself (found by review)."""
+    servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
+    return any(_listens_at(str(listen), host.strip("[]"), port)
+               for server in (servers.values() if isinstance(servers, dict) else ())
+               if isinstance(server, dict)
+               and not any(_port(d) == port for d in _dials(server.get("routes")))
+               for listen in server.get("listen") or ())
+
+
 _UNREACHED = ("connection refused", "cannot connect")
 # said in a plan whose traffic moves while the proxy fails a healthy slot (proxy_side):
 # warned, not refused, since a failure in the serving slot's own upstream (its address) is

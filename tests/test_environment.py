@@ -130,6 +130,12 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
      "caddy.command", "sets DOCKER_HOST for the command"),
     ('[caddy]\ncommand = ["sudo", "docker", "-H", "tcp://x", "exec", "c", "caddy"]\n',
      "caddy.command", "names its own Docker engine (-H)"),
+    # Compose v1's binary, read as `docker compose` (found by review): its engine options
+    # too, also past its own valued ones (-p NAME)
+    ('[caddy]\ncommand = ["docker-compose", "-p", "edge", "-H", "tcp://x", "exec", "caddy", '
+     '"caddy"]\n', "caddy.command", "names its own Docker engine (-H)"),
+    ('[caddy]\ncommand = ["sudo", "docker-compose", "--context=rootless", "exec", "caddy", '
+     '"caddy"]\n', "caddy.command", "names its own Docker engine (--context)"),
 ])
 def test_slots_that_share_a_container_and_paths_without_a_slash_are_refused(
         tmp_path: Path, toml: str, key: str, words: str) -> None:
@@ -154,6 +160,8 @@ SUDO_CADDY = '[caddy]\ncommand = ["sudo", "docker", "exec", "caddy", "caddy"]\n'
                     '"caddy"]\n', "caddy.command"),
     ("DOCKER_HOST", '[caddy]\ncommand = ["sudo", "--preserve-env=HOME", "docker", "exec", '
                     '"caddy", "caddy"]\n', "caddy.command"),
+    ("DOCKER_HOST", '[caddy]\ncommand = ["sudo", "docker-compose", "exec", "caddy", '
+                    '"caddy"]\n', "caddy.command"),
     ("context", SUDO_CADDY, "caddy.command"),
     ("context", '[caddy]\ncommand = ["sudo", "--preserve-env=DOCKER_HOST", "docker", "exec", '
                 '"caddy", "caddy"]\n', "caddy.command"),

@@ -523,8 +523,10 @@ def test_a_compose_file_this_user_cannot_reach_is_said_never_a_crash(tmp_path: P
     (("sudo", "docker", "exec", "edge", "caddy"), "edge"),
     (("sudo", "-u", "ops", "docker", "--context", "prod", "exec", "-u", "root", "edge",
       "caddy"), "edge"),
-    (("/usr/bin/podman", "exec", "edge", "caddy"), "edge"),
+    # podman's containers are not on the engine the runbook inspects: never read as Docker's
+    (("/usr/bin/podman", "exec", "edge", "caddy"), None),
     (("docker", "compose", "exec", "caddy", "caddy"), None),  # a service, not a container
+    (("docker-compose", "exec", "caddy", "caddy"), None),
     (("caddy",), None),
 ])
 def test_the_caddy_container_is_read_from_every_usual_command_form(

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from runbook import caddy, database, docker, rollback, snapshot_restore, snapshots
+from runbook import caddy, database, docker, rollback, slots, snapshot_restore, snapshots
 from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import RUN_LABEL, DrillStack, parse_shape
@@ -416,3 +416,30 @@ def test_caddy_reload_in_caddys_container_dials_its_admin_api_as_the_container_s
             caddy.reload(env, caddy.read(env), broken)
         assert f"docker logs --tail 100 {env.caddy.command[2]}" in (err.value.fix or "")
         assert "journalctl" not in (err.value.fix or "")
+
+
+def test_a_site_whose_own_routes_dial_its_port_is_no_relay_for_a_loopback_upstream(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """A loopback upstream of a Caddy off the host's network is let through only when Caddy
+    serves a site of its own on that address (a relay, whose reach the switch's
+    verification judges): the stand-in sites above. Never a site whose own routes dial the
+    port it listens on: the switch would send every user to a site that sends them back to
+    itself (found by review of the relay exemption; untested until now). Caddy's real
+    running config, reloaded in its container: with green's site a relay the switch to
+    green is not refused; with green's site dialing localhost:<green port> it is."""
+    previous_exists(stack)
+    green = stack.env.slot(Slot.GREEN)
+    with published_caddy(stack, tmp_path) as env:
+        switched = caddy.rewrite(env.caddy.caddyfile.read_text(), env, Slot.GREEN)
+        assert f"localhost:{green.port}" in switched  # the upstream the check is about
+        assert slots.upstream_problem(env, Slot.GREEN, switched, planning=True) is None
+        looped = env.caddy.caddyfile.read_text().replace(
+            f"reverse_proxy {green.container}:8080", f"reverse_proxy localhost:{green.port}")
+        assert looped != env.caddy.caddyfile.read_text()
+        env.caddy.caddyfile.write_text(looped)
+        subprocess.run([*env.caddy.command, "reload", "--config", "/etc/caddy/Caddyfile",
+                        "--adapter", "caddyfile"], check=True, capture_output=True)
+        said = slots.upstream_problem(env, Slot.GREEN, caddy.rewrite(looped, env, Slot.GREEN),
+                                      planning=True)
+        assert said is not None and f"upstream localhost:{green.port}" in said, said
+        assert "Caddy's own container" in said, said

@@ -280,6 +280,9 @@ Positive = Annotated[float, AfterValidator(_positive)]
 Command = Annotated[tuple[str, ...], PlainValidator(_command)]
 _ENGINE_OPTIONS = ("-H", "--host", "-c", "--context", "--config")
 _VALUED_GLOBALS = ("-l", "--log-level", "--tlscacert", "--tlscert", "--tlskey")
+# docker-compose's own valued options, before its command (`-p NAME`, `-f FILE`)
+_COMPOSE_VALUED = ("-f", "--file", "-p", "--project-name", "--project-directory",
+                   "--env-file", "--profile", "--ansi")
 _ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG")
 # sudo's options that take the next word as their value (`sudo -u root docker ...`); also
 # read by preflight's command parser
@@ -331,9 +334,13 @@ def _docker_command(value: Any) -> tuple[str, ...]:
                 unset.add(word.split("=", 1)[1] if "=" in word else word[2:])
             elif word in ("-C", "--chdir") and words:
                 words.pop(0)  # its value, not the command (found by review: it hid docker)
-    if words and Path(words[0]).name in ("docker", "podman") and (sudo or unset):
+    # docker-compose (Compose v1) reaches the engine as docker does, and takes -H and
+    # --context among its own options (found by review: it was not read as docker at all)
+    engine = Path(words[0]).name if words else ""
+    if engine in ("docker", "podman", "docker-compose") and (sudo or unset):
         _refuse_dropping_the_engine(sudo, kept, unset)
-    if words and Path(words[0]).name in ("docker", "podman"):
+    if engine in ("docker", "podman", "docker-compose"):
+        valued = _VALUED_GLOBALS + (_COMPOSE_VALUED if engine == "docker-compose" else ())
         rest = iter(words[1:])
         for word in rest:
             if not word.startswith("-"):
@@ -344,7 +351,7 @@ def _docker_command(value: Any) -> tuple[str, ...]:
                 _fail(f"names its own Docker engine ({word[:2] if attached else name}), "
                       "which the runbook does not inspect: remove it and point the runbook "
                       "and the command at one engine (DOCKER_HOST, or `docker context use`)")
-            if name in _VALUED_GLOBALS and "=" not in word:
+            if name in valued and "=" not in word:
                 next(rest, None)  # its value, not the subcommand
     return tuple(_command(value))
 
