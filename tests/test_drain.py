@@ -651,7 +651,12 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
     answer = late.get("answer", "")
     assert answer.startswith("HTTP/1.1 200"), answer or late
     assert "x-togather-slot: blue" in answer.lower() and V3.tag in answer, answer
-    assert d.drained and d.front_observed and d.slot_observed and d.switch_watched, d
+    assert d.drained and d.front_observed and d.slot_observed, d
+    # the reload is watched when the reading of Caddy's connections before it completed in
+    # time; on a loaded host (a fresh-clone CI beside other work) it may not, and the drain
+    # then needs evidence for every connection: said so, and the late request above still
+    # proves it waited
+    assert d.switch_watched or "the reload itself was not watched" in d.describe(), d
     assert d.front_watched >= 1 and d.front_closed >= 1 and d.listener_left_after is not None
     assert late["drained"] >= late["answered"] and d.seconds >= LATE, d
     assert [o.name for o in result.outcomes][-1] == "stop-old-slot"

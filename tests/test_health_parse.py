@@ -334,8 +334,14 @@ BARE = {"status": "healthy", "checks": {"database": PASS}}  # no version, no git
 def _gate(server: Server, path: str) -> tuple[StepContext, str]:
     """The gate for version 3f2a1b9 on the slot whose /health is `path`: its context, and
     the refusal it raised ("" when it passed)."""
-    step = slots.gate_step(make_env(server.port, path=path), Slot.BLUE, force=False,
-                           expected_version="3f2a1b9")
+    import dataclasses
+
+    env = make_env(server.port, path=path)
+    # a whole answer's time on a loaded machine (CI beside other work): a first probe cut
+    # off at 0.5 s had the gate ask Docker whether the slot's container runs, which here
+    # none does, and fail "not running" (seen in a fresh-clone run under load)
+    env = env.with_(health=dataclasses.replace(env.health, request_timeout=5.0))
+    step = slots.gate_step(env, Slot.BLUE, force=False, expected_version="3f2a1b9")
     assert step.run is not None
     ctx = StepContext(step)
     try:
