@@ -49,6 +49,7 @@ from runbook.snapshots.replay import (
     OutcomeUnknown,
     RestoreRun,
     after_failed_replay,
+    check_lock_room,
     check_matches,
     check_privileges,
     prelude,
@@ -127,6 +128,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     run.schema_now = now_schema
     check_server(snapshot, verified, server_version(env))
     taken = check_privileges(env)  # refuses a replay this user cannot run, before any change
+    check_lock_room(env)  # and one the server's lock table cannot hold
     # a full snapshot folder, refused before the stop: found by the dump, the app slots were
     # down by then (users got errors) for a run that could not go on
     room.refuse_without_snapshot_room(env, "the safety snapshot")

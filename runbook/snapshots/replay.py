@@ -247,6 +247,45 @@ class Replayed:
     not_given_back: list[give_back.NotGivenBack] | None = None
 
 
+# The objects the prelude's DROPs lock, one lock each (relations, their row and array types,
+# functions, constraints, defaults), against the server's shared lock table. Postgres lends
+# the table spare shared memory, so a restore fails only well past its size: refused here
+# only past LOCK_ROOM_FACTOR times it, where the DROP alone cannot fit (a drill database of
+# 1500 tables, 2.3 times it, failed "out of shared memory" after the app had stopped).
+_LOCKS_SQL = f"""
+WITH dropped AS (SELECT oid FROM pg_namespace WHERE {give_back.DROPPED})
+SELECT (SELECT count(*) FROM pg_class WHERE relnamespace IN (SELECT oid FROM dropped))
+     + (SELECT count(*) FROM pg_type WHERE typnamespace IN (SELECT oid FROM dropped))
+     + (SELECT count(*) FROM pg_proc WHERE pronamespace IN (SELECT oid FROM dropped))
+     + (SELECT count(*) FROM pg_constraint WHERE connamespace IN (SELECT oid FROM dropped))
+     + (SELECT count(*) FROM pg_attrdef d JOIN pg_class c ON c.oid = d.adrelid
+        WHERE c.relnamespace IN (SELECT oid FROM dropped)),
+       current_setting('max_locks_per_transaction')::int,
+       current_setting('max_connections')::int
+       + current_setting('max_prepared_transactions')::int
+"""
+LOCK_ROOM_FACTOR = 2.0
+
+
+def check_lock_room(env: Environment) -> None:
+    """Refuse, before anything changes, a restore whose one transaction cannot hold a lock on
+    everything it drops (PRECONDITION): found mid-replay, it had stopped the app and taken the
+    safety snapshot for a rollback with a cryptic "out of shared memory"."""
+    with read_snapshot(env) as conn:
+        objects, per_tx, slots = (int(v) for v in conn.execute(_LOCKS_SQL).fetchone())
+    room = per_tx * slots
+    if objects <= LOCK_ROOM_FACTOR * room:
+        return
+    want = -(-objects // slots) * 2  # per transaction: what the DROPs and the dump's creates take
+    raise PreconditionError(
+        f"the restore drops {objects} database objects in one transaction, a lock each, and "
+        f"the server's lock table holds about {room} (max_locks_per_transaction {per_tx} x "
+        f"{slots} connections): it would fail \"out of shared memory\" after the app slots "
+        "stopped; nothing was changed",
+        f"raise it: `ALTER SYSTEM SET max_locks_per_transaction = {want}` as a superuser, "
+        "then restart Postgres (a restart ends every session), and run this again")
+
+
 def replay(env: Environment, verified: Verified,
            heartbeat: Callable[[], None] = lambda: None) -> Replayed:
     """Feed prelude + dump + give-back to one psql in one transaction; commit only a clean,
@@ -330,6 +369,9 @@ def replay(env: Environment, verified: Verified,
             return Replayed(None, refused)  # (an exec ending 0 without COMMIT restored nothing)
         why = (f"{snap.name}: {problem}" if problem
                else f"psql exit {code}: {commands.stderr_line(err, tgt)}")
+        if "out of shared memory" in why:  # the lock table (the planning's check let it by)
+            why += ("; the restore takes a lock on each object it drops and creates: raise "
+                    "max_locks_per_transaction (ALTER SYSTEM, then restart Postgres)")
     if not commit_sent:
         left = end_session(env, heartbeat)
         note = (f"; whether psql's session is still open could not be checked or ended "
