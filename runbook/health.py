@@ -400,11 +400,16 @@ def _fix(config: SlotConfig, report: HealthReport | None = None,
     # the slot said why, and waiting longer never changes it (found by review: a rollback
     # onto code older than the schema, with nothing recording its schema, polled "schema
     # ahead" for the whole gate, then its fix said only `docker logs`)
-    return (f"its {failing[0].name} check fails ({failing[0].message or failing[0].status}): "
-            "this build does not run on the database's schema as it is now (`runbook status "
-            f"{command_arg(env)}` shows it); give it the schema it runs on (a rollback with "
-            "--restore-snapshot restores the data from before the migrations), or choose a "
-            f"build that runs on this one; then {logs}")
+    said = failing[0].message or failing[0].status
+    # a schema ahead of the build wants the data from before the migrations; one behind it
+    # (or dirty) wants its migrations run, and a restore would make it worse (found by review)
+    give = ("a rollback with --restore-snapshot restores the data from before the migrations"
+            if "ahead" in said.lower() else
+            "its migrations, run to their end (`runbook status` says a dirty one)")
+    return (f"its {failing[0].name} check fails ({said}): this build does not run on the "
+            f"database's schema as it is now (`runbook status {command_arg(env)}` shows it); "
+            f"give it the schema it runs on ({give}), or choose a build that runs on this "
+            f"one; then {logs}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -296,6 +296,22 @@ def test_wait_healthy_times_out_with_the_reason_and_the_fix(server: Server) -> N
         assert part in fix, (part, fix)
 
 
+def test_a_gate_on_a_dirty_schema_never_names_a_restore(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the fix named `--restore-snapshot` whatever the migrations check said;
+    for a schema behind the build or dirty, the restore makes it worse: it names the
+    migrations instead."""
+    dirty = {"status": "fail", "message": "migration 3 is dirty",
+             "details": {"version": 3, "dirty": True}}
+    monkeypatch.setitem(ROUTES, "/dirty", (503, json.dumps(body("unhealthy", {
+        "database": PASS, "migrations": dirty})).encode()))
+    with pytest.raises(HealthGateError) as err:
+        health.wait_healthy(make_env(server.port, path="/dirty", timeout=0.3), "blue")
+    fix = err.value.fix or ""
+    assert "migration 3 is dirty" in fix and "its migrations, run to their end" in fix, fix
+    assert "--restore-snapshot" not in fix, fix
+
+
 def test_wait_healthy_on_an_unreachable_slot_names_it(server: Server) -> None:
     env = make_env(server.port, timeout=0.2)
     with pytest.raises(HealthGateError) as err:
