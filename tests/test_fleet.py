@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import stat
@@ -89,7 +90,12 @@ def test_an_older_hosts_check_without_its_plan_passes_and_is_shown_by_its_summar
     answer (its dry run's steps and text: the controller does not require them, so the
     protocol was not bumped) passes pre-flight and is shown by its one summary line, as
     before, with no steps in --format json; the host beside it that sends its plan is shown
-    with it, indented under its line. The oracle is the line this controller printed before."""
+    with it, indented under its line. The oracle is the line this controller printed before,
+    which now says on that line why no plan is under it (found by review: the older host's
+    line looked like a host with nothing to plan): that host's runbook version and protocol,
+    and the upgrade that shows it."""
+    from importlib import metadata
+
     from runbook.fleet import FLEET_PROTOCOL
     from runbook.fleet.rollout import Events, _ready_lines, host_plans, preflight
 
@@ -114,12 +120,17 @@ def test_an_older_hosts_check_without_its_plan_passes_and_is_shown_by_its_summar
     checks, problems, _ = preflight(events, inventory, ["web1", "web2"], take_lock=False)
     assert problems == []
     plans = host_plans(checks, ["web1", "web2"], rolling=True)
-    assert plans["web1"] == {"summary": "roll back web1", "steps": None, "rendered": None}
-    assert plans["web2"] == {"summary": "roll back web2", "steps": steps, "rendered": rendered}
+    assert plans["web1"] is not None and plans["web2"] is not None
+    assert {k: plans["web1"][k] for k in ("summary", "steps", "rendered")} == {
+        "summary": "roll back web1", "steps": None, "rendered": None}
+    assert {k: plans["web2"][k] for k in ("summary", "steps", "rendered")} == {
+        "summary": "roll back web2", "steps": steps, "rendered": rendered}
     database = {"host": "web1", "database schema": "2", "schema guard": "passed"}
     assert _ready_lines(["batch 1 (canary): web1"], plans, database, True) == [
         "batch 1 (canary): web1",
-        "web1: ready: roll back web1",
+        f"web1: ready: roll back web1 (its steps are not shown: its runbook 0.1.0, fleet "
+        f"protocol {FLEET_PROTOCOL}, sends no plan; upgrade togather-runbook there to "
+        f"{metadata.version('togather-runbook')}, this controller's, to see them)",
         "web2: ready: roll back web2",
         "    Plan: roll back web2",
         "     1. Start the stopped blue container",
@@ -1001,8 +1012,7 @@ def test_a_new_fleet_runs_refusal_over_a_lock_dated_in_the_future_names_the_way_
                               groups={"canary": ["web2"]},
                               hostvars={"web2": {"fleet_lock_host": "web1"}})
     with pytest.raises(FleetError) as refused:
-        preflight(events, inventory, ["web2"], take_lock=True, fleet_run_id="fleet_new",
-                  env_name="staging")
+        preflight(events, inventory, ["web2"], take_lock=True, fleet_run_id="fleet_new")
     assert refused.value.exit_code == ExitCode.LOCKED
     assert "clock was set back" in refused.value.message, refused.value.message
     assert refused.value.fix and "--release --force" in refused.value.fix, refused.value.fix
@@ -1069,8 +1079,7 @@ def test_a_dry_run_that_cannot_read_the_lock_hosts_fleet_lock_is_refused(
         events = Events(results={**target, **({"read the fleet lock": {"web1": read}}
                                               if read is not None else {})},
                         unreachable={"web1": unreachable} if unreachable else {})
-        _checks, problems, _ = preflight(events, inventory, ["web2"], take_lock=False,
-                                         env_name="staging")
+        _checks, problems, _ = preflight(events, inventory, ["web2"], take_lock=False)
         return problems
 
     assert lines({"_event": "runner_on_ok", "rc": 0, "stdout": free.stdout}) == []
@@ -1294,7 +1303,7 @@ def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is
                "controller": {"hostname": "elsewhere", "pid": 1},
                "database": {"host": "web1", "status": "restore planned"}, "hosts": {}}
     with pytest.raises(FleetError) as caught:
-        _unfinished(journal, print)
+        _unfinished(journal, print, {})
     assert caught.value.exit_code == ExitCode.ATTENTION
     assert "may or may not be restored" in caught.value.message
     assert caught.value.fix and "without --resume" in caught.value.fix
@@ -1303,7 +1312,7 @@ def test_a_resume_of_a_maintenance_run_killed_before_its_restore_was_recorded_is
     # the fix now names the release of that lock
     assert "runbook fleet lock ENV --release --fleet-run fleet_x" in caught.value.fix
     restored = {**journal, "database": {"host": "web1", "status": "restored"}}
-    assert _unfinished(restored, print) == ""  # its restore recorded: resumable (elsewhere)
+    assert _unfinished(restored, print, {}) == ""  # its restore recorded: resumable (elsewhere)
 
 
 
@@ -1316,7 +1325,7 @@ def lock_refusal_named(holder_id: str, options: Any) -> Any:
                        "changed", "wait for that fleet run to finish",
                        exit_code=ExitCode.LOCKED)
     error.holder = {"fleet_run_id": holder_id}
-    _name_the_resume(error, options)
+    _name_the_resume(error, options, {}, "web1")
     return error
 
 def test_a_lock_held_by_a_dead_maintenance_run_names_the_release_not_a_refused_resume(
@@ -3112,13 +3121,25 @@ def test_a_host_already_rolled_back_is_refused_in_preflight_not_rolled_forward(
     Found by review: the first refusal tells the odd host by the majority; with every
     selected host rolled back already (a rerun with --limit of the hosts a failed run rolled
     back, as that refusal suggests), no majority told them, and they were rolled forward,
-    exit 0. Each is refused as "already rolled back" now, alone or not."""
+    exit 0. Each is refused as "already rolled back" now, alone or not.
+    The commands these refusals print name host3's environment as host3's own runbook names
+    it in its own refusal (found by review: `runbook rollback development`, the bare name,
+    which on a host whose environment is a file elsewhere loads another configuration or
+    none); the oracle is host3's own `runbook rollback` typed there over SSH."""
     host3 = fleet_on_v3.host("host3")
     assert host3.env.source is not None
     by_hand = subprocess.run([fleet_on_v3.runbook_command, "rollback", str(host3.env.source),
                               "--yes"], capture_output=True, text=True, check=False,
                              timeout=300, stdin=subprocess.DEVNULL)
     assert by_hand.returncode == 0, by_hand.stderr
+    own = subprocess.run(["ssh", "-F", str(fleet_on_v3.ssh_config), "host3", shlex.join(
+        [fleet_on_v3.runbook_command, "rollback", "development", "--dry-run"])],
+        capture_output=True, text=True, timeout=180, check=False, stdin=subprocess.DEVNULL)
+    assert own.returncode == 4, own.stderr + own.stdout
+    found = re.search(r"`runbook status (\S+)` lists the deployments", own.stderr)
+    assert found is not None, own.stderr
+    named = found.group(1)  # how host3's own runbook names its environment
+    assert named != "development", own.stderr  # its file is not the default one
     before = [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts]
     assert before[2][2] != before[0][2]  # host3 now runs another release than host1
     proc = _fleet_rollback(fleet_on_v3, tmp_path)
@@ -3126,9 +3147,11 @@ def test_a_host_already_rolled_back_is_refused_in_preflight_not_rolled_forward(
     assert proc.returncode == 4, err
     assert f"host3: runs {VERSIONS['v2'].tag}, the other host(s) run {VERSIONS['v3'].tag}" \
         in err, err
+    assert f"(`runbook rollback {named}` there)" in err, err
     already = (f"host3: already rolled back (it runs {VERSIONS['v2'].tag}, rolled back from "
                f"{VERSIONS['v3'].tag})")
     assert already in err and "nothing was changed" in err, err
+    assert f"`runbook rollback {named} --to VERSION` there" in err, err
     assert [fleet_on_v3.serving(h.name) for h in fleet_on_v3.hosts] == before
     alone = _fleet_rollback(fleet_on_v3, tmp_path / "alone", "--limit", "host3")
     _out, err = alone.communicate(timeout=600)
@@ -3503,14 +3526,36 @@ def test_a_live_fleet_lock_of_the_targets_environment_on_a_target_refuses_with_e
 
 def test_fix_texts_name_the_hosts_environment_not_a_literal_env() -> None:
     """On hosts carrying two environments, `runbook status ENV` left on-call to guess which;
-    the environment is known (the host-check's, the run's one)."""
-    from runbook.fleet.rollout import UNKNOWN_NOT_RECORDED, _resume_targets, _rolled_back_already
+    the environment is known. Each host's is named as its own runbook names it, which its
+    host-check says (`environment_arg`: the drill test of an already rolled back host checks
+    it against that host's own refusal); a host whose runbook does not say (older) is named
+    as the inventory has it: the RUNBOOK_CONFIG its runbook_environment sets (the bare name
+    would load another file there, or none), else its runbook_env."""
+    from runbook.fleet.rollout import (
+        UNKNOWN_NOT_RECORDED,
+        _resume_targets,
+        _rolled_back_already,
+        env_args,
+    )
 
-    checks = {"host2": {"environment": "staging",
-                        "deployment": {"version": "v2", "rolled_back_from": "v3"}}}
-    [line] = _rolled_back_already(checks, ["host2"])
-    assert "`runbook rollback staging --to VERSION`" in line and "ENV" not in line
-    earlier = {"host2": {"status": UNKNOWN_NOT_RECORDED, "fleet_run_id": "fleet_x"}}
+    hosts = ["host1", "host2", "host3"]
+    inventory = inv.Inventory(Path("hosts.yml"), hosts, {"canary": ["host1"]}, {
+        "host1": {"runbook_env": "staging",
+                  "runbook_environment": {"RUNBOOK_CONFIG": "/srv/stg env/host1.toml"}},
+        "host2": {"runbook_env": "staging"}, "host3": {"runbook_env": "staging"}})
+    rolled_back = {"version": "v2", "rolled_back_from": "v3"}
+    checks = {"host1": {"environment": "staging", "deployment": rolled_back},  # older runbooks
+              "host2": {"environment": "staging", "deployment": rolled_back,
+                        "environment_arg": "/etc/togather-runbook/stg-b.toml"},
+              "host3": {"environment": "staging", "deployment": rolled_back}}
+    args = env_args(inventory, hosts, checks)
+    lines = _rolled_back_already(checks, hosts, args)
+    assert "`runbook rollback '/srv/stg env/host1.toml' --to VERSION`" in lines[0], lines
+    assert "`runbook rollback /etc/togather-runbook/stg-b.toml --to VERSION`" in lines[1], lines
+    assert "`runbook rollback staging --to VERSION`" in lines[2], lines
+    assert not any("ENV" in line for line in lines), lines
+    earlier = {h: {"status": UNKNOWN_NOT_RECORDED, "fleet_run_id": "fleet_x"} for h in hosts}
     with pytest.raises(RunbookError) as refused:
-        _resume_targets(["host2"], earlier, set(), "fleet_x", "staging")
-    assert "`runbook status staging`" in str(refused.value.fix)
+        _resume_targets(["host2", "host3"], earlier, set(), "fleet_x", args)
+    assert ("`runbook status /etc/togather-runbook/stg-b.toml` on host2, `runbook status "
+            "staging` on host3") in str(refused.value.fix), refused.value.fix

@@ -17,7 +17,8 @@ FLEET_PROTOCOL = 6  # 2: `host-check --take-lock` (the lock host's take and chec
 # 5: `host-check --schema-restored-first` (maintenance: every check past the schema guard)
 # 6: `drain --fleet-run --holder` (the drain journaled on the host, under its deploy lock)
 # (not bumped for host-check's dry_run steps and rendered plan: the controller shows an
-# older host's summary line instead, so it requires neither)
+# older host's summary line instead, so it requires neither; nor for its environment_arg:
+# the controller names an older host's environment as the inventory does)
 """What the controller and a host's `runbook fleet` commands agree on; bumped when one side
 starts to require something of the other (a JSON field, an option), not for a field the
 controller can do without. A host answering another protocol is refused in pre-flight."""

@@ -58,6 +58,9 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
                                       "exit_code": int(exc.exit_code)}
         return out
     out["environment"] = env.name
+    # how this host's own commands name it (the file its RUNBOOK_CONFIG names, say), for the
+    # fixes the controller prints for this host: the bare name may load another file or none
+    out["environment_arg"] = environment.command_arg(env)
     try:  # what a resume compares with what its run saw first (never re-roll a finished host)
         state = recording.load_or_empty(env)
         current = state.current

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,15 @@ class Inventory:
     def env(self, host: str) -> str:
         """The host's `runbook_env` (the environment its runbook commands name)."""
         return str(self.var(host, "runbook_env", "production"))
+
+    def env_arg(self, host: str) -> str:
+        """The host's environment as a printed command names it, one shell word, where the
+        host has not said how its own runbook names it (an older host-check, or no answer):
+        the RUNBOOK_CONFIG its runbook_environment sets (the file every fleet command there
+        loads; the bare name would load another or none), else its `runbook_env`."""
+        extra = self.var(host, "runbook_environment", {}) or {}
+        config = extra.get("RUNBOOK_CONFIG") if isinstance(extra, dict) else None
+        return shlex.quote(str(config) if config else self.env(host))
 
 
 def read(path: Path, canary_group: str = "canary") -> Inventory:

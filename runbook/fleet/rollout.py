@@ -44,7 +44,7 @@ from typing import Any
 
 from runbook import procs
 from runbook.errors import ExitCode, RunbookError, UsageError
-from runbook.fleet import FLEET_PROTOCOL, hostlock
+from runbook.fleet import FLEET_PROTOCOL, hostcheck, hostlock
 from runbook.fleet import inventory as inv
 from runbook.fleet import journal as fjournal
 from runbook.fleet.inventory import Inventory
@@ -451,9 +451,54 @@ def _one_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def env_args(inventory: Inventory, hosts: list[str],
+             checks: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """Each host's environment as its own runbook names it in the commands it prints (its
+    host-check's `environment_arg`: environment.command_arg there, e.g. the file its
+    RUNBOOK_CONFIG names), else as the inventory does (Inventory.env_arg: an older host, or
+    one not heard from). The fixes printed for a host name it so, to run there as printed
+    (found by review: `runbook status development` where the host's environment is a file
+    elsewhere, which the bare name does not load)."""
+    out = {}
+    for host in hosts:
+        said = ((checks or {}).get(host) or {}).get("environment_arg")
+        out[host] = said if isinstance(said, str) and said else inventory.env_arg(host)
+    return out
+
+
+def _recorded_args(record: dict[str, Any], known: dict[str, str]) -> dict[str, str]:
+    """The hosts' environments as a fleet run's journal recorded their own runbooks name them
+    (`environment_args`), over `known` (this run's, from the inventory): a journal written
+    before they were recorded has none."""
+    recorded = record.get("environment_args")
+    return {**known, **({h: str(a) for h, a in recorded.items() if isinstance(a, str) and a}
+                       if isinstance(recorded, dict) else {})}
+
+
+def _commands(command: str, hosts: list[str], args: dict[str, str],
+              where: str = "there") -> str:
+    """`command` to run on `hosts`, its `{env}` each host's environment as its own runbook
+    names it (`env_args`): "`runbook status X` there" when they all name it alike, else one
+    command per host ("`runbook status X` on host1, `runbook status Y` on host2")."""
+    by_arg: dict[str, list[str]] = {}
+    for host in hosts:
+        by_arg.setdefault(args.get(host) or "ENV", []).append(host)
+    if len(by_arg) <= 1:
+        one = f"`{command.replace('{env}', next(iter(by_arg), 'ENV'))}`"
+        return f"{one} {where}" if where else one
+    return ", ".join(f"`{command.replace('{env}', arg)}` on {', '.join(on)}"
+                     for arg, on in by_arg.items())
+
+
+def _answers(events: Events) -> dict[str, dict[str, Any]]:
+    """Each host's `runbook fleet host-check` answer, as far as it gave one."""
+    return {h: _last_json(str(r.get("stdout", ""))) or {}
+            for h, r in events.results.get("host-check", {}).items()}
+
+
 def preflight(events: Events, inventory: Inventory, targets: list[str], *,
               take_lock: bool, fleet_run_id: str = "FLEET_RUN",
-              env_name: str = "ENV", take_over: str = "") -> tuple[
+              take_over: str = "") -> tuple[
                   dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     """Read the lock and every host's pre-flight; (checks, problem lines, what the take said).
 
@@ -466,6 +511,9 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
     A lock host that is also a target takes the lock in its own host-check (one SSH round
     trip: `host-check --take-lock`, its answer under "fleet_lock_take"); otherwise the play's
     "take the fleet lock" task did."""
+    # the fixes below name each host's environment as its own runbook does (`env_args`)
+    args = env_args(inventory, [*targets, inventory.lock_host], _answers(events))
+    lock_arg = args[inventory.lock_host]
     if inventory.lock_host in targets:
         check = events.results.get("host-check", {}).get(inventory.lock_host, {})
         said = _last_json(str(check.get("stdout", ""))) or {}
@@ -487,7 +535,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                                "make it reachable, or name another with fleet_lock_host; if "
                                "the connection dropped after the lock was taken, a retry is "
                                "refused as 'held by' this run: release it there with `runbook "
-                               f"fleet lock {env_name} --release --fleet-run {fleet_run_id}`",
+                               f"fleet lock {lock_arg} --release --fleet-run {fleet_run_id}`",
                                exit_code=ExitCode.PRECONDITION)
             # the connection may have dropped after its take ran: released by this run's id
             # (a lock that is not ours is left alone), not left to refuse the retry
@@ -499,7 +547,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             code = err.get("exit_code", 3)
             error = FleetError(f"fleet lock on {inventory.lock_host}: {msg}; nothing was changed",
                                err.get("fix")
-                               or f"see `runbook fleet lock {env_name} --status` there",
+                               or f"see `runbook fleet lock {lock_arg} --status` there",
                                exit_code=ExitCode(code) if code in (2, 3, 4) else ExitCode.LOCKED)
             # refused in so many words: not ours. No answer (the connection dropped after the
             # command ran): it may be ours, so it is released by this run's id (someone
@@ -550,7 +598,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                                     + (f" ({p['fix']})" if p.get("fix") else ""),
                                     p.get("exit_code")))
     if not take_lock and inventory.lock_host not in targets:  # the real run's take refuses
-        unread = _lock_unread(events, inventory.lock_host, env_name)
+        unread = _lock_unread(events, inventory.lock_host, lock_arg)
         if unread:
             problems.append(unread)
         else:
@@ -559,12 +607,15 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                             {"fleet_lock": _last_json(str(read.get("stdout", ""))) or {},
                              "environment": inventory.env(inventory.lock_host)})
     if others:
+        where = [x.split(":")[0] for x in others]
         raise FleetError(f"the fleet lock of this environment is held by another fleet run "
-                         f"on {', '.join(x.split(':')[0] for x in others)}; nothing was changed",
-                         "wait for that fleet run to finish (`runbook fleet lock "
-                         f"{env_name} --status` there says who holds it); a stale one is "
-                         "taken over" + (f"; one dated in the future: `runbook fleet lock "
-                                         f"{env_name} --release --force` there re-dates it, "
+                         f"on {', '.join(where)}; nothing was changed",
+                         "wait for that fleet run to finish ("
+                         + _commands("runbook fleet lock {env} --status", where, args)
+                         + " says who holds it); a stale one is taken over"
+                         + ("; one dated in the future: "
+                            + _commands("runbook fleet lock {env} --release --force", where,
+                                        args) + " re-dates it, "
                                          "and if its controller is gone it reads stale "
                                          f"{rough_duration(hostlock.REDATE_FOR)} later"
                                          if undated else "")
@@ -573,12 +624,12 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
     return checks, problems, lock_res
 
 
-def _lock_unread(events: Events, host: str, env_name: str) -> str:
+def _lock_unread(events: Events, host: str, env_arg: str) -> str:
     """Why a dry run could not read the fleet lock on the lock host --limit leaves out (its
     "read the fleet lock" task), as a problem line; "" when it did. The task never fails the
     play, so an unreachable host or a runbook there that errs read as a free lock and the dry
     run passed, where the real run's take refuses (found by review)."""
-    command = f"`runbook fleet lock {env_name} --status`"
+    command = f"`runbook fleet lock {env_arg} --status`"
     if host in events.unreachable:
         return (f"{host}: fleet lock: the fleet lock host is unreachable: "
                 f"{events.unreachable[host]} (make it reachable, or name another with "
@@ -692,7 +743,8 @@ def host_plans(checks: dict[str, dict[str, Any]], targets: list[str],
     not sent: an older host's host-check sends the summary alone (shown as before), and a
     plan with a restore (the maintenance path's database host, dry-run with it) is not the
     rollout's `runbook rollback`, which never restores. None for a host with no plan yet (its
-    rollback waits for the maintenance restore)."""
+    rollback waits for the maintenance restore). `note`: why an older host's steps are not
+    shown, for its line (found by review: it read like a host with nothing to plan)."""
     plans: dict[str, dict[str, Any] | None] = {}
     for h in targets:
         dry = checks[h].get("dry_run", {})
@@ -700,10 +752,15 @@ def host_plans(checks: dict[str, dict[str, Any]], targets: list[str],
             plans[h] = None
             continue
         steps, rendered = dry.get("steps"), dry.get("rendered")
-        own = (rolling and not (dry.get("preflight") or {}).get("restore")
-               and isinstance(steps, list) and isinstance(rendered, str))
+        sent = isinstance(steps, list) and isinstance(rendered, str)
+        shown = rolling and not (dry.get("preflight") or {}).get("restore")
+        own = shown and sent
+        note = None if sent or not shown else (
+            f"its steps are not shown: its runbook {checks[h].get('runbook_version')}, fleet "
+            f"protocol {checks[h].get('fleet_protocol')}, sends no plan; upgrade "
+            f"togather-runbook there to {hostcheck.version()}, this controller's, to see them")
         plans[h] = {"summary": dry["summary"], "steps": steps if own else None,
-                    "rendered": rendered if own else None}
+                    "rendered": rendered if own else None, "note": note}
     return plans
 
 
@@ -720,7 +777,8 @@ def _ready_lines(plan_lines: list[str], plans: dict[str, dict[str, Any] | None],
         if plan is None:
             lines.append(f"{h}: ready once the database is restored")
             continue
-        lines.append(f"{h}: ready: {plan['summary']}")
+        lines.append(f"{h}: ready: {plan['summary']}"
+                     + (f" ({plan['note']})" if plan.get("note") else ""))
         lines += [f"    {line}" for line in (plan["rendered"] or "").splitlines()]
     if rolling:
         lines.append(f"database (once, on {database['host']}): "
@@ -785,7 +843,7 @@ def _maintenance_lines(decision: dict[str, Any], count: int) -> list[str]:
 def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str],
                        fleet_run_id: str, options: Options, journal: fjournal.FleetJournal,
                        decision: dict[str, Any], say: Callable[[str], None],
-                       interrupts: _Interrupts) -> None:
+                       interrupts: _Interrupts, args: dict[str, str]) -> None:
     """Drain every host, then restore the snapshot once on the database host.
 
     A first Ctrl-C (or SIGTERM) here is taken like a failed drain: no host not yet drained
@@ -798,7 +856,8 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
     and nothing else changed (exit 1). A failed restore leaves the database as it was (the
     single-host restore's promise): hosts started again, exit 1. A restore whose outcome is
     unknown (exit 5, its connection lost, no answer): the hosts stay down, exit 5. The restore
-    is journaled (and the journal written) at once, so a resume never repeats it.
+    is journaled (and the journal written) at once, so a resume never repeats it. `args`:
+    each host's environment as its own runbook names it, for the fixes (`env_args`).
     """
     say(f"maintenance: draining {len(targets)} host(s): THE SERVICE IS DOWN")
     journal.set(maintenance_drain_started=True)
@@ -811,15 +870,16 @@ def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str
                               "hosts will be started again (a restore already running is "
                               "waited for)"):
         _drain_and_restore_held(run, inventory, targets, fleet_run_id, options, journal,
-                                decision, say, interrupts)
+                                decision, say, interrupts, args)
 
 
 def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: list[str],
                             fleet_run_id: str, options: Options,
                             journal: fjournal.FleetJournal, decision: dict[str, Any],
-                            say: Callable[[str], None], interrupts: _Interrupts) -> None:
+                            say: Callable[[str], None], interrupts: _Interrupts,
+                            args: dict[str, str]) -> None:
     events = run.events
-    env = inventory.env(inventory.lock_host)  # the run's one environment
+    db_arg = args.get(decision["host"], "ENV")
     t0 = time.monotonic()
     try:
         run.decide("preflight", "maintenance", snapshot=str(decision["snapshot"]))
@@ -894,10 +954,10 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         raise FleetError(f"maintenance: the outcome of the restore on {decision['host']} is "
                          f"unknown ({how}); the database may or may not be restored; THE "
                          "SERVICE IS DOWN on every host (left drained)",
-                         f"on {decision['host']} run `runbook status {env}` and read its last "
-                         f"run record (~/.togather/runs/) and `runbook snapshot list {env}` to see "
-                         "whether the restore finished; do not start the hosts on an unknown "
-                         "database", exit_code=ExitCode.ATTENTION, lines=failed)
+                         f"on {decision['host']} run `runbook status {db_arg}` and read its "
+                         "last run record (~/.togather/runs/) and `runbook snapshot list "
+                         f"{db_arg}` to see whether the restore finished; do not start the "
+                         "hosts on an unknown database", exit_code=ExitCode.ATTENTION, lines=failed)
     undo = {h: ",".join(c) for h, c in drained.items() if c}
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
@@ -914,8 +974,10 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
             raise FleetError(f"maintenance stopped before the restore ({why}); the database "
                              f"was not touched, but {', '.join(left)} could not be started "
                              "again: THE SERVICE IS DOWN there",
-                             f"start its app slot there (`runbook fleet drain {env} --undo "
-                             f"...`, `runbook status {env}`)", exit_code=ExitCode.ATTENTION,
+                             "start its app slot there ("
+                             + _commands("runbook fleet drain {env} --undo ...", left, args, "")
+                             + ", " + _commands("runbook status {env}", left, args, "") + ")",
+                             exit_code=ExitCode.ATTENTION,
                              lines=failed + [f"{h}: start again failed: "
                                              f"{_host_error(results.get(h))}" for h in left])
     # a drain that started and did not say what it stopped (it failed, or its connection was
@@ -926,7 +988,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                          "touched and the drained hosts were started again, but the drain of "
                          f"{', '.join(lost)} failed or was lost: THE SERVICE MAY BE DOWN there",
-                         f"on each, run `runbook status {env}`; if its slots are stopped, start "
+                         "run " + _commands("runbook status {env}", lost, args, "on each")
+                         + "; if its slots are stopped, start "
                          "the one Caddy serves (`docker start <container>`), then run the same "
                          "command again", exit_code=ExitCode.ATTENTION, lines=failed)
     sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
@@ -969,11 +1032,13 @@ def _earlier(resumed: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]],
 
 
 def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], named: set[str],
-                    resume: str | None, env: str = "ENV") -> tuple[list[str], dict[str, str]]:
+                    resume: str | None, args: dict[str, str]) -> tuple[list[str],
+                                                                       dict[str, str]]:
     """The hosts a resume rolls back, and those it skips (rolled back in the chain, with why).
 
     A host whose outcome is unknown there (unreachable during its rollback, or its own exit 5)
-    is taken only when `--limit` names it: the operator checked it first."""
+    is taken only when `--limit` names it: the operator checked it first. `args`: each
+    host's environment as its own runbook names it (`_recorded_args`)."""
     skipped = {h: f"rolled back by fleet run {earlier[h]['fleet_run_id']}" for h in selected
                if earlier.get(h, {}).get("status") == ROLLED_BACK}
     unknown = [h for h in selected if h not in named
@@ -981,20 +1046,22 @@ def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], nam
     if unknown:
         raise FleetError(f"--resume {resume}: {', '.join(unknown)} had an unknown outcome in "
                          "that run and --limit does not name it; nothing was changed",
-                         f"check it first (`runbook status {env}` there), then name it in "
-                         "--limit "
-                         "to include it (a host rolled back since is still refused), or leave "
-                         "it out", exit_code=ExitCode.USAGE,
+                         "check it first ("
+                         + _commands("runbook status {env}", unknown, args)
+                         + "), then name it in --limit to include it (a host rolled back "
+                         "since is still refused), or leave it out", exit_code=ExitCode.USAGE,
                          lines=[f"{h}: {earlier[h]['status']} in fleet run "
                                 f"{earlier[h]['fleet_run_id']}" for h in unknown])
     return [h for h in selected if h not in skipped], skipped
 
 
-def _unfinished(resumed: dict[str, Any], say: Callable[[str], None], env: str = "ENV") -> str:
+def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
+                args: dict[str, str]) -> str:
     """A resumed run that never finished: refused while its controller still runs (here);
     otherwise say what happened (its controller died: kill -9, a crash, a power loss). Returns
     its fleet run id when its controller ran on this machine and is gone (its fleet lock is
-    taken over: the lock host cannot see this machine's processes), else ""."""
+    taken over: the lock host cannot see this machine's processes), else "". `args`: each
+    host's environment as its own runbook names it (`_recorded_args`)."""
     ctl = resumed.get("controller") or {}
     run_id = resumed.get("fleet_run_id", "?")
     pid, here = ctl.get("pid"), ctl.get("hostname") == socket.gethostname()
@@ -1005,14 +1072,17 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None], env: str = 
                          "it with Ctrl-C), then resume", exit_code=ExitCode.LOCKED)
     database = resumed.get("database") or {}
     if resumed.get("maintenance_drain_started") and database.get("status") != "restored":
+        db_arg = args.get(str(database.get("host")), "ENV")
+        lock_arg = args.get(str(resumed.get("lock_host")), "ENV")
         raise FleetError(f"--resume {run_id}: that maintenance run never finished (its "
                          f"controller, pid {pid} on {ctl.get('hostname', '?')}, stopped during "
                          "the drain or the restore): hosts may be DOWN and the database may or "
                          "may not be restored; a resume would not know whether to restore; "
                          "nothing was changed", f"on {database.get('host', 'the lock host')} "
-                         f"run `runbook status {env}` and `runbook snapshot list {env}`; once its "
-                         f"controller is surely gone, release its fleet lock on the lock host "
-                         f"(`runbook fleet lock {env} --release --fleet-run {run_id}`: the lock "
+                         f"run `runbook status {db_arg}` and `runbook snapshot list {db_arg}`; "
+                         "once its controller is surely gone, release its fleet lock on the "
+                         f"lock host (`runbook fleet lock {lock_arg} --release --fleet-run "
+                         f"{run_id}`: the lock "
                          "host cannot see the controller's process, so the lock would hold for "
                          "its whole lifetime), then run the fleet rollback again without "
                          "--resume: its pre-flight judges the database anew (--maintenance only "
@@ -1042,13 +1112,16 @@ def _gone_here(record: dict[str, Any]) -> bool:
 _RUN_ID = re.compile(r"fleet_\d{8}_\d{6}_[0-9a-f]{6}")
 
 
-def _name_the_resume(refused: FleetError, options: Options, env: str = "ENV") -> None:
+def _name_the_resume(refused: FleetError, options: Options, args: dict[str, str],
+                     lock_host: str) -> None:
     """A fleet lock held by a run of this machine whose controller is gone (kill -9, a crash,
     or a run that recorded its outcome but could not release its lock: the lock host
     unreachable at its end, or killed before the release): the lock host cannot see this
     machine's processes, so it refuses for the lock's whole lifetime with "wait for it to
     finish". That run's journal is here: name its resume, which takes the lock over and never
-    rolls a finished host back again; or, with nothing left to resume, the lock's release."""
+    rolls a finished host back again; or, with nothing left to resume, the lock's release.
+    `args`: each host's environment as its own runbook names it (`env_args`); `lock_host`:
+    the host whose fleet lock refused."""
     run_id = (refused.holder or {}).get("fleet_run_id")
     if not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)) \
             or refused.exit_code != ExitCode.LOCKED:
@@ -1060,7 +1133,8 @@ def _name_the_resume(refused: FleetError, options: Options, env: str = "ENV") ->
     if record.get("dry_run") or not _gone_here(record):
         return
     pid = (record.get("controller") or {}).get("pid")
-    release = f"`runbook fleet lock {env} --release --fleet-run {run_id}`"
+    named = {**_recorded_args(record, args), lock_host: args.get(lock_host, "ENV")}
+    release = f"`runbook fleet lock {named[lock_host]} --release --fleet-run {run_id}`"
     outcome = record.get("outcome")
     earlier, _ = _earlier(record)
     selected = [h for h in record.get("hosts_selected") or [] if isinstance(h, str)]
@@ -1080,7 +1154,8 @@ def _name_the_resume(refused: FleetError, options: Options, env: str = "ENV") ->
             # its resume is refused (_unfinished): whether the database was restored is unknown
             refused.fix = (f"it stopped during its maintenance drain or restore: hosts may be "
                            "DOWN and the database may or may not be restored; check `runbook "
-                           f"status {env}` and `runbook snapshot list {env}` on the lock host, "
+                           f"status {named[lock_host]}` and `runbook snapshot list "
+                           f"{named[lock_host]}` on the lock host, "
                            f"release its lock there ({release}), then run the fleet rollback "
                            "again without --resume")
             return
@@ -1097,10 +1172,12 @@ def _name_the_resume(refused: FleetError, options: Options, env: str = "ENV") ->
         # where this run looked (a record written before resume commands named it)
         resume += f" --journal-dir {shlex.quote(str(options.journal_dir.absolute()))}"
     unknown = [h for h in selected if earlier.get(h, {}).get("status") in UNKNOWN_OUTCOMES]
-    check = (f"; first check each host it recorded no outcome for (`runbook status {env}` "
-             "there)" if outcome is None and record.get("rollout_started") else
-             f"; first check {', '.join(unknown)} (`runbook status {env}` there): its outcome "
-             "was unknown" if unknown else "")
+    check = ("; first check each host it recorded no outcome for ("
+             + _commands("runbook status {env}", selected, named) + ")"
+             if outcome is None and record.get("rollout_started") else
+             f"; first check {', '.join(unknown)} ("
+             + _commands("runbook status {env}", unknown, named) + "): its outcome was unknown"
+             if unknown else "")
     refused.fix = (f"finish it with `{resume}` (it takes that lock over and never rolls a "
                    f"host it rolled back again{check}); or, to start afresh, release the lock "
                    f"there ({release})")
@@ -1136,12 +1213,14 @@ def _changed_since(checks: dict[str, dict[str, Any]], targets: list[str],
     return out
 
 
-def _rolled_back_already(checks: dict[str, dict[str, Any]], targets: list[str]) -> list[str]:
+def _rolled_back_already(checks: dict[str, dict[str, Any]], targets: list[str],
+                         args: dict[str, str]) -> list[str]:
     """Pre-flight problems: hosts whose last change was a rollback. Their own `rollback` goes
     to their previous deployment, the release they were rolled back from: forward. With every
     selected host rolled back already (a rerun after a failed run, a --limit of the done
     ones) no majority tells them apart, and the fleet rolled them forward, "rolled back",
-    exit 0. A host finishing its own interrupted rollback is let through."""
+    exit 0. A host finishing its own interrupted rollback is let through. `args`: each host's
+    environment as its own runbook names it (`env_args`)."""
     out = []
     for host in targets:
         data = checks.get(host) or {}
@@ -1152,12 +1231,13 @@ def _rolled_back_already(checks: dict[str, dict[str, Any]], targets: list[str]) 
             out.append(f"{host}: already rolled back (it runs {deployment.get('version')}, "
                        f"rolled back from {left}): its rollback would go forward to {left}; "
                        "leave it out with --limit (to go further back, roll it on its own: "
-                       f"`runbook rollback {data.get('environment') or 'ENV'} --to VERSION` "
+                       f"`runbook rollback {args.get(host, 'ENV')} --to VERSION` "
                        "there)")
     return out
 
 
-def _mixed_releases(checks: dict[str, dict[str, Any]], targets: list[str]) -> list[str]:
+def _mixed_releases(checks: dict[str, dict[str, Any]], targets: list[str],
+                    args: dict[str, str]) -> list[str]:
     """Pre-flight problems: hosts that do not run what the others run. A host already rolled
     back (by hand, or by a run this one is not resuming) has the fleet's target as its current
     deployment, and its own `rollback` would go to ITS previous one: forward, to the release
@@ -1179,8 +1259,8 @@ def _mixed_releases(checks: dict[str, dict[str, Any]], targets: list[str]) -> li
     others = f"the other host(s) run {common}" if common else (
         "the hosts run different releases: " + ", ".join(f"{h} {v}" for h, v in runs.items()))
     return [f"{host}: runs {version}, {others}: rolled back or deployed apart, so its rollback "
-            "would not go where the others' go; roll it on its own (`runbook rollback` there) "
-            "or leave it out with --limit"
+            "would not go where the others' go; roll it on its own (`runbook rollback "
+            f"{args.get(host, 'ENV')}` there) or leave it out with --limit"
             for host, version in runs.items() if version != common]
 
 
@@ -1288,7 +1368,9 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                          "lock would not be the one taken; nothing was changed",
                          f"set fleet_lock_host to a host of {envs[targets[0]]} in these "
                          "hosts' vars (e.g. their group's)")
-    env_name = envs[targets[0]]  # the run's one environment, named in its fix texts
+    # how each host's own runbook names its environment, for the fixes printed for it: the
+    # inventory's word until its host-check says (refined after pre-flight, and journaled)
+    args = env_args(inventory, list(dict.fromkeys([*targets, inventory.lock_host])))
     left_out = [h for h in inventory.hosts if h not in targets]
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
     if resumed is not None:
@@ -1312,7 +1394,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     take_over = ""
     if resumed is not None and not resumed.get("dry_run"):
         if resumed.get("outcome") is None:
-            take_over = _unfinished(resumed, say, env_name)
+            take_over = _unfinished(resumed, say, _recorded_args(resumed, args))
         elif _gone_here(resumed):
             # it recorded its outcome but its lock may be left behind (its release failed,
             # the lock host unreachable at its end; or killed before the release): the lock
@@ -1320,7 +1402,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             take_over = str(resumed.get("fleet_run_id", ""))
     earlier, started_from = _earlier(resumed)
     targets, skipped = _resume_targets(targets, earlier, inventory.named(options.limit),
-                                       options.resume, env_name)
+                                       options.resume, _recorded_args(resumed or {}, args))
     fleet_run_id = fjournal.new_id()
     skip_lines = [f"{h}: skipped: {why}" for h, why in skipped.items()]
     for line in skip_lines:
@@ -1332,7 +1414,8 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     plan = inv.batches(targets, inventory.canary, options.batches)
     journal = fjournal.FleetJournal(fleet_run_id, options, inventory, targets, plan, _who())
     journal.on_error = say
-    journal.set(earlier_outcomes=earlier, skipped=skipped, started_from=started_from)
+    journal.set(earlier_outcomes=earlier, skipped=skipped, started_from=started_from,
+                environment_args=dict(args))
     plan_lines = [f"fleet {fleet_run_id}: {len(targets)} host(s) from {inventory.path}",
                   *skip_lines, f"fleet lock on {inventory.lock_host}"]
     plan_lines += [f"batch {i + 1}{' (canary)' if b[0] in inventory.canary else ''}: "
@@ -1357,7 +1440,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             except FleetError as exc:
                 exc.lock_not_taken = True  # Ansible not started: no lock to release
                 raise
-        events = _host_events(hosts, say, None if options.dry_run else journal)
+        events = _host_events(hosts, say, None if options.dry_run else journal, args)
         extravars = {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
                      "fleet_take_lock": not options.dry_run,
                      "fleet_take_over": take_over,
@@ -1381,11 +1464,11 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         try:
             checks, problems, lock_res = preflight(events, inventory, targets,
                                                    fleet_run_id=fleet_run_id,
-                                                   env_name=env_name,
                                                    take_lock=not options.dry_run,
                                                    take_over=take_over)
         except FleetError as exc:
-            _name_the_resume(exc, options, env_name)
+            args.update(env_args(inventory, list(args), _answers(events)))
+            _name_the_resume(exc, options, args, inventory.lock_host)
             raise
         # what the hosts report (a RUNBOOK_CONFIG in runbook_environment names it), the lock
         # host's among them: one environment, as the inventory's runbook_env said
@@ -1394,13 +1477,15 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             inventory.lock_host, {}).get("stdout", ""))) or {}
         if lock_said.get("environment") and inventory.lock_host not in said:
             said[inventory.lock_host] = str(lock_said["environment"])
+        args.update(env_args(inventory, list(args), {inventory.lock_host: lock_said, **checks}))
+        journal.set(environment_args=dict(args))
         mixed = _one_environment(inventory, list(said), said, "the selected hosts (and the "
                                  "fleet lock host) report")
         if mixed is not None:
             raise FleetError(*mixed, exit_code=ExitCode.USAGE)
         problems += _changed_since(checks, targets, started_from)
-        problems += _rolled_back_already(checks, targets)
-        problems += _mixed_releases(checks, targets)
+        problems += _rolled_back_already(checks, targets, args)
+        problems += _mixed_releases(checks, targets, args)
         journal.set(started_from={**{h: {**checks[h]["deployment"], "fleet_run_id": fleet_run_id}
                                      for h in targets if (checks.get(h) or {}).get("deployment")},
                                   **started_from})
@@ -1481,13 +1566,14 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         # -- the maintenance path: drain all, restore once ------------------------------------
         if maintenance is not None:
             _drain_and_restore(run, inventory, targets, fleet_run_id, options, journal,
-                               maintenance, say, interrupts)
+                               maintenance, say, interrupts, args)
         gate = "rollout" if maintenance is not None else "preflight"
 
         # -- the rollout ---------------------------------------------------------------------
         pins = json.dumps(_pins(checks, targets))
         result = _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
-                          interrupts, say, go=lambda: run.decide(gate, "go", pins=pins))
+                          interrupts, say, go=lambda: run.decide(gate, "go", pins=pins),
+                          args=args)
         result.plans = plans  # what the prompt showed
         return result
     except KeyboardInterrupt:
@@ -1495,16 +1581,16 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             # after the rollout began (its own handlers ended with it): hosts did change
             error = FleetError("interrupted after the rollout started: hosts may have been "
                                "rolled back, and a host's outcome may be unknown",
-                               f"read the fleet journal and run `runbook status {env_name}` on "
-                               "each "
-                               "host; resume with the same command and --resume (it skips "
+                               "read the fleet journal and run "
+                               + _commands("runbook status {env}", targets, args, "on each host")
+                               + "; resume with the same command and --resume (it skips "
                                "the hosts this run rolled back)", exit_code=ExitCode.ATTENTION)
         elif journal.record.get("maintenance_drain_started"):
             error = FleetError("interrupted during the maintenance drain or restore: hosts may "
-                               "be down and the database may be restored", "run `runbook "
-                               f"status {env_name}` on each host and read the fleet journal; "
-                               "resume with the same command and --resume",
-                               exit_code=ExitCode.ATTENTION)
+                               "be down and the database may be restored", "run "
+                               + _commands("runbook status {env}", targets, args, "on each host")
+                               + " and read the fleet journal; resume with the same command "
+                               "and --resume", exit_code=ExitCode.ATTENTION)
         else:
             error = FleetError("interrupted before any host changed; nothing was changed",
                                "run the same command again when ready",
@@ -1529,7 +1615,8 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                 locked = False  # released by the playbook itself
         interrupts.cleanup()
         if locked and not journal.record.get("fleet_lock_released_by_rollout"):
-            failed = _release(inventory, targets, fleet_run_id, options.reason)
+            failed = _release(inventory, targets, fleet_run_id, options.reason,
+                              args[inventory.lock_host])
             if failed:
                 say(failed)
                 unreleased.append(failed)
@@ -1546,10 +1633,12 @@ def _host_entry(r: HostResult, origin: float) -> dict[str, Any]:
 
 
 def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
-                 journal: fjournal.FleetJournal | None = None) -> Events:
+                 journal: fjournal.FleetJournal | None = None,
+                 args: dict[str, str] | None = None) -> Events:
     """Events whose `runbook rollback` results fill in each host's outcome as they come; each
     start and each outcome is written to the fleet journal at once (a controller killed later
-    leaves it behind for the resume)."""
+    leaves it behind for the resume). `args`: each host's environment as its own runbook
+    names it (`env_args`; filled in by pre-flight), for the commands its line names."""
     task = "runbook rollback"
 
     def record(r: HostResult, status: str | None = None) -> None:
@@ -1576,7 +1665,8 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
         if res.get("_event") == "runner_on_unreachable":
             r.exit_code, r.status = None, UNKNOWN
             r.message = (f"connection lost during its rollback, outcome unknown: "
-                         f"{res.get('msg')}; run `runbook status` there")
+                         f"{res.get('msg')}; run `runbook status "
+                         f"{(args or {}).get(host, 'ENV')}` there")
         else:
             r.exit_code = int(res.get("rc", 1) if res.get("rc") is not None else 1)
             if r.exit_code == 0:
@@ -1607,8 +1697,10 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
 def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_run_id: str,
              options: Options, journal: fjournal.FleetJournal, hosts: dict[str, HostResult],
              interrupts: _Interrupts, say: Callable[[str], None],
-             go: Callable[[], None]) -> FleetResult:
-    """Open the gate to the rollout and follow it; Ctrl-C from here on lets hosts finish."""
+             go: Callable[[], None], args: dict[str, str] | None = None) -> FleetResult:
+    """Open the gate to the rollout and follow it; Ctrl-C from here on lets hosts finish.
+    `args`: each host's environment as its own runbook names it (`env_args`)."""
+    args = args or {}
     events = run.events
     t0 = time.monotonic()
     with interrupts.installed(say):
@@ -1633,7 +1725,7 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
         if r.status == NOT_STARTED and r.started is not None:
             r.status = UNKNOWN_STARTED
             r.message = ("its rollback started but Ansible was stopped before it answered; "
-                         "run `runbook status` there")
+                         f"run `runbook status {args.get(r.host, 'ENV')}` there")
     if journal.record.get("maintenance_drain_started"):
         for r in hosts.values():  # drained: no host that did not roll back serves anything
             if r.status in (NOT_STARTED, FAILED_SERVING):
@@ -1686,12 +1778,12 @@ def _rollout(run: PlaybookRun, inventory: Inventory, plan: inv.Batches, fleet_ru
             resume = _resume_command(options, fleet_run_id, limit=not_done, journaled=False)
             journal.record["resume_command"] = resume  # as printed (the JSON output's record)
         lines.append(f"  {resume}")
-        env = inventory.env(inventory.lock_host)  # the run's one environment
+        status = _commands("runbook status {env}", unknown, args)
         if unknown and path is not None:
-            lines.append(f"check {', '.join(unknown)} first (`runbook status {env}` there): the "
+            lines.append(f"check {', '.join(unknown)} first ({status}): the "
                          "resume refuses a host whose rollback finished after all")
         elif unknown:  # a new run: its pre-flight refuses the whole run for such a host
-            lines.append(f"check {', '.join(unknown)} first (`runbook status {env}` there) and "
+            lines.append(f"check {', '.join(unknown)} first ({status}) and "
                          "take out of --limit a host whose rollback finished after all: the "
                          "new run's pre-flight refuses every host for it")
     if path is None:
@@ -1733,9 +1825,11 @@ def _journal_at_the_end(journal: fjournal.FleetJournal, options: Options,
         return
     changed = journal.record.get("rollout_started") or journal.record.get(
         "maintenance_drain_started")
-    env = next(iter((journal.record.get("environments") or {}).values()), "ENV")
+    args = _recorded_args(journal.record, {})  # set from the start, refined by pre-flight
+    selected = [h for h in journal.record.get("hosts_selected") or [] if isinstance(h, str)]
     error.lines.append(f"the fleet journal was not written ({journal.unwritten})" + (
-        f": a --resume cannot read this run; check each host (`runbook status {env}` there), "
+        ": a --resume cannot read this run; check each host ("
+        + _commands("runbook status {env}", selected, args) + "), "
         "then run the fleet rollback again with --limit naming the hosts not rolled back, "
         "without --resume" if changed else ""))
 
@@ -1789,13 +1883,12 @@ def _signals_held(hold: bool = True) -> Iterator[None]:
 
 
 def _release(inventory: Inventory, targets: list[str], fleet_run_id: str,
-             reason: str) -> str | None:
+             reason: str, lock_arg: str) -> str | None:
     """Release the fleet lock; Ctrl-C, SIGTERM and SIGHUP are held off meanwhile so it cannot
     leak (a lock left by a controller on another machine than the lock host blocks every
     fleet run for its 30 minutes). Returns what went wrong, in one line with the fix, or None
     once released."""
-    manual = (f"`runbook fleet lock {inventory.env(inventory.lock_host)} --release "
-              f"--fleet-run {fleet_run_id}` there")
+    manual = f"`runbook fleet lock {lock_arg} --release --fleet-run {fleet_run_id}` there"
     with _signals_held():
         try:
             events = Events()
