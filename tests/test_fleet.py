@@ -1073,7 +1073,7 @@ def test_a_dry_run_that_cannot_read_the_lock_hosts_fleet_lock_is_refused(
     assert erred.returncode == ExitCode.USAGE, erred
     said = json.loads(erred.stdout)["error"]  # "...: not valid TOML: ..."
     free = _lock_cli(env, tmp_path, "--status")
-    assert free.returncode == 0 and json.loads(free.stdout) == {"locked": False}, free
+    assert free.returncode == 0 and json.loads(free.stdout)["locked"] is False, free
 
     def lines(read: dict[str, object] | None, unreachable: str = "") -> list[str]:
         events = Events(results={**target, **({"read the fleet lock": {"web1": read}}
@@ -1751,6 +1751,11 @@ def test_a_live_lock_refuses_with_exit_3_in_the_dry_run_as_in_the_real_run(
                 code, _out, err = _refused(fleet_on_v3, journal, *dry)
                 assert code == 3 and "host1: fleet lock: held by alice@ops" in err, (dry, err)
                 assert "Fleet journal" not in err, err
+                # named as host1's runbook names its environment (the file its sshd's
+                # RUNBOOK_CONFIG names), from its `fleet lock --status` answer when --limit
+                # leaves it out (it runs no host-check): the inventory says `development`
+                assert f"`runbook fleet lock {shlex.quote(str(lock_env.source))} --status`" \
+                    in err, (dry, err)
             code, _out, err = _refused(fleet_on_v3, journal)
             assert code == 3, err
             assert "alice@ops" in err and "nothing was changed" in err
@@ -3559,3 +3564,97 @@ def test_fix_texts_name_the_hosts_environment_not_a_literal_env() -> None:
         _resume_targets(["host2", "host3"], earlier, set(), "fleet_x", args)
     assert ("`runbook status /etc/togather-runbook/stg-b.toml` on host2, `runbook status "
             "staging` on host3") in str(refused.value.fix), refused.value.fix
+
+
+TEMPLATED_CONFIG = {"RUNBOOK_CONFIG": "/etc/togather/{{ inventory_hostname }}.toml"}
+
+
+def test_the_lock_host_limit_leaves_out_is_named_as_its_fleet_lock_answer_names_it(
+        env: Environment, tmp_path: Path) -> None:
+    """Found by review: a lock host that --limit leaves out runs no host-check (only `fleet
+    lock --take`, or `--status` in a dry run), so its commands were always named from the
+    inventory, whose runbook_environment is not rendered: a group's `RUNBOOK_CONFIG:
+    "/etc/togather/{{ inventory_hostname }}.toml"` printed `runbook fleet lock
+    '/etc/togather/{{ inventory_hostname }}.toml' --status`, which fails there. Its `fleet
+    lock` answers (taken, refused, read) now say how its own runbook names its environment,
+    and the controller names it so. The answers are the real CLI's; the oracle is the file
+    the lock host's runbook loads (not the default one of its environment: the path)."""
+    from runbook.fleet import FLEET_PROTOCOL
+    from runbook.fleet.rollout import Events, FleetError, _answers, env_args, preflight
+
+    own = shlex.quote(str((tmp_path / f"{env.name}.toml").absolute()))
+    inventory = inv.Inventory(path=tmp_path / "hosts.yml", hosts=["web1", "web2"],
+                              groups={"canary": ["web2"]}, hostvars={
+                                  h: {"runbook_env": "staging", "fleet_lock_host": "web1",
+                                      "runbook_environment": TEMPLATED_CONFIG}
+                                  for h in ("web1", "web2")})
+    target = {"host-check": {"web2": {"stdout": json.dumps(
+        {"fleet_protocol": FLEET_PROTOCOL, "environment": "staging",
+         "fleet_lock": {"locked": False}, "problems": []})}}}
+
+    def ran(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+        return {"_event": "runner_on_ok", "rc": proc.returncode, "stdout": proc.stdout,
+                "stderr": proc.stderr}
+
+    taken = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new")
+    assert taken.returncode == 0, taken.stderr
+    assert _lock_cli(env, tmp_path, "--release", "--fleet-run", "fleet_new").returncode == 0
+    _take(env, "fleet_other", hostname="elsewhere", pid=1)  # a live run's, elsewhere
+    refused = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new")
+    assert refused.returncode == ExitCode.LOCKED, refused.stderr
+    read = _lock_cli(env, tmp_path, "--status")
+    assert read.returncode == 0 and json.loads(read.stdout)["locked"] is True, read
+    for task, answer in (("take the fleet lock", taken), ("take the fleet lock", refused),
+                         ("read the fleet lock", read)):
+        events = Events(results={**target, task: {"web1": ran(answer)}})
+        assert env_args(inventory, ["web2", "web1"], _answers(events))["web1"] == own, answer
+
+    # the dry run's refusal over that live lock names the lock host's own command
+    events = Events(results={**target, "read the fleet lock": {"web1": ran(read)}})
+    with pytest.raises(FleetError) as caught:
+        preflight(events, inventory, ["web2"], take_lock=False)
+    assert caught.value.exit_code == ExitCode.LOCKED, caught.value
+    assert f"`runbook fleet lock {own} --status` there" in str(caught.value.fix), caught.value
+    # no answer: named from the inventory, never by a template Ansible did not render
+    events = Events(results=target, unreachable={"web1": "ssh: connect to host web1: refused"})
+    with pytest.raises(FleetError) as caught:
+        preflight(events, inventory, ["web2"], take_lock=True, fleet_run_id="fleet_new")
+    assert "`runbook fleet lock staging --release --fleet-run fleet_new`" in str(
+        caught.value.fix), caught.value.fix
+    assert "{{" not in str(caught.value.fix), caught.value.fix
+
+
+def test_a_resume_names_a_host_that_does_not_answer_as_the_resumed_run_recorded_it(
+        tmp_path: Path) -> None:
+    """Found by review: a resume named each host from the inventory (here a template Ansible
+    renders only on the host) and used the resumed run's journaled `environment_args` in a
+    few messages only: a host that does not answer this run lost how its own runbook names
+    its environment, in this run's fixes and in its journal, which the next resume reads.
+    The oracle is the journal the resumed run wrote; the hosts are unreachable (port 1)."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(TWO_ENVS.replace("vars: {runbook_env: development, fleet_lock_host: "
+                                          "host1}", "vars: {runbook_env: development, "
+                                          "fleet_lock_host: host1, runbook_environment: "
+                                          "{RUNBOOK_CONFIG: \"/etc/togather/{{ "
+                                          "inventory_hostname }}.toml\"}}"))
+    recorded = {"host1": "/etc/togather/host1.toml"}
+    journal = tmp_path / "j"
+    journal.mkdir()
+    run_id = "fleet_20261206_101010_abcdef"
+    (journal / f"{run_id}.json").write_text(json.dumps({
+        "fleet_run_id": run_id, "inventory": str(inventory), "dry_run": False, "limit": "dev",
+        "resumed_from": None, "lock_host": "host1", "hosts_selected": ["host1"],
+        "outcome": "failed", "exit_code": 4, "environments": {"host1": "development"},
+        "environment_args": recorded, "database": {"host": "host1", "status": "ok"},
+        "hosts": {"host1": {"status": "failed but serving"}},
+        "controller": {"hostname": "elsewhere", "pid": 1, "pid_start": None}}))
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(inventory), "--limit", "dev",
+                           "--resume", run_id, "--journal-dir", str(journal), "--yes"],
+                          capture_output=True, text=True, check=False, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == ExitCode.PRECONDITION, proc.stdout + proc.stderr
+    assert "the fleet lock host host1 is unreachable" in proc.stderr, proc.stderr
+    assert "`runbook fleet lock /etc/togather/host1.toml --release --fleet-run fleet_" \
+        in proc.stderr, proc.stderr
+    [written] = [p for p in journal.glob("fleet_*.json") if p.stem != run_id]
+    assert json.loads(written.read_text())["environment_args"] == recorded

@@ -241,6 +241,9 @@ def lock_cmd(
         else:
             held = hostlock.status(env_)
             out = held.to_json() if held else {"locked": False}
+        # every answer says how this host names its environment (the fixes the controller
+        # prints for the lock host, which runs no host-check when --limit leaves it out)
+        out.setdefault("environment_arg", command_arg(env_))
     except RunbookError as exc:
         where: dict[str, Any] = hostlock.checked(env_) if env_ is not None else {}
         _fail(exc, Format.json, holder=exc.holder if isinstance(exc, LockedError) else None,

@@ -399,8 +399,11 @@ def release(env: Environment, fleet_run_id: str) -> dict[str, Any]:
 def checked(env: Environment) -> dict[str, str]:
     """Which fleet lock an answer is about: a host may carry two environments (staging beside
     development), each with its own lock in one folder; a bare "already free" left on-call to
-    guess which one was looked at."""
-    return {"environment": env.name, "host": socket.gethostname(), "lock": str(path(env))}
+    guess which one was looked at. With how this host's own commands name that environment
+    (`environment_arg`): the controller names it so in the fixes it prints for the lock host,
+    which runs no host-check when --limit leaves it out."""
+    return {"environment": env.name, "host": socket.gethostname(), "lock": str(path(env)),
+            "environment_arg": command_arg(env)}
 
 
 def _named(env: Environment) -> str:

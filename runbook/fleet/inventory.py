@@ -111,10 +111,14 @@ class Inventory:
         """The host's environment as a printed command names it, one shell word, where the
         host has not said how its own runbook names it (an older host-check, or no answer):
         the RUNBOOK_CONFIG its runbook_environment sets (the file every fleet command there
-        loads; the bare name would load another or none), else its `runbook_env`."""
+        loads; the bare name would load another or none), else its `runbook_env`. Never a
+        template: the inventory's vars are not rendered here (a group's
+        `/etc/togather/{{ inventory_hostname }}.toml` printed as is fails on the host), and
+        only Ansible, on the host, knows what it renders to."""
         extra = self.var(host, "runbook_environment", {}) or {}
         config = extra.get("RUNBOOK_CONFIG") if isinstance(extra, dict) else None
-        return shlex.quote(str(config) if config else self.env(host))
+        usable = config and "{{" not in str(config)
+        return shlex.quote(str(config) if usable else self.env(host))
 
 
 def read(path: Path, canary_group: str = "canary") -> Inventory:

@@ -452,27 +452,32 @@ def _one_line(text: str) -> str:
 
 
 def env_args(inventory: Inventory, hosts: list[str],
-             checks: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+             checks: dict[str, dict[str, Any]] | None = None,
+             known: dict[str, str] | None = None) -> dict[str, str]:
     """Each host's environment as its own runbook names it in the commands it prints (its
-    host-check's `environment_arg`: environment.command_arg there, e.g. the file its
-    RUNBOOK_CONFIG names), else as the inventory does (Inventory.env_arg: an older host, or
+    answer's `environment_arg`: environment.command_arg there, e.g. the file its
+    RUNBOOK_CONFIG names; `checks`, as `_answers` reads them), else as `known` has it (a
+    resumed run's journal), else as the inventory does (Inventory.env_arg: an older host, or
     one not heard from). The fixes printed for a host name it so, to run there as printed
     (found by review: `runbook status development` where the host's environment is a file
     elsewhere, which the bare name does not load)."""
     out = {}
     for host in hosts:
         said = ((checks or {}).get(host) or {}).get("environment_arg")
-        out[host] = said if isinstance(said, str) and said else inventory.env_arg(host)
+        out[host] = (said if isinstance(said, str) and said
+                     else (known or {}).get(host) or inventory.env_arg(host))
     return out
 
 
 def _recorded_args(record: dict[str, Any], known: dict[str, str]) -> dict[str, str]:
     """The hosts' environments as a fleet run's journal recorded their own runbooks name them
     (`environment_args`), over `known` (this run's, from the inventory): a journal written
-    before they were recorded has none."""
+    before they were recorded has none. An unrendered template (an inventory value that
+    journal took as it was) is not one."""
     recorded = record.get("environment_args")
-    return {**known, **({h: str(a) for h, a in recorded.items() if isinstance(a, str) and a}
-                       if isinstance(recorded, dict) else {})}
+    return {**known, **({h: a for h, a in recorded.items()
+                         if isinstance(a, str) and a and "{{" not in a}
+                        if isinstance(recorded, dict) else {})}
 
 
 def _commands(command: str, hosts: list[str], args: dict[str, str],
@@ -491,14 +496,20 @@ def _commands(command: str, hosts: list[str], args: dict[str, str],
 
 
 def _answers(events: Events) -> dict[str, dict[str, Any]]:
-    """Each host's `runbook fleet host-check` answer, as far as it gave one."""
-    return {h: _last_json(str(r.get("stdout", ""))) or {}
-            for h, r in events.results.get("host-check", {}).items()}
+    """Each host's `runbook fleet host-check` answer, as far as it gave one; for the fleet
+    lock host --limit leaves out (no host-check there), its `fleet lock --take` or
+    `--status` answer, which says its `environment_arg` too (found by review: its commands
+    were always named from the inventory)."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in ("take the fleet lock", "read the fleet lock", "host-check"):  # last wins
+        out.update({h: answer for h, r in events.results.get(task, {}).items()
+                    if (answer := _last_json(str(r.get("stdout", ""))))})
+    return out
 
 
 def preflight(events: Events, inventory: Inventory, targets: list[str], *,
               take_lock: bool, fleet_run_id: str = "FLEET_RUN",
-              take_over: str = "") -> tuple[
+              take_over: str = "", known: dict[str, str] | None = None) -> tuple[
                   dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     """Read the lock and every host's pre-flight; (checks, problem lines, what the take said).
 
@@ -510,9 +521,10 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
 
     A lock host that is also a target takes the lock in its own host-check (one SSH round
     trip: `host-check --take-lock`, its answer under "fleet_lock_take"); otherwise the play's
-    "take the fleet lock" task did."""
+    "take the fleet lock" task did. `known`: each host's environment as the run knows its
+    runbook names it (a resumed run's journal), for a host that does not answer."""
     # the fixes below name each host's environment as its own runbook does (`env_args`)
-    args = env_args(inventory, [*targets, inventory.lock_host], _answers(events))
+    args = env_args(inventory, [*targets, inventory.lock_host], _answers(events), known)
     lock_arg = args[inventory.lock_host]
     if inventory.lock_host in targets:
         check = events.results.get("host-check", {}).get(inventory.lock_host, {})
@@ -1375,6 +1387,9 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     resumed = fjournal.load(options.resume, options.journal_dir) if options.resume else None
     if resumed is not None:
         _same_environments(resumed, inventory, targets)
+        # what the resumed run heard from its hosts: a host that does not answer this run
+        # keeps it, in this run's fixes and journal (found by review: the inventory's word)
+        args.update({h: a for h, a in _recorded_args(resumed, {}).items() if h in args})
     # a resume drains only what it names when the run it resumes has restored the database
     # (never restored again); one that stopped before its restore restores it now, so every
     # host must be drained first, as on a first run (found by review)
@@ -1461,24 +1476,23 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                                  "nothing was changed", "run with the same inventory "
                                  "through `ansible-inventory --list` to see why",
                                  exit_code=ExitCode.PRECONDITION)
+        def heard() -> None:  # as the hosts answered, the lock host's take or read among them
+            args.update(env_args(inventory, list(args), _answers(events), args))
+            journal.set(environment_args=dict(args))
+
         try:
             checks, problems, lock_res = preflight(events, inventory, targets,
                                                    fleet_run_id=fleet_run_id,
                                                    take_lock=not options.dry_run,
-                                                   take_over=take_over)
+                                                   take_over=take_over, known=args)
         except FleetError as exc:
-            args.update(env_args(inventory, list(args), _answers(events)))
+            heard()
             _name_the_resume(exc, options, args, inventory.lock_host)
             raise
-        # what the hosts report (a RUNBOOK_CONFIG in runbook_environment names it), the lock
-        # host's among them: one environment, as the inventory's runbook_env said
+        heard()
+        # what the hosts report (a RUNBOOK_CONFIG in runbook_environment names it): one
+        # environment, as the inventory's runbook_env said
         said = {h: str(checks[h].get("environment") or envs[h]) for h in targets if h in checks}
-        lock_said = _last_json(str(events.results.get("host-check", {}).get(
-            inventory.lock_host, {}).get("stdout", ""))) or {}
-        if lock_said.get("environment") and inventory.lock_host not in said:
-            said[inventory.lock_host] = str(lock_said["environment"])
-        args.update(env_args(inventory, list(args), {inventory.lock_host: lock_said, **checks}))
-        journal.set(environment_args=dict(args))
         mixed = _one_environment(inventory, list(said), said, "the selected hosts (and the "
                                  "fleet lock host) report")
         if mixed is not None:
