@@ -68,6 +68,15 @@ held AS (
                               WHEN 'f' THEN 'FUNCTIONS' ELSE 'TYPES' END,
          quote_ident(n.nspname)
   FROM pg_default_acl d JOIN dropped n ON n.oid = d.defaclnamespace),
+-- who owned most of each schema (NULL on a tie), and most of the database
+owners AS (SELECT nsp, owner, count(*) AS n FROM held
+           WHERE kind NOT IN ('SCHEMA', 'DEFAULT') GROUP BY nsp, owner),
+modes AS (SELECT nsp, CASE WHEN count(*) = 1 OR max(n) > (array_agg(n ORDER BY n DESC))[2]
+                           THEN (array_agg(owner ORDER BY n DESC))[1] END AS owner
+          FROM owners GROUP BY nsp),
+dbmode AS (SELECT CASE WHEN count(*) = 1 OR max(n) > (array_agg(n ORDER BY n DESC))[2]
+                       THEN (array_agg(owner ORDER BY n DESC))[1] END AS owner
+           FROM (SELECT owner, sum(n) AS n FROM owners GROUP BY owner) t),
 named AS (
   SELECT h.*,
          CASE WHEN h.kind IN ('VIEW', 'MATERIALIZED VIEW', 'FOREIGN TABLE')
@@ -109,19 +118,17 @@ SELECT coalesce(jsonb_agg(jsonb_build_object(
               FROM pg_attribute att CROSS JOIN LATERAL aclexplode(att.attacl) x
               WHERE att.attrelid = rel AND att.attnum > 0 AND NOT att.attisdropped
                 AND att.attacl IS NOT NULL AND x.grantee <> owner),
-  -- a schema's: the one role that owned everything in it (else its owner when it held
-  -- nothing), which what the snapshot brings back and the database no longer had (a
-  -- table a migration renamed or dropped since) goes to; NULL when they were several
-  'sole_owner', CASE WHEN kind = 'SCHEMA' THEN (
-      SELECT CASE WHEN count(DISTINCT o.owner) = 1 THEN quote_ident(pg_get_userbyid(min(o.owner)))
-                  WHEN count(*) = 0 THEN quote_ident(pg_get_userbyid(named.owner)) END
-      FROM held o WHERE o.kind NOT IN ('SCHEMA', 'DEFAULT')
-        AND o.nsp = named.ident) END,
+  -- a schema's: the role that owned most of it (on a tie, or when it held nothing, most of
+  -- the database), which what the snapshot brings back and the database no longer had (a
+  -- table a migration renamed or dropped since) goes to; NULL when that cannot be told
+  'sole_owner', CASE WHEN kind = 'SCHEMA' THEN quote_ident(pg_get_userbyid(coalesce(
+      (SELECT m.owner FROM modes m WHERE m.nsp = named.ident), (SELECT owner FROM dbmode))))
+      END,
   'k', k::text, 'on_what', on_what) ORDER BY ord, ident), '[]'::jsonb)::text
 FROM named
 """
 
-RECORD = ("SET LOCAL search_path = pg_catalog;\n"
+RECORD = ("SET LOCAL search_path = pg_catalog;\nSET LOCAL jit = off;\n"
           "DO $runbook$ BEGIN PERFORM set_config('runbook.held', (" + _HELD.strip()
           + "), true); END $runbook$;\n").encode()
 
@@ -131,6 +138,7 @@ MARK = b"runbook-not-given-back:"
 # BEGIN ... EXCEPTION block): one refused is collected with its reason, never fatal.
 GIVE_BACK = ("""
 SET LOCAL search_path = pg_catalog;
+SET LOCAL jit = off;
 DO $runbook$
 DECLARE h jsonb; obj oid; now_owner oid; now_acl aclitem[]; k_relkind "char"; verb text;
         failed jsonb := '[]'; stmts text[]; stmt text; others text; me oid; same boolean;
@@ -206,12 +214,13 @@ BEGIN
     END IF;
     -- an object's statements in one subtransaction; only when one is refused, each alone,
     -- so the refused one is named and the others still run
+    CONTINUE WHEN coalesce(cardinality(stmts), 0) = 0;
     BEGIN
-      FOREACH stmt IN ARRAY coalesce(stmts, '{}') LOOP
+      FOREACH stmt IN ARRAY stmts LOOP
         EXECUTE stmt;
       END LOOP;
     EXCEPTION WHEN OTHERS THEN
-      FOREACH stmt IN ARRAY coalesce(stmts, '{}') LOOP
+      FOREACH stmt IN ARRAY stmts LOOP
         BEGIN
           EXECUTE stmt;
         EXCEPTION WHEN OTHERS THEN
@@ -230,19 +239,23 @@ BEGIN
       SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW'
                             WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE'
                             ELSE 'TABLE' END AS verb,
-             format('%I.%I', n.nspname, c.relname) AS ident
+             format('%I.%I', n.nspname, c.relname) AS ident, c.relacl AS acl,
+             CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END AS on_kind
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
       WHERE n.oid = to_regnamespace(h->>'ident') AND c.relowner = me
         AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+        -- (a table's own sequence goes with it; a partition does not: given its own ALTER)
         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                          AND d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))
+                          AND d.objid = c.oid AND (d.deptype = 'e' OR c.relkind = 'S'
+                                                   AND d.deptype IN ('a', 'i')))
       UNION ALL
-      SELECT 'ROUTINE', p.oid::regprocedure::text FROM pg_proc p
+      SELECT 'ROUTINE', p.oid::regprocedure::text, NULL, NULL FROM pg_proc p
       WHERE p.pronamespace = to_regnamespace(h->>'ident') AND p.proowner = me
         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
                           AND d.objid = p.oid AND d.deptype = 'e')
       UNION ALL
-      SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, t.oid::regtype::text
+      SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, t.oid::regtype::text,
+             NULL, NULL
       FROM pg_type t WHERE t.typnamespace = to_regnamespace(h->>'ident') AND t.typowner = me
         AND (t.typtype IN ('e', 'd', 'r') OR t.typtype = 'c' AND t.typrelid IN (
              SELECT oid FROM pg_class WHERE relkind = 'c'))
@@ -259,6 +272,14 @@ BEGIN
       END IF;
       stmt := format('ALTER %s %s OWNER TO %s', o.verb, o.ident, h->>'sole_owner');
       BEGIN
+        -- a table or sequence has no rights but its owner's by default: what this user's
+        -- default privileges gave others when the dump made it goes first
+        IF o.acl IS NOT NULL THEN
+          SELECT string_agg(DISTINCT quote_ident(pg_get_userbyid(a.grantee)), ', ')
+            INTO others FROM aclexplode(o.acl) a WHERE a.grantee NOT IN (0, me);
+          EXECUTE format('REVOKE ALL ON %s%s FROM %s', o.on_kind, o.ident,
+                         concat_ws(', ', others, 'PUBLIC'));
+        END IF;
         EXECUTE stmt;
       EXCEPTION WHEN OTHERS THEN
         failed := failed || jsonb_build_array(jsonb_build_array(stmt, SQLERRM));
