@@ -128,9 +128,19 @@ SELECT coalesce(jsonb_agg(jsonb_build_object(
 FROM named
 """
 
-RECORD = ("SET LOCAL search_path = pg_catalog;\nSET LOCAL jit = off;\n"
-          "DO $runbook$ BEGIN PERFORM set_config('runbook.held', (" + _HELD.strip()
-          + "), true); END $runbook$;\n").encode()
+
+def record(query: str = _HELD) -> bytes:
+    """The prelude's part: `query` kept in `runbook.held`. Guarded: a query that fails on
+    some database's catalog records nothing (said at the end) and never fails the restore."""
+    return ("SET LOCAL search_path = pg_catalog;\nSET LOCAL jit = off;\n"
+            "DO $runbook$ BEGIN PERFORM set_config('runbook.held', (" + query.strip()
+            + "), true); EXCEPTION WHEN OTHERS THEN "
+            "PERFORM set_config('runbook.held', '[]', true); "
+            "PERFORM set_config('runbook.held_failed', SQLERRM, true); END $runbook$;\n"
+            ).encode()
+
+
+RECORD = record()
 
 MARK = b"runbook-not-given-back:"
 
@@ -144,6 +154,11 @@ DECLARE h jsonb; obj oid; now_owner oid; now_acl aclitem[]; k_relkind "char"; ve
         failed jsonb := '[]'; stmts text[]; stmt text; others text; me oid; same boolean;
         held jsonb := current_setting('runbook.held')::jsonb; o record; idents text[];
 BEGIN
+ IF current_setting('runbook.held_failed', true) <> '' THEN
+   failed := jsonb_build_array(jsonb_build_array(
+     'the owners and GRANTs before the restore (they could not be recorded, so none was '
+     'given back)', current_setting('runbook.held_failed', true)));
+ END IF;
  -- a fault of this block itself never fails the restore: undone whole, and said
  BEGIN
   idents := ARRAY(SELECT value->>'ident' FROM jsonb_array_elements(held));
