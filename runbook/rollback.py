@@ -419,7 +419,8 @@ def named_target(env: Environment, state: states.DeploymentState,
         bad = list(state.unread)
         said = "; ".join(b.problem for b in bad[:3]) + (
             f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-        those, which = ("that entry", "it") if len(bad) == 1 else ("those entries", "one")
+        those, which, one = (("that entry", "it", "that entry") if len(bad) == 1
+                             else ("those entries", "one", "one"))
         fixes = "; ".join(dict.fromkeys(b.fix for b in bad[:3]))
         raise UsageError(f"--to {one_line(ref)} is not in the deployment history (known: "
                          f"{known}"
@@ -428,7 +429,7 @@ def named_target(env: Environment, state: states.DeploymentState,
                          + "); nothing was changed",
                          f"pass one of them (`runbook status {command_arg(env)}` shows them), "
                          "a commit prefix or a deployment id"
-                         + (f"; to roll back to {those.replace('those entries', 'one')}, "
+                         + (f"; to roll back to {one}, "
                             f"mend it first ({fixes})" if bad else ""))
     return target
 
