@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from runbook import environment as envmod
-from tests.drill_checks import DEPLOY_UID, closed_port, closed_ports, host_env, needs_root
+from tests.drill_checks import (
+    DEPLOY_UID,
+    closed_port,
+    closed_ports,
+    host_env,
+    needs_root,
+    tmpfs,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -464,6 +471,74 @@ def test_rollback_to_a_version_not_in_the_history_is_a_usage_error_that_writes_n
         assert "journal" not in done.stderr, done.stderr
         assert {p: p.read_bytes() if p.is_file() else None
                 for p in host.parent.rglob("*")} == before  # no lock, log or run record
+
+
+def test_records_under_keys_no_dialect_uses_are_refused_by_every_command(host: Path) -> None:
+    """Found by review: the drill's state file with its keys renamed `current`, `previous`,
+    `history` read as "nothing recorded": rollback said "first deployment or cleared state",
+    status showed none and advised a redeploy, and `deploy` planned a first record over a
+    file holding deployments it could not see. Each refuses it (exit 4), naming those keys,
+    and nothing is changed: the file is never rewritten, no lock is left; status
+    lists it as a problem and says the records are not known, never "none"."""
+    two_deployments_state(host)
+    state_file = host.parent / "state" / "deployment-state.json"
+    doc = json.loads(state_file.read_text())
+    doc["deployment_history"] = [doc["current_deployment"], doc["previous_deployment"]]
+    renamed = {"current_deployment": "current", "previous_deployment": "previous",
+               "deployment_history": "history"}
+    state_file.write_text(json.dumps({renamed.get(k, k): v for k, v in doc.items()}, indent=2))
+    before = state_file.read_bytes()
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    # a database is configured, so a deploy's plan reaches the state file
+    env["DATABASE_URL"] = f"postgresql://togather@127.0.0.1:{closed_port()}/togather"
+    for args in (["status"], ["rollback", "--yes"], ["rollback", "--dry-run"],
+                 ["deploy", "--version", "a7f3fbb", "--dry-run"],
+                 ["deploy", "--version", "a7f3fbb", "--yes"]):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", args[0], str(host),
+                               *args[1:]], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+        said = done.stdout + done.stderr
+        assert "Traceback" not in said and "unexpected failure" not in said, said
+        # status lists problems (exit 1): the file among them, its records "not known"
+        assert done.returncode == (1 if args == ["status"] else 4), (args, said)
+        assert f"{state_file}: current_deployment: " in said, (args, said)
+        assert "'current', 'previous', 'history'" in said, (args, said)
+        assert "first deployment or cleared state" not in said, (args, said)
+        assert not re.search(r"current +none", said), (args, said)
+        assert state_file.read_bytes() == before, args
+        assert not any((host.parent / "locks").iterdir()), args
+
+
+def test_a_read_only_state_directory_refuses_the_lock_exit_4_not_a_config_error(
+        host: Path) -> None:
+    """Found by review: the state file's directory on a read-only mount (a bind mount left
+    `ro`) was exit 2, "cannot open the deploy lock's guard ... Read-only file system": a
+    configuration error, while the host is only not ready to be written (README: exit 4,
+    precondition not met, nothing changed, as for a full disk before the run)."""
+    two_deployments_state(host)
+    state_file = host.parent / "state" / "deployment-state.json"
+    with tmpfs(host.parent / "ro", "1m") as ro:
+        moved = ro / state_file.name
+        moved.write_bytes(state_file.read_bytes())
+        host.write_text(host.read_text().replace(str(state_file), str(moved)))
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        before = moved.read_bytes()
+        env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+        env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+        for command in ("rollback", "switch"):
+            args = ["--slot", "blue"] if command == "switch" else []
+            done = subprocess.run([sys.executable, "-m", "runbook.cli", command, str(host),
+                                   *args, "--yes"], capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL, env=env, check=False,
+                                  cwd=REPO_ROOT)
+            said = done.stdout + done.stderr
+            assert "Traceback" not in said, said
+            assert done.returncode == 4, (command, said)
+            assert "cannot open the deploy lock's guard" in said, said
+            assert f"{ro} is on a read-only filesystem" in said and "remount" in said, said
+            assert moved.read_bytes() == before
+            assert not any((host.parent / "locks").iterdir()), said
 
 
 def test_rollback_checks_to_again_under_the_lock(host: Path) -> None:

@@ -73,6 +73,27 @@ def test_an_argument_holding_a_password_is_masked_in_the_error(tmp_path: Path) -
         assert "Traceback" not in said
 
 
+@pytest.mark.parametrize(("where", "line", "key"), [
+    ("[database]", 'password = "Zq9-Tr0ub4dor-x"', "database.password"),
+    ("[caddy]", 'api_token = "Zq9-Tr0ub4dor-x"', "caddy.api_token"),
+    ("[rollback]", 'secret = "Zq9-Tr0ub4dor-x"', "rollback.secret"),
+])
+def test_an_unknown_key_named_like_a_secret_is_said_unknown_and_its_value_never(
+        tmp_path: Path, where: str, line: str, key: str) -> None:
+    """Found by review: `database.password = "..."` in the environment file printed
+    `database.password: *** key`: the redactor took the problem's first word, after the
+    key and its colon, for the password's value. The key is named with "unknown key"; its
+    value, which the message never quoted, still shows nowhere."""
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(host_env(tmp_path)).replace(where, f"{where}\n{line}", 1))
+    for fmt in ("text", "json"):
+        done = runbook("status", str(source), "--format", fmt)
+        said = done.stdout + done.stderr
+        assert done.returncode == 2 and "Traceback" not in said, said
+        assert "Tr0ub4dor" not in said and "*** key" not in said, said
+        assert f"unknown key {key} (known: " in said, said
+
+
 @pytest.mark.parametrize("password,bare", [("hun&ter2pw", "'&'"), ("s3cr et", "' '")])
 def test_a_query_string_password_is_checked_and_registered(password: str, bare: str) -> None:
     """libpq reads `?password=` too; unencoded, its error quoted the password back

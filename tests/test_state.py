@@ -378,6 +378,12 @@ BAD_DOCUMENTS = [
     (("current_deployment", "version"), "v1.2.0", "current_deployment.version: 'v1.2.0' is not"),
     (("current_deployment", "version"), _DELETE, "current_deployment.version: required key"),
     (("current_deployment", "version"), 1234567, "current_deployment.version: expected a string"),
+    (("current_deployment", "version"), None,
+     "current_deployment.version: is null, where a string is needed (the 7-hex short commit"),
+    (("previous_deployment", "git_commit"), None,
+     "previous_deployment.git_commit: is null, where a string is needed (the 40-hex commit"),
+    (("current_deployment", "active_slot"), None,
+     "current_deployment.active_slot: is null, where a string is needed (the slot it runs"),
     (("previous_deployment", "git_commit"), "abc", "previous_deployment.git_commit: 'abc'"),
     (("current_deployment", "deployed_at"), "yesterday", "deployed_at: 'yesterday' is not a"),
     (("current_deployment", "deployed_at"), "2026-01-28T10:30:00", "has no timezone"),
@@ -474,6 +480,65 @@ def test_environment_mismatch_is_refused() -> None:
     with pytest.raises(StateError, match="belongs to production, not staging"):
         read_state(DATA / "documented.json", environment="staging")
     assert read_state(DATA / "documented.json", environment="prod").environment == "production"
+
+
+def _renamed(doc: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """`doc` with its top-level keys renamed as `names` says, in place, order kept."""
+    return {names.get(k, k): v for k, v in doc.items()}
+
+
+# Deployment records under top-level keys no dialect uses (CONTRACTS.md: all three keep them
+# under current_deployment, previous_deployment, deployment_history): the keys that hold them.
+UNKNOWN_DIALECTS = {
+    "renamed by hand": (
+        {"current_deployment": "current", "previous_deployment": "previous",
+         "deployment_history": "history"}, ("current", "previous", "history")),
+    "a list of records": (
+        {"current_deployment": "deployments", "previous_deployment": "_dropped"},
+        ("deployments", "_dropped")),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN_DIALECTS))
+def test_records_under_keys_no_dialect_uses_are_refused_never_read_as_none_recorded(
+        case: str, tmp_path: Path) -> None:
+    """Found by review: `current`, `previous`, `history` in place of the documented keys read
+    as "nothing recorded": rollback said "first deployment or cleared state", status showed
+    none, and a deploy planned a first record over a file holding deployments it could not
+    see. Refused like any record the reader refuses (exit 4), naming the keys and the fix."""
+    names, keys = UNKNOWN_DIALECTS[case]
+    doc = _renamed(load("documented.json"), names)
+    if case == "a list of records":  # the current record and the history, one list
+        doc["deployments"] = [doc["deployments"], *doc.pop("deployment_history")]
+    target = tmp_path / "deployment-state.json"
+    target.write_text(json.dumps(doc, indent=2))
+    before = target.read_bytes()
+    with pytest.raises(StateError) as info:
+        read_state(target, environment="production")
+    err = info.value
+    assert err.exit_code == ExitCode.PRECONDITION and "\n" not in str(err), err
+    assert err.message.startswith(f"{target}: current_deployment: "), err.message
+    for key in keys:
+        assert repr(key) in err.message, err.message
+    assert "current_deployment" in (err.fix or "") and "dialect" in (err.fix or ""), err.fix
+    assert '"current_deployment": null' in (err.fix or ""), err.fix
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("doc", [
+    {"environment": "production", "lock": {"locked": False}},
+    {"environment": "production", "lock": {"locked": False}, "operator_notes": {"pager": "x"},
+     "tags": ["blue", {"owner": "ops"}]},
+    load("deploy_script_first.json"),
+    {**load("deploy_script_first.json"),
+     "slots": {"blue": {"status": "active", "version": "abc1234"}, "green": {}}},
+], ids=["cleared", "other tools' keys", "deploy script's first file", "its slots"])
+def test_a_file_without_current_deployment_that_records_none_is_still_read(
+        doc: dict[str, Any]) -> None:
+    """What the refusal above must leave alone: a cleared state, and the deploy script's
+    first-ever file (`active_slot`, `slots`, `last_deployment`), record no deployment."""
+    s = parse_state(json.dumps(doc), environment="production")
+    assert s.current is None and s.previous is None and s.history == ()
 
 
 # --- transitions ----------------------------------------------------------------------------

@@ -566,8 +566,11 @@ def _describe(error: Mapping[str, Any], keys: Mapping[str, set[str]]) -> tuple[s
     if kind == "missing":
         return key, "required key is missing"
     if kind == "extra_forbidden":
+        # the key after "unknown key", never before a colon: `database.password: unknown key`
+        # read to the redactor as a password's value, and printed `database.password: ***
+        # key` (found by review); the value itself is never quoted
         parent = ".".join(loc[:-1])
-        return key, f"unknown key (known: {', '.join(sorted(keys.get(parent, ())))})"
+        return "", f"unknown key {key} (known: {', '.join(sorted(keys.get(parent, ())))})"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return key, "expected a table"
     if kind in _KINDS:  # masked: a value typed in the wrong place may be a DATABASE_URL
@@ -584,7 +587,8 @@ def _path(value: str | None, base: Path) -> Path | None:
 
 def parse(data: Mapping[str, Any], path: Path) -> Environment:
     """Validate a parsed TOML document and build the Environment; every problem in one
-    ConfigError (exit 2), one line each: `<file>: <key>: <problem>`."""
+    ConfigError (exit 2), one line each: `<file>: <key>: <problem>` (an unknown key:
+    `<file>: unknown key <key> (known: ...)`)."""
     try:
         f = EnvironmentFile.model_validate(data)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import secrets
@@ -29,9 +30,11 @@ from runbook import state as statemod
 from runbook.environment import Environment, command_arg
 from runbook.errors import (
     ConfigError,
+    ExitCode,
     LockedError,
     LockLostError,
     PreconditionError,
+    RunbookError,
     StateError,
 )
 from runbook.lock.policy import (
@@ -314,7 +317,19 @@ def acquire(env: Environment, reason: str, run_id: str | None = None) -> Lock:
     except OSError as exc:
         message = (f"{env.display}: cannot take the deploy lock at {env.lock_path}: "
                    f"{exc.strerror or exc}; nothing was changed")
-        raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
+        raise _read_only_is_the_host(files.write_error(message, exc, env.lock_dir,
+                                                       LOCK_DIR_FIX), exc) from None
+
+
+def _read_only_is_the_host(error: RunbookError, exc: OSError) -> RunbookError:
+    """A read-only filesystem where the lock is taken (its directory, its guard beside the
+    state file) is the host not ready, as a full disk is: exit 4, precondition, nothing
+    changed. It was exit 2, a configuration error (found by review: a read-only bind mount
+    of the state file's directory), while README's rows for a write that fails before the
+    run say exit 4."""
+    if exc.errno == errno.EROFS and error.exit_code == ExitCode.USAGE:
+        return PreconditionError(error.message, error.fix)
+    return error
 
 
 def refusing_holder(env: Environment) -> LockStatus | None:
@@ -609,7 +624,8 @@ def _guard(env: Environment) -> Iterator[None]:
         # also met when releasing, after a run's changes: nothing here says "nothing changed"
         message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \
                   f"{exc.strerror or exc}"
-        raise files.write_error(message, exc, env.lock_dir, LOCK_DIR_FIX) from None
+        raise _read_only_is_the_host(files.write_error(message, exc, env.lock_dir,
+                                                       LOCK_DIR_FIX), exc) from None
     if (refused := files.link_refusal(env.state_file, "the state file", "[state] file")):
         # the guard sits beside the state file: never `mkdir -p` under an empty mount point
         # (met when releasing too: nothing here says "nothing was changed")
@@ -622,10 +638,10 @@ def _guard(env: Environment) -> Iterator[None]:
         # read-only /opt named "/tmp is on a read-only filesystem")
         message = (f"{env.display}: cannot open the deploy lock's guard {guard} (beside the "
                    f"state file): {exc.strerror or exc}")
-        raise files.guard_error(message, exc, guard,
-                                f"let the deploying user write {guard.parent} (the state "
-                                "file's directory), or create the guard file there once: "
-                                f"`touch {shlex.quote(str(guard))}`") from None
+        raise _read_only_is_the_host(files.guard_error(
+            message, exc, guard, f"let the deploying user write {guard.parent} (the state "
+            "file's directory), or create the guard file there once: "
+            f"`touch {shlex.quote(str(guard))}`"), exc) from None
     try:
         if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
             raise LockedError(f"{env.display}: another runbook process has been "

@@ -47,14 +47,26 @@ class _Reader:
                required: bool = True) -> str | None:
         if key not in obj or obj[key] is None:
             if required:
-                raise self.fail(f"{where}.{key}", "required key is missing",
-                                f"add {key!r} to that object")
+                raise self.missing(obj, key, where)
             return None
         value = obj[key]
         if not isinstance(value, str):
             raise self.fail(f"{where}.{key}", f"expected a string, got {_show(value)}",
                             f"write {key!r} as a JSON string")
         return value
+
+    def missing(self, obj: Mapping[str, Any], key: str, where: str,
+                fix: str | None = None) -> Refused:
+        """A required string that is absent, or null: a null was said to be "missing", and
+        on-call went looking for a key that was there (found by review)."""
+        if key in obj:
+            what, example = _NEEDS.get(key, ("", ""))
+            return self.fail(f"{where}.{key}", "is null, where a string is needed"
+                             + (f" ({what})" if what else ""),
+                             f"write {key!r} as a JSON string"
+                             + (f", {example}" if example else ""))
+        return self.fail(f"{where}.{key}", "required key is missing",
+                         fix or f"add {key!r} to that object")
 
     def count(self, obj: Mapping[str, Any], key: str, where: str) -> int | None:
         value = obj.get(key)
@@ -71,6 +83,15 @@ class _Reader:
             return parse_time(value)
         except (ValueError, OverflowError) as exc:
             raise self.fail(key, f"{_show(value)} is not a valid time ({exc})", fix) from None
+
+
+# What a required string of a deployment holds, and an example: said of one written as null.
+_NEEDS = {
+    "version": ("the 7-hex short commit", 'e.g. "abc1234"'),
+    "git_commit": ("the 40-hex commit", "the output of `git rev-parse HEAD`"),
+    "deployed_at": ("an RFC 3339 time with a zone", 'e.g. "2026-01-28T10:30:00Z"'),
+    "active_slot": ("the slot it runs in", '"blue" or "green"'),
+}
 
 
 def _show(value: Any) -> str:
@@ -145,8 +166,8 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
                      f"{slots['slot']}", "check which slot serves it (docker ps) and keep that one")
     slot_name = slots.get("active_slot") or slots.get("slot")
     if slot_name is None and need_slot:
-        raise r.fail(f"{where}.active_slot", "required key is missing",
-                     "add \"active_slot\": \"blue\" or \"green\" (the slot it runs in)")
+        raise r.missing(obj, "active_slot", where,
+                        "add \"active_slot\": \"blue\" or \"green\" (the slot it runs in)")
 
     health = r.string(obj, "health_status", where, required=False) or "unknown"
     if health not in HEALTH_STATUSES:
@@ -438,6 +459,8 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
         raise r.fail("environment", f"{_show(env_value)} is not an environment",
                      "write one of " + ", ".join(ENV_NAMES))
 
+    if "current_deployment" not in data:
+        _refuse_unknown_dialect(data, r)
     current_raw = data.get("current_deployment")
     previous_raw = data.get("previous_deployment")
     history_raw = data.get("deployment_history")
@@ -494,6 +517,38 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
         extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _TOP_KEYS},
         source=r.source,
     )
+
+
+# What a deployment record holds in every dialect (CONTRACTS.md): one of these keys in an
+# object marks it as one, wherever it sits.
+_RECORD_KEYS = frozenset({"version", "git_commit", "commit", "deployed_at"})
+
+
+def _record_like(value: Any) -> bool:
+    """An object shaped like a deployment record, or a list holding one (a history)."""
+    if isinstance(value, list):
+        return any(isinstance(v, Mapping) and _record_like(v) for v in value)
+    return isinstance(value, Mapping) and not _RECORD_KEYS.isdisjoint(value)
+
+
+def _refuse_unknown_dialect(data: Mapping[str, Any], r: _Reader) -> None:
+    """A file with no `current_deployment` (the documented schema requires it) whose other
+    top-level keys hold deployment records: written in no dialect the runbook reads (keys
+    renamed by hand, another tool's). Read as "nothing recorded", a rollback said "first
+    deployment or cleared state", status showed none, and a deploy planned a first record
+    over records it could not see (found by review). A file recording none (a cleared one,
+    the deploy script's first: `active_slot`, `slots`, `last_deployment: null`) reads on."""
+    keys = [k for k, v in data.items() if k not in _TOP_KEYS and _record_like(v)]
+    if not keys:
+        return
+    named = ", ".join(repr(k) for k in keys)
+    raise r.fail("current_deployment", f"required key is missing, while {named} "
+                 f"hold{'s' if len(keys) == 1 else ''} deployment records: the file is in "
+                 "none of the three dialects the runbook reads",
+                 "the documented dialect, the deploy script's and the Go CLI's keep "
+                 "deployments under \"current_deployment\", \"previous_deployment\" and "
+                 f"\"deployment_history\" (README, \"Rolling back a host\"): rename {named} "
+                 "to those keys, or write \"current_deployment\": null if nothing is deployed")
 
 
 def absent(path: Path, *, environment: str) -> DeploymentState:
