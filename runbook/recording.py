@@ -27,8 +27,14 @@ def _exclusive(record: Record) -> Record:
     """The recorder's read-modify-write under states.WRITING (see there)."""
     def recorder(env: Environment, intent: intents.Intent, observed: slots.Observed,
                  run_id: str, ctx: StepContext) -> None:
-        with states.WRITING:
-            record(env, intent, observed, run_id, ctx)
+        try:
+            with states.WRITING:
+                record(env, intent, observed, run_id, ctx)
+        finally:
+            # traffic is committed to the target (every recorder runs after the commit, a
+            # finishing run's too): a record that it was left running for h2c is void now
+            if (kept := slots.release_held(env, intent.target)) is not None:
+                ctx.note(held_for_h2c=kept)
 
     recorder.__doc__ = record.__doc__
     return recorder

@@ -276,6 +276,22 @@ def held_record(env: Environment, slot: Slot, info: ContainerInfo) -> dict[str, 
     return None
 
 
+def release_held(env: Environment, slot: Slot) -> str | None:
+    """Remove the record that `slot` was left running for h2c connections: called once a run
+    has committed traffic to it (it serves: nothing is held off it). Found by review: the
+    record outlived a switch back to that slot, and status told on-call to stop the serving
+    container. Returns why a record stays (status still never offers to stop a slot that
+    serves), or None."""
+    for path in (held_marker(env, slot), legacy_held_marker(env, slot)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{path} not removed ({exc.strerror}); {slot} serves, so it holds nothing"
+    return None
+
+
 def held_fix(env: Environment, container: str, port: int | None = None) -> str:
     """`port`: the h2c port whose connections hold it (default: proxy_url's). `ss` run where
     Caddy's sockets are: on the host, or in Caddy's network namespace when it runs in a

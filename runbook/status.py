@@ -132,8 +132,13 @@ class Facts:
     @property
     def active(self) -> Slot | None:
         """The slot Caddy sends traffic to as it runs (its loaded config), never as the
-        Caddyfile on disk says; None when that is not one slot or cannot be read."""
-        return self.traffic.slot if self.traffic is not None else None
+        Caddyfile on disk says; None when that is not one slot or cannot be read, or when
+        the proxy answers as the other slot (`Traffic.conflict`): fail closed, as the
+        rollback and the switch refuse then. Found by review: admin_url pointing at another
+        Caddy, status named that Caddy's slot and told on-call to stop the one users reach."""
+        if self.traffic is None or self.traffic.conflict:
+            return None
+        return self.traffic.slot
 
     def image(self, slot: Slot) -> str | None:
         info = self.containers.get(slot)
@@ -725,10 +730,17 @@ def upstream_unresolved(f: Facts) -> Iterator[Problem]:
 
 def held_for_h2c(f: Facts) -> Iterator[Problem]:
     """A slot a run left running for connections Caddy's previous config still held over h2c:
-    stopping it is on-call's call (when they have closed), and no deploy recreates it."""
+    stopping it is on-call's call (when they have closed), and no deploy recreates it.
+    Never a slot that serves now, by either witness (found by review: after a switch back
+    to it, the record stood and its fix stopped the container every user reached); the run
+    that commits traffic to a slot removes its record, but one killed right after its
+    commit has not."""
     if f.held_error is not None:
         yield _error(f.held_error, "see the file named")
+    serving = f.traffic.serving() if f.traffic is not None else frozenset()
     for slot, record in f.held.items():
+        if str(slot) in serving:
+            continue
         container = f.env.slot(slot).container
         yield Problem(f"the {slot} slot ({container}) was left running at "
                       f"{record.get('at', '?')} for connections Caddy's previous config held "
@@ -761,7 +773,10 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
                          f"`{_curl_through_proxy(f.env)}`")
         return
     trouble = f.traffic.problem(f.env)
-    if trouble:  # marker lines that cannot be read: a switch refuses them too
+    if trouble and f.traffic.conflict:  # in the words of the rollback's and switch's refusal
+        yield Problem(traffic.cannot_tell(f.env, f.traffic).message.removesuffix(
+            traffic.NOTHING_CHANGED), traffic.no_single_slot_fix(f.env, f.traffic))
+    elif trouble:  # marker lines that cannot be read: a switch refuses them too
         yield Problem(trouble, traffic.no_single_slot_fix(f.env, f.traffic)
                       if f.traffic.markers is not None else
                       _pairing_fix(f) or "repoint Caddy at the slot you know is healthy: "

@@ -73,6 +73,20 @@ class Traffic:
         """The one slot that serves; None when Caddy dials neither or both."""
         return next(iter(self.slots)) if len(self.slots) == 1 else None
 
+    @property
+    def conflict(self) -> bool:
+        """The two witnesses disagree: Caddy's loaded config dials one slot and the proxy
+        answers as another (admin_url and proxy_url reach different Caddys, or the managed
+        block's header names another slot than it dials). Which slot serves is not known."""
+        return (self.slot is not None and self.proxy_slot is not None
+                and self.proxy_slot != str(self.slot))
+
+    def serving(self) -> frozenset[str]:
+        """Every slot either witness says serves (the config's, the proxy's): none of them
+        is ever offered to be stopped."""
+        return frozenset({str(s) for s in self.slots}
+                         | ({self.proxy_slot} if self.proxy_slot else set()))
+
     def problem(self, env: Environment) -> str | None:
         known = ", ".join(f"{s} ({env.slot(s).port})" for s in Slot)
         if not self.slots and self.pinned:
@@ -124,16 +138,23 @@ def h2c_listens(config: Any) -> Listens:
     return tuple(found)
 
 
-def slot_fronts(config: Any, ports: Iterable[int]) -> Listens:
+def _dials_here(server: Any, wanted: set[int], here: Callable[[str], bool]) -> bool:
+    """Whether a server's routes dial one of `wanted` ports on this machine (`here`, a
+    ThisHost): found by review, another site's `reverse_proxy 192.0.2.10:<green's port>`
+    counted as a front of green by its port alone, and on an h2c port the rollback waited
+    and left the old slot running for connections that never reach this machine."""
+    return any(_port(d) in wanted and here(d) for d in _dials(server.get("routes")))
+
+
+def slot_fronts(config: Any, ports: Iterable[int], here: Callable[[str], bool]) -> Listens:
     """The listening ports (as ranges) of Caddy's HTTP servers whose routes dial one of
-    `ports`: every port a user may reach a slot through (`:80, :443`, an h2c port), not only
-    the one verification asks, `proxy_url`'s."""
+    `ports` on this machine (`here`): every port a user may reach a slot through (`:80,
+    :443`, an h2c port), not only the one verification asks, `proxy_url`'s."""
     wanted = set(ports)
     servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
     found: list[tuple[int, int]] = []
     for server in servers.values() if isinstance(servers, dict) else ():
-        if not isinstance(server, dict) or not any(
-                _port(d) in wanted for d in _dials(server.get("routes"))):
+        if not isinstance(server, dict) or not _dials_here(server, wanted, here):
             continue
         for address in server.get("listen") or ():
             first, _, last = str(address).rpartition(":")[2].partition("-")
@@ -142,14 +163,15 @@ def slot_fronts(config: Any, ports: Iterable[int]) -> Listens:
     return tuple(dict.fromkeys(found))
 
 
-def front_listens(config: Any, ports: Iterable[int]) -> tuple[str, ...]:
-    """The listen addresses of Caddy's HTTP servers whose routes dial one of `ports`."""
+def front_listens(config: Any, ports: Iterable[int],
+                  here: Callable[[str], bool]) -> tuple[str, ...]:
+    """The listen addresses of Caddy's HTTP servers whose routes dial one of `ports` on this
+    machine (`here`)."""
     wanted = set(ports)
     servers = (((config or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
     found: list[str] = []
     for server in servers.values() if isinstance(servers, dict) else ():
-        if isinstance(server, dict) and any(_port(d) in wanted
-                                            for d in _dials(server.get("routes"))):
+        if isinstance(server, dict) and _dials_here(server, wanted, here):
             found += [str(a) for a in server.get("listen") or ()]
     return tuple(dict.fromkeys(found))
 
@@ -234,7 +256,7 @@ def proxy_url_missed(env: Environment, found: Traffic) -> str | None:
         on_disk = caddy.adapt(env, caddy.read(env))
     except RunbookError:
         return None
-    disk = front_listens(on_disk, [s.port for s in env.slots.values()])
+    disk = front_listens(on_disk, [s.port for s in env.slots.values()], ThisHost(env))
     if not disk or any(_listens_at(a, host, port) for a in disk):
         return None  # not known, or the Caddyfile listens there: Caddy was moved off it
     if not health.probe(env.slot(found.slot), env.health.path,
@@ -474,8 +496,8 @@ def from_config(env: Environment, config: Any,
                    dialed=tuple(sorted(counts.items())), unresolved=unresolved,
                    # the serving slot's sites: a site pinned to the other slot (outside the
                    # markers) keeps dialing it whatever the drain waits for
-                   fronts=slot_fronts(config, [env.slot(s).port for s in slots]),
-                   listens=front_listens(config, [env.slot(s).port for s in slots]),
+                   fronts=slot_fronts(config, [env.slot(s).port for s in slots], here),
+                   listens=front_listens(config, [env.slot(s).port for s in slots], here),
                    markers=markers)
 
 
@@ -499,14 +521,25 @@ def no_single_slot_fix(env: Environment, found: Traffic) -> str:
     circle); otherwise a switch to the healthy slot repoints Caddy."""
     if found.markers is not None:
         return f"in {env.caddy.caddyfile}: {found.markers[1]}, then run again"
+    if found.conflict:  # a switch is refused too: never offered (found by review)
+        return (f"check that [caddy] admin_url ({env.caddy.admin_url}) and proxy_url "
+                f"({env.caddy.proxy_url}) in {env.source or 'the environment file'} reach "
+                f"the same Caddy (`curl -s {env.caddy.admin_url}/config/` shows what it "
+                f"dials), and that the header_down {SLOT_HEADER} between the slot markers of "
+                f"{env.caddy.caddyfile} names the slot whose port it dials; then check with "
+                f"`runbook status {command_arg(env)}`: no rollback, deploy or switch runs "
+                "until they agree")
     return ("see `runbook status`; repoint Caddy at the healthy slot with "
             f"`runbook switch {command_arg(env)} --slot <blue|green>`")
 
 
 def cannot_tell(env: Environment, found: Traffic) -> PreconditionError:
     """The refusal, when planning, of a command that needs the one slot that serves."""
-    return PreconditionError(f"cannot tell which slot takes traffic: {found.problem(env)}; "
-                             "nothing was changed", no_single_slot_fix(env, found))
+    return PreconditionError(f"cannot tell which slot takes traffic: {found.problem(env)}"
+                             f"{NOTHING_CHANGED}", no_single_slot_fix(env, found))
+
+
+NOTHING_CHANGED = "; nothing was changed"
 
 
 def undo_config(env: Environment, running: Any, previous: Slot | None, target: Slot,

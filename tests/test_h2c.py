@@ -30,9 +30,9 @@ from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
-from runbook.environment import Slot
+from runbook.environment import Environment, Slot
 from runbook.errors import PreconditionError
-from tests.drill_checks import host_env, through_proxy
+from tests.drill_checks import host_env, runbook_cli, through_proxy
 
 
 def test_which_listeners_take_h2c_is_read_from_caddys_json_config() -> None:
@@ -251,6 +251,87 @@ def test_another_operators_deploy_never_recreates_a_slot_held_for_h2c(
         # nothing changed: the held connection is still answered by the same container
         assert _answer(lb, stack) == (port, "HTTP/2", "blue", VERSIONS["v3"].tag)
         assert docker.inspect(blue).started_at == left.started_at
+
+
+def _stops_offered(env: Environment) -> tuple[list[str], list[str]]:
+    """(every `runbook status` problem naming a slot held for h2c, every fix that stops a
+    slot's container), as on-call reads them (the CLI, --format json)."""
+    done = runbook_cli(env, "status", "--format", "json")
+    assert "Traceback" not in done.stderr, done.stderr
+    problems = json.loads(done.stdout)["problems"]
+    held = [p["problem"] for p in problems if "h2c" in p["problem"]]
+    stops = [p["fix"] for p in problems for c in (env.slot(s).container for s in Slot)
+             if f"docker stop {c}" in p["fix"]]
+    return held, stops
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_a_slot_held_for_h2c_then_switched_back_to_is_never_offered_to_be_stopped(
+        stack: DrillStack) -> None:
+    """Found by review: a rollback left the old blue slot running for Caddy's h2c
+    connections, then `runbook switch --slot blue` put users back on it; `runbook status`
+    still said blue "was left running ... for connections Caddy's previous config held",
+    fix `docker stop <blue>`: the container every user reached. Nothing removed the record,
+    and status never asked which slot serves. Now status offers no stop of a slot that
+    serves (also while a switch killed right after its commit has not removed the record),
+    and the run that commits traffic to a slot removes its record (here the rerun that
+    finishes the killed switch). Oracle: the proxy, Docker, the record file on disk."""
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    with drill_http.held_h2c_client() as lb:
+        _answer(lb, stack)
+        rollback.rollback(env.with_(drain_timeout=2.0))  # busy until its timeout: 2 s
+    assert docker.inspect(blue).running and slots.held_marker(env, Slot.BLUE).exists()
+    assert any(blue in p for p in _stops_offered(env)[0])  # the premise: blue is held
+    killed = runbook_cli(env, "switch", "--slot", "blue", "--yes",
+                         fault="before:state:SIGKILL")  # after its commit: users on blue
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+    assert _stops_offered(env) == ([], [])
+    finished = runbook_cli(env, "switch", "--slot", "blue", "--yes")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v3"].tag)
+    assert not slots.held_marker(env, Slot.BLUE).exists()
+    held, stops = _stops_offered(env)
+    assert held == [] and not [f for f in stops if f"docker stop {blue}" in f], stops
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
+def test_another_machines_service_on_a_slots_port_is_no_front_of_that_slot(
+        stack: DrillStack) -> None:
+    """Found by review: another site proxying to another machine's service that happens to
+    use green's port number (`reverse_proxy 192.0.2.10:<green's port>`), on a port where
+    Caddy takes h2c, was counted as a front of green (matched by port only): the rollback
+    to green waited, then left blue running "for h2c connections" although no connection
+    of that site ever reaches this machine. Only dials to this machine are fronts. Oracle:
+    Docker's view of the old slot, the proxy, what the rollback printed."""
+    from runbook import caddy
+
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    green = env.slot(Slot.GREEN).port
+    text = stack.caddyfile_text(Slot.BLUE, h2c=False)
+    elsewhere = text.replace(
+        "auto_https off",
+        f"auto_https off\n\tservers 127.0.0.1:{stack.ports.other_site} {{\n"
+        "\t\tprotocols h1 h2c\n\t}", 1).replace(
+        'respond /ping "pong" 200', f"reverse_proxy 192.0.2.10:{green}", 1)
+    assert elsewhere.count(f"192.0.2.10:{green}") == 1 and "h2c" in elsewhere
+    caddy.apply(env, elsewhere)
+    servers = drill_http.get(f"{env.caddy.admin_url}/config/apps/http/servers",
+                             timeout=5).json()
+    # the premise, as Caddy loaded it: h2c on that site's port alone
+    assert [s["listen"] for s in servers.values() if "h2c" in s.get("protocols", ())] \
+        == [[f"127.0.0.1:{stack.ports.other_site}"]], servers
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+    assert docker.inspect(env.slot(Slot.BLUE).container).status == "exited", done.stderr
+    assert not slots.held_marker(env, Slot.BLUE).exists()
+    assert "h2c" not in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def test_a_held_record_where_earlier_versions_kept_it_is_still_honoured(

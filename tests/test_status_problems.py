@@ -2145,3 +2145,82 @@ def test_a_caddyfile_block_edited_on_disk_and_not_loaded_is_a_problem_until_put_
     code, out, problems = status(stack)
     assert (code, problems) == (0, []), out
     assert out.strip().splitlines()[-1] == NO_PROBLEMS
+
+
+@contextlib.contextmanager
+def _second_caddy(stack: DrillStack, slot: Slot) -> Iterator[str]:
+    """Another real Caddy on this host (the drill's image, on the host's network as the
+    drill's own), whose loaded config sends a site of its own to `slot`. Yields its admin
+    URL: what an environment file's admin_url names when it points at the wrong Caddy."""
+    import time
+
+    from runbook import docker
+    from tests.drill_checks import closed_ports
+
+    admin, site = closed_ports(2)
+    folder = stack.run_dir / "second-caddy"
+    folder.mkdir(exist_ok=True)
+    (folder / "Caddyfile").write_text(
+        f"{{\n\tadmin 127.0.0.1:{admin}\n\tauto_https off\n}}\n\n"
+        f"http://127.0.0.1:{site} {{\n\tbind 127.0.0.1\n"
+        f"\treverse_proxy localhost:{stack.env.slot(slot).port} {{\n"
+        f"\t\theader_down X-Togather-Slot \"{slot}\"\n\t}}\n}}\n")
+    name = f"{stack.prefix}second-caddy"
+    stack.docker("rm", "-f", name, check=False)
+    stack.docker("run", "-d", "--rm", "--network", "host", "--name", name,
+                 "--label", f"io.togather.drill.run={stack.run_id}",
+                 "-v", f"{folder}:{folder}:ro", docker.inspect(stack.caddy_container).image
+                 or "", "caddy", "run", "--config", f"{folder}/Caddyfile",
+                 "--adapter", "caddyfile")
+    url = f"http://127.0.0.1:{admin}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(Exception):
+                if drill_http.get(f"{url}/config/", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, stack.docker("logs", name, check=False).stderr
+            time.sleep(0.2)
+        yield url
+    finally:
+        stack.docker("rm", "-f", name, check=False)
+
+
+def test_caddy_and_the_proxy_disagreeing_names_no_slot_to_stop_and_no_command_that_refuses(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: admin_url pointed at a second Caddy whose config dials green while
+    the proxy (the real Caddy) answers X-Togather-Slot: blue (v3 there, v2 on green, both
+    running). The rollback and the switch refuse ("cannot tell which slot takes traffic"),
+    but status named green as the traffic slot and said to stop blue, "it takes no
+    traffic": the container users reach. Now it says it cannot tell, in the refusal's
+    words, names no slot as serving, and no fix stops either slot or names a command that
+    refuses. Oracle: the real proxy's answer, the rollback's own refusal, the dry runs."""
+    from runbook import health
+    from runbook.drill import scenes
+    from tests.drill_checks import through_proxy
+
+    scene_stack.arrange(scenes.PREVIOUS)  # v3 serves from blue; v2 stopped on green
+    env = scene_stack.env
+    scene_stack.docker("start", env.slot(Slot.GREEN).container)  # a healthy standby
+    health.wait_healthy(env, Slot.GREEN, 60)
+    toml = tmp_path / "second-caddy.toml"
+    with _second_caddy(scene_stack, Slot.GREEN) as admin:
+        done = status_with(scene_stack, toml, admin_url=admin)
+        text = _cli(toml, "status")
+        refused = _cli(toml, "rollback", "--dry-run")  # the premise: refused
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        said = refused.stderr.split("cannot tell which slot takes traffic: ", 1)[1]
+        assert through_proxy(env)[0] == "blue"  # users reach blue
+        assert "Traceback" not in done.stderr + text.stderr, done.stderr + text.stderr
+        data = json.loads(done.stdout)
+        problems = data["problems"]
+        for container in (env.slot(Slot.BLUE).container, env.slot(Slot.GREEN).container):
+            assert f"docker stop {container}" not in json.dumps(problems), problems
+        assert "it takes no traffic" not in json.dumps(problems), problems
+        assert done.returncode == 1 and text.returncode == 1, done.stdout
+        assert data["traffic"]["slot"] is None and data["traffic"]["proxy_slot"] == "blue", data
+        assert "  traffic   unknown" in text.stdout, text.stdout
+        unclear = problem(problems, "cannot tell which slot takes traffic: ")
+        assert said.split("; nothing was changed")[0] in unclear["problem"], (said, unclear)
+        assert "runbook switch" not in json.dumps(problems), problems
+        _each_runs(_changing(problems))  # none refuses (none is named: each would)
