@@ -248,12 +248,21 @@ def migrate_up() -> int:
     return 0
 
 
+class Server(ThreadingHTTPServer):
+    # The listen backlog of the real server (Go's net/http listens with the kernel's somaxconn,
+    # which caps this), not socketserver's 5: right after a reload Caddy's new config dials
+    # this slot once per user at once, and on a busy host the accept thread falls behind; the
+    # kernel dropped every SYN beyond 5, each retried 1, 3, 7 s later, and users waited past
+    # their timeout (bench/bench_drain.py: read timeouts, a failure after one retry)
+    request_queue_size = 4096
+    daemon_threads = True
+
+
 def serve() -> int:
     if BEHAVIOUR == "crash":
         print(f"togather-server {VERSION}: fatal: drill build exits on start", file=sys.stderr)
         return 3
-    server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
-    server.daemon_threads = True
+    server = Server(("0.0.0.0", PORT), Handler)
     print(f"togather-server {VERSION} slot={SLOT} listening on :{PORT}", flush=True)
     server.serve_forever()
     return 0
