@@ -190,6 +190,101 @@ def _may_write(path: Path, mode: int) -> bool:
     return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
+def _directories(env: Environment, *, caddyfile: bool, records: bool, state: bool, lock: bool,
+                 log: bool, snapshot_dir: bool) -> list[Path]:
+    """The folders a command writes in (`access_problems`' keywords), absolute."""
+    state_file = Path(os.path.realpath(env.state_file))
+    behind = files.missing_link_target(env.state_file) is not None
+    guard = lock and not state and not behind and not _guard_made(env)
+    return [Path(os.path.abspath(d)) for d in (
+        [state_file.parent] if (state or guard) and not behind else []) + [
+            *([env.lock_dir] if lock else []), *([env.log_dir] if log else []),
+            *([env.runs_dir] if records else []),
+            *([Path(os.path.realpath(env.caddy.caddyfile)).parent] if caddyfile else []),
+            *([env.database.snapshot_dir] if snapshot_dir else [])]]
+
+
+def _files(env: Environment, *, caddyfile: bool, state: bool) -> list[tuple[Path, str]]:
+    """The files a command replaces (by a rename), and what to call them."""
+    behind = files.missing_link_target(env.state_file) is not None
+    return [*([(Path(os.path.realpath(env.state_file)), f"the state file {env.state_file}")]
+              if state and not behind else []),
+            *([(Path(os.path.realpath(env.caddy.caddyfile)),
+                f"the Caddyfile {env.caddy.caddyfile}")] if caddyfile else [])]
+
+
+def _where(directory: Path, probe: Path) -> str:
+    return str(directory) + (f" (to be created in {probe})" if probe != directory else "")
+
+
+def _mode_allows(st: os.stat_result, bits: int) -> bool:
+    """The mode bits alone let this user `bits` (os.W_OK | os.X_OK): its owner's, its
+    group's or the others' bits, as the kernel picks them; root always."""
+    if os.geteuid() == 0:
+        return True
+    shift = 6 if st.st_uid == os.geteuid() else 3 if st.st_gid in (
+        os.getegid(), *os.getgroups()) else 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def _blocked(path: Path, bits: int) -> tuple[str, str] | None:
+    """(what `path` is, the fix) when no one may write it whatever its mode says
+    (files.unwritable), or when this user may not though the mode bits allow it and the
+    cause cannot be read (a filesystem without attributes, an ACL): said as that."""
+    if (found := files.unwritable(path)) is not None:
+        return found
+    try:
+        st = os.stat(path)
+        if _may_write(path, bits) or not _mode_allows(st, bits):
+            return None
+    except OSError:
+        return None
+    quoted = shlex.quote(str(path))
+    flag = "-d " if stat.S_ISDIR(st.st_mode) else ""
+    return (f"is {_user(st.st_uid)}:{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}: an "
+            f"immutable attribute or a read-only mount (`lsattr {flag}{quoted}`, `findmnt -T "
+            f"{quoted}`)" + ("" if os.geteuid() == 0 else f", or an ACL (`getfacl {quoted}`)"),
+            f"undo what those show (as root: `chattr -i {quoted}`, or remount it read-write), "
+            "then run again")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def blocked_problems(env: Environment, *, caddyfile: bool = True, records: bool = True,
+                     state: bool = True, lock: bool = True, log: bool = True,
+                     snapshot_dir: bool = False) -> list[tuple[str, str]]:
+    """(problem, fix) for each place a run writes (`access_problems`' keywords) that no one
+    may write, root included, whatever its mode says (`_blocked`): a problem of the host, not
+    of the account. Found by review, as root: a state file `chattr +i` (or bind-mounted
+    read-only) passed `status` and the dry run, and the rollback moved traffic, then failed
+    to record it (exit 6, every rerun too); the state folder `chattr +i` was refused as
+    "root may not write ...: root:root, mode 755", and a Caddyfile so failed the switch with
+    "run as root?". A folder on a read-only filesystem is `problems`' to say, and a file in
+    one."""
+    out: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for directory in _directories(env, caddyfile=caddyfile, records=records, state=state,
+                                  lock=lock, log=log, snapshot_dir=snapshot_dir):
+        probe = _nearest(directory)
+        if probe is None or probe in seen or _read_only(probe):
+            continue
+        seen.add(probe)
+        if (found := _blocked(probe, os.W_OK | os.X_OK)) is not None:
+            out.append((f"{_where(directory, probe)} cannot be written although its mode "
+                        f"allows it: {probe} {found[0]}", found[1]))
+    for path, what in _files(env, caddyfile=caddyfile, state=state):
+        if os.path.isfile(path) and not _read_only(path.parent) \
+                and (found := _blocked(path, os.W_OK)) is not None:
+            out.append((f"{what} cannot be written although its mode allows it: it {found[0]}",
+                        found[1]))
+    return out
+
+
 def access_problems(env: Environment, *, caddyfile: bool = True, records: bool = True,
                     state: bool = True, lock: bool = True, log: bool = True,
                     snapshot_dir: bool = False) -> list[tuple[str, str]]:
@@ -199,8 +294,8 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
     pre-flight is that dry run), and a state file it may only read, when not root: replaced by
     a rename in its group-writable directory, it was taken from its owner, whose tools that
     write it in place could no longer update it (both found by review). A read-only
-    filesystem is `problems`' to say; a state file behind a symlink into a missing directory
-    the state reader's (state.missing_link).
+    filesystem is `problems`' to say, what no one may write `blocked_problems`', a state file
+    behind a symlink into a missing directory the state reader's (state.missing_link).
 
     What the command writes: `log` the log folder (a run journals before its first change;
     `unlock` and `snapshot create/cleanup` only warn when they cannot); `caddyfile` the
@@ -214,30 +309,24 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
     me = os.geteuid()
     user = _user(me)
     out: list[tuple[str, str]] = []
-    state_file = Path(os.path.realpath(env.state_file))
-    behind = files.missing_link_target(env.state_file) is not None
-    guard = lock and not state and not behind and not _guard_made(env)
     seen: set[Path] = set()
     snapshots = Path(os.path.abspath(env.database.snapshot_dir))
-    for directory in ([state_file.parent] if (state or guard) and not behind else []) + [
-            *([env.lock_dir] if lock else []), *([env.log_dir] if log else []),
-            *([env.runs_dir] if records else []),
-            *([Path(os.path.realpath(env.caddy.caddyfile)).parent] if caddyfile else []),
-            *([snapshots] if snapshot_dir else [])]:
-        directory = Path(os.path.abspath(directory))
+    for directory in _directories(env, caddyfile=caddyfile, records=records, state=state,
+                                  lock=lock, log=log, snapshot_dir=snapshot_dir):
         probe = _nearest(directory)
         if probe is None or probe in seen:
             continue
         seen.add(probe)
         try:
             st = os.stat(probe)
-            if os.statvfs(probe).f_flag & os.ST_RDONLY or _may_write(probe, os.W_OK | os.X_OK):
+            if _read_only(probe) or _may_write(probe, os.W_OK | os.X_OK) \
+                    or _blocked(probe, os.W_OK | os.X_OK) is not None:
                 continue
         except OSError:
             continue
-        where = str(directory) + (f" (to be created in {probe})" if probe != directory else "")
-        out.append((f"{user} may not write {where}: {probe} is {_user(st.st_uid)}:"
-                    f"{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}; a run as {user} "
+        out.append((f"{user} may not write {_where(directory, probe)}: {probe} is "
+                    f"{_user(st.st_uid)}:{_group(st.st_gid)}, mode "
+                    f"{stat.S_IMODE(st.st_mode):o}; a run as {user} "
                     + ("that takes or deletes a snapshot " if directory == snapshots else "")
                     + "would stop before its first change",
                     f"run the same command as a user who may write it (`{_as(st.st_uid)} "
@@ -245,11 +334,9 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
                     f"{shlex.quote(str(probe))}`, {user} in group {_group(st.st_gid)})"))
     if me == 0:
         return out  # root keeps a file's owner when it rewrites it
-    if state and not behind:
-        out += _read_only_file(state_file, f"the state file {env.state_file}", user)
-    if caddyfile:
-        out += _read_only_file(Path(os.path.realpath(env.caddy.caddyfile)),
-                               f"the Caddyfile {env.caddy.caddyfile}", user)
+    for path, what in _files(env, caddyfile=caddyfile, state=state):
+        if _blocked(path, os.W_OK) is None:
+            out += _read_only_file(path, what, user)
     return out
 
 
@@ -292,15 +379,16 @@ def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool
                       state: bool = True, lock: bool = True, log: bool = True,
                       snapshot_dir: bool = False) -> None:
     """Every mutating command (and its dry run, which the fleet's pre-flight is) refuses,
-    before anything, where `access_problems` finds one (what it writes: the same keywords),
-    or, where it writes the state file or takes the lock, where the state file is behind a
-    symlink into a missing directory (its lock's guard would be made there): exit 4, nothing
-    changed."""
+    before anything, where `blocked_problems` or `access_problems` finds one (what it writes:
+    the same keywords), or, where it writes the state file or takes the lock, where the state
+    file is behind a symlink into a missing directory (its lock's guard would be made there):
+    exit 4, nothing changed."""
     if (state or lock) and (behind := files.link_refusal(env.state_file, "the state file",
                                                          "[state] file")):
         raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])
-    found = access_problems(env, caddyfile=caddyfile, records=records, state=state, lock=lock,
-                            log=log, snapshot_dir=snapshot_dir)
+    keywords = dict(caddyfile=caddyfile, records=records, state=state, lock=lock, log=log,
+                    snapshot_dir=snapshot_dir)
+    found = blocked_problems(env, **keywords) + access_problems(env, **keywords)
     if found:
         problem, fix = found[0]
         more = (f" (and {len(found) - 1} more: `runbook status {command_arg(env)}` lists them)"

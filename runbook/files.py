@@ -18,6 +18,7 @@ import re
 import secrets
 import shlex
 import stat
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,15 +35,102 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 UNLOCKED_TEMP_AGE = 60.0  # a temp file a run without the lock may be using (a dry run's)
 
 
-def write_fix(exc: OSError, directory: Path, otherwise: str) -> str:
-    """The fix for a write that failed in `directory`: a full disk (or quota) and a read-only
-    filesystem are named as such, since "check the permissions" sends on-call the wrong way;
-    anything else gets the caller's hint."""
+def write_fix(exc: OSError, directory: Path, otherwise: str, *,
+              target: Path | None = None) -> str:
+    """The fix for a write that failed in `directory` (of the file `target`, when known): a
+    full disk (or quota), a read-only filesystem, and a file or folder that no one may write
+    whatever its mode says (EPERM, EBUSY: the immutable attribute, a read-only bind mount of
+    the file alone) are named as such, since "check the permissions" sends on-call the wrong
+    way (found by review: root was told to check them, the file `chattr +i`); anything else
+    gets the caller's hint."""
     if exc.errno in NO_SPACE:
         return no_space_fix(directory)
     if exc.errno == errno.EROFS:
-        return f"{directory} is on a read-only filesystem: {read_only_fix()}"
+        return (f"{directory} is on a read-only filesystem (`findmnt -T "
+                f"{shlex.quote(str(directory))}` shows its mount): {read_only_fix()}")
+    if exc.errno in (errno.EPERM, errno.EBUSY):
+        for path in [*([target] if target is not None else []), directory]:
+            if (found := unwritable(path)) is not None:
+                return f"{path} {found[0]}: {found[1]}"
+        where = shlex.quote(str(target if target is not None else directory))
+        return (f"{target if target is not None else directory} cannot be written although "
+                f"its mode allows it: it is immutable or on a read-only mount (`lsattr -d "
+                f"{where}`, `chattr -i {where}`; `findmnt -T {where}`), or, not as root, in a "
+                "sticky folder (`chmod +t`) another user owns; undo that, then run again")
     return otherwise
+
+
+# FS_IOC_GETFLAGS, _IOR('f', 1, long) (the kernel reads and writes an int); the attributes
+_FS_IOC_GETFLAGS = (2 << 30) | (struct.calcsize("l") << 16) | (ord("f") << 8) | 1
+_IMMUTABLE_FL, _APPEND_FL = 0x10, 0x20
+
+
+def _attributes(path: Path) -> int:
+    """The file's attributes as `lsattr` reads them; 0 where they cannot be read (another
+    system, a filesystem without them, a file this user may not open)."""
+    import fcntl
+
+    try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode) and not stat.S_ISDIR(mode):
+            return 0  # a device is never opened to ask (a tape rewinds on open)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        flags: int = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4])[0]
+        return flags
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _mount_point(path: Path) -> bool:
+    """`path` is itself a mount point (a bind-mounted file): /proc/self/mountinfo's fifth
+    field, its spaces and tabs written as octal escapes. False where there is no such file."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    fields = (line.split(" ") for line in text.splitlines())
+    mounted = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f[4])
+               for f in fields if len(f) > 4}
+    return str(path) in mounted
+
+
+def unwritable(path: Path) -> tuple[str, str] | None:
+    """(what `path` is, the fix) when no one may replace it, or create files in it (a folder),
+    root included, whatever its mode says; None when none of these is found. Read-only, so a
+    dry run and `status` may ask: the immutable and append-only attributes (FS_IOC_GETFLAGS,
+    as `lsattr`; a rename over such a file or in such a folder is EPERM), a file that is a
+    mount point of its own (/proc/self/mountinfo: a rename over it is EBUSY, read-only or
+    not), and a read-only mount (statvfs's ST_RDONLY; os.access cannot tell any of these
+    from a permission, and root was never asked). Not: SELinux or AppArmor, nor a full disk
+    (disk.problems)."""
+    path = Path(os.path.realpath(path))
+    quoted = shlex.quote(str(path))
+    folder = "-d " if path.is_dir() else ""
+    flags = _attributes(path)
+    for flag, name, letter in ((_IMMUTABLE_FL, "immutable", "i"), (_APPEND_FL, "append-only",
+                                                                   "a")):
+        if flags & flag:
+            return (f"has the {name} attribute (`lsattr {folder}{quoted}` shows `{letter}`)",
+                    f"as root, `chattr -{letter} {quoted}` (and stop whatever set it, config "
+                    "management or a hand, from setting it again), then run again")
+    read_only = False
+    with contextlib.suppress(OSError):
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    if not folder and _mount_point(path):  # remounted read-write, still EBUSY: said first
+        return (f"is a mount point of its own{', read-only' if read_only else ''} (a "
+                f"bind-mounted file: `findmnt -T {quoted}`), which a write by rename cannot "
+                "replace",
+                "mount the folder it is in instead of the file alone, or point the "
+                "environment file at a file in a writable folder, then run again")
+    if read_only:
+        return (f"is on a read-only mount (`findmnt -T {quoted}` shows it)",
+                "remount it read-write, or point the environment file at a writable place, "
+                "then run again")
+    return None
 
 
 def write_error(message: str, exc: OSError, directory: Path, otherwise: str) -> RunbookError:

@@ -464,7 +464,8 @@ class _Execution:
                 f"cannot record the run's intent at {intents.path(self.env)}: "
                 f"{exc.strerror or exc}; nothing was changed",
                 files.write_fix(exc, intents.path(self.env).parent,
-                                "fix the permissions of the state file's directory")) from None
+                                "fix the permissions of the state file's directory",
+                                target=intents.path(self.env))) from None
         self.intent_written = True
         if self.plan.intent.phase is intents.Phase.COMMITTED:
             self.committed = True  # finishing an interrupted run that already took effect

@@ -108,6 +108,8 @@ class Facts:
     space: list[disk.Space] = field(default_factory=list)  # where a run writes
     # (problem, fix) where the user running status may not write what a run writes
     access: list[tuple[str, str]] = field(default_factory=list)
+    # (problem, fix) where a run writes that no one may write, root included (disk.blocked_...)
+    blocked: list[tuple[str, str]] = field(default_factory=list)
     # the snapshot folder's problem, when a snapshot would not fit (a note: `disk_notes`)
     snapshot_space: list[tuple[str, str]] = field(default_factory=list)
     # the last restore left a database that does not match its snapshot (its check failed)
@@ -1345,7 +1347,7 @@ def compose_leftovers(f: Facts) -> Iterator[Problem]:
 
 
 def disk_space(f: Facts) -> Iterator[Problem]:
-    for problem, fix in disk.problems(f.space):
+    for problem, fix in disk.problems(f.space) + f.blocked:
         yield Problem(problem, fix)
 
 
@@ -1564,7 +1566,12 @@ def collect(env: Environment) -> Facts:
                                          if found else {})
             f.leftovers[slot] = found
     f.space = disk.rooms(env)
-    f.access = disk.access_problems(env, snapshot_dir=True)  # every command's places
+    # what no one may write, root included (`chattr +i`): the host's problem where every run
+    # writes, a note for the snapshot folder (only a run taking a snapshot needs it)
+    f.blocked = disk.blocked_problems(env)
+    f.access = disk.access_problems(env, snapshot_dir=True) + disk.blocked_problems(
+        env, caddyfile=False, records=False, state=False, lock=False, log=False,
+        snapshot_dir=True)
     from runbook.snapshots import room
 
     f.snapshot_space = room.snapshot_problems(env, f.space)

@@ -237,6 +237,33 @@ def test_a_failed_write_names_a_full_disk_or_a_read_only_one_not_permissions(
     assert (code == errno.EACCES) == (fix == "check the permissions")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="`chattr +i` needs root")
+def test_a_write_refused_by_the_immutable_attribute_names_it_not_permissions(
+        tmp_path: Path) -> None:
+    """Found by review: a folder (or file) `chattr +i` refused the write with EPERM, and the
+    fix said "check free disk space and permissions" (or "run as root?", to root). The
+    attribute is read (as `lsattr` does) and named with the command that removes it; where
+    no cause can be read, EPERM and EBUSY still name what they may be, never permissions."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip(f"no `chattr`, or no attributes on the filesystem of {tmp_path}")
+    try:
+        with pytest.raises(PermissionError) as refused:
+            files.atomic_write(folder / "deployment-state.json", b"{}")
+        fix = files.write_fix(refused.value, folder, "check the permissions")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert refused.value.errno == errno.EPERM
+    assert f"{folder} has the immutable attribute (`lsattr -d {folder}`" in fix, fix
+    assert f"`chattr -i {folder}`" in fix and "permissions" not in fix, fix
+    busy = files.write_fix(OSError(errno.EBUSY, os.strerror(errno.EBUSY)), folder, "check",
+                           target=folder / "deployment-state.json")
+    assert "cannot be written although its mode allows it" in busy, busy
+    assert f"findmnt -T {folder}/deployment-state.json" in busy, busy
+
+
 def test_the_df_command_in_a_full_disk_fix_can_be_pasted_as_it_is() -> None:
     fix = files.write_fix(OSError(errno.ENOSPC, "No space left on device"),
                           Path("/srv/my state"), "")

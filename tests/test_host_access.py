@@ -4,7 +4,8 @@ user may only read (the run took it from its owner), a directory it may not writ
 run stopped where status and the dry run had passed), and a state file behind a symlink into
 a missing directory (an unmounted volume: a copy was written under the empty mount point);
 and the same for the commands that change the host outside a run (`unlock`, `snapshot create`
-and `cleanup`) and for the snapshot folder a restore writes its safety snapshot in.
+and `cleanup`) and for the snapshot folder a restore writes its safety snapshot in. Last, what
+no one may write, root included, whatever its mode says (`chattr +i`, a read-only bind mount).
 """
 
 from __future__ import annotations
@@ -561,3 +562,132 @@ def test_status_with_a_snapshot_folder_behind_a_folder_the_user_may_not_search_i
     assert done.returncode in (0, 1), (done.returncode, done.stdout, done.stderr)
     assert "bug in runbook" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert env.name in done.stdout or "blue" in done.stdout, done.stdout
+
+
+# --- a place no one may write, root included, whatever its mode says --------------------------
+
+
+def _quiet(*argv: str) -> bool:
+    return subprocess.run(argv, capture_output=True, check=False, timeout=30).returncode == 0
+
+
+@contextlib.contextmanager
+def nobody_writes(path: Path, how: str) -> Iterator[str]:
+    """`path` that no one may write, root included, as a review did on a host: its immutable
+    attribute (`chattr +i`), or a read-only bind mount of it alone (`how`); "immutable" falls
+    back to the mount where the filesystem has no attributes. Yields which was used; put back
+    after. Skipped, saying why, where this machine can do neither."""
+    path = Path(os.path.realpath(path))
+    if how == "immutable" and shutil.which("chattr") and _quiet("chattr", "+i", str(path)):
+        try:
+            yield "immutable"
+        finally:
+            _quiet("chattr", "-i", str(path))
+        return
+    if os.geteuid() != 0 or not _quiet("mount", "--bind", str(path), str(path)):
+        pytest.skip(f"neither `chattr +i` nor a bind mount works on {path} here (root, a "
+                    "filesystem with attributes or a mount namespace of its own)")
+    try:
+        if not _quiet("mount", "-o", "remount,ro,bind", str(path)):
+            pytest.skip(f"a bind mount of {path} cannot be made read-only here")
+        yield "read-only mount"
+    finally:
+        _quiet("umount", str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="`chattr +i` and `mount` need root")
+@pytest.mark.parametrize("how", ["immutable", "read-only mount"])
+def test_a_state_file_no_one_may_write_is_said_first_and_refused_before_any_change(
+        scene_stack: DrillStack, how: str) -> None:
+    """Found by review: `chattr +i` on the state file (or a read-only bind mount of it), as
+    root. `status` said "No problems found" and the dry run passed; the rollback moved traffic,
+    then could not record it: exit 6 "TOOK EFFECT ... check free disk space and permissions",
+    and every rerun the same. os.access, and the check that skipped root, could not tell.
+    Now status names it, and the dry run and the run refuse it first: exit 4, the cause and
+    the command that shows it named, nothing changed."""
+    env = two_deployments(scene_stack)
+    state = env.state_file
+    with nobody_writes(state, how) as used:
+        before = snapshot(env)
+        status = runbook_cli(env, "status")
+        dry = runbook_cli(env, "rollback", "--dry-run")
+        real = runbook_cli(env, "rollback", "--yes")
+        after = snapshot(env)
+    # a bind-mounted file: remounting it read-write would not do (a rename over it is EBUSY)
+    cause = ({"immutable": "has the immutable attribute",
+              "read-only mount": "is a mount point of its own, read-only"}[used])
+    command = f"chattr -i {state}" if used == "immutable" else f"findmnt -T {state}"
+    named = f"the state file {state} cannot be written although its mode allows it"
+    assert status.returncode == 1 and "Problems:" in status.stdout, status.stdout
+    assert named in status.stdout and cause in status.stdout, status.stdout
+    for done in (dry, real):
+        assert done.returncode == 4, (done.returncode, done.stdout, done.stderr)
+        assert named in done.stderr and cause in done.stderr, done.stderr
+        assert command in done.stderr and "nothing was changed" in done.stderr, done.stderr
+        assert "TOOK EFFECT" not in done.stderr and "disk space" not in done.stderr, done.stderr
+    assert after == before  # traffic, containers, Caddyfile, state, no lock left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="`chattr +i` and `mount` need root")
+def test_a_state_file_that_cannot_be_written_when_the_run_begins_is_refused_before_any_change(
+        scene_stack: DrillStack) -> None:
+    """The run's first write of the state file (the lock's copy for other tools, just before
+    the first change) failed, and the run went on, only to fail recording the rollback once
+    traffic had moved (exit 6, found by review). Made unwritable at the prompt, after every
+    pre-flight passed, the file is now refused there: exit 4, nothing changed, the lock
+    released, the cause named with the way to undo it."""
+    from runbook import rollback
+    from runbook.errors import ExitCode, RunbookError
+
+    env = two_deployments(scene_stack)
+    before = snapshot(env)
+    with contextlib.ExitStack() as later:
+        used: list[str] = []
+
+        def freeze(plan: object) -> bool:  # at the prompt: config management freezes it
+            used.append(later.enter_context(nobody_writes(env.state_file, "immutable")))
+            return True
+
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(env, confirm=freeze)
+        after = snapshot(env)
+    said = str(err.value)
+    assert err.value.exit_code == ExitCode.PRECONDITION, said
+    assert f"cannot write the state file {env.state_file}" in said, said
+    assert "nothing was changed" in said and "TOOK EFFECT" not in said, said
+    assert (f"chattr -i {env.state_file}" if used == ["immutable"]
+            else f"findmnt -T {env.state_file}") in said, said
+    assert after == before  # traffic, containers (green never started), state, no lock
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None,
+                    reason="`chattr +i` needs root and e2fsprogs")
+@pytest.mark.parametrize("target", ["state folder", "Caddyfile"])
+def test_a_folder_or_caddyfile_with_the_immutable_attribute_is_named_not_its_mode(
+        scene_stack: DrillStack, target: str) -> None:
+    """Found by review, as root: `chattr +i` on the state folder was refused (exit 4, right)
+    with "root may not write ...: root:root, mode 755 ... run as a user who may write it",
+    which mode 755 root:root already allows; on the Caddyfile the dry run passed and the run
+    started green, failed to write the Caddyfile ("run as root?", as root), and stopped it
+    again (exit 1). Both are refused now before anything, naming the attribute."""
+    env = two_deployments(scene_stack)
+    path = (env.state_file.parent if target == "state folder"
+            else Path(os.path.realpath(env.caddy.caddyfile)))
+    if not _quiet("chattr", "+i", str(path)):
+        pytest.skip(f"the filesystem of {path} has no immutable attribute")
+    try:
+        before = snapshot(env)
+        dry = runbook_cli(env, "rollback", "--dry-run")
+        real = runbook_cli(env, "rollback", "--yes")
+        after = snapshot(env)
+    finally:
+        _quiet("chattr", "-i", str(path))
+    flag = "-d " if path.is_dir() else ""
+    for done in (dry, real):
+        said = done.stderr
+        assert done.returncode == 4, (done.returncode, done.stdout, said)
+        assert "cannot be written although its mode allows it" in said, said
+        assert "has the immutable attribute" in said and f"lsattr {flag}{path}" in said, said
+        assert f"chattr -i {path}" in said and "nothing was changed" in said, said
+        assert "may not write" not in said and "run as root" not in said, said
+    assert after == before  # traffic, containers (green never started), state, no lock

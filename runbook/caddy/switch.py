@@ -232,7 +232,8 @@ def write_config(env: Environment, text: str) -> str | None:
     except OSError as exc:
         raise CaddyError(f"cannot write {path}: {exc.strerror}; it was left unchanged",
                          files.write_fix(exc, path.parent,
-                                         "check the directory's permissions (run as root?)"),
+                                         "check the directory's permissions (run as root?)",
+                                         target=Path(os.path.realpath(path))),
                          stage="write") from None
 
 

@@ -218,7 +218,9 @@ class Lock:
 
         Planning and the prompt took time: the lock is checked again here, as is the state
         file, where the Go CLI (which locks nowhere else) may have taken its lock meanwhile.
-        Either raises LockedError, and nothing has changed yet."""
+        Either raises LockedError, and nothing has changed yet; a file that cannot be written
+        (its write refused: the immutable attribute, a read-only mount, a full disk) raises
+        PreconditionError, exit 4, as the run could not record its change."""
         try:
             with _guard(self.env):
                 self.check_owned()
@@ -232,8 +234,17 @@ class Lock:
             with statemod.WRITING:
                 self.mirror_error, lost = _mirror(self.env, copy,
                                                   replace_if=self._refuse_a_live_state_lock,
-                                                  create=create)
+                                                  create=create, strict=True)
             self._mirrored_at = time.time()
+        except statemod.StateWriteError as exc:
+            # the run would record what it changed in this same file, by the same rename:
+            # found by review, a state file `chattr +i` (or a read-only bind mount of it) let
+            # the rollback move traffic, then fail to record it, exit 6, and every rerun the
+            # same. Refused here, the last moment before the first change
+            raise PreconditionError(
+                f"cannot write the state file {self.env.state_file} "
+                f"({exc.cause.strerror or exc.cause}): this run could not record its lock nor "
+                "what it changes there; nothing was changed", exc.fix) from None
         except statemod.StateChangedError:
             raise LockedError(f"{self.env.state_file} kept changing while this run mirrored "
                               "its lock into it (another tool is writing it); nothing was "
@@ -737,7 +748,8 @@ _MIRROR_TRIES = 3
 
 def _mirror(env: Environment, lock: Mapping[str, Any], *,
             replace_if: Callable[[Mapping[str, Any]], bool],
-            create: bool = False, lock_as_written: bool = False) -> tuple[str | None, str | None]:
+            create: bool = False, lock_as_written: bool = False,
+            strict: bool = False) -> tuple[str | None, str | None]:
     """Best effort: the directory is the lock; the state file only reports it to other tools.
 
     With no state file (a host's first deploy, `create`) a held lock's copy creates it,
@@ -750,7 +762,9 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
 
     Returns (why the mirror failed, what of the file's owner and group its rewrite could not
     keep): the publish is a run's first rewrite of the state file, so that is where a writer
-    that is not the file's owner changes it, and where the run must hear of it."""
+    that is not the file's owner changes it, and where the run must hear of it.
+    `strict`: a write the file system refuses raises its StateWriteError (publish refuses the
+    run on it), a file that cannot be read is still only said."""
     path = env.state_file
     changed = statemod.StateChangedError(f"{path} kept changing", "")
     for _ in range(_MIRROR_TRIES):
@@ -769,6 +783,10 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
             # live foreign lock); passed over, the run went on beside that lock
             changed = exc
             continue
+        except statemod.StateWriteError as exc:
+            if strict:
+                raise
+            return str(exc), None
         except StateError as exc:
             return str(exc), None
         except OSError as exc:

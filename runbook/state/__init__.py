@@ -61,7 +61,7 @@ from runbook.state.schema import (
     STATUSES,
     dialect_of,
 )
-from runbook.state.writer import WRITING, StateChangedError, dumps, write_state
+from runbook.state.writer import WRITING, StateChangedError, StateWriteError, dumps, write_state
 
 __all__ = [
     "DEFAULT_IMAGE_REPOSITORY",
@@ -79,6 +79,7 @@ __all__ = [
     "NotJSON",
     "Refused",
     "StateChangedError",
+    "StateWriteError",
     "Unread",
     "absent",
     "after_deploy",

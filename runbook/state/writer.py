@@ -120,6 +120,16 @@ class StateChangedError(StateError):
     """The state file is no longer the one the state was read from: nothing was written."""
 
 
+class StateWriteError(StateError):
+    """The file system refused the write (`cause`: its OSError); the old file is unchanged.
+    Told apart from a file that cannot be read, or another tool's change: the lock's first
+    mirror refuses the run on it (lock.holding.Lock.publish)."""
+
+    def __init__(self, message: str, fix: str, cause: OSError) -> None:
+        super().__init__(message, fix)
+        self.cause = cause
+
+
 def write_state(path: Path, state: DeploymentState, *,
                 before_rename: Callable[[], None] | None = None,
                 new_only: bool = False) -> str | None:
@@ -181,7 +191,8 @@ def write_state(path: Path, state: DeploymentState, *,
                 "nothing was written over it",
                 "run the command again: it reads the file as it is now") from None
     except OSError as exc:
-        raise StateError(f"{target}: cannot write the state file ({exc.strerror or exc}); the "
-                         "old file is unchanged",
-                         files.write_fix(exc, target.parent,
-                                         "check free disk space and permissions")) from None
+        raise StateWriteError(f"{target}: cannot write the state file ({exc.strerror or exc}); "
+                              "the old file is unchanged",
+                              files.write_fix(exc, target.parent,
+                                              "check free disk space and permissions",
+                                              target=target), exc) from None
