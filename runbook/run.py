@@ -21,7 +21,7 @@ from runbook import disk, files
 from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
-from runbook.environment import Environment, command_arg
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, LockLostError, RunbookError, UsageError
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 
@@ -354,6 +354,9 @@ def _release(env: Environment, held: locks.Lock, journal: Any,
     try:
         with journal.step("unlock", "Release the deploy lock"):
             locks.release(env, held)
+            if held.cleared_copy:  # a takeover that changed nothing: the dead run's copy
+                journal.log("INFO", f"deploy lock: {held.cleared_copy}", step="unlock")
+                say(f"deploy lock: {held.cleared_copy}")
     except (RunbookError, OSError) as exc:
         say(f"the deploy lock {env.lock_path} could not be released ({exc}); the next run "
             "takes it over and says so, since this run has exited")
@@ -398,7 +401,15 @@ def _heartbeat(held: locks.Lock, env: Environment) -> Iterator[None]:
 
 
 def _sweep(env: Environment) -> list[str]:
-    """Temp files a killed writer left beside the state file and the Caddyfile."""
-    removed = (files.sweep_temps(env.state_file) + files.sweep_temps(env.caddy.caddyfile)
-               + files.sweep_temps(intents.path(env)))
-    return [str(p) for p in removed]
+    """Temp files a killed writer left beside the state file, the Caddyfile and every record
+    a run writes beside them: those of the Caddyfile's backup, the slot markers, the restore
+    markers and the kept state copy were never swept (found by a kill fuzz)."""
+    from runbook import kept_state, restore_records, slots
+    from runbook.caddy import switch
+
+    targets = [env.state_file, env.caddy.caddyfile, intents.path(env), switch.backup_path(env),
+               restore_records.doubt_marker(env), restore_records.unfinished_marker(env),
+               kept_state.copy_path(env.runs_dir, env.state_file, env.name),
+               *(marker(env, slot) for slot in Slot
+                 for marker in (slots.held_marker, slots.switch_marker))]
+    return [str(p) for target in targets for p in files.sweep_temps(target)]

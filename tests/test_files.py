@@ -278,3 +278,35 @@ def test_every_temp_file_the_runbook_makes_beside_the_caddyfile_is_its_own() -> 
     for tag in ("write", "validate", "adapt"):
         assert files.temp_target(f".Caddyfile.runbook-{tag}-k2j4h5.tmp") == "Caddyfile", tag
     assert files.temp_target(".Caddyfile.someone-else.tmp") is None
+
+
+def test_a_run_sweeps_the_temp_files_killed_writes_of_its_records_left(tmp_path: Path) -> None:
+    """Found by a kill fuzz: a run killed inside the Caddyfile backup's write left
+    `..Caddyfile.runbook-previous.runbook-tmp.<hex>.tmp` for ever; the sweep at the start of
+    each run took only the state file's, the Caddyfile's and the intent record's. Every
+    record a run writes beside them (the backup, the slot markers, the restore markers, the
+    kept state copy) has its killed writer's temp file swept too."""
+    import dataclasses
+
+    from runbook import kept_state, restore_records, run, slots
+    from runbook.caddy import switch
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)  # its Caddyfile is the host's path: one under tmp_path here
+    env = dataclasses.replace(env, caddy=dataclasses.replace(
+        env.caddy, caddyfile=tmp_path / "caddy" / "Caddyfile"))
+    targets = [switch.backup_path(env), restore_records.doubt_marker(env),
+               restore_records.unfinished_marker(env),
+               kept_state.copy_path(env.runs_dir, env.state_file, env.name),
+               *(marker(env, slot) for marker in (slots.held_marker, slots.switch_marker)
+                 for slot in ("blue", "green"))]
+    left = []
+    assert all(t.is_relative_to(tmp_path) for t in targets), targets
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = files.temp_path(target)
+        temp.write_text("half")
+        left.append(str(temp))
+    swept = run._sweep(env)
+    assert sorted(set(left) - set(swept)) == []
+    assert not any(Path(p).exists() for p in left)

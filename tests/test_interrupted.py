@@ -3590,3 +3590,44 @@ def test_the_file_is_written_back_in_line_beside_a_record_that_never_moved_traff
     done = cli(env, "rollback", "--yes")  # which the next rollback goes on from
     assert done.returncode == 0, done.stdout + done.stderr
     assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
+
+
+_KILLED_ONCE_THE_INTENT_IS_CLEARED = """
+import os, signal
+import runbook.startup
+from runbook import intent
+cleared = intent.clear
+def clear(*args, **kwargs):
+    out = cleared(*args, **kwargs)
+    if out:  # the run's last step is done and its intent gone: lock and journal left
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+intent.clear = clear
+from runbook import cli
+cli.main()
+"""
+
+
+def test_a_rollback_killed_after_its_last_step_leaves_no_lock_once_rerun(
+        stack: DrillStack) -> None:
+    """Found by a kill fuzz: a rollback SIGKILLed once its intent record was cleared (every
+    step done; the lock and the journal's finish left). The rerun took the stale lock over,
+    was refused while planning (nothing left to do), and left the state file's copy of the
+    dead run's lock: status then asked for `runbook unlock`, and the Go CLI, which reads only
+    that copy, was blocked for 30 minutes after a rollback that had fully succeeded."""
+    env = arrange(stack)
+    assert env.source is not None
+    first = subprocess.run([sys.executable, "-c", _KILLED_ONCE_THE_INTENT_IS_CLEARED,
+                            "rollback", "--yes", str(env.source)], capture_output=True,
+                           text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert json.loads(env.state_file.read_text())["lock"]["locked"] is True
+    again = cli(env, "rollback", "--yes")
+    assert "took over a stale deploy lock" in again.stderr, again.stderr
+    assert "cleared the state file's copy of the stale lock" in again.stderr, again.stderr
+    assert states.read_state(env.state_file).lock == {"locked": False}
+    assert not env.lock_path.exists()
+    status = cli(env, "status")
+    assert "unlock" not in status.stdout + status.stderr, status.stdout
+    assert through_proxy(env) == ("green", V2.tag)

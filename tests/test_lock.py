@@ -2194,3 +2194,74 @@ def test_status_offers_force_for_a_stale_lock_known_by_its_pid_alone(
     assert "--yes --force`" in fix and str(live_pid) in fix, fix
     unlock(env, force=True)
     assert not env.lock_path.exists()
+
+
+# --- a run killed after its last step (found by a kill fuzz) --------------------------------
+
+_KILLED_AT_THE_END = ("import os, signal, sys\nfrom pathlib import Path\n"
+                      "from runbook import lock\nfrom runbook.lock import holding\n"
+                      "from tests.drill_checks import host_env\n"
+                      "env = host_env(Path(sys.argv[1]))\n"
+                      "held = lock.acquire(env, 'rollback to 2b3c4d5', None)\n"
+                      "held.publish()\n"
+                      "if sys.argv[2] == 'lock-dir-removed':  # inside release: the copy next\n"
+                      "    holding._remove_dir(held.path, held.ident)\n"
+                      "os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+@pytest.mark.parametrize("where", ["intent-cleared", "lock-dir-removed"])
+def test_a_takeover_that_publishes_nothing_still_clears_the_dead_runs_copy(
+        tmp_path: Path, env: Environment, with_state: Path, where: str) -> None:
+    """Found by a kill fuzz: a rollback SIGKILLed after its last step (its intent cleared, or
+    its lock directory removed) left its lock's copy in the state file; the rerun took the
+    stale lock over, was refused while planning (nothing to do), and released without
+    touching the state file, so the copy named the dead pid for 30 more minutes: status said
+    "stale, run unlock", and the Go CLI, which reads only that copy, was blocked. The release
+    of a run that took the lock over clears the copy the dead holder left, and says so."""
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_THE_END, str(tmp_path), where],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = json.loads(with_state.read_text())["lock"]
+    assert left["locked"] is True and left["pid"] != os.getpid()
+    lock = acquire(env, "rollback", None)
+    assert lock.stolen_from is not None  # refused while planning: never published
+    lock.release()
+    assert json.loads(with_state.read_text())["lock"] == {"locked": False}
+    assert lock.cleared_copy is not None and str(left["pid"]) in lock.cleared_copy
+    assert status(env) is None
+
+
+def test_a_takeover_never_clears_a_lock_another_tool_took_in_the_state_file_since(
+        tmp_path: Path, env: Environment, with_state: Path) -> None:
+    """The dead run's copy only: the Go CLI's live lock taken after the takeover stays."""
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_THE_END, str(tmp_path),
+                           "lock-dir-removed"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    lock = acquire(env, "rollback", None)
+    _go_cli_lock(with_state)
+    go_lock = json.loads(with_state.read_text())["lock"]
+    lock.release()
+    assert json.loads(with_state.read_text())["lock"] == go_lock
+    assert lock.cleared_copy is None
+
+
+def test_an_empty_lock_directory_older_than_a_lock_being_taken_is_taken_over(
+        env: Environment) -> None:
+    """Found by a kill fuzz: a run SIGKILLed between its mkdir and its holder file left the
+    lock directory empty; every run refused it for 30 minutes as the shell tooling's lock
+    "(no holder recorded)", while `runbook unlock` knew it for what it is. Older than the
+    gap between the shell tooling's mkdir and its locked_at (EMPTY_DIR_GRACE), no one is
+    filling it: the next run takes it over and says so; younger, it is still refused."""
+    env.lock_path.parent.mkdir(parents=True)
+    env.lock_path.mkdir()
+    with pytest.raises(LockedError):
+        acquire(env, "x", None)  # it may be a lock being taken at this instant
+    old = time.time() - 60
+    os.utime(env.lock_path, (old, old))
+    assert lockmod.refusal(env) is None  # status and a dry run judge it as the run does
+    lock = acquire(env, "next", None)
+    assert lock.stolen_from is not None and "empty" in lock.stolen_from.why
+    assert (env.lock_path / holding.HOLDER).is_file()
+    lock.release()
+    assert not env.lock_path.exists()

@@ -91,6 +91,8 @@ class Lock:
     # the state file is corrupt for good (no lock read from it): the run says it, once
     state_warning: str | None = None
     released: bool = field(default=False)
+    # what the release cleared of the stale lock it took over (_clear_stolen_copy), to say
+    cleared_copy: str | None = field(default=None)
     published: bool = field(default=False)  # mirrored into the state file
     # a missing state file is created for the mirror (a deploy's: see publish)
     create_state: bool = field(default=False)
@@ -349,7 +351,8 @@ def refusing_holder(env: Environment) -> LockStatus | None:
     by review: a stale lock whose holder still runs read as free, and a killed writer's
     temp-file-only lock as held)."""
     current = _inspect(env)
-    if current is not None and not current.stealable and not _killed_taking_it(current):
+    if current is not None and not current.stealable and not _killed_taking_it(current) \
+            and not _left_empty(current):
         return current
     state_only = _beside(env, current)[1] if current is not None else _state_lock_status(env)
     return state_only if state_only is not None and not state_only.stealable else None
@@ -377,13 +380,18 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             # an expired lock there is taken over too: said and journaled, as a directory's
             # is (run.perform); it was replaced without a word (found by review)
             stolen = state_only
-        elif not current.stealable and not _killed_taking_it(current):
+        elif not current.stealable and not _killed_taking_it(current) \
+                and not _left_empty(current):
             raise _locked_error(env, current)
         else:
             if not current.stealable:  # said as what it is, not as the shell tooling's lock
-                current = dataclasses.replace(
-                    current, why="a run killed while taking it left only its half-written "
-                    "holder file")
+                # an empty one older than EMPTY_DIR_GRACE too: the shell tooling writes its
+                # locked_at right after its mkdir, so no one is filling it; it was refused for
+                # 30 minutes as the shell tooling's, while unlock knew it (found by a kill fuzz)
+                current = dataclasses.replace(current, why=(
+                    "a run killed while taking it left only its half-written holder file"
+                    if _killed_taking_it(current) else "a run killed while taking it left it "
+                    f"empty, {rough_duration(current.age)} ago"))
             # the directory is stale, but a live lock in the state file (the Go CLI's, taken
             # since) is a holder all the same; the directory's own stripped copy is not
             current, state_only = _beside(env, current, corrupt)
@@ -496,7 +504,36 @@ def release(env: Environment, lock: Lock) -> bool:
         with contextlib.suppress(statemod.StateChangedError), statemod.WRITING:
             # (a changed file never replaces the outcome)
             _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
+    elif lock.stolen_from is not None:
+        _clear_stolen_copy(env, lock)
     return owned
+
+
+def _clear_stolen_copy(env: Environment, lock: Lock) -> None:
+    """A run that took a stale lock over and published nothing (refused while planning)
+    clears the copy the dead holder left in the state file: found by a kill fuzz, a rollback
+    killed after its last step left it, its rerun had nothing to do, and the copy named the
+    dead pid for 30 more minutes, blocking the Go CLI (which reads only that copy) and making
+    status ask for an unlock. Only that copy, and only while no live holder is judged to hold
+    it: another tool's lock taken since stays."""
+    stolen = lock.stolen_from
+    if stolen is None or stolen.holder is None:
+        return
+
+    holder = stolen.holder
+    replaced = [False]  # what the last judgement said (_mirror judges again on a change)
+
+    def the_dead_ones(recorded: Mapping[str, Any] | None) -> bool:
+        judged = _judge_state_lock(env, recorded) if recorded and recorded.get("locked") \
+            and _copy_of(holder, recorded) else None
+        replaced[0] = judged is not None and judged.stealable
+        return replaced[0]
+
+    with contextlib.suppress(statemod.StateChangedError), statemod.WRITING:
+        failed, _ = _mirror(env, {"locked": False}, replace_if=the_dead_ones)
+        if failed is None and replaced[0]:
+            lock.cleared_copy = (f"cleared the state file's copy of the stale lock it took over "
+                                 f"(held by {stolen.describe()})")
 
 
 def status(env: Environment) -> LockStatus | None:
