@@ -219,20 +219,23 @@ def _where(directory: Path, probe: Path) -> str:
 
 def _mode_allows(st: os.stat_result, bits: int) -> bool:
     """The mode bits alone let this user `bits` (os.W_OK | os.X_OK): its owner's, its
-    group's or the others' bits, as the kernel picks them; root always."""
-    if os.geteuid() == 0:
-        return True
+    group's or the others' bits, as the kernel picks them (not root: `_blocked`)."""
     shift = 6 if st.st_uid == os.geteuid() else 3 if st.st_gid in (
         os.getegid(), *os.getgroups()) else 0
     return (st.st_mode >> shift) & bits == bits
 
 
-def _blocked(path: Path, bits: int) -> tuple[str, str] | None:
+def _blocked(path: Path, bits: int, *, appends_only: bool = False) -> tuple[str, str] | None:
     """(what `path` is, the fix) when no one may write it whatever its mode says
     (files.unwritable), or when this user may not though the mode bits allow it and the
-    cause cannot be read (a filesystem without attributes, an ACL): said as that."""
-    if (found := files.unwritable(path)) is not None:
+    cause cannot be read (a filesystem without attributes, an ACL): said as that. Not for
+    root where unwritable finds nothing: root refused (in a user namespace, a rootless
+    container, on NFS with root_squash) is `access_problems`' "root may not write ..." (it
+    was told of an immutable attribute that is not there, found by review)."""
+    if (found := files.unwritable(path, appends_only=appends_only)) is not None:
         return found
+    if os.geteuid() == 0:
+        return None
     try:
         st = os.stat(path)
         if _may_write(path, bits) or not _mode_allows(st, bits):
@@ -243,9 +246,17 @@ def _blocked(path: Path, bits: int) -> tuple[str, str] | None:
     flag = "-d " if stat.S_ISDIR(st.st_mode) else ""
     return (f"is {_user(st.st_uid)}:{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):o}: an "
             f"immutable attribute or a read-only mount (`lsattr {flag}{quoted}`, `findmnt -T "
-            f"{quoted}`)" + ("" if os.geteuid() == 0 else f", or an ACL (`getfacl {quoted}`)"),
+            f"{quoted}`), or an ACL (`getfacl {quoted}`)",
             f"undo what those show (as root: `chattr -i {quoted}`, or remount it read-write), "
             "then run again")
+
+
+def _renamed_in(env: Environment, directories: list[Path]) -> set[Path | None]:
+    """The folders (as `_nearest` finds them) where a run renames or removes files. Not the
+    log folder's: it is only created in and appended to (journal._new_log), which its
+    append-only attribute allows, unless another of `directories` is that same folder."""
+    logs = Path(os.path.abspath(env.log_dir))
+    return {_nearest(d) for d in directories if d != logs}
 
 
 def _read_only(path: Path) -> bool:
@@ -257,7 +268,8 @@ def _read_only(path: Path) -> bool:
 
 def blocked_problems(env: Environment, *, caddyfile: bool = True, records: bool = True,
                      state: bool = True, lock: bool = True, log: bool = True,
-                     snapshot_dir: bool = False) -> list[tuple[str, str]]:
+                     snapshot_dir: bool = False,
+                     state_file: bool = True) -> list[tuple[str, str]]:
     """(problem, fix) for each place a run writes (`access_problems`' keywords) that no one
     may write, root included, whatever its mode says (`_blocked`): a problem of the host, not
     of the account. Found by review, as root: a state file `chattr +i` (or bind-mounted
@@ -268,16 +280,19 @@ def blocked_problems(env: Environment, *, caddyfile: bool = True, records: bool 
     one."""
     out: list[tuple[str, str]] = []
     seen: set[Path] = set()
-    for directory in _directories(env, caddyfile=caddyfile, records=records, state=state,
-                                  lock=lock, log=log, snapshot_dir=snapshot_dir):
+    directories = _directories(env, caddyfile=caddyfile, records=records, state=state,
+                               lock=lock, log=log, snapshot_dir=snapshot_dir)
+    renamed = _renamed_in(env, directories)
+    for directory in directories:
         probe = _nearest(directory)
         if probe is None or probe in seen or _read_only(probe):
             continue
         seen.add(probe)
-        if (found := _blocked(probe, os.W_OK | os.X_OK)) is not None:
+        if (found := _blocked(probe, os.W_OK | os.X_OK,
+                              appends_only=probe not in renamed)) is not None:
             out.append((f"{_where(directory, probe)} cannot be written although its mode "
                         f"allows it: {probe} {found[0]}", found[1]))
-    for path, what in _files(env, caddyfile=caddyfile, state=state):
+    for path, what in _files(env, caddyfile=caddyfile, state=state and state_file):
         if os.path.isfile(path) and not _read_only(path.parent) \
                 and (found := _blocked(path, os.W_OK)) is not None:
             out.append((f"{what} cannot be written although its mode allows it: it {found[0]}",
@@ -287,7 +302,8 @@ def blocked_problems(env: Environment, *, caddyfile: bool = True, records: bool 
 
 def access_problems(env: Environment, *, caddyfile: bool = True, records: bool = True,
                     state: bool = True, lock: bool = True, log: bool = True,
-                    snapshot_dir: bool = False) -> list[tuple[str, str]]:
+                    snapshot_dir: bool = False,
+                    state_file: bool = True) -> list[tuple[str, str]]:
     """(problem, fix) for what the user running this may not write where a run writes, as
     `rooms` names it: a directory (the run stopped at its lock, its journal or its intent,
     after `status` and the dry run had passed, and so part way through a fleet rollout whose
@@ -301,7 +317,9 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
     `unlock` and `snapshot create/cleanup` only warn when they cannot); `caddyfile` the
     Caddyfile (a restore does not: its folder, root's on most
     hosts, refused it for nothing); `records` a run record (`run.journaled`'s commands write
-    the log alone); `state` the state file; `lock` the deploy lock, taken or removed (its
+    the log alone); `state` the state file and its folder (`state_file`
+    False: the folder alone, as a snapshot restore, which records nothing in the file, writes
+    its markers there); `lock` the deploy lock, taken or removed (its
     folder, and the state file's, where the lock's guard is made when missing);
     `snapshot_dir` a snapshot written or deleted there (`snapshot create` and `cleanup`
     skipped this check: they failed part way, after journaling, or deleted nothing with
@@ -311,8 +329,10 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
     out: list[tuple[str, str]] = []
     seen: set[Path] = set()
     snapshots = Path(os.path.abspath(env.database.snapshot_dir))
-    for directory in _directories(env, caddyfile=caddyfile, records=records, state=state,
-                                  lock=lock, log=log, snapshot_dir=snapshot_dir):
+    directories = _directories(env, caddyfile=caddyfile, records=records, state=state,
+                               lock=lock, log=log, snapshot_dir=snapshot_dir)
+    renamed = _renamed_in(env, directories)
+    for directory in directories:
         probe = _nearest(directory)
         if probe is None or probe in seen:
             continue
@@ -320,7 +340,8 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
         try:
             st = os.stat(probe)
             if _read_only(probe) or _may_write(probe, os.W_OK | os.X_OK) \
-                    or _blocked(probe, os.W_OK | os.X_OK) is not None:
+                    or _blocked(probe, os.W_OK | os.X_OK,
+                                appends_only=probe not in renamed) is not None:
                 continue
         except OSError:
             continue
@@ -334,7 +355,7 @@ def access_problems(env: Environment, *, caddyfile: bool = True, records: bool =
                     f"{shlex.quote(str(probe))}`, {user} in group {_group(st.st_gid)})"))
     if me == 0:
         return out  # root keeps a file's owner when it rewrites it
-    for path, what in _files(env, caddyfile=caddyfile, state=state):
+    for path, what in _files(env, caddyfile=caddyfile, state=state and state_file):
         if _blocked(path, os.W_OK) is None:
             out += _read_only_file(path, what, user)
     return out
@@ -377,7 +398,7 @@ def _read_only_file(path: Path, what: str, user: str) -> list[tuple[str, str]]:
 
 def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool = True,
                       state: bool = True, lock: bool = True, log: bool = True,
-                      snapshot_dir: bool = False) -> None:
+                      snapshot_dir: bool = False, state_file: bool = True) -> None:
     """Every mutating command (and its dry run, which the fleet's pre-flight is) refuses,
     before anything, where `blocked_problems` or `access_problems` finds one (what it writes:
     the same keywords), or, where it writes the state file or takes the lock, where the state
@@ -387,7 +408,7 @@ def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool
                                                          "[state] file")):
         raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])
     keywords = dict(caddyfile=caddyfile, records=records, state=state, lock=lock, log=log,
-                    snapshot_dir=snapshot_dir)
+                    snapshot_dir=snapshot_dir, state_file=state_file)
     found = blocked_problems(env, **keywords) + access_problems(env, **keywords)
     if found:
         problem, fix = found[0]

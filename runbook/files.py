@@ -98,7 +98,7 @@ def _mount_point(path: Path) -> bool:
     return str(path) in mounted
 
 
-def unwritable(path: Path) -> tuple[str, str] | None:
+def unwritable(path: Path, *, appends_only: bool = False) -> tuple[str, str] | None:
     """(what `path` is, the fix) when no one may replace it, or create files in it (a folder),
     root included, whatever its mode says; None when none of these is found. Read-only, so a
     dry run and `status` may ask: the immutable and append-only attributes (FS_IOC_GETFLAGS,
@@ -106,11 +106,22 @@ def unwritable(path: Path) -> tuple[str, str] | None:
     mount point of its own (/proc/self/mountinfo: a rename over it is EBUSY, read-only or
     not), and a read-only mount (statvfs's ST_RDONLY; os.access cannot tell any of these
     from a permission, and root was never asked). Not: SELinux or AppArmor, nor a full disk
-    (disk.problems)."""
-    path = Path(os.path.realpath(path))
+    (disk.problems). `appends_only`: a folder the run only creates files in and appends to
+    (the log folder: O_CREAT|O_EXCL|O_APPEND), which the append-only attribute allows (audit
+    hardening sets it there; found by review: every run was refused)."""
+    try:
+        return _unwritable(Path(os.path.realpath(path)), appends_only)
+    except (OSError, ValueError):
+        # never raises: a folder this user may not search (Path.is_dir raised EACCES) made
+        # `status` and every dry run "unexpected failure", and write_fix, which asks this on
+        # a recorder's failed write after the commit, must say that failure, not its own
+        return None
+
+
+def _unwritable(path: Path, appends_only: bool) -> tuple[str, str] | None:
     quoted = shlex.quote(str(path))
-    folder = "-d " if path.is_dir() else ""
-    flags = _attributes(path)
+    folder = "-d " if os.path.isdir(path) else ""
+    flags = _attributes(path) & ~(_APPEND_FL if appends_only else 0)
     for flag, name, letter in ((_IMMUTABLE_FL, "immutable", "i"), (_APPEND_FL, "append-only",
                                                                    "a")):
         if flags & flag:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from runbook import caddy, database, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
-from runbook.environment import Environment, command_arg
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import LockedError, PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 
@@ -307,6 +307,17 @@ def not_what_it_did(env: Environment, intent: intents.Intent, asked: str) -> Pre
         f"traffic back on {intent.from_version or intent.from_slot} (a switch does not check "
         "the schema: after a deploy that migrated, finish it and then `runbook rollback`, "
         "whose schema guard does)")
+
+
+def caddyfile_names(env: Environment, target: Slot) -> bool:
+    """The Caddyfile on disk names `target` (its finish step is then skipped); False where
+    it cannot be read (the plan says that)."""
+    from runbook.caddy import text as caddy_text
+
+    try:
+        return bool(caddy_text.inspect(caddy.read(env), env).slot == target)
+    except (RunbookError, OSError):
+        return False
 
 
 def _caddyfile_step(env: Environment, intent: intents.Intent) -> Step:

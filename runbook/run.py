@@ -52,6 +52,9 @@ class RunResult:
 
 # the commands that never write the Caddyfile (nor check that they may)
 NO_CADDYFILE = frozenset({"snapshot-restore", "restore-kept"})
+# the commands that record nothing in the state file: its lock's copy there is only said when
+# it cannot be written (README: "a snapshot restore, which does not read it, goes on")
+NO_STATE_RECORD = frozenset({"snapshot-restore"})
 
 
 # a dry run's plan names the run's own id (a new deployment's) so: found by review, its id
@@ -67,15 +70,44 @@ def perform(env: Environment, action: str, build: Callable[[str], Plan], *, dry_
     Both refuse first where this user may not write what a run writes (disk.access_problems):
     before the journal, which may be one of those places, and before the lock's guard, which
     a dry run's lock check opens (the real run stopped part way where the dry run passed)."""
-    disk.refuse_unwritable(env, caddyfile=action not in NO_CADDYFILE)
+    deferred = _caddyfile_as_finished(env, action)
+    disk.refuse_unwritable(env, caddyfile=action not in NO_CADDYFILE and not deferred,
+                           state_file=action not in NO_STATE_RECORD)
     run_id = journals.new_run_id(action)
     if dry_run:
         with _dry_signals():
-            return _dry_run(env, build, run_id)
+            return _dry_run(env, build, run_id, caddyfile_deferred=deferred)
     signals = Signals()
     with signals.installed():
         return _perform(env, action, build, run_id, reason, confirm, progress,
-                        notify or (lambda message: None), signals)
+                        notify or (lambda message: None), signals, deferred)
+
+
+def _caddyfile_as_finished(env: Environment, action: str) -> bool:
+    """An interrupted run that took effect (its record committed) with the Caddyfile on disk
+    already naming its target: its finish does not write the Caddyfile, so whether it may is
+    asked only once the plan shows it does (`_refuse_caddyfile`). Found by review: a rerun
+    finishing such a run was refused over a Caddyfile `chattr +i` since the kill."""
+    if action in NO_CADDYFILE:
+        return False
+    try:
+        intent = intents.read(env)
+    except RunbookError:
+        return False  # the plan says it
+    if intent is None or intent.phase is not intents.Phase.COMMITTED:
+        return False
+    from runbook import finish
+
+    return finish.caddyfile_names(env, intent.target)
+
+
+def _refuse_caddyfile(env: Environment, plan: Plan, deferred: bool) -> None:
+    """The Caddyfile check perform deferred, for a plan that writes it after all: anything
+    but a finish (a committed record whose traffic went back: a new run), or a finish whose
+    Caddyfile step runs (the file changed since)."""
+    if deferred and (plan.finishing is None or any(
+            step.name == "caddyfile" and step.skip is None for step in plan.steps)):
+        disk.refuse_unwritable(env, records=False, state=False, lock=False, log=False)
 
 
 def plan_only(env: Environment, action: str, build: Callable[[str], Plan]) -> Plan:
@@ -122,13 +154,15 @@ def _dry_signals() -> Iterator[None]:
             signal.signal(handled, was)
 
 
-def _dry_run(env: Environment, build: Callable[[str], Plan], run_id: str) -> RunResult:
+def _dry_run(env: Environment, build: Callable[[str], Plan], run_id: str, *,
+             caddyfile_deferred: bool = False) -> RunResult:
     """The plan as the real run would make it, with no lock taken and nothing changed."""
     # judged as taking it would judge it (the real run stops there, exit 3): read only as
     # "held", a live holder's lock gave a normal plan while the real run was refused
     if (refused := locks.refusal(env)) is not None:
         raise refused
     plan = _with_room(env, build(run_id))
+    _refuse_caddyfile(env, plan, caddyfile_deferred)
     if (refused := locks.refusal(env)) is not None:  # taken while this one planned
         raise refused
     for step in plan.steps:  # this id is never used: the real run takes its own
@@ -147,7 +181,7 @@ def _dry_run(env: Environment, build: Callable[[str], Plan], run_id: str) -> Run
 def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id: str,
              reason: str, confirm: Callable[[Plan], bool] | None,
              progress: Callable[..., None] | None, notify: Callable[[str], None],
-             signals: Signals) -> RunResult:
+             signals: Signals, caddyfile_deferred: bool = False) -> RunResult:
     journal = journals.Journal.open(env, action, run_id=run_id, why=reason)
     result: RunResult | None = None
     notices: list[str] = []
@@ -184,6 +218,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                                 step="plan")
                 with signals.interruptible():
                     plan = _with_room(env, build(run_id))
+                _refuse_caddyfile(env, plan, caddyfile_deferred)
                 named = plan.intent.deployment_id if plan.intent else None
                 journal.for_deployment(named)
                 with contextlib.suppress(OSError):  # publish writes it into the state file
@@ -201,7 +236,9 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     if not confirm(plan):
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
-            held.publish(create=action == "deploy")  # its first record makes the file anyway
+            # its first record makes the file anyway; a write refused there refuses the run
+            # only where the run records in the file (a snapshot restore does not)
+            held.publish(create=action == "deploy", strict=action not in NO_STATE_RECORD)
             if held.owner_lost:  # the run goes on: the file is written, its owner changed
                 journal.log("WARN", held.owner_lost, step="lock")
                 say(held.owner_lost)

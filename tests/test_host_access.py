@@ -691,3 +691,153 @@ def test_a_folder_or_caddyfile_with_the_immutable_attribute_is_named_not_its_mod
         assert f"chattr -i {path}" in said and "nothing was changed" in said, said
         assert "may not write" not in said and "run as root" not in said, said
     assert after == before  # traffic, containers (green never started), state, no lock
+
+
+@needs_root_and_useradd
+def test_status_and_dry_run_with_the_state_file_behind_a_folder_the_user_may_not_search(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: the state file behind a root-only 0700 folder, run as the operator.
+    The check of what no one may write asked `Path.is_dir()`, which raises PermissionError
+    there (Python 3.11): `status` and the dry run ended in "unexpected failure ... a bug in
+    runbook". Status reports as before, and the dry run refuses the folder, naming its mode."""
+    env = two_deployments(scene_stack)
+    state = env.state_file
+    hidden = Path(f"/tmp/test-hidden-{secrets.token_hex(4)}")
+    (hidden / "secret").mkdir(parents=True)
+    os.chmod(hidden / "secret", 0o700)  # root's: nobody else may search it
+    away = state.with_name(state.name + ".away")
+    state.rename(away)
+    shutil.copy2(away, hidden / "secret" / state.name)
+    try:
+        state.symlink_to(hidden / "secret" / state.name)
+        with shared_with_group(scene_stack, users):
+            done = as_user(users, env, "status")
+            dry = as_user(users, env, "rollback", "--dry-run")
+    finally:
+        state.unlink()
+        away.rename(state)
+        shutil.rmtree(hidden)
+    for run in (done, dry):
+        assert "bug in runbook" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert done.returncode in (0, 1) and "blue" in done.stdout, (done.returncode, done.stdout)
+    assert dry.returncode == 4, (dry.returncode, dry.stdout, dry.stderr)
+    assert f"{users.oncall} may not write {hidden / 'secret'}" in dry.stderr, dry.stderr
+    assert "root:root, mode 700" in dry.stderr, dry.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None,
+                    reason="`chattr +i` needs root and e2fsprogs")
+def test_a_finish_that_does_not_write_the_caddyfile_is_not_refused_over_it(
+        scene_stack: DrillStack) -> None:
+    """Found by review: the rollback killed after its commit (at the start of its `state`
+    step), then the Caddyfile made immutable (config management freezes it): the rerun, whose
+    finish plan skips the Caddyfile (it names the target already), was refused, exit 4, "the
+    Caddyfile ... has the immutable attribute". A finish is never blocked by a file it does
+    not write: it records the rollback, exit 0, the Caddyfile untouched."""
+    from runbook.state import read_state
+
+    env = two_deployments(scene_stack)
+    wanted = read_state(env.state_file).previous
+    assert wanted is not None
+    first = runbook_cli(env, "rollback", "--yes", fault="before:state:SIGKILL")
+    assert first.returncode == -9, (first.returncode, first.stderr)
+    caddyfile = Path(os.path.realpath(env.caddy.caddyfile))
+    before = caddyfile.read_bytes()
+    if not _quiet("chattr", "+i", str(caddyfile)):
+        pytest.skip(f"the filesystem of {caddyfile} has no immutable attribute")
+    try:
+        dry = runbook_cli(env, "rollback", "--dry-run")
+        rerun = runbook_cli(env, "rollback", "--yes")
+    finally:
+        _quiet("chattr", "-i", str(caddyfile))
+    for done in (dry, rerun):
+        assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+        assert "finishing" in done.stdout + done.stderr, done.stdout
+    current = read_state(env.state_file).current
+    assert current is not None and current.version == wanted.version, current
+    assert caddyfile.read_bytes() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None,
+                    reason="`chattr +a` needs root and e2fsprogs")
+def test_a_log_folder_with_the_append_only_attribute_is_no_problem(
+        scene_stack: DrillStack) -> None:
+    """Found by review: `chattr +a` on the log folder (audit hardening) refused every run,
+    status and dry run included, as a folder no one may write. The journal only creates its
+    log there (O_CREAT|O_EXCL) and appends to it, which the attribute allows: the rollback
+    runs and its log is there."""
+    env = two_deployments(scene_stack)
+    logs = env.log_dir
+    logs.mkdir(parents=True, exist_ok=True)
+    if not _quiet("chattr", "+a", str(logs)):
+        pytest.skip(f"the filesystem of {logs} has no append-only attribute")
+    try:
+        listed = set(logs.iterdir())
+        status = runbook_cli(env, "status")
+        real = runbook_cli(env, "rollback", "--yes")
+        made = set(logs.iterdir()) - listed
+    finally:
+        _quiet("chattr", "-a", str(logs))
+    assert "append-only" not in status.stdout, status.stdout
+    assert real.returncode == 0, (real.returncode, real.stdout, real.stderr)
+    assert [p.suffix for p in made] == [".log"] and any(p.stat().st_size for p in made), made
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="`chattr +i` and `mount` need root")
+def test_a_snapshot_restore_goes_on_with_a_state_file_no_one_may_write(
+        scene_stack: DrillStack) -> None:
+    """README: a snapshot restore does not read the state file and records nothing in it,
+    so one that cannot be written (`chattr +i`) does not stop it (found by review: it was
+    refused, exit 4, as a rollback that records there is). Its lock's copy there is only
+    said."""
+    from runbook import snapshots
+
+    env = two_deployments(scene_stack)
+    snapshots.create(env, "frozen-state")
+    with nobody_writes(env.state_file, "immutable"):
+        before = env.state_file.read_bytes()
+        dry = runbook_cli(env, "snapshot", "restore", "--dry-run")
+        real = runbook_cli(env, "snapshot", "restore", "--yes")
+        after = env.state_file.read_bytes()
+    for done in (dry, real):
+        assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    assert after == before
+
+
+@needs_root_and_useradd
+def test_root_refused_in_a_user_namespace_is_told_it_may_not_write_not_of_an_attribute(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Root inside a user namespace (a rootless container; NFS's root_squash alike) may not
+    write a folder whose owner is not mapped there. Found by review: told "an immutable
+    attribute or a read-only mount ... chattr -i", which is not there; it is told, as before,
+    that root may not write it, and to run as a user who may."""
+    probe = subprocess.run(["runuser", "-u", users.oncall, "--", "unshare", "--user",
+                            "--map-root-user", "true"], capture_output=True, check=False,
+                           timeout=30)
+    if probe.returncode != 0:
+        pytest.skip("no unprivileged user namespaces here")
+    env = two_deployments(scene_stack)
+    assert env.source is not None
+    path = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+    environ.update(PYTHONPATH=path, HOME="/tmp", PYTHONDONTWRITEBYTECODE="1")
+    before = snapshot(env)
+    # readable by all (the drill's folder is 0700, its environment file 0600), writable by
+    # root alone: root in the namespace may read it all and write none of it
+    opened = [scene_stack.run_dir, env.source]
+    modes = [p.stat().st_mode & 0o7777 for p in opened]
+    try:
+        for p, mode in zip(opened, modes, strict=True):
+            p.chmod(mode | (0o005 if p.is_dir() else 0o004))
+        dry = subprocess.run(["runuser", "-u", users.oncall, "--", "unshare", "--user",
+                              "--map-root-user", *users.python, "-m", "runbook.cli",
+                              "rollback", "--dry-run", str(env.source)],
+                             capture_output=True, text=True, timeout=180, env=environ,
+                             stdin=subprocess.DEVNULL, check=False, cwd="/tmp")
+    finally:
+        for p, mode in zip(opened, modes, strict=True):
+            p.chmod(mode)
+    assert dry.returncode == 4, (dry.returncode, dry.stdout, dry.stderr)
+    assert "root may not write" in dry.stderr, dry.stderr
+    assert "immutable" not in dry.stderr and "chattr" not in dry.stderr, dry.stderr
+    assert snapshot(env) == before

@@ -532,11 +532,14 @@ def test_records_under_keys_no_dialect_uses_are_refused_never_read_as_none_recor
     load("deploy_script_first.json"),
     {**load("deploy_script_first.json"),
      "slots": {"blue": {"status": "active", "version": "abc1234"}, "green": {}}},
-], ids=["cleared", "other tools' keys", "deploy script's first file", "its slots"])
+    {**load("deploy_script_first.json"), "meta": {"version": 2}},
+], ids=["cleared", "other tools' keys", "deploy script's first file", "its slots",
+        "another tool's versioned object"])
 def test_a_file_without_current_deployment_that_records_none_is_still_read(
         doc: dict[str, Any]) -> None:
     """What the refusal above must leave alone: a cleared state, and the deploy script's
-    first-ever file (`active_slot`, `slots`, `last_deployment`), record no deployment."""
+    first-ever file (`active_slot`, `slots`, `last_deployment`), record no deployment; nor
+    does an object with a `version` alone (another tool's `meta`: refused, found by review)."""
     s = parse_state(json.dumps(doc), environment="production")
     assert s.current is None and s.previous is None and s.history == ()
 

@@ -210,7 +210,7 @@ class Lock:
                 self._mirrored_at = time.time()
             self.owner_lost = self.owner_lost or lost
 
-    def publish(self, *, create: bool = False) -> None:
+    def publish(self, *, create: bool = False, strict: bool = True) -> None:
         """Mirror the lock into the state file for tools that only read that. Done right
         before the first change, so a run refused while planning leaves the file as it was.
         `create`: a missing state file is created for it (a deploy, which writes the file's
@@ -222,7 +222,8 @@ class Lock:
         file, where the Go CLI (which locks nowhere else) may have taken its lock meanwhile.
         Either raises LockedError, and nothing has changed yet; a file that cannot be written
         (its write refused: the immutable attribute, a read-only mount, a full disk) raises
-        PreconditionError, exit 4, as the run could not record its change."""
+        PreconditionError, exit 4, as the run could not record its change; not `strict` (a
+        run that records nothing there: a snapshot restore), it is only said (mirror_error)."""
         try:
             with _guard(self.env):
                 self.check_owned()
@@ -236,7 +237,7 @@ class Lock:
             with statemod.WRITING:
                 self.mirror_error, lost = _mirror(self.env, copy,
                                                   replace_if=self._refuse_a_live_state_lock,
-                                                  create=create, strict=True)
+                                                  create=create, strict=strict)
             self._mirrored_at = time.time()
         except statemod.StateWriteError as exc:
             # the run would record what it changed in this same file, by the same rename:

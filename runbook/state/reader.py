@@ -519,16 +519,19 @@ def _build(data: dict[str, Any], r: _Reader, environment: str | None,
     )
 
 
-# What a deployment record holds in every dialect (CONTRACTS.md): one of these keys in an
-# object marks it as one, wherever it sits.
-_RECORD_KEYS = frozenset({"version", "git_commit", "commit", "deployed_at"})
+# What a deployment record holds in every dialect (CONTRACTS.md): its version and one of
+# these; both mark an object as one, wherever it sits. `version` alone does not: another
+# tool's `"meta": {"version": 2}` beside the deploy script's first file was refused as records
+# in no known dialect (found by review).
+_RECORD_KEYS = frozenset({"git_commit", "commit", "deployed_at"})
 
 
 def _record_like(value: Any) -> bool:
     """An object shaped like a deployment record, or a list holding one (a history)."""
     if isinstance(value, list):
         return any(isinstance(v, Mapping) and _record_like(v) for v in value)
-    return isinstance(value, Mapping) and not _RECORD_KEYS.isdisjoint(value)
+    return isinstance(value, Mapping) and "version" in value \
+        and not _RECORD_KEYS.isdisjoint(value)
 
 
 def _refuse_unknown_dialect(data: Mapping[str, Any], r: _Reader) -> None:
