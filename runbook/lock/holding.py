@@ -515,8 +515,8 @@ def _clear_stolen_copy(env: Environment, lock: Lock) -> None:
     clears the copy the dead holder left in the state file: found by a kill fuzz, a rollback
     killed after its last step left it, its rerun had nothing to do, and the copy named the
     dead pid for 30 more minutes, blocking the Go CLI (which reads only that copy) and making
-    status ask for an unlock. Only that copy, and only while no live holder is judged to hold
-    it: another tool's lock taken since stays."""
+    status ask for an unlock. Only that copy, only while no live holder is judged to hold
+    it (another tool's lock taken since stays), and only while it has not expired."""
     stolen = lock.stolen_from
     if stolen is None or stolen.holder is None:
         return
@@ -527,7 +527,10 @@ def _clear_stolen_copy(env: Environment, lock: Lock) -> None:
     def the_dead_ones(recorded: Mapping[str, Any] | None) -> bool:
         judged = _judge_state_lock(env, recorded) if recorded and recorded.get("locked") \
             and _copy_of(holder, recorded) else None
-        replaced[0] = judged is not None and judged.stealable
+        # a copy already expired blocks no tool (the Go CLI honours one until it expires):
+        # left as it is, so a refused run changes nothing there (a stale expired copy, the
+        # deploy script's, was rewritten by a `restore-kept` that refused)
+        replaced[0] = judged is not None and judged.stealable and judged.expires_in > 0
         return replaced[0]
 
     with contextlib.suppress(statemod.StateChangedError), statemod.WRITING:
