@@ -390,7 +390,7 @@ def _release(env: Environment, held: locks.Lock, journal: Any,
     and says so."""
     try:
         with journal.step("unlock", "Release the deploy lock"):
-            locks.release(env, held)
+            locks.release(env, held, clear_stolen_copy=not intents.path(env).exists())
             if held.cleared_copy:  # a takeover that changed nothing: the dead run's copy
                 journal.log("INFO", f"deploy lock: {held.cleared_copy}", step="unlock")
                 say(f"deploy lock: {held.cleared_copy}")

@@ -2225,7 +2225,7 @@ def test_a_takeover_that_publishes_nothing_still_clears_the_dead_runs_copy(
     assert left["locked"] is True and left["pid"] != os.getpid()
     lock = acquire(env, "rollback", None)
     assert lock.stolen_from is not None  # refused while planning: never published
-    lock.release()
+    holding.release(env, lock, clear_stolen_copy=True)  # no intent record left (run._release)
     assert json.loads(with_state.read_text())["lock"] == {"locked": False}
     assert lock.cleared_copy is not None and str(left["pid"]) in lock.cleared_copy
     assert status(env) is None
@@ -2241,7 +2241,7 @@ def test_a_takeover_never_clears_a_lock_another_tool_took_in_the_state_file_sinc
     lock = acquire(env, "rollback", None)
     _go_cli_lock(with_state)
     go_lock = json.loads(with_state.read_text())["lock"]
-    lock.release()
+    holding.release(env, lock, clear_stolen_copy=True)
     assert json.loads(with_state.read_text())["lock"] == go_lock
     assert lock.cleared_copy is None
 

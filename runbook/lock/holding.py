@@ -489,8 +489,11 @@ def _rename_noreplace(source: Path, target: Path) -> bool:
                           _RENAME_NOREPLACE) == 0)
 
 
-def release(env: Environment, lock: Lock) -> bool:
-    """Remove our lock; False when it was no longer ours (it is then left alone)."""
+def release(env: Environment, lock: Lock, *, clear_stolen_copy: bool = False) -> bool:
+    """Remove our lock; False when it was no longer ours (it is then left alone).
+    `clear_stolen_copy`: no run is left unfinished (no intent record), so the copy of a stale
+    lock this one took over may go (`_clear_stolen_copy`); while a killed run's record waits,
+    that copy keeps the Go CLI off the host, and a refused rerun changes nothing."""
     if lock.released:
         return True
     owned = False
@@ -505,7 +508,7 @@ def release(env: Environment, lock: Lock) -> bool:
         with contextlib.suppress(statemod.StateChangedError), statemod.WRITING:
             # (a changed file never replaces the outcome)
             _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
-    elif lock.stolen_from is not None:
+    elif lock.stolen_from is not None and clear_stolen_copy:
         _clear_stolen_copy(env, lock)
     return owned
 
