@@ -371,6 +371,11 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
             # was reported as "the body did not finish").
             shown, tail = report, ""
             earlier = said_why if report.timed_out else answered
+            if earlier is not None and earlier.http_status is None and answered is not None:
+                # an answer says more than a refused or broken connection after it (Docker's
+                # port proxy closing on a starting container: found when a loaded drill's
+                # broken build was said as "unreachable", its failing check unnamed)
+                earlier = answered
             if report.http_status is None and earlier is not None:
                 shown, tail = earlier, f" (then: {report.error})"
             raise HealthGateError(

@@ -53,3 +53,31 @@ def pid_suspended(pid: int) -> bool:
     never ends by itself, and a SIGTERM waits until it is resumed (SIGCONT)."""
     stat = _proc_stat(pid) if pid > 0 else None
     return stat is not None and stat[0] in ("T", "t")
+
+
+def flock_holders(st: os.stat_result) -> list[int]:
+    """The pids /proc/locks names as holding a flock on the file `st` describes (its
+    "MAJOR:MINOR:INODE", device numbers in hex); [] where there is no /proc/locks. Lets a
+    run blocked on a flock name who blocks it (a suspended process never lets go)."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    exact, by_inode = [], []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[-3].count(":") != 2:
+            continue  # a blocked waiter's line ("1: -> FLOCK ...") names no holder
+        major, minor, inode = fields[-3].split(":")
+        try:
+            pid, ident = int(fields[-4]), (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue
+        if ident[2] != st.st_ino:
+            continue
+        by_inode.append(pid)
+        if ident[:2] == (os.major(st.st_dev), os.minor(st.st_dev)):
+            exact.append(pid)
+    # an overlay or FUSE filesystem may show another device than stat does: the inode alone
+    # then, and only when it names one holder
+    return exact or (by_inode if len(set(by_inode)) == 1 else [])

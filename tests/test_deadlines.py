@@ -36,6 +36,11 @@ HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Togather-Slo
            b"Content-Length: 4096\r\n\r\n")
 T = TypeVar("T")
 BODY = b'{"status": "healthy", "version": "3f2a1b9", "checks": {}}'
+_UNHEALTHY = (b'{"status": "unhealthy", "checks": {"database": {"status": "fail", '
+              b'"message": "pool exhausted"}}}')
+FAILING = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"X-Togather-Slot: blue\r\nConnection: close\r\nContent-Length: "
+           + str(len(_UNHEALTHY)).encode() + b"\r\n\r\n" + _UNHEALTHY)
 
 
 @dataclass
@@ -54,6 +59,14 @@ class Drip:
     def handle(self, conn: socket.socket) -> None:
         try:
             conn.recv(65536)
+            if self.mode == "starting":  # one 503, then Docker's port proxy, then silence
+                if self.connections == 1:
+                    conn.sendall(FAILING)
+                    return
+                if self.connections < 10:
+                    return  # closed without a response
+                time.sleep(60)
+                return
             if self.mode == "silent":
                 time.sleep(60)
                 return
@@ -156,6 +169,22 @@ def test_the_health_gate_fails_by_its_deadline_on_a_slow_drip(drip: Drip, mode: 
     assert isinstance(err, HealthGateError), err
     assert 1.4 < took < 1.5 + SLACK, took
     assert "did not become healthy within 1.5s" in str(err) and "timed out" in str(err)
+
+
+def test_a_gate_that_ends_on_a_broken_connection_names_the_check_the_slot_said_failed(
+        drip: Drip) -> None:
+    """Found in a CI run: a broken build answered 503 naming its failing check, then the
+    gate's later probes met connections closed without a response (Docker's port proxy
+    before a container listens) and its last one timed out at the deadline. The gate said
+    only "connection broken", the failing check unnamed. An answer says more."""
+    drip.mode = "starting"
+    env = env_on(drip.port, "slot", gate=1.5, request_timeout=1.0)
+    err, _ = timed(lambda: health.wait_healthy(env, Slot.BLUE))
+    assert isinstance(err, HealthGateError), err
+    assert drip.connections >= 10  # the closed connections and the silent one did happen
+    assert err.report is not None and err.report.http_status == 503, err
+    assert [c.name for c in err.report.failing_checks] == ["database"], err
+    assert "pool exhausted" in str(err) and "(then: timed out" in str(err), err
 
 
 def test_verification_through_a_slow_drip_proxy_ends_in_time(drip: Drip) -> None:

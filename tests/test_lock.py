@@ -504,6 +504,55 @@ def test_a_guard_file_another_user_holds_cannot_block_runs(env: Environment) -> 
             assert env.lock_path.is_dir()
 
 
+def _guard_holder(env: Environment, *, suspend: bool) -> subprocess.Popen[bytes]:
+    """Another process holding the guard's flock, as a run's heartbeat does for an instant
+    (suspended there, when `suspend`: as Ctrl-Z or SIGSTOP can catch it)."""
+    guard = guard_path(env)
+    guard.parent.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, signal, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | "
+            "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+            + ("os.kill(os.getpid(), signal.SIGSTOP)" if suspend else "time.sleep(60)"))
+    holder = subprocess.Popen([sys.executable, "-c", code, str(guard)], stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    if suspend:
+        wait_stopped(holder.pid)
+    return holder
+
+
+@pytest.mark.parametrize("suspended", [True, False])
+def test_a_run_blocked_on_the_guard_names_its_holder_and_a_suspended_one_s_ways_out(
+        env: Environment, monkeypatch: pytest.MonkeyPatch, suspended: bool) -> None:
+    """Found by a drill test that stopped a run (SIGSTOP) at the instant its heartbeat held
+    the guard: every other run then waited 10 s and said "find it with `fuser ...` and try
+    again", which never works, as the holder never lets go. Now the holder is named (from
+    /proc/locks), and a suspended one with `kill -CONT` and the way to stop it."""
+    monkeypatch.setattr(holding, "GUARD_TIMEOUT", 0.5)
+    holder = _guard_holder(env, suspend=suspended)
+    try:
+        with pytest.raises(LockedError) as refused, acquire(env, "rollback", None):
+            pass
+        said = f"{refused.value} | {refused.value.fix}"
+        assert f"runbook process {holder.pid} " in said, said
+        if suspended:
+            assert "is suspended (Ctrl-Z or SIGSTOP)" in said, said
+            assert f"`kill -CONT {holder.pid}`" in said and f"`kill {holder.pid}`" in said, said
+            assert "fuser" not in said, said
+        else:
+            assert "suspended" not in said and "`fuser " in said, said
+        assert not env.lock_path.exists()  # refused: nothing taken
+        holder.kill()
+        if suspended:
+            os.kill(holder.pid, signal.SIGCONT)
+        holder.wait(10)
+        with acquire(env, "rollback", None):  # its holder gone, the guard is free again
+            assert env.lock_path.is_dir()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.wait(10)
+
+
 def test_unlock_removes_stale_and_refuses_live(env: Environment) -> None:
     assert "nothing to do" in unlock(env)
     plant(env, age=30, legacy=True)

@@ -699,12 +699,25 @@ def _guard(env: Environment) -> Iterator[None]:
             f"`touch {shlex.quote(str(guard))}`"), exc) from None
     try:
         if not files.flock_within(fd, GUARD_TIMEOUT, 0.01):
-            raise LockedError(f"{env.display}: another runbook process has been "
-                              f"inspecting the deploy lock for {GUARD_TIMEOUT:.0f} s",
-                              f"find it with `fuser {guard}` and try again")
+            raise _guard_held(env, guard, fd)
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _guard_held(env: Environment, guard: Path, fd: int) -> LockedError:
+    """Who keeps the guard: a run suspended (Ctrl-Z, SIGSTOP) while its heartbeat held it
+    never lets go, and "try again" then never works (found when a drill test stopped a run
+    at that instant), so it is named with its two ways out."""
+    holders = [pid for pid in procs.flock_holders(os.fstat(fd)) if pid != os.getpid()]
+    stopped = [pid for pid in holders if procs.pid_suspended(pid)]
+    if stopped:
+        return LockedError(f"{env.display}: runbook process {stopped[0]} holds the deploy "
+                           "lock's guard and is suspended (Ctrl-Z or SIGSTOP), so it never "
+                           "lets go by itself", suspended_fix(stopped[0]))
+    who = f"runbook process {holders[0]}" if holders else "another runbook process"
+    return LockedError(f"{env.display}: {who} has been inspecting the deploy lock for "
+                       f"{GUARD_TIMEOUT:.0f} s", f"find it with `fuser {guard}` and try again")
 
 
 def guard_path(env: Environment) -> Path:
