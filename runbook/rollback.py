@@ -20,7 +20,7 @@ from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
 from runbook.environment import Environment, Slot, command_arg
-from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
+from runbook.errors import AlreadyDone, ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.redact import one_line
 from runbook.restore_records import refuse_doubted, restoring_command
@@ -345,6 +345,21 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
                                 "nothing to roll back to; pass --to <another version>")
 
 
+def _done_already(refusal: PreconditionError, current: states.Deployment, live: Slot,
+                  serving_version: str, serving: docker.ContainerInfo) -> PreconditionError:
+    """The "rolled back from" refusal, said as AlreadyDone when what runs shows the rollback
+    the state file records in effect (Caddy runs the slot its current names, whose container
+    runs, as that version): the run it records (`rollback_id`) completed, and a rerun that
+    took over its stale lock says so (runbook/run.py). Otherwise the refusal as it is."""
+    if (live != current.active_slot or serving_version != current.version
+            or not serving.running):
+        return refusal
+    done_by = current.extra.get("rollback_id")
+    return AlreadyDone(refusal.message, refusal.fix,
+                       done_by=done_by if isinstance(done_by, str) else None,
+                       serving=f"{live} {current.version}")
+
+
 def _runs(serving: docker.ContainerInfo) -> str | None:
     """The version the serving container's tag names (None: `:latest` names none)."""
     return serving.tag if serving.tag and states.is_version(serving.tag) else None
@@ -537,6 +552,9 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         from_version, served = serving_deployment(state, current, containers[live].result())
         _expected(options, current, from_version, served)
         refusal = _other_target(env, found, options, from_version, target) or forward
+        if refusal is not None and refusal is forward and found is None:
+            refusal = _done_already(refusal, current, live, from_version,
+                                    containers[live].result())
         if refusal is not None:  # said with the outage an interrupted run may have left
             if found is not None and not containers[live].result().running:
                 raise down_after_interrupted(env, found[0], live, refusal)

@@ -22,7 +22,7 @@ from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
 from runbook.environment import Environment, Slot, command_arg
-from runbook.errors import ExitCode, LockLostError, RunbookError, UsageError
+from runbook.errors import AlreadyDone, ExitCode, LockLostError, RunbookError, UsageError
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 
 WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
@@ -217,7 +217,10 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     journal.log("WARN", f"removed a temp file a killed run left: {swept}",
                                 step="plan")
                 with signals.interruptible():
-                    plan = _with_room(env, build(run_id))
+                    try:
+                        plan = _with_room(env, build(run_id))
+                    except AlreadyDone as done:
+                        raise _completed(env, action, done, held.stolen_from) from None
                 _refuse_caddyfile(env, plan, caddyfile_deferred)
                 named = plan.intent.deployment_id if plan.intent else None
                 journal.for_deployment(named)
@@ -369,6 +372,25 @@ def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> Runboo
         exc.journal_incomplete = incomplete(journal)  # type: ignore[attr-defined]
         exc.result = result  # type: ignore[attr-defined]
     return exc
+
+
+def _completed(env: Environment, action: str, done: AlreadyDone,
+               dead: locks.LockStatus | None) -> RunbookError:
+    """A refusal because the work is done, said as the completion it is when the run that
+    did it is the one whose stale lock this run took over: killed after its last step, before
+    its release, it finished. Found by a kill fuzz: "rolled back from" alone, with the lock
+    taken over, read at 3 a.m. as a failure. The exit code stays the refusal's."""
+    holder = dead.holder if dead is not None else None
+    if holder is None or not done.done_by or done.done_by not in (
+            holder.run_id, holder.deployment_id):  # older holders: the run id there
+        return done
+    who = ", ".join(([f"pid {holder.pid}"] if holder.pid is not None else [])
+                    + [f"run {done.done_by}"])
+    return AlreadyDone(
+        f"the killed run whose stale lock this one took over ({who}) had completed its "
+        f"{action} before it died: traffic is on {done.serving}, nothing is left to do, and "
+        f"`runbook status {command_arg(env)}` confirms it; so this run is refused: "
+        f"{done.message}", done.fix, done_by=done.done_by, serving=done.serving)
 
 
 def _with_room(env: Environment, plan: Plan) -> Plan:

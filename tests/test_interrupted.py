@@ -3631,3 +3631,49 @@ def test_a_rollback_killed_after_its_last_step_leaves_no_lock_once_rerun(
     status = cli(env, "status")
     assert "unlock" not in status.stdout + status.stderr, status.stdout
     assert through_proxy(env) == ("green", V2.tag)
+
+
+def test_a_rerun_after_a_rollback_killed_holding_its_lock_says_that_run_completed(
+        stack: DrillStack) -> None:
+    """Found by a kill fuzz: a rollback SIGKILLed after its last step (traffic moved, the
+    rollback recorded, its intent record cleared; the lock left). The rerun took the stale
+    lock over and refused, exit 4, "rolled back from", never saying that the run it took the
+    lock from had finished: on-call read a failure. The refusal now says the killed run
+    completed, where traffic is, and that nothing is left to do; it still changes nothing.
+    Oracles: the proxy's answer, the killed process's pid, the files' bytes, status."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_ONCE_THE_INTENT_IS_CLEARED,
+                               "rollback", "--yes", str(env.source)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    _, err = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, err
+    assert intents.read(env) is None and env.lock_path.exists()
+    slot, version = through_proxy(env)
+    assert (slot, version) == ("green", V2.tag)
+    recorded = states.read_state(env.state_file).with_(lock={})
+    caddyfile = env.caddy.caddyfile.read_bytes()
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == ExitCode.PRECONDITION, again.stdout + again.stderr
+    lines = again.stderr.splitlines()
+    took = [i for i, line in enumerate(lines) if "took over a stale deploy lock" in line]
+    refused = [i for i, line in enumerate(lines) if line.startswith("runbook: error:")]
+    assert took and refused, again.stderr
+    said = [line for line in lines[took[0] + 1:refused[0] + 1]
+            if f"pid {killed.pid}" in line and "completed" in line]
+    assert said, again.stderr
+    assert f"traffic is on {slot} {version}" in said[0], said[0]
+    assert "nothing is left to do" in said[0], said[0]
+    assert f"`runbook status {command_arg(env)}`" in said[0], said[0]
+    # it changed nothing (but the dead run's lock, taken over and released)
+    assert states.read_state(env.state_file).with_(lock={}) == recorded
+    assert env.caddy.caddyfile.read_bytes() == caddyfile
+    assert through_proxy(env) == ("green", V2.tag) and not env.lock_path.exists()
+    # and status confirms it, as the line says
+    status = json.loads(cli(env, "status", "--format", "json").stdout)
+    assert status["traffic"]["slot"] == "green", status["traffic"]
+    assert status["problems"] == [], status["problems"]
+    # typed again with no lock taken over: the refusal alone, naming no killed run
+    plain = cli(env, "rollback", "--yes")
+    assert plain.returncode == ExitCode.PRECONDITION, plain.stderr
+    assert "rolled back from" in plain.stderr and "killed run" not in plain.stderr, plain.stderr
