@@ -600,6 +600,16 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
                                    if held.path.parent.is_dir() else
                                    f"point [lock] dir at a directory ({held.path.parent} is "
                                    "not one)"))
+    elif held is not None and held.stale and held.empty:
+        # no one's lock: the next run takes it over by itself, and unlock removes it as it
+        # is; it was "the shell tooling's lock", held or stale, with `unlock --force` (found by
+        # review, after runs took it over unasked)
+        yield Problem(f"the deploy lock directory {held.path} is empty, "
+                      f"{rough_duration(held.age)} old: a run killed while taking the lock "
+                      "left it (between its mkdir and its holder file); the next rollback, "
+                      "deploy or switch takes it over by itself",
+                      "nothing to do before the next run; to remove it now: "
+                      f"`runbook unlock {_arg(f.env)} --yes`")
     elif held is not None and held.stale:
         from runbook import finish
 
@@ -640,6 +650,16 @@ def live_lock(f: Facts) -> Iterator[Problem]:
 
     if f.intent is not None and finish.in_progress(f.intent, held):
         return  # interrupted_run says it: a run in progress, with its own way out
+    if held.empty:  # a run between its mkdir and its holder file: seconds, never "30 min"
+        yield Problem(f"the deploy lock is being taken at this moment: its directory "
+                      f"{held.path} is still empty, {rough_duration(held.age)} old; every "
+                      "rollback, deploy or switch is refused until that run names itself in "
+                      "it", "wait a few seconds and run `runbook status "
+                      f"{_arg(f.env)}` again: the run taking it is named there; if it stays "
+                      "empty (a run killed while taking it), the next rollback, deploy or "
+                      "switch takes it over by itself once it is "
+                      f"{locks.EMPTY_DIR_GRACE:.0f} s old")
+        return
     if held.suspended and held.pid is not None:
         fix = locks.suspended_fix(held.pid)
     else:
@@ -1685,7 +1705,8 @@ def to_json(f: Facts) -> dict[str, Any]:
                        if f.schema is not None else {"error": str(f.database_error)})
     held = f.lock
     out["lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale,
-                    "why": held.why, "path": str(held.path)} if held else {"locked": False})
+                    "empty": held.empty, "why": held.why, "path": str(held.path)}
+                   if held else {"locked": False})
     out["notes"] = [n.to_json() for n in [*history_notes(f), *standby_notes(_judged(f)),
                                                  *disk_notes(f), *access_notes(f)]]
     out["problems"] = [p.to_json() for p in problems(f)]
@@ -1755,7 +1776,9 @@ def render(data: dict[str, Any]) -> str:
     lock = data.get("lock", {})
     lines.append("  lock      " + ("free" if not lock.get("locked")
                                    else p(lock.get("summary"), "held (holder not recorded)")
-                                   + (" [stale]" if lock.get("stale") else "")))
+                                   + (" [left by a killed run: the next run takes it over]"
+                                      if lock.get("stale") and lock.get("empty") else
+                                      " [stale]" if lock.get("stale") else "")))
     last = data.get("last_run")
     if last:
         outcome = (f"{p(last['outcome'])} (exit {p(last['exit_code'])})"

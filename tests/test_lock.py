@@ -1062,19 +1062,45 @@ def test_a_guard_that_cannot_be_opened_names_where_it_is(tmp_path: Path) -> None
     assert "lock directory" not in said and str(blocked) in (err.value.fix or ""), said
 
 
-def test_force_removes_a_lock_directory_a_killed_run_left_empty(env: Environment) -> None:
-    """A run killed between its mkdir and its holder files leaves a directory naming nobody;
-    it counts as fresh for the lifetime, and --force is the way out, once it is not new."""
+def test_unlock_removes_a_lock_directory_a_killed_run_left_empty_once_it_is_not_new(
+        env: Environment) -> None:
+    """A run killed between its mkdir and its holder files leaves a directory naming nobody.
+    Younger than EMPTY_DIR_GRACE it may be a lock being taken at this instant: kept, even
+    with --force. Older, the next run takes it over by itself, so `runbook unlock` removes
+    it as it is, without --force (found by review: it asked for --force, and status offered
+    that, for a lock the next run took over unasked)."""
     env.lock_path.parent.mkdir(parents=True)
     env.lock_path.mkdir()
-    with pytest.raises(LockedError):
+    with pytest.raises(LockedError, match="being taken") as young:
         unlock(env, force=True)  # it may be a lock being taken at this instant
+    assert "--force" not in str(young.value) + (young.value.fix or ""), young.value
+    seen = status(env)
+    assert seen is not None and seen.empty and not seen.stale, seen
     old = time.time() - 60
     os.utime(env.lock_path, (old, old))
-    with pytest.raises(LockedError, match="--force"):
-        unlock(env)
-    assert "removed" in unlock(env, force=True)
+    seen = status(env)
+    assert seen is not None and seen.empty and seen.stealable, seen
+    assert "empty" in seen.describe() and "shell tooling" not in seen.describe(), seen
+    assert lockmod.removal_refusal(env, seen, force=False) is None
+    assert "removed" in unlock(env)
     assert not env.lock_path.exists()
+
+
+def test_an_empty_lock_directory_never_hides_the_go_clis_live_lock(
+        env: Environment, with_state: Path) -> None:
+    """An empty directory a killed run left is no holder, but the Go CLI's live lock in the
+    state file beside it is: status names that one, as the run refused by it does (it named
+    the directory, which "the next run takes over by itself", while every run was refused)."""
+    env.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    env.lock_path.mkdir()
+    old = time.time() - 60
+    os.utime(env.lock_path, (old, old))
+    _go_cli_lock(with_state)
+    seen = status(env)
+    assert seen is not None and seen.source == "state file" and not seen.stale, seen
+    assert "ci@build-runner" in seen.describe()
+    with pytest.raises(LockedError, match="ci@build-runner"):
+        acquire(env, "x", None)
 
 
 def test_a_lock_left_holding_only_a_killed_writers_temp_file_is_taken_at_once(

@@ -894,6 +894,90 @@ def test_a_live_lock_of_another_tools_deploy_is_a_problem_with_its_holder_and_wa
         shutil.rmtree(env.lock_path, ignore_errors=True)
 
 
+@pytest.mark.parametrize("age", [5 * 60, 2 * 3600], ids=["5-min", "2-h"])
+def test_an_empty_lock_directory_a_killed_run_left_is_said_as_the_next_run_takes_it_over(
+        stack: DrillStack, age: int) -> None:
+    """Found by review: a run killed between the deploy lock's mkdir and its holder file
+    leaves the directory empty, and the next rollback, deploy or switch takes it over by
+    itself once it is 10 s old; status still said it was the shell tooling's lock, live or
+    stale, with `unlock` "once it is stale" in 30 min or `unlock --force` as the way out.
+    It is said as what it is, with its age and that the next run takes it over; the one
+    command offered works as printed, without --force. Oracle: the directory on disk, the
+    dry run's exit (not refused on the lock), the printed command's exit."""
+    import time
+
+    env = stack.env
+    env.lock_path.mkdir()
+    try:
+        then = time.time() - age
+        os.utime(env.lock_path, (then, then))
+        dry = _cli(env.source, "rollback", "--dry-run")  # the premise: no run is refused by it
+        assert dry.returncode != 3, dry.stdout + dry.stderr
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        found = problem(problems, "empty")
+        assert found["check"] == "stale_lock", found
+        said = found["problem"] + " " + found["fix"]
+        assert "killed while taking" in found["problem"], found
+        assert ("5 min" if age == 300 else "2 h 00 min") in found["problem"], found
+        assert "takes it over by itself" in said, found
+        everything = text + json.dumps(problems)
+        assert "--force" not in everything and "shell tooling" not in everything, everything
+        data = json.loads(_cli(env.source, "status", "--format", "json").stdout)
+        assert data["lock"]["empty"] is True and "empty" in data["lock"]["summary"], data
+        [unlock] = _typed(found["fix"], "runbook unlock")
+        done = _run_printed(" ".join(unlock))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not env.lock_path.exists()
+        code, text, problems = status(stack)
+        assert (code, problems) == (0, []), text
+    finally:
+        import shutil
+
+        shutil.rmtree(env.lock_path, ignore_errors=True)
+
+
+def test_an_empty_lock_directory_made_just_now_is_a_run_taking_the_lock_never_removable(
+        stack: DrillStack) -> None:
+    """Its companion: an empty lock directory younger than 10 s may be a run taking the lock
+    at this instant (the shell tooling writes its locked_at right after its mkdir): every run
+    is refused by it, and status says to wait, never to remove it; `runbook unlock` keeps it.
+    Its mtime is kept fresh while the test runs, as a lock being taken now has it (a loaded
+    machine runs status for longer than 10 s). Oracle: the dry run's exit, the directory."""
+    import threading
+
+    env = stack.env
+    env.lock_path.mkdir()
+    stop = threading.Event()
+
+    def fresh() -> None:
+        while not stop.wait(0.5):
+            os.utime(env.lock_path)
+
+    toucher = threading.Thread(target=fresh, daemon=True)
+    toucher.start()
+    try:
+        refused = _cli(env.source, "rollback", "--dry-run")  # the premise: every run refused
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        code, text, problems = status(stack)
+        assert_listed(code, text, problems)
+        found = problem(problems, "being taken")
+        assert "empty" in found["problem"] and "wait" in found["fix"], found
+        assert "runbook unlock" not in found["fix"], found
+        everything = text + json.dumps(problems)
+        assert "--force" not in everything and "shell tooling" not in everything, everything
+        kept = _cli(env.source, "unlock", "--yes")
+        assert kept.returncode == 3, kept.stdout + kept.stderr
+        assert "being taken" in kept.stderr and "--force" not in kept.stderr, kept.stderr
+        assert env.lock_path.is_dir()
+    finally:
+        stop.set()
+        toucher.join(5)
+        import shutil
+
+        shutil.rmtree(env.lock_path, ignore_errors=True)
+
+
 def test_traffic_going_nowhere_is_the_first_problem(stack: DrillStack) -> None:
     """Found by review: with Caddy running a config that dials a port where no slot listens
     (users get 502: the outage), status listed the Caddyfile's block and the running config

@@ -33,6 +33,7 @@ from runbook.lock.holding import (
     unlock,
 )
 from runbook.lock.policy import (
+    EMPTY_DIR_GRACE,
     FUTURE_SLACK,
     HOLDER,
     LOCKED_AT,
@@ -43,7 +44,7 @@ from runbook.lock.policy import (
 )
 
 __all__ = [
-    "FUTURE_SLACK", "GUARD_TIMEOUT", "HOLDER", "LOCKED_AT", "Holder", "Ident", "Lock",
-    "LockStatus", "_entomb", "acquire", "guard_path", "refusal", "refusing_holder", "release",
-    "removal_refusal", "status", "suspended_fix", "unlock",
+    "EMPTY_DIR_GRACE", "FUTURE_SLACK", "GUARD_TIMEOUT", "HOLDER", "LOCKED_AT", "Holder",
+    "Ident", "Lock", "LockStatus", "_entomb", "acquire", "guard_path", "refusal",
+    "refusing_holder", "release", "removal_refusal", "status", "suspended_fix", "unlock",
 ]

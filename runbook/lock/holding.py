@@ -38,6 +38,7 @@ from runbook.errors import (
     StateError,
 )
 from runbook.lock.policy import (
+    EMPTY_DIR_GRACE,
     HOLDER,
     LOCKED_AT,
     MIRROR_MATCH,
@@ -49,6 +50,7 @@ from runbook.lock.policy import (
     _from_epoch,
     _inspect,
     _judge_state_lock,
+    _only_our_temp_files,
     _state_lock_mapping,
     _state_lock_status,
     _unjudged,
@@ -62,10 +64,6 @@ class LockNotRemovable(LockedError):
 
 
 GUARD_TIMEOUT = 10.0  # seconds; the guarded sections take milliseconds
-# a lock directory with nothing in it (its maker was killed between mkdir and its files) is
-# only removable with --force once it is this old: younger, it may be a lock being taken now
-EMPTY_DIR_GRACE = 10.0
-
 
 
 @dataclass
@@ -352,8 +350,7 @@ def refusing_holder(env: Environment) -> LockStatus | None:
     by review: a stale lock whose holder still runs read as free, and a killed writer's
     temp-file-only lock as held)."""
     current = _inspect(env)
-    if current is not None and not current.stealable and not _killed_taking_it(current) \
-            and not _left_empty(current):
+    if current is not None and not current.stealable and not _killed_taking_it(current):
         return current
     state_only = _beside(env, current)[1] if current is not None else _state_lock_status(env)
     return state_only if state_only is not None and not state_only.stealable else None
@@ -381,18 +378,13 @@ def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
             # an expired lock there is taken over too: said and journaled, as a directory's
             # is (run.perform); it was replaced without a word (found by review)
             stolen = state_only
-        elif not current.stealable and not _killed_taking_it(current) \
-                and not _left_empty(current):
+        elif not current.stealable and not _killed_taking_it(current):
             raise _locked_error(env, current)
         else:
-            if not current.stealable:  # said as what it is, not as the shell tooling's lock
-                # an empty one older than EMPTY_DIR_GRACE too: the shell tooling writes its
-                # locked_at right after its mkdir, so no one is filling it; it was refused for
-                # 30 minutes as the shell tooling's, while unlock knew it (found by a kill fuzz)
+            # (an empty one older than EMPTY_DIR_GRACE is stale, said so: policy._inspect)
+            if not current.stealable:  # said as what it is, not as being taken now
                 current = dataclasses.replace(current, why=(
-                    "a run killed while taking it left only its half-written holder file"
-                    if _killed_taking_it(current) else "a run killed while taking it left it "
-                    f"empty, {rough_duration(current.age)} ago"))
+                    "a run killed while taking it left only its half-written holder file"))
             # the directory is stale, but a live lock in the state file (the Go CLI's, taken
             # since) is a holder all the same; the directory's own stripped copy is not
             current, state_only = _beside(env, current, corrupt)
@@ -859,13 +851,8 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
         return  # (a pid known without its start time may be reused: on-call checked it)
     if force and current.undated:
         return  # dated in the future: on-call checked that no deploy runs
-    if _left_empty(current):
-        if force:
-            return
-        raise LockedError(f"{env.display}: the deploy lock {current.path} names no holder: it "
-                          f"is empty, {rough_duration(current.age)} old (a run killed while "
-                          "taking it)",
-                          f"remove it with `runbook unlock {command_arg(env)} --force`")
+    # (an empty one older than EMPTY_DIR_GRACE is stale, so removed above without --force: the
+    # next run takes it over by itself; younger, _locked_error says it is being taken)
     if current.broken:
         raise LockedError(f"{current.why}; not touching it",
                           current.fix or f"remove {current.path} by hand")
@@ -891,25 +878,7 @@ def _killed_taking_it(current: LockStatus) -> bool:
     directory is not this: it may be the shell tooling's, the instant after its mkdir."""
     if current.source != "directory" or current.broken or current.holder is not None:
         return False
-    return bool(_only_our_temp_files(current))
-
-
-def _left_empty(current: LockStatus) -> bool:
-    """A directory with nothing in it, older than a lock being taken takes to fill."""
-    if current.source != "directory" or current.broken or current.age < EMPTY_DIR_GRACE:
-        return False
-    return _only_our_temp_files(current) is not None
-
-
-def _only_our_temp_files(current: LockStatus) -> list[str] | None:
-    """The lock directory's entries when each is a temp file of our own lock writer (a run
-    killed inside its write: not content), [] when it is empty; None otherwise."""
-    try:
-        with os.scandir(current.path) as entries:
-            names = [e.name for e in entries]
-    except OSError:
-        return None
-    return names if all(files.temp_target(n) in (HOLDER, LOCKED_AT) for n in names) else None
+    return bool(_only_our_temp_files(current.path))
 
 
 def _locked_error(env: Environment, current: LockStatus, *,
@@ -918,6 +887,15 @@ def _locked_error(env: Environment, current: LockStatus, *,
     if current.broken:
         return LockedError(f"{env.display}: the deploy lock cannot be used: {current.why}",
                            current.fix or f"remove {current.path} by hand if nothing uses it")
+    if current.empty and not current.stale and not current.undated:
+        # never "wait for that run (it expires in 30 min)", nor --force: in seconds it names
+        # its holder, or it is a killed run's and the next run takes it over (found by review)
+        return LockedError(
+            f"{env.display}: the deploy lock {current.path} is being taken at this moment: "
+            f"its directory is still empty, {rough_duration(current.age)} old",
+            f"wait a few seconds: the run taking it names itself in it (`runbook status "
+            f"{name}`); if it stays empty (a run killed while taking it), the next rollback, "
+            f"deploy or switch takes it over by itself once it is {EMPTY_DIR_GRACE:.0f} s old")
     where = "" if current.source == "directory" else " (recorded only in the state file)"
     message = (f"{env.display}: the deploy lock{where} is held by {current.describe()}; "
                f"{current.why}")

@@ -29,6 +29,10 @@ from runbook.times import rough_duration
 LOCKED_AT = "locked_at"
 HOLDER = "holder.json"
 FUTURE_SLACK = 300.0  # a locked_at further in the future than this is not believed
+# a lock directory with nothing in it (its maker was killed between mkdir and its files) is
+# stale once it is this old: younger, it may be a lock being taken now (the shell tooling
+# writes its locked_at right after its mkdir, a runbook its files under the guard)
+EMPTY_DIR_GRACE = 10.0
 
 Ident = tuple[int, int]  # (st_dev, st_ino): which directory, not just which name
 
@@ -98,6 +102,9 @@ class LockStatus:
     # there), not from a holder.json with the process's start time: a reused pid would look
     # alive, so --force may remove it once on-call has checked the process
     alive_by_mirror: bool = False
+    # the directory holds no lock file (nothing, or only our writer's temp files): being taken
+    # at this moment while younger than EMPTY_DIR_GRACE, then stale (a run killed taking it)
+    empty: bool = False
 
     @property
     def legacy(self) -> bool:
@@ -147,6 +154,11 @@ class LockStatus:
             return self.why
         if self.holder is not None:
             who = self.holder.describe()
+        elif self.empty and not self.undated:  # nobody's yet, or nobody's ever: not the shell
+            # tooling's (found by review: "the shell tooling (no holder recorded)", with
+            # `unlock --force` as the way out, for a lock the next run took over unasked)
+            who = ("no one: the lock directory is empty" if self.stale else
+                   "a run taking it at this moment (the lock directory is still empty)")
         elif self.state_lock and self.state_lock.get("locked"):
             who = "the shell tooling (" + _state_holder(self.state_lock).describe() + ")"
         else:
@@ -215,8 +227,17 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
     except StateError:
         state_lock = None
     running = basis == "locked_at" and _mirror_running(state_lock, epoch)
+    # an empty directory expires EMPTY_DIR_GRACE after its mkdir, not the lifetime after: it
+    # was judged fresh for 30 minutes, and every reader (status, unlock, the fleet's host
+    # check) but the run taking the lock called it held, or removable only with --force
+    empty = holder is None and _only_our_temp_files(path) is not None
     judged = _judge(env, path, "directory", holder, epoch, basis, now, ident, state_lock,
-                    running=running)
+                    expires=epoch + EMPTY_DIR_GRACE if empty else None, running=running)
+    if empty:
+        judged = dataclasses.replace(judged, empty=True, why=(
+            f"a run killed while taking it left it empty, {rough_duration(judged.age)} ago"
+            if judged.stale else "a run is taking it at this moment: its directory is still "
+            f"empty, {rough_duration(judged.age)} old"))
     if epoch > now + FUTURE_SLACK and not judged.stale \
             and (judged.holder_alive is not True or judged.pid_unverified):
         # its directory too was made "later" than now: the clock was set back since (NTP
@@ -225,6 +246,17 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
         judged = dataclasses.replace(judged, undated=True,
                                      why=_dated_in_future(epoch - now, basis))
     return dataclasses.replace(judged, alive_by_mirror=running) if running else judged
+
+
+def _only_our_temp_files(path: Path) -> list[str] | None:
+    """The lock directory's entries when each is a temp file of our own lock writer (a run
+    killed inside its write: not content), [] when it is empty; None otherwise."""
+    try:
+        with os.scandir(path) as entries:
+            names = [e.name for e in entries]
+    except OSError:
+        return None
+    return names if all(files.temp_target(n) in (HOLDER, LOCKED_AT) for n in names) else None
 
 
 def _unreadable(env: Environment, path: Path, st: os.stat_result,
