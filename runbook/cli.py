@@ -9,13 +9,18 @@ from runbook import startup  # first: a Ctrl-C while importing is one line, not 
 
 # isort: split
 import contextlib
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click import Command
+from typer.core import TyperGroup
+from typer.main import get_command
 
 from runbook.cli_common import (
     BEFORE_ANY_CHANGE,
@@ -327,14 +332,42 @@ _register_docs(app)  # runbook docs, runbook drill
 app.add_typer(fleet_app, name="fleet")  # issue 13: several hosts
 
 
+def _begins(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """A command's function, from which a Ctrl-C is its own to answer (a run's handlers, a
+    dry run's clean-up), and one that escapes it is said: typer turned it into a silent
+    exit 130 (found by review: on-call could not tell whether anything ran)."""
+    @functools.wraps(callback)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            startup.release()  # inside the try: no KeyboardInterrupt slips past it to typer
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:
+            echo("runbook: interrupted", err=True)
+            raise typer.Exit(130) from None
+    return command
+
+
+def _mark_beginnings(command: Command) -> None:
+    """Wrap every command's function (not the groups': their callbacks only parse) in
+    _begins; until one begins a Ctrl-C is startup's "nothing was changed"."""
+    if isinstance(command, TyperGroup):
+        for sub in command.commands.values():
+            _mark_beginnings(sub)
+    elif command.callback is not None:
+        command.callback = _begins(command.callback)
+
+
 def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
+    startup.hold()  # a caller that imported this module first (a test harness) had it released
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     try:
+        command = get_command(app)  # what app() runs, with its beginnings marked
+        _mark_beginnings(command)
         # not standalone: a usage error (an unknown flag, a bad choice) comes back here to be
         # said in one line; click printed four (usage, hint, blank, error; found by review)
-        code = app(prog_name="runbook", standalone_mode=False)
+        code = command.main(prog_name="runbook", standalone_mode=False)
     except NoArgsIsHelpError as asked:  # `runbook` alone: the help and exit 2, as before
         asked.show()
         _leave(asked.exit_code)
@@ -399,9 +432,11 @@ def _leave(code: object) -> NoReturn:
         os._exit(status)
 
 
-# imported: a Ctrl-C from here on is KeyboardInterrupt again (main's one line, a run's own
-# handling), also in a process that imports this module without calling main() (pytest)
-startup.release()
+# imported by a process that is not the CLI (pytest): a Ctrl-C there is KeyboardInterrupt
+# again. The CLI itself (`python -m runbook.cli`, pip's `runbook` script, which calls main()
+# right after this import) keeps startup's line until the command begins (_begins).
+if __name__ != "__main__" and os.path.basename(sys.argv[0]) != "runbook":
+    startup.release()
 
 if __name__ == "__main__":
     main()

@@ -121,7 +121,7 @@ def plan_only(env: Environment, action: str, build: Callable[[str], Plan]) -> Pl
 
 
 class DryRunSignal(SystemExit):
-    """SIGTERM or SIGHUP ending a dry run as Ctrl-C does (typer makes that exit 130, with the
+    """SIGTERM or SIGHUP ending a dry run as Ctrl-C does (cli._begins makes that exit 130, with the
     atexit clean-up): the process exits 128 + the signal's number, through cli._leave."""
 
     def __init__(self, signum: int) -> None:

@@ -319,7 +319,8 @@ def test_a_ctrl_c_while_the_cli_is_still_importing_is_one_line_not_a_traceback()
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 130, done.stdout + done.stderr
-    assert done.stderr == "runbook: interrupted while starting; nothing was changed\n", done.stderr
+    assert done.stderr == ("runbook: interrupted before the command began; nothing was "
+                           "changed\n"), done.stderr
 
 
 def test_once_the_cli_is_imported_a_ctrl_c_is_pythons_again() -> None:
@@ -343,6 +344,89 @@ def test_once_the_cli_is_imported_a_ctrl_c_is_pythons_again() -> None:
         capture_output=True, text=True, timeout=60, check=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert ignored.stdout.strip() == "True", ignored.stderr
+
+
+_INTERRUPTED_AT = """
+import importlib, os, signal, sys
+import runbook.startup  # the CLI's first import, as in a real start
+entry, where = sys.argv.pop(1), sys.argv.pop(1)
+module, _, name = where.partition(":")
+owner = importlib.import_module(module)
+*outer, name = name.split(".")
+for part in outer:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # on-call's Ctrl-C lands here
+    return original(*args, **kwargs)
+setattr(owner, name, interrupted)
+if entry == "module":  # python -m runbook.cli
+    import runpy
+    runpy.run_module("runbook.cli", run_name="__main__", alter_sys=True)
+else:  # the console script pip writes (.venv/bin/runbook): it imports main, then calls it
+    sys.argv[0] = os.path.join(os.path.dirname(sys.executable), "runbook")
+    from runbook.cli import main
+    sys.exit(main())
+"""
+
+
+def _interrupted_at(entry: str, where: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`runbook ARGS`, started as `entry` ("module" or "script"), with a SIGINT sent to itself
+    when it first calls `where` ("module:function"): a Ctrl-C at that very point."""
+    return subprocess.run([sys.executable, "-c", _INTERRUPTED_AT, entry, where, *args],
+                          capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def _scratch_env(tmp_path: Path) -> Path:
+    """The packaged staging environment with everything it would write under tmp_path."""
+    staging = (Path(__file__).resolve().parents[1] / "runbook" / "environments"
+               / "staging.toml").read_text()
+    for old, new in (("/opt/togather/src/deploy/config/deployment-state.json",
+                      tmp_path / "state.json"), ('dir = "/tmp"', f'dir = "{tmp_path}/lock"'),
+                     ("~/.togather/logs/deployments", tmp_path / "logs"),
+                     ("~/.togather/runs", tmp_path / "runs"),
+                     ("/etc/caddy/Caddyfile", tmp_path / "Caddyfile")):
+        assert str(old) in staging, old
+        staging = staging.replace(str(old), str(new))
+    path = tmp_path / "scratch.toml"
+    path.write_text(staging)
+    return path
+
+
+@pytest.mark.parametrize("entry", ["module", "script"])
+def test_a_ctrl_c_while_the_command_line_is_parsed_says_nothing_was_changed(
+        entry: str, tmp_path: Path) -> None:
+    """Found by review: a Ctrl-C once the CLI was imported but before any command began (typer
+    parsing the command line) exited 130 with nothing on stderr: typer turns KeyboardInterrupt
+    into a silent exit 130, so on-call could not tell whether anything ran. It is one line
+    saying nothing was changed, with the 130 README documents, from either way of starting."""
+    env = _scratch_env(tmp_path)
+    done = _interrupted_at(entry, "typer._click.core:Command.parse_args", "rollback", "--yes",
+                           str(env))
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert done.stderr == ("runbook: interrupted before the command began; nothing was "
+                           "changed\n"), done.stderr
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch.toml"]  # nothing written
+
+
+@pytest.mark.parametrize(("where", "args"), [
+    ("runbook.status:gather", ["status"]),  # a read-only command, no handling of its own
+    ("runbook.disk:refuse_unwritable", ["rollback", "--yes"]),  # before the run's handlers
+    ("runbook.run:_dry_run", ["rollback", "--dry-run"]),  # README: a dry run's Ctrl-C
+])
+def test_a_ctrl_c_once_the_command_began_is_one_line_not_silence(
+        where: str, args: list[str], tmp_path: Path) -> None:
+    """Found by review: a Ctrl-C after the command began but outside a run's own signal
+    handling (a status, a dry run, a rollback still checking its folders) exited 130 in
+    silence (typer's doing). It says it was interrupted; no traceback."""
+    env = _scratch_env(tmp_path)
+    done = _interrupted_at("module", where, *args, str(env))
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert done.stderr == "runbook: interrupted\n", done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "lock").exists()
 
 
 def test_a_closed_terminal_never_counts_as_the_second_ctrl_c_that_cuts_compose_off() -> None:
