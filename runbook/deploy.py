@@ -91,9 +91,12 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         report = (health.probe(env.slot(serving), env.health.path, env.health.request_timeout)
                   if runs in (version, None) and info.running else None)
         if report is not None and report.ok:  # a tag not a version: the file says
-            raise PreconditionError(f"{version} already serves, from the {serving} slot (as "
-                                    "Caddy runs it)", "nothing to deploy; use `runbook status` "
-                                    "to see both slots")
+            refused = PreconditionError(f"{version} already serves, from the {serving} slot (as "
+                                        "Caddy runs it)", "nothing to deploy; use `runbook "
+                                        "status` to see both slots")
+            # a deploy killed after its last step, typed again: said as done, by that run
+            raise refused if found is not None else finish.done_already(
+                refused, current, serving, runs, info.running)
         if report is not None:  # found by review: the guide's recovery when it is broken
             warnings.append(f"{version} serves from the {serving} slot but its health check "
                             f"fails ({report.status}: {report.reason()}): deploying "

@@ -22,7 +22,7 @@ from runbook import caddy, database, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook import lock as locks
 from runbook.environment import Environment, Slot, command_arg
-from runbook.errors import LockedError, PreconditionError, RunbookError
+from runbook.errors import AlreadyDone, LockedError, PreconditionError, RunbookError
 from runbook.plan import Phase, Plan, Step, StepContext
 
 if TYPE_CHECKING:
@@ -51,6 +51,26 @@ def in_progress(intent: intents.Intent, held: locks.LockStatus | None) -> bool:
     return (held is not None and h is not None and not held.is_ours
             and held.holder_alive is True and h.pid == intent.pid
             and h.hostname == intent.hostname)
+
+
+def done_already(refusal: PreconditionError, current: states.Deployment | None, live: Slot,
+                 runs: str | None, running: bool) -> PreconditionError:
+    """A refusal because what the command asks is in effect (a deploy's "already serves", a
+    switch's "already takes traffic", a rollback's "already serves" or "rolled back from"),
+    said as AlreadyDone when what runs shows the state file's current record in effect: Caddy
+    runs the slot it names (`live`), whose container runs (`running`), as its version
+    (`runs`). It carries the run that recorded it: a rollback's (or a switch recorded as one)
+    `rollback_id`, else the record's id (a deploy's, a switch's new record: its run id);
+    runbook/run.py says that run completed when it is the one whose stale lock the rerun took
+    over. Otherwise the refusal as it is. Callers ask only while no interrupted run's record
+    waits (that run is not complete)."""
+    if current is None or live != current.active_slot or runs != current.version \
+            or not running:
+        return refusal
+    by = current.extra.get("rollback_id")
+    return AlreadyDone(refusal.message, refusal.fix,
+                       done_by=by if isinstance(by, str) else current.id,
+                       serving=f"{live} {current.version}")
 
 
 def superseded(intent: intents.Intent,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
 from runbook.environment import Environment, Slot, command_arg
-from runbook.errors import AlreadyDone, ConfigError, PreconditionError, RunbookError, UsageError
+from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
 from runbook.plan import Phase, Plan, Step, StepContext
 from runbook.redact import one_line
 from runbook.restore_records import refuse_doubted, restoring_command
@@ -319,15 +320,17 @@ def down_after_interrupted(env: Environment, dead: intents.Intent, live: Slot,
 
 def _serving_is_current(env: Environment, state: states.DeploymentState,
                         current: states.Deployment, target: states.Deployment, live: Slot,
-                        serving: docker.ContainerInfo, *,
-                        named: bool) -> None:
+                        serving: docker.ContainerInfo, *, named: bool,
+                        done: Callable[[PreconditionError], PreconditionError]) -> None:
     """What serves decides what is rolled back from, not the state file: the old tooling's
     rollback swaps current and previous there without switching Caddy, and this run then
     rebuilt the version serving as the "previous" one and said "rolled back". A serving
     container whose tag names no version (`:latest`) cannot be compared: the file is used.
     What is rolled back from is `serving_deployment`'s, as deploy's `_serving_record` reads
     it (found by review: `--to` took it from the file, and its plan, its record and its
-    messages named a version that did not run)."""
+    messages named a version that did not run). Its "already serves" goes through `done`
+    (finish.done_already: a rerun typed `--to` the version a killed rollback left serving
+    says that run completed)."""
     runs = _runs(serving)
     if runs is not None and runs != current.version and not named:
         known = ", ".join(d.version for d in state.deployments())
@@ -340,24 +343,9 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
             f"rollback {command_arg(env)} --to <version>` (known: {known})")
     if (runs is not None and target.version == runs) or (
             runs is None and (target.id == current.id or target.version == current.version)):
-        raise PreconditionError(f"{target.version} already serves, from the {live} slot (as "
-                                "Caddy runs it); nothing was changed",
-                                "nothing to roll back to; pass --to <another version>")
-
-
-def _done_already(refusal: PreconditionError, current: states.Deployment, live: Slot,
-                  serving_version: str, serving: docker.ContainerInfo) -> PreconditionError:
-    """The "rolled back from" refusal, said as AlreadyDone when what runs shows the rollback
-    the state file records in effect (Caddy runs the slot its current names, whose container
-    runs, as that version): the run it records (`rollback_id`) completed, and a rerun that
-    took over its stale lock says so (runbook/run.py). Otherwise the refusal as it is."""
-    if (live != current.active_slot or serving_version != current.version
-            or not serving.running):
-        return refusal
-    done_by = current.extra.get("rollback_id")
-    return AlreadyDone(refusal.message, refusal.fix,
-                       done_by=done_by if isinstance(done_by, str) else None,
-                       serving=f"{live} {current.version}")
+        raise done(PreconditionError(f"{target.version} already serves, from the {live} slot "
+                                     "(as Caddy runs it); nothing was changed",
+                                     "nothing to roll back to; pass --to <another version>"))
 
 
 def _runs(serving: docker.ContainerInfo) -> str | None:
@@ -551,16 +539,22 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         warnings += passed
         from_version, served = serving_deployment(state, current, containers[live].result())
         _expected(options, current, from_version, served)
+        running = containers[live].result().running
+
+        def in_effect(refused: PreconditionError) -> PreconditionError:
+            # what is asked is in effect: said as done (by whom), unless a record waits
+            return refused if found is not None else finish.done_already(
+                refused, current, live, from_version, running)
+
         refusal = _other_target(env, found, options, from_version, target) or forward
-        if refusal is not None and refusal is forward and found is None:
-            refusal = _done_already(refusal, current, live, from_version,
-                                    containers[live].result())
+        if refusal is not None and refusal is forward:
+            refusal = in_effect(refusal)
         if refusal is not None:  # said with the outage an interrupted run may have left
             if found is not None and not containers[live].result().running:
                 raise down_after_interrupted(env, found[0], live, refusal)
             raise refusal
         _serving_is_current(env, state, current, target, live, containers[live].result(),
-                            named=bool(options.to))
+                            named=bool(options.to), done=in_effect)
         if state.unread:  # simulated as the commit writes it: what serves, the other slot
             readable_after(state, target, served=served, slot=live.other)
         if served is not None and served.id != current.id:

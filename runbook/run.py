@@ -24,6 +24,7 @@ from runbook import lock as locks
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import AlreadyDone, ExitCode, LockLostError, RunbookError, UsageError
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
+from runbook.redact import one_line
 
 WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
 
@@ -220,7 +221,7 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     try:
                         plan = _with_room(env, build(run_id))
                     except AlreadyDone as done:
-                        raise _completed(env, action, done, held.stolen_from) from None
+                        raise _completed(env, done, held.stolen_from) from None
                 _refuse_caddyfile(env, plan, caddyfile_deferred)
                 named = plan.intent.deployment_id if plan.intent else None
                 journal.for_deployment(named)
@@ -374,23 +375,29 @@ def _failed(journal: Any, exc: RunbookError, result: RunResult | None) -> Runboo
     return exc
 
 
-def _completed(env: Environment, action: str, done: AlreadyDone,
+def _completed(env: Environment, done: AlreadyDone,
                dead: locks.LockStatus | None) -> RunbookError:
     """A refusal because the work is done, said as the completion it is when the run that
     did it is the one whose stale lock this run took over: killed after its last step, before
     its release, it finished. Found by a kill fuzz: "rolled back from" alone, with the lock
-    taken over, read at 3 a.m. as a failure. The exit code stays the refusal's."""
+    taken over, read at 3 a.m. as a failure. What that run was is its own run record's
+    action, never this run's: a switch back to the previous version is recorded as a
+    rollback, and was called one by a `runbook rollback` typed after it. The exit code stays
+    the refusal's."""
     holder = dead.holder if dead is not None else None
     if holder is None or not done.done_by or done.done_by not in (
             holder.run_id, holder.deployment_id):  # older holders: the run id there
         return done
     who = ", ".join(([f"pid {holder.pid}"] if holder.pid is not None else [])
                     + [f"run {done.done_by}"])
+    record = journals.record_of(env, holder.run_id or done.done_by)
+    was = record.get("action") if record is not None else None
     return AlreadyDone(
         f"the killed run whose stale lock this one took over ({who}) had completed its "
-        f"{action} before it died: traffic is on {done.serving}, nothing is left to do, and "
-        f"`runbook status {command_arg(env)}` confirms it; so this run is refused: "
-        f"{done.message}", done.fix, done_by=done.done_by, serving=done.serving)
+        f"{one_line(was) if isinstance(was, str) and was else 'work'} before it died: traffic "
+        f"is on {done.serving}, nothing is left to do, and `runbook status {command_arg(env)}` "
+        f"confirms it; so this run is refused: {done.message}", done.fix,
+        done_by=done.done_by, serving=done.serving)
 
 
 def _with_room(env: Environment, plan: Plan) -> Plan:

@@ -12,6 +12,7 @@ of a hand edit of the file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +95,25 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     traffic.refuse_if_unverifiable(env, now)
     if (side := traffic.proxy_side_warning(env, now)) is not None:
         warnings.append(side)
+
+    def in_effect(refused: PreconditionError) -> PreconditionError:
+        # a switch killed after its last step, typed again: said as done, by that run (the
+        # refusal as it is when Docker cannot tell what the slot runs)
+        if found is not None or repairing is not None:
+            return refused
+        try:
+            runs = docker.inspect(config.container)
+        except RunbookError:
+            return refused
+        return finish.done_already(refused, state.current, target, runs.tag, runs.running)
+
     # the file names the other slot, or no slot at all (an edit, a killed run of another
     # tool, a config loaded through the admin API): a reload, a restart or a reboot would
     # move traffic there. Writing the file back in line with what runs is this very switch,
     # and no hand edit at 3 a.m.: the verified reload of what already runs moves nobody
     reloads = _in_line_or_refuse(env, target,
                                  (found is None and repairing is None) or in_line_beside,
-                                 elsewhere) if in_line else None
+                                 elsewhere, done=in_effect) if in_line else None
     if reloads is not None:
         warnings.append(reloads)
     if repairing is not None:
@@ -280,7 +293,9 @@ def _recorded(env: Environment, state: states.DeploymentState, version: str, tar
 
 
 def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
-                       elsewhere: Slot | None = None) -> str | None:
+                       elsewhere: Slot | None = None, *,
+                       done: Callable[[PreconditionError], PreconditionError] | None = None,
+                       ) -> str | None:
     """Caddy already runs `target`. Refused (nothing to switch) when the Caddyfile on disk
     names `target` too, unless the state file records the other slot (`elsewhere`: None is
     returned then, for a record-only switch, under the same health check); taken when it
@@ -293,7 +308,8 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
     rerunning it sent users to the slot that may just have failed, and the only other way
     out was a hand edit). Returns the plan's warning for the switch that writes the file back
     and reloads it; None for the record-only switch, taken only while Caddy runs what the
-    file says (`_runs_other_than_the_file`: else it is that reload)."""
+    file says (`_runs_other_than_the_file`: else it is that reload). "Nothing to switch"
+    goes through `done` (finish.done_already: a rerun says a killed switch completed)."""
     refused = f"the {target} slot already takes traffic (as Caddy runs it)"
     try:
         found = caddy.inspect(caddy.read(env), env)
@@ -301,7 +317,8 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
         raise PreconditionError(f"{refused}, and {exc.message}",
                                 exc.fix or f"check {env.caddy.caddyfile}") from None
     if found.slot == target and elsewhere is None:
-        raise PreconditionError(refused, "nothing to switch; see `runbook status`")
+        nothing = PreconditionError(refused, "nothing to switch; see `runbook status`")
+        raise done(nothing) if done is not None else nothing
     names = (str(found.slot) if found.slot is not None
              else f"no single slot ({'; '.join(found.problems)})")
     if found.slot != target and not unrecorded:

@@ -3677,3 +3677,64 @@ def test_a_rerun_after_a_rollback_killed_holding_its_lock_says_that_run_complete
     plain = cli(env, "rollback", "--yes")
     assert plain.returncode == ExitCode.PRECONDITION, plain.stderr
     assert "rolled back from" in plain.stderr and "killed run" not in plain.stderr, plain.stderr
+
+
+# (the command killed after its last step, the command typed next, what the killed run was,
+# the refusal the rerun still gives after saying so)
+KILLED_THEN_TYPED = [
+    (("deploy", "--version", V2.tag), ("deploy", "--version", V2.tag), "deploy",
+     f"{V2.tag} already serves, from the green slot"),
+    (("switch", "--slot", "green"), ("switch", "--slot", "green"), "switch",
+     "the green slot already takes traffic"),
+    (("rollback",), ("rollback", "--to", V2.tag), "rollback",
+     f"{V2.tag} already serves, from the green slot"),
+    # the switch back to the previous version is recorded as a rollback (its run id as the
+    # rollback's): the line names what the killed run was, a switch, not the rerun's action
+    (("switch", "--slot", "green"), ("rollback",), "switch", "rolled back from"),
+]
+
+
+@pytest.mark.parametrize(("killed_as", "typed", "was", "refused_as"), KILLED_THEN_TYPED,
+                         ids=["deploy", "switch", "rollback-to", "switch-then-rollback"])
+def test_a_rerun_after_a_deploy_or_switch_killed_holding_its_lock_says_that_run_completed(
+        stack: DrillStack, killed_as: tuple[str, ...], typed: tuple[str, ...], was: str,
+        refused_as: str) -> None:
+    """Found by review of the rollback's case above: a deploy or a switch SIGKILLed after its
+    last step (traffic moved, recorded, its intent record cleared; the lock left), then the
+    same command typed again (or a rollback named `--to` the version that now serves): the
+    rerun took the stale lock over and refused, exit 4, "already serves" / "already takes
+    traffic", never saying that the run it took the lock from had finished. Each now says
+    it first, naming what that run was, and still changes nothing. Oracles: the proxy's
+    answer, the killed process's pid, the files' bytes."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_ONCE_THE_INTENT_IS_CLEARED,
+                               *killed_as, "--yes", str(env.source)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    _, err = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, err
+    assert intents.read(env) is None and env.lock_path.exists()
+    assert through_proxy(env) == ("green", V2.tag)
+    recorded = states.read_state(env.state_file).with_(lock={})
+    caddyfile = env.caddy.caddyfile.read_bytes()
+    again = cli(env, *typed, "--yes")
+    assert again.returncode == ExitCode.PRECONDITION, again.stdout + again.stderr
+    lines = again.stderr.splitlines()
+    took = [i for i, line in enumerate(lines) if "took over a stale deploy lock" in line]
+    refused = [i for i, line in enumerate(lines) if line.startswith("runbook: error:")]
+    assert took and refused, again.stderr
+    said = [line for line in lines[took[0] + 1:refused[0] + 1]
+            if f"pid {killed.pid}" in line and f"had completed its {was} before" in line]
+    assert said, again.stderr
+    assert f"traffic is on green {V2.tag}" in said[0], said[0]
+    assert "nothing is left to do" in said[0], said[0]
+    assert f"`runbook status {command_arg(env)}`" in said[0], said[0]
+    assert refused_as in lines[refused[0]], lines[refused[0]]
+    # it changed nothing (but the dead run's lock, taken over and released)
+    assert states.read_state(env.state_file).with_(lock={}) == recorded
+    assert env.caddy.caddyfile.read_bytes() == caddyfile
+    assert through_proxy(env) == ("green", V2.tag) and not env.lock_path.exists()
+    # typed again with no lock taken over: the refusal alone, naming no killed run
+    plain = cli(env, *typed, "--yes")
+    assert plain.returncode == ExitCode.PRECONDITION, plain.stderr
+    assert refused_as in plain.stderr and "killed run" not in plain.stderr, plain.stderr
