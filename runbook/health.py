@@ -371,13 +371,16 @@ def wait_healthy(env: Environment, slot: Slot | str, timeout: float | None = Non
             # was reported as "the body did not finish").
             shown, tail = report, ""
             earlier = said_why if report.timed_out else answered
+            between = None
             if earlier is not None and earlier.http_status is None and answered is not None:
                 # an answer says more than a refused or broken connection after it (Docker's
                 # port proxy closing on a starting container: found when a loaded drill's
-                # broken build was said as "unreachable", its failing check unnamed)
-                earlier = answered
+                # broken build was said as "unreachable", its failing check unnamed); what
+                # came after it is still said (an app that stopped answering)
+                between, earlier = earlier, answered
             if report.http_status is None and earlier is not None:
-                shown, tail = earlier, f" (then: {report.error})"
+                then = [r.error for r in (between, report) if r is not None and r.error]
+                shown, tail = earlier, f" (then: {'; then: '.join(then)})"
             raise HealthGateError(
                 f"slot {config.slot} ({report.url}) did not become healthy within {limit:g}s "
                 f"({attempt} attempts): last {_last(shown)}{tail}", _fix(config, shown, env),

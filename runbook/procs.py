@@ -56,28 +56,44 @@ def pid_suspended(pid: int) -> bool:
 
 
 def flock_holders(st: os.stat_result) -> list[int]:
-    """The pids /proc/locks names as holding a flock on the file `st` describes (its
-    "MAJOR:MINOR:INODE", device numbers in hex); [] where there is no /proc/locks. Lets a
-    run blocked on a flock name who blocks it (a suspended process never lets go)."""
+    """The pids holding a flock on the file `st` describes, as /proc/locks names them and
+    each one's open files confirm; [] where that cannot be read. Lets a run blocked on a
+    flock name who blocks it (a suspended process never lets go). /proc/locks alone is not
+    trusted: btrfs shows another device than stat does (inode numbers repeat across its
+    subvolumes), and it keeps the pid that took the lock after that process exited and
+    its child kept it: a `kill` printed for such a pid hits another process (found by
+    review). A holder whose files this user may not read is not named."""
     try:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return []
-    exact, by_inode = [], []
+    candidates: list[int] = []
     for line in lines:
         fields = line.split()
         if len(fields) < 6 or fields[1] != "FLOCK" or fields[-3].count(":") != 2:
             continue  # a blocked waiter's line ("1: -> FLOCK ...") names no holder
-        major, minor, inode = fields[-3].split(":")
         try:
-            pid, ident = int(fields[-4]), (int(major, 16), int(minor, 16), int(inode))
+            pid, inode = int(fields[-4]), int(fields[-3].rsplit(":", 1)[1])
         except ValueError:
             continue
-        if ident[2] != st.st_ino:
+        if inode == st.st_ino and pid not in candidates:
+            candidates.append(pid)
+    return [pid for pid in candidates if _has_open(pid, st)]
+
+
+def _has_open(pid: int, st: os.stat_result) -> bool:
+    """Whether process `pid` has the file `st` describes open (a stat through /proc/PID/fd
+    gives the device and inode our own fstat does, on btrfs too)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            there = os.stat(fds / name)
+        except OSError:
             continue
-        by_inode.append(pid)
-        if ident[:2] == (os.major(st.st_dev), os.minor(st.st_dev)):
-            exact.append(pid)
-    # an overlay or FUSE filesystem may show another device than stat does: the inode alone
-    # then, and only when it names one holder
-    return exact or (by_inode if len(set(by_inode)) == 1 else [])
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False

@@ -606,10 +606,11 @@ def stale_lock(f: Facts) -> Iterator[Problem]:
         # review, after runs took it over unasked)
         yield Problem(f"the deploy lock directory {held.path} is empty, "
                       f"{rough_duration(held.age)} old: a run killed while taking the lock "
-                      "left it (between its mkdir and its holder file); the next rollback, "
-                      "deploy or switch takes it over by itself",
-                      "nothing to do before the next run; to remove it now: "
-                      f"`runbook unlock {_arg(f.env)} --yes`")
+                      "left it (between its mkdir and its holder file); the next runbook "
+                      "rollback, deploy or switch takes it over by itself (the old "
+                      "deploy.sh refuses it)",
+                      f"`runbook unlock {_arg(f.env)} --yes` removes it; otherwise the next "
+                      "runbook rollback, deploy or switch takes it over")
     elif held is not None and held.stale:
         from runbook import finish
 

@@ -184,7 +184,8 @@ def test_a_gate_that_ends_on_a_broken_connection_names_the_check_the_slot_said_f
     assert drip.connections >= 10  # the closed connections and the silent one did happen
     assert err.report is not None and err.report.http_status == 503, err
     assert [c.name for c in err.report.failing_checks] == ["database"], err
-    assert "pool exhausted" in str(err) and "(then: timed out" in str(err), err
+    assert "pool exhausted" in str(err), err  # and what came after it, in order
+    assert "(then: connection broken" in str(err) and "; then: timed out" in str(err), err
 
 
 def test_verification_through_a_slow_drip_proxy_ends_in_time(drip: Drip) -> None:

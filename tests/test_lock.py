@@ -1086,6 +1086,83 @@ def test_unlock_removes_a_lock_directory_a_killed_run_left_empty_once_it_is_not_
     assert not env.lock_path.exists()
 
 
+def test_an_empty_lock_directory_filled_while_unlock_takes_it_is_put_back(
+        env: Environment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a shell deploy.sh stalled (Ctrl-Z) between its mkdir and its
+    `locked_at` made an empty directory; `runbook unlock` (no --force since it is judged
+    stale) renamed it away just as the script wrote its locked_at: its live lock was removed.
+    The rename is the moment: here the other writer's file lands right before it."""
+    env.lock_path.parent.mkdir(parents=True)
+    env.lock_path.mkdir()
+    old = time.time() - 30
+    os.utime(env.lock_path, (old, old))
+    rename = os.rename
+
+    def the_shell_writes_first(src: Any, dst: Any) -> None:
+        if Path(src) == env.lock_path:
+            (env.lock_path / "locked_at").write_text(f"{int(time.time())}\n")
+        rename(src, dst)
+
+    monkeypatch.setattr(holding.os, "rename", the_shell_writes_first)
+    with pytest.raises(LockedError, match="wrote its lock file into it"):
+        unlock(env)
+    monkeypatch.setattr(holding.os, "rename", rename)
+    assert (env.lock_path / "locked_at").is_file()  # its lock, where it wrote it
+    assert [p.name for p in env.lock_path.parent.iterdir() if ".stale-" in p.name] == []
+    seen = status(env)
+    assert seen is not None and not seen.empty and not seen.stale, seen
+
+
+def test_an_empty_lock_directory_dated_in_the_future_is_not_said_as_being_taken(
+        env: Environment) -> None:
+    """Found by review: an empty directory whose mtime is 2 min ahead (the clock set back
+    since its mkdir) was "2 min old ... wait a few seconds", and refused for up to 310 s
+    with --force too. Its age cannot be told: said so, and --force removes it."""
+    env.lock_path.parent.mkdir(parents=True)
+    env.lock_path.mkdir()
+    ahead = time.time() + 120
+    os.utime(env.lock_path, (ahead, ahead))
+    seen = status(env)
+    assert seen is not None and seen.undated and "in the future" in seen.why, seen
+    with pytest.raises(LockedError) as refused:
+        unlock(env)
+    assert "being taken" not in str(refused.value), refused.value
+    assert "removed" in unlock(env, force=True)
+    assert not env.lock_path.exists()
+
+
+def test_the_guard_s_holder_is_named_only_while_it_still_holds_the_file(
+        env: Environment) -> None:
+    """Found by review: /proc/locks keeps the pid that took a flock after that process
+    exited and a child it forked kept the lock; a `kill -CONT`/`kill` printed for that pid
+    (reused by then) hits another process. A pid is named only when its open files show
+    the guard."""
+    guard = guard_path(env)
+    guard.parent.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "if os.fork() == 0:\n    time.sleep(60)\nelse:\n"
+            "    print(os.getpid(), flush=True); os._exit(0)")
+    taker = subprocess.Popen([sys.executable, "-c", code, str(guard)], stdout=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        assert taker.stdout is not None
+        gone = int(taker.stdout.readline())
+        taker.wait(10)
+        fd = os.open(guard, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            listed = [line for line in Path("/proc/locks").read_text().splitlines()
+                      if line.endswith(f":{st.st_ino} 0 EOF") and f" {gone} " in line]
+            assert listed, "the kernel no longer lists the dead taker: nothing to show"
+            assert not procs.pid_alive(gone)
+            assert gone not in procs.flock_holders(st)
+        finally:
+            os.close(fd)
+    finally:
+        os.killpg(taker.pid, signal.SIGKILL)
+
+
 def test_an_empty_lock_directory_never_hides_the_go_clis_live_lock(
         env: Environment, with_state: Path) -> None:
     """An empty directory a killed run left is no holder, but the Go CLI's live lock in the

@@ -739,6 +739,14 @@ def _entomb(path: Path, ident: Ident | None, *, env: Environment | None = None,
             os.rename(tomb, path)
         raise LockedError(f"{path} was re-created by another process while it was being "
                           "taken over", "run `runbook status` to see who holds it")
+    if judged is not None and judged.empty and _only_our_temp_files(tomb) is None:
+        # judged empty, filled since: a tool stalled between its mkdir and its locked_at (a
+        # Ctrl-Z'd deploy.sh) wrote it during the takeover; its lock now (found by review)
+        with contextlib.suppress(OSError):
+            os.rename(tomb, path)
+        raise LockedError(f"{path} was empty, but its holder wrote its lock file into it "
+                          "while it was being taken over", "run `runbook status` to see who "
+                          "holds it")
     return tomb
 
 

@@ -33,6 +33,9 @@ FUTURE_SLACK = 300.0  # a locked_at further in the future than this is not belie
 # stale once it is this old: younger, it may be a lock being taken now (the shell tooling
 # writes its locked_at right after its mkdir, a runbook its files under the guard)
 EMPTY_DIR_GRACE = 10.0
+# an empty one dated later than this ahead of now: the clock was set back since its mkdir, its
+# age cannot be told (found by review: "2 min old, wait a few seconds" for up to 310 s)
+EMPTY_FUTURE_SLACK = 2.0
 
 Ident = tuple[int, int]  # (st_dev, st_ino): which directory, not just which name
 
@@ -238,7 +241,7 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
             f"a run killed while taking it left it empty, {rough_duration(judged.age)} ago"
             if judged.stale else "a run is taking it at this moment: its directory is still "
             f"empty, {rough_duration(judged.age)} old"))
-    if epoch > now + FUTURE_SLACK and not judged.stale \
+    if epoch > now + (EMPTY_FUTURE_SLACK if empty else FUTURE_SLACK) and not judged.stale \
             and (judged.holder_alive is not True or judged.pid_unverified):
         # its directory too was made "later" than now: the clock was set back since (NTP
         # stepping it). It read as fresh for hours, and a lock that has not expired was not
