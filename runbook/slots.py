@@ -1675,11 +1675,35 @@ def refuse_upstream(env: Environment, target: Slot, problem: str) -> Preconditio
         "then run again")
 
 
-def _off_host_fix(env: Environment, target: Slot) -> str:
+def reach_fix(env: Environment, target: Slot, then: str) -> str:
+    """How to write the upstream between the slot markers so Caddy reaches `target` by the
+    port it publishes (the one way the runbook tells the slots apart), then `then`: for a
+    Caddy off the host's network, `_off_host_fix`'s form; else the slot's own address on
+    this host (`caddy.slot_address`). For an upstream the runbook cannot read as a slot
+    (a container's name on Docker's network: caddytruth LOW 5)."""
+    if _caddy_off_host_network(env) is not None:
+        return _off_host_fix(env, target, then)
+    return (f"write the upstream between the slot markers of {env.caddy.caddyfile} as "
+            f"{caddy.slot_address(env, target)}; {then}")
+
+
+def slot_upstream(env: Environment) -> str:
+    """How each slot is dialed, as a fix names it (`<port>` for the slot's): the slots' own
+    address on this host, or, for a Caddy off the host's network, host.docker.internal (the
+    form `_off_host_fix` explains). Found by review (caddytruth LOW 5): "localhost:<port>"
+    there is Caddy's own container, and on a host publishing its slots on [::1] only,
+    nothing."""
+    if _caddy_off_host_network(env) is None:
+        return caddy.slot_address(env)
+    return ("host.docker.internal:<port> (`--add-host host.docker.internal:host-gateway` on "
+            "Caddy's container, each slot's port published where that leads)")
+
+
+def _off_host_fix(env: Environment, target: Slot, then: str = "then run again") -> str:
     """How a Caddy in a container off the host's network reaches `target`: the host part
     the serving slot is dialed at in Caddy's running config (not a loopback one) with the
     target's port, else host.docker.internal; the slot published where that leads (as the
-    serving slot is); or Caddy on the host's network."""
+    serving slot is); or Caddy on the host's network. `then`: what follows."""
     serving, port = target.other, env.slot(target).port
     form, said = f"host.docker.internal:{port}", " (with `--add-host host.docker.internal:" \
                                                  "host-gateway` on Caddy's container)"
@@ -1705,7 +1729,7 @@ def _off_host_fix(env: Environment, target: Slot) -> str:
     return (f"write the upstream between the slot markers of {env.caddy.caddyfile} as {form}"
             f"{said}, publish {target}'s port {port} where that leads from Caddy's container "
             f"(on 0.0.0.0, or on Docker's bridge gateway{published}), or run Caddy on the "
-            f"host's network (--network host){named}; then run again")
+            f"host's network (--network host){named}; {then}")
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,

@@ -222,6 +222,56 @@ def _pairing_fix(f: Facts) -> str | None:
             f"`runbook status {_arg(f.env)}` again")
 
 
+def _by_name(f: Facts) -> tuple[Slot | None, str] | None:
+    """(the slot whose container Caddy dials by its name or address, that dial) where the
+    Caddyfile's block (else Caddy's running config) dials no slot's port but a slot's
+    container (`togather-server-blue:8080`, a Caddy on the slots' Docker network); the slot
+    None when both slots' are dialed. None otherwise."""
+    ports = {cfg.port for cfg in f.env.slots.values()}
+    block = f.caddy.upstreams if f.caddy is not None else ()
+    dials = ([f"{up.host}:{up.dials}" for up in block if up.host is not None]
+             if not any(up.slot is not None for up in block) else [])
+    if not dials and f.traffic is not None and not f.traffic.slots:
+        dials = list(f.traffic.dials)
+    named: dict[Slot, str] = {}
+    for dial in dials:
+        host, port = traffic.dial_host(dial), traffic.dial_port(dial)
+        for slot, info in f.containers.items():
+            if info is not None and port not in ports and host in info.addresses:
+                named.setdefault(slot, dial)
+    if not named:
+        return None
+    return (next(iter(named)) if len(named) == 1 else None), next(iter(named.values()))
+
+
+def _by_name_fix(f: Facts) -> str | None:
+    """While Caddy dials a slot's container by its name or address (`_by_name`): what to
+    write instead, the form that reaches the slot by the port it publishes, and the switch
+    that loads it. Found by review (caddytruth LOW 5): the fix named `runbook switch ENV
+    --slot <slot>`, which every switch refuses there (exit 4, "not this host"): the runbook
+    tells the slots apart by their published ports only."""
+    found = _by_name(f)
+    if found is None:
+        return None
+    slot, dial = found
+    who = f"the {slot} slot's container" if slot is not None else "the slots' containers"
+    said = (f"Caddy dials {who} by name or address ({dial}), not by the port each slot "
+            "publishes on this host ([slots] port), the one way the runbook tells the slots "
+            "apart: every switch and rollback refuses this Caddyfile")
+    order = (slot, slot.other) if slot is not None else tuple(Slot)
+    target = next((s for s in order if (r := f.reports.get(s)) is not None and r.ok), None)
+    arg = _arg(f.env)
+    if target is None:
+        return (f"{said}; no slot answers healthy: bring one back first (see the problems "
+                f"above), then write the upstream between the slot markers as "
+                f"{slots.slot_upstream(f.env)} with that slot's port, and `runbook switch "
+                f"{arg} --slot <that slot>` loads it")
+    stays = f"; users stay on {target}" if target == slot else ""
+    return f"{said}; " + slots.reach_fix(
+        f.env, target, f"then `runbook switch {arg} --slot {target}` loads it (health-gated, "
+        f"verified through the proxy{stays})")
+
+
 def container_unknown(f: Facts) -> Iterator[Problem]:
     for slot, exc in f.container_errors.items():
         yield Problem(f"cannot inspect the {slot} container: {exc.message}",
@@ -248,7 +298,7 @@ def caddy_problems(f: Facts) -> Iterator[Problem]:
                       "by hand before that: it would load this file"
                       if active is not None and report is not None and report.ok
                       and f.intent is None else
-                      _pairing_fix(f) or
+                      _pairing_fix(f) or _by_name_fix(f) or
                       "make every reverse_proxy and X-Togather-Slot header between the markers "
                       f"name one slot: `runbook switch {_arg(f.env)} --slot <slot>` rewrites it")
     if f.caddy_imports is not None:  # said before a rollback at 3 a.m. refuses on it
@@ -802,7 +852,8 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
     elif trouble:  # marker lines that cannot be read: a switch refuses them too
         yield Problem(trouble, traffic.no_single_slot_fix(f.env, f.traffic)
                       if f.traffic.markers is not None else
-                      _pairing_fix(f) or "repoint Caddy at the slot you know is healthy: "
+                      _pairing_fix(f) or _by_name_fix(f)
+                      or "repoint Caddy at the slot you know is healthy: "
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")
 
 
@@ -824,9 +875,9 @@ def dials_the_other_container(f: Facts) -> Iterator[Problem]:
             f"Caddy's running config sends the app to {f.active} but also dials "
             f"{', '.join(dials)}, the {other} slot's container {info.name} by its name or "
             f"address: requests there reach {other}, which no switch moves",
-            "dial each slot by its own localhost:<port> only between the slot markers (move "
-            "any other upstream out of the managed block), reload Caddy, then check with "
-            f"`runbook status {_arg(f.env)}`")
+            f"dial each slot by its own {slots.slot_upstream(f.env)} only between the slot "
+            "markers (move any other upstream out of the managed block), reload Caddy, then "
+            f"check with `runbook status {_arg(f.env)}`")
 
 
 def _stopped_serving(f: Facts) -> docker.ContainerInfo | None:
@@ -960,7 +1011,8 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                  f"{f.active or 'serving'} slot")
         # a rollback or a switch would start the app on it
         doubted = (_doubted_fix(f) or _unfinished_fix(f) or _start_first(f)
-                   or _pairing_fix(f) or _database_fix(f) or _schema_first(f))
+                   or _pairing_fix(f) or _database_fix(f) or _schema_first(f)
+                   or (_by_name_fix(f) if f.active is None else None))
         report = f.reports.get(f.active) if f.active is not None else None
         side = traffic.proxy_side(f.env, f.traffic, report is not None and report.ok)
         if side is not None and not doubted:  # no switch ends it: Caddy's log says why

@@ -1019,6 +1019,11 @@ def dial_host(address: str) -> str:
     return _dial(address)[0]
 
 
+def dial_port(address: str) -> int | None:
+    """The port of a dial address (None: none written)."""
+    return _dial(address)[1]
+
+
 def check_slot_ports(env: Environment) -> None:
     """Each slot's container publishes the port the environment names for it. Which slot
     serves is read from the ports Caddy dials: with the ports swapped (a `-p` typo, a

@@ -416,22 +416,26 @@ def publish_also(stack: DrillStack, slot: Slot, address: str) -> None:
 
 
 @contextlib.contextmanager
-def caddy_on_the_bridge(stack: DrillStack) -> Iterator[Environment]:
+def caddy_on_the_bridge(stack: DrillStack, network: str = "bridge",
+                        upstream: str | None = None) -> Iterator[Environment]:
     """A real Caddy serving the app from a container on Docker's default bridge (not the
     host's network), as on the reviewed host: its upstream host.docker.internal
     (`--add-host host.docker.internal:host-gateway`), its site and admin ports published on
     127.0.0.1, its config directory bind-mounted at /etc/caddy. Blue serves. Yields the
-    environment whose [caddy] is that Caddy; the container is removed after."""
+    environment whose [caddy] is that Caddy; the container is removed after. `network`:
+    another Docker network (the slots', where their container names resolve); `upstream`:
+    blue's upstream as written instead (`togather-server-blue:8080`)."""
     image = docker.inspect(stack.caddy_container).image
     assert image is not None
     name, proxy, admin = f"{stack.caddy_container}-on-bridge", free_port(), free_port()
     folder = stack.run_dir / "caddy-on-bridge"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     caddyfile = folder / "Caddyfile"
+    host, port = (upstream.rsplit(":", 1) if upstream is not None
+                  else ("host.docker.internal", str(stack.env.slot(Slot.BLUE).port)))
     caddyfile.write_text(CADDYFILE_ON_THE_BRIDGE.format(
-        admin=admin, proxy=proxy, host="host.docker.internal",
-        port=stack.env.slot(Slot.BLUE).port, slot="blue"))
-    subprocess.run(["docker", "run", "-d", "--name", name, "--network", "bridge",
+        admin=admin, proxy=proxy, host=host, port=port, slot="blue"))
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network", network,
                     "--label", f"io.togather.drill.run={stack.run_id}",
                     "--add-host", "host.docker.internal:host-gateway",
                     "-p", f"127.0.0.1:{proxy}:{proxy}", "-p", f"127.0.0.1:{admin}:{admin}",

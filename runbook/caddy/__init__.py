@@ -76,10 +76,12 @@ from runbook.caddy.text import (
     SlotHeader,
     Upstream,
     active_slot,
+    admin_option,
     file_imports,
     find_block,
     inspect,
     rewrite,
+    slot_address,
     unified_diff,
 )
 
@@ -108,6 +110,7 @@ __all__ = [
     "adapt_as_reload",
     "admin_address",
     "admin_moved",
+    "admin_option",
     "answer_words",
     "apply",
     "backup_path",
@@ -139,6 +142,7 @@ __all__ = [
     "running_problem",
     "seen_by_caddy",
     "served_sites",
+    "slot_address",
     "slot_header_problem",
     "start_advice",
     "unified_diff",

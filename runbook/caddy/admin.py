@@ -641,10 +641,72 @@ def admin_unanswered(env: Environment, reason: str) -> Unreloadable | None:
     return Unreloadable(
         f"Caddy serves at {c.proxy_url} but its admin API does not answer at {c.admin_url} "
         f"({reason}: admin off, another address or a unix socket, which the runbook cannot "
-        f"use: see the `admin` global option in {c.caddyfile})",
-        f"give Caddy a TCP admin address (`admin localhost:2019` in {c.caddyfile}'s global "
-        "options, or none: that is the default) and set [caddy] admin_url to it",
+        f"use: see the `admin` global option in {c.caddyfile})", admin_back_fix(env),
         answering=True)
+
+
+def admin_back_fix(env: Environment) -> str:
+    """How Caddy's admin API is brought back to [caddy] admin_url while Caddy serves: the
+    `admin` line admin_url names in the Caddyfile, loaded through where Caddy's admin API
+    listens now, as the file's own `admin` line says (its config moved it there). Found by
+    review (caddytruth LOW 5): the fix named Caddy's default `admin localhost:2019`, not the
+    address the environment file names, and no way to load it once the admin API had moved
+    (a plain `caddy reload` dials the new file's address, where nothing listens yet). Where
+    it listens cannot be told (the file already names admin_url's address, or cannot be
+    read): what to check, and the restart that reads the file."""
+    import shlex
+
+    from runbook.caddy.text import admin_option
+    from runbook.environment import command_arg
+
+    c = env.caddy
+    want = admin_address(env)
+    line, why = (f"`admin {want}`", "the address [caddy] admin_url names; the runbook reaches "
+                 "Caddy's admin API over TCP only")
+    reload = [*c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile), "--adapter",
+              "caddyfile", "--address"]
+    then = f"then `runbook status {command_arg(env)}` again"
+    try:
+        option = admin_option(c.caddyfile.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError):
+        option, listen = None, None
+        said = f"{c.caddyfile} could not be read"
+    else:
+        listen = option or DEFAULT_ADMIN  # none, or `admin` alone: Caddy's default
+        said = (f"{c.caddyfile} names {f'`admin {option}`' if option else 'no admin address'}"
+                + ("" if listen != DEFAULT_ADMIN else f", so Caddy's default {DEFAULT_ADMIN}"))
+    if option == "off":  # no admin API to load through: only a restart reads the file
+        return (f"write {line} in place of `admin off` in {c.caddyfile}'s global options "
+                f"({why}), then restart Caddy, whose admin API is off (connections to it drop "
+                f"once): {restart_advice(env)}; {then}")
+    if listen is not None and not _same_listener(listen, want):
+        address = container_admin_address(listen)
+        how = (f"`{shlex.join([*reload, address])}`" if address is not None else
+               f"`{shlex.join(reload)} <that address>`, or restart Caddy: "
+               f"{restart_advice(env)}")
+        edit = (f"write {line} in place of `admin {option}`" if option else f"add {line} to")
+        return (f"{edit} in {c.caddyfile}'s global options ({why}) and load it through the "
+                f"admin address Caddy listens on now, as {said}: {how}; {then}")
+    # the file names admin_url's address already (or was not read): Caddy runs another
+    # config, whose admin address the runbook cannot know
+    return (f"{said}" + (", where [caddy] admin_url points: Caddy runs another config" if
+                         listen is not None else "") + "; find where Caddy's admin "
+            f"API listens (`ss -ltnxp | grep caddy`, Caddy's log: "
+            f"{caddy_command.log_command(env)}) and load {c.caddyfile} through it "
+            f"(`{shlex.join(reload)} <that address>`), or restart Caddy: "
+            f"{restart_advice(env)}; make sure it has {line} ({why}); {then}")
+
+
+def restart_advice(env: Environment) -> str:
+    """How this host's Caddy is restarted, as its environment says it runs (start_advice's
+    counterpart): its systemd unit, or the container `docker exec NAME caddy` names."""
+    c = env.caddy
+    if c.reload is ReloadMethod.SYSTEMCTL:
+        return f"`systemctl restart {c.systemd_unit}`"
+    words = list(c.command)
+    if words[:2] == ["docker", "exec"] and len(words) >= 4 and not words[2].startswith("-"):
+        return f"`docker restart {words[2]}`"
+    return "restart it as it was started (`systemctl status caddy`, or its container's `docker ps`)"
 
 
 def start_advice(env: Environment) -> str:

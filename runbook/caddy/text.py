@@ -371,7 +371,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         if opens:
             stack.append(first)
             opened.append(number)
-    unsupported += [_pooled_problem(up, beside) for up, beside, fallback
+    unsupported += [_pooled_problem(up, beside, env) for up, beside, fallback
                     in _pooled(upstreams, frozenset(firsts)) if not fallback]
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported),
                    tuple(probes), frozenset(firsts))
@@ -426,13 +426,38 @@ def _pooled(upstreams: list[Upstream] | tuple[Upstream, ...], firsts: frozenset[
             for _, up in others if up.host is not None]
 
 
-def _pooled_problem(up: Upstream, beside: Upstream) -> _Unsupported:
+def _pooled_problem(up: Upstream, beside: Upstream, env: Environment) -> _Unsupported:
     return _Unsupported(
         f"line {up.line}: upstream {_named(up)} is no slot's, but is in one reverse_proxy "
         f"pool (line {up.directive}) with {beside.text}, a slot's: Caddy sends part of the "
         "traffic to it, and a switch would leave that part where it is",
-        "dial each slot by its own localhost:<port> only in that reverse_proxy, or move that "
-        "upstream out of the managed block (a route of its own)")
+        f"dial each slot by its own {slot_address(env)} only in that reverse_proxy, or move "
+        "that upstream out of the managed block (a route of its own)")
+
+
+def slot_address(env: Environment, slot: Slot | None = None) -> str:
+    """How an upstream on this host dials a slot, as a fix tells on-call to write it: the
+    slot's own address (`[slots] host`, where it is published and its gate asks it) with its
+    port, or `<port>` for every slot. `localhost` where every slot is on 127.0.0.1: Caddy
+    dials localhost there. Found by review (caddytruth LOW 5): on a host publishing its
+    slots on [::1] only, "localhost:<port>" reached nothing (Caddy's localhost is
+    127.0.0.1): 502 for every user who followed the fix."""
+    def host(name: str) -> str:
+        name = name.strip("[]")
+        return f"[{name}]" if ":" in name else name
+
+    hosts = {cfg.host.strip("[]").lower() for cfg in env.slots.values()}
+    if slot is not None:
+        config = env.slot(slot)
+        return f"{'localhost' if hosts <= _LOCALHOST else host(config.host)}:{config.port}"
+    if hosts <= _LOCALHOST:
+        return "localhost:<port>"
+    if len(hosts) == 1:
+        return f"{host(next(iter(hosts)))}:<port>"
+    return ", ".join(f"{host(cfg.host)}:{cfg.port} ({s})" for s, cfg in sorted(env.slots.items()))
+
+
+_LOCALHOST = frozenset({"127.0.0.1", "localhost"})  # what Caddy's `localhost` dials
 
 
 _HEALTH_PORTS = ("health_port", "health_upstream")
@@ -495,8 +520,9 @@ def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
             f"dials {up.text}, which is not this host: repointing it at {host}:<slot port> "
             "would reach no slot (a container's name or address is not where the slots' "
             "published ports listen)",
-            "proxy to the slots' published ports on this host (localhost:<port>) between "
-            "the markers by hand, then run `runbook switch`", exit_code=ExitCode.PRECONDITION)
+            f"proxy to the slots' published ports on this host ({slot_address(env)}) "
+            "between the markers by hand, then run `runbook switch`",
+            exit_code=ExitCode.PRECONDITION)
 
 
 def local_address(host: str) -> bool:
@@ -673,6 +699,32 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
             line = line[:edit.token.start] + f"{q}{value}{q}" + line[edit.token.end:]
         lines[index] = line
     return text[:start] + "\n".join(lines) + text[end:]
+
+
+def admin_option(text: str) -> str | None:
+    """The `admin` global option of Caddyfile `text` as written: its address
+    (`127.0.0.1:2999`, `unix//run/caddy/admin.sock`), `off`, "" for `admin` alone (Caddy's
+    default address); None when the file gives none (the default too, or no global options
+    block: it opens the file, a line `{` alone)."""
+    depth = 0
+    for line in text.split("\n"):
+        tokens = [t.value for t in _tokenize(line)]
+        if not tokens:
+            continue
+        if depth == 0:
+            if tokens != ["{"]:
+                return None  # the first thing in the file is a site: no global options
+            depth = 1
+            continue
+        if tokens == ["}"]:
+            depth -= 1
+            if depth == 0:
+                return None
+            continue
+        if depth == 1 and tokens[0] == "admin":
+            return tokens[1] if len(tokens) > 1 and tokens[1] != "{" else ""
+        depth += tokens[-1] == "{"
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,327 @@
+"""`runbook status`'s printed fixes on hosts unlike the drill, each fix run as printed.
+
+Three host shapes, built for real on the drill stack (caddytruth LOW 5): slots published on
+[::1] only with upstreams written `[::1]:PORT`; a Caddy in a container on the slots' Docker
+network dialing them by container name (`togather-server-blue:8080`); a Caddy whose admin
+API listens elsewhere than Caddy's default (the drill's `admin 127.0.0.1:<port>`, [caddy]
+admin_url matching it). On each, a state status reports a problem for, and every fix it
+prints (text and --format json) done as it says: the oracle is the proxy, Caddy's admin
+API, Docker and `runbook status` run again, never the wording alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook import caddy, docker
+from runbook import environment as envmod
+from runbook.drill import http as drill_http
+from runbook.drill.stack import DrillStack
+from runbook.environment import Environment, Slot
+from tests.drill_checks import bridge_gateway, closed_port, through_proxy
+from tests.test_addresses import caddy_on_the_bridge, publish_also, republish
+from tests.test_status_problems import _load_caddyfile, _run_printed, _typed, status
+
+pytestmark = pytest.mark.docker
+
+
+def _with_source(env: Environment, tmp_path: Path, name: str) -> Environment:
+    """`env` written as an environment file (status and the printed fixes read it)."""
+    path = tmp_path / f"{name}.toml"
+    env = env.with_(source=path)
+    path.write_text(envmod.to_toml(env))
+    return env
+
+
+def _fixes(stack: DrillStack, env: Environment) -> list[dict[str, str]]:
+    """The problems status lists through `env`'s file: the same fixes in text and JSON."""
+    code, text, problems = status(stack, env.source)
+    assert code == 1 and problems, text
+    for p in problems:
+        assert f"    fix: {p['fix']}" in text, text
+    return problems
+
+
+def _clean(stack: DrillStack, env: Environment) -> None:
+    code, text, problems = status(stack, env.source)
+    assert (code, problems) == (0, []), text
+
+
+def _no_refused_command(problems: list[dict[str, str]]) -> None:
+    """Every `runbook switch|rollback` a fix names, typed as printed (a placeholder such as
+    `<slot>` read as each slot), is planned, never refused: its dry run exits 0."""
+    for p in problems:
+        for argv in _typed(p["fix"], "runbook switch") + _typed(p["fix"], "runbook rollback"):
+            typed = " ".join(argv)
+            for one in ([typed.replace(h, s) for s in ("blue", "green")]
+                        if (h := next((h for h in ("<slot>", "<blue|green>") if h in typed),
+                                      None)) else [typed]):
+                planned = _run_printed(one, "--dry-run")
+                assert planned.returncode == 0, (p, one, planned.stdout + planned.stderr)
+
+
+# --- (1) slots published on [::1] only, upstreams [::1]:PORT ------------------------------
+
+
+@pytest.fixture
+def loopback6(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
+    """Both slots published on [::1] only ([slots] host says so), the managed block's
+    upstreams written `[::1]:PORT` and loaded: blue serves. The slots' own containers come
+    back after (the next reset recreates the removed ones)."""
+    env = stack.env
+    for slot in Slot:
+        env = env.with_(slots={**env.slots, slot: republish(stack, slot, "[::1]").slot(slot)})
+    env = _with_source(env, tmp_path, "loopback6")
+    text = caddy.read(env)
+    assert "localhost:" in text
+    _load_caddyfile(env, text.replace("localhost:", "[::1]:"))
+    assert through_proxy(env)[0] == "blue"
+    _clean(stack, env)
+    try:
+        yield env
+    finally:
+        for slot in Slot:
+            subprocess.run(["docker", "rm", "-f", env.slot(slot).container], check=True,
+                           capture_output=True)
+        stack.reset()
+
+
+def _block(env: Environment, text: str, upstreams: str, slot: Slot) -> str:
+    """`text` with its managed block one reverse_proxy of `upstreams` for `slot`."""
+    start, end = caddy.find_block(text)
+    return (text[:start] + f"\treverse_proxy {upstreams} {{\n\t\tlb_policy round_robin\n"
+            f"\t\theader_down X-Togather-Slot \"{slot}\"\n\t}}\n" + text[end:])
+
+
+def test_on_a_loopback6_host_the_pool_fix_names_the_slots_own_address(
+        stack: DrillStack, loopback6: Environment) -> None:
+    """The managed block pools blue's `[::1]:PORT` with green's container address: said,
+    with "dial each slot by its own localhost:<port>" as the fix, which there reaches
+    nothing (Caddy's localhost is 127.0.0.1, the slots listen on [::1] only: 502 for every
+    user). Each fix names the slots' own address; written as printed and loaded (the fix's
+    "reload Caddy"), users reach blue alone and status has nothing left to say."""
+    env = loopback6
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    address = next(a for a in docker.inspect(green.container).addresses if a.count(".") == 3)
+    original = caddy.read(env)
+    _load_caddyfile(env, _block(env, original, f"[::1]:{blue.port} {address}:8080",
+                                Slot.BLUE))
+    problems = _fixes(stack, env)
+    said = [p for p in problems if "dial each slot by its own" in p["fix"]]
+    assert {p["check"] for p in said} >= {"dials_the_other_container"}, problems
+    _no_refused_command(problems)
+    for p in said:
+        form = re.search(r"dial each slot by its own (\S+):<port>", p["fix"])
+        assert form is not None, p
+        _load_caddyfile(env, _block(env, original, f"{form[1]}:{blue.port}", Slot.BLUE))
+        answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
+                                  headers={"Connection": "close"}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4, (form[0], p)
+        # every answer blue's (None: a /health naming no slot, the minimal-health shape)
+        assert {a.json().get("slot") for a in answers} <= {"blue", None}, p
+        assert through_proxy(env)[0] == "blue", p
+        _clean(stack, env)
+        _load_caddyfile(env, _block(env, original, f"[::1]:{blue.port} {address}:8080",
+                                    Slot.BLUE))
+
+
+def test_on_a_loopback6_host_traffic_on_the_standby_is_put_back_as_printed(
+        stack: DrillStack, loopback6: Environment) -> None:
+    """Caddy pointed at green's [::1] upstream by hand, the state file still saying blue:
+    the printed switch back, typed as printed, serves blue through [::1] again."""
+    env = loopback6
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    text = caddy.read(env)
+    _load_caddyfile(env, text.replace(f"[::1]:{blue.port}", f"[::1]:{green.port}")
+                    .replace('"blue"', '"green"'))
+    problems = _fixes(stack, env)
+    _no_refused_command(problems)
+    back = f"runbook switch {env.source} --slot blue"
+    assert any(f"`{back}`" in p["fix"] for p in problems), problems
+    done = _run_printed(back, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env)[0] == "blue"
+    assert caddy.read(env) == text  # [::1] kept, blue's port back
+    _clean(stack, env)
+
+
+def test_on_a_loopback6_host_the_wrong_port_and_an_edit_not_loaded_are_mended_as_printed(
+        stack: DrillStack, loopback6: Environment) -> None:
+    """Caddy dialing a dead [::1] port (the guide's "wrong port"): the printed switch
+    repairs it on [::1]. The block edited by hand to 127.0.0.1:PORT, not loaded: the fix
+    names the edit back to [::1]:PORT at its line, and every other fix keeps [::1]
+    (never 127.0.0.1, where no slot listens); done as printed, nothing is left."""
+    env = loopback6
+    blue = env.slot(Slot.BLUE)
+    text = caddy.read(env)
+    _load_caddyfile(env, text.replace(f"[::1]:{blue.port}", f"[::1]:{closed_port()}"))
+    problems = _fixes(stack, env)
+    _no_refused_command(problems)
+    repair = f"runbook switch {env.source} --slot blue"
+    assert any(f"`{repair}`" in p["fix"] for p in problems), problems
+    done = _run_printed(repair, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env)[0] == "blue" and caddy.read(env) == text
+    _clean(stack, env)
+    line = text[:text.index(f"[::1]:{blue.port}")].count("\n") + 1
+    lines = text.split("\n")
+    lines[line - 1] = lines[line - 1].replace(f"[::1]:{blue.port}", f"127.0.0.1:{blue.port}")
+    env.caddy.caddyfile.write_text("\n".join(lines))  # not loaded
+    problems = _fixes(stack, env)
+    _no_refused_command(problems)
+    drift = next(p for p in problems if p["check"] == "caddyfile_block_differs_from_what_runs")
+    assert f"[::1]:{blue.port} instead of 127.0.0.1:{blue.port} at line {line}" in drift["fix"]
+    for p in problems:
+        assert "[::1]" in p["fix"] and "127.0.0.1:<" not in p["fix"], p
+    lines[line - 1] = lines[line - 1].replace(f"127.0.0.1:{blue.port}", f"[::1]:{blue.port}")
+    env.caddy.caddyfile.write_text("\n".join(lines))  # the edit back, as printed
+    _clean(stack, env)
+
+
+# --- (2) a Caddy on the slots' Docker network dialing them by container name -------------
+
+
+@pytest.fixture
+def by_name(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
+    """A real Caddy in a container on the slots' compose network (its site and admin ports
+    published on 127.0.0.1, `--add-host host.docker.internal:host-gateway`), its upstream
+    blue's container name on the container's port (`togather-server-blue:8080`)."""
+    blue = stack.env.slot(Slot.BLUE)
+    try:
+        with caddy_on_the_bridge(stack, f"{stack.project}_default",
+                                 f"{blue.container}:8080") as env:
+            yield _with_source(env, tmp_path, "by-name")
+    finally:
+        subprocess.run(["docker", "rm", "-f", blue.container], check=True, capture_output=True)
+        stack.reset()
+
+
+@pytest.mark.parametrize("dialed", [Slot.BLUE, Slot.GREEN], ids=["recorded", "standby"])
+def test_a_caddy_dialing_the_slots_by_container_name_is_told_what_to_write_never_a_refused_switch(
+        stack: DrillStack, by_name: Environment, dialed: Slot) -> None:
+    """Caddy dials a slot's container by name, blue's (the slot the state file records) or
+    green's (traffic on the standby with no record of it). The runbook tells the slots apart
+    by the ports they publish, so it reads no slot there: status said "`runbook switch ENV
+    --slot <slot>` rewrites it", and every switch is refused (exit 4, "not this host"). The
+    fix names no refused command, and says what to write instead (the form a Caddy in a
+    container reaches a slot by, here host.docker.internal:PORT with the slot's port
+    published where that leads) and the switch that loads it; done as printed, users stay
+    on that slot through the new upstream and status says nothing of Caddy."""
+    env = by_name
+    config = env.slot(dialed)
+    text = caddy.read(env)
+    if dialed is Slot.GREEN:
+        text = text.replace(env.slot(Slot.BLUE).container, config.container).replace(
+            '"blue"', '"green"')
+        _load_caddyfile(env, text)
+    assert through_proxy(env)[0] == str(dialed)
+    problems = _fixes(stack, env)
+    said = [p for p in problems if p["check"] in ("caddy_problems", "traffic_unclear")]
+    assert {p["check"] for p in said} == {"caddy_problems", "traffic_unclear"}, problems
+    form = f"host.docker.internal:{config.port}"
+    switch = f"runbook switch {env.source} --slot {dialed}"
+    # the one command named is the switch that loads the edit (refused before it: exit 4)
+    assert {" ".join(a) for p in problems for a in _typed(p["fix"], "runbook ")} == {switch}
+    for p in said:
+        assert f"{config.container}:8080" in p["problem"] + p["fix"], p
+        assert form in p["fix"] and "host-gateway" in p["fix"], p
+        assert p["fix"].index(form) < p["fix"].index(f"`{switch}`"), p
+    # as printed: the upstream written in that form, the slot published where it leads
+    publish_also(stack, dialed, bridge_gateway())
+    env.caddy.caddyfile.write_text(text.replace(f"{config.container}:8080", form))
+    _no_refused_command(problems)
+    done = _run_printed(switch, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env)[0] == str(dialed)
+    data = json.loads(_run_printed(f"runbook status {env.source} --format json").stdout)
+    assert data["traffic"]["slot"] == str(dialed), data
+    assert not [p for p in data["problems"]
+                if p["check"] in ("caddy_problems", "traffic_unclear")], data["problems"]
+    if dialed is Slot.GREEN:  # no longer blue's container: the reset recreates it
+        subprocess.run(["docker", "rm", "-f", config.container], check=True,
+                       capture_output=True)
+
+
+# --- (3) a Caddy whose admin API is not on Caddy's default address ------------------------
+
+
+@pytest.fixture
+def admin_host(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
+    """The drill's own Caddy: `admin 127.0.0.1:<port>` in its Caddyfile, [caddy] admin_url
+    matching it. Put back after by a restart on the stack's own Caddyfile (a test may have
+    moved the admin API away from admin_url, where the reset loads)."""
+    text = caddy.read(stack.env)
+    assert f"admin 127.0.0.1:{stack.ports.admin}" in text
+    assert stack.env.caddy.admin_url == f"http://127.0.0.1:{stack.ports.admin}"
+    try:
+        yield _with_source(stack.env, tmp_path, "admin")
+    finally:
+        stack.env.caddy.caddyfile.write_text(text)
+        subprocess.run(["docker", "restart", stack.caddy_container], check=True,
+                       capture_output=True)
+        stack.wait_caddy()
+        stack.reset()
+
+
+@pytest.mark.parametrize("moved", ["unix", "tcp", "off"])
+def test_an_admin_api_moved_off_admin_url_is_given_back_as_printed(
+        stack: DrillStack, admin_host: Environment, moved: str) -> None:
+    """The Caddyfile's `admin` edited (to a unix socket, another TCP port, or off) and
+    loaded by hand: Caddy serves, its admin API no longer answers at [caddy] admin_url. The
+    fix said "give Caddy a TCP admin address (`admin localhost:2019` ...)": Caddy's default,
+    not the address the environment file names, and no way to load it (Caddy's admin API
+    has moved). It names the address admin_url gives, and the `caddy reload` through where
+    Caddy's admin API listens now (with `admin off`, the restart: no reload can reach it);
+    done as printed, admin_url answers again and status has nothing to say."""
+    env = admin_host
+    admin = f"127.0.0.1:{stack.ports.admin}"
+    where = {"unix": f"unix/{stack.caddy_mount}/admin.sock", "off": "off",
+             "tcp": f"127.0.0.1:{closed_port()}"}[moved]
+    text = caddy.read(env)
+    edited = text.replace(f"admin {admin}", f"admin {where}")
+    _load_caddyfile(env, edited)
+    assert through_proxy(env)[0] == "blue"  # Caddy serves
+    problems = _fixes(stack, env)
+    _no_refused_command(problems)
+    [said] = [p for p in problems if "admin API does not answer" in p["problem"]]
+    assert "2019" not in said["fix"], said
+    assert f"`admin {admin}`" in said["fix"], said
+    if moved == "off":
+        [load] = _typed(said["fix"], "docker restart")
+        assert load == ["docker", "restart", stack.caddy_container], load
+    else:
+        [load] = _typed(said["fix"], shlex.join(env.caddy.command))
+        assert load[-2:] == ["--address", where], load
+    env.caddy.caddyfile.write_text(edited.replace(f"admin {where}", f"admin {admin}"))
+    done = subprocess.run(load, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stack.wait_caddy()  # a restart takes a moment; a reload has answered already
+    assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).status_code == 200
+    assert through_proxy(env)[0] == "blue"
+    _clean(stack, env)
+
+
+def test_a_stopped_caddy_on_a_non_default_admin_address_is_started_as_printed(
+        stack: DrillStack, admin_host: Environment) -> None:
+    """Caddy's container stopped: every fix names starting it and asking admin_url (never
+    Caddy's default address); done as printed, Caddy answers there and serves blue."""
+    env = admin_host
+    stack.docker("stop", stack.caddy_container)
+    problems = _fixes(stack, env)
+    assert "2019" not in json.dumps(problems), problems
+    [start] = {tuple(a) for p in problems for a in _typed(p["fix"], "docker start")}
+    assert start == ("docker", "start", stack.caddy_container), start
+    subprocess.run(start, check=True, capture_output=True, timeout=60)
+    stack.wait_caddy()
+    [curl] = {tuple(a) for p in problems for a in _typed(p["fix"], "curl ")}
+    assert curl == ("curl", f"{env.caddy.admin_url}/config/"), curl
+    assert subprocess.run(curl, capture_output=True, timeout=30).returncode == 0
+    assert through_proxy(env)[0] == "blue"
+    _clean(stack, env)
