@@ -49,10 +49,15 @@ def is_feature_item(node: pytest.Item | pytest.Collector) -> bool:
 # What a refused or dry run must leave untouched
 
 
+# how long a reader of what runs waits for Caddy: a slow answer on a loaded machine read as "no
+# answer" (config changed, proxy down) in the before/after comparisons (found by review)
+READ_TIMEOUT = 10.0
+
+
 def caddy_config(env: Environment) -> bytes | None:
     """Caddy's running config as its admin API gives it (None: no answer)."""
     try:
-        with drill_http.client(timeout=3) as client:
+        with drill_http.client(timeout=READ_TIMEOUT) as client:
             response = client.get(f"{env.caddy.admin_url}/config/",
                                   headers={"Connection": "close"})
     except httpx.HTTPError:
@@ -92,7 +97,7 @@ def through_proxy(env: Environment, path: str = "/version") -> tuple[int, str | 
     the answer's X-Togather-Slot only when Caddy's running config dials that slot's port and no
     other (the header is written by the block the runbook rewrites: alone it could lie)."""
     try:
-        with drill_http.client(timeout=3) as client:
+        with drill_http.client(timeout=READ_TIMEOUT) as client:
             response = client.get(f"{env.caddy.proxy_url}{path}",
                                   headers={"Connection": "close"})
     except httpx.HTTPError:
@@ -133,7 +138,7 @@ def other_sites(env: Environment, text: str) -> list[str]:
 
 def site_answer(url: str) -> int:
     try:
-        with drill_http.client(timeout=3) as client:
+        with drill_http.client(timeout=READ_TIMEOUT) as client:
             return client.get(f"{url}/ping", headers={"Connection": "close"}).status_code
     except httpx.HTTPError:
         return 0

@@ -106,7 +106,7 @@ def cli(env: Environment, *args: str, fault: str | None = None,
 
 
 def through_proxy(env: Environment) -> tuple[str | None, str | None]:
-    with drill_http.client(timeout=3) as client:
+    with drill_http.client(timeout=10) as client:  # a loaded machine's Caddy may be slow
         response = client.get(f"{env.caddy.proxy_url}/version", headers={"Connection": "close"})
     return response.headers.get("X-Togather-Slot"), response.json().get("version")
 

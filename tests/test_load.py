@@ -58,13 +58,21 @@ def test_every_client_keeps_one_connection_and_every_request_is_recorded(
     port = int(env.caddy.proxy_url.rsplit(":", 1)[1])
     idle = connections_to(port)
     with Load(f"{env.caddy.proxy_url}/version", in_process=in_process) as load:
+        # a client process starts its clients in well over a second on a loaded machine
+        # (found by review: 1.3-1.95 s at load 13-16): wait until they are all connected,
+        # then see them keep those connections
+        deadline = time.monotonic() + 30
+        while (during := connections_to(port) - idle) < CLIENTS \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(0.6)
-        during = connections_to(port) - idle
-        time.sleep(0.6)
+        later = connections_to(port) - idle
         assert load.running
+        asked = time.time()  # the users' window ends here: stopping the process is not theirs
     assert not load.running and load.started is not None and load.stopped is not None
     assert load.clients == CLIENTS >= 16
-    assert during == CLIENTS, f"{during} connections for {CLIENTS} keep-alive clients"
+    assert during == later == CLIENTS, \
+        f"{during}, then {later} connections for {CLIENTS} keep-alive clients"
     records = load.records()
     seconds = load.stopped - load.started
     assert CLIENTS <= len(records) <= CLIENTS * (seconds / INTERVAL + 1), len(records)
@@ -75,7 +83,10 @@ def test_every_client_keeps_one_connection_and_every_request_is_recorded(
     seen = load.summary()
     assert seen.ok and (seen.requests, seen.served, seen.resets) == (len(records),) * 2 + (0,)
     assert seen.slots == ("blue",) and seen.versions == (V1.tag,)
-    assert seen.longest_gap is not None and seen.longest_gap.ms < 1000
+    # the longest gap between the first request and the stop asked (the client process's
+    # start and its join are no gap users saw)
+    sent = load.summary(min(r.started for r in records), asked)
+    assert sent.longest_gap is not None and sent.longest_gap.ms < 1000, sent.longest_gap
 
 
 @pytest.mark.docker
@@ -252,12 +263,17 @@ def test_a_load_is_bounded_in_requests_and_in_time(stack: DrillStack) -> None:
             time.sleep(0.05)
         assert not load.running, "the clients did not stop at max_requests"
     assert len(load.records()) == 30
-    with Load(url, clients=2, max_seconds=0.3) as load:
-        time.sleep(1.0)
+    with Load(url, clients=2, max_seconds=1.0) as load:
+        deadline = time.monotonic() + 15
+        while load.running and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not load.running, "the clients did not stop at max_seconds"
-    assert load.started is not None
-    last = max(r.started for r in load.records()) - load.started
-    assert last <= 0.3 + 0.2, f"a request started {last:.3f} s after the load began"
+    starts = [r.started for r in load.records()]
+    assert starts, "no request was made"
+    # in the clients' own time: the client process's start-up is no part of max_seconds
+    # (found by review: at load 13-16 it used up all of 0.3 s before the first request)
+    spread = max(starts) - min(starts)
+    assert spread <= 1.0 + 0.3, f"requests went on {spread:.3f} s after the first one"
 
 
 def test_the_load_goes_to_loopback_only() -> None:
