@@ -3642,33 +3642,7 @@ def test_a_rerun_after_a_rollback_killed_holding_its_lock_says_that_run_complete
     completed, where traffic is, and that nothing is left to do; it still changes nothing.
     Oracles: the proxy's answer, the killed process's pid, the files' bytes, status."""
     env = arrange(stack)  # v3 serving from blue, v2 stopped on green
-    assert env.source is not None
-    killed = subprocess.Popen([sys.executable, "-c", _KILLED_ONCE_THE_INTENT_IS_CLEARED,
-                               "rollback", "--yes", str(env.source)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    _, err = killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL, err
-    assert intents.read(env) is None and env.lock_path.exists()
-    slot, version = through_proxy(env)
-    assert (slot, version) == ("green", V2.tag)
-    recorded = states.read_state(env.state_file).with_(lock={})
-    caddyfile = env.caddy.caddyfile.read_bytes()
-    again = cli(env, "rollback", "--yes")
-    assert again.returncode == ExitCode.PRECONDITION, again.stdout + again.stderr
-    lines = again.stderr.splitlines()
-    took = [i for i, line in enumerate(lines) if "took over a stale deploy lock" in line]
-    refused = [i for i, line in enumerate(lines) if line.startswith("runbook: error:")]
-    assert took and refused, again.stderr
-    said = [line for line in lines[took[0] + 1:refused[0] + 1]
-            if f"pid {killed.pid}" in line and "completed" in line]
-    assert said, again.stderr
-    assert f"traffic is on {slot} {version}" in said[0], said[0]
-    assert "nothing is left to do" in said[0], said[0]
-    assert f"`runbook status {command_arg(env)}`" in said[0], said[0]
-    # it changed nothing (but the dead run's lock, taken over and released)
-    assert states.read_state(env.state_file).with_(lock={}) == recorded
-    assert env.caddy.caddyfile.read_bytes() == caddyfile
-    assert through_proxy(env) == ("green", V2.tag) and not env.lock_path.exists()
+    _killed_then_typed_again(env, ("rollback",), ("rollback",), "rollback", "rolled back from")
     # and status confirms it, as the line says
     status = json.loads(cli(env, "status", "--format", "json").stdout)
     assert status["traffic"]["slot"] == "green", status["traffic"]
@@ -3707,6 +3681,19 @@ def test_a_rerun_after_a_deploy_or_switch_killed_holding_its_lock_says_that_run_
     it first, naming what that run was, and still changes nothing. Oracles: the proxy's
     answer, the killed process's pid, the files' bytes."""
     env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    _killed_then_typed_again(env, killed_as, typed, was, refused_as)
+    # typed again with no lock taken over: the refusal alone, naming no killed run
+    plain = cli(env, *typed, "--yes")
+    assert plain.returncode == ExitCode.PRECONDITION, plain.stderr
+    assert refused_as in plain.stderr and "killed run" not in plain.stderr, plain.stderr
+
+
+def _killed_then_typed_again(env: Environment, killed_as: tuple[str, ...],
+                             typed: tuple[str, ...], was: str, refused_as: str) -> None:
+    """`killed_as` SIGKILLed once its intent record is cleared (traffic on green v2, the
+    lock left), then `typed`: the rerun takes the lock over, says the killed run (its pid,
+    what it `was`) completed, where traffic is and that nothing is left, refuses as
+    `refused_as` (exit 4), and changes nothing but the dead run's lock."""
     assert env.source is not None
     killed = subprocess.Popen([sys.executable, "-c", _KILLED_ONCE_THE_INTENT_IS_CLEARED,
                                *killed_as, "--yes", str(env.source)], stdout=subprocess.PIPE,
@@ -3734,7 +3721,3 @@ def test_a_rerun_after_a_deploy_or_switch_killed_holding_its_lock_says_that_run_
     assert states.read_state(env.state_file).with_(lock={}) == recorded
     assert env.caddy.caddyfile.read_bytes() == caddyfile
     assert through_proxy(env) == ("green", V2.tag) and not env.lock_path.exists()
-    # typed again with no lock taken over: the refusal alone, naming no killed run
-    plain = cli(env, *typed, "--yes")
-    assert plain.returncode == ExitCode.PRECONDITION, plain.stderr
-    assert refused_as in plain.stderr and "killed run" not in plain.stderr, plain.stderr
