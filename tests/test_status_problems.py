@@ -1165,7 +1165,7 @@ def test_a_paused_standby_of_another_build_is_left_running_and_its_printed_stop_
 
     compose.run(compose.recreate_slot(stack.env, Slot.GREEN, V2.tag))
     green = stack.env.slot(Slot.GREEN).container
-    stack.docker("pause", green)
+    stack.docker("pause", green)  # tried again if the freezer gives up (DrillStack.docker)
     try:
         code, text, problems = status(stack)
         assert_listed(code, text, problems)
