@@ -91,15 +91,18 @@ class PreconditionError(RunbookError):
 
 class AlreadyDone(PreconditionError):
     """A refusal because what the command would do is done, and what runs shows it:
-    `done_by` is the run the state file records as having done it, `serving` where traffic
-    is ("SLOT VERSION", as Caddy runs it). A rerun that took over that run's stale lock says
-    the killed run completed (runbook/run.py), not only "refused" (found by a kill fuzz)."""
+    `done_by` is the run the state file records as having done it (None: it names none),
+    `slot` and `version` where traffic is, as Caddy runs it. A rerun that took over that
+    run's stale lock says the killed run completed (runbook/run.py), not only "refused"
+    (found by a kill fuzz)."""
 
     def __init__(self, message: str, fix: str | None = None, *, done_by: str | None,
-                 serving: str) -> None:
+                 slot: str, version: str) -> None:
         super().__init__(message, fix)
         self.done_by = done_by
-        self.serving = serving
+        self.slot = slot
+        self.version = version
+        self.serving = f"{slot} {version}"
 
 
 class StateError(RunbookError):

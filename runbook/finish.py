@@ -60,17 +60,18 @@ def done_already(refusal: PreconditionError, current: states.Deployment | None, 
     said as AlreadyDone when what runs shows the state file's current record in effect: Caddy
     runs the slot it names (`live`), whose container runs (`running`), as its version
     (`runs`). It carries the run that recorded it: a rollback's (or a switch recorded as one)
-    `rollback_id`, else the record's id (a deploy's, a switch's new record: its run id);
-    runbook/run.py says that run completed when it is the one whose stale lock the rerun took
-    over. Otherwise the refusal as it is. Callers ask only while no interrupted run's record
-    waits (that run is not complete)."""
+    `rollback_id`, else the record's id (a deploy's, a switch's new record: its run id; a
+    switch between two slots of one version keeps the old id: run.py reads its own run
+    record then); runbook/run.py says that run completed when it is the one whose stale lock
+    the rerun took over. Otherwise the refusal as it is. Callers ask only while no
+    interrupted run's record waits (that run is not complete)."""
     if current is None or live != current.active_slot or runs != current.version \
             or not running:
         return refusal
     by = current.extra.get("rollback_id")
     return AlreadyDone(refusal.message, refusal.fix,
                        done_by=by if isinstance(by, str) else current.id,
-                       serving=f"{live} {current.version}")
+                       slot=str(live), version=current.version)
 
 
 def superseded(intent: intents.Intent,

@@ -223,6 +223,10 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     except AlreadyDone as done:
                         raise _completed(env, done, held.stolen_from) from None
                 _refuse_caddyfile(env, plan, caddyfile_deferred)
+                # where it sends traffic, in its run record: a rerun that takes over its
+                # lock, should it be killed after its last step, reads what it did there
+                journal.set(**{key: str(plan.facts[fact]) for key, fact in (
+                    ("to_slot", "to_slot"), ("to_version", "to")) if plan.facts.get(fact)})
                 named = plan.intent.deployment_id if plan.intent else None
                 journal.for_deployment(named)
                 with contextlib.suppress(OSError):  # publish writes it into the state file
@@ -382,22 +386,49 @@ def _completed(env: Environment, done: AlreadyDone,
     its release, it finished. Found by a kill fuzz: "rolled back from" alone, with the lock
     taken over, read at 3 a.m. as a failure. What that run was is its own run record's
     action, never this run's: a switch back to the previous version is recorded as a
-    rollback, and was called one by a `runbook rollback` typed after it. The exit code stays
-    the refusal's."""
+    rollback, and was called one by a `runbook rollback` typed after it. A switch between
+    two slots running one version names no run in the state file (its record keeps its id):
+    that run's own record must show it instead (_switched_there). The exit code stays the
+    refusal's."""
     holder = dead.holder if dead is not None else None
-    if holder is None or not done.done_by or done.done_by not in (
-            holder.run_id, holder.deployment_id):  # older holders: the run id there
+    if holder is None:
         return done
-    who = ", ".join(([f"pid {holder.pid}"] if holder.pid is not None else [])
-                    + [f"run {done.done_by}"])
-    record = journals.record_of(env, holder.run_id or done.done_by)
+    if done.done_by and done.done_by in (holder.run_id, holder.deployment_id):
+        by = done.done_by  # older holders: the run id there
+        record = journals.record_of(env, holder.run_id or done.done_by)
+    elif holder.run_id and (record := _switched_there(env, holder.run_id, done)) is not None:
+        by = holder.run_id
+    else:
+        return done
+    who = ", ".join(([f"pid {holder.pid}"] if holder.pid is not None else []) + [f"run {by}"])
     was = record.get("action") if record is not None else None
     return AlreadyDone(
         f"the killed run whose stale lock this one took over ({who}) had completed its "
         f"{one_line(was) if isinstance(was, str) and was else 'work'} before it died: traffic "
         f"is on {done.serving}, nothing is left to do, and `runbook status {command_arg(env)}` "
         f"confirms it; so this run is refused: {done.message}", done.fix,
-        done_by=done.done_by, serving=done.serving)
+        done_by=by, slot=done.slot, version=done.version)
+
+
+def _switched_there(env: Environment, run_id: str, done: AlreadyDone) -> dict[str, Any] | None:
+    """The run record of `run_id` when it shows a switch to where traffic is (`done`: the
+    state file records it there, Caddy runs it, no intent record waits) whose every step
+    ended, its state step done: the switch finished, as its intent record, gone, says too.
+    None otherwise, and for a record a power loss left older (only the last write is
+    fsynced), or that names no target (written before `to_slot` was recorded): never said
+    completed on less."""
+    record = journals.record_of(env, run_id)
+    if record is None or record.get("action") != "switch":
+        return None
+    context, steps = record.get("context"), record.get("steps")
+    if not isinstance(context, dict) or not isinstance(steps, list) \
+            or context.get("to_slot") != done.slot or context.get("to_version") != done.version:
+        return None
+    ended = (journals.StepStatus.OK.value, journals.StepStatus.SKIPPED.value)
+    if not all(isinstance(s, dict) and s.get("status") in ended for s in steps):
+        return None
+    return record if any(s.get("name") == "state" and s.get("status") == ended[0]
+                         for s in steps) else None
 
 
 def _with_room(env: Environment, plan: Plan) -> Plan:

@@ -3689,19 +3689,17 @@ def test_a_rerun_after_a_deploy_or_switch_killed_holding_its_lock_says_that_run_
 
 
 def _killed_then_typed_again(env: Environment, killed_as: tuple[str, ...],
-                             typed: tuple[str, ...], was: str, refused_as: str) -> None:
-    """`killed_as` SIGKILLed once its intent record is cleared (traffic on green v2, the
-    lock left), then `typed`: the rerun takes the lock over, says the killed run (its pid,
-    what it `was`) completed, where traffic is and that nothing is left, refuses as
-    `refused_as` (exit 4), and changes nothing but the dead run's lock."""
-    assert env.source is not None
-    killed = subprocess.Popen([sys.executable, "-c", _KILLED_ONCE_THE_INTENT_IS_CLEARED,
-                               *killed_as, "--yes", str(env.source)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    _, err = killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL, err
+                             typed: tuple[str, ...], was: str, refused_as: str, *,
+                             serving: tuple[str, str] = ("green", V2.tag),
+                             fault: str | None = None) -> tuple[str, str]:
+    """`killed_as` SIGKILLed once its intent record is cleared (traffic on `serving`, the
+    lock left), or at `fault`, then `typed`: the rerun takes the lock over, says the killed
+    run (its pid, what it `was`) completed, where traffic is and that nothing is left,
+    refuses as `refused_as` (exit 4), and changes nothing but the dead run's lock. Returns
+    the killed run's id (the run record it left) and the line saying so."""
+    killed, run_id = _kill(env, killed_as, fault)
     assert intents.read(env) is None and env.lock_path.exists()
-    assert through_proxy(env) == ("green", V2.tag)
+    assert through_proxy(env) == serving
     recorded = states.read_state(env.state_file).with_(lock={})
     caddyfile = env.caddy.caddyfile.read_bytes()
     again = cli(env, *typed, "--yes")
@@ -3711,13 +3709,138 @@ def _killed_then_typed_again(env: Environment, killed_as: tuple[str, ...],
     refused = [i for i, line in enumerate(lines) if line.startswith("runbook: error:")]
     assert took and refused, again.stderr
     said = [line for line in lines[took[0] + 1:refused[0] + 1]
-            if f"pid {killed.pid}" in line and f"had completed its {was} before" in line]
+            if f"pid {killed}" in line and f"had completed its {was} before" in line]
     assert said, again.stderr
-    assert f"traffic is on green {V2.tag}" in said[0], said[0]
+    assert f"traffic is on {serving[0]} {serving[1]}" in said[0], said[0]
     assert "nothing is left to do" in said[0], said[0]
     assert f"`runbook status {command_arg(env)}`" in said[0], said[0]
     assert refused_as in lines[refused[0]], lines[refused[0]]
     # it changed nothing (but the dead run's lock, taken over and released)
     assert states.read_state(env.state_file).with_(lock={}) == recorded
     assert env.caddy.caddyfile.read_bytes() == caddyfile
-    assert through_proxy(env) == ("green", V2.tag) and not env.lock_path.exists()
+    assert through_proxy(env) == serving and not env.lock_path.exists()
+    return run_id, said[0]
+
+
+def _kill(env: Environment, command: tuple[str, ...], fault: str | None = None,
+          harness: str = _KILLED_ONCE_THE_INTENT_IS_CLEARED) -> tuple[int, str]:
+    """`command --yes` run through the real CLI and SIGKILLed: at `fault`, or else where
+    `harness` kills it. Returns its pid and its run id (the one run record it left)."""
+    assert env.source is not None
+    before = set(env.runs_dir.glob("*.json"))
+    argv = ["-m", "runbook.cli"] if fault else ["-c", harness]
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE} | (
+        {faults.VARIABLE: f"{fault}:SIGKILL"} if fault else {})
+    killed = subprocess.Popen([sys.executable, *argv, *command, "--yes", str(env.source)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ,
+                              stdin=subprocess.DEVNULL, text=True)
+    _, err = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, err
+    left = set(env.runs_dir.glob("*.json")) - before
+    assert len(left) == 1, left
+    return killed.pid, left.pop().stem
+
+
+# Found by ba6f3c1's own note: a switch between two slots running the same version keeps
+# the state file's record (its id) and only moves its slot, so the file names no run that
+# did it, and the rerun gave the refusal alone. The killed run's own record says it then.
+V1 = VERSIONS["v1"]
+SAME_VERSION = [
+    # the same switch typed again; a deploy of the version that serves
+    (("switch", "--slot", "green"), None, ("switch", "--slot", "green"),
+     "the green slot already takes traffic"),
+    (("switch", "--slot", "green"), None, ("deploy", "--version", V1.tag),
+     f"{V1.tag} already serves, from the green slot"),
+    # the switch that only records what serves (the file said blue, Caddy ran green; no
+    # intent record of its own), killed after its state step
+    (("switch", "--slot", "green"), "after:state", ("switch", "--slot", "green"),
+     "the green slot already takes traffic"),
+]
+
+
+@pytest.mark.parametrize(("killed_as", "fault", "typed", "refused_as"), SAME_VERSION,
+                         ids=["switch", "then-deploy", "record-only"])
+def test_a_rerun_after_a_same_version_switch_killed_holding_its_lock_says_it_completed(
+        stack: DrillStack, killed_as: tuple[str, ...], fault: str | None,
+        typed: tuple[str, ...], refused_as: str) -> None:
+    """A switch between two slots running the same version, SIGKILLed after its last step
+    (the lock left): the rerun took the stale lock over and refused, exit 4, saying nothing
+    of the killed run, as the state file names no run that did it. It now says that run
+    completed, naming it (its pid and its run id, as its run record has them), and still
+    changes nothing. Oracles: the proxy's answer, the killed process's pid, the run record
+    it left, the files' bytes."""
+    stack.reset()  # v1 on both slots, blue serving and recorded
+    env = stack.env
+    assert through_proxy(env) == ("blue", V1.tag)
+    if fault == "after:state":  # another tool recorded blue while Caddy runs green
+        moved = cli(env, "switch", "--slot", "green", "--yes")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        st = states.read_state(env.state_file)
+        assert st.current is not None
+        states.write_state(env.state_file,
+                           st.with_(current=st.current.with_(active_slot=Slot.BLUE)))
+    run_id, said = _killed_then_typed_again(env, killed_as, typed, "switch", refused_as,
+                                            serving=("green", V1.tag), fault=fault)
+    assert f"run {run_id}" in said, said
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.active_slot == Slot.GREEN
+    # typed again with no lock taken over: the refusal alone, naming no killed run
+    plain = cli(env, *typed, "--yes")
+    assert plain.returncode == ExitCode.PRECONDITION, plain.stderr
+    assert refused_as in plain.stderr and "killed run" not in plain.stderr, plain.stderr
+
+
+_KILLED_BEFORE_ITS_FIRST_STEP = """
+import os, signal
+import runbook.startup
+from runbook import run
+def execute(*args, **kwargs):  # planned, the lock held, nothing changed, no intent record
+    os.kill(os.getpid(), signal.SIGKILL)
+run.execute = execute
+from runbook import cli
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("how", ["record-lost-its-last-write", "switch-back-before-any-change",
+                                 "switch-back-before-its-commit"])
+def test_a_rerun_says_no_killed_run_completed_that_its_run_record_does_not_show(
+        stack: DrillStack, how: str) -> None:
+    """The other side of the test above: with the same version on both slots, green serving
+    and recorded, the run whose stale lock a rerun of `runbook switch --slot green` takes
+    over is not said to have completed unless its own run record shows a switch to green
+    whose every step ended, the state step included: a record that lost its last write (a
+    power loss keeps only what was fsynced: the state step still running), a switch back to
+    blue SIGKILLed before its first step (no intent record: its plan alone), or one killed
+    before its commit (its intent record waits). The refusal is given alone, exit 4, and
+    nothing changes."""
+    stack.reset()  # v1 on both slots, blue serving and recorded
+    env = stack.env
+    if how == "record-lost-its-last-write":
+        _, run_id = _kill(env, ("switch", "--slot", "green"))
+        path = env.runs_dir / f"{run_id}.json"
+        record = json.loads(path.read_text())
+        state = [s for s in record["steps"] if s["name"] == "state"]
+        assert state and state[0]["status"] == "ok", record["steps"]
+        state[0]["status"], state[0]["duration_ms"] = "running", None
+        path.write_text(json.dumps(record, indent=2))
+    else:
+        moved = cli(env, "switch", "--slot", "green", "--yes")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        if how == "switch-back-before-any-change":
+            _kill(env, ("switch", "--slot", "blue"), harness=_KILLED_BEFORE_ITS_FIRST_STEP)
+            assert intents.read(env) is None
+        else:
+            _kill(env, ("switch", "--slot", "blue"), fault="before:switch")
+            assert intents.read(env) is not None
+    assert env.lock_path.exists() and through_proxy(env) == ("green", V1.tag)
+    recorded = states.read_state(env.state_file).with_(lock={})
+    caddyfile = env.caddy.caddyfile.read_bytes()
+    again = cli(env, "switch", "--slot", "green", "--yes")
+    assert again.returncode == ExitCode.PRECONDITION, again.stdout + again.stderr
+    assert "took over a stale deploy lock" in again.stderr, again.stderr
+    assert "the green slot already takes traffic" in again.stderr, again.stderr
+    assert "completed" not in again.stderr and "killed run" not in again.stderr, again.stderr
+    assert states.read_state(env.state_file).with_(lock={}) == recorded
+    assert env.caddy.caddyfile.read_bytes() == caddyfile
+    assert through_proxy(env) == ("green", V1.tag) and not env.lock_path.exists()
