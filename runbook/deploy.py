@@ -162,7 +162,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                                     slots.claim_of(env, version))
     if named:
         warnings.append(f"the new container runs {image}{named}")
-    planned = caddy.plan_switch(env, target)
+    planned = caddy.plan_switch(env, target, slots.reach(env))
     checks = preflight.start(env, candidate=planned.new_text,
                              recreate=True, migrate_image=image,
                              loaded=lambda: traffic.loaded_config(env), tag=version)

@@ -612,7 +612,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         # live_slot has just read Caddy's running config through its admin API: it answers
         caddy.check_running(env, admin_answered=True)
         try:
-            sp = caddy.plan_switch(env, standby)
+            sp = caddy.plan_switch(env, standby, slots.reach(env))
         except RunbookError:
             _guarded(guard_probe, options)  # the schema guard's failure first, as before
             raise

@@ -1659,6 +1659,26 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
     return None
 
 
+def dial_miss(env: Environment, slot: Slot, dials: tuple[str, ...]) -> tuple[str, str] | None:
+    """(a dial of Caddy's running config on `slot`'s port at another host than [slots]
+    host, what asking the slot there met) where nothing answers at that address from this
+    host; None when each such dial answers, or Caddy is not on this host's network (what it
+    reaches from its container cannot be asked from here). Found by review: slots on [::1]
+    only, Caddy dialing localhost:PORT (127.0.0.1 first): status blamed the proxy's
+    transport, though the upstream's address reaches no slot."""
+    config = env.slot(slot)
+    others = [d for d in dials if traffic.dial_port(d) == config.port
+              and traffic.dial_host(d) not in ("", _host_key(config.host))]
+    if not others or _caddy_off_host_network(env) is not None:
+        return None
+    for dial in others:
+        report = health.probe(dataclasses.replace(config, host=traffic.dial_host(dial)),
+                              env.health.path, env.health.request_timeout)
+        if report.http_status is None:
+            return dial, report.error or report.status
+    return None
+
+
 def refuse_upstream(env: Environment, target: Slot, problem: str) -> PreconditionError:
     """The refusal of upstream_problem's `problem`, with its fix: for a Caddy off the host's
     network, the form its upstreams reach this host by (`_off_host_fix`), never the health
@@ -1687,23 +1707,49 @@ def reach_fix(env: Environment, target: Slot, then: str) -> str:
             f"{caddy.slot_address(env, target)}; {then}")
 
 
-def slot_upstream(env: Environment) -> str:
-    """How each slot is dialed, as a fix names it (`<port>` for the slot's): the slots' own
-    address on this host, or, for a Caddy off the host's network, host.docker.internal (the
-    form `_off_host_fix` explains). Found by review (caddytruth LOW 5): "localhost:<port>"
-    there is Caddy's own container, and on a host publishing its slots on [::1] only,
-    nothing."""
+def slot_upstream(env: Environment, slot: Slot | None = None) -> str:
+    """How a slot is dialed, as a fix names it (`slot`: that slot's, with its port; None:
+    each slot's, `<port>`): the slots' own address on this host, or, for a Caddy off the
+    host's network, the form `_off_host_fix` explains (host.docker.internal). Found by
+    review (caddytruth LOW 5): "localhost:<port>" there is Caddy's own container, and on a
+    host publishing its slots on [::1] only, nothing."""
     if _caddy_off_host_network(env) is None:
-        return caddy.slot_address(env)
-    return ("host.docker.internal:<port> (`--add-host host.docker.internal:host-gateway` on "
-            "Caddy's container, each slot's port published where that leads)")
+        return caddy.slot_address(env, slot)
+    if slot is None:
+        return ("host.docker.internal:<port> (`--add-host host.docker.internal:host-gateway` "
+                "on Caddy's container, each slot's port published where that leads)")
+    form, said, published = _off_host_form(env, slot)
+    return (f"{form}{said}, with {slot}'s port {env.slot(slot).port} published where that "
+            f"leads from Caddy's container (on 0.0.0.0, or on Docker's bridge gateway"
+            f"{published})")
+
+
+def reach(env: Environment) -> caddy.Reach:
+    """slot_upstream as the words runbook/caddy's refusals and fixes name an upstream by
+    (asked only when one is said: it may ask Docker where Caddy runs)."""
+    return lambda slot: slot_upstream(env, slot)
 
 
 def _off_host_fix(env: Environment, target: Slot, then: str = "then run again") -> str:
-    """How a Caddy in a container off the host's network reaches `target`: the host part
-    the serving slot is dialed at in Caddy's running config (not a loopback one) with the
-    target's port, else host.docker.internal; the slot published where that leads (as the
-    serving slot is); or Caddy on the host's network. `then`: what follows."""
+    """How a Caddy in a container off the host's network reaches `target`: `_off_host_form`,
+    the slot published where that leads (as the serving slot is); or Caddy on the host's
+    network. `then`: what follows."""
+    port = env.slot(target).port
+    form, said, published = _off_host_form(env, target)
+    named = ("" if caddy_command.exec_container(env.caddy.command) is not None else
+             " (if it is on it already, name its container in [caddy] command, `docker exec "
+             "NAME caddy`, so Docker can say so)")
+    return (f"write the upstream between the slot markers of {env.caddy.caddyfile} as {form}"
+            f"{said}, publish {target}'s port {port} where that leads from Caddy's container "
+            f"(on 0.0.0.0, or on Docker's bridge gateway{published}), or run Caddy on the "
+            f"host's network (--network host){named}; {then}")
+
+
+def _off_host_form(env: Environment, target: Slot) -> tuple[str, str, str]:
+    """(the upstream, what it takes, where the serving slot is published) by which a Caddy in
+    a container off the host's network reaches `target`: the host part the serving slot is
+    dialed at in Caddy's running config (not a loopback one) with the target's port, else
+    host.docker.internal (with its --add-host)."""
     serving, port = target.other, env.slot(target).port
     form, said = f"host.docker.internal:{port}", " (with `--add-host host.docker.internal:" \
                                                  "host-gateway` on Caddy's container)"
@@ -1723,13 +1769,7 @@ def _off_host_fix(env: Environment, target: Slot, then: str = "then run again") 
                       if host_port == serving_port and not _loopback(ip or "0.0.0.0")})
         if ips:
             published = f", as {serving} is on {', '.join(ips)}"
-    named = ("" if caddy_command.exec_container(env.caddy.command) is not None else
-             " (if it is on it already, name its container in [caddy] command, `docker exec "
-             "NAME caddy`, so Docker can say so)")
-    return (f"write the upstream between the slot markers of {env.caddy.caddyfile} as {form}"
-            f"{said}, publish {target}'s port {port} where that leads from Caddy's container "
-            f"(on 0.0.0.0, or on Docker's bridge gateway{published}), or run Caddy on the "
-            f"host's network (--network host){named}; {then}")
+    return form, said, published
 
 
 def switch_step(env: Environment, target: Slot, expected_version: str,
@@ -1743,7 +1783,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
     pre-flight had Caddy validate; when the switch writes exactly those bytes, Caddy is not
     asked the same question again (any other text is validated here).
     """
-    sp = planned or caddy.plan_switch(env, target)
+    sp = planned or caddy.plan_switch(env, target, reach(env))
     # built once, from the plan's reading of Caddy: shown here, run by the switch (which
     # refuses when Caddy's config changed since that reading: caddy_changed_since)
     reload_command = sp.command or caddy.reload_command(env, sp.running)

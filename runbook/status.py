@@ -1015,6 +1015,11 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
                    or (_by_name_fix(f) if f.active is None else None))
         report = f.reports.get(f.active) if f.active is not None else None
         side = traffic.proxy_side(f.env, f.traffic, report is not None and report.ok)
+        if side is not None and not doubted and (
+                unreached := _dial_missed(f, f.traffic.slot)) is not None:
+            yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}; "
+                          f"{unreached[0]}", unreached[1])
+            return
         if side is not None and not doubted:  # no switch ends it: Caddy's log says why
             yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}; "
                           f"{side}", f"{traffic.proxy_side_fix(f.env)}; then "
@@ -1024,6 +1029,36 @@ def proxy_unanswered(f: Facts) -> Iterator[Problem]:
         yield Problem(f"users are not served through the proxy: {f.traffic.proxy_error}",
                       f"{check}; {doubted}" if doubted else
                       f"{check}; if that slot is down: {_way_out(f, f.active)}")
+
+
+def _dial_missed(f: Facts, slot: Slot | None) -> tuple[str, str] | None:
+    """(why, fix) where Caddy dials `slot` (healthy at its own address) at an address that
+    reaches nothing (slots.dial_miss): the upstream's address is the cause, not the proxy's
+    settings (found by review: a [::1]-only slot dialed at localhost:PORT was "the proxy,
+    not the slot, fails", with Caddy's transport to check). The fix writes the address the
+    slot answers at, where the Caddyfile names the dial, and the command that loads it."""
+    if slot is None or f.traffic is None:
+        return None
+    found = slots.dial_miss(f.env, slot, f.traffic.dials)
+    if found is None:
+        return None
+    dial, met = found
+    config, path = f.env.slot(slot), f.env.caddy.caddyfile
+    own = config.base_url.removeprefix("http://")
+    written = [up for up in (f.caddy.upstreams if f.caddy is not None else ())
+               if up.host is not None and dial in (up.text, f"{up.host}:{up.dials}")]
+    lines = ", ".join(str(up.line) for up in written)
+    edit = (f"write {own} in place of {written[0].text} at line{'s' if len(written) > 1 else ''}"
+            f" {lines} of {path} " if written and len({up.text for up in written}) == 1 else
+            f"write the {slot} upstream between the slot markers of {path} as {own} ")
+    running = None
+    with contextlib.suppress(RunbookError):
+        running = traffic.loaded_config(f.env)
+    return (f"Caddy dials the {slot} slot at {dial}, where nothing answers ({met}), but "
+            f"{slot} listens at {own} ([slots.{slot}] host), where it answers healthy: the "
+            "upstream's address does not reach the slot (not the proxy's settings)",
+            f"{edit}(where {slot} answers) and load it: {caddy.load_advice(f.env, running)}; "
+            f"then `{_curl_through_proxy(f.env)}` answers as {slot}")
 
 
 def serving_absent(f: Facts) -> Iterator[Problem]:
@@ -1529,7 +1564,7 @@ def collect(env: Environment) -> Facts:
     f.caddy_running = f.caddy_down is None or f.caddy_down.answering
     try:
         text = caddy.read(env)
-        f.caddy = caddy.inspect(text, env)
+        f.caddy = caddy.inspect(text, env, slots.reach(env))
     except RunbookError as exc:
         f.caddy_error = exc
     else:

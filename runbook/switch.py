@@ -176,7 +176,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
 
     recorded = _recorded(env, state, version, target, run_id)
 
-    planned = caddy.plan_switch(env, target)
+    planned = caddy.plan_switch(env, target, slots.reach(env))
     # Caddy validates what the switch will load before anything changes, as rollback and
     # deploy have it do (found by review: a typo outside the markers passed the dry run, and
     # the switch started and gated the target, then failed naming no cause)

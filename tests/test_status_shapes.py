@@ -325,3 +325,164 @@ def test_a_stopped_caddy_on_a_non_default_admin_address_is_started_as_printed(
     assert subprocess.run(curl, capture_output=True, timeout=30).returncode == 0
     assert through_proxy(env)[0] == "blue"
     _clean(stack, env)
+
+
+# --- (4) upstreams that miss the slot, as Caddy dials them from where it runs -------------
+# Left open by ea25c9d (its three shapes): the words built where Caddy's network cannot be
+# seen (runbook/caddy/text.py) still said localhost:<port>, and a [::1]-only slot dialed at
+# localhost was blamed on "the proxy".
+
+_FORM = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(<port>|\d+)")
+
+
+def _written_as(fix: str, port: int) -> str:
+    """The first upstream a fix names (`host:<port>` or `host:PORT`), with `port`."""
+    form = _FORM.search(fix)
+    assert form is not None, fix
+    return f"{form[1]}:{port}"
+
+
+def test_a_switch_refused_for_a_caddy_dialing_a_container_name_names_what_reaches_the_slot(
+        stack: DrillStack, by_name: Environment) -> None:
+    """`runbook switch ENV --slot green` while Caddy, on the slots' Docker network, dials
+    blue's container by name: refused (exit 4: the runbook tells the slots apart by their
+    published ports only), nothing changed. Its fix said "proxy to the slots' published
+    ports on this host (localhost:<port>)": in Caddy's container localhost is Caddy itself,
+    so the switch run again on that upstream was refused once more (or would serve 502).
+    It names the form that reaches green's published port from Caddy's container
+    (host.docker.internal:PORT, the add-host, the publish); written as printed, the same
+    switch moves users to green through it."""
+    env = by_name
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    text = caddy.read(env)
+    switch = f"runbook switch {env.source} --slot green"
+    refused = _run_printed(switch, "--yes", "--format", "json")
+    said = json.loads(refused.stdout)
+    assert refused.returncode == 4 and "not this host" in said["error"], said
+    assert caddy.read(env) == text and through_proxy(env)[0] == "blue"  # nothing changed
+    fix = said["fix"]
+    assert "localhost" not in fix and "host-gateway" in fix, fix
+    assert "\n" not in said["error"] + fix, said  # one line, as before
+    try:
+        # as printed: green published where that leads from Caddy's container, the upstream
+        # between the markers written in that form, the same switch run again
+        publish_also(stack, Slot.GREEN, bridge_gateway())
+        env.caddy.caddyfile.write_text(
+            text.replace(f"{blue.container}:8080", _written_as(fix, green.port)))
+        done = _run_printed(switch, "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
+                                  headers={"Connection": "close"}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4, fix
+        assert through_proxy(env)[0] == "green"
+    finally:  # no longer as the drill made it: the reset recreates it
+        subprocess.run(["docker", "rm", "-f", green.container], check=True,
+                       capture_output=True)
+
+
+@pytest.fixture
+def off_host(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
+    """A real Caddy in a container on the slots' compose network (not the host's), its
+    upstream host.docker.internal:PORT (`--add-host host.docker.internal:host-gateway`),
+    blue published on Docker's bridge gateway too, where that name leads: blue serves."""
+    blue = stack.env.slot(Slot.BLUE)
+    try:
+        publish_also(stack, Slot.BLUE, bridge_gateway())
+        with caddy_on_the_bridge(stack, f"{stack.project}_default") as env:
+            yield _with_source(env, tmp_path, "off-host")
+    finally:
+        subprocess.run(["docker", "rm", "-f", blue.container], check=True, capture_output=True)
+        stack.reset()
+
+
+def test_a_pool_fix_for_a_caddy_off_the_hosts_network_names_what_reaches_the_slots_from_it(
+        stack: DrillStack, off_host: Environment) -> None:
+    """Caddy in a container off the host's network pools blue's host.docker.internal:PORT
+    with green's container address in the managed block. The Caddyfile problem's fix (built
+    where Caddy's network cannot be seen) said "dial each slot by its own localhost:<port>":
+    in Caddy's container that is Caddy itself, 502 for every user who wrote it. Every fix
+    names the form that reaches a slot from Caddy's container; written as printed and loaded,
+    users reach blue alone and status says nothing of the block."""
+    env = off_host
+    blue, green = env.slot(Slot.BLUE), env.slot(Slot.GREEN)
+    address = next(a for a in docker.inspect(green.container).addresses if a.count(".") == 3)
+    original = caddy.read(env)
+    pooled = _block(env, original, f"host.docker.internal:{blue.port} {address}:8080",
+                    Slot.BLUE)
+    _load_caddyfile(env, pooled)
+    problems = _fixes(stack, env)
+    said = [p for p in problems if "dial each slot by its own" in p["fix"]]
+    assert {p["check"] for p in said} >= {"caddy_problems", "dials_the_other_container"}, \
+        problems
+    _no_refused_command(problems)
+    for p in said:
+        form = re.search(r"dial each slot by its own (\S+):<port>", p["fix"])
+        assert form is not None, p
+        _load_caddyfile(env, _block(env, original, f"{form[1]}:{blue.port}", Slot.BLUE))
+        answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
+                                  headers={"Connection": "close"}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4, (form[0], p)
+        assert {a.json().get("slot") for a in answers} <= {"blue", None}, p
+        assert through_proxy(env)[0] == "blue", p
+        data = json.loads(_run_printed(f"runbook status {env.source} --format json").stdout)
+        assert not [q for q in data["problems"] if q["check"] in
+                    ("caddy_problems", "dials_the_other_container")], data["problems"]
+        _load_caddyfile(env, pooled)
+
+
+@pytest.fixture
+def loopback6_by_localhost(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
+    """Both slots published on [::1] only ([slots] host says so), the Caddyfile's upstreams
+    still `localhost:PORT` and loaded: Caddy's localhost is 127.0.0.1 (this host's
+    /etc/hosts, or the address Go dials first), where no slot listens."""
+    env = stack.env
+    try:
+        for slot in Slot:
+            env = env.with_(slots={**env.slots,
+                                   slot: republish(stack, slot, "[::1]").slot(slot)})
+        yield _with_source(env, tmp_path, "loopback6-localhost")
+    finally:
+        for slot in Slot:
+            subprocess.run(["docker", "rm", "-f", env.slot(slot).container], check=True,
+                           capture_output=True)
+        stack.reset()
+
+
+def test_on_a_loopback6_host_a_localhost_upstream_is_said_to_miss_the_slot_and_mended_as_printed(
+        stack: DrillStack, loopback6_by_localhost: Environment) -> None:
+    """Slots on [::1] only, Caddy dialing localhost:PORT: every user gets 502 while blue
+    answers healthy at [::1]:PORT. Status said "the proxy, not the slot, fails" and sent
+    on-call to Caddy's transport settings. It names the cause (the upstream's address does
+    not reach the slot, which listens on [::1]) and the fix: [::1]:PORT written at the
+    upstream's lines and loaded with the command it prints; done as printed, users reach
+    blue and status has nothing left to say."""
+    env = loopback6_by_localhost
+    blue = env.slot(Slot.BLUE)
+    assert drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5).status_code == 502
+    problems = _fixes(stack, env)
+    _no_refused_command(problems)
+    [said] = [p for p in problems if p["check"] == "proxy_unanswered"]
+    assert "the proxy, not the slot, fails" not in said["problem"], said
+    assert f"localhost:{blue.port}" in said["problem"], said
+    assert f"[::1]:{blue.port}" in said["problem"], said
+    edit = re.search(r"write (\S+) in place of (\S+) at lines? ([\d, ]+?) of (\S+) ",
+                     said["fix"])
+    assert edit is not None, said
+    assert (edit[1], edit[2], edit[4]) == (f"[::1]:{blue.port}", f"localhost:{blue.port}",
+                                           str(env.caddy.caddyfile)), said
+    # as printed: the edit at those lines, then the load command it names
+    lines = caddy.read(env).split("\n")
+    for line in (int(n) for n in edit[3].split(", ")):
+        assert edit[2] in lines[line - 1], (line, lines[line - 1])
+        lines[line - 1] = lines[line - 1].replace(edit[2], edit[1])
+    env.caddy.caddyfile.write_text("\n".join(lines))
+    [load] = _typed(said["fix"], shlex.join(env.caddy.command))
+    done = subprocess.run(load, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
+                              headers={"Connection": "close"}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4, said
+    assert through_proxy(env)[0] == "blue"
+    [curl] = _typed(said["fix"], "curl ")
+    assert subprocess.run(curl, capture_output=True, timeout=30).returncode == 0
+    _clean(stack, env)

@@ -709,6 +709,25 @@ def restart_advice(env: Environment) -> str:
     return "restart it as it was started (`systemctl status caddy`, or its container's `docker ps`)"
 
 
+def load_advice(env: Environment, running: Any = None) -> str:
+    """How on-call makes this host's Caddy load its Caddyfile after an edit, as a command to
+    type: its systemd unit's reload, else `caddy reload` through [caddy] command at the
+    admin address Caddy listens on where that command runs (reload_address: in Caddy's
+    container, as its running config `running` says); that address unknown, the restart
+    that reads the file."""
+    import shlex
+
+    c = env.caddy
+    if c.reload is ReloadMethod.SYSTEMCTL:
+        return f"`systemctl reload {c.systemd_unit}`"
+    try:
+        address, _ = reload_address(env, running, planning=False)
+    except CaddyError:
+        return f"restart Caddy, which reads the file: {restart_advice(env)}"
+    return "`" + shlex.join([*c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile),
+                             "--adapter", "caddyfile", "--address", address]) + "`"
+
+
 def start_advice(env: Environment) -> str:
     """How to start this host's Caddy, as its environment says it runs: the guide's
     `systemctl status caddy` tells why a system Caddy stopped; a Caddy in a container

@@ -33,7 +33,14 @@ from runbook.caddy.admin import (
     write_atomically,
 )
 from runbook.caddy.errors import CaddyConflictError, CaddyError
-from runbook.caddy.text import SLOT_HEADER, Inspection, inspect, rewrite, unified_diff
+from runbook.caddy.text import (
+    SLOT_HEADER,
+    Inspection,
+    Reach,
+    inspect,
+    rewrite,
+    unified_diff,
+)
 from runbook.environment import Environment, ReloadMethod, Slot, command_arg
 from runbook.errors import ExitCode
 
@@ -106,18 +113,20 @@ class SwitchPlan:
         return "\n".join(lines)
 
 
-def plan_switch(env: Environment, target: Slot | str) -> SwitchPlan:
+def plan_switch(env: Environment, target: Slot | str, reach: Reach | None = None) -> SwitchPlan:
     """Compute a switch without touching the file or Caddy; refuses (CaddyError) a Caddyfile
     the switch cannot rewrite whole or Caddy would not load whole (check_imports). Planning
     changes nothing, so its refusals of the file's text (exit 4) name the file and say so:
     the parser's own words are facts of the text (`line 1 holds both ...`), said as they are
-    by whoever meets them later (a step after a change: runbook/plan.py says what it did)."""
+    by whoever meets them later (a step after a change: runbook/plan.py says what it did).
+    `reach`: how those refusals name the upstream that reaches a slot from where Caddy runs
+    (slots.reach: this module cannot see Caddy's network)."""
     target = Slot(target)
     path = env.caddy.caddyfile
     old = read(env)
     try:
-        current = inspect(old, env)
-        new = rewrite(old, env, target)
+        current = inspect(old, env, reach)
+        new = rewrite(old, env, target, reach)
     except CaddyError as exc:
         if exc.exit_code == ExitCode.PRECONDITION:
             exc.message = f"{path}: {exc.message}; nothing was changed"

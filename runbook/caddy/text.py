@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,8 +279,18 @@ def _header_name(token: str) -> str:
     return token.lstrip("+>").lower()
 
 
-def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
-    """Find every upstream and slot header in the block, remembering where each token sits."""
+Reach = Callable[[Slot | None], str]
+"""How an upstream reaches a slot from where Caddy runs, as a fix tells on-call to write it:
+`slot`'s (with its port), or None: every slot's (`<port>`). This module cannot see where
+Caddy runs (no I/O): slot_address is right for a Caddy on this host's network; the caller,
+which can ask Docker, passes the form a Caddy in a container reaches the slots by
+(slots.reach). Found by review: in Caddy's container `localhost:<port>` is Caddy itself."""
+
+
+def _parse_block(block: str, first_line: int, env: Environment,
+                 reach: Reach | None = None) -> _Parsed:
+    """Find every upstream and slot header in the block, remembering where each token sits.
+    `reach`: how a fix names the upstream that reaches a slot (default: slot_address)."""
     ports = _slot_by_port(env)
     upstreams: list[Upstream] = []
     headers: list[SlotHeader] = []
@@ -371,7 +382,7 @@ def _parse_block(block: str, first_line: int, env: Environment) -> _Parsed:
         if opens:
             stack.append(first)
             opened.append(number)
-    unsupported += [_pooled_problem(up, beside, env) for up, beside, fallback
+    unsupported += [_pooled_problem(up, beside, reach or _on_host(env)) for up, beside, fallback
                     in _pooled(upstreams, frozenset(firsts)) if not fallback]
     return _Parsed(tuple(upstreams), tuple(headers), tuple(edits), tuple(unsupported),
                    tuple(probes), frozenset(firsts))
@@ -426,13 +437,18 @@ def _pooled(upstreams: list[Upstream] | tuple[Upstream, ...], firsts: frozenset[
             for _, up in others if up.host is not None]
 
 
-def _pooled_problem(up: Upstream, beside: Upstream, env: Environment) -> _Unsupported:
+def _pooled_problem(up: Upstream, beside: Upstream, reach: Reach) -> _Unsupported:
     return _Unsupported(
         f"line {up.line}: upstream {_named(up)} is no slot's, but is in one reverse_proxy "
         f"pool (line {up.directive}) with {beside.text}, a slot's: Caddy sends part of the "
         "traffic to it, and a switch would leave that part where it is",
-        f"dial each slot by its own {slot_address(env)} only in that reverse_proxy, or move "
+        f"dial each slot by its own {reach(None)} only in that reverse_proxy, or move "
         "that upstream out of the managed block (a route of its own)")
+
+
+def _on_host(env: Environment) -> Reach:
+    """slot_address as a Reach: the words for a Caddy on this host's network."""
+    return lambda slot: slot_address(env, slot)
 
 
 def slot_address(env: Environment, slot: Slot | None = None) -> str:
@@ -502,11 +518,15 @@ _THIS_HOST = {"localhost", "host.docker.internal"}
 THIS_HOST_NAMES = frozenset(_THIS_HOST)  # names Caddy dials this host by
 
 
-def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
+def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment, target: Slot,
+                  reach: Reach) -> None:
     """The repair keeps each upstream's host and puts the slot's port on it: right for this
     host's loopback (or an address of it), wrong for a container's name, where the slot's
     published port listens on nothing (`togather-server-blue:8080` became
-    `togather-server-blue:8082`: a 502 for every user until verification put it back)."""
+    `togather-server-blue:8082`: a 502 for every user until verification put it back).
+    The fix names `target`'s upstream as `reach` says Caddy reaches it: "localhost:<port>"
+    there was Caddy's own container for a Caddy on the slots' Docker network, so the switch
+    run again on it was refused (found by review of caddytruth LOW 5's fix)."""
     import socket
 
     allowed = _THIS_HOST | {cfg.host.lower() for cfg in env.slots.values()} | {
@@ -520,9 +540,9 @@ def _on_this_host(upstreams: tuple[Upstream, ...], env: Environment) -> None:
             f"dials {up.text}, which is not this host: repointing it at {host}:<slot port> "
             "would reach no slot (a container's name or address is not where the slots' "
             "published ports listen)",
-            f"proxy to the slots' published ports on this host ({slot_address(env)}) "
-            "between the markers by hand, then run `runbook switch`",
-            exit_code=ExitCode.PRECONDITION)
+            f"write the upstream between the slot markers by hand as {reach(target)} (the "
+            "runbook tells the slots apart by the port each publishes on this host), then run "
+            "again", exit_code=ExitCode.PRECONDITION)
 
 
 def local_address(host: str) -> bool:
@@ -592,10 +612,11 @@ class Inspection:
     fixes: tuple[str, ...] = ()
 
 
-def inspect(text: str, env: Environment) -> Inspection:
-    """Read the managed block: which ports and slot headers it names, and whether they agree."""
+def inspect(text: str, env: Environment, reach: Reach | None = None) -> Inspection:
+    """Read the managed block: which ports and slot headers it names, and whether they agree.
+    `reach`: how its fixes name the upstream that reaches a slot (see Reach)."""
     start, end = find_block(text)
-    parsed = _parse_block(text[start:end], _first_line(text, start), env)
+    parsed = _parse_block(text[start:end], _first_line(text, start), env, reach)
     known = _known(env)
     unsupported = _unseen(text, start, end) + list(parsed.unsupported)
     problems: list[str] = [u.message for u in unsupported]
@@ -658,16 +679,18 @@ def active_slot(text: str, env: Environment) -> Slot | None:
     return inspect(text, env).slot
 
 
-def rewrite(text: str, env: Environment, target: Slot | str) -> str:
+def rewrite(text: str, env: Environment, target: Slot | str,
+            reach: Reach | None = None) -> str:
     """Point every upstream on a slot's port and every slot header inside the markers at
     `target`; bytes outside the markers, and everything inside but those tokens (upstreams
     on other ports: another service's), are returned unchanged. Refuses (CaddyError, exit 4:
-    nothing was changed) a block it cannot switch whole."""
+    nothing was changed) a block it cannot switch whole; `reach`: how its fix names the
+    upstream that reaches a slot (see Reach)."""
     target = Slot(target)
     port = env.slot(target).port
     start, end = find_block(text)
     block = text[start:end]
-    parsed = _parse_block(block, _first_line(text, start), env)
+    parsed = _parse_block(block, _first_line(text, start), env, reach)
     if unsupported := _unseen(text, start, end) + list(parsed.unsupported):
         raise CaddyError("cannot rewrite the managed block: "
                          + "; ".join(u.message for u in unsupported),
@@ -684,7 +707,7 @@ def rewrite(text: str, env: Environment, target: Slot | str) -> str:
     repair = not any(up.slot is not None for up in parsed.upstreams)
     if repair:
         _one_service(parsed.upstreams)
-        _on_this_host(parsed.upstreams, env)
+        _on_this_host(parsed.upstreams, env, target, reach or _on_host(env))
     lines = block.split("\n")
     by_line: dict[int, list[_Edit]] = {}
     for edit in parsed.edits:
