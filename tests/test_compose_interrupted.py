@@ -8,6 +8,7 @@ failed on Docker's name conflict with a fix that did not run as printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,9 +16,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -264,6 +267,18 @@ def _compose_pid(runbook_pid: int) -> int | None:
     return None
 
 
+def _watch_creates(events: subprocess.Popen[str], name: str, seen: list[dict[str, Any]],
+                   created: Callable[[dict[str, Any]], None]) -> None:
+    """Read `docker events` (JSON lines) into `seen`, calling `created` at the create of a
+    container named `name`."""
+    assert events.stdout is not None
+    for line in events.stdout:
+        event = json.loads(line)
+        seen.append(event)
+        if event["Action"] == "create" and event["Actor"]["Attributes"].get("name") == name:
+            created(event)
+
+
 def test_ctrl_c_to_the_process_group_during_the_recreate_waits_for_compose(
         stack: DrillStack) -> None:
     """Ctrl-C reaches the terminal's whole foreground process group. The runbook (the group
@@ -272,10 +287,33 @@ def test_ctrl_c_to_the_process_group_during_the_recreate_waits_for_compose(
     stack.reset()
     env = stack.env
     assert env.source is not None
+    old = docker.inspect(env.slot(Slot.GREEN).container)  # the container compose replaces
+    assert old.container_id
+    # Docker's own events, from the run's start: the Ctrl-C comes the moment compose's
+    # temporary container `<old id prefix>_<name>` exists (the window the review found:
+    # created, not yet renamed; 60-130 ms on an idle machine, which a fixed sleep missed on
+    # a busy one)
+    temporary_name = f"{old.container_id[:12]}_{old.name}"
+    events = subprocess.Popen(
+        ["docker", "events", "--since", f"{time.time():.3f}", "--format", "{{json .}}",
+         "--filter", "type=container", "--filter", "event=create", "--filter", "event=rename"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "deploy", "--version",
                              V2.tag, "--yes", str(env.source)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, start_new_session=True)
+    seen: list[dict[str, Any]] = []
+    interrupted: list[tuple[str, int]] = []  # (the temporary container's id, when: ns)
+
+    def ctrl_c(event: dict[str, Any]) -> None:
+        if not interrupted:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            interrupted.append((event["Actor"]["ID"], time.time_ns()))
+
+    watcher = threading.Thread(target=_watch_creates, args=(events, temporary_name, seen, ctrl_c),
+                               daemon=True)
+    watcher.start()
     try:
         deadline = time.monotonic() + 120
         pid = None
@@ -283,14 +321,22 @@ def test_ctrl_c_to_the_process_group_during_the_recreate_waits_for_compose(
             pid = _compose_pid(proc.pid)
             time.sleep(0.005)
         assert pid is not None, "compose never ran"
-        time.sleep(0.09)  # inside the window the review found (60-130 ms)
-        os.killpg(proc.pid, signal.SIGINT)
+        while not interrupted and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert interrupted, "compose never created its temporary container"
         _out, err = proc.communicate(timeout=180)
         compose_gone = not Path(f"/proc/{pid}").exists()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        events.terminate()
+        events.wait()
+        watcher.join(timeout=10)
+    [(temporary, when)] = interrupted
+    renamed = [e["timeNano"] for e in seen if e["Action"] == "rename"
+               and e["Actor"]["ID"] == temporary]
+    assert all(at > when for at in renamed), "the Ctrl-C came after compose's rename"
     assert proc.returncode == 1, err
     assert "nothing took effect" in err, err
     assert compose_gone, "the runbook exited while compose still ran"

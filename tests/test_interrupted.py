@@ -3276,7 +3276,7 @@ def test_a_target_that_fails_after_its_gate_never_has_the_old_slot_stopped_under
     paused = False
     try:
         wait_stopped(run.pid)
-        subprocess.run(["docker", "pause", stack.db_container], check=True, capture_output=True)
+        stack.docker("pause", stack.db_container)  # tried again if the freezer gives up
         paused = True
         os.kill(run.pid, signal.SIGCONT)
         _, err = run.communicate(timeout=120)
@@ -3297,8 +3297,7 @@ def test_a_target_that_fails_after_its_gate_never_has_the_old_slot_stopped_under
         with contextlib.suppress(ProcessLookupError):
             os.kill(run.pid, signal.SIGCONT)
         if paused:
-            subprocess.run(["docker", "unpause", stack.db_container], check=True,
-                           capture_output=True)
+            stack.docker("unpause", stack.db_container)
     done = cli(env, "rollback", "--yes")
     assert done.returncode == 0, done.stderr
     assert not docker.inspect(env.slot(Slot.BLUE).container).running

@@ -220,18 +220,29 @@ def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
     assert not docker.inspect(env.slot("blue").container).running
 
 
+def _connections_accepted(snmp: Path) -> int:
+    """TCP connections accepted in a network namespace, as its kernel counts them
+    (PassiveOpens in `snmp`, /proc/<pid>/net/snmp of a process in it)."""
+    header, values = [line.split() for line in snmp.read_text().splitlines()
+                      if line.startswith("Tcp:")]
+    return int(values[header.index("PassiveOpens")])
+
+
 def test_active_health_checks_move_with_the_switch(stack: DrillStack) -> None:
     """Found by review: a `health_port` in the managed block stayed on the old slot's port.
     The switch was verified (the old slot still answered its checks), then the old slot was
     stopped and Caddy marked the new upstream down: every user got 503 after a run that
-    said done."""
+    said done. Oracle: Caddy's loaded config, the probes green accepted (the kernel's count)
+    with blue stopped, and the proxy."""
     two_deployments(stack)  # green v2 stopped, blue v3 live
     env = stack.env
     blue, green = env.slot(Slot.BLUE).port, env.slot(Slot.GREEN).port
     text = env.caddy.caddyfile.read_text()
+    # keepalive off: each probe is a connection of its own, which the kernel counts
     checked = text.replace(f'reverse_proxy localhost:{blue} {{\n\t\t\theader_down',
                            f"reverse_proxy localhost:{blue} {{\n\t\t\thealth_uri /healthz\n"
                            f"\t\t\thealth_port {blue}\n\t\t\thealth_interval 100ms\n"
+                           "\t\t\ttransport http {\n\t\t\t\tkeepalive off\n\t\t\t}\n"
                            "\t\t\theader_down")
     assert checked.count(f"health_port {blue}") == 2, checked
     write_and_load(env, checked)
@@ -240,7 +251,18 @@ def test_active_health_checks_move_with_the_switch(stack: DrillStack) -> None:
     assert not docker.inspect(env.slot(Slot.BLUE).container).running
     running = json.dumps(drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).json())
     assert f'"port": {green}' in running and f'"port": {blue}' not in running, running
-    time.sleep(1.0)  # ten health intervals with the old slot stopped
+    # ten health intervals with the old slot stopped, counted, not slept (on a busy machine
+    # 1 s held far fewer): each of the two handlers' checkers probes once an interval, and
+    # nothing else reaches green meanwhile, so 20 connections green accepted. A probe of the
+    # stopped blue would fail, mark green down, and the proxy answer 503 below.
+    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}",
+                          env.slot(Slot.GREEN).container], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    snmp = Path(f"/proc/{pid}/net/snmp")  # green's namespace: only its app listens there
+    probes, deadline = _connections_accepted(snmp), time.monotonic() + 60
+    while (seen := _connections_accepted(snmp) - probes) < 20:
+        assert time.monotonic() < deadline, f"green was probed {seen} times in 60 s"
+        time.sleep(0.05)
     for _ in range(5):
         assert through_proxy(env) == ("green", V2.tag)
 

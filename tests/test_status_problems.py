@@ -814,7 +814,7 @@ def test_a_paused_database_is_said_with_unpause_as_every_fix(stack: DrillStack) 
     fix, typed as written, brings the database back."""
     stack.reset()
     db = stack.db_container
-    subprocess.run(["docker", "pause", db], check=True, capture_output=True)
+    stack.docker("pause", db)  # tried again if the freezer gives up (DrillStack.docker)
     try:
         code, _, problems = status(stack)
         assert code != 0
@@ -823,7 +823,7 @@ def test_a_paused_database_is_said_with_unpause_as_every_fix(stack: DrillStack) 
         assert not [p for p in problems if "runbook rollback" in p["fix"]
                     or "runbook switch" in p["fix"]], problems
     finally:
-        subprocess.run(["docker", "unpause", db], check=True, capture_output=True)  # as said
+        stack.docker("unpause", db)  # as said
     stack.wait_db()
     _, _, problems = status(stack)
     assert not [p for p in problems if "database" in p["problem"]], problems
