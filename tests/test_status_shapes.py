@@ -100,6 +100,20 @@ def _block(env: Environment, text: str, upstreams: str, slot: Slot) -> str:
             f"\t\theader_down X-Togather-Slot \"{slot}\"\n\t}}\n" + text[end:])
 
 
+def _pool_fix_serves_blue(env: Environment, original: str, p: dict[str, str]) -> None:
+    """The pool fix `p` done as printed (each slot dialed by the form it names, blue's port):
+    users get blue, every answer (None: a /health naming no slot, the minimal-health shape)."""
+    blue = env.slot(Slot.BLUE)
+    form = re.search(r"dial each slot by its own (\S+):<port>", p["fix"])
+    assert form is not None, p
+    _load_caddyfile(env, _block(env, original, f"{form[1]}:{blue.port}", Slot.BLUE))
+    answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
+                              headers={"Connection": "close"}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4, (form[0], p)
+    assert {a.json().get("slot") for a in answers} <= {"blue", None}, p
+    assert through_proxy(env)[0] == "blue", p
+
+
 def test_on_a_loopback6_host_the_pool_fix_names_the_slots_own_address(
         stack: DrillStack, loopback6: Environment) -> None:
     """The managed block pools blue's `[::1]:PORT` with green's container address: said,
@@ -118,15 +132,7 @@ def test_on_a_loopback6_host_the_pool_fix_names_the_slots_own_address(
     assert {p["check"] for p in said} >= {"dials_the_other_container"}, problems
     _no_refused_command(problems)
     for p in said:
-        form = re.search(r"dial each slot by its own (\S+):<port>", p["fix"])
-        assert form is not None, p
-        _load_caddyfile(env, _block(env, original, f"{form[1]}:{blue.port}", Slot.BLUE))
-        answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
-                                  headers={"Connection": "close"}) for _ in range(4)]
-        assert [a.status_code for a in answers] == [200] * 4, (form[0], p)
-        # every answer blue's (None: a /health naming no slot, the minimal-health shape)
-        assert {a.json().get("slot") for a in answers} <= {"blue", None}, p
-        assert through_proxy(env)[0] == "blue", p
+        _pool_fix_serves_blue(env, original, p)
         _clean(stack, env)
         _load_caddyfile(env, _block(env, original, f"[::1]:{blue.port} {address}:8080",
                                     Slot.BLUE))
@@ -416,14 +422,7 @@ def test_a_pool_fix_for_a_caddy_off_the_hosts_network_names_what_reaches_the_slo
         problems
     _no_refused_command(problems)
     for p in said:
-        form = re.search(r"dial each slot by its own (\S+):<port>", p["fix"])
-        assert form is not None, p
-        _load_caddyfile(env, _block(env, original, f"{form[1]}:{blue.port}", Slot.BLUE))
-        answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
-                                  headers={"Connection": "close"}) for _ in range(4)]
-        assert [a.status_code for a in answers] == [200] * 4, (form[0], p)
-        assert {a.json().get("slot") for a in answers} <= {"blue", None}, p
-        assert through_proxy(env)[0] == "blue", p
+        _pool_fix_serves_blue(env, original, p)
         data = json.loads(_run_printed(f"runbook status {env.source} --format json").stdout)
         assert not [q for q in data["problems"] if q["check"] in
                     ("caddy_problems", "dials_the_other_container")], data["problems"]
