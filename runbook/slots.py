@@ -1662,16 +1662,21 @@ def upstream_problem(env: Environment, target: Slot, text: str, *,
 def dial_miss(env: Environment, slot: Slot, dials: tuple[str, ...]) -> tuple[str, str] | None:
     """(a dial of Caddy's running config on `slot`'s port at another host than [slots]
     host, what asking the slot there met) where nothing answers at that address from this
-    host; None when each such dial answers, or Caddy is not on this host's network (what it
-    reaches from its container cannot be asked from here). Found by review: slots on [::1]
-    only, Caddy dialing localhost:PORT (127.0.0.1 first): status blamed the proxy's
-    transport, though the upstream's address reaches no slot."""
+    host; None when each such dial answers or does not resolve here, or Caddy is not on this
+    host's network (what it reaches from its container cannot be asked from here). Found
+    by review: slots on [::1] only, Caddy dialing localhost:PORT (127.0.0.1 first): status
+    blamed the proxy's transport, though the upstream's address reaches no slot."""
     config = env.slot(slot)
     others = [d for d in dials if traffic.dial_port(d) == config.port
               and traffic.dial_host(d) not in ("", _host_key(config.host))]
     if not others or _caddy_off_host_network(env) is not None:
         return None
     for dial in others:
+        if not _addresses(traffic.dial_host(dial), config.port):
+            # a name only Caddy's container resolves (its --add-host host.docker.internal
+            # on the host's network): this host cannot ask it, so nothing is said of it
+            # (found by review: "nothing answers" there overrode the proxy's real fault)
+            continue
         report = health.probe(dataclasses.replace(config, host=traffic.dial_host(dial)),
                               env.health.path, env.health.request_timeout)
         if report.http_status is None:

@@ -307,9 +307,10 @@ def test_ctrl_c_to_the_process_group_during_the_recreate_waits_for_compose(
 
     def ctrl_c(event: dict[str, Any]) -> None:
         if not interrupted:
+            when = time.time_ns()  # before the signal: a rename after it is in the window
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
-            interrupted.append((event["Actor"]["ID"], time.time_ns()))
+            interrupted.append((event["Actor"]["ID"], when))
 
     watcher = threading.Thread(target=_watch_creates, args=(events, temporary_name, seen, ctrl_c),
                                daemon=True)

@@ -11,6 +11,7 @@ API, Docker and `runbook status` run again, never the wording alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, docker
+from runbook import caddy, docker, slots
 from runbook import environment as envmod
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
@@ -429,16 +430,30 @@ def test_a_pool_fix_for_a_caddy_off_the_hosts_network_names_what_reaches_the_slo
         _load_caddyfile(env, pooled)
 
 
+def _dialed(env: Environment) -> str:
+    """The host the loopback6_by_localhost premise dials: localhost where it is 127.0.0.1
+    alone, else 127.0.0.1."""
+    import socket
+
+    found = {i[0] for i in socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)}
+    return "localhost" if found == {socket.AF_INET} else "127.0.0.1"
+
+
 @pytest.fixture
 def loopback6_by_localhost(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
     """Both slots published on [::1] only ([slots] host says so), the Caddyfile's upstreams
     still `localhost:PORT` and loaded: Caddy's localhost is 127.0.0.1 (this host's
-    /etc/hosts, or the address Go dials first), where no slot listens."""
+    /etc/hosts), where no slot listens. Where /etc/hosts has `::1 localhost` too (GitHub's
+    runners), Go falls back to ::1 and nothing misses: there the upstream is written
+    `127.0.0.1:PORT`, the same miss (found by review)."""
     env = stack.env
     try:
         for slot in Slot:
             env = env.with_(slots={**env.slots,
                                    slot: republish(stack, slot, "[::1]").slot(slot)})
+        if _dialed(env) != "localhost":
+            _load_caddyfile(env, _block(env, caddy.read(env),
+                                        f"127.0.0.1:{env.slot(Slot.BLUE).port}", Slot.BLUE))
         yield _with_source(env, tmp_path, "loopback6-localhost")
     finally:
         for slot in Slot:
@@ -461,13 +476,14 @@ def test_on_a_loopback6_host_a_localhost_upstream_is_said_to_miss_the_slot_and_m
     problems = _fixes(stack, env)
     _no_refused_command(problems)
     [said] = [p for p in problems if p["check"] == "proxy_unanswered"]
+    dialed = f"{_dialed(env)}:{blue.port}"
     assert "the proxy, not the slot, fails" not in said["problem"], said
-    assert f"localhost:{blue.port}" in said["problem"], said
+    assert dialed in said["problem"], said
     assert f"[::1]:{blue.port}" in said["problem"], said
     edit = re.search(r"write (\S+) in place of (\S+) at lines? ([\d, ]+?) of (\S+) ",
                      said["fix"])
     assert edit is not None, said
-    assert (edit[1], edit[2], edit[4]) == (f"[::1]:{blue.port}", f"localhost:{blue.port}",
+    assert (edit[1], edit[2], edit[4]) == (f"[::1]:{blue.port}", dialed,
                                            str(env.caddy.caddyfile)), said
     # as printed: the edit at those lines, then the load command it names
     lines = caddy.read(env).split("\n")
@@ -475,13 +491,30 @@ def test_on_a_loopback6_host_a_localhost_upstream_is_said_to_miss_the_slot_and_m
         assert edit[2] in lines[line - 1], (line, lines[line - 1])
         lines[line - 1] = lines[line - 1].replace(edit[2], edit[1])
     env.caddy.caddyfile.write_text("\n".join(lines))
-    [load] = _typed(said["fix"], shlex.join(env.caddy.command))
+    # the drill's Caddy is an admin-api one: the load a run makes, POST /load
+    [load] = _typed(said["fix"], "curl -fsS -X POST")
     done = subprocess.run(load, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     answers = [drill_http.get(f"{env.caddy.proxy_url}/health", timeout=5,
                               headers={"Connection": "close"}) for _ in range(4)]
     assert [a.status_code for a in answers] == [200] * 4, said
     assert through_proxy(env)[0] == "blue"
-    [curl] = _typed(said["fix"], "curl ")
+    [curl] = _typed(said["fix"], "curl -sI")
     assert subprocess.run(curl, capture_output=True, timeout=30).returncode == 0
     _clean(stack, env)
+
+
+def test_a_dial_only_caddys_container_resolves_is_never_said_to_miss_the_slot(
+        stack: DrillStack) -> None:
+    """Found by review: a Caddy on the host's network in a container with `--add-host
+    host.docker.internal:host-gateway` dials a name this host cannot resolve; status said
+    "nothing answers there ... not the proxy's settings" and its printed fix gave 502, over
+    the proxy's real fault. A name that does not resolve here (`.invalid`, RFC 6761) is not
+    asked; a loopback address where nothing listens still is."""
+    env = stack.env
+    blue = env.slot(Slot.BLUE)
+    assert slots.dial_miss(env, Slot.BLUE, (f"caddy-only.invalid:{blue.port}",)) is None
+    free = closed_port()
+    missed = slots.dial_miss(env.with_(slots={**env.slots, Slot.BLUE: dataclasses.replace(
+        blue, port=free)}), Slot.BLUE, (f"127.0.0.2:{free}",))
+    assert missed is not None and missed[0] == f"127.0.0.2:{free}", missed

@@ -711,15 +711,20 @@ def restart_advice(env: Environment) -> str:
 
 def load_advice(env: Environment, running: Any = None) -> str:
     """How on-call makes this host's Caddy load its Caddyfile after an edit, as a command to
-    type: its systemd unit's reload, else `caddy reload` through [caddy] command at the
-    admin address Caddy listens on where that command runs (reload_address: in Caddy's
-    container, as its running config `running` says); that address unknown, the restart
-    that reads the file."""
+    type: its systemd unit's reload; on an admin-api host the POST /load a run makes (found
+    by review: [caddy] command is never checked there, and may not run); else `caddy
+    reload` through [caddy] command at the admin address Caddy listens on where that command
+    runs (reload_address: in Caddy's container, as its running config `running` says); that
+    address unknown, the restart that reads the file."""
     import shlex
 
     c = env.caddy
     if c.reload is ReloadMethod.SYSTEMCTL:
         return f"`systemctl reload {c.systemd_unit}`"
+    if c.reload is ReloadMethod.ADMIN_API:  # the load a run makes; nothing checks `command`
+        return "`" + shlex.join(["curl", "-fsS", "-X", "POST", "-H", "Content-Type: "
+                                 "text/caddyfile", "--data-binary", f"@{c.caddyfile}",
+                                 f"{c.admin_url}/load"]) + "`"
     try:
         address, _ = reload_address(env, running, planning=False)
     except CaddyError:
