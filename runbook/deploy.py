@@ -294,13 +294,29 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         ctx.note(schema=f"{before} -> {after}")
         if after != before:  # a later failure must not say "nothing took effect"
             flagged.append(True)
+            serving = current.version if current else "the serving version"
+            failing = _fails_on_it()
             ctx.cannot_undo(
                 f"the new version's migrations changed the database schema ({before} -> "
-                f"{after}) and stay: {current.version if current else 'the serving version'} "
-                f"serves on schema {after}",
+                f"{after}) and stay: {serving} serves on schema {after}"
+                + (f" and fails its health check there ({failing})" if failing else ""),
                 f"check it: `runbook status {command_arg(env)}`; to put the schema back, "
                 f"restore the pre-deploy snapshot: {_restore_command()}, or deploy a fixed "
                 "version")
+            if failing:
+                # undone, users would stay on a build that fails on this schema, and the one
+                # that fits it stopped (found by a kill fuzz: Ctrl-C or a dropped ssh session
+                # here left the serving slot's /health failing, the new build stopped)
+                ctx.until_commit(f"the migrations moved the database schema to {after}, on "
+                                 f"which {serving} on the {live} slot fails its health check")
+
+    def _fails_on_it() -> str:
+        """Why the serving slot's /health fails now ('' when it answers ok, or when Caddy
+        dials no slot): asked once the migrations moved the schema under it."""
+        if dialed_none:
+            return ""
+        report = health.probe(env.slot(live), env.health.path, env.health.request_timeout)
+        return "" if report.ok else report.reason() or report.status
 
     def _restore_command() -> str:
         """The restore of this deploy's pre-deploy snapshot, exact once it is known."""
@@ -417,7 +433,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              run=run_recreate, **slots.recreate_holds(True)),
         Step("migrate", "Run the new version's migrations",
              {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}",
-              "Ctrl-C": "acted on once the migrations have ended, so their outcome is known"},
+              "Ctrl-C": "acted on once the migrations have ended, so their outcome is known; "
+                        "if they moved the schema and the serving slot then fails its health "
+                        "check, the run carries on until traffic has moved, then stops (exit "
+                        "6): undone, users would stay on that slot"},
              run=run_migrate, skip=None if env.migrate_command else "no migrate_command",
              hold_signals=True),
         gate,

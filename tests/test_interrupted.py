@@ -985,22 +985,30 @@ def test_a_deploy_rerun_after_the_go_cli_rewrote_the_state_file_is_the_same_depl
     assert st.current is not None and st.current.id == killed.record["deployment_id"]
 
 
-def test_ctrl_c_during_migrations_waits_for_them_and_says_the_schema_changed(
+def test_ctrl_c_during_migrations_waits_for_them_then_carries_on_off_the_build_they_broke(
         stack: DrillStack) -> None:
     """A signal while the new version migrates is acted on once the migrations end (never a
-    migration cut in half), and the run then says the schema changed instead of "nothing took
-    effect"; the same command afterwards finishes the deploy."""
+    migration cut in half). Found by a kill fuzz: acted on there, the undo stopped v2 (the
+    build that fits schema 2) and left users on v1, whose /health fails on schema 2, with
+    "v1 serves on schema 2" and nothing of its failing. With the serving slot failing its
+    health check on the migrated schema, the run carries on until traffic has moved, then
+    stops (exit 6); the same command afterwards finishes the deploy."""
     stack.reset()  # v1 serving from blue on schema 1
     env = stack.env
     first = cli(env, "deploy", "--version", V2.tag, "--yes",
                 fault="migrate.before-exec:SIGINT")
-    assert first.returncode == 5, first.stderr
-    assert "migrations changed the database schema (1 -> 2)" in first.stderr
-    assert "nothing took effect" not in first.stderr
     with stack.connect() as conn:
         assert conn.execute("SELECT version, dirty FROM schema_migrations").fetchone() == (2,
                                                                                           False)
-    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    # v1 on schema 2 fails its own health check: the premise, asked of the app itself
+    blue = drill_http.get(f"{env.slot(Slot.BLUE).base_url}/health", timeout=5)
+    assert blue.status_code == 503 and "ahead of this build" in blue.text, blue.text
+    assert first.returncode == 6, first.stderr
+    assert "on which v" not in first.stderr  # the version is the tag, never a drill name
+    assert (f"the migrations moved the database schema to 2, on which {VERSIONS['v1'].tag} on "
+            "the blue slot fails its health check") in first.stderr, first.stderr
+    assert "carries on until traffic has moved" in first.stderr, first.stderr
+    assert through_proxy(env) == ("green", V2.tag)
     pre_deploy = sorted(env.database.snapshot_dir.glob("*_pre-deploy.sql.gz"))
     assert len(pre_deploy) == 1  # taken at schema 1, before the migrations
     deploy_finishes_as_the_same_deployment(env, pre_deploy)
