@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -339,8 +340,11 @@ def _begins(callback: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(callback)
     def command(*args: Any, **kwargs: Any) -> Any:
         try:
-            startup.release()  # inside the try: no KeyboardInterrupt slips past it to typer
+            startup.begin()  # inside the try: no KeyboardInterrupt slips past it to typer
             return callback(*args, **kwargs)
+        except startup.Terminated as stopped:  # SIGTERM, SIGHUP: Ctrl-C's path, its own exit
+            echo(f"runbook: interrupted by {signal.Signals(stopped.signum).name}", err=True)
+            raise typer.Exit(stopped.exit_code) from None
         except KeyboardInterrupt:
             echo("runbook: interrupted", err=True)
             raise typer.Exit(130) from None

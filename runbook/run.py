@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import disk, files
+from runbook import disk, files, startup
 from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
@@ -121,13 +121,10 @@ def plan_only(env: Environment, action: str, build: Callable[[str], Plan]) -> Pl
     return _dry_run(env, build, journals.new_run_id(action)).plan
 
 
-class DryRunSignal(SystemExit):
-    """SIGTERM or SIGHUP ending a dry run as Ctrl-C does (cli._begins makes that exit 130, with the
-    atexit clean-up): the process exits 128 + the signal's number, through cli._leave."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
+class DryRunSignal(startup.Terminated):
+    """SIGTERM or SIGHUP ending a dry run as Ctrl-C does, with the atexit clean-up: cli._begins
+    says "runbook: interrupted by SIGTERM" and exits 128 + the signal's number, as it does for
+    one that came before the dry run's handlers (it used to be that exit, nothing said)."""
 
 
 @contextlib.contextmanager

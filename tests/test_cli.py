@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -356,8 +357,9 @@ owner = importlib.import_module(module)
 for part in outer:
     owner = getattr(owner, part)
 original = getattr(owner, name)
+sent = getattr(signal, os.environ.get("RUNBOOK_TEST_SIGNAL", "SIGINT"))
 def interrupted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)  # on-call's Ctrl-C lands here
+    os.kill(os.getpid(), sent)  # on-call's Ctrl-C (or a SIGTERM, a SIGHUP) lands here
     return original(*args, **kwargs)
 setattr(owner, name, interrupted)
 if entry == "module":  # python -m runbook.cli
@@ -370,12 +372,15 @@ else:  # the console script pip writes (.venv/bin/runbook): it imports main, the
 """
 
 
-def _interrupted_at(entry: str, where: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`runbook ARGS`, started as `entry` ("module" or "script"), with a SIGINT sent to itself
-    when it first calls `where` ("module:function"): a Ctrl-C at that very point."""
+def _interrupted_at(entry: str, where: str, *args: str,
+                    signame: str = "SIGINT") -> subprocess.CompletedProcess[str]:
+    """`runbook ARGS`, started as `entry` ("module" or "script"), with `signame` sent to itself
+    when it first calls `where` ("module:function"): a Ctrl-C (or that signal) at that very
+    point."""
     return subprocess.run([sys.executable, "-c", _INTERRUPTED_AT, entry, where, *args],
                           capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
+                          stdin=subprocess.DEVNULL, check=False,
+                          env={**os.environ, "RUNBOOK_TEST_SIGNAL": signame})
 
 
 def _scratch_env(tmp_path: Path) -> Path:
@@ -425,6 +430,66 @@ def test_a_ctrl_c_once_the_command_began_is_one_line_not_silence(
     done = _interrupted_at("module", where, *args, str(env))
     assert done.returncode == 130, done.stdout + done.stderr
     assert done.stderr == "runbook: interrupted\n", done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_sigterm_or_sighup_while_the_cli_starts_says_nothing_was_changed(
+        signame: str, tmp_path: Path) -> None:
+    """Found by a kill fuzz: SIGTERM or SIGHUP in the CLI's start-up (its imports, typer
+    parsing the command line) killed it by the signal's default: exit -15/-1, nothing said.
+    As for Ctrl-C there: one line, nothing changed, and the signal's own 128 + its number."""
+    signum = getattr(signal, signame)
+    program = ("import os, signal, time\n"
+               "from runbook import startup\n"
+               f"os.kill(os.getpid(), signal.{signame})\n"
+               "time.sleep(5)\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 128 + signum, done.stdout + done.stderr
+    assert done.stderr == f"runbook: {signame} before the command began; nothing was changed\n"
+    env = _scratch_env(tmp_path)
+    done = _interrupted_at("script", "typer._click.core:Command.parse_args", "rollback", "--yes",
+                           str(env), signame=signame)
+    assert done.returncode == 128 + signum, done.stdout + done.stderr
+    assert done.stderr == f"runbook: {signame} before the command began; nothing was changed\n"
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch.toml"]  # nothing written
+
+
+def test_an_ignored_sighup_stays_ignored_and_an_imported_cli_leaves_sigterm_alone() -> None:
+    """`nohup runbook ...` must outlive the closed session from its first line; a process
+    that imports the CLI without running it (pytest) keeps SIGTERM's and SIGHUP's default."""
+    ignored = subprocess.run(
+        [sys.executable, "-c", "import os, signal\nfrom runbook import startup\n"
+         "os.kill(os.getpid(), signal.SIGHUP)\n"
+         "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)"],
+        capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert (ignored.returncode, ignored.stdout.strip()) == (0, "True"), ignored.stderr
+    imported = subprocess.run(
+        [sys.executable, "-c", "import signal, runbook.cli\n"
+         "print([signal.getsignal(s) is signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGHUP)])"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert imported.stdout.strip() == "[True, True]", imported.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(("where", "args"), [
+    ("runbook.status:gather", ["status"]),  # a read-only command, no handling of its own
+    ("runbook.disk:refuse_unwritable", ["rollback", "--yes"]),  # before the run's handlers
+    ("runbook.run:_dry_run", ["rollback", "--dry-run"]),  # a dry run's own handlers
+])
+def test_a_sigterm_or_sighup_once_the_command_began_is_one_line_and_its_own_exit(
+        where: str, args: list[str], signame: str, tmp_path: Path) -> None:
+    """Found by a kill fuzz: SIGTERM or SIGHUP after the command began but before a run's own
+    handlers (the environment's checks) killed it silently (exit -15/-1), skipping the
+    command's clean-up. It goes Ctrl-C's way (every finally runs) and says so."""
+    env = _scratch_env(tmp_path)
+    done = _interrupted_at("module", where, *args, str(env), signame=signame)
+    assert done.returncode == 128 + getattr(signal, signame), done.stdout + done.stderr
+    assert done.stderr == f"runbook: interrupted by {signame}\n", done.stderr
     assert done.stdout == ""
     assert not (tmp_path / "logs").exists() and not (tmp_path / "lock").exists()
 
