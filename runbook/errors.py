@@ -109,3 +109,13 @@ class StateError(RunbookError):
     """The state file is missing, unreadable or invalid."""
 
     exit_code = ExitCode.PRECONDITION
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP once a CLI command began (runbook/startup.py): Ctrl-C's path, every
+    `finally` run, with the signal's own exit code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -17,12 +17,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import disk, files, startup
+from runbook import disk, files
 from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
 from runbook.environment import Environment, Slot, command_arg
-from runbook.errors import AlreadyDone, ExitCode, LockLostError, RunbookError, UsageError
+from runbook.errors import (
+    AlreadyDone,
+    ExitCode,
+    LockLostError,
+    RunbookError,
+    Terminated,
+    UsageError,
+)
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 from runbook.redact import one_line
 
@@ -121,7 +128,7 @@ def plan_only(env: Environment, action: str, build: Callable[[str], Plan]) -> Pl
     return _dry_run(env, build, journals.new_run_id(action)).plan
 
 
-class DryRunSignal(startup.Terminated):
+class DryRunSignal(Terminated):
     """SIGTERM or SIGHUP ending a dry run as Ctrl-C does, with the atexit clean-up: cli._begins
     says "runbook: interrupted by SIGTERM" and exits 128 + the signal's number, as it does for
     one that came before the dry run's handlers (it used to be that exit, nothing said)."""

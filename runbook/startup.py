@@ -20,15 +20,6 @@ _LINE = b"runbook: interrupted before the command began; nothing was changed\n"
 _STOPPED = (signal.SIGTERM, signal.SIGHUP)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP once the command began: Ctrl-C's path, with the signal's own exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
 def _stopped(signum: int, frame: object) -> None:
     try:  # a closed terminal (SIGHUP) cannot be written to: the exit still comes
         os.write(2, b"runbook: %s before the command began; nothing was changed\n"
@@ -85,3 +76,9 @@ if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
     signal.signal(signal.SIGTERM, _stopped)
 if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
     signal.signal(signal.SIGHUP, _stopped)
+
+# after the handlers: nothing delays them (errors.py has no side effect, unlike this module,
+# which a library user such as runbook/run.py must never import: it would take their Ctrl-C)
+from runbook.errors import Terminated  # noqa: E402
+
+__all__ = ["Terminated", "begin", "hold", "release"]

@@ -508,3 +508,18 @@ def test_a_closed_terminal_never_counts_as_the_second_ctrl_c_that_cuts_compose_o
     signals._handler(signal.SIGINT, None)
     assert signals.count == 2  # a deliberate second Ctrl-C still counts
 
+
+
+def test_a_library_user_keeps_python_s_own_signal_handling() -> None:
+    """Found reading the SIGTERM change: runbook/run.py imported runbook/startup.py, whose
+    import takes over Ctrl-C, SIGTERM and SIGHUP for the CLI's start-up: any process using the
+    library (a bench script, the tests, an operator's own script) had its Ctrl-C exit 130 at
+    once with "interrupted before the command began". Only the CLI takes them."""
+    code = ("import signal\n"
+            "from runbook import deploy, rollback, run, snapshot_restore, status, switch\n"
+            "print([signal.getsignal(s) is d for s, d in ((signal.SIGINT, "
+            "signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL), (signal.SIGHUP, "
+            "signal.SIG_DFL))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[True, True, True]", out
