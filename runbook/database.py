@@ -394,6 +394,24 @@ def _socket_here(raw: str) -> bool:
     return os.path.exists(_socket_path(raw))
 
 
+def where(env: Environment) -> str:
+    """The database the runbook reads, for messages: host:port/database and where its URL
+    comes from, never the user or the password. Never raises (a broken URL is said by
+    whoever connects)."""
+    from psycopg import conninfo
+
+    variable = env.database.url_variable
+    source = "the environment" if _from_process(env) else str(env.database.env_file or "?")
+    try:
+        params = conninfo.conninfo_to_dict(url(env))
+    except Exception:
+        return f"{variable} in {source}"
+    host = str(params.get("host") or "localhost").split(",")[0]
+    port = str(params.get("port") or "5432").split(",")[0]
+    name = str(params.get("dbname") or params.get("user") or "?")
+    return f"{host}:{port}/{name}, {variable} in {source}"
+
+
 def access_description(env: Environment) -> str:
     """How the database is reached, for pre-flight and --dry-run (never the URL itself)."""
     host = url_host(url(env))

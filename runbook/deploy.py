@@ -375,8 +375,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                                     **({"snapshot_path": str(taken.path)} if taken else {})})
     schema_at_start: list[int | None] = []
     flagged: list[bool] = []  # a schema change already said (one message, not two)
+    # the schema the new slot's /health must report: the database's after the migrations,
+    # as the runbook reads it (a slot reading another database migrated and passed there)
+    after_migrations = health.ExpectedSchema(
+        lambda: observed.migration_version if observed.migration_version is not None
+        else recording.schema(env), "its version after the migrations", database.where(env),
+        unknown="the database's schema could not be read after the migrations")
     gate = slots.gate_step(env, target, force=options.force, expected_version=version,
-                           observed=observed, record=intent.record)
+                           observed=observed, record=intent.record, schema=after_migrations)
     if not env.migrate_command and gate.run is not None:
         # an app that migrates itself when it starts: a failed gate may follow a migration
         # (said with the gate's failure; the undo checks the schema on every other failure)

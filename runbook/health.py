@@ -402,7 +402,7 @@ def _fix(config: SlotConfig, report: HealthReport | None = None,
          env: Environment | None = None) -> str:
     logs = f"check `docker logs --tail 100 {config.container}`"
     failing = [c for c in (report.failing_checks if report is not None else ())
-               if c.name.lower() in ("migrations", "migration", "schema")]
+               if _word(c.name) in SCHEMA_CHECKS]
     if not failing or env is None:
         return logs
     # the slot said why, and waiting longer never changes it (found by review: a rollback
@@ -418,6 +418,95 @@ def _fix(config: SlotConfig, report: HealthReport | None = None,
             f"database's schema as it is now (`runbook status {command_arg(env)}` shows it); "
             f"give it the schema it runs on ({give}), or choose a build that runs on this "
             f"one; then {logs}")
+
+
+# --------------------------------------------------------------------------------------------
+# The schema the app reports, compared with the one the runbook read
+# --------------------------------------------------------------------------------------------
+
+SCHEMA_CHECKS = frozenset({"migrations", "migration", "schema"})  # the app's schema check
+SCHEMA_SETTLE = 2.0  # seconds a differing version is asked again before it is decided
+SCHEMA_RECHECK = 0.25  # seconds between those answers
+
+
+class SchemaMismatchError(HealthGateError):
+    """The slot reports another schema version than the database the runbook read: it reads
+    another database. A failed gate (exit 1), decided at once: waiting never changes it."""
+
+
+@dataclass(frozen=True)
+class ExpectedSchema:
+    """The schema_migrations version the runbook itself read for this run (checked,
+    migrated or restored), which a gated slot's /health must report when it reports one.
+    `version` is asked when the gate decides (None: the runbook has none: `unknown` says
+    why); `planned` says it for the plan; `database` names it (database.where: host, port,
+    database, never a password); `how`: what the runbook did with it ("checked" or
+    "restored")."""
+
+    version: Callable[[], int | None]
+    planned: str
+    database: str
+    how: str = "checked"
+    unknown: str = "the runbook could not read the database's schema for this run"
+
+    def plan_line(self, path: str) -> str:
+        return (f"the migrations version its {path} reports (details.version of its "
+                f"migrations check) must be {self.planned}: the schema of the database the "
+                f"runbook {self.how} ({self.database}); not compared when it reports none")
+
+
+def reported_schema(report: HealthReport) -> int | None:
+    """The schema_migrations version the app says it reads: details.version (an int) of its
+    schema check (the contract's `migrations`, or `migration`, `schema`); None when none."""
+    for check in report.checks:
+        if _word(check.name) in SCHEMA_CHECKS:
+            value = check.details.get("version")
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def check_schema(env: Environment, slot: Slot | str, report: HealthReport,
+                 want: ExpectedSchema, *, refuse: bool = True,
+                 sleep: Callable[[float], None] = time.sleep) -> tuple[HealthReport, str]:
+    """Compare the schema an ok `report` of the slot names with the one the runbook read:
+    (the report decided on, a note for the journal). An app that reports none, or a run
+    that read none, is noted as not compared, never refused (an app with fewer /health
+    fields). A differing version is asked again for SCHEMA_SETTLE seconds, deciding only on
+    ok answers (an app's first answer may come before it has read the schema); still
+    differing, it raises SchemaMismatchError (`refuse`; --force: it is only noted)."""
+    config = env.slot(slot)
+    said = reported_schema(report)
+    if said is None:
+        return report, (f"not compared: {env.health.path} reports no migrations version "
+                        "(details.version of its migrations check), so whether the slot "
+                        f"reads the database the runbook {want.how} ({want.database}) cannot "
+                        "be told")
+    expected = want.version()
+    if expected is None:
+        return report, f"not compared: the slot reports {said}, but {want.unknown}"
+    began = time.monotonic()
+    while said != expected and time.monotonic() - began < SCHEMA_SETTLE:
+        sleep(SCHEMA_RECHECK)
+        again = probe(config, env.health.path, env.health.request_timeout)
+        if again.ok and (now := reported_schema(again)) is not None:
+            report, said = again, now
+    if said == expected:
+        return report, f"{said}, as the database the runbook {want.how} ({want.database})"
+    name = next((c.name for c in report.checks if _word(c.name) in SCHEMA_CHECKS), "migrations")
+    problem = (f"slot {config.slot} reports schema {said} ({name} details.version at "
+               f"{report.url}), while the database the runbook {want.how} ({want.database}) "
+               f"is at {expected}: the slot reads another database (its DATABASE_URL names "
+               "another one than the runbook's), and waiting does not change that")
+    if not refuse:
+        return report, f"DIFFERS (not refused: --force): {problem}"
+    raise SchemaMismatchError(problem, (
+        f"compare the database the slot's DATABASE_URL names (`docker inspect --format "
+        f"'{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' {config.container} | grep "
+        f"DATABASE_URL`, which shows its password) with {want.database}; make the slot read "
+        f"that one (recreate it from the env file), or, if the slot's is the right one, "
+        f"correct the runbook's {env.database.url_variable}; then run the same command again"),
+        report=report)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ leaves traffic where it was and that nothing after it is undone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from runbook import caddy, compose, database, docker, finish, recording, slots, traffic
+from runbook import caddy, compose, database, docker, finish, health, recording, slots, traffic
 from runbook import intent as intents
 from runbook import preflight as tool_checks
 from runbook import state as states
@@ -78,6 +79,9 @@ class Guard:
     # the schema the target serves on, checked ("compatible", or the snapshot restored for
     # it): recorded with the rollback when the target's record names none
     schema: int | None = None
+    # the database's schema_migrations version as the guard read it (None: not read): what
+    # the target's /health must report at its gate, unless a restore replaces it
+    read: int | None = None
 
 
 class SchemaRefusal(PreconditionError):
@@ -128,6 +132,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["database schema"] = f"unknown: {reason}"
         guard.details["schema guard"] = "skipped (--force): the schema could not be read"
         return guard
+    guard.read = schema.version
     found = migration_source.infer(env, current, target)
     recorded = found.version
     guard.details["database schema"] = schema.describe()
@@ -653,14 +658,23 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     # in as it runs: the plan's, so --format json names them as a standalone restore does
     facts: dict[str, Any] = {}
     record: dict[str, Any] = {}  # the intent's: the restore's check says in it that it passed
+    # the schema the target's /health must report at its gate: the database's as the guard
+    # read it, or the snapshot's once restored (a slot reading another database answered
+    # from it, passed, and served users from a database the run never checked)
+    gate_schema = health.ExpectedSchema(
+        lambda: guard.read, str(guard.read) if guard.read is not None else "its version",
+        database.where(env), unknown="the schema guard could not read the database's schema")
     if guard.restore is not None:
         from runbook import snapshot_restore
 
+        restore_run = snapshot_restore.prepare(env, guard.restore, options.moved_from,
+                                               restoring(env, options, guard.restore))
         restore_steps = snapshot_restore.restore_steps(
-            env, snapshot_restore.prepare(env, guard.restore, options.moved_from,
-                                          restoring(env, options, guard.restore)),
-            facts=facts, run_id=run_id, end_sessions=options.end_sessions, switch_to=standby,
-            record=record)
+            env, restore_run, facts=facts, run_id=run_id, end_sessions=options.end_sessions,
+            switch_to=standby, record=record)
+        restored_at = restore_run.verified.migration_version
+        gate_schema = dataclasses.replace(gate_schema, version=lambda: restored_at,
+                                          planned=str(restored_at), how="restored")
         warnings += [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
@@ -691,7 +705,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         recording.rollback(env, intent, observed, run_id, ctx)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
-                           observed=observed, early=early, record=intent.record)
+                           observed=observed, early=early, record=intent.record,
+                           schema=gate_schema)
     recorded = recording.rolled_back(state, intent, target, run_id=run_id)
     after = recording.state_lines(recorded or state)
     if recorded is None:

@@ -882,11 +882,15 @@ def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
 
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
               observed: Observed | None = None, early: EarlyHealth | None = None,
-              record: dict[str, Any] | None = None) -> Step:
+              record: dict[str, Any] | None = None,
+              schema: health.ExpectedSchema | None = None) -> Step:
     """The health gate; the report's status lands in `observed.health_status` for the state.
     `early`: the slot's health as asked while planning (see EarlyHealth). `record`: the run's
     intent record, given the container the gate proved, which the commit point's write
-    carries: a run finishing this one after a kill asks whether it still serves (finish.py)."""
+    carries: a run finishing this one after a kill asks whether it still serves (finish.py).
+    `schema`: the version the runbook read for this run, which the slot's reported one must
+    equal (health.check_schema): a slot reading another database passed on its own
+    database's answer, and users were served from one the run never checked."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
 
@@ -910,6 +914,9 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                           f"{env.health.timeout_text}, asked every {FORCED_POLL:g}s"}
     if expected_version:
         details["expected version"] = expected_version
+    if schema is not None:
+        details["schema"] = schema.plan_line(env.health.path) + (
+            " (--force: a difference is said, not refused)" if force else "")
 
     def run(ctx: StepContext) -> None:
         if force:
@@ -943,6 +950,12 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             # the build is checked all the same (found by review): a wrong one would take
             # users until the switch's verification undid it
             seen = _build_seen(env, slot, expected_version, report, ask_version=False)
+            if schema is not None:
+                report, compared = health.check_schema(env, slot, report, schema,
+                                                       refuse=False)
+                ctx.note(schema=compared)
+                if compared.startswith("DIFFERS"):
+                    ctx.notice(compared)
             passed(ctx, report)
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers), "
                             f"version {seen}")
@@ -971,6 +984,9 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
         version = _build_seen(env, slot, expected_version, report, ask_version=True)
+        if schema is not None:  # decided on an ok answer: a differing one fails at once
+            report, compared = health.check_schema(env, slot, report, schema)
+            ctx.note(schema=compared)
         passed(ctx, report)
         ctx.note(health=f"{report.status}, version {version}")
 

@@ -474,11 +474,18 @@ def restore_steps(env: Environment, run: RestoreRun,
 
 
 def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
-               left_stopped: str | None = None) -> Step:
+               left_stopped: str | None = None, earlier: str | None = None) -> Step:
     """For a standalone restore: start again the app containers the restore stopped, and the
     serving one (`left_stopped`) when a killed restore had stopped it: this run then stops
-    nothing itself, and "none were running" would end it with the service down, exit 0."""
-    from runbook import docker, health
+    nothing itself, and "none were running" would end it with the service down, exit 0.
+    `earlier`: a killed earlier restore's safety snapshot (the data from before it)."""
+    from runbook import database, docker, health
+
+    # what each started slot's /health must report: the schema restored (a slot reading
+    # another database answered from it, and the restore never reached what users read)
+    restored = health.ExpectedSchema(lambda: restore_run.verified.migration_version,
+                                     str(restore_run.verified.migration_version),
+                                     database.where(env), how="restored")
 
     def run(ctx: StepContext) -> None:
         stopped = list(restore_run.stopped)
@@ -491,12 +498,27 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
         for name in stopped:
             docker.start(name)
         if wait:
+            compared: list[str] = []
             for name in stopped:
                 slot = by_container.get(name)
                 if slot is None:
                     continue
                 try:
-                    health.wait_healthy(env, slot)
+                    _, said = health.check_schema(env, slot, health.wait_healthy(env, slot),
+                                                  restored)
+                except health.SchemaMismatchError as exc:
+                    # said as it is (the restore's own words say the slots are stopped):
+                    # it runs and serves, as before, and is left so (never stopped here)
+                    mine = restore_run.safety.path if restore_run.safety else None
+                    ctx.cannot_undo(
+                        f"the database WAS restored to {restore_run.snapshot.name}, and {name} "
+                        "runs again as before the restore (left running: it serves), on the "
+                        "database its DATABASE_URL names, which the restore did not touch",
+                        f"{exc.fix}; the data from before the restore is in "
+                        + (f"{earlier} (the safety snapshot of a killed earlier restore; "
+                           f"{mine} is the database as it left it)" if earlier else str(mine)))
+                    raise RunbookError(f"the database was restored, but {exc.message}",
+                                       exit_code=ExitCode.ATTENTION) from None
                 except RunbookError as exc:
                     raise RunbookError(
                         f"the database was restored, but {name} is not healthy on it: "
@@ -504,6 +526,9 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                         f"its code may need the newer schema: roll the code back "
                         f"(`runbook rollback {command_arg(env)}`) or redeploy",
                         exit_code=ExitCode.ATTENTION) from None
+                compared.append(f"{slot}: {said}")
+            if compared:
+                ctx.note(schema="; ".join(compared))
         ctx.note(started=", ".join(stopped) or "none (none were running)")
         if unfit:
             at = restore_run.verified.migration_version
@@ -523,7 +548,8 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                  **({"left stopped": "; ".join(restore_run.unfit.values())
                                      + ": its code needs another schema"}
                     if restore_run.unfit else {}),
-                 "health": f"wait up to {env.health.timeout:g}s each"}, run=run)
+                 "health": f"wait up to {env.health.timeout:g}s each",
+                 "schema": restored.plan_line(env.health.path)}, run=run)
 
 
 # restore_outcome of a restore-database step whose COMMIT Postgres could not place: that
@@ -986,7 +1012,8 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
             restore_run.unfit = _unfit_standby(env, restore_run)
             warnings += [f"{why}: it is left stopped after the restore, never started on a "
                          "schema it never ran on" for why in restore_run.unfit.values()]
-            steps.append(start_step(env, restore_run, left_stopped=left))
+            steps.append(start_step(env, restore_run, left_stopped=left,
+                                    earlier=facts.get("earlier_safety_snapshot")))
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",
                               skip="--keep-stopped"))

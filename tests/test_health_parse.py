@@ -83,6 +83,10 @@ def server() -> Iterator[Server]:
             elif path == "/flip":
                 code, data = ROUTES["/unhealthy" if srv_state.hits[path] <= srv_state.flip_after
                                     else "/degraded"]
+            elif path == "/settling":  # ok at once, the schema read only from its 3rd answer
+                read = srv_state.hits[path] > 2
+                code, data = 200, json.dumps(body("healthy", {"database": PASS, "migrations": {
+                    "status": "pass", "details": {"version": 2 if read else 0}}})).encode()
             else:
                 code, data = ROUTES.get(path, (404, b"{}"))
             try:
@@ -742,3 +746,79 @@ def test_a_gate_that_only_ever_got_an_oversized_body_says_so_at_its_deadline() -
     # on a loaded machine the last probe may read past 1 MiB in time, and then says the same)
     assert ("did not finish" in then) if cut else \
         message.count(f"larger than {bounded_http.MAX_BODY}") == 1, message
+
+
+# --- the schema the slot reports, compared with the runbook's -----------------------------------
+
+def _schema_gate(server: Server, path: str, database: int | None, *, force: bool = False,
+                 timeout: float = 30.0) -> tuple[slots.Step, StepContext]:
+    env = make_env(server.port, path=path, timeout=timeout)
+    want = health.ExpectedSchema(lambda: database, str(database), "db.example:5432/app")
+    step = slots.gate_step(env, Slot.BLUE, force=force, expected_version="3f2a1b9",
+                           schema=want)
+    assert step.run is not None
+    return step, StepContext(step)
+
+
+def test_a_slot_reporting_another_schema_fails_its_gate_soon_not_at_its_timeout(
+        server: Server) -> None:
+    """/degraded reports schema 1 (pending migrations: degraded, which passes a gate); the
+    runbook's database is at 2. Waiting never changes which database a slot reads: refused
+    within SCHEMA_SETTLE, not after the gate's 30 s, as a failed gate (exit 1)."""
+    step, ctx = _schema_gate(server, "/degraded", 2)
+    began = time.monotonic()
+    with pytest.raises(health.SchemaMismatchError) as err:
+        step.run(ctx)  # type: ignore[misc]
+    took = time.monotonic() - began
+    assert health.SCHEMA_SETTLE <= took < health.SCHEMA_SETTLE + 2 * SLACK + 1.0, took
+    assert err.value.exit_code is ExitCode.FAILED_SAFELY
+    text = str(err.value)
+    assert "reports schema 1" in text and "db.example:5432/app) is at 2" in text, text
+    assert "another database" in text and "docker inspect" in text, text
+    assert step.details["schema"].startswith("the migrations version its /degraded reports")
+
+
+def test_an_answer_given_before_the_app_read_its_schema_is_asked_again(server: Server) -> None:
+    """An app may answer ok before it has read the schema (0 here): asked again, it
+    reports 2, the runbook's, and the gate passes on that answer."""
+    step, ctx = _schema_gate(server, "/settling", 2)
+    step.run(ctx)  # type: ignore[misc]
+    assert ctx.notes["schema"] == "2, as the database the runbook checked (db.example:5432/app)"
+    assert server.hits["/settling"] >= 3
+
+
+@pytest.mark.parametrize(("path", "database", "said"), [
+    ("/degraded", 1, "1, as the database"),
+    ("/healthy", 2, "not compared: /healthy reports no migrations version"),  # no details
+    ("/degraded", None, "not compared: the slot reports 1, but the runbook could not read"),
+])
+def test_a_schema_that_matches_or_cannot_be_compared_passes_saying_so(
+        server: Server, path: str, database: int | None, said: str) -> None:
+    step, ctx = _schema_gate(server, path, database)
+    step.run(ctx)  # type: ignore[misc]
+    assert ctx.notes["schema"].startswith(said), ctx.notes
+
+
+def test_force_says_a_differing_schema_and_goes_on(server: Server) -> None:
+    step, _ = _schema_gate(server, "/degraded", 2, force=True)
+    told: list[str] = []
+    ctx = StepContext(step, notice=told.append)
+    step.run(ctx)  # type: ignore[misc]
+    assert ctx.notes["schema"].startswith("DIFFERS (not refused: --force)"), ctx.notes
+    assert told and "reports schema 1" in told[0], told
+
+
+@pytest.mark.parametrize(("checks", "version"), [
+    ({"migrations": {"status": "pass", "details": {"version": 49, "dirty": False}}}, 49),
+    ({"Schema": {"status": "pass", "details": {"version": 7}}}, 7),
+    ([{"name": "migration", "status": "ok", "details": {"version": 3}}], 3),
+    ({"migrations": {"status": "pass", "details": {"version": "49"}}}, None),  # not an int
+    ({"migrations": {"status": "pass", "details": {"version": True}}}, None),
+    ({"database": {"status": "pass", "details": {"version": 16}}}, None),  # not the schema's
+    ({"migrations": {"status": "pass"}}, None),
+])
+def test_the_reported_schema_is_an_int_in_the_schema_checks_details(
+        checks: object, version: int | None) -> None:
+    report = health.parse("http://x/health", 200, json.dumps(body("healthy", {}) | {
+        "checks": checks}))
+    assert health.reported_schema(report) == version

@@ -1,0 +1,221 @@
+"""The gates that decide a switch compare the schema the slot's app reports with the one the
+runbook read itself, against the real drill stack.
+
+A slot whose DATABASE_URL names another database than the runbook's passed its health gate
+(its own database answered), traffic moved to it, and the run said done while users were
+served from a database the runbook never checked or restored (a standing gap of earlier
+reviews). Each test puts a slot on a second database created in the drill's Postgres, at
+another schema version, and proves the run refuses before traffic moves; an app whose
+/health reports no migrations version goes ahead, the run saying it could not compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runbook import deploy, docker, health, rollback, snapshot_restore, snapshots
+from runbook.drill import http as drill_http
+from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS, AppVersion
+from runbook.environment import Slot
+from runbook.errors import ExitCode, RunbookError
+from tests.drill_checks import snapshot, through_proxy, two_deployments
+
+pytestmark = pytest.mark.docker
+V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
+
+# the drill's own app with its migrations check's `details` left out: an app that reports
+# no schema version (its /health otherwise as the build's)
+NO_DETAILS = ("import sys; sys.path.insert(0, '/app'); import server; "
+              "c = server.check_migrations; "
+              "server.check_migrations = lambda: {k: v for k, v in c().items() if k != 'details'}; "
+              "sys.exit(server.serve())")
+
+
+@dataclasses.dataclass
+class OtherDb:
+    name: str
+    app_url: str  # as the slots reach it (the app's URL, another database name)
+
+
+@pytest.fixture
+def other_db(scene_stack: DrillStack) -> Iterator[OtherDb]:
+    """A second database in the drill's Postgres, holding only schema_migrations (filled by
+    each test): what a slot whose DATABASE_URL names another database reads."""
+    name = f"othergate{secrets.token_hex(4)}"
+    with scene_stack.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    with scene_stack.connect(name) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version bigint NOT NULL PRIMARY KEY, "
+                     "dirty boolean NOT NULL)")
+    try:
+        yield OtherDb(name, scene_stack.app_database_url.rsplit("/", 1)[0] + f"/{name}")
+    finally:
+        with scene_stack.connect() as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def at_schema(stack: DrillStack, db: OtherDb, version: int) -> None:
+    with stack.connect(db.name) as conn:
+        conn.execute("DELETE FROM schema_migrations")
+        conn.execute("INSERT INTO schema_migrations VALUES (%s, false)", (version,))
+
+
+@pytest.fixture
+def replaced() -> Iterator[list[str]]:
+    """Containers a test made by hand: removed after it, so the next arrangement makes the
+    scene's own again (it keeps a container on the scene's image, whatever its env)."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+def make_slot(stack: DrillStack, made: list[str], slot: Slot, version: AppVersion,
+              database_url: str, *, start: bool, code: str | None = None) -> None:
+    """`slot`'s container made anew as a docker-run host makes it (the contract's name,
+    labels, port, network), from `version`'s image, reading `database_url`; created only
+    (stopped: a rollback starts it) unless `start`. `code`: the app run as `python3 -c`."""
+    name = stack.env.slot(slot).container
+    stack.docker("rm", "-f", name, check=False)
+    made.append(name)
+    argv = stack.docker_run_argv(slot, version.image)
+    if not start:
+        argv = ["docker", "create", *argv[3:]]  # `docker run -d ...` without run -d
+    if code is not None:
+        argv = [*argv[:-1], "--entrypoint", "python3", argv[-1], "-c", code]
+    subprocess.run(argv, check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "DATABASE_URL": database_url})
+
+
+def answering(stack: DrillStack, slot: Slot, timeout: float = 30.0) -> None:
+    import time
+
+    url = f"{stack.env.slot(slot).base_url}/health"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if drill_http.get(url, timeout=2).status_code == 200:
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer 200"
+        time.sleep(0.05)
+
+
+def gate_detail(record_file: str | None) -> dict[str, Any]:
+    record = json.loads(Path(str(record_file)).read_text())
+    return next(s for s in record["steps"] if s["name"] == "health-gate")["detail"]
+
+
+def test_a_rollback_whose_target_reads_another_database_is_refused_at_its_gate(
+        scene_stack: DrillStack, other_db: OtherDb, replaced: list[str]) -> None:
+    """v3 serves from blue; green, the rollback's target v2, was made with a DATABASE_URL
+    naming another database, at schema 1 (the runbook's is at 2). Its /health answers
+    degraded (pending migrations), which the gate passed: the rollback switched and exited 0.
+    Refused now at the gate, naming both numbers and the runbook's database, password never
+    shown; traffic, state and Caddyfile stay; with green on the right database the same
+    rollback goes ahead and says the schema was compared."""
+    stack = scene_stack
+    env = two_deployments(stack)  # v3 serving blue, v2 stopped on green, schema 2
+    at_schema(stack, other_db, 1)
+    make_slot(stack, replaced, Slot.GREEN, V2, other_db.app_url, start=False)
+    before = snapshot(env)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, text
+    assert "reports schema 1" in text and "is at 2" in text, text
+    assert f"127.0.0.1:{stack.ports.postgres}/" in text or "togather-db:5432/" in text, text
+    assert "another database" in text and "DATABASE_URL" in text, text
+    assert stack.password not in text and "\n" not in err.value.message
+    after = snapshot(env)
+    assert after["traffic"] == ("blue", V3.tag)
+    assert after["state"] == before["state"] and after["caddyfile"] == before["caddyfile"]
+    assert not after["lock"]
+    assert not docker.inspect(env.slot("green").container).running  # undone: stopped again
+    # green on the runbook's database: the same rollback goes ahead, the schema compared
+    make_slot(stack, replaced, Slot.GREEN, V2, stack.app_database_url, start=False)
+    done = rollback.rollback(env)
+    assert through_proxy(env) == ("green", V2.tag)
+    said = gate_detail(done.record_file)["schema"]
+    assert said.startswith("2,") and "the database the runbook checked" in said, said
+
+
+def test_a_rollback_whose_target_reports_no_schema_version_goes_ahead_saying_so(
+        scene_stack: DrillStack, replaced: list[str]) -> None:
+    """An app whose /health names no migrations version (fewer fields, as on the
+    minimal-health host shape) cannot be compared: nothing is refused, and the plan and the
+    journal say the check could not be made."""
+    stack = scene_stack
+    env = two_deployments(stack)
+    make_slot(stack, replaced, Slot.GREEN, V2, stack.app_database_url, start=False,
+              code=NO_DETAILS)
+    done = rollback.rollback(env)
+    assert through_proxy(env) == ("green", V2.tag)
+    report = health.probe(env.slot(Slot.GREEN))
+    assert report.ok and all(not c.details for c in report.checks), report.body
+    said = gate_detail(done.record_file)["schema"]
+    assert said.startswith("not compared") and "reports no migrations version" in said, said
+    planned = next(s for s in done.plan.steps if s.name == "health-gate").details["schema"]
+    assert "must be 2" in planned and "not compared when it reports none" in planned, planned
+
+
+def test_a_snapshot_restore_restart_gate_refuses_a_slot_reading_another_database(
+        scene_stack: DrillStack, other_db: OtherDb, replaced: list[str]) -> None:
+    """The baseline (v1 serving blue, schema 1), but blue was made reading another database
+    that no migration ever ran on (version 0). `runbook snapshot restore` restarted it on the
+    restored schema 1 and said done (exit 0): the restore never reached what users are served
+    from. Its restart gate now compares and says so (exit 5, as its failed gate), naming
+    both numbers."""
+    stack = scene_stack
+    stack.reset()
+    env = stack.env
+    make_slot(stack, replaced, Slot.BLUE, V1, other_db.app_url, start=True)
+    answering(stack, Slot.BLUE)
+    assert through_proxy(env) == ("blue", V1.tag)
+    snap = snapshots.create(env, "manual")
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, snap.name)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.ATTENTION, text
+    assert "the database was restored" in text and "reports schema 0" in text, text
+    assert "restored" in text and "is at 1" in text and "another database" in text, text
+    # said as it is: blue runs and serves (never "the app slots are stopped"), and where the
+    # data from before the restore is
+    assert "runs again as before the restore" in text and "slots are stopped" not in text, text
+    assert "_pre-restore.sql.gz" in text and stack.password not in text, text
+    assert docker.inspect(env.slot("blue").container).running  # the serving slot: left as is
+    assert through_proxy(env) == ("blue", V1.tag)
+
+
+def test_a_deploy_whose_new_slot_reads_another_database_is_refused_after_its_migrations(
+        scene_stack: DrillStack, other_db: OtherDb, replaced: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose file gives the slots another database than the runbook's env file names
+    (APP_DATABASE_URL, here another database at schema 2). Deploying v2 over the baseline
+    (schema 1): its migrations ran there, its gate passed, and v2 served while the runbook's
+    database stayed at 1 (exit 0). Refused now after the migrations: traffic stays on v1."""
+    stack = scene_stack
+    if stack.has("docker-run"):
+        pytest.skip("runbook deploy needs compose")
+    stack.reset()
+    env = stack.env
+    at_schema(stack, other_db, 2)
+    monkeypatch.setenv("APP_DATABASE_URL", other_db.app_url)
+    replaced.append(env.slot(Slot.GREEN).container)
+    with pytest.raises(RunbookError) as err:
+        deploy.deploy(env, deploy.Options(version=V2.tag))
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, text
+    assert "reports schema 2" in text and "is at 1" in text, text
+    assert through_proxy(env) == ("blue", V1.tag)
+    assert not docker.inspect(env.slot("green").container).running
