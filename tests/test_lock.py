@@ -1627,7 +1627,7 @@ _GO_LOCK_FIELDS = ("locked", "locked_at", "locked_by", "reason", "expires_at")  
 @pytest.mark.parametrize("where, bad", [
     ("history", {"deployed_at": "0001-01-01T00:00:00Z"}),  # the Go zero time
     ("history", {"health_status": "starting"}),
-    ("lock", {"pid": "4242"}),  # the lock's own field our reader refuses
+    ("lock", {"pid": "42a2"}),  # the lock's own field our reader refuses ("4242" it reads)
 ])
 def test_a_bad_record_in_the_state_file_never_hides_the_go_clis_live_lock(
         env: Environment, go_state: Path, where: str, bad: dict[str, Any]) -> None:

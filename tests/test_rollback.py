@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -622,6 +623,42 @@ def test_a_previous_deployment_with_no_slot_is_rolled_back_to(stack: DrillStack)
     assert through_proxy(env) == ("green", V2.tag)
     current = states.read_state(env.state_file).current
     assert current is not None and (current.version, current.active_slot) == (V2.tag, Slot.GREEN)
+
+
+@pytest.mark.any_shape
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+def test_a_state_file_a_deploy_script_built_with_jq_arg_is_rolled_back(
+        stack: DrillStack) -> None:
+    """Found by review on a drill stack: a deploy script that builds the state file with
+    `jq --arg` writes numbers as strings and "" for an unset time. `"migrations_run": "1"`
+    made status exit 1 and the rollback exit 4, and a lock's `"pid": "48213"` or
+    `"locked_at": ""` did too: the emergency rollback waited for a hand edit. Oracle: jq
+    writes the file and reads the result; the proxy says what serves."""
+    env = two_deployments(stack)  # v3 serves from blue; v2 the previous (green)
+
+    def jq(*args: str) -> str:
+        return subprocess.run(["jq", *args, str(env.state_file)], capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+
+    files.atomic_write(env.state_file, jq(
+        "--arg", "ran", "1", "--arg", "none", "0", "--arg", "pid", "48213", "--arg", "unset", "",
+        ".current_deployment.migrations_run = $ran | .current_deployment.rollback_count = $none"
+        " | .previous_deployment.migrations_run = $ran"
+        " | .previous_deployment.rollback_count = $none"
+        " | .lock = {locked: false, pid: $pid, locked_at: $unset, lock_expires_at: $unset}"
+    ).encode())
+    seen = runbook_cli(env, "status")
+    assert seen.returncode == 0 and "expected" not in seen.stdout, seen.stdout + seen.stderr
+    done = runbook_cli(env, "rollback", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    assert jq("-r", ".current_deployment.version") == f"{V2.tag}\n"
+    # the counter the rollback incremented in the type the script wrote it in, and what it
+    # did not change as jq wrote it
+    assert jq("-r", '"rollbacks=" + .current_deployment.rollback_count') == "rollbacks=1\n"
+    assert jq("-c", ".previous_deployment.version, .previous_deployment.migrations_run") \
+        == f'"{V3.tag}"\n"1"\n'
+    assert jq("-c", ".lock.locked") == "false\n"
 
 
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:

@@ -7,7 +7,11 @@ import copy
 import hashlib
 import json
 import os
+import shutil
+import socket
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,14 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runbook import lock as lockmod
 from runbook import state as statemod
 from runbook.environment import Slot
-from runbook.errors import ExitCode, PreconditionError, StateError
+from runbook.errors import ExitCode, LockedError, PreconditionError, StateError
 from runbook.state import (
     Deployment,
     DeploymentState,
     after_deploy,
     after_rollback,
+    format_time,
     make_deployment,
     parse_state,
     read_state,
@@ -401,7 +407,19 @@ BAD_DOCUMENTS = [
     (("lock",), "yes", "lock: expected an object"),
     (("lock", "locked"), _DELETE, "lock.locked: required key is missing"),
     (("lock", "locked"), "false", "lock.locked: expected true or false"),
-    (("lock", "pid"), "123", "lock.pid: expected an integer"),
+    (("lock", "pid"), "12a", "lock.pid: expected an integer"),
+    (("lock", "pid"), "", "lock.pid: expected an integer"),
+    # a string of ASCII digits is a count (jq --arg writes them so); nothing else is
+    (("current_deployment", "migrations_run"), "1a", "migrations_run: expected a non-negative"),
+    (("current_deployment", "migrations_run"), "-1", "migrations_run: expected a non-negative"),
+    (("current_deployment", "rollback_count"), " 1", "rollback_count: expected a non-negative"),
+    (("current_deployment", "rollback_count"), "1.0", "rollback_count: expected a non-negative"),
+    (("current_deployment", "rollback_count"), "\u0663", "rollback_count: expected a non-negati"),
+    (("current_deployment", "rollback_count"), "", "rollback_count: expected a non-negative"),
+    # the schema a deployment ran with decides whether a rollback needs a restore: never
+    # read from text
+    (("current_deployment", "migration_version"), "49", "migration_version: expected a non-neg"),
+    (("lock", "locked"), "true", "lock.locked: expected true or false"),
     (("lock", "locked_at"), "noon", "lock.locked_at: 'noon' is not a valid time"),
 ]
 
@@ -1156,7 +1174,10 @@ ODD_VALUES = [
      "lock.locked_at: expected a time string"),
     ("go_cli_locked.json", ("lock", "reason"), ["deploy"], "lock.reason: expected a string"),
     ("deploy_script.json", ("current_deployment", "environment"), "qa", None),
-    ("deploy_script.json", ("lock", "pid"), "48213", "lock.pid: expected an integer"),
+    ("deploy_script.json", ("lock", "pid"), "48213", None),  # jq --arg's pid
+    ("deploy_script.json", ("lock", "pid"), "48213x", "lock.pid: expected an integer"),
+    ("deploy_script.json", ("lock", "locked_at"), "", None),  # jq's unset time
+    ("deploy_script.json", ("lock", "locked"), "false", "lock.locked: expected true or false"),
     ("deploy_script.json", ("previous_deployment", "health_status"), "", None),
 ]
 
@@ -1177,6 +1198,145 @@ def test_odd_values_in_each_dialect(name: str, path: tuple[str | int, ...], valu
         assert expected in info.value.message and "\n" not in str(info.value)
         assert info.value.fix and info.value.exit_code == ExitCode.PRECONDITION
     assert target.read_bytes() == before
+
+
+# --- a file a deploy script builds with `jq --arg` ------------------------------------------
+#
+# `jq --arg` makes every value a string: counters and pids come out as "1", an unset time as
+# "". The oracle is jq itself: it writes the file, and reads what the runbook wrote back.
+
+JQ = shutil.which("jq")
+needs_jq = pytest.mark.skipif(JQ is None, reason="jq is not installed")
+
+
+def jq(path: Path, *args: str) -> str:
+    """jq's output for `args` (its options and filter) run on `path`."""
+    assert JQ is not None
+    return subprocess.run([JQ, *args, str(path)], capture_output=True, text=True, check=True,
+                          timeout=30).stdout
+
+
+def jq_built(target: Path, *, locked: bool | str = False,
+             name: str = "deploy_script.json") -> Path:
+    """The fixture as a deploy script that builds it with `jq --arg` leaves it at `target`:
+    its counters and the lock's pid strings of digits, the lock's unset times "", and
+    `locked` a bool (`--argjson`) or, given a string, that string (`--arg`)."""
+    locked_arg = ["--arg", "locked", locked] if isinstance(locked, str) \
+        else ["--argjson", "locked", json.dumps(locked)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(jq(DATA / name, "--arg", "ran", "1", "--arg", "none", "0",
+                         "--arg", "pid", "48213", "--arg", "unset", "", *locked_arg,
+                         ".current_deployment.migrations_run = $ran"
+                         " | .current_deployment.rollback_count = $none"
+                         " | .previous_deployment.migrations_run = $ran"
+                         " | .previous_deployment.rollback_count = $none"
+                         " | .lock = {locked: $locked, pid: $pid, locked_at: $unset,"
+                         " lock_expires_at: $unset}"))
+    return target
+
+
+@needs_jq
+def test_a_file_built_with_jq_arg_reads_its_digit_strings_as_counts_and_unset_times(
+        tmp_path: Path) -> None:
+    """Found by review on a drill stack: `"migrations_run": "1"` made status exit 1 and the
+    rollback exit 4 ("expected a non-negative integer, got '1'"), a lock's `"pid": "48213"`
+    and `"locked_at": ""` did too: an emergency rollback blocked until someone hand-edited
+    the file. A string of ASCII digits is the count; "" is no time (as Go's zero time)."""
+    path = jq_built(tmp_path / "deployment-state.json")
+    doc = json.loads(path.read_text())
+    assert doc["current_deployment"]["rollback_count"] == "0"  # the premise: jq wrote text
+    assert doc["lock"] == {"locked": False, "pid": "48213", "locked_at": "",
+                           "lock_expires_at": ""}
+    before = path.read_bytes()
+    state = read_state(path, environment="production")
+    assert state.current is not None and state.previous is not None
+    assert (state.current.migrations_run, state.current.rollback_count) == (1, 0)
+    assert (state.previous.migrations_run, state.previous.rollback_count) == (1, 0)
+    assert not state.locked and state.lock == {"locked": False, "pid": "48213"}
+    write_state(path, state)
+    assert path.read_bytes() == before  # nothing changed: every string kept as written
+
+
+@needs_jq
+def test_a_rollback_writes_a_counter_read_as_text_back_as_text_the_script_still_reads(
+        tmp_path: Path) -> None:
+    """The counter a rollback increments is written in the type the file had: a script
+    that wrote it with `jq --arg` treats it as text (`"n=" + .rollback_count`, `== "0"`),
+    which a number breaks ("string and number cannot be added"); jq -r and tonumber read
+    either. A counter the file wrote as a number stays a number."""
+    path = jq_built(tmp_path / "deployment-state.json")
+    write_state(path, after_rollback(read_state(path, environment="production")))
+    assert jq(path, "-r", ".current_deployment.rollback_count | type") == "string\n"
+    assert jq(path, "-r", '"rollbacks=" + .current_deployment.rollback_count') == "rollbacks=1\n"
+    assert jq(path, "-r", "(.current_deployment.rollback_count | tonumber) + 1") == "2\n"
+    # what the rollback did not change stays as jq wrote it
+    assert jq(path, "-c", ".current_deployment.migrations_run,"
+              " .previous_deployment.migrations_run") == '"1"\n"1"\n'
+    assert jq(path, "-c", ".previous_deployment.rollback_count") == '"0"\n'
+    again = read_state(path)
+    assert again.current is not None and again.current.rollback_count == 1
+    (tmp_path / "numbers").mkdir()
+    documented = copy_fixture("documented.json", tmp_path / "numbers")
+    write_state(documented, after_rollback(read_state(documented)))
+    assert jq(documented, "-r", ".current_deployment.rollback_count | type") == "number\n"
+
+
+@needs_jq
+@pytest.mark.parametrize("locked", ["false", "true", "0"])
+def test_a_lock_whose_locked_is_a_string_is_held_whatever_it_says(
+        tmp_path: Path, locked: str) -> None:
+    """What decides safety is never read from text: `"locked": "false"` (`jq --arg`) is no
+    bool, so the lock is held by whoever wrote it (exit 3) and nothing is changed, while
+    the counters and the pid beside it are read as numbers."""
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    jq_built(env.state_file, locked=locked)
+    before = env.state_file.read_bytes()
+    assert json.loads(before)["lock"]["locked"] == locked  # the premise: a string
+    with pytest.raises(StateError, match=r"lock\.locked: expected true or false"):
+        read_state(env.state_file)
+    with pytest.raises(LockedError) as held:
+        lockmod.acquire(env, "rollback", None)
+    assert held.value.exit_code == ExitCode.LOCKED == 3
+    assert "an unknown user" in held.value.message, held.value.message
+    assert lockmod.refusal(env) is not None  # a dry run says the same
+    assert env.state_file.read_bytes() == before and not env.lock_path.exists()
+
+
+@pytest.mark.parametrize("pid", ["text", "number"])
+def test_a_held_locks_pid_written_as_text_never_makes_it_stale(tmp_path: Path,
+                                                               pid: str) -> None:
+    """The other half of reading a pid written as text: a held lock whose pid is dead on
+    this host is stale at once, and the next run takes it over. Read from text, that would
+    be a takeover no file made before (its lock was judged by its times alone): a live
+    lock whose pid is "<dead pid>" stays held (exit 3), one whose pid is that number is
+    stale (the premise: the pid is judged). Oracle: the process the test ran and reaped."""
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # a pid no process has now (reaped)
+    now = datetime.now(UTC)
+    doc = load("deploy_script.json")
+    doc["lock"] = {"locked": True, "locked_by": "deploy@ci", "locked_at": format_time(now),
+                   "lock_expires_at": format_time(now + timedelta(minutes=30)),
+                   "pid": str(done.pid) if pid == "text" else done.pid,
+                   "hostname": socket.gethostname()}
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_text(json.dumps(doc, indent=2))
+    before = env.state_file.read_bytes()
+    assert read_state(env.state_file, environment="production").locked
+    seen = lockmod.status(env)
+    assert seen is not None and seen.source == "state file", seen
+    if pid == "number":
+        assert seen.stale and f"its process {done.pid} is no longer running" in seen.why
+        return
+    assert not seen.stale, seen.why
+    with pytest.raises(LockedError) as held:
+        lockmod.acquire(env, "rollback", None)
+    assert held.value.exit_code == ExitCode.LOCKED and "deploy@ci" in held.value.message
+    assert env.state_file.read_bytes() == before and not env.lock_path.exists()
 
 
 def test_a_new_file_and_its_lock_cycle_keep_one_format(tmp_path: Path) -> None:

@@ -154,8 +154,16 @@ def _deployment_json(dep: Deployment, dialect: str = DOCUMENTED,
                 del out[key]
     put("health_status", dep.health_status, was.health_status)
     put("status", dep.status, was.status)
-    put("migrations_run", dep.migrations_run, was.migrations_run)
-    put("rollback_count", dep.rollback_count, was.rollback_count)
+    for counter, value, old in (("migrations_run", dep.migrations_run, was.migrations_run),
+                                ("rollback_count", dep.rollback_count, was.rollback_count)):
+        if value != old and isinstance(out.get(counter), str):
+            # read from a string of digits (a deploy script's `jq --arg`): written back as
+            # one. That script treats it as text (`"n=" + .rollback_count`, `== "0"`), which
+            # a number breaks, while jq -r and `tonumber` read either; and the record keeps
+            # one type for its counters. Unchanged, it stays as written (put)
+            out[counter] = str(value)
+        else:
+            put(counter, value, old)
     put("docker_image", dep.image, was.image)
     put("migration_version", dep.migration_version, was.migration_version)
     if dep.live_since != was.live_since:

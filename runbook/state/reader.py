@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -68,10 +69,16 @@ class _Reader:
         return self.fail(f"{where}.{key}", "required key is missing",
                          fix or f"add {key!r} to that object")
 
-    def count(self, obj: Mapping[str, Any], key: str, where: str) -> int | None:
+    def count(self, obj: Mapping[str, Any], key: str, where: str, *,
+              digits: bool = False) -> int | None:
+        """A whole number >= 0. `digits`: also one written as a string of ASCII digits, as
+        a deploy script that builds the file with `jq --arg` writes every value; only for
+        what decides nothing (the counters): the writer puts it back as text (dialects)."""
         value = obj.get(key)
         if value is None:
             return None
+        if digits and isinstance(value, str) and _DIGITS.fullmatch(value):
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(f"{where}.{key}",
                             f"expected a non-negative integer, got {_show(value)}",
@@ -84,6 +91,10 @@ class _Reader:
         except (ValueError, OverflowError) as exc:
             raise self.fail(key, f"{_show(value)} is not a valid time ({exc})", fix) from None
 
+
+# A number `jq --arg` wrote as text: ASCII digits only (str.isdigit takes "²" and "٣"), few
+# enough for any tool's integer (and for int(), which refuses thousands of digits).
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 # What a required string of a deployment holds, and an example: said of one written as null.
 _NEEDS = {
@@ -191,8 +202,11 @@ def _deployment(obj: Any, where: str, r: _Reader, *, need_slot: bool) -> Deploym
         active_slot=Slot(slot_name) if slot_name else None,
         health_status=health,
         status=status,
-        migrations_run=r.count(obj, "migrations_run", where) or 0,
-        rollback_count=r.count(obj, "rollback_count", where) or 0,
+        # informational counters (no decision reads them): a string of digits is read too.
+        # migration_version is not: the schema guard decides from it whether a rollback
+        # needs a restore, and a file whose deploy script wrote it as text is refused, named
+        migrations_run=r.count(obj, "migrations_run", where, digits=True) or 0,
+        rollback_count=r.count(obj, "rollback_count", where, digits=True) or 0,
         image=image.strip(),
         migration_version=migration_version,
         live_since=live_since,
@@ -300,7 +314,7 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
     times: dict[str, datetime] = {}
     for key in (*_LOCK_TIME_KEYS, "expires_at"):  # the last one is the Go CLI's name
         value = data.get(key)
-        if value is None:
+        if value is None or value == "":  # "": jq's unset time, as Go's zero time below
             data.pop(key, None)
             continue
         where = f"lock.{key}"
@@ -319,7 +333,11 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
         if "lock_expires_at" not in times or times["expires_at"] > times["lock_expires_at"]:
             data["lock_expires_at"] = go_value
     pid = data.get("pid")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+    # `jq --arg`'s pid ("48213") is no reason to refuse the file, and is kept as written:
+    # the lock's judge reads only a number (lock.policy._state_holder), and a dead pid on
+    # this host makes a lock stale at once, so text never becomes a takeover it never was
+    if pid is not None and not (isinstance(pid, str) and _DIGITS.fullmatch(pid)) and (
+            isinstance(pid, bool) or not isinstance(pid, int)):
         raise r.fail("lock.pid", f"expected an integer, got {_show(pid)}",
                      "write the holder's process id as a number or remove the key")
     for key in ("lock_id", "locked_by", "deployment_id", "hostname", "reason"):
