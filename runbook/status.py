@@ -1565,6 +1565,8 @@ def collect(env: Environment) -> Facts:
     try:
         text = caddy.read(env)
         f.caddy = caddy.inspect(text, env, slots.reach(env))
+    except caddy.SlotMarkersError as exc:  # the block in a file it imports: named
+        f.caddy_error = caddy.markers_imported(env, text, exc)
     except RunbookError as exc:
         f.caddy_error = exc
     else:

@@ -504,13 +504,15 @@ def from_config(env: Environment, config: Any,
 def markers_problem(env: Environment) -> tuple[str, str] | None:
     """(message, fix) when the Caddyfile on disk is there but its slot marker lines cannot be
     read (caddy.SlotMarkersError); None otherwise (an unreadable file is said elsewhere)."""
-    from runbook.caddy import SlotMarkersError, find_block
+    from runbook.caddy import SlotMarkersError, find_block, markers_imported
 
     try:
-        find_block(env.caddy.caddyfile.read_text(encoding="utf-8"))
+        text = env.caddy.caddyfile.read_text(encoding="utf-8")
+        find_block(text)
     except (OSError, UnicodeError):
         return None
     except SlotMarkersError as exc:
+        markers_imported(env, text, exc)  # the block in a file it imports: named
         return exc.message, exc.fix or ""
     return None
 

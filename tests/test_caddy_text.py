@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runbook import caddy, status, switch
+from runbook import caddy, status, switch, traffic
 from runbook.caddy import CaddyError
 from runbook.caddy import admin as caddy_admin
 from runbook.drill import http as drill_http
@@ -138,6 +138,95 @@ def test_markers_need_not_be_alone_on_their_comment_line() -> None:
     text = ("a {\n  #  BLUE_GREEN_SLOT_START (managed by deploy.sh)\n  reverse_proxy localhost:8082"
             "\n  # BLUE_GREEN_SLOT_END -- do not edit\n}\n")
     assert caddy.active_slot(text, ENV) is Slot.GREEN
+
+
+# a host's own comment above its blocks that names the markers, as the review found one
+MENTIONS_MARKERS = "# BLUE_GREEN_SLOT_START/BLUE_GREEN_SLOT_END comments below.\n"
+
+
+def test_duplicated_markers_where_a_comment_only_mentions_them_say_to_reword_it(
+        tmp_path: Path) -> None:
+    """Found by review: a comment naming the markers (`# BLUE_GREEN_SLOT_START/...`) is read
+    as a marker line, and the refusal, "duplicated slot markers (lines 1, 16, 28)", said only
+    "exactly one ... line": on-call looked for a second block. The comment line that is no
+    bare marker line is named, with the fix the one-line case gives (reword it)."""
+    text = MENTIONS_MARKERS + HOST_CADDYFILE
+    assert [n for n, line in enumerate(text.split("\n"), 1) if "# BLUE_GREEN" in line] == [
+        1, 16, 28]  # the premise: the comment, then the block's own two marker lines
+    with pytest.raises(CaddyError) as err:
+        caddy.find_block(text)
+    assert err.value.message == "the Caddyfile has duplicated slot markers (lines 1, 16, 28)"
+    fix = err.value.fix or ""
+    assert "exactly one '# BLUE_GREEN_SLOT_START' line" in fix, fix
+    assert "line 1 is a comment that names a marker among other words: reword it if it only " \
+        "mentions them" in fix, fix
+    assert "line 16" not in fix and "line 28" not in fix and "\n" not in fix, fix
+    assert err.value.exit_code == ExitCode.PRECONDITION
+    # the plan says it too, naming the file, before anything changes
+    path = tmp_path / "Caddyfile"
+    path.write_text(text)
+    with pytest.raises(CaddyError) as planned:
+        caddy.plan_switch(make_env(path), Slot.GREEN)
+    assert planned.value.message.startswith(f"{path}: the Caddyfile has duplicated slot")
+    assert planned.value.fix == fix and planned.value.exit_code == ExitCode.PRECONDITION
+    assert path.read_text() == text
+    # two comments: both named; bare marker lines doubled: no rewording offered
+    two = text.replace("\t# BLUE_GREEN_SLOT_END\n", "\t# BLUE_GREEN_SLOT_END\n"
+                       "\t# see # BLUE_GREEN_SLOT_END above\n")
+    with pytest.raises(CaddyError) as err:
+        caddy.find_block(two)
+    assert "lines 1, 29 are comments that name a marker among other words: reword them if " \
+        "they only mention them" in (err.value.fix or ""), err.value.fix
+    doubled = HOST_CADDYFILE.replace("\t# BLUE_GREEN_SLOT_END\n",
+                                     "\t# BLUE_GREEN_SLOT_END\n\t#BLUE_GREEN_SLOT_END\n")
+    with pytest.raises(CaddyError) as err:
+        caddy.find_block(doubled)
+    assert "duplicated slot markers (lines 15, 27, 28)" in err.value.message
+    assert "reword" not in (err.value.fix or ""), err.value.fix
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative", "absolute"])
+def test_markers_in_a_file_the_caddyfile_imports_are_named_with_where_they_must_be(
+        tmp_path: Path, absolute: bool) -> None:
+    """Found by review: a Caddyfile that imports the app's site from another file, the
+    markers in that file, was refused with "has no ... marker line" only: on-call saw the
+    markers, in the file Caddy runs them from. The refusal names that file and the import,
+    and says they must be in the [caddy] caddyfile file itself (which must be the whole
+    config Caddy runs: pointing it at the imported file is refused, see test_rollback)."""
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    app = sites / "togather.caddy"
+    start = HOST_CADDYFILE.index("togather.example.org {")
+    app.write_text(HOST_CADDYFILE[start:])  # the app's site, markers and all
+    (sites / "status.caddy").write_text("status.example.org {\n\trespond ok\n}\n")
+    pattern = f"{sites}/*.caddy" if absolute else "sites/*.caddy"
+    main = HOST_CADDYFILE[:start] + f"import {pattern}\n"
+    path = tmp_path / "Caddyfile"
+    path.write_text(main)
+    env = make_env(path, reload="caddy-reload")
+    with pytest.raises(CaddyError) as err:
+        caddy.plan_switch(env, Slot.GREEN)
+    message, fix = err.value.message, err.value.fix or ""
+    assert message == (
+        f"{path}: the Caddyfile has no # BLUE_GREEN_SLOT_START and # BLUE_GREEN_SLOT_END "
+        f"marker line; they are in {app}, which it imports (line 12: import {pattern}); "
+        "nothing was changed"), message
+    assert f"the marker lines must be in the [caddy] caddyfile file itself ({path})" in fix, fix
+    assert f"from {app} into {path}, beside the import (line 12)" in fix, fix
+    assert f"[caddy] caddyfile cannot name {app} instead" in fix, fix
+    assert "status.caddy" not in message + fix  # the file with no markers is not named
+    assert err.value.exit_code == ExitCode.PRECONDITION and "\n" not in message + fix
+    assert path.read_text() == main and app.read_text() == HOST_CADDYFILE[start:]
+    # status's reading of the markers says the same
+    assert traffic.markers_problem(env) == (message.removeprefix(f"{path}: ").removesuffix(
+        "; nothing was changed"), fix)
+    # an import of files none of which holds the markers: the refusal as before
+    app.write_text(HOST_CADDYFILE[start:].replace("# BLUE_GREEN_SLOT_", "# SLOT_"))
+    with pytest.raises(CaddyError) as err:
+        caddy.plan_switch(env, Slot.GREEN)
+    assert err.value.message == (
+        f"{path}: the Caddyfile has no # BLUE_GREEN_SLOT_START and # BLUE_GREEN_SLOT_END "
+        "marker line; nothing was changed"), err.value.message
 
 
 # --- inspect / active_slot -----------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import glob
 import os
 import re
 import subprocess
@@ -24,8 +25,16 @@ from runbook.caddy.errors import (
     CaddyError,
     CaddyNotRunningError,
     CaddyRejectedError,
+    SlotMarkersError,
 )
-from runbook.caddy.text import SLOT_HEADER, file_imports, in_managed_block, rewrite
+from runbook.caddy.text import (
+    SLOT_HEADER,
+    FileImport,
+    file_imports,
+    has_marker_line,
+    in_managed_block,
+    rewrite,
+)
 from runbook.environment import Environment, ReloadMethod, Slot, SlotConfig
 from runbook.errors import ExitCode
 
@@ -64,6 +73,68 @@ def read(env: Environment) -> str:
     """The Caddyfile's text, exactly as stored (CRLF and all)."""
     path = env.caddy.caddyfile
     return _decode(_read_bytes(path), path)
+
+
+_IMPORTED_MAX = 1024 * 1024  # bytes read of one imported file: a Caddyfile is a few KiB
+_IMPORTED_FILES = 64  # files read across the imports: a glob over a big folder stops there
+
+
+def _import_on_host(env: Environment, pattern: str) -> str:
+    """An import's path or glob as this host names it: a relative one from the Caddyfile's
+    folder (Caddy's `caddy reload` and systemd resolve it so), one under the folder where a
+    containerised Caddy sees the Caddyfile (`[caddy] container_path`) from the host's
+    folder that is mounted there (seen_by_caddy's inverse); any other as written."""
+    folder = env.caddy.caddyfile.parent
+    path = PurePosixPath(pattern)
+    if not path.is_absolute():
+        return str(folder / pattern)
+    inside = PurePosixPath(env.caddy.container_path).parent if env.caddy.container_path \
+        else None
+    if inside is not None and inside != PurePosixPath("/") and path.is_relative_to(inside):
+        return str(folder / path.relative_to(inside))
+    return pattern
+
+
+def markers_imported(env: Environment, text: str,
+                     refused: SlotMarkersError) -> SlotMarkersError:
+    """`refused`, find_block's refusal of `text` (the [caddy] caddyfile's), naming the files
+    its imports bring in that hold the marker lines, when it has none itself: "has no ...
+    marker line" alone sent on-call to a file whose markers were in plain sight, in the site
+    the Caddyfile imports (found by review). The switch rewrites, validates and has Caddy
+    load that one file, so the block must be in it; and [caddy] caddyfile cannot name the
+    imported file instead: a load of it alone drops every other site (preflight.kept_sites
+    refuses that). Reads only regular files, a bounded number and size."""
+    if not refused.none_found:
+        return refused
+    holders: dict[str, FileImport] = {}
+    looked = 0
+    for found in file_imports(text):
+        for name in sorted(glob.glob(_import_on_host(env, found.pattern))):
+            looked += 1
+            if looked > _IMPORTED_FILES:
+                break
+            try:
+                data = files.read_regular(Path(name), _IMPORTED_MAX, follow=True)
+            except OSError:  # a folder, a FIFO, unreadable, too large: no Caddyfile of ours
+                continue
+            if has_marker_line(data.decode("utf-8", "replace")):
+                holders.setdefault(name, found)
+    if not holders:
+        return refused
+    path = env.caddy.caddyfile
+    names = " and ".join(holders)
+    imports = ", ".join(f"line {i.line}: import {i.pattern}"
+                        for i in dict.fromkeys(holders.values()))
+    first = next(iter(holders))
+    refused.message = f"{refused.message}; they are in {names}, which it imports ({imports})"
+    refused.args = (refused.message,)
+    refused.fix = (
+        f"the marker lines must be in the [caddy] caddyfile file itself ({path}), the one file "
+        f"the switch rewrites: move what holds them (the app's site block, marker lines and "
+        f"all) from {names} into {path}, beside the import (line {holders[first].line}); "
+        f"[caddy] caddyfile cannot name {first} instead: it must be the whole config Caddy "
+        "runs (its global options and every site)")
+    return refused
 
 
 def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[str]:

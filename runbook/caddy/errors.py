@@ -34,6 +34,8 @@ class SlotMarkersError(CaddyError):
     after the commit, exit 6)."""
 
     exit_code = ExitCode.PRECONDITION
+    # no marker line at all: the file may import the block from another (admin.markers_imported)
+    none_found = False
 
 
 class CaddyNotRunningError(CaddyError):

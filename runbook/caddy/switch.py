@@ -25,6 +25,7 @@ from runbook.caddy.admin import (
     config_etag,
     first_difference,
     load_running,
+    markers_imported,
     read,
     reload,
     reload_command,
@@ -32,7 +33,7 @@ from runbook.caddy.admin import (
     verify,
     write_atomically,
 )
-from runbook.caddy.errors import CaddyConflictError, CaddyError
+from runbook.caddy.errors import CaddyConflictError, CaddyError, SlotMarkersError
 from runbook.caddy.text import (
     SLOT_HEADER,
     Inspection,
@@ -128,6 +129,8 @@ def plan_switch(env: Environment, target: Slot | str, reach: Reach | None = None
         current = inspect(old, env, reach)
         new = rewrite(old, env, target, reach)
     except CaddyError as exc:
+        if isinstance(exc, SlotMarkersError):
+            markers_imported(env, old, exc)  # the block in a file it imports: named
         if exc.exit_code == ExitCode.PRECONDITION:
             exc.message = f"{path}: {exc.message}; nothing was changed"
             exc.args = (exc.message,)

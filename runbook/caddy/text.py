@@ -23,6 +23,8 @@ SLOT_HEADER = "X-Togather-Slot"
 
 _START_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_START")
 _END_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_END")
+# a line that is a marker and nothing else: any other comment holding one may only mention it
+_BARE_MARKER_RE = re.compile(r"#\s*BLUE_GREEN_SLOT_(?:START|END)")
 # [scheme://]host[:port] or [scheme://]:port; a host is a name, an IPv4 address or a
 # bracketed IPv6 address. A name is letters, digits, `-`, `_` and `.` only: anything else (a
 # lone `\` continuing the line, a stray quote) is no host the switch may take for another
@@ -75,15 +77,38 @@ def find_block(text: str) -> tuple[int, int]:
     if not starts or not ends:
         missing = " and ".join(m for m, found in ((START_MARKER, starts), (END_MARKER, ends))
                                if not found)
-        raise SlotMarkersError(f"the Caddyfile has no {missing} marker line", fix)
+        refused = SlotMarkersError(f"the Caddyfile has no {missing} marker line", fix)
+        refused.none_found = not starts and not ends  # admin.markers_imported says where
+        raise refused
     if len(starts) > 1 or len(ends) > 1:
-        lines = ", ".join(str(n) for n, _, _ in sorted(starts + ends))
-        raise SlotMarkersError(f"the Caddyfile has duplicated slot markers (lines {lines})", fix)
+        found = sorted(starts + ends)
+        lines = ", ".join(str(n) for n, _, _ in found)
+        raise SlotMarkersError(f"the Caddyfile has duplicated slot markers (lines {lines})",
+                               fix + _mentions(text, [n for n, _, _ in found]))
     (start_no, _, start_after), (end_no, end_at, _) = starts[0], ends[0]
     if end_no < start_no:
         raise SlotMarkersError(f"{END_MARKER} (line {end_no}) comes before {START_MARKER} "
                                f"(line {start_no})", fix)
     return min(start_after, len(text)), end_at
+
+
+def _mentions(text: str, numbers: list[int]) -> str:
+    """The duplicated-markers fix's advice on the comment lines among `numbers` that hold a
+    marker beside other words: a comment that only mentions the markers (`# BLUE_GREEN_SLOT_
+    START/BLUE_GREEN_SLOT_END comments below.`) reads as a marker line, and "exactly one
+    line" alone sent on-call looking for a second block (found by review). "" when every
+    one is a bare marker line (a block doubled: which one to keep is on-call's call)."""
+    lines = text.split("\n")
+    named = [n for n in numbers if (line := lines[n - 1].strip()).startswith("#")
+             and not _BARE_MARKER_RE.fullmatch(line)]
+    if not named:
+        return ""
+    if len(named) == 1:
+        return (f"; line {named[0]} is a comment that names a marker among other words: "
+                "reword it if it only mentions them (any line holding a marker reads as one)")
+    return (f"; lines {', '.join(map(str, named))} are comments that name a marker among other "
+            "words: reword them if they only mention them (any line holding a marker reads as "
+            "one)")
 
 
 @dataclass(frozen=True)
@@ -778,6 +803,11 @@ def file_imports(text: str) -> tuple[FileImport, ...]:
                 and tokens[1].value not in snippets:
             found.append(FileImport(number, tokens[1].value))
     return tuple(found)
+
+
+def has_marker_line(text: str) -> bool:
+    """Whether any line of `text` holds a slot marker (as find_block reads them)."""
+    return any(_START_RE.search(line) or _END_RE.search(line) for line in text.split("\n"))
 
 
 def unified_diff(old: str, new: str, path: str | Path) -> str:
