@@ -311,7 +311,12 @@ def _from_process(env: Environment) -> bool:
 
 def known_secrets(env: Environment) -> set[str]:
     """The database password (every form) and POSTGRES_PASSWORD, for the journal's secret
-    list. Never raises: a broken configuration is reported by whoever uses it."""
+    list. Never raises: a broken configuration is reported by whoever uses it.
+
+    The env file's values as Compose expands them (`POSTGRES_PASSWORD=${PW_HEAD}rest` is the
+    password it expands to, never that text), and the file's URL even where url() refuses
+    it (a variable it uses is unset: Compose gave the app what it expands to, blanks and
+    all, and that password is a secret in whatever the app answers)."""
     found: set[str] = set()
     with contextlib.suppress(RunbookError):
         raw = env.database.url()
@@ -325,6 +330,7 @@ def known_secrets(env: Environment) -> set[str]:
             values = read_env_file(env.database.env_file)
         except RunbookError:
             values = {}
+        found |= secrets_of(values.get(env.database.url_variable, ""))
         found |= {value for key, value in values.items()
                   if value and (key.endswith("PASSWORD") or key.endswith("_SECRET"))}
     return found

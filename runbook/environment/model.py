@@ -10,6 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from runbook.environment import envfile
+from runbook.environment.envfile import EnvEntry
 from runbook.errors import ConfigError
 
 ENV_NAMES = ("development", "staging", "production")
@@ -123,9 +125,12 @@ class DatabaseConfig:
         if value := os.environ.get(self.url_variable):
             if self.env_file is not None:
                 try:
-                    recorded = read_env_file(self.env_file).get(self.url_variable)
+                    entry = read_env_entries(self.env_file).get(self.url_variable)
                 except ConfigError:
-                    recorded = None
+                    entry = None
+                # one the runbook cannot expand cannot be compared: the exported one is the
+                # operator's choice, as with an env file it cannot read
+                recorded = entry.value if entry is not None and entry.resolved else None
                 if recorded is not None and _database_of(recorded) != _database_of(value):
                     raise ConfigError(
                         f"{self.url_variable} in this process's environment differs from the "
@@ -137,11 +142,14 @@ class DatabaseConfig:
         if self.env_file is None:
             raise ConfigError(f"{self.url_variable} is not set and no env file is configured",
                               f"export {self.url_variable} or set [database] env_file")
-        values = read_env_file(self.env_file)
-        if self.url_variable not in values:
+        entry = read_env_entries(self.env_file).get(self.url_variable)
+        if entry is None:
             raise ConfigError(f"{self.url_variable} is missing from {self.env_file}",
                               f"add {self.url_variable}=postgresql://... to that file")
-        return values[self.url_variable]
+        if not entry.resolved:  # Compose would give the app a blank there, or refuse: never
+            # probed as if the database were down (that sent on-call to --force)
+            raise unresolved_error(self.env_file, self.url_variable, entry)
+        return entry.value
 
 
 @dataclass(frozen=True)
@@ -182,19 +190,6 @@ class Environment:
         return replace(self, **changes)
 
 
-def _env_value(value: str) -> str:
-    """One value as Compose reads it: a quoted one up to its closing quote; an unquoted one
-    up to an inline comment (` #`)."""
-    if value[:1] in ("'", '"'):
-        end = value.find(value[0], 1)
-        if end > 0:
-            return value[1:end]
-        return value
-    hash_at = next((i for i in range(1, len(value))
-                    if value[i] == "#" and value[i - 1] in " \t"), None)
-    return value if hash_at is None else value[:hash_at].rstrip()
-
-
 def _database_of(url: str) -> tuple[str, ...] | str:
     """Which database a URL names (user, password, database, host, port: the same database
     written another way, `postgres://` or an encoded `%2f`, a default port or an added
@@ -217,8 +212,9 @@ class EnvFileNotText(ConfigError):
     not its access, and the env-file checks at load refuse it rather than pass it over."""
 
 
-def read_env_file(path: Path, *, errors: str = "strict") -> dict[str, str]:
-    """Parse a docker-compose style env file (KEY=VALUE, # comments, optional quotes).
+def read_env_entries(path: Path, *, errors: str = "strict") -> dict[str, EnvEntry]:
+    """Parse a docker-compose style env file (KEY=VALUE, # comments, quotes, `export`) as
+    Compose's dotenv reads it: each key as written and as Compose expands it (envfile.py).
     `errors="replace"`: bytes that are not UTF-8 read as U+FFFD, not refused (Compose reads
     such a file; the load's agreement checks judge what the rest of it says)."""
     import stat
@@ -234,13 +230,28 @@ def read_env_file(path: Path, *, errors: str = "strict") -> dict[str, str]:
     except UnicodeDecodeError as exc:  # never its bytes: the file holds secrets
         raise EnvFileNotText(f"env file {path} is not UTF-8 text (byte {exc.start})",
                              "save it as UTF-8") from None
-    values: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        if line.startswith(("export ", "export\t")):
-            line = line[len("export"):].lstrip()
-        key, _, value = line.partition("=")
-        values[key.strip()] = _env_value(value.strip())
-    return values
+    return envfile.parse(text, os.environ)
+
+
+def read_env_file(path: Path, *, errors: str = "strict") -> dict[str, str]:
+    """An env file's values as Compose reads them (`${VAR}` expanded; one it cannot resolve
+    empty, as Compose makes it: DatabaseConfig.url() refuses that one instead)."""
+    return {key: entry.value for key, entry in read_env_entries(path, errors=errors).items()}
+
+
+def unresolved_error(path: Path, key: str, entry: EnvEntry) -> ConfigError:
+    """The one-line refusal of a value the runbook must use that Compose's reading leaves
+    unresolved: the file, the key and the variable, never the value (it holds secrets)."""
+    name, form = entry.unresolved
+    if form == "invalid":
+        return ConfigError(f"{key} in {path} holds a ${{...}} that Compose cannot read (a name "
+                           "that is not a variable name, or an unknown form)",
+                           f"write it as ${{NAME}}, ${{NAME:-default}} or $NAME in {key} in "
+                           f"{path}, or $$ for a literal $")
+    nowhere = "set neither earlier in that file nor in this process's environment"
+    said = {"": f"uses ${{{name}}}, which is {nowhere} (Compose would make it empty)",
+            ":?": f"requires ${{{name}:?...}}, which is empty or unset here (Compose refuses it)",
+            "?": f"requires ${{{name}?...}}, which is {nowhere} (Compose refuses it)"}[form]
+    return ConfigError(f"{key} in {path} {said}",
+                       f"write {name}=... above {key} in {path} (or the value itself in "
+                       f"{key}, with $$ for a literal $), or export {name}")

@@ -704,15 +704,20 @@ def _env_files(env: Environment) -> dict[Path, dict[str, str]]:
     this process cannot open is left out. One whose bytes are not all UTF-8 (a Latin-1 byte
     in a comment or a password: Compose reads it) is read with those bytes replaced: its
     checks were silently off (the gate probed another path than the host's tooling), and
-    refusing it stopped every command, the rollback's too (both found by review)."""
-    from runbook.environment.model import read_env_file
+    refusing it stopped every command, the rollback's too (both found by review).
+    Each value as written (quotes and escapes read), never expanded: Compose looks a `${X}`
+    up in the environment of whoever runs it first, and the host's tooling is not this
+    process (`sudo runbook ...`: another HOME, another user's exports), so a value holding
+    `$` stays "not judged" by the checks below, as before the runbook expanded any."""
+    from runbook.environment.model import read_env_entries
 
     read: dict[Path, dict[str, str]] = {}
     for file in dict.fromkeys(f for f in (env.compose.env_file, env.database.env_file) if f):
         try:
-            read[file] = read_env_file(file, errors="replace")
+            entries = read_env_entries(file, errors="replace")
         except ConfigError:
             continue
+        read[file] = {key: entry.written for key, entry in entries.items()}
     return read
 
 
