@@ -313,10 +313,12 @@ def known_secrets(env: Environment) -> set[str]:
     """The database password (every form) and POSTGRES_PASSWORD, for the journal's secret
     list. Never raises: a broken configuration is reported by whoever uses it.
 
-    The env file's values as Compose expands them (`POSTGRES_PASSWORD=${PW_HEAD}rest` is the
-    password it expands to, never that text), and the file's URL even where url() refuses
-    it (a variable it uses is unset: Compose gave the app what it expands to, blanks and
-    all, and that password is a secret in whatever the app answers)."""
+    The env file's values both as Compose expands them (`POSTGRES_PASSWORD=${PW_HEAD}rest` is
+    the password it expands to) and as written, which is what `docker run --env-file` hands
+    the app on a host without compose (`pa$word`, of which Compose's reading kept only `pa`):
+    a secret is masked whichever way a tool read it. The file's URL too even where url()
+    refuses it (a variable it uses is unset: Compose gave the app what it expands to, blanks
+    and all, and that password is a secret in whatever the app answers)."""
     found: set[str] = set()
     with contextlib.suppress(RunbookError):
         raw = env.database.url()
@@ -326,13 +328,14 @@ def known_secrets(env: Environment) -> set[str]:
     if env.database.env_file is not None:
         from runbook.environment import read_env_file
 
-        try:
-            values = read_env_file(env.database.env_file)
-        except RunbookError:
-            values = {}
-        found |= secrets_of(values.get(env.database.url_variable, ""))
-        found |= {value for key, value in values.items()
-                  if value and (key.endswith("PASSWORD") or key.endswith("_SECRET"))}
+        for interpolate in (True, False):
+            try:
+                values = read_env_file(env.database.env_file, interpolate=interpolate)
+            except RunbookError:
+                values = {}
+            found |= secrets_of(values.get(env.database.url_variable, ""))
+            found |= {value for key, value in values.items()
+                      if value and (key.endswith("PASSWORD") or key.endswith("_SECRET"))}
     return found
 
 

@@ -282,3 +282,151 @@ def test_an_unresolved_port_is_refused_before_the_database_is_probed(
     assert "RBX_UNSET" in line and "DATABASE_URL" in line and "--force" not in line, line
     assert password not in everything_written(tmp_path, status, dry)
     assert snapshot(stack.env) == before
+
+
+# --- hosts without compose: `docker run --env-file` reads the file literally ------------------
+#
+# Found by review: on a host whose slots are made by plain `docker run --env-file` (README
+# "Drill host shapes", the docker-run trait) the app reads `pa$word` as written; the Compose
+# reading refused such a URL (exit 2, "Compose would make it empty"), and registered only `pa`
+# of POSTGRES_PASSWORD=pa$word for masking. The oracle is `docker run --env-file` itself.
+
+# every form docker's reading differs from Compose's on; `export` and a key with a space in it
+# make docker refuse the whole file, so they have their own test below
+LITERAL_FILE = """\
+# a comment
+POSTGRES_PORT=5433
+DATABASE_URL=postgresql://u:pa$word@h:${POSTGRES_PORT}/db
+POSTGRES_PASSWORD=pa$word
+DOUBLE="quoted ${POSTGRES_PORT}"
+SINGLE='single'
+ESCAPED="a\\"b"
+COMMENTED=x # not a comment
+SPACES=  lead and trail  \n  INDENTED=v
+EQUALS=a=b
+EMPTY=
+DOLLARS=$$x
+CRLF=crlf\r
+"""
+
+
+def docker_run_reads(env_file: Path) -> dict[str, str]:
+    """What a container started with `docker run --env-file` sees, less the image's own
+    variables (a drill image present on this machine: never pulled)."""
+    from runbook.drill.images import LOCAL_POSTGRES
+
+    def run(file: Path) -> dict[str, str]:
+        done = subprocess.run(["docker", "run", "--rm", "--pull", "never", "--env-file",
+                               str(file), "--entrypoint", "env", LOCAL_POSTGRES, "-0"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        if "No such image" in done.stderr:
+            pytest.skip(f"{LOCAL_POSTGRES} is not on this machine (`runbook drill` builds it)")
+        assert done.returncode == 0, done.stderr
+        return dict(item.split("=", 1) for item in done.stdout.split("\0") if item)
+
+    empty = env_file.with_name("empty.env")
+    empty.write_text("")
+    image_own = run(empty)
+    return {k: v for k, v in run(env_file).items() if k not in image_own}  # PATH, HOSTNAME...
+
+
+def no_compose(tmp_path: Path, env_file: Path) -> envmod.Environment:
+    """A host without compose (no [compose] file): its env file is the app's `--env-file`."""
+    from tests.drill_checks import host_env
+
+    env = host_env(tmp_path)
+    env = env.with_(database=replace(env.database, env_file=env_file))
+    assert env.compose.file is None
+    return env
+
+
+@pytest.mark.docker
+def test_without_compose_the_env_file_is_read_as_docker_run_reads_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = tmp_path / ".env.production"
+    env_file.write_bytes(LITERAL_FILE.encode())
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_PORT", raising=False)
+    docker = docker_run_reads(env_file)
+    assert docker["DATABASE_URL"] == "postgresql://u:pa$word@h:${POSTGRES_PORT}/db"
+    env = no_compose(tmp_path, env_file)
+    # the URL the app was given, `$` and all: no refusal, no `${...}` expanded
+    assert env.database.url() == docker["DATABASE_URL"]
+    assert envmod.read_env_file(env_file, interpolate=False) == docker  # every key, every value
+    # the password as the app reads it is masked (Compose's reading registered only `pa`)
+    assert "pa$word" in database.known_secrets(env)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("line", ["export DATABASE_URL=postgresql://u:p@h/db",
+                                  "DATABASE_URL =postgresql://u:p@h/db"])
+def test_a_line_docker_run_refuses_is_no_key(tmp_path: Path, line: str) -> None:
+    """`docker run --env-file` refuses a file with `export KEY=` or `KEY =` in it (a key with a
+    space): the app never read a DATABASE_URL from it, so the runbook reads none either."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text(line + "\n")
+    from runbook.drill.images import LOCAL_POSTGRES
+
+    done = subprocess.run(["docker", "run", "--rm", "--pull", "never", "--env-file",
+                           str(env_file), "--entrypoint", "true", LOCAL_POSTGRES],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "contains whitespaces" in done.stderr, done.stderr
+    assert "DATABASE_URL" not in envmod.read_env_file(env_file, interpolate=False)
+
+
+def test_both_readings_of_a_password_are_masked_whichever_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password is a secret whichever way a tool read it: as written (`docker run`, a shell
+    script's `cut`) and as Compose expands it, on a host with compose or without."""
+    env_file = tmp_path / ".env.production"
+    env_file.write_text("PW_HEAD=Se5ame\nPOSTGRES_PASSWORD=${PW_HEAD}-0pen\n"
+                        "DATABASE_URL=postgresql://u:Url${PW_HEAD}@h:5432/db\n")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("PW_HEAD", raising=False)
+    without = no_compose(tmp_path, env_file)
+    compose_file = tmp_path / "compose.yml"
+    compose_file.write_text("services: {}\n")
+    with_compose = without.with_(compose=replace(without.compose, file=compose_file))
+    for env in (without, with_compose):
+        found = database.known_secrets(env)
+        assert {"Se5ame-0pen", "${PW_HEAD}-0pen", "UrlSe5ame", "Url${PW_HEAD}"} <= found, found
+
+
+@pytest.mark.docker
+def test_on_a_docker_run_stack_a_literal_dollar_password_reaches_the_database(
+        tmp_path: Path) -> None:
+    """End to end on the drill's docker-run shape (no compose): a role whose password holds
+    `$word`, written as is in the env file as `docker run --env-file` passes it. Status reads
+    the schema and the rollback's dry run plans, the password masked (on c9da502: exit 2,
+    "uses ${word} ... (Compose would make it empty)")."""
+    password = "Pa$word-9zQ"
+    with DrillStack(shape="docker-run") as stack:
+        stack.reset()
+        stack.deploy_docker_run(VERSIONS["v2"])
+        stack.deploy_docker_run(VERSIONS["v3"])  # v3 live, v2 (schema 2) the previous
+        created = subprocess.run(
+            ["docker", "exec", stack.db_container, "psql", "-v", "ON_ERROR_STOP=1", "-U",
+             "togather", "-d", "togather", "-c",
+             f"CREATE ROLE rbx_literal LOGIN PASSWORD '{password}'; GRANT SELECT ON ALL "
+             "TABLES IN SCHEMA public TO rbx_literal"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert created.returncode == 0, created.stderr
+        url = urlsplit(stack.database_url)
+        env_file = tmp_path / ".env"
+        env_file.write_text("".join(
+            line + "\n" for line in stack.env_file.read_text().splitlines()
+            if not line.startswith("DATABASE_URL=")) + f"DATABASE_URL=postgresql://rbx_literal:"
+            f"{password}@{url.hostname}:{url.port}{url.path}\n")
+        env_file.chmod(0o600)
+        env = stack.env.with_(database=replace(stack.env.database, env_file=env_file),
+                              log_dir=tmp_path / "logs", runs_dir=tmp_path / "runs")
+        assert env.compose.file is None  # the shape: slots made by `docker run`
+        source = tmp_path / "host.toml"
+        source.write_text(envmod.to_toml(env))
+        status = runbook("status", str(source))
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "schema 2" in status.stdout, status.stdout
+        dry = runbook("rollback", str(source), "--dry-run")
+        assert dry.returncode == 0, dry.stdout + dry.stderr
+        assert "database schema" in dry.stdout and "cannot be read" not in dry.stdout
+        assert password not in everything_written(tmp_path, status, dry)

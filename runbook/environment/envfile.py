@@ -9,6 +9,10 @@ POSTGRES_* keys (CONTRACTS): read literally, the runbook used `${POSTGRES_PORT}`
 blamed the database (found by review on a drill stack). tests/test_env_interpolation.py
 checks this reading against `docker compose config` itself.
 
+Where no Compose reads the file (slots made by `docker run --env-file`), docker passes every
+value as written: `pa$word` is the app's password, and expanding it refused a URL the app uses
+(found by review). parse_literal is that reading; the caller says which one applies.
+
 Only the standard library here: runbook.environment imports it at every start.
 """
 
@@ -162,10 +166,33 @@ def _quoted(text: str) -> tuple[str, int]:
     return "", -1
 
 
-def parse(text: str, environ: Mapping[str, str]) -> dict[str, EnvEntry]:
+def parse_literal(text: str) -> dict[str, EnvEntry]:
+    """Every KEY=VALUE of an env file's text, in order, each value exactly as written after
+    the first `=`: quotes, `$`, ` #` and spaces kept, only a line's `\r` dropped. That is how
+    `docker run --env-file` reads one (docker/cli's opts/envfile.go, checked against docker
+    28): lines are cut at `\n` only, a leading space and `#` lines are passed over. A line
+    without `=` (docker passes the variable through from its caller's environment, which is
+    not the runbook's) or whose key holds a space (`export KEY=`, `KEY =`: docker refuses the
+    whole file) is no key here."""
+    entries: dict[str, EnvEntry] = {}
+    for raw in text.split("\n"):
+        line = raw.removesuffix("\r").lstrip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        if key and " " not in key and "\t" not in key:  # docker's test: space and tab
+            entries[key] = EnvEntry(value, value)
+    return entries
+
+
+def parse(text: str, environ: Mapping[str, str], *,
+          interpolate: bool = True) -> dict[str, EnvEntry]:
     """Every KEY=VALUE of an env file's text, in order, expanded as Compose expands them.
     Lines without `=` are passed over, and a quote never closed is kept as written (Compose
-    refuses such a file; the runbook has never refused one)."""
+    refuses such a file; the runbook has never refused one). `interpolate=False`: read as
+    written, as `docker run --env-file` reads it (parse_literal)."""
+    if not interpolate:
+        return parse_literal(text)
     entries: dict[str, EnvEntry] = {}
 
     def lookup(name: str) -> tuple[str, Problem] | None:

@@ -114,6 +114,10 @@ class DatabaseConfig:
     # (psql inside `container` through `docker exec`), or "auto": container when the URL's
     # host does not resolve here (e.g. `togather-db`, a name on Docker's network only).
     access: str = "auto"
+    # Whether Compose reads env_file (so `${VAR}` is expanded, as the app gets it); False on a
+    # host without compose, where `docker run --env-file` passes `pa$word` as written. The
+    # Environment sets it from its [compose] file (Environment.__post_init__).
+    compose_reads: bool = True
 
     def url(self) -> str:
         """The database URL from the process environment or the env file. Never log it.
@@ -125,7 +129,8 @@ class DatabaseConfig:
         if value := os.environ.get(self.url_variable):
             if self.env_file is not None:
                 try:
-                    entry = read_env_entries(self.env_file).get(self.url_variable)
+                    entry = read_env_entries(self.env_file, interpolate=self.compose_reads
+                                             ).get(self.url_variable)
                 except ConfigError:
                     entry = None
                 # one the runbook cannot expand cannot be compared: the exported one is the
@@ -142,7 +147,8 @@ class DatabaseConfig:
         if self.env_file is None:
             raise ConfigError(f"{self.url_variable} is not set and no env file is configured",
                               f"export {self.url_variable} or set [database] env_file")
-        entry = read_env_entries(self.env_file).get(self.url_variable)
+        entry = read_env_entries(self.env_file, interpolate=self.compose_reads
+                                 ).get(self.url_variable)
         if entry is None:
             raise ConfigError(f"{self.url_variable} is missing from {self.env_file}",
                               f"add {self.url_variable}=postgresql://... to that file")
@@ -186,6 +192,14 @@ class Environment:
     def slot(self, slot: Slot | str) -> SlotConfig:
         return self.slots[Slot(slot)]
 
+    def __post_init__(self) -> None:
+        # Compose reads the env file only where this host has compose (a [compose] file, the
+        # contract's only where it exists): elsewhere `docker run --env-file` reads it
+        # literally. Set here, from the environment, so every copy (with_) agrees.
+        if self.database.compose_reads != (self.compose.file is not None):
+            object.__setattr__(self, "database", replace(
+                self.database, compose_reads=self.compose.file is not None))
+
     def with_(self, **changes: Any) -> Environment:
         return replace(self, **changes)
 
@@ -212,9 +226,11 @@ class EnvFileNotText(ConfigError):
     not its access, and the env-file checks at load refuse it rather than pass it over."""
 
 
-def read_env_entries(path: Path, *, errors: str = "strict") -> dict[str, EnvEntry]:
+def read_env_entries(path: Path, *, errors: str = "strict",
+                     interpolate: bool = True) -> dict[str, EnvEntry]:
     """Parse a docker-compose style env file (KEY=VALUE, # comments, quotes, `export`) as
     Compose's dotenv reads it: each key as written and as Compose expands it (envfile.py).
+    `interpolate=False`: as `docker run --env-file` reads it, every value as written.
     `errors="replace"`: bytes that are not UTF-8 read as U+FFFD, not refused (Compose reads
     such a file; the load's agreement checks judge what the rest of it says)."""
     import stat
@@ -230,18 +246,22 @@ def read_env_entries(path: Path, *, errors: str = "strict") -> dict[str, EnvEntr
     except UnicodeDecodeError as exc:  # never its bytes: the file holds secrets
         raise EnvFileNotText(f"env file {path} is not UTF-8 text (byte {exc.start})",
                              "save it as UTF-8") from None
-    return envfile.parse(text, os.environ)
+    return envfile.parse(text, os.environ, interpolate=interpolate)
 
 
-def read_env_file(path: Path, *, errors: str = "strict") -> dict[str, str]:
+def read_env_file(path: Path, *, errors: str = "strict",
+                  interpolate: bool = True) -> dict[str, str]:
     """An env file's values as Compose reads them (`${VAR}` expanded; one it cannot resolve
-    empty, as Compose makes it: DatabaseConfig.url() refuses that one instead)."""
-    return {key: entry.value for key, entry in read_env_entries(path, errors=errors).items()}
+    empty, as Compose makes it: DatabaseConfig.url() refuses that one instead), or with
+    `interpolate=False` as `docker run --env-file` reads them (as written)."""
+    return {key: entry.value for key, entry
+            in read_env_entries(path, errors=errors, interpolate=interpolate).items()}
 
 
 def unresolved_error(path: Path, key: str, entry: EnvEntry) -> ConfigError:
     """The one-line refusal of a value the runbook must use that Compose's reading leaves
-    unresolved: the file, the key and the variable, never the value (it holds secrets)."""
+    unresolved: the file, the key and the variable, never the value (it holds secrets). Only
+    reached where Compose reads the file (DatabaseConfig.compose_reads): its words say so."""
     name, form = entry.unresolved
     if form == "invalid":
         return ConfigError(f"{key} in {path} holds a ${{...}} that Compose cannot read (a name "
