@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runbook.environment.schema import SUDO_VALUED
+from runbook.environment.model import SUDO_VALUED
 
 if TYPE_CHECKING:
     from runbook.environment import Environment

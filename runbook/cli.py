@@ -9,6 +9,7 @@ from runbook import startup  # first: a Ctrl-C while importing is one line, not 
 
 # isort: split
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer._click import Command
 from typer.core import TyperGroup
-from typer.main import get_command
+from typer.main import get_command, get_command_name
 
 from runbook.cli_common import (
     BEFORE_ANY_CHANGE,
@@ -361,13 +362,31 @@ def _mark_beginnings(command: Command) -> None:
         command.callback = _begins(command.callback)
 
 
+def _command_for(argv: list[str]) -> Command:
+    """What app() runs. Typer builds a click command for every function it knows, reading
+    each one's signature and options: ~20 ms of a rollback's start-up went on the commands it
+    never runs (issue 14 item 2). So when the first argument names a command or a command
+    group exactly, only that one is built, and `--version` first needs none (its eager
+    callback exits before a command is looked up). Anything else (no argument, --help, a
+    typo, whose suggestions name every command) gets the whole tree, as before."""
+    first = argv[0] if argv else ""
+    commands = [c for c in app.registered_commands if c.callback is not None and (
+        c.name or get_command_name(c.callback.__name__)) == first]
+    groups = [g for g in app.registered_groups if g.name == first]
+    if not (commands or groups or first == "--version"):
+        return get_command(app)
+    only = copy.copy(app)  # the same app, callback (--version) and settings; fewer commands
+    only.registered_commands, only.registered_groups = commands, groups
+    return get_command(only)
+
+
 def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
     startup.hold()  # a caller that imported this module first (a test harness) had it released
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     try:
-        command = get_command(app)  # what app() runs, with its beginnings marked
+        command = _command_for(sys.argv[1:])  # what app() runs, with its beginnings marked
         _mark_beginnings(command)
         # not standalone: a usage error (an unknown flag, a bad choice) comes back here to be
         # said in one line; click printed four (usage, hint, blank, error; found by review)

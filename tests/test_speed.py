@@ -6,6 +6,7 @@ to traffic switched beside it. The oracle is the test's own clock around the pro
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -88,3 +89,80 @@ def test_a_rollback_without_a_snapshot_leaves_the_snapshot_modules_unimported(
     assert proc.returncode == 0, proc.stderr
     assert "Dry run: nothing was changed." in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_the_command_modules_leave_pydantic_to_the_environment_loader() -> None:
+    """pydantic (~70 ms) and the file schema load with the environment, through
+    environment._load_schema, which turns pydantic's plugin discovery off. runbook/
+    caddy_command.py imported schema.py for one constant: every command loaded both with its
+    imports, and read the entry points of every installed distribution on the way."""
+    code = ("import sys, runbook.cli\n"
+            "from runbook import caddy, caddy_command, deploy, preflight, rollback, status\n"
+            "from runbook import switch, traffic\n"
+            "print(sorted(m for m in ('pydantic', 'runbook.environment.schema')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+# what `runbook ARGS` builds of the command tree: the click command of each function, by name
+_BUILT = ("import atexit, sys, typer.main\n"
+          "built = []\n"
+          "real = typer.main.get_command_from_info\n"
+          "def counted(command_info, **kw):\n"
+          "    built.append(command_info.name or command_info.callback.__name__)\n"
+          "    return real(command_info, **kw)\n"
+          "typer.main.get_command_from_info = counted\n"
+          "atexit.register(lambda: print('BUILT', sorted(built), file=sys.stderr))\n"
+          "from runbook import cli\n"
+          "sys.argv = ['runbook', *sys.argv[1:]]\n"
+          "cli.main()\n")
+
+
+def built(*args: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", _BUILT, *args], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("BUILT "))
+    return ast.literal_eval(line.removeprefix("BUILT "))
+
+
+def test_a_command_line_builds_only_the_command_it_names() -> None:
+    """Typer reads the signature and options of every function it builds: the commands a
+    rollback never runs cost it ~20 ms of start-up (issue 14 item 2). The oracle is typer's
+    own builder, counted in the process."""
+    from runbook.cli_snapshot import snapshot_app
+
+    assert built("rollback", "/nonexistent/env.toml") == ["rollback"]
+    assert built("status", "/nonexistent/env.toml") == ["status"]
+    assert built("snapshot", "list", "/nonexistent/env.toml") == sorted(
+        c.name or c.callback.__name__ for c in snapshot_app.registered_commands
+        if c.callback is not None)
+    assert built("--version") == []
+    everything = built("--help")  # the whole tree answers anything else
+    assert {"rollback", "status", "unlock", "docs", "create", "restore-kept"} <= set(everything)
+    assert built("rolback", "/nonexistent/env.toml") == everything  # a typo: its suggestions
+
+
+def test_each_command_s_help_is_the_whole_tree_s() -> None:
+    """A command built alone says what the whole tree says of it: the oracle renders each
+    command's --help from typer's own tree of every command."""
+    oracle = ("import contextlib, io, json\n"
+              "from typer.main import get_command\n"
+              "from runbook import cli\n"
+              "group = get_command(cli.app)\n"
+              "out = {}\n"
+              "for name in group.commands:\n"
+              "    buf = io.StringIO()\n"
+              "    with contextlib.redirect_stdout(buf):\n"
+              "        group.main([name, '--help'], prog_name='runbook', standalone_mode=False)\n"
+              "    out[name] = buf.getvalue()\n"
+              "print(json.dumps(out))")
+    expected = json.loads(subprocess.run([sys.executable, "-c", oracle], capture_output=True,
+                                         text=True, check=True, timeout=60).stdout)
+    assert len(expected) > 10
+    for name, text in expected.items():
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", name, "--help"],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, check=False)
+        assert (done.returncode, done.stdout) == (0, text), name

@@ -20,6 +20,13 @@ ALIASES = {"prod": "production", "stage": "staging", "dev": "development"}
 # The contract's compose file: the default only on a host where it exists (issue 10: hosts that
 # start their slots with `docker run` have none, and a default to a missing file misleads).
 STANDARD_COMPOSE_FILE = Path("/opt/togather/src/deploy/docker/docker-compose.blue-green.yml")
+# sudo's options that take the next word as their value (`sudo -u root docker ...`): read by
+# schema.py's check of a docker command and by runbook/caddy_command.py. Here, not in schema.py:
+# importing that for a constant loaded pydantic with every command's modules, outside
+# environment._load_schema (which turns pydantic's plugin discovery off)
+SUDO_VALUED = frozenset({"-u", "--user", "-g", "--group", "-C", "--close-from", "-D", "--chdir",
+                         "-p", "--prompt", "-r", "--role", "-t", "--type", "-U", "--other-user",
+                         "-T", "--command-timeout", "-h", "--host"})
 
 
 class Slot(StrEnum):

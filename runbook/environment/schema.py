@@ -32,6 +32,7 @@ from runbook.environment.model import (
     ALIASES,
     ENV_NAMES,
     STANDARD_COMPOSE_FILE,
+    SUDO_VALUED,
     CaddyConfig,
     ComposeConfig,
     DatabaseConfig,
@@ -284,11 +285,6 @@ _VALUED_GLOBALS = ("-l", "--log-level", "--tlscacert", "--tlscert", "--tlskey")
 _COMPOSE_VALUED = ("-f", "--file", "-p", "--project-name", "--project-directory",
                    "--env-file", "--profile", "--ansi")
 _ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG")
-# sudo's options that take the next word as their value (`sudo -u root docker ...`); also
-# read by preflight's command parser
-SUDO_VALUED = frozenset({"-u", "--user", "-g", "--group", "-C", "--close-from", "-D", "--chdir",
-                         "-p", "--prompt", "-r", "--role", "-t", "--type", "-U", "--other-user",
-                         "-T", "--command-timeout", "-h", "--host"})
 
 
 def _sudo_keeps(word: str) -> bool | set[str]:
