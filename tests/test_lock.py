@@ -2417,3 +2417,33 @@ def test_an_empty_lock_directory_older_than_a_lock_being_taken_is_taken_over(
     assert (env.lock_path / holding.HOLDER).is_file()
     lock.release()
     assert not env.lock_path.exists()
+
+
+@pytest.mark.parametrize("where", ["state file", "shell directory"])
+@pytest.mark.parametrize("written", ["number", "text"])
+def test_a_live_deploys_expired_lock_is_held_whatever_way_its_pid_is_written(
+        env: Environment, with_state: Path, live_pid: int, where: str, written: str) -> None:
+    """Found by review: a deploy script that builds its lock with `jq --arg` writes its pid
+    as text ("48213"). Read as no pid, a lock whose locked_at is older than stale_after was
+    judged by its age alone and taken over while that deploy still ran (the same lock with a
+    numeric pid: exit 3, "its process ... is still running"). Text is evidence the holder is
+    alive, never that it died. Oracle: the process this test runs."""
+    if where == "shell directory":
+        plant(env, age=2000, legacy=True)  # the shell tooling's: its mirror names the pid
+    at = datetime.now(UTC) - timedelta(seconds=2000)
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "locked_by": "deploy@" + HOST,
+                     "pid": str(live_pid) if written == "text" else live_pid,
+                     "hostname": HOST, "locked_at": format_time(at),
+                     "lock_expires_at": format_time(at + timedelta(seconds=1800))}
+    with_state.write_text(json.dumps(state))
+    before = with_state.read_bytes()
+    seen = status(env)
+    assert seen is not None and seen.holder_alive is True and not seen.stealable, seen
+    with pytest.raises(LockedError, match=f"process {live_pid} is still running") as held:
+        acquire(env, "rollback", None)
+    assert held.value.exit_code == ExitCode.LOCKED
+    with pytest.raises(LockedError):
+        unlock(env)
+    assert with_state.read_bytes() == before
+    assert env.lock_path.is_dir() == (where == "shell directory")

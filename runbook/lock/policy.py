@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import socket
 import stat
 import time
@@ -54,6 +55,9 @@ class Holder:
     locked_at: datetime | None = None
     expires_at: datetime | None = None
     pid_start: int | None = None  # /proc start time, so a reused pid is not taken for alive
+    # the pid was written as a string of ASCII digits (a deploy script's `jq --arg`): weaker
+    # evidence, so it may show the holder alive (keep the lock held), never dead (_judge)
+    pid_as_text: bool = False
     held_since: datetime | None = None  # when it was taken (locked_at is its last refresh)
     # holder.json's (locked_at, expires_at) of each copy it mirrored into the state file:
     # what tells that copy once a Go CLI rewrite dropped its lock_id (_copy_of)
@@ -288,6 +292,9 @@ def _dated_in_future(ahead: float, basis: str) -> str:
             "back since it was taken, so its age cannot be told")
 
 
+# a pid written as text: ASCII digits only (str.isdigit takes "²"), as the state reader's
+PID_DIGITS = re.compile(r"[0-9]{1,18}")
+
 MIRROR_MATCH = 2.0  # seconds: the mirror's locked_at and the directory's are the same run's
 
 
@@ -315,6 +322,10 @@ def _judge(env: Environment, path: Path, source: str, holder: Holder | None, epo
     pid = holder.pid if holder is not None else None
     if holder is not None and pid is not None and holder.hostname == socket.gethostname():
         alive = procs.pid_alive(pid, holder.pid_start)
+        if alive is False and holder.pid_as_text:
+            # text from another tool never makes a held lock stale (no file did before the
+            # state reader took it): as if no pid were recorded, its times decide
+            alive = None
     elif running and state_lock:  # a legacy directory whose mirror's process still runs
         alive, pid = True, _state_holder(state_lock).pid
     if expires_in <= 0:
@@ -516,6 +527,14 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
         value = lock.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    pid = number("pid")
+    # a pid `jq --arg` wrote as text ("48213", which the state reader accepts): read as no
+    # pid, a live deploy's lock older than stale_after was taken over (found by review)
+    said = lock.get("pid")
+    as_text = isinstance(said, str) and PID_DIGITS.fullmatch(said) is not None
+    if as_text:
+        pid = int(str(said))
+
     def pairs(key: str) -> frozenset[tuple[datetime, datetime]]:
         found = set()
         value = lock.get(key)
@@ -528,7 +547,8 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
                         found.add((at, until))
         return frozenset(found)
 
-    return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"), pid=number("pid"),
+    return Holder(lock_id=text("lock_id"), locked_by=text("locked_by"),
+                  pid=pid, pid_as_text=as_text,
                   pid_start=number("pid_start"), mirrored=pairs("mirrored"),
                   hostname=text("hostname"), reason=text("reason"),
                   deployment_id=text("deployment_id"), run_id=text("run_id"),
