@@ -431,7 +431,8 @@ SCHEMA_RECHECK = 0.25  # seconds between those answers
 
 class SchemaMismatchError(HealthGateError):
     """The slot reports another schema version than the database the runbook read: it reads
-    another database. A failed gate (exit 1), decided at once: waiting never changes it."""
+    another database, or kept a version read at start-up. A failed gate (exit 1), decided at
+    once: waiting never changes it."""
 
 
 @dataclass(frozen=True)
@@ -497,16 +498,26 @@ def check_schema(env: Environment, slot: Slot | str, report: HealthReport,
     problem = (f"slot {config.slot} reports schema {said} ({name} details.version at "
                f"{report.url}), while the database the runbook {want.how} ({want.database}) "
                f"is at {expected}: the slot reads another database (its DATABASE_URL names "
-               "another one than the runbook's), and waiting does not change that")
+               "another one than the runbook's), or reports a version it read at start-up "
+               "and kept (it ran before the schema changed), and waiting does not change that")
+    # an app that caches its schema version (a standby left running across a migration, a
+    # slot started before migrate_command) differs too: "reads another database" as a
+    # certainty sent on-call to recreate a slot that was right (found by review)
     if not refuse:
         return report, f"DIFFERS (not refused: --force): {problem}"
     raise SchemaMismatchError(problem, (
-        f"compare the database the slot's DATABASE_URL names (`docker inspect --format "
-        f"'{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' {config.container} | grep "
-        f"DATABASE_URL`, which shows its password) with {want.database}; make the slot read "
-        f"that one (recreate it from the env file), or, if the slot's is the right one, "
-        f"correct the runbook's {env.database.url_variable}; then run the same command again"),
-        report=report)
+        f"compare the database the slot's DATABASE_URL names ({url_of(config.container)}) "
+        f"with {want.database}: if it names that one, the slot kept what it read at start-up: "
+        f"restart it (`docker restart {config.container}`) and run the same command again; "
+        f"if not, make the slot read that one (recreate it from the env file), or, if the "
+        f"slot's is the right one, correct the runbook's {env.database.url_variable}; then "
+        "run the same command again"), report=report)
+
+
+def url_of(container: str) -> str:
+    """The command that shows the DATABASE_URL a container was given (with its password)."""
+    return (f"`docker inspect --format '{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' "
+            f"{container} | grep DATABASE_URL`, which shows its password")
 
 
 # --------------------------------------------------------------------------------------------

@@ -775,6 +775,12 @@ def test_a_slot_reporting_another_schema_fails_its_gate_soon_not_at_its_timeout(
     text = str(err.value)
     assert "reports schema 1" in text and "db.example:5432/app) is at 2" in text, text
     assert "another database" in text and "docker inspect" in text, text
+    # found by review: an app that keeps the version it read at start-up (a standby left
+    # running across a migration) differs too, so both causes are named, and how to tell
+    # them apart: its DATABASE_URL is the runbook's -> restart it and run again
+    assert "or reports a version it read at start-up and kept" in err.value.message, text
+    fix = err.value.fix or ""
+    assert "if it names that one" in fix and "docker restart togather-server-blue" in fix, fix
     assert step.details["schema"].startswith("the migrations version its /degraded reports")
 
 
