@@ -494,17 +494,30 @@ def check_schema(env: Environment, slot: Slot | str, report: HealthReport,
             report, said = again, now
     if said == expected:
         return report, f"{said}, as the database the runbook {want.how} ({want.database})"
+    # a schema the run restored: every app slot was stopped for the restore and started
+    # after it, so none kept an older version, and a rerun would restore again over every
+    # write made once the slot is fixed (found by review)
+    restored = want.how == "restored"
     name = next((c.name for c in report.checks if _word(c.name) in SCHEMA_CHECKS), "migrations")
     problem = (f"slot {config.slot} reports schema {said} ({name} details.version at "
                f"{report.url}), while the database the runbook {want.how} ({want.database}) "
                f"is at {expected}: the slot reads another database (its DATABASE_URL names "
-               "another one than the runbook's), or reports a version it read at start-up "
-               "and kept (it ran before the schema changed), and waiting does not change that")
+               "another one than the runbook's)"
+               + ("" if restored else ", or reports a version it read at start-up and kept (it "
+                  "ran before the schema changed)") + ", and waiting does not change that")
     # an app that caches its schema version (a standby left running across a migration, a
     # slot started before migrate_command) differs too: "reads another database" as a
     # certainty sent on-call to recreate a slot that was right (found by review)
     if not refuse:
         return report, f"DIFFERS (not refused: --force): {problem}"
+    if restored:
+        raise SchemaMismatchError(problem, (
+            f"the database is already restored (schema {expected}): do NOT run the restore "
+            f"again; make {config.container} read {want.database} (compare the DATABASE_URL "
+            f"it was given, {url_of(config.container)}, and recreate it from the env file); "
+            f"only if the slot's is the right one did the runbook's "
+            f"{env.database.url_variable} name the wrong database, which the restore "
+            "replaced: correct it before anything else"), report=report)
     raise SchemaMismatchError(problem, (
         f"compare the database the slot's DATABASE_URL names ({url_of(config.container)}) "
         f"with {want.database}: if it names that one, the slot kept what it read at start-up: "

@@ -434,7 +434,8 @@ def restore_steps(env: Environment, run: RestoreRun,
             **({"the data from before": f"{killed['safety']}: the data from before the "
                                            f"restore of the run {killed['run_id']} (started "
                                            f"{killed['started_at']}), killed during or after "
-                                           "it; this one is of the database as it left it"}
+                                           "it, or failed after it; this one is of the "
+                                           "database as it is now"}
                if killed else {"the data from before": f"in this one, unless an earlier "
                                                        f"restore was killed: "
                                                        f"{unfinished_marker(env)}, which "
@@ -498,8 +499,8 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
         for name in stopped:
             docker.start(name)
         if wait:
-            compared: list[str] = []
-            for name in stopped:
+            compared: list[tuple[str, str]] = []  # (container, what it reported)
+            for index, name in enumerate(stopped):
                 slot = by_container.get(name)
                 if slot is None:
                     continue
@@ -507,16 +508,26 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                     _, said = health.check_schema(env, slot, health.wait_healthy(env, slot),
                                                   restored)
                 except health.SchemaMismatchError as exc:
-                    # said as it is (the restore's own words say the slots are stopped):
-                    # it runs and serves, as before, and is left so (never stopped here)
+                    # said as it is (the restore's own words say the slots are stopped): it
+                    # runs, is left so (never stopped here), and every other slot started
+                    # is named as it is (found by review: "it serves" was said of a standby)
                     mine = restore_run.safety.path if restore_run.safety else None
+                    before = (f"{earlier} (the safety snapshot of an earlier restore, killed or "
+                              f"failed after it; "
+                              f"{mine} is the database as it was before this restore)" if earlier
+                              else str(mine))
+                    others = "; ".join(
+                        [f"{c} started again and gated ({c_said})" for c, c_said in compared]
+                        + [f"{o} started again, NOT gated (`runbook healthcheck "
+                           f"{command_arg(env)}` shows it)" for o in stopped[index + 1:]])
                     ctx.cannot_undo(
                         f"the database WAS restored to {restore_run.snapshot.name}, and {name} "
-                        "runs again as before the restore (left running: it serves), on the "
-                        "database its DATABASE_URL names, which the restore did not touch",
-                        f"{exc.fix}; the data from before the restore is in "
-                        + (f"{earlier} (the safety snapshot of a killed earlier restore; "
-                           f"{mine} is the database as it left it)" if earlier else str(mine)))
+                        f"runs again ({_serves(env, slot)}), on the database its DATABASE_URL "
+                        "names, which the restore did not touch"
+                        + (f"; {others}" if others else ""),
+                        # the gate's fix never asks for a rerun of a restore that committed
+                        f"{exc.fix}; then check it (`runbook healthcheck {command_arg(env)}`); "
+                        f"the data from before the restore is in {before}")
                     raise RunbookError(f"the database was restored, but {exc.message}",
                                        exit_code=ExitCode.ATTENTION) from None
                 except RunbookError as exc:
@@ -526,9 +537,9 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                         f"its code may need the newer schema: roll the code back "
                         f"(`runbook rollback {command_arg(env)}`) or redeploy",
                         exit_code=ExitCode.ATTENTION) from None
-                compared.append(f"{slot}: {said}")
+                compared.append((name, f"{slot}: {said}"))
             if compared:
-                ctx.note(schema="; ".join(compared))
+                ctx.note(schema="; ".join(c_said for _, c_said in compared))
         ctx.note(started=", ".join(stopped) or "none (none were running)")
         if unfit:
             at = restore_run.verified.migration_version
@@ -550,6 +561,21 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                     if restore_run.unfit else {}),
                  "health": f"wait up to {env.health.timeout:g}s each",
                  "schema": restored.plan_line(env.health.path)}, run=run)
+
+
+def _serves(env: Environment, slot: Slot) -> str:
+    """Whether Caddy's running config sends users to `slot`, for a message: "serves" only
+    when it does (a standby the restore started again was said to serve; found by review)."""
+    from runbook import traffic
+
+    try:
+        serving = traffic.read(env, proxy=False).slot
+    except RunbookError:
+        return "left running: whether it serves cannot be told, Caddy cannot be read"
+    if serving is None:
+        return "left running: Caddy's running config names no single slot that serves"
+    return ("left running: it serves, Caddy points at it" if serving == slot else
+            f"left running as a standby: Caddy points at {serving}")
 
 
 # restore_outcome of a restore-database step whose COMMIT Postgres could not place: that
@@ -996,9 +1022,12 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
                               end_sessions=end_sessions, keep_stopped=not restart)
         warnings = [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         if facts.get("earlier_safety_snapshot"):
-            warnings.append(f"the last run was killed during or after its restore: the data "
-                            f"from before it is in {facts['earlier_safety_snapshot']}; this "
-                            "run's safety snapshot will hold the database as it left it")
+            # "killed" alone was untrue of a run that ended exit 5 at its restart gate,
+            # its slots serving since (found by review): its record is read the same way
+            warnings.append(f"the last run was killed during or after its restore, or failed "
+                            f"after it: the data from before it is in "
+                            f"{facts['earlier_safety_snapshot']}; this run's safety snapshot "
+                            "will hold the database as it is now")
         with contextlib.suppress(RunbookError):
             warnings.append(loss_window(env, snap).describe())
         left = _serving_but_stopped(env)

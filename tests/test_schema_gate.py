@@ -23,6 +23,7 @@ import pytest
 
 from runbook import deploy, docker, health, rollback, snapshot_restore, snapshots
 from runbook.drill import http as drill_http
+from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS, AppVersion
 from runbook.environment import Slot
@@ -191,8 +192,13 @@ def test_a_snapshot_restore_restart_gate_refuses_a_slot_reading_another_database
     assert "restored" in text and "is at 1" in text and "another database" in text, text
     # said as it is: blue runs and serves (never "the app slots are stopped"), and where the
     # data from before the restore is
-    assert "runs again as before the restore" in text and "slots are stopped" not in text, text
+    assert "left running: it serves, Caddy points at it" in text, text
+    assert "slots are stopped" not in text, text
     assert "_pre-restore.sql.gz" in text and stack.password not in text, text
+    # found by review: "run the same command again" restored again once blue was fixed,
+    # over every write since; a blue started after the restore kept no older version
+    assert "already restored (schema 1)" in text and "do NOT run the restore again" in text
+    assert "run the same command again" not in text and "read at start-up and kept" not in text
     assert docker.inspect(env.slot("blue").container).running  # the serving slot: left as is
     assert through_proxy(env) == ("blue", V1.tag)
 
@@ -219,3 +225,60 @@ def test_a_deploy_whose_new_slot_reads_another_database_is_refused_after_its_mig
     assert "reports schema 2" in text and "is at 1" in text, text
     assert through_proxy(env) == ("blue", V1.tag)
     assert not docker.inspect(env.slot("green").container).running
+
+
+def test_a_snapshot_restore_names_a_standby_reading_another_database_as_a_standby(
+        scene_stack: DrillStack, other_db: OtherDb, replaced: list[str]) -> None:
+    """Found by review: the restart gate's words said "(left running: it serves)" of every
+    slot, and nothing of the slots started beside it. Blue serves v1 on the runbook's
+    database; green, a running standby v1, reads another database (schema 0). The restore
+    stops and starts both: green is said to run as a standby (Caddy points at blue), blue
+    named as started again, and the fix never asks for the restore to be run again."""
+    stack = scene_stack
+    stack.reset()
+    env = stack.env
+    make_slot(stack, replaced, Slot.GREEN, V1, other_db.app_url, start=True)
+    answering(stack, Slot.GREEN)
+    assert through_proxy(env) == ("blue", V1.tag)
+    snap = snapshots.create(env, "manual")
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(env, snap.name)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.ATTENTION, text
+    assert "slot green reports schema 0" in text, text
+    green, blue = env.slot("green").container, env.slot("blue").container
+    assert f"{green} runs again (left running as a standby: Caddy points at blue)" in text, text
+    assert "it serves" not in text, text
+    assert f"{blue} started again" in text, text
+    assert "do NOT run the restore again" in text and f"make {green} read" in text, text
+    assert docker.inspect(green).running and docker.inspect(blue).running
+    assert through_proxy(env) == ("blue", V1.tag)
+    # the run records read this run as one that left the database restored (its safety
+    # snapshot the data from before it): kept, but never said to have been killed
+    rerun = snapshot_restore.restore(env, snap.name, dry_run=True)
+    [said] = [w for w in rerun.plan.warnings if "the last run was" in w]
+    assert "killed during or after its restore, or failed after it" in said, said
+    assert "as it is now" in said and "as it left it" not in said, said
+
+
+def test_a_rollback_restore_whose_target_reads_another_database_never_asks_to_restore_again(
+        scene_stack: DrillStack, other_db: OtherDb, replaced: list[str]) -> None:
+    """v2 serves from green on schema 2; blue, the rollback's target v1, was made reading
+    another database at schema 0. `rollback --restore-snapshot` restores schema 1, then
+    blue's gate differs: the run stops after its restore committed. What it says must be
+    true, and never send on-call to restore again over the writes since."""
+    stack = scene_stack
+    stack.arrange(scenes.MIGRATED)
+    env = stack.env
+    make_slot(stack, replaced, Slot.BLUE, V1, other_db.app_url, start=False)
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(env, rollback.Options(restore_snapshot="auto"))
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.ATTENTION, text
+    assert "reports schema 0" in text and "the database WAS restored" in text, text
+    # started after the restore, blue kept no older version; rerunning the restore is never
+    # asked (its gate's fix said "run the same command again" beside "runbook switch")
+    assert "already restored (schema 1)" in text and "do NOT run the restore again" in text
+    assert "run the same command again" not in text and "read at start-up and kept" not in text
+    assert f"--slot {Slot.BLUE}" in text and "the service is down" in text, text
+    assert not docker.inspect(env.slot("blue").container).running  # undone: stopped again
