@@ -170,6 +170,23 @@ def test_a_rollback_whose_target_reports_no_schema_version_goes_ahead_saying_so(
     assert "must be 2" in planned and "not compared when it reports none" in planned, planned
 
 
+def _restore_refused(stack: DrillStack, other_db: OtherDb, replaced: list[str],
+                     slot: Slot) -> tuple[str, str]:
+    """The baseline with `slot` (v1, running) reading the other database; a snapshot of the
+    runbook's taken and restored: (its restart gate's refusal (exit 5) as text, the
+    snapshot's name)."""
+    stack.reset()
+    make_slot(stack, replaced, slot, V1, other_db.app_url, start=True)
+    answering(stack, slot)
+    assert through_proxy(stack.env) == ("blue", V1.tag)
+    snap = snapshots.create(stack.env, "manual")
+    with pytest.raises(RunbookError) as err:
+        snapshot_restore.restore(stack.env, snap.name)
+    text = str(err.value)
+    assert err.value.exit_code == ExitCode.ATTENTION, text
+    return text, snap.name
+
+
 def test_a_snapshot_restore_restart_gate_refuses_a_slot_reading_another_database(
         scene_stack: DrillStack, other_db: OtherDb, replaced: list[str]) -> None:
     """The baseline (v1 serving blue, schema 1), but blue was made reading another database
@@ -178,16 +195,8 @@ def test_a_snapshot_restore_restart_gate_refuses_a_slot_reading_another_database
     from. Its restart gate now compares and says so (exit 5, as its failed gate), naming
     both numbers."""
     stack = scene_stack
-    stack.reset()
     env = stack.env
-    make_slot(stack, replaced, Slot.BLUE, V1, other_db.app_url, start=True)
-    answering(stack, Slot.BLUE)
-    assert through_proxy(env) == ("blue", V1.tag)
-    snap = snapshots.create(env, "manual")
-    with pytest.raises(RunbookError) as err:
-        snapshot_restore.restore(env, snap.name)
-    text = str(err.value)
-    assert err.value.exit_code == ExitCode.ATTENTION, text
+    text, _ = _restore_refused(stack, other_db, replaced, Slot.BLUE)
     assert "the database was restored" in text and "reports schema 0" in text, text
     assert "restored" in text and "is at 1" in text and "another database" in text, text
     # said as it is: blue runs and serves (never "the app slots are stopped"), and where the
@@ -235,16 +244,8 @@ def test_a_snapshot_restore_names_a_standby_reading_another_database_as_a_standb
     stops and starts both: green is said to run as a standby (Caddy points at blue), blue
     named as started again, and the fix never asks for the restore to be run again."""
     stack = scene_stack
-    stack.reset()
     env = stack.env
-    make_slot(stack, replaced, Slot.GREEN, V1, other_db.app_url, start=True)
-    answering(stack, Slot.GREEN)
-    assert through_proxy(env) == ("blue", V1.tag)
-    snap = snapshots.create(env, "manual")
-    with pytest.raises(RunbookError) as err:
-        snapshot_restore.restore(env, snap.name)
-    text = str(err.value)
-    assert err.value.exit_code == ExitCode.ATTENTION, text
+    text, snap_name = _restore_refused(stack, other_db, replaced, Slot.GREEN)
     assert "slot green reports schema 0" in text, text
     green, blue = env.slot("green").container, env.slot("blue").container
     assert f"{green} runs again (left running as a standby: Caddy points at blue)" in text, text
@@ -255,7 +256,7 @@ def test_a_snapshot_restore_names_a_standby_reading_another_database_as_a_standb
     assert through_proxy(env) == ("blue", V1.tag)
     # the run records read this run as one that left the database restored (its safety
     # snapshot the data from before it): kept, but never said to have been killed
-    rerun = snapshot_restore.restore(env, snap.name, dry_run=True)
+    rerun = snapshot_restore.restore(env, snap_name, dry_run=True)
     [said] = [w for w in rerun.plan.warnings if "the last run was" in w]
     assert "killed during or after its restore, or failed after it" in said, said
     assert "as it is now" in said and "as it left it" not in said, said
