@@ -57,6 +57,13 @@ def test_json_output_carries_the_same_timing(scene_stack: DrillStack) -> None:
     assert 0 < timing["switched_at_s"] < timing["done_in_s"] <= wall + 0.02
 
 
+def _fresh_output(code: str) -> str:
+    """What `code` prints in a new interpreter: what its imports load, unaffected by the
+    modules this test process already holds."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_the_rollback_modules_import_neither_httpx_nor_httpcore_nor_rich() -> None:
     """Each costs the on-call tens of milliseconds (httpx also builds a TLS context per
     client); loopback calls go through runbook.bounded_http on http.client instead."""
@@ -64,9 +71,7 @@ def test_the_rollback_modules_import_neither_httpx_nor_httpcore_nor_rich() -> No
             "from runbook import bounded_http, caddy, deploy, health, rollback, slots, status\n"
             "from runbook import switch\n"
             "print(sorted(m for m in ('httpx', 'httpcore', 'rich') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
+    assert _fresh_output(code) == "[]"
 
 
 @pytest.mark.docker
@@ -101,9 +106,7 @@ def test_the_command_modules_leave_pydantic_to_the_environment_loader() -> None:
             "from runbook import switch, traffic\n"
             "print(sorted(m for m in ('pydantic', 'runbook.environment.schema')"
             " if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
+    assert _fresh_output(code) == "[]"
 
 
 # what `runbook ARGS` builds of the command tree: the click command of each function, by name
