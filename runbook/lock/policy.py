@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import socket
 import stat
 import time
@@ -25,6 +24,7 @@ from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment, command_arg
 from runbook.errors import StateError
+from runbook.state.reader import number_as_text
 from runbook.times import rough_duration
 
 LOCKED_AT = "locked_at"
@@ -292,9 +292,6 @@ def _dated_in_future(ahead: float, basis: str) -> str:
             "back since it was taken, so its age cannot be told")
 
 
-# a pid written as text: ASCII digits only (str.isdigit takes "²"), as the state reader's
-PID_DIGITS = re.compile(r"[0-9]{1,18}")
-
 MIRROR_MATCH = 2.0  # seconds: the mirror's locked_at and the directory's are the same run's
 
 
@@ -530,10 +527,9 @@ def _state_holder(lock: Mapping[str, Any]) -> Holder:
     pid = number("pid")
     # a pid `jq --arg` wrote as text ("48213", which the state reader accepts): read as no
     # pid, a live deploy's lock older than stale_after was taken over (found by review)
-    said = lock.get("pid")
-    as_text = isinstance(said, str) and PID_DIGITS.fullmatch(said) is not None
-    if as_text:
-        pid = int(str(said))
+    as_text = (said := number_as_text(lock.get("pid"))) is not None
+    if said is not None:
+        pid = said
 
     def pairs(key: str) -> frozenset[tuple[datetime, datetime]]:
         found = set()

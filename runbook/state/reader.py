@@ -77,8 +77,8 @@ class _Reader:
         value = obj.get(key)
         if value is None:
             return None
-        if digits and isinstance(value, str) and _DIGITS.fullmatch(value):
-            return int(value)
+        if digits and (as_number := number_as_text(value)) is not None:
+            return as_number
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(f"{where}.{key}",
                             f"expected a non-negative integer, got {_show(value)}",
@@ -95,6 +95,12 @@ class _Reader:
 # A number `jq --arg` wrote as text: ASCII digits only (str.isdigit takes "²" and "٣"), few
 # enough for any tool's integer (and for int(), which refuses thousands of digits).
 _DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def number_as_text(value: object) -> int | None:
+    """The whole number a string of digits holds (a deploy script's `jq --arg`), else None:
+    one rule for the reader's counters and pid and the lock's judge (lock.policy)."""
+    return int(value) if isinstance(value, str) and _DIGITS.fullmatch(value) else None
 
 # What a required string of a deployment holds, and an example: said of one written as null.
 _NEEDS = {
@@ -334,9 +340,9 @@ def _lock(obj: Any, r: _Reader) -> dict[str, Any]:
             data["lock_expires_at"] = go_value
     pid = data.get("pid")
     # `jq --arg`'s pid ("48213") is no reason to refuse the file, and is kept as written:
-    # the lock's judge reads only a number (lock.policy._state_holder), and a dead pid on
-    # this host makes a lock stale at once, so text never becomes a takeover it never was
-    if pid is not None and not (isinstance(pid, str) and _DIGITS.fullmatch(pid)) and (
+    # the lock's judge takes it as proof the holder runs, never that it died
+    # (lock.policy._state_holder), so text never becomes a takeover it never was
+    if pid is not None and number_as_text(pid) is None and (
             isinstance(pid, bool) or not isinstance(pid, int)):
         raise r.fail("lock.pid", f"expected an integer, got {_show(pid)}",
                      "write the holder's process id as a number or remove the key")
