@@ -145,10 +145,11 @@ def load_env(name: str, config: str | None) -> Environment:
 
 def register_known_secrets(env: Environment) -> None:
     """Register the environment's known secrets (the database password, the env file's
-    *PASSWORD and *_SECRET values) before anything prints. Only Journal.open did: `status`
-    and `healthcheck` masked by patterns alone, which stop at `,` `;` `&` or a space
-    (`password=Winter,2025` was printed `password=***,2025`). A broken configuration
-    registers what it can and is reported, with its own error, by whoever uses it."""
+    values redact.holds_secret names: *PASSWORD, *_PASS, *_TOKEN, ...) before anything
+    prints. Only Journal.open did: `status` and `healthcheck` masked by patterns alone,
+    which stop at `,` `;` `&` or a space (`password=Winter,2025` was printed
+    `password=***,2025`). A broken configuration registers what it can and is reported,
+    with its own error, by whoever uses it."""
     from runbook import database
     from runbook.redact import register_secrets
 

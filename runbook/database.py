@@ -189,7 +189,7 @@ def _check_parameters(url: str, variable: str, where: str) -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = redact(reason.split('"')[0].rstrip(" :"), [password_of(url)])
         raise ConfigError(f"{variable} ({where}) is not a URL libpq can read: {reason}",
-                          "write it as postgresql://USER:PASSWORD@HOST:PORT/DB?KEY=VALUE, "
+                          "write it as postgresql://USER:<password>@HOST:PORT/DB?KEY=VALUE, "
                           "percent-encoding the password") from None
 
 
@@ -199,7 +199,7 @@ def _check_encoding(url: str, variable: str, where: str) -> None:
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"{variable} ({where}) is not a postgresql:// URL",
-                          "write it as postgresql://USER:PASSWORD@HOST:PORT/DB")
+                          "write it as postgresql://USER:<password>@HOST:PORT/DB")
     for value in _query_passwords(url):
         cut = sorted({repr(c) for c in value if c in "& \t"})
         if cut:
@@ -310,8 +310,9 @@ def _from_process(env: Environment) -> bool:
 
 
 def known_secrets(env: Environment) -> set[str]:
-    """The database password (every form) and POSTGRES_PASSWORD, for the journal's secret
-    list. Never raises: a broken configuration is reported by whoever uses it.
+    """The database password (every form) and every secret the env file holds (each key
+    redact.holds_secret names), for the journal's secret list. Never raises: a broken
+    configuration is reported by whoever uses it.
 
     The env file's values both as Compose expands them (`POSTGRES_PASSWORD=${PW_HEAD}rest` is
     the password it expands to) and as written, which is what `docker run --env-file` hands
@@ -326,16 +327,34 @@ def known_secrets(env: Environment) -> set[str]:
         if not _misencoded(raw):  # a password kept beside the URL (login_password)
             found |= {login_password(raw)} - {""}
     if env.database.env_file is not None:
-        from runbook.environment import read_env_file
+        import os
+
+        from runbook.environment.model import credential_variables, read_env_entries
+        from runbook.redact import holds_secret
 
         for interpolate in (True, False):
             try:
-                values = read_env_file(env.database.env_file, interpolate=interpolate)
+                entries = read_env_entries(env.database.env_file, interpolate=interpolate)
             except RunbookError:
-                values = {}
+                entries = {}
+            values = {key: entry.value for key, entry in entries.items()}
             found |= secrets_of(values.get(env.database.url_variable, ""))
-            found |= {value for key, value in values.items()
-                      if value and (key.endswith("PASSWORD") or key.endswith("_SECRET"))}
+            # every key holds_secret names (DB_PASS, API_TOKEN, JWT_SECRET_KEY, REDIS_URL
+            # with a password...), not only *PASSWORD and *_SECRET: an app quoting one bare
+            # matched no pattern (found by review)
+            for key, value in values.items():
+                if key != env.database.url_variable and holds_secret(key, value):
+                    found |= {value} | (secrets_of(value) if "://" in value else set())
+            # A `$` in the password that Compose reads as a variable set nowhere: the rest
+            # of the password is that variable's name (the refusal never names it), and a
+            # key the credentials use holding it (DB_PW=pa$word) holds the password
+            for name, holder in credential_variables(env.database.url_variable,
+                                                     entries).items():
+                if name in entries or name in os.environ:
+                    continue
+                found.add(name)
+                if holder != env.database.url_variable:
+                    found |= {entries[holder].written, entries[holder].value} - {""}
     return found
 
 

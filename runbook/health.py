@@ -191,8 +191,12 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
     try:
         body = json.loads(content)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        snippet = (content.decode("utf-8", "replace") if isinstance(content, bytes)
-                   else content).strip()[:80]
+        from runbook.redact import redact
+
+        # masked whole, then cut: cut first, half a URL's password matched no pattern and
+        # no known value, and printed (found by review)
+        snippet = redact((content.decode("utf-8", "replace") if isinstance(content, bytes)
+                          else content).strip())[:80]
         return HealthReport(status=UNHEALTHY, error=f"HTTP {http_status} with a body that is "
                             f"not JSON: {snippet!r}", **base)
     if not isinstance(body, dict):

@@ -20,11 +20,19 @@ from typing import Any
 from runbook.times import format_rfc3339 as format_time
 
 MASK = "***"
+# How a fix writes a URL's password (postgresql://USER:<password>@HOST...): kept by the URL
+# pattern after `USER:`, or the hint read `USER:***@HOST`. A real password written so is a
+# known secret, masked as every known value is.
+PLACEHOLDER = "<password>"
 MIN_SECRET_LENGTH = 4  # shorter known values would mask ordinary words
 STRONG_SECRET_LENGTH = 6  # a known value this long, of mixed kinds, is masked even in a word
 
+# `pass` only as a part of a key's name (DB_PASS, smtp.pass, PGPASS), never inside a word
+# (bypass, passed, compass) nor alone ("checks pass: 3"); Laravel's APP_KEY. Found by review:
+# DB_PASS=... and an app quoting its APP_KEY were printed in clear. Letters only, no `\w`:
+# the env pattern below upper-cases the whole of it.
 _WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key" \
-         r"|credentials?)"
+         r"|app[_-]?key|credentials?|(?<=[_.-])pass(?![a-z])|pgpass(?![a-z]))"
 _QUOTED = r"\"(?:[^\"\\]|\\.)*\"(?=[\s,;}\]]|$)|'[^']*'(?=[\s,;}\]]|$)"
 _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = []
 
@@ -37,7 +45,8 @@ def _quoted_mask(value: str) -> str:
 # scheme:/user:PASSWORD@host, a URL that went through a path (pathlib folds the `//`)
 _PATTERNS.append((
     re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*:/{1,2}[^\s:/]*:)(?P<pw>\S*)@"),
-    lambda m: f"{m['pre']}{MASK}@",
+    lambda m: m[0] if m["pre"].endswith("://USER:") and m["pw"] == PLACEHOLDER
+    else f"{m['pre']}{MASK}@",
 ))
 # POSTGRES_PASSWORD=..., JWT_SECRET="...": env style, the value runs to whitespace
 _PATTERNS.append((
@@ -83,7 +92,7 @@ _PASSWORD_IN_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:[^\s@]+@")
 # libpq takes a password as a key too: in a URL's query string (`...?password=x`) and in a
 # key=value connection string (`host=db password=x`); an empty one holds none
 _PASSWORD_KEY = re.compile(r"(?i)(?:^|[?&\s])(?:ssl)?password\s*=\s*[^\s&]")
-_SECRET_NAME = re.compile(r"(?i)" + _WORDS + r"|authorization")
+_SECRET_NAME = re.compile(r"(?i)" + _WORDS + r"|authorization|^pass(?![a-z])")  # PASS=
 _NAMES_A_PLACE = re.compile(r"(?i)_(?:file|path|dir)$")
 
 
@@ -112,6 +121,10 @@ def register_secrets(*values: str) -> None:
 # longer name or word (`togather` in togather-server-blue, `2025` in 2025-03-01) is that
 # word, not the password.
 _WORD_CHAR = r"[A-Za-z0-9_.-]"
+# ...but an escape one_line() or repr() wrote before it (`\n`, `\x1b`, `\u202e`) ends the
+# word before: `using\nSesame` is a newline and the password (found by review).
+_AFTER_ESCAPE = r"(?<=\\[abfnrtv])|(?<=\\x[0-9a-f]{2})|(?<=\\u[0-9a-f]{4})" \
+                r"|(?<=\\U[0-9a-f]{8})"
 
 
 def _weak(value: str) -> bool:
@@ -154,7 +167,8 @@ def _forms(known: frozenset[str]) -> tuple[tuple[str, ...], re.Pattern[str] | No
     if not weak:
         return tuple(strong), None
     alternatives = "|".join(re.escape(v) for v in sorted(weak, key=len, reverse=True))
-    return tuple(strong), re.compile(f"(?<!{_WORD_CHAR})(?:{alternatives})(?!{_WORD_CHAR})")
+    return tuple(strong), re.compile(f"(?:(?<!{_WORD_CHAR})|{_AFTER_ESCAPE})"
+                                     f"(?:{alternatives})(?!{_WORD_CHAR})")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -557,8 +557,10 @@ def _reference_redact(text: str, known: set[str]) -> str:
                 if anywhere:
                     text = text.replace(form, MASK)
                 else:
-                    text = re.sub(rf"(?<![\w.-]){re.escape(form)}(?![\w.-])", MASK, text,
-                                  flags=re.ASCII)
+                    # an escape one_line() or repr() wrote (`\n`, `\x1b`) is no word
+                    text = re.sub(r"(?:(?<![\w.-])|(?<=\\[abfnrtv])|(?<=\\x[0-9a-f]{2})"
+                                  r"|(?<=\\u[0-9a-f]{4})|(?<=\\U[0-9a-f]{8}))"
+                                  rf"{re.escape(form)}(?![\w.-])", MASK, text, flags=re.ASCII)
     for pattern, replace in module._PATTERNS:
         text = pattern.sub(replace, text)
     return text
@@ -570,7 +572,7 @@ REDACT_FRAGMENTS = ["togather", "2025", "-", ".", "password", "PASSWD", "Secret"
                     " ", "\"", "'", "&", "/", "%40", "u:", "x", "Sup3r-S3cret/Value",
                     "Sup3r-S3cret%2FValue", "abcdefghij", "\\", "\\\\", "\\\"", "\\'",
                     ESCAPED_PASSWORD, repr(ESCAPED_PASSWORD), json.dumps(ESCAPED_PASSWORD),
-                    "ab\\cd", "ab\\\\cd"]
+                    "ab\\cd", "ab\\\\cd", "\\n", "\\x1b"]
 
 
 @settings(max_examples=400, deadline=None)

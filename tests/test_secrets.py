@@ -147,3 +147,61 @@ def test_a_password_in_the_migrate_command_never_prints_with_the_plan(
     text, data = result.plan.render(), json.dumps(result.to_json(), default=str)
     assert "-database" in text and "togather-db:5432" in text, text  # the command is shown
     assert secret not in text and secret not in data
+
+
+# --- a `$` in the password, which Compose reads as a variable ----------------------------------
+
+DOLLAR_PASSWORD = "Xy$Tr0ub4dorHorse9"  # Compose reads `$Tr0ub4dorHorse9` as a variable
+DOLLAR_TAIL = "Tr0ub4dorHorse9"
+
+
+def host_with_dollar_password(stack: DrillStack, tmp_path: Path, through: str) -> Path:
+    """The drill's env file with DOLLAR_PASSWORD written as is (no `$$`) in DATABASE_URL
+    (`url`), or in a key of its own the URL uses (`key`: DB_PW=..., then ${DB_PW} in it)."""
+    if through == "url":
+        return host_with_password(stack, tmp_path, DOLLAR_PASSWORD)
+    url = urlsplit(stack.database_url)
+    lines = [line for line in stack.env_file.read_text().splitlines()
+             if not line.startswith("DATABASE_URL=")]
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join([*lines, f"DB_PW={DOLLAR_PASSWORD}", "DATABASE_URL=postgresql"
+                                   f"://{url.username}:${{DB_PW}}@{url.hostname}:{url.port}"
+                                   f"{url.path}", ""]))
+    env_file.chmod(0o600)
+    env = stack.env.with_(database=replace(stack.env.database, env_file=env_file),
+                          log_dir=tmp_path / "logs", runs_dir=tmp_path / "runs")
+    assert env.database.compose_reads  # the drill has compose: it expands `$...`
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    return source
+
+
+@pytest.mark.parametrize("through", ["url", "key"])
+def test_a_dollar_in_the_password_is_never_named_as_a_variable(
+        stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        through: str) -> None:
+    """Found by review: `postgresql://togather:Xy$Tr0ub4dorHorse9@...` (Compose reads
+    `$Tr0ub4dorHorse9` as a variable, set nowhere) was refused as "uses ${Tr0ub4dorHorse9},
+    ... or export Tr0ub4dorHorse9": the rest of the password in clear in every command's
+    output and in the journal. Still refused (exit 2 where the database is needed, a problem
+    in status), saying the password holds a `$` and to write `$$`; the variable never named."""
+    monkeypatch.delenv(DOLLAR_TAIL, raising=False)
+    source = str(host_with_dollar_password(stack, tmp_path, through))
+    status = runbook("status", source)
+    status_json = runbook("status", source, "--format", "json")
+    snapshot = runbook("snapshot", "create", source)
+    snapshot_json = runbook("snapshot", "create", source, "--format", "json")
+    rollback = runbook("rollback", source, "--yes")
+    procs = (status, status_json, snapshot, snapshot_json, rollback)
+    written = everything_written(tmp_path, *procs)
+    assert "Traceback" not in written
+    assert DOLLAR_TAIL not in written and DOLLAR_PASSWORD not in written, written
+    assert snapshot.returncode == int(ExitCode.USAGE), snapshot.stderr
+    [line] = snapshot.stderr.strip().splitlines()
+    assert "DATABASE_URL" in line and "$$" in line and "Compose" in line, line
+    assert json.loads(snapshot_json.stdout)["exit_code"] == int(ExitCode.USAGE)
+    problems = json.loads(status_json.stdout)["problems"]
+    assert any("$$" in p["fix"] and "DATABASE_URL" in p["problem"] for p in problems), problems
+    # the second layer: whatever else names it (a tool, the journal) has it masked
+    env = envmod.load_file(Path(source))
+    assert DOLLAR_TAIL in database.known_secrets(env)

@@ -478,3 +478,159 @@ def test_the_password_step_says_where_it_leaked_never_what(tmp_path: Path,
     assert str(log) in said and "the terminal" in said, said  # where
     assert "as written" in said and "percent-encoded" in said and "core" in said, said
     assert "0123456789ab" not in said and "Dr1ll" not in said, said  # never what
+
+
+# --- what the app's /health says, cut or escaped, and the env file's other secrets -------------
+
+def host_with_app(tmp_path: Path, port: int, env_text: str) -> Path:
+    """A host whose blue slot is the loopback app on `port` and whose env file is
+    `env_text`."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text)
+    env_file.chmod(0o600)
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, env_file=env_file),
+                    slots={s: dataclasses.replace(c, port=port) if s is Slot.BLUE else c
+                           for s, c in env.slots.items()})
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    return source
+
+
+CUT_PASSWORD = "Dr1ll@7f3a9c2e41bd/%x"  # the drill's shape
+CUT_PREFIX = "panic: runtime error: cannot open the database: postgres://togather:"
+
+
+@pytest.mark.parametrize("command", [
+    ("healthcheck", "--slot", "blue"), ("healthcheck", "--slot", "blue", "--format", "json")])
+def test_a_plain_text_health_body_is_masked_before_it_is_cut(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """Found by review: a /health body that is not JSON was cut to 80 characters, then
+    masked: cut inside the URL, neither its pattern (no `@` left) nor the known password
+    (only half of it left) matched, and that half printed in clear."""
+    from urllib.parse import quote
+
+    encoded = quote(CUT_PASSWORD, safe="")
+    assert 6 < 80 - len(CUT_PREFIX) < len(encoded)  # the cut falls inside the password
+    body = f"{CUT_PREFIX}{encoded}@togather-db:5432/togather (dial tcp: i/o timeout)\n"
+    with serving(503, body.encode(), "text/plain") as port:
+        source = host_with_app(tmp_path, port, f"DATABASE_URL=postgresql://togather:{encoded}"
+                                               "@127.0.0.1:1/togather\n")
+        done = runbook(command[0], str(source), *command[1:])
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in said, said
+    assert "not JSON" in said and "cannot open the database" in said, said  # shown, masked
+    assert encoded[:6] not in said and CUT_PASSWORD[:6] not in said, said
+
+
+WEAK_PASSWORD = "Sesameopensesame"  # all letters: masked only where it stands alone
+
+
+@pytest.mark.parametrize("command", [
+    ("healthcheck", "--slot", "blue"), ("healthcheck", "--slot", "blue", "--format", "json")])
+def test_a_weak_password_after_an_escaped_newline_is_masked(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """Found by review: a weak password is masked only as a whole word, and the health
+    error quotes the body by repr(): `using\\nSesameopensesame`, the `n` of the escape glued
+    to the password, which then printed in clear."""
+    body = f"pq: login rejected for role togather using\n{WEAK_PASSWORD}\n".encode()
+    with serving(503, body, "text/plain") as port:
+        source = host_with_app(tmp_path, port, "DATABASE_URL=postgresql://togather:"
+                                               f"{WEAK_PASSWORD}@127.0.0.1:1/togather\n")
+        done = runbook(command[0], str(source), *command[1:])
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and "login rejected" in said, said
+    assert WEAK_PASSWORD not in said, said
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("using\\nSesameopensesame", "using\\n***"),  # one_line()'s and repr()'s escapes
+    ("a\\tSesameopensesame\\r", "a\\t***\\r"),
+    ("x\\x1bSesameopensesame", "x\\x1b***"),
+    ("\\u202eSesameopensesame", "\\u202e***"),
+    ("xSesameopensesame", "xSesameopensesame"),  # inside a word: that word, as before
+])
+def test_an_escape_before_a_weak_known_value_is_a_boundary(text: str, expected: str) -> None:
+    from runbook.redact import redact
+
+    assert redact(text, {WEAK_PASSWORD}) == expected
+
+
+def test_a_weak_known_value_one_line_escaped_is_masked() -> None:
+    """one_line() (a lock's holder, a tool's words) escapes a newline into `\\n`."""
+    from runbook.redact import one_line, redact
+
+    assert redact(one_line(f"holder\n{WEAK_PASSWORD}"), {WEAK_PASSWORD}) == "holder\\n***"
+
+
+# every name a secret goes by in an env file, and its value as the app quotes it, bare
+ENV_SECRETS = {"DB_PASS": "Db-Pass-7Hq2", "PGPASS": "Pg-Pass-4Rt8", "SMTP_PASS": "Smtp-P-2Wq9",
+               "API_TOKEN": "tok-A1b2C3d4", "JWT_SECRET_KEY": "Jwt-K3y-Zz9",
+               "SMTP_PASSWD": "Smtp-Pw-5t", "APP_KEY": "base64:Qm9vLk3y"}
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_every_secret_the_env_file_names_is_masked_where_the_app_quotes_it(
+        tmp_path: Path, fmt: str) -> None:
+    """Found by review: only keys ending in PASSWORD or _SECRET were registered, so an app's
+    /health quoting its DB_PASS, API_TOKEN, JWT_SECRET_KEY or SMTP_PASSWD (bare, no `key=`
+    for a pattern to find) printed them in clear."""
+    body = json.dumps({"status": "unhealthy", "checks": {"mail": {
+        "status": "fail", "message": "rejected: " + " / ".join(ENV_SECRETS.values())}}})
+    with serving(503, body.encode()) as port:
+        source = host_with_app(tmp_path, port, "DATABASE_URL=postgresql://togather:Db-Pw-9x2Kq"
+                               "@127.0.0.1:1/togather\n" + "".join(
+                                   f"{k}={v}\n" for k, v in ENV_SECRETS.items())
+                               + "SMTP_HOST=mail.example.com\n")
+        done = runbook("healthcheck", str(source), "--slot", "blue", "--format", fmt)
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and "rejected: ***" in said, said
+    assert not [v for v in ENV_SECRETS.values() if v in said], said
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("DB_PASS=hunter22x", "DB_PASS=***"),
+    ("PGPASS=hunter22x SMTP_PASS='a b'", "PGPASS=*** SMTP_PASS='***'"),
+    ("db_pass: hunter22x", "db_pass: ***"),
+    ("--pass hunter22x", "--pass ***"),
+    ("APP_KEY=base64:Qm9v", "APP_KEY=***"),
+    # `pass` a part of a key's name only: never a word that holds it
+    ("tests passed=12 bypass=on compass: north", "tests passed=12 bypass=on compass: north"),
+    ("checks pass: 3 of 3; passes=2", "checks pass: 3 of 3; passes=2"),
+])
+def test_pass_is_a_secrets_name_only_as_a_part_of_a_key(text: str, expected: str) -> None:
+    from runbook.redact import redact
+
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("DB_PASS", True), ("PGPASS", True), ("SMTP_PASS", True), ("APP_KEY", True),
+    ("PASS", True), ("BYPASS_CACHE", False), ("TESTS_PASSED", False), ("PGPASSFILE", False)])
+def test_pass_names_a_secret_in_an_environment_variable(name: str, secret: bool) -> None:
+    from runbook.redact import holds_secret
+
+    assert holds_secret(name, "hunter22x") is secret
+
+
+@pytest.mark.parametrize(("url", "command"), [
+    ("postgresql://togather:Pw-Kq81x@[::1:5432/togather", ("status",)),
+    ("mysql://togather:Pw-Kq81x@127.0.0.1/togather", ("status",)),
+    ("postgresql://127.0.0.1:1/togather", ("snapshot", "create")),
+], ids=["libpq cannot read", "not postgresql", "no user"])
+def test_a_fix_naming_the_urls_form_keeps_its_password_placeholder(
+        tmp_path: Path, url: str, command: tuple[str, ...]) -> None:
+    """The fix said `postgresql://USER:PASSWORD@HOST...`, which the URL pattern masked into
+    `USER:***@HOST`: a placeholder on-call had to guess. `<password>` survives."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DATABASE_URL={url}\n")
+    env_file.chmod(0o600)
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, env_file=env_file))
+    source = tmp_path / "host.toml"
+    source.write_text(envmod.to_toml(env))
+    done = runbook(*command, str(source), "--format", "json")
+    said = done.stdout + done.stderr
+    assert "Pw-Kq81x" not in said, said
+    assert "postgresql://USER:<password>@HOST:PORT/DB" in said, said
+    assert "USER:***@" not in said, said

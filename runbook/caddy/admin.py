@@ -1063,13 +1063,16 @@ def _reload(env: Environment, text: str, command: ReloadCommand) -> None:
 
 
 def _admin_error(answer: Answer) -> str:
+    """Caddy's error, masked before it is cut (a cut secret matches nothing that masks it)."""
+    from runbook.redact import redact
+
     try:
         body: Any = answer.json()
     except ValueError:
-        return answer.text.strip()[:500] or "(empty body)"
+        return redact(answer.text.strip())[:500] or "(empty body)"
     if isinstance(body, dict) and "error" in body:
-        return str(body["error"])[:500]
-    return str(body)[:500]
+        return redact(str(body["error"]))[:500]
+    return redact(str(body))[:500]
 
 
 def write_atomically(path: Path, data: bytes) -> str | None:

@@ -4,6 +4,7 @@ drill stack (which builds them directly). The file format that fills them is sch
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -154,14 +155,14 @@ class DatabaseConfig:
         if self.env_file is None:
             raise ConfigError(f"{self.url_variable} is not set and no env file is configured",
                               f"export {self.url_variable} or set [database] env_file")
-        entry = read_env_entries(self.env_file, interpolate=self.compose_reads
-                                 ).get(self.url_variable)
+        entries = read_env_entries(self.env_file, interpolate=self.compose_reads)
+        entry = entries.get(self.url_variable)
         if entry is None:
             raise ConfigError(f"{self.url_variable} is missing from {self.env_file}",
                               f"add {self.url_variable}=postgresql://... to that file")
         if not entry.resolved:  # Compose would give the app a blank there, or refuse: never
             # probed as if the database were down (that sent on-call to --force)
-            raise unresolved_error(self.env_file, self.url_variable, entry)
+            raise unresolved_error(self.env_file, self.url_variable, entry, entries)
         return entry.value
 
 
@@ -265,11 +266,49 @@ def read_env_file(path: Path, *, errors: str = "strict",
             in read_env_entries(path, errors=errors, interpolate=interpolate).items()}
 
 
-def unresolved_error(path: Path, key: str, entry: EnvEntry) -> ConfigError:
+_REFERENCE = re.compile(r"\$(?:\$|\{?([A-Za-z_][A-Za-z0-9_]*))")  # `$$` is no reference
+
+
+def credential_variables(key: str, entries: Mapping[str, EnvEntry]) -> dict[str, str]:
+    """The variables a URL's `user:password` (between `://` and the last `@`) refers to as
+    written, directly or through the file's keys it uses (`${DB_PW}`, DB_PW=pa$word), each
+    with the key whose value refers to it. A `$` in a password that Compose reads as a
+    variable makes the rest of the password that variable's name: never to be printed."""
+    found: dict[str, str] = {}
+    todo = [key]
+    while todo:
+        holder = todo.pop()
+        entry = entries.get(holder)
+        if entry is None:
+            continue
+        text = entry.written
+        if holder == key:  # the URL itself: its credentials only
+            rest = text.partition("://")[2]
+            text = rest[:rest.rfind("@")] if "@" in rest else ""
+        for match in _REFERENCE.finditer(text):
+            name = match.group(1)
+            if name and name not in found:
+                found[name] = holder
+                todo.append(name)
+    return found
+
+
+def unresolved_error(path: Path, key: str, entry: EnvEntry,
+                     entries: Mapping[str, EnvEntry] | None = None) -> ConfigError:
     """The one-line refusal of a value the runbook must use that Compose's reading leaves
     unresolved: the file, the key and the variable, never the value (it holds secrets). Only
-    reached where Compose reads the file (DatabaseConfig.compose_reads): its words say so."""
+    reached where Compose reads the file (DatabaseConfig.compose_reads): its words say so.
+    A variable in the URL's credentials (`entries`: the file's keys) is not named: most
+    often it is a password's own `$`, and its name the rest of the password (found by
+    review: `Xy$Tr0ub4dor...` printed "uses ${Tr0ub4dor...}" on every command)."""
     name, form = entry.unresolved
+    holder = credential_variables(key, entries or {key: entry}).get(name) if name else None
+    if holder is not None:
+        does = "would make it empty" if form == "" else "refuses it"
+        return ConfigError(f"the user:password in {key} in {path} holds a $ that Compose reads "
+                           f"as a variable, set nowhere here (Compose {does})",
+                           f"write $$ for each literal $ of the password in {holder} in {path}"
+                           f" (a variable meant there: write it above {key}, or export it)")
     if form == "invalid":
         return ConfigError(f"{key} in {path} holds a ${{...}} that Compose cannot read (a name "
                            "that is not a variable name, or an unknown form)",

@@ -760,7 +760,8 @@ def _timeout_from_env_files(env: Environment, read: Mapping[Path, Mapping[str, s
             continue
         seconds = float(said) if _SECONDS.fullmatch(said) else 0.0
         if not 0 < seconds <= MAX_SECONDS:
-            shown = said if len(said) <= 24 else f"{said[:24]}..."
+            shown = redact(said)  # masked before it is cut, as every cut text is
+            shown = shown if len(shown) <= 24 else f"{shown[:24]}..."
             unread = redact(f"HEALTH_WAIT_TIMEOUT={shown} in {file} is not a number of seconds "
                             "above 0 and at most a week: not taken")
             continue

@@ -503,6 +503,9 @@ def _judge_undated_state_lock(env: Environment, lock: Mapping[str, Any], holder:
 
 
 def _shorten(text: str, limit: int = 40) -> str:
+    from runbook.redact import redact
+
+    text = redact(text)  # masked before it is cut: a cut secret matches nothing that masks it
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -87,7 +87,7 @@ def target(env: Environment) -> Target:
 
     variable = env.database.url_variable
     url = database.url(env)  # checked encoding, password registered as a secret
-    fix = (f"write {variable} as postgresql://USER:PASSWORD@HOST:PORT/DB and percent-encode "
+    fix = (f"write {variable} as postgresql://USER:<password>@HOST:PORT/DB and percent-encode "
            "@ % / : in the password (@ -> %40, % -> %25, / -> %2F)")
     try:
         params = conninfo.conninfo_to_dict(url)
