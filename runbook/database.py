@@ -13,10 +13,13 @@ import re
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, RunbookError
+
+if TYPE_CHECKING:
+    from runbook.docker import ContainerInfo
 
 
 class DatabaseError(RunbookError):
@@ -830,3 +833,21 @@ def schema_version(env: Environment) -> SchemaVersion:
                             f"check that {env.database.url_variable} in "
                             f"{env.database.env_file or 'the environment'} names the app's "
                             "database and user") from None
+
+
+def container_down(info: ContainerInfo | None) -> str | None:
+    """`the database container NAME is STATUS` when the container the environment names
+    (`[database] container`, inspected) is paused or stopped: every slot's database is down,
+    not one slot's code; None when it runs, is absent (a database outside Docker) or Docker
+    did not say."""
+    if info is None or not info.exists or info.status not in ("paused", "exited", "created"):
+        return None
+    return f"the database container {info.name} is {info.status}"
+
+
+def container_start(info: ContainerInfo | None) -> str | None:
+    """The command that runs a container_down database again (`docker unpause` a paused
+    one, else `docker start`); None when it is not down."""
+    if info is None or container_down(info) is None:
+        return None
+    return f"docker {'unpause' if info.status == 'paused' else 'start'} {info.name}"

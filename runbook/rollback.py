@@ -121,14 +121,27 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 exc, database.UnknownParameterError)):
             raise  # a misencoded DATABASE_URL is bad input (exit 2), even with --force
         reason = exc.message
+        down, start = _database_stopped(env)
+        if not options.force and start is not None:
+            # both slots read that database: a rollback (forced or not) only moves users
+            # from one release that cannot reach it to another (found by the on-call
+            # walkthrough review: --force did, and marked the release rolled back)
+            raise PreconditionError(
+                f"schema guard: the database schema cannot be read ({reason}): {down}, and "
+                "both slots use that database, so no rollback can help while it is down; "
+                "nothing was changed",
+                f"`{start}`, then `runbook status {command_arg(env)}`: roll back only if the "
+                "release serving is still unhealthy once the database runs") from None
         if not options.force:
             raise PreconditionError(
                 f"schema guard: the database schema cannot be read ({reason}), so nothing "
                 f"tells whether {target.version} can run on it; nothing was changed",
                 (f"{exc.fix}; " if exc.fix else "") + "then run the rollback again, or pass "
-                "--force to roll back the code without the schema check") from None
+                "--force to roll back the code without the schema check (--force cannot help "
+                "if the database is down for both slots: it only skips this check)") from None
         guard.warnings.append(f"schema guard skipped (--force): the database schema cannot "
-                              f"be read ({reason}); {target.version} may not run on it")
+                              f"be read ({reason}); {target.version} may not run on it"
+                              + (f"; {down}: both slots use it, `{start}`" if start else ""))
         guard.details["database schema"] = f"unknown: {reason}"
         guard.details["schema guard"] = "skipped (--force): the schema could not be read"
         return guard
@@ -151,7 +164,9 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         # unless --to goes further back) was dumped at the target's schema
         after = migration_source.successor(env, target, current)
         snap = (snapshots.latest_before(env, recorded, deployment_id=after.id,
-                                        snapshot_path=after.snapshot_path)
+                                        snapshot_path=after.snapshot_path,
+                                        command=None if options.fleet
+                                        else restoring(env, options, None))
                 if options.restore_snapshot == "auto"
                 else snapshots.find(env, options.restore_snapshot))
         if snap is None and recorded is None:
@@ -195,9 +210,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
             f"schema guard NOT checked: the migration version {target.version} ran with is "
             f"unknown ({found.source}). If migrations ran since {target.version} was live, "
             f"it will run on a schema it does not know, and its health check may not notice: "
-            f"answer no, and restore the snapshot taken before them with `runbook rollback "
-            f"{command_arg(env)} --restore-snapshot --snapshot FILE` (`runbook snapshot list "
-            f"{command_arg(env)}`)")
+            f"answer no, and restore the snapshot taken before them with "
+            f"`{restoring(env, options, None)}` (`runbook snapshot list {command_arg(env)}`)")
         guard.details["schema guard"] = "not checked (version not known)"
         return guard
     if not problem and recorded is not None and schema.version < recorded:
@@ -225,17 +239,16 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 f"the snapshot `--restore-snapshot` would pick, {exc.snapshot.name}, is dated "
                 f"{rough_duration(exc.ahead)} in the future: the clock was likely set back "
                 "since it was taken, so which snapshot is the newest cannot be told; name the "
-                "one to restore and roll back in one go with `runbook rollback "
-                f"{command_arg(env)} --restore-snapshot --snapshot FILE` (`runbook snapshot "
-                f"list {command_arg(env)}`), or pass --force to roll back the code "
-                "anyway")) from None
+                f"one to restore and roll back in one go with `{restoring(env, options, None)}` "
+                f"(`runbook snapshot list {command_arg(env)}`), or pass --force to roll back "
+                "the code anyway")) from None
         except snapshots.UnreadSidecarError as exc:  # the refusal stays the schema's too
             raise SchemaRefusal(problem, (
                 f"which snapshot `--restore-snapshot` would pick cannot be told: the sidecar "
                 f"of {exc.snapshot.name} cannot be read ({exc.snapshot.unread}); run as its "
                 f"owner or root, or name the one to restore and roll back in one go with "
-                f"`runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE`, or "
-                "pass --force to roll back the code anyway")) from None
+                f"`{restoring(env, options, None)}`, or pass --force to roll back the code "
+                "anyway")) from None
         if snap is None:
             at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
             moved = (_before_a_move(env, options, recorded, current)
@@ -248,8 +261,10 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                    "by hand, or pass --force to roll back the code anyway")
         else:
             window = snapshots.loss_window(env, snap)
+            # the snapshot named too: `--restore-snapshot` alone picks from the deployment
+            # that replaced the target, which may be another one than this
             fix = (f"restore snapshot {snap.name} and roll back in one go with "
-                   f"`runbook rollback {command_arg(env)} --restore-snapshot` "
+                   f"`{restoring(env, options, snap)}` "
                    f"({window.describe()}), or pass --force to roll back the code anyway")
         raise SchemaRefusal(problem, fix)
     if problem:
@@ -262,15 +277,29 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
     return guard
 
 
-def restoring(env: Environment, options: Options, snap: snapshots.Snapshot) -> str:
-    """This rollback restoring `snap`, as on-call would type it: the command that the
-    refusal of a moved database's snapshot names with --moved-from (verify() adds it)."""
+def _database_stopped(env: Environment) -> tuple[str | None, str | None]:
+    """(what database.container_down says, the command that runs it again) of the database
+    container the environment names; (None, None) when it runs, is absent (a database
+    outside Docker) or Docker does not answer: the schema is unreadable for another reason."""
+    try:
+        info = docker.inspect(env.database.container)
+    except RunbookError:
+        return None, None
+    return database.container_down(info), database.container_start(info)
+
+
+def restoring(env: Environment, options: Options, snap: snapshots.Snapshot | None) -> str:
+    """This rollback restoring `snap` (None: `FILE`, for on-call to choose), as on-call would
+    type it: every fix that names a restoring rollback. Its --to above all: without it the
+    command went to the previous deployment and restored another snapshot (found by the
+    on-call walkthrough review: an outage and a lost row)."""
     from runbook.snapshots.store import snapshot_arg
 
     return " ".join(["runbook rollback", command_arg(env),
                      *(["--to", shlex.quote(options.to)] if options.to else []),
                      *(["--force"] if options.force else []),
-                     "--restore-snapshot", "--snapshot", snapshot_arg(env, snap),
+                     "--restore-snapshot", "--snapshot",
+                     snapshot_arg(env, snap) if snap is not None else "FILE",
                      *(["--end-sessions"] if options.end_sessions else [])])
 
 
@@ -478,6 +507,22 @@ def _other_target(env: Environment, found: tuple[intents.Intent, str] | None,
                                   if target.version == serving else "")
         + "; nothing was changed",
         f"name the one you want: `{again}` (the interrupted one) or {other}")
+
+
+def _past_a_failed_gate(env: Environment, state: states.DeploymentState,
+                        target: states.Deployment, serving: str) -> str:
+    """What a rollback whose target fails its health gate offers next (traffic stays), as
+    features/troubleshooting.feature does: the newest deployment older than the target,
+    named with --to, when the history has one, and a known-good version deployed. Found by
+    the on-call walkthrough review: the failure said only `docker logs`."""
+    deploy = f"deploy a known-good version: {compose.deploy_hint(env, '<known-good version>')}"
+    older = [d for d in state.deployments() if d.deployed_at < target.deployed_at
+             and d.version not in (target.version, serving)]
+    if not older:
+        return f"or {deploy}"
+    back = max(older, key=lambda d: d.deployed_at).version
+    return (f"or roll back further, to {back}: `runbook rollback {command_arg(env)} --to "
+            f"{back}`; or {deploy}")
 
 
 def resume_command(env: Environment, version: str) -> str:
@@ -706,7 +751,11 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
 
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
                            observed=observed, early=early, record=intent.record,
-                           schema=gate_schema)
+                           schema=gate_schema,
+                           # a failed gate after a restore has its own words (the database
+                           # was replaced): no other version is offered there
+                           way_out=(_past_a_failed_gate(env, state, target, from_version)
+                                    if guard.restore is None else None))
     recorded = recording.rolled_back(state, intent, target, run_id=run_id)
     after = recording.state_lines(recorded or state)
     if recorded is None:

@@ -883,14 +883,17 @@ def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
               observed: Observed | None = None, early: EarlyHealth | None = None,
               record: dict[str, Any] | None = None,
-              schema: health.ExpectedSchema | None = None) -> Step:
+              schema: health.ExpectedSchema | None = None,
+              way_out: str | None = None) -> Step:
     """The health gate; the report's status lands in `observed.health_status` for the state.
     `early`: the slot's health as asked while planning (see EarlyHealth). `record`: the run's
     intent record, given the container the gate proved, which the commit point's write
     carries: a run finishing this one after a kill asks whether it still serves (finish.py).
     `schema`: the version the runbook read for this run, which the slot's reported one must
     equal (health.check_schema): a slot reading another database passed on its own
-    database's answer, and users were served from one the run never checked."""
+    database's answer, and users were served from one the run never checked. `way_out`:
+    added to a failed gate's fix (a rollback's other versions), unless the slot reads
+    another database than the runbook's, which no other version mends."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
 
@@ -919,6 +922,14 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             " (--force: a difference is said, not refused)" if force else "")
 
     def run(ctx: StepContext) -> None:
+        try:
+            gated(ctx)
+        except health.HealthGateError as exc:
+            if way_out and not isinstance(exc, health.SchemaMismatchError):
+                exc.fix = f"{exc.fix}; {way_out}" if exc.fix else way_out
+            raise
+
+    def gated(ctx: StepContext) -> None:
         if force:
             # Not gated on health, but traffic never goes to a slot that does not answer at
             # all (a container still starting, crashed, hung): that would be 502s for nothing

@@ -331,23 +331,20 @@ def database_unreachable(f: Facts) -> Iterator[Problem]:
 
 
 def _database_down(f: Facts) -> str | None:
-    """The database's container is paused or stopped, said."""
-    info = f.database_container
-    if info is None or not info.exists or info.status not in ("paused", "exited", "created"):
-        return None
-    return f"the database container {info.name} is {info.status}"
+    """The database's container is paused or stopped, said (as the rollback's refusal says
+    it: database.container_down)."""
+    return database.container_down(f.database_container)
 
 
 def _database_fix(f: Facts) -> str | None:
     """While the database's container is paused or stopped: starting it again, for the
     database's problem and for every problem whose fix would roll back or switch (every
     slot needs the database: found by review, "roll back" was refused by the schema guard)."""
-    info = f.database_container
-    if _database_down(f) is None or info is None:
+    start = database.container_start(f.database_container)
+    if start is None:
         return None
-    verb = "unpause" if info.status == "paused" else "start"
-    return (f"`docker {verb} {info.name}` first (a rollback or a switch needs the database "
-            f"too), then `runbook status {_arg(f.env)}` again")
+    return (f"`{start}` first (a rollback or a switch needs the database too), then "
+            f"`runbook status {_arg(f.env)}` again")
 
 
 def schema_dirty(f: Facts) -> Iterator[Problem]:

@@ -989,12 +989,41 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
         rollback.rollback(fast)
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
     assert "did not become healthy" in str(err.value) and "app" in str(err.value)
+    # no deployment older than the target: the way out is a known-good version deployed
+    assert compose.deploy_hint(env, "<known-good version>") in str(err.value), err.value
+    assert "--to" not in str(err.value), err.value
     after = snapshot(env)
     assert after["traffic"] == ("green", V2.tag)
     assert after["state"] == before["state"]
     assert after["caddyfile"] == before["caddyfile"]
     assert not after["lock"]
     assert not docker.inspect(env.slot("blue").container).running  # undone: stopped again
+
+
+@pytest.mark.shape_specific
+def test_a_failed_gate_names_the_older_deployment_and_the_known_good_deploy(
+        stack: DrillStack) -> None:
+    """Found by the on-call walkthrough review: a rollback whose target failed its health
+    gate (exit 1, traffic stays) said only `docker logs`, while the troubleshooting feature's
+    way out is another version. v1, a broken build, then v2 (serving): the rollback to the
+    broken build fails its gate and names `runbook rollback ENV --to v1`, the deployment
+    before it, and the deploy of a known-good version."""
+    stack.arrange(scenes.BROKEN_PREVIOUS)
+    env = stack.env
+    before = snapshot(env)
+    # long enough for the broken build's 503 to be seen (test_health_gate_refuses_...)
+    fast = env.with_(health=dataclasses.replace(env.health, timeout=20.0))
+    with pytest.raises(RunbookError) as err:
+        rollback.rollback(fast)
+    said = str(err.value)
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY, said
+    assert "did not become healthy" in said, said
+    assert f"`runbook rollback {command_arg(env)} --to {V1.tag}`" in said, said
+    assert compose.deploy_hint(env, "<known-good version>") in said, said
+    assert "\n" not in err.value.message
+    after = snapshot(env)
+    assert after["traffic"] == before["traffic"] and after["state"] == before["state"]
+    assert not after["lock"]
 
 
 def test_caddy_not_running_is_a_clear_error_and_nothing_changes(stack: DrillStack) -> None:
@@ -1573,6 +1602,8 @@ def test_a_url_libpq_cannot_read_is_a_schema_that_cannot_be_read_and_force_goes_
     said = str(refused.value)
     assert refused.value.exit_code == ExitCode.PRECONDITION, said
     assert "cannot be read" in said and "pool_max_conns" in said and "--force" in said, said
+    # found by the on-call walkthrough review: --force only skips this check
+    assert "--force cannot help if the database is down for both slots" in said, said
     assert stack.password not in said
     assert snapshot(env) == before
     done = rollback.rollback(env, rollback.Options(force=True, reason="pgx url"))
@@ -1613,6 +1644,13 @@ def test_a_restore_pick_dated_in_the_future_is_refused_and_a_named_one_is_not(
         assert f"snapshot {pre.name} is dated " in said and "clock was likely set back" in said
         assert (f"`runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE`"
                 in said), said
+        # found by the on-call walkthrough review: a rollback --to X is named with its --to
+        # (without it the command goes to the previous deployment, whatever X was)
+        for restore in (None, "auto"):
+            with pytest.raises(RunbookError) as named_to:
+                rollback.rollback(env, rollback.Options(to=V1.tag, restore_snapshot=restore))
+            assert (f"`runbook rollback {command_arg(env)} --to {V1.tag} --restore-snapshot "
+                    "--snapshot FILE`" in str(named_to.value)), (restore, named_to.value)
         assert snapshot(env) == before
         named = rollback.rollback(env, rollback.Options(restore_snapshot=pre.name),
                                   dry_run=True)
@@ -3154,6 +3192,86 @@ def test_the_schema_guard_picks_the_snapshot_of_what_serves_not_of_the_files_cur
     shown = step_of(swapped.plan, "preflight").details
     assert shown["restore"] == own[0], shown
     assert shown["schema judged from"].startswith(f"{V3.tag}, which serves"), shown
+
+
+def _restoring_rollback(text: str) -> list[str]:
+    """The one `runbook rollback ... --restore-snapshot ...` command `text` names, split as
+    the shell splits it when on-call pastes it."""
+    [command] = re.findall(r"`(runbook rollback [^`]*--restore-snapshot[^`]*)`", text)
+    return shlex.split(command)
+
+
+@pytest.mark.shape_specific
+def test_the_schema_guards_refusal_of_a_named_target_names_the_restore_that_goes_there(
+        stack: DrillStack) -> None:
+    """Found by the on-call walkthrough review: `rollback --to v1` (v2's migration ran after
+    v1; v3 serves) was refused, exit 4, with "restore snapshot X and roll back in one go with
+    `runbook rollback ENV --restore-snapshot`": typed as given, that rolled back to v2, the
+    previous deployment, and restored v3's pre-deploy snapshot instead of X (an outage and a
+    lost row in the review). The command named carries `--to v1` and `--snapshot X` (so does
+    the refusal `runbook status` shows, rollback.status_plan); typed as given, it goes to v1
+    with X restored."""
+    if docker_run_host(stack):
+        pytest.skip("the rollback to v1 recreates green, which a docker-run host refuses")
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 (schema 1) before
+    env = stack.env
+    deploy_to(stack, env, "v3")  # its pre-deploy snapshot at schema 2; v3 serves from blue
+    assert through_proxy(env) == ("blue", V3.tag)
+    v2 = states.read_state(env.state_file).find_version(V2.tag)
+    assert v2 is not None
+    # the oracle: v2's pre-deploy snapshot (dumped at v1's schema), by its sidecar's own words
+    [x] = [p.name.removesuffix(".meta.json") + ".sql.gz"
+           for p in env.database.snapshot_dir.glob("*.meta.json")
+           if json.loads(p.read_text()).get("deployment_id") == v2.id]
+    before = snapshot(env)
+    refused = runbook_cli(env, "rollback", "--to", V1.tag, "--yes")
+    assert refused.returncode == ExitCode.PRECONDITION, refused.stderr
+    assert "migrations ran after the target deployment" in refused.stderr, refused.stderr
+    assert f"restore snapshot {x}" in refused.stderr, refused.stderr
+    named = _restoring_rollback(refused.stderr)
+    assert named[:3] == ["runbook", "rollback", *shlex.split(command_arg(env))], named
+    assert named[3:] == ["--to", V1.tag, "--restore-snapshot", "--snapshot", x], named
+    assert snapshot(env) == before
+    with pytest.raises(RunbookError) as planned:  # what status names, when it names it
+        rollback.status_plan(env, V1.tag)
+    assert _restoring_rollback(str(planned.value)) == named, planned.value
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", *named[1:], "--yes"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("green", V1.tag)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (1,)
+    st = states.read_state(env.state_file)
+    assert st.current is not None and st.current.version == V1.tag
+    assert x in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_a_stopped_database_is_refused_naming_its_start_and_never_force(
+        stack: DrillStack) -> None:
+    """Found by the on-call walkthrough review: with the database container stopped, the
+    rollback's refusal (the schema cannot be read) offered --force; both slots read that
+    database, so the forced rollback moved users from one unhealthy release to another and
+    marked v3 rolled back. The refusal names `docker start` of the container and no --force;
+    nothing changed."""
+    env = two_deployments(stack)  # v3 serving blue, v2 stopped on green
+    db = stack.db_container
+    before = snapshot(env)
+    stack.docker("stop", db)
+    try:
+        refused = runbook_cli(env, "rollback", "--yes")
+        state_after = env.state_file.read_bytes()
+    finally:
+        stack.docker("start", db)
+        stack.wait_db()
+    said = refused.stderr
+    assert refused.returncode == ExitCode.PRECONDITION, said
+    assert "the database schema cannot be read" in said, said
+    assert f"the database container {db} is exited" in said, said
+    assert f"`docker start {db}`" in said, said
+    assert "--force" not in said, said
+    assert state_after == before["state"]
+    assert snapshot(env) == before
 
 
 def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_changed(

@@ -665,7 +665,8 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
 def latest_before(env: Environment, migration_version: int | None, *,
                   deployment_id: str | None = None, before: datetime | None = None,
                   snapshot_path: str | None = None,
-                  listed: list[Snapshot] | None = None) -> Snapshot | None:
+                  listed: list[Snapshot] | None = None,
+                  command: str | None = None) -> Snapshot | None:
     """The newest usable snapshot whose database was at `migration_version`.
 
     That is the state a deployment which ran with that version can run on again, with the
@@ -676,10 +677,10 @@ def latest_before(env: Environment, migration_version: int | None, *,
     FutureSnapshotError, and one that a snapshot whose sidecar this user cannot read may
     stand before (the pre-deploy one, or a newer one) UnreadSidecarError: `--snapshot` names
     the one to restore. `listed`: picked from these instead of own_snapshots()
-    (before_a_move).
+    (before_a_move). `command`: the rollback that names one (its --to kept), as the fix says it.
     """
-    fix = (f"name the one to restore: `runbook rollback {command_arg(env)} --restore-snapshot "
-           f"--snapshot FILE` (`runbook snapshot list {command_arg(env)}`)")
+    command = command or f"runbook rollback {command_arg(env)} --restore-snapshot --snapshot FILE"
+    fix = f"name the one to restore: `{command}` (`runbook snapshot list {command_arg(env)}`)"
     listed = own_snapshots(env) if listed is None else listed
 
     def made_for(s: Snapshot) -> bool:
