@@ -1780,16 +1780,20 @@ def _own_dry_run(fleet: DrillFleet, name: str, *args: str) -> str:
     return proc.stdout
 
 
-def _under(text: str, host: str) -> list[str]:
-    """The lines indented under `host`'s "ready" line of a fleet plan, unindented."""
-    lines = [line.rstrip("\r") for line in text.splitlines()]
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"{host}: ready: "))
+def _block(lines: list[str], head: str) -> list[str]:
+    """The lines indented under the first line starting with `head`, unindented."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
     block = []
     for line in lines[start + 1:]:
         if not line.startswith("    "):
             break
         block.append(line[4:])
     return block
+
+
+def _under(text: str, host: str) -> list[str]:
+    """The lines indented under `host`'s "ready" line of a fleet plan, unindented."""
+    return _block([line.rstrip("\r") for line in text.splitlines()], f"{host}: ready: ")
 
 
 @pytest.mark.docker
@@ -2206,6 +2210,111 @@ def test_maintenance_preflight_refuses_a_host_broken_past_its_schema_guard(
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0] + 1,)
     assert [fleet.serving(h.name) for h in fleet.hosts] == before  # never drained
     assert hostlock.status(lock.env) is None
+
+
+def _aged(lines: list[str]) -> list[str]:
+    """Plan lines with the ages in them ("taken 3s ago") masked: two dry runs seconds apart."""
+    return [re.sub(r"\b\d+(\.\d+)?\s*(s|min|h|d|seconds?|minutes?|hours?|days?)\b", "<age>",
+                   line) for line in lines]
+
+
+@pytest.mark.docker
+def test_the_maintenance_dry_run_shows_every_step_the_real_run_takes(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Found by review: `fleet rollback --maintenance --dry-run` (and the real run's prompt)
+    showed the restore's snapshot and one line a host: no drain, none of the restore's own
+    steps, no step (nor from/to) of any host's rollback but a summary of the database host's
+    rollback WITH a restore, which never runs. Plan, then act: the dry run now shows, in
+    the order they run, each host's drain (the containers it stops), the restore on the lock
+    host exactly as `runbook snapshot restore ENV SNAPSHOT --keep-stopped --dry-run` prints
+    it there, then each host's rollback, from what to what, canary first. Then the real
+    run: its journals (the fleet journal, each host's run records and logs) hold no step
+    the dry run did not show. Oracles: the versions the drill deployed, the containers
+    docker says run, the lock host's own restore dry run typed over SSH, the snapshot its
+    state file recorded for the deployment, and the hosts' own journals."""
+    from runbook import state as states
+
+    fleet = fleet_on_v3
+    lock = fleet.hosts[0]
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    with lock.stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")
+    argv = [fleet.runbook_command, "fleet", "rollback", str(fleet.inventory), "--maintenance",
+            "--journal-dir", str(tmp_path)]
+    dry = subprocess.run([*argv, "--dry-run", "--format", "json"], capture_output=True,
+                         text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0, dry.stderr + dry.stdout
+    answer = json.loads(dry.stdout)
+    lines: list[str] = answer["lines"]
+    text = "\n".join(lines)
+
+    # each host's rollback, from the deployed v3 to v2, canary (host1) first, with its steps
+    ready = [i for i, line in enumerate(lines) if re.match(
+        rf"host\d: ready: roll back .* from {v3} \(green\) to {v2} \(blue\)$", line)]
+    assert [lines[i].split(":")[0] for i in ready] == ["host1", "host2", "host3"], text
+    for h in fleet.hosts:
+        shown = _block(lines, f"{h.name}: ready: ")
+        assert any("Switch" in line or "switch" in line for line in shown), (h.name, text)
+        assert (answer["plans"].get(h.name) or {}).get("steps"), (h.name, answer["plans"])
+
+    # each host's drain names what runs there now, and nothing of another host
+    running = {h.name: [c for c in (h.env.slot(s).container for s in Slot)
+                        if _running(c) == "running"] for h in fleet.hosts}
+    drains = [i for i, line in enumerate(lines) if re.match(r"host\d: drain: ", line)]
+    assert [lines[i].split(":")[0] for i in drains] == ["host1", "host2", "host3"], text
+    for h in fleet.hosts:
+        shown = "\n".join(_block(lines, f"{h.name}: drain: "))
+        assert running[h.name] and all(c in shown for c in running[h.name]), (h.name, text)
+        others = {o.env.slot(s).container for o in fleet.hosts if o is not h for s in Slot}
+        assert not any(c in shown for c in others), (h.name, shown)
+
+    # the restore, as the lock host's own `snapshot restore --keep-stopped --dry-run` plans it
+    snap = Path(str(states.read_state(lock.env.state_file).current.snapshot_path)).name
+    own = fleet.ssh("host1", fleet.runbook_command, "snapshot", "restore", "development", snap,
+                    "--keep-stopped", "--dry-run")
+    assert own.returncode == 0, own.stderr + own.stdout
+    own_plan = own.stdout.splitlines()
+    assert own_plan[-1] == "Dry run: nothing was changed.", own_plan
+    restore_at = next(i for i, line in enumerate(lines) if line.startswith("host1: restore: "))
+    assert _aged(_block(lines, "host1: restore: ")) == _aged(own_plan[:-1]), text
+    assert f"runbook snapshot restore {shlex.quote(str(lock.env.source))} {snap} " \
+           "--keep-stopped" in text, text
+    assert max(drains) < restore_at < min(ready), text  # in the order they run
+
+    # the real run: every step its journals hold, the dry run showed
+    records = {h.name: set(h.env.runs_dir.glob("*.json")) for h in fleet.hosts}
+    logs = {h.name: set(h.env.log_dir.glob("*.log")) for h in fleet.hosts}
+    real = subprocess.run([*argv, "--yes", "--format", "json"], capture_output=True, text=True,
+                          timeout=600, check=False, stdin=subprocess.DEVNULL)
+    assert real.returncode == 0, real.stderr + real.stdout
+    record = json.loads(real.stdout)["record"]
+    assert [p["name"] for p in record["phases"]] == ["preflight", "drain", "database",
+                                                     "rollout"], record["phases"]
+    planned = answer["maintenance"]
+    restore_steps = {s["name"] for s in planned["restore"]["steps"]}
+    assert planned["restore"]["host"] == "host1", planned["restore"]
+    ran = {s["name"] for s in record["database"]["restore_run"]["steps"]}
+    assert ran and ran <= restore_steps, (ran, restore_steps)
+    for h in fleet.hosts:
+        rollback_steps = {s["name"] for s in answer["plans"][h.name]["steps"]}
+        done = [json.loads(p.read_text())
+                for p in sorted(set(h.env.runs_dir.glob("*.json")) - records[h.name])]
+        assert sorted(d["action"] for d in done) == (
+            ["rollback", "snapshot-restore"] if h is lock else ["rollback"]), (h.name, done)
+        for d in done:
+            # the run's own bookkeeping, as in a single host's dry run: "plan" is the
+            # planning the dry run is, "unlock" the release of the lock its "lock" step takes
+            names = {s["name"] for s in d["steps"]} - {"plan", "unlock"}
+            shown = rollback_steps if d["action"] == "rollback" else restore_steps
+            assert names <= shown, (h.name, d["action"], names - shown)
+        drained = [e["container"] for e in _drain_logs(h.env, logs[h.name])
+                   if e.get("fleet_run_id") == record["fleet_run_id"] and e.get("container")
+                   and e["message"].startswith("stopped ")]
+        stop_steps = [s for s in planned["drain"][h.name]["steps"]
+                      if s["name"] == "stop-slot" and not s["skip"]]
+        assert drained == [s["details"]["container"] for s in stop_steps] == running[h.name], \
+            (h.name, drained, stop_steps)
+        assert fleet.serving(h.name) == (200, "blue", v2), h.name
 
 
 @pytest.mark.docker

@@ -113,6 +113,8 @@ def rollback_cmd(
                          "plans": {h: None if p is None else
                                    {"summary": p["summary"], "steps": p["steps"]}
                                    for h, p in result.plans.items()},
+                         # the maintenance path's drain and restore, as planned there
+                         "maintenance": _steps_of(result.maintenance),
                          "journal_file": str(result.journal_file or ""),
                          "fleet_lock_release_failed":
                              result.journal.get("fleet_lock_release_failed"),
@@ -121,6 +123,21 @@ def rollback_cmd(
         for line in result.lines:
             echo(line)
     raise typer.Exit(result.exit_code)
+
+
+def _steps_of(maintenance: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The maintenance plans for --format json: each drain's and the restore's summary and
+    steps (as that host's own dry run's JSON has them), the restore's host and command."""
+    if maintenance is None:
+        return None
+
+    def short(plan: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if plan is None else {"summary": plan["summary"], "steps": plan["steps"]}
+
+    restore = maintenance["restore"]
+    return {"drain": {h: short(p) for h, p in maintenance["drain"].items()},
+            "restore": {"host": restore["host"], "command": restore["command"],
+                        **(short(restore["plan"]) or {"summary": None, "steps": None})}}
 
 
 @fleet_app.command("host-check")
@@ -134,6 +151,9 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
                        "before this host rolls back (the maintenance path's other hosts): the "
                        "schema guard's refusal is reported, every other check still runs")
                    ] = False,
+                   end_sessions: Annotated[bool, typer.Option(
+                       "--end-sessions", help="with --restore-snapshot: the fleet's restore "
+                       "ends other sessions on the database, so its plan does too")] = False,
                    take_lock: Annotated[bool, typer.Option(
                        "--take-lock", help="take the fleet lock first (the fleet lock host: "
                        "one SSH round trip for both); needs --fleet-run")] = False,
@@ -158,7 +178,8 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
     from runbook.redact import redact
 
     data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock,
-                           schema_restored_first=schema_restored_first)
+                           schema_restored_first=schema_restored_first,
+                           end_sessions=end_sessions)
     echo(redact(json.dumps(data, default=str)))
     # the first problem's own code (a config error is 2, as its JSON says), else 0
     raise typer.Exit(int(data["problems"][0].get("exit_code", 4)) if data["problems"] else 0)

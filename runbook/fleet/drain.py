@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError
+
+if TYPE_CHECKING:
+    from runbook.plan import Plan
 
 Log = Callable[..., None]
 UNDRAIN_LOCK_WAIT = 20.0  # seconds the undrain waits for a live deploy-lock holder to let go
@@ -78,6 +81,32 @@ def _deploy_lock(env: Environment, why: str, log: Log, notify: Callable[[str], N
                     f"next run takes it over and says so, since {this} has exited")
             log("WARN", left)
             notify(f"{run.WARNING}{left}")
+
+
+def plan(env: Environment) -> Plan:
+    """What `drain` will do on this host, as a plan (read-only): the deploy lock it takes, and
+    each app slot it stops, judged as it judges them (running now); the fleet's maintenance
+    dry run and prompt show it, since the drain is the step that takes the service down."""
+    from runbook import docker
+    from runbook import lock as locks
+    from runbook.plan import Phase, Plan, Step
+
+    held = locks.status(env)
+    steps = [Step("lock", "Take the deploy lock (released when the drain ends: the restore and "
+                  "the rollback that follow take it)",
+                  {"path": str(env.lock_path),
+                   "now": "free" if held is None else held.describe()
+                   + (": would be taken over" if held.stealable else ": refused, exit 3")},
+                  phase=Phase.PREFLIGHT)]
+    for slot in env.slots:
+        name = env.slot(slot).container
+        running = docker.inspect(name).running
+        steps.append(Step("stop-slot", f"Stop the {slot} app slot {name}",
+                          {"container": name, "why": "the shared database is restored next: "
+                           "no app may write to it meanwhile"},
+                          skip=None if running else "not running"))
+    return Plan("fleet-drain", env, f"stop the app slots of {env.display} (THE SERVICE IS "
+                "DOWN on this host until its own rollback starts it)", steps)
 
 
 def drain(env: Environment, *, fleet_run: str = "", holder: str = "",

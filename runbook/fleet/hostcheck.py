@@ -4,17 +4,23 @@ Everything the controller must know before it touches any host, in one JSON obje
 SSH round trip: this runbook's version and fleet protocol, the current deployment, the host's
 deploy lock, the fleet lock, and the single-host rollback's own dry run (state and Caddy read,
 target image present, the standby's state, the schema guard), whose plan (its steps, and as
-`runbook rollback --dry-run` prints it) and refusal are passed on unchanged.
+`runbook rollback --dry-run` prints it) and refusal are passed on unchanged; on the
+maintenance path also the plans of what the fleet runs there before its rollback (its drain,
+and on the database host the restore), each as its own dry run makes it.
 """
 
 from __future__ import annotations
 
 import socket
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook.errors import LockedError, RunbookError
 from runbook.fleet import FLEET_PROTOCOL
+
+if TYPE_CHECKING:
+    from runbook.environment import Environment
+    from runbook.plan import Plan
 
 
 def version() -> str:
@@ -26,7 +32,7 @@ def version() -> str:
 
 def check(env_name: str, config: str | None, to: str | None = None, *,
           restore: bool = False, take_lock: dict[str, Any] | None = None,
-          schema_restored_first: bool = False) -> dict[str, Any]:
+          schema_restored_first: bool = False, end_sessions: bool = False) -> dict[str, Any]:
     """Never raises for a host problem: each is a `problems` line (the controller prints them).
 
     `schema_restored_first` (the maintenance path's hosts other than the database host, whose
@@ -34,7 +40,12 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     reported as before, but every other check of the dry run still runs, and a failure of any
     of them is reported instead (`dry_run.schema_refusal_only` says there was none). Without
     it the dry run stopped at the guard, and a host whose Caddy, reload path or compose was
-    broken passed pre-flight, was drained, and stayed down (found by review).
+    broken passed pre-flight, was drained, and stayed down (found by review). Its plan is
+    sent all the same (`dry_run.steps`, `rendered`): it is what this host's rollback runs.
+
+    `restore` or `schema_restored_first` (the maintenance path) adds `maintenance`: the
+    other plans the fleet runs on this host (`_maintenance`). `end_sessions`: the fleet's
+    restore ends other sessions (`--end-sessions`), so the restore is planned with it.
 
     `take_lock` (the fleet lock host's check: hostlock.take's arguments) takes the fleet lock
     first, in the same SSH round trip; its answer is "fleet_lock_take" (`taken`, or the
@@ -97,6 +108,7 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     try:
         options = rb.Options(to=to, reason="fleet pre-flight",
                              restore_snapshot="auto" if restore else None, fleet=restore,
+                             end_sessions=end_sessions and restore,
                              schema_restored_first=schema_restored_first and not restore)
         result = rb.rollback(env, options, dry_run=True)
     except RunbookError as exc:
@@ -105,21 +117,73 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
         out["dry_run"] = {"ok": False, "error": exc.message, "fix": exc.fix,
                           "exit_code": int(exc.exit_code)}
         return out
-    plan = result.plan.to_json()
-    refused = plan["facts"].get("schema_refusal")
-    if refused:  # the only failure: what the restore resolves (the controller judges it)
-        problems.append({"check": "rollback dry run", "message": refused["error"],
-                         "fix": refused["fix"], "exit_code": 4})
-        out["dry_run"] = {"ok": False, "error": refused["error"], "fix": refused["fix"],
-                          "exit_code": 4, "schema_refusal_only": True}
-        return out
     # the whole plan, for the fleet's dry run and prompt to show what this host's rollback
     # runs: its steps as `runbook rollback --dry-run --format json` has them, and as that
     # dry run prints them (rendered here, by the one renderer; the controller indents it).
     # Optional for the controller: an older host without them is shown by its summary
-    out["dry_run"] = {"ok": True, "summary": plan["summary"], "warnings": plan["warnings"],
-                      "preflight": next((s["details"] for s in plan["steps"]
-                                         if s["name"] == "preflight"), {}),
-                      "facts": plan["facts"], "steps": plan["steps"],
-                      "rendered": result.plan.render()}
+    out["dry_run"] = _shown(result.plan)
+    refused = out["dry_run"]["facts"].get("schema_refusal")
+    if refused:  # the only failure: what the restore resolves (the controller judges it).
+        # Its plan is still sent, its guard step saying the fleet restores the snapshot
+        # first: the maintenance dry run showed no step of this host's rollback (found by
+        # review), and what a dry run shows is what runs
+        problems.append({"check": "rollback dry run", "message": refused["error"],
+                         "fix": refused["fix"], "exit_code": 4})
+        out["dry_run"].update({"ok": False, "error": refused["error"], "fix": refused["fix"],
+                               "exit_code": 4, "schema_refusal_only": True})
+    if restore or schema_restored_first:
+        _maintenance(env, out, problems, to, restore=restore, end_sessions=end_sessions)
     return out
+
+
+def _shown(plan: Plan) -> dict[str, Any]:
+    """A dry run's plan as host-check sends it: its summary, warnings, pre-flight values,
+    facts, steps, and its text as the single-host dry run prints it."""
+    data = plan.to_json()
+    return {"ok": True, "summary": data["summary"], "warnings": data["warnings"],
+            "preflight": next((s["details"] for s in data["steps"]
+                               if s["name"] == "preflight"), {}),
+            "facts": data["facts"], "steps": data["steps"], "rendered": plan.render()}
+
+
+def _maintenance(env: Environment, out: dict[str, Any], problems: list[dict[str, Any]],
+                 to: str | None, *, restore: bool, end_sessions: bool) -> None:
+    """The maintenance path's other plans of this host, each what the fleet then runs here
+    (`maintenance`): its drain (`runbook fleet drain`); on the database host also the restore
+    (`runbook snapshot restore ENV SNAPSHOT --keep-stopped`'s own dry run, of the snapshot its
+    rollback's dry run picked) and the rollback the rollout runs after it, without a restore
+    (dry-run past its schema guard, as on the other hosts). The rollback dry-run above WITH
+    the restore only judges it (the snapshot picked and verified): its plan is not what runs
+    here, and the maintenance dry run showed it instead (found by review)."""
+    from runbook import rollback as rb
+    from runbook import snapshot_restore
+    from runbook.fleet import drain
+
+    plans: dict[str, Any] = {}
+    out["maintenance"] = plans
+    try:
+        plans["drain"] = _shown(drain.plan(env))
+    except RunbookError as exc:
+        problems.append({"check": "drain", "message": exc.message, "fix": exc.fix,
+                         "exit_code": int(exc.exit_code)})
+    snapshot = out["dry_run"].get("preflight", {}).get("restore")
+    if not restore or not out["dry_run"].get("ok") or not snapshot:
+        return  # a refused restore is the dry run's problem, said above
+    try:
+        restoring = snapshot_restore.restore(env, str(snapshot), restart=False, dry_run=True,
+                                             reason="fleet pre-flight",
+                                             end_sessions=end_sessions)
+        plans["restore"] = {**_shown(restoring.plan), "snapshot": str(snapshot)}
+    except RunbookError as exc:
+        problems.append({"check": "snapshot restore dry run", "message": exc.message,
+                         "fix": exc.fix, "exit_code": int(exc.exit_code)})
+        return
+    try:
+        after = rb.rollback(env, rb.Options(to=to, reason="fleet pre-flight",
+                                            schema_restored_first=True), dry_run=True)
+    except RunbookError as exc:
+        problems.append({"check": "rollback dry run (after the restore)",
+                         "message": exc.message, "fix": exc.fix,
+                         "exit_code": int(exc.exit_code)})
+        return
+    plans["rollback"] = _shown(after.plan)

@@ -108,6 +108,8 @@ class FleetResult:
     # each host's plan after pre-flight (`host_plans`): for --format json, as the dry run's
     # text and the prompt show it
     plans: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # the maintenance path's drain and restore as the hosts planned them (maintenance_plans)
+    maintenance: dict[str, Any] | None = None
 
 
 class FleetError(RunbookError):
@@ -748,26 +750,31 @@ def database_phase(checks: dict[str, dict[str, Any]], db_host: str) -> dict[str,
 
 
 def host_plans(checks: dict[str, dict[str, Any]], targets: list[str],
-               rolling: bool) -> dict[str, dict[str, Any] | None]:
+               rolling: bool, db_host: str | None = None) -> dict[str, dict[str, Any] | None]:
     """Each host's own rollback as its host-check's dry run planned it: its summary, and its
     steps (as `runbook rollback --dry-run --format json` has them) with the text that dry run
-    prints (`rendered`), or None for both where they are not what its rollout runs or were
-    not sent: an older host's host-check sends the summary alone (shown as before), and a
-    plan with a restore (the maintenance path's database host, dry-run with it) is not the
-    rollout's `runbook rollback`, which never restores. None for a host with no plan yet (its
-    rollback waits for the maintenance restore). `note`: why an older host's steps are not
-    shown, for its line (found by review: it read like a host with nothing to plan)."""
+    prints (`rendered`), or None for both where they were not sent: an older host's
+    host-check sends the summary alone (shown as before; `note` says why on its line, found
+    by review: it read like a host with nothing to plan). On the maintenance path (not
+    `rolling`) it is the rollback the rollout runs there, after the restore: the dry run
+    past the schema guard's refusal the restore resolves, and on the database host
+    (`db_host`) the one it planned without the restore (`maintenance.rollback`), never the
+    dry run with it that judged the restore (found by review: the maintenance dry run showed
+    no host's steps, and the database host's summary was of a rollback that never runs).
+    None for a host with no plan at all. In `targets` order (the rollout's: pass it)."""
     plans: dict[str, dict[str, Any] | None] = {}
     for h in targets:
         dry = checks[h].get("dry_run", {})
-        if not dry.get("ok"):
+        if not rolling and h == db_host:
+            dry = (checks[h].get("maintenance") or {}).get("rollback") or {}
+        if not (dry.get("ok") or (not rolling and dry.get("schema_refusal_only"))):
             plans[h] = None
             continue
         steps, rendered = dry.get("steps"), dry.get("rendered")
         sent = isinstance(steps, list) and isinstance(rendered, str)
-        shown = rolling and not (dry.get("preflight") or {}).get("restore")
-        own = shown and sent
-        note = None if sent or not shown else (
+        # a plan with a restore is not the rollout's `runbook rollback`, which never restores
+        own = sent and not (dry.get("preflight") or {}).get("restore")
+        note = None if sent else (
             f"its steps are not shown: its runbook {checks[h].get('runbook_version')}, fleet "
             f"protocol {checks[h].get('fleet_protocol')}, sends no plan; upgrade "
             f"togather-runbook there to {hostcheck.version()}, this controller's, to see them")
@@ -850,6 +857,44 @@ def _maintenance_lines(decision: dict[str, Any], count: int) -> list[str]:
             f"(database now {decision.get('database schema')}; "
             f"{decision.get('data-loss window')}), then every host rolls back without a "
             "restore, canary first"]
+
+
+def maintenance_plans(checks: dict[str, dict[str, Any]], targets: list[str],
+                      decision: dict[str, Any], command: str) -> dict[str, Any]:
+    """What the maintenance path runs before the rollout, as the hosts planned it in their
+    host-check (`maintenance`): each host's drain, and the restore on the database host as
+    `command` (`runbook snapshot restore ENV SNAPSHOT --keep-stopped`, which the playbook
+    runs there) plans it in its own dry run. A plan not sent is None (shown as such)."""
+    def sent(host: str, what: str) -> dict[str, Any] | None:
+        plan = ((checks.get(host) or {}).get("maintenance") or {}).get(what)
+        return plan if isinstance(plan, dict) and isinstance(plan.get("rendered"), str) \
+            else None
+
+    return {"drain": {h: sent(h, "drain") for h in targets},
+            "restore": {"host": decision["host"], "command": command,
+                        "plan": sent(decision["host"], "restore")}}
+
+
+def _maintenance_steps(plans: dict[str, Any]) -> list[str]:
+    """The maintenance plan's lines before the rollout's, in the order they run: each host's
+    drain, then the restore on the database host, each plan indented under its line as that
+    host's own dry run prints it; then the header of the rollout's (`_ready_lines`)."""
+    def block(line: str, plan: dict[str, Any] | None) -> list[str]:
+        if plan is None:
+            return [f"{line}: its plan was not sent (upgrade togather-runbook there)"]
+        return [f"{line}: {plan['summary']}",
+                *(f"    {text}" for text in plan["rendered"].splitlines())]
+
+    restore = plans["restore"]
+    lines = ["1. drain every host, all at once (`runbook fleet drain` there): THE SERVICE IS "
+             "DOWN from here"]
+    for host, plan in plans["drain"].items():
+        lines += block(f"{host}: drain", plan)
+    lines.append(f"2. restore the database once, on {restore['host']}: `{restore['command']}`")
+    lines += block(f"{restore['host']}: restore", restore["plan"])
+    lines.append("3. roll back every host without a restore, canary first, in the batches "
+                 "above (each serves again once its own rollback switched it)")
+    return lines
 
 
 def _drain_and_restore(run: PlaybookRun, inventory: Inventory, targets: list[str],
@@ -1565,13 +1610,21 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                              f"({run.join()}); nothing was changed", "run the same command "
                              "again; if it repeats, run the playbook by hand with -vvv",
                              exit_code=ExitCode.PRECONDITION)
+        steps_before: dict[str, Any] | None = None
         if maintenance is not None:
             plan_lines += _maintenance_lines(maintenance, len(targets))
-        plans = host_plans(checks, targets, maintenance is None)
+            command = (f"runbook snapshot restore {args[db_host]} "
+                       f"{shlex.quote(str(maintenance['snapshot']))} --keep-stopped"
+                       + (" --end-sessions" if options.end_sessions else ""))
+            steps_before = maintenance_plans(checks, targets, maintenance, command)
+            plan_lines += _maintenance_steps(steps_before)
+        # in the order the rollout takes them: canary first, then batch by batch
+        plans = host_plans(checks, [h for batch in plan.batches for h in batch],
+                           maintenance is None, db_host)
         shown = _ready_lines(plan_lines, plans, database, maintenance is None)
         if options.dry_run:
             return FleetResult(fleet_run_id, 0, [*shown, "Dry run: nothing was changed."],
-                               plans=plans)
+                               plans=plans, maintenance=steps_before)
         _journal_or_refuse(journal)  # pre-flight decided (and the database judged)
         if confirm is not None and not confirm("\n".join(shown)):
             raise FleetError("not confirmed at the prompt; nothing was changed",
@@ -1588,7 +1641,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
         result = _rollout(run, inventory, plan, fleet_run_id, options, journal, hosts,
                           interrupts, say, go=lambda: run.decide(gate, "go", pins=pins),
                           args=args)
-        result.plans = plans  # what the prompt showed
+        result.plans, result.maintenance = plans, steps_before  # what the prompt showed
         return result
     except KeyboardInterrupt:
         if journal.record.get("rollout_started"):
