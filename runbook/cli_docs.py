@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -18,13 +18,43 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPORT = Path("reports/drill")
 
 
+def _refuse(problem: str) -> NoReturn:
+    """A bad option: one line, exit 2 (usage), before anything is rendered or written."""
+    typer.echo(f"runbook: error: {problem}", err=True)
+    raise typer.Exit(2)
+
+
+def _output_problem(option: str, value: str, *, folder: bool = False) -> str | None:
+    """Why `value` (an output path, a file or with `folder` a folder to write into) cannot be
+    written, or None. A blank one was the working directory (Path("") is "."), a folder or a
+    path under a file an unexpected failure (exit 5) after the first file was already
+    written (found by review)."""
+    from runbook import files
+
+    if not value.strip():
+        return f"{option} is empty: give the path to write (an unset shell variable?)"
+    path = Path(value).expanduser()
+    if (long := files.name_too_long(str(path))) is not None:
+        return f"{option} {files.shortened(value)}: {long}"
+    if not folder and path.is_dir():
+        return f"{option} {path} is a directory: give the file's path (e.g. {path / 'x'})"
+    blocking = files.not_a_folder(path if folder else path.parent)
+    if blocking is not None:
+        return (f"{option} {path}: {blocking} is a file, not a directory: give a path in a "
+                "directory")
+    return None
+
+
 def docs(
-    features: Annotated[Path, typer.Option("--features", help="directory of .feature files")
-                        ] = REPO_ROOT / "features",
-    out: Annotated[Path, typer.Option("--out", help="the Markdown runbook (committed)")
-                   ] = REPO_ROOT / "docs" / "runbook.md",
-    html: Annotated[Path | None, typer.Option(
-        "--html", help="the self-contained HTML runbook [default: reports/runbook.html]")
+    features: Annotated[str, typer.Option("--features", metavar="<path>",
+                                          help="directory of .feature files")
+                        ] = str(REPO_ROOT / "features"),
+    out: Annotated[str, typer.Option("--out", metavar="<path>",
+                                     help="the Markdown runbook (committed)")
+                   ] = str(REPO_ROOT / "docs" / "runbook.md"),
+    html: Annotated[str | None, typer.Option(
+        "--html", metavar="<path>",
+        help="the self-contained HTML runbook [default: reports/runbook.html]")
     ] = None,
     report: Annotated[Path | None, typer.Option(
         "--report", help="a drill report directory (or its report.json): fills in "
@@ -36,9 +66,18 @@ def docs(
     from runbook import docs as docmod
     from runbook import report as reports
 
-    if not features.is_dir():
-        typer.echo(f"runbook: error: {features} is not a directory of .feature files", err=True)
-        raise typer.Exit(2)
+    html_path = Path(html).expanduser() if html else REPO_ROOT / "reports" / "runbook.html"
+    # every output checked before anything is rendered or written: a refusal writes nothing
+    for option, value in (("--out", out), *((("--html", html),) if not check else ())):
+        if value is not None and (problem := _output_problem(option, value)):
+            _refuse(problem)
+    folder = Path(features).expanduser()
+    if not features.strip() or not folder.is_dir():
+        _refuse(f"--features {features!r} is not a directory of .feature files")
+    if not any(folder.glob("*.feature")):  # a runbook of no scenario written over the real one
+        _refuse(f"--features: {folder} holds no .feature file: give the folder of the "
+                "runbook's features (features/)")
+    out_path = Path(out).expanduser()
     data = None
     note = ""
     if report is not None:
@@ -51,22 +90,24 @@ def docs(
         note = (f"drill report of {data.get('finished_at') or data.get('started_at')} "
                 f"({data.get('environment')})")
     try:
-        markdown, page = docmod.render(features, docmod.STEPS_DIR, data, note)
+        markdown, page = docmod.render(folder, docmod.STEPS_DIR, data, note)
     except ImportError as exc:
         typer.echo(f"runbook: error: {exc}; install the test extras: pip install -e '.[test]'",
                    err=True)
         raise typer.Exit(2) from None
     if check:
-        current = out.read_text(encoding="utf-8") if out.is_file() else ""
+        current = out_path.read_text(encoding="utf-8") if out_path.is_file() else ""
         if current != markdown:
-            typer.echo(f"{out} is stale: run `runbook docs` and commit it", err=True)
+            typer.echo(f"{out_path} is stale: run `runbook docs` and commit it", err=True)
             raise typer.Exit(1)
-        typer.echo(f"{out} is up to date")
+        typer.echo(f"{out_path} is up to date")
         return
-    html_path = html or REPO_ROOT / "reports" / "runbook.html"
-    for path, text in ((out, markdown), (html_path, page)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    for path, text in ((out_path, markdown), (html_path, page)):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:  # what the checks cannot see (permissions, a full disk)
+            _refuse(f"cannot write {path}: {exc.strerror or exc}")
         typer.echo(f"wrote {path}")
 
 
@@ -86,16 +127,21 @@ def _has_target(args: list[str]) -> bool:
 
 def drill(
     ctx: typer.Context,
-    report: Annotated[Path, typer.Option("--report", help="where the drill report goes")
-                      ] = DEFAULT_REPORT,
+    report: Annotated[str, typer.Option("--report", metavar="<path>",
+                                        help="where the drill report goes")
+                      ] = str(DEFAULT_REPORT),
 ) -> None:
     """Run the runbook's features (a drill by default) and write a drill report.
 
     Extra arguments go to pytest, e.g. `runbook drill -k rollback` or `runbook drill --env
     prod --dry-run`. Runs `python -m pytest features/ --report DIR ...` from the repository.
     """
+    # a blank --report was the working directory, a file a pytest INTERNALERROR (found by
+    # review): refused before pytest starts
+    if (problem := _output_problem("--report", report, folder=True)) is not None:
+        _refuse(problem)
     args = [_absolute(a) for a in ctx.args]
-    target = report.expanduser().resolve()
+    target = Path(report).expanduser().resolve()
     argv = [sys.executable, "-m", "pytest"]
     if not _has_target(args):
         argv.append("features/")

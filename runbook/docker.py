@@ -343,7 +343,10 @@ def _sdk_request(method: str, path: str, body: Any, timeout: float) -> tuple[int
 
     api = client().api
     try:
-        answer = api.request(method, f"{api.base_url}{path}", json=body, timeout=timeout)
+        # never followed: a redirect is the engine refusing the name (`send`), and followed
+        # it would answer for another container (`/containers/../x` cleaned to `/x`)
+        answer = api.request(method, f"{api.base_url}{path}", json=body, timeout=timeout,
+                             allow_redirects=False)
     except requests.exceptions.RequestException as exc:
         raise ConnectionError(type(exc).__name__) from None
     return answer.status_code, answer.content
@@ -412,6 +415,15 @@ def send(action: DockerAction, timeout: float = _TIMEOUT) -> bytes:
         raise _NotFound(message)
     if status in action.ok_statuses:
         return content
+    if 300 <= status < 400:
+        # the engine's router cleans `..` and `.` out of a path and redirects (301): the
+        # name was never looked up. Said as "no detail", exit 1 (found by review)
+        raise DockerError(f"docker refused to {what}: {action.target!r} is not a name the "
+                          f"Docker engine takes (it answered HTTP {status}, a redirect: `.` "
+                          "and `..` are path steps, never a name)",
+                          "check the name or image reference (state file, environment file) "
+                          "and `docker ps -a` / `docker images`",
+                          exit_code=ExitCode.PRECONDITION)
     detail = _message(content)
     if 400 <= status < 500:
         raise DockerError(f"docker refused to {what}: {detail}",

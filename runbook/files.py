@@ -274,6 +274,63 @@ def link_refusal(path: Path, what: str, setting: str) -> tuple[str, str] | None:
             "the environment file where the file is, then run again")
 
 
+def shortened(name: str, keep: int = 40) -> str:
+    """`name` cut in the middle past `keep` characters, for a message that quotes it."""
+    return name if len(name) <= keep else f"{name[:keep - 12]}...{name[-9:]}"
+
+
+def _limit(path: Path, name: str, default: int) -> int:
+    """pathconf's `name` (PC_NAME_MAX, PC_PATH_MAX) of the filesystem `path` is on, asked of
+    its nearest existing folder; `default` (Linux's) when none can be asked."""
+    for folder in (path, *path.parents):
+        try:
+            if os.path.isdir(folder):
+                return os.pathconf(folder, name)
+        except (OSError, ValueError):
+            break
+    return default
+
+
+def name_too_long(value: str, *, whole: bool = True) -> str | None:
+    """Why `value`, a path, cannot name a file here, or None: a component longer than the
+    filesystem's NAME_MAX (or, `whole`, the path from the working directory past PATH_MAX).
+    Every file call on it raised "File name too long", which reached the user as an
+    unexpected failure (a bug, found by review) echoing the whole name; shortened here."""
+    path = Path(os.path.abspath(value))
+    name_max = _limit(path, "PC_NAME_MAX", 255)
+    for part in path.parts:
+        if (size := len(os.fsencode(part))) > name_max:
+            return (f"{shortened(part)!r} ({size} bytes) is longer than a file or folder "
+                    f"name may be here ({name_max} bytes): shorten it")
+    path_max = _limit(path, "PC_PATH_MAX", 4096)
+    if whole and (size := len(os.fsencode(str(path)))) >= path_max:  # PATH_MAX counts the final NUL
+        return (f"{shortened(str(path))!r} ({size} bytes) is longer than a path may be here "
+                f"({path_max} bytes): shorten it")
+    return None
+
+
+def not_a_folder(directory: Path) -> Path | None:
+    """What stands where `directory` (a setting's folder, to be made by `mkdir -p`) or a
+    folder on its way should be, when that is not a folder: a file (or a link to nothing).
+    None when every existing part is a folder, or it cannot be told (then the act says)."""
+    probe = Path(os.path.abspath(directory))
+    while True:
+        try:
+            if stat.S_ISDIR(os.stat(probe).st_mode):
+                return None
+            return probe
+        except FileNotFoundError:
+            if os.path.islink(probe):
+                return probe  # a link to nothing: mkdir says "File exists"
+        except NotADirectoryError:
+            pass  # a file further up: found there
+        except OSError:
+            return None
+        if probe.parent == probe:
+            return None
+        probe = probe.parent
+
+
 def set_dir_mode(path: Path, mode: int) -> os.stat_result:
     """Give the directory just made at `path` its `mode` whatever the umask, and return what
     it is (for its identity). Through a descriptor opened without following a symlink: in a

@@ -166,6 +166,8 @@ class Journal:
         folders = [(env.log_dir, "[logs] dir")] + ([(env.runs_dir, "[logs] runs_dir")]
                                                    if record else [])
         for directory, what in folders:
+            if (refused := folder_refusal(env, directory, what)) is not None:
+                raise ConfigError(f"{refused[0]}; nothing was changed", refused[1])
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
@@ -441,6 +443,26 @@ class Journal:
                 if strict:
                     raise
                 self.write_errors.append(f"{self.record_path}: {exc.strerror or exc}")
+
+
+def folder_refusal(env: Environment, directory: Path, key: str) -> tuple[str, str] | None:
+    """(problem, fix) when the journal's folder `directory` (the setting `key`), or a folder
+    on its way, is a file: mkdir said "File exists" and named the key only in its fix, and
+    `status` said nothing of it (found by review). A run refuses with it, `status` lists it."""
+    found = files.not_a_folder(directory)
+    if found is None:
+        return None
+    where = "" if found == Path(os.path.abspath(directory)) else f" ({found} on its way is a file)"
+    return (f"{key} {directory} is not a folder{where}",
+            f"point {key} in {env.source or 'the environment file'} at a folder, or move "
+            f"{found} aside")
+
+
+def folder_problems(env: Environment) -> list[tuple[str, str]]:
+    """`folder_refusal` of [logs] dir and [logs] runs_dir, for `status`."""
+    found = (folder_refusal(env, env.log_dir, "[logs] dir"),
+             folder_refusal(env, env.runs_dir, "[logs] runs_dir"))
+    return [refused for refused in found if refused is not None]
 
 
 def _open_to_all(directory: Path, what: str) -> str | None:

@@ -262,7 +262,10 @@ def held_record(env: Environment, slot: Slot, info: ContainerInfo) -> dict[str, 
     for path in (held_marker(env, slot), legacy_held_marker(env, slot)):
         try:
             record = json.loads(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # a file where its folder should be (runs_dir a file): nothing can be recorded
+            # under it, so none is (found by review: it was "cannot read", fix `docker stop`
+            # of the serving slot); `status` says the folder is a file
             continue
         except (OSError, ValueError) as exc:
             raise PreconditionError(

@@ -1675,7 +1675,9 @@ def collect(env: Environment) -> Facts:
     f.space = disk.rooms(env)
     # what no one may write, root included (`chattr +i`): the host's problem where every run
     # writes, a note for the snapshot folder (only a run taking a snapshot needs it)
-    f.blocked = disk.blocked_problems(env)
+    from runbook import journal
+
+    f.blocked = journal.folder_problems(env) + disk.blocked_problems(env)
     f.access = disk.access_problems(env, snapshot_dir=True) + disk.blocked_problems(
         env, caddyfile=False, records=False, state=False, lock=False, log=False,
         snapshot_dir=True)

@@ -51,12 +51,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Runs before junitxml's and pytest-bdd's configure, so the paths set here count."""
     target = config.getoption("--report", default=None)
-    if not target:
+    if target is None:
         return
+    if not str(target).strip():  # `--report "$DIR"` with DIR unset: never no report quietly
+        raise pytest.UsageError("--report is empty: give the folder to write the report in")
     directory = Path(str(target)).expanduser().resolve()
     if hasattr(config, "workerinput"):  # an xdist worker: records, the controller writes
         config.pluginmanager.register(DrillReport(config, directory, worker=True), PLUGIN_NAME)
         return
+    from runbook import files
+
+    # a file there (or on its way) was an INTERNALERROR traceback from mkdir (found by review)
+    if (blocking := files.not_a_folder(directory)) is not None:
+        raise pytest.UsageError(f"--report {directory}: {blocking} is a file, not a directory: "
+                                "give a folder for the report")
     directory.mkdir(parents=True, exist_ok=True)
     for name in (reports.REPORT_JSON, reports.REPORT_HTML, reports.JUNIT_XML,
                  reports.CUCUMBER_JSON):

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -245,3 +246,51 @@ def test_a_name_no_container_has_is_never_another_containers_id_prefix(
     assert docker.bind_sources(prefix) is None and docker.running_execs(prefix) == []
     with pytest.raises(docker.DockerError, match="does not exist"):
         docker.exec_run(prefix, ["true"])  # would have run in `other`
+
+
+@pytest.mark.parametrize(("call", "name"), [
+    (docker.inspect, "../x"), (docker.inspect, "."), (docker.image_id, "../x:1"),
+    (docker.image_id, "x/../y:1")])
+def test_a_name_the_engine_redirects_is_said_to_be_a_bad_name(
+        call: Callable[[str], object], name: str) -> None:
+    """Found by review: the engine's router cleans `..` and `.` out of a path and answers
+    301 (`/containers/../x/json` -> `/x/json`), which was "docker failed to inspect container
+    '../x': no detail; read `docker info` ...", exit 1. Now the name is said to be one the
+    engine cannot take, exit 4 (a precondition: nothing changed). The real engine answers."""
+    with pytest.raises(docker.DockerError) as raised:
+        call(name)
+    message = str(raised.value)
+    assert raised.value.exit_code == ExitCode.PRECONDITION, message
+    assert f"{name!r} is not a name the Docker engine takes" in message, message
+    assert "no detail" not in message and "docker info" not in message, message
+
+
+REPOSITORIES = ["togather-server", "togather_server", "a__b", "a___b", "a--b", "a.-b",
+                "Togather/server", "togather/Server", "org/togather-server", "localhost/x",
+                "localhost:5000/x", "registry.example.org:5000/togather/server",
+                "Registry.Example.org/togather", "myhost:80/x", "x/", "-x", "x:y/z"]
+# not `../x`: the engine cleans path steps out of the request before it reads a name (the
+# redirect above), so its answer there is about another name
+
+
+@pytest.mark.parametrize("repository", REPOSITORIES)
+def test_the_image_repository_check_agrees_with_the_engine(tmp_path: Path,
+                                                           repository: str) -> None:
+    """`[compose] image_repository` is taken exactly when this engine takes
+    `<repository>:<version>` as a reference (the oracle: `docker image inspect`'s own
+    "invalid reference format", or a plain "No such image")."""
+    engine = subprocess.run(["docker", "image", "inspect", "--", f"{repository}:v1"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert engine.returncode != 0, engine.stdout  # no such image is ever built here
+    valid = "invalid reference format" not in engine.stderr
+    source = tmp_path / "production.toml"
+    source.write_text('name = "production"\n[slots.blue]\ncontainer = "b"\nport = 8081\n'
+                      '[slots.green]\ncontainer = "g"\nport = 8082\n'
+                      f'[compose]\nimage_repository = "{repository}"\n')
+    try:
+        envmod.load(str(source))
+        taken = True
+    except RunbookError as exc:
+        assert "compose.image_repository" in str(exc), str(exc)
+        taken = False
+    assert taken == valid, (repository, engine.stderr)

@@ -743,3 +743,49 @@ def test_unlock_force_clears_the_go_clis_lock_dated_in_the_future(host: Path) ->
     assert env.state_file.read_bytes() == (json.dumps({**doc, "lock": unlocked},
                                                       indent=2) + "\n").encode()
     assert not env.lock_path.exists()
+
+
+def test_a_runs_dir_that_is_a_file_is_said_as_such_by_status_and_a_run(host: Path) -> None:
+    """Found by review: with `[logs] runs_dir` a regular file, status said nothing of it (on a
+    host with a running slot it said "cannot read .../production.green.held-for-h2c ([Errno
+    20] Not a directory)" and offered `docker stop`), and a rollback said mkdir's "File
+    exists". Both now say the key's folder is a file, and how to fix it."""
+    runs = host.parent / "runs"
+    runs.rmdir()
+    runs.write_text("a file, not a folder")
+    problem = f"[logs] runs_dir {runs} is not a folder"
+    code, data, said = status(host)
+    assert code == 1 and data is not None, said
+    found = [p for p in data["problems"] if problem in p["problem"]]  # type: ignore[union-attr, index]
+    assert found and f"point [logs] runs_dir in {host} at a folder" in found[0]["fix"], said
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(host), "--yes"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env=env, check=False, cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stderr
+    assert f"{problem}; nothing was changed" in done.stderr, done.stderr
+    assert "File exists" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert runs.read_text() == "a file, not a folder"
+
+
+def test_a_name_longer_than_the_filesystem_takes_is_a_usage_error(host: Path) -> None:
+    """Found by review: `runbook status <5000 x's>.toml`, and a `[lock] dir` with a 300-byte
+    component, were "unexpected failure ... (a bug in runbook...): OSError: [Errno 36] File
+    name too long", the first echoing all 5000 characters. Exit 2, one line, the name cut."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    long = "x" * 5000
+    host.with_name("long.toml").write_text(
+        host.read_text().replace(f'dir = "{host.parent / "locks"}"',
+                                 f'dir = "{host.parent / ("y" * 300)}"'))
+    for argv, said in ((["status", f"{long}.toml"], "environment file"),
+                       (["status", "production", "--config", f"/tmp/{long}"], "--config"),
+                       (["status", str(host.with_name("long.toml"))], "lock.dir: ")):
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", *argv], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+                              check=False, cwd=REPO_ROOT)
+        assert done.returncode == 2, done.stderr
+        assert said in done.stderr and "is longer than" in done.stderr, done.stderr
+        assert "unexpected failure" not in done.stderr and "x" * 300 not in done.stderr \
+            and "y" * 300 not in done.stderr, done.stderr[:500]

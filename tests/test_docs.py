@@ -310,3 +310,104 @@ def test_the_readme_exit_codes_are_the_ones_the_code_defines() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert exit_codes_markdown() in readme, "README's exit-code table differs from errors.py"
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runbook.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False, cwd=cwd or REPO,
+                          stdin=subprocess.DEVNULL)
+
+
+def _one_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected failure" not in proc.stderr, \
+        proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("runbook: error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("option", "where", "said"), [
+    ("--out", "", "--out is empty"),
+    ("--out", "adir", "is a directory"),
+    ("--out", "afile/runbook.md", "is a file, not a directory"),
+    ("--html", "", "--html is empty"),
+    ("--html", "adir", "is a directory"),
+    ("--html", "afile/runbook.html", "is a file, not a directory"),
+])
+def test_docs_refuses_an_output_path_it_cannot_write_before_writing_anything(
+        sample: tuple[Path, Path], tmp_path: Path, option: str, where: str, said: str) -> None:
+    """Found by review: `--out ''`, a directory or a path under a file was "unexpected
+    failure: IsADirectoryError", exit 5, and with `--html DIR` the Markdown was already
+    written. Exit 2 now, one line naming the option, and neither file written."""
+    features, _ = sample
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("a file")
+    out, page = tmp_path / "runbook.md", tmp_path / "runbook.html"
+    paths = {"--out": str(out), "--html": str(page)}
+    paths[option] = str(tmp_path / where) if where else ""
+    line = _one_error(_cli("docs", "--features", str(features), "--out", paths["--out"],
+                           "--html", paths["--html"]))
+    assert said in line and option in line, line
+    assert not out.exists() and not page.exists()
+    assert (tmp_path / "afile").read_text() == "a file" and not any((tmp_path / "adir").iterdir())
+    if option == "--out" and where:  # --check reads --out: refused the same way
+        assert said in _one_error(_cli("docs", "--features", str(features), "--out",
+                                       paths["--out"], "--check"))
+
+
+def test_docs_refuses_a_features_folder_without_feature_files(tmp_path: Path) -> None:
+    """Found by review: `--features` at a folder with no .feature file wrote a runbook with
+    no scenario over --out, exit 0."""
+    empty = tmp_path / "features"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a feature")
+    out = tmp_path / "runbook.md"
+    out.write_text("the committed runbook")
+    line = _one_error(_cli("docs", "--features", str(empty), "--out", str(out),
+                           "--html", str(tmp_path / "runbook.html")))
+    assert f"{empty} holds no .feature file" in line, line
+    assert out.read_text() == "the committed runbook"
+    assert not (tmp_path / "runbook.html").exists()
+
+
+@pytest.mark.parametrize(("where", "said"), [
+    ("", "--report is empty"), ("afile", "is a file, not a directory"),
+    ("afile/report", "is a file, not a directory")])
+def test_drill_refuses_a_report_path_that_is_blank_or_a_file(tmp_path: Path, where: str,
+                                                             said: str) -> None:
+    """Found by review: `runbook drill --report FILE` was a pytest INTERNALERROR traceback
+    (FileExistsError), and `--report ''` wrote the report into the working directory. Exit
+    2 before pytest starts. (The pytest arguments only keep an old runbook from running the
+    drill: it collects, matches nothing.)"""
+    (tmp_path / "afile").write_text("a file")
+    report = str(tmp_path / where) if where else ""
+    line = _one_error(_cli("drill", "--report", report, "--collect-only", "-q", "-k",
+                           "no_scenario_has_this_name", cwd=tmp_path))
+    assert said in line and "--report" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "a file"
+
+
+@pytest.mark.parametrize("where", ["", "afile", "afile/report"])
+def test_pytest_report_option_at_a_file_or_blank_is_a_usage_error(tmp_path: Path,
+                                                                  where: str) -> None:
+    """The plugin's side (`pytest features/ --report FILE`, no `runbook drill` before it):
+    pytest's usage error (exit 4, one ERROR line), never an INTERNALERROR traceback, and a
+    blank one is refused rather than silently writing no report."""
+    import os
+
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "test_one.py").write_text("def test_one() -> None:\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "steps.report_plugin", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), "-q", "--report", str(tmp_path / where) if where else "",
+         "test_one.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        check=False)
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr, proc.stderr
+    assert "--report" in proc.stderr and ("is empty" if not where else "is a file") \
+        in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "test_one.py"]

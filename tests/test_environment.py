@@ -781,3 +781,87 @@ def test_command_arg_names_the_file_that_was_read_as_one_shell_word(
     env = envmod.load("production", config=spaced.name)  # relative, as typed
     monkeypatch.chdir(tmp_path)
     assert loads_the_same(env) == shlex.quote(str(spaced))
+
+
+def _slots(blue: str = "togather-server-blue", green: str = "togather-server-green") -> str:
+    return (f'[slots.blue]\ncontainer = "{blue}"\nport = 8081\n'
+            f'[slots.green]\ncontainer = "{green}"\nport = 8082\n')
+
+
+LONG = "x" * 300  # a file name longer than any Linux filesystem's NAME_MAX (255 bytes)
+
+
+@pytest.mark.parametrize(("toml", "key", "words"), [
+    # found by review: each passed, then the engine answered 301 (its router cleans `..`
+    # and `.` out of /containers/../x/json) and the run said "docker failed ...: no detail",
+    # exit 1; a newline was "is it a Docker engine?", exit 4
+    (_slots(green="../x"), "slots.green.container", "'../x' is not a container name Docker"),
+    (_slots(blue="."), "slots.blue.container", "is not a container name Docker takes"),
+    (_slots(blue="x\\ny"), "slots.blue.container", "'x\\ny' is not a container name Docker"),
+    (_slots(blue="a/b"), "slots.blue.container", "is not a container name Docker takes"),
+    (_slots() + '[database]\ncontainer = "../db"\n', "database.container",
+     "'../db' is not a container name Docker takes"),
+    (_slots() + '[compose]\nimage_repository = "../x"\n', "compose.image_repository",
+     "'../x' is not an image repository Docker takes"),
+    (_slots() + '[compose]\nimage_repository = "Togather/server"\n',
+     "compose.image_repository", "is not an image repository Docker takes"),
+    (_slots() + '[compose]\nimage_repository = "togather-server:latest"\n',
+     "compose.image_repository", "holds a tag or digest: give the repository alone"),
+    (_slots() + '[compose]\nimage_repository = "togather-server@sha256:abc"\n',
+     "compose.image_repository", "holds a tag or digest"),
+    # found by review: a component past NAME_MAX was "unexpected failure ... (a bug in
+    # runbook...): OSError: [Errno 36] File name too long" in status
+    (_slots() + f'[lock]\ndir = "/tmp/{LONG}"\n', "lock.dir", "(300 bytes) is longer than"),
+    (_slots() + f'[logs]\nruns_dir = "runs/{LONG}/x"\n', "logs.runs_dir", "is longer than"),
+])
+def test_names_docker_or_the_filesystem_cannot_take_are_refused_at_load(
+        tmp_path: Path, toml: str, key: str, words: str) -> None:
+    bad = tmp_path / "production.toml"
+    bad.write_text('name = "production"\n' + toml)
+    with pytest.raises(ConfigError) as err:
+        envmod.load(str(bad))
+    message = str(err.value)
+    assert err.value.exit_code == ExitCode.USAGE
+    assert f"{bad}: {key}: " in message and words in message, message
+    assert LONG not in message  # a long name is shown shortened
+    assert "\n" not in message.split("\n  ", 1)[1], message  # the problem: one line
+
+
+@pytest.mark.parametrize("repository", [
+    "togather-server", "togather_server", "togather__server", "togather.server",
+    "org/togather-server", "registry.example.org/togather/server",
+    "registry.example.org:5000/togather/server", "localhost:5000/togather-server",
+    "Registry.Example.org/togather", "ghcr.io/org-x/togather-server"])
+def test_image_repositories_docker_takes_are_taken(tmp_path: Path, repository: str) -> None:
+    """The reference grammar's valid names (distribution/reference: lowercase path
+    components, an optional registry host whose name may hold capitals, and its port)."""
+    path = tmp_path / "production.toml"
+    path.write_text(f'name = "production"\n{_slots()}[compose]\n'
+                    f'image_repository = "{repository}"\n')
+    assert envmod.load(str(path)).compose.image_repository == repository
+
+
+@pytest.mark.parametrize(("blue", "green"), [
+    ("togather-server-blue", "togather-server-green"), ("app_1.blue", "App-2.green"),
+    ("b", "g"), ("a..b", "0-9")])
+def test_container_names_docker_takes_are_taken(tmp_path: Path, blue: str,
+                                                green: str) -> None:
+    path = tmp_path / "production.toml"
+    path.write_text(f'name = "production"\n{_slots(blue, green)}')
+    env = envmod.load(str(path))
+    assert (env.slot("blue").container, env.slot("green").container) == (blue, green)
+
+
+def test_the_readmes_example_environment_file_loads(tmp_path: Path) -> None:
+    """The README's example (its first TOML block, which shows [slots.blue] and says "and
+    [slots.green]") loads: its container names and image repository are valid."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.findall(r"```toml\n(.*?)```", readme, re.S)[0]
+    data = tomllib.loads(block)
+    data["slots"]["green"] = {"container": "togather-server-green",
+                              "service": "togather-green", "port": 8082}
+    env = envmod.from_mapping(data, tmp_path / "production.toml")
+    assert env.compose.image_repository == "togather-server"
+    assert env.database.container == "togather-db"

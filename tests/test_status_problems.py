@@ -2308,3 +2308,27 @@ def test_caddy_and_the_proxy_disagreeing_names_no_slot_to_stop_and_no_command_th
         assert said.split("; nothing was changed")[0] in unclear["problem"], (said, unclear)
         assert "runbook switch" not in json.dumps(problems), problems
         _each_runs(_changing(problems))  # none refuses (none is named: each would)
+
+
+def test_a_runs_dir_that_is_a_file_is_said_never_as_a_held_slot_to_stop(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: with `[logs] runs_dir` a regular file, status read the older h2c
+    record under it for each running slot and said "cannot read .../<env>.green.held-for-h2c
+    ([Errno 20] Not a directory ...)", its fix a `docker stop` of that container (the one
+    serving users). Nothing can be recorded under a file: the problem is the key's folder."""
+    from runbook import environment as envmod
+
+    runs = tmp_path / "runs"
+    runs.write_text("a file, not a folder")
+    toml = tmp_path / "host.toml"
+    toml.write_text(envmod.to_toml(dataclasses.replace(stack.env, runs_dir=runs)))
+    argv = [sys.executable, "-m", "runbook.cli", "status", str(toml), "--format", "json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert "Traceback" not in done.stderr, done.stderr
+    problems = json.loads(done.stdout)["problems"]
+    assert done.returncode == 1, done.stdout
+    found = problem(problems, f"[logs] runs_dir {runs} is not a folder")
+    assert f"point [logs] runs_dir in {toml} at a folder" in found["fix"], found
+    assert "held-for-h2c" not in done.stdout and "docker stop" not in done.stdout, problems
+    assert len(problems) == 1, problems  # the baseline has none

@@ -73,7 +73,9 @@ def find_config(name_or_path: str) -> Path:
                            "pass an existing TOML file or one of: " + ", ".join(ENV_NAMES))
     name = canonical_name(name_or_path)
     if name not in ENV_NAMES:
-        raise ConfigError(f"unknown environment {name_or_path!r}",
+        from runbook.files import shortened
+
+        raise ConfigError(f"unknown environment {shortened(name_or_path)!r}",
                           "use development, staging, production (alias prod) or a .toml path")
     for directory in (SYSTEM_DIR, BUILTIN_DIR):
         candidate = directory / f"{name}.toml"
@@ -92,6 +94,14 @@ def config_path(value: str, shown: str, fix: str) -> Path:
     if "\x00" in value:
         raise ConfigError(f"{shown.replace(value, repr(value))}: holds a NUL character",
                           "write the path without it")
+    from runbook.files import name_too_long, shortened
+
+    if (why := name_too_long(os.path.expanduser(value))) is not None:
+        # every file call raised "File name too long": an unexpected failure (a bug, exit 1)
+        # that echoed the whole name (found by review)
+        problem, _, shorten = why.rpartition(": ")
+        raise ConfigError(f"{shown.replace(value, shortened(value))}: {problem}",
+                          f"{shorten}; {fix}")
     try:
         path = Path(value).expanduser()
     except RuntimeError:  # `~nosuchuser/...`: a bare RuntimeError was exit 5

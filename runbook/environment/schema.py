@@ -121,10 +121,44 @@ def _container_name(value: str) -> str:
     if value.startswith("/"):
         _fail(f"{value!r} starts with '/' (as `docker inspect` prints .Name): write "
               f"{value.lstrip('/')!r}")
+    # Docker's own grammar for a name: `../x` or `.` passed, and the engine's router cleaned
+    # them out of /containers/../x/json (a 301: "no detail", exit 1); a newline was "is it a
+    # Docker engine?" (found by review)
+    if not _CONTAINER.fullmatch(value):
+        _fail(f"{value!r} is not a container name Docker takes (letters, digits, '_', '.' and "
+              "'-', starting with a letter or digit): write the name `docker ps -a` shows")
     return value
 
 
+_CONTAINER = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 ContainerName = Annotated[str, AfterValidator(_container_name)]
+
+# the image reference grammar (distribution/reference): an optional registry host[:port]/,
+# then lowercase path components joined by `/`, each alphanumerics joined by `.`, `_`, `__`
+# or dashes. A first part is a registry host only with a `.` or a port, or as `localhost`,
+# as the engine reads it (`Togather/server` is a path, refused for its capital)
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = (rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+(?::[0-9]+)?|{_DOMAIN_PART}:[0-9]+"
+           r"|localhost)")
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*")
+_NAME_TOTAL_MAX = 255  # the grammar's limit on a repository name
+
+
+def _image_repository(value: str) -> str:
+    """`[compose] image_repository`, to which the runbook appends `:<version>`: a name the
+    engine takes. `../x` passed and every look-up of a build failed as "no detail" (the
+    engine answered 301), `UPPER` as an invalid reference mid-run (found by review)."""
+    _filled(value)
+    if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+        _fail(f"{value!r} holds a tag or digest: give the repository alone (the runbook "
+              "appends :<version>), e.g. togather-server")
+    if len(value) > _NAME_TOTAL_MAX or not _REPOSITORY.fullmatch(value):
+        _fail(f"{value!r} is not an image repository Docker takes: lowercase letters, "
+              "digits and '.', '_', '-' between them, in parts joined by '/', after an "
+              "optional registry host[:port]/ (e.g. togather-server, "
+              "registry.example.org:5000/togather/server)")
+    return value
 
 
 def _host_name(value: str) -> str:
@@ -262,6 +296,13 @@ def _file_path(value: str) -> str:
         _fail(f"{value!r} names an environment variable that is not set here (it would be a "
               "folder literally named after it, beside the environment file); set it, or "
               "write the path in full")
+    from runbook.files import name_too_long
+
+    # every file call on it was "unexpected failure" (a bug); a relative path's length
+    # counts from the environment file's folder, unknown here: its names alone are judged
+    path = Path(expanded).expanduser()
+    if (why := name_too_long(str(path), whole=path.is_absolute())) is not None:
+        _fail(why)
     return value
 
 
@@ -461,7 +502,8 @@ class ComposeFile(_Table):
     file: FilePath | None = None  # default: STANDARD_COMPOSE_FILE where it exists
     project: Filled | None = None  # default: togather-<name>
     env_file: FilePath | None = None
-    image_repository: Filled = ComposeConfig.image_repository
+    image_repository: Annotated[str, AfterValidator(_image_repository)] = \
+        ComposeConfig.image_repository
     command: DockerCommand = ComposeConfig.command
 
 
