@@ -7,6 +7,7 @@ fast.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,7 @@ def drill(
     if not _has_target(args):
         argv.append("features/")
     argv += ["--report", str(target), *args]
-    typer.echo("+ " + " ".join(argv), err=True)
+    typer.echo("+ " + shlex.join(argv), err=True)
     code = subprocess.run(argv, cwd=REPO_ROOT, check=False).returncode
     if (target / "report.html").is_file():
         typer.echo(f"drill report: {target / 'report.html'}")

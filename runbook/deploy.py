@@ -438,7 +438,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
               "Ctrl-C": slots.RECREATE_CTRL_C},
              run=run_recreate, **slots.recreate_holds(True)),
         Step("migrate", "Run the new version's migrations",
-             {"command": f"docker exec {config.container} {' '.join(env.migrate_command)}",
+             {"command": shlex.join(["docker", "exec", config.container, *env.migrate_command]),
               "Ctrl-C": "acted on once the migrations have ended, so their outcome is known; "
                         "if they moved the schema and the serving slot then fails its health "
                         "check, the run carries on until traffic has moved, then stops (exit "

@@ -75,6 +75,16 @@ class Step:
     clears_doubt: str | None = None
 
 
+_STEP_REF = re.compile(r"\{step:([a-z0-9-]+)\}")
+
+
+def step_number(name: str) -> str:
+    """A step detail's reference to the number the plan gives the step named `name`, filled
+    in where the plan is shown (render, to_json, the journal): a dry run numbers its lock
+    step first and a real run does not, so no number is known when the step is made."""
+    return f"{{step:{name}}}"
+
+
 @dataclass(frozen=True)
 class Stays:
     """What an undo found it cannot undo (an app that migrated itself when it started): the
@@ -193,6 +203,14 @@ class Plan:
     # what the commit point is when no traffic moves (a switch that records what serves)
     commit_point: str | None = None
 
+    def details(self, step: Step) -> dict[str, str]:
+        """`step`'s details, each reference to another step (step_number) as its number."""
+        numbers: dict[str, int] = {}  # as render numbers them: the steps not skipped
+        for number, each in enumerate((s for s in self.steps if not s.skip), 1):
+            numbers.setdefault(each.name, number)
+        return {k: _STEP_REF.sub(lambda m: str(numbers.get(m[1], "?")), v)
+                if isinstance(v, str) else v for k, v in step.details.items()}
+
     def render(self) -> str:
         lines = [f"Plan: {self.summary}", f"Environment: {self.env.display}"
                  + (f" ({self.env.source})" if self.env.source else "")]
@@ -213,8 +231,9 @@ class Plan:
                 marker = f"{index:>2}."
             skipped = f"  [skipped: {step.skip}]" if step.skip else ""
             lines.append(f"{marker} {step.title}{skipped}")
-            width = max((len(k) for k in step.details), default=0)
-            for key, value in step.details.items():
+            details = self.details(step)
+            width = max((len(k) for k in details), default=0)
+            for key, value in details.items():
                 lines.append(f"      {key.ljust(width)}  {value}")
         if self.caddy_diff:
             lines.append("Caddyfile change:")
@@ -231,7 +250,7 @@ class Plan:
             "warnings": self.warnings, "caddy_diff": self.caddy_diff,
             "finishing": self.finishing,
             "steps": [{"name": s.name, "title": s.title, "phase": s.phase.value,
-                       "details": s.details, "skip": s.skip} for s in self.steps],
+                       "details": self.details(s), "skip": s.skip} for s in self.steps],
             "facts": self.facts,
         })
         return data
@@ -496,7 +515,7 @@ class _Execution:
         self.signals.second = None if interruptible or self._carrying else step.second_signal
         try:
             with self.journal.step(step.name, step.title) as record:
-                record.detail(phase=step.phase.value, **step.details)
+                record.detail(phase=step.phase.value, **self.plan.details(step))
 
                 def keep() -> None:
                     record.detail(**{k: str(v) for k, v in ctx.notes.items()})

@@ -264,13 +264,13 @@ def reload_path(env: Environment, *, admin_answered: bool = False) -> str:
         if code != 0:
             where = f" (Caddy sees the Caddyfile as {seen})" if c.container_path else ""
             raise PreconditionError(
-                f"pre-flight: the reload command cannot work: `{' '.join(argv)}` exited "
+                f"pre-flight: the reload command cannot work: `{shlex.join(argv)}` exited "
                 f"{code}: {last}{where}; nothing was changed",
                 "set [caddy] command to a working caddy (e.g. [\"docker\", \"exec\", "
                 "\"<caddy container>\", \"caddy\"]) and [caddy] container_path to the "
                 "Caddyfile's path inside that container")
         command = caddy.reload_command(env)
-        return (f"{' '.join(command.words())}: `{c.command[0]}` runs and reads {seen}"
+        return (f"{command.display()}: `{c.command[0]}` runs and reads {seen}"
                 + (f"; {command.note}" if command.note else ""))
     if shutil.which("systemctl") is None:
         raise PreconditionError("pre-flight: the reload method is systemctl, but systemctl is "
@@ -308,12 +308,13 @@ def compose_path(env: Environment, tag: str | None = None) -> str:
         if code == 0 and "--pull" not in done.stdout:
             code, said = 1, "its `up` has no --pull option (Compose 2.6 or later has)"
     if code != 0:
-        raise PreconditionError(f"pre-flight: `{' '.join(argv)}` exited {code}: {said}; "
+        raise PreconditionError(f"pre-flight: `{shlex.join(argv)}` exited {code}: {said}; "
                                 "nothing was changed",
                                 "install Docker's Compose v2 plugin (2.6 or later) or set "
                                 "[compose] command")
     compose_config(env, tag)
-    return (f"{file} present; `{' '.join(env.compose.command)} up --pull never` runs; "
+    return (f"{file} present; `{shlex.join([*env.compose.command, 'up', '--pull', 'never'])}` "
+            "runs; "
             "`config` reads it" + (f" with {env.compose.env_file}" if env.compose.env_file
                                    else ""))
 
@@ -514,7 +515,7 @@ def migrate_path(env: Environment, image: str) -> str:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   check=False, timeout=60)
             if proc.returncode == 0:
-                return f"{' '.join(env.migrate_command)}: {path} is in {image} {how}{left}"
+                return f"{shlex.join(env.migrate_command)}: {path} is in {image} {how}{left}"
     finally:
         subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, check=False,
                        timeout=_TIMEOUT)

@@ -23,7 +23,7 @@ from runbook import preflight as tool_checks
 from runbook import state as states
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ConfigError, PreconditionError, RunbookError, UsageError
-from runbook.plan import Phase, Plan, Step, StepContext
+from runbook.plan import Phase, Plan, Step, StepContext, step_number
 from runbook.redact import one_line
 from runbook.restore_records import refuse_doubted, restoring_command
 from runbook.run import RunResult, perform, plan_only
@@ -721,6 +721,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         gate_schema = dataclasses.replace(gate_schema, version=lambda: restored_at,
                                           planned=str(restored_at), how="restored")
         warnings += [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
+        warnings += facts["unproven_sessions"]
         early = None  # asked before the restore, which stops the slot: never its gate's
         if prep.action in ("none", "unpause"):  # the restore stops every app slot, the target too
             prep = slots.Preparation(prep.slot, prep.container, prep.image, prep.tag, "start",
@@ -785,7 +786,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
              {"file": str(env.state_file), **after}, run=update_state,
              phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
-                        observed=observed),
+                        observed=observed, down=_down_by_restore(
+                            restore_steps, containers[live].result().up)),
     ]
     summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")
@@ -797,6 +799,19 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     return Plan("rollback", env, summary, steps, warnings, diff, facts=facts,
                 intent=intent, resume_command=resume_command(env, target.version),
                 replaces=finish.replaced(found, intent))
+
+
+def _down_by_restore(restore_steps: list[Step], serving_up: bool) -> str | None:
+    """Why the old serving slot is down by the stop-old-slot step when the rollback
+    restores (None: it does not): the restore's maintenance stop took every app slot down,
+    and nothing starts the old one again. Found by a plan-fidelity review: the plan showed a
+    drain and a `docker stop` there, and the journal said "container: already exited"."""
+    if not restore_steps:
+        return None
+    if not serving_up:
+        return "already down when the run was planned, and the restore leaves it so (no drain)"
+    return (f"already stopped by the restore (no drain: it went down at step "
+            f"{step_number('stop-app-slots')})")
 
 
 def status_plan(env: Environment, to: str | None = None) -> Plan:

@@ -1163,7 +1163,7 @@ class _KeptForForce(Exception):
 
 
 def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True,
-              observed: Observed | None = None) -> Step:
+              observed: Observed | None = None, down: str | None = None) -> Step:
     """`gated`: the run's health gate passed (not --force), so the slot that now serves
     must still answer healthy before this one is stopped (check_still_healthy). A forced
     run (no gate) leaves the old slot running instead when the new one is not healthy: it
@@ -1174,7 +1174,10 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     interrupted run's record says of it (nothing, in a record an older version wrote).
 
     The serving slot is asked whatever state the old one is in (found by review: an old
-    slot already down skipped the question, and both slots dead read "Done", exit 0)."""
+    slot already down skipped the question, and both slots dead read "Done", exit 0).
+    `down`: why the slot is down by the time this step runs (a restore's maintenance stop
+    earlier in the run), said in place of a drain and a stop that will not happen (found by
+    a plan-fidelity review: the plan showed both, the journal "container: already exited")."""
     container = env.slot(slot).container
     action = docker.stop_action(container)
 
@@ -1245,20 +1248,23 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
         ctx.note(container=docker.inspect(container).status
                  + (f" (was {info.status})" if not info.running else ""))
 
+    guard = ("refused if Caddy sends traffic to it at that moment"
+             + f"; kept running if the {slot.other} slot "
+             + ("no longer answers healthy" if gated else
+                "does not answer healthy (forced: its gate was skipped)")
+             + " or is not the container its gate proved (restarted since); "
+               "asked whether the old slot runs or not")
+    details = ({"container": f"{container}: {down}", "guard": guard,
+                "if running again": "(started by hand since) drained and stopped as any old "
+                                    "slot"} if down is not None else
+               {"container": container, "guard": guard,
+                "drain": drain_plan(env, slot),
+                "left running": "instead, when the drain ends with connections still open "
+                                "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
+                                "those never move to the new config (said at the end)",
+                "command": action.display()})
     return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
-                {"container": container,
-                 "guard": "refused if Caddy sends traffic to it at that moment"
-                          + f"; kept running if the {slot.other} slot "
-                          + ("no longer answers healthy" if gated else
-                             "does not answer healthy (forced: its gate was skipped)")
-                          + " or is not the container its gate proved (restarted since); "
-                            "asked whether the old slot runs or not",
-                 "drain": drain_plan(env, slot),
-                 "left running": "instead, when the drain ends with connections still open "
-                                 "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
-                                 "those never move to the new config (said at the end)",
-                 "command": action.display()},
-                run=run, skip=None if enabled else "rollback.stop_old_slot = false",
+                details, run=run, skip=None if enabled else "rollback.stop_old_slot = false",
                 phase=Phase.FINISH)
 
 
@@ -1832,7 +1838,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
         "target": f"{target} -> " + (", ".join(dict.fromkeys(
             f"{u.host}:{sp.target_port}" for u in sp_upstreams if u.host))
             or f"port {sp.target_port}"),
-        "validate": " ".join(sp.validate_command)
+        "validate": caddy.shown(sp.reload, sp.validate_command)
                     + (" (in pre-flight, the same bytes)" if validated is not None else ""),
         "reload": f"{sp.reload}: " + reload_command.display(
             tagged=None if sp.running is None else sp.etag is not None)

@@ -9,6 +9,7 @@ snapshots and never the other way round. `rollback --restore-snapshot` uses `res
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -92,7 +93,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     Starting the target slot afterwards is the caller's step. `facts` is only the plan's
     JSON summary (--format json, reports): restore_snapshot, restore_migration_version,
     privileges_lost (the plan's warning of what other roles lose, or None; the caller shows
-    it), and once known safety_snapshot and restored; no step reads it. `run_id` (this
+    it), unproven_sessions (the plan's warnings of the sessions the runbook cannot tell
+    from the app slots', which the check after the stop may refuse; the caller shows them),
+    and once known safety_snapshot and restored; no step reads it. `run_id` (this
     run's) lets the plan find a previous run killed during or after its own restore
     (`killed_restore`): this run's safety snapshot is then of the database as that run left
     it, and the data from before it is in that run's safety snapshot, which the plan and
@@ -132,8 +135,11 @@ def restore_steps(env: Environment, run: RestoreRun,
     # a full snapshot folder, refused before the stop: found by the dump, the app slots were
     # down by then (users got errors) for a run that could not go on
     room.refuse_without_snapshot_room(env, "the safety snapshot")
-    # a session the check after the stop would refuse, seen now: refused before the stop
-    sessions.refuse_before_stop(env, verified.database, end_sessions)
+    # a session the check after the stop would refuse, seen now: refused before the stop;
+    # one it may refuse (the runbook cannot tell it from the app's) is named in the plan
+    facts["unproven_sessions"] = [
+        sessions.unproven_warning(s, end_sessions)
+        for s in sessions.refuse_before_stop(env, verified.database, end_sessions)]
     facts["privileges_lost"] = (
         f"snapshots keep no owners or GRANTs, nor does the safety snapshot: the restore gives "
         f"back, in its own transaction, what other roles hold now ({taken[1]}), each where "
@@ -327,7 +333,7 @@ def restore_steps(env: Environment, run: RestoreRun,
         if standalone:  # Caddy still dials the slot it served: a switch to it is refused
             fit = [n for n in run.stopped + run.held_down if n not in run.unfit]
             then = (f"start the stopped app containers on the restored database (`docker "
-                    f"start {' '.join(fit) or '<container>'}`, then `runbook healthcheck "
+                    f"start {shlex.join(fit) or '<container>'}`, then `runbook healthcheck "
                     f"{arg}`), "
                     f"or, if their code needs another schema, `runbook rollback {arg}` or "
                     f"{compose.deploy_hint(env, '<known-good>')}")
@@ -378,6 +384,8 @@ def restore_steps(env: Environment, run: RestoreRun,
             ctx.keep_intent()
 
     recorded = snapshot.tables
+    up = {n: i.status for n in containers if (i := docker.inspect(n)).up}
+    serving = _serving_container(env, switch_to)
     # where the sidecar says it was dumped from (the tooling's: the published port)
     meta = snapshot.meta or {}
     dumped_at = f"{meta.get('host') or ''}:{meta.get('port') or ''}"
@@ -405,7 +413,13 @@ def restore_steps(env: Environment, run: RestoreRun,
             "data written since": window,
         }),
         Step("stop-app-slots", "Stop the app slots that use the database (not the database)", {
-            "containers": ", ".join(containers) or "none",
+            # those up now, as the step stops them (found by a plan-fidelity review: one
+            # already exited was listed, which the run never stops)
+            "containers": ", ".join(n if s == "running" else f"{n} ({s})"
+                                    for n, s in up.items()) or "none are running",
+            **({"no drain": (f"{serving}, which serves, goes down here" if serving in up
+                             else "they go down") + " at once, without a drain (a maintenance "
+                            "stop): requests in flight then get errors"} if up else {}),
             "kept running": env.database.container,
             # --keep-stopped: no switch and no start follows (found by review: it said
             # "until the switch", which never comes)
@@ -879,6 +893,20 @@ def _kept_down(killed: dict[str, str] | None, before: SchemaVersion | None,
             "is fixed")
 
 
+def _serving_container(env: Environment, switch_to: Slot | None) -> str | None:
+    """The container of the slot that serves: the other of the rollback's target, else the
+    one Caddy's running config sends to (None: Caddy cannot be read)."""
+    from runbook import traffic
+
+    if switch_to is not None:
+        return env.slot(switch_to.other).container
+    try:
+        serving = traffic.read(env, proxy=False).slot
+    except RunbookError:
+        return None
+    return env.slot(serving).container if serving is not None else None
+
+
 def _serving_but_stopped(env: Environment) -> str | None:
     """The container of the slot Caddy's running config serves, when it is not running."""
     from runbook import docker, traffic
@@ -928,8 +956,6 @@ def _refuse_other_schema(env: Environment, run: RestoreRun) -> None:
     database's schema now is only the fallback when none is recorded: after a failed deploy
     or a lost volume it is not the serving code's, and a restore of its pre-deploy snapshot
     is the way back."""
-    import shlex
-
     from runbook import docker, traffic
     from runbook import state as states
 
@@ -966,8 +992,6 @@ def _unfit_standby(env: Environment, run: RestoreRun) -> dict[str, str]:
     would pass its gate). They are left stopped, as `stop_old_slot = true` leaves a standby.
     Refused before any change (PreconditionError) when that is not known to be safe: another
     site outside the slot markers proxies to it, or Caddy cannot tell which slot serves."""
-    import shlex
-
     from runbook import docker, traffic
 
     at = SchemaVersion(run.verified.migration_version, run.verified.dirty)
@@ -1021,6 +1045,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
                               end_sessions=end_sessions, keep_stopped=not restart)
         warnings = [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
+        warnings += facts["unproven_sessions"]
         if facts.get("earlier_safety_snapshot"):
             # "killed" alone was untrue of a run that ended exit 5 at its restart gate,
             # its slots serving since (found by review): its record is read the same way

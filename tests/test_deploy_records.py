@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -328,3 +329,32 @@ def test_a_rollbacks_log_names_the_deployment_it_makes_current(stack: DrillStack
     planned = next(i for i, e in enumerate(logged)
                    if e.get("step") == "plan" and e.get("event") == "end")
     assert {e["deployment_id"] for e in logged[planned:]} == {target.id}, logged[planned]
+
+
+def test_the_migrate_command_the_plan_shows_is_the_argv_that_runs(stack: DrillStack) -> None:
+    """Found by a plan-fidelity review (every Docker API call logged through a proxy): the
+    plan, the journal and the pre-flight showed the migrate command as its words joined by
+    spaces, so `sh -c "... && echo migrated-ok"` read `docker exec C sh -c python3 ... &&
+    echo migrated-ok`, which typed by hand runs something else. Each is quoted as a shell
+    reads it now: the line splits back to the argv the exec runs, and typed by hand it runs
+    the same migrations."""
+    argv = ("sh", "-c", "python3 /app/server.py migrate up && echo migrated-ok")
+    env = stack.env.with_(migrate_command=argv)
+    green = env.slot("green").container  # the standby the deploy targets
+    wanted = ["docker", "exec", green, *argv]
+    dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+    planned = {s.name: s.details for s in dry.plan.steps}
+    assert shlex.split(planned["migrate"]["command"]) == wanted, planned["migrate"]
+    checked = planned["preflight"]["migrate command"]
+    assert checked.startswith(f"{shlex.join(argv)}: "), checked
+    real = deploy.deploy(env, deploy.Options(version=V2.tag))
+    with stack.connect() as conn:  # the exec ran the whole command: migrated to 2
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (2,)
+    ran = {s.name: s.details for s in real.plan.steps}["migrate"]["command"]
+    [logged] = [e["plan"] for e in log_lines(Path(str(real.log_file))) if "plan" in e
+                and isinstance(e["plan"], dict)]
+    journaled = {s["name"]: s["details"] for s in logged["steps"]}["migrate"]["command"]
+    assert shlex.split(ran) == shlex.split(journaled) == wanted, (ran, journaled)
+    by_hand = subprocess.run(shlex.split(ran), capture_output=True, text=True, check=False,
+                             timeout=60, stdin=subprocess.DEVNULL)  # as on-call would type it
+    assert by_hand.returncode == 0 and "migrated-ok" in by_hand.stdout, by_hand

@@ -3788,3 +3788,61 @@ def test_a_file_caddy_rejects_at_the_switch_step_is_said_in_caddys_words(
     assert f"line 1 of {caddy.seen_by_caddy(env, ping)}" in out + err, out + err
     assert "config/` answers" not in out + err, out + err
     assert through_proxy(env) == ("blue", V3.tag)
+
+
+def test_a_restoring_rollbacks_plan_stops_only_what_runs_and_the_restore_stops_the_old_slot(
+        stack: DrillStack) -> None:
+    """Found by a plan-fidelity review (every Docker API call logged through a proxy): the
+    plan of `rollback --restore-snapshot` listed in "Stop the app slots" a container already
+    exited, which the run never stops, and showed a drain and a `docker stop` of the old
+    serving slot at the end, which the restore had stopped long before (the journal said
+    "container: already exited"). The stop step names only the running containers and
+    says the serving slot goes down there without a drain; the old slot's step says the
+    restore stopped it, at the step the plan numbers, and the run runs exactly those steps."""
+    env = migrated(stack)  # v2 serving from green on schema 2; v1 exited on blue
+    blue, green = env.slot(Slot.BLUE).container, env.slot(Slot.GREEN).container
+    assert docker.inspect(blue).status == "exited" and docker.inspect(green).running
+    options = rollback.Options(restore_snapshot="auto")
+    dry = rollback.rollback(env, options, dry_run=True)
+    planned = {s["name"]: s["details"] for s in dry.plan.to_json()["steps"]}  # as shown
+    stop = planned["stop-app-slots"]
+    assert green in stop["containers"] and blue not in stop["containers"], stop
+    assert any(green in v and "without a drain" in v for v in stop.values()), stop
+    shown = dry.plan.render()
+    [number] = re.findall(r"^ *(\d+)\. Stop the app slots", shown, re.M)
+    old = planned["stop-old-slot"]
+    down = f"already stopped by the restore (no drain: it went down at step {number})"
+    assert down in old["container"] and down in shown, old
+    assert "drain" not in old and "command" not in old, old  # neither happens
+    real = rollback.rollback(env, options)
+    assert through_proxy(env) == ("blue", V1.tag)
+    assert [s.name for s in dry.plan.steps if s.name != "lock"] \
+        == [s.name for s in real.plan.steps] == [o.name for o in real.outcomes]
+    assert all(o.status in ("ok", "done") for o in real.outcomes), real.outcomes
+    assert docker.inspect(green).status == "exited"
+    record = json.loads(Path(str(real.record_file)).read_text())
+    [ended] = [s for s in record["steps"] if s["name"] == "stop-old-slot"]
+    assert ended["detail"]["container"] == "already exited", ended  # never drained or stopped
+    assert "drained" not in ended["detail"], ended
+    [stopped] = [s for s in record["steps"] if s["name"] == "stop-app-slots"]
+    assert stopped["detail"]["stopped"] == green, stopped  # what the plan named, no more
+
+
+def test_a_restoring_rollbacks_plan_names_a_session_it_cannot_tell_from_the_apps(
+        stack: DrillStack) -> None:
+    """The plan-fidelity review's session (tests/test_snapshots.py has the standalone
+    restore's): a client through the database's published port, which the run would refuse
+    only after stopping the serving slot, is named in `rollback --restore-snapshot`'s plan."""
+    import psycopg
+
+    env = migrated(stack)
+    worker = psycopg.connect(stack.database_url, autocommit=True, connect_timeout=3,
+                             application_name="reporting-dashboard")
+    try:
+        pid = worker.info.backend_pid
+        dry = rollback.rollback(env, rollback.Options(restore_snapshot="auto"), dry_run=True)
+        named = [w for w in dry.plan.warnings if f"session {pid} " in w]
+        assert len(named) == 1 and "'reporting-dashboard'" in named[0], dry.plan.warnings
+        assert "--end-sessions" in named[0], named[0]
+    finally:
+        worker.close()

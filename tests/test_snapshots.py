@@ -1938,3 +1938,39 @@ def test_a_session_the_stop_would_not_end_is_refused_before_the_app_stops(
                             sql.Identifier(worker)))
                         break
                     time.sleep(0.1)
+
+
+def test_a_session_the_runbook_cannot_tell_from_the_apps_is_named_in_the_restores_plan(
+        stack: DrillStack) -> None:
+    """Found by a plan-fidelity review: a client connected through the database's published
+    port (seen at Docker's gateway address, which the app slots' NAT could give too) is
+    neither provably the app slots' nor provably another's, so the plan said nothing of it;
+    the real run then stopped the serving slot and only then refused it (exit 1, the app
+    down for seconds, users got errors). The dry run names it now (pid, application, client
+    address), says what the real run does should it still be connected after the stop, and
+    that --end-sessions ends it."""
+    env = stack.env
+    add_items(stack, "before")
+    snap = snapshots.create(env, "dashboard")
+    worker = _worker(stack, "reporting-dashboard")
+    try:
+        pid = worker.info.backend_pid
+        with stack.connect() as conn:  # where Postgres sees it from (the oracle)
+            row = conn.execute("SELECT host(client_addr) FROM pg_stat_activity WHERE pid = %s",
+                               (pid,)).fetchone()
+        assert row is not None and row[0], row
+        client = str(row[0])
+        before = untouched(stack)
+        dry = snapshot_restore.restore(env, snap.name, dry_run=True)
+        named = [w for w in dry.plan.warnings if f"session {pid} " in w]
+        assert len(named) == 1, dry.plan.warnings
+        assert "'reporting-dashboard'" in named[0] and client in named[0], named[0]
+        assert "refused" in named[0] and "--end-sessions" in named[0], named[0]
+        shown = cli("snapshot", "restore", str(env.source), snap.name, "--dry-run")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert f"session {pid} " in shown.stdout and "'reporting-dashboard'" in shown.stdout, \
+            shown.stdout
+        assert untouched(stack) == before  # a dry run: nothing stopped, nothing taken
+        worker.execute("SELECT 1")  # nor ended
+    finally:
+        worker.close()

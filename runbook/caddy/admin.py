@@ -9,11 +9,12 @@ import dataclasses
 import glob
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -151,7 +152,7 @@ def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[
                          "install it or set [caddy] command in the environment file",
                          stage=stage) from None
     except subprocess.TimeoutExpired:
-        raise CaddyError(f"cannot {what}: {' '.join(argv)} did not finish within "
+        raise CaddyError(f"cannot {what}: {shlex.join(argv)} did not finish within "
                          f"{_COMMAND_TIMEOUT:.0f}s", "check that Caddy is responsive",
                          stage=stage) from None
 
@@ -247,6 +248,13 @@ def validate_command(env: Environment, config: Path | str) -> list[str]:
         return ["POST", f"{env.caddy.admin_url}/adapt", "Content-Type: text/caddyfile"]
     return [*env.caddy.command, "validate", "--config", seen_by_caddy(env, config),
             "--adapter", "caddyfile"]
+
+
+def shown(method: ReloadMethod, words: Iterable[str]) -> str:
+    """What validate_command or ReloadCommand.words names, as the plan shows it: an argv
+    quoted as a shell reads it (found by a plan-fidelity review: joined by spaces, an
+    argument holding one read as two), the admin API's request words as they are."""
+    return " ".join(words) if method is ReloadMethod.ADMIN_API else shlex.join(words)
 
 
 def check_imports(env: Environment, text: str) -> None:
@@ -618,8 +626,6 @@ def container_admin_address(listen: object) -> str | None:
 def _no_reload_address(env: Environment, why: str, planning: bool) -> CaddyError:
     """The refusal of a `caddy reload` whose in-container address is not known: when
     planning, exit 4 (nothing changed); in an undo, a failed step as any other."""
-    import shlex
-
     c = env.caddy
     return CaddyError(
         f"`caddy reload` runs inside Caddy's container ([caddy] command "
@@ -725,8 +731,6 @@ def admin_back_fix(env: Environment) -> str:
     (a plain `caddy reload` dials the new file's address, where nothing listens yet). Where
     it listens cannot be told (the file already names admin_url's address, or cannot be
     read): what to check, and the restart that reads the file."""
-    import shlex
-
     from runbook.caddy.text import admin_option
     from runbook.environment import command_arg
 
@@ -787,8 +791,6 @@ def load_advice(env: Environment, running: Any = None) -> str:
     reload` through [caddy] command at the admin address Caddy listens on where that command
     runs (reload_address: in Caddy's container, as its running config `running` says); that
     address unknown, the restart that reads the file."""
-    import shlex
-
     c = env.caddy
     if c.reload is ReloadMethod.SYSTEMCTL:
         return f"`systemctl reload {c.systemd_unit}`"
@@ -911,8 +913,6 @@ class ReloadCommand:
                 return f"{cas}, or, from a Caddy that sends no ETag, {load}"
             return cas if tagged else (f"{load}: this Caddy sends no ETag with its config, so "
                                        "a change loaded after the check would be replaced")
-        import shlex
-
         return shlex.join(self.argv)
 
 
@@ -1057,7 +1057,7 @@ def _reload(env: Environment, text: str, command: ReloadCommand) -> None:
         fix = (f"check {caddy_command.log_command(env)} (Caddy's log)"
                if caddy_command.runs_in_container(env)
                else "check `journalctl -u caddy` or Caddy's log")
-        raise CaddyError(f"{' '.join(argv)} exited {done.returncode}:\n    "
+        raise CaddyError(f"{shlex.join(argv)} exited {done.returncode}:\n    "
                          f"{_tail((done.stdout or '') + (done.stderr or ''))}", fix,
                          stage="reload")
 

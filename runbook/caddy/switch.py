@@ -29,6 +29,7 @@ from runbook.caddy.admin import (
     read,
     reload,
     reload_command,
+    shown,
     validate_command,
     verify,
     write_atomically,
@@ -81,7 +82,7 @@ class SwitchPlan:
     command: ReloadCommand | None = None
 
     def _reload_words(self) -> str:
-        words = " ".join(self.reload_action)
+        words = shown(self.reload, self.reload_action)
         if self.reload is not ReloadMethod.ADMIN_API or self.etag is not None \
                 or self.running is None:
             return words
@@ -99,7 +100,7 @@ class SwitchPlan:
             f"(port {self.target_port})",
             f"  Caddyfile: {self.caddyfile}",
             f"  check:     GET {self.admin_url}/config/ answers 200 (else stop, untouched)",
-            f"  validate:  {' '.join(self.validate_command)}",
+            f"  validate:  {shown(self.reload, self.validate_command)}",
             f"  write:     {self.caddyfile} atomically (previous copy kept beside it)",
             f"  reload:    {self.reload} -> {self._reload_words()}",
             *([f"             ({self.command.note})"] if self.command and self.command.note

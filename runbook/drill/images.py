@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def _run(cmd: list[str], **kw: object) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise ImageError(f"{' '.join(cmd[:3])} failed: " + " | ".join(tail))
+        raise ImageError(f"{shlex.join(cmd[:3])} failed: " + " | ".join(tail))
 
 
 def debian_mirror() -> str:

@@ -8,6 +8,7 @@ report's data; models and renderers never import it.
 from __future__ import annotations
 
 import platform
+import shlex
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,9 +32,9 @@ def _command(argv: list[str], timeout: float = 20) -> str:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"unknown ({' '.join(argv[:3])}: {type(exc).__name__})"
+        return f"unknown ({shlex.join(argv[:3])}: {type(exc).__name__})"
     if proc.returncode != 0:
-        return f"unknown ({' '.join(argv)} exited {proc.returncode}: {_short(proc.stderr)})"
+        return f"unknown ({shlex.join(argv)} exited {proc.returncode}: {_short(proc.stderr)})"
     return _short(proc.stdout or proc.stderr)
 
 

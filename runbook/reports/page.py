@@ -5,6 +5,7 @@ Data is prepared here; all markup is in runbook/templates/report.html.j2 (autoes
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,8 @@ def render_html(data: Mapping[str, Any]) -> str:
         "report.html.j2", title=f"Drill report: {data.get('environment', '?')}",
         css=templating.safe(CSS), started_at=data.get("started_at"),
         finished_at=data.get("finished_at") or "-",
-        command=" ".join(data.get("command") or []), dry_run=bool(data.get("dry_run")),
+        command=shlex.join(str(a) for a in data.get("command") or []),
+        dry_run=bool(data.get("dry_run")),
         attention=attention(data), summary=summary, cards=cards,
         fingerprint=_fingerprint_rows(dict(data.get("fingerprint") or {})),
         ttrs=[{"feature": f["name"], "scenario": s["name"],

@@ -10,7 +10,9 @@ before the safety snapshot (refused, or ended with --end-sessions) and again ins
 restore's own transaction once its DROPs hold every table (refused: rolled back). One the
 first check would refuse that is provably not the app slots' is refused while planning,
 before they stop (refuse_before_stop): stopping them for that refusal was an outage for
-nothing.
+nothing. One the runbook cannot tell from theirs (a client through the published port, seen
+at Docker's gateway address) is named in the plan's warnings instead (`unproven_warning`):
+the check after the stop still refuses it should it outlive the stop.
 
 A session of another role is shown to a user without pg_read_all_stats with its details
 hidden (backend_type too); it is counted, never guessed away: fail closed.
@@ -31,6 +33,7 @@ from runbook.snapshots.commands import RESTORE_APP
 
 WAIT = 5.0  # for the sessions of the containers just stopped, or a probe's, to end
 SETTLE = 0.5  # seen with no other session this long: none is there
+GLANCE = 1.0  # an unproven session still there after this long is named in the plan
 # Every process on this database that a role runs, but ours: client sessions, and background
 # workers that write (a logical replication apply worker, pg_cron's); Postgres's own
 # (autovacuum, the checkpointer) have no role. A walsender only reads (logical decoding).
@@ -164,31 +167,42 @@ def _overlap(one: str, other: str) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def not_the_apps(env: Environment, found: list[Session]) -> list[Session]:
-    """The sessions in `found` that are provably not the app slots' (whose role this user
-    cannot know: the app may connect as another than the runbook's), so stopping them ends
-    none of them: a client address of another running container on Docker's networks, or
-    one inside the database container itself (its Unix socket, shared with no app slot
-    through a mount, or its loopback). Any doubt (its details hidden, an address a NAT or
-    the published port's proxy gives, a namespace shared with the host or a container,
-    Docker unreadable) leaves it out: the check after the stop still fails closed."""
+@dataclass(frozen=True)
+class Judged:
+    """The visible sessions on the database, as the app slots' stop would leave them."""
+
+    not_the_apps: list[Session]  # provably another's: the stop ends none of them
+    # neither an app slot's container's nor provably another's: the stop may end them
+    unproven: list[Session]
+
+
+def judge(env: Environment, found: list[Session]) -> Judged:
+    """`found`'s visible sessions judged by their client address. Provably not the app
+    slots' (whose role this user cannot know: the app may connect as another than the
+    runbook's), so stopping them ends none of them: a client address of another running
+    container on Docker's networks, or one inside the database container itself (its Unix
+    socket, shared with no app slot through a mount, or its loopback). An app slot's: a
+    running slot container's address. Any doubt (an address a NAT or the published port's
+    proxy gives, a namespace shared with the host or a container, Docker unreadable) is
+    unproven: never refused while planning, the check after the stop still fails closed.
+    A session whose details are hidden is in neither list: nothing can be said of it."""
     from runbook import docker
     from runbook.errors import RunbookError
 
     visible = [s for s in found if not s.hidden]
     if not visible:
-        return []
+        return Judged([], [])
     try:
         running = docker.running_containers()
     except RunbookError:
-        return []
+        return Judged([], visible)
     slots = {env.slot(s).container for s in env.slots}
     apps = [c for c in running if c.name in slots]
     db = next((c for c in running if c.name == env.database.container), None)
     if db is None or any(c.network_mode.startswith(("host", "container:"))
                          for c in [*apps, db]):
-        return []
-    theirs = {_address(ip) for c in apps for ip in c.ips}
+        return Judged([], visible)
+    theirs = {_address(ip) for c in apps for ip in c.ips} - {None}
     others = {_address(ip) for c in running if c.name not in slots and c is not db
               for ip in c.ips} - theirs - {None}
     socket_shared = any(_overlap(mine, its) for c in apps for mine in c.mounts
@@ -200,28 +214,59 @@ def not_the_apps(env: Environment, found: list[Session]) -> list[Session]:
         address = _address(session.client)
         return address is not None and (address.is_loopback or address in others)
 
-    return [s for s in visible if provably_not(s)]
+    def an_app_slots(session: Session) -> bool:
+        return bool(session.client) and _address(session.client) in theirs
+
+    provably = [s for s in visible if provably_not(s)]
+    return Judged(provably, [s for s in visible
+                             if s not in provably and not an_app_slots(s)])
 
 
-def refuse_before_stop(env: Environment, database_name: str, end_sessions: bool) -> None:
+def unproven_warning(session: Session, end_sessions: bool) -> str:
+    """The plan's warning of a session the runbook cannot tell from the app slots' (found by
+    a plan-fidelity review: the dry run said nothing, and the real run stopped the serving
+    slot, then refused it: exit 1, the app down for seconds, users got errors)."""
+    what = (f"{session.describe()} cannot be told from the app slots' (its client address is "
+            "neither an app slot container's nor provably another client's)")
+    refused = ("the restore is refused then, with the service down for a few seconds until "
+               "the app slots are started again")
+    stop = "stop what it belongs to (a worker, a cron job, a psql, a pooler)"
+    if end_sessions and session.endable:
+        return (f"{what}: if it is still connected once the app slots are stopped, "
+                "--end-sessions ends it (its open transaction rolls back)")
+    if end_sessions:
+        return (f"{what}: if it is still connected once the app slots are stopped, this "
+                f"database user may not end it, so {refused}; {stop} first")
+    return (f"{what}: if it is still connected once the app slots are stopped, {refused}; "
+            f"{stop} first, or run with --end-sessions to end it")
+
+
+def refuse_before_stop(env: Environment, database_name: str,
+                       end_sessions: bool) -> list[Session]:
     """Refuse now, before the app slots stop (PreconditionError, nothing changed), when a
     session is connected that the check after the stop would refuse: one provably not the
-    app slots' (not_the_apps), and, with --end-sessions, one this user may not end. Found by
+    app slots' (judge), and, with --end-sessions, one this user may not end. Found by
     review: such a session was seen while planning, and the run stopped the app only to
-    refuse it then: an outage for nothing."""
+    refuse it then: an outage for nothing. Returns the unproven sessions still connected
+    (judge), for the plan to name (unproven_warning)."""
     from runbook.errors import PreconditionError
 
-    found = not_the_apps(env, other(env))
+    judged = judge(env, other(env))
+    found, unproven = judged.not_the_apps, judged.unproven
     blocking = [s for s in found if not s.endable] if end_sessions else found
     # only one still there after WAIT, as the check after the stop waits: one ending now
-    # (a probe's, or this run's own psql of a moment ago) is not refused
-    deadline = time.monotonic() + WAIT
-    while blocking and time.monotonic() < deadline:
+    # (a probe's, or this run's own psql of a moment ago) is not refused; an unproven one
+    # still there after GLANCE is named (this run's own connections of a moment ago, seen
+    # through the published port as any client is, are not)
+    began = time.monotonic()
+    while (blocking and time.monotonic() < began + WAIT) or (
+            unproven and time.monotonic() < began + GLANCE):
         time.sleep(0.2)
         still = {(s.pid, s.user, s.client) for s in other(env)}
         blocking = [s for s in blocking if (s.pid, s.user, s.client) in still]
+        unproven = [s for s in unproven if (s.pid, s.user, s.client) in still]
     if not blocking:
-        return
+        return unproven
     with database.connect(env) as conn:
         row = conn.execute("SELECT quote_ident(current_user)").fetchone()
     me = str(row[0]) if row else "<runbook database user>"
