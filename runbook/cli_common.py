@@ -157,16 +157,18 @@ def register_known_secrets(env: Environment) -> None:
         register_secrets(*database.known_secrets(env))
 
 
-def refuse_blank(*given: tuple[str, str | None]) -> None:
+def refuse_blank(*given: tuple[str, str | None], required: bool = False) -> None:
     """An option or argument given but blank (`--to "$TARGET"` with TARGET unset) is refused,
     never taken for its default: a blank SNAPSHOT restored the newest one, a blank --limit
-    rolled back every host of the inventory."""
+    rolled back every host of the inventory, and a blank path is Path(""), the working
+    directory (`fleet rollback ""` read its inventory). `required`: they cannot be left out."""
     from runbook.errors import UsageError
 
     for flag, value in given:
         if value is not None and not value.strip():
             raise UsageError(f"{flag} is empty; nothing was changed",
-                             f"give {flag} a value (an unset shell variable?), or leave it out")
+                             f"give {flag} a value (an unset shell variable?)"
+                             + ("" if required else ", or leave it out"))
 
 
 def refuse_bad_moved_from(moved_from: str | None) -> None:

@@ -57,9 +57,9 @@ def docs(
         "--html", metavar="<path>",
         help="the self-contained HTML runbook [default: reports/runbook.html]")
     ] = None,
-    report: Annotated[Path | None, typer.Option(
-        "--report", help="a drill report directory (or its report.json): fills in "
-                         "'last verified' for each scenario")] = None,
+    report: Annotated[str | None, typer.Option(
+        "--report", metavar="<path>", help="a drill report directory (or its report.json): "
+                                           "fills in 'last verified' for each scenario")] = None,
     check: Annotated[bool, typer.Option(
         "--check", help="write nothing; exit 1 when OUT differs from a fresh render")] = False,
 ) -> None:
@@ -72,6 +72,9 @@ def docs(
     for option, value in (("--out", out), *((("--html", html),) if not check else ())):
         if value is not None and (problem := _output_problem(option, value)):
             _refuse(problem)
+    if report is not None and not report.strip():  # Path("") was the working directory
+        _refuse("--report is empty: give the drill report's directory (an unset shell "
+                "variable?)")
     folder = Path(features).expanduser()
     if not features.strip() or not folder.is_dir():
         _refuse(f"--features {features!r} is not a directory of .feature files")
@@ -83,7 +86,7 @@ def docs(
     note = ""
     if report is not None:
         try:
-            data = reports.load(report)
+            data = reports.load(Path(report).expanduser())
         except (OSError, ValueError) as exc:
             typer.echo(f"runbook: error: cannot read the drill report {report}: {exc}",
                        err=True)

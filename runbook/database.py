@@ -11,9 +11,9 @@ import contextlib
 import functools
 import re
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from runbook.environment import Environment
 from runbook.errors import ConfigError, ExitCode, RunbookError
@@ -187,13 +187,64 @@ def _check_parameters(url: str, variable: str, where: str) -> None:
         raise UnknownParameterError(f"{variable} ({where}) has the parameter {key}{whose}, "
                                     "which libpq does not know", fix)
     try:
-        conninfo.conninfo_to_dict(url)
+        params = conninfo.conninfo_to_dict(url)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = redact(reason.split('"')[0].rstrip(" :"), [password_of(url)])
         raise ConfigError(f"{variable} ({where}) is not a URL libpq can read: {reason}",
                           "write it as postgresql://USER:<password>@HOST:PORT/DB?KEY=VALUE, "
                           "percent-encoding the password") from None
+    _check_values(params, variable, where)
+
+
+# The values libpq takes for these keys (its connectOptions2), refusing any other before it
+# connects anywhere: "connection is bad: invalid port number" (99999, 0) or "invalid sslmode
+# value" read as "database unreachable", exit 4 with --force offered (found by review).
+_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby",
+                             "prefer-standby"),
+    "load_balance_hosts": ("disable", "random"),
+    "sslnegotiation": ("postgres", "direct"),
+    "sslcertmode": ("disable", "allow", "require"),
+}
+# integers as libpq's parse_int_param reads them (connect_timeout: psycopg passes its own)
+_INTEGERS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+             "tcp_user_timeout")
+_LIBPQ_INT = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _check_values(params: Mapping[str, Any], variable: str, where: str) -> None:
+    """Refuse (exit 2) a value libpq rejects before connecting, naming the key and what it
+    takes; a value is never a password (the password's key is not checked)."""
+    from runbook.redact import one_line
+
+    def refuse(key: str, value: str, takes: str) -> NoReturn:
+        raise ConfigError(f"{variable} ({where}) has {key} {one_line(value)!r}, which libpq "
+                          "refuses before connecting to anything", f"set {key} to {takes} in "
+                          f"{variable}")
+
+    for port in str(params.get("port") or "").split(","):  # one a host; blank: 5432
+        if port and not (_LIBPQ_INT.fullmatch(port) and 1 <= int(port) <= 65535):
+            refuse("port", port, "the server's port, 1-65535 (PostgreSQL's default: 5432),")
+    for key, choices in _CHOICES.items():
+        value = params.get(key)
+        if value is not None and str(value) not in choices:
+            refuse(key, str(value), "one of " + ", ".join(choices) + ",")
+    for key in _INTEGERS:
+        value = params.get(key)
+        if value is not None and not _LIBPQ_INT.fullmatch(str(value)):
+            refuse(key, str(value), "a whole number")
+
+
+def _refused_value(message: str) -> str | None:
+    """The key of a connection value libpq refused before connecting, from its error (a
+    value this module's lists let through: another libpq version's, or PGSSLMODE's)."""
+    found = re.search(r'\binvalid (?:integer value "[^"]*" for connection option "(\w+)"'
+                      r'|(port) number|(\w+) value:)', message)
+    return next((g for g in found.groups() if g), None) if found else None
 
 
 def _check_encoding(url: str, variable: str, where: str) -> None:
@@ -640,6 +691,11 @@ def connect(env: Environment, timeout: int = 5,  # type: ignore[no-untyped-def]
     except psycopg.Error as exc:
         text = str(exc).strip()
         first = redact(text.splitlines()[0] if text else "no answer")
+        if (key := _refused_value(first)) is not None:  # nothing was tried: bad input
+            raise ConfigError(f"{env.database.url_variable} has a value libpq refuses before "
+                              f"connecting: {first.removeprefix('connection is bad: ')}",
+                              f"correct {key} in {env.database.url_variable} (or the PG* "
+                              "variable setting it)") from None
         fix = (f"check `docker ps` for {env.database.container} and "
                f"{env.database.url_variable} in {env.database.env_file or 'the environment'}"
                f"{password_said(env, target, first)}")

@@ -833,5 +833,12 @@ def rollback(env: Environment, options: Options = Options(), *, dry_run: bool = 
                          "run past its schema guard's refusal")
     if options.to and not dry_run:  # a dry run plans without the lock anyway
         check_target(env, options.to)
+    # --snapshot, as --to: a name that is no snapshot is refused before the lock (an
+    # interrupted run's record, as for --to, is left to the plan, which finishes that run)
+    if options.restore_snapshot not in (None, "auto") and not dry_run \
+            and not os.path.lexists(intents.path(env)):
+        from runbook.snapshot_restore import check_named
+
+        check_named(env, options.restore_snapshot)
     return perform(env, "rollback", lambda run_id: plan(env, options, run_id), dry_run=dry_run,
                    reason=options.reason, confirm=confirm, progress=progress, notify=notify)

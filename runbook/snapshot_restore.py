@@ -57,15 +57,34 @@ from runbook.snapshots.replay import (
     replay,
 )
 from runbook.snapshots.stats import check_readable, current_state, loss_window, server_version
-from runbook.snapshots.store import SAFETY_REASON, Snapshot, find
-from runbook.snapshots.verify import check_server, verify
+from runbook.snapshots.store import SAFETY_REASON, Snapshot, SnapshotError, find
+from runbook.snapshots.verify import check_server, identify, verify
 from runbook.times import format_utc as _fmt
 
-__all__ = ["doubted_fix", "doubted_restore", "kept_for_killed_restore", "known_killed_restore",
-           "prepare", "restore", "restore_steps", "restored_by", "start_step"]
+__all__ = ["check_named", "doubted_fix", "doubted_restore", "kept_for_killed_restore",
+           "known_killed_restore", "prepare", "restore", "restore_steps", "restored_by",
+           "start_step"]
 
 
 CHECK = "Verify schema_migrations and the row counts"  # verify-restore's title
+
+
+def check_named(env: Environment, ref: str | Path | None) -> None:
+    """A snapshot named on the command line, looked up before the lock, the journal or the
+    run record are written (as rollback.check_target checks --to): a typo, a directory or a
+    file that is no snapshot was refused (exit 2) only under the lock, leaving a journal and
+    a run record that `status` then showed as the last run, failed (found by review). Only
+    bad input is refused here, from the name and the sidecar (identify: no dump read, no
+    Docker asked); the plan judges everything else, as it always did."""
+    if ref is None or str(ref) == "":
+        return  # "the newest": picked by the plan
+    try:
+        identify(env, find(env, ref))
+    except SnapshotError as exc:
+        if exc.exit_code == ExitCode.USAGE:
+            raise
+    except RunbookError:
+        pass  # the configuration, an unreadable folder: the plan says it, as before
 
 
 def prepare(env: Environment, snap: Snapshot | str | Path,
@@ -1075,5 +1094,6 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
                    f"{restore_run.verified.migration_version})")
         return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)
 
+    check_named(env, ref)
     return perform(env, "snapshot-restore", build, dry_run=dry_run, reason=reason,
                    confirm=confirm, progress=progress, notify=notify)

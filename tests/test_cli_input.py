@@ -789,3 +789,199 @@ def test_a_name_longer_than_the_filesystem_takes_is_a_usage_error(host: Path) ->
         assert said in done.stderr and "is longer than" in done.stderr, done.stderr
         assert "unexpected failure" not in done.stderr and "x" * 300 not in done.stderr \
             and "y" * 300 not in done.stderr, done.stderr[:500]
+
+
+BLANK_INVENTORY = """\
+all:
+  vars:
+    runbook_env: production
+    ansible_host: 127.0.0.1
+    ansible_port: {port}
+  children:
+    canary:
+      hosts:
+        web1:
+"""
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    # `runbook fleet rollback "$INV"` with INV unset: Path("") is ".", so the working
+    # directory was read as the inventory (its inv.yml taken, a FIFO hung ansible-inventory)
+    (["fleet", "rollback", "", "--dry-run"], "INVENTORY"),
+    (["fleet", "rollback", "inventory.yml", "--journal-dir", "", "--yes"], "--journal-dir"),
+    (["docs", "--out", "", "--check"], "--out"),
+    (["docs", "--features", "", "--check"], "--features"),
+    (["docs", "--html", "", "--check"], "--html"),
+    (["docs", "--report", "", "--check"], "--report"),
+    (["drill", "--report", "", "--collect-only", "-q"], "--report"),
+])
+def test_a_blank_path_is_refused_never_taken_for_the_working_directory(
+        tmp_path: Path, argv: list[str], flag: str) -> None:
+    """Found by review: a blank path argument or option (an unset shell variable) became
+    Path(""), which is ".": `fleet rollback ""` read the working directory's inventory and ran
+    a pre-flight on its hosts, `--journal-dir ""` wrote the fleet journal there. Refused, exit
+    2, one line, before anything is read or written."""
+    (tmp_path / "inventory.yml").write_text(BLANK_INVENTORY.format(port=closed_port()))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["RUNBOOK_FLEET_DIR"] = str(tmp_path.parent / f"{tmp_path.name}-fleet")
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", *argv], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, env=env,
+                          check=False, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert f"{flag} is empty; nothing was changed" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "leave it out" not in done.stderr or not flag.isupper(), done.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not (tmp_path.parent / f"{tmp_path.name}-fleet").exists()
+
+
+def _with_snapshot_dir(host: Path) -> Path:
+    folder = host.parent / "snapshots"
+    folder.mkdir()
+    host.write_text(host.read_text().replace('"/var/lib/togather/db-snapshots"',
+                                             f'"{folder}"'))
+    return folder
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["snapshot", "restore", "HOST", "nosuch.sql.gz", "--yes"],
+     "snapshot nosuch.sql.gz does not exist"),
+    (["snapshot", "restore", "HOST", "FOLDER", "--yes"], "is a directory, not a snapshot file"),
+    (["snapshot", "restore", "HOST", "PASSWD", "--yes"],
+     "cannot tell which database passwd is of"),
+    (["rollback", "HOST", "--restore-snapshot", "--snapshot", "nosuch.sql.gz", "--yes"],
+     "snapshot nosuch.sql.gz does not exist"),
+    (["rollback", "HOST", "--restore-snapshot", "--snapshot", "FOLDER", "--yes"],
+     "is a directory, not a snapshot file"),
+])
+def test_a_snapshot_named_that_is_none_is_refused_before_the_lock_writing_nothing(
+        host: Path, argv: list[str], said: str) -> None:
+    """Found by review: `snapshot restore ENV nosuch.sql.gz --yes` (a typo; or a directory,
+    or a file that is no snapshot) was refused, exit 2, only once the lock was taken: it left
+    a journal and a run record, and `status` then said the last run "failed (exit 2)". The
+    name is looked up first, as rollback's --to is: nothing is written."""
+    two_deployments_state(host)
+    _with_snapshot_dir(host)
+    folder = host.parent / "dumps"
+    folder.mkdir()
+    (host.parent / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    argv = [str(host) if a == "HOST" else str(folder) if a == "FOLDER"
+            else str(host.parent / "passwd") if a == "PASSWD" else a for a in argv]
+    before = {p: p.read_bytes() if p.is_file() else None for p in host.parent.rglob("*")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    env["DATABASE_URL"] = f"postgresql://togather:pw@127.0.0.1:{closed_port()}/togather"
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", *argv], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+                          check=False, cwd=REPO_ROOT)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert said in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "journal" not in done.stderr, done.stderr
+    assert {p: p.read_bytes() if p.is_file() else None
+            for p in host.parent.rglob("*")} == before  # no lock, log or run record
+
+
+@pytest.mark.parametrize("shape", ["directory", "symlink to a directory"])
+def test_a_state_file_path_that_cannot_be_read_for_good_is_exit_4_naming_it(
+        host: Path, shape: str) -> None:
+    """Found by review: a [state] file that is a directory (or a symlink to one) refused
+    rollback, unlock and restore-kept with exit 3, "the deploy lock cannot be used ... (if a
+    deploy is writing it at this moment, run again in a minute)": README's code for a live
+    holder, and a wait that never ends. A path that cannot be read for good is exit 4,
+    naming [state] file and its fix; status lists it without "run again"."""
+    state = host.parent / "state" / "deployment-state.json"
+    if shape == "directory":
+        state.mkdir()
+    else:
+        (host.parent / "elsewhere").mkdir()
+        state.symlink_to(host.parent / "elsewhere")
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    for args in (["rollback", "--yes"], ["rollback", "--dry-run"], ["unlock", "--yes"],
+                 ["state", "restore-kept", "--yes"], ["switch", "--slot", "blue", "--yes"],
+                 ["fleet", "host-check"]):  # the fleet's pre-flight: not a lock to wait for
+        cmd = args[:2] if args[0] in ("state", "fleet") else args[:1]
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", *cmd, str(host),
+                               *args[len(cmd):]], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+        said = done.stdout + done.stderr
+        assert "Traceback" not in said and "unexpected failure" not in said, (args, said)
+        assert done.returncode == 4, (args, done.returncode, said)
+        assert "[state] file" in said and "run again in a minute" not in said, (args, said)
+        assert not any((host.parent / "locks").iterdir()), args
+    code, _, said = status(host, "text")
+    assert code == 1 and "[state] file" in said and "run again in a minute" not in said, said
+
+
+@pytest.mark.parametrize(("query", "key"), [
+    ("@127.0.0.1:99999/togather", "port"),
+    ("@127.0.0.1:0/togather", "port"),
+    ("@127.0.0.1:5x/togather", "port"),
+    ("@127.0.0.1:5432/togather?port=70000", "port"),
+    ("@127.0.0.1:5432/togather?sslmode=bogus", "sslmode"),
+    ("@127.0.0.1:5432/togather?target_session_attrs=zz", "target_session_attrs"),
+    ("@127.0.0.1:5432/togather?gssencmode=zz", "gssencmode"),
+    ("@127.0.0.1:5432/togather?channel_binding=zz", "channel_binding"),
+    ("@127.0.0.1:5432/togather?keepalives=zz", "keepalives"),
+])
+def test_a_connection_value_libpq_refuses_is_a_config_error_naming_its_key(
+        query: str, key: str) -> None:
+    """Found by review: DATABASE_URL with port 99999 or 0, or sslmode=bogus, was "database
+    unreachable" (exit 4, --force offered) while nothing was tried: libpq refuses the value
+    before connecting. The oracle is libpq itself (psycopg.connect refuses it at once, never
+    reaching a server); the runbook refuses it as bad input (exit 2), naming the key."""
+    import psycopg
+
+    from runbook import database
+    from runbook.errors import ConfigError, ExitCode
+
+    url = "postgresql://togather:Pw-9xq" + query
+    with pytest.raises(psycopg.OperationalError, match="invalid"):
+        psycopg.connect(url, connect_timeout=2)
+    with pytest.raises(ConfigError) as refused:
+        database.check_url(url, "DATABASE_URL", "environment")
+    assert refused.value.exit_code == ExitCode.USAGE
+    assert key in refused.value.message and "Pw-9xq" not in str(refused.value), refused.value
+    assert refused.value.fix and key in refused.value.fix, refused.value.fix
+    for good in ("@127.0.0.1:65535/togather", "@127.0.0.1:1/togather?sslmode=verify-full",
+                 "@127.0.0.1,127.0.0.2:5432,/togather?target_session_attrs=read-write",
+                 "@127.0.0.1/togather?keepalives=1&gssencmode=disable"):
+        database.check_url("postgresql://togather:Pw-9xq" + good, "DATABASE_URL", "environment")
+
+
+def test_a_database_port_out_of_range_is_bad_input_not_an_unreachable_database(
+        host: Path) -> None:
+    """The same through the command line: status listed "database unreachable: connection is
+    bad: invalid port number", with "check `docker ps`" for its fix (a rollback's schema guard
+    offered --force). It names the key and the fix instead."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    env["DATABASE_URL"] = "postgresql://togather:pw@127.0.0.1:99999/togather"
+    done = subprocess.run([sys.executable, "-m", "runbook.cli", "status", str(host),
+                           "--format", "json"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    problems = [p for p in json.loads(done.stdout)["problems"] if "99999" in p["problem"]]
+    assert len(problems) == 1, done.stdout
+    assert "port" in problems[0]["problem"], problems
+    assert "unreachable" not in problems[0]["problem"], problems
+    assert "1-65535" in problems[0]["fix"] and "docker ps" not in problems[0]["fix"], problems
+
+
+def test_a_value_libpq_refuses_from_its_environment_is_a_config_error_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the URL check cannot see (PGSSLMODE=bogus beside a good URL): libpq's own refusal,
+    made before it connects anywhere, is bad input naming the key, never "database
+    unreachable". The oracle is libpq's error itself."""
+    from runbook import database
+    from runbook.errors import ConfigError, ExitCode
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://togather:pw@127.0.0.1:{closed_port()}/db")
+    monkeypatch.setenv("PGSSLMODE", "bogus")
+    env = host_env(tmp_path)
+    env = env.with_(database=dataclasses.replace(env.database, access="host"))
+    with pytest.raises(ConfigError) as refused:
+        database.connect(env)
+    assert refused.value.exit_code == ExitCode.USAGE, refused.value
+    assert 'invalid sslmode value: "bogus"' in refused.value.message, refused.value
+    assert "unreachable" not in str(refused.value) and "sslmode" in (refused.value.fix or "")

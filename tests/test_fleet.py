@@ -309,6 +309,21 @@ def test_a_bad_batch_spec_is_one_line_exit_2_before_any_host(tmp_path: Path) -> 
     assert proc.stderr.count("\n") == 1 and "'inf%'" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("spec", ["1,,2", "1,25%,", ",1", "1, ,2"])
+def test_batches_with_an_empty_item_are_refused(spec: str, tmp_path: Path) -> None:
+    """Found by review: `--batches 1,,2` was taken as `1,2` (the empty item dropped), while
+    README says every item must be a positive count or percentage: refused, exit 2, one
+    line naming the spec, before any host."""
+    with pytest.raises(UsageError, match="empty item"):
+        inv.batches(["a", "b", "c"], ["a"], spec)
+    path = tmp_path / "inventory.yml"
+    path.write_text(ONE_ENV_INVENTORY)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run", "--batches",
+                           spec], capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and repr(spec) in proc.stderr, proc.stderr
+
+
 # -- inventory (real ansible-inventory) --------------------------------------------------------
 
 
@@ -392,7 +407,7 @@ def test_a_plain_yaml_inventory_is_read_here_exactly_as_ansible_inventory_reads_
     path = tmp_path / "inventory.yml"
     path.write_text(PLAIN_INVENTORIES[name])
     here = inv.plain_yaml(path)
-    real = inv._ansible_inventory(path)
+    real, _warnings = inv._ansible_inventory(path)
     real.get("_meta", {}).pop("profile", None)
     assert here == real
 
@@ -489,6 +504,32 @@ def test_an_unreadable_inventory_is_one_line_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+@pytest.mark.parametrize(("name", "text", "said"), [
+    ("hosts.yml", "all:\n  hosts: [\n", "line 3"),
+    ("hosts.yaml", "all:\n  children:\n    canary: {hosts: {web1: }\n", "line 4"),
+    ("hosts.ini", "[canary\nweb1\n", "ini"),
+])
+def test_an_inventory_that_does_not_parse_is_said_so_not_that_it_has_no_hosts(
+        name: str, text: str, said: str, tmp_path: Path) -> None:
+    """Found by review: a YAML inventory with a syntax error said "inventory ... has no
+    hosts; add hosts", sending on-call to add hosts the file holds. It says the file does not
+    parse, with the YAML error's line (or ansible-inventory's own words for another format);
+    a file that parses but holds no hosts still says so."""
+    path = tmp_path / name
+    path.write_text(text)
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(path), "--dry-run"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"inventory {path} does not parse" in proc.stderr, proc.stderr
+    assert said in proc.stderr and "has no hosts" not in proc.stderr, proc.stderr
+    empty = tmp_path / "empty.yml"
+    empty.write_text("all:\n  hosts: {}\n")
+    proc = subprocess.run([RUNBOOK, "fleet", "rollback", str(empty), "--dry-run"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2 and "has no hosts" in proc.stderr, proc.stderr
+
+
 def test_without_ansible_runner_the_fleet_is_one_line_exit_2_before_any_lock(
         tmp_path: Path) -> None:
     """Found by review: with a system Ansible on PATH and the package installed without the
@@ -581,6 +622,37 @@ def _lock_cli(env: Environment, tmp_path: Path, *args: str) -> subprocess.Comple
     config.write_text(envmod.to_toml(env))
     return subprocess.run([RUNBOOK, "fleet", "lock", env.name, "--config", str(config), *args],
                           capture_output=True, text=True, check=False, timeout=60)
+
+
+@pytest.mark.parametrize("bad", [
+    ["--pid", "-1"], ["--pid", "0"], ["--controller-host", ""], ["--holder", ""],
+    ["--controller-host", " "], ["--drop", "--controller-host"], ["--drop", "--pid"],
+])
+def test_a_fleet_lock_take_without_a_judgeable_controller_is_refused(
+        env: Environment, tmp_path: Path, bad: list[str]) -> None:
+    """Found by review: `fleet lock ENV --take --fleet-run x --pid -1` wrote a lock with pid
+    -1 and hostname "" that no one could judge: it blocked every fleet run for 30 minutes and
+    `--release --force` refused it. The controller's pid (1 or more), host and holder are
+    required to take it (the fleet always passes them); refused with exit 2, no lock left."""
+    given = {"--fleet-run": "fleet_x", "--holder": "ops@desk", "--controller-host": "desk",
+             "--pid": "4242"}
+    if bad[0] == "--drop":
+        del given[bad[1]]
+    else:
+        given[bad[0]] = bad[1]
+    args = [x for pair in given.items() for x in pair]
+    for command in (["--take"], None):
+        if command is None:  # the lock host's host-check takes it the same way
+            config = tmp_path / f"{env.name}.toml"
+            config.write_text(envmod.to_toml(env))
+            proc = subprocess.run([RUNBOOK, "fleet", "host-check", env.name, "--config",
+                                   str(config), "--take-lock", *args], capture_output=True,
+                                  text=True, check=False, timeout=60)
+        else:
+            proc = _lock_cli(env, tmp_path, *command, *args)
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert hostlock.status(env) is None and not hostlock.path(env).exists()
 
 
 def test_a_fleet_lock_release_names_the_environment_and_host_it_checked(
@@ -3710,11 +3782,12 @@ def test_the_lock_host_limit_leaves_out_is_named_as_its_fleet_lock_answer_names_
         return {"_event": "runner_on_ok", "rc": proc.returncode, "stdout": proc.stdout,
                 "stderr": proc.stderr}
 
-    taken = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new")
+    controller = ("--holder", "ops@desk", "--controller-host", "desk", "--pid", "4242")
+    taken = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new", *controller)
     assert taken.returncode == 0, taken.stderr
     assert _lock_cli(env, tmp_path, "--release", "--fleet-run", "fleet_new").returncode == 0
     _take(env, "fleet_other", hostname="elsewhere", pid=1)  # a live run's, elsewhere
-    refused = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new")
+    refused = _lock_cli(env, tmp_path, "--take", "--fleet-run", "fleet_new", *controller)
     assert refused.returncode == ExitCode.LOCKED, refused.stderr
     read = _lock_cli(env, tmp_path, "--status")
     assert read.returncode == 0 and json.loads(read.stdout)["locked"] is True, read

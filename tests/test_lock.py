@@ -2447,3 +2447,24 @@ def test_a_live_deploys_expired_lock_is_held_whatever_way_its_pid_is_written(
         unlock(env)
     assert with_state.read_bytes() == before
     assert env.lock_path.is_dir() == (where == "shell directory")
+
+
+def test_a_state_file_path_that_is_a_directory_refuses_with_exit_4_not_as_locked(
+        env: Environment) -> None:
+    """Found by review: a [state] file that is a directory was "the deploy lock cannot be
+    used ... run again in a minute", exit 3 (a live holder's code), for good. A file being
+    rewritten in place is never a directory: refused as the state file's problem, exit 4,
+    naming [state] file; nothing is taken (the dry run's judgement says the same)."""
+    env.state_file.mkdir(parents=True)
+    errors: list[RunbookError | None] = [lockmod.refusal(env)]  # the dry run's judgement
+    for attempt in (lambda: acquire(env, "x", None), lambda: unlock(env)):
+        with pytest.raises(RunbookError) as refused:
+            attempt()
+        errors.append(refused.value)
+    for error in errors:
+        assert error is not None and not isinstance(error, LockedError), error
+        assert error.exit_code == ExitCode.PRECONDITION, error
+        assert "[state] file" in str(error) and "run again in a minute" not in str(error)
+    assert not env.lock_path.exists()
+    held = status(env)  # status still shows it, with the same fix
+    assert held is not None and held.broken and "[state] file" in (held.fix or ""), held

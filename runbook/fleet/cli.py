@@ -36,10 +36,32 @@ def _fail(exc: RunbookError, fmt: Format = Format.text, lines: list[str] | None 
     raise typer.Exit(int(exc.exit_code))
 
 
+# the fleet controller a fleet lock names: what tells whether the run holding it is alive
+ControllerHostOpt = Annotated[str | None, typer.Option(
+    "--controller-host", help="the fleet controller's host name (to take the lock)")]
+PidOpt = Annotated[int | None, typer.Option(
+    "--pid", min=1, help="the fleet controller's process id (to take the lock)")]
+
+
+def _controller(flag: str, holder: str, host: str | None, pid: int | None) -> tuple[str, int]:
+    """The controller a fleet lock is taken for, refused (exit 2) unless it can be judged:
+    `--pid -1` and no host wrote a lock no one could tell dead, which blocked every fleet run
+    for its 30 minutes and which `--release --force` refused (found by review). The fleet
+    always passes all three."""
+    refuse_blank(("--holder", holder), ("--controller-host", host), required=True)
+    if host is None or pid is None:
+        raise UsageError(f"{flag} needs --controller-host and --pid (the fleet controller's "
+                         "host and process, which tell whether its run is alive); nothing "
+                         "was changed", "this is run by `runbook fleet rollback`, which "
+                         "passes them; see --help")
+    return host, pid
+
+
 @fleet_app.command("rollback")
 def rollback_cmd(
-    inventory: Annotated[Path, typer.Argument(help="an Ansible inventory (a `canary` group; "
-                                              "each host's `runbook_env`)", metavar="INVENTORY")],
+    # str, not Path: Path("") is ".", and a blank INVENTORY read the working directory
+    inventory: Annotated[str, typer.Argument(help="an Ansible inventory (a `canary` group; "
+                                             "each host's `runbook_env`)", metavar="INVENTORY")],
     limit: Annotated[str | None, typer.Option("--limit", help="only these hosts or groups "
                                               "(comma-separated), e.g. the ones a stopped run "
                                               "did not do")] = None,
@@ -59,22 +81,27 @@ def rollback_cmd(
         "--end-sessions", help="with --maintenance: the restore ends other sessions "
         "connected to the database once every host is drained (default: refuse, naming "
         "them)")] = False,
-    journal_dir: Annotated[Path | None, typer.Option("--journal-dir", help="where the fleet "
-                                                     "journal goes (default ~/.togather/fleet, "
-                                                     "or RUNBOOK_FLEET_DIR)")] = None,
+    journal_dir: Annotated[str | None, typer.Option("--journal-dir", metavar="<path>",
+                                                    help="where the fleet "
+                                                    "journal goes (default ~/.togather/fleet, "
+                                                    "or RUNBOOK_FLEET_DIR)")] = None,
     dry_run: DryRunOpt = False, yes: YesOpt = False, fmt: FormatOpt = Format.text,
     reason: ReasonOpt = None,
 ) -> None:
     """Roll back every host of INVENTORY: pre-flight all, canary first, then batches."""
     from runbook.fleet import rollout
 
-    options = rollout.Options(inventory=inventory, dry_run=dry_run, limit=limit, batches=batches,
-                              canary_group=canary_group, reason=reason or "fleet rollback",
-                              resume=resume, maintenance=maintenance, journal_dir=journal_dir,
-                              end_sessions=end_sessions)
     try:
-        # blank: a --limit "" rolled back every host, a --resume "" started afresh
-        refuse_blank(("--limit", limit), ("--resume", resume), ("--canary-group", canary_group))
+        # blank: a --limit "" rolled back every host, a --resume "" started afresh, a blank
+        # path is the working directory (its inventory read, the fleet journal written there)
+        refuse_blank(("INVENTORY", inventory), required=True)
+        refuse_blank(("--limit", limit), ("--resume", resume), ("--canary-group", canary_group),
+                     ("--journal-dir", journal_dir))
+        options = rollout.Options(inventory=Path(inventory), dry_run=dry_run, limit=limit,
+                                  batches=batches, canary_group=canary_group,
+                                  reason=reason or "fleet rollback", resume=resume,
+                                  maintenance=maintenance, end_sessions=end_sessions,
+                                  journal_dir=None if journal_dir is None else Path(journal_dir))
         if not dry_run and not yes and not stdin_is_terminal():
             raise UsageError("`runbook fleet rollback` changes hosts and stdin is not a "
                              "terminal, so nobody can confirm it; nothing was changed",
@@ -159,8 +186,8 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
                        "one SSH round trip for both); needs --fleet-run")] = False,
                    fleet_run: Annotated[str | None, typer.Option("--fleet-run")] = None,
                    holder: Annotated[str, typer.Option("--holder")] = "unknown",
-                   controller_host: Annotated[str, typer.Option("--controller-host")] = "",
-                   pid: Annotated[int, typer.Option("--pid")] = 0,
+                   controller_host: ControllerHostOpt = None,
+                   pid: PidOpt = None,
                    take_over: Annotated[str, typer.Option(
                        "--take-over", metavar="FLEET_RUN_ID", help="take over that fleet "
                        "run's lock (its controller was found dead)")] = "",
@@ -172,9 +199,14 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
     if take_lock and not fleet_run:
         _fail(UsageError("--take-lock needs --fleet-run ID", "this is run by `runbook fleet "
                          "rollback`; see --help"))
-    lock = ({"fleet_run_id": str(fleet_run), "locked_by": holder, "hostname": controller_host,
-             "pid": pid, "reason": reason or "fleet rollback", "take_over": take_over}
-            if take_lock else None)
+    lock = None
+    if take_lock:
+        try:
+            host, process = _controller("--take-lock", holder, controller_host, pid)
+        except RunbookError as exc:
+            _fail(exc)
+        lock = {"fleet_run_id": str(fleet_run), "locked_by": holder, "hostname": host,
+                "pid": process, "reason": reason or "fleet rollback", "take_over": take_over}
     from runbook.redact import redact
 
     data = hostcheck.check(env, config, to, restore=restore_snapshot, take_lock=lock,
@@ -224,8 +256,8 @@ def lock_cmd(
                                         "run's")] = False,
     fleet_run: Annotated[str | None, typer.Option("--fleet-run")] = None,
     holder: Annotated[str, typer.Option("--holder")] = "unknown",
-    controller_host: Annotated[str, typer.Option("--controller-host")] = "",
-    pid: Annotated[int, typer.Option("--pid")] = 0,
+    controller_host: ControllerHostOpt = None,
+    pid: PidOpt = None,
     take_over: Annotated[str, typer.Option("--take-over", metavar="FLEET_RUN_ID")] = "",
     reason: ReasonOpt = None, config: ConfigOpt = None,
 ) -> None:
@@ -252,8 +284,9 @@ def lock_cmd(
         if force:
             out = hostlock.force_release(env_, fleet_run)
         elif take:
+            host, process = _controller("--take", holder, controller_host, pid)
             out = hostlock.take(env_, fleet_run_id=str(fleet_run), locked_by=holder,
-                                hostname=controller_host, pid=pid,
+                                hostname=host, pid=process,
                                 reason=reason or "fleet rollback", take_over=take_over)
         elif refresh:
             out = hostlock.refresh(env_, str(fleet_run))

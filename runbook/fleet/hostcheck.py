@@ -94,7 +94,9 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     held = locks.status(env)
     out["deploy_lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale}
                           if held else {"locked": False})
-    if held is not None and not held.stealable:
+    # a state file that cannot be read for good is no holder (exit 3 sent the fleet to wait
+    # for good): the rollback's dry run below refuses it once, exit 4, with its fix
+    if held is not None and not held.stealable and held.refused is None:
         problems.append({"check": "deploy lock", "exit_code": 3,
                          "message": f"the deploy lock is held by {held.describe()}"})
     # a rollout must not stop on it. Not the snapshot folder: the dry run below refuses a

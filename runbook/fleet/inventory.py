@@ -7,6 +7,7 @@ order, the canary group, each host's `runbook_env`, and `fleet_lock_host`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -128,12 +129,15 @@ def read(path: Path, canary_group: str = "canary") -> Inventory:
         raise UsageError(f"inventory {path} does not exist", "give the path of an Ansible "
                          "inventory (README: Several hosts)")
     data = plain_yaml(path)
+    warnings = ""
     if data is None:
-        data = _ansible_inventory(path)
-    return _from_list(path, data, canary_group)
+        data, warnings = _ansible_inventory(path)
+    return _from_list(path, data, canary_group, warnings)
 
 
-def _ansible_inventory(path: Path) -> dict[str, Any]:
+def _ansible_inventory(path: Path) -> tuple[dict[str, Any], str]:
+    """`ansible-inventory --list`'s JSON, and what it said on stderr (a source that does not
+    parse is only a warning there, and an empty inventory on stdout)."""
     proc = subprocess.run([ansible_tool("ansible-inventory"), "-i", str(path), "--list"],
                           capture_output=True, text=True, check=False, timeout=120,
                           env=_quiet_env())
@@ -148,10 +152,38 @@ def _ansible_inventory(path: Path) -> dict[str, Any]:
                          "fix the inventory") from None
     if not isinstance(data, dict):
         raise UsageError(f"ansible-inventory gave no JSON object for {path}", "fix the inventory")
-    return data
+    return data, proc.stderr
 
 
-def _from_list(path: Path, data: dict[str, Any], canary_group: str) -> Inventory:
+def _unparsed(path: Path, warnings: str) -> str | None:
+    """Why an inventory with no hosts does not parse, or None when it parses (and is empty):
+    a YAML file's syntax error with its line, else ansible-inventory's first plugin failure.
+    Judged only once no host was found, so a file one of Ansible's plugins reads (an INI
+    inventory named .yml) is never refused for what PyYAML says of it."""
+    if path.suffix in (".yml", ".yaml") and path.is_file():
+        with contextlib.suppress(ImportError, OSError, UnicodeDecodeError):
+            import yaml
+
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.constructor.ConstructorError:
+                pass  # a tag PyYAML does not know (!vault): Ansible's own loader reads it
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                return f"not valid YAML: {exc.problem or exc.context}{where}"
+            except yaml.YAMLError as exc:
+                return f"not valid YAML: {exc}"
+    if "Unable to parse" not in warnings:  # Ansible's word for a source no plugin read
+        return None
+    for line in warnings.splitlines():
+        if "Failed to parse inventory with" in line:
+            return line.split("]:", 1)[-1].strip()
+    return "ansible-inventory cannot parse it"
+
+
+def _from_list(path: Path, data: dict[str, Any], canary_group: str,
+               warnings: str = "") -> Inventory:
     hosts: list[str] = []
     groups: dict[str, list[str]] = {}
 
@@ -177,6 +209,10 @@ def _from_list(path: Path, data: dict[str, Any], canary_group: str) -> Inventory
         if h not in hosts:
             hosts.append(h)
     if not hosts:
+        why = _unparsed(path, warnings)
+        if why is not None:  # "has no hosts" sent on-call to add hosts the file holds
+            raise UsageError(f"inventory {path} does not parse: {why}",
+                             "fix the inventory file there (README: Several hosts)")
         raise UsageError(f"inventory {path} has no hosts", "add hosts (README: Several hosts)")
     inv = Inventory(path=path.resolve(), hosts=hosts, groups=groups,
                     hostvars=data.get("_meta", {}).get("hostvars", {}), canary_group=canary_group)
@@ -364,9 +400,12 @@ def batches(ordered: list[str], canary: list[str], spec: str = DEFAULT_BATCHES) 
     No batch holds more than MAX_FORKS hosts (a larger one is split): Ansible starts at most
     that many at once, and it judges a batch's failures only once all its hosts have run, so
     the hosts of a larger batch that waited for a fork would start after a failure."""
-    sizes: list[str] = [s.strip() for s in spec.split(",") if s.strip()]
-    if not sizes:
+    sizes: list[str] = [s.strip() for s in spec.split(",")]
+    if not any(sizes):
         raise UsageError(f"--batches {spec!r} is empty", f"e.g. {DEFAULT_BATCHES}")
+    if not all(sizes):  # `1,,2` was taken as `1,2`: every item must be a count (README)
+        raise UsageError(f"--batches {spec!r} has an empty item", "give a count or a "
+                         f"percentage between each pair of commas, e.g. {DEFAULT_BATCHES}")
     first = [h for h in ordered if h in canary]
     rest = [h for h in ordered if h not in canary]
     total = len(rest)

@@ -356,7 +356,7 @@ def refusing_holder(env: Environment) -> LockStatus | None:
     return state_only if state_only is not None and not state_only.stealable else None
 
 
-def refusal(env: Environment) -> LockedError | None:
+def refusal(env: Environment) -> RunbookError | None:
     """The error `acquire` would raise now (refusing_holder's judgement, worded as the real
     run's), or None when it would take the lock: a dry run raises it, as its run would."""
     holder = refusing_holder(env)
@@ -859,6 +859,8 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
         return  # (a pid known without its start time may be reused: on-call checked it)
     if force and current.undated:
         return  # dated in the future: on-call checked that no deploy runs
+    if current.refused is not None:  # the state file cannot be read for good: exit 4
+        raise current.refused
     # (an empty one older than EMPTY_DIR_GRACE is stale, so removed above without --force: the
     # next run takes it over by itself; younger, _locked_error says it is being taken)
     if current.broken:
@@ -867,13 +869,14 @@ def _check_removable(env: Environment, current: LockStatus, force: bool) -> None
     raise _locked_error(env, current, unlocking=True)
 
 
-def removal_refusal(env: Environment, current: LockStatus, force: bool) -> LockedError | None:
+def removal_refusal(env: Environment, current: LockStatus,
+                    force: bool) -> RunbookError | None:
     """What `runbook unlock` (with `force` or not) would say of `current`, or None when it
     would remove it: the same judgement, read-only, for status's fix (which offered
     "add --force" for a live holder, refused even so: found by review)."""
     try:
         _check_removable(env, current, force)
-    except LockedError as exc:
+    except (LockedError, StateError) as exc:
         return exc
     return None
 
@@ -890,7 +893,11 @@ def _killed_taking_it(current: LockStatus) -> bool:
 
 
 def _locked_error(env: Environment, current: LockStatus, *,
-                  unlocking: bool = False) -> LockedError:
+                  unlocking: bool = False) -> RunbookError:
+    """LockedError (exit 3) naming the holder; a state file that cannot be read for good is
+    its own refusal instead (exit 4: policy._unjudged)."""
+    if current.refused is not None:
+        return current.refused
     name = command_arg(env)
     if current.broken:
         return LockedError(f"{env.display}: the deploy lock cannot be used: {current.why}",

@@ -112,6 +112,9 @@ class LockStatus:
     # the directory holds no lock file (nothing, or only our writer's temp files): being taken
     # at this moment while younger than EMPTY_DIR_GRACE, then stale (a run killed taking it)
     empty: bool = False
+    # a state file that cannot be read for good (a directory, a refused read): what a run,
+    # unlock or a dry run raises instead of "locked" (exit 4, not a live holder's 3)
+    refused: StateError | None = None
 
     @property
     def legacy(self) -> bool:
@@ -436,13 +439,25 @@ def _state_lock_status(env: Environment, now: float | None = None,
 def _unjudged(env: Environment, exc: StateError) -> LockStatus:
     """The state file cannot be read as JSON (being rewritten in place at this moment, or
     unreadable): whether another tool (the Go CLI) holds the lock in it cannot be told, so the
-    lock is not taken, and said so, not taken for free (found by review)."""
+    lock is not taken, and said so, not taken for free (found by review).
+
+    Only a file still changing (NotJSON: _state_lock_mapping read it twice) may be a write
+    under way, worth a retry. Any other refusal (a directory, a read error, a lock that is no
+    object) stays until someone fixes the file: it was "run again in a minute", exit 3 (a
+    live holder's code), for good (found by review). It is `refused`: exit 4, its fix."""
+    why = (f"{exc.message}, so whether another tool (the Go CLI) holds the deploy lock in it "
+           "cannot be told")
+    fix = exc.fix or "restore it from a backup"
+    if isinstance(exc, statemod.NotJSON):
+        return LockStatus(path=env.state_file, source="state file", holder=None,
+                          locked_at=None, age=0.0, stale=False, why=why, holder_alive=None,
+                          expires_in=float("inf"), broken=True,
+                          fix=f"{fix} (if a deploy is writing it at this moment, run again "
+                          "in a minute)")
+    refused = StateError(f"{why}; nothing was changed", fix)  # exit 4: precondition
     return LockStatus(path=env.state_file, source="state file", holder=None, locked_at=None,
-                      age=0.0, stale=False, why=f"{exc.message}, so whether another tool (the "
-                      "Go CLI) holds the deploy lock in it cannot be told", holder_alive=None,
-                      expires_in=float("inf"), broken=True,
-                      fix=f"{exc.fix or 'restore it from a backup'} (if a deploy is writing it "
-                      "at this moment, run again in a minute)")
+                      age=0.0, stale=False, why=why, holder_alive=None,
+                      expires_in=float("inf"), broken=True, fix=fix, refused=refused)
 
 
 def _judge_state_lock(env: Environment, lock: Mapping[str, Any] | None,

@@ -233,25 +233,23 @@ def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
                          "inspection")
 
 
-def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
-          command: str | None = None) -> tuple[Target, str | None]:
+def identify(env: Environment, snap: Snapshot) -> Target:
     """Refuse a file that is missing, has a bad sidecar, or is of another database or
-    environment (nothing read yet); the environment's database target, and `moved` when it
-    is what accepted the snapshot (taken from that server, this database before it moved).
-    `command`: the one that restores `snap` (default `runbook snapshot restore`), which the refusal
-    of a moved database's snapshot names with --moved-from added."""
+    environment, from its name and sidecar alone (no dump read, no Docker asked): what a
+    named snapshot is checked for before the lock (snapshot_restore.check_named); the
+    environment's database target."""
     arg = command_arg(env)
     if not snap.path.is_file():
         raise SnapshotError(f"snapshot {snap.path} does not exist; nothing was changed",
                             f"pick one from `runbook snapshot list {arg}`")
     if snap.problems:
         raise _bad_file(snap, "has an unreadable sidecar: " + "; ".join(snap.problems))
-    tgt = target(env)
     if snap.database is None:
         raise SnapshotError(f"cannot tell which database {snap.name} is of (no sidecar, "
                             "no togather_<db>_... name); nothing was changed",
                             "add its .meta.json or rename it "
                             "togather_<db>_<YYYYMMDD_HHMMSS>_<reason>.sql.gz")
+    tgt = target(env)
     if snap.database != tgt.dbname:
         raise SnapshotError(f"snapshot {snap.name} is of database {snap.database!r}, this "
                             f"environment's database is {tgt.dbname!r}; nothing was changed",
@@ -262,6 +260,18 @@ def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
         raise SnapshotError(f"snapshot {snap.name} was taken in {recorded_env}, not "
                             f"{env.name}; nothing was changed",
                             f"pick a snapshot of {env.name} (`runbook snapshot list {arg}`)")
+    return tgt
+
+
+def _fits(env: Environment, snap: Snapshot, moved: str | None = None,
+          command: str | None = None) -> tuple[Target, str | None]:
+    """identify(), then refuse a snapshot of another server's database of its name; the
+    environment's database target, and `moved` when it is what accepted the snapshot (taken
+    from that server, this database before it moved). `command`: the one that restores
+    `snap` (default `runbook snapshot restore`), which the refusal of a moved database's
+    snapshot names with --moved-from added."""
+    arg = command_arg(env)
+    tgt = identify(env, snap)
     # another server's database of the same name (another environment's on this host): its
     # data replacing this one's is the loss a restore exists to undo
     here = server(env, tgt) if snap.names_server else None

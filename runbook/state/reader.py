@@ -692,9 +692,14 @@ def _read_bytes(path: Path) -> bytes | None:
             raw = handle.read(MAX_STATE_BYTES + 1)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:  # (or a symlink to one) never a file being replaced: for good
+        raise StateError(f"{path}: cannot read the state file: it is a directory",
+                         "point [state] file in the environment file at the state file "
+                         "itself, or move that directory away") from None
     except OSError as exc:
         raise StateError(f"{path}: cannot read the state file ({exc.strerror or exc})",
-                         "check the path and its permissions") from None
+                         "check [state] file in the environment file, and that this user "
+                         "may read that path") from None
     if len(raw) > MAX_STATE_BYTES:
         raise StateError(f"{path}: larger than {MAX_STATE_BYTES // (1024 * 1024)} MiB, so it is "
                          "not a deployment state file", "restore it from a backup")
