@@ -25,6 +25,19 @@ def _refuse(problem: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _paths(*given: tuple[str, str | None]) -> None:
+    """Path options arrive as text: a blank one (an unset shell variable) was Path(""), the
+    working directory: `--features ""` rendered it, `--html ""` failed writing to it after
+    docs/runbook.md was written (found by review). Refused, exit 2, before anything."""
+    from runbook.cli_common import fail, refuse_blank
+    from runbook.errors import RunbookError
+
+    try:
+        refuse_blank(*given)
+    except RunbookError as exc:
+        fail(exc)
+
+
 def _output_problem(option: str, value: str, *, folder: bool = False) -> str | None:
     """Why `value` (an output path, a file or with `folder` a folder to write into) cannot be
     written, or None. A blank one was the working directory (Path("") is "."), a folder or a
@@ -67,14 +80,12 @@ def docs(
     from runbook import docs as docmod
     from runbook import report as reports
 
+    _paths(("--features", features), ("--out", out), ("--html", html), ("--report", report))
     html_path = Path(html).expanduser() if html else REPO_ROOT / "reports" / "runbook.html"
     # every output checked before anything is rendered or written: a refusal writes nothing
     for option, value in (("--out", out), *((("--html", html),) if not check else ())):
         if value is not None and (problem := _output_problem(option, value)):
             _refuse(problem)
-    if report is not None and not report.strip():  # Path("") was the working directory
-        _refuse("--report is empty: give the drill report's directory (an unset shell "
-                "variable?)")
     folder = Path(features).expanduser()
     if not features.strip() or not folder.is_dir():
         _refuse(f"--features {features!r} is not a directory of .feature files")
@@ -142,6 +153,7 @@ def drill(
     """
     # a blank --report was the working directory, a file a pytest INTERNALERROR (found by
     # review): refused before pytest starts
+    _paths(("--report", report))
     if (problem := _output_problem("--report", report, folder=True)) is not None:
         _refuse(problem)
     args = [_absolute(a) for a in ctx.args]
