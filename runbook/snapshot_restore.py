@@ -102,7 +102,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                   run_id: str | None = None, standalone: bool = False,
                   end_sessions: bool = False, switch_to: Slot | None = None,
                   record: dict[str, Any] | None = None,
-                  keep_stopped: bool = False) -> list[Step]:
+                  keep_stopped: bool = False, drained_first: bool = False) -> list[Step]:
     """The restore as plan steps, sharing `run` (from prepare()).
 
     Steps: verify (done) -> stop the app slots (never the database) -> safety snapshot ->
@@ -129,6 +129,8 @@ def restore_steps(env: Environment, run: RestoreRun,
     fix when the run stops once the database is restored. `record`: the rollback's intent
     record, given VERIFIED once the check passed, on disk before the switch: the run that
     finishes it after a kill ends this restore (never one killed before its check).
+    `drained_first`: planned for the fleet's maintenance restore, which runs once every host
+    is drained: the unproven sessions' warnings say the drain ends the other hosts' apps.
     """
     from runbook import docker, health
     from runbook.snapshots import room
@@ -157,7 +159,7 @@ def restore_steps(env: Environment, run: RestoreRun,
     # a session the check after the stop would refuse, seen now: refused before the stop;
     # one it may refuse (the runbook cannot tell it from the app's) is named in the plan
     facts["unproven_sessions"] = [
-        sessions.unproven_warning(s, end_sessions)
+        sessions.unproven_warning(s, end_sessions, drained_first)
         for s in sessions.refuse_before_stop(env, verified.database, end_sessions)]
     facts["privileges_lost"] = (
         f"snapshots keep no owners or GRANTs, nor does the safety snapshot: the restore gives "
@@ -1053,16 +1055,18 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
             confirm: Callable[..., bool] | None = None,
             progress: Callable[..., None] | None = None,
             notify: Callable[[str], None] | None = None,
-            end_sessions: bool = False, moved_from: str | None = None) -> RunResult:
+            end_sessions: bool = False, moved_from: str | None = None,
+            drained_first: bool = False) -> RunResult:
     """`runbook snapshot restore`: lock, verify, safety snapshot, restore, restart, journal.
-    `moved_from`: see verify()."""
+    `moved_from`: see verify(). `drained_first`: see restore_steps()."""
 
     def build(run_id: str) -> Plan:
         snap = find(env, ref)
         facts: dict[str, Any] = {}
         restore_run = prepare(env, snap, moved_from)
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
-                              end_sessions=end_sessions, keep_stopped=not restart)
+                              end_sessions=end_sessions, keep_stopped=not restart,
+                              drained_first=drained_first)
         warnings = [facts[k] for k in ("unfinished_unreadable", "privileges_lost") if facts.get(k)]
         warnings += facts["unproven_sessions"]
         if facts.get("earlier_safety_snapshot"):

@@ -138,6 +138,35 @@ def test_an_older_hosts_check_without_its_plan_passes_and_is_shown_by_its_summar
         "database (once, on web1): 2, schema guard passed"]
 
 
+def test_a_host_whose_runbook_does_not_know_an_option_is_told_to_upgrade_not_to_install_fleet(
+        ) -> None:
+    """A host on an older fleet protocol fails the controller's host-check at option parsing
+    (protocol 7 added `--end-sessions`), before it can answer with its protocol, so the
+    protocol-mismatch line never came: its pre-flight problem said "install togather-runbook
+    with fleet support (>= 0.1.0) there", untrue of a host that has fleet support (found by
+    review). The oracle for the host's answer is click's own wording, from the real CLI
+    asked for an option it does not know; the line must name that option, the protocol this
+    controller needs and the same version as the controller's on every host."""
+    from importlib import metadata
+
+    from runbook.fleet import FLEET_PROTOCOL
+    from runbook.fleet.rollout import Events, preflight
+
+    told = subprocess.run([sys.executable, "-m", "runbook.cli", "fleet", "host-check",
+                           "development", "--bogus"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert told.returncode == 2 and "No such option: --bogus" in told.stderr, told.stderr
+    events = Events(results={"host-check": {"web1": {
+        "_event": "runner_on_failed", "rc": told.returncode, "stdout": told.stdout,
+        "stderr": told.stderr}}})
+    inventory = inv.Inventory(Path("inventory.yml"), ["web1"], {"canary": ["web1"]}, {})
+    _, problems, _ = preflight(events, inventory, ["web1"], take_lock=False)
+    assert [str(p) for p in problems] == [
+        f"web1: its runbook is older than this controller's: it does not know option --bogus "
+        f"(fleet protocol {FLEET_PROTOCOL} needed): install togather-runbook "
+        f"{metadata.version('togather-runbook')}, this controller's version, on every host"]
+
+
 class _SteppedClock:
     """The controller's wall clock (time.time) as NTP or a VM's resume leaves it: real time
     until `step` moves it by `by` seconds. A real clock step cannot be made in a test, so

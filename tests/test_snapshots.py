@@ -1974,3 +1974,37 @@ def test_a_session_the_runbook_cannot_tell_from_the_apps_is_named_in_the_restore
         worker.execute("SELECT 1")  # nor ended
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("end_sessions,endable", [(False, True), (True, True), (True, False)])
+def test_the_fleet_maintenance_restore_plan_says_the_drain_ends_other_hosts_app_sessions(
+        end_sessions: bool, endable: bool) -> None:
+    """Found by review: the fleet's maintenance pre-flight plans the lock host's restore
+    before any host is drained, when every other host's app connection pool is still
+    connected from that host's address: the runbook cannot tell those from a worker's, so
+    the plan told on-call to stop what they belong to first, or run with --end-sessions,
+    though the fleet's own drain of every host ends them before the restore. Planned as the
+    fleet runs it (drained_first), the warning says the drain ends them and that one still
+    connected after it is refused (or ended, with --end-sessions), never the single-host
+    advice. The oracle is the wording the review asked for, written here."""
+    from runbook.snapshots import sessions
+
+    pool = sessions.Session(pid=4242, user="app", application="", client="10.0.3.21",
+                            state="idle", since="2024-05-01T10:00:00Z", hidden=False,
+                            endable=endable)
+    fleet = sessions.unproven_warning(pool, end_sessions, drained_first=True)
+    assert fleet.startswith(f"{pool.describe()} cannot be told from the app slots'"), fleet
+    assert "the fleet's drain of every host ends the app's sessions before this restore" \
+        in fleet, fleet
+    after = fleet.split("if it is still connected after the drain, ", 1)
+    assert len(after) == 2, fleet
+    if end_sessions and endable:
+        assert after[1] == "--end-sessions ends it (its open transaction rolls back)", fleet
+    else:
+        assert after[1].startswith("the restore refuses it and every drained host is "
+                                   "started again"), fleet
+    assert "stop what it belongs to (a worker, a cron job, a psql, a pooler) first" \
+        not in fleet, fleet
+    # a single host's restore keeps its own advice
+    alone = sessions.unproven_warning(pool, end_sessions)
+    assert "drain" not in alone and "once the app slots are stopped" in alone, alone

@@ -174,7 +174,10 @@ def _maintenance(env: Environment, out: dict[str, Any], problems: list[dict[str,
     try:
         restoring = snapshot_restore.restore(env, str(snapshot), restart=False, dry_run=True,
                                              reason="fleet pre-flight",
-                                             end_sessions=end_sessions)
+                                             end_sessions=end_sessions,
+                                             # planned before the drain that ends the
+                                             # other hosts' app sessions
+                                             drained_first=True)
         plans["restore"] = {**_shown(restoring.plan), "snapshot": str(snapshot)}
     except RunbookError as exc:
         problems.append({"check": "snapshot restore dry run", "message": exc.message,

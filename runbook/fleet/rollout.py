@@ -448,6 +448,22 @@ def _host_error(res: dict[str, Any] | None) -> str:
                or _one_line(str(res.get("stderr") or res.get("msg") or "no answer")))
 
 
+def _host_check_failed(host: str, res: dict[str, Any]) -> str:
+    """The pre-flight problem of a host whose `runbook fleet host-check` answered no JSON.
+    One that does not know an option the controller passes (click's "No such option") has
+    fleet support but an older protocol, refused at option parsing before it could say so:
+    "install ... with fleet support" was untrue of it (found by review)."""
+    stderr = str(res.get("stderr", ""))
+    unknown = re.search(r"No such option: (-[-\w]+)", stderr)
+    if unknown:
+        return (f"{host}: its runbook is older than this controller's: it does not know option "
+                f"{unknown.group(1)} (fleet protocol {FLEET_PROTOCOL} needed): install "
+                f"togather-runbook {hostcheck.version()}, this controller's "
+                "version, on every host")
+    return (f"{host}: `runbook fleet host-check` failed (exit {res.get('rc')}): "
+            f"{_one_line(stderr)}; install togather-runbook with fleet support (>= 0.1.0) there")
+
+
 def _one_line(text: str) -> str:
     lines = [x.strip() for x in (text or "").strip().splitlines() if x.strip()]
     return lines[-1] if lines else "no output"
@@ -597,9 +613,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
             continue
         data = _last_json(str(res.get("stdout", "")))
         if data is None:
-            problems.append(f"{host}: `runbook fleet host-check` failed (exit {res.get('rc')}): "
-                            f"{_one_line(str(res.get('stderr', '')))}; install togather-runbook "
-                            f"with fleet support (>= 0.1.0) there")
+            problems.append(_host_check_failed(host, res))
             continue
         checks[host] = data
         if data.get("fleet_protocol") != FLEET_PROTOCOL:

@@ -222,15 +222,29 @@ def judge(env: Environment, found: list[Session]) -> Judged:
                              if s not in provably and not an_app_slots(s)])
 
 
-def unproven_warning(session: Session, end_sessions: bool) -> str:
+def unproven_warning(session: Session, end_sessions: bool, drained_first: bool = False
+                     ) -> str:
     """The plan's warning of a session the runbook cannot tell from the app slots' (found by
     a plan-fidelity review: the dry run said nothing, and the real run stopped the serving
-    slot, then refused it: exit 1, the app down for seconds, users got errors)."""
+    slot, then refused it: exit 1, the app down for seconds, users got errors).
+    `drained_first`: the fleet's maintenance restore, which runs once every host is drained."""
     what = (f"{session.describe()} cannot be told from the app slots' (its client address is "
             "neither an app slot container's nor provably another client's)")
     refused = ("the restore is refused then, with the service down for a few seconds until "
                "the app slots are started again")
     stop = "stop what it belongs to (a worker, a cron job, a psql, a pooler)"
+    if drained_first:
+        # the fleet's maintenance restore, planned before its drain: another host's app pool
+        # connects from that host's address, so is unproven here, and the drain ends it
+        # (found by review: the single-host advice had on-call stop the app by hand)
+        what += ("; the fleet's drain of every host ends the app's sessions before this "
+                 "restore; if it is still connected after the drain, ")
+        if end_sessions and session.endable:
+            return what + "--end-sessions ends it (its open transaction rolls back)"
+        refusal = "the restore refuses it and every drained host is started again"
+        if end_sessions:
+            return what + f"{refusal} (this database user may not end it: stop it first)"
+        return what + f"{refusal} (one that is not an app's: stop it, or add --end-sessions)"
     if end_sessions and session.endable:
         return (f"{what}: if it is still connected once the app slots are stopped, "
                 "--end-sessions ends it (its open transaction rolls back)")
