@@ -67,6 +67,7 @@ class ContainerInfo:
     # HostConfig.NetworkMode: "host" shares this host's network (its 127.0.0.1 is the host's);
     # "bridge", "default", a network's name or "container:<id>" do not; None: not inspected
     network_mode: str | None = None
+    finished_at: str | None = None  # State.FinishedAt: when it last stopped (Go's zero: never)
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
@@ -496,7 +497,8 @@ def inspect(name: str) -> ContainerInfo:
         name=name, exists=True, status=state.get("Status", "unknown"),
         image=config.get("Image"), image_id=attrs.get("Image"),
         exit_code=state.get("ExitCode"),
-        started_at=state.get("StartedAt"), restart_count=int(attrs.get("RestartCount") or 0),
+        started_at=state.get("StartedAt"), finished_at=state.get("FinishedAt"),
+        restart_count=int(attrs.get("RestartCount") or 0),
         labels=config.get("Labels") or {},
         published=_published(attrs),
         addresses=_addresses(attrs),

@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad input or configuration; nothing was changed
     LOCKED = 3  # another run holds the deploy lock; nothing was changed
     PRECONDITION = 4  # e.g. no previous deployment, schema ahead, image gone; nothing was changed
-    ATTENTION = 5  # the action failed and could not be fully undone: read the message now
+    ATTENTION = 5  # failed and not fully undone, or the service down: read the message now
     TOOK_EFFECT = 6  # traffic moved (verified) but finishing steps are left: run it again
 
 
@@ -25,7 +25,9 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.LOCKED: "locked by another run (the message names the holder); nothing changed",
     ExitCode.PRECONDITION: "precondition not met (no previous deployment, schema ahead, image "
                            "gone); nothing changed",
-    ExitCode.ATTENTION: "failed and could not be fully undone: read the message now",
+    ExitCode.ATTENTION: "failed and could not be fully undone, or undone with the service "
+                        "down (THE SERVICE IS DOWN: the slot Caddy points at is not running): "
+                        "read the message now",
     ExitCode.TOOK_EFFECT: "took effect (traffic moved and was verified) but finishing steps "
                           "are left: run the same command again to finish it",
 }

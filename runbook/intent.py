@@ -160,6 +160,25 @@ def last_recorded_step(env: Environment, intent: Intent) -> str | None:
     (the journal's log is the durable account), so after a power loss it may lag:
     "recorded", never "was in". None when there is no such record or it cannot be read, or
     no step to name: nothing is claimed then."""
+    last = _last_recorded(env, intent)
+    if last is None or not isinstance(last.get("title"), str):
+        return None
+    status = last.get("status")
+    return f"{last['title']} ({status})" if isinstance(status, str) else last["title"]
+
+
+def failed_step(env: Environment, intent: Intent) -> str | None:
+    """The name of the step the run's own record says failed (e.g. "health-gate"), or None:
+    a rerun whose target's gate failed there is said to be one (found by review: status
+    named it as the fix with nothing saying it had just failed)."""
+    last = _last_recorded(env, intent)
+    if last is None or last.get("status") != "failed" or not isinstance(last.get("name"), str):
+        return None
+    return str(last["name"])
+
+
+def _last_recorded(env: Environment, intent: Intent) -> dict[str, Any] | None:
+    """The last step the run's record shows (see last_recorded_step), or None."""
     if not RUN_ID.fullmatch(intent.run_id):  # a name, never a path out of runs_dir
         return None
     record_path = env.runs_dir / f"{intent.run_id}.json"
@@ -170,11 +189,8 @@ def last_recorded_step(env: Environment, intent: Intent) -> str | None:
             steps = [s for s in steps if s.get("status") == "failed"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    if not steps or not isinstance(steps[-1].get("title"), str):
-        return None
-    last = steps[-1]
-    status = last.get("status")
-    return f"{last['title']} ({status})" if isinstance(status, str) else last["title"]
+    last = steps[-1] if steps else None
+    return last if isinstance(last, dict) else None
 
 
 ACTIONS = frozenset({"deploy", "switch", "rollback"})  # the runs that write this record

@@ -26,12 +26,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook import faults, files
 from runbook import intent as intents
-from runbook.environment import Environment
+from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
 from runbook.redact import redact
 from runbook.restore_records import (
@@ -44,6 +45,9 @@ from runbook.restore_records import (
     forget_unfinished,
     mark_served,
 )
+
+if TYPE_CHECKING:
+    from runbook import docker
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
 
@@ -706,6 +710,68 @@ class _Execution:
 
     # -- failure before the commit: undo everything, in reverse --------------------------
     def _rolled_back(self, cause: BaseException) -> RunbookError:
+        """Undo what the run did (_undone), then say the service is down when it is: exit 1
+        reads "traffic stayed on a healthy slot", untrue while the slot Caddy points at is
+        not running (found by review: a rollback whose target failed its gate, both slots
+        stopped, the proxy answering 502, exited 1 saying nothing of it)."""
+        error = self._undone(cause)
+        if error.exit_code != ExitCode.FAILED_SAFELY or (down := self._serving_down()) is None:
+            return error
+        slot, info = down
+        state = f"{info.status}" if info.exists else "absent"
+        # no step before the commit leaves the serving slot stopped but a restore's, whose
+        # undo starts it again or ends the run with exit 5 itself (Stays, cannot_undo)
+        said = (f"THE SERVICE IS DOWN: {slot}, the slot Caddy points at, is not running (its "
+                f"container {info.name} is {state}{self._down_since(info)}): this run did "
+                "not stop it, and traffic stays there")
+        error.exit_code = ExitCode.ATTENTION
+        error.message = f"{said}; {error.message}"
+        error.args = (error.message,)
+        # status first: whether `docker start` is safe depends on what it alone reads (the
+        # build it holds, a restore unfinished or doubted, the schema the database is at)
+        verb = "unpause" if info.status == "paused" else "start"
+        back = (f"`docker {verb} {info.name}` when it holds the build the state file records "
+                "and nothing there says otherwise" if info.exists
+                else f"a deploy, its container {info.name} being absent")
+        error.fix = (f"`runbook status {command_arg(self.env)}` first: it names what brings "
+                     f"{slot} back ({back})" + (f"; then {error.fix}" if error.fix else ""))
+        self.journal.log("ERROR", said, step="undo")
+        return error
+
+    def _down_since(self, info: docker.ContainerInfo) -> str:
+        """When the container stopped, as Docker's FinishedAt says, against this run's start
+        (the oracle for "it was down before this run"); "" when that cannot be told (never
+        started, unreadable)."""
+        from runbook.times import format_utc, parse_rfc3339
+
+        if info.status not in ("exited", "dead"):  # paused, restarting: it stopped no time
+            return ""
+        try:
+            stopped = parse_rfc3339(info.finished_at or "")
+        except ValueError:
+            return ""
+        began = getattr(self.journal, "started_at", None)
+        if stopped is None or not isinstance(began, datetime) or began.tzinfo is None:
+            return ""
+        if stopped < began:
+            return f" since {format_utc(stopped)}, before this run began"
+        return f" since {format_utc(stopped)}, during this run"
+
+    def _serving_down(self) -> tuple[Slot, docker.ContainerInfo] | None:
+        """(slot, its container) when the slot Caddy's loaded config points at is not
+        running; None when it runs, or when Caddy or Docker cannot tell (nothing is
+        claimed then)."""
+        from runbook import docker, traffic
+
+        try:
+            slot = traffic.read(self.env, proxy=False).slot
+            info = docker.inspect(self.env.slot(slot).container) if slot is not None else None
+        except Exception:  # unread: the run's own error stands, and nothing is claimed
+            return None
+        return (slot, info) if slot is not None and info is not None and not info.running \
+            else None
+
+    def _undone(self, cause: BaseException) -> RunbookError:
         failed: list[str] = []  # undos of what users reach (traffic, slots)
         fixes: list[str] = []  # what to do by hand for those (StepContext.on_failure's fix)
         unkept: list[str] = []  # what was not put back, or was kept aside: said as it is

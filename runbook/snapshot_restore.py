@@ -362,6 +362,17 @@ def restore_steps(env: Environment, run: RestoreRun,
             then = (f"fix the cause and run `runbook switch {arg} --slot "
                     f"{switch_to or '<target slot>'}` or "
                     f"{compose.deploy_hint(env, '<known-good>')}")
+            # the code that served fits the restored database when it is at the schema that
+            # code ran on before the restore: `docker start` serves it again at once, what
+            # `runbook status` names first then (found by review: only the way to the target,
+            # whose gate had just failed, was named)
+            ran_on = run.schema_before_killed if killed is not None else run.schema_now
+            served = _serving_but_stopped(env)
+            if served is not None and served in run.stopped and ran_on is not None \
+                    and ran_on == SchemaVersion(verified.migration_version, verified.dirty):
+                then = (f"serve again what served before: `docker start {served}` (the "
+                        f"restored database is at schema {ran_on.describe()}, the one its code "
+                        f"ran on before the restore: it fits); then {then}")
         ctx.cannot_undo(down, f"{then}; {before_restore()}")
         # stopped after its commit (exit 6), the terminal may be all on-call reads
         ctx.after_commit(f"the database was restored to {snapshot.name} first: "
@@ -877,6 +888,20 @@ def restored_by(env: Environment, run_id: str) -> tuple[str, bool] | None:
     return path, restore.get("status") == "ok"
 
 
+
+
+def restored_at_schema_before(env: Environment, run_id: str, now: SchemaVersion) -> str | None:
+    """The safety snapshot of the run `run_id` (the data from before its restore, carried
+    on from a killed earlier run) when that run's restore ended replacing the database and
+    the database is now (`now`) at the schema that snapshot holds: the schema the code that
+    served before the restore ran on, so that code fits the database, the condition on
+    which a rerun's undo starts it again (_kept_down). None otherwise, or when it cannot be
+    told."""
+    restored = restored_by(env, run_id)
+    if restored is None or not restored[1]:
+        return None
+    before = _schema_before({"safety": restored[0]})
+    return restored[0] if before is not None and before == now else None
 
 
 def _schema_before(killed: dict[str, str] | None) -> SchemaVersion | None:

@@ -882,7 +882,9 @@ def _stopped_serving(f: Facts) -> docker.ContainerInfo | None:
     created and never started) or paused (found by review: said only as unreachable, with a
     rollback as the fix), and no interrupted run's record stands: that run's problem
     says the slot is stopped and names what finishes it (a restoring run stops it on
-    purpose; started by hand, the app runs on the database that run is replacing)."""
+    purpose; started by hand, the app runs on the database that run is replacing). Unless
+    that run restored the database and stopped before traffic moved, leaving it at the
+    schema the recorded build this container holds ran on (_fits_after_restore)."""
     active = f.active
     info = f.containers.get(active) if active is not None else None
     if info is None or not info.exists or info.status not in ("exited", "created", "paused"):
@@ -890,10 +892,29 @@ def _stopped_serving(f: Facts) -> docker.ContainerInfo | None:
     if f.intent is not None:  # unless out of date (interrupted_run: "nothing of it to finish")
         from runbook import finish
 
+        if finish.in_progress(f.intent, f.lock):
+            return None
         later = finish.superseded(f.intent, f.state) if active == f.intent.target else None
-        if finish.in_progress(f.intent, f.lock) or later is None:
+        if later is None and (_fits_after_restore(f) is None or not _holds_current(f, info)):
             return None
     return info
+
+
+def _fits_after_restore(f: Facts) -> str | None:
+    """The safety snapshot of the interrupted run when it restored the database and stopped
+    before traffic moved (its target failed its gate: exit 5, the app slots stopped), and
+    the database is at the schema that snapshot holds, the one the code that served ran on
+    before the restore: started again, that code fits it, as a rerun's undo would start it
+    (README, "When a run is interrupted"). Found by review: status named only the rerun,
+    back to the target whose gate had just failed, while `docker start` of the recorded
+    build was the way back. None otherwise."""
+    pending = f.intent
+    if pending is None or f.active is None or f.active != pending.source \
+            or f.active == pending.target or f.schema is None or f.schema.dirty:
+        return None
+    from runbook.snapshot_restore import restored_at_schema_before
+
+    return restored_at_schema_before(f.env, pending.run_id, f.schema)
 
 
 def _holds_current(f: Facts, info: docker.ContainerInfo) -> bool:
@@ -986,10 +1007,15 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
                       "which the state file does not record; otherwise "
                       + (_off_record(f) or "deploy or roll back to the build to serve"))
         return
+    safety = _fits_after_restore(f) if f.intent is not None else None
+    fits = "" if safety is None or f.schema is None else (
+        f"; the interrupted run restored the database to schema {f.schema.describe()}, the one "
+        f"this build ran on before that restore ({safety}, its safety snapshot, holds it): it "
+        "fits")
     yield Problem(f"{said}, the build the state file records as current",
                   _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
                   or f"`{_bring_back(info)}` (it serves the recorded build again; "
-                  f"nothing else changes), then `runbook status {_arg(f.env)}` again")
+                  f"nothing else changes{fits}), then `runbook status {_arg(f.env)}` again")
 
 
 def proxy_unanswered(f: Facts) -> Iterator[Problem]:
@@ -1407,6 +1433,16 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         f"; it {'restored' if restored[1] else 'began restoring'} the database first (the "
         f"data from before that restore is in {restored[0]}, its safety snapshot: keep it)")
     doubted = None if took else _doubted_fix(f)  # run again, it starts the app on it
+    again = "runs it again"
+    if not took and intents.failed_step(f.env, pending) == "health-gate":
+        # never the first fix with nothing saying so (found by review: it led back to it)
+        again += (f" (in that run {pending.to_version} failed its health gate on "
+                  f"{pending.to_slot}: find out why first, `docker logs --tail 100 "
+                  f"{f.env.slot(pending.target).container}`)")
+    down = None if took else _stopped_serving(f)
+    if down is not None and not first:  # the recorded build fits the restored database
+        first = (f"first `{_bring_back(down)}` (see that problem: it serves the recorded "
+                 "build again); then, only to go on with that run, ")
     yield Problem(f"an interrupted run is unfinished: {pending.describe(moved=took)}; "
                   # describe() says whether it took effect: said once
                   + (f"traffic is on {pending.to_slot}" if took
@@ -1414,7 +1450,7 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                   doubted or f"{first}`{command}` " + (
                       ("finishes it (records the state)" if pending.action == "switch" else
                        "finishes it (records the state, stops the old slot)") if took
-                      else "runs it again"))
+                      else again))
 
 
 def _serves(f: Facts, slot: Slot | None) -> str:

@@ -317,6 +317,24 @@ def _in_line_or_refuse(env: Environment, target: Slot, unrecorded: bool,
         raise PreconditionError(f"{refused}, and {exc.message}",
                                 exc.fix or f"check {env.caddy.caddyfile}") from None
     if found.slot == target and elsewhere is None:
+        stopped = docker.inspect(env.slot(target).container)
+        if not stopped.running:
+            # it takes no traffic: nothing serves (found by review: "already takes traffic"
+            # of a stopped container, the proxy answering 502). This switch never starts the
+            # slot users are on: `docker start` does, once status says it holds the build to
+            # serve on this database
+            state = (f"stopped ({stopped.status})" if stopped.status in ("exited", "created",
+                                                                         "dead")
+                     else stopped.status if stopped.exists else "absent")
+            verb = "unpause" if stopped.status == "paused" else "start"
+            back = (f"`docker {verb} {stopped.name}` serves its build again"
+                    if stopped.exists else f"deploy to it: {compose.deploy_hint(env)}")
+            raise PreconditionError(
+                f"the {target} slot Caddy points at takes no traffic: its container "
+                f"{stopped.name} is {state}, so nothing serves, and a switch to it moves nobody; "
+                "nothing was changed",
+                f"{back} (`runbook status {command_arg(env)}` says first whether it is the "
+                "build to serve on this database)")
         nothing = PreconditionError(refused, "nothing to switch; see `runbook status`")
         raise done(nothing) if done is not None else nothing
     names = (str(found.slot) if found.slot is not None

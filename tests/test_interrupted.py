@@ -589,7 +589,10 @@ def test_the_switch_an_unfinishable_run_prescribes_repairs_it(stack: DrillStack)
     interrupted = intents.read(env)
     assert interrupted is not None
     failed = cli(env, "switch", "--slot", "blue", "--yes", fault="before:switch:SIGINT")
-    assert failed.returncode == 1, failed.stderr  # Ctrl-C before the commit: undone
+    # Ctrl-C before the commit: undone; Caddy still points at the crashed green, so exit 5
+    # and THE SERVICE IS DOWN, never exit 1's "traffic stayed on a healthy slot"
+    assert failed.returncode == int(ExitCode.ATTENTION), failed.stderr
+    assert "THE SERVICE IS DOWN: green" in failed.stderr, failed.stderr
     assert intents.read(env) == interrupted  # its record put back: the next run still knows
     repaired = cli(env, "switch", "--slot", "blue", "--yes")
     said = repaired.stdout + repaired.stderr
@@ -1806,7 +1809,10 @@ def test_a_restore_rerun_after_one_killed_past_its_restore_names_the_first_safet
     assert looked.returncode == 0, looked.stdout + looked.stderr
     assert json.loads(looked.stdout)["plan"]["facts"]["earlier_safety_snapshot"] == str(before)
     refused = restore("before:stop-app-slots:SIGINT")  # Ctrl-C before any data changed
-    assert refused.returncode == 1, refused.stdout + refused.stderr
+    # nothing changed, but the killed runs left blue, which Caddy points at, stopped: exit 5
+    # and THE SERVICE IS DOWN, never exit 1's "traffic stayed on a healthy slot"
+    assert refused.returncode == int(ExitCode.ATTENTION), refused.stdout + refused.stderr
+    assert "THE SERVICE IS DOWN: blue" in refused.stdout + refused.stderr, refused.stderr
     again = restore()
     assert again.returncode == 0, again.stdout + again.stderr
     [_, _, mine] = safety_files()  # the last run's: the database as the killed ones left it
@@ -2075,7 +2081,10 @@ def test_a_repairing_switch_stopped_at_its_first_step_keeps_the_interrupted_runs
     interrupted = intents.read(env)
     assert interrupted is not None
     stopped = cli(env, "switch", "--slot", "blue", "--yes", fault="before:replace-record:SIGINT")
-    assert stopped.returncode == 1, stopped.stderr
+    # Caddy points at the crashed green: never exit 1's "traffic stayed on a healthy slot"
+    # (tests/test_down_after_restore.py)
+    assert stopped.returncode == int(ExitCode.ATTENTION), stopped.stderr
+    assert "THE SERVICE IS DOWN: green" in stopped.stderr, stopped.stderr
     assert intents.read(env) == interrupted  # put back: the next run still knows
     repaired = cli(env, "switch", "--slot", "blue", "--yes")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
