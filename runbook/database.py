@@ -363,10 +363,14 @@ def _from_process(env: Environment) -> bool:
     return bool(os.environ.get(env.database.url_variable))
 
 
+_REFERENCE_ONLY = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?:[-:?+][^}]*)?\}")
+
+
 def known_secrets(env: Environment) -> set[str]:
-    """The database password (every form) and every secret the env file holds (each key
-    redact.holds_secret names), for the journal's secret list. Never raises: a broken
-    configuration is reported by whoever uses it.
+    """The database password (every form) and every secret the env file holds (a value
+    holding a password, or a key's whose name ends in a secret word: redact.secret_by_name),
+    for the journal's secret list. Never raises: a broken configuration is reported by
+    whoever uses it.
 
     The env file's values both as Compose expands them (`POSTGRES_PASSWORD=${PW_HEAD}rest` is
     the password it expands to) and as written, which is what `docker run --env-file` hands
@@ -384,7 +388,7 @@ def known_secrets(env: Environment) -> set[str]:
         import os
 
         from runbook.environment.model import credential_variables, read_env_entries
-        from runbook.redact import holds_secret
+        from runbook.redact import holds_password, secret_by_name
 
         for interpolate in (True, False):
             try:
@@ -393,12 +397,18 @@ def known_secrets(env: Environment) -> set[str]:
                 entries = {}
             values = {key: entry.value for key, entry in entries.items()}
             found |= secrets_of(values.get(env.database.url_variable, ""))
-            # every key holds_secret names (DB_PASS, API_TOKEN, JWT_SECRET_KEY, REDIS_URL
-            # with a password...), not only *PASSWORD and *_SECRET: an app quoting one bare
-            # matched no pattern (found by review)
+            # every key named a secret (DB_PASS, API_TOKEN, JWT_SECRET_KEY...) and every value
+            # holding a password (REDIS_URL=redis://:pw@...), not only *PASSWORD and *_SECRET:
+            # an app quoting one bare matched no pattern (found by review). A name ending in
+            # the word only, an ordinary word only as a password: SECRETS_BACKEND=production
+            # masked the environment's name everywhere (found by review)
             for key, value in values.items():
-                if key != env.database.url_variable and holds_secret(key, value):
+                if key == env.database.url_variable:
+                    continue
+                if holds_password(value):
                     found |= {value} | (secrets_of(value) if "://" in value else set())
+                elif secret_by_name(key, value):
+                    found.add(value)
             # A `$` in the password that Compose reads as a variable set nowhere: the rest
             # of the password is that variable's name (the refusal never names it), and a
             # key the credentials use holding it (DB_PW=pa$word) holds the password
@@ -409,7 +419,10 @@ def known_secrets(env: Environment) -> set[str]:
                 found.add(name)
                 if holder != env.database.url_variable:
                     found |= {entries[holder].written, entries[holder].value} - {""}
-    return found
+    # a value that is one `${NAME}` as written (a password read literally, or a key as
+    # written) names a variable, no secret, and the refusal names it (`uses
+    # ${POSTGRES_PASSWORD}`): masked, it read `uses ***` (found by review)
+    return {value for value in found if not _REFERENCE_ONLY.fullmatch(value)}
 
 
 def configured(env: Environment) -> bool:

@@ -27,12 +27,14 @@ PLACEHOLDER = "<password>"
 MIN_SECRET_LENGTH = 4  # shorter known values would mask ordinary words
 STRONG_SECRET_LENGTH = 6  # a known value this long, of mixed kinds, is masked even in a word
 
-# `pass` only as a part of a key's name (DB_PASS, smtp.pass, PGPASS), never inside a word
-# (bypass, passed, compass) nor alone ("checks pass: 3"); Laravel's APP_KEY. Found by review:
-# DB_PASS=... and an app quoting its APP_KEY were printed in clear. Letters only, no `\w`:
-# the env pattern below upper-cases the whole of it.
+# `pass` only as the end of a key's name after `_` (DB_PASS, SMTP_PASS, PGPASS) or a key of
+# its own (PASS=), never inside a word (bypass, passed, compass), after `-` or `.` (a host
+# mail-pass.example.org, a file ..._pre-pass.sql.gz: found by review) nor alone ("checks
+# pass: 3"); Laravel's APP_KEY. Found by review: DB_PASS=... and an app quoting its APP_KEY
+# were printed in clear. Letters only, no `\w`: the env pattern below upper-cases it all.
 _WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key" \
-         r"|app[_-]?key|credentials?|(?<=[_.-])pass(?![a-z])|pgpass(?![a-z]))"
+         r"|app[_-]?key|credentials?|(?<=_)pass(?![a-z])|pgpass(?![a-z])" \
+         r"|(?<![a-z0-9_.-])pass(?==))"
 _QUOTED = r"\"(?:[^\"\\]|\\.)*\"(?=[\s,;}\]]|$)|'[^']*'(?=[\s,;}\]]|$)"
 _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = []
 
@@ -71,9 +73,10 @@ _PATTERNS.append((
                + r"(?P<sep>[\"']?\s*:\s*)(?P<value>" + _QUOTED + r"|[^\s&;,\"']+)"),
     lambda m: f"{m['key']}{m['sep']}{_quoted_mask(m['value'])}",
 ))
-# --password SECRET
+# --password SECRET, --pass SECRET, --smtp-pass SECRET (in a flag `-pass` is the word)
+_FLAG_WORDS = r"(?:" + _WORDS + r"|(?<=-)pass(?![a-z]))"
 _PATTERNS.append((
-    re.compile(r"(?i)(?P<flag>--?[\w-]*" + _WORDS + r"[\w-]*)\s+(?P<value>(?!-)\S+)"),
+    re.compile(r"(?i)(?P<flag>--?[\w-]*" + _FLAG_WORDS + r"[\w-]*)\s+(?P<value>(?!-)\S+)"),
     lambda m: f"{m['flag']} {MASK}",
 ))
 # Authorization: Bearer xxx / Basic xxx
@@ -83,8 +86,8 @@ _PATTERNS.append((
 ))
 # What every pattern above needs somewhere in the text (a URL password its `@`, the rest a
 # secret word or an auth scheme): text without any of it is left as is without running them.
-_MAY_MATCH = re.compile(r"(?i)@|" + _WORDS + r"|bearer|basic")
-_SECRET_FLAG = re.compile(r"(?i)--?(?!no-)[\w-]*" + _WORDS + r"[\w-]*")  # not --no-password
+_MAY_MATCH = re.compile(r"(?i)@|" + _FLAG_WORDS + r"|bearer|basic")
+_SECRET_FLAG = re.compile(r"(?i)--?(?!no-)[\w-]*" + _FLAG_WORDS + r"[\w-]*")  # not --no-password
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 
 
@@ -106,6 +109,29 @@ def holds_secret(name: str, value: str) -> bool:
     if not value or value.startswith(("/", "./", "~")) or _NAMES_A_PLACE.search(name):
         return False
     return bool(_SECRET_NAME.search(name))
+
+
+# The env-file keys whose value is a secret by name alone (known_secrets): the name ENDS in
+# a secret word. A key merely holding one (SECRETS_BACKEND, API_TOKEN_ISSUER,
+# ACCESS_TOKEN_TTL) is not: its ordinary value was masked everywhere (found by review).
+_SECRET_NAME_END = re.compile(r"(?i)(?:^|_)(?:pass|passwd|pwd|secret|token|key|credentials)$"
+                              r"|password$|(?:^|_)pgpass$")
+_PASSWORD_NAME_END = re.compile(r"(?i)password$|(?:^|_)(?:pass|passwd|pwd|pgpass)$")
+
+
+def secret_by_name(name: str, value: str) -> bool:
+    """Whether an env-file value is a known secret for its key's name: a name ending in a
+    secret word (*PASSWORD, *_PASS, *_PWD, *_SECRET, *_TOKEN, *_KEY, *_CREDENTIALS,
+    PGPASS), not a path to a file holding it, and, but for a password's, no ordinary word
+    or number (_weak: `JWT_KEY=HS256`, `SESSION_TOKEN=3600` would mask those everywhere)."""
+    if not holds_secret(name, value) or not _SECRET_NAME_END.search(name):
+        return False
+    return bool(_PASSWORD_NAME_END.search(name)) or not _weak(value)
+
+
+def holds_password(value: str) -> bool:
+    """Whether a value holds a password itself: a URL's user:password@ or a libpq key."""
+    return bool(_PASSWORD_IN_URL.search(value) or _PASSWORD_KEY.search(value))
 
 
 _REGISTERED: set[str] = set()  # this process's known secret values (the database password)

@@ -831,7 +831,8 @@ def test_names_docker_or_the_filesystem_cannot_take_are_refused_at_load(
     "togather-server", "togather_server", "togather__server", "togather.server",
     "org/togather-server", "registry.example.org/togather/server",
     "registry.example.org:5000/togather/server", "localhost:5000/togather-server",
-    "Registry.Example.org/togather", "ghcr.io/org-x/togather-server"])
+    "Registry.Example.org/togather", "ghcr.io/org-x/togather-server",
+    "[fd00::1]:5000/togather-server", "[fd00::1]/togather"])
 def test_image_repositories_docker_takes_are_taken(tmp_path: Path, repository: str) -> None:
     """The reference grammar's valid names (distribution/reference: lowercase path
     components, an optional registry host whose name may hold capitals, and its port)."""

@@ -634,3 +634,76 @@ def test_a_fix_naming_the_urls_form_keeps_its_password_placeholder(
     assert "Pw-Kq81x" not in said, said
     assert "postgresql://USER:<password>@HOST:PORT/DB" in said, said
     assert "USER:***@" not in said, said
+
+
+# keys whose names hold a secret word without naming a secret, and ordinary values
+ORDINARY_ENV = {"SECRETS_BACKEND": "production", "API_TOKEN_ISSUER": "togather",
+                "ACCESS_TOKEN_TTL": "3600"}
+
+
+def test_an_env_key_merely_holding_a_secret_word_is_no_known_secret(tmp_path: Path) -> None:
+    """Found by review: every key redact.holds_secret names was registered, so
+    SECRETS_BACKEND=production made status print `Environment ***` and
+    API_TOKEN_ISSUER=togather the database's name `***`. Only keys whose name ends in a
+    secret word are registered; a weak value only under a password's name."""
+    source = host_with_app(tmp_path, 1, "DATABASE_URL=postgresql://togather:Db-Pw-9x2Kq"
+                           "@127.0.0.1:1/togather\n" + "".join(
+                               f"{k}={v}\n" for k, v in ORDINARY_ENV.items())
+                           + "API_TOKEN=tok-A1b2C3d4\nJWT_KEY=shortk\nDB_PASS=hunter\n")
+    env = envmod.load_file(source)
+    known = database.known_secrets(env)
+    assert not set(ORDINARY_ENV.values()) & known, known
+    assert {"Db-Pw-9x2Kq", "tok-A1b2C3d4", "hunter"} <= known, known  # a password, even weak
+    assert "shortk" not in known, known  # a weak value under a key's name: a word
+    said = runbook("status", str(source))
+    assert "production" in said.stdout and "Environment ***" not in said.stdout, said.stdout
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("postgresql://${APP_DB_USER}:S3cr3t-pw@127.0.0.1:1/togather", "APP_DB_USER"),
+    ("postgresql://togather:${POSTGRES_PASSWORD}@127.0.0.1:1/togather", "POSTGRES_PASSWORD"),
+])
+def test_a_braced_variable_in_the_url_is_named_never_a_secret(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, named: str) -> None:
+    """Found by review: a `${NAME}` in the URL's user (or a deliberate `${POSTGRES_PASSWORD}`)
+    was taken for a password's own `$`: the refusal told to write `$$`, and the name was
+    registered, so redact("set POSTGRES_PASSWORD in ...") printed `set *** in ...`. A braced
+    variable is meant: the refusal names it (export it), and it is never a secret."""
+    from runbook.environment.model import read_env_entries, unresolved_error
+    from runbook.redact import redact
+
+    monkeypatch.delenv(named, raising=False)
+    source = host_with_app(tmp_path, 1, f"DATABASE_URL={url}\n")
+    entries = read_env_entries(tmp_path / ".env")
+    error = str(unresolved_error(tmp_path / ".env", "DATABASE_URL", entries["DATABASE_URL"],
+                                 entries))
+    assert f"uses ${{{named}}}" in error and f"export {named}" in error, error
+    assert "$$ for each literal" not in error, error
+    known = database.known_secrets(envmod.load_file(source))
+    assert not [k for k in known if named in k], known
+    assert redact(f"set {named} in /opt/togather/.env.production") \
+        == f"set {named} in /opt/togather/.env.production"
+
+
+def test_a_defaulted_password_variable_is_no_secret_its_default_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POSTGRES_PASSWORD", raising=False)
+    source = host_with_app(tmp_path, 1, "DATABASE_URL=postgresql://togather:"
+                           "${POSTGRES_PASSWORD:-Ch4nge-me}@127.0.0.1:1/togather\n")
+    known = database.known_secrets(envmod.load_file(source))
+    assert "Ch4nge-me" in known and not [k for k in known if "POSTGRES_PASSWORD" in k], known
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("host mail-pass.example.org: unreachable", "host mail-pass.example.org: unreachable"),
+    ("snapshot togather_app_20261206_pre-pass.sql.gz: restored",
+     "snapshot togather_app_20261206_pre-pass.sql.gz: restored"),
+    ("PASS=hunter22x", "PASS=***"),
+    ("DB_PASS=hunter22x smtp_pass: hunter22x", "DB_PASS=*** smtp_pass: ***"),
+])
+def test_pass_names_a_secret_after_an_underscore_or_alone(text: str, expected: str) -> None:
+    """Found by review: `-pass`/`.pass` counted as a key's name (a host, a snapshot's file
+    had the next word masked), while a bare `PASS=` was not."""
+    from runbook.redact import redact
+
+    assert redact(text) == expected

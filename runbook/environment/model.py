@@ -266,15 +266,21 @@ def read_env_file(path: Path, *, errors: str = "strict",
             in read_env_entries(path, errors=errors, interpolate=interpolate).items()}
 
 
-_REFERENCE = re.compile(r"\$(?:\$|\{?([A-Za-z_][A-Za-z0-9_]*))")  # `$$` is no reference
+# `$$` is no reference; `${NAME...}` (group 1) is a variable written as one, a bare `$NAME`
+# (group 2) as often a password's own `$`
+_REFERENCE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
 
 
 def credential_variables(key: str, entries: Mapping[str, EnvEntry]) -> dict[str, str]:
-    """The variables a URL's `user:password` (between `://` and the last `@`) refers to as
-    written, directly or through the file's keys it uses (`${DB_PW}`, DB_PW=pa$word), each
-    with the key whose value refers to it. A `$` in a password that Compose reads as a
-    variable makes the rest of the password that variable's name: never to be printed."""
+    """The bare `$name`s in a URL's password (after the first `:` past `://`, up to the last
+    `@`) as written, directly or through the file's keys it uses as `${DB_PW}`
+    (DB_PW=pa$word), each with the key whose value holds it. Compose reads such a `$` as a
+    variable, which makes the rest of the password that variable's name: never to be
+    printed. A braced `${NAME}` is a variable meant (`${APP_DB_USER}` in the user,
+    `${POSTGRES_PASSWORD}`): followed into the file, never returned (found by review: taken
+    for a password's `$`, the refusal told to write `$$` and the name was masked)."""
     found: dict[str, str] = {}
+    seen = {key}
     todo = [key]
     while todo:
         holder = todo.pop()
@@ -282,14 +288,20 @@ def credential_variables(key: str, entries: Mapping[str, EnvEntry]) -> dict[str,
         if entry is None:
             continue
         text = entry.written
-        if holder == key:  # the URL itself: its credentials only
+        if holder == key:  # the URL itself: its password only
             rest = text.partition("://")[2]
-            text = rest[:rest.rfind("@")] if "@" in rest else ""
+            userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+            text = userinfo.partition(":")[2]
         for match in _REFERENCE.finditer(text):
-            name = match.group(1)
-            if name and name not in found:
-                found[name] = holder
-                todo.append(name)
+            braced, bare = match.group(1), match.group(2)
+            if braced and braced not in seen:
+                seen.add(braced)
+                todo.append(braced)
+            elif bare and bare not in found:
+                found[bare] = holder
+                if bare not in seen:  # a key of the file used bare ($DB_PW): its value too
+                    seen.add(bare)
+                    todo.append(bare)
     return found
 
 
@@ -298,8 +310,8 @@ def unresolved_error(path: Path, key: str, entry: EnvEntry,
     """The one-line refusal of a value the runbook must use that Compose's reading leaves
     unresolved: the file, the key and the variable, never the value (it holds secrets). Only
     reached where Compose reads the file (DatabaseConfig.compose_reads): its words say so.
-    A variable in the URL's credentials (`entries`: the file's keys) is not named: most
-    often it is a password's own `$`, and its name the rest of the password (found by
+    A bare `$name` in the URL's password (`entries`: the file's keys) is not named: most
+    often it is the password's own `$`, and its name the rest of the password (found by
     review: `Xy$Tr0ub4dor...` printed "uses ${Tr0ub4dor...}" on every command)."""
     name, form = entry.unresolved
     holder = credential_variables(key, entries or {key: entry}).get(name) if name else None

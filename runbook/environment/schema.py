@@ -138,8 +138,9 @@ ContainerName = Annotated[str, AfterValidator(_container_name)]
 # or dashes. A first part is a registry host only with a `.` or a port, or as `localhost`,
 # as the engine reads it (`Togather/server` is a path, refused for its capital)
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+# ...or an IPv6 address in brackets, with its port or not ([fd00::1]:5000/togather-server)
 _DOMAIN = (rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+(?::[0-9]+)?|{_DOMAIN_PART}:[0-9]+"
-           r"|localhost)")
+           r"|localhost|\[[0-9a-fA-F:]+\](?::[0-9]+)?)")
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*")
 _NAME_TOTAL_MAX = 255  # the grammar's limit on a repository name
