@@ -804,7 +804,7 @@ def test_bad_run_id_and_unwritable_dirs_are_config_errors(env: Environment,
         Journal.open(env, "deploy", run_id="../../etc/passwd")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="cannot create"):
+    with pytest.raises(ConfigError, match=r"\[logs\] dir .* is not a folder"):
         Journal.open(env.with_(log_dir=blocker / "logs"), "deploy")
 
 

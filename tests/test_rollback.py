@@ -3278,8 +3278,10 @@ def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_chang
         stack: DrillStack) -> None:
     """Exit 4 promises "nothing was changed". A refusal met once the run had started the
     standby (here the switch's: the managed block sets no X-Togather-Slot and the app does
-    not send it, found only when the serving slot is down) is undone first, so the run
-    failed safely: exit 1, the standby stopped again, traffic where it was."""
+    not send it, found only when the serving slot is down) is undone first: the standby
+    stopped again, traffic where it was. The slot Caddy points at was stopped before the run
+    (the outage the rollback was for), so the run says THE SERVICE IS DOWN, exit 5, not
+    exit 1's "traffic stayed on a healthy slot"."""
     env = two_deployments(stack)  # v3 serving from blue; v2 on green, stopped
     text = caddy.read(env)
     bare = text.replace('header_down X-Togather-Slot "blue"', "")
@@ -3289,7 +3291,10 @@ def test_a_refusal_after_the_standby_started_is_a_safe_failure_not_nothing_chang
     with pytest.raises(RunbookError) as failed:
         rollback.rollback(env, rollback.Options(reason="test: refused mid-run"))
     said = failed.value.message
-    assert failed.value.exit_code == ExitCode.FAILED_SAFELY, said
+    assert failed.value.exit_code == ExitCode.ATTENTION, said
+    assert said.startswith("THE SERVICE IS DOWN: blue, the slot Caddy points at, is not "
+                           "running"), said
+    assert "before this run began" in said and "this run did not stop it" in said, said
     assert "no header_down X-Togather-Slot" in said and "undone" in said, said
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
     assert caddy.read(env) == bare

@@ -488,8 +488,8 @@ def test_cli_cleanup_goes_on_when_its_log_cannot_be_written_and_says_so(
     assert done.returncode == 0 and not gone.exists(), done.stderr
     assert f"Removed {gone.name}" in done.stdout
     (warning,) = done.stderr.splitlines()
-    assert warning.startswith("runbook: warning: the journal is incomplete: cannot create "
-                              f"{tmp_path / 'logs'}"), warning
+    assert warning.startswith("runbook: warning: the journal is incomplete: [logs] dir "
+                              f"{tmp_path / 'logs'} is not a folder"), warning
 
 
 def test_the_full_disk_hint_names_the_setting_that_is_read() -> None:
