@@ -761,15 +761,12 @@ class _Execution:
         """(slot, its container) when the slot Caddy's loaded config points at is not
         running; None when it runs, or when Caddy or Docker cannot tell (nothing is
         claimed then)."""
-        from runbook import docker, traffic
+        from runbook import traffic
 
         try:
-            slot = traffic.read(self.env, proxy=False).slot
-            info = docker.inspect(self.env.slot(slot).container) if slot is not None else None
+            return traffic.serving_stopped(self.env)
         except Exception:  # unread: the run's own error stands, and nothing is claimed
             return None
-        return (slot, info) if slot is not None and info is not None and not info.running \
-            else None
 
     def _undone(self, cause: BaseException) -> RunbookError:
         failed: list[str] = []  # undos of what users reach (traffic, slots)

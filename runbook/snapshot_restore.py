@@ -946,26 +946,17 @@ def _serving_container(env: Environment, switch_to: Slot | None) -> str | None:
 
     if switch_to is not None:
         return env.slot(switch_to.other).container
-    try:
-        serving = traffic.read(env, proxy=False).slot
-    except RunbookError:
-        return None
+    serving = traffic.serving_now(env)
     return env.slot(serving).container if serving is not None else None
 
 
 def _serving_but_stopped(env: Environment) -> str | None:
-    """The container of the slot Caddy's running config serves, when it is not running."""
-    from runbook import docker, traffic
+    """The container of the slot Caddy's running config serves, when it exists and is not
+    running (Caddy unread: only the containers this run stops are started)."""
+    from runbook import traffic
 
-    try:
-        serving = traffic.read(env, proxy=False).slot
-    except RunbookError:
-        return None  # Caddy cannot be read: only the containers this run stops are started
-    if serving is None:
-        return None
-    name = env.slot(serving).container
-    info = docker.inspect(name)
-    return name if info.exists and not info.running else None
+    down = traffic.serving_stopped(env)
+    return down[1].name if down is not None and down[1].exists else None
 
 
 def _ran_with(env: Environment, run: RestoreRun, tag: str | None

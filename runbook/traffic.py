@@ -926,6 +926,28 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
                    found.markers, status)
 
 
+def serving_now(env: Environment) -> Slot | None:
+    """The slot Caddy's loaded config sends users to; None when Caddy cannot be read or
+    sends to no single slot (callers then claim nothing)."""
+    try:
+        return read(env, proxy=False).slot
+    except RunbookError:
+        return None
+
+
+def serving_stopped(env: Environment) -> tuple[Slot, docker.ContainerInfo] | None:
+    """(slot, its container as Docker has it) when the slot Caddy's loaded config sends
+    users to is not running: the outage the restore, the executor's undo and `status` must
+    name. None when it runs or Caddy cannot tell; Docker's own errors are the caller's."""
+    from runbook import docker
+
+    slot = serving_now(env)
+    if slot is None:
+        return None
+    info = docker.inspect(env.slot(slot).container)
+    return None if info.running else (slot, info)
+
+
 def refuse_if_unverifiable(env: Environment, found: Traffic) -> None:
     """Refuse a switch that could never be verified: where verification asks, the proxy
     answers without the slot header, so the switch would move users, fail its verification,
