@@ -403,7 +403,13 @@ def refuse_unwritable(env: Environment, *, caddyfile: bool = True, records: bool
     before anything, where `blocked_problems` or `access_problems` finds one (what it writes:
     the same keywords), or, where it writes the state file or takes the lock, where the state
     file is behind a symlink into a missing directory (its lock's guard would be made there):
-    exit 4, nothing changed."""
+    exit 4, nothing changed. Where it takes the lock, a [lock] dir that is a file (or under
+    one) is exit 2 first: a configuration error (lock.lock_dir_problem), before the journal."""
+    if lock:
+        from runbook.lock import lock_dir_refusal
+
+        if (refused := lock_dir_refusal(env)) is not None:
+            raise refused
     if (state or lock) and (behind := files.link_refusal(env.state_file, "the state file",
                                                          "[state] file")):
         raise PreconditionError(f"{behind[0]}; nothing was changed", behind[1])

@@ -284,8 +284,8 @@ def test_the_image_repository_check_agrees_with_the_engine(tmp_path: Path,
     assert engine.returncode != 0, engine.stdout  # no such image is ever built here
     valid = "invalid reference format" not in engine.stderr
     source = tmp_path / "production.toml"
-    source.write_text('name = "production"\n[slots.blue]\ncontainer = "b"\nport = 8081\n'
-                      '[slots.green]\ncontainer = "g"\nport = 8082\n'
+    source.write_text('name = "production"\n[slots.blue]\ncontainer = "blue"\nport = 8081\n'
+                      '[slots.green]\ncontainer = "green"\nport = 8082\n'
                       f'[compose]\nimage_repository = "{repository}"\n')
     try:
         envmod.load(str(source))
@@ -294,3 +294,39 @@ def test_the_image_repository_check_agrees_with_the_engine(tmp_path: Path,
         assert "compose.image_repository" in str(exc), str(exc)
         taken = False
     assert taken == valid, (repository, engine.stderr)
+
+
+# one character, two (the engine's minimum), a first character it refuses, and what compose
+# names a service's container (v1 `<project>_<service>_1`, v2 `<project>-<service>-1`)
+CONTAINER_NAMES = ["a", "Z", "9", "q7", "Q_", "_x", ".x", "-x", "a b",
+                   "togather-production_blue_1", "togather-production-green-1"]
+
+
+@pytest.mark.parametrize("name", CONTAINER_NAMES)
+def test_the_container_name_check_agrees_with_the_engine(tmp_path: Path, name: str) -> None:
+    """Found by review: a one-character `container` passed the load and was then asked of
+    Docker, which refuses it. `[slots.*] container` is taken exactly when this engine creates
+    a container of that name (the oracle: `docker create --name`, its "Invalid container
+    name", or a container made, then removed by its id, or one of that name already there)."""
+    from runbook.drill.images import LOCAL_POSTGRES
+
+    engine = subprocess.run(["docker", "create", "--pull", "never", "--name", name,
+                             LOCAL_POSTGRES], capture_output=True, text=True, timeout=60,
+                            check=False)
+    if "No such image" in engine.stderr:
+        pytest.skip(f"{LOCAL_POSTGRES} is not on this machine (`runbook drill` builds it)")
+    if engine.returncode == 0:  # only the container this test made
+        subprocess.run(["docker", "rm", engine.stdout.strip()], capture_output=True,
+                       timeout=60, check=True)
+    valid = "Invalid container name" not in engine.stderr
+    assert valid == (engine.returncode == 0 or "already in use" in engine.stderr), engine.stderr
+    source = tmp_path / "production.toml"
+    source.write_text(f'name = "production"\n[slots.blue]\ncontainer = "{name}"\nport = 8081\n'
+                      '[slots.green]\ncontainer = "green"\nport = 8082\n')
+    try:
+        envmod.load(str(source))
+        taken = True
+    except RunbookError as exc:
+        assert "slots.blue.container" in str(exc), str(exc)
+        taken = False
+    assert taken == valid, (name, engine.stderr)

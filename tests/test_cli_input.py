@@ -985,3 +985,76 @@ def test_a_value_libpq_refuses_from_its_environment_is_a_config_error_too(
     assert refused.value.exit_code == ExitCode.USAGE, refused.value
     assert 'invalid sslmode value: "bogus"' in refused.value.message, refused.value
     assert "unreachable" not in str(refused.value) and "sslmode" in (refused.value.fix or "")
+
+
+LOCK_DIR_COMMANDS = [
+    ["rollback", "HOST", "--yes"], ["rollback", "HOST", "--dry-run"],
+    ["rollback", "HOST", "--restore-snapshot", "--snapshot", "SNAP", "--yes"],
+    ["switch", "HOST", "--slot", "blue", "--yes"], ["switch", "HOST", "--slot", "blue",
+                                                    "--dry-run"],
+    ["deploy", "HOST", "--version", "ccccccc", "--yes"],
+    ["deploy", "HOST", "--version", "ccccccc", "--dry-run"],
+    ["snapshot", "restore", "HOST", "SNAP", "--yes"],
+    ["snapshot", "restore", "HOST", "SNAP", "--dry-run"],
+    ["snapshot", "cleanup", "HOST", "--yes"], ["snapshot", "cleanup", "HOST", "--dry-run"],
+    ["state", "restore-kept", "HOST", "--yes"],
+    ["unlock", "HOST", "--yes"], ["unlock", "HOST", "--force", "--yes"],
+    ["fleet", "drain", "HOST"], ["fleet", "drain", "HOST", "--undo", "togather-server-blue"],
+    ["fleet", "lock", "HOST", "--status"],
+    ["fleet", "lock", "HOST", "--take", "--fleet-run", "flt_1", "--holder", "ops",
+     "--controller-host", "ops-laptop", "--pid", "1"],
+]
+
+
+@pytest.mark.parametrize("where", ["[lock] dir", "a folder on its way"])
+def test_a_lock_dir_that_is_a_file_is_bad_configuration_for_every_command_not_a_holder(
+        host: Path, where: str) -> None:
+    """Found by review: a [lock] dir that is a file (or under a file) was exit 3, "the deploy
+    lock cannot be used ... remove it by hand" (README's code for a live holder: run again in
+    a minute) for every dry run, and the fleet's pre-flight said the deploy lock, and the
+    fleet lock, were held (a fleet run refused as "held by another fleet run", exit 3). A
+    real run refused it with exit 2 only once its journal and run record were written. It
+    is a configuration error that waiting never ends: exit 2 before anything, in one line
+    naming [lock] dir and the fix, as a [logs] dir that is a file is."""
+    two_deployments_state(host)
+    snaps = _with_snapshot_dir(host)
+    snap = snaps / "togather_togather_20261201_000000_manual.sql.gz"
+    snap.write_bytes(b"\x1f\x8b")  # named as a snapshot of this database: looked up, not read
+    blocker = host.parent / "locks"
+    blocker.rmdir()
+    blocker.write_text("a file, not a directory")
+    if where == "a folder on its way":
+        host.write_text(host.read_text().replace(f'"{blocker}"', f'"{blocker / "deploy"}"'))
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_CONFIG", "DATABASE_URL")}
+    env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
+    env["DATABASE_URL"] = f"postgresql://togather:pw@127.0.0.1:{closed_port()}/togather"
+    before = {p: p.read_bytes() if p.is_file() else None for p in host.parent.rglob("*")}
+    wrong: list[tuple[str, int, str]] = []  # every command's verdict, not only the first's
+    for argv in LOCK_DIR_COMMANDS:
+        argv = [str(host) if a == "HOST" else snap.name if a == "SNAP" else a for a in argv]
+        done = subprocess.run([sys.executable, "-m", "runbook.cli", *argv],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+        said = done.stderr
+        named = (f"[lock] dir in {host}" in said and "is not a directory" in said
+                 and f"move {blocker} aside" in said and (
+                     where == "[lock] dir" or f"({blocker} on its way is a file)" in said))
+        after = {p: p.read_bytes() if p.is_file() else None for p in host.parent.rglob("*")}
+        written = sorted(str(p.relative_to(host.parent)) for p in after.keys() - before.keys())
+        if (done.returncode != 2 or said.count("\n") != 1 or not named or after != before
+                or "run again" in said or "by hand" in said):
+            wrong.append((" ".join(a for a in argv if a != str(host)), done.returncode,
+                          said.replace(str(host.parent), "T"), written))
+        before = after  # each command judged on its own
+    assert not wrong, "\n".join(map(str, wrong))
+    check = subprocess.run([sys.executable, "-m", "runbook.cli", "fleet", "host-check",
+                            str(host)], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL, env=env, check=False, cwd=REPO_ROOT)
+    data = json.loads(check.stdout)
+    assert data["fleet_lock"].get("locked") is not True, data["fleet_lock"]
+    assert data["deploy_lock"].get("locked") is not True, data["deploy_lock"]
+    assert [p["exit_code"] for p in data["problems"]] == [2], data["problems"]
+    assert "[lock] dir" in data["problems"][0]["fix"], data["problems"]
+    code, _, said = status(host, "text")  # listed as the configuration's problem, no crash
+    assert code == 1 and f"point [lock] dir in {host} at a directory" in said, said
+    assert "by hand" not in said and "run again" not in said, said

@@ -35,8 +35,8 @@ def test_the_fix_names_the_environment_file_this_command_read(
     source = tmp_path / "production.toml"
     source.write_text(environment.to_toml(environment.from_mapping({
         "name": "production",
-        "slots": {"blue": {"container": "b", "service": "b", "port": closed_port()},
-                  "green": {"container": "g", "service": "g", "port": closed_port()}},
+        "slots": {"blue": {"container": "blue", "service": "b", "port": closed_port()},
+                  "green": {"container": "green", "service": "g", "port": closed_port()}},
     }, source)))
     cli_common.load_env("production", str(source))
     _fail(Format.json)

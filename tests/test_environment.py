@@ -47,7 +47,7 @@ def test_unknown_name_is_a_usage_error() -> None:
 def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "qa"\nsurprise = 1\n[slots.blue]\nport = 70000\n'
-                   'container = "b"\nservice = "s"\n[caddy]\nreload = "restart"\n'
+                   'container = "blue"\nservice = "s"\n[caddy]\nreload = "restart"\n'
                    "[health]\ntimeout_seconds = -1\ntimout_seconds = 5\n"
                    "[rollback]\ndrain_timeout_seconds = 0\n")
     with pytest.raises(ConfigError) as err:
@@ -67,15 +67,15 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     ('[slots.blue]\ncontainer = "app"\nport = 8081\n'
      '[slots.green]\ncontainer = "app"\nport = 8082\n', "slots",
      "different containers (both are 'app')"),
-    ('[slots.blue]\ncontainer = "b"\nservice = "togather-blue"\nport = 8081\n'
-     '[slots.green]\ncontainer = "g"\nservice = "togather-blue"\nport = 8082\n', "slots",
+    ('[slots.blue]\ncontainer = "blue"\nservice = "togather-blue"\nport = 8081\n'
+     '[slots.green]\ncontainer = "green"\nservice = "togather-blue"\nport = 8082\n', "slots",
      "different compose services"),
     ('[health]\npath = "health"\n', "health.path", "must start with '/'"),
     ('[caddy]\nverify_path = "version"\n', "caddy.verify_path", "must start with '/'"),
     # found by review: a slot naming the database's container: every stop of the old slot
     # (and a deploy's recreate, a restore's stop) hit Postgres
     ('[slots.blue]\ncontainer = "togather-db"\nport = 8081\n'
-     '[slots.green]\ncontainer = "g"\nport = 8082\n', "",
+     '[slots.green]\ncontainer = "green"\nport = 8082\n', "",
      "slots.blue names the database's container 'togather-db'"),
     # an unset variable (sudo, cron) was a folder literally named "$SNAPSHOT_DIR" beside the
     # environment file, where every dump went and no guard looked
@@ -96,18 +96,18 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
      "caddy", "admin_url and proxy_url are the same address"),
     ('[caddy]\nadmin_url = "http://LOCALHOST"\nproxy_url = "http://localhost:80"\n',
      "caddy", "admin_url and proxy_url are the same address"),
-    ('[slots.blue]\ncontainer = "b"\nport = 2019\n[slots.green]\ncontainer = "g"\n'
+    ('[slots.blue]\ncontainer = "blue"\nport = 2019\n[slots.green]\ncontainer = "green"\n'
      'port = 8082\n', "",
      "slots.blue port 2019 is Caddy's own (caddy.admin_url http://localhost:2019)"),
     ('[caddy]\nadmin_url = "http://localhost:2019"\nproxy_url = "http://[::1]:2019"\n',
      "caddy", "admin_url and proxy_url are the same address"),
-    ('[caddy]\nproxy_url = "http://127.0.0.1:8080"\n[slots.blue]\ncontainer = "b"\n'
-     'port = 8081\n[slots.green]\ncontainer = "g"\nport = 8080\n', "",
+    ('[caddy]\nproxy_url = "http://127.0.0.1:8080"\n[slots.blue]\ncontainer = "blue"\n'
+     'port = 8081\n[slots.green]\ncontainer = "green"\nport = 8080\n', "",
      "slots.green port 8080 is Caddy's own (caddy.proxy_url"),
     # found by review: a NUL in a path was a bare ValueError (exit 5) naming no key; an empty
     # name passed, and status then named the wrong problem (or compose chose a project)
     ('[state]\nfile = "/tmp/st\\u0000ate.json"\n', "state.file", "holds a NUL character"),
-    ('[slots.blue]\ncontainer = ""\nport = 8081\n[slots.green]\ncontainer = "g"\n'
+    ('[slots.blue]\ncontainer = ""\nport = 8081\n[slots.green]\ncontainer = "green"\n'
      'port = 8082\n', "slots.blue.container", "is empty"),
     ('[database]\ncontainer = " "\n', "database.container", "is empty"),
     ('[compose]\nproject = ""\n', "compose.project", "is empty"),
@@ -115,7 +115,7 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
     ('[caddy]\nsystemd_unit = ""\n', "caddy.systemd_unit", "is empty"),
     # found by review: the name as `docker inspect` prints it failed every engine call
     ('[slots.blue]\ncontainer = "/togather-server-blue"\nport = 8081\n[slots.green]\n'
-     'container = "g"\nport = 8082\n', "slots.blue.container",
+     'container = "green"\nport = 8082\n', "slots.blue.container",
      "starts with '/' (as `docker inspect` prints .Name): write 'togather-server-blue'"),
     ('[database]\ncontainer = "/togather-db"\n', "database.container", "write 'togather-db'"),
     # found by review: a command reaching another engine than the one the runbook inspects
@@ -252,8 +252,8 @@ def test_a_sudo_command_that_keeps_the_runbooks_engine_is_fine(
 def test_a_slot_on_another_machine_may_use_caddys_port_number(tmp_path: Path) -> None:
     """Only a slot on this machine's loopback collides with Caddy's own port."""
     path = tmp_path / "production.toml"
-    path.write_text('name = "production"\n[slots.blue]\ncontainer = "b"\nport = 80\n'
-                    'host = "10.0.0.11"\n[slots.green]\ncontainer = "g"\nport = 8082\n')
+    path.write_text('name = "production"\n[slots.blue]\ncontainer = "blue"\nport = 80\n'
+                    'host = "10.0.0.11"\n[slots.green]\ncontainer = "green"\nport = 8082\n')
     assert envmod.load(str(path)).slot(Slot.BLUE).port == 80
 
 
@@ -799,6 +799,11 @@ LONG = "x" * 300  # a file name longer than any Linux filesystem's NAME_MAX (255
     (_slots(blue="."), "slots.blue.container", "is not a container name Docker takes"),
     (_slots(blue="x\\ny"), "slots.blue.container", "'x\\ny' is not a container name Docker"),
     (_slots(blue="a/b"), "slots.blue.container", "is not a container name Docker takes"),
+    # found by review: one character passed and was then asked of Docker, whose engine
+    # refuses it ("Invalid container name (b)": `docker create --name b` on 20.10)
+    (_slots(blue="b"), "slots.blue.container", "'b' is not a container name Docker takes"),
+    (_slots(green="9"), "slots.green.container", "at least 2 characters"),
+    (_slots() + '[database]\ncontainer = "d"\n', "database.container", "at least 2"),
     (_slots() + '[database]\ncontainer = "../db"\n', "database.container",
      "'../db' is not a container name Docker takes"),
     (_slots() + '[compose]\nimage_repository = "../x"\n', "compose.image_repository",
@@ -844,7 +849,9 @@ def test_image_repositories_docker_takes_are_taken(tmp_path: Path, repository: s
 
 @pytest.mark.parametrize(("blue", "green"), [
     ("togather-server-blue", "togather-server-green"), ("app_1.blue", "App-2.green"),
-    ("b", "g"), ("a..b", "0-9")])
+    ("b1", "g2"), ("a..b", "0-9"),
+    # what compose names a service's container, v1 and v2: <project>_<service>_1 and -1
+    ("togather-production_blue_1", "togather-production-green-1"), ("p_s_1", "p-s-1")])
 def test_container_names_docker_takes_are_taken(tmp_path: Path, blue: str,
                                                 green: str) -> None:
     path = tmp_path / "production.toml"

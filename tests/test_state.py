@@ -1901,8 +1901,8 @@ def test_a_to_typo_beside_a_badly_written_entry_is_a_usage_error_naming_both(
         "deployment_history": [x, a, b, c], "lock": {"locked": False}}))
     env = environment.from_mapping({
         "name": "production",
-        "slots": {"blue": {"container": "b", "service": "b", "port": 18081},
-                  "green": {"container": "g", "service": "g", "port": 18082}},
+        "slots": {"blue": {"container": "blue", "service": "b", "port": 18081},
+                  "green": {"container": "green", "service": "g", "port": 18082}},
     }, tmp_path / "production.toml")
     with pytest.raises(UsageError) as err:
         rollback.named_target(env, state, "aaaaaab")

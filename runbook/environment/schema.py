@@ -123,14 +123,18 @@ def _container_name(value: str) -> str:
               f"{value.lstrip('/')!r}")
     # Docker's own grammar for a name: `../x` or `.` passed, and the engine's router cleaned
     # them out of /containers/../x/json (a 301: "no detail", exit 1); a newline was "is it a
-    # Docker engine?" (found by review)
+    # Docker engine?"; one character passed, and the engine refuses it ("Invalid container
+    # name"; found by review)
     if not _CONTAINER.fullmatch(value):
-        _fail(f"{value!r} is not a container name Docker takes (letters, digits, '_', '.' and "
-              "'-', starting with a letter or digit): write the name `docker ps -a` shows")
+        _fail(f"{value!r} is not a container name Docker takes (at least 2 characters: "
+              "letters, digits, '_', '.' and '-', starting with a letter or digit): write the "
+              "name `docker ps -a` shows")
     return value
 
 
-_CONTAINER = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+# the engine's validContainerNamePattern: `+`, so at least 2 characters (compose's own names,
+# <project>_<service>_1 (v1) and <project>-<service>-1 (v2), always are)
+_CONTAINER = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 ContainerName = Annotated[str, AfterValidator(_container_name)]
 
 # the image reference grammar (distribution/reference): an optional registry host[:port]/,

@@ -36,6 +36,15 @@ def _why(what: str, fleet_run: str, holder: str) -> str:
             + (f", by {holder}" if holder else "") + ")")
 
 
+def _refuse_lock_dir(env: Environment) -> None:
+    """A [lock] dir that is a file: exit 2 before the log, as every run refuses it (it was
+    refused at the lock, after the log was written)."""
+    from runbook import lock as locks
+
+    if (refused := locks.lock_dir_refusal(env)) is not None:
+        raise refused
+
+
 @contextlib.contextmanager
 def _deploy_lock(env: Environment, why: str, log: Log, notify: Callable[[str], None], *,
                  nothing: str, this: str, fleet: dict[str, str | None],
@@ -123,6 +132,7 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
 
     fleet = _fleet_fields(fleet_run, holder)
     why = _why("fleet maintenance drain", fleet_run, holder)
+    _refuse_lock_dir(env)
     with run.journaled(env, "fleet-drain", why, notify) as log:
         stopped: list[str] = []
         with _deploy_lock(env, why, log, notify, nothing="nothing was stopped",
@@ -162,6 +172,7 @@ def undo(env: Environment, containers: list[str], *, fleet_run: str = "", holder
                                exit_code=ExitCode.USAGE)
     fleet = _fleet_fields(fleet_run, holder)
     why = _why("fleet maintenance undrain: the database was not restored", fleet_run, holder)
+    _refuse_lock_dir(env)
     with run.journaled(env, "fleet-undrain", why, notify) as log:
         started: list[str] = []
         running: list[str] = []

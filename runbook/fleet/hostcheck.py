@@ -92,10 +92,16 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
                                       else None}
             return out
     held = locks.status(env)
-    out["deploy_lock"] = ({"locked": True, "summary": held.describe(), "stale": held.stale}
-                          if held else {"locked": False})
-    # a state file that cannot be read for good is no holder (exit 3 sent the fleet to wait
-    # for good): the rollback's dry run below refuses it once, exit 4, with its fix
+    out["deploy_lock"] = (
+        # unjudgeable for good (the configuration, the state file): no holder's, never
+        # "locked"; the dry run below refuses it with its fix
+        {"locked": None, "error": held.refused.message, "fix": held.refused.fix}
+        if held is not None and held.refused is not None else
+        {"locked": True, "summary": held.describe(), "stale": held.stale}
+        if held else {"locked": False})
+    # a state file that cannot be read for good, or a [lock] dir that is a file, is no
+    # holder (exit 3 sent the fleet to wait for good): the rollback's dry run below refuses
+    # it once, exit 4 or 2, with its fix
     if held is not None and not held.stealable and held.refused is None:
         problems.append({"check": "deploy lock", "exit_code": 3,
                          "message": f"the deploy lock is held by {held.describe()}"})
@@ -105,8 +111,11 @@ def check(env_name: str, config: str | None, to: str | None = None, *,
     for problem, fix in disk.problems(disk.rooms(env)):
         problems.append({"check": "disk space", "message": problem, "fix": fix,
                          "exit_code": 4})
-    fleet_held = hostlock.status(env)
-    out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
+    try:
+        fleet_held = hostlock.status(env)
+        out["fleet_lock"] = fleet_held.to_json() if fleet_held else {"locked": False}
+    except RunbookError as exc:  # [lock] dir a file: the dry run below refuses it, once
+        out["fleet_lock"] = {"locked": None, "error": exc.message, "fix": exc.fix}
     try:
         options = rb.Options(to=to, reason="fleet pre-flight",
                              restore_snapshot="auto" if restore else None, fleet=restore,

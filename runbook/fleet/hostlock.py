@@ -36,7 +36,7 @@ from typing import Any
 from runbook import files, procs
 from runbook.environment import Environment, command_arg
 from runbook.errors import LockedError, RunbookError
-from runbook.lock.policy import FUTURE_SLACK
+from runbook.lock.policy import FUTURE_SLACK, lock_dir_refusal
 from runbook.times import format_utc, rough_duration
 
 DEFAULT_TTL = 1800.0
@@ -74,6 +74,8 @@ def _guarded(env: Environment) -> Iterator[None]:
     A folder or guard that cannot be used is said in one line naming it: made 0600 by root
     under umask 077, the guard was an uncaught PermissionError, exit 5 (found by review)."""
     guard = guard_path(env)
+    if (refused := lock_dir_refusal(env, before=False)) is not None:  # said as the deploy
+        raise refused  # lock's: mkdir's "File exists" named no fix
     try:
         env.lock_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -157,7 +159,12 @@ _HOLDER_LIMIT = 64 * 1024
 
 
 def status(env: Environment, now: float | None = None) -> Held | None:
-    """Who holds the fleet lock, and whether it is stale; None when free."""
+    """Who holds the fleet lock, and whether it is stale; None when free. A [lock] dir that
+    is a file is its refusal (exit 2): its holder.json "could not be read" made it a nameless
+    live holder, and the fleet refused as "held by another fleet run", exit 3 (found by
+    review)."""
+    if (refused := lock_dir_refusal(env, before=False)) is not None:  # a read: no "nothing
+        raise refused  # was changed"
     now = time.time() if now is None else now
     try:
         # a regular file of a holder's size only: a FIFO or a link to /dev/zero planted in

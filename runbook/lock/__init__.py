@@ -40,11 +40,14 @@ from runbook.lock.policy import (
     Holder,
     Ident,
     LockStatus,
+    lock_dir_problem,
+    lock_dir_refusal,
     suspended_fix,
 )
 
 __all__ = [
     "EMPTY_DIR_GRACE", "FUTURE_SLACK", "GUARD_TIMEOUT", "HOLDER", "LOCKED_AT", "Holder",
-    "Ident", "Lock", "LockStatus", "_entomb", "acquire", "guard_path", "refusal",
+    "Ident", "Lock", "LockStatus", "_entomb", "acquire", "guard_path", "lock_dir_problem",
+    "lock_dir_refusal", "refusal",
     "refusing_holder", "release", "removal_refusal", "status", "suspended_fix", "unlock",
 ]

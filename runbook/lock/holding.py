@@ -29,7 +29,6 @@ from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment, command_arg
 from runbook.errors import (
-    ConfigError,
     ExitCode,
     LockedError,
     LockLostError,
@@ -54,6 +53,7 @@ from runbook.lock.policy import (
     _state_lock_mapping,
     _state_lock_status,
     _unjudged,
+    lock_dir_refusal,
     suspended_fix,
 )
 from runbook.times import rough_duration
@@ -661,12 +661,12 @@ def _guard(env: Environment) -> Iterator[None]:
     and hold its flock to block every run.
     """
     guard = guard_path(env)
+    # a file there (or on its way): mkdir's "File exists" or "Not a directory" said nothing
+    # useful (met when releasing too: nothing here says "nothing was changed")
+    if (unusable := lock_dir_refusal(env, before=False)) is not None:
+        raise unusable
     try:
         env.lock_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a file there: mkdir's "File exists" said nothing useful
-        raise ConfigError(f"{env.display}: the lock directory {env.lock_dir} is not a "
-                          "directory", f"point [lock] dir at a directory, or move "
-                          f"{env.lock_dir} aside") from None
     except OSError as exc:
         # also met when releasing, after a run's changes: nothing here says "nothing changed"
         message = f"{env.display}: cannot use the lock directory {env.lock_dir}: " \

@@ -23,7 +23,7 @@ from typing import Any
 from runbook import files, procs
 from runbook import state as statemod
 from runbook.environment import Environment, command_arg
-from runbook.errors import StateError
+from runbook.errors import ConfigError, RunbookError, StateError
 from runbook.state.reader import number_as_text
 from runbook.times import rough_duration
 
@@ -112,9 +112,10 @@ class LockStatus:
     # the directory holds no lock file (nothing, or only our writer's temp files): being taken
     # at this moment while younger than EMPTY_DIR_GRACE, then stale (a run killed taking it)
     empty: bool = False
-    # a state file that cannot be read for good (a directory, a refused read): what a run,
-    # unlock or a dry run raises instead of "locked" (exit 4, not a live holder's 3)
-    refused: StateError | None = None
+    # a state file that cannot be read for good (a directory, a refused read), or a [lock]
+    # dir that is a file: what a run, unlock or a dry run raises instead of "locked" (exit 4,
+    # or 2 for the configuration; never a live holder's 3)
+    refused: RunbookError | None = None
 
     @property
     def legacy(self) -> bool:
@@ -197,6 +198,33 @@ def suspended_fix(pid: int) -> str:
             "left to finish if it has, and releases the lock)")
 
 
+def lock_dir_problem(env: Environment) -> tuple[str, str] | None:
+    """(problem, fix) when [lock] dir, or a folder on its way, is a file (or a link to
+    nothing): no lock can ever be made or read there, whoever waits. It was "the deploy lock
+    cannot be used ... remove it by hand", exit 3 (a live holder's code), for every dry run
+    and the fleet's pre-flight, and a real run's exit 2 came after its journal and run
+    record (found by review). A configuration error, as a [logs] dir that is a file."""
+    found = files.not_a_folder(env.lock_dir)
+    if found is None:
+        return None
+    what = "a link to nothing" if os.path.islink(found) else "a file"
+    where = ("" if found == Path(os.path.abspath(env.lock_dir))
+             else f" ({found} on its way is {what})")
+    return (f"the lock directory {env.lock_dir} is not a directory{where}",
+            f"point [lock] dir in {env.source or 'the environment file'} at a directory, or "
+            f"move {found} aside")
+
+
+def lock_dir_refusal(env: Environment, *, before: bool = True) -> ConfigError | None:
+    """lock_dir_problem as the refusal (exit 2) every command that takes or reads the lock
+    raises; `before`: raised before anything changed (not so when releasing)."""
+    found = lock_dir_problem(env)
+    if found is None:
+        return None
+    return ConfigError(f"{env.display}: {found[0]}" + ("; nothing was changed" if before else ""),
+                       found[1])
+
+
 def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
     now = time.time() if now is None else now
     path = env.lock_path
@@ -205,6 +233,11 @@ def _inspect(env: Environment, now: float | None = None) -> LockStatus | None:
     except FileNotFoundError:
         return None
     except OSError as exc:  # the lock directory is a file, or cannot be searched
+        if (bad := lock_dir_problem(env)) is not None:  # the configuration's, not a holder
+            return LockStatus(path=path, source="directory", holder=None, locked_at=None,
+                              age=0.0, stale=False, why=bad[0], holder_alive=None,
+                              expires_in=float("inf"), broken=True, fix=bad[1],
+                              refused=lock_dir_refusal(env))
         return LockStatus(path=path, source="directory", holder=None, locked_at=None, age=0.0,
                           stale=False, why=f"{path} cannot be read: {exc.strerror or exc} "
                           f"(check [lock] dir {path.parent})", holder_alive=None,
