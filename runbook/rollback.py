@@ -623,7 +623,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
             # a `rollback --restore-snapshot` killed once its restore began is resumed by
             # the command it names, without the flag: it must still say the database was
             # replaced, and where the data from before is (it said "nothing users see")
-            from runbook.snapshot_restore import known_killed_restore
+            from runbook.snapshot_restore import known_killed_restore, restored_by
 
             # unreadable beside the state file: said, never "changed nothing users see"
             restored, unreadable = known_killed_restore(env, run_id)
@@ -632,6 +632,12 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                         f"restore is in {restored['safety']}, its safety snapshot: keep it)"
                         + ("" if containers[live].result().running
                            else f" and left the serving slot {live} STOPPED"))
+            elif (ended := restored_by(env, found[0].run_id)) is not None and ended[1]:
+                # its own record: the restore ended and the app served since (a `docker
+                # start`, an earlier rerun), so no killed restore is pending, but that run
+                # did change the database (found by review: "changed nothing users see")
+                seen = (f"restored the database before it stopped (the data from before that "
+                        f"restore is in {ended[0]}, its safety snapshot: keep it)")
             elif unreadable is not None and restoring_command(env, found[0]):
                 from runbook.restore_records import unfinished_marker
 

@@ -1361,16 +1361,62 @@ def _command(f: Facts, pending: intents.Intent) -> str:
 
 def _unfinished_command(f: Facts, pending: intents.Intent) -> str:
     """What finishes the interrupted run `pending` (its target serves), or runs it again:
-    a restoring rollback killed before its restore began runs again with it."""
+    a restoring rollback killed before its restore began runs again with it; one whose
+    restore ended with the database at the target's schema, without it (_restore_done)."""
     command = _command(f, pending)
     if f.active is None or f.active != pending.target:
         from runbook.restore_records import restoring_command
         from runbook.snapshot_restore import known_killed_restore
 
         began = known_killed_restore(f.env, None)[0]  # unreadable: restore_unfinished says it
-        if began is None or began["run_id"] != pending.run_id:
+        if (began is None or began["run_id"] != pending.run_id) \
+                and _restore_done(f, pending) is None:
             command = restoring_command(f.env, pending) or command
     return command
+
+
+def _restore_done(f: Facts, pending: intents.Intent) -> str | None:
+    """The schema the database is at (described) when the interrupted rollback `pending`
+    restored it (its own record: the restore ended replacing the database) and it is still,
+    clean, at the schema the state file says the target ran with: that run needs no restore
+    again. Found by review of 91a0202: once the app had served on the restored database (a
+    `docker start`, or a rerun that started the target), the killed-restore pointer was
+    stale and status named `rollback --restore-snapshot --snapshot <the same one>` as "runs
+    it again": typed, it stopped the serving slot and restored over every write since. A
+    rerun without the flag keeps the schema guard, which names a restore if one is needed
+    after all. None otherwise."""
+    if pending.action != "rollback" or not pending.record.get("restore_snapshot") \
+            or f.schema is None or f.schema.dirty or f.state is None:
+        return None
+    from runbook.snapshot_restore import restored_by
+
+    restored = restored_by(f.env, pending.run_id)
+    target = f.state.find_version(pending.to_version)
+    if restored is None or not restored[1] or target is None \
+            or target.migration_version != f.schema.version:
+        return None
+    return f.schema.describe()
+
+
+def _restore_again(f: Facts, pending: intents.Intent, command: str) -> str:
+    """What the rerun `command` of the interrupted rollback `pending` does to the database,
+    when that run's restore ended: not restored again (_restore_done), or restored again,
+    which takes every write since out of it (kept only in the new safety snapshot). "" when
+    that run restored nothing."""
+    from runbook.snapshot_restore import restored_by
+
+    restored = restored_by(f.env, pending.run_id) if pending.action == "rollback" else None
+    if restored is None or not restored[1]:
+        return ""
+    if "--restore-snapshot" not in shlex.split(command):
+        done = _restore_done(f, pending)
+        return ("" if done is None else
+                f"; its restore is done (the database is at schema {done}, the one "
+                f"{pending.to_version} ran with): this does not restore it again")
+    snap = pending.record.get("restore_snapshot")
+    return (f"; that run's restore is done, and this restores {snap} again: every write "
+            "since that restore is taken out of the database (kept only in the safety "
+            "snapshot it takes first; its --dry-run shows them)")
 
 
 def interrupted_run(f: Facts) -> Iterator[Problem]:
@@ -1433,7 +1479,7 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         f"; it {'restored' if restored[1] else 'began restoring'} the database first (the "
         f"data from before that restore is in {restored[0]}, its safety snapshot: keep it)")
     doubted = None if took else _doubted_fix(f)  # run again, it starts the app on it
-    again = "runs it again"
+    again = "runs it again" + ("" if took else _restore_again(f, pending, command))
     if not took and intents.failed_step(f.env, pending) == "health-gate":
         # never the first fix with nothing saying so (found by review: it led back to it)
         again += (f" (in that run {pending.to_version} failed its health gate on "

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -157,3 +159,60 @@ def snapshot_without_traffic(env: Environment) -> dict[str, object]:
                            for s in Slot},
             "lock": env.lock_path.exists()}
 
+
+
+def typed(argv: list[str], *, yes: bool = False) -> subprocess.CompletedProcess[str]:
+    """A command as printed, split as the shell splits it (`runbook` is this checkout's);
+    `yes`: on-call's answer to the confirmation prompt (stdin is no terminal here)."""
+    if argv[0] == "runbook":
+        argv = [sys.executable, "-m", "runbook.cli", *argv[1:]]
+    done = subprocess.run([*argv, *(["--yes"] if yes else [])], capture_output=True, text=True,
+                          timeout=300, check=False, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def named(problems: list[dict[str, str]], pattern: str) -> list[list[str]]:
+    """Every command in backquotes the fixes name that starts with `pattern`, shlex-split."""
+    return [shlex.split(found) for p in problems
+            for found in re.findall(rf"`({re.escape(pattern)}[^`]*)`", p["fix"])]
+
+
+def rows(stack: DrillStack) -> list[str]:
+    with stack.connect() as conn:
+        return [str(r[0]) for r in conn.execute("SELECT name FROM items ORDER BY id")]
+
+
+def test_after_the_docker_start_status_never_names_that_restore_again(
+        scene_stack: DrillStack) -> None:
+    """Found by review of 91a0202: once on-call typed the `docker start` status named, v2
+    served on the restored database and took writes. Status named the interrupted run's
+    rerun (`rollback --to <broken>`): it failed the same gate, exit 1, v2 still serving. Then
+    status named it as `rollback --to <broken> --restore-snapshot --snapshot <pre-deploy>`,
+    "runs it again": typed as printed, that stopped v2 (the outage again), restored the
+    pre-deploy snapshot over every write since the first restore, and failed the same gate,
+    exit 5. The database already held what that run restored (the target's schema): every
+    command status names from there leaves v2 serving and the rows written."""
+    env, _ = failed_restore(scene_stack)
+    starts = named(status_problems(env), "docker start")
+    assert starts and all(argv == starts[0] for argv in starts), starts
+    assert typed(starts[0]).returncode == 0
+    deadline = time.monotonic() + 60
+    while not serves_v2(env):
+        assert time.monotonic() < deadline, "v2 never answered through the proxy"
+        time.sleep(0.2)
+    with scene_stack.connect() as conn:
+        conn.execute("INSERT INTO items (name) VALUES ('written-after-the-start')")
+    for attempt in (1, 2):  # the rerun status names, then the one it names after that
+        problems = status_problems(env)
+        assert not named(problems, "docker start"), problems  # blue runs
+        reruns = named(problems, "runbook rollback")
+        assert reruns, problems
+        for argv in reruns:
+            assert "--restore-snapshot" not in argv, (attempt, problems)
+        done = typed(reruns[0], yes=True)
+        # the broken build fails its gate again; traffic stays on v2, which still serves
+        assert done.returncode == ExitCode.FAILED_SAFELY, (attempt, done.stderr)
+        assert "changed nothing users see" not in done.stderr, done.stderr
+        assert serves_v2(env), (attempt, done.stderr)
+        assert rows(scene_stack) == ["written-after-the-start"], (attempt, done.stderr)
