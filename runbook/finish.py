@@ -290,7 +290,8 @@ def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed
     # ungated, the finish a refused stop names would stop the last good slot under an
     # unhealthy new one
     step = slots.stop_step(env, intent.source, env.stop_old_slot,
-                           gated=intent.record.get("gated") is not False, observed=observed)
+                           gated=intent.record.get("gated") is not False, observed=observed,
+                           down=_down_now(env, intent))
     gated = observed.gated_container
     container = env.slot(intent.target).container
     step.details["new slot"] = (
@@ -303,6 +304,22 @@ def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed
     if intent.action == "switch":
         step.skip = "a switch keeps the old slot running, to switch back at once"
     return step
+
+
+def _down_now(env: Environment, intent: intents.Intent) -> str | None:
+    """Why the old slot will be neither drained nor stopped by the finish: it is not up now
+    (a restoring rollback's maintenance stop took it down before its switch). None: it is
+    up, or Docker cannot be read (the plan then shows the drain and the stop)."""
+    from runbook import docker
+
+    try:
+        info = docker.inspect(env.slot(intent.source).container)
+    except RunbookError:
+        return None
+    restored = intent.record.get("restore_snapshot") is not None
+    return slots.down_when_planned(info, f" (the interrupted run {intent.run_id} restored the "
+                                         "database: its maintenance stop takes every app slot "
+                                         "down)" if restored else "")
 
 
 def resume_command(env: Environment, intent: intents.Intent) -> str:

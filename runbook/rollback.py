@@ -583,6 +583,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     containers = {s: tool_checks.Probe(partial(docker.inspect, env.slot(s).container),
                                        f"inspect-{s}") for s in Slot}
     checks: tool_checks.Checks | None = None
+    killed_restore: str | None = None  # the run id of an interrupted run that restored
     early: slots.EarlyHealth | None = None
     try:
         live, warnings = traffic.live_slot(env, current.active_slot)
@@ -628,6 +629,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
             # unreadable beside the state file: said, never "changed nothing users see"
             restored, unreadable = known_killed_restore(env, run_id)
             if restored is not None and restored["run_id"] == found[0].run_id:
+                killed_restore = found[0].run_id
                 seen = (f"restored the database before it stopped (the data from before that "
                         f"restore is in {restored['safety']}, its safety snapshot: keep it)"
                         + ("" if containers[live].result().running
@@ -792,8 +794,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
              {"file": str(env.state_file), **after}, run=update_state,
              phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
-                        observed=observed, down=_down_by_restore(
-                            restore_steps, containers[live].result().up)),
+                        observed=observed, down=_down_before_stop(
+                            restore_steps, containers[live].result(), killed_restore)),
     ]
     summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")
@@ -807,15 +809,21 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                 replaces=finish.replaced(found, intent))
 
 
-def _down_by_restore(restore_steps: list[Step], serving_up: bool) -> str | None:
-    """Why the old serving slot is down by the stop-old-slot step when the rollback
-    restores (None: it does not): the restore's maintenance stop took every app slot down,
-    and nothing starts the old one again. Found by a plan-fidelity review: the plan showed a
-    drain and a `docker stop` there, and the journal said "container: already exited"."""
+def _down_before_stop(restore_steps: list[Step], serving: docker.ContainerInfo,
+                      killed_restore: str | None) -> str | None:
+    """Why the old serving slot is neither drained nor stopped by the stop-old-slot step
+    (None: it is, as any old slot). Down when the run is planned (a killed restoring
+    rollback's maintenance stop, `killed_restore` its run id, whose rerun goes on from its
+    gate; found by a plan-fidelity review: its plan showed a drain and a `docker stop`, the
+    journal "container: already exited"), or stopped by this run's own restore, which takes
+    every app slot down and starts only the target again."""
+    why = (f" (the interrupted run {killed_restore} restored the database: its maintenance "
+           "stop takes every app slot down)" if killed_restore is not None else "")
+    if not serving.up:
+        return slots.down_when_planned(serving, why + (", and the restore leaves it so"
+                                                       if restore_steps else ""))
     if not restore_steps:
         return None
-    if not serving_up:
-        return "already down when the run was planned, and the restore leaves it so (no drain)"
     return (f"already stopped by the restore (no drain: it went down at step "
             f"{step_number('stop-app-slots')})")
 

@@ -1268,6 +1268,17 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                 phase=Phase.FINISH)
 
 
+def down_when_planned(info: ContainerInfo, why: str = "") -> str | None:
+    """stop_step's `down` for an old slot not up when the run is planned (None: it is up,
+    so it is drained and stopped): its step only notes it, with no drain and no `docker
+    stop` (found by a plan-fidelity review: the finish of a killed restoring rollback showed
+    both for the slot its restore had stopped). `why`: how it came to be down, when known."""
+    if info.up:
+        return None
+    said = (f"already {info.status}" if info.exists else "absent (no container of that name)")
+    return f"{said} when this run was planned{why}; no drain and no `docker stop`: nothing runs"
+
+
 def drain_plan(env: Environment, slot: Slot) -> str:
     """The drain as the plan shows it: what it waits for, and its fallbacks."""
     port, front = env.slot(slot).port, front_port(env)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -2183,6 +2184,59 @@ def _safety_snapshots(env: Environment) -> list[Path]:
     """The restores' safety snapshots, oldest first (names within a second get "-2")."""
     return sorted(env.database.snapshot_dir.glob("*pre-restore*.sql.gz"),
                   key=lambda p: p.stat().st_mtime_ns)
+
+
+@pytest.mark.parametrize("point", [
+    "after:restore-database",  # before the switch: the rerun goes on from the gate
+    "before:state",  # after the commit: the rerun finishes it
+])
+def test_the_finish_of_a_killed_restoring_rollback_plans_only_what_it_runs(
+        stack: DrillStack, point: str) -> None:
+    """Found by a plan-fidelity review (15d87cc's rule, for the run that finishes): after
+    `rollback --restore-snapshot` was killed (-9) once its restore had stopped the old
+    serving slot, the command status names (its dry run too) planned a drain and a `docker
+    stop` of that exited container, and the journal said "container: already exited". The
+    finishing plan shows as actions exactly the steps the finishing run journals, and the
+    old slot's step says it is already down, with no drain or stop of its own."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
+    env = stack.env
+    green = env.slot(Slot.GREEN).container
+    first = cli(env, "rollback", "--restore-snapshot", "--yes", fault=f"{point}:SIGKILL")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert docker.inspect(green).status == "exited"  # the restore's maintenance stop
+    # the command `runbook status` names for the interrupted run, as on-call would type it
+    said = json.loads(cli(env, "status", "--format", "json").stdout)["problems"]
+    [fix] = [p["fix"] for p in said if p["check"] == "interrupted_run"]
+    typed = shlex.split(fix.split("`")[1])
+    assert typed[:2] == ["runbook", "rollback"] and str(env.source) in typed, fix
+    args = [w for w in typed[1:] if w != str(env.source)]
+    looked = cli(env, *args, "--dry-run", "--format", "json")
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    plan = json.loads(looked.stdout)["plan"]
+    assert bool(plan["finishing"]) is (point == "before:state"), plan["summary"]
+    old = next(s for s in plan["steps"] if s["name"] == "stop-old-slot")
+    assert old["skip"] is None, old
+    details = old["details"]
+    assert "drain" not in details and "command" not in details, details  # neither runs
+    assert details["container"].startswith(f"{green}: already exited"), details
+    # what the plan shows as actions: neither checked while planning nor skipped
+    acted = [s["name"] for s in plan["steps"]
+             if s["name"] != "lock" and s["phase"] != "preflight" and s["skip"] is None]
+    runs = sorted(env.runs_dir.glob("rbk_*.json"), key=lambda p: p.stat().st_mtime_ns)
+    done = cli(env, *args, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+    [ran] = [p for p in env.runs_dir.glob("rbk_*.json") if p not in runs]
+    journal = json.loads(ran.read_text())["steps"]
+    assert [s["name"] for s in journal if s["name"] not in ("lock", "plan", "unlock")] \
+        == acted, (acted, journal)
+    [ended] = [s for s in journal if s["name"] == "stop-old-slot"]
+    assert ended["detail"]["container"] == "already exited", ended  # never drained or stopped
+    assert not {"drain", "drained", "command"} & set(ended["detail"]), ended
+    # every other value the dry run resolved is the one the run planned with
+    assert {k: v for k, v in details.items() if k != "container"} \
+        == {k: ended["detail"][k] for k in details if k != "container"}, (details, ended)
+    assert docker.inspect(green).status == "exited"
 
 
 @pytest.mark.parametrize("signame", ["SIGHUP", "SIGTERM"])
