@@ -101,7 +101,11 @@ def interrupted(env: Environment) -> tuple[intents.Intent, str] | None:
         held = None
     if held is not None and in_progress(intent, held):
         stopped = held.suspended and held.pid is not None
-        raise LockedError(f"a run is in progress, not interrupted: {intent.describe()}, "
+        # where it is, as status says it: what Caddy runs, not its record alone
+        serving = traffic.serving_now(env)
+        now = intent.describe(moved=None if serving is None else serving == intent.target,
+                              live=True)
+        raise LockedError(f"a run is in progress, not interrupted: {now}, "
                           f"holding the deploy lock ({held.describe()})"
                           + (f", but its process {held.pid} is suspended (Ctrl-Z or SIGSTOP), "
                              "so it never ends by itself" if stopped else "")

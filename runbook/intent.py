@@ -74,10 +74,15 @@ class Intent:
     def with_(self, **changes: Any) -> Intent:
         return replace(self, **changes)
 
-    def describe(self, *, moved: bool | None = None) -> str:
+    def describe(self, *, moved: bool | None = None, live: bool = False) -> str:
         """`moved`: whether Caddy now serves `to_slot`, when the caller has read it. The
         record's phase can lag what runs: a run killed inside the switch, or one whose disk
-        filled up, never marked the commit; what runs wins over what the record says."""
+        filled up, never marked the commit; what runs wins over what the record says.
+        `live`: its process still holds the deploy lock (finish.in_progress), so it has not
+        "stopped" anywhere: said as where it is so far (found by review: "stopped before
+        traffic moved" of a run suspended just after Caddy moved)."""
+        if live:
+            return f"{self._who()}; {self._so_far(moved)}{self._step()}"
         if self.phase is Phase.COMMITTED and moved is False:
             where = (f"after traffic moved, its record says; Caddy does not serve {self.to_slot} "
                      "now")
@@ -88,10 +93,26 @@ class Intent:
             where = "after traffic moved (its record was not updated)"
         else:
             where = "before traffic moved"
-        step = f"; its last recorded step: {self.last_step}" if self.last_step else ""
+        return f"{self._who()}, stopped {where}{self._step()}"
+
+    def _who(self) -> str:
         return (f"{self.action} {self.run_id} ({self.from_version or '?'} on {self.from_slot} "
                 f"-> {self.to_version} on {self.to_slot}), started {self.started_at} by "
-                f"{self.operator} (pid {self.pid} on {self.hostname}), stopped {where}{step}")
+                f"{self.operator} (pid {self.pid} on {self.hostname})")
+
+    def _step(self) -> str:
+        return f"; its last recorded step: {self.last_step}" if self.last_step else ""
+
+    def _so_far(self, moved: bool | None) -> str:
+        """Where a run still running is, what runs first (its record is written after)."""
+        to = self.to_slot
+        if self.phase is Phase.COMMITTED:
+            return (f"it moved traffic to {to}, its record says; Caddy does not serve {to} now"
+                    if moved is False else f"it has moved traffic to {to}"
+                    + ("" if moved else ", its record says"))
+        if moved:  # between Caddy's reload and the record's commit mark
+            return f"it has moved traffic to {to} (its record does not say so yet)"
+        return "it has not moved traffic yet" + ("" if moved is False else ", its record says")
 
 
 def path(env: Environment) -> Path:

@@ -24,7 +24,7 @@ from runbook import lock as locks
 from runbook import state as states
 from runbook.caddy import BlockDrift, Unreloadable, VerifyResult
 from runbook.environment import Environment, Slot
-from runbook.errors import LockedError, RunbookError
+from runbook.errors import ExitCode, LockedError, RunbookError
 from runbook.times import rough_duration
 
 NOT_RECORDED = "not recorded"
@@ -1419,6 +1419,13 @@ def _restore_again(f: Facts, pending: intents.Intent, command: str) -> str:
             "snapshot it takes first; its --dry-run shows them)")
 
 
+def _moved(f: Facts, pending: intents.Intent) -> bool | None:
+    """Whether Caddy serves the run's target now; None when what it runs is not known. Every
+    summary of the run says it from this (found by review: one said "before traffic moved"
+    beside "traffic: green" and another summary's "after traffic moved")."""
+    return None if f.active is None else f.active == pending.target
+
+
 def interrupted_run(f: Facts) -> Iterator[Problem]:
     if f.intent_error is not None:
         yield _error(f.intent_error, "see the journal in the logs directory")
@@ -1431,7 +1438,8 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         held = f.lock
         stopped = held is not None and held.suspended and held.pid is not None
         # suspended (Ctrl-Z, SIGSTOP), it never ends: "wait for it to end" left it for good
-        yield Problem(f"a run is in progress: {pending.describe()}; it holds the deploy lock "
+        now = pending.describe(moved=_moved(f, pending), live=True)
+        yield Problem(f"a run is in progress: {now}; it holds the deploy lock "
                       f"({held.describe() if held else '?'})"
                       + (f", but its process {held.pid} is suspended (Ctrl-Z or SIGSTOP), so "
                          "it never ends by itself" if stopped and held else ""),
@@ -1692,15 +1700,7 @@ def collect(env: Environment) -> Facts:
             f.intent = intents.standing(f.intent, f.active)
             if f.active == f.intent.target and finish.superseded(f.intent, f.state) is None:
                 f.target_check = finish.target_check(env, f.intent)
-    f.last_run = _last_run(env)
-    if f.last_run is not None and f.last_run.get("outcome") == "running":
-        # its record says "running" until it ends, however it ends: a killed run's says so
-        # for good, and the summary called it running beside problems saying it was gone
-        holder = f.lock.holder if f.lock is not None else None
-        f.last_run["alive"] = (f.lock.holder_alive if f.lock is not None and holder is not None
-                               and f.last_run.get("run_id") in (holder.run_id,
-                                                                holder.deployment_id)
-                               else False)
+    f.last_run = _last_run(env, f.lock)
     if f.state is not None and f.state.current is not None:
         try:
             f.current_build = docker.image_id(expected_image(env, f.state.current))
@@ -1789,18 +1789,48 @@ def _migrating(env: Environment, f: Facts) -> str | None:
     return f"a migration lock is held: {held}" if held else None
 
 
-def _last_run(env: Environment) -> dict[str, Any] | None:
-    """The newest run record: its outcome, and a stale lock it took over (said here too)."""
+def _last_run(env: Environment, held: locks.LockStatus | None = None) -> dict[str, Any] | None:
+    """The last run: the one holding the deploy lock while its process lives (`held`, read
+    by the caller), else the newest run record but those of runs refused at the lock; with
+    its outcome, and a stale lock it took over (said here too). By mtime alone, a second
+    command refused at the lock (exit 3, it changed nothing) was "the last run: failed"
+    while the run holding the lock went on, and hid it once ended (found by review)."""
     from runbook import journal
 
-    for data in journal.past_records(env):
-        context = data.get("context")
-        context = context if isinstance(context, dict) else {}
-        return {"run_id": data.get("run_id"), "action": data.get("action"),
-                "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
-                "finished_at": data.get("finished_at"),
-                "took_over": context.get("stale_lock_taken_over")}
-    return None
+    holder = held.holder if held is not None else None
+    data = None
+    if held is not None and holder is not None and held.holder_alive is True \
+            and holder.run_id:
+        data = journal.record_of(env, holder.run_id)  # None: another operator's runs folder
+    if data is None:
+        data = next((d for d in journal.past_records(env) if not _refused_at_the_lock(d)),
+                    None)
+    if data is None:
+        return None
+    context = data.get("context")
+    context = context if isinstance(context, dict) else {}
+    last: dict[str, Any] = {"run_id": data.get("run_id"), "action": data.get("action"),
+                            "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
+                            "finished_at": data.get("finished_at"),
+                            "took_over": context.get("stale_lock_taken_over")}
+    if last["outcome"] == "running":
+        # its record says "running" until it ends, however it ends: a killed run's says so
+        # for good, and the summary called it running beside problems saying it was gone
+        last["alive"] = (held.holder_alive if held is not None and holder is not None
+                         and last["run_id"] in (holder.run_id, holder.deployment_id)
+                         else False)
+    return last
+
+
+def _refused_at_the_lock(record: dict[str, Any]) -> bool:
+    """A run whose one started step is the deploy lock it did not take (exit 3): it changed
+    nothing, so it is never the last run. Any other refusal (its plan's, the prompt's) is:
+    it took the lock, and says why it went no further."""
+    listed = record.get("steps")
+    started = [s for s in (listed if isinstance(listed, list) else [])
+               if isinstance(s, dict) and s.get("status") != "planned"]
+    return (record.get("exit_code") == ExitCode.LOCKED and len(started) == 1
+            and started[0].get("name") == "lock" and started[0].get("status") == "failed")
 
 
 def _deployment(env: Environment, dep: states.Deployment | None) -> dict[str, Any] | None:
@@ -1865,11 +1895,13 @@ def to_json(f: Facts) -> dict[str, Any]:
                       if f.traffic is not None else
                       {"slot": None, "error": str(f.traffic_error)})
     if f.intent is not None:
+        from runbook import finish
+
         out["interrupted"] = {"run_id": f.intent.run_id, "action": f.intent.action,
                               "phase": f.intent.phase.value,
                               "summary": f.intent.describe(
-                                  moved=None if f.active is None
-                                  else f.active == f.intent.target)}
+                                  moved=_moved(f, f.intent),
+                                  live=finish.in_progress(f.intent, f.lock))}
     if f.last_run is not None:
         out["last_run"] = f.last_run
     out["database"] = ({"schema_version": f.schema.version, "dirty": f.schema.dirty}
@@ -1952,7 +1984,9 @@ def render(data: dict[str, Any]) -> str:
                                       " [stale]" if lock.get("stale") else "")))
     last = data.get("last_run")
     if last:
-        outcome = (f"{p(last['outcome'])} (exit {p(last['exit_code'])})"
+        outcome = ("in progress: its process holds the deploy lock"
+                   if last.get("outcome") == "running" and last.get("alive") is True else
+                   f"{p(last['outcome'])} (exit {p(last['exit_code'])})"
                    if last.get("alive") is not False else
                    "did not end: its record says running, and no live process holds the "
                    "deploy lock for it (killed, or its machine stopped)")

@@ -3285,6 +3285,54 @@ def test_a_finishing_run_is_called_in_progress_while_it_runs(stack: DrillStack) 
     assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
 
 
+@pytest.mark.parametrize(("point", "serving", "where"), [
+    ("switch.after-reload", ("green", V2.tag), "it has moved traffic to green"),
+    ("before:health-gate", ("blue", V3.tag), "it has not moved traffic yet")])
+def test_status_of_a_suspended_run_says_where_it_is_and_names_it_the_last_run(
+        stack: DrillStack, point: str, serving: tuple[str, str], where: str) -> None:
+    """Found by review: a rollback suspended (SIGSTOP) just after Caddy reloaded onto green.
+    `runbook status` said the run in progress "stopped before traffic moved" while its own
+    traffic line said green and its JSON summary "stopped after traffic moved"; and a second
+    rollback, refused at the lock (exit 3, nothing changed), became its "last run: failed
+    (exit 3)", hiding the run that holds the lock. A run still running has stopped nowhere,
+    before its health gate either. What the proxy answers is the oracle for where traffic
+    is; the run records on disk for which run is which."""
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    first = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--yes",
+                              str(env.source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, stdin=subprocess.DEVNULL,
+                             env=environ | {faults.VARIABLE: f"{point}:SIGSTOP"})
+    try:
+        wait_stopped(first.pid)
+        assert through_proxy(env) == serving  # after the reload, Caddy serves the target
+        [running] = [json.loads(p.read_text())["run_id"] for p in env.runs_dir.glob("*.json")
+                     if json.loads(p.read_text())["outcome"] == "running"]
+        refused = cli(env, "rollback", "--yes")
+        assert refused.returncode == ExitCode.LOCKED, refused.stdout + refused.stderr
+        data = json.loads(cli(env, "status", "--format", "json").stdout)
+        text = cli(env, "status").stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    assert data["traffic"]["slot"] == serving[0], data["traffic"]
+    [live] = [p["problem"] for p in data["problems"] if "a run is in progress" in p["problem"]]
+    for said in (live, data["interrupted"]["summary"]):
+        # a run that still runs has not "stopped" anywhere, and it has moved traffic
+        assert "before traffic moved" not in said and "stopped" not in said.split(";")[0], said
+        assert where in said, said
+    assert data["last_run"]["run_id"] == running, (data["last_run"], running)
+    assert data["last_run"]["outcome"] == "running" and data["last_run"]["alive"] is True
+    [line] = [x for x in text.splitlines() if x.strip().startswith("last run")]
+    assert running in line and "in progress" in line and "failed" not in line, line
+    # ended, it is the last run (the refused one is older and changed nothing anyway)
+    after = json.loads(cli(env, "status", "--format", "json").stdout)["last_run"]
+    assert (after["run_id"], after["outcome"]) == (running, "success"), after
+
+
 def test_a_record_older_than_another_tools_deploy_to_its_slot_blocks_nothing(
         stack: DrillStack) -> None:
     """Found by review: a rollback killed before its switch (v3 on blue -> v2 on green) left

@@ -186,6 +186,30 @@ def test_a_dangling_symlink_among_the_records_hides_none_of_them(env: Environmen
     assert last is not None and last["run_id"] == doubted, last
 
 
+def test_runs_refused_at_the_lock_never_hide_the_last_run_that_did_something(
+        env: Environment) -> None:
+    """Found by review: a second command refused at the lock (exit 3, it changed nothing)
+    became status's "last run: failed (exit 3)", as the newest record, and hid the run that
+    did the work. A record whose one started step is the lock it never took is passed over;
+    any other refusal (a plan's exit 4, say) is still the last run."""
+    served = _served(env)
+    refused = [_refused_at_the_lock(env) for _ in range(3)]
+    for age, run in enumerate([served, *reversed(refused)]):  # the refused ones newer
+        when = time.time() - 60 + age
+        os.utime(env.runs_dir / f"{run}.json", (when, when))
+    last = status._last_run(env)
+    assert last is not None and (last["run_id"], last["outcome"]) == (served, "success"), last
+    planned = Journal.open(env, "rollback", why="again")  # took the lock, refused at its plan
+    with contextlib.suppress(PreconditionError), planned.step("lock", "Take the deploy lock"):
+        pass
+    with contextlib.suppress(PreconditionError), planned.step("plan", "Load state and plan"):
+        raise PreconditionError("no previous deployment", "deploy first")
+    planned.fail(PreconditionError("no previous deployment", "deploy first"))
+    planned.close()
+    last = status._last_run(env)
+    assert last is not None and (last["run_id"], last["exit_code"]) == (planned.run_id, 4)
+
+
 def test_a_record_deleted_while_the_records_are_read_is_passed_over(env: Environment) -> None:
     older = _refused_at_the_lock(env)
     newer = _refused_at_the_lock(env)
