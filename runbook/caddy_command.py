@@ -81,6 +81,25 @@ def _exec_container(command: tuple[str, ...]) -> str | None:
     return None
 
 
+def exec_reading_stdin(command: tuple[str, ...], workdir: str) -> tuple[str, ...] | None:
+    """A `docker|podman [container] exec ... NAME caddy` command made to pass its standard
+    input on to Caddy (`-i`) and start it in `workdir` (`-w`, given last: it wins over one
+    the command names), so Caddy reads a config from its stdin and resolves its relative
+    imports from there; None for any other command."""
+    words = docker_words(command)
+    if words and words[0] == "container":
+        words = words[1:]
+    if not words or words[0] != "exec":
+        return None
+    at = 1
+    while at < len(words) and words[at].startswith("-"):
+        at += 2 if words[at] in _EXEC_VALUED else 1
+    if at >= len(words):
+        return None
+    at += len(command) - len(words)  # exec's words are the command's last ones
+    return (*command[:at], "-i", "-w", workdir, *command[at:])
+
+
 def exec_container(command: tuple[str, ...]) -> str | None:
     """The container a `docker [container] exec ... NAME caddy` command runs Caddy in (also
     under sudo, with global options), as the runbook inspects it through Docker's engine;

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runbook import caddy, database, docker, procs
+from runbook import caddy, database, docker, dry, procs
 from runbook.caddy_command import exec_container, runs_in_container, runs_podman
 from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import PreconditionError, RunbookError
@@ -46,8 +46,23 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 def validation(env: Environment, candidate: str) -> str:
     """Have Caddy validate the very config the switch will load, the way the switch will
-    (whatever caddy.validate does: a local or `docker exec` binary, or the admin API)."""
+    (whatever caddy.validate does: a local or `docker exec` binary, or the admin API). A dry
+    run writes no candidate beside the Caddyfile (caddy.validate_unwritten): what it did, or
+    that it could not and the real run validates before any change, is said (a plan
+    warning too: never "validates" unchecked)."""
     try:
+        if dry.active() and env.caddy.reload is not ReloadMethod.ADMIN_API:
+            ran, unchecked = caddy.validate_unwritten(env, candidate)
+            if unchecked is None:  # the switch step shows how the real run validates it
+                return (f"the new Caddyfile validates (this dry run: `{ran}`, the file on "
+                        "its standard input, nothing written; the real run validates a temp "
+                        "copy beside the Caddyfile)")
+            real = caddy.shown(env.caddy.reload, caddy.validate_command(
+                env, caddy.candidate_shown(env)))
+            return (f"NOT validated by this dry run (it writes no file beside the Caddyfile): "
+                    f"{unchecked}; the real run validates it before any change: {real}"
+                    f"{WARNING_MARK}this dry run did not validate the new Caddyfile: the real "
+                    "run does, before any change, and stops there (exit 4) if Caddy rejects it")
         caddy.validate(env, candidate)
     except caddy.CaddyRejectedError as exc:  # Caddy's own words, and the line to mend
         raise PreconditionError(f"pre-flight: {exc.message}", exc.fix) from None
@@ -188,12 +203,30 @@ def _same_environment(env: Environment, candidate: str, by_caddy: Any) -> None:
     and the reload changed more than the slot (a site address, a header, a secret). Caddy's
     own adaptation (`/adapt`) is the oracle; any difference, or none to compare with, is
     refused before anything changes."""
-    here = caddy.adapt_as_reload(env, candidate)
+    if dry.active():
+        # a dry run writes no candidate for `caddy adapt` to read: the file on disk is asked
+        # the same question. The candidate differs from it only in the upstream ports and
+        # slot headers between the markers, literal values the switch writes, so their
+        # placeholders expand alike (one in a token the switch replaces is compared here,
+        # not there: refused, fail closed)
+        by_caddy = caddy.adapt(env, caddy.read(env))
+        if by_caddy is None:
+            raise PreconditionError(
+                f"pre-flight: Caddy's admin API did not adapt {env.caddy.caddyfile} as it is "
+                "on disk, which a dry run (it writes no candidate) compares with `caddy "
+                "adapt` run here, so what `caddy reload` would load (its {$VAR} placeholders "
+                "expanded here) cannot be checked; nothing was changed",
+                f"check `curl {env.caddy.admin_url}/config/` answers and the Caddyfile on "
+                "disk is one Caddy adapts, then run again")
+        here, ran = caddy.adapt_file_as_reload(env)
+        said = f" (`{ran}`)"
+    else:
+        here, said = caddy.adapt_as_reload(env, candidate), ""
     if here is None:
         raise PreconditionError(
             f"pre-flight: `caddy adapt`, run by [caddy] command, could not adapt "
-            f"{env.caddy.caddyfile} here, so what `caddy reload` would load (its {{$VAR}} "
-            "placeholders expanded here) cannot be checked; nothing was changed",
+            f"{env.caddy.caddyfile} here{said}, so what `caddy reload` would load (its "
+            "{$VAR} placeholders expanded here) cannot be checked; nothing was changed",
             "run `caddy adapt --config <file>` to see why, or set [caddy] reload = admin-api "
             "(Caddy then expands them itself)")
     where = caddy.first_difference(by_caddy, here)

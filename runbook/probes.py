@@ -4,6 +4,7 @@ call time)."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -24,6 +25,9 @@ class Probe(Generic[T]):
 
     def __init__(self, fn: Callable[[], T], name: str = "probe") -> None:
         self._fn = fn
+        # the planner's context goes with it: a dry run's checks must know they are one
+        # (runbook.dry), and a thread starts with an empty context
+        self._context = contextvars.copy_context()
         self._value: T | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"runbook-{name}", daemon=True)
@@ -31,7 +35,7 @@ class Probe(Generic[T]):
 
     def _run(self) -> None:
         try:
-            self._value = self._fn()
+            self._value = self._context.run(self._fn)
         except BaseException as exc:  # handed to the planner by result()
             self._error = exc
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbook import disk, files
+from runbook import disk, dry, files
 from runbook import intent as intents
 from runbook import journal as journals
 from runbook import lock as locks
@@ -166,7 +166,8 @@ def _dry_run(env: Environment, build: Callable[[str], Plan], run_id: str, *,
     # "held", a live holder's lock gave a normal plan while the real run was refused
     if (refused := locks.refusal(env)) is not None:
         raise refused
-    plan = _with_room(env, build(run_id))
+    with dry.planning():  # its checks write nothing (a candidate Caddyfile included)
+        plan = _with_room(env, build(run_id))
     _refuse_caddyfile(env, plan, caddyfile_deferred)
     if (refused := locks.refusal(env)) is not None:  # taken while this one planned
         raise refused

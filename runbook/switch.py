@@ -180,7 +180,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # Caddy validates what the switch will load before anything changes, as rollback and
     # deploy have it do (found by review: a typo outside the markers passed the dry run, and
     # the switch started and gated the target, then failed naming no cause)
-    validated = preflight.validation(env, planned.new_text)
+    validated, unvalidated = preflight.split_warnings(
+        preflight.validation(env, planned.new_text))  # a dry run may say it did not
+    warnings += unvalidated
     # as rollback and deploy ask it: a Caddy container that mounts the file itself never sees
     # the switch's write, and its next reload sends users back to the old slot
     mount = (preflight.caddyfile_mount(env) if caddy_command.runs_in_container(env)

@@ -537,3 +537,25 @@ def test_the_caddy_container_is_read_from_every_usual_command_form(
     from runbook import caddy_command
 
     assert caddy_command.exec_container(command) == container
+
+
+@pytest.mark.parametrize("command,expected", [
+    (("docker", "exec", "edge", "caddy"),
+     ("docker", "exec", "-i", "-w", "/etc/caddy", "edge", "caddy")),
+    # its own -w (an option with a value) stays, and ours, given after it, wins
+    (("sudo", "-u", "ops", "docker", "--context", "prod", "container", "exec", "-w", "/srv",
+      "--user=root", "edge", "caddy"),
+     ("sudo", "-u", "ops", "docker", "--context", "prod", "container", "exec", "-w", "/srv",
+      "--user=root", "-i", "-w", "/etc/caddy", "edge", "caddy")),
+    (("docker", "compose", "exec", "caddy", "caddy"), None),  # not given a stdin this way
+    (("docker", "exec", "-u"), None),  # no container named
+    (("caddy",), None),
+])
+def test_a_docker_exec_caddy_is_given_its_stdin_in_the_caddyfiles_folder(
+        command: tuple[str, ...], expected: tuple[str, ...] | None) -> None:
+    """A dry run gives Caddy the candidate Caddyfile on its stdin (it writes no file beside
+    the Caddyfile): `docker exec` passes stdin on only with -i, and Caddy resolves the
+    relative imports of a config read from stdin from its working directory."""
+    from runbook import caddy_command
+
+    assert caddy_command.exec_reading_stdin(command, "/etc/caddy") == expected

@@ -2401,17 +2401,20 @@ def test_the_migrate_check_sweeps_the_containers_of_dead_runs_only(stack: DrillS
 @pytest.mark.shape_specific
 def test_a_dry_run_ended_by_sigterm_in_caddy_validation_leaves_no_temp_file(
         stack: DrillStack, tmp_path: Path) -> None:
-    """Found by review: with reload = caddy-reload (or systemctl) the candidate Caddyfile is
+    """Found by review: with reload = caddy-reload (or systemctl) the candidate Caddyfile was
     validated from a hidden temp file beside the Caddyfile, in a probe thread whose `finally`
     never runs when the process leaves (os._exit): SIGTERM, SIGHUP, even Ctrl-C there left
-    it. The `[caddy] command` here is a stand-in that holds in `validate`, then runs Caddy."""
+    it. A dry run now writes no such file at all (test_a_dry_run_writes_nothing_on_the_host);
+    SIGTERM while Caddy validates still ends it as Ctrl-C does, with the folder as it was.
+    The `[caddy] command` here is a stand-in that holds in `validate`, then runs Caddy."""
     import signal
 
     env = two_deployments(stack)
     reached = tmp_path / "reached"
     source = caddy_reload_through(
         env, tmp_path, f'if [ "$1" = validate ]; then touch {reached}; sleep 20; fi')
-    assert caddy_temps(env) == []
+    folder = env.caddy.caddyfile.parent
+    before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns)
     proc = subprocess.Popen(
         [sys.executable, "-m", "runbook.cli", "rollback", str(source), "--dry-run"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -2419,12 +2422,12 @@ def test_a_dry_run_ended_by_sigterm_in_caddy_validation_leaves_no_temp_file(
         deadline = time.monotonic() + 60
         while not reached.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert reached.exists(), proc.communicate(timeout=30)
-        assert [n for n in caddy_temps(env) if "runbook-validate-" in n]  # the window is hit
+        assert reached.exists(), proc.communicate(timeout=30)  # Caddy's validate runs
+        assert caddy_temps(env) == []
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out, err)
-        assert caddy_temps(env) == []
+        assert (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns) == before
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -2441,6 +2444,115 @@ def test_no_previous_deployment(stack: DrillStack) -> None:
     assert err.value.exit_code == ExitCode.PRECONDITION
     assert "No previous deployment found" in str(err.value)
     assert "runbook deploy" in str(err.value)
+
+
+def host_files(stack: DrillStack) -> dict[str, tuple[int, ...]]:
+    """Every folder and file of the drill host (its run folder: the Caddyfile's folder, the
+    state file's, the lock's, the journals, the run records, the snapshots): a folder's
+    mtime, which a file created and removed straight after changes too, and a file's size
+    and mtime."""
+    found: dict[str, tuple[int, ...]] = {}
+    for root, _, names in os.walk(stack.run_dir):
+        found[root] = (os.stat(root).st_mtime_ns,)
+        for name in names:
+            st = os.stat(os.path.join(root, name), follow_symlinks=False)
+            found[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+@pytest.mark.shape_specific
+@pytest.mark.parametrize("command", [
+    "rollback", "switch --slot green", f"deploy --version {V2.tag}",
+    "rollback --restore-snapshot", "snapshot restore --keep-stopped"])
+def test_a_dry_run_writes_nothing_on_the_host(stack: DrillStack, command: str) -> None:
+    """Found by review: on a caddy-reload host (and systemctl) a dry run had Caddy validate
+    and adapt candidate Caddyfiles it wrote as temp files beside the Caddyfile and removed:
+    the folder's listing was the same after, its mtime was not, and a dry run must change
+    nothing. The plan still says the new Caddyfile validates (the drill's `docker exec`
+    Caddy validates it without a file). Oracle: every folder's and file's mtime under the
+    drill host's run folder, the Caddyfile's folder's listing, the running state."""
+    restores = "restore" in command
+    # v3 serves from blue, v2 stopped on green; a restore: v2 serves, migrated past v1
+    env = migrated(stack) if restores else two_deployments(stack)
+    folder = env.caddy.caddyfile.parent
+    before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns, host_files(stack),
+              snapshot(env))
+    dry = runbook_cli(env, *command.split(), "--dry-run")
+    said = dry.stdout + dry.stderr
+    after = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns, host_files(stack),
+             snapshot(env))
+    if command.startswith("deploy") and docker_run_host(stack):
+        assert dry.returncode == 4 and "compose" in said, said  # no compose: refused
+    else:
+        assert dry.returncode == 0, said
+        assert command.startswith("snapshot") or "the new Caddyfile validates" in said, said
+    assert after == before, said
+
+
+@pytest.mark.shape_specific
+def test_a_dry_run_that_cannot_give_caddy_the_file_never_says_it_validates(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """A dry run gives Caddy the candidate on its standard input (it writes no file beside
+    the Caddyfile); a `[caddy] command` that does not pass stdin on (here a wrapper running
+    `docker exec NAME caddy`, no `-i`: Caddy reads an empty config) cannot validate it so.
+    The dry run must not say it validates: it says it did not (a plan warning too), and
+    that the real run does, before any change, naming how. Oracle: the plan's words (Caddy
+    was given nothing to validate), the folder's listing and mtime."""
+    if stack.has("container-caddy"):
+        pytest.skip("a wrapper names no container: the upstream of a Caddy in a container "
+                    "cannot be proven then (exit 4 before this)")
+    env = two_deployments(stack)
+    source = caddy_reload_through(env, tmp_path, ":")
+    folder = env.caddy.caddyfile.parent
+    before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns, snapshot(env))
+    dry = subprocess.run([sys.executable, "-m", "runbook.cli", "rollback", str(source),
+                          "--dry-run"], capture_output=True, text=True, timeout=180,
+                         stdin=subprocess.DEVNULL, check=False)
+    said = dry.stdout + dry.stderr
+    assert (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns,
+            snapshot(env)) == before, said
+    assert dry.returncode == 0, said
+    assert "the new Caddyfile validates" not in said, said
+    assert "NOT validated by this dry run" in said, said
+    assert "this dry run did not validate the new Caddyfile" in said, said  # the warning
+    assert "does not read a Caddyfile from its standard input" in said, said
+    real = f"caddy validate --config {folder}/.Caddyfile.runbook-validate-XXXX.tmp"
+    assert f"the real run validates it before any change: {tmp_path}/{real}" in said, said
+
+
+@pytest.mark.shape_specific
+def test_a_dry_run_validates_relative_imports_from_the_caddyfiles_folder(
+        stack: DrillStack) -> None:
+    """The dry run gives Caddy the candidate on its stdin, not as a file beside the
+    Caddyfile: its relative imports must still resolve from the Caddyfile's folder, as
+    `caddy reload` resolves them (a copy in a temp dir, or Caddy's own working directory,
+    would not find them). A good imported file validates; a typo in it is Caddy's refusal
+    (exit 4) naming it. Oracle: Caddy's own words, the folder's listing and mtime."""
+    env = two_deployments(stack)
+    if env.caddy.reload is envmod.ReloadMethod.ADMIN_API:
+        pytest.skip("reload = admin-api refuses relative imports (check_imports)")
+    ping = env.caddy.caddyfile.with_name("ping.caddy")
+    text = env.caddy.caddyfile.read_text()
+    try:
+        files.atomic_write(ping, b'respond /ping "pong" 200\n')
+        files.atomic_write(env.caddy.caddyfile, text.replace(
+            '\trespond /ping "pong" 200', "\timport ping.caddy").encode())
+        folder = env.caddy.caddyfile.parent
+        before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns)
+        good = runbook_cli(env, "rollback", "--dry-run")
+        assert (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns) == before
+        files.atomic_write(ping, b'respnd /ping "pong" 200\n')
+        before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns)
+        bad = runbook_cli(env, "rollback", "--dry-run")
+        assert (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns) == before
+    finally:
+        ping.unlink(missing_ok=True)
+        files.atomic_write(env.caddy.caddyfile, text.encode())
+    said = good.stdout + good.stderr
+    assert good.returncode == 0 and "the new Caddyfile validates" in said, said
+    said = bad.stdout + bad.stderr
+    assert bad.returncode == int(ExitCode.PRECONDITION), said
+    assert "unrecognized directive: respnd" in said and "ping.caddy:1" in said, said
 
 
 def cli(env_file: Path, *args: str) -> subprocess.Popen[str]:

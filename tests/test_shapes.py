@@ -142,11 +142,12 @@ def test_a_reload_command_naming_a_missing_binary_is_refused_before_anything_cha
     broken = env.with_(caddy=dataclasses.replace(env.caddy, command=argv))
     before = snapshot(env)
     assert not docker.inspect(env.slot(Slot.GREEN).container).running
-    with pytest.raises(RunbookError) as err:
-        rollback.rollback(broken)
-    assert err.value.exit_code == ExitCode.PRECONDITION
-    assert "pre-flight" in str(err.value) and "no-such-caddy-binary" in str(err.value)
-    assert snapshot(env) == before  # the standby was never started
+    for dry_run in (True, False):  # the dry run too (it gives Caddy the file on stdin)
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(broken, dry_run=dry_run)
+        assert err.value.exit_code == ExitCode.PRECONDITION
+        assert "pre-flight" in str(err.value) and "no-such-caddy-binary" in str(err.value)
+        assert snapshot(env) == before  # the standby was never started
 
 
 def test_a_wrong_container_path_is_refused_in_preflight(stack: DrillStack) -> None:

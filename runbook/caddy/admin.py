@@ -138,7 +138,9 @@ def markers_imported(env: Environment, text: str,
     return refused
 
 
-def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str, stage: str, *, stdin: str | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`argv`, bounded in time; `stdin`: the text it reads there (else it inherits ours)."""
     try:
         # its own session: a terminal's Ctrl-C goes to the whole foreground process group,
         # and the runbook holds it off until the step ends, but a `caddy reload` (or
@@ -146,7 +148,7 @@ def _run(argv: list[str], what: str, stage: str) -> subprocess.CompletedProcess[
         # after the undo (found by review)
         return subprocess.run(
             argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False,
-            start_new_session=True)
+            start_new_session=True, input=stdin, cwd=cwd)
     except FileNotFoundError:
         raise CaddyError(f"cannot {what}: command {argv[0]!r} not found",
                          "install it or set [caddy] command in the environment file",
@@ -235,6 +237,13 @@ def seen_by_caddy(env: Environment, path: Path | str) -> str:
     return str(path)
 
 
+def candidate_shown(env: Environment) -> Path:
+    """The temp copy beside the Caddyfile that a real run's `caddy validate` reads, as plans
+    name it (its random part shown as XXXX)."""
+    path = env.caddy.caddyfile
+    return path.parent / f".{path.name}.runbook-validate-XXXX.tmp"
+
+
 def validate_command(env: Environment, config: Path | str) -> list[str]:
     """What validation runs, for the plan: the same request or argv validate() uses.
 
@@ -284,7 +293,8 @@ def validate(env: Environment, text: str) -> str:
     """Have Caddy itself check a candidate config; returns its warnings/output, raises when
     rejected. Nothing is loaded or written (for `caddy validate`, the candidate sits in a
     temp file beside the Caddyfile so relative imports resolve the same way and a
-    containerised Caddy, the directory bind-mounted at the same path, can read it)."""
+    containerised Caddy, the directory bind-mounted at the same path, can read it; a dry
+    run, which writes nothing there, uses validate_unwritten)."""
     path = env.caddy.caddyfile
     if env.caddy.reload is ReloadMethod.ADMIN_API:
         return _validate_by_api(env, text)
@@ -305,6 +315,68 @@ def validate(env: Environment, text: str) -> str:
                                  + _UNCHANGED,
                                  stage="validate")
     return output
+
+
+_STDIN = "-"  # `--config -`: Caddy reads the config from its stdin, and names it so
+
+
+def _stdin_argv(env: Environment, verb: str) -> list[str]:
+    """[caddy] command running `caddy VERB` on a Caddyfile given on its standard input, in
+    the Caddyfile's folder as Caddy sees it (a `docker exec` gets `-i -w FOLDER`; any other
+    command is started in the folder), where Caddy resolves the relative imports of a
+    config read from stdin, as `caddy reload` resolves the file's."""
+    folder = str(PurePosixPath(seen_by_caddy(env, env.caddy.caddyfile)).parent)
+    command = caddy_command.exec_reading_stdin(env.caddy.command, folder) \
+        or env.caddy.command
+    return [*command, verb, "--config", _STDIN, "--adapter", "caddyfile"]
+
+
+def validate_unwritten(env: Environment, text: str) -> tuple[str, str | None]:
+    """A dry run's `validate` (reload = caddy-reload or systemctl), which writes no file: the
+    real run's candidate beside the Caddyfile changed that folder (found by review: its mtime
+    moved), and a copy anywhere else is out of sight of a Caddy in a container and resolves
+    relative imports from the wrong folder. Caddy gets `text` on its standard input
+    (`caddy validate --config -`, Caddy 2.3 on) instead. Returns that command (as shown)
+    and None when Caddy validated `text`, or why it was not validated: that the command
+    reads its stdin is proved first, by a config Caddy must reject naming a word of this
+    run's (a wrapper that does not pass stdin on hands Caddy an empty config, which a Caddy
+    may pass; an older Caddy reads a file named "-"): fail closed, never "validates" unread.
+    Raises CaddyRejectedError when Caddy rejects `text`, CaddyError as validate does when
+    the command cannot run at all."""
+    import secrets
+
+    argv = _stdin_argv(env, "validate")
+    shown_argv = shlex.join(argv)
+    folder = env.caddy.caddyfile.parent
+
+    def check(config: str) -> subprocess.CompletedProcess[str]:
+        """Raises as validate does where the command cannot run at all (not found, hung)."""
+        try:
+            return _run(argv, "validate the new Caddyfile", "validate", stdin=config,
+                        cwd=folder)
+        except OSError as exc:  # the folder cannot be entered (the real run writes there)
+            raise CaddyError(f"cannot validate the new Caddyfile: `{shown_argv}` cannot start "
+                             f"in {folder}: {exc.strerror or exc}",
+                             "check the directory's permissions", stage="validate") from None
+
+    word = f"runbook_stdin_check_{secrets.token_hex(4)}"
+    said = _tail((probe := check(f"localhost {{\n\t{word}\n}}\n")).stdout + probe.stderr)
+    if probe.returncode in (126, 127):  # no caddy to run (the shell's, docker exec's codes)
+        raise CaddyError(f"cannot validate the new Caddyfile: `{shown_argv}` exited "
+                         f"{probe.returncode}: {said.splitlines()[-1].strip()}",
+                         "install it or set [caddy] command in the environment file",
+                         stage="validate")
+    if f"{_STDIN}:2: unrecognized directive: {word}" not in said:
+        return shown_argv, (f"`{shown_argv}` does not read a Caddyfile from its standard "
+                            f"input (it said: {said.splitlines()[-1].strip()})")
+    done = check(text)
+    if done.returncode == 0:
+        return shown_argv, None
+    said = _tail(done.stdout + done.stderr)
+    raise CaddyRejectedError(f"Caddy rejected the new Caddyfile (caddy validate exited "
+                             f"{done.returncode}):\n    {said}",
+                             rejected_fix(env, text, said, _STDIN) + _UNCHANGED,
+                             stage="validate")
 
 
 # `<file>:<line>: <error>` or `<file>:<line> - Error during parsing: ...`, as Caddy's
@@ -396,6 +468,29 @@ def adapt_as_reload(env: Environment, text: str) -> Any | None:
         return json.loads(done.stdout)
     except ValueError:
         return None
+
+
+def adapt_file_as_reload(env: Environment) -> tuple[Any | None, str]:
+    """adapt_as_reload of the Caddyfile on disk, read by Caddy itself (`caddy adapt --config
+    <the Caddyfile as Caddy sees it>`): what a dry run, which writes no candidate, can ask
+    (`caddy adapt` reads no stdin before Caddy 2.10). (Caddy's JSON or None, as
+    adapt_as_reload; the command and, when it failed, its last words)."""
+    import json
+
+    argv = [*env.caddy.command, "adapt", "--config", seen_by_caddy(env, env.caddy.caddyfile),
+            "--adapter", "caddyfile"]
+    ran = shlex.join(argv)
+    try:
+        done = _run(argv, "adapt the Caddyfile", "validate")
+    except CaddyError as exc:
+        return None, f"{ran}: {exc.message}"
+    said = _tail(done.stderr or done.stdout).splitlines()[-1].strip()
+    if done.returncode != 0:
+        return None, f"{ran} exited {done.returncode}: {said}"
+    try:
+        return json.loads(done.stdout), ran
+    except ValueError:
+        return None, f"{ran} printed no JSON"
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:

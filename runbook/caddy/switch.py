@@ -20,6 +20,7 @@ from runbook import files
 from runbook.caddy.admin import (
     ReloadCommand,
     VerifyResult,
+    candidate_shown,
     check_imports,
     check_running,
     config_etag,
@@ -146,8 +147,7 @@ def plan_switch(env: Environment, target: Slot | str, reach: Reach | None = None
         target_port=env.slot(target).port, current=current, old_text=old, new_text=new,
         diff=unified_diff(old, new, path), reload=env.caddy.reload,
         reload_action=tuple(command.words()),
-        validate_command=tuple(validate_command(
-            env, path.parent / f".{path.name}.runbook-validate-XXXX.tmp")),
+        validate_command=tuple(validate_command(env, candidate_shown(env))),
         admin_url=env.caddy.admin_url,
         verify_url=f"{env.caddy.proxy_url}{env.caddy.verify_path}"
         + (f" (Host: {env.caddy.site})" if env.caddy.site else ""),
