@@ -1503,8 +1503,19 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
                      else f"traffic did not move{_serves(f, f.active)}") + before,
                   doubted or f"{first}`{command}` " + (
                       ("finishes it (records the state)" if pending.action == "switch" else
-                       "finishes it (records the state, stops the old slot)") if took
+                       f"finishes it (records the state{_stops_old(f, pending)})") if took
                       else again))
+
+
+def _stops_old(f: Facts, pending: intents.Intent) -> str:
+    """What the finish does to the old slot, as its plan will say: nothing when it is down
+    already (a restoring rollback's maintenance stop took it down; found by review: "stops
+    the old slot" of one exited)."""
+    info = f.containers.get(pending.source)
+    if info is not None and not info.up:
+        return f"; the old {pending.source} slot is {info.status if info.exists else 'absent'}" \
+               " already, so it stops nothing"
+    return ", stops the old slot"
 
 
 def _serves(f: Facts, slot: Slot | None) -> str:

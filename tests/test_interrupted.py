@@ -2207,6 +2207,8 @@ def test_the_finish_of_a_killed_restoring_rollback_plans_only_what_it_runs(
     # the command `runbook status` names for the interrupted run, as on-call would type it
     said = json.loads(cli(env, "status", "--format", "json").stdout)["problems"]
     [fix] = [p["fix"] for p in said if p["check"] == "interrupted_run"]
+    if point == "before:state":  # traffic moved: the fix says what the finish does to green
+        assert "already, so it stops nothing" in fix and "stops the old slot" not in fix, fix
     typed = shlex.split(fix.split("`")[1])
     assert typed[:2] == ["runbook", "rollback"] and str(env.source) in typed, fix
     args = [w for w in typed[1:] if w != str(env.source)]
