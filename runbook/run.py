@@ -259,6 +259,18 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
             # a corrupt file's mirror failure is the corruption said above: never said again
             told: set[str] = {held.mirror_error} if held.state_warning and held.mirror_error \
                 else set()
+            telling = threading.Lock()
+
+            def tell() -> None:
+                # each problem once: another tool's lock in the state file beside this run,
+                # or lock files that cannot be refreshed (they age for other tools). From
+                # the heartbeat thread too: during a 30-minute restore, said then, not after
+                with telling:
+                    for problem in (held.mirror_error, held.lock_error):
+                        if problem and problem not in told:
+                            told.add(problem)
+                            journal.log("WARN", f"deploy lock: {problem}", step="lock")
+                            say(f"{WARNING}deploy lock: {problem}")
 
             def beat() -> None:
                 # before every step and during long waits: a run whose lock was removed or
@@ -275,15 +287,11 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                 except LockLostError:
                     raise
                 except (RunbookError, OSError):
-                    pass  # a slow guard or a full disk: the lock itself still holds
-                if held.mirror_error and held.mirror_error not in told:
-                    # e.g. another tool's lock taken in the state file beside this run
-                    told.add(held.mirror_error)
-                    journal.log("WARN", f"deploy lock: {held.mirror_error}", step="lock")
-                    say(f"{WARNING}deploy lock: {held.mirror_error}")
+                    pass  # a slow guard: the lock itself still holds
+                tell()
 
             executing = True
-            with _heartbeat(held, env):
+            with _heartbeat(held, env, tell):
                 result.outcomes = execute(plan, journal, progress, signals=signals,
                                           heartbeat=beat, notice=say)
         finally:
@@ -481,7 +489,8 @@ def _interval(env: Environment) -> float:
 
 
 @contextlib.contextmanager
-def _heartbeat(held: locks.Lock, env: Environment) -> Iterator[None]:
+def _heartbeat(held: locks.Lock, env: Environment,
+               tell: Callable[[], None] | None = None) -> Iterator[None]:
     """Refresh the lock from a thread while a step blocks (a long restore, a slow Docker):
     the run never looks crashed. The state file's copy is refreshed by the main thread
     between steps and, during a step longer than half the lock's lifetime, by this thread,
@@ -492,6 +501,8 @@ def _heartbeat(held: locks.Lock, env: Environment) -> Iterator[None]:
         while not stop.wait(_interval(env)):
             with contextlib.suppress(RunbookError, OSError):
                 held.refresh_from_thread()
+            if tell is not None:  # what the refresh met (lock_error, mirror_error), once
+                tell()
 
     thread = threading.Thread(target=loop, name="runbook-lock-heartbeat", daemon=True)
     thread.start()

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -499,3 +500,83 @@ def test_the_snapshot_folder_is_judged_by_this_databases_snapshots_and_dead_part
         # this database's snapshots, never another's, and no file offered to `rm`
         assert "this database's 1 snapshot(s) there take" in line, line
         assert other.name not in line and not re.search(r"\brm\b", line), line
+
+
+def _lock_times(env: Environment) -> dict[str, float]:
+    """Where each tool reads the live lock's age: the shell tooling `locked_at` (epoch
+    seconds, CONTRACTS), a runbook holder.json, the Go CLI the state file's copy."""
+    shell = (env.lock_path / "locked_at").read_text()
+    assert re.fullmatch(r"\d{10}\n", shell), shell  # still what the shell tooling reads
+    holder = json.loads((env.lock_path / "holder.json").read_text())
+    copy = json.loads(env.state_file.read_text())["lock"]
+    return {"locked_at": float(shell),
+            "holder.json": states.parse_time(holder["locked_at"]).timestamp(),
+            "state file": states.parse_time(copy["lock_expires_at"]).timestamp()
+            - env.lock_stale_after}
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_lock_folder_that_fills_up_mid_run_keeps_the_lock_fresh_or_says_it_cannot(
+        drill_stack: DrillStack, tmp_path: Path, how: str) -> None:
+    """Found by review: with the lock's folder full once the lock was taken, every refresh
+    failed on its first write, before the state file's copy (on a disk with room) was
+    refreshed, and the failure was swallowed: all three copies aged while the run went on,
+    `runbook status` called the live run's lock stale, and nothing was said; on a real host
+    the shell tooling (and the Go CLI by the copy) would take the lock of a long restore after
+    its 30 minutes. Now a full folder is refreshed in place (no block allocated), the copy is
+    refreshed whatever the folder does, and a folder that cannot be written at all (remounted
+    read-only) is said once, with when other tools will see the lock expire."""
+    stack = drill_stack
+    stack.arrange(scenes.BROKEN_PREVIOUS)  # the gate waits its whole timeout on green
+    base = stack.env
+    with tmpfs(tmp_path / "lock", "1m") as lockdir:
+        env = base.with_(lock_dir=lockdir, lock_stale_after=8.0, source=None,
+                         health=dataclasses.replace(base.health, timeout=24.0))
+        source = tmp_path / "env.toml"
+        source.write_text(envmod.to_toml(env))
+        env = env.with_(source=source)
+        logs = set(env.log_dir.glob("*.log"))
+        first = runbook(env, "rollback", "--yes", fault="before:health-gate:SIGSTOP")
+        try:
+            wait_stopped(first.pid)
+            taken = _lock_times(env)
+            if how == "full":
+                fill_up(lockdir)
+            else:
+                remount(lockdir, "ro")
+            os.kill(first.pid, signal.SIGCONT)
+            time.sleep(env.lock_stale_after + 4)  # refreshed every 2 s meanwhile
+            now, later = time.time(), _lock_times(env)
+            _, seen, _ = finished(runbook(env, "status", "--format", "json"))
+            if how == "read-only":
+                remount(lockdir, "rw")
+        finally:
+            if first.poll() is None:
+                os.kill(first.pid, signal.SIGCONT)
+            code, _, err = finished(first)
+        assert "Traceback" not in err, err
+        assert code == 1, err  # the gate failed on green: traffic stayed on blue, as always
+        # the state file's copy is on a disk with room: always refreshed (the Go CLI's lock)
+        assert later["state file"] > now - env.lock_stale_after / 2, (taken, later, now)
+        said = [ln for ln in err.splitlines() if "deploy lock: cannot refresh" in ln]
+        if how == "full":
+            assert said == [], said
+            for where in ("locked_at", "holder.json"):  # rewritten in place, still fresh
+                assert later[where] > now - env.lock_stale_after / 2, (where, taken, later)
+            assert json.loads(seen)["lock"]["stale"] is False, seen
+            assert not env.lock_path.exists()  # released all the same
+        else:
+            assert later["locked_at"] == taken["locked_at"], (taken, later)
+            assert len(said) == 1, err  # once, not at every refresh
+            [line] = said
+            # by the times the files hold: holder.json for runbooks (this environment's
+            # lifetime), locked_at for the shell tooling (its fixed 1800 s, CONTRACTS)
+            runbooks, shell = (time.strftime("%H:%M:%S", time.gmtime(at)) for at in (
+                taken["holder.json"] + env.lock_stale_after, taken["locked_at"] + 1800))
+            for part in (str(env.lock_path), "Read-only file system", runbooks, shell,
+                         "remount it read-write"):
+                assert part in line, (part, line)
+            [log] = set(env.log_dir.glob("*.log")) - logs  # this run's journal
+            logged = [json.loads(row) for row in log.read_text().splitlines()]
+            assert sum("deploy lock: cannot refresh" in row.get("message", "")
+                       for row in logged) == 1

@@ -706,6 +706,54 @@ def test_a_step_longer_than_the_lock_lifetime_keeps_the_state_files_copy_fresh(
     lock.release()
 
 
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_refresh_in_a_full_lock_folder_rewrites_the_times_in_place_and_the_copy_always(
+        tmp_path: Path, how: str) -> None:
+    """Found by review: a full lock folder failed the refresh's first write, which raised
+    before the state file's copy was refreshed (the run swallowed it: every copy aged
+    silently). The times are now rewritten in place (no block allocated), the files staying
+    what the shell tooling and other runbooks read; a folder that takes no write at all is
+    kept in lock_error (the run says it) and the copy refreshed all the same."""
+    env = host_env(tmp_path, stale=60)
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    with tmpfs(env.lock_dir, "256k"):
+        lock = acquire(env, "long restore", None)
+        lock.publish()
+        files_before = {p.name: p.read_bytes() for p in env.lock_path.iterdir()}
+        copy_before = read_state(env.state_file).lock or {}
+        if how == "full":
+            fill(env.lock_dir)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(env.lock_dir)], check=True)
+        time.sleep(1.1)  # a new second: locked_at must change
+        lock.refresh()
+        copy = read_state(env.state_file).lock or {}
+        holder = json.loads((env.lock_path / "holder.json").read_text())
+        shell = (env.lock_path / "locked_at").read_text()
+        if how == "read-only":
+            subprocess.run(["mount", "-o", "remount,rw", str(env.lock_dir)], check=True)
+        assert copy["lock_expires_at"] == format_time(lock.expires_at)
+        assert copy["lock_expires_at"] != copy_before["lock_expires_at"]
+        if how == "full":
+            assert lock.lock_error is None, lock.lock_error
+            assert shell == f"{int(lock.locked_at.timestamp())}\n"
+            for key, value in (("locked_at", lock.locked_at), ("expires_at", lock.expires_at)):
+                assert states.parse_time(holder[key]) == value.replace(
+                    microsecond=value.microsecond if "." in holder[key] else 0)
+            old = json.loads(files_before["holder.json"])
+            assert {k: v for k, v in holder.items() if k not in ("locked_at", "expires_at")} \
+                == {k: v for k, v in old.items() if k not in ("locked_at", "expires_at")}
+        else:
+            assert {p.name: p.read_bytes() for p in env.lock_path.iterdir()} == files_before
+            said = lock.lock_error or ""
+            for part in (str(env.lock_path), "Read-only file system", "shell tooling",
+                         "remount it read-write"):
+                assert part in said, (part, said)
+        assert lock.release()
+        assert not env.lock_path.exists()
+
+
 def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:
     env = host_env(tmp_path, stale=1)
     old = acquire(env, "hung", None)

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -20,7 +21,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ from runbook.errors import (
 from runbook.lock.policy import (
     EMPTY_DIR_GRACE,
     HOLDER,
+    LOCK_FILE_MAX,
     LOCKED_AT,
     MIRROR_MATCH,
     Holder,
@@ -83,6 +85,8 @@ class Lock:
     ident: Ident
     run_id: str = ""  # the run's own id (journal's run_id), whatever deployment_id says
     mirror_error: str | None = None  # the state-file mirror failed; the lock itself holds
+    # the lock directory's last refresh failed (its files age for other tools): said once
+    lock_error: str | None = None
     # the mirror's rewrite could not keep the state file's owner or group (files.atomic_write)
     owner_lost: str | None = None
     stolen_from: LockStatus | None = None  # the stale lock this one replaced
@@ -95,6 +99,7 @@ class Lock:
     # a missing state file is created for the mirror (a deploy's: see publish)
     create_state: bool = field(default=False)
     _mirrored_at: float = field(default=0.0)  # when the state file's copy was last refreshed
+    _written_at: float = field(default=0.0)  # the epoch the lock files last recorded
     held_since: datetime | None = None  # when it was taken (a refresh moves locked_at)
     _foreign: str | None = field(default=None)  # a live lock of another tool the refresh met
     # (locked_at, expires_at) of each copy mirrored into the state file: what tells our copy
@@ -175,9 +180,47 @@ class Lock:
             self.expires_at = self.locked_at + timedelta(seconds=self.env.lock_stale_after)
             if mirror and self.published:  # its copy is written next: recorded now, once
                 self._copies.add((self.locked_at, self.expires_at))
-            _write_lock_files(self.path, self, now)
+            self._write_refreshed(now)
+        # whatever the lock's folder did: the copy is on another disk, and raised past (a
+        # full lock folder) it aged too, until the Go CLI could take it (found by review)
         if mirror and self.published:
             self._refresh_mirror()
+
+    def _write_refreshed(self, now: float) -> None:
+        """The lock files with the new times; on a full disk (or quota), where the replace's
+        temp file gets no block, their times rewritten in place. Raised to the run's beat, a
+        failure was swallowed there and the lock aged silently until the shell tooling took
+        a live run's lock (found by review): it is kept in lock_error, for the run to say."""
+        try:
+            try:
+                _write_lock_files(self.path, self, now)
+            except OSError as exc:
+                if exc.errno not in files.NO_SPACE:
+                    raise
+                try:
+                    _rewrite_in_place(self.path, self, now)
+                except (OSError, ValueError):
+                    raise exc from None  # the full disk is what on-call can fix
+        except OSError as exc:
+            self.lock_error = self._refresh_failure(exc)
+            return
+        self._written_at, self.lock_error = now, None
+
+    def _refresh_failure(self, exc: OSError) -> str:
+        """One line: what failed, when each tool sees the lock expire, and the fix."""
+        written = self._written_at or (self.held_since or self.locked_at).timestamp()
+        folder = shlex.quote(str(self.path.parent))
+        if exc.errno in files.NO_SPACE:
+            fix = f"free disk space where {self.path.parent} lives (`df -h {folder}`)"
+        elif exc.errno == errno.EROFS:
+            fix = f"remount it read-write (`findmnt -T {folder}`)"
+        else:
+            fix = f"make {self.path} writable again"
+        return (f"cannot refresh {self.path} ({exc.strerror or exc}): its files still date "
+                f"it {_clock(written)}, so the shell tooling takes this live run's lock for "
+                f"expired at {_clock(int(written) + SHELL_STALE_AFTER)} and `runbook status` "
+                f"calls it stale from {_clock(written + self.env.lock_stale_after)}; {fix}: "
+                "the run's next refresh writes it again")
 
     def refresh_from_thread(self) -> None:
         """The heartbeat thread's refresh: the directory always; the state file's copy only
@@ -440,6 +483,7 @@ def _make(env: Environment, path: Path, reason: str, run_id: str | None,
             ident=ident, stolen_from=stolen, held_since=locked_at,
         )
         _write_lock_files(path, lock, now)
+        lock._written_at = now
     except BaseException:
         # (an interrupt right after the mkdir too: an empty lock left here needed --force)
         try:
@@ -798,6 +842,60 @@ def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
     # shell tooling takes a directory without `locked_at` for one being taken: never stolen
     files.atomic_write(path / HOLDER, _holder_bytes(lock))
     files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
+
+
+def _rewrite_in_place(path: Path, lock: Lock, now: float) -> None:
+    """The new times written over the old ones in both lock files, each the same number of
+    bytes at the same offset: no block is allocated, so a full disk (or quota) takes it where
+    the replace's temp file got none (tmpfs, ext4, xfs; a copy-on-write filesystem may still
+    refuse). Only the times change (holder.json's other fields stay as last written): the
+    files stay what the shell tooling (`locked_at`, epoch seconds) and every runbook read.
+    ValueError where a file is not as written (its times not found, or of another width)."""
+    holder = path / HOLDER
+    data = files.read_regular(holder, LOCK_FILE_MAX)
+    new = bytearray(data)
+    first, last = len(data), 0
+    for key, value in (("locked_at", lock.locked_at), ("expires_at", lock.expires_at)):
+        # a top-level key (indent=2, _holder_bytes), not text inside another field's value
+        found = re.search(rb'\n  "' + key.encode() + rb'": "([^"\\]*)"', data)
+        if found is None:
+            raise ValueError(f"{holder}: no {key} to rewrite")
+        new[found.start(1):found.end(1)] = _same_width(value, found.end(1) - found.start(1))
+        first, last = min(first, found.start(1)), max(last, found.end(1))
+    parsed = json.loads(bytes(new))
+    if not isinstance(parsed, dict) or parsed.get("lock_id") != lock.lock_id:  # whole, ours
+        raise ValueError(f"{holder}: not this run's")
+    stamp = f"{int(now)}\n".encode()
+    if os.stat(path / LOCKED_AT).st_size != len(stamp):
+        raise ValueError(f"{path / LOCKED_AT}: not {len(stamp)} bytes")
+    # holder.json first, as _write_lock_files; one write for both times: never read apart
+    _overwrite(holder, bytes(new[first:last]), first)
+    _overwrite(path / LOCKED_AT, stamp, 0)
+
+
+def _same_width(value: datetime, width: int) -> bytes:
+    """`value` as RFC 3339 in `width` characters: with microseconds (27) or without (20)."""
+    for spec in ("microseconds", "seconds"):
+        text = value.astimezone(UTC).isoformat(timespec=spec).removesuffix("+00:00") + "Z"
+        if len(text) == width:
+            return text.encode()
+    raise ValueError(f"no time {width} characters wide")
+
+
+def _overwrite(path: Path, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        if os.pwrite(fd, data, offset) != len(data):
+            raise OSError(errno.EIO, f"short write to {path}")
+    finally:
+        os.close(fd)
+
+
+SHELL_STALE_AFTER = 1800  # seconds: the shell tooling's locks are stale so old (CONTRACTS)
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
 
 
 _MIRROR_TRIES = 3
