@@ -27,6 +27,7 @@ from steps.actions import version_tag
 from steps.world import (
     Snapshot,
     World,
+    caddy_config,
     container_identity,
     outside_block,
     take_snapshot,
@@ -294,6 +295,22 @@ def state_records_the_rollback(world: World) -> None:
     assert new["lock"]["locked"] is False, new["lock"]
 
 
+def front_takes_h2c(world: World) -> bool:
+    """Does Caddy's running config (its admin API, read here: not by runbook.traffic, whose
+    reading decided the stop) take cleartext HTTP/2 on the server listening on proxy_url's
+    port? Caddy's default protocols (h1 h2 h3) leave h2c out."""
+    raw = caddy_config(world.env)
+    assert raw is not None, f"Caddy's admin API ({world.env.caddy.admin_url}) did not answer"
+    port = urlsplit(world.env.caddy.proxy_url).port or 80
+    servers = json.loads(raw).get("apps", {}).get("http", {}).get("servers", {})
+    for server in servers.values():
+        for listen in server.get("listen", []):  # ":8080", "127.0.0.1:8080", ":8080-8089"
+            first, _, last = str(listen).rpartition(":")[2].partition("-")
+            if first.isdigit() and int(first) <= port <= int(last or first):
+                return "h2c" in server.get("protocols", [])
+    return False
+
+
 @then("the slot that was live is stopped but kept")
 def old_slot_stopped_but_kept(world: World) -> None:
     """The same container as before (its id in `docker inspect`), now exited: not removed,
@@ -307,8 +324,14 @@ def old_slot_stopped_but_kept(world: World) -> None:
     if now.split()[1] == "running":
         # on a Caddy that takes cleartext HTTP/2 (the drill's h2c shape) the old slot is left
         # running, as the plan warns, when the drain ends with connections of the previous
-        # config still counted open (seen on a loaded machine): accepted only as the run's
-        # own words, said on its terminal (README "A Caddy that also speaks ... h2c")
+        # config still counted open (seen on a loaded machine). Accepted only when Caddy's
+        # running config, read here, really takes h2c on the users' port (found by review:
+        # the run's notice alone let a run that wrongly claims h2c pass), and said on the
+        # run's terminal (README "A Caddy that also speaks ... h2c")
+        assert front_takes_h2c(world), (
+            f"the old {slot} container is still running ({now}), but Caddy's running config "
+            f"takes no h2c on {world.env.caddy.proxy_url}: no connection can hold it; the "
+            f"run said: {result.notices}")
         held = [n for n in result.notices if n.startswith(f"the old {slot} container is left "
                                                           "running") and "(h2c)" in n]
         assert held, (now, result.notices)
@@ -623,17 +646,30 @@ def health_names_schema_mismatch(world: World) -> None:
 # -- health reports ----------------------------------------------------------------------------
 
 
+def healthcheck_output(world: World, expected_status: str) -> str:
+    """What `runbook healthcheck` printed, once its exit code is the one its help promises for
+    the app's own status: 0 when healthy or degraded, 1 otherwise."""
+    code, out, err = world.notes["healthcheck"]
+    wanted = 0 if expected_status in ("healthy", "degraded") else 1
+    assert code == wanted, f"exit {code} (not {wanted}) for a {expected_status} slot: {out}{err}"
+    return str(out)
+
+
 @then("the JSON report names the slot, its status, its version and every check")
 def json_report(world: World) -> None:
-    data = world.notes["health json"]
     slot = world.notes["health slot"]
-    assert data["slot"] == slot and data["url"].startswith(world.env.slot(slot).base_url)
-    assert data["status"] in ("healthy", "degraded", "unhealthy", "unreachable")
     code, raw = raw_health(world, Slot(slot))  # what the app itself said
+    body = json.loads(raw) if code else {"status": "unreachable"}
+    out = healthcheck_output(world, body["status"])
+    try:
+        data = json.loads(out)
+    except ValueError:
+        pytest.fail(f"`runbook healthcheck --format json` printed no JSON: {out!r}")
+    assert data["slot"] == slot and data["url"].startswith(world.env.slot(slot).base_url), data
+    assert data["status"] in ("healthy", "degraded", "unhealthy", "unreachable")
     if data["status"] == "unreachable":
         assert data["error"] and code == 0, (data, code)
         return
-    body = json.loads(raw)
     assert re.fullmatch(r"[0-9a-f]{7}", data["version"]), data
     assert data["version"] == body["version"] == docker.inspect(
         world.env.slot(slot).container).tag, (data, body)
@@ -645,17 +681,17 @@ def json_report(world: World) -> None:
 
 @then("the table has a row for the slot with its status, its version and its checks")
 def table_report(world: World) -> None:
-    text = world.notes["health table"]
     slot = world.notes["health slot"]
+    code, raw = raw_health(world, Slot(slot))  # what the app itself said
+    body = json.loads(raw) if code else {"status": "unreachable"}
+    text = healthcheck_output(world, body["status"])
     header, row, *_ = text.splitlines()
     assert header.split()[:4] == ["SLOT", "URL", "STATUS", "VERSION"], text
-    code, raw = raw_health(world, Slot(slot))  # what the app itself said
     cells = row.split()
-    assert cells[0] == slot, text
+    assert cells[0] == slot and cells[1].startswith(world.env.slot(slot).base_url), text
     if code == 0:
         assert cells[2] == "unreachable", text
         return
-    body = json.loads(raw)
     assert cells[2] == body["status"] and cells[3] == body["version"], (text, body)
     for name, check in body["checks"].items():
         assert f"{name}:{check['status']}" in row.split(), (name, check, text)
@@ -672,6 +708,11 @@ def running_slots_answer(world: World) -> None:
             running += 1
             assert report.ok, f"{slot}: {report.reason()}"
             assert_answers_as(world, slot, report)
+            # and as a plain client reads it (curl, as the runbook says): apart from the parser
+            code, raw = raw_health(world, slot)
+            assert code == 200, f"{slot}'s {config.base_url} answered HTTP {code}: {raw}"
+            said = json.loads(raw).get("slot")  # a minimal-health app does not say
+            assert said in (None, str(slot)), f"{slot}'s port answers as {said!r}: {raw}"
         else:
             assert report.status == "unreachable", report
     assert running >= 1
