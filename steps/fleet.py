@@ -243,44 +243,80 @@ def _docker_time(fleet_world: FleetWorld, host: str, slot: Slot, field_name: str
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
 
 
+def _file_time(path: Path) -> datetime:
+    """A file's last write, by the filesystem's clock (the same clock as Docker's here)."""
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+
+
+def _rollback_done(fleet_world: FleetWorld, host: str) -> datetime:
+    """When `host`'s rollback in this run last changed anything, by Docker's and the
+    filesystem's clocks, never by what a journal says: its target (blue) started, its old slot
+    (green) stopped, its state file written, and its own run record of that rollback written
+    (`runbook rollback` finishes that record last, after its lock is released). Each one, not
+    the old slot alone: on the maintenance path the fleet's drain stopped every host's old
+    slot before any rollback began (found by review: that stop proved no order there)."""
+    env = fleet_world.fleet.host(host).env
+    records = [p for p in env.runs_dir.glob("*.json")
+               if _file_time(p) >= fleet_world.when_started
+               and json.loads(p.read_text())["action"] == "rollback"]
+    assert len(records) == 1, (host, records)
+    return max(_docker_time(fleet_world, host, Slot.BLUE, "StartedAt"),
+               _docker_time(fleet_world, host, Slot.GREEN, "FinishedAt"),
+               _file_time(env.state_file), _file_time(records[0]))
+
+
 def _rolled_back_before(fleet_world: FleetWorld, first: str, later: str) -> None:
-    """`first`'s rollback ended (its old slot, green, stopped) before `later`'s began (its
-    target, blue, started), both by Docker's clock; and both during this run."""
+    """`first`'s target slot started during this run, and its rollback was done
+    (`_rollback_done`) before `later`'s target slot started: the order the hosts really
+    changed in."""
     began = fleet_world.when_started
-    stopped = _docker_time(fleet_world, first, Slot.GREEN, "FinishedAt")
-    started = _docker_time(fleet_world, later, Slot.BLUE, "StartedAt")
-    assert began <= stopped <= started, (first, stopped, later, started, began)
+    first_started = _docker_time(fleet_world, first, Slot.BLUE, "StartedAt")
+    done = _rollback_done(fleet_world, first)
+    later_started = _docker_time(fleet_world, later, Slot.BLUE, "StartedAt")
+    assert began <= first_started <= done <= later_started, (
+        f"{first} started {first_started}, done {done}; {later} started {later_started}; "
+        f"run began {began}")
 
 
 @then("the canary host was rolled back before any other host started")
 def canary_first(fleet_world: FleetWorld) -> None:
+    """By Docker's and the filesystem's clocks: the canary's target slot started, and the last
+    thing its rollback changed was done, before any other host's target slot started; and the
+    fleet journal says the same."""
+    for later in ("host2", "host3"):  # the hosts themselves first, then the fleet's journal
+        _rolled_back_before(fleet_world, "host1", later)
     hosts = fleet_world.record["hosts"]
     assert fleet_world.record["batches"][0] == ["host1"]
     assert all(hosts["host1"]["ended"] <= hosts[h]["started"] for h in ("host2", "host3")), hosts
-    for later in ("host2", "host3"):
-        _rolled_back_before(fleet_world, "host1", later)
 
 
 @then("the other hosts went one batch after another: one host, then the rest")
 def batches_in_order(fleet_world: FleetWorld) -> None:
+    """host2's rollback was done before host3's target slot started (the clocks, as for the
+    canary), and the fleet journal's batches are [host1], [host2], [host3]."""
+    _rolled_back_before(fleet_world, "host2", "host3")
     record = fleet_world.record
     assert record["batches"] == [["host1"], ["host2"], ["host3"]], record["batches"]
     hosts = record["hosts"]
     assert hosts["host2"]["ended"] <= hosts["host3"]["started"], hosts
-    _rolled_back_before(fleet_world, "host2", "host3")
 
 
-@then("the database step ran exactly once")
-def database_once(fleet_world: FleetWorld) -> None:
-    phases = [p for p in fleet_world.record["phases"] if p["name"] == "database"]
-    assert len(phases) == 1, fleet_world.record["phases"]
+@then("the shared database was left as it was: no host restored a snapshot")
+def database_untouched(fleet_world: FleetWorld) -> None:
+    """No new `pre-restore` safety snapshot (every restore takes one first, the fleet's or a
+    host rollback's own), no host's run record of a snapshot restore, and the schema and
+    every table's rows as before the rollback, read with plain SQL."""
+    # what the hosts and Postgres show, not the fleet's journal (found by review: this Then
+    # read "the database step ran exactly once" and counted only the journal's phases)
+    assert _safety_snapshots(fleet_world) == fleet_world.safety_before
+    assert not _restore_runs(fleet_world), _restore_runs(fleet_world)
+    assert _schema(fleet_world) == (fleet_world.schema_before, False)
+    first = fleet_world.fleet.hosts[0]
+    assert database_in_postgres(first.stack) == fleet_world.before["shared database"][0]
+    # and the fleet journal on-call reads says the same: judged on the lock host, no restore
     decision = fleet_world.record["database"]
     assert decision["status"] == "ok" and decision["host"] == "host1", decision
     assert decision["snapshot restore"] == "not needed", decision
-    # what the shared database and every host say: no restore ran, the schema is as it was
-    assert not _restore_runs(fleet_world), _restore_runs(fleet_world)
-    assert _safety_snapshots(fleet_world) == fleet_world.safety_before
-    assert _schema(fleet_world) == (fleet_world.schema_before, False)
 
 
 @then(parsers.parse("the plan says THE SERVICE IS DOWN on all {count:d} hosts, and no host "
