@@ -104,8 +104,8 @@ def switch_to_the_recorded_slot(world: World) -> None:
 
 @when(parsers.re(r"I check the health of the (?P<slot>blue|green) slot as (?P<form>JSON|a table)"))
 def check_health_of_a_slot(world: World, slot: str, form: str) -> None:
-    """`runbook healthcheck ENV --slot SLOT --format json|table`, the command on-call types
-    (found by review: the step called runbook.health itself, so a broken command passed)."""
+    """`runbook healthcheck ENV --slot SLOT --format json|table`, as on-call types it."""
+    # the command itself, not runbook.health (found by review: a broken command passed)
     from typer.testing import CliRunner
 
     from runbook.cli import app
