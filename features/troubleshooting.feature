@@ -31,6 +31,19 @@ Feature: Troubleshoot a rollback that does not go through
     And users saw no failed request during the redeploy
 
   @mutating @fault
+  Scenario: Health checks fail because the previous deployment cannot reach the database
+    Its code is not the cause: the rollback stops safely, names the database check that fails
+    and says how to check the slot's logs and its connection to the database.
+    Given a previous deployment exists that cannot reach the database
+    When I roll back
+    Then the rollback fails safely with exit code 1
+    And the rollback says the previous deployment cannot reach the database, and how to check it
+    And the previous deployment's own health check said the database was unreachable, while the database answered
+    And users are still served by the healthy slot
+    And users saw no failed request during the rollback
+    And nothing has changed
+
+  @mutating @fault
   Scenario: Traffic does not switch because Caddy is not running
     Given a previous deployment exists
     And Caddy is not running

@@ -405,9 +405,25 @@ def _last(report: HealthReport) -> str:
 def _fix(config: SlotConfig, report: HealthReport | None = None,
          env: Environment | None = None) -> str:
     logs = f"check `docker logs --tail 100 {config.container}`"
-    failing = [c for c in (report.failing_checks if report is not None else ())
-               if _word(c.name) in SCHEMA_CHECKS]
-    if not failing or env is None:
+    if env is None or report is None:
+        return logs
+    unreached = next((c for c in report.failing_checks if _word(c.name) in DATABASE_CHECKS),
+                     None)
+    if unreached is not None:
+        # the slot does not reach its database, so its schema check fails too (it cannot read
+        # schema_migrations): the schema repair below sent on-call to migrate or restore a
+        # database that was fine (found by the troubleshooting drill of the guide's "infra
+        # issue; check logs and DB connectivity")
+        return (f"its {unreached.name} check fails ({unreached.message or unreached.status}): "
+                f"the slot does not reach the database, whatever its code; {logs} for why, "
+                f"that the database answers (`docker exec {env.database.container} "
+                f"pg_isready`; one outside Docker: `pg_isready -d \"${env.database.url_variable}"
+                f"\"`), and that the {env.database.url_variable} the slot was given "
+                f"({url_of(config.container)}) names a host its container reaches (for a "
+                "database in Docker: a container on the same Docker network); then run the "
+                "same command again")
+    failing = [c for c in report.failing_checks if _word(c.name) in SCHEMA_CHECKS]
+    if not failing:
         return logs
     # the slot said why, and waiting longer never changes it (found by review: a rollback
     # onto code older than the schema, with nothing recording its schema, polled "schema
@@ -429,6 +445,8 @@ def _fix(config: SlotConfig, report: HealthReport | None = None,
 # --------------------------------------------------------------------------------------------
 
 SCHEMA_CHECKS = frozenset({"migrations", "migration", "schema"})  # the app's schema check
+# the app's check that it reaches its database (the contract's `database`)
+DATABASE_CHECKS = frozenset({"database", "db", "postgres", "postgresql"})
 SCHEMA_SETTLE = 2.0  # seconds a differing version is asked again before it is decided
 SCHEMA_RECHECK = 0.25  # seconds between those answers
 

@@ -108,6 +108,23 @@ def previous_build_is_broken(world: World) -> None:
         world.env.health, timeout=BROKEN_BUILD_HEALTH_TIMEOUT))
 
 
+@given("a previous deployment exists that cannot reach the database")
+def previous_cannot_reach_database(world: World) -> None:
+    """PREVIOUS (v3 serving from blue, v2 stopped on green), then v2's container taken off
+    the database's Docker network: started by the rollback, it answers, but its database
+    check fails, while the database answers the runbook and blue. Its /health is watched by a
+    plain client meanwhile (the Thens' oracle); both undone when the scenario ends."""
+    world.arrange(scenes.PREVIOUS)  # fails on a real host
+    stack = world.drill()
+    previous = scenes.PREVIOUS.live.other
+    world.closing.enter_context(stack.off_the_database_network(previous))
+    url = f"{world.env.slot(previous).base_url}{world.env.health.path}"
+    world.notes["previous slot's health"] = world.closing.enter_context(drill_http.watched(url))
+    # the gate must fail soon, yet only after it has seen the failing check (as above)
+    world.env = world.env.with_(health=dataclasses.replace(
+        world.env.health, timeout=BROKEN_BUILD_HEALTH_TIMEOUT))
+
+
 @given("a broken version went live after a migration")
 def broken_version_live(world: World) -> None:
     """Forced past the health gate, it migrated to schema 2 and answers 503 on green."""

@@ -513,6 +513,46 @@ def failing_check_named(world: World) -> None:
     assert logs in (error.fix or ""), error.fix
 
 
+@then("the rollback says the previous deployment cannot reach the database, and how to check it")
+def names_the_database(world: World) -> None:
+    """The guide's "infra issue; check logs and DB connectivity": the failing database check
+    named, and a fix that checks the slot's logs, that the database answers and the URL the
+    slot was given, never the schema repair meant for a build that rejects the schema."""
+    error = world.refused()
+    assert isinstance(error, HealthGateError), f"{type(error).__name__}: {error}"
+    assert error.report is not None and error.report.slot is not None, error.report
+    database = [c for c in error.report.failing_checks if c.name == "database"]
+    assert database, f"no failing database check: {error}"
+    assert f"database: {database[0].message}" in str(error), str(error)
+    fix = error.fix or ""
+    container = world.env.slot(error.report.slot).container
+    for part in (f"`docker logs --tail 100 {container}`", "does not reach the database",
+                 f"`docker exec {world.env.database.container} pg_isready`",
+                 world.env.database.url_variable):
+        assert part in fix, (part, fix)
+    assert "schema it runs on" not in fix and "--restore-snapshot" not in fix, fix
+
+
+@then("the previous deployment's own health check said the database was unreachable, while "
+      "the database answered")
+def own_health_said_database(world: World) -> None:
+    """Read apart from the runbook: the previous slot's /health bodies, as a plain client saw
+    them while the rollback ran, fail their database check; Docker says Postgres runs, it
+    answers the drill's own connection, and the serving slot's database check passes."""
+    world.outcome()
+    stack = world.drill()
+    seen = list(world.notes["previous slot's health"])
+    failed = [body for code, body in seen if code == 503
+              and json.loads(body).get("checks", {}).get("database", {}).get("status") == "fail"]
+    assert failed, f"the previous slot never answered a failing database check: {seen[-3:]}"
+    state = stack.docker("inspect", "--format", "{{.State.Status}}", stack.db_container)
+    assert state.stdout.strip() == "running", state.stdout
+    with stack.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    code, body = raw_health(world, live_slot_before(world))
+    assert code == 200 and json.loads(body)["checks"]["database"]["status"] == "pass", body
+
+
 @then("the advice says how to start Caddy")
 def advice_starts_caddy(world: World) -> None:
     """The guide's `systemctl status caddy`: the fix names the command that starts this

@@ -504,6 +504,7 @@ SCENE_ORDER: dict[str | None, tuple[int, str]] = {
     "a broken version went live after a migration": (5, "scenes-broken"),
     "a previous deployment exists whose build is broken": (6, "scenes-broken"),
     "a previous deployment exists": (7, "scenes-previous"),
+    "a previous deployment exists that cannot reach the database": (7, "scenes-previous"),
 }
 
 

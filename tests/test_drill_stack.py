@@ -153,6 +153,35 @@ def test_database_restart_is_seen_by_health(scratch: DrillStack) -> None:
     assert up, "blue never saw the database come back"
 
 
+def networks_of(stack: DrillStack, container: str) -> str:
+    each = "{{range $name, $net := .NetworkSettings.Networks}}{{$name}} {{$net.Aliases}};{{end}}"
+    return stack.docker("inspect", "--format", each, container).stdout.strip()
+
+
+def test_a_slot_off_the_database_network_fails_its_database_check_and_is_put_back(
+        scratch: DrillStack) -> None:
+    """The troubleshooting drill's fault: the stopped slot, started, answers but cannot reach
+    the database (the other slot can); afterwards, even when the block fails, the container
+    has its networks and aliases back, reaches the database, and no network is left."""
+    green = scratch.env.slot("green").container
+    docker.stop(green)
+    before = networks_of(scratch, green)
+    with pytest.raises(RuntimeError), scratch.off_the_database_network(Slot.GREEN):
+        docker.start(green)
+        answer = wait_for(lambda: _try(lambda: health(scratch, Slot.GREEN)))
+        assert answer and answer.status_code == 503, answer
+        assert answer.json()["checks"]["database"]["status"] == "fail", answer.text
+        assert health(scratch, Slot.BLUE).json()["checks"]["database"]["status"] == "pass"
+        docker.stop(green)
+        raise RuntimeError("the block failed")
+    assert networks_of(scratch, green) == before
+    assert not [n for n in resources(scratch.run_id)["network"] if "no-database" in n]
+    docker.start(green)
+    back = wait_for(lambda: (r := _try(lambda: health(scratch, Slot.GREEN))) and
+                    r.status_code == 200 and r)
+    assert back, "green does not reach the database again"
+
+
 def test_app_stops_promptly_on_sigterm(scratch: DrillStack) -> None:
     container = scratch.env.slot("green").container
     if docker.inspect(container).status != "running":

@@ -316,6 +316,30 @@ def test_a_gate_on_a_dirty_schema_never_names_a_restore(
     assert "--restore-snapshot" not in fix, fix
 
 
+def test_a_gate_whose_slot_cannot_reach_the_database_says_to_check_that(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the troubleshooting drill of the guide's "infra issue; check logs and DB
+    connectivity": a slot that cannot reach the database fails its migrations check too (it
+    cannot read schema_migrations), and the fix sent on-call to give the build the schema it
+    runs on (its migrations run, a restore). The database check comes first: check the slot's
+    logs, that the database answers and the URL the slot was given; no schema repair."""
+    down = {"status": "fail", "message": "database unreachable: OperationalError"}
+    unread = {"status": "fail", "message": "cannot read schema_migrations: OperationalError"}
+    monkeypatch.setitem(ROUTES, "/no-db", (503, json.dumps(body("unhealthy", {
+        "database": down, "migrations": unread})).encode()))
+    with pytest.raises(HealthGateError) as err:
+        health.wait_healthy(make_env(server.port, path="/no-db", timeout=0.3), "blue")
+    assert "database: database unreachable: OperationalError" in str(err.value), err.value
+    fix = err.value.fix or ""
+    for part in ("its database check fails (database unreachable: OperationalError)",
+                 "the slot does not reach the database",
+                 "`docker logs --tail 100 togather-server-blue`",
+                 "`docker exec togather-db pg_isready`", "DATABASE_URL"):
+        assert part in fix, (part, fix)
+    for wrong in ("schema it runs on", "--restore-snapshot", "run to their end"):
+        assert wrong not in fix, (wrong, fix)
+
+
 def test_wait_healthy_on_an_unreachable_slot_names_it(server: Server) -> None:
     env = make_env(server.port, timeout=0.2)
     with pytest.raises(HealthGateError) as err:

@@ -10,8 +10,12 @@ read (loopback only).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import ssl
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -52,3 +56,29 @@ def version_on(held: httpx.Client, proxy_url: str) -> tuple[int, str, str | None
     port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
     return (port, response.http_version, response.headers.get("X-Togather-Slot"),
             response.json().get("version"))
+
+
+@contextlib.contextmanager
+def watched(url: str, interval: float = 0.1,
+            keep: int = 100) -> Iterator[collections.deque[tuple[int, str]]]:
+    """GET `url` every `interval` seconds on a thread of its own while the block runs, as a
+    plain client (an observer apart from the runbook): the deque holds the last `keep`
+    answers, (HTTP status, body); no answer (a stopped slot) is not kept."""
+    seen: collections.deque[tuple[int, str]] = collections.deque(maxlen=keep)
+    stop = threading.Event()
+
+    def poll() -> None:
+        with client(timeout=2) as asking:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    answer = asking.get(url, headers={"Connection": "close"})
+                    seen.append((answer.status_code, answer.text))
+                stop.wait(interval)
+
+    thread = threading.Thread(target=poll, name=f"watch {url}", daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(timeout=5)

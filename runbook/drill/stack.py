@@ -909,6 +909,38 @@ class DrillStack:
         if stop_old:
             docker.stop(self.env.slot(live).container)
 
+    @contextlib.contextmanager
+    def off_the_database_network(self, slot: Slot) -> Iterator[None]:
+        """The slot's stopped container moved off the database's Docker network onto one of
+        its own, which still publishes its port: started, it answers, but `togather-db` no
+        longer resolves for it (as on a host whose slot lost the database's network), while
+        the database answers the host and the other slot. Put back, with its aliases, and the
+        network removed when the block ends, whatever happened in it."""
+        from runbook import docker
+
+        sdk = docker.client()
+        container = sdk.containers.get(self.env.slot(slot).container)
+        if container.status == "running":
+            raise DrillError(f"{container.name} runs: its networks change only while stopped",
+                             f"stop it first (`docker stop {container.name}`)")
+        shared = sdk.networks.get(f"{self.project}_default")
+        endpoint = container.attrs["NetworkSettings"]["Networks"][shared.name]
+        aliases = [a for a in endpoint.get("Aliases") or () if a != container.id[:12]]
+        alone = sdk.networks.create(f"{self.prefix}{slot}-no-database",
+                                    labels={RUN_LABEL: self.run_id})
+        try:
+            alone.connect(container)
+            try:
+                shared.disconnect(container)
+                yield
+            finally:
+                container.reload()
+                if shared.name not in container.attrs["NetworkSettings"]["Networks"]:
+                    shared.connect(container, aliases=aliases)
+                alone.disconnect(container, force=True)
+        finally:
+            alone.remove()
+
     def wait_db(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:

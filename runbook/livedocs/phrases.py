@@ -99,6 +99,10 @@ CHECKS: tuple[Phrase, ...] = (
         "curl -s http://localhost:8081/health   # blue",
         "curl -s http://localhost:8082/health   # green"), ("then",)),
     Phrase(r"help", ("runbook <command> --help",), ("then",)),
+    Phrase(r"own health check said the database", (
+        "curl -s http://localhost:<its port>/health   # the slot's own answer while it runs "
+        "(8081 blue, 8082 green): checks.database fails",
+        "docker exec togather-db pg_isready   # while the database itself answers"), ("then",)),
     Phrase(r"health", ("runbook healthcheck <env> --slot active",), ("then",)),
     Phrase(r"deployment log", (
         # the newest run's log, not an hourly `snapshot create`'s or an unlock's (they log too)
@@ -173,18 +177,24 @@ SEED_MAP: dict[str, tuple[str, ...]] = {
         "Confirm the deployment state before rolling back",),
     "Rollback Workflow: 2. Run rollback": ("Run the rollback",),
     "Rollback Workflow: 3. Verify health": ("Verify the health of both slots",),
-    "Rollback Workflow: 4. If health fails": ("Health checks fail on the previous deployment",),
+    "Rollback Workflow: 4. If health fails": (
+        "Health checks fail on the previous deployment",
+        "Health checks fail because the previous deployment cannot reach the database"),
     "What rollback changes": ("Run the rollback, then check what it changed",),
     "Database Considerations": ("Restore a snapshot when migrations ran after the target "
                                 "deployment",
                                 "Schema mismatch between the previous version and the database"),
     "Troubleshooting": ("No previous deployment found",
                         "Health checks fail on the previous deployment",
+                        "Health checks fail because the previous deployment cannot reach the "
+                        "database",
                         "Traffic does not switch because Caddy is not running",
                         "Traffic does not switch because the Caddyfile targets the wrong port",
                         "Schema mismatch between the previous version and the database"),
     "Troubleshooting: No previous deployment found": ("No previous deployment found",),
-    "Troubleshooting: Health checks fail": ("Health checks fail on the previous deployment",),
+    "Troubleshooting: Health checks fail": (
+        "Health checks fail on the previous deployment",
+        "Health checks fail because the previous deployment cannot reach the database"),
     "Troubleshooting: Traffic does not switch": (
         "Traffic does not switch because Caddy is not running",
         "Traffic does not switch because the Caddyfile targets the wrong port"),
