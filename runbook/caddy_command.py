@@ -4,6 +4,7 @@ runbook.traffic importing runbook.preflight (which imports traffic) was a cycle.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,22 +21,40 @@ _EXEC_VALUED = {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir",
 _GLOBAL_VALUED = {"-c", "--context", "-H", "--host", "--config", "-l", "--log-level",
                   "--tlscacert", "--tlscert", "--tlskey"}
 
+# `docker compose` options that take a value (before its `exec`), and `compose exec`'s own
+_COMPOSE_VALUED = {"-f", "--file", "-p", "--project-name", "--project-directory", "--env-file",
+                   "--profile", "--ansi", "--progress", "--parallel", "--log-level"}
+_COMPOSE_EXEC_VALUED = _EXEC_VALUED | {"--index"}
+
 
 # Compose's own binaries (Compose v1, podman-compose): read as `docker compose`, `podman
 # compose`, whose options they take
 _COMPOSE_BINARIES = {"docker-compose": "docker", "podman-compose": "podman"}
 
 
+# sudo's options that start the command in another folder than sudo's own (a login shell's
+# is the user's home)
+_SUDO_MOVES = {"-i", "--login", "-D", "--chdir"}
+
+
+def _past_sudo(command: tuple[str, ...]) -> tuple[list[str], set[str]]:
+    """(the words past a leading `sudo ...`, the options sudo was given)."""
+    words, options = list(command), set()
+    if words and Path(words[0]).name == "sudo":
+        words.pop(0)
+        while words and words[0].startswith("-"):
+            option = words.pop(0)
+            options.add(option.split("=", 1)[0])
+            if option in SUDO_VALUED and words:
+                words.pop(0)
+    return words, options
+
+
 def _engine(command: tuple[str, ...]) -> tuple[str, str, list[str]] | None:
     """(docker or podman, the binary's name, the words after it and its global options),
     past a leading `sudo ...`; a Compose binary's words start with `compose`. None:
     `command` runs neither."""
-    words = list(command)
-    if words and Path(words[0]).name == "sudo":
-        words.pop(0)
-        while words and words[0].startswith("-"):
-            if words.pop(0) in SUDO_VALUED and words:
-                words.pop(0)
+    words = _past_sudo(command)[0]
     binary = Path(words[0]).name if words else ""
     if binary in _COMPOSE_BINARIES:
         return _COMPOSE_BINARIES[binary], binary, ["compose", *words[1:]]
@@ -81,23 +100,57 @@ def _exec_container(command: tuple[str, ...]) -> str | None:
     return None
 
 
+def _service_at(words: list[str]) -> int | None:
+    """Where the container (`exec ... NAME`) or Compose service (`compose ... exec ...
+    SERVICE`) is named in `docker_words`; None when they run no exec of either."""
+    at, valued = 1, _EXEC_VALUED
+    if words[:1] == ["container"]:
+        at = 2
+    elif words[:1] == ["compose"]:  # Compose's own options, then its command
+        valued = _COMPOSE_EXEC_VALUED
+        while at < len(words) and words[at].startswith("-"):
+            at += 2 if words[at] in _COMPOSE_VALUED else 1
+        at += 1
+    if len(words) < at or words[at - 1] != "exec":
+        return None
+    while at < len(words) and words[at].startswith("-"):
+        at += 2 if words[at] in valued else 1
+    return at if at < len(words) else None
+
+
 def exec_reading_stdin(command: tuple[str, ...], workdir: str) -> tuple[str, ...] | None:
     """A `docker|podman [container] exec ... NAME caddy` command made to pass its standard
-    input on to Caddy (`-i`) and start it in `workdir` (`-w`, given last: it wins over one
-    the command names), so Caddy reads a config from its stdin and resolves its relative
-    imports from there; None for any other command."""
+    input on to Caddy (`-i`), or a `docker compose exec ... SERVICE caddy` one (also
+    `docker-compose`, `podman compose`, `podman-compose`), whose stdin is passed on already,
+    made to give Caddy no TTY (`-T`, which would mangle it); both start Caddy in `workdir`
+    (`-w`, given last: it wins over one the command names), so it reads a config from its
+    stdin and resolves its relative imports from there, in its container (starting the
+    command in a folder moves only the docker client; found by review). None for any
+    other command."""
     words = docker_words(command)
-    if words and words[0] == "container":
-        words = words[1:]
-    if not words or words[0] != "exec":
+    if not words or (at := _service_at(words)) is None:
         return None
-    at = 1
-    while at < len(words) and words[at].startswith("-"):
-        at += 2 if words[at] in _EXEC_VALUED else 1
-    if at >= len(words):
-        return None
+    stdin = "-T" if words[0] == "compose" else "-i"
     at += len(command) - len(words)  # exec's words are the command's last ones
-    return (*command[:at], "-i", "-w", workdir, *command[at:])
+    return (*command[:at], stdin, "-w", workdir, *command[at:])
+
+
+def runs_caddy_here(command: tuple[str, ...]) -> bool:
+    """Whether the command is Caddy's own binary on this host (past a `sudo ...` that keeps
+    the folder it is started in): the one command that starting in a folder starts Caddy in
+    it. A docker or Compose exec starts the client there, not Caddy in its container; a
+    script may run Caddy anywhere, one named `caddy` too (a shim running `docker exec`)."""
+    words, options = _past_sudo(command)
+    if not words or Path(words[0]).name != "caddy" or options & _SUDO_MOVES:
+        return False
+    found = shutil.which(words[0])
+    if found is None:
+        return False
+    try:
+        with open(found, "rb") as program:
+            return program.read(2) != b"#!"
+    except OSError:
+        return False
 
 
 def exec_container(command: tuple[str, ...]) -> str | None:
@@ -106,12 +159,6 @@ def exec_container(command: tuple[str, ...]) -> str | None:
     None otherwise (not docker, a podman one: `runs_podman`, or `docker compose exec`,
     which names a service)."""
     return None if runs_podman(command) else _exec_container(command)
-
-
-# `docker compose` options that take a value (before its `exec`), and `compose exec`'s own
-_COMPOSE_VALUED = {"-f", "--file", "-p", "--project-name", "--project-directory", "--env-file",
-                   "--profile", "--ansi", "--progress", "--parallel", "--log-level"}
-_COMPOSE_EXEC_VALUED = _EXEC_VALUED | {"--index"}
 
 
 def compose_exec_service(command: tuple[str, ...]) -> tuple[str | None, str] | None:

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -547,15 +548,64 @@ def test_the_caddy_container_is_read_from_every_usual_command_form(
       "--user=root", "edge", "caddy"),
      ("sudo", "-u", "ops", "docker", "--context", "prod", "container", "exec", "-w", "/srv",
       "--user=root", "-i", "-w", "/etc/caddy", "edge", "caddy")),
-    (("docker", "compose", "exec", "caddy", "caddy"), None),  # not given a stdin this way
+    # Compose's exec passes stdin on already; -T: no TTY, which would mangle it (found by
+    # review: started in the folder, only the docker client moved there, not Caddy)
+    (("docker", "compose", "exec", "caddy", "caddy"),
+     ("docker", "compose", "exec", "-T", "-w", "/etc/caddy", "caddy", "caddy")),
+    (("sudo", "docker", "compose", "-f", "/srv/edge.yml", "-p", "edge", "exec", "--index", "1",
+      "-u", "root", "caddy", "caddy"),
+     ("sudo", "docker", "compose", "-f", "/srv/edge.yml", "-p", "edge", "exec", "--index", "1",
+      "-u", "root", "-T", "-w", "/etc/caddy", "caddy", "caddy")),
+    (("/usr/local/bin/docker-compose", "exec", "edge", "caddy"),
+     ("/usr/local/bin/docker-compose", "exec", "-T", "-w", "/etc/caddy", "edge", "caddy")),
+    (("podman-compose", "--project-name", "edge", "exec", "edge", "caddy"),
+     ("podman-compose", "--project-name", "edge", "exec", "-T", "-w", "/etc/caddy", "edge",
+      "caddy")),
+    (("podman", "exec", "edge", "caddy"),
+     ("podman", "exec", "-i", "-w", "/etc/caddy", "edge", "caddy")),
+    (("docker", "compose", "run", "caddy", "caddy"), None),  # a new container, not Caddy's
+    (("docker", "run", "--rm", "caddy:2", "caddy"), None),
+    (("docker", "compose", "exec", "-T"), None),  # no service named
     (("docker", "exec", "-u"), None),  # no container named
     (("caddy",), None),
+    (("/opt/bin/caddy-wrapper",), None),
 ])
-def test_a_docker_exec_caddy_is_given_its_stdin_in_the_caddyfiles_folder(
+def test_a_caddy_in_a_container_is_given_its_stdin_in_the_caddyfiles_folder(
         command: tuple[str, ...], expected: tuple[str, ...] | None) -> None:
     """A dry run gives Caddy the candidate Caddyfile on its stdin (it writes no file beside
     the Caddyfile): `docker exec` passes stdin on only with -i, and Caddy resolves the
-    relative imports of a config read from stdin from its working directory."""
+    relative imports of a config read from stdin from its working directory, which only
+    the exec's -w sets inside a container."""
     from runbook import caddy_command
 
     assert caddy_command.exec_reading_stdin(command, "/etc/caddy") == expected
+
+
+@pytest.mark.parametrize("command,here", [
+    (("{binary}",), True),
+    (("sudo", "-u", "ops", "{binary}"), True),
+    (("sudo", "-i", "{binary}"), False),  # a login shell: starts in the user's home
+    (("sudo", "--chdir", "/", "{binary}"), False),
+    (("docker", "exec", "edge", "caddy"), False),
+    (("ssh", "edge", "caddy"), False),
+    (("{shim}",), False),  # a script named caddy (here one running `docker exec`)
+    (("sudo", "-u", "ops", "{shim}"), False),
+    (("{tmp}/not-installed/caddy",), False),
+])
+def test_only_a_caddy_on_this_host_is_started_in_the_caddyfiles_folder(
+        command: tuple[str, ...], here: bool, tmp_path: Path) -> None:
+    """Starting the command in the Caddyfile's folder places Caddy there only when it is a
+    program named caddy on this host, not a script (found by review: `docker compose exec`
+    started there moved the docker client, not Caddy in its container; a script may run
+    Caddy anywhere). Here a copy of a real program (true) named caddy stands for Caddy's
+    binary; test_rollback's local-caddy dry run starts Caddy's own there."""
+    from runbook import caddy_command
+
+    (tmp_path / "bin").mkdir()
+    binary = tmp_path / "bin" / "caddy"
+    shutil.copy(shutil.which("true") or "/bin/true", binary)
+    shim = tmp_path / "caddy"
+    shim.write_text('#!/bin/sh\nexec docker exec -i edge caddy "$@"\n')
+    shim.chmod(0o755)
+    words = tuple(w.format(binary=binary, shim=shim, tmp=tmp_path) for w in command)
+    assert caddy_command.runs_caddy_here(words) is here

@@ -9,6 +9,7 @@ exit 4, nothing changed, instead of a recreate), which also proves those deploys
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -2550,6 +2551,156 @@ def test_a_dry_run_validates_relative_imports_from_the_caddyfiles_folder(
         files.atomic_write(env.caddy.caddyfile, text.encode())
     said = good.stdout + good.stderr
     assert good.returncode == 0 and "the new Caddyfile validates" in said, said
+    said = bad.stdout + bad.stderr
+    assert bad.returncode == int(ExitCode.PRECONDITION), said
+    assert "unrecognized directive: respnd" in said and "ping.caddy:1" in said, said
+
+
+def caddys_compose_service(stack: DrillStack) -> tuple[str, str]:
+    """(project, service) of the drill's Caddy, which Compose started, from its labels."""
+    labels = json.loads(stack.docker("inspect", stack.caddy_container, "--format",
+                                     "{{json .Config.Labels}}").stdout)
+    return labels["com.docker.compose.project"], labels["com.docker.compose.service"]
+
+
+@contextlib.contextmanager
+def ping_imported(env: Environment, imported: bytes = b'respond /ping "pong" 200\n',
+                  ) -> Iterator[None]:
+    """The Caddyfile's other site importing its /ping from ping.caddy beside it (a relative
+    import), as long as the block runs."""
+    ping = env.caddy.caddyfile.with_name("ping.caddy")
+    text = env.caddy.caddyfile.read_text()
+    try:
+        files.atomic_write(ping, imported)
+        files.atomic_write(env.caddy.caddyfile, text.replace(
+            '\trespond /ping "pong" 200', "\timport ping.caddy").encode())
+        yield
+    finally:
+        ping.unlink(missing_ok=True)
+        files.atomic_write(env.caddy.caddyfile, text.encode())
+
+
+@pytest.mark.shape_specific
+def test_a_dry_run_through_docker_compose_exec_validates_relative_imports_from_the_folder(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """Found by review: with `[caddy] command = docker compose -p PROJECT exec SERVICE caddy`
+    a dry run started that command in the Caddyfile's folder, which moves only the local
+    docker client: Caddy read the Caddyfile from its stdin in its container's working
+    directory (/srv), did not find `import ping.caddy` there, and the dry run refused (exit 4,
+    "a reload or restart of Caddy would fail on it too") a rollback the real run made. Now
+    Compose starts Caddy in the folder (`exec -T -w FOLDER`). Oracle: Caddy's own words (a
+    typo in the imported file is refused naming ping.caddy, so the file was read), the
+    folder's listing and mtime."""
+    env = two_deployments(stack)
+    project, service = caddys_compose_service(stack)
+    source = tmp_path / "environment.toml"
+    source.write_text(envmod.to_toml(env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD,
+        command=("docker", "compose", "-p", project, "exec", service, "caddy")),
+        source=source)))
+    composed = env.with_(source=source)
+    folder = env.caddy.caddyfile.parent
+    with ping_imported(env):
+        before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns)
+        good = runbook_cli(composed, "rollback", "--dry-run")
+        assert (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns) == before
+    with ping_imported(env, b'respnd /ping "pong" 200\n'):
+        bad = runbook_cli(composed, "rollback", "--dry-run")
+    said = good.stdout + good.stderr
+    assert good.returncode == 0 and "the new Caddyfile validates" in said, said
+    seen = os.path.dirname(caddy.seen_by_caddy(env, env.caddy.caddyfile))  # /etc/caddy there
+    assert f"exec -T -w {seen} {service} caddy" in said, said
+    said = bad.stdout + bad.stderr
+    assert bad.returncode == int(ExitCode.PRECONDITION), said
+    assert "unrecognized directive: respnd" in said and "ping.caddy:1" in said, said
+
+
+@pytest.mark.shape_specific
+def test_docker_compose_exec_without_a_project_is_run_where_the_runbook_runs(
+        stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker compose exec SERVICE caddy` with no -p finds its project from the folder it is
+    started in (here a .env naming it), as the real run's `caddy validate` and `caddy reload`
+    run it: the dry run started it in the Caddyfile's folder, where Compose found no project
+    and the plan said the Caddyfile was NOT validated. Oracle: Caddy validates the candidate,
+    relative import and all, from the folder Compose was started in."""
+    env = two_deployments(stack)
+    project, service = caddys_compose_service(stack)
+    (tmp_path / ".env").write_text(f"COMPOSE_PROJECT_NAME={project}\n")
+    monkeypatch.chdir(tmp_path)
+    composed = env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD,
+        command=("docker", "compose", "exec", service, "caddy")))
+    with ping_imported(env):
+        ran, unchecked = caddy.validate_unwritten(composed, env.caddy.caddyfile.read_text())
+    assert unchecked is None, unchecked
+    assert ran.startswith("docker compose exec -T -w "), ran
+
+
+@pytest.mark.shape_specific
+def test_a_dry_run_that_cannot_start_caddy_in_the_folder_never_validates_relative_imports(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """A `[caddy] command` the runbook cannot start in the Caddyfile's folder as Caddy sees it
+    (a wrapper script, here one passing stdin on to `docker exec -i NAME caddy`): Caddy
+    resolves the relative imports of a config read from stdin from its own working
+    directory, so validating there refused (exit 4, "File to import not found") what the
+    real run, which gives Caddy a file beside the Caddyfile, validates. The dry run must say
+    it did not validate it, neither "validates" nor a refusal. Oracle: the plan's words,
+    the folder's listing and mtime."""
+    if stack.has("container-caddy"):
+        pytest.skip("a wrapper names no container: the upstream of a Caddy in a container "
+                    "cannot be proven then (exit 4 before this)")
+    env = two_deployments(stack)
+    wrapper = tmp_path / "caddy"
+    wrapper.write_text(f'#!/bin/sh\nexec docker exec -i {stack.caddy_container} caddy "$@"\n')
+    wrapper.chmod(0o755)
+    source = tmp_path / "environment.toml"
+    source.write_text(envmod.to_toml(env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD, command=(str(wrapper),)),
+        source=source)))
+    folder = env.caddy.caddyfile.parent
+    with ping_imported(env):
+        before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns, snapshot(env))
+        dry = runbook_cli(env.with_(source=source), "rollback", "--dry-run")
+        after = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns, snapshot(env))
+    said = dry.stdout + dry.stderr
+    assert after == before, said
+    assert dry.returncode == 0, said
+    assert "the new Caddyfile validates" not in said, said
+    assert "NOT validated by this dry run" in said, said
+    assert "this dry run did not validate the new Caddyfile" in said, said  # the warning
+    assert "relative imports (line " in said and "import ping.caddy" in said, said
+
+
+@pytest.mark.shape_specific
+def test_a_dry_run_starts_a_caddy_on_this_host_in_the_caddyfiles_folder(
+        stack: DrillStack, tmp_path: Path) -> None:
+    """A `[caddy] command` that is Caddy's own binary on this host (here the drill Caddy's,
+    copied out of its image) is started in the Caddyfile's folder, the one way to have it
+    resolve the relative imports of a config read from stdin there (`-w` is a container's
+    alone). Oracle: Caddy's own words (a typo in the imported file is refused naming
+    ping.caddy, so the file was read), the folder's listing and mtime."""
+    if stack.has("container-caddy"):
+        pytest.skip("the Caddyfile's folder is /etc/caddy to Caddy there (container_path), "
+                    "which a Caddy on this host does not have")
+    env = two_deployments(stack)
+    binary = tmp_path / "bin" / "caddy"
+    binary.parent.mkdir()
+    stack.docker("cp", f"{stack.caddy_container}:/usr/bin/caddy", str(binary))
+    source = tmp_path / "environment.toml"
+    source.write_text(envmod.to_toml(env.with_(caddy=dataclasses.replace(
+        env.caddy, reload=envmod.ReloadMethod.CADDY_RELOAD, command=(str(binary),)),
+        source=source)))
+    local = env.with_(source=source)
+    folder = env.caddy.caddyfile.parent
+    with ping_imported(env):
+        before = (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns)
+        good = runbook_cli(local, "rollback", "--dry-run")
+        assert (sorted(os.listdir(folder)), os.stat(folder).st_mtime_ns) == before
+    with ping_imported(env, b'respnd /ping "pong" 200\n'):
+        bad = runbook_cli(local, "rollback", "--dry-run")
+    said = good.stdout + good.stderr
+    assert good.returncode == 0 and "the new Caddyfile validates" in said, said
+    assert f"this dry run: `{binary} validate --config -" in said, said
     said = bad.stdout + bad.stderr
     assert bad.returncode == int(ExitCode.PRECONDITION), said
     assert "unrecognized directive: respnd" in said and "ping.caddy:1" in said, said

@@ -320,15 +320,21 @@ def validate(env: Environment, text: str) -> str:
 _STDIN = "-"  # `--config -`: Caddy reads the config from its stdin, and names it so
 
 
-def _stdin_argv(env: Environment, verb: str) -> list[str]:
-    """[caddy] command running `caddy VERB` on a Caddyfile given on its standard input, in
-    the Caddyfile's folder as Caddy sees it (a `docker exec` gets `-i -w FOLDER`; any other
-    command is started in the folder), where Caddy resolves the relative imports of a
-    config read from stdin, as `caddy reload` resolves the file's."""
+def _stdin_command(env: Environment) -> tuple[tuple[str, ...], Path | None, str | None]:
+    """[caddy] command made to run Caddy on a Caddyfile given on its standard input, in the
+    Caddyfile's folder as Caddy sees it, where Caddy resolves the relative imports of a
+    config read from stdin, as `caddy reload` resolves the file's: (the command, the folder
+    to start it in, only for Caddy's own binary on this host (found by review: started
+    there, `docker compose exec` moved its client, not Caddy, and no -p then made Compose
+    look for its project there, not where the real run starts it), and None; or, when it
+    cannot be placed so (a wrapper script, another shape), that folder, as Caddy sees it)."""
     folder = str(PurePosixPath(seen_by_caddy(env, env.caddy.caddyfile)).parent)
-    command = caddy_command.exec_reading_stdin(env.caddy.command, folder) \
-        or env.caddy.command
-    return [*command, verb, "--config", _STDIN, "--adapter", "caddyfile"]
+    command = env.caddy.command
+    if (placed := caddy_command.exec_reading_stdin(command, folder)) is not None:
+        return placed, None, None  # `docker exec -i -w`, `docker compose exec -T -w`
+    if caddy_command.runs_caddy_here(command):
+        return command, env.caddy.caddyfile.parent, None
+    return command, None, folder
 
 
 def validate_unwritten(env: Environment, text: str) -> tuple[str, str | None]:
@@ -340,23 +346,24 @@ def validate_unwritten(env: Environment, text: str) -> tuple[str, str | None]:
     and None when Caddy validated `text`, or why it was not validated: that the command
     reads its stdin is proved first, by a config Caddy must reject naming a word of this
     run's (a wrapper that does not pass stdin on hands Caddy an empty config, which a Caddy
-    may pass; an older Caddy reads a file named "-"): fail closed, never "validates" unread.
-    Raises CaddyRejectedError when Caddy rejects `text`, CaddyError as validate does when
-    the command cannot run at all."""
+    may pass; an older Caddy reads a file named "-"): fail closed, never "validates" unread;
+    nor is `text` with relative imports validated by a command Caddy cannot be started in
+    the Caddyfile's folder through (it would look for them elsewhere: a false refusal, or a
+    pass on other files). Raises CaddyRejectedError when Caddy rejects `text`, CaddyError
+    as validate does when the command cannot run at all."""
     import secrets
 
-    argv = _stdin_argv(env, "validate")
+    command, cwd, unplaced = _stdin_command(env)
+    argv = [*command, "validate", "--config", _STDIN, "--adapter", "caddyfile"]
     shown_argv = shlex.join(argv)
-    folder = env.caddy.caddyfile.parent
 
     def check(config: str) -> subprocess.CompletedProcess[str]:
         """Raises as validate does where the command cannot run at all (not found, hung)."""
         try:
-            return _run(argv, "validate the new Caddyfile", "validate", stdin=config,
-                        cwd=folder)
+            return _run(argv, "validate the new Caddyfile", "validate", stdin=config, cwd=cwd)
         except OSError as exc:  # the folder cannot be entered (the real run writes there)
             raise CaddyError(f"cannot validate the new Caddyfile: `{shown_argv}` cannot start "
-                             f"in {folder}: {exc.strerror or exc}",
+                             f"in {cwd}: {exc.strerror or exc}",
                              "check the directory's permissions", stage="validate") from None
 
     word = f"runbook_stdin_check_{secrets.token_hex(4)}"
@@ -369,6 +376,13 @@ def validate_unwritten(env: Environment, text: str) -> tuple[str, str | None]:
     if f"{_STDIN}:2: unrecognized directive: {word}" not in said:
         return shown_argv, (f"`{shown_argv}` does not read a Caddyfile from its standard "
                             f"input (it said: {said.splitlines()[-1].strip()})")
+    relative = [i for i in file_imports(text) if i.relative]
+    if relative and unplaced is not None:
+        where = ", ".join(f"line {i.line}: import {i.pattern}" for i in relative)
+        return shown_argv, (f"the new Caddyfile has relative imports ({where}), which Caddy "
+                            f"resolves from the folder it starts in, and `{shown_argv}` cannot "
+                            f"be started in {unplaced} (only `caddy` on this host, `docker exec "
+                            "NAME caddy` and `docker compose exec SERVICE caddy` can)")
     done = check(text)
     if done.returncode == 0:
         return shown_argv, None
