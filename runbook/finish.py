@@ -37,9 +37,11 @@ class CannotFinish(PreconditionError):
     slot that does not answer as intended, or Caddy names no single slot. Only an explicit
     `runbook switch` (the repair this error prescribes) may go past it."""
 
-    def __init__(self, message: str, fix: str, intent: intents.Intent) -> None:
+    def __init__(self, message: str, fix: str, intent: intents.Intent,
+                 moved: bool | None = None) -> None:
         super().__init__(message, fix)
         self.intent = intent
+        self.moved = moved  # whether Caddy serves its target (None: not known)
 
 
 def in_progress(intent: intents.Intent, held: locks.LockStatus | None) -> bool:
@@ -152,7 +154,8 @@ def cannot_finish(env: Environment, intent: intents.Intent,
         f"an interrupted run moved traffic to {intent.to_slot}, which does not answer as "
         f"{intent.to_version} now: {check.describe()} ({intent.describe(moved=True)})",
         f"put traffic back on the slot you know is healthy: `runbook switch {command_arg(env)} "
-        f"--slot {intent.from_slot}`, then check `runbook status {command_arg(env)}`", intent)
+        f"--slot {intent.from_slot}`, then check `runbook status {command_arg(env)}`", intent,
+        moved=True)
 
 
 def _state(env: Environment) -> states.DeploymentState | None:
@@ -274,7 +277,9 @@ def replacing_warning(env: Environment, old: intents.Intent, action: str) -> str
         snapshot = None
     kept = (f"; its pre-deploy snapshot {snapshot.path} holds the database from before it"
             if snapshot is not None else "")
-    return (f"an interrupted run stopped before traffic moved: {old.describe()}{kept}; this "
+    # a "continue" record (replaced()): traffic where it was, or on another tool's deploy
+    return (f"an interrupted run stopped before traffic moved: {old.describe(moved=False)}"
+            f"{kept}; this "
             f"{action} replaces its record once it changes anything, and puts it back if it "
             "fails before traffic moves")
 

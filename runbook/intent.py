@@ -75,9 +75,13 @@ class Intent:
         return replace(self, **changes)
 
     def describe(self, *, moved: bool | None = None, live: bool = False) -> str:
-        """`moved`: whether Caddy now serves `to_slot`, when the caller has read it. The
-        record's phase can lag what runs: a run killed inside the switch, or one whose disk
-        filled up, never marked the commit; what runs wins over what the record says.
+        """`moved`: whether Caddy now serves `to_slot` by this run, when the caller has read
+        it (False too for a run another tool's deploy superseded: traffic on its target is
+        not its); None when not known. The record's phase can lag what runs: a run killed
+        inside the switch, or one whose disk filled up, never marked the commit; what runs
+        wins over what the record says, and without it "before traffic moved" is never said
+        (found by review: "stopped before traffic moved; whether it moved traffic is
+        unknown", and of a run killed between Caddy's reload and its commit mark).
         `live`: its process still holds the deploy lock (finish.in_progress), so it has not
         "stopped" anywhere: said as where it is so far (found by review: "stopped before
         traffic moved" of a run suspended just after Caddy moved)."""
@@ -91,6 +95,9 @@ class Intent:
                      else "after traffic moved, its record says")
         elif moved:
             where = "after traffic moved (its record was not updated)"
+        elif moved is None:
+            return (f"{self._who()}, stopped; whether it moved traffic is unknown (its record "
+                    f"says it had not){self._step()}")
         else:
             where = "before traffic moved"
         return f"{self._who()}, stopped {where}{self._step()}"

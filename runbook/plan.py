@@ -201,6 +201,9 @@ class Plan:
     # by an undo registered the moment it is overwritten, so every failure before the commit
     # (a signal or a lost lock right after the write included) leaves it for the next run
     replaces: intents.Intent | None = None
+    # whether Caddy serves that record's target by it, as planned (Intent.describe's `moved`):
+    # False for a record the run goes on from (finish.replaced), a repair's own reading else
+    replaces_moved: bool | None = False
     # the restore doubt this run overrides with --accept-restored-data (its warning): said
     # when the run clears it, starting the app on that database (restore_records)
     accepted_doubt: str | None = None
@@ -468,13 +471,15 @@ class _Execution:
                         self.plan.intent = mine
                     except OSError:
                         pass  # the copy stays; the message below still names the record
-                raise NotPutBack(f"the interrupted run's record ({old.describe()}) was not "
+                said = old.describe(moved=self.plan.replaces_moved)
+                raise NotPutBack(f"the interrupted run's record ({said}) was not "
                                  "put back: this run's record, which says what stays, "
                                  "replaces it")
 
             self.undos.append((PUT_BACK, put_back))
             self.journal.log("WARN", f"this run's record replaces the interrupted run's: "
-                             f"{old.describe()}", step="intent", replaced=old.run_id)
+                             f"{old.describe(moved=self.plan.replaces_moved)}", step="intent",
+                             replaced=old.run_id)
             # and keeps a copy of it: killed before traffic moves, this run never puts it
             # back, and the next run reads it from here (intents.standing)
             copy = asdict(old)

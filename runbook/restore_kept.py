@@ -133,7 +133,7 @@ def _contradiction_fix(env: Environment, current: states.Deployment | None,
         # and that run's finish records it onto the copy's history (found by review: the
         # finish of a run whose state file was deleted wrote one without any history)
         return (f"{restore} restores it as it was before the interrupted {pending.action} "
-                f"({pending.describe()}), which moved traffic to {serving}; then "
+                f"({pending.describe(moved=True)}), which moved traffic to {serving}; then "
                 f"`{finish.resume_command(env, pending)}` finishes that run and records it")
     if current is None or current.active_slot is None or serving is None or running is None \
             or str(current.active_slot) == serving:

@@ -648,7 +648,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                         "snapshot it names, and see `runbook status`)"
                         + ("" if containers[live].result().running
                            else f" and left the serving slot {live} STOPPED"))
-            warnings.insert(0, f"an interrupted run {seen}; continuing: {found[0].describe()}"
+            warnings.insert(0, f"an interrupted run {seen}; continuing: "
+                            f"{found[0].describe(moved=False)}"
                             if found[0].action == "rollback" else
                             # another verb's record (a deploy whose schema moved keeps it):
                             # this rollback replaces it, and names its pre-deploy snapshot

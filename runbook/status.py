@@ -1420,10 +1420,16 @@ def _restore_again(f: Facts, pending: intents.Intent, command: str) -> str:
 
 
 def _moved(f: Facts, pending: intents.Intent) -> bool | None:
-    """Whether Caddy serves the run's target now; None when what it runs is not known. Every
-    summary of the run says it from this (found by review: one said "before traffic moved"
-    beside "traffic: green" and another summary's "after traffic moved")."""
-    return None if f.active is None else f.active == pending.target
+    """Whether Caddy serves the run's target now by that run; None when what it runs is not
+    known. False when another tool's deploy serves there since (finish.superseded): the
+    problem says its record is out of date, and the JSON summary said "after traffic moved".
+    Every summary of the run says it from this (found by review: one said "before traffic
+    moved" beside "traffic: green" and another summary's "after traffic moved")."""
+    from runbook import finish
+
+    if f.active is None:
+        return None
+    return f.active == pending.target and finish.superseded(pending, f.state) is None
 
 
 def interrupted_run(f: Facts) -> Iterator[Problem]:
@@ -1451,7 +1457,8 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
         return
     later = finish.superseded(pending, f.state) if f.active == pending.target else None
     if later is not None:
-        yield Problem(f"an interrupted run's record is out of date: {pending.describe()}; "
+        yield Problem(f"an interrupted run's record is out of date: "
+                      f"{pending.describe(moved=False)}; "
                       f"since, {later.version} was deployed to {pending.to_slot} "
                       f"({later.deployed_at:%Y-%m-%dT%H:%M:%SZ} by {later.deployed_by}), "
                       "which serves", "nothing of it to finish: the next `runbook` command "
@@ -1469,8 +1476,11 @@ def interrupted_run(f: Facts) -> Iterator[Problem]:
     if not took and f.active is None:  # what runs is not known: never "did not move"
         why = ("Caddy's running config cannot be read" if f.traffic is None
                else "Caddy's running config names no single slot")
-        yield Problem(f"an interrupted run is unfinished: {pending.describe()}; whether it "
-                      f"moved traffic is unknown ({why})",
+        # describe() says so of a record not marked committed (a run killed between
+        # Caddy's reload and its commit mark never says it moved): said once
+        unknown = (f"; {why}" if pending.phase is intents.Phase.PREPARE else
+                   f"; whether traffic is still on {pending.to_slot} is unknown ({why})")
+        yield Problem(f"an interrupted run is unfinished: {pending.describe()}{unknown}",
                       f"once Caddy is fixed (see above), `runbook status {_arg(f.env)}` says "
                       f"whether it took effect; `{command}` then finishes it or runs it again")
         return

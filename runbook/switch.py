@@ -60,7 +60,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # for; this switch replaces its record instead (as in the repair above)
         repairing = finish.CannotFinish(
             f"an interrupted run moved traffic to {found[0].to_slot} "
-            f"({found[0].describe(moved=True)})", "", found[0])
+            f"({found[0].describe(moved=True)})", "", found[0], moved=True)
         found = None
     state = states.read_or_absent(env.state_file, environment=env.name)
     target = options.slot
@@ -162,13 +162,15 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     keeps = in_line and in_line_beside
     old_record = None if keeps else finish.replaced(found, intent)
     if keeps and found is not None:
-        warnings.append(f"an interrupted run's record is kept as it is ({found[0].describe()}): "
+        # found here is a "continue" (a "finish" was planned or turned into `repairing`)
+        warnings.append(f"an interrupted run's record is kept as it is "
+                        f"({found[0].describe(moved=False)}): "
                         "this switch only writes the file back in line with what runs")
     elif old_record is not None:
         warnings.append(finish.replacing_warning(env, old_record, "switch"))
     elif found is not None and found[1] == "continue":
         warnings.append(f"an interrupted run of this switch changed nothing users see; "
-                        f"continuing: {found[0].describe()}")
+                        f"continuing: {found[0].describe(moved=False)}")
 
     def run_state(ctx: StepContext) -> None:
         recording.switch(env, intent, observed, run_id, ctx)
@@ -202,7 +204,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             **({"restored data": accepted} if accepted else {})},
              phase=Phase.PREFLIGHT),
         *slots.leftover_steps(env, target, prep.leftovers),  # before anything changes
-        *([_replace_record(env, repairing.intent)] if repairing is not None else []),
+        *([_replace_record(env, repairing)] if repairing is not None else []),
         slots.run_step(env, prep, observed),
         slots.gate_step(env, target, force=options.force, expected_version=version,
                         observed=observed),
@@ -219,6 +221,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 intent=None if keeps else intent,
                 resume_command=f"runbook switch {command_arg(env)} --slot {target}",
                 replaces=repairing.intent if repairing is not None else old_record,
+                replaces_moved=repairing.moved if repairing is not None else False,
                 accepted_doubt=accepted)
 
 
@@ -477,16 +480,18 @@ def _record_only(env: Environment, state: states.DeploymentState, target: Slot, 
                 accepted_doubt=accepted, commit_point=point)
 
 
-def _replace_record(env: Environment, old: intents.Intent) -> Step:
+def _replace_record(env: Environment, repairing: finish.CannotFinish) -> Step:
     """This switch's record (written before its first change) replaces the interrupted run's;
     if the switch fails before traffic moves, the interrupted run's record is put back, so the
     next run still knows of it (the undo is the executor's, registered as the record is
     overwritten: Plan.replaces)."""
+    old = repairing.intent
+
     def run(ctx: StepContext) -> None:
         ctx.note(replaced=old.run_id)
 
     return Step("replace-record", "Replace the interrupted run's record with this switch's", {
-        "interrupted run": old.describe(),
+        "interrupted run": old.describe(moved=repairing.moved),
         "on failure": f"its record is put back ({intents.path(env)})",
     }, run=run)
 

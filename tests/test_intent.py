@@ -154,9 +154,14 @@ def test_an_interrupted_run_says_its_last_recorded_step(env: Environment) -> Non
         pass
     with run.step("start-slot", "Start the stopped blue container"):
         # killed here (SIGKILL): the step never ends, the run is never finished
-        said = intents.read(env).describe()
+        said = intents.read(env).describe(moved=False)  # Caddy read: it serves green
+        unread = intents.read(env).describe()  # what Caddy serves not read
     assert said.endswith("stopped before traffic moved; its last recorded step: Start the "
                          "stopped blue container (running)"), said
+    # its record lags a kill between Caddy's reload and its commit mark: never "before"
+    assert unread.endswith("stopped; whether it moved traffic is unknown (its record says it "
+                           "had not); its last recorded step: Start the stopped blue "
+                           "container (running)"), unread
     (env.runs_dir / "rbk_2.json").write_text("{torn")  # unreadable: nothing is claimed
     assert "last recorded step" not in intents.read(env).describe()
     # a FIFO (or a symlink to /dev/zero) in its place is no record: never read, never waited on

@@ -3335,6 +3335,39 @@ def test_status_of_a_suspended_run_says_where_it_is_and_names_it_the_last_run(
     assert (after["run_id"], after["outcome"]) == (running, "success"), after
 
 
+def test_a_run_killed_after_caddy_moved_is_not_said_to_stop_before_it_when_caddy_is_unreadable(
+        stack: DrillStack) -> None:
+    """Found by the merged-diff review: a rollback killed between Caddy's reload and its
+    commit mark leaves a record saying "prepare", and with Caddy's admin API unreadable
+    `runbook status` said it "stopped before traffic moved; whether it moved traffic is
+    unknown" (its JSON summary the first half alone), and the next run's refusal "stopped
+    before traffic moved" while green served. What the proxy answers is the oracle."""
+    from runbook import finish, status
+
+    env = arrange(stack)  # v3 serving from blue, v2 stopped on green
+    killed = cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert through_proxy(env) == ("green", V2.tag)  # traffic moved
+    pending = intents.read(env)
+    assert pending is not None and pending.phase is intents.Phase.PREPARE  # never marked
+    blind = env.with_(caddy=dataclasses.replace(
+        env.caddy, admin_url=f"http://127.0.0.1:{closed_port()}"))
+    facts = status.collect(blind)
+    [problem] = [p.problem for p in status.problems(facts) if "interrupted run" in p.problem]
+    with pytest.raises(RunbookError) as refused:
+        finish.interrupted(blind)
+    for said in (status.to_json(facts)["interrupted"]["summary"], problem,
+                 refused.value.message):
+        assert "before traffic moved" not in said, said
+        assert "whether it moved traffic is unknown" in said, said
+    # Caddy readable again: where traffic is is said, and the rerun finishes the run
+    seen = status.to_json(status.collect(env))["interrupted"]["summary"]
+    assert "stopped after traffic moved" in seen, seen
+    again = cli(env, "rollback", "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("green", V2.tag) and intents.read(env) is None
+
+
 def test_a_record_older_than_another_tools_deploy_to_its_slot_blocks_nothing(
         stack: DrillStack) -> None:
     """Found by review: a rollback killed before its switch (v3 on blue -> v2 on green) left
@@ -3351,6 +3384,10 @@ def test_a_record_older_than_another_tools_deploy_to_its_slot_blocks_nothing(
     status = cli(env, "status")
     said = status.stdout + status.stderr
     assert "record is out of date" in said and "took effect" not in said, said
+    # the JSON summary says what the problem says: green serves another tool's deploy, not
+    # this run's (it said "stopped after traffic moved (its record was not updated)")
+    summary = json.loads(cli(env, "status", "--format", "json").stdout)["interrupted"]["summary"]
+    assert "stopped before traffic moved" in summary and "after" not in summary, summary
     planned = cli(env, "rollback", "--dry-run", "--to", V2.tag)  # previous is v3 too now
     assert planned.returncode == 0, planned.stdout + planned.stderr
     assert "does not answer as" not in planned.stdout + planned.stderr

@@ -754,6 +754,53 @@ def test_a_refresh_in_a_full_lock_folder_rewrites_the_times_in_place_and_the_cop
         assert not env.lock_path.exists()
 
 
+def test_a_full_lock_folder_that_keeps_an_old_deployment_id_or_copy_list_says_so(
+        tmp_path: Path) -> None:
+    """Found by the merged-diff review: on a full lock folder the refresh rewrites only the
+    times in place, and lock_error was cleared as if all was written. for_deployment()
+    names the plan's deployment then refreshes: holder.json kept the run's id, which status
+    shows, without a word; and a heartbeat refresh (the directory only) left the state
+    file's copy unlisted in holder.json's `mirrored` (a killed run's copy, once the Go CLI
+    stripped its lock_id, is then taken for another tool's live lock). The files on the
+    full tmpfs are the oracle; freed, the next refresh writes holder.json whole."""
+    env = host_env(tmp_path, stale=60)
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    with tmpfs(env.lock_dir, "256k"):
+        lock = acquire(env, "long restore", None)
+        lock.publish()
+        first = lock.deployment_id
+        fill(env.lock_dir)
+        time.sleep(1.1)  # a new second: locked_at must change
+        lock.for_deployment("dep_from_the_plan")
+        holder = json.loads((env.lock_path / "holder.json").read_text())
+        assert holder["locked_at"] == format_time(lock.locked_at)  # rewritten in place
+        assert holder["deployment_id"] == first  # the old id stays on a full disk
+        assert status(env).holder.deployment_id == first  # what status shows
+        said = lock.lock_error or ""
+        for part in ("holder.json", first, "dep_from_the_plan", "free disk space"):
+            assert part in said, (part, said)
+        (env.lock_dir / "filler").unlink()
+        lock.refresh()
+        holder = json.loads((env.lock_path / "holder.json").read_text())
+        assert holder["deployment_id"] == "dep_from_the_plan" and lock.lock_error is None
+        fill(env.lock_dir)
+        time.sleep(1.1)
+        lock.refresh()  # the copy's times are holder.json's own: it still tells the copy
+        assert lock.lock_error is None, lock.lock_error
+        copy = read_state(env.state_file).lock or {}
+        time.sleep(1.1)
+        lock.refresh(mirror=False)  # the heartbeat's: holder.json's times move on
+        holder = json.loads((env.lock_path / "holder.json").read_text())
+        listed = [*holder["mirrored"], [holder["locked_at"], holder["expires_at"]]]
+        assert [copy["locked_at"], copy["lock_expires_at"]] not in listed, (copy, holder)
+        said = lock.lock_error or ""
+        for part in ("holder.json", "the state file's copy", "free disk space"):
+            assert part in said, (part, said)
+        (env.lock_dir / "filler").unlink()
+        assert lock.release()
+
+
 def test_a_stolen_lock_is_not_released_by_its_old_owner(tmp_path: Path) -> None:
     env = host_env(tmp_path, stale=1)
     old = acquire(env, "hung", None)

@@ -510,6 +510,24 @@ def test_a_deleted_state_file_under_an_interrupted_rollback_keeps_its_history(
 
 
 @pytest.mark.docker
+def test_restore_kept_under_a_run_killed_before_its_commit_mark_says_traffic_moved(
+        drill_stack: DrillStack) -> None:
+    """Found by the merged-diff review: a rollback killed between Caddy's reload and its
+    commit mark (its record still says "prepare"), then the state file deleted: restore-kept's
+    refusal named the run "(..., stopped before traffic moved), which moved traffic to
+    green". Caddy serves its target: what the proxy answers is the oracle."""
+    env, _ = arranged_and_kept(drill_stack)
+    killed = cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert through_proxy(env) == ("green", V2.tag)
+    env.state_file.unlink()
+    refused = cli(env, "state", "restore-kept", "--yes")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "before traffic moved" not in refused.stderr, refused.stderr
+    assert "after traffic moved" in refused.stderr, refused.stderr
+
+
+@pytest.mark.docker
 def test_restore_kept_of_a_state_path_it_cannot_read_is_refused_not_a_bug(
         drill_stack: DrillStack) -> None:
     """Found by review: a directory (or an unreadable file) at the state file's path read as

@@ -190,7 +190,11 @@ class Lock:
         """The lock files with the new times; on a full disk (or quota), where the replace's
         temp file gets no block, their times rewritten in place. Raised to the run's beat, a
         failure was swallowed there and the lock aged silently until the shell tooling took
-        a live run's lock (found by review): it is kept in lock_error, for the run to say."""
+        a live run's lock (found by review): it is kept in lock_error, for the run to say.
+        Rewritten in place, holder.json keeps its other fields as they were: one that should
+        have changed is said there too (found by review: for_deployment's id was lost)."""
+        stale: dict[str, Any] = {}
+        full: OSError | None = None
         try:
             try:
                 _write_lock_files(self.path, self, now)
@@ -198,13 +202,35 @@ class Lock:
                 if exc.errno not in files.NO_SPACE:
                     raise
                 try:
-                    _rewrite_in_place(self.path, self, now)
+                    stale = _rewrite_in_place(self.path, self, now)
                 except (OSError, ValueError):
                     raise exc from None  # the full disk is what on-call can fix
+                full = exc
         except OSError as exc:
             self.lock_error = self._refresh_failure(exc)
             return
-        self._written_at, self.lock_error = now, None
+        self._written_at = now
+        self.lock_error = self._partly_written(full, stale) if full and stale else None
+
+    def _partly_written(self, exc: OSError, stale: dict[str, Any]) -> str:
+        """One line: what holder.json still says after its times alone were rewritten in
+        place (`stale`: its fields that differ, as the file holds them), and the fix. Said
+        without times: each distinct problem is said once (run.py's tell)."""
+        said = []
+        for key, old in stale.items():
+            if key == "deployment_id":  # what `runbook status` shows of this run
+                said.append(f"it still names deployment {old}, not {self.deployment_id} (as "
+                            "`runbook status` does)")
+            elif key == "mirrored":
+                said.append("it does not list the state file's copy of this lock (killed now, "
+                            "the run leaves a copy the next run may take for another tool's)")
+            else:
+                said.append(f"its {key} is as before")
+        folder = shlex.quote(str(self.path.parent))
+        return (f"cannot rewrite {self.path / HOLDER} whole ({exc.strerror or exc}): only its "
+                f"times were rewritten in place: {'; '.join(said)}; free disk "
+                f"space where {self.path.parent} lives (`df -h {folder}`): the run's next "
+                "refresh writes it whole")
 
     def _refresh_failure(self, exc: OSError) -> str:
         """One line: what failed, when each tool sees the lock expire, and the fix."""
@@ -844,13 +870,16 @@ def _write_lock_files(path: Path, lock: Lock, now: float) -> None:
     files.atomic_write(path / LOCKED_AT, f"{int(now)}\n".encode())
 
 
-def _rewrite_in_place(path: Path, lock: Lock, now: float) -> None:
+def _rewrite_in_place(path: Path, lock: Lock, now: float) -> dict[str, Any]:
     """The new times written over the old ones in both lock files, each the same number of
     bytes at the same offset: no block is allocated, so a full disk (or quota) takes it where
     the replace's temp file got none (tmpfs, ext4, xfs; a copy-on-write filesystem may still
     refuse). Only the times change (holder.json's other fields stay as last written): the
     files stay what the shell tooling (`locked_at`, epoch seconds) and every runbook read.
-    ValueError where a file is not as written (its times not found, or of another width)."""
+    Returns holder.json's other fields that differ from what `lock` would write, as the file
+    holds them (for_deployment's new id, a copy `mirrored` does not list): the caller says
+    so. ValueError where a file is not as written (its times not found, or of another
+    width)."""
     holder = path / HOLDER
     data = files.read_regular(holder, LOCK_FILE_MAX)
     new = bytearray(data)
@@ -871,6 +900,34 @@ def _rewrite_in_place(path: Path, lock: Lock, now: float) -> None:
     # holder.json first, as _write_lock_files; one write for both times: never read apart
     _overwrite(holder, bytes(new[first:last]), first)
     _overwrite(path / LOCKED_AT, stamp, 0)
+    return _left_stale(parsed, lock.holder_json())
+
+
+def _left_stale(written: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """holder.json's fields, as `written` (the file, its new times in), that are not what
+    `wanted` says. `mirrored` lists the state file's copies: one it lacks is stale unless it
+    is the file's own times (policy._copy_of reads both, as times: a time rewritten in place
+    is of the old one's width), as after a refresh that mirrors."""
+    stale = {key: written.get(key) for key in sorted(wanted.keys() | written.keys())
+             if key not in ("locked_at", "expires_at", "mirrored")
+             and written.get(key) != wanted.get(key)}
+    listed = written.get("mirrored")
+    known = {_times(pair) for pair in (listed if isinstance(listed, list) else [])}
+    known.add(_times([written.get("locked_at"), written.get("expires_at")]))
+    if any(_times(pair) not in known for pair in wanted["mirrored"]):
+        stale["mirrored"] = listed
+    return stale
+
+
+def _times(pair: Any) -> tuple[datetime | None, ...]:
+    """A [locked_at, expires_at] pair of holder.json as times; None for what is not one."""
+    def parsed(text: Any) -> datetime | None:
+        try:
+            return statemod.parse_time(text) if isinstance(text, str) else None
+        except ValueError:
+            return None
+
+    return tuple(parsed(t) for t in pair) if isinstance(pair, list) else (None,)
 
 
 def _same_width(value: datetime, width: int) -> bytes:
