@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ from runbook import lock as lockmod
 from runbook import state as states
 from runbook.environment import Environment, command_arg
 from runbook.errors import ConfigError, ExitCode, LockedError, RunbookError
-from runbook.lock import acquire, guard_path, holding, release, status, unlock
+from runbook.lock import Lock, acquire, guard_path, holding, release, status, unlock
 from runbook.state import format_time, read_state
 from tests.drill_checks import (
     ATTEMPT,
@@ -706,6 +707,19 @@ def test_a_step_longer_than_the_lock_lifetime_keeps_the_state_files_copy_fresh(
     lock.release()
 
 
+@contextlib.contextmanager
+def published_on_a_tmpfs(tmp_path: Path) -> Iterator[tuple[Environment, Lock]]:
+    """A host whose lock folder is a 256 KiB tmpfs of its own (to fill or remount), holding
+    a lock taken and published into a documented state file."""
+    env = host_env(tmp_path, stale=60)
+    env.state_file.parent.mkdir(parents=True)
+    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
+    with tmpfs(env.lock_dir, "256k"):
+        lock = acquire(env, "long restore", None)
+        lock.publish()
+        yield env, lock
+
+
 @pytest.mark.parametrize("how", ["full", "read-only"])
 def test_a_refresh_in_a_full_lock_folder_rewrites_the_times_in_place_and_the_copy_always(
         tmp_path: Path, how: str) -> None:
@@ -714,12 +728,7 @@ def test_a_refresh_in_a_full_lock_folder_rewrites_the_times_in_place_and_the_cop
     silently). The times are now rewritten in place (no block allocated), the files staying
     what the shell tooling and other runbooks read; a folder that takes no write at all is
     kept in lock_error (the run says it) and the copy refreshed all the same."""
-    env = host_env(tmp_path, stale=60)
-    env.state_file.parent.mkdir(parents=True)
-    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
-    with tmpfs(env.lock_dir, "256k"):
-        lock = acquire(env, "long restore", None)
-        lock.publish()
+    with published_on_a_tmpfs(tmp_path) as (env, lock):
         files_before = {p.name: p.read_bytes() for p in env.lock_path.iterdir()}
         copy_before = read_state(env.state_file).lock or {}
         if how == "full":
@@ -763,12 +772,7 @@ def test_a_full_lock_folder_that_keeps_an_old_deployment_id_or_copy_list_says_so
     file's copy unlisted in holder.json's `mirrored` (a killed run's copy, once the Go CLI
     stripped its lock_id, is then taken for another tool's live lock). The files on the
     full tmpfs are the oracle; freed, the next refresh writes holder.json whole."""
-    env = host_env(tmp_path, stale=60)
-    env.state_file.parent.mkdir(parents=True)
-    env.state_file.write_bytes((DATA / "documented.json").read_bytes())
-    with tmpfs(env.lock_dir, "256k"):
-        lock = acquire(env, "long restore", None)
-        lock.publish()
+    with published_on_a_tmpfs(tmp_path) as (env, lock):
         first = lock.deployment_id
         fill(env.lock_dir)
         time.sleep(1.1)  # a new second: locked_at must change
