@@ -345,8 +345,8 @@ class Signals:
                     return
                 self.tell(f"{name} received while \"{self.holding}\" "
                           "runs: it cannot be stopped half-way, so the run stops when it ends "
-                          "(undoing what it did if traffic has not moved yet, or saying what "
-                          "is left to finish if it has)"
+                          "(undoing what it did, traffic included, if it is before the "
+                          "commit point, or saying what is left to finish if it is after)"
                           + (f"; another Ctrl-C {self.second}" if self.second else ""))
 
     @contextlib.contextmanager

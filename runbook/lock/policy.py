@@ -194,8 +194,9 @@ def suspended_fix(pid: int) -> str:
     return (f"`kill -CONT {pid}` resumes it where it stopped (or `fg` in the shell it was "
             f"suspended in); to stop it instead, `kill {pid}` and then `kill -CONT {pid}` (a "
             "suspended process takes the signal only once resumed: it then stops as on "
-            "Ctrl-C, undoing what it changed if traffic has not moved yet, or saying what is "
-            "left to finish if it has, and releases the lock)")
+            "Ctrl-C: before its commit point (traffic moved and verified) it undoes what it "
+            "changed, traffic included, and after it it says what is left to finish; then it "
+            "releases the lock)")
 
 
 def lock_dir_problem(env: Environment) -> tuple[str, str] | None:
