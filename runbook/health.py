@@ -7,7 +7,6 @@ not answer is `unreachable`. A probe never raises for network trouble; it report
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -15,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from runbook import strict_json
 from runbook.environment import Environment, Slot, SlotConfig, command_arg
 from runbook.errors import ExitCode, RunbookError
 
@@ -189,7 +189,12 @@ def parse(url: str, http_status: int, content: bytes | str, *, slot: str | None 
     base: dict[str, Any] = {"url": url, "slot": slot, "http_status": http_status,
                             "latency_ms": latency_ms}
     try:
-        body = json.loads(content)
+        body = strict_json.loads(content)
+    except strict_json.DuplicateKeyError as exc:
+        # two answers in one (a shell check reads the first, Python the last): never a pass
+        return HealthReport(status=UNHEALTHY, error=f"HTTP {http_status} with a body whose "
+                            f"{exc.found[0].said()}: which one the app means cannot be told",
+                            **base)
     except (ValueError, UnicodeDecodeError, RecursionError):
         from runbook.redact import redact
 

@@ -53,6 +53,12 @@ ROUTES: dict[str, tuple[int, bytes]] = {
         "git_commit": "3f2a1b9"}).encode()),
     "/unknown-commit": (200, json.dumps(body("healthy", {"database": PASS}) | {
         "git_commit": "unknown"}).encode()),
+    # the key written twice: a shell check (grep) reads "unhealthy", Python, jq and Go the
+    # last, "healthy"
+    "/status-twice": (200, b'{"status": "unhealthy", ' + json.dumps(
+        body("healthy", {"database": PASS})).encode()[1:]),
+    "/check-status-twice": (200, json.dumps(body("healthy", {"database": PASS})).encode().replace(
+        b'"status": "pass"', b'"status": "fail", "status": "pass"')),
 }
 
 
@@ -164,6 +170,26 @@ def test_anything_untrustworthy_is_unhealthy(server: Server, path: str, error: s
     if error:
         assert report.error is not None and error in report.error
     assert health.simple(report)  # formatting never fails on partial reports
+
+
+@pytest.mark.parametrize(("path", "where", "values"), [
+    ("/status-twice", "status", "'unhealthy', then 'healthy'"),
+    ("/check-status-twice", "checks.database.status", "'fail', then 'pass'"),
+])
+def test_a_key_written_twice_is_unhealthy_naming_it(server: Server, path: str, where: str,
+                                                   values: str) -> None:
+    """A /health answer with one key written twice says two things: a shell check (grep)
+    reads the first, Python, jq and Go the last. Read last-wins, "unhealthy" then "healthy"
+    passed the gate (found by review). Never a pass; the reason names the key and both
+    values; the gate fails saying it."""
+    assert json.loads(ROUTES[path][1])["status"] == "healthy"  # what last-wins reads
+    report = health.probe(server.url + path)
+    assert report.status == "unhealthy" and not report.ok
+    assert f"{where} is written twice ({values})" in report.reason(), report.reason()
+    env = make_env(server.port, path=path, timeout=0.3)
+    with pytest.raises(HealthGateError) as gate:
+        health.wait_healthy(env, "blue")
+    assert f"{where} is written twice" in gate.value.message, gate.value.message
 
 
 def test_a_warn_check_makes_a_healthy_body_degraded(server: Server) -> None:

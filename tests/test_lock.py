@@ -645,6 +645,55 @@ def test_expired_state_file_lock_is_replaced(env: Environment, with_state: Path)
     assert read_state(with_state).lock == {"locked": False}
 
 
+@pytest.mark.parametrize(("key", "first", "last"), [
+    ("locked", True, False),  # read last-wins: unlocked
+    ("expires_at", 600, -60),  # read last-wins: expired, so stale
+], ids=["locked", "expires_at"])
+def test_a_state_file_lock_with_a_key_written_twice_is_never_taken_over(
+        env: Environment, with_state: Path, key: str, first: Any, last: Any) -> None:
+    """The Go CLI's lock with one key written twice: grep or sed (the shell tooling) read
+    the first value, held; Python, jq and Go the last, free or expired. Read last-wins, the
+    lock was taken over and the mirror written over it kept only our lock (found by review).
+    An ambiguous holder is refused as an unreadable one is: nothing taken or removed (not
+    even with --force), the refusal naming the file and the key, exit 4."""
+    now = datetime.now(UTC)
+
+    def value(v: Any) -> Any:
+        return format_time(now + timedelta(seconds=v)) if key == "expires_at" else v
+
+    state = json.loads(with_state.read_text())
+    state["lock"] = {"locked": True, "locked_by": "ci@build-runner", "reason": "deploy e4d2c1b",
+                     "locked_at": format_time(now - timedelta(minutes=5)),
+                     "expires_at": format_time(now + timedelta(seconds=600))}
+    state["lock"][key] = value(first)
+    marker = f'"{key}": {json.dumps(value(first))}'
+    text = json.dumps(state, indent=2)
+    assert text.count(marker) == 1
+    with_state.write_text(text.replace(marker, f'{marker}, "{key}": {json.dumps(value(last))}'))
+    assert json.loads(with_state.read_text())["lock"][key] == value(last)  # what Python reads
+    before = with_state.read_bytes()
+
+    def refused(err: RunbookError) -> None:
+        assert err.exit_code == ExitCode.PRECONDITION, err
+        assert str(with_state) in err.message and f"lock.{key}" in err.message, err.message
+        assert "written twice" in err.message and "\n" not in str(err), err
+        assert "nothing was changed" in err.message, err.message
+
+    with pytest.raises(RunbookError) as taking:
+        acquire(env, "x", None)
+    refused(taking.value)
+    seen = status(env)  # never free, never stale
+    assert seen is not None and seen.broken and not seen.stale and not seen.stealable, seen
+    said = lockmod.refusal(env)  # what a dry run says
+    assert said is not None
+    refused(said)
+    for force in (False, True):
+        with pytest.raises(RunbookError) as unlocking:
+            unlock(env, force=force)
+        refused(unlocking.value)
+    assert not env.lock_path.exists() and with_state.read_bytes() == before
+
+
 # --- keeping a lock ------------------------------------------------------------------------
 
 

@@ -662,6 +662,100 @@ def test_a_state_file_a_deploy_script_built_with_jq_arg_is_rolled_back(
     assert jq("-c", ".lock.locked") == "false\n"
 
 
+def test_a_state_file_with_a_key_written_twice_is_refused_and_left_as_it_is(
+        stack: DrillStack) -> None:
+    """Found by review: a state file with `"active_slot": "blue", ..., "active_slot":
+    "green"` in its current deployment (a script that appends a key instead of replacing it)
+    says two things: grep or sed read blue, Python, jq and Go green. Read last-wins, status
+    reported what no tool agreed on, and a rollback's rewrite kept one value and dropped the
+    other without a word. Both refuse it as a state file they cannot read is refused: the
+    same exit code, one line naming the file, the key and the fix, nothing changed (the
+    file's bytes, Caddy's running config, the proxy, the containers, no lock left); so does
+    `state restore-kept` (exit 4).
+    Oracle: a cut-short file's exit code, Caddy's admin API, Docker, the proxy, the files."""
+    env = two_deployments(stack)  # v3 serves from blue; v2 the previous, stopped on green
+    whole = env.state_file.read_text()
+    config_url = f"{env.caddy.admin_url}/config/"
+    before, running = snapshot(env), drill_http.get(config_url, timeout=5).json()
+
+    env.state_file.write_text(whole[: len(whole) // 2])  # what a state file not read gives
+    commands = (("status",), ("rollback", "--yes"))
+    cut = [runbook_cli(env, *args) for args in commands]
+    # status: exit 1 with the file's problem; the rollback: exit 4 (README)
+    assert [c.returncode for c in cut] == [ExitCode.FAILED_SAFELY, ExitCode.PRECONDITION]
+
+    doc = json.loads(whole)
+    assert doc["current_deployment"]["active_slot"] == "blue"
+    once = '"active_slot": "blue"'
+    first = whole.index(once)  # the current deployment's, the first in the file
+    twice = whole[:first] + f'{once}, "active_slot": "green"' + whole[first + len(once):]
+    assert json.loads(twice)["current_deployment"]["active_slot"] == "green"  # last-wins
+    env.state_file.write_text(twice)
+    # and the kept copy is never put over it: older than the other tool's write
+    expected = [*((args, c.returncode) for args, c in zip(commands, cut, strict=True)),
+                (("state", "restore-kept", "--yes"), ExitCode.PRECONDITION)]
+    for args, code in expected:
+        done = runbook_cli(env, *args)
+        said = [line for line in (done.stdout + done.stderr).splitlines()
+                if "current_deployment.active_slot" in line]
+        assert done.returncode == code, (args, done.stdout + done.stderr)
+        assert len(said) == 1, (args, done.stdout + done.stderr)
+        assert str(env.state_file) in said[0] and "written twice" in said[0], said
+        assert '"active_slot" appears once in current_deployment' in done.stdout + done.stderr
+        assert env.state_file.read_text() == twice
+        assert drill_http.get(config_url, timeout=5).json() == running
+        assert snapshot(env) == before | {"state": twice.encode()}
+
+
+@pytest.mark.shape_specific
+def test_a_health_answer_with_its_status_written_twice_fails_the_gate(
+        stack: DrillStack) -> None:
+    """Found by review: the standby's /health answered `{"status": "unhealthy", ...,
+    "status": "healthy", ...}` (an app that writes the key twice): a shell check (grep)
+    reads unhealthy, Python's json the last, healthy, and the rollback's gate passed it and
+    sent users there. An answer that says two things is no pass: the gate fails naming the
+    key, and users stay on the slot that serves. Oracle: the proxy's answer, Docker."""
+    env = two_deployments(stack)  # v3 serves from blue; v2 the previous, stopped on green
+    if stack.has("docker-run"):
+        pytest.skip("the standby is made by the host's docker-run script here")
+    config = env.slot(Slot.GREEN)
+    labels = docker.inspect(config.container).labels or {}
+    # green's own build (v2), its /health body sent with `"status": "unhealthy"` first
+    app = ("import json, sys\nsys.path.insert(0, '/app')\nimport server\n"
+           "real = server.Handler.send_json\n"
+           "def send_json(self, code, body):\n"
+           "    if self.path.split('?')[0] != '/health':\n"
+           "        return real(self, code, body)\n"
+           "    data = b'{\"status\": \"unhealthy\", ' + json.dumps(body).encode()[1:]\n"
+           "    self.send_response(code)\n"
+           "    self.send_header('Content-Type', 'application/json')\n"
+           "    self.send_header('Content-Length', str(len(data)))\n"
+           "    self.end_headers()\n"
+           "    self.wfile.write(data)\n"
+           "server.Handler.send_json = send_json\n"
+           "sys.exit(server.serve())\n")
+    stack.docker("rm", "-f", config.container)
+    argv = ["docker", "create", "--name", config.container, "--network",
+            f"{stack.project}_default", "-p", f"127.0.0.1:{config.port}:8080",
+            "-e", "SLOT=green", "-e", "DATABASE_URL", "-e", "HEALTH_FIELDS=full",
+            "--stop-timeout", "5", "--entrypoint", "python3"]
+    for key, value in labels.items():
+        argv += ["--label", f"{key}={value}"]
+    subprocess.run([*argv, V2.image, "-c", app], check=True, capture_output=True, text=True,
+                   env={**os.environ, "DATABASE_URL": stack.app_database_url})
+    try:
+        fast = env.with_(health=dataclasses.replace(env.health, timeout=10.0))
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(fast)
+        said = str(err.value)
+        assert err.value.exit_code == ExitCode.FAILED_SAFELY, said
+        assert "did not become healthy" in said and "status is written twice" in said, said
+        assert through_proxy(env) == ("blue", V3.tag)
+        assert not docker.inspect(config.container).running  # undone: stopped again
+    finally:
+        stack.docker("rm", "-f", config.container, check=False)  # the next arrange remakes it
+
+
 def test_rollback_to_a_stopped_standby_starts_it(stack: DrillStack) -> None:
     env = two_deployments(stack)  # green v2 stopped, blue v3 live
     assert docker.inspect(env.slot("green").container).status == "exited"

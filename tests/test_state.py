@@ -480,6 +480,65 @@ def test_a_number_too_large_for_json_is_refused_when_read(
     assert target.read_bytes() == before
 
 
+def written_twice(doc: dict[str, Any], path: tuple[str | int, ...], then: Any) -> str:
+    """`doc` as JSON text with the key at `path` written twice: its own value, then `then`
+    (as a tool that appends a key instead of replacing it leaves the file)."""
+    marker, key = "__TWICE__", path[-1]
+    node: Any = doc
+    for part in path:
+        node = node[part]
+    text = json.dumps(_mutate(doc, path, marker), indent=2)
+    twice = text.replace(f'"{key}": "{marker}"',
+                         f'"{key}": {json.dumps(node)}, "{key}": {json.dumps(then)}')
+    assert twice.count(f'"{key}": ') == text.count(f'"{key}": ') + 1
+    return twice
+
+
+KEYS_WRITTEN_TWICE = [  # (fixture, key path, its second value, as the reader names it)
+    ("documented.json", ("current_deployment", "active_slot"), "green",
+     "current_deployment.active_slot"),
+    ("documented.json", ("environment",), "staging", "environment"),
+    ("documented.json", ("deployment_history", 0, "version"), "abc1234",
+     "deployment_history[0].version"),
+    ("documented.json", ("lock", "locked"), True, "lock.locked"),
+    ("deploy_script.json", ("current_deployment", "environment"), "staging",
+     "current_deployment.environment"),
+    ("deploy_script_first.json", ("active_slot",), "green", "active_slot"),
+    ("go_cli.json", ("current_deployment", "slot"), "green", "current_deployment.slot"),
+    ("go_cli.json", ("previous_deployment", "docker_image"), "togather-server:e4d2c1b",
+     "previous_deployment.docker_image"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "path", "then", "where"), KEYS_WRITTEN_TWICE,
+                         ids=[f"{f}:{w}" for f, _, _, w in KEYS_WRITTEN_TWICE])
+def test_a_key_written_twice_is_refused_naming_it_never_read_last_wins(
+        fixture: str, path: tuple[str | int, ...], then: Any, where: str,
+        tmp_path: Path) -> None:
+    """A file with one key written twice says two things: grep or sed (the shell tooling)
+    read the first value, Python, jq and Go the last. Read last-wins, the runbook acted on
+    one of them, and its rewrite kept only that one (found by review). Refused as bad input
+    wherever it sits (every dialect, any depth, the lock too), naming the file, the key's
+    path and the fix, with a state file's refusal's exit code. The lock's own read of the
+    file refuses it where the key is the lock's (who holds it cannot be told), and reads the
+    lock, which every tool reads alike, where it is not."""
+    target = tmp_path / "deployment-state.json"
+    target.write_text(written_twice(load(fixture), path, then))
+    before = target.read_bytes()
+    in_lock = path[0] == "lock"
+    for read in (read_state, statemod.read_lock) if in_lock else (read_state,):
+        with pytest.raises(StateError) as info:
+            read(target)
+        err = info.value
+        assert err.message.startswith(f"{target}: {where} is written twice ("), err.message
+        holder = where.removesuffix(str(path[-1])).removesuffix(".") or "the top-level object"
+        assert f'"{path[-1]}" appears once in {holder}' in (err.fix or ""), err.fix
+        assert err.exit_code == ExitCode.PRECONDITION and "\n" not in str(err)
+    if not in_lock:  # the lock every tool reads alike: read as it is written
+        assert statemod.read_lock(target) == statemod.read_lock(DATA / fixture)
+    assert target.read_bytes() == before
+
+
 def test_missing_file_says_nothing_was_recorded(tmp_path: Path) -> None:
     target = tmp_path / "nope" / "deployment-state.json"
     with pytest.raises(StateError) as info:

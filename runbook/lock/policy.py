@@ -475,6 +475,9 @@ def _unjudged(env: Environment, exc: StateError) -> LockStatus:
     unreadable): whether another tool (the Go CLI) holds the lock in it cannot be told, so the
     lock is not taken, and said so, not taken for free (found by review).
 
+    A lock object with a key written twice (state.reader.Ambiguous: the shell tooling reads
+    the first value, Python the last) is no write under way either: its holder is unknown.
+
     Only a file still changing (NotJSON: _state_lock_mapping read it twice) may be a write
     under way, worth a retry. Any other refusal (a directory, a read error, a lock that is no
     object) stays until someone fixes the file: it was "run again in a minute", exit 3 (a

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from runbook import files
+from runbook import files, strict_json
 from runbook import kept_state as kept
 from runbook.environment import ENV_NAMES, Slot, canonical_name
 from runbook.errors import StateError
@@ -433,8 +433,12 @@ def _load(text: str | bytes, r: _Reader) -> dict[str, Any]:
             raise NotJSON(r.source, "is not UTF-8 text (binary or corrupted)",
                           "restore it from a backup or re-record the deployment", raw) from None
     try:
-        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant,
-                          parse_float=_parse_float)
+        data = strict_json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant,
+                                 parse_float=_parse_float)
+    except strict_json.DuplicateKeyError as exc:
+        if isinstance(exc.document, dict):
+            raise Ambiguous(r.source, exc) from None
+        data = exc.document  # no object at the top: refused as such below
     except (ValueError, RecursionError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
@@ -454,6 +458,24 @@ class Refused(StateError):
     judged, when read_state read them (what restore-kept may replace, and only those)."""
 
     raw: bytes | None = None
+
+
+class Ambiguous(StateError):
+    """A state file with a key written twice (or more) in one object: the shell tooling
+    (grep, sed) reads the first value, jq, Python and Go the last. Neither is taken: read
+    last-wins, the runbook acted on one and its rewrite dropped the other. Not Refused: the
+    kept copy is older than the other tool's write in it, and putting it back would lose
+    that write too; the fix is an edit that keeps the true value."""
+
+    def __init__(self, source: str, exc: strict_json.DuplicateKeyError,
+                 dup: strict_json.Duplicate | None = None) -> None:
+        dup = dup or exc.found[0]
+        where = dup.parent or "the top-level object"
+        super().__init__(f"{source}: {dup.said()}: the shell tooling (grep, sed) reads the "
+                         "first, jq, Python and Go the last",
+                         f"edit the file so that {json.dumps(dup.key)} appears once in "
+                         f"{where}, with the value that is true")
+        self.exc = exc
 
 
 class NoStateFile(StateError):
@@ -639,7 +661,16 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     if raw is None:
         return None
     r = _Reader(str(path))
-    lock = _load(raw, r).get("lock")
+    try:
+        data = _load(raw, r)
+    except Ambiguous as exc:
+        # a key written twice in the lock (or `lock` itself): who holds it cannot be told;
+        # one elsewhere leaves the lock as every tool reads it (read_state refuses the file)
+        dup = next((d for d in exc.exc.found if re.match(r"lock(\.|\[|$)", d.path)), None)
+        if dup is not None:
+            raise Ambiguous(r.source, exc.exc, dup) from None
+        data = exc.exc.document
+    lock = data.get("lock")
     return None if lock is None else _lock_or_as_written(lock, r)
 
 
