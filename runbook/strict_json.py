@@ -53,18 +53,19 @@ class DuplicateKeyError(ValueError):
 
 def loads(text: str | bytes, **kwargs: Any) -> Any:
     """json.loads (its keyword arguments too), but DuplicateKeyError for a document in which
-    an object holds a key more than once."""
+    an object holds a key more than once with two different values."""
     found: list[tuple[dict[str, Any], str, tuple[Any, ...]]] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(items)
         if len(obj) < len(items):
-            seen: set[str] = set()
-            for key, _ in items:
-                if key in seen:
+            for key in obj:
+                values = tuple(v for k, v in items if k == key)
+                # the same value twice says one thing, whichever a tool reads: nothing is
+                # ambiguous, and a rewrite that keeps one loses nothing
+                if len({_canonical(v) for v in values}) > 1:
+                    found.append((obj, key, values))
                     break
-                seen.add(key)
-            found.append((obj, key, tuple(v for k, v in items if k == key)))
         return obj
 
     data = json.loads(text, object_pairs_hook=pairs, **kwargs)
@@ -92,6 +93,11 @@ def _paths_of(data: Any, wanted: set[int]) -> dict[int, str]:
         elif isinstance(value, list):
             todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
     return paths
+
+
+def _canonical(value: Any) -> str:
+    """A value as one text, so that `true` and `1` (equal in Python) stay two values."""
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def _join(where: str, key: str) -> str:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from runbook import lock as lockmod
 from runbook import state as statemod
+from runbook import strict_json
 from runbook.environment import Slot
 from runbook.errors import ExitCode, LockedError, PreconditionError, StateError
 from runbook.state import (
@@ -2005,3 +2006,34 @@ def test_the_write_check_simulates_the_commits_own_write_and_never_refuses_a_fin
     # one serves
     assert state.current is not None
     rollback.readable_after(state, state.current, served=state.previous, slot=Slot.GREEN)
+
+
+@pytest.mark.parametrize(("then", "refused"), [
+    ('"blue"', False),  # the same value twice: one thing, whichever tool reads
+    ('"green"', True),  # two values: refused
+])
+def test_a_key_written_twice_with_one_value_is_read_as_written(
+        then: str, refused: bool, tmp_path: Path) -> None:
+    """Only a key whose two values differ is ambiguous: a tool that wrote one value twice
+    said one thing, and refusing it would stop a 3 a.m. rollback for nothing (the rewrite
+    that keeps one of two equal values loses nothing)."""
+    text = (DATA / "documented.json").read_text()
+    assert text.count('"active_slot": "blue",') == 1  # current_deployment's
+    target = tmp_path / "deployment-state.json"
+    target.write_text(text.replace('"active_slot": "blue",',
+                                   f'"active_slot": "blue", "active_slot": {then},'))
+    if refused:
+        with pytest.raises(StateError) as info:
+            read_state(target)
+        assert "current_deployment.active_slot is written twice" in info.value.message
+    else:
+        state = read_state(target)
+        assert state.current is not None and state.current.active_slot is Slot.BLUE
+        assert state.previous is not None and state.previous.active_slot is Slot.GREEN
+
+
+def test_true_and_one_are_two_values() -> None:
+    """`true` and `1` are equal in Python but two values to jq and to a shell's grep."""
+    with pytest.raises(strict_json.DuplicateKeyError):
+        strict_json.loads('{"locked": true, "locked": 1}')
+    assert strict_json.loads('{"locked": true, "locked": true}') == {"locked": True}
