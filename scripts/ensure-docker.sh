@@ -29,7 +29,10 @@ if ! docker info >/dev/null 2>&1; then
     [ "$(id -u)" = 0 ] || die "dockerd is installed but not running and we are not root; start it (sudo systemctl start docker) and run make again"
     log "starting dockerd in the background (log: /var/log/dockerd.log)"
     rm -f /var/run/docker.pid
-    nohup dockerd >/var/log/dockerd.log 2>&1 </dev/null &
+    # a session of its own: a Ctrl-C of `make test`, or the end of the job that ran make (a
+    # process-group kill), must not take the engine down with it (nohup alone kept it in
+    # make's process group: dockerd got the SIGINT and stopped every drill container)
+    setsid nohup dockerd >/var/log/dockerd.log 2>&1 </dev/null &
     for _ in $(seq 1 150); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
     docker info >/dev/null 2>&1 || die "dockerd did not answer within 30 s; see /var/log/dockerd.log"
   fi
