@@ -10,6 +10,7 @@ from runbook import startup  # first: a Ctrl-C while importing is one line, not 
 # isort: split
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -218,6 +219,18 @@ def status(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) 
         raise typer.Exit(int(ExitCode.FAILED_SAFELY))
 
 
+def _docker_health(container: str) -> str | None:
+    """Docker's own healthcheck verdict of the slot's container, said beside /health's
+    answer (found by review: never said); None without one, or when Docker cannot be
+    asked: /health alone needs no Docker."""
+    from runbook import docker
+
+    try:
+        return docker.inspect(container).docker_health
+    except RunbookError:
+        return None
+
+
 @app.command()
 def healthcheck(
     env: Annotated[str | None, typer.Argument(
@@ -246,8 +259,10 @@ def healthcheck(
                 chosen = [Slot(slot.value)]
         except RunbookError as exc:
             fail(exc, Format.json if fmt is HealthFormat.json else Format.text)
-        reports = [health.probe(environment.slot(s), environment.health.path,
-                                environment.health.request_timeout) for s in chosen]
+        reports = [dataclasses.replace(
+            health.probe(environment.slot(s), environment.health.path,
+                         environment.health.request_timeout),
+            docker_health=_docker_health(environment.slot(s).container)) for s in chosen]
         from runbook.redact import redact, scrub
 
         # the app's own words (a check's message may quote a DSN or a password): masked, as

@@ -68,6 +68,10 @@ class ContainerInfo:
     # "bridge", "default", a network's name or "container:<id>" do not; None: not inspected
     network_mode: str | None = None
     finished_at: str | None = None  # State.FinishedAt: when it last stopped (Go's zero: never)
+    oom_killed: bool = False  # State.OOMKilled: the OOM killer struck while it ran
+    # State.Health.Status (starting | healthy | unhealthy) of a running container with a
+    # HEALTHCHECK; None without one, or stopped (Docker keeps a stopped one's last verdict)
+    docker_health: str | None = None
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
@@ -95,6 +99,24 @@ class ContainerInfo:
     @property
     def tag(self) -> str | None:
         return tag_of(self.image or "")
+
+    @property
+    def crashed(self) -> bool:
+        """It exited with a non-zero code or the OOM killer struck it: not a clean stop
+        (found by review: a killed serving slot was said only as "stopped (exited)")."""
+        return self.status == "exited" and (bool(self.exit_code) or self.oom_killed)
+
+    @property
+    def state_said(self) -> str:
+        return state_said(self.status, self.exit_code, self.oom_killed)
+
+
+def state_said(status: str, exit_code: int | None, oom_killed: bool) -> str:
+    """A container's status, with the exit code and the OOM kill of a crashed one: "exited
+    with code 137 (killed: out of memory)"."""
+    if status != "exited" or not (exit_code or oom_killed):
+        return status
+    return f"exited with code {exit_code}" + (" (killed: out of memory)" if oom_killed else "")
 
 
 def tag_of(image: str) -> str | None:
@@ -505,6 +527,9 @@ def inspect(name: str) -> ContainerInfo:
         bindings=_bindings(attrs),
         container_id=attrs.get("Id"),
         network_mode=str((attrs.get("HostConfig") or {}).get("NetworkMode") or ""),
+        oom_killed=bool(state.get("OOMKilled")),
+        docker_health=(state.get("Health") or {}).get("Status")
+        if state.get("Status") == "running" else None,
     )
 
 

@@ -23,6 +23,7 @@ DEGRADED = "degraded"
 UNHEALTHY = "unhealthy"
 UNREACHABLE = "unreachable"
 OK_STATUSES = frozenset({HEALTHY, DEGRADED})
+DOCKER_DISAGREES = "Docker's own healthcheck says unhealthy while /health answers ok"
 _RANK = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2, UNREACHABLE: 3}
 
 
@@ -67,6 +68,9 @@ class HealthReport:
     error: str | None = None
     body: Mapping[str, Any] | None = None
     timed_out: bool = False  # no (complete) answer within the probe's timeout
+    # Docker's own HEALTHCHECK verdict of the slot's container (docker.ContainerInfo's), when
+    # `runbook healthcheck` asked Docker: said beside the answer, never part of the verdict
+    docker_health: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,6 +85,14 @@ class HealthReport:
     @property
     def warning_checks(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if _CHECK_STATUS.get(_word(c.status)) == "warn")
+
+    def docker_disagrees(self, docker_health: str | None = None) -> str | None:
+        """The warning when Docker's own healthcheck (`docker_health`, else the report's)
+        says unhealthy while /health answers ok. /health stays the truth the gate keeps (the
+        contract); the disagreement is said, never refused (found by review: it was never
+        said, and status found "No problems")."""
+        said = docker_health or self.docker_health
+        return DOCKER_DISAGREES if self.ok and said == UNHEALTHY else None
 
     def reason(self) -> str:
         """Why it is not ok, in one line ('' when it is)."""
@@ -575,6 +587,9 @@ def to_json(report: HealthReport) -> dict[str, Any]:
                status=report.status, latency_ms=report.latency_ms)
     if report.error:
         out["error"] = report.error
+    out["docker_health"] = report.docker_health
+    if (disagrees := report.docker_disagrees()) is not None:
+        out["docker_warning"] = disagrees
     return out
 
 
@@ -601,7 +616,17 @@ def to_table(reports: Sequence[HealthReport]) -> str:
         out.append(line(row))
         if not report.ok:
             out.append(f"  ! {report.reason()}")
+        out += _docker_lines(report)
     return "\n".join(out)
+
+
+def _docker_lines(report: HealthReport) -> list[str]:
+    """Docker's own healthcheck verdict under a row, when the container has one."""
+    if report.docker_health is None:
+        return []
+    disagrees = report.docker_disagrees()
+    return [f"  ! {disagrees} (the gate asks /health, the contract)" if disagrees
+            else f"  - Docker healthcheck {report.docker_health}"]
 
 
 def simple(report: HealthReport) -> str:
@@ -610,4 +635,6 @@ def simple(report: HealthReport) -> str:
             f"({_checks_text(report)}) {_latency(report)}")
     if not report.ok:
         text += f": {report.reason()}"
+    if report.docker_health is not None:
+        text += f"; {report.docker_disagrees() or f'Docker healthcheck {report.docker_health}'}"
     return text

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from runbook import docker
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
+WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
 
 
 class Phase(StrEnum):

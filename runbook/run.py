@@ -30,10 +30,9 @@ from runbook.errors import (
     Terminated,
     UsageError,
 )
+from runbook.plan import WARNING as WARNING  # defined there: steps warn too
 from runbook.plan import Interrupted, Phase, Plan, Signals, Step, StepOutcome, execute
 from runbook.redact import one_line
-
-WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
 
 
 class NotConfirmed(UsageError):

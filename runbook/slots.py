@@ -31,7 +31,7 @@ from runbook import state as states
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
-from runbook.plan import Aside, Phase, Skipped, Step, StepContext
+from runbook.plan import WARNING, Aside, Phase, Skipped, Step, StepContext
 from runbook.probes import Probe
 
 
@@ -473,7 +473,12 @@ class Preparation:
         c = self.container
         if not c.exists:
             return f"{c.name}: gone (removed)"
-        return f"{c.name}: {c.status}, image {c.image}"
+        # what Docker says beside /health (found by review: a crash, Docker's own
+        # healthcheck failing, were never said)
+        return f"{c.name}: {c.state_said}, image {c.image}" + (
+            "; Docker's own healthcheck says unhealthy (the gate asks /health, the contract)"
+            if c.docker_health == health.UNHEALTHY else
+            f"; Docker healthcheck {c.docker_health}" if c.docker_health else "")
 
 
 @dataclass
@@ -902,7 +907,14 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
 
     def passed(ctx: StepContext, report: health.HealthReport) -> None:
         observed.health_status = report.status
-        observed.gated_container = _identity(docker.inspect(config.container))
+        info = docker.inspect(config.container)
+        observed.gated_container = _identity(info)
+        if info.docker_health is not None:  # said, never gated on (found by review)
+            ctx.note(docker_health=info.docker_health)
+        if (disagrees := report.docker_disagrees(info.docker_health)) is not None:
+            ctx.notice(f"{WARNING}{disagrees}: the {slot} slot's container {config.container} "
+                       "(the gate passed on /health, the contract)")
+            ctx.result = "Docker healthcheck unhealthy"
         if record is not None:  # on disk before the switch (a kill after its reload)
             record[intents.GATED_CONTAINER] = intents.identity_entry(observed.gated_container)
             ctx.keep_intent()

@@ -789,6 +789,23 @@ def standby_notes(f: Facts) -> list[Note]:
                  standby_running.__name__, str(standby))]
 
 
+def docker_health_notes(f: Facts) -> list[Note]:
+    """Each slot whose container's own Docker healthcheck says unhealthy while its /health
+    answers ok: a note, never a problem (/health is the contract every gate keeps; found by
+    review: status said "health healthy" and nothing else)."""
+    notes = []
+    for slot in Slot:
+        info, report = f.containers.get(slot), f.reports.get(slot)
+        said = report.docker_disagrees(info.docker_health) if info and report else None
+        if said is not None and info is not None:
+            notes.append(Note(
+                f"{said}: the {slot} slot's container {info.name} (`docker inspect --format "
+                f"'{{{{json .State.Health}}}}' {info.name}` shows its checks' output); a "
+                "rollback, a deploy or a switch gates on /health", "docker_health_disagrees",
+                str(slot)))
+    return notes
+
+
 def upstream_unresolved(f: Facts) -> Iterator[Problem]:
     """Another site's upstream Caddy resolves only per request may reach either slot: no
     run stops or recreates one while it runs (traffic.Traffic.unresolved)."""
@@ -971,8 +988,24 @@ def _start_first(f: Facts) -> str | None:
             f"find out which build should serve first (see the problem of the stopped "
             f"container {info.name}, which holds another build than the state file records): "
             "until then neither a rollback nor a switch is known to serve the right one")
+    if (way := _crashed_way_out(f, info)) is not None:
+        return (f"the serving container crashed (see that problem): `{_bring_back(info)}`, "
+                f"or {way}")
     return (f"start the stopped container first (see that problem): `{_bring_back(info)}`; "
             "a rollback or a switch would move users off the recorded build")
+
+
+def _crashed_way_out(f: Facts, info: docker.ContainerInfo) -> str | None:
+    """The rollback its dry run plans, named beside `docker start` when the serving
+    container crashed (a non-zero exit, the OOM killer): started again, the recorded build
+    may crash again. Found by review: a killed one was "stopped (exited)", and a rollback
+    said to "move users off the recorded build". None for a clean stop, or no rollback."""
+    if not info.crashed:
+        return None
+    found = _rollback_target(f)
+    if found is None or _rollback_refusal(f, found[1]) is not None:
+        return None
+    return f"roll back (`{found[0]}`: the previous build, health-gated)"
 
 
 def _bring_back(info: docker.ContainerInfo) -> str:
@@ -995,12 +1028,13 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
     said = (f"the {active} slot Caddy serves is "
             f"{'paused' if info.status == 'paused' else f'stopped ({info.status})'}: its container "
             f"{info.name} holds {info.image or 'an image not recorded'}")
+    crash = f"; that build crashed: its container {info.state_said}" if info.crashed else ""
     current = f.state.current if f.state is not None else None
     if not _holds_current(f, info):
         recorded = (f"not {expected_image(f.env, current)}, the build the state file records "
                     "as current" if current is not None
                     else "and the state file records no current deployment")
-        yield Problem(f"{said}, {recorded}",
+        yield Problem(f"{said}, {recorded}{crash}",
                       _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
                       or f"find out which build should serve (`docker inspect {info.name}`): "
                       f"`{_bring_back(info)}` serves {info.image or 'that image'} again, "
@@ -1012,10 +1046,15 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
         f"; the interrupted run restored the database to schema {f.schema.describe()}, the one "
         f"this build ran on before that restore ({safety}, its safety snapshot, holds it): it "
         "fits")
-    yield Problem(f"{said}, the build the state file records as current",
+    way = _crashed_way_out(f, info)
+    yield Problem(f"{said}, the build the state file records as current{crash}",
                   _doubted_fix(f) or _unfinished_fix(f) or _held_fix(f)
-                  or f"`{_bring_back(info)}` (it serves the recorded build again; "
-                  f"nothing else changes{fits}), then `runbook status {_arg(f.env)}` again")
+                  or (f"either `{_bring_back(info)}` (the recorded build again; nothing else "
+                      f"changes{fits}; it may crash again: `docker logs --tail 100 "
+                      f"{info.name}` says why it stopped) or {way}; then "
+                      f"`runbook status {_arg(f.env)}` again" if way is not None else
+                      f"`{_bring_back(info)}` (it serves the recorded build again; "
+                      f"nothing else changes{fits}), then `runbook status {_arg(f.env)}` again"))
 
 
 def proxy_unanswered(f: Facts) -> Iterator[Problem]:
@@ -1892,7 +1931,10 @@ def to_json(f: Facts) -> dict[str, Any]:
             container: dict[str, Any] = {"name": config.container, "status": "unknown",
                                          "error": str(error) if error else None}
         else:
-            container = {"name": config.container, "status": info.status, "image": info.image}
+            container = {"name": config.container, "status": info.status, "image": info.image,
+                         # what Docker says beside /health (found by review: never said)
+                         "exit_code": info.exit_code, "oom_killed": info.oom_killed,
+                         "docker_health": info.docker_health}
         report = f.reports[slot]
         slots_out[str(slot)] = {"port": config.port, "container": container,
                                 "health": report.status, "version": report.version}
@@ -1932,6 +1974,7 @@ def to_json(f: Facts) -> dict[str, Any]:
                     "empty": held.empty, "why": held.why, "path": str(held.path)}
                    if held else {"locked": False})
     out["notes"] = [n.to_json() for n in [*history_notes(f), *standby_notes(_judged(f)),
+                                                 *docker_health_notes(_judged(f)),
                                                  *disk_notes(f), *access_notes(f)]]
     out["problems"] = [p.to_json() for p in problems(f)]
     from runbook.redact import scrub
@@ -1990,9 +2033,12 @@ def render(data: dict[str, Any]) -> str:
                  f"{'answering' if caddy_info.get('running') else 'NOT answering'})")
     for slot, info in data["slots"].items():
         c = info["container"]
-        lines.append(f"  {slot:<9} {p(c['name'])}: {p(c['status'], 'unknown')}, "
+        state = docker.state_said(c["status"], c.get("exit_code"), bool(c.get("oom_killed")))
+        lines.append(f"  {slot:<9} {p(c['name'])}: {p(state, 'unknown')}, "
                      f"{p(c.get('image'), '-')}, port {info['port']}, "
-                     f"health {p(info['health'], 'unknown')}")
+                     f"health {p(info['health'], 'unknown')}"
+                     + (f", Docker healthcheck {p(c['docker_health'])}"
+                        if c.get("docker_health") else ""))
     db = data.get("database", {})
     lines.append("  database  " + (f"schema {db['schema_version']}"
                                    + (" (dirty)" if db.get("dirty") else "")
