@@ -989,7 +989,8 @@ def _start_first(f: Facts) -> str | None:
             f"container {info.name}, which holds another build than the state file records): "
             "until then neither a rollback nor a switch is known to serve the right one")
     if (way := _crashed_way_out(f, info)) is not None:
-        return (f"the serving container crashed (see that problem): `{_bring_back(info)}`, "
+        return (f"the serving container {info.state_said} (see that problem): "
+                f"`{_bring_back(info)}`, "
                 f"or {way}")
     return (f"start the stopped container first (see that problem): `{_bring_back(info)}`; "
             "a rollback or a switch would move users off the recorded build")
@@ -1028,7 +1029,11 @@ def serving_stopped(f: Facts) -> Iterator[Problem]:
     said = (f"the {active} slot Caddy serves is "
             f"{'paused' if info.status == 'paused' else f'stopped ({info.status})'}: its container "
             f"{info.name} holds {info.image or 'an image not recorded'}")
-    crash = f"; that build crashed: its container {info.state_said}" if info.crashed else ""
+    # a non-zero exit is a crash, or a `docker kill` / a stop that timed out (137, 143):
+    # Docker does not say who stopped it, so neither does this
+    crash = (f"; its container {info.state_said}" + (
+        "" if info.oom_killed else ": it crashed, or was killed by hand")
+        if info.crashed else "")
     current = f.state.current if f.state is not None else None
     if not _holds_current(f, info):
         recorded = (f"not {expected_image(f.env, current)}, the build the state file records "
