@@ -152,6 +152,60 @@ def check_project(env: Environment, *containers: ContainerInfo) -> None:
                 f"set [compose] project = \"{label}\" in {env.source or 'the environment file'}")
 
 
+def check_project_of(env: Environment, slot: Slot, target: ContainerInfo,
+                     other: ContainerInfo, image: str, *, action: str) -> None:
+    """check_project for a recreate of `slot`: its own container's label, or, when it was
+    removed, the other slot's (the project that made the slots). An other slot made by `docker
+    run` means this host makes its slots that way: the refusal is then about the absent slot,
+    the one to recreate. Found by review: it was the other container's refusal as it is,
+    "container <the serving one> was not created by compose ... recreate it", which reads
+    at 3 a.m. as "recreate the container users reach" (an outage)."""
+    if target.exists:
+        check_project(env, target)
+        return
+    if other.exists and not (other.labels or {}).get(PROJECT_LABEL):
+        raise absent_made_by_docker_run(env, slot, image, other, action=action)
+    check_project(env, other)
+
+
+def absent_made_by_docker_run(env: Environment, slot: Slot, image: str, other: ContainerInfo,
+                              *, action: str) -> PreconditionError:
+    """The refusal of a recreate of `slot`'s absent container through compose where the
+    other slot's container was made by `docker run`: it names `slot` as the one to recreate,
+    never the other one (which serves when up)."""
+    config, where = env.slot(slot), env.source or "the environment file"
+    serves = ", which serves," if other.up else ""
+    never = f"never {slot.other}" + (" (it serves)" if other.up else "")
+    if action == "deploy":  # a deploy recreates its slot whatever it finds: a loop
+        fix = (f"run {image} in {slot}'s container ({config.container}) on port {config.port} "
+               f"the way {slot.other}'s was made (its `docker run` command), {never}, then "
+               f"`runbook switch {command_arg(env)} --slot {slot}`")
+    else:
+        fix = (f"recreate {slot} ({config.container}) with {image} on port {config.port} the "
+               f"way {slot.other}'s was made (its `docker run` command), {never}; then run "
+               f"the {action} again")
+    return PreconditionError(
+        f"slot {slot}'s container {config.container} is absent and must be recreated with "
+        f"{image} on port {config.port}; this host makes its slots with `docker run` "
+        f"({slot.other}'s container {other.name}{serves} has no {PROJECT_LABEL} label): "
+        f"compose would not make {slot} the way {slot.other} was made; nothing was changed",
+        f"{fix}; or leave [compose] file out of {where} on this host")
+
+
+def made_again(env: Environment, slot: Slot, other: ContainerInfo | None) -> str | None:
+    """Why nothing here could make `slot`'s container again once it is gone (None: a
+    rollback to it recreates it through compose): this host has no compose for it, or the
+    other slot's container was made by `docker run` (check_project_of refuses then). Asked
+    of a `docker run --rm` container, which its stop deletes, and of an absent one."""
+    missing = _missing(env, slot)
+    if missing:
+        return f"this host has no compose to make it again ({'; '.join(missing)})"
+    if other is not None and other.exists and not (other.labels or {}).get(PROJECT_LABEL):
+        return (f"this host makes its slots with `docker run` ({slot.other}'s container "
+                f"{other.name} has no {PROJECT_LABEL} label), so compose will not make it")
+    return None
+
+
 SERVICE_LABEL = "com.docker.compose.service"
 
 

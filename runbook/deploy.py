@@ -147,7 +147,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     # network when the standby was removed
     live_info = docker.inspect(env.slot(target.other).container)
     replaces = _serving_record(state, live_info, warnings) if target.other == live else None
-    compose.check_project(env, standby if standby.exists else live_info)
+    compose.check_project_of(env, target, standby, live_info, image, action="deploy")
     # the service compose recreates is the standby's, never the serving container's
     compose.check_service(env, target, standby, live_info)
     # compose would fail on one half-way: stopped ones the plan removes first, others refused
@@ -454,7 +454,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("state", "Record the deployment in the deployment state",
              {"file": str(env.state_file), **recorded}, run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
-                        observed=observed),
+                        observed=observed, info=live_info if target.other == live else None),
     ]
     # the same deploy rerun is that run again: its record is superseded, not put back (a
     # rerun that failed too put the dead run's record back, and the host kept "an

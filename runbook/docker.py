@@ -72,6 +72,9 @@ class ContainerInfo:
     # State.Health.Status (starting | healthy | unhealthy) of a running container with a
     # HEALTHCHECK; None without one, or stopped (Docker keeps a stopped one's last verdict)
     docker_health: str | None = None
+    # HostConfig.AutoRemove (`docker run --rm`): Docker deletes it once it stops, so a stop
+    # of it is its removal (found by review: "kept, not removed" of one Docker then deleted)
+    auto_remove: bool = False
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
@@ -530,6 +533,7 @@ def inspect(name: str) -> ContainerInfo:
         oom_killed=bool(state.get("OOMKilled")),
         docker_health=(state.get("Health") or {}).get("Status")
         if state.get("Status") == "running" else None,
+        auto_remove=bool((attrs.get("HostConfig") or {}).get("AutoRemove")),
     )
 
 

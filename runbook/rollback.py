@@ -796,7 +796,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
              phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
                         observed=observed, down=_down_before_stop(
-                            restore_steps, containers[live].result(), killed_restore)),
+                            restore_steps, containers[live].result(), killed_restore),
+                        info=containers[live].result()),
     ]
     summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")

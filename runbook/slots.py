@@ -650,7 +650,7 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
     compose.check_recreate(env, slot, image, why, action=action)
     # the label of the compose project that made it: the removed one's from its sibling
     other = docker.inspect(env.slot(slot.other).container)
-    compose.check_project(env, info if info.exists else other)
+    compose.check_project_of(env, slot, info, other, image, action=action)
     compose.check_service(env, slot, info, other)  # never the other slot's container
     # compose would fail on one half-way: stopped ones the plan removes first, others refused
     leftovers = compose.removable_leftovers(env, slot, other)
@@ -1175,7 +1175,8 @@ class _KeptForForce(Exception):
 
 
 def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True,
-              observed: Observed | None = None, down: str | None = None) -> Step:
+              observed: Observed | None = None, down: str | None = None,
+              info: ContainerInfo | None = None) -> Step:
     """`gated`: the run's health gate passed (not --force), so the slot that now serves
     must still answer healthy before this one is stopped (check_still_healthy). A forced
     run (no gate) leaves the old slot running instead when the new one is not healthy: it
@@ -1189,7 +1190,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     slot already down skipped the question, and both slots dead read "Done", exit 0).
     `down`: why the slot is down by the time this step runs (a restore's maintenance stop
     earlier in the run), said in place of a drain and a stop that will not happen (found by
-    a plan-fidelity review: the plan showed both, the journal "container: already exited")."""
+    a plan-fidelity review: the plan showed both, the journal "container: already exited").
+    `info`: the old slot's container as the plan has just inspected it (None: inspected
+    here). One started with `docker run --rm` is deleted by its stop (`rm_kept`)."""
     container = env.slot(slot).container
     action = docker.stop_action(container)
 
@@ -1219,6 +1222,12 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     def run(ctx: StepContext) -> None:
         info = docker.inspect(container)
         kept: str | None
+        left = rm_kept(env, slot, info)
+        if left is not None:  # nothing is stopped, so there is nothing to drain or re-ask
+            ctx.note(container=f"left running: {left}")
+            ctx.notice(f"the old {slot} container is left running: {left}")
+            ctx.result = "left running (--rm)"
+            return
         if not info.running:
             # nothing to drain: it answers nobody. The serving slot is asked all the same,
             # before anything is stopped; then one paused or crash-looping is stopped
@@ -1257,6 +1266,10 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
             ctx.notice(f"the old {slot} container is left running: {kept}")
             ctx.result = "left running"
             return
+        if info.auto_remove:  # Docker deletes it as it stops: never said "kept"
+            ctx.note(container=f"removed by Docker (--rm) (was {info.status})")
+            ctx.result = "removed by Docker (--rm)"
+            return
         ctx.note(container=docker.inspect(container).status
                  + (f" (was {info.status})" if not info.running else ""))
 
@@ -1275,9 +1288,37 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                                 "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
                                 "those never move to the new config (said at the end)",
                 "command": action.display()})
-    return Step("stop-old-slot", f"Stop the old {slot} container (kept, not removed)",
+    title = f"Stop the old {slot} container (kept, not removed)"
+    planned = info if info is not None else docker.inspect(container) if down is None else None
+    if planned is not None and planned.auto_remove and planned.up:
+        left = rm_kept(env, slot, planned)
+        if left is not None:
+            title = f"Keep the old {slot} container running (started with --rm)"
+            details = {"container": container, "left running": left}
+        else:
+            title = f"Stop the old {slot} container (Docker removes it: --rm)"
+            details["--rm"] = (f"docker stop removes it (it was started with --rm); a "
+                               f"rollback to {slot} recreates it through compose")
+    return Step("stop-old-slot", title,
                 details, run=run, skip=None if enabled else "rollback.stop_old_slot = false",
                 phase=Phase.FINISH)
+
+
+def rm_kept(env: Environment, slot: Slot, info: ContainerInfo) -> str | None:
+    """Why the old slot's container is left running instead of stopped (None: it is
+    stopped as usual): it was started with `docker run --rm`, so Docker deletes it as it
+    stops, and nothing here could make it again (compose.made_again: a `docker run` host).
+    Stopped, it took the only way back with it, while the step said "kept, not removed"
+    (found by review); left running, it holds its port and its build until on-call stops it.
+    Not one that is down already: nothing is deleted by a stop of it."""
+    if not info.auto_remove or not info.up:
+        return None
+    why = compose.made_again(env, slot, docker.inspect(env.slot(slot.other).container))
+    if why is None:
+        return None
+    return (f"{info.name} was started with --rm, so `docker stop` would delete it, and {why}: "
+            f"it is the way back to {info.image}; stop it yourself once no rollback to it "
+            f"is needed: `docker stop {info.name}` (Docker then removes it)")
 
 
 def down_when_planned(info: ContainerInfo, why: str = "") -> str | None:

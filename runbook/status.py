@@ -764,6 +764,8 @@ def standby_running(f: Facts) -> Iterator[Problem]:
     if found is None or found[0] in f.left_by_switch:
         return
     standby, image, spare = found
+    if _kept_rm(f, standby, spare) is not None:
+        return  # left running as the only way back: standby_notes says it
     active = standby.other
     left = "paused" if spare.status == "paused" else "running"
     yield Problem(f"the standby slot {standby} is left {left} ({image}) while {active} takes "
@@ -778,6 +780,15 @@ def standby_notes(f: Facts) -> list[Note]:
     with the switch back and the stop, for when it is no longer needed."""
     found = _standby_left(f)
     record = f.left_by_switch.get(found[0]) if found is not None else None
+    kept = _kept_rm(f, found[0], found[2]) if found is not None else None
+    if found is not None and record is None and kept is not None:
+        standby, image, _ = found
+        container = f.env.slot(standby).container
+        return [Note(f"the {standby} slot ({container}, {image}) is left running: it was "
+                     f"started with --rm, so `docker stop` deletes it, and {kept}; it is the "
+                     f"way back to {image} (`runbook switch {_arg(f.env)} --slot {standby}`); "
+                     f"`docker stop {container}` once no rollback to it is needed (Docker then "
+                     "removes it)", standby_running.__name__, str(standby))]
     if found is None or record is None:
         return []
     standby, image, _ = found
@@ -804,6 +815,52 @@ def docker_health_notes(f: Facts) -> list[Note]:
                 "rollback, a deploy or a switch gates on /health", "docker_health_disagrees",
                 str(slot)))
     return notes
+
+
+def _kept_rm(f: Facts, standby: Slot, spare: docker.ContainerInfo) -> str | None:
+    """Why a standby started with `docker run --rm` is left running (None: it is not one, or
+    compose makes it again): its stop deletes it and nothing here could make it again
+    (compose.made_again), so the old slot's stop left it running as the way back
+    (slots.stop_step); `docker stop` is not a fix to offer for it."""
+    if not spare.auto_remove:
+        return None
+    from runbook import compose
+
+    return compose.made_again(f.env, standby, f.containers.get(standby.other))
+
+
+def previous_absent(f: Facts) -> Iterator[Problem]:
+    """The previous deployment's container absent (removed by hand, or by Docker: one started
+    with `docker run --rm` is deleted by its stop) where nothing here makes it again
+    (compose.made_again): every rollback to it is refused until on-call recreates it. Where
+    compose makes it again a rollback recreates it: no problem. Found by review: "No problems
+    found" before and after a rollback refused for it, and that refusal named the serving
+    container as the one to recreate."""
+    state = f.state
+    prev = state.previous if state is not None else None
+    slot = prev.active_slot if prev is not None else None
+    current = state.current if state is not None else None
+    if state is None or prev is None or slot is None or slot == f.active \
+            or (current is not None and current.active_slot == slot):
+        return
+    info = f.containers.get(slot)
+    if info is None or info.exists:
+        return
+    from runbook import compose
+
+    why = compose.made_again(f.env, slot, f.containers.get(slot.other))
+    if why is None:
+        return
+    config = f.env.slot(slot)
+    serves = " (it serves)" if f.active == slot.other else ""
+    back = f"runbook rollback {_arg(f.env)}" + (f" --to {prev.version}"
+                                                if state.rolled_back_from is not None else "")
+    yield Problem(f"the previous deployment {prev.version}'s {slot} container {config.container} "
+                  f"is absent (removed; Docker deletes one started with --rm when it stops), "
+                  f"and {why}: a rollback to {prev.version} is refused",
+                  f"recreate {slot} ({config.container}) with {expected_image(f.env, prev)} on "
+                  f"port {config.port} the way this host makes its slots (its `docker run` "
+                  f"command), never {slot.other}{serves}; then `{back}` goes back to it")
 
 
 def upstream_unresolved(f: Facts) -> Iterator[Problem]:
@@ -1652,6 +1709,7 @@ CHECKS: list[Check] = [
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
+    previous_absent,
     upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space,
 ]
 

@@ -868,7 +868,10 @@ def test_a_docker_run_slot_is_never_recreated_through_a_compose_file_configured_
     with pytest.raises(RunbookError) as err:
         rollback.rollback(configured)
     assert err.value.exit_code == ExitCode.PRECONDITION, err.value
-    assert "was not created by compose" in str(err.value), err.value
+    # about green, the absent one, never "recreate" the serving blue (found by review)
+    green = env.slot("green").container
+    assert f"slot green's container {green} is absent and must be recreated" in str(err.value)
+    assert f"recreate green ({green})" in str(err.value) and "never blue" in str(err.value)
     assert snapshot(env) == before
     assert through_proxy(env) == ("blue", V3.tag)
 
