@@ -470,8 +470,8 @@ def remove_leftover(env: Environment, slot: Slot, leftover: Leftover,
         problem, fix = leftover_said(env, slot, [(ident, name, info.status)], reached)
         raise PreconditionError(f"refusing to recreate {container}: {problem}; traffic stays "
                                 "where it was, nothing else was changed", fix)
-    try:
-        docker.run(action)
+    try:  # to the id just checked: never another container given the name meanwhile
+        docker.run(docker.to_container(action, info.container_id or ident))
     except docker.DockerError as exc:
         now = docker.inspect(name)
         if not now.exists or now.status in STOPPED:

@@ -234,6 +234,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             return int(snapshot_schema[0])
         return recording.schema(env)
 
+    created: list[str] = []  # the id of the container compose made: the undo stops that one
+
     def run_recreate(ctx: StepContext) -> None:
         schema_at_start.append(baseline())
         # the state file's migrations_run says whether this deployment moved the schema:
@@ -252,7 +254,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                     f"without \"dirty\"), then `docker stop {config.container}`; to put the "
                     "schema back, restore the pre-deploy snapshot "
                     f"{observed.snapshot_path or '(see `runbook snapshot list`)'}")
-            slots.stop_if_started(env, target, observed)
+            slots.stop_if_started(env, target, observed, created[0] if created else None)
             # an app that migrates itself (with or without a migrate_command) may have, from
             # its start on, whatever stopped the run before the commit (its gate, the switch,
             # Ctrl-C): said, and the record kept, never "nothing took effect" with the schema
@@ -261,14 +263,17 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 return _schema_moved(schema_at_start[0], "new version's start")
             return None
 
-        # refused (it serves, another site proxies to it, ...): nothing to undo, and the
-        # undo's stop would cut what it serves
+        # refused (another container under its name since the plan; it serves, another
+        # site proxies to it, ...): nothing to undo, and the undo's stop would cut what it
+        # serves
+        slots.same_container(env, target, standby, verb="recreated",
+                             again=f"runbook deploy {command_arg(env)} --version {version}")
         slots.refuse_recreate(env, target)
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
         ctx.stop_if_signalled()  # a Ctrl-C while it read: nothing to undo yet
         ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
         slots.recreate(env, target, version, checked=True, image=made, build=build,
-                       cut_off=ctx.cut_off)
+                       cut_off=ctx.cut_off, created=created)
 
     def run_migrate(ctx: StepContext) -> None:
         before = baseline()
@@ -454,7 +459,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         Step("state", "Record the deployment in the deployment state",
              {"file": str(env.state_file), **recorded}, run=run_state, phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
-                        observed=observed, info=live_info if target.other == live else None),
+                        observed=observed, planned=live_info if target.other == live else None),
     ]
     # the same deploy rerun is that run again: its record is superseded, not put back (a
     # rerun that failed too put the dead run's record back, and the host kept "an

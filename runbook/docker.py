@@ -14,6 +14,7 @@ transport, behind the same `_Engine.request`; one over ssh is refused (`_over_ss
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -157,10 +158,17 @@ class DockerAction:
     body: Any = None
     target: str = ""  # the container or image it is about
     ok_statuses: frozenset[int] = field(default=frozenset({200, 201, 204, 304}))
+    # the full id of the container it acts on, when the run's plan resolved it: the request
+    # goes to that id, so whatever holds `target`'s name by then is never the one acted on
+    ident: str = ""
 
     def display(self) -> str:
         """The command on-call could type instead (what --dry-run prints)."""
         return shlex.join(self.cli)
+
+    def as_planned(self) -> str:
+        """`display`, saying which container it acts on when that is the plan's (by id)."""
+        return self.display() + (f" (id {self.ident[:12]}, as planned)" if self.ident else "")
 
     def request_line(self) -> str:
         query = f"?{urlencode(self.query)}" if self.query else ""
@@ -171,20 +179,31 @@ def _q(name: str) -> str:
     return quote(name, safe="/:@")
 
 
-def start_action(name: str) -> DockerAction:
+def to_container(action: DockerAction, ident: str) -> DockerAction:
+    """The same action sent to the container whose full id is `ident` (found just before to
+    hold its name): whatever holds the name by the time the request arrives is not it."""
+    path = action.path.replace(f"/containers/{_q(action.target)}", f"/containers/{_q(ident)}", 1)
+    return dataclasses.replace(action, path=path, ident=ident)
+
+
+def start_action(name: str, ident: str | None = None) -> DockerAction:
+    """`ident` (any action's): the container's full id, which the request goes to; the CLI
+    line still names it by `name`, as on-call would type it."""
     return DockerAction("start container", ("docker", "start", name), "POST",
-                        f"/containers/{_q(name)}/start", target=name)
+                        f"/containers/{_q(ident or name)}/start", target=name,
+                        ident=ident or "")
 
 
-def unpause_action(name: str) -> DockerAction:
+def unpause_action(name: str, ident: str | None = None) -> DockerAction:
     return DockerAction("unpause container", ("docker", "unpause", name), "POST",
-                        f"/containers/{_q(name)}/unpause", target=name)
+                        f"/containers/{_q(ident or name)}/unpause", target=name,
+                        ident=ident or "")
 
 
-def stop_action(name: str, timeout: int = 10) -> DockerAction:
+def stop_action(name: str, timeout: int = 10, ident: str | None = None) -> DockerAction:
     return DockerAction("stop container", ("docker", "stop", "--time", str(timeout), name),
-                        "POST", f"/containers/{_q(name)}/stop", (("t", str(timeout)),),
-                        target=name)
+                        "POST", f"/containers/{_q(ident or name)}/stop", (("t", str(timeout)),),
+                        target=name, ident=ident or "")
 
 
 def inspect_action(name: str) -> DockerAction:
@@ -197,15 +216,16 @@ def image_inspect_action(image: str) -> DockerAction:
                         f"/images/{_q(image)}/json", target=image)
 
 
-def remove_action(name: str, *, force: bool = True) -> DockerAction:
+def remove_action(name: str, *, force: bool = True, ident: str | None = None) -> DockerAction:
     """`force=False`: `docker rm NAME`, which the engine refuses (409) for a container that
     runs, is paused or restarting: what removes only what serves nothing. Never -v: its
     anonymous volumes stay, as named ones always do."""
+    path = f"/containers/{_q(ident or name)}"
     if not force:
-        return DockerAction("remove container", ("docker", "rm", name), "DELETE",
-                            f"/containers/{_q(name)}", target=name)
+        return DockerAction("remove container", ("docker", "rm", name), "DELETE", path,
+                            target=name, ident=ident or "")
     return DockerAction("remove container", ("docker", "rm", "--force", name), "DELETE",
-                        f"/containers/{_q(name)}", (("force", "1"),), target=name)
+                        path, (("force", "1"),), target=name, ident=ident or "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,15 +495,22 @@ def _json(content: bytes, what: str) -> Any:
 def run(action: DockerAction) -> None:
     """Run a start/stop/remove action: a missing container is an error for a start, and
     nothing to do for a stop or a remove. A name no container has is not found, though the
-    engine would act on a container whose id starts with it (found by review)."""
+    engine would act on a container whose id starts with it (found by review). One sent to
+    the planned container's id (`ident`) acts on that container whatever its name is now:
+    the caller has compared the name's container with it just before (slots.same_container)."""
     try:
-        if action.target and _inspected(action.target) is None:
+        if action.ident:
+            if inspect_id(action.ident) is None:
+                raise _NotFound(f"No such container: {action.ident}")
+        elif action.target and _inspected(action.target) is None:
             raise _NotFound(f"No such container: {action.target}")
         send(action)
     except _NotFound:
         if action.cli[1] in ("start", "unpause"):
-            raise DockerError(f"container {action.target} does not exist",
-                              "recreate it") from None
+            which = f" (id {action.ident[:12]})" if action.ident else ""
+            raise DockerError(f"container {action.target}{which} does not exist",
+                              "run the command again: its plan then says what it does with "
+                              "the slot as it is now") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +543,23 @@ def inspect(name: str) -> ContainerInfo:
         # the engine takes an unknown name as a unique id prefix ("db", "cafe"): another
         # container's, answered as this one (found by review); it is not this container
         return ContainerInfo(name=name, exists=False)
+    return _info(name, attrs)
+
+
+def inspect_id(ident: str) -> ContainerInfo | None:
+    """The container whose full id is `ident`, under whatever name it has now (None: there
+    is none, never one whose id merely starts with it)."""
+    try:
+        content = send(inspect_action(ident))
+    except _NotFound:
+        return None
+    attrs: dict[str, Any] = _json(content, f"inspect container {ident!r}")
+    if attrs.get("Id") != ident:
+        return None
+    return _info(str(attrs.get("Name") or "").lstrip("/"), attrs)
+
+
+def _info(name: str, attrs: dict[str, Any]) -> ContainerInfo:
     state = attrs.get("State") or {}
     config = attrs.get("Config") or {}
     return ContainerInfo(

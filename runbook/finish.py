@@ -26,6 +26,7 @@ from runbook.errors import AlreadyDone, LockedError, PreconditionError, RunbookE
 from runbook.plan import Phase, Plan, Step, StepContext
 
 if TYPE_CHECKING:
+    from runbook import docker
     from runbook import state as states
     from runbook.database import SchemaVersion
 
@@ -298,9 +299,10 @@ def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed
     # re-gated as the interrupted run was (its record says whether --force skipped its gate):
     # ungated, the finish a refused stop names would stop the last good slot under an
     # unhealthy new one
+    planned = _old_container(env, intent)
     step = slots.stop_step(env, intent.source, env.stop_old_slot,
                            gated=intent.record.get("gated") is not False, observed=observed,
-                           down=_down_now(env, intent))
+                           down=_down_now(env, intent, planned), planned=planned)
     gated = observed.gated_container
     container = env.slot(intent.target).container
     step.details["new slot"] = (
@@ -315,15 +317,23 @@ def _stop_old(env: Environment, intent: intents.Intent, observed: slots.Observed
     return step
 
 
-def _down_now(env: Environment, intent: intents.Intent) -> str | None:
-    """Why the old slot will be neither drained nor stopped by the finish: it is not up now
-    (a restoring rollback's maintenance stop took it down before its switch). None: it is
-    up, or Docker cannot be read (the plan then shows the drain and the stop)."""
+def _old_container(env: Environment, intent: intents.Intent) -> docker.ContainerInfo | None:
+    """The old slot's container as this finish plans it (None: Docker cannot be read): its
+    stop goes to that one, never to another given the name since."""
     from runbook import docker
 
     try:
-        info = docker.inspect(env.slot(intent.source).container)
+        return docker.inspect(env.slot(intent.source).container)
     except RunbookError:
+        return None
+
+
+def _down_now(env: Environment, intent: intents.Intent,
+              info: docker.ContainerInfo | None) -> str | None:
+    """Why the old slot will be neither drained nor stopped by the finish: it is not up now
+    (a restoring rollback's maintenance stop took it down before its switch). None: it is
+    up, or Docker cannot be read (the plan then shows the drain and the stop)."""
+    if info is None:
         return None
     restored = intent.record.get("restore_snapshot") is not None
     return slots.down_when_planned(info, f" (the interrupted run {intent.run_id} restored the "

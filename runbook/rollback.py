@@ -790,14 +790,15 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         preflight,
         *slots.leftover_steps(env, standby, prep.leftovers),  # before anything changes
         *restore_steps,
-        slots.run_step(env, prep, observed), gate, switch,
+        slots.run_step(env, prep, observed, again=resume_command(env, target.version)),
+        gate, switch,
         Step("state", "Record the rollback in the deployment state",
              {"file": str(env.state_file), **after}, run=update_state,
              phase=Phase.FINISH),
         slots.stop_step(env, live, env.stop_old_slot, gated=not options.force,
                         observed=observed, down=_down_before_stop(
                             restore_steps, containers[live].result(), killed_restore),
-                        info=containers[live].result()),
+                        planned=containers[live].result()),
     ]
     summary = (f"roll back {env.display} from {from_version} ({live}) to "
                f"{target.version} ({standby})")

@@ -37,7 +37,8 @@ from runbook.probes import Probe
 
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
          running: bool | None = None, after_switch: bool = False,
-         on_drain: Callable[[drain.Drain], None] | None = None) -> str | None:
+         on_drain: Callable[[drain.Drain], None] | None = None,
+         ident: str | None = None) -> str | None:
     """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
 
     `maintenance` is for the snapshot restore alone, which the operator asked for and
@@ -45,7 +46,8 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
     `running` is what the caller has just inspected (None: inspect here). `after_switch`:
     the slot served until a switch (the stop-old-slot step), not one started by this run and
     never switched to (an undo). `on_drain` is told how the drain before the stop went (for
-    the journal).
+    the journal). `ident`: the full id of the container the run planned (or started) to
+    stop: the stop goes to it, never to another container given the name since.
 
     Returns None once stopped, or why it was left running: connections Caddy's previous
     config still holds over cleartext HTTP/2 never move to the new config (their clients
@@ -90,7 +92,7 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
         # meanwhile (another operator, a concurrent tool). Read it again right before the
         # stop; refuses, and fails closed when Caddy cannot be read now.
         traffic.refuse_if_serving(env, slot, "stop")
-    docker.run(docker.stop_action(container))
+    docker.run(docker.stop_action(container, ident=ident))
     return None
 
 
@@ -136,22 +138,70 @@ def _still_busy(drained: drain.Drain) -> str:
     return drained.holding()
 
 
-def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = None) -> None:
+def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = None,
+                    ident: str | None = None) -> None:
     """The undo of a start or recreate that may not have happened (interrupted, timed out):
     a container that is not there or not running has nothing to undo. `observed`: the run's,
-    which says whether its switch had sent users to the slot before the run failed."""
-    info = docker.inspect(env.slot(slot).container)
-    if info.exists and info.up:
-        stop_for_undo(env, slot, after_switch=observed is not None and observed.sent_to_target)
+    which says whether its switch had sent users to the slot before the run failed.
+    `ident`: the full id of the container this run started (None: whatever compose made
+    under the name, its id not read yet): that one is stopped, by its id, whatever holds the
+    slot's name by now; another container given the name since is never the undo's."""
+    info = docker.inspect(env.slot(slot).container) if ident is None else docker.inspect_id(ident)
+    if info is not None and info.exists and info.up:
+        stop_for_undo(env, slot, after_switch=observed is not None and observed.sent_to_target,
+                      ident=ident, running=info.running)
 
 
-def stop_for_undo(env: Environment, slot: Slot, *, after_switch: bool = False) -> None:
+def stop_for_undo(env: Environment, slot: Slot, *, after_switch: bool = False,
+                  ident: str | None = None, running: bool | None = None) -> None:
     """`stop` as an undo: a slot left running for Caddy's h2c connections is reported (the
     undo did not fully happen), never passed over in silence. `after_switch`: a failed
     verification's config sent users to it, so it is drained as an old slot is."""
-    kept = stop(env, slot, after_switch=after_switch)
+    kept = stop(env, slot, after_switch=after_switch, ident=ident, running=running)
     if kept is not None:
         raise RunbookError(f"left running: {kept}", "see `runbook status`")
+
+
+def same_container(env: Environment, slot: Slot, planned: ContainerInfo, *, verb: str,
+                   again: str | None = None) -> ContainerInfo:
+    """The slot's container as it is now, when it is the one the plan resolved (its Id; or
+    still none, where the plan found none). Else refused, before the act (exit 4): the run
+    confirmed at its prompt and executes with no new plan, so the name may have been given
+    to another container meanwhile (found by review: a v1 container `docker create`d under
+    green's name was started in place of the kept v2 one, then a data-losing restore was
+    advised). `verb`: what the step was to do with it ("started", "recreated"); `again`:
+    the command that plans anew."""
+    now = docker.inspect(env.slot(slot).container)
+    if now.exists == planned.exists and (not now.exists
+                                         or now.container_id == planned.container_id):
+        return now
+    rerun = f"`{again}`" if again else "the same command"
+    if planned.exists and not now.exists:
+        raise PreconditionError(
+            f"the {slot} slot's container {planned.name} (id {_short(planned)}, planned to be "
+            f"{verb}) is gone since this run was planned (renamed or removed); nothing was "
+            f"{verb}, nothing was changed",
+            f"if it was renamed, give it its name back (`docker rename <its name> "
+            f"{planned.name}`); then run {rerun} again: it plans anew from what runs now (on "
+            "a compose host it recreates a removed container)")
+    raise PreconditionError(
+        f"the {slot} slot's container changed since this run was planned ({_as_planned(planned)}"
+        f", now {_described(now)}); nothing was changed",
+        f"check who changed it (`docker events --since 1h --until 0s --filter "
+        f"container={planned.name}`), then run {rerun} again to see the plan as it is now")
+
+
+def _short(info: ContainerInfo) -> str:
+    return (info.container_id or "unknown")[:12]
+
+
+def _described(info: ContainerInfo) -> str:
+    """A container as the identity refusal names it: its id and image, or none."""
+    return f"id {_short(info)} image {info.image or 'unknown'}" if info.exists else "none"
+
+
+def _as_planned(info: ContainerInfo) -> str:
+    return f"planned {_described(info)}"
 
 
 def front_port(env: Environment) -> int | None:
@@ -163,7 +213,8 @@ def front_port(env: Environment) -> int | None:
 def recreate(env: Environment, slot: Slot, tag: str,
              command: compose.Command | None = None, *, checked: bool = False,
              image: str | None = None, build: str | None = None,
-             cut_off: Callable[[], bool] = lambda: False) -> None:
+             cut_off: Callable[[], bool] = lambda: False,
+             created: list[str] | None = None) -> None:
     """Recreate a slot's container through compose, after `refuse_recreate` (`checked`: the
     caller has just made it). `command` is the one the plan showed (built here when not
     given). `image`: the one the plan showed; the created container must run it (its
@@ -172,14 +223,17 @@ def recreate(env: Environment, slot: Slot, tag: str,
     showed for it; the created container's (.Image) must be it too: a name that moves
     (`:latest`) retagged after the plan (while the prompt waited, or since a dry run) passed
     the name check, and the wrong build ran (and migrated, in a deploy) until the gate.
-    `cut_off`: compose is stopped half-way when it says so (a second Ctrl-C)."""
+    `cut_off`: compose is stopped half-way when it says so (a second Ctrl-C). `created` is
+    given the created container's id, for the undo to stop that one by its id."""
     if not checked:
         refuse_recreate(env, slot)
     compose.run(command or compose.recreate_slot(env, slot, tag), cut_off=cut_off)
-    if image is None:
-        return
     container = env.slot(slot).container
     info = docker.inspect(container)
+    if created is not None and info.exists and info.container_id:
+        created.append(info.container_id)
+    if image is None:
+        return
     made = info.image
     if made != image:
         raise compose.ComposeError(
@@ -706,21 +760,25 @@ def built_line(made: str, build: str) -> str:
             "build, else the step fails before traffic moves)")
 
 
-def run_step(env: Environment, prep: Preparation, observed: Observed | None = None) -> Step:
+def run_step(env: Environment, prep: Preparation, observed: Observed | None = None, *,
+             again: str | None = None) -> Step:
+    """`again`: the command that reruns the run (plans anew), which a refusal names."""
     config = env.slot(prep.slot)
     details = {"container": prep.describe_container, "wanted image": prep.image,
                "decision": prep.reason}
-    # built once: the plan shows the very command the step runs
+    # built once: the plan shows the very command the step runs. A start goes to the id of
+    # the container the plan inspected: never another one given its name since
+    ident = prep.container.container_id if prep.container.exists else None
     recreate_command = (compose.recreate_slot(env, prep.slot, prep.tag)
                         if prep.action == "recreate" else None)
-    start_action = (docker.unpause_action(config.container) if prep.action == "unpause"
-                    else docker.start_action(config.container))
+    start_action = (docker.unpause_action(config.container, ident) if prep.action == "unpause"
+                    else docker.start_action(config.container, ident))
     if recreate_command is not None:
         details["command"] = recreate_command.display()
         if prep.build is not None:
             details["build"] = built_line(prep.made or prep.image, prep.build)
     elif prep.action in ("start", "unpause"):
-        details["command"] = start_action.display()
+        details["command"] = start_action.as_planned()
     titles = {"none": f"Keep the {prep.slot} slot running {prep.image}",
               "start": f"Start the stopped {prep.slot} container",
               "unpause": f"Unpause the paused {prep.slot} container",
@@ -733,17 +791,24 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
         # should the undo fail (the engine stopped answering): what on-call does by hand
         by_hand = (f"{config.container} may still be running: stop it with `docker stop "
                    f"{config.container}` once `docker info` answers")
+        # still the container the plan resolved (refused before the undo is registered:
+        # nothing to undo, and the undo's stop would be another container's)
+        verb = {"start": "started", "unpause": "unpaused"}.get(prep.action, "recreated")
+        same_container(env, prep.slot, prep.container, verb=verb, again=again)
         if prep.action in ("start", "unpause"):
             ctx.on_failure(f"stop {config.container} again",
-                           lambda: stop_if_started(env, prep.slot, observed), by_hand)
+                           lambda: stop_if_started(env, prep.slot, observed, ident), by_hand)
             docker.run(start_action)
         elif recreate_command is not None:
             refuse_recreate(env, prep.slot)  # refused: nothing to undo
             ctx.stop_if_signalled()  # a Ctrl-C while it read: nothing to undo either
+            made: list[str] = []  # the created container's id, once compose has made it
             ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
-                           lambda: stop_if_started(env, prep.slot, observed), by_hand)
+                           lambda: stop_if_started(env, prep.slot, observed,
+                                                   made[0] if made else None), by_hand)
             recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
-                     image=prep.made or prep.image, build=prep.build, cut_off=ctx.cut_off)
+                     image=prep.made or prep.image, build=prep.build, cut_off=ctx.cut_off,
+                     created=made)
         ctx.fault("start-slot.acted")  # Docker has done it; the step has not returned
         info = docker.inspect(config.container)
         ctx.note(container=f"{info.status}, image {info.image}")
@@ -1176,7 +1241,7 @@ class _KeptForForce(Exception):
 
 def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True,
               observed: Observed | None = None, down: str | None = None,
-              info: ContainerInfo | None = None) -> Step:
+              planned: ContainerInfo | None = None) -> Step:
     """`gated`: the run's health gate passed (not --force), so the slot that now serves
     must still answer healthy before this one is stopped (check_still_healthy). A forced
     run (no gate) leaves the old slot running instead when the new one is not healthy: it
@@ -1191,10 +1256,13 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     `down`: why the slot is down by the time this step runs (a restore's maintenance stop
     earlier in the run), said in place of a drain and a stop that will not happen (found by
     a plan-fidelity review: the plan showed both, the journal "container: already exited").
-    `info`: the old slot's container as the plan has just inspected it (None: inspected
-    here). One started with `docker run --rm` is deleted by its stop (`rm_kept`)."""
+    `planned`: the old slot's container as the plan inspected it: the stop goes to its id,
+    and another container given the name since (or one where the plan found none) is never
+    stopped (None: whatever holds the name, as a plan that did not inspect it). One
+    started with `docker run --rm` is deleted by its stop (`rm_kept`)."""
     container = env.slot(slot).container
-    action = docker.stop_action(container)
+    ident = planned.container_id if planned is not None and planned.exists else None
+    action = docker.stop_action(container, ident=ident)
 
     def serving_now(ctx: StepContext, old_info: ContainerInfo | None = None) -> str:
         """The serving slot's answer, or why the old one is not stopped (raised)."""
@@ -1222,6 +1290,21 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
     def run(ctx: StepContext) -> None:
         info = docker.inspect(container)
         kept: str | None
+        if planned is not None and info.exists and (
+                not planned.exists or info.container_id != planned.container_id):
+            # after the commit nothing is undone: said, and nothing is stopped (a container
+            # given the name since may be what someone is bringing up; the planned one is
+            # no longer the slot's)
+            said = (f"not stopping {container}: the {slot} slot's container changed since this "
+                    f"run was planned ({_as_planned(planned)}, now {_described(info)}): check "
+                    "who changed it (`docker events --since 1h --until 0s --filter "
+                    f"container={container}`)"
+                    + (f"; the planned one is not stopped either: once nothing needs it, "
+                       f"`docker stop {_short(planned)}`" if planned.exists else ""))
+            ctx.note(container=said)
+            ctx.notice(said)
+            ctx.result = "not stopped: another container"
+            return
         left = rm_kept(env, slot, info)
         if left is not None:  # nothing is stopped, so there is nothing to drain or re-ask
             ctx.note(container=f"left running: {left}")
@@ -1250,7 +1333,7 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                                    "slot; nothing else was stopped")
                         ctx.result = "no container of that name"
                     return
-                kept = stop(env, slot, running=False, after_switch=True)
+                kept = stop(env, slot, running=False, after_switch=True, ident=ident)
         else:
             def drained(d: drain.Drain) -> None:
                 ctx.note(drained=d.describe())
@@ -1258,7 +1341,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                 ctx.note(serving=serving_now(ctx))
 
             try:
-                kept = stop(env, slot, running=True, after_switch=True, on_drain=drained)
+                kept = stop(env, slot, running=True, after_switch=True, on_drain=drained,
+                            ident=ident)
             except _KeptForForce as why:
                 kept = str(why)
         if kept is not None:
@@ -1287,11 +1371,12 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                 "left running": "instead, when the drain ends with connections still open "
                                 "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
                                 "those never move to the new config (said at the end)",
-                "command": action.display()})
+                "command": action.as_planned()})
     title = f"Stop the old {slot} container (kept, not removed)"
-    planned = info if info is not None else docker.inspect(container) if down is None else None
-    if planned is not None and planned.auto_remove and planned.up:
-        left = rm_kept(env, slot, planned)
+    seen = planned if planned is not None else (
+        docker.inspect(container) if down is None else None)
+    if seen is not None and seen.auto_remove and seen.up:
+        left = rm_kept(env, slot, seen)
         if left is not None:
             title = f"Keep the old {slot} container running (started with --rm)"
             details = {"container": container, "left running": left}

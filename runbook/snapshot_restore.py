@@ -13,7 +13,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runbook import compose
 from runbook.database import SchemaVersion
@@ -60,6 +60,9 @@ from runbook.snapshots.stats import check_readable, current_state, loss_window, 
 from runbook.snapshots.store import SAFETY_REASON, Snapshot, SnapshotError, find
 from runbook.snapshots.verify import check_server, identify, verify
 from runbook.times import format_utc as _fmt
+
+if TYPE_CHECKING:
+    from runbook import docker
 
 __all__ = ["check_named", "doubted_fix", "doubted_restore", "kept_for_killed_restore",
            "known_killed_restore", "prepare", "restore", "restore_steps", "restored_by",
@@ -260,14 +263,14 @@ def restore_steps(env: Environment, run: RestoreRun,
         def _start_again() -> list[Slot]:
             started: list[Slot] = []
             for slot, name in zip(chosen, containers, strict=True):
-                if name in run.stopped and not docker.inspect(name).running:
+                if name in run.stopped and not _stopped_one(run, name).running:
                     if not started:  # said before the app serves (and writes) again
                         said = mark_served(env, run_id or "?", f"the restore run "
                                            f"{run_id or '?'} starts the app slots again (its "
                                            "undo)")
                         if said is not None:
                             ctx.notice(said)
-                    docker.start(name)
+                    docker.run(docker.start_action(name, run.stopped_ids.get(name)))
                     started.append(slot)
             for slot in started:  # "traffic stays where it was" must be true when we exit
                 report = health.wait_healthy(env, slot)
@@ -297,11 +300,13 @@ def restore_steps(env: Environment, run: RestoreRun,
                 continue
             # a paused or restarting one too: `docker stop` ends both, and either could run
             # old code against the database being replaced (a paused app may hold a lock)
-            if docker.inspect(name).up:
+            if (info := docker.inspect(name)).up:
                 run.stopped.append(name)
+                if info.container_id:
+                    run.stopped_ids[name] = info.container_id
                 stopped_at[:] = stopped_at or [time.monotonic()]
                 ctx.fault(f"restore.stopping-{slot}")
-                slotmod.stop(env, slot, maintenance=True)
+                slotmod.stop(env, slot, maintenance=True, ident=info.container_id)
         ctx.note(stopped=", ".join(run.stopped) or "none were running")
 
     def do_restore(ctx: StepContext) -> None:
@@ -520,6 +525,17 @@ def restore_steps(env: Environment, run: RestoreRun,
     ]
 
 
+def _stopped_one(run: RestoreRun, name: str) -> docker.ContainerInfo:
+    """The container the restore stopped under `name`, as it is now: by its id when this run
+    stopped it (under whatever name it has now; absent if removed since), else by name."""
+    from runbook import docker
+
+    ident = run.stopped_ids.get(name)
+    if ident is None:
+        return docker.inspect(name)
+    return docker.inspect_id(ident) or docker.ContainerInfo(name=name, exists=False)
+
+
 def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
                left_stopped: str | None = None, earlier: str | None = None) -> Step:
     """For a standalone restore: start again the app containers the restore stopped, and the
@@ -542,8 +558,8 @@ def start_step(env: Environment, restore_run: RestoreRun, *, wait: bool = True,
         unfit = {n: why for n, why in restore_run.unfit.items() if n in stopped}
         stopped = [n for n in stopped if n not in unfit]
         by_container = {env.slot(s).container: s for s in env.slots}
-        for name in stopped:
-            docker.start(name)
+        for name in stopped:  # each by the id it was stopped by, when this run stopped it
+            docker.run(docker.start_action(name, restore_run.stopped_ids.get(name)))
         if wait:
             compared: list[tuple[str, str]] = []  # (container, what it reported)
             for index, name in enumerate(stopped):

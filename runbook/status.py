@@ -774,6 +774,37 @@ def standby_running(f: Facts) -> Iterator[Problem]:
                   "; a rollback starts it again when needed")
 
 
+def standby_absent(f: Facts) -> Iterator[Problem]:
+    """The standby slot, where a rollback goes back to the recorded deployment, has no
+    container of its name (renamed or removed): the rollback cannot just start a kept one.
+    Found by review: after a container renamed away under a run, status said "No problems
+    found" with the slot absent. Not while a run holds the lock (a recreate under way) or an
+    interrupted run's record names the slot (its own problem says what to do)."""
+    active = f.active
+    info = f.containers.get(active.other) if active is not None else None
+    if active is None or info is None or info.exists:
+        return
+    if f.lock is not None and not f.lock.stale:
+        return
+    if f.intent is not None and active.other in (f.intent.source, f.intent.target):
+        return
+    if next(previous_absent(f), None) is not None:  # said there, as a `docker run` host makes it
+        return
+    found = _rollback_target(f)
+    if found is None:  # no deployment recorded to go back to: nothing is missing
+        return
+    standby, name = active.other, info.name
+    refused = _rollback_refusal(f, found[1])
+    then = (f"otherwise `{found[0]}` recreates it before it moves traffic" if refused is None
+            else f"otherwise a rollback is refused now ({refused.message}): {refused.fix}"
+            if refused.fix else f"otherwise a rollback is refused now ({refused.message})")
+    yield Problem(f"the standby slot {standby}'s container {name} is absent (renamed or "
+                  "removed): a rollback has no kept container to start there",
+                  f"if it was renamed, give it its name back: `docker ps -a --filter "
+                  f"label={SLOT_LABEL}={standby}` finds it, then `docker rename <its name> "
+                  f"{name}`; {then}")
+
+
 def standby_notes(f: Facts) -> list[Note]:
     """The standby a switch left running on purpose, as it left it (the same container, id,
     start and build, and no run moved traffic since: slots.left_by_switch): no problem, said
@@ -1710,6 +1741,7 @@ CHECKS: list[Check] = [
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
     previous_absent,
+    standby_absent,
     upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space,
 ]
 

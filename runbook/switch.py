@@ -205,7 +205,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
              phase=Phase.PREFLIGHT),
         *slots.leftover_steps(env, target, prep.leftovers),  # before anything changes
         *([_replace_record(env, repairing)] if repairing is not None else []),
-        slots.run_step(env, prep, observed),
+        slots.run_step(env, prep, observed,
+                       again=f"runbook switch {command_arg(env)} --slot {target}"),
         slots.gate_step(env, target, force=options.force, expected_version=version,
                         observed=observed),
         switch,

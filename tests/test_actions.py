@@ -35,6 +35,12 @@ def cli_status(name: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else "absent"
 
 
+def cli_id(name: str) -> str:
+    """The container's short id as the docker CLI sees it."""
+    return subprocess.run(["docker", "inspect", "--format", "{{.Id}}", name],
+                          capture_output=True, text=True, check=True).stdout.strip()[:12]
+
+
 @pytest.fixture
 def stack(drill_stack: DrillStack) -> DrillStack:
     """The session stack as the last test left it: each test here arranges its scene."""
@@ -121,8 +127,11 @@ def test_the_plan_shows_the_start_and_stop_the_run_performs(stack: DrillStack) -
     assert cli_status(green) == "exited"
     dry = rollback.rollback(env, dry_run=True)
     steps = {s.name: s for s in dry.plan.steps}
-    assert steps["start-slot"].details["command"] == f"docker start {green}"
-    assert steps["stop-old-slot"].details["command"] == f"docker stop --time 10 {blue}"
+    # by name, as on-call would type it, and the id the run acts on (the plan's container)
+    assert steps["start-slot"].details["command"] == (f"docker start {green} (id "
+                                                      f"{cli_id(green)}, as planned)")
+    assert steps["stop-old-slot"].details["command"] == (f"docker stop --time 10 {blue} (id "
+                                                         f"{cli_id(blue)}, as planned)")
     assert "POST" in steps["switch"].details["reload"]
     assert cli_status(green) == "exited"  # a dry run changes nothing
 

@@ -774,10 +774,12 @@ def test_rollback_to_a_paused_standby_unpauses_it(stack: DrillStack) -> None:
     env = stack.env
     stack.docker("pause", env.slot("green").container)
     assert docker.inspect(env.slot("green").container).status == "paused"
+    ident = stack.docker("inspect", "-f", "{{.Id}}", env.slot("green").container).stdout
     result = rollback.rollback(env)
     assert result.plan.facts["container_action"] == "unpause"
     start = next(s for s in result.plan.steps if s.name == "start-slot")
-    assert start.details["command"] == f"docker unpause {env.slot('green').container}"
+    assert start.details["command"] == (f"docker unpause {env.slot('green').container} (id "
+                                        f"{ident.strip()[:12]}, as planned)")
     assert docker.inspect(env.slot("green").container).status == "running"
     assert through_proxy(env) == ("green", V2.tag)
 

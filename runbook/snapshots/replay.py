@@ -76,6 +76,9 @@ class RestoreRun:
     verified: Verified
     safety: Snapshot | None = None
     stopped: list[str] = field(default_factory=list)
+    # the full id of each container it stopped (by name): started again by that id, never
+    # another container given the name meanwhile
+    stopped_ids: dict[str, str] = field(default_factory=dict)
     restored: bool = False
     outcome_unknown: bool = False  # COMMIT sent, psql's exec failed, Postgres could not say
     schema_now: database.SchemaVersion | None = None  # the database's, read while planning
