@@ -887,8 +887,11 @@ def previous_absent(f: Facts) -> Iterator[Problem]:
     back = f"runbook rollback {_arg(f.env)}" + (f" --to {prev.version}"
                                                 if state.rolled_back_from is not None else "")
     yield Problem(f"the previous deployment {prev.version}'s {slot} container {config.container} "
-                  f"is absent (removed; Docker deletes one started with --rm when it stops), "
-                  f"and {why}: a rollback to {prev.version} is refused",
+                  f"is absent (renamed, or removed: Docker deletes one started with --rm when "
+                  f"it stops), and {why}: a rollback to {prev.version} is refused",
+                  f"if it was renamed, give it its name back: `docker ps -a --filter "
+                  f"label={SLOT_LABEL}={slot}` finds it, then `docker rename <its name> "
+                  f"{config.container}`; otherwise "
                   f"recreate {slot} ({config.container}) with {expected_image(f.env, prev)} on "
                   f"port {config.port} the way this host makes its slots (its `docker run` "
                   f"command), never {slot.other}{serves}; then `{back}` goes back to it")

@@ -167,6 +167,9 @@ def test_a_container_appearing_where_the_plan_found_none_is_not_recreated_over(
     """The plan found green removed (a recreate); a container was made under its name while
     the run waited. The run refuses before compose runs (exit 4): that container is left as
     it was, never replaced nor started."""
+    if stack.has("docker-run"):
+        pytest.skip("a recreate needs compose: on the docker-run shape the plan refuses a "
+                    "removed slot before any fault point (test_rm_slots.py proves that)")
     stack.arrange(scenes.PREVIOUS)
     env = stack.env
     green = env.slot(Slot.GREEN).container
