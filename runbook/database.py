@@ -541,6 +541,8 @@ class ContainerConnection:
 
         from psycopg import conninfo
 
+        from runbook import procs
+
         raw = url(env)
         params = conninfo.conninfo_to_dict(raw)
         self.env = env
@@ -565,7 +567,8 @@ class ContainerConnection:
                  "--port", "5432", "--username", user, "--dbname", dbname]
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, env=exec_env)
+                                          stderr=subprocess.PIPE, env=exec_env,
+                                          preexec_fn=procs.outlives_hangup)
         except OSError as exc:
             raise DatabaseError(f"database unreachable: cannot run docker exec ({exc.strerror})",
                                 "install Docker's CLI, or set [database] access = \"host\""

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from runbook import procs
+
 DRAIN_TIMEOUT = 10.0  # the default of [rollback] drain_timeout_seconds (Environment)
 QUIET = 0.5  # front unobservable: no byte moved this long on the slot's port
 SETTLE = 0.1  # a front connection idle after answers this long is not the old config's
@@ -253,7 +255,7 @@ SS_TIMEOUT = 5.0
 def _run_ss(args: list[str]) -> str | Unread:
     try:
         done = subprocess.run(["ss", "-H", "-t", "-n", *args], capture_output=True, text=True,
-                              timeout=SS_TIMEOUT, check=False)
+                              timeout=SS_TIMEOUT, check=False, preexec_fn=procs.outlives_hangup)
     except FileNotFoundError:
         return Unread("no `ss` (iproute2) on this host")
     except OSError as exc:

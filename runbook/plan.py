@@ -303,6 +303,11 @@ class Signals:
     Interrupted at once; anywhere else (the switch, undos, finishing, journal writes) it is
     only recorded, and the executor acts on it at the next step boundary; from a point of
     no return until the commit (`going_on`), at the first boundary after the commit.
+    Once the run executes its confirmed plan (`on_hangup` set), SIGHUP is none of these: a
+    closed terminal is no request to stop (found by review: a dropped ssh session undid a
+    confirmed rollback, users back on the bad release, where the same drop without a pty,
+    which sends no SIGHUP, completed it; every terminal write already survives a closed
+    terminal), so it is only told to `on_hangup`, once, and the run goes on to its own end.
     """
 
     def __init__(self) -> None:
@@ -321,12 +326,24 @@ class Signals:
         # restored database: stopping before it leaves the service down), and whether it was
         self.going_on: str | None = None
         self.told_going_on = False
+        # set by the run once its plan executes: what a hangup does then instead of stopping
+        # it (journal it); `hung_up`: it did, once, for the shell's and the kernel's SIGHUPs
+        self.on_hangup: Callable[[], None] | None = None
+        self.hung_up = False
 
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else ""
 
     def _handler(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP and self.on_hangup is not None:
+            # never `received` (nothing acts on it), never counted, never raised, even in
+            # an undoable wait: the run goes on
+            if not self.hung_up:
+                self.hung_up = True
+                with contextlib.suppress(Exception):  # nothing it meets stops the run
+                    self.on_hangup()
+            return
         if self.received is None:
             self.received = signum
         if signum != signal.SIGHUP:  # a closed terminal may send two: nobody asked twice
@@ -367,6 +384,13 @@ class Signals:
             yield self
         finally:
             for handled, previous in self._previous.items():
+                if handled == signal.SIGHUP and self.on_hangup is not None \
+                        and callable(previous):
+                    # the run executed: its outcome stands, and the CLI's own handler (which
+                    # stops a command) would turn the closed terminal's next SIGHUP (the
+                    # kernel's, after the shell's) into "interrupted", exit 129, as it
+                    # reports a finished run. A default or SIG_IGN is put back as it was.
+                    previous = _after_the_run
                 signal.signal(handled, previous)
 
     @contextlib.contextmanager
@@ -378,6 +402,10 @@ class Signals:
             yield
         finally:
             self._armed = False
+
+
+def _after_the_run(signum: int, frame: object) -> None:
+    """SIGHUP once a run executed, while its outcome is reported: nothing to stop."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,3 +97,15 @@ def _has_open(pid: int, st: os.stat_result) -> bool:
         if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
             return True
     return False
+
+
+def outlives_hangup() -> None:
+    """A child's `preexec_fn`: SIGHUP ignored (an ignored signal stays so across exec). A
+    closed terminal (a dropped ssh session) sends it to the whole foreground process group,
+    our children included: a `docker exec pg_dump` died of it half-way through a rollback's
+    safety snapshot, which then undid the run that the runbook itself carries on (found by
+    review). What a hangup does is the runbook's to decide (plan.Signals); Ctrl-C and
+    SIGTERM reach the child as before."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -10,6 +10,7 @@ run (snapshot create and cleanup, unlock) still write the log, through `journale
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -248,6 +249,8 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
                     if not confirm(plan):
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
+            # confirmed (or --yes): from here a closed terminal no longer stops the run
+            signals.on_hangup = lambda: _hung_up(journal, say)
             # its first record makes the file anyway; a write refused there refuses the run
             # only where the run records in the file (a snapshot restore does not)
             held.publish(create=action == "deploy", strict=action not in NO_STATE_RECORD)
@@ -368,6 +371,23 @@ def journaled(env: Environment, action: str, why: str,
     finally:
         if journal is not None and (lost := incomplete(journal)) is not None:
             notify(f"{WARNING}{lost}")
+
+
+def _hung_up(journal: Any, say: Callable[[str], None]) -> None:
+    """The terminal closed (SIGHUP) while the confirmed run executes: it goes on (plan.Signals);
+    the journal says so, and where the rest of its output is. Stdin becomes /dev/null: no
+    later read (of ours, or of a child started from here) waits on a terminal nobody is at."""
+    if journal.finished_at is None:
+        journal.log("WARN", f"terminal closed (SIGHUP): the run goes on; its output is in "
+                    f"the journal {journal.log_path}", step="signal")
+    say("terminal closed (SIGHUP): the run goes on")  # a `kill -HUP`'s terminal may be there
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.dup2(devnull, 0)
+    os.close(devnull)
 
 
 def _interrupted_run_waits(env: Environment) -> bool:

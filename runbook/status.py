@@ -1971,6 +1971,12 @@ def _last_run(env: Environment, held: locks.LockStatus | None = None) -> dict[st
                             "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
                             "finished_at": data.get("finished_at"),
                             "took_over": context.get("stale_lock_taken_over")}
+    error = data.get("error")
+    if data.get("exit_code") not in (0, None) and isinstance(error, dict):
+        # why it failed, as it said then: on-call back after a dropped session reads it here
+        # (found by review: status said only "failed (exit 1)" while the record held this)
+        last["error"] = {"message": error.get("message"), "fix": error.get("fix")}
+        last["log_file"] = data.get("log_file")
     if last["outcome"] == "running":
         # its record says "running" until it ends, however it ends: a killed run's says so
         # for good, and the summary called it running beside problems saying it was gone
@@ -2157,6 +2163,12 @@ def render(data: dict[str, Any]) -> str:
                    "deploy lock for it (killed, or its machine stopped)")
         lines.append(f"  last run  {p(last['action'])} {p(last['run_id'])}: {outcome}"
                      + (f"; it {p(last['took_over'])}" if last.get("took_over") else ""))
+        error = last.get("error")
+        if isinstance(error, dict):
+            lines.append(f"            {p(error.get('message'))}")
+            if error.get("fix"):
+                lines.append(f"            fix: {p(error['fix'])}")
+            lines.append(f"            journal: {p(last.get('log_file'))}")
     if data.get("notes"):
         lines.append("Notes:")
         lines += [f"  - {p(note['note'])}" for note in data["notes"]]

@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import IO
 
-from runbook import database
+from runbook import database, procs
 from runbook.environment import Environment
 from runbook.errors import PreconditionError, UsageError
 
@@ -169,7 +169,8 @@ def spawn(cmd: DbCommand, *, stdin: int | IO[bytes] | None, stdout: int | IO[byt
     the child in the middle of it."""
     try:
         return subprocess.Popen(list(cmd.argv), stdin=stdin, stdout=stdout, stderr=stderr,
-                                env=cmd.env or None, start_new_session=own_session)
+                                env=cmd.env or None, start_new_session=own_session,
+                                preexec_fn=None if own_session else procs.outlives_hangup)
     except FileNotFoundError:
         raise PreconditionError(f"the {cmd.argv[0]} command is not installed",
                                 "install the Docker CLI") from None
