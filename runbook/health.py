@@ -166,6 +166,47 @@ def names_build(expected: str, version: str | None, commit: str | None) -> bool 
 
 _LABEL = re.compile(r"dev|unknown|none|latest|v?\d+(\.\d+){0,3}")  # build_key lower-cased it
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
+_COMMIT = re.compile(r"[0-9a-f]{7,40}")
+
+
+def named_commit(value: object) -> str | None:
+    """A commit as compared (7 to 40 hex, lower case), or None when `value` names none: a
+    missing field, `unknown` (the upstream Dockerfile's default) or git's null commit (the
+    state file's "unknown", recording.full_commit)."""
+    key = build_key(value)
+    if key is None or not _COMMIT.fullmatch(key) or not key.strip("0"):
+        return None
+    return key
+
+
+def commits_differ(recorded: object, said: object) -> bool | None:
+    """Do two commits name different builds? A full one is compared with a full one, a short
+    one as a prefix of the other. None when either names no commit (`named_commit`): a host
+    with fewer fields is never refused for what it does not say."""
+    a, b = named_commit(recorded), named_commit(said)
+    if a is None or b is None:
+        return None
+    short, long = sorted((a, b), key=len)
+    return not long.startswith(short)
+
+
+class CommitMismatchError(HealthGateError):
+    """The gated slot names another commit than the state file records for the deployment
+    it should run (its image tag rebuilt or retagged since): a failed gate (exit 1), decided
+    at once, as waiting never changes the build."""
+
+
+@dataclass(frozen=True)
+class ExpectedCommit:
+    """The commit a gated slot must name when it names one: `commit` as the state file
+    records it, `recorded` says whose record (for messages), `fix` what to do when the slot
+    runs another build, `outcome` what a refusal says of the run so far (a run that
+    restored the database before its gate changed that, and its undo says so)."""
+
+    commit: str
+    recorded: str
+    fix: str
+    outcome: str = "nothing took effect"
 
 
 def version_of(config: SlotConfig, timeout: float = 3.0) -> tuple[str | None, str | None] | None:

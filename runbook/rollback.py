@@ -525,6 +525,21 @@ def _past_a_failed_gate(env: Environment, state: states.DeploymentState,
             f"{back}`; or {deploy}")
 
 
+def _expected_commit(target: states.Deployment, prep: slots.Preparation,
+                     restored: bool) -> health.ExpectedCommit:
+    """The commit the target's gate compares (the state file's record of it), and the fix
+    when the slot runs another: the recorded commit's build put back under the tag (the
+    gate's way out adds the other versions). `restored`: the run restores the database
+    before the gate, so its refusal never says nothing took effect."""
+    commit, image = target.git_commit, prep.made or prep.image
+    return health.ExpectedCommit(commit, f"the deployment it rolls back to ({target.id})", (
+        f"put commit {commit}'s build back under {image}: rebuild it (cd /opt/togather/src "
+        f"&& git checkout {commit} && docker build -f deploy/docker/Dockerfile --build-arg "
+        f"VERSION={target.version} --build-arg GIT_COMMIT={commit} -t {image} .), or "
+        f"`docker tag` that build as {image} if this host still has it; then run the "
+        "rollback again"), "traffic did not move" if restored else "nothing took effect")
+
+
 def resume_command(env: Environment, version: str) -> str:
     """What reruns this rollback: its target named (the previous deployment or a --to one)."""
     return f"runbook rollback {command_arg(env)} --to {version}"
@@ -666,6 +681,16 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         prep = slots.prepare(env, standby, target.version, target.image or None,
                              action="rollback", recovery=recovery,
                              info=containers[standby].result())
+        if prep.action == "recreate" and prep.build is not None:
+            # the tag may name another build than the one that ran as the target (found by
+            # review: rebuilt from the code rolled back from, and the plan did not say so)
+            moved = slots.moved_since(
+                prep.made or prep.image, prep.build,
+                slots.ran_before(env, target.id, prep.container,
+                                 (wanted, prep.image, prep.made or prep.image)),
+                target.version, health.named_commit(target.git_commit))
+            if moved is not None:
+                warnings.append(moved)
         if prep.action == "none" and not options.force and tools:  # ask its health meanwhile
             early = slots.EarlyHealth(env, standby)
         # live_slot has just read Caddy's running config through its admin API: it answers
@@ -762,6 +787,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     gate = slots.gate_step(env, standby, force=options.force, expected_version=target.version,
                            observed=observed, early=early, record=intent.record,
                            schema=gate_schema,
+                           commit=_expected_commit(target, prep, guard.restore is not None),
                            # a failed gate after a restore has its own words (the database
                            # was replaced): no other version is offered there
                            way_out=(_past_a_failed_gate(env, state, target, from_version)

@@ -753,6 +753,43 @@ def _tag_moved(info: ContainerInfo, image: str, version: str) -> str:
             f"{docker.short_id(info.image_id)}, the build that ran as {version}")
 
 
+def ran_before(env: Environment, deployment_id: str, info: ContainerInfo,
+               names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(build, where that is known from) of the build that last ran as `deployment_id`:
+    the slot's own container when it still holds one of `names` (a dead one a recreate
+    replaces), else the newest run record that gated it (its health gate notes the build);
+    None when neither tells. No build id is in the state file (no dialect has one)."""
+    if info.exists and info.image in names and info.image_id:
+        return info.image_id, f"its container {info.name}"
+    from runbook import journal
+
+    for record in journal.past_records(env):
+        if record.get("deployment_id") != deployment_id or record.get("exit_code") not in (
+                ExitCode.OK, ExitCode.TOOK_EFFECT):
+            continue
+        for step in record.get("steps", []):
+            detail = step.get("detail")
+            build = detail.get("build") if isinstance(detail, dict) else None
+            if step.get("name") == "health-gate" and isinstance(build, str) and build:
+                return build, f"run {record.get('run_id')}, whose health gate passed it"
+    return None
+
+
+def moved_since(made: str, build: str, ran: tuple[str, str] | None, version: str,
+                recorded_commit: str | None) -> str | None:
+    """The plan's warning when the build a recreate makes is not the one that ran as
+    `version` (its tag rebuilt or retagged since), or None."""
+    if ran is None or ran[0] == build:
+        return None
+    gate = (f"its health gate refuses it if its /health names another commit than the "
+            f"recorded {recorded_commit[:7]}" if recorded_commit
+            else "the state file records no commit for the gate to compare")
+    return (f"{made} now names build {docker.short_id(build)}, not "
+            f"{docker.short_id(ran[0])}, the build that ran as {version} ({ran[1]}): the tag "
+            f"was rebuilt or retagged since, so the recreate runs another build under that "
+            f"name; {gate}")
+
+
 def built_line(made: str, build: str) -> str:
     """The plan's line for the build a recreate makes: the one the created container is
     checked against, so the plan says exactly what runs, not only a name."""
@@ -912,14 +949,16 @@ class EarlyHealth:
 
 
 def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
-                report: health.HealthReport, *, ask_version: bool) -> str:
+                report: health.HealthReport, *, ask_version: bool) -> tuple[str, str | None]:
     """The build the slot names, checked against `expected_version` the way the switch's
     verification checks it (health.names_build: an empty version skipped every check here,
     found by review; a commit alone is its version's 40 hex, CONTRACTS; case and a trailing
-    newline do not count). Raises when it names another build. `ask_version`: when /health
-    names none (an app with fewer fields), the slot's own /version is asked."""
+    newline do not count), and the commit it names (/health's, or /version's when that was
+    asked; None: neither names one). Raises when it names another build. `ask_version`:
+    when /health names none (an app with fewer fields), the slot's own /version is asked."""
     config = env.slot(slot)
     version = report.version
+    commit = report.git_commit
     named = (health.names_build(expected_version, report.version, report.git_commit)
              if expected_version else None)
     if named is False:
@@ -937,7 +976,7 @@ def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
             f"; version {report.version.strip()}" if said and report.version else "") + ")"
     if expected_version and named is None:
         if not ask_version:
-            return f"not named by {env.health.path} (the switch verifies it)"
+            return f"not named by {env.health.path} (the switch verifies it)", commit
         # /health names no build (an app with fewer fields): the slot's own /version,
         # asked now, so a wrong build is refused before traffic moves, not after
         seen = health.version_of(config, env.health.request_timeout)
@@ -950,14 +989,41 @@ def _build_seen(env: Environment, slot: Slot, expected_version: str | None,
         version = (f"{seen[0] or seen[1]} (from {health.VERSION_PATH})" if seen
                    else f"not checked here: neither {env.health.path} nor "
                         f"{health.VERSION_PATH} names one (the switch verifies it)")
-    return str(version)
+        commit = seen[1] if seen is not None else None
+    return str(version), commit
+
+
+def _commit_seen(env: Environment, slot: Slot, expected: health.ExpectedCommit | None,
+                 said: str | None, report: health.HealthReport) -> str:
+    """The gate's word on the slot's commit: compared with the one the state file records
+    (found by review: a tag rebuilt from other code under the same version passed on the
+    version alone, and served the very build being rolled back from). Raises
+    CommitMismatchError when they contradict; when either names none, says it was not
+    checked (a host with fewer /health fields is never refused for it)."""
+    if expected is None:
+        return ""
+    differs = health.commits_differ(expected.commit, said)
+    if differs is None:
+        why = ("the state file records none" if health.named_commit(expected.commit) is None
+               else f"{env.health.path} names none")
+        return f", commit not checked ({why})"
+    if differs:
+        runs = health.named_commit(said) or ""
+        # 7 hex each, unless those are the same (then whole, or they would read alike)
+        cut = 7 if runs[:7] != expected.commit[:7] else None
+        raise health.CommitMismatchError(
+            f"{slot} runs commit {runs[:cut]} but {expected.recorded} recorded "
+            f"{expected.commit[:cut]}: its image tag was rebuilt or retagged since; "
+            f"{expected.outcome}", expected.fix, report=report)
+    return f", commit {expected.commit[:7]} as recorded"
 
 
 def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: str | None,
               observed: Observed | None = None, early: EarlyHealth | None = None,
               record: dict[str, Any] | None = None,
               schema: health.ExpectedSchema | None = None,
-              way_out: str | None = None) -> Step:
+              way_out: str | None = None,
+              commit: health.ExpectedCommit | None = None) -> Step:
     """The health gate; the report's status lands in `observed.health_status` for the state.
     `early`: the slot's health as asked while planning (see EarlyHealth). `record`: the run's
     intent record, given the container the gate proved, which the commit point's write
@@ -966,7 +1032,9 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
     equal (health.check_schema): a slot reading another database passed on its own
     database's answer, and users were served from one the run never checked. `way_out`:
     added to a failed gate's fix (a rollback's other versions), unless the slot reads
-    another database than the runbook's, which no other version mends."""
+    another database than the runbook's, which no other version mends. `commit`: the
+    commit the state file records for the build the slot must run, refused when the slot
+    names another (`_commit_seen`)."""
     observed = observed if observed is not None else Observed()
     config = env.slot(slot)
 
@@ -974,6 +1042,8 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
         observed.health_status = report.status
         info = docker.inspect(config.container)
         observed.gated_container = _identity(info)
+        if info.image_id:  # the build that ran: a later recreate's plan compares (ran_before)
+            ctx.note(build=info.image_id)
         if info.docker_health is not None:  # said, never gated on (found by review)
             ctx.note(docker_health=info.docker_health)
         if (disagrees := report.docker_disagrees(info.docker_health)) is not None:
@@ -997,6 +1067,10 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                           f"{env.health.timeout_text}, asked every {FORCED_POLL:g}s"}
     if expected_version:
         details["expected version"] = expected_version
+    if commit is not None and health.named_commit(commit.commit) is not None:
+        details["expected commit"] = (f"{commit.commit}, as {commit.recorded} recorded it: "
+                                      "refused when the slot names another; not compared "
+                                      "when it names none")
     if schema is not None:
         details["schema"] = schema.plan_line(env.health.path) + (
             " (--force: a difference is said, not refused)" if force else "")
@@ -1040,7 +1114,8 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                 time.sleep(FORCED_POLL)
             # the build is checked all the same (found by review): a wrong one would take
             # users until the switch's verification undid it
-            seen = _build_seen(env, slot, expected_version, report, ask_version=False)
+            seen, runs = _build_seen(env, slot, expected_version, report, ask_version=False)
+            checked = _commit_seen(env, slot, commit, runs, report)
             if schema is not None:
                 report, compared = health.check_schema(env, slot, report, schema,
                                                        refuse=False)
@@ -1049,7 +1124,7 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
                     ctx.notice(compared)
             passed(ctx, report)
             ctx.note(health=f"{report.status} (not gated: --force; waited until it answers), "
-                            f"version {seen}")
+                            f"version {seen}{checked}")
             return
         said: list[tuple[str, float]] = []  # the last note and when it was said
 
@@ -1074,12 +1149,13 @@ def gate_step(env: Environment, slot: Slot, *, force: bool, expected_version: st
             env, slot, on_attempt=waiting,
             is_running=lambda: docker.inspect(config.container).running,
             first=first, began=began)
-        version = _build_seen(env, slot, expected_version, report, ask_version=True)
+        version, runs = _build_seen(env, slot, expected_version, report, ask_version=True)
+        checked = _commit_seen(env, slot, commit, runs, report)
         if schema is not None:  # decided on an ok answer: a differing one fails at once
             report, compared = health.check_schema(env, slot, report, schema)
             ctx.note(schema=compared)
         passed(ctx, report)
-        ctx.note(health=f"{report.status}, version {version}")
+        ctx.note(health=f"{report.status}, version {version}{checked}")
 
     title = (f"Health gate: wait for the {slot} slot to be healthy" if not force
              else f"Wait until the {slot} slot answers (health gate skipped: --force)")

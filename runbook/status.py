@@ -639,6 +639,36 @@ def image_differs(f: Facts) -> Iterator[Problem]:
     yield Problem(f"state says {expected} is current, the active slot runs {running}", fix)
 
 
+def commit_differs(f: Facts) -> Iterator[Problem]:
+    """The serving slot names another commit (its /health) than the state file records for
+    the deployment it serves as: the same version from other code, its tag rebuilt or
+    retagged and its container recreated from it (found by review: "No problems found"
+    while a rollback's target ran the code rolled back from). Either naming no commit is
+    no problem: nothing contradicts (a host with fewer /health fields)."""
+    current = f.state.current if f.state else None
+    active = f.active
+    report = f.reports.get(active) if active is not None else None
+    if current is None or active is None or report is None or _moved_by_interrupted_run(f) \
+            or current.active_slot != active \
+            or health.names_build(current.version, report.version, report.git_commit) is False \
+            or not health.commits_differ(current.git_commit, report.git_commit):
+        return  # another version serves: the checks above say so
+    runs = health.named_commit(report.git_commit) or ""
+    cut = 7 if runs[:7] != current.git_commit[:7] else None  # never two alike
+    container = f.env.slot(active).container
+    image = f.image(active) or expected_image(f.env, current)
+    yield Problem(
+        f"{active} runs commit {runs[:cut]} (its {f.env.health.path}), but the state file "
+        f"records {current.git_commit[:cut]} for {current.version} ({current.id}): users get "
+        "another build than the recorded one",
+        f"its image tag {image} was rebuilt or retagged since {current.version} was recorded: "
+        f"find out which build serves (`docker inspect --format '{{{{.Image}}}}' "
+        f"{container}`); to serve commit {current.git_commit} again, rebuild it as {image} "
+        f"(or `docker tag` that build as {image} if this host still has it), then recreate "
+        "a slot from it with a rollback or a deploy, whose health gate refuses a build "
+        "naming another commit than the recorded one")
+
+
 def stale_lock(f: Facts) -> Iterator[Problem]:
     held = f.lock
     if held is not None and held.broken:  # every run is refused by it, stale or not
@@ -1742,10 +1772,9 @@ CHECKS: list[Check] = [
     caddyfile_differs_from_what_runs, caddyfile_block_differs_from_what_runs, schema_dirty,
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
-    active_unhealthy, image_differs, stale_lock, live_lock, held_for_h2c, standby_running,
-    previous_absent,
-    standby_absent,
-    upstream_unresolved, upstream_misses_standby, compose_leftovers, disk_space,
+    active_unhealthy, image_differs, commit_differs, stale_lock, live_lock, held_for_h2c,
+    standby_running, previous_absent, standby_absent, upstream_unresolved,
+    upstream_misses_standby, compose_leftovers, disk_space,
 ]
 
 

@@ -16,7 +16,7 @@ from runbook import health, slots
 from runbook.environment import Environment, HealthConfig, Slot, from_mapping
 from runbook.errors import ExitCode, PreconditionError
 from runbook.health import HealthGateError
-from runbook.plan import StepContext
+from runbook.plan import Step, StepContext
 from tests.drill_checks import closed_port
 
 COMMIT = "3f2a1b9" + "0" * 33
@@ -460,6 +460,70 @@ def test_a_health_naming_only_its_commit_is_checked_against_it(
     else:
         assert refusal == ""
         assert ctx.notes["health"] == f"healthy, version {COMMIT} (git_commit)"
+
+
+@pytest.mark.parametrize(("recorded", "said", "differ"), [
+    (COMMIT, COMMIT, False),
+    (COMMIT, COMMIT.upper() + "\n", False),  # case and a trailing newline do not count
+    (COMMIT, "3f2a1b9", False),  # a short one: a prefix of the full one
+    (COMMIT, "3f2a1b9" + "1" * 33, True),  # the same version's 7 hex, another commit
+    (COMMIT, "1a2b3c4", True),
+    ("0" * 40, COMMIT, None),  # git's null commit: the state file records none
+    (COMMIT, "unknown", None),  # the upstream Dockerfile's default names none
+    (COMMIT, None, None),  # a /health without git_commit
+    (COMMIT, "3f2a1b", None),  # under 7 hex: no commit
+])
+def test_commits_are_compared_only_when_both_name_one(recorded: str, said: str | None,
+                                                      differ: bool | None) -> None:
+    assert health.commits_differ(recorded, said) is differ
+
+
+def _commit_gate(server: Server, path: str) -> Step:
+    """The gate for version 3f2a1b9 whose recorded commit is COMMIT, on `path`."""
+    import dataclasses
+
+    env = make_env(server.port, path=path)
+    env = env.with_(health=dataclasses.replace(env.health, request_timeout=5.0))
+    return slots.gate_step(env, Slot.BLUE, force=False, expected_version="3f2a1b9",
+                           commit=health.ExpectedCommit(COMMIT, "the target (d1)", "rebuild"))
+
+
+def test_a_gate_refuses_a_slot_naming_another_commit_than_the_recorded_one(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a tag rebuilt from other code under the same version passed the
+    gate on its version alone. The commit /health names must be the recorded one: exit 1,
+    decided on the first answer (waiting never changes the build)."""
+    other = "3f2a1b9" + "1" * 33
+    answer = body("healthy", {"database": PASS}) | {"git_commit": other}
+    monkeypatch.setitem(ROUTES, "/rebuilt", (200, json.dumps(answer).encode()))
+    step = _commit_gate(server, "/rebuilt")
+    assert step.run is not None
+    assert "the target (d1)" in step.details["expected commit"]
+    with pytest.raises(HealthGateError) as err:
+        step.run(StepContext(step))
+    assert err.value.exit_code == ExitCode.FAILED_SAFELY
+    # the same 7 hex (its version): said whole, never as two alike commits
+    assert f"blue runs commit {other} but the target (d1) recorded {COMMIT}" in \
+        err.value.message, err.value.message
+    assert err.value.fix is not None and err.value.fix.startswith("rebuild")
+    assert server.hits == {"/rebuilt": 1}
+
+
+@pytest.mark.parametrize(("path", "note"), [
+    ("/healthy", "commit 3f2a1b9 as recorded"),
+    ("/nocommit", "commit not checked (/nocommit names none)"),
+])
+def test_a_gate_passes_the_recorded_commit_and_a_slot_naming_none(
+        server: Server, monkeypatch: pytest.MonkeyPatch, path: str, note: str) -> None:
+    """A /health without git_commit (an app with fewer fields) is never refused for it: the
+    gate's note says the commit was not checked."""
+    answer = {k: v for k, v in body("healthy", {"database": PASS}).items() if k != "git_commit"}
+    monkeypatch.setitem(ROUTES, "/nocommit", (200, json.dumps(answer).encode()))
+    step = _commit_gate(server, path)
+    assert step.run is not None
+    ctx = StepContext(step)
+    step.run(ctx)
+    assert ctx.notes["health"] == f"healthy, version 3f2a1b9, {note}", ctx.notes
 
 
 BUILD_ANSWERS = [  # (what /health and /version say of the build, is it 3f2a1b9)

@@ -27,7 +27,19 @@ from typing import Any
 import httpx
 import pytest
 
-from runbook import caddy, compose, deploy, docker, files, rollback, slots, status, switch, traffic
+from runbook import (
+    caddy,
+    compose,
+    deploy,
+    docker,
+    files,
+    health,
+    rollback,
+    slots,
+    status,
+    switch,
+    traffic,
+)
 from runbook import environment as envmod
 from runbook import state as states
 from runbook.drill import http as drill_http
@@ -1035,6 +1047,115 @@ def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_
         assert through_proxy(env) == ("green", tag)
     finally:
         stack.docker("rmi", "--no-prune", moved, check=False)
+
+
+def rebuilt_as(stack: DrillStack, tag: str, base: str) -> str:
+    """A build of `base` that answers as version `tag` (`togather-server:<tag>`), as a
+    rebuild from other code under the same APP_VERSION leaves it; returns its image id."""
+    moved = f"{stack.env.compose.image_repository}:{tag}"
+    subprocess.run(["docker", "build", "-q", "-t", moved, "-"], text=True,
+                   input=f"FROM {base}\nENV APP_VERSION={tag}\n", capture_output=True,
+                   check=True, timeout=300)
+    return docker.image_id(moved) or ""
+
+
+def gate_note(env: Environment) -> str:
+    """What the newest run record's health gate noted (its `health` detail)."""
+    record = json.loads(max(env.runs_dir.glob("*.json"), key=os.path.getmtime).read_text())
+    gate = next(s for s in record["steps"] if s["name"] == "health-gate")
+    return str(gate["detail"].get("health"))
+
+
+@pytest.mark.shape_specific
+def test_a_recreate_from_a_rebuilt_tag_is_refused_at_its_gate_when_the_commit_differs(
+        stack: DrillStack) -> None:
+    """Found by review: the previous deployment's container was removed and its tag rebuilt
+    from other code (v3's, the very build rolled back from) under the same APP_VERSION. The
+    plan showed the new build id without saying it differs from the build that ran, the gate
+    passed on the version alone, and users got v3 again with "No problems found". The gate
+    now compares the commit /health names with the one the state file records: refused
+    before the commit point, traffic stays, the started container is stopped, the state file
+    is untouched. A host whose /health names no commit (minimal-health) keeps rolling back,
+    the gate saying the commit was not checked."""
+    if docker_run_host(stack):
+        pytest.skip("the deploys below recreate through compose; a docker-run host has none")
+    import secrets
+
+    stack.reset()  # v1 on blue, serving
+    env = stack.env
+    tag = secrets.token_hex(4)[:7]
+    moved = f"{env.compose.image_repository}:{tag}"
+    ran = rebuilt_as(stack, tag, V2.image)
+    try:
+        deploy.deploy(env, deploy.Options(version=tag))  # green runs the tag (v2's build)
+        deploy.deploy(env, deploy.Options(version=V3.tag))  # blue serves; green stopped
+        recorded = states.read_state(env.state_file).previous
+        assert recorded is not None and recorded.git_commit == V2.git_commit  # its /health's
+        stack.docker("rm", "-f", env.slot("green").container)
+        now = rebuilt_as(stack, tag, V3.image)  # the tag moves to v3's code
+        assert now != ran
+        planned = runbook_cli(env, "rollback", "--dry-run")
+        assert planned.returncode == 0, planned.stderr
+        # the plan says the tag names another build than the one that ran as `tag`
+        warned = [line for line in planned.stdout.splitlines()
+                  if docker.short_id(now) in line and docker.short_id(ran) in line]
+        assert warned and "rebuilt or retagged" in warned[0], planned.stdout
+        state_before = env.state_file.read_bytes()
+        run = runbook_cli(env, "rollback", "--yes")
+        if stack.has("minimal-health"):  # /health names no commit: today's gate, and said
+            assert run.returncode == 0, run.stderr
+            assert through_proxy(env) == ("green", tag)
+            assert "commit not checked" in gate_note(env), gate_note(env)
+            return
+        said = run.stdout + run.stderr
+        assert run.returncode == ExitCode.FAILED_SAFELY, said
+        assert (f"green runs commit {V3.tag}" in said
+                and f"recorded {V2.git_commit[:7]}" in said), said
+        assert "rebuild" in said and V2.git_commit in said, said  # the fix names the commit
+        assert through_proxy(env) == ("blue", V3.tag)  # traffic never moved
+        green = docker.inspect(env.slot("green").container)
+        assert not green.running, green  # the undo stopped what the run started
+        assert env.state_file.read_bytes() == state_before
+    finally:
+        stack.docker("rm", "-f", env.slot("green").container, check=False)
+        stack.docker("rmi", "-f", "--no-prune", moved, check=False)
+
+
+@pytest.mark.shape_specific
+def test_status_says_the_serving_slot_runs_another_commit_than_the_state_file_records(
+        stack: DrillStack) -> None:
+    """Found by review: a slot serving another commit than its deployment's record (its tag
+    rebuilt from other code and its container recreated by another tool) was "No problems
+    found". Its /health's commit is compared with the record's: a problem. A /health that
+    names no commit (minimal-health) is no problem: nothing contradicts."""
+    if docker_run_host(stack):
+        pytest.skip("the deploy below recreates through compose; a docker-run host has none")
+    import secrets
+
+    stack.reset()  # v1 on blue, serving
+    env = stack.env
+    tag = secrets.token_hex(4)[:7]
+    moved = f"{env.compose.image_repository}:{tag}"
+    rebuilt_as(stack, tag, V2.image)
+    try:
+        deploy.deploy(env, deploy.Options(version=tag))  # green serves the tag (v2's build)
+        rebuilt_as(stack, tag, V3.image)
+        # another tool recreates the serving slot from the rebuilt tag
+        compose.run(compose.recreate_slot(env, Slot.GREEN, tag))
+        health.wait_healthy(env, Slot.GREEN, timeout=30)
+        assert through_proxy(env) == ("green", tag)
+        seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
+        found = [p for p in seen["problems"] if p["check"] == "commit_differs"]
+        if stack.has("minimal-health"):
+            assert found == [], found
+            return
+        assert len(found) == 1, seen["problems"]
+        assert (f"green runs commit {V3.tag}" in found[0]["problem"]
+                and V2.git_commit[:7] in found[0]["problem"]), found
+        assert V2.git_commit in found[0]["fix"], found
+    finally:
+        stack.docker("rm", "-f", env.slot("green").container, check=False)
+        stack.docker("rmi", "-f", "--no-prune", moved, check=False)
 
 
 def test_a_second_rollback_goes_back_only_when_named(stack: DrillStack) -> None:
