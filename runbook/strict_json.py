@@ -33,7 +33,7 @@ class Duplicate:
     def said(self) -> str:
         """`status is written twice ('unhealthy', then 'healthy')`: each value short, on one
         line, a secret in it masked."""
-        shown = [_show(v) for v in self.values]
+        shown = [show(v) for v in self.values]
         times = "twice" if len(shown) == 2 else f"{len(shown)} times"
         return (f"{self.path} is written {times} ({', '.join(shown[:-1])}, then {shown[-1]})")
 
@@ -104,7 +104,8 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _show(value: Any) -> str:
+def show(value: Any, width: int = 40) -> str:
+    """A value short, on one line, for an error message: a secret in it masked."""
     from runbook.redact import redact
 
     try:  # masked before it is cut: a cut secret matches nothing that masks it
@@ -112,4 +113,4 @@ def _show(value: Any) -> str:
                       else json.dumps(value, default=repr))
     except (ValueError, RecursionError):
         text = f"a {type(value).__name__}"
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."

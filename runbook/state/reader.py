@@ -113,14 +113,7 @@ _NEEDS = {
 
 def _show(value: Any) -> str:
     """A short, single-line rendering of a bad value for an error message."""
-    from runbook.redact import redact
-
-    try:  # masked before it is cut: a cut secret matches nothing that masks it
-        text = redact(repr(value) if isinstance(value, str)
-                      else json.dumps(value, default=repr))
-    except (ValueError, RecursionError):
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= 60 else text[:57] + "..."
+    return strict_json.show(value, 60)
 
 
 def _derived_id(version: str, commit: str, deployed_at: datetime) -> str:
