@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,76 @@ def test_a_rollback_without_a_snapshot_leaves_the_snapshot_modules_unimported(
     assert proc.returncode == 0, proc.stderr
     assert "Dry run: nothing was changed." in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+# what a snapshot is taken, checked or restored with: no reading command needs them
+_SNAPSHOT_MACHINERY = ("runbook.snapshots.dump", "runbook.snapshots.give_back",
+                       "runbook.snapshots.replay", "runbook.snapshots.sessions",
+                       "runbook.snapshots.stats", "runbook.snapshots.verify")
+
+
+def test_the_snapshot_folder_s_room_is_read_without_the_snapshot_machinery() -> None:
+    """`runbook status` judges the snapshot folder through runbook.snapshots.room (which
+    reads store and commands); the package's __init__ imported every module of it with it,
+    ~45 M instructions (3%) of each `runbook status` (issue 14 item 2)."""
+    code = ("import sys\n"
+            "import runbook.snapshots.room\n"
+            f"print(sorted(m for m in {_SNAPSHOT_MACHINERY!r} if m in sys.modules))")
+    assert _fresh_output(code) == "[]"
+
+
+def test_the_snapshots_package_still_offers_every_name_it_did() -> None:
+    """Loaded on first use, each name is the very object its module defines, as the eager
+    imports made it. The oracle is the import block type checkers read (parsed with ast)
+    and importlib, in a fresh interpreter: not the package's own lookup."""
+    source = (Path(__file__).resolve().parent.parent / "runbook/snapshots/__init__.py")
+    homes: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                "runbook."):
+            homes.update({alias.name: node.module for alias in node.names})
+    assert len(homes) > 30
+    code = ("import importlib, json, types\n"
+            "from runbook import snapshots\n"
+            f"homes = {homes!r}\n"
+            "same = {n: getattr(snapshots, n) is getattr(importlib.import_module(m), n)"
+            " for n, m in homes.items()}\n"
+            "star = {}\n"
+            "exec('from runbook.snapshots import *', star)\n"
+            "print(json.dumps([same, sorted(snapshots.__all__), sorted(k for k in star"
+            " if not k.startswith('__')),"
+            " isinstance(snapshots.verify, types.ModuleType) and callable(snapshots.verify.verify)"
+            " and snapshots.replay.__name__ == 'runbook.snapshots.replay']))")
+    same, names, starred, modules = json.loads(_fresh_output(code))
+    assert same == dict.fromkeys(homes, True)
+    assert names == starred == sorted(homes)
+    assert modules is True
+    with pytest.raises(AttributeError):
+        from runbook import snapshots
+
+        snapshots.no_such_name  # noqa: B018
+
+
+@pytest.mark.docker
+def test_status_leaves_the_snapshot_machinery_unimported(scene_stack: DrillStack) -> None:
+    """`runbook status` reads the snapshot folder's room, never a snapshot: the modules that
+    take, check or restore one stay unimported."""
+    two_deployments(scene_stack)
+    code = ("import sys\n"
+            "from runbook import cli\n"
+            f"sys.argv = ['runbook', 'status', {str(scene_stack.env.source)!r}]\n"
+            "try:\n"
+            "    cli.app()\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print('runbook.snapshots.room' in sys.modules,"
+            f" sorted(m for m in {_SNAPSHOT_MACHINERY!r} if m in sys.modules), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "No problems found" in proc.stdout, proc.stdout
+    # the folder's room was judged (status.collect, every run), and nothing else of it loaded
+    assert proc.stderr.strip().splitlines()[-1] == "True []"
 
 
 def test_the_command_modules_leave_pydantic_to_the_environment_loader() -> None:
