@@ -28,11 +28,21 @@ from runbook.environment import Environment, ReloadMethod, Slot
 from runbook.errors import PreconditionError, RunbookError
 from runbook.probes import Probe as Probe  # re-exported: the plans start probes from here
 
+
+def _child(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """subprocess.run of a pre-flight probe, SIGHUP ignored in the child: the probes run
+    inside a confirmed run, which a closed terminal no longer stops (plan.Signals), so a probe
+    killed by the terminal's SIGHUP must not refuse it (found by review)."""
+    return subprocess.run(argv, preexec_fn=procs.outlives_hangup, **kwargs)
+
+
 _TIMEOUT = 15.0
+
+
 def _run(argv: list[str]) -> tuple[int, str]:
     """(exit code, last output line); 127 when the program does not exist."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
+        done = _child(argv, capture_output=True, text=True, timeout=_TIMEOUT,
                               check=False, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         return 127, f"{argv[0]}: command not found"
@@ -328,7 +338,7 @@ def compose_path(env: Environment, tag: str | None = None) -> str:
     # on; an older compose (docker-compose v1) failed on the flag mid-plan
     argv = [*env.compose.command, "up", "--help"]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
+        done = _child(argv, capture_output=True, text=True, timeout=_TIMEOUT,
                               check=False, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         code, said = 127, f"{argv[0]}: command not found"
@@ -369,7 +379,7 @@ def compose_config(env: Environment, tag: str | None = None) -> dict[str, Any]:
         f" with the env file {env.compose.env_file}" if env.compose.env_file else ""))
     extra = {"IMAGE_TAG": tag} if tag else {}
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
+        done = _child(argv, capture_output=True, text=True, timeout=_TIMEOUT,
                               check=False, stdin=subprocess.DEVNULL,
                               env={**os.environ, **extra})
         code, out = done.returncode, done.stdout
@@ -429,7 +439,7 @@ def image_path(image: str) -> list[str]:
     code, _ = _run(["docker", "image", "inspect", image])
     if code != 0:
         return []
-    done = subprocess.run(["docker", "image", "inspect", "--format",
+    done = _child(["docker", "image", "inspect", "--format",
                            "{{range .Config.Env}}{{println .}}{{end}}", image],
                           capture_output=True, text=True, check=False, timeout=_TIMEOUT)
     for line in done.stdout.splitlines():
@@ -455,7 +465,7 @@ def _remove_checks() -> None:
         _checking.clear()
     for name in left:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True,
+            _child(["docker", "rm", "-f", "-v", name], capture_output=True,
                            check=False, timeout=_TIMEOUT, stdin=subprocess.DEVNULL)
 
 
@@ -482,7 +492,7 @@ def sweep_checks() -> list[str]:
     boot = _boot_id()
     fmt = "\t".join(["{{.Names}}", *(f'{{{{.Label "{label}"}}}}' for label in CREATOR_LABELS)])
     try:
-        listed = subprocess.run(["docker", "ps", "-a", "--filter",
+        listed = _child(["docker", "ps", "-a", "--filter",
                                  f"label={CHECK_LABEL}=migrate-command", "--format", fmt],
                                 capture_output=True, text=True, check=False, timeout=_TIMEOUT,
                                 stdin=subprocess.DEVNULL)
@@ -496,7 +506,7 @@ def sweep_checks() -> list[str]:
         if procs.pid_alive(int(pid), int(start)):
             continue
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            gone = subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True,
+            gone = _child(["docker", "rm", "-f", "-v", name], capture_output=True,
                                   check=False, timeout=_TIMEOUT, stdin=subprocess.DEVNULL)
             if gone.returncode == 0:
                 swept.append(name)
@@ -525,7 +535,7 @@ def migrate_path(env: Environment, image: str) -> str:
     # DOCKER_HOST beside a context) that was taken for the id: deploy refused, and the real
     # container left behind
     try:
-        made = subprocess.run(["docker", "create", "--name", name,
+        made = _child(["docker", "create", "--name", name,
                                *(arg for label in labels for arg in ("--label", label)), image],
                               capture_output=True, text=True, timeout=_TIMEOUT, check=False,
                               stdin=subprocess.DEVNULL)
@@ -544,13 +554,13 @@ def migrate_path(env: Environment, image: str) -> str:
             if swept else "")
     try:
         for path in candidates:
-            proc = subprocess.run(["docker", "cp", f"{cid}:{path}", "-"],
+            proc = _child(["docker", "cp", f"{cid}:{path}", "-"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   check=False, timeout=60)
             if proc.returncode == 0:
                 return f"{shlex.join(env.migrate_command)}: {path} is in {image} {how}{left}"
     finally:
-        subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, check=False,
+        _child(["docker", "rm", "-f", "-v", cid], capture_output=True, check=False,
                        timeout=_TIMEOUT)
         with _checking_lock:
             _checking.discard(name)
@@ -565,7 +575,7 @@ def _remove_checks_named(name: str) -> None:
     with _checking_lock:
         _checking.discard(name)
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True, check=False,
+        _child(["docker", "rm", "-f", "-v", name], capture_output=True, check=False,
                        timeout=_TIMEOUT, stdin=subprocess.DEVNULL)
 
 

@@ -7,6 +7,7 @@ the lock was taken, a reused pid is told apart. A zombie counts as dead.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 
@@ -105,7 +106,6 @@ def outlives_hangup() -> None:
     our children included: a `docker exec pg_dump` died of it half-way through a rollback's
     safety snapshot, which then undid the run that the runbook itself carries on (found by
     review). What a hangup does is the runbook's to decide (plan.Signals); Ctrl-C and
-    SIGTERM reach the child as before."""
-    import signal
-
+    SIGTERM reach the child as before. Nothing is imported here: it runs in the forked child,
+    where another thread may have held the import lock at the fork."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

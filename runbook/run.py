@@ -10,6 +10,7 @@ run (snapshot create and cleanup, unlock) still write the log, through `journale
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -244,13 +245,18 @@ def _perform(env: Environment, action: str, build: Callable[[str], Plan], run_id
             if confirm is None:  # no prompt shows the plan (--yes): its warnings still show
                 for warning in plan.warnings:
                     say(f"{WARNING}{warning}")
+            # confirmed (or --yes): from here a closed terminal no longer stops the run
+            hung_up = functools.partial(_hung_up, journal, say)
             if confirm is not None:  # a prompt may stay open: the lock is kept fresh
                 with signals.interruptible(), _heartbeat(held, env):
                     if not confirm(plan):
                         raise NotConfirmed("not confirmed at the prompt; nothing was changed",
                                            "run again and answer y, or pass --yes")
-            # confirmed (or --yes): from here a closed terminal no longer stops the run
-            signals.on_hangup = lambda: _hung_up(journal, say)
+                    # at the answer, still inside: the heartbeat's join (up to 5 s) and the
+                    # trap's end come after it, where a SIGHUP stopped the confirmed run
+                    # (found by review)
+                    signals.on_hangup = hung_up
+            signals.on_hangup = hung_up
             # its first record makes the file anyway; a write refused there refuses the run
             # only where the run records in the file (a snapshot restore does not)
             held.publish(create=action == "deploy", strict=action not in NO_STATE_RECORD)

@@ -904,6 +904,10 @@ def previous_absent(f: Facts) -> Iterator[Problem]:
     if state is None or prev is None or slot is None or slot == f.active \
             or (current is not None and current.active_slot == slot):
         return
+    if f.lock is not None and not f.lock.stale:  # a deploy may be making it right now
+        return
+    if f.intent is not None and slot in (f.intent.source, f.intent.target):
+        return  # the interrupted run's own problem says what to do
     info = f.containers.get(slot)
     if info is None or info.exists:
         return

@@ -381,3 +381,49 @@ def test_status_says_why_the_last_run_failed(scene_stack: DrillStack) -> None:
     data = json.loads(runbook_cli(env, "status", "--format", "json").stdout)["last_run"]
     assert f"{data['error']['message']}; {data['error']['fix']}" == printed, (data, printed)
     assert data["log_file"] == journal, data
+
+
+_UNDER_HANGUP = textwrap.dedent("""
+    import dataclasses, signal, sys
+    from runbook import environment as envmod, preflight
+    from runbook.caddy import admin
+    signal.signal(signal.SIGHUP, lambda *_: None)  # the run's own: it goes on (plan.Signals)
+    print("ready", flush=True)
+    if sys.argv[1] == "systemctl":
+        env = envmod.load("production")
+        env = env.with_(caddy=dataclasses.replace(env.caddy,
+                                                  reload=envmod.ReloadMethod.SYSTEMCTL))
+        print(admin.running_problem(env, admin_answered=True))
+    else:
+        done = preflight._child(["sh", "-c", "sleep 1; echo answered"], capture_output=True,
+                                text=True, timeout=10, check=False)
+        print(done.returncode, done.stdout.strip())
+""")
+
+
+@pytest.mark.parametrize(("asked", "said"), [
+    ("systemctl", "None"),  # the switch's `systemctl is-active` of a systemctl-reload host
+    ("preflight", "0 answered"),  # a pre-flight probe's child
+])
+def test_a_child_asked_inside_a_confirmed_run_outlives_the_terminals_hangup(
+        asked: str, said: str, tmp_path: Path) -> None:
+    """The closed terminal's SIGHUP goes to the whole foreground process group: the
+    runbook goes on (plan.Signals), but a `systemctl is-active` asked inside the switch died
+    of it, read as "unit not active", and the switch was undone, users back on the bad
+    release; a pre-flight probe's child likewise refused the confirmed run (found by review).
+    Real processes: a `systemctl` on PATH answering after 1 s, a SIGHUP to the group at
+    0.3 s."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\nsleep 1\necho active\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _UNDER_HANGUP, asked], stdout=subprocess.PIPE, text=True,
+        start_new_session=True, stdin=subprocess.DEVNULL,
+        env=os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out.strip()) == (0, said)

@@ -203,3 +203,30 @@ def test_an_rm_old_slot_nothing_could_recreate_is_left_running(
                      ("switch", "--dry-run", "--slot", "blue")):
         proc = runbook_cli(env, *way_back)
         assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.shape_specific
+def test_a_previous_container_absent_while_a_deploy_holds_the_lock_is_no_problem(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """A `docker run` host's own deploy removes the slot's container before its `docker
+    run`, holding the deploy lock: status listed "the previous deployment's container is
+    absent ... recreate green", telling on-call to make a container in the slot that deploy
+    is filling right then (found by review). Under a live lock it is not a problem; once the
+    lock is released it is."""
+    from runbook import lock as locks
+
+    scene_stack.arrange(scenes.PREVIOUS)  # v3 serves on blue, v2 stopped on green
+    env = docker_run_host(scene_stack, tmp_path)
+    green = env.slot(Slot.GREEN).container
+    held = locks.acquire(env, reason="a deploy by hand")
+    try:
+        scene_stack.docker("rm", "-f", green)
+        during = runbook_cli(env, "status", "--format", "json")
+    finally:
+        locks.release(env, held)
+    after = runbook_cli(env, "status", "--format", "json")
+    assert inspected(green) is None  # the oracle: Docker has no such container
+    checks = [[p["check"] for p in json.loads(proc.stdout)["problems"]]
+              for proc in (during, after)]
+    assert "previous_absent" not in checks[0], during.stdout
+    assert "previous_absent" in checks[1], after.stdout

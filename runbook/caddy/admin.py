@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from runbook import caddy_command, drain, files, health
+from runbook import caddy_command, drain, files, health, procs
 from runbook.caddy.errors import (
     CaddyConflictError,
     CaddyError,
@@ -958,9 +958,12 @@ def running_problem(env: Environment, *, admin_answered: bool = False) -> Unrelo
     if c.reload is ReloadMethod.SYSTEMCTL:
         unit = c.systemd_unit
         try:
+            # SIGHUP ignored: asked inside the switch of a confirmed run, which a closed
+            # terminal no longer stops; killed by it, it read as "unit not active" and the
+            # switch was undone (found by review)
             done = subprocess.run(
                 ["systemctl", "is-active", unit], capture_output=True, text=True,
-                timeout=_ADMIN_TIMEOUT, check=False)
+                timeout=_ADMIN_TIMEOUT, check=False, preexec_fn=procs.outlives_hangup)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return Unreloadable(f"cannot ask systemd about {unit}: {exc}",
                                 f"check `systemctl status {unit}`", answering=True)
