@@ -1449,8 +1449,10 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                                 "those never move to the new config (said at the end)",
                 "command": action.as_planned()})
     title = f"Stop the old {slot} container (kept, not removed)"
-    seen = planned if planned is not None else (
-        docker.inspect(container) if down is None else None)
+    # not when the slot is down by this step (`down`): nothing is left to keep or delete
+    # (found by review: a restore's plan titled a slot its stop deletes "Keep ... running")
+    seen = None if down is not None else (
+        planned if planned is not None else docker.inspect(container))
     if seen is not None and seen.auto_remove and seen.up:
         left = rm_kept(env, slot, seen)
         if left is not None:

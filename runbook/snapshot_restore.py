@@ -99,6 +99,28 @@ def prepare(env: Environment, snap: Snapshot | str | Path,
     return RestoreRun(snapshot, verify(env, snapshot, moved_from=moved_from, command=command))
 
 
+def _refuse_rm_slots(env: Environment, chosen: list[Slot]) -> None:
+    """Refuse (exit 4, nothing changed) an app slot the maintenance stop would stop that was
+    started with `docker run --rm`: Docker deletes it as it stops, so the undo's `docker
+    start` found no container and nothing served (exit 5, proxy 502; found by review)."""
+    from runbook import docker
+
+    for slot in chosen:
+        info = docker.inspect(env.slot(slot).container)
+        if not (info.up and info.auto_remove):
+            continue
+        tag = docker.tag_of(info.image or "")
+        how = (f"through compose (`{compose.recreate_slot(env, slot, tag).display()}`)"
+               if tag and compose.can_recreate(env, slot)
+               else f"with {info.image} the way this host's own deploy runs it (its "
+                    "`docker run`, without --rm)")
+        raise PreconditionError(
+            f"the {slot} slot's container {info.name} was started with --rm: Docker deletes "
+            "it when the restore stops it, so neither the undo nor a rerun could start it "
+            "again; nothing was changed",
+            f"recreate {info.name} without --rm {how}, then run again; or restore by hand")
+
+
 def restore_steps(env: Environment, run: RestoreRun,
                   slots: Iterable[Slot | str] | None = None,
                   facts: dict[str, Any] | None = None,
@@ -145,6 +167,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                  restore_migration_version=verified.migration_version)
     chosen = [Slot(s) for s in (slots if slots is not None else env.slots)]
     containers = [env.slot(s).container for s in chosen]
+    _refuse_rm_slots(env, chosen)
     tgt = commands.target(env)
     commands.require_container(env)
     commands.require_login(env)  # the safety snapshot's pg_dump and the replay's psql

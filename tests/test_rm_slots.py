@@ -230,3 +230,36 @@ def test_a_previous_container_absent_while_a_deploy_holds_the_lock_is_no_problem
               for proc in (during, after)]
     assert "previous_absent" not in checks[0], during.stdout
     assert "previous_absent" in checks[1], after.stdout
+
+
+def test_a_restoring_rollback_refuses_an_rm_app_slot_its_stop_would_delete(
+        scene_stack: DrillStack, tmp_path: Path) -> None:
+    """The serving green made by `docker run --rm`: the restore's maintenance stop would
+    have Docker delete it, so its undo ("start the stopped app containers again") found
+    nothing to start, exit 5 with nothing serving (found by review). Refused while planned,
+    dry run and real alike, nothing changed."""
+    scene_stack.arrange(scenes.MIGRATED)  # v2 serves on green, v1 stopped on blue
+    run_with_rm(scene_stack, Slot.GREEN, V2.image)
+    env = docker_run_host(scene_stack, tmp_path)
+    green = env.slot(Slot.GREEN).container
+    serving = inspected(green)
+    assert serving is not None and serving["HostConfig"]["AutoRemove"]  # type: ignore[index]
+    state = env.state_file.read_bytes()
+
+    def migrations() -> list[tuple[object, ...]]:
+        with scene_stack.connect() as conn:
+            return list(conn.execute("SELECT * FROM schema_migrations").fetchall())
+
+    schema = migrations()
+    for args in (("--dry-run",), ("--yes",)):
+        proc = runbook_cli(env, "rollback", "--restore-snapshot", *args)
+        assert proc.returncode == 4, proc.stdout + proc.stderr
+        line = error_line(proc)
+        assert f"{green} was started with --rm" in line and "could start it again" in line, line
+        assert "without --rm" in line and "by hand" in line, line
+        assert through_proxy(env) == ("green", V2.tag)
+        now = inspected(green)
+        assert now is not None and now["Id"] == serving["Id"], "the serving slot was deleted"
+        assert now["State"]["Status"] == "running"  # type: ignore[index]
+        assert env.state_file.read_bytes() == state
+        assert migrations() == schema
