@@ -3171,7 +3171,7 @@ def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
     journal = tmp_path / "journal"
     pid_file = tmp_path / "controller.pid"
     fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.kill_controller_command(
-        "host2", pid_file, "rollback")}})
+        "host2", pid_file, "rollback", recorded=(journal, "host1"))}})
     try:
         proc = _fleet_rollback(fleet, journal)
         pid_file.write_text(str(proc.pid))

@@ -551,19 +551,36 @@ os.kill(os.getpid(), signal.SIGSTOP)
         script.chmod(0o755)
         return str(script)
 
-    def kill_controller_command(self, name: str, pid_file: Path, *on: str) -> str:
+    def kill_controller_command(self, name: str, pid_file: Path, *on: str,
+                                recorded: tuple[Path, str] | None = None) -> str:
         """A `runbook_command` for host `name` that kills the fleet controller (kill -9, as a
         crash or a power loss of the operator's machine would) when `runbook <on...>` is asked
         for there, and then exits 1 without running it: the host is left as it was. The
-        controller's pid is read from `pid_file` (the test writes it once it started it)."""
+        controller's pid is read from `pid_file` (the test writes it once it started it).
+        `recorded`: (a fleet journal folder, a host): the kill waits (up to 60 s) until that
+        folder's journal holds the host's outcome. ansible-runner hands the controller a
+        finished host's event on its own thread, which under load came after Ansible had
+        started the next batch: the kill then landed before the outcome was journaled."""
         script = self.dir / f"kill-controller.{name}.{'-'.join(on)}"
+        folder, host = (str(recorded[0]), recorded[1]) if recorded else (None, None)
         script.write_text(f"""#!{sys.executable}
-import os, signal, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
 RUNBOOK, ON = {self.runbook_command!r}, {list(on)!r}
 argv = sys.argv[1:]
 if argv[:len(ON)] != ON:
     os.execv(RUNBOOK, [RUNBOOK, *argv])
+FOLDER, HOST = {folder!r}, {host!r}
+deadline = time.monotonic() + 60
+while FOLDER and time.monotonic() < deadline:
+    try:
+        said = [json.loads(p.read_text())["hosts"].get(HOST, {{}}).get("status")
+                for p in Path(FOLDER).glob("fleet_*.json")]
+    except (OSError, ValueError, KeyError):
+        said = []
+    if any(s not in (None, "started", "not started") for s in said):
+        break
+    time.sleep(0.05)
 pid = int(Path({str(pid_file)!r}).read_text())
 os.kill(pid, signal.SIGKILL)
 for _ in range(100):  # until it is gone: nothing of this host's command runs before
