@@ -53,7 +53,10 @@ SHELL = textwrap.dedent("""
         os.setpgid(0, 0)
         signal.signal(signal.SIGTTOU, signal.SIG_DFL)
         os.execv(argv[0], argv)
-    os.setpgid(pid, pid)
+    try:
+        os.setpgid(pid, pid)
+    except PermissionError:
+        pass  # EACCES: the child has already run setpgid(0, 0) and exec'd (a shell's race too)
     os.tcsetpgrp(0, pid)
     with open(pidfile, "w") as f:
         f.write(str(pid))
@@ -135,6 +138,8 @@ def hang_up(env: Environment, tmp: Path, *args: str, fault: str | None = None,
     deadline = time.monotonic() + 240
     while True:
         assert time.monotonic() < deadline, seen.decode(errors="replace")
+        if os.waitpid(shell, os.WNOHANG)[0]:  # the shell died: say so now, not in 240 s
+            raise AssertionError("the test's shell ended early: " + seen.decode(errors="replace"))
         if not run and pidfile.exists() and pidfile.read_text():
             run = int(pidfile.read_text())
         if select.select([master], [], [], 0.05)[0]:
