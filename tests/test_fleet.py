@@ -24,15 +24,24 @@ from typing import Any
 import pytest
 
 from runbook import environment as envmod
+from runbook import faults
 from runbook.drill.fleet import DrillFleet, held_reached
-from runbook.drill.stack import DrillStack
+from runbook.drill.stack import RUN_LABEL, DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot
 from runbook.errors import ExitCode, LockedError, RunbookError, UsageError
 from runbook.fleet import hostlock
 from runbook.fleet import inventory as inv
-from tests.drill_checks import ATTEMPT, OWNER_UID, as_deploy_user, needs_root, runbook_cli
+from tests.drill_checks import (
+    ATTEMPT,
+    OWNER_UID,
+    as_deploy_user,
+    needs_root,
+    runbook_cli,
+    wait_stopped,
+)
 from tests.matrix import nightly
+from tests.test_container_identity import NEVER, create_under, docker_says, put_back
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1623,6 +1632,12 @@ def _docker_stop(*names: str) -> None:
                    timeout=60)
 
 
+def _with_ids(*names: str) -> str:
+    """`--undo` as the controller passes it: each container with the Id its drain stopped
+    (here the docker CLI's own)."""
+    return ",".join(f"{n}@{docker_says(n)['id']}" for n in names)
+
+
 @pytest.mark.docker
 def test_the_undrain_holds_the_deploy_lock_and_journals_each_container_it_starts(
         stack: DrillStack) -> None:
@@ -1637,7 +1652,7 @@ def test_the_undrain_holds_the_deploy_lock_and_journals_each_container_it_starts
     _docker_stop(blue)
     assert [_running(blue), _running(green)] == ["exited", "running"]
     before = set(env.log_dir.glob("*.log"))
-    done = runbook_cli(env, "fleet", "drain", "--undo", f"{blue},{green}",
+    done = runbook_cli(env, "fleet", "drain", "--undo", _with_ids(blue, green),
                        "--fleet-run", "fleet_undo1", "--holder", "alice@controller")
     assert done.returncode == 0, done.stdout + done.stderr
     assert [_running(blue), _running(green)] == ["running", "running"]
@@ -1669,7 +1684,7 @@ def test_the_undrain_refuses_under_a_live_deploy_lock_and_starts_nothing(
     before = set(env.log_dir.glob("*.log"))
     held = locks.acquire(env, reason="a deploy")
     try:
-        done = runbook_cli(env, "fleet", "drain", "--undo", ",".join(containers),
+        done = runbook_cli(env, "fleet", "drain", "--undo", _with_ids(*containers),
                            "--fleet-run", "fleet_undo2")
         still = locks.status(env)
     finally:
@@ -1702,7 +1717,7 @@ def test_the_undrain_waits_out_a_short_deploy_lock_holder_then_starts(
     letting_go = threading.Timer(3.0, locks.release, (env, held))
     letting_go.start()
     try:
-        done = runbook_cli(env, "fleet", "drain", "--undo", ",".join(containers),
+        done = runbook_cli(env, "fleet", "drain", "--undo", _with_ids(*containers),
                            "--fleet-run", "fleet_undo4")
     finally:
         letting_go.join()
@@ -1757,6 +1772,138 @@ def test_an_undrain_naming_a_container_not_this_hosts_app_slot_starts_nothing(
     answer = json.loads(done.stdout)
     assert "caddy is not an app slot" in answer["error"], answer
     assert "nothing was started" in answer["error"], answer
+
+
+def _swapped_drain_answer(env: Environment) -> dict[str, str]:
+    """`fleet drain` on the host, as the fleet runs it: what it answered stopped, checked
+    against the docker CLI's own ids (the Ids the undrain must start)."""
+    names = [env.slot(s).container for s in Slot]
+    ids = {n: docker_says(n)["id"] for n in names}
+    done = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_swap")
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert sorted(answer["stopped"]) == sorted(names), answer
+    assert answer["stopped_ids"] == ids, answer  # what was stopped, by Docker's own word
+    assert [docker_says(n)["status"] for n in names] == ["exited", "exited"]
+    return ids
+
+
+@pytest.mark.docker
+def test_an_undrain_never_starts_another_container_given_a_drained_slots_name(
+        stack: DrillStack) -> None:
+    """Found by review: the undrain got only names and `docker start`ed whatever held them,
+    so a container `docker create`d under green's name after the drain, with another image,
+    was started against the shared database. Green is renamed away and another container
+    made under its name between drain and undrain; the undrain is called with bare names (an
+    older controller's call, or on-call's by hand): it takes the Id the drain logged on this
+    host, starts blue (still the drained container), refuses green with both ids and images
+    and the fix, never starts the other container, and exits 5 (the host is not as before
+    the drain). Oracles: the docker CLI."""
+    env = stack.env
+    blue, green = (env.slot(s).container for s in (Slot.BLUE, Slot.GREEN))
+    ids = _swapped_drain_answer(env)
+    drained = docker_says(green)
+    other = VERSIONS["v2"].image
+    assert other != drained["image"]
+    with put_back(stack, Slot.GREEN) as aside:
+        stack.docker("rename", green, aside)
+        create_under(stack, Slot.GREEN, other)
+        impostor = docker_says(green)
+        before = set(env.log_dir.glob("*.log"))
+        done = runbook_cli(env, "fleet", "drain", "--undo", f"{blue},{green}",
+                           "--fleet-run", "fleet_swap")
+        now, kept = docker_says(green), docker_says(aside)
+        blue_now = docker_says(blue)
+    assert done.returncode == ExitCode.ATTENTION, done.stdout + done.stderr
+    assert now["id"] == impostor["id"] and now["status"] == "created", now
+    assert now["started"] == NEVER, now  # never started
+    assert kept["status"] == "exited" and kept["started"] == drained["started"], kept
+    assert blue_now["status"] == "running" and blue_now["id"] == ids[blue], blue_now
+    answer = json.loads(done.stdout)
+    error = answer["error"]
+    assert (f"{green} was not started: it is not the container the drain stopped (id "
+            f"{ids[green][:12]} image {drained['image']}, now named {aside}; {green} now "
+            f"holds id {impostor['id'][:12]} image {other})") in error, error
+    assert f"started again: {blue}" in error, error
+    assert "docker events" in answer["fix"], answer
+    assert f"--undo {green}@{ids[green]}" in answer["fix"], answer
+    lines = _drain_logs(env, before)
+    refused = [e for e in lines if e.get("container") == green]
+    assert refused and refused[0]["level"] == "ERROR", lines
+    assert not env.lock_path.exists()
+
+
+@pytest.mark.docker
+def test_an_undrain_whose_names_hold_no_drained_container_starts_nothing_then_starts_them(
+        stack: DrillStack) -> None:
+    """The controller's call (NAME@ID, as the drain answered): both drained containers
+    renamed away, so the names hold none: nothing started, exit 4, each named with its Id.
+    Given their names back, the same undrain starts exactly those Ids. Oracles: the docker
+    CLI."""
+    env = stack.env
+    names = [env.slot(s).container for s in Slot]
+    ids = _swapped_drain_answer(env)
+    undo = ",".join(f"{n}@{ids[n]}" for n in names)
+    with put_back(stack, Slot.BLUE) as blue_aside, put_back(stack, Slot.GREEN) as green_aside:
+        for name, aside in zip(names, (blue_aside, green_aside), strict=True):
+            stack.docker("rename", name, aside)
+        done = runbook_cli(env, "fleet", "drain", "--undo", undo)
+        left = [docker_says(a)["status"] for a in (blue_aside, green_aside)]
+        for name, aside in zip(names, (blue_aside, green_aside), strict=True):
+            stack.docker("rename", aside, name)
+    assert done.returncode == ExitCode.PRECONDITION, done.stdout + done.stderr
+    assert left == ["exited", "exited"], left
+    error = json.loads(done.stdout)["error"]
+    for name in names:
+        assert f"{name} now holds none" in error and ids[name][:12] in error, error
+    assert error.endswith("nothing was started"), error
+    again = runbook_cli(env, "fleet", "drain", "--undo", undo)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {n: (docker_says(n)["id"], docker_says(n)["status"]) for n in names} == {
+        n: (ids[n], "running") for n in names}
+
+
+@pytest.mark.docker
+def test_the_drain_stops_the_container_it_inspected_not_one_renamed_in_under_its_name(
+        stack: DrillStack) -> None:
+    """The drain inspects blue, then stops it: stopped by name, a container renamed in under
+    blue's name in between was stopped and the inspected one, still connected to the shared
+    database, kept running through the restore. The drain held (SIGSTOP) right before its
+    stop while blue is renamed away and another container runs under its name: the drain
+    stops the one it inspected (its Id, which it answers), not the other. Oracles: the
+    docker CLI."""
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    inspected = docker_says(blue)
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    with put_back(stack, Slot.BLUE) as aside:
+        proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "fleet", "drain",
+                                 str(env.source)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                env=environ | {faults.VARIABLE:
+                                               "fleet-drain.before-stop:SIGSTOP"})
+        try:
+            wait_stopped(proc.pid)
+            stack.docker("rename", blue, aside)
+            stack.docker("run", "-d", "--name", blue, "--label",
+                         f"{RUN_LABEL}={stack.run_id}", "--entrypoint", "sleep",
+                         inspected["image"], "300")
+            os.kill(proc.pid, signal.SIGCONT)
+            wait_stopped(proc.pid)  # held again before green's stop: let it go on
+            os.kill(proc.pid, signal.SIGCONT)
+            out, err = proc.communicate(timeout=180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        other, kept = docker_says(blue), docker_says(aside)
+    assert proc.returncode == 0, out + err
+    assert kept["id"] == inspected["id"] and kept["status"] == "exited", kept
+    assert other["status"] == "running", other  # never the drain's: not stopped
+    assert json.loads(out)["stopped_ids"][blue] == inspected["id"], out
 
 
 # -- end to end against the drill fleet --------------------------------------------------------

@@ -11,7 +11,7 @@ stay the one implementation.
 
 from __future__ import annotations
 
-FLEET_PROTOCOL = 7  # 2: `host-check --take-lock` (the lock host's take and check in one);
+FLEET_PROTOCOL = 8  # 2: `host-check --take-lock` (the lock host's take and check in one);
 # 3: host-check says the current deployment (a resume refuses a host changed since);
 # 4: ... and the release it was rolled back from (a fresh run refuses to roll it forward);
 # 5: `host-check --schema-restored-first` (maintenance: every check past the schema guard)
@@ -19,6 +19,9 @@ FLEET_PROTOCOL = 7  # 2: `host-check --take-lock` (the lock host's take and chec
 # 7: `host-check --end-sessions` (the maintenance restore planned as it runs) and its
 #    `maintenance` plans (drain, restore, the rollback after it): the maintenance dry run
 #    shows every step the run takes
+# 8: the drain answers `stopped_ids` and `drain --undo` takes NAME@ID (it starts only the
+#    container the drain stopped, by its Id): an older host refused NAME@ID as "not an app
+#    slot" after its drain, leaving it DOWN
 # (not bumped for host-check's dry_run steps and rendered plan: the controller shows an
 # older host's summary line instead, so it requires neither; nor for its environment_arg:
 # the controller names an older host's environment as the inventory does)

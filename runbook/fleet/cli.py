@@ -221,7 +221,9 @@ def host_check_cmd(env: EnvArg, config: ConfigOpt = None,
 def drain_cmd(env: EnvArg, config: ConfigOpt = None,
               undo: Annotated[str | None, typer.Option(
                   "--undo", metavar="CONTAINERS", help="start again these containers (comma-"
-                  "separated) that a drain stopped")] = None,
+                  "separated NAME@ID, as the drain answered them) that a drain stopped, each "
+                  "only if its name still holds that Id (a bare NAME: the Id this host's log "
+                  "says its last drain stopped)")] = None,
               fleet_run: Annotated[str, typer.Option(
                   "--fleet-run", help="the fleet run draining (or undraining) this host, for "
                   "its log")] = "",
@@ -233,7 +235,7 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
 
     try:
         env_ = load_env(env, config)
-        out = (drain.undo(env_, [c for c in undo.split(",") if c], fleet_run=fleet_run,
+        out = (drain.undo(env_, drain.parse_undo(undo), fleet_run=fleet_run,
                           holder=holder, notify=notice) if undo is not None
                else drain.drain(env_, fleet_run=fleet_run, holder=holder, notify=notice))
     except RunbookError as exc:

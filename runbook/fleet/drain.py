@@ -7,11 +7,18 @@ without restoring too (`snapshot restore` would restore the database once per ho
 this small host-side command. `--undo` starts again the containers a drain stopped, for a
 maintenance run that stopped before the database was restored. Both hold the host's deploy
 lock while they change its slots and journal on the host what they changed.
+
+Both act on containers by Id, never on whatever holds a slot's name by then: the drain
+stops the container it inspected and says its Id (journal line and answer), and the undo
+starts only that Id, right after checking the name still holds it (found by review: the
+undo `docker start`ed by name, so a container `docker create`d meanwhile under the name,
+with an older image, was started against the shared database).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -20,6 +27,7 @@ from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError
 
 if TYPE_CHECKING:
+    from runbook.docker import ContainerInfo
     from runbook.plan import Plan
 
 Log = Callable[..., None]
@@ -109,11 +117,12 @@ def plan(env: Environment) -> Plan:
                   phase=Phase.PREFLIGHT)]
     for slot in env.slots:
         name = env.slot(slot).container
-        running = docker.inspect(name).running
+        info = docker.inspect(name)
         steps.append(Step("stop-slot", f"Stop the {slot} app slot {name}",
-                          {"container": name, "why": "the shared database is restored next: "
-                           "no app may write to it meanwhile"},
-                          skip=None if running else "not running"))
+                          {"container": name, "id": _short(info.container_id),
+                           "why": "the shared database is restored next: no app may write "
+                           "to it meanwhile (stopped by this Id, which the undrain starts)"},
+                          skip=None if info.running else "not running"))
     return Plan("fleet-drain", env, f"stop the app slots of {env.display} (THE SERVICE IS "
                 "DOWN on this host until its own rollback starts it)", steps)
 
@@ -135,22 +144,86 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
     _refuse_lock_dir(env)
     with run.journaled(env, "fleet-drain", why, notify) as log:
         stopped: list[str] = []
+        ids: dict[str, str] = {}
         with _deploy_lock(env, why, log, notify, nothing="nothing was stopped",
                           this="this drain", fleet=fleet):
             for slot in env.slots:
                 name = env.slot(slot).container
-                if docker.inspect(name).running:
-                    slots.stop(env, slot, maintenance=True)
+                info = docker.inspect(name)
+                if info.running:
+                    faults.point(env, "fleet-drain.before-stop")
+                    # the stop goes to the Id inspected, and that Id is what the undo starts
+                    # again: another container given the name since is never the drain's
+                    slots.stop(env, slot, maintenance=True, ident=info.container_id)
                     stopped.append(name)
-                    log("INFO", f"stopped {name} (fleet maintenance: the database is restored "
-                        "next)", container=name, slot=str(slot), **fleet)
+                    if info.container_id:
+                        ids[name] = info.container_id
+                    log("INFO", f"stopped {name} (id {_short(info.container_id)}, image "
+                        f"{info.image or 'unknown'}; fleet maintenance: the database is "
+                        "restored next)", container=name, container_id=info.container_id,
+                        image=info.image, slot=str(slot), **fleet)
                     faults.point(env, "fleet-drain.after-stop")
         log("SUCCESS", f"drained: {len(stopped)} app slot(s) stopped, THE SERVICE IS DOWN on "
-            "this host until the fleet's rollback starts it", stopped=stopped, **fleet)
-    return {"ok": True, "stopped": stopped, "service": "DOWN on this host"}
+            "this host until the fleet's rollback starts it", stopped=stopped,
+            stopped_ids=ids, **fleet)
+    return {"ok": True, "stopped": stopped, "stopped_ids": ids, "service": "DOWN on this host"}
 
 
-def undo(env: Environment, containers: list[str], *, fleet_run: str = "", holder: str = "",
+def _short(ident: str | None) -> str:
+    return (ident or "unknown")[:12]
+
+
+def _described(info: ContainerInfo | None) -> str:
+    return (f"id {_short(info.container_id)} image {info.image or 'unknown'}"
+            if info is not None and info.exists else "none")
+
+
+def parse_undo(text: str) -> list[tuple[str, str | None]]:
+    """`--undo`'s CONTAINERS: `NAME@ID` as the drain answered them (the controller passes
+    them so), or a bare `NAME` (an older controller, or by hand): its Id is then the one
+    this host's own log says its last drain stopped (`journaled_ids`). A container name
+    never holds '@' (Docker's names are [a-zA-Z0-9][a-zA-Z0-9_.-]*)."""
+    out: list[tuple[str, str | None]] = []
+    for item in (x.strip() for x in text.split(",")):
+        if item:
+            name, _, ident = item.partition("@")
+            out.append((name, ident or None))
+    return out
+
+
+def journaled_ids(env: Environment, names: list[str]) -> dict[str, str]:
+    """The Id each of `names` had when this host's last drain stopped it, as the drain's own
+    log line says (newest log first). A name no drain here journaled with an Id (an older
+    runbook's drain) is left out: its undo refuses it rather than start whatever holds it."""
+    found: dict[str, str] = {}
+    try:
+        logs = sorted(env.log_dir.glob(f"{env.name}_*.log"), reverse=True)
+    except OSError:
+        return found
+    for path in logs:
+        if len(found) == len(names):
+            break
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        if not lines or '"fleet-drain"' not in lines[0]:
+            continue
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            name, ident = (entry.get("container"), entry.get("container_id")) \
+                if isinstance(entry, dict) else (None, None)
+            if (name in names and name not in found and isinstance(ident, str) and ident
+                    and str(entry.get("message", "")).startswith("stopped ")):
+                found[name] = ident
+    return found
+
+
+def undo(env: Environment, containers: list[tuple[str, str | None]], *,
+         fleet_run: str = "", holder: str = "",
          notify: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Start again the containers a drain stopped (only this host's own app slots), under the
     deploy lock, journaled, as the drain itself.
@@ -160,12 +233,23 @@ def undo(env: Environment, containers: list[str], *, fleet_run: str = "", holder
     name is checked before anything is taken or started (one not this host's app slot: exit
     2, nothing started, no lock, no log). A live holder refuses, exit 3, nothing started; a
     stale one is taken over and said. The host's log names each container started, and each
-    already running and left so, with the fleet run and who ran it."""
+    already running and left so, with the fleet run and who ran it.
+
+    `containers`: (name, Id the drain stopped) pairs; a bare name's Id is the one this host's
+    log says its last drain stopped (none journaled: refused, never guessed, unless it runs
+    and is left so). Right before
+    each start the name is inspected again: when it holds another container, or none, that
+    one is refused (nothing started for it, the others are) and the undo fails at its end,
+    exit 4 when it started nothing, else 5 (the host is not as it was before the drain);
+    the start itself goes to the Id, so a rename in between cannot redirect it."""
     from runbook import docker, run
 
     own = {env.slot(s).container: s for s in env.slots}
-    names = list(dict.fromkeys(containers))  # each once, in the order given
-    for name in names:
+    wanted: dict[str, str | None] = {}
+    for name, ident in containers:  # each once, in the order given
+        if wanted.get(name) is None:
+            wanted[name] = ident
+    for name in wanted:
         if name not in own:
             raise RunbookError(f"{name} is not an app slot of {env.name} on this host; nothing "
                                "was started", "pass only the containers `fleet drain` printed",
@@ -176,20 +260,74 @@ def undo(env: Environment, containers: list[str], *, fleet_run: str = "", holder
     with run.journaled(env, "fleet-undrain", why, notify) as log:
         started: list[str] = []
         running: list[str] = []
+        refused: list[str] = []
+        fixes: list[str] = []
         # a holder of a few seconds (a cron's snapshot cleanup) is waited out: refused at
         # once, the undrain left this host DOWN for it (found by review)
         with _deploy_lock(env, why, log, notify, nothing="nothing was started",
                           this="this undrain", fleet=fleet, wait=UNDRAIN_LOCK_WAIT):
-            for name in names:
-                if docker.inspect(name).running:
+            bare = [n for n, i in wanted.items() if i is None]
+            journaled = journaled_ids(env, bare) if bare else {}
+            for name, given in wanted.items():
+                ident = given or journaled.get(name)
+                now = docker.inspect(name)
+                if ident is None and now.running:  # nothing to start: no Id needed to leave it
+                    ident = now.container_id
+                if ident is None or not now.exists or now.container_id != ident:
+                    drained = docker.inspect_id(ident) if ident else None
+                    refusal = _refusal(name, ident, drained, now)
+                    refused.append(refusal)
+                    fixes.append(_fix(env, name, ident))
+                    log("ERROR", refusal, container=name, container_id=ident,
+                        now_id=now.container_id, now_image=now.image, slot=str(own[name]),
+                        **fleet)
+                    continue
+                if now.running:
                     running.append(name)
                     log("INFO", f"{name} is already running: left as it is", container=name,
-                        slot=str(own[name]), **fleet)
+                        container_id=ident, slot=str(own[name]), **fleet)
                     continue
-                docker.start(name)
+                docker.run(docker.start_action(name, ident))
                 started.append(name)
-                log("INFO", f"started {name} again (fleet maintenance stopped before the "
-                    "database was restored)", container=name, slot=str(own[name]), **fleet)
+                log("INFO", f"started {name} again (id {_short(ident)}, image "
+                    f"{now.image or 'unknown'}; fleet maintenance stopped before the "
+                    "database was restored)", container=name, container_id=ident,
+                    slot=str(own[name]), **fleet)
+        if refused:
+            done = (f"started again: {', '.join(started)}" if started else "nothing was started")
+            raise RunbookError("; ".join(refused) + f"; {done}", "; ".join(fixes),
+                               exit_code=ExitCode.ATTENTION if started else
+                               ExitCode.PRECONDITION)
         log("SUCCESS", f"undrained: {len(started)} app slot(s) started again, {len(running)} "
             "already running", started=started, already_running=running, **fleet)
     return {"ok": True, "started": started, "already_running": running}
+
+
+def _fix(env: Environment, name: str, ident: str | None) -> str:
+    """What brings `name`'s drained container back: who changed the name, then the undo
+    again with the drained Id (or, none known, the container checked by hand)."""
+    from runbook.environment import command_arg
+
+    events = (f"check who changed it (`docker events --since 24h --until 0s --filter "
+              f"container={name}`)")
+    if ident is None:
+        return (f"{events}; `docker inspect {name}`: start it (`runbook fleet drain "
+                f"{command_arg(env)} --undo {name}@<its full id>`) only if it is the container "
+                "the drain stopped")
+    return (f"{events}; give the drained container {_short(ident)} its name back (`docker "
+            f"rename <its name> {name}`, the other one renamed or removed first), then run "
+            f"`runbook fleet drain {command_arg(env)} --undo {name}@{ident}`")
+
+
+def _refusal(name: str, ident: str | None, drained: ContainerInfo | None,
+             now: ContainerInfo) -> str:
+    """Why `name` is not started: the drain's container (its Id and image, where it is now)
+    and what holds the name now."""
+    if ident is None:
+        return (f"{name} was not started: no drain on this host journaled the id it stopped "
+                f"(it holds {_described(now)}), so which container to start is unknown")
+    where = ("gone" if drained is None else
+             f"image {drained.image or 'unknown'}, now named {drained.name}"
+             if drained.name != name else f"image {drained.image or 'unknown'}")
+    return (f"{name} was not started: it is not the container the drain stopped (id "
+            f"{_short(ident)} {where}; {name} now holds {_described(now)})")

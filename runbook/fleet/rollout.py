@@ -960,6 +960,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
     if not run.wait_gate("rollout"):
         run.join()
     drained: dict[str, list[str]] = {}
+    drained_ids: dict[str, dict[str, str]] = {}  # host -> container -> the Id its drain stopped
     failed: list[str] = []
     skipped = {host for host in targets  # after a Ctrl-C: never drained
                if events.results.get("drain", {}).get(host, {}).get("_event")
@@ -971,10 +972,14 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
             continue
         if res is not None and res.get("_event") == "runner_on_ok":
             drained[host] = list(data.get("stopped", []))
+            ids = data.get("stopped_ids")
+            drained_ids[host] = ({str(k): str(v) for k, v in ids.items() if v}
+                                 if isinstance(ids, dict) else {})
         elif res is not None:
             failed.append(f"{host}: drain failed: "
                           f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
-    journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained, problems=failed)
+    journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained,
+                  stopped_ids=drained_ids, problems=failed)
     journal.save()  # hosts drained: a failure is said, the run goes on
     res = events.results.get("restore the snapshot", {}).get(decision["host"])
     restore_skipped = res is not None and res.get("_event") == "runner_on_skipped"
@@ -1029,7 +1034,10 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                          "last run record (~/.togather/runs/) and `runbook snapshot list "
                          f"{db_arg}` to see whether the restore finished; do not start the "
                          "hosts on an unknown database", exit_code=ExitCode.ATTENTION, lines=failed)
-    undo = {h: ",".join(c) for h, c in drained.items() if c}
+    # each container with the Id its drain stopped: the undrain starts that one only, never
+    # another container given the name since (a host that named none: its own log's Id)
+    undo = {h: ",".join(f"{n}@{drained_ids[h][n]}" if drained_ids.get(h, {}).get(n) else n
+                        for n in c) for h, c in drained.items() if c}
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
             "drained host(s)")
@@ -1050,7 +1058,10 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                              + ", " + _commands("runbook status {env}", left, args, "") + ")",
                              exit_code=ExitCode.ATTENTION,
                              lines=failed + [f"{h}: start again failed: "
-                                             f"{_host_error(results.get(h))}" for h in left])
+                                             f"{_host_error(results.get(h))} (to start "
+                                             f"what its drain stopped: `runbook fleet drain "
+                                             f"{args.get(h, 'ENV')} --undo {undo[h]}` there)"
+                                             for h in left])
     # a drain that started and did not say what it stopped (it failed, or its connection was
     # lost) may have stopped the host's slots: never reported as "started again"
     lost = [h for h in targets if h not in drained and h not in skipped
