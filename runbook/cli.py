@@ -57,6 +57,7 @@ from runbook.cli_options import (
     YesOpt,
 )
 from runbook.errors import ExitCode, RunbookError, exit_codes_text
+from runbook.method_cache import install as install_method_cache
 
 EXIT_CODES = exit_codes_text()
 
@@ -398,6 +399,7 @@ def _command_for(argv: list[str]) -> Command:
 def main() -> None:
     """Every failure is one line and a documented exit code, never a traceback."""
     startup.hold()  # a caller that imported this module first (a test harness) had it released
+    install_method_cache()  # before the command imports what makes dataclasses (ours, pydantic's)
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     try:

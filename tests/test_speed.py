@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -240,3 +241,109 @@ def test_each_command_s_help_is_the_whole_tree_s() -> None:
                               capture_output=True, text=True, timeout=60,
                               stdin=subprocess.DEVNULL, check=False)
         assert (done.returncode, done.stdout) == (0, text), name
+
+
+# a CLI start that imports every module a rollback does, then stops at the missing file
+# (exit 2, no Docker): counts the dataclass methods the parser compiled on the way
+# (each reaches the parser as text: through exec, as dataclasses hands it, or compile)
+_COMPILED = ("import builtins, os, sys\n"
+             "seen = []\n"
+             "def counting(real):\n"
+             "    def counted(source, *args, **kw):\n"
+             "        if isinstance(source, str) and source.startswith('def __create_fn__('):\n"
+             "            seen.append(source)\n"
+             "        return real(source, *args, **kw)\n"
+             "    return counted\n"
+             "builtins.exec = counting(builtins.exec)\n"
+             "builtins.compile = counting(builtins.compile)\n"
+             "import atexit\n"
+             "atexit.register(lambda: print('COMPILED', len(seen), file=sys.stderr))\n"
+             "from runbook import cli\n"
+             "sys.argv = ['runbook', 'rollback', '/nonexistent/env.toml', '--dry-run']\n"
+             "cli.main()\n")
+
+
+def _writing_bytecode() -> dict[str, str]:
+    """This environment, with Python allowed to write bytecode (where the methods are kept)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def test_a_second_cli_start_compiles_no_dataclass_method_again() -> None:
+    """Each start parsed and compiled the ~540 methods @dataclass writes (runbook's, pydantic's,
+    the standard library's): a fifth of `runbook rollback`'s start-up instructions (issue 14
+    item 2). The second start takes them from the first's. The oracle is the compiler itself,
+    counted in the process: every text dataclasses hands to exec goes through it."""
+    def compiled() -> int:
+        proc = subprocess.run([sys.executable, "-c", _COMPILED], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL, env=_writing_bytecode(),
+                              check=False)
+        assert proc.returncode == 2, proc.stderr  # the missing file: refused as bad input
+        line = next(x for x in proc.stderr.splitlines() if x.startswith("COMPILED "))
+        return int(line.split()[1])
+
+    compiled()  # this tree's first start may compile them (and keeps them) ...
+    assert compiled() == 0  # ... the next one parses none (the old code: 351 each start)
+
+
+# the methods of some dataclasses (frozen, defaults, factories, slots, ordering, keyword-only,
+# a class variable), as the process that made them holds them
+_METHODS = ("import dataclasses, json, sys, typing\n"
+            "from pathlib import Path\n"
+            "if sys.argv[1] != 'plain':\n"
+            "    from runbook.method_cache import install\n"
+            "    install(Path(sys.argv[1]))\n"
+            "@dataclasses.dataclass(frozen=True)\n"
+            "class A:\n"
+            "    x: int\n"
+            "    y: str = 'y'\n"
+            "    z: tuple[int, ...] = dataclasses.field(default_factory=tuple)\n"
+            "@dataclasses.dataclass(order=True, slots=True, kw_only=True)\n"
+            "class B:\n"
+            "    n: int = 0\n"
+            "    c: typing.ClassVar[int] = 1\n"
+            "@dataclasses.dataclass(frozen=True, eq=False)\n"
+            "class C(A):\n"
+            "    w: float = 0.5\n"
+            "from runbook import plan\n"
+            "from runbook.environment import model\n"
+            "out = {}\n"
+            "for cls in (A, B, C, plan.Step, plan.Plan, model.Environment, model.SlotConfig):\n"
+            "    for name, fn in sorted(vars(cls).items()):\n"
+            "        code = getattr(fn, '__code__', None)\n"
+            "        if code is not None and code.co_filename == '<string>':\n"
+            "            out[f'{cls.__name__}.{name}'] = [code.co_code.hex(),\n"
+            "                repr(code.co_consts), code.co_names, code.co_varnames,\n"
+            "                code.co_flags, code.co_qualname,\n"
+            "                code.co_firstlineno, repr(fn.__defaults__), repr(fn.__kwdefaults__),\n"
+            "                repr(getattr(fn, '__annotations__', None))]\n"
+            "a = A(1)\n"
+            "out['behaves'] = [repr(a), a == A(1), hash(a) == hash(A(1)), repr(B(n=2)),\n"
+            "                  B(n=1) < B(n=2), repr(C(1)), C(1) == C(1)]\n"
+            "try:\n"
+            "    a.x = 2\n"
+            "except dataclasses.FrozenInstanceError as exc:\n"
+            "    out['frozen'] = str(exc)\n"
+            "print(json.dumps(out))\n")
+
+
+def _methods(how: str) -> dict[str, object]:
+    return json.loads(subprocess.run([sys.executable, "-c", _METHODS, how], capture_output=True,
+                                     text=True, check=True, timeout=60,
+                                     env=_writing_bytecode()).stdout)
+
+
+def test_the_kept_dataclass_methods_are_the_ones_dataclasses_compiles(tmp_path: Path) -> None:
+    """The same bytecode, constants, names, defaults and annotations, and the same behaviour,
+    whether the methods were compiled in the process, by the run that kept them, or read
+    back; a damaged file or another interpreter's is compiled past. The oracle is a process
+    with dataclasses as the standard library has it."""
+    kept = tmp_path / "methods.marshal"
+    expected = _methods("plain")
+    assert len(expected) > 25 and expected["frozen"] == "cannot assign to field 'x'"
+    assert _methods(str(kept)) == expected  # compiled here, then kept
+    assert kept.stat().st_size > 0
+    assert _methods(str(kept)) == expected  # read back
+    for bad in (b"", b"not marshal at all", kept.read_bytes()[:100],
+                b"\x00\x00\r\n" + kept.read_bytes()[4:]):  # another interpreter's magic
+        kept.write_bytes(bad)
+        assert _methods(str(kept)) == expected

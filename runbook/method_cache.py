@@ -1,0 +1,107 @@
+"""The methods `@dataclass` writes, compiled once per source text, not once per process.
+
+Python 3.11's dataclasses builds __init__, __repr__, __eq__, __hash__, __setattr__ and
+__delattr__ of every class as source text and `exec`s each: the parser and the compiler ran
+~540 times on each `runbook rollback` (runbook's 65 dataclasses, pydantic's and the standard
+library's), about a fifth of the instructions of its start-up (issue 14 item 2, counted with
+cachegrind). The CLI's main() installs this before the command imports them (`import
+runbook.cli` makes no dataclass): the `exec` dataclasses calls takes the code object compiled
+from the very same text, kept beside the package's bytecode (__pycache__, as Python keeps a
+.pyc), and compiles what it has not seen.
+
+Nothing else changes: the same text compiled the same way (no __future__ flags inherited, as
+dataclasses' own `exec` inherits none, file name "<string>") gives the same code; the key is
+the whole text, so a changed class simply misses. The file carries the interpreter's bytecode
+magic number and is ignored when it is not this interpreter's, unreadable or damaged. It is
+written, atomically, only when something was compiled and only where Python itself may write
+bytecode (not under PYTHONDONTWRITEBYTECODE or -B; a read-only install just compiles, as
+before). Whoever imports runbook without running the CLI (tests, the bench) is left as is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import contextlib
+import marshal
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+# what dataclasses looks `exec` up as: its module global shadows the builtin
+_REAL_EXEC = builtins.exec
+_MAX_ENTRIES = 4000  # a file grown past this (many code changes) starts again from this run's
+_FILE = Path(__file__).resolve().parent / "__pycache__" / (
+    f"dataclass-methods.{sys.implementation.cache_tag}.marshal")
+
+
+class _Cache:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.codes: dict[str, types.CodeType] = _read(path)
+        self.used: dict[str, types.CodeType] = {}
+        self.compiled = 0
+
+    def exec(self, source: Any, globals: Any = None, locals: Any = None, /) -> None:
+        """`exec` as dataclasses calls it; anything but source text goes straight through."""
+        if isinstance(source, str):
+            code = self.codes.get(source)
+            if code is None:
+                code = compile(source, "<string>", "exec", dont_inherit=True)
+                self.codes[source] = code
+                self.compiled += 1
+            self.used[source] = code
+            source = code
+        _REAL_EXEC(source, globals, locals)
+
+    def save(self) -> None:
+        """Write what was compiled (once, at exit); never fails the command."""
+        if not self.compiled or sys.dont_write_bytecode:
+            return
+        codes = self.codes if len(self.codes) <= _MAX_ENTRIES else self.used
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_bytes(_magic() + marshal.dumps(codes))
+            os.replace(temporary, self.path)
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+        self.compiled = 0
+
+
+def _magic() -> bytes:
+    from importlib.util import MAGIC_NUMBER
+
+    return MAGIC_NUMBER
+
+
+def _read(path: Path) -> dict[str, types.CodeType]:
+    """The kept code objects; empty when absent, another interpreter's or damaged."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return {}
+    magic = _magic()
+    if not data.startswith(magic):
+        return {}
+    try:
+        codes = marshal.loads(data[len(magic):])
+    except (EOFError, ValueError, TypeError):
+        return {}
+    if not isinstance(codes, dict):
+        return {}
+    return {k: v for k, v in codes.items()
+            if isinstance(k, str) and isinstance(v, types.CodeType)}
+
+
+def install(path: Path = _FILE) -> None:
+    """Give dataclasses the caching `exec` (once per process) and save at exit."""
+    import dataclasses
+
+    if isinstance(getattr(getattr(dataclasses, "exec", None), "__self__", None), _Cache):
+        return
+    cache = _Cache(path)
+    dataclasses.exec = cache.exec  # type: ignore[attr-defined]
+    atexit.register(cache.save)
