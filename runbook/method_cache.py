@@ -1,4 +1,5 @@
-"""The methods `@dataclass` writes, compiled once per source text, not once per process.
+"""The methods `@dataclass` writes and the annotations typing reads from strings, compiled
+once per source text, not once per process.
 
 Python 3.11's dataclasses builds __init__, __repr__, __eq__, __hash__, __setattr__ and
 __delattr__ of every class as source text and `exec`s each: the parser and the compiler ran
@@ -7,15 +8,17 @@ library's), about a fifth of the instructions of its start-up (issue 14 item 2, 
 cachegrind). The CLI's main() installs this before the command imports them (`import
 runbook.cli` makes no dataclass): the `exec` dataclasses calls takes the code object compiled
 from the very same text, kept beside the package's bytecode (__pycache__, as Python keeps a
-.pyc), and compiles what it has not seen.
+.pyc), and compiles what it has not seen. typing.ForwardRef likewise compiles each annotation
+written as a string (pydantic-core's TypedDicts: another ~4 % of the instructions).
 
 Nothing else changes: the same text compiled the same way (no __future__ flags inherited, as
-dataclasses' own `exec` inherits none, file name "<string>") gives the same code; the key is
-the whole text, so a changed class simply misses. The file carries the interpreter's bytecode
-magic number and is ignored when it is not this interpreter's, unreadable or damaged. It is
-written, atomically, only when something was compiled and only where Python itself may write
-bytecode (not under PYTHONDONTWRITEBYTECODE or -B; a read-only install just compiles, as
-before). Whoever imports runbook without running the CLI (tests, the bench) is left as is.
+dataclasses' `exec` and typing's `compile` inherit none from their modules, file name
+"<string>", the same mode) gives the same code; the key is the mode and the whole text, so a
+changed class simply misses. The file carries the interpreter's bytecode magic number and is
+ignored when it is not this interpreter's, unreadable or damaged. It is written, atomically,
+only when something was compiled and only where Python itself may write bytecode (not under
+PYTHONDONTWRITEBYTECODE or -B; a read-only install just compiles, as before). Whoever imports
+runbook without running the CLI (tests, the bench) is left as is.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ import types
 from pathlib import Path
 from typing import Any
 
-# what dataclasses looks `exec` up as: its module global shadows the builtin
+# what dataclasses looks `exec` up as, and typing `compile`: a module global shadows the builtin
 _REAL_EXEC = builtins.exec
+_REAL_COMPILE = builtins.compile
 _MAX_ENTRIES = 4000  # a file grown past this (many code changes) starts again from this run's
 _FILE = Path(__file__).resolve().parent / "__pycache__" / (
-    f"dataclass-methods.{sys.implementation.cache_tag}.marshal")
+    f"generated-code.{sys.implementation.cache_tag}.marshal")
 
 
 class _Cache:
@@ -44,17 +48,30 @@ class _Cache:
         self.used: dict[str, types.CodeType] = {}
         self.compiled = 0
 
+    def code(self, source: str, mode: str) -> types.CodeType:
+        """`source` compiled in `mode` as a module without __future__ imports compiles it."""
+        key = f"{mode}:{source}"
+        code = self.codes.get(key)
+        if code is None:
+            code = _REAL_COMPILE(source, "<string>", mode, dont_inherit=True)
+            self.codes[key] = code
+            self.compiled += 1
+        self.used[key] = code
+        return code
+
     def exec(self, source: Any, globals: Any = None, locals: Any = None, /) -> None:
         """`exec` as dataclasses calls it; anything but source text goes straight through."""
-        if isinstance(source, str):
-            code = self.codes.get(source)
-            if code is None:
-                code = compile(source, "<string>", "exec", dont_inherit=True)
-                self.codes[source] = code
-                self.compiled += 1
-            self.used[source] = code
-            source = code
-        _REAL_EXEC(source, globals, locals)
+        _REAL_EXEC(self.code(source, "exec") if isinstance(source, str) else source, globals,
+                   locals)
+
+    def compile(self, source: Any, filename: Any, mode: Any, *args: Any, **kwargs: Any) -> Any:
+        """`compile` as typing.ForwardRef calls it for each annotation written as a string
+        (`compile(text, "<string>", "eval")`: 876 times, 256 texts, in a rollback, most of
+        them pydantic-core's); any other call goes straight through, a SyntaxError too."""
+        if (isinstance(source, str) and filename == "<string>" and mode == "eval" and not args
+                and not kwargs):
+            return self.code(source, "eval")
+        return _REAL_COMPILE(source, filename, mode, *args, **kwargs)
 
     def save(self) -> None:
         """Write what was compiled (once, at exit); never fails the command."""
@@ -97,11 +114,14 @@ def _read(path: Path) -> dict[str, types.CodeType]:
 
 
 def install(path: Path = _FILE) -> None:
-    """Give dataclasses the caching `exec` (once per process) and save at exit."""
+    """Give dataclasses the caching `exec` and typing the caching `compile` (once per
+    process), and save at exit."""
     import dataclasses
+    import typing
 
     if isinstance(getattr(getattr(dataclasses, "exec", None), "__self__", None), _Cache):
         return
     cache = _Cache(path)
     dataclasses.exec = cache.exec  # type: ignore[attr-defined]
+    typing.compile = cache.compile  # type: ignore[attr-defined]
     atexit.register(cache.save)
