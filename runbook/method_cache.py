@@ -77,7 +77,11 @@ class _Cache:
         """Write what was compiled (once, at exit); never fails the command."""
         if not self.compiled or sys.dont_write_bytecode:
             return
-        codes = self.codes if len(self.codes) <= _MAX_ENTRIES else self.used
+        # another CLI may have kept other texts since this one read the file (a `status`
+        # beside a `rollback`): keep them too, so the last one to exit drops nothing
+        codes = {**_read(self.path), **self.codes}
+        if len(codes) > _MAX_ENTRIES:
+            codes = self.used
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             temporary.write_bytes(_magic() + marshal.dumps(codes))
