@@ -1942,6 +1942,37 @@ def _until_held(proc: subprocess.Popen[str], gate: Path) -> None:
         time.sleep(0.02)
 
 
+def test_a_held_command_decides_on_the_gates_word_never_on_the_empty_file_before_it(
+        tmp_path: Path) -> None:
+    """The drill's held command (the harness of the tests below): the test opens its gate
+    with write_text, which creates the file empty and only then writes "run"; a poll in
+    between read "" and exited 1 without running the command the test had released (a lock
+    release, a drain), failing the test on its own race. Here the gate stays empty for a
+    while (the writer preempted on a loaded machine): the command still runs once "run" is
+    written. Oracle: the command's own output (`runbook fleet lock --help`)."""
+    import shutil
+
+    fleet = DrillFleet()  # its directory only: no host is started
+    try:
+        gate = tmp_path / "gate"
+        script = fleet.held_command("host1", gate, "fleet", "lock")
+        proc = subprocess.Popen([script, "fleet", "lock", "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not held_reached(gate).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        with gate.open("w") as opened:  # created, still empty: as write_text leaves it
+            opened.flush()
+            time.sleep(0.5)  # the window, widened: the command polls it (every 0.05 s)
+            opened.write("run")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Usage: runbook fleet lock" in out, out
+    finally:
+        shutil.rmtree(fleet.dir, ignore_errors=True)
+
+
 def _said(proc: subprocess.Popen[str], seen: list[str], marker: str) -> None:
     """Read the controller's stderr on into `seen` until a line contains `marker` (its
     signal handler ran: it says so), failing if it ended first."""

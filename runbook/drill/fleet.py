@@ -602,7 +602,9 @@ sys.exit(1)
         since `raw` has no tty, an interrupted controller's session does not stop the command:
         the test says, once it is done, that it must never run. Once held it touches
         `held_reached(gate)`: the test waits for that, never a fixed time (a loaded CI
-        machine can take seconds to get there)."""
+        machine can take seconds to get there). The gate decides once it holds a word: the
+        test's write_text creates it empty before it writes, and a poll between the two read
+        "" and exited without running the command the test had just released."""
         script = self.dir / f"held.{name}.{'-'.join(on)}"
         script.write_text(f"""#!{sys.executable}
 import os, sys, time
@@ -612,9 +614,16 @@ argv = sys.argv[1:]
 if argv[:len(ON)] == ON:
     Path({str(held_reached(gate))!r}).touch()
     deadline = time.monotonic() + 120
-    while not GATE.exists() and time.monotonic() < deadline:
+    word = ""
+    while time.monotonic() < deadline:
+        try:
+            word = GATE.read_text().strip()
+        except FileNotFoundError:
+            word = ""
+        if word:
+            break
         time.sleep(0.05)
-    if not GATE.exists() or GATE.read_text().strip() != "run":
+    if word != "run":
         sys.exit(1)
 os.execv(RUNBOOK, [RUNBOOK, *argv])
 """)
