@@ -86,7 +86,7 @@ class _Cache:
         try:
             temporary.write_bytes(_magic() + marshal.dumps(codes))
             os.replace(temporary, self.path)
-        except (OSError, ValueError):
+        except Exception:  # at exit: never a traceback, never the exit code
             with contextlib.suppress(OSError):
                 temporary.unlink()
         self.compiled = 0
@@ -109,7 +109,11 @@ def _read(path: Path) -> dict[str, types.CodeType]:
         return {}
     try:
         codes = marshal.loads(data[len(magic):])
-    except (EOFError, ValueError, TypeError):
+    except Exception:
+        # not only EOFError/ValueError/TypeError: one damaged byte in a code object raises
+        # SystemError ("non-string found in code slot"), a damaged size MemoryError; escaping
+        # main() before its try, either failed every command, `rollback` too, until the file
+        # was removed (found by review)
         return {}
     if not isinstance(codes, dict):
         return {}
