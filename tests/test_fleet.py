@@ -4052,3 +4052,29 @@ def test_a_resume_names_a_host_that_does_not_answer_as_the_resumed_run_recorded_
         in proc.stderr, proc.stderr
     [written] = [p for p in journal.glob("fleet_*.json") if p.stem != run_id]
     assert json.loads(written.read_text())["environment_args"] == recorded
+
+
+@pytest.mark.docker
+def test_a_bare_name_its_last_drain_did_not_stop_is_refused_not_started_by_an_older_drains_id(
+        stack: DrillStack) -> None:
+    """Found by review: a bare NAME took the Id of the newest drain that had ever stopped that
+    name, not the last drain's: blue, stopped since by hand (as a deploy stops the standby)
+    and not stopped by the last drain, was started again by `--undo blue,green`. The last
+    drain stopped green only: green is started, blue is refused and stays stopped, exit 5.
+    Oracles: the docker CLI."""
+    env = stack.env
+    blue, green = (env.slot(s).container for s in (Slot.BLUE, Slot.GREEN))
+    first = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_last1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert sorted(json.loads(first.stdout)["stopped"]) == sorted([blue, green])
+    again = runbook_cli(env, "fleet", "drain", "--undo", _with_ids(blue, green))
+    assert again.returncode == 0, again.stdout + again.stderr
+    _docker_stop(blue)
+    last = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_last2")
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert json.loads(last.stdout)["stopped"] == [green], last.stdout
+    done = runbook_cli(env, "fleet", "drain", "--undo", f"{blue},{green}")
+    assert done.returncode == ExitCode.ATTENTION, done.stdout + done.stderr
+    assert [docker_says(blue)["status"], docker_says(green)["status"]] == [
+        "exited", "running"]
+    assert f"{blue} was not started" in json.loads(done.stdout)["error"], done.stdout

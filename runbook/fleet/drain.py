@@ -192,23 +192,22 @@ def parse_undo(text: str) -> list[tuple[str, str | None]]:
 
 
 def journaled_ids(env: Environment, names: list[str]) -> dict[str, str]:
-    """The Id each of `names` had when this host's last drain stopped it, as the drain's own
-    log line says (newest log first). A name no drain here journaled with an Id (an older
-    runbook's drain) is left out: its undo refuses it rather than start whatever holds it."""
-    found: dict[str, str] = {}
+    """The Id each of `names` had when this host's last drain that stopped anything stopped
+    it, as that drain's own log lines say. A name that drain did not stop, or journaled with
+    no Id (an older runbook's drain), is left out: its undo refuses it rather than start
+    whatever holds it."""
     try:
         logs = sorted(env.log_dir.glob(f"{env.name}_*.log"), reverse=True)
     except OSError:
-        return found
+        return {}
     for path in logs:
-        if len(found) == len(names):
-            break
         try:
             lines = path.read_text(errors="replace").splitlines()
         except OSError:
             continue
         if not lines or '"fleet-drain"' not in lines[0]:
             continue
+        stopped: dict[str, str] = {}
         for line in reversed(lines):
             try:
                 entry = json.loads(line)
@@ -216,10 +215,15 @@ def journaled_ids(env: Environment, names: list[str]) -> dict[str, str]:
                 continue
             name, ident = (entry.get("container"), entry.get("container_id")) \
                 if isinstance(entry, dict) else (None, None)
-            if (name in names and name not in found and isinstance(ident, str) and ident
-                    and str(entry.get("message", "")).startswith("stopped ")):
-                found[name] = ident
-    return found
+            if (isinstance(name, str) and name not in stopped and isinstance(ident, str)
+                    and ident and str(entry.get("message", "")).startswith("stopped ")):
+                stopped[name] = ident
+        if stopped:
+            # the last drain that stopped anything is the one undone: a name it did not stop
+            # (the standby a deploy stopped since) is refused, never an older drain's Id
+            # started (found by review)
+            return {n: i for n, i in stopped.items() if n in names}
+    return {}
 
 
 def undo(env: Environment, containers: list[tuple[str, str | None]], *,
