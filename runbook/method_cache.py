@@ -14,9 +14,10 @@ written as a string (pydantic-core's TypedDicts: another ~4 % of the instruction
 Nothing else changes: the same text compiled the same way (no __future__ flags inherited, as
 dataclasses' `exec` and typing's `compile` inherit none from their modules, file name
 "<string>", the same mode) gives the same code; the key is the mode and the whole text, so a
-changed class simply misses. The file carries the interpreter's bytecode magic number and is
-ignored when it is not this interpreter's, unreadable or damaged. It is written, atomically,
-only when something was compiled and only where Python itself may write bytecode (not under
+changed class simply misses. The file carries the interpreter's bytecode magic number and a
+CRC-32 of what follows, and is ignored when it is not this interpreter's, unreadable or
+damaged. It is written, atomically, no wider open than the package's own files, only when
+something was compiled and only where Python itself may write bytecode (not under
 PYTHONDONTWRITEBYTECODE or -B; a read-only install just compiles, as before). Whoever imports
 runbook without running the CLI (tests, the bench) is left as is.
 """
@@ -29,7 +30,9 @@ import contextlib
 import marshal
 import os
 import sys
+import time
 import types
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from typing import Any
 _REAL_EXEC = builtins.exec
 _REAL_COMPILE = builtins.compile
 _MAX_ENTRIES = 4000  # a file grown past this (many code changes) starts again from this run's
+_MAX_BYTES = 32 << 20  # a file this large is not one this module wrote (about 0.7 MB): ignored
 _FILE = Path(__file__).resolve().parent / "__pycache__" / (
     f"generated-code.{sys.implementation.cache_tag}.marshal")
 
@@ -84,12 +88,34 @@ class _Cache:
             codes = self.used
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_bytes(_magic() + marshal.dumps(codes))
+            payload = marshal.dumps(codes)
+            # no wider than the package's own files, as Python writes a .pyc (never 0666
+            # under umask 0: a file another user could change, run by root's rollback)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _mode())
+            with os.fdopen(fd, "wb") as out:
+                out.write(_magic() + zlib.crc32(payload).to_bytes(4, "big") + payload)
             os.replace(temporary, self.path)
+            _sweep(self.path)
         except Exception:  # at exit: never a traceback, never the exit code
             with contextlib.suppress(OSError):
                 temporary.unlink()
         self.compiled = 0
+
+
+def _mode() -> int:
+    try:
+        return (os.stat(__file__).st_mode & 0o666) | 0o200
+    except OSError:
+        return 0o644
+
+
+def _sweep(path: Path) -> None:
+    """Temp files of CLIs killed while they wrote (an hour old or more): removed."""
+    old = time.time() - 3600
+    for stale in path.parent.glob(f"{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < old:
+                stale.unlink()
 
 
 def _magic() -> bytes:
@@ -101,14 +127,22 @@ def _magic() -> bytes:
 def _read(path: Path) -> dict[str, types.CodeType]:
     """The kept code objects; empty when absent, another interpreter's or damaged."""
     try:
+        if path.stat().st_size > _MAX_BYTES:
+            return {}
         data = path.read_bytes()
     except OSError:
         return {}
     magic = _magic()
+    head = len(magic) + 4
     if not data.startswith(magic):
         return {}
+    payload = data[head:]
+    if len(data) < head or zlib.crc32(payload) != int.from_bytes(data[len(magic):head], "big"):
+        # a damaged byte that still unmarshals (a third of single-bit flips do) would be run
+        # as another method: only the bytes this module wrote are read (found by review)
+        return {}
     try:
-        codes = marshal.loads(data[len(magic):])
+        codes = marshal.loads(payload)
     except Exception:
         # not only EOFError/ValueError/TypeError: one damaged byte in a code object raises
         # SystemError ("non-string found in code slot"), a damaged size MemoryError; escaping

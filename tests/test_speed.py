@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -345,9 +346,9 @@ _METHODS = ("import dataclasses, json, sys, typing\n"
             "print(json.dumps(out))\n")
 
 
-def _methods(how: str) -> dict[str, object]:
+def _methods(how: str, umask: int = -1) -> dict[str, object]:
     return json.loads(subprocess.run([sys.executable, "-c", _METHODS, how], capture_output=True,
-                                     text=True, check=True, timeout=60,
+                                     text=True, check=True, timeout=60, umask=umask,
                                      env=_writing_bytecode()).stdout)
 
 
@@ -388,7 +389,42 @@ def test_a_kept_file_with_a_damaged_code_object_is_compiled_past_and_rewritten(
     with pytest.raises(SystemError):
         marshal.loads(damaged)
     kept = tmp_path / "methods.marshal"
-    kept.write_bytes(MAGIC_NUMBER + damaged)
+    # its checksum matches (damaged before it was written), so marshal.loads reads it
+    kept.write_bytes(MAGIC_NUMBER + zlib.crc32(damaged).to_bytes(4, "big") + damaged)
     expected = _methods("plain")
     assert _methods(str(kept)) == expected
-    assert marshal.loads(kept.read_bytes()[len(MAGIC_NUMBER):])  # written again, whole
+    head = len(MAGIC_NUMBER) + 4
+    assert marshal.loads(kept.read_bytes()[head:])  # written again, whole
+
+
+def test_a_kept_file_changed_after_it_was_written_is_compiled_past(tmp_path: Path) -> None:
+    """Found by review: a third of single-bit flips in a kept file still unmarshal, into
+    other code objects, which would then run as the methods. Here every kept code object is
+    moved to another text's key (it unmarshals cleanly; marshal cannot tell): the checksum
+    written with the file refuses it, and the methods are the standard library's. The
+    oracle is a process with dataclasses as the standard library has it."""
+    from importlib.util import MAGIC_NUMBER
+
+    kept = tmp_path / "methods.marshal"
+    expected = _methods("plain")
+    assert _methods(str(kept)) == expected  # compiled, then kept
+    head = len(MAGIC_NUMBER) + 4
+    data = kept.read_bytes()
+    codes = marshal.loads(data[head:])
+    keys = list(codes)
+    assert len(keys) > 25
+    moved = marshal.dumps({k: codes[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)})
+    kept.write_bytes(data[:head] + moved)  # the old checksum: the file was changed since
+    assert _methods(str(kept)) == expected
+
+
+def test_a_kept_file_is_no_wider_open_than_the_package_s_own_files(tmp_path: Path) -> None:
+    """Found by review: written under umask 0 the file was 0666, code any local user could
+    change that root's rollback then ran; Python writes a .pyc with its source's mode. The
+    oracle is the mode of the package's own source file."""
+    from runbook import method_cache
+
+    kept = tmp_path / "methods.marshal"
+    _methods(str(kept), umask=0)
+    allowed = (Path(method_cache.__file__).stat().st_mode & 0o666) | 0o200
+    assert kept.stat().st_mode & 0o777 & ~allowed == 0, oct(kept.stat().st_mode)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -178,6 +179,9 @@ def _described(info: ContainerInfo | None) -> str:
             if info is not None and info.exists else "none")
 
 
+_FULL_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def parse_undo(text: str) -> list[tuple[str, str | None]]:
     """`--undo`'s CONTAINERS: `NAME@ID` as the drain answered them (the controller passes
     them so), or a bare `NAME` (an older controller, or by hand): its Id is then the one
@@ -186,44 +190,67 @@ def parse_undo(text: str) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for item in (x.strip() for x in text.split(",")):
         if item:
-            name, _, ident = item.partition("@")
+            name, at, ident = item.partition("@")
+            if at and not _FULL_ID.fullmatch(ident):
+                # a short prefix never equals the Id Docker reports, so its refusal named
+                # the right container as another one, every time (found by review)
+                raise RunbookError(f"--undo {item}: {ident or 'nothing'} after '@' is not a "
+                                   "full container id; nothing was started",
+                                   f"pass the full id the drain answered ({name}@ and its 64 "
+                                   "hex digits: the drain's `stopped` line in this host's log "
+                                   "has it as container_id), or the bare name for that Id",
+                                   exit_code=ExitCode.USAGE)
             out.append((name, ident or None))
     return out
 
 
-def journaled_ids(env: Environment, names: list[str]) -> dict[str, str]:
+def journaled_ids(env: Environment, names: list[str]) -> tuple[dict[str, str], bool]:
     """The Id each of `names` had when this host's last drain that stopped anything stopped
-    it, as that drain's own log lines say. A name that drain did not stop, or journaled with
-    no Id (an older runbook's drain), is left out: its undo refuses it rather than start
-    whatever holds it."""
+    it, as that drain's own log lines say, less the Ids an undrain since started again; and
+    whether such a drain was found. Not found (no drain here, or an older runbook's, which
+    journaled no Id): its undo refuses a stopped name rather than start whatever holds it.
+    A drain that stopped nothing is passed over: a maintenance run tried again after its
+    undrain was lost drains nothing, and the drain before it is the one to undo."""
     try:
         logs = sorted(env.log_dir.glob(f"{env.name}_*.log"), reverse=True)
     except OSError:
-        return {}
+        return {}, False
+    undone: set[str] = set()  # Ids a later undrain started again
     for path in logs:
         try:
             lines = path.read_text(errors="replace").splitlines()
         except OSError:
             continue
-        if not lines or '"fleet-drain"' not in lines[0]:
+        if not lines:
             continue
-        stopped: dict[str, str] = {}
+        undrain = '"fleet-undrain"' in lines[0]
+        if not undrain and '"fleet-drain"' not in lines[0]:
+            continue
+        stopped: dict[str, str | None] = {}
         for line in reversed(lines):
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            name, ident = (entry.get("container"), entry.get("container_id")) \
-                if isinstance(entry, dict) else (None, None)
-            if (isinstance(name, str) and name not in stopped and isinstance(ident, str)
-                    and ident and str(entry.get("message", "")).startswith("stopped ")):
-                stopped[name] = ident
+            if not isinstance(entry, dict):
+                continue
+            name, ident = entry.get("container"), entry.get("container_id")
+            message = str(entry.get("message", ""))
+            if undrain:
+                if message.startswith("started ") and isinstance(ident, str) and ident:
+                    undone.add(ident)
+            elif isinstance(name, str) and name not in stopped and message.startswith(
+                    "stopped "):
+                stopped[name] = ident if isinstance(ident, str) and ident else None
         if stopped:
+            if None in stopped.values():
+                return {}, False  # an older runbook's drain: which Id it stopped is unknown
             # the last drain that stopped anything is the one undone: a name it did not stop
-            # (the standby a deploy stopped since) is refused, never an older drain's Id
+            # (the standby a deploy stopped since) is left, never an older drain's Id
             # started (found by review)
-            return {n: i for n, i in stopped.items() if n in names}
-    return {}
+            return {n: i for n, i in stopped.items()
+                    if n in names and i is not None and i not in undone}, True
+    return {}, False
 
 
 def undo(env: Environment, containers: list[tuple[str, str | None]], *,
@@ -240,8 +267,9 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
     already running and left so, with the fleet run and who ran it.
 
     `containers`: (name, Id the drain stopped) pairs; a bare name's Id is the one this host's
-    log says its last drain stopped (none journaled: refused, never guessed, unless it runs
-    and is left so). Right before
+    log says its last drain that stopped anything stopped (`journaled_ids`); a name that
+    drain did not stop is left as it is; no such drain journaled: a stopped name is
+    refused, never guessed. Right before
     each start the name is inspected again: when it holds another container, or none, that
     one is refused (nothing started for it, the others are) and the undo fails at its end,
     exit 4 when it started nothing, else 5 (the host is not as it was before the drain);
@@ -266,17 +294,24 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
         running: list[str] = []
         refused: list[str] = []
         fixes: list[str] = []
+        kept: list[str] = []  # bare names no drain's Id names: not the drain's to start
         # a holder of a few seconds (a cron's snapshot cleanup) is waited out: refused at
         # once, the undrain left this host DOWN for it (found by review)
         with _deploy_lock(env, why, log, notify, nothing="nothing was started",
                           this="this undrain", fleet=fleet, wait=UNDRAIN_LOCK_WAIT):
             bare = [n for n, i in wanted.items() if i is None]
-            journaled = journaled_ids(env, bare) if bare else {}
+            journaled, found = journaled_ids(env, bare) if bare else ({}, False)
             for name, given in wanted.items():
                 ident = given or journaled.get(name)
                 now = docker.inspect(name)
                 if ident is None and now.running:  # nothing to start: no Id needed to leave it
                     ident = now.container_id
+                if ident is None and found:  # a bare name the last drain did not stop
+                    kept.append(name)
+                    log("INFO", f"{name} is left as it is: this host's last drain did not stop "
+                        "it (or an undrain started it again since)", container=name,
+                        slot=str(own[name]), **fleet)
+                    continue
                 if ident is None or not now.exists or now.container_id != ident:
                     drained = docker.inspect_id(ident) if ident else None
                     refusal = _refusal(name, ident, drained, now)
@@ -303,8 +338,9 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
                                exit_code=ExitCode.ATTENTION if started else
                                ExitCode.PRECONDITION)
         log("SUCCESS", f"undrained: {len(started)} app slot(s) started again, {len(running)} "
-            "already running", started=started, already_running=running, **fleet)
-    return {"ok": True, "started": started, "already_running": running}
+            f"already running, {len(kept)} not stopped by the last drain", started=started,
+            already_running=running, not_drained=kept, **fleet)
+    return {"ok": True, "started": started, "already_running": running, "not_drained": kept}
 
 
 def _fix(env: Environment, name: str, ident: str | None) -> str:

@@ -1071,9 +1071,12 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                          "touched and the drained hosts were started again, but the drain of "
                          f"{', '.join(lost)} failed or was lost: THE SERVICE MAY BE DOWN there",
                          "run " + _commands("runbook status {env}", lost, args, "on each")
-                         + "; if its slots are stopped, start "
-                         "the one Caddy serves (`docker start <container>`), then run the same "
-                         "command again", exit_code=ExitCode.ATTENTION, lines=failed)
+                         + "; if its slots are stopped, start what its drain stopped, "
+                         "by the Ids its log holds (" + _commands(
+                             "runbook fleet drain {env} --undo <its app slot containers, "
+                             "comma-separated>", lost, args, "") + "; never `docker start` "
+                         "by name: another container may hold it), then run the same command "
+                         "again", exit_code=ExitCode.ATTENTION, lines=failed)
     sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
     raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                      "touched and every drained host was started again", "fix the cause, then "
