@@ -86,19 +86,18 @@ class _Cache:
         codes = {**_read(self.path), **self.codes}
         if len(codes) > _MAX_ENTRIES:
             codes = self.used
-        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
+            from runbook import files
+
             payload = marshal.dumps(codes)
-            # no wider than the package's own files, as Python writes a .pyc (never 0666
-            # under umask 0: a file another user could change, run by root's rollback)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _mode())
-            with os.fdopen(fd, "wb") as out:
-                out.write(_magic() + zlib.crc32(payload).to_bytes(4, "big") + payload)
-            os.replace(temporary, self.path)
+            # the one atomic write; no wider open than the package's own files, as Python
+            # writes a .pyc (never 0666 under umask 0: code another user could change, run
+            # by root's rollback); not fsynced: a lost write only compiles again
+            files.atomic_write(self.path, _magic() + zlib.crc32(payload).to_bytes(4, "big")
+                               + payload, default_mode=_mode(), durable=False)
             _sweep(self.path)
         except Exception:  # at exit: never a traceback, never the exit code
-            with contextlib.suppress(OSError):
-                temporary.unlink()
+            pass
         self.compiled = 0
 
 
@@ -112,7 +111,7 @@ def _mode() -> int:
 def _sweep(path: Path) -> None:
     """Temp files of CLIs killed while they wrote (an hour old or more): removed."""
     old = time.time() - 3600
-    for stale in path.parent.glob(f"{path.name}.*.tmp"):
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # files.temp_path's names
         with contextlib.suppress(OSError):
             if stale.stat().st_mtime < old:
                 stale.unlink()
