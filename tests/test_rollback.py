@@ -803,7 +803,9 @@ def test_a_dead_standby_is_replaced_and_a_restarting_one_is_refused(
     """Neither can be started: a dead container only replaced; a restarting one keeps exiting
     (its restart policy starts it again), and the gate would call it "not running": refused
     up front, naming its logs. The states are hard to reach on purpose, so the container is
-    described as Docker would report it."""
+    described as Docker would report it. The baseline first: green's labels are read from
+    the container this shape makes (the last test may have left none there: a failed CI)."""
+    stack.reset()
     env = stack.env
     name = env.slot("green").container
     info = docker.ContainerInfo(name, True, status, V2.image,

@@ -37,6 +37,8 @@ from runbook.errors import ExitCode, RunbookError
 if TYPE_CHECKING:
     import psycopg
 
+    from runbook.docker import ContainerInfo
+
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -669,6 +671,9 @@ class DrillStack:
         for slot in Slot:
             version = scene.version(slot)
             info = docker.inspect(self.env.slot(slot).container)
+            if info.exists and not self._made_here(info):  # compose would meet its name
+                self.docker("rm", "-f", info.name, check=False)
+                info = docker.inspect(info.name)
             if not info.exists or info.image != version.image:
                 recreate.setdefault(version.name, []).append(slot)
         if not recreate:
@@ -688,6 +693,20 @@ class DrillStack:
         with ThreadPoolExecutor(max_workers=len(recreate)) as pool:
             for done in [pool.submit(again, name, chosen) for name, chosen in recreate.items()]:
                 done.result()
+
+    def _made_here(self, info: ContainerInfo) -> bool:
+        """Whether a slot's container is one this stack's shape makes: kept by image alone, a
+        test's own `docker run` container (no compose label on a compose shape, `--rm`, a
+        HEALTHCHECK of its own) was taken over by the next test's scene, which then refused
+        a recreate ("not created by compose"; a failed CI run)."""
+        from runbook import compose
+
+        labels = info.labels or {}
+        if info.auto_remove or info.docker_health is not None:
+            return False
+        if self.has("docker-run"):
+            return compose.PROJECT_LABEL not in labels and labels.get(RUN_LABEL) == self.run_id
+        return labels.get(compose.PROJECT_LABEL) == self.project
 
     def _build_database(self, scene: scenes.Scene) -> dict[str, bytes]:
         """Migrate the emptied schema as the scene's deployments did, with the app's own
