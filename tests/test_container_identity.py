@@ -46,13 +46,15 @@ def exists(name: str) -> bool:
     return subprocess.run(["docker", "inspect", name], capture_output=True).returncode == 0
 
 
-def held(env: Environment, point: str, meanwhile: Callable[[], None],
-         *args: str) -> subprocess.CompletedProcess[str]:
-    """`runbook rollback --yes` stopped (SIGSTOP) at the drill's fault `point`; `meanwhile`
-    runs while it is stopped, then it goes on to its end."""
+def held(env: Environment, point: str, meanwhile: Callable[[], None], *args: str,
+         command: tuple[str, ...] = ("rollback", "--yes"),
+         stops: int = 1) -> subprocess.CompletedProcess[str]:
+    """`runbook COMMAND ARGS ENV` stopped (SIGSTOP) at the drill's fault `point`; `meanwhile`
+    runs while it is stopped, then it goes on to its end (let go each of the `stops` times
+    it reaches the point: the fleet drain's once per slot)."""
     assert env.source is not None
     environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback", "--yes", *args,
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", *command, *args,
                              str(env.source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL,
                             env=environ | {faults.VARIABLE: f"{point}:SIGSTOP"})
@@ -60,6 +62,9 @@ def held(env: Environment, point: str, meanwhile: Callable[[], None],
         wait_stopped(proc.pid)
         meanwhile()
         os.kill(proc.pid, signal.SIGCONT)
+        for _ in range(stops - 1):
+            wait_stopped(proc.pid)
+            os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=180)
     finally:
         with contextlib.suppress(ProcessLookupError):

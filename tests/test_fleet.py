@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 from runbook import environment as envmod
-from runbook import faults
 from runbook.drill.fleet import DrillFleet, held_reached
 from runbook.drill.stack import RUN_LABEL, DrillStack
 from runbook.drill.versions import VERSIONS
@@ -38,10 +37,9 @@ from tests.drill_checks import (
     as_deploy_user,
     needs_root,
     runbook_cli,
-    wait_stopped,
 )
 from tests.matrix import nightly
-from tests.test_container_identity import NEVER, create_under, docker_says, put_back
+from tests.test_container_identity import NEVER, create_under, docker_says, held, put_back
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1896,35 +1894,21 @@ def test_the_drain_stops_the_container_it_inspected_not_one_renamed_in_under_its
     env = stack.env
     blue = env.slot(Slot.BLUE).container
     inspected = docker_says(blue)
-    assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
     with put_back(stack, Slot.BLUE) as aside:
-        proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "fleet", "drain",
-                                 str(env.source)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                                env=environ | {faults.VARIABLE:
-                                               "fleet-drain.before-stop:SIGSTOP"})
-        try:
-            wait_stopped(proc.pid)
+        def renamed_in() -> None:
             stack.docker("rename", blue, aside)
             stack.docker("run", "-d", "--name", blue, "--label",
                          f"{RUN_LABEL}={stack.run_id}", "--entrypoint", "sleep",
                          inspected["image"], "300")
-            os.kill(proc.pid, signal.SIGCONT)
-            wait_stopped(proc.pid)  # held again before green's stop: let it go on
-            os.kill(proc.pid, signal.SIGCONT)
-            out, err = proc.communicate(timeout=180)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+
+        # held again before green's stop: let go there too
+        done = held(env, "fleet-drain.before-stop", renamed_in, command=("fleet", "drain"),
+                    stops=2)
         other, kept = docker_says(blue), docker_says(aside)
-    assert proc.returncode == 0, out + err
+    assert done.returncode == 0, done.stdout + done.stderr
     assert kept["id"] == inspected["id"] and kept["status"] == "exited", kept
     assert other["status"] == "running", other  # never the drain's: not stopped
-    assert json.loads(out)["stopped_ids"][blue] == inspected["id"], out
+    assert json.loads(done.stdout)["stopped_ids"][blue] == inspected["id"], done.stdout
 
 
 # -- end to end against the drill fleet --------------------------------------------------------
