@@ -1911,6 +1911,25 @@ def test_the_drain_stops_the_container_it_inspected_not_one_renamed_in_under_its
     assert json.loads(done.stdout)["stopped_ids"][blue] == inspected["id"], done.stdout
 
 
+@pytest.mark.docker
+def test_the_drain_stops_a_paused_app_slot_as_the_restore_does(stack: DrillStack) -> None:
+    """The drain stopped only running slots: a paused (or restarting) one was left as it was,
+    to run again against the restored database once unpaused (or restarted by its policy).
+    It is stopped as the restore's own stop stops it (`docker stop` ends a paused
+    container), and answered. Oracle: the docker CLI."""
+    env = stack.env
+    blue, green = (env.slot(s).container for s in Slot)
+    stack.docker("pause", green)
+    try:
+        done = runbook_cli(env, "fleet", "drain")
+        states = [_running(blue), _running(green)]
+    finally:
+        stack.docker("unpause", green, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert states == ["exited", "exited"], states
+    assert sorted(json.loads(done.stdout)["stopped"]) == sorted([blue, green]), done.stdout
+
+
 # -- end to end against the drill fleet --------------------------------------------------------
 
 

@@ -123,7 +123,7 @@ def plan(env: Environment) -> Plan:
                           {"container": name, "id": _short(info.container_id),
                            "why": "the shared database is restored next: no app may write "
                            "to it meanwhile (stopped by this Id, which the undrain starts)"},
-                          skip=None if info.running else "not running"))
+                          skip=None if info.up else "not running"))
     return Plan("fleet-drain", env, f"stop the app slots of {env.display} (THE SERVICE IS "
                 "DOWN on this host until its own rollback starts it)", steps)
 
@@ -137,7 +137,10 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
     take it. Killed half-way, it names a dead process, which the next run takes over. The
     host's log names the fleet run, who ran it and each container as it stops: a maintenance
     run stopped after the drain left the service down with no record on the host (found by
-    review). A live holder refuses, exit 3 (LockedError), and nothing is stopped."""
+    review). A live holder refuses, exit 3 (LockedError), and nothing is stopped.
+
+    A paused or restarting slot is stopped too, as the restore's own stop does (either runs
+    again, against the restored database)."""
     from runbook import docker, faults, run, slots
 
     fleet = _fleet_fields(fleet_run, holder)
@@ -151,7 +154,7 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
             for slot in env.slots:
                 name = env.slot(slot).container
                 info = docker.inspect(name)
-                if info.running:
+                if info.up:
                     faults.point(env, "fleet-drain.before-stop")
                     # the stop goes to the Id inspected, and that Id is what the undo starts
                     # again: another container given the name since is never the drain's
