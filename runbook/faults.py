@@ -8,7 +8,8 @@ Points: `before:<step>` and `after:<step>` for every executed step, and inside t
 `switch.after-write`, `switch.after-reload`, `switch.after-verify`, and `state.before-rename`;
 inside a restore's replay `restore.mid-stream` and `restore.before-commit`, and in its check,
 once a mismatch is in the run record, `restore.before-doubt-marker`; in the fleet's
-maintenance drain, once a slot is stopped and logged, `fleet-drain.after-stop`.
+maintenance drain, right before a slot's stop `fleet-drain.before-stop`, once it is stopped
+and logged `fleet-drain.after-stop`.
 """
 
 from __future__ import annotations

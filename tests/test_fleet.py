@@ -1883,17 +1883,23 @@ def test_an_undrain_whose_names_hold_no_drained_container_starts_nothing_then_st
 
 
 @pytest.mark.docker
-def test_the_drain_stops_the_container_it_inspected_not_one_renamed_in_under_its_name(
+def test_the_drain_stops_the_container_it_inspected_and_refuses_when_another_runs_under_its_name(
         stack: DrillStack) -> None:
     """The drain inspects blue, then stops it: stopped by name, a container renamed in under
     blue's name in between was stopped and the inspected one, still connected to the shared
-    database, kept running through the restore. The drain held (SIGSTOP) right before its
+    database, kept running through the restore. Stopped by its Id, the drain then answered
+    "drained" with the other one running under blue's name: on a host that is not the lock
+    host nothing stopped it, and it wrote into the restored database (found by review: an app
+    that connects per request holds no session for the restore's check to see, and one
+    --end-sessions ends connects again after it). The drain held (SIGSTOP) right before its
     stop while blue is renamed away and another container runs under its name: the drain
-    stops the one it inspected (its Id, which it answers), not the other. Oracles: the
-    docker CLI."""
+    stops the one it inspected (its Id), not the other, and then refuses, exit 5, naming the
+    container up under blue's name and the fix, with what it stopped in its answer (the
+    fleet starts those again). Oracles: the docker CLI, the host's log files."""
     env = stack.env
-    blue = env.slot(Slot.BLUE).container
+    blue, green = (env.slot(s).container for s in Slot)
     inspected = docker_says(blue)
+    before = set(env.log_dir.glob("*.log"))
     with put_back(stack, Slot.BLUE) as aside:
         def renamed_in() -> None:
             stack.docker("rename", blue, aside)
@@ -1905,10 +1911,28 @@ def test_the_drain_stops_the_container_it_inspected_not_one_renamed_in_under_its
         done = held(env, "fleet-drain.before-stop", renamed_in, command=("fleet", "drain"),
                     stops=2)
         other, kept = docker_says(blue), docker_says(aside)
-    assert done.returncode == 0, done.stdout + done.stderr
+        green_now = _running(green)
+    assert done.returncode == ExitCode.ATTENTION, done.stdout + done.stderr
     assert kept["id"] == inspected["id"] and kept["status"] == "exited", kept
     assert other["status"] == "running", other  # never the drain's: not stopped
-    assert json.loads(done.stdout)["stopped_ids"][blue] == inspected["id"], done.stdout
+    assert green_now == "exited"
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["ok"] is False and answer["exit_code"] == ExitCode.ATTENTION, answer
+    assert answer["stopped_ids"][blue] == inspected["id"], answer
+    assert sorted(answer["stopped"]) == sorted([blue, green]), answer
+    assert answer["left_up"] == [blue], answer
+    error = answer["error"]
+    assert error.startswith(f"not drained: {blue} is running once its stops are done (id "
+                            f"{other['id'][:12]} image {inspected['image']})"), error
+    assert "the restore must not begin" in error and "THE SERVICE IS DOWN" in error, error
+    assert f"docker stop {other['id'][:12]}" in answer["fix"], answer
+    assert f"--undo {blue}@{inspected['id']}," in answer["fix"], answer
+    assert "\n" not in error and "\n" not in answer["fix"], answer
+    lines = _drain_logs(env, before)
+    assert any(e["level"] == "ERROR" and e.get("container") == blue
+               and e.get("container_id") == other["id"] for e in lines), lines
+    assert lines[-1]["level"] != "SUCCESS", lines[-1]
+    assert not env.lock_path.exists()  # released on the refusal too
 
 
 @pytest.mark.docker
@@ -2747,6 +2771,102 @@ def test_end_sessions_reaches_the_maintenance_restore_which_ends_another_writer(
             assert fleet_on_v3.serving(h.name)[0] == 200, h.name
     finally:
         worker.close()
+
+
+# an app that connects per request (the drill app does): between two writes it holds no
+# session for the restore's check of other sessions to see
+WRITER = ("import os, time, psycopg\n"
+          "while True:\n"
+          "    try:\n"
+          "        with psycopg.connect(os.environ['DATABASE_URL'], autocommit=True) as c:\n"
+          "            c.execute(\"INSERT INTO items (name) VALUES ('renamed-in')\")\n"
+          "    except Exception as e:\n"
+          "        print(e, flush=True)\n"
+          "    time.sleep(1)\n")
+
+
+def _held_by_mark(mark: str, timeout: float = 120) -> int:
+    """The pid of the host-side process whose environment holds `mark` (set through the
+    host's runbook_environment), once it is stopped (SIGSTOP) at its drill fault point."""
+    deadline = time.monotonic() + timeout
+    want = mark.encode()
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if want not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+                state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == "T":
+                return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no process marked {mark} reached its fault point in {timeout} s")
+
+
+@pytest.mark.docker
+def test_a_container_renamed_in_during_a_hosts_drain_stops_the_maintenance_before_the_restore(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host2's drain held right before its stop (the drill fault point) while its serving
+    slot is renamed away and another app container, writing to the shared database, is run
+    under its name. The drain stopped the one it inspected and answered "drained", and the
+    lock host restored the database with the other still running: its writes landed in the
+    restored data (it connects per request, so the restore's check of other sessions saw
+    nothing; one that holds a session, --end-sessions ends and it may connect again after
+    the restore). Now host2's drain refuses, the restore never runs, the drained hosts are
+    started again, and host2, whose slot name another container holds, is named DOWN, exit
+    5. Oracles: Postgres (plain SQL), the snapshot folder, the docker CLI, each host's Caddy."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    lock, host2 = fleet.hosts[0], fleet.hosts[1]
+    with lock.stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    snapshots = set(lock.env.database.snapshot_dir.iterdir())
+    slot = next(s for s in Slot if _running(host2.env.slot(s).container) == "running")
+    name = host2.env.slot(slot).container
+    inspected = docker_says(name)
+    mark = f"DRILL_HELD_RUN={os.getpid()}-{time.monotonic_ns()}"
+    fleet.write_inventory(host_vars={"host2": {"runbook_environment": {
+        "RUNBOOK_DRILL_FAULT": "fleet-drain.before-stop:SIGSTOP",
+        mark.partition("=")[0]: mark.partition("=")[2]}}})
+    pid = None
+    try:
+        with put_back(host2.stack, slot) as aside:
+            proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+            pid = _held_by_mark(mark)  # host2's drain, inspected, before its stop
+            host2.stack.docker("rename", name, aside)
+            subprocess.run(["docker", "run", "-d", "--name", name, "--network",
+                            f"{lock.stack.project}_default", "-e", "DATABASE_URL", "--label",
+                            f"{RUN_LABEL}={host2.stack.run_id}", "--entrypoint", "python3",
+                            inspected["image"], "-c", WRITER], check=True, capture_output=True,
+                           text=True, env={**os.environ,
+                                           "DATABASE_URL": lock.stack.app_database_url})
+            os.kill(pid, signal.SIGCONT)
+            out, err = proc.communicate(timeout=600)
+            other, kept = docker_says(name), docker_says(aside)
+            with lock.stack.connect() as conn:
+                version = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        fleet.write_inventory()
+    text = out + err
+    assert proc.returncode == ExitCode.ATTENTION, text
+    assert f"host2: drain failed: not drained: {name} is running once its stops are done" \
+        in err, text
+    assert "host2 could not be started again: THE SERVICE IS DOWN there" in err, text
+    assert version == (row[0] + 1,), version  # never restored
+    assert not [p for p in set(lock.env.database.snapshot_dir.iterdir()) - snapshots
+                if "pre-restore" in p.name], "a restore began"
+    assert other["status"] == "running", other  # not the runbook's: left as it is
+    assert kept["id"] == inspected["id"] and kept["status"] == "exited", kept
+    for h in (fleet.hosts[0], fleet.hosts[2]):  # drained, then started again
+        assert fleet.serving(h.name)[:3:2] == (200, v3), (h.name, text)
 
 
 def _report_section(record: dict[str, object]) -> str:

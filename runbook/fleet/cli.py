@@ -239,7 +239,8 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
                           holder=holder, notify=notice) if undo is not None
                else drain.drain(env_, fleet_run=fleet_run, holder=holder, notify=notice))
     except RunbookError as exc:
-        _fail(exc, Format.json)
+        # a drain refused after its stops says what it stopped: the fleet starts those again
+        _fail(exc, Format.json, **(exc.answer if isinstance(exc, drain.NotDrained) else {}))
     echo(json.dumps(out))
 
 

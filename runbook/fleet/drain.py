@@ -13,6 +13,12 @@ stops the container it inspected and says its Id (journal line and answer), and 
 starts only that Id, right after checking the name still holds it (found by review: the
 undo `docker start`ed by name, so a container `docker create`d meanwhile under the name,
 with an older image, was started against the shared database).
+
+Once its stops are done the drain asks Docker whether a container is up under any slot's
+name, and refuses if so (`NotDrained`): one renamed or started in under the name between
+the inspect and the stop is never the drain's to stop, and it went on writing to the shared
+database through the restore (found by review: the restore's check of other sessions misses
+an app that connects per request, and --end-sessions ends a pool's that reconnects after it).
 """
 
 from __future__ import annotations
@@ -34,6 +40,17 @@ if TYPE_CHECKING:
 Log = Callable[..., None]
 UNDRAIN_LOCK_WAIT = 20.0  # seconds the undrain waits for a live deploy-lock holder to let go
 LOCK_POLL = 0.5  # seconds between two tries meanwhile
+
+
+class NotDrained(RunbookError):
+    """A container is up under an app slot's name once the drain's stops are done: the
+    restore must not begin. `answer` is what the drain stopped (`stopped`, `stopped_ids`),
+    given with the error so the fleet starts those again as it starts every drained host's."""
+
+    def __init__(self, message: str, fix: str, *, exit_code: ExitCode,
+                 answer: dict[str, Any]) -> None:
+        super().__init__(message, fix, exit_code=exit_code)
+        self.answer = answer
 
 
 def _fleet_fields(fleet_run: str, holder: str) -> dict[str, str | None]:
@@ -140,7 +157,9 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
     review). A live holder refuses, exit 3 (LockedError), and nothing is stopped.
 
     A paused or restarting slot is stopped too, as the restore's own stop does (either runs
-    again, against the restored database)."""
+    again, against the restored database). Once the stops are done, a container up under a
+    slot's name (renamed or started in since its inspect) refuses the drain (NotDrained):
+    exit 5 with what it stopped, which the fleet starts again, or 4 when it stopped nothing."""
     from runbook import docker, faults, run, slots
 
     fleet = _fleet_fields(fleet_run, holder)
@@ -167,10 +186,51 @@ def drain(env: Environment, *, fleet_run: str = "", holder: str = "",
                         "restored next)", container=name, container_id=info.container_id,
                         image=info.image, slot=str(slot), **fleet)
                     faults.point(env, "fleet-drain.after-stop")
+            _refuse_left_up(env, stopped, ids, log, fleet)
         log("SUCCESS", f"drained: {len(stopped)} app slot(s) stopped, THE SERVICE IS DOWN on "
             "this host until the fleet's rollback starts it", stopped=stopped,
             stopped_ids=ids, **fleet)
     return {"ok": True, "stopped": stopped, "stopped_ids": ids, "service": "DOWN on this host"}
+
+
+def _refuse_left_up(env: Environment, stopped: list[str], ids: dict[str, str], log: Log,
+                    fleet: dict[str, str | None]) -> None:
+    """Refuse (NotDrained) when Docker says a container is up under an app slot's name now
+    that the stops are done: the drain stopped the Id it inspected, so one renamed or started
+    in under the name meanwhile still runs, and would write to the shared database through
+    the restore (its sessions are no proof: an app may connect only per request, or again
+    once --end-sessions ended it). Truth from Docker, asked again after the last stop."""
+    from runbook import docker
+    from runbook.environment import command_arg
+
+    left: list[tuple[str, ContainerInfo]] = []
+    for slot in env.slots:
+        name = env.slot(slot).container
+        now = docker.inspect(name)
+        if now.up:
+            left.append((name, now))
+            log("ERROR", f"{name} is {now.status} once the drain's stops are done "
+                f"({_described(now)}): the restore must not begin", container=name,
+                container_id=now.container_id, image=now.image, slot=str(slot), **fleet)
+    if not left:
+        return
+    what = "; ".join(f"{name} is {now.status} once its stops are done ({_described(now)})"
+                     for name, now in left)
+    undo = ",".join(f"{n}@{ids[n]}" if n in ids else n for n in stopped)
+    done = (f"stopped: {', '.join(f'{n} (id {_short(ids.get(n))})' for n in stopped)}; THE "
+            "SERVICE IS DOWN on this host" if stopped else "nothing was stopped")
+    events = " ".join(f"--filter container={name}" for name, _ in left)
+    raise NotDrained(
+        f"not drained: {what}, renamed or started under the slot's name during the drain; it "
+        f"would write to the shared database while it is restored, so the restore must not "
+        f"begin; {done}",
+        f"find out who started it (`docker events --since 24h --until 0s {events}`) and stop "
+        f"it (`docker stop {' '.join(_short(now.container_id) for _, now in left)}`) once it "
+        "may be stopped, then run the maintenance again" + (
+            f" (the fleet starts again what this drain stopped; by hand: `runbook fleet drain "
+            f"{command_arg(env)} --undo {undo}`)" if stopped else ""),
+        exit_code=ExitCode.ATTENTION if stopped else ExitCode.PRECONDITION,
+        answer={"stopped": stopped, "stopped_ids": ids, "left_up": [n for n, _ in left]})
 
 
 def _short(ident: str | None) -> str:

@@ -978,6 +978,13 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         elif res is not None:
             failed.append(f"{host}: drain failed: "
                           f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
+            if isinstance(data.get("stopped"), list):
+                # refused after its stops (a container up under a slot's name it did not
+                # stop): what it stopped is started again with the other hosts', never lost
+                drained[host] = [str(n) for n in data["stopped"]]
+                ids = data.get("stopped_ids")
+                drained_ids[host] = ({str(k): str(v) for k, v in ids.items() if v}
+                                     if isinstance(ids, dict) else {})
     journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained,
                   stopped_ids=drained_ids, problems=failed)
     journal.save()  # hosts drained: a failure is said, the run goes on
