@@ -1846,6 +1846,13 @@ def test_an_undrain_never_starts_another_container_given_a_drained_slots_name(
     assert f"started again: {blue}" in error, error
     assert "docker events" in answer["fix"], answer
     assert f"--undo {green}@{ids[green]}" in answer["fix"], answer
+    # what it started and what it refused, as fields: the fleet read "started again" only
+    # from the error's words (found by review)
+    assert answer["started"] == [blue] and answer["already_running"] == [], answer
+    (refusal,) = answer["refused"]
+    assert (refusal["container"], refusal["container_id"], refusal["now_id"]) == (
+        green, ids[green], impostor["id"]), refusal
+    assert f"--undo {green}@{ids[green]}" in refusal["fix"], refusal
     lines = _drain_logs(env, before)
     refused = [e for e in lines if e.get("container") == green]
     assert refused and refused[0]["level"] == "ERROR", lines
@@ -1872,10 +1879,14 @@ def test_an_undrain_whose_names_hold_no_drained_container_starts_nothing_then_st
             stack.docker("rename", aside, name)
     assert done.returncode == ExitCode.PRECONDITION, done.stdout + done.stderr
     assert left == ["exited", "exited"], left
-    error = json.loads(done.stdout)["error"]
+    answer = json.loads(done.stdout)
+    error = answer["error"]
     for name in names:
         assert f"{name} now holds none" in error and ids[name][:12] in error, error
     assert error.endswith("nothing was started"), error
+    assert answer["started"] == [] and answer["already_running"] == [], answer
+    assert [(r["container"], r["container_id"], r["now_id"]) for r in answer["refused"]] == [
+        (n, ids[n], None) for n in names], answer
     again = runbook_cli(env, "fleet", "drain", "--undo", undo)
     assert again.returncode == 0, again.stdout + again.stderr
     assert {n: (docker_says(n)["id"], docker_says(n)["status"]) for n in names} == {
@@ -3345,6 +3356,73 @@ def test_an_undrain_refused_by_a_live_deploy_lock_is_said_with_the_hosts_own_rea
 
 
 @pytest.mark.docker
+def test_an_undrain_that_starts_some_containers_and_refuses_one_is_reported_as_it_answered(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Found by review: host3's undrain started blue and refused green (its name now held by
+    another container), exit 5, and the run said "host3 could not be started again: THE
+    SERVICE IS DOWN there", what it had started only inside the error's words. Both slots
+    of host3 run (the old one kept) and are drained; while host1's restore is held, green is
+    renamed away on host3 and another container made under its name; the restore then fails
+    before it begins (exit 1). The run now says what was started (started,
+    not "serving": nothing checked that), that green was not started with the host's exact
+    fix for it, and answers both as fields per host. Oracles: the docker CLI."""
+    fleet = fleet_on_v3
+    host3 = fleet.hosts[2]
+    blue, green = (host3.env.slot(s).container for s in (Slot.BLUE, Slot.GREEN))
+    lock = fleet.hosts[0]
+    with lock.stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    gate = tmp_path / "restore.gate"
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": fleet.held_command(
+        "host1", gate, "snapshot", "restore")}})
+    host3.stack.docker("start", blue)  # the old slot kept running: the drain stops both
+    try:
+        with put_back(host3.stack, Slot.GREEN) as aside:
+            proc = _fleet_rollback(fleet, tmp_path, "--maintenance", "--format", "json")
+            _until_held(proc, gate)  # every host drained, host1's restore held
+            drained = {n: docker_says(n) for n in (blue, green)}
+            other = next(v.image for v in VERSIONS.values()
+                         if v.image != drained[green]["image"])
+            host3.stack.docker("rename", green, aside)
+            create_under(host3.stack, Slot.GREEN, other)
+            impostor = docker_says(green)
+            gate.write_text("fail")  # the restore exits 1 before it begins
+            out, err = proc.communicate(timeout=600)
+            now = {n: docker_says(n) for n in (blue, green, aside)}
+    finally:
+        gate.write_text("fail")  # never the restore, whatever failed
+        fleet.write_inventory()
+    assert proc.returncode == ExitCode.ATTENTION, out + err
+    # started since the drain (its start time, the docker CLI's): whether it then serves,
+    # nothing checked (here the old slot, on the bumped schema)
+    assert [now[blue]["id"], now[blue]["status"]] == [drained[blue]["id"], "running"], now
+    assert now[blue]["started"] != drained[blue]["started"], now
+    assert now[green]["id"] == impostor["id"] and now[green]["started"] == NEVER, now
+    assert now[aside]["status"] == "exited", now  # the drained green: not started
+    answer = json.loads(out)
+    assert f"host3 was not fully started again (started: {blue}; not started: {green}): " \
+        "THE SERVICE MAY BE DOWN there" in answer["error"], answer["error"]
+    assert "host3 could not be started again" not in answer["error"], answer["error"]
+    assert "serving" not in answer["error"].replace("not checked serving", ""), answer
+    undrain = answer["undrain"]
+    assert {h: undrain[h]["status"] for h in undrain} == {
+        "host1": "started again", "host2": "started again",
+        "host3": "partly started again"}, undrain
+    assert undrain["host3"]["started"] == [blue] and undrain["host3"]["exit_code"] == 5, undrain
+    (refusal,) = undrain["host3"]["refused"]
+    assert refusal["container"] == green and refusal["container_id"] == drained[green]["id"]
+    assert refusal["now_id"] == impostor["id"], refusal
+    fix = f"--undo {green}@{drained[green]['id']}"
+    assert fix in refusal["fix"], refusal
+    assert f"host3: started again: {blue} (started, not checked serving)" in err, err
+    (line,) = [x for x in err.splitlines() if x.strip().startswith(f"host3: {green} was not")]
+    assert fix in line and "docker events" in line, line
+    assert "for each container not started on host3: the fix on its line" in answer["fix"]
+    record = json.loads(next(tmp_path.glob("fleet_*.json")).read_text())
+    assert record["undrain"]["host3"]["refused"] == [refusal], record["undrain"]
+
+
+@pytest.mark.docker
 @nightly
 def test_ctrl_c_during_the_maintenance_restore_waits_for_it_and_stops_before_the_rollout(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
@@ -4261,3 +4339,4 @@ def test_a_bare_name_undo_after_a_drain_that_stopped_nothing_undoes_the_drain_be
     assert late.returncode == 0, late.stdout + late.stderr
     assert json.loads(late.stdout)["started"] == [], late.stdout
     assert [docker_says(blue)["status"], docker_says(green)["status"]] == ["exited"] * 2
+

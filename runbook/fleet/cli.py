@@ -127,7 +127,7 @@ def rollback_cmd(
         if exc.journal_file:
             lines.append(f"Fleet journal: {exc.journal_file}")
         # as a finished run's: the file written, "" for none (a dry run writes none)
-        _fail(exc, fmt, lines, journal_file=str(exc.journal_file or ""))
+        _fail(exc, fmt, lines, journal_file=str(exc.journal_file or ""), **exc.fields)
         return
     except RunbookError as exc:
         _fail(exc, fmt, journal_file="")
@@ -238,6 +238,8 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
         out = (drain.undo(env_, drain.parse_undo(undo), fleet_run=fleet_run,
                           holder=holder, notify=notice) if undo is not None
                else drain.drain(env_, fleet_run=fleet_run, holder=holder, notify=notice))
+    except drain.UndrainRefused as exc:  # what it started and refused, as fields
+        _fail(exc, Format.json, **exc.answer)
     except RunbookError as exc:
         # a drain refused after its stops says what it stopped: the fleet starts those again
         _fail(exc, Format.json, **(exc.answer if isinstance(exc, drain.NotDrained) else {}))

@@ -335,8 +335,10 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
     refused, never guessed. Right before
     each start the name is inspected again: when it holds another container, or none, that
     one is refused (nothing started for it, the others are) and the undo fails at its end,
-    exit 4 when it started nothing, else 5 (the host is not as it was before the drain);
-    the start itself goes to the Id, so a rename in between cannot redirect it."""
+    exit 4 when it started nothing, else 5 (the host is not as it was before the drain),
+    its answer listing what it started and each container refused with its own fix
+    (UndrainRefused); the start itself goes to the Id, so a rename in between cannot
+    redirect it."""
     from runbook import docker, run
 
     own = {env.slot(s).container: s for s in env.slots}
@@ -355,8 +357,7 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
     with run.journaled(env, "fleet-undrain", why, notify) as log:
         started: list[str] = []
         running: list[str] = []
-        refused: list[str] = []
-        fixes: list[str] = []
+        refused: list[dict[str, str | None]] = []  # each with its own reason and fix
         kept: list[str] = []  # bare names no drain's Id names: not the drain's to start
         # a holder of a few seconds (a cron's snapshot cleanup) is waited out: refused at
         # once, the undrain left this host DOWN for it (found by review)
@@ -378,8 +379,9 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
                 if ident is None or not now.exists or now.container_id != ident:
                     drained = docker.inspect_id(ident) if ident else None
                     refusal = _refusal(name, ident, drained, now)
-                    refused.append(refusal)
-                    fixes.append(_fix(env, name, ident))
+                    refused.append({"container": name, "container_id": ident,
+                                    "now_id": now.container_id if now.exists else None,
+                                    "error": refusal, "fix": _fix(env, name, ident)})
                     log("ERROR", refusal, container=name, container_id=ident,
                         now_id=now.container_id, now_image=now.image, slot=str(own[name]),
                         **fleet)
@@ -397,13 +399,28 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
                     slot=str(own[name]), **fleet)
         if refused:
             done = (f"started again: {', '.join(started)}" if started else "nothing was started")
-            raise RunbookError("; ".join(refused) + f"; {done}", "; ".join(fixes),
-                               exit_code=ExitCode.ATTENTION if started else
-                               ExitCode.PRECONDITION)
+            raise UndrainRefused("; ".join(str(r["error"]) for r in refused) + f"; {done}",
+                                 "; ".join(str(r["fix"]) for r in refused),
+                                 exit_code=ExitCode.ATTENTION if started else
+                                 ExitCode.PRECONDITION,
+                                 answer={"started": started, "already_running": running,
+                                         "not_drained": kept, "refused": refused})
         log("SUCCESS", f"undrained: {len(started)} app slot(s) started again, {len(running)} "
             f"already running, {len(kept)} not stopped by the last drain", started=started,
             already_running=running, not_drained=kept, **fleet)
     return {"ok": True, "started": started, "already_running": running, "not_drained": kept}
+
+
+class UndrainRefused(RunbookError):
+    """An undrain that refused a container: `answer` (its JSON's fields) says what it did
+    start and each container it refused, with its own fix. The fleet read what was started
+    only from the message's words, and named a host whose undrain started its slots but one
+    "DOWN" (found by review)."""
+
+    def __init__(self, message: str, fix: str, *, exit_code: ExitCode,
+                 answer: dict[str, Any]) -> None:
+        super().__init__(message, fix, exit_code=exit_code)
+        self.answer = answer
 
 
 def _fix(env: Environment, name: str, ident: str | None) -> str:

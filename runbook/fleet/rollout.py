@@ -116,9 +116,10 @@ class FleetError(RunbookError):
     """A fleet run that stopped; `lines` are printed one per host."""
 
     def __init__(self, message: str, fix: str | None, *, exit_code: ExitCode,
-                 lines: list[str] | None = None) -> None:
+                 lines: list[str] | None = None, fields: dict[str, Any] | None = None) -> None:
         super().__init__(message, fix, exit_code=exit_code)
         self.lines = lines or []
+        self.fields = fields or {}  # of its JSON answer, beside the error's own
         self.journal_file: Path | None = None
         self.lock_not_taken = False
         self.holder: dict[str, Any] | None = None  # a fleet lock's, when it refused
@@ -1045,6 +1046,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
     # another container given the name since (a host that named none: its own log's Id)
     undo = {h: ",".join(f"{n}@{drained_ids[h][n]}" if drained_ids.get(h, {}).get(n) else n
                         for n in c) for h, c in drained.items() if c}
+    undrain: dict[str, dict[str, Any]] = {}  # host -> what its undrain started and refused
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
             "drained host(s)")
@@ -1052,23 +1054,13 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         run_playbook("undrain.yml", inventory,
                      {**_controller_vars(fleet_run_id, inventory, targets, options.reason),
                       "fleet_undo": undo}, uevents, forks=len(undo))
-        left = [h for h in undo
-                if uevents.results.get("undrain", {}).get(h, {}).get("_event") != "runner_on_ok"]
-        journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left)
+        results = uevents.results.get("undrain", {})
+        undrain = {h: _undrained(results.get(h)) for h in undo}
+        left = [h for h in undo if undrain[h]["status"] != "started again"]
+        journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left,
+                    undrain=undrain)
         if left:
-            results = uevents.results.get("undrain", {})
-            raise FleetError(f"maintenance stopped before the restore ({why}); the database "
-                             f"was not touched, but {', '.join(left)} could not be started "
-                             "again: THE SERVICE IS DOWN there",
-                             "start its app slot there ("
-                             + _commands("runbook fleet drain {env} --undo ...", left, args, "")
-                             + ", " + _commands("runbook status {env}", left, args, "") + ")",
-                             exit_code=ExitCode.ATTENTION,
-                             lines=failed + [f"{h}: start again failed: "
-                                             f"{_host_error(results.get(h))} (to start "
-                                             f"what its drain stopped: `runbook fleet drain "
-                                             f"{args.get(h, 'ENV')} --undo {undo[h]}` there)"
-                                             for h in left])
+            raise _undrain_failed(why, left, undrain, undo, args, failed)
     # a drain that started and did not say what it stopped (it failed, or its connection was
     # lost) may have stopped the host's slots: never reported as "started again"
     lost = [h for h in targets if h not in drained and h not in skipped
@@ -1083,14 +1075,87 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                              "runbook fleet drain {env} --undo <its app slot containers, "
                              "comma-separated>", lost, args, "") + "; never `docker start` "
                          "by name: another container may hold it), then run the same command "
-                         "again", exit_code=ExitCode.ATTENTION, lines=failed)
+                         "again", exit_code=ExitCode.ATTENTION, lines=failed,
+                         fields={"undrain": undrain})
     sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
     raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                      "touched and every drained host was started again", "fix the cause, then "
                      "run the same command again" + (
                          " (other sessions on the shared database: stop what they belong to, "
                          "or add --end-sessions to end them)" if sessions else ""),
-                     exit_code=ExitCode.FAILED_SAFELY, lines=failed)
+                     exit_code=ExitCode.FAILED_SAFELY, lines=failed, fields={"undrain": undrain})
+
+
+def _undrained(res: dict[str, Any] | None) -> dict[str, Any]:
+    """What a host's undrain answered, as its JSON's fields say it (`drain.undo`): the
+    containers it started, found running, left as not drained, and each it refused with its
+    own fix; its status is said from them only. "started" is all a start says: whether the
+    host serves again was not checked. No answer (the connection lost): whether it started
+    anything is unknown."""
+    res = res or {}
+    answer = _last_json(str(res.get("stdout", ""))) or {}
+    lists = {k: [str(x) for x in v] if isinstance(v := answer.get(k), list) else []
+             for k in ("started", "already_running", "not_drained")}
+    refused = [r for r in answer.get("refused") or [] if isinstance(r, dict)]
+    rc = res.get("rc")
+    status = ("started again" if res.get("_event") == "runner_on_ok" else
+              "unknown" if not answer else
+              # exit 5: it started some (an older host's answer does not list them)
+              "partly started again" if lists["started"] or rc == ExitCode.ATTENTION else
+              "not started again")
+    return {"status": status, "exit_code": rc, **lists, "refused": refused,
+            "error": None if status == "started again" else _host_error(res)}
+
+
+def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]],
+                    undo: dict[str, str], args: dict[str, str], failed: list[str]) -> FleetError:
+    """The maintenance run stopped before its restore, and `left` hosts not all started
+    again: each said as its undrain answered. A host whose undrain started some containers
+    and refused one was named "could not be started again: THE SERVICE IS DOWN", what it
+    started only inside its error's words (found by review). Now: DOWN only where nothing was
+    started nor running; else what was started (not checked serving: MAY BE DOWN) and each
+    container refused, on a line of its own with the host's exact fix for it."""
+    down = [h for h in left if undrain[h]["status"] == "not started again"
+            and not undrain[h]["already_running"]]
+    said = [f"{', '.join(down)} could not be started again: THE SERVICE IS DOWN there"] \
+        if down else []
+    lines = list(failed)
+    for h in left:
+        u = undrain[h]
+        names = ", ".join(str(r.get("container")) for r in u["refused"]) or "see below"
+        if u["status"] == "unknown":
+            said.append(f"{h} did not answer its start-again (whether it started anything is "
+                        "unknown): THE SERVICE MAY BE DOWN there")
+        elif h not in down:
+            done = (f"started: {', '.join(u['started']) or 'not listed'}"
+                    if u["status"] == "partly started again" else "started: nothing")
+            running = (f"; already running: {', '.join(u['already_running'])}"
+                       if u["already_running"] else "")
+            said.append(f"{h} was not fully started again ({done}{running}; not started: "
+                        f"{names}): THE SERVICE MAY BE DOWN there")
+        if u["started"] or u["already_running"]:
+            lines.append(f"{h}: started again: {', '.join(u['started']) or 'nothing'}"
+                         + (f"; already running: {', '.join(u['already_running'])}"
+                            if u["already_running"] else "")
+                         + " (started, not checked serving)")
+        lines += [f"{h}: {r.get('error')}; fix: {r.get('fix')}" for r in u["refused"]]
+        if not u["refused"]:
+            lines.append(f"{h}: start again failed: {u['error']} (to start what its drain "
+                         f"stopped: `runbook fleet drain {args.get(h, 'ENV')} --undo {undo[h]}` "
+                         "there)")
+    each = [h for h in left if undrain[h]["refused"]]
+    rest = [h for h in left if not undrain[h]["refused"]]
+    fix = "; ".join(
+        ([f"for each container not started on {', '.join(each)}: the fix on its line"]
+         if each else [])
+        + ([f"start its app slots on {', '.join(rest)} ("
+            + _commands("runbook fleet drain {env} --undo ...", rest, args, "") + ")"]
+           if rest else [])) + "; then " + _commands("runbook status {env}", left, args,
+                                                      f"on {', '.join(left)}") \
+        + " (whether it serves)"
+    return FleetError(f"maintenance stopped before the restore ({why}); the database was not "
+                      "touched, but " + "; ".join(said), fix, exit_code=ExitCode.ATTENTION,
+                      lines=lines, fields={"undrain": undrain})
 
 
 # ---------------------------------------------------------------------------------------------
