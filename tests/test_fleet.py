@@ -4340,3 +4340,101 @@ def test_a_bare_name_undo_after_a_drain_that_stopped_nothing_undoes_the_drain_be
     assert json.loads(late.stdout)["started"] == [], late.stdout
     assert [docker_says(blue)["status"], docker_says(green)["status"]] == ["exited"] * 2
 
+
+def _bytes_read() -> int:
+    """What this process has read from the OS so far (Linux's own count, /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+_OPENED: list[str] | None = None  # the files opened while a test watches, else None
+
+
+def _audit_opens(event: str, args: tuple[Any, ...]) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, Path)):
+        _OPENED.append(str(args[0]))
+
+
+def _other_commands_log(path: Path, env: Environment, blue: str, size: int) -> int:
+    """A log of another command (a deploy's, an hourly snapshot's) of about `size` bytes, as
+    the journal writes one: its first line names its action; its lines name containers it
+    stopped, with Ids that are no drain's. Returns the bytes written."""
+    def line(message: str, **fields: str) -> str:
+        return json.dumps({"timestamp": "2026-01-01T00:00:00Z", "level": "INFO",
+                           "deployment_id": "deploy-x", "message": message,
+                           "run_id": "deploy-x", **fields}) + "\n"
+
+    head = line(f"deploy started on {env.name} by on-call", action="deploy",
+                environment=env.name)
+    body = line(f"stopped {blue} (the old slot)", container=blue, container_id="d" * 64) \
+        + line("health check passed " + "x" * 200)
+    text = head + body * (size // len(body))
+    path.write_text(text)
+    return len(text)
+
+
+@pytest.mark.docker
+def test_a_bare_name_undo_reads_a_large_log_folder_only_as_far_as_its_answer(
+        stack: DrillStack) -> None:
+    """Found by review: a bare NAME's undo read the host's logs newest first, each whole (all
+    its lines in memory), until a drain turned up: slow and memory-hungry on a host with a
+    large log folder. Between the drain and the undo here: 32 logs of other commands, 1 MB
+    each (their lines naming the slots, with other Ids), an empty one, one cut in its first
+    line, a drain that stopped nothing; the drain's own last line is cut (its writer killed
+    mid-write), and an older drain's log names other Ids. The lookup answers the Ids the
+    drain stopped (the docker CLI's), opens no log older than that drain, and reads from the
+    OS a small part of the folder (Linux's count, /proc/self/io: each other command's log
+    read as far as its first line); the undo starts exactly those Ids."""
+    global _OPENED
+    from runbook.fleet import drain
+
+    env = stack.env
+    blue, green = (env.slot(s).container for s in (Slot.BLUE, Slot.GREEN))
+    ids = {n: docker_says(n)["id"] for n in (blue, green)}
+    older = env.log_dir / f"{env.name}_20000101_000000.log"  # a drain before this one
+    ours = [older]
+    try:
+        older.write_text("".join(json.dumps(e) + "\n" for e in [
+            {"message": f"fleet-drain started on {env.name}", "action": "fleet-drain"},
+            {"message": f"stopped {blue}", "container": blue, "container_id": "e" * 64},
+            {"message": f"stopped {green}", "container": green, "container_id": "f" * 64}]))
+        before = set(env.log_dir.glob("*.log"))
+        first = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_big1")
+        assert json.loads(first.stdout)["stopped_ids"] == ids, first.stdout + first.stderr
+        (drained,) = set(env.log_dir.glob("*.log")) - before
+        with drained.open("a") as cut:
+            cut.write('{"timestamp": "2026-01-01T00:0')  # the writer killed mid-write
+        # logs sorted after the drain's: `<its name>_NNNN.log` (newer by name, as the
+        # journal names a second run of the same second)
+        written = 0
+        for n in range(32):
+            ours.append(drained.with_name(f"{drained.stem}_{n + 1:04d}.log"))
+            written += _other_commands_log(ours[-1], env, blue, 1 << 20)
+        ours.append(drained.with_name(f"{drained.stem}_0033.log"))
+        ours[-1].write_text("")
+        ours.append(drained.with_name(f"{drained.stem}_0034.log"))
+        ours[-1].write_text('{"timestamp": "2026-01-01T00:00:00Z", "level": "IN')
+        retry = runbook_cli(env, "fleet", "drain", "--fleet-run", "fleet_big2")
+        assert json.loads(retry.stdout)["stopped"] == [], retry.stdout + retry.stderr
+        newer = {str(p) for p in env.log_dir.glob("*.log") if p.name >= drained.name}
+        sys.addaudithook(_audit_opens)
+        _OPENED, read = [], _bytes_read()
+        try:
+            found = drain.journaled_ids(env, [blue, green])
+            read = _bytes_read() - read
+            opened = {p for p in _OPENED if Path(p).parent == env.log_dir}
+        finally:
+            _OPENED = None
+        assert found == (ids, True), (found, ids)
+        assert opened == newer, sorted(opened ^ newer)  # none older than the drain
+        assert read < written // 20, (read, written)  # each other log: its first line only
+        done = runbook_cli(env, "fleet", "drain", "--undo", f"{blue},{green}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert sorted(json.loads(done.stdout)["started"]) == sorted([blue, green]), done.stdout
+        assert {n: (docker_says(n)["id"], docker_says(n)["status"]) for n in ids} == {
+            n: (i, "running") for n, i in ids.items()}
+    finally:
+        for path in ours:
+            path.unlink(missing_ok=True)

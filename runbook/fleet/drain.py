@@ -28,7 +28,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from runbook.environment import Environment
 from runbook.errors import ExitCode, LockedError, RunbookError
@@ -273,38 +273,43 @@ def journaled_ids(env: Environment, names: list[str]) -> tuple[dict[str, str], b
     whether such a drain was found. Not found (no drain here, or an older runbook's, which
     journaled no Id): its undo refuses a stopped name rather than start whatever holds it.
     A drain that stopped nothing is passed over: a maintenance run tried again after its
-    undrain was lost drains nothing, and the drain before it is the one to undo."""
+    undrain was lost drains nothing, and the drain before it is the one to undo.
+
+    Each log is read as a stream, newest first, and only as far as needed: the first line
+    says whose it is, so another command's log (a deploy's, an hourly snapshot's, however
+    large) is left after it; a drain's or an undrain's, small, is read through. Every file
+    was read whole, each the next one too, until a drain turned up: slow and memory-hungry
+    on a host with a large log folder (found by review)."""
     try:
         logs = sorted(env.log_dir.glob(f"{env.name}_*.log"), reverse=True)
     except OSError:
         return {}, False
     undone: set[str] = set()  # Ids a later undrain started again
     for path in logs:
+        stopped: dict[str, str | None] = {}
         try:
-            lines = path.read_text(errors="replace").splitlines()
+            with path.open(errors="replace") as lines:
+                whose = _whose(lines)
+                if whose is None:
+                    continue
+                lines.seek(0)
+                for line in (part for raw in lines for part in raw.splitlines()):
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:  # a line cut short (a writer killed mid-write)
+                        continue
+                    if not isinstance(entry, dict):
+                        continue
+                    name, ident = entry.get("container"), entry.get("container_id")
+                    message = str(entry.get("message", ""))
+                    if whose == "fleet-undrain":
+                        if message.startswith("started ") and isinstance(ident, str) and ident:
+                            undone.add(ident)
+                    elif isinstance(name, str) and message.startswith("stopped "):
+                        # the name's last such line, as when read from the end
+                        stopped[name] = ident if isinstance(ident, str) and ident else None
         except OSError:
             continue
-        if not lines:
-            continue
-        undrain = '"fleet-undrain"' in lines[0]
-        if not undrain and '"fleet-drain"' not in lines[0]:
-            continue
-        stopped: dict[str, str | None] = {}
-        for line in reversed(lines):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(entry, dict):
-                continue
-            name, ident = entry.get("container"), entry.get("container_id")
-            message = str(entry.get("message", ""))
-            if undrain:
-                if message.startswith("started ") and isinstance(ident, str) and ident:
-                    undone.add(ident)
-            elif isinstance(name, str) and name not in stopped and message.startswith(
-                    "stopped "):
-                stopped[name] = ident if isinstance(ident, str) and ident else None
         if stopped:
             if None in stopped.values():
                 return {}, False  # an older runbook's drain: which Id it stopped is unknown
@@ -314,6 +319,24 @@ def journaled_ids(env: Environment, names: list[str]) -> tuple[dict[str, str], b
             return {n: i for n, i in stopped.items()
                     if n in names and i is not None and i not in undone}, True
     return {}, False
+
+
+_PIECE = 8192  # characters of a first line read at a time: a line with no end is never held
+
+
+def _whose(lines: TextIO) -> str | None:
+    """"fleet-undrain" or "fleet-drain" when the log's first line is that command's (as it
+    names its action), else None; read in pieces up to the line's end, never further."""
+    found: set[str] = set()
+    carry = ""  # the end of the pieces read so far: a name cut between two pieces
+    while piece := lines.readline(_PIECE):
+        head = piece.splitlines()[0]
+        text = carry + head
+        found.update(a for a in ("fleet-undrain", "fleet-drain") if f'"{a}"' in text)
+        if len(piece.splitlines(keepends=True)[0]) > len(head):  # the first line ended
+            break
+        carry = text[-len('"fleet-undrain"'):]
+    return next((a for a in ("fleet-undrain", "fleet-drain") if a in found), None)
 
 
 def undo(env: Environment, containers: list[tuple[str, str | None]], *,
