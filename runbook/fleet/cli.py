@@ -238,11 +238,10 @@ def drain_cmd(env: EnvArg, config: ConfigOpt = None,
         out = (drain.undo(env_, drain.parse_undo(undo), fleet_run=fleet_run,
                           holder=holder, notify=notice) if undo is not None
                else drain.drain(env_, fleet_run=fleet_run, holder=holder, notify=notice))
-    except drain.UndrainRefused as exc:  # what it started and refused, as fields
+    except drain.Answered as exc:  # refused after some changes: what it changed, as fields
         _fail(exc, Format.json, **exc.answer)
     except RunbookError as exc:
-        # a drain refused after its stops says what it stopped: the fleet starts those again
-        _fail(exc, Format.json, **(exc.answer if isinstance(exc, drain.NotDrained) else {}))
+        _fail(exc, Format.json)
     echo(json.dumps(out))
 
 

@@ -42,15 +42,21 @@ UNDRAIN_LOCK_WAIT = 20.0  # seconds the undrain waits for a live deploy-lock hol
 LOCK_POLL = 0.5  # seconds between two tries meanwhile
 
 
-class NotDrained(RunbookError):
-    """A container is up under an app slot's name once the drain's stops are done: the
-    restore must not begin. `answer` is what the drain stopped (`stopped`, `stopped_ids`),
-    given with the error so the fleet starts those again as it starts every drained host's."""
+class Answered(RunbookError):
+    """A refusal after some of the command's changes: `answer` (fields of its JSON, beside
+    the error's own) says what it did change, so the fleet reads that from fields, never
+    from the message's words."""
 
     def __init__(self, message: str, fix: str, *, exit_code: ExitCode,
                  answer: dict[str, Any]) -> None:
         super().__init__(message, fix, exit_code=exit_code)
         self.answer = answer
+
+
+class NotDrained(Answered):
+    """A container is up under an app slot's name once the drain's stops are done: the
+    restore must not begin. `answer` is what the drain stopped (`stopped`, `stopped_ids`),
+    so the fleet starts those again as it starts every drained host's."""
 
 
 def _fleet_fields(fleet_run: str, holder: str) -> dict[str, str | None]:
@@ -434,16 +440,11 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
     return {"ok": True, "started": started, "already_running": running, "not_drained": kept}
 
 
-class UndrainRefused(RunbookError):
-    """An undrain that refused a container: `answer` (its JSON's fields) says what it did
-    start and each container it refused, with its own fix. The fleet read what was started
-    only from the message's words, and named a host whose undrain started its slots but one
-    "DOWN" (found by review)."""
-
-    def __init__(self, message: str, fix: str, *, exit_code: ExitCode,
-                 answer: dict[str, Any]) -> None:
-        super().__init__(message, fix, exit_code=exit_code)
-        self.answer = answer
+class UndrainRefused(Answered):
+    """An undrain that refused a container: `answer` says what it did start and each
+    container it refused, with its own fix. The fleet read what was started only from the
+    message's words, and named a host whose undrain started its slots but one "DOWN" (found
+    by review)."""
 
 
 def _fix(env: Environment, name: str, ident: str | None) -> str:
