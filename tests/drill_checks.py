@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runbook import docker, faults
+from runbook import docker, drain, faults
 from runbook.drill import http as drill_http
 from runbook.drill import images, scenes
 from runbook.drill.stack import DrillStack
@@ -416,6 +416,36 @@ def closed_ports(count: int) -> list[int]:
             sock.bind(("127.0.0.1", 0))
         return [int(sock.getsockname()[1]) for sock in socks]
 
+
+
+@dataclass
+class TimedReadings:
+    """The drain's real `ss` readings (drain.read_sockets, passed as its `read`), each timed
+    by the test's clock, so that a test can say "the drain ended with the first reading that
+    could see X" in readings, not in seconds: one `ss` took 0.01-2.2 s on a loaded 2-core
+    host, and a bound in seconds failed there with the drain right. `first` is set once a
+    good reading was taken: a peer that must be seen by the drain acts only after it."""
+
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (began, ended)
+    first: threading.Event = field(default_factory=threading.Event)
+    last: drain.Look | drain.Unread | None = None  # for a failure's message
+
+    def read(self, port: int, front: int | None) -> drain.Look | drain.Unread:
+        began = time.monotonic()
+        seen = self.last = drain.read_sockets(port, front)
+        self.spans.append((began, time.monotonic()))
+        if isinstance(seen, drain.Look):
+            self.first.set()
+        return seen
+
+    def begun_after(self, moment: float) -> int:
+        """How many readings began at or after `moment`."""
+        return sum(1 for began, _ in self.spans if began >= moment)
+
+    def first_ended_after(self, moment: float) -> float | None:
+        """When the first reading begun at or after `moment` ended (it saw all that happened
+        before `moment`); None if the drain took none."""
+        return next((ended for began, ended in self.spans if began >= moment), None)
 
 
 @contextlib.contextmanager
