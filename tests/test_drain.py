@@ -621,14 +621,31 @@ def test_a_reading_still_running_when_load_goes_out_is_dropped() -> None:
 LATE = 0.6  # longer than the old criterion's quiet window (0.5 s), well under Go's 5 s
 
 
+class FirstReading(list[tuple[float, int, int, int, int]]):
+    """wait_drained's `trace` (an entry per good reading): `taken` is set at the first, when
+    the drain has seen what was open then. A late request timed from the drain's start came,
+    on a loaded host, before its first reading (two `ss`, 0.01-2.2 s each there): answered
+    and closed already, it was never seen, and the test proved nothing (CI-like stress: 1 of
+    6 runs, front_closed 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = threading.Event()
+
+    def append(self, item: tuple[float, int, int, int, int]) -> None:
+        super().append(item)
+        self.taken.set()
+
+
 @pytest.mark.docker
 def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
         stack: DrillStack) -> None:
     """The users' load through the drill's Caddy (on the host network) during a rollback to a
     stopped standby, and one user who connected just before /load but sends its request only
-    LATE s after the drain began (the 0.72 s case): Caddy's old config serves it from the OLD
-    slot, so the drain must wait for that connection to close. It gets its 200 from the old
-    slot, the slot is stopped only after that, and nobody else saw a failed request."""
+    LATE s after the drain's first reading (the 0.72 s case): Caddy's old config serves it
+    from the OLD slot, so the drain must wait for that connection to close. It gets its 200
+    from the old slot, the slot is stopped only after that, and nobody else saw a failed
+    request."""
     env = stack.env
     deploy.deploy(env, deploy.Options(version=V2.tag))
     deploy.deploy(env, deploy.Options(version=V3.tag))  # v3 on blue; green (v2) stopped
@@ -640,12 +657,15 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
 
     def before(proxy_url: str) -> drain.Switch | None:
         late["socket"] = socket.create_connection(("127.0.0.1", front))  # no request yet
+        late["made"] = time.monotonic()
         time.sleep(0.05)  # accepted by the old config's server
         return real_before(proxy_url)
 
-    def send_late() -> None:
+    def send_late(first: threading.Event) -> None:
+        first.wait(30)  # the drain has seen the connection open, with no request yet
         time.sleep(LATE)
         conn = late["socket"]
+        late["sent"] = time.monotonic()
         conn.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = b""
         while chunk := conn.recv(65536):  # the old config closes it after this answer
@@ -654,7 +674,8 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
         late["answer"] = answer.decode("utf-8", "replace")
 
     def wait(port: int, *args: Any, **kw: Any) -> drain.Drain:
-        threading.Thread(target=send_late, daemon=True).start()
+        kw["trace"] = first = FirstReading()
+        threading.Thread(target=send_late, args=(first.taken,), daemon=True).start()
         drains.append(real_wait(port, *args, **kw))
         late["drained"] = time.monotonic()
         return drains[-1]
@@ -676,7 +697,10 @@ def test_a_rollback_under_load_waits_for_a_late_request_on_an_old_connection(
     print(f"rollback under load: {seen.describe()}; drain: {d.describe()}")
     assert seen.ok, seen.describe()
     answer = late.get("answer", "")
-    assert answer.startswith("HTTP/1.1 200"), answer or late
+    # Go closes a connection still without a request 5-6 s after it was made: sent later, no
+    # answer (the seconds from its connect to its request, in the message)
+    assert answer.startswith("HTTP/1.1 200"), (
+        answer or late, late.get("sent", 0) - late.get("made", 0))
     assert "x-togather-slot: blue" in answer.lower() and V3.tag in answer, answer
     assert d.drained and d.front_observed and d.slot_observed, d
     # the reload is watched when the reading of Caddy's connections before it completed in
