@@ -124,19 +124,28 @@ def test_a_slow_reading_of_caddys_port_is_waited_for_on_an_h2c_front(
     rollback with no h2c client at all left the old slot running (review: 2 of 6 under 3 CPU
     hogs), refusing every deploy until a hand stop. Where Caddy takes h2c on the front, the
     reload now waits for that reading. The slow `ss` is simulated (0.4 s on the reading
-    before the reload only); Caddy, the users' connections and the drain are real."""
+    before the reload only); Caddy, the users' connections and the drain are real.
+    The real `ss` after the 0.4 s can itself take seconds on a loaded host: a reading that
+    outlasted the reload's wait for it (H2C_SEAL_WAIT, timed here) rightly leaves the switch
+    unwatched and the old slot running, said why; one that did not must never."""
+    import time
+
     from runbook import drain
     from runbook.drill.load import Load
 
     stack.arrange(scenes.PREVIOUS)
-    real, calls = drain.front_sockets, []
+    real, calls, took = drain.front_sockets, [], []
 
     def slow_first(front: int) -> tuple[set[int], set[drain.Key]] | None:
         calls.append(front)
-        if len(calls) == 1:  # the reading before the reload, on a loaded host
-            import time
-            time.sleep(0.4)
-        return real(front)
+        if len(calls) > 1:
+            return real(front)
+        began = time.monotonic()  # the reading before the reload, on a loaded host
+        time.sleep(0.4)
+        try:
+            return real(front)
+        finally:
+            took.append(time.monotonic() - began)
 
     monkeypatch.setattr(drain, "front_sockets", slow_first)
     said: list[str] = []
@@ -144,7 +153,13 @@ def test_a_slow_reading_of_caddys_port_is_waited_for_on_an_h2c_front(
         result = rollback.rollback(stack.env, notify=said.append)
     assert through_proxy(stack.env) == ("green", VERSIONS["v2"].tag)
     stop = next(o for o in result.outcomes if o.name == "stop-old-slot")
-    assert stop.result != "left running", (stop, said)
+    # the wait starts after the reading did: one shorter than it was complete in time
+    if stop.result == "left running" and took and took[0] >= drain.H2C_SEAL_WAIT:
+        assert any("not complete when the reload went out" in m for m in said), (took, said)
+        stack.docker("stop", stack.env.slot(Slot.BLUE).container)  # on-call's fix, as said
+        slots.release_held(stack.env, Slot.BLUE)  # the next test starts from no hold
+        return
+    assert stop.result != "left running", (stop, said, took)
     assert len(calls) >= 2, calls  # the reading before the reload, then the watch of it
     assert docker.inspect(stack.env.slot(Slot.BLUE).container).status == "exited"
     assert not slots.held_marker(stack.env, Slot.BLUE).exists()
