@@ -50,6 +50,15 @@ def connections_to(port: int) -> int:
     return count
 
 
+def answer_version(handler: BaseHTTPRequestHandler) -> None:
+    """A /version answer as the drill app gives it, kept alive (HTTP/1.1, with a length)."""
+    body = b'{"version": "x"}'
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @pytest.mark.docker
 @pytest.mark.parametrize("in_process", [False, True], ids=["own-process", "threads-here"])
 def test_every_client_keeps_one_connection_and_every_request_is_recorded(
@@ -369,11 +378,7 @@ def test_a_retry_whose_connection_is_reset_too_counts_two_raw_resets(in_process:
             if drop:
                 self.close_connection = True  # no answer: the client sees it disconnect
                 return
-            body = b'{"version": "x"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer_version(self)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -455,11 +460,7 @@ def test_a_pause_has_taken_effect_when_it_returns() -> None:
             pass
 
         def do_GET(self) -> None:
-            body = b'{"version": "x"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer_version(self)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
