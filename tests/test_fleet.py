@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -1891,6 +1892,47 @@ def test_an_undrain_whose_names_hold_no_drained_container_starts_nothing_then_st
     assert again.returncode == 0, again.stdout + again.stderr
     assert {n: (docker_says(n)["id"], docker_says(n)["status"]) for n in names} == {
         n: (ids[n], "running") for n in names}
+
+
+@pytest.mark.docker
+def test_an_undrain_whose_second_start_fails_answers_what_it_started(stack: DrillStack) -> None:
+    """Found by review: the undrain started blue, then green's `docker start` failed (its
+    published port taken meanwhile by another process): the error came out as it was, exit
+    1, its answer listing nothing started, and the fleet named the host "could not be started
+    again: THE SERVICE IS DOWN" with `started: []` in its journal, blue running. Now green's
+    failed start is answered as a refusal is: exit 5, `started` lists blue, green is refused
+    with Docker's own error and the undo to run again; once the port is free that undo starts
+    green (blue already running). Oracles: the docker CLI, a socket the test binds itself."""
+    env = stack.env
+    blue, green = (env.slot(s).container for s in (Slot.BLUE, Slot.GREEN))
+    ids = _swapped_drain_answer(env)
+    undo = f"{blue}@{ids[blue]},{green}@{ids[green]}"
+    bindings = json.loads(subprocess.run(
+        ["docker", "inspect", "--format", "{{json .HostConfig.PortBindings}}", green],
+        capture_output=True, text=True, check=True).stdout)
+    (bound,) = [b for bs in bindings.values() for b in bs]
+    taken = socket.socket()
+    try:
+        taken.bind((bound["HostIp"] or "0.0.0.0", int(bound["HostPort"])))
+        taken.listen()
+        done = runbook_cli(env, "fleet", "drain", "--undo", undo)
+        states = [_running(blue), _running(green)]
+    finally:
+        taken.close()
+    assert states == ["running", "exited"], (states, done.stdout + done.stderr)
+    assert done.returncode == ExitCode.ATTENTION, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["started"] == [blue] and answer["already_running"] == [], answer
+    (refusal,) = answer["refused"]
+    assert (refusal["container"], refusal["container_id"]) == (green, ids[green]), refusal
+    assert refusal["error"].startswith(f"{green}: starting it again failed: "), refusal
+    assert f"--undo {green}@{ids[green]}" in refusal["fix"], refusal
+    assert answer["error"].endswith(f"started again: {blue}"), answer
+    again = runbook_cli(env, "fleet", "drain", "--undo", undo)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["started"] == [green], again.stdout
+    assert {n: (docker_says(n)["id"], docker_says(n)["status"]) for n in ids} == {
+        n: (i, "running") for n, i in ids.items()}
 
 
 @pytest.mark.docker

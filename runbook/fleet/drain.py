@@ -35,6 +35,7 @@ from runbook.errors import ExitCode, LockedError, RunbookError
 
 if TYPE_CHECKING:
     from runbook.docker import ContainerInfo
+    from runbook.environment import Slot
     from runbook.plan import Plan
 
 Log = Callable[..., None]
@@ -366,9 +367,11 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
     one is refused (nothing started for it, the others are) and the undo fails at its end,
     exit 4 when it started nothing, else 5 (the host is not as it was before the drain),
     its answer listing what it started and each container refused with its own fix
-    (UndrainRefused); the start itself goes to the Id, so a rename in between cannot
-    redirect it."""
-    from runbook import docker, run
+    (UndrainRefused); a container whose start fails (a port taken meanwhile) is answered
+    so too, the others started. The start itself goes to the Id, so a rename in between
+    cannot redirect it."""
+    from runbook import run
+    from runbook.environment import command_arg
 
     own = {env.slot(s).container: s for s in env.slots}
     wanted: dict[str, str | None] = {}
@@ -396,36 +399,22 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
             journaled, found = journaled_ids(env, bare) if bare else ({}, False)
             for name, given in wanted.items():
                 ident = given or journaled.get(name)
-                now = docker.inspect(name)
-                if ident is None and now.running:  # nothing to start: no Id needed to leave it
-                    ident = now.container_id
-                if ident is None and found:  # a bare name the last drain did not stop
-                    kept.append(name)
-                    log("INFO", f"{name} is left as it is: this host's last drain did not stop "
-                        "it (or an undrain started it again since)", container=name,
+                try:
+                    _undo_one(env, name, ident, found, own, log, fleet, started=started,
+                              running=running, refused=refused, kept=kept)
+                except RunbookError as exc:
+                    # its start (or its inspect) failed, after others may have been started:
+                    # answered with what was started, as a refusal is, and the rest go on;
+                    # raised as it came, the answer listed nothing started and the fleet
+                    # named a host whose other slot it had started DOWN (found by review)
+                    error = f"{name}: starting it again failed: {exc.message}"
+                    again = f"{name}@{ident}" if ident else name
+                    refused.append({"container": name, "container_id": ident, "now_id": None,
+                                    "error": error, "fix": f"{exc.fix or 'see the error'}; "
+                                    f"then `runbook fleet drain {command_arg(env)} --undo "
+                                    f"{again}`"})
+                    log("ERROR", error, container=name, container_id=ident,
                         slot=str(own[name]), **fleet)
-                    continue
-                if ident is None or not now.exists or now.container_id != ident:
-                    drained = docker.inspect_id(ident) if ident else None
-                    refusal = _refusal(name, ident, drained, now)
-                    refused.append({"container": name, "container_id": ident,
-                                    "now_id": now.container_id if now.exists else None,
-                                    "error": refusal, "fix": _fix(env, name, ident)})
-                    log("ERROR", refusal, container=name, container_id=ident,
-                        now_id=now.container_id, now_image=now.image, slot=str(own[name]),
-                        **fleet)
-                    continue
-                if now.running:
-                    running.append(name)
-                    log("INFO", f"{name} is already running: left as it is", container=name,
-                        container_id=ident, slot=str(own[name]), **fleet)
-                    continue
-                docker.run(docker.start_action(name, ident))
-                started.append(name)
-                log("INFO", f"started {name} again (id {_short(ident)}, image "
-                    f"{now.image or 'unknown'}; fleet maintenance stopped before the "
-                    "database was restored)", container=name, container_id=ident,
-                    slot=str(own[name]), **fleet)
         if refused:
             done = (f"started again: {', '.join(started)}" if started else "nothing was started")
             raise UndrainRefused("; ".join(str(r["error"]) for r in refused) + f"; {done}",
@@ -438,6 +427,46 @@ def undo(env: Environment, containers: list[tuple[str, str | None]], *,
             f"already running, {len(kept)} not stopped by the last drain", started=started,
             already_running=running, not_drained=kept, **fleet)
     return {"ok": True, "started": started, "already_running": running, "not_drained": kept}
+
+
+def _undo_one(env: Environment, name: str, ident: str | None, found: bool,
+              own: dict[str, Slot], log: Log, fleet: dict[str, str | None], *,
+              started: list[str], running: list[str], refused: list[dict[str, str | None]],
+              kept: list[str]) -> None:
+    """One container of the undo: left, refused, found running or started (by its Id),
+    added to its list and logged."""
+    from runbook import docker
+
+    now = docker.inspect(name)
+    if ident is None and now.running:  # nothing to start: no Id needed to leave it
+        ident = now.container_id
+    if ident is None and found:  # a bare name the last drain did not stop
+        kept.append(name)
+        log("INFO", f"{name} is left as it is: this host's last drain did not stop "
+            "it (or an undrain started it again since)", container=name,
+            slot=str(own[name]), **fleet)
+        return
+    if ident is None or not now.exists or now.container_id != ident:
+        drained = docker.inspect_id(ident) if ident else None
+        refusal = _refusal(name, ident, drained, now)
+        refused.append({"container": name, "container_id": ident,
+                        "now_id": now.container_id if now.exists else None,
+                        "error": refusal, "fix": _fix(env, name, ident)})
+        log("ERROR", refusal, container=name, container_id=ident,
+            now_id=now.container_id, now_image=now.image, slot=str(own[name]),
+            **fleet)
+        return
+    if now.running:
+        running.append(name)
+        log("INFO", f"{name} is already running: left as it is", container=name,
+            container_id=ident, slot=str(own[name]), **fleet)
+        return
+    docker.run(docker.start_action(name, ident))
+    started.append(name)
+    log("INFO", f"started {name} again (id {_short(ident)}, image "
+        f"{now.image or 'unknown'}; fleet maintenance stopped before the "
+        "database was restored)", container=name, container_id=ident,
+        slot=str(own[name]), **fleet)
 
 
 class UndrainRefused(Answered):
