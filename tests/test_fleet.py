@@ -2922,6 +2922,55 @@ def test_a_container_renamed_in_during_a_hosts_drain_stops_the_maintenance_befor
         assert fleet.serving(h.name)[:3:2] == (200, v3), (h.name, text)
 
 
+@pytest.mark.docker
+def test_a_drain_lost_while_another_hosts_undrain_fails_is_still_said_may_be_down(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """Found by review: host3 went dark once its drain had stopped its slots, before it
+    answered, and host2's undrain was refused (a container up under its slot's name since
+    its drain): the run's error named host2 only, its fix host2 only, and host3, left down,
+    was only "host3: drain failed" on a line, never "MAY BE DOWN" nor its undo (said when no
+    undrain fails). Now both are said. Oracles: each host's Caddy, the docker CLI."""
+    fleet = fleet_on_v3
+    lock, host2, host3 = fleet.hosts
+    with lock.stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    slot = next(s for s in Slot if _running(host2.env.slot(s).container) == "running")
+    name = host2.env.slot(slot).container
+    inspected = docker_says(name)
+    mark = f"DRILL_HELD_RUN={os.getpid()}-{time.monotonic_ns()}"
+    fleet.write_inventory(host_vars={
+        "host2": {"runbook_environment": {
+            "RUNBOOK_DRILL_FAULT": "fleet-drain.before-stop:SIGSTOP",
+            mark.partition("=")[0]: mark.partition("=")[2]}},
+        "host3": {"runbook_command": fleet.cut_off_command("host3", "fleet", "drain",
+                                                           after=True)}})
+    pid = None
+    try:
+        with put_back(host2.stack, slot) as aside:
+            proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+            pid = _held_by_mark(mark)  # host2's drain, inspected, before its stop
+            host2.stack.docker("rename", name, aside)
+            subprocess.run(["docker", "run", "-d", "--name", name, "--label",
+                            f"{RUN_LABEL}={host2.stack.run_id}", "--entrypoint", "sleep",
+                            inspected["image"], "600"], check=True, capture_output=True)
+            os.kill(pid, signal.SIGCONT)
+            _out, err = proc.communicate(timeout=600)
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    assert proc.returncode == ExitCode.ATTENTION, err
+    assert "host2 could not be started again: THE SERVICE IS DOWN there" in err, err
+    assert "the drain of host3 failed or was lost: THE SERVICE MAY BE DOWN there" in err, err
+    assert "--undo <its app slot containers, comma-separated>" in err, err
+    assert fleet.serving("host3")[0] >= 500, err  # down indeed
+    names = ",".join(host3.env.slot(s).container for s in Slot)
+    done = runbook_cli(host3.env, "fleet", "drain", "--undo", names)  # as the fix says
+    assert done.returncode == 0 and json.loads(done.stdout)["started"], done.stdout + done.stderr
+
+
 def _report_section(record: dict[str, object]) -> str:
     """The drill report's section for one fleet run, rendered from its fleet journal record."""
     from runbook.reports import fleet as fleet_report

@@ -1046,6 +1046,11 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
     # another container given the name since (a host that named none: its own log's Id)
     undo = {h: ",".join(f"{n}@{drained_ids[h][n]}" if drained_ids.get(h, {}).get(n) else n
                         for n in c) for h, c in drained.items() if c}
+    # a drain that started and did not say what it stopped (it failed, or its connection was
+    # lost) may have stopped the host's slots: never reported as "started again", nor left
+    # out when another host's undrain failed (it was: found by review)
+    lost = [h for h in targets if h not in drained and h not in skipped
+            and (h in events.started.get("drain", {}) or h in events.unreachable)]
     undrain: dict[str, dict[str, Any]] = {}  # host -> what its undrain started and refused
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
@@ -1060,11 +1065,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left,
                     undrain=undrain)
         if left:
-            raise _undrain_failed(why, left, undrain, undo, args, failed)
-    # a drain that started and did not say what it stopped (it failed, or its connection was
-    # lost) may have stopped the host's slots: never reported as "started again"
-    lost = [h for h in targets if h not in drained and h not in skipped
-            and (h in events.started.get("drain", {}) or h in events.unreachable)]
+            raise _undrain_failed(why, left, undrain, undo, args, failed, lost)
     if lost:
         raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                          "touched and the drained hosts were started again, but the drain of "
@@ -1108,13 +1109,15 @@ def _undrained(res: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]],
-                    undo: dict[str, str], args: dict[str, str], failed: list[str]) -> FleetError:
+                    undo: dict[str, str], args: dict[str, str], failed: list[str],
+                    lost: list[str]) -> FleetError:
     """The maintenance run stopped before its restore, and `left` hosts not all started
     again: each said as its undrain answered. A host whose undrain started some containers
     and refused one was named "could not be started again: THE SERVICE IS DOWN", what it
     started only inside its error's words (found by review). Now: DOWN only where nothing was
     started nor running; else what was started (not checked serving: MAY BE DOWN) and each
-    container refused, on a line of its own with the host's exact fix for it."""
+    container refused, on a line of its own with the host's exact fix for it. `lost`: hosts
+    whose drain failed or was lost before it said what it stopped, said MAY BE DOWN too."""
     down = [h for h in left if undrain[h]["status"] == "not started again"
             and not undrain[h]["already_running"]]
     said = [f"{', '.join(down)} could not be started again: THE SERVICE IS DOWN there"] \
@@ -1143,6 +1146,9 @@ def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]
             lines.append(f"{h}: start again failed: {u['error']} (to start what its drain "
                          f"stopped: `runbook fleet drain {args.get(h, 'ENV')} --undo {undo[h]}` "
                          "there)")
+    if lost:
+        said.append(f"the drain of {', '.join(lost)} failed or was lost: THE SERVICE MAY BE "
+                    "DOWN there")
     each = [h for h in left if undrain[h]["refused"]]
     rest = [h for h in left if not undrain[h]["refused"]]
     fix = "; ".join(
@@ -1150,8 +1156,12 @@ def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]
          if each else [])
         + ([f"start its app slots on {', '.join(rest)} ("
             + _commands("runbook fleet drain {env} --undo ...", rest, args, "") + ")"]
-           if rest else [])) + "; then " + _commands("runbook status {env}", left, args,
-                                                      f"on {', '.join(left)}") \
+           if rest else [])
+        + ([f"on {', '.join(lost)}, if its slots are stopped, start what its drain stopped "
+            "by the Ids its log holds (" + _commands(
+                "runbook fleet drain {env} --undo <its app slot containers, comma-separated>",
+                lost, args, "") + ")"] if lost else [])) + "; then " + _commands(
+        "runbook status {env}", left + lost, args, f"on {', '.join(left + lost)}") \
         + " (whether it serves)"
     return FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                       "touched, but " + "; ".join(said), fix, exit_code=ExitCode.ATTENTION,
