@@ -4073,6 +4073,182 @@ def test_a_drain_lost_on_the_maintenance_path_is_not_reported_as_started_again(
     assert fleet.serving("host3")[0] == 200, done.stdout
 
 
+def _scripted_command(fleet: DrillFleet, name: str, *, refuse_restore: bool = False,
+                      kill_on: str | None = None, pid_file: Path | None = None,
+                      journal: Path | None = None) -> str:
+    """A `runbook_command` for host `name`: its maintenance restore refused without running
+    (exit 4 and a JSON error: the database untouched, as a restore refused by another session
+    is), and/or the fleet controller killed (kill -9, read from `pid_file`) when `kill_on`
+    ("undo": the undrain; "restore") is asked there, that command then exiting 1 without
+    running. A kill on "restore" first waits (up to 60 s) for a fleet journal in `journal`
+    holding every selected host's drain answer."""
+    script = fleet.dir / f"scripted.{name}.{int(refuse_restore)}.{kill_on}"
+    script.write_text(f"""#!{sys.executable}
+import json, os, signal, sys, time
+from pathlib import Path
+RUNBOOK, KILL_ON, REFUSE = {fleet.runbook_command!r}, {kill_on!r}, {refuse_restore!r}
+PID_FILE, JOURNAL = {str(pid_file)!r}, {str(journal)!r}
+argv = sys.argv[1:]
+asked = ("restore" if argv[:2] == ["snapshot", "restore"] else
+         "undo" if argv[:2] == ["fleet", "drain"] and "--undo" in argv else None)
+if asked is not None and asked == KILL_ON:
+    deadline = time.monotonic() + 60
+    while asked == "restore" and time.monotonic() < deadline:
+        try:
+            records = [json.loads(p.read_text()) for p in Path(JOURNAL).glob("fleet_*.json")]
+        except (OSError, ValueError):
+            records = []
+        if any(set(r.get("drain_answers") or {{}}) >= set(r.get("hosts_selected") or [0])
+               for r in records):
+            break
+        time.sleep(0.05)
+    pid = int(Path(PID_FILE).read_text())
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    print("killed the fleet controller", file=sys.stderr)
+    sys.exit(1)
+if asked == "restore" and REFUSE:
+    print(json.dumps({{"ok": False, "error": "drill: the restore refused before it began",
+                      "fix": "none"}}))
+    sys.exit(4)
+os.execv(RUNBOOK, [RUNBOOK, *argv])
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _until_serving(fleet: DrillFleet, name: str) -> tuple[int, str | None, str | None]:
+    """What host `name`'s Caddy serves once its started app answers (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while fleet.serving(name)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return fleet.serving(name)
+
+
+def _drained_ids(fleet: DrillFleet) -> dict[str, list[str]]:
+    """Each host's running app slots as NAME@ID, as the docker CLI says (what a drain stops)."""
+    return {h.name: [f"{c}@{docker_says(c)['id']}" for c in
+                     (h.env.slot(s).container for s in Slot) if _running(c) == "running"]
+            for h in fleet.hosts}
+
+
+@pytest.mark.docker
+def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_resume(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The lock host's restore refused (the database untouched), the controller killed (kill
+    -9) as it starts the drained hosts again. Found by review: its resume refused ("hosts may
+    be DOWN", exit 5) naming no host's undo, the hosts left down. The run journals that its
+    restore did not run before its undrain, so the resume finishes the job itself: it starts
+    each drained host again by the Id its drain stopped, and says so as the run would have
+    (exit 1). Oracles: each host's Caddy, the docker CLI, Postgres."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    with fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    assert row is not None
+    fleet.write_inventory(host_vars={
+        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
+        "host2": {"runbook_command": _scripted_command(fleet, "host2", kill_on="undo",
+                                                       pid_file=pid_file)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    run_id = record["fleet_run_id"]
+    assert record["outcome"] is None and record["maintenance_drain_started"], record
+    assert fleet.serving("host2")[0] >= 500  # its undrain never ran: down
+    resumed = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                              "--maintenance", "--resume", run_id, "--yes", "--journal-dir",
+                              str(journal)], capture_output=True, text=True, timeout=600,
+                             check=False, stdin=subprocess.DEVNULL)
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == ExitCode.FAILED_SAFELY, text
+    assert f"fleet run {run_id}" in resumed.stderr and "started again" in resumed.stderr, text
+    assert "the database was not touched" in resumed.stderr, text
+    for h in fleet.hosts:
+        assert _until_serving(fleet, h.name)[:3:2] == (200, v3), (h.name, text)
+    with fleet.hosts[0].stack.connect() as conn:
+        after = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert after == (row[0] + 1,), after  # never restored
+
+
+@pytest.mark.docker
+def test_a_controller_killed_at_the_maintenance_restore_leaves_each_hosts_undo_named(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """The controller killed (kill -9) as the lock host's restore is asked for, every host
+    drained. Whether the restore began is not known: the resume refuses (exit 5) and, found
+    by review, named no host's undo; now each host's exact `fleet drain --undo NAME@ID`, from
+    the drain answers the run journaled as they came. A fresh run (not --resume) whose drain
+    then finds nothing running and whose restore is refused said "every drained host was
+    started again", every host down; now it names the earlier run's drained hosts and their
+    undo, which, followed, starts them. Oracles: the docker CLI (the Ids), each host's Caddy."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    with fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    ids = _drained_ids(fleet)
+    args = {h.name: str(h.env.source) for h in fleet.hosts}  # how each host's runbook names it
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": _scripted_command(
+        fleet, "host1", kill_on="restore", pid_file=pid_file, journal=journal)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    run_id = record["fleet_run_id"]
+    assert all(fleet.serving(h.name)[0] >= 500 for h in fleet.hosts)  # all drained
+    resumed = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                              "--maintenance", "--resume", run_id, "--yes", "--journal-dir",
+                              str(journal)], capture_output=True, text=True, timeout=600,
+                             check=False, stdin=subprocess.DEVNULL)
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == ExitCode.ATTENTION, text
+    assert "may or may not be restored" in resumed.stderr, text
+    for host, pairs in ids.items():
+        assert pairs, ids
+        assert f"{host}: drained by fleet run {run_id}: `runbook fleet drain {args[host]} " \
+               f"--undo {','.join(pairs)}`" in resumed.stderr, (host, text)
+    assert all(fleet.serving(h.name)[0] >= 500 for h in fleet.hosts)  # nothing guessed
+
+    fleet.write_inventory(host_vars={"host1": {"runbook_command": _scripted_command(
+        fleet, "host1", refuse_restore=True)}})
+    try:
+        fresh = subprocess.run([fleet.runbook_command, "fleet", "rollback",
+                                str(fleet.inventory), "--maintenance", "--yes", "--journal-dir",
+                                str(journal)], capture_output=True, text=True, timeout=600,
+                               check=False, stdin=subprocess.DEVNULL)
+    finally:
+        fleet.write_inventory()
+    text = fresh.stdout + fresh.stderr
+    assert "every drained host was started again" not in text, text
+    assert fresh.returncode == ExitCode.ATTENTION, text
+    for host, pairs in ids.items():
+        line = (f"{host}: drained by fleet run {run_id}: `runbook fleet drain {args[host]} "
+                f"--undo {','.join(pairs)}`")
+        assert line in fresh.stderr, (host, text)
+    for h in fleet.hosts:  # as the fix says
+        done = runbook_cli(h.env, "fleet", "drain", "--undo", ",".join(ids[h.name]))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _until_serving(fleet, h.name)[:3:2] == (200, v3), h.name
+
+
 # -- two environments on the same hosts (review twoenvfleet) -----------------------------------
 
 TWO_ENVS = """\

@@ -81,6 +81,14 @@ class FleetJournal:
             self.record["hosts"] = {**self.record.get("hosts", {}), name: entry}
             self.save()
 
+    def drain_answer(self, name: str, entry: dict[str, Any]) -> None:
+        """One host's drain answer (what it stopped, by Id), written at once: the drain phase
+        is journaled only once the restore has answered, so a controller killed meanwhile left
+        no record of which containers each host's drain stopped (found by review)."""
+        with self._lock:
+            self.record["drain_answers"] = {**self.record.get("drain_answers", {}), name: entry}
+            self.save()
+
     def offset_ms(self, began: float) -> int:
         """A time.monotonic() reading `began` as milliseconds since the run began."""
         return round((began - self.began) * 1000)

@@ -973,9 +973,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
             continue
         if res is not None and res.get("_event") == "runner_on_ok":
             drained[host] = list(data.get("stopped", []))
-            ids = data.get("stopped_ids")
-            drained_ids[host] = ({str(k): str(v) for k, v in ids.items() if v}
-                                 if isinstance(ids, dict) else {})
+            drained_ids[host] = _ids(data)
         elif res is not None:
             failed.append(f"{host}: drain failed: "
                           f"{data.get('error') or _one_line(str(res.get('stderr') or res.get('msg', '')))}")  # noqa: E501
@@ -983,9 +981,7 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                 # refused after its stops (a container up under a slot's name it did not
                 # stop): what it stopped is started again with the other hosts', never lost
                 drained[host] = [str(n) for n in data["stopped"]]
-                ids = data.get("stopped_ids")
-                drained_ids[host] = ({str(k): str(v) for k, v in ids.items() if v}
-                                     if isinstance(ids, dict) else {})
+                drained_ids[host] = _ids(data)
     journal.phase("drain", t0, "failed" if failed else "ok", stopped=drained,
                   stopped_ids=drained_ids, problems=failed)
     journal.save()  # hosts drained: a failure is said, the run goes on
@@ -1044,14 +1040,17 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                          "hosts on an unknown database", exit_code=ExitCode.ATTENTION, lines=failed)
     # each container with the Id its drain stopped: the undrain starts that one only, never
     # another container given the name since (a host that named none: its own log's Id)
-    undo = {h: ",".join(f"{n}@{drained_ids[h][n]}" if drained_ids.get(h, {}).get(n) else n
-                        for n in c) for h, c in drained.items() if c}
+    undo = _undo(drained, drained_ids)
     # a drain that started and did not say what it stopped (it failed, or its connection was
     # lost) may have stopped the host's slots: never reported as "started again", nor left
     # out when another host's undrain failed (it was: found by review)
     lost = [h for h in targets if h not in drained and h not in skipped
             and (h in events.started.get("drain", {}) or h in events.unreachable)]
     undrain: dict[str, dict[str, Any]] = {}  # host -> what its undrain started and refused
+    # written before the undrain: a controller killed during it leaves a record its resume
+    # reads as "the restore did not run", and finishes the undrain (_unfinished)
+    journal.record["undrain_planned"] = undo
+    journal.save()
     if undo:
         say(f"maintenance: the database was not restored; starting again {len(undo)} "
             "drained host(s)")
@@ -1079,12 +1078,88 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
                          "again", exit_code=ExitCode.ATTENTION, lines=failed,
                          fields={"undrain": undrain})
     sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
+    # a host whose drain stopped nothing was down before this run (found by review: another
+    # run's drain, its controller killed): never said "started again", its undo named
+    idle = [h for h, c in drained.items() if not c]
+    if idle:
+        earlier = _earlier_drains(options.journal_dir, idle, fleet_run_id)
+        lines = list(failed) + [
+            f"{h}: drained by fleet run {earlier[h][0]}: `runbook fleet drain "
+            f"{args.get(h, 'ENV')} --undo {earlier[h][1]}`" if h in earlier else
+            f"{h}: its drain found no app slot running: not started by this run"
+            for h in idle]
+        who = sorted({earlier[h][0] for h in idle if h in earlier})
+        raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
+                         "touched and the hosts this run drained were started again, but "
+                         f"{', '.join(idle)} had no app slot running before this run's drain"
+                         + (f" (drained by fleet run {', '.join(who)}, which never finished)"
+                            if who else "") + ": THE SERVICE IS DOWN there",
+                         "start each again with the undo on its line below (by Id; never "
+                         "`docker start` by name)" + (" or by the resume of that run" if who
+                                                       else "") + "; then "
+                         + _commands("runbook status {env}", idle, args, f"on {', '.join(idle)}")
+                         + ", then run the same command again",
+                         exit_code=ExitCode.ATTENTION, lines=lines, fields={"undrain": undrain})
     raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                      "touched and every drained host was started again", "fix the cause, then "
                      "run the same command again" + (
                          " (other sessions on the shared database: stop what they belong to, "
                          "or add --end-sessions to end them)" if sessions else ""),
                      exit_code=ExitCode.FAILED_SAFELY, lines=failed, fields={"undrain": undrain})
+
+
+def _ids(answer: dict[str, Any]) -> dict[str, str]:
+    """A drain answer's `stopped_ids` (container -> the Id it stopped)."""
+    ids = answer.get("stopped_ids")
+    return {str(k): str(v) for k, v in ids.items() if v} if isinstance(ids, dict) else {}
+
+
+def _undo(drained: dict[str, list[str]], ids: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Each host's `--undo` value: each container with the Id its drain stopped, so the
+    undrain starts that one only, never another container given the name since (a host that
+    named none: its own log's Id). Hosts whose drain stopped nothing are left out."""
+    return {h: ",".join(f"{n}@{ids[h][n]}" if ids.get(h, {}).get(n) else n for n in c)
+            for h, c in drained.items() if c}
+
+
+def _drained_by(record: dict[str, Any]) -> dict[str, str]:
+    """What a fleet run's journal says its drain stopped, as each host's `--undo` value: its
+    drain phase, else (killed before that was written) the drain answers as they came."""
+    phase = next((p for p in record.get("phases") or []
+                  if isinstance(p, dict) and p.get("name") == "drain"), None)
+    if phase is not None:
+        stopped, ids = phase.get("stopped") or {}, phase.get("stopped_ids") or {}
+    else:
+        answers = {h: a for h, a in (record.get("drain_answers") or {}).items()
+                   if isinstance(a, dict)}
+        stopped = {h: a.get("stopped") or [] for h, a in answers.items()}
+        ids = {h: a.get("stopped_ids") or {} for h, a in answers.items()}
+    if not isinstance(stopped, dict) or not isinstance(ids, dict):
+        return {}
+    return _undo({str(h): [str(n) for n in c] for h, c in stopped.items() if isinstance(c, list)},
+                 {str(h): {str(k): str(v) for k, v in i.items()} for h, i in ids.items()
+                  if isinstance(i, dict)})
+
+
+def _earlier_drains(directory: Path | None, hosts: list[str],
+                    this_run: str) -> dict[str, tuple[str, str]]:
+    """For each of `hosts`, an earlier maintenance run of this journal folder that never
+    finished and whose drain stopped its app slots: (its fleet run id, the host's undo)."""
+    found: dict[str, tuple[str, str]] = {}
+    folder = directory or fjournal.default_dir()
+    for path in sorted(folder.glob("fleet_*.json"), reverse=True):  # newest first
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("fleet_run_id") == this_run \
+                or record.get("outcome") is not None or record.get("dry_run") \
+                or not record.get("maintenance_drain_started"):
+            continue
+        for host, undo in _drained_by(record).items():
+            if host in hosts and host not in found:
+                found[host] = (str(record.get("fleet_run_id")), undo)
+    return found
 
 
 def _undrained(res: dict[str, Any] | None) -> dict[str, Any]:
@@ -1223,12 +1298,18 @@ def _resume_targets(selected: list[str], earlier: dict[str, dict[str, Any]], nam
 
 
 def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
-                args: dict[str, str]) -> str:
+                args: dict[str, str],
+                undrain: Callable[[dict[str, str]], None] | None = None) -> str:
     """A resumed run that never finished: refused while its controller still runs (here);
     otherwise say what happened (its controller died: kill -9, a crash, a power loss). Returns
     its fleet run id when its controller ran on this machine and is gone (its fleet lock is
     taken over: the lock host cannot see this machine's processes), else "". `args`: each
-    host's environment as its own runbook names it (`_recorded_args`)."""
+    host's environment as its own runbook names it (`_recorded_args`).
+
+    A maintenance run killed after its drain: when it had journaled that its restore did not
+    run (before its undrain) and its controller ran here and is gone, `undrain` starts its
+    drained hosts again (it raises, saying what it did); otherwise (the restore may have begun)
+    refused, each drained host's exact undo named (found by review: none was)."""
     ctl = resumed.get("controller") or {}
     run_id = resumed.get("fleet_run_id", "?")
     pid, here = ctl.get("pid"), ctl.get("hostname") == socket.gethostname()
@@ -1239,13 +1320,25 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
                          "it with Ctrl-C), then resume", exit_code=ExitCode.LOCKED)
     database = resumed.get("database") or {}
     if resumed.get("maintenance_drain_started") and database.get("status") != "restored":
+        drained = _drained_by(resumed)
+        if (undrain is not None and here and database.get("status") == "not restored"
+                and "undrain_planned" in resumed):
+            undrain(drained)  # raises: what it started, or what it could not
         db_arg = args.get(str(database.get("host")), "ENV")
         lock_arg = args.get(str(resumed.get("lock_host")), "ENV")
+        undo_lines = [f"{h}: drained by fleet run {run_id}: `runbook fleet drain "
+                      f"{args.get(h, 'ENV')} --undo {u}`" for h, u in drained.items()]
         raise FleetError(f"--resume {run_id}: that maintenance run never finished (its "
                          f"controller, pid {pid} on {ctl.get('hostname', '?')}, stopped during "
                          "the drain or the restore): hosts may be DOWN and the database may or "
                          "may not be restored; a resume would not know whether to restore; "
-                         "nothing was changed", f"on {database.get('host', 'the lock host')} "
+                         "nothing was changed" + (
+                             f"; its drain stopped the app slots of {', '.join(drained)}"
+                             if drained else ""),
+                         ("only if the restore did not run (no safety snapshot of it in the "
+                          "snapshot list), start each drained host again with the undo on its "
+                          "line below (by Id; never `docker start` by name); " if drained
+                          else "") + f"on {database.get('host', 'the lock host')} "
                          f"run `runbook status {db_arg}` and `runbook snapshot list {db_arg}`; "
                          "once its controller is surely gone, release its fleet lock on the "
                          f"lock host (`runbook fleet lock {lock_arg} --release --fleet-run "
@@ -1254,7 +1347,7 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
                          "its whole lifetime), then run the fleet rollback again without "
                          "--resume: its pre-flight judges the database anew (--maintenance only "
                          "if it still needs the restore)",
-                         exit_code=ExitCode.ATTENTION)
+                         exit_code=ExitCode.ATTENTION, lines=undo_lines)
     done = [h for h, e in (resumed.get("hosts") or {}).items()
             if isinstance(e, dict) and e.get("status") == ROLLED_BACK]
     say(f"fleet run {run_id} never finished: its controller (pid {pid} on "
@@ -1263,6 +1356,56 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
         + ("hosts without a recorded outcome are unknown" if resumed.get("rollout_started")
            else "its rollout had not started: no host changed"))
     return str(run_id) if here else ""
+
+
+def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: Inventory,
+                    options: Options, say: Callable[[str], None], args: dict[str, str]) -> None:
+    """The undrain of a maintenance run killed after it journaled that its restore did not
+    run: each host its drain stopped started again, by Id, through the same playbook (the
+    undo refuses a name another container holds); then said as that run would have (raises).
+    A host selected whose drain said nothing is said MAY BE DOWN, its undo by its log's Ids."""
+    run_id = str(resumed.get("fleet_run_id", "?"))
+    selected = [h for h in resumed.get("hosts_selected") or [] if isinstance(h, str)]
+    phase = next((p for p in resumed.get("phases") or []
+                  if isinstance(p, dict) and p.get("name") == "drain"), {})
+    answered = phase.get("stopped") if phase else resumed.get("drain_answers")
+    # a drain that answered, even one that stopped nothing; the others may have stopped slots
+    lost = [h for h in selected if h not in (answered if isinstance(answered, dict) else {})]
+    failed = [str(x) for x in phase.get("problems") or []]
+    why = f"its restore did not run (fleet run {run_id}, its controller killed before it " \
+          "started its drained hosts again)"
+    undrain: dict[str, dict[str, Any]] = {}
+    if undo:
+        say(f"fleet run {run_id} never finished: its controller stopped after its restore did "
+            f"not run, before it started its drained hosts again; starting again {len(undo)} "
+            "drained host(s)")
+        uevents = Events()
+        run_playbook("undrain.yml", inventory,
+                     {**_controller_vars(run_id, inventory, list(undo), options.reason),
+                      "fleet_undo": undo}, uevents, forks=len(undo))
+        results = uevents.results.get("undrain", {})
+        undrain = {h: _undrained(results.get(h)) for h in undo}
+        left = [h for h in undo if undrain[h]["status"] != "started again"]
+        if left:
+            raise _undrain_failed(why, left, undrain, undo, args, failed, lost)
+    if lost:
+        raise FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); "
+                         "the database was not touched and the drained hosts were started "
+                         f"again, but the drain of {', '.join(lost)} failed or was lost: THE "
+                         "SERVICE MAY BE DOWN there", "run " + _commands(
+                             "runbook status {env}", lost, args, "on each") + "; if its slots "
+                         "are stopped, start what its drain stopped, by the Ids its log holds ("
+                         + _commands("runbook fleet drain {env} --undo <its app slot "
+                                     "containers, comma-separated>", lost, args, "")
+                         + "), then run the fleet rollback again without --resume",
+                         exit_code=ExitCode.ATTENTION, lines=failed, fields={"undrain": undrain})
+    raise FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); the "
+                     "database was not touched and every host fleet run "
+                     f"{run_id} drained was started again"
+                     + (f" ({', '.join(undo)})" if undo else ""),
+                     "fix the cause, then run the fleet rollback again without --resume",
+                     exit_code=ExitCode.FAILED_SAFELY, lines=failed,
+                     fields={"undrain": undrain})
 
 
 def _gone_here(record: dict[str, Any]) -> bool:
@@ -1564,7 +1707,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     take_over = ""
     if resumed is not None and not resumed.get("dry_run"):
         if resumed.get("outcome") is None:
-            take_over = _unfinished(resumed, say, _recorded_args(resumed, args))
+            take_over = _unfinished(resumed, say, _recorded_args(resumed, args),
+                                    None if options.dry_run else  # a dry run changes nothing
+                                    lambda undo: _finish_undrain(resumed, undo, inventory,
+                                                                 options, say, args))
         elif _gone_here(resumed):
             # it recorded its outcome but its lock may be left behind (its release failed,
             # the lock host unreachable at its end; or killed before the release): the lock
@@ -1833,6 +1979,11 @@ def _host_events(hosts: dict[str, HostResult], say: Callable[[str], None],
             say(f"{host}: rolling back ...")
 
     def on_end(t: str, host: str, res: dict[str, Any]) -> None:
+        if t == "drain" and journal is not None and host in hosts:
+            answer = _last_json(str(res.get("stdout", ""))) or {}
+            if isinstance(answer.get("stopped"), list):  # what it stopped, even if it refused
+                journal.drain_answer(host, {"stopped": [str(n) for n in answer["stopped"]],
+                                            "stopped_ids": _ids(answer)})
         if t != task or host not in hosts or res.get("_event") == "runner_on_skipped":
             return
         r = hosts[host]
