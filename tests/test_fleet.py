@@ -4169,10 +4169,27 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     run_id = record["fleet_run_id"]
     assert record["outcome"] is None and record["maintenance_drain_started"], record
     assert fleet.serving("host2")[0] >= 500  # its undrain never ran: down
-    resumed = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
-                              "--maintenance", "--resume", run_id, "--yes", "--journal-dir",
-                              str(journal)], capture_output=True, text=True, timeout=600,
-                             check=False, stdin=subprocess.DEVNULL)
+
+    def resume() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                               "--maintenance", "--resume", run_id, "--yes", "--journal-dir",
+                               str(journal)], capture_output=True, text=True, timeout=600,
+                              check=False, stdin=subprocess.DEVNULL)
+
+    # another run took the dead run's fleet lock (a live one: this process): it may be
+    # restoring with those slots drained, so the resume starts nothing before it holds the lock
+    lock_env = fleet.hosts[0].env
+    hostlock.release(lock_env, run_id)
+    hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="alice@ops",
+                  hostname=socket.gethostname(), pid=os.getpid(), reason="another maintenance")
+    try:
+        refused = resume()
+    finally:
+        hostlock.release(lock_env, "fleet_other")
+    assert refused.returncode == ExitCode.LOCKED, refused.stdout + refused.stderr
+    assert "alice@ops" in refused.stderr, refused.stderr
+    assert fleet.serving("host2")[0] >= 500  # nothing started under another run's lock
+    resumed = resume()
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == ExitCode.FAILED_SAFELY, text
     assert f"fleet run {run_id}" in resumed.stderr and "started again" in resumed.stderr, text

@@ -1307,9 +1307,10 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
     host's environment as its own runbook names it (`_recorded_args`).
 
     A maintenance run killed after its drain: when it had journaled that its restore did not
-    run (before its undrain) and its controller ran here and is gone, `undrain` starts its
-    drained hosts again (it raises, saying what it did); otherwise (the restore may have begun)
-    refused, each drained host's exact undo named (found by review: none was)."""
+    run (before its undrain) and its controller ran here and is gone, `undrain` is given each
+    drained host's undo and its id is returned: the resume takes over its fleet lock first and
+    only then starts those hosts again (_finish_undrain); otherwise (the restore may have
+    begun) refused, each drained host's exact undo named (found by review: none was)."""
     ctl = resumed.get("controller") or {}
     run_id = resumed.get("fleet_run_id", "?")
     pid, here = ctl.get("pid"), ctl.get("hostname") == socket.gethostname()
@@ -1323,7 +1324,10 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
         drained = _drained_by(resumed)
         if (undrain is not None and here and database.get("status") == "not restored"
                 and "undrain_planned" in resumed):
-            undrain(drained)  # raises: what it started, or what it could not
+            # started again only under its fleet lock, taken over by the resume: another run
+            # that took the stale lock meanwhile may be restoring with those slots drained
+            undrain(drained)
+            return str(run_id)
         db_arg = args.get(str(database.get("host")), "ENV")
         lock_arg = args.get(str(resumed.get("lock_host")), "ENV")
         undo_lines = [f"{h}: drained by fleet run {run_id}: `runbook fleet drain "
@@ -1705,12 +1709,12 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                          "drop --limit (or take out of the inventory the hosts that do not "
                          "use this database)")
     take_over = ""
+    unfinished_undo: list[dict[str, str]] = []  # a killed maintenance run's, to finish
     if resumed is not None and not resumed.get("dry_run"):
         if resumed.get("outcome") is None:
             take_over = _unfinished(resumed, say, _recorded_args(resumed, args),
-                                    None if options.dry_run else  # a dry run changes nothing
-                                    lambda undo: _finish_undrain(resumed, undo, inventory,
-                                                                 options, say, args))
+                                    None if options.dry_run  # a dry run changes nothing
+                                    else unfinished_undo.append)
         elif _gone_here(resumed):
             # it recorded its outcome but its lock may be left behind (its release failed,
             # the lock host unreachable at its end; or killed before the release): the lock
@@ -1813,6 +1817,8 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             if taken.get("taken_over"):
                 say(f"took over a stale fleet lock: {taken['taken_over']}")
                 journal.set(stale_fleet_lock_taken_over=taken["taken_over"])
+            if unfinished_undo and resumed is not None:  # under the fleet lock: raises
+                _finish_undrain(resumed, unfinished_undo[0], inventory, options, say, args)
         restore = _needs_restore(checks)
         db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
         maintenance = None
