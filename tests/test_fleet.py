@@ -4202,6 +4202,61 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
 
 
 @pytest.mark.docker
+def test_a_resume_killed_during_its_undrain_is_finished_by_its_own_resume(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """A maintenance run killed (kill -9) during its undrain, then its resume killed during
+    the undrain it finishes. The dead resume holds the fleet lock under its own id (a lock host
+    elsewhere refuses the first run's resume and names this one's), so this one's resume must
+    finish the undrain. Found by review: it read "its rollout had not started: no host
+    changed" and ran a new maintenance, whose drain found host2 already stopped: host2 left
+    down (exit 5). Oracles: each host's Caddy, Postgres."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    with fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    assert row is not None
+    refuse = {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)}
+    fleet.write_inventory(host_vars={"host1": refuse, "host2": {
+        "runbook_command": _scripted_command(fleet, "host2", kill_on="undo",
+                                             pid_file=pid_file)}})
+    try:
+        first = _fleet_rollback(fleet, journal, "--maintenance")
+        pid_file.write_text(str(first.pid))
+        out, err = first.communicate(timeout=600)
+        assert first.returncode == -signal.SIGKILL, out + err
+        (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+        second = _fleet_rollback(fleet, journal, "--maintenance", "--resume",
+                                 record["fleet_run_id"])
+        pid_file.write_text(str(second.pid))
+        out, err = second.communicate(timeout=600)
+        assert second.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory(host_vars={"host1": refuse})
+    try:
+        (resume_id,) = [r["fleet_run_id"] for r in
+                        (json.loads(p.read_text()) for p in journal.glob("fleet_*.json"))
+                        if r.get("resumed_from") == record["fleet_run_id"]]
+        assert fleet.serving("host2")[0] >= 500  # neither undrain reached it: down
+        third = subprocess.run([fleet.runbook_command, "fleet", "rollback",
+                                str(fleet.inventory), "--maintenance", "--resume", resume_id,
+                                "--yes", "--journal-dir", str(journal)], capture_output=True,
+                               text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+    finally:
+        fleet.write_inventory()
+    text = third.stdout + third.stderr
+    assert third.returncode == ExitCode.FAILED_SAFELY, text
+    assert "the database was not touched" in third.stderr, text
+    for h in fleet.hosts:
+        assert _until_serving(fleet, h.name)[:3:2] == (200, v3), (h.name, text)
+    with fleet.hosts[0].stack.connect() as conn:
+        after = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert after == (row[0] + 1,), after  # never restored
+
+
+@pytest.mark.docker
 def test_a_controller_killed_at_the_maintenance_restore_leaves_each_hosts_undo_named(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
     """The controller killed (kill -9) as the lock host's restore is asked for, every host

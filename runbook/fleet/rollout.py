@@ -1363,7 +1363,8 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
 
 
 def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: Inventory,
-                    options: Options, say: Callable[[str], None], args: dict[str, str]) -> None:
+                    options: Options, say: Callable[[str], None], args: dict[str, str],
+                    journal: fjournal.FleetJournal) -> None:
     """The undrain of a maintenance run killed after it journaled that its restore did not
     run: each host its drain stopped started again, by Id, through the same playbook (the
     undo refuses a name another container holds); then said as that run would have (raises).
@@ -1379,6 +1380,18 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
     why = f"its restore did not run (fleet run {run_id}, its controller killed before it " \
           "started its drained hosts again)"
     undrain: dict[str, dict[str, Any]] = {}
+    # this run's own journal says the same before its undrain: killed during it, its lock (now
+    # held under this run's id) names this run's resume, which must finish the undrain too; it
+    # read "its rollout had not started: no host changed" and left the hosts down (review)
+    stopped, ids = (phase.get("stopped"), phase.get("stopped_ids")) if phase else (None, None)
+    answers = ({h: {"stopped": c, "stopped_ids": (ids or {}).get(h) or {}}
+                for h, c in stopped.items()} if isinstance(stopped, dict)
+               else resumed.get("drain_answers") or {})
+    journal.set(maintenance_drain_started=True, drain_answers=answers,
+                database={**(resumed.get("database") or {}), "status": "not restored",
+                          "from_fleet_run": run_id})
+    journal.record["undrain_planned"] = undo
+    journal.save()
     if undo:
         say(f"fleet run {run_id} never finished: its controller stopped after its restore did "
             f"not run, before it started its drained hosts again; starting again {len(undo)} "
@@ -1818,7 +1831,8 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                 say(f"took over a stale fleet lock: {taken['taken_over']}")
                 journal.set(stale_fleet_lock_taken_over=taken["taken_over"])
             if unfinished_undo and resumed is not None:  # under the fleet lock: raises
-                _finish_undrain(resumed, unfinished_undo[0], inventory, options, say, args)
+                _finish_undrain(resumed, unfinished_undo[0], inventory, options, say, args,
+                                journal)
         restore = _needs_restore(checks)
         db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
         maintenance = None
