@@ -4777,3 +4777,40 @@ def test_a_bare_name_undo_reads_a_large_log_folder_only_as_far_as_its_answer(
     finally:
         for path in ours:
             path.unlink(missing_ok=True)
+
+
+def test_an_earlier_runs_drain_is_named_only_if_nobody_resumed_it_and_for_its_environment(
+        tmp_path: Path) -> None:
+    """A fresh maintenance run that finds a host's slots already stopped names the unfinished
+    run whose drain stopped them, and that host's undo. Found by review: it named a run whose
+    resume had since finished its undrain (that undo could start an old container), and a
+    staging run's host of the same name in the same journal folder. Damaged journals that
+    still parse (a list where a mapping belongs) are passed over, never a crash."""
+    from runbook.fleet.rollout import _earlier_drains
+
+    def record(run: str, env: str, ident: str, **more: object) -> None:
+        (tmp_path / f"fleet_{run}.json").write_text(json.dumps({
+            "fleet_run_id": f"fleet_{run}", "outcome": None, "maintenance_drain_started": True,
+            "environments": {"host2": env},
+            "drain_answers": {"host2": {"stopped": ["app-blue"],
+                                        "stopped_ids": {"app-blue": ident}}}, **more}))
+
+    staging = {"host2": "staging"}
+    record("20261201_100000_aaaaaa", "staging", "a" * 64)
+    assert _earlier_drains(tmp_path, ["host2"], "fleet_now", staging) == {
+        "host2": ("fleet_20261201_100000_aaaaaa", f"app-blue@{'a' * 64}")}
+    # another environment's run, newer, in the same folder: not this host's containers
+    record("20261201_110000_bbbbbb", "development", "b" * 64)
+    assert _earlier_drains(tmp_path, ["host2"], "fleet_now", staging)["host2"][0] \
+        == "fleet_20261201_100000_aaaaaa"
+    # damaged, newest: passed over
+    (tmp_path / "fleet_20261201_120000_cccccc.json").write_text(json.dumps({
+        "fleet_run_id": "fleet_20261201_120000_cccccc", "outcome": None,
+        "maintenance_drain_started": True, "phases": 7, "drain_answers": ["host2"]}))
+    assert _earlier_drains(tmp_path, ["host2"], "fleet_now", staging)["host2"][0] \
+        == "fleet_20261201_100000_aaaaaa"
+    # resumed since (its resume finished the undrain and recorded its own outcome)
+    (tmp_path / "fleet_20261201_130000_dddddd.json").write_text(json.dumps({
+        "fleet_run_id": "fleet_20261201_130000_dddddd", "outcome": "failed",
+        "resumed_from": "fleet_20261201_100000_aaaaaa"}))
+    assert _earlier_drains(tmp_path, ["host2"], "fleet_now", staging) == {}

@@ -1082,7 +1082,8 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
     # run's drain, its controller killed): never said "started again", its undo named
     idle = [h for h, c in drained.items() if not c]
     if idle:
-        earlier = _earlier_drains(options.journal_dir, idle, fleet_run_id)
+        earlier = _earlier_drains(options.journal_dir, idle, fleet_run_id,
+                                  {h: inventory.env(h) for h in idle})
         lines = list(failed) + [
             f"{h}: drained by fleet run {earlier[h][0]}: `runbook fleet drain "
             f"{args.get(h, 'ENV')} --undo {earlier[h][1]}`" if h in earlier else
@@ -1125,13 +1126,15 @@ def _undo(drained: dict[str, list[str]], ids: dict[str, dict[str, str]]) -> dict
 def _drained_by(record: dict[str, Any]) -> dict[str, str]:
     """What a fleet run's journal says its drain stopped, as each host's `--undo` value: its
     drain phase, else (killed before that was written) the drain answers as they came."""
-    phase = next((p for p in record.get("phases") or []
-                  if isinstance(p, dict) and p.get("name") == "drain"), None)
+    phases = record.get("phases")
+    phase = next((p for p in phases if isinstance(p, dict) and p.get("name") == "drain"),
+                 None) if isinstance(phases, list) else None
     if phase is not None:
         stopped, ids = phase.get("stopped") or {}, phase.get("stopped_ids") or {}
     else:
-        answers = {h: a for h, a in (record.get("drain_answers") or {}).items()
-                   if isinstance(a, dict)}
+        given = record.get("drain_answers")  # a damaged journal: nothing, never a crash
+        answers = {h: a for h, a in given.items()
+                   if isinstance(a, dict)} if isinstance(given, dict) else {}
         stopped = {h: a.get("stopped") or [] for h, a in answers.items()}
         ids = {h: a.get("stopped_ids") or {} for h, a in answers.items()}
     if not isinstance(stopped, dict) or not isinstance(ids, dict):
@@ -1141,24 +1144,43 @@ def _drained_by(record: dict[str, Any]) -> dict[str, str]:
                   if isinstance(i, dict)})
 
 
-def _earlier_drains(directory: Path | None, hosts: list[str],
-                    this_run: str) -> dict[str, tuple[str, str]]:
+_JOURNAL_READ_MAX = 64 * 1024 * 1024  # bytes: a fleet journal larger is not another run's
+
+
+def _earlier_drains(directory: Path | None, hosts: list[str], this_run: str,
+                    environments: dict[str, str]) -> dict[str, tuple[str, str]]:
     """For each of `hosts`, an earlier maintenance run of this journal folder that never
-    finished and whose drain stopped its app slots: (its fleet run id, the host's undo)."""
-    found: dict[str, tuple[str, str]] = {}
+    finished and whose drain stopped its app slots: (its fleet run id, the host's undo).
+    Passed over (found by review): a run a later run resumed (the resume finished its
+    undrain, or journaled it as its own, and is found itself), and a host its run knew under
+    another environment (`environments`: this run's, host -> runbook_env): a staging run's
+    Ids in the same folder are never named as a production host's undo."""
+    records: list[dict[str, Any]] = []
     folder = directory or fjournal.default_dir()
     for path in sorted(folder.glob("fleet_*.json"), reverse=True):  # newest first
         try:
+            if path.stat().st_size > _JOURNAL_READ_MAX:
+                continue
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(record, dict) or record.get("fleet_run_id") == this_run \
-                or record.get("outcome") is not None or record.get("dry_run") \
-                or not record.get("maintenance_drain_started"):
+        if isinstance(record, dict):
+            records.append(record)
+    resumed = {str(r.get("resumed_from")) for r in records if r.get("resumed_from")}
+    found: dict[str, tuple[str, str]] = {}
+    for record in records:
+        run_id = str(record.get("fleet_run_id"))
+        if run_id in (this_run, *resumed) or record.get("outcome") is not None \
+                or record.get("dry_run") or not record.get("maintenance_drain_started"):
             continue
+        known = record.get("environments")
+        known = known if isinstance(known, dict) else {}
         for host, undo in _drained_by(record).items():
-            if host in hosts and host not in found:
-                found[host] = (str(record.get("fleet_run_id")), undo)
+            if host not in hosts or host in found:
+                continue
+            if host in known and host in environments and known[host] != environments[host]:
+                continue  # that host under another environment: not this one's containers
+            found[host] = (run_id, undo)
     return found
 
 
