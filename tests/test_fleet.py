@@ -8,6 +8,7 @@ fleet (real sshd, real ansible-playbook), whose oracle is what each host's Caddy
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -1912,8 +1913,21 @@ def test_an_undrain_whose_second_start_fails_answers_what_it_started(stack: Dril
         capture_output=True, text=True, check=True).stdout)
     (bound,) = [b for bs in bindings.values() for b in bs]
     taken = socket.socket()
+    # SO_REUSEADDR: a client socket of another test may use the port as its own local one (CI:
+    # EADDRINUSE); a listener still refuses docker-proxy's bind. Retried: the stopped green's
+    # docker-proxy may let the port go a moment after `docker stop` returned
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        taken.bind((bound["HostIp"] or "0.0.0.0", int(bound["HostPort"])))
+        for _ in range(100):
+            try:
+                taken.bind((bound["HostIp"] or "0.0.0.0", int(bound["HostPort"])))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"green's port {bound} is still listened on by another process")
         taken.listen()
         done = runbook_cli(env, "fleet", "drain", "--undo", undo)
         states = [_running(blue), _running(green)]
