@@ -2031,6 +2031,14 @@ def _fleet_rollback(fleet: DrillFleet, journal: Path, *args: str) -> subprocess.
                             stdin=subprocess.DEVNULL)
 
 
+def _fleet_rollback_run(fleet: DrillFleet, journal: Path,
+                        *args: str) -> subprocess.CompletedProcess[str]:
+    """`runbook fleet rollback` on the drill fleet's inventory, run to its end."""
+    return subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
+                           "--yes", "--journal-dir", str(journal), *args], capture_output=True,
+                          text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+
+
 def _read_until(proc: subprocess.Popen[str], marker: str) -> list[str]:
     """The controller's stderr lines up to the first that contains `marker` (all of them if
     none does): the moment a test acts on the running controller."""
@@ -4136,6 +4144,16 @@ os.execv(RUNBOOK, [RUNBOOK, *argv])
     return str(script)
 
 
+def _assert_started_again_never_restored(fleet: DrillFleet, schema: int, text: str) -> None:
+    """Every host serves v3 again (its Caddy), and the database still has `schema` (Postgres):
+    the drained hosts were started again and the restore never ran."""
+    for h in fleet.hosts:
+        assert _until_serving(fleet, h.name)[:3:2] == (200, VERSIONS["v3"].tag), (h.name, text)
+    with fleet.hosts[0].stack.connect() as conn:
+        after = conn.execute("SELECT version FROM schema_migrations").fetchone()
+    assert after == (schema,), after  # never restored
+
+
 def _until_serving(fleet: DrillFleet, name: str) -> tuple[int, str | None, str | None]:
     """What host `name`'s Caddy serves once its started app answers (at most 60 s)."""
     deadline = time.monotonic() + 60
@@ -4161,7 +4179,6 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     each drained host again by the Id its drain stopped, and says so as the run would have
     (exit 1). Oracles: each host's Caddy, the docker CLI, Postgres."""
     fleet = fleet_on_v3
-    v3 = VERSIONS["v3"].tag
     journal = tmp_path / "journal"
     pid_file = tmp_path / "controller.pid"
     with fleet.hosts[0].stack.connect() as conn:
@@ -4185,10 +4202,7 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     assert fleet.serving("host2")[0] >= 500  # its undrain never ran: down
 
     def resume() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
-                               "--maintenance", "--resume", run_id, "--yes", "--journal-dir",
-                               str(journal)], capture_output=True, text=True, timeout=600,
-                              check=False, stdin=subprocess.DEVNULL)
+        return _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id)
 
     # another run took the dead run's fleet lock (a live one: this process): it may be
     # restoring with those slots drained, so the resume starts nothing before it holds the lock
@@ -4208,11 +4222,7 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     assert resumed.returncode == ExitCode.FAILED_SAFELY, text
     assert f"fleet run {run_id}" in resumed.stderr and "started again" in resumed.stderr, text
     assert "the database was not touched" in resumed.stderr, text
-    for h in fleet.hosts:
-        assert _until_serving(fleet, h.name)[:3:2] == (200, v3), (h.name, text)
-    with fleet.hosts[0].stack.connect() as conn:
-        after = conn.execute("SELECT version FROM schema_migrations").fetchone()
-    assert after == (row[0] + 1,), after  # never restored
+    _assert_started_again_never_restored(fleet, row[0] + 1, text)
 
 
 @pytest.mark.docker
@@ -4225,7 +4235,6 @@ def test_a_resume_killed_during_its_undrain_is_finished_by_its_own_resume(
     changed" and ran a new maintenance, whose drain found host2 already stopped: host2 left
     down (exit 5). Oracles: each host's Caddy, Postgres."""
     fleet = fleet_on_v3
-    v3 = VERSIONS["v3"].tag
     journal = tmp_path / "journal"
     pid_file = tmp_path / "controller.pid"
     with fleet.hosts[0].stack.connect() as conn:
@@ -4254,20 +4263,13 @@ def test_a_resume_killed_during_its_undrain_is_finished_by_its_own_resume(
                         (json.loads(p.read_text()) for p in journal.glob("fleet_*.json"))
                         if r.get("resumed_from") == record["fleet_run_id"]]
         assert fleet.serving("host2")[0] >= 500  # neither undrain reached it: down
-        third = subprocess.run([fleet.runbook_command, "fleet", "rollback",
-                                str(fleet.inventory), "--maintenance", "--resume", resume_id,
-                                "--yes", "--journal-dir", str(journal)], capture_output=True,
-                               text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+        third = _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", resume_id)
     finally:
         fleet.write_inventory()
     text = third.stdout + third.stderr
     assert third.returncode == ExitCode.FAILED_SAFELY, text
     assert "the database was not touched" in third.stderr, text
-    for h in fleet.hosts:
-        assert _until_serving(fleet, h.name)[:3:2] == (200, v3), (h.name, text)
-    with fleet.hosts[0].stack.connect() as conn:
-        after = conn.execute("SELECT version FROM schema_migrations").fetchone()
-    assert after == (row[0] + 1,), after  # never restored
+    _assert_started_again_never_restored(fleet, row[0] + 1, text)
 
 
 @pytest.mark.docker
@@ -4300,10 +4302,7 @@ def test_a_controller_killed_at_the_maintenance_restore_leaves_each_hosts_undo_n
     (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
     run_id = record["fleet_run_id"]
     assert all(fleet.serving(h.name)[0] >= 500 for h in fleet.hosts)  # all drained
-    resumed = subprocess.run([fleet.runbook_command, "fleet", "rollback", str(fleet.inventory),
-                              "--maintenance", "--resume", run_id, "--yes", "--journal-dir",
-                              str(journal)], capture_output=True, text=True, timeout=600,
-                             check=False, stdin=subprocess.DEVNULL)
+    resumed = _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id)
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == ExitCode.ATTENTION, text
     assert "may or may not be restored" in resumed.stderr, text
@@ -4316,10 +4315,7 @@ def test_a_controller_killed_at_the_maintenance_restore_leaves_each_hosts_undo_n
     fleet.write_inventory(host_vars={"host1": {"runbook_command": _scripted_command(
         fleet, "host1", refuse_restore=True)}})
     try:
-        fresh = subprocess.run([fleet.runbook_command, "fleet", "rollback",
-                                str(fleet.inventory), "--maintenance", "--yes", "--journal-dir",
-                                str(journal)], capture_output=True, text=True, timeout=600,
-                               check=False, stdin=subprocess.DEVNULL)
+        fresh = _fleet_rollback_run(fleet, journal, "--maintenance")
     finally:
         fleet.write_inventory()
     text = fresh.stdout + fresh.stderr
