@@ -4177,7 +4177,10 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     be DOWN", exit 5) naming no host's undo, the hosts left down. The run journals that its
     restore did not run before its undrain, so the resume finishes the job itself: it starts
     each drained host again by the Id its drain stopped, and says so as the run would have
-    (exit 1). Oracles: each host's Caddy, the docker CLI, Postgres."""
+    (exit 1). Its dry run, found by review, still refused so ("a resume would not know
+    whether to restore"): now it shows the lock it takes over, each host's undo by Id and how
+    the resume ends, changing nothing; under another run's live lock it refuses as the resume
+    does. Oracles: each host's Caddy, the docker CLI, Postgres, the lock and journal files."""
     fleet = fleet_on_v3
     journal = tmp_path / "journal"
     pid_file = tmp_path / "controller.pid"
@@ -4185,6 +4188,7 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
         row = conn.execute("SELECT version FROM schema_migrations").fetchone()
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
     assert row is not None
+    ids = _drained_ids(fleet)  # what the drain will stop, as the docker CLI says
     fleet.write_inventory(host_vars={
         "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
         "host2": {"runbook_command": _scripted_command(fleet, "host2", kill_on="undo",
@@ -4201,25 +4205,62 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     assert record["outcome"] is None and record["maintenance_drain_started"], record
     assert fleet.serving("host2")[0] >= 500  # its undrain never ran: down
 
-    def resume() -> subprocess.CompletedProcess[str]:
-        return _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id)
+    def resume(*more: str) -> subprocess.CompletedProcess[str]:
+        return _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id, *more)
+
+    # its dry run: the plan of the resume below, nothing changed
+    lock_env = fleet.hosts[0].env
+    # host2's slots: its undo killed the controller without running. host1's and host3's
+    # undos, asked beside it, may still land after the kill (their commands outlive it)
+    containers = [fleet.hosts[1].env.slot(s).container for s in Slot]
+
+    def untouched() -> tuple[dict[str, bytes], dict[str, bytes], dict[str, dict[str, str]]]:
+        held = hostlock.path(lock_env)  # a directory: its holder file(s)
+        return ({str(f.relative_to(held)): f.read_bytes() for f in held.rglob("*")
+                 if f.is_file()},
+                {p.name: p.read_bytes() for p in journal.iterdir()},
+                {c: docker_says(c) for c in containers})
+
+    before = untouched()
+    dry = resume("--dry-run")
+    text = dry.stdout + dry.stderr
+    assert dry.returncode == 0, text
+    assert untouched() == before, text  # no lock taken, no journal written, nothing started
+    assert fleet.serving("host2")[0] >= 500, text
+    (taken,) = [line for line in dry.stdout.splitlines()
+                if line.startswith("fleet lock on host1: take over the stale fleet lock of ")]
+    assert f"fleet run {run_id} " in taken, text  # the dead run's lock, named
+    for host, pairs in ids.items():
+        assert pairs, ids
+        assert f"    {host}: runbook fleet drain development --undo {','.join(pairs)} " \
+               f"--fleet-run {run_id}" in dry.stdout, (host, text)
+    (ends,) = [line for line in dry.stdout.splitlines()
+               if line.startswith("then, each started again, it stops (exit 1): ")]
+    assert "Dry run: nothing was changed." in dry.stdout, text
 
     # another run took the dead run's fleet lock (a live one: this process): it may be
     # restoring with those slots drained, so the resume starts nothing before it holds the lock
-    lock_env = fleet.hosts[0].env
     hostlock.release(lock_env, run_id)
     hostlock.take(lock_env, fleet_run_id="fleet_other", locked_by="alice@ops",
                   hostname=socket.gethostname(), pid=os.getpid(), reason="another maintenance")
     try:
+        refused_dry = resume("--dry-run")
         refused = resume()
     finally:
         hostlock.release(lock_env, "fleet_other")
-    assert refused.returncode == ExitCode.LOCKED, refused.stdout + refused.stderr
-    assert "alice@ops" in refused.stderr, refused.stderr
+    for no in (refused_dry, refused):  # the dry run refuses as the resume does
+        assert no.returncode == ExitCode.LOCKED, no.stdout + no.stderr
+        assert "alice@ops" in no.stderr, no.stderr
     assert fleet.serving("host2")[0] >= 500  # nothing started under another run's lock
     resumed = resume()
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == ExitCode.FAILED_SAFELY, text
+    # as its dry run said: the same words, and the very containers it named started again
+    assert ends.split("(exit 1): ", 1)[1] in resumed.stderr.replace("\n", " "), (ends, text)
+    for pairs in ids.values():
+        for pair in pairs:
+            name, cid = pair.split("@")
+            assert docker_says(name)["id"] == cid and _running(name) == "running", (pair, text)
     assert f"fleet run {run_id}" in resumed.stderr and "started again" in resumed.stderr, text
     assert "the database was not touched" in resumed.stderr, text
     _assert_started_again_never_restored(fleet, row[0] + 1, text)
@@ -4311,6 +4352,9 @@ def test_a_controller_killed_at_the_maintenance_restore_leaves_each_hosts_undo_n
         assert f"{host}: drained by fleet run {run_id}: `runbook fleet drain {args[host]} " \
                f"--undo {','.join(pairs)}`" in resumed.stderr, (host, text)
     assert all(fleet.serving(h.name)[0] >= 500 for h in fleet.hosts)  # nothing guessed
+    # its dry run is decided by the same function: refused as it is, in the same words
+    dry = _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id, "--dry-run")
+    assert (dry.returncode, dry.stderr) == (resumed.returncode, resumed.stderr), dry.stderr
 
     fleet.write_inventory(host_vars={"host1": {"runbook_command": _scripted_command(
         fleet, "host1", refuse_restore=True)}})

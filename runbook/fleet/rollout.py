@@ -1332,7 +1332,9 @@ def _unfinished(resumed: dict[str, Any], say: Callable[[str], None],
     run (before its undrain) and its controller ran here and is gone, `undrain` is given each
     drained host's undo and its id is returned: the resume takes over its fleet lock first and
     only then starts those hosts again (_finish_undrain); otherwise (the restore may have
-    begun) refused, each drained host's exact undo named (found by review: none was)."""
+    begun) refused, each drained host's exact undo named (found by review: none was). Its
+    dry run is decided here too (found by review: it refused where the resume went on): it
+    shows the undrain (_undrain_dry_run) or refuses with these very lines."""
     ctl = resumed.get("controller") or {}
     run_id = resumed.get("fleet_run_id", "?")
     pid, here = ctl.get("pid"), ctl.get("hostname") == socket.gethostname()
@@ -1391,16 +1393,8 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
     run: each host its drain stopped started again, by Id, through the same playbook (the
     undo refuses a name another container holds); then said as that run would have (raises).
     A host selected whose drain said nothing is said MAY BE DOWN, its undo by its log's Ids."""
-    run_id = str(resumed.get("fleet_run_id", "?"))
-    selected = [h for h in resumed.get("hosts_selected") or [] if isinstance(h, str)]
-    phase = next((p for p in resumed.get("phases") or []
-                  if isinstance(p, dict) and p.get("name") == "drain"), {})
-    answered = phase.get("stopped") if phase else resumed.get("drain_answers")
-    # a drain that answered, even one that stopped nothing; the others may have stopped slots
-    lost = [h for h in selected if h not in (answered if isinstance(answered, dict) else {})]
-    failed = [str(x) for x in phase.get("problems") or []]
-    why = f"its restore did not run (fleet run {run_id}, its controller killed before it " \
-          "started its drained hosts again)"
+    run_id, lost, failed, why = _undrain_facts(resumed)
+    phase = _drain_phase(resumed)
     undrain: dict[str, dict[str, Any]] = {}
     # this run's own journal says the same before its undrain: killed during it, its lock (now
     # held under this run's id) names this run's resume, which must finish the undrain too; it
@@ -1415,9 +1409,7 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
     journal.record["undrain_planned"] = undo
     journal.save()
     if undo:
-        say(f"fleet run {run_id} never finished: its controller stopped after its restore did "
-            f"not run, before it started its drained hosts again; starting again {len(undo)} "
-            "drained host(s)")
+        say(_undrain_said(run_id, undo))
         uevents = Events()
         run_playbook("undrain.yml", inventory,
                      {**_controller_vars(run_id, inventory, list(undo), options.reason),
@@ -1427,24 +1419,109 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
         left = [h for h in undo if undrain[h]["status"] != "started again"]
         if left:
             raise _undrain_failed(why, left, undrain, undo, args, failed, lost)
+    raise _undrain_ended(run_id, why, undo, lost, failed, args, undrain)
+
+
+def _drain_phase(record: dict[str, Any]) -> dict[str, Any]:
+    """A fleet run's journaled drain phase ({} when it was killed before writing it)."""
+    phase = next((p for p in record.get("phases") or []
+                  if isinstance(p, dict) and p.get("name") == "drain"), {})
+    return phase if isinstance(phase, dict) else {}
+
+
+def _undrain_facts(resumed: dict[str, Any]) -> tuple[str, list[str], list[str], str]:
+    """What a resume finishing a killed maintenance run's undrain knows before it starts any
+    host, the real resume and its dry run alike: (that run's id, the hosts selected whose
+    drain never answered, its drain's problem lines, why it stopped before its restore)."""
+    run_id = str(resumed.get("fleet_run_id", "?"))
+    selected = [h for h in resumed.get("hosts_selected") or [] if isinstance(h, str)]
+    phase = _drain_phase(resumed)
+    answered = phase.get("stopped") if phase else resumed.get("drain_answers")
+    # a drain that answered, even one that stopped nothing; the others may have stopped slots
+    lost = [h for h in selected if h not in (answered if isinstance(answered, dict) else {})]
+    failed = [str(x) for x in phase.get("problems") or []]
+    why = f"its restore did not run (fleet run {run_id}, its controller killed before it " \
+          "started its drained hosts again)"
+    return run_id, lost, failed, why
+
+
+def _undrain_said(run_id: str, undo: dict[str, str]) -> str:
+    return (f"fleet run {run_id} never finished: its controller stopped after its restore did "
+            f"not run, before it started its drained hosts again; starting again {len(undo)} "
+            "drained host(s)")
+
+
+def _undrain_ended(run_id: str, why: str, undo: dict[str, str], lost: list[str],
+                   failed: list[str], args: dict[str, str],
+                   undrain: dict[str, dict[str, Any]]) -> FleetError:
+    """How that resume ends once each host it started again said so (the error it raises;
+    its dry run shows it as what the resume would report)."""
     if lost:
-        raise FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); "
-                         "the database was not touched and the drained hosts were started "
-                         f"again, but the drain of {', '.join(lost)} failed or was lost: THE "
-                         "SERVICE MAY BE DOWN there", "run " + _commands(
-                             "runbook status {env}", lost, args, "on each") + "; if its slots "
-                         "are stopped, start what its drain stopped, by the Ids its log holds ("
-                         + _commands("runbook fleet drain {env} --undo <its app slot "
-                                     "containers, comma-separated>", lost, args, "")
-                         + "), then run the fleet rollback again without --resume",
-                         exit_code=ExitCode.ATTENTION, lines=failed, fields={"undrain": undrain})
-    raise FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); the "
-                     "database was not touched and every host fleet run "
-                     f"{run_id} drained was started again"
-                     + (f" ({', '.join(undo)})" if undo else ""),
-                     "fix the cause, then run the fleet rollback again without --resume",
-                     exit_code=ExitCode.FAILED_SAFELY, lines=failed,
-                     fields={"undrain": undrain})
+        return FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); "
+                          "the database was not touched and the drained hosts were started "
+                          f"again, but the drain of {', '.join(lost)} failed or was lost: THE "
+                          "SERVICE MAY BE DOWN there", "run " + _commands(
+                              "runbook status {env}", lost, args, "on each") + "; if its slots "
+                          "are stopped, start what its drain stopped, by the Ids its log holds ("
+                          + _commands("runbook fleet drain {env} --undo <its app slot "
+                                      "containers, comma-separated>", lost, args, "")
+                          + "), then run the fleet rollback again without --resume",
+                          exit_code=ExitCode.ATTENTION, lines=failed, fields={"undrain": undrain})
+    return FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); the "
+                      "database was not touched and every host fleet run "
+                      f"{run_id} drained was started again"
+                      + (f" ({', '.join(undo)})" if undo else ""),
+                      "fix the cause, then run the fleet rollback again without --resume",
+                      exit_code=ExitCode.FAILED_SAFELY, lines=failed,
+                      fields={"undrain": undrain})
+
+
+def _lock_as_read(events: Events, checks: dict[str, dict[str, Any]],
+                  inventory: Inventory) -> dict[str, Any]:
+    """The fleet lock as a dry run's pre-flight read it on the lock host (its host-check, or
+    its "read the fleet lock" task when --limit leaves it out): {} for a free one."""
+    if inventory.lock_host in checks:
+        held = checks[inventory.lock_host].get("fleet_lock")
+    else:
+        read = events.results.get("read the fleet lock", {}).get(inventory.lock_host) or {}
+        held = _last_json(str(read.get("stdout", "")))
+    return held if isinstance(held, dict) and held.get("locked") else {}
+
+
+def _undrain_dry_run(resumed: dict[str, Any], undo: dict[str, str], inventory: Inventory,
+                     held: dict[str, Any], args: dict[str, str],
+                     fleet_run_id: str) -> FleetResult:
+    """The dry run of a resume that finishes a killed maintenance run's undrain (_unfinished
+    decided it, as for the real resume): the fleet lock it takes over, each drained host's
+    start by Id as the undrain playbook runs it there, and how the resume ends, from the same
+    functions _finish_undrain uses. Found by review: the dry run refused ("a resume would not
+    know whether to restore") where the real resume went on and started the hosts."""
+    run_id, lost, failed, why = _undrain_facts(resumed)
+    ctl = resumed.get("controller") or {}
+    holder = (held.get("holder") or {}).get("fleet_run_id")
+    lines = [f"fleet {fleet_run_id}: --resume {run_id}: that maintenance run never finished: "
+             f"its restore did not run and its controller (pid {ctl.get('pid', '?')} on "
+             f"{ctl.get('hostname', '?')}) is gone, before it started its drained hosts again",
+             f"fleet lock on {inventory.lock_host}: "
+             + (f"take over the stale fleet lock of {held.get('summary')}"
+                if held and (holder == run_id or held.get("stale")) else
+                "free: take it") + " (before any host is started)"]
+    if undo:
+        lines.append(f"start again {len(undo)} drained host(s), each container by the Id its "
+                     "drain stopped (the undrain playbook runs there):")
+        lines += [f"    {h}: " + shlex.join(["runbook", "fleet", "drain", inventory.env(h),
+                                             "--undo", u, "--fleet-run", run_id])
+                  for h, u in undo.items()]
+    else:
+        lines.append("no drained host to start again: its drain stopped none")
+    end = _undrain_ended(run_id, why, undo, lost, failed, args, {})
+    lines += [("then it stops" if not undo else "then, each started again, it stops")
+              + f" (exit {int(end.exit_code)}): {end.message}", f"    fix: {end.fix}",
+              *(f"    {line}" for line in end.lines)]
+    if undo:
+        lines.append("a host not started again is said DOWN (or MAY BE DOWN) with its own fix "
+                     f"(exit {int(ExitCode.ATTENTION)})")
+    return FleetResult(fleet_run_id, 0, [*lines, "Dry run: nothing was changed."])
 
 
 def _gone_here(record: dict[str, Any]) -> bool:
@@ -1748,8 +1825,8 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
     if resumed is not None and not resumed.get("dry_run"):
         if resumed.get("outcome") is None:
             take_over = _unfinished(resumed, say, _recorded_args(resumed, args),
-                                    None if options.dry_run  # a dry run changes nothing
-                                    else unfinished_undo.append)
+                                    # its dry run shows what it does
+                                    unfinished_undo.append)
         elif _gone_here(resumed):
             # it recorded its outcome but its lock may be left behind (its release failed,
             # the lock host unreachable at its end; or killed before the release): the lock
@@ -1855,6 +1932,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
             if unfinished_undo and resumed is not None:  # under the fleet lock: raises
                 _finish_undrain(resumed, unfinished_undo[0], inventory, options, say, args,
                                 journal)
+        if options.dry_run and unfinished_undo and resumed is not None:  # as the above runs
+            return _undrain_dry_run(resumed, unfinished_undo[0], inventory,
+                                    _lock_as_read(events, checks, inventory), args,
+                                    fleet_run_id)
         restore = _needs_restore(checks)
         db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
         maintenance = None
