@@ -2951,11 +2951,16 @@ def test_a_drain_lost_while_another_hosts_undrain_fails_is_still_said_may_be_dow
     answered, and host2's undrain was refused (a container up under its slot's name since
     its drain): the run's error named host2 only, its fix host2 only, and host3, left down,
     was only "host3: drain failed" on a line, never "MAY BE DOWN" nor its undo (said when no
-    undrain fails). Now both are said. Oracles: each host's Caddy, the docker CLI."""
+    undrain fails). Now both are said. host1, its app slots stopped before the run (its drain
+    stops nothing), was not named either (found by review): now it is said DOWN, not started
+    by this run. Oracles: each host's Caddy, the docker CLI."""
     fleet = fleet_on_v3
     lock, host2, host3 = fleet.hosts
     with lock.stack.connect() as conn:
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    slots1 = [lock.env.slot(s).container for s in Slot]
+    _docker_stop(*[c for c in slots1 if _running(c) == "running"])
+    down1 = {c: docker_says(c) for c in slots1}
     slot = next(s for s in Slot if _running(host2.env.slot(s).container) == "running")
     name = host2.env.slot(slot).container
     inspected = docker_says(name)
@@ -2987,10 +2992,48 @@ def test_a_drain_lost_while_another_hosts_undrain_fails_is_still_said_may_be_dow
     assert "host2 could not be started again: THE SERVICE IS DOWN there" in err, err
     assert "the drain of host3 failed or was lost: THE SERVICE MAY BE DOWN there" in err, err
     assert "--undo <its app slot containers, comma-separated>" in err, err
+    assert "host1 had no app slot running before this run's drain: THE SERVICE IS DOWN " \
+           "there" in err, err
+    assert "  host1: its drain found no app slot running: not started by this run" in err, err
+    assert {c: docker_says(c) for c in slots1} == down1, err  # left as it was: down
     assert fleet.serving("host3")[0] >= 500, err  # down indeed
     names = ",".join(host3.env.slot(s).container for s in Slot)
     done = runbook_cli(host3.env, "fleet", "drain", "--undo", names)  # as the fix says
     assert done.returncode == 0 and json.loads(done.stdout)["started"], done.stdout + done.stderr
+
+
+@pytest.mark.docker
+def test_a_host_down_before_the_drain_is_named_when_another_hosts_drain_is_lost(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host2's app slots stopped before the run (its drain stops nothing), host3 gone dark
+    once its drain stopped its slots: the run stops before its restore and starts host1
+    again. Found by review: the error named host3 only ("MAY BE DOWN") and said "the drained
+    hosts were started again", host2, down before and left down, unnamed (it is named when
+    no drain is lost). Now host2 is said DOWN, on a line of its own: not started by this run.
+    Oracles: the docker CLI (host2's containers as the test stopped them), each host's Caddy."""
+    fleet = fleet_on_v3
+    v3 = VERSIONS["v3"].tag
+    lock, host2 = fleet.hosts[0], fleet.hosts[1]
+    with lock.stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    slots = [host2.env.slot(s).container for s in Slot]
+    _docker_stop(*[c for c in slots if _running(c) == "running"])
+    down = {c: docker_says(c) for c in slots}
+    fleet.write_inventory(host_vars={"host3": {"runbook_command": fleet.cut_off_command(
+        "host3", "fleet", "drain", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
+        _out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    assert proc.returncode == ExitCode.ATTENTION, err
+    assert "the drain of host3 failed or was lost: THE SERVICE MAY BE DOWN there" in err, err
+    assert "host2 had no app slot running before this run's drain: THE SERVICE IS DOWN " \
+           "there" in err, err
+    assert "  host2: its drain found no app slot running: not started by this run" in err, err
+    assert {c: docker_says(c) for c in slots} == down, err  # left as it was: down
+    assert _until_serving(fleet, "host1")[:3:2] == (200, v3), err  # drained, started again
 
 
 def _report_section(record: dict[str, object]) -> str:

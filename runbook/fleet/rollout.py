@@ -1046,6 +1046,11 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
     # out when another host's undrain failed (it was: found by review)
     lost = [h for h in targets if h not in drained and h not in skipped
             and (h in events.started.get("drain", {}) or h in events.unreachable)]
+    # a host whose drain stopped nothing was down before this run (found by review: another
+    # run's drain, its controller killed): never said "started again", its undo named; said so
+    # too when another host's undrain fails or its drain was lost (found by review: unnamed)
+    idle = [h for h, c in drained.items() if not c]
+    before = _down_before(idle, options, fleet_run_id, inventory, args) if idle else None
     undrain: dict[str, dict[str, Any]] = {}  # host -> what its undrain started and refused
     # written before the undrain: a controller killed during it leaves a record its resume
     # reads as "the restore did not run", and finishes the undrain (_unfinished)
@@ -1064,49 +1069,58 @@ def _drain_and_restore_held(run: PlaybookRun, inventory: Inventory, targets: lis
         journal.set(undrained=[h for h in undo if h not in left], undrain_failed=left,
                     undrain=undrain)
         if left:
-            raise _undrain_failed(why, left, undrain, undo, args, failed, lost)
+            raise _undrain_failed(why, left, undrain, undo, args, failed, lost, before)
     if lost:
         raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                          "touched and the drained hosts were started again, but the drain of "
-                         f"{', '.join(lost)} failed or was lost: THE SERVICE MAY BE DOWN there",
-                         "run " + _commands("runbook status {env}", lost, args, "on each")
+                         f"{', '.join(lost)} failed or was lost: THE SERVICE MAY BE DOWN there"
+                         + (f"; {before[1]}" if before else ""),
+                         (f"on {', '.join(idle)}: {before[2]}; " if before else "") + "run "
+                         + _commands("runbook status {env}", lost, args, "on each")
                          + "; if its slots are stopped, start what its drain stopped, "
                          "by the Ids its log holds (" + _commands(
                              "runbook fleet drain {env} --undo <its app slot containers, "
                              "comma-separated>", lost, args, "") + "; never `docker start` "
                          "by name: another container may hold it), then run the same command "
-                         "again", exit_code=ExitCode.ATTENTION, lines=failed,
+                         "again", exit_code=ExitCode.ATTENTION,
+                         lines=failed + (before[0] if before else []),
                          fields={"undrain": undrain})
     sessions = "--end-sessions" in str(out.get("fix") or "")  # the host's restore refused
-    # a host whose drain stopped nothing was down before this run (found by review: another
-    # run's drain, its controller killed): never said "started again", its undo named
-    idle = [h for h, c in drained.items() if not c]
-    if idle:
-        earlier = _earlier_drains(options.journal_dir, idle, fleet_run_id,
-                                  {h: inventory.env(h) for h in idle})
-        lines = list(failed) + [
-            f"{h}: drained by fleet run {earlier[h][0]}: `runbook fleet drain "
-            f"{args.get(h, 'ENV')} --undo {earlier[h][1]}`" if h in earlier else
-            f"{h}: its drain found no app slot running: not started by this run"
-            for h in idle]
-        who = sorted({earlier[h][0] for h in idle if h in earlier})
+    if before:
+        lines, said, fix = before
         raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
-                         "touched and the hosts this run drained were started again, but "
-                         f"{', '.join(idle)} had no app slot running before this run's drain"
-                         + (f" (drained by fleet run {', '.join(who)}, which never finished)"
-                            if who else "") + ": THE SERVICE IS DOWN there",
-                         "start each again with the undo on its line below (by Id; never "
-                         "`docker start` by name)" + (" or by the resume of that run" if who
-                                                       else "") + "; then "
+                         f"touched and the hosts this run drained were started again, but {said}",
+                         f"{fix}; then "
                          + _commands("runbook status {env}", idle, args, f"on {', '.join(idle)}")
                          + ", then run the same command again",
-                         exit_code=ExitCode.ATTENTION, lines=lines, fields={"undrain": undrain})
+                         exit_code=ExitCode.ATTENTION, lines=failed + lines,
+                         fields={"undrain": undrain})
     raise FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                      "touched and every drained host was started again", "fix the cause, then "
                      "run the same command again" + (
                          " (other sessions on the shared database: stop what they belong to, "
                          "or add --end-sessions to end them)" if sessions else ""),
                      exit_code=ExitCode.FAILED_SAFELY, lines=failed, fields={"undrain": undrain})
+
+
+def _down_before(idle: list[str], options: Options, fleet_run_id: str, inventory: Inventory,
+                 args: dict[str, str]) -> tuple[list[str], str, str]:
+    """Hosts whose drain found no app slot running: down before this run's drain, and left
+    down by it (it started nothing there). (A line per host: the undo of the unfinished run
+    that drained it, else that this run did not start it; what the error says; its fix.)"""
+    earlier = _earlier_drains(options.journal_dir, idle, fleet_run_id,
+                              {h: inventory.env(h) for h in idle})
+    lines = [f"{h}: drained by fleet run {earlier[h][0]}: `runbook fleet drain "
+             f"{args.get(h, 'ENV')} --undo {earlier[h][1]}`" if h in earlier else
+             f"{h}: its drain found no app slot running: not started by this run"
+             for h in idle]
+    who = sorted({earlier[h][0] for h in idle if h in earlier})
+    said = (f"{', '.join(idle)} had no app slot running before this run's drain"
+            + (f" (drained by fleet run {', '.join(who)}, which never finished)" if who else "")
+            + ": THE SERVICE IS DOWN there")
+    fix = ("start each again with the undo on its line below (by Id; never `docker start` by "
+           "name)" + (" or by the resume of that run" if who else ""))
+    return lines, said, fix
 
 
 def _ids(answer: dict[str, Any]) -> dict[str, str]:
@@ -1207,14 +1221,16 @@ def _undrained(res: dict[str, Any] | None) -> dict[str, Any]:
 
 def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]],
                     undo: dict[str, str], args: dict[str, str], failed: list[str],
-                    lost: list[str]) -> FleetError:
+                    lost: list[str],
+                    before: tuple[list[str], str, str] | None = None) -> FleetError:
     """The maintenance run stopped before its restore, and `left` hosts not all started
     again: each said as its undrain answered. A host whose undrain started some containers
     and refused one was named "could not be started again: THE SERVICE IS DOWN", what it
     started only inside its error's words (found by review). Now: DOWN only where nothing was
     started nor running; else what was started (not checked serving: MAY BE DOWN) and each
     container refused, on a line of its own with the host's exact fix for it. `lost`: hosts
-    whose drain failed or was lost before it said what it stopped, said MAY BE DOWN too."""
+    whose drain failed or was lost before it said what it stopped, said MAY BE DOWN too.
+    `before`: the hosts down before this run's drain (_down_before), said DOWN, each named."""
     down = [h for h in left if undrain[h]["status"] == "not started again"
             and not undrain[h]["already_running"]]
     said = [f"{', '.join(down)} could not be started again: THE SERVICE IS DOWN there"] \
@@ -1246,11 +1262,16 @@ def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]
     if lost:
         said.append(f"the drain of {', '.join(lost)} failed or was lost: THE SERVICE MAY BE "
                     "DOWN there")
+    down_before = [line.split(":")[0] for line in before[0]] if before else []
+    if before:
+        said.append(before[1])
+        lines += before[0]
     each = [h for h in left if undrain[h]["refused"]]
     rest = [h for h in left if not undrain[h]["refused"]]
     fix = "; ".join(
         ([f"for each container not started on {', '.join(each)}: the fix on its line"]
          if each else [])
+        + ([f"on {', '.join(down_before)}: {before[2]}"] if before else [])
         + ([f"start its app slots on {', '.join(rest)} ("
             + _commands("runbook fleet drain {env} --undo ...", rest, args, "") + ")"]
            if rest else [])
@@ -1258,7 +1279,8 @@ def _undrain_failed(why: str, left: list[str], undrain: dict[str, dict[str, Any]
             "by the Ids its log holds (" + _commands(
                 "runbook fleet drain {env} --undo <its app slot containers, comma-separated>",
                 lost, args, "") + ")"] if lost else [])) + "; then " + _commands(
-        "runbook status {env}", left + lost, args, f"on {', '.join(left + lost)}") \
+        "runbook status {env}", left + lost + down_before, args,
+        f"on {', '.join(left + lost + down_before)}") \
         + " (whether it serves)"
     return FleetError(f"maintenance stopped before the restore ({why}); the database was not "
                       "touched, but " + "; ".join(said), fix, exit_code=ExitCode.ATTENTION,
