@@ -30,7 +30,16 @@ the kernel (`ss -tien`, iproute2, no shell):
     only those accepted in between need the evidence above.
 (b) the old slot: no request pending on its port (data received after the last data sent),
     from the accepted side (the app or Docker's proxy, `sport`) and from Caddy's own client
-    sockets where Caddy runs in this network namespace (`dport`).
+    sockets where Caddy runs in this network namespace (`dport`). Only the slot's sockets:
+    where the addresses Caddy dials the slot at are known (`peers`, resolved by the caller
+    from the upstreams Caddy ran), a client socket counts only with one of them as its peer,
+    and an accepted one only with one of them, or any address where the slot's port listens
+    on 0.0.0.0/:: (Docker's proxy), as its local address. By port number alone, this host's
+    connection to another service on that port number (10.0.0.5:8081, a listener on
+    127.0.0.2) held the drain to its timeout, and on an h2c front left the old slot running.
+    Where they are not known (a name that does not resolve here, Caddy dialing a container
+    name, a run that did not read the config the switch replaced), every socket on the port
+    counts, as before: slower, never unsafe.
 
 "Nothing seen" is only "nothing there" where the port's listening socket is visible here;
 otherwise (Docker publishing with DNAT instead of its proxy, Caddy in another namespace) that
@@ -51,7 +60,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,6 +85,23 @@ Key = tuple[str, str, int]  # local address, peer address, socket inode
 def _port(address: str) -> int | None:
     head, _, tail = address.rpartition(":")
     return int(tail) if head and tail.isdigit() else None
+
+
+def normal_host(host: str) -> str:
+    """A host as `ss` and a dial are compared: no brackets, no zone or interface (`%lo`),
+    lower-case, an IPv4-mapped IPv6 address (a dual-stack socket's) as its IPv4 address."""
+    host = host.strip("[]").split("%")[0].lower()
+    mapped = host.removeprefix("::ffff:")
+    return mapped if mapped != host and "." in mapped else host
+
+
+def _host(address: str) -> str:
+    """The host of an `ss` address (`127.0.0.1:8081`, `[::1]:8081`, `*:8081`)."""
+    return normal_host(address.rpartition(":")[0] if _port(address) is not None else address)
+
+
+_ANY = frozenset({"*", "::"})  # a listener on every address (`*` is ss's dual-stack one)
+_ANY_V4 = "0.0.0.0"
 
 
 @dataclass(frozen=True)
@@ -147,6 +173,9 @@ class Drain:
     last_good: float | None = None  # seconds into the wait of the last good reading
     minimum: float = 0.0  # the least the wait had to last for what cannot be seen (PRECONNECT)
     pending: int = 0  # requests pending on the slot's port at the last reading
+    # the addresses Caddy dials the slot at, whose sockets alone were counted (None: not
+    # known, every socket on the port was)
+    peers: tuple[str, ...] | None = None
 
     @property
     def front_open(self) -> int:
@@ -176,6 +205,8 @@ class Drain:
             front += f"; Caddy's other ports not watched: at least {PRECONNECT:g}s"
         slot = (f"no request pending on port {self.port}" if self.slot_observed
                 else f"port {self.port} not observable: at least {FALLBACK_GRACE:g}s")
+        if self.slot_observed and self.peers:
+            slot += f" (at {', '.join(self.peers)}, where Caddy dials it)"
         return f"{front}; {slot}"
 
     def describe(self) -> str:
@@ -282,21 +313,49 @@ def _filter(ports: Iterable[int], *, dport: int | None = None) -> list[str]:
     return ["(", *terms, ")"]
 
 
-def listening(ports: Iterable[int]) -> set[int] | None:
-    """Which of `ports` have a listening socket visible in this network namespace."""
-    wanted = list(ports)
-    out = _ss(["state", "listening", *_filter(wanted)])
-    return None if out is None else parse_listening(out) & set(wanted)
+def listening(ports: Iterable[int]) -> dict[int, frozenset[str]] | None:
+    """Which of `ports` have a listening socket visible in this network namespace, each with
+    the local addresses it listens on (`0.0.0.0`, `::` or `*`: every address)."""
+    wanted = set(ports)
+    out = _ss(["state", "listening", *_filter(sorted(wanted))])
+    if out is None:
+        return None
+    return {p: a for p, a in parse_listeners(out).items() if p in wanted}
 
 
 def parse_listening(output: str) -> set[int]:
     """`ss -H -t -n state listening` output: the local ports."""
-    ports = set()
+    return set(parse_listeners(output))
+
+
+def parse_listeners(output: str) -> dict[int, frozenset[str]]:
+    """`ss -H -t -n state listening` output: each local port's listening addresses."""
+    found: dict[int, set[str]] = {}
     for line in output.splitlines():
         fields = line.split()
         if len(fields) >= 3 and (port := _port(fields[2])) is not None:
-            ports.add(port)
-    return ports
+            found.setdefault(port, set()).add(_host(fields[2]))
+    return {p: frozenset(a) for p, a in found.items()}
+
+
+def narrow(seen: Look, peers: frozenset[str] | None,
+           binds: Collection[str] | None = None) -> Look:
+    """Only the sockets that can be the slot's: Caddy's client sockets with one of `peers`
+    (the addresses Caddy dials the slot at) as their peer; accepted ones with one of them as
+    their local address, or any, where the slot's port listens on every address (`binds`,
+    its listening addresses; None: not read, so taken as every address). `peers` None: not
+    known, so every socket on the port, as `ss` filtered them (fail closed)."""
+    if peers is None:
+        return seen
+    every = binds is None or bool(_ANY & set(binds))
+    every_v4 = every or _ANY_V4 in (binds or ())
+
+    def accepted(c: Conn) -> bool:
+        host = _host(c.local)
+        return every or host in peers or (every_v4 and ":" not in host)
+
+    return Look(seen.front, [c for c in seen.accepted if accepted(c)],
+                [c for c in seen.dialed if _host(c.peer) in peers])
 
 
 def read_sockets(slot_port: int, front_port: int | None) -> Look | Unread:
@@ -624,15 +683,18 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                  quiet: float = QUIET, settle: float = SETTLE, poll: float = POLL,
                  preconnect: float = PRECONNECT, other_fronts: bool = False,
                  read: Callable[[int, int | None], Look | Unread | None] = read_sockets,
-                 visible: Callable[[Iterable[int]], set[int] | None] = listening,
+                 visible: Callable[[Iterable[int]], Collection[int] | None] = listening,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
                  trace: list[tuple[float, int, int, int, int]] | None = None,
                  switch: Switch | None = None,
-                 look: Callable[[int], list[Conn] | None] | None = None) -> Drain:
+                 look: Callable[[int], list[Conn] | None] | None = None,
+                 peers: frozenset[str] | None = None) -> Drain:
     """Wait (at most `timeout`) until the old config is done with the slot on `port`: every
     connection on Caddy's `front` port seen now has closed or shown it is the new config's,
     and no request is pending on `port` (module docstring; unobservable sides fail closed).
+    `peers`: the addresses Caddy dials the slot at (normal_host), whose sockets alone are
+    the slot's (`narrow`); None: not known, every socket on `port` is.
 
     A reading that fails for good (no `ss`, an error exit, output it cannot read) before any
     good one is the fixed grace, as with nothing observable; a time-out (a loaded host) is
@@ -660,6 +722,9 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
     shown = visible(ports)
     front_observed = shown is not None and front is not None and front in shown
     slot_listens = shown is not None and port in shown
+    # where the slot's port listens: on every address (Docker's proxy) its accepted sockets
+    # are all the slot's; on some, only those at an address Caddy dials
+    binds = shown.get(port) if isinstance(shown, Mapping) else None
     watch = _Watch()
     moved_at = began  # front not observable: the slot's port must be quiet for `quiet`
     slot_moved_at = began - settle  # observable: quiet for `settle` (a stream still running)
@@ -685,7 +750,8 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
                      unwatched=why_unwatched,
                      listener_left_after=switch.closed_after if switch else None,
                      last_request=last_request, front_done_at=front_done_at,
-                     readings=readings, failed_readings=failed, **more)
+                     readings=readings, failed_readings=failed,
+                     peers=None if peers is None else tuple(sorted(peers)), **more)
 
     while True:
         seen = read(port, front if front_observed else None)
@@ -709,6 +775,7 @@ def wait_drained(port: int, timeout: float = DRAIN_TIMEOUT, *, front: int | None
             sleep(min(poll, max(0.0, timeout - (now - began))))
             continue
         last_good = now - began
+        seen = narrow(seen, peers, binds)
         # Caddy's own sockets to the slot are only seen where it runs in this namespace
         slot_observed = slot_listens or bool(seen.dialed) or slot_observed
         first_reading = first

@@ -38,7 +38,7 @@ from runbook.probes import Probe
 def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
          running: bool | None = None, after_switch: bool = False,
          on_drain: Callable[[drain.Drain], None] | None = None,
-         ident: str | None = None) -> str | None:
+         ident: str | None = None, dials: tuple[str, ...] | None = None) -> str | None:
     """Stop a slot's container, unless Caddy sends traffic to it at this very moment.
 
     `maintenance` is for the snapshot restore alone, which the operator asked for and
@@ -47,7 +47,11 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
     the slot served until a switch (the stop-old-slot step), not one started by this run and
     never switched to (an undo). `on_drain` is told how the drain before the stop went (for
     the journal). `ident`: the full id of the container the run planned (or started) to
-    stop: the stop goes to it, never to another container given the name since.
+    stop: the stop goes to it, never to another container given the name since. `dials`:
+    the upstreams of the config Caddy ran while it sent users to the slot (Observed), with
+    those of the config it runs now the addresses the drain counts Caddy's connections to
+    the slot at (traffic.slot_peers); None: not read by this run, every socket on the slot's
+    port counts.
 
     Returns None once stopped, or why it was left running: connections Caddy's previous
     config still holds over cleartext HTTP/2 never move to the new config (their clients
@@ -70,8 +74,11 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
             others = any(not lo == hi == front for lo, hi in running_config.fronts)
             # a slot never switched to (an undo) had no config sending to it: no connection of
             # the old config can be silent on it, so no minimum wait
-            drained = drain.wait_drained(env.slot(slot).port, env.drain_timeout, front=front,
-                                         other_fronts=others,
+            port = env.slot(slot).port
+            peers = None if dials is None else traffic.slot_peers(
+                (*dials, *running_config.dials), port, traffic.ThisHost(env))
+            drained = drain.wait_drained(port, env.drain_timeout, front=front,
+                                         other_fronts=others, peers=peers,
                                          preconnect=drain.PRECONNECT if after_switch else 0.0)
             h2c_port = traffic.h2c_port(running_config, front)
             elsewhere = traffic.unwatched_h2c(running_config, front)
@@ -149,15 +156,18 @@ def stop_if_started(env: Environment, slot: Slot, observed: Observed | None = No
     info = docker.inspect(env.slot(slot).container) if ident is None else docker.inspect_id(ident)
     if info is not None and info.exists and info.up:
         stop_for_undo(env, slot, after_switch=observed is not None and observed.sent_to_target,
-                      ident=ident, running=info.running)
+                      ident=ident, running=info.running,
+                      dials=None if observed is None else observed.dials_loaded)
 
 
 def stop_for_undo(env: Environment, slot: Slot, *, after_switch: bool = False,
-                  ident: str | None = None, running: bool | None = None) -> None:
+                  ident: str | None = None, running: bool | None = None,
+                  dials: tuple[str, ...] | None = None) -> None:
     """`stop` as an undo: a slot left running for Caddy's h2c connections is reported (the
     undo did not fully happen), never passed over in silence. `after_switch`: a failed
     verification's config sent users to it, so it is drained as an old slot is."""
-    kept = stop(env, slot, after_switch=after_switch, ident=ident, running=running)
+    kept = stop(env, slot, after_switch=after_switch, ident=ident, running=running,
+                dials=dials)
     if kept is not None:
         raise RunbookError(f"left running: {kept}", "see `runbook status`")
 
@@ -552,6 +562,11 @@ class Observed:
     # stop of the old slot asks whether it is still that one, not one a restart policy
     # started again after a crash (whose /health answers again within a second)
     gated_container: intents.Identity | None = None
+    # the upstreams of the config the switch replaced (it sent users to the old slot), and of
+    # the one it loaded (to the target): where the drain before a stop counts Caddy's
+    # connections to the slot (None: not read by this run, every socket on its port counts)
+    dials_before: tuple[str, ...] | None = None
+    dials_loaded: tuple[str, ...] | None = None
 
 
 def image_of(env: Environment, version: str, image: str | None = None) -> str:
@@ -1409,7 +1424,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                                    "slot; nothing else was stopped")
                         ctx.result = "no container of that name"
                     return
-                kept = stop(env, slot, running=False, after_switch=True, ident=ident)
+                kept = stop(env, slot, running=False, after_switch=True, ident=ident,
+                            dials=None if observed is None else observed.dials_before)
         else:
             def drained(d: drain.Drain) -> None:
                 ctx.note(drained=d.describe())
@@ -1418,7 +1434,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
 
             try:
                 kept = stop(env, slot, running=True, after_switch=True, on_drain=drained,
-                            ident=ident)
+                            ident=ident,
+                            dials=None if observed is None else observed.dials_before)
             except _KeptForForce as why:
                 kept = str(why)
         if kept is not None:
@@ -2107,9 +2124,10 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             # and its ETag: the load below is If-Match it, so a change loaded into Caddy
             # after the check just below (another environment's switch) is never dropped
             running, etag = traffic.loaded_config_tagged(env)
-            before = traffic.from_config(
-                env, running, lambda: traffic.outside_addresses(env, running)).slot
-            answered = True
+            ran = traffic.from_config(env, running,
+                                      lambda: traffic.outside_addresses(env, running))
+            before, answered = ran.slot, True
+            observed.dials_before = ran.dials  # how Caddy dials the old slot: its drain
         except traffic.TrafficUnknownError:
             running, etag, before, answered = None, None, None, False
         # the proxy's answer for the slot that serves, before anything changes, asked beside
@@ -2164,6 +2182,9 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
             refused.append(True)
             raise
         loaded.append(caddy.running_config(env))
+        # how Caddy dials the target: the drain before an undo's stop of it
+        observed.dials_loaded = (None if loaded[0] is None
+                                 else tuple(dict.fromkeys(traffic.every_dial(loaded[0]))))
         ctx.fault("switch.after-reload")
         result = caddy.verify(env, target, expected_version, quick=True)
         if not result.ok:

@@ -386,6 +386,11 @@ def _dials(config: Any) -> Iterator[str]:
             stack.extend(node)
 
 
+def every_dial(config: Any) -> Iterator[str]:
+    """Every upstream address in a Caddy JSON config (`_dials`)."""
+    return _dials(config)
+
+
 def _unresolved(config: Any) -> tuple[str, ...]:
     """Each upstream Caddy resolves only per request (a placeholder it keeps in the dial, a
     handler with `dynamic_upstreams`), as `<site>: <dial>`. The managed block refuses both,
@@ -874,6 +879,39 @@ def _resolved(host: str) -> frozenset[str] | None:
         _RESOLVED.clear()
     _RESOLVED[host] = found
     return found
+
+
+def slot_peers(dials: Iterable[str], port: int,
+               here: Callable[[str], bool]) -> frozenset[str] | None:
+    """The addresses Caddy reaches the slot on `port` at, from upstreams it ran (`dials`):
+    the drain counts only Caddy's sockets with one of them as peer (runbook/drain.py), not
+    this host's connection to another service on that port number. A dial `here` says is
+    another machine's is not the slot. None where they cannot be told, and the drain counts
+    every socket on the port (fail closed): no dial on that port, a host left empty (a health
+    check's `:8081`), a placeholder, the unspecified address, a name that does not resolve
+    here in time (a container's name, dialed from Caddy's own network namespace)."""
+    import ipaddress
+
+    found: set[str] = set()
+    for dial in dials:
+        host, dialed = _dial(dial)
+        if dialed != port or not here(dial):
+            continue
+        host = drain.normal_host(host)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            resolved = _resolved(host) if host and "{" not in host else None
+            if resolved is None:
+                return None
+            if host == "localhost" or host.endswith(".localhost"):
+                resolved |= {"127.0.0.1", "::1"}  # whatever Caddy's resolver picks (RFC 6761)
+            found |= {drain.normal_host(a) for a in resolved}
+            continue
+        if address.is_unspecified:
+            return None
+        found.add(str(address))
+    return frozenset(found) or None
 
 
 def ask_proxy(env: Environment) -> tuple[str | None, str | None, str | None, int | None]:

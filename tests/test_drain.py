@@ -434,6 +434,98 @@ def test_real_sockets_an_old_connection_answering_late_is_waited_for(
         s.close()
 
 
+@pytest.mark.skipif(drain.listening([1]) is None, reason="needs `ss` (iproute2) on this host")
+def test_real_sockets_a_pending_request_to_another_address_on_the_slots_port_does_not_hold(
+        ) -> None:
+    """This host's connection to another listener with the slot's port number (127.0.0.2;
+    the slot listens on 127.0.0.1, where Caddy dials it), a request pending on it, is not
+    Caddy's connection to the old slot: the drain ends without waiting for it (by port
+    number alone it held the drain to its timeout, and on an h2c front left the old slot
+    running). Where the addresses Caddy dials are not known, every socket on the port still
+    counts (fail closed); a request pending on a connection to the slot's dial address still
+    holds the drain."""
+    front, slot, other = socket.socket(), socket.socket(), socket.socket()
+    front.bind(("127.0.0.1", 0))
+    slot.bind(("127.0.0.1", 0))
+    port = slot.getsockname()[1]
+    other.bind(("127.0.0.2", port))  # the same port number at another address
+    opened = [front, slot, other]
+    try:
+        for s in (front, slot, other):
+            s.listen(8)
+        elsewhere = socket.create_connection(("127.0.0.2", port))
+        served, _ = other.accept()
+        opened += [elsewhere, served]
+        elsewhere.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        served.recv(1024)  # received, never answered: pending, seen from both ends
+        kw: dict[str, Any] = {"front": front.getsockname()[1], "preconnect": 0.0}
+        caddy_dials = frozenset({"127.0.0.1"})
+        unrelated = drain.wait_drained(port, timeout=10.0, peers=caddy_dials, **kw)
+        assert unrelated.drained and unrelated.pending == 0, unrelated.describe()
+        assert "at 127.0.0.1, where Caddy dials it" in unrelated.how
+        unknown = drain.wait_drained(port, timeout=1.0, peers=None, **kw)
+        assert not unknown.drained and unknown.pending == 1, unknown.describe()
+        to_slot = socket.create_connection(("127.0.0.1", port))
+        at_slot, _ = slot.accept()
+        opened += [to_slot, at_slot]
+        to_slot.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        at_slot.recv(1024)
+        held = drain.wait_drained(port, timeout=1.0, peers=caddy_dials, **kw)
+        assert not held.drained and held.pending == 1, held.describe()
+        assert "1 request(s) still pending" in held.describe()
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_the_slots_sockets_are_told_by_the_address_caddy_dials() -> None:
+    """`narrow` on recorded sockets: a client socket counts only with a dial address as its
+    peer; an accepted one with it as its local address, or any where the slot's port
+    listens on every address (Docker's proxy: 0.0.0.0 and ::, or ss's dual-stack `*`)."""
+    def conn(local: str, peer: str) -> drain.Conn:
+        return drain.Conn(peer, 1, 2, 10, 10, local=local)
+
+    look = drain.Look({}, [conn("127.0.0.1:8081", "127.0.0.1:40000"),
+                           conn("127.0.0.2:8081", "127.0.0.1:40001"),
+                           conn("[::ffff:127.0.0.1]:8081", "[::ffff:127.0.0.1]:40002"),
+                           conn("[::1]:8081", "[::1]:40003")],
+                      [conn("127.0.0.1:40000", "127.0.0.1:8081"),
+                       conn("127.0.0.1:40001", "127.0.0.2:8081"),
+                       conn("10.0.0.9:40004", "10.0.0.5:8081")])
+    peers = frozenset({"127.0.0.1"})
+    mine = drain.narrow(look, peers, frozenset({"127.0.0.1", "127.0.0.2"}))
+    assert [c.local for c in mine.accepted] == ["127.0.0.1:8081", "[::ffff:127.0.0.1]:8081"]
+    assert [c.peer for c in mine.dialed] == ["127.0.0.1:8081"]
+    assert len(drain.narrow(look, peers, frozenset({"0.0.0.0"})).accepted) == 3  # not ::1
+    for every in ({"0.0.0.0", "::"}, {"*"}, None):
+        wide = drain.narrow(look, peers, None if every is None else frozenset(every))
+        assert len(wide.accepted) == 4 and len(wide.dialed) == 1
+    assert drain.narrow(look, None) == look  # not known: every socket on the port
+    listening = ("0      4096   127.0.0.1%lo:8081   0.0.0.0:*\n"
+                 "0      4096   127.0.0.2:8081   0.0.0.0:*\n"
+                 "0      4096   *:8443   *:*\n"
+                 "0      4096   [::]:9000   [::]:*\n")
+    assert drain.parse_listeners(listening) == {8081: {"127.0.0.1", "127.0.0.2"},
+                                                8443: {"*"}, 9000: {"::"}}
+
+
+def test_the_addresses_caddy_dials_a_slot_at_or_none_when_they_cannot_be_told() -> None:
+    """From the upstreams Caddy ran: literal addresses, names resolved here (localhost is
+    loopback whatever this host's resolver says); another port's dials and another
+    machine's are not the slot's. A name that does not resolve, a dial with no host, a
+    placeholder or the unspecified address: None (the drain counts every socket)."""
+    here = lambda dial: not dial.startswith("10.")  # noqa: E731 (another machine's service)
+    assert traffic.slot_peers(["127.0.0.1:8081", "[::1]:8081", "127.0.0.2:8082",
+                               "10.0.0.5:8081"], 8081, here) == {"127.0.0.1", "::1"}
+    assert traffic.slot_peers(["localhost:8081"], 8081, here) >= {"127.0.0.1", "::1"}
+    assert traffic.slot_peers(["tcp/[::ffff:127.0.0.1]:8081"], 8081, here) == {"127.0.0.1"}
+    for unknown in (["no-such-host.invalid:8081"], [":8081"], ["0.0.0.0:8081"],
+                    ["{http.request.host}:8081"], ["127.0.0.1:8082"], ["10.0.0.5:8081"], []):
+        assert traffic.slot_peers(["127.0.0.1:8082", *unknown], 8081, here) is None, unknown
+    assert traffic.slot_peers(["127.0.0.1:8081", "no-such-host.invalid:8081"], 8081,
+                              here) is None
+
+
 def test_the_front_port_read_around_a_reload_gives_listeners_and_connections() -> None:
     text = ("LISTEN 0      4096      127.0.0.1:8443    0.0.0.0:* ino:5001 sk:1 cgroup:/ <->\n"
             "LISTEN 0      4096      127.0.0.1:8443    0.0.0.0:* ino:5002 sk:2 cgroup:/ <->\n"
