@@ -834,6 +834,36 @@ def after_the_drain(then: Callable[[], object]) -> Iterator[list[drain.Drain]]:
 
 
 @pytest.mark.docker
+def test_a_request_pending_at_another_address_on_the_old_slots_port_does_not_hold_its_drain(
+        stack: DrillStack) -> None:
+    """This host's connection to another service with the old slot's port number at another
+    address (127.0.0.2; Docker publishes the slot on 127.0.0.1, and Caddy dials it as
+    localhost), a request pending on it all through a deploy: not Caddy's connection to the
+    old slot, so the drain before its stop ends without it. By port number alone it held
+    the drain to drain_timeout and the slot was stopped "anyway" (on an h2c front: left
+    running)."""
+    env = stack.env  # the baseline: blue serves; a deploy to green drains and stops blue
+    other = socket.socket()
+    other.bind(("127.0.0.2", env.slot("blue").port))
+    other.listen(1)
+    client = socket.create_connection(("127.0.0.2", env.slot("blue").port))
+    served, _ = other.accept()
+    try:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: elsewhere\r\n\r\n")
+        served.recv(1024)  # received, never answered: pending, seen from both ends
+        with after_the_drain(lambda: None) as drains:
+            deploy.deploy(env, deploy.Options(version=V2.tag))
+    finally:
+        for s in (client, served, other):
+            s.close()
+    assert drains, "the old slot was drained"
+    d = drains[-1]
+    assert d.drained and d.pending == 0, d.describe()
+    assert d.peers is not None and "127.0.0.1" in d.peers, d  # localhost, as Caddy dials it
+    assert not docker.inspect(env.slot("blue").container).running
+
+
+@pytest.mark.docker
 def test_a_slot_switched_back_to_during_the_drain_is_not_stopped(stack: DrillStack) -> None:
     """The stop checked that Caddy does not send to the slot, then drained (up to
     drain_timeout). Another operator switches Caddy back to that slot through the admin API
