@@ -90,7 +90,7 @@ def _port(address: str) -> int | None:
 def normal_host(host: str) -> str:
     """A host as `ss` and a dial are compared: no brackets, no zone or interface (`%lo`),
     lower-case, an IPv4-mapped IPv6 address (a dual-stack socket's) as its IPv4 address."""
-    host = host.strip("[]").split("%")[0].lower()
+    host = host.split("%")[0].strip("[]").lower()  # ss: `[fe80::1]%eth0`; a dial: `fe80::1%eth0`
     mapped = host.removeprefix("::ffff:")
     return mapped if mapped != host and "." in mapped else host
 
@@ -344,8 +344,8 @@ def narrow(seen: Look, peers: frozenset[str] | None,
     (the addresses Caddy dials the slot at) as their peer; accepted ones with one of them as
     their local address, or any, where the slot's port listens on every address (`binds`,
     its listening addresses; None: not read, so taken as every address). `peers` None: not
-    known, so every socket on the port, as `ss` filtered them (fail closed)."""
-    if peers is None:
+    known (or none), so every socket on the port, as `ss` filtered them (fail closed)."""
+    if not peers:
         return seen
     every = binds is None or bool(_ANY & set(binds))
     every_v4 = every or _ANY_V4 in (binds or ())

@@ -488,10 +488,12 @@ def test_the_slots_sockets_are_told_by_the_address_caddy_dials() -> None:
     look = drain.Look({}, [conn("127.0.0.1:8081", "127.0.0.1:40000"),
                            conn("127.0.0.2:8081", "127.0.0.1:40001"),
                            conn("[::ffff:127.0.0.1]:8081", "[::ffff:127.0.0.1]:40002"),
-                           conn("[::1]:8081", "[::1]:40003")],
+                           conn("[::1]:8081", "[::1]:40003"),
+                           conn("[fe80::1]%eth0:8081", "[fe80::2]%eth0:40005")],
                       [conn("127.0.0.1:40000", "127.0.0.1:8081"),
                        conn("127.0.0.1:40001", "127.0.0.2:8081"),
-                       conn("10.0.0.9:40004", "10.0.0.5:8081")])
+                       conn("10.0.0.9:40004", "10.0.0.5:8081"),
+                       conn("[fe80::2]%eth0:40005", "[fe80::1]%eth0:8081")])
     peers = frozenset({"127.0.0.1"})
     mine = drain.narrow(look, peers, frozenset({"127.0.0.1", "127.0.0.2"}))
     assert [c.local for c in mine.accepted] == ["127.0.0.1:8081", "[::ffff:127.0.0.1]:8081"]
@@ -499,8 +501,10 @@ def test_the_slots_sockets_are_told_by_the_address_caddy_dials() -> None:
     assert len(drain.narrow(look, peers, frozenset({"0.0.0.0"})).accepted) == 3  # not ::1
     for every in ({"0.0.0.0", "::"}, {"*"}, None):
         wide = drain.narrow(look, peers, None if every is None else frozenset(every))
-        assert len(wide.accepted) == 4 and len(wide.dialed) == 1
-    assert drain.narrow(look, None) == look  # not known: every socket on the port
+        assert len(wide.accepted) == 5 and len(wide.dialed) == 1
+    assert drain.narrow(look, None) == drain.narrow(look, frozenset()) == look  # not known
+    link = drain.narrow(look, frozenset({"fe80::1"}), frozenset({"fe80::1"}))  # a zone's
+    assert [c.peer for c in link.dialed] == ["[fe80::1]%eth0:8081"] and len(link.accepted) == 1
     listening = ("0      4096   127.0.0.1%lo:8081   0.0.0.0:*\n"
                  "0      4096   127.0.0.2:8081   0.0.0.0:*\n"
                  "0      4096   *:8443   *:*\n"
