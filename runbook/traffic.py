@@ -888,8 +888,9 @@ def slot_peers(dials: Iterable[str], port: int,
     this host's connection to another service on that port number. A dial `here` says is
     another machine's is not the slot. None where they cannot be told, and the drain counts
     every socket on the port (fail closed): no dial on that port, a host left empty (a health
-    check's `:8081`), a placeholder, the unspecified address, a name that does not resolve
-    here in time (a container's name, dialed from Caddy's own network namespace)."""
+    check's `:8081`), a placeholder, the unspecified address, a name other than localhost
+    (a container's name, dialed from Caddy's own network namespace; a DNS name, which Caddy's
+    resolver may have answered otherwise)."""
     import ipaddress
 
     found: set[str] = set()
@@ -901,12 +902,14 @@ def slot_peers(dials: Iterable[str], port: int,
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            resolved = _resolved(host) if host and "{" not in host else None
-            if resolved is None:
+            # a name: only localhost is told (loopback, RFC 6761, whatever either resolver
+            # picks); another name's answers are this host's resolver's at this moment, and
+            # Caddy's may have dialed another address (DNS round robin, a changed record): not
+            # told, every socket counts (fail closed)
+            if host != "localhost" and not host.endswith(".localhost"):
                 return None
-            if host == "localhost" or host.endswith(".localhost"):
-                resolved |= {"127.0.0.1", "::1"}  # whatever Caddy's resolver picks (RFC 6761)
-            found |= {drain.normal_host(a) for a in resolved}
+            resolved = _resolved(host)
+            found |= {"127.0.0.1", "::1"} | {drain.normal_host(a) for a in resolved or ()}
             continue
         if address.is_unspecified:
             return None

@@ -514,16 +514,18 @@ def test_the_slots_sockets_are_told_by_the_address_caddy_dials() -> None:
 
 
 def test_the_addresses_caddy_dials_a_slot_at_or_none_when_they_cannot_be_told() -> None:
-    """From the upstreams Caddy ran: literal addresses, names resolved here (localhost is
-    loopback whatever this host's resolver says); another port's dials and another
-    machine's are not the slot's. A name that does not resolve, a dial with no host, a
-    placeholder or the unspecified address: None (the drain counts every socket)."""
+    """From the upstreams Caddy ran: literal addresses and localhost (loopback whatever
+    this host's resolver says); another port's dials and another machine's are not the
+    slot's. Any other name (even one that resolves here: Caddy's resolver may have answered
+    otherwise), a dial with no host, a placeholder or the unspecified address: None (the
+    drain counts every socket)."""
     here = lambda dial: not dial.startswith("10.")  # noqa: E731 (another machine's service)
     assert traffic.slot_peers(["127.0.0.1:8081", "[::1]:8081", "127.0.0.2:8082",
                                "10.0.0.5:8081"], 8081, here) == {"127.0.0.1", "::1"}
     assert traffic.slot_peers(["localhost:8081"], 8081, here) >= {"127.0.0.1", "::1"}
     assert traffic.slot_peers(["tcp/[::ffff:127.0.0.1]:8081"], 8081, here) == {"127.0.0.1"}
     for unknown in (["no-such-host.invalid:8081"], [":8081"], ["0.0.0.0:8081"],
+                    [f"{socket.gethostname()}:8081"],
                     ["{http.request.host}:8081"], ["127.0.0.1:8082"], ["10.0.0.5:8081"], []):
         assert traffic.slot_peers(["127.0.0.1:8082", *unknown], 8081, here) is None, unknown
     assert traffic.slot_peers(["127.0.0.1:8081", "no-such-host.invalid:8081"], 8081,
