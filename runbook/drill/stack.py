@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,8 +367,12 @@ class DrillStack:
         )
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> DrillStack:
+    def start(self, on_up: Callable[[], object] | None = None) -> DrillStack:
         """Bring the stack up; on any failure tear down what was started, then raise.
+
+        `on_up`: called once the containers are up and Caddy listens, before the database
+        is waited for and migrated (the drill fleet starts its other hosts there: they need
+        this stack's network, Postgres port and password, not its schema).
 
         Free ports are picked before Docker binds them, so a process starting beside us
         (another drill, another pytest-xdist worker) can take one in between: such a clash
@@ -379,6 +383,8 @@ class DrillStack:
         try:
             with ports_claim():
                 self._start_under_claim(image_set)
+            if on_up is not None:
+                on_up()
             self.wait_db()  # no healthcheck in the compose file (see there)
             self.migrate(Slot.BLUE)
             self.write_baseline_state()
