@@ -3019,21 +3019,29 @@ def test_a_host_down_before_the_drain_is_named_when_another_hosts_drain_is_lost(
     slots = [host2.env.slot(s).container for s in Slot]
     _docker_stop(*[c for c in slots if _running(c) == "running"])
     down = {c: docker_says(c) for c in slots}
-    fleet.write_inventory(host_vars={"host3": {"runbook_command": fleet.cut_off_command(
-        "host3", "fleet", "drain", after=True)}})
-    try:
-        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
-        _out, err = proc.communicate(timeout=600)
-    finally:
-        fleet.reachable_again("host3")
-        fleet.write_inventory()
-    assert proc.returncode == ExitCode.ATTENTION, err
+    returncode, err = _maintenance_with_host3_lost_after_its_drain(fleet, tmp_path)
+    assert returncode == ExitCode.ATTENTION, err
     assert "the drain of host3 failed or was lost: THE SERVICE MAY BE DOWN there" in err, err
     assert "host2 had no app slot running before this run's drain: THE SERVICE IS DOWN " \
            "there" in err, err
     assert "  host2: its drain found no app slot running: not started by this run" in err, err
     assert {c: docker_says(c) for c in slots} == down, err  # left as it was: down
     assert _until_serving(fleet, "host1")[:3:2] == (200, v3), err  # drained, started again
+
+
+def _maintenance_with_host3_lost_after_its_drain(fleet: DrillFleet,
+                                                 journal: Path) -> tuple[int, str]:
+    """A `fleet rollback --maintenance` whose host3 goes dark once its drain ran (its slots
+    stopped) but before it answered; host3 reachable again after. (exit code, stderr)"""
+    fleet.write_inventory(host_vars={"host3": {
+        "runbook_command": fleet.cut_off_command("host3", "fleet", "drain", after=True)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        _out, err = proc.communicate(timeout=600)
+    finally:
+        fleet.reachable_again("host3")
+        fleet.write_inventory()
+    return proc.returncode, err
 
 
 def _report_section(record: dict[str, object]) -> str:
@@ -4109,15 +4117,8 @@ def test_a_drain_lost_on_the_maintenance_path_is_not_reported_as_started_again(
     fleet = fleet_on_v3
     with fleet.hosts[0].stack.connect() as conn:
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
-    fleet.write_inventory(host_vars={"host3": {
-        "runbook_command": fleet.cut_off_command("host3", "fleet", "drain", after=True)}})
-    try:
-        proc = _fleet_rollback(fleet, tmp_path, "--maintenance")
-        _out, err = proc.communicate(timeout=600)
-    finally:
-        fleet.reachable_again("host3")
-        fleet.write_inventory()
-    assert proc.returncode == 5, err
+    returncode, err = _maintenance_with_host3_lost_after_its_drain(fleet, tmp_path)
+    assert returncode == 5, err
     assert "host3 failed or was lost: THE SERVICE MAY BE DOWN there" in err, err
     assert "every drained host was started again" not in err
     assert fleet.serving("host3")[0] >= 500  # it is down indeed (the oracle: its Caddy)
