@@ -4912,3 +4912,57 @@ def test_an_earlier_runs_drain_is_named_only_if_nobody_resumed_it_and_for_its_en
         "fleet_run_id": "fleet_20261201_130000_dddddd", "outcome": "failed",
         "resumed_from": "fleet_20261201_100000_aaaaaa"}))
     assert _earlier_drains(tmp_path, ["host2"], "fleet_now", staging) == {}
+
+
+@pytest.mark.docker
+def test_the_undrain_resumes_dry_run_refuses_as_the_resume_does_when_the_lock_host_is_unreachable(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """A maintenance run killed (kill -9) as it starts its drained hosts again; then its lock
+    host (host1) unreachable. Found by review: the resume's take of the fleet lock refuses
+    (exit 4, nothing started), but its dry run, which only reads the lock, showed the undrain
+    ("fleet lock on host1: free: take it", each host's undo) and "Dry run: nothing was
+    changed", exit 0: the plan of a resume that never runs. Now the dry run refuses in the
+    same way. Oracles: the exit codes of the real resume, each host's Caddy, the docker CLI."""
+    fleet = fleet_on_v3
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    with fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    fleet.write_inventory(host_vars={
+        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
+        "host2": {"runbook_command": _scripted_command(fleet, "host2", kill_on="undo",
+                                                       pid_file=pid_file)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    run_id = record["fleet_run_id"]
+    assert record["outcome"] is None and "undrain_planned" in record, record
+    containers = [fleet.hosts[1].env.slot(s).container for s in Slot]
+    down = {c: docker_says(c) for c in containers}
+
+    def resume(*more: str) -> subprocess.CompletedProcess[str]:
+        return _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id, *more)
+
+    fleet.write_inventory(host_vars={"host1": {"ansible_port": 1}})  # nothing listens there
+    try:
+        files = {f.name: f.read_bytes() for f in journal.iterdir()}
+        dry = resume("--dry-run")
+        assert {f.name: f.read_bytes() for f in journal.iterdir()} == files  # no record
+        real = resume()
+    finally:
+        fleet.write_inventory()
+    assert real.returncode == ExitCode.PRECONDITION, real.stdout + real.stderr
+    assert "the fleet lock host host1 is unreachable" in real.stderr, real.stderr
+    assert {c: docker_says(c) for c in containers} == down, real.stderr  # nothing started
+    assert fleet.serving("host2")[0] >= 500, real.stderr
+    assert dry.returncode == real.returncode, dry.stdout + dry.stderr
+    assert "the fleet lock host host1 is unreachable" in dry.stderr, dry.stdout + dry.stderr
+    assert "Dry run: nothing was changed." not in dry.stdout, dry.stdout
+    finished = resume()  # reachable again: the resume finishes the undrain
+    assert finished.returncode == ExitCode.FAILED_SAFELY, finished.stdout + finished.stderr
+    assert fleet.serving("host2")[0] == 200, finished.stderr

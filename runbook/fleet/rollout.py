@@ -561,13 +561,7 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
         ok = task.get("_event") == "runner_on_ok" and task.get("rc") == 0
     if take_lock:
         if inventory.lock_host in events.unreachable:
-            error = FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
-                               f"{events.unreachable[inventory.lock_host]}; nothing was changed",
-                               "make it reachable, or name another with fleet_lock_host; if "
-                               "the connection dropped after the lock was taken, a retry is "
-                               "refused as 'held by' this run: release it there with `runbook "
-                               f"fleet lock {lock_arg} --release --fleet-run {fleet_run_id}`",
-                               exit_code=ExitCode.PRECONDITION)
+            error = _lock_host_unreachable(events, inventory, lock_arg, fleet_run_id)
             # the connection may have dropped after its take ran: released by this run's id
             # (a lock that is not ours is left alone), not left to refuse the retry
             error.lock_not_taken = False
@@ -651,6 +645,44 @@ def preflight(events: Events, inventory: Inventory, targets: list[str], *,
                          + ("; the other problems below need fixing too" if problems else ""),
                          exit_code=ExitCode.LOCKED, lines=others + problems)
     return checks, problems, lock_res
+
+
+def _lock_host_unreachable(events: Events, inventory: Inventory, lock_arg: str,
+                           fleet_run_id: str) -> FleetError:
+    """The real run's refusal when its take of the fleet lock cannot reach the lock host."""
+    return FleetError(f"the fleet lock host {inventory.lock_host} is unreachable: "
+                      f"{events.unreachable[inventory.lock_host]}; nothing was changed",
+                      "make it reachable, or name another with fleet_lock_host; if "
+                      "the connection dropped after the lock was taken, a retry is "
+                      "refused as 'held by' this run: release it there with `runbook "
+                      f"fleet lock {lock_arg} --release --fleet-run {fleet_run_id}`",
+                      exit_code=ExitCode.PRECONDITION)
+
+
+def _undrain_take_refused(events: Events, checks: dict[str, dict[str, Any]],
+                          inventory: Inventory, targets: list[str], args: dict[str, str],
+                          fleet_run_id: str) -> FleetError | None:
+    """Why the undrain resume's take of the fleet lock would refuse, as its dry run reads
+    the lock host (None: it can be taken, or is another run's, which pre-flight refused).
+    Found by review: the dry run showed the undrain and exit 0 where the lock host was
+    unreachable or its lock unread, and the resume's take refused there (nothing started)."""
+    if inventory.lock_host in events.unreachable:
+        return _lock_host_unreachable(events, inventory, args[inventory.lock_host],
+                                      fleet_run_id)
+    if inventory.lock_host in targets:
+        if inventory.lock_host in checks:
+            return None
+        res = events.results.get("host-check", {}).get(inventory.lock_host)
+        why = (_host_check_failed(inventory.lock_host, res) if res is not None else
+               f"{inventory.lock_host}: no pre-flight result (the play did not reach it)")
+    else:
+        why = _lock_unread(events, inventory.lock_host, args[inventory.lock_host])
+        if not why:
+            return None
+    return FleetError(f"the fleet lock on {inventory.lock_host} could not be read, and the "
+                      "resume takes it before it starts any host; nothing was changed",
+                      "fix the fleet lock host below, then run the same command again",
+                      exit_code=_refusal_code([why]), lines=[why])
 
 
 def _lock_unread(events: Events, host: str, env_arg: str) -> str:
@@ -1955,6 +1987,10 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                 _finish_undrain(resumed, unfinished_undo[0], inventory, options, say, args,
                                 journal)
         if options.dry_run and unfinished_undo and resumed is not None:  # as the above runs
+            refused = _undrain_take_refused(events, checks, inventory, targets, args,
+                                            fleet_run_id)
+            if refused is not None:  # the resume's take refuses: so does its dry run
+                raise refused
             return _undrain_dry_run(resumed, unfinished_undo[0], inventory,
                                     _lock_as_read(events, checks, inventory), args,
                                     fleet_run_id)
