@@ -56,6 +56,8 @@ the timeout.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 import subprocess
 import threading
@@ -87,12 +89,21 @@ def _port(address: str) -> int | None:
     return int(tail) if head and tail.isdigit() else None
 
 
+@functools.lru_cache(maxsize=4096)  # each socket of each reading
 def normal_host(host: str) -> str:
     """A host as `ss` and a dial are compared: no brackets, no zone or interface (`%lo`),
-    lower-case, an IPv4-mapped IPv6 address (a dual-stack socket's) as its IPv4 address."""
+    lower-case, an address in its canonical form (as `ss` prints it), an IPv4-mapped IPv6
+    address (a dual-stack socket's, or a dial Go makes over IPv4) as its IPv4 address in
+    whatever form it is written (found by review: `[::ffff:7f00:1]` stayed as written while
+    Caddy's socket to it reads 127.0.0.1, so the drain dropped it)."""
     host = host.split("%")[0].strip("[]").lower()  # ss: `[fe80::1]%eth0`; a dial: `fe80::1%eth0`
-    mapped = host.removeprefix("::ffff:")
-    return mapped if mapped != host and "." in mapped else host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a name, or ss's `*`
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def _host(address: str) -> str:

@@ -478,6 +478,40 @@ def test_real_sockets_a_pending_request_to_another_address_on_the_slots_port_doe
             s.close()
 
 
+@pytest.mark.skipif(drain.listening([1]) is None, reason="needs `ss` (iproute2) on this host")
+@pytest.mark.parametrize("written", ["[::ffff:7f00:1]", "[0:0:0:0:0:ffff:127.0.0.1]",
+                                     "[::ffff:127.0.0.1]", "127.0.0.1"])
+def test_real_sockets_a_request_pending_at_a_dial_written_as_an_ipv4_mapped_address_holds(
+        written: str) -> None:
+    """Caddy dials the slot at an IPv4-mapped IPv6 address however it is written: Go opens
+    an IPv4 socket, which `ss` shows at 127.0.0.1. Found by review: written in hex
+    (`[::ffff:7f00:1]`) or uncompressed, the address the drain counted stayed as written,
+    so Caddy's connection and the slot's accepted side (its port bound to 127.0.0.1, as
+    Docker publishes the drill's slots) were both dropped: a request pending on the old slot
+    was "drained" and the slot stopped under it."""
+    front, slot = socket.socket(), socket.socket()
+    front.bind(("127.0.0.1", 0))
+    slot.bind(("127.0.0.1", 0))
+    port = slot.getsockname()[1]
+    opened = [front, slot]
+    try:
+        for s in (front, slot):
+            s.listen(8)
+        peers = traffic.slot_peers([f"{written}:{port}"], port, lambda dial: True)
+        assert peers is not None, written
+        caddy = socket.create_connection(("127.0.0.1", port))
+        at_slot, _ = slot.accept()
+        opened += [caddy, at_slot]
+        caddy.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        at_slot.recv(1024)  # received, never answered: pending
+        held = drain.wait_drained(port, timeout=1.0, peers=peers, front=front.getsockname()[1],
+                                  preconnect=0.0)
+        assert not held.drained and held.pending == 1, (written, peers, held.describe())
+    finally:
+        for s in opened:
+            s.close()
+
+
 def test_the_slots_sockets_are_told_by_the_address_caddy_dials() -> None:
     """`narrow` on recorded sockets: a client socket counts only with a dial address as its
     peer; an accepted one with it as its local address, or any where the slot's port
