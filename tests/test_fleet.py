@@ -4966,3 +4966,55 @@ def test_the_undrain_resumes_dry_run_refuses_as_the_resume_does_when_the_lock_ho
     finished = resume()  # reachable again: the resume finishes the undrain
     assert finished.returncode == ExitCode.FAILED_SAFELY, finished.stdout + finished.stderr
     assert fleet.serving("host2")[0] == 200, finished.stderr
+
+
+@pytest.mark.docker
+def test_the_resume_finishing_an_undrain_names_a_host_down_before_that_runs_drain(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """host2's app slots stopped before the maintenance run (its drain stops nothing); the
+    lock host's restore refused; the controller killed (kill -9) as it starts host3 again.
+    The run itself, had it lived, said host2 DOWN ("had no app slot running before this
+    run's drain", exit 5). Found by review: its resume started host1 and host3 again and
+    ended "every host fleet run ... drained was started again", exit 1 ("fix the cause, then
+    run again"), host2 down and unnamed, and its dry run said the same. Now both name host2
+    DOWN (exit 5). Oracles: the docker CLI (host2's containers as the test stopped them),
+    each host's Caddy."""
+    fleet = fleet_on_v3
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    with fleet.hosts[0].stack.connect() as conn:
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    host2 = fleet.hosts[1]
+    slots = [host2.env.slot(s).container for s in Slot]
+    _docker_stop(*[c for c in slots if _running(c) == "running"])
+    down = {c: docker_says(c) for c in slots}
+    fleet.write_inventory(host_vars={
+        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
+        "host3": {"runbook_command": _scripted_command(fleet, "host3", kill_on="undo",
+                                                       pid_file=pid_file)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    run_id = record["fleet_run_id"]
+    assert record["outcome"] is None and "undrain_planned" in record, record
+
+    def resume(*more: str) -> subprocess.CompletedProcess[str]:
+        return _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id, *more)
+
+    said = "host2 had no app slot running before this run's drain: THE SERVICE IS DOWN there"
+    dry = resume("--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    (ends,) = [line for line in dry.stdout.splitlines() if line.startswith("then, each ")]
+    assert f"(exit {int(ExitCode.ATTENTION)})" in ends and said in ends, dry.stdout
+    resumed = resume()
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == ExitCode.ATTENTION, text
+    assert said in resumed.stderr.replace("\n", " "), text
+    assert "  host2: its drain found no app slot running: not started by this run" in text, text
+    assert {c: docker_says(c) for c in slots} == down, text  # left as it was: down
+    assert fleet.serving("host3")[0] == 200, text  # drained, started again by the resume

@@ -1449,6 +1449,8 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
     A host selected whose drain said nothing is said MAY BE DOWN, its undo by its log's Ids."""
     run_id, lost, failed, why = _undrain_facts(resumed)
     phase = _drain_phase(resumed)
+    before = _down_before_resumed(resumed, options, str(journal.record["fleet_run_id"]),
+                                  inventory, args)
     undrain: dict[str, dict[str, Any]] = {}
     # this run's own journal says the same before its undrain: killed during it, its lock (now
     # held under this run's id) names this run's resume, which must finish the undrain too; it
@@ -1472,8 +1474,8 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
         undrain = {h: _undrained(results.get(h)) for h in undo}
         left = [h for h in undo if undrain[h]["status"] != "started again"]
         if left:
-            raise _undrain_failed(why, left, undrain, undo, args, failed, lost)
-    raise _undrain_ended(run_id, why, undo, lost, failed, args, undrain)
+            raise _undrain_failed(why, left, undrain, undo, args, failed, lost, before)
+    raise _undrain_ended(run_id, why, undo, lost, failed, args, undrain, before)
 
 
 def _drain_phase(record: dict[str, Any]) -> dict[str, Any]:
@@ -1499,6 +1501,22 @@ def _undrain_facts(resumed: dict[str, Any]) -> tuple[str, list[str], list[str], 
     return run_id, lost, failed, why
 
 
+def _down_before_resumed(resumed: dict[str, Any], options: Options, fleet_run_id: str,
+                         inventory: Inventory, args: dict[str, str]
+                         ) -> tuple[list[str], str, str] | None:
+    """The hosts whose drain in that killed run stopped nothing (down before it, left down:
+    its undrain starts nothing there), as that run would have named them (_down_before).
+    Found by review: its resume, and that resume's dry run, ended "every host ... drained was
+    started again" (exit 1), such a host down and unnamed."""
+    phase = _drain_phase(resumed)
+    stopped = phase.get("stopped") if phase else {
+        h: a.get("stopped") for h, a in (resumed.get("drain_answers") or {}).items()
+        if isinstance(a, dict) and isinstance(a.get("stopped"), list)}
+    idle = [str(h) for h, c in stopped.items()
+            if isinstance(c, list) and not c] if isinstance(stopped, dict) else []
+    return _down_before(idle, options, fleet_run_id, inventory, args) if idle else None
+
+
 def _undrain_said(run_id: str, undo: dict[str, str]) -> str:
     return (f"fleet run {run_id} never finished: its controller stopped after its restore did "
             f"not run, before it started its drained hosts again; starting again {len(undo)} "
@@ -1507,20 +1525,37 @@ def _undrain_said(run_id: str, undo: dict[str, str]) -> str:
 
 def _undrain_ended(run_id: str, why: str, undo: dict[str, str], lost: list[str],
                    failed: list[str], args: dict[str, str],
-                   undrain: dict[str, dict[str, Any]]) -> FleetError:
+                   undrain: dict[str, dict[str, Any]],
+                   before: tuple[list[str], str, str] | None = None) -> FleetError:
     """How that resume ends once each host it started again said so (the error it raises;
-    its dry run shows it as what the resume would report)."""
+    its dry run shows it as what the resume would report). `before`: the hosts down before
+    that run's drain (_down_before_resumed), said DOWN, each named."""
     if lost:
         return FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); "
                           "the database was not touched and the drained hosts were started "
                           f"again, but the drain of {', '.join(lost)} failed or was lost: THE "
-                          "SERVICE MAY BE DOWN there", "run " + _commands(
+                          "SERVICE MAY BE DOWN there" + (f"; {before[1]}" if before else ""),
+                          (f"on {', '.join(line.split(':')[0] for line in before[0])}: "
+                           f"{before[2]}; " if before else "") + "run " + _commands(
                               "runbook status {env}", lost, args, "on each") + "; if its slots "
                           "are stopped, start what its drain stopped, by the Ids its log holds ("
                           + _commands("runbook fleet drain {env} --undo <its app slot "
                                       "containers, comma-separated>", lost, args, "")
                           + "), then run the fleet rollback again without --resume",
-                          exit_code=ExitCode.ATTENTION, lines=failed, fields={"undrain": undrain})
+                          exit_code=ExitCode.ATTENTION,
+                          lines=failed + (before[0] if before else []),
+                          fields={"undrain": undrain})
+    if before:
+        idle = [line.split(":")[0] for line in before[0]]
+        return FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); "
+                          f"the database was not touched and every host fleet run {run_id} "
+                          "drained was started again"
+                          + (f" ({', '.join(undo)})" if undo else "") + f", but {before[1]}",
+                          f"{before[2]}; then "
+                          + _commands("runbook status {env}", idle, args, f"on {', '.join(idle)}")
+                          + ", then run the fleet rollback again without --resume",
+                          exit_code=ExitCode.ATTENTION, lines=failed + before[0],
+                          fields={"undrain": undrain})
     return FleetError(f"--resume {run_id}: maintenance stopped before the restore ({why}); the "
                       "database was not touched and every host fleet run "
                       f"{run_id} drained was started again"
@@ -1544,7 +1579,7 @@ def _lock_as_read(events: Events, checks: dict[str, dict[str, Any]],
 
 def _undrain_dry_run(resumed: dict[str, Any], undo: dict[str, str], inventory: Inventory,
                      held: dict[str, Any], args: dict[str, str],
-                     fleet_run_id: str) -> FleetResult:
+                     fleet_run_id: str, options: Options) -> FleetResult:
     """The dry run of a resume that finishes a killed maintenance run's undrain (_unfinished
     decided it, as for the real resume): the fleet lock it takes over, each drained host's
     start by Id as the undrain playbook runs it there, and how the resume ends, from the same
@@ -1568,7 +1603,8 @@ def _undrain_dry_run(resumed: dict[str, Any], undo: dict[str, str], inventory: I
                   for h, u in undo.items()]
     else:
         lines.append("no drained host to start again: its drain stopped none")
-    end = _undrain_ended(run_id, why, undo, lost, failed, args, {})
+    end = _undrain_ended(run_id, why, undo, lost, failed, args, {},
+                         _down_before_resumed(resumed, options, fleet_run_id, inventory, args))
     lines += [("then it stops" if not undo else "then, each started again, it stops")
               + f" (exit {int(end.exit_code)}): {end.message}", f"    fix: {end.fix}",
               *(f"    {line}" for line in end.lines)]
@@ -1993,7 +2029,7 @@ def _rollback(options: Options, *, confirm: Callable[[str], bool] | None,
                 raise refused
             return _undrain_dry_run(resumed, unfinished_undo[0], inventory,
                                     _lock_as_read(events, checks, inventory), args,
-                                    fleet_run_id)
+                                    fleet_run_id, options)
         restore = _needs_restore(checks)
         db_host = inventory.lock_host if inventory.lock_host in targets else targets[0]
         maintenance = None
