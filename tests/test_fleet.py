@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import getpass
 import json
 import os
 import re
@@ -4276,8 +4277,12 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
     assert f"fleet run {run_id} " in taken, text  # the dead run's lock, named
     for host, pairs in ids.items():
         assert pairs, ids
-        assert f"    {host}: runbook fleet drain development --undo {','.join(pairs)} " \
-               f"--fleet-run {run_id}" in dry.stdout, (host, text)
+        # as undrain.yml runs it: the inventory's runbook_command, --holder (found by
+        # review: the line named `runbook` and left out --holder)
+        said = shlex.join([fleet.runbook_command, "fleet", "drain", "development", "--undo",
+                           ",".join(pairs), "--fleet-run", run_id, "--holder",
+                           f"{getpass.getuser()}@{socket.gethostname()}"])
+        assert f"    {host}: {said}\n" in dry.stdout, (host, said, text)
     (ends,) = [line for line in dry.stdout.splitlines()
                if line.startswith("then, each started again, it stops (exit 1): ")]
     assert "Dry run: nothing was changed." in dry.stdout, text

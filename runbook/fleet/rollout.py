@@ -1577,6 +1577,20 @@ def _lock_as_read(events: Events, checks: dict[str, dict[str, Any]],
     return held if isinstance(held, dict) and held.get("locked") else {}
 
 
+def _undrain_argv(inventory: Inventory, host: str, undo: str, run_id: str,
+                  holder: str) -> list[str]:
+    """The command undrain.yml runs on `host` (its `fleet_host_env + fleet_argv`), for the
+    dry run to print what runs (found by review: it left out `--holder` and the host's
+    runbook_environment, so a line copied by hand loaded another config). Inventory values
+    as written: a Jinja template in one is rendered only by Ansible, on the host."""
+    extra = inventory.var(host, "runbook_environment", {}) or {}
+    prefix = ["env", *(f"{k}={v}" for k, v in extra.items())] \
+        if isinstance(extra, dict) and extra else []
+    return [*prefix, str(inventory.var(host, "runbook_command", "runbook") or "runbook"),
+            "fleet", "drain", inventory.env(host), "--undo", undo, "--fleet-run", run_id,
+            "--holder", holder]
+
+
 def _undrain_dry_run(resumed: dict[str, Any], undo: dict[str, str], inventory: Inventory,
                      held: dict[str, Any], args: dict[str, str],
                      fleet_run_id: str, options: Options) -> FleetResult:
@@ -1598,8 +1612,8 @@ def _undrain_dry_run(resumed: dict[str, Any], undo: dict[str, str], inventory: I
     if undo:
         lines.append(f"start again {len(undo)} drained host(s), each container by the Id its "
                      "drain stopped (the undrain playbook runs there):")
-        lines += [f"    {h}: " + shlex.join(["runbook", "fleet", "drain", inventory.env(h),
-                                             "--undo", u, "--fleet-run", run_id])
+        holder = _who()  # as _finish_undrain's _controller_vars
+        lines += [f"    {h}: " + shlex.join(_undrain_argv(inventory, h, u, run_id, holder))
                   for h, u in undo.items()]
     else:
         lines.append("no drained host to start again: its drain stopped none")
