@@ -3030,6 +3030,33 @@ def test_a_host_down_before_the_drain_is_named_when_another_hosts_drain_is_lost(
     assert _until_serving(fleet, "host1")[:3:2] == (200, v3), err  # drained, started again
 
 
+def _fleet_run_killed(fleet: DrillFleet, journal: Path, pid_file: Path,
+                      host_vars: dict[str, dict[str, str]], *args: str) -> dict[str, Any]:
+    """A `fleet rollback ARGS` with `host_vars` (a scripted command that kills the controller,
+    kill -9, by the pid written to `pid_file`), the inventory put back after. The run's
+    fleet journal record."""
+    fleet.write_inventory(host_vars=host_vars)
+    try:
+        proc = _fleet_rollback(fleet, journal, *args)
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+    finally:
+        fleet.write_inventory()
+    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    return dict(record)
+
+
+def _maintenance_killed_at_an_undrain(fleet: DrillFleet, journal: Path, host: str,
+                                      pid_file: Path) -> dict[str, Any]:
+    """`fleet rollback --maintenance` (_fleet_run_killed): the lock host (host1) refuses the
+    restore, and the controller is killed as it starts `host` again (its undrain never runs)."""
+    return _fleet_run_killed(fleet, journal, pid_file, {
+        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
+        host: {"runbook_command": _scripted_command(fleet, host, kill_on="undo",
+                                                    pid_file=pid_file)}}, "--maintenance")
+
+
 def _maintenance_with_host3_lost_after_its_drain(fleet: DrillFleet,
                                                  journal: Path) -> tuple[int, str]:
     """A `fleet rollback --maintenance` whose host3 goes dark once its drain ran (its slots
@@ -3824,15 +3851,9 @@ for _ in range(1200):
 os.execv({kill!r}, [{kill!r}, *argv])
 """)
     after_lock.chmod(0o755)
-    fleet.write_inventory(host_vars={"host2": {"runbook_command": str(after_lock)}})
-    try:
-        proc = _fleet_rollback(fleet, journal, "--limit", "host1,host2")
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-    finally:
-        fleet.write_inventory()
-    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    record = _fleet_run_killed(fleet, journal, pid_file,
+                               {"host2": {"runbook_command": str(after_lock)}},
+                               "--limit", "host1,host2")
     run_id = record["fleet_run_id"]
     assert record["outcome"] is None and not record.get("rollout_started"), record
     assert [fleet.serving(h.name)[2] for h in fleet.hosts] == [v3, v3, v3]
@@ -4234,18 +4255,7 @@ def test_a_controller_killed_during_the_maintenance_undrain_is_finished_by_its_r
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
     assert row is not None
     ids = _drained_ids(fleet)  # what the drain will stop, as the docker CLI says
-    fleet.write_inventory(host_vars={
-        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
-        "host2": {"runbook_command": _scripted_command(fleet, "host2", kill_on="undo",
-                                                       pid_file=pid_file)}})
-    try:
-        proc = _fleet_rollback(fleet, journal, "--maintenance")
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-    finally:
-        fleet.write_inventory()
-    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    record = _maintenance_killed_at_an_undrain(fleet, journal, "host2", pid_file)
     run_id = record["fleet_run_id"]
     assert record["outcome"] is None and record["maintenance_drain_started"], record
     assert fleet.serving("host2")[0] >= 500  # its undrain never ran: down
@@ -4380,16 +4390,10 @@ def test_a_controller_killed_at_the_maintenance_restore_leaves_each_hosts_undo_n
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
     ids = _drained_ids(fleet)
     args = {h.name: str(h.env.source) for h in fleet.hosts}  # how each host's runbook names it
-    fleet.write_inventory(host_vars={"host1": {"runbook_command": _scripted_command(
-        fleet, "host1", kill_on="restore", pid_file=pid_file, journal=journal)}})
-    try:
-        proc = _fleet_rollback(fleet, journal, "--maintenance")
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-    finally:
-        fleet.write_inventory()
-    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    record = _fleet_run_killed(fleet, journal, pid_file, {"host1": {
+        "runbook_command": _scripted_command(fleet, "host1", kill_on="restore",
+                                             pid_file=pid_file, journal=journal)}},
+                               "--maintenance")
     run_id = record["fleet_run_id"]
     assert all(fleet.serving(h.name)[0] >= 500 for h in fleet.hosts)  # all drained
     resumed = _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", run_id)
@@ -4933,18 +4937,7 @@ def test_the_undrain_resumes_dry_run_refuses_as_the_resume_does_when_the_lock_ho
     pid_file = tmp_path / "controller.pid"
     with fleet.hosts[0].stack.connect() as conn:
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
-    fleet.write_inventory(host_vars={
-        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
-        "host2": {"runbook_command": _scripted_command(fleet, "host2", kill_on="undo",
-                                                       pid_file=pid_file)}})
-    try:
-        proc = _fleet_rollback(fleet, journal, "--maintenance")
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-    finally:
-        fleet.write_inventory()
-    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    record = _maintenance_killed_at_an_undrain(fleet, journal, "host2", pid_file)
     run_id = record["fleet_run_id"]
     assert record["outcome"] is None and "undrain_planned" in record, record
     containers = [fleet.hosts[1].env.slot(s).container for s in Slot]
@@ -4993,18 +4986,7 @@ def test_the_resume_finishing_an_undrain_names_a_host_down_before_that_runs_drai
     slots = [host2.env.slot(s).container for s in Slot]
     _docker_stop(*[c for c in slots if _running(c) == "running"])
     down = {c: docker_says(c) for c in slots}
-    fleet.write_inventory(host_vars={
-        "host1": {"runbook_command": _scripted_command(fleet, "host1", refuse_restore=True)},
-        "host3": {"runbook_command": _scripted_command(fleet, "host3", kill_on="undo",
-                                                       pid_file=pid_file)}})
-    try:
-        proc = _fleet_rollback(fleet, journal, "--maintenance")
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-    finally:
-        fleet.write_inventory()
-    (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    record = _maintenance_killed_at_an_undrain(fleet, journal, "host3", pid_file)
     run_id = record["fleet_run_id"]
     assert record["outcome"] is None and "undrain_planned" in record, record
 
