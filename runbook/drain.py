@@ -37,9 +37,9 @@ the kernel (`ss -tien`, iproute2, no shell):
     on 0.0.0.0/:: (Docker's proxy), as its local address. By port number alone, this host's
     connection to another service on that port number (10.0.0.5:8081, a listener on
     127.0.0.2) held the drain to its timeout, and on an h2c front left the old slot running.
-    Where they are not known (a name that does not resolve here, Caddy dialing a container
-    name, a run that did not read the config the switch replaced), every socket on the port
-    counts, as before: slower, never unsafe.
+    Where they are not known (a dial by any name but localhost, a container's name too:
+    Caddy's resolver may answer otherwise than ours; a run that did not read the config the
+    switch replaced), every socket on the port counts, as before: slower, never unsafe.
 
 "Nothing seen" is only "nothing there" where the port's listening socket is visible here;
 otherwise (Docker publishing with DNAT instead of its proxy, Caddy in another namespace) that

@@ -143,7 +143,7 @@ def _dials_here(server: Any, wanted: set[int], here: Callable[[str], bool]) -> b
     ThisHost): found by review, another site's `reverse_proxy 192.0.2.10:<green's port>`
     counted as a front of green by its port alone, and on an h2c port the rollback waited
     and left the old slot running for connections that never reach this machine."""
-    return any(_port(d) in wanted and here(d) for d in _dials(server.get("routes")))
+    return any(_port(d) in wanted and here(d) for d in every_dial(server.get("routes")))
 
 
 def slot_fronts(config: Any, ports: Iterable[int], here: Callable[[str], bool]) -> Listens:
@@ -211,7 +211,7 @@ def relay_listens_at(config: Any, host: str, port: int) -> bool:
     return any(_listens_at(str(listen), host.strip("[]"), port)
                for server in (servers.values() if isinstance(servers, dict) else ())
                if isinstance(server, dict)
-               and not any(_port(d) == port for d in _dials(server.get("routes")))
+               and not any(_port(d) == port for d in every_dial(server.get("routes")))
                for listen in server.get("listen") or ())
 
 
@@ -363,7 +363,7 @@ def accepts_h2c(h2c: Listens, front: int | None) -> bool:
     return any(front is None or lo <= front <= hi for lo, hi in h2c)
 
 
-def _dials(config: Any) -> Iterator[str]:
+def every_dial(config: Any) -> Iterator[str]:
     """Every `dial` in a Caddy JSON config, however deeply routes and subroutes nest, and
     every active health check's port (`health_port`, `health_upstream`): Caddy dials those
     too, and one on a slot stopped after the switch marks the serving upstream down."""
@@ -386,11 +386,6 @@ def _dials(config: Any) -> Iterator[str]:
             stack.extend(node)
 
 
-def every_dial(config: Any) -> Iterator[str]:
-    """Every upstream address in a Caddy JSON config (`_dials`)."""
-    return _dials(config)
-
-
 def _unresolved(config: Any) -> tuple[str, ...]:
     """Each upstream Caddy resolves only per request (a placeholder it keeps in the dial, a
     handler with `dynamic_upstreams`), as `<site>: <dial>`. The managed block refuses both,
@@ -405,7 +400,7 @@ def _unresolved(config: Any) -> tuple[str, ...]:
                                        else None) or ()) if isinstance(m, dict)
                      for h in m.get("host") or ()]
             site = ", ".join(hosts) or ", ".join(map(str, server.get("listen") or ()))
-            found += [f"{site}: {d}" for d in _dials(route) if "{" in d and _port(d) is None]
+            found += [f"{site}: {d}" for d in every_dial(route) if "{" in d and _port(d) is None]
             found += [f"{site}: dynamic upstreams ({source})" for source in _dynamic(route)]
     return tuple(dict.fromkeys(found))
 
@@ -477,7 +472,7 @@ def from_config(env: Environment, config: Any,
     managed block dials a port no slot has: the guide's "Caddyfile targets the wrong port"),
     no slot serves (found by review: that slot was taken to serve while users got 502s, and
     the switch that repairs it was refused as "nothing to switch")."""
-    every = list(_dials(config))
+    every = list(every_dial(config))
     dials = tuple(dict.fromkeys(every))
     by_port = {cfg.port: slot for slot, cfg in env.slots.items()}
     here = ThisHost(env)
@@ -605,11 +600,11 @@ def pointed_back(env: Environment, config: Any, target: Slot, source: Slot | Non
         return None, f"which slot served {env.display} before the switch is not known"
     port, back = env.slot(target).port, env.slot(source).port
     here = ThisHost(env)
-    found = _slot_counts(env, _dials(config), here)[port]
+    found = _slot_counts(env, every_dial(config), here)[port]
     if not found:
         return None, (f"it dials nothing on {target}'s port {port}: the switch's routes are "
                       "gone")
-    if loaded is not None and (had := _slot_counts(env, _dials(loaded), here)[port]) != found:
+    if loaded is not None and (had := _slot_counts(env, every_dial(loaded), here)[port]) != found:
         return None, (f"it dials {target}'s port {port} {found} time(s), the config the switch "
                       f"loaded {had}")
     outside = outside_addresses(env)
@@ -623,9 +618,9 @@ def pointed_back(env: Environment, config: Any, target: Slot, source: Slot | Non
     servers = (((moved or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
     for server in servers.values() if isinstance(servers, dict) else ():
         for route in (server.get("routes") or ()) if isinstance(server, dict) else ():
-            if any(_port(d) == port and here(d) for d in _dials(route)):
+            if any(_port(d) == port and here(d) for d in every_dial(route)):
                 _repoint(route, port, back, str(target), str(source), here)
-    if _slot_counts(env, _dials(moved), here)[port]:
+    if _slot_counts(env, every_dial(moved), here)[port]:
         return None, f"it dials {target}'s port {port} outside an HTTP server's routes"
     return moved, None
 
@@ -648,7 +643,7 @@ def _repoint(node: Any, port: int, back: int, target: str, source: str,
             node[key] = [source if v == target else v for v in value]
         else:
             if key == "health_checks" and isinstance(value, dict) \
-                    and isinstance(active := value.get("active"), dict):  # as _dials reads
+                    and isinstance(active := value.get("active"), dict):  # as every_dial reads
                 if active.get("port") == port:
                     active["port"] = back
                 if isinstance(up := active.get("upstream"), str) and _port(up) == port:
@@ -738,7 +733,7 @@ def _outside_dials(env: Environment, raw: str, running: Any) -> Counter[str] | N
                 return None  # the part outside the markers is not what runs: cannot tell
     except (OSError, UnicodeError, RunbookError):
         return None
-    return Counter(_dials(answer))
+    return Counter(every_dial(answer))
 
 
 def _may_dial_a_slot(env: Environment, outside: str) -> bool:
@@ -766,10 +761,10 @@ def managed_dials(env: Environment, running: Any) -> tuple[str, ...]:
         servers = (((running or {}).get("apps") or {}).get("http") or {}).get("servers") or {}
         routes = [s.get("routes") for s in (servers.values() if isinstance(servers, dict)
                                             else ()) if isinstance(s, dict)]
-        routes = [r for r in routes if any(_port(d) in ports for d in _dials(r))]
-        return tuple(dict.fromkeys(d for r in routes for d in _dials(r)))
+        routes = [r for r in routes if any(_port(d) in ports for d in every_dial(r))]
+        return tuple(dict.fromkeys(d for r in routes for d in every_dial(r)))
     left, found = Counter(outside), []
-    for dial in _dials(running):
+    for dial in every_dial(running):
         if (port := _port(dial)) is not None and left[port] > 0:
             left[port] -= 1
             continue
@@ -778,7 +773,7 @@ def managed_dials(env: Environment, running: Any) -> tuple[str, ...]:
 
 
 def _port_counts(config: Any) -> Counter[int]:
-    return Counter(p for d in _dials(config) if (p := _port(d)) is not None)
+    return Counter(p for d in every_dial(config) if (p := _port(d)) is not None)
 
 
 def _slot_counts(env: Environment, dials: Iterable[str],
