@@ -4923,6 +4923,29 @@ def test_an_earlier_runs_drain_is_named_only_if_nobody_resumed_it_and_for_its_en
     assert _earlier_drains(tmp_path, ["host2"], "fleet_now", staging) == {}
 
 
+def test_a_killed_runs_damaged_drain_record_reads_as_every_drain_lost_never_a_crash() -> None:
+    """What a resume (and its dry run) reads of a killed maintenance run's drain, from a
+    journal that parses but is damaged (phases not a list, answers not mappings): every
+    selected host's drain is lost (said MAY BE DOWN, by its log's Ids), nothing is started by
+    Id, no host is called down before the drain. Found while folding the three readers of the
+    drain record into one: `phases: 7` raised TypeError in the resume, and with no phases an
+    answer that was not a mapping counted as a drain that answered (none said MAY BE DOWN)."""
+    from runbook.fleet.rollout import _drain_stopped, _drained_by, _undrain_facts
+
+    damaged = {"fleet_run_id": "fleet_20261201_120000_cccccc", "hosts_selected": ["h1", "h2"],
+               "phases": 7, "drain_answers": {"h1": ["app-blue"], "h2": "stopped"}}
+    run_id, lost, failed, _ = _undrain_facts(damaged)
+    assert (run_id, lost, failed) == ("fleet_20261201_120000_cccccc", ["h1", "h2"], [])
+    assert _drained_by(damaged) == {} and _drain_stopped(damaged) == {}
+    # the same answers well formed: h1's drain stopped app-blue (by that Id), h2's nothing
+    answered = {**damaged, "phases": [], "drain_answers": {
+        "h1": {"stopped": ["app-blue"], "stopped_ids": {"app-blue": "a" * 64}},
+        "h2": {"stopped": [], "stopped_ids": {}}}}
+    assert _undrain_facts(answered)[1] == []
+    assert _drained_by(answered) == {"h1": f"app-blue@{'a' * 64}"}
+    assert _drain_stopped(answered) == {"h1": ["app-blue"], "h2": []}
+
+
 @pytest.mark.docker
 def test_the_undrain_resumes_dry_run_refuses_as_the_resume_does_when_the_lock_host_is_unreachable(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:

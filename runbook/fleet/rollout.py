@@ -1172,10 +1172,8 @@ def _undo(drained: dict[str, list[str]], ids: dict[str, dict[str, str]]) -> dict
 def _drained_by(record: dict[str, Any]) -> dict[str, str]:
     """What a fleet run's journal says its drain stopped, as each host's `--undo` value: its
     drain phase, else (killed before that was written) the drain answers as they came."""
-    phases = record.get("phases")
-    phase = next((p for p in phases if isinstance(p, dict) and p.get("name") == "drain"),
-                 None) if isinstance(phases, list) else None
-    if phase is not None:
+    phase = _drain_phase(record)
+    if phase:
         stopped, ids = phase.get("stopped") or {}, phase.get("stopped_ids") or {}
     else:
         given = record.get("drain_answers")  # a damaged journal: nothing, never a crash
@@ -1480,9 +1478,23 @@ def _finish_undrain(resumed: dict[str, Any], undo: dict[str, str], inventory: In
 
 def _drain_phase(record: dict[str, Any]) -> dict[str, Any]:
     """A fleet run's journaled drain phase ({} when it was killed before writing it)."""
-    phase = next((p for p in record.get("phases") or []
-                  if isinstance(p, dict) and p.get("name") == "drain"), {})
+    phases = record.get("phases")  # a damaged journal: nothing, never a crash
+    phase = next((p for p in phases if isinstance(p, dict) and p.get("name") == "drain"),
+                 {}) if isinstance(phases, list) else {}
     return phase if isinstance(phase, dict) else {}
+
+
+def _drain_stopped(resumed: dict[str, Any]) -> dict[str, Any]:
+    """What each host's drain in a killed run answered it stopped (host -> its containers),
+    for the hosts whose drain answered: its journaled drain phase, else (killed before that
+    was written) the answers as they came."""
+    phase = _drain_phase(resumed)
+    if phase:
+        stopped = phase.get("stopped")
+        return stopped if isinstance(stopped, dict) else {}
+    answers = resumed.get("drain_answers")
+    return {str(h): a.get("stopped") for h, a in answers.items()
+            if isinstance(a, dict)} if isinstance(answers, dict) else {}
 
 
 def _undrain_facts(resumed: dict[str, Any]) -> tuple[str, list[str], list[str], str]:
@@ -1492,9 +1504,8 @@ def _undrain_facts(resumed: dict[str, Any]) -> tuple[str, list[str], list[str], 
     run_id = str(resumed.get("fleet_run_id", "?"))
     selected = [h for h in resumed.get("hosts_selected") or [] if isinstance(h, str)]
     phase = _drain_phase(resumed)
-    answered = phase.get("stopped") if phase else resumed.get("drain_answers")
     # a drain that answered, even one that stopped nothing; the others may have stopped slots
-    lost = [h for h in selected if h not in (answered if isinstance(answered, dict) else {})]
+    lost = [h for h in selected if h not in _drain_stopped(resumed)]
     failed = [str(x) for x in phase.get("problems") or []]
     why = f"its restore did not run (fleet run {run_id}, its controller killed before it " \
           "started its drained hosts again)"
@@ -1508,12 +1519,7 @@ def _down_before_resumed(resumed: dict[str, Any], options: Options, fleet_run_id
     its undrain starts nothing there), as that run would have named them (_down_before).
     Found by review: its resume, and that resume's dry run, ended "every host ... drained was
     started again" (exit 1), such a host down and unnamed."""
-    phase = _drain_phase(resumed)
-    stopped = phase.get("stopped") if phase else {
-        h: a.get("stopped") for h, a in (resumed.get("drain_answers") or {}).items()
-        if isinstance(a, dict) and isinstance(a.get("stopped"), list)}
-    idle = [str(h) for h, c in stopped.items()
-            if isinstance(c, list) and not c] if isinstance(stopped, dict) else []
+    idle = [str(h) for h, c in _drain_stopped(resumed).items() if isinstance(c, list) and not c]
     return _down_before(idle, options, fleet_run_id, inventory, args) if idle else None
 
 
