@@ -3044,6 +3044,7 @@ def _fleet_run_killed(fleet: DrillFleet, journal: Path, pid_file: Path,
     finally:
         fleet.write_inventory()
     (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+    _playbook_ended(str(record["fleet_run_id"]), within=60)  # nothing of it outlives it
     return dict(record)
 
 
@@ -3748,6 +3749,87 @@ def test_a_resume_takes_an_unknown_host_only_when_named_and_never_once_it_rolled
         assert fleet.serving(name) == (200, "blue", v2), name
 
 
+def _playbook_ended(run_id: str, within: float = 120.0) -> None:
+    """Every ansible-playbook process of fleet run `run_id` has ended (waited for, up to
+    `within` s: a playbook that outlived its killed controller waited at a gate for 900 s)."""
+    deadline = time.monotonic() + within
+    while True:
+        left = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            except OSError:
+                continue
+            if b"ansible-playbook" in argv and run_id.encode() in argv:
+                left.append(proc.name)
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"fleet run {run_id}'s playbook still runs: {left}"
+        time.sleep(0.2)
+
+
+@pytest.mark.docker
+def test_a_killed_controllers_playbook_starts_no_further_batch_and_ends(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """kill -9 of the controller as host2's rollback is asked for; host2's command, already
+    sent, runs on (it rolls host2 back). No batch may start once the controller is gone:
+    nobody would journal it, judge it or be able to stop it (an operator who killed the
+    controller to stop the rollout would see it go on). The code before this test already
+    held, only by accident: the orphaned ansible-playbook died at its next output, its
+    terminal (ansible-runner's pty) gone with the controller; waiting at a gate, it printed
+    nothing and lived on for up to 900 s. Now each play that changes a host first checks
+    that the controller is there (fleet_gate.py). Oracles: each host's Caddy, the process
+    table."""
+    fleet = fleet_on_v3
+    v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.kill_controller_command(
+        "host2", pid_file, "rollback", recorded=(journal, "host1"), then_run=True)}})
+    try:
+        proc = _fleet_rollback(fleet, journal)
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+        (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+        _playbook_ended(str(record["fleet_run_id"]))
+    finally:
+        fleet.write_inventory()
+    assert fleet.serving("host1") == (200, "blue", v2)
+    assert fleet.serving("host2") == (200, "blue", v2)  # its command, already sent, ran on
+    assert fleet.serving("host3")[2] == v3  # no batch started after the kill
+
+
+@pytest.mark.docker
+def test_a_controller_killed_during_the_drain_leaves_no_restore_behind_it(
+        fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
+    """kill -9 of the controller as host3's maintenance drain is asked for; that drain runs
+    on. Once the controller is gone nothing may be restored: the restore writes over every
+    write since the snapshot, with nobody to journal it. As above, the code before held only
+    by the orphaned playbook dying at its next output; now the restore's play checks first.
+    Oracles: schema_migrations in Postgres, the process table."""
+    fleet = fleet_on_v3
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "controller.pid"
+    with fleet.hosts[0].stack.connect() as conn:
+        row = conn.execute("SELECT version FROM schema_migrations").fetchone()
+        assert row is not None
+        conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
+    fleet.write_inventory(host_vars={"host3": {"runbook_command": fleet.kill_controller_command(
+        "host3", pid_file, "fleet", "drain", then_run=True)}})
+    try:
+        proc = _fleet_rollback(fleet, journal, "--maintenance")
+        pid_file.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out + err
+        (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
+        _playbook_ended(str(record["fleet_run_id"]))
+    finally:
+        fleet.write_inventory()
+    with fleet.hosts[0].stack.connect() as conn:  # never restored
+        assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0] + 1,)
+
+
 @pytest.mark.docker
 def test_a_controller_killed_mid_rollout_leaves_a_journal_its_resume_finishes(
         fleet_on_v3: DrillFleet, tmp_path: Path) -> None:
@@ -4362,6 +4444,9 @@ def test_a_resume_killed_during_its_undrain_is_finished_by_its_own_resume(
         (resume_id,) = [r["fleet_run_id"] for r in
                         (json.loads(p.read_text()) for p in journal.glob("fleet_*.json"))
                         if r.get("resumed_from") == record["fleet_run_id"]]
+        # the dead resume's own playbook, started at once, waited at its pre-flight gate: it
+        # ends once its controller is gone (it waited there 900 s, the gate's bound)
+        _playbook_ended(resume_id, within=60)
         assert fleet.serving("host2")[0] >= 500  # neither undrain reached it: down
         third = _fleet_rollback_run(fleet, journal, "--maintenance", "--resume", resume_id)
     finally:

@@ -564,10 +564,12 @@ os.kill(os.getpid(), signal.SIGSTOP)
         return str(script)
 
     def kill_controller_command(self, name: str, pid_file: Path, *on: str,
-                                recorded: tuple[Path, str] | None = None) -> str:
+                                recorded: tuple[Path, str] | None = None,
+                                then_run: bool = False) -> str:
         """A `runbook_command` for host `name` that kills the fleet controller (kill -9, as a
         crash or a power loss of the operator's machine would) when `runbook <on...>` is asked
-        for there, and then exits 1 without running it: the host is left as it was. The
+        for there, and then exits 1 without running it: the host is left as it was (with
+        `then_run`, runs it: the host's command, already sent, outlives the controller). The
         controller's pid is read from `pid_file` (the test writes it once it started it).
         `recorded`: (a fleet journal folder, a host): the kill waits (up to 60 s) until that
         folder's journal holds the host's outcome. ansible-runner hands the controller a
@@ -602,6 +604,8 @@ for _ in range(100):  # until it is gone: nothing of this host's command runs be
         break
     time.sleep(0.05)
 print("killed the fleet controller", file=sys.stderr)
+if {then_run!r}:
+    os.execv(RUNBOOK, [RUNBOOK, *argv])
 sys.exit(1)
 """)
         script.chmod(0o755)

@@ -402,6 +402,8 @@ def _controller_vars(fleet_run_id: str, inventory: Inventory, targets: list[str]
     return {"fleet_run_id": fleet_run_id, "fleet_lock_host": inventory.lock_host,
             "fleet_targets": ",".join(targets), "fleet_holder": _who(),
             "fleet_controller_host": socket.gethostname(), "fleet_controller_pid": os.getpid(),
+            # the playbook stops changing hosts once this process is gone (fleet_gate.py)
+            "fleet_controller_pid_start": procs.pid_start(os.getpid()),
             "fleet_reason": reason, "fleet_ssh_alive": ssh_alive()}
 
 
