@@ -804,6 +804,54 @@ def kept_for_killed_restore(env: Environment) -> dict[str, str]:
                f"{exc.strerror or exc}), so nothing tells whether a killed restore replays it "
                f"or needs it; {fix}, then run the cleanup again")
         return {s.name: why for s in list_snapshots(env)}
+    try:
+        for name, why in _kept_by_the_intent(env).items():
+            kept.setdefault(name, why)
+    except PreconditionError as exc:
+        why = (f"kept: {exc.message}, so nothing tells whether the interrupted run it names "
+               f"needs it; {exc.fix}, then run the cleanup again")
+        return {s.name: why for s in list_snapshots(env)}
+    return kept
+
+
+def _kept_by_the_intent(env: Environment) -> dict[str, str]:
+    """kept_for_killed_restore's reading of the interrupted run's record beside the state
+    file (and the record it replaced): a deploy's pre-deploy snapshot, dumped before its
+    migrations, which its rerun takes as that deployment's again (gone, the rerun dumps a new
+    one at the migrated schema and records it as the state before the deploy: found by
+    review, a cron cleanup deleted it once expired), and the snapshot an interrupted
+    `rollback --restore-snapshot` restores, which the rerun its fix names (`--snapshot
+    FILE`) replays. PreconditionError when that record cannot be read."""
+    from runbook import intent as intents
+    from runbook.snapshots.store import list_snapshots
+
+    pending = intents.read(env)
+    if pending is None:
+        return {}
+    kept: dict[str, str] = {}
+    older = pending.record.get(intents.REPLACES)
+    mine = {"action": pending.action, "run_id": pending.run_id,
+            "to_version": pending.to_version, "record": pending.record}
+    for entry in (mine, older if isinstance(older, dict) else {}):
+        record = entry.get("record")
+        record = record if isinstance(record, dict) else {}
+        run = (f"the interrupted {entry.get('action', '?')} {entry.get('run_id', '?')} of "
+               f"{entry.get('to_version', '?')} (recorded in {intents.path(env)})")
+        deployment = record.get("deployment_id") if entry.get("action") == "deploy" else None
+        # by its sidecar's deployment id too, as the rerun finds it (finish.taken_snapshot):
+        # a run killed once its dump was named, before its record said so
+        named = [s.name for s in list_snapshots(env)
+                 if isinstance(deployment, str) and deployment
+                 and s.deployment_id == deployment]
+        if isinstance(path := record.get("snapshot_path"), str) and path:
+            named.append(Path(path).name)
+        for name in named:
+            kept.setdefault(name, (
+                f"the pre-deploy snapshot of {run}, taken before its migrations: its rerun "
+                "takes it as that deployment's"))
+        if isinstance(path := record.get("restore_snapshot"), str) and path:
+            kept.setdefault(Path(path).name, (
+                f"the snapshot {run} restores: running it again replays it"))
     return kept
 
 

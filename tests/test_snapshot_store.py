@@ -1839,6 +1839,59 @@ def test_cleanup_keeps_what_an_unfinished_restore_recorded_beside_the_state_file
     assert not target.exists() and not safety.exists() and not rolled_back.exists(), done.stdout
 
 
+@pytest.mark.parametrize("pending", ["deploy", "deploy-killed-before-its-record-said",
+                                     "rollback"])
+def test_cleanup_keeps_the_snapshot_an_interrupted_runs_record_names(
+        env: Environment, tmp_path: Path, pending: str) -> None:
+    """Found by review: cleanup read the run records and the restore marker, never the
+    interrupted run's record beside the state file. A deploy killed after its migrations
+    (the record names its pre-deploy snapshot, or only its deployment id when killed as the
+    dump was named) lost that snapshot to the cron cleanup once it expired, the hourly ones
+    at the migrated schema being newer and the state file naming no schema (the tooling's):
+    its rerun, which takes it as that deployment's, dumped a new one at the migrated schema
+    and recorded it as the state before the deploy. An interrupted `rollback
+    --restore-snapshot` killed before its restore began lost the snapshot its rerun
+    (`--snapshot FILE`) replays."""
+    import subprocess
+    import sys
+
+    from runbook import intent as intents
+
+    record(env, "dep_old", "dep_current")  # no schema recorded for either
+    taken = put(env, "20261127_120000", "pre-deploy", deployment_id="dep_killed", version=1,
+                age_days=10, expires_in_days=-3)
+    put(env, "20261206_120000", "hourly", version=2, age_days=1)  # the newest, migrated
+    record_of = ({"deployment_id": "dep_killed", "snapshot_path": str(taken)}
+                 if pending == "deploy" else {"deployment_id": "dep_killed"}
+                 if pending.startswith("deploy") else {"restore_snapshot": str(taken)})
+    intents.write(env, intents.Intent(
+        run_id="run_killed_1", action=pending.split("-")[0], environment=env.name,
+        from_slot="blue", to_slot="green", from_version="0000001", to_version="v2",
+        record=record_of))
+    toml = host_toml(env, tmp_path)
+    run = [sys.executable, "-m", "runbook.cli", "snapshot", "cleanup", str(toml)]
+    dry = subprocess.run([*run, "--dry-run"], capture_output=True, text=True, check=False,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0, dry.stderr
+    assert f"Would keep {taken.name}" in dry.stdout and "run_killed_1" in dry.stdout, dry.stdout
+    assert "Would remove 0 snapshot(s)" in dry.stdout, dry.stdout
+    done = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert taken.exists() and taken.with_name(
+        "togather_togather_20261127_120000_pre-deploy.meta.json").exists(), done.stdout
+    intents.path(env).write_text("{not json")  # torn: nothing tells what it names
+    torn = subprocess.run([*run, "--dry-run"], capture_output=True, text=True, check=False,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert torn.returncode == 0 and "Would remove 0 snapshot(s)" in torn.stdout, torn.stdout
+    assert "record" in torn.stdout and "is unreadable" in torn.stdout, torn.stdout
+    intents.path(env).unlink()  # the run was finished: ordinary retention again
+    again = subprocess.run([*run, "--yes"], capture_output=True, text=True, check=False,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert not taken.exists() and f"Removed {taken.name}" in again.stdout, again.stdout
+
+
 def test_the_snapshot_folders_fix_offers_no_file_to_remove_and_no_count_cleanup_would_not_free(
         env: Environment) -> None:
     """Found by review: the fix said "`snapshot cleanup` removes 2 expired snapshot(s)" of two
