@@ -163,6 +163,34 @@ def test_cleanup_keeps_the_newest_shell_tooling_snapshot_and_leaves_other_files_
     assert "database billing" in skipped[other.name]
 
 
+def test_cleanup_keeps_the_newest_tooling_snapshot_with_a_sidecar_behind_failed_dumps(
+        env: Environment) -> None:
+    """Found by review: the tooling writes a sidecar (its size_mb, duration_seconds) only once
+    its dump is done; a snapshot cron that broke (`pg_dump | gzip > FILE` left a gzip of
+    nothing, no sidecar, every hour) made each failed dump "the newest snapshot", the one
+    kept, and once the last good dump expired, cleanup deleted it: a host whose snapshots
+    are all the tooling's (never "usable") kept only failed dumps."""
+    record(env, "dep_a", "dep_b")
+    good = put(env, "20261127_120000", "scheduled", version=None, age_days=10,
+               expires_in_days=-3)
+    meta_path = good.with_name(good.name.removesuffix(".sql.gz") + ".meta.json")
+    meta = json.loads(meta_path.read_text())  # the tooling's: the contract's keys only
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items()
+                                     if k not in ("sha256", "dirty")}))
+    failed = []
+    for days in (8, 1):  # a gzip of nothing, named as the tooling names them; no sidecar
+        taken = NOW - timedelta(days=days)
+        path = (env.database.snapshot_dir
+                / f"togather_togather_{taken:%Y%m%d_%H%M%S}_scheduled.sql.gz")
+        path.write_bytes(gzip.compress(b""))
+        failed.append(path)
+    result = snapshots.cleanup(env, now=NOW)
+    assert names([s.path for s in result.removed]) == {failed[0].name}
+    assert good.exists() and meta_path.exists() and failed[1].exists()
+    why = {s.name: reason for s, reason in result.held}
+    assert "sidecar" in why[good.name], why
+
+
 def test_cleanup_keeps_what_the_schema_guard_would_restore_for_the_previous_deployment(
         env: Environment) -> None:
     """The previous deployment ran at schema 1 and has no pre-deploy snapshot of its own: the

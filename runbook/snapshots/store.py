@@ -821,12 +821,12 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
     """The snapshots cleanup keeps whatever their age, with why; or a warning that the state
     file cannot be read (then the caller keeps every snapshot).
 
-    Kept: the newest snapshot and the newest usable one (a sidecar of the shell or Go
+    Kept: the newest snapshot, the newest usable one (a sidecar of the shell or Go
     tooling has no checksum or schema version, so its snapshots are never "usable": the
-    newest of those went too), the pre-deploy snapshots of the current and the previous
-    deployment (by the sidecar's deployment_id, or the Go CLI's snapshot_path), and the
-    snapshot `rollback --restore-snapshot` would pick for each of the two (the newest usable
-    at its schema): the ones a rollback restores.
+    newest of those went too) and the newest with a sidecar, the pre-deploy snapshots of the
+    current and the previous deployment (by the sidecar's deployment_id, or the Go CLI's
+    snapshot_path), and the snapshot `rollback --restore-snapshot` would pick for each of the
+    two (the newest usable at its schema): the ones a rollback restores.
     """
     from runbook import state as states
 
@@ -836,6 +836,14 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
         why.setdefault(newest.path, []).append("the newest usable snapshot")
     if snaps and snaps[0] is not newest:
         why.setdefault(snaps[0].path, []).append("the newest snapshot")
+    # the tooling writes a sidecar (size_mb, duration_seconds) once its dump is done: one
+    # without is a failed or killed dump, or one still being written (found by review: a
+    # broken snapshot cron's empty dumps, each "the newest", left the last good one to go)
+    done = next((s for s in snaps if s.meta is not None and not s.problems and not s.dirty),
+                None)
+    if done is not None and done is not newest and done is not snaps[0]:
+        why.setdefault(done.path, []).append("the newest snapshot with a sidecar (a newer "
+                                             "one without may be a failed dump)")
     try:
         state = states.read_state(env.state_file, environment=env.name)
     except RunbookError as exc:
