@@ -3784,17 +3784,9 @@ def test_a_killed_controllers_playbook_starts_no_further_batch_and_ends(
     v2, v3 = VERSIONS["v2"].tag, VERSIONS["v3"].tag
     journal = tmp_path / "journal"
     pid_file = tmp_path / "controller.pid"
-    fleet.write_inventory(host_vars={"host2": {"runbook_command": fleet.kill_controller_command(
-        "host2", pid_file, "rollback", recorded=(journal, "host1"), then_run=True)}})
-    try:
-        proc = _fleet_rollback(fleet, journal)
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-        (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
-        _playbook_ended(str(record["fleet_run_id"]))
-    finally:
-        fleet.write_inventory()
+    _fleet_run_killed(fleet, journal, pid_file, {"host2": {
+        "runbook_command": fleet.kill_controller_command(
+            "host2", pid_file, "rollback", recorded=(journal, "host1"), then_run=True)}})
     assert fleet.serving("host1") == (200, "blue", v2)
     assert fleet.serving("host2") == (200, "blue", v2)  # its command, already sent, ran on
     assert fleet.serving("host3")[2] == v3  # no batch started after the kill
@@ -3815,17 +3807,9 @@ def test_a_controller_killed_during_the_drain_leaves_no_restore_behind_it(
         row = conn.execute("SELECT version FROM schema_migrations").fetchone()
         assert row is not None
         conn.execute("UPDATE schema_migrations SET version = version + 1")  # needs a restore
-    fleet.write_inventory(host_vars={"host3": {"runbook_command": fleet.kill_controller_command(
-        "host3", pid_file, "fleet", "drain", then_run=True)}})
-    try:
-        proc = _fleet_rollback(fleet, journal, "--maintenance")
-        pid_file.write_text(str(proc.pid))
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, out + err
-        (record,) = [json.loads(p.read_text()) for p in journal.glob("fleet_*.json")]
-        _playbook_ended(str(record["fleet_run_id"]))
-    finally:
-        fleet.write_inventory()
+    _fleet_run_killed(fleet, journal, pid_file, {"host3": {
+        "runbook_command": fleet.kill_controller_command(
+            "host3", pid_file, "fleet", "drain", then_run=True)}}, "--maintenance")
     with fleet.hosts[0].stack.connect() as conn:  # never restored
         assert conn.execute("SELECT version FROM schema_migrations").fetchone() == (row[0] + 1,)
 
