@@ -247,6 +247,25 @@ def test_cleanup_keeps_everything_when_the_state_file_cannot_be_read(
     assert {s.name for s, _ in result.held} == {first.name, second.name}
 
 
+def test_the_pick_finds_the_go_clis_snapshot_path_written_through_another_folder_name(
+        env: Environment, tmp_path: Path) -> None:
+    """The Go CLI recorded the pre-deploy snapshot as `snapshot_path` under the folder's
+    other name (a symlink; a container's mount point). Cleanup kept it by its name; the
+    restore's pick compared whole paths and passed it over (found by review): with the
+    schema unknown it found none (refused), with it known it took an older snapshot, whose
+    restore loses the writes between the two."""
+    alias = tmp_path / "snapshots-alias"
+    alias.symlink_to(env.database.snapshot_dir)
+    older = put(env, "20261130_100000", "manual", version=1, age_days=2)
+    tooling = put(env, "20261201_100000", "pre-deploy", version=None, age_days=1)
+    recorded = str(alias / tooling.name)
+    for version in (None, 1):
+        picked = snapshots.latest_before(env, version, snapshot_path=recorded)
+        assert picked is not None and picked.path == tooling, (version, picked)
+    assert snapshots.latest_before(env, 1) is not None
+    assert snapshots.latest_before(env, 1).path == older  # nothing recorded: the newest at 1
+
+
 # -- 2. an unknown target schema never picks a snapshot of another schema ----------------------
 
 def test_unknown_version_picks_only_the_deployments_own_pre_deploy_snapshot(

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from runbook import files
@@ -685,7 +685,7 @@ def latest_before(env: Environment, migration_version: int | None, *,
 
     def made_for(s: Snapshot) -> bool:
         return bool((deployment_id and s.deployment_id == deployment_id)
-                    or (snapshot_path and str(s.path) == snapshot_path))
+                    or recorded_as(s, snapshot_path))
 
     # The snapshot dumped right before the deployment that replaced it (its pre-deploy
     # snapshot, by deployment id) holds the target's schema. With the schema unknown it is
@@ -855,9 +855,7 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
         if dep is None:
             continue
         for snap in snaps:
-            linked = dep.snapshot_path is not None and (
-                str(snap.path) == dep.snapshot_path or snap.name == Path(dep.snapshot_path).name)
-            if (snap.deployment_id and snap.deployment_id == dep.id) or linked:
+            if _made_for(snap, dep):
                 why.setdefault(snap.path, []).append(
                     f"the pre-deploy snapshot of the {label} deployment {dep.version} "
                     f"({dep.id})")
@@ -887,11 +885,21 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
     return {path: "; ".join(reasons) for path, reasons in why.items()}, None
 
 
+def recorded_as(snap: Snapshot, snapshot_path: str | None) -> bool:
+    """Is `snap` the file the Go CLI recorded as a deployment's `snapshot_path`? By its name
+    too, as cleanup always kept it: the path as written (the folder through a symlink, a
+    container's mount point) is not the one this environment lists it under, and the
+    restore's pick passed it over (found by review), refusing or taking an older snapshot.
+    A name holds the database and the second it was dumped."""
+    return bool(snapshot_path) and (str(snap.path) == snapshot_path
+                                    or snap.name == PurePath(str(snapshot_path)).name)
+
+
 def _made_for(snap: Snapshot, dep: states.Deployment) -> bool:
     """Whether `snap` is `dep`'s pre-deploy snapshot: by the sidecar's deployment id, or the
     Go CLI's `snapshot_path`."""
-    return bool((snap.deployment_id and snap.deployment_id == dep.id) or (
-        dep.snapshot_path and (str(snap.path) == dep.snapshot_path)))
+    return bool((snap.deployment_id and snap.deployment_id == dep.id)
+                or recorded_as(snap, dep.snapshot_path))
 
 
 def pre_deploy_witness(listed: list[Snapshot], target: states.Deployment,
