@@ -40,26 +40,28 @@ def controller_gone(variables: Any) -> bool:
         return False
     if pid <= 0:
         return False
+    start = variables.get("fleet_controller_pid_start")
+    if start is None or not os.path.isdir("/proc/self"):
+        # no start time to tell a reused pid by (the controller read no /proc of its own),
+        # or no /proc here: only the kernel's word that no such process exists is "gone"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             fields = f.read().rpartition(")")[2].split()
     except FileNotFoundError:
-        if not os.path.isdir("/proc/self"):  # no /proc here: ask the kernel
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            except OSError:
-                return False
-            return False
         return True
     except OSError:
         return False
     if fields and fields[0] in ("Z", "X"):  # exited, not yet reaped
         return True
-    start = variables.get("fleet_controller_pid_start")
     try:
-        return start is not None and int(fields[19]) != int(start)
+        return int(fields[19]) != int(start)
     except (IndexError, ValueError, TypeError):
         return False
 
