@@ -230,9 +230,14 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["schema guard"] = "skipped (--force)"
         return guard
     if problem and not options.force:
+        # as --restore-snapshot picks (above): from the deployment that replaced the target,
+        # not the current one when --to goes further back (found by review: with the
+        # current's pre-deploy snapshot the tooling's, naming no schema, the refusal named it
+        # and the command it printed was refused for its schema)
+        after = migration_source.successor(env, target, current)
         try:
-            snap = (snapshots.latest_before(env, recorded, deployment_id=current.id,
-                                            snapshot_path=current.snapshot_path)
+            snap = (snapshots.latest_before(env, recorded, deployment_id=after.id,
+                                            snapshot_path=after.snapshot_path)
                     if recorded is not None else None)
         except snapshots.FutureSnapshotError as exc:  # the refusal stays the schema's
             raise SchemaRefusal(problem, (
@@ -251,7 +256,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                 "anyway")) from None
         if snap is None:
             at = f"at schema {recorded}" if recorded is not None else "at the target's schema"
-            moved = (_before_a_move(env, options, recorded, current)
+            moved = (_before_a_move(env, options, recorded, after)
                      if recorded is not None else "")
             fix = (f"no snapshot {at} exists in {env.database.snapshot_dir}: "
                    "roll the migrations back by hand, or pass --force to roll back the code "
@@ -261,8 +266,8 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
                    "by hand, or pass --force to roll back the code anyway")
         else:
             window = snapshots.loss_window(env, snap)
-            # the snapshot named too: `--restore-snapshot` alone picks from the deployment
-            # that replaced the target, which may be another one than this
+            # the snapshot named too: the one checked here is the one on-call restores,
+            # whatever the folder holds by the time the command is typed
             fix = (f"restore snapshot {snap.name} and roll back in one go with "
                    f"`{restoring(env, options, snap)}` "
                    f"({window.describe()}), or pass --force to roll back the code anyway")

@@ -3732,6 +3732,35 @@ def test_the_schema_guards_refusal_of_a_named_target_names_the_restore_that_goes
     assert x in done.stdout + done.stderr, done.stdout + done.stderr
 
 
+@pytest.mark.any_shape  # the snapshot folder and the schema guard: no shape changes them
+def test_the_refusal_of_a_named_target_never_names_the_current_deployments_tooling_snapshot(
+        stack: DrillStack) -> None:
+    """As above (`rollback --to v1`, v3 serving, v2's migration ran after v1), with v3's
+    pre-deploy snapshot written by the shell tooling (its sidecar names no schema). Found by
+    review: the refusal picked its snapshot from v3's (the current deployment's), not from
+    v2's, the one that replaced the target, as `--restore-snapshot` itself does: it named
+    v3's, dumped at schema 2, and the command it printed was then refused ("is at schema 2,
+    but v1 ran with 1"), a dead end at 3 a.m. It names v2's pre-deploy snapshot."""
+    stack.arrange(scenes.MIGRATED)
+    env = stack.env
+    deploy_to(stack, env, "v3")
+    st = states.read_state(env.state_file)
+    v2, v3 = st.find_version(V2.tag), st.current
+    assert v2 is not None and v3 is not None and v3.version == V3.tag
+    sidecars = {json.loads(p.read_text()).get("deployment_id"): p
+                for p in env.database.snapshot_dir.glob("*.meta.json")}
+    tooling = json.loads(sidecars[v3.id].read_text())
+    tooling.pop("migration_version")  # the tooling's sidecar: no schema
+    sidecars[v3.id].write_text(json.dumps(tooling))
+    x = sidecars[v2.id].name.removesuffix(".meta.json") + ".sql.gz"
+    refused = runbook_cli(env, "rollback", "--to", V1.tag, "--yes")
+    assert refused.returncode == ExitCode.PRECONDITION, refused.stderr
+    assert "migrations ran after the target deployment" in refused.stderr, refused.stderr
+    assert f"restore snapshot {x}" in refused.stderr, refused.stderr
+    assert _restoring_rollback(refused.stderr)[-2:] == ["--snapshot", x], refused.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+
+
 def test_a_stopped_database_is_refused_naming_its_start_and_never_force(
         stack: DrillStack) -> None:
     """Found by the on-call walkthrough review: with the database container stopped, the
