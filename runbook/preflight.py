@@ -92,8 +92,13 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     The switch asks again just before it writes (sites_dropped_now)."""
     uncompared = sites_uncompared(env, candidate)
     if uncompared is not None:
-        with contextlib.suppress(RunbookError):  # unread: the load's own checks say so
-            refuse_admin_moved(env, caddy.adapt(env, candidate), loaded())
+        try:
+            new, running = caddy.adapt(env, candidate), loaded()
+        except RunbookError:  # unread: the load's own checks say so
+            return uncompared
+        # outside the suppression (found by review: inside it, its own refusal was
+        # swallowed, and a systemctl or `caddy reload` switch moved the admin listener)
+        refuse_admin_moved(env, new, running)
         return uncompared
     try:
         running = loaded()

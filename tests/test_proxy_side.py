@@ -25,11 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from runbook import caddy, files
+from runbook import caddy, files, preflight, switch
 from runbook.drill import http as drill_http
 from runbook.drill.stack import DrillStack
-from runbook.environment import Environment, Slot
+from runbook.environment import Environment, ReloadMethod, Slot
+from runbook.errors import ExitCode, RunbookError
 from tests.drill_checks import closed_port
+from tests.test_caddy_text import with_reload
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +157,49 @@ def test_a_switch_that_would_move_caddys_admin_listener_is_refused(stack: DrillS
                 assert _proxy_status(env) == 200
     finally:
         # had a switch moved it (before the fix), bring the listener back for the next test
+        for where in (env.caddy.admin_url, f"http://{moved}"):  # never another Caddy's 2019
+            try:
+                if where == env.caddy.admin_url:
+                    drill_http.get(f"{where}/config/", timeout=5).raise_for_status()
+                    break
+                drill_http.post(f"{where}/load", content=text,
+                                headers={"Content-Type": "text/caddyfile"}, timeout=10)
+                break
+            except Exception:  # not there: the next address
+                continue
+        stack.reset()
+
+
+@pytest.mark.parametrize("method", [ReloadMethod.CADDY_RELOAD, ReloadMethod.SYSTEMCTL])
+def test_a_moved_admin_listener_is_refused_where_the_sites_are_not_compared(
+        stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: where the sites Caddy serves are not compared with the new Caddyfile
+    (systemctl reloads the unit's file; `caddy reload` alone resolves a relative import),
+    pre-flight's refusal of a Caddyfile whose `admin` line was edited and not reloaded was
+    swallowed by the suppression meant for an unread config: the switch loaded it (exit 0),
+    Caddy's admin API left [caddy] admin_url, and every later status, rollback or undo could
+    not reach Caddy. Refused (exit 4), nothing changed, Caddy still answering where it did."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    text = caddy.read(env)
+    admin = re.search(r"^\tadmin (\S+)$", text, re.M)
+    assert admin is not None
+    moved = f"127.0.0.1:{closed_port()}"
+    # a relative glob matching nothing: Caddy warns and loads the rest
+    edited = text.replace(admin[0], f"\tadmin {moved}") + "\nimport conf.d/*.caddy\n"
+    assert preflight.sites_uncompared(env, edited) is not None  # the premise
+    config_before = _config(env)
+    try:
+        files.atomic_write(env.caddy.caddyfile, edited.encode())
+        with pytest.raises(RunbookError) as err:
+            switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: admin moved"))
+        said = f"{err.value.message} / {err.value.fix}"
+        assert err.value.exit_code == ExitCode.PRECONDITION, said
+        assert f"admin listener at {moved}" in said and "nothing was changed" in said, said
+        assert env.caddy.caddyfile.read_bytes() == edited.encode()
+        assert _config(env) == config_before  # still answering at admin_url
+        assert _proxy_status(env) == 200
+    finally:
         for where in (env.caddy.admin_url, f"http://{moved}"):  # never another Caddy's 2019
             try:
                 if where == env.caddy.admin_url:
