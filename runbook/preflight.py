@@ -99,7 +99,11 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
         # outside the suppression (found by review: inside it, its own refusal was
         # swallowed, and a systemctl or `caddy reload` switch moved the admin listener)
         refuse_admin_moved(env, new, running)
-        return uncompared
+        # the sites are not compared, but a pending edit still goes live with the reload
+        # (found by review: unsaid with systemctl); /adapt resolves no relative import
+        drift = (None if any(i.relative for i in caddy.file_imports(candidate))
+                 else _drift(env, running))
+        return uncompared + (f"{WARNING_MARK}{drift}" if drift else "")
     try:
         running = loaded()
     except RunbookError as exc:

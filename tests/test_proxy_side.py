@@ -211,3 +211,31 @@ def test_a_moved_admin_listener_is_refused_where_the_sites_are_not_compared(
             except Exception:  # not there: the next address
                 continue
         stack.reset()
+
+
+def test_an_unreloaded_edit_of_another_site_is_said_with_systemctl_too(
+        stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the plan says when Caddy runs a config that differs from its
+    Caddyfile beyond the slot (an edit of another site not yet reloaded goes live with the
+    switch), but not with reload = "systemctl", where the sites are not compared: `systemctl
+    reload` loaded someone's pending edit of another site with the switch, and the plan's
+    diff showed the managed block alone. Said there too (not with a relative import, which
+    only Caddy's own reload of the file resolves)."""
+    env = with_reload(stack, ReloadMethod.SYSTEMCTL, tmp_path, monkeypatch)
+    text = caddy.read(env)
+    assert text.count('respond /ping "pong" 200') == 1
+    edited = text.replace('respond /ping "pong" 200', 'respond /ping "edited" 200')
+    try:
+        files.atomic_write(env.caddy.caddyfile, edited.encode())  # not reloaded
+        plan = switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan
+        said = "\n".join(plan.warnings)
+        assert "differs from" in said and "beyond the slot" in said, plan.render()
+        relative = edited + "\nimport conf.d/*.caddy\n"  # /adapt cannot resolve it: not said
+        files.atomic_write(env.caddy.caddyfile, relative.encode())
+        plan = switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan
+        assert not any("beyond the slot" in w for w in plan.warnings), plan.render()
+        files.atomic_write(env.caddy.caddyfile, text.encode())
+        calm = switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan
+        assert not any("beyond the slot" in w for w in calm.warnings), calm.render()
+    finally:
+        stack.reset()
