@@ -443,6 +443,8 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
                       else default_mode)
             if st is not None and hasattr(os, "fchown"):
                 kept = _keep_owner(fd, st)
+            if st is not None:
+                _keep_xattrs(fd, target)
             elif model is not None and hasattr(os, "fchown"):
                 _keep_owner(fd, model)  # best effort: not root, it keeps the group if it may
             view = memoryview(data)
@@ -515,6 +517,23 @@ def rename_noreplace(source: Path, target: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(target))
+
+
+def _keep_xattrs(fd: int, target: Path) -> None:
+    """Give the temp file the old file's extended attributes, best effort: its POSIX ACL
+    (`system.posix_acl_access`) and SELinux label are xattrs, and a file renamed into place
+    has only what its directory gives a new one. Found by review: a Caddyfile that Caddy's
+    own user reads through an ACL (mode 0640 root:root) lost it with the switch's write, so
+    the next `systemctl reload` or Caddy's restart could not read its config."""
+    if not hasattr(os, "listxattr"):
+        return
+    try:
+        names = os.listxattr(target)
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):  # e.g. a label or capability only root may set
+            os.setxattr(fd, name, os.getxattr(target, name))
 
 
 def _keep_owner(fd: int, st: os.stat_result) -> tuple[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import files
+from runbook import caddy, files
 from runbook import state as states
 from runbook.environment import Slot
 from tests.drill_checks import (
@@ -110,6 +111,36 @@ def test_a_symlinked_target_stays_a_symlink(tmp_path: Path) -> None:
     link.symlink_to(real)
     files.atomic_write(link, b"2")
     assert link.is_symlink() and real.read_text() == "2"
+
+
+def _acl(uid: int, perm: int) -> bytes:
+    """A POSIX access ACL as the kernel stores it (system.posix_acl_access): the owner rw,
+    user `uid` `perm`, the group and others nothing, mask `perm`."""
+    undefined = 0xFFFFFFFF
+    entries = [(0x01, 6, undefined), (0x02, perm, uid), (0x04, 0, undefined),
+               (0x10, perm, undefined), (0x20, 0, undefined)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@needs_root
+def test_a_file_read_through_an_acl_stays_readable_after_a_rewrite(shared_dir: Path) -> None:
+    """Found by review: a Caddyfile 0640 root:root that Caddy's own user reads through a
+    POSIX ACL lost the ACL with the switch's write (a new file renamed into place has only
+    what its directory gives it), so the next `systemctl reload` or restart of Caddy could
+    not read its config. Judged by the kernel: uid 1000, named by the ACL, reads it."""
+    target = shared_dir / "Caddyfile"
+    target.write_text("old\n")
+    os.chown(target, 0, 0)
+    target.chmod(0o640)
+    try:
+        os.setxattr(target, "system.posix_acl_access", _acl(DEPLOY_UID, 4))
+    except OSError as exc:
+        pytest.skip(f"this filesystem takes no POSIX ACL ({exc.strerror})")
+    read = "print(open(sys.argv[1]).read(), end='')\n"
+    assert as_deploy_user([], "import sys\n", read, str(target)) == "old\n"
+    caddy.write_atomically(target, b"new\n")
+    assert as_deploy_user([], "import sys\n", read, str(target)) == "new\n"
+    assert target.stat().st_mode & 0o777 == 0o640
 
 
 def test_the_state_file_keeps_its_mode_across_a_rewrite(tmp_path: Path) -> None:
