@@ -443,10 +443,10 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
                       else default_mode)
             if st is not None and hasattr(os, "fchown"):
                 kept = _keep_owner(fd, st)
-            if st is not None:
-                _keep_xattrs(fd, target)
             elif model is not None and hasattr(os, "fchown"):
                 _keep_owner(fd, model)  # best effort: not root, it keeps the group if it may
+            if st is not None:
+                _keep_xattrs(fd, target)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
