@@ -128,6 +128,22 @@ def test_status_points_at_caddys_log_and_config_when_the_proxy_fails_a_healthy_s
     assert "runbook switch" not in json.dumps(problems), problems
 
 
+def _admin_back(stack: DrillStack, env: Environment, text: str, moved: str) -> None:
+    """Had a switch moved Caddy's admin listener to `moved` (the code before the fix), bring
+    it back with the original Caddyfile `text` for the next test; then the baseline scene."""
+    for where in (env.caddy.admin_url, f"http://{moved}"):  # never another Caddy's 2019
+        try:
+            if where == env.caddy.admin_url:
+                drill_http.get(f"{where}/config/", timeout=5).raise_for_status()
+                break
+            drill_http.post(f"{where}/load", content=text,
+                            headers={"Content-Type": "text/caddyfile"}, timeout=10)
+            break
+        except Exception:  # not there: the next address
+            continue
+    stack.reset()
+
+
 def test_a_switch_that_would_move_caddys_admin_listener_is_refused(stack: DrillStack) -> None:
     """The Caddyfile's `admin` line was edited to another port and not reloaded: the switch
     would load it, and Caddy's admin API would leave [caddy] admin_url (every later status,
@@ -156,18 +172,7 @@ def test_a_switch_that_would_move_caddys_admin_listener_is_refused(stack: DrillS
                 assert _config(env) == config_before  # still answering at admin_url
                 assert _proxy_status(env) == 200
     finally:
-        # had a switch moved it (before the fix), bring the listener back for the next test
-        for where in (env.caddy.admin_url, f"http://{moved}"):  # never another Caddy's 2019
-            try:
-                if where == env.caddy.admin_url:
-                    drill_http.get(f"{where}/config/", timeout=5).raise_for_status()
-                    break
-                drill_http.post(f"{where}/load", content=text,
-                                headers={"Content-Type": "text/caddyfile"}, timeout=10)
-                break
-            except Exception:  # not there: the next address
-                continue
-        stack.reset()
+        _admin_back(stack, env, text, moved)
 
 
 @pytest.mark.parametrize("method", [ReloadMethod.CADDY_RELOAD, ReloadMethod.SYSTEMCTL])
@@ -200,17 +205,7 @@ def test_a_moved_admin_listener_is_refused_where_the_sites_are_not_compared(
         assert _config(env) == config_before  # still answering at admin_url
         assert _proxy_status(env) == 200
     finally:
-        for where in (env.caddy.admin_url, f"http://{moved}"):  # never another Caddy's 2019
-            try:
-                if where == env.caddy.admin_url:
-                    drill_http.get(f"{where}/config/", timeout=5).raise_for_status()
-                    break
-                drill_http.post(f"{where}/load", content=text,
-                                headers={"Content-Type": "text/caddyfile"}, timeout=10)
-                break
-            except Exception:  # not there: the next address
-                continue
-        stack.reset()
+        _admin_back(stack, env, text, moved)
 
 
 def test_an_unreloaded_edit_of_another_site_is_said_with_systemctl_too(
