@@ -403,7 +403,7 @@ def temp_target(name: str) -> str | None:
 def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
                  before_rename: Callable[[], None] | None = None,
                  durable: bool = True, like: Path | None = None,
-                 new_only: bool = False) -> str | None:
+                 new_only: bool = False, mode: int | None = None) -> str | None:
     """Replace `target` with `data` atomically, keeping the existing file's mode, owner, group.
 
     A new file gets `default_mode`, or `like`'s mode (read and write bits), owner and group
@@ -421,6 +421,10 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
     process created the instant before the move into place, raises FileExistsError with
     nothing written and no temp file left (`place_new`). For a writer that read "no file":
     its rename replaced, without a trace, the file another tool created since.
+    `mode`: the file's mode whatever an old file's, set before its first byte is written: a
+    copy of another file (the Caddyfile's backup) takes its source's, never the more open
+    mode of an earlier copy or of `default_mode` (a 0600 Caddyfile's secrets were readable
+    by anyone in a 0644 backup until a chmod after the write, for ever when killed between).
     """
     target = Path(os.path.realpath(target))
     try:
@@ -439,14 +443,16 @@ def atomic_write(target: Path, data: bytes, *, default_mode: int = 0o644,
     try:
         try:
             # mode and owner first: the one fsync below makes them durable with the bytes
-            os.fchmod(fd, (st.st_mode & 0o7777) if st else (model.st_mode & 0o666) if model
-                      else default_mode)
+            os.fchmod(fd, mode if mode is not None else (st.st_mode & 0o7777) if st
+                      else (model.st_mode & 0o666) if model else default_mode)
             if st is not None and hasattr(os, "fchown"):
                 kept = _keep_owner(fd, st)
             elif model is not None and hasattr(os, "fchown"):
                 _keep_owner(fd, model)  # best effort: not root, it keeps the group if it may
             if st is not None:
                 _keep_xattrs(fd, target)
+            if mode is not None and st is not None:  # an old file's ACL, just copied, sets
+                os.fchmod(fd, mode)  # the mode's bits too: chmod narrows it to `mode`
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

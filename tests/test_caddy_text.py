@@ -1500,6 +1500,84 @@ def test_a_backup_in_the_temp_dir_never_writes_through_a_planted_symlink(
         backup.unlink()
 
 
+# Run in a child: an audit hook (sys.addaudithook) cannot be removed once added. At each
+# file operation the child makes (os.open, fchmod, rename, link, chmod, ...), before it, it
+# looks at every file in the Caddyfile's folder holding the secret: a kill there leaves what
+# it sees. Nothing is replaced: the hook only watches.
+_COPY_WATCH = """
+import json, os, stat, sys
+from pathlib import Path
+from runbook import caddy
+from runbook.caddy import switch
+from runbook.environment import from_mapping
+
+folder, secret = Path(sys.argv[1]), sys.argv[2].encode()
+path = folder / "Caddyfile"
+env = from_mapping({"name": "staging",
+    "slots": {"blue": {"container": "app-blue", "port": 8081},
+              "green": {"container": "app-green", "port": 8082}},
+    "caddy": {"caddyfile": str(path), "admin_url": "http://127.0.0.1:1"}}, folder / "env.toml")
+os.umask(0)  # the mode a file is created with cannot lean on the umask
+seen, busy = [], [False]
+
+def watch(event, args):
+    if busy[0] or event not in ("open", "os.chmod", "os.chown", "os.rename", "os.link",
+                                "os.remove", "os.setxattr", "os.utime"):
+        return
+    busy[0] = True
+    try:
+        allowed = stat.S_IMODE(os.stat(path).st_mode)
+        for name in os.listdir(folder):
+            copy = folder / name
+            if copy == path or not copy.is_file() or secret not in copy.read_bytes():
+                continue
+            extra = stat.S_IMODE(os.stat(copy).st_mode) & ~allowed
+            if extra:
+                seen.append([event, name, oct(extra)])
+    finally:
+        busy[0] = False
+
+sys.addaudithook(watch)
+previous = path.read_bytes()
+backup = switch.write_backup(env, previous)
+path.write_bytes(previous + b"# an edit made during the switch\\n")
+kept = switch.keep_an_edit(env, b"what the switch wrote", previous)
+print(json.dumps({"seen": seen, "backup": str(backup), "kept": kept}))
+"""
+
+
+@pytest.mark.parametrize("earlier", [None, 0o644])
+def test_a_copy_of_a_private_caddyfile_is_never_more_readable_than_it(
+        tmp_path: Path, earlier: int | None) -> None:
+    """Found by review: the Caddyfile's backup, and the copy of an edit made during a switch,
+    were written with the default mode (0644, or an earlier backup's) and chmod'ed to the
+    Caddyfile's only after: a 0600 Caddyfile's basic-auth hash was readable by any local user
+    for a moment, and for ever when the run was killed in between. Checked before every file
+    operation the writes make (a kill at any of them), umask 0, with and without an earlier
+    backup left 0644; the copies end at the Caddyfile's mode, byte for byte."""
+    secret = "$2a$14$runbook.copy.watch.secret"
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text(f"localhost {{\n\tbasic_auth {{\n\t\tops {secret}\n\t}}\n}}\n")
+    caddyfile.chmod(0o600)
+    if earlier is not None:
+        old = caddy.backup_path(make_env(caddyfile))
+        old.write_text("# an earlier backup\n")
+        old.chmod(earlier)
+    done = subprocess.run([sys.executable, "-c", _COPY_WATCH, str(tmp_path), secret],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    assert said["seen"] == [], said  # (event, file, the mode bits beyond the Caddyfile's)
+    backup = Path(said["backup"])
+    assert backup == caddy.backup_path(make_env(caddyfile)), said
+    [edit] = tmp_path.glob(".Caddyfile.runbook-edited-*")
+    assert f"kept at {edit}" in said["kept"], said
+    for kept in (backup, edit):
+        assert os.stat(kept).st_mode & 0o777 == 0o600, kept
+    assert secret in backup.read_text() and secret in edit.read_text()
+
+
 @pytest.mark.docker
 def test_a_caddy_container_the_engine_does_not_have_is_a_refusal_not_a_pass() -> None:
     """Found by review: `[caddy] command` exec'ing into a container the runbook's engine does

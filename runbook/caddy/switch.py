@@ -220,18 +220,17 @@ def _caddyfile_mode(env: Environment) -> int:
 
 
 def write_backup(env: Environment, data: bytes) -> Path | None:
-    """Keep the previous Caddyfile where a human finds it; fall back to the temp dir."""
+    """Keep the previous Caddyfile where a human finds it; fall back to the temp dir. Either
+    has the Caddyfile's mode before a byte is in it: a 0600 Caddyfile holds secrets."""
+    mode = _caddyfile_mode(env)
     try:
-        write_atomically(backup_path(env), data)
+        write_atomically(backup_path(env), data, mode)
     except OSError:
         pass
     else:
-        with contextlib.suppress(OSError):
-            os.chmod(backup_path(env), env.caddy.caddyfile.stat().st_mode & 0o7777)
         return backup_path(env)
     try:
-        return in_temp_dir(f"togather-runbook-{env.name}-Caddyfile.previous-", data,
-                           _caddyfile_mode(env))
+        return in_temp_dir(f"togather-runbook-{env.name}-Caddyfile.previous-", data, mode)
     except OSError:
         return None
 
@@ -268,14 +267,13 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     candidate = edited_path(env, stamp)
+    mode = _caddyfile_mode(env)  # the copy's from its first byte, as write_backup's
     try:
-        write_atomically(candidate, now)
-        with contextlib.suppress(OSError):
-            os.chmod(candidate, path.stat().st_mode & 0o7777)
+        write_atomically(candidate, now, mode)
     except OSError:
         try:
             candidate = in_temp_dir(f"togather-runbook-{env.name}-Caddyfile.edited-{stamp}-",
-                                    now, _caddyfile_mode(env))
+                                    now, mode)
         except OSError as exc:
             return (f"{path} was edited during the switch and the edit could not be copied "
                     f"aside ({exc.strerror or exc})")
