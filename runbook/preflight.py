@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from runbook import caddy, database, docker, dry, procs
@@ -100,9 +100,12 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
         # swallowed, and a systemctl or `caddy reload` switch moved the admin listener)
         refuse_admin_moved(env, new, running)
         # the sites are not compared, but a pending edit still goes live with the reload
-        # (found by review: unsaid with systemctl); /adapt resolves no relative import
-        drift = (None if any(i.relative for i in caddy.file_imports(candidate))
-                 else _drift(env, running))
+        # (found by review: unsaid with systemctl, and with a relative import); fail closed:
+        # what cannot be compared is said, never taken for "no pending edit"
+        drift = _drift(env, running, untold=(
+            f"whether Caddy runs {env.caddy.caddyfile} as it is on disk cannot be told (Caddy "
+            "did not adapt it here): an edit of it not yet loaded, another site's included, "
+            "goes live with the switch's reload"))
         return uncompared + (f"{WARNING_MARK}{drift}" if drift else "")
     try:
         running = loaded()
@@ -190,23 +193,28 @@ def split_warnings(result: str) -> tuple[str, list[str]]:
     return detail, warnings
 
 
-def _drift(env: Environment, running: Any) -> str | None:
+def _drift(env: Environment, running: Any, *, untold: str | None = None) -> str | None:
     """Caddy runs a config that differs from its Caddyfile beyond the slot (a route loaded
     through the admin API during an incident, an edit to the file not yet reloaded): the
     switch loads the file, so that difference is lost or goes live with it, and verification
     of the app's site still passes (found by review). Said, not refused: the file is what
-    the host says Caddy runs. None when they agree or it cannot be told."""
+    the host says Caddy runs. None when they agree; `untold` when Caddy's adapter cannot
+    tell. Relative imports are resolved from the Caddyfile's folder, as Caddy sees it (found
+    by review: /adapt resolves them from Caddy's working directory, so with `caddy reload`
+    or systemctl a pending edit went unsaid)."""
     from runbook import traffic
 
     try:
         now = traffic.from_config(env, running).slot
         if now is None:
             return None  # which slot runs is said elsewhere (and fails closed there)
-        as_file = caddy.adapt(env, caddy.rewrite(caddy.read(env), env, now))
+        folder = str(PurePosixPath(caddy.seen_by_caddy(env, env.caddy.caddyfile)).parent)
+        as_file = caddy.adapt(env, caddy.imports_from(
+            caddy.rewrite(caddy.read(env), env, now), folder))
     except RunbookError:
-        return None
+        return untold
     if as_file is None:
-        return None
+        return untold
     where = caddy.first_difference(running, as_file)
     if where is None:
         return None

@@ -1034,6 +1034,23 @@ def test_file_imports_are_what_caddy_looks_for_as_files(admin: httpx.Client, tex
     assert [i.pattern for i in caddy.file_imports(text)] == looked_for, answer.text
 
 
+@pytest.mark.docker
+@pytest.mark.parametrize("line", ["import sites/common", '\t"import" "sites/common" # why',
+                                  "import `sites/common` arg", "import /srv/abs/common"])
+@pytest.mark.parametrize("folder", ["/srv/caddy", "/srv/my caddy/", '/srv/a"b'])
+def test_a_relative_import_is_made_the_file_caddy_reads_beside_the_caddyfile(
+        admin: httpx.Client, line: str, folder: str) -> None:
+    """imports_from (what the plan adapts to compare with what Caddy runs): Caddy's adapter,
+    given the text, looks for the file beside the Caddyfile's folder, as its reload of the
+    file does; quoted as written, an absolute import as it is."""
+    text = f"{line}\nhttp://127.0.0.1:18080 {{\n\trespond ok\n}}\n"
+    answer = admin.post("/adapt", content=caddy.imports_from(text, folder).encode(),
+                        headers={"Content-Type": "text/caddyfile"})
+    looked_for = re.findall(r"File to import not found: (.+)$", answer.json().get("error", ""))
+    want = "/srv/abs/common" if "/srv/abs" in line else f"{folder.rstrip('/')}/sites/common"
+    assert looked_for == [want], answer.text
+
+
 def other_site_answers(stack: DrillStack) -> str:
     """The drill's other site, as a request to it finds it ('' when Caddy serves it not)."""
     answer = drill_http.get(f"http://127.0.0.1:{stack.ports.other_site}/ping", timeout=5)

@@ -805,6 +805,25 @@ def file_imports(text: str) -> tuple[FileImport, ...]:
     return tuple(found)
 
 
+def imports_from(text: str, folder: str) -> str:
+    """`text` with each relative file import made absolute from `folder` (the Caddyfile's, as
+    Caddy sees it), where Caddy resolves them when it reads the file itself (`caddy reload`,
+    systemd's reload): text POSTed to /adapt has no file name, and Caddy looked for them in
+    its own working directory. Only the pattern tokens change."""
+    lines = text.split("\n")
+    folder = folder.rstrip("/")
+    for found in file_imports(text):
+        if not found.relative:
+            continue
+        line = lines[found.line - 1]
+        token = _tokenize(line)[1]  # its pattern, as written (a quoted one still escaped)
+        quote = token.quote or ('"' if any(_go_space(c) or c in "\"`" for c in folder) else "")
+        head = folder.replace('"', '\\"') if quote == '"' else folder
+        lines[found.line - 1] = (f"{line[:token.start]}{quote}{head}/{found.pattern}{quote}"
+                                 f"{line[token.end:]}")
+    return "\n".join(lines)
+
+
 def has_marker_line(text: str) -> bool:
     """Whether any line of `text` holds a slot marker (as find_block reads them)."""
     return any(_START_RE.search(line) or _END_RE.search(line) for line in text.split("\n"))
