@@ -1024,6 +1024,7 @@ def test_caddy_joins_the_lines_the_switch_refuses_and_only_those(admin: httpx.Cl
     "http://127.0.0.1:18080 {\n\timport common\n}\n(common) {\n\trespond ok\n}\n",
     "http://127.0.0.1:18080 {\n\t\"import\" common\n}\n(common) {\n\trespond ok\n}\n",
     "import /nonexistent/common\nhttp://127.0.0.1:18080 {\n\trespond ok\n}\n",
+    "\ufeffimport /nonexistent/common\nhttp://127.0.0.1:18080 {\n\trespond ok\n}\n",  # BOM
 ])
 def test_file_imports_are_what_caddy_looks_for_as_files(admin: httpx.Client, text: str) -> None:
     """Caddy's adapter is the oracle: it takes `import common` for a file, and says it found

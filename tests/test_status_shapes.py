@@ -277,22 +277,25 @@ def admin_host(stack: DrillStack, tmp_path: Path) -> Iterator[Environment]:
         stack.reset()
 
 
-@pytest.mark.parametrize("moved", ["unix", "tcp", "off"])
+@pytest.mark.parametrize(("moved", "bom"), [("unix", ""), ("tcp", ""), ("off", ""),
+                                           ("tcp", "\ufeff")])
 def test_an_admin_api_moved_off_admin_url_is_given_back_as_printed(
-        stack: DrillStack, admin_host: Environment, moved: str) -> None:
+        stack: DrillStack, admin_host: Environment, moved: str, bom: str) -> None:
     """The Caddyfile's `admin` edited (to a unix socket, another TCP port, or off) and
     loaded by hand: Caddy serves, its admin API no longer answers at [caddy] admin_url. The
     fix said "give Caddy a TCP admin address (`admin localhost:2019` ...)": Caddy's default,
     not the address the environment file names, and no way to load it (Caddy's admin API
     has moved). It names the address admin_url gives, and the `caddy reload` through where
     Caddy's admin API listens now (with `admin off`, the restart: no reload can reach it);
-    done as printed, admin_url answers again and status has nothing to say."""
+    done as printed, admin_url answers again and status has nothing to say. Also with a
+    Caddyfile that starts with a UTF-8 byte order mark, which Caddy skips (found by review:
+    its global options went unread, and the fix named Caddy's default localhost:2019)."""
     env = admin_host
     admin = f"127.0.0.1:{stack.ports.admin}"
     where = {"unix": f"unix/{stack.caddy_mount}/admin.sock", "off": "off",
              "tcp": f"127.0.0.1:{closed_port()}"}[moved]
     text = caddy.read(env)
-    edited = text.replace(f"admin {admin}", f"admin {where}")
+    edited = bom + text.replace(f"admin {admin}", f"admin {where}")
     _load_caddyfile(env, edited)
     assert through_proxy(env)[0] == "blue"  # Caddy serves
     problems = _fixes(stack, env)

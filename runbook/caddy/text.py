@@ -753,9 +753,10 @@ def admin_option(text: str) -> str | None:
     """The `admin` global option of Caddyfile `text` as written: its address
     (`127.0.0.1:2999`, `unix//run/caddy/admin.sock`), `off`, "" for `admin` alone (Caddy's
     default address); None when the file gives none (the default too, or no global options
-    block: it opens the file, a line `{` alone)."""
+    block: it opens the file, a line `{` alone). A leading byte order mark is no token:
+    Caddy's lexer skips it (found by review: the advice read "no admin address" there)."""
     depth = 0
-    for line in text.split("\n"):
+    for line in text.removeprefix("\ufeff").split("\n"):
         tokens = [t.value for t in _tokenize(line)]
         if not tokens:
             continue
@@ -790,10 +791,11 @@ class FileImport:
 def file_imports(text: str) -> tuple[FileImport, ...]:
     """Every `import` that names files. Caddy reads the name as a snippet only when
     `(name) { ... }` came above it in the file; else it globs files, a relative pattern
-    from the directory of the file name it was given (with none: its working directory)."""
+    from the directory of the file name it was given (with none: its working directory).
+    A leading byte order mark is skipped, as Caddy's lexer does (line numbers unchanged)."""
     snippets: set[str] = set()
     found: list[FileImport] = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
         tokens = _tokenize(line)
         if not tokens:
             continue
