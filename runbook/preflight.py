@@ -93,12 +93,16 @@ def kept_sites(env: Environment, candidate: str, loaded: Callable[[], Any]) -> s
     uncompared = sites_uncompared(env, candidate)
     if uncompared is not None:
         try:
-            new, running = caddy.adapt(env, candidate), loaded()
+            new, running = as_caddy_reads(env, candidate), loaded()
         except RunbookError:  # unread: the load's own checks say so
             return uncompared
         # outside the suppression (found by review: inside it, its own refusal was
         # swallowed, and a systemctl or `caddy reload` switch moved the admin listener)
         refuse_admin_moved(env, new, running)
+        if new is None:  # fail closed: said, never passed in silence
+            uncompared += (f"{WARNING_MARK}whether loading {env.caddy.caddyfile} moves Caddy's "
+                           "admin listener away from [caddy] admin_url cannot be told (Caddy "
+                           "did not adapt it here)")
         # the sites are not compared, but a pending edit still goes live with the reload
         # (found by review: unsaid with systemctl, and with a relative import); fail closed:
         # what cannot be compared is said, never taken for "no pending edit"
@@ -168,6 +172,15 @@ def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
     refuse_admin_moved(env, new, running)
 
 
+def as_caddy_reads(env: Environment, text: str) -> Any | None:
+    """Caddy's JSON for Caddyfile `text` (caddy.adapt) with its relative imports resolved
+    from the Caddyfile's folder, as Caddy sees it (caddy.imports_from): where `caddy reload`
+    and systemd's reload resolve them. Given the text alone, /adapt looked for them in Caddy's
+    working directory, rejected a file import, and the check was skipped (found by review)."""
+    folder = str(PurePosixPath(caddy.seen_by_caddy(env, env.caddy.caddyfile)).parent)
+    return caddy.adapt(env, caddy.imports_from(text, folder))
+
+
 def refuse_admin_moved(env: Environment, new: Any, running: Any) -> None:
     """Refuse (exit 4, before anything changes) a load that would take Caddy's admin API
     away from [caddy] admin_url (caddy.admin_moved): after it, every status, rollback and
@@ -208,9 +221,7 @@ def _drift(env: Environment, running: Any, *, untold: str | None = None) -> str 
         now = traffic.from_config(env, running).slot
         if now is None:
             return None  # which slot runs is said elsewhere (and fails closed there)
-        folder = str(PurePosixPath(caddy.seen_by_caddy(env, env.caddy.caddyfile)).parent)
-        as_file = caddy.adapt(env, caddy.imports_from(
-            caddy.rewrite(caddy.read(env), env, now), folder))
+        as_file = as_caddy_reads(env, caddy.rewrite(caddy.read(env), env, now))
     except RunbookError:
         return untold
     if as_file is None:
