@@ -149,8 +149,12 @@ def sites_uncompared(env: Environment, candidate: str) -> str | None:
 def sites_dropped_now(env: Environment, candidate: str, running: Any) -> None:
     """The switch's own check, just before it writes: a site loaded into Caddy since the
     plan (through the admin API during the health gate, or `caddy reload` of another file)
-    would be dropped by the load, and verification, of the app's site, would still pass."""
+    would be dropped by the load, and verification, of the app's site, would still pass.
+    Where the sites are not compared, the admin listener still is, as pre-flight did: the
+    Caddyfile and Caddy's config are the plan's (the switch checks both), but a file it
+    imports, which the reload reads, may have changed since (found by review)."""
     if sites_uncompared(env, candidate) is not None:
+        refuse_admin_moved(env, as_caddy_reads(env, candidate), running)
         return
     new = caddy.adapt(env, candidate)
     if new is None and env.caddy.reload is ReloadMethod.CADDY_RELOAD:

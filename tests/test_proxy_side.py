@@ -212,6 +212,48 @@ def test_a_moved_admin_listener_is_refused_where_the_sites_are_not_compared(
         _admin_back(stack, env, text, moved)
 
 
+@pytest.mark.parametrize("method", [ReloadMethod.CADDY_RELOAD, ReloadMethod.SYSTEMCTL])
+def test_an_admin_line_moved_in_an_imported_file_after_the_plan_is_refused_at_the_write(
+        stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: where the sites are not compared, the admin listener was checked in
+    pre-flight only. The switch's write checks that the Caddyfile and Caddy's config are the
+    plan's, but not the files it imports, which the reload reads: global options imported
+    from a file beside it, their `admin` line edited as the switch step starts, moved Caddy's
+    admin API away from [caddy] admin_url. Refused just before the write (exit 4), nothing
+    changed, Caddy still answering where it did."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    text = caddy.read(env)
+    options = re.search(r"^\{\n(?:\t.*\n)*?\}\n", text, re.M)
+    assert options is not None and "\tadmin " in options[0], text
+    imported = env.caddy.caddyfile.parent / "global.caddy"
+    importing = text.replace(options[0], "import global.caddy\n", 1)
+    moved = f"127.0.0.1:{closed_port()}"
+    admin = re.search(r"^\tadmin (\S+)$", options[0], re.M)
+    assert admin is not None
+
+    def edit_the_import(event: str, step: object, message: str = "") -> None:
+        if event == "start" and getattr(step, "name", "") == "switch":
+            imported.write_text(options[0].replace(admin[0], f"\tadmin {moved}"))
+
+    try:
+        imported.write_text(options[0])
+        files.atomic_write(env.caddy.caddyfile, importing.encode())
+        caddy.reload(env, importing)  # what Caddy runs: the file, its import beside it
+        config_before = _config(env)
+        with pytest.raises(RunbookError) as err:
+            switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: admin imported"),
+                          progress=edit_the_import)
+        said = f"{err.value.message} / {err.value.fix}"
+        assert err.value.exit_code == ExitCode.PRECONDITION, said
+        assert f"admin listener at {moved}" in said and "nothing was changed" in said, said
+        assert env.caddy.caddyfile.read_bytes() == importing.encode()
+        assert _config(env) == config_before  # still answering at admin_url
+        assert _proxy_status(env) == 200
+    finally:
+        _admin_back(stack, env, text, moved)
+
+
 def test_an_unreloaded_edit_of_another_site_is_said_with_systemctl_too(
         stack: DrillStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by review: the plan says when Caddy runs a config that differs from its
