@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -571,6 +571,50 @@ def test_a_go_zero_time_in_a_sidecar_means_not_set_not_expired(env: Environment)
                                     | {"expires_at": "0001-01-01T00:00:00Z"}))
     result = snapshots.cleanup(env, now=NOW)
     assert result.removed == [] and older.exists()
+
+
+@pytest.mark.parametrize("written", ["expires_at", "timestamp only"])
+def test_a_sidecar_time_without_an_offset_never_expires_a_snapshot_early_west_of_utc(
+        env: Environment, tmp_path: Path, written: str) -> None:
+    """Found by review: a tool writing sidecar times in the host's local time without an
+    offset (`2026-12-07T10:00:00`) had them read as UTC, so on a host west of UTC (here
+    UTC-5) a snapshot expired hours early and `snapshot cleanup` deleted it. Such a time never
+    expires one sooner than either reading (UTC, local) would; the name carries UTC."""
+    import subprocess
+    import sys
+
+    record(env, "dep_old", "dep_current")
+    put(env, "20261129_120000", "manual", age_days=0.5)  # the newest, kept whatever it says
+    taken = NOW - timedelta(days=7, hours=-2)  # with 7 days' retention: expires in 2 h
+    snap = put(env, f"{taken:%Y%m%d_%H%M%S}", "scheduled",
+               age_days=(NOW - taken) / timedelta(days=1))
+    local = timezone(timedelta(hours=-5))  # the host's zone: TZ=EST5 below
+
+    def naive(when: datetime) -> str:
+        return when.astimezone(local).strftime("%Y-%m-%dT%H:%M:%S")
+
+    meta_path = snap.with_name(snap.name.replace(".sql.gz", ".meta.json"))
+    meta = json.loads(meta_path.read_text()) | {"timestamp": naive(taken)}
+    if written == "expires_at":
+        meta["expires_at"] = naive(taken + timedelta(days=7))
+    else:
+        del meta["expires_at"]  # retention_days 7 stays
+    meta_path.write_text(json.dumps(meta))
+    toml = host_toml(env, tmp_path)
+    west = os.environ | {"TZ": "EST5"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook.cli", "snapshot", *args,
+                               str(toml)], capture_output=True, text=True, check=False,
+                              timeout=120, stdin=subprocess.DEVNULL, env=west)
+
+    done = cli("cleanup", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert snap.exists() and snap.name not in done.stdout, done.stdout
+    listed = cli("list", "--format", "json")
+    [row] = [r for r in json.loads(listed.stdout) if r["name"] == snap.name]
+    assert row["timestamp"] == f"{taken:%Y-%m-%dT%H:%M:%SZ}", row
+    assert row["expires_at"] == f"{taken + timedelta(days=7):%Y-%m-%dT%H:%M:%SZ}", row
 
 
 def test_an_unfinished_dump_is_reported_not_silently_passed_over(env: Environment) -> None:

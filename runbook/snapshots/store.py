@@ -9,7 +9,6 @@ file without one still lists, with its problems named; one that exists but canno
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -136,13 +135,17 @@ class Snapshot:
 
     @property
     def timestamp(self) -> datetime:
-        if (value := _in_utc(self._m("timestamp"))) is not None:
+        """Its sidecar's time, else its name's (UTC, by the contract), else its mtime. A
+        sidecar time without an offset (another tool's, in the host's local time) gives way
+        to the name's: which zone it was written in cannot be told."""
+        raw = self._m("timestamp")
+        named = _named_time(self.stem)
+        if named is not None and _naive(raw):
+            return named
+        if (value := _in_utc(raw)) is not None:
             return value
-        match = NAME_RE.match(self.stem)
-        if match:
-            with contextlib.suppress(ValueError):
-                return datetime.strptime(match["date"] + match["time"],
-                                         "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        if named is not None:
+            return named
         try:
             return datetime.fromtimestamp(self.path.stat().st_mtime, UTC)
         except OSError:
@@ -219,8 +222,11 @@ class Snapshot:
         kept_for = self._m("retention_days")
         if isinstance(kept_for, int) and not isinstance(kept_for, bool) and kept_for > 0:
             retention_days = kept_for
+        taken = self.timestamp
+        if _naive(raw := self._m("timestamp")):  # its name's time: never sooner than the
+            taken = max(taken, _in_utc(raw) or taken)  # sidecar's, in either reading
         try:
-            return self.timestamp + timedelta(days=retention_days)
+            return taken + timedelta(days=retention_days)
         except OverflowError:  # a sidecar dated near year 9999: `snapshot list` and the
             return datetime.max.replace(tzinfo=UTC)  # cleanup crashed, exit 5; never expires
 
@@ -274,14 +280,39 @@ def _out_of_range(value: object) -> bool:
 
 def _in_utc(value: object) -> datetime | None:
     """A sidecar time in UTC (parse_utc's reading), or None; one out of range (load() names
-    it as a problem) is the far future, never the past: a snapshot is not deleted for it."""
+    it as a problem) is the far future, never the past: a snapshot is not deleted for it.
+    One without an offset is the later of its readings as UTC and as the host's local time
+    (another tool may write local time: read as UTC west of UTC, a snapshot expired hours
+    early; found by review)."""
     parsed = _utc(value)
     if parsed is None:
         return None
     try:
+        if _naive(value):
+            bare = parsed.replace(tzinfo=None)  # both folds: an hour the clocks repeat
+            return max(parsed, *(bare.replace(fold=f).astimezone(UTC) for f in (0, 1)))
         return parsed.astimezone(UTC)
-    except OverflowError:
+    except (OverflowError, OSError, ValueError):
         return datetime.max.replace(tzinfo=UTC)
+
+
+def _naive(value: object) -> bool:
+    """A sidecar time that parses but carries no UTC offset (`2026-12-07T10:00:00`)."""
+    if not isinstance(value, str) or _utc(value) is None:
+        return False
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).tzinfo is None
+
+
+def _named_time(stem: str) -> datetime | None:
+    """The UTC time a contract name carries (`togather_<db>_<YYYYMMDD_HHMMSS>_<reason>`)."""
+    match = NAME_RE.match(stem)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime(match["date"] + match["time"], "%Y%m%d%H%M%S").replace(
+            tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 META_MAX = 1 << 20  # a sidecar is a few hundred bytes; a larger file is not one
