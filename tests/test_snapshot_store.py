@@ -1227,6 +1227,32 @@ def test_rollbacks_pick_of_a_pre_deploy_snapshot_dated_in_the_future_is_refused(
         assert ahead.name in str(err.value) and "in the future" in str(err.value)
 
 
+def test_cleanup_never_takes_a_snapshot_dated_in_the_future_for_the_newest(
+        env: Environment) -> None:
+    """Found by review: with the clock run fast by more than the retention, a snapshot taken
+    then (dated 10 days ahead once NTP set the clock back) held "the newest snapshot", so the
+    real newest, expired, was deleted. One dated in the future is kept, its age unknown
+    (whatever its expires_at says), and "the newest" is picked among the others."""
+    record(env, "dep_old", "dep_current")
+    when = NOW + timedelta(days=10)
+    ahead = put(env, f"{when:%Y%m%d_%H%M%S}", "scheduled", age_days=-10, expires_in_days=17)
+    when = NOW + timedelta(days=9)
+    # its expires_at counted on another clock than its time: past, yet it is not expired
+    odd = put(env, f"{when:%Y%m%d_%H%M%S}", "scheduled", age_days=-9, expires_in_days=-1)
+    when = NOW - timedelta(days=8)
+    real = put(env, f"{when:%Y%m%d_%H%M%S}", "scheduled", age_days=8, expires_in_days=-1)
+    when = NOW - timedelta(days=9)
+    old = put(env, f"{when:%Y%m%d_%H%M%S}", "scheduled", age_days=9, expires_in_days=-2)
+    result = snapshots.cleanup(env, now=NOW)
+    assert [s.path for s in result.removed] == [old] and not old.exists()
+    assert ahead.exists() and odd.exists() and real.exists()
+    why = {s.name: reason for s, reason in result.held}
+    assert set(why) == {odd.name, real.name}, why
+    assert why[real.name] == "the newest usable snapshot", why
+    assert why[odd.name] == ("dated 9 d 0 h in the future (taken while the clock ran fast), "
+                             "so its age cannot be told"), why
+
+
 def test_the_loss_window_of_a_snapshot_dated_in_the_future_is_not_0s(env: Environment) -> None:
     from runbook.snapshots.stats import LossWindow, TableLoss
 

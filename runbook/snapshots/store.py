@@ -848,7 +848,8 @@ class CleanupResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str], str | None]:
+def protected(env: Environment, snaps: list[Snapshot],
+              now: datetime | None = None) -> tuple[dict[Path, str], str | None]:
     """The snapshots cleanup keeps whatever their age, with why; or a warning that the state
     file cannot be read (then the caller keeps every snapshot).
 
@@ -858,21 +859,32 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
     current and the previous deployment (by the sidecar's deployment_id, or the Go CLI's
     snapshot_path), and the snapshot `rollback --restore-snapshot` would pick for each of the
     two (the newest usable at its schema): the ones a rollback restores.
+
+    A snapshot dated in the future (Snapshot.ahead) is kept, its age unknown, and is never
+    "the newest" of any kind: those are picked among the others (found by review: one taken
+    while the clock ran fast by more than the retention held "the newest", and the real
+    newest, expired, was deleted).
     """
     from runbook import state as states
 
     why: dict[Path, list[str]] = {}
-    newest = next((s for s in snaps if s.usable), None)
+    for snap in snaps:
+        if (ahead := snap.ahead(now)) is not None:
+            why.setdefault(snap.path, []).append(
+                f"dated {rough_duration(ahead)} in the future (taken while the clock ran "
+                "fast), so its age cannot be told")
+    present = [s for s in snaps if s.path not in why]  # "the newest" is among these
+    newest = next((s for s in present if s.usable), None)
     if newest is not None:
         why.setdefault(newest.path, []).append("the newest usable snapshot")
-    if snaps and snaps[0] is not newest:
-        why.setdefault(snaps[0].path, []).append("the newest snapshot")
+    if present and present[0] is not newest:
+        why.setdefault(present[0].path, []).append("the newest snapshot")
     # the tooling writes a sidecar (size_mb, duration_seconds) once its dump is done: one
     # without is a failed or killed dump, or one still being written (found by review: a
     # broken snapshot cron's empty dumps, each "the newest", left the last good one to go)
-    done = next((s for s in snaps if s.meta is not None and not s.problems and not s.dirty),
+    done = next((s for s in present if s.meta is not None and not s.problems and not s.dirty),
                 None)
-    if done is not None and done is not newest and done is not snaps[0]:
+    if done is not None and done is not newest and done is not present[0]:
         why.setdefault(done.path, []).append("the newest snapshot with a sidecar (a newer "
                                              "one without may be a failed dump)")
     try:
@@ -908,7 +920,7 @@ def protected(env: Environment, snaps: list[Snapshot]) -> tuple[dict[Path, str],
                         f"one of the snapshots that disagree about the schema the previous "
                         f"deployment {dep.version} ran with")
         if version is not None:  # what the schema guard would restore
-            at = next((s for s in snaps if s.usable and s.migration_version == version), None)
+            at = next((s for s in present if s.usable and s.migration_version == version), None)
             if at is not None:
                 why.setdefault(at.path, []).append(
                     f"the newest usable snapshot at schema {version}, the "
@@ -1054,7 +1066,7 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
         else:
             ours.append(snap)
     snaps = sorted(ours, key=lambda s: (s.timestamp, _mtime_ns(s.path), s.name), reverse=True)
-    keep, warning = protected(env, snaps)
+    keep, warning = protected(env, snaps, now)
     for snap in snaps:
         whys = [(also_keep or {}).get(snap.name, "")]
         if snap.unread:  # fail closed: it may say it is a current or previous deployment's
