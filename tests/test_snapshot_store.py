@@ -331,6 +331,38 @@ def test_a_latest_symlink_is_not_listed_nor_the_default(env: Environment) -> Non
 
 
 
+def test_cleanup_keeps_what_a_symlink_it_keeps_leads_to(env: Environment) -> None:
+    """Found by review: a protected snapshot that is a symlink (the current deployment's
+    pre-deploy snapshot, linked to the dump it shares) did not protect its target in the
+    folder, which cleanup deleted once expired, leaving the link to nothing. A link that
+    stays (protected, or not expired) keeps what it leads to, each hop of a chain."""
+    record(env, "dep_old", "dep_current")
+    folder = env.database.snapshot_dir
+
+    def as_link(path: Path, to: Path) -> Path:
+        path.unlink()
+        path.symlink_to(to.name if to.parent == folder else to)
+        return path
+
+    shared = put(env, "20261101_000000", "manual", age_days=30, expires_in_days=-23)
+    as_link(put(env, "20261102_000000", "pre-deploy", deployment_id="dep_current",
+                age_days=29, expires_in_days=-22), shared)
+    # a fresh link, through a second link named by its path through `..`
+    far = put(env, "20261103_000000", "manual", age_days=28, expires_in_days=-21)
+    hop = as_link(put(env, "20261104_000000", "manual", age_days=27, expires_in_days=-20),
+                  folder / ".." / folder.name / far.name)
+    as_link(put(env, "20261128_000000", "manual", age_days=2), hop)
+    gone = put(env, "20261105_000000", "manual", age_days=26, expires_in_days=-19)
+    put(env, "20261129_000000", "manual", age_days=1)  # the newest
+    result = snapshots.cleanup(env, now=NOW)
+    assert [s.path for s in result.removed] == [gone] and not gone.exists()
+    assert shared.exists() and far.exists() and hop.is_symlink() and hop.exists()
+    why = {s.name: reason for s, reason in result.held}
+    assert why[shared.name] == ("the symlink togather_togather_20261102_000000_pre-deploy"
+                                ".sql.gz, kept, leads to it"), why
+    assert "togather_togather_20261128_000000_manual.sql.gz, kept" in why[far.name], why
+
+
 def test_a_fifo_named_like_a_sidecar_is_never_waited_on(env: Environment) -> None:
     """Found by review: a FIFO named like a snapshot's sidecar hung every command that lists
     the snapshots (status, cleanup, a restore's pick) for ever; cleanup also read one whose

@@ -1076,6 +1076,16 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
                         "root")
         if why := "; ".join(w for w in whys if w):
             keep[snap.path] = f"{keep[snap.path]}; {why}" if snap.path in keep else why
+    # a symlink that stays keeps what it leads to in the folder (found by review: a
+    # protected link's expired target was deleted, leaving the link to nothing)
+    by_name = {s.name: s for s in snaps}
+    for snap in snaps:
+        if snap.path.is_symlink() and (snap.path in keep or snap.expires_at(retention) > now):
+            for name in _link_targets(snap.path, directory):
+                if (target := by_name.get(name)) is not None and target is not snap:
+                    why = f"the symlink {snap.name}, kept, leads to it"
+                    keep[target.path] = (f"{keep[target.path]}; {why}" if target.path in keep
+                                         else why)
     removed: list[Snapshot] = []
     kept: list[Snapshot] = []
     held: list[tuple[Snapshot, str]] = []
@@ -1162,6 +1172,24 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             orphans.append(path)
     return CleanupResult(removed, kept, orphans, held, skipped,
                          [warning] if warning else [])
+
+
+def _link_targets(link: Path, directory: Path) -> list[str]:
+    """The names in `directory` that symlink `link` leads to, each hop of a chain: removing
+    any of them breaks the link."""
+    names: list[str] = []
+    hop = link
+    try:
+        folder = directory.resolve()
+        for _ in range(40):  # the kernel's own bound on a chain
+            if not hop.is_symlink():
+                break
+            hop = hop.parent / os.readlink(hop)
+            if hop.parent.resolve() == folder:
+                names.append(hop.name)
+    except OSError:  # unreadable: what it leads to is not known here, nothing more is kept
+        pass
+    return names
 
 
 def _own_partial(name: str) -> bool:
