@@ -239,7 +239,8 @@ def cleanup(
                 looked = _cleanup_preview(environment)
                 ask_first(yes, "\n".join(_cleanup_lines(environment, looked, dry_run=True)),
                           fmt)
-                shown = {s.name for s in looked.removed}  # and nothing else goes
+                # and nothing else goes: no snapshot, no leftover
+                shown = {s.name for s in looked.removed} | {p.name for p in looked.orphans}
             result = _cleanup_locked(environment, shown)
     except RunbookError as exc:
         _fail(exc, fmt)

@@ -1042,6 +1042,78 @@ def test_cleanup_after_the_prompt_removes_only_what_the_prompt_showed(
     assert any(s.name == since.name and "shown at the prompt" in why for s, why in result.held)
 
 
+def leftovers(env: Environment, stamp: str) -> tuple[Path, Path]:
+    """(a lone expired sidecar of this database's, a killed dump's partial an hour old):
+    what cleanup removes besides snapshots."""
+    snap = put(env, stamp, "manual", age_days=30, expires_in_days=-23)
+    snap.unlink()
+    partial = env.database.snapshot_dir / f".{snap.name}.0a1b2c3d.partial"
+    partial.write_bytes(b"\0" * 4096)  # nobody flocks it: its writer was killed
+    past = (NOW - timedelta(hours=1)).timestamp()
+    os.utime(partial, (past, past))
+    return snap.with_name(snap.name.replace(".sql.gz", ".meta.json")), partial
+
+
+def test_cleanup_after_the_prompt_removes_no_leftover_the_prompt_did_not_show(
+        env: Environment) -> None:
+    """Found by review: the prompt's list is kept to, for snapshots; a leftover (a killed
+    dump's partial, a lone sidecar) found after it was shown was removed unshown. Only the
+    leftovers shown go; the others are said, and left to the next cleanup."""
+    record(env, "dep_old", "dep_current")
+    put(env, "20261129_120000", "manual", age_days=1)  # the newest, kept
+    shown_meta, shown_partial = leftovers(env, "20261101_120000")
+    late_meta, late_partial = leftovers(env, "20261102_120000")
+    result = snapshots.cleanup(env, only={shown_meta.name, shown_partial.name})
+    assert names(result.orphans) == {shown_meta.name, shown_partial.name}, result.orphans
+    assert not shown_meta.exists() and not shown_partial.exists()
+    assert late_meta.exists() and late_partial.exists()
+    said = {p.name: why for p, why in result.skipped}
+    for late in (late_meta, late_partial):
+        assert said[late.name] == ("a leftover since the list was shown at the prompt: the "
+                                   "next cleanup removes it"), said
+
+
+def test_cli_cleanup_at_the_prompt_removes_the_leftovers_it_listed_and_no_other(
+        env: Environment, tmp_path: Path) -> None:
+    """The prompt lists the leftovers it would remove; a "y" removes those, and one that
+    appeared while the prompt waited (a dump killed meanwhile) is kept and said."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    record(env, "dep_old", "dep_current")
+    put(env, "20261129_120000", "manual", age_days=1)  # the newest, kept
+    shown_meta, shown_partial = leftovers(env, "20261101_120000")
+    toml = host_toml(env, tmp_path)
+    primary, replica = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "snapshot", "cleanup",
+                                 str(toml)], stdin=replica, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        asked = b""
+        while b"Proceed?" not in asked:  # waiting at the prompt
+            ready, _, _ = select.select([proc.stderr], [], [], 120)
+            chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+            assert chunk, (asked, proc.poll())
+            asked += chunk
+        late_meta, late_partial = leftovers(env, "20261102_120000")
+        os.write(primary, b"y\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(primary)
+        os.close(replica)
+    text = out.decode()
+    assert proc.returncode == 0, text + err.decode()
+    for shown in (shown_meta, shown_partial):
+        assert f"Would remove leftover {shown.name}" in text, text
+        assert f"Removed leftover {shown.name}" in text and not shown.exists(), text
+    for late in (late_meta, late_partial):
+        assert late.exists() and f"Skipped {late.name}: a leftover since the list was shown" \
+            in text, text
+
+
 def test_cleanup_dry_run_meets_the_deploy_lock_as_the_real_run_does(
         env: Environment, tmp_path: Path) -> None:
     """Found by review: with a live holder of the deploy lock the dry run said "Would remove

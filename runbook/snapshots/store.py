@@ -1045,8 +1045,9 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
     """Remove snapshots past their own expires_at (dump, then sidecar), except the ones a
     rollback needs (`protected`) and `also_keep` (file name: why; what only the run records
     know, read by the caller: a killed restore's safety snapshot); entries that are not
-    files are skipped and reported. `only`: the names on-call was shown at the prompt; one
-    that expired while it waited is kept (found by review: deleted unshown)."""
+    files are skipped and reported. `only`: the names on-call was shown at the prompt (the
+    snapshots and the leftovers); one that expired, or a leftover that appeared, while it
+    waited is kept (found by review: deleted unshown)."""
     now = now or datetime.now(UTC)
     retention = env.database.retention_days
     directory = env.database.snapshot_dir
@@ -1160,6 +1161,12 @@ def cleanup(env: Environment, *, now: datetime | None = None, dry_run: bool = Fa
             lone_meta = (sidecar is not None and meta_named and not os.path.lexists(dump)
                          and sidecar.expires_at(retention) <= now)
             if not (stale_partial or lone_meta):
+                continue
+            # shown by its name, or as its snapshot's (whose dump went since)
+            if only is not None and path.name not in only \
+                    and not (lone_meta and dump.name in only):
+                skipped.append((path, "a leftover since the list was shown at the prompt: the "
+                                      "next cleanup removes it"))
                 continue
             if not dry_run:
                 if not path.exists():
