@@ -143,7 +143,8 @@ def restore(
     env: EnvArg,
     snapshot: Annotated[str | None, typer.Argument(
         help="file name or path (default: the newest that is not a restore's safety "
-             "snapshot (pre-restore) or dirty; refused when it is dated in the future)",
+             "snapshot (pre-restore), dirty or still being written; refused when it is dated "
+             "in the future)",
         metavar="[SNAPSHOT]")] = None,
     keep_stopped: Annotated[bool, typer.Option(
         "--keep-stopped", help="leave the app containers stopped after the restore")] = False,

@@ -100,6 +100,40 @@ def _has_open(pid: int, st: os.stat_result) -> bool:
     return False
 
 
+def writers(path: Path) -> list[int]:
+    """The pids holding `path` open for writing, as /proc shows them to this user (another
+    user's open files only to root); [] where there is no /proc. Only a descriptor whose
+    link names the file is stat'ed (never one on a hung network mount); the stat, by device
+    and inode, holds across a container's mount namespace."""
+    try:
+        st = path.stat()
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    found: list[int] = []
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        try:
+            names = os.listdir(fds)
+        except OSError:
+            continue  # gone, or another user's
+        for name in names:
+            try:
+                if not os.readlink(fds / name).endswith("/" + path.name):
+                    continue
+                there = os.stat(fds / name)
+                flags = next(int(line.split()[1], 8) for line in Path(
+                    f"/proc/{pid}/fdinfo/{name}").read_text().splitlines()
+                    if line.startswith("flags:"))
+            except (OSError, StopIteration, IndexError, ValueError):
+                continue
+            if ((there.st_dev, there.st_ino) == (st.st_dev, st.st_ino)
+                    and flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)):
+                found.append(int(pid))
+                break
+    return found
+
+
 def outlives_hangup() -> None:
     """A child's `preexec_fn`: SIGHUP ignored (an ignored signal stays so across exec). A
     closed terminal (a dropped ssh session) sends it to the whole foreground process group,

@@ -57,7 +57,7 @@ from runbook.snapshots.replay import (
     replay,
 )
 from runbook.snapshots.stats import check_readable, current_state, loss_window, server_version
-from runbook.snapshots.store import SAFETY_REASON, Snapshot, SnapshotError, find
+from runbook.snapshots.store import SAFETY_REASON, Snapshot, SnapshotError, default_pick, find
 from runbook.snapshots.verify import check_server, identify, verify
 from runbook.times import format_utc as _fmt
 
@@ -1164,7 +1164,7 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
     `moved_from`: see verify(). `drained_first`: see restore_steps()."""
 
     def build(run_id: str) -> Plan:
-        snap = find(env, ref)
+        snap, passed = (find(env, ref), []) if ref else default_pick(env)
         facts: dict[str, Any] = {}
         restore_run = prepare(env, snap, moved_from)
         steps = restore_steps(env, restore_run, facts=facts, run_id=run_id, standalone=True,
@@ -1181,6 +1181,8 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
                             "will hold the database as it is now")
         with contextlib.suppress(RunbookError):
             warnings.append(loss_window(env, snap).describe())
+        warnings += [f"{newer.name} is newer but still being written ({why}): passed over "
+                     f"for {snap.name}" for newer, why in passed]
         left = _serving_but_stopped(env)
         if left is not None:
             warnings.insert(0, f"the serving slot's container {left} is STOPPED (an interrupted "

@@ -363,6 +363,42 @@ def test_cleanup_keeps_what_a_symlink_it_keeps_leads_to(env: Environment) -> Non
     assert "togather_togather_20261128_000000_manual.sql.gz, kept" in why[far.name], why
 
 
+def test_the_default_pick_passes_over_a_dump_still_being_written_and_naming_it_refuses(
+        env: Environment) -> None:
+    """Found by review: the host's tooling writes its dump in place (`pg_dump | gzip >
+    FILE`, its sidecar once done); the default restore picked it half-written, the newest,
+    and refused it as incomplete, where a complete snapshot was there to restore. One a
+    process holds open for writing is passed over (and said); named, it is refused; once its
+    writer is done it is the pick again, as before."""
+    import subprocess
+
+    older = put(env, "20261201_000000", "manual", age_days=1)
+    writing = (env.database.snapshot_dir  # begun a minute ago
+               / f"togather_togather_{NOW - timedelta(minutes=1):%Y%m%d_%H%M%S}_scheduled.sql.gz")
+    with writing.open("wb") as out:
+        writer = subprocess.Popen(["gzip", "-c"], stdin=subprocess.PIPE, stdout=out)
+    assert writer.stdin is not None
+    try:
+        writer.stdin.write(b"-- PostgreSQL database dump\n" * 1000)
+        writer.stdin.flush()
+        assert snapshots.find(env).path == older
+        pick, passed = snapshots.default_pick(env)
+        assert pick.path == older
+        assert [(s.path, why) for s, why in passed] == [
+            (writing, f"process {writer.pid} has it open for writing")]
+        with pytest.raises(snapshots.SnapshotError) as err:
+            snapshots.find(env, writing.name)
+        said = str(err.value)
+        assert err.value.exit_code == 4 and "\n" not in said, said
+        assert said.startswith(f"snapshot {writing.name} is still being written (process "
+                               f"{writer.pid} has it open for writing); nothing was changed"), said
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=60)
+    assert snapshots.find(env).path == writing  # done: the newest, as before
+    assert snapshots.find(env, writing.name).path == writing
+
+
 def test_a_fifo_named_like_a_sidecar_is_never_waited_on(env: Environment) -> None:
     """Found by review: a FIFO named like a snapshot's sidecar hung every command that lists
     the snapshots (status, cleanup, a restore's pick) for ever; cleanup also read one whose

@@ -1976,6 +1976,44 @@ def test_a_session_the_runbook_cannot_tell_from_the_apps_is_named_in_the_restore
         worker.close()
 
 
+def test_the_default_restore_passes_over_a_dump_still_being_written_and_says_so(
+        stack: DrillStack) -> None:
+    """Found by review: a dump the host's tooling writes in place (`pg_dump | gzip > FILE`,
+    its sidecar once done) was the default restore's pick while half-written, and the
+    restore refused it as incomplete. The plan passes it over for the newest complete
+    snapshot, saying so; named, it is refused, exit 4; nothing changes either way."""
+    env = stack.env
+    assert env.source is not None
+    add_items(stack, "kept")
+    snap = snapshots.create(env, "complete")
+    assert snap.database is not None
+    later = datetime.now(UTC) + timedelta(seconds=2)  # named after `snap`, as begun after it
+    writing = snap.path.with_name(f"togather_{snap.database}_{later:%Y%m%d_%H%M%S}"
+                                  "_scheduled.sql.gz")
+    with writing.open("wb") as out:
+        writer = subprocess.Popen(["gzip", "-c"], stdin=subprocess.PIPE, stdout=out)
+    assert writer.stdin is not None
+    try:
+        writer.stdin.write(gzip.decompress(snap.path.read_bytes())[:4096])
+        writer.stdin.flush()
+        before = untouched(stack)
+        said = (f"{writing.name} is newer but still being written (process {writer.pid} has "
+                f"it open for writing): passed over for {snap.name}")
+        dry = snapshot_restore.restore(env, None, dry_run=True)
+        assert snap.name in dry.plan.summary and said in dry.plan.warnings, dry.plan.warnings
+        shown = cli("snapshot", "restore", str(env.source), "--dry-run")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert said in " ".join(shown.stdout.split()), shown.stdout
+        named = cli("snapshot", "restore", str(env.source), writing.name, "--dry-run")
+        assert named.returncode == 4, named.stdout + named.stderr
+        assert f"snapshot {writing.name} is still being written" in named.stderr, named.stderr
+        assert untouched(stack) == before
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=60)
+        writing.unlink()
+
+
 @pytest.mark.parametrize("end_sessions,endable", [(False, True), (True, True), (True, False)])
 def test_the_fleet_maintenance_restore_plan_says_the_drain_ends_other_hosts_app_sessions(
         end_sessions: bool, endable: bool) -> None:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
-from runbook import files
+from runbook import files, procs
 from runbook.environment import Environment, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
 
@@ -657,19 +657,11 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
     failed (or was killed once it committed), "the newest" was that one, so the rerun the
     message asks for restored the current data onto itself, or undid the restore, and said
     it succeeded. Restoring one takes its name. A pick dated in the future is refused
-    (FutureSnapshotError): which snapshot is the newest cannot be told; naming one restores it."""
+    (FutureSnapshotError): which snapshot is the newest cannot be told; naming one restores it.
+    A dump still being written (being_written) is passed over by the pick (default_pick),
+    and refused when named."""
     if ref is None or str(ref) == "":
-        arg, snaps = command_arg(env), own_snapshots(env)
-        chosen = [s for s in snaps if s.reason != SAFETY_REASON and not s.dirty]
-        if not chosen:
-            what = (f"only safety or dirty snapshots ({len(snaps)}) in "
-                    if snaps else "no snapshots in ")
-            raise SnapshotError(f"{what}{env.database.snapshot_dir}",
-                                f"name the one to restore (`runbook snapshot list {arg}`)"
-                                if snaps else f"take one: `runbook snapshot create {arg}`",
-                                exit_code=ExitCode.PRECONDITION)
-        return _not_ahead(chosen[0], f"name the one to restore: `runbook snapshot restore "
-                                     f"{arg} SNAPSHOT` (`runbook snapshot list {arg}`)")
+        return default_pick(env)[0]
     text = str(ref)
     candidates = [Path(text).expanduser()]
     if os.sep not in text:
@@ -686,11 +678,58 @@ def find(env: Environment, ref: str | Path | None = None) -> Snapshot:
         except OSError as exc:  # its folder cannot be searched by this user
             raise unreadable(candidate.parent, exc) from None
         if found:
-            return load(candidate)
+            snap = load(candidate)
+            if (why := being_written(snap)) is not None:
+                raise SnapshotError(f"snapshot {snap.name} is still being written ({why}); "
+                                    "nothing was changed", "wait until it is done (its "
+                                    "sidecar appears), then run again; or name another "
+                                    f"(`runbook snapshot list {command_arg(env)}`)",
+                                    exit_code=ExitCode.PRECONDITION)
+            return snap
     what = "is a directory, not a snapshot file" if folder else "does not exist"
     raise SnapshotError(f"snapshot {text} {what}",
                         f"pick one from `runbook snapshot list {command_arg(env)}` (folder "
                         f"{env.database.snapshot_dir})")
+
+
+def default_pick(env: Environment) -> tuple[Snapshot, list[tuple[Snapshot, str]]]:
+    """find()'s pick without a name, and the newer dumps it passed over as still being
+    written, with why (the restore's plan says them): found by review, the pick landed on
+    the host's tooling's dump half-written and the restore refused it as incomplete, where
+    the newest complete snapshot was there to restore."""
+    arg, snaps = command_arg(env), own_snapshots(env)
+    chosen = [s for s in snaps if s.reason != SAFETY_REASON and not s.dirty]
+    passed: list[tuple[Snapshot, str]] = []
+    for snap in chosen:
+        if (why := being_written(snap)) is None:
+            return _not_ahead(snap, f"name the one to restore: `runbook snapshot restore "
+                                    f"{arg} SNAPSHOT` (`runbook snapshot list {arg}`)"), passed
+        passed.append((snap, why))
+    if passed:
+        raise SnapshotError(f"the only snapshots to restore in {env.database.snapshot_dir} "
+                            "are still being written ("
+                            + ", ".join(f"{s.name}: {why}" for s, why in passed) + ")",
+                            "wait until they are done (their sidecars appear), then run again; "
+                            f"or name one (`runbook snapshot list {arg}`)",
+                            exit_code=ExitCode.PRECONDITION)
+    what = (f"only safety or dirty snapshots ({len(snaps)}) in "
+            if snaps else "no snapshots in ")
+    raise SnapshotError(f"{what}{env.database.snapshot_dir}",
+                        f"name the one to restore (`runbook snapshot list {arg}`)"
+                        if snaps else f"take one: `runbook snapshot create {arg}`",
+                        exit_code=ExitCode.PRECONDITION)
+
+
+def being_written(snap: Snapshot) -> str | None:
+    """Why `snap` is a dump still being written, or None: it has no sidecar yet (the
+    tooling writes one once its dump is done, dump.create before naming it) and a process
+    holds it open for writing (`pg_dump | gzip > FILE`). A writer of another user's is seen
+    by root only: then it is picked, and its read refuses it as incomplete, as before."""
+    if os.path.lexists(snap.meta_path):
+        return None
+    pids = procs.writers(snap.path)
+    return (f"process {', '.join(map(str, pids))} has it open for writing" if pids
+            else None)
 
 
 def latest_before(env: Environment, migration_version: int | None, *,
