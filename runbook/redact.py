@@ -84,9 +84,17 @@ _PATTERNS.append((
     re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
     lambda m: f"{m['kind']} {MASK}",
 ))
+# A password hash (bcrypt, as `caddy hash-password` prints it, or base64-encoded as Caddy's
+# basicauth also takes it): a Caddyfile's basic-auth line beside the managed block sits in the
+# plan's diff, and a bcrypt hash is a password to crack offline (found by review)
+_PATTERNS.append((
+    re.compile(r"\$2[abxy]?\$\d{2}\$[./A-Za-z0-9]{53}|(?<![A-Za-z0-9+/])JDJ[hi45]J[A-Za-z0-9+/]"
+               r"{70,}={0,2}"),
+    lambda m: MASK,
+))
 # What every pattern above needs somewhere in the text (a URL password its `@`, the rest a
 # secret word or an auth scheme): text without any of it is left as is without running them.
-_MAY_MATCH = re.compile(r"(?i)@|" + _FLAG_WORDS + r"|bearer|basic")
+_MAY_MATCH = re.compile(r"(?i)@|" + _FLAG_WORDS + r"|bearer|basic|\$2|JDJ")
 _SECRET_FLAG = re.compile(r"(?i)--?(?!no-)[\w-]*" + _FLAG_WORDS + r"[\w-]*")  # not --no-password
 _SECRET_KEY = re.compile(r"(?i)" + _WORDS + r"|authorization|dsn|database_url")
 

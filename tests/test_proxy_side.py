@@ -318,3 +318,42 @@ def test_an_unreloaded_edit_is_said_with_a_relative_import_too(
         assert "differs from" in said and "beyond the slot" in said, said
     finally:
         stack.reset()
+
+
+# `caddy hash-password --plaintext drill-secret`, Caddy 2.6.2's bcrypt
+BASIC_AUTH_HASH = "$2a$14$LlAbnFSchAdKxQVyrNup6e1Ld1AwKL5lvsEu2RllWTFFjaST9LP4C"
+
+
+@pytest.mark.parametrize("encoding", ["bcrypt", "base64"])
+def test_a_basic_auth_hash_beside_the_slot_never_prints_with_the_plan(
+        stack: DrillStack, encoding: str) -> None:
+    """Found by review: the plan's Caddyfile diff shows the lines around the upstream it
+    changes, and a basic-auth password hash there (bcrypt, as Caddy prints it, or base64 of
+    it, as its basicauth also takes it) was printed in the dry run, the plan's JSON and the
+    journal: a password to crack offline. Masked, on a real Caddy that loaded the file."""
+    import base64
+
+    env = stack.env
+    secret = (BASIC_AUTH_HASH if encoding == "bcrypt"
+              else base64.b64encode(BASIC_AUTH_HASH.encode()).decode())
+    text = caddy.read(env)
+    guarded = text.replace("\thandle @api {\n", "\thandle @api {\n\t\tbasicauth {\n"
+                           f"\t\t\tops {secret}\n\t\t}}\n", 1)
+    assert guarded != text
+    try:
+        files.atomic_write(env.caddy.caddyfile, guarded.encode())
+        drill_http.post(f"{env.caddy.admin_url}/load", content=guarded,
+                        headers={"Content-Type": "text/caddyfile"},
+                        timeout=10).raise_for_status()
+        # the premise: Caddy runs it (the API asks for the password)
+        asked = drill_http.get(f"{env.caddy.proxy_url}/api/x", timeout=5)
+        assert asked.status_code == 401, asked.status_code
+        for fmt in ("text", "json"):
+            done = _cli(env, "switch", "--slot", "green", "--dry-run", "--format", fmt)
+            said = done.stdout + done.stderr
+            assert done.returncode == 0, said
+            assert "ops ***" in said, said  # the diff shows the line, its hash masked
+            assert secret not in said and BASIC_AUTH_HASH[7:29] not in said, said
+        assert caddy.read(env) == guarded  # a dry run
+    finally:
+        stack.reset()
