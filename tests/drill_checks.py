@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -386,8 +387,13 @@ def go_cli_takes_and_releases_the_lock(state_file: Path) -> None:
             return dep
         out = {k: v for k, v in dep.items() if k in GO_CLI_DEPLOYMENT_KEYS}
         out.setdefault("slot", dep.get("active_slot", ""))
-        head, _, frac = str(dep["deployed_at"]).removesuffix("Z").partition(".")
-        out["deployed_at"] = f"{head}.{frac.rstrip('0')}Z" if frac.rstrip("0") else f"{head}Z"
+        # RFC3339Nano: the fraction's trailing zeros trimmed, the offset kept as read (found
+        # by review: an offset time became `...10293-05:Z`)
+        when = re.fullmatch(r"(?P<head>[^.]+?)(?:\.(?P<frac>\d+))?(?P<zone>Z|[+-]\d\d:\d\d)",
+                            str(dep["deployed_at"]))
+        assert when is not None, dep["deployed_at"]
+        frac = (when["frac"] or "").rstrip("0")
+        out["deployed_at"] = f"{when['head']}{'.' + frac if frac else ''}{when['zone']}"
         return out
 
     for key in ("current_deployment", "previous_deployment"):

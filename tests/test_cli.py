@@ -17,6 +17,7 @@ from runbook.drill import http as drill_http
 from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
+from tests.drill_checks import go_cli_takes_and_releases_the_lock, through_proxy
 
 pytestmark = pytest.mark.docker
 
@@ -108,6 +109,36 @@ def test_status_never_offers_a_release_this_host_was_rolled_back_from_as_older(
     text = runbook(stack, "status").stdout
     older = [line for line in text.splitlines() if line.startswith("  older ")]
     assert not any(VERSIONS["v3"].tag in line for line in older), text
+
+
+def test_a_rollback_typed_again_after_the_go_cli_rewrote_the_file_never_goes_forward(
+        stack: DrillStack) -> None:
+    """Found by review: v3 -> v2 rolled back, then the Go CLI took and released the state
+    file's lock, a rewrite through its structs that drops `status` (and keeps `rollback`,
+    `rollback_id`). The previous deployment no longer said `rolled_back`, so status had
+    nothing to say and `runbook rollback` typed again put v3, the release users had just been
+    taken off, back in front of them (exit 0, "rolled back"). Refused, exit 4, nothing
+    changed; `--to` is named for going back to it on purpose. The oracle: the proxy's
+    answers, the file's bytes, the file's own JSON."""
+    stack.arrange(scenes.PREVIOUS)  # v2 on green (stopped), v3 on blue serving
+    first = runbook(stack, "rollback", "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert through_proxy(stack.env) == ("green", VERSIONS["v2"].tag)
+    go_cli_takes_and_releases_the_lock(stack.env.state_file)
+    doc = json.loads(stack.env.state_file.read_text())
+    assert "status" not in doc["previous_deployment"], doc  # the premise: the Go rewrite
+    assert doc["previous_deployment"]["version"] == VERSIONS["v3"].tag, doc
+    assert doc["current_deployment"]["rollback"] is True, doc
+    written = stack.env.state_file.read_bytes()
+    again = runbook(stack, "rollback", "--yes")
+    said = again.stdout + again.stderr
+    assert again.returncode == 4, said
+    assert "is the one this host was rolled back from" in said, said
+    assert f"--to {VERSIONS['v3'].tag}" in said, said
+    assert through_proxy(stack.env) == ("green", VERSIONS["v2"].tag)
+    assert stack.env.state_file.read_bytes() == written
+    status = runbook(stack, "status")
+    assert "rolled back from" in status.stdout, status.stdout
 
 
 def test_status_names_a_caddyfile_targeting_the_wrong_port(stack: DrillStack) -> None:

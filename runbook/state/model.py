@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import secrets
 import socket
 import time
@@ -24,6 +25,21 @@ from runbook.state.schema import DOCUMENTED, dialect_of
 def new_id(prefix: str) -> str:
     """An id shaped like the deploy script's (`dep_<16 hex ns>_<24 hex random>`): sortable."""
     return f"{prefix}_{time.time_ns():016x}_{secrets.token_hex(12)}"
+
+
+# the id a runbook rollback records as the Go CLI's `rollback_id` (journal.new_run_id's)
+_RUNBOOK_ROLLBACK_ID = re.compile(r"rbk_[0-9a-f]{16}_[0-9a-f]{24}")
+
+
+def _rolled_back_to(dep: Deployment) -> bool:
+    """Whether a runbook rollback made `dep` current, by the Go CLI's keys it recorded with it
+    (`rollback`, `rollback_id`): the Go CLI keeps those and drops `status`, so after it
+    rewrote the file the previous deployment no longer said `rolled_back`, and a rollback
+    typed again went forward to the release users had been taken off (found by review). Not
+    the Go CLI's own rollback, which switches nothing (its file is judged by what serves)."""
+    rollback_id = dep.extra.get("rollback_id")
+    return dep.extra.get("rollback") is True and isinstance(rollback_id, str) \
+        and _RUNBOOK_ROLLBACK_ID.fullmatch(rollback_id) is not None
 
 
 def current_operator() -> str:
@@ -170,10 +186,14 @@ class DeploymentState:
     def rolled_back_from(self) -> Deployment | None:
         """The previous deployment when it is the newer one this host was rolled back from:
         a plain rollback to it would go forward (an older one marked so, users switched
-        forward by hand since, is a real rollback). runbook rollback refuses it, status's
-        fixes and the fleet's pre-flight say so."""
+        forward by hand since, is a real rollback). Marked so by its `status`, or, where the
+        Go CLI rewrote the file without it, by the runbook rollback recorded on the current
+        one (_rolled_back_to). runbook rollback refuses it, status's fixes and the fleet's
+        pre-flight say so."""
         previous, current = self.previous, self.current
-        if previous is None or current is None or previous.status != "rolled_back":
+        if previous is None or current is None or not (
+                previous.status == "rolled_back"
+                or (previous.status is None and _rolled_back_to(current))):
             return None
         return previous if previous.deployed_at > current.deployed_at else None
 
