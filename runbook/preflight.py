@@ -182,7 +182,7 @@ def as_caddy_reads(env: Environment, text: str) -> Any | None:
     and systemd's reload resolve them. Given the text alone, /adapt looked for them in Caddy's
     working directory, rejected a file import, and the check was skipped (found by review)."""
     folder = str(PurePosixPath(caddy.seen_by_caddy(env, env.caddy.caddyfile)).parent)
-    return caddy.adapt(env, caddy.imports_from(text, folder))
+    return caddy.adapt(env, caddy.imports_from(text, folder, env.caddy.caddyfile.parent))
 
 
 def refuse_admin_moved(env: Environment, new: Any, running: Any) -> None:

@@ -107,6 +107,7 @@ def writers(path: Path) -> list[int]:
     and inode, holds across a container's mount namespace."""
     try:
         st = path.stat()
+        name_seen = "/" + os.path.basename(os.path.realpath(path))  # a link's: its target's
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return []
@@ -119,7 +120,7 @@ def writers(path: Path) -> list[int]:
             continue  # gone, or another user's
         for name in names:
             try:
-                if not os.readlink(fds / name).endswith("/" + path.name):
+                if not os.readlink(fds / name).endswith(name_seen):
                     continue
                 there = os.stat(fds / name)
                 flags = next(int(line.split()[1], 8) for line in Path(

@@ -1037,8 +1037,9 @@ def test_file_imports_are_what_caddy_looks_for_as_files(admin: httpx.Client, tex
 
 @pytest.mark.docker
 @pytest.mark.parametrize("line", ["import sites/common", '\t"import" "sites/common" # why',
-                                  "import `sites/common` arg", "import /srv/abs/common"])
-@pytest.mark.parametrize("folder", ["/srv/caddy", "/srv/my caddy/", '/srv/a"b'])
+                                  "import `sites/common` arg", "import /srv/abs/common",
+                                  "\ufeff import sites/common"])
+@pytest.mark.parametrize("folder", ["/srv/caddy", "/srv/my caddy/", '/srv/a"b', "/srv/a`b"])
 def test_a_relative_import_is_made_the_file_caddy_reads_beside_the_caddyfile(
         admin: httpx.Client, line: str, folder: str) -> None:
     """imports_from (what the plan adapts to compare with what Caddy runs): Caddy's adapter,
@@ -1050,6 +1051,22 @@ def test_a_relative_import_is_made_the_file_caddy_reads_beside_the_caddyfile(
     looked_for = re.findall(r"File to import not found: (.+)$", answer.json().get("error", ""))
     want = "/srv/abs/common" if "/srv/abs" in line else f"{folder.rstrip('/')}/sites/common"
     assert looked_for == [want], answer.text
+
+
+def test_what_may_not_be_a_file_beside_the_caddyfile_is_left_as_written(
+        tmp_path: Path) -> None:
+    """Found by review: a bare name may be a snippet another imported file defines (made a
+    path, Caddy's adapter looked for a file and failed); `{$VAR}` may hold an absolute path;
+    a line inside a quoted string that runs on is no import. Each stays as written; a bare
+    name with a file of that name beside the Caddyfile is that file."""
+    text = ("import snippets.caddy\nimport common\nimport {$SITES}/*.caddy\n"
+            'respond "a\nimport quoted\n"\nimport beside\n')
+    (tmp_path / "snippets.caddy").write_text("(common) {\n}\n")
+    (tmp_path / "beside").write_text("")
+    out = caddy.imports_from(text, "/etc/caddy", tmp_path).split("\n")
+    assert out[:6] == ["import /etc/caddy/snippets.caddy", "import common",
+                       "import {$SITES}/*.caddy", 'respond "a', "import quoted", '"'], out
+    assert out[6] == "import /etc/caddy/beside", out
 
 
 def other_site_answers(stack: DrillStack) -> str:
@@ -2087,3 +2104,20 @@ def test_the_health_bodys_slot_is_read_as_the_gate_reads_it(said: str, elsewhere
     assert (found is not None) is elsewhere, found
     if elsewhere:
         assert "green" in found, found
+
+
+def test_a_new_backup_of_the_caddyfile_has_its_group(tmp_path: Path) -> None:
+    """Found by review: a new backup got the Caddyfile's mode but the runner's own group: a
+    `0640 root:caddy` Caddyfile's secrets became readable to the on-call user's group (a
+    wide one on many hosts). It takes the Caddyfile's owner and group, as this user may give
+    them (root here; another user keeps its own, as any file it writes)."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file another group (the drill machine's CI runs as root)")
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text("localhost {\n\trespond ok\n}\n")
+    caddyfile.chmod(0o640)
+    os.chown(caddyfile, 0, 1)  # root:daemon (gid 1), not the runner's group 0
+    backup = caddy.write_backup(make_env(caddyfile), caddyfile.read_bytes())
+    assert backup == caddy.backup_path(make_env(caddyfile))
+    st = os.stat(backup)
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 0, 1)

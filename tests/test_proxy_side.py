@@ -357,3 +357,44 @@ def test_a_basic_auth_hash_beside_the_slot_never_prints_with_the_plan(
         assert caddy.read(env) == guarded  # a dry run
     finally:
         stack.reset()
+
+
+@pytest.mark.parametrize("method", [ReloadMethod.CADDY_RELOAD, ReloadMethod.SYSTEMCTL])
+def test_a_snippet_from_an_imported_file_keeps_the_admin_check(
+        stack: DrillStack, method: ReloadMethod, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: with snippets in a file the Caddyfile imports (`import
+    snippets.caddy`, then `import common` in a site), `import common` was taken for a file
+    beside the Caddyfile and made a path, so Caddy's adapter failed: every plan warned that
+    nothing could be told, and a Caddyfile whose `admin` line was edited was accepted. A bare
+    name with no such file beside the Caddyfile is left for Caddy to read as a snippet: the
+    plan is calm, and the moved admin listener is refused (exit 4), nothing changed."""
+    env = with_reload(stack, method, tmp_path, monkeypatch)
+    text = caddy.read(env)
+    (env.caddy.caddyfile.parent / "snippets.caddy").write_text(
+        '(common) {\n\trespond "snip" 200\n}\n')
+    importing = text + (f"\nimport snippets.caddy\nhttp://snip.test:{stack.ports.proxy} {{\n"
+                        "\tbind 127.0.0.1\n\timport common\n}\n")
+    admin = re.search(r"^\tadmin (\S+)$", importing, re.M)
+    assert admin is not None
+    moved = f"127.0.0.1:{closed_port()}"
+    try:
+        files.atomic_write(env.caddy.caddyfile, importing.encode())
+        caddy.reload(env, importing)
+        seen = drill_http.get(f"{env.caddy.proxy_url}/", headers={"Host": "snip.test"},
+                              timeout=5)
+        assert seen.text == "snip", seen.text  # the premise: Caddy runs the snippet
+        plan = switch.switch(env, switch.Options(slot=Slot.GREEN), dry_run=True).plan
+        assert not any("cannot be told" in w for w in plan.warnings), plan.warnings
+        files.atomic_write(env.caddy.caddyfile,
+                           importing.replace(admin[0], f"\tadmin {moved}").encode())
+        config_before = _config(env)
+        with pytest.raises(RunbookError) as err:
+            switch.switch(env, switch.Options(slot=Slot.GREEN, reason="test: snippet"))
+        said = f"{err.value.message} / {err.value.fix}"
+        assert err.value.exit_code == ExitCode.PRECONDITION, said
+        assert f"admin listener at {moved}" in said, said
+        assert _config(env) == config_before
+        assert _proxy_status(env) == 200
+    finally:
+        _admin_back(stack, env, text, moved)

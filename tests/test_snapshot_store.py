@@ -2171,3 +2171,26 @@ def test_the_snapshot_folders_fix_offers_no_file_to_remove_and_no_count_cleanup_
     assert safety.name not in fix and other.name not in fix, fix
     assert "snapshot cleanup" in fix and "removes the expired snapshots that no rollback" in fix
     assert "this database's 2 snapshot(s) there take" in fix, fix
+
+
+def test_a_writer_is_seen_through_a_snapshot_symlink(tmp_path: Path) -> None:
+    """Found by review: the writer check matched the open file's name with the path's, and
+    a process's descriptor names the file, never the link to it: a dump being written
+    through a snapshot symlink's target went unseen. A real process holds the target open."""
+    import subprocess
+
+    from runbook import procs
+
+    target = tmp_path / "togather_togather_20261201_000000_scheduled.sql.gz.target"
+    link = tmp_path / "togather_togather_20261201_000000_scheduled.sql.gz"
+    with target.open("wb") as out:
+        writer = subprocess.Popen(["gzip", "-c"], stdin=subprocess.PIPE, stdout=out)
+    link.symlink_to(target.name)
+    assert writer.stdin is not None
+    try:
+        assert procs.writers(target) == [writer.pid]
+        assert procs.writers(link) == [writer.pid]
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=60)
+    assert procs.writers(link) == []

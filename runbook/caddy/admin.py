@@ -1187,11 +1187,13 @@ def _admin_error(answer: Answer) -> str:
     return redact(str(body))[:500]
 
 
-def write_atomically(path: Path, data: bytes, mode: int | None = None) -> str | None:
+def write_atomically(path: Path, data: bytes, mode: int | None = None,
+                     like: Path | None = None) -> str | None:
     """Readers see the old or the new file, never half; mode and owner are kept (or the line
     saying which of owner and group could not be: only root may give a file away). `mode`:
-    a copy's, from its first byte (files.atomic_write)."""
-    return files.atomic_write(path, data, mode=mode)
+    a copy's, from its first byte (files.atomic_write); `like`: a new copy's owner and group
+    (its source's, where this user may give them)."""
+    return files.atomic_write(path, data, mode=mode, like=like)
 
 
 

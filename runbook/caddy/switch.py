@@ -224,7 +224,7 @@ def write_backup(env: Environment, data: bytes) -> Path | None:
     has the Caddyfile's mode before a byte is in it: a 0600 Caddyfile holds secrets."""
     mode = _caddyfile_mode(env)
     try:
-        write_atomically(backup_path(env), data, mode)
+        write_atomically(backup_path(env), data, mode, like=env.caddy.caddyfile)
     except OSError:
         pass
     else:
@@ -269,7 +269,7 @@ def keep_an_edit(env: Environment, written: bytes, data: bytes) -> str | None:
     candidate = edited_path(env, stamp)
     mode = _caddyfile_mode(env)  # the copy's from its first byte, as write_backup's
     try:
-        write_atomically(candidate, now, mode)
+        write_atomically(candidate, now, mode, like=path)
     except OSError:
         try:
             candidate = in_temp_dir(f"togather-runbook-{env.name}-Caddyfile.edited-{stamp}-",

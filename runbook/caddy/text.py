@@ -807,23 +807,39 @@ def file_imports(text: str) -> tuple[FileImport, ...]:
     return tuple(found)
 
 
-def imports_from(text: str, folder: str) -> str:
+def imports_from(text: str, folder: str, here: Path | None = None) -> str:
     """`text` with each relative file import made absolute from `folder` (the Caddyfile's, as
     Caddy sees it), where Caddy resolves them when it reads the file itself (`caddy reload`,
     systemd's reload): text POSTed to /adapt has no file name, and Caddy looked for them in
-    its own working directory. Only the pattern tokens change."""
-    lines = text.split("\n")
+    its own working directory. Only the pattern tokens change.
+
+    Left as written (found by review): a bare name with no file of that name in `here` (the
+    Caddyfile's folder as this host sees it), which may be a snippet another imported file
+    defines (`import snippets.caddy`, then `import common`: made a path, Caddy looked for a
+    file and /adapt failed); a `{$VAR}` pattern (its value may be absolute); a line inside a
+    quoted string that runs on (not an import). A leading byte order mark stays, unread."""
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    body = text.removeprefix(bom)
+    lines = body.split("\n")
     folder = folder.rstrip("/")
-    for found in file_imports(text):
-        if not found.relative:
+    joined = _joined_lines(body)
+    for found in file_imports(body):
+        if not found.relative or found.pattern.startswith("{$") \
+                or joined.get(found.line - 1) == "quote":
             continue
+        if here is not None and not any(c in found.pattern for c in "/*?[") \
+                and not (here / found.pattern).exists():
+            continue  # a snippet's name, as far as this host can tell
         line = lines[found.line - 1]
         token = _tokenize(line)[1]  # its pattern, as written (a quoted one still escaped)
-        quote = token.quote or ('"' if any(_go_space(c) or c in "\"`" for c in folder) else "")
+        quote, pattern = token.quote, found.pattern
+        if quote == "`" and "`" in folder:  # no escape inside backticks: quoted as "..."
+            quote, pattern = '"', pattern.replace("\\", "\\\\").replace('"', '\\"')
+        quote = quote or ('"' if any(_go_space(c) or c in "\"`" for c in folder) else "")
         head = folder.replace('"', '\\"') if quote == '"' else folder
-        lines[found.line - 1] = (f"{line[:token.start]}{quote}{head}/{found.pattern}{quote}"
+        lines[found.line - 1] = (f"{line[:token.start]}{quote}{head}/{pattern}{quote}"
                                  f"{line[token.end:]}")
-    return "\n".join(lines)
+    return bom + "\n".join(lines)
 
 
 def has_marker_line(text: str) -> bool:
