@@ -224,7 +224,8 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
     the run began (the record's `from_id`), not the file's current, which the old tooling's
     rollback swaps with the previous without switching (found by review). The target is
     recorded as live from now, with the schema the run's guard checked it runs on when its
-    record names none (`target_schema`): what a later guard reads instead of guessing."""
+    record names none (`target_schema`): what a later guard reads instead of guessing; and
+    the one rolled back from with the schema it served on (`from_schema`), likewise."""
     slot = intent.target
     served_id = intent.record.get("from_id")
     served = fresh.find_id(str(served_id)) if served_id else None
@@ -240,10 +241,30 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
         # from `slot`, which only the record's slot has to say
         return fresh.with_(current=current.with_(active_slot=slot))
     schema = intent.record.get("target_schema")
+    # only onto the record of what served (`from_id`): the file's current may be another
+    served_on = intent.record.get("from_schema") if served is not None else None
     return states.after_rollback(fresh, target, slot=slot, health_status=health_status,
                                  run_id=run_id, served=served, image=image,
-                                 migration_version=(schema if isinstance(schema, int)
-                                                    and not isinstance(schema, bool) else None))
+                                 migration_version=_count(schema),
+                                 served_schema=_count(served_on))
+
+
+def schema_line(fresh: states.DeploymentState, intent: intents.Intent) -> dict[str, str]:
+    """The state step's line for the schema `rolled_back` records for the deployment rolled
+    back from (`from_schema`), shown alike by the plan and the journal; empty when none is."""
+    served_id = intent.record.get("from_id")
+    served = fresh.find_id(str(served_id)) if served_id else None
+    schema = _count(intent.record.get("from_schema"))
+    if served is None or served.migration_version is not None or schema is None \
+            or str(intent.record.get("target_id")) == served.id:
+        return {}
+    return {"previous schema": f"{schema}, recorded for {served.version}: the database schema "
+                               "it served on, as this run's schema guard read it"}
+
+
+def _count(value: object) -> int | None:
+    """A schema version from a run's record (JSON: a bool is no version), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @_exclusive
@@ -269,6 +290,7 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
     states.write_state(env.state_file, new,
                        before_rename=lambda: ctx.fault("state.before-rename"))
     _written(ctx, new)
+    ctx.note(**schema_line(fresh, intent))
 
 
 def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
@@ -279,6 +301,7 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
     target: states.Deployment | None = None
     new: states.DeploymentState | None = None
     recorded_as: str | None = None
+    schema: dict[str, str] = {}
     if intent.action == "deploy":
         fresh = load_or_empty(env)
         dep_id = str(intent.record["deployment_id"])
@@ -295,12 +318,14 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
         if intent.action != "switch" and recorded_as is None and target is not None:
             new = rolled_back(fresh, intent, target, run_id=run_id,
                               health_status=observed.health_status or None)
+            schema = schema_line(fresh, intent) if new is not None else {}
         else:
             new = switched(fresh, intent.to_version, intent.target, run_id=intent.run_id,
                            health_status=observed.health_status or "unknown")
     lines = state_lines(new or fresh)
     if new is None:
         lines["current"] += " (already recorded: left as it is)"
+    lines.update(schema)  # the rollback recorder's own line, as it journals it
     if recorded_as is not None:
         lines["recorded as"] = recorded_as
     return lines

@@ -82,6 +82,7 @@ class Guard:
     # the database's schema_migrations version as the guard read it (None: not read): what
     # the target's /health must report at its gate, unless a restore replaces it
     read: int | None = None
+    dirty: bool = False  # that read found a migration half applied
 
 
 class SchemaRefusal(PreconditionError):
@@ -145,7 +146,7 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["database schema"] = f"unknown: {reason}"
         guard.details["schema guard"] = "skipped (--force): the schema could not be read"
         return guard
-    guard.read = schema.version
+    guard.read, guard.dirty = schema.version, schema.dirty
     found = migration_source.infer(env, current, target)
     recorded = found.version
     guard.details["database schema"] = schema.describe()
@@ -280,6 +281,26 @@ def schema_guard(env: Environment, current: states.Deployment, target: states.De
         guard.details["schema guard"] = "compatible"
         guard.schema = schema.version
     return guard
+
+
+def served_schema(found: tuple[intents.Intent, str] | None, served: states.Deployment | None,
+                  guard: Guard, serving: docker.ContainerInfo) -> int | None:
+    """The schema the deployment rolled back from served on, recorded for it when its record
+    names none (the Go CLI and the deploy script record none: a rollback back to it went
+    unchecked, "restore the snapshot", throwing writes away; found by review). Only the
+    guard's own read, taken while it served and before this run changed anything (a restore
+    comes after it), of a clean schema, with its container running. After an interrupted run,
+    which may have changed the database (its restore), only that run's own value is carried."""
+    if served is None or served.migration_version is not None:
+        return None
+    if found is not None:
+        was = found[0]
+        carried = was.record.get("from_schema")
+        return (carried if was.action == "rollback" and was.record.get("from_id") == served.id
+                and isinstance(carried, int) and not isinstance(carried, bool) else None)
+    if guard.read is None or guard.dirty or not serving.running:
+        return None
+    return guard.read
 
 
 def _database_stopped(env: Environment) -> tuple[str | None, str | None]:
@@ -767,6 +788,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                                      "start it again after the restore stopped it")
     switch, diff = slots.switch_step(env, standby, target.version, observed, planned=sp,
                                      validated=sp.new_text)
+    served_on = served_schema(found, served, guard, containers[live].result())
     record.update({
         "target_id": target.id,
         # what served: the state step rolls back from it (recording.py)
@@ -774,6 +796,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         "gated": not options.force,  # for its finish (finish.py)
         # the schema the guard checked, recorded for the target
         **({"target_schema": guard.schema} if guard.schema is not None else {}),
+        # the schema what served ran on, recorded for it when its record names none
+        **({"from_schema": served_on} if served_on is not None else {}),
         # a rerun without the flag is told the command that finishes it
         **({"restore_snapshot": str(guard.restore.path),
             "end_sessions": options.end_sessions,
@@ -801,6 +825,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     after = recording.state_lines(recorded or state)
     if recorded is None:
         after["current"] += " (already recorded: left as it is)"
+    else:
+        after.update(recording.schema_line(state, intent))
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
         "current": f"{current.version} on {live} ({current.id})"
                    if from_version == current.version else

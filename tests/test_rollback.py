@@ -1806,6 +1806,47 @@ def test_a_redeployed_version_is_judged_by_its_newest_record_whatever_the_histor
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+def test_a_rollback_records_the_schema_the_deployment_it_leaves_served_on(
+        stack: DrillStack) -> None:
+    """Found by review (a host whose deployments the Go CLI or the deploy script recorded:
+    no migration_version anywhere): after a rollback v3 -> v2, whose schema guard read the
+    database at schema 2 while v3 served, `rollback --dry-run --to v3` said "schema guard NOT
+    checked" and told on-call to restore a snapshot (throwing writes away), and v3 stayed
+    "schema not recorded". The rollback records on v3's record the schema it served on, in
+    its one state write; v2's, never read, is not guessed. Oracle: Postgres's own
+    schema_migrations, the file, the dry run's words."""
+    stack.arrange(scenes.PREVIOUS)  # v3 serves from blue, v2 stopped on green, schema 2
+    env = stack.env
+    doc = json.loads(env.state_file.read_text())
+    for record in (doc["current_deployment"], doc["previous_deployment"],
+                   *doc["deployment_history"]):
+        record.pop("migration_version", None)  # as the Go CLI and the host scripts write it
+    files.atomic_write(env.state_file, json.dumps(doc, indent=2).encode())
+    with stack.connect() as conn:
+        row = conn.execute("SELECT version, dirty FROM schema_migrations").fetchone()
+    assert row is not None and row[1] is False, row
+    served_on = int(row[0])
+    assert served_on == V3.schema  # the premise: v3 serves on its own schema
+    done = rollback.rollback(env)
+    assert "schema guard NOT checked" in " ".join(done.plan.warnings)  # v2's is not known
+    [state_step] = [step for step in done.plan.steps if step.name == "state"]
+    assert state_step.details["previous schema"].startswith(f"{served_on}, recorded for "
+                                                            f"{V3.tag}"), state_step.details
+    assert through_proxy(env) == ("green", V2.tag)
+    doc = json.loads(env.state_file.read_text())
+    v3 = doc["previous_deployment"]
+    assert (v3["version"], v3["status"]) == (V3.tag, "rolled_back"), v3
+    assert v3["migration_version"] == served_on, v3
+    assert "migration_version" not in doc["current_deployment"], doc["current_deployment"]
+    before = snapshot(env)
+    again = runbook_cli(env, "rollback", "--to", V3.tag, "--dry-run")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "NOT checked" not in said and "--restore-snapshot" not in said, said
+    assert "compatible" in said and f"{served_on} (from the state file)" in said, said
+    assert snapshot(env) == before
+
+
 def test_a_url_libpq_cannot_read_is_a_schema_that_cannot_be_read_and_force_goes_past_it(
         stack: DrillStack, tmp_path: Path) -> None:
     """Found by review: a URL parameter libpq does not know (the Go app's own URL, with pgx's

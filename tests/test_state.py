@@ -1460,6 +1460,19 @@ def test_a_rollback_records_when_its_target_went_live_again_and_the_schema_it_ru
                                       dep(1, migration_version=47)), dep(2, Slot.GREEN))
     kept = after_rollback(known, live_since=back, migration_version=48)
     assert kept.current is not None and kept.current.migration_version == 47
+    # the one rolled back from: the schema it served on when its record names none, in
+    # every dialect; one recorded is its deploy's, kept
+    (tmp_path / "served").mkdir()
+    fresh = copy_fixture(fixture, tmp_path / "served")
+    s = read_state(fresh)
+    assert s.current is not None and s.current.migration_version is None  # the premise
+    write_state(fresh, after_rollback(s, run_id="rbk_1", served_schema=49))
+    assert json.loads(fresh.read_text())["previous_deployment"]["migration_version"] == 49
+    assert read_state(fresh).previous.migration_version == 49  # type: ignore[union-attr]
+    served = after_deploy(after_deploy(DeploymentState("production"), dep(1)),
+                          dep(2, Slot.GREEN, migration_version=47))
+    left = after_rollback(served, served_schema=48)
+    assert left.previous is not None and left.previous.migration_version == 47
 
 
 def test_the_deployment_that_replaced_a_target_rolled_back_to_is_the_one_after_it_went_live(

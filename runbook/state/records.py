@@ -97,7 +97,8 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                    slot: Slot | None = None, health_status: str | None = None,
                    run_id: str | None = None, image: str | None = None,
                    served: Deployment | None = None, live_since: datetime | None = None,
-                   migration_version: int | None = None) -> DeploymentState:
+                   migration_version: int | None = None,
+                   served_schema: int | None = None) -> DeploymentState:
     """Target (default: previous) becomes current and active; the current is `rolled_back`.
 
     `slot` overrides the slot the target now runs in (it may have been recreated in the other
@@ -110,7 +111,11 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
     `live_since` (default now): when the target serves again, recorded beside its first
     deployed_at, so the time the release rolled back from served (at its schema) is never
     taken for the target's; `migration_version`: the schema the guard checked it runs on,
-    recorded when its record names none (one recorded is its deploy's, kept).
+    recorded when its record names none (one recorded is its deploy's, kept);
+    `served_schema`: the schema the deployment rolled back from served on (read while it
+    served, before the run changed anything), recorded likewise only when its record names
+    none: the Go CLI and the deploy script record none, and a rollback back to it went
+    unchecked and steered on-call to a snapshot restore (found by review).
     """
     old = served if served is not None else state.current
     target = target or state.previous
@@ -140,7 +145,10 @@ def after_rollback(state: DeploymentState, target: Deployment | None = None, *,
                            migration_version=(target.migration_version
                                               if target.migration_version is not None
                                               else migration_version))
-    previous = old.with_(status="rolled_back")
+    previous = old.with_(status="rolled_back",
+                         migration_version=(old.migration_version
+                                            if old.migration_version is not None
+                                            else served_schema))
     displaced = (_superseded(state.current) if state.current is not None
                  and state.current.id not in (old.id, target.id) else None)
     return state.with_(current=current, previous=previous,
