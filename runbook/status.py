@@ -70,6 +70,11 @@ class Facts:
     # publishes its port (None: Docker could not be asked)
     publishers: dict[Slot, list[tuple[str, dict[str, str]]] | None] = field(default_factory=dict)
     reports: dict[Slot, health.HealthReport] = field(default_factory=dict)
+    # (version, git_commit) as the slot's own /version says them, asked only where its /health
+    # answered naming no git_commit (an app with fewer fields); None: no answer naming either.
+    # Found by review: a status-only /health named nothing, and a retagged serving slot was
+    # "No problems found" while its /version named the other build
+    versions: dict[Slot, tuple[str | None, str | None] | None] = field(default_factory=dict)
     caddy: caddy.Inspection | None = None
     caddy_running: bool = False  # its admin API answers
     caddy_down: Unreloadable | None = None  # why it cannot take a reload
@@ -400,14 +405,37 @@ def _running_version(f: Facts, slot: Slot) -> str | None:
     image's `org.opencontainers.image.version` label, else its tag; None when none of them is
     a version: a moving tag (`:latest`) names none, and `--version latest` is bad input."""
     info = f.containers.get(slot)
-    report = f.reports.get(slot)
     labels = info.labels if info is not None and info.labels else {}
-    for said in (report.version if report is not None else None,
+    for said in (said_build(f, slot)[0],
                  labels.get("org.opencontainers.image.version"),
                  info.tag if info is not None else None):
         if said and states.is_version(said):
             return said.strip().lower()
     return None
+
+
+def version_beside(env: Environment, slot: Slot,
+                   report: health.HealthReport) -> tuple[str | None, str | None] | None:
+    """The slot's own /version (version, git_commit), asked only where its /health answered
+    naming no commit: cheap where /health names it, and nothing asked of a slot that does
+    not answer. On the slot's port, never through the proxy, bounded as the probe is; None
+    when it is absent, unreadable or names neither (no problem: nothing is named)."""
+    if report.http_status is None or health.named_commit(report.git_commit) is not None:
+        return None
+    return health.version_of(env.slot(slot), env.health.request_timeout)
+
+
+def said_build(f: Facts, slot: Slot) -> tuple[str | None, str | None, str]:
+    """(version, git_commit, the endpoint that named them) of the build the slot says it
+    runs: its /health's, or its own /version's where /health named no commit and /version
+    named one (asked by collect): an app with fewer /health fields names its build there
+    (CONTRACTS), and a status-only /health hid a retagged serving slot (found by review)."""
+    report = f.reports.get(slot)
+    version, commit = (report.version, report.git_commit) if report is not None else (None, None)
+    asked = f.versions.get(slot)
+    if health.named_commit(commit) is None and asked is not None:
+        return asked[0], asked[1], health.VERSION_PATH
+    return version, commit, f.env.health.path
 
 
 def _moved_by_interrupted_run(f: Facts) -> bool:
@@ -640,27 +668,40 @@ def image_differs(f: Facts) -> Iterator[Problem]:
 
 
 def commit_differs(f: Facts) -> Iterator[Problem]:
-    """The serving slot names another commit (its /health) than the state file records for
-    the deployment it serves as: the same version from other code, its tag rebuilt or
-    retagged and its container recreated from it (found by review: "No problems found"
-    while a rollback's target ran the code rolled back from). Either naming no commit is
-    no problem: nothing contradicts (a host with fewer /health fields)."""
+    """The serving slot names another build (its /health, or its own /version where /health
+    names no commit) than the state file records for the deployment it serves as: the same
+    tag holding other code, rebuilt or retagged and its container recreated from it (found
+    by review: "No problems found" while a rollback's target ran the code rolled back from;
+    again on a host whose /health names no commit, its /version naming the other build).
+    Naming none is no problem: nothing contradicts (a host with fewer fields whose /version
+    is absent or names nothing)."""
     current = f.state.current if f.state else None
     active = f.active
-    report = f.reports.get(active) if active is not None else None
-    if current is None or active is None or report is None or _moved_by_interrupted_run(f) \
-            or current.active_slot != active \
-            or health.names_build(current.version, report.version, report.git_commit) is False \
-            or not health.commits_differ(current.git_commit, report.git_commit):
-        return  # another version serves: the checks above say so
-    runs = health.named_commit(report.git_commit) or ""
-    cut = 7 if runs[:7] != current.git_commit[:7] else None  # never two alike
+    if current is None or active is None or active not in f.reports \
+            or _moved_by_interrupted_run(f) or current.active_slot != active:
+        return
+    version, commit, where = said_build(f, active)
+    named = health.names_build(current.version, version, commit)
+    if named is False:
+        if next(image_differs(f), None) is not None:
+            return  # its image is another than the record's: that problem says so
+        said = health.named_commit(commit)
+        runs = f"version {version}" if health.build_key(version) else f"commit {said}"
+        if health.build_key(version) and said is not None:
+            runs += f" (commit {said[:7]})"
+        recorded = f"{current.version} ({current.id})"
+    elif health.commits_differ(current.git_commit, commit):
+        said = health.named_commit(commit) or ""
+        cut = 7 if said[:7] != current.git_commit[:7] else None  # never two alike
+        runs = f"commit {said[:cut]}"
+        recorded = f"{current.git_commit[:cut]} for {current.version} ({current.id})"
+    else:
+        return
     container = f.env.slot(active).container
     image = f.image(active) or expected_image(f.env, current)
     yield Problem(
-        f"{active} runs commit {runs[:cut]} (its {f.env.health.path}), but the state file "
-        f"records {current.git_commit[:cut]} for {current.version} ({current.id}): users get "
-        "another build than the recorded one",
+        f"{active} runs {runs} (its {where}), but the state file records {recorded}: users "
+        "get another build than the recorded one",
         f"its image tag {image} was rebuilt or retagged since {current.version} was recorded: "
         f"find out which build serves (`docker inspect --format '{{{{.Image}}}}' "
         f"{container}`); to serve commit {current.git_commit} again, rebuild it as {image} "
@@ -1825,6 +1866,7 @@ def collect(env: Environment) -> Facts:
             f.containers[slot] = None
             f.container_errors[slot] = exc
         f.reports[slot] = health.probe(config, env.health.path, env.health.request_timeout)
+        f.versions[slot] = version_beside(env, slot, f.reports[slot])
         info = f.containers[slot]
         if info is not None and not info.exists:
             try:
@@ -2073,8 +2115,13 @@ def to_json(f: Facts) -> dict[str, Any]:
                          "exit_code": info.exit_code, "oom_killed": info.oom_killed,
                          "docker_health": info.docker_health}
         report = f.reports[slot]
+        version, commit, where = said_build(f, slot)
         slots_out[str(slot)] = {"port": config.port, "container": container,
-                                "health": report.status, "version": report.version}
+                                "health": report.status, "version": version,
+                                "git_commit": commit,
+                                # which endpoint named them: /health, or the slot's own
+                                # /version where /health names no commit
+                                "build_from": where if version or commit else None}
     out["slots"] = slots_out
     if f.caddy_error is not None:
         # whether Caddy answers is known without the file: dropping it said "NOT answering"

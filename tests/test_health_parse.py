@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -942,3 +943,39 @@ def test_the_reported_schema_is_an_int_in_the_schema_checks_details(
     report = health.parse("http://x/health", 200, json.dumps(body("healthy", {}) | {
         "checks": checks}))
     assert health.reported_schema(report) == version
+
+
+@pytest.mark.parametrize(("health_path", "answer", "named"), [
+    ("/healthy", (200, b'{"version": "1a2b3c4", "git_commit": "1a2b3c4"}'), "/healthy"),
+    ("/bare", (200, json.dumps({"version": "1a2b3c4", "git_commit": "1a2b3c4" + "0" * 33,
+                                "build_date": "2026-11-27"}).encode()), "/version"),
+    ("/bare", None, None),  # no /version: 404
+    ("/bare", (200, b"<html>not json</html>"), None),
+    ("/bare", (200, b'{"build_date": "2026-11-27"}'), None),
+    ("/bare", (500, b'{"version": "1a2b3c4"}'), None),
+])
+def test_status_asks_the_slots_own_version_only_where_health_names_no_commit(
+        server: Server, monkeypatch: pytest.MonkeyPatch, health_path: str,
+        answer: tuple[int, bytes] | None, named: str | None) -> None:
+    """Found by review (MEDIUM): a /health naming no commit named no build to status, which
+    said "No problems found" of a slot recreated from a retagged tag. Status asks the slot's
+    own /version then (never where /health names a commit), and takes the build it names;
+    one absent, unreadable or naming neither names nothing, as before."""
+    from runbook import status
+
+    monkeypatch.setitem(ROUTES, "/bare", (200, json.dumps(BARE).encode()))
+    if answer is not None:
+        monkeypatch.setitem(ROUTES, "/version", answer)
+    env = make_env(server.port, path=health_path)
+    env = env.with_(health=dataclasses.replace(env.health, request_timeout=5.0))
+    report = health.probe(env.slot(Slot.BLUE), env.health.path, env.health.request_timeout)
+    facts = status.Facts(env, reports={Slot.BLUE: report})
+    facts.versions[Slot.BLUE] = status.version_beside(env, Slot.BLUE, report)
+    assert server.hits.get("/version") == (None if health_path == "/healthy" else 1)
+    version, commit, where = status.said_build(facts, Slot.BLUE)
+    if named == "/version":
+        assert (version, commit, where) == ("1a2b3c4", "1a2b3c4" + "0" * 33, "/version")
+    elif named == "/healthy":
+        assert (version, commit, where) == ("3f2a1b9", COMMIT, "/healthy")
+    else:  # nothing named: as a /health naming nothing
+        assert (version, commit, where) == (None, None, "/bare")

@@ -1128,8 +1128,9 @@ def test_status_says_the_serving_slot_runs_another_commit_than_the_state_file_re
         stack: DrillStack) -> None:
     """Found by review: a slot serving another commit than its deployment's record (its tag
     rebuilt from other code and its container recreated by another tool) was "No problems
-    found". Its /health's commit is compared with the record's: a problem. A /health that
-    names no commit (minimal-health) is no problem: nothing contradicts."""
+    found". Its /health's commit is compared with the record's: a problem. Where /health
+    names no commit (minimal-health) the slot's own /version names it (review MEDIUM: it
+    was no problem there)."""
     if docker_run_host(stack):
         pytest.skip("the deploy below recreates through compose; a docker-run host has none")
     import secrets
@@ -1148,16 +1149,62 @@ def test_status_says_the_serving_slot_runs_another_commit_than_the_state_file_re
         assert through_proxy(env) == ("green", tag)
         seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
         found = [p for p in seen["problems"] if p["check"] == "commit_differs"]
-        if stack.has("minimal-health"):
-            assert found == [], found
-            return
         assert len(found) == 1, seen["problems"]
-        assert (f"green runs commit {V3.tag}" in found[0]["problem"]
+        endpoint = "/version" if stack.has("minimal-health") else env.health.path
+        assert (f"green runs commit {V3.tag} (its {endpoint})" in found[0]["problem"]
                 and V2.git_commit[:7] in found[0]["problem"]), found
         assert V2.git_commit in found[0]["fix"], found
     finally:
         stack.docker("rm", "-f", env.slot("green").container, check=False)
         stack.docker("rmi", "-f", "--no-prune", moved, check=False)
+
+
+@pytest.mark.shape_specific
+def test_status_says_a_serving_slot_recreated_from_a_retagged_tag_runs_another_build(
+        stack: DrillStack) -> None:
+    """Found by review (MEDIUM, on a minimal-health drill host): the serving deployment's
+    tag was retagged to another build (`docker tag`, no rebuild: that build names its own
+    version and commit) and the slot recreated from it, as a host script would. The proxy's
+    /version and the image named the other build, yet status said "No problems found" (exit
+    0), its JSON `"version": null`. The slot's own /version is asked where /health names no
+    commit: the build it names is compared with the record, a problem (exit 1) naming the
+    endpoint; on a host whose /health names it, /health is what names it."""
+    if docker_run_host(stack):
+        pytest.skip("the deploy below recreates through compose; a docker-run host has none")
+    import secrets
+
+    stack.reset()  # v1 on blue, serving
+    env = stack.env
+    tag = secrets.token_hex(4)[:7]
+    moved = f"{env.compose.image_repository}:{tag}"
+    ran = rebuilt_as(stack, tag, V2.image)
+    try:
+        deploy.deploy(env, deploy.Options(version=tag))  # green serves the tag (v2's build)
+        recorded = states.read_state(env.state_file).current
+        assert recorded is not None and recorded.git_commit == V2.git_commit
+        stack.docker("tag", V3.image, moved)  # the tag now names v3's build, as it is
+        compose.run(compose.recreate_slot(env, Slot.GREEN, tag))  # a host script's recreate
+        health.wait_healthy(env, Slot.GREEN, timeout=30)
+        # the oracle: what the proxy serves, and the build Docker runs there
+        assert through_proxy(env) == ("green", V3.tag)
+        assert docker.inspect(env.slot("green").container).image_id == \
+            docker.image_id(V3.image)
+        text = runbook_cli(env, "status")
+        assert text.returncode == 1, text.stdout + text.stderr
+        endpoint = "/version" if stack.has("minimal-health") else env.health.path
+        assert (f"green runs version {V3.tag} (commit {V3.git_commit[:7]}) (its {endpoint}), "
+                f"but the state file records {tag} ({recorded.id})") in text.stdout, text.stdout
+        seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
+        found = [p for p in seen["problems"] if p["check"] == "commit_differs"]
+        assert len(found) == 1, seen["problems"]
+        assert V2.git_commit in found[0]["fix"], found
+        green = seen["slots"]["green"]
+        assert (green["version"], green["git_commit"], green["build_from"]) == \
+            (V3.tag, V3.git_commit, endpoint), green
+    finally:
+        stack.docker("rm", "-f", env.slot("green").container, check=False)
+        stack.docker("rmi", "-f", "--no-prune", moved, check=False)
+        stack.docker("rmi", "-f", ran, check=False)  # the build the tag named first
 
 
 def test_a_second_rollback_goes_back_only_when_named(stack: DrillStack) -> None:
