@@ -533,6 +533,32 @@ def client() -> docker_sdk.DockerClient:
                           exit_code=ExitCode.PRECONDITION) from exc
 
 
+RECENT_RESTART = 300.0  # seconds: a container its restart policy started since is looping
+
+
+def crash_loop(info: ContainerInfo | None) -> str | None:
+    """How the container crash-loops, as Docker says it: `restarting`, or up (running or
+    paused) with its restart policy having started it again within RECENT_RESTART (up at
+    the instant it is looked at, it is the same loop: found by review, whether status said
+    it, and whether a rollback took it for a way back, depended on that instant). None when
+    it does not."""
+    from datetime import UTC, datetime
+
+    from runbook.times import parse_utc
+
+    if info is None or not info.exists or not info.up:
+        return None
+    times = f"{info.restart_count} time{'s' if info.restart_count != 1 else ''}"
+    if info.status == "restarting":
+        return f"restarting (its restart policy has started it again {times})"
+    started = parse_utc(info.started_at)
+    if info.restart_count < 1 or started is None \
+            or (datetime.now(UTC) - started).total_seconds() > RECENT_RESTART:
+        return None
+    return (f"{info.status}, but its restart policy has started it again {times}, the last "
+            f"at {info.started_at}")
+
+
 def inspect(name: str) -> ContainerInfo:
     try:
         content = send(inspect_action(name))

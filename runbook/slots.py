@@ -1209,8 +1209,11 @@ def check_still_healthy(env: Environment, serving: Slot, old: Slot,
 
 def _nothing_to_keep(old_info: ContainerInfo | None) -> bool:
     """The old slot is no way back a refusal could keep: exited, absent, or crash-looping
-    (its stop ends the loop); running or paused (unpaused at once) it is one. None: running."""
-    return old_info is not None and old_info.status not in ("running", "paused")
+    (its stop ends the loop), also in the half second of its loop it runs (docker.crash_loop:
+    found under load, a refusal then kept it as a way back); running or paused (unpaused at
+    once) it is one. None: running."""
+    return old_info is not None and (old_info.status not in ("running", "paused")
+                                     or docker.crash_loop(old_info) is not None)
 
 
 def _restarted_but_serving(env: Environment, serving: Slot, old: Slot, moved: str,
@@ -1429,8 +1432,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
         else:
             def drained(d: drain.Drain) -> None:
                 ctx.note(drained=d.describe())
-                # after the drain, the last moment before the stop
-                ctx.note(serving=serving_now(ctx))
+                # after the drain, the last moment before the stop; as inspected, so one in
+                # the seconds of a crash loop it runs is no way back either (found in CI)
+                ctx.note(serving=serving_now(ctx, info))
 
             try:
                 kept = stop(env, slot, running=True, after_switch=True, on_drain=drained,

@@ -807,7 +807,7 @@ def _standby_left(f: Facts) -> tuple[Slot, str, docker.ContainerInfo] | None:
         return None
     standby = active.other
     image = f.image(standby)
-    if standby in f.held or _crash_loop(f.containers.get(standby)) is not None:
+    if standby in f.held or docker.crash_loop(f.containers.get(standby)) is not None:
         return None  # its own check says why and what to do
     spare, live = f.containers.get(standby), f.containers.get(active)
     # paused, it still holds its port and its database connections (found by review: "No
@@ -1331,38 +1331,13 @@ def serving_absent(f: Facts) -> Iterator[Problem]:
                   "deploy or switch: each acts on the slot's container by name")
 
 
-RECENT_RESTART = 300.0  # seconds: a container its restart policy started since is looping
-
-
-def _crash_loop(info: docker.ContainerInfo | None) -> str | None:
-    """How the container crash-loops, as Docker says it: `restarting`, or up (running or
-    paused) with its restart policy having started it again within RECENT_RESTART (up at
-    the instant status looks, it is the same loop: found by review, whether status said it
-    depended on that instant). None when it does not."""
-    from datetime import UTC, datetime
-
-    from runbook.times import parse_utc
-
-    if info is None or not info.exists or not info.up:
-        return None
-    times = f"{info.restart_count} time{'s' if info.restart_count != 1 else ''}"
-    if info.status == "restarting":
-        return f"restarting (its restart policy has started it again {times})"
-    started = parse_utc(info.started_at)
-    if info.restart_count < 1 or started is None \
-            or (datetime.now(UTC) - started).total_seconds() > RECENT_RESTART:
-        return None
-    return (f"{info.status}, but its restart policy has started it again {times}, the last "
-            f"at {info.started_at}")
-
-
 def crash_looping(f: Facts) -> Iterator[Problem]:
     """A slot's container exits and its restart policy starts it again, over and over: the
     serving one fails users while it is down, a standby starts old code against the shared
     database again and again. Found by review: shown as "running ... healthy" or
     "restarting", with "No problems found"."""
     for slot, info in f.containers.items():
-        how = _crash_loop(info)
+        how = docker.crash_loop(info)
         if how is None or info is None:
             continue
         logs = f"`docker logs --tail 100 {info.name}` says why it exits"

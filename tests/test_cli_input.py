@@ -400,7 +400,8 @@ def test_an_unexpected_error_while_planning_is_exit_1_in_a_real_run_as_in_a_dry_
     env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
     code = ("import sys, runbook.cli, runbook.snapshot_restore as sr\n"
             "def bug(*a, **k):\n    raise TypeError('simulated bug')\n"
-            "sr.find = bug\nsys.argv = ['runbook', *sys.argv[1:]]\nrunbook.cli.main()\n")
+            "sr.find = sr.default_pick = bug\n"  # the pick by name, and without one
+            "sys.argv = ['runbook', *sys.argv[1:]]\nrunbook.cli.main()\n")
     runs = host.parent / "runs"
     for extra in (["--dry-run"], ["--yes"]):
         done = subprocess.run([sys.executable, "-c", code, "snapshot", "restore", str(host),
@@ -425,7 +426,8 @@ def test_an_unexpected_error_while_planning_with_an_interrupted_run_waiting_is_e
     env["DOCKER_HOST"] = f"tcp://127.0.0.1:{closed_port()}"
     code = ("import sys, runbook.cli, runbook.snapshot_restore as sr\n"
             "def bug(*a, **k):\n    raise TypeError('simulated bug')\n"
-            "sr.find = bug\nsys.argv = ['runbook', *sys.argv[1:]]\nrunbook.cli.main()\n")
+            "sr.find = sr.default_pick = bug\n"  # the pick by name, and without one
+            "sys.argv = ['runbook', *sys.argv[1:]]\nrunbook.cli.main()\n")
     waiting = intents.path(envmod.load("production", config=str(host)))
     waiting.write_text(json.dumps({"run_id": "rbk_killed", "action": "rollback"}))
     done = subprocess.run([sys.executable, "-c", code, "snapshot", "restore", str(host),

@@ -402,6 +402,37 @@ def test_a_finish_with_a_crash_looping_old_slot_and_the_new_one_restarted_stops_
         stack.docker("rm", "-f", blue, check=False)  # the next arrange recreates it
 
 
+def test_a_crash_looping_old_slot_caught_in_its_running_second_is_no_way_back(
+        stack: DrillStack) -> None:
+    """Found in CI, under load: the finish above met the crash-looping old slot in the
+    seconds of its loop it runs (restarted by its policy, not yet crashed again), took it for
+    a way back, and refused to stop it (exit 6) while green served. Judged as status judges
+    a crash loop (docker.crash_loop: restarted by its policy within 5 minutes, whatever it
+    does at that instant): blue runs each time it is looked at here, and it is stopped."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    killed = runbook_cli(env, "rollback", "--yes", fault="before:stop-old-slot:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    try:
+        crash_looping(stack, Slot.BLUE, scenes.PREVIOUS.version(Slot.BLUE).image, up=20,
+                      start=True)
+        restarted(stack, env, Slot.GREEN)
+        deadline = time.monotonic() + 60
+        while stack.docker("inspect", "-f", "{{.State.Status}} {{.RestartCount}}",
+                           blue).stdout.split() != ["running", "1"]:
+            assert time.monotonic() < deadline, "blue was never started again by its policy"
+            time.sleep(0.05)
+        done = runbook_cli(env, "rollback", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "restarted since its health gate" in done.stderr, done.stderr
+        assert stack.docker("inspect", "-f", "{{.State.Status}}", blue).stdout.strip() in (
+            "exited", "created"), "the crash loop goes on"
+        assert through_proxy(env) == ("green", scenes.PREVIOUS.version(Slot.GREEN).tag)
+    finally:
+        stack.docker("rm", "-f", blue, check=False)  # the next arrange recreates it
+
+
 def test_a_run_killed_right_after_caddys_reload_has_its_gated_container_recorded(
         stack: DrillStack) -> None:
     """Found by review: killed between Caddy's reload and the commit's write (a reboot's
