@@ -154,7 +154,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     leftovers = compose.removable_leftovers(env, target, live_info)
     slots.refuse_if_held(env, target, standby)
     slots.refuse_if_migrating(env, target, standby)
-    _refuse_if_dirty(env, version, found[0] if found is not None else None)
+    read_now = _refuse_if_dirty(env, version, found[0] if found is not None else None)
     traffic.refuse_recreate_if_pinned(env, target)  # another site's upstream: it serves
     # what compose creates the container from (its file's `image:`): what is checked, shown
     # and recorded from here on
@@ -208,6 +208,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         commands.require_login(env)  # a password kept beside the URL reaches pg_dump too
 
     snapshot_schema: list[int | None] = []
+    clean_schema: list[int] = []  # that snapshot's schema, when it was not dirty
 
     def run_snapshot(ctx: StepContext) -> None:
         from runbook import snapshots
@@ -215,6 +216,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         snap = snapshots.pre_deploy_snapshot(env, deployment_id, _revision(image),
                                              recording.schema(env))
         snapshot_schema.append(snap.migration_version)
+        if isinstance(snap.migration_version, int) and not snap.dirty:
+            clean_schema.append(snap.migration_version)
         observed.snapshot_path = intent.record["snapshot_path"] = str(snap.path)
         ctx.note(snapshot=snap.name, schema=snap.migration_version)
         if snap.warning:  # e.g. large objects written since the plan: before the migration
@@ -234,6 +237,14 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             return int(snapshot_schema[0])
         return recording.schema(env)
 
+    def served_on() -> int | None:
+        """The schema the deployment users are moved off served on: the read before this
+        deployment's migrations (as `baseline`), only from a pre-deploy snapshot that found
+        it clean (a rerun's: the interrupted run's own), never a guess."""
+        if taken is not None and isinstance(taken.migration_version, int):
+            return int(taken.migration_version)
+        return clean_schema[0] if clean_schema else None
+
     created: list[str] = []  # the id of the container compose made: the undo stops that one
 
     def run_recreate(ctx: StepContext) -> None:
@@ -242,6 +253,9 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         # "1" for every deploy with a migrate_command, whether it applied one or none, told
         # on-call nothing (found by review)
         intent.record.setdefault("schema_before", schema_at_start[0])
+        # recorded for the deployment it replaces when that record names none (`from_id`)
+        if "from_id" in intent.record and (was := served_on()) is not None:
+            intent.record.setdefault("from_schema", was)
 
         def undo() -> Stays | None:
             busy = _still_migrating(env, target)
@@ -365,6 +379,11 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
             ctx.cannot_undo(moved.message, moved.fix)
 
     replaced_from = replaces or current  # what users are moved off
+    # the one that really serves (Docker's tag in the slot Caddy runs) and records no
+    # schema: the state step records the schema it served on for it (`from_schema`)
+    served = _served_unrecorded(replaced_from, live_info if target.other == live
+                                and not dialed_none else None,
+                                found is not None and again is None)
     intent = intents.Intent(run_id=run_id, action="deploy", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
                             from_version=replaced_from.version if replaced_from else None,
@@ -373,6 +392,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                             record={"deployment_id": deployment_id,
                                     **({"replaces_deployment_id": replaces.id}
                                        if replaces else {}),
+                                    **({"from_id": served.id} if served else {}),
                                     "git_commit": _revision(image) or None,
                                     # its finish re-checks the new slot before stopping the
                                     # old one unless the gate was skipped (finish.py)
@@ -406,10 +426,19 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
     def run_state(ctx: StepContext) -> None:
         recording.deploy(env, intent, observed, run_id, ctx)
 
-    # what the state step writes, as the recorder computes it (its commit is not shown)
-    recorded = recording.state_lines(recording.deployed(state, states.make_deployment(
+    # what the state step writes, as the recorder computes it (its commit is not shown),
+    # with the schema the replaced deployment served on as read now (the run reads it again
+    # before its migrations: its journal says what it recorded)
+    planned_schema = (int(taken.migration_version) if taken is not None
+                      and isinstance(taken.migration_version, int) else
+                      read_now.version if read_now is not None and not read_now.dirty else None)
+    foreseen = intent.with_(record={**intent.record, **(
+        {"from_schema": planned_schema} if served and planned_schema is not None else {})})
+    written = recording.deployed(state, states.make_deployment(
         version, recording.UNKNOWN_COMMIT, target, status="active",
-        deployment_id=deployment_id), intent))
+        deployment_id=deployment_id), foreseen)
+    recorded = recording.state_lines(written)
+    recorded.update(recording.schema_line(state, written, foreseen))
 
     steps = [
         Step("preflight", "Pre-flight checks (read-only, done)", {
@@ -518,6 +547,21 @@ def _serving_record(state: states.DeploymentState, serving: docker.ContainerInfo
     return found
 
 
+def _served_unrecorded(replaced: states.Deployment | None,
+                       serving: docker.ContainerInfo | None,
+                       after_another: bool) -> states.Deployment | None:
+    """The deployment users are moved off, when its record names no schema (the Go CLI and
+    the deploy script record none: a rollback back to it went unchecked, "restore the
+    snapshot", throwing writes away; found by review) and it really serves: its version is
+    what runs in the slot Caddy serves (`serving`, Docker's tag), as `_serving_record`
+    judges. None after another run's interrupted record (`after_another`: it may have
+    changed the database under it, a migration or a restore), or when nothing tells."""
+    if replaced is None or replaced.migration_version is not None or serving is None \
+            or after_another:
+        return None
+    return replaced if serving.running and serving.tag == replaced.version else None
+
+
 def _serving_shown(current: states.Deployment | None, replaces: states.Deployment | None,
                    live: Slot, serving: docker.ContainerInfo | None) -> str:
     """The pre-flight's "current": what serves (Docker's tag), and what the file says when
@@ -534,21 +578,23 @@ def _serving_shown(current: states.Deployment | None, replaces: states.Deploymen
     return f"{current.version} on {live}"
 
 
-def _refuse_if_dirty(env: Environment, version: str, pending: intents.Intent | None) -> None:
+def _refuse_if_dirty(env: Environment, version: str,
+                     pending: intents.Intent | None) -> database.SchemaVersion | None:
     """Refuse (nothing changed) on a schema golang-migrate left dirty (finish.dirty_refusal).
     Found by review: a rerun after a migration failed half-way recreated the new slot and ran
     the migrations again on the dirty schema (a half-applied file re-applied, or
     golang-migrate refusing): exit 5, no repair named. An unreadable schema is left to the
-    snapshot step, which fails closed on it."""
+    snapshot step, which fails closed on it. Returns the read (the plan shows it), or None."""
     try:
         schema = database.schema_version(env)
     except RunbookError:
-        return
+        return None
     refused = finish.dirty_refusal(env, schema, pending, "run the deploy again",
                                    f"`runbook deploy {command_arg(env)} --version {version}` "
                                    "runs the deploy again")
     if refused is not None:
         raise refused
+    return schema
 
 
 def _still_migrating(env: Environment, slot: Slot) -> str | None:

@@ -72,13 +72,18 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     """Write the deployment into the state file; a no-op when it is already there."""
     fresh = load_or_empty(env)
     dep_id = str(intent.record["deployment_id"])
+    # the plan's schema line is the journal's unless replaced: said when this write records
+    # none after all (no clean read before the migrations, the file changed since)
+    unsaid = {"previous schema": "none recorded"} if intent.record.get("from_id") else {}
     if fresh.current is not None and fresh.current.id == dep_id:
         _written(ctx, fresh, " (already recorded)")
+        ctx.note(**unsaid)
         return
     if (later := recorded_since(fresh, intent)) is not None:
         # another tool's deploy of this slot since this run started serves: recording this
         # run over it made a second deployment (current and previous the same version)
         _written(ctx, fresh, f" (already recorded, {later.id} by {later.deployed_by})")
+        ctx.note(**unsaid)
         return
     config = env.slot(intent.target)
     report = health.probe(config, env.health.path, env.health.request_timeout)
@@ -105,16 +110,23 @@ def deploy(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     written = deployed(fresh, new, intent)
     states.write_state(env.state_file, written)
     _written(ctx, written, f" ({new.id})")
-    ctx.note(migration_version=migration)
+    ctx.note(migration_version=migration, **(schema_line(fresh, written, intent) or unsaid))
 
 
 def deployed(fresh: states.DeploymentState, new: states.Deployment,
              intent: intents.Intent) -> states.DeploymentState:
     """What the deploy writes over `fresh`. Pure: the plan shows it, the recorder writes it;
     what served (the record's `replaces_deployment_id`) becomes previous when the file's
-    current is another."""
+    current is another. That one gains the schema it served on (`from_schema`, read before
+    this deploy's migrations) when its record names none, only when it is the one the plan
+    saw serve (`from_id`): the file's current may be another since."""
     replaced = intent.record.get("replaces_deployment_id")
-    return states.after_deploy(fresh, new, fresh.find_id(str(replaced)) if replaced else None)
+    old = fresh.find_id(str(replaced)) if replaced else None
+    leaves = old if old is not None else fresh.current
+    served_id = intent.record.get("from_id")
+    served_on = (_count(intent.record.get("from_schema"))
+                 if leaves is not None and served_id and str(served_id) == leaves.id else None)
+    return states.after_deploy(fresh, new, old, served_schema=served_on)
 
 
 def recorded_since(state: states.DeploymentState | None,
@@ -249,17 +261,23 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
                                  served_schema=_count(served_on))
 
 
-def schema_line(fresh: states.DeploymentState, intent: intents.Intent) -> dict[str, str]:
-    """The state step's line for the schema `rolled_back` records for the deployment rolled
-    back from (`from_schema`), shown alike by the plan and the journal; empty when none is."""
+def schema_line(fresh: states.DeploymentState, new: states.DeploymentState | None,
+                intent: intents.Intent) -> dict[str, str]:
+    """The state step's line for the schema `rolled_back` or `deployed` records for the
+    deployment users were moved off (`from_schema`), shown alike by the plan and the journal:
+    read from what `new` holds, so it is said only where it is written; empty when none is."""
     served_id = intent.record.get("from_id")
     served = fresh.find_id(str(served_id)) if served_id else None
     schema = _count(intent.record.get("from_schema"))
+    written = new.find_id(served.id) if new is not None and served is not None else None
     if served is None or served.migration_version is not None or schema is None \
-            or str(intent.record.get("target_id")) == served.id:
+            or written is None or written.migration_version != schema \
+            or intent.deployment_id == served.id:
         return {}
+    how = ("this run's schema guard read it" if intent.action == "rollback"
+           else "this deploy read it before its migrations")
     return {"previous schema": f"{schema}, recorded for {served.version}: the database schema "
-                               "it served on, as this run's schema guard read it"}
+                               f"it served on, as {how}"}
 
 
 def _count(value: object) -> int | None:
@@ -290,7 +308,7 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
     states.write_state(env.state_file, new,
                        before_rename=lambda: ctx.fault("state.before-rename"))
     _written(ctx, new)
-    ctx.note(**schema_line(fresh, intent))
+    ctx.note(**schema_line(fresh, new, intent))
 
 
 def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
@@ -310,6 +328,8 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
             new = deployed(fresh, states.make_deployment(
                 intent.to_version, UNKNOWN_COMMIT, intent.target, status="active",
                 deployment_id=dep_id), intent)
+            # the interrupted run's own read, from its record: never one taken now
+            schema = schema_line(fresh, new, intent)
     else:  # a rollback (finish.plan_for's default), by its target's id; gone from the file
         fresh = load_or_empty(env)  # (or the file gone), it is recorded as a switch (above)
         if intent.action != "switch":
@@ -318,14 +338,14 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
         if intent.action != "switch" and recorded_as is None and target is not None:
             new = rolled_back(fresh, intent, target, run_id=run_id,
                               health_status=observed.health_status or None)
-            schema = schema_line(fresh, intent) if new is not None else {}
+            schema = schema_line(fresh, new, intent)
         else:
             new = switched(fresh, intent.to_version, intent.target, run_id=intent.run_id,
                            health_status=observed.health_status or "unknown")
     lines = state_lines(new or fresh)
     if new is None:
         lines["current"] += " (already recorded: left as it is)"
-    lines.update(schema)  # the rollback recorder's own line, as it journals it
+    lines.update(schema)  # the recorder's own line, as it journals it
     if recorded_as is not None:
         lines["recorded as"] = recorded_as
     return lines

@@ -826,7 +826,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
     if recorded is None:
         after["current"] += " (already recorded: left as it is)"
     else:
-        after.update(recording.schema_line(state, intent))
+        after.update(recording.schema_line(state, recorded, intent))
     preflight = Step("preflight", "Pre-flight checks (read-only, done)", {
         "current": f"{current.version} on {live} ({current.id})"
                    if from_version == current.version else

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from runbook import deploy, docker, faults, rollback
+from runbook import deploy, docker, faults, files, rollback
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
@@ -37,11 +37,11 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import snapshot, through_proxy
+from tests.drill_checks import runbook_cli, snapshot, through_proxy
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
-V2, V3 = VERSIONS["v2"], VERSIONS["v3"]
+V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 UNKNOWN = "0" * 40
 
 
@@ -358,3 +358,104 @@ def test_the_migrate_command_the_plan_shows_is_the_argv_that_runs(stack: DrillSt
     by_hand = subprocess.run(shlex.split(ran), capture_output=True, text=True, check=False,
                              timeout=60, stdin=subprocess.DEVNULL)  # as on-call would type it
     assert by_hand.returncode == 0 and "migrated-ok" in by_hand.stdout, by_hand
+
+
+def unrecorded_schemas(env: envmod.Environment) -> None:
+    """The state file as the Go CLI and the host scripts write it: no migration_version."""
+    doc = json.loads(env.state_file.read_text())
+    for record in (doc.get("current_deployment"), doc.get("previous_deployment"),
+                   *(doc.get("deployment_history") or [])):
+        if record is not None:
+            record.pop("migration_version", None)
+    files.atomic_write(env.state_file, json.dumps(doc, indent=2).encode())
+
+
+def schema_now(stack: DrillStack) -> int:
+    """Postgres's own schema_migrations (clean): the oracle, not the runbook's read."""
+    with stack.connect() as conn:
+        row = conn.execute("SELECT version, dirty FROM schema_migrations").fetchone()
+    assert row is not None and row[1] is False, row
+    return int(row[0])
+
+
+def state_detail(record_file: str | None) -> dict[str, Any]:
+    """The state step's details in a run's record (its journal)."""
+    record = json.loads(Path(str(record_file)).read_text())
+    [step] = [s for s in record["steps"] if s["name"] == "state"]
+    return step["detail"]  # type: ignore[no-any-return]
+
+
+def test_a_deploy_records_the_schema_the_deployment_it_replaces_served_on(
+        stack: DrillStack) -> None:
+    """Found by review (a host whose deployments the Go CLI or the deploy script recorded:
+    no migration_version anywhere): a deploy of v2 over v1 left v1 "schema not recorded",
+    and once v2's pre-deploy snapshot was cleaned up `rollback --dry-run` (to v1) said
+    "schema guard NOT checked" and told on-call to restore a snapshot. The deploy records on
+    v1's record the schema it served on, read before the deploy's migrations (not after
+    them), in its one state write, as its dry run and its journal say. Oracle: Postgres's
+    own schema_migrations before and after, the file, the dry run's words."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    unrecorded_schemas(env)
+    served_on = schema_now(stack)
+    assert served_on == V1.schema  # the premise: v1 serves on its own schema
+    said = f"{served_on}, recorded for {V1.tag}: the database schema it served on"
+    dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+    [planned] = [step for step in dry.plan.steps if step.name == "state"]
+    assert planned.details["previous schema"].startswith(said), planned.details
+    done = deploy.deploy(env, deploy.Options(version=V2.tag))
+    migrated = schema_now(stack)
+    assert migrated == V2.schema != served_on  # the premise: its migrations moved it
+    assert state_detail(done.record_file)["previous schema"].startswith(said)
+    doc = json.loads(env.state_file.read_text())
+    v1 = doc["previous_deployment"]
+    assert (v1["version"], v1["status"]) == (V1.tag, "superseded"), v1
+    assert v1["migration_version"] == served_on, v1
+    assert doc["current_deployment"]["migration_version"] == migrated  # its own, as before
+    # its pre-deploy snapshot cleaned up (as `snapshot cleanup` does once it expires): no
+    # sidecar says v1's schema any more, only its record
+    dump = Path(doc["current_deployment"]["snapshot_path"])
+    dump.unlink()
+    dump.with_name(dump.name.removesuffix(".sql.gz") + ".meta.json").unlink()
+    before = snapshot(env)
+    again = runbook_cli(env, "rollback", "--dry-run")
+    said = again.stdout + again.stderr
+    assert "NOT checked" not in said, said
+    assert f"{V1.tag} ran with {served_on}" in said, said  # checked: migrations ran since
+    assert snapshot(env) == before
+
+
+def test_a_deploy_finished_by_a_rerun_records_the_schema_its_interrupted_run_read(
+        stack: DrillStack) -> None:
+    """The schema recorded for the deployment a deploy replaces is the interrupted run's own
+    read before its migrations, carried by the reruns that finish it: killed after its
+    migrations (the database at v2's schema since), rerun and killed again after traffic
+    moved, then finished by a third run, v1 is recorded at the schema before them, never
+    the one read by a rerun. Oracle: Postgres's schema_migrations, the file."""
+    stack.reset()  # v1 serving from blue on schema 1
+    env = stack.env
+    unrecorded_schemas(env)
+    served_on = schema_now(stack)
+    assert served_on == V1.schema
+    killed = runbook_cli(env, "deploy", "--version", V2.tag, "--yes",
+                         fault="after:migrate:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert schema_now(stack) == V2.schema != served_on  # migrated, traffic still on v1
+    moved = runbook_cli(env, "deploy", "--version", V2.tag, "--yes",
+                        fault="before:state:SIGKILL")
+    assert moved.returncode == -signal.SIGKILL, moved.stderr
+    assert through_proxy(env) == ("green", V2.tag)  # after the commit
+    record = intents.read(env)
+    assert record is not None and record.record.get("from_schema") == served_on, record
+    assert "migration_version" not in json.loads(env.state_file.read_text())[
+        "current_deployment"]  # nothing recorded yet
+    dry = deploy.deploy(env, deploy.Options(version=V2.tag), dry_run=True)
+    [planned] = [step for step in dry.plan.steps if step.name == "state"]
+    said = f"{served_on}, recorded for {V1.tag}: the database schema it served on"
+    assert planned.details["previous schema"].startswith(said), planned.details
+    done = deploy.deploy(env, deploy.Options(version=V2.tag))  # finishes it
+    assert state_detail(done.record_file)["previous schema"].startswith(said)
+    doc = json.loads(env.state_file.read_text())
+    assert doc["current_deployment"]["id"] == record.record["deployment_id"]
+    v1 = doc["previous_deployment"]
+    assert (v1["version"], v1["migration_version"]) == (V1.tag, served_on), v1

@@ -1475,6 +1475,55 @@ def test_a_rollback_records_when_its_target_went_live_again_and_the_schema_it_ru
     assert left.previous is not None and left.previous.migration_version == 47
 
 
+@pytest.mark.parametrize("fixture", ["documented.json", "deploy_script.json", "go_cli.json"])
+def test_a_deploy_records_the_schema_the_deployment_it_replaces_served_on(
+        tmp_path: Path, fixture: str) -> None:
+    """Found by review: a deploy left the deployment it replaced without the schema it served
+    on when the tool that deployed it recorded none, so a rollback back to it went
+    unchecked. `after_deploy` records it (`served_schema`) in every dialect, only when the
+    record names none; `recording.deployed` passes the run's read (`from_schema`) only onto
+    the record the plan saw serve (`from_id`), never onto another the file calls current."""
+    from runbook import intent as intents
+    from runbook import recording
+
+    path = copy_fixture(fixture, tmp_path)
+    s = read_state(path)
+    assert s.current is not None and s.current.migration_version is None  # the premise
+    other = Slot.GREEN if s.current.active_slot is Slot.BLUE else Slot.BLUE
+    write_state(path, after_deploy(s, dep(9, other), served_schema=49))
+    assert json.loads(path.read_text())["previous_deployment"]["migration_version"] == 49
+    again = read_state(path)
+    assert again.previous is not None and again.previous.id == s.current.id
+    assert again.previous.migration_version == 49
+    # a schema recorded already is the one its deploy ran with: kept
+    known = after_deploy(DeploymentState("production"), dep(1, migration_version=47))
+    kept = after_deploy(known, dep(2, Slot.GREEN), served_schema=48)
+    assert kept.previous is not None and kept.previous.migration_version == 47
+
+    def run(**record: Any) -> intents.Intent:
+        return intents.Intent(run_id="dep_9", action="deploy", environment="production",
+                              from_slot="blue", to_slot="green", from_version=None,
+                              to_version=dep(9).version, record={"deployment_id": "dep_0009",
+                                                                 **record})
+
+    served = after_deploy(DeploymentState("production"), dep(1))
+    new = dep(9, Slot.GREEN)
+    onto = recording.deployed(served, new, run(from_id="dep_0001", from_schema=48))
+    assert onto.previous is not None and onto.previous.migration_version == 48
+    assert recording.schema_line(served, onto, run(from_id="dep_0001", from_schema=48)) \
+        == {"previous schema": f"48, recorded for {dep(1).version}: the database schema it "
+                               "served on, as this deploy read it before its migrations"}
+    # the file's current is another since the plan (another tool rewrote it): nothing
+    # recorded, nothing said
+    elsewhere = recording.deployed(served, new, run(from_id="dep_0005", from_schema=48))
+    assert elsewhere.previous is not None and elsewhere.previous.migration_version is None
+    assert recording.schema_line(served, elsewhere,
+                                 run(from_id="dep_0005", from_schema=48)) == {}
+    # no read (a dirty schema, another run's interrupted record): none
+    unread = recording.deployed(served, new, run(from_id="dep_0001"))
+    assert unread.previous is not None and unread.previous.migration_version is None
+
+
 def test_the_deployment_that_replaced_a_target_rolled_back_to_is_the_one_after_it_went_live(
         tmp_path: Path) -> None:
     """A, B, a rollback to A (recorded with when it went live again), C, D: rolling back

@@ -71,18 +71,24 @@ def _superseded(dep: Deployment) -> Deployment:
 
 
 def after_deploy(state: DeploymentState, new: Deployment,
-                 replaces: Deployment | None = None) -> DeploymentState:
+                 replaces: Deployment | None = None, *,
+                 served_schema: int | None = None) -> DeploymentState:
     """New deployment becomes current; the one it replaced becomes previous (superseded).
 
     `replaces`: the deployment that served when the deploy began, when the file's current
     is another (the old tooling swaps current and previous in the file without switching):
-    that one becomes previous, and the file's current is kept in the history, superseded."""
+    that one becomes previous, and the file's current is kept in the history, superseded.
+    `served_schema`: the schema the replaced deployment served on (read before the deploy's
+    migrations), recorded only when its record names none: the Go CLI and the deploy script
+    record none, and a rollback back to it went unchecked (found by review)."""
     if new.active_slot is None:
         raise StateError(f"deployment {new.id} has no slot", "record the slot it runs in")
     current = new if new.status is not None else new.with_(status="active")
     old = replaces if replaces is not None else state.current
     if old is not None and old.id == current.id:
         return state.with_(current=current)
+    if old is not None and old.migration_version is None and served_schema is not None:
+        old = old.with_(migration_version=served_schema)
     previous = _superseded(old) if old is not None else None
     # a file's current that did not serve is no longer active either (found by review: the
     # history kept two "active" deployments)
